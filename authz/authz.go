@@ -1,0 +1,70 @@
+package authz
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"time"
+)
+
+// Actions a Request can carry. The policy sees them as input.action.
+const (
+	ActionDial         = "dial"
+	ActionDialUDP      = "dial_udp"
+	ActionListen       = "listen"
+	ActionExposePublic = "expose_public"
+)
+
+// Identity is who is behind a verified client certificate.
+type Identity struct {
+	// DeviceID is the certificate's permanentIdentifier, "user@device".
+	DeviceID string
+	User     string
+	Device   string
+	// Groups come from tpd's user store, not from the certificate.
+	Groups []string
+	// Serial is the certificate serial number in lower-case hex.
+	Serial   string
+	NotAfter time.Time
+}
+
+// String renders the identity the way people read it: "alice@laptop".
+func (id Identity) String() string { return id.DeviceID }
+
+// Destination is what a request wants to reach.
+type Destination struct {
+	Host    string // as asked, canonicalised
+	Port    int
+	Network string // "tcp" or "udp"
+	// IPs are every address Host resolved to; the proxy dials only these.
+	IPs []netip.Addr
+}
+
+// Source is where a request came from.
+type Source struct {
+	Address   string // remote address of the client connection, host:port
+	Transport string // "tls" or "quic"
+}
+
+// Request is one authorization question.
+type Request struct {
+	Action      string
+	Identity    Identity
+	Destination Destination
+	Source      Source
+	Time        time.Time
+}
+
+// Decision is the policy's answer. Reason is written for a person.
+type Decision struct {
+	Allow  bool
+	Reason string
+}
+
+// Authorizer decides requests. An error means "deny": callers fail closed.
+type Authorizer interface {
+	Authorize(ctx context.Context, req Request) (Decision, error)
+}
+
+// ErrPolicyDenied is wrapped by errors that report a policy denial.
+var ErrPolicyDenied = errors.New("denied by policy")
