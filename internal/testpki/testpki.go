@@ -11,11 +11,12 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/asn1"
 	"math/big"
 	"net"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/authz"
 )
 
 // CA is a root plus an intermediate that signs leaves.
@@ -127,36 +128,15 @@ func (ca *CA) issue(t testing.TB, tmpl *x509.Certificate) tls.Certificate {
 	}
 }
 
-var oidSAN = asn1.ObjectIdentifier{2, 5, 29, 17}
-var oidPermanentIdentifier = asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 8, 3}
-
 // PermanentIdentifierSAN encodes a subjectAltName extension holding one RFC 4043
 // permanentIdentifier otherName with the given value, as step-ca writes it.
 func PermanentIdentifierSAN(t testing.TB, value string) pkix.Extension {
 	t.Helper()
-	type permID struct {
-		IdentifierValue string `asn1:"utf8,optional"`
-	}
-	inner, err := asn1.Marshal(permID{IdentifierValue: value})
+	ext, err := authz.PermanentIdentifierSAN(value)
 	if err != nil {
 		t.Fatal(err)
 	}
-	type otherName struct {
-		TypeID asn1.ObjectIdentifier
-		Value  asn1.RawValue
-	}
-	on, err := asn1.MarshalWithParams(otherName{
-		TypeID: oidPermanentIdentifier,
-		Value:  asn1.RawValue{Class: asn1.ClassContextSpecific, Tag: 0, IsCompound: true, Bytes: inner},
-	}, "tag:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	seq, err := asn1.Marshal(asn1.RawValue{Class: asn1.ClassUniversal, Tag: asn1.TagSequence, IsCompound: true, Bytes: on})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pkix.Extension{Id: oidSAN, Value: seq}
+	return ext
 }
 
 func newKey(t testing.TB) *ecdsa.PrivateKey {

@@ -1,0 +1,181 @@
+package acme
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	stepacme "github.com/smallstep/certificates/acme"
+	acmeapi "github.com/smallstep/certificates/acme/api"
+	acmenosql "github.com/smallstep/certificates/acme/db/nosql"
+	"github.com/smallstep/certificates/authority"
+	"github.com/smallstep/certificates/authority/config"
+	"github.com/smallstep/certificates/authority/provisioner"
+	"github.com/smallstep/certificates/db"
+	"github.com/smallstep/nosql"
+	"github.com/tp-proxy/tp/acme/login"
+)
+
+// ProvisionerName is the ACME provisioner devices log in through; its directory is
+// https://SERVER/acme/tp/directory.
+const ProvisionerName = "tp"
+
+// provisionerID keys EAB keys in the ACME database. Provisioners built in code have
+// no ID unless one is set, and minting EAB keys needs one.
+const provisionerID = "tp-device-provisioner"
+
+// DefaultCertLifetime is the lifetime of device certificates.
+const DefaultCertLifetime = 4 * time.Hour
+
+// CA is step-ca's authority and ACME server embedded in tpd. It owns no listener:
+// Handler is mounted on tpd's own HTTPS server.
+type CA struct {
+	pki     *PKI
+	auth    *authority.Authority
+	acmeDB  stepacme.DB
+	linker  stepacme.Linker
+	handler http.Handler
+}
+
+// CAOptions configure the embedded CA.
+type CAOptions struct {
+	// DBPath is the bbolt database file (single process; it is locked while open).
+	DBPath string
+	// CertLifetime of device certificates; DefaultCertLifetime when zero.
+	CertLifetime time.Duration
+	// DNSNames the CA answers to (used for links when a request has no Host).
+	DNSNames []string
+}
+
+// NewCA starts the embedded authority over pki with a bbolt database.
+func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
+	life := opts.CertLifetime
+	if life == 0 {
+		life = DefaultCertLifetime
+	}
+	if life < 5*time.Minute || life > 24*time.Hour {
+		return nil, fmt.Errorf("certificate lifetime %s must be between 5m and 24h", life)
+	}
+	if opts.DBPath == "" {
+		return nil, errors.New("CA database path is required")
+	}
+	minDur := &provisioner.Duration{Duration: 5 * time.Minute}
+	if life < minDur.Duration {
+		minDur = &provisioner.Duration{Duration: life}
+	}
+	prov := &provisioner.ACME{
+		ID:         provisionerID,
+		Type:       "ACME",
+		Name:       ProvisionerName,
+		RequireEAB: true,
+		// Only device attestation: this provisioner must never validate control of a
+		// name by reaching out to the network, and its certificates are identities.
+		Challenges:         []provisioner.ACMEChallenge{provisioner.DEVICE_ATTEST_01},
+		AttestationFormats: []provisioner.ACMEAttestationFormat{provisioner.STEP},
+		AttestationRoots:   login.PEMCert(pki.AttestRoot),
+		Claims: &provisioner.Claims{
+			MinTLSDur:     minDur,
+			MaxTLSDur:     &provisioner.Duration{Duration: life},
+			DefaultTLSDur: &provisioner.Duration{Duration: life},
+		},
+	}
+	dbCfg := &db.Config{Type: "bbolt", DataSource: opts.DBPath}
+	authDB, err := db.New(dbCfg)
+	if err != nil {
+		return nil, fmt.Errorf("open CA database %s: %w (is another tpd running on this data dir?)", opts.DBPath, err)
+	}
+	dns := opts.DNSNames
+	if len(dns) == 0 {
+		dns = []string{"localhost"}
+	}
+	cfg := &config.Config{
+		DNSNames: dns,
+		DB:       dbCfg,
+		AuthorityConfig: &config.AuthConfig{
+			Provisioners: provisioner.List{prov},
+			Claims: &provisioner.Claims{
+				MinTLSDur:     minDur,
+				MaxTLSDur:     &provisioner.Duration{Duration: 24 * time.Hour},
+				DefaultTLSDur: &provisioner.Duration{Duration: life},
+			},
+		},
+	}
+	auth, err := authority.NewEmbedded(
+		authority.WithConfig(cfg),
+		authority.WithDatabase(authDB),
+		authority.WithX509RootCerts(pki.Root),
+		authority.WithX509Signer(pki.Intermediate, pki.IntermediateKey),
+		authority.WithQuietInit(),
+	)
+	if err != nil {
+		authDB.Shutdown()
+		return nil, fmt.Errorf("start embedded CA: %w", err)
+	}
+	nosqlDB, ok := authDB.(nosql.DB)
+	if !ok {
+		authDB.Shutdown()
+		return nil, fmt.Errorf("CA database of type %T has no ACME support", authDB)
+	}
+	acmeDB, err := acmenosql.New(nosqlDB)
+	if err != nil {
+		authDB.Shutdown()
+		return nil, fmt.Errorf("open ACME database: %w", err)
+	}
+	c := &CA{
+		pki:    pki,
+		auth:   auth,
+		acmeDB: acmeDB,
+		linker: stepacme.NewLinker(dns[0], "acme"),
+	}
+	r := chi.NewRouter()
+	r.Route("/acme", func(r chi.Router) { acmeapi.Route(r) })
+	c.handler = r
+	return c, nil
+}
+
+// Handler serves the ACME API under /acme/. The ACME handlers take their
+// dependencies from the request context, which this handler fills in.
+func (c *CA) Handler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx := authority.NewContext(r.Context(), c.auth)
+		ctx = db.NewContext(ctx, c.auth.GetDatabase())
+		ctx = stepacme.NewContext(ctx, c.acmeDB, noNetwork{}, c.linker, nil)
+		c.handler.ServeHTTP(w, r.WithContext(ctx))
+	})
+}
+
+// DirectoryPath is the path of the ACME directory on tpd's HTTPS server.
+func DirectoryPath() string { return "/acme/" + ProvisionerName + "/directory" }
+
+// NewEAB mints a single-use external account binding key for the provisioner.
+func (c *CA) NewEAB(ctx context.Context) (keyID string, hmacKey []byte, err error) {
+	eak, err := c.acmeDB.CreateExternalAccountKey(ctx, provisionerID, "")
+	if err != nil {
+		return "", nil, fmt.Errorf("create ACME account binding: %w", err)
+	}
+	return eak.ID, eak.HmacKey, nil
+}
+
+// Close stops the authority and closes its database.
+func (c *CA) Close() error { return c.auth.Shutdown() }
+
+// DBPath is where NewCA keeps its database inside a data dir.
+func DBPath(dataDir string) string { return filepath.Join(dataDir, "ca", "db") }
+
+// noNetwork is the ACME challenge client. TP's provisioner only accepts
+// device-attest-01, which needs no network; refusing everything else keeps the CA
+// from being turned into a way to reach internal hosts.
+type noNetwork struct{}
+
+var _ stepacme.Client = noNetwork{}
+
+var errNoNetwork = errors.New("TP's CA does not reach out to the network to validate challenges")
+
+func (noNetwork) Get(string) (*http.Response, error)                     { return nil, errNoNetwork }
+func (noNetwork) LookupTxt(string) ([]string, error)                     { return nil, errNoNetwork }
+func (noNetwork) TLSDial(string, string, *tls.Config) (*tls.Conn, error) { return nil, errNoNetwork }

@@ -1,0 +1,244 @@
+package acme
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/internal/users"
+)
+
+const (
+	maxBody = 16 << 10
+	// AttestationLifetime is how long an attestation certificate is valid: long
+	// enough for one ACME order, short enough to be useless afterwards.
+	AttestationLifetime = 10 * time.Minute
+	// maxClockSkew bounds how far a device's signed timestamp may be from ours.
+	maxClockSkew = 5 * time.Minute
+)
+
+// oidStepManagedDevice is the extension step-ca reads the attested device ID from
+// (format "step"): an ASN.1 SEQUENCE holding the device ID string.
+var oidStepManagedDevice = asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 37476, 9000, 64, 4}
+
+// Enroller serves the enrollment endpoints.
+type Enroller struct {
+	PKI    *PKI
+	CA     *CA
+	Users  *users.Store
+	Logger *slog.Logger
+	Now    func() time.Time
+}
+
+// Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.
+func (e *Enroller) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+login.PathRoots, e.roots)
+	mux.HandleFunc("POST "+login.PathEnroll, e.enroll)
+	mux.HandleFunc("POST "+login.PathAttest, e.attest)
+	return mux
+}
+
+func (e *Enroller) now() time.Time {
+	if e.Now != nil {
+		return e.Now()
+	}
+	return time.Now()
+}
+
+func (e *Enroller) log() *slog.Logger {
+	if e.Logger != nil {
+		return e.Logger
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func (e *Enroller) roots(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/x-pem-file")
+	w.Write(login.PEMCert(e.PKI.Root))
+}
+
+func (e *Enroller) enroll(w http.ResponseWriter, r *http.Request) {
+	var req login.EnrollRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	pub, err := parseP256(req.PublicKey)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "device public_key: "+err.Error())
+		return
+	}
+	if !verify(pub, login.EnrollMessage(req.Token, req.PublicKey), req.Signature) {
+		writeErr(w, http.StatusBadRequest, "signature does not match the device public key")
+		return
+	}
+	der, _ := base64.StdEncoding.DecodeString(req.PublicKey)
+	dev, err := e.Users.Redeem(req.Token, der)
+	if err != nil {
+		if errors.Is(err, users.ErrBadToken) {
+			e.log().Warn("enrollment refused", "remote", r.RemoteAddr, "why", "bad token")
+			writeErr(w, http.StatusUnauthorized, err.Error())
+			return
+		}
+		e.log().Error("enrollment failed", "err", err)
+		writeErr(w, http.StatusInternalServerError, "enrollment failed on the server; try again or ask your administrator to check tpd's log")
+		return
+	}
+	e.log().Info("device enrolled", "device", dev.ID, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, login.EnrollResponse{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
+}
+
+func (e *Enroller) attest(w http.ResponseWriter, r *http.Request) {
+	var req login.AttestRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	dev, err := e.Users.Device(req.DeviceID)
+	if err != nil || len(dev.PublicKey) == 0 {
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q is not enrolled; ask your administrator for a token (tpd enroll) and run dlogin --token", req.DeviceID))
+		return
+	}
+	if dev.Revoked {
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", req.DeviceID))
+		return
+	}
+	if _, err := e.Users.Lookup(dev.ID); err != nil {
+		writeErr(w, http.StatusForbidden, err.Error())
+		return
+	}
+	devKey, err := x509.ParsePKIXPublicKey(dev.PublicKey)
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, "stored device key is unreadable; ask your administrator to enroll the device again")
+		return
+	}
+	devPub, ok := devKey.(*ecdsa.PublicKey)
+	if !ok {
+		writeErr(w, http.StatusInternalServerError, "stored device key has an unsupported type")
+		return
+	}
+	if !verify(devPub, login.AttestMessage(req.DeviceID, req.PublicKey, req.Time), req.Signature) {
+		e.log().Warn("attestation refused", "device", req.DeviceID, "remote", r.RemoteAddr, "why", "bad signature")
+		writeErr(w, http.StatusForbidden, "signature does not match this device's enrolled key; if the device key was lost, enroll the device again")
+		return
+	}
+	ts, err := time.Parse(time.RFC3339, req.Time)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "time must be RFC 3339")
+		return
+	}
+	if d := e.now().Sub(ts); d > maxClockSkew || d < -maxClockSkew {
+		writeErr(w, http.StatusBadRequest, fmt.Sprintf("device clock is off by %s; set the clock (NTP) and retry", d.Round(time.Second)))
+		return
+	}
+	loginPub, err := parseP256(req.PublicKey)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "public_key: "+err.Error())
+		return
+	}
+	cert, err := e.issueAttestation(dev.ID, loginPub)
+	if err != nil {
+		e.log().Error("attestation failed", "device", dev.ID, "err", err)
+		writeErr(w, http.StatusInternalServerError, "could not issue the attestation certificate; see tpd's log")
+		return
+	}
+	kid, hmacKey, err := e.CA.NewEAB(r.Context())
+	if err != nil {
+		e.log().Error("attestation failed", "device", dev.ID, "err", err)
+		writeErr(w, http.StatusInternalServerError, "could not create an ACME account binding; see tpd's log")
+		return
+	}
+	if err := e.Users.TouchLogin(dev.ID); err != nil {
+		e.log().Warn("could not record login", "device", dev.ID, "err", err)
+	}
+	writeJSON(w, http.StatusOK, login.AttestResponse{
+		Certificate: base64.StdEncoding.EncodeToString(cert.Raw),
+		EABKeyID:    kid,
+		EABHMACKey:  base64.RawURLEncoding.EncodeToString(hmacKey),
+		Directory:   DirectoryPath(),
+	})
+}
+
+// issueAttestation signs a short certificate for pub carrying deviceID in the step
+// managed-device extension; step-ca's device-attest-01 "step" format checks it
+// against the attestation root and compares the key with the order's CSR.
+func (e *Enroller) issueAttestation(deviceID string, pub *ecdsa.PublicKey) (*x509.Certificate, error) {
+	ext, err := asn1.Marshal(struct{ DeviceID string }{deviceID})
+	if err != nil {
+		return nil, err
+	}
+	now := e.now().Add(-time.Minute)
+	return sign(&x509.Certificate{
+		Subject:         pkix.Name{CommonName: deviceID},
+		NotBefore:       now,
+		NotAfter:        now.Add(AttestationLifetime),
+		KeyUsage:        x509.KeyUsageDigitalSignature,
+		ExtraExtensions: []pkix.Extension{{Id: oidStepManagedDevice, Value: ext}},
+	}, e.PKI.AttestRoot, pub, e.PKI.AttestKey)
+}
+
+func parseP256(b64 string) (*ecdsa.PublicKey, error) {
+	der, err := base64.StdEncoding.DecodeString(b64)
+	if err != nil {
+		return nil, errors.New("not base64")
+	}
+	k, err := x509.ParsePKIXPublicKey(der)
+	if err != nil {
+		return nil, errors.New("not a PKIX public key")
+	}
+	pub, ok := k.(*ecdsa.PublicKey)
+	if !ok || pub.Curve != elliptic.P256() {
+		return nil, errors.New("must be an ECDSA P-256 key")
+	}
+	return pub, nil
+}
+
+func verify(pub *ecdsa.PublicKey, msg []byte, sigB64 string) bool {
+	sig, err := base64.StdEncoding.DecodeString(sigB64)
+	if err != nil {
+		return false
+	}
+	sum := sha256.Sum256(msg)
+	return ecdsa.VerifyASN1(pub, sum[:], sig)
+}
+
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+		writeErr(w, http.StatusUnsupportedMediaType, "Content-Type must be application/json")
+		return false
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeErr(w, http.StatusBadRequest, "request body is not the expected JSON: "+err.Error())
+		return false
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		writeErr(w, http.StatusBadRequest, "request body has data after the JSON object")
+		return false
+	}
+	return true
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+func writeErr(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, login.ErrorResponse{Error: msg})
+}

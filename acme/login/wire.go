@@ -1,0 +1,76 @@
+package login
+
+import (
+	"crypto"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+)
+
+// Enrollment endpoints, on tpd's HTTPS server next to the ACME API.
+const (
+	PathRoots  = "/tp/v1/roots"
+	PathEnroll = "/tp/v1/enroll"
+	PathAttest = "/tp/v1/attest"
+)
+
+// Signing contexts keep a device signature for one purpose from being replayed for another.
+const (
+	enrollContext = "tp-enroll-v1"
+	attestContext = "tp-attest-v1"
+)
+
+// EnrollRequest registers a device key with a one-time token.
+type EnrollRequest struct {
+	Token     string `json:"token"`
+	PublicKey string `json:"public_key"` // base64 PKIX DER of the device key (ECDSA P-256)
+	Signature string `json:"signature"`  // base64 ASN.1 ECDSA over SHA-256(EnrollMessage)
+}
+
+// EnrollResponse says which device the key now belongs to.
+type EnrollResponse struct {
+	DeviceID string `json:"device_id"`
+	User     string `json:"user"`
+	Device   string `json:"device"`
+}
+
+// AttestRequest asks for an attestation certificate for a fresh login key.
+type AttestRequest struct {
+	DeviceID  string `json:"device_id"`
+	PublicKey string `json:"public_key"` // base64 PKIX DER of the fresh key (ECDSA P-256)
+	Time      string `json:"time"`       // RFC 3339, within 5 minutes of the server's clock
+	Signature string `json:"signature"`  // device key's base64 ASN.1 ECDSA over SHA-256(AttestMessage)
+}
+
+// AttestResponse carries what the device needs for one ACME device-attest-01 order.
+type AttestResponse struct {
+	Certificate string `json:"certificate"`  // base64 DER attestation certificate for the fresh key
+	EABKeyID    string `json:"eab_key_id"`   // single-use external account binding
+	EABHMACKey  string `json:"eab_hmac_key"` // base64url, no padding
+	Directory   string `json:"directory"`    // ACME directory path on this server
+}
+
+// ErrorResponse is the body of every non-2xx enrollment answer.
+type ErrorResponse struct {
+	Error string `json:"error"`
+}
+
+// EnrollMessage is what the device key signs to redeem a token.
+func EnrollMessage(token, publicKeyB64 string) []byte {
+	return []byte(enrollContext + "\x00" + token + "\x00" + publicKeyB64)
+}
+
+// AttestMessage is what the device key signs to get a login key attested.
+func AttestMessage(deviceID, publicKeyB64, ts string) []byte {
+	return []byte(attestContext + "\x00" + deviceID + "\x00" + publicKeyB64 + "\x00" + ts)
+}
+
+// SignMessage signs msg the way the enrollment endpoints verify it.
+func SignMessage(key crypto.Signer, msg []byte) (string, error) {
+	sum := sha256.Sum256(msg)
+	sig, err := key.Sign(rand.Reader, sum[:], crypto.SHA256)
+	if err != nil {
+		return "", err
+	}
+	return base64.StdEncoding.EncodeToString(sig), nil
+}

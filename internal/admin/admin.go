@@ -1,0 +1,168 @@
+// Package admin is tpd's local administration API: HTTP with JSON over a unix
+// socket in the data dir (mode 0600), so only the user running tpd (and root) can
+// enroll devices or list users. `tpd enroll` and `tpd users` are its clients.
+package admin
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/tp-proxy/tp/internal/users"
+)
+
+// EnrollRequest asks for a one-time enrollment token.
+type EnrollRequest struct {
+	User   string   `json:"user"`
+	Device string   `json:"device"`
+	Groups []string `json:"groups,omitempty"` // nil keeps the user's groups
+	TTL    string   `json:"ttl,omitempty"`    // Go duration; empty uses the server default
+}
+
+// EnrollResponse carries everything needed to print the dlogin command.
+type EnrollResponse struct {
+	Token       string    `json:"token"`
+	DeviceID    string    `json:"device_id"`
+	Expires     time.Time `json:"expires"`
+	ServerURL   string    `json:"server_url"`
+	Fingerprint string    `json:"fingerprint"`
+}
+
+// Server answers on the admin socket.
+type Server struct {
+	Users       *users.Store
+	ServerURL   string
+	Fingerprint string
+	TokenTTL    time.Duration
+	Logger      *slog.Logger
+}
+
+// Handler serves POST /v1/enroll and GET /v1/users.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/enroll", s.enroll)
+	mux.HandleFunc("GET /v1/users", s.users)
+	return mux
+}
+
+func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
+	var req EnrollRequest
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		http.Error(w, "malformed request: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	ttl := s.TokenTTL
+	if req.TTL != "" {
+		d, err := time.ParseDuration(req.TTL)
+		if err != nil {
+			http.Error(w, fmt.Sprintf("ttl %q is not a duration like 24h", req.TTL), http.StatusBadRequest)
+			return
+		}
+		ttl = d
+	}
+	enr, err := s.Users.Enroll(req.User, req.Device, req.Groups, ttl)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	if s.Logger != nil {
+		s.Logger.Info("enrollment token issued", "device", enr.DeviceID, "expires", enr.Expires)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(EnrollResponse{
+		Token: enr.Token, DeviceID: enr.DeviceID, Expires: enr.Expires,
+		ServerURL: s.ServerURL, Fingerprint: s.Fingerprint,
+	})
+}
+
+func (s *Server) users(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(s.Users.Users())
+}
+
+// Listen creates the unix socket at path with mode 0600, replacing a stale socket
+// left by a crashed tpd but refusing to steal one that a running tpd answers on.
+func Listen(path string) (net.Listener, error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("another tpd is already serving this data dir (its admin socket %s answers)", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale admin socket: %w", err)
+	}
+	old := syscall.Umask(0o177)
+	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+// Client talks to a running tpd through its admin socket.
+type Client struct {
+	Socket string
+	hc     *http.Client
+}
+
+// NewClient returns a client for the socket at path.
+func NewClient(path string) *Client {
+	return &Client{Socket: path, hc: &http.Client{
+		Timeout: 30 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}},
+	}}
+}
+
+// Enroll asks tpd for a token.
+func (c *Client) Enroll(ctx context.Context, req EnrollRequest) (EnrollResponse, error) {
+	var out EnrollResponse
+	b, _ := json.Marshal(req)
+	err := c.do(ctx, http.MethodPost, "/v1/enroll", b, &out)
+	return out, err
+}
+
+// Users lists users and devices.
+func (c *Client) Users(ctx context.Context) ([]users.UserInfo, error) {
+	var out []users.UserInfo
+	err := c.do(ctx, http.MethodGet, "/v1/users", nil, &out)
+	return out, err
+}
+
+func (c *Client) do(ctx context.Context, method, path string, body []byte, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, "http://tpd"+path, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("cannot reach tpd through %s (is `tpd serve` running with this --data-dir, and are you its user?): %w", c.Socket, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("tpd refused: %s", bytes.TrimSpace(data))
+	}
+	return json.Unmarshal(data, out)
+}

@@ -1,0 +1,244 @@
+// Package config is the schema of tpd's configuration and the one place that reads
+// it: a YAML file, then TP_* environment variables, then flags, decoded into one
+// typed struct that validates itself. Nothing below cmd/ reads configuration.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
+)
+
+// FileName is tpd's configuration file inside the data dir.
+const FileName = "tpd.yaml"
+
+// Server is tpd's configuration.
+type Server struct {
+	// DataDir holds the CA, the user store, the policy and this config file.
+	DataDir string `mapstructure:"data-dir"`
+	// Listen is the TCP address of the public port.
+	Listen string `mapstructure:"listen"`
+	// Names go into tpd's server certificate (DNS names or IP addresses).
+	Names []string `mapstructure:"names"`
+	// URL is how clients reach tpd; printed in `tpd enroll`. Derived from Listen when empty.
+	URL string `mapstructure:"url"`
+	// CertLifetime of device certificates.
+	CertLifetime time.Duration `mapstructure:"cert-lifetime"`
+	// TokenTTL is how long an enrollment token stays valid.
+	TokenTTL time.Duration `mapstructure:"token-ttl"`
+
+	HandshakeTimeout time.Duration `mapstructure:"handshake-timeout"`
+	HelloTimeout     time.Duration `mapstructure:"hello-timeout"`
+	DialTimeout      time.Duration `mapstructure:"dial-timeout"`
+	MaxConns         int           `mapstructure:"max-conns"`
+
+	LogLevel  string `mapstructure:"log-level"`
+	LogFormat string `mapstructure:"log-format"`
+}
+
+// DefaultServer is the configuration tpd runs with when nothing is set.
+func DefaultServer() Server {
+	return Server{
+		DataDir:          "./tpdata",
+		Listen:           "127.0.0.1:8443",
+		Names:            []string{"localhost", "127.0.0.1", "::1"},
+		CertLifetime:     4 * time.Hour,
+		TokenTTL:         24 * time.Hour,
+		HandshakeTimeout: 10 * time.Second,
+		HelloTimeout:     10 * time.Second,
+		DialTimeout:      10 * time.Second,
+		MaxConns:         10000,
+		LogLevel:         "info",
+		LogFormat:        "text",
+	}
+}
+
+// Validate reports every problem at once, each as a sentence naming the setting.
+func (s Server) Validate() error {
+	var errs []error
+	if s.DataDir == "" {
+		errs = append(errs, errors.New("data-dir must be set"))
+	}
+	if _, port, err := net.SplitHostPort(s.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("listen %q must be host:port, e.g. 127.0.0.1:8443 or :443", s.Listen))
+	} else if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+		errs = append(errs, fmt.Errorf("listen %q has an invalid port", s.Listen))
+	}
+	if len(s.Names) == 0 {
+		errs = append(errs, errors.New("names must list at least one DNS name or IP address for tpd's certificate"))
+	}
+	for _, n := range s.Names {
+		if n == "" || strings.ContainsAny(n, " /:@") && net.ParseIP(n) == nil {
+			errs = append(errs, fmt.Errorf("names: %q is neither a DNS name nor an IP address", n))
+		}
+	}
+	if s.URL != "" && !strings.HasPrefix(s.URL, "https://") {
+		errs = append(errs, fmt.Errorf("url %q must start with https://", s.URL))
+	}
+	if s.CertLifetime < 5*time.Minute || s.CertLifetime > 24*time.Hour {
+		errs = append(errs, fmt.Errorf("cert-lifetime %s must be between 5m and 24h", s.CertLifetime))
+	}
+	if s.TokenTTL < time.Minute || s.TokenTTL > 30*24*time.Hour {
+		errs = append(errs, fmt.Errorf("token-ttl %s must be between 1m and 720h", s.TokenTTL))
+	}
+	for name, d := range map[string]time.Duration{"handshake-timeout": s.HandshakeTimeout, "hello-timeout": s.HelloTimeout, "dial-timeout": s.DialTimeout} {
+		if d <= 0 || d > 5*time.Minute {
+			errs = append(errs, fmt.Errorf("%s %s must be between 0 and 5m", name, d))
+		}
+	}
+	if s.MaxConns < 1 || s.MaxConns > 1_000_000 {
+		errs = append(errs, fmt.Errorf("max-conns %d must be between 1 and 1000000", s.MaxConns))
+	}
+	if _, err := ParseLevel(s.LogLevel); err != nil {
+		errs = append(errs, err)
+	}
+	if s.LogFormat != "text" && s.LogFormat != "json" {
+		errs = append(errs, fmt.Errorf("log-format %q must be text or json", s.LogFormat))
+	}
+	return errors.Join(errs...)
+}
+
+// PublicURL is URL, or https://LISTEN with an unspecified host replaced by the first name.
+func (s Server) PublicURL() string {
+	if s.URL != "" {
+		return strings.TrimRight(s.URL, "/")
+	}
+	host, port, err := net.SplitHostPort(s.Listen)
+	if err != nil {
+		return "https://" + s.Listen
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		host = s.Names[0]
+	}
+	if port == "443" {
+		return "https://" + hostForURL(host)
+	}
+	return "https://" + net.JoinHostPort(host, port)
+}
+
+func hostForURL(h string) string {
+	if strings.Contains(h, ":") {
+		return "[" + h + "]"
+	}
+	return h
+}
+
+// Paths inside the data dir.
+func (s Server) CADir() string       { return filepath.Join(s.DataDir, "ca") }
+func (s Server) PolicyDir() string   { return filepath.Join(s.DataDir, "policy") }
+func (s Server) UsersFile() string   { return filepath.Join(s.DataDir, "users.json") }
+func (s Server) AdminSocket() string { return filepath.Join(s.DataDir, "admin.sock") }
+func (s Server) ConfigFile() string  { return filepath.Join(s.DataDir, FileName) }
+
+// ServerFlags registers the flags of `tpd serve` and `tpd init`.
+func ServerFlags(fs *pflag.FlagSet) {
+	d := DefaultServer()
+	fs.String("data-dir", d.DataDir, "directory holding the CA, users, policy and tpd.yaml (env TP_DATA_DIR)")
+	fs.String("listen", d.Listen, "TCP address of the public port, host:port (env TP_LISTEN)")
+	fs.StringSlice("name", nil, "DNS name or IP address for tpd's certificate; repeat for several (default localhost, 127.0.0.1, ::1)")
+	fs.String("url", "", "URL clients use to reach tpd, printed by `tpd enroll` (default derived from --listen)")
+	fs.String("log-level", d.LogLevel, "debug, info, warn or error")
+	fs.String("log-format", d.LogFormat, "text or json")
+}
+
+// LoadServer reads DATA_DIR/tpd.yaml (or the file named by TP_CONFIG), then TP_*
+// environment variables, then the flags that were set, into a validated Server.
+func LoadServer(fs *pflag.FlagSet) (Server, error) {
+	v := viper.New()
+	d := DefaultServer()
+	v.SetDefault("data-dir", d.DataDir)
+	v.SetDefault("listen", d.Listen)
+	v.SetDefault("names", d.Names)
+	v.SetDefault("url", d.URL)
+	v.SetDefault("cert-lifetime", d.CertLifetime)
+	v.SetDefault("token-ttl", d.TokenTTL)
+	v.SetDefault("handshake-timeout", d.HandshakeTimeout)
+	v.SetDefault("hello-timeout", d.HelloTimeout)
+	v.SetDefault("dial-timeout", d.DialTimeout)
+	v.SetDefault("max-conns", d.MaxConns)
+	v.SetDefault("log-level", d.LogLevel)
+	v.SetDefault("log-format", d.LogFormat)
+	v.SetEnvPrefix("TP")
+	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
+	v.AutomaticEnv()
+	if fs != nil {
+		for _, key := range []string{"data-dir", "listen", "url", "log-level", "log-format"} {
+			if f := fs.Lookup(key); f != nil {
+				if err := v.BindPFlag(key, f); err != nil {
+					return Server{}, err
+				}
+			}
+		}
+		if f := fs.Lookup("name"); f != nil {
+			if err := v.BindPFlag("names", f); err != nil {
+				return Server{}, err
+			}
+		}
+	}
+	file := os.Getenv("TP_CONFIG")
+	if file == "" {
+		file = filepath.Join(v.GetString("data-dir"), FileName)
+	}
+	v.SetConfigFile(file)
+	v.SetConfigType("yaml")
+	if err := v.ReadInConfig(); err != nil && !errors.Is(err, os.ErrNotExist) {
+		var nf viper.ConfigFileNotFoundError
+		if !errors.As(err, &nf) {
+			return Server{}, fmt.Errorf("config file %s: %w", file, err)
+		}
+	}
+	var s Server
+	if err := v.Unmarshal(&s); err != nil {
+		return Server{}, fmt.Errorf("config: %w", err)
+	}
+	if err := s.Validate(); err != nil {
+		return Server{}, fmt.Errorf("invalid configuration:\n%w", err)
+	}
+	return s, nil
+}
+
+// ServerYAML renders s as the commented tpd.yaml that `tpd init` writes.
+func ServerYAML(s Server) []byte {
+	var b strings.Builder
+	b.WriteString("# tpd configuration. Environment variables TP_<KEY> (e.g. TP_LISTEN) and flags override it.\n")
+	fmt.Fprintf(&b, "# TCP address of the public port.\nlisten: %q\n", s.Listen)
+	b.WriteString("# Names in tpd's server certificate; clients must reach tpd by one of them.\nnames:\n")
+	for _, n := range s.Names {
+		fmt.Fprintf(&b, "  - %q\n", n)
+	}
+	fmt.Fprintf(&b, "# URL printed by `tpd enroll` for dlogin; empty derives it from listen.\nurl: %q\n", s.URL)
+	fmt.Fprintf(&b, "# Lifetime of device certificates (5m to 24h).\ncert-lifetime: %s\n", s.CertLifetime)
+	fmt.Fprintf(&b, "# How long `tpd enroll` tokens stay valid.\ntoken-ttl: %s\n", s.TokenTTL)
+	fmt.Fprintf(&b, "handshake-timeout: %s\nhello-timeout: %s\ndial-timeout: %s\n", s.HandshakeTimeout, s.HelloTimeout, s.DialTimeout)
+	fmt.Fprintf(&b, "# Connections handled at once; more are closed at accept.\nmax-conns: %d\n", s.MaxConns)
+	fmt.Fprintf(&b, "log-level: %s\nlog-format: %s\n", s.LogLevel, s.LogFormat)
+	return []byte(b.String())
+}
+
+// ParseLevel maps a log level name to slog's.
+func ParseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("log-level %q must be debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+// Logger builds the process logger on stderr.
+func (s Server) Logger() *slog.Logger {
+	lvl, _ := ParseLevel(s.LogLevel)
+	opts := &slog.HandlerOptions{Level: lvl}
+	if s.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}

@@ -1,0 +1,331 @@
+// Package users is tpd's user store: users and their groups, enrolled devices with
+// their long-lived device public keys, and one-time enrollment tokens (kept hashed).
+// It persists to one JSON file written atomically; tpd is its only writer.
+package users
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+)
+
+// Errors callers match on.
+var (
+	ErrBadToken  = errors.New("enrollment token is unknown, expired or already used; ask your administrator for a new one (tpd enroll)")
+	ErrNotFound  = errors.New("not found")
+	ErrBadName   = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+	ErrTooMany   = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
+	maxTokens    = 10000
+	maxGroups    = 64
+	maxTokenTTL  = 30 * 24 * time.Hour
+	tokenEntropy = 24
+)
+
+// User is a person who may enroll devices.
+type User struct {
+	Name     string    `json:"name"`
+	Groups   []string  `json:"groups"`
+	Created  time.Time `json:"created"`
+	Disabled bool      `json:"disabled,omitempty"`
+}
+
+// Device is one enrolled device of a user.
+type Device struct {
+	ID        string    `json:"id"` // user@device
+	User      string    `json:"user"`
+	Name      string    `json:"name"`
+	PublicKey []byte    `json:"public_key,omitempty"` // PKIX DER of the device key; empty until enrolled
+	Created   time.Time `json:"created"`
+	LastLogin time.Time `json:"last_login,omitzero"`
+	Revoked   bool      `json:"revoked,omitempty"`
+}
+
+type token struct {
+	Hash    string    `json:"hash"` // hex sha256 of the token
+	User    string    `json:"user"`
+	Device  string    `json:"device"`
+	Expires time.Time `json:"expires"`
+}
+
+type state struct {
+	Users   map[string]*User   `json:"users"`
+	Devices map[string]*Device `json:"devices"`
+	Tokens  []token            `json:"tokens"`
+}
+
+// Store is safe for concurrent use.
+type Store struct {
+	path string
+	now  func() time.Time
+
+	mu sync.RWMutex
+	st state
+}
+
+var _ authz.Directory = (*Store)(nil)
+
+// Option adjusts a Store.
+type Option func(*Store)
+
+// WithClock replaces time.Now, for tests of expiry.
+func WithClock(now func() time.Time) Option { return func(s *Store) { s.now = now } }
+
+// Open reads the store at path, or starts an empty one if the file does not exist.
+func Open(path string, opts ...Option) (*Store, error) {
+	s := &Store{path: path, now: time.Now, st: state{Users: map[string]*User{}, Devices: map[string]*Device{}}}
+	for _, o := range opts {
+		o(s)
+	}
+	b, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return s, nil
+	case err != nil:
+		return nil, fmt.Errorf("read user store: %w", err)
+	}
+	if err := json.Unmarshal(b, &s.st); err != nil {
+		return nil, fmt.Errorf("user store %s is not valid JSON (%v); restore it from a backup", path, err)
+	}
+	if s.st.Users == nil {
+		s.st.Users = map[string]*User{}
+	}
+	if s.st.Devices == nil {
+		s.st.Devices = map[string]*Device{}
+	}
+	return s, nil
+}
+
+// Enrollment is what an administrator gets back from Enroll.
+type Enrollment struct {
+	Token    string
+	DeviceID string
+	Expires  time.Time
+}
+
+// Enroll creates the user if needed (setting groups when given), reserves the device
+// name and returns a one-time token that binds a device key to user@device.
+// Enrolling an existing device again lets its owner replace the device key.
+func (s *Store) Enroll(user, device string, groups []string, ttl time.Duration) (Enrollment, error) {
+	if !authz.ValidName(user) || !authz.ValidName(device) {
+		return Enrollment{}, fmt.Errorf("user %q, device %q: %w", user, device, ErrBadName)
+	}
+	if len(groups) > maxGroups {
+		return Enrollment{}, fmt.Errorf("at most %d groups per user", maxGroups)
+	}
+	for _, g := range groups {
+		if !authz.ValidName(g) {
+			return Enrollment{}, fmt.Errorf("group %q: %w", g, ErrBadName)
+		}
+	}
+	if ttl <= 0 || ttl > maxTokenTTL {
+		return Enrollment{}, fmt.Errorf("token lifetime %s must be between 1s and %s", ttl, maxTokenTTL)
+	}
+	raw := make([]byte, tokenEntropy)
+	if _, err := rand.Read(raw); err != nil {
+		return Enrollment{}, err
+	}
+	tok := base64.RawURLEncoding.EncodeToString(raw)
+	now := s.now()
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.expireTokensLocked(now)
+	if len(s.st.Tokens) >= maxTokens {
+		return Enrollment{}, ErrTooMany
+	}
+	u := s.st.Users[user]
+	if u == nil {
+		u = &User{Name: user, Created: now, Groups: []string{}}
+		s.st.Users[user] = u
+	}
+	if groups != nil {
+		u.Groups = slices.Clone(groups)
+		sort.Strings(u.Groups)
+		u.Groups = slices.Compact(u.Groups)
+	}
+	id := authz.DeviceID(user, device)
+	if _, ok := s.st.Devices[id]; !ok {
+		s.st.Devices[id] = &Device{ID: id, User: user, Name: device, Created: now}
+	}
+	exp := now.Add(ttl)
+	s.st.Tokens = append(s.st.Tokens, token{Hash: hashToken(tok), User: user, Device: device, Expires: exp})
+	if err := s.saveLocked(); err != nil {
+		return Enrollment{}, err
+	}
+	return Enrollment{Token: tok, DeviceID: id, Expires: exp}, nil
+}
+
+// Redeem uses up a token and registers pub (PKIX DER) as the device's key.
+func (s *Store) Redeem(tok string, pub []byte) (Device, error) {
+	h := hashToken(tok)
+	now := s.now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.expireTokensLocked(now)
+	idx := -1
+	for i, t := range s.st.Tokens {
+		if subtle.ConstantTimeCompare([]byte(t.Hash), []byte(h)) == 1 {
+			idx = i
+		}
+	}
+	if idx < 0 {
+		return Device{}, ErrBadToken
+	}
+	t := s.st.Tokens[idx]
+	s.st.Tokens = slices.Delete(s.st.Tokens, idx, idx+1)
+	id := authz.DeviceID(t.User, t.Device)
+	d := s.st.Devices[id]
+	if d == nil {
+		d = &Device{ID: id, User: t.User, Name: t.Device, Created: now}
+		s.st.Devices[id] = d
+	}
+	d.PublicKey = slices.Clone(pub)
+	d.Revoked = false
+	if err := s.saveLocked(); err != nil {
+		return Device{}, err
+	}
+	return *d, nil
+}
+
+// Device returns the enrolled device with that ID.
+func (s *Store) Device(id string) (Device, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	d := s.st.Devices[id]
+	if d == nil {
+		return Device{}, fmt.Errorf("device %s: %w", id, ErrNotFound)
+	}
+	return *d, nil
+}
+
+// TouchLogin records a successful login of the device.
+func (s *Store) TouchLogin(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.st.Devices[id]
+	if d == nil {
+		return fmt.Errorf("device %s: %w", id, ErrNotFound)
+	}
+	d.LastLogin = s.now()
+	return s.saveLocked()
+}
+
+// Lookup implements authz.Directory.
+func (s *Store) Lookup(deviceID string) ([]string, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	d := s.st.Devices[deviceID]
+	if d == nil || len(d.PublicKey) == 0 {
+		return nil, fmt.Errorf("device %s is not enrolled: %w", deviceID, authz.ErrUnknownDevice)
+	}
+	if d.Revoked {
+		return nil, fmt.Errorf("device %s: %w", deviceID, authz.ErrRevoked)
+	}
+	u := s.st.Users[d.User]
+	if u == nil {
+		return nil, fmt.Errorf("user %s of device %s no longer exists: %w", d.User, deviceID, authz.ErrUnknownDevice)
+	}
+	if u.Disabled {
+		return nil, fmt.Errorf("user %s is disabled: %w", d.User, authz.ErrRevoked)
+	}
+	return slices.Clone(u.Groups), nil
+}
+
+// RevokeDevice stops a device from logging in or connecting.
+func (s *Store) RevokeDevice(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.st.Devices[id]
+	if d == nil {
+		return fmt.Errorf("device %s: %w", id, ErrNotFound)
+	}
+	d.Revoked = true
+	return s.saveLocked()
+}
+
+// UserInfo is a user with their devices, for listings.
+type UserInfo struct {
+	User
+	Devices       []Device `json:"devices"`
+	PendingTokens int      `json:"pending_tokens"`
+}
+
+// Users lists users sorted by name, with their devices (keys omitted).
+func (s *Store) Users() []UserInfo {
+	now := s.now()
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]UserInfo, 0, len(s.st.Users))
+	for _, u := range s.st.Users {
+		ui := UserInfo{User: *u, Devices: []Device{}}
+		ui.Groups = slices.Clone(u.Groups)
+		for _, d := range s.st.Devices {
+			if d.User == u.Name {
+				dc := *d
+				dc.PublicKey = nil
+				ui.Devices = append(ui.Devices, dc)
+			}
+		}
+		for _, t := range s.st.Tokens {
+			if t.User == u.Name && now.Before(t.Expires) {
+				ui.PendingTokens++
+			}
+		}
+		sort.Slice(ui.Devices, func(i, j int) bool { return ui.Devices[i].ID < ui.Devices[j].ID })
+		out = append(out, ui)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (s *Store) expireTokensLocked(now time.Time) {
+	s.st.Tokens = slices.DeleteFunc(s.st.Tokens, func(t token) bool { return !now.Before(t.Expires) })
+}
+
+// saveLocked writes the whole state to a temporary file and renames it into place,
+// so a crash never leaves a half-written store.
+func (s *Store) saveLocked() error {
+	b, err := json.MarshalIndent(&s.st, "", "  ")
+	if err != nil {
+		return err
+	}
+	dir := filepath.Dir(s.path)
+	f, err := os.CreateTemp(dir, ".users-*.json")
+	if err != nil {
+		return fmt.Errorf("save user store: %w", err)
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return fmt.Errorf("save user store: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("save user store: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("save user store: %w", err)
+	}
+	if err := os.Rename(f.Name(), s.path); err != nil {
+		return fmt.Errorf("save user store: %w", err)
+	}
+	return nil
+}
+
+func hashToken(tok string) string {
+	sum := sha256.Sum256([]byte(tok))
+	return hex.EncodeToString(sum[:])
+}
