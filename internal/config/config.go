@@ -6,6 +6,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -40,6 +41,8 @@ type Server struct {
 	HelloTimeout     time.Duration `mapstructure:"hello-timeout"`
 	DialTimeout      time.Duration `mapstructure:"dial-timeout"`
 	MaxConns         int           `mapstructure:"max-conns"`
+	// PolicyTimeout bounds one policy evaluation; a slower one denies.
+	PolicyTimeout time.Duration `mapstructure:"policy-timeout"`
 
 	LogLevel  string `mapstructure:"log-level"`
 	LogFormat string `mapstructure:"log-format"`
@@ -57,6 +60,7 @@ func DefaultServer() Server {
 		HelloTimeout:     10 * time.Second,
 		DialTimeout:      10 * time.Second,
 		MaxConns:         10000,
+		PolicyTimeout:    100 * time.Millisecond,
 		LogLevel:         "info",
 		LogFormat:        "text",
 	}
@@ -94,6 +98,9 @@ func (s Server) Validate() error {
 		if d <= 0 || d > 5*time.Minute {
 			errs = append(errs, fmt.Errorf("%s %s must be between 0 and 5m", name, d))
 		}
+	}
+	if s.PolicyTimeout < time.Millisecond || s.PolicyTimeout > 10*time.Second {
+		errs = append(errs, fmt.Errorf("policy-timeout %s must be between 1ms and 10s", s.PolicyTimeout))
 	}
 	if s.MaxConns < 1 || s.MaxConns > 1_000_000 {
 		errs = append(errs, fmt.Errorf("max-conns %d must be between 1 and 1000000", s.MaxConns))
@@ -165,6 +172,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("hello-timeout", d.HelloTimeout)
 	v.SetDefault("dial-timeout", d.DialTimeout)
 	v.SetDefault("max-conns", d.MaxConns)
+	v.SetDefault("policy-timeout", d.PolicyTimeout)
 	v.SetDefault("log-level", d.LogLevel)
 	v.SetDefault("log-format", d.LogFormat)
 	v.SetEnvPrefix("TP")
@@ -220,6 +228,7 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# How long `tpd enroll` tokens stay valid.\ntoken-ttl: %s\n", s.TokenTTL)
 	fmt.Fprintf(&b, "handshake-timeout: %s\nhello-timeout: %s\ndial-timeout: %s\n", s.HandshakeTimeout, s.HelloTimeout, s.DialTimeout)
 	fmt.Fprintf(&b, "# Connections handled at once; more are closed at accept.\nmax-conns: %d\n", s.MaxConns)
+	fmt.Fprintf(&b, "# Bound on one policy evaluation; a slower evaluation denies the request.\npolicy-timeout: %s\n", s.PolicyTimeout)
 	fmt.Fprintf(&b, "log-level: %s\nlog-format: %s\n", s.LogLevel, s.LogFormat)
 	return []byte(b.String())
 }
@@ -233,12 +242,12 @@ func ParseLevel(s string) (slog.Level, error) {
 	return l, nil
 }
 
-// Logger builds the process logger on stderr.
-func (s Server) Logger() *slog.Logger {
+// Logger builds the process logger writing to w.
+func (s Server) Logger(w io.Writer) *slog.Logger {
 	lvl, _ := ParseLevel(s.LogLevel)
 	opts := &slog.HandlerOptions{Level: lvl}
 	if s.LogFormat == "json" {
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+		return slog.New(slog.NewJSONHandler(w, opts))
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+	return slog.New(slog.NewTextHandler(w, opts))
 }

@@ -1,0 +1,155 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/tp-proxy/tp/acme/login"
+)
+
+// Client is a device that has logged in: it knows the server, trusts its root,
+// and keeps its certificate fresh by itself while the device key is present.
+type Client struct {
+	Home    Home
+	Profile Profile
+	Root    *x509.Certificate
+	// Logf receives messages for a person (stderr); nil discards them.
+	Logf func(format string, args ...any)
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+
+	mu   sync.Mutex
+	cert *tls.Certificate
+}
+
+// Open loads the client state from home.
+func Open(home Home) (*Client, error) {
+	p, err := home.Profile()
+	if err != nil {
+		return nil, err
+	}
+	root, err := home.Root()
+	if err != nil {
+		return nil, err
+	}
+	return &Client{Home: home, Profile: p, Root: root}, nil
+}
+
+func (c *Client) logf(f string, a ...any) {
+	if c.Logf != nil {
+		c.Logf(f, a...)
+	}
+}
+
+func (c *Client) now() time.Time {
+	if c.Now != nil {
+		return c.Now()
+	}
+	return time.Now()
+}
+
+// NeedsRenewal reports whether a certificate is in the last third of its life or past it.
+func NeedsRenewal(leaf *x509.Certificate, now time.Time) bool {
+	life := leaf.NotAfter.Sub(leaf.NotBefore)
+	return !now.Before(leaf.NotBefore.Add(life * 2 / 3))
+}
+
+// Login gets a new certificate with the device key and stores it. It never
+// prompts: ssh gives a ProxyCommand no terminal.
+func (c *Client) Login(ctx context.Context, progress func(string)) (*login.Credentials, error) {
+	key, err := c.Home.DeviceKey()
+	if err != nil {
+		return nil, err
+	}
+	creds, err := login.Login(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, key, progress)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Home.SaveCredentials(creds); err != nil {
+		return nil, fmt.Errorf("save certificate in %s: %w", c.Home.Dir, err)
+	}
+	c.mu.Lock()
+	c.cert = nil
+	c.mu.Unlock()
+	return creds, nil
+}
+
+// Certificate returns a usable client certificate, renewing it first when it is in
+// the last third of its life. If renewal fails while the certificate is still
+// valid, the old one is used and the failure is reported through Logf.
+func (c *Client) Certificate(ctx context.Context) (*tls.Certificate, error) {
+	c.mu.Lock()
+	cur := c.cert
+	c.mu.Unlock()
+	now := c.now()
+	if cur != nil && !NeedsRenewal(cur.Leaf, now) {
+		return cur, nil
+	}
+	cert, err := c.Home.Certificate()
+	if err != nil {
+		return nil, err
+	}
+	if NeedsRenewal(cert.Leaf, now) {
+		renewed, rerr := c.renew(ctx)
+		switch {
+		case rerr == nil:
+			cert = renewed
+		case now.Before(cert.Leaf.NotAfter):
+			c.logf("tp: could not renew the certificate (%v); using the current one, valid until %s", rerr, cert.Leaf.NotAfter.Local().Format(time.DateTime))
+		default:
+			return nil, fmt.Errorf("certificate expired at %s (%s ago) and renewing it failed: %w; run dlogin",
+				cert.Leaf.NotAfter.Local().Format(time.DateTime), now.Sub(cert.Leaf.NotAfter).Round(time.Second), rerr)
+		}
+	}
+	c.mu.Lock()
+	c.cert = &cert
+	c.mu.Unlock()
+	return &cert, nil
+}
+
+// renew logs in under the home lock; another process may have renewed meanwhile.
+func (c *Client) renew(ctx context.Context) (tls.Certificate, error) {
+	lctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	unlock, err := c.Home.Lock(lctx)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	defer unlock()
+	if cert, err := c.Home.Certificate(); err == nil && !NeedsRenewal(cert.Leaf, c.now()) {
+		return cert, nil
+	}
+	if _, err := c.Login(lctx, nil); err != nil {
+		return tls.Certificate{}, err
+	}
+	cert, err := c.Home.Certificate()
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	c.logf("tp: renewed certificate for %s, valid until %s", c.Profile.DeviceID, cert.Leaf.NotAfter.Local().Format(time.DateTime))
+	return cert, nil
+}
+
+// Dialer returns a Dialer for the profile's server whose client certificate is
+// kept fresh by c.
+func (c *Client) Dialer() (*Dialer, error) {
+	addr, err := c.Profile.ServerAddr()
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(c.Root)
+	return &Dialer{
+		Server: addr,
+		TLSConfig: &tls.Config{
+			RootCAs: pool,
+			GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+				return c.Certificate(cri.Context())
+			},
+		},
+	}, nil
+}

@@ -1,0 +1,200 @@
+package clients
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/tp-proxy/tp/acme/login"
+)
+
+// Files inside $TP_HOME.
+const (
+	profileFile   = "profile.json"
+	rootFile      = "root.pem"
+	deviceKeyFile = "device.key"
+	certFile      = "cert.pem"
+	keyFile       = "key.pem"
+	lockFile      = ".lock"
+)
+
+// ErrNoProfile means this device has never logged in.
+var ErrNoProfile = errors.New("this device is not set up for TP")
+
+// Home is the client's state directory ($TP_HOME, default ~/.config/tp): the
+// server's URL and root, the long-lived device key, and the current certificate.
+type Home struct {
+	Dir string
+}
+
+// Profile is what dlogin records on first login.
+type Profile struct {
+	Server      string `json:"server"` // https://host[:port]
+	Fingerprint string `json:"fingerprint"`
+	DeviceID    string `json:"device_id"`
+}
+
+// ServerAddr is the host:port of the server's TLS port.
+func (p Profile) ServerAddr() (string, error) { return ServerAddr(p.Server) }
+
+// ServerAddr turns https://host[:port] into host:port (port 443 by default).
+func ServerAddr(serverURL string) (string, error) {
+	u, err := url.Parse(serverURL)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		return "", fmt.Errorf("server %q must be a URL like https://tp.example.org", serverURL)
+	}
+	if u.Port() == "" {
+		return net.JoinHostPort(u.Hostname(), "443"), nil
+	}
+	return u.Host, nil
+}
+
+func (h Home) path(name string) string { return filepath.Join(h.Dir, name) }
+
+// Init creates the directory (0700).
+func (h Home) Init() error {
+	if err := os.MkdirAll(h.Dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", h.Dir, err)
+	}
+	return nil
+}
+
+// Profile loads the profile.
+func (h Home) Profile() (Profile, error) {
+	b, err := os.ReadFile(h.path(profileFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return Profile{}, fmt.Errorf("%w: no profile in %s; run dlogin --server URL --fingerprint SHA256:… --token … with the command your administrator gave you", ErrNoProfile, h.Dir)
+	}
+	if err != nil {
+		return Profile{}, err
+	}
+	var p Profile
+	if err := json.Unmarshal(b, &p); err != nil {
+		return Profile{}, fmt.Errorf("%s is damaged (%v); run dlogin with your enrollment command again", h.path(profileFile), err)
+	}
+	return p, nil
+}
+
+// SaveProfile writes the profile.
+func (h Home) SaveProfile(p Profile) error {
+	b, err := json.MarshalIndent(p, "", "  ")
+	if err != nil {
+		return err
+	}
+	return login.WriteFileAtomic(h.path(profileFile), append(b, '\n'), 0o600)
+}
+
+// Root loads the pinned TP root certificate.
+func (h Home) Root() (*x509.Certificate, error) {
+	b, err := os.ReadFile(h.path(rootFile))
+	if err != nil {
+		return nil, fmt.Errorf("TP root certificate missing in %s (%v); run dlogin with your enrollment command again", h.Dir, err)
+	}
+	certs, err := login.ParseCertsPEM(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", h.path(rootFile), err)
+	}
+	return certs[0], nil
+}
+
+// SaveRoot writes the pinned root.
+func (h Home) SaveRoot(c *x509.Certificate) error {
+	return login.WriteFileAtomic(h.path(rootFile), login.PEMCert(c), 0o644)
+}
+
+// DeviceKey loads the device key.
+func (h Home) DeviceKey() (*ecdsa.PrivateKey, error) {
+	b, err := os.ReadFile(h.path(deviceKeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("device key missing in %s (%v); enroll this device again with dlogin --token", h.Dir, err)
+	}
+	k, err := login.ParseKeyPEM(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", h.path(deviceKeyFile), err)
+	}
+	ek, ok := k.(*ecdsa.PrivateKey)
+	if !ok {
+		return nil, fmt.Errorf("%s: not an ECDSA key", h.path(deviceKeyFile))
+	}
+	return ek, nil
+}
+
+// NewDeviceKey makes a fresh device key. Store it with SaveDeviceKey once the
+// server has accepted it, so a failed enrollment never loses a working key.
+func NewDeviceKey() (*ecdsa.PrivateKey, error) {
+	return ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+}
+
+// SaveDeviceKey stores the device key (0600). It never leaves the machine.
+func (h Home) SaveDeviceKey(k *ecdsa.PrivateKey) error {
+	b, err := login.PEMKey(k)
+	if err != nil {
+		return err
+	}
+	return login.WriteFileAtomic(h.path(deviceKeyFile), b, 0o600)
+}
+
+// Certificate loads the current certificate and key.
+func (h Home) Certificate() (tls.Certificate, error) {
+	c, err := tls.LoadX509KeyPair(h.path(certFile), h.path(keyFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return tls.Certificate{}, fmt.Errorf("no certificate in %s; run dlogin", h.Dir)
+	}
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("certificate in %s is unreadable (%v); run dlogin", h.Dir, err)
+	}
+	return c, nil
+}
+
+// SaveCredentials writes a new certificate chain and key (key first, 0600).
+func (h Home) SaveCredentials(cr *login.Credentials) error {
+	kb, err := login.PEMKey(cr.Key)
+	if err != nil {
+		return err
+	}
+	var cb []byte
+	for _, c := range cr.Chain {
+		cb = append(cb, login.PEMCert(c)...)
+	}
+	if err := login.WriteFileAtomic(h.path(keyFile), kb, 0o600); err != nil {
+		return err
+	}
+	return login.WriteFileAtomic(h.path(certFile), cb, 0o644)
+}
+
+// Lock takes an exclusive lock on the home directory so that concurrent tp
+// processes (several ssh sessions at once) renew the certificate only once.
+func (h Home) Lock(ctx context.Context) (unlock func(), err error) {
+	f, err := os.OpenFile(h.path(lockFile), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { syscall.Flock(int(f.Fd()), syscall.LOCK_UN); f.Close() }, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("another tp or dlogin holds %s: %w", h.path(lockFile), ctx.Err())
+		case <-time.After(50 * time.Millisecond): // poll: flock has no context-aware wait
+		}
+	}
+}

@@ -1,0 +1,180 @@
+// Command tp is TP's client: `tp HOST PORT` is an ssh ProxyCommand, `tp forward`
+// a local listener that forwards through TP, `tp whoami` shows this device's
+// identity. It renews its certificate by itself while the device key is present.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/tpd"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tp:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	root := &cobra.Command{
+		Use:   "tp HOST PORT",
+		Short: "Connect through TP; as ssh's ProxyCommand: ssh -o ProxyCommand=\"tp %h %p\" HOST",
+		Long: "tp HOST PORT connects stdin and stdout to HOST:PORT through the TP server,\n" +
+			"for ssh's ProxyCommand. Run dlogin once first.",
+		Args:          cobra.ExactArgs(2),
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, cfg, err := open(cmd, stderr)
+			if err != nil {
+				return err
+			}
+			port, err := strconv.Atoi(args[1])
+			if err != nil || port < 1 || port > 65535 {
+				return fmt.Errorf("port %q must be a number from 1 to 65535", args[1])
+			}
+			target := net.JoinHostPort(args[0], strconv.Itoa(port))
+			d, err := dialer(cmd.Context(), c, cfg)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(stderr, "Connecting to %s via %s (%s)\n", target, d.Server, tpd.Version)
+			conn, err := d.DialContext(cmd.Context(), "tcp", target)
+			if err != nil {
+				return err
+			}
+			return clients.Stdio(cmd.Context(), conn, stdin, stdout)
+		},
+	}
+	config.ClientFlags(root.PersistentFlags())
+	root.AddCommand(forwardCmd(stderr), whoamiCmd(stdout, stderr), &cobra.Command{
+		Use:   "version",
+		Short: "Print the version",
+		Args:  cobra.NoArgs,
+		Run:   func(*cobra.Command, []string) { fmt.Fprintln(stdout, "tp", tpd.Version) },
+	})
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	return root.ExecuteContext(ctx)
+}
+
+func open(cmd *cobra.Command, stderr io.Writer) (*clients.Client, config.Client, error) {
+	cfg, err := config.LoadClient(cmd.Flags())
+	if err != nil {
+		return nil, cfg, err
+	}
+	c, err := clients.Open(clients.Home{Dir: cfg.Home})
+	if err != nil {
+		return nil, cfg, err
+	}
+	c.Logf = func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }
+	return c, cfg, nil
+}
+
+// dialer checks (and if needed renews) the certificate up front, so that a missing
+// or expired one is reported as such rather than as a failed handshake.
+func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients.Dialer, error) {
+	lctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	defer cancel()
+	if _, err := c.Certificate(lctx); err != nil {
+		return nil, err
+	}
+	d, err := c.Dialer()
+	if err != nil {
+		return nil, err
+	}
+	d.Timeout = cfg.Timeout
+	return d, nil
+}
+
+func forwardCmd(stderr io.Writer) *cobra.Command {
+	return &cobra.Command{
+		Use:   "forward LISTEN HOST:PORT",
+		Short: "Listen on a local TCP address and forward each connection through TP",
+		Example: "  tp forward 127.0.0.1:15432 db.internal:5432\n" +
+			"  psql -h 127.0.0.1 -p 15432",
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, cfg, err := open(cmd, stderr)
+			if err != nil {
+				return err
+			}
+			if _, _, err := net.SplitHostPort(args[1]); err != nil {
+				return fmt.Errorf("destination %q must be HOST:PORT", args[1])
+			}
+			d, err := dialer(cmd.Context(), c, cfg)
+			if err != nil {
+				return err
+			}
+			ln, err := net.Listen("tcp", args[0])
+			if err != nil {
+				return fmt.Errorf("cannot listen on %s: %w", args[0], err)
+			}
+			defer ln.Close()
+			fmt.Fprintf(stderr, "Forwarding %s to %s via %s (%s); Ctrl-C stops\n", ln.Addr(), args[1], d.Server, tpd.Version)
+			f := &clients.Forwarder{
+				Dial:   d.DialContext,
+				Target: args[1],
+				Logger: slog.New(slog.NewTextHandler(stderr, nil)),
+			}
+			err = f.Serve(cmd.Context(), ln)
+			if errors.Is(err, context.Canceled) || cmd.Context().Err() != nil {
+				return nil
+			}
+			return err
+		},
+	}
+}
+
+func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
+	return &cobra.Command{
+		Use:   "whoami",
+		Short: "Show this device's identity and certificate",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, _, err := open(cmd, stderr)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "Identity:    %s\n", c.Profile.DeviceID)
+			fmt.Fprintf(stdout, "Server:      %s\n", c.Profile.Server)
+			cert, err := c.Home.Certificate()
+			if err != nil {
+				fmt.Fprintf(stdout, "Certificate: none (%v)\n", err)
+				return nil
+			}
+			leaf := cert.Leaf
+			now := time.Now()
+			state := "valid"
+			switch {
+			case now.After(leaf.NotAfter):
+				state = fmt.Sprintf("EXPIRED %s ago; tp renews it on the next connection, or run dlogin", now.Sub(leaf.NotAfter).Round(time.Second))
+			case clients.NeedsRenewal(leaf, now):
+				state = "valid, due for renewal (tp renews it on the next connection)"
+			}
+			fmt.Fprintf(stdout, "Certificate: serial %x\n", leaf.SerialNumber)
+			fmt.Fprintf(stdout, "Expires:     %s (in %s)\n", leaf.NotAfter.Local().Format(time.DateTime+" MST"), leaf.NotAfter.Sub(now).Round(time.Second))
+			fmt.Fprintf(stdout, "Status:      %s\n", state)
+			return nil
+		},
+	}
+}

@@ -1,0 +1,239 @@
+// Command tpd is the TP server: the public TLS port (proxy and website), the
+// embedded CA, and the admin socket that `tpd enroll` and `tpd users` talk to.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tp-proxy/tp/internal/admin"
+	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/tpd"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tpd:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	root := &cobra.Command{
+		Use:           "tpd",
+		Short:         "TP server: zero-trust TLS proxy with an embedded CA",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.AddCommand(serveCmd(stdout, stderr), initCmd(stdout), enrollCmd(stdout), usersCmd(stdout), versionCmd(stdout))
+	return root.ExecuteContext(ctx)
+}
+
+func serveCmd(stdout, stderr io.Writer) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Serve the public port; the first start creates the data dir",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config.LoadServer(cmd.Flags())
+			if err != nil {
+				return err
+			}
+			log := cfg.Logger(stderr)
+			ln, err := listen(cfg.Listen)
+			if err != nil {
+				return err
+			}
+			defer ln.Close()
+			if cfg.URL == "" {
+				// With --listen HOST:0 the port is known only now.
+				cfg.Listen = ln.Addr().String()
+			}
+			d, err := tpd.New(cmd.Context(), cfg, log)
+			if err != nil {
+				return err
+			}
+			defer d.Close()
+			if d.Created {
+				fmt.Fprintf(stdout, "Created data dir %s (CA, %s, policy in %s)\n", cfg.DataDir, config.FileName, cfg.PolicyDir())
+			}
+			fmt.Fprintf(stdout, "tpd %s listening on %s (%s)\n", tpd.Version, ln.Addr(), cfg.PublicURL())
+			fmt.Fprintf(stdout, "CA fingerprint: %s\n", d.Fingerprint())
+			fmt.Fprintf(stdout, "Enroll a device: tpd enroll USER --device NAME --data-dir %s\n", cfg.DataDir)
+
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
+			go func() {
+				for range hup {
+					if err := d.ReloadPolicy(cmd.Context()); err != nil {
+						log.Error("policy reload on SIGHUP refused; the previous policy stays active", "err", err)
+					} else {
+						log.Info("policy reloaded on SIGHUP", "revision", d.Policy().Revision())
+					}
+				}
+			}()
+			return d.Serve(cmd.Context(), ln)
+		},
+	}
+	config.ServerFlags(cmd.Flags())
+	return cmd
+}
+
+// listen opens the public port with an error message that says what to do.
+func listen(addr string) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	switch {
+	case err == nil:
+		return ln, nil
+	case errors.Is(err, syscall.EACCES):
+		return nil, fmt.Errorf("cannot listen on %s: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep $(which tpd)), or use --listen 127.0.0.1:8443", addr)
+	case errors.Is(err, syscall.EADDRINUSE):
+		return nil, fmt.Errorf("cannot listen on %s: something else is already listening there; stop it or choose another --listen", addr)
+	default:
+		return nil, fmt.Errorf("cannot listen on %s: %w", addr, err)
+	}
+}
+
+func initCmd(stdout io.Writer) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "init",
+		Short: "Create the data dir (CA, tpd.yaml, default policy) without serving",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config.LoadServer(cmd.Flags())
+			if err != nil {
+				return err
+			}
+			res, err := tpd.Init(cfg)
+			if err != nil {
+				return err
+			}
+			if res.Created {
+				fmt.Fprintf(stdout, "Created data dir %s\n", cfg.DataDir)
+			} else {
+				fmt.Fprintf(stdout, "Data dir %s already initialised; nothing changed\n", cfg.DataDir)
+			}
+			fmt.Fprintf(stdout, "CA fingerprint: %s\n", res.Fingerprint)
+			fmt.Fprintf(stdout, "Policy: %s\nConfig: %s\n", cfg.PolicyDir(), cfg.ConfigFile())
+			return nil
+		},
+	}
+	config.ServerFlags(cmd.Flags())
+	return cmd
+}
+
+func enrollCmd(stdout io.Writer) *cobra.Command {
+	var device, ttl string
+	var groups []string
+	cmd := &cobra.Command{
+		Use:   "enroll USER --device NAME",
+		Short: "Print a one-time token and the dlogin command that enrolls a device",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if device == "" {
+				return errors.New("--device is required: name the device being enrolled, e.g. --device laptop")
+			}
+			cfg, err := config.LoadServer(cmd.Flags())
+			if err != nil {
+				return err
+			}
+			req := admin.EnrollRequest{User: args[0], Device: device, TTL: ttl}
+			if cmd.Flags().Changed("groups") {
+				req.Groups = groups
+				if req.Groups == nil {
+					req.Groups = []string{}
+				}
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
+			defer cancel()
+			res, err := admin.NewClient(cfg.AdminSocket()).Enroll(ctx, req)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "Enrollment token for %s, single use, valid until %s.\n", res.DeviceID, res.Expires.Local().Format(time.DateTime))
+			fmt.Fprintf(stdout, "Run this on the device:\n")
+			fmt.Fprintf(stdout, "dlogin --server %s --fingerprint %s --token %s\n", res.ServerURL, res.Fingerprint, res.Token)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&device, "device", "", "name of the device, e.g. laptop")
+	cmd.Flags().StringSliceVar(&groups, "groups", nil, "set the user's groups, comma separated (omit to keep them)")
+	cmd.Flags().StringVar(&ttl, "ttl", "", "how long the token stays valid (default from tpd.yaml token-ttl, 24h)")
+	cmd.Flags().String("data-dir", config.DefaultServer().DataDir, "data dir of the running tpd (env TP_DATA_DIR)")
+	return cmd
+}
+
+func usersCmd(stdout io.Writer) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "users",
+		Short: "List users, their groups and devices",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config.LoadServer(cmd.Flags())
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
+			defer cancel()
+			list, err := admin.NewClient(cfg.AdminSocket()).Users(ctx)
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "USER\tGROUPS\tDEVICE\tSTATUS\tLAST LOGIN")
+			for _, u := range list {
+				gs := strings.Join(u.Groups, ",")
+				if gs == "" {
+					gs = "-"
+				}
+				if len(u.Devices) == 0 {
+					fmt.Fprintf(tw, "%s\t%s\t-\t-\t-\n", u.Name, gs)
+				}
+				for _, dv := range u.Devices {
+					status := "enrolled"
+					switch {
+					case dv.Revoked:
+						status = "revoked"
+					case len(dv.PublicKey) == 0 && dv.LastLogin.IsZero():
+						status = "awaiting dlogin"
+					}
+					last := "-"
+					if !dv.LastLogin.IsZero() {
+						last = dv.LastLogin.Local().Format(time.DateTime)
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", u.Name, gs, dv.Name, status, last)
+				}
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().String("data-dir", config.DefaultServer().DataDir, "data dir of the running tpd (env TP_DATA_DIR)")
+	return cmd
+}
+
+func versionCmd(stdout io.Writer) *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version",
+		Args:  cobra.NoArgs,
+		Run:   func(*cobra.Command, []string) { fmt.Fprintln(stdout, "tpd", tpd.Version) },
+	}
+}

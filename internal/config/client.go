@@ -1,0 +1,73 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
+)
+
+// Client is the configuration of tp and dlogin. Everything about the server
+// lives in $TP_HOME after the first dlogin; these are the per-run knobs.
+type Client struct {
+	// Home is the client state directory ($TP_HOME, default ~/.config/tp).
+	Home string `mapstructure:"home"`
+	// Timeout bounds connection setup (TCP, TLS, hello) and each login.
+	Timeout time.Duration `mapstructure:"timeout"`
+}
+
+// Validate checks the client configuration.
+func (c Client) Validate() error {
+	var errs []error
+	if c.Home == "" {
+		errs = append(errs, errors.New("home must be set (TP_HOME or --home)"))
+	}
+	if c.Timeout <= 0 || c.Timeout > 10*time.Minute {
+		errs = append(errs, fmt.Errorf("timeout %s must be between 0 and 10m", c.Timeout))
+	}
+	return errors.Join(errs...)
+}
+
+// ClientFlags registers the flags shared by tp and dlogin.
+func ClientFlags(fs *pflag.FlagSet) {
+	fs.String("home", "", "client state directory (env TP_HOME, default ~/.config/tp)")
+	fs.Duration("timeout", 30*time.Second, "bound on connecting and on logging in (env TP_TIMEOUT)")
+}
+
+// LoadClient reads TP_* environment variables, then flags.
+func LoadClient(fs *pflag.FlagSet) (Client, error) {
+	v := viper.New()
+	// Every key needs a default: viper only unmarshals environment values for keys it knows.
+	v.SetDefault("home", "")
+	v.SetDefault("timeout", 30*time.Second)
+	v.SetEnvPrefix("TP")
+	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
+	v.AutomaticEnv()
+	for _, key := range []string{"home", "timeout"} {
+		if f := fs.Lookup(key); f != nil && f.Changed {
+			if err := v.BindPFlag(key, f); err != nil {
+				return Client{}, err
+			}
+		}
+	}
+	var c Client
+	if err := v.Unmarshal(&c); err != nil {
+		return Client{}, fmt.Errorf("config: %w", err)
+	}
+	if c.Home == "" {
+		dir, err := os.UserConfigDir()
+		if err != nil {
+			return Client{}, fmt.Errorf("cannot find a config directory (%v); set TP_HOME", err)
+		}
+		c.Home = filepath.Join(dir, "tp")
+	}
+	if err := c.Validate(); err != nil {
+		return Client{}, fmt.Errorf("invalid configuration:\n%w", err)
+	}
+	return c, nil
+}

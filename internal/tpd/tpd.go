@@ -1,0 +1,264 @@
+// Package tpd assembles the TP server from its parts: the PKI and embedded CA,
+// the user store, the policy engine, the authorizer, the public listener and the
+// admin socket. cmd/tpd parses configuration and calls it; tests run it in-process.
+package tpd
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/tp-proxy/tp/acme"
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/admin"
+	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/users"
+	"github.com/tp-proxy/tp/policy"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// Version is reported by the binaries and in tp's "Connecting …" line.
+const Version = "v0.1.0"
+
+// serverCertLifetime is the lifetime of tpd's own TLS certificate; it is renewed
+// in the background at two thirds of it.
+const serverCertLifetime = 7 * 24 * time.Hour
+
+// InitResult says what Init found or created.
+type InitResult struct {
+	Created     bool // the data dir was bootstrapped just now
+	Fingerprint string
+}
+
+// Init creates whatever is missing in the data dir: the CA (root, intermediate,
+// attestation root), tpd.yaml and the default policy. Existing files are kept.
+func Init(cfg config.Server) (InitResult, error) {
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return InitResult{}, fmt.Errorf("create data dir: %w", err)
+	}
+	_, statErr := os.Stat(cfg.CADir())
+	created := errors.Is(statErr, os.ErrNotExist)
+	pki, err := acme.Bootstrap(cfg.CADir(), cfg.Names[0])
+	if err != nil {
+		return InitResult{}, err
+	}
+	if _, err := os.Stat(cfg.ConfigFile()); errors.Is(err, os.ErrNotExist) {
+		if err := os.WriteFile(cfg.ConfigFile(), config.ServerYAML(cfg), 0o600); err != nil {
+			return InitResult{}, fmt.Errorf("write %s: %w", cfg.ConfigFile(), err)
+		}
+	}
+	if err := policy.WriteDefault(cfg.PolicyDir()); err != nil {
+		return InitResult{}, err
+	}
+	return InitResult{Created: created, Fingerprint: pki.Fingerprint()}, nil
+}
+
+// Daemon is a configured tpd, ready to serve.
+type Daemon struct {
+	cfg     config.Server
+	log     *slog.Logger
+	pki     *acme.PKI
+	ca      *acme.CA
+	users   *users.Store
+	policy  *policy.Engine
+	authz   *authz.Policy
+	proxy   *proxy.Server
+	cert    atomic.Pointer[tls.Certificate]
+	Created bool // the data dir was bootstrapped by New
+}
+
+// New bootstraps the data dir if needed and opens every part. Close releases them.
+func New(ctx context.Context, cfg config.Server, log *slog.Logger) (*Daemon, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	ir, err := Init(cfg)
+	if err != nil {
+		return nil, err
+	}
+	d := &Daemon{cfg: cfg, log: log, Created: ir.Created}
+	if d.pki, err = acme.LoadPKI(cfg.CADir()); err != nil {
+		return nil, err
+	}
+	if err := d.renewServerCert(); err != nil {
+		return nil, err
+	}
+	if d.users, err = users.Open(cfg.UsersFile()); err != nil {
+		return nil, err
+	}
+	if d.policy, err = policy.Load(ctx, cfg.PolicyDir(), policy.WithTimeout(cfg.PolicyTimeout)); err != nil {
+		return nil, fmt.Errorf("policy in %s: %w", cfg.PolicyDir(), err)
+	}
+	d.authz = &authz.Policy{Directory: d.users, Evaluator: d.policy, DenyList: &authz.DenyList{}, Logger: log}
+	if d.ca, err = acme.NewCA(d.pki, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names}); err != nil {
+		return nil, err
+	}
+	enroller := &acme.Enroller{PKI: d.pki, CA: d.ca, Users: d.users, Logger: log}
+	web := http.NewServeMux()
+	web.Handle("/acme/", d.ca.Handler())
+	web.Handle("/tp/", enroller.Handler())
+	web.HandleFunc("/", landing)
+
+	roots := x509.NewCertPool()
+	roots.AddCert(d.pki.Root)
+	getCert := func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return d.cert.Load(), nil }
+	d.proxy, err = proxy.New(proxy.Config{
+		ProxyTLS: &tls.Config{
+			GetCertificate: getCert,
+			ClientCAs:      roots,
+			ClientAuth:     tls.RequireAndVerifyClientCert,
+			// Runs on full and resumed handshakes alike: a revoked or deleted device
+			// cannot come back on a session ticket.
+			VerifyConnection: func(cs tls.ConnectionState) error {
+				if len(cs.PeerCertificates) == 0 {
+					return errors.New("client certificate required")
+				}
+				_, err := d.authz.Verify(cs.PeerCertificates[0])
+				return err
+			},
+		},
+		WebTLS: &tls.Config{GetCertificate: getCert},
+		Web:    web,
+		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
+			if len(cs.PeerCertificates) == 0 {
+				return authz.Identity{}, errors.New("no client certificate")
+			}
+			return d.authz.Verify(cs.PeerCertificates[0])
+		},
+		Authorizer:       d.authz,
+		Logger:           log,
+		HandshakeTimeout: cfg.HandshakeTimeout,
+		HelloTimeout:     cfg.HelloTimeout,
+		DialTimeout:      cfg.DialTimeout,
+		MaxConns:         cfg.MaxConns,
+	})
+	if err != nil {
+		d.ca.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// Fingerprint is the root certificate's fingerprint that dlogin pins.
+func (d *Daemon) Fingerprint() string { return d.pki.Fingerprint() }
+
+// Users is the user store.
+func (d *Daemon) Users() *users.Store { return d.users }
+
+// Policy is the policy engine.
+func (d *Daemon) Policy() *policy.Engine { return d.policy }
+
+// DenyList is consulted on every new connection and request.
+func (d *Daemon) DenyList() *authz.DenyList { return d.authz.DenyList }
+
+func (d *Daemon) renewServerCert() error {
+	chain, key, leaf, err := d.pki.IssueServerCert(d.cfg.Names, serverCertLifetime)
+	if err != nil {
+		return err
+	}
+	d.cert.Store(&tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf})
+	return nil
+}
+
+// Serve answers on ln (the public port) and on the admin socket until ctx ends,
+// then shuts down gracefully. The caller owns ln.
+func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
+	adminLn, err := admin.Listen(d.cfg.AdminSocket())
+	if err != nil {
+		return err
+	}
+	adminSrv := &http.Server{
+		Handler: (&admin.Server{
+			Users: d.users, ServerURL: d.cfg.PublicURL(), Fingerprint: d.Fingerprint(),
+			TokenTTL: d.cfg.TokenTTL, Logger: d.log,
+		}).Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		err := d.proxy.Serve(gctx, ln)
+		if errors.Is(err, proxy.ErrServerClosed) {
+			return nil
+		}
+		return err
+	})
+	g.Go(func() error {
+		if err := adminSrv.Serve(adminLn); !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	g.Go(func() error { d.maintain(gctx); return nil })
+	g.Go(func() error {
+		<-gctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		adminSrv.Shutdown(sctx)
+		os.Remove(d.cfg.AdminSocket())
+		return d.proxy.Shutdown(sctx)
+	})
+	err = g.Wait()
+	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		return nil // asked to stop
+	}
+	return err
+}
+
+// maintain renews tpd's own certificate and picks up policy edits until ctx ends.
+func (d *Daemon) maintain(ctx context.Context) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	lastErr := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if leaf := d.cert.Load().Leaf; time.Now().After(leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) * 2 / 3)) {
+			if err := d.renewServerCert(); err != nil {
+				d.log.Error("renewing tpd's certificate failed", "err", err)
+			}
+		}
+		before := d.policy.Revision()
+		if err := d.ReloadPolicy(ctx); err != nil {
+			if err.Error() != lastErr {
+				lastErr = err.Error()
+				d.log.Error("policy change refused; the previous policy stays active", "err", err)
+			}
+		} else if lastErr != "" || d.policy.Revision() != before {
+			lastErr = ""
+			d.log.Info("policy reloaded", "revision", d.policy.Revision())
+		}
+	}
+}
+
+// ReloadPolicy recompiles the policy directory if it changed; on error the
+// previous policy stays active.
+func (d *Daemon) ReloadPolicy(ctx context.Context) error { return d.policy.Reload(ctx) }
+
+// Close releases the CA database.
+func (d *Daemon) Close() error { return d.ca.Close() }
+
+func landing(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path != "/" {
+		http.NotFound(w, r)
+		return
+	}
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	io.WriteString(w, "<!doctype html><title>TP</title><p>This is a TP server.</p>\n")
+}
