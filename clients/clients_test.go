@@ -1,0 +1,211 @@
+package clients_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+type authorizerFunc func(ctx context.Context, req authz.Request) (authz.Decision, error)
+
+func (f authorizerFunc) Authorize(ctx context.Context, req authz.Request) (authz.Decision, error) {
+	return f(ctx, req)
+}
+
+// startServer runs a proxy.Server on loopback that allows every destination except
+// port 9, and returns a Dialer for it.
+func startServer(t *testing.T) *clients.Dialer {
+	t.Helper()
+	ca := testpki.New(t)
+	srv, err := proxy.New(proxy.Config{
+		ProxyTLS: &tls.Config{
+			Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")},
+			ClientCAs:    ca.Pool,
+			ClientAuth:   tls.RequireAndVerifyClientCert,
+		},
+		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
+			leaf := cs.PeerCertificates[0]
+			return authz.Identity{DeviceID: leaf.Subject.CommonName, NotAfter: leaf.NotAfter}, nil
+		},
+		Authorizer: authorizerFunc(func(_ context.Context, req authz.Request) (authz.Decision, error) {
+			if req.Destination.Port == 9 {
+				return authz.Decision{Reason: "port 9 is closed to " + req.Identity.String()}, nil
+			}
+			return authz.Decision{Allow: true}, nil
+		}),
+		Logger: slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = srv.Serve(ctx, ln); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	return &clients.Dialer{
+		Server:    ln.Addr().String(),
+		TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}},
+	}
+}
+
+// startReplier accepts connections, reads each to EOF, then replies with what it
+// read in upper case: a reply only arrives after the client's half-close.
+func startReplier(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				b, _ := io.ReadAll(c)
+				_, _ = c.Write(bytes.ToUpper(b))
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// TestStdio: stdin EOF half-closes the connection; the reply still reaches stdout.
+func TestStdio(t *testing.T) {
+	d := startServer(t)
+	dst := startReplier(t)
+	conn, err := d.DialContext(context.Background(), "tcp", dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var out bytes.Buffer
+	if err := clients.Stdio(ctx, conn, strings.NewReader("ssh-2.0 hello"), &out); err != nil {
+		t.Fatal(err)
+	}
+	if out.String() != "SSH-2.0 HELLO" {
+		t.Fatalf("stdout = %q", out.String())
+	}
+}
+
+// TestStdioContext: ending ctx ends a session that would otherwise wait forever.
+func TestStdioContext(t *testing.T) {
+	d := startServer(t)
+	dst := startReplier(t)
+	conn, err := d.DialContext(context.Background(), "tcp", dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	pr, pw := io.Pipe() // stdin that never ends
+	defer pw.Close()
+	done := make(chan error, 1)
+	go func() { done <- clients.Stdio(ctx, conn, pr, io.Discard) }()
+	cancel()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Stdio = %v; want context.Canceled", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Stdio did not return after ctx ended")
+	}
+}
+
+func TestRefusedError(t *testing.T) {
+	d := startServer(t)
+	_, err := d.DialContext(context.Background(), "tcp", "127.0.0.1:9")
+	var re *clients.RefusedError
+	if !errors.As(err, &re) || re.Code != proxy.CodePolicyDenied || !errors.Is(err, authz.ErrPolicyDenied) {
+		t.Fatalf("err = %v; want a policy denial", err)
+	}
+	if err.Error() != "denied by policy: port 9 is closed to alice@laptop" {
+		t.Fatalf("message %q", err)
+	}
+	other := &clients.RefusedError{Code: proxy.CodeDialRefused, Reason: "cannot connect to db:5432"}
+	if errors.Is(other, authz.ErrPolicyDenied) || !strings.Contains(other.Error(), "cannot connect to db:5432") {
+		t.Fatalf("dial_refused error: %q", other)
+	}
+}
+
+func TestDialerRejectsBadAddress(t *testing.T) {
+	d := &clients.Dialer{Server: "127.0.0.1:1"}
+	for _, tt := range []struct{ network, addr string }{{"udp", "h:1"}, {"tcp", "no-port"}, {"tcp", "h:0"}, {"tcp", "h:70000"}} {
+		if _, err := d.DialContext(context.Background(), tt.network, tt.addr); err == nil {
+			t.Errorf("DialContext(%s, %s) succeeded", tt.network, tt.addr)
+		}
+	}
+}
+
+// TestForwarder: a refused dial fails only that local connection; the listener
+// keeps serving and the next connection goes through.
+func TestForwarder(t *testing.T) {
+	d := startServer(t)
+	dst := startReplier(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var calls atomic.Int32
+	fwd := &clients.Forwarder{
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if calls.Add(1) == 1 { // the first connection asks for a denied port
+				addr = "127.0.0.1:9"
+			}
+			return d.DialContext(ctx, network, addr)
+		},
+		Target: dst,
+		Logger: slog.New(slog.DiscardHandler),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	served := make(chan error, 1)
+	go func() { served <- fwd.Serve(ctx, ln) }()
+
+	roundTrip := func() (string, error) {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		_, _ = io.WriteString(c, "abc")
+		_ = c.(*net.TCPConn).CloseWrite()
+		b, err := io.ReadAll(c)
+		return string(b), err
+	}
+	if got, _ := roundTrip(); got != "" {
+		t.Fatalf("denied forward returned %q", got)
+	}
+	for range 2 {
+		if got, err := roundTrip(); got != "ABC" || err != nil {
+			t.Fatalf("forward = %q, %v; want ABC", got, err)
+		}
+	}
+	cancel()
+	if err := <-served; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Serve = %v", err)
+	}
+}

@@ -1,0 +1,171 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// DefaultDialTimeout bounds a Dialer's setup when Dialer.Timeout is zero.
+const DefaultDialTimeout = 30 * time.Second
+
+// Dialer opens connections through a TP server: one TLS connection per dial, ALPN
+// "tp/1", a client hello naming the destination, and raw bytes after an ok.
+type Dialer struct {
+	// Server is the TP server's host:port.
+	Server string
+	// TLSConfig carries RootCAs and the client certificate (Certificates or
+	// GetClientCertificate). The Dialer forces NextProtos ["tp/1"] and TLS 1.3, and
+	// sets ServerName from Server when empty.
+	TLSConfig *tls.Config
+	// Timeout bounds the whole setup: TCP connect, handshake and hello exchange.
+	// Zero means DefaultDialTimeout. It does not limit the connection once established.
+	Timeout time.Duration
+}
+
+// RefusedError is the server's refusal of a dial.
+type RefusedError struct {
+	Code   string // one of the proxy.Code* constants
+	Reason string // written by the server for a person
+}
+
+func (e *RefusedError) Error() string {
+	reason := e.Reason
+	if reason == "" {
+		reason = "no reason given"
+	}
+	switch e.Code {
+	case proxy.CodePolicyDenied:
+		return "denied by policy: " + reason
+	case proxy.CodeUnauthenticated:
+		return "the TP server did not accept the client certificate (" + reason + "); run dlogin"
+	case proxy.CodeResolveFailed, proxy.CodeDialRefused, proxy.CodeDialTimeout, proxy.CodeDialFailed:
+		return "the TP server could not reach the destination: " + reason
+	case proxy.CodeInternal:
+		return "the TP server failed internally: " + reason
+	default:
+		return "the TP server refused the request (" + e.Code + "): " + reason
+	}
+}
+
+// Unwrap lets errors.Is(err, authz.ErrPolicyDenied) recognise policy denials.
+func (e *RefusedError) Unwrap() error {
+	if e.Code == proxy.CodePolicyDenied {
+		return authz.ErrPolicyDenied
+	}
+	return nil
+}
+
+// DialContext connects to addr (host:port) through the TP server. network must be
+// "tcp" ("tcp4" and "tcp6" are accepted and mean the same: the server picks the
+// address). The returned connection is a *tls.Conn, so CloseWrite half-closes it.
+// A refusal by the server is a *RefusedError.
+func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+	default:
+		return nil, fmt.Errorf("tp dial %s: network %q is not supported", addr, network)
+	}
+	host, portStr, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("tp dial %s: %w", addr, err)
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil {
+		if port, err = net.LookupPort("tcp", portStr); err != nil {
+			return nil, fmt.Errorf("tp dial %s: %w", addr, err)
+		}
+	}
+	hello := proxy.ClientHello{V: proxy.Version, Op: proxy.OpDial, Net: "tcp", Host: host, Port: port}
+	if err := hello.Validate(); err != nil {
+		return nil, fmt.Errorf("tp dial %s: %w", addr, err)
+	}
+
+	timeout := d.Timeout
+	if timeout <= 0 {
+		timeout = DefaultDialTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+
+	cfg, err := d.tlsConfig()
+	if err != nil {
+		return nil, err
+	}
+	var nd net.Dialer
+	raw, err := nd.DialContext(ctx, "tcp", d.Server)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to TP server %s: %w", d.Server, err)
+	}
+	conn := tls.Client(raw, cfg)
+	if err := conn.HandshakeContext(ctx); err != nil {
+		_ = raw.Close()
+		return nil, fmt.Errorf("TLS handshake with TP server %s: %w", d.Server, err)
+	}
+
+	// The hello exchange is bounded by ctx through the connection's deadline.
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	sh, err := exchange(conn, hello)
+	if !stop() {
+		err = errors.Join(err, ctx.Err())
+	}
+	if err != nil {
+		_ = conn.Close()
+		return nil, fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, explainHelloErr(err))
+	}
+	_ = conn.SetDeadline(time.Time{})
+	if !sh.OK {
+		_ = conn.Close()
+		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
+	}
+	return conn, nil
+}
+
+func exchange(conn *tls.Conn, hello proxy.ClientHello) (proxy.ServerHello, error) {
+	if err := proxy.WriteClientHello(conn, hello); err != nil {
+		return proxy.ServerHello{}, fmt.Errorf("sending client hello: %w", err)
+	}
+	sh, err := proxy.ReadServerHello(conn)
+	if err != nil {
+		return proxy.ServerHello{}, fmt.Errorf("reading server hello: %w", err)
+	}
+	return sh, nil
+}
+
+// explainHelloErr adds a hint when the server dropped the connection with a TLS
+// alert: with TLS 1.3 the client's handshake completes before the server has
+// checked the client certificate, so a rejected certificate surfaces here.
+func explainHelloErr(err error) error {
+	if strings.Contains(err.Error(), "remote error: tls:") {
+		return fmt.Errorf("the server rejected the TLS session, most likely the client certificate (expired, from another CA, or not for client authentication; run dlogin): %w", err)
+	}
+	return err
+}
+
+func (d *Dialer) tlsConfig() (*tls.Config, error) {
+	var cfg *tls.Config
+	if d.TLSConfig != nil {
+		cfg = d.TLSConfig.Clone()
+	} else {
+		cfg = &tls.Config{}
+	}
+	cfg.NextProtos = []string{proxy.ALPN}
+	cfg.MinVersion = tls.VersionTLS13
+	cfg.MaxVersion = 0
+	if cfg.ServerName == "" {
+		host, _, err := net.SplitHostPort(d.Server)
+		if err != nil {
+			return nil, fmt.Errorf("TP server address %q: %w", d.Server, err)
+		}
+		cfg.ServerName = host
+	}
+	return cfg, nil
+}

@@ -1,0 +1,79 @@
+package clients
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// Forwarder accepts local connections and carries each one to Target through Dial,
+// typically (*Dialer).DialContext.
+type Forwarder struct {
+	Dial   func(ctx context.Context, network, addr string) (net.Conn, error)
+	Target string // host:port as the TP server should dial it
+	Logger *slog.Logger
+}
+
+// Serve accepts on ln until ctx ends or ln fails, closes ln, waits for the
+// connections it started to end (they end with ctx), and returns ctx's error or the
+// accept error. A failure on one connection is logged and does not stop the others.
+func (f *Forwarder) Serve(ctx context.Context, ln net.Listener) error {
+	log := f.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	stop := context.AfterFunc(ctx, func() { _ = ln.Close() })
+	defer stop()
+	defer ln.Close()
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	var backoff time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			log.Warn("forward: accept failed; retrying", "err", err, "backoff", backoff)
+			select {
+			case <-time.After(backoff):
+				continue
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		backoff = 0
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f.forward(ctx, log, c)
+		}()
+	}
+}
+
+func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Conn) {
+	start := time.Now()
+	attrs := []any{"local", local.RemoteAddr().String(), "target", f.Target}
+	remote, err := f.Dial(ctx, "tcp", f.Target)
+	if err != nil {
+		_ = local.Close()
+		log.Warn("forward failed", append(attrs, "err", err.Error(), "duration", time.Since(start))...)
+		return
+	}
+	up, down, err := proxy.Bridge(ctx, local, remote)
+	end := "closed"
+	if err != nil {
+		end = err.Error()
+	}
+	log.Info("forward", append(attrs, "bytes_up", up, "bytes_down", down, "duration", time.Since(start), "end", end)...)
+}

@@ -1,0 +1,104 @@
+package proxy_test
+
+import (
+	"context"
+	"io"
+	"net"
+	"testing"
+)
+
+const benchChunk = 1 << 20
+
+// startSink runs a loopback TCP server that discards everything and reports the
+// byte count of each connection when it ends.
+func startSink(b *testing.B) (string, <-chan int64) {
+	b.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = ln.Close() })
+	counts := make(chan int64, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				n, _ := io.Copy(io.Discard, c)
+				c.Close()
+				counts <- n
+			}()
+		}
+	}()
+	return ln.Addr().String(), counts
+}
+
+func benchThroughput(b *testing.B, c net.Conn, counts <-chan int64) {
+	buf := make([]byte, benchChunk)
+	b.SetBytes(benchChunk)
+	for b.Loop() {
+		if _, err := c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+		b.Fatal(err)
+	}
+	<-counts // the sink has everything
+	c.Close()
+}
+
+func BenchmarkThroughputDirect(b *testing.B) {
+	addr, counts := startSink(b)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	benchThroughput(b, c, counts)
+}
+
+func BenchmarkThroughputTLSProxy(b *testing.B) {
+	e := newEnv(b, nil)
+	addr, counts := startSink(b)
+	c, err := e.dialer().DialContext(context.Background(), "tcp", addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	benchThroughput(b, c, counts)
+}
+
+func oneByteEachWay(b *testing.B, c net.Conn) {
+	var buf [1]byte
+	if _, err := c.Write([]byte{'x'}); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, buf[:]); err != nil {
+		b.Fatal(err)
+	}
+	c.Close()
+}
+
+func BenchmarkNewConnDirect(b *testing.B) {
+	echo := startEcho(b)
+	for b.Loop() {
+		c, err := net.Dial("tcp", echo)
+		if err != nil {
+			b.Fatal(err)
+		}
+		oneByteEachWay(b, c)
+	}
+}
+
+func BenchmarkNewConnProxy(b *testing.B) {
+	e := newEnv(b, nil)
+	d := e.dialer()
+	for b.Loop() {
+		c, err := d.DialContext(context.Background(), "tcp", e.echo)
+		if err != nil {
+			b.Fatal(err)
+		}
+		oneByteEachWay(b, c)
+	}
+}

@@ -1,0 +1,117 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// tcpPair returns the two ends of a loopback TCP connection.
+func tcpPair(t *testing.T) (net.Conn, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := <-accepted
+	if s == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c, s
+}
+
+// TestBridgeHalfClose: client ⇄ [a Bridge b] ⇄ server over real TCP. The client
+// half-closes, the server still answers after that, and the counts are exact.
+func TestBridgeHalfClose(t *testing.T) {
+	client, a := tcpPair(t)
+	b, server := tcpPair(t)
+	type result struct {
+		ab, ba int64
+		err    error
+	}
+	done := make(chan result, 1)
+	go func() {
+		ab, ba, err := proxy.Bridge(context.Background(), a, b)
+		done <- result{ab, ba, err}
+	}()
+	_ = client.SetDeadline(time.Now().Add(10 * time.Second))
+	_ = server.SetDeadline(time.Now().Add(10 * time.Second))
+	_, _ = io.WriteString(client, "question")
+	_ = client.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(server)
+	if err != nil || string(got) != "question" {
+		t.Fatalf("server read %q, %v", got, err)
+	}
+	_, _ = io.WriteString(server, "late answer")
+	_ = server.(*net.TCPConn).CloseWrite()
+	got, err = io.ReadAll(client)
+	if err != nil || string(got) != "late answer" {
+		t.Fatalf("client read %q, %v", got, err)
+	}
+	r := <-done
+	if r.err != nil || r.ab != 8 || r.ba != 11 {
+		t.Fatalf("Bridge = %d, %d, %v; want 8, 11, nil", r.ab, r.ba, r.err)
+	}
+}
+
+// TestBridgeContext: ending ctx ends a bridge whose peers are idle, with the cause.
+func TestBridgeContext(t *testing.T) {
+	_, a := tcpPair(t)
+	b, _ := tcpPair(t)
+	cause := errors.New("certificate expired")
+	ctx, cancel := context.WithCancelCause(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := proxy.Bridge(ctx, a, b)
+		done <- err
+	}()
+	cancel(cause)
+	select {
+	case err := <-done:
+		if !errors.Is(err, cause) {
+			t.Fatalf("Bridge = %v; want the context cause", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Bridge did not end with its context")
+	}
+}
+
+// TestBridgeNoHalfClose: net.Pipe cannot half-close, so EOF from one side closes the
+// other entirely instead of leaving it waiting forever.
+func TestBridgeNoHalfClose(t *testing.T) {
+	client, a := net.Pipe()
+	b, server := net.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := proxy.Bridge(context.Background(), a, b)
+		done <- err
+	}()
+	go func() {
+		_, _ = io.WriteString(client, "x")
+		client.Close()
+	}()
+	_ = server.SetDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(server)
+	if string(got) != "x" || err != nil {
+		t.Fatalf("server read %q, %v", got, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("Bridge = %v", err)
+	}
+}

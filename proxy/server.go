@@ -1,0 +1,286 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+)
+
+// Resolver turns a host name into addresses. *net.Resolver implements it.
+type Resolver interface {
+	LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error)
+}
+
+var _ Resolver = (*net.Resolver)(nil)
+
+// Config configures a Server. ProxyTLS, Identify and Authorizer are required.
+type Config struct {
+	// ProxyTLS is used for handshakes that offer ALPN "tp/1". The caller sets the
+	// certificate (Certificates or GetCertificate), ClientCAs and ClientAuth, which
+	// must be tls.RequireAndVerifyClientCert. The server forces TLS 1.3 and
+	// NextProtos ["tp/1"].
+	ProxyTLS *tls.Config
+	// WebTLS is used for every other handshake (h2, http/1.1, no ALPN). nil refuses them.
+	WebTLS *tls.Config
+	// Web serves the website (ACME, enrollment, static pages) over WebTLS on the same
+	// listener. Required when WebTLS is set.
+	Web http.Handler
+	// Identify maps a verified connection to an identity; an error refuses the session.
+	Identify func(cs tls.ConnectionState) (authz.Identity, error)
+	// Authorizer decides every dial; an error denies.
+	Authorizer authz.Authorizer
+	// Resolver resolves destination names once per session. Default net.DefaultResolver.
+	Resolver Resolver
+	// DialContext connects to an authorised destination address. Default net.Dialer.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Logger receives one line per connection. Default slog.Default().
+	Logger *slog.Logger
+	// HandshakeTimeout bounds the TLS handshake (default 10s). HelloTimeout bounds
+	// reading the client hello (default 10s). DialTimeout bounds name resolution, the
+	// policy decision and each connection attempt (default 10s).
+	HandshakeTimeout, HelloTimeout, DialTimeout time.Duration
+	// MaxConns bounds concurrently handled connections (proxy and web); excess
+	// connections are closed right after accept. Default 10000.
+	MaxConns int
+}
+
+// ErrServerClosed is returned by Serve after Shutdown.
+var ErrServerClosed = errors.New("proxy: server closed")
+
+// Server is the public TLS listener: the proxy for ALPN "tp/1" and the website for
+// everything else.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	tls      *tls.Config // the listener config: picks proxyTLS or webTLS per ClientHello
+	proxyTLS *tls.Config
+	webTLS   *tls.Config
+	web      *webServer
+
+	active atomic.Int64   // connections counted against MaxConns
+	wg     sync.WaitGroup // connection goroutines (not web conns, which http.Server owns)
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	closed    bool
+
+	force      context.Context // cancelled when Shutdown gives up draining
+	forceClose context.CancelFunc
+}
+
+// New validates cfg, fills defaults and returns a Server.
+func New(cfg Config) (*Server, error) {
+	var errs []error
+	if cfg.ProxyTLS == nil {
+		errs = append(errs, errors.New("ProxyTLS is required"))
+	} else {
+		if cfg.ProxyTLS.ClientAuth != tls.RequireAndVerifyClientCert {
+			errs = append(errs, errors.New("ProxyTLS.ClientAuth must be tls.RequireAndVerifyClientCert"))
+		}
+		if cfg.ProxyTLS.ClientCAs == nil {
+			errs = append(errs, errors.New("ProxyTLS.ClientCAs is required"))
+		}
+		if len(cfg.ProxyTLS.Certificates) == 0 && cfg.ProxyTLS.GetCertificate == nil && cfg.ProxyTLS.GetConfigForClient == nil {
+			errs = append(errs, errors.New("ProxyTLS needs Certificates or GetCertificate"))
+		}
+	}
+	if cfg.WebTLS != nil && cfg.Web == nil {
+		errs = append(errs, errors.New("Web handler is required when WebTLS is set"))
+	}
+	if cfg.Identify == nil {
+		errs = append(errs, errors.New("Identify is required"))
+	}
+	if cfg.Authorizer == nil {
+		errs = append(errs, errors.New("Authorizer is required"))
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"HandshakeTimeout", cfg.HandshakeTimeout}, {"HelloTimeout", cfg.HelloTimeout}, {"DialTimeout", cfg.DialTimeout}} {
+		if d.v < 0 {
+			errs = append(errs, fmt.Errorf("%s must not be negative", d.name))
+		}
+	}
+	if cfg.MaxConns < 0 {
+		errs = append(errs, errors.New("MaxConns must not be negative"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("proxy: invalid config: %w", err)
+	}
+
+	if cfg.Resolver == nil {
+		cfg.Resolver = net.DefaultResolver
+	}
+	if cfg.DialContext == nil {
+		cfg.DialContext = (&net.Dialer{}).DialContext
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.HandshakeTimeout == 0 {
+		cfg.HandshakeTimeout = 10 * time.Second
+	}
+	if cfg.HelloTimeout == 0 {
+		cfg.HelloTimeout = 10 * time.Second
+	}
+	if cfg.DialTimeout == 0 {
+		cfg.DialTimeout = 10 * time.Second
+	}
+	if cfg.MaxConns == 0 {
+		cfg.MaxConns = 10000
+	}
+
+	s := &Server{cfg: cfg, log: cfg.Logger, listeners: make(map[net.Listener]struct{})}
+	s.force, s.forceClose = context.WithCancel(context.Background())
+	s.proxyTLS = cfg.ProxyTLS.Clone()
+	s.proxyTLS.MinVersion = tls.VersionTLS13
+	s.proxyTLS.MaxVersion = 0
+	s.proxyTLS.NextProtos = []string{ALPN}
+	if cfg.WebTLS != nil {
+		s.webTLS = cfg.WebTLS.Clone()
+		if len(s.webTLS.NextProtos) == 0 {
+			s.webTLS.NextProtos = []string{"h2", "http/1.1"}
+		}
+		s.web = newWebServer(cfg.Web, s.log, s.release)
+	}
+	s.tls = &tls.Config{GetConfigForClient: s.configForClient}
+	return s, nil
+}
+
+// Serve accepts connections on ln until ctx ends or Shutdown is called. The caller
+// owns ln; Serve closes it when it returns. Cancelling ctx ends every connection
+// Serve accepted; Shutdown instead lets them drain.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	if !s.track(ln) {
+		_ = ln.Close()
+		return ErrServerClosed
+	}
+	defer s.untrack(ln)
+	stop := context.AfterFunc(ctx, func() { _ = ln.Close() })
+	defer stop()
+	if s.web != nil {
+		s.web.start()
+	}
+
+	var backoff time.Duration
+	for {
+		raw, err := ln.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return ErrServerClosed
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// Out of file descriptors and the like: back off instead of spinning.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("accept failed; retrying", "err", err, "backoff", backoff)
+			select {
+			case <-time.After(backoff):
+				continue
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		backoff = 0
+		if s.active.Add(1) > int64(s.cfg.MaxConns) {
+			s.active.Add(-1)
+			_ = raw.Close()
+			s.log.Warn("connection refused: too many connections", "remote", raw.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
+			continue
+		}
+		// Add under the lock that Shutdown takes to set closed, so no Add can race
+		// with Shutdown's Wait.
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			s.release()
+			_ = raw.Close()
+			return ErrServerClosed
+		}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.wg.Done()
+			s.handle(ctx, raw)
+		}()
+	}
+}
+
+// Shutdown stops accepting, waits for proxy sessions and web requests to finish, and
+// when ctx ends closes whatever is left. It is safe to call more than once and
+// concurrently; it returns ctx.Err() if it had to force connections closed.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	for ln := range s.listeners {
+		_ = ln.Close()
+	}
+	s.mu.Unlock()
+
+	var webErr error
+	webDone := make(chan struct{})
+	go func() {
+		defer close(webDone)
+		if s.web != nil {
+			webErr = s.web.shutdown(ctx)
+		}
+	}()
+	drained := make(chan struct{})
+	go func() {
+		s.wg.Wait()
+		close(drained)
+	}()
+	var err error
+	select {
+	case <-drained:
+	case <-ctx.Done():
+		err = ctx.Err()
+		s.forceClose()
+		<-drained
+	}
+	<-webDone
+	if err == nil && webErr != nil {
+		err = webErr
+	}
+	return err
+}
+
+func (s *Server) track(ln net.Listener) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.listeners[ln] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(ln net.Listener) {
+	s.mu.Lock()
+	delete(s.listeners, ln)
+	s.mu.Unlock()
+	_ = ln.Close()
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// release gives back one MaxConns slot.
+func (s *Server) release() { s.active.Add(-1) }

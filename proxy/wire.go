@@ -1,0 +1,252 @@
+package proxy
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// ALPN is the TLS application protocol that selects the proxy on the shared port.
+const ALPN = "tp/1"
+
+// Version is the wire protocol version this package speaks.
+const Version = 1
+
+// MaxHelloSize bounds the JSON body of a hello in either direction, in bytes.
+const MaxHelloSize = 16384
+
+// maxHostLen is the longest host a client may ask for (a full DNS name).
+const maxHostLen = 253
+
+// Error codes carried by a server hello with ok=false. They are part of the protocol:
+// clients may switch on them, people read the accompanying reason.
+const (
+	CodeBadRequest         = "bad_request"
+	CodeHelloTooLarge      = "hello_too_large"
+	CodeHelloTimeout       = "hello_timeout"
+	CodeUnsupportedVersion = "unsupported_version"
+	CodeUnknownOp          = "unknown_op"
+	CodeUnsupportedNetwork = "unsupported_network"
+	CodeUnauthenticated    = "unauthenticated"
+	CodePolicyDenied       = "policy_denied"
+	CodeResolveFailed      = "resolve_failed"
+	CodeDialRefused        = "dial_refused"
+	CodeDialTimeout        = "dial_timeout"
+	CodeDialFailed         = "dial_failed"
+	CodeInternal           = "internal"
+)
+
+// OpDial asks the server to open a connection to host:port.
+const OpDial = "dial"
+
+// ClientHello is the first message on a proxy connection, sent by the client.
+type ClientHello struct {
+	V    int    `json:"v"`
+	Op   string `json:"op"`
+	Net  string `json:"net"`
+	Host string `json:"host"`
+	Port int    `json:"port"`
+}
+
+// ServerHello answers a ClientHello. After OK, the connection carries raw bytes.
+type ServerHello struct {
+	V      int    `json:"v"`
+	OK     bool   `json:"ok"`
+	Code   string `json:"code,omitempty"`
+	Reason string `json:"reason,omitempty"`
+}
+
+// HelloError is a protocol-level refusal. The server sends it to the client as a
+// server hello with ok=false; Reason is written for a person.
+type HelloError struct {
+	Code   string
+	Reason string
+}
+
+func (e *HelloError) Error() string {
+	if e.Reason == "" {
+		return e.Code
+	}
+	return e.Code + ": " + e.Reason
+}
+
+func helloErr(code, format string, args ...any) *HelloError {
+	return &HelloError{Code: code, Reason: fmt.Sprintf(format, args...)}
+}
+
+// Validate reports whether h is a request this version of the protocol accepts.
+// The returned error is a *HelloError.
+func (h ClientHello) Validate() error {
+	if h.V != Version {
+		return helloErr(CodeUnsupportedVersion, "protocol version %d is not supported; this server speaks version %d", h.V, Version)
+	}
+	if h.Op != OpDial {
+		return helloErr(CodeUnknownOp, "operation %q is not known; expected %q", h.Op, OpDial)
+	}
+	if h.Net != "tcp" {
+		return helloErr(CodeUnsupportedNetwork, "network %q is not supported; expected \"tcp\"", h.Net)
+	}
+	if err := validHost(h.Host); err != nil {
+		return err
+	}
+	if h.Port < 1 || h.Port > 65535 {
+		return helloErr(CodeBadRequest, "port %d is out of range 1..65535", h.Port)
+	}
+	return nil
+}
+
+// validHost accepts printable ASCII without spaces: DNS names (IDNs as A-labels)
+// and IP literals without brackets.
+func validHost(host string) error {
+	if host == "" {
+		return helloErr(CodeBadRequest, "host is empty")
+	}
+	if len(host) > maxHostLen {
+		return helloErr(CodeBadRequest, "host is %d bytes long; the limit is %d", len(host), maxHostLen)
+	}
+	for i := 0; i < len(host); i++ {
+		if c := host[i]; c <= ' ' || c >= 0x7f {
+			return helloErr(CodeBadRequest, "host contains byte 0x%02x at offset %d; only printable ASCII without spaces is allowed", c, i)
+		}
+	}
+	return nil
+}
+
+// readFrame reads one length-prefixed frame body.
+func readFrame(r io.Reader) ([]byte, error) {
+	var hdr [2]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, err
+	}
+	n := int(binary.BigEndian.Uint16(hdr[:]))
+	if n == 0 {
+		return nil, helloErr(CodeBadRequest, "hello length is zero")
+	}
+	if n > MaxHelloSize {
+		return nil, helloErr(CodeHelloTooLarge, "hello is %d bytes; the limit is %d", n, MaxHelloSize)
+	}
+	body := make([]byte, n)
+	if _, err := io.ReadFull(r, body); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return body, nil
+}
+
+func writeFrame(w io.Writer, v any) error {
+	body, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if len(body) > MaxHelloSize {
+		return helloErr(CodeHelloTooLarge, "hello is %d bytes; the limit is %d", len(body), MaxHelloSize)
+	}
+	buf := make([]byte, 2, 2+len(body))
+	binary.BigEndian.PutUint16(buf, uint16(len(body)))
+	_, err = w.Write(append(buf, body...))
+	return err
+}
+
+// ReadClientHello reads and validates one client hello. Protocol violations are
+// returned as *HelloError; I/O errors (including deadlines) are returned as they come.
+//
+// Decoding is strict: field names must match exactly (encoding/json alone would
+// accept "HOST"), unknown and duplicate fields are rejected, and nothing may follow
+// the object.
+func ReadClientHello(r io.Reader) (ClientHello, error) {
+	body, err := readFrame(r)
+	if err != nil {
+		return ClientHello{}, err
+	}
+	var h ClientHello
+	if err := decodeClientHello(body, &h); err != nil {
+		return ClientHello{}, helloErr(CodeBadRequest, "malformed hello: %v", err)
+	}
+	if err := h.Validate(); err != nil {
+		return ClientHello{}, err
+	}
+	return h, nil
+}
+
+func decodeClientHello(body []byte, h *ClientHello) error {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	dec.UseNumber()
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '{' {
+		return errors.New("not a JSON object")
+	}
+	fields := map[string]any{"v": &h.V, "op": &h.Op, "net": &h.Net, "host": &h.Host, "port": &h.Port}
+	seen := make(map[string]bool, len(fields))
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return err
+		}
+		name, _ := tok.(string)
+		dst, ok := fields[name]
+		if !ok {
+			return fmt.Errorf("unknown field %q", name)
+		}
+		if seen[name] {
+			return fmt.Errorf("duplicate field %q", name)
+		}
+		seen[name] = true
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return err
+		}
+		if string(raw) == "null" {
+			return fmt.Errorf("field %q is null", name)
+		}
+		if err := json.Unmarshal(raw, dst); err != nil {
+			return fmt.Errorf("field %q: %w", name, err)
+		}
+	}
+	if _, err := dec.Token(); err != nil { // the closing '}'
+		return err
+	}
+	if dec.InputOffset() != int64(len(body)) {
+		return errors.New("trailing bytes after the JSON object")
+	}
+	return nil
+}
+
+// WriteClientHello writes h as one frame. It does not validate h.
+func WriteClientHello(w io.Writer, h ClientHello) error { return writeFrame(w, h) }
+
+// WriteServerHello writes h as one frame.
+func WriteServerHello(w io.Writer, h ServerHello) error { return writeFrame(w, h) }
+
+// ReadServerHello reads one server hello. A malformed hello or an unknown version is
+// a *HelloError; an ok=false hello is returned without error for the caller to act on.
+func ReadServerHello(r io.Reader) (ServerHello, error) {
+	body, err := readFrame(r)
+	if err != nil {
+		return ServerHello{}, err
+	}
+	var h ServerHello
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&h); err != nil {
+		return ServerHello{}, helloErr(CodeBadRequest, "malformed server hello: %v", err)
+	}
+	if dec.InputOffset() != int64(len(body)) {
+		return ServerHello{}, helloErr(CodeBadRequest, "malformed server hello: trailing bytes after the JSON object")
+	}
+	if h.V != Version {
+		return ServerHello{}, helloErr(CodeUnsupportedVersion, "server speaks protocol version %d; this client speaks %d", h.V, Version)
+	}
+	if !h.OK && h.Code == "" {
+		return ServerHello{}, helloErr(CodeBadRequest, "malformed server hello: ok=false without a code")
+	}
+	return h, nil
+}
