@@ -7,11 +7,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/netip"
 	"os"
 	"strconv"
-	"strings"
-	"syscall"
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
@@ -36,11 +33,27 @@ type session struct {
 	end      string // why it ended
 }
 
+// Stream is one request's byte stream: a TLS connection (TLS transport) or a QUIC
+// stream (QUIC transport). CloseWrite half-closes the sending direction.
+type Stream interface {
+	net.Conn
+	CloseWrite() error
+}
+
+var _ Stream = (*tls.Conn)(nil)
+
 func (s *Server) serveProxy(ctx context.Context, conn *tls.Conn) {
+	s.ServeStream(ctx, conn, conn.ConnectionState(), "tls")
+}
+
+// ServeStream runs one proxy request on stream, whose peer was authenticated by
+// the handshake described by cs; transport ("tls" or "quic") is shown to the
+// policy as input.source.transport. It returns when the request ends and closes stream.
+func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.ConnectionState, transport string) {
 	ss := &session{start: time.Now(), remote: conn.RemoteAddr().String()}
 	defer func() { s.logSession(ctx, ss) }()
 
-	upstream, herr := s.establish(ctx, conn, ss)
+	upstream, herr := s.establish(ctx, conn, cs, transport, ss)
 	if herr != nil {
 		ss.code = herr.Code
 		if ss.end == "" {
@@ -73,8 +86,7 @@ func (s *Server) serveProxy(ctx context.Context, conn *tls.Conn) {
 
 // establish runs the session up to a connected upstream, or returns the refusal to
 // send. It fills ss as it learns things.
-func (s *Server) establish(ctx context.Context, conn *tls.Conn, ss *session) (net.Conn, *HelloError) {
-	cs := conn.ConnectionState()
+func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionState, transport string, ss *session) (net.Conn, *HelloError) {
 	if len(cs.VerifiedChains) == 0 || len(cs.PeerCertificates) == 0 {
 		return nil, helloErr(CodeUnauthenticated, "no verified client certificate")
 	}
@@ -121,7 +133,7 @@ func (s *Server) establish(ctx context.Context, conn *tls.Conn, ss *session) (ne
 		Action:      authz.ActionDial,
 		Identity:    id,
 		Destination: authz.Destination{Host: host, Port: hello.Port, Network: hello.Net, IPs: ips},
-		Source:      authz.Source{Address: ss.remote, Transport: "tls"},
+		Source:      authz.Source{Address: ss.remote, Transport: transport},
 		Time:        time.Now(),
 	}
 	actx, acancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
@@ -144,78 +156,10 @@ func (s *Server) establish(ctx context.Context, conn *tls.Conn, ss *session) (ne
 	return s.dial(ctx, ss, ips, hello.Port)
 }
 
-// canonicalHost lower-cases a name and strips one trailing dot; IP literals pass as is.
-func canonicalHost(host string) string {
-	if _, err := netip.ParseAddr(host); err == nil {
-		return host
-	}
-	return strings.TrimSuffix(strings.ToLower(host), ".")
-}
-
-// resolve looks host up once; the policy sees, and the dialer uses, exactly these IPs.
-func (s *Server) resolve(ctx context.Context, host string) ([]netip.Addr, *HelloError) {
-	if ip, err := netip.ParseAddr(host); err == nil {
-		return []netip.Addr{ip.Unmap()}, nil
-	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
-	defer cancel()
-	ips, err := s.cfg.Resolver.LookupNetIP(rctx, "ip", host)
-	if err != nil {
-		return nil, helloErr(CodeResolveFailed, "cannot resolve %s: %v", host, err)
-	}
-	out := make([]netip.Addr, 0, len(ips))
-	for _, ip := range ips {
-		if ip.IsValid() {
-			out = append(out, ip.Unmap())
-		}
-	}
-	if len(out) == 0 {
-		return nil, helloErr(CodeResolveFailed, "cannot resolve %s: no addresses", host)
-	}
-	return out, nil
-}
-
-// dial tries the authorised addresses in order and returns the first connection.
-func (s *Server) dial(ctx context.Context, ss *session, ips []netip.Addr, port int) (net.Conn, *HelloError) {
-	var herr *HelloError
-	for _, ip := range ips {
-		addr := netip.AddrPortFrom(ip, uint16(port)).String()
-		dctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
-		c, err := s.cfg.DialContext(dctx, "tcp", addr)
-		cancel()
-		if err == nil {
-			ss.upstream = addr
-			return c, nil
-		}
-		code := CodeDialFailed
-		var ne net.Error
-		switch {
-		case errors.Is(err, syscall.ECONNREFUSED):
-			code = CodeDialRefused
-		case errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
-			code = CodeDialTimeout
-		}
-		herr = helloErr(code, "cannot connect to %s (%s): %v", ss.dest, addr, unwrapOpError(err))
-		if ctx.Err() != nil {
-			break
-		}
-	}
-	return nil, herr
-}
-
-// unwrapOpError drops net.OpError's repetition of the address for a shorter reason.
-func unwrapOpError(err error) error {
-	var oe *net.OpError
-	if errors.As(err, &oe) && oe.Err != nil {
-		return oe.Err
-	}
-	return err
-}
-
 // refuse sends a refusal and closes conn. It half-closes first and drains what the
 // client already sent for a moment, so the kernel does not answer unread data with
 // a reset that would destroy the hello before the client reads it.
-func (s *Server) refuse(conn *tls.Conn, herr *HelloError) {
+func (s *Server) refuse(conn Stream, herr *HelloError) {
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
 	if err := WriteServerHello(conn, ServerHello{V: Version, Code: herr.Code, Reason: herr.Reason}); err == nil {
 		_ = conn.CloseWrite()
