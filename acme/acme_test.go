@@ -161,6 +161,19 @@ func TestEnrollAndLogin(t *testing.T) {
 	if len(lines) == 0 || !strings.HasPrefix(lines[0], "Solving challenge") {
 		t.Errorf("progress lines %q", lines)
 	}
+	// The device can ask the server about itself; the answer carries the groups.
+	who, err := login.Whoami(ctx, ts.HC, ts.URL, "alice@laptop", devKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if who.User != "alice" || len(who.Groups) != 1 || who.Groups[0] != "dev" || who.Revoked || who.LastLogin.IsZero() {
+		t.Errorf("whoami: %+v", who)
+	}
+	// Somebody without the device key cannot.
+	var se *login.ServerError
+	if _, err := login.Whoami(ctx, ts.HC, ts.URL, "alice@laptop", newKey(t)); !errors.As(err, &se) || se.Status != http.StatusForbidden {
+		t.Errorf("whoami signed by another key: %v", err)
+	}
 	// A second login works too (every login mints a fresh EAB key and key pair).
 	creds2, err := login.Login(ctx, ts.HC, ts.URL, "alice@laptop", devKey, nil)
 	if err != nil {
@@ -219,7 +232,8 @@ func TestLoginWithWrongDeviceKey(t *testing.T) {
 	ts := newTestServer(t)
 	ctx := context.Background()
 	enr, _ := ts.Users.Enroll("carol", "laptop", nil, time.Hour)
-	if _, err := login.EnrollDevice(ctx, ts.HC, ts.URL, enr.Token, newKey(t)); err != nil {
+	carolKey := newKey(t)
+	if _, err := login.EnrollDevice(ctx, ts.HC, ts.URL, enr.Token, carolKey); err != nil {
 		t.Fatal(err)
 	}
 	_, err := login.Login(ctx, ts.HC, ts.URL, "carol@laptop", newKey(t), nil)
@@ -236,7 +250,7 @@ func TestLoginWithWrongDeviceKey(t *testing.T) {
 	if err := ts.Users.RevokeDevice("carol@laptop"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := login.Login(ctx, ts.HC, ts.URL, "carol@laptop", newKey(t), nil); !errors.As(err, &se) || !strings.Contains(se.Message, "revoked") {
+	if _, err := login.Login(ctx, ts.HC, ts.URL, "carol@laptop", carolKey, nil); !errors.As(err, &se) || !strings.Contains(se.Message, "revoked") {
 		t.Fatalf("revoked device: %v", err)
 	}
 }

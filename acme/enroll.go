@@ -49,6 +49,7 @@ func (e *Enroller) Handler() http.Handler {
 	mux.HandleFunc("GET "+login.PathRoots, e.roots)
 	mux.HandleFunc("POST "+login.PathEnroll, e.enroll)
 	mux.HandleFunc("POST "+login.PathAttest, e.attest)
+	mux.HandleFunc("POST "+login.PathWhoami, e.whoami)
 	return mux
 }
 
@@ -101,14 +102,67 @@ func (e *Enroller) enroll(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, login.EnrollResponse{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
 }
 
+// checkDevice verifies a request signed by an enrolled device's key with a fresh
+// timestamp. It writes the refusal and returns false when the request is not.
+func (e *Enroller) checkDevice(w http.ResponseWriter, r *http.Request, deviceID, ts, sig string, msg []byte) (users.Device, bool) {
+	dev, err := e.Users.Device(deviceID)
+	if err != nil || len(dev.PublicKey) == 0 {
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q is not enrolled; ask your administrator for a token (tpd enroll) and run dlogin --token", deviceID))
+		return dev, false
+	}
+	devKey, err := x509.ParsePKIXPublicKey(dev.PublicKey)
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, "stored device key is unreadable; ask your administrator to enroll the device again")
+		return dev, false
+	}
+	devPub, ok := devKey.(*ecdsa.PublicKey)
+	if !ok {
+		writeErr(w, http.StatusInternalServerError, "stored device key has an unsupported type")
+		return dev, false
+	}
+	if !verify(devPub, msg, sig) {
+		e.log().Warn("device request refused", "device", deviceID, "path", r.URL.Path, "remote", r.RemoteAddr, "why", "bad signature")
+		writeErr(w, http.StatusForbidden, "signature does not match this device's enrolled key; if the device key was lost, enroll the device again")
+		return dev, false
+	}
+	t, err := time.Parse(time.RFC3339, ts)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "time must be RFC 3339")
+		return dev, false
+	}
+	if d := e.now().Sub(t); d > maxClockSkew || d < -maxClockSkew {
+		writeErr(w, http.StatusBadRequest, fmt.Sprintf("device clock is off by %s; set the clock (NTP) and retry", d.Round(time.Second)))
+		return dev, false
+	}
+	return dev, true
+}
+
+func (e *Enroller) whoami(w http.ResponseWriter, r *http.Request) {
+	var req login.WhoamiRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	dev, ok := e.checkDevice(w, r, req.DeviceID, req.Time, req.Signature, login.WhoamiMessage(req.DeviceID, req.Time))
+	if !ok {
+		return
+	}
+	groups, err := e.Users.Lookup(dev.ID)
+	if groups == nil {
+		groups = []string{}
+	}
+	writeJSON(w, http.StatusOK, login.WhoamiResponse{
+		DeviceID: dev.ID, User: dev.User, Device: dev.Name, Groups: groups,
+		Revoked: err != nil, LastLogin: dev.LastLogin,
+	})
+}
+
 func (e *Enroller) attest(w http.ResponseWriter, r *http.Request) {
 	var req login.AttestRequest
 	if !decode(w, r, &req) {
 		return
 	}
-	dev, err := e.Users.Device(req.DeviceID)
-	if err != nil || len(dev.PublicKey) == 0 {
-		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q is not enrolled; ask your administrator for a token (tpd enroll) and run dlogin --token", req.DeviceID))
+	dev, ok := e.checkDevice(w, r, req.DeviceID, req.Time, req.Signature, login.AttestMessage(req.DeviceID, req.PublicKey, req.Time))
+	if !ok {
 		return
 	}
 	if dev.Revoked {
@@ -117,30 +171,6 @@ func (e *Enroller) attest(w http.ResponseWriter, r *http.Request) {
 	}
 	if _, err := e.Users.Lookup(dev.ID); err != nil {
 		writeErr(w, http.StatusForbidden, err.Error())
-		return
-	}
-	devKey, err := x509.ParsePKIXPublicKey(dev.PublicKey)
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, "stored device key is unreadable; ask your administrator to enroll the device again")
-		return
-	}
-	devPub, ok := devKey.(*ecdsa.PublicKey)
-	if !ok {
-		writeErr(w, http.StatusInternalServerError, "stored device key has an unsupported type")
-		return
-	}
-	if !verify(devPub, login.AttestMessage(req.DeviceID, req.PublicKey, req.Time), req.Signature) {
-		e.log().Warn("attestation refused", "device", req.DeviceID, "remote", r.RemoteAddr, "why", "bad signature")
-		writeErr(w, http.StatusForbidden, "signature does not match this device's enrolled key; if the device key was lost, enroll the device again")
-		return
-	}
-	ts, err := time.Parse(time.RFC3339, req.Time)
-	if err != nil {
-		writeErr(w, http.StatusBadRequest, "time must be RFC 3339")
-		return
-	}
-	if d := e.now().Sub(ts); d > maxClockSkew || d < -maxClockSkew {
-		writeErr(w, http.StatusBadRequest, fmt.Sprintf("device clock is off by %s; set the clock (NTP) and retry", d.Round(time.Second)))
 		return
 	}
 	loginPub, err := parseP256(req.PublicKey)

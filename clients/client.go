@@ -134,6 +134,15 @@ func (c *Client) renew(ctx context.Context) (tls.Certificate, error) {
 	return cert, nil
 }
 
+// Whoami asks the server for this device's user, groups and status.
+func (c *Client) Whoami(ctx context.Context) (login.WhoamiResponse, error) {
+	key, err := c.Home.DeviceKey()
+	if err != nil {
+		return login.WhoamiResponse{}, err
+	}
+	return login.Whoami(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, key)
+}
+
 // Dialer returns a Dialer for the profile's server whose client certificate is
 // kept fresh by c.
 func (c *Client) Dialer() (*Dialer, error) {

@@ -198,6 +198,18 @@ func Login(ctx context.Context, hc *http.Client, serverURL, deviceID string, dev
 	return &Credentials{Chain: chain, Key: key}, nil
 }
 
+// Whoami asks the server for this device's user, groups and status.
+func Whoami(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer) (WhoamiResponse, error) {
+	ts := time.Now().UTC().Format(time.RFC3339)
+	sig, err := SignMessage(deviceKey, WhoamiMessage(deviceID, ts))
+	if err != nil {
+		return WhoamiResponse{}, err
+	}
+	var out WhoamiResponse
+	err = postJSON(ctx, hc, serverURL+PathWhoami, WhoamiRequest{DeviceID: deviceID, Time: ts, Signature: sig}, &out)
+	return out, err
+}
+
 func deviceCSR(key crypto.Signer, deviceID string) (*x509.CertificateRequest, error) {
 	san, err := authz.PermanentIdentifierSAN(deviceID)
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
+	"time"
 )
 
 // Enrollment endpoints, on tpd's HTTPS server next to the ACME API.
@@ -12,12 +13,14 @@ const (
 	PathRoots  = "/tp/v1/roots"
 	PathEnroll = "/tp/v1/enroll"
 	PathAttest = "/tp/v1/attest"
+	PathWhoami = "/tp/v1/whoami"
 )
 
 // Signing contexts keep a device signature for one purpose from being replayed for another.
 const (
 	enrollContext = "tp-enroll-v1"
 	attestContext = "tp-attest-v1"
+	whoamiContext = "tp-whoami-v1"
 )
 
 // EnrollRequest registers a device key with a one-time token.
@@ -73,4 +76,27 @@ func SignMessage(key crypto.Signer, msg []byte) (string, error) {
 		return "", err
 	}
 	return base64.StdEncoding.EncodeToString(sig), nil
+}
+
+// WhoamiRequest asks the server what it knows about this device, signed by the
+// device key so that nobody else can read a device's groups.
+type WhoamiRequest struct {
+	DeviceID  string `json:"device_id"`
+	Time      string `json:"time"`      // RFC 3339, within 5 minutes of the server's clock
+	Signature string `json:"signature"` // device key's base64 ASN.1 ECDSA over SHA-256(WhoamiMessage)
+}
+
+// WhoamiResponse is the server's view of the device.
+type WhoamiResponse struct {
+	DeviceID  string    `json:"device_id"`
+	User      string    `json:"user"`
+	Device    string    `json:"device"`
+	Groups    []string  `json:"groups"`
+	Revoked   bool      `json:"revoked"`
+	LastLogin time.Time `json:"last_login,omitzero"`
+}
+
+// WhoamiMessage is what the device key signs to ask about itself.
+func WhoamiMessage(deviceID, ts string) []byte {
+	return []byte(whoamiContext + "\x00" + deviceID + "\x00" + ts)
 }

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -157,6 +158,19 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 			}
 			fmt.Fprintf(stdout, "Identity:    %s\n", c.Profile.DeviceID)
 			fmt.Fprintf(stdout, "Server:      %s\n", c.Profile.Server)
+			ctx, cancel := context.WithTimeout(cmd.Context(), 10*time.Second)
+			who, err := c.Whoami(ctx)
+			cancel()
+			switch {
+			case err != nil:
+				fmt.Fprintf(stdout, "Groups:      unknown (%v)\n", err)
+			case who.Revoked:
+				fmt.Fprintf(stdout, "Groups:      none: this device is REVOKED on the server\n")
+			case len(who.Groups) == 0:
+				fmt.Fprintf(stdout, "Groups:      none\n")
+			default:
+				fmt.Fprintf(stdout, "Groups:      %s\n", strings.Join(who.Groups, ", "))
+			}
 			cert, err := c.Home.Certificate()
 			if err != nil {
 				fmt.Fprintf(stdout, "Certificate: none (%v)\n", err)

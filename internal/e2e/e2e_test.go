@@ -186,7 +186,7 @@ func TestSSHThroughProxyCommand(t *testing.T) {
 	if out := run(t, env, binary("dlogin")); !strings.Contains(out, "Login successful!") {
 		t.Errorf("dlogin without arguments:\n%s", out)
 	}
-	if out := run(t, env, binary("tp"), "whoami"); !strings.Contains(out, "alice@laptop") || !strings.Contains(out, "Expires:") {
+	if out := run(t, env, binary("tp"), "whoami"); !strings.Contains(out, "alice@laptop") || !strings.Contains(out, "Expires:") || !strings.Contains(out, "Groups:      dev") {
 		t.Errorf("tp whoami:\n%s", out)
 	}
 }
