@@ -1,0 +1,119 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+func TestDefaultsValidate(t *testing.T) {
+	if err := DefaultServer().Validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Every bad setting is reported, each naming the setting.
+func TestValidateReportsEveryProblem(t *testing.T) {
+	s := DefaultServer()
+	s.Listen = "nonsense"
+	s.CertLifetime = time.Minute
+	s.URL = "http://plain"
+	s.MaxConns = 0
+	s.LogLevel = "loud"
+	s.PolicyTimeout = 0
+	err := s.Validate()
+	if err == nil {
+		t.Fatal("invalid configuration accepted")
+	}
+	for _, want := range []string{"listen", "cert-lifetime", "url", "max-conns", "log-level", "policy-timeout"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not mention %s:\n%v", want, err)
+		}
+	}
+}
+
+// File, then TP_* environment, then flags: each later source wins.
+func TestLoadServerPrecedence(t *testing.T) {
+	dir := t.TempDir()
+	yaml := "listen: \"127.0.0.1:1111\"\ntoken-ttl: 2h\nmax-conns: 7\n"
+	if err := os.WriteFile(filepath.Join(dir, FileName), []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TP_DATA_DIR", dir)
+	t.Setenv("TP_MAX_CONNS", "9")
+	t.Setenv("TP_LISTEN", "127.0.0.1:2222")
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	ServerFlags(fs)
+	if err := fs.Parse([]string{"--listen", "127.0.0.1:3333"}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := LoadServer(fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Listen != "127.0.0.1:3333" {
+		t.Errorf("listen %q: the flag should win", s.Listen)
+	}
+	if s.MaxConns != 9 {
+		t.Errorf("max-conns %d: the environment should beat the file", s.MaxConns)
+	}
+	if s.TokenTTL != 2*time.Hour {
+		t.Errorf("token-ttl %s: the file should beat the default", s.TokenTTL)
+	}
+	if s.DataDir != dir {
+		t.Errorf("data-dir %q from TP_DATA_DIR", s.DataDir)
+	}
+}
+
+// A config file that is not YAML is an error naming the file, not a silent default.
+func TestLoadServerBadFile(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, FileName), []byte("listen: [unclosed"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TP_DATA_DIR", dir)
+	_, err := LoadServer(nil)
+	if err == nil || !strings.Contains(err.Error(), FileName) {
+		t.Fatalf("malformed YAML: %v", err)
+	}
+}
+
+func TestPublicURL(t *testing.T) {
+	for _, c := range []struct {
+		listen, url, want string
+	}{
+		{"127.0.0.1:8443", "", "https://127.0.0.1:8443"},
+		{":443", "", "https://localhost"},
+		{"0.0.0.0:8443", "", "https://localhost:8443"},
+		{"[::1]:8443", "", "https://[::1]:8443"},
+		{":443", "https://tp.example.org/", "https://tp.example.org"},
+	} {
+		s := DefaultServer()
+		s.Listen, s.URL = c.listen, c.url
+		if got := s.PublicURL(); got != c.want {
+			t.Errorf("listen %q url %q: PublicURL %q, want %q", c.listen, c.url, got, c.want)
+		}
+	}
+}
+
+func TestLoadClient(t *testing.T) {
+	t.Setenv("TP_HOME", "/somewhere/tp")
+	t.Setenv("TP_TIMEOUT", "5s")
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	ClientFlags(fs)
+	c, err := LoadClient(fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Home != "/somewhere/tp" || c.Timeout != 5*time.Second {
+		t.Errorf("client config from the environment: %+v", c)
+	}
+	t.Setenv("TP_TIMEOUT", "-1s")
+	if _, err := LoadClient(fs); err == nil || !strings.Contains(err.Error(), "timeout") {
+		t.Errorf("negative timeout accepted: %v", err)
+	}
+}

@@ -1,0 +1,119 @@
+package users
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+)
+
+func TestEnrollRedeemPersist(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "users.json")
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	enr, err := s.Enroll("alice", "laptop", []string{"ops", "dev", "ops"}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Lookup("alice@laptop"); !errors.Is(err, authz.ErrUnknownDevice) {
+		t.Fatalf("a device without a key must not connect: %v", err)
+	}
+	if _, err := s.Redeem(enr.Token, []byte("key")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Redeem(enr.Token, []byte("key2")); !errors.Is(err, ErrBadToken) {
+		t.Fatalf("second redemption of one token: %v", err)
+	}
+	// A fresh Store on the same file sees the same state: it was saved.
+	s2, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	groups, err := s2.Lookup("alice@laptop")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(groups, ",") != "dev,ops" {
+		t.Errorf("groups %v, want sorted and de-duplicated dev,ops", groups)
+	}
+	if err := s2.RevokeDevice("alice@laptop"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s2.Lookup("alice@laptop"); !errors.Is(err, authz.ErrRevoked) {
+		t.Fatalf("revoked device: %v", err)
+	}
+	// Enrolling again and redeeming un-revokes with the new key.
+	enr, _ = s2.Enroll("alice", "laptop", nil, time.Hour)
+	if _, err := s2.Redeem(enr.Token, []byte("key3")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s2.Lookup("alice@laptop"); err != nil {
+		t.Fatalf("re-enrolled device: %v", err)
+	}
+	// Omitting groups keeps them.
+	if g, _ := s2.Lookup("alice@laptop"); len(g) != 2 {
+		t.Errorf("groups after re-enrollment without --groups: %v", g)
+	}
+}
+
+func TestTokenExpiry(t *testing.T) {
+	var skew atomic.Int64
+	s, err := Open(filepath.Join(t.TempDir(), "users.json"), WithClock(func() time.Time {
+		return time.Now().Add(time.Duration(skew.Load()))
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	enr, err := s.Enroll("bob", "phone", nil, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	skew.Store(int64(2 * time.Minute))
+	if _, err := s.Redeem(enr.Token, []byte("k")); !errors.Is(err, ErrBadToken) {
+		t.Fatalf("expired token redeemed: %v", err)
+	}
+}
+
+// Names that could confuse identities or paths are refused, with the rule in the error.
+func TestEnrollRejectsBadInput(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "users.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ user, device string }{
+		{"Alice", "laptop"}, {"alice@x", "laptop"}, {"alice", "lap top"}, {"", "laptop"},
+		{"alice", strings.Repeat("a", 64)}, {"../etc", "x"},
+	} {
+		if _, err := s.Enroll(c.user, c.device, nil, time.Hour); !errors.Is(err, ErrBadName) {
+			t.Errorf("Enroll(%q, %q): %v", c.user, c.device, err)
+		}
+	}
+	if _, err := s.Enroll("alice", "laptop", []string{"bad group"}, time.Hour); !errors.Is(err, ErrBadName) {
+		t.Errorf("bad group accepted: %v", err)
+	}
+	if _, err := s.Enroll("alice", "laptop", nil, 0); err == nil {
+		t.Error("zero token lifetime accepted")
+	}
+	if _, err := s.Redeem("", nil); !errors.Is(err, ErrBadToken) {
+		t.Errorf("empty token: %v", err)
+	}
+}
+
+func TestOpenCorruptFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "users.json")
+	if err := writeFile(path, "{not json"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(path); err == nil || !strings.Contains(err.Error(), "backup") {
+		t.Fatalf("corrupt store: %v", err)
+	}
+}
+
+func writeFile(path, s string) error { return os.WriteFile(path, []byte(s), 0o600) }
