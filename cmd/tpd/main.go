@@ -57,6 +57,12 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				return err
 			}
 			log := cfg.Logger(stderr)
+			// Initialise before listening so tpd.yaml records the configured address,
+			// not the port the kernel picked for --listen HOST:0.
+			ir, err := tpd.Init(cfg)
+			if err != nil {
+				return err
+			}
 			ln, err := listen(cfg.Listen)
 			if err != nil {
 				return err
@@ -71,12 +77,15 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				return err
 			}
 			defer d.Close()
-			if d.Created {
+			if ir.Created {
 				fmt.Fprintf(stdout, "Created data dir %s (CA, %s, policy in %s)\n", cfg.DataDir, config.FileName, cfg.PolicyDir())
 			}
 			fmt.Fprintf(stdout, "tpd %s listening on %s (%s)\n", tpd.Version, ln.Addr(), cfg.PublicURL())
 			fmt.Fprintf(stdout, "CA fingerprint: %s\n", d.Fingerprint())
 			fmt.Fprintf(stdout, "Enroll a device: tpd enroll USER --device NAME --data-dir %s\n", cfg.DataDir)
+			if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && !isLoopback(host) {
+				fmt.Fprintf(stdout, "Note: devices will be told to use %s; set url (and names) in %s to the name they reach this server by.\n", cfg.PublicURL(), cfg.ConfigFile())
+			}
 
 			hup := make(chan os.Signal, 1)
 			signal.Notify(hup, syscall.SIGHUP)
@@ -95,6 +104,14 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 	}
 	config.ServerFlags(cmd.Flags())
 	return cmd
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // listen opens the public port with an error message that says what to do.
