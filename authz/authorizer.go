@@ -60,6 +60,8 @@ type Policy struct {
 	Evaluator Evaluator
 	DenyList  *DenyList // nil: nothing is deny-listed
 	Logger    *slog.Logger
+	// Decisions, when set, receives one line per decision (see policy.DecisionLog).
+	Decisions *policy.DecisionLog
 }
 
 // Verify turns a client certificate whose chain is already verified into a full
@@ -100,21 +102,30 @@ func (p *Policy) Authorize(ctx context.Context, req Request) (Decision, error) {
 	if req.Time.IsZero() {
 		req.Time = time.Now()
 	}
+	input := Input(req)
+	d, res, err := p.decide(ctx, req, input)
+	if rerr := p.Decisions.Record(input, d.Allow, d.Reason, res, err); rerr != nil && p.Logger != nil {
+		p.Logger.Error("writing the decision log failed", "err", rerr)
+	}
+	return d, err
+}
+
+func (p *Policy) decide(ctx context.Context, req Request, input map[string]any) (Decision, policy.Result, error) {
 	if reason, denied := p.DenyList.Denies(req.Identity); denied {
-		return Decision{Allow: false, Reason: reason}, nil
+		return Decision{Allow: false, Reason: reason}, policy.Result{}, nil
 	}
 	if na := req.Identity.NotAfter; !na.IsZero() && req.Time.After(na) {
 		return Decision{
 			Allow:  false,
 			Reason: fmt.Sprintf("the certificate of %s expired at %s; run dlogin", req.Identity, na.UTC().Format(time.RFC3339)),
-		}, nil
+		}, policy.Result{}, nil
 	}
 	if p.Evaluator == nil {
-		return Decision{Allow: false, Reason: ReasonPolicyFailed}, errors.New("authorize: no policy evaluator is configured")
+		return Decision{Allow: false, Reason: ReasonPolicyFailed}, policy.Result{}, errors.New("authorize: no policy evaluator is configured")
 	}
-	res, err := p.Evaluator.Eval(ctx, Input(req))
+	res, err := p.Evaluator.Eval(ctx, input)
 	if err != nil {
-		return Decision{Allow: false, Reason: ReasonPolicyFailed},
+		return Decision{Allow: false, Reason: ReasonPolicyFailed}, res,
 			fmt.Errorf("authorize %s %s to %s: %w", req.Identity, req.Action, hostPort(req.Destination), err)
 	}
 	d := Decision{Allow: res.Allow, Reason: res.Reason}
@@ -130,7 +141,7 @@ func (p *Policy) Authorize(ctx context.Context, req Request) (Decision, error) {
 			slog.String("reason", d.Reason),
 			slog.String("revision", res.Revision))
 	}
-	return d, nil
+	return d, res, nil
 }
 
 func hostPort(d Destination) string {
@@ -151,6 +162,9 @@ func hostPort(d Destination) string {
 //	destination.port      number
 //	destination.network   "tcp" or "udp"
 //	destination.ips       array of strings (IPv4-mapped IPv6 as IPv4), never null
+//	destination.embedded_ipv4  array of strings, never null: the IPv4 addresses
+//	                      inside NAT64 (64:ff9b::/96) and 6to4 (2002::/16)
+//	                      addresses of ips, which a policy judges them by
 //	source.address        client address, host:port
 //	source.transport      "tls" or "quic"
 //	time                  req.Time, RFC 3339 with nanoseconds, UTC
@@ -164,9 +178,13 @@ func Input(req Request) map[string]any {
 		groups[i] = g
 	}
 	ips := make([]any, len(req.Destination.IPs))
+	embedded := make([]any, 0)
 	for i, ip := range req.Destination.IPs {
 		// Unmap, so "::ffff:10.0.0.1" meets a policy's 10.0.0.0/8 as 10.0.0.1.
 		ips[i] = ip.Unmap().String()
+		if v4, ok := EmbeddedIPv4(ip); ok && !ip.Is4In6() { // mapped ones are in ips already
+			embedded = append(embedded, v4.String())
+		}
 	}
 	return map[string]any{
 		"action": req.Action,
@@ -179,10 +197,11 @@ func Input(req Request) map[string]any {
 			"expiry":    req.Identity.NotAfter.UTC().Format(time.RFC3339),
 		},
 		"destination": map[string]any{
-			"host":    req.Destination.Host,
-			"port":    req.Destination.Port,
-			"network": req.Destination.Network,
-			"ips":     ips,
+			"host":          req.Destination.Host,
+			"port":          req.Destination.Port,
+			"network":       req.Destination.Network,
+			"ips":           ips,
+			"embedded_ipv4": embedded,
 		},
 		"source": map[string]any{
 			"address":   req.Source.Address,

@@ -119,7 +119,7 @@ func TestInputContract(t *testing.T) {
 		},
 		Destination: authz.Destination{
 			Host: "dns.internal", Port: 53, Network: "udp",
-			IPs: []netip.Addr{netip.MustParseAddr("::ffff:10.0.0.53"), netip.MustParseAddr("fd00::53")},
+			IPs: []netip.Addr{netip.MustParseAddr("::ffff:10.0.0.53"), netip.MustParseAddr("fd00::53"), netip.MustParseAddr("64:ff9b::a9fe:a9fe"), netip.MustParseAddr("2002:0a00:0001::1")},
 		},
 		Source: authz.Source{Address: "192.0.2.7:50000", Transport: "quic"},
 		Time:   time.Date(2030, 1, 1, 12, 0, 0, 123456789, time.FixedZone("X", -7200)),
@@ -129,7 +129,7 @@ func TestInputContract(t *testing.T) {
 		t.Fatal(err)
 	}
 	const want = `{"action":"dial_udp",` +
-		`"destination":{"host":"dns.internal","ips":["10.0.0.53","fd00::53"],"network":"udp","port":53},` +
+		`"destination":{"embedded_ipv4":["169.254.169.254","10.0.0.1"],"host":"dns.internal","ips":["10.0.0.53","fd00::53","64:ff9b::a9fe:a9fe","2002:a00:1::1"],"network":"udp","port":53},` +
 		`"identity":{"device":"laptop","device_id":"alice@laptop","expiry":"2030-01-02T02:04:05Z","groups":["dba","ops"],"serial":"0a1b","user":"alice"},` +
 		`"source":{"address":"192.0.2.7:50000","transport":"quic"},` +
 		`"time":"2030-01-01T14:00:00.123456789Z"}`
@@ -142,7 +142,7 @@ func TestInputContract(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Contains(got, []byte(`"groups":[]`)) || !bytes.Contains(got, []byte(`"ips":[]`)) || bytes.Contains(got, []byte("null")) {
+	if !bytes.Contains(got, []byte(`"groups":[]`)) || !bytes.Contains(got, []byte(`"ips":[]`)) || !bytes.Contains(got, []byte(`"embedded_ipv4":[]`)) || bytes.Contains(got, []byte("null")) {
 		t.Errorf("empty request input has nulls: %s", got)
 	}
 }
@@ -167,6 +167,7 @@ allow if {
 	is_number(input.destination.port)
 	input.destination.network == "tcp"
 	input.destination.ips == ["10.0.0.5"]
+	input.destination.embedded_ipv4 == []
 	input.source.address == "192.0.2.7:50000"
 	input.source.transport == "quic"
 	abs(time.parse_rfc3339_ns(input.time) - time.now_ns()) < 60 * 1000000000

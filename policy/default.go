@@ -16,15 +16,18 @@ const DefaultFile = "tp.rego"
 const DefaultPolicy = `# TP authorization policy.
 #
 # tpd loads every *.rego file in this directory (files ending in _test.rego are
-# skipped); each must declare "package tp.authz". Each request is decided by
-# data.tp.authz.allow, which must be true or false; anything else, an evaluation
-# error or a timeout denies the request. data.tp.authz.reason is shown to the
-# person whose request was denied. Policies decide on the input below alone;
-# http.send and net.lookup_ip_addr are not available.
+# Rego unit tests, run by "tpd policy test"); each must declare "package tp.authz".
+# A request is allowed when data.tp.authz.allow is true and the set
+# data.tp.authz.deny is empty: a deny rule wins over every allow rule. allow must
+# be true or false; anything else, an evaluation error or a timeout denies the
+# request. data.tp.authz.reason is shown to the person whose request was denied.
+# Policies decide on the input below alone; http.send and net.lookup_ip_addr are
+# not available.
 #
-# Check a change before it goes live with "opa check --v1-compatible <dir>";
-# tpd reloads this directory when it changes and keeps the previous policy if
-# the new one does not compile.
+# Check a change before it goes live with "tpd policy test" and
+# "tpd policy eval --user alice --device laptop --dest db.internal:5432";
+# tpd reloads this directory when it changes and keeps the previous policy if the
+# new one does not compile. docs/POLICY.md describes all of this in detail.
 #
 # The input each request is decided on:
 #   input.action                  "dial", "dial_udp", "listen" or "expose_public"
@@ -34,10 +37,13 @@ const DefaultPolicy = `# TP authorization policy.
 #   input.identity.groups         ["dba", "ops"]  (from tpd's user store; may be [])
 #   input.identity.serial         certificate serial, lower-case hex
 #   input.identity.expiry         certificate expiry, RFC 3339
-#   input.destination.host        "db.internal"
+#   input.destination.host        "db.internal" (lower case, no trailing dot; an
+#   IP literal in any spelling is given in standard form: "127.1" is "127.0.0.1")
 #   input.destination.port        5432
 #   input.destination.network     "tcp" or "udp"
 #   input.destination.ips         ["10.0.0.5"]  (the only addresses TP will dial)
+#   input.destination.embedded_ipv4  ["10.0.0.5"] (the IPv4 addresses inside the
+#   NAT64 64:ff9b::/96 and 6to4 2002::/16 addresses of ips)
 #   input.source.address          "203.0.113.7:51234"
 #   input.source.transport        "tls" or "quic"
 #   input.time                    RFC 3339 with nanoseconds, UTC
@@ -47,10 +53,73 @@ package tp.authz
 default allow := false
 
 # ---------------------------------------------------------------------------
+# Internal addresses. A request is refused when any address the destination
+# resolved to (or the IPv4 address inside a NAT64 or 6to4 address) is internal:
+# loopback, private, link-local (which includes cloud metadata at
+# 169.254.169.254), CGNAT (100.64.0.0/10, which includes 100.100.100.200),
+# unique-local IPv6 (fd00:ec2::254), unspecified, multicast or reserved - unless
+# a network in allowed_internal covers it. This is a deny rule, so no allow rule
+# in any file can undo it; only allowed_internal can. TP never dials its own
+# listeners, whatever the policy says.
+# ---------------------------------------------------------------------------
+
+deny contains msg if {
+	some ip in internal_addresses
+	not internal_allowed(ip)
+	msg := sprintf("%s an internal address that this policy does not open; ask the TP administrator to add its network to allowed_internal", [internal_subject])
+}
+
+internal_subject := sprintf("%s is", [input.destination.host]) if {
+	input.destination.host in input.destination.ips
+} else := sprintf("%s resolves to", [input.destination.host])
+
+# Internal networks that allowed requests may reach. Empty: add the networks
+# your services live in, for everyone or only for some requests:
+#
+# allowed_internal contains "10.0.0.0/24"
+#
+# allowed_internal contains "10.9.0.7/32" if "dba" in input.identity.groups
+allowed_internal contains cidr if {
+	some cidr in []
+}
+
+internal_networks := [
+	"0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+	"172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15",
+	"224.0.0.0/4", "240.0.0.0/4",
+	"::/96", "64:ff9b:1::/48", "100::/64", "2001::/32",
+	"fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+]
+
+# destination_addresses are the resolved addresses and the IPv4 addresses inside them.
+destination_addresses contains ip if some ip in input.destination.ips
+
+destination_addresses contains ip if some ip in input.destination.embedded_ipv4
+
+# internal_addresses are the destination's addresses in internal_networks (one
+# builtin call for all of them: this runs on every request).
+internal_addresses contains ip if {
+	some match in net.cidr_contains_matches(internal_networks, destination_addresses)
+	ip := match[1]
+}
+
+# is_internal(ip) is true for an address in internal_networks; use it in your rules.
+is_internal(ip) if count(net.cidr_contains_matches(internal_networks, ip)) > 0
+
+internal_allowed(ip) if {
+	some cidr in allowed_internal
+	net.cidr_contains(cidr, ip)
+}
+
+# Any resolved address of the destination is internal.
+internal_destination if count(internal_addresses) > 0
+
+# ---------------------------------------------------------------------------
 # Examples. Remove the leading "# " to use one.
 # ---------------------------------------------------------------------------
 
-# Members of group "dba" may reach PostgreSQL on db.internal:
+# Members of group "dba" may reach PostgreSQL on db.internal (which lives in
+# 10.0.0.0/24, opened by the allowed_internal example above):
 #
 # allow if {
 #     input.action == "dial"
@@ -77,28 +146,13 @@ default allow := false
 #     "ops" in input.identity.groups
 # }
 
-# Everyone may reach HTTPS on the public internet, but not internal addresses
-# (private, loopback, link-local - which includes cloud metadata at
-# 169.254.169.254 - and unique-local IPv6). The check uses the resolved
-# addresses, which are the only ones TP dials:
+# Everyone may reach HTTPS on the public internet (internal addresses stay
+# refused by the deny rule above):
 #
 # allow if {
 #     input.action == "dial"
 #     input.destination.port == 443
-#     not internal_destination
 # }
-
-# Any resolved address of the destination is internal.
-internal_destination if {
-	some ip in input.destination.ips
-	some cidr in internal_networks
-	net.cidr_contains(cidr, ip)
-}
-
-internal_networks := [
-	"0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-	"172.16.0.0/12", "192.168.0.0/16", "::/128", "::1/128", "fc00::/7", "fe80::/10",
-]
 
 # Devices of alice may expose a service through a reverse listener:
 #
@@ -111,7 +165,7 @@ internal_networks := [
 # Reasons. A denied person sees the reason; make it say what to do. An allowed
 # request has no reason. Rules that set reason directly would conflict with the
 # rule below (an evaluation error, so a denial with a generic message); add to
-# deny_reason instead.
+# deny_reason instead (or to deny, which also denies).
 #
 # Add your own by adding to deny_reason, for example:
 #
@@ -122,11 +176,15 @@ internal_networks := [
 # }
 # ---------------------------------------------------------------------------
 
-reason := concat("; ", sort(deny_reason)) if {
-	not allow
-	count(deny_reason) > 0
+denied if not allow
+
+denied if count(deny) > 0
+
+reason := concat("; ", sort(deny | deny_reason)) if {
+	denied
+	count(deny | deny_reason) > 0
 } else := msg if {
-	not allow
+	denied
 	msg := sprintf("no policy rule allows %s to %s %s port %v", [
 		input.identity.device_id,
 		input.action,
@@ -134,7 +192,7 @@ reason := concat("; ", sort(deny_reason)) if {
 		input.destination.port,
 	])
 } else := "no policy rule allows this request" if {
-	not allow
+	denied
 }
 
 # deny_reason collects explanations for a denial. This rule is never true; it is

@@ -91,7 +91,7 @@ func TestDefaultPolicyDeniesWithReason(t *testing.T) {
 	e := load(t, dir)
 	ctx := context.Background()
 
-	res, err := e.Eval(ctx, input("alice", "laptop", []string{"admin"}, "dial", "db.internal", 5432, "10.0.0.5"))
+	res, err := e.Eval(ctx, input("alice", "laptop", []string{"admin"}, "dial", "db.internal", 5432, "192.0.2.5"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -119,7 +119,7 @@ func TestDefaultPolicyDeniesWithReason(t *testing.T) {
 // TestDefaultPolicyExamples uncomments every example in the default policy and checks
 // that the result compiles and does what the comments say.
 func TestDefaultPolicyExamples(t *testing.T) {
-	code := regexp.MustCompile(`(?m)^# ((?:allow if|deny_reason contains|    |\}).*)$`)
+	code := regexp.MustCompile(`(?m)^# ((?:allow if|allowed_internal contains|deny_reason contains|    |\}).*)$`)
 	src := code.ReplaceAllString(policy.DefaultPolicy, "$1")
 	if src == policy.DefaultPolicy {
 		t.Fatal("found no commented examples")
@@ -141,7 +141,7 @@ func TestDefaultPolicyExamples(t *testing.T) {
 		{"https to metadata", input("bob", "pc", nil, "dial", "metadata.example", 443, "169.254.169.254"), false, ""},
 		{"https to loopback v6", input("bob", "pc", nil, "dial", "x.example", 443, "93.184.215.14", "::1"), false, ""},
 		{"alice listen", input("alice", "laptop", nil, "listen", "laptop-ssh", 0), true, ""},
-		{"prod ssh reason", input("bob", "pc", nil, "dial", "web1.prod.internal", 22, "10.1.0.1"), false, "ssh to production needs the ops group; ask #infra"},
+		{"prod ssh reason", input("bob", "pc", nil, "dial", "web1.prod.internal", 22, "10.0.0.9"), false, "ssh to production needs the ops group; ask #infra"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -266,7 +266,7 @@ func TestLoadErrors(t *testing.T) {
 func TestLoadSkipsTestFilesAndOthers(t *testing.T) {
 	dir := writePolicy(t, map[string]string{
 		"db.rego":         groupPolicy,
-		"db_test.rego":    "package tp.authz\n\ntest_broken if {\n", // would not parse
+		"db_test.rego":    "package tp.authz_test\n\ntest_ok if true\n", // run, but not part of the policy
 		"notes.txt":       "not rego",
 		"backup.rego.bak": "package other\n",
 	})
@@ -276,6 +276,13 @@ func TestLoadSkipsTestFilesAndOthers(t *testing.T) {
 	e := load(t, dir)
 	if got := e.Files(); len(got) != 1 || got[0] != "db.rego" {
 		t.Errorf("Files() = %v, want [db.rego]", got)
+	}
+	// A test file that does not parse fails the tests, so the policy is refused.
+	if err := os.WriteFile(filepath.Join(dir, "db_test.rego"), []byte("package tp.authz\n\ntest_broken if {\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := policy.Load(context.Background(), dir); err == nil || !strings.Contains(err.Error(), "db_test.rego") {
+		t.Errorf("broken test file: %v", err)
 	}
 }
 

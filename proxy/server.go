@@ -41,8 +41,15 @@ type Config struct {
 	Authorizer authz.Authorizer
 	// Resolver resolves destination names once per session. Default net.DefaultResolver.
 	Resolver Resolver
-	// DialContext connects to an authorised destination address. Default net.Dialer.
+	// DialContext connects to an authorised destination address. Default: a
+	// net.Dialer whose Control hook refuses any address the policy did not see
+	// (set DialContext only in tests; it bypasses that hook).
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// SelfAddrs are this server's listeners besides those Serve runs on (which are
+	// known already), e.g. a UDP port. Destinations that reach any of them are
+	// refused with CodeSelfDial unless AllowSelfDial is set.
+	SelfAddrs     []netip.AddrPort
+	AllowSelfDial bool
 	// Logger receives one line per connection. Default slog.Default().
 	Logger *slog.Logger
 	// HandshakeTimeout bounds the TLS handshake (default 10s). HelloTimeout bounds
@@ -67,8 +74,9 @@ type Server struct {
 	webTLS   *tls.Config
 	web      *webServer
 
-	active atomic.Int64   // connections counted against MaxConns
-	wg     sync.WaitGroup // connection goroutines (not web conns, which http.Server owns)
+	active   atomic.Int64   // connections counted against MaxConns
+	sessions registry       // established sessions, for Recheck
+	wg       sync.WaitGroup // connection goroutines (not web conns, which http.Server owns)
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}

@@ -349,8 +349,8 @@ func TestAuthorizerErrorDenies(t *testing.T) {
 		})
 	})
 	_, err := e.dialer().DialContext(context.Background(), "tcp", "127.0.0.1:1")
-	re := refused(t, err, proxy.CodeInternal)
-	if re.Reason != "policy evaluation failed" {
+	re := refused(t, err, proxy.CodePolicyError)
+	if !strings.Contains(re.Reason, "policy evaluation failed") || strings.Contains(re.Reason, "secret") {
 		t.Fatalf("reason %q", re.Reason)
 	}
 	e.mustEcho(t)

@@ -25,12 +25,13 @@ type session struct {
 	start    time.Time
 	remote   string
 	id       authz.Identity
-	dest     string // host:port as canonicalised
-	upstream string // the IP:port actually dialed
-	decision string // "allow", "deny" or "" if policy was not asked
-	code     string // server hello code on refusal
-	up, down int64  // bytes client→destination and destination→client
-	end      string // why it ended
+	dest     string        // host:port as canonicalised
+	upstream string        // the IP:port actually dialed
+	decision string        // "allow", "deny" or "" if policy was not asked
+	req      authz.Request // the request the policy allowed; re-checked while live
+	code     string        // server hello code on refusal
+	up, down int64         // bytes client→destination and destination→client
+	end      string        // why it ended
 }
 
 // Stream is one request's byte stream: a TLS connection (TLS transport) or a QUIC
@@ -71,9 +72,13 @@ func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.Connection
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
 
-	// The session may not outlive the certificate that authorised it.
+	// The session may not outlive the certificate that authorised it, nor the
+	// policy, groups and deny list that allowed it (see Recheck).
 	bctx, cancel := context.WithDeadlineCause(ctx, ss.id.NotAfter, errCertExpired)
 	defer cancel()
+	bctx, revoke := context.WithCancelCause(bctx)
+	defer revoke(nil)
+	defer s.sessions.add(&liveSession{cs: cs, req: ss.req, revoke: revoke})()
 	up, down, err := Bridge(bctx, conn, upstream)
 	ss.up, ss.down = up, down
 	switch {
@@ -128,6 +133,9 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 	if herr != nil {
 		return nil, herr
 	}
+	if herr := s.checkSelf(ss.dest, ips, hello.Port); herr != nil {
+		return nil, herr
+	}
 
 	req := authz.Request{
 		Action:      authz.ActionDial,
@@ -142,7 +150,7 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 	if err != nil {
 		ss.decision = "deny"
 		ss.end = "policy evaluation failed: " + err.Error()
-		return nil, helloErr(CodeInternal, "policy evaluation failed")
+		return nil, policyError(err)
 	}
 	if !dec.Allow {
 		ss.decision = "deny"
@@ -153,6 +161,7 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 		return nil, &HelloError{Code: CodePolicyDenied, Reason: reason}
 	}
 	ss.decision = "allow"
+	ss.req = req
 	return s.dial(ctx, ss, ips, hello.Port)
 }
 

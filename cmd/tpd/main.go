@@ -42,7 +42,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(serveCmd(stdout, stderr), initCmd(stdout), enrollCmd(stdout), usersCmd(stdout), versionCmd(stdout))
+	root.AddCommand(serveCmd(stdout, stderr), initCmd(stdout), enrollCmd(stdout), usersCmd(stdout), versionCmd(stdout),
+		policyCmd(stdout), revokeCmd(stdout))
 	return root.ExecuteContext(ctx)
 }
 

@@ -37,9 +37,31 @@ type EnrollResponse struct {
 	Fingerprint string    `json:"fingerprint"`
 }
 
+// RevokeRequest puts an entry on tpd's deny list, or takes it off (Remove).
+type RevokeRequest struct {
+	Kind   string `json:"kind"` // "user", "device" or "serial"
+	Value  string `json:"value"`
+	Remove bool   `json:"remove,omitempty"`
+}
+
+// RevokeResponse says what changed.
+type RevokeResponse struct {
+	Kind    string `json:"kind"`
+	Value   string `json:"value"` // as stored (device IDs as user@device)
+	Removed bool   `json:"removed,omitempty"`
+	Closed  int    `json:"closed"` // live sessions closed at once
+}
+
+// Revoker keeps the deny list; tpd's Daemon implements it.
+type Revoker interface {
+	Revoke(ctx context.Context, kind, value string, remove bool) (RevokeResponse, error)
+	DenyEntries() map[string][]string
+}
+
 // Server answers on the admin socket.
 type Server struct {
 	Users       *users.Store
+	Revoker     Revoker // nil: revocation is not available
 	ServerURL   string
 	Fingerprint string
 	TokenTTL    time.Duration
@@ -51,7 +73,39 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/enroll", s.enroll)
 	mux.HandleFunc("GET /v1/users", s.users)
+	mux.HandleFunc("POST /v1/revoke", s.revoke)
+	mux.HandleFunc("GET /v1/denylist", s.denylist)
 	return mux
+}
+
+func (s *Server) revoke(w http.ResponseWriter, r *http.Request) {
+	if s.Revoker == nil {
+		http.Error(w, "this tpd has no deny list", http.StatusNotImplemented)
+		return
+	}
+	var req RevokeRequest
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		http.Error(w, "malformed request: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	res, err := s.Revoker.Revoke(r.Context(), req.Kind, req.Value, req.Remove)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(res)
+}
+
+func (s *Server) denylist(w http.ResponseWriter, _ *http.Request) {
+	if s.Revoker == nil {
+		http.Error(w, "this tpd has no deny list", http.StatusNotImplemented)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(s.Revoker.DenyEntries())
 }
 
 func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
@@ -136,6 +190,21 @@ func (c *Client) Enroll(ctx context.Context, req EnrollRequest) (EnrollResponse,
 	var out EnrollResponse
 	b, _ := json.Marshal(req)
 	err := c.do(ctx, http.MethodPost, "/v1/enroll", b, &out)
+	return out, err
+}
+
+// Revoke changes tpd's deny list.
+func (c *Client) Revoke(ctx context.Context, req RevokeRequest) (RevokeResponse, error) {
+	var out RevokeResponse
+	b, _ := json.Marshal(req)
+	err := c.do(ctx, http.MethodPost, "/v1/revoke", b, &out)
+	return out, err
+}
+
+// DenyList returns tpd's deny list by kind.
+func (c *Client) DenyList(ctx context.Context) (map[string][]string, error) {
+	var out map[string][]string
+	err := c.do(ctx, http.MethodGet, "/v1/denylist", nil, &out)
 	return out, err
 }
 

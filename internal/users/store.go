@@ -71,8 +71,9 @@ type Store struct {
 	path string
 	now  func() time.Time
 
-	mu sync.RWMutex
-	st state
+	mu  sync.RWMutex
+	st  state
+	gen uint64 // counts saves; see Generation
 }
 
 var _ authz.Directory = (*Store)(nil)
@@ -295,9 +296,18 @@ func (s *Store) expireTokensLocked(now time.Time) {
 	s.st.Tokens = slices.DeleteFunc(s.st.Tokens, func(t token) bool { return !now.Before(t.Expires) })
 }
 
+// Generation changes whenever the store changes (groups, devices, revocations,
+// tokens), so that tpd knows when to re-check live sessions.
+func (s *Store) Generation() uint64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.gen
+}
+
 // saveLocked writes the whole state to a temporary file and renames it into place,
 // so a crash never leaves a half-written store.
 func (s *Store) saveLocked() error {
+	s.gen++
 	b, err := json.MarshalIndent(&s.st, "", "  ")
 	if err != nil {
 		return err
