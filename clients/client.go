@@ -154,6 +154,7 @@ func (c *Client) Dialer() (*Dialer, error) {
 	pool.AddCert(c.Root)
 	return &Dialer{
 		Server: addr,
+		Cache:  c.Home.TransportCache(),
 		TLSConfig: &tls.Config{
 			RootCAs: pool,
 			GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {

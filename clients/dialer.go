@@ -17,8 +17,10 @@ import (
 // DefaultDialTimeout bounds a Dialer's setup when Dialer.Timeout is zero.
 const DefaultDialTimeout = 30 * time.Second
 
-// Dialer opens connections through a TP server: one TLS connection per dial, ALPN
-// "tp/1", a client hello naming the destination, and raw bytes after an ok.
+// Dialer opens connections through a TP server: a new QUIC stream on one shared
+// QUIC connection, or a new TLS connection, per dial (see Transport); ALPN "tp/1",
+// a client hello naming the destination, and raw bytes after an ok. A Dialer must
+// not be copied after first use; Close releases its QUIC connection.
 type Dialer struct {
 	// Server is the TP server's host:port.
 	Server string
@@ -29,6 +31,23 @@ type Dialer struct {
 	// Timeout bounds the whole setup: TCP connect, handshake and hello exchange.
 	// Zero means DefaultDialTimeout. It does not limit the connection once established.
 	Timeout time.Duration
+
+	// Transport is TransportAuto (the default when empty), TransportQUIC or TransportTLS.
+	Transport string
+	// QUICServer is the server's UDP host:port; empty means Server (same port).
+	QUICServer string
+	// Cache remembers per server which transport won an auto race; nil remembers
+	// only for the Dialer's lifetime.
+	Cache *TransportCache
+	// HeadStart is how long auto waits for QUIC before also trying TLS.
+	// Zero means DefaultHeadStart.
+	HeadStart time.Duration
+	// KeepAlive is the QUIC keepalive period (keeps NAT bindings open); zero means
+	// 15s, negative disables. IdleTimeout ends a QUIC connection that heard nothing
+	// for that long; zero means 60s.
+	KeepAlive, IdleTimeout time.Duration
+
+	quic quicState
 }
 
 // RefusedError is the server's refusal of a dial.
@@ -66,8 +85,8 @@ func (e *RefusedError) Unwrap() error {
 
 // DialContext connects to addr (host:port) through the TP server. network must be
 // "tcp" ("tcp4" and "tcp6" are accepted and mean the same: the server picks the
-// address). The returned connection is a *tls.Conn, so CloseWrite half-closes it.
-// A refusal by the server is a *RefusedError.
+// address). The returned connection is a *tls.Conn or a *proxy.QUICStream; both
+// half-close with CloseWrite. A refusal by the server is a *RefusedError.
 func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
 	switch network {
 	case "tcp", "tcp4", "tcp6":
@@ -96,6 +115,24 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 
+	switch d.Transport {
+	case TransportAuto, "":
+		return d.dialAuto(ctx, addr, hello)
+	case TransportQUIC:
+		return d.dialQUIC(ctx, addr, hello)
+	case TransportTLS:
+		conn, err := d.connectTLS(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return d.request(ctx, conn, addr, hello)
+	default:
+		return nil, fmt.Errorf("transport %q must be auto, quic or tls", d.Transport)
+	}
+}
+
+// connectTLS opens a new TLS connection to the server (TCP connect and handshake).
+func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 	cfg, err := d.tlsConfig()
 	if err != nil {
 		return nil, err
@@ -110,7 +147,12 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 		_ = raw.Close()
 		return nil, fmt.Errorf("TLS handshake with TP server %s: %w", d.Server, err)
 	}
+	return conn, nil
+}
 
+// request runs the hello exchange on conn (a TLS connection or a QUIC stream) and
+// returns conn once the server said ok. It closes conn on failure.
+func (d *Dialer) request(ctx context.Context, conn proxy.Stream, addr string, hello proxy.ClientHello) (net.Conn, error) {
 	// The hello exchange is bounded by ctx through the connection's deadline.
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	sh, err := exchange(conn, hello)
@@ -129,7 +171,7 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 	return conn, nil
 }
 
-func exchange(conn *tls.Conn, hello proxy.ClientHello) (proxy.ServerHello, error) {
+func exchange(conn net.Conn, hello proxy.ClientHello) (proxy.ServerHello, error) {
 	if err := proxy.WriteClientHello(conn, hello); err != nil {
 		return proxy.ServerHello{}, fmt.Errorf("sending client hello: %w", err)
 	}
@@ -144,6 +186,10 @@ func exchange(conn *tls.Conn, hello proxy.ClientHello) (proxy.ServerHello, error
 // alert: with TLS 1.3 the client's handshake completes before the server has
 // checked the client certificate, so a rejected certificate surfaces here.
 func explainHelloErr(err error) error {
+	var ce *proxy.QUICConnError
+	if _, reset := proxy.StreamResetCode(err); reset || errors.As(err, &ce) {
+		return explainQUICErr(err)
+	}
 	if strings.Contains(err.Error(), "remote error: tls:") {
 		return fmt.Errorf("the server rejected the TLS session, most likely the client certificate (expired, from another CA, or not for client authentication; run dlogin): %w", err)
 	}

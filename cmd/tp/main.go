@@ -25,7 +25,7 @@ import (
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	stop()
 	if err != nil {
@@ -58,6 +58,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 				return err
 			}
 			fmt.Fprintf(stderr, "Connecting to %s via %s (%s)\n", target, d.Server, tpd.Version)
+			defer d.Close()
 			conn, err := d.DialContext(cmd.Context(), "tcp", target)
 			if err != nil {
 				return err
@@ -66,6 +67,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		},
 	}
 	config.ClientFlags(root.PersistentFlags())
+	root.PersistentFlags().String("transport", "auto", "auto (QUIC, falling back to TLS; remembered per server), quic or tls (env TP_TRANSPORT)")
 	root.AddCommand(forwardCmd(stderr), whoamiCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
@@ -104,6 +106,7 @@ func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients
 		return nil, err
 	}
 	d.Timeout = cfg.Timeout
+	d.Transport = cfg.Transport
 	return d, nil
 }
 
@@ -131,6 +134,10 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 				return fmt.Errorf("cannot listen on %s: %w", args[0], err)
 			}
 			defer ln.Close()
+			defer d.Close()
+			// One QUIC connection for all forwarded connections, re-established
+			// with backoff when it breaks (a server restart, a network change).
+			go d.Maintain(cmd.Context(), func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) })
 			fmt.Fprintf(stderr, "Forwarding %s to %s via %s (%s); Ctrl-C stops\n", ln.Addr(), args[1], d.Server, tpd.Version)
 			f := &clients.Forwarder{
 				Dial:   d.DialContext,

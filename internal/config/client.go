@@ -19,6 +19,8 @@ type Client struct {
 	Home string `mapstructure:"home"`
 	// Timeout bounds connection setup (TCP, TLS, hello) and each login.
 	Timeout time.Duration `mapstructure:"timeout"`
+	// Transport is how tp reaches the server: auto, quic or tls.
+	Transport string `mapstructure:"transport"`
 }
 
 // Validate checks the client configuration.
@@ -26,6 +28,11 @@ func (c Client) Validate() error {
 	var errs []error
 	if c.Home == "" {
 		errs = append(errs, errors.New("home must be set (TP_HOME or --home)"))
+	}
+	switch c.Transport {
+	case "auto", "quic", "tls":
+	default:
+		errs = append(errs, fmt.Errorf("transport %q must be auto, quic or tls (--transport or TP_TRANSPORT)", c.Transport))
 	}
 	if c.Timeout <= 0 || c.Timeout > 10*time.Minute {
 		errs = append(errs, fmt.Errorf("timeout %s must be between 0 and 10m", c.Timeout))
@@ -45,10 +52,11 @@ func LoadClient(fs *pflag.FlagSet) (Client, error) {
 	// Every key needs a default: viper only unmarshals environment values for keys it knows.
 	v.SetDefault("home", "")
 	v.SetDefault("timeout", 30*time.Second)
+	v.SetDefault("transport", "auto")
 	v.SetEnvPrefix("TP")
 	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
 	v.AutomaticEnv()
-	for _, key := range []string{"home", "timeout"} {
+	for _, key := range []string{"home", "timeout", "transport"} {
 		if f := fs.Lookup(key); f != nil && f.Changed {
 			if err := v.BindPFlag(key, f); err != nil {
 				return Client{}, err

@@ -43,6 +43,15 @@ type Server struct {
 	MaxConns         int           `mapstructure:"max-conns"`
 	// PolicyTimeout bounds one policy evaluation; a slower one denies.
 	PolicyTimeout time.Duration `mapstructure:"policy-timeout"`
+	// DecisionLog receives one JSON line per policy decision: "" is off, "-" is
+	// stdout, anything else a file path (appended, created 0600).
+	DecisionLog string `mapstructure:"decision-log"`
+	// QUIC serves the proxy over QUIC on UDP at the listen address too.
+	QUIC bool `mapstructure:"quic"`
+	// QUICKeepAlive, QUICIdleTimeout and QUICMaxStreams bound QUIC connections.
+	QUICKeepAlive   time.Duration `mapstructure:"quic-keepalive"`
+	QUICIdleTimeout time.Duration `mapstructure:"quic-idle-timeout"`
+	QUICMaxStreams  int           `mapstructure:"quic-max-streams"`
 
 	LogLevel  string `mapstructure:"log-level"`
 	LogFormat string `mapstructure:"log-format"`
@@ -61,6 +70,10 @@ func DefaultServer() Server {
 		DialTimeout:      10 * time.Second,
 		MaxConns:         10000,
 		PolicyTimeout:    100 * time.Millisecond,
+		QUIC:             true,
+		QUICKeepAlive:    15 * time.Second,
+		QUICIdleTimeout:  60 * time.Second,
+		QUICMaxStreams:   100,
 		LogLevel:         "info",
 		LogFormat:        "text",
 	}
@@ -102,6 +115,17 @@ func (s Server) Validate() error {
 	if s.PolicyTimeout < time.Millisecond || s.PolicyTimeout > 10*time.Second {
 		errs = append(errs, fmt.Errorf("policy-timeout %s must be between 1ms and 10s", s.PolicyTimeout))
 	}
+	if s.QUICKeepAlive < time.Second || s.QUICKeepAlive > 5*time.Minute {
+		errs = append(errs, fmt.Errorf("quic-keepalive %s must be between 1s and 5m (NATs forget idle UDP flows after about 30s)", s.QUICKeepAlive))
+	}
+	if s.QUICIdleTimeout < 5*time.Second || s.QUICIdleTimeout > time.Hour {
+		errs = append(errs, fmt.Errorf("quic-idle-timeout %s must be between 5s and 1h", s.QUICIdleTimeout))
+	} else if s.QUICKeepAlive >= s.QUICIdleTimeout {
+		errs = append(errs, fmt.Errorf("quic-keepalive %s must be shorter than quic-idle-timeout %s", s.QUICKeepAlive, s.QUICIdleTimeout))
+	}
+	if s.QUICMaxStreams < 1 || s.QUICMaxStreams > 100_000 {
+		errs = append(errs, fmt.Errorf("quic-max-streams %d must be between 1 and 100000", s.QUICMaxStreams))
+	}
 	if s.MaxConns < 1 || s.MaxConns > 1_000_000 {
 		errs = append(errs, fmt.Errorf("max-conns %d must be between 1 and 1000000", s.MaxConns))
 	}
@@ -140,11 +164,12 @@ func hostForURL(h string) string {
 }
 
 // Paths inside the data dir.
-func (s Server) CADir() string       { return filepath.Join(s.DataDir, "ca") }
-func (s Server) PolicyDir() string   { return filepath.Join(s.DataDir, "policy") }
-func (s Server) UsersFile() string   { return filepath.Join(s.DataDir, "users.json") }
-func (s Server) AdminSocket() string { return filepath.Join(s.DataDir, "admin.sock") }
-func (s Server) ConfigFile() string  { return filepath.Join(s.DataDir, FileName) }
+func (s Server) CADir() string        { return filepath.Join(s.DataDir, "ca") }
+func (s Server) PolicyDir() string    { return filepath.Join(s.DataDir, "policy") }
+func (s Server) UsersFile() string    { return filepath.Join(s.DataDir, "users.json") }
+func (s Server) AdminSocket() string  { return filepath.Join(s.DataDir, "admin.sock") }
+func (s Server) ConfigFile() string   { return filepath.Join(s.DataDir, FileName) }
+func (s Server) DenyListFile() string { return filepath.Join(s.DataDir, "denylist.json") }
 
 // ServerFlags registers the flags of `tpd serve` and `tpd init`.
 func ServerFlags(fs *pflag.FlagSet) {
@@ -173,6 +198,11 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("dial-timeout", d.DialTimeout)
 	v.SetDefault("max-conns", d.MaxConns)
 	v.SetDefault("policy-timeout", d.PolicyTimeout)
+	v.SetDefault("decision-log", d.DecisionLog)
+	v.SetDefault("quic", d.QUIC)
+	v.SetDefault("quic-keepalive", d.QUICKeepAlive)
+	v.SetDefault("quic-idle-timeout", d.QUICIdleTimeout)
+	v.SetDefault("quic-max-streams", d.QUICMaxStreams)
 	v.SetDefault("log-level", d.LogLevel)
 	v.SetDefault("log-format", d.LogFormat)
 	v.SetEnvPrefix("TP")
@@ -229,6 +259,9 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "handshake-timeout: %s\nhello-timeout: %s\ndial-timeout: %s\n", s.HandshakeTimeout, s.HelloTimeout, s.DialTimeout)
 	fmt.Fprintf(&b, "# Connections handled at once; more are closed at accept.\nmax-conns: %d\n", s.MaxConns)
 	fmt.Fprintf(&b, "# Bound on one policy evaluation; a slower evaluation denies the request.\npolicy-timeout: %s\n", s.PolicyTimeout)
+	fmt.Fprintf(&b, "# One JSON line per policy decision: \"\" is off, \"-\" is stdout, else a file (appended, 0600).\ndecision-log: %q\n", s.DecisionLog)
+	fmt.Fprintf(&b, "# Serve the proxy over QUIC on UDP at the listen address too; keepalive period,\n# idle timeout and concurrent requests per QUIC connection.\nquic: %t\nquic-keepalive: %s\nquic-idle-timeout: %s\nquic-max-streams: %d\n",
+		s.QUIC, s.QUICKeepAlive, s.QUICIdleTimeout, s.QUICMaxStreams)
 	fmt.Fprintf(&b, "log-level: %s\nlog-format: %s\n", s.LogLevel, s.LogFormat)
 	return []byte(b.String())
 }

@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -76,10 +77,19 @@ type Daemon struct {
 	proxy   *proxy.Server
 	cert    atomic.Pointer[tls.Certificate]
 	Created bool // the data dir was bootstrapped by New
+
+	decisions *policy.DecisionLog
+	denyMu    sync.Mutex    // serialises deny-list changes and their saving
+	checked   authState     // what live sessions were last re-checked against; maintain's
+	kick      chan struct{} // asks maintain to re-check now
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
-func New(ctx context.Context, cfg config.Server, log *slog.Logger) (*Daemon, error) {
+func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Option) (*Daemon, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -103,7 +113,16 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger) (*Daemon, err
 	if d.policy, err = policy.Load(ctx, cfg.PolicyDir(), policy.WithTimeout(cfg.PolicyTimeout)); err != nil {
 		return nil, fmt.Errorf("policy in %s: %w", cfg.PolicyDir(), err)
 	}
-	d.authz = &authz.Policy{Directory: d.users, Evaluator: d.policy, DenyList: &authz.DenyList{}, Logger: log}
+	denyList, err := LoadDenyList(cfg.DenyListFile())
+	if err != nil {
+		return nil, err
+	}
+	if d.decisions, err = policy.OpenDecisionLog(cfg.DecisionLog); err != nil {
+		return nil, err
+	}
+	d.authz = &authz.Policy{Directory: d.users, Evaluator: d.policy, DenyList: denyList, Logger: log, Decisions: d.decisions}
+	d.checked = authState{revision: d.policy.Revision(), users: d.users.Generation()}
+	d.kick = make(chan struct{}, 1)
 	if d.ca, err = acme.NewCA(d.pki, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names}); err != nil {
 		return nil, err
 	}
@@ -140,6 +159,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger) (*Daemon, err
 			return d.authz.Verify(cs.PeerCertificates[0])
 		},
 		Authorizer:       d.authz,
+		Resolver:         o.resolver,
 		Logger:           log,
 		HandshakeTimeout: cfg.HandshakeTimeout,
 		HelloTimeout:     cfg.HelloTimeout,
@@ -177,13 +197,21 @@ func (d *Daemon) renewServerCert() error {
 // Serve answers on ln (the public port) and on the admin socket until ctx ends,
 // then shuts down gracefully. The caller owns ln.
 func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
+	var udp *net.UDPConn // QUIC on the same port (quic.go)
+	if d.cfg.QUIC {
+		var err error
+		if udp, err = listenQUIC(ln); err != nil {
+			return err
+		}
+		defer udp.Close()
+	}
 	adminLn, err := admin.Listen(d.cfg.AdminSocket())
 	if err != nil {
 		return err
 	}
 	adminSrv := &http.Server{
 		Handler: (&admin.Server{
-			Users: d.users, ServerURL: d.cfg.PublicURL(), Fingerprint: d.Fingerprint(),
+			Users: d.users, Revoker: d, ServerURL: d.cfg.PublicURL(), Fingerprint: d.Fingerprint(),
 			TokenTTL: d.cfg.TokenTTL, Logger: d.log,
 		}).Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -196,6 +224,16 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		return err
 	})
+	if udp != nil {
+		d.log.Info("serving QUIC", "udp", udp.LocalAddr().String())
+		g.Go(func() error {
+			err := d.proxy.ServeQUIC(gctx, udp, d.quicOptions())
+			if errors.Is(err, proxy.ErrServerClosed) {
+				return nil
+			}
+			return err
+		})
+	}
 	g.Go(func() error {
 		if err := adminSrv.Serve(adminLn); !errors.Is(err, http.ErrServerClosed) {
 			return err
@@ -228,6 +266,7 @@ func (d *Daemon) maintain(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-d.kick:
 		}
 		if leaf := d.cert.Load().Leaf; time.Now().After(leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) * 2 / 3)) {
 			if err := d.renewServerCert(); err != nil {
@@ -244,15 +283,24 @@ func (d *Daemon) maintain(ctx context.Context) {
 			lastErr = ""
 			d.log.Info("policy reloaded", "revision", d.policy.Revision())
 		}
+		d.recheckIfChanged(ctx)
 	}
 }
 
 // ReloadPolicy recompiles the policy directory if it changed; on error the
-// previous policy stays active.
-func (d *Daemon) ReloadPolicy(ctx context.Context) error { return d.policy.Reload(ctx) }
+// previous policy stays active. Live sessions are re-checked against a new policy
+// right after.
+func (d *Daemon) ReloadPolicy(ctx context.Context) error {
+	err := d.policy.Reload(ctx)
+	select {
+	case d.kick <- struct{}{}:
+	default:
+	}
+	return err
+}
 
-// Close releases the CA database.
-func (d *Daemon) Close() error { return d.ca.Close() }
+// Close releases the CA database and the decision log.
+func (d *Daemon) Close() error { return errors.Join(d.ca.Close(), d.decisions.Close()) }
 
 func landing(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path != "/" {

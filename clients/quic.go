@@ -1,0 +1,474 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// Transports a Dialer can use.
+const (
+	// TransportAuto races QUIC (with a head start) against TLS and remembers the
+	// winner per server in the Dialer's Cache.
+	TransportAuto = "auto"
+	// TransportQUIC opens one stream per request on a shared QUIC connection.
+	TransportQUIC = "quic"
+	// TransportTLS opens one TLS-over-TCP connection per request.
+	TransportTLS = "tls"
+)
+
+// DefaultHeadStart is how long auto waits for the QUIC handshake before it also
+// tries TLS. A QUIC handshake takes one round trip, TCP plus TLS two, so on a
+// network where UDP works QUIC normally wins even without it.
+const DefaultHeadStart = 150 * time.Millisecond
+
+// quicGrace is how long auto still waits for QUIC after TLS failed.
+const quicGrace = time.Second
+
+// quicState is a Dialer's shared QUIC connection.
+type quicState struct {
+	mu      sync.Mutex
+	udp     *net.UDPConn
+	tr      *quic.Transport
+	conn    *quic.Conn
+	dialing chan struct{} // closed when the connect in flight ends
+	changed chan struct{} // closed (and replaced) whenever conn is replaced
+	closed  bool
+	// tlsUntil: TLS won a race; auto skips QUIC until then (also without a Cache).
+	tlsUntil time.Time
+}
+
+// ErrDialerClosed is returned by a Dialer after Close.
+var ErrDialerClosed = errors.New("the TP dialer is closed")
+
+// Close closes the Dialer's QUIC connection and socket. Streams on it end.
+func (d *Dialer) Close() error {
+	q := &d.quic
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.closed = true
+	if q.conn != nil {
+		_ = q.conn.CloseWithError(proxy.QUICNoError, "")
+		q.conn = nil
+	}
+	if q.tr != nil {
+		_ = q.tr.Close()
+		_ = q.udp.Close()
+		q.tr, q.udp = nil, nil
+	}
+	return nil
+}
+
+func (d *Dialer) quicAddr() string {
+	if d.QUICServer != "" {
+		return d.QUICServer
+	}
+	return d.Server
+}
+
+// liveQUIC returns the current QUIC connection if it is still open.
+func (d *Dialer) liveQUIC() *quic.Conn {
+	q := &d.quic
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.conn != nil && q.conn.Context().Err() == nil {
+		return q.conn
+	}
+	return nil
+}
+
+// quicConn returns the shared QUIC connection, connecting (or reconnecting after
+// it died) when needed. Concurrent callers share one connect attempt; if that
+// attempt's caller gives up, the others try for themselves.
+func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
+	q := &d.quic
+	for {
+		q.mu.Lock()
+		if q.closed {
+			q.mu.Unlock()
+			return nil, ErrDialerClosed
+		}
+		if q.conn != nil && q.conn.Context().Err() == nil {
+			c := q.conn
+			q.mu.Unlock()
+			return c, nil
+		}
+		if ch := q.dialing; ch != nil {
+			q.mu.Unlock()
+			select {
+			case <-ch:
+				continue
+			case <-ctx.Done():
+				return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), ctx.Err())
+			}
+		}
+		ch := make(chan struct{})
+		q.dialing = ch
+		q.mu.Unlock()
+
+		c, err := d.connectQUIC(ctx)
+
+		q.mu.Lock()
+		q.dialing = nil
+		close(ch)
+		if err == nil {
+			if q.closed {
+				q.mu.Unlock()
+				_ = c.CloseWithError(proxy.QUICNoError, "")
+				return nil, ErrDialerClosed
+			}
+			q.conn = c
+			if q.changed != nil {
+				close(q.changed)
+			}
+			q.changed = make(chan struct{})
+		}
+		q.mu.Unlock()
+		return c, err
+	}
+}
+
+// connectQUIC performs a QUIC handshake with the server on the Dialer's socket.
+func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
+	addr := d.quicAddr()
+	tr, err := d.transport()
+	if err != nil {
+		return nil, err
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
+	}
+	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, err)
+	}
+	raddr, err := net.ResolveUDPAddr("udp", net.JoinHostPort(ips[0].Unmap().String(), port))
+	if err != nil {
+		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
+	}
+	cfg, err := d.tlsConfig()
+	if err != nil {
+		return nil, err
+	}
+	keepAlive := d.KeepAlive
+	switch {
+	case keepAlive == 0:
+		keepAlive = 15 * time.Second
+	case keepAlive < 0:
+		keepAlive = 0
+	}
+	idle := d.IdleTimeout
+	if idle <= 0 {
+		idle = 60 * time.Second
+	}
+	conn, err := tr.Dial(ctx, raddr, cfg, &quic.Config{
+		KeepAlivePeriod:                keepAlive,
+		MaxIdleTimeout:                 idle,
+		MaxIncomingStreams:             -1, // the server opens no streams
+		MaxIncomingUniStreams:          -1,
+		InitialStreamReceiveWindow:     proxy.QUICInitialStreamWindow,
+		MaxStreamReceiveWindow:         proxy.QUICMaxStreamWindow,
+		InitialConnectionReceiveWindow: proxy.QUICInitialConnWindow,
+		MaxConnectionReceiveWindow:     proxy.QUICMaxConnWindow,
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w (no answer over UDP; is UDP blocked on this network? --transport tls avoids QUIC)", ctx.Err())
+		}
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, explainQUICErr(err))
+	}
+	return conn, nil
+}
+
+// transport returns the Dialer's UDP socket and QUIC transport, opening them once.
+func (d *Dialer) transport() (*quic.Transport, error) {
+	q := &d.quic
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return nil, ErrDialerClosed
+	}
+	if q.tr == nil {
+		udp, err := net.ListenUDP("udp", nil)
+		if err != nil {
+			return nil, fmt.Errorf("opening a UDP socket for QUIC: %w", err)
+		}
+		q.udp, q.tr = udp, &quic.Transport{Conn: udp}
+	}
+	return q.tr, nil
+}
+
+// dialQUIC runs one request on a new stream of the shared connection. If the
+// connection turns out to be dead (the server restarted), it reconnects once.
+func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello proxy.ClientHello) (net.Conn, error) {
+	for attempt := 0; ; attempt++ {
+		conn, err := d.quicConn(ctx)
+		if err != nil {
+			return nil, err
+		}
+		c, err := d.requestQUIC(ctx, conn, addr, hello)
+		if err != nil && attempt == 0 && conn.Context().Err() != nil && ctx.Err() == nil {
+			continue // the connection died under us: try once on a fresh one
+		}
+		return c, err
+	}
+}
+
+func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, hello proxy.ClientHello) (net.Conn, error) {
+	str, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("tp dial %s via %s: every QUIC stream the server allows is in use and none ended in time: %w", addr, d.quicAddr(), ctx.Err())
+		}
+		return nil, fmt.Errorf("tp dial %s via %s: %w", addr, d.quicAddr(), explainQUICErr(err))
+	}
+	// request writes the hello at once: the server sees a stream only once it carries data.
+	c, err := d.request(ctx, &clientStream{proxy.NewQUICStream(conn, str)}, addr, hello)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// dialAuto uses a live QUIC connection when there is one, TLS when the cache says
+// QUIC failed recently for this server, and otherwise races the two.
+func (d *Dialer) dialAuto(ctx context.Context, addr string, hello proxy.ClientHello) (net.Conn, error) {
+	if conn := d.liveQUIC(); conn != nil {
+		if c, err := d.requestQUIC(ctx, conn, addr, hello); err == nil || conn.Context().Err() == nil {
+			return c, err
+		}
+	}
+	d.quic.mu.Lock()
+	tlsWon := time.Now().Before(d.quic.tlsUntil)
+	d.quic.mu.Unlock()
+	if tlsWon || d.Cache != nil && d.Cache.Get(d.Server) == TransportTLS {
+		conn, err := d.connectTLS(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return d.request(ctx, conn, addr, hello)
+	}
+	winner, tconn, err := d.race(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if d.Cache != nil {
+		_ = d.Cache.Put(d.Server, winner) // a cache that cannot be written only costs races
+	}
+	if winner == TransportTLS {
+		d.quic.mu.Lock()
+		d.quic.tlsUntil = time.Now().Add(DefaultTransportCacheTTL)
+		d.quic.mu.Unlock()
+	}
+	if winner == TransportTLS {
+		return d.request(ctx, tconn, addr, hello)
+	}
+	return d.dialQUIC(ctx, addr, hello)
+}
+
+// race connects over QUIC and, after the head start or as soon as QUIC fails,
+// over TLS; the first to complete wins and the other attempt is abandoned. On a
+// TLS win it returns the TLS connection; on a QUIC win the shared connection is set.
+func (d *Dialer) race(ctx context.Context) (string, *tls.Conn, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		transport string
+		conn      *tls.Conn
+		err       error
+	}
+	results := make(chan result, 2)
+	go func() {
+		_, err := d.quicConn(ctx)
+		results <- result{transport: TransportQUIC, err: err}
+	}()
+	head := d.HeadStart
+	if head <= 0 {
+		head = DefaultHeadStart
+	}
+	timer := time.NewTimer(head)
+	defer timer.Stop()
+	startTLS := func() {
+		go func() {
+			c, err := d.connectTLS(ctx)
+			results <- result{transport: TransportTLS, conn: c, err: err}
+		}()
+	}
+	pending, tlsStarted := 1, false
+	var errs []error
+	var grace <-chan time.Time
+	for pending > 0 {
+		select {
+		case <-timer.C:
+			if !tlsStarted {
+				tlsStarted = true
+				pending++
+				startTLS()
+			}
+		case <-grace:
+			// TLS failed and QUIC had its grace period too: the server is
+			// unreachable, no need to sit out the QUIC handshake timeout.
+			cancel()
+			grace = nil
+		case r := <-results:
+			pending--
+			if r.err == nil {
+				cancel()
+				// Close a TLS connection that completes after QUIC won.
+				go func(n int) {
+					for range n {
+						if late := <-results; late.conn != nil {
+							_ = late.conn.Close()
+						}
+					}
+				}(pending)
+				return r.transport, r.conn, nil
+			}
+			errs = append(errs, r.err)
+			if r.transport == TransportTLS && pending > 0 {
+				grace = time.After(max(head, quicGrace))
+			}
+			if !tlsStarted {
+				tlsStarted = true
+				pending++
+				startTLS()
+			}
+		}
+	}
+	return "", nil, errors.Join(errs...)
+}
+
+// clientStream reports a broken QUIC connection from the client's point of view.
+type clientStream struct{ *proxy.QUICStream }
+
+func (c *clientStream) Read(p []byte) (int, error) {
+	n, err := c.QUICStream.Read(p)
+	return n, clientSideErr(err)
+}
+
+func (c *clientStream) Write(p []byte) (int, error) {
+	n, err := c.QUICStream.Write(p)
+	return n, clientSideErr(err)
+}
+
+func clientSideErr(err error) error {
+	var ce *proxy.QUICConnError
+	if err != nil && errors.As(err, &ce) {
+		// Keep ce in the chain, not quic-go's error: that one unwraps to
+		// net.ErrClosed and would make the break look like an ordinary end.
+		return &explainedErr{msg: "connection to the TP server lost: " + explainQUICErr(ce).Error(), err: ce}
+	}
+	return err
+}
+
+type explainedErr struct {
+	msg string
+	err error
+}
+
+func (e *explainedErr) Error() string { return e.msg }
+func (e *explainedErr) Unwrap() error { return e.err }
+
+// explainQUICErr turns quic-go's errors into sentences from the client's view.
+func explainQUICErr(err error) error {
+	var ae *quic.ApplicationError
+	var te *quic.TransportError
+	var ce *proxy.QUICConnError
+	switch {
+	case errors.As(err, &ce):
+		return explainQUICErr(ce.Err)
+	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == proxy.QUICShutdown:
+		return fmt.Errorf("the TP server is shutting down or restarting (%w)", err)
+	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == proxy.QUICCertExpired:
+		return fmt.Errorf("the client certificate expired; tp renews it on the next connection, or run dlogin (%w)", err)
+	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == proxy.QUICRefused:
+		return fmt.Errorf("the TP server is busy and refused the connection; try again (%w)", err)
+	case errors.As(err, &te) && te.ErrorCode.IsCryptoError():
+		return fmt.Errorf("the server rejected the TLS session, most likely the client certificate (expired, from another CA, or not for client authentication; run dlogin): %w", err)
+	case errors.As(err, new(*quic.IdleTimeoutError)):
+		return fmt.Errorf("the TP server stopped answering (network down, or the server is gone): %w", err)
+	case errors.As(err, new(*quic.StatelessResetError)):
+		return fmt.Errorf("the TP server no longer knows this connection; it probably restarted: %w", err)
+	case errors.As(err, new(*quic.HandshakeTimeoutError)):
+		return fmt.Errorf("no QUIC answer from the TP server (is UDP blocked on this network? --transport tls avoids QUIC): %w", err)
+	}
+	if code, ok := proxy.StreamResetCode(err); ok && code == proxy.QUICRefused {
+		return fmt.Errorf("the TP server is at its limit of concurrent requests and refused this one; try again: %w", err)
+	}
+	return err
+}
+
+// Maintain keeps the Dialer's QUIC connection up for long-running users such as
+// `tp forward`: when the connection is lost it reports why through logf and
+// reconnects with capped, jittered exponential backoff (0.5s doubling to 30s),
+// reporting each failure, until ctx ends. Dials do not wait for it: a dial during
+// an outage tries to connect by itself.
+func (d *Dialer) Maintain(ctx context.Context, logf func(format string, args ...any)) {
+	q := &d.quic
+	for {
+		q.mu.Lock()
+		conn, changed := q.conn, q.changed
+		if changed == nil {
+			changed = make(chan struct{})
+			q.changed = changed
+		}
+		q.mu.Unlock()
+		if conn == nil {
+			select { // not connected yet (or TLS is in use): wait for a connection
+			case <-changed:
+				continue
+			case <-ctx.Done():
+				return
+			}
+		}
+		select {
+		case <-conn.Context().Done():
+		case <-changed:
+			continue
+		case <-ctx.Done():
+			return
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		logf("tp: lost the QUIC connection to %s: %v; reconnecting", d.quicAddr(), explainQUICErr(context.Cause(conn.Context())))
+		backoff := 500 * time.Millisecond
+		for {
+			timeout := d.Timeout
+			if timeout <= 0 {
+				timeout = DefaultDialTimeout
+			}
+			cctx, cancel := context.WithTimeout(ctx, timeout)
+			_, err := d.quicConn(cctx)
+			cancel()
+			if ctx.Err() != nil {
+				return
+			}
+			if err == nil {
+				logf("tp: reconnected to %s over QUIC", d.quicAddr())
+				break
+			}
+			if errors.Is(err, ErrDialerClosed) {
+				return
+			}
+			wait := backoff/2 + rand.N(backoff) // jitter: 0.5–1.5 × backoff
+			logf("tp: reconnecting to %s failed: %v; next attempt in %s", d.quicAddr(), err, wait.Round(100*time.Millisecond))
+			select {
+			case <-time.After(wait):
+			case <-ctx.Done():
+				return
+			}
+			backoff = min(2*backoff, 30*time.Second)
+		}
+	}
+}

@@ -1,0 +1,211 @@
+package e2e
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// OpenSSH through `tp` with --transport quic (as TP_TRANSPORT): the request runs
+// on a QUIC stream of tpd's UDP port.
+func TestSSHOverQUIC(t *testing.T) {
+	srv := startServer(t, testPolicy)
+	sd := startSSHD(t)
+	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
+	stdout, stderr, err := sd.ssh(t, env, "127.0.0.1", "echo quic-$((6*7))")
+	if err != nil || strings.TrimSpace(stdout) != "quic-42" {
+		t.Fatalf("ssh over QUIC: %v, stdout %q\nstderr:\n%s", err, stdout, stderr)
+	}
+	// TP_TRANSPORT=quic has no fallback: the session ran on a QUIC stream.
+}
+
+// With tpd's QUIC off (as if UDP were blocked), auto falls back to TLS within the
+// head start plus TLS setup (bound stated: 3s), and remembers it in $TP_HOME.
+func TestAutoFallbackWhenUDPBlocked(t *testing.T) {
+	t.Setenv("TP_QUIC", "false") // inherited by the tpd that startServer runs
+	srv := startServer(t, testPolicy)
+	env := srv.login(t, "alice", "laptop")
+	echo := startTCPEcho(t)
+	_, port, _ := net.SplitHostPort(echo)
+	for i := range 2 {
+		start := time.Now()
+		out, err := runErr(env, strings.NewReader("ping"), binary("tp"), "127.0.0.1", port)
+		if err != nil || !strings.HasSuffix(out, "ping") {
+			t.Fatalf("tp auto without QUIC: %v\n%s", err, out)
+		}
+		if took := time.Since(start); took > 3*time.Second {
+			t.Fatalf("run %d took %s; the fallback bound is 3s", i, took)
+		}
+	}
+	home := strings.TrimPrefix(env[0], "TP_HOME=")
+	b, err := os.ReadFile(filepath.Join(home, "transport-cache.json"))
+	if err != nil || !strings.Contains(string(b), `"transport": "tls"`) {
+		t.Fatalf("transport cache: %v\n%s", err, b)
+	}
+}
+
+// A long-running `tp forward --transport quic` survives a tpd restart: it reports
+// the break, reconnects with backoff, and forwards again.
+func TestForwardQUICReconnects(t *testing.T) {
+	srv := startServer(t, testPolicy)
+	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
+	echo := startTCPEcho(t)
+	fwd, fwdLog := startForwardLog(t, env, echo)
+	roundTrip(t, fwd, "before")
+
+	// Restart: stop the test's tpd, start another on the same port and data dir.
+	stopTPD(t, srv)
+	waitLog(t, fwdLog, "lost the QUIC connection", 15*time.Second)
+	if !strings.Contains(fwdLog.String(), "shutting down or restarting") {
+		t.Errorf("the break was not explained:\n%s", fwdLog.String())
+	}
+	restartTPD(t, srv)
+	waitLog(t, fwdLog, "reconnected to", 30*time.Second)
+	roundTrip(t, fwd, "after")
+}
+
+func roundTrip(t *testing.T, addr, msg string) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	io.WriteString(c, msg)
+	c.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != msg {
+		t.Fatalf("round trip through the forward: %q, %v; want %q", got, err, msg)
+	}
+}
+
+func waitLog(t *testing.T, log *syncBuffer, want string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !strings.Contains(log.String(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q within %s:\n%s", want, within, log.String())
+		}
+		time.Sleep(20 * time.Millisecond) // polling a log, bounded by the deadline
+	}
+}
+
+// stopTPD sends SIGTERM to the tpd serving srv's data dir (the harness keeps the
+// process to itself; the test started it, so it may end it) and waits for the port.
+func stopTPD(t *testing.T, srv *server) {
+	t.Helper()
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	found := false
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		args := strings.Split(string(b), "\x00")
+		if err != nil || len(args) < 3 || filepath.Base(args[0]) != "tpd" || args[1] != "serve" || !strings.Contains(string(b), srv.DataDir) {
+			continue
+		}
+		if pid, err := strconv.Atoi(strings.Split(p, "/")[2]); err == nil {
+			found = syscall.Kill(pid, syscall.SIGTERM) == nil || found
+		}
+	}
+	if !found {
+		t.Fatal("cannot find the tpd process to restart")
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", srv.Addr, time.Second)
+		if err != nil {
+			return
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("tpd did not stop within 15s of SIGTERM")
+		}
+		time.Sleep(20 * time.Millisecond) // polling for the port to close
+	}
+}
+
+// restartTPD runs tpd serve again on srv's address and data dir.
+func restartTPD(t *testing.T, srv *server) {
+	t.Helper()
+	cmd := exec.Command(binary("tpd"), "serve", "--data-dir", srv.DataDir, "--listen", srv.Addr)
+	log := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("restarted tpd log:\n%s", log.String())
+		}
+	})
+	waitLog(t, log, "CA fingerprint:", 60*time.Second)
+}
+
+// startForwardLog is startForward that also returns tp forward's stderr.
+func startForwardLog(t *testing.T, env []string, target string) (string, *syncBuffer) {
+	t.Helper()
+	cmd := exec.Command(binary("tp"), "forward", "127.0.0.1:0", target)
+	cmd.Env = append(os.Environ(), env...)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	log := &syncBuffer{}
+	addr := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		re := regexp.MustCompile(`^Forwarding (\S+) to`)
+		for sc.Scan() {
+			log.Write([]byte(sc.Text() + "\n"))
+			if m := re.FindStringSubmatch(sc.Text()); m != nil {
+				addr <- m[1]
+			}
+		}
+	}()
+	select {
+	case a := <-addr:
+		return a, log
+	case <-time.After(60 * time.Second):
+		t.Fatalf("tp forward did not start:\n%s", log.String())
+	}
+	return "", nil
+}
+
+// startTCPEcho runs a loopback echo that half-closes after echoing.
+func startTCPEcho(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.Copy(c, c)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}

@@ -1,0 +1,409 @@
+package proxy_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// quicEnv is an env whose server also serves QUIC on the TCP listener's port.
+type quicEnv struct {
+	*env
+	udpAddr   string
+	quicDone  chan error
+	transport chan string // input.source.transport of each authorised request
+}
+
+func newQUICEnv(t testing.TB, mod func(*proxy.Config), opts proxy.QUICOptions) *quicEnv {
+	t.Helper()
+	transports := make(chan string, 64)
+	e := newEnv(t, func(c *proxy.Config) {
+		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
+			select {
+			case transports <- req.Source.Transport:
+			default:
+			}
+			return allowAll(ctx, req)
+		})
+		if mod != nil {
+			mod(c)
+		}
+	})
+	udp, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(mustAddrPort(t, e.addr)))
+	if err != nil {
+		t.Fatalf("UDP on the TCP listener's port: %v", err)
+	}
+	q := &quicEnv{env: e, udpAddr: udp.LocalAddr().String(), quicDone: make(chan error, 1), transport: transports}
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { q.quicDone <- e.srv.ServeQUIC(ctx, udp, opts) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-q.quicDone:
+		case <-time.After(10 * time.Second):
+			t.Error("ServeQUIC did not return within 10s of cancel")
+		}
+	})
+	return q
+}
+
+func mustAddrPort(t testing.TB, addr string) netip.AddrPort {
+	t.Helper()
+	a, err := net.ResolveTCPAddr("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a.AddrPort()
+}
+
+func (q *quicEnv) quicDialer(t testing.TB) *clients.Dialer {
+	d := q.dialer()
+	d.Transport = clients.TransportQUIC
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+// quicConn opens a raw QUIC connection with the test client certificate.
+func (q *quicEnv) quicConn(t testing.TB, cert *tls.Certificate) (*quic.Conn, error) {
+	t.Helper()
+	cfg := q.clientTLS(cert)
+	cfg.NextProtos = []string{proxy.ALPN}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := quic.DialAddr(ctx, q.udpAddr, cfg, &quic.Config{})
+	if err == nil {
+		t.Cleanup(func() { c.CloseWithError(0, "") })
+	}
+	return c, err
+}
+
+// rawRequest opens a stream on c, sends a dial hello for dest and returns the
+// stream after an ok.
+func rawRequest(t testing.TB, c *quic.Conn, dest string) *quic.Stream {
+	t.Helper()
+	str, err := c.OpenStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = str.SetDeadline(time.Now().Add(20 * time.Second))
+	host, port, _ := net.SplitHostPort(dest)
+	var p int
+	for _, ch := range port {
+		p = 10*p + int(ch-'0')
+	}
+	if err := proxy.WriteClientHello(str, proxy.ClientHello{V: 1, Op: "dial", Net: "tcp", Host: host, Port: p}); err != nil {
+		t.Fatal(err)
+	}
+	sh, err := proxy.ReadServerHello(str)
+	if err != nil || !sh.OK {
+		t.Fatalf("server hello %+v, %v", sh, err)
+	}
+	return str
+}
+
+func quicEcho(t testing.TB, rw io.ReadWriter, msg string) {
+	t.Helper()
+	if _, err := io.WriteString(rw, msg); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(rw, buf); err != nil || string(buf) != msg {
+		t.Fatalf("echo %q, %v; want %q", buf, err, msg)
+	}
+}
+
+// TestQUICRequest: a request over QUIC reaches the echo destination with
+// half-close carried through, and the policy sees transport "quic".
+func TestQUICRequest(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	d := q.quicDialer(t)
+	for i := range 3 { // one connection, a stream per request
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		c, err := d.DialContext(ctx, "tcp", q.echo)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := c.(interface{ Conn() *quic.Conn }); !ok {
+			t.Fatalf("request %d: got %T, want a QUIC stream", i, c)
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "ping")
+		if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(c)
+		if err != nil || string(got) != "ping" {
+			t.Fatalf("echo %q, %v", got, err)
+		}
+		c.Close()
+		if tr := <-q.transport; tr != "quic" {
+			t.Fatalf("policy saw transport %q, want quic", tr)
+		}
+	}
+	q.mustEcho(t) // TLS still works beside it
+}
+
+// TestQUICRefusesBadClients: no client certificate, or one from another CA, gets no
+// QUIC connection; a good client is unaffected.
+func TestQUICRefusesBadClients(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	other := testpki.New(t).ClientCert(t, "mallory@laptop", testpki.LeafOptions{})
+	for name, cert := range map[string]*tls.Certificate{"no certificate": nil, "other CA": &other} {
+		t.Run(name, func(t *testing.T) {
+			c, err := q.quicConn(t, cert)
+			if err == nil {
+				// TLS 1.3: the client may finish before the server rejects it.
+				str, oerr := c.OpenStream()
+				if oerr == nil {
+					_ = str.SetDeadline(time.Now().Add(10 * time.Second))
+					_ = proxy.WriteClientHello(str, proxy.ClientHello{V: 1, Op: "dial", Net: "tcp", Host: "127.0.0.1", Port: 1})
+					_, err = proxy.ReadServerHello(str)
+				}
+			}
+			var te *quic.TransportError
+			if !errors.As(err, &te) || !te.ErrorCode.IsCryptoError() {
+				t.Fatalf("err = %v; want a TLS alert in CONNECTION_CLOSE", err)
+			}
+		})
+	}
+	c, err := q.quicConn(t, &q.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	quicEcho(t, rawRequest(t, c, q.echo), "still fine")
+}
+
+// TestQUICHelloTimeout: a stream that never completes its hello is answered with
+// hello_timeout and closed, while other streams on the same connection are served.
+func TestQUICHelloTimeout(t *testing.T) {
+	q := newQUICEnv(t, func(c *proxy.Config) { c.HelloTimeout = 300 * time.Millisecond }, proxy.QUICOptions{})
+	c, err := q.quicConn(t, &q.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stalled, err := c.OpenStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = stalled.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := stalled.Write([]byte{0}); err != nil { // half a length prefix: the stream exists
+		t.Fatal(err)
+	}
+	quicEcho(t, rawRequest(t, c, q.echo), "served meanwhile")
+	sh, err := proxy.ReadServerHello(stalled)
+	if err != nil || sh.OK || sh.Code != proxy.CodeHelloTimeout {
+		t.Fatalf("stalled stream: %+v, %v; want code hello_timeout", sh, err)
+	}
+	if _, err := io.ReadAll(stalled); err != nil {
+		t.Fatalf("after the refusal the server should end the stream cleanly: %v", err)
+	}
+	quicEcho(t, rawRequest(t, c, q.echo), "served after")
+}
+
+// TestQUICStreamLimit: a client cannot open more streams than MaxStreams at once;
+// the open ones keep working, and a stream can be opened once one ends.
+func TestQUICStreamLimit(t *testing.T) {
+	const limit = 3
+	q := newQUICEnv(t, nil, proxy.QUICOptions{MaxStreams: limit})
+	c, err := q.quicConn(t, &q.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var open []*quic.Stream
+	for range limit {
+		open = append(open, rawRequest(t, c, q.echo))
+	}
+	var limitErr *quic.StreamLimitReachedError
+	if _, err := c.OpenStream(); !errors.As(err, &limitErr) {
+		t.Fatalf("stream %d: err = %v; want StreamLimitReachedError", limit+1, err)
+	}
+	for i, s := range open {
+		quicEcho(t, s, "open stream still works")
+		if i == 0 {
+			s.Close()
+			io.ReadAll(s) // the echo half-closes back: the stream completes
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.OpenStreamSync(ctx); err != nil {
+		t.Fatalf("after one stream ended, a new one should open: %v", err)
+	}
+	// Another connection is not affected by this one's limit.
+	q.quicDialer(t)
+	d := q.quicDialer(t)
+	conn, err := d.DialContext(ctx, "tcp", q.echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	quicEcho(t, conn, "other connection")
+	conn.Close()
+}
+
+// TestQUICTransfer: 64 MiB each way through one QUIC stream, checksummed, with the
+// upload ending in a half-close.
+func TestQUICTransfer(t *testing.T) {
+	size := int64(64 << 20)
+	if testing.Short() {
+		size = 8 << 20
+	}
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	d := q.quicDialer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := d.DialContext(ctx, "tcp", q.echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
+	var wg sync.WaitGroup
+	var upSum []byte
+	var upErr error
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		h := sha256.New()
+		if _, upErr = io.CopyN(io.MultiWriter(c, h), rand.Reader, size); upErr == nil {
+			upErr = c.(interface{ CloseWrite() error }).CloseWrite()
+		}
+		upSum = h.Sum(nil)
+	}()
+	h := sha256.New()
+	n, err := io.Copy(h, c)
+	wg.Wait()
+	if upErr != nil {
+		t.Fatalf("upload: %v", upErr)
+	}
+	if err != nil || n != size {
+		t.Fatalf("download: %d bytes, %v; want %d", n, err, size)
+	}
+	if !bytes.Equal(h.Sum(nil), upSum) {
+		t.Fatal("checksum of the echoed data differs from what was sent")
+	}
+}
+
+// TestQUICServerShutdownReported: when the server goes away under an established
+// session, the client's read fails with an error that says so (not a silent EOF),
+// and a new dial reconnects once the server is back.
+func TestQUICServerShutdownReported(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	d := q.quicDialer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := d.DialContext(ctx, "tcp", q.echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	quicEcho(t, c, "before")
+
+	sctx, scancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer scancel()
+	_ = q.srv.Shutdown(sctx) // the session does not end by itself: forced
+	_, err = c.Read(make([]byte, 1))
+	if err == nil || proxy.IsNormalEnd(err) || !strings.Contains(err.Error(), "TP server is shutting down") {
+		t.Fatalf("read after server shutdown: %v; want an error naming the shutdown", err)
+	}
+
+	// A new server on the same port: the next dial reconnects by itself.
+	qerr := <-q.quicDone // ServeQUIC has released the port
+	q.quicDone <- qerr
+	q2 := &quicEnv{env: newEnv(t, nil)}
+	udp, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(mustAddrPort(t, q.udpAddr)))
+	if err != nil {
+		t.Skipf("cannot rebind the UDP port for the restart: %v", err)
+	}
+	rctx, rcancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- q2.srv.ServeQUIC(rctx, udp, proxy.QUICOptions{}) }()
+	defer func() { rcancel(); <-done }()
+	d.TLSConfig = q2.clientTLS(&q2.cert)
+	c2, err := d.DialContext(ctx, "tcp", q.echo)
+	if err != nil {
+		t.Fatalf("dial after restart: %v", err)
+	}
+	_ = c2.SetDeadline(time.Now().Add(10 * time.Second))
+	quicEcho(t, c2, "after")
+	c2.Close()
+}
+
+// TestAutoFallsBackToTLS: with nothing answering on UDP, auto uses TLS within the
+// head start plus the TLS setup (bound: 3s, against 5s+ for a QUIC handshake
+// timeout), and remembers it so the next dial does not race at all.
+func TestAutoFallsBackToTLS(t *testing.T) {
+	e := newEnv(t, nil)
+	dead, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}) // swallows everything
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dead.Close()
+	cache := &clients.TransportCache{Path: t.TempDir() + "/transport-cache.json"}
+	d := e.dialer()
+	d.Transport, d.QUICServer, d.Cache = clients.TransportAuto, dead.LocalAddr().String(), cache
+	defer d.Close()
+	for i := range 2 {
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		c, err := d.DialContext(ctx, "tcp", e.echo)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := c.(*tls.Conn); !ok {
+			t.Fatalf("dial %d: got %T, want *tls.Conn", i, c)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		quicEcho(t, c, "via tls")
+		c.Close()
+		if took := time.Since(start); took > 3*time.Second {
+			t.Fatalf("dial %d took %s; the fallback bound is 3s", i, took)
+		}
+		if got := cache.Get(e.addr); got != clients.TransportTLS {
+			t.Fatalf("cache says %q after dial %d, want tls", got, i)
+		}
+	}
+}
+
+// TestAutoPrefersQUIC: with QUIC available, auto uses it and caches it.
+func TestAutoPrefersQUIC(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	cache := &clients.TransportCache{Path: t.TempDir() + "/transport-cache.json"}
+	d := q.dialer()
+	d.Cache = cache
+	defer d.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := d.DialContext(ctx, "tcp", q.echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, ok := c.(interface{ Conn() *quic.Conn }); !ok {
+		t.Fatalf("auto picked %T, want a QUIC stream", c)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	quicEcho(t, c, "via quic")
+	if got := cache.Get(q.addr); got != clients.TransportQUIC {
+		t.Fatalf("cache says %q, want quic", got)
+	}
+}
