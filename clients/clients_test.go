@@ -148,6 +148,15 @@ func TestRefusedError(t *testing.T) {
 	if errors.Is(other, authz.ErrPolicyDenied) || !strings.Contains(other.Error(), "cannot connect to db:5432") {
 		t.Fatalf("dial_refused error: %q", other)
 	}
+	// A policy that could not be evaluated is still a refusal, and says whom to tell.
+	broken := &clients.RefusedError{Code: proxy.CodePolicyError, Reason: "policy evaluation failed"}
+	if !errors.Is(broken, authz.ErrPolicyDenied) || !strings.Contains(broken.Error(), "administrator") {
+		t.Fatalf("policy_error: %q", broken)
+	}
+	self := &clients.RefusedError{Code: proxy.CodeSelfDial, Reason: "127.0.0.1:443 is this TP server"}
+	if !strings.Contains(self.Error(), "127.0.0.1:443 is this TP server") {
+		t.Fatalf("self_dial: %q", self)
+	}
 }
 
 func TestDialerRejectsBadAddress(t *testing.T) {

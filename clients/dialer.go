@@ -68,6 +68,10 @@ func (e *RefusedError) Error() string {
 		return "the TP server did not accept the client certificate (" + reason + "); run dlogin"
 	case proxy.CodeResolveFailed, proxy.CodeDialRefused, proxy.CodeDialTimeout, proxy.CodeDialFailed:
 		return "the TP server could not reach the destination: " + reason
+	case proxy.CodePolicyError:
+		return "denied: the TP server's policy could not be evaluated, so it refused to decide (" + reason + "); tell the TP administrator"
+	case proxy.CodeSelfDial:
+		return "refused: " + reason + " (the TP server does not connect to itself through itself)"
 	case proxy.CodeInternal:
 		return "the TP server failed internally: " + reason
 	default:
@@ -77,7 +81,7 @@ func (e *RefusedError) Error() string {
 
 // Unwrap lets errors.Is(err, authz.ErrPolicyDenied) recognise policy denials.
 func (e *RefusedError) Unwrap() error {
-	if e.Code == proxy.CodePolicyDenied {
+	if e.Code == proxy.CodePolicyDenied || e.Code == proxy.CodePolicyError {
 		return authz.ErrPolicyDenied
 	}
 	return nil
