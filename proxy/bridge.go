@@ -9,7 +9,13 @@ import (
 	"syscall"
 )
 
-const bridgeBufSize = 64 << 10
+// An idle direction blocks in Read holding only a small buffer; a large pooled
+// buffer is taken while data moves in bulk and given back when reads come back
+// small again, so thousands of idle tunnels do not pin 64 KiB each.
+const (
+	bridgeBufSize = 64 << 10
+	idleBufSize   = 2 << 10
+)
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bridgeBufSize); return &b }}
 
@@ -79,16 +85,50 @@ func pipe(dst, src net.Conn, abort func()) (int64, error) {
 }
 
 func copyConn(dst, src net.Conn) (int64, error) {
-	// TCP to TCP: let the kernel splice. Anything else: hide ReaderFrom/WriterTo so
-	// io.CopyBuffer uses the pooled 64 KiB buffer instead of allocating 32 KiB.
+	// TCP to TCP: let the kernel splice.
 	_, dstTCP := dst.(*net.TCPConn)
 	_, srcTCP := src.(*net.TCPConn)
 	if dstTCP && srcTCP {
 		return io.Copy(dst, src)
 	}
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	return io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)
+	var written int64
+	small := make([]byte, idleBufSize)
+	var big *[]byte
+	defer func() {
+		if big != nil {
+			bufPool.Put(big)
+		}
+	}()
+	for {
+		buf := small
+		if big != nil {
+			buf = *big
+		}
+		n, err := src.Read(buf)
+		if n > 0 {
+			w, werr := dst.Write(buf[:n])
+			written += int64(w)
+			if werr != nil {
+				return written, werr
+			}
+			if w != n {
+				return written, io.ErrShortWrite
+			}
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return written, nil
+			}
+			return written, err
+		}
+		switch {
+		case big == nil && n == len(small): // data is moving: copy in large chunks
+			big = bufPool.Get().(*[]byte)
+		case big != nil && n < idleBufSize: // back to a trickle: give the large buffer back
+			bufPool.Put(big)
+			big = nil
+		}
+	}
 }
 
 // IsNormalEnd reports whether err is an ordinary way for a stream to end: EOF, the

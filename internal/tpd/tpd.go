@@ -274,7 +274,8 @@ func (d *Daemon) maintain(ctx context.Context) {
 			}
 		}
 		before := d.policy.Revision()
-		if err := d.ReloadPolicy(ctx); err != nil {
+		// Reload directly: ReloadPolicy kicks this loop, which would spin.
+		if err := d.policy.Reload(ctx); err != nil {
 			if err.Error() != lastErr {
 				lastErr = err.Error()
 				d.log.Error("policy change refused; the previous policy stays active", "err", err)
