@@ -1,0 +1,183 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Scenarios in the order they run. Names are what --only takes.
+var Scenarios = []string{"bulk", "setup", "handshake", "memory", "policy"}
+
+// Options select what a run measures.
+type Options struct {
+	Quick    bool     // smaller sizes and fewer runs, for a smoke run under 2 minutes
+	Runs     int      // runs per variant; 0 means 5 (3 with Quick)
+	Only     []string // scenario names; empty means all
+	JSON     string   // also write the rows to this file
+	Markdown bool     // print the table as Markdown
+	Command  string   // the command line, recorded in the JSON report
+	Stdout   io.Writer
+	Stderr   io.Writer // progress lines
+}
+
+// sizes are the per-scenario workloads.
+type sizes struct {
+	bulkBytes     int64
+	setupConns    int // sequential connections on a long-running tp forward
+	setupProcs    int // fresh tp / ssh -W processes
+	handshakeTime time.Duration
+	tunnels       int // idle tunnels per batch
+	policyEvals   int
+}
+
+func (o Options) sizes() sizes {
+	if o.Quick {
+		return sizes{bulkBytes: 64 << 20, setupConns: 50, setupProcs: 5, handshakeTime: 500 * time.Millisecond, tunnels: 200, policyEvals: 2000}
+	}
+	return sizes{bulkBytes: 1 << 30, setupConns: 200, setupProcs: 20, handshakeTime: 2 * time.Second, tunnels: 1000, policyEvals: 20000}
+}
+
+func (o Options) runs() int {
+	switch {
+	case o.Runs > 0:
+		return o.Runs
+	case o.Quick:
+		return 3
+	default:
+		return 5
+	}
+}
+
+func (o Options) wants(s string) bool { return len(o.Only) == 0 || slices.Contains(o.Only, s) }
+
+// Run builds and starts everything the selected scenarios need, measures them,
+// stops every process it started (also on error) and prints one table.
+func Run(ctx context.Context, o Options) (err error) {
+	for _, s := range o.Only {
+		if !slices.Contains(Scenarios, s) {
+			return fmt.Errorf("unknown scenario %q; choose from %s", s, strings.Join(Scenarios, ", "))
+		}
+	}
+	if o.Stderr == nil {
+		o.Stderr = io.Discard
+	}
+	start := time.Now()
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp("", "tpbench-")
+	if err != nil {
+		return err
+	}
+	e := &Env{dir: dir, self: self, log: func(f string, a ...any) {
+		fmt.Fprintf(o.Stderr, "[%6.1fs] %s\n", time.Since(start).Seconds(), fmt.Sprintf(f, a...))
+	}}
+	defer e.Close()
+
+	needTP := slices.ContainsFunc(Scenarios[:4], o.wants)
+	if needTP {
+		if err := e.build(ctx); err != nil {
+			return err
+		}
+		if err := e.startTPD(ctx); err != nil {
+			return err
+		}
+		e.quic = e.hasTransportFlag(ctx, "forward")
+		e.quicStdio = e.hasTransportFlag(ctx)
+		if !e.quic {
+			e.log("tp forward has no --transport flag yet: QUIC variants left out")
+		}
+		sink, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return err
+		}
+		e.onClose(serve(sink, sinkHandler))
+		echo, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return err
+		}
+		e.onClose(serve(echo, echoHandler))
+		e.sink, e.echo = sink.Addr().String(), echo.Addr().String()
+	}
+
+	sz, runs := o.sizes(), o.runs()
+	var rows []Row
+	steps := []struct {
+		name string
+		fn   func(context.Context, *Env, sizes, int) ([]Row, error)
+	}{
+		{"bulk", bulk}, {"setup", setup}, {"handshake", handshakes}, {"memory", memory}, {"policy", policyLatency},
+	}
+	for _, s := range steps {
+		if !o.wants(s.name) {
+			continue
+		}
+		e.log("scenario %s", s.name)
+		r, err := s.fn(ctx, e, sz, runs)
+		if err != nil {
+			return fmt.Errorf("scenario %s: %w", s.name, err)
+		}
+		rows = append(rows, r...)
+	}
+	for i := range rows {
+		rows[i].summarise()
+	}
+	fillRatios(rows)
+	e.log("done")
+	if err := WriteTable(o.Stdout, rows, o.Markdown); err != nil {
+		return err
+	}
+	if o.JSON != "" {
+		return writeJSON(o.JSON, Report{
+			Date: time.Now().UTC().Format(time.RFC3339), Machine: Machine(),
+			Command: o.Command, Quick: o.Quick, Rows: rows,
+		})
+	}
+	return nil
+}
+
+// Machine describes this machine: cores and CPU model.
+func Machine() string {
+	model := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "model name"); ok {
+				model = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+				break
+			}
+		}
+	}
+	return fmt.Sprintf("%d cores, %s, %s/%s, %s", runtime.NumCPU(), model, runtime.GOOS, runtime.GOARCH, runtime.Version())
+}
+
+// measure runs fn runs times, collecting one value per run into row. An error
+// is recorded in the row instead of aborting the whole suite.
+func measure(row *Row, runs int, fn func() (float64, error)) {
+	for range runs {
+		v, err := fn()
+		if err != nil {
+			row.Err = firstLine(err.Error())
+			row.Runs = nil
+			return
+		}
+		row.Runs = append(row.Runs, v)
+	}
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[:i]
+	}
+	if len(s) > 120 {
+		s = s[:120] + "…"
+	}
+	return s
+}
