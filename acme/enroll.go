@@ -41,6 +41,9 @@ type Enroller struct {
 	Users  *users.Store
 	Logger *slog.Logger
 	Now    func() time.Time
+	// ReverseOwner says which device holds a reverse name (reverse.go); nil
+	// refuses every reverse-name certificate.
+	ReverseOwner func(host string) (deviceID string, ok bool)
 }
 
 // Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.
@@ -50,6 +53,7 @@ func (e *Enroller) Handler() http.Handler {
 	mux.HandleFunc("POST "+login.PathEnroll, e.enroll)
 	mux.HandleFunc("POST "+login.PathAttest, e.attest)
 	mux.HandleFunc("POST "+login.PathWhoami, e.whoami)
+	mux.HandleFunc("POST "+login.PathReverseChallenge, e.reverseChallenge)
 	return mux
 }
 

@@ -165,6 +165,8 @@ func hostPort(d Destination) string {
 //	destination.embedded_ipv4  array of strings, never null: the IPv4 addresses
 //	                      inside NAT64 (64:ff9b::/96) and 6to4 (2002::/16)
 //	                      addresses of ips, which a policy judges them by
+//	destination.reverse   the reverse name (label before the reverse zone), only
+//	                      for "listen" and for dials of a reverse listener
 //	source.address        client address, host:port
 //	source.transport      "tls" or "quic"
 //	time                  req.Time, RFC 3339 with nanoseconds, UTC
@@ -186,6 +188,16 @@ func Input(req Request) map[string]any {
 			embedded = append(embedded, v4.String())
 		}
 	}
+	dest := map[string]any{
+		"host":          req.Destination.Host,
+		"port":          req.Destination.Port,
+		"network":       req.Destination.Network,
+		"ips":           ips,
+		"embedded_ipv4": embedded,
+	}
+	if req.Destination.Reverse != "" { // only for reverse listeners
+		dest["reverse"] = req.Destination.Reverse
+	}
 	return map[string]any{
 		"action": req.Action,
 		"identity": map[string]any{
@@ -196,13 +208,7 @@ func Input(req Request) map[string]any {
 			"serial":    req.Identity.Serial,
 			"expiry":    req.Identity.NotAfter.UTC().Format(time.RFC3339),
 		},
-		"destination": map[string]any{
-			"host":          req.Destination.Host,
-			"port":          req.Destination.Port,
-			"network":       req.Destination.Network,
-			"ips":           ips,
-			"embedded_ipv4": embedded,
-		},
+		"destination": dest,
 		"source": map[string]any{
 			"address":   req.Source.Address,
 			"transport": req.Source.Transport,

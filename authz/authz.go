@@ -38,6 +38,9 @@ type Destination struct {
 	Network string // "tcp" or "udp"
 	// IPs are every address Host resolved to; the proxy dials only these.
 	IPs []netip.Addr
+	// Reverse is the reverse name (the label before the reverse zone) when Host is
+	// a reverse listener: for "listen", and for "dial" of a registered name.
+	Reverse string
 }
 
 // Source is where a request came from.

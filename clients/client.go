@@ -24,6 +24,7 @@ type Client struct {
 
 	mu   sync.Mutex
 	cert *tls.Certificate
+	rev  reverseCerts // reverse-name server certificates (exposecert.go)
 }
 
 // Open loads the client state from home.

@@ -74,6 +74,12 @@ func (e *RefusedError) Error() string {
 		return "refused: " + reason + " (the TP server does not connect to itself through itself)"
 	case proxy.CodeInternal:
 		return "the TP server failed internally: " + reason
+	case proxy.CodeReverseUnknown, proxy.CodeReverseOffline, proxy.CodeReverseTimeout, proxy.CodeReverseBusy:
+		return "the exposed service is not reachable: " + reason
+	case CodeAgentDenied:
+		return "refused by the exposed service's agent: " + reason
+	case proxy.CodeNameTaken:
+		return "name taken: " + reason
 	default:
 		return "the TP server refused the request (" + e.Code + "): " + reason
 	}
@@ -171,6 +177,9 @@ func (d *Dialer) request(ctx context.Context, conn proxy.Stream, addr string, he
 	if !sh.OK {
 		_ = conn.Close()
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
+	}
+	if sh.E2E { // a protected reverse listener: TLS with its agent inside (e2e.go)
+		return d.innerTLS(ctx, conn, addr)
 	}
 	return conn, nil
 }

@@ -202,7 +202,7 @@ func TestBadHello(t *testing.T) {
 		{"zero-length hello", []byte{0, 0}, proxy.CodeBadRequest},
 		{"malformed JSON", frame(`{"v":1,"op":"dial",`), proxy.CodeBadRequest},
 		{"JSON array instead of object", frame(`[1]`), proxy.CodeBadRequest},
-		{"unknown op", frame(`{"v":1,"op":"listen","net":"tcp","host":"127.0.0.1","port":` + port + `}`), proxy.CodeUnknownOp},
+		{"unknown op", frame(`{"v":1,"op":"frobnicate","net":"tcp","host":"127.0.0.1","port":` + port + `}`), proxy.CodeUnknownOp},
 		{"unknown field", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":` + port + `,"x":1}`), proxy.CodeBadRequest},
 		{"field name in wrong case", frame(`{"v":1,"op":"dial","net":"tcp","HOST":"127.0.0.1","port":` + port + `}`), proxy.CodeBadRequest},
 		{"duplicate field", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","host":"127.0.0.1","port":` + port + `}`), proxy.CodeBadRequest},

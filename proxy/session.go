@@ -32,6 +32,7 @@ type session struct {
 	code     string        // server hello code on refusal
 	up, down int64         // bytes client→destination and destination→client
 	end      string        // why it ended
+	e2e      bool          // a protected reverse name: the client runs TLS inside
 }
 
 // Stream is one request's byte stream: a TLS connection (TLS transport) or a QUIC
@@ -55,6 +56,9 @@ func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.Connection
 	defer func() { s.logSession(ctx, ss) }()
 
 	upstream, herr := s.establish(ctx, conn, cs, transport, ss)
+	if herr == errHandled { // a reverse listen or accept owned the stream
+		return
+	}
 	if herr != nil {
 		ss.code = herr.Code
 		if ss.end == "" {
@@ -64,7 +68,7 @@ func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.Connection
 		return
 	}
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true}); err != nil {
+	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true, E2E: ss.e2e}); err != nil {
 		_ = conn.Close()
 		_ = upstream.Close()
 		ss.end = "writing server hello: " + err.Error()
@@ -125,9 +129,17 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 		}
 	}
 	_ = conn.SetReadDeadline(time.Time{})
+	if hello.Op != OpDial {
+		return nil, s.serveReverseOp(ctx, conn, cs, transport, ss, hello)
+	}
 
 	host := canonicalHost(hello.Host)
 	ss.dest = net.JoinHostPort(host, strconv.Itoa(hello.Port))
+	if s.rev != nil {
+		if label, ok := s.rev.name(host); ok {
+			return s.establishReverse(ctx, ss, host, label, hello.Port, transport)
+		}
+	}
 
 	ips, herr := s.resolve(ctx, host)
 	if herr != nil {

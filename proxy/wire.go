@@ -49,6 +49,10 @@ type ClientHello struct {
 	Net  string `json:"net"`
 	Host string `json:"host"`
 	Port int    `json:"port"`
+	// Names (op "listen") are the reverse names an agent registers; Session (op
+	// "accept") pairs a data connection with an announced session. See reverse_wire.go.
+	Names   []string `json:"names,omitempty"`
+	Session string   `json:"session,omitempty"`
 }
 
 // ServerHello answers a ClientHello. After OK, the connection carries raw bytes.
@@ -57,6 +61,11 @@ type ServerHello struct {
 	OK     bool   `json:"ok"`
 	Code   string `json:"code,omitempty"`
 	Reason string `json:"reason,omitempty"`
+	// Names answers op "listen": the full reverse names now registered.
+	Names []string `json:"names,omitempty"`
+	// E2E answers a dial of a protected reverse name: the client runs TLS with the
+	// agent inside this stream (docs/PROTOCOL.md, reverse listeners).
+	E2E bool `json:"e2e,omitempty"`
 }
 
 // HelloError is a protocol-level refusal. The server sends it to the client as a
@@ -83,8 +92,15 @@ func (h ClientHello) Validate() error {
 	if h.V != Version {
 		return helloErr(CodeUnsupportedVersion, "protocol version %d is not supported; this server speaks version %d", h.V, Version)
 	}
-	if h.Op != OpDial {
-		return helloErr(CodeUnknownOp, "operation %q is not known; expected %q", h.Op, OpDial)
+	switch h.Op {
+	case OpDial:
+		if h.Names != nil || h.Session != "" {
+			return helloErr(CodeBadRequest, "fields \"names\" and \"session\" belong to ops \"listen\" and \"accept\", not \"dial\"")
+		}
+	case OpListen, OpAccept:
+		return h.validateReverse()
+	default:
+		return helloErr(CodeUnknownOp, "operation %q is not known; expected %q, %q or %q", h.Op, OpDial, OpListen, OpAccept)
 	}
 	if h.Net != "tcp" {
 		return helloErr(CodeUnsupportedNetwork, "network %q is not supported; expected \"tcp\"", h.Net)
@@ -184,7 +200,7 @@ func decodeClientHello(body []byte, h *ClientHello) error {
 	if d, ok := tok.(json.Delim); !ok || d != '{' {
 		return errors.New("not a JSON object")
 	}
-	fields := map[string]any{"v": &h.V, "op": &h.Op, "net": &h.Net, "host": &h.Host, "port": &h.Port}
+	fields := map[string]any{"v": &h.V, "op": &h.Op, "net": &h.Net, "host": &h.Host, "port": &h.Port, "names": &h.Names, "session": &h.Session}
 	seen := make(map[string]bool, len(fields))
 	for dec.More() {
 		tok, err := dec.Token()

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -23,7 +24,7 @@ func TestClientHelloRoundTrip(t *testing.T) {
 		t.Fatalf("wire form %q; want length %d and %s", wire, len(body), body)
 	}
 	got, err := proxy.ReadClientHello(&buf)
-	if err != nil || got != want {
+	if err != nil || !reflect.DeepEqual(got, want) {
 		t.Fatalf("ReadClientHello = %+v, %v; want %+v", got, err, want)
 	}
 }
@@ -62,7 +63,7 @@ func TestReadClientHello(t *testing.T) {
 		{"port 65536", frame(`{"v":1,"op":"dial","net":"tcp","host":"h","port":65536}`), proxy.CodeBadRequest},
 		{"version 0", frame(`{"v":0,"op":"dial","net":"tcp","host":"h","port":1}`), proxy.CodeUnsupportedVersion},
 		{"version 2", frame(`{"v":2,"op":"dial","net":"tcp","host":"h","port":1}`), proxy.CodeUnsupportedVersion},
-		{"op listen", frame(`{"v":1,"op":"listen","net":"tcp","host":"h","port":1}`), proxy.CodeUnknownOp},
+		{"op listen", frame(`{"v":1,"op":"frobnicate","net":"tcp","host":"h","port":1}`), proxy.CodeUnknownOp},
 		{"op DIAL", frame(`{"v":1,"op":"DIAL","net":"tcp","host":"h","port":1}`), proxy.CodeUnknownOp},
 		{"net udp", frame(`{"v":1,"op":"dial","net":"udp","host":"h","port":1}`), proxy.CodeUnsupportedNetwork},
 		{"net tcp4", frame(`{"v":1,"op":"dial","net":"tcp4","host":"h","port":1}`), proxy.CodeUnsupportedNetwork},
@@ -110,7 +111,7 @@ func TestServerHelloRoundTrip(t *testing.T) {
 			t.Fatal(err)
 		}
 		got, err := proxy.ReadServerHello(&buf)
-		if err != nil || got != want {
+		if err != nil || !reflect.DeepEqual(got, want) {
 			t.Fatalf("ReadServerHello = %+v, %v; want %+v", got, err, want)
 		}
 	}
@@ -151,7 +152,7 @@ func FuzzReadClientHello(f *testing.F) {
 			t.Fatal(err)
 		}
 		again, err := proxy.ReadClientHello(&buf)
-		if err != nil || again != h {
+		if err != nil || !reflect.DeepEqual(again, h) {
 			t.Fatalf("round trip of %+v = %+v, %v", h, again, err)
 		}
 	})

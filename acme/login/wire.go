@@ -100,3 +100,23 @@ type WhoamiResponse struct {
 func WhoamiMessage(deviceID, ts string) []byte {
 	return []byte(whoamiContext + "\x00" + deviceID + "\x00" + ts)
 }
+
+// PathReverseChallenge publishes a dns-01 answer for a reverse name the device holds.
+const PathReverseChallenge = "/tp/v1/reverse-challenge"
+
+const reverseContext = "tp-reverse-challenge-v1"
+
+// ReverseChallengeRequest asks the CA to accept Value as the dns-01 answer for
+// Name, a reverse name this device holds.
+type ReverseChallengeRequest struct {
+	DeviceID  string `json:"device_id"`
+	Name      string `json:"name"`
+	Value     string `json:"value"`
+	Time      string `json:"time"`
+	Signature string `json:"signature"` // device key over ReverseChallengeMessage
+}
+
+// ReverseChallengeMessage is what the device key signs to publish a dns-01 answer.
+func ReverseChallengeMessage(deviceID, name, value, ts string) []byte {
+	return []byte(reverseContext + "\x00" + deviceID + "\x00" + name + "\x00" + value + "\x00" + ts)
+}

@@ -68,7 +68,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 	config.ClientFlags(root.PersistentFlags())
 	root.PersistentFlags().String("transport", "auto", "auto (QUIC, falling back to TLS; remembered per server), quic or tls (env TP_TRANSPORT)")
-	root.AddCommand(forwardCmd(stderr), whoamiCmd(stdout, stderr), &cobra.Command{
+	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), whoamiCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
 		Args:  cobra.NoArgs,

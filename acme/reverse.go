@@ -1,0 +1,161 @@
+package acme
+
+import (
+	"crypto/tls"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	stepacme "github.com/smallstep/certificates/acme"
+	"github.com/smallstep/certificates/authority/policy"
+	"github.com/smallstep/certificates/authority/provisioner"
+
+	"github.com/tp-proxy/tp/acme/login"
+)
+
+// Reverse-name certificates. An agent that holds a reverse name (registered
+// through the proxy's "listen") gets a server certificate for it from the
+// provisioner below by ordinary ACME dns-01. The CA never looks at DNS: its
+// challenge client answers TXT lookups from a store that only the name's owner
+// can write to, through a request signed with its enrolled device key
+// (login.PathReverseChallenge), and only while the proxy says that device holds
+// the name. The provisioner may sign nothing but names under the reverse zone.
+
+// ReverseProvisionerName is the ACME provisioner of reverse-name certificates;
+// its directory is https://SERVER/acme/tp-reverse/directory.
+const ReverseProvisionerName = "tp-reverse"
+
+// ReverseCertLifetime is the lifetime of reverse-name certificates; agents renew
+// them in the last third.
+const ReverseCertLifetime = 24 * time.Hour
+
+// txtTTL is how long a published challenge answer stays.
+const txtTTL = 10 * time.Minute
+
+// maxTXT bounds the answers stored at once.
+const maxTXT = 10000
+
+func reverseProvisioners(zone string) provisioner.List {
+	if zone == "" {
+		return nil
+	}
+	return provisioner.List{&provisioner.ACME{
+		ID:         "tp-reverse-provisioner",
+		Type:       "ACME",
+		Name:       ReverseProvisionerName,
+		Challenges: []provisioner.ACMEChallenge{provisioner.DNS_01},
+		Claims: &provisioner.Claims{
+			MinTLSDur:     &provisioner.Duration{Duration: 5 * time.Minute},
+			MaxTLSDur:     &provisioner.Duration{Duration: ReverseCertLifetime},
+			DefaultTLSDur: &provisioner.Duration{Duration: ReverseCertLifetime},
+		},
+		Options: &provisioner.Options{X509: &provisioner.X509Options{
+			AllowedNames: &policy.X509NameOptions{DNSDomains: []string{"*." + zone}},
+		}},
+	}}
+}
+
+// txtStore holds dns-01 answers published by name owners.
+type txtStore struct {
+	mu sync.Mutex
+	m  map[string][]txtValue // "_acme-challenge.<name>" → values
+}
+
+type txtValue struct {
+	v       string
+	expires time.Time
+}
+
+func newTXTStore() *txtStore { return &txtStore{m: map[string][]txtValue{}} }
+
+func (s *txtStore) publish(host, value string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	n := 0
+	for k, vs := range s.m {
+		live := vs[:0]
+		for _, v := range vs {
+			if now.Before(v.expires) {
+				live = append(live, v)
+			}
+		}
+		if len(live) == 0 {
+			delete(s.m, k)
+		} else {
+			s.m[k] = live
+		}
+		n += len(live)
+	}
+	if n >= maxTXT {
+		return fmt.Errorf("too many certificate requests are in flight; try again in a few minutes")
+	}
+	s.m[host] = append(s.m[host], txtValue{v: value, expires: now.Add(txtTTL)})
+	return nil
+}
+
+func (s *txtStore) lookup(host string) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, v := range s.m[host] {
+		if time.Now().Before(v.expires) {
+			out = append(out, v.v)
+		}
+	}
+	return out
+}
+
+// challengeClient is step-ca's challenge client: TXT lookups come from the store,
+// and the CA reaches out to nothing, so it cannot be used to probe internal hosts.
+type challengeClient struct{ txt *txtStore }
+
+var _ stepacme.Client = challengeClient{}
+
+func (challengeClient) Get(string) (*http.Response, error) { return nil, errNoNetwork }
+func (c challengeClient) LookupTxt(name string) ([]string, error) {
+	return c.txt.lookup(strings.ToLower(strings.TrimSuffix(name, "."))), nil
+}
+func (challengeClient) TLSDial(string, string, *tls.Config) (*tls.Conn, error) {
+	return nil, errNoNetwork
+}
+
+func (e *Enroller) reverseChallenge(w http.ResponseWriter, r *http.Request) {
+	var req login.ReverseChallengeRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	dev, ok := e.checkDevice(w, r, req.DeviceID, req.Time, req.Signature, login.ReverseChallengeMessage(req.DeviceID, req.Name, req.Value, req.Time))
+	if !ok {
+		return
+	}
+	if dev.Revoked {
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", req.DeviceID))
+		return
+	}
+	if _, err := e.Users.Lookup(dev.ID); err != nil {
+		writeErr(w, http.StatusForbidden, err.Error())
+		return
+	}
+	name := strings.ToLower(strings.TrimSuffix(req.Name, "."))
+	owner, held := "", false
+	if e.ReverseOwner != nil {
+		owner, held = e.ReverseOwner(name)
+	}
+	if !held || owner != dev.ID {
+		e.log().Warn("reverse certificate refused", "device", dev.ID, "name", name, "owner", owner)
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("%s is not registered to %s; run `tp expose` for it first (names belong to the device that registered them)", name, dev.ID))
+		return
+	}
+	if req.Value == "" || len(req.Value) > 128 {
+		writeErr(w, http.StatusBadRequest, "value must be the dns-01 key authorization digest")
+		return
+	}
+	if err := e.CA.txt.publish("_acme-challenge."+name, req.Value); err != nil {
+		writeErr(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, struct{}{})
+}

@@ -1,0 +1,440 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// CodeAgentDenied is the refusal an agent sends inside the end-to-end TLS session
+// when its own allow list does not include the dialer.
+const CodeAgentDenied = "agent_denied"
+
+// agentHandshakeTimeout bounds the inner TLS handshake and hello with a dialer.
+const agentHandshakeTimeout = 10 * time.Second
+
+// Exposed is one service an Agent exposes: reverse name → local address.
+type Exposed struct {
+	Name  string // reverse name, one DNS label ("laptop-ssh")
+	Local string // host:port of the local service; the only address the agent dials
+}
+
+// Agent keeps reverse listeners registered with a TP server (`tp expose`) and
+// serves their sessions in protected mode: every session is a TLS server inside
+// the relay's stream, with a certificate for the reverse name from TP's CA; the
+// dialer must present a device certificate from TP's root whose identity is in
+// AllowUsers or whose groups meet AllowGroups. Only then is Local dialed.
+type Agent struct {
+	Dialer  *Dialer // server, client certificate, root (RootCAs) and Transport
+	Exposed []Exposed
+	// AllowUsers and AllowGroups say who may connect; both empty allows nobody.
+	AllowUsers, AllowGroups []string
+	// Certificate returns the server certificate for a full reverse name
+	// ((*Client).ReverseCertificate). Required.
+	Certificate func(ctx context.Context, name string) (*tls.Certificate, error)
+	// Logger gets one line per session and per control-session change.
+	Logger *slog.Logger
+	// Registered is called with the full names after each successful registration.
+	Registered func(names []string)
+	// WrapData, when set, wraps every data stream from the relay before the agent
+	// uses it (to observe what the relay forwards in tests).
+	WrapData func(net.Conn) net.Conn
+
+	mu    sync.Mutex
+	full  map[string]string // label → full name
+	roots *x509.CertPool
+}
+
+// fatalError ends Run instead of a reconnect.
+type fatalError struct{ error }
+
+func (e fatalError) Unwrap() error { return e.error }
+
+// Run registers the names and serves sessions until ctx ends, re-establishing the
+// control session with capped, jittered backoff (0.5s doubling to 30s) after any
+// break. It returns nil when ctx ends (having unregistered the names), or an error
+// the server gave as final (policy denial, name taken by another identity).
+func (a *Agent) Run(ctx context.Context) error {
+	if len(a.Exposed) == 0 || a.Certificate == nil || a.Dialer == nil || a.Dialer.TLSConfig == nil || a.Dialer.TLSConfig.RootCAs == nil {
+		return errors.New("agent needs names to expose, a Dialer with a root and client certificate, and Certificate")
+	}
+	for _, e := range a.Exposed {
+		if err := proxy.ValidReverseName(e.Name); err != nil {
+			return err
+		}
+		if _, _, err := net.SplitHostPort(e.Local); err != nil {
+			return fmt.Errorf("local address %q for %s must be HOST:PORT", e.Local, e.Name)
+		}
+	}
+	a.roots = a.Dialer.TLSConfig.RootCAs
+	log := a.log()
+	backoff := 500 * time.Millisecond
+	for {
+		start := time.Now()
+		err := a.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		var fe fatalError
+		if errors.As(err, &fe) {
+			return fe.error
+		}
+		if time.Since(start) > time.Minute {
+			backoff = 500 * time.Millisecond
+		}
+		wait := backoff/2 + rand.N(backoff)
+		log.Warn("tp expose: control session ended; reconnecting", "err", err.Error(), "in", wait.Round(10*time.Millisecond))
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return nil
+		}
+		backoff = min(2*backoff, 30*time.Second)
+	}
+}
+
+func (a *Agent) log() *slog.Logger {
+	if a.Logger != nil {
+		return a.Logger
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func (a *Agent) hello() proxy.ClientHello {
+	h := proxy.ClientHello{V: proxy.Version, Op: proxy.OpListen, Net: "tcp"}
+	for _, e := range a.Exposed {
+		h.Names = append(h.Names, e.Name)
+	}
+	return h
+}
+
+// session runs one control session to its end.
+func (a *Agent) session(ctx context.Context) error {
+	d := a.Dialer
+	timeout := d.Timeout
+	if timeout <= 0 {
+		timeout = DefaultDialTimeout
+	}
+	cctx, cancel := context.WithTimeout(ctx, timeout)
+	transport := d.Transport
+	var qconn *quic.Conn
+	var ctl proxy.Stream
+	var err error
+	if transport != TransportTLS {
+		qconn, err = a.connectQUIC(cctx)
+		if err == nil {
+			var str *quic.Stream
+			if str, err = qconn.OpenStreamSync(cctx); err == nil {
+				ctl = &clientStream{proxy.NewQUICStream(qconn, str)}
+			}
+		}
+		if err != nil && transport == TransportQUIC {
+			cancel()
+			return err
+		}
+		if err != nil { // auto: UDP blocked or QUIC refused; TLS carries the same protocol
+			qconn = nil
+		}
+	}
+	if ctl == nil {
+		var tc *tls.Conn
+		if tc, err = d.connectTLS(cctx); err != nil {
+			cancel()
+			return err
+		}
+		ctl = tc
+	}
+	defer func() {
+		if qconn != nil {
+			_ = qconn.CloseWithError(proxy.QUICNoError, "")
+		}
+	}()
+	stop := context.AfterFunc(cctx, func() { _ = ctl.SetDeadline(time.Unix(1, 0)) })
+	sh, err := exchange(ctl, a.hello())
+	stop()
+	cancel()
+	if err != nil {
+		_ = ctl.Close()
+		return fmt.Errorf("registering with %s: %w", d.Server, explainHelloErr(err))
+	}
+	_ = ctl.SetDeadline(time.Time{})
+	if !sh.OK {
+		_ = ctl.Close()
+		rerr := &RefusedError{Code: sh.Code, Reason: sh.Reason}
+		switch sh.Code {
+		case proxy.CodePolicyDenied, proxy.CodeNameTaken, proxy.CodeReverseDisabled, proxy.CodeBadRequest, proxy.CodeUnknownOp, proxy.CodeUnauthenticated:
+			return fatalError{rerr}
+		}
+		return rerr
+	}
+	a.mu.Lock()
+	a.full = map[string]string{}
+	for _, n := range sh.Names {
+		label, _, _ := strings.Cut(n, ".")
+		a.full[label] = n
+	}
+	a.mu.Unlock()
+	kind := "tls"
+	if qconn != nil {
+		kind = "quic"
+	}
+	a.log().Info("tp expose: registered", "names", strings.Join(sh.Names, ","), "via", d.Server, "transport", kind)
+	if a.Registered != nil {
+		a.Registered(sh.Names)
+	}
+
+	sctx, scancel := context.WithCancel(ctx)
+	defer scancel()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	// Ctrl-C: tell the server to free the names now rather than hold them for the grace period.
+	stopUnreg := context.AfterFunc(ctx, func() {
+		_ = ctl.SetWriteDeadline(time.Now().Add(time.Second))
+		_ = proxy.WriteSessionHeader(ctl, proxy.SessionHeader{V: proxy.Version, End: "unregister"})
+		_ = ctl.CloseWrite()
+		_ = ctl.SetReadDeadline(time.Now().Add(time.Second))
+	})
+	defer stopUnreg()
+
+	if qconn != nil {
+		// Sessions arrive as streams the server opens; the control stream only ends.
+		ended := make(chan error, 1)
+		go func() { ended <- a.readControl(ctl, nil) }()
+		for {
+			str, err := qconn.AcceptStream(sctx)
+			if err != nil {
+				if ctx.Err() != nil { // stopping: let the unregister frame arrive first
+					select {
+					case <-ended:
+					case <-time.After(time.Second):
+					}
+				}
+				_ = ctl.Close()
+				if cerr := context.Cause(qconn.Context()); cerr != nil {
+					return fmt.Errorf("QUIC connection: %w", explainQUICErr(cerr))
+				}
+				select {
+				case err := <-ended:
+					return err
+				default:
+				}
+				return err
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				st := &clientStream{proxy.NewQUICStream(qconn, str)}
+				_ = st.SetReadDeadline(time.Now().Add(agentHandshakeTimeout))
+				hdr, err := proxy.ReadSessionHeader(st)
+				if err != nil {
+					st.Abort(proxy.QUICInternal)
+					return
+				}
+				_ = st.SetReadDeadline(time.Time{})
+				a.serve(sctx, st, hdr)
+			}()
+		}
+	}
+	// TLS: sessions are announced on the control connection; each is accepted on
+	// a new TLS connection.
+	defer ctl.Close()
+	return a.readControl(ctl, func(hdr proxy.SessionHeader) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.acceptTLS(sctx, hdr)
+		}()
+	})
+}
+
+// readControl reads control frames until the control stream ends; pings bound the
+// silence on TLS (the server sends one every 15s).
+func (a *Agent) readControl(ctl proxy.Stream, announce func(proxy.SessionHeader)) error {
+	for {
+		if announce != nil {
+			_ = ctl.SetReadDeadline(time.Now().Add(45 * time.Second))
+		}
+		hdr, err := proxy.ReadSessionHeader(ctl)
+		if err != nil {
+			return fmt.Errorf("control connection to %s ended: %w", a.Dialer.Server, err)
+		}
+		switch {
+		case hdr.End == "replaced":
+			return fatalError{fmt.Errorf("the TP server ended this agent: %s", hdr.Reason)}
+		case hdr.End == proxy.CodePolicyDenied:
+			return fatalError{fmt.Errorf("the TP server's policy no longer allows these names: %s", hdr.Reason)}
+		case hdr.End != "":
+			return fmt.Errorf("the TP server ended the control session: %s", hdr.Reason)
+		case hdr.Session != "" && announce != nil:
+			announce(hdr)
+		}
+	}
+}
+
+func (a *Agent) acceptTLS(ctx context.Context, hdr proxy.SessionHeader) {
+	d := a.Dialer
+	cctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
+	defer cancel()
+	conn, err := d.connectTLS(cctx)
+	if err != nil {
+		a.log().Warn("tp expose: cannot pick up a session", "name", hdr.Name, "err", err.Error())
+		return
+	}
+	c, err := d.request(cctx, conn, "session "+hdr.Session, proxy.ClientHello{V: proxy.Version, Op: proxy.OpAccept, Session: hdr.Session})
+	if err != nil {
+		a.log().Warn("tp expose: cannot pick up a session", "name", hdr.Name, "err", err.Error())
+		return
+	}
+	a.serve(ctx, c.(proxy.Stream), hdr)
+}
+
+// serve runs one session: inner TLS with the dialer, identity checks, then the
+// local service. It never dials anything but the configured local address.
+func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHeader) {
+	start := time.Now()
+	log := a.log().With("name", hdr.Name, "peer", hdr.PeerID)
+	var local string
+	for _, e := range a.Exposed {
+		if e.Name == hdr.Name {
+			local = e.Local
+		}
+	}
+	a.mu.Lock()
+	full := a.full[hdr.Name]
+	a.mu.Unlock()
+	if local == "" || full == "" {
+		_ = st.Close()
+		log.Warn("tp expose: session for a name this agent does not expose; refused")
+		return
+	}
+	var conn net.Conn = st
+	if a.WrapData != nil {
+		conn = a.WrapData(st)
+	}
+	tc := tls.Server(conn, &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		NextProtos: []string{E2EALPN},
+		ClientAuth: tls.RequireAndVerifyClientCert,
+		ClientCAs:  a.roots,
+		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return a.Certificate(chi.Context(), full)
+		},
+	})
+	hctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
+	defer cancel()
+	if err := tc.HandshakeContext(hctx); err != nil {
+		_ = conn.Close()
+		log.Warn("tp expose: end-to-end TLS handshake failed", "err", err.Error())
+		return
+	}
+	refuse := func(code, reason string) {
+		_ = tc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		_ = proxy.WriteServerHello(tc, proxy.ServerHello{V: proxy.Version, Code: code, Reason: reason})
+		_ = tc.Close()
+		log.Warn("tp expose: session refused", "code", code, "reason", reason)
+	}
+	id, err := authz.IdentityFromCert(tc.ConnectionState().PeerCertificates[0])
+	switch {
+	case err != nil:
+		refuse(proxy.CodeUnauthenticated, "the device certificate carries no TP identity: "+err.Error())
+		return
+	case id.DeviceID != hdr.PeerID:
+		refuse(proxy.CodeUnauthenticated, fmt.Sprintf("the certificate is for %s but the TP server announced %s", id.DeviceID, hdr.PeerID))
+		return
+	case !a.allowed(id.User, hdr.PeerGroups):
+		refuse(CodeAgentDenied, fmt.Sprintf("%s is not allowed by the agent of %s (allowed users: %s; groups: %s)",
+			id.DeviceID, full, listOrNone(a.AllowUsers), listOrNone(a.AllowGroups)))
+		return
+	}
+	var nd net.Dialer
+	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
+	upstream, err := nd.DialContext(dctx, "tcp", local)
+	dcancel()
+	if err != nil {
+		refuse(proxy.CodeDialFailed, fmt.Sprintf("the agent of %s cannot reach its local service: %v", full, err))
+		return
+	}
+	_ = tc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if err := proxy.WriteServerHello(tc, proxy.ServerHello{V: proxy.Version, OK: true}); err != nil {
+		_ = tc.Close()
+		_ = upstream.Close()
+		return
+	}
+	_ = tc.SetWriteDeadline(time.Time{})
+	up, down, err := proxy.Bridge(ctx, tc, upstream)
+	end := "closed"
+	if err != nil {
+		end = err.Error()
+	}
+	log.Info("tp expose: session", "local", local, "bytes_in", up, "bytes_out", down, "duration", time.Since(start), "end", end)
+}
+
+func (a *Agent) allowed(user string, groups []string) bool {
+	if slices.Contains(a.AllowUsers, user) {
+		return true
+	}
+	for _, g := range groups {
+		if slices.Contains(a.AllowGroups, g) {
+			return true
+		}
+	}
+	return false
+}
+
+func listOrNone(l []string) string {
+	if len(l) == 0 {
+		return "none"
+	}
+	return strings.Join(l, ", ")
+}
+
+// connectQUIC opens the agent's own QUIC connection: unlike a dialer's, it accepts
+// streams, one per session the server opens.
+func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
+	d := a.Dialer
+	addr := d.quicAddr()
+	tr, err := d.transport()
+	if err != nil {
+		return nil, err
+	}
+	raddr, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
+	}
+	cfg, err := d.tlsConfig()
+	if err != nil {
+		return nil, err
+	}
+	idle := d.IdleTimeout
+	if idle <= 0 {
+		idle = 30 * time.Second
+	}
+	conn, err := tr.Dial(ctx, raddr, cfg, &quic.Config{
+		KeepAlivePeriod:                idle / 3,
+		MaxIdleTimeout:                 idle,
+		MaxIncomingStreams:             1000, // concurrent sessions
+		MaxIncomingUniStreams:          -1,
+		InitialStreamReceiveWindow:     proxy.QUICInitialStreamWindow,
+		MaxStreamReceiveWindow:         proxy.QUICMaxStreamWindow,
+		InitialConnectionReceiveWindow: proxy.QUICInitialConnWindow,
+		MaxConnectionReceiveWindow:     proxy.QUICMaxConnWindow,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, explainQUICErr(err))
+	}
+	return conn, nil
+}

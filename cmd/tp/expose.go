@@ -1,0 +1,83 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/tpd"
+)
+
+func exposeCmd(stderr io.Writer) *cobra.Command {
+	var allowUsers, allowGroups, extra []string
+	cmd := &cobra.Command{
+		Use:   "expose NAME LOCAL_ADDR",
+		Short: "Expose a local service as NAME.<reverse zone> to the devices you allow, end to end",
+		Long: "tp expose registers NAME with the TP server and serves NAME.<reverse zone> from\n" +
+			"LOCAL_ADDR. Sessions are end-to-end TLS: this device holds a certificate for the\n" +
+			"name from TP's CA and checks every dialer's device certificate itself; the server\n" +
+			"only relays ciphertext. The server's policy (action \"listen\") decides who may\n" +
+			"register a name and (action \"dial\") who may reach it. Ctrl-C unregisters.",
+		Example: "  tp expose laptop-ssh 127.0.0.1:22 --allow-user bob\n" +
+			"  ssh -o ProxyCommand=\"tp %h %p\" alice@laptop-ssh.rev.tp.internal   # on bob's device",
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(allowUsers) == 0 && len(allowGroups) == 0 {
+				return fmt.Errorf("say who may connect to %s: --allow-user NAME or --allow-group GROUP (nobody is allowed otherwise)", args[0])
+			}
+			exposed := []clients.Exposed{{Name: args[0], Local: args[1]}}
+			for _, e := range extra {
+				name, local, ok := strings.Cut(e, "=")
+				if !ok {
+					return fmt.Errorf("--also %q must be NAME=HOST:PORT", e)
+				}
+				exposed = append(exposed, clients.Exposed{Name: name, Local: local})
+			}
+			c, cfg, err := open(cmd, stderr)
+			if err != nil {
+				return err
+			}
+			d, err := dialer(cmd.Context(), c, cfg)
+			if err != nil {
+				return err
+			}
+			defer d.Close()
+			var mu sync.Mutex
+			var names []string
+			a := &clients.Agent{
+				Dialer:      d,
+				Exposed:     exposed,
+				AllowUsers:  allowUsers,
+				AllowGroups: allowGroups,
+				Certificate: c.ReverseCertificate,
+				Logger:      slog.New(slog.NewTextHandler(stderr, nil)),
+				Registered: func(full []string) {
+					mu.Lock()
+					names = full
+					mu.Unlock()
+					for i, n := range full {
+						fmt.Fprintf(stderr, "Exposing %s as %s via %s (%s); Ctrl-C stops\n", exposed[i].Local, n, d.Server, tpd.Version)
+					}
+					// Get the certificates now, not at the first session.
+					for _, n := range full {
+						if _, err := c.ReverseCertificate(cmd.Context(), n); err != nil {
+							fmt.Fprintf(stderr, "tp expose: %v\n", err)
+						}
+					}
+				},
+			}
+			go c.RenewReverse(cmd.Context(), func() []string { mu.Lock(); defer mu.Unlock(); return names }, 10*time.Minute)
+			return a.Run(cmd.Context())
+		},
+	}
+	cmd.Flags().StringSliceVar(&allowUsers, "allow-user", nil, "users whose devices may connect (repeatable)")
+	cmd.Flags().StringSliceVar(&allowGroups, "allow-group", nil, "groups whose members' devices may connect (repeatable)")
+	cmd.Flags().StringSliceVar(&extra, "also", nil, "expose another NAME=HOST:PORT on the same agent (repeatable)")
+	return cmd
+}

@@ -1,0 +1,341 @@
+package tpd
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+const reversePolicy = `package tp.authz
+
+default allow := false
+
+allow if {
+	input.action == "listen"
+	input.identity.user in {"alice", "mallory"}
+}
+
+allow if {
+	input.action == "dial"
+	input.destination.reverse == "svc"
+	input.identity.user in {"bob", "dave"}
+}
+`
+
+// capture records every byte that passes through the relay's streams to the agent.
+type capture struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+	raw []net.Conn
+}
+
+func (c *capture) wrap(conn net.Conn) net.Conn {
+	c.mu.Lock()
+	c.raw = append(c.raw, conn)
+	c.mu.Unlock()
+	return &tapConn{Conn: conn, c: c}
+}
+
+func (c *capture) contains(b []byte) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return bytes.Contains(c.buf.Bytes(), b)
+}
+
+func (c *capture) size() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.buf.Len()
+}
+
+type tapConn struct {
+	net.Conn
+	c *capture
+}
+
+func (t *tapConn) Read(p []byte) (int, error) {
+	n, err := t.Conn.Read(p)
+	t.c.mu.Lock()
+	t.c.buf.Write(p[:n])
+	t.c.mu.Unlock()
+	return n, err
+}
+
+func (t *tapConn) Write(p []byte) (int, error) {
+	t.c.mu.Lock()
+	t.c.buf.Write(p)
+	t.c.mu.Unlock()
+	return t.Conn.Write(p)
+}
+
+func (t *tapConn) CloseWrite() error { return t.Conn.(proxy.Stream).CloseWrite() }
+
+// startAgent runs alice's agent for "svc" → local and waits until it registered.
+func startAgent(t *testing.T, c *clients.Client, transport, local string, allowUsers []string, tap *capture) (stop func(), errc chan error) {
+	t.Helper()
+	d, err := c.Dialer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Transport = transport
+	registered := make(chan struct{}, 10)
+	a := &clients.Agent{
+		Dialer:      d,
+		Exposed:     []clients.Exposed{{Name: "svc", Local: local}},
+		AllowUsers:  allowUsers,
+		Certificate: c.ReverseCertificate,
+		Registered:  func([]string) { registered <- struct{}{} },
+	}
+	if tap != nil {
+		a.WrapData = tap.wrap
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc = make(chan error, 1)
+	go func() { errc <- a.Run(ctx); d.Close() }()
+	select {
+	case <-registered:
+	case err := <-errc:
+		cancel()
+		t.Fatalf("agent ended before registering: %v", err)
+	case <-time.After(30 * time.Second):
+		cancel()
+		t.Fatal("agent did not register within 30s")
+	}
+	stopped := false
+	stop = func() {
+		if !stopped {
+			stopped = true
+			cancel()
+			<-errc
+		}
+	}
+	t.Cleanup(stop)
+	return stop, errc
+}
+
+// upperServer answers each line with the line in upper case.
+func upperServer(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				b, _ := io.ReadAll(c)
+				c.Write(bytes.ToUpper(b))
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+func dialReverse(c *clients.Client, transport string, msg []byte) ([]byte, error) {
+	d, err := c.Dialer()
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	d.Transport = transport
+	conn, err := d.DialContext(context.Background(), "tcp", "svc.rev.tp.internal:22")
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	if _, err := conn.Write(msg); err != nil {
+		return nil, err
+	}
+	conn.(interface{ CloseWrite() error }).CloseWrite()
+	return io.ReadAll(conn)
+}
+
+// Protected mode end to end over both carriers: bob reaches alice's service through
+// the relay, the relay forwards only ciphertext, carol is refused by policy.
+func TestReverseProtected(t *testing.T) {
+	d, url := startDaemon(t, reversePolicy)
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
+	carol, _, _ := enrollClient(t, d, url, "carol", "pc")
+	local := upperServer(t)
+	for _, transport := range []string{clients.TransportQUIC, clients.TransportTLS} {
+		t.Run(transport, func(t *testing.T) {
+			tap := &capture{}
+			stop, _ := startAgent(t, alice, transport, local, []string{"bob"}, tap)
+			marker := []byte("plaintext-marker-" + transport)
+			got, err := dialReverse(bob, transport, marker)
+			if err != nil {
+				t.Fatalf("bob: %v", err)
+			}
+			if !bytes.Equal(got, bytes.ToUpper(marker)) {
+				t.Fatalf("bob got %q", got)
+			}
+			if tap.size() == 0 {
+				t.Fatal("the capture saw nothing: the test does not observe the relay")
+			}
+			if tap.contains(marker) || tap.contains(bytes.ToUpper(marker)) {
+				t.Fatal("the relay forwarded plaintext")
+			}
+			_, err = dialReverse(carol, transport, marker)
+			var re *clients.RefusedError
+			if !errors.As(err, &re) || re.Code != proxy.CodePolicyDenied || !strings.Contains(err.Error(), "denied by policy") {
+				t.Fatalf("carol: %v; want a policy denial", err)
+			}
+			stop() // Ctrl-C unregisters at once: no grace period for a clean stop
+			_, err = dialReverse(bob, transport, marker)
+			if !errors.As(err, &re) || re.Code != proxy.CodeReverseUnknown {
+				t.Fatalf("after the agent stopped: %v; want %s", err, proxy.CodeReverseUnknown)
+			}
+		})
+	}
+}
+
+// Both layers decide: dave passes the relay's policy but not the agent's allow
+// list; carol would pass the agent's list but not the policy.
+func TestReverseBothLayers(t *testing.T) {
+	d, url := startDaemon(t, reversePolicy)
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	dave, _, _ := enrollClient(t, d, url, "dave", "pc")
+	carol, _, _ := enrollClient(t, d, url, "carol", "pc")
+	startAgent(t, alice, clients.TransportTLS, upperServer(t), []string{"carol"}, nil)
+	_, err := dialReverse(dave, clients.TransportTLS, []byte("x"))
+	var re *clients.RefusedError
+	if !errors.As(err, &re) || re.Code != clients.CodeAgentDenied || !strings.Contains(err.Error(), "dave@pc is not allowed by the agent") {
+		t.Fatalf("dave: %v; want the agent's refusal", err)
+	}
+	_, err = dialReverse(carol, clients.TransportTLS, []byte("x"))
+	if !errors.As(err, &re) || re.Code != proxy.CodePolicyDenied {
+		t.Fatalf("carol: %v; want the relay's policy denial", err)
+	}
+}
+
+// A name belongs to its owner: another identity can neither take it while the
+// owner is online, nor in the grace period after the owner dropped off, nor get a
+// certificate for it; the owner's reconnect takes it back.
+func TestReverseNameHijack(t *testing.T) {
+	d, url := startDaemon(t, reversePolicy)
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	mallory, _, _ := enrollClient(t, d, url, "mallory", "pc")
+	local := upperServer(t)
+
+	// Online: refused, and alice keeps the name.
+	stop, _ := startAgent(t, alice, clients.TransportTLS, local, []string{"bob"}, nil)
+	if err := runMallory(t, mallory); err == nil || !strings.Contains(err.Error(), "registered by another identity") {
+		t.Fatalf("mallory while alice is online: %v; want name taken", err)
+	}
+	if _, err := mallory.ReverseCertificate(context.Background(), "svc.rev.tp.internal"); err == nil || !strings.Contains(err.Error(), "is not registered to mallory@pc") {
+		t.Fatalf("mallory's certificate request: %v; want a refusal", err)
+	}
+	stop()
+
+	// Offline in the grace period: alice's control connection breaks without
+	// unregistering (as when her laptop changes networks).
+	ad, _ := alice.Dialer()
+	cfg := ad.TLSConfig.Clone()
+	cfg.NextProtos, cfg.ServerName = []string{proxy.ALPN}, "localhost"
+	raw, err := tls.Dial("tcp", ad.Server, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := proxy.WriteClientHello(raw, proxy.ClientHello{V: 1, Op: proxy.OpListen, Net: "tcp", Names: []string{"svc"}}); err != nil {
+		t.Fatal(err)
+	}
+	if sh, err := proxy.ReadServerHello(raw); err != nil || !sh.OK {
+		t.Fatalf("alice's raw listen: %+v %v", sh, err)
+	}
+	raw.NetConn().Close()
+	if err := runMallory(t, mallory); err == nil || !strings.Contains(err.Error(), "reconnecting") {
+		t.Fatalf("mallory while alice is offline: %v; want name taken", err)
+	}
+	startAgent(t, alice, clients.TransportTLS, local, []string{"bob"}, nil) // the owner takes it back
+}
+
+func runMallory(t *testing.T, c *clients.Client) error {
+	d, err := c.Dialer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	d.Transport = clients.TransportTLS
+	a := &clients.Agent{Dialer: d, Exposed: []clients.Exposed{{Name: "svc", Local: "127.0.0.1:1"}},
+		AllowUsers: []string{"mallory"}, Certificate: c.ReverseCertificate}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return a.Run(ctx)
+}
+
+// An agent that dies mid-transfer (its streams cut without TLS close_notify) is an
+// error for the dialer, never a silent short read.
+func TestReverseAgentDiesMidTransfer(t *testing.T) {
+	d, url := startDaemon(t, reversePolicy)
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() { // a service that streams forever
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, zeros{}); c.Close() }()
+		}
+	}()
+	for _, transport := range []string{clients.TransportTLS, clients.TransportQUIC} {
+		t.Run(transport, func(t *testing.T) {
+			tap := &capture{}
+			startAgent(t, alice, transport, ln.Addr().String(), []string{"bob"}, tap)
+			bd, _ := bob.Dialer()
+			defer bd.Close()
+			bd.Transport = transport
+			conn, err := bd.DialContext(context.Background(), "tcp", "svc.rev.tp.internal:22")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if _, err := io.CopyN(io.Discard, conn, 1<<20); err != nil {
+				t.Fatal(err)
+			}
+			tap.mu.Lock()
+			for _, c := range tap.raw { // the agent process dies: no close_notify
+				if s, ok := c.(interface{ Abort(uint64) }); ok {
+					_ = s
+				}
+				if tc, ok := c.(*tls.Conn); ok {
+					tc.NetConn().Close()
+				} else {
+					c.Close()
+				}
+			}
+			tap.mu.Unlock()
+			conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+			_, err = io.Copy(io.Discard, conn)
+			if err == nil {
+				t.Fatal("the dialer saw a clean end after the agent died")
+			}
+			t.Logf("dialer sees: %v", err)
+		})
+	}
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }

@@ -1,0 +1,527 @@
+package proxy
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+)
+
+// ReverseOptions configure reverse listeners. An empty Zone disables them.
+type ReverseOptions struct {
+	// Zone is the DNS suffix reverse names live under: agent name "laptop-ssh"
+	// becomes "laptop-ssh.<Zone>". Names under it never reach the network, so the
+	// zone must not be one that real hosts use (e.g. "rev.tp.example.org").
+	Zone string
+	// Grace is how long a name stays reserved for its owner after the owner's
+	// control session ended (network change, tpd restart on the agent's side).
+	// Default 30s.
+	Grace time.Duration
+	// MaxPending bounds the sessions announced to one agent over TLS and not yet
+	// picked up; beyond it the oldest is refused. Default 1000.
+	MaxPending int
+	// PickupTimeout bounds how long a dial waits for the agent to pick the session
+	// up. Default 10s.
+	PickupTimeout time.Duration
+	// Ping is the period of keepalive frames on TLS control connections. Default 15s.
+	Ping time.Duration
+}
+
+func (o ReverseOptions) withDefaults() ReverseOptions {
+	o.Zone = strings.TrimSuffix(strings.ToLower(o.Zone), ".")
+	if o.Grace <= 0 {
+		o.Grace = 30 * time.Second
+	}
+	if o.MaxPending <= 0 {
+		o.MaxPending = 1000
+	}
+	if o.PickupTimeout <= 0 {
+		o.PickupTimeout = 10 * time.Second
+	}
+	if o.Ping <= 0 {
+		o.Ping = 15 * time.Second
+	}
+	return o
+}
+
+// errHandled tells ServeStream that a reverse operation owned the stream.
+var errHandled = &HelloError{Code: "handled"}
+
+// reverseAgent is one live control session of an agent.
+type reverseAgent struct {
+	id        authz.Identity
+	transport string
+	names     []string // full names
+	ctl       Stream
+	end       context.CancelCauseFunc
+	// open starts a session: a stream opened to the agent (QUIC) or an
+	// announcement the agent answers with an accept connection (TLS).
+	open func(ctx context.Context, hdr SessionHeader) (Stream, *HelloError)
+
+	wmu     sync.Mutex // serialises frames on ctl
+	pmu     sync.Mutex
+	pending []*pendingSession // oldest first (TLS)
+}
+
+type pendingSession struct {
+	id    string
+	agent *reverseAgent
+	ch    chan Stream // receives the accept connection, or nil when refused
+}
+
+type revEntry struct {
+	owner string // device ID
+	agent *reverseAgent
+	until time.Time // end of the grace period while agent is nil
+}
+
+type reverseRegistry struct {
+	opts     ReverseOptions
+	mu       sync.Mutex
+	names    map[string]*revEntry       // full name → holder
+	sessions map[string]*pendingSession // announced, not yet accepted (TLS)
+}
+
+func newReverseRegistry(opts ReverseOptions) *reverseRegistry {
+	return &reverseRegistry{opts: opts.withDefaults(), names: map[string]*revEntry{}, sessions: map[string]*pendingSession{}}
+}
+
+// name returns the label of host when host is "<label>.<zone>".
+func (r *reverseRegistry) name(host string) (string, bool) {
+	label, ok := strings.CutSuffix(host, "."+r.opts.Zone)
+	return label, ok && label != "" && !strings.Contains(label, ".")
+}
+
+// claim gives a's names to a, or refuses if another identity holds one. A newer
+// session of the same owner takes over; the replaced sessions are returned.
+func (r *reverseRegistry) claim(a *reverseAgent) ([]*reverseAgent, *HelloError) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	for _, n := range a.names {
+		e := r.names[n]
+		if e == nil || e.owner == a.id.DeviceID {
+			continue
+		}
+		if e.agent != nil {
+			return nil, helloErr(CodeNameTaken, "%s is registered by another identity; choose another name", n)
+		}
+		if now.Before(e.until) {
+			return nil, helloErr(CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another name", n)
+		}
+	}
+	var replaced []*reverseAgent
+	for _, n := range a.names {
+		if e := r.names[n]; e != nil && e.agent != nil && e.agent != a {
+			replaced = append(replaced, e.agent)
+		}
+		r.names[n] = &revEntry{owner: a.id.DeviceID, agent: a}
+	}
+	return replaced, nil
+}
+
+// release marks a's names offline for the grace period (or frees them at once
+// when the agent unregistered) and refuses its pending sessions.
+func (r *reverseRegistry) release(a *reverseAgent, grace bool) {
+	r.mu.Lock()
+	until := time.Now().Add(r.opts.Grace)
+	for _, n := range a.names {
+		if e := r.names[n]; e != nil && e.agent == a {
+			if !grace {
+				delete(r.names, n)
+				continue
+			}
+			e.agent, e.until = nil, until
+		}
+	}
+	r.mu.Unlock()
+	a.pmu.Lock()
+	pending := a.pending
+	a.pending = nil
+	a.pmu.Unlock()
+	for _, p := range pending {
+		r.unpend(p, nil)
+	}
+}
+
+// lookup finds the live agent for a full name.
+func (r *reverseRegistry) lookup(host string) (*reverseAgent, *HelloError) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.names[host]
+	switch {
+	case e == nil || e.agent == nil && !time.Now().Before(e.until):
+		return nil, helloErr(CodeReverseUnknown, "no agent serves %s; is `tp expose` running for it?", host)
+	case e.agent == nil:
+		return nil, helloErr(CodeReverseOffline, "the agent serving %s is offline and reconnecting; try again in a few seconds", host)
+	}
+	return e.agent, nil
+}
+
+// owner returns the device that holds a full name, online or within its grace period.
+func (r *reverseRegistry) owner(host string) (string, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.names[host]
+	if e == nil || e.agent == nil && !time.Now().Before(e.until) {
+		return "", false
+	}
+	return e.owner, true
+}
+
+// pend records an announced session; past MaxPending the oldest is refused.
+func (r *reverseRegistry) pend(a *reverseAgent, p *pendingSession) {
+	r.mu.Lock() // lock order: r.mu, then a.pmu
+	a.pmu.Lock()
+	a.pending = append(a.pending, p)
+	var evict *pendingSession
+	if len(a.pending) > r.opts.MaxPending {
+		evict = a.pending[0]
+		a.pending = a.pending[1:]
+		delete(r.sessions, evict.id)
+	}
+	a.pmu.Unlock()
+	r.sessions[p.id] = p
+	r.mu.Unlock()
+	if evict != nil {
+		evict.ch <- nil
+	}
+}
+
+// unpend removes p; if it was still pending, st (nil: refused) is delivered to its
+// dialer. It reports whether p was still pending.
+func (r *reverseRegistry) unpend(p *pendingSession, st Stream) bool {
+	r.mu.Lock()
+	_, ok := r.sessions[p.id]
+	delete(r.sessions, p.id)
+	r.mu.Unlock()
+	if !ok {
+		return false
+	}
+	p.agent.pmu.Lock()
+	for i, q := range p.agent.pending {
+		if q == p {
+			p.agent.pending = append(p.agent.pending[:i], p.agent.pending[i+1:]...)
+			break
+		}
+	}
+	p.agent.pmu.Unlock()
+	p.ch <- st
+	return true
+}
+
+// pendingCount is the number of sessions announced and not picked up (tests).
+func (r *reverseRegistry) pendingCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.sessions)
+}
+
+func newSessionID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// ReverseOwner returns the device ID that holds the reverse name host (a full
+// name under the zone), online or within its grace period. The CA asks it before
+// it lets a device prove control of a reverse name.
+func (s *Server) ReverseOwner(host string) (string, bool) {
+	if s.rev == nil {
+		return "", false
+	}
+	return s.rev.owner(strings.TrimSuffix(strings.ToLower(host), "."))
+}
+
+// ReverseZone is the configured reverse zone, "" when reverse listeners are off.
+func (s *Server) ReverseZone() string {
+	if s.rev == nil {
+		return ""
+	}
+	return s.rev.opts.Zone
+}
+
+// serveReverseOp runs a listen or accept request. It returns errHandled when it
+// owned the stream to the end, or a refusal for ServeStream to send.
+func (s *Server) serveReverseOp(ctx context.Context, conn Stream, cs tls.ConnectionState, transport string, ss *session, hello ClientHello) *HelloError {
+	if s.rev == nil {
+		return helloErr(CodeReverseDisabled, "this TP server has no reverse zone, so it serves no reverse listeners; the administrator sets reverse-zone in tpd.yaml")
+	}
+	if hello.Op == OpAccept {
+		return s.serveAccept(ctx, conn, ss, hello)
+	}
+	return s.serveListen(ctx, conn, cs, transport, ss, hello)
+}
+
+func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.ConnectionState, transport string, ss *session, hello ClientHello) *HelloError {
+	a := &reverseAgent{id: ss.id, transport: transport, ctl: conn}
+	reqs := make([]authz.Request, 0, len(hello.Names))
+	for _, n := range hello.Names {
+		full := n + "." + s.rev.opts.Zone
+		a.names = append(a.names, full)
+		req := authz.Request{
+			Action:      authz.ActionListen,
+			Identity:    ss.id,
+			Destination: authz.Destination{Host: full, Network: "tcp", Reverse: n},
+			Source:      authz.Source{Address: ss.remote, Transport: transport},
+			Time:        time.Now(),
+		}
+		if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to listen as "+full); herr != nil {
+			return herr
+		}
+		reqs = append(reqs, req)
+	}
+	ss.dest = "listen " + strings.Join(a.names, ",")
+	if qs, ok := conn.(*QUICStream); ok {
+		a.open = s.quicOpener(qs)
+	} else {
+		a.open = s.tlsOpener(a)
+	}
+
+	ctx, cancel := context.WithDeadlineCause(ctx, ss.id.NotAfter, errCertExpired)
+	defer cancel()
+	ctx, end := context.WithCancelCause(ctx)
+	defer end(nil)
+	a.end = end
+	replaced, herr := s.rev.claim(a)
+	if herr != nil {
+		return herr
+	}
+	for _, old := range replaced {
+		old.end(errReplaced)
+	}
+	defer func() { s.rev.release(a, !errors.Is(context.Cause(ctx), errUnregistered)) }()
+	for _, req := range reqs {
+		defer s.sessions.add(&liveSession{cs: cs, req: req, revoke: end})()
+	}
+
+	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
+	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true, Names: a.names}); err != nil {
+		ss.end = "writing server hello: " + err.Error()
+		_ = conn.Close()
+		return errHandled
+	}
+	_ = conn.SetWriteDeadline(time.Time{})
+	s.log.LogAttrs(ctx, slog.LevelInfo, "reverse listener registered",
+		slog.String("identity", ss.id.String()), slog.String("names", strings.Join(a.names, ",")), slog.String("transport", transport))
+
+	// The agent sends one frame after its hello, {"end":"unregister"}, when it
+	// stops; otherwise a read ends when it goes away.
+	go func() {
+		h, err := ReadSessionHeader(conn)
+		switch {
+		case err == nil && h.End == "unregister":
+			err = errUnregistered
+		case err == nil:
+			err = errors.New("the agent sent an unexpected frame on its control stream")
+		}
+		end(fmt.Errorf("control stream ended: %w", err))
+	}()
+	if transport != "quic" {
+		t := time.NewTicker(s.rev.opts.Ping)
+		defer t.Stop()
+	loop:
+		for {
+			select {
+			case <-ctx.Done():
+				break loop
+			case <-t.C:
+				if err := a.writeFrame(SessionHeader{V: Version, Ping: true}); err != nil {
+					end(fmt.Errorf("control connection: %w", err))
+				}
+			}
+		}
+	} else {
+		<-ctx.Done()
+	}
+	cause := context.Cause(ctx)
+	var rev *RevokedError
+	switch {
+	case errors.Is(cause, errReplaced):
+		_ = a.writeFrame(SessionHeader{V: Version, End: "replaced", Reason: "a newer agent of the same device took over these names"})
+	case errors.As(cause, &rev):
+		_ = a.writeFrame(SessionHeader{V: Version, End: CodePolicyDenied, Reason: rev.Reason})
+	case errors.Is(cause, errCertExpired):
+		_ = a.writeFrame(SessionHeader{V: Version, End: "cert_expired", Reason: "the client certificate expired; the agent reconnects with a fresh one"})
+	}
+	ss.end = cause.Error()
+	_ = conn.Close()
+	return errHandled
+}
+
+var (
+	errReplaced     = errors.New("replaced by a newer session of the same device")
+	errUnregistered = errors.New("the agent unregistered its names")
+)
+
+func (a *reverseAgent) writeFrame(h SessionHeader) error {
+	a.wmu.Lock()
+	defer a.wmu.Unlock()
+	_ = a.ctl.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
+	err := WriteSessionHeader(a.ctl, h)
+	_ = a.ctl.SetWriteDeadline(time.Time{})
+	return err
+}
+
+// quicOpener opens a stream to the agent per session and writes the header at
+// once: a QUIC stream is invisible to the peer until it carries data.
+func (s *Server) quicOpener(ctl *QUICStream) func(context.Context, SessionHeader) (Stream, *HelloError) {
+	conn := ctl.Conn()
+	return func(ctx context.Context, hdr SessionHeader) (Stream, *HelloError) {
+		ctx, cancel := context.WithTimeout(ctx, s.rev.opts.PickupTimeout)
+		defer cancel()
+		str, err := conn.OpenStreamSync(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, helloErr(CodeReverseBusy, "the agent for %s.%s has no room for another session; try again", hdr.Name, s.rev.opts.Zone)
+			}
+			return nil, helloErr(CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
+		}
+		qs := NewQUICStream(conn, str)
+		_ = qs.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
+		if err := WriteSessionHeader(qs, hdr); err != nil {
+			qs.Abort(QUICInternal)
+			return nil, helloErr(CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
+		}
+		_ = qs.SetWriteDeadline(time.Time{})
+		return qs, nil
+	}
+}
+
+// tlsOpener announces a session on the control connection and waits for the
+// agent's accept connection.
+func (s *Server) tlsOpener(a *reverseAgent) func(context.Context, SessionHeader) (Stream, *HelloError) {
+	return func(ctx context.Context, hdr SessionHeader) (Stream, *HelloError) {
+		p := &pendingSession{id: hdr.Session, agent: a, ch: make(chan Stream, 1)}
+		s.rev.pend(a, p)
+		if err := a.writeFrame(hdr); err != nil {
+			s.rev.unpend(p, nil)
+			a.end(fmt.Errorf("control connection: %w", err))
+			return nil, helloErr(CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
+		}
+		t := time.NewTimer(s.rev.opts.PickupTimeout)
+		defer t.Stop()
+		select {
+		case st := <-p.ch:
+			return pickedUp(st, hdr, s.rev.opts.Zone)
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		if s.rev.unpend(p, nil) {
+			<-p.ch
+			return nil, helloErr(CodeReverseTimeout, "the agent for %s.%s did not pick up the session within %s", hdr.Name, s.rev.opts.Zone, s.rev.opts.PickupTimeout)
+		}
+		return pickedUp(<-p.ch, hdr, s.rev.opts.Zone) // accepted just now
+	}
+}
+
+func pickedUp(st Stream, hdr SessionHeader, zone string) (Stream, *HelloError) {
+	if st == nil {
+		return nil, helloErr(CodeReverseBusy, "the agent for %s.%s has too many sessions waiting or went away; try again", hdr.Name, zone)
+	}
+	return st, nil
+}
+
+// pairedStream is an accept connection handed to a dialer's session; Close tells
+// the accept request that the session is over.
+type pairedStream struct {
+	Stream
+	once sync.Once
+	done chan struct{}
+}
+
+func (p *pairedStream) Close() error {
+	err := p.Stream.Close()
+	p.once.Do(func() { close(p.done) })
+	return err
+}
+
+func (s *Server) serveAccept(ctx context.Context, conn Stream, ss *session, hello ClientHello) *HelloError {
+	s.rev.mu.Lock()
+	p := s.rev.sessions[hello.Session]
+	s.rev.mu.Unlock()
+	if p == nil || p.agent.id.DeviceID != ss.id.DeviceID {
+		return helloErr(CodeUnknownSession, "session %s is not waiting for %s (it expired, or was announced to another agent)", hello.Session, ss.id)
+	}
+	ss.dest = "accept " + hello.Session
+	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
+	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true}); err != nil {
+		ss.end = "writing server hello: " + err.Error()
+		_ = conn.Close()
+		return errHandled
+	}
+	_ = conn.SetWriteDeadline(time.Time{})
+	ps := &pairedStream{Stream: conn, done: make(chan struct{})}
+	if !s.rev.unpend(p, ps) {
+		ss.end = "the session expired before it was accepted"
+		_ = conn.Close()
+		return errHandled
+	}
+	select {
+	case <-ps.done:
+		ss.end = "paired session ended"
+	case <-ctx.Done():
+		ss.end = context.Cause(ctx).Error()
+		_ = ps.Close()
+	}
+	return errHandled
+}
+
+// establishReverse connects a dial of a reverse name to the name's agent.
+func (s *Server) establishReverse(ctx context.Context, ss *session, host, label string, port int, transport string) (net.Conn, *HelloError) {
+	a, herr := s.rev.lookup(host)
+	if herr != nil {
+		return nil, herr
+	}
+	req := authz.Request{
+		Action:      authz.ActionDial,
+		Identity:    ss.id,
+		Destination: authz.Destination{Host: host, Port: port, Network: "tcp", Reverse: label},
+		Source:      authz.Source{Address: ss.remote, Transport: transport},
+		Time:        time.Now(),
+	}
+	if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to reach "+host); herr != nil {
+		return nil, herr
+	}
+	ss.req = req
+	ss.upstream = "agent " + a.id.String() + " (" + a.transport + ")"
+	hdr := SessionHeader{V: Version, Session: newSessionID(), Name: label,
+		PeerID: ss.id.DeviceID, PeerUser: ss.id.User, PeerGroups: ss.id.Groups}
+	st, herr := a.open(ctx, hdr)
+	if herr != nil {
+		return nil, herr
+	}
+	ss.e2e = true
+	return st, nil
+}
+
+// decide asks the Authorizer and turns a denial or an error into a refusal.
+func (s *Server) decide(ctx context.Context, ss *session, req authz.Request, fallback string) *HelloError {
+	actx, acancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+	dec, err := s.cfg.Authorizer.Authorize(actx, req)
+	acancel()
+	if err != nil {
+		ss.decision = "deny"
+		ss.end = "policy evaluation failed: " + err.Error()
+		return policyError(err)
+	}
+	if !dec.Allow {
+		ss.decision = "deny"
+		reason := dec.Reason
+		if reason == "" {
+			reason = fallback
+		}
+		return &HelloError{Code: CodePolicyDenied, Reason: reason}
+	}
+	ss.decision = "allow"
+	return nil
+}

@@ -1,0 +1,94 @@
+package proxy
+
+import (
+	"context"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+)
+
+// pipeStream is one end of a net.Pipe as a Stream.
+type pipeStream struct{ net.Conn }
+
+func (pipeStream) CloseWrite() error { return nil }
+
+// An agent that never answers its announcements costs a bounded number of
+// pending sessions: past MaxPending the oldest is refused, and the rest expire
+// after PickupTimeout.
+func TestReversePendingBounded(t *testing.T) {
+	s := &Server{rev: newReverseRegistry(ReverseOptions{Zone: "rev.test", MaxPending: 1000, PickupTimeout: 2 * time.Second})}
+	ctl, agentSide := net.Pipe()
+	go io.Copy(io.Discard, agentSide) // the agent reads announcements and never accepts
+	defer ctl.Close()
+	a := &reverseAgent{id: authz.Identity{DeviceID: "alice@laptop"}, names: []string{"svc.rev.test"}, ctl: pipeStream{ctl}}
+	a.end = func(error) {}
+	a.open = s.tlsOpener(a)
+	if _, herr := s.rev.claim(a); herr != nil {
+		t.Fatal(herr)
+	}
+	const n = 1100
+	codes := make(chan string, n)
+	for i := 0; i < n; i++ {
+		go func() {
+			_, herr := a.open(context.Background(), SessionHeader{V: 1, Session: newSessionID(), Name: "svc"})
+			codes <- herr.Code
+		}()
+	}
+	busy, timeout := 0, 0
+	deadline := time.After(30 * time.Second)
+	for i := 0; i < n; i++ {
+		select {
+		case c := <-codes:
+			switch c {
+			case CodeReverseBusy:
+				busy++
+			case CodeReverseTimeout:
+				timeout++
+			default:
+				t.Fatalf("unexpected code %s", c)
+			}
+			if p := s.rev.pendingCount(); p > 1000 {
+				t.Fatalf("%d sessions pending; the bound is 1000", p)
+			}
+		case <-deadline:
+			t.Fatalf("only %d of %d announcements ended within 30s", i, n)
+		}
+	}
+	if busy < n-1000 || s.rev.pendingCount() != 0 {
+		t.Fatalf("busy %d, timed out %d, still pending %d; want at least %d refused as busy and none left", busy, timeout, s.rev.pendingCount(), n-1000)
+	}
+}
+
+// A second identity never replaces a name's holder, online or in its grace
+// period; the holder's own new session does.
+func TestReverseClaim(t *testing.T) {
+	r := newReverseRegistry(ReverseOptions{Zone: "rev.test", Grace: time.Hour})
+	alice := &reverseAgent{id: authz.Identity{DeviceID: "alice@laptop"}, names: []string{"a.rev.test"}}
+	mallory := &reverseAgent{id: authz.Identity{DeviceID: "mallory@pc"}, names: []string{"a.rev.test"}}
+	if _, herr := r.claim(alice); herr != nil {
+		t.Fatal(herr)
+	}
+	if _, herr := r.claim(mallory); herr == nil || herr.Code != CodeNameTaken {
+		t.Fatalf("online: %v", herr)
+	}
+	r.release(alice, true)
+	if _, herr := r.claim(mallory); herr == nil || herr.Code != CodeNameTaken {
+		t.Fatalf("grace: %v", herr)
+	}
+	if _, herr := r.lookup("a.rev.test"); herr == nil || herr.Code != CodeReverseOffline {
+		t.Fatalf("lookup in grace: %v", herr)
+	}
+	alice2 := &reverseAgent{id: alice.id, names: alice.names}
+	if _, herr := r.claim(alice2); herr != nil {
+		t.Fatalf("owner's reconnect: %v", herr)
+	}
+	if owner, ok := r.owner("a.rev.test"); !ok || owner != "alice@laptop" {
+		t.Fatalf("owner %q %v", owner, ok)
+	}
+	if _, ok := r.name("x.y.rev.test"); ok {
+		t.Fatal("a name with a dot inside the label is not a reverse name")
+	}
+}

@@ -1,0 +1,155 @@
+package proxy
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+)
+
+// Reverse-listener operations (docs/PROTOCOL.md, section 11).
+const (
+	// OpListen registers reverse names on a control stream (QUIC) or control
+	// connection (TLS), which then stays open for as long as the names are served.
+	OpListen = "listen"
+	// OpAccept pairs a new TLS connection with a session announced on the control
+	// connection; after the ok it carries that session's bytes.
+	OpAccept = "accept"
+)
+
+// Refusal codes of reverse listeners.
+const (
+	// CodeNameTaken: another identity holds the name (online, or offline within
+	// its grace period).
+	CodeNameTaken = "name_taken"
+	// CodeReverseUnknown: no agent has registered the reverse name dialed.
+	CodeReverseUnknown = "reverse_unknown"
+	// CodeReverseOffline: the name's agent is reconnecting (grace period).
+	CodeReverseOffline = "reverse_offline"
+	// CodeReverseTimeout: the agent did not pick up the session in time.
+	CodeReverseTimeout = "reverse_timeout"
+	// CodeReverseBusy: the agent has too many sessions waiting to be picked up.
+	CodeReverseBusy = "reverse_busy"
+	// CodeUnknownSession: an accept named a session that is not waiting for this device.
+	CodeUnknownSession = "unknown_session"
+	// CodeReverseDisabled: the server has no reverse zone.
+	CodeReverseDisabled = "reverse_disabled"
+)
+
+// MaxListenNames bounds the names one listen hello may register.
+const MaxListenNames = 16
+
+// maxSessionIDLen bounds an accept's session id.
+const maxSessionIDLen = 64
+
+// SessionHeader is a frame the server sends to an agent: at the start of every
+// stream it opens to the agent (QUIC), or on the control connection (TLS) to
+// announce a session (Session set), keep the connection alive (Ping) or say why
+// it ends (End, Reason).
+type SessionHeader struct {
+	V       int    `json:"v"`
+	Session string `json:"session,omitempty"`
+	// Name is the reverse name dialed, without the zone.
+	Name string `json:"name,omitempty"`
+	// Peer* describe the dialer as the server authenticated it. A protected agent
+	// checks PeerID against the dialer's own certificate; groups come from here.
+	PeerID     string   `json:"peer_id,omitempty"`
+	PeerUser   string   `json:"peer_user,omitempty"`
+	PeerGroups []string `json:"peer_groups,omitempty"`
+	Ping       bool     `json:"ping,omitempty"`
+	End        string   `json:"end,omitempty"`
+	Reason     string   `json:"reason,omitempty"`
+}
+
+// WriteSessionHeader writes h as one frame.
+func WriteSessionHeader(w io.Writer, h SessionHeader) error { return writeFrame(w, h) }
+
+// ReadSessionHeader reads one session header frame.
+func ReadSessionHeader(r io.Reader) (SessionHeader, error) {
+	body, err := readFrame(r)
+	if err != nil {
+		return SessionHeader{}, err
+	}
+	var h SessionHeader
+	if err := strictJSON(body, &h); err != nil {
+		return SessionHeader{}, helloErr(CodeBadRequest, "malformed session header: %v", err)
+	}
+	if h.V != Version {
+		return SessionHeader{}, helloErr(CodeUnsupportedVersion, "session header version %d; this side speaks %d", h.V, Version)
+	}
+	return h, nil
+}
+
+// ValidReverseName reports whether name is usable as a reverse name: one DNS
+// label of lower-case letters, digits and inner hyphens, 1 to 63 characters.
+func ValidReverseName(name string) error {
+	if name == "" || len(name) > 63 {
+		return fmt.Errorf("reverse name %q must be 1 to 63 characters", name)
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-') {
+			return fmt.Errorf("reverse name %q may only contain a-z, 0-9 and '-'", name)
+		}
+	}
+	if strings.HasPrefix(name, "-") || strings.HasSuffix(name, "-") {
+		return fmt.Errorf("reverse name %q must not start or end with '-'", name)
+	}
+	return nil
+}
+
+func (h ClientHello) validateReverse() error {
+	if h.Host != "" || h.Port != 0 {
+		return helloErr(CodeBadRequest, "op %q takes no host or port", h.Op)
+	}
+	switch h.Op {
+	case OpListen:
+		if h.Net != "tcp" {
+			return helloErr(CodeUnsupportedNetwork, "network %q is not supported for reverse listeners; expected \"tcp\"", h.Net)
+		}
+		if h.Session != "" {
+			return helloErr(CodeBadRequest, "op \"listen\" takes no session")
+		}
+		if len(h.Names) == 0 || len(h.Names) > MaxListenNames {
+			return helloErr(CodeBadRequest, "op \"listen\" needs 1 to %d names, not %d", MaxListenNames, len(h.Names))
+		}
+		seen := make(map[string]bool, len(h.Names))
+		for _, n := range h.Names {
+			if err := ValidReverseName(n); err != nil {
+				return helloErr(CodeBadRequest, "%v", err)
+			}
+			if seen[n] {
+				return helloErr(CodeBadRequest, "reverse name %q is listed twice", n)
+			}
+			seen[n] = true
+		}
+	case OpAccept:
+		if h.Net != "" || len(h.Names) > 0 {
+			return helloErr(CodeBadRequest, "op \"accept\" takes only a session")
+		}
+		if h.Session == "" || len(h.Session) > maxSessionIDLen {
+			return helloErr(CodeBadRequest, "session id must be 1 to %d characters", maxSessionIDLen)
+		}
+		for i := 0; i < len(h.Session); i++ {
+			if c := h.Session[i]; !('a' <= c && c <= 'f' || '0' <= c && c <= '9') {
+				return helloErr(CodeBadRequest, "session id must be lower-case hexadecimal")
+			}
+		}
+	}
+	return nil
+}
+
+// strictJSON decodes one JSON object with no unknown fields and nothing after it.
+func strictJSON(body []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if dec.InputOffset() != int64(len(body)) {
+		return errors.New("trailing bytes after the JSON object")
+	}
+	return nil
+}
