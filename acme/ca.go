@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -40,6 +41,10 @@ type CA struct {
 	acmeDB  stepacme.DB
 	linker  stepacme.Linker
 	handler http.Handler
+	txt     *txtStore // dns-01 answers for reverse names (reverse.go)
+
+	siteNames     map[string]bool // sites.go
+	siteValidator SiteValidator
 }
 
 // CAOptions configure the embedded CA.
@@ -50,6 +55,14 @@ type CAOptions struct {
 	CertLifetime time.Duration
 	// DNSNames the CA answers to (used for links when a request has no Host).
 	DNSNames []string
+	// ReverseZone, when set, adds the reverse-name provisioner (reverse.go):
+	// server certificates for "<name>.<ReverseZone>", issued to the name's owner.
+	ReverseZone string
+	// SiteNames, when set, adds the websites' provisioner (sites.go): server
+	// certificates for exactly these names, by tls-alpn-01 or http-01 validated
+	// through SiteValidator, which must reach tpd itself.
+	SiteNames     []string
+	SiteValidator SiteValidator
 }
 
 // NewCA starts the embedded authority over pki with a bbolt database.
@@ -97,7 +110,7 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 		DNSNames: dns,
 		DB:       dbCfg,
 		AuthorityConfig: &config.AuthConfig{
-			Provisioners: provisioner.List{prov},
+			Provisioners: append(append(provisioner.List{prov}, reverseProvisioners(opts.ReverseZone)...), sitesProvisioners(opts.SiteNames)...),
 			Claims: &provisioner.Claims{
 				MinTLSDur:     minDur,
 				MaxTLSDur:     &provisioner.Duration{Duration: 24 * time.Hour},
@@ -131,6 +144,13 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 		auth:   auth,
 		acmeDB: acmeDB,
 		linker: stepacme.NewLinker(dns[0], "acme"),
+		txt:    newTXTStore(),
+	}
+	if len(opts.SiteNames) > 0 {
+		c.siteNames, c.siteValidator = map[string]bool{}, opts.SiteValidator
+		for _, n := range opts.SiteNames {
+			c.siteNames[strings.ToLower(n)] = true
+		}
 	}
 	r := chi.NewRouter()
 	r.Route("/acme", func(r chi.Router) { acmeapi.Route(r) })
@@ -144,7 +164,7 @@ func (c *CA) Handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx := authority.NewContext(r.Context(), c.auth)
 		ctx = db.NewContext(ctx, c.auth.GetDatabase())
-		ctx = stepacme.NewContext(ctx, c.acmeDB, noNetwork{}, c.linker, nil)
+		ctx = stepacme.NewContext(ctx, c.acmeDB, c.challengeClientFor(challengeClient{c.txt}), c.linker, nil)
 		c.handler.ServeHTTP(w, r.WithContext(ctx))
 	})
 }

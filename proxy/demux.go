@@ -2,46 +2,113 @@ package proxy
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
 )
 
 var errNoWeb = errors.New("this server only accepts ALPN \"tp/1\"")
 
+// ALPNACME is the ALPN protocol of ACME tls-alpn-01 validation (RFC 8737). Such a
+// handshake is answered by the website configuration (whose GetCertificate must
+// return the challenge certificate) and closed right after.
+const ALPNACME = "acme-tls/1"
+
+// PassthroughFunc is Config.Passthrough: for a server name (SNI, lower case,
+// without a trailing dot) it returns the handler of a name registered for public
+// pass-through, and ok. The handler gets the client's TCP connection with the
+// ClientHello still unread (TLS is not terminated: the backend does the
+// handshake), owns it and must close it; ctx ends when the server is shut down
+// (after draining) or Serve's context ends. The handler runs on the connection's
+// goroutine and the connection counts against MaxConns until it returns. conn
+// implements CloseWrite when the listener gives TCP connections.
+//
+// It is consulted for every ClientHello on TCP that carries a server name, before
+// ALPN is looked at, so it must answer quickly (a map lookup) and must never claim
+// the proxy's own names or the websites' names: those would stop reaching tpd.
+type PassthroughFunc func(serverName string) (handler func(ctx context.Context, conn net.Conn), ok bool)
+
+// errPassthrough ends the TLS handshake of a connection routed to a pass-through handler.
+var errPassthrough = errors.New("routed to pass-through")
+
 // configForClient routes by ALPN: a ClientHello offering "tp/1" gets the proxy
 // configuration (TLS 1.3, verified client certificate); anything else the website's.
+// A website name that Config.WebNames refuses gets a configuration without a
+// certificate, which fails the handshake with the alert unrecognized_name.
 func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+	if pc, ok := hello.Conn.(*peekConn); ok {
+		if h, ok := s.passthrough(hello.ServerName); ok {
+			pc.handler = h
+			pc.mute.Store(true) // the alert crypto/tls sends now must not reach the client
+			return nil, errPassthrough
+		}
+		pc.stopRecording()
+	}
 	if slices.Contains(hello.SupportedProtos, ALPN) {
+		s.tickets.rotate()
 		return s.proxyTLS, nil
 	}
 	if s.webTLS == nil {
 		return nil, errNoWeb
 	}
+	if s.cfg.WebNames != nil && !s.cfg.WebNames(hello.ServerName) {
+		return s.unknownName, nil
+	}
+	s.tickets.rotate()
 	return s.webTLS, nil
 }
 
-// handle owns one accepted connection: handshake, then proxy session or hand-off
-// to the website.
+func (s *Server) passthrough(serverName string) (func(context.Context, net.Conn), bool) {
+	name := strings.TrimSuffix(strings.ToLower(serverName), ".")
+	if name == "" {
+		return nil, false
+	}
+	return s.cfg.Passthrough(name)
+}
+
+// handle owns one accepted connection: handshake, then proxy session, hand-off
+// to the website, or pass-through.
 func (s *Server) handle(ctx context.Context, raw net.Conn) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(s.force, cancel)
 	defer stop()
 
+	var pc *peekConn
+	if s.cfg.Passthrough != nil {
+		pc = &peekConn{Conn: raw, recording: true}
+		raw = pc
+	}
 	conn := tls.Server(raw, s.tls)
 	hctx, hcancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
 	err := conn.HandshakeContext(hctx)
+	timedOut := hctx.Err() != nil // then the socket may have been closed under the handshake
 	hcancel()
+	if pc != nil && pc.handler != nil && !timedOut {
+		// Not conn.Close: that would close the socket the handler now owns.
+		defer s.release()
+		pc.handler(ctx, pc.replay())
+		return
+	}
 	if err != nil {
 		s.release()
 		_ = raw.Close()
-		s.log.LogAttrs(ctx, slog.LevelInfo, "tls handshake failed",
+		msg := "tls handshake failed"
+		if strings.Contains(err.Error(), "no certificates configured") { // s.unknownName
+			msg = "tls handshake refused: no site is configured for this server name"
+		}
+		s.log.LogAttrs(ctx, slog.LevelInfo, msg,
 			slog.String("remote", raw.RemoteAddr().String()), slog.String("err", err.Error()))
 		return
 	}
@@ -62,31 +129,178 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 	}
 }
 
+// peekConn records what the TLS handshake reads until the route is known, so a
+// pass-through handler can replay the ClientHello to its backend. Once the route is
+// the proxy or the website it records nothing and only forwards.
+type peekConn struct {
+	net.Conn
+	recording bool // handshake goroutine only, before configForClient returns
+	buf       []byte
+	mute      atomic.Bool // set when routed to pass-through: drop crypto/tls's alert
+	handler   func(context.Context, net.Conn)
+}
+
+func (p *peekConn) Read(b []byte) (int, error) {
+	n, err := p.Conn.Read(b)
+	if p.recording && n > 0 {
+		if len(p.buf)+n > maxPeek {
+			p.recording = false // more than any ClientHello: not pass-through material
+			p.buf = nil
+		} else {
+			p.buf = append(p.buf, b[:n]...)
+		}
+	}
+	return n, err
+}
+
+// maxPeek bounds the bytes recorded for a pass-through replay: a ClientHello is at
+// most 64 KiB plus record headers.
+const maxPeek = 1<<16 + 1<<10
+
+func (p *peekConn) Write(b []byte) (int, error) {
+	if p.mute.Load() {
+		return len(b), nil
+	}
+	return p.Conn.Write(b)
+}
+
+func (p *peekConn) stopRecording() { p.recording, p.buf = false, nil }
+
+// replay returns the connection for a pass-through handler: the recorded bytes,
+// then the socket.
+func (p *peekConn) replay() net.Conn {
+	p.recording = false
+	_ = p.Conn.SetDeadline(time.Time{})
+	return &replayConn{Conn: p.Conn, pending: p.buf}
+}
+
+type replayConn struct {
+	net.Conn
+	pending []byte
+}
+
+func (r *replayConn) Read(b []byte) (int, error) {
+	if len(r.pending) > 0 {
+		n := copy(b, r.pending)
+		r.pending = r.pending[n:]
+		return n, nil
+	}
+	return r.Conn.Read(b)
+}
+
+// CloseWrite half-closes the socket, when it can.
+func (r *replayConn) CloseWrite() error {
+	if cw, ok := r.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("this connection cannot half-close")
+}
+
+// ticketKeys gives the proxy and the website separate session-ticket keys, so a
+// ticket the website issued can never resume a proxy session (and the reverse).
+// crypto/tls would otherwise use the listener configuration's keys for both. Keys
+// rotate daily and stay valid for a week, like crypto/tls's own.
+type ticketKeys struct {
+	mu      sync.Mutex
+	next    atomic.Int64 // unix nanoseconds of the next rotation
+	sets    []*ticketSet
+	disable bool
+}
+
+type ticketSet struct {
+	cfgs []*tls.Config
+	keys [][32]byte
+}
+
+const (
+	ticketRotation = 24 * time.Hour
+	ticketKeep     = 7
+)
+
+// add gives cfgs (which share tickets with each other) their own key set.
+func (t *ticketKeys) add(cfgs ...*tls.Config) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.sets = append(t.sets, &ticketSet{cfgs: cfgs})
+	t.next.Store(0)
+}
+
+// rotate installs a fresh key for every set when the current one is a day old.
+func (t *ticketKeys) rotate() {
+	now := time.Now().UnixNano()
+	if now < t.next.Load() {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if now < t.next.Load() {
+		return
+	}
+	for _, set := range t.sets {
+		var k [32]byte
+		_, _ = rand.Read(k[:])
+		set.keys = append([][32]byte{k}, set.keys...)
+		if len(set.keys) > ticketKeep {
+			set.keys = set.keys[:ticketKeep]
+		}
+		for _, c := range set.cfgs {
+			c.SetSessionTicketKeys(set.keys)
+		}
+	}
+	t.next.Store(now + int64(ticketRotation))
+}
+
 // webServer runs an http.Server over connections that were already handshaken by
 // the shared listener. http.Server recognises *tls.Conn and dispatches "h2" to its
-// built-in HTTP/2 server through TLSNextProto, so both protocols work.
+// built-in HTTP/2 server through TLSNextProto, so both protocols work. h3 serves
+// the same handler on QUIC connections that negotiated "h3" (quic.go).
 type webServer struct {
 	srv     *http.Server
+	h3      *http3.Server
 	ln      *chanListener
 	once    sync.Once
 	release func()
+	quic    atomic.Bool // HTTP/3 is being served: advertise it with Alt-Svc
 }
 
 func newWebServer(h http.Handler, log *slog.Logger, release func()) *webServer {
 	w := &webServer{ln: newChanListener(), release: release}
+	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)
 	w.srv = &http.Server{
-		Handler:           h,
+		Handler:           w.altSvc(h),
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		ErrorLog:          errLog,
 		ConnState: func(_ net.Conn, st http.ConnState) {
 			if st == http.StateClosed || st == http.StateHijacked {
 				release()
 			}
 		},
 	}
+	w.h3 = &http3.Server{
+		Handler:        h,
+		MaxHeaderBytes: 64 << 10,
+		IdleTimeout:    2 * time.Minute,
+		Logger:         log,
+	}
 	return w
+}
+
+// altSvc tells HTTP/1.1 and h2 clients that the site also speaks HTTP/3 on the
+// same port over UDP. The port is the one the client used (from Host), which is
+// right behind a port mapping that maps TCP and UDP alike.
+func (w *webServer) altSvc(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		if w.quic.Load() {
+			port := "443"
+			if _, p, err := net.SplitHostPort(r.Host); err == nil && p != "" {
+				port = p
+			}
+			rw.Header().Set("Alt-Svc", `h3=":`+port+`"; ma=86400`)
+		}
+		h.ServeHTTP(rw, r)
+	})
 }
 
 func (w *webServer) start() {
@@ -102,9 +316,17 @@ func (w *webServer) handoff(c *tls.Conn) {
 
 func (w *webServer) shutdown(ctx context.Context) error {
 	w.ln.Close()
+	h3Done := make(chan error, 1)
+	go func() { h3Done <- w.h3.Shutdown(ctx) }()
 	err := w.srv.Shutdown(ctx)
 	if err != nil {
 		_ = w.srv.Close()
+	}
+	if h3err := <-h3Done; h3err != nil {
+		_ = w.h3.Close()
+		if err == nil {
+			err = h3err
+		}
 	}
 	return err
 }
@@ -149,3 +371,61 @@ type chanAddr struct{}
 
 func (chanAddr) Network() string { return "tp" }
 func (chanAddr) String() string  { return "tp-web" }
+
+// initDemux sets up what configForClient and quicConfigForClient hand out.
+func (s *Server) initDemux() {
+	// No certificate at all: crypto/tls then fails the handshake with unrecognized_name.
+	s.unknownName = &tls.Config{MinVersion: tls.VersionTLS12}
+	s.quicTLS = &tls.Config{GetConfigForClient: s.quicConfigForClient}
+	s.tickets.add(s.proxyTLS)
+	if s.webTLS != nil {
+		s.h3TLS = s.webTLS.Clone()
+		s.h3TLS.NextProtos = []string{http3.NextProtoH3}
+		s.tickets.add(s.webTLS, s.h3TLS)
+	}
+	s.tickets.rotate()
+}
+
+// quicConfigForClient is configForClient for QUIC: "tp/1" → the proxy, "h3" → the
+// website over HTTP/3. ServeQUIC dispatches on the negotiated protocol.
+func (s *Server) quicConfigForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+	s.tickets.rotate()
+	if s.h3TLS == nil || slices.Contains(hello.SupportedProtos, ALPN) || !slices.Contains(hello.SupportedProtos, http3.NextProtoH3) {
+		return s.proxyTLS, nil // fails with no_application_protocol unless "tp/1" is offered
+	}
+	if s.cfg.WebNames != nil && !s.cfg.WebNames(hello.ServerName) {
+		return s.unknownName, nil
+	}
+	return s.h3TLS, nil
+}
+
+// serveH3 serves one QUIC connection that negotiated "h3" until it ends; ctx
+// ending closes it.
+func (s *Server) serveH3(ctx context.Context, conn *quic.Conn) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stopForce := context.AfterFunc(s.force, cancel)
+	defer stopForce()
+	stop := context.AfterFunc(ctx, func() {
+		_ = conn.CloseWithError(quic.ApplicationErrorCode(http3.ErrCodeNoError), "server shutting down")
+	})
+	defer stop()
+	err := s.web.h3.ServeQUICConn(conn)
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
+		s.log.LogAttrs(ctx, slog.LevelDebug, "http/3 connection ended",
+			slog.String("remote", conn.RemoteAddr().String()), slog.String("err", err.Error()))
+	}
+	_ = conn.CloseWithError(quic.ApplicationErrorCode(http3.ErrCodeNoError), "")
+}
+
+// refuseUniStreams stops every unidirectional stream a "tp/1" peer opens: the
+// protocol uses none, but the QUIC listener must allow a few for HTTP/3.
+func refuseUniStreams(conn *quic.Conn) {
+	for {
+		str, err := conn.AcceptUniStream(conn.Context())
+		if err != nil {
+			return
+		}
+		str.CancelRead(quic.StreamErrorCode(QUICRefused))
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
 )
 
 // QUIC receive windows. quic-go's defaults (512 KiB initial, 6/15 MiB max) cap one
@@ -100,14 +101,19 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		MaxIdleTimeout:                 opts.IdleTimeout,
 		KeepAlivePeriod:                opts.KeepAlive,
 		MaxIncomingStreams:             opts.MaxStreams,
-		MaxIncomingUniStreams:          -1, // the protocol uses no unidirectional streams
+		MaxIncomingUniStreams:          -1, // tp/1 uses no unidirectional streams (h3 needs a few: below)
 		InitialStreamReceiveWindow:     QUICInitialStreamWindow,
 		MaxStreamReceiveWindow:         QUICMaxStreamWindow,
 		InitialConnectionReceiveWindow: QUICInitialConnWindow,
 		MaxConnectionReceiveWindow:     QUICMaxConnWindow,
 		Allow0RTT:                      false,
 	}
-	ln, err := tr.Listen(s.proxyTLS, qcfg)
+	if s.web != nil { // HTTP/3 on the same listener: its control and QPACK streams
+		qcfg.MaxIncomingUniStreams = 8
+		s.web.quic.Store(true)
+		defer s.web.quic.Store(false)
+	}
+	ln, err := tr.Listen(s.quicTLS, qcfg) // "tp/1" → proxy, "h3" → website (demux.go)
 	if err != nil {
 		return fmt.Errorf("proxy: QUIC listen on %s: %w", pc.LocalAddr(), err)
 	}
@@ -150,10 +156,15 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 			continue
 		}
 		conns.Add(1)
+		h3 := conn.ConnectionState().TLS.NegotiatedProtocol == http3.NextProtoH3
 		go func() {
 			defer conns.Done()
 			defer s.wg.Done()
 			defer s.release()
+			if h3 {
+				s.serveH3(ctx, conn)
+				return
+			}
 			s.serveQUICConn(ctx, drain, conn)
 		}()
 	}
@@ -199,6 +210,9 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 	})
 	defer stopShutdown()
 
+	if s.web != nil {
+		go refuseUniStreams(conn)
+	}
 	cs := conn.ConnectionState().TLS
 	remote := conn.RemoteAddr().String()
 	identity := ""

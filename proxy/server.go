@@ -33,8 +33,17 @@ type Config struct {
 	// WebTLS is used for every other handshake (h2, http/1.1, no ALPN). nil refuses them.
 	WebTLS *tls.Config
 	// Web serves the website (ACME, enrollment, static pages) over WebTLS on the same
-	// listener. Required when WebTLS is set.
+	// listener, and over HTTP/3 when ServeQUIC runs. Required when WebTLS is set.
+	// WebTLS.GetCertificate picks each site's certificate by SNI; offering "acme-tls/1"
+	// in WebTLS.NextProtos lets it answer ACME tls-alpn-01 challenges (demux.go).
 	Web http.Handler
+	// WebNames, when set, says whether the website answers to a server name (SNI; ""
+	// when the client sent none). A handshake for a name it refuses fails with the
+	// TLS alert unrecognized_name. nil accepts every name.
+	WebNames func(serverName string) bool
+	// Passthrough, when set, routes TCP connections for names registered for public
+	// pass-through to a handler without terminating TLS (demux.go, PassthroughFunc).
+	Passthrough PassthroughFunc
 	// Identify maps a verified connection to an identity; an error refuses the session.
 	Identify func(cs tls.ConnectionState) (authz.Identity, error)
 	// Authorizer decides every dial; an error denies.
@@ -59,6 +68,8 @@ type Config struct {
 	// MaxConns bounds concurrently handled connections (proxy and web); excess
 	// connections are closed right after accept. Default 10000.
 	MaxConns int
+	// Reverse configures reverse listeners (reverse.go); a zero value disables them.
+	Reverse ReverseOptions
 }
 
 // ErrServerClosed is returned by Serve after Shutdown.
@@ -73,10 +84,17 @@ type Server struct {
 	proxyTLS *tls.Config
 	webTLS   *tls.Config
 	web      *webServer
+	// demux.go: separate session-ticket keys for proxy and website, the
+	// configuration that refuses unknown website names, and QUIC's per-ALPN choice.
+	tickets     ticketKeys
+	unknownName *tls.Config
+	h3TLS       *tls.Config
+	quicTLS     *tls.Config
 
-	active   atomic.Int64   // connections counted against MaxConns
-	sessions registry       // established sessions, for Recheck
-	wg       sync.WaitGroup // connection goroutines (not web conns, which http.Server owns)
+	active   atomic.Int64     // connections counted against MaxConns
+	sessions registry         // established sessions, for Recheck
+	rev      *reverseRegistry // reverse names; nil when Config.Reverse.Zone is empty
+	wg       sync.WaitGroup   // connection goroutines (not web conns, which http.Server owns)
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
@@ -162,6 +180,10 @@ func New(cfg Config) (*Server, error) {
 		s.web = newWebServer(cfg.Web, s.log, s.release)
 	}
 	s.tls = &tls.Config{GetConfigForClient: s.configForClient}
+	s.initDemux()
+	if cfg.Reverse.Zone != "" {
+		s.rev = newReverseRegistry(cfg.Reverse)
+	}
 	return s, nil
 }
 

@@ -52,6 +52,28 @@ type Server struct {
 	QUICKeepAlive   time.Duration `mapstructure:"quic-keepalive"`
 	QUICIdleTimeout time.Duration `mapstructure:"quic-idle-timeout"`
 	QUICMaxStreams  int           `mapstructure:"quic-max-streams"`
+	// ReverseZone is the DNS suffix of reverse listeners (`tp expose NAME` serves
+	// NAME.<zone>); empty disables them. ReverseGrace holds a name for its owner
+	// while the owner's agent reconnects.
+	ReverseZone  string        `mapstructure:"reverse-zone"`
+	ReverseGrace time.Duration `mapstructure:"reverse-grace"`
+
+	// Sites are websites served on the public port beside the proxy (sites.go).
+	Sites []Site `mapstructure:"sites"`
+	// DefaultSite answers TLS names no site has; empty refuses those handshakes.
+	DefaultSite string `mapstructure:"default-site"`
+	// ACMECA is the ACME directory URL for site certificates; empty is TP's embedded CA.
+	ACMECA string `mapstructure:"acme-ca"`
+	// ACMEEmail is the contact address given to ACMECA.
+	ACMEEmail string `mapstructure:"acme-email"`
+	// ACMECARoot is a PEM file of roots to trust for ACMECA (a private ACME CA).
+	ACMECARoot string `mapstructure:"acme-ca-root"`
+	// HTTPListen is an optional plain-HTTP address: redirects to HTTPS, ACME http-01.
+	HTTPListen string `mapstructure:"http-listen"`
+	// SiteMaxBody bounds request bodies forwarded to an upstream, in bytes.
+	SiteMaxBody int64 `mapstructure:"site-max-body"`
+	// SiteUpstreamTimeout bounds how long an upstream may take to send response headers.
+	SiteUpstreamTimeout time.Duration `mapstructure:"site-upstream-timeout"`
 
 	LogLevel  string `mapstructure:"log-level"`
 	LogFormat string `mapstructure:"log-format"`
@@ -60,22 +82,26 @@ type Server struct {
 // DefaultServer is the configuration tpd runs with when nothing is set.
 func DefaultServer() Server {
 	return Server{
-		DataDir:          "./tpdata",
-		Listen:           "127.0.0.1:8443",
-		Names:            []string{"localhost", "127.0.0.1", "::1"},
-		CertLifetime:     4 * time.Hour,
-		TokenTTL:         24 * time.Hour,
-		HandshakeTimeout: 10 * time.Second,
-		HelloTimeout:     10 * time.Second,
-		DialTimeout:      10 * time.Second,
-		MaxConns:         10000,
-		PolicyTimeout:    100 * time.Millisecond,
-		QUIC:             true,
-		QUICKeepAlive:    15 * time.Second,
-		QUICIdleTimeout:  60 * time.Second,
-		QUICMaxStreams:   100,
-		LogLevel:         "info",
-		LogFormat:        "text",
+		DataDir:             "./tpdata",
+		Listen:              "127.0.0.1:8443",
+		Names:               []string{"localhost", "127.0.0.1", "::1"},
+		CertLifetime:        4 * time.Hour,
+		TokenTTL:            24 * time.Hour,
+		HandshakeTimeout:    10 * time.Second,
+		HelloTimeout:        10 * time.Second,
+		DialTimeout:         10 * time.Second,
+		MaxConns:            10000,
+		PolicyTimeout:       100 * time.Millisecond,
+		QUIC:                true,
+		QUICKeepAlive:       15 * time.Second,
+		QUICIdleTimeout:     60 * time.Second,
+		QUICMaxStreams:      100,
+		ReverseZone:         "rev.tp.internal",
+		ReverseGrace:        30 * time.Second,
+		SiteMaxBody:         DefaultSiteMaxBody,
+		SiteUpstreamTimeout: time.Minute,
+		LogLevel:            "info",
+		LogFormat:           "text",
 	}
 }
 
@@ -126,9 +152,16 @@ func (s Server) Validate() error {
 	if s.QUICMaxStreams < 1 || s.QUICMaxStreams > 100_000 {
 		errs = append(errs, fmt.Errorf("quic-max-streams %d must be between 1 and 100000", s.QUICMaxStreams))
 	}
+	if s.ReverseZone != "" && !validZone(s.ReverseZone) {
+		errs = append(errs, fmt.Errorf("reverse-zone %q must be a DNS name of at least two labels (e.g. rev.tp.example.org), or empty to turn reverse listeners off", s.ReverseZone))
+	}
+	if s.ReverseGrace < 0 || s.ReverseGrace > time.Hour {
+		errs = append(errs, fmt.Errorf("reverse-grace %s must be between 0s and 1h", s.ReverseGrace))
+	}
 	if s.MaxConns < 1 || s.MaxConns > 1_000_000 {
 		errs = append(errs, fmt.Errorf("max-conns %d must be between 1 and 1000000", s.MaxConns))
 	}
+	errs = append(errs, s.validateSites()...)
 	if _, err := ParseLevel(s.LogLevel); err != nil {
 		errs = append(errs, err)
 	}
@@ -203,6 +236,16 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("quic-keepalive", d.QUICKeepAlive)
 	v.SetDefault("quic-idle-timeout", d.QUICIdleTimeout)
 	v.SetDefault("quic-max-streams", d.QUICMaxStreams)
+	v.SetDefault("reverse-zone", d.ReverseZone)
+	v.SetDefault("reverse-grace", d.ReverseGrace)
+	v.SetDefault("sites", d.Sites)
+	v.SetDefault("default-site", d.DefaultSite)
+	v.SetDefault("acme-ca", d.ACMECA)
+	v.SetDefault("acme-email", d.ACMEEmail)
+	v.SetDefault("acme-ca-root", d.ACMECARoot)
+	v.SetDefault("http-listen", d.HTTPListen)
+	v.SetDefault("site-max-body", d.SiteMaxBody)
+	v.SetDefault("site-upstream-timeout", d.SiteUpstreamTimeout)
 	v.SetDefault("log-level", d.LogLevel)
 	v.SetDefault("log-format", d.LogFormat)
 	v.SetEnvPrefix("TP")
@@ -262,6 +305,8 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# One JSON line per policy decision: \"\" is off, \"-\" is stdout, else a file (appended, 0600).\ndecision-log: %q\n", s.DecisionLog)
 	fmt.Fprintf(&b, "# Serve the proxy over QUIC on UDP at the listen address too; keepalive period,\n# idle timeout and concurrent requests per QUIC connection.\nquic: %t\nquic-keepalive: %s\nquic-idle-timeout: %s\nquic-max-streams: %d\n",
 		s.QUIC, s.QUICKeepAlive, s.QUICIdleTimeout, s.QUICMaxStreams)
+	fmt.Fprintf(&b, "# Reverse listeners (tp expose NAME) are reached as NAME.<reverse-zone>; \"\" turns them off.\n# A name stays reserved for its owner for reverse-grace after its agent went away.\nreverse-zone: %q\nreverse-grace: %s\n", s.ReverseZone, s.ReverseGrace)
+	siteYAML(&b, s)
 	fmt.Fprintf(&b, "log-level: %s\nlog-format: %s\n", s.LogLevel, s.LogFormat)
 	return []byte(b.String())
 }

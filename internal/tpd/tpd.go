@@ -81,6 +81,7 @@ type Daemon struct {
 	decisions *policy.DecisionLog
 	denyMu    sync.Mutex    // serialises deny-list changes and their saving
 	checked   authState     // what live sessions were last re-checked against; maintain's
+	web       webState      // website.go
 	kick      chan struct{} // asks maintain to re-check now
 }
 
@@ -123,14 +124,20 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	d.authz = &authz.Policy{Directory: d.users, Evaluator: d.policy, DenyList: denyList, Logger: log, Decisions: d.decisions}
 	d.checked = authState{revision: d.policy.Revision(), users: d.users.Generation()}
 	d.kick = make(chan struct{}, 1)
-	if d.ca, err = acme.NewCA(d.pki, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names}); err != nil {
+	if d.ca, err = acme.NewCA(d.pki, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names, ReverseZone: cfg.ReverseZone,
+		SiteNames: sitesForCA(cfg), SiteValidator: siteValidator{d}}); err != nil {
 		return nil, err
 	}
-	enroller := &acme.Enroller{PKI: d.pki, CA: d.ca, Users: d.users, Logger: log}
+	enroller := &acme.Enroller{PKI: d.pki, CA: d.ca, Users: d.users, Logger: log,
+		ReverseOwner: func(host string) (string, bool) { return d.proxy.ReverseOwner(host) }}
 	web := http.NewServeMux()
 	web.Handle("/acme/", d.ca.Handler())
 	web.Handle("/tp/", enroller.Handler())
 	web.HandleFunc("/", landing)
+	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
+		d.ca.Close()
+		return nil, err
+	}
 
 	roots := x509.NewCertPool()
 	roots.AddCert(d.pki.Root)
@@ -150,8 +157,9 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 				return err
 			},
 		},
-		WebTLS: &tls.Config{GetCertificate: getCert},
-		Web:    web,
+		WebTLS:   d.webTLS(),
+		Web:      d.web.handler,
+		WebNames: d.web.handler.KnowsName,
 		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
 			if len(cs.PeerCertificates) == 0 {
 				return authz.Identity{}, errors.New("no client certificate")
@@ -165,6 +173,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		HelloTimeout:     cfg.HelloTimeout,
 		DialTimeout:      cfg.DialTimeout,
 		MaxConns:         cfg.MaxConns,
+		Reverse:          proxy.ReverseOptions{Zone: cfg.ReverseZone, Grace: cfg.ReverseGrace},
 	})
 	if err != nil {
 		d.ca.Close()
@@ -217,6 +226,10 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		ReadHeaderTimeout: 10 * time.Second,
 	}
 	g, gctx := errgroup.WithContext(ctx)
+	if err := d.startWeb(gctx, g, ln); err != nil { // website.go
+		adminLn.Close()
+		return err
+	}
 	g.Go(func() error {
 		err := d.proxy.Serve(gctx, ln)
 		if errors.Is(err, proxy.ErrServerClosed) {

@@ -1,0 +1,124 @@
+package acme
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	stepacme "github.com/smallstep/certificates/acme"
+	"github.com/smallstep/certificates/authority/policy"
+	"github.com/smallstep/certificates/authority/provisioner"
+)
+
+// Website certificates. The sites served beside the proxy get their certificates
+// by ordinary ACME (tls-alpn-01 or http-01) from the provisioner below when no
+// public CA is configured. It signs nothing but the configured site names, for
+// serverAuth only, and its challenges are validated against tpd itself (the
+// SiteValidator), never against whatever the name resolves to on the network.
+
+// SitesProvisionerName is the ACME provisioner of website certificates; its
+// directory is https://SERVER/acme/tp-sites/directory.
+const SitesProvisionerName = "tp-sites"
+
+const sitesProvisionerID = "tp-sites-provisioner"
+
+// SiteCertLifetime is the lifetime of website certificates from the embedded CA;
+// certmagic renews them in the last third.
+const SiteCertLifetime = 24 * time.Hour
+
+// SitesDirectoryPath is the path of the sites' ACME directory on tpd's HTTPS server.
+func SitesDirectoryPath() string { return "/acme/" + SitesProvisionerName + "/directory" }
+
+// SiteValidator reaches tpd's own listeners for the challenges of site names:
+// TLSDial for tls-alpn-01 (the public TLS port) and Get for http-01 (the plain-HTTP
+// port). Both receive the address or URL step-ca would have used on the network.
+type SiteValidator interface {
+	TLSDial(network, addr string, cfg *tls.Config) (*tls.Conn, error)
+	Get(url string) (*http.Response, error)
+}
+
+// siteLeafTemplate is x509util.DefaultLeafTemplate without clientAuth: a website
+// certificate chains to TP's root and must not pass for a client certificate.
+const siteLeafTemplate = `{
+	"subject": {{ toJson .Subject }},
+	"sans": {{ toJson .SANs }},
+{{- if typeIs "*rsa.PublicKey" .Insecure.CR.PublicKey }}
+	"keyUsage": ["keyEncipherment", "digitalSignature"],
+{{- else }}
+	"keyUsage": ["digitalSignature"],
+{{- end }}
+	"extKeyUsage": ["serverAuth"]
+}`
+
+func sitesProvisioners(names []string) provisioner.List {
+	if len(names) == 0 {
+		return nil
+	}
+	return provisioner.List{&provisioner.ACME{
+		ID:         sitesProvisionerID,
+		Type:       "ACME",
+		Name:       SitesProvisionerName,
+		RequireEAB: true, // accounts only for tpd's own certmagic (NewSiteEAB)
+		Challenges: []provisioner.ACMEChallenge{provisioner.TLS_ALPN_01, provisioner.HTTP_01},
+		Claims: &provisioner.Claims{
+			MinTLSDur:     &provisioner.Duration{Duration: 5 * time.Minute},
+			MaxTLSDur:     &provisioner.Duration{Duration: SiteCertLifetime},
+			DefaultTLSDur: &provisioner.Duration{Duration: SiteCertLifetime},
+		},
+		Options: &provisioner.Options{X509: &provisioner.X509Options{
+			Template:     siteLeafTemplate,
+			AllowedNames: &policy.X509NameOptions{DNSDomains: names},
+		}},
+	}}
+}
+
+// NewSiteEAB mints a single-use external account binding for the sites' ACME account.
+func (c *CA) NewSiteEAB(ctx context.Context) (keyID string, hmacKey []byte, err error) {
+	eak, err := c.acmeDB.CreateExternalAccountKey(ctx, sitesProvisionerID, "")
+	if err != nil {
+		return "", nil, fmt.Errorf("create ACME account binding for the websites: %w", err)
+	}
+	return eak.ID, eak.HmacKey, nil
+}
+
+// siteClient validates the challenges of site names through a SiteValidator and
+// hands everything else to the next challenge client.
+type siteClient struct {
+	stepacme.Client
+	names map[string]bool
+	v     SiteValidator
+}
+
+var _ stepacme.Client = siteClient{}
+
+var errNotASite = errors.New("TP's CA validates challenges only for the configured site names")
+
+func (c siteClient) TLSDial(network, addr string, cfg *tls.Config) (*tls.Conn, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil || !c.names[strings.ToLower(host)] {
+		return c.Client.TLSDial(network, addr, cfg)
+	}
+	return c.v.TLSDial(network, addr, cfg)
+}
+
+func (c siteClient) Get(rawURL string) (*http.Response, error) {
+	u, err := url.Parse(rawURL)
+	if err != nil || !c.names[strings.ToLower(u.Hostname())] {
+		return c.Client.Get(rawURL)
+	}
+	return c.v.Get(rawURL)
+}
+
+// challengeClientFor wraps the CA's challenge client with the site validator.
+func (c *CA) challengeClientFor(next stepacme.Client) stepacme.Client {
+	if c.siteNames == nil || c.siteValidator == nil {
+		return next
+	}
+	return siteClient{Client: next, names: c.siteNames, v: c.siteValidator}
+}

@@ -1,0 +1,223 @@
+package website
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// Site is one website: a static directory (Root) or an upstream URL, never both.
+type Site struct {
+	Name     string
+	Root     string
+	Upstream *url.URL
+}
+
+// Options configure a Handler.
+type Options struct {
+	// Sites are served by name (SNI and Host).
+	Sites []Site
+	// Default names the site that answers TLS names no site has; "" refuses them
+	// (KnowsName reports false, and the handshake fails).
+	Default string
+	// OwnNames are the proxy's own names (DNS names or IP addresses), served by Own.
+	// A handshake without SNI is taken to be for them.
+	OwnNames []string
+	// Own serves the proxy's own endpoints on OwnNames. Requests under OwnPrefixes
+	// reach it even when a site has the same name; other requests on an own name
+	// go to that site if there is one.
+	Own         http.Handler
+	OwnPrefixes []string
+	// MaxBody bounds request bodies forwarded to an upstream (default 10 MiB).
+	MaxBody int64
+	// UpstreamTimeout bounds the wait for an upstream's response headers (default 1m).
+	UpstreamTimeout time.Duration
+	// Logger receives one access-log line per request. Default slog.Default().
+	Logger *slog.Logger
+}
+
+// Handler routes a request to the site its TLS server name chose.
+type Handler struct {
+	sites    map[string]http.Handler
+	def      http.Handler
+	defName  string
+	own      map[string]bool
+	ownH     http.Handler
+	prefixes []string
+	log      *slog.Logger
+}
+
+var _ http.Handler = (*Handler)(nil)
+
+// New checks o and opens every site's directory.
+func New(o Options) (*Handler, error) {
+	if o.MaxBody == 0 {
+		o.MaxBody = 10 << 20
+	}
+	if o.UpstreamTimeout == 0 {
+		o.UpstreamTimeout = time.Minute
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	h := &Handler{sites: map[string]http.Handler{}, own: map[string]bool{}, ownH: o.Own, prefixes: o.OwnPrefixes, log: o.Logger}
+	var errs []error
+	for _, s := range o.Sites {
+		name := canonicalHost(s.Name)
+		if _, dup := h.sites[name]; dup || name == "" {
+			errs = append(errs, fmt.Errorf("site %q: empty or configured twice", s.Name))
+			continue
+		}
+		var sh http.Handler
+		var err error
+		switch {
+		case s.Root != "" && s.Upstream == nil:
+			sh, err = newStatic(s.Root)
+		case s.Root == "" && s.Upstream != nil:
+			sh = newUpstream(name, s.Upstream, o.MaxBody, o.UpstreamTimeout, o.Logger)
+		default:
+			err = errors.New("needs either a root directory or an upstream URL")
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("site %s: %w", s.Name, err))
+			continue
+		}
+		h.sites[name] = sh
+	}
+	for _, n := range o.OwnNames {
+		h.own[canonicalHost(n)] = true
+	}
+	if o.Own == nil && len(o.OwnNames) > 0 {
+		errs = append(errs, errors.New("Own handler is required with OwnNames"))
+	}
+	if o.Default != "" {
+		h.defName = canonicalHost(o.Default)
+		if h.def = h.sites[h.defName]; h.def == nil {
+			errs = append(errs, fmt.Errorf("default site %q is not one of the sites", o.Default))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+// KnowsName reports whether a TLS handshake for serverName (SNI, "" when the
+// client sent none) should be accepted for the website.
+func (h *Handler) KnowsName(serverName string) bool {
+	n := canonicalHost(serverName)
+	if n == "" {
+		return len(h.own) > 0
+	}
+	return h.sites[n] != nil || h.own[n] || h.def != nil
+}
+
+// IsSite reports whether name is a configured site (whose certificate comes from ACME).
+func (h *Handler) IsSite(name string) bool { return h.sites[canonicalHost(name)] != nil }
+
+// IsOwn reports whether name is one of the proxy's own names.
+func (h *Handler) IsOwn(name string) bool { return h.own[canonicalHost(name)] }
+
+// ServeHTTP checks that the Host header names the site the TLS handshake was for
+// (421 Misdirected Request otherwise: a client must not reach one site over a
+// connection authenticated for another), then serves it and logs one line.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	lw := &logWriter{ResponseWriter: w, status: http.StatusOK}
+	site := h.route(lw, r)
+	h.log.LogAttrs(r.Context(), slog.LevelInfo, "http request",
+		slog.String("site", site),
+		slog.String("remote", r.RemoteAddr),
+		slog.String("proto", r.Proto),
+		slog.String("method", r.Method),
+		slog.String("host", r.Host),
+		slog.String("path", r.URL.Path),
+		slog.Int("status", lw.status),
+		slog.Int64("bytes", lw.bytes),
+		slog.Duration("duration", time.Since(start)))
+}
+
+func (h *Handler) route(w http.ResponseWriter, r *http.Request) string {
+	if r.TLS == nil {
+		http.Error(w, "This server answers only over HTTPS.", http.StatusMisdirectedRequest)
+		return ""
+	}
+	sni := canonicalHost(r.TLS.ServerName)
+	host := canonicalHost(r.Host)
+	switch {
+	case sni == "" && !h.own[host], sni != "" && host != sni:
+		msg := fmt.Sprintf("421 Misdirected Request: this connection was opened for %q and cannot serve %q; open a new connection to %s.", sni, host, host)
+		if sni == "" {
+			msg = fmt.Sprintf("421 Misdirected Request: this connection carried no server name and cannot serve %q; connect with that name.", host)
+		}
+		http.Error(w, msg, http.StatusMisdirectedRequest)
+		return ""
+	}
+	if h.own[host] && h.ownH != nil {
+		for _, p := range h.prefixes {
+			if strings.HasPrefix(r.URL.Path, p) {
+				h.ownH.ServeHTTP(w, r)
+				return host
+			}
+		}
+	}
+	if sh := h.sites[host]; sh != nil {
+		sh.ServeHTTP(w, r)
+		return host
+	}
+	if h.own[host] && h.ownH != nil {
+		h.ownH.ServeHTTP(w, r)
+		return host
+	}
+	if h.def != nil {
+		h.def.ServeHTTP(w, r)
+		return h.defName
+	}
+	http.Error(w, fmt.Sprintf("421 Misdirected Request: no site is configured for %q.", host), http.StatusMisdirectedRequest)
+	return ""
+}
+
+// canonicalHost lower-cases a host[:port], drops the port, the brackets of an
+// IPv6 literal and one trailing dot.
+func canonicalHost(hostport string) string {
+	h := hostport
+	if host, _, err := net.SplitHostPort(hostport); err == nil {
+		h = host
+	}
+	h = strings.TrimSuffix(strings.TrimPrefix(h, "["), "]")
+	return strings.TrimSuffix(strings.ToLower(h), ".")
+}
+
+// logWriter records the status and size of a response for the access log. It
+// unwraps for http.ResponseController (flushes and hijacks by the reverse proxy).
+type logWriter struct {
+	http.ResponseWriter
+	status      int
+	bytes       int64
+	wroteHeader bool
+}
+
+func (l *logWriter) WriteHeader(code int) {
+	if !l.wroteHeader && code >= 200 {
+		l.status, l.wroteHeader = code, true
+	} else if !l.wroteHeader {
+		l.status = code
+	}
+	l.ResponseWriter.WriteHeader(code)
+}
+
+func (l *logWriter) Write(p []byte) (int, error) {
+	l.wroteHeader = true
+	n, err := l.ResponseWriter.Write(p)
+	l.bytes += int64(n)
+	return n, err
+}
+
+func (l *logWriter) Flush() { _ = http.NewResponseController(l.ResponseWriter).Flush() }
+
+func (l *logWriter) Unwrap() http.ResponseWriter { return l.ResponseWriter }

@@ -1,0 +1,352 @@
+package proxy_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// A website name the server does not know fails the handshake with the alert
+// unrecognized_name; known names keep working, and so does the proxy.
+func TestUnknownWebName(t *testing.T) {
+	e := newEnv(t, func(c *proxy.Config) {
+		c.WebNames = func(name string) bool { return name == "localhost" }
+	})
+	cfg := e.clientTLS(nil)
+	cfg.ServerName = "unknown.test"
+	cfg.InsecureSkipVerify = true
+	_, err := tls.Dial("tcp", e.addr, cfg)
+	if err == nil || !strings.Contains(err.Error(), "unrecognized name") {
+		t.Fatalf("handshake for an unknown name: %v; want alert unrecognized_name (112)", err)
+	}
+	c, err := tls.Dial("tcp", e.addr, e.clientTLS(nil))
+	if err != nil {
+		t.Fatalf("known name: %v", err)
+	}
+	c.Close()
+	e.mustEcho(t)
+}
+
+// ticketCache is a client session cache that remembers the last ticket it got.
+type ticketCache struct {
+	mu    sync.Mutex
+	inner tls.ClientSessionCache
+	last  []byte
+}
+
+func (c *ticketCache) Get(key string) (*tls.ClientSessionState, bool) { return c.inner.Get(key) }
+func (c *ticketCache) Put(key string, cs *tls.ClientSessionState) {
+	if cs != nil {
+		if ticket, _, err := cs.ResumptionState(); err == nil {
+			c.mu.Lock()
+			c.last = ticket
+			c.mu.Unlock()
+		}
+	}
+	c.inner.Put(key, cs)
+}
+
+func (c *ticketCache) ticket() []byte { c.mu.Lock(); defer c.mu.Unlock(); return c.last }
+
+// handshake completes a handshake and reads until the server's session ticket has
+// arrived (TLS 1.3 sends it after the handshake).
+func handshake(t *testing.T, addr string, cfg *tls.Config) tls.ConnectionState {
+	t.Helper()
+	c, err := tls.Dial("tcp", addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	cs := c.ConnectionState()
+	if cs.NegotiatedProtocol == "http/1.1" {
+		io.WriteString(c, "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+		io.ReadAll(c)
+	} else {
+		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		c.Read(make([]byte, 1)) // the ticket comes in with the first read
+	}
+	return cs
+}
+
+// The website and the proxy have separate session-ticket keys: each resumes its
+// own sessions, and a ticket from one never resumes into the other.
+func TestSessionTicketsSeparate(t *testing.T) {
+	e := newEnv(t, nil)
+	web := &ticketCache{inner: tls.NewLRUClientSessionCache(4)}
+	webCfg := e.clientTLS(nil)
+	webCfg.NextProtos = []string{"http/1.1"}
+	webCfg.ClientSessionCache = web
+	handshake(t, e.addr, webCfg)
+	webTicket := web.ticket()
+	if webTicket == nil {
+		t.Fatal("the website issued no session ticket")
+	}
+	if cs := handshake(t, e.addr, webCfg); !cs.DidResume {
+		t.Fatal("a website session did not resume on the website")
+	}
+
+	px := &ticketCache{inner: tls.NewLRUClientSessionCache(4)}
+	pxCfg := e.clientTLS(&e.cert)
+	pxCfg.NextProtos = []string{proxy.ALPN}
+	pxCfg.ClientSessionCache = px
+	handshake(t, e.addr, pxCfg)
+	pxTicket := px.ticket()
+	if pxTicket == nil {
+		t.Fatal("the proxy issued no session ticket")
+	}
+	if cs := handshake(t, e.addr, pxCfg); !cs.DidResume {
+		t.Fatal("a proxy session did not resume on the proxy")
+	}
+
+	// The same session cache for both: each handshake offers the other's ticket.
+	webCfg.ClientSessionCache, pxCfg.ClientSessionCache = px, web
+	if cs := handshake(t, e.addr, pxCfg); cs.DidResume {
+		t.Error("a website ticket resumed a proxy session")
+	}
+	if cs := handshake(t, e.addr, webCfg); cs.DidResume {
+		t.Error("a proxy ticket resumed a website session")
+	}
+	// And below what the client certificate rules of crypto/tls would catch: the
+	// keys themselves differ.
+	if proxy.DecryptsTicket(e.srv, true, webTicket) || !proxy.DecryptsTicket(e.srv, false, webTicket) {
+		t.Error("a website ticket opens with the proxy's keys, or not with the website's")
+	}
+	if proxy.DecryptsTicket(e.srv, false, pxTicket) || !proxy.DecryptsTicket(e.srv, true, pxTicket) {
+		t.Error("a proxy ticket opens with the website's keys, or not with the proxy's")
+	}
+}
+
+// A "tp/1" ClientHello without a client certificate is refused at the handshake
+// while the website keeps serving on the same listener.
+func TestProxyWithoutCertRefusedWebServes(t *testing.T) {
+	e := newEnv(t, nil)
+	cfg := e.clientTLS(nil)
+	cfg.NextProtos = []string{proxy.ALPN}
+	c, err := tls.Dial("tcp", e.addr, cfg)
+	if err == nil {
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = c.Read(make([]byte, 1)) // TLS 1.3: the refusal arrives on the first read
+		c.Close()
+	}
+	if err == nil || !strings.Contains(err.Error(), "certificate required") {
+		t.Fatalf("tp/1 without certificate: %v; want alert certificate_required (116)", err)
+	}
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: e.clientTLS(nil), ForceAttemptHTTP2: true}, Timeout: 10 * time.Second}
+	resp, err := client.Get("https://" + e.addr + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.ProtoMajor != 2 {
+		t.Fatalf("website after a refused proxy handshake: %s %s", resp.Status, resp.Proto)
+	}
+}
+
+// An "acme-tls/1" handshake is answered by the website configuration (whose
+// certificate callback serves tls-alpn-01 challenges) and then closed.
+func TestACMETLSALPN(t *testing.T) {
+	var sawACME sync.Map
+	e := newEnv(t, func(c *proxy.Config) {
+		cert := c.WebTLS.Certificates[0]
+		c.WebTLS = &tls.Config{
+			NextProtos: []string{"h2", "http/1.1", proxy.ALPNACME},
+			GetCertificate: func(h *tls.ClientHelloInfo) (*tls.Certificate, error) {
+				if len(h.SupportedProtos) == 1 && h.SupportedProtos[0] == proxy.ALPNACME {
+					sawACME.Store(h.ServerName, true)
+				}
+				return &cert, nil
+			},
+		}
+	})
+	cfg := e.clientTLS(nil)
+	cfg.NextProtos = []string{proxy.ALPNACME}
+	c, err := tls.Dial("tcp", e.addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if p := c.ConnectionState().NegotiatedProtocol; p != proxy.ALPNACME {
+		t.Fatalf("negotiated %q", p)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+		t.Errorf("after an acme-tls/1 handshake: %v; want the server to close", err)
+	}
+	if _, ok := sawACME.Load("localhost"); !ok {
+		t.Error("the certificate callback did not see the acme-tls/1 handshake")
+	}
+}
+
+// startTLSEcho runs a plain TLS server (a pass-through backend) that answers
+// "backend:" + what it reads, and reports the SNI it saw.
+func startTLSEcho(t *testing.T, cert tls.Certificate) (string, chan string) {
+	t.Helper()
+	sni := make(chan string, 4)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
+			sni <- h.ServerName
+			return nil, nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				b, _ := io.ReadAll(c) // until the client's close_notify
+				io.WriteString(c, "backend:"+string(b))
+			}()
+		}
+	}()
+	return ln.Addr().String(), sni
+}
+
+// Names registered for pass-through reach their backend with TLS untouched: the
+// client completes its handshake with the backend's certificate, half-close
+// works, and every other name still gets the proxy or the website.
+func TestPassthrough(t *testing.T) {
+	var backend string
+	var calls sync.Map
+	e := newEnv(t, func(c *proxy.Config) {
+		c.Passthrough = func(name string) (func(context.Context, net.Conn), bool) {
+			calls.Store(name, true)
+			if name != "exposed.test" {
+				return nil, false
+			}
+			return func(ctx context.Context, conn net.Conn) {
+				defer conn.Close()
+				up, err := net.Dial("tcp", backend)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				done := make(chan struct{})
+				go func() {
+					io.Copy(up, conn)
+					up.(*net.TCPConn).CloseWrite()
+					close(done)
+				}()
+				io.Copy(conn, up)
+				conn.(interface{ CloseWrite() error }).CloseWrite()
+				<-done
+			}, true
+		}
+	})
+	backendCert := e.ca.ServerCert(t, "exposed.test")
+	var sni chan string
+	backend, sni = startTLSEcho(t, backendCert)
+
+	cfg := e.clientTLS(nil)
+	cfg.ServerName = "Exposed.Test."
+	cfg.NextProtos = []string{proxy.ALPN, "h2"} // even tp/1 goes to the backend for this name
+	c, err := tls.Dial("tcp", e.addr, cfg)
+	if err != nil {
+		t.Fatalf("pass-through handshake: %v", err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	leaf := c.ConnectionState().PeerCertificates[0]
+	if leaf.DNSNames[0] != "exposed.test" {
+		t.Errorf("client saw certificate for %v, not the backend's", leaf.DNSNames)
+	}
+	if got := <-sni; got != "Exposed.Test" {
+		t.Errorf("backend saw SNI %q", got)
+	}
+	io.WriteString(c, "hello")
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "backend:hello" {
+		t.Fatalf("through pass-through: %q, %v", got, err)
+	}
+	if _, ok := calls.Load("exposed.test"); !ok {
+		t.Error("Passthrough was not asked with the canonical name")
+	}
+
+	// Other names: website and proxy as usual.
+	resp, err := (&http.Client{Transport: &http.Transport{TLSClientConfig: e.clientTLS(nil), DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "tcp", e.addr)
+	}}, Timeout: 10 * time.Second}).Get("https://localhost/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("website beside pass-through: %s", resp.Status)
+	}
+	e.mustEcho(t)
+}
+
+// Over QUIC, "h3" gets the website over HTTP/3 and "tp/1" the proxy, on one UDP
+// port; HTTP/1.1 and h2 responses advertise HTTP/3 with Alt-Svc.
+func TestHTTP3BesideProxy(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	tr := &http3.Transport{TLSClientConfig: q.clientTLS(nil), QUICConfig: &quic.Config{}}
+	defer tr.Close()
+	client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	for range 2 {
+		resp, err := client.Get("https://" + q.udpAddr + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(body) != "hello web" || resp.Proto != "HTTP/3.0" || resp.Header.Get("X-Proto") != "HTTP/3.0" {
+			t.Fatalf("h3: %s %s %q", resp.Status, resp.Proto, body)
+		}
+	}
+	// The proxy over QUIC at the same time.
+	d := q.quicDialer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := d.DialContext(ctx, "tcp", q.echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(conn, "ping")
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(conn, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("tunnel beside h3: %q %v", buf, err)
+	}
+	conn.Close()
+
+	h1 := &http.Client{Transport: &http.Transport{TLSClientConfig: q.clientTLS(nil)}, Timeout: 10 * time.Second}
+	resp, err := h1.Get("https://" + q.addr + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	_, port, _ := net.SplitHostPort(q.addr)
+	if got, want := resp.Header.Get("Alt-Svc"), `h3=":`+port+`"; ma=86400`; got != want {
+		t.Errorf("Alt-Svc %q, want %q", got, want)
+	}
+	// A QUIC client offering neither h3 nor tp/1 is refused.
+	qc, err := quic.DialAddr(ctx, q.udpAddr, &tls.Config{RootCAs: q.ca.Pool, ServerName: "localhost", NextProtos: []string{"other"}}, nil)
+	if err == nil {
+		qc.CloseWithError(0, "")
+		t.Error("QUIC handshake with an unknown ALPN succeeded")
+	} else if !strings.Contains(err.Error(), "no_application_protocol") && !strings.Contains(err.Error(), "no application protocol") {
+		t.Logf("unknown ALPN refused with: %v", err)
+	}
+}

@@ -1,0 +1,14 @@
+package proxy
+
+import "crypto/tls"
+
+// DecryptsTicket reports whether the proxy's (proxy true) or the website's session
+// ticket keys open ticket, a ticket as a client received it.
+func DecryptsTicket(s *Server, proxy bool, ticket []byte) bool {
+	cfg := s.webTLS
+	if proxy {
+		cfg = s.proxyTLS
+	}
+	ss, err := cfg.DecryptTicket(ticket, tls.ConnectionState{})
+	return err == nil && ss != nil
+}
