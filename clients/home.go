@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -149,6 +150,12 @@ func (h Home) SaveDeviceKey(k *ecdsa.PrivateKey) error {
 // Certificate loads the current certificate and key.
 func (h Home) Certificate() (tls.Certificate, error) {
 	c, err := tls.LoadX509KeyPair(h.path(certFile), h.path(keyFile))
+	// SaveCredentials replaces key.pem, then cert.pem: another process renewing at
+	// this moment can leave a new key beside the old certificate for an instant.
+	for i := 0; err != nil && strings.Contains(err.Error(), "does not match") && i < 10; i++ {
+		time.Sleep(20 * time.Millisecond) // waiting out a concurrent renewal's second rename
+		c, err = tls.LoadX509KeyPair(h.path(certFile), h.path(keyFile))
+	}
 	if errors.Is(err, os.ErrNotExist) {
 		return tls.Certificate{}, fmt.Errorf("no certificate in %s; run dlogin", h.Dir)
 	}

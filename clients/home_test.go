@@ -1,0 +1,50 @@
+package clients
+
+import (
+	"crypto/ecdsa"
+	"crypto/x509"
+	"sync"
+	"testing"
+
+	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/internal/testpki"
+)
+
+// A tp process reading its certificate while another renews it never sees the
+// new key beside the old certificate as an error.
+func TestCertificateDuringRenewal(t *testing.T) {
+	ca := testpki.New(t)
+	var creds []*login.Credentials
+	for range 2 {
+		c := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+		creds = append(creds, &login.Credentials{Chain: []*x509.Certificate{c.Leaf, ca.Intermediate}, Key: c.PrivateKey.(*ecdsa.PrivateKey)})
+	}
+	h := Home{Dir: t.TempDir()}
+	if err := h.SaveCredentials(creds[0]); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < 200; i++ {
+			if err := h.SaveCredentials(creds[i%2]); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+		close(stop)
+	}()
+	for {
+		select {
+		case <-stop:
+			wg.Wait()
+			return
+		default:
+		}
+		if _, err := h.Certificate(); err != nil {
+			t.Fatalf("reading during a renewal: %v", err)
+		}
+	}
+}
