@@ -31,6 +31,14 @@ const agentHandshakeTimeout = 10 * time.Second
 type Exposed struct {
 	Name  string // reverse name, one DNS label ("laptop-ssh")
 	Local string // host:port of the local service; the only address the agent dials
+	// Public mode (exposepublic.go): anyone reaches Local on TCP port PublicPort of
+	// the TP server, or by TLS server name PublicSNI on its shared port. Sessions
+	// then carry no TLS of TP's: with TLS set the agent terminates the public
+	// client's TLS with it, else Local gets the raw bytes (and, for PublicSNI, must
+	// speak TLS itself).
+	PublicPort int
+	PublicSNI  string
+	TLS        *tls.Config
 }
 
 // Agent keeps reverse listeners registered with a TP server (`tp expose`) and
@@ -69,8 +77,11 @@ func (e fatalError) Unwrap() error { return e.error }
 // break. It returns nil when ctx ends (having unregistered the names), or an error
 // the server gave as final (policy denial, name taken by another identity).
 func (a *Agent) Run(ctx context.Context) error {
-	if len(a.Exposed) == 0 || a.Certificate == nil || a.Dialer == nil || a.Dialer.TLSConfig == nil || a.Dialer.TLSConfig.RootCAs == nil {
-		return errors.New("agent needs names to expose, a Dialer with a root and client certificate, and Certificate")
+	if len(a.Exposed) == 0 || a.Dialer == nil || a.Dialer.TLSConfig == nil || a.Dialer.TLSConfig.RootCAs == nil {
+		return errors.New("agent needs names to expose and a Dialer with a root and client certificate")
+	}
+	if a.Certificate == nil && slices.ContainsFunc(a.Exposed, func(e Exposed) bool { return !e.public() }) {
+		return errors.New("agent needs Certificate to expose a name in protected mode")
 	}
 	for _, e := range a.Exposed {
 		if err := proxy.ValidReverseName(e.Name); err != nil {
@@ -81,6 +92,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}
 	a.roots = a.Dialer.TLSConfig.RootCAs
+	if a.Dialer.TLSConfig.ClientSessionCache == nil {
+		// Over TLS every session is a new connection to the relay: resume them.
+		a.Dialer.TLSConfig.ClientSessionCache = tls.NewLRUClientSessionCache(16)
+	}
 	log := a.log()
 	backoff := 500 * time.Millisecond
 	for {
@@ -118,6 +133,9 @@ func (a *Agent) hello() proxy.ClientHello {
 	h := proxy.ClientHello{V: proxy.Version, Op: proxy.OpListen, Net: "tcp"}
 	for _, e := range a.Exposed {
 		h.Names = append(h.Names, e.Name)
+		if e.PublicPort != 0 || e.PublicSNI != "" {
+			h.Public = append(h.Public, proxy.PublicSpec{Name: e.Name, Net: "tcp", Port: e.PublicPort, SNI: e.PublicSNI})
+		}
 	}
 	return h
 }
@@ -176,7 +194,8 @@ func (a *Agent) session(ctx context.Context) error {
 		_ = ctl.Close()
 		rerr := &RefusedError{Code: sh.Code, Reason: sh.Reason}
 		switch sh.Code {
-		case proxy.CodePolicyDenied, proxy.CodeNameTaken, proxy.CodeReverseDisabled, proxy.CodeBadRequest, proxy.CodeUnknownOp, proxy.CodeUnauthenticated:
+		case proxy.CodePolicyDenied, proxy.CodeNameTaken, proxy.CodeReverseDisabled, proxy.CodeBadRequest, proxy.CodeUnknownOp, proxy.CodeUnauthenticated,
+			proxy.CodePublicRefused, proxy.CodeUnsupportedNetwork:
 			return fatalError{rerr}
 		}
 		return rerr
@@ -311,6 +330,10 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 	for _, e := range a.Exposed {
 		if e.Name == hdr.Name {
 			local = e.Local
+			if e.public() { // the agent's own configuration decides, never the header
+				a.servePublic(ctx, st, hdr, e, log)
+				return
+			}
 		}
 	}
 	a.mu.Lock()

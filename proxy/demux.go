@@ -85,6 +85,9 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 	stop := context.AfterFunc(s.force, cancel)
 	defer stop()
 
+	// eofConn tells a reverse session's TLS data connection that ends without
+	// close_notify (its agent died) from a clean end (reverse_public.go).
+	raw = &eofConn{Conn: raw}
 	var pc *peekConn
 	if s.cfg.Passthrough != nil {
 		pc = &peekConn{Conn: raw, recording: true}

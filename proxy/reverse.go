@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -34,6 +35,22 @@ type ReverseOptions struct {
 	PickupTimeout time.Duration
 	// Ping is the period of keepalive frames on TLS control connections. Default 15s.
 	Ping time.Duration
+
+	// Public mode (reverse_public.go). PublicPorts says whether the administrator
+	// lets agents open a public port (network "tcp", port); nil opens none.
+	// PublicHost is the address public ports listen on ("" = all addresses).
+	PublicPorts func(network string, port int) bool
+	PublicHost  string
+	// PublicSNI says whether an agent may take a server name for TLS pass-through
+	// on the shared port; its error is the refusal shown to the agent. nil turns
+	// SNI pass-through off. It must refuse the server's own names and websites.
+	PublicSNI func(serverName string) error
+	// Holds are the names and exposures held when the server last stopped; they
+	// stay reserved for their owners for Grace, so a restart opens no window for
+	// another identity. SaveHolds is called with the current holds after every
+	// change (serialised, newest last); nil keeps them in memory only.
+	Holds     []ReverseHold
+	SaveHolds func([]ReverseHold)
 }
 
 func (o ReverseOptions) withDefaults() ReverseOptions {
@@ -61,6 +78,8 @@ type reverseAgent struct {
 	id        authz.Identity
 	transport string
 	names     []string // full names
+	public    []publicClaim
+	ctx       context.Context // the control session's: ends its public sessions too
 	ctl       Stream
 	end       context.CancelCauseFunc
 	// open starts a session: a stream opened to the agent (QUIC) or an
@@ -82,17 +101,29 @@ type revEntry struct {
 	owner string // device ID
 	agent *reverseAgent
 	until time.Time // end of the grace period while agent is nil
+	// Public exposures: the reverse label sessions go to, the public port's
+	// listener (kept open through the grace period) and the timer that closes it.
+	label string
+	ln    *publicListener
+	timer *time.Timer
 }
 
 type reverseRegistry struct {
 	opts     ReverseOptions
 	mu       sync.Mutex
-	names    map[string]*revEntry       // full name → holder
+	names    map[string]*revEntry       // full name, "tcp/PORT" or "sni/NAME" → holder
 	sessions map[string]*pendingSession // announced, not yet accepted (TLS)
+	srv      *Server                    // opens and serves public ports
+
+	seq    uint64 // holds snapshots taken (persist), under mu
+	saveMu sync.Mutex
+	saved  uint64 // newest snapshot saved, under saveMu
 }
 
 func newReverseRegistry(opts ReverseOptions) *reverseRegistry {
-	return &reverseRegistry{opts: opts.withDefaults(), names: map[string]*revEntry{}, sessions: map[string]*pendingSession{}}
+	r := &reverseRegistry{opts: opts.withDefaults(), names: map[string]*revEntry{}, sessions: map[string]*pendingSession{}}
+	r.loadHolds(opts.Holds)
+	return r
 }
 
 // name returns the label of host when host is "<label>.<zone>".
@@ -104,27 +135,58 @@ func (r *reverseRegistry) name(host string) (string, bool) {
 // claim gives a's names to a, or refuses if another identity holds one. A newer
 // session of the same owner takes over; the replaced sessions are returned.
 func (r *reverseRegistry) claim(a *reverseAgent) ([]*reverseAgent, *HelloError) {
+	replaced, herr := r.claimLocked(a)
+	if herr == nil {
+		r.persist()
+	}
+	return replaced, herr
+}
+
+func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *HelloError) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	now := time.Now()
-	for _, n := range a.names {
+	keys := a.keys()
+	for _, n := range keys {
 		e := r.names[n]
 		if e == nil || e.owner == a.id.DeviceID {
 			continue
 		}
 		if e.agent != nil {
-			return nil, helloErr(CodeNameTaken, "%s is registered by another identity; choose another name", n)
+			return nil, helloErr(CodeNameTaken, "%s is registered by another identity; choose another", describeKey(n))
 		}
 		if now.Before(e.until) {
-			return nil, helloErr(CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another name", n)
+			return nil, helloErr(CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another", describeKey(n))
 		}
+		r.dropLocked(n, e) // another owner's hold that has run out
+	}
+	opened, herr := r.openPublic(a)
+	if herr != nil {
+		return nil, herr
+	}
+	labels := map[string]string{}
+	for _, p := range a.public {
+		labels[p.key()] = p.Name
 	}
 	var replaced []*reverseAgent
-	for _, n := range a.names {
-		if e := r.names[n]; e != nil && e.agent != nil && e.agent != a {
+	for _, n := range keys {
+		e := r.names[n]
+		if e == nil {
+			e = &revEntry{owner: a.id.DeviceID}
+			r.names[n] = e
+		}
+		if e.agent != nil && e.agent != a && !slices.Contains(replaced, e.agent) {
 			replaced = append(replaced, e.agent)
 		}
-		r.names[n] = &revEntry{owner: a.id.DeviceID, agent: a}
+		if e.timer != nil {
+			e.timer.Stop()
+			e.timer = nil
+		}
+		e.agent, e.until, e.label = a, time.Time{}, labels[n]
+		if ln := opened[n]; ln != nil {
+			e.ln = ln
+			go r.srv.acceptPublic(ln)
+		}
 	}
 	return replaced, nil
 }
@@ -134,16 +196,20 @@ func (r *reverseRegistry) claim(a *reverseAgent) ([]*reverseAgent, *HelloError) 
 func (r *reverseRegistry) release(a *reverseAgent, grace bool) {
 	r.mu.Lock()
 	until := time.Now().Add(r.opts.Grace)
-	for _, n := range a.names {
+	for _, n := range a.keys() {
 		if e := r.names[n]; e != nil && e.agent == a {
 			if !grace {
-				delete(r.names, n)
+				r.dropLocked(n, e)
 				continue
 			}
 			e.agent, e.until = nil, until
+			if e.ln != nil { // the port stays open for the owner's return, then closes
+				e.timer = time.AfterFunc(r.opts.Grace, func() { r.expire(n, e) })
+			}
 		}
 	}
 	r.mu.Unlock()
+	r.persist()
 	a.pmu.Lock()
 	pending := a.pending
 	a.pending = nil
@@ -280,7 +346,12 @@ func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.Connection
 		}
 		reqs = append(reqs, req)
 	}
-	ss.dest = "listen " + strings.Join(a.names, ",")
+	pub, preqs, herr := s.publicClaims(ctx, ss, hello, transport)
+	if herr != nil {
+		return herr
+	}
+	a.public, reqs = pub, append(reqs, preqs...)
+	ss.dest = "listen " + strings.Join(a.keys(), ",")
 	if qs, ok := conn.(*QUICStream); ok {
 		a.open = s.quicOpener(qs)
 	} else {
@@ -291,7 +362,7 @@ func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.Connection
 	defer cancel()
 	ctx, end := context.WithCancelCause(ctx)
 	defer end(nil)
-	a.end = end
+	a.end, a.ctx = end, ctx
 	replaced, herr := s.rev.claim(a)
 	if herr != nil {
 		return herr
@@ -477,7 +548,10 @@ func (s *Server) serveAccept(ctx context.Context, conn Stream, ss *session, hell
 }
 
 // establishReverse connects a dial of a reverse name to the name's agent.
-func (s *Server) establishReverse(ctx context.Context, ss *session, host, label string, port int, transport string) (net.Conn, *HelloError) {
+func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session, host, label string, port int, transport string) (net.Conn, *HelloError) {
+	if ss.network == "udp" {
+		return nil, helloErr(CodeUnsupportedNetwork, "%s is a reverse name; reverse listeners serve TCP only so far", host)
+	}
 	a, herr := s.rev.lookup(host)
 	if herr != nil {
 		return nil, herr
@@ -500,8 +574,10 @@ func (s *Server) establishReverse(ctx context.Context, ss *session, host, label 
 	if herr != nil {
 		return nil, herr
 	}
-	ss.e2e = true
-	return st, nil
+	// A public name's sessions are plain streams; a protected one's carry TLS
+	// between dialer and agent. A cut on the agent's side resets the dialer's.
+	ss.e2e = !a.isPublic(host)
+	return cutAware(st, func() { resetConn(conn) }), nil
 }
 
 // decide asks the Authorizer and turns a denial or an error into a refusal.

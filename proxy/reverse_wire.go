@@ -58,9 +58,14 @@ type SessionHeader struct {
 	PeerID     string   `json:"peer_id,omitempty"`
 	PeerUser   string   `json:"peer_user,omitempty"`
 	PeerGroups []string `json:"peer_groups,omitempty"`
-	Ping       bool     `json:"ping,omitempty"`
-	End        string   `json:"end,omitempty"`
-	Reason     string   `json:"reason,omitempty"`
+	// Public is set on a session that came from a public port or SNI
+	// pass-through ("tcp/27015", "sni/blog.example.org"): there is no dialer
+	// identity, PeerAddr is the public client's address, and no inner TLS is run.
+	Public   string `json:"public,omitempty"`
+	PeerAddr string `json:"peer_addr,omitempty"`
+	Ping     bool   `json:"ping,omitempty"`
+	End      string `json:"end,omitempty"`
+	Reason   string `json:"reason,omitempty"`
 }
 
 // WriteSessionHeader writes h as one frame.
@@ -125,8 +130,11 @@ func (h ClientHello) validateReverse() error {
 			}
 			seen[n] = true
 		}
+		if err := validatePublic(h.Public, seen); err != nil {
+			return err
+		}
 	case OpAccept:
-		if h.Net != "" || len(h.Names) > 0 {
+		if h.Net != "" || len(h.Names) > 0 || h.Public != nil {
 			return helloErr(CodeBadRequest, "op \"accept\" takes only a session")
 		}
 		if h.Session == "" || len(h.Session) > maxSessionIDLen {

@@ -16,6 +16,7 @@ import (
 
 func exposeCmd(stderr io.Writer) *cobra.Command {
 	var allowUsers, allowGroups, extra []string
+	var pub publicFlags
 	cmd := &cobra.Command{
 		Use:   "expose NAME LOCAL_ADDR",
 		Short: "Expose a local service as NAME.<reverse zone> to the devices you allow, end to end",
@@ -25,13 +26,19 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 			"only relays ciphertext. The server's policy (action \"listen\") decides who may\n" +
 			"register a name and (action \"dial\") who may reach it. Ctrl-C unregisters.",
 		Example: "  tp expose laptop-ssh 127.0.0.1:22 --allow-user bob\n" +
-			"  ssh -o ProxyCommand=\"tp %h %p\" alice@laptop-ssh.rev.tp.internal   # on bob's device",
+			"  ssh -o ProxyCommand=\"tp %h %p\" alice@laptop-ssh.rev.tp.internal   # on bob's device\n" +
+			"  tp expose game 127.0.0.1:27015 --public 27015                    # anyone: TCP port 27015 of the TP server\n" +
+			"  tp expose blog 127.0.0.1:8080 --public-sni blog.example.org --tls-cert blog.crt --tls-key blog.key",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(allowUsers) == 0 && len(allowGroups) == 0 {
+			main, err := pub.exposed(args[0], args[1])
+			if err != nil {
+				return err
+			}
+			if !pub.public() && len(allowUsers) == 0 && len(allowGroups) == 0 {
 				return fmt.Errorf("say who may connect to %s: --allow-user NAME or --allow-group GROUP (nobody is allowed otherwise)", args[0])
 			}
-			exposed := []clients.Exposed{{Name: args[0], Local: args[1]}}
+			exposed := []clients.Exposed{main}
 			for _, e := range extra {
 				name, local, ok := strings.Cut(e, "=")
 				if !ok {
@@ -59,13 +66,24 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 				Logger:      slog.New(slog.NewTextHandler(stderr, nil)),
 				Registered: func(full []string) {
 					mu.Lock()
-					names = full
+					names = names[:0]
+					for i, n := range full {
+						if exposed[i].PublicPort == 0 && exposed[i].PublicSNI == "" {
+							names = append(names, n) // protected: keep its certificate fresh
+						}
+					}
 					mu.Unlock()
 					for i, n := range full {
 						fmt.Fprintf(stderr, "Exposing %s as %s via %s (%s); Ctrl-C stops\n", exposed[i].Local, n, d.Server, tpd.Version)
+						if line := publicLine(exposed[i], d.Server); line != "" {
+							fmt.Fprintln(stderr, line)
+						}
 					}
 					// Get the certificates now, not at the first session.
-					for _, n := range full {
+					for i, n := range full {
+						if exposed[i].PublicPort != 0 || exposed[i].PublicSNI != "" {
+							continue // public mode: no certificate from TP's CA
+						}
 						if _, err := c.ReverseCertificate(cmd.Context(), n); err != nil {
 							fmt.Fprintf(stderr, "tp expose: %v\n", err)
 						}
@@ -79,5 +97,6 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	cmd.Flags().StringSliceVar(&allowUsers, "allow-user", nil, "users whose devices may connect (repeatable)")
 	cmd.Flags().StringSliceVar(&allowGroups, "allow-group", nil, "groups whose members' devices may connect (repeatable)")
 	cmd.Flags().StringSliceVar(&extra, "also", nil, "expose another NAME=HOST:PORT on the same agent (repeatable)")
+	pub.register(cmd)
 	return cmd
 }

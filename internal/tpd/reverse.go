@@ -1,0 +1,94 @@
+package tpd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// reverseOptions are the reverse listeners' settings: the zone and grace period,
+// the public ports the administrator allows, the server names SNI pass-through
+// must never take, and the holds saved across restarts.
+func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
+	holds, err := loadHolds(d.cfg.ReverseHoldsFile())
+	if err != nil {
+		return proxy.ReverseOptions{}, err
+	}
+	host, _, _ := net.SplitHostPort(d.cfg.Listen)
+	return proxy.ReverseOptions{
+		Zone:  d.cfg.ReverseZone,
+		Grace: d.cfg.ReverseGrace,
+		PublicPorts: func(network string, port int) bool {
+			return network == "tcp" && d.cfg.PublicPortAllowed(port)
+		},
+		PublicHost: host,
+		PublicSNI:  d.publicSNIAllowed,
+		Holds:      holds,
+		SaveHolds: func(h []proxy.ReverseHold) {
+			if err := saveHolds(d.cfg.ReverseHoldsFile(), h); err != nil {
+				d.log.Error("saving reverse holds failed; a restart may forget who holds which name", "err", err)
+			}
+		},
+	}, nil
+}
+
+// publicSNIAllowed refuses tpd's own names and the websites' names for SNI
+// pass-through: those must keep reaching tpd.
+func (d *Daemon) publicSNIAllowed(name string) error {
+	switch {
+	case d.web.handler.IsOwn(name):
+		return fmt.Errorf("%s is one of the TP server's own names; it cannot be passed through", name)
+	case d.web.handler.IsSite(name):
+		return fmt.Errorf("%s is a website the TP server serves itself; it cannot be passed through", name)
+	}
+	return nil
+}
+
+// passthrough is proxy.Config.Passthrough: the names agents expose publicly by
+// SNI, behind the guard that never lets them claim tpd's or a site's name.
+func (d *Daemon) passthrough() proxy.PassthroughFunc {
+	return d.passthroughGuard(func(name string) (func(context.Context, net.Conn), bool) {
+		return d.proxy.PublicSNI(name)
+	})
+}
+
+func loadHolds(path string) ([]proxy.ReverseHold, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	h, err := proxy.UnmarshalHolds(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w (delete it to forget who holds which reverse name)", path, err)
+	}
+	return h, nil
+}
+
+// saveHolds writes the file atomically: a crash leaves the old or the new one.
+func saveHolds(path string, h []proxy.ReverseHold) error {
+	b, err := proxy.MarshalHolds(h)
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".reverse-holds-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(b); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}

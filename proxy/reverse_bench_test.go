@@ -1,0 +1,115 @@
+package proxy_test
+
+import (
+	"context"
+	"crypto/tls"
+	"net"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// Reverse path, next to the forward path's BenchmarkThroughput*/BenchmarkNewConn*
+// in the same run: go test -run XXX -bench 'Throughput|NewConn|NewStream|Reverse' ./proxy/
+//
+// Protected: dialer → relay → agent → inner TLS 1.3 between dialer and agent →
+// local service. Public: plain TCP client → public port of the relay → agent →
+// local service. The agent's carrier is QUIC (a stream per session) or TLS (an
+// announcement plus a new TLS connection per session); the protected dialer uses
+// the same transport as the agent.
+
+// reverseBench is a relay with a protected name "svc" and a public name "pub"
+// (public port) served by one agent, both to target.
+type reverseBench struct {
+	q      *quicEnv
+	dialer *clients.Dialer
+	public string // 127.0.0.1:port
+}
+
+func newReverseBench(b *testing.B, transport, target string) *reverseBench {
+	b.Helper()
+	q := newQUICEnv(b, func(c *proxy.Config) {
+		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", PublicHost: "127.0.0.1",
+			PublicPorts: func(string, int) bool { return true }}
+	}, proxy.QUICOptions{})
+	agentCert := q.ca.ServerCert(b, "svc.rev.test")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+
+	ad := q.dialer()
+	ad.Transport = transport
+	registered := make(chan struct{}, 1)
+	a := &clients.Agent{
+		Dialer:      ad,
+		Exposed:     []clients.Exposed{{Name: "svc", Local: target}, {Name: "pub", Local: target, PublicPort: port}},
+		AllowUsers:  []string{"alice"},
+		Certificate: func(context.Context, string) (*tls.Certificate, error) { return &agentCert, nil },
+		Registered:  func([]string) { registered <- struct{}{} },
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx); ad.Close() }()
+	b.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-registered:
+	case err := <-done:
+		b.Fatalf("agent: %v", err)
+	case <-time.After(30 * time.Second):
+		b.Fatal("agent did not register")
+	}
+	d := q.dialer()
+	d.Transport = transport
+	b.Cleanup(func() { d.Close() })
+	return &reverseBench{q: q, dialer: d, public: net.JoinHostPort("127.0.0.1", strconv.Itoa(port))}
+}
+
+func (r *reverseBench) dial(b *testing.B, mode string) net.Conn {
+	var c net.Conn
+	var err error
+	if mode == "public" {
+		c, err = net.Dial("tcp", r.public)
+	} else {
+		c, err = r.dialer.DialContext(context.Background(), "tcp", "svc.rev.test:22")
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+	return c
+}
+
+var reverseCases = []struct{ mode, transport string }{
+	{"protected", clients.TransportTLS}, {"protected", clients.TransportQUIC},
+	{"public", clients.TransportTLS}, {"public", clients.TransportQUIC},
+}
+
+// BenchmarkReverseThroughput: bulk bytes (1 MiB writes) to a sink behind an agent.
+func BenchmarkReverseThroughput(b *testing.B) {
+	for _, tc := range reverseCases {
+		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
+			addr, counts := startSink(b)
+			r := newReverseBench(b, tc.transport, addr)
+			benchThroughput(b, r.dial(b, tc.mode), counts)
+		})
+	}
+}
+
+// BenchmarkReverseNewSession: a new session to an echo service behind an agent,
+// 1 byte each way (compare BenchmarkNewConnProxy and BenchmarkNewStreamQUIC).
+func BenchmarkReverseNewSession(b *testing.B) {
+	for _, tc := range reverseCases {
+		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
+			r := newReverseBench(b, tc.transport, startEcho(b))
+			oneByteEachWay(b, r.dial(b, tc.mode)) // warm: connections, session tickets
+			for b.Loop() {
+				oneByteEachWay(b, r.dial(b, tc.mode))
+			}
+		})
+	}
+}

@@ -1,0 +1,584 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/authz"
+)
+
+// Public mode of reverse listeners (docs/PROTOCOL.md, section 11.5): an agent
+// asks, in its listen hello, that some of its names also be reachable by anyone,
+// on a TCP port of the TP server or by TLS server name (SNI) on the shared port.
+// Public sessions carry no dialer identity and no inner TLS: the relay splices
+// the public client's bytes to the agent, which connects them to its local service.
+
+// CodePublicRefused: the server does not open this public port or server name
+// (outside the administrator's public-ports, one of the server's own names, a
+// website, or a name under the reverse zone), or could not open the port.
+const CodePublicRefused = "public_refused"
+
+// PublicSpec is one public exposure in a listen hello: Name (one of the hello's
+// names) on TCP port Port of the server, or by TLS server name SNI on the
+// server's shared port. Exactly one of Port and SNI is set.
+type PublicSpec struct {
+	Name string `json:"name"`
+	Net  string `json:"net"`
+	Port int    `json:"port,omitempty"`
+	SNI  string `json:"sni,omitempty"`
+}
+
+// UnmarshalJSON decodes strictly, like the rest of the hello: no unknown fields.
+func (p *PublicSpec) UnmarshalJSON(b []byte) error {
+	type plain PublicSpec
+	var v plain
+	if err := strictJSON(b, &v); err != nil {
+		return err
+	}
+	*p = PublicSpec(v)
+	return nil
+}
+
+// key is the registry key the exposure is held under: "tcp/27015", "sni/NAME".
+func (p PublicSpec) key() string {
+	if p.SNI != "" {
+		return "sni/" + p.SNI
+	}
+	return p.Net + "/" + strconv.Itoa(p.Port)
+}
+
+func validatePublic(specs []PublicSpec, names map[string]bool) error {
+	if len(specs) > MaxListenNames {
+		return helloErr(CodeBadRequest, "op \"listen\" takes at most %d public exposures, not %d", MaxListenNames, len(specs))
+	}
+	seen := make(map[string]bool, len(specs))
+	for _, p := range specs {
+		if !names[p.Name] {
+			return helloErr(CodeBadRequest, "public exposure of %q: the name is not among the names registered", p.Name)
+		}
+		if p.Net != "tcp" {
+			return helloErr(CodeUnsupportedNetwork, "public exposure of %q: network %q is not supported; expected \"tcp\"", p.Name, p.Net)
+		}
+		switch {
+		case p.SNI != "" && p.Port != 0, p.SNI == "" && p.Port == 0:
+			return helloErr(CodeBadRequest, "public exposure of %q needs exactly one of port and sni", p.Name)
+		case p.Port < 0 || p.Port > 65535:
+			return helloErr(CodeBadRequest, "public port %d is out of range 1..65535", p.Port)
+		case p.SNI != "":
+			if err := ValidServerName(p.SNI); err != nil {
+				return helloErr(CodeBadRequest, "%v", err)
+			}
+		}
+		if seen[p.key()] {
+			return helloErr(CodeBadRequest, "public exposure %s is listed twice", p.key())
+		}
+		seen[p.key()] = true
+	}
+	return nil
+}
+
+// ValidServerName reports whether name can be a public pass-through name: a
+// lower-case DNS name of at least two labels (no IP address, no trailing dot).
+func ValidServerName(name string) error {
+	if len(name) > maxHostLen {
+		return fmt.Errorf("server name %q is longer than %d bytes", name, maxHostLen)
+	}
+	if _, err := netip.ParseAddr(name); err == nil {
+		return fmt.Errorf("server name %q is an IP address; TLS clients send no SNI for addresses", name)
+	}
+	labels := strings.Split(name, ".")
+	if len(labels) < 2 {
+		return fmt.Errorf("server name %q must have at least two labels (e.g. blog.example.org)", name)
+	}
+	for _, l := range labels {
+		if err := ValidReverseName(l); err != nil {
+			return fmt.Errorf("server name %q: label %q must be 1 to 63 characters of a-z, 0-9 and inner '-'", name, l)
+		}
+	}
+	return nil
+}
+
+// describeKey names a registry key for people.
+func describeKey(k string) string {
+	switch {
+	case strings.HasPrefix(k, "tcp/"):
+		return "public TCP port " + k[len("tcp/"):]
+	case strings.HasPrefix(k, "sni/"):
+		return "public server name " + k[len("sni/"):]
+	}
+	return k
+}
+
+// publicClaim is one public exposure of an agent, as the registry holds it.
+type publicClaim struct {
+	PublicSpec
+	full string // the reverse name it belongs to
+}
+
+// publicClaims decides an agent's public exposures: the administrator's bounds
+// first (public-ports, refused server names), then the policy with action
+// expose_public. It returns the claims and the requests to re-check while live.
+func (s *Server) publicClaims(ctx context.Context, ss *session, hello ClientHello, transport string) ([]publicClaim, []authz.Request, *HelloError) {
+	o := s.rev.opts
+	var claims []publicClaim
+	var reqs []authz.Request
+	for _, p := range hello.Public {
+		full := p.Name + "." + o.Zone
+		dest := authz.Destination{Network: p.Net, Reverse: p.Name}
+		if p.Port != 0 {
+			if o.PublicPorts == nil || !o.PublicPorts(p.Net, p.Port) {
+				return nil, nil, helloErr(CodePublicRefused, "this TP server does not open public %s port %d; its administrator lists the ports it may open in public-ports (tpd.yaml)", p.Net, p.Port)
+			}
+			dest.Port = p.Port
+		} else {
+			if p.SNI == o.Zone || strings.HasSuffix(p.SNI, "."+o.Zone) {
+				return nil, nil, helloErr(CodePublicRefused, "%s is under the reverse zone %s, whose names are reached through TP only", p.SNI, o.Zone)
+			}
+			if o.PublicSNI == nil {
+				return nil, nil, helloErr(CodePublicRefused, "this TP server does not pass TLS through by server name")
+			}
+			if err := o.PublicSNI(p.SNI); err != nil {
+				return nil, nil, helloErr(CodePublicRefused, "%v", err)
+			}
+			dest.Host, dest.Port = p.SNI, s.publicTCPPort()
+		}
+		req := authz.Request{
+			Action:      authz.ActionExposePublic,
+			Identity:    ss.id,
+			Destination: dest,
+			Source:      authz.Source{Address: ss.remote, Transport: transport},
+			Time:        time.Now(),
+		}
+		if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to expose "+full+" as "+describeKey(p.key())); herr != nil {
+			return nil, nil, herr
+		}
+		claims = append(claims, publicClaim{PublicSpec: p, full: full})
+		reqs = append(reqs, req)
+	}
+	return claims, reqs, nil
+}
+
+// publicTCPPort is the port of the server's (first) TCP listener: the port SNI
+// pass-through is reached on, shown to the policy.
+func (s *Server) publicTCPPort() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for ln := range s.listeners {
+		if a, ok := ln.Addr().(*net.TCPAddr); ok {
+			if _, public := ln.(*publicListener); !public {
+				return a.Port
+			}
+		}
+	}
+	return 443
+}
+
+// keys are every registry key a holds: its full names and its public exposures.
+func (a *reverseAgent) keys() []string {
+	keys := append([]string(nil), a.names...)
+	for _, p := range a.public {
+		keys = append(keys, p.key())
+	}
+	return keys
+}
+
+// isPublic reports whether the full name is exposed publicly: its sessions,
+// also those of TP dialers, are then plain streams without inner TLS.
+func (a *reverseAgent) isPublic(full string) bool {
+	for _, p := range a.public {
+		if p.full == full {
+			return true
+		}
+	}
+	return false
+}
+
+// publicListener is a public TCP port the server opened for an agent.
+type publicListener struct {
+	net.Listener
+	key string
+}
+
+// openPublic opens the listeners a's claims need and that are not open yet.
+// Called with r.mu held, before a's entries are recorded.
+func (r *reverseRegistry) openPublic(a *reverseAgent) (map[string]*publicListener, *HelloError) {
+	opened := map[string]*publicListener{}
+	fail := func(herr *HelloError) (map[string]*publicListener, *HelloError) {
+		for _, ln := range opened {
+			r.srv.untrack(ln)
+		}
+		return nil, herr
+	}
+	for _, p := range a.public {
+		if p.Port == 0 {
+			continue
+		}
+		if e := r.names[p.key()]; e != nil && e.ln != nil {
+			continue
+		}
+		addr := net.JoinHostPort(r.opts.PublicHost, strconv.Itoa(p.Port))
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fail(helloErr(CodePublicRefused, "the TP server cannot open public TCP port %d: %v", p.Port, err))
+		}
+		pl := &publicListener{Listener: ln, key: p.key()}
+		if r.srv == nil || !r.srv.track(pl) {
+			_ = ln.Close()
+			return fail(helloErr(CodePublicRefused, "the TP server is shutting down"))
+		}
+		opened[p.key()] = pl
+	}
+	return opened, nil
+}
+
+// dropLocked forgets entry k and closes its listener. Called with r.mu held.
+func (r *reverseRegistry) dropLocked(k string, e *revEntry) {
+	if e.timer != nil {
+		e.timer.Stop()
+	}
+	if e.ln != nil {
+		r.srv.untrack(e.ln)
+	}
+	delete(r.names, k)
+}
+
+// expire ends the grace period of k: its listener closes and the hold is forgotten.
+func (r *reverseRegistry) expire(k string, e *revEntry) {
+	r.mu.Lock()
+	if r.names[k] == e && e.agent == nil {
+		r.dropLocked(k, e)
+	}
+	r.mu.Unlock()
+	r.persist()
+}
+
+// lookupKey finds the live agent for a registry key and the label it routes to.
+func (r *reverseRegistry) lookupKey(k string) (*reverseAgent, string, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.names[k]
+	if e == nil || e.agent == nil {
+		return nil, "", false
+	}
+	return e.agent, e.label, true
+}
+
+// acceptPublic serves a public port until its listener closes.
+func (s *Server) acceptPublic(ln *publicListener) {
+	s.log.Info("public port open", "addr", ln.Addr().String(), "exposure", describeKey(ln.key))
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				s.log.Warn("public port accept failed; closing it", "addr", ln.Addr().String(), "err", err)
+				_ = ln.Close()
+			}
+			s.log.Info("public port closed", "addr", ln.Addr().String(), "exposure", describeKey(ln.key))
+			return
+		}
+		if !s.acquire() {
+			resetConn(c)
+			_ = c.Close()
+			s.log.Warn("public connection refused: too many connections", "remote", c.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
+			continue
+		}
+		if !s.addWorker() {
+			s.release()
+			resetConn(c)
+			_ = c.Close()
+			continue
+		}
+		go func() {
+			defer s.wg.Done()
+			defer s.release()
+			s.servePublic(c, ln.key)
+		}()
+	}
+}
+
+// PublicSNI is the lookup for Config.Passthrough: the handler for a server name
+// an agent exposes publicly. It does not guard tpd's own or the websites' names
+// (registration refuses those through ReverseOptions.PublicSNI; tpd wraps the
+// lookup in a guard as well).
+func (s *Server) PublicSNI(serverName string) (func(context.Context, net.Conn), bool) {
+	if s.rev == nil {
+		return nil, false
+	}
+	k := "sni/" + serverName
+	s.rev.mu.Lock()
+	_, ok := s.rev.names[k]
+	s.rev.mu.Unlock()
+	if !ok {
+		return nil, false
+	}
+	return func(_ context.Context, c net.Conn) { s.servePublic(c, k) }, true
+}
+
+// servePublic relays one public connection to the agent that holds key. A public
+// client has no TP identity: the agent's registration was what the policy
+// allowed (expose_public), and it is re-checked while it lives.
+func (s *Server) servePublic(c net.Conn, key string) {
+	start := time.Now()
+	remote := c.RemoteAddr().String()
+	var up, down int64
+	agent, end := "", ""
+	defer func() {
+		s.log.LogAttrs(context.Background(), slog.LevelInfo, "public session",
+			slog.String("remote", remote), slog.String("exposure", describeKey(key)), slog.String("agent", agent),
+			slog.Int64("bytes_up", up), slog.Int64("bytes_down", down),
+			slog.Duration("duration", time.Since(start)), slog.String("end", end))
+	}()
+	a, label, ok := s.rev.lookupKey(key)
+	if !ok {
+		end = "refused: no agent online for it (reconnecting, or gone)"
+		resetConn(c)
+		_ = c.Close()
+		return
+	}
+	agent = a.id.String() + " (" + a.transport + ")"
+	ctx := a.ctx
+	hdr := SessionHeader{V: Version, Session: newSessionID(), Name: label, Public: key, PeerAddr: remote}
+	st, herr := a.open(ctx, hdr)
+	if herr != nil {
+		end = "refused: " + herr.Error()
+		resetConn(c)
+		_ = c.Close()
+		return
+	}
+	var err error
+	up, down, err = Bridge(ctx, &publicConn{Conn: c, ctx: ctx}, cutAware(st, func() { resetConn(c) }))
+	end = "closed"
+	if err != nil {
+		end = err.Error()
+	}
+}
+
+// publicConn is a public client's connection during a session: when the session
+// ends because the agent's control session did (the agent died or was revoked),
+// closing it resets the client instead of ending its stream cleanly.
+type publicConn struct {
+	net.Conn
+	ctx context.Context
+}
+
+func (p *publicConn) Close() error {
+	if p.ctx.Err() != nil {
+		resetConn(p.Conn)
+	}
+	return p.Conn.Close()
+}
+
+func (p *publicConn) CloseWrite() error {
+	if cw, ok := p.Conn.(closeWriter); ok {
+		return cw.CloseWrite()
+	}
+	return p.Conn.Close()
+}
+
+// errAgentCut ends a session whose agent side ended without a clean end.
+var errAgentCut = errors.New("the agent's side of the session was cut off (no clean end of stream); the other side was reset")
+
+// cutAware wraps the agent's side of a session: an end of it that is not a clean
+// end of stream (a TLS data connection closed without close_notify, as when the
+// agent process dies; a reset or broken QUIC stream; a failed write) calls cut
+// first, which resets the other side, so that a cut is never passed on as an
+// ordinary end.
+func cutAware(st Stream, cut func()) Stream {
+	c := &cutStream{Stream: st, cut: cut}
+	if p, ok := st.(*pairedStream); ok {
+		if tc, ok := p.Stream.(*tls.Conn); ok {
+			nc := tc.NetConn()
+			if pc, ok := nc.(*peekConn); ok {
+				nc = pc.Conn
+			}
+			if ec, ok := nc.(*eofConn); ok {
+				c.noNotify = ec.eof.Load
+			}
+		}
+	}
+	return c
+}
+
+type cutStream struct {
+	Stream
+	cut      func()
+	noNotify func() bool // the TLS transport under the stream reached EOF: no close_notify came
+	once     sync.Once
+}
+
+func (c *cutStream) Read(p []byte) (int, error) {
+	n, err := c.Stream.Read(p)
+	switch {
+	case err == nil:
+	case errors.Is(err, io.EOF) && (c.noNotify == nil || !c.noNotify()):
+	case errors.Is(err, io.EOF):
+		c.once.Do(c.cut)
+		err = errAgentCut
+	case !errors.Is(err, net.ErrClosed): // net.ErrClosed: Bridge closed it itself
+		c.once.Do(c.cut)
+	}
+	return n, err
+}
+
+func (c *cutStream) Write(p []byte) (int, error) {
+	n, err := c.Stream.Write(p)
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		c.once.Do(c.cut)
+	}
+	return n, err
+}
+
+// eofConn remembers whether the TCP connection under a TLS session reached EOF.
+// crypto/tls reports a close_notify and a bare EOF alike as io.EOF, but after a
+// close_notify it stops reading the transport: an EOF seen here means none came.
+type eofConn struct {
+	net.Conn
+	eof atomic.Bool
+}
+
+func (e *eofConn) Read(p []byte) (int, error) {
+	n, err := e.Conn.Read(p)
+	if errors.Is(err, io.EOF) {
+		e.eof.Store(true)
+	}
+	return n, err
+}
+
+// CloseWrite half-closes the socket, when it can.
+func (e *eofConn) CloseWrite() error {
+	if cw, ok := e.Conn.(closeWriter); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("this connection cannot half-close")
+}
+
+// ResetConn ends c so that its peer sees an error rather than a clean end: a TCP
+// reset (linger 0) for TCP and TLS-over-TCP connections, RESET_STREAM for QUIC
+// streams. The caller still closes c.
+func ResetConn(c net.Conn) { resetConn(c) }
+
+func resetConn(c net.Conn) {
+	switch v := c.(type) {
+	case *net.TCPConn:
+		_ = v.SetLinger(0)
+		_ = v.Close()
+	case *replayConn:
+		resetConn(v.Conn)
+	case *eofConn:
+		resetConn(v.Conn)
+	case *peekConn:
+		resetConn(v.Conn)
+	case *tls.Conn:
+		resetConn(v.NetConn())
+	case *pairedStream:
+		resetConn(v.Stream)
+	case *cutStream:
+		resetConn(v.Stream)
+	case *publicConn:
+		resetConn(v.Conn)
+	case interface {
+		Abort(quic.ApplicationErrorCode)
+	}:
+		v.Abort(QUICInternal)
+	case interface{ Unwrap() net.Conn }:
+		resetConn(v.Unwrap())
+	}
+}
+
+// ReverseHold is a reverse name or public exposure held by a device, as saved
+// across restarts (ReverseOptions.Holds, SaveHolds). Key is a full reverse name,
+// "tcp/PORT" or "sni/NAME"; Until is the end of the grace period of a hold whose
+// agent is offline, zero for one whose agent was online when it was saved.
+type ReverseHold struct {
+	Key   string    `json:"key"`
+	Owner string    `json:"owner"`
+	Label string    `json:"label,omitempty"`
+	Until time.Time `json:"until,omitzero"`
+}
+
+// loadHolds reserves the saved holds for their owners: those whose agent was
+// online get a fresh grace period from now (it could not reconnect while the
+// server was down), offline ones keep what was left of theirs.
+func (r *reverseRegistry) loadHolds(holds []ReverseHold) {
+	now := time.Now()
+	for _, h := range holds {
+		until := h.Until
+		if until.IsZero() {
+			until = now.Add(r.opts.Grace)
+		}
+		if h.Key == "" || h.Owner == "" || !now.Before(until) {
+			continue
+		}
+		r.names[h.Key] = &revEntry{owner: h.Owner, label: h.Label, until: until}
+	}
+}
+
+// persist hands a snapshot of the holds to ReverseOptions.SaveHolds, newest
+// snapshot last even when several goroutines change the registry at once.
+func (r *reverseRegistry) persist() {
+	if r.opts.SaveHolds == nil {
+		return
+	}
+	r.mu.Lock()
+	now := time.Now()
+	holds := make([]ReverseHold, 0, len(r.names))
+	for k, e := range r.names {
+		h := ReverseHold{Key: k, Owner: e.owner, Label: e.label}
+		if e.agent == nil {
+			if !now.Before(e.until) {
+				continue
+			}
+			h.Until = e.until.UTC()
+		}
+		holds = append(holds, h)
+	}
+	r.seq++
+	seq := r.seq
+	r.mu.Unlock()
+	r.saveMu.Lock()
+	defer r.saveMu.Unlock()
+	if seq > r.saved {
+		r.opts.SaveHolds(holds)
+		r.saved = seq
+	}
+}
+
+// MarshalHolds and UnmarshalHolds are the file format of saved holds (JSON).
+func MarshalHolds(h []ReverseHold) ([]byte, error) {
+	return json.MarshalIndent(map[string]any{"v": 1, "holds": h}, "", "  ")
+}
+
+// UnmarshalHolds reads what MarshalHolds wrote.
+func UnmarshalHolds(b []byte) ([]ReverseHold, error) {
+	var f struct {
+		V     int           `json:"v"`
+		Holds []ReverseHold `json:"holds"`
+	}
+	if err := json.Unmarshal(b, &f); err != nil {
+		return nil, err
+	}
+	if f.V != 1 {
+		return nil, fmt.Errorf("saved reverse holds have version %d; expected 1", f.V)
+	}
+	return f.Holds, nil
+}
+
+// CutAware wraps st so that an end of it that is not a clean end of stream (an
+// error, a reset, a failed write) calls cut once before it is reported. An agent
+// uses it on its local service's connection to reset the relay's stream when the
+// service resets, so the public client sees the error too.
+func CutAware(st Stream, cut func()) Stream { return cutAware(st, cut) }

@@ -1,0 +1,53 @@
+package proxy_test
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// The public field of a listen hello is decoded as strictly as the rest.
+func TestListenHelloPublic(t *testing.T) {
+	const pre = `{"v":1,"op":"listen","net":"tcp","names":["game","blog"],"public":`
+	tests := []struct {
+		name, public, code string // code "" means accepted
+	}{
+		{"port", `[{"name":"game","net":"tcp","port":27015}]`, ""},
+		{"sni", `[{"name":"blog","net":"tcp","sni":"blog.example.org"}]`, ""},
+		{"both kinds", `[{"name":"game","net":"tcp","port":27015},{"name":"blog","net":"tcp","sni":"blog.example.org"}]`, ""},
+		{"name not registered", `[{"name":"other","net":"tcp","port":1}]`, proxy.CodeBadRequest},
+		{"port and sni", `[{"name":"game","net":"tcp","port":1,"sni":"a.example"}]`, proxy.CodeBadRequest},
+		{"neither", `[{"name":"game","net":"tcp"}]`, proxy.CodeBadRequest},
+		{"port out of range", `[{"name":"game","net":"tcp","port":65536}]`, proxy.CodeBadRequest},
+		{"udp", `[{"name":"game","net":"udp","port":27015}]`, proxy.CodeUnsupportedNetwork},
+		{"unknown field", `[{"name":"game","net":"tcp","port":1,"x":1}]`, proxy.CodeBadRequest},
+		{"duplicate", `[{"name":"game","net":"tcp","port":1},{"name":"blog","net":"tcp","port":1}]`, proxy.CodeBadRequest},
+		{"sni one label", `[{"name":"blog","net":"tcp","sni":"localhost"}]`, proxy.CodeBadRequest},
+		{"sni upper case", `[{"name":"blog","net":"tcp","sni":"Blog.example.org"}]`, proxy.CodeBadRequest},
+		{"sni IP", `[{"name":"blog","net":"tcp","sni":"10.0.0.1"}]`, proxy.CodeBadRequest},
+		{"sni trailing dot", `[{"name":"blog","net":"tcp","sni":"blog.example.org."}]`, proxy.CodeBadRequest},
+		{"null", `null`, proxy.CodeBadRequest},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := proxy.ReadClientHello(bytes.NewReader(frame(pre + tt.public + `}`)))
+			var he *proxy.HelloError
+			switch {
+			case tt.code == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tt.code != "" && (!errors.As(err, &he) || he.Code != tt.code || he.Reason == ""):
+				t.Fatalf("got %v; want %s with a reason", err, tt.code)
+			}
+		})
+	}
+	for _, h := range []string{
+		`{"v":1,"op":"dial","net":"tcp","host":"h","port":1,"public":[]}`,
+		`{"v":1,"op":"accept","session":"ab","public":[{"name":"game","net":"tcp","port":1}]}`,
+	} {
+		if _, err := proxy.ReadClientHello(bytes.NewReader(frame(h))); err == nil {
+			t.Errorf("%s accepted; public belongs to listen only", h)
+		}
+	}
+}
