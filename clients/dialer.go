@@ -96,10 +96,15 @@ func (e *RefusedError) Unwrap() error {
 // DialContext connects to addr (host:port) through the TP server. network must be
 // "tcp" ("tcp4" and "tcp6" are accepted and mean the same: the server picks the
 // address). The returned connection is a *tls.Conn or a *proxy.QUICStream; both
-// half-close with CloseWrite. A refusal by the server is a *RefusedError.
+// half-close with CloseWrite. Network "udp" ("udp4", "udp6") opens a UDP flow
+// instead: a *proxy.UDPFlow, a net.Conn that keeps datagram boundaries (udp.go).
+// A refusal by the server is a *RefusedError.
 func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	netw := "tcp"
 	switch network {
 	case "tcp", "tcp4", "tcp6":
+	case "udp", "udp4", "udp6": // a UDP flow (udp.go)
+		netw = "udp"
 	default:
 		return nil, fmt.Errorf("tp dial %s: network %q is not supported", addr, network)
 	}
@@ -109,11 +114,11 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 	}
 	port, err := strconv.Atoi(portStr)
 	if err != nil {
-		if port, err = net.LookupPort("tcp", portStr); err != nil {
+		if port, err = net.LookupPort(netw, portStr); err != nil {
 			return nil, fmt.Errorf("tp dial %s: %w", addr, err)
 		}
 	}
-	hello := proxy.ClientHello{V: proxy.Version, Op: proxy.OpDial, Net: "tcp", Host: host, Port: port}
+	hello := proxy.ClientHello{V: proxy.Version, Op: proxy.OpDial, Net: netw, Host: host, Port: port}
 	if err := hello.Validate(); err != nil {
 		return nil, fmt.Errorf("tp dial %s: %w", addr, err)
 	}
@@ -125,6 +130,9 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 
+	if netw == "udp" {
+		return d.dialUDP(ctx, addr, hello)
+	}
 	switch d.Transport {
 	case TransportAuto, "":
 		return d.dialAuto(ctx, addr, hello)

@@ -180,6 +180,7 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		MaxStreamReceiveWindow:         proxy.QUICMaxStreamWindow,
 		InitialConnectionReceiveWindow: proxy.QUICInitialConnWindow,
 		MaxConnectionReceiveWindow:     proxy.QUICMaxConnWindow,
+		EnableDatagrams:                true, // UDP flows (udp.go)
 	})
 	if err != nil {
 		if ctx.Err() != nil {

@@ -212,10 +212,11 @@ func (s *Server) guardedDialer(authorised []netip.AddrPort) *net.Dialer {
 	}
 }
 
-// dial tries the authorised addresses in order and returns the first connection.
-// Only these addresses are ever passed to the dialer, and the default dialer checks
-// them again in its Control hook.
-func (s *Server) dial(ctx context.Context, ss *session, ips []netip.Addr, port int) (net.Conn, *HelloError) {
+// dial tries the authorised addresses in order and returns the first connection
+// (network "tcp", or "udp": a connected UDP socket, which fails only for an
+// unusable address). Only these addresses are ever passed to the dialer, and the
+// default dialer checks them again in its Control hook.
+func (s *Server) dial(ctx context.Context, ss *session, network string, ips []netip.Addr, port int) (net.Conn, *HelloError) {
 	authorised := make([]netip.AddrPort, len(ips))
 	for i, ip := range ips {
 		authorised[i] = netip.AddrPortFrom(ip.Unmap(), uint16(port))
@@ -228,7 +229,7 @@ func (s *Server) dial(ctx context.Context, ss *session, ips []netip.Addr, port i
 	for _, ap := range authorised {
 		addr := ap.String()
 		dctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
-		c, err := dialContext(dctx, "tcp", addr)
+		c, err := dialContext(dctx, network, addr)
 		cancel()
 		if err == nil {
 			ss.upstream = addr
@@ -303,8 +304,11 @@ func (s *Server) selfAddrs() []netip.AddrPort {
 	defer s.mu.Unlock()
 	out := append([]netip.AddrPort(nil), s.cfg.SelfAddrs...)
 	for ln := range s.listeners {
-		if ta, ok := ln.Addr().(*net.TCPAddr); ok {
-			out = append(out, ta.AddrPort())
+		switch a := ln.Addr().(type) {
+		case *net.TCPAddr:
+			out = append(out, a.AddrPort())
+		case *net.UDPAddr: // QUIC
+			out = append(out, a.AddrPort())
 		}
 	}
 	return out

@@ -107,6 +107,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		InitialConnectionReceiveWindow: QUICInitialConnWindow,
 		MaxConnectionReceiveWindow:     QUICMaxConnWindow,
 		Allow0RTT:                      false,
+		EnableDatagrams:                true, // UDP flows (udpflow.go)
 	}
 	if s.web != nil { // HTTP/3 on the same listener: its control and QPACK streams
 		qcfg.MaxIncomingUniStreams = 8

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -34,21 +35,31 @@ type quicEnv struct {
 func newQUICEnv(t testing.TB, mod func(*proxy.Config), opts proxy.QUICOptions) *quicEnv {
 	t.Helper()
 	transports := make(chan string, 64)
-	e := newEnv(t, func(c *proxy.Config) {
-		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
-			select {
-			case transports <- req.Source.Transport:
-			default:
+	var e *env
+	var udp *net.UDPConn
+	for try := 0; ; try++ {
+		e = newEnv(t, func(c *proxy.Config) {
+			c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
+				select {
+				case transports <- req.Source.Transport:
+				default:
+				}
+				return allowAll(ctx, req)
+			})
+			if mod != nil {
+				mod(c)
 			}
-			return allowAll(ctx, req)
 		})
-		if mod != nil {
-			mod(c)
+		var err error
+		udp, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(mustAddrPort(t, e.addr)))
+		if err == nil {
+			break
 		}
-	})
-	udp, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(mustAddrPort(t, e.addr)))
-	if err != nil {
-		t.Fatalf("UDP on the TCP listener's port: %v", err)
+		// Another test's UDP socket may hold the port the TCP listener got: try
+		// another server (this one is shut down at cleanup).
+		if !errors.Is(err, syscall.EADDRINUSE) || try == 9 {
+			t.Fatalf("UDP on the TCP listener's port: %v", err)
+		}
 	}
 	q := &quicEnv{env: e, udpAddr: udp.LocalAddr().String(), quicDone: make(chan error, 1), transport: transports}
 	ctx, cancel := context.WithCancel(context.Background())

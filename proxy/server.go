@@ -70,6 +70,8 @@ type Config struct {
 	MaxConns int
 	// Reverse configures reverse listeners (reverse.go); a zero value disables them.
 	Reverse ReverseOptions
+	// UDP bounds UDP flows (udp.go).
+	UDP UDPOptions
 }
 
 // ErrServerClosed is returned by Serve after Shutdown.
@@ -94,6 +96,7 @@ type Server struct {
 	active   atomic.Int64     // connections counted against MaxConns
 	sessions registry         // established sessions, for Recheck
 	rev      *reverseRegistry // reverse names; nil when Config.Reverse.Zone is empty
+	udp      udpState         // UDP flow bounds and counters (udp.go)
 	wg       sync.WaitGroup   // connection goroutines (not web conns, which http.Server owns)
 
 	mu        sync.Mutex
@@ -147,9 +150,8 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Resolver == nil {
 		cfg.Resolver = net.DefaultResolver
 	}
-	if cfg.DialContext == nil {
-		cfg.DialContext = (&net.Dialer{}).DialContext
-	}
+	// cfg.DialContext stays nil unless a test sets it: dial then uses the guarded
+	// dialer, whose Control hook refuses addresses the policy did not see.
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -183,6 +185,7 @@ func New(cfg Config) (*Server, error) {
 	s.initDemux()
 	if cfg.Reverse.Zone != "" {
 		s.rev = newReverseRegistry(cfg.Reverse)
+		s.rev.srv = s // public ports (reverse_public.go)
 	}
 	return s, nil
 }

@@ -211,7 +211,7 @@ func TestBadHello(t *testing.T) {
 		{"port 65536", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":65536}`), proxy.CodeBadRequest},
 		{"port as string", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":"22"}`), proxy.CodeBadRequest},
 		{"version 2", frame(`{"v":2,"op":"dial","net":"tcp","host":"127.0.0.1","port":` + port + `}`), proxy.CodeUnsupportedVersion},
-		{"network udp", frame(`{"v":1,"op":"dial","net":"udp","host":"127.0.0.1","port":` + port + `}`), proxy.CodeUnsupportedNetwork},
+		{"network sctp", frame(`{"v":1,"op":"dial","net":"sctp","host":"127.0.0.1","port":` + port + `}`), proxy.CodeUnsupportedNetwork},
 		{"empty host", frame(`{"v":1,"op":"dial","net":"tcp","host":"","port":` + port + `}`), proxy.CodeBadRequest},
 		{"host with NUL", frame(`{"v":1,"op":"dial","net":"tcp","host":"a\u0000b","port":` + port + `}`), proxy.CodeBadRequest},
 		{"host with space", frame(`{"v":1,"op":"dial","net":"tcp","host":"a b","port":` + port + `}`), proxy.CodeBadRequest},

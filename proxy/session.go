@@ -33,6 +33,8 @@ type session struct {
 	up, down int64         // bytes client→destination and destination→client
 	end      string        // why it ended
 	e2e      bool          // a protected reverse name: the client runs TLS inside
+	network  string        // "tcp", or "udp" for a UDP flow (udp.go)
+	attrs    []slog.Attr   // more for the log line (a UDP flow's counters)
 }
 
 // Stream is one request's byte stream: a TLS connection (TLS transport) or a QUIC
@@ -65,6 +67,10 @@ func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.Connection
 			ss.end = herr.Error()
 		}
 		s.refuse(conn, herr)
+		return
+	}
+	if ss.network == "udp" { // datagrams, not a byte stream (udp.go)
+		s.serveUDP(ctx, conn, cs, ss, upstream)
 		return
 	}
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
@@ -135,9 +141,13 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 
 	host := canonicalHost(hello.Host)
 	ss.dest = net.JoinHostPort(host, strconv.Itoa(hello.Port))
+	ss.network = hello.Net
 	if s.rev != nil {
 		if label, ok := s.rev.name(host); ok {
-			return s.establishReverse(ctx, ss, host, label, hello.Port, transport)
+			if hello.Net == "udp" {
+				return nil, helloErr(CodeUnsupportedNetwork, "%s is a reverse name; reverse listeners carry TCP only", host)
+			}
+			return s.establishReverse(ctx, conn, ss, host, label, hello.Port, transport)
 		}
 	}
 
@@ -150,7 +160,7 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 	}
 
 	req := authz.Request{
-		Action:      authz.ActionDial,
+		Action:      dialAction(hello.Net),
 		Identity:    id,
 		Destination: authz.Destination{Host: host, Port: hello.Port, Network: hello.Net, IPs: ips},
 		Source:      authz.Source{Address: ss.remote, Transport: transport},
@@ -174,7 +184,7 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 	}
 	ss.decision = "allow"
 	ss.req = req
-	return s.dial(ctx, ss, ips, hello.Port)
+	return s.dial(ctx, ss, hello.Net, ips, hello.Port)
 }
 
 // refuse sends a refusal and closes conn. It half-closes first and drains what the
@@ -206,5 +216,6 @@ func (s *Server) logSession(ctx context.Context, ss *session) {
 	if ss.code != "" {
 		attrs = append(attrs, slog.String("code", ss.code))
 	}
+	attrs = append(attrs, ss.attrs...)
 	s.log.LogAttrs(ctx, slog.LevelInfo, "proxy session", attrs...)
 }

@@ -53,6 +53,8 @@ type ClientHello struct {
 	// "accept") pairs a data connection with an announced session. See reverse_wire.go.
 	Names   []string `json:"names,omitempty"`
 	Session string   `json:"session,omitempty"`
+	// Public (op "listen") also exposes some of Names publicly (reverse_public.go).
+	Public []PublicSpec `json:"public,omitempty"`
 }
 
 // ServerHello answers a ClientHello. After OK, the connection carries raw bytes.
@@ -66,6 +68,9 @@ type ServerHello struct {
 	// E2E answers a dial of a protected reverse name: the client runs TLS with the
 	// agent inside this stream (docs/PROTOCOL.md, reverse listeners).
 	E2E bool `json:"e2e,omitempty"`
+	// Flow answers a UDP dial over QUIC when datagrams travel in DATAGRAM frames:
+	// the flow id they carry (udpwire.go). Absent: capsules on the stream only.
+	Flow *uint64 `json:"flow,omitempty"`
 }
 
 // HelloError is a protocol-level refusal. The server sends it to the client as a
@@ -94,7 +99,7 @@ func (h ClientHello) Validate() error {
 	}
 	switch h.Op {
 	case OpDial:
-		if h.Names != nil || h.Session != "" {
+		if h.Names != nil || h.Session != "" || h.Public != nil {
 			return helloErr(CodeBadRequest, "fields \"names\" and \"session\" belong to ops \"listen\" and \"accept\", not \"dial\"")
 		}
 	case OpListen, OpAccept:
@@ -102,8 +107,8 @@ func (h ClientHello) Validate() error {
 	default:
 		return helloErr(CodeUnknownOp, "operation %q is not known; expected %q, %q or %q", h.Op, OpDial, OpListen, OpAccept)
 	}
-	if h.Net != "tcp" {
-		return helloErr(CodeUnsupportedNetwork, "network %q is not supported; expected \"tcp\"", h.Net)
+	if h.Net != "tcp" && h.Net != "udp" { // udp: a UDP flow (udp.go)
+		return helloErr(CodeUnsupportedNetwork, "network %q is not supported; expected \"tcp\" or \"udp\"", h.Net)
 	}
 	if err := validHost(h.Host); err != nil {
 		return err
@@ -200,7 +205,7 @@ func decodeClientHello(body []byte, h *ClientHello) error {
 	if d, ok := tok.(json.Delim); !ok || d != '{' {
 		return errors.New("not a JSON object")
 	}
-	fields := map[string]any{"v": &h.V, "op": &h.Op, "net": &h.Net, "host": &h.Host, "port": &h.Port, "names": &h.Names, "session": &h.Session}
+	fields := map[string]any{"v": &h.V, "op": &h.Op, "net": &h.Net, "host": &h.Host, "port": &h.Port, "names": &h.Names, "session": &h.Session, "public": &h.Public}
 	seen := make(map[string]bool, len(fields))
 	for dec.More() {
 		tok, err := dec.Token()

@@ -65,7 +65,7 @@ func TestReadClientHello(t *testing.T) {
 		{"version 2", frame(`{"v":2,"op":"dial","net":"tcp","host":"h","port":1}`), proxy.CodeUnsupportedVersion},
 		{"op listen", frame(`{"v":1,"op":"frobnicate","net":"tcp","host":"h","port":1}`), proxy.CodeUnknownOp},
 		{"op DIAL", frame(`{"v":1,"op":"DIAL","net":"tcp","host":"h","port":1}`), proxy.CodeUnknownOp},
-		{"net udp", frame(`{"v":1,"op":"dial","net":"udp","host":"h","port":1}`), proxy.CodeUnsupportedNetwork},
+		{"net sctp", frame(`{"v":1,"op":"dial","net":"sctp","host":"h","port":1}`), proxy.CodeUnsupportedNetwork},
 		{"net tcp4", frame(`{"v":1,"op":"dial","net":"tcp4","host":"h","port":1}`), proxy.CodeUnsupportedNetwork},
 		{"empty host", frame(`{"v":1,"op":"dial","net":"tcp","host":"","port":1}`), proxy.CodeBadRequest},
 		{"254-byte host", frame(`{"v":1,"op":"dial","net":"tcp","host":"` + strings.Repeat("a", 254) + `","port":1}`), proxy.CodeBadRequest},

@@ -111,11 +111,15 @@ func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients
 }
 
 func forwardCmd(stderr io.Writer) *cobra.Command {
-	return &cobra.Command{
+	var udp bool
+	var udpIdle time.Duration
+	cmd := &cobra.Command{
 		Use:   "forward LISTEN HOST:PORT",
-		Short: "Listen on a local TCP address and forward each connection through TP",
+		Short: "Listen on a local TCP (or, with --udp, UDP) address and forward through TP",
 		Example: "  tp forward 127.0.0.1:15432 db.internal:5432\n" +
-			"  psql -h 127.0.0.1 -p 15432",
+			"  psql -h 127.0.0.1 -p 15432\n" +
+			"  tp forward --udp 127.0.0.1:5353 dns.internal:53\n" +
+			"  dig -p 5353 @127.0.0.1 db.internal",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, cfg, err := open(cmd, stderr)
@@ -128,6 +132,9 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 			d, err := dialer(cmd.Context(), c, cfg)
 			if err != nil {
 				return err
+			}
+			if udp {
+				return forwardUDP(cmd.Context(), d, args[0], args[1], udpIdle, stderr)
 			}
 			ln, err := net.Listen("tcp", args[0])
 			if err != nil {
@@ -151,6 +158,32 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 			return err
 		},
 	}
+	cmd.Flags().BoolVar(&udp, "udp", false, "forward UDP datagrams: one flow per local source address (policy action dial_udp)")
+	cmd.Flags().DurationVar(&udpIdle, "udp-idle", 60*time.Second, "end a UDP flow after this long without datagrams")
+	return cmd
+}
+
+// forwardUDP serves `tp forward --udp`.
+func forwardUDP(ctx context.Context, d *clients.Dialer, listen, target string, idle time.Duration, stderr io.Writer) error {
+	pc, err := net.ListenPacket("udp", listen)
+	if err != nil {
+		return fmt.Errorf("cannot listen on UDP %s: %w", listen, err)
+	}
+	defer pc.Close()
+	defer d.Close()
+	go d.Maintain(ctx, func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) })
+	fmt.Fprintf(stderr, "Forwarding UDP %s to %s via %s (%s); Ctrl-C stops\n", pc.LocalAddr(), target, d.Server, tpd.Version)
+	f := &clients.UDPForwarder{
+		Dial:        d.DialContext,
+		Target:      target,
+		IdleTimeout: idle,
+		Logger:      slog.New(slog.NewTextHandler(stderr, nil)),
+	}
+	err = f.Serve(ctx, pc)
+	if errors.Is(err, context.Canceled) || ctx.Err() != nil {
+		return nil
+	}
+	return err
 }
 
 func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {

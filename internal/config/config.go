@@ -52,11 +52,18 @@ type Server struct {
 	QUICKeepAlive   time.Duration `mapstructure:"quic-keepalive"`
 	QUICIdleTimeout time.Duration `mapstructure:"quic-idle-timeout"`
 	QUICMaxStreams  int           `mapstructure:"quic-max-streams"`
+	// UDPIdleTimeout ends a UDP flow without datagrams for this long;
+	// UDPMaxFlows bounds the UDP flows one identity has open at once.
+	UDPIdleTimeout time.Duration `mapstructure:"udp-idle-timeout"`
+	UDPMaxFlows    int           `mapstructure:"udp-max-flows"`
 	// ReverseZone is the DNS suffix of reverse listeners (`tp expose NAME` serves
 	// NAME.<zone>); empty disables them. ReverseGrace holds a name for its owner
 	// while the owner's agent reconnects.
 	ReverseZone  string        `mapstructure:"reverse-zone"`
 	ReverseGrace time.Duration `mapstructure:"reverse-grace"`
+	// PublicPorts are the ports agents may open publicly (`tp expose --public
+	// PORT`), e.g. "20000-30000,8080"; empty opens none. The policy decides too.
+	PublicPorts string `mapstructure:"public-ports"`
 
 	// Sites are websites served on the public port beside the proxy (sites.go).
 	Sites []Site `mapstructure:"sites"`
@@ -96,6 +103,8 @@ func DefaultServer() Server {
 		QUICKeepAlive:       15 * time.Second,
 		QUICIdleTimeout:     60 * time.Second,
 		QUICMaxStreams:      100,
+		UDPIdleTimeout:      60 * time.Second,
+		UDPMaxFlows:         256,
 		ReverseZone:         "rev.tp.internal",
 		ReverseGrace:        30 * time.Second,
 		SiteMaxBody:         DefaultSiteMaxBody,
@@ -152,11 +161,20 @@ func (s Server) Validate() error {
 	if s.QUICMaxStreams < 1 || s.QUICMaxStreams > 100_000 {
 		errs = append(errs, fmt.Errorf("quic-max-streams %d must be between 1 and 100000", s.QUICMaxStreams))
 	}
+	if s.UDPIdleTimeout < time.Second || s.UDPIdleTimeout > time.Hour {
+		errs = append(errs, fmt.Errorf("udp-idle-timeout %s must be between 1s and 1h", s.UDPIdleTimeout))
+	}
+	if s.UDPMaxFlows < 1 || s.UDPMaxFlows > 100_000 {
+		errs = append(errs, fmt.Errorf("udp-max-flows %d must be between 1 and 100000", s.UDPMaxFlows))
+	}
 	if s.ReverseZone != "" && !validZone(s.ReverseZone) {
 		errs = append(errs, fmt.Errorf("reverse-zone %q must be a DNS name of at least two labels (e.g. rev.tp.example.org), or empty to turn reverse listeners off", s.ReverseZone))
 	}
 	if s.ReverseGrace < 0 || s.ReverseGrace > time.Hour {
 		errs = append(errs, fmt.Errorf("reverse-grace %s must be between 0s and 1h", s.ReverseGrace))
+	}
+	if _, err := ParsePortRanges(s.PublicPorts); err != nil {
+		errs = append(errs, fmt.Errorf("public-ports: %w", err))
 	}
 	if s.MaxConns < 1 || s.MaxConns > 1_000_000 {
 		errs = append(errs, fmt.Errorf("max-conns %d must be between 1 and 1000000", s.MaxConns))
@@ -236,8 +254,11 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("quic-keepalive", d.QUICKeepAlive)
 	v.SetDefault("quic-idle-timeout", d.QUICIdleTimeout)
 	v.SetDefault("quic-max-streams", d.QUICMaxStreams)
+	v.SetDefault("udp-idle-timeout", d.UDPIdleTimeout)
+	v.SetDefault("udp-max-flows", d.UDPMaxFlows)
 	v.SetDefault("reverse-zone", d.ReverseZone)
 	v.SetDefault("reverse-grace", d.ReverseGrace)
+	v.SetDefault("public-ports", d.PublicPorts)
 	v.SetDefault("sites", d.Sites)
 	v.SetDefault("default-site", d.DefaultSite)
 	v.SetDefault("acme-ca", d.ACMECA)
@@ -306,6 +327,7 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# Serve the proxy over QUIC on UDP at the listen address too; keepalive period,\n# idle timeout and concurrent requests per QUIC connection.\nquic: %t\nquic-keepalive: %s\nquic-idle-timeout: %s\nquic-max-streams: %d\n",
 		s.QUIC, s.QUICKeepAlive, s.QUICIdleTimeout, s.QUICMaxStreams)
 	fmt.Fprintf(&b, "# Reverse listeners (tp expose NAME) are reached as NAME.<reverse-zone>; \"\" turns them off.\n# A name stays reserved for its owner for reverse-grace after its agent went away.\nreverse-zone: %q\nreverse-grace: %s\n", s.ReverseZone, s.ReverseGrace)
+	fmt.Fprintf(&b, "# Ports agents may open publicly (tp expose --public PORT), e.g. \"20000-30000,8080\";\n# \"\" opens none. The policy must allow them too (action expose_public).\npublic-ports: %q\n", s.PublicPorts)
 	siteYAML(&b, s)
 	fmt.Fprintf(&b, "log-level: %s\nlog-format: %s\n", s.LogLevel, s.LogFormat)
 	return []byte(b.String())

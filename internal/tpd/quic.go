@@ -35,3 +35,10 @@ func (d *Daemon) quicOptions() proxy.QUICOptions {
 		IdleTimeout: d.cfg.QUICIdleTimeout,
 	}
 }
+
+func (d *Daemon) udpOptions() proxy.UDPOptions {
+	return proxy.UDPOptions{
+		IdleTimeout:         d.cfg.UDPIdleTimeout,
+		MaxFlowsPerIdentity: d.cfg.UDPMaxFlows,
+	}
+}

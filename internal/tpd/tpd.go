@@ -139,6 +139,11 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		return nil, err
 	}
 
+	revOpts, err := d.reverseOptions() // reverse.go
+	if err != nil {
+		d.ca.Close()
+		return nil, err
+	}
 	roots := x509.NewCertPool()
 	roots.AddCert(d.pki.Root)
 	getCert := func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return d.cert.Load(), nil }
@@ -160,6 +165,9 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		WebTLS:   d.webTLS(),
 		Web:      d.web.handler,
 		WebNames: d.web.handler.KnowsName,
+		// Names agents expose publicly by SNI, never tpd's own or a site's (reverse.go).
+		Passthrough: d.passthrough(),
+		UDP:         d.udpOptions(), // quic.go
 		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
 			if len(cs.PeerCertificates) == 0 {
 				return authz.Identity{}, errors.New("no client certificate")
@@ -173,7 +181,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		HelloTimeout:     cfg.HelloTimeout,
 		DialTimeout:      cfg.DialTimeout,
 		MaxConns:         cfg.MaxConns,
-		Reverse:          proxy.ReverseOptions{Zone: cfg.ReverseZone, Grace: cfg.ReverseGrace},
+		Reverse:          revOpts,
 	})
 	if err != nil {
 		d.ca.Close()

@@ -1,0 +1,115 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// dialUDP opens a UDP flow to addr: a stream on the shared QUIC connection (with
+// QUIC datagrams when the connection has them) or a new TLS connection, chosen as
+// for TCP dials. The result is a *proxy.UDPFlow.
+func (d *Dialer) dialUDP(ctx context.Context, addr string, hello proxy.ClientHello) (net.Conn, error) {
+	switch d.Transport {
+	case TransportAuto, "":
+		if conn := d.liveQUIC(); conn != nil {
+			if c, err := d.udpOnQUIC(ctx, conn, addr, hello); err == nil || conn.Context().Err() == nil {
+				return c, err
+			}
+		}
+		d.quic.mu.Lock()
+		tlsWon := time.Now().Before(d.quic.tlsUntil)
+		d.quic.mu.Unlock()
+		if tlsWon || d.Cache != nil && d.Cache.Get(d.Server) == TransportTLS {
+			return d.udpOnTLS(ctx, addr, hello, nil)
+		}
+		winner, tconn, err := d.race(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if d.Cache != nil {
+			_ = d.Cache.Put(d.Server, winner)
+		}
+		if winner == TransportTLS {
+			d.quic.mu.Lock()
+			d.quic.tlsUntil = time.Now().Add(DefaultTransportCacheTTL)
+			d.quic.mu.Unlock()
+			return d.udpOnTLS(ctx, addr, hello, tconn)
+		}
+		fallthrough
+	case TransportQUIC:
+		for attempt := 0; ; attempt++ {
+			conn, err := d.quicConn(ctx)
+			if err != nil {
+				return nil, err
+			}
+			c, err := d.udpOnQUIC(ctx, conn, addr, hello)
+			if err != nil && attempt == 0 && conn.Context().Err() != nil && ctx.Err() == nil {
+				continue // the connection died under us: try once on a fresh one
+			}
+			return c, err
+		}
+	case TransportTLS:
+		return d.udpOnTLS(ctx, addr, hello, nil)
+	default:
+		return nil, fmt.Errorf("transport %q must be auto, quic or tls", d.Transport)
+	}
+}
+
+func (d *Dialer) udpOnTLS(ctx context.Context, addr string, hello proxy.ClientHello, conn *tls.Conn) (net.Conn, error) {
+	if conn == nil {
+		var err error
+		if conn, err = d.connectTLS(ctx); err != nil {
+			return nil, err
+		}
+	}
+	return d.udpRequest(ctx, conn, addr, hello)
+}
+
+func (d *Dialer) udpOnQUIC(ctx context.Context, conn *quic.Conn, addr string, hello proxy.ClientHello) (net.Conn, error) {
+	str, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("tp dial udp %s via %s: every QUIC stream the server allows is in use and none ended in time: %w", addr, d.quicAddr(), ctx.Err())
+		}
+		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.quicAddr(), explainQUICErr(err))
+	}
+	return d.udpRequest(ctx, &clientStream{proxy.NewQUICStream(conn, str)}, addr, hello)
+}
+
+// udpRequest registers the flow (so that no datagram the server sends right after
+// its ok is lost), runs the hello exchange and starts the flow.
+func (d *Dialer) udpRequest(ctx context.Context, conn proxy.Stream, addr string, hello proxy.ClientHello) (net.Conn, error) {
+	flow, err := proxy.NewUDPFlow(conn, 0, nil)
+	if err != nil {
+		_ = conn.Close()
+		return nil, fmt.Errorf("tp dial udp %s: %w", addr, err)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	sh, err := exchange(conn, hello)
+	if !stop() {
+		err = errors.Join(err, ctx.Err())
+	}
+	if err != nil {
+		_ = flow.Close()
+		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.Server, explainHelloErr(err))
+	}
+	_ = conn.SetDeadline(time.Time{})
+	if !sh.OK {
+		_ = flow.Close()
+		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
+	}
+	if err := flow.UseFlowID(sh.Flow); err != nil {
+		_ = flow.Close()
+		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.Server, err)
+	}
+	flow.Start()
+	return flow, nil
+}

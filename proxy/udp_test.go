@@ -1,0 +1,469 @@
+package proxy_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+var transports = []string{clients.TransportTLS, clients.TransportQUIC}
+
+// udpDialer returns a Dialer of q using transport.
+func (q *quicEnv) udpDialer(t testing.TB, transport string) *clients.Dialer {
+	d := q.quicDialer(t)
+	d.Transport = transport
+	return d
+}
+
+// startUDPEcho runs a loopback UDP echo server.
+func startUDPEcho(t testing.TB) string {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pc.Close() })
+	go func() {
+		buf := make([]byte, 1<<16)
+		for {
+			n, src, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = pc.WriteTo(buf[:n], src)
+		}
+	}()
+	return pc.LocalAddr().String()
+}
+
+// startUDPSink runs a loopback UDP server that counts what it receives.
+func startUDPSink(t testing.TB) (string, *atomic.Int64) {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pc.Close() })
+	var n atomic.Int64
+	go func() {
+		buf := make([]byte, 1<<16)
+		for {
+			if _, _, err := pc.ReadFrom(buf); err != nil {
+				return
+			}
+			n.Add(1)
+		}
+	}()
+	return pc.LocalAddr().String(), &n
+}
+
+func dialUDP(t testing.TB, d *clients.Dialer, addr string) net.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := d.DialContext(ctx, "udp", addr)
+	if err != nil {
+		t.Fatalf("dial udp %s: %v", addr, err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// udpEcho sends msg and expects it back within a second, retrying a few times:
+// UDP may lose a datagram, and the test is about what arrives.
+func udpEcho(t testing.TB, c net.Conn, msg []byte) {
+	t.Helper()
+	buf := make([]byte, 1<<16)
+	for try := 0; try < 5; try++ {
+		if _, err := c.Write(msg); err != nil {
+			t.Fatalf("write %d bytes: %v", len(msg), err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(time.Second))
+		n, err := c.Read(buf)
+		if errors.Is(err, errTimeout) || isTimeout(err) {
+			continue
+		}
+		if err != nil || !bytes.Equal(buf[:n], msg) {
+			t.Fatalf("echo of %d bytes: got %d bytes, %v", len(msg), n, err)
+		}
+		return
+	}
+	t.Fatalf("no echo of %d bytes in 5 tries", len(msg))
+}
+
+var errTimeout = errors.New("timeout")
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// TestUDPEcho: datagrams of many sizes reach a UDP echo and come back intact, over
+// TLS (capsules on the connection) and over QUIC (DATAGRAM frames, and the stream
+// for those too large for a frame); the policy is asked with action dial_udp.
+func TestUDPEcho(t *testing.T) {
+	var reqs sync.Map
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
+			reqs.Store(req.Source.Transport, req)
+			return allowAll(ctx, req)
+		})
+	}, proxy.QUICOptions{})
+	echo := startUDPEcho(t)
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			c := dialUDP(t, q.udpDialer(t, tr), echo)
+			flow, ok := c.(*proxy.UDPFlow)
+			if !ok {
+				t.Fatalf("got %T, want *proxy.UDPFlow", c)
+			}
+			if _, dg := flow.FlowID(); dg != (tr == clients.TransportQUIC) {
+				t.Fatalf("QUIC datagrams in use: %v on %s", dg, tr)
+			}
+			for _, size := range []int{0, 1, 100, 1000, 1400, 4000, 20000, 65507} {
+				udpEcho(t, c, bytes.Repeat([]byte{byte(size)}, size))
+			}
+			st := flow.Stats()
+			if tr == clients.TransportQUIC && st.Oversize < 3 {
+				t.Errorf("oversize datagrams sent on the stream: %d; want at least 3 (4000, 20000, 65507 bytes)", st.Oversize)
+			}
+			v, _ := reqs.Load(tr)
+			req, _ := v.(authz.Request)
+			if req.Action != authz.ActionDialUDP || req.Destination.Network != "udp" {
+				t.Fatalf("policy saw action %q network %q; want dial_udp, udp", req.Action, req.Destination.Network)
+			}
+		})
+	}
+	q.mustEcho(t) // TCP beside it
+}
+
+// TestUDPPolicyDenied: a UDP flow the policy refuses is refused with its reason,
+// over both transports, while TCP to the same host is allowed.
+func TestUDPPolicyDenied(t *testing.T) {
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
+			if req.Action == authz.ActionDialUDP {
+				return authz.Decision{Reason: "UDP to " + req.Destination.Host + " is not allowed for " + req.Identity.DeviceID}, nil
+			}
+			return allowAll(ctx, req)
+		})
+	}, proxy.QUICOptions{})
+	echo := startUDPEcho(t)
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_, err := q.udpDialer(t, tr).DialContext(ctx, "udp", echo)
+			re := refused(t, err, proxy.CodePolicyDenied)
+			if !strings.Contains(re.Reason, "UDP to 127.0.0.1 is not allowed for alice@laptop") || !errors.Is(err, authz.ErrPolicyDenied) {
+				t.Fatalf("refusal %v", err)
+			}
+		})
+	}
+	q.mustEcho(t)
+	if st := q.srv.UDPStats(); st.Flows != 0 {
+		t.Fatalf("flows served: %d", st.Flows)
+	}
+}
+
+// TestUDPIdleExpiry: a flow that carries nothing for the idle timeout ends on the
+// server, the client's reads end, the session log says why, and the bounds are
+// released.
+func TestUDPIdleExpiry(t *testing.T) {
+	var logs syncBuffer
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.UDP.IdleTimeout = 300 * time.Millisecond
+		c.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
+	}, proxy.QUICOptions{})
+	echo := startUDPEcho(t)
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			c := dialUDP(t, q.udpDialer(t, tr), echo)
+			udpEcho(t, c, []byte("before idle"))
+			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			start := time.Now()
+			if n, err := c.Read(make([]byte, 100)); err != io.EOF {
+				t.Fatalf("read on an idle flow: %d, %v; want io.EOF when the server ends it", n, err)
+			}
+			if took := time.Since(start); took < 250*time.Millisecond {
+				t.Fatalf("flow ended after %s, before its idle timeout", took)
+			}
+			waitFor(t, func() bool { return q.srv.UDPStats().Active == 0 })
+		})
+	}
+	waitFor(t, func() bool { return strings.Count(logs.String(), `"end":"idle for 300ms"`) == 2 })
+}
+
+// TestUDPTooLarge: a datagram too large for the destination path (65508 bytes
+// to IPv4: EMSGSIZE) is counted, logged and reported to the client, which counts
+// it too; the flow keeps working.
+func TestUDPTooLarge(t *testing.T) {
+	var logs syncBuffer
+	q := newQUICEnv(t, func(c *proxy.Config) { c.Logger = slog.New(slog.NewJSONHandler(&logs, nil)) }, proxy.QUICOptions{})
+	echo := startUDPEcho(t)
+	for i, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			c := dialUDP(t, q.udpDialer(t, tr), echo)
+			flow := c.(*proxy.UDPFlow)
+			reports := make(chan proxy.UDPReport, 4)
+			flow.OnReport(func(r proxy.UDPReport) { reports <- r })
+			if _, err := c.Write(make([]byte, 65508)); err != nil {
+				t.Fatalf("write: %v", err)
+			}
+			select {
+			case r := <-reports:
+				if r.TooLarge != 1 || r.Largest != 65508 {
+					t.Fatalf("report %+v; want 1 too large, largest 65508", r)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("no report of the dropped datagram")
+			}
+			if st := flow.Stats(); st.Peer.TooLarge != 1 {
+				t.Fatalf("client's count of server drops: %+v", st.Peer)
+			}
+			if _, err := c.Write(make([]byte, proxy.MaxDatagramSize+1)); !errors.Is(err, proxy.ErrDatagramTooLarge) {
+				t.Fatalf("write of 65536 bytes: %v; want ErrDatagramTooLarge", err)
+			}
+			if st := flow.Stats(); st.TooLarge != 1 {
+				t.Fatalf("client's own drop count: %d", st.TooLarge)
+			}
+			udpEcho(t, c, []byte("still working"))
+			c.Close()
+			waitFor(t, func() bool { return q.srv.UDPStats().TooLarge == int64(i+1) })
+		})
+	}
+	waitFor(t, func() bool { return strings.Count(logs.String(), `"dropped_too_large":1`) == 2 })
+}
+
+// TestUDPFlowLimits: flows beyond the bound per QUIC connection, and per identity
+// over all transports, are refused with too_many_flows; the others keep working
+// and a slot frees when a flow ends.
+func TestUDPFlowLimits(t *testing.T) {
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.UDP.MaxFlowsPerConn = 2
+		c.UDP.MaxFlowsPerIdentity = 3
+	}, proxy.QUICOptions{})
+	echo := startUDPEcho(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	dq := q.udpDialer(t, clients.TransportQUIC)
+	a, b := dialUDP(t, dq, echo), dialUDP(t, dq, echo)
+	_, err := dq.DialContext(ctx, "udp", echo)
+	refused(t, err, proxy.CodeTooManyFlows)
+
+	dt := q.udpDialer(t, clients.TransportTLS)
+	c := dialUDP(t, dt, echo) // a second connection: 3 for this identity
+	_, err = dt.DialContext(ctx, "udp", echo)
+	if re := refused(t, err, proxy.CodeTooManyFlows); !strings.Contains(re.Reason, "alice@laptop") {
+		t.Fatalf("reason %q does not name the identity", re.Reason)
+	}
+	for _, f := range []net.Conn{a, b, c} {
+		udpEcho(t, f, []byte("open flows still work"))
+	}
+	a.Close()
+	waitFor(t, func() bool { return q.srv.UDPStats().Active == 2 })
+	udpEcho(t, dialUDP(t, dq, echo), []byte("slot freed"))
+	if st := q.srv.UDPStats(); st.FlowsRefused != 2 {
+		t.Fatalf("refused flows counted: %d; want 2", st.FlowsRefused)
+	}
+}
+
+// TestUDPFlood: one client floods datagrams as fast as it can; memory stays
+// bounded (queues drop and count), and another client's echoes are unaffected.
+func TestUDPFlood(t *testing.T) {
+	n := 20000
+	if testing.Short() {
+		n = 4000
+	}
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	echo := startUDPEcho(t)
+	sink, received := startUDPSink(t)
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			waitFor(t, func() bool { return q.srv.UDPStats().Active == 0 }) // the previous run's flows are counted
+			before := q.srv.UDPStats()
+			flood := dialUDP(t, q.udpDialer(t, tr), sink)
+			other := dialUDP(t, q.udpDialer(t, tr), echo)
+			runtime.GC()
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			heap0 := ms.HeapAlloc
+
+			done := make(chan error, 1)
+			go func() {
+				buf := make([]byte, 1200)
+				for i := range n {
+					buf[0] = byte(i)
+					if _, err := flood.Write(buf); err != nil {
+						done <- err
+						return
+					}
+				}
+				done <- nil
+			}()
+			var worst time.Duration
+			for i := 0; ; i++ {
+				start := time.Now()
+				udpEcho(t, other, []byte(fmt.Sprintf("unaffected %d", i)))
+				worst = max(worst, time.Since(start))
+				select {
+				case err := <-done:
+					if err != nil {
+						t.Fatalf("flood: %v", err)
+					}
+					runtime.GC()
+					runtime.ReadMemStats(&ms)
+					if grown := int64(ms.HeapAlloc) - int64(heap0); grown > 16<<20 {
+						t.Errorf("heap grew by %d MiB during a flood of %d MiB", grown>>20, n*1200>>20)
+					}
+					flood.Close()
+					waitFor(t, func() bool { return q.srv.UDPStats().Active == 1 })
+					st := q.srv.UDPStats()
+					up := st.DatagramsUp - before.DatagramsUp
+					dropped := st.QueueFull - before.QueueFull
+					t.Logf("%s: sent %d, server forwarded %d and dropped %d (queue full), sink received %d; %d echoes beside it, slowest %s",
+						tr, n, up, dropped, received.Load(), i+1, worst)
+					if up+dropped > int64(n)+int64(i+1) || up == 0 {
+						t.Fatalf("server counts: forwarded %d + dropped %d for %d sent", up, dropped, n)
+					}
+					return
+				default:
+				}
+			}
+		})
+	}
+}
+
+// TestUDPForwarder: `tp forward --udp`: each local source gets its own flow and
+// its own replies; a flow idle on the client side ends and a new datagram from the
+// same source opens a new one.
+func TestUDPForwarder(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	echo := startUDPEcho(t)
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			var logs syncBuffer
+			pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			fwd := &clients.UDPForwarder{
+				Dial: q.udpDialer(t, tr).DialContext, Target: echo, IdleTimeout: 300 * time.Millisecond,
+				Logger: slog.New(slog.NewJSONHandler(&logs, nil)),
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			served := make(chan error, 1)
+			go func() { served <- fwd.Serve(ctx, pc) }()
+			defer func() {
+				cancel()
+				if err := <-served; !errors.Is(err, context.Canceled) {
+					t.Errorf("Serve = %v", err)
+				}
+			}()
+			var srcs []net.Conn
+			for i := range 3 {
+				c, err := net.Dial("udp", pc.LocalAddr().String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				srcs = append(srcs, c)
+				udpEcho(t, c, []byte(fmt.Sprintf("source %d", i)))
+			}
+			for i, c := range srcs { // each source hears only its own replies
+				udpEcho(t, c, []byte(fmt.Sprintf("again %d", i)))
+			}
+			waitFor(t, func() bool { return strings.Count(logs.String(), `"end":"idle for 300ms"`) == 3 })
+			udpEcho(t, srcs[0], []byte("after idle"))
+		})
+	}
+}
+
+// TestUDPWithoutQUICDatagrams: a QUIC client that did not enable datagrams gets
+// no flow id and every datagram travels as a capsule on the stream.
+func TestUDPWithoutQUICDatagrams(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	echo := startUDPEcho(t)
+	conn, err := q.quicConn(t, &q.cert) // quic.Config{}: EnableDatagrams false
+	if err != nil {
+		t.Fatal(err)
+	}
+	str, err := conn.OpenStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = str.SetDeadline(time.Now().Add(20 * time.Second))
+	qs := proxy.NewQUICStream(conn, str)
+	flow, err := proxy.NewUDPFlow(qs, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, dg := flow.FlowID(); dg {
+		t.Fatal("datagrams in use on a connection without them")
+	}
+	host, port, _ := net.SplitHostPort(echo)
+	var p int
+	fmt.Sscan(port, &p)
+	if err := proxy.WriteClientHello(qs, proxy.ClientHello{V: 1, Op: "dial", Net: "udp", Host: host, Port: p}); err != nil {
+		t.Fatal(err)
+	}
+	sh, err := proxy.ReadServerHello(qs)
+	if err != nil || !sh.OK || sh.Flow != nil {
+		t.Fatalf("server hello %+v, %v; want ok without a flow id", sh, err)
+	}
+	_ = str.SetDeadline(time.Time{})
+	flow.Start()
+	defer flow.Close()
+	udpEcho(t, flow, []byte("capsules on the stream"))
+}
+
+// TestUDPRecheckEndsFlow: a flow the policy no longer allows ends at the next
+// re-check, over both transports.
+func TestUDPRecheckEndsFlow(t *testing.T) {
+	var deny atomic.Bool
+	var logs syncBuffer
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
+		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
+			if deny.Load() {
+				return authz.Decision{Reason: "UDP revoked"}, nil
+			}
+			return allowAll(ctx, req)
+		})
+	}, proxy.QUICOptions{})
+	echo := startUDPEcho(t)
+	var flows []net.Conn
+	for _, tr := range transports {
+		c := dialUDP(t, q.udpDialer(t, tr), echo)
+		udpEcho(t, c, []byte("allowed"))
+		flows = append(flows, c)
+	}
+	deny.Store(true)
+	if checked, closed := q.srv.Recheck(context.Background()); checked != 2 || closed != 2 {
+		t.Fatalf("re-check: checked %d, closed %d; want 2, 2", checked, closed)
+	}
+	for _, c := range flows {
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Read(make([]byte, 10)); err != io.EOF {
+			t.Fatalf("read after revocation: %v; want io.EOF", err)
+		}
+	}
+	waitFor(t, func() bool {
+		return strings.Count(logs.String(), "no longer authorised: the policy no longer allows it: UDP revoked") == 2
+	})
+}
