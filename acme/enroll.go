@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/users"
 )
 
@@ -44,6 +45,9 @@ type Enroller struct {
 	// ReverseOwner says which device holds a reverse name (reverse.go); nil
 	// refuses every reverse-name certificate.
 	ReverseOwner func(host string) (deviceID string, ok bool)
+	// Denied consults tpd's deny list (device, user); a denied device gets no
+	// attestation, account binding or certificate. nil denies nothing.
+	Denied func(dev users.Device) (reason string, denied bool)
 }
 
 // Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.
@@ -54,6 +58,7 @@ func (e *Enroller) Handler() http.Handler {
 	mux.HandleFunc("POST "+login.PathAttest, e.attest)
 	mux.HandleFunc("POST "+login.PathWhoami, e.whoami)
 	mux.HandleFunc("POST "+login.PathReverseChallenge, e.reverseChallenge)
+	mux.HandleFunc("POST "+login.PathReverseAccount, e.reverseAccount)
 	return mux
 }
 
@@ -106,6 +111,26 @@ func (e *Enroller) enroll(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, login.EnrollResponse{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
 }
 
+// checkActive refuses (and returns false) a device that is revoked, disabled or
+// on tpd's deny list: it gets no attestation, binding or certificate.
+func (e *Enroller) checkActive(w http.ResponseWriter, dev users.Device) bool {
+	if dev.Revoked {
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", dev.ID))
+		return false
+	}
+	if _, err := e.Users.Lookup(dev.ID); err != nil {
+		writeErr(w, http.StatusForbidden, err.Error())
+		return false
+	}
+	if e.Denied != nil {
+		if reason, denied := e.Denied(dev); denied {
+			writeErr(w, http.StatusForbidden, reason)
+			return false
+		}
+	}
+	return true
+}
+
 // checkDevice verifies a request signed by an enrolled device's key with a fresh
 // timestamp. It writes the refusal and returns false when the request is not.
 func (e *Enroller) checkDevice(w http.ResponseWriter, r *http.Request, deviceID, ts, sig string, msg []byte) (users.Device, bool) {
@@ -154,6 +179,11 @@ func (e *Enroller) whoami(w http.ResponseWriter, r *http.Request) {
 	if groups == nil {
 		groups = []string{}
 	}
+	if e.Denied != nil {
+		if _, denied := e.Denied(dev); denied && err == nil {
+			err = authz.ErrRevoked
+		}
+	}
 	writeJSON(w, http.StatusOK, login.WhoamiResponse{
 		DeviceID: dev.ID, User: dev.User, Device: dev.Name, Groups: groups,
 		Revoked: err != nil, LastLogin: dev.LastLogin,
@@ -169,12 +199,7 @@ func (e *Enroller) attest(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if dev.Revoked {
-		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", req.DeviceID))
-		return
-	}
-	if _, err := e.Users.Lookup(dev.ID); err != nil {
-		writeErr(w, http.StatusForbidden, err.Error())
+	if !e.checkActive(w, dev) {
 		return
 	}
 	loginPub, err := parseP256(req.PublicKey)

@@ -2,6 +2,7 @@ package acme
 
 import (
 	"crypto/tls"
+	"encoding/base64"
 	"fmt"
 	"net/http"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"github.com/smallstep/certificates/authority/provisioner"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/internal/users"
 )
 
 // Reverse-name certificates. An agent that holds a reverse name (registered
@@ -31,6 +33,9 @@ const ReverseProvisionerName = "tp-reverse"
 // them in the last third.
 const ReverseCertLifetime = 24 * time.Hour
 
+// reverseProvisionerID keys the reverse provisioner's account bindings.
+const reverseProvisionerID = "tp-reverse-provisioner"
+
 // txtTTL is how long a published challenge answer stays.
 const txtTTL = 10 * time.Minute
 
@@ -42,9 +47,12 @@ func reverseProvisioners(zone string) provisioner.List {
 		return nil
 	}
 	return provisioner.List{&provisioner.ACME{
-		ID:         "tp-reverse-provisioner",
-		Type:       "ACME",
-		Name:       ReverseProvisionerName,
+		ID:   reverseProvisionerID,
+		Type: "ACME",
+		Name: ReverseProvisionerName,
+		// Accounts only through PathReverseAccount, which checks name ownership:
+		// nobody else can fill the CA database with accounts and orders.
+		RequireEAB: true,
 		Challenges: []provisioner.ACMEChallenge{provisioner.DNS_01},
 		Claims: &provisioner.Claims{
 			MinTLSDur:     &provisioner.Duration{Duration: 5 * time.Minute},
@@ -52,6 +60,8 @@ func reverseProvisioners(zone string) provisioner.List {
 			DefaultTLSDur: &provisioner.Duration{Duration: ReverseCertLifetime},
 		},
 		Options: &provisioner.Options{X509: &provisioner.X509Options{
+			// serverAuth only: a reverse-name certificate must never pass as a client.
+			Template:     siteLeafTemplate,
 			AllowedNames: &policy.X509NameOptions{DNSDomains: []string{"*." + zone}},
 		}},
 	}}
@@ -131,22 +141,11 @@ func (e *Enroller) reverseChallenge(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if dev.Revoked {
-		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", req.DeviceID))
+	if !e.checkActive(w, dev) {
 		return
 	}
-	if _, err := e.Users.Lookup(dev.ID); err != nil {
-		writeErr(w, http.StatusForbidden, err.Error())
-		return
-	}
-	name := strings.ToLower(strings.TrimSuffix(req.Name, "."))
-	owner, held := "", false
-	if e.ReverseOwner != nil {
-		owner, held = e.ReverseOwner(name)
-	}
-	if !held || owner != dev.ID {
-		e.log().Warn("reverse certificate refused", "device", dev.ID, "name", name, "owner", owner)
-		writeErr(w, http.StatusForbidden, fmt.Sprintf("%s is not registered to %s; run `tp expose` for it first (names belong to the device that registered them)", name, dev.ID))
+	name, ok := e.checkReverseOwner(w, dev, req.Name)
+	if !ok {
 		return
 	}
 	if req.Value == "" || len(req.Value) > 128 {
@@ -158,4 +157,41 @@ func (e *Enroller) reverseChallenge(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+// checkReverseOwner refuses (and returns false) unless dev holds the reverse name.
+func (e *Enroller) checkReverseOwner(w http.ResponseWriter, dev users.Device, reqName string) (string, bool) {
+	name := strings.ToLower(strings.TrimSuffix(reqName, "."))
+	owner, held := "", false
+	if e.ReverseOwner != nil {
+		owner, held = e.ReverseOwner(name)
+	}
+	if !held || owner != dev.ID {
+		e.log().Warn("reverse certificate refused", "device", dev.ID, "name", name, "owner", owner)
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("%s is not registered to %s; run `tp expose` for it first (names belong to the device that registered them)", name, dev.ID))
+		return name, false
+	}
+	return name, true
+}
+
+// reverseAccount mints a single-use account binding for the owner of a reverse name.
+func (e *Enroller) reverseAccount(w http.ResponseWriter, r *http.Request) {
+	var req login.ReverseAccountRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	dev, ok := e.checkDevice(w, r, req.DeviceID, req.Time, req.Signature, login.ReverseAccountMessage(req.DeviceID, req.Name, req.Time))
+	if !ok || !e.checkActive(w, dev) {
+		return
+	}
+	if _, ok := e.checkReverseOwner(w, dev, req.Name); !ok {
+		return
+	}
+	eak, err := e.CA.acmeDB.CreateExternalAccountKey(r.Context(), reverseProvisionerID, "")
+	if err != nil {
+		e.log().Error("reverse account binding failed", "device", dev.ID, "err", err)
+		writeErr(w, http.StatusInternalServerError, "could not create an ACME account binding; see tpd's log")
+		return
+	}
+	writeJSON(w, http.StatusOK, login.ReverseAccountResponse{EABKeyID: eak.ID, EABHMACKey: base64.RawURLEncoding.EncodeToString(eak.HmacKey)})
 }

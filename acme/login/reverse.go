@@ -38,7 +38,20 @@ func ReverseCertificate(ctx context.Context, hc *http.Client, serverURL, deviceI
 	if err != nil {
 		return nil, err
 	}
-	account, err := client.NewAccount(ctx, acmeproto.Account{TermsOfServiceAgreed: true, PrivateKey: accountKey})
+	ts := time.Now().UTC().Format(time.RFC3339)
+	sig, err := SignMessage(deviceKey, ReverseAccountMessage(deviceID, name, ts))
+	if err != nil {
+		return nil, err
+	}
+	var eab ReverseAccountResponse
+	if err := postJSON(ctx, hc, serverURL+PathReverseAccount, ReverseAccountRequest{DeviceID: deviceID, Name: name, Time: ts, Signature: sig}, &eab); err != nil {
+		return nil, err
+	}
+	account := acmeproto.Account{TermsOfServiceAgreed: true, PrivateKey: accountKey}
+	if err := account.SetExternalAccountBinding(ctx, client.Client, acmeproto.EAB{KeyID: eab.EABKeyID, MACKey: eab.EABHMACKey}); err != nil {
+		return nil, fmt.Errorf("ACME account binding for %s: %w", name, explainACME(err))
+	}
+	account, err = client.NewAccount(ctx, account)
 	if err != nil {
 		return nil, fmt.Errorf("ACME account for %s: %w", name, explainACME(err))
 	}

@@ -120,3 +120,28 @@ type ReverseChallengeRequest struct {
 func ReverseChallengeMessage(deviceID, name, value, ts string) []byte {
 	return []byte(reverseContext + "\x00" + deviceID + "\x00" + name + "\x00" + value + "\x00" + ts)
 }
+
+// PathReverseAccount hands the owner of a reverse name a single-use ACME account
+// binding for the reverse-name provisioner, which accepts no account without one.
+const PathReverseAccount = "/tp/v1/reverse-account"
+
+const reverseAccountContext = "tp-reverse-account-v1"
+
+// ReverseAccountRequest asks for an account binding to get a certificate for Name.
+type ReverseAccountRequest struct {
+	DeviceID  string `json:"device_id"`
+	Name      string `json:"name"`
+	Time      string `json:"time"`
+	Signature string `json:"signature"` // device key over ReverseAccountMessage
+}
+
+// ReverseAccountResponse is a single-use external account binding.
+type ReverseAccountResponse struct {
+	EABKeyID   string `json:"eab_key_id"`
+	EABHMACKey string `json:"eab_hmac_key"` // base64url, no padding
+}
+
+// ReverseAccountMessage is what the device key signs to get the binding.
+func ReverseAccountMessage(deviceID, name, ts string) []byte {
+	return []byte(reverseAccountContext + "\x00" + deviceID + "\x00" + name + "\x00" + ts)
+}

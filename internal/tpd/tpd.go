@@ -129,7 +129,10 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		return nil, err
 	}
 	enroller := &acme.Enroller{PKI: d.pki, CA: d.ca, Users: d.users, Logger: log,
-		ReverseOwner: func(host string) (string, bool) { return d.proxy.ReverseOwner(host) }}
+		ReverseOwner: func(host string) (string, bool) { return d.proxy.ReverseOwner(host) },
+		Denied: func(dev users.Device) (string, bool) {
+			return d.authz.DenyList.Denies(authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
+		}}
 	web := http.NewServeMux()
 	web.Handle("/acme/", d.ca.Handler())
 	web.Handle("/tp/", enroller.Handler())
