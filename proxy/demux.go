@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -125,7 +126,11 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 			_ = conn.Close()
 			return
 		}
-		s.web.handoff(conn) // http.Server now owns conn and its MaxConns slot
+		if !s.toWeb(raw.RemoteAddr().String()) {
+			_ = conn.Close()
+			return
+		}
+		s.web.handoff(conn) // http.Server now owns conn and its MaxWebConns slot
 	default: // e.g. acme-tls/1: the handshake itself was the whole exchange
 		s.release()
 		_ = conn.Close()
@@ -270,7 +275,7 @@ func newWebServer(h http.Handler, log *slog.Logger, release func()) *webServer {
 	w := &webServer{ln: newChanListener(), release: release}
 	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)
 	w.srv = &http.Server{
-		Handler:           w.altSvc(h),
+		Handler:           w.altSvc(bodyIdleTimeout(h)),
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
@@ -282,12 +287,46 @@ func newWebServer(h http.Handler, log *slog.Logger, release func()) *webServer {
 		},
 	}
 	w.h3 = &http3.Server{
-		Handler:        h,
+		Handler:        bodyIdleTimeout(h),
 		MaxHeaderBytes: 64 << 10,
 		IdleTimeout:    2 * time.Minute,
 		Logger:         log,
 	}
 	return w
+}
+
+// webBodyIdle is how long a request body may send nothing before the request
+// fails: a client that announces a body and goes quiet must not hold a connection
+// (and its slot) for ever, while a slow but moving upload is never cut.
+var webBodyIdle atomic.Int64 // nanoseconds; 30 s (tests shorten it)
+
+func init() { webBodyIdle.Store(int64(30 * time.Second)) }
+
+// bodyIdleTimeout puts a read deadline on each request body that moves forward
+// whenever body bytes arrive.
+func bodyIdleTimeout(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		if r.Body != nil && r.Body != http.NoBody {
+			rc := http.NewResponseController(rw)
+			if rc.SetReadDeadline(time.Now().Add(time.Duration(webBodyIdle.Load()))) == nil {
+				r.Body = &idleBody{ReadCloser: r.Body, rc: rc}
+			}
+		}
+		h.ServeHTTP(rw, r)
+	})
+}
+
+type idleBody struct {
+	io.ReadCloser
+	rc *http.ResponseController
+}
+
+func (b *idleBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if n > 0 {
+		_ = b.rc.SetReadDeadline(time.Now().Add(time.Duration(webBodyIdle.Load())))
+	}
+	return n, err
 }
 
 // altSvc tells HTTP/1.1 and h2 clients that the site also speaks HTTP/3 on the

@@ -1,6 +1,9 @@
 package proxy
 
-import "crypto/tls"
+import (
+	"crypto/tls"
+	"time"
+)
 
 // DecryptsTicket reports whether the proxy's (proxy true) or the website's session
 // ticket keys open ticket, a ticket as a client received it.
@@ -11,4 +14,10 @@ func DecryptsTicket(s *Server, proxy bool, ticket []byte) bool {
 	}
 	ss, err := cfg.DecryptTicket(ticket, tls.ConnectionState{})
 	return err == nil && ss != nil
+}
+
+// SetWebBodyIdle shortens how long a request body may stall; it returns the restore.
+func SetWebBodyIdle(d time.Duration) func() {
+	old := webBodyIdle.Swap(int64(d))
+	return func() { webBodyIdle.Store(old) }
 }

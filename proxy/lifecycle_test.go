@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"runtime"
 	"strings"
 	"testing"
@@ -169,4 +170,40 @@ func TestMaxConns(t *testing.T) {
 		}
 		runtime.Gosched() // poll; each attempt is a full dial
 	}
+}
+
+// Anyone on the Internet can open website connections; holding them open with a
+// request body that never comes (bad input: Content-Length 100000, one byte sent)
+// must neither take the proxy's slots nor hold a website slot for ever.
+func TestWebCannotStarveProxy(t *testing.T) {
+	defer proxy.SetWebBodyIdle(300 * time.Millisecond)()
+	e := newEnv(t, func(c *proxy.Config) { c.MaxConns = 4 }) // MaxWebConns defaults to 2
+	slow := func() *tls.Conn {
+		cfg := e.clientTLS(nil)
+		cfg.NextProtos = []string{"http/1.1"}
+		c, err := tls.Dial("tcp", e.addr, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if _, err := io.WriteString(c, "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\nx"); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	var conns []*tls.Conn
+	for range 6 {
+		conns = append(conns, slow())
+	}
+	// The proxy still has its slots.
+	e.mustEcho(t)
+	// Every stalled connection is closed by the server: over the website budget at
+	// once, the others when their body stalls.
+	for i, c := range conns {
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.Copy(io.Discard, c); err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("stalled website connection %d was still open after 10s", i)
+		}
+	}
+	e.mustEcho(t)
 }

@@ -158,14 +158,21 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		}
 		conns.Add(1)
 		h3 := conn.ConnectionState().TLS.NegotiatedProtocol == http3.NextProtoH3
+		if h3 && !s.toWeb(conn.RemoteAddr().String()) {
+			_ = conn.CloseWithError(QUICRefused, "server busy: too many website connections")
+			conns.Done()
+			s.wg.Done()
+			continue
+		}
 		go func() {
 			defer conns.Done()
 			defer s.wg.Done()
-			defer s.release()
 			if h3 {
+				defer s.releaseWeb()
 				s.serveH3(ctx, conn)
 				return
 			}
+			defer s.release()
 			s.serveQUICConn(ctx, drain, conn)
 		}()
 	}

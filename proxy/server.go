@@ -68,6 +68,11 @@ type Config struct {
 	// MaxConns bounds concurrently handled connections (proxy and web); excess
 	// connections are closed right after accept. Default 10000.
 	MaxConns int
+	// MaxWebConns bounds website connections (TCP after the handshake, and h3)
+	// separately, so that browsers or anyone on the Internet holding web
+	// connections open can never take the slots of proxy clients. Default
+	// MaxConns/2.
+	MaxWebConns int
 	// Reverse configures reverse listeners (reverse.go); a zero value disables them.
 	Reverse ReverseOptions
 	// UDP bounds UDP flows (udp.go).
@@ -94,6 +99,7 @@ type Server struct {
 	quicTLS     *tls.Config
 
 	active   atomic.Int64     // connections counted against MaxConns
+	webConns atomic.Int64     // website connections counted against MaxWebConns
 	sessions registry         // established sessions, for Recheck
 	rev      *reverseRegistry // reverse names; nil when Config.Reverse.Zone is empty
 	udp      udpState         // UDP flow bounds and counters (udp.go)
@@ -167,6 +173,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MaxConns == 0 {
 		cfg.MaxConns = 10000
 	}
+	if cfg.MaxWebConns <= 0 {
+		cfg.MaxWebConns = max(1, cfg.MaxConns/2)
+	}
 
 	s := &Server{cfg: cfg, log: cfg.Logger, listeners: make(map[net.Listener]struct{})}
 	s.force, s.forceClose = context.WithCancel(context.Background())
@@ -179,7 +188,7 @@ func New(cfg Config) (*Server, error) {
 		if len(s.webTLS.NextProtos) == 0 {
 			s.webTLS.NextProtos = []string{"h2", "http/1.1"}
 		}
-		s.web = newWebServer(cfg.Web, s.log, s.release)
+		s.web = newWebServer(cfg.Web, s.log, s.releaseWeb)
 	}
 	s.tls = &tls.Config{GetConfigForClient: s.configForClient}
 	s.initDemux()
@@ -317,3 +326,18 @@ func (s *Server) isClosed() bool {
 
 // release gives back one MaxConns slot.
 func (s *Server) release() { s.active.Add(-1) }
+
+// toWeb moves a handshaken website connection from the shared budget to the
+// website's own; false (and no slot held) when the website's budget is spent.
+func (s *Server) toWeb(remote string) bool {
+	s.release()
+	if s.webConns.Add(1) > int64(s.cfg.MaxWebConns) {
+		s.webConns.Add(-1)
+		s.log.Warn("website connection refused: too many website connections", "remote", remote, "max_web_conns", s.cfg.MaxWebConns)
+		return false
+	}
+	return true
+}
+
+// releaseWeb gives back one MaxWebConns slot.
+func (s *Server) releaseWeb() { s.webConns.Add(-1) }

@@ -41,6 +41,9 @@ type Server struct {
 	HelloTimeout     time.Duration `mapstructure:"hello-timeout"`
 	DialTimeout      time.Duration `mapstructure:"dial-timeout"`
 	MaxConns         int           `mapstructure:"max-conns"`
+	// MaxWebConns bounds website connections separately (0: half of max-conns),
+	// so web traffic can never take the proxy's slots.
+	MaxWebConns int `mapstructure:"max-web-conns"`
 	// PolicyTimeout bounds one policy evaluation; a slower one denies.
 	PolicyTimeout time.Duration `mapstructure:"policy-timeout"`
 	// DecisionLog receives one JSON line per policy decision: "" is off, "-" is
@@ -176,6 +179,9 @@ func (s Server) Validate() error {
 	if _, err := ParsePortRanges(s.PublicPorts); err != nil {
 		errs = append(errs, fmt.Errorf("public-ports: %w", err))
 	}
+	if s.MaxWebConns < 0 || s.MaxWebConns > 1_000_000 {
+		errs = append(errs, fmt.Errorf("max-web-conns %d must be between 0 (half of max-conns) and 1000000", s.MaxWebConns))
+	}
 	if s.MaxConns < 1 || s.MaxConns > 1_000_000 {
 		errs = append(errs, fmt.Errorf("max-conns %d must be between 1 and 1000000", s.MaxConns))
 	}
@@ -248,6 +254,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("hello-timeout", d.HelloTimeout)
 	v.SetDefault("dial-timeout", d.DialTimeout)
 	v.SetDefault("max-conns", d.MaxConns)
+	v.SetDefault("max-web-conns", d.MaxWebConns)
 	v.SetDefault("policy-timeout", d.PolicyTimeout)
 	v.SetDefault("decision-log", d.DecisionLog)
 	v.SetDefault("quic", d.QUIC)
@@ -322,6 +329,7 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# How long `tpd enroll` tokens stay valid.\ntoken-ttl: %s\n", s.TokenTTL)
 	fmt.Fprintf(&b, "handshake-timeout: %s\nhello-timeout: %s\ndial-timeout: %s\n", s.HandshakeTimeout, s.HelloTimeout, s.DialTimeout)
 	fmt.Fprintf(&b, "# Connections handled at once; more are closed at accept.\nmax-conns: %d\n", s.MaxConns)
+	fmt.Fprintf(&b, "# Website connections, counted apart so the web cannot take the proxy's slots (0: half of max-conns).\nmax-web-conns: %d\n", s.MaxWebConns)
 	fmt.Fprintf(&b, "# Bound on one policy evaluation; a slower evaluation denies the request.\npolicy-timeout: %s\n", s.PolicyTimeout)
 	fmt.Fprintf(&b, "# One JSON line per policy decision: \"\" is off, \"-\" is stdout, else a file (appended, 0600).\ndecision-log: %q\n", s.DecisionLog)
 	fmt.Fprintf(&b, "# Serve the proxy over QUIC on UDP at the listen address too; keepalive period,\n# idle timeout and concurrent requests per QUIC connection.\nquic: %t\nquic-keepalive: %s\nquic-idle-timeout: %s\nquic-max-streams: %d\n",

@@ -184,6 +184,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		HelloTimeout:     cfg.HelloTimeout,
 		DialTimeout:      cfg.DialTimeout,
 		MaxConns:         cfg.MaxConns,
+		MaxWebConns:      cfg.MaxWebConns,
 		Reverse:          revOpts,
 	})
 	if err != nil {
