@@ -127,6 +127,13 @@ func newReverseRegistry(opts ReverseOptions) *reverseRegistry {
 }
 
 // name returns the label of host when host is "<label>.<zone>".
+// inZone reports whether host is the zone itself or any name under it. Such names
+// are never resolved or dialed on the network, even when they are no valid
+// reverse name (more than one label).
+func (r *reverseRegistry) inZone(host string) bool {
+	return host == r.opts.Zone || strings.HasSuffix(host, "."+r.opts.Zone)
+}
+
 func (r *reverseRegistry) name(host string) (string, bool) {
 	label, ok := strings.CutSuffix(host, "."+r.opts.Zone)
 	return label, ok && label != "" && !strings.Contains(label, ".")

@@ -149,6 +149,9 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 			}
 			return s.establishReverse(ctx, conn, ss, host, label, hello.Port, transport)
 		}
+		if s.rev.inZone(host) {
+			return nil, helloErr(CodeReverseUnknown, "%s is under the reverse zone but is no reverse name (NAME.%s, one label); nothing there is looked up on the network", host, s.rev.opts.Zone)
+		}
 	}
 
 	ips, herr := s.resolve(ctx, host)

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -172,6 +173,21 @@ func (s Server) Validate() error {
 	}
 	if s.ReverseZone != "" && !validZone(s.ReverseZone) {
 		errs = append(errs, fmt.Errorf("reverse-zone %q must be a DNS name of at least two labels (e.g. rev.tp.example.org), or empty to turn reverse listeners off", s.ReverseZone))
+	}
+	if z := strings.ToLower(strings.TrimSuffix(s.ReverseZone, ".")); z != "" {
+		// A name under the zone can be claimed by any device the policy lets
+		// listen, and gets a certificate from TP's root: tpd's own names and the
+		// sites must never be among them.
+		names := slices.Clone(s.Names)
+		for _, site := range s.Sites {
+			names = append(names, site.Name)
+		}
+		for _, n := range names {
+			n = strings.ToLower(strings.TrimSuffix(n, "."))
+			if n == z || strings.HasSuffix(n, "."+z) {
+				errs = append(errs, fmt.Errorf("reverse-zone %q contains %q, one of tpd's names or sites: devices could claim it with tp expose; choose a zone below it instead, e.g. rev.%s", s.ReverseZone, n, n))
+			}
+		}
 	}
 	if s.ReverseGrace < 0 || s.ReverseGrace > time.Hour {
 		errs = append(errs, fmt.Errorf("reverse-grace %s must be between 0s and 1h", s.ReverseGrace))

@@ -117,3 +117,27 @@ func TestLoadClient(t *testing.T) {
 		t.Errorf("negative timeout accepted: %v", err)
 	}
 }
+
+// A reverse zone that contains tpd's own name or a site (bad input:
+// reverse-zone example.org with names [tp.example.org]) would let devices claim
+// those names; a zone below them is fine.
+func TestReverseZoneMustNotContainOwnNames(t *testing.T) {
+	s := DefaultServer()
+	s.Names = []string{"tp.example.org"}
+	s.ReverseZone = "example.org"
+	if err := s.Validate(); err == nil || !strings.Contains(err.Error(), "reverse-zone") {
+		t.Fatalf("zone above tpd's name accepted: %v", err)
+	}
+	s.ReverseZone = "tp.example.org"
+	if err := s.Validate(); err == nil {
+		t.Fatal("zone equal to tpd's name accepted")
+	}
+	s.ReverseZone = "rev.tp.example.org"
+	if err := s.Validate(); err != nil {
+		t.Fatalf("zone below tpd's name refused: %v", err)
+	}
+	s.Sites = []Site{{Name: "blog.rev.tp.example.org", Root: t.TempDir()}}
+	if err := s.Validate(); err == nil || !strings.Contains(err.Error(), "blog.rev.tp.example.org") {
+		t.Fatalf("site under the zone accepted: %v", err)
+	}
+}

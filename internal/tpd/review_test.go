@@ -14,6 +14,8 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/proxy"
 )
 
 // Reverse-name certificates are for servers only, and their provisioner takes no
@@ -65,5 +67,24 @@ func TestDenyListedDeviceCannotLogIn(t *testing.T) {
 	d.DenyList().Remove(authz.DenyDevice, "alice@laptop")
 	if _, err := c.Login(context.Background(), nil); err != nil {
 		t.Fatalf("after removal from the deny list: %v", err)
+	}
+}
+
+// Names under the reverse zone that are not one-label reverse names (bad input:
+// "a.b.<zone>", the zone itself) are refused without a DNS lookup or a dial.
+func TestReverseZoneNeverLeaksToDNS(t *testing.T) {
+	d, url := startDaemon(t, reversePolicy)
+	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
+	dl, err := bob.Dialer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dl.Transport = "tls"
+	for _, host := range []string{"a.b.rev.tp.internal", "rev.tp.internal", "REV.TP.INTERNAL."} {
+		_, err := dl.DialContext(context.Background(), "tcp", host+":22")
+		var re *clients.RefusedError
+		if !errors.As(err, &re) || re.Code != proxy.CodeReverseUnknown {
+			t.Errorf("dial %s: %v; want %s", host, err, proxy.CodeReverseUnknown)
+		}
 	}
 }
