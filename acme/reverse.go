@@ -39,8 +39,12 @@ const reverseProvisionerID = "tp-reverse-provisioner"
 // txtTTL is how long a published challenge answer stays.
 const txtTTL = 10 * time.Minute
 
-// maxTXT bounds the answers stored at once.
-const maxTXT = 10000
+// maxTXT bounds the answers stored at once; maxTXTPerName bounds one name's, so
+// that one device (which can publish only for names it holds) cannot fill the store.
+const (
+	maxTXT        = 10000
+	maxTXTPerName = 16
+)
 
 func reverseProvisioners(zone string) provisioner.List {
 	if zone == "" {
@@ -102,7 +106,17 @@ func (s *txtStore) publish(host, value string) error {
 	if n >= maxTXT {
 		return fmt.Errorf("too many certificate requests are in flight; try again in a few minutes")
 	}
-	s.m[host] = append(s.m[host], txtValue{v: value, expires: now.Add(txtTTL)})
+	vs := s.m[host]
+	for i, v := range vs {
+		if v.v == value { // a replayed request refreshes, it does not add
+			vs[i].expires = now.Add(txtTTL)
+			return nil
+		}
+	}
+	if len(vs) >= maxTXTPerName {
+		return fmt.Errorf("too many certificate requests for %s are in flight; try again in a few minutes", strings.TrimPrefix(host, "_acme-challenge."))
+	}
+	s.m[host] = append(vs, txtValue{v: value, expires: now.Add(txtTTL)})
 	return nil
 }
 
