@@ -322,8 +322,8 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 		}
 	}
 	var s Server
-	if err := v.Unmarshal(&s); err != nil {
-		return Server{}, fmt.Errorf("config: %w", err)
+	if err := v.UnmarshalExact(&s); err != nil {
+		return Server{}, fmt.Errorf("config %s: %w (check the spelling of each key; tpd init writes a file listing them all)", file, err)
 	}
 	if err := s.Validate(); err != nil {
 		return Server{}, fmt.Errorf("invalid configuration:\n%w", err)

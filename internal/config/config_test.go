@@ -141,3 +141,17 @@ func TestReverseZoneMustNotContainOwnNames(t *testing.T) {
 		t.Fatalf("site under the zone accepted: %v", err)
 	}
 }
+
+// A misspelled key in tpd.yaml (bad input: "max-con: 5") is an error naming it,
+// not a silently ignored setting.
+func TestLoadServerUnknownKey(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, FileName), []byte("max-con: 5\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TP_DATA_DIR", dir)
+	_, err := LoadServer(nil)
+	if err == nil || !strings.Contains(err.Error(), "max-con") {
+		t.Fatalf("unknown key: %v", err)
+	}
+}
