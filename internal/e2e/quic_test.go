@@ -73,6 +73,26 @@ func TestForwardQUICReconnects(t *testing.T) {
 	roundTrip(t, fwd, "after")
 }
 
+// After tpd crashes (SIGKILL) and comes back, a long-running tp forward over
+// QUIC works again at once: the restarted tpd answers the old connection's packets
+// with a stateless reset (its key is kept in the data dir), instead of leaving the
+// client to find out at the 60 s idle timeout.
+func TestForwardQUICAfterCrash(t *testing.T) {
+	srv := startServer(t, testPolicy)
+	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
+	echo := startTCPEcho(t)
+	fwd, fwdLog := startForwardLog(t, env, echo)
+	roundTrip(t, fwd, "before")
+	signalTPD(t, srv, syscall.SIGKILL)
+	restartTPD(t, srv)
+	start := time.Now()
+	roundTrip(t, fwd, "after") // bounded by roundTrip's 20 s deadline, well under the idle timeout
+	t.Logf("first round trip after the restart took %s", time.Since(start).Round(time.Millisecond))
+	if !strings.Contains(fwdLog.String(), "lost the QUIC connection") && !strings.Contains(fwdLog.String(), "reconnect") {
+		t.Logf("tp forward log:\n%s", fwdLog.String())
+	}
+}
+
 func roundTrip(t *testing.T, addr, msg string) {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
@@ -102,7 +122,9 @@ func waitLog(t *testing.T, log *syncBuffer, want string, within time.Duration) {
 
 // stopTPD sends SIGTERM to the tpd serving srv's data dir (the harness keeps the
 // process to itself; the test started it, so it may end it) and waits for the port.
-func stopTPD(t *testing.T, srv *server) {
+func stopTPD(t *testing.T, srv *server) { t.Helper(); signalTPD(t, srv, syscall.SIGTERM) }
+
+func signalTPD(t *testing.T, srv *server, sig syscall.Signal) {
 	t.Helper()
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	found := false
@@ -113,7 +135,7 @@ func stopTPD(t *testing.T, srv *server) {
 			continue
 		}
 		if pid, err := strconv.Atoi(strings.Split(p, "/")[2]); err == nil {
-			found = syscall.Kill(pid, syscall.SIGTERM) == nil || found
+			found = syscall.Kill(pid, sig) == nil || found
 		}
 	}
 	if !found {
@@ -127,7 +149,7 @@ func stopTPD(t *testing.T, srv *server) {
 		}
 		c.Close()
 		if time.Now().After(deadline) {
-			t.Fatal("tpd did not stop within 15s of SIGTERM")
+			t.Fatalf("tpd did not stop within 15s of %v", sig)
 		}
 		time.Sleep(20 * time.Millisecond) // polling for the port to close
 	}

@@ -1,11 +1,17 @@
 package tpd
 
 import (
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"syscall"
 
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -28,12 +34,43 @@ func listenQUIC(ln net.Listener) (*net.UDPConn, error) {
 	}
 }
 
-func (d *Daemon) quicOptions() proxy.QUICOptions {
-	return proxy.QUICOptions{
-		MaxStreams:  int64(d.cfg.QUICMaxStreams),
-		KeepAlive:   d.cfg.QUICKeepAlive,
-		IdleTimeout: d.cfg.QUICIdleTimeout,
+func (d *Daemon) quicOptions() (proxy.QUICOptions, error) {
+	key, err := loadResetKey(filepath.Join(d.cfg.DataDir, resetKeyFile))
+	if err != nil {
+		return proxy.QUICOptions{}, err
 	}
+	return proxy.QUICOptions{
+		MaxStreams:        int64(d.cfg.QUICMaxStreams),
+		KeepAlive:         d.cfg.QUICKeepAlive,
+		IdleTimeout:       d.cfg.QUICIdleTimeout,
+		StatelessResetKey: key,
+	}, nil
+}
+
+// resetKeyFile keeps the QUIC stateless reset key across restarts: a restarted
+// tpd can then tell clients at once that their connection is gone (a stateless
+// reset), instead of leaving them to find out at the idle timeout.
+const resetKeyFile = "quic-reset.key"
+
+func loadResetKey(path string) (*quic.StatelessResetKey, error) {
+	var key quic.StatelessResetKey
+	b, err := os.ReadFile(path)
+	switch {
+	case err == nil && len(b) == len(key):
+		copy(key[:], b)
+		return &key, nil
+	case err == nil:
+		return nil, fmt.Errorf("%s has %d bytes, not %d; delete it and tpd makes a new one", path, len(b), len(key))
+	case !errors.Is(err, os.ErrNotExist):
+		return nil, fmt.Errorf("read QUIC reset key: %w", err)
+	}
+	if _, err := rand.Read(key[:]); err != nil {
+		return nil, err
+	}
+	if err := login.WriteFileAtomic(path, key[:], 0o600); err != nil {
+		return nil, fmt.Errorf("save QUIC reset key: %w", err)
+	}
+	return &key, nil
 }
 
 func (d *Daemon) udpOptions() proxy.UDPOptions {

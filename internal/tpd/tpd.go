@@ -219,8 +219,12 @@ func (d *Daemon) renewServerCert() error {
 // then shuts down gracefully. The caller owns ln.
 func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	var udp *net.UDPConn // QUIC on the same port (quic.go)
+	var qopts proxy.QUICOptions
 	if d.cfg.QUIC {
 		var err error
+		if qopts, err = d.quicOptions(); err != nil {
+			return err
+		}
 		if udp, err = listenQUIC(ln); err != nil {
 			return err
 		}
@@ -252,7 +256,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	if udp != nil {
 		d.log.Info("serving QUIC", "udp", udp.LocalAddr().String())
 		g.Go(func() error {
-			err := d.proxy.ServeQUIC(gctx, udp, d.quicOptions())
+			err := d.proxy.ServeQUIC(gctx, udp, qopts)
 			if errors.Is(err, proxy.ErrServerClosed) {
 				return nil
 			}
