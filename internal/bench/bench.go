@@ -13,7 +13,7 @@ import (
 )
 
 // Scenarios in the order they run. Names are what --only takes.
-var Scenarios = []string{"bulk", "setup", "handshake", "memory", "policy"}
+var Scenarios = []string{"bulk", "setup", "handshake", "memory", "reverse", "loss", "policy"}
 
 // Options select what a run measures.
 type Options struct {
@@ -82,8 +82,14 @@ func Run(ctx context.Context, o Options) (err error) {
 	}}
 	defer e.Close()
 
-	needTP := slices.ContainsFunc(Scenarios[:4], o.wants)
+	needTP := slices.ContainsFunc(Scenarios, func(s string) bool { return s != "policy" && o.wants(s) })
 	if needTP {
+		if o.wants("reverse") {
+			e.reverse = true
+			if e.publicPorts, err = freePorts(4); err != nil {
+				return err
+			}
+		}
 		if err := e.build(ctx); err != nil {
 			return err
 		}
@@ -114,7 +120,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		name string
 		fn   func(context.Context, *Env, sizes, int) ([]Row, error)
 	}{
-		{"bulk", bulk}, {"setup", setup}, {"handshake", handshakes}, {"memory", memory}, {"policy", policyLatency},
+		{"bulk", bulk}, {"setup", setup}, {"handshake", handshakes}, {"memory", memory}, {"reverse", reverse}, {"loss", loss}, {"policy", policyLatency},
 	}
 	for _, s := range steps {
 		if !o.wants(s.name) {

@@ -54,6 +54,10 @@ type Env struct {
 
 	quic      bool // tp forward has --transport
 	quicStdio bool // tp HOST PORT has --transport
+
+	reverse     bool   // the reverse scenario runs: reversePolicy, public ports, agent device
+	publicPorts []int  // TCP ports tpd may open for tp expose --public
+	agentHome   string // TP_HOME of the device that runs tp expose
 }
 
 func (e *Env) binary(name string) string { return filepath.Join(e.bin, name) }
@@ -113,8 +117,27 @@ func (e *Env) build(ctx context.Context) error {
 	return nil
 }
 
+// reversePolicy is added (as a second file) when the reverse scenario runs: the
+// agent device (user benchrev) may register names and open public ports, and the
+// bench device may dial every reverse name.
+const reversePolicy = `package tp.authz
+
+allow if {
+	input.action in {"listen", "expose_public"}
+	input.identity.user == "benchrev"
+}
+
+allow if {
+	input.action == "dial"
+	input.destination.reverse != ""
+	input.identity.user == "bench"
+}
+`
+
 // startTPD initialises a throwaway data dir with benchPolicy and serves on a free
-// loopback port, then enrolls a device with the real dlogin.
+// loopback port, then enrolls a device with the real dlogin. With e.reverse it
+// also allows reverse listeners (reversePolicy), opens e.publicPorts and enrolls
+// the agent device.
 func (e *Env) startTPD(ctx context.Context) error {
 	data := filepath.Join(e.dir, "tpdata")
 	if _, err := runCmd(ctx, time.Minute, nil, e.binary("tpd"), "init", "--data-dir", data); err != nil {
@@ -123,8 +146,19 @@ func (e *Env) startTPD(ctx context.Context) error {
 	if err := os.WriteFile(filepath.Join(data, "policy", "tp.rego"), []byte(benchPolicy), 0o600); err != nil {
 		return err
 	}
+	var env []string
+	if e.reverse {
+		if err := os.WriteFile(filepath.Join(data, "policy", "reverse.rego"), []byte(reversePolicy), 0o600); err != nil {
+			return err
+		}
+		ports := make([]string, len(e.publicPorts))
+		for i, p := range e.publicPorts {
+			ports[i] = strconv.Itoa(p)
+		}
+		env = append(env, "TP_PUBLIC_PORTS="+strings.Join(ports, ","))
+	}
 	listening := regexp.MustCompile(`listening on (\S+) \(`)
-	cmd := command(e.binary("tpd"), []string{"serve", "--data-dir", data, "--listen", "127.0.0.1:0"}, nil)
+	cmd := command(e.binary("tpd"), []string{"serve", "--data-dir", data, "--listen", "127.0.0.1:0"}, env)
 	var addr string
 	p, err := e.startProc(ctx, "tpd", cmd, false, time.Minute, func(line string) bool {
 		if m := listening.FindStringSubmatch(line); m != nil {
@@ -136,7 +170,23 @@ func (e *Env) startTPD(ctx context.Context) error {
 		return err
 	}
 	e.tpd, e.tpdAddr = p, addr
-	out, err := runCmd(ctx, time.Minute, nil, e.binary("tpd"), "enroll", "bench", "--device", "tpbench", "--groups", "bench", "--data-dir", data)
+	e.home = filepath.Join(e.dir, "tp-home")
+	if err := e.enroll(ctx, data, "bench", "tpbench", "bench", e.home); err != nil {
+		return err
+	}
+	if e.reverse {
+		e.agentHome = filepath.Join(e.dir, "tp-home-agent")
+		if err := e.enroll(ctx, data, "benchrev", "agent", "benchrev", e.agentHome); err != nil {
+			return err
+		}
+	}
+	e.log("tpd pid %d on %s; device enrolled in %s", p.pid(), addr, e.home)
+	return nil
+}
+
+// enroll enrolls user's device with tpd enroll and the real dlogin into home.
+func (e *Env) enroll(ctx context.Context, data, user, device, groups, home string) error {
+	out, err := runCmd(ctx, time.Minute, nil, e.binary("tpd"), "enroll", user, "--device", device, "--groups", groups, "--data-dir", data)
 	if err != nil {
 		return err
 	}
@@ -149,13 +199,11 @@ func (e *Env) startTPD(ctx context.Context) error {
 	if dl == nil {
 		return fmt.Errorf("tpd enroll printed no dlogin line:\n%s", out)
 	}
-	e.home = filepath.Join(e.dir, "tp-home")
-	if out, err := runCmd(ctx, 2*time.Minute, e.tpEnv(), e.binary("dlogin"), dl...); err != nil {
+	if out, err := runCmd(ctx, 2*time.Minute, []string{"TP_HOME=" + home}, e.binary("dlogin"), dl...); err != nil {
 		return err
 	} else if !strings.Contains(out, "Login successful!") {
 		return fmt.Errorf("dlogin did not report success:\n%s", out)
 	}
-	e.log("tpd pid %d on %s; device enrolled in %s", p.pid(), addr, e.home)
 	return nil
 }
 

@@ -119,6 +119,9 @@ func cells(r Row) []string {
 	med, rng, ratio := fmtNum(r.Median), fmtNum(r.Min)+"–"+fmtNum(r.Max), "—"
 	if r.Err != "" {
 		med, rng = "error", r.Err
+		if strings.HasPrefix(r.Err, "skipped") {
+			med = "skipped"
+		}
 	}
 	if r.Ratio != 0 {
 		ratio = fmt.Sprintf("%.2f×", r.Ratio)

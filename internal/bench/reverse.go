@@ -1,0 +1,198 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Scenario 5: the reverse path. A second enrolled device (user benchrev) runs
+// `tp expose` for the sink and the echo server, protected (only the bench device
+// may dial NAME.rev.tp.internal, end-to-end TLS between dialer and agent) and
+// public (`--public PORT`: anyone reaches tpd's PORT with plain TCP). The bench
+// device dials the protected names with `tp forward 127.0.0.1:0 NAME.rev.tp.internal:PORT`;
+// the forward path (`tp forward` to the sink and echo server) and direct TCP are
+// measured in the same runs. Each transport (tls, quic) has its own agents and
+// forwarders, so both legs of a session use it.
+
+// freePorts returns n loopback TCP ports that were free a moment ago (for tpd's
+// public-ports, fixed before tpd starts).
+func freePorts(n int) ([]int, error) {
+	var lns []net.Listener
+	defer func() {
+		for _, ln := range lns {
+			ln.Close()
+		}
+	}()
+	var ports []int
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		lns = append(lns, ln)
+		ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+// startExpose runs `tp --transport T expose NAME LOCAL args…` as the agent device
+// and waits for its first "Exposing" line (the registration).
+func (e *Env) startExpose(ctx context.Context, transport, name, local string, args ...string) (*proc, error) {
+	all := append([]string{"--transport", transport, "expose", name, local}, args...)
+	return e.startProc(ctx, "tp expose "+name, command(e.binary("tp"), all, []string{"TP_HOME=" + e.agentHome}), true, time.Minute,
+		func(line string) bool { return strings.HasPrefix(line, "Exposing ") })
+}
+
+// warm retries fn until it succeeds (the first session through a fresh agent or
+// forwarder fetches certificates and opens connections; that is not measured).
+func warm(fn func() error) error {
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		err := fn()
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// revPath is one way to reach the sink and the echo server in scenario 5.
+type revPath struct {
+	label, transport string
+	sink, echo       string // plain TCP addresses that lead there
+	err              error
+}
+
+func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
+	const bulkScn, setupScn = "5 reverse bulk", "5 reverse setup"
+	if e.agentHome == "" || len(e.publicPorts) < 4 {
+		return nil, fmt.Errorf("internal: the reverse scenario needs the agent device and public ports")
+	}
+	transports := []string{"tls"}
+	if e.quic {
+		transports = append(transports, "quic")
+	} else {
+		e.log("tp forward has no --transport flag: reverse over QUIC left out")
+	}
+	host := func(name string) string { return name + ".rev.tp.internal" }
+
+	// Start everything first, then measure.
+	paths := []*revPath{{label: "direct TCP", transport: "tcp", sink: e.sink, echo: e.echo}}
+	type trio struct{ fwd, prot, pub *revPath }
+	var trios []trio
+	for i, t := range transports {
+		up := strings.ToUpper(t)
+		fwd := &revPath{label: "tp forward over " + up + " (forward path)", transport: t}
+		prot := &revPath{label: "tp expose over " + up + ", protected (dialer: tp forward)", transport: t}
+		pub := &revPath{label: "tp expose over " + up + ", --public (dialer: plain TCP)", transport: t}
+		trios = append(trios, trio{fwd, prot, pub})
+		paths = append(paths, fwd, prot, pub)
+
+		if fwd.sink, _, fwd.err = e.startForward(ctx, e.sink, "--transport", t); fwd.err == nil {
+			fwd.echo, _, fwd.err = e.startForward(ctx, e.echo, "--transport", t)
+		}
+
+		sinkName, echoName := "bsink-"+t, "becho-"+t
+		if _, prot.err = e.startExpose(ctx, t, sinkName, e.sink, "--also", echoName+"="+e.echo, "--allow-user", "bench"); prot.err == nil {
+			if prot.sink, _, prot.err = e.startForward(ctx, net.JoinHostPort(host(sinkName), portOf(e.sink)), "--transport", t); prot.err == nil {
+				prot.echo, _, prot.err = e.startForward(ctx, net.JoinHostPort(host(echoName), portOf(e.echo)), "--transport", t)
+			}
+		}
+
+		sinkPort, echoPort := e.publicPorts[2*i], e.publicPorts[2*i+1]
+		if _, pub.err = e.startExpose(ctx, t, "psink-"+t, e.sink, "--public", strconv.Itoa(sinkPort)); pub.err == nil {
+			if _, pub.err = e.startExpose(ctx, t, "pecho-"+t, e.echo, "--public", strconv.Itoa(echoPort)); pub.err == nil {
+				pub.sink = net.JoinHostPort("127.0.0.1", strconv.Itoa(sinkPort))
+				pub.echo = net.JoinHostPort("127.0.0.1", strconv.Itoa(echoPort))
+			}
+		}
+	}
+	for _, p := range paths {
+		if p.err == nil {
+			p.err = warm(func() error {
+				if _, err := roundTrip(p.echo); err != nil {
+					return fmt.Errorf("echo: %w", err)
+				}
+				_, err := bulkOnce(func() (*stream, error) { return tcpStream(p.sink) }, 1<<20)
+				return err
+			})
+		}
+		if p.err != nil {
+			e.log("%s: %v", p.label, p.err)
+		}
+	}
+
+	// Bulk: MB/s to the sink.
+	bulkRows := map[*revPath]*Row{}
+	var bulkVs []*variant
+	for _, p := range paths {
+		r := &Row{Scenario: bulkScn, Variant: p.label, Transport: p.transport, Unit: "MB/s"}
+		if p.transport != "tcp" {
+			r.Baseline = "direct TCP"
+		}
+		if strings.Contains(p.label, "--public") {
+			r.Target = "> frp ≈190 MB/s"
+		}
+		if p.err != nil {
+			r.Err = firstLine(p.err.Error())
+		}
+		bulkRows[p] = r
+		addr := p.sink
+		bulkVs = append(bulkVs, &variant{rows: []*Row{r}, fn: func() ([]float64, error) {
+			return bulkOnce(func() (*stream, error) { return tcpStream(addr) }, sz.bulkBytes)
+		}})
+	}
+
+	// New-session latency: sequential connections, 1 byte each way.
+	n := sz.setupConns
+	type pair struct{ p50, p99 *Row }
+	setupRows := map[*revPath]pair{}
+	var setupVs []*variant
+	directName := fmt.Sprintf("direct TCP, %d conns", n)
+	for _, p := range paths {
+		name := fmt.Sprintf("%s, %d conns", p.label, n)
+		p50 := &Row{Scenario: setupScn, Variant: name + ", p50", Transport: p.transport, Unit: "ms"}
+		p99 := &Row{Scenario: setupScn, Variant: name + ", p99", Transport: p.transport, Unit: "ms"}
+		if p.transport != "tcp" {
+			p50.Baseline, p99.Baseline = directName+", p50", directName+", p99"
+		}
+		if strings.Contains(p.label, "--public") {
+			p50.Target = "< frp ≈1.8 ms"
+		}
+		if p.err != nil {
+			p50.Err, p99.Err = firstLine(p.err.Error()), firstLine(p.err.Error())
+		}
+		setupRows[p] = pair{p50, p99}
+		addr := p.echo
+		setupVs = append(setupVs, &variant{rows: []*Row{p50, p99}, fn: func() ([]float64, error) {
+			return latencies(n, func() (time.Duration, error) { return roundTrip(addr) })
+		}})
+	}
+
+	e.log("reverse: bulk")
+	interleave(runs, bulkVs, e.log)
+	e.log("reverse: new-session latency")
+	interleave(runs, setupVs, e.log)
+
+	rows := collect(bulkVs)
+	for _, tr := range trios {
+		up := strings.ToUpper(tr.fwd.transport)
+		rows = append(rows,
+			ratioRow(bulkScn, up+" protected ÷ forward path (per run)", bulkRows[tr.prot], bulkRows[tr.fwd], ""),
+			ratioRow(bulkScn, up+" public ÷ forward path (per run)", bulkRows[tr.pub], bulkRows[tr.fwd], ""),
+			ratioRow(bulkScn, up+" protected ÷ public (per run)", bulkRows[tr.prot], bulkRows[tr.pub], "≥0.75×"))
+	}
+	rows = append(rows, collect(setupVs)...)
+	for _, tr := range trios {
+		up := strings.ToUpper(tr.fwd.transport)
+		rows = append(rows,
+			ratioRow(setupScn, up+" protected ÷ forward path, p50 (per run)", setupRows[tr.prot].p50, setupRows[tr.fwd].p50, ""),
+			ratioRow(setupScn, up+" public ÷ forward path, p50 (per run)", setupRows[tr.pub].p50, setupRows[tr.fwd].p50, ""),
+			ratioRow(setupScn, up+" protected ÷ public, p50 (per run)", setupRows[tr.prot].p50, setupRows[tr.pub].p50, "≤1.25×"))
+	}
+	return rows, nil
+}
