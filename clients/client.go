@@ -158,6 +158,9 @@ func (c *Client) Dialer() (*Dialer, error) {
 		Cache:  c.Home.TransportCache(),
 		TLSConfig: &tls.Config{
 			RootCAs: pool,
+			// Resume TLS sessions (to tpd, and end to end to agents): a long-running
+			// tp forward then pays a full handshake once per server, not per connection.
+			ClientSessionCache: tls.NewLRUClientSessionCache(64),
 			GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
 				return c.Certificate(cri.Context())
 			},

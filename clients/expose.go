@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"slices"
@@ -65,6 +66,7 @@ type Agent struct {
 	mu    sync.Mutex
 	full  map[string]string // label → full name
 	roots *x509.CertPool
+	inner *tls.Config // end-to-end TLS server config, one for all sessions so tickets resume
 }
 
 // fatalError ends Run instead of a reconnect.
@@ -92,6 +94,22 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}
 	a.roots = a.Dialer.TLSConfig.RootCAs
+	a.inner = &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		NextProtos: []string{E2EALPN},
+		ClientAuth: tls.RequireAndVerifyClientCert,
+		ClientCAs:  a.roots,
+		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			name := strings.ToLower(chi.ServerName)
+			a.mu.Lock()
+			ours := slices.Contains(slices.Collect(maps.Values(a.full)), name)
+			a.mu.Unlock()
+			if !ours {
+				return nil, fmt.Errorf("this agent does not expose %q", chi.ServerName)
+			}
+			return a.Certificate(chi.Context(), name)
+		},
+	}
 	if a.Dialer.TLSConfig.ClientSessionCache == nil {
 		// Over TLS every session is a new connection to the relay: resume them.
 		a.Dialer.TLSConfig.ClientSessionCache = tls.NewLRUClientSessionCache(16)
@@ -348,15 +366,7 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 	if a.WrapData != nil {
 		conn = a.WrapData(st)
 	}
-	tc := tls.Server(conn, &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{E2EALPN},
-		ClientAuth: tls.RequireAndVerifyClientCert,
-		ClientCAs:  a.roots,
-		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
-			return a.Certificate(chi.Context(), full)
-		},
-	})
+	tc := tls.Server(conn, a.inner)
 	hctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
 	if err := tc.HandshakeContext(hctx); err != nil {
@@ -372,6 +382,9 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 	}
 	id, err := authz.IdentityFromCert(tc.ConnectionState().PeerCertificates[0])
 	switch {
+	case !strings.EqualFold(tc.ConnectionState().ServerName, full):
+		refuse(proxy.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", tc.ConnectionState().ServerName, full))
+		return
 	case err != nil:
 		refuse(proxy.CodeUnauthenticated, "the device certificate carries no TP identity: "+err.Error())
 		return
