@@ -342,7 +342,7 @@ func TestQUICServerShutdownReported(t *testing.T) {
 	q2 := &quicEnv{env: newEnv(t, nil)}
 	udp, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(mustAddrPort(t, q.udpAddr)))
 	if err != nil {
-		t.Skipf("cannot rebind the UDP port for the restart: %v", err)
+		t.Fatalf("cannot rebind the UDP port the stopped server released: %v", err)
 	}
 	rctx, rcancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
