@@ -56,7 +56,7 @@ func warm(fn func() error) error {
 		if err == nil || time.Now().After(deadline) {
 			return err
 		}
-		time.Sleep(200 * time.Millisecond)
+		time.Sleep(200 * time.Millisecond) // retry pacing while the agent registers, bounded by the deadline
 	}
 }
 
