@@ -131,12 +131,18 @@ func (e *Enroller) checkActive(w http.ResponseWriter, dev users.Device) bool {
 	return true
 }
 
+// errNotThisDevice is the one answer for an unknown device and for a request
+// signed by another key, so that nobody can learn which device IDs exist.
+func errNotThisDevice(deviceID string) string {
+	return fmt.Sprintf("%q is not a device enrolled with this key; if this device was never enrolled or its key was lost, ask your administrator for a token (tpd enroll) and run dlogin --token", deviceID)
+}
+
 // checkDevice verifies a request signed by an enrolled device's key with a fresh
 // timestamp. It writes the refusal and returns false when the request is not.
 func (e *Enroller) checkDevice(w http.ResponseWriter, r *http.Request, deviceID, ts, sig string, msg []byte) (users.Device, bool) {
 	dev, err := e.Users.Device(deviceID)
 	if err != nil || len(dev.PublicKey) == 0 {
-		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q is not enrolled; ask your administrator for a token (tpd enroll) and run dlogin --token", deviceID))
+		writeErr(w, http.StatusForbidden, errNotThisDevice(deviceID))
 		return dev, false
 	}
 	devKey, err := x509.ParsePKIXPublicKey(dev.PublicKey)
@@ -151,7 +157,7 @@ func (e *Enroller) checkDevice(w http.ResponseWriter, r *http.Request, deviceID,
 	}
 	if !verify(devPub, msg, sig) {
 		e.log().Warn("device request refused", "device", deviceID, "path", r.URL.Path, "remote", r.RemoteAddr, "why", "bad signature")
-		writeErr(w, http.StatusForbidden, "signature does not match this device's enrolled key; if the device key was lost, enroll the device again")
+		writeErr(w, http.StatusForbidden, errNotThisDevice(deviceID))
 		return dev, false
 	}
 	t, err := time.Parse(time.RFC3339, ts)
