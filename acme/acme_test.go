@@ -241,10 +241,15 @@ func TestLoginWithWrongDeviceKey(t *testing.T) {
 	if !errors.As(err, &se) || se.Status != http.StatusForbidden {
 		t.Fatalf("wrong device key: %v", err)
 	}
-	// An unknown device is refused with a sentence naming what to do.
+	wrongKey := strings.ReplaceAll(se.Message, "carol@laptop", "ID")
+	// An unknown device is refused with a sentence naming what to do, and the same
+	// sentence as a wrong key: the answer does not tell which device IDs exist.
 	_, err = login.Login(ctx, ts.HC, ts.URL, "nobody@nowhere", newKey(t), nil)
 	if !errors.As(err, &se) || !strings.Contains(se.Message, "tpd enroll") {
 		t.Fatalf("unknown device: %v", err)
+	}
+	if unknown := strings.ReplaceAll(se.Message, "nobody@nowhere", "ID"); unknown != wrongKey {
+		t.Errorf("unknown device and wrong key answer differently:\n%s\n%s", unknown, wrongKey)
 	}
 	// A revoked device is refused.
 	if err := ts.Users.RevokeDevice("carol@laptop"); err != nil {
