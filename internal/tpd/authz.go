@@ -151,6 +151,21 @@ func (d *Daemon) Revoke(ctx context.Context, kind, value string, remove bool) (a
 	d.denyMu.Unlock()
 	res := admin.RevokeResponse{Kind: kind, Value: v, Removed: remove}
 	if !remove {
+		// Tokens handed out before the revocation must not enroll the identity again.
+		var user, device string
+		switch k {
+		case authz.DenyUser:
+			user = v
+		case authz.DenyDevice:
+			user, device, _ = authz.SplitDeviceID(v)
+		}
+		if user != "" {
+			if n, err := d.users.DropTokens(user, device); err != nil {
+				d.log.Warn("dropping the revoked identity's enrollment tokens failed", "err", err)
+			} else if n > 0 {
+				d.log.Info("pending enrollment tokens dropped", "kind", kind, "value", v, "tokens", n)
+			}
+		}
 		_, res.Closed = d.proxy.Recheck(ctx)
 		d.log.Info("deny list entry added", "kind", kind, "value", v, "live_sessions_closed", res.Closed)
 	} else {

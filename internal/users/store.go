@@ -257,6 +257,23 @@ func (s *Store) RevokeDevice(id string) error {
 	return s.saveLocked()
 }
 
+// DropTokens deletes the pending enrollment tokens of user@device, or of all the
+// user's devices when device is empty, so a revoked identity cannot be
+// re-enrolled with a token handed out earlier. It returns how many it dropped.
+func (s *Store) DropTokens(user, device string) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	before := len(s.st.Tokens)
+	s.st.Tokens = slices.DeleteFunc(s.st.Tokens, func(t token) bool {
+		return t.User == user && (device == "" || t.Device == device)
+	})
+	n := before - len(s.st.Tokens)
+	if n == 0 {
+		return 0, nil
+	}
+	return n, s.saveLocked()
+}
+
 // UserInfo is a user with their devices, for listings.
 type UserInfo struct {
 	User

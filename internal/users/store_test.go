@@ -117,3 +117,30 @@ func TestOpenCorruptFile(t *testing.T) {
 }
 
 func writeFile(path, s string) error { return os.WriteFile(path, []byte(s), 0o600) }
+
+// Revoking drops pending tokens: a token handed out earlier cannot enroll the
+// revoked identity again.
+func TestDropTokens(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "users.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	laptop, _ := s.Enroll("alice", "laptop", nil, time.Hour)
+	phone, _ := s.Enroll("alice", "phone", nil, time.Hour)
+	bob, _ := s.Enroll("bob", "pc", nil, time.Hour)
+	if n, err := s.DropTokens("alice", "laptop"); err != nil || n != 1 {
+		t.Fatalf("DropTokens(alice, laptop) = %d, %v", n, err)
+	}
+	if _, err := s.Redeem(laptop.Token, []byte("k")); !errors.Is(err, ErrBadToken) {
+		t.Fatalf("dropped token still redeems: %v", err)
+	}
+	if n, _ := s.DropTokens("alice", ""); n != 1 {
+		t.Fatalf("dropping all of alice's tokens dropped %d", n)
+	}
+	if _, err := s.Redeem(phone.Token, []byte("k")); !errors.Is(err, ErrBadToken) {
+		t.Fatalf("dropped token still redeems: %v", err)
+	}
+	if _, err := s.Redeem(bob.Token, []byte("k")); err != nil {
+		t.Fatalf("another user's token was dropped: %v", err)
+	}
+}
