@@ -2,7 +2,6 @@ package acme
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/http"
@@ -187,15 +186,7 @@ func (c *CA) Close() error { return c.auth.Shutdown() }
 // DBPath is where NewCA keeps its database inside a data dir.
 func DBPath(dataDir string) string { return filepath.Join(dataDir, "ca", "db") }
 
-// noNetwork is the ACME challenge client. TP's provisioner only accepts
-// device-attest-01, which needs no network; refusing everything else keeps the CA
-// from being turned into a way to reach internal hosts.
-type noNetwork struct{}
-
-var _ stepacme.Client = noNetwork{}
-
+// errNoNetwork is every challenge client's answer to a request that would leave
+// tpd: TP's CA never reaches out to validate a challenge, so it cannot be turned
+// into a way to probe internal hosts (see challengeClient and siteClient).
 var errNoNetwork = errors.New("TP's CA does not reach out to the network to validate challenges")
-
-func (noNetwork) Get(string) (*http.Response, error)                     { return nil, errNoNetwork }
-func (noNetwork) LookupTxt(string) ([]string, error)                     { return nil, errNoNetwork }
-func (noNetwork) TLSDial(string, string, *tls.Config) (*tls.Conn, error) { return nil, errNoNetwork }
