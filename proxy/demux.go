@@ -80,7 +80,7 @@ func (s *Server) passthrough(serverName string) (func(context.Context, net.Conn)
 
 // handle owns one accepted connection: handshake, then proxy session, hand-off
 // to the website, or pass-through.
-func (s *Server) handle(ctx context.Context, raw net.Conn) {
+func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(s.force, cancel)
@@ -99,6 +99,7 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 	err := conn.HandshakeContext(hctx)
 	timedOut := hctx.Err() != nil // then the socket may have been closed under the handshake
 	hcancel()
+	handshakeDone()
 	if pc != nil && pc.handler != nil && !timedOut {
 		// Not conn.Close: that would close the socket the handler now owns.
 		defer s.release()

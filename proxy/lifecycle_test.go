@@ -207,3 +207,51 @@ func TestWebCannotStarveProxy(t *testing.T) {
 	}
 	e.mustEcho(t)
 }
+
+// One address cannot hold more than MaxHandshakesPerIP connections that never
+// finish their TLS handshake (bad input: TCP connections that send nothing); the
+// next one is closed at once, and the bound frees as handshakes end.
+func TestHandshakesPerIPBounded(t *testing.T) {
+	e := newEnv(t, func(c *proxy.Config) { c.MaxHandshakesPerIP = 2 })
+	var stalled []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		stalled = append(stalled, c)
+	}
+	// The third is closed by the server without waiting for the handshake timeout.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+		c.Close()
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			break // closed by the server: the bound holds
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a third unfinished handshake from one address was kept open")
+		}
+	}
+	for _, c := range stalled {
+		c.Close()
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		c, err := e.dialer().DialContext(context.Background(), "tcp", e.echo)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the bound did not free after the stalled handshakes ended: %v", err)
+		}
+		runtime.Gosched() // poll; each attempt is a full dial
+	}
+}

@@ -73,6 +73,10 @@ type Config struct {
 	// connections open can never take the slots of proxy clients. Default
 	// MaxConns/2.
 	MaxWebConns int
+	// MaxHandshakesPerIP bounds connections from one source address that have not
+	// finished their TLS handshake yet, so one host cannot hold the shared slots
+	// with handshakes that never complete. Default 128.
+	MaxHandshakesPerIP int
 	// Reverse configures reverse listeners (reverse.go); a zero value disables them.
 	Reverse ReverseOptions
 	// UDP bounds UDP flows (udp.go).
@@ -98,12 +102,13 @@ type Server struct {
 	h3TLS       *tls.Config
 	quicTLS     *tls.Config
 
-	active   atomic.Int64     // connections counted against MaxConns
-	webConns atomic.Int64     // website connections counted against MaxWebConns
-	sessions registry         // established sessions, for Recheck
-	rev      *reverseRegistry // reverse names; nil when Config.Reverse.Zone is empty
-	udp      udpState         // UDP flow bounds and counters (udp.go)
-	wg       sync.WaitGroup   // connection goroutines (not web conns, which http.Server owns)
+	active     atomic.Int64     // connections counted against MaxConns
+	webConns   atomic.Int64     // website connections counted against MaxWebConns
+	handshakes perIPCount       // unfinished TLS handshakes per source address
+	sessions   registry         // established sessions, for Recheck
+	rev        *reverseRegistry // reverse names; nil when Config.Reverse.Zone is empty
+	udp        udpState         // UDP flow bounds and counters (udp.go)
+	wg         sync.WaitGroup   // connection goroutines (not web conns, which http.Server owns)
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
@@ -173,6 +178,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MaxConns == 0 {
 		cfg.MaxConns = 10000
 	}
+	if cfg.MaxHandshakesPerIP <= 0 {
+		cfg.MaxHandshakesPerIP = 128
+	}
 	if cfg.MaxWebConns <= 0 {
 		cfg.MaxWebConns = max(1, cfg.MaxConns/2)
 	}
@@ -238,7 +246,14 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			}
 		}
 		backoff = 0
+		ip := remoteIP(raw)
+		if !s.handshakes.acquire(ip, s.cfg.MaxHandshakesPerIP) {
+			_ = raw.Close()
+			s.log.Warn("connection refused: too many unfinished handshakes from one address", "remote", raw.RemoteAddr().String(), "max_handshakes_per_ip", s.cfg.MaxHandshakesPerIP)
+			continue
+		}
 		if s.active.Add(1) > int64(s.cfg.MaxConns) {
+			s.handshakes.release(ip)
 			s.active.Add(-1)
 			_ = raw.Close()
 			s.log.Warn("connection refused: too many connections", "remote", raw.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
@@ -250,6 +265,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		if s.closed {
 			s.mu.Unlock()
 			s.release()
+			s.handshakes.release(ip)
 			_ = raw.Close()
 			return ErrServerClosed
 		}
@@ -257,7 +273,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		s.mu.Unlock()
 		go func() {
 			defer s.wg.Done()
-			s.handle(ctx, raw)
+			s.handle(ctx, raw, func() { s.handshakes.release(ip) })
 		}()
 	}
 }
@@ -341,3 +357,41 @@ func (s *Server) toWeb(remote string) bool {
 
 // releaseWeb gives back one MaxWebConns slot.
 func (s *Server) releaseWeb() { s.webConns.Add(-1) }
+
+// perIPCount counts something per source address, with a bound.
+type perIPCount struct {
+	mu sync.Mutex
+	n  map[netip.Addr]int
+}
+
+func (c *perIPCount) acquire(ip netip.Addr, max int) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.n == nil {
+		c.n = map[netip.Addr]int{}
+	}
+	if c.n[ip] >= max {
+		return false
+	}
+	c.n[ip]++
+	return true
+}
+
+func (c *perIPCount) release(ip netip.Addr) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.n[ip] <= 1 {
+		delete(c.n, ip)
+		return
+	}
+	c.n[ip]--
+}
+
+// remoteIP is the connection's source address without port (the zero Addr when
+// it has none, which then shares one bound).
+func remoteIP(c net.Conn) netip.Addr {
+	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
+		return ap.Addr().Unmap()
+	}
+	return netip.Addr{}
+}

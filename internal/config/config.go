@@ -45,6 +45,9 @@ type Server struct {
 	// MaxWebConns bounds website connections separately (0: half of max-conns),
 	// so web traffic can never take the proxy's slots.
 	MaxWebConns int `mapstructure:"max-web-conns"`
+	// MaxHandshakesPerIP bounds unfinished TLS handshakes from one source address
+	// (0: 128). Raise it behind a load balancer that hides client addresses.
+	MaxHandshakesPerIP int `mapstructure:"max-handshakes-per-ip"`
 	// PolicyTimeout bounds one policy evaluation; a slower one denies.
 	PolicyTimeout time.Duration `mapstructure:"policy-timeout"`
 	// DecisionLog receives one JSON line per policy decision: "" is off, "-" is
@@ -195,6 +198,9 @@ func (s Server) Validate() error {
 	if _, err := ParsePortRanges(s.PublicPorts); err != nil {
 		errs = append(errs, fmt.Errorf("public-ports: %w", err))
 	}
+	if s.MaxHandshakesPerIP < 0 || s.MaxHandshakesPerIP > 1_000_000 {
+		errs = append(errs, fmt.Errorf("max-handshakes-per-ip %d must be between 0 (128) and 1000000", s.MaxHandshakesPerIP))
+	}
 	if s.MaxWebConns < 0 || s.MaxWebConns > 1_000_000 {
 		errs = append(errs, fmt.Errorf("max-web-conns %d must be between 0 (half of max-conns) and 1000000", s.MaxWebConns))
 	}
@@ -271,6 +277,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("dial-timeout", d.DialTimeout)
 	v.SetDefault("max-conns", d.MaxConns)
 	v.SetDefault("max-web-conns", d.MaxWebConns)
+	v.SetDefault("max-handshakes-per-ip", d.MaxHandshakesPerIP)
 	v.SetDefault("policy-timeout", d.PolicyTimeout)
 	v.SetDefault("decision-log", d.DecisionLog)
 	v.SetDefault("quic", d.QUIC)
@@ -345,6 +352,7 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# How long `tpd enroll` tokens stay valid.\ntoken-ttl: %s\n", s.TokenTTL)
 	fmt.Fprintf(&b, "handshake-timeout: %s\nhello-timeout: %s\ndial-timeout: %s\n", s.HandshakeTimeout, s.HelloTimeout, s.DialTimeout)
 	fmt.Fprintf(&b, "# Connections handled at once; more are closed at accept.\nmax-conns: %d\n", s.MaxConns)
+	fmt.Fprintf(&b, "# Unfinished TLS handshakes from one address (0: 128); raise it behind a load balancer that hides client addresses.\nmax-handshakes-per-ip: %d\n", s.MaxHandshakesPerIP)
 	fmt.Fprintf(&b, "# Website connections, counted apart so the web cannot take the proxy's slots (0: half of max-conns).\nmax-web-conns: %d\n", s.MaxWebConns)
 	fmt.Fprintf(&b, "# Bound on one policy evaluation; a slower evaluation denies the request.\npolicy-timeout: %s\n", s.PolicyTimeout)
 	fmt.Fprintf(&b, "# One JSON line per policy decision: \"\" is off, \"-\" is stdout, else a file (appended, 0600).\ndecision-log: %q\n", s.DecisionLog)

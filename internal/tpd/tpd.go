@@ -177,15 +177,16 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 			}
 			return d.authz.Verify(cs.PeerCertificates[0])
 		},
-		Authorizer:       d.authz,
-		Resolver:         o.resolver,
-		Logger:           log,
-		HandshakeTimeout: cfg.HandshakeTimeout,
-		HelloTimeout:     cfg.HelloTimeout,
-		DialTimeout:      cfg.DialTimeout,
-		MaxConns:         cfg.MaxConns,
-		MaxWebConns:      cfg.MaxWebConns,
-		Reverse:          revOpts,
+		Authorizer:         d.authz,
+		Resolver:           o.resolver,
+		Logger:             log,
+		HandshakeTimeout:   cfg.HandshakeTimeout,
+		HelloTimeout:       cfg.HelloTimeout,
+		DialTimeout:        cfg.DialTimeout,
+		MaxConns:           cfg.MaxConns,
+		MaxWebConns:        cfg.MaxWebConns,
+		MaxHandshakesPerIP: cfg.MaxHandshakesPerIP,
+		Reverse:            revOpts,
 	})
 	if err != nil {
 		d.ca.Close()
