@@ -10,8 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
+
+	"github.com/tp-proxy/tp/internal/atomicfile"
 )
 
 // Fingerprint formats the SHA-256 of a certificate's DER as "SHA256:<hex>".
@@ -97,28 +98,7 @@ func ParseKeyPEM(b []byte) (crypto.Signer, error) {
 	}
 }
 
-// WriteFileAtomic writes data to a temporary file in the same directory and renames
-// it over path, so readers never see a partial file.
+// WriteFileAtomic writes data so that readers never see a partial file.
 func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
+	return atomicfile.Write(path, data, perm)
 }

@@ -6,12 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"regexp"
 	"strings"
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/admin"
+	"github.com/tp-proxy/tp/internal/atomicfile"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -75,19 +75,7 @@ func saveDenyList(path string, dl *authz.DenyList) error {
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".denylist-*.json")
-	if err != nil {
-		return fmt.Errorf("save deny list: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(append(b, '\n')); err != nil {
-		tmp.Close()
-		return fmt.Errorf("save deny list: %w", err)
-	}
-	if err := errors.Join(tmp.Sync(), tmp.Close()); err != nil {
-		return fmt.Errorf("save deny list: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
+	if err := atomicfile.Write(path, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("save deny list: %w", err)
 	}
 	return nil

@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 
+	"github.com/tp-proxy/tp/internal/atomicfile"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -78,17 +78,5 @@ func saveHolds(path string, h []proxy.ReverseHold) error {
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".reverse-holds-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.Write(path, b, 0o600)
 }

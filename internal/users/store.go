@@ -13,13 +13,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 	"sort"
 	"sync"
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/atomicfile"
 )
 
 // Errors callers match on.
@@ -329,24 +329,7 @@ func (s *Store) saveLocked() error {
 	if err != nil {
 		return err
 	}
-	dir := filepath.Dir(s.path)
-	f, err := os.CreateTemp(dir, ".users-*.json")
-	if err != nil {
-		return fmt.Errorf("save user store: %w", err)
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return fmt.Errorf("save user store: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("save user store: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("save user store: %w", err)
-	}
-	if err := os.Rename(f.Name(), s.path); err != nil {
+	if err := atomicfile.Write(s.path, b, 0o600); err != nil {
 		return fmt.Errorf("save user store: %w", err)
 	}
 	return nil
