@@ -218,7 +218,7 @@ func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello proxy.ClientHe
 			return nil, err
 		}
 		c, err := d.requestQUIC(ctx, conn, addr, hello)
-		if err != nil && attempt == 0 && conn.Context().Err() != nil && ctx.Err() == nil {
+		if attempt == 0 && connLost(conn, err) && ctx.Err() == nil {
 			continue // the connection died under us: try once on a fresh one
 		}
 		return c, err
@@ -245,7 +245,7 @@ func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, 
 // QUIC failed recently for this server, and otherwise races the two.
 func (d *Dialer) dialAuto(ctx context.Context, addr string, hello proxy.ClientHello) (net.Conn, error) {
 	if conn := d.liveQUIC(); conn != nil {
-		if c, err := d.requestQUIC(ctx, conn, addr, hello); err == nil || conn.Context().Err() == nil {
+		if c, err := d.requestQUIC(ctx, conn, addr, hello); !connLost(conn, err) {
 			return c, err
 		}
 	}
@@ -347,6 +347,32 @@ func (d *Dialer) race(ctx context.Context) (string, *tls.Conn, error) {
 		}
 	}
 	return "", nil, errors.Join(errs...)
+}
+
+// connLost reports whether err means conn itself is gone (the server restarted,
+// went silent or closed it), so a request that failed with err may be retried on
+// a new connection. quic-go fails a connection's streams before it cancels the
+// connection's context, so the error is judged by its type, and connLost waits
+// (briefly) for the context too: the next quicConn must not hand out conn again.
+func connLost(conn *quic.Conn, err error) bool {
+	if err == nil {
+		return false
+	}
+	if conn.Context().Err() != nil {
+		return true
+	}
+	var ce *proxy.QUICConnError
+	var ae *quic.ApplicationError
+	var te *quic.TransportError
+	if !errors.As(err, &ce) && !errors.As(err, &ae) && !errors.As(err, &te) &&
+		!errors.As(err, new(*quic.StatelessResetError)) && !errors.As(err, new(*quic.IdleTimeoutError)) {
+		return false // a stream-level failure (refused, reset): the connection is fine
+	}
+	select {
+	case <-conn.Context().Done():
+	case <-time.After(time.Second): // bound: quic-go cancels right after failing the streams
+	}
+	return true
 }
 
 // clientStream reports a broken QUIC connection from the client's point of view.

@@ -20,7 +20,7 @@ func (d *Dialer) dialUDP(ctx context.Context, addr string, hello proxy.ClientHel
 	switch d.Transport {
 	case TransportAuto, "":
 		if conn := d.liveQUIC(); conn != nil {
-			if c, err := d.udpOnQUIC(ctx, conn, addr, hello); err == nil || conn.Context().Err() == nil {
+			if c, err := d.udpOnQUIC(ctx, conn, addr, hello); !connLost(conn, err) {
 				return c, err
 			}
 		}
@@ -51,7 +51,7 @@ func (d *Dialer) dialUDP(ctx context.Context, addr string, hello proxy.ClientHel
 				return nil, err
 			}
 			c, err := d.udpOnQUIC(ctx, conn, addr, hello)
-			if err != nil && attempt == 0 && conn.Context().Err() != nil && ctx.Err() == nil {
+			if attempt == 0 && connLost(conn, err) && ctx.Err() == nil {
 				continue // the connection died under us: try once on a fresh one
 			}
 			return c, err
