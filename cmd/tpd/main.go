@@ -64,7 +64,7 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ln, err := listen(cfg.Listen)
+			ln, err := listen(cfg.Listen, cfg.QUIC)
 			if err != nil {
 				return err
 			}
@@ -116,8 +116,24 @@ func isLoopback(host string) bool {
 }
 
 // listen opens the public port with an error message that says what to do.
-func listen(addr string) (net.Listener, error) {
+// With port 0 and QUIC on, it picks a port whose UDP side is free too (QUIC
+// listens there next), trying a few before it gives up.
+func listen(addr string, quic bool) (net.Listener, error) {
 	ln, err := net.Listen("tcp", addr)
+	if _, port, _ := net.SplitHostPort(addr); err == nil && quic && port == "0" {
+		for range 20 {
+			tcp := ln.Addr().(*net.TCPAddr)
+			u, uerr := net.ListenUDP("udp", &net.UDPAddr{IP: tcp.IP, Port: tcp.Port, Zone: tcp.Zone})
+			if uerr == nil {
+				_ = u.Close()
+				break
+			}
+			_ = ln.Close()
+			if ln, err = net.Listen("tcp", addr); err != nil {
+				break
+			}
+		}
+	}
 	switch {
 	case err == nil:
 		return ln, nil
