@@ -40,6 +40,11 @@ type Exposed struct {
 	PublicPort int
 	PublicSNI  string
 	TLS        *tls.Config
+	// UDP: Local is a UDP service. Its sessions carry datagrams: from TP clients
+	// that dial the name with net "udp" (tp forward --udp), inside the end-to-end
+	// TLS session when protected, and with PublicPort from anyone on that UDP
+	// port of the TP server (exposeudp.go).
+	UDP bool
 }
 
 // Agent keeps reverse listeners registered with a TP server (`tp expose`) and
@@ -62,6 +67,9 @@ type Agent struct {
 	// WrapData, when set, wraps every data stream from the relay before the agent
 	// uses it (to observe what the relay forwards in tests).
 	WrapData func(net.Conn) net.Conn
+	// UDPIdle ends a UDP session that carried no datagram either way for this
+	// long. Default 60s.
+	UDPIdle time.Duration
 
 	mu    sync.Mutex
 	full  map[string]string // label → full name
@@ -91,6 +99,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		if _, _, err := net.SplitHostPort(e.Local); err != nil {
 			return fmt.Errorf("local address %q for %s must be HOST:PORT", e.Local, e.Name)
+		}
+		if e.UDP && e.PublicSNI != "" {
+			return fmt.Errorf("%s: a UDP service is exposed on a public port (--public), not by TLS server name", e.Name)
 		}
 	}
 	a.roots = a.Dialer.TLSConfig.RootCAs
@@ -151,8 +162,13 @@ func (a *Agent) hello() proxy.ClientHello {
 	h := proxy.ClientHello{V: proxy.Version, Op: proxy.OpListen, Net: "tcp"}
 	for _, e := range a.Exposed {
 		h.Names = append(h.Names, e.Name)
+		network := "tcp"
+		if e.UDP {
+			network = "udp"
+			h.UDP = append(h.UDP, e.Name)
+		}
 		if e.PublicPort != 0 || e.PublicSNI != "" {
-			h.Public = append(h.Public, proxy.PublicSpec{Name: e.Name, Net: "tcp", Port: e.PublicPort, SNI: e.PublicSNI})
+			h.Public = append(h.Public, proxy.PublicSpec{Name: e.Name, Net: network, Port: e.PublicPort, SNI: e.PublicSNI})
 		}
 	}
 	return h
@@ -345,10 +361,20 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 	start := time.Now()
 	log := a.log().With("name", hdr.Name, "peer", hdr.PeerID)
 	var local string
+	var udp bool
 	for _, e := range a.Exposed {
 		if e.Name == hdr.Name {
-			local = e.Local
-			if e.public() { // the agent's own configuration decides, never the header
+			if e.UDP != (hdr.Net == "udp") {
+				_ = st.Close()
+				log.Warn("tp expose: session's network does not match the service; refused", "net", hdr.Net, "udp", e.UDP)
+				return
+			}
+			local, udp = e.Local, e.UDP
+			switch { // the agent's own configuration decides, never the header
+			case e.public() && e.UDP:
+				a.servePublicUDP(ctx, st, hdr, e, log)
+				return
+			case e.public():
 				a.servePublic(ctx, st, hdr, e, log)
 				return
 			}
@@ -396,9 +422,13 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 			id.DeviceID, full, listOrNone(a.AllowUsers), listOrNone(a.AllowGroups)))
 		return
 	}
+	network := "tcp"
+	if udp {
+		network = "udp"
+	}
 	var nd net.Dialer
 	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-	upstream, err := nd.DialContext(dctx, "tcp", local)
+	upstream, err := nd.DialContext(dctx, network, local)
 	dcancel()
 	if err != nil {
 		refuse(proxy.CodeDialFailed, fmt.Sprintf("the agent of %s cannot reach its local service: %v", full, err))
@@ -411,6 +441,10 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 		return
 	}
 	_ = tc.SetWriteDeadline(time.Time{})
+	if udp { // datagrams as capsules inside the end-to-end TLS session
+		a.relayUDP(ctx, proxy.NewCapsuleFlow(tc), upstream, local, start, log)
+		return
+	}
 	up, down, err := proxy.Bridge(ctx, tc, upstream)
 	end := "closed"
 	if err != nil {
@@ -468,6 +502,7 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		MaxStreamReceiveWindow:         proxy.QUICMaxStreamWindow,
 		InitialConnectionReceiveWindow: proxy.QUICInitialConnWindow,
 		MaxConnectionReceiveWindow:     proxy.QUICMaxConnWindow,
+		EnableDatagrams:                true, // public UDP sessions (exposeudp.go)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, explainQUICErr(err))

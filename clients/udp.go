@@ -110,6 +110,15 @@ func (d *Dialer) udpRequest(ctx context.Context, conn proxy.Stream, addr string,
 		_ = flow.Close()
 		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.Server, err)
 	}
+	if sh.E2E {
+		// A protected UDP reverse name: TLS with its agent inside the stream, and
+		// the datagrams as capsules inside that (the flow above carries nothing).
+		inner, err := d.innerTLS(ctx, conn, addr)
+		if err != nil {
+			return nil, err
+		}
+		flow = proxy.NewCapsuleFlow(inner.(proxy.Stream))
+	}
 	flow.Start()
 	return flow, nil
 }

@@ -77,14 +77,17 @@ var errHandled = &HelloError{Code: "handled"}
 type reverseAgent struct {
 	id        authz.Identity
 	transport string
-	names     []string // full names
+	names     []string        // full names
+	udp       map[string]bool // full names whose service is UDP
 	public    []publicClaim
 	ctx       context.Context // the control session's: ends its public sessions too
 	ctl       Stream
 	end       context.CancelCauseFunc
 	// open starts a session: a stream opened to the agent (QUIC) or an
-	// announcement the agent answers with an accept connection (TLS).
-	open func(ctx context.Context, hdr SessionHeader) (Stream, *HelloError)
+	// announcement the agent answers with an accept connection (TLS). openFlow
+	// starts a public UDP session: a UDPFlow on such a stream (reverse_udp.go).
+	open     func(ctx context.Context, hdr SessionHeader) (Stream, *HelloError)
+	openFlow func(ctx context.Context, hdr SessionHeader, queueLen int) (*UDPFlow, *HelloError)
 
 	wmu     sync.Mutex // serialises frames on ctl
 	pmu     sync.Mutex
@@ -336,15 +339,20 @@ func (s *Server) serveReverseOp(ctx context.Context, conn Stream, cs tls.Connect
 }
 
 func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.ConnectionState, transport string, ss *session, hello ClientHello) *HelloError {
-	a := &reverseAgent{id: ss.id, transport: transport, ctl: conn}
+	a := &reverseAgent{id: ss.id, transport: transport, ctl: conn, udp: map[string]bool{}}
 	reqs := make([]authz.Request, 0, len(hello.Names))
 	for _, n := range hello.Names {
 		full := n + "." + s.rev.opts.Zone
 		a.names = append(a.names, full)
+		network := "tcp"
+		if slices.Contains(hello.UDP, n) {
+			network = "udp"
+			a.udp[full] = true
+		}
 		req := authz.Request{
 			Action:      authz.ActionListen,
 			Identity:    ss.id,
-			Destination: authz.Destination{Host: full, Network: "tcp", Reverse: n},
+			Destination: authz.Destination{Host: full, Network: network, Reverse: n},
 			Source:      authz.Source{Address: ss.remote, Transport: transport},
 			Time:        time.Now(),
 		}
@@ -360,9 +368,21 @@ func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.Connection
 	a.public, reqs = pub, append(reqs, preqs...)
 	ss.dest = "listen " + strings.Join(a.keys(), ",")
 	if qs, ok := conn.(*QUICStream); ok {
-		a.open = s.quicOpener(qs)
+		a.open, a.openFlow = s.quicOpener(qs)
 	} else {
 		a.open = s.tlsOpener(a)
+		a.openFlow = func(ctx context.Context, hdr SessionHeader, queueLen int) (*UDPFlow, *HelloError) {
+			st, herr := a.open(ctx, hdr)
+			if herr != nil {
+				return nil, herr
+			}
+			f, err := NewUDPFlow(st, queueLen, nil) // capsules: no datagrams on TLS
+			if err != nil {
+				_ = st.Close()
+				return nil, helloErr(CodeInternal, "%v", err)
+			}
+			return f, nil
+		}
 	}
 
 	ctx, cancel := context.WithDeadlineCause(ctx, ss.id.NotAfter, errCertExpired)
@@ -451,28 +471,58 @@ func (a *reverseAgent) writeFrame(h SessionHeader) error {
 }
 
 // quicOpener opens a stream to the agent per session and writes the header at
-// once: a QUIC stream is invisible to the peer until it carries data.
-func (s *Server) quicOpener(ctl *QUICStream) func(context.Context, SessionHeader) (Stream, *HelloError) {
+// once: a QUIC stream is invisible to the peer until it carries data. Its flow
+// opener also registers a UDPFlow on the stream before the header goes out, and
+// names the flow id in the header when the connection has QUIC datagrams.
+func (s *Server) quicOpener(ctl *QUICStream) (
+	func(context.Context, SessionHeader) (Stream, *HelloError),
+	func(context.Context, SessionHeader, int) (*UDPFlow, *HelloError),
+) {
 	conn := ctl.Conn()
-	return func(ctx context.Context, hdr SessionHeader) (Stream, *HelloError) {
+	open := func(ctx context.Context, hdr SessionHeader, queueLen int, udp bool) (*QUICStream, *UDPFlow, *HelloError) {
 		ctx, cancel := context.WithTimeout(ctx, s.rev.opts.PickupTimeout)
 		defer cancel()
 		str, err := conn.OpenStreamSync(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil, helloErr(CodeReverseBusy, "the agent for %s.%s has no room for another session; try again", hdr.Name, s.rev.opts.Zone)
+				return nil, nil, helloErr(CodeReverseBusy, "the agent for %s.%s has no room for another session; try again", hdr.Name, s.rev.opts.Zone)
 			}
-			return nil, helloErr(CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
+			return nil, nil, helloErr(CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
 		}
 		qs := NewQUICStream(conn, str)
+		var flow *UDPFlow
+		if udp {
+			if flow, err = NewUDPFlow(qs, queueLen, nil); err != nil {
+				// The quarter stream ID is in use on this connection (a flow the
+				// agent opened itself): this one travels as capsules only.
+				flow = newUDPFlow(qs, queueLen, nil)
+			}
+			if id, ok := flow.FlowID(); ok {
+				hdr.Flow = &id
+				flow.awaitPeer()
+			}
+		}
 		_ = qs.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
 		if err := WriteSessionHeader(qs, hdr); err != nil {
+			if flow != nil {
+				_ = flow.Close()
+			}
 			qs.Abort(QUICInternal)
-			return nil, helloErr(CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
+			return nil, nil, helloErr(CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
 		}
 		_ = qs.SetWriteDeadline(time.Time{})
-		return qs, nil
+		return qs, flow, nil
 	}
+	return func(ctx context.Context, hdr SessionHeader) (Stream, *HelloError) {
+			qs, _, herr := open(ctx, hdr, 0, false)
+			if herr != nil {
+				return nil, herr
+			}
+			return qs, nil
+		}, func(ctx context.Context, hdr SessionHeader, queueLen int) (*UDPFlow, *HelloError) {
+			_, flow, herr := open(ctx, hdr, queueLen, true)
+			return flow, herr
+		}
 }
 
 // tlsOpener announces a session on the control connection and waits for the
@@ -556,17 +606,21 @@ func (s *Server) serveAccept(ctx context.Context, conn Stream, ss *session, hell
 
 // establishReverse connects a dial of a reverse name to the name's agent.
 func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session, host, label string, port int, transport string) (net.Conn, *HelloError) {
-	if ss.network == "udp" {
-		return nil, helloErr(CodeUnsupportedNetwork, "%s is a reverse name; reverse listeners serve TCP only so far", host)
-	}
 	a, herr := s.rev.lookup(host)
 	if herr != nil {
 		return nil, herr
 	}
+	if network := netOfFull(a, host); network != ss.network {
+		hint := "dial it without --udp"
+		if network == "udp" {
+			hint = "dial it with --udp (tp forward --udp)"
+		}
+		return nil, helloErr(CodeUnsupportedNetwork, "%s serves %s, not %s; %s", host, strings.ToUpper(network), strings.ToUpper(ss.network), hint)
+	}
 	req := authz.Request{
-		Action:      authz.ActionDial,
+		Action:      dialAction(ss.network),
 		Identity:    ss.id,
-		Destination: authz.Destination{Host: host, Port: port, Network: "tcp", Reverse: label},
+		Destination: authz.Destination{Host: host, Port: port, Network: ss.network, Reverse: label},
 		Source:      authz.Source{Address: ss.remote, Transport: transport},
 		Time:        time.Now(),
 	}
@@ -577,6 +631,12 @@ func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session,
 	ss.upstream = "agent " + a.id.String() + " (" + a.transport + ")"
 	hdr := SessionHeader{V: Version, Session: newSessionID(), Name: label,
 		PeerID: ss.id.DeviceID, PeerUser: ss.id.User, PeerGroups: ss.id.Groups}
+	if ss.network == "udp" {
+		// The relay splices the dialer's stream to the agent's: datagrams travel
+		// as capsules end to end (inside the inner TLS session when protected).
+		hdr.Net = "udp"
+		ss.spliced = true
+	}
 	st, herr := a.open(ctx, hdr)
 	if herr != nil {
 		return nil, herr
@@ -585,6 +645,14 @@ func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session,
 	// between dialer and agent. A cut on the agent's side resets the dialer's.
 	ss.e2e = !a.isPublic(host)
 	return cutAware(st, func() { resetConn(conn) }), nil
+}
+
+// netOfFull is the network of the service behind full name host.
+func netOfFull(a *reverseAgent, host string) string {
+	if a.udp[host] {
+		return "udp"
+	}
+	return "tcp"
 }
 
 // decide asks the Authorizer and turns a denial or an error into a refusal.

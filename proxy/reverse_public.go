@@ -61,7 +61,15 @@ func (p PublicSpec) key() string {
 	return p.Net + "/" + strconv.Itoa(p.Port)
 }
 
-func validatePublic(specs []PublicSpec, names map[string]bool) error {
+// netOf is the network of a name in a listen hello: "udp" if listed in udp.
+func netOf(name string, udp map[string]bool) string {
+	if udp[name] {
+		return "udp"
+	}
+	return "tcp"
+}
+
+func validatePublic(specs []PublicSpec, names, udp map[string]bool) error {
 	if len(specs) > MaxListenNames {
 		return helloErr(CodeBadRequest, "op \"listen\" takes at most %d public exposures, not %d", MaxListenNames, len(specs))
 	}
@@ -70,8 +78,11 @@ func validatePublic(specs []PublicSpec, names map[string]bool) error {
 		if !names[p.Name] {
 			return helloErr(CodeBadRequest, "public exposure of %q: the name is not among the names registered", p.Name)
 		}
-		if p.Net != "tcp" {
-			return helloErr(CodeUnsupportedNetwork, "public exposure of %q: network %q is not supported; expected \"tcp\"", p.Name, p.Net)
+		if want := netOf(p.Name, udp); p.Net != want {
+			return helloErr(CodeBadRequest, "public exposure of %q: network %q, but %q is a %s service", p.Name, p.Net, p.Name, strings.ToUpper(want))
+		}
+		if p.Net == "udp" && p.SNI != "" {
+			return helloErr(CodeUnsupportedNetwork, "public exposure of %q: a UDP service is exposed on a public port, not by TLS server name", p.Name)
 		}
 		switch {
 		case p.SNI != "" && p.Port != 0, p.SNI == "" && p.Port == 0:
@@ -117,6 +128,8 @@ func describeKey(k string) string {
 	switch {
 	case strings.HasPrefix(k, "tcp/"):
 		return "public TCP port " + k[len("tcp/"):]
+	case strings.HasPrefix(k, "udp/"):
+		return "public UDP port " + k[len("udp/"):]
 	case strings.HasPrefix(k, "sni/"):
 		return "public server name " + k[len("sni/"):]
 	}
@@ -207,10 +220,26 @@ func (a *reverseAgent) isPublic(full string) bool {
 	return false
 }
 
-// publicListener is a public TCP port the server opened for an agent.
+// publicListener is a public TCP port (Listener) or UDP port (pc) the server
+// opened for an agent.
 type publicListener struct {
 	net.Listener
+	pc  *net.UDPConn
 	key string
+}
+
+func (p *publicListener) Close() error {
+	if p.pc != nil {
+		return p.pc.Close()
+	}
+	return p.Listener.Close()
+}
+
+func (p *publicListener) Addr() net.Addr {
+	if p.pc != nil {
+		return p.pc.LocalAddr()
+	}
+	return p.Listener.Addr()
 }
 
 // openPublic opens the listeners a's claims need and that are not open yet.
@@ -231,13 +260,21 @@ func (r *reverseRegistry) openPublic(a *reverseAgent) (map[string]*publicListene
 			continue
 		}
 		addr := net.JoinHostPort(r.opts.PublicHost, strconv.Itoa(p.Port))
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			return fail(helloErr(CodePublicRefused, "the TP server cannot open public TCP port %d: %v", p.Port, err))
+		pl := &publicListener{key: p.key()}
+		var err error
+		if p.Net == "udp" {
+			var ua *net.UDPAddr
+			if ua, err = net.ResolveUDPAddr("udp", addr); err == nil {
+				pl.pc, err = net.ListenUDP("udp", ua)
+			}
+		} else {
+			pl.Listener, err = net.Listen("tcp", addr)
 		}
-		pl := &publicListener{Listener: ln, key: p.key()}
+		if err != nil {
+			return fail(helloErr(CodePublicRefused, "the TP server cannot open public %s port %d: %v", strings.ToUpper(p.Net), p.Port, err))
+		}
 		if r.srv == nil || !r.srv.track(pl) {
-			_ = ln.Close()
+			_ = pl.Close()
 			return fail(helloErr(CodePublicRefused, "the TP server is shutting down"))
 		}
 		opened[p.key()] = pl
@@ -279,6 +316,10 @@ func (r *reverseRegistry) lookupKey(k string) (*reverseAgent, string, bool) {
 
 // acceptPublic serves a public port until its listener closes.
 func (s *Server) acceptPublic(ln *publicListener) {
+	if ln.pc != nil {
+		s.servePublicUDP(ln)
+		return
+	}
 	s.log.Info("public port open", "addr", ln.Addr().String(), "exposure", describeKey(ln.key))
 	for {
 		c, err := ln.Accept()

@@ -21,7 +21,12 @@ func TestListenHelloPublic(t *testing.T) {
 		{"port and sni", `[{"name":"game","net":"tcp","port":1,"sni":"a.example"}]`, proxy.CodeBadRequest},
 		{"neither", `[{"name":"game","net":"tcp"}]`, proxy.CodeBadRequest},
 		{"port out of range", `[{"name":"game","net":"tcp","port":65536}]`, proxy.CodeBadRequest},
-		{"udp", `[{"name":"game","net":"udp","port":27015}]`, proxy.CodeUnsupportedNetwork},
+		{"udp port", `[{"name":"game","net":"udp","port":27015}],"udp":["game"]`, ""},
+		{"udp for a name not listed as udp", `[{"name":"game","net":"udp","port":27015}]`, proxy.CodeBadRequest},
+		{"tcp for a name listed as udp", `[{"name":"game","net":"tcp","port":27015}],"udp":["game"]`, proxy.CodeBadRequest},
+		{"udp by sni", `[{"name":"game","net":"udp","sni":"game.example.org"}],"udp":["game"]`, proxy.CodeUnsupportedNetwork},
+		{"udp lists an unregistered name", `[],"udp":["other"]`, proxy.CodeBadRequest},
+		{"udp lists a name twice", `[],"udp":["game","game"]`, proxy.CodeBadRequest},
 		{"unknown field", `[{"name":"game","net":"tcp","port":1,"x":1}]`, proxy.CodeBadRequest},
 		{"duplicate", `[{"name":"game","net":"tcp","port":1},{"name":"blog","net":"tcp","port":1}]`, proxy.CodeBadRequest},
 		{"sni one label", `[{"name":"blog","net":"tcp","sni":"localhost"}]`, proxy.CodeBadRequest},
@@ -44,6 +49,8 @@ func TestListenHelloPublic(t *testing.T) {
 	}
 	for _, h := range []string{
 		`{"v":1,"op":"dial","net":"tcp","host":"h","port":1,"public":[]}`,
+		`{"v":1,"op":"dial","net":"udp","host":"h","port":1,"udp":["h"]}`,
+		`{"v":1,"op":"accept","session":"ab","udp":["game"]}`,
 		`{"v":1,"op":"accept","session":"ab","public":[{"name":"game","net":"tcp","port":1}]}`,
 	} {
 		if _, err := proxy.ReadClientHello(bytes.NewReader(frame(h))); err == nil {

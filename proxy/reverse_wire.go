@@ -63,9 +63,15 @@ type SessionHeader struct {
 	// identity, PeerAddr is the public client's address, and no inner TLS is run.
 	Public   string `json:"public,omitempty"`
 	PeerAddr string `json:"peer_addr,omitempty"`
-	Ping     bool   `json:"ping,omitempty"`
-	End      string `json:"end,omitempty"`
-	Reason   string `json:"reason,omitempty"`
+	// Net is "udp" for a session of a name whose service is UDP: the stream then
+	// carries datagrams (capsules, udpwire.go) instead of a byte stream. Flow is
+	// set on a public UDP session over QUIC whose datagrams also travel in
+	// DATAGRAM frames, with this flow id (the stream's quarter stream ID).
+	Net    string  `json:"net,omitempty"`
+	Flow   *uint64 `json:"flow,omitempty"`
+	Ping   bool    `json:"ping,omitempty"`
+	End    string  `json:"end,omitempty"`
+	Reason string  `json:"reason,omitempty"`
 }
 
 // WriteSessionHeader writes h as one frame.
@@ -130,11 +136,21 @@ func (h ClientHello) validateReverse() error {
 			}
 			seen[n] = true
 		}
-		if err := validatePublic(h.Public, seen); err != nil {
+		udp := make(map[string]bool, len(h.UDP))
+		for _, n := range h.UDP {
+			if !seen[n] {
+				return helloErr(CodeBadRequest, "udp lists %q, which is not among the names registered", n)
+			}
+			if udp[n] {
+				return helloErr(CodeBadRequest, "udp lists %q twice", n)
+			}
+			udp[n] = true
+		}
+		if err := validatePublic(h.Public, seen, udp); err != nil {
 			return err
 		}
 	case OpAccept:
-		if h.Net != "" || len(h.Names) > 0 || h.Public != nil {
+		if h.Net != "" || len(h.Names) > 0 || h.Public != nil || h.UDP != nil {
 			return helloErr(CodeBadRequest, "op \"accept\" takes only a session")
 		}
 		if h.Session == "" || len(h.Session) > maxSessionIDLen {

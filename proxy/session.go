@@ -33,6 +33,7 @@ type session struct {
 	up, down int64         // bytes client→destination and destination→client
 	end      string        // why it ended
 	e2e      bool          // a protected reverse name: the client runs TLS inside
+	spliced  bool          // a UDP session to an agent: a byte stream for the relay
 	network  string        // "tcp", or "udp" for a UDP flow (udp.go)
 	attrs    []slog.Attr   // more for the log line (a UDP flow's counters)
 }
@@ -69,7 +70,7 @@ func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.Connection
 		s.refuse(conn, herr)
 		return
 	}
-	if ss.network == "udp" { // datagrams, not a byte stream (udp.go)
+	if ss.network == "udp" && !ss.spliced { // datagrams, not a byte stream (udp.go)
 		s.serveUDP(ctx, conn, cs, ss, upstream)
 		return
 	}
@@ -144,9 +145,6 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 	ss.network = hello.Net
 	if s.rev != nil {
 		if label, ok := s.rev.name(host); ok {
-			if hello.Net == "udp" {
-				return nil, helloErr(CodeUnsupportedNetwork, "%s is a reverse name; reverse listeners carry TCP only", host)
-			}
 			return s.establishReverse(ctx, conn, ss, host, label, hello.Port, transport)
 		}
 		if s.rev.inZone(host) {

@@ -29,6 +29,10 @@ type UDPOptions struct {
 	// QueueLen bounds the datagrams waiting per flow; beyond it they are dropped
 	// and counted. Default DefaultUDPQueueLen.
 	QueueLen int
+	// MaxPublicFlows bounds the public clients (source addresses) one public UDP
+	// port serves at once; datagrams from further clients are dropped and
+	// counted in FlowsRefused. Default 512.
+	MaxPublicFlows int
 }
 
 func (o UDPOptions) withDefaults() UDPOptions {
@@ -43,6 +47,9 @@ func (o UDPOptions) withDefaults() UDPOptions {
 	}
 	if o.QueueLen <= 0 {
 		o.QueueLen = DefaultUDPQueueLen
+	}
+	if o.MaxPublicFlows <= 0 {
+		o.MaxPublicFlows = 512
 	}
 	return o
 }

@@ -48,6 +48,9 @@ type UDPFlow struct {
 	endErr  error         // why, set before ended is closed
 	once    sync.Once
 	started atomic.Bool
+	// waiting: the peer may not have registered the flow id yet (awaitPeer), so
+	// datagrams go as capsules until the first one arrives from the peer.
+	waiting atomic.Bool
 
 	wmu      sync.Mutex // serialises capsules on str
 	kick     chan struct{}
@@ -98,6 +101,23 @@ func (s *QUICStream) StreamID() quic.StreamID { return s.str.StreamID() }
 // the hellos are exchanged; Close releases the flow. queueLen ≤ 0 means
 // DefaultUDPQueueLen; onReport (may be nil) receives the peer's drop reports.
 func NewUDPFlow(str Stream, queueLen int, onReport func(UDPReport)) (*UDPFlow, error) {
+	f := newUDPFlow(str, queueLen, onReport)
+	if qs, ok := str.(quicStreamer); ok {
+		conn := qs.Conn()
+		if st := conn.ConnectionState().SupportsDatagrams; st.Local && st.Remote {
+			f.qconn, f.flow = conn, uint64(qs.StreamID())/4
+			f.prefix = quicvarint.Append(nil, f.flow)
+			f.mux = muxFor(conn)
+			if err := f.mux.add(f.flow, f); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return f, nil
+}
+
+// newUDPFlow is a flow that sends capsules on str only.
+func newUDPFlow(str Stream, queueLen int, onReport func(UDPReport)) *UDPFlow {
 	if queueLen <= 0 {
 		queueLen = DefaultUDPQueueLen
 	}
@@ -112,19 +132,14 @@ func NewUDPFlow(str Stream, queueLen int, onReport func(UDPReport)) (*UDPFlow, e
 	if onReport != nil {
 		f.onReport.Store(&onReport)
 	}
-	if qs, ok := str.(quicStreamer); ok {
-		conn := qs.Conn()
-		if st := conn.ConnectionState().SupportsDatagrams; st.Local && st.Remote {
-			f.qconn, f.flow = conn, uint64(qs.StreamID())/4
-			f.prefix = quicvarint.Append(nil, f.flow)
-			f.mux = muxFor(conn)
-			if err := f.mux.add(f.flow, f); err != nil {
-				return nil, err
-			}
-		}
-	}
-	return f, nil
+	return f
 }
+
+// awaitPeer makes Write send capsules on the stream until a datagram arrives
+// from the peer: for a flow the peer learns of from a header on the stream (a
+// public UDP session the server opens to an agent), DATAGRAM frames sent before
+// the peer has read that header would find no flow and be lost.
+func (f *UDPFlow) awaitPeer() { f.waiting.Store(true) }
 
 // FlowID reports the flow id when datagrams travel in QUIC DATAGRAM frames.
 func (f *UDPFlow) FlowID() (uint64, bool) {
@@ -174,6 +189,7 @@ func (f *UDPFlow) readStream() {
 		}
 		switch typ {
 		case CapsuleDatagram:
+			f.waiting.Store(false)
 			select { // capsules wait for room: the stream's flow control pushes back
 			case f.in <- d:
 			case <-f.done:
@@ -200,6 +216,7 @@ func (f *UDPFlow) readStream() {
 
 // deliver queues a datagram that arrived in a DATAGRAM frame; a full queue drops it.
 func (f *UDPFlow) deliver(d []byte) {
+	f.waiting.Store(false)
 	select {
 	case f.in <- d:
 	default:
@@ -277,7 +294,7 @@ func (f *UDPFlow) Write(p []byte) (int, error) {
 	f.mu.Lock()
 	qconn, prefix := f.qconn, f.prefix
 	f.mu.Unlock()
-	if qconn != nil {
+	if qconn != nil && !f.waiting.Load() {
 		bp := datagramBufs.Get().(*[]byte)
 		b := append(append((*bp)[:0], prefix...), p...)
 		err := qconn.SendDatagram(b) // copies b
@@ -485,3 +502,9 @@ func (m *datagramMux) remove(id uint64, f *UDPFlow) {
 	}
 	m.mu.Unlock()
 }
+
+// NewCapsuleFlow is a flow on str that carries every datagram as a capsule on
+// str, never in QUIC DATAGRAM frames: for a stream that is not a QUIC stream of
+// its own, such as the end-to-end TLS session of a protected UDP reverse name.
+// Call Start before use; Close closes str.
+func NewCapsuleFlow(str Stream) *UDPFlow { return newUDPFlow(str, 0, nil) }

@@ -55,6 +55,9 @@ type ClientHello struct {
 	Session string   `json:"session,omitempty"`
 	// Public (op "listen") also exposes some of Names publicly (reverse_public.go).
 	Public []PublicSpec `json:"public,omitempty"`
+	// UDP (op "listen") lists the Names whose local service is UDP; the others
+	// are TCP (reverse_udp.go).
+	UDP []string `json:"udp,omitempty"`
 }
 
 // ServerHello answers a ClientHello. After OK, the connection carries raw bytes.
@@ -99,8 +102,8 @@ func (h ClientHello) Validate() error {
 	}
 	switch h.Op {
 	case OpDial:
-		if h.Names != nil || h.Session != "" || h.Public != nil {
-			return helloErr(CodeBadRequest, "fields \"names\" and \"session\" belong to ops \"listen\" and \"accept\", not \"dial\"")
+		if h.Names != nil || h.Session != "" || h.Public != nil || h.UDP != nil {
+			return helloErr(CodeBadRequest, "fields \"names\", \"public\", \"udp\" and \"session\" belong to ops \"listen\" and \"accept\", not \"dial\"")
 		}
 	case OpListen, OpAccept:
 		return h.validateReverse()
@@ -205,7 +208,7 @@ func decodeClientHello(body []byte, h *ClientHello) error {
 	if d, ok := tok.(json.Delim); !ok || d != '{' {
 		return errors.New("not a JSON object")
 	}
-	fields := map[string]any{"v": &h.V, "op": &h.Op, "net": &h.Net, "host": &h.Host, "port": &h.Port, "names": &h.Names, "session": &h.Session, "public": &h.Public}
+	fields := map[string]any{"v": &h.V, "op": &h.Op, "net": &h.Net, "host": &h.Host, "port": &h.Port, "names": &h.Names, "session": &h.Session, "public": &h.Public, "udp": &h.UDP}
 	seen := make(map[string]bool, len(fields))
 	for dec.More() {
 		tok, err := dec.Token()

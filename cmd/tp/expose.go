@@ -28,6 +28,9 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 		Example: "  tp expose laptop-ssh 127.0.0.1:22 --allow-user bob\n" +
 			"  ssh -o ProxyCommand=\"tp %h %p\" alice@laptop-ssh.rev.tp.internal   # on bob's device\n" +
 			"  tp expose game 127.0.0.1:27015 --public 27015                    # anyone: TCP port 27015 of the TP server\n" +
+			"  tp expose game 127.0.0.1:27015 --udp --public 27015              # anyone: UDP port 27015 of the TP server\n" +
+			"  tp expose dns 127.0.0.1:53 --udp --allow-group ops              # protected UDP; on a member's device:\n" +
+			"  tp forward --udp 127.0.0.1:5353 dns.rev.tp.internal:53\n" +
 			"  tp expose blog 127.0.0.1:8080 --public-sni blog.example.org --tls-cert blog.crt --tls-key blog.key",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -42,9 +45,10 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 			for _, e := range extra {
 				name, local, ok := strings.Cut(e, "=")
 				if !ok {
-					return fmt.Errorf("--also %q must be NAME=HOST:PORT", e)
+					return fmt.Errorf("--also %q must be NAME=HOST:PORT, or NAME=HOST:PORT/udp for a UDP service", e)
 				}
-				exposed = append(exposed, clients.Exposed{Name: name, Local: local})
+				local, udp := strings.CutSuffix(local, "/udp")
+				exposed = append(exposed, clients.Exposed{Name: name, Local: local, UDP: udp})
 			}
 			c, cfg, err := open(cmd, stderr)
 			if err != nil {
@@ -96,7 +100,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	}
 	cmd.Flags().StringSliceVar(&allowUsers, "allow-user", nil, "users whose devices may connect (repeatable)")
 	cmd.Flags().StringSliceVar(&allowGroups, "allow-group", nil, "groups whose members' devices may connect (repeatable)")
-	cmd.Flags().StringSliceVar(&extra, "also", nil, "expose another NAME=HOST:PORT on the same agent (repeatable)")
+	cmd.Flags().StringSliceVar(&extra, "also", nil, "expose another NAME=HOST:PORT (NAME=HOST:PORT/udp for a UDP service) on the same agent, protected (repeatable)")
 	pub.register(cmd)
 	return cmd
 }

@@ -22,9 +22,9 @@ type publicFlags struct {
 
 func (p *publicFlags) register(cmd *cobra.Command) {
 	f := cmd.Flags()
-	f.IntVar(&p.port, "public", 0, "public mode: anyone reaches NAME on this TCP port of the TP server (if its administrator and policy allow the port)")
+	f.IntVar(&p.port, "public", 0, "public mode: anyone reaches NAME on this TCP (with --udp, UDP) port of the TP server (if its administrator and policy allow the port)")
 	f.StringVar(&p.sni, "public-sni", "", "public mode: anyone reaches NAME by TLS to this server name on the TP server's port, TLS not ended at the server")
-	f.BoolVar(&p.udp, "udp", false, "expose a UDP service (not supported yet for reverse listeners)")
+	f.BoolVar(&p.udp, "udp", false, "LOCAL_ADDR is a UDP service: TP clients reach it with tp forward --udp, and with --public anyone on that UDP port")
 	f.StringVar(&p.tlsCert, "tls-cert", "", "with --public-sni or --public: end the public clients' TLS here with this certificate (PEM chain) before LOCAL_ADDR")
 	f.StringVar(&p.tlsKey, "tls-key", "", "the private key (PEM) of --tls-cert")
 }
@@ -33,10 +33,12 @@ func (p *publicFlags) public() bool { return p.port != 0 || p.sni != "" }
 
 // exposed builds the main exposure from NAME, LOCAL_ADDR and the flags.
 func (p *publicFlags) exposed(name, local string) (clients.Exposed, error) {
-	e := clients.Exposed{Name: name, Local: local, PublicPort: p.port, PublicSNI: p.sni}
+	e := clients.Exposed{Name: name, Local: local, PublicPort: p.port, PublicSNI: p.sni, UDP: p.udp}
 	switch {
-	case p.udp:
-		return e, errors.New("--udp: UDP reverse listeners are not supported yet; expose a TCP service")
+	case p.udp && p.sni != "":
+		return e, errors.New("--udp with --public-sni: a UDP service is exposed on a public port (--public PORT --udp), not by TLS server name")
+	case p.udp && p.tlsCert != "":
+		return e, errors.New("--tls-cert applies to TCP services; a UDP service gets its datagrams as they are")
 	case p.port < 0 || p.port > 65535:
 		return e, fmt.Errorf("--public %d must be a port from 1 to 65535", p.port)
 	case p.port != 0 && p.sni != "":
@@ -60,6 +62,8 @@ func (p *publicFlags) exposed(name, local string) (clients.Exposed, error) {
 func publicLine(e clients.Exposed, server string) string {
 	host, port, _ := net.SplitHostPort(server)
 	switch {
+	case e.PublicPort != 0 && e.UDP:
+		return fmt.Sprintf("Public: anyone reaches UDP %s at UDP %s", e.Local, net.JoinHostPort(host, strconv.Itoa(e.PublicPort)))
 	case e.PublicPort != 0:
 		return fmt.Sprintf("Public: anyone reaches %s at %s", e.Local, net.JoinHostPort(host, strconv.Itoa(e.PublicPort)))
 	case e.PublicSNI != "":

@@ -63,6 +63,9 @@ type Server struct {
 	// UDPMaxFlows bounds the UDP flows one identity has open at once.
 	UDPIdleTimeout time.Duration `mapstructure:"udp-idle-timeout"`
 	UDPMaxFlows    int           `mapstructure:"udp-max-flows"`
+	// UDPMaxPublicFlows bounds the public clients (source addresses) one public
+	// UDP port of `tp expose --udp --public` serves at once.
+	UDPMaxPublicFlows int `mapstructure:"udp-max-public-flows"`
 	// ReverseZone is the DNS suffix of reverse listeners (`tp expose NAME` serves
 	// NAME.<zone>); empty disables them. ReverseGrace holds a name for its owner
 	// while the owner's agent reconnects.
@@ -112,6 +115,7 @@ func DefaultServer() Server {
 		QUICMaxStreams:      100,
 		UDPIdleTimeout:      60 * time.Second,
 		UDPMaxFlows:         256,
+		UDPMaxPublicFlows:   512,
 		ReverseZone:         "rev.tp.internal",
 		ReverseGrace:        30 * time.Second,
 		SiteMaxBody:         DefaultSiteMaxBody,
@@ -173,6 +177,9 @@ func (s Server) Validate() error {
 	}
 	if s.UDPMaxFlows < 1 || s.UDPMaxFlows > 100_000 {
 		errs = append(errs, fmt.Errorf("udp-max-flows %d must be between 1 and 100000", s.UDPMaxFlows))
+	}
+	if s.UDPMaxPublicFlows < 1 || s.UDPMaxPublicFlows > 100_000 {
+		errs = append(errs, fmt.Errorf("udp-max-public-flows %d must be between 1 and 100000", s.UDPMaxPublicFlows))
 	}
 	if s.ReverseZone != "" && !validZone(s.ReverseZone) {
 		errs = append(errs, fmt.Errorf("reverse-zone %q must be a DNS name of at least two labels (e.g. rev.tp.example.org), or empty to turn reverse listeners off", s.ReverseZone))
@@ -286,6 +293,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("quic-max-streams", d.QUICMaxStreams)
 	v.SetDefault("udp-idle-timeout", d.UDPIdleTimeout)
 	v.SetDefault("udp-max-flows", d.UDPMaxFlows)
+	v.SetDefault("udp-max-public-flows", d.UDPMaxPublicFlows)
 	v.SetDefault("reverse-zone", d.ReverseZone)
 	v.SetDefault("reverse-grace", d.ReverseGrace)
 	v.SetDefault("public-ports", d.PublicPorts)

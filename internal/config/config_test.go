@@ -155,3 +155,33 @@ func TestLoadServerUnknownKey(t *testing.T) {
 		t.Fatalf("unknown key: %v", err)
 	}
 }
+
+// public-ports: ranges and single ports, for both networks or one (suffix).
+func TestPublicPorts(t *testing.T) {
+	s := DefaultServer()
+	s.PublicPorts = "20000-20010, 8080/tcp, 27015/UDP"
+	if err := s.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		net  string
+		port int
+		want bool
+	}{
+		{"tcp", 20005, true}, {"udp", 20005, true}, {"tcp", 20011, false},
+		{"tcp", 8080, true}, {"udp", 8080, false},
+		{"udp", 27015, true}, {"tcp", 27015, false},
+	} {
+		if got := s.PublicPortAllowed(c.net, c.port); got != c.want {
+			t.Errorf("%s port %d allowed: %v, want %v", c.net, c.port, got, c.want)
+		}
+	}
+	// Bad input: each is refused with the entry and what it should be.
+	for _, bad := range []string{"0", "70000", "30-20", "80/sctp", "http", "80/"} {
+		s.PublicPorts = bad
+		err := s.Validate()
+		if err == nil || !strings.Contains(err.Error(), "public-ports") {
+			t.Errorf("public-ports %q: %v; want an error naming public-ports", bad, err)
+		}
+	}
+}

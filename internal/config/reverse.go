@@ -26,11 +26,17 @@ func validZone(z string) bool {
 	return true
 }
 
-// PortRange is an inclusive range of ports.
-type PortRange struct{ Lo, Hi int }
+// PortRange is an inclusive range of ports of one network ("tcp", "udp"), or of
+// both when Net is empty.
+type PortRange struct {
+	Lo, Hi int
+	Net    string
+}
 
 // ParsePortRanges parses public-ports: comma-separated ports and LO-HI ranges,
-// e.g. "20000-30000, 8080". Empty is no port.
+// each optionally limited to one network by a "/tcp" or "/udp" suffix, e.g.
+// "20000-30000, 8080/tcp, 27015/udp". Without a suffix an entry opens the
+// ports for TCP and UDP. Empty is no port.
 func ParsePortRanges(s string) ([]PortRange, error) {
 	var out []PortRange
 	for _, part := range strings.Split(s, ",") {
@@ -38,7 +44,12 @@ func ParsePortRanges(s string) ([]PortRange, error) {
 		if part == "" {
 			continue
 		}
-		lo, hi, isRange := strings.Cut(part, "-")
+		ports, network, slash := strings.Cut(part, "/")
+		network = strings.ToLower(strings.TrimSpace(network))
+		if slash && network != "tcp" && network != "udp" {
+			return nil, fmt.Errorf("%q: the network after / must be tcp or udp", part)
+		}
+		lo, hi, isRange := strings.Cut(ports, "-")
 		a, err1 := strconv.Atoi(strings.TrimSpace(lo))
 		b := a
 		var err2 error
@@ -46,18 +57,18 @@ func ParsePortRanges(s string) ([]PortRange, error) {
 			b, err2 = strconv.Atoi(strings.TrimSpace(hi))
 		}
 		if err1 != nil || err2 != nil || a < 1 || b > 65535 || a > b {
-			return nil, fmt.Errorf("%q is not a port (1-65535) or a range LO-HI of them", part)
+			return nil, fmt.Errorf("%q is not a port (1-65535) or a range LO-HI of them, optionally followed by /tcp or /udp", part)
 		}
-		out = append(out, PortRange{a, b})
+		out = append(out, PortRange{Lo: a, Hi: b, Net: network})
 	}
 	return out, nil
 }
 
-// PublicPortAllowed reports whether public-ports includes port.
-func (s Server) PublicPortAllowed(port int) bool {
+// PublicPortAllowed reports whether public-ports includes port for network.
+func (s Server) PublicPortAllowed(network string, port int) bool {
 	ranges, _ := ParsePortRanges(s.PublicPorts) // validated at start
 	for _, r := range ranges {
-		if r.Lo <= port && port <= r.Hi {
+		if r.Lo <= port && port <= r.Hi && (r.Net == "" || r.Net == network) {
 			return true
 		}
 	}

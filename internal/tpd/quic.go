@@ -77,5 +77,6 @@ func (d *Daemon) udpOptions() proxy.UDPOptions {
 	return proxy.UDPOptions{
 		IdleTimeout:         d.cfg.UDPIdleTimeout,
 		MaxFlowsPerIdentity: d.cfg.UDPMaxFlows,
+		MaxPublicFlows:      d.cfg.UDPMaxPublicFlows,
 	}
 }

@@ -24,7 +24,7 @@ func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
 		Zone:  d.cfg.ReverseZone,
 		Grace: d.cfg.ReverseGrace,
 		PublicPorts: func(network string, port int) bool {
-			return network == "tcp" && d.cfg.PublicPortAllowed(port)
+			return d.cfg.PublicPortAllowed(network, port)
 		},
 		PublicHost: host,
 		PublicSNI:  d.publicSNIAllowed,

@@ -1,0 +1,55 @@
+package clients
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// servePublicUDP runs one session of a name whose UDP service is exposed
+// publicly: one public client of the server's public UDP port (hdr.PeerAddr),
+// or a TP client that dialed the name with net "udp". Datagrams arrive as
+// capsules on st and, over QUIC when the server named a flow id, in DATAGRAM
+// frames too. The agent dials only e.Local.
+func (a *Agent) servePublicUDP(ctx context.Context, st proxy.Stream, hdr proxy.SessionHeader, e Exposed, log *slog.Logger) {
+	start := time.Now()
+	if hdr.PeerAddr != "" {
+		log = log.With("public_client", hdr.PeerAddr, "via", hdr.Public)
+	}
+	flow, err := proxy.NewUDPFlow(st, 0, nil)
+	if err == nil {
+		err = flow.UseFlowID(hdr.Flow)
+	}
+	if err != nil {
+		if flow != nil {
+			_ = flow.Close()
+		} else {
+			_ = st.Close()
+		}
+		log.Warn("tp expose: cannot start a UDP session", "err", err.Error())
+		return
+	}
+	var nd net.Dialer
+	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
+	local, err := nd.DialContext(dctx, "udp", e.Local)
+	dcancel()
+	if err != nil {
+		_ = flow.Close()
+		log.Warn("tp expose: cannot reach the local UDP service; session ended", "local", e.Local, "err", err.Error())
+		return
+	}
+	a.relayUDP(ctx, flow, local, e.Local, start, log)
+}
+
+// relayUDP relays a started or new flow to the connected local UDP socket until
+// the session ends, and logs it.
+func (a *Agent) relayUDP(ctx context.Context, flow *proxy.UDPFlow, local net.Conn, addr string, start time.Time, log *slog.Logger) {
+	flow.Start()
+	end := proxy.RelayUDP(ctx, flow, local, a.UDPIdle)
+	st := flow.Stats()
+	log.Info("tp expose: UDP session", "local", addr, "datagrams_in", st.DatagramsIn, "datagrams_out", st.DatagramsOut,
+		"bytes_in", st.BytesIn, "bytes_out", st.BytesOut, "duration", time.Since(start), "end", end)
+}

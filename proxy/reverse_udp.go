@@ -1,0 +1,211 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// UDP reverse listeners (docs/PROTOCOL.md, section 11.6). An agent lists in its
+// listen hello the names whose local service is UDP. Their sessions carry
+// datagrams as capsules (udpwire.go) instead of a byte stream:
+//
+//   - A TP client dials such a name with net "udp" (tp forward --udp). The relay
+//     splices the client's stream to the agent's like a TCP session; for a
+//     protected name the capsules travel inside the end-to-end TLS session.
+//   - A public UDP port (PublicSpec with net "udp") is a UDP socket on the
+//     server. Each public client, by source address, becomes one session to the
+//     agent, a UDPFlow on which the server relays that client's datagrams; over
+//     QUIC they also travel in DATAGRAM frames once the agent has answered.
+
+// publicUDPRetry is how long a public UDP client whose session could not be
+// opened (agent offline, busy) has its datagrams dropped before another attempt:
+// a client that keeps sending does not make the server open a session per datagram.
+const publicUDPRetry = time.Second
+
+// publicUDPClient is one public client of a public UDP port.
+type publicUDPClient struct {
+	src   netip.AddrPort
+	queue chan []byte // datagrams from the client not yet sent to the agent
+}
+
+// servePublicUDP reads a public UDP port until it closes, handing each public
+// client's datagrams to that client's session.
+func (s *Server) servePublicUDP(pl *publicListener) {
+	s.log.Info("public port open", "addr", pl.Addr().String(), "exposure", describeKey(pl.key))
+	o := s.cfg.UDP.withDefaults()
+	ctx, cancel := context.WithCancel(context.Background())
+	var (
+		mu      sync.Mutex
+		clients = map[netip.AddrPort]*publicUDPClient{}
+		wg      sync.WaitGroup
+	)
+	defer func() {
+		cancel()
+		wg.Wait()
+		s.log.Info("public port closed", "addr", pl.Addr().String(), "exposure", describeKey(pl.key))
+	}()
+	buf := make([]byte, MaxDatagramSize)
+	for {
+		n, src, err := pl.pc.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				s.log.Warn("public UDP port read failed; closing it", "addr", pl.Addr().String(), "err", err)
+				_ = pl.Close()
+			}
+			return
+		}
+		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+		mu.Lock()
+		c := clients[src]
+		if c == nil {
+			if len(clients) >= o.MaxPublicFlows {
+				mu.Unlock()
+				s.udp.refused.Add(1) // beyond the port's bound: dropped, counted
+				continue
+			}
+			if !s.acquire() {
+				mu.Unlock()
+				s.udp.refused.Add(1)
+				continue
+			}
+			if !s.addWorker() {
+				mu.Unlock()
+				s.release()
+				return
+			}
+			c = &publicUDPClient{src: src, queue: make(chan []byte, o.QueueLen)}
+			clients[src] = c
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer s.wg.Done()
+				defer s.release()
+				s.runPublicUDP(ctx, pl, c, o)
+				mu.Lock()
+				delete(clients, c.src)
+				mu.Unlock()
+			}()
+		}
+		mu.Unlock()
+		select {
+		case c.queue <- append([]byte(nil), buf[:n]...):
+		default:
+			s.udp.queueFull.Add(1)
+		}
+	}
+}
+
+// runPublicUDP opens a session to the agent for one public client and relays
+// its datagrams until the session is idle for IdleTimeout, the agent ends it,
+// the agent's control session ends, or the port closes.
+func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *publicUDPClient, o UDPOptions) {
+	start := time.Now()
+	agent, end := "", ""
+	var st UDPFlowStats
+	defer func() {
+		s.log.LogAttrs(context.Background(), slog.LevelInfo, "public session",
+			slog.String("remote", c.src.String()), slog.String("exposure", describeKey(pl.key)), slog.String("agent", agent),
+			slog.Int64("bytes_up", st.BytesOut), slog.Int64("bytes_down", st.BytesIn),
+			slog.Int64("datagrams_up", st.DatagramsOut), slog.Int64("datagrams_down", st.DatagramsIn),
+			slog.Duration("duration", time.Since(start)), slog.String("end", end))
+	}()
+	refused := func(why string) {
+		end = "refused: " + why
+		t := time.NewTimer(publicUDPRetry) // the client's datagrams are dropped meanwhile
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+		}
+	}
+	a, label, ok := s.rev.lookupKey(pl.key)
+	if !ok {
+		refused("no agent online for it (reconnecting, or gone)")
+		return
+	}
+	agent = a.id.String() + " (" + a.transport + ")"
+	actx, cancel := context.WithCancel(a.ctx)
+	defer cancel()
+	defer context.AfterFunc(ctx, cancel)()
+
+	hdr := SessionHeader{V: Version, Session: newSessionID(), Name: label, Public: pl.key, PeerAddr: c.src.String(), Net: "udp"}
+	flow, herr := a.openFlow(actx, hdr, o.QueueLen)
+	if herr != nil {
+		refused(herr.Error())
+		return
+	}
+	defer flow.Close()
+	// A capsule write blocked by a stalled agent ends with the session.
+	defer context.AfterFunc(actx, func() { _ = flow.Close() })()
+	flow.Start()
+	s.udp.active.Add(1)
+	s.udp.flows.Add(1)
+	defer s.udp.active.Add(-1)
+
+	var last atomic.Int64
+	touch := func() { last.Store(time.Now().UnixNano()) }
+	touch()
+	ends := make(chan string, 1)
+	go func() { // agent → public client
+		for {
+			d, err := flow.readDatagram()
+			if err != nil {
+				ends <- flowEnd("agent", err)
+				return
+			}
+			flow.stats.dgIn.Add(1)
+			flow.stats.bIn.Add(int64(len(d)))
+			touch()
+			if _, err := pl.pc.WriteToUDPAddrPort(d, c.src); err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					ends <- "the public port closed"
+					return
+				}
+				s.udp.queueFull.Add(1) // ENOBUFS and the like: dropped, as UDP would
+			}
+		}
+	}()
+	tick := time.NewTicker(max(o.IdleTimeout/8, 10*time.Millisecond))
+	defer tick.Stop()
+	for end == "" {
+		select {
+		case d := <-c.queue:
+			touch()
+			if _, err := flow.Write(d); err != nil && !errors.Is(err, ErrDatagramTooLarge) {
+				end = flowEnd("agent", err)
+			}
+		case end = <-ends:
+		case <-actx.Done():
+			end = "the agent's control session ended"
+			if ctx.Err() != nil {
+				end = "the public port closed"
+			}
+		case <-tick.C:
+			if time.Since(time.Unix(0, last.Load())) >= o.IdleTimeout {
+				end = "idle for " + o.IdleTimeout.String()
+			}
+		}
+	}
+	_ = flow.Close()
+	st = flow.Stats()
+	s.udp.up.Add(st.DatagramsOut)
+	s.udp.down.Add(st.DatagramsIn)
+	s.udp.queueFull.Add(st.QueueFull)
+	s.udp.oversize.Add(st.Oversize)
+}
+
+// RelayUDP copies datagrams between flow and upstream, a connected UDP socket,
+// until either side ends, ctx ends, or nothing moved either way for idle; then it
+// closes both and says why it ended. An agent uses it for a UDP session.
+func RelayUDP(ctx context.Context, flow *UDPFlow, upstream net.Conn, idle time.Duration) string {
+	if idle <= 0 {
+		idle = UDPOptions{}.withDefaults().IdleTimeout
+	}
+	return relayUDP(ctx, flow, upstream, idle).end
+}
