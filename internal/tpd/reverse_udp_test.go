@@ -245,3 +245,53 @@ func TestReverseProtectedUDP(t *testing.T) {
 		})
 	}
 }
+
+// Bad input on a public UDP port: more public clients than udp-max-public-flows.
+// The extra client's datagrams are dropped and counted while the port is full,
+// the served clients are unaffected, and once a session idles out the extra
+// client is served.
+func TestReversePublicUDPBounds(t *testing.T) {
+	port := freeUDPPort(t)
+	d, url := startDaemonCfg(t, fmt.Sprintf(udpPolicy, port), func(c *config.Server) {
+		c.PublicPorts = fmt.Sprintf("%d/udp", port)
+		c.UDPMaxPublicFlows = 2
+		c.UDPIdleTimeout = time.Second
+	})
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	if _, err := runAgent(t, alice, clients.TransportQUIC, []clients.Exposed{{Name: "game", Local: upperUDP(t), UDP: true, PublicPort: port}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	public := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	dial := func() net.Conn {
+		c, err := net.Dial("udp", public)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	a, b, extra := dial(), dial(), dial()
+	udpExchange(t, a, []byte("a"))
+	udpExchange(t, b, []byte("b"))
+	before := d.proxy.UDPStats()
+	// The port is full: the extra client gets no answer (it is not served while
+	// a and b keep their sessions busy) and its datagrams are counted.
+	buf := make([]byte, 100)
+	for i := range 5 {
+		extra.Write([]byte("extra"))
+		udpExchange(t, a, []byte("a again")) // a and b stay served, and not idle
+		udpExchange(t, b, []byte("b again"))
+		_ = extra.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		if n, err := extra.Read(buf); err == nil {
+			t.Fatalf("datagram %d of a client beyond the bound was answered: %q", i, buf[:n])
+		}
+	}
+	if refused := d.proxy.UDPStats().FlowsRefused - before.FlowsRefused; refused < 5 {
+		t.Errorf("datagrams of the extra client counted as refused: %d, want 5", refused)
+	}
+	// a and b fall silent and their sessions end after the 1s idle timeout;
+	// then the extra client is served.
+	if got := udpExchange(t, extra, []byte("extra later")); string(got) != "EXTRA LATER" {
+		t.Fatalf("extra client after the idle timeout: %q", got)
+	}
+}
