@@ -64,7 +64,7 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ln, err := listen(cfg.Listen, cfg.QUIC)
+			ln, err := tpd.Listen(cfg.Listen, cfg.QUIC)
 			if err != nil {
 				return err
 			}
@@ -113,37 +113,6 @@ func isLoopback(host string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
-}
-
-// listen opens the public port with an error message that says what to do.
-// With port 0 and QUIC on, it picks a port whose UDP side is free too (QUIC
-// listens there next), trying a few before it gives up.
-func listen(addr string, quic bool) (net.Listener, error) {
-	ln, err := net.Listen("tcp", addr)
-	if _, port, _ := net.SplitHostPort(addr); err == nil && quic && port == "0" {
-		for range 20 {
-			tcp := ln.Addr().(*net.TCPAddr)
-			u, uerr := net.ListenUDP("udp", &net.UDPAddr{IP: tcp.IP, Port: tcp.Port, Zone: tcp.Zone})
-			if uerr == nil {
-				_ = u.Close()
-				break
-			}
-			_ = ln.Close()
-			if ln, err = net.Listen("tcp", addr); err != nil {
-				break
-			}
-		}
-	}
-	switch {
-	case err == nil:
-		return ln, nil
-	case errors.Is(err, syscall.EACCES):
-		return nil, fmt.Errorf("cannot listen on %s: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep $(which tpd)), or use --listen 127.0.0.1:8443", addr)
-	case errors.Is(err, syscall.EADDRINUSE):
-		return nil, fmt.Errorf("cannot listen on %s: something else is already listening there; stop it or choose another --listen", addr)
-	default:
-		return nil, fmt.Errorf("cannot listen on %s: %w", addr, err)
-	}
 }
 
 func initCmd(stdout io.Writer) *cobra.Command {

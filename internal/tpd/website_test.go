@@ -73,7 +73,7 @@ func startSiteDaemon(t *testing.T, mod func(*config.Server)) *siteDaemon {
 	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(allowAlice), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := Listen("127.0.0.1:0", true) // a port free on UDP too, for QUIC
 	if err != nil {
 		t.Fatal(err)
 	}
