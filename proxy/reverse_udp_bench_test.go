@@ -1,0 +1,108 @@
+package proxy_test
+
+import (
+	"context"
+	"crypto/tls"
+	"net"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// BenchmarkReverseUDPEcho: round trip of one 64-byte datagram to a UDP echo
+// behind an agent (tp expose --udp), next to the forward path (tp forward --udp)
+// in the same run; ns/op is the round-trip time:
+//
+//	go test -run XXX -bench 'UDPEcho' -benchtime 2s ./proxy/
+//
+// public: a plain UDP client on the relay's public UDP port; protected: a TP
+// dialer to the name, datagrams inside the end-to-end TLS session.
+func BenchmarkReverseUDPEcho(b *testing.B) {
+	for _, tc := range []struct{ mode, transport string }{
+		{"forward", clients.TransportTLS}, {"forward", clients.TransportQUIC},
+		{"public", clients.TransportTLS}, {"public", clients.TransportQUIC},
+		{"protected", clients.TransportTLS}, {"protected", clients.TransportQUIC},
+	} {
+		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
+			echo := startUDPEcho(b)
+			var c net.Conn
+			if tc.mode == "forward" {
+				q := newQUICEnv(b, nil, proxy.QUICOptions{})
+				c = dialUDP(b, q.udpDialer(b, tc.transport), echo)
+			} else {
+				c = reverseUDPConn(b, tc.mode, tc.transport, echo)
+			}
+			msg, buf := make([]byte, 64), make([]byte, 2048)
+			lost := 0
+			for b.Loop() {
+				for {
+					if _, err := c.Write(msg); err != nil {
+						b.Fatal(err)
+					}
+					_ = c.SetReadDeadline(time.Now().Add(time.Second))
+					if _, err := c.Read(buf); err == nil {
+						break
+					} else if !isTimeout(err) {
+						b.Fatal(err)
+					}
+					lost++
+				}
+			}
+			b.ReportMetric(float64(lost), "lost")
+		})
+	}
+}
+
+// reverseUDPConn runs a relay and an agent that exposes target (UDP) as the
+// protected name "dns" and the public name "game" (a public UDP port), and
+// returns a connection to it in mode "public" or "protected".
+func reverseUDPConn(b *testing.B, mode, transport, target string) net.Conn {
+	b.Helper()
+	q := newQUICEnv(b, func(c *proxy.Config) {
+		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", PublicHost: "127.0.0.1",
+			PublicPorts: func(string, int) bool { return true }}
+	}, proxy.QUICOptions{})
+	agentCert := q.ca.ServerCert(b, "dns.rev.test")
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	port := pc.LocalAddr().(*net.UDPAddr).Port
+	pc.Close()
+	ad := q.dialer()
+	ad.Transport = transport
+	registered := make(chan struct{}, 1)
+	a := &clients.Agent{
+		Dialer:      ad,
+		Exposed:     []clients.Exposed{{Name: "dns", Local: target, UDP: true}, {Name: "game", Local: target, UDP: true, PublicPort: port}},
+		AllowUsers:  []string{"alice"},
+		Certificate: func(context.Context, string) (*tls.Certificate, error) { return &agentCert, nil },
+		Registered:  func([]string) { registered <- struct{}{} },
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx); ad.Close() }()
+	b.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-registered:
+	case err := <-done:
+		b.Fatalf("agent: %v", err)
+	case <-time.After(30 * time.Second):
+		b.Fatal("agent did not register")
+	}
+	if mode == "public" {
+		c, err := net.Dial("udp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { c.Close() })
+		return c
+	}
+	d := q.dialer()
+	d.Transport = transport
+	b.Cleanup(func() { d.Close() })
+	return dialUDP(b, d, "dns.rev.test:53")
+}
