@@ -81,11 +81,13 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 			if ir.Created {
 				fmt.Fprintf(stdout, "Created data dir %s (CA, %s, policy in %s)\n", cfg.DataDir, config.FileName, cfg.PolicyDir())
 			}
-			fmt.Fprintf(stdout, "tpd %s listening on %s (%s)\n", tpd.Version, ln.Addr(), cfg.PublicURL())
-			fmt.Fprintf(stdout, "CA fingerprint: %s\n", d.Fingerprint())
-			fmt.Fprintf(stdout, "Enroll a device: tpd enroll USER --device NAME --data-dir %s\n", cfg.DataDir)
-			if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && !isLoopback(host) {
-				fmt.Fprintf(stdout, "Note: devices will be told to use %s; set url (and names) in %s to the name they reach this server by.\n", cfg.PublicURL(), cfg.ConfigFile())
+			d.Ready = func() { // every listener is open, the admin socket too
+				fmt.Fprintf(stdout, "tpd %s listening on %s (%s)\n", tpd.Version, ln.Addr(), cfg.PublicURL())
+				fmt.Fprintf(stdout, "CA fingerprint: %s\n", d.Fingerprint())
+				fmt.Fprintf(stdout, "Enroll a device: tpd enroll USER --device NAME --data-dir %s\n", cfg.DataDir)
+				if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && !isLoopback(host) {
+					fmt.Fprintf(stdout, "Note: devices will be told to use %s; set url (and names) in %s to the name they reach this server by.\n", cfg.PublicURL(), cfg.ConfigFile())
+				}
 			}
 
 			hup := make(chan os.Signal, 1)

@@ -241,8 +241,10 @@ func TestReversePublicTCP(t *testing.T) {
 		t.Fatalf("alice's raw listen: %+v %v", sh, err)
 	}
 	raw.NetConn().Close()
-	_, err = runAgent(t, mallory, clients.TransportTLS, []clients.Exposed{{Name: "other", Local: local, PublicPort: port}}, nil)
-	wantRefused(t, err, proxy.CodeNameTaken, "reconnecting")
+	refusedWhileReconnecting(t, func() error {
+		_, err := runAgent(t, mallory, clients.TransportTLS, []clients.Exposed{{Name: "other", Local: local, PublicPort: port}}, nil)
+		return err
+	})
 	waitRefused(t, public) // after the 2s grace
 	stop, err := runAgent(t, mallory, clients.TransportTLS, []clients.Exposed{{Name: "other", Local: local, PublicPort: port}}, nil)
 	if err != nil {

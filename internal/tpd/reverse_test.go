@@ -259,10 +259,28 @@ func TestReverseNameHijack(t *testing.T) {
 		t.Fatalf("alice's raw listen: %+v %v", sh, err)
 	}
 	raw.NetConn().Close()
-	if err := runMallory(t, mallory); err == nil || !strings.Contains(err.Error(), "reconnecting") {
-		t.Fatalf("mallory while alice is offline: %v; want name taken", err)
-	}
+	refusedWhileReconnecting(t, func() error { return runMallory(t, mallory) })
 	startAgent(t, alice, clients.TransportTLS, local, []string{"bob"}, nil) // the owner takes it back
+}
+
+// refusedWhileReconnecting checks that attempt (another identity taking a held
+// name) is refused, right after the owner's control connection broke, until the
+// refusal says the owner is reconnecting: until tpd notices the broken
+// connection the owner still counts as online, and either way the name is refused.
+func refusedWhileReconnecting(t *testing.T, attempt func() error) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		err := attempt()
+		var re *clients.RefusedError
+		if !errors.As(err, &re) || re.Code != proxy.CodeNameTaken || time.Now().After(deadline) {
+			t.Fatalf("another identity while the owner is offline: %v; want %s (reconnecting)", err, proxy.CodeNameTaken)
+		}
+		if strings.Contains(err.Error(), "reconnecting") {
+			return
+		}
+		time.Sleep(20 * time.Millisecond) // polling for tpd to notice the drop, bounded by the deadline
+	}
 }
 
 func runMallory(t *testing.T, c *clients.Client) error {

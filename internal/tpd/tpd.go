@@ -67,6 +67,11 @@ func Init(cfg config.Server) (InitResult, error) {
 
 // Daemon is a configured tpd, ready to serve.
 type Daemon struct {
+	// Ready, when set, is called once Serve has opened every listener (public
+	// port, QUIC, admin socket): `tpd serve` prints its banner then, so a script
+	// that waits for it can run `tpd enroll` at once.
+	Ready func()
+
 	cfg     config.Server
 	log     *slog.Logger
 	pki     *acme.PKI
@@ -271,6 +276,9 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		return nil
 	})
 	g.Go(func() error { d.maintain(gctx); return nil })
+	if d.Ready != nil {
+		d.Ready()
+	}
 	g.Go(func() error {
 		<-gctx.Done()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
