@@ -182,8 +182,9 @@ func TestQUICRefusesBadClients(t *testing.T) {
 			c, err := q.quicConn(t, cert)
 			if err == nil {
 				// TLS 1.3: the client may finish before the server rejects it.
-				str, oerr := c.OpenStream()
-				if oerr == nil {
+				// OpenStream fails, too, once the server's alert has arrived.
+				var str *quic.Stream
+				if str, err = c.OpenStream(); err == nil {
 					_ = str.SetDeadline(time.Now().Add(10 * time.Second))
 					_ = proxy.WriteClientHello(str, proxy.ClientHello{V: 1, Op: "dial", Net: "tcp", Host: "127.0.0.1", Port: 1})
 					_, err = proxy.ReadServerHello(str)
