@@ -16,6 +16,7 @@ import (
 
 	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/open-policy-agent/opa/v1/rego"
+	"github.com/open-policy-agent/opa/v1/topdown"
 )
 
 // Package is the Rego package every policy file must declare.
@@ -147,7 +148,11 @@ func (e *Engine) evalWith(ctx context.Context, c *compiled, input map[string]any
 	}
 	evalCtx, cancel := context.WithTimeout(ctx, e.timeout)
 	defer cancel()
-	rs, err := c.query.Eval(evalCtx, append([]rego.EvalOption{rego.EvalParsedInput(v)}, extra...)...)
+	// Without an external cancel, OPA starts a goroutine per evaluation to watch
+	// the context; AfterFunc costs nothing until the context actually ends.
+	halt := topdown.NewCancel()
+	defer context.AfterFunc(evalCtx, halt.Cancel)()
+	rs, err := c.query.Eval(evalCtx, append([]rego.EvalOption{rego.EvalParsedInput(v), rego.EvalExternalCancel(halt)}, extra...)...)
 	if err == nil && evalCtx.Err() != nil {
 		// OPA checks for cancellation only now and then; a short evaluation can
 		// finish after the deadline. Late answers deny too.
