@@ -43,18 +43,16 @@ func Bridge(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error) {
 	}
 	stop := context.AfterFunc(ctx, closeBoth)
 
-	var wg sync.WaitGroup
+	// b→a runs on the caller's goroutine: an idle tunnel then holds two goroutine
+	// stacks (this one and a→b) instead of three.
 	var errAB, errBA error
-	wg.Add(2)
+	done := make(chan struct{})
 	go func() {
-		defer wg.Done()
+		defer close(done)
 		aToB, errAB = pipe(b, a, closeBoth)
 	}()
-	go func() {
-		defer wg.Done()
-		bToA, errBA = pipe(a, b, closeBoth)
-	}()
-	wg.Wait()
+	bToA, errBA = pipe(a, b, closeBoth)
+	<-done
 	ctxEnded := !stop()
 	closeBoth()
 	if ctxEnded {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -114,4 +116,41 @@ func TestBridgeNoHalfClose(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("Bridge = %v", err)
 	}
+}
+
+// TestBridgeGoroutines: an idle bridge holds two goroutines, the caller's (one
+// direction) and one more (the other), since every goroutine of an idle tunnel
+// keeps a stack.
+func TestBridgeGoroutines(t *testing.T) {
+	client, a := tcpPair(t)
+	b, _ := tcpPair(t)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _, _ = proxy.Bridge(context.Background(), a, b)
+	}()
+	// count returns how many goroutines have a frame of fn on their stack.
+	count := func(fn string) int {
+		buf := make([]byte, 1<<20)
+		n := 0
+		for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+			if strings.Contains(g, fn) {
+				n++
+			}
+		}
+		return n
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for count("proxy.copyConn") < 2 { // both directions are running
+		if time.Now().After(deadline) {
+			t.Fatal("the bridge's two directions never started")
+		}
+		runtime.Gosched()
+	}
+	if n := count("proxy.Bridge"); n != 2 {
+		t.Errorf("an idle bridge holds %d goroutines, want 2", n)
+	}
+	client.Close()
+	b.Close()
+	<-done
 }
