@@ -80,6 +80,12 @@ func (s *Server) passthrough(serverName string) (func(context.Context, net.Conn)
 
 // handle owns one accepted connection: handshake, then proxy session, hand-off
 // to the website, or pass-through.
+//
+// An idle proxy session parks on this goroutine for as long as it lives, and the
+// runtime shrinks a parked stack only while it uses less than a quarter of it, so
+// the frames that stay below the session (this one, serveProxy, ServeStream) are
+// kept small: the handshake, its failure and the session's set-up run in
+// functions that have returned by then (handshake, handshakeFailed, open).
 func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -95,10 +101,7 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 		raw = pc
 	}
 	conn := tls.Server(raw, s.tls)
-	hctx, hcancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
-	err := conn.HandshakeContext(hctx)
-	timedOut := hctx.Err() != nil // then the socket may have been closed under the handshake
-	hcancel()
+	err, timedOut := s.handshake(ctx, conn)
 	handshakeDone()
 	if pc != nil && pc.handler != nil && !timedOut {
 		// Not conn.Close: that would close the socket the handler now owns.
@@ -107,17 +110,10 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 		return
 	}
 	if err != nil {
-		s.release()
-		_ = raw.Close()
-		msg := "tls handshake failed"
-		if strings.Contains(err.Error(), "no certificates configured") { // s.unknownName
-			msg = "tls handshake refused: no site is configured for this server name"
-		}
-		s.log.LogAttrs(ctx, slog.LevelInfo, msg,
-			slog.String("remote", raw.RemoteAddr().String()), slog.String("err", err.Error()))
+		s.handshakeFailed(ctx, raw, err)
 		return
 	}
-	switch proto := conn.ConnectionState().NegotiatedProtocol; proto {
+	switch proto := negotiatedProtocol(conn); proto {
 	case ALPN:
 		defer s.release()
 		s.serveProxy(ctx, conn)
@@ -137,6 +133,34 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 		_ = conn.Close()
 	}
 }
+
+// handshake runs the TLS handshake within HandshakeTimeout. timedOut says the
+// bound (or ctx) ended it, in which case the socket may have been closed under it.
+func (s *Server) handshake(ctx context.Context, conn *tls.Conn) (err error, timedOut bool) {
+	hctx, hcancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
+	defer hcancel()
+	err = conn.HandshakeContext(hctx)
+	return err, hctx.Err() != nil
+}
+
+// handshakeFailed gives back the slot of a connection whose handshake failed,
+// closes it and logs why.
+func (s *Server) handshakeFailed(ctx context.Context, raw net.Conn, err error) {
+	s.release()
+	_ = raw.Close()
+	msg := "tls handshake failed"
+	if strings.Contains(err.Error(), "no certificates configured") { // s.unknownName
+		msg = "tls handshake refused: no site is configured for this server name"
+	}
+	s.log.LogAttrs(ctx, slog.LevelInfo, msg,
+		slog.String("remote", raw.RemoteAddr().String()), slog.String("err", err.Error()))
+}
+
+// negotiatedProtocol is conn's ALPN protocol, without a ConnectionState in the
+// caller's frame.
+//
+//go:noinline
+func negotiatedProtocol(conn *tls.Conn) string { return conn.ConnectionState().NegotiatedProtocol }
 
 // peekConn records what the TLS handshake reads until the route is known, so a
 // pass-through handler can replay the ClientHello to its backend. Once the route is

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -221,14 +222,15 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 	if s.web != nil {
 		go refuseUniStreams(conn)
 	}
-	cs := conn.ConnectionState().TLS
+	cs := new(tls.ConnectionState) // shared by the streams, which only read it
+	*cs = conn.ConnectionState().TLS
 	remote := conn.RemoteAddr().String()
 	identity := ""
 	var notAfter time.Time
 	if len(cs.PeerCertificates) > 0 {
 		leaf := cs.PeerCertificates[0]
 		identity, notAfter = leaf.Subject.CommonName, leaf.NotAfter
-		if id, err := s.cfg.Identify(cs); err == nil {
+		if id, err := s.cfg.Identify(*cs); err == nil {
 			identity = id.String()
 			if !id.NotAfter.IsZero() && id.NotAfter.Before(notAfter) {
 				notAfter = id.NotAfter
@@ -258,7 +260,7 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 		go func() {
 			defer streams.Done()
 			defer s.release()
-			s.ServeStream(sctx, qs, cs, "quic")
+			s.serveStream(sctx, qs, cs, "quic")
 		}()
 	}
 	streams.Wait()

@@ -48,19 +48,52 @@ type Stream interface {
 var _ Stream = (*tls.Conn)(nil)
 
 func (s *Server) serveProxy(ctx context.Context, conn *tls.Conn) {
-	s.ServeStream(ctx, conn, conn.ConnectionState(), "tls")
+	s.serveStream(ctx, conn, connectionState(conn), "tls")
+}
+
+// connectionState returns conn's state on the heap rather than in the caller's
+// frame, which an idle session keeps (see handle).
+//
+//go:noinline
+func connectionState(conn *tls.Conn) *tls.ConnectionState {
+	cs := conn.ConnectionState()
+	return &cs
 }
 
 // ServeStream runs one proxy request on stream, whose peer was authenticated by
 // the handshake described by cs; transport ("tls" or "quic") is shown to the
 // policy as input.source.transport. It returns when the request ends and closes stream.
 func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.ConnectionState, transport string) {
-	ss := &session{start: time.Now(), remote: conn.RemoteAddr().String()}
-	defer func() { s.logSession(ctx, ss) }()
+	s.serveStream(ctx, conn, &cs, transport)
+}
 
-	upstream, herr := s.establish(ctx, conn, cs, transport, ss)
+// serveStream is ServeStream. An idle session parks in it (in relay, below) for
+// as long as it lives, so the set-up runs in open, whose frame is gone by then
+// (see handle).
+func (s *Server) serveStream(ctx context.Context, conn Stream, cs *tls.ConnectionState, transport string) {
+	ss := newSession(conn)
+	defer func() { s.logSession(ctx, ss) }()
+	if upstream := s.open(ctx, conn, cs, transport, ss); upstream != nil {
+		s.relay(ctx, conn, cs, ss, upstream)
+	}
+}
+
+// newSession starts the record of a request, on the heap rather than in
+// serveStream's frame (see handle).
+//
+//go:noinline
+func newSession(conn Stream) *session {
+	return &session{start: time.Now(), remote: conn.RemoteAddr().String()}
+}
+
+// open runs the request up to the server hello ok and returns the connected
+// upstream to relay; nil when the request was refused or has been served already.
+//
+//go:noinline
+func (s *Server) open(ctx context.Context, conn Stream, cs *tls.ConnectionState, transport string, ss *session) net.Conn {
+	upstream, herr := s.establish(ctx, conn, *cs, transport, ss)
 	if herr == errHandled { // a reverse listen or accept owned the stream
-		return
+		return nil
 	}
 	if herr != nil {
 		ss.code = herr.Code
@@ -68,28 +101,34 @@ func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.Connection
 			ss.end = herr.Error()
 		}
 		s.refuse(conn, herr)
-		return
+		return nil
 	}
 	if ss.network == "udp" && !ss.spliced { // datagrams, not a byte stream (udp.go)
-		s.serveUDP(ctx, conn, cs, ss, upstream)
-		return
+		s.serveUDP(ctx, conn, *cs, ss, upstream)
+		return nil
 	}
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
 	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true, E2E: ss.e2e}); err != nil {
 		_ = conn.Close()
 		_ = upstream.Close()
 		ss.end = "writing server hello: " + err.Error()
-		return
+		return nil
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
+	return upstream
+}
 
+// relay bridges an established session until it ends.
+func (s *Server) relay(ctx context.Context, conn Stream, cs *tls.ConnectionState, ss *session, upstream net.Conn) {
 	// The session may not outlive the certificate that authorised it, nor the
-	// policy, groups and deny list that allowed it (see Recheck).
-	bctx, cancel := context.WithDeadlineCause(ctx, ss.id.NotAfter, errCertExpired)
-	defer cancel()
-	bctx, revoke := context.WithCancelCause(bctx)
+	// policy, groups and deny list that allowed it (see Recheck). One context and
+	// a timer rather than a context per bound: each one stays allocated while the
+	// tunnel idles.
+	bctx, revoke := context.WithCancelCause(ctx)
 	defer revoke(nil)
-	defer s.sessions.add(&liveSession{cs: cs, req: ss.req, revoke: revoke})()
+	expire := time.AfterFunc(time.Until(ss.id.NotAfter), func() { revoke(errCertExpired) })
+	defer expire.Stop()
+	defer s.sessions.add(&liveSession{cs: *cs, req: ss.req, revoke: revoke})()
 	up, down, err := Bridge(bctx, conn, upstream)
 	ss.up, ss.down = up, down
 	switch {
