@@ -129,28 +129,61 @@ func TestBridgeGoroutines(t *testing.T) {
 		defer close(done)
 		_, _, _ = proxy.Bridge(context.Background(), a, b)
 	}()
-	// count returns how many goroutines have a frame of fn on their stack.
-	count := func(fn string) int {
-		buf := make([]byte, 1<<20)
-		n := 0
-		for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
-			if strings.Contains(g, fn) {
-				n++
-			}
-		}
-		return n
-	}
 	deadline := time.Now().Add(10 * time.Second)
-	for count("proxy.copyConn") < 2 { // both directions are running
+	for goroutinesWith("proxy.copyConn") < 2 { // both directions are running
 		if time.Now().After(deadline) {
 			t.Fatal("the bridge's two directions never started")
 		}
 		runtime.Gosched()
 	}
-	if n := count("proxy.Bridge"); n != 2 {
+	if n := goroutinesWith("proxy.Bridge"); n != 2 {
 		t.Errorf("an idle bridge holds %d goroutines, want 2", n)
 	}
 	client.Close()
 	b.Close()
 	<-done
+}
+
+// goroutinesWith returns how many goroutines have a frame of fn on their stack.
+func goroutinesWith(fn string) int {
+	buf := make([]byte, 4<<20)
+	n := 0
+	for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+		if strings.Contains(g, fn) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestIdleSessionGoroutines: an idle proxy session holds two goroutines (its
+// connection's, in relay, and Bridge's other direction), and the goroutine of
+// the request's set-up has ended. What this saves is stack size, which no test
+// can see; BenchmarkIdleTunnel in internal/tpd reports it.
+func TestIdleSessionGoroutines(t *testing.T) {
+	e := newEnv(t, nil)
+	d := e.dialer()
+	c, err := d.DialContext(context.Background(), "tcp", e.echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for goroutinesWith("proxy.(*Server).open") > 0 || goroutinesWith("proxy.copyConn") < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("the session's set-up never ended or its relay never started")
+		}
+		runtime.Gosched()
+	}
+	if n := goroutinesWith("proxy.(*Server).relay"); n != 1 {
+		t.Errorf("%d goroutines in relay, want 1", n)
+	}
+	if n := goroutinesWith("proxy.Bridge"); n != 2 {
+		t.Errorf("the session holds %d goroutines, want 2", n)
+	}
+	for _, fn := range []string{"HandshakeContext", "proxy.(*Server).establish"} {
+		if n := goroutinesWith(fn); n != 0 {
+			t.Errorf("%d goroutines still hold %s frames", n, fn)
+		}
+	}
 }

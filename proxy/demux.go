@@ -81,11 +81,12 @@ func (s *Server) passthrough(serverName string) (func(context.Context, net.Conn)
 // handle owns one accepted connection: handshake, then proxy session, hand-off
 // to the website, or pass-through.
 //
-// An idle proxy session parks on this goroutine for as long as it lives, and the
-// runtime shrinks a parked stack only while it uses less than a quarter of it, so
-// the frames that stay below the session (this one, serveProxy, ServeStream) are
-// kept small: the handshake, its failure and the session's set-up run in
-// functions that have returned by then (handshake, handshakeFailed, open).
+// An idle proxy session parks on this goroutine for as long as it lives, and a
+// goroutine's stack keeps the size it grew to until the garbage collector shrinks
+// it (one halving per cycle, and only while it uses less than a quarter). So the
+// deep work runs on short-lived goroutines (handshake here, the request's set-up
+// in serveStream), and the frames that stay below an idle session (this one,
+// serveProxy, serveStream, relay, Bridge) are kept small.
 func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -134,12 +135,18 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 	}
 }
 
-// handshake runs the TLS handshake within HandshakeTimeout. timedOut says the
-// bound (or ctx) ended it, in which case the socket may have been closed under it.
+// handshake runs the TLS handshake within HandshakeTimeout, on a goroutine of its
+// own (see handle). timedOut says the bound (or ctx) ended it, in which case the
+// socket may have been closed under it.
 func (s *Server) handshake(ctx context.Context, conn *tls.Conn) (err error, timedOut bool) {
 	hctx, hcancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
 	defer hcancel()
-	err = conn.HandshakeContext(hctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		err = conn.HandshakeContext(hctx)
+	}()
+	<-done
 	return err, hctx.Err() != nil
 }
 

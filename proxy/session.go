@@ -36,6 +36,7 @@ type session struct {
 	spliced  bool          // a UDP session to an agent: a byte stream for the relay
 	network  string        // "tcp", or "udp" for a UDP flow (udp.go)
 	attrs    []slog.Attr   // more for the log line (a UDP flow's counters)
+	op       *ClientHello  // a reverse operation (listen, accept) for serveStream
 }
 
 // Stream is one request's byte stream: a TLS connection (TLS transport) or a QUIC
@@ -67,19 +68,35 @@ func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.Connection
 	s.serveStream(ctx, conn, &cs, transport)
 }
 
-// serveStream is ServeStream. An idle session parks in it (in relay, below) for
-// as long as it lives, so the set-up runs in open, whose frame is gone by then
-// (see handle).
+// serveStream is ServeStream. The request's set-up (open) runs on a goroutine of
+// its own: it goes deep (certificate parsing, the policy evaluation, dialing) and
+// a goroutine's stack keeps the size it grew to until the garbage collector
+// shrinks it, one halving per cycle. Here the deep stack dies with the set-up,
+// and an idle session parks on this goroutine with the few frames of relay and
+// Bridge (see handle).
 func (s *Server) serveStream(ctx context.Context, conn Stream, cs *tls.ConnectionState, transport string) {
 	ss := newSession(conn)
 	defer func() { s.logSession(ctx, ss) }()
-	if upstream := s.open(ctx, conn, cs, transport, ss); upstream != nil {
+	var upstream net.Conn
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		upstream = s.open(ctx, conn, cs, transport, ss)
+	}()
+	<-done
+	switch {
+	case ss.op != nil: // a reverse listen or accept, which lives as long as the session
+		s.serveOp(ctx, conn, cs, transport, ss)
+	case upstream == nil: // refused, and answered
+	case ss.network == "udp" && !ss.spliced: // datagrams, not a byte stream (udp.go)
+		s.serveUDP(ctx, conn, *cs, ss, upstream)
+	default:
 		s.relay(ctx, conn, cs, ss, upstream)
 	}
 }
 
 // newSession starts the record of a request, on the heap rather than in
-// serveStream's frame (see handle).
+// serveStream's frame.
 //
 //go:noinline
 func newSession(conn Stream) *session {
@@ -87,25 +104,17 @@ func newSession(conn Stream) *session {
 }
 
 // open runs the request up to the server hello ok and returns the connected
-// upstream to relay; nil when the request was refused or has been served already.
-//
-//go:noinline
+// upstream to relay. It returns nil when it refused the request (and said so), or
+// when the request is a reverse operation (ss.op) for serveStream to serve. A UDP
+// flow's upstream is returned before the server hello, which serveUDP sends.
 func (s *Server) open(ctx context.Context, conn Stream, cs *tls.ConnectionState, transport string, ss *session) net.Conn {
 	upstream, herr := s.establish(ctx, conn, *cs, transport, ss)
-	if herr == errHandled { // a reverse listen or accept owned the stream
-		return nil
-	}
 	if herr != nil {
-		ss.code = herr.Code
-		if ss.end == "" {
-			ss.end = herr.Error()
-		}
-		s.refuse(conn, herr)
+		s.refused(conn, ss, herr)
 		return nil
 	}
-	if ss.network == "udp" && !ss.spliced { // datagrams, not a byte stream (udp.go)
-		s.serveUDP(ctx, conn, *cs, ss, upstream)
-		return nil
+	if upstream == nil || ss.network == "udp" && !ss.spliced {
+		return upstream
 	}
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
 	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true, E2E: ss.e2e}); err != nil {
@@ -116,6 +125,28 @@ func (s *Server) open(ctx context.Context, conn Stream, cs *tls.ConnectionState,
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
 	return upstream
+}
+
+// serveOp serves a reverse listen or accept (reverse.go) until it ends.
+//
+//go:noinline
+func (s *Server) serveOp(ctx context.Context, conn Stream, cs *tls.ConnectionState, transport string, ss *session) {
+	if herr := s.serveReverseOp(ctx, conn, *cs, transport, ss, *ss.op); herr != errHandled {
+		s.refused(conn, ss, herr)
+	}
+}
+
+// refused records herr in ss and sends it, unless a reverse operation already
+// owned the stream (errHandled).
+func (s *Server) refused(conn Stream, ss *session, herr *HelloError) {
+	if herr == nil || herr == errHandled {
+		return
+	}
+	ss.code = herr.Code
+	if ss.end == "" {
+		ss.end = herr.Error()
+	}
+	s.refuse(conn, herr)
 }
 
 // relay bridges an established session until it ends.
@@ -140,7 +171,8 @@ func (s *Server) relay(ctx context.Context, conn Stream, cs *tls.ConnectionState
 }
 
 // establish runs the session up to a connected upstream, or returns the refusal to
-// send. It fills ss as it learns things.
+// send; for a reverse operation it returns neither and sets ss.op. It fills ss as
+// it learns things.
 func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionState, transport string, ss *session) (net.Conn, *HelloError) {
 	if len(cs.VerifiedChains) == 0 || len(cs.PeerCertificates) == 0 {
 		return nil, helloErr(CodeUnauthenticated, "no verified client certificate")
@@ -175,8 +207,9 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 		}
 	}
 	_ = conn.SetReadDeadline(time.Time{})
-	if hello.Op != OpDial {
-		return nil, s.serveReverseOp(ctx, conn, cs, transport, ss, hello)
+	if hello.Op != OpDial { // served by serveStream: it lasts as long as the session
+		ss.op = &hello
+		return nil, nil
 	}
 
 	host := canonicalHost(hello.Host)
