@@ -27,7 +27,7 @@ allow if input.identity.user == "alice"
 `
 
 // startDaemon runs a real tpd in-process on a loopback port.
-func startDaemon(t *testing.T, policy string) (*Daemon, string) {
+func startDaemon(t testing.TB, policy string) (*Daemon, string) {
 	t.Helper()
 	cfg := config.DefaultServer()
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
@@ -74,7 +74,7 @@ func (c *clock) set(d time.Duration) {
 }
 
 // enrollClient enrolls user@device and logs in, as dlogin does.
-func enrollClient(t *testing.T, d *Daemon, url, user, device string) (*clients.Client, *clock, *[]string) {
+func enrollClient(t testing.TB, d *Daemon, url, user, device string) (*clients.Client, *clock, *[]string) {
 	t.Helper()
 	ctx := context.Background()
 	enr, err := d.Users().Enroll(user, device, nil, time.Hour)
@@ -120,7 +120,7 @@ func enrollClient(t *testing.T, d *Daemon, url, user, device string) (*clients.C
 	return c, clk, &logs
 }
 
-func echoServer(t *testing.T) string {
+func echoServer(t testing.TB) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
