@@ -66,6 +66,9 @@ func newReverseBench(b *testing.B, transport, target string) *reverseBench {
 	}
 	d := q.dialer()
 	d.Transport = transport
+	// As tp's own dialer does (clients.Client.Dialer): resume TLS sessions to the
+	// relay and, end to end, to the agent.
+	d.TLSConfig.ClientSessionCache = tls.NewLRUClientSessionCache(64)
 	b.Cleanup(func() { d.Close() })
 	return &reverseBench{q: q, dialer: d, public: net.JoinHostPort("127.0.0.1", strconv.Itoa(port))}
 }
