@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/tp-proxy/tp/proxy"
@@ -30,7 +31,8 @@ func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string) (net.
 	cfg.NextProtos = []string{E2EALPN}
 	cfg.MinVersion = tls.VersionTLS13
 	raw := &eofTracker{Conn: conn}
-	tc := tls.Client(raw, cfg)
+	batch := &batchConn{Conn: raw}
+	tc := tls.Client(batch, cfg)
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	err := tc.HandshakeContext(ctx)
 	var sh proxy.ServerHello
@@ -52,7 +54,7 @@ func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string) (net.
 		_ = tc.Close()
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
 	}
-	return &e2eConn{Conn: tc, raw: raw}, nil
+	return &e2eConn{batchedTLS: newBatchedTLS(tc, batch), raw: raw}, nil
 }
 
 // eofTracker remembers whether the transport under a TLS session reached EOF.
@@ -73,14 +75,98 @@ func (e *eofTracker) Read(p []byte) (int, error) {
 // ErrTruncated. crypto/tls reports both as io.EOF; a close_notify record makes it
 // return before it reads the transport's EOF, so a transport EOF seen means none came.
 type e2eConn struct {
-	*tls.Conn
+	*batchedTLS
 	raw *eofTracker
 }
 
 func (c *e2eConn) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
+	n, err := c.batchedTLS.Read(p)
 	if errors.Is(err, io.EOF) && c.raw.eof {
 		return n, ErrTruncated
+	}
+	return n, err
+}
+
+// maxBatch bounds what one batch holds before it is written out: four full TLS
+// records, what one Write of a bridge's 64 KiB buffer produces.
+const maxBatch = 4 * (16384 + 256)
+
+// batchConn sits between an inner TLS session and the relay's stream it runs
+// in. crypto/tls writes every record with its own Write, and an inner record
+// (16 KiB of data plus 22 bytes of framing and tag) does not fit one record of
+// the outer TLS connection: without batching, each inner record became a full
+// outer record plus a 22-byte one, doubling records, syscalls and the relay's
+// reads and writes. While a batch is open (begin … end, one Write of the inner
+// session), records are collected and written with one Write of the stream.
+// Writes from elsewhere (an alert sent by a Read) wait for an open batch, so the
+// order of records never changes.
+type batchConn struct {
+	net.Conn
+	mu   sync.Mutex
+	open int // batches open; while > 0, records are collected in buf
+	buf  []byte
+	err  error // the stream's write error, once there is one
+}
+
+func (b *batchConn) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.err != nil {
+		return 0, b.err
+	}
+	if b.open == 0 {
+		return b.Conn.Write(p)
+	}
+	b.buf = append(b.buf, p...)
+	if len(b.buf) >= maxBatch {
+		return len(p), b.flushLocked()
+	}
+	return len(p), nil
+}
+
+func (b *batchConn) begin() {
+	b.mu.Lock()
+	b.open++
+	b.mu.Unlock()
+}
+
+// end closes a batch; the last open batch writes what was collected.
+func (b *batchConn) end() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.open--
+	if b.open > 0 {
+		return nil
+	}
+	return b.flushLocked()
+}
+
+func (b *batchConn) flushLocked() error {
+	if len(b.buf) == 0 || b.err != nil {
+		b.buf = b.buf[:0]
+		return b.err
+	}
+	_, err := b.Conn.Write(b.buf)
+	b.buf = b.buf[:0]
+	if err != nil {
+		b.err = err
+	}
+	return err
+}
+
+// batchedTLS is an inner TLS session whose Writes reach the stream in one piece.
+type batchedTLS struct {
+	*tls.Conn
+	raw *batchConn
+}
+
+func newBatchedTLS(tc *tls.Conn, raw *batchConn) *batchedTLS { return &batchedTLS{Conn: tc, raw: raw} }
+
+func (c *batchedTLS) Write(p []byte) (int, error) {
+	c.raw.begin()
+	n, err := c.Conn.Write(p)
+	if ferr := c.raw.end(); err == nil && ferr != nil {
+		err = ferr
 	}
 	return n, err
 }

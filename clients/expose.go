@@ -392,7 +392,8 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 	if a.WrapData != nil {
 		conn = a.WrapData(st)
 	}
-	tc := tls.Server(conn, a.inner)
+	batch := &batchConn{Conn: conn}
+	tc := tls.Server(batch, a.inner)
 	hctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
 	if err := tc.HandshakeContext(hctx); err != nil {
@@ -445,7 +446,7 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 		a.relayUDP(ctx, proxy.NewCapsuleFlow(tc), upstream, local, start, log)
 		return
 	}
-	up, down, err := proxy.Bridge(ctx, tc, upstream)
+	up, down, err := proxy.Bridge(ctx, newBatchedTLS(tc, batch), upstream)
 	end := "closed"
 	if err != nil {
 		end = err.Error()
