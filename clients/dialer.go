@@ -47,7 +47,8 @@ type Dialer struct {
 	// for that long; zero means 60s.
 	KeepAlive, IdleTimeout time.Duration
 
-	quic quicState
+	quic  quicState
+	spare spareTLS
 }
 
 // RefusedError is the server's refusal of a dial.
@@ -139,11 +140,7 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 	case TransportQUIC:
 		return d.dialQUIC(ctx, addr, hello)
 	case TransportTLS:
-		conn, err := d.connectTLS(ctx)
-		if err != nil {
-			return nil, err
-		}
-		return d.request(ctx, conn, addr, hello)
+		return d.requestTLS(ctx, addr, hello)
 	default:
 		return nil, fmt.Errorf("transport %q must be auto, quic or tls", d.Transport)
 	}
@@ -179,7 +176,7 @@ func (d *Dialer) request(ctx context.Context, conn proxy.Stream, addr string, he
 	}
 	if err != nil {
 		_ = conn.Close()
-		return nil, fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, explainHelloErr(err))
+		return nil, &exchangeError{fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, explainHelloErr(err))}
 	}
 	_ = conn.SetDeadline(time.Time{})
 	if !sh.OK {
@@ -191,6 +188,12 @@ func (d *Dialer) request(ctx context.Context, conn proxy.Stream, addr string, he
 	}
 	return conn, nil
 }
+
+// exchangeError is a request that failed in its hello exchange with the server,
+// before any answer: a spare connection's failure worth one retry (spare.go).
+type exchangeError struct{ error }
+
+func (e *exchangeError) Unwrap() error { return e.error }
 
 func exchange(conn net.Conn, hello proxy.ClientHello) (proxy.ServerHello, error) {
 	if err := proxy.WriteClientHello(conn, hello); err != nil {

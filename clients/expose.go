@@ -339,15 +339,9 @@ func (a *Agent) readControl(ctl proxy.Stream, announce func(proxy.SessionHeader)
 }
 
 func (a *Agent) acceptTLS(ctx context.Context, hdr proxy.SessionHeader) {
-	d := a.Dialer
 	cctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
-	conn, err := d.connectTLS(cctx)
-	if err != nil {
-		a.log().Warn("tp expose: cannot pick up a session", "name", hdr.Name, "err", err.Error())
-		return
-	}
-	c, err := d.request(cctx, conn, "session "+hdr.Session, proxy.ClientHello{V: proxy.Version, Op: proxy.OpAccept, Session: hdr.Session})
+	c, err := a.Dialer.requestTLS(cctx, "session "+hdr.Session, proxy.ClientHello{V: proxy.Version, Op: proxy.OpAccept, Session: hdr.Session})
 	if err != nil {
 		a.log().Warn("tp expose: cannot pick up a session", "name", hdr.Name, "err", err.Error())
 		return

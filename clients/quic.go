@@ -50,8 +50,10 @@ type quicState struct {
 // ErrDialerClosed is returned by a Dialer after Close.
 var ErrDialerClosed = errors.New("the TP dialer is closed")
 
-// Close closes the Dialer's QUIC connection and socket. Streams on it end.
+// Close closes the Dialer's QUIC connection and socket (streams on it end) and
+// its spare TLS connection.
 func (d *Dialer) Close() error {
+	d.closeSpare()
 	q := &d.quic
 	q.mu.Lock()
 	defer q.mu.Unlock()

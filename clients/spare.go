@@ -1,0 +1,125 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// Over TLS every session needs its own TLS connection to the TP server: a TCP
+// connect and a handshake (a hybrid post-quantum key exchange even when the
+// session resumes), about a millisecond on a small machine, on the path of every
+// new session of `tp forward --transport tls` and of an agent's accept
+// connections. While sessions come close together, the Dialer keeps one
+// handshaken connection in reserve, made after a session got going, so the next
+// session starts with its hello. A spare is never older than spareMaxAge (the
+// server closes a connection whose hello has not come within its hello timeout,
+// 10 s by default), and none is made for dials further apart than spareWindow:
+// an idle forwarder or agent holds no connection and makes no handshakes.
+const (
+	spareMaxAge = 3 * time.Second
+	spareWindow = 3 * time.Second
+)
+
+type spareTLS struct {
+	mu      sync.Mutex
+	conn    *tls.Conn
+	made    time.Time
+	last    time.Time // the previous session's start
+	burst   bool      // the previous session started within spareWindow of the one before
+	filling bool
+	closed  bool
+}
+
+// sessionTLS returns a TLS connection for a new session: the spare when there is
+// a fresh one (spare true), else a new connection.
+func (d *Dialer) sessionTLS(ctx context.Context) (conn *tls.Conn, spare bool, err error) {
+	s := &d.spare
+	s.mu.Lock()
+	now := time.Now()
+	c, made := s.conn, s.made
+	s.conn = nil
+	s.burst = !s.last.IsZero() && now.Sub(s.last) < spareWindow
+	s.last = now
+	s.mu.Unlock()
+	if c != nil {
+		if now.Sub(made) < spareMaxAge {
+			return c, true, nil
+		}
+		_ = c.Close()
+	}
+	conn, err = d.connectTLS(ctx)
+	return conn, false, err
+}
+
+// refillSpare makes a new spare in the background when sessions come close
+// together. Callers call it once the session's own setup is done, so the
+// handshake does not compete with it for the CPU.
+func (d *Dialer) refillSpare() {
+	s := &d.spare
+	s.mu.Lock()
+	if !s.burst || s.filling || s.closed || s.conn != nil {
+		s.mu.Unlock()
+		return
+	}
+	s.filling = true
+	s.mu.Unlock()
+	go func() {
+		// Not a request's context: the spare outlives the session that asked for
+		// it; spareMaxAge bounds the connect, and Close discards the result.
+		ctx, cancel := context.WithTimeout(context.Background(), spareMaxAge)
+		conn, err := d.connectTLS(ctx)
+		cancel()
+		s.mu.Lock()
+		s.filling = false
+		if err != nil || s.closed || s.conn != nil {
+			s.mu.Unlock()
+			if conn != nil {
+				_ = conn.Close()
+			}
+			return
+		}
+		s.conn, s.made = conn, time.Now()
+		s.mu.Unlock()
+	}()
+}
+
+// closeSpare discards the spare and makes no more (Dialer.Close).
+func (d *Dialer) closeSpare() {
+	s := &d.spare
+	s.mu.Lock()
+	s.closed = true
+	c := s.conn
+	s.conn = nil
+	s.mu.Unlock()
+	if c != nil {
+		_ = c.Close()
+	}
+}
+
+// requestTLS runs a request on a new session's TLS connection. A failure on a
+// spare that says nothing about the request (the server closed the idle
+// connection, or answered hello_timeout because it waited longer than its
+// hello timeout) is retried once on a new connection.
+func (d *Dialer) requestTLS(ctx context.Context, addr string, hello proxy.ClientHello) (net.Conn, error) {
+	conn, spare, err := d.sessionTLS(ctx)
+	if err != nil {
+		return nil, err
+	}
+	c, err := d.request(ctx, conn, addr, hello)
+	var xe *exchangeError
+	var re *RefusedError
+	if spare && ctx.Err() == nil && (errors.As(err, &xe) || errors.As(err, &re) && re.Code == proxy.CodeHelloTimeout) {
+		if conn, err = d.connectTLS(ctx); err != nil {
+			return nil, err
+		}
+		c, err = d.request(ctx, conn, addr, hello)
+	}
+	d.refillSpare()
+	return c, err
+}

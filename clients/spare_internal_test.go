@@ -1,0 +1,141 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"io"
+	"log/slog"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+type allowAll struct{}
+
+func (allowAll) Authorize(context.Context, authz.Request) (authz.Decision, error) {
+	return authz.Decision{Allow: true}, nil
+}
+
+// spareEnv runs a proxy.Server and an echo service on loopback; the Dialer uses TLS.
+func spareEnv(t *testing.T) (*Dialer, string) {
+	t.Helper()
+	ca := testpki.New(t)
+	srv, err := proxy.New(proxy.Config{
+		ProxyTLS: &tls.Config{
+			Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")},
+			ClientCAs:    ca.Pool,
+			ClientAuth:   tls.RequireAndVerifyClientCert,
+		},
+		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
+			leaf := cs.PeerCertificates[0]
+			return authz.Identity{DeviceID: leaf.Subject.CommonName, NotAfter: leaf.NotAfter}, nil
+		},
+		Authorizer: allowAll{},
+		Logger:     slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = srv.Serve(ctx, ln); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = echo.Close() })
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(c, c); _ = c.Close() }()
+		}
+	}()
+	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	d := &Dialer{Server: ln.Addr().String(), Transport: TransportTLS, Timeout: 10 * time.Second,
+		TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}}}
+	t.Cleanup(func() { _ = d.Close() })
+	return d, echo.Addr().String()
+}
+
+func echoOnce(t *testing.T, d *Dialer, addr string) net.Conn {
+	t.Helper()
+	c, err := d.DialContext(context.Background(), "tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	var b [1]byte
+	if _, err := c.Write([]byte{'x'}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, b[:]); err != nil || b[0] != 'x' {
+		t.Fatalf("echo: %q, %v", b[:], err)
+	}
+	return c
+}
+
+// waitSpare polls until the Dialer holds a spare connection and returns it.
+func waitSpare(t *testing.T, d *Dialer) *tls.Conn {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		d.spare.mu.Lock()
+		c := d.spare.conn
+		d.spare.mu.Unlock()
+		if c != nil {
+			return c
+		}
+	}
+	t.Fatal("no spare connection was made during a burst of dials")
+	return nil
+}
+
+// In a burst of dials over TLS the next session starts on the spare connection.
+func TestSpareTLSUsedInBurst(t *testing.T) {
+	d, echo := spareEnv(t)
+	echoOnce(t, d, echo)
+	d.spare.mu.Lock()
+	none := d.spare.conn == nil && !d.spare.filling
+	d.spare.mu.Unlock()
+	if !none {
+		t.Fatal("a single dial made a spare connection")
+	}
+	echoOnce(t, d, echo) // the second dial within spareWindow starts a burst
+	sp := waitSpare(t, d)
+	if c := echoOnce(t, d, echo); c != net.Conn(sp) {
+		t.Fatal("the dial did not use the spare connection")
+	}
+	waitSpare(t, d)
+	_ = d.Close()
+	d.spare.mu.Lock()
+	gone := d.spare.conn == nil
+	d.spare.mu.Unlock()
+	if !gone {
+		t.Fatal("Close kept the spare connection")
+	}
+}
+
+// A spare the server has closed costs a retry on a new connection, not the dial.
+func TestSpareTLSDeadIsRetried(t *testing.T) {
+	d, echo := spareEnv(t)
+	echoOnce(t, d, echo)
+	echoOnce(t, d, echo)
+	sp := waitSpare(t, d)
+	_ = sp.NetConn().Close()
+	if c := echoOnce(t, d, echo); c == net.Conn(sp) {
+		t.Fatal("the dial returned the dead spare")
+	}
+}
