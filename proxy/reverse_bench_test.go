@@ -31,39 +31,13 @@ type reverseBench struct {
 
 func newReverseBench(b *testing.B, transport, target string) *reverseBench {
 	b.Helper()
-	q := newQUICEnv(b, func(c *proxy.Config) {
-		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", PublicHost: "127.0.0.1",
-			PublicPorts: func(string, int) bool { return true }}
-	}, proxy.QUICOptions{})
-	agentCert := q.ca.ServerCert(b, "svc.rev.test")
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
-
-	ad := q.dialer()
-	ad.Transport = transport
-	registered := make(chan struct{}, 1)
-	a := &clients.Agent{
-		Dialer:      ad,
-		Exposed:     []clients.Exposed{{Name: "svc", Local: target}, {Name: "pub", Local: target, PublicPort: port}},
-		AllowUsers:  []string{"alice"},
-		Certificate: func(context.Context, string) (*tls.Certificate, error) { return &agentCert, nil },
-		Registered:  func([]string) { registered <- struct{}{} },
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx); ad.Close() }()
-	b.Cleanup(func() { cancel(); <-done })
-	select {
-	case <-registered:
-	case err := <-done:
-		b.Fatalf("agent: %v", err)
-	case <-time.After(30 * time.Second):
-		b.Fatal("agent did not register")
-	}
+	q := startReverseAgent(b, transport, "svc", []clients.Exposed{{Name: "svc", Local: target}, {Name: "pub", Local: target, PublicPort: port}})
 	d := q.dialer()
 	d.Transport = transport
 	// As tp's own dialer does (clients.Client.Dialer): resume TLS sessions to the
@@ -115,4 +89,39 @@ func BenchmarkReverseNewSession(b *testing.B) {
 			}
 		})
 	}
+}
+
+// startReverseAgent runs a relay with reverse zone "rev.test" (every public port
+// allowed) and an agent for exposed over transport, whose protected name
+// protected.rev.test has a certificate from the test CA; it returns once the
+// agent registered.
+func startReverseAgent(b *testing.B, transport, protected string, exposed []clients.Exposed) *quicEnv {
+	b.Helper()
+	q := newQUICEnv(b, func(c *proxy.Config) {
+		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", PublicHost: "127.0.0.1",
+			PublicPorts: func(string, int) bool { return true }}
+	}, proxy.QUICOptions{})
+	agentCert := q.ca.ServerCert(b, protected+".rev.test")
+	ad := q.dialer()
+	ad.Transport = transport
+	registered := make(chan struct{}, 1)
+	a := &clients.Agent{
+		Dialer:      ad,
+		Exposed:     exposed,
+		AllowUsers:  []string{"alice"},
+		Certificate: func(context.Context, string) (*tls.Certificate, error) { return &agentCert, nil },
+		Registered:  func([]string) { registered <- struct{}{} },
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx); ad.Close() }()
+	b.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-registered:
+	case err := <-done:
+		b.Fatalf("agent: %v", err)
+	case <-time.After(30 * time.Second):
+		b.Fatal("agent did not register")
+	}
+	return q
 }

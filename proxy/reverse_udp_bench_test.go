@@ -1,8 +1,6 @@
 package proxy_test
 
 import (
-	"context"
-	"crypto/tls"
 	"net"
 	"strconv"
 	"testing"
@@ -61,38 +59,14 @@ func BenchmarkReverseUDPEcho(b *testing.B) {
 // returns a connection to it in mode "public" or "protected".
 func reverseUDPConn(b *testing.B, mode, transport, target string) net.Conn {
 	b.Helper()
-	q := newQUICEnv(b, func(c *proxy.Config) {
-		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", PublicHost: "127.0.0.1",
-			PublicPorts: func(string, int) bool { return true }}
-	}, proxy.QUICOptions{})
-	agentCert := q.ca.ServerCert(b, "dns.rev.test")
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
 	}
 	port := pc.LocalAddr().(*net.UDPAddr).Port
 	pc.Close()
-	ad := q.dialer()
-	ad.Transport = transport
-	registered := make(chan struct{}, 1)
-	a := &clients.Agent{
-		Dialer:      ad,
-		Exposed:     []clients.Exposed{{Name: "dns", Local: target, UDP: true}, {Name: "game", Local: target, UDP: true, PublicPort: port}},
-		AllowUsers:  []string{"alice"},
-		Certificate: func(context.Context, string) (*tls.Certificate, error) { return &agentCert, nil },
-		Registered:  func([]string) { registered <- struct{}{} },
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx); ad.Close() }()
-	b.Cleanup(func() { cancel(); <-done })
-	select {
-	case <-registered:
-	case err := <-done:
-		b.Fatalf("agent: %v", err)
-	case <-time.After(30 * time.Second):
-		b.Fatal("agent did not register")
-	}
+	q := startReverseAgent(b, transport, "dns", []clients.Exposed{
+		{Name: "dns", Local: target, UDP: true}, {Name: "game", Local: target, UDP: true, PublicPort: port}})
 	if mode == "public" {
 		c, err := net.Dial("udp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
 		if err != nil {
