@@ -448,12 +448,32 @@ func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.Connection
 		_ = a.writeFrame(SessionHeader{V: Version, End: "replaced", Reason: "a newer agent of the same device took over these names"})
 	case errors.As(cause, &rev):
 		_ = a.writeFrame(SessionHeader{V: Version, End: CodePolicyDenied, Reason: rev.Reason})
+	case errors.Is(cause, errShutdown):
+		_ = a.writeFrame(SessionHeader{V: Version, End: EndShutdown, Reason: "the TP server is shutting down; reconnect (the names stay held for this device meanwhile)"})
 	case errors.Is(cause, errCertExpired):
 		_ = a.writeFrame(SessionHeader{V: Version, End: "cert_expired", Reason: "the client certificate expired; the agent reconnects with a fresh one"})
 	}
 	ss.end = cause.Error()
 	_ = conn.Close()
 	return errHandled
+}
+
+// endAgents ends every agent's control session with cause (Shutdown: the agents
+// are told and reconnect, and their names stay held for them meanwhile).
+func (r *reverseRegistry) endAgents(cause error) {
+	r.mu.Lock()
+	agents := make(map[*reverseAgent]struct{})
+	for _, e := range r.names {
+		if e.agent != nil {
+			agents[e.agent] = struct{}{}
+		}
+	}
+	r.mu.Unlock()
+	for a := range agents {
+		if a.end != nil {
+			a.end(cause)
+		}
+	}
 }
 
 var (
@@ -567,6 +587,9 @@ type pairedStream struct {
 	done chan struct{}
 }
 
+// Unwrap is the accept connection.
+func (p *pairedStream) Unwrap() net.Conn { return p.Stream }
+
 func (p *pairedStream) Close() error {
 	err := p.Stream.Close()
 	p.once.Do(func() { close(p.done) })
@@ -642,9 +665,10 @@ func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session,
 		return nil, herr
 	}
 	// A public name's sessions are plain streams; a protected one's carry TLS
-	// between dialer and agent. A cut on the agent's side resets the dialer's.
+	// between dialer and agent.
 	ss.e2e = !a.isPublic(host)
-	return cutAware(st, func() { resetConn(conn) }), nil
+	ss.peer = "agent"
+	return st, nil
 }
 
 // netOfFull is the network of the service behind full name host.

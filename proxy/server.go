@@ -106,6 +106,7 @@ type Server struct {
 	webConns   atomic.Int64     // website connections counted against MaxWebConns
 	handshakes perIPCount       // unfinished TLS handshakes per source address
 	sessions   registry         // established sessions, for Recheck
+	ends       endRecords       // how recently aborted sessions ended, for op "why"
 	rev        *reverseRegistry // reverse names; nil when Config.Reverse.Zone is empty
 	udp        udpState         // UDP flow bounds and counters (udp.go)
 	wg         sync.WaitGroup   // connection goroutines (not web conns, which http.Server owns)
@@ -288,6 +289,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		_ = ln.Close()
 	}
 	s.mu.Unlock()
+	// Agents' control sessions would otherwise hold the drain for its whole
+	// length: they are told to reconnect, while their data sessions drain.
+	if s.rev != nil {
+		s.rev.endAgents(errShutdown)
+	}
 
 	var webErr error
 	webDone := make(chan struct{})
