@@ -37,6 +37,7 @@ type session struct {
 	network  string        // "tcp", or "udp" for a UDP flow (udp.go)
 	attrs    []slog.Attr   // more for the log line (a UDP flow's counters)
 	op       *ClientHello  // a reverse operation (listen, accept) for serveStream
+	counted  bool          // holds a slot of MaxSessionsPerIdentity (limits.go)
 }
 
 // Stream is one request's byte stream: a TLS connection (TLS transport) or a QUIC
@@ -77,6 +78,7 @@ func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.Connection
 func (s *Server) serveStream(ctx context.Context, conn Stream, cs *tls.ConnectionState, transport string) {
 	ss := newSession(conn)
 	defer func() { s.logSession(ctx, ss) }()
+	defer s.releaseSession(ss) // however the session ends
 	var upstream net.Conn
 	done := make(chan struct{})
 	go func() {
@@ -207,6 +209,11 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 		}
 	}
 	_ = conn.SetReadDeadline(time.Time{})
+	if hello.Op != OpAccept { // an accept carries another identity's session, counted there
+		if herr := s.countSession(ss); herr != nil {
+			return nil, herr
+		}
+	}
 	if hello.Op != OpDial { // served by serveStream: it lasts as long as the session
 		ss.op = &hello
 		return nil, nil
