@@ -30,6 +30,16 @@ type ReverseOptions struct {
 	// MaxPending bounds the sessions announced to one agent over TLS and not yet
 	// picked up; beyond it the oldest is refused. Default 1000.
 	MaxPending int
+	// MaxNamesPerIdentity bounds the reverse names and public exposures one
+	// device identity holds at once, over all its control sessions and including
+	// those reserved for it while an agent reconnects; a listen beyond it is
+	// refused with CodeTooManyNames. Default DefaultMaxNamesPerIdentity.
+	MaxNamesPerIdentity int
+	// MaxPendingPerIdentity bounds the dials of reverse names one device identity
+	// has waiting for their agents to pick them up, so that one dialer cannot
+	// fill an agent's MaxPending and push out everyone else's sessions. Excess
+	// dials are refused with CodeTooManyPending. Default DefaultMaxPendingPerIdentity.
+	MaxPendingPerIdentity int
 	// PickupTimeout bounds how long a dial waits for the agent to pick the session
 	// up. Default 10s.
 	PickupTimeout time.Duration
@@ -60,6 +70,12 @@ func (o ReverseOptions) withDefaults() ReverseOptions {
 	}
 	if o.MaxPending <= 0 {
 		o.MaxPending = 1000
+	}
+	if o.MaxNamesPerIdentity <= 0 {
+		o.MaxNamesPerIdentity = DefaultMaxNamesPerIdentity
+	}
+	if o.MaxPendingPerIdentity <= 0 {
+		o.MaxPendingPerIdentity = DefaultMaxPendingPerIdentity
 	}
 	if o.PickupTimeout <= 0 {
 		o.PickupTimeout = 10 * time.Second
@@ -117,6 +133,8 @@ type reverseRegistry struct {
 	names    map[string]*revEntry       // full name, "tcp/PORT" or "sni/NAME" → holder
 	sessions map[string]*pendingSession // announced, not yet accepted (TLS)
 	srv      *Server                    // opens and serves public ports
+	// pendingPerID counts the dials waiting for an agent per dialing device (limits.go).
+	pendingPerID identityCount
 
 	seq    uint64 // holds snapshots taken (persist), under mu
 	saveMu sync.Mutex
@@ -169,6 +187,9 @@ func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *HelloE
 			return nil, helloErr(CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another", describeKey(n))
 		}
 		r.dropLocked(n, e) // another owner's hold that has run out
+	}
+	if herr := r.checkNamesLocked(a, keys, now); herr != nil {
+		return nil, herr
 	}
 	opened, herr := r.openPublic(a)
 	if herr != nil {
@@ -660,7 +681,11 @@ func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session,
 		hdr.Net = "udp"
 		ss.spliced = true
 	}
+	if herr := s.rev.acquirePending(ss.id); herr != nil {
+		return nil, herr
+	}
 	st, herr := a.open(ctx, hdr)
+	s.rev.pendingPerID.release(ss.id.DeviceID)
 	if herr != nil {
 		return nil, herr
 	}

@@ -36,6 +36,7 @@ type session struct {
 	op       *ClientHello  // a reverse operation (listen, accept) for serveStream
 	sid      string        // session id sent with the ok, for op "why"
 	peer     string        // who is on the other side: "destination" or "agent"
+	counted  bool          // holds a slot of MaxSessionsPerIdentity (limits.go)
 }
 
 // Stream is one request's byte stream: a TLS connection (TLS transport) or a QUIC
@@ -76,6 +77,7 @@ func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.Connection
 func (s *Server) serveStream(ctx context.Context, conn Stream, cs *tls.ConnectionState, transport string) {
 	ss := newSession(conn)
 	defer func() { s.logSession(ctx, ss) }()
+	defer s.releaseSession(ss) // however the session ends
 	var upstream net.Conn
 	done := make(chan struct{})
 	go func() {
@@ -234,8 +236,13 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 		}
 	}
 	_ = conn.SetReadDeadline(time.Time{})
-	if hello.Op == OpWhy {
+	if hello.Op == OpWhy { // answered at once, so not counted
 		return nil, s.why(conn, ss, hello.Session)
+	}
+	if hello.Op != OpAccept { // an accept carries another identity's session, counted there
+		if herr := s.countSession(ss); herr != nil {
+			return nil, herr
+		}
 	}
 	if hello.Op != OpDial { // served by serveStream: it lasts as long as the session
 		ss.op = &hello

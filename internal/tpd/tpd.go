@@ -192,6 +192,8 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		MaxWebConns:        cfg.MaxWebConns,
 		MaxHandshakesPerIP: cfg.MaxHandshakesPerIP,
 		Reverse:            revOpts,
+
+		MaxSessionsPerIdentity: cfg.MaxSessionsPerIdentity,
 	})
 	if err != nil {
 		d.ca.Close()
