@@ -112,6 +112,22 @@ func (e *CutError) Explain(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, whyTimeout)
 	defer cancel()
 	e.End, e.why = e.t.d.why(ctx, e.t.session)
+	if e.End == nil {
+		// The server refuses an expired certificate, so it cannot be asked; but
+		// then the expiry is the answer.
+		if na, ok := e.t.d.certNotAfter(); ok && !time.Now().Before(na) {
+			e.End = &proxy.SessionEnd{Code: proxy.EndCertExpired, By: "server",
+				Reason: "the client certificate expired at " + na.UTC().Format(time.RFC3339) + "; tp renews it on the next connection, or run dlogin"}
+		}
+	}
+}
+
+// certNotAfter is the expiry of the Dialer's fixed client certificate, if it has one.
+func (d *Dialer) certNotAfter() (time.Time, bool) {
+	if d.TLSConfig == nil || len(d.TLSConfig.Certificates) == 0 || d.TLSConfig.Certificates[0].Leaf == nil {
+		return time.Time{}, false
+	}
+	return d.TLSConfig.Certificates[0].Leaf.NotAfter, true
 }
 
 // ExplainCut explains err when it is (or wraps) a *CutError, and returns err.
