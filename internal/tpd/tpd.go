@@ -160,13 +160,14 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 			GetCertificate: getCert,
 			ClientCAs:      roots,
 			ClientAuth:     tls.RequireAndVerifyClientCert,
-			// Runs on full and resumed handshakes alike: a revoked or deleted device
-			// cannot come back on a session ticket.
+			// Runs on full and resumed handshakes alike (TLS and QUIC): a revoked or
+			// deleted device cannot come back on a session ticket, and a chain that
+			// reaches the root by another way than the issuing intermediate is refused.
 			VerifyConnection: func(cs tls.ConnectionState) error {
 				if len(cs.PeerCertificates) == 0 {
 					return errors.New("client certificate required")
 				}
-				_, err := d.authz.Verify(cs.PeerCertificates[0])
+				_, err := d.verifyClient(cs.PeerCertificates[0], cs.VerifiedChains)
 				return err
 			},
 		},
@@ -198,6 +199,24 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		return nil, err
 	}
 	return d, nil
+}
+
+// verifyClient decides whether a device certificate may use the proxy: issued by
+// TP's issuing intermediate as an end-entity clientAuth certificate (see
+// authz.Issuer), then the identity check (deny list, user store). chains are the
+// chains crypto/tls verified against the root; nil verifies leaf here.
+func (d *Daemon) verifyClient(leaf *x509.Certificate, chains [][]*x509.Certificate) (authz.Identity, error) {
+	is := authz.Issuer{Root: d.pki.Root, Intermediate: d.pki.Intermediate}
+	var err error
+	if chains == nil {
+		err = is.VerifyLeaf(leaf, time.Now())
+	} else {
+		err = is.CheckChains(leaf, chains)
+	}
+	if err != nil {
+		return authz.Identity{}, err
+	}
+	return d.authz.Verify(leaf)
 }
 
 // Fingerprint is the root certificate's fingerprint that dlogin pins.

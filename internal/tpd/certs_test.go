@@ -1,0 +1,105 @@
+package tpd
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testpki"
+)
+
+// tpdSigners returns the real root and issuing intermediate of a running tpd,
+// with their keys, to mint certificates its CA would never issue.
+func tpdSigners(t *testing.T, d *Daemon) (root, inter testpki.Signer) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(d.cfg.CADir(), "root.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rootKey, err := login.ParseKeyPEM(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return testpki.Signer{Cert: d.pki.Root, Key: rootKey}, testpki.Signer{Cert: d.pki.Intermediate, Key: d.pki.IntermediateKey}
+}
+
+// dialWithCert dials addr through tpd over transport, presenting cert, and checks
+// one round trip.
+func dialWithCert(url string, root *x509.Certificate, cert tls.Certificate, transport, addr string) error {
+	server, err := clients.ServerAddr(url)
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(root)
+	d := &clients.Dialer{Server: server, Transport: transport, Timeout: 10 * time.Second,
+		TLSConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}}}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := conn.Write([]byte("x")); err != nil {
+		return err
+	}
+	_, err = io.ReadFull(conn, make([]byte, 1))
+	return err
+}
+
+// The proxy's TLS and QUIC listeners accept a device certificate only from tpd's
+// issuing intermediate, only as an end-entity certificate and only with the
+// clientAuth extended key usage named. Each bad certificate is minted with the
+// real root and intermediate of the running tpd, for an enrolled device that the
+// policy allows, so nothing but the certificate's shape can refuse it.
+func TestProxyAcceptsOnlyIssuingIntermediateLeaves(t *testing.T) {
+	d, url := startDaemon(t, allowAlice)
+	enrollClient(t, d, url, "alice", "laptop") // alice@laptop is enrolled and allowed
+	echo := echoServer(t)
+	root, inter := tpdSigners(t, d)
+	second := testpki.NewIntermediate(t, root, "Second Intermediate under tpd's root")
+	const dev = "alice@laptop"
+	cases := []struct {
+		name string
+		cert tls.Certificate
+		ok   bool
+	}{
+		{"good: issued by tpd's intermediate", testpki.DeviceCert(t, inter, dev, nil), true},
+		{"bad: signed directly by tpd's root", testpki.DeviceCert(t, root, dev, nil), false},
+		{"bad: signed by a second intermediate under tpd's root", testpki.DeviceCert(t, second, dev, nil), false},
+		{"bad: CA:TRUE leaf from tpd's intermediate", testpki.DeviceCert(t, inter, dev, func(c *x509.Certificate) {
+			c.BasicConstraintsValid, c.IsCA = true, true
+		}), false},
+		// Decision: a missing EKU is not "any usage" (as x509.Verify reads it) but
+		// a refusal; TP requires clientAuth by name.
+		{"bad: no extended key usage", testpki.DeviceCert(t, inter, dev, func(c *x509.Certificate) { c.ExtKeyUsage = nil }), false},
+		{"bad: anyExtendedKeyUsage only", testpki.DeviceCert(t, inter, dev, func(c *x509.Certificate) {
+			c.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageAny}
+		}), false},
+	}
+	for _, transport := range []string{clients.TransportTLS, clients.TransportQUIC} {
+		for _, tc := range cases {
+			t.Run(transport+"/"+tc.name, func(t *testing.T) {
+				err := dialWithCert(url, d.pki.Root, tc.cert, transport, echo)
+				switch {
+				case tc.ok && err != nil:
+					t.Fatalf("refused: %v", err)
+				case !tc.ok && err == nil:
+					t.Fatal("the listener accepted it")
+				case !tc.ok && !strings.Contains(strings.ToLower(err.Error()), "certificate"):
+					t.Fatalf("refused, but not for its certificate: %v", err)
+				}
+			})
+		}
+	}
+}
