@@ -67,7 +67,11 @@ func dialWithCert(url string, root *x509.Certificate, cert tls.Certificate, tran
 // policy allows, so nothing but the certificate's shape can refuse it.
 func TestProxyAcceptsOnlyIssuingIntermediateLeaves(t *testing.T) {
 	d, url := startDaemon(t, allowAlice)
-	enrollClient(t, d, url, "alice", "laptop") // alice@laptop is enrolled and allowed
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop") // alice@laptop is enrolled and allowed
+	devKey, err := alice.Home.DeviceKey()
+	if err != nil {
+		t.Fatal(err)
+	}
 	echo := echoServer(t)
 	root, inter := tpdSigners(t, d)
 	second := testpki.NewIntermediate(t, root, "Second Intermediate under tpd's root")
@@ -103,6 +107,19 @@ func TestProxyAcceptsOnlyIssuingIntermediateLeaves(t *testing.T) {
 					t.Fatalf("refused, but not for its certificate: %v", err)
 				}
 			})
+		}
+	}
+	// tp whoami asks the server about its certificate; the answer is the
+	// listeners' own verdict, so it never calls a refused certificate valid.
+	for _, tc := range cases {
+		who, err := login.Whoami(context.Background(), login.HTTPClient(d.pki.Root), url, "alice@laptop", devKey, tc.cert.Certificate...)
+		switch {
+		case err != nil:
+			t.Errorf("whoami with %s: %v", tc.name, err)
+		case who.Certificate == nil:
+			t.Errorf("whoami with %s: no verdict on the certificate", tc.name)
+		case who.Certificate.Accepted != tc.ok:
+			t.Errorf("whoami with %s: accepted %v (%s); the listeners say %v", tc.name, who.Certificate.Accepted, who.Certificate.Reason, tc.ok)
 		}
 	}
 }

@@ -84,7 +84,8 @@ type Daemon struct {
 	Created bool // the data dir was bootstrapped by New
 
 	decisions *policy.DecisionLog
-	denyMu    sync.Mutex    // serialises deny-list changes and their saving
+	denyMu    sync.Mutex    // serialises deny-list changes and their saving; guards deny
+	deny      denyMeta      // when entries were added, which device a serial belongs to
 	checked   authState     // what live sessions were last re-checked against; maintain's
 	web       webState      // website.go
 	kick      chan struct{} // asks maintain to re-check now
@@ -119,10 +120,11 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if d.policy, err = policy.Load(ctx, cfg.PolicyDir(), policy.WithTimeout(cfg.PolicyTimeout)); err != nil {
 		return nil, fmt.Errorf("policy in %s: %w", cfg.PolicyDir(), err)
 	}
-	denyList, err := LoadDenyList(cfg.DenyListFile())
+	denyList, denyMeta, err := loadDenyFile(cfg.DenyListFile())
 	if err != nil {
 		return nil, err
 	}
+	d.deny = denyMeta
 	if d.decisions, err = policy.OpenDecisionLog(cfg.DecisionLog); err != nil {
 		return nil, err
 	}
@@ -137,6 +139,10 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		ReverseOwner: func(host string) (string, bool) { return d.proxy.ReverseOwner(host) },
 		Denied: func(dev users.Device) (string, bool) {
 			return d.authz.DenyList.Denies(authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
+		},
+		CheckCertificate: func(leaf *x509.Certificate) error {
+			_, err := d.verifyClient(leaf, nil)
+			return err
 		}}
 	web := http.NewServeMux()
 	web.Handle("/acme/", d.ca.Handler())
