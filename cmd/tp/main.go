@@ -211,7 +211,7 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 			case errors.As(askErr, &se):
 				fmt.Fprintf(stdout, "Groups:      unknown (the server refused to answer: %s)\n", se.Message)
 			case askErr != nil:
-				fmt.Fprintf(stdout, "Groups:      unknown (cannot reach the server: %v)\n", askErr)
+				fmt.Fprintf(stdout, "Groups:      unknown (%v)\n", askErr)
 			case who.Revoked:
 				fmt.Fprintf(stdout, "Groups:      none: this device is REVOKED on the server\n")
 			case len(who.Groups) == 0:
@@ -250,8 +250,8 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 				state = "NOT CONFIRMED: the server refused to answer (" + se.Message + ")"
 				fail = errors.New("the server did not confirm this device's certificate")
 			case askErr != nil:
-				state = fmt.Sprintf("NOT CONFIRMED: cannot reach the server to check it (%v)", askErr)
-				fail = errors.New("cannot reach the server to confirm this device's certificate")
+				state = fmt.Sprintf("NOT CONFIRMED: the server could not be asked (%v)", askErr)
+				fail = errors.New("the server could not be asked to confirm this device's certificate")
 			case who.Certificate == nil:
 				state = "NOT CONFIRMED: the server did not say whether it accepts this certificate"
 				fail = errors.New("the server did not confirm this device's certificate")
