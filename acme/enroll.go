@@ -287,6 +287,10 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
+		if tooBig := (*http.MaxBytesError)(nil); errors.As(err, &tooBig) {
+			writeErr(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body is larger than %d KiB; TP's enrollment requests are under 2 KiB", maxBody>>10))
+			return false
+		}
 		writeErr(w, http.StatusBadRequest, "request body is not the expected JSON: "+err.Error())
 		return false
 	}
