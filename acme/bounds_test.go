@@ -261,4 +261,3 @@ func siteAccountWithOrder(t *testing.T, ts *testServer) (account, order string) 
 }
 
 func lastSegment(u string) string { return u[strings.LastIndex(u, "/")+1:] }
-
