@@ -84,10 +84,11 @@ type Daemon struct {
 	Created bool // the data dir was bootstrapped by New
 
 	decisions *policy.DecisionLog
-	denyMu    sync.Mutex    // serialises deny-list changes and their saving
-	checked   authState     // what live sessions were last re-checked against; maintain's
-	web       webState      // website.go
-	kick      chan struct{} // asks maintain to re-check now
+	denyMu    sync.Mutex     // serialises deny-list changes and their saving
+	checked   authState      // what live sessions were last re-checked against; maintain's
+	web       webState       // website.go
+	kick      chan struct{}  // asks maintain to re-check now
+	limiter   *sourceLimiter // the CA's and enrollment's per-source rate limit (ratelimit.go)
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
@@ -130,7 +131,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	d.checked = authState{revision: d.policy.Revision(), users: d.users.Generation()}
 	d.kick = make(chan struct{}, 1)
 	if d.ca, err = acme.NewCA(d.pki, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names, ReverseZone: cfg.ReverseZone,
-		SiteNames: sitesForCA(cfg), SiteValidator: siteValidator{d}}); err != nil {
+		SiteNames: sitesForCA(cfg), SiteValidator: siteValidator{d}, MaxNonces: cfg.CAMaxNonces}); err != nil {
 		return nil, err
 	}
 	enroller := &acme.Enroller{PKI: d.pki, CA: d.ca, Users: d.users, Logger: log,
@@ -138,9 +139,12 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		Denied: func(dev users.Device) (string, bool) {
 			return d.authz.DenyList.Denies(authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
 		}}
+	// Anyone reaches these without a certificate: each source address gets a
+	// token bucket, shared by both.
+	d.limiter = newSourceLimiter(cfg.CARateLimit, cfg.CARateBurst)
 	web := http.NewServeMux()
-	web.Handle("/acme/", d.ca.Handler())
-	web.Handle("/tp/", enroller.Handler())
+	web.Handle("/acme/", d.limiter.wrap(d.ca.Handler()))
+	web.Handle("/tp/", d.limiter.wrap(enroller.Handler()))
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
 		d.ca.Close()
@@ -276,6 +280,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		return nil
 	})
 	g.Go(func() error { d.maintain(gctx); return nil })
+	g.Go(func() error { d.pruneCA(gctx); return nil })
 	if d.Ready != nil {
 		d.Ready()
 	}
@@ -323,6 +328,29 @@ func (d *Daemon) maintain(ctx context.Context) {
 			d.log.Info("policy reloaded", "revision", d.policy.Revision())
 		}
 		d.recheckIfChanged(ctx)
+	}
+}
+
+// pruneCA removes what logins left in the CA database (acme.CA.Prune) at start
+// and every ca-prune-interval until ctx ends.
+func (d *Daemon) pruneCA(ctx context.Context) {
+	t := time.NewTicker(d.cfg.CAPruneInterval)
+	defer t.Stop()
+	for {
+		st, err := d.ca.Prune(ctx, time.Now(), d.cfg.CARetention)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			d.log.Error("pruning the CA database failed; it is tried again at the next interval", "err", err)
+		case st.Total() > 0:
+			d.log.Info("pruned the CA database", "nonces", st.Nonces, "eab_keys", st.EABKeys, "accounts", st.Accounts,
+				"orders", st.Orders, "authorizations", st.Authorizations, "challenges", st.Challenges,
+				"acme_certificates", st.ACMECertificates, "certificates", st.Certificates)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
 	}
 }
 
