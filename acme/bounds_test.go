@@ -58,6 +58,27 @@ func TestNonceStoreBounded(t *testing.T) {
 	if s.len() != 1 {
 		t.Errorf("%d nonces held after all expired and one was made", s.len())
 	}
+
+	// A large bound is not allocated up front; the store grows to it in order.
+	s = newNonceStore(3000)
+	s.now = func() time.Time { return now }
+	if len(s.queue) > 1024 {
+		t.Errorf("a store of 3000 allocated %d entries at once", len(s.queue))
+	}
+	first, _ = s.create()
+	var last string
+	for i := 0; i < 2500; i++ {
+		last, _ = s.create()
+	}
+	if !s.use(first) || !s.use(last) {
+		t.Fatal("nonces made before and after the store grew were lost")
+	}
+	for i := 0; i < 10_000; i++ {
+		last, _ = s.create()
+	}
+	if s.len() > 3000 || len(s.queue) != 3000 || !s.use(last) {
+		t.Errorf("after 12500 nonces: %d held, ring of %d, newest usable: %v", s.len(), len(s.queue), s.use(last))
+	}
 }
 
 // HEAD new-nonce writes nothing to the CA database (it used to store every

@@ -32,7 +32,7 @@ type nonceStore struct {
 	mu    sync.Mutex
 	max   int
 	live  map[nonceID]int64 // outstanding nonce → expiry, unix nanoseconds
-	queue []nonceEntry      // ring buffer of len max, oldest at head
+	queue []nonceEntry      // ring buffer, oldest at head; grows up to max
 	head  int
 	n     int // entries in queue (live or already used)
 	now   func() time.Time
@@ -47,7 +47,7 @@ func newNonceStore(max int) *nonceStore {
 	if max <= 0 {
 		max = DefaultMaxNonces
 	}
-	return &nonceStore{max: max, live: make(map[nonceID]int64), queue: make([]nonceEntry, max), now: time.Now}
+	return &nonceStore{max: max, live: make(map[nonceID]int64), queue: make([]nonceEntry, min(max, 1024)), now: time.Now}
 }
 
 // create returns a fresh nonce, dropping expired ones and, when full, the oldest.
@@ -61,11 +61,17 @@ func (s *nonceStore) create() (string, error) {
 	now := s.now().UnixNano()
 	for s.n > 0 && (s.n == s.max || s.queue[s.head].expires <= now) {
 		delete(s.live, s.queue[s.head].id)
-		s.head = (s.head + 1) % s.max
+		s.head = (s.head + 1) % len(s.queue)
 		s.n--
 	}
+	if s.n == len(s.queue) { // full below max: grow, oldest first
+		q := make([]nonceEntry, min(2*len(s.queue), s.max))
+		copied := copy(q, s.queue[s.head:])
+		copy(q[copied:], s.queue[:s.head])
+		s.queue, s.head = q, 0
+	}
 	exp := now + int64(nonceTTL)
-	s.queue[(s.head+s.n)%s.max] = nonceEntry{id: id, expires: exp}
+	s.queue[(s.head+s.n)%len(s.queue)] = nonceEntry{id: id, expires: exp}
 	s.n++
 	s.live[id] = exp
 	return base64.RawURLEncoding.EncodeToString(id[:]), nil

@@ -248,8 +248,8 @@ func (s Server) Validate() error {
 	if s.CARateBurst < minCARateBurst || s.CARateBurst > 1_000_000 {
 		errs = append(errs, fmt.Errorf("ca-rate-burst %d must be between %d (one login takes about 15 requests) and 1000000", s.CARateBurst, minCARateBurst))
 	}
-	if s.CAMaxNonces < 100 || s.CAMaxNonces > 10_000_000 {
-		errs = append(errs, fmt.Errorf("ca-max-nonces %d must be between 100 and 10000000 (about 80 bytes of memory each)", s.CAMaxNonces))
+	if s.CAMaxNonces < 100 || s.CAMaxNonces > 1_000_000 {
+		errs = append(errs, fmt.Errorf("ca-max-nonces %d must be between 100 and 1000000 (about 80 bytes of memory each)", s.CAMaxNonces))
 	}
 	if s.CARetention < 24*time.Hour || s.CARetention > 365*24*time.Hour {
 		errs = append(errs, fmt.Errorf("ca-retention %s must be between 24h (the longest certificate lifetime) and 8760h", s.CARetention))
