@@ -84,11 +84,12 @@ type Daemon struct {
 	Created bool // the data dir was bootstrapped by New
 
 	decisions *policy.DecisionLog
-	denyMu    sync.Mutex     // serialises deny-list changes and their saving
-	checked   authState      // what live sessions were last re-checked against; maintain's
-	web       webState       // website.go
-	kick      chan struct{}  // asks maintain to re-check now
-	limiter   *sourceLimiter // the CA's and enrollment's per-source rate limit (ratelimit.go)
+	denyMu    sync.Mutex    // serialises deny-list changes and their saving
+	checked   authState     // what live sessions were last re-checked against; maintain's
+	web       webState      // website.go
+	kick      chan struct{} // asks maintain to re-check now
+
+	limiter *sourceLimiter // the CA's and enrollment's per-source rate limit (ratelimit.go)
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
