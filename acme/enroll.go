@@ -13,7 +13,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -48,6 +50,10 @@ type Enroller struct {
 	// Denied consults tpd's deny list (device, user); a denied device gets no
 	// attestation, account binding or certificate. nil denies nothing.
 	Denied func(dev users.Device) (reason string, denied bool)
+	// AllowBinding limits the ACME account bindings (EAB keys) a device mints,
+	// one per login and per reverse-name certificate: each is a database record
+	// until pruned. Refused, the device is told to wait. nil allows all.
+	AllowBinding func(deviceID string) (ok bool, wait time.Duration)
 }
 
 // Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.
@@ -131,6 +137,23 @@ func (e *Enroller) checkActive(w http.ResponseWriter, dev users.Device) bool {
 	return true
 }
 
+// checkBindingRate refuses (and returns false) a device that minted too many
+// account bindings lately, saying when to retry.
+func (e *Enroller) checkBindingRate(w http.ResponseWriter, dev users.Device) bool {
+	if e.AllowBinding == nil {
+		return true
+	}
+	ok, wait := e.AllowBinding(dev.ID)
+	if ok {
+		return true
+	}
+	secs := int(math.Ceil(wait.Seconds()))
+	e.log().Warn("account binding refused", "device", dev.ID, "why", "rate limit", "retry_after_s", secs)
+	w.Header().Set("Retry-After", strconv.Itoa(secs))
+	writeErr(w, http.StatusTooManyRequests, fmt.Sprintf("device %q asked for too many certificates in a short time; try again in %d s", dev.ID, secs))
+	return false
+}
+
 // errNotThisDevice is the one answer for an unknown device and for a request
 // signed by another key, so that nobody can learn which device IDs exist.
 func errNotThisDevice(deviceID string) string {
@@ -211,6 +234,9 @@ func (e *Enroller) attest(w http.ResponseWriter, r *http.Request) {
 	loginPub, err := parseP256(req.PublicKey)
 	if err != nil {
 		writeErr(w, http.StatusBadRequest, "public_key: "+err.Error())
+		return
+	}
+	if !e.checkBindingRate(w, dev) {
 		return
 	}
 	cert, err := e.issueAttestation(dev.ID, loginPub)

@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -62,12 +63,12 @@ func TestSourceLimiter(t *testing.T) {
 	// One /64 is one source; ::ffff:192.0.2.1 is 192.0.2.1.
 	v6a, v6b := netip.MustParseAddr("2001:db8:1:2::1"), netip.MustParseAddr("2001:db8:1:2:ffff::9")
 	for i := 0; i < 3; i++ {
-		l.allow(v6a)
+		l.allow(sourceKey(v6a))
 	}
-	if ok, _ := l.allow(v6b); ok {
+	if ok, _ := l.allow(sourceKey(v6b)); ok {
 		t.Error("another address of the same IPv6 /64 got its own bucket")
 	}
-	if ok, _ := l.allow(netip.MustParseAddr("::ffff:192.0.2.1")); ok {
+	if ok, _ := l.allow(sourceKey(netip.MustParseAddr("::ffff:192.0.2.1"))); ok {
 		t.Error("an IPv4-mapped address got its own bucket")
 	}
 	// The table is bounded; the least recently seen source is forgotten.
@@ -171,7 +172,7 @@ func TestCARateLimitPerSource(t *testing.T) {
 	}
 	enrollClient(t, d, url, "alice", "laptop")
 	d.limiter.mu.Lock()
-	used := 30 - d.limiter.sources[netip.MustParseAddr("127.0.0.1")].Value.(*bucket).tokens
+	used := 30 - d.limiter.keys[netip.MustParseAddr("127.0.0.1")].Value.(*bucket[netip.Addr]).tokens
 	d.limiter.mu.Unlock()
 	t.Logf("a first login took %.0f requests of 127.0.0.1's burst (with one new-nonce before it)", used)
 }
@@ -301,4 +302,62 @@ func TestUnauthenticatedFloodBounded(t *testing.T) {
 	}
 	// A legitimate login still succeeds.
 	enrollClient(t, d, url, "alice", "laptop")
+}
+
+// enrollKey enrolls user@device with a fresh device key and returns the key.
+func enrollKey(t *testing.T, d *Daemon, hc *http.Client, url, user, device string) *ecdsa.PrivateKey {
+	t.Helper()
+	enr, err := d.Users().Enroll(user, device, nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if _, err := login.EnrollDevice(context.Background(), hc, url, enr.Token, key); err != nil {
+		t.Fatal(err)
+	}
+	return key
+}
+
+// attest asks for an attestation and an account binding as dlogin does, and
+// returns the status and body.
+func attest(t *testing.T, hc *http.Client, url, deviceID string, devKey *ecdsa.PrivateKey) (*http.Response, []byte) {
+	t.Helper()
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.MarshalPKIXPublicKey(k.Public())
+	pub := base64.StdEncoding.EncodeToString(der)
+	ts := time.Now().UTC().Format(time.RFC3339)
+	sig, err := login.SignMessage(devKey, login.AttestMessage(deviceID, pub, ts))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := json.Marshal(login.AttestRequest{DeviceID: deviceID, PublicKey: pub, Time: ts, Signature: sig})
+	return do(t, hc, http.MethodPost, url+login.PathAttest, "application/json", string(body))
+}
+
+// An enrolled device cannot mint account bindings (each a CA database record
+// until pruned) without bound, from however many addresses: past the burst it
+// gets 429 with Retry-After and a sentence naming it; another device is
+// unaffected. Bad input: 101 attestations in a row from one device.
+func TestDeviceBindingRateLimit(t *testing.T) {
+	d, url := startDaemonCfg(t, allowAlice, func(c *config.Server) { c.CARateBurst = 1_000_000 })
+	hc := sourceClient(t, d, "127.0.0.1", 4)
+	alice := enrollKey(t, d, hc, url, "alice", "laptop")
+	bob := enrollKey(t, d, hc, url, "bob", "phone")
+	for i := 0; i < bindingBurst; i++ {
+		if resp, b := attest(t, hc, url, "alice@laptop", alice); resp.StatusCode != http.StatusOK {
+			t.Fatalf("attestation %d of the burst: %d %s", i+1, resp.StatusCode, b)
+		}
+	}
+	resp, b := attest(t, hc, url, "alice@laptop", alice)
+	var le login.ErrorResponse
+	if resp.StatusCode != http.StatusTooManyRequests || json.Unmarshal(b, &le) != nil ||
+		!strings.Contains(le.Error, `"alice@laptop" asked for too many certificates`) || !strings.Contains(le.Error, "try again in") {
+		t.Fatalf("attestation past the burst: status %d, error %q; want 429 naming the device", resp.StatusCode, le.Error)
+	}
+	if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err != nil || s < 1 || s > 10 {
+		t.Errorf("Retry-After %q, want whole seconds up to 10", resp.Header.Get("Retry-After"))
+	}
+	if resp, b := attest(t, hc, url, "bob@phone", bob); resp.StatusCode != http.StatusOK {
+		t.Errorf("another device: %d %s", resp.StatusCode, b)
+	}
 }

@@ -139,13 +139,15 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		ReverseOwner: func(host string) (string, bool) { return d.proxy.ReverseOwner(host) },
 		Denied: func(dev users.Device) (string, bool) {
 			return d.authz.DenyList.Denies(authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
-		}}
+		},
+		AllowBinding: newKeyedLimiter[string](bindingRate, bindingBurst, maxRateDevices).allow,
+	}
 	// Anyone reaches these without a certificate: each source address gets a
 	// token bucket, shared by both.
 	d.limiter = newSourceLimiter(cfg.CARateLimit, cfg.CARateBurst)
 	web := http.NewServeMux()
-	web.Handle("/acme/", d.limiter.wrap(d.ca.Handler()))
-	web.Handle("/tp/", d.limiter.wrap(enroller.Handler()))
+	web.Handle("/acme/", limitSources(d.limiter, d.ca.Handler()))
+	web.Handle("/tp/", limitSources(d.limiter, enroller.Handler()))
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
 		d.ca.Close()
