@@ -109,7 +109,7 @@ type Server struct {
 	LogFormat string `mapstructure:"log-format"`
 }
 
-// Defaults of the CA's bounds: a login takes about 15 requests, so a burst of 100
+// Defaults of the CA's bounds: a login takes 12 requests, so a burst of 100
 // lets a few devices behind one NAT address log in at once.
 const (
 	DefaultCARateLimit = 10.0
@@ -246,7 +246,7 @@ func (s Server) Validate() error {
 		errs = append(errs, fmt.Errorf("ca-rate-limit %g must be above 0 and at most 100000 requests per second per source address", s.CARateLimit))
 	}
 	if s.CARateBurst < minCARateBurst || s.CARateBurst > 1_000_000 {
-		errs = append(errs, fmt.Errorf("ca-rate-burst %d must be between %d (one login takes about 15 requests) and 1000000", s.CARateBurst, minCARateBurst))
+		errs = append(errs, fmt.Errorf("ca-rate-burst %d must be between %d (one login takes 12 requests) and 1000000", s.CARateBurst, minCARateBurst))
 	}
 	if s.CAMaxNonces < 100 || s.CAMaxNonces > 1_000_000 {
 		errs = append(errs, fmt.Errorf("ca-max-nonces %d must be between 100 and 1000000 (about 80 bytes of memory each)", s.CAMaxNonces))

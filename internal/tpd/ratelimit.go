@@ -17,11 +17,11 @@ import (
 	"github.com/tp-proxy/tp/acme/login"
 )
 
-// maxRateSources bounds the source addresses (and maxRateDevices the devices)
-// a limiter remembers. When it is
-// full the least recently seen source is forgotten: its bucket starts full again
-// if it comes back, which costs at most one burst per eviction, and the CA's own
-// bounds (in-memory nonces, pruning) hold whatever gets through.
+// maxRateSources bounds the source addresses (and maxRateDevices the devices) a
+// limiter remembers. When it is full the least recently seen is forgotten: its
+// bucket starts full again if it comes back, which costs at most one burst per
+// eviction, and the CA's own bounds (in-memory nonces, pruning) hold whatever
+// gets through.
 const (
 	maxRateSources = 16384
 	maxRateDevices = 16384
