@@ -229,7 +229,10 @@ func TestAbortServerEndsSession(t *testing.T) {
 // and ids that were never issued.
 func TestWhyIsOnlyForTheOwner(t *testing.T) {
 	e := newEnv(t, nil)
-	dest := destination(t, func(c *net.TCPConn) { reset(c) })
+	dest := destination(t, func(c *net.TCPConn) {
+		_, _ = c.Read(make([]byte, 1)) // reset only once the session is up
+		reset(c)
+	})
 	c := e.rawConn(t)
 	defer c.Close()
 	host, port, _ := net.SplitHostPort(dest)
@@ -239,6 +242,9 @@ func TestWhyIsOnlyForTheOwner(t *testing.T) {
 	sh, err := proxy.ReadServerHello(c)
 	if err != nil || !sh.OK || len(sh.Session) != 32 {
 		t.Fatalf("dial answer %+v, %v; want ok with a 32-character session id", sh, err)
+	}
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
 	}
 	if _, err := readUntilFailure(t, c); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("after the destination's reset the client read %v; want a connection reset", err)
