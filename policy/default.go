@@ -72,9 +72,10 @@ default allow := false
 # device cannot learn which names exist or where they point (see "Reasons").
 # ---------------------------------------------------------------------------
 
-deny contains internal_message if {
+deny contains msg if {
 	some ip in internal_addresses
 	not internal_allowed(ip)
+	msg := internal_message
 }
 
 internal_message := sprintf("%s an internal address that this policy does not open; ask the TP administrator to add its network to allowed_internal", [internal_subject])
