@@ -241,11 +241,15 @@ func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego
 	}
 	defer func() { <-e.slots }()
 
-	m := startMeter()
-	defer m.stop()
 	evalCtx, cancel := context.WithCancelCause(wallCtx)
 	defer cancel(nil)
-	defer watchBudget(m.used, e.timeout, func() { cancel(errOverBudget) })()
+	w := &budgetWatch{budget: e.timeout, over: cancel}
+	w.m.start()
+	defer w.m.stop()
+	defer w.stop()
+	w.mu.Lock() // check may not run before w.t is set
+	w.t = time.AfterFunc(e.timeout, w.check)
+	w.mu.Unlock()
 	// Without an external cancel, OPA starts a goroutine per evaluation to watch
 	// the context; AfterFunc costs nothing until the context actually ends.
 	halt := topdown.NewCancel()
@@ -253,7 +257,10 @@ func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego
 	rs, err := c.query.Eval(evalCtx, append([]rego.EvalOption{rego.EvalParsedInput(v), rego.EvalExternalCancel(halt)}, extra...)...)
 	// OPA checks for cancellation only now and then, so an evaluation can finish
 	// over its budget or after the deadline. Late answers deny too.
-	overBudget := m.used() >= e.timeout || errors.Is(context.Cause(evalCtx), errOverBudget)
+	// An evaluation cannot have used more processor time than time has passed,
+	// so the clock is read only when that much has.
+	overBudget := errors.Is(context.Cause(evalCtx), errOverBudget) ||
+		time.Since(w.m.wallStart) >= e.timeout && w.m.used() >= e.timeout
 	switch {
 	case ctx.Err() != nil:
 		return nil, fmt.Errorf("policy evaluation (revision %s) abandoned: %w", c.revision, errors.Join(ctx.Err(), err))
@@ -268,35 +275,38 @@ func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego
 	return rs, nil
 }
 
-// watchBudget calls over once used() reaches budget, checking when the budget
-// would be used up if the evaluation had the processor all along. It returns the
-// function that stops the watch; over is not called after it returns.
-func watchBudget(used func() time.Duration, budget time.Duration, over func()) (stop func()) {
-	var mu sync.Mutex
-	done := false
-	var t *time.Timer
-	check := func() {
-		mu.Lock()
-		defer mu.Unlock()
-		if done {
-			return
-		}
-		left := budget - used()
-		if left <= 0 {
-			over()
-			return
-		}
-		t.Reset(max(left, time.Millisecond))
+// budgetWatch cancels an evaluation once it has used its budget of processor time
+// (see meter), checking when the budget would be used up had the evaluation had a
+// processor all along.
+type budgetWatch struct {
+	budget time.Duration
+	over   context.CancelCauseFunc
+	m      meter
+	mu     sync.Mutex // guards done and the timer's re-arming
+	done   bool
+	t      *time.Timer
+}
+
+func (w *budgetWatch) check() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done {
+		return
 	}
-	mu.Lock()
-	t = time.AfterFunc(budget, check)
-	mu.Unlock()
-	return func() {
-		mu.Lock()
-		done = true
-		t.Stop()
-		mu.Unlock()
+	left := w.budget - w.m.used()
+	if left <= 0 {
+		w.over(errOverBudget)
+		return
 	}
+	w.t.Reset(max(left, time.Millisecond))
+}
+
+// stop ends the watch; over is not called after it returns.
+func (w *budgetWatch) stop() {
+	w.mu.Lock()
+	w.done = true
+	w.t.Stop()
+	w.mu.Unlock()
 }
 
 func describe(v any) string {

@@ -12,28 +12,29 @@ import (
 // still while the thread waits for a processor, is read from any thread.
 type meter struct {
 	clock     int32 // the thread's CPU clock; 0 if it cannot be read
-	start     time.Duration
+	start0    time.Duration
 	wallStart time.Time
 }
 
-func startMeter() *meter {
+// start locks the calling goroutine to its thread and starts measuring; stop
+// must follow on the same goroutine.
+func (m *meter) start() {
 	runtime.LockOSThread()
-	m := &meter{wallStart: time.Now()}
+	m.wallStart = time.Now()
 	// MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED) of linux/posix-timers.h: the
 	// inverted thread id, then CPUCLOCK_PERTHREAD_MASK (4) | CPUCLOCK_SCHED (2).
 	clock := (^int32(unix.Gettid()))<<3 | 6
 	if d, ok := readClock(clock); ok {
-		m.clock, m.start = clock, d
+		m.clock, m.start0 = clock, d
 	}
-	return m
 }
 
-// used returns the processor time since startMeter; wall time if the clock
+// used returns the processor time since start; wall time if the clock
 // cannot be read.
 func (m *meter) used() time.Duration {
 	if m.clock != 0 {
 		if d, ok := readClock(m.clock); ok {
-			return d - m.start
+			return d - m.start0
 		}
 	}
 	return time.Since(m.wallStart)

@@ -8,7 +8,7 @@ import "time"
 // got its turn): only Linux gives a thread's processor time cheaply here.
 type meter struct{ wallStart time.Time }
 
-func startMeter() *meter { return &meter{wallStart: time.Now()} }
+func (m *meter) start() { m.wallStart = time.Now() }
 
 func (m *meter) used() time.Duration { return time.Since(m.wallStart) }
 
