@@ -111,3 +111,28 @@ func TestProbingNamesRevealsNothing(t *testing.T) {
 		t.Fatalf("alice, internal name: %s %q; want a denial that does not name the address", re.Code, re.Reason)
 	}
 }
+
+// Reverse names too: carol, whom the policy does not let dial "svc", is told the
+// same thing whether an agent serves the name or not. Before, the name was looked
+// up before the policy was asked, so she got reverse_unknown ("no agent serves
+// svc.rev.tp.internal") until alice's agent registered it and a policy denial
+// afterwards: she could watch which names are served and when.
+func TestProbingReverseNamesRevealsNothing(t *testing.T) {
+	d, url := startDaemon(t, reversePolicy)
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	carol, _, _ := enrollClient(t, d, url, "carol", "pc")
+	probe := func() string {
+		_, err := dialReverse(carol, clients.TransportTLS, []byte("x"))
+		if re := refusal(t, err); re.Code != proxy.CodePolicyDenied {
+			t.Fatalf("carol: %v; want a policy denial", err)
+		}
+		return err.Error()
+	}
+	unserved := probe()
+	stop, _ := startAgent(t, alice, clients.TransportTLS, upperServer(t), []string{"carol"}, nil)
+	served := probe()
+	stop()
+	if after := probe(); served != unserved || after != unserved {
+		t.Fatalf("carol tells the states apart:\n unserved %q\n served   %q\n after    %q", unserved, served, after)
+	}
+}
