@@ -386,7 +386,8 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 	if a.WrapData != nil {
 		conn = a.WrapData(st)
 	}
-	batch := &batchConn{Conn: conn}
+	// EOFConn lets a cut of the dialer's side (no close_notify) be told from its end.
+	batch := &batchConn{Conn: proxy.NewEOFConn(conn)}
 	tc := tls.Server(batch, a.inner)
 	hctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()

@@ -30,6 +30,16 @@ type ReverseOptions struct {
 	// MaxPending bounds the sessions announced to one agent over TLS and not yet
 	// picked up; beyond it the oldest is refused. Default 1000.
 	MaxPending int
+	// MaxNamesPerIdentity bounds the reverse names and public exposures one
+	// device identity holds at once, over all its control sessions and including
+	// those reserved for it while an agent reconnects; a listen beyond it is
+	// refused with CodeTooManyNames. Default DefaultMaxNamesPerIdentity.
+	MaxNamesPerIdentity int
+	// MaxPendingPerIdentity bounds the dials of reverse names one device identity
+	// has waiting for their agents to pick them up, so that one dialer cannot
+	// fill an agent's MaxPending and push out everyone else's sessions. Excess
+	// dials are refused with CodeTooManyPending. Default DefaultMaxPendingPerIdentity.
+	MaxPendingPerIdentity int
 	// PickupTimeout bounds how long a dial waits for the agent to pick the session
 	// up. Default 10s.
 	PickupTimeout time.Duration
@@ -60,6 +70,12 @@ func (o ReverseOptions) withDefaults() ReverseOptions {
 	}
 	if o.MaxPending <= 0 {
 		o.MaxPending = 1000
+	}
+	if o.MaxNamesPerIdentity <= 0 {
+		o.MaxNamesPerIdentity = DefaultMaxNamesPerIdentity
+	}
+	if o.MaxPendingPerIdentity <= 0 {
+		o.MaxPendingPerIdentity = DefaultMaxPendingPerIdentity
 	}
 	if o.PickupTimeout <= 0 {
 		o.PickupTimeout = 10 * time.Second
@@ -117,6 +133,8 @@ type reverseRegistry struct {
 	names    map[string]*revEntry       // full name, "tcp/PORT" or "sni/NAME" → holder
 	sessions map[string]*pendingSession // announced, not yet accepted (TLS)
 	srv      *Server                    // opens and serves public ports
+	// pendingPerID counts the dials waiting for an agent per dialing device (limits.go).
+	pendingPerID identityCount
 
 	seq    uint64 // holds snapshots taken (persist), under mu
 	saveMu sync.Mutex
@@ -169,6 +187,9 @@ func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *HelloE
 			return nil, helloErr(CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another", describeKey(n))
 		}
 		r.dropLocked(n, e) // another owner's hold that has run out
+	}
+	if herr := r.checkNamesLocked(a, keys, now); herr != nil {
+		return nil, herr
 	}
 	opened, herr := r.openPublic(a)
 	if herr != nil {
@@ -448,12 +469,32 @@ func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.Connection
 		_ = a.writeFrame(SessionHeader{V: Version, End: "replaced", Reason: "a newer agent of the same device took over these names"})
 	case errors.As(cause, &rev):
 		_ = a.writeFrame(SessionHeader{V: Version, End: CodePolicyDenied, Reason: rev.Reason})
+	case errors.Is(cause, errShutdown):
+		_ = a.writeFrame(SessionHeader{V: Version, End: EndShutdown, Reason: "the TP server is shutting down; reconnect (the names stay held for this device meanwhile)"})
 	case errors.Is(cause, errCertExpired):
 		_ = a.writeFrame(SessionHeader{V: Version, End: "cert_expired", Reason: "the client certificate expired; the agent reconnects with a fresh one"})
 	}
 	ss.end = cause.Error()
 	_ = conn.Close()
 	return errHandled
+}
+
+// endAgents ends every agent's control session with cause (Shutdown: the agents
+// are told and reconnect, and their names stay held for them meanwhile).
+func (r *reverseRegistry) endAgents(cause error) {
+	r.mu.Lock()
+	agents := make(map[*reverseAgent]struct{})
+	for _, e := range r.names {
+		if e.agent != nil {
+			agents[e.agent] = struct{}{}
+		}
+	}
+	r.mu.Unlock()
+	for a := range agents {
+		if a.end != nil {
+			a.end(cause)
+		}
+	}
 }
 
 var (
@@ -567,6 +608,9 @@ type pairedStream struct {
 	done chan struct{}
 }
 
+// Unwrap is the accept connection.
+func (p *pairedStream) Unwrap() net.Conn { return p.Stream }
+
 func (p *pairedStream) Close() error {
 	err := p.Stream.Close()
 	p.once.Do(func() { close(p.done) })
@@ -639,14 +683,19 @@ func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session,
 		hdr.Net = "udp"
 		ss.spliced = true
 	}
+	if herr := s.rev.acquirePending(ss.id); herr != nil {
+		return nil, herr
+	}
 	st, herr := a.open(ctx, hdr)
+	s.rev.pendingPerID.release(ss.id.DeviceID)
 	if herr != nil {
 		return nil, herr
 	}
 	// A public name's sessions are plain streams; a protected one's carry TLS
-	// between dialer and agent. A cut on the agent's side resets the dialer's.
+	// between dialer and agent.
 	ss.e2e = !a.isPublic(host)
-	return cutAware(st, func() { resetConn(conn) }), nil
+	ss.peer = "agent"
+	return st, nil
 }
 
 // netOfFull is the network of the service behind full name host.

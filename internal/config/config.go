@@ -48,6 +48,13 @@ type Server struct {
 	// MaxHandshakesPerIP bounds unfinished TLS handshakes from one source address
 	// (0: 128). Raise it behind a load balancer that hides client addresses.
 	MaxHandshakesPerIP int `mapstructure:"max-handshakes-per-ip"`
+	// Bounds per device identity (user@device), so that one device cannot take
+	// the server from everyone else: sessions open at once (requests, UDP flows,
+	// agents' control sessions), reverse names and public exposures held (over
+	// all its agents), and dials of reverse names waiting for an agent's pickup.
+	MaxSessionsPerIdentity     int `mapstructure:"max-sessions-per-identity"`
+	MaxReverseNamesPerIdentity int `mapstructure:"max-reverse-names-per-identity"`
+	MaxPendingPerIdentity      int `mapstructure:"max-pending-per-identity"`
 	// PolicyTimeout bounds one policy evaluation; a slower one denies.
 	PolicyTimeout time.Duration `mapstructure:"policy-timeout"`
 	// DecisionLog receives one JSON line per policy decision: "" is off, "-" is
@@ -122,6 +129,11 @@ func DefaultServer() Server {
 		SiteUpstreamTimeout: time.Minute,
 		LogLevel:            "info",
 		LogFormat:           "text",
+
+		// Far above what one person's devices do, far below a server's capacity.
+		MaxSessionsPerIdentity:     512,
+		MaxReverseNamesPerIdentity: 64,
+		MaxPendingPerIdentity:      128,
 	}
 }
 
@@ -214,6 +226,19 @@ func (s Server) Validate() error {
 	if s.MaxConns < 1 || s.MaxConns > 1_000_000 {
 		errs = append(errs, fmt.Errorf("max-conns %d must be between 1 and 1000000", s.MaxConns))
 	}
+	// No "unlimited": an unbounded device is what these settings exist to prevent.
+	for _, b := range []struct {
+		key      string
+		v, upper int
+	}{
+		{"max-sessions-per-identity", s.MaxSessionsPerIdentity, 1_000_000},
+		{"max-reverse-names-per-identity", s.MaxReverseNamesPerIdentity, 100_000},
+		{"max-pending-per-identity", s.MaxPendingPerIdentity, 100_000},
+	} {
+		if b.v < 1 || b.v > b.upper {
+			errs = append(errs, fmt.Errorf("%s %d must be between 1 and %d", b.key, b.v, b.upper))
+		}
+	}
 	errs = append(errs, s.validateSites()...)
 	if _, err := ParseLevel(s.LogLevel); err != nil {
 		errs = append(errs, err)
@@ -285,6 +310,9 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("max-conns", d.MaxConns)
 	v.SetDefault("max-web-conns", d.MaxWebConns)
 	v.SetDefault("max-handshakes-per-ip", d.MaxHandshakesPerIP)
+	v.SetDefault("max-sessions-per-identity", d.MaxSessionsPerIdentity)
+	v.SetDefault("max-reverse-names-per-identity", d.MaxReverseNamesPerIdentity)
+	v.SetDefault("max-pending-per-identity", d.MaxPendingPerIdentity)
 	v.SetDefault("policy-timeout", d.PolicyTimeout)
 	v.SetDefault("decision-log", d.DecisionLog)
 	v.SetDefault("quic", d.QUIC)
@@ -362,6 +390,8 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# Connections handled at once; more are closed at accept.\nmax-conns: %d\n", s.MaxConns)
 	fmt.Fprintf(&b, "# Unfinished TLS handshakes from one address (0: 128); raise it behind a load balancer that hides client addresses.\nmax-handshakes-per-ip: %d\n", s.MaxHandshakesPerIP)
 	fmt.Fprintf(&b, "# Website connections, counted apart so the web cannot take the proxy's slots (0: half of max-conns).\nmax-web-conns: %d\n", s.MaxWebConns)
+	fmt.Fprintf(&b, "# Bounds per device (user@device), so one device cannot take the server from everyone else:\n# sessions open at once, reverse names held over all its agents, dials of reverse names waiting for an agent.\nmax-sessions-per-identity: %d\nmax-reverse-names-per-identity: %d\nmax-pending-per-identity: %d\n",
+		s.MaxSessionsPerIdentity, s.MaxReverseNamesPerIdentity, s.MaxPendingPerIdentity)
 	fmt.Fprintf(&b, "# Bound on one policy evaluation; a slower evaluation denies the request.\npolicy-timeout: %s\n", s.PolicyTimeout)
 	fmt.Fprintf(&b, "# One JSON line per policy decision: \"\" is off, \"-\" is stdout, else a file (appended, 0600).\ndecision-log: %q\n", s.DecisionLog)
 	fmt.Fprintf(&b, "# Serve the proxy over QUIC on UDP at the listen address too; keepalive period,\n# idle timeout and concurrent requests per QUIC connection.\nquic: %t\nquic-keepalive: %s\nquic-idle-timeout: %s\nquic-max-streams: %d\n",

@@ -192,6 +192,8 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		MaxWebConns:        cfg.MaxWebConns,
 		MaxHandshakesPerIP: cfg.MaxHandshakesPerIP,
 		Reverse:            revOpts,
+
+		MaxSessionsPerIdentity: cfg.MaxSessionsPerIdentity,
 	})
 	if err != nil {
 		d.ca.Close()
@@ -221,8 +223,14 @@ func (d *Daemon) renewServerCert() error {
 	return nil
 }
 
+// shutdownGrace bounds how long a stopping tpd waits for live sessions to end
+// before it aborts them.
+const shutdownGrace = 10 * time.Second
+
 // Serve answers on ln (the public port) and on the admin socket until ctx ends,
-// then shuts down gracefully. The caller owns ln.
+// then shuts down gracefully: it stops accepting, lets live sessions end for up to
+// shutdownGrace, and aborts those still running (their clients see a reset that
+// says the server shut down, never a clean end). The caller owns ln.
 func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	var udp *net.UDPConn // QUIC on the same port (quic.go)
 	var qopts proxy.QUICOptions
@@ -252,8 +260,12 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		adminLn.Close()
 		return err
 	}
+	// The proxy does not run under gctx: a stop (SIGTERM) is a Shutdown below,
+	// which lets sessions drain and then aborts what is left, so that no tunnel
+	// ends looking complete. Cancelling the proxy's context would cut them all.
+	pctx := context.WithoutCancel(gctx)
 	g.Go(func() error {
-		err := d.proxy.Serve(gctx, ln)
+		err := d.proxy.Serve(pctx, ln)
 		if errors.Is(err, proxy.ErrServerClosed) {
 			return nil
 		}
@@ -262,7 +274,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	if udp != nil {
 		d.log.Info("serving QUIC", "udp", udp.LocalAddr().String())
 		g.Go(func() error {
-			err := d.proxy.ServeQUIC(gctx, udp, qopts)
+			err := d.proxy.ServeQUIC(pctx, udp, qopts)
 			if errors.Is(err, proxy.ErrServerClosed) {
 				return nil
 			}
@@ -281,11 +293,15 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	g.Go(func() error {
 		<-gctx.Done()
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
 		defer cancel()
+		d.log.Info("stopping: no new connections; draining live sessions", "live", d.proxy.Live(), "grace", shutdownGrace)
 		adminSrv.Shutdown(sctx)
 		os.Remove(d.cfg.AdminSocket())
-		return d.proxy.Shutdown(sctx)
+		if err := d.proxy.Shutdown(sctx); err != nil {
+			d.log.Warn("stopping: sessions still live after the grace period were aborted; their clients were told the server shut down", "grace", shutdownGrace)
+		}
+		return nil
 	})
 	err = g.Wait()
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
