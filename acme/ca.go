@@ -2,8 +2,10 @@ package acme
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"math/big"
 	"net/http"
 	"path/filepath"
 	"strings"
@@ -18,6 +20,7 @@ import (
 	"github.com/smallstep/certificates/authority/provisioner"
 	"github.com/smallstep/certificates/db"
 	"github.com/smallstep/nosql"
+	"github.com/smallstep/nosql/database"
 	"github.com/tp-proxy/tp/acme/login"
 )
 
@@ -178,6 +181,21 @@ func (c *CA) NewEAB(ctx context.Context) (keyID string, hmacKey []byte, err erro
 		return "", nil, fmt.Errorf("create ACME account binding: %w", err)
 	}
 	return eak.ID, eak.HmacKey, nil
+}
+
+// ErrUnknownSerial means the CA has no certificate with that serial number.
+var ErrUnknownSerial = errors.New("no certificate with that serial number was issued by this CA")
+
+// IssuedCertificate returns the certificate this CA issued with serial number sn.
+func (c *CA) IssuedCertificate(sn *big.Int) (*x509.Certificate, error) {
+	crt, err := c.auth.GetDatabase().GetCertificate(sn.String())
+	switch {
+	case database.IsErrNotFound(err):
+		return nil, ErrUnknownSerial
+	case err != nil:
+		return nil, fmt.Errorf("look up certificate %x in the CA database: %w", sn, err)
+	}
+	return crt, nil
 }
 
 // Close stops the authority and closes its database.

@@ -48,6 +48,10 @@ type Enroller struct {
 	// Denied consults tpd's deny list (device, user); a denied device gets no
 	// attestation, account binding or certificate. nil denies nothing.
 	Denied func(dev users.Device) (reason string, denied bool)
+	// CheckCertificate is the proxy listeners' own check of a device
+	// certificate; whoami answers with it. nil: whoami reports every
+	// certificate as not accepted (it cannot tell).
+	CheckCertificate func(leaf *x509.Certificate) error
 }
 
 // Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.
@@ -177,6 +181,10 @@ func (e *Enroller) whoami(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
+	if len(req.Certificate) > login.MaxWhoamiChain {
+		writeErr(w, http.StatusBadRequest, fmt.Sprintf("certificate holds %d entries; send at most %d (the leaf first)", len(req.Certificate), login.MaxWhoamiChain))
+		return
+	}
 	dev, ok := e.checkDevice(w, r, req.DeviceID, req.Time, req.Signature, login.WhoamiMessage(req.DeviceID, req.Time))
 	if !ok {
 		return
@@ -190,10 +198,45 @@ func (e *Enroller) whoami(w http.ResponseWriter, r *http.Request) {
 			err = authz.ErrRevoked
 		}
 	}
-	writeJSON(w, http.StatusOK, login.WhoamiResponse{
+	res := login.WhoamiResponse{
 		DeviceID: dev.ID, User: dev.User, Device: dev.Name, Groups: groups,
 		Revoked: err != nil, LastLogin: dev.LastLogin,
-	})
+	}
+	if len(req.Certificate) > 0 {
+		st := e.certificateStatus(dev, req.Certificate)
+		res.Certificate = &st
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+// certificateStatus says whether the proxy would accept the device's
+// certificate, by the listeners' own check; only the leaf counts (tpd pins its
+// issuing intermediate rather than trusting one sent along).
+func (e *Enroller) certificateStatus(dev users.Device, chain []string) login.CertificateStatus {
+	der, err := base64.StdEncoding.DecodeString(chain[0])
+	if err != nil {
+		return login.CertificateStatus{Reason: "the certificate sent is not base64"}
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return login.CertificateStatus{Reason: "the certificate sent cannot be parsed: " + err.Error()}
+	}
+	st := login.CertificateStatus{Serial: leaf.SerialNumber.Text(16)}
+	switch id, err := authz.IdentityFromCert(leaf); {
+	case err != nil:
+		st.Reason = err.Error()
+	case id.DeviceID != dev.ID:
+		st.Reason = fmt.Sprintf("the certificate is for %s, not for %s", id.DeviceID, dev.ID)
+	case e.CheckCertificate == nil:
+		st.Reason = "this server cannot check certificates here"
+	default:
+		if err := e.CheckCertificate(leaf); err != nil {
+			st.Reason = err.Error()
+		} else {
+			st.Accepted = true
+		}
+	}
+	return st
 }
 
 func (e *Enroller) attest(w http.ResponseWriter, r *http.Request) {

@@ -84,7 +84,8 @@ type Daemon struct {
 	Created bool // the data dir was bootstrapped by New
 
 	decisions *policy.DecisionLog
-	denyMu    sync.Mutex    // serialises deny-list changes and their saving
+	denyMu    sync.Mutex    // serialises deny-list changes and their saving; guards deny
+	deny      denyMeta      // when entries were added, which device a serial belongs to
 	checked   authState     // what live sessions were last re-checked against; maintain's
 	web       webState      // website.go
 	kick      chan struct{} // asks maintain to re-check now
@@ -119,10 +120,11 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if d.policy, err = policy.Load(ctx, cfg.PolicyDir(), policy.WithTimeout(cfg.PolicyTimeout)); err != nil {
 		return nil, fmt.Errorf("policy in %s: %w", cfg.PolicyDir(), err)
 	}
-	denyList, err := LoadDenyList(cfg.DenyListFile())
+	denyList, denyMeta, err := loadDenyFile(cfg.DenyListFile())
 	if err != nil {
 		return nil, err
 	}
+	d.deny = denyMeta
 	if d.decisions, err = policy.OpenDecisionLog(cfg.DecisionLog); err != nil {
 		return nil, err
 	}
@@ -137,6 +139,10 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		ReverseOwner: func(host string) (string, bool) { return d.proxy.ReverseOwner(host) },
 		Denied: func(dev users.Device) (string, bool) {
 			return d.authz.DenyList.Denies(authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
+		},
+		CheckCertificate: func(leaf *x509.Certificate) error {
+			_, err := d.verifyClient(leaf, nil)
+			return err
 		}}
 	web := http.NewServeMux()
 	web.Handle("/acme/", d.ca.Handler())
@@ -160,13 +166,14 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 			GetCertificate: getCert,
 			ClientCAs:      roots,
 			ClientAuth:     tls.RequireAndVerifyClientCert,
-			// Runs on full and resumed handshakes alike: a revoked or deleted device
-			// cannot come back on a session ticket.
+			// Runs on full and resumed handshakes alike (TLS and QUIC): a revoked or
+			// deleted device cannot come back on a session ticket, and a chain that
+			// reaches the root by another way than the issuing intermediate is refused.
 			VerifyConnection: func(cs tls.ConnectionState) error {
 				if len(cs.PeerCertificates) == 0 {
 					return errors.New("client certificate required")
 				}
-				_, err := d.authz.Verify(cs.PeerCertificates[0])
+				_, err := d.verifyClient(cs.PeerCertificates[0], cs.VerifiedChains)
 				return err
 			},
 		},
@@ -200,6 +207,24 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		return nil, err
 	}
 	return d, nil
+}
+
+// verifyClient decides whether a device certificate may use the proxy: issued by
+// TP's issuing intermediate as an end-entity clientAuth certificate (see
+// authz.Issuer), then the identity check (deny list, user store). chains are the
+// chains crypto/tls verified against the root; nil verifies leaf here.
+func (d *Daemon) verifyClient(leaf *x509.Certificate, chains [][]*x509.Certificate) (authz.Identity, error) {
+	is := authz.Issuer{Root: d.pki.Root, Intermediate: d.pki.Intermediate}
+	var err error
+	if chains == nil {
+		err = is.VerifyLeaf(leaf, time.Now())
+	} else {
+		err = is.CheckChains(leaf, chains)
+	}
+	if err != nil {
+		return authz.Identity{}, err
+	}
+	return d.authz.Verify(leaf)
 }
 
 // Fingerprint is the root certificate's fingerprint that dlogin pins.
