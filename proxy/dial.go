@@ -272,6 +272,8 @@ func dialFailed(dest string, err error, timeout time.Duration) *HelloError {
 		return helloErr(CodeDialTimeout, "cannot connect to %s: it did not answer within %s", dest, timeout)
 	case errors.Is(err, syscall.ENETUNREACH) || errors.Is(err, syscall.EHOSTUNREACH):
 		return helloErr(CodeDialFailed, "cannot connect to %s: the destination is unreachable from the TP server", dest)
+	case errors.Is(err, syscall.ECONNRESET):
+		return helloErr(CodeDialFailed, "cannot connect to %s: the destination reset the connection while it was being set up", dest)
 	case errors.Is(err, context.Canceled):
 		return helloErr(CodeDialFailed, "cannot connect to %s: the request was abandoned", dest)
 	}
