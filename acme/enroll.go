@@ -13,7 +13,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -52,6 +54,10 @@ type Enroller struct {
 	// certificate; whoami answers with it. nil: whoami reports every
 	// certificate as not accepted (it cannot tell).
 	CheckCertificate func(leaf *x509.Certificate) error
+	// AllowBinding limits the ACME account bindings (EAB keys) a device mints,
+	// one per login and per reverse-name certificate: each is a database record
+	// until pruned. Refused, the device is told to wait. nil allows all.
+	AllowBinding func(deviceID string) (ok bool, wait time.Duration)
 }
 
 // Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.
@@ -133,6 +139,23 @@ func (e *Enroller) checkActive(w http.ResponseWriter, dev users.Device) bool {
 		}
 	}
 	return true
+}
+
+// checkBindingRate refuses (and returns false) a device that minted too many
+// account bindings lately, saying when to retry.
+func (e *Enroller) checkBindingRate(w http.ResponseWriter, dev users.Device) bool {
+	if e.AllowBinding == nil {
+		return true
+	}
+	ok, wait := e.AllowBinding(dev.ID)
+	if ok {
+		return true
+	}
+	secs := int(math.Ceil(wait.Seconds()))
+	e.log().Warn("account binding refused", "device", dev.ID, "why", "rate limit", "retry_after_s", secs)
+	w.Header().Set("Retry-After", strconv.Itoa(secs))
+	writeErr(w, http.StatusTooManyRequests, fmt.Sprintf("device %q asked for too many certificates in a short time; try again in %d s", dev.ID, secs))
+	return false
 }
 
 // errNotThisDevice is the one answer for an unknown device and for a request
@@ -256,6 +279,9 @@ func (e *Enroller) attest(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, "public_key: "+err.Error())
 		return
 	}
+	if !e.checkBindingRate(w, dev) {
+		return
+	}
 	cert, err := e.issueAttestation(dev.ID, loginPub)
 	if err != nil {
 		e.log().Error("attestation failed", "device", dev.ID, "err", err)
@@ -330,6 +356,10 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
+		if tooBig := (*http.MaxBytesError)(nil); errors.As(err, &tooBig) {
+			writeErr(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body is larger than %d KiB; TP's enrollment requests are under 2 KiB", maxBody>>10))
+			return false
+		}
 		writeErr(w, http.StatusBadRequest, "request body is not the expected JSON: "+err.Error())
 		return false
 	}

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/proxy"
 )
 
 // tpProc is `tp HOST PORT` (the ProxyCommand) run as a process: its standard
@@ -186,13 +188,20 @@ func TestProxyCommandReportsAgentKilled(t *testing.T) {
 	}
 }
 
-// TestSIGTERMNeverTruncates is the failure-mode test of a stop: 100 checksummed
-// transfers through the real tpd, half over TLS and half over QUIC, when tpd gets
-// SIGTERM. Those that can finish within the grace period do, with the right
-// checksum; the rest end with an error at their client. None ends silently short.
-func TestSIGTERMNeverTruncates(t *testing.T) {
-	srv := startServer(t, testPolicy)
-	env := srv.login(t, "alice", "laptop")
+// transfer is the outcome of one checksummed transfer.
+type transfer struct {
+	chunks    int
+	transport string
+	complete  bool  // ended cleanly with every byte and the right checksum
+	err       error // the client's error (after ExplainCut)
+}
+
+// transfersDuring runs 100 checksummed transfers as env through srv, half over
+// TLS and half over QUIC, half short (1 s) and half long (50 s, more than tpd's
+// 10 s grace), and runs event once every transfer has started. It fails the test
+// for any transfer that ended cleanly but short or wrong: a silent truncation.
+func transfersDuring(t *testing.T, srv *server, env []string, event func()) []transfer {
+	t.Helper()
 	const chunk = 16 << 10
 	payload := func(i int) []byte { // chunk i of a transfer: deterministic content
 		return bytes.Repeat([]byte{byte(i)}, chunk)
@@ -204,9 +213,7 @@ func TestSIGTERMNeverTruncates(t *testing.T) {
 		}
 		return [32]byte(h.Sum(nil))
 	}
-	// The destination reads how many 16 KiB chunks to send, then sends them at 40
-	// a second: 1 s for a short transfer, 50 s for a long one (more than tpd's
-	// 10 s grace).
+	// The destination reads how many chunks to send, then sends them at 40 a second.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -228,61 +235,56 @@ func TestSIGTERMNeverTruncates(t *testing.T) {
 					if _, err := c.Write(payload(i)); err != nil {
 						return
 					}
-					time.Sleep(25 * time.Millisecond) // pacing: the transfer is in flight at SIGTERM
+					time.Sleep(25 * time.Millisecond) // pacing: the transfer is in flight at the event
 				}
 			}()
 		}
 	}()
 
-	const short, long = 40, 2000
-	type result struct {
-		chunks   int
-		complete bool
-		err      error
-	}
-	results := make(chan result, 100)
+	results := make(chan transfer, 100)
 	started := make(chan struct{}, 100)
 	var wg sync.WaitGroup
 	for i := range 100 {
-		chunks := short
+		r := transfer{chunks: shortTransfer, transport: clients.TransportTLS}
 		if i%2 == 1 {
-			chunks = long
+			r.chunks = longTransfer
 		}
-		tr := clients.TransportTLS
 		if i%4 >= 2 {
-			tr = clients.TransportQUIC
+			r.transport = clients.TransportQUIC
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer func() { results <- r }()
+			var once sync.Once
+			defer once.Do(func() { started <- struct{}{} })
 			d, err := clientFor(t, env).Dialer()
 			if err != nil {
-				results <- result{chunks: chunks, err: err}
-				started <- struct{}{}
+				r.err = err
 				return
 			}
-			d.Transport = tr
+			d.Transport = r.transport
 			defer d.Close()
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
 			cancel()
 			if err != nil {
-				results <- result{chunks: chunks, err: err}
-				started <- struct{}{}
+				r.err = err
 				return
 			}
 			defer c.Close()
 			c.SetDeadline(time.Now().Add(90 * time.Second))
-			c.Write([]byte{byte(chunks >> 8), byte(chunks)})
+			c.Write([]byte{byte(r.chunks >> 8), byte(r.chunks)})
 			h := sha256.New()
 			first := make([]byte, chunk)
 			_, err = io.ReadFull(c, first)
 			h.Write(first)
-			started <- struct{}{}
+			once.Do(func() { started <- struct{}{} })
 			if err == nil {
 				_, err = io.Copy(h, c)
 			}
-			results <- result{chunks: chunks, complete: err == nil && [32]byte(h.Sum(nil)) == want(chunks), err: err}
+			r.complete = err == nil && [32]byte(h.Sum(nil)) == want(r.chunks)
+			r.err = clients.ExplainCut(context.Background(), err)
 		}()
 	}
 	for range 100 {
@@ -292,27 +294,93 @@ func TestSIGTERMNeverTruncates(t *testing.T) {
 			t.Fatal("the transfers did not all start within 60s")
 		}
 	}
-	stopTPD(t, srv)
+	event()
 	wg.Wait()
 	close(results)
-	var shortOK, longCut int
+	var out []transfer
 	for r := range results {
+		if r.err == nil && !r.complete {
+			t.Errorf("a %s transfer of %d chunks ended cleanly with the wrong checksum: silently truncated", r.transport, r.chunks)
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+const shortTransfer, longTransfer = 40, 2000
+
+// TestSIGTERMNeverTruncates is the failure-mode test of a stop: 100 checksummed
+// transfers through the real tpd when it gets SIGTERM. Those that can finish
+// within the grace period do, with the right checksum; the rest end with an
+// error at their client. None ends silently short.
+func TestSIGTERMNeverTruncates(t *testing.T) {
+	srv := startServer(t, testPolicy)
+	env := srv.login(t, "alice", "laptop")
+	var shortOK, longCut int
+	for _, r := range transfersDuring(t, srv, env, func() { stopTPD(t, srv) }) {
+		var ce *clients.CutError
 		switch {
-		case r.err == nil && !r.complete:
-			t.Errorf("a transfer of %d chunks ended cleanly with the wrong checksum: silently truncated", r.chunks)
-		case r.chunks == short && !r.complete:
-			t.Errorf("a short transfer failed although it fits the grace period: %v", r.err)
-		case r.chunks == short:
+		case r.chunks == shortTransfer && !r.complete:
+			t.Errorf("a short %s transfer failed although it fits the grace period: %v", r.transport, r.err)
+		case r.chunks == shortTransfer:
 			shortOK++
-		case r.err != nil:
-			var ce *clients.CutError
-			if !errors.As(r.err, &ce) {
-				t.Errorf("a long transfer failed with %v (%T); want a *clients.CutError", r.err, r.err)
-			}
-			longCut++
+		case r.complete:
+			t.Errorf("a long %s transfer completed although it outlasts the grace period", r.transport)
+		case !errors.As(r.err, &ce):
+			t.Errorf("a long %s transfer failed with %v (%T); want a *clients.CutError", r.transport, r.err, r.err)
 		default:
-			t.Errorf("a long transfer completed although it outlasts the grace period")
+			longCut++
 		}
 	}
 	t.Logf("SIGTERM during 100 transfers: %d short ones completed with the right checksum, %d long ones cut with an error, 0 silent truncations", shortOK, longCut)
+}
+
+// TestRevokeAndPolicyChangeCutTransfers: 100 checksummed transfers when the
+// device is revoked, and when a policy change denies them. Every transfer still
+// running is cut with an error that says why (over TLS a revoked device cannot
+// ask, so there it is a cut without the reason); none ends silently short.
+func TestRevokeAndPolicyChangeCutTransfers(t *testing.T) {
+	for _, tc := range []struct {
+		name, code string
+		event      func(t *testing.T, srv *server)
+	}{
+		{"revoke", proxy.EndRevoked, func(t *testing.T, srv *server) {
+			run(t, nil, binary("tpd"), "revoke", "--device", "alice@laptop", "--data-dir", srv.DataDir)
+		}},
+		{"policy", proxy.EndPolicyChanged, func(t *testing.T, srv *server) {
+			deny := "package tp.authz\n\ndefault allow := false\n"
+			if err := os.WriteFile(filepath.Join(srv.DataDir, "policy", "tp.rego"), []byte(deny), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := startServer(t, testPolicy)
+			env := srv.login(t, "alice", "laptop")
+			var cut, done int
+			for _, r := range transfersDuring(t, srv, env, func() { tc.event(t, srv) }) {
+				var ce *clients.CutError
+				switch {
+				case r.complete:
+					done++ // a short one that finished before the change took effect
+				case !errors.As(r.err, &ce):
+					t.Errorf("a %s transfer failed with %v (%T); want a *clients.CutError", r.transport, r.err, r.err)
+				case tc.name == "revoke" && r.transport == clients.TransportTLS:
+					cut++ // the revoked device cannot ask why over TLS
+				case ce.End == nil || ce.End.Code != tc.code:
+					code, _ := proxy.StreamResetCode(r.err)
+					if r.transport != clients.TransportQUIC || proxy.EndName(code) != tc.code {
+						t.Errorf("a %s transfer was cut with %q; want the reason %s", r.transport, r.err, tc.code)
+					}
+					cut++
+				default:
+					cut++
+				}
+			}
+			if cut < 50 {
+				t.Errorf("only %d transfers were cut; the 50 long ones outlast the change", cut)
+			}
+			t.Logf("%s during 100 transfers: %d cut with an error, %d completed with the right checksum, 0 silent truncations", tc.name, cut, done)
+		})
+	}
 }

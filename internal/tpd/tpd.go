@@ -89,6 +89,8 @@ type Daemon struct {
 	checked   authState     // what live sessions were last re-checked against; maintain's
 	web       webState      // website.go
 	kick      chan struct{} // asks maintain to re-check now
+
+	limiter *sourceLimiter // the CA's and enrollment's per-source rate limit (ratelimit.go)
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
@@ -132,7 +134,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	d.checked = authState{revision: d.policy.Revision(), users: d.users.Generation()}
 	d.kick = make(chan struct{}, 1)
 	if d.ca, err = acme.NewCA(d.pki, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names, ReverseZone: cfg.ReverseZone,
-		SiteNames: sitesForCA(cfg), SiteValidator: siteValidator{d}}); err != nil {
+		SiteNames: sitesForCA(cfg), SiteValidator: siteValidator{d}, MaxNonces: cfg.CAMaxNonces}); err != nil {
 		return nil, err
 	}
 	enroller := &acme.Enroller{PKI: d.pki, CA: d.ca, Users: d.users, Logger: log,
@@ -143,10 +145,15 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		CheckCertificate: func(leaf *x509.Certificate) error {
 			_, err := d.verifyClient(leaf, nil)
 			return err
-		}}
+		},
+		AllowBinding: newKeyedLimiter[string](bindingRate, bindingBurst, maxRateDevices).allow,
+	}
+	// Anyone reaches these without a certificate: each source address gets a
+	// token bucket, shared by both.
+	d.limiter = newSourceLimiter(cfg.CARateLimit, cfg.CARateBurst)
 	web := http.NewServeMux()
-	web.Handle("/acme/", d.ca.Handler())
-	web.Handle("/tp/", enroller.Handler())
+	web.Handle("/acme/", limitSources(d.limiter, d.ca.Handler()))
+	web.Handle("/tp/", limitSources(d.limiter, enroller.Handler()))
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
 		d.ca.Close()
@@ -313,6 +320,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		return nil
 	})
 	g.Go(func() error { d.maintain(gctx); return nil })
+	g.Go(func() error { d.pruneCA(gctx); return nil })
 	if d.Ready != nil {
 		d.Ready()
 	}
@@ -364,6 +372,29 @@ func (d *Daemon) maintain(ctx context.Context) {
 			d.log.Info("policy reloaded", "revision", d.policy.Revision())
 		}
 		d.recheckIfChanged(ctx)
+	}
+}
+
+// pruneCA removes what logins left in the CA database (acme.CA.Prune) at start
+// and every ca-prune-interval until ctx ends.
+func (d *Daemon) pruneCA(ctx context.Context) {
+	t := time.NewTicker(d.cfg.CAPruneInterval)
+	defer t.Stop()
+	for {
+		st, err := d.ca.Prune(ctx, time.Now(), d.cfg.CARetention)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			d.log.Error("pruning the CA database failed; it is tried again at the next interval", "err", err)
+		case st.Total() > 0:
+			d.log.Info("pruned the CA database", "nonces", st.Nonces, "eab_keys", st.EABKeys, "accounts", st.Accounts,
+				"orders", st.Orders, "authorizations", st.Authorizations, "challenges", st.Challenges,
+				"acme_certificates", st.ACMECertificates, "certificates", st.Certificates)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
 	}
 }
 
