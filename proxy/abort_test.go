@@ -71,7 +71,13 @@ func readUntilFailure(t *testing.T, c net.Conn) (int, error) {
 // destination reset it; over QUIC the stream reset says peer_reset.
 func TestAbortDestinationResetReachesClient(t *testing.T) {
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	// The destination waits for the client's request: a reset right after the
+	// accept can reach the server's connect(2) before it returns, and then the
+	// dial fails (ECONNRESET) rather than the session.
 	dest := destination(t, func(c *net.TCPConn) {
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			return
+		}
 		_, _ = c.Write(bytes.Repeat([]byte("d"), 100<<10))
 		reset(c)
 	})
@@ -82,6 +88,9 @@ func TestAbortDestinationResetReachesClient(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
+			if _, err := c.Write([]byte("g")); err != nil {
+				t.Fatal(err)
+			}
 			n, err := readUntilFailure(t, c)
 			if errors.Is(err, io.EOF) {
 				t.Fatalf("read %d bytes, then a clean end: the destination's reset was passed on as completion", n)
@@ -229,7 +238,12 @@ func TestAbortServerEndsSession(t *testing.T) {
 // and ids that were never issued.
 func TestWhyIsOnlyForTheOwner(t *testing.T) {
 	e := newEnv(t, nil)
-	dest := destination(t, func(c *net.TCPConn) { reset(c) })
+	// The destination resets once the client's first byte arrives (at once, the
+	// reset could fail the server's connect(2) instead of the session).
+	dest := destination(t, func(c *net.TCPConn) {
+		_, _ = io.ReadFull(c, make([]byte, 1))
+		reset(c)
+	})
 	c := e.rawConn(t)
 	defer c.Close()
 	host, port, _ := net.SplitHostPort(dest)
@@ -239,6 +253,9 @@ func TestWhyIsOnlyForTheOwner(t *testing.T) {
 	sh, err := proxy.ReadServerHello(c)
 	if err != nil || !sh.OK || len(sh.Session) != 32 {
 		t.Fatalf("dial answer %+v, %v; want ok with a 32-character session id", sh, err)
+	}
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
 	}
 	if _, err := readUntilFailure(t, c); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("after the destination's reset the client read %v; want a connection reset", err)
