@@ -222,33 +222,41 @@ func (e *Engine) evalWith(ctx context.Context, c *compiled, input map[string]any
 	return res, nil
 }
 
-// errOverBudget cancels an evaluation that used up the engine's timeout.
-var errOverBudget = errors.New("evaluation time used up")
+// Causes with which a budgetWatch cancels an evaluation.
+var (
+	errOverBudget = errors.New("evaluation time used up")
+	errOverloaded = errors.New("no answer within the queue timeout")
+)
 
 // run waits for a free slot, then evaluates v with the time the evaluation itself
 // uses bounded by e.timeout and the whole call, waiting included, by e.queueTimeout.
 func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego.EvalOption) (rego.ResultSet, error) {
-	wallCtx, wallCancel := context.WithTimeout(ctx, e.queueTimeout)
-	defer wallCancel()
+	deadline := time.Now().Add(e.queueTimeout)
 	select {
-	case e.slots <- struct{}{}:
-	case <-wallCtx.Done():
-		if ctx.Err() != nil {
+	case e.slots <- struct{}{}: // a free slot: no timer needed
+	default:
+		wait := time.NewTimer(e.queueTimeout)
+		select {
+		case e.slots <- struct{}{}:
+			wait.Stop()
+		case <-ctx.Done():
+			wait.Stop()
 			return nil, fmt.Errorf("policy evaluation (revision %s) abandoned before it started: %w", c.revision, ctx.Err())
+		case <-wait.C:
+			return nil, fmt.Errorf("policy evaluation (revision %s) did not start within %s: %d evaluations were running and more were waiting, so tpd is overloaded: %w",
+				c.revision, e.queueTimeout, cap(e.slots), context.DeadlineExceeded)
 		}
-		return nil, fmt.Errorf("policy evaluation (revision %s) did not start within %s: %d evaluations were running and more were waiting, so tpd is overloaded: %w",
-			c.revision, e.queueTimeout, cap(e.slots), context.DeadlineExceeded)
 	}
 	defer func() { <-e.slots }()
 
-	evalCtx, cancel := context.WithCancelCause(wallCtx)
+	evalCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	w := &budgetWatch{budget: e.timeout, over: cancel}
+	w := &budgetWatch{budget: e.timeout, deadline: deadline, over: cancel}
 	w.m.start()
 	defer w.m.stop()
 	defer w.stop()
 	w.mu.Lock() // check may not run before w.t is set
-	w.t = time.AfterFunc(e.timeout, w.check)
+	w.t = time.AfterFunc(min(e.timeout, time.Until(deadline)), w.check)
 	w.mu.Unlock()
 	// Without an external cancel, OPA starts a goroutine per evaluation to watch
 	// the context; AfterFunc costs nothing until the context actually ends.
@@ -256,19 +264,20 @@ func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego
 	defer context.AfterFunc(evalCtx, halt.Cancel)()
 	rs, err := c.query.Eval(evalCtx, append([]rego.EvalOption{rego.EvalParsedInput(v), rego.EvalExternalCancel(halt)}, extra...)...)
 	// OPA checks for cancellation only now and then, so an evaluation can finish
-	// over its budget or after the deadline. Late answers deny too.
-	// An evaluation cannot have used more processor time than time has passed,
-	// so the clock is read only when that much has.
-	overBudget := errors.Is(context.Cause(evalCtx), errOverBudget) ||
+	// over its budget or after the deadline: late answers deny too. It cannot
+	// have used more processor time than time has passed, so the clock is read
+	// only when that much has.
+	cause := context.Cause(evalCtx)
+	overBudget := errors.Is(cause, errOverBudget) ||
 		time.Since(w.m.wallStart) >= e.timeout && w.m.used() >= e.timeout
 	switch {
 	case ctx.Err() != nil:
 		return nil, fmt.Errorf("policy evaluation (revision %s) abandoned: %w", c.revision, errors.Join(ctx.Err(), err))
 	case overBudget:
 		return nil, fmt.Errorf("policy evaluation (revision %s) did not finish within %s: %w", c.revision, e.timeout, errors.Join(context.DeadlineExceeded, err))
-	case wallCtx.Err() != nil:
+	case errors.Is(cause, errOverloaded) || !time.Now().Before(deadline):
 		return nil, fmt.Errorf("policy evaluation (revision %s) did not finish within %s of the request, waiting included, so tpd is overloaded: %w",
-			c.revision, e.queueTimeout, errors.Join(wallCtx.Err(), err))
+			c.revision, e.queueTimeout, errors.Join(context.DeadlineExceeded, err))
 	case err != nil:
 		return nil, fmt.Errorf("policy evaluation (revision %s): %w", c.revision, err)
 	}
@@ -277,14 +286,15 @@ func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego
 
 // budgetWatch cancels an evaluation once it has used its budget of processor time
 // (see meter), checking when the budget would be used up had the evaluation had a
-// processor all along.
+// processor all along, or once the call's deadline passes, whatever it used.
 type budgetWatch struct {
-	budget time.Duration
-	over   context.CancelCauseFunc
-	m      meter
-	mu     sync.Mutex // guards done and the timer's re-arming
-	done   bool
-	t      *time.Timer
+	budget   time.Duration
+	deadline time.Time
+	over     context.CancelCauseFunc
+	m        meter
+	mu       sync.Mutex // guards done and the timer's re-arming
+	done     bool
+	t        *time.Timer
 }
 
 func (w *budgetWatch) check() {
@@ -293,12 +303,17 @@ func (w *budgetWatch) check() {
 	if w.done {
 		return
 	}
+	untilDeadline := time.Until(w.deadline)
+	if untilDeadline <= 0 {
+		w.over(errOverloaded)
+		return
+	}
 	left := w.budget - w.m.used()
 	if left <= 0 {
 		w.over(errOverBudget)
 		return
 	}
-	w.t.Reset(max(left, time.Millisecond))
+	w.t.Reset(max(min(left, untilDeadline), time.Millisecond))
 }
 
 // stop ends the watch; over is not called after it returns.

@@ -95,4 +95,26 @@ func TestEvalQueueTimeout(t *testing.T) {
 	if res, err := e.Eval(context.Background(), in); err != nil || !res.Allow {
 		t.Fatalf("free engine: %+v, %v", res, err)
 	}
+
+	// The queue timeout bounds the whole call: an evaluation that has not finished
+	// by then is stopped even if its own budget is far from used (as for one
+	// starved of processors). Bad input: 25 million steps, a budget of a minute.
+	slow := `package tp.authz
+
+default allow := false
+
+allow if {
+	count([1 | some i in numbers.range(1, 5000); some j in numbers.range(1, 5000); i * j < 0]) > 0
+}
+`
+	if err := os.WriteFile(filepath.Join(dir, "p.rego"), []byte(slow), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e, err = Load(context.Background(), dir, WithTimeout(time.Minute), WithQueueTimeout(50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Eval(context.Background(), in); !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "did not finish within 50ms of the request") {
+		t.Fatalf("evaluation past the queue timeout: %v", err)
+	}
 }
