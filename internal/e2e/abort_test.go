@@ -197,8 +197,9 @@ type transfer struct {
 }
 
 // transfersDuring runs 100 checksummed transfers as env through srv, half over
-// TLS and half over QUIC, half short (1 s) and half long (50 s, more than tpd's
-// 10 s grace), and runs event once every transfer has started. It fails the test
+// TLS and half over QUIC, half short (they finish right after the event) and
+// half long (50 s, more than tpd's 10 s grace), and runs event once every
+// transfer has started. It fails the test
 // for any transfer that ended cleanly but short or wrong: a silent truncation.
 func transfersDuring(t *testing.T, srv *server, env []string, event func()) []transfer {
 	t.Helper()
@@ -213,7 +214,12 @@ func transfersDuring(t *testing.T, srv *server, env []string, event func()) []tr
 		}
 		return [32]byte(h.Sum(nil))
 	}
-	// The destination reads how many chunks to send, then sends them at 40 a second.
+	// The destination reads how many chunks to send and sends the first. A short
+	// transfer then waits for the event and sends the rest at once (so it is in
+	// flight at the event and ends well within the grace, even on a loaded
+	// machine); a long one sends the rest at 4 chunks a second, so that the long
+	// ones together stay a light load (3 MB/s) on a race-instrumented tpd.
+	release := make(chan struct{})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -231,11 +237,17 @@ func transfersDuring(t *testing.T, srv *server, env []string, event func()) []tr
 				if _, err := io.ReadFull(c, n[:]); err != nil {
 					return
 				}
-				for i := range int(n[0])<<8 | int(n[1]) {
+				chunks := int(n[0])<<8 | int(n[1])
+				for i := range chunks {
 					if _, err := c.Write(payload(i)); err != nil {
 						return
 					}
-					time.Sleep(25 * time.Millisecond) // pacing: the transfer is in flight at the event
+					switch {
+					case chunks == shortTransfer && i == 0:
+						<-release
+					case chunks == longTransfer:
+						time.Sleep(250 * time.Millisecond) // pacing: the transfer outlasts the grace
+					}
 				}
 			}()
 		}
@@ -295,6 +307,7 @@ func transfersDuring(t *testing.T, srv *server, env []string, event func()) []tr
 		}
 	}
 	event()
+	close(release)
 	wg.Wait()
 	close(results)
 	var out []transfer
@@ -307,7 +320,7 @@ func transfersDuring(t *testing.T, srv *server, env []string, event func()) []tr
 	return out
 }
 
-const shortTransfer, longTransfer = 40, 2000
+const shortTransfer, longTransfer = 16, 200
 
 // TestSIGTERMNeverTruncates is the failure-mode test of a stop: 100 checksummed
 // transfers through the real tpd when it gets SIGTERM. Those that can finish
