@@ -71,7 +71,13 @@ func readUntilFailure(t *testing.T, c net.Conn) (int, error) {
 // destination reset it; over QUIC the stream reset says peer_reset.
 func TestAbortDestinationResetReachesClient(t *testing.T) {
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	// The destination waits for the client's request: a reset right after the
+	// accept can reach the server's connect(2) before it returns, and then the
+	// dial fails (ECONNRESET) rather than the session.
 	dest := destination(t, func(c *net.TCPConn) {
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			return
+		}
 		_, _ = c.Write(bytes.Repeat([]byte("d"), 100<<10))
 		reset(c)
 	})
@@ -82,6 +88,9 @@ func TestAbortDestinationResetReachesClient(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
+			if _, err := c.Write([]byte("g")); err != nil {
+				t.Fatal(err)
+			}
 			n, err := readUntilFailure(t, c)
 			if errors.Is(err, io.EOF) {
 				t.Fatalf("read %d bytes, then a clean end: the destination's reset was passed on as completion", n)

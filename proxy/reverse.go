@@ -648,8 +648,20 @@ func (s *Server) serveAccept(ctx context.Context, conn Stream, ss *session, hell
 	return errHandled
 }
 
-// establishReverse connects a dial of a reverse name to the name's agent.
+// establishReverse connects a dial of a reverse name to the name's agent. The
+// policy is asked before the name is looked up, so a device the policy refuses
+// learns nothing about the name: not whether an agent serves it, nor its network.
 func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session, host, label string, port int, transport string) (net.Conn, *HelloError) {
+	req := authz.Request{
+		Action:      dialAction(ss.network),
+		Identity:    ss.id,
+		Destination: authz.Destination{Host: host, Port: port, Network: ss.network, Reverse: label},
+		Source:      authz.Source{Address: ss.remote, Transport: transport},
+		Time:        time.Now(),
+	}
+	if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to reach "+host); herr != nil {
+		return nil, herr
+	}
 	a, herr := s.rev.lookup(host)
 	if herr != nil {
 		return nil, herr
@@ -660,16 +672,6 @@ func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session,
 			hint = "dial it with --udp (tp forward --udp)"
 		}
 		return nil, helloErr(CodeUnsupportedNetwork, "%s serves %s, not %s; %s", host, strings.ToUpper(network), strings.ToUpper(ss.network), hint)
-	}
-	req := authz.Request{
-		Action:      dialAction(ss.network),
-		Identity:    ss.id,
-		Destination: authz.Destination{Host: host, Port: port, Network: ss.network, Reverse: label},
-		Source:      authz.Source{Address: ss.remote, Transport: transport},
-		Time:        time.Now(),
-	}
-	if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to reach "+host); herr != nil {
-		return nil, herr
 	}
 	ss.req = req
 	ss.upstream = "agent " + a.id.String() + " (" + a.transport + ")"

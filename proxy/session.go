@@ -261,12 +261,18 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 		}
 	}
 
-	ips, herr := s.resolve(ctx, host)
+	// A name that does not resolve is put to the policy too, with no addresses:
+	// only a device the policy allows to reach the name learns that it does not
+	// resolve. Any other device is refused as it would be for a name that exists,
+	// so no device learns which names exist by trying them.
+	ips, lookupErr, herr := s.resolve(ctx, host)
 	if herr != nil {
 		return nil, herr
 	}
-	if herr := s.checkSelf(ss.dest, ips, hello.Port); herr != nil {
-		return nil, herr
+	if lookupErr == nil {
+		if herr := s.checkSelf(ss, ips, hello.Port); herr != nil {
+			return nil, herr
+		}
 	}
 
 	req := authz.Request{
@@ -279,9 +285,14 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 	actx, acancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
 	dec, err := s.cfg.Authorizer.Authorize(actx, req)
 	acancel()
+	// The session's log line says why the name did not resolve, whatever the client is told.
+	note := ""
+	if lookupErr != nil {
+		note = " (" + lookupErr.Error() + ")"
+	}
 	if err != nil {
 		ss.decision = "deny"
-		ss.end = "policy evaluation failed: " + err.Error()
+		ss.end = "policy evaluation failed: " + err.Error() + note
 		return nil, policyError(err)
 	}
 	if !dec.Allow {
@@ -290,7 +301,14 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 		if reason == "" {
 			reason = "no policy rule allows this destination"
 		}
-		return nil, &HelloError{Code: CodePolicyDenied, Reason: reason}
+		herr := &HelloError{Code: CodePolicyDenied, Reason: reason}
+		ss.end = herr.Error() + note
+		return nil, herr
+	}
+	if lookupErr != nil {
+		ss.decision = "allow"
+		ss.end = lookupErr.Error()
+		return nil, resolveFailed(host)
 	}
 	ss.decision = "allow"
 	ss.req = req

@@ -282,7 +282,7 @@ func evalRequest(ctx context.Context, cfg config.Server, user, device, dest, net
 		got, err := net.DefaultResolver.LookupNetIP(rctx, "ip", host)
 		cancel()
 		if err != nil {
-			notes = append(notes, fmt.Sprintf("%s does not resolve here (%v); tpd would refuse the request with resolve_failed. Give addresses with --ip to see the policy's answer", host, err))
+			notes = append(notes, fmt.Sprintf("%s does not resolve here (%v); tpd asks the policy with no addresses, as below, and refuses an allowed request with resolve_failed. Give addresses with --ip to see the policy's answer for them", host, err))
 		}
 		for _, ip := range got {
 			addrs = append(addrs, ip.Unmap().WithZone(""))
