@@ -110,8 +110,16 @@ func expectTLSEcho(t *testing.T, res <-chan net.Conn) {
 		t.Fatal("the dial failed")
 	}
 	defer c.Close()
-	if _, ok := c.(*tls.Conn); !ok {
-		t.Fatalf("auto returned %T, want a TLS connection", c)
+	inner := c
+	for {
+		u, ok := inner.(interface{ Unwrap() net.Conn })
+		if !ok {
+			break
+		}
+		inner = u.Unwrap()
+	}
+	if _, ok := inner.(*tls.Conn); !ok {
+		t.Fatalf("auto returned %T on %T, want a TLS connection", c, inner)
 	}
 	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.Write([]byte("x")); err != nil {

@@ -376,9 +376,9 @@ func TestReverseAgentKilledMidTransfer(t *testing.T) {
 	cutByFault(t, "the protected dialer, after the agent died,", err)
 }
 
-// cutByFault fails the test unless err reports the cut the test caused: a TCP
-// reset, a QUIC stream reset, or the end-to-end session's missing close_notify
-// (clients.ErrTruncated). The test's own deadline is a hang, and EOF a silent
+// cutByFault fails the test unless err reports the cut the test caused: a
+// *clients.CutError holding a TCP reset, a QUIC stream reset, or a TLS session
+// that ended without close_notify (proxy.ErrTruncated). The test's own deadline is a hang, and EOF a silent
 // truncation.
 func cutByFault(t *testing.T, who string, err error) {
 	t.Helper()
@@ -388,8 +388,12 @@ func cutByFault(t *testing.T, who string, err error) {
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		t.Fatalf("%s heard nothing until its own deadline: the cut was not passed on (%v)", who, err)
 	}
-	if _, reset := proxy.StreamResetCode(err); reset || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, clients.ErrTruncated) {
+	var cut *clients.CutError
+	if !errors.As(err, &cut) {
+		t.Fatalf("%s saw %v (%T); want a *clients.CutError", who, err, err)
+	}
+	if _, reset := proxy.StreamResetCode(err); reset || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, proxy.ErrTruncated) {
 		return
 	}
-	t.Fatalf("%s saw %v (%T); want a reset or clients.ErrTruncated", who, err, err)
+	t.Fatalf("%s saw %v (%T); want a reset or proxy.ErrTruncated", who, cut.Err, cut.Err)
 }
