@@ -42,6 +42,9 @@ var helloSeeds = []string{
 	`{"v":1,"op":"accept","session":"ABC"}`,
 	`{"v":1,"op":"accept","session":"` + strings.Repeat("a", 65) + `"}`,
 	`{"v":1,"op":"accept","net":"tcp","session":"00"}`,
+	`{"v":1,"op":"why","session":"0123456789abcdef"}`,
+	`{"v":1,"op":"why","session":"00","host":"h"}`,
+	`{"v":1,"op":"why"}`,
 	`{"v":1,"op":"dial","net":"tcp","host":"h","port":1,"port":2}`,
 	`{"v":1,"op":"dial","net":"tcp","host":null,"port":1}`,
 	`{"v":1.0,"op":"dial","net":"tcp","host":"h","port":1}`,
@@ -111,9 +114,12 @@ func FuzzClientHello(f *testing.F) {
 					t.Fatalf("accepted reverse name %q: %v", n, err)
 				}
 			}
-		case OpAccept:
-			if h.Session == "" || len(h.Session) > maxSessionIDLen {
+		case OpAccept, OpWhy:
+			if h.Session == "" || len(h.Session) > maxSessionIDLen || strings.Trim(h.Session, "0123456789abcdef") != "" {
 				t.Fatalf("accepted session id %q", h.Session)
+			}
+			if h.Op == OpWhy && (h.Net != "" || h.Host != "" || h.Port != 0 || h.Names != nil || h.Public != nil || h.UDP != nil) {
+				t.Fatalf("accepted a why with other fields: %+v", h)
 			}
 		default:
 			t.Fatalf("accepted op %q", h.Op)
@@ -139,6 +145,9 @@ func FuzzServerHello(f *testing.F) {
 		`{"v":1,"ok":true,"e2e":true}`,
 		`{"v":1,"ok":true,"names":["laptop-ssh.rev.tp.internal"]}`,
 		`{"v":1,"ok":false,"code":"policy_denied","reason":"denied by policy"}`,
+		`{"v":1,"ok":true,"session":"0123456789abcdef"}`,
+		`{"v":1,"ok":true,"end":{"code":"revoked","by":"server","reason":"this device was revoked"}}`,
+		`{"v":1,"ok":true,"end":{"code":"revoked","by":"server","reason":"x","extra":1}}`,
 		`{"v":1,"ok":false}`,
 		`{"v":2,"ok":true}`,
 		`{"v":1,"ok":true,"flow":-1}`,
