@@ -45,6 +45,9 @@ type quicState struct {
 	closed  bool
 	// tlsUntil: TLS won a race; auto skips QUIC until then (also without a Cache).
 	tlsUntil time.Time
+	// headStartTimer, when set, replaces the head start's timer in race: a test
+	// decides when the head start is over.
+	headStartTimer func(time.Duration) <-chan time.Time
 }
 
 // ErrDialerClosed is returned by a Dialer after Close.
@@ -299,8 +302,14 @@ func (d *Dialer) race(ctx context.Context) (string, *tls.Conn, error) {
 	if head <= 0 {
 		head = DefaultHeadStart
 	}
-	timer := time.NewTimer(head)
-	defer timer.Stop()
+	var headStartOver <-chan time.Time
+	if d.quic.headStartTimer != nil {
+		headStartOver = d.quic.headStartTimer(head)
+	} else {
+		timer := time.NewTimer(head)
+		defer timer.Stop()
+		headStartOver = timer.C
+	}
 	startTLS := func() {
 		go func() {
 			c, err := d.connectTLS(ctx)
@@ -312,7 +321,7 @@ func (d *Dialer) race(ctx context.Context) (string, *tls.Conn, error) {
 	var grace <-chan time.Time
 	for pending > 0 {
 		select {
-		case <-timer.C:
+		case <-headStartOver:
 			if !tlsStarted {
 				tlsStarted = true
 				pending++

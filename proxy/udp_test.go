@@ -297,7 +297,7 @@ func TestUDPFlood(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			waitFor(t, func() bool { return q.srv.UDPStats().Active == 0 }) // the previous run's flows are counted
-			before := q.srv.UDPStats()
+			before, sinkBefore := q.srv.UDPStats(), received.Load()
 			flood := dialUDP(t, q.udpDialer(t, tr), sink)
 			other := dialUDP(t, q.udpDialer(t, tr), echo)
 			runtime.GC()
@@ -332,15 +332,46 @@ func TestUDPFlood(t *testing.T) {
 					if grown := int64(ms.HeapAlloc) - int64(heap0); grown > 16<<20 {
 						t.Errorf("heap grew by %d MiB during a flood of %d MiB", grown>>20, n*1200>>20)
 					}
+					fst := flood.(*proxy.UDPFlow).Stats()
+					if fst.DatagramsOut != int64(n) || fst.QueueFull != 0 || fst.TooLarge != 0 {
+						t.Fatalf("flooding client: %+v; want %d sent and none dropped", fst, n)
+					}
+					// The other client was served: every datagram of it echoed,
+					// none dropped by the server or by itself.
+					echoes := int64(i + 1)
+					ost := other.(*proxy.UDPFlow).Stats()
+					if ost.QueueFull != 0 || ost.Peer.QueueFull != 0 || ost.Peer.TooLarge != 0 || ost.DatagramsIn < echoes {
+						t.Fatalf("the other client: %+v after %d echoes; want every datagram echoed, none dropped", ost, echoes)
+					}
+					// Every datagram sent is forwarded or counted as dropped. The
+					// server adds a flow's counts when the flow ends.
 					flood.Close()
 					waitFor(t, func() bool { return q.srv.UDPStats().Active == 1 })
 					st := q.srv.UDPStats()
 					up := st.DatagramsUp - before.DatagramsUp
-					dropped := st.QueueFull - before.QueueFull
-					t.Logf("%s: sent %d, server forwarded %d and dropped %d (queue full), sink received %d; %d echoes beside it, slowest %s",
-						tr, n, up, dropped, received.Load(), i+1, worst)
-					if up+dropped > int64(n)+int64(i+1) || up == 0 {
-						t.Fatalf("server counts: forwarded %d + dropped %d for %d sent", up, dropped, n)
+					dropped := st.QueueFull + st.TooLarge - before.QueueFull - before.TooLarge
+					var lost uint64
+					if qc := proxy.FlowQUICConn(flood.(*proxy.UDPFlow)); qc != nil {
+						lost = qc.ConnectionStats().PacketsLost
+					}
+					t.Logf("%s: sent %d, server forwarded %d and dropped %d (queue full), QUIC lost %d packets, sink received %d; %d echoes beside it, slowest %s",
+						tr, n, up, dropped, lost, received.Load()-sinkBefore, echoes, worst)
+					switch {
+					case up+dropped > int64(n):
+						t.Fatalf("%d datagrams sent, but the server forwarded %d and counted %d dropped: more than were sent", n, up, dropped)
+					case tr == clients.TransportTLS && up+dropped != int64(n):
+						// Capsules on one TLS connection: nothing is lost on the way,
+						// so the server's counts must add up exactly.
+						t.Fatalf("%d datagrams sent, but the server forwarded %d and counted %d dropped: %d unaccounted for",
+							n, up, dropped, int64(n)-up-dropped)
+					case up+dropped != int64(n):
+						// Over QUIC, datagrams that QUIC loses on the way (PacketsLost
+						// above) or that quic-go's receive queue (128 frames) discards
+						// before TP reads them are not counted by TP: a known gap.
+						t.Logf("quic: %d datagrams never reached TP's flow and are counted nowhere", int64(n)-up-dropped)
+					}
+					if up == 0 {
+						t.Fatal("nothing of the flood was forwarded")
 					}
 					return
 				default:

@@ -476,20 +476,26 @@ func (m *datagramMux) run() {
 		if err != nil {
 			return
 		}
-		id, n, err := quicvarint.Parse(d)
-		if err != nil {
-			m.unknown.Add(1)
-			continue
-		}
-		m.mu.Lock()
-		f := m.flows[id]
-		m.mu.Unlock()
-		if f == nil {
-			m.unknown.Add(1)
-			continue
-		}
-		f.deliver(d[n:])
+		m.dispatch(d)
 	}
+}
+
+// dispatch hands a DATAGRAM frame's payload to the flow its id names; a frame
+// without a complete id or for no live flow is counted and dropped.
+func (m *datagramMux) dispatch(d []byte) {
+	id, n, err := quicvarint.Parse(d)
+	if err != nil {
+		m.unknown.Add(1)
+		return
+	}
+	m.mu.Lock()
+	f := m.flows[id]
+	m.mu.Unlock()
+	if f == nil {
+		m.unknown.Add(1)
+		return
+	}
+	f.deliver(d[n:])
 }
 
 func (m *datagramMux) add(id uint64, f *UDPFlow) error {

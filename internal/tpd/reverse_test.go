@@ -7,8 +7,10 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -334,9 +336,6 @@ func TestReverseAgentDiesMidTransfer(t *testing.T) {
 			}
 			tap.mu.Lock()
 			for _, c := range tap.raw { // the agent process dies: no close_notify
-				if s, ok := c.(interface{ Abort(uint64) }); ok {
-					_ = s
-				}
 				if tc, ok := c.(*tls.Conn); ok {
 					tc.NetConn().Close()
 				} else {
@@ -346,10 +345,7 @@ func TestReverseAgentDiesMidTransfer(t *testing.T) {
 			tap.mu.Unlock()
 			conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 			_, err = io.Copy(io.Discard, conn)
-			if err == nil {
-				t.Fatal("the dialer saw a clean end after the agent died")
-			}
-			t.Logf("dialer sees: %v", err)
+			cutByFault(t, "the dialer", err)
 		})
 	}
 }
@@ -357,3 +353,25 @@ func TestReverseAgentDiesMidTransfer(t *testing.T) {
 type zeros struct{}
 
 func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
+
+// cutByFault fails the test unless err reports the cut the test caused: a
+// *clients.CutError holding a TCP reset, a QUIC stream reset, or a TLS session
+// that ended without close_notify (proxy.ErrTruncated). The test's own read deadline is a hang, and EOF a
+// silent truncation.
+func cutByFault(t *testing.T, who string, err error) {
+	t.Helper()
+	switch {
+	case err == nil || errors.Is(err, io.EOF):
+		t.Fatalf("%s saw a clean end (%v); want the cut reported", who, err)
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		t.Fatalf("%s heard nothing until its own read deadline: the cut was not passed on (%v)", who, err)
+	}
+	var cut *clients.CutError
+	if !errors.As(err, &cut) {
+		t.Fatalf("%s saw %v (%T); want a *clients.CutError", who, err, err)
+	}
+	if _, reset := proxy.StreamResetCode(err); reset || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, proxy.ErrTruncated) {
+		return
+	}
+	t.Fatalf("%s saw %v (%T); want a reset or proxy.ErrTruncated", who, cut.Err, cut.Err)
+}

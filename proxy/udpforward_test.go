@@ -1,0 +1,119 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// startUDPRecordingEcho runs a loopback UDP echo that remembers from which
+// address each payload first arrived: through TP, that address is the server's
+// socket of one flow, so two payloads from one address travelled in one flow.
+func startUDPRecordingEcho(t *testing.T) (addr string, from func(payload string) string) {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pc.Close() })
+	var mu sync.Mutex
+	seen := map[string]string{}
+	go func() {
+		buf := make([]byte, 1<<16)
+		for {
+			n, src, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			if _, ok := seen[string(buf[:n])]; !ok {
+				seen[string(buf[:n])] = src.String()
+			}
+			mu.Unlock()
+			_, _ = pc.WriteTo(buf[:n], src)
+		}
+	}()
+	return pc.LocalAddr().String(), func(p string) string {
+		mu.Lock()
+		defer mu.Unlock()
+		return seen[p]
+	}
+}
+
+// TestUDPForwarderEvictsLeastRecentlyUsed: `tp forward --udp` serves at most 32
+// local sources at once (the default); a 33rd ends the flow of the source heard
+// from least recently, not that of one still talking. Bad input: 33 local
+// sources, the first of which keeps talking while the second falls silent.
+func TestUDPForwarderEvictsLeastRecentlyUsed(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	echo, from := startUDPRecordingEcho(t)
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fwd := &clients.UDPForwarder{ // MaxFlows left at its default
+		Dial: q.udpDialer(t, clients.TransportQUIC).DialContext, Target: echo,
+		Logger: slog.New(slog.DiscardHandler),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- fwd.Serve(ctx, pc) }()
+	defer func() {
+		cancel()
+		if err := <-served; !errors.Is(err, context.Canceled) {
+			t.Errorf("Serve = %v", err)
+		}
+	}()
+	const limit = 32
+	srcs := make([]net.Conn, limit+1)
+	for i := range srcs {
+		c, err := net.Dial("udp", pc.LocalAddr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		srcs[i] = c
+	}
+	say := func(i int, what string) string {
+		msg := fmt.Sprintf("%s from source %d", what, i)
+		udpEcho(t, srcs[i], []byte(msg))
+		return from(msg)
+	}
+	first := make([]string, limit)
+	for i := range limit {
+		first[i] = say(i, "first")
+	}
+	waitFor(t, func() bool { return q.srv.UDPStats().Active == limit })
+	if again := say(0, "refresh"); again != first[0] {
+		t.Fatalf("source 0 changed flow (%s, then %s) while below the limit", first[0], again)
+	}
+	// Source 1 is now the least recently used; the 33rd source takes its place.
+	say(limit, "first")
+	for deadline := time.Now().Add(10 * time.Second); q.srv.UDPStats().Active != limit; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d flows open with 33 local sources; want the limit, 32", q.srv.UDPStats().Active)
+		}
+	}
+	if again := say(0, "again"); again != first[0] {
+		t.Fatalf("source 0, the most recently used, lost its flow to the 33rd source (%s, then %s)", first[0], again)
+	}
+	for i := 2; i < limit; i++ {
+		if again := say(i, "again"); again != first[i] {
+			t.Fatalf("source %d lost its flow to the 33rd source (%s, then %s); source 1 was the least recently used", i, first[i], again)
+		}
+	}
+	if again := say(1, "again"); again == first[1] {
+		t.Fatalf("source 1, the least recently used, kept its flow (%s) beside 32 others", again)
+	}
+	if n := fwd.Dropped(); n != 0 {
+		t.Fatalf("forwarder dropped %d datagrams", n)
+	}
+}
