@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -32,7 +33,7 @@ func (t *tunnel) Unwrap() net.Conn { return t.Stream }
 func (t *tunnel) Read(p []byte) (int, error) {
 	n, err := t.Stream.Read(p)
 	switch {
-	case err == nil:
+	case err == nil, errors.Is(err, os.ErrDeadlineExceeded): // a deadline of the caller's own is no cut
 	case errors.Is(err, io.EOF):
 		if proxy.Truncated(t.Stream) {
 			err = &CutError{Err: proxy.ErrTruncated, t: t}
@@ -45,7 +46,7 @@ func (t *tunnel) Read(p []byte) (int, error) {
 
 func (t *tunnel) Write(p []byte) (int, error) {
 	n, err := t.Stream.Write(p)
-	if err != nil && !proxy.IsNormalEnd(err) {
+	if err != nil && !proxy.IsNormalEnd(err) && !errors.Is(err, os.ErrDeadlineExceeded) {
 		err = &CutError{Err: err, t: t}
 	}
 	return n, err

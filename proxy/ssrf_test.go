@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -329,11 +330,14 @@ func TestRecheckClosesSessionsNoLongerAllowed(t *testing.T) {
 		t.Fatalf("recheck after deny closed %d sessions", closed)
 	}
 	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.ReadAll(c); err != nil {
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
-			t.Fatal("session still open after the re-check denied it")
-		}
+	_, err = io.ReadAll(c)
+	var ne net.Error
+	var ce *clients.CutError
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		t.Fatal("session still open after the re-check denied it")
+	case !errors.As(err, &ce): // ended by the server: a cut, never a clean end
+		t.Fatalf("after the re-check denied the session the client read %v (%T); want a *clients.CutError", err, err)
 	}
 	waitFor(t, func() bool {
 		return strings.Contains(logs.String(), "no longer authorised: the policy no longer allows it: alice lost access")

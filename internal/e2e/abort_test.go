@@ -26,6 +26,7 @@ import (
 // output is counted, its standard input stays open until the test ends.
 type tpProc struct {
 	cmd    *exec.Cmd
+	stdin  io.Writer
 	stderr *syncBuffer
 	read   atomic.Int64
 	done   chan error
@@ -43,6 +44,7 @@ func startTP(t *testing.T, env []string, host string, port int) *tpProc {
 	}
 	t.Cleanup(func() { stdinW.Close() })
 	p.cmd.Stdin = stdinR
+	p.stdin = stdinW
 	stdout, err := p.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -125,15 +127,26 @@ func TestProxyCommandReportsDestinationReset(t *testing.T) {
 			if err != nil {
 				return
 			}
-			c.Write(bytes.Repeat([]byte("d"), 256<<10))
-			c.(*net.TCPConn).SetLinger(0)
-			c.Close()
+			go func() {
+				defer c.Close()
+				// Only once the session is up (the client's first byte): a reset
+				// during tpd's connect would be a failed dial, not a cut session.
+				c.SetDeadline(time.Now().Add(30 * time.Second))
+				if _, err := c.Read(make([]byte, 1)); err != nil {
+					return
+				}
+				c.Write(bytes.Repeat([]byte("d"), 256<<10))
+				c.(*net.TCPConn).SetLinger(0)
+			}()
 		}
 	}()
 	port := ln.Addr().(*net.TCPAddr).Port
 	for _, tr := range []string{clients.TransportTLS, clients.TransportQUIC} {
 		t.Run(tr, func(t *testing.T) {
 			p := startTP(t, append(env, "TP_TRANSPORT="+tr), "127.0.0.1", port)
+			if _, err := p.stdin.Write([]byte("x")); err != nil {
+				t.Fatal(err)
+			}
 			p.wantCutExit(t, "cut off by the destination")
 			if got := p.read.Load(); got > 256<<10 {
 				t.Fatalf("tp wrote %d bytes; the destination sent %d", got, 256<<10)
