@@ -2,14 +2,18 @@ package tpd
 
 import (
 	"context"
+	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/config"
 )
 
 // lineLog hands each log line of an agent to the test.
@@ -127,4 +131,137 @@ func TestReverseAgentExitOnRefusal(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "denied by policy") {
 		t.Fatalf("with ExitOnRefusal: %v; want the policy denial", err)
 	}
+}
+
+// gate relays loopback TCP connections to target while open; closing it cuts
+// the connections it relays and refuses new ones (a network the agent loses).
+type gate struct {
+	ln     net.Listener
+	target string
+	mu     sync.Mutex
+	open   bool
+	conns  []net.Conn
+}
+
+func newGate(t *testing.T, target string) *gate {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &gate{ln: ln, target: target, open: true}
+	t.Cleanup(func() { ln.Close(); g.set(false) })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			g.mu.Lock()
+			open := g.open
+			g.mu.Unlock()
+			if !open {
+				c.Close()
+				continue
+			}
+			up, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			g.mu.Lock()
+			g.conns = append(g.conns, c, up)
+			g.mu.Unlock()
+			go func() { io.Copy(up, c); up.Close() }()
+			go func() { io.Copy(c, up); c.Close() }()
+		}
+	}()
+	return g
+}
+
+func (g *gate) addr() string { return g.ln.Addr().String() }
+
+func (g *gate) set(open bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.open = open
+	if !open {
+		for _, c := range g.conns {
+			c.Close()
+		}
+		g.conns = nil
+	}
+}
+
+// An agent that lost its name (it was away longer than the grace period and
+// another identity took the name) keeps trying, says why, and gets the name back
+// once it is free, instead of exiting for good. The bad input is mallory's
+// registration of alice's name while alice's agent cannot reach tpd.
+func TestReverseAgentRetriesLostName(t *testing.T) {
+	d, url := startDaemonCfg(t, reversePolicy, func(c *config.Server) { c.ReverseGrace = time.Second })
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	mallory, _, _ := enrollClient(t, d, url, "mallory", "pc")
+	local := upperServer(t)
+	dl, err := alice.Dialer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dl.Transport = clients.TransportTLS
+	g := newGate(t, dl.Server)
+	dl.Server = g.addr() // alice reaches tpd only through the gate
+	lines := make(lineLog, 1000)
+	registered := make(chan struct{}, 10)
+	a := &clients.Agent{Dialer: dl, Exposed: []clients.Exposed{{Name: "svc", Local: local}},
+		AllowUsers: []string{"bob"}, Certificate: alice.ReverseCertificate,
+		Logger:     slog.New(slog.NewTextHandler(lines, nil)),
+		Registered: func([]string) { registered <- struct{}{} }}
+	ctx, cancel := context.WithCancel(context.Background())
+	var runErr error
+	done := make(chan struct{})
+	go func() { runErr = a.Run(ctx); dl.Close(); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	waitRegistered := func(what string) {
+		t.Helper()
+		select {
+		case <-registered:
+		case <-done:
+			t.Fatalf("%s: the agent ended: %v", what, runErr)
+		case <-time.After(60 * time.Second):
+			t.Fatalf("%s: the agent did not register within 60s", what)
+		}
+	}
+	waitRegistered("first registration")
+
+	g.set(false) // alice's agent is cut off; her name is held for 1s, then free
+	var stopMallory func()
+	deadline := time.Now().Add(30 * time.Second)
+	for stopMallory == nil {
+		stop, err := runAgent(t, mallory, clients.TransportTLS, []clients.Exposed{{Name: "svc", Local: local}}, nil)
+		switch {
+		case err == nil:
+			stopMallory = stop
+		case time.Now().After(deadline):
+			t.Fatalf("mallory could not take the free name within 30s: %v", err)
+		default:
+			time.Sleep(50 * time.Millisecond) // polling for alice's grace to run out, bounded by the deadline
+		}
+	}
+	for len(lines) > 0 {
+		<-lines
+	}
+	g.set(true) // alice's agent is back and finds the name taken
+	deadline = time.Now().Add(60 * time.Second)
+	for seen := false; !seen; {
+		select {
+		case l := <-lines:
+			seen = strings.Contains(l, "another identity holds a name this agent held; retrying") && strings.Contains(l, "name taken")
+		case <-done:
+			t.Fatalf("the agent ended on finding its name taken: %v; want it to keep trying", runErr)
+		case <-registered:
+			t.Fatal("the agent registered a name mallory holds")
+		case <-time.After(time.Until(deadline)):
+			t.Fatal("the agent logged no retry for its taken name within 60s")
+		}
+	}
+	stopMallory() // mallory unregisters: the name is free again
+	waitRegistered("after mallory let the name go")
 }
