@@ -76,7 +76,8 @@ type Agent struct {
 	// cannot always tell the agent (its stateless reset answers only large
 	// packets), so this is how fast an agent notices over QUIC; over TLS the
 	// closed connection says so at once. Default 6s (the smaller of both sides'
-	// values applies).
+	// values applies): quic-go counts it from the first keepalive that went
+	// unanswered, so a silent server is noticed 6–8 s after it went away.
 	IdleTimeout time.Duration
 	// ExitOnRefusal ends Run when the server refuses the names (its policy denies
 	// them, or another identity holds one) instead of retrying with backoff. By
