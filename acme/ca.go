@@ -1,9 +1,14 @@
 package acme
 
 import (
+	"bytes"
 	"context"
+	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"math/big"
 	"net/http"
 	"path/filepath"
 	"strings"
@@ -18,6 +23,7 @@ import (
 	"github.com/smallstep/certificates/authority/provisioner"
 	"github.com/smallstep/certificates/db"
 	"github.com/smallstep/nosql"
+	"github.com/smallstep/nosql/database"
 	"github.com/tp-proxy/tp/acme/login"
 )
 
@@ -38,6 +44,8 @@ type CA struct {
 	pki     *PKI
 	auth    *authority.Authority
 	acmeDB  stepacme.DB
+	store   nosql.DB    // the database under acmeDB and the authority, for Prune
+	nonces  *nonceStore // nonce.go
 	linker  stepacme.Linker
 	handler http.Handler
 	txt     *txtStore // dns-01 answers for reverse names (reverse.go)
@@ -62,6 +70,9 @@ type CAOptions struct {
 	// through SiteValidator, which must reach tpd itself.
 	SiteNames     []string
 	SiteValidator SiteValidator
+	// MaxNonces bounds the ACME nonces held at once (nonce.go); DefaultMaxNonces
+	// when zero.
+	MaxNonces int
 }
 
 // NewCA starts the embedded authority over pki with a bbolt database.
@@ -142,6 +153,8 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 		pki:    pki,
 		auth:   auth,
 		acmeDB: acmeDB,
+		store:  nosqlDB,
+		nonces: newNonceStore(opts.MaxNonces),
 		linker: stepacme.NewLinker(dns[0], "acme"),
 		txt:    newTXTStore(),
 	}
@@ -157,16 +170,61 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 	return c, nil
 }
 
+// MaxACMEBody bounds an ACME request body (a JWS). The largest TP sends, a
+// device-attest-01 answer with its attestation certificate, is under 4 KiB.
+const MaxACMEBody = 64 << 10
+
 // Handler serves the ACME API under /acme/. The ACME handlers take their
 // dependencies from the request context, which this handler fills in.
 func (c *CA) Handler() http.Handler {
+	acmeDB := nonceDB{DB: c.acmeDB, nonces: c.nonces}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !boundBody(w, r) {
+			return
+		}
 		ctx := authority.NewContext(r.Context(), c.auth)
 		ctx = db.NewContext(ctx, c.auth.GetDatabase())
-		ctx = stepacme.NewContext(ctx, c.acmeDB, c.challengeClientFor(challengeClient{c.txt}), c.linker, nil)
+		ctx = stepacme.NewContext(ctx, acmeDB, c.challengeClientFor(challengeClient{c.txt}), c.linker, nil)
 		c.handler.ServeHTTP(w, r.WithContext(ctx))
 	})
 }
+
+// boundBody reads a request body of at most MaxACMEBody bytes into memory, or
+// answers 413 and returns false. step-ca reads bodies whole without a limit.
+func boundBody(w http.ResponseWriter, r *http.Request) bool {
+	if r.Body == nil || r.Body == http.NoBody {
+		return true
+	}
+	if r.ContentLength <= MaxACMEBody {
+		b, err := io.ReadAll(io.LimitReader(r.Body, MaxACMEBody+1))
+		if err != nil {
+			WriteProblem(w, http.StatusBadRequest, "malformed", "could not read the request body: "+err.Error())
+			return false
+		}
+		if len(b) <= MaxACMEBody {
+			r.Body = io.NopCloser(bytes.NewReader(b))
+			return true
+		}
+	}
+	WriteProblem(w, http.StatusRequestEntityTooLarge, "malformed",
+		fmt.Sprintf("request body is larger than %d KiB; an ACME request is a JWS of a few KiB", MaxACMEBody>>10))
+	return false
+}
+
+// WriteProblem answers with an RFC 8555 problem document of type
+// urn:ietf:params:acme:error:<typ>.
+func WriteProblem(w http.ResponseWriter, status int, typ, detail string) {
+	w.Header().Set("Content-Type", "application/problem+json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(struct {
+		Type   string `json:"type"`
+		Detail string `json:"detail"`
+	}{"urn:ietf:params:acme:error:" + typ, detail})
+}
+
+// Nonces is the number of outstanding ACME nonces (at most CAOptions.MaxNonces).
+func (c *CA) Nonces() int { return c.nonces.len() }
 
 // DirectoryPath is the path of the ACME directory on tpd's HTTPS server.
 func DirectoryPath() string { return "/acme/" + ProvisionerName + "/directory" }
@@ -178,6 +236,21 @@ func (c *CA) NewEAB(ctx context.Context) (keyID string, hmacKey []byte, err erro
 		return "", nil, fmt.Errorf("create ACME account binding: %w", err)
 	}
 	return eak.ID, eak.HmacKey, nil
+}
+
+// ErrUnknownSerial means the CA has no certificate with that serial number.
+var ErrUnknownSerial = errors.New("no certificate with that serial number was issued by this CA")
+
+// IssuedCertificate returns the certificate this CA issued with serial number sn.
+func (c *CA) IssuedCertificate(sn *big.Int) (*x509.Certificate, error) {
+	crt, err := c.auth.GetDatabase().GetCertificate(sn.String())
+	switch {
+	case database.IsErrNotFound(err):
+		return nil, ErrUnknownSerial
+	case err != nil:
+		return nil, fmt.Errorf("look up certificate %x in the CA database: %w", sn, err)
+	}
+	return crt, nil
 }
 
 // Close stops the authority and closes its database.

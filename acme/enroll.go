@@ -13,7 +13,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -48,6 +50,14 @@ type Enroller struct {
 	// Denied consults tpd's deny list (device, user); a denied device gets no
 	// attestation, account binding or certificate. nil denies nothing.
 	Denied func(dev users.Device) (reason string, denied bool)
+	// CheckCertificate is the proxy listeners' own check of a device
+	// certificate; whoami answers with it. nil: whoami reports every
+	// certificate as not accepted (it cannot tell).
+	CheckCertificate func(leaf *x509.Certificate) error
+	// AllowBinding limits the ACME account bindings (EAB keys) a device mints,
+	// one per login and per reverse-name certificate: each is a database record
+	// until pruned. Refused, the device is told to wait. nil allows all.
+	AllowBinding func(deviceID string) (ok bool, wait time.Duration)
 }
 
 // Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.
@@ -131,6 +141,23 @@ func (e *Enroller) checkActive(w http.ResponseWriter, dev users.Device) bool {
 	return true
 }
 
+// checkBindingRate refuses (and returns false) a device that minted too many
+// account bindings lately, saying when to retry.
+func (e *Enroller) checkBindingRate(w http.ResponseWriter, dev users.Device) bool {
+	if e.AllowBinding == nil {
+		return true
+	}
+	ok, wait := e.AllowBinding(dev.ID)
+	if ok {
+		return true
+	}
+	secs := int(math.Ceil(wait.Seconds()))
+	e.log().Warn("account binding refused", "device", dev.ID, "why", "rate limit", "retry_after_s", secs)
+	w.Header().Set("Retry-After", strconv.Itoa(secs))
+	writeErr(w, http.StatusTooManyRequests, fmt.Sprintf("device %q asked for too many certificates in a short time; try again in %d s", dev.ID, secs))
+	return false
+}
+
 // errNotThisDevice is the one answer for an unknown device and for a request
 // signed by another key, so that nobody can learn which device IDs exist.
 func errNotThisDevice(deviceID string) string {
@@ -177,6 +204,10 @@ func (e *Enroller) whoami(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
+	if len(req.Certificate) > login.MaxWhoamiChain {
+		writeErr(w, http.StatusBadRequest, fmt.Sprintf("certificate holds %d entries; send at most %d (the leaf first)", len(req.Certificate), login.MaxWhoamiChain))
+		return
+	}
 	dev, ok := e.checkDevice(w, r, req.DeviceID, req.Time, req.Signature, login.WhoamiMessage(req.DeviceID, req.Time))
 	if !ok {
 		return
@@ -190,10 +221,45 @@ func (e *Enroller) whoami(w http.ResponseWriter, r *http.Request) {
 			err = authz.ErrRevoked
 		}
 	}
-	writeJSON(w, http.StatusOK, login.WhoamiResponse{
+	res := login.WhoamiResponse{
 		DeviceID: dev.ID, User: dev.User, Device: dev.Name, Groups: groups,
 		Revoked: err != nil, LastLogin: dev.LastLogin,
-	})
+	}
+	if len(req.Certificate) > 0 {
+		st := e.certificateStatus(dev, req.Certificate)
+		res.Certificate = &st
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+// certificateStatus says whether the proxy would accept the device's
+// certificate, by the listeners' own check; only the leaf counts (tpd pins its
+// issuing intermediate rather than trusting one sent along).
+func (e *Enroller) certificateStatus(dev users.Device, chain []string) login.CertificateStatus {
+	der, err := base64.StdEncoding.DecodeString(chain[0])
+	if err != nil {
+		return login.CertificateStatus{Reason: "the certificate sent is not base64"}
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return login.CertificateStatus{Reason: "the certificate sent cannot be parsed: " + err.Error()}
+	}
+	st := login.CertificateStatus{Serial: leaf.SerialNumber.Text(16)}
+	switch id, err := authz.IdentityFromCert(leaf); {
+	case err != nil:
+		st.Reason = err.Error()
+	case id.DeviceID != dev.ID:
+		st.Reason = fmt.Sprintf("the certificate is for %s, not for %s", id.DeviceID, dev.ID)
+	case e.CheckCertificate == nil:
+		st.Reason = "this server cannot check certificates here"
+	default:
+		if err := e.CheckCertificate(leaf); err != nil {
+			st.Reason = err.Error()
+		} else {
+			st.Accepted = true
+		}
+	}
+	return st
 }
 
 func (e *Enroller) attest(w http.ResponseWriter, r *http.Request) {
@@ -211,6 +277,9 @@ func (e *Enroller) attest(w http.ResponseWriter, r *http.Request) {
 	loginPub, err := parseP256(req.PublicKey)
 	if err != nil {
 		writeErr(w, http.StatusBadRequest, "public_key: "+err.Error())
+		return
+	}
+	if !e.checkBindingRate(w, dev) {
 		return
 	}
 	cert, err := e.issueAttestation(dev.ID, loginPub)
@@ -287,6 +356,10 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
+		if tooBig := (*http.MaxBytesError)(nil); errors.As(err, &tooBig) {
+			writeErr(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body is larger than %d KiB; TP's enrollment requests are under 2 KiB", maxBody>>10))
+			return false
+		}
 		writeErr(w, http.StatusBadRequest, "request body is not the expected JSON: "+err.Error())
 		return false
 	}

@@ -198,7 +198,7 @@ func (e *Enroller) reverseAccount(w http.ResponseWriter, r *http.Request) {
 	if !ok || !e.checkActive(w, dev) {
 		return
 	}
-	if _, ok := e.checkReverseOwner(w, dev, req.Name); !ok {
+	if _, ok := e.checkReverseOwner(w, dev, req.Name); !ok || !e.checkBindingRate(w, dev) {
 		return
 	}
 	eak, err := e.CA.acmeDB.CreateExternalAccountKey(r.Context(), reverseProvisionerID, "")

@@ -161,10 +161,13 @@ func hostPort(d Destination) string {
 //	destination.host      as asked
 //	destination.port      number
 //	destination.network   "tcp" or "udp"
-//	destination.ips       array of strings (IPv4-mapped IPv6 as IPv4), never null
+//	destination.ips       array of strings (IPv4-mapped IPv6 as IPv4), never null;
+//	                      [] when the name did not resolve (TP asks anyway, so that
+//	                      a device the policy refuses learns nothing; nothing is dialed)
 //	destination.embedded_ipv4  array of strings, never null: the IPv4 addresses
-//	                      inside NAT64 (64:ff9b::/96) and 6to4 (2002::/16)
-//	                      addresses of ips, which a policy judges them by
+//	                      inside the SIIT, NAT64, 6to4, Teredo and IPv4-compatible
+//	                      addresses of ips (see EmbeddedIPv4), which a policy
+//	                      judges them by
 //	destination.reverse   the reverse name (label before the reverse zone), only
 //	                      for "listen" and for dials of a reverse listener
 //	source.address        client address, host:port

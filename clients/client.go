@@ -135,13 +135,19 @@ func (c *Client) renew(ctx context.Context) (tls.Certificate, error) {
 	return cert, nil
 }
 
-// Whoami asks the server for this device's user, groups and status.
+// Whoami asks the server for this device's user, groups and status, and
+// whether it accepts the certificate on disk (when there is one): the answer's
+// Certificate is nil only when none was sent.
 func (c *Client) Whoami(ctx context.Context) (login.WhoamiResponse, error) {
 	key, err := c.Home.DeviceKey()
 	if err != nil {
 		return login.WhoamiResponse{}, err
 	}
-	return login.Whoami(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, key)
+	var chain [][]byte
+	if cert, err := c.Home.Certificate(); err == nil {
+		chain = cert.Certificate
+	}
+	return login.Whoami(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, key, chain...)
 }
 
 // Dialer returns a Dialer for the profile's server whose client certificate is

@@ -158,7 +158,9 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connecting to TP server %s: %w", d.Server, err)
 	}
-	conn := tls.Client(raw, cfg)
+	// EOFConn lets a cut (a TLS session that ends without close_notify) be told
+	// from a clean end.
+	conn := tls.Client(proxy.NewEOFConn(raw), cfg)
 	if err := conn.HandshakeContext(ctx); err != nil {
 		_ = raw.Close()
 		return nil, fmt.Errorf("TLS handshake with TP server %s: %w", d.Server, err)
@@ -184,10 +186,16 @@ func (d *Dialer) request(ctx context.Context, conn proxy.Stream, addr string, he
 		_ = conn.Close()
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
 	}
+	var c net.Conn = conn
 	if sh.E2E { // a protected reverse listener: TLS with its agent inside (e2e.go)
-		return d.innerTLS(ctx, conn, addr)
+		if c, err = d.innerTLS(ctx, conn, addr); err != nil {
+			return nil, err
+		}
 	}
-	return conn, nil
+	if sh.Session != "" { // a dial: its failures say who cut it (cut.go)
+		return &tunnel{Stream: c.(proxy.Stream), d: d, session: sh.Session}, nil
+	}
+	return c, nil
 }
 
 // exchangeError is a request that failed in its hello exchange with the server,

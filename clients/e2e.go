@@ -17,10 +17,6 @@ import (
 // reverse listener's agent.
 const E2EALPN = "tp-e2e/1"
 
-// ErrTruncated reports a session that ended without the peer's TLS close_notify:
-// the other end went away mid-session, and data may be missing.
-var ErrTruncated = errors.New("the session was cut off before its end (no TLS close_notify from the exposed service's agent); data may be missing")
-
 // innerTLS runs the end-to-end TLS session with a protected reverse listener's
 // agent inside conn: it verifies the agent's certificate for host against the TP
 // root, presents this device's certificate, and reads the agent's own hello.
@@ -30,8 +26,8 @@ func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string) (net.
 	cfg.ServerName = host
 	cfg.NextProtos = []string{E2EALPN}
 	cfg.MinVersion = tls.VersionTLS13
-	raw := &eofTracker{Conn: conn}
-	batch := &batchConn{Conn: raw}
+	// EOFConn lets a cut of the inner session (no close_notify) be told from its end.
+	batch := &batchConn{Conn: proxy.NewEOFConn(conn)}
 	tc := tls.Client(batch, cfg)
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	err := tc.HandshakeContext(ctx)
@@ -54,37 +50,7 @@ func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string) (net.
 		_ = tc.Close()
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
 	}
-	return &e2eConn{batchedTLS: newBatchedTLS(tc, batch), raw: raw}, nil
-}
-
-// eofTracker remembers whether the transport under a TLS session reached EOF.
-type eofTracker struct {
-	net.Conn
-	eof bool
-}
-
-func (e *eofTracker) Read(p []byte) (int, error) {
-	n, err := e.Conn.Read(p)
-	if n == 0 && err != nil { // data with io.EOF (QUIC) may still hold a close_notify
-		e.eof = true
-	}
-	return n, err
-}
-
-// e2eConn turns an end of the inner TLS session without close_notify into
-// ErrTruncated. crypto/tls reports both as io.EOF; a close_notify record makes it
-// return before it reads the transport's EOF, so a transport EOF seen means none came.
-type e2eConn struct {
-	*batchedTLS
-	raw *eofTracker
-}
-
-func (c *e2eConn) Read(p []byte) (int, error) {
-	n, err := c.batchedTLS.Read(p)
-	if errors.Is(err, io.EOF) && c.raw.eof {
-		return n, ErrTruncated
-	}
-	return n, err
+	return newBatchedTLS(tc, batch), nil
 }
 
 // maxBatch bounds what one batch holds before it is written out: four full TLS
@@ -124,6 +90,9 @@ func (b *batchConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// Unwrap is the stream below.
+func (b *batchConn) Unwrap() net.Conn { return b.Conn }
+
 func (b *batchConn) begin() {
 	b.mu.Lock()
 	b.open++
@@ -161,6 +130,9 @@ type batchedTLS struct {
 }
 
 func newBatchedTLS(tc *tls.Conn, raw *batchConn) *batchedTLS { return &batchedTLS{Conn: tc, raw: raw} }
+
+// Unwrap is the TLS connection.
+func (c *batchedTLS) Unwrap() net.Conn { return c.Conn }
 
 func (c *batchedTLS) Write(p []byte) (int, error) {
 	c.raw.begin()

@@ -86,10 +86,62 @@ type Agent struct {
 	// another identity holds before this agent ever registered it ends Run.
 	ExitOnRefusal bool
 
-	mu    sync.Mutex
-	full  map[string]string // label → full name
-	roots *x509.CertPool
-	inner *tls.Config // end-to-end TLS server config, one for all sessions so tickets resume
+	mu      sync.Mutex
+	full    map[string]string // label → full name
+	issuers map[string]issuer // full name → the CA that issued the agent's certificate for it
+	roots   *x509.CertPool
+	inner   *tls.Config // end-to-end TLS server config, one for all sessions so tickets resume
+}
+
+// issuer is the CA behind the agent's own certificate for a name: dialers'
+// certificates must come from the same issuing intermediate.
+type issuer struct {
+	leaf *x509.Certificate // the agent's certificate it was learnt from
+	is   authz.Issuer
+}
+
+// learnIssuer records which intermediate issued cert (the agent's certificate
+// for name), verified against the TP root. TP's CA issues device and reverse
+// certificates from the same intermediate, so dialers are held to it.
+func (a *Agent) learnIssuer(name string, cert *tls.Certificate) error {
+	leaf := cert.Leaf
+	if leaf == nil && len(cert.Certificate) > 0 {
+		var err error
+		if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+			return fmt.Errorf("the agent's certificate for %s is unreadable: %w", name, err)
+		}
+	}
+	if leaf == nil {
+		return fmt.Errorf("the agent has no certificate for %s", name)
+	}
+	a.mu.Lock()
+	known := a.issuers[name].leaf == leaf
+	a.mu.Unlock()
+	if known {
+		return nil
+	}
+	inters := x509.NewCertPool()
+	for _, der := range cert.Certificate[1:] {
+		if c, err := x509.ParseCertificate(der); err == nil {
+			inters.AddCert(c)
+		}
+	}
+	chains, err := leaf.Verify(x509.VerifyOptions{Roots: a.roots, Intermediates: inters, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+	if err != nil {
+		return fmt.Errorf("the agent's certificate for %s does not verify against the TP root: %w", name, err)
+	}
+	for _, ch := range chains {
+		if len(ch) == 3 {
+			a.mu.Lock()
+			if a.issuers == nil {
+				a.issuers = map[string]issuer{}
+			}
+			a.issuers[name] = issuer{leaf: leaf, is: authz.Issuer{Root: ch[2], Intermediate: ch[1]}}
+			a.mu.Unlock()
+			return nil
+		}
+	}
+	return fmt.Errorf("the agent's certificate for %s was not issued through TP's intermediate", name)
 }
 
 // fatalError ends Run instead of a reconnect.
@@ -147,7 +199,14 @@ func (a *Agent) Run(ctx context.Context) error {
 			if !ours {
 				return nil, fmt.Errorf("this agent does not expose %q", chi.ServerName)
 			}
-			return a.Certificate(chi.Context(), name)
+			cert, err := a.Certificate(chi.Context(), name)
+			if err != nil {
+				return nil, err
+			}
+			if err := a.learnIssuer(name, cert); err != nil {
+				return nil, err
+			}
+			return cert, nil
 		},
 	}
 	if a.Dialer.TLSConfig.ClientSessionCache == nil {
@@ -439,7 +498,8 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 	if a.WrapData != nil {
 		conn = a.WrapData(st)
 	}
-	batch := &batchConn{Conn: conn}
+	// EOFConn lets a cut of the dialer's side (no close_notify) be told from its end.
+	batch := &batchConn{Conn: proxy.NewEOFConn(conn)}
 	tc := tls.Server(batch, a.inner)
 	hctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
@@ -454,10 +514,23 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 		_ = tc.Close()
 		log.Warn("tp expose: session refused", "code", code, "reason", reason)
 	}
-	id, err := authz.IdentityFromCert(tc.ConnectionState().PeerCertificates[0])
+	cs := tc.ConnectionState()
+	a.mu.Lock()
+	iss, known := a.issuers[full]
+	a.mu.Unlock()
+	chainErr := errors.New("the agent does not know the CA of its own certificate yet")
+	if known {
+		// Like tpd: only leaves of TP's issuing intermediate, never CA:TRUE,
+		// clientAuth named explicitly.
+		chainErr = iss.is.CheckChains(cs.PeerCertificates[0], cs.VerifiedChains)
+	}
+	id, err := authz.IdentityFromCert(cs.PeerCertificates[0])
 	switch {
-	case !strings.EqualFold(tc.ConnectionState().ServerName, full):
-		refuse(proxy.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", tc.ConnectionState().ServerName, full))
+	case !strings.EqualFold(cs.ServerName, full):
+		refuse(proxy.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full))
+		return
+	case chainErr != nil:
+		refuse(proxy.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error())
 		return
 	case err != nil:
 		refuse(proxy.CodeUnauthenticated, "the device certificate carries no TP identity: "+err.Error())

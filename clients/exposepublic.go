@@ -16,8 +16,8 @@ func (e Exposed) public() bool { return e.PublicPort != 0 || e.PublicSNI != "" }
 // servePublic runs one session of a publicly exposed name: a public client (or
 // a TP dialer the relay's policy let through) with no TLS of TP's. It connects
 // to the local service, the only address it ever dials, after terminating the
-// client's TLS when e.TLS is set. A cut on either side resets the other, so an
-// error is never passed on as a clean end.
+// client's TLS when e.TLS is set. A cut on either side resets the other (Bridge),
+// so an error is never passed on as a clean end.
 func (a *Agent) servePublic(ctx context.Context, st proxy.Stream, hdr proxy.SessionHeader, e Exposed, log *slog.Logger) {
 	start := time.Now()
 	if hdr.PeerAddr != "" {
@@ -30,7 +30,7 @@ func (a *Agent) servePublic(ctx context.Context, st proxy.Stream, hdr proxy.Sess
 		}
 	}
 	if e.TLS != nil {
-		tc := tls.Server(conn, e.TLS)
+		tc := tls.Server(proxy.NewEOFConn(conn), e.TLS) // EOFConn: tell a cut client from a clean end
 		hctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 		err := tc.HandshakeContext(hctx)
 		cancel()
@@ -46,12 +46,11 @@ func (a *Agent) servePublic(ctx context.Context, st proxy.Stream, hdr proxy.Sess
 	local, err := nd.DialContext(dctx, "tcp", e.Local)
 	dcancel()
 	if err != nil {
-		proxy.ResetConn(st)
-		_ = conn.Close()
+		proxy.Abort(conn, proxy.QUICPeerReset)
 		log.Warn("tp expose: cannot reach the local service; session reset", "local", e.Local, "err", err.Error())
 		return
 	}
-	up, down, err := proxy.Bridge(ctx, conn, proxy.CutAware(local.(*net.TCPConn), func() { proxy.ResetConn(st) }))
+	up, down, err := proxy.Bridge(ctx, conn, local)
 	end := "closed"
 	if err != nil {
 		end = err.Error()

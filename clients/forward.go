@@ -70,10 +70,12 @@ func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Con
 		log.Warn("forward failed", append(attrs, "err", err.Error(), "duration", time.Since(start))...)
 		return
 	}
+	// A cut on either side resets the other: the local client sees a reset, never
+	// a clean end after partial data.
 	up, down, err := proxy.Bridge(ctx, local, remote)
 	end := "closed"
 	if err != nil {
-		end = err.Error()
+		end = ExplainCut(ctx, err).Error()
 	}
 	log.Info("forward", append(attrs, "bytes_up", up, "bytes_down", down, "duration", time.Since(start), "end", end)...)
 }

@@ -115,7 +115,7 @@ func TestSpareTLSUsedInBurst(t *testing.T) {
 	}
 	echoOnce(t, d, echo) // the second dial within spareWindow starts a burst
 	sp := waitSpare(t, d)
-	if c := echoOnce(t, d, echo); c != net.Conn(sp) {
+	if c := echoOnce(t, d, echo); c.(*tunnel).Stream != proxy.Stream(sp) {
 		t.Fatal("the dial did not use the spare connection")
 	}
 	waitSpare(t, d)

@@ -2,6 +2,8 @@ package clients
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 
@@ -13,15 +15,24 @@ import (
 // conn→out ends or ctx ends, and closes conn. EOF on in only half-closes: ssh closes
 // its side early and still expects the reply. The in→conn goroutine may stay blocked
 // reading in after Stdio returns if in cannot be interrupted (os.Stdin); callers exit.
+//
+// Only a clean end returns nil. A session cut off on the way (a reset, a QUIC stream
+// reset, a TLS session without close_notify) returns an error that says who cut it
+// and why, as the TP server answered (CutError); when in or out fails, or ctx ends,
+// conn is aborted (proxy.Abort) rather than closed, so the far side sees the cut too.
 func Stdio(ctx context.Context, conn net.Conn, in io.Reader, out io.Writer) error {
-	stop := context.AfterFunc(ctx, func() { _ = conn.Close() })
+	stop := context.AfterFunc(ctx, func() { proxy.Abort(conn, proxy.AbortCode(context.Cause(ctx))) })
 	defer stop()
 	defer conn.Close()
 
 	go func() {
 		_, err := io.Copy(conn, in)
-		if err != nil && !proxy.IsNormalEnd(err) {
-			_ = conn.Close()
+		var ce *CutError
+		switch {
+		case errors.As(err, &ce) || errors.Is(err, net.ErrClosed):
+			return // the session was cut (conn→out sees it too), or it is over
+		case err != nil: // reading in failed: the upload is incomplete
+			proxy.Abort(conn, proxy.QUICPeerReset)
 			return
 		}
 		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
@@ -29,12 +40,36 @@ func Stdio(ctx context.Context, conn net.Conn, in io.Reader, out io.Writer) erro
 		}
 	}()
 
-	_, err := io.Copy(out, conn)
+	rerr, werr := copyOut(out, conn)
 	if ctx.Err() != nil {
 		return context.Cause(ctx)
 	}
-	if proxy.IsNormalEnd(err) {
+	switch {
+	case werr != nil: // the reader of out went away before the end
+		proxy.Abort(conn, proxy.QUICPeerReset)
+		return fmt.Errorf("writing the session's data to standard output: %w", werr)
+	case rerr == nil:
 		return nil
+	default: // a *CutError says who cut the session, once explained
+		return ExplainCut(ctx, rerr)
 	}
-	return err
+}
+
+// copyOut copies conn to out until EOF, telling a read error from a write error.
+func copyOut(out io.Writer, conn net.Conn) (rerr, werr error) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := conn.Read(buf)
+		if n > 0 {
+			if _, werr := out.Write(buf[:n]); werr != nil {
+				return nil, werr
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return nil, nil
+		}
+		if err != nil {
+			return err, nil
+		}
+	}
 }

@@ -41,9 +41,11 @@ const DefaultPolicy = `# TP authorization policy.
 #   IP literal in any spelling is given in standard form: "127.1" is "127.0.0.1")
 #   input.destination.port        5432
 #   input.destination.network     "tcp" or "udp"
-#   input.destination.ips         ["10.0.0.5"]  (the only addresses TP will dial)
+#   input.destination.ips         ["10.0.0.5"]  (the only addresses TP will dial;
+#   [] when the name does not resolve: TP asks anyway and refuses with
+#   resolve_failed only a request the policy allows)
 #   input.destination.embedded_ipv4  ["10.0.0.5"] (the IPv4 addresses inside the
-#   NAT64 64:ff9b::/96 and 6to4 2002::/16 addresses of ips)
+#   SIIT, NAT64, 6to4, Teredo and IPv4-compatible addresses of ips)
 #   input.source.address          "203.0.113.7:51234"
 #   input.source.transport        "tls" or "quic"
 #   input.time                    RFC 3339 with nanoseconds, UTC
@@ -54,20 +56,29 @@ default allow := false
 
 # ---------------------------------------------------------------------------
 # Internal addresses. A request is refused when any address the destination
-# resolved to (or the IPv4 address inside a NAT64 or 6to4 address) is internal:
-# loopback, private, link-local (which includes cloud metadata at
+# resolved to (or the IPv4 address inside an IPv6 address that carries one) is
+# internal: loopback, private, link-local (which includes cloud metadata at
 # 169.254.169.254), CGNAT (100.64.0.0/10, which includes 100.100.100.200),
 # unique-local IPv6 (fd00:ec2::254), unspecified, multicast or reserved - unless
-# a network in allowed_internal covers it. This is a deny rule, so no allow rule
-# in any file can undo it; only allowed_internal can. TP never dials its own
-# listeners, whatever the policy says.
+# a network in allowed_internal covers it. IPv6 forms that carry an IPv4 address
+# and are no ordinary destination - SIIT (::ffff:0:0:0/96), IPv4-compatible
+# (::/96), NAT64's local-use prefix and Teredo - are internal as a whole; NAT64's
+# well-known prefix and 6to4 are judged by the IPv4 address inside. This is a
+# deny rule, so no allow rule in any file can undo it; only allowed_internal
+# can. TP never dials its own listeners, whatever the policy says.
+#
+# Its message is shown only to a request that an allow rule matches: anyone else
+# is told that no rule allows the request, whatever the name resolves to, so a
+# device cannot learn which names exist or where they point (see "Reasons").
 # ---------------------------------------------------------------------------
 
 deny contains msg if {
 	some ip in internal_addresses
 	not internal_allowed(ip)
-	msg := sprintf("%s an internal address that this policy does not open; ask the TP administrator to add its network to allowed_internal", [internal_subject])
+	msg := internal_message
 }
+
+internal_message := sprintf("%s an internal address that this policy does not open; ask the TP administrator to add its network to allowed_internal", [internal_subject])
 
 internal_subject := sprintf("%s is", [input.destination.host]) if {
 	input.destination.host in input.destination.ips
@@ -87,7 +98,7 @@ internal_networks := [
 	"0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
 	"172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15",
 	"224.0.0.0/4", "240.0.0.0/4",
-	"::/96", "64:ff9b:1::/48", "100::/64", "2001::/32",
+	"::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48", "100::/64", "2001::/32",
 	"fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
 ]
 
@@ -165,7 +176,10 @@ internal_destination if count(internal_addresses) > 0
 # Reasons. A denied person sees the reason; make it say what to do. An allowed
 # request has no reason. Rules that set reason directly would conflict with the
 # rule below (an evaluation error, so a denial with a generic message); add to
-# deny_reason instead (or to deny, which also denies).
+# deny_reason instead (or to deny, which also denies). A request that no allow
+# rule matches is not shown the internal-address message: keep your own reasons
+# for such requests free of what the destination resolved to, so that they tell
+# a device nothing about names it may not reach.
 #
 # Add your own by adding to deny_reason, for example:
 #
@@ -180,9 +194,23 @@ denied if not allow
 
 denied if count(deny) > 0
 
-reason := concat("; ", sort(deny | deny_reason)) if {
+# shown_denials are the deny messages the person is shown.
+shown_denials contains msg if {
+	some msg in deny
+	allow
+}
+
+shown_denials contains msg if {
+	some msg in deny
+	not allow
+	msg != internal_message
+}
+
+shown_denials contains msg if some msg in deny_reason
+
+reason := concat("; ", sort(shown_denials)) if {
 	denied
-	count(deny | deny_reason) > 0
+	count(shown_denials) > 0
 } else := msg if {
 	denied
 	msg := sprintf("no policy rule allows %s to %s %s port %v", [

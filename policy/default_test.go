@@ -73,6 +73,13 @@ func TestDefaultPolicyDeniesInternalAddresses(t *testing.T) {
 		{"6to4 of loopback", []string{"2002:7f00:1::1"}, false},
 		{"6to4 of 10/8", []string{"2002:a00:1::1"}, false},
 		{"Teredo", []string{"2001:0:4136:e378:8000:63bf:3fff:fdd2"}, false},
+		// Every IPv6 form that carries an IPv4 address (issue 10: SIIT was allowed).
+		{"SIIT of loopback", []string{"::ffff:0:7f00:1"}, false},
+		{"SIIT of a public address", []string{"::ffff:0:5db8:d70e"}, false},
+		{"local-use NAT64 of loopback", []string{"64:ff9b:1::7f00:1"}, false},
+		{"Teredo to loopback", []string{"2001:0:4136:e378:8000:63bf:80ff:fffe"}, false},
+		{"IPv4-compatible metadata", []string{"::a9fe:a9fe"}, false},
+		{"IPv4-compatible public", []string{"::5db8:d70e"}, false},
 		{"public then private", []string{"93.184.215.14", "10.0.0.1"}, false},
 		{"private then public", []string{"192.168.0.1", "93.184.215.14"}, false},
 		{"public then NAT64 metadata", []string{"93.184.215.14", "64:ff9b::a9fe:a9fe"}, false},
@@ -164,5 +171,44 @@ deny contains "and so is this host" if {
 	bad = load(t, writePolicy(t, map[string]string{"p.rego": "package tp.authz\n\nallow := true\n\ndeny := true\n"}))
 	if res, err := bad.Eval(context.Background(), input("bob", "pc", nil, "dial", "x", 1)); err == nil {
 		t.Fatalf("boolean deny accepted: %+v", res)
+	}
+}
+
+// A device that no allow rule matches gets one reason for a name, whatever the name
+// resolves to: nothing, a public address or an internal one. The bad input is a
+// refused device probing names; before, an internal answer changed the reason to
+// "resolves to an internal address", telling it the name exists and where it points.
+// A device that a rule does allow is still told why the address is refused.
+func TestDefaultPolicyReasonIndependentOfAddresses(t *testing.T) {
+	const onlyDBA = `package tp.authz
+
+allow if {
+	input.action == "dial"
+	"dba" in input.identity.groups
+}
+`
+	e := load(t, writePolicy(t, map[string]string{"tp.rego": policy.DefaultPolicy, "dba.rego": onlyDBA}))
+	var first string
+	for _, ips := range [][]string{nil, {"93.184.215.14"}, {"10.0.0.5"}, {"::ffff:0:7f00:1"}, {"64:ff9b::a9fe:a9fe"}, {"93.184.215.14", "127.0.0.1"}} {
+		res, err := e.Eval(context.Background(), ssrfInput([]string{"dev"}, "probe.internal", ips...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Allow {
+			t.Fatalf("%v: allowed a device no rule allows", ips)
+		}
+		if first == "" {
+			first = res.Reason
+		}
+		if res.Reason != first {
+			t.Fatalf("reason for %v is %q; for no addresses it is %q: the reason tells what the name resolves to", ips, res.Reason, first)
+		}
+	}
+	if !strings.Contains(first, "no policy rule allows bob@pc to dial probe.internal port 443") {
+		t.Fatalf("reason %q", first)
+	}
+	res, err := e.Eval(context.Background(), ssrfInput([]string{"dba"}, "probe.internal", "10.0.0.5"))
+	if err != nil || res.Allow || !strings.Contains(res.Reason, "probe.internal resolves to an internal address") {
+		t.Fatalf("allowed device, internal address: %+v, %v", res, err)
 	}
 }

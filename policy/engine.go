@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -24,6 +25,10 @@ const Package = "tp.authz"
 
 // DefaultTimeout bounds one evaluation unless [WithTimeout] says otherwise.
 const DefaultTimeout = 100 * time.Millisecond
+
+// DefaultQueueTimeout bounds, unless [WithQueueTimeout] says otherwise, how long an
+// Eval may take from call to answer, waiting for its turn included.
+const DefaultQueueTimeout = 5 * time.Second
 
 // query asks for the three documents of the decision in one evaluation, and only
 // for them: asking for the whole package would also evaluate every helper rule
@@ -49,7 +54,9 @@ type Result struct {
 // Option adjusts an Engine.
 type Option func(*Engine)
 
-// WithTimeout bounds each evaluation. Zero or less keeps [DefaultTimeout].
+// WithTimeout bounds each evaluation: the processor time it may use (on Linux;
+// elsewhere the time from its start), not counting time spent waiting for its turn
+// or for a processor. Zero or less keeps [DefaultTimeout].
 func WithTimeout(d time.Duration) Option {
 	return func(e *Engine) {
 		if d > 0 {
@@ -58,11 +65,32 @@ func WithTimeout(d time.Duration) Option {
 	}
 }
 
+// WithQueueTimeout bounds how long an Eval may take from call to answer, waiting
+// included: a machine so overloaded that an evaluation cannot start, or cannot get
+// a processor, within it denies. It should be much longer than the evaluation
+// timeout. Zero or less keeps [DefaultQueueTimeout].
+func WithQueueTimeout(d time.Duration) Option {
+	return func(e *Engine) {
+		if d > 0 {
+			e.queueTimeout = d
+		}
+	}
+}
+
 // Engine evaluates the Rego policy loaded from one directory. It is safe for
 // concurrent use; Eval never waits for a Reload.
+//
+// At most GOMAXPROCS evaluations run at once; the others wait their turn, in
+// order. An evaluation is CPU-bound, so running more at once only makes each take
+// longer, and a wall-clock bound that started before the evaluation got a
+// processor denied legitimate requests on a busy machine. The evaluation timeout
+// is therefore measured on the evaluation itself; waiting has its own, much
+// longer bound.
 type Engine struct {
-	dir     string
-	timeout time.Duration
+	dir          string
+	timeout      time.Duration
+	queueTimeout time.Duration
+	slots        chan struct{} // one per evaluation allowed to run
 
 	reloadMu sync.Mutex // serialises Reload; Eval does not take it
 	current  atomic.Pointer[compiled]
@@ -80,7 +108,8 @@ type compiled struct {
 // their tests must pass (see RunTests), at Load and at every Reload. Errors name
 // the file and carry the compiler's message.
 func Load(ctx context.Context, dir string, opts ...Option) (*Engine, error) {
-	e := &Engine{dir: dir, timeout: DefaultTimeout}
+	e := &Engine{dir: dir, timeout: DefaultTimeout, queueTimeout: DefaultQueueTimeout,
+		slots: make(chan struct{}, runtime.GOMAXPROCS(0))}
 	for _, o := range opts {
 		o(e)
 	}
@@ -125,8 +154,8 @@ func (e *Engine) Reload(ctx context.Context) error {
 }
 
 // Eval evaluates the policy for input. It returns an error — and callers must deny —
-// when evaluation fails, exceeds the engine's timeout, leaves allow undefined, or
-// sets allow to anything but a boolean. A reason that is not a string is an error too,
+// when evaluation fails, exceeds the engine's timeout (see [WithTimeout]) or queue
+// timeout, leaves allow undefined, or sets allow to anything but a boolean. A reason that is not a string is an error too,
 // because it is a policy bug that would otherwise hide the explanation.
 //
 // The request is allowed when allow is true and the optional set deny is empty: a
@@ -146,26 +175,9 @@ func (e *Engine) evalWith(ctx context.Context, c *compiled, input map[string]any
 	if err != nil {
 		return res, fmt.Errorf("policy input: %w", err)
 	}
-	evalCtx, cancel := context.WithTimeout(ctx, e.timeout)
-	defer cancel()
-	// Without an external cancel, OPA starts a goroutine per evaluation to watch
-	// the context; AfterFunc costs nothing until the context actually ends.
-	halt := topdown.NewCancel()
-	defer context.AfterFunc(evalCtx, halt.Cancel)()
-	rs, err := c.query.Eval(evalCtx, append([]rego.EvalOption{rego.EvalParsedInput(v), rego.EvalExternalCancel(halt)}, extra...)...)
-	if err == nil && evalCtx.Err() != nil {
-		// OPA checks for cancellation only now and then; a short evaluation can
-		// finish after the deadline. Late answers deny too.
-		err = evalCtx.Err()
-	}
+	rs, err := e.run(ctx, c, v, extra)
 	if err != nil {
-		switch {
-		case ctx.Err() != nil:
-			return res, fmt.Errorf("policy evaluation (revision %s) abandoned: %w", c.revision, errors.Join(ctx.Err(), err))
-		case evalCtx.Err() != nil:
-			return res, fmt.Errorf("policy evaluation (revision %s) did not finish within %s: %w", c.revision, e.timeout, errors.Join(evalCtx.Err(), err))
-		}
-		return res, fmt.Errorf("policy evaluation (revision %s): %w", c.revision, err)
+		return res, err
 	}
 	if len(rs) != 1 || len(rs[0].Expressions) != 1 {
 		return res, fmt.Errorf("policy (revision %s) defines nothing in package %s; allow is undefined", c.revision, Package)
@@ -208,6 +220,108 @@ func (e *Engine) evalWith(ctx context.Context, c *compiled, input map[string]any
 		res.Reason = strings.Join(res.Deny, "; ")
 	}
 	return res, nil
+}
+
+// Causes with which a budgetWatch cancels an evaluation.
+var (
+	errOverBudget = errors.New("evaluation time used up")
+	errOverloaded = errors.New("no answer within the queue timeout")
+)
+
+// run waits for a free slot, then evaluates v with the time the evaluation itself
+// uses bounded by e.timeout and the whole call, waiting included, by e.queueTimeout.
+func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego.EvalOption) (rego.ResultSet, error) {
+	deadline := time.Now().Add(e.queueTimeout)
+	select {
+	case e.slots <- struct{}{}: // a free slot: no timer needed
+	default:
+		wait := time.NewTimer(e.queueTimeout)
+		select {
+		case e.slots <- struct{}{}:
+			wait.Stop()
+		case <-ctx.Done():
+			wait.Stop()
+			return nil, fmt.Errorf("policy evaluation (revision %s) abandoned before it started: %w", c.revision, ctx.Err())
+		case <-wait.C:
+			return nil, fmt.Errorf("policy evaluation (revision %s) did not start within %s: %d evaluations were running and more were waiting, so tpd is overloaded: %w",
+				c.revision, e.queueTimeout, cap(e.slots), context.DeadlineExceeded)
+		}
+	}
+	defer func() { <-e.slots }()
+
+	evalCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	w := &budgetWatch{budget: e.timeout, deadline: deadline, over: cancel}
+	w.m.start()
+	defer w.m.stop()
+	defer w.stop()
+	w.mu.Lock() // check may not run before w.t is set
+	w.t = time.AfterFunc(min(e.timeout, time.Until(deadline)), w.check)
+	w.mu.Unlock()
+	// Without an external cancel, OPA starts a goroutine per evaluation to watch
+	// the context; AfterFunc costs nothing until the context actually ends.
+	halt := topdown.NewCancel()
+	defer context.AfterFunc(evalCtx, halt.Cancel)()
+	rs, err := c.query.Eval(evalCtx, append([]rego.EvalOption{rego.EvalParsedInput(v), rego.EvalExternalCancel(halt)}, extra...)...)
+	// OPA checks for cancellation only now and then, so an evaluation can finish
+	// over its budget or after the deadline: late answers deny too. It cannot
+	// have used more processor time than time has passed, so the clock is read
+	// only when that much has.
+	cause := context.Cause(evalCtx)
+	overBudget := errors.Is(cause, errOverBudget) ||
+		time.Since(w.m.wallStart) >= e.timeout && w.m.used() >= e.timeout
+	switch {
+	case ctx.Err() != nil:
+		return nil, fmt.Errorf("policy evaluation (revision %s) abandoned: %w", c.revision, errors.Join(ctx.Err(), err))
+	case overBudget:
+		return nil, fmt.Errorf("policy evaluation (revision %s) did not finish within %s: %w", c.revision, e.timeout, errors.Join(context.DeadlineExceeded, err))
+	case errors.Is(cause, errOverloaded) || !time.Now().Before(deadline):
+		return nil, fmt.Errorf("policy evaluation (revision %s) did not finish within %s of the request, waiting included, so tpd is overloaded: %w",
+			c.revision, e.queueTimeout, errors.Join(context.DeadlineExceeded, err))
+	case err != nil:
+		return nil, fmt.Errorf("policy evaluation (revision %s): %w", c.revision, err)
+	}
+	return rs, nil
+}
+
+// budgetWatch cancels an evaluation once it has used its budget of processor time
+// (see meter), checking when the budget would be used up had the evaluation had a
+// processor all along, or once the call's deadline passes, whatever it used.
+type budgetWatch struct {
+	budget   time.Duration
+	deadline time.Time
+	over     context.CancelCauseFunc
+	m        meter
+	mu       sync.Mutex // guards done and the timer's re-arming
+	done     bool
+	t        *time.Timer
+}
+
+func (w *budgetWatch) check() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done {
+		return
+	}
+	untilDeadline := time.Until(w.deadline)
+	if untilDeadline <= 0 {
+		w.over(errOverloaded)
+		return
+	}
+	left := w.budget - w.m.used()
+	if left <= 0 {
+		w.over(errOverBudget)
+		return
+	}
+	w.t.Reset(max(min(left, untilDeadline), time.Millisecond))
+}
+
+// stop ends the watch; over is not called after it returns.
+func (w *budgetWatch) stop() {
+	w.mu.Lock()
+	w.done = true
+	w.t.Stop()
+	w.mu.Unlock()
 }
 
 func describe(v any) string {

@@ -6,7 +6,9 @@ import (
 	"io"
 	"net"
 	"sync"
-	"syscall"
+	"sync/atomic"
+
+	"github.com/quic-go/quic-go"
 )
 
 // An idle direction blocks in Read holding only a small buffer; a large pooled
@@ -24,72 +26,124 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, bridgeBufSize); retu
 type closeWriter interface{ CloseWrite() error }
 
 // Bridge copies a→b and b→a until both directions end or ctx ends, then closes both
-// connections. When one direction reaches EOF, the destination's write side is
-// half-closed (CloseWrite; for TLS that sends close_notify) and the other direction
-// keeps running: ssh and similar protocols legitimately half-close and keep
-// receiving for a long time, so only ctx bounds that wait. A destination that cannot
-// half-close is closed entirely, since there is no other way to signal EOF to it.
+// connections.
 //
-// A read or write error in either direction tears down both. EOF, ECONNRESET, EPIPE
-// and closed-connection errors are normal ends and are not reported; if ctx ended the session,
-// err is context.Cause(ctx).
+// A clean end of one direction (EOF: a TCP FIN, a TLS close_notify, a QUIC FIN)
+// half-closes the destination's write side (CloseWrite; for TLS that sends
+// close_notify) and the other direction keeps running: ssh and similar protocols
+// legitimately half-close and keep receiving for a long time, so only ctx bounds
+// that wait. A destination that cannot half-close is closed entirely, since there
+// is no other way to signal EOF to it.
+//
+// Anything else aborts the session: a read or write error on either side (a reset,
+// a TLS session that ended without close_notify, a QUIC stream reset or a lost
+// connection) or ctx ending. An abort resets both connections (Abort), so that
+// neither peer can take the cut for a complete transfer; QUIC streams carry
+// AbortCode of ctx's cause, or QUICPeerReset when a side failed.
+//
+// err is nil after a clean end, a *CutError naming the side that failed, or ctx's
+// cause.
 func Bridge(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error) {
-	var closeOnce sync.Once
-	closeBoth := func() {
-		closeOnce.Do(func() {
-			_ = a.Close()
-			_ = b.Close()
-		})
-	}
-	stop := context.AfterFunc(ctx, closeBoth)
+	return bridge(ctx, a, b, nil)
+}
+
+// bridge is Bridge; beforeAbort, when set, runs once before an abort resets the
+// connections (it records why, for op "why", before the client can ask).
+func bridge(ctx context.Context, a, b net.Conn, beforeAbort func(error)) (aToB, bToA int64, err error) {
+	br := &bridgeState{a: a, b: b, beforeAbort: beforeAbort}
+	stop := context.AfterFunc(ctx, func() {
+		cause := context.Cause(ctx)
+		br.abort(cause, AbortCode(cause))
+	})
 
 	// b→a runs on the caller's goroutine: an idle tunnel then holds two goroutine
 	// stacks (this one and a→b) instead of three.
-	var errAB, errBA error
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		aToB, errAB = pipe(b, a, closeBoth)
+		aToB = br.pipe(b, a, false)
 	}()
-	bToA, errBA = pipe(a, b, closeBoth)
+	bToA = br.pipe(a, b, true)
 	<-done
-	ctxEnded := !stop()
-	closeBoth()
-	if ctxEnded {
-		return aToB, bToA, context.Cause(ctx)
-	}
-	return aToB, bToA, errors.Join(errAB, errBA)
+	stop()
+	br.end.Do(func() {
+		br.closing.Store(true)
+		_ = a.Close()
+		_ = b.Close()
+	})
+	return aToB, bToA, br.err
 }
 
-// pipe copies src to dst. At EOF it half-closes dst; on error it calls abort.
-func pipe(dst, src net.Conn, abort func()) (int64, error) {
-	n, err := copyConn(dst, src)
-	if err != nil {
-		abort()
-		if IsNormalEnd(err) {
-			err = nil
-		}
-		return n, err
-	}
-	if cw, ok := dst.(closeWriter); ok {
-		if cerr := cw.CloseWrite(); cerr != nil && !IsNormalEnd(cerr) {
-			abort()
-			return n, cerr
-		}
-		return n, nil
-	}
-	abort()
-	return n, nil
+type bridgeState struct {
+	a, b        net.Conn
+	beforeAbort func(error)
+	end         sync.Once   // the one end: an abort, or the final close
+	closing     atomic.Bool // Bridge closes or resets the connections itself
+	err         error       // why it aborted; written inside end
 }
 
-func copyConn(dst, src net.Conn) (int64, error) {
+// abort resets both connections, once, unless the session already ended.
+func (br *bridgeState) abort(err error, code quic.ApplicationErrorCode) {
+	br.end.Do(func() {
+		br.err = err
+		if br.beforeAbort != nil {
+			br.beforeAbort(err)
+		}
+		br.closing.Store(true)
+		Abort(br.a, code)
+		Abort(br.b, code)
+	})
+}
+
+// pipe copies src to dst; srcIsB says which of Bridge's connections src is. At a
+// clean EOF it half-closes dst; on any failure it aborts the session.
+func (br *bridgeState) pipe(dst, src net.Conn, srcIsB bool) int64 {
+	n, rerr, werr := copyConn(dst, src)
+	if rerr == nil && werr == nil && tlsTruncated(src) {
+		rerr = ErrTruncated
+	}
+	switch {
+	case rerr != nil:
+		br.failed(srcIsB, rerr)
+	case werr != nil:
+		br.failed(!srcIsB, werr)
+	default:
+		cw, ok := dst.(closeWriter)
+		if !ok {
+			br.closing.Store(true) // the other direction then ends with a closed connection
+			_ = dst.Close()
+			return n
+		}
+		if err := cw.CloseWrite(); err != nil {
+			br.failed(!srcIsB, err)
+		}
+	}
+	return n
+}
+
+// failed aborts the session because side B (or A) failed with err. An error that
+// Bridge caused itself (it closed or reset the connection) is no new failure.
+func (br *bridgeState) failed(isB bool, err error) {
+	if br.closing.Load() && (errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrClosedPipe)) {
+		return
+	}
+	br.abort(&CutError{B: isB, Err: err}, QUICPeerReset)
+}
+
+// copyConn copies src to dst until EOF (both errors nil) or a failure: rerr of
+// reading src, or werr of writing dst.
+func copyConn(dst, src net.Conn) (written int64, rerr, werr error) {
 	// TCP to TCP: let the kernel splice.
 	_, dstTCP := dst.(*net.TCPConn)
 	_, srcTCP := src.(*net.TCPConn)
 	if dstTCP && srcTCP {
-		return io.Copy(dst, src)
+		n, err := io.Copy(dst, src)
+		var oe *net.OpError
+		if errors.As(err, &oe) && oe.Op == "write" {
+			return n, nil, err
+		}
+		return n, err, nil
 	}
-	var written int64
 	small := make([]byte, idleBufSize)
 	var big *[]byte
 	defer func() {
@@ -107,17 +161,17 @@ func copyConn(dst, src net.Conn) (int64, error) {
 			w, werr := dst.Write(buf[:n])
 			written += int64(w)
 			if werr != nil {
-				return written, werr
+				return written, nil, werr
 			}
 			if w != n {
-				return written, io.ErrShortWrite
+				return written, nil, io.ErrShortWrite
 			}
 		}
 		if err != nil {
 			if errors.Is(err, io.EOF) {
-				return written, nil
+				return written, nil, nil
 			}
-			return written, err
+			return written, err, nil
 		}
 		switch {
 		case big == nil && n == len(small): // data is moving: copy in large chunks
@@ -129,14 +183,13 @@ func copyConn(dst, src net.Conn) (int64, error) {
 	}
 }
 
-// IsNormalEnd reports whether err is an ordinary way for a stream to end: EOF, the
-// connection closed locally (net.ErrClosed, io.ErrClosedPipe for in-memory pipes),
-// or reset/broken pipe from the peer.
+// IsNormalEnd reports whether err is an ordinary way for a stream to end: EOF, or
+// the connection closed locally (net.ErrClosed, io.ErrClosedPipe for in-memory
+// pipes). A reset or broken pipe from the peer is not: it is an abort, and data
+// may be missing.
 func IsNormalEnd(err error) bool {
 	return err == nil ||
 		errors.Is(err, io.EOF) ||
 		errors.Is(err, net.ErrClosed) ||
-		errors.Is(err, io.ErrClosedPipe) ||
-		errors.Is(err, syscall.ECONNRESET) ||
-		errors.Is(err, syscall.EPIPE)
+		errors.Is(err, io.ErrClosedPipe)
 }

@@ -136,7 +136,7 @@ func TestBridgeGoroutines(t *testing.T) {
 		}
 		runtime.Gosched()
 	}
-	if n := goroutinesWith("proxy.Bridge"); n != 2 {
+	if n := goroutinesWith("proxy.(*bridgeState).pipe"); n != 2 {
 		t.Errorf("an idle bridge holds %d goroutines, want 2", n)
 	}
 	client.Close()
@@ -178,7 +178,7 @@ func TestIdleSessionGoroutines(t *testing.T) {
 	if n := goroutinesWith("proxy.(*Server).relay"); n != 1 {
 		t.Errorf("%d goroutines in relay, want 1", n)
 	}
-	if n := goroutinesWith("proxy.Bridge"); n != 2 {
+	if n := goroutinesWith("proxy.(*bridgeState).pipe"); n != 2 {
 		t.Errorf("the session holds %d goroutines, want 2", n)
 	}
 	for _, fn := range []string{"HandshakeContext", "proxy.(*Server).establish"} {

@@ -88,14 +88,14 @@ func (s *Server) passthrough(serverName string) (func(context.Context, net.Conn)
 // in serveStream), and the frames that stay below an idle session (this one,
 // serveProxy, serveStream, relay, Bridge) are kept small.
 func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func()) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	stop := context.AfterFunc(s.force, cancel)
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stop := context.AfterFunc(s.force, func() { cancel(errShutdown) })
 	defer stop()
 
-	// eofConn tells a reverse session's TLS data connection that ends without
-	// close_notify (its agent died) from a clean end (reverse_public.go).
-	raw = &eofConn{Conn: raw}
+	// EOFConn tells a TLS session that ends without close_notify (its peer died
+	// or was cut off) from a clean end (abort.go).
+	raw = NewEOFConn(raw)
 	var pc *peekConn
 	if s.cfg.Passthrough != nil {
 		pc = &peekConn{Conn: raw, recording: true}
@@ -204,6 +204,9 @@ func (p *peekConn) Write(b []byte) (int, error) {
 	return p.Conn.Write(b)
 }
 
+// Unwrap is the connection below.
+func (p *peekConn) Unwrap() net.Conn { return p.Conn }
+
 func (p *peekConn) stopRecording() { p.recording, p.buf = false, nil }
 
 // replay returns the connection for a pass-through handler: the recorded bytes,
@@ -218,6 +221,9 @@ type replayConn struct {
 	net.Conn
 	pending []byte
 }
+
+// Unwrap is the socket.
+func (r *replayConn) Unwrap() net.Conn { return r.Conn }
 
 func (r *replayConn) Read(b []byte) (int, error) {
 	if len(r.pending) > 0 {

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // Codes for refusals decided here and in the session, beyond those of wire.go.
@@ -145,23 +146,27 @@ func canonicalHost(host string) string {
 }
 
 // resolve looks host up once; the policy sees, and the dialer uses, exactly these
-// IPs. IP literals (in any spelling, see CanonicalHost) are not looked up.
-func (s *Server) resolve(ctx context.Context, host string) ([]netip.Addr, *HelloError) {
+// IPs. IP literals (in any spelling, see CanonicalHost) are not looked up. A host
+// that is not a valid name or address is refused at once (herr, bad_request); a
+// lookup that fails returns lookupErr, whose text (the resolver's address, the DNS
+// answer) is for tpd's log only: the session asks the policy before it tells the
+// client anything about the name (see establish).
+func (s *Server) resolve(ctx context.Context, host string) (ips []netip.Addr, lookupErr error, herr *HelloError) {
 	host, err := CanonicalHost(host)
 	if err != nil {
-		return nil, helloErr(CodeBadRequest, "%v", err)
+		return nil, nil, helloErr(CodeBadRequest, "%v", err)
 	}
 	if ip, err := netip.ParseAddr(host); err == nil {
-		return []netip.Addr{ip.Unmap()}, nil
+		return []netip.Addr{ip.Unmap()}, nil, nil
 	}
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
 	defer cancel()
-	ips, err := s.cfg.Resolver.LookupNetIP(rctx, "ip", host)
+	found, err := s.cfg.Resolver.LookupNetIP(rctx, "ip", host)
 	if err != nil {
-		return nil, helloErr(CodeResolveFailed, "cannot resolve %s: %v", host, err)
+		return nil, fmt.Errorf("resolving %s: %w", host, err), nil
 	}
-	out := make([]netip.Addr, 0, min(len(ips), MaxResolvedIPs))
-	for _, ip := range ips {
+	out := make([]netip.Addr, 0, min(len(found), MaxResolvedIPs))
+	for _, ip := range found {
 		// A zone would let the kernel pick an interface the policy never saw.
 		ip = ip.Unmap().WithZone("")
 		if ip.IsValid() && !containsAddr(out, ip) && len(out) < MaxResolvedIPs {
@@ -169,9 +174,16 @@ func (s *Server) resolve(ctx context.Context, host string) ([]netip.Addr, *Hello
 		}
 	}
 	if len(out) == 0 {
-		return nil, helloErr(CodeResolveFailed, "cannot resolve %s: no addresses", host)
+		return nil, fmt.Errorf("resolving %s: the answer has no addresses", host), nil
 	}
-	return out, nil
+	return out, nil, nil
+}
+
+// resolveFailed is the refusal for a name that did not resolve, sent only to a
+// client the policy allows to reach it. It says no more than that: the resolver's
+// address and its answer describe the network, and are in tpd's log instead.
+func resolveFailed(host string) *HelloError {
+	return helloErr(CodeResolveFailed, "cannot resolve %s", host)
 }
 
 func containsAddr(list []netip.Addr, ip netip.Addr) bool {
@@ -226,6 +238,7 @@ func (s *Server) dial(ctx context.Context, ss *session, network string, ips []ne
 		dialContext = s.guardedDialer(authorised).DialContext
 	}
 	var herr *HelloError
+	var tried []string // for the log: each address and why it failed
 	for _, ap := range authorised {
 		addr := ap.String()
 		dctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
@@ -235,34 +248,52 @@ func (s *Server) dial(ctx context.Context, ss *session, network string, ips []ne
 			ss.upstream = addr
 			return c, nil
 		}
-		code := CodeDialFailed
-		var ne net.Error
-		switch {
-		case errors.Is(err, errNotAuthorised):
-			code = CodeInternal
-		case errors.Is(err, syscall.ECONNREFUSED):
-			code = CodeDialRefused
-		case errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
-			code = CodeDialTimeout
-		}
-		herr = helloErr(code, "cannot connect to %s (%s): %v", ss.dest, addr, unwrapOpError(err))
+		tried = append(tried, addr+": "+unwrapOpError(err).Error())
+		herr = dialFailed(ss.dest, err, s.cfg.DialTimeout)
 		if ctx.Err() != nil {
 			break
 		}
 	}
+	ss.end = "cannot connect to " + ss.dest + ": " + strings.Join(tried, "; ")
 	return nil, herr
 }
 
+// dialFailed is the refusal for a failed connection attempt: host:port as the
+// client asked and a cause in general terms. The address tried and the system's
+// error (which may name internal addresses and interfaces) go to tpd's log.
+func dialFailed(dest string, err error, timeout time.Duration) *HelloError {
+	var ne net.Error
+	switch {
+	case errors.Is(err, errNotAuthorised):
+		return helloErr(CodeInternal, "cannot connect to %s: the TP server stopped a connection the policy had not checked; the TP administrator can find the details in tpd's log", dest)
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return helloErr(CodeDialRefused, "cannot connect to %s: the connection was refused", dest)
+	case errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
+		return helloErr(CodeDialTimeout, "cannot connect to %s: it did not answer within %s", dest, timeout)
+	case errors.Is(err, syscall.ENETUNREACH) || errors.Is(err, syscall.EHOSTUNREACH):
+		return helloErr(CodeDialFailed, "cannot connect to %s: the destination is unreachable from the TP server", dest)
+	case errors.Is(err, syscall.ECONNRESET):
+		return helloErr(CodeDialFailed, "cannot connect to %s: the destination reset the connection while it was being set up", dest)
+	case errors.Is(err, context.Canceled):
+		return helloErr(CodeDialFailed, "cannot connect to %s: the request was abandoned", dest)
+	}
+	return helloErr(CodeDialFailed, "cannot connect to %s: the connection failed", dest)
+}
+
 // checkSelf refuses a destination whose addresses include one of the server's own
-// listeners, unless Config.AllowSelfDial says otherwise.
-func (s *Server) checkSelf(dest string, ips []netip.Addr, port int) *HelloError {
+// listeners, unless Config.AllowSelfDial says otherwise. The address goes to the
+// session's log line, not into the reason: for a name it would tell where the name
+// points (and for an address the client knows it already).
+func (s *Server) checkSelf(ss *session, ips []netip.Addr, port int) *HelloError {
 	if s.cfg.AllowSelfDial {
 		return nil
 	}
 	for _, ip := range ips {
 		ap := netip.AddrPortFrom(ip.Unmap(), uint16(port))
 		if s.isSelf(ap) {
-			return helloErr(CodeSelfDial, "%s is this TP server itself (%s); TP does not connect to its own listeners", dest, ap)
+			herr := helloErr(CodeSelfDial, "%s is this TP server itself; TP does not connect to its own listeners", ss.dest)
+			ss.end = herr.Error() + " (" + ap.String() + ")"
+			return herr
 		}
 	}
 	return nil

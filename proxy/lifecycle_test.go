@@ -134,7 +134,7 @@ func TestShutdownDrains(t *testing.T) {
 	if _, err := io.WriteString(c, "drain"); err != nil {
 		t.Fatal(err)
 	}
-	_ = c.(*tls.Conn).CloseWrite()
+	_ = c.(interface{ CloseWrite() error }).CloseWrite()
 	got, err := io.ReadAll(c)
 	if err != nil || string(got) != "drain" {
 		t.Fatalf("echo during drain = %q, %v", got, err)

@@ -211,11 +211,13 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 	// Streams end through sctx, which ends only after the connection was closed
 	// with QUICShutdown: clients then see the connection break with that code
 	// instead of an ordinary end of stream (FIN) that would hide the cut.
-	sctx, scancel := context.WithCancel(context.WithoutCancel(ctx))
-	defer scancel()
+	// Streams are aborted with QUICShutdown first, so that each one's end is
+	// recorded as a shutdown, then the connection closes with the same code.
+	sctx, scancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	defer scancel(nil)
 	stopShutdown := context.AfterFunc(ctx, func() {
+		scancel(errShutdown)
 		_ = conn.CloseWithError(QUICShutdown, "server shutting down")
-		scancel()
 	})
 	defer stopShutdown()
 

@@ -9,14 +9,28 @@ import (
 	"sync"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
 	"github.com/tp-proxy/tp/authz"
 )
 
 // RevokedError ends a live session that a re-check no longer allows. Its text is
-// what the session's log line gives as the reason it ended.
-type RevokedError struct{ Reason string }
+// what the session's log line gives as the reason it ended. Identity is true when
+// the identity itself is no longer accepted (revoked, unenrolled), false when the
+// policy no longer allows the session.
+type RevokedError struct {
+	Reason   string
+	Identity bool
+}
 
 func (e *RevokedError) Error() string { return "no longer authorised: " + e.Reason }
+
+func (e *RevokedError) code() quic.ApplicationErrorCode {
+	if e.Identity {
+		return QUICRevoked
+	}
+	return QUICPolicyChanged
+}
 
 // liveSession is an established session as the registry knows it.
 type liveSession struct {
@@ -77,9 +91,9 @@ func (s *Server) Recheck(ctx context.Context) (checked, closed int) {
 			return checked, closed
 		}
 		checked++
-		if reason, ok := s.stillAllowed(ctx, ls); !ok {
+		if reason, identity, ok := s.stillAllowed(ctx, ls); !ok {
 			closed++
-			ls.revoke(&RevokedError{Reason: reason})
+			ls.revoke(&RevokedError{Reason: reason, Identity: identity})
 			s.log.LogAttrs(ctx, slog.LevelInfo, "live session closed by re-check",
 				slog.String("identity", ls.req.Identity.DeviceID),
 				slog.String("action", ls.req.Action),
@@ -91,11 +105,11 @@ func (s *Server) Recheck(ctx context.Context) (checked, closed int) {
 }
 
 // stillAllowed re-decides one live session. The reason is for the log and says why
-// the session may not continue.
-func (s *Server) stillAllowed(ctx context.Context, ls *liveSession) (reason string, ok bool) {
+// the session may not continue; identity says the identity itself was refused.
+func (s *Server) stillAllowed(ctx context.Context, ls *liveSession) (reason string, identity, ok bool) {
 	id, err := s.cfg.Identify(ls.cs)
 	if err != nil {
-		return "identity no longer accepted: " + err.Error(), false
+		return "identity no longer accepted: " + err.Error(), true, false
 	}
 	if id.NotAfter.IsZero() || ls.req.Identity.NotAfter.Before(id.NotAfter) {
 		id.NotAfter = ls.req.Identity.NotAfter
@@ -111,18 +125,18 @@ func (s *Server) stillAllowed(ctx context.Context, ls *liveSession) (reason stri
 		if err == nil {
 			if !dec.Allow {
 				if dec.Reason == "" {
-					return "the policy no longer allows this destination", false
+					return "the policy no longer allows this destination", false, false
 				}
-				return "the policy no longer allows it: " + dec.Reason, false
+				return "the policy no longer allows it: " + dec.Reason, false, false
 			}
-			return "", true
+			return "", false, true
 		}
 		lastErr = err
 		if ctx.Err() != nil {
 			break
 		}
 	}
-	return "policy evaluation failed during re-check: " + lastErr.Error(), false
+	return "policy evaluation failed during re-check: " + lastErr.Error(), false, false
 }
 
 // policyError is the refusal for a request whose policy evaluation failed. The

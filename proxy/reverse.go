@@ -36,6 +36,16 @@ type ReverseOptions struct {
 	// MaxPending bounds the sessions announced to one agent over TLS and not yet
 	// picked up; beyond it the oldest is refused. Default 1000.
 	MaxPending int
+	// MaxNamesPerIdentity bounds the reverse names and public exposures one
+	// device identity holds at once, over all its control sessions and including
+	// those reserved for it while an agent reconnects; a listen beyond it is
+	// refused with CodeTooManyNames. Default DefaultMaxNamesPerIdentity.
+	MaxNamesPerIdentity int
+	// MaxPendingPerIdentity bounds the dials of reverse names one device identity
+	// has waiting for their agents to pick them up, so that one dialer cannot
+	// fill an agent's MaxPending and push out everyone else's sessions. Excess
+	// dials are refused with CodeTooManyPending. Default DefaultMaxPendingPerIdentity.
+	MaxPendingPerIdentity int
 	// PickupTimeout bounds how long a dial waits for the agent to pick the session
 	// up. Default 10s.
 	PickupTimeout time.Duration
@@ -70,6 +80,12 @@ func (o ReverseOptions) withDefaults() ReverseOptions {
 	o.RestartGrace = max(o.RestartGrace, o.Grace)
 	if o.MaxPending <= 0 {
 		o.MaxPending = 1000
+	}
+	if o.MaxNamesPerIdentity <= 0 {
+		o.MaxNamesPerIdentity = DefaultMaxNamesPerIdentity
+	}
+	if o.MaxPendingPerIdentity <= 0 {
+		o.MaxPendingPerIdentity = DefaultMaxPendingPerIdentity
 	}
 	if o.PickupTimeout <= 0 {
 		o.PickupTimeout = 10 * time.Second
@@ -127,6 +143,8 @@ type reverseRegistry struct {
 	names    map[string]*revEntry       // full name, "tcp/PORT" or "sni/NAME" → holder
 	sessions map[string]*pendingSession // announced, not yet accepted (TLS)
 	srv      *Server                    // opens and serves public ports
+	// pendingPerID counts the dials waiting for an agent per dialing device (limits.go).
+	pendingPerID identityCount
 
 	seq    uint64 // holds snapshots taken (persist), under mu
 	saveMu sync.Mutex
@@ -179,6 +197,9 @@ func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *HelloE
 			return nil, helloErr(CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another", describeKey(n))
 		}
 		r.dropLocked(n, e) // another owner's hold that has run out
+	}
+	if herr := r.checkNamesLocked(a, keys, now); herr != nil {
+		return nil, herr
 	}
 	opened, herr := r.openPublic(a)
 	if herr != nil {
@@ -458,12 +479,32 @@ func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.Connection
 		_ = a.writeFrame(SessionHeader{V: Version, End: "replaced", Reason: "a newer agent of the same device took over these names"})
 	case errors.As(cause, &rev):
 		_ = a.writeFrame(SessionHeader{V: Version, End: CodePolicyDenied, Reason: rev.Reason})
+	case errors.Is(cause, errShutdown):
+		_ = a.writeFrame(SessionHeader{V: Version, End: EndShutdown, Reason: "the TP server is shutting down; reconnect (the names stay held for this device meanwhile)"})
 	case errors.Is(cause, errCertExpired):
 		_ = a.writeFrame(SessionHeader{V: Version, End: "cert_expired", Reason: "the client certificate expired; the agent reconnects with a fresh one"})
 	}
 	ss.end = cause.Error()
 	_ = conn.Close()
 	return errHandled
+}
+
+// endAgents ends every agent's control session with cause (Shutdown: the agents
+// are told and reconnect, and their names stay held for them meanwhile).
+func (r *reverseRegistry) endAgents(cause error) {
+	r.mu.Lock()
+	agents := make(map[*reverseAgent]struct{})
+	for _, e := range r.names {
+		if e.agent != nil {
+			agents[e.agent] = struct{}{}
+		}
+	}
+	r.mu.Unlock()
+	for a := range agents {
+		if a.end != nil {
+			a.end(cause)
+		}
+	}
 }
 
 var (
@@ -577,6 +618,9 @@ type pairedStream struct {
 	done chan struct{}
 }
 
+// Unwrap is the accept connection.
+func (p *pairedStream) Unwrap() net.Conn { return p.Stream }
+
 func (p *pairedStream) Close() error {
 	err := p.Stream.Close()
 	p.once.Do(func() { close(p.done) })
@@ -614,8 +658,20 @@ func (s *Server) serveAccept(ctx context.Context, conn Stream, ss *session, hell
 	return errHandled
 }
 
-// establishReverse connects a dial of a reverse name to the name's agent.
+// establishReverse connects a dial of a reverse name to the name's agent. The
+// policy is asked before the name is looked up, so a device the policy refuses
+// learns nothing about the name: not whether an agent serves it, nor its network.
 func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session, host, label string, port int, transport string) (net.Conn, *HelloError) {
+	req := authz.Request{
+		Action:      dialAction(ss.network),
+		Identity:    ss.id,
+		Destination: authz.Destination{Host: host, Port: port, Network: ss.network, Reverse: label},
+		Source:      authz.Source{Address: ss.remote, Transport: transport},
+		Time:        time.Now(),
+	}
+	if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to reach "+host); herr != nil {
+		return nil, herr
+	}
 	a, herr := s.rev.lookup(host)
 	if herr != nil {
 		return nil, herr
@@ -627,16 +683,6 @@ func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session,
 		}
 		return nil, helloErr(CodeUnsupportedNetwork, "%s serves %s, not %s; %s", host, strings.ToUpper(network), strings.ToUpper(ss.network), hint)
 	}
-	req := authz.Request{
-		Action:      dialAction(ss.network),
-		Identity:    ss.id,
-		Destination: authz.Destination{Host: host, Port: port, Network: ss.network, Reverse: label},
-		Source:      authz.Source{Address: ss.remote, Transport: transport},
-		Time:        time.Now(),
-	}
-	if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to reach "+host); herr != nil {
-		return nil, herr
-	}
 	ss.req = req
 	ss.upstream = "agent " + a.id.String() + " (" + a.transport + ")"
 	hdr := SessionHeader{V: Version, Session: newSessionID(), Name: label,
@@ -647,14 +693,19 @@ func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session,
 		hdr.Net = "udp"
 		ss.spliced = true
 	}
+	if herr := s.rev.acquirePending(ss.id); herr != nil {
+		return nil, herr
+	}
 	st, herr := a.open(ctx, hdr)
+	s.rev.pendingPerID.release(ss.id.DeviceID)
 	if herr != nil {
 		return nil, herr
 	}
 	// A public name's sessions are plain streams; a protected one's carry TLS
-	// between dialer and agent. A cut on the agent's side resets the dialer's.
+	// between dialer and agent.
 	ss.e2e = !a.isPublic(host)
-	return cutAware(st, func() { resetConn(conn) }), nil
+	ss.peer = "agent"
+	return st, nil
 }
 
 // netOfFull is the network of the service behind full name host.

@@ -2,21 +2,15 @@ package proxy
 
 import (
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
-
-	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/authz"
 )
@@ -332,15 +326,13 @@ func (s *Server) acceptPublic(ln *publicListener) {
 			return
 		}
 		if !s.acquire() {
-			resetConn(c)
-			_ = c.Close()
+			Abort(c, QUICRefused)
 			s.log.Warn("public connection refused: too many connections", "remote", c.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
 			continue
 		}
 		if !s.addWorker() {
 			s.release()
-			resetConn(c)
-			_ = c.Close()
+			Abort(c, QUICRefused)
 			continue
 		}
 		go func() {
@@ -386,8 +378,7 @@ func (s *Server) servePublic(c net.Conn, key string) {
 	a, label, ok := s.rev.lookupKey(key)
 	if !ok {
 		end = "refused: no agent online for it (reconnecting, or gone)"
-		resetConn(c)
-		_ = c.Close()
+		Abort(c, QUICPeerReset)
 		return
 	}
 	agent = a.id.String() + " (" + a.transport + ")"
@@ -396,147 +387,14 @@ func (s *Server) servePublic(c net.Conn, key string) {
 	st, herr := a.open(ctx, hdr)
 	if herr != nil {
 		end = "refused: " + herr.Error()
-		resetConn(c)
-		_ = c.Close()
+		Abort(c, QUICPeerReset)
 		return
 	}
 	var err error
-	up, down, err = Bridge(ctx, &publicConn{Conn: c, ctx: ctx}, cutAware(st, func() { resetConn(c) }))
+	up, down, err = Bridge(ctx, c, st)
 	end = "closed"
 	if err != nil {
 		end = err.Error()
-	}
-}
-
-// publicConn is a public client's connection during a session: when the session
-// ends because the agent's control session did (the agent died or was revoked),
-// closing it resets the client instead of ending its stream cleanly.
-type publicConn struct {
-	net.Conn
-	ctx context.Context
-}
-
-func (p *publicConn) Close() error {
-	if p.ctx.Err() != nil {
-		resetConn(p.Conn)
-	}
-	return p.Conn.Close()
-}
-
-func (p *publicConn) CloseWrite() error {
-	if cw, ok := p.Conn.(closeWriter); ok {
-		return cw.CloseWrite()
-	}
-	return p.Conn.Close()
-}
-
-// errAgentCut ends a session whose agent side ended without a clean end.
-var errAgentCut = errors.New("the agent's side of the session was cut off (no clean end of stream); the other side was reset")
-
-// cutAware wraps the agent's side of a session: an end of it that is not a clean
-// end of stream (a TLS data connection closed without close_notify, as when the
-// agent process dies; a reset or broken QUIC stream; a failed write) calls cut
-// first, which resets the other side, so that a cut is never passed on as an
-// ordinary end.
-func cutAware(st Stream, cut func()) Stream {
-	c := &cutStream{Stream: st, cut: cut}
-	if p, ok := st.(*pairedStream); ok {
-		if tc, ok := p.Stream.(*tls.Conn); ok {
-			nc := tc.NetConn()
-			if pc, ok := nc.(*peekConn); ok {
-				nc = pc.Conn
-			}
-			if ec, ok := nc.(*eofConn); ok {
-				c.noNotify = ec.eof.Load
-			}
-		}
-	}
-	return c
-}
-
-type cutStream struct {
-	Stream
-	cut      func()
-	noNotify func() bool // the TLS transport under the stream reached EOF: no close_notify came
-	once     sync.Once
-}
-
-func (c *cutStream) Read(p []byte) (int, error) {
-	n, err := c.Stream.Read(p)
-	switch {
-	case err == nil:
-	case errors.Is(err, io.EOF) && (c.noNotify == nil || !c.noNotify()):
-	case errors.Is(err, io.EOF):
-		c.once.Do(c.cut)
-		err = errAgentCut
-	case !errors.Is(err, net.ErrClosed): // net.ErrClosed: Bridge closed it itself
-		c.once.Do(c.cut)
-	}
-	return n, err
-}
-
-func (c *cutStream) Write(p []byte) (int, error) {
-	n, err := c.Stream.Write(p)
-	if err != nil && !errors.Is(err, net.ErrClosed) {
-		c.once.Do(c.cut)
-	}
-	return n, err
-}
-
-// eofConn remembers whether the TCP connection under a TLS session reached EOF.
-// crypto/tls reports a close_notify and a bare EOF alike as io.EOF, but after a
-// close_notify it stops reading the transport: an EOF seen here means none came.
-type eofConn struct {
-	net.Conn
-	eof atomic.Bool
-}
-
-func (e *eofConn) Read(p []byte) (int, error) {
-	n, err := e.Conn.Read(p)
-	if errors.Is(err, io.EOF) {
-		e.eof.Store(true)
-	}
-	return n, err
-}
-
-// CloseWrite half-closes the socket, when it can.
-func (e *eofConn) CloseWrite() error {
-	if cw, ok := e.Conn.(closeWriter); ok {
-		return cw.CloseWrite()
-	}
-	return errors.New("this connection cannot half-close")
-}
-
-// ResetConn ends c so that its peer sees an error rather than a clean end: a TCP
-// reset (linger 0) for TCP and TLS-over-TCP connections, RESET_STREAM for QUIC
-// streams. The caller still closes c.
-func ResetConn(c net.Conn) { resetConn(c) }
-
-func resetConn(c net.Conn) {
-	switch v := c.(type) {
-	case *net.TCPConn:
-		_ = v.SetLinger(0)
-		_ = v.Close()
-	case *replayConn:
-		resetConn(v.Conn)
-	case *eofConn:
-		resetConn(v.Conn)
-	case *peekConn:
-		resetConn(v.Conn)
-	case *tls.Conn:
-		resetConn(v.NetConn())
-	case *pairedStream:
-		resetConn(v.Stream)
-	case *cutStream:
-		resetConn(v.Stream)
-	case *publicConn:
-		resetConn(v.Conn)
-	case interface {
-		Abort(quic.ApplicationErrorCode)
-	}:
-		v.Abort(QUICInternal)
-	case interface{ Unwrap() net.Conn }:
-		resetConn(v.Unwrap())
 	}
 }
 
@@ -619,9 +477,3 @@ func UnmarshalHolds(b []byte) ([]ReverseHold, error) {
 	}
 	return f.Holds, nil
 }
-
-// CutAware wraps st so that an end of it that is not a clean end of stream (an
-// error, a reset, a failed write) calls cut once before it is reported. An agent
-// uses it on its local service's connection to reset the relay's stream when the
-// service resets, so the public client sees the error too.
-func CutAware(st Stream, cut func()) Stream { return cutAware(st, cut) }

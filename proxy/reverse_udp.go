@@ -156,7 +156,7 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 		for {
 			d, err := flow.readDatagram()
 			if err != nil {
-				ends <- flowEnd("agent", err)
+				ends <- flowEnd("agent", err).text
 				return
 			}
 			flow.stats.dgIn.Add(1)
@@ -178,7 +178,7 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 		case d := <-c.queue:
 			touch()
 			if _, err := flow.Write(d); err != nil && !errors.Is(err, ErrDatagramTooLarge) {
-				end = flowEnd("agent", err)
+				end = flowEnd("agent", err).text
 			}
 		case end = <-ends:
 		case <-actx.Done():
@@ -186,6 +186,8 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 			if ctx.Err() != nil {
 				end = "the public port closed"
 			}
+			// Tell the agent its session was cut, not ended (shutdown, revocation).
+			Abort(flow, AbortCode(context.Cause(actx)))
 		case <-tick.C:
 			if time.Since(time.Unix(0, last.Load())) >= o.IdleTimeout {
 				end = "idle for " + o.IdleTimeout.String()

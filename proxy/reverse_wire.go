@@ -153,13 +153,19 @@ func (h ClientHello) validateReverse() error {
 		if h.Net != "" || len(h.Names) > 0 || h.Public != nil || h.UDP != nil {
 			return helloErr(CodeBadRequest, "op \"accept\" takes only a session")
 		}
-		if h.Session == "" || len(h.Session) > maxSessionIDLen {
-			return helloErr(CodeBadRequest, "session id must be 1 to %d characters", maxSessionIDLen)
-		}
-		for i := 0; i < len(h.Session); i++ {
-			if c := h.Session[i]; !('a' <= c && c <= 'f' || '0' <= c && c <= '9') {
-				return helloErr(CodeBadRequest, "session id must be lower-case hexadecimal")
-			}
+		return validSessionID(h.Session)
+	}
+	return nil
+}
+
+// validSessionID accepts 1 to maxSessionIDLen lower-case hexadecimal characters.
+func validSessionID(id string) error {
+	if id == "" || len(id) > maxSessionIDLen {
+		return helloErr(CodeBadRequest, "session id must be 1 to %d characters", maxSessionIDLen)
+	}
+	for i := 0; i < len(id); i++ {
+		if c := id[i]; !('a' <= c && c <= 'f' || '0' <= c && c <= '9') {
+			return helloErr(CodeBadRequest, "session id must be lower-case hexadecimal")
 		}
 	}
 	return nil

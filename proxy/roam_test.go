@@ -194,7 +194,7 @@ func TestQUICClientMigration(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	conn := c.(interface{ Conn() *quic.Conn }).Conn()
+	conn := dialed(c).(interface{ Conn() *quic.Conn }).Conn()
 	before := conn.LocalAddr().String()
 	var after string
 	echoTransfer(t, c, size, func() {

@@ -77,6 +77,13 @@ type Config struct {
 	// finished their TLS handshake yet, so one host cannot hold the shared slots
 	// with handshakes that never complete. Default 128.
 	MaxHandshakesPerIP int
+	// MaxSessionsPerIdentity bounds the sessions one device identity (user@device)
+	// has open at once over all its connections and both transports: proxy
+	// requests, UDP flows and reverse control sessions. An agent's accept
+	// connections are not counted: they carry other identities' sessions, which
+	// count for those. Excess requests are refused with CodeTooManySessions.
+	// Default DefaultMaxSessionsPerIdentity.
+	MaxSessionsPerIdentity int
 	// Reverse configures reverse listeners (reverse.go); a zero value disables them.
 	Reverse ReverseOptions
 	// UDP bounds UDP flows (udp.go).
@@ -105,7 +112,9 @@ type Server struct {
 	active     atomic.Int64     // connections counted against MaxConns
 	webConns   atomic.Int64     // website connections counted against MaxWebConns
 	handshakes perIPCount       // unfinished TLS handshakes per source address
+	perID      identityCount    // open sessions per device identity (limits.go)
 	sessions   registry         // established sessions, for Recheck
+	ends       endRecords       // how recently aborted sessions ended, for op "why"
 	rev        *reverseRegistry // reverse names; nil when Config.Reverse.Zone is empty
 	udp        udpState         // UDP flow bounds and counters (udp.go)
 	wg         sync.WaitGroup   // connection goroutines (not web conns, which http.Server owns)
@@ -154,6 +163,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MaxConns < 0 {
 		errs = append(errs, errors.New("MaxConns must not be negative"))
 	}
+	if cfg.MaxSessionsPerIdentity < 0 {
+		errs = append(errs, errors.New("MaxSessionsPerIdentity must not be negative"))
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("proxy: invalid config: %w", err)
 	}
@@ -183,6 +195,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.MaxWebConns <= 0 {
 		cfg.MaxWebConns = max(1, cfg.MaxConns/2)
+	}
+	if cfg.MaxSessionsPerIdentity == 0 {
+		cfg.MaxSessionsPerIdentity = DefaultMaxSessionsPerIdentity
 	}
 
 	s := &Server{cfg: cfg, log: cfg.Logger, listeners: make(map[net.Listener]struct{})}
@@ -288,6 +303,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		_ = ln.Close()
 	}
 	s.mu.Unlock()
+	// Agents' control sessions would otherwise hold the drain for its whole
+	// length: they are told to reconnect, while their data sessions drain.
+	if s.rev != nil {
+		s.rev.endAgents(errShutdown)
+	}
 
 	var webErr error
 	webDone := make(chan struct{})

@@ -116,7 +116,7 @@ func TestHalfClose(t *testing.T) {
 	if _, err := c.Write(req); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.(*tls.Conn).CloseWrite(); err != nil {
+	if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
 	reply, err := io.ReadAll(c)
@@ -410,6 +410,15 @@ func TestSessionEndsAtCertificateExpiry(t *testing.T) {
 	}
 	if !time.Now().After(cert.Leaf.NotAfter) {
 		t.Fatalf("session ended before the certificate expired: %v", err)
+	}
+	// Ended by the server, not by the echo: a cut that says why, never a clean end.
+	var ce *clients.CutError
+	if !errors.As(err, &ce) {
+		t.Fatalf("at expiry the client read %v (%T); want a *clients.CutError", err, err)
+	}
+	clients.ExplainCut(context.Background(), err)
+	if ce.End == nil || ce.End.Code != proxy.EndCertExpired {
+		t.Fatalf("explained as %q; want cert_expired", err)
 	}
 }
 

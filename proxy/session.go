@@ -14,9 +14,6 @@ import (
 	"github.com/tp-proxy/tp/authz"
 )
 
-// errCertExpired ends a session when the client certificate's validity runs out.
-var errCertExpired = errors.New("client certificate expired")
-
 // helloWriteTimeout bounds writing a server hello to a client that does not read.
 const helloWriteTimeout = 5 * time.Second
 
@@ -37,6 +34,9 @@ type session struct {
 	network  string        // "tcp", or "udp" for a UDP flow (udp.go)
 	attrs    []slog.Attr   // more for the log line (a UDP flow's counters)
 	op       *ClientHello  // a reverse operation (listen, accept) for serveStream
+	sid      string        // session id sent with the ok, for op "why"
+	peer     string        // who is on the other side: "destination" or "agent"
+	counted  bool          // holds a slot of MaxSessionsPerIdentity (limits.go)
 }
 
 // Stream is one request's byte stream: a TLS connection (TLS transport) or a QUIC
@@ -77,6 +77,7 @@ func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.Connection
 func (s *Server) serveStream(ctx context.Context, conn Stream, cs *tls.ConnectionState, transport string) {
 	ss := newSession(conn)
 	defer func() { s.logSession(ctx, ss) }()
+	defer s.releaseSession(ss) // however the session ends
 	var upstream net.Conn
 	done := make(chan struct{})
 	go func() {
@@ -116,8 +117,9 @@ func (s *Server) open(ctx context.Context, conn Stream, cs *tls.ConnectionState,
 	if upstream == nil || ss.network == "udp" && !ss.spliced {
 		return upstream
 	}
+	ss.sid = newSessionID()
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true, E2E: ss.e2e}); err != nil {
+	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true, E2E: ss.e2e, Session: ss.sid}); err != nil {
 		_ = conn.Close()
 		_ = upstream.Close()
 		ss.end = "writing server hello: " + err.Error()
@@ -160,7 +162,11 @@ func (s *Server) relay(ctx context.Context, conn Stream, cs *tls.ConnectionState
 	expire := time.AfterFunc(time.Until(ss.id.NotAfter), func() { revoke(errCertExpired) })
 	defer expire.Stop()
 	defer s.sessions.add(&liveSession{cs: *cs, req: ss.req, revoke: revoke})()
-	up, down, err := Bridge(bctx, conn, upstream)
+	// How the session was cut is recorded before the resets go out, so that a
+	// client asking "why" right after its connection was reset finds the answer.
+	up, down, err := bridge(bctx, conn, upstream, func(err error) {
+		s.ends.add(ss.sid, ss.id.DeviceID, ss.endOf(err))
+	})
 	ss.up, ss.down = up, down
 	switch {
 	case err != nil:
@@ -168,6 +174,29 @@ func (s *Server) relay(ctx context.Context, conn Stream, cs *tls.ConnectionState
 	default:
 		ss.end = "closed"
 	}
+}
+
+// endOf says how an abort caused by err ended the session, for op "why". It names
+// the destination as the client asked for it, never the address dialed.
+func (ss *session) endOf(err error) SessionEnd {
+	var ee *EndError
+	var re *RevokedError
+	var ce *CutError
+	switch {
+	case errors.As(err, &ee):
+		return ee.End()
+	case errors.As(err, &re):
+		return SessionEnd{Code: EndName(re.code()), By: "server", Reason: "the TP server ended the session: " + re.Reason}
+	case errors.As(err, &ce) && ce.B && ss.peer == "agent":
+		return SessionEnd{Code: EndPeerReset, By: "agent", Reason: "the exposed service's side of the session to " + ss.dest + " was cut off (its agent disconnected, or the service reset the connection)"}
+	case errors.As(err, &ce) && ce.B:
+		return SessionEnd{Code: EndPeerReset, By: "destination", Reason: "the destination " + ss.dest + " reset the connection or failed"}
+	case errors.As(err, &ce):
+		return SessionEnd{Code: EndPeerReset, By: "client", Reason: "the TP server saw this client's side of the session fail: " + unwrapOpError(ce.Err).Error()}
+	case errors.Is(err, context.Canceled):
+		return errShutdown.End()
+	}
+	return SessionEnd{Code: EndInternal, By: "server", Reason: "the TP server ended the session after an internal error"}
 }
 
 // establish runs the session up to a connected upstream, or returns the refusal to
@@ -207,6 +236,14 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 		}
 	}
 	_ = conn.SetReadDeadline(time.Time{})
+	if hello.Op == OpWhy { // answered at once, so not counted
+		return nil, s.why(conn, ss, hello.Session)
+	}
+	if hello.Op != OpAccept { // an accept carries another identity's session, counted there
+		if herr := s.countSession(ss); herr != nil {
+			return nil, herr
+		}
+	}
 	if hello.Op != OpDial { // served by serveStream: it lasts as long as the session
 		ss.op = &hello
 		return nil, nil
@@ -224,12 +261,18 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 		}
 	}
 
-	ips, herr := s.resolve(ctx, host)
+	// A name that does not resolve is put to the policy too, with no addresses:
+	// only a device the policy allows to reach the name learns that it does not
+	// resolve. Any other device is refused as it would be for a name that exists,
+	// so no device learns which names exist by trying them.
+	ips, lookupErr, herr := s.resolve(ctx, host)
 	if herr != nil {
 		return nil, herr
 	}
-	if herr := s.checkSelf(ss.dest, ips, hello.Port); herr != nil {
-		return nil, herr
+	if lookupErr == nil {
+		if herr := s.checkSelf(ss, ips, hello.Port); herr != nil {
+			return nil, herr
+		}
 	}
 
 	req := authz.Request{
@@ -242,9 +285,14 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 	actx, acancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
 	dec, err := s.cfg.Authorizer.Authorize(actx, req)
 	acancel()
+	// The session's log line says why the name did not resolve, whatever the client is told.
+	note := ""
+	if lookupErr != nil {
+		note = " (" + lookupErr.Error() + ")"
+	}
 	if err != nil {
 		ss.decision = "deny"
-		ss.end = "policy evaluation failed: " + err.Error()
+		ss.end = "policy evaluation failed: " + err.Error() + note
 		return nil, policyError(err)
 	}
 	if !dec.Allow {
@@ -253,11 +301,36 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 		if reason == "" {
 			reason = "no policy rule allows this destination"
 		}
-		return nil, &HelloError{Code: CodePolicyDenied, Reason: reason}
+		herr := &HelloError{Code: CodePolicyDenied, Reason: reason}
+		ss.end = herr.Error() + note
+		return nil, herr
+	}
+	if lookupErr != nil {
+		ss.decision = "allow"
+		ss.end = lookupErr.Error()
+		return nil, resolveFailed(host)
 	}
 	ss.decision = "allow"
 	ss.req = req
+	ss.peer = "destination"
 	return s.dial(ctx, ss, hello.Net, ips, hello.Port)
+}
+
+// why answers op "why": how the identity's session sid was aborted, if it was
+// within the last endRecordTTL.
+func (s *Server) why(conn Stream, ss *session, sid string) *HelloError {
+	ss.dest = "why " + sid
+	end, ok := s.ends.get(sid, ss.id.DeviceID)
+	if !ok {
+		return helloErr(CodeUnknownSession, "this server knows of no session %s of %s that was cut off in the last %s (it ended cleanly, is still running, or belongs to another device)", sid, ss.id, endRecordTTL)
+	}
+	ss.end = "answered why"
+	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
+	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true, End: &end}); err == nil {
+		_ = conn.CloseWrite()
+	}
+	_ = conn.Close()
+	return errHandled
 }
 
 // refuse sends a refusal and closes conn. It half-closes first and drains what the

@@ -207,7 +207,7 @@ func relayUDP(ctx context.Context, flow *UDPFlow, upstream net.Conn, idle time.D
 	touch := func() { last.Store(time.Now().UnixNano()) }
 	touch()
 	var refused atomic.Int64
-	ends := make(chan string, 2)
+	ends := make(chan udpEnd, 2)
 
 	go func() { // client → destination
 		for {
@@ -229,7 +229,7 @@ func relayUDP(ctx context.Context, flow *UDPFlow, upstream net.Conn, idle time.D
 				case errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.EAGAIN):
 					flow.NoteQueueFull()
 				default:
-					ends <- "writing to destination: " + unwrapOpError(err).Error()
+					ends <- udpEnd{"writing to destination: " + unwrapOpError(err).Error(), true}
 					return
 				}
 			}
@@ -257,28 +257,41 @@ func relayUDP(ctx context.Context, flow *UDPFlow, upstream net.Conn, idle time.D
 
 	tick := time.NewTicker(max(idle/8, 10*time.Millisecond))
 	defer tick.Stop()
-	var end string
-	for end == "" {
+	var end udpEnd
+	for end.text == "" {
 		select {
 		case end = <-ends:
 		case <-ctx.Done():
-			end = context.Cause(ctx).Error()
+			cause := context.Cause(ctx)
+			// Ended by the server (shutdown, expiry, revocation): the client's
+			// stream is reset with the code that says why, not closed.
+			Abort(flow, AbortCode(cause))
+			end = udpEnd{text: cause.Error()}
 		case <-tick.C:
 			if since := time.Since(time.Unix(0, last.Load())); since >= idle {
-				end = fmt.Sprintf("idle for %s", idle)
+				end.text = fmt.Sprintf("idle for %s", idle)
 			}
 		}
 	}
+	if end.abort {
+		Abort(flow, QUICPeerReset)
+	}
 	_ = flow.Close()
 	_ = upstream.Close()
-	return relayResult{end: end, refused: refused.Load()}
+	return relayResult{end: end.text, refused: refused.Load()}
 }
 
-func flowEnd(side string, err error) string {
+// udpEnd is why a UDP flow ended; abort when it failed rather than ended.
+type udpEnd struct {
+	text  string
+	abort bool
+}
+
+func flowEnd(side string, err error) udpEnd {
 	if IsNormalEnd(err) {
-		return "closed by " + side
+		return udpEnd{text: "closed by " + side}
 	}
-	return side + ": " + err.Error()
+	return udpEnd{side + ": " + err.Error(), true}
 }
 
 // dialAction is the policy action for a dial on network.

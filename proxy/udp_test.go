@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -457,10 +458,17 @@ func TestUDPRecheckEndsFlow(t *testing.T) {
 	if checked, closed := q.srv.Recheck(context.Background()); checked != 2 || closed != 2 {
 		t.Fatalf("re-check: checked %d, closed %d; want 2, 2", checked, closed)
 	}
-	for _, c := range flows {
+	// Ended by the server, not by either end: the flow is aborted, never closed
+	// as if it had ended (over QUIC the reset says why).
+	for i, c := range flows {
 		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if _, err := c.Read(make([]byte, 10)); err != io.EOF {
-			t.Fatalf("read after revocation: %v; want io.EOF", err)
+		_, err := c.Read(make([]byte, 10))
+		code, reset := proxy.StreamResetCode(err)
+		switch {
+		case transports[i] == "quic" && (!reset || code != proxy.QUICPolicyChanged):
+			t.Fatalf("QUIC read after revocation: %v; want a stream reset with code policy_changed", err)
+		case transports[i] != "quic" && !errors.Is(err, syscall.ECONNRESET):
+			t.Fatalf("TLS read after revocation: %v; want a connection reset", err)
 		}
 	}
 	waitFor(t, func() bool {

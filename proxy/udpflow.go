@@ -411,6 +411,13 @@ func (f *UDPFlow) Close() error {
 	return nil
 }
 
+// Abort resets the flow's stream with code (see Abort) and closes the flow: the
+// peer sees the flow cut off, not ended.
+func (f *UDPFlow) Abort(code quic.ApplicationErrorCode) {
+	Abort(f.str, code)
+	_ = f.Close()
+}
+
 func (f *UDPFlow) LocalAddr() net.Addr  { return f.str.LocalAddr() }
 func (f *UDPFlow) RemoteAddr() net.Addr { return f.str.RemoteAddr() }
 

@@ -42,6 +42,10 @@ const (
 // OpDial asks the server to open a connection to host:port.
 const OpDial = "dial"
 
+// OpWhy asks how a session of the same identity was cut off (its id came with the
+// dial's ok): the answer's End says who ended it and why.
+const OpWhy = "why"
+
 // ClientHello is the first message on a proxy connection, sent by the client.
 type ClientHello struct {
 	V    int    `json:"v"`
@@ -74,6 +78,10 @@ type ServerHello struct {
 	// Flow answers a UDP dial over QUIC when datagrams travel in DATAGRAM frames:
 	// the flow id they carry (udpwire.go). Absent: capsules on the stream only.
 	Flow *uint64 `json:"flow,omitempty"`
+	// Session answers a dial: the session's id, for a later op "why".
+	Session string `json:"session,omitempty"`
+	// End answers op "why": how the session was cut off.
+	End *SessionEnd `json:"end,omitempty"`
 }
 
 // HelloError is a protocol-level refusal. The server sends it to the client as a
@@ -107,8 +115,13 @@ func (h ClientHello) Validate() error {
 		}
 	case OpListen, OpAccept:
 		return h.validateReverse()
+	case OpWhy:
+		if h.Net != "" || h.Host != "" || h.Port != 0 || h.Names != nil || h.Public != nil || h.UDP != nil {
+			return helloErr(CodeBadRequest, "op \"why\" takes only a session")
+		}
+		return validSessionID(h.Session)
 	default:
-		return helloErr(CodeUnknownOp, "operation %q is not known; expected %q, %q or %q", h.Op, OpDial, OpListen, OpAccept)
+		return helloErr(CodeUnknownOp, "operation %q is not known; expected %q, %q, %q or %q", h.Op, OpDial, OpListen, OpAccept, OpWhy)
 	}
 	if h.Net != "tcp" && h.Net != "udp" { // udp: a UDP flow (udp.go)
 		return helloErr(CodeUnsupportedNetwork, "network %q is not supported; expected \"tcp\" or \"udp\"", h.Net)

@@ -198,15 +198,20 @@ func Login(ctx context.Context, hc *http.Client, serverURL, deviceID string, dev
 	return &Credentials{Chain: chain, Key: key}, nil
 }
 
-// Whoami asks the server for this device's user, groups and status.
-func Whoami(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer) (WhoamiResponse, error) {
+// Whoami asks the server for this device's user, groups and status, and, when
+// chain (DER, leaf first) is given, whether the server accepts that certificate.
+func Whoami(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer, chain ...[]byte) (WhoamiResponse, error) {
 	ts := time.Now().UTC().Format(time.RFC3339)
 	sig, err := SignMessage(deviceKey, WhoamiMessage(deviceID, ts))
 	if err != nil {
 		return WhoamiResponse{}, err
 	}
+	req := WhoamiRequest{DeviceID: deviceID, Time: ts, Signature: sig}
+	for _, der := range chain[:min(len(chain), MaxWhoamiChain)] {
+		req.Certificate = append(req.Certificate, base64.StdEncoding.EncodeToString(der))
+	}
 	var out WhoamiResponse
-	err = postJSON(ctx, hc, serverURL+PathWhoami, WhoamiRequest{DeviceID: deviceID, Time: ts, Signature: sig}, &out)
+	err = postJSON(ctx, hc, serverURL+PathWhoami, req, &out)
 	return out, err
 }
 

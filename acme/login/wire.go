@@ -84,7 +84,15 @@ type WhoamiRequest struct {
 	DeviceID  string `json:"device_id"`
 	Time      string `json:"time"`      // RFC 3339, within 5 minutes of the server's clock
 	Signature string `json:"signature"` // device key's base64 ASN.1 ECDSA over SHA-256(WhoamiMessage)
+	// Certificate, when present, is the device's current certificate (base64
+	// DER, leaf first; at most MaxWhoamiChain entries): the server answers
+	// whether its proxy would accept it now. Certificates are public, so it is
+	// not covered by the signature.
+	Certificate []string `json:"certificate,omitempty"`
 }
+
+// MaxWhoamiChain bounds WhoamiRequest.Certificate.
+const MaxWhoamiChain = 4
 
 // WhoamiResponse is the server's view of the device.
 type WhoamiResponse struct {
@@ -94,6 +102,16 @@ type WhoamiResponse struct {
 	Groups    []string  `json:"groups"`
 	Revoked   bool      `json:"revoked"`
 	LastLogin time.Time `json:"last_login,omitzero"`
+	// Certificate answers WhoamiRequest.Certificate; absent when none was sent.
+	Certificate *CertificateStatus `json:"certificate,omitempty"`
+}
+
+// CertificateStatus is the server's verdict on a device certificate: the same
+// check its TLS and QUIC listeners make (issuer, validity, deny list, device).
+type CertificateStatus struct {
+	Serial   string `json:"serial"`           // hex, as tp whoami and tpd revoke --serial print it
+	Accepted bool   `json:"accepted"`         // a connection with it would be accepted now
+	Reason   string `json:"reason,omitempty"` // why not, for a person
 }
 
 // WhoamiMessage is what the device key signs to ask about itself.

@@ -19,6 +19,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/tpd"
@@ -189,8 +190,12 @@ func forwardUDP(ctx context.Context, d *clients.Dialer, listen, target string, i
 func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 	return &cobra.Command{
 		Use:   "whoami",
-		Short: "Show this device's identity and certificate",
-		Args:  cobra.NoArgs,
+		Short: "Show this device's identity and certificate, and whether the server accepts it",
+		Long: "tp whoami shows this device's identity, groups and certificate, and asks the server\n" +
+			"whether it would accept the certificate now. It exits 0 only when the server confirms\n" +
+			"that: not when the device is revoked, the certificate is refused or expired, or the\n" +
+			"server cannot be asked.",
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, _, err := open(cmd, stderr)
 			if err != nil {
@@ -199,11 +204,14 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 			fmt.Fprintf(stdout, "Identity:    %s\n", c.Profile.DeviceID)
 			fmt.Fprintf(stdout, "Server:      %s\n", c.Profile.Server)
 			ctx, cancel := context.WithTimeout(cmd.Context(), 10*time.Second)
-			who, err := c.Whoami(ctx)
+			who, askErr := c.Whoami(ctx)
 			cancel()
+			var se *login.ServerError
 			switch {
-			case err != nil:
-				fmt.Fprintf(stdout, "Groups:      unknown (%v)\n", err)
+			case errors.As(askErr, &se):
+				fmt.Fprintf(stdout, "Groups:      unknown (the server refused to answer: %s)\n", se.Message)
+			case askErr != nil:
+				fmt.Fprintf(stdout, "Groups:      unknown (%v)\n", askErr)
 			case who.Revoked:
 				fmt.Fprintf(stdout, "Groups:      none: this device is REVOKED on the server\n")
 			case len(who.Groups) == 0:
@@ -214,21 +222,46 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 			cert, err := c.Home.Certificate()
 			if err != nil {
 				fmt.Fprintf(stdout, "Certificate: none (%v)\n", err)
-				return nil
+				fmt.Fprintf(stdout, "Status:      no certificate; run dlogin\n")
+				return errors.New("this device has no certificate; run dlogin")
 			}
 			leaf := cert.Leaf
 			now := time.Now()
-			state := "valid"
-			switch {
-			case now.After(leaf.NotAfter):
-				state = fmt.Sprintf("EXPIRED %s ago; tp renews it on the next connection, or run dlogin", now.Sub(leaf.NotAfter).Round(time.Second))
-			case clients.NeedsRenewal(leaf, now):
-				state = "valid, due for renewal (tp renews it on the next connection)"
-			}
 			fmt.Fprintf(stdout, "Certificate: serial %x\n", leaf.SerialNumber)
 			fmt.Fprintf(stdout, "Expires:     %s (in %s)\n", leaf.NotAfter.Local().Format(time.DateTime+" MST"), leaf.NotAfter.Sub(now).Round(time.Second))
+			// "valid" only when the server says it accepts this certificate now.
+			var state string
+			var fail error
+			switch {
+			case askErr == nil && who.Revoked:
+				state = "REVOKED: the server refuses this device; ask your TP administrator"
+				fail = errors.New("this device is revoked on the server")
+			case askErr == nil && who.Certificate != nil && !who.Certificate.Accepted:
+				state = "REFUSED by the server: " + who.Certificate.Reason
+				fail = errors.New("the server does not accept this device's certificate")
+				if now.After(leaf.NotAfter) {
+					state = fmt.Sprintf("EXPIRED %s ago; tp renews it on the next connection, or run dlogin", now.Sub(leaf.NotAfter).Round(time.Second))
+					fail = errors.New("this device's certificate has expired")
+				}
+			case now.After(leaf.NotAfter):
+				state = fmt.Sprintf("EXPIRED %s ago; tp renews it on the next connection, or run dlogin", now.Sub(leaf.NotAfter).Round(time.Second))
+				fail = errors.New("this device's certificate has expired")
+			case se != nil:
+				state = "NOT CONFIRMED: the server refused to answer (" + se.Message + ")"
+				fail = errors.New("the server did not confirm this device's certificate")
+			case askErr != nil:
+				state = fmt.Sprintf("NOT CONFIRMED: the server could not be asked (%v)", askErr)
+				fail = errors.New("the server could not be asked to confirm this device's certificate")
+			case who.Certificate == nil:
+				state = "NOT CONFIRMED: the server did not say whether it accepts this certificate"
+				fail = errors.New("the server did not confirm this device's certificate")
+			case clients.NeedsRenewal(leaf, now):
+				state = "valid, due for renewal (tp renews it on the next connection)"
+			default:
+				state = "valid"
+			}
 			fmt.Fprintf(stdout, "Status:      %s\n", state)
-			return nil
+			return fail
 		},
 	}
 }

@@ -210,13 +210,21 @@ func usersCmd(stdout io.Writer) *cobra.Command {
 					gs = "-"
 				}
 				if len(u.Devices) == 0 {
-					fmt.Fprintf(tw, "%s\t%s\t-\t-\t-\n", u.Name, gs)
+					status := "-"
+					if u.Revoked {
+						status = since("user revoked", u.RevokedAt)
+					}
+					fmt.Fprintf(tw, "%s\t%s\t-\t%s\t-\n", u.Name, gs, status)
 				}
 				for _, dv := range u.Devices {
 					status := "enrolled"
 					switch {
+					case u.Revoked:
+						status = since("revoked (user)", u.RevokedAt)
+					case u.Disabled:
+						status = "user disabled"
 					case dv.Revoked:
-						status = "revoked"
+						status = since("revoked", dv.RevokedAt)
 					case len(dv.PublicKey) == 0 && dv.LastLogin.IsZero():
 						status = "awaiting dlogin"
 					}
@@ -232,6 +240,14 @@ func usersCmd(stdout io.Writer) *cobra.Command {
 	}
 	cmd.Flags().String("data-dir", config.DefaultServer().DataDir, "data dir of the running tpd (env TP_DATA_DIR)")
 	return cmd
+}
+
+// since appends when a state began, if it was recorded.
+func since(state string, t time.Time) string {
+	if t.IsZero() {
+		return state
+	}
+	return state + " since " + t.Local().Format(time.DateTime)
 }
 
 func versionCmd(stdout io.Writer) *cobra.Command {

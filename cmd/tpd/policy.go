@@ -282,7 +282,7 @@ func evalRequest(ctx context.Context, cfg config.Server, user, device, dest, net
 		got, err := net.DefaultResolver.LookupNetIP(rctx, "ip", host)
 		cancel()
 		if err != nil {
-			notes = append(notes, fmt.Sprintf("%s does not resolve here (%v); tpd would refuse the request with resolve_failed. Give addresses with --ip to see the policy's answer", host, err))
+			notes = append(notes, fmt.Sprintf("%s does not resolve here (%v); tpd asks the policy with no addresses, as below, and refuses an allowed request with resolve_failed. Give addresses with --ip to see the policy's answer for them", host, err))
 		}
 		for _, ip := range got {
 			addrs = append(addrs, ip.Unmap().WithZone(""))
@@ -342,11 +342,13 @@ func revokeCmd(stdout io.Writer) *cobra.Command {
 					return err
 				}
 				tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "KIND\tVALUE")
-				for _, k := range []string{"user", "device", "serial"} {
-					for _, v := range entries[k] {
-						fmt.Fprintf(tw, "%s\t%s\n", k, v)
+				fmt.Fprintln(tw, "KIND\tVALUE\tDEVICE\tSINCE")
+				for _, e := range entries {
+					dev := e.Device
+					if dev == "" {
+						dev = "-"
 					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", e.Kind, e.Value, dev, when(e.Since))
 				}
 				return tw.Flush()
 			}
@@ -366,12 +368,20 @@ func revokeCmd(stdout io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if res.Removed {
-				fmt.Fprintf(stdout, "Removed %s %s from the deny list; it can connect again (if enrolled and allowed by policy).\n", res.Kind, res.Value)
-				return nil
+			what := res.Kind + " " + res.Value
+			if res.Device != "" {
+				what += " (of " + res.Device + ")"
 			}
-			fmt.Fprintf(stdout, "Revoked %s %s: new connections are refused, and %d live session(s) were closed. The entry is kept in %s.\n",
-				res.Kind, res.Value, res.Closed, cfg.DenyListFile())
+			switch {
+			case res.Removed:
+				fmt.Fprintf(stdout, "Removed %s from the deny list; it can connect again (if enrolled and allowed by policy).\n", what)
+			case res.Already:
+				fmt.Fprintf(stdout, "%s%s was already revoked (since %s); nothing changed, %d live session(s) were closed.\n",
+					strings.ToUpper(what[:1]), what[1:], when(res.Since), res.Closed)
+			default:
+				fmt.Fprintf(stdout, "Revoked %s: new connections are refused, and %d live session(s) were closed. The entry is kept in %s.\n",
+					what, res.Closed, cfg.DenyListFile())
+			}
 			return nil
 		},
 	}
@@ -382,4 +392,12 @@ func revokeCmd(stdout io.Writer) *cobra.Command {
 	cmd.Flags().BoolVar(&list, "list", false, "print the deny list")
 	cmd.Flags().String("data-dir", config.DefaultServer().DataDir, "data dir of the running tpd (env TP_DATA_DIR)")
 	return cmd
+}
+
+// when prints a time for listings, or "unknown" for entries that recorded none.
+func when(t time.Time) string {
+	if t.IsZero() {
+		return "unknown"
+	}
+	return t.Local().Format(time.DateTime)
 }

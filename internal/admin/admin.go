@@ -46,16 +46,30 @@ type RevokeRequest struct {
 
 // RevokeResponse says what changed.
 type RevokeResponse struct {
-	Kind    string `json:"kind"`
-	Value   string `json:"value"` // as stored (device IDs as user@device)
-	Removed bool   `json:"removed,omitempty"`
-	Closed  int    `json:"closed"` // live sessions closed at once
+	Kind    string    `json:"kind"`
+	Value   string    `json:"value"` // as stored (device IDs as user@device)
+	Removed bool      `json:"removed,omitempty"`
+	Already bool      `json:"already,omitempty"` // the entry was on the list before; nothing changed
+	Since   time.Time `json:"since,omitzero"`    // when the entry was put on the list
+	Device  string    `json:"device,omitempty"`  // for a serial: the device the certificate was issued to
+	Closed  int       `json:"closed"`            // live sessions closed at once
+}
+
+// DenyEntry is one entry of the deny list.
+type DenyEntry struct {
+	Kind   string    `json:"kind"` // "user", "device" or "serial"
+	Value  string    `json:"value"`
+	Since  time.Time `json:"since,omitzero"`   // zero when not recorded (entries from older versions)
+	Device string    `json:"device,omitempty"` // for a serial: the device the certificate was issued to
 }
 
 // Revoker keeps the deny list; tpd's Daemon implements it.
 type Revoker interface {
+	// Revoke fails, changing nothing, for a user, device or serial the server
+	// does not know, and for removing an entry that is not on the list.
 	Revoke(ctx context.Context, kind, value string, remove bool) (RevokeResponse, error)
-	DenyEntries() map[string][]string
+	// DenyEntries lists the deny list, users first, then devices, then serials.
+	DenyEntries() []DenyEntry
 }
 
 // Server answers on the admin socket.
@@ -140,9 +154,30 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
+// users lists the user store with the deny list applied: a user or device on
+// the deny list is shown as revoked, with the time it was put there.
 func (s *Server) users(w http.ResponseWriter, _ *http.Request) {
+	list := s.Users.Users()
+	if s.Revoker != nil {
+		since := map[string]time.Time{}
+		for _, e := range s.Revoker.DenyEntries() {
+			since[e.Kind+":"+e.Value] = e.Since
+		}
+		for i := range list {
+			u := &list[i]
+			if t, ok := since["user:"+u.Name]; ok {
+				u.Revoked, u.RevokedAt = true, t
+			}
+			for j := range u.Devices {
+				dv := &u.Devices[j]
+				if t, ok := since["device:"+dv.ID]; ok && !dv.Revoked {
+					dv.Revoked, dv.RevokedAt = true, t
+				}
+			}
+		}
+	}
 	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(s.Users.Users())
+	json.NewEncoder(w).Encode(list)
 }
 
 // Listen creates the unix socket at path with mode 0600, replacing a stale socket
@@ -201,9 +236,9 @@ func (c *Client) Revoke(ctx context.Context, req RevokeRequest) (RevokeResponse,
 	return out, err
 }
 
-// DenyList returns tpd's deny list by kind.
-func (c *Client) DenyList(ctx context.Context) (map[string][]string, error) {
-	var out map[string][]string
+// DenyList returns tpd's deny list.
+func (c *Client) DenyList(ctx context.Context) ([]DenyEntry, error) {
+	var out []DenyEntry
 	err := c.do(ctx, http.MethodGet, "/v1/denylist", nil, &out)
 	return out, err
 }

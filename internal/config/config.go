@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -48,6 +49,25 @@ type Server struct {
 	// MaxHandshakesPerIP bounds unfinished TLS handshakes from one source address
 	// (0: 128). Raise it behind a load balancer that hides client addresses.
 	MaxHandshakesPerIP int `mapstructure:"max-handshakes-per-ip"`
+	// Bounds per device identity (user@device), so that one device cannot take
+	// the server from everyone else: sessions open at once (requests, UDP flows,
+	// agents' control sessions), reverse names and public exposures held (over
+	// all its agents), and dials of reverse names waiting for an agent's pickup.
+	MaxSessionsPerIdentity     int `mapstructure:"max-sessions-per-identity"`
+	MaxReverseNamesPerIdentity int `mapstructure:"max-reverse-names-per-identity"`
+	MaxPendingPerIdentity      int `mapstructure:"max-pending-per-identity"`
+	// CARateLimit and CARateBurst are the token bucket each source address gets
+	// for the endpoints anyone reaches without a certificate: the CA's ACME API
+	// and enrollment (requests per second, and the burst a full bucket allows).
+	CARateLimit float64 `mapstructure:"ca-rate-limit"`
+	CARateBurst int     `mapstructure:"ca-rate-burst"`
+	// CAMaxNonces bounds the ACME nonces held (in memory) at once.
+	CAMaxNonces int `mapstructure:"ca-max-nonces"`
+	// CARetention is how long the CA database keeps what logins leave behind
+	// (ACME accounts, orders, expired certificates); CAPruneInterval is how often
+	// it is pruned.
+	CARetention     time.Duration `mapstructure:"ca-retention"`
+	CAPruneInterval time.Duration `mapstructure:"ca-prune-interval"`
 	// PolicyTimeout bounds one policy evaluation; a slower one denies.
 	PolicyTimeout time.Duration `mapstructure:"policy-timeout"`
 	// DecisionLog receives one JSON line per policy decision: "" is off, "-" is
@@ -99,6 +119,16 @@ type Server struct {
 	LogFormat string `mapstructure:"log-format"`
 }
 
+// Defaults of the CA's bounds: a login takes 12 requests, so a burst of 100
+// lets a few devices behind one NAT address log in at once.
+const (
+	DefaultCARateLimit = 10.0
+	DefaultCARateBurst = 100
+	DefaultCAMaxNonces = 65536
+	// minCARateBurst is more than one login or reverse certificate needs.
+	minCARateBurst = 30
+)
+
 // DefaultServer is the configuration tpd runs with when nothing is set.
 func DefaultServer() Server {
 	return Server{
@@ -111,6 +141,11 @@ func DefaultServer() Server {
 		HelloTimeout:        10 * time.Second,
 		DialTimeout:         10 * time.Second,
 		MaxConns:            10000,
+		CARateLimit:         DefaultCARateLimit,
+		CARateBurst:         DefaultCARateBurst,
+		CAMaxNonces:         DefaultCAMaxNonces,
+		CARetention:         48 * time.Hour,
+		CAPruneInterval:     time.Hour,
 		PolicyTimeout:       100 * time.Millisecond,
 		QUIC:                true,
 		QUICKeepAlive:       15 * time.Second,
@@ -126,6 +161,11 @@ func DefaultServer() Server {
 		SiteUpstreamTimeout: time.Minute,
 		LogLevel:            "info",
 		LogFormat:           "text",
+
+		// Far above what one person's devices do, far below a server's capacity.
+		MaxSessionsPerIdentity:     512,
+		MaxReverseNamesPerIdentity: 64,
+		MaxPendingPerIdentity:      128,
 	}
 }
 
@@ -221,6 +261,34 @@ func (s Server) Validate() error {
 	if s.MaxConns < 1 || s.MaxConns > 1_000_000 {
 		errs = append(errs, fmt.Errorf("max-conns %d must be between 1 and 1000000", s.MaxConns))
 	}
+	// No "unlimited": an unbounded device is what these settings exist to prevent.
+	for _, b := range []struct {
+		key      string
+		v, upper int
+	}{
+		{"max-sessions-per-identity", s.MaxSessionsPerIdentity, 1_000_000},
+		{"max-reverse-names-per-identity", s.MaxReverseNamesPerIdentity, 100_000},
+		{"max-pending-per-identity", s.MaxPendingPerIdentity, 100_000},
+	} {
+		if b.v < 1 || b.v > b.upper {
+			errs = append(errs, fmt.Errorf("%s %d must be between 1 and %d", b.key, b.v, b.upper))
+		}
+	}
+	if s.CARateLimit <= 0 || s.CARateLimit > 100_000 || math.IsNaN(s.CARateLimit) {
+		errs = append(errs, fmt.Errorf("ca-rate-limit %g must be above 0 and at most 100000 requests per second per source address", s.CARateLimit))
+	}
+	if s.CARateBurst < minCARateBurst || s.CARateBurst > 1_000_000 {
+		errs = append(errs, fmt.Errorf("ca-rate-burst %d must be between %d (one login takes 12 requests) and 1000000", s.CARateBurst, minCARateBurst))
+	}
+	if s.CAMaxNonces < 100 || s.CAMaxNonces > 1_000_000 {
+		errs = append(errs, fmt.Errorf("ca-max-nonces %d must be between 100 and 1000000 (about 80 bytes of memory each)", s.CAMaxNonces))
+	}
+	if s.CARetention < 24*time.Hour || s.CARetention > 365*24*time.Hour {
+		errs = append(errs, fmt.Errorf("ca-retention %s must be between 24h (the longest certificate lifetime) and 8760h", s.CARetention))
+	}
+	if s.CAPruneInterval < time.Minute || s.CAPruneInterval > 24*time.Hour {
+		errs = append(errs, fmt.Errorf("ca-prune-interval %s must be between 1m and 24h", s.CAPruneInterval))
+	}
 	errs = append(errs, s.validateSites()...)
 	if _, err := ParseLevel(s.LogLevel); err != nil {
 		errs = append(errs, err)
@@ -292,6 +360,14 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("max-conns", d.MaxConns)
 	v.SetDefault("max-web-conns", d.MaxWebConns)
 	v.SetDefault("max-handshakes-per-ip", d.MaxHandshakesPerIP)
+	v.SetDefault("max-sessions-per-identity", d.MaxSessionsPerIdentity)
+	v.SetDefault("max-reverse-names-per-identity", d.MaxReverseNamesPerIdentity)
+	v.SetDefault("max-pending-per-identity", d.MaxPendingPerIdentity)
+	v.SetDefault("ca-rate-limit", d.CARateLimit)
+	v.SetDefault("ca-rate-burst", d.CARateBurst)
+	v.SetDefault("ca-max-nonces", d.CAMaxNonces)
+	v.SetDefault("ca-retention", d.CARetention)
+	v.SetDefault("ca-prune-interval", d.CAPruneInterval)
 	v.SetDefault("policy-timeout", d.PolicyTimeout)
 	v.SetDefault("decision-log", d.DecisionLog)
 	v.SetDefault("quic", d.QUIC)
@@ -370,6 +446,11 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# Connections handled at once; more are closed at accept.\nmax-conns: %d\n", s.MaxConns)
 	fmt.Fprintf(&b, "# Unfinished TLS handshakes from one address (0: 128); raise it behind a load balancer that hides client addresses.\nmax-handshakes-per-ip: %d\n", s.MaxHandshakesPerIP)
 	fmt.Fprintf(&b, "# Website connections, counted apart so the web cannot take the proxy's slots (0: half of max-conns).\nmax-web-conns: %d\n", s.MaxWebConns)
+	fmt.Fprintf(&b, "# Bounds per device (user@device), so one device cannot take the server from everyone else:\n# sessions open at once, reverse names held over all its agents, dials of reverse names waiting for an agent.\nmax-sessions-per-identity: %d\nmax-reverse-names-per-identity: %d\nmax-pending-per-identity: %d\n",
+		s.MaxSessionsPerIdentity, s.MaxReverseNamesPerIdentity, s.MaxPendingPerIdentity)
+	fmt.Fprintf(&b, "# Per source address, for the CA's ACME and enrollment endpoints (no certificate needed):\n# requests per second and the burst a full bucket allows; over it, 429 with Retry-After.\nca-rate-limit: %g\nca-rate-burst: %d\n", s.CARateLimit, s.CARateBurst)
+	fmt.Fprintf(&b, "# ACME nonces held in memory at once (about 80 bytes each); the oldest go first.\nca-max-nonces: %d\n", s.CAMaxNonces)
+	fmt.Fprintf(&b, "# How long the CA database keeps what logins leave behind (ACME accounts, orders,\n# expired certificates; at least 24h), and how often it is pruned.\nca-retention: %s\nca-prune-interval: %s\n", s.CARetention, s.CAPruneInterval)
 	fmt.Fprintf(&b, "# Bound on one policy evaluation; a slower evaluation denies the request.\npolicy-timeout: %s\n", s.PolicyTimeout)
 	fmt.Fprintf(&b, "# One JSON line per policy decision: \"\" is off, \"-\" is stdout, else a file (appended, 0600).\ndecision-log: %q\n", s.DecisionLog)
 	fmt.Fprintf(&b, "# Serve the proxy over QUIC on UDP at the listen address too; keepalive period,\n# idle timeout and concurrent requests per QUIC connection.\nquic: %t\nquic-keepalive: %s\nquic-idle-timeout: %s\nquic-max-streams: %d\n",

@@ -185,3 +185,38 @@ func TestPublicPorts(t *testing.T) {
 		}
 	}
 }
+
+// The CA's bounds are validated, each out-of-range value named; the file tpd
+// init writes carries them and loads back. Bad input: a zero rate, a burst too
+// small for one login, a nonce bound of 1, a retention shorter than the longest
+// certificate, a prune interval of a second.
+func TestCABounds(t *testing.T) {
+	s := DefaultServer()
+	s.CARateLimit = 0
+	s.CARateBurst = 5
+	s.CAMaxNonces = 1
+	s.CARetention = time.Hour
+	s.CAPruneInterval = time.Second
+	err := s.Validate()
+	for _, want := range []string{"ca-rate-limit 0 must", "ca-rate-burst 5 must", "ca-max-nonces 1 must", "ca-retention 1h0m0s must", "ca-prune-interval 1s must"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not say %q:\n%v", want, err)
+		}
+	}
+
+	dir := t.TempDir()
+	s = DefaultServer()
+	s.DataDir = dir
+	s.CARateLimit, s.CARateBurst, s.CAMaxNonces, s.CARetention, s.CAPruneInterval = 2.5, 40, 5000, 72*time.Hour, 10*time.Minute
+	if err := os.WriteFile(filepath.Join(dir, FileName), ServerYAML(s), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TP_DATA_DIR", dir)
+	got, err := LoadServer(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.CARateLimit != 2.5 || got.CARateBurst != 40 || got.CAMaxNonces != 5000 || got.CARetention != 72*time.Hour || got.CAPruneInterval != 10*time.Minute {
+		t.Errorf("tpd.yaml round trip: %+v", got)
+	}
+}

@@ -169,3 +169,59 @@ func create(t testing.TB, tmpl, parent *x509.Certificate, pub crypto.PublicKey, 
 	}
 	return c
 }
+
+// Signer is a CA certificate with its key, for minting certificates that a
+// real CA of TP would never issue.
+type Signer struct {
+	Cert *x509.Certificate
+	Key  crypto.Signer
+}
+
+// RootSigner is the root with its key.
+func (ca *CA) RootSigner() Signer { return Signer{ca.Root, ca.RootKey} }
+
+// IntermediateSigner is the issuing intermediate with its key.
+func (ca *CA) IntermediateSigner() Signer { return Signer{ca.Intermediate, ca.IntermediateKey} }
+
+// NewIntermediate makes another intermediate CA under parent, as a second
+// issuing CA under the same root would be.
+func NewIntermediate(t testing.TB, parent Signer, cn string) Signer {
+	t.Helper()
+	key := newKey(t)
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial(t),
+		Subject:               pkix.Name{CommonName: cn},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		MaxPathLenZero:        true,
+	}
+	return Signer{create(t, tmpl, parent.Cert, key.Public(), parent.Key), key}
+}
+
+// DeviceCert mints a device certificate for deviceID signed by issuer, shaped
+// like ClientCert's; edit, when not nil, changes the template before signing
+// (to make it a CA, drop its extended key usage, …). The chain holds the leaf
+// and issuer.
+func DeviceCert(t testing.TB, issuer Signer, deviceID string, edit func(*x509.Certificate)) tls.Certificate {
+	t.Helper()
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:    serial(t),
+		Subject:         pkix.Name{CommonName: deviceID},
+		NotBefore:       now.Add(-time.Minute),
+		NotAfter:        now.Add(4 * time.Hour),
+		KeyUsage:        x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		ExtraExtensions: []pkix.Extension{PermanentIdentifierSAN(t, deviceID)},
+	}
+	if edit != nil {
+		edit(tmpl)
+	}
+	key := newKey(t)
+	leaf := create(t, tmpl, issuer.Cert, key.Public(), issuer.Key)
+	return tls.Certificate{Certificate: [][]byte{leaf.Raw, issuer.Cert.Raw}, PrivateKey: key, Leaf: leaf}
+}

@@ -30,6 +30,9 @@ func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
 		PublicHost: host,
 		PublicSNI:  d.publicSNIAllowed,
 		Holds:      holds,
+		// Bounds per device identity.
+		MaxNamesPerIdentity:   d.cfg.MaxReverseNamesPerIdentity,
+		MaxPendingPerIdentity: d.cfg.MaxPendingPerIdentity,
 		SaveHolds: func(h []proxy.ReverseHold) {
 			if err := saveHolds(d.cfg.ReverseHoldsFile(), h); err != nil {
 				d.log.Error("saving reverse holds failed; a restart may forget who holds which name", "err", err)

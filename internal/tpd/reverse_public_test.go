@@ -369,7 +369,7 @@ func TestReversePublicAgentDies(t *testing.T) {
 				case *tls.Conn:
 					v.NetConn().Close()
 				default:
-					proxy.ResetConn(v)
+					proxy.Abort(v, proxy.QUICPeerReset)
 				}
 			}
 			tap.mu.Unlock()

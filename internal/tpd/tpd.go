@@ -84,10 +84,13 @@ type Daemon struct {
 	Created bool // the data dir was bootstrapped by New
 
 	decisions *policy.DecisionLog
-	denyMu    sync.Mutex    // serialises deny-list changes and their saving
+	denyMu    sync.Mutex    // serialises deny-list changes and their saving; guards deny
+	deny      denyMeta      // when entries were added, which device a serial belongs to
 	checked   authState     // what live sessions were last re-checked against; maintain's
 	web       webState      // website.go
 	kick      chan struct{} // asks maintain to re-check now
+
+	limiter *sourceLimiter // the CA's and enrollment's per-source rate limit (ratelimit.go)
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
@@ -119,10 +122,11 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if d.policy, err = policy.Load(ctx, cfg.PolicyDir(), policy.WithTimeout(cfg.PolicyTimeout)); err != nil {
 		return nil, fmt.Errorf("policy in %s: %w", cfg.PolicyDir(), err)
 	}
-	denyList, err := LoadDenyList(cfg.DenyListFile())
+	denyList, denyMeta, err := loadDenyFile(cfg.DenyListFile())
 	if err != nil {
 		return nil, err
 	}
+	d.deny = denyMeta
 	if d.decisions, err = policy.OpenDecisionLog(cfg.DecisionLog); err != nil {
 		return nil, err
 	}
@@ -130,17 +134,26 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	d.checked = authState{revision: d.policy.Revision(), users: d.users.Generation()}
 	d.kick = make(chan struct{}, 1)
 	if d.ca, err = acme.NewCA(d.pki, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names, ReverseZone: cfg.ReverseZone,
-		SiteNames: sitesForCA(cfg), SiteValidator: siteValidator{d}}); err != nil {
+		SiteNames: sitesForCA(cfg), SiteValidator: siteValidator{d}, MaxNonces: cfg.CAMaxNonces}); err != nil {
 		return nil, err
 	}
 	enroller := &acme.Enroller{PKI: d.pki, CA: d.ca, Users: d.users, Logger: log,
 		ReverseOwner: func(host string) (string, bool) { return d.proxy.ReverseOwner(host) },
 		Denied: func(dev users.Device) (string, bool) {
 			return d.authz.DenyList.Denies(authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
-		}}
+		},
+		CheckCertificate: func(leaf *x509.Certificate) error {
+			_, err := d.verifyClient(leaf, nil)
+			return err
+		},
+		AllowBinding: newKeyedLimiter[string](bindingRate, bindingBurst, maxRateDevices).allow,
+	}
+	// Anyone reaches these without a certificate: each source address gets a
+	// token bucket, shared by both.
+	d.limiter = newSourceLimiter(cfg.CARateLimit, cfg.CARateBurst)
 	web := http.NewServeMux()
-	web.Handle("/acme/", d.ca.Handler())
-	web.Handle("/tp/", enroller.Handler())
+	web.Handle("/acme/", limitSources(d.limiter, d.ca.Handler()))
+	web.Handle("/tp/", limitSources(d.limiter, enroller.Handler()))
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
 		d.ca.Close()
@@ -160,13 +173,14 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 			GetCertificate: getCert,
 			ClientCAs:      roots,
 			ClientAuth:     tls.RequireAndVerifyClientCert,
-			// Runs on full and resumed handshakes alike: a revoked or deleted device
-			// cannot come back on a session ticket.
+			// Runs on full and resumed handshakes alike (TLS and QUIC): a revoked or
+			// deleted device cannot come back on a session ticket, and a chain that
+			// reaches the root by another way than the issuing intermediate is refused.
 			VerifyConnection: func(cs tls.ConnectionState) error {
 				if len(cs.PeerCertificates) == 0 {
 					return errors.New("client certificate required")
 				}
-				_, err := d.authz.Verify(cs.PeerCertificates[0])
+				_, err := d.verifyClient(cs.PeerCertificates[0], cs.VerifiedChains)
 				return err
 			},
 		},
@@ -192,12 +206,32 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		MaxWebConns:        cfg.MaxWebConns,
 		MaxHandshakesPerIP: cfg.MaxHandshakesPerIP,
 		Reverse:            revOpts,
+
+		MaxSessionsPerIdentity: cfg.MaxSessionsPerIdentity,
 	})
 	if err != nil {
 		d.ca.Close()
 		return nil, err
 	}
 	return d, nil
+}
+
+// verifyClient decides whether a device certificate may use the proxy: issued by
+// TP's issuing intermediate as an end-entity clientAuth certificate (see
+// authz.Issuer), then the identity check (deny list, user store). chains are the
+// chains crypto/tls verified against the root; nil verifies leaf here.
+func (d *Daemon) verifyClient(leaf *x509.Certificate, chains [][]*x509.Certificate) (authz.Identity, error) {
+	is := authz.Issuer{Root: d.pki.Root, Intermediate: d.pki.Intermediate}
+	var err error
+	if chains == nil {
+		err = is.VerifyLeaf(leaf, time.Now())
+	} else {
+		err = is.CheckChains(leaf, chains)
+	}
+	if err != nil {
+		return authz.Identity{}, err
+	}
+	return d.authz.Verify(leaf)
 }
 
 // Fingerprint is the root certificate's fingerprint that dlogin pins.
@@ -221,8 +255,14 @@ func (d *Daemon) renewServerCert() error {
 	return nil
 }
 
+// shutdownGrace bounds how long a stopping tpd waits for live sessions to end
+// before it aborts them.
+const shutdownGrace = 10 * time.Second
+
 // Serve answers on ln (the public port) and on the admin socket until ctx ends,
-// then shuts down gracefully. The caller owns ln.
+// then shuts down gracefully: it stops accepting, lets live sessions end for up to
+// shutdownGrace, and aborts those still running (their clients see a reset that
+// says the server shut down, never a clean end). The caller owns ln.
 func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	var udp *net.UDPConn // QUIC on the same port (quic.go)
 	var qopts proxy.QUICOptions
@@ -252,8 +292,12 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		adminLn.Close()
 		return err
 	}
+	// The proxy does not run under gctx: a stop (SIGTERM) is a Shutdown below,
+	// which lets sessions drain and then aborts what is left, so that no tunnel
+	// ends looking complete. Cancelling the proxy's context would cut them all.
+	pctx := context.WithoutCancel(gctx)
 	g.Go(func() error {
-		err := d.proxy.Serve(gctx, ln)
+		err := d.proxy.Serve(pctx, ln)
 		if errors.Is(err, proxy.ErrServerClosed) {
 			return nil
 		}
@@ -262,7 +306,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	if udp != nil {
 		d.log.Info("serving QUIC", "udp", udp.LocalAddr().String())
 		g.Go(func() error {
-			err := d.proxy.ServeQUIC(gctx, udp, qopts)
+			err := d.proxy.ServeQUIC(pctx, udp, qopts)
 			if errors.Is(err, proxy.ErrServerClosed) {
 				return nil
 			}
@@ -276,16 +320,21 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		return nil
 	})
 	g.Go(func() error { d.maintain(gctx); return nil })
+	g.Go(func() error { d.pruneCA(gctx); return nil })
 	if d.Ready != nil {
 		d.Ready()
 	}
 	g.Go(func() error {
 		<-gctx.Done()
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
 		defer cancel()
+		d.log.Info("stopping: no new connections; draining live sessions", "live", d.proxy.Live(), "grace", shutdownGrace)
 		adminSrv.Shutdown(sctx)
 		os.Remove(d.cfg.AdminSocket())
-		return d.proxy.Shutdown(sctx)
+		if err := d.proxy.Shutdown(sctx); err != nil {
+			d.log.Warn("stopping: sessions still live after the grace period were aborted; their clients were told the server shut down", "grace", shutdownGrace)
+		}
+		return nil
 	})
 	err = g.Wait()
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
@@ -323,6 +372,29 @@ func (d *Daemon) maintain(ctx context.Context) {
 			d.log.Info("policy reloaded", "revision", d.policy.Revision())
 		}
 		d.recheckIfChanged(ctx)
+	}
+}
+
+// pruneCA removes what logins left in the CA database (acme.CA.Prune) at start
+// and every ca-prune-interval until ctx ends.
+func (d *Daemon) pruneCA(ctx context.Context) {
+	t := time.NewTicker(d.cfg.CAPruneInterval)
+	defer t.Stop()
+	for {
+		st, err := d.ca.Prune(ctx, time.Now(), d.cfg.CARetention)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			d.log.Error("pruning the CA database failed; it is tried again at the next interval", "err", err)
+		case st.Total() > 0:
+			d.log.Info("pruned the CA database", "nonces", st.Nonces, "eab_keys", st.EABKeys, "accounts", st.Accounts,
+				"orders", st.Orders, "authorizations", st.Authorizations, "challenges", st.Challenges,
+				"acme_certificates", st.ACMECertificates, "certificates", st.Certificates)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
 	}
 }
 

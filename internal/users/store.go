@@ -51,6 +51,7 @@ type Device struct {
 	Created   time.Time `json:"created"`
 	LastLogin time.Time `json:"last_login,omitzero"`
 	Revoked   bool      `json:"revoked,omitempty"`
+	RevokedAt time.Time `json:"revoked_at,omitzero"` // zero when not recorded
 }
 
 type token struct {
@@ -194,7 +195,7 @@ func (s *Store) Redeem(tok string, pub []byte) (Device, error) {
 		s.st.Devices[id] = d
 	}
 	d.PublicKey = slices.Clone(pub)
-	d.Revoked = false
+	d.Revoked, d.RevokedAt = false, time.Time{}
 	if err := s.saveLocked(); err != nil {
 		return Device{}, err
 	}
@@ -253,7 +254,9 @@ func (s *Store) RevokeDevice(id string) error {
 	if d == nil {
 		return fmt.Errorf("device %s: %w", id, ErrNotFound)
 	}
-	d.Revoked = true
+	if !d.Revoked {
+		d.Revoked, d.RevokedAt = true, s.now()
+	}
 	return s.saveLocked()
 }
 
@@ -279,6 +282,17 @@ type UserInfo struct {
 	User
 	Devices       []Device `json:"devices"`
 	PendingTokens int      `json:"pending_tokens"`
+	// Revoked and RevokedAt are filled in by the listing's caller from tpd's
+	// deny list (a user is revoked there, not in this store).
+	Revoked   bool      `json:"revoked,omitempty"`
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
+}
+
+// HasUser reports whether a user of that name exists.
+func (s *Store) HasUser(name string) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.st.Users[name] != nil
 }
 
 // Users lists users sorted by name, with their devices (keys omitted).

@@ -1,0 +1,380 @@
+package proxy_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// destination starts a TCP server on loopback that runs serve for each connection.
+func destination(t *testing.T, serve func(c *net.TCPConn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+				serve(c.(*net.TCPConn))
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// reset ends c with a TCP reset.
+func reset(c *net.TCPConn) {
+	_ = c.SetLinger(0)
+	_ = c.Close()
+}
+
+// readUntilFailure reads c until it fails and returns what it read and the error.
+func readUntilFailure(t *testing.T, c net.Conn) (int, error) {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	n, err := io.Copy(io.Discard, c)
+	if err == nil {
+		err = io.EOF // io.Copy reports a clean end as nil
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read %d bytes, then nothing for 20s: the cut was never passed on", n)
+	}
+	return int(n), err
+}
+
+// TestAbortDestinationResetReachesClient: a destination that resets after part
+// of a download. Bad input: the destination's RST after 100 KiB. The client must
+// see a cut, never a clean end after partial data, and be told that the
+// destination reset it; over QUIC the stream reset says peer_reset.
+func TestAbortDestinationResetReachesClient(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	// The destination waits for the client's request: a reset right after the
+	// accept can reach the server's connect(2) before it returns, and then the
+	// dial fails (ECONNRESET) rather than the session.
+	dest := destination(t, func(c *net.TCPConn) {
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			return
+		}
+		_, _ = c.Write(bytes.Repeat([]byte("d"), 100<<10))
+		reset(c)
+	})
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			c, err := q.udpDialer(t, tr).DialContext(context.Background(), "tcp", dest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, err := c.Write([]byte("g")); err != nil {
+				t.Fatal(err)
+			}
+			n, err := readUntilFailure(t, c)
+			if errors.Is(err, io.EOF) {
+				t.Fatalf("read %d bytes, then a clean end: the destination's reset was passed on as completion", n)
+			}
+			var ce *clients.CutError
+			if !errors.As(err, &ce) {
+				t.Fatalf("read error %v (%T); want a *clients.CutError", err, err)
+			}
+			if code, ok := proxy.StreamResetCode(err); tr == clients.TransportQUIC && (!ok || code != proxy.QUICPeerReset) {
+				t.Errorf("QUIC stream reset code %v (reset %v); want peer_reset", code, ok)
+			}
+			clients.ExplainCut(context.Background(), err)
+			if ce.End == nil || ce.End.By != "destination" || ce.End.Code != proxy.EndPeerReset || !strings.Contains(ce.End.Reason, dest) {
+				t.Fatalf("explained as %q (end %+v); want the destination %s named as the one that cut it", err, ce.End, dest)
+			}
+		})
+	}
+}
+
+// TestAbortClientResetReachesDestination: a client that resets mid-upload. Bad
+// input: the client's RST (TLS) or RESET_STREAM (QUIC) after 100 KiB. The
+// destination must see a reset, not a clean EOF after a partial upload.
+func TestAbortClientResetReachesDestination(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	results := make(chan error, 1)
+	got := make(chan int, 1)
+	dest := destination(t, func(c *net.TCPConn) {
+		n, err := io.Copy(io.Discard, c)
+		got <- int(n)
+		results <- err
+	})
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			c, err := q.udpDialer(t, tr).DialContext(context.Background(), "tcp", dest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.Write(bytes.Repeat([]byte("u"), 100<<10)); err != nil {
+				t.Fatal(err)
+			}
+			proxy.Abort(c, proxy.QUICPeerReset)
+			select {
+			case err := <-results:
+				n := <-got
+				if !errors.Is(err, syscall.ECONNRESET) {
+					t.Fatalf("the destination read %d bytes and then %v; want a connection reset, not a clean end", n, err)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("the destination never saw the client's abort")
+			}
+		})
+	}
+}
+
+// TestAbortServerEndsSession: sessions that the server ends itself (a policy
+// change, a revoked identity, a shutdown) are aborted with the reason, over
+// both transports; none ends as if it were complete.
+func TestAbortServerEndsSession(t *testing.T) {
+	var deny, revoked atomic.Bool
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
+			if deny.Load() {
+				return authz.Decision{Reason: "db is closed for maintenance"}, nil
+			}
+			return allowAll(ctx, req)
+		})
+		c.Identify = func(cs tls.ConnectionState) (authz.Identity, error) {
+			if revoked.Load() {
+				return authz.Identity{}, errors.New("device alice@laptop is revoked")
+			}
+			return identifyCN(cs)
+		}
+	}, proxy.QUICOptions{})
+	// The destination sends forever: a session that ends cleanly would be a lie.
+	dest := destination(t, func(c *net.TCPConn) {
+		buf := bytes.Repeat([]byte("s"), 16<<10)
+		for {
+			if _, err := c.Write(buf); err != nil {
+				return
+			}
+		}
+	})
+	for _, tc := range []struct {
+		name, code string
+		cut        func()
+	}{
+		{"policy", proxy.EndPolicyChanged, func() { deny.Store(true); q.srv.Recheck(context.Background()); deny.Store(false) }},
+		{"revoked", proxy.EndRevoked, func() { revoked.Store(true); q.srv.Recheck(context.Background()); revoked.Store(false) }},
+	} {
+		for _, tr := range transports {
+			t.Run(tc.name+"/"+tr, func(t *testing.T) {
+				c, err := q.udpDialer(t, tr).DialContext(context.Background(), "tcp", dest)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				if _, err := io.ReadFull(c, make([]byte, 64<<10)); err != nil {
+					t.Fatal(err)
+				}
+				tc.cut()
+				_, err = readUntilFailure(t, c)
+				var ce *clients.CutError
+				if !errors.As(err, &ce) {
+					t.Fatalf("after the server ended the session: %v (%T); want a *clients.CutError", err, err)
+				}
+				clients.ExplainCut(context.Background(), err)
+				if ce.End == nil || ce.End.Code != tc.code || ce.End.By != "server" {
+					t.Fatalf("explained as %q (end %+v); want code %s by the server", err, ce.End, tc.code)
+				}
+			})
+		}
+	}
+
+	t.Run("shutdown", func(t *testing.T) {
+		var conns []net.Conn
+		for _, tr := range transports {
+			c, err := q.udpDialer(t, tr).DialContext(context.Background(), "tcp", dest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			conns = append(conns, c)
+		}
+		// A grace period that has already run out: live sessions are aborted at once.
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		if err := q.srv.Shutdown(ctx); !errors.Is(err, context.Canceled) {
+			t.Fatalf("Shutdown = %v; want it to report that it forced sessions closed", err)
+		}
+		for i, c := range conns {
+			_, err := readUntilFailure(t, c)
+			var ce *clients.CutError
+			if !errors.As(err, &ce) {
+				t.Fatalf("%s: after shutdown: %v (%T); want a *clients.CutError", transports[i], err, err)
+			}
+			if transports[i] == clients.TransportQUIC && !strings.Contains(err.Error(), "shutting down") {
+				t.Errorf("QUIC: %v; want it to say the server is shutting down", err)
+			}
+		}
+	})
+}
+
+// TestWhyIsOnlyForTheOwner: op "why" answers the identity whose session was cut,
+// and nobody else. Bad input: another device asking about alice's session id,
+// and ids that were never issued.
+func TestWhyIsOnlyForTheOwner(t *testing.T) {
+	e := newEnv(t, nil)
+	dest := destination(t, func(c *net.TCPConn) {
+		_, _ = c.Read(make([]byte, 1)) // reset only once the session is up
+		reset(c)
+	})
+	c := e.rawConn(t)
+	defer c.Close()
+	host, port, _ := net.SplitHostPort(dest)
+	if err := proxy.WriteClientHello(c, proxy.ClientHello{V: proxy.Version, Op: proxy.OpDial, Net: "tcp", Host: host, Port: mustPort(t, port)}); err != nil {
+		t.Fatal(err)
+	}
+	sh, err := proxy.ReadServerHello(c)
+	if err != nil || !sh.OK || len(sh.Session) != 32 {
+		t.Fatalf("dial answer %+v, %v; want ok with a 32-character session id", sh, err)
+	}
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := readUntilFailure(t, c); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("after the destination's reset the client read %v; want a connection reset", err)
+	}
+
+	ask := func(cert *tls.Certificate, session string) proxy.ServerHello {
+		t.Helper()
+		cfg := e.clientTLS(cert)
+		cfg.NextProtos = []string{proxy.ALPN}
+		w, err := tls.Dial("tcp", e.addr, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer w.Close()
+		_ = w.SetDeadline(time.Now().Add(10 * time.Second))
+		if err := proxy.WriteClientHello(w, proxy.ClientHello{V: proxy.Version, Op: proxy.OpWhy, Session: session}); err != nil {
+			t.Fatal(err)
+		}
+		sh, err := proxy.ReadServerHello(w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return sh
+	}
+	if got := ask(&e.cert, sh.Session); !got.OK || got.End == nil || got.End.By != "destination" {
+		t.Fatalf("alice asking why: %+v; want the destination's reset", got)
+	}
+	bob := e.ca.ClientCert(t, "bob@phone", testpki.LeafOptions{})
+	if got := ask(&bob, sh.Session); got.OK || got.Code != proxy.CodeUnknownSession || got.End != nil {
+		t.Fatalf("bob asking about alice's session: %+v; want unknown_session and nothing about it", got)
+	}
+	if got := ask(&e.cert, strings.Repeat("0", 32)); got.OK || got.Code != proxy.CodeUnknownSession {
+		t.Fatalf("asking about a session that never existed: %+v; want unknown_session", got)
+	}
+}
+
+func mustPort(t *testing.T, s string) int {
+	t.Helper()
+	p, err := strconv.Atoi(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestCertExpiryCutsTransfers: 100 checksummed transfers, half over TLS and half
+// over QUIC, with a client certificate that expires while they run. Each either
+// finished before the expiry with the right checksum or is cut with an error that
+// says the certificate expired; none ends silently short.
+func TestCertExpiryCutsTransfers(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	const chunk = 8 << 10
+	// The destination sends n chunks, one every 50 ms: i%3 == 0 transfers are
+	// short (done before the expiry), the others outlast it.
+	dest := destination(t, func(c *net.TCPConn) {
+		var n [1]byte
+		if _, err := io.ReadFull(c, n[:]); err != nil {
+			return
+		}
+		for i := range int(n[0]) {
+			if _, err := c.Write(bytes.Repeat([]byte{byte(i)}, chunk)); err != nil {
+				return
+			}
+			time.Sleep(50 * time.Millisecond) // pacing: in flight when the certificate expires
+		}
+	})
+	// 10 s: time for all 100 dials on a loaded, race-instrumented run.
+	cert := q.ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{NotAfter: time.Now().Add(10 * time.Second)})
+	type result struct {
+		chunks int
+		got    []byte
+		err    error
+	}
+	results := make(chan result, 100)
+	for i := range 100 {
+		chunks := 250 // 12.5 s, past the expiry
+		if i%3 == 0 {
+			chunks = 4
+		}
+		tr := transports[i%2]
+		go func() {
+			d := &clients.Dialer{Server: q.addr, TLSConfig: q.clientTLS(&cert), Transport: tr, Timeout: 10 * time.Second}
+			defer d.Close()
+			c, err := d.DialContext(context.Background(), "tcp", dest)
+			if err != nil {
+				results <- result{chunks: chunks, err: err}
+				return
+			}
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+			_, _ = c.Write([]byte{byte(chunks)})
+			got, err := io.ReadAll(c)
+			results <- result{chunks, got, clients.ExplainCut(context.Background(), err)}
+		}()
+	}
+	var complete, cut int
+	for range 100 {
+		r := <-results
+		var want []byte
+		for i := range r.chunks {
+			want = append(want, bytes.Repeat([]byte{byte(i)}, chunk)...)
+		}
+		var ce *clients.CutError
+		switch {
+		case r.err == nil && !bytes.Equal(r.got, want):
+			t.Errorf("a transfer of %d chunks ended cleanly with %d of %d bytes: silently truncated", r.chunks, len(r.got), len(want))
+		case r.err == nil:
+			complete++
+		case !errors.As(r.err, &ce):
+			t.Errorf("a transfer failed with %v (%T); want a *clients.CutError", r.err, r.err)
+		case ce.End == nil || ce.End.Code != proxy.EndCertExpired:
+			if code, ok := proxy.StreamResetCode(r.err); !ok || code != proxy.QUICCertExpired {
+				t.Errorf("a transfer was cut with %q; want cert_expired", r.err)
+			}
+			cut++
+		default:
+			cut++
+		}
+	}
+	if cut < 60 {
+		t.Errorf("%d transfers were cut; the 66 long ones outlast the certificate", cut)
+	}
+	t.Logf("certificate expiry during 100 transfers: %d completed with the right content, %d cut with cert_expired, 0 silent truncations", complete, cut)
+}
