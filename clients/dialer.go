@@ -44,7 +44,8 @@ type Dialer struct {
 	HeadStart time.Duration
 	// KeepAlive is the QUIC keepalive period (keeps NAT bindings open); zero means
 	// 15s, negative disables. IdleTimeout ends a QUIC connection that heard nothing
-	// for that long; zero means 60s.
+	// for that long; zero means 60s. An Agent's own QUIC connection uses
+	// Agent.IdleTimeout instead.
 	KeepAlive, IdleTimeout time.Duration
 
 	quic  quicState

@@ -70,6 +70,21 @@ type Agent struct {
 	// UDPIdle ends a UDP session that carried no datagram either way for this
 	// long. Default 60s.
 	UDPIdle time.Duration
+	// IdleTimeout ends the QUIC connection to the server when nothing arrived from
+	// it for this long; keepalives go out every third of it, so only a server that
+	// is gone (restarted, crashed, unreachable) stays silent. A restarted server
+	// cannot always tell the agent (its stateless reset answers only large
+	// packets), so this is how fast an agent notices over QUIC; over TLS the
+	// closed connection says so at once. Default 6s (the smaller of both sides'
+	// values applies): quic-go counts it from the first keepalive that went
+	// unanswered, so a silent server is noticed 6–8 s after it went away.
+	IdleTimeout time.Duration
+	// ExitOnRefusal ends Run when the server refuses the names (its policy denies
+	// them, or another identity holds one) instead of retrying with backoff. By
+	// default an agent keeps trying and logs why at every attempt, so that a fixed
+	// policy or a freed name takes effect without restarting it; only a name that
+	// another identity holds before this agent ever registered it ends Run.
+	ExitOnRefusal bool
 
 	mu      sync.Mutex
 	full    map[string]string // label → full name
@@ -134,10 +149,24 @@ type fatalError struct{ error }
 
 func (e fatalError) Unwrap() error { return e.error }
 
+// DefaultAgentIdleTimeout is Agent.IdleTimeout when not set.
+const DefaultAgentIdleTimeout = 6 * time.Second
+
+// Agent reconnect backoff: the first wait, and the cap of a wait before jitter
+// (waits are jittered from half to one and a half times the backoff).
+const (
+	agentBackoffMin = 500 * time.Millisecond
+	agentBackoffMax = 30 * time.Second
+)
+
 // Run registers the names and serves sessions until ctx ends, re-establishing the
-// control session with capped, jittered backoff (0.5s doubling to 30s) after any
-// break. It returns nil when ctx ends (having unregistered the names), or an error
-// the server gave as final (policy denial, name taken by another identity).
+// control session with capped, jittered backoff (0.5s doubling to 30s, back to
+// 0.5s after each successful registration) after any break. A policy denial and,
+// once this agent has held its names, a name taken by another identity are
+// retried too (see ExitOnRefusal). Run returns nil when ctx ends (having
+// unregistered the names), or an error the server gave as final: a name another
+// identity held before this agent ever registered it, a newer agent of the same
+// device that took the names over, a request the server can never grant.
 func (a *Agent) Run(ctx context.Context) error {
 	if len(a.Exposed) == 0 || a.Dialer == nil || a.Dialer.TLSConfig == nil || a.Dialer.TLSConfig.RootCAs == nil {
 		return errors.New("agent needs names to expose and a Dialer with a root and client certificate")
@@ -185,10 +214,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.Dialer.TLSConfig.ClientSessionCache = tls.NewLRUClientSessionCache(16)
 	}
 	log := a.log()
-	backoff := 500 * time.Millisecond
+	backoff := agentBackoffMin
+	held := false // this agent registered its names at least once
 	for {
-		start := time.Now()
-		err := a.session(ctx)
+		registered, err := a.session(ctx)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -196,17 +225,32 @@ func (a *Agent) Run(ctx context.Context) error {
 		if errors.As(err, &fe) {
 			return fe.error
 		}
-		if time.Since(start) > time.Minute {
-			backoff = 500 * time.Millisecond
+		if registered {
+			// The server worked: a later break is a new incident (a crash of
+			// tpd, a network change), not one to slow down for.
+			held, backoff = true, agentBackoffMin
 		}
 		wait := backoff/2 + rand.N(backoff)
-		log.Warn("tp expose: control session ended; reconnecting", "err", err.Error(), "in", wait.Round(10*time.Millisecond))
+		var re *RefusedError
+		refused := errors.As(err, &re) && (re.Code == proxy.CodePolicyDenied || re.Code == proxy.CodeNameTaken)
+		switch {
+		case !refused:
+			log.Warn("tp expose: control session ended; reconnecting", "err", err.Error(), "in", wait.Round(10*time.Millisecond))
+		case a.ExitOnRefusal, re.Code == proxy.CodeNameTaken && !held:
+			return err
+		case re.Code == proxy.CodeNameTaken:
+			log.Warn("tp expose: another identity holds a name this agent held; retrying in case it is freed (tell the TP administrator if it is yours)",
+				"err", err.Error(), "in", wait.Round(10*time.Millisecond))
+		default:
+			log.Warn("tp expose: the TP server refused the names; retrying, so a fixed policy takes effect without a restart (--exit-on-refusal exits instead)",
+				"err", err.Error(), "in", wait.Round(10*time.Millisecond))
+		}
 		select {
 		case <-time.After(wait):
 		case <-ctx.Done():
 			return nil
 		}
-		backoff = min(2*backoff, 30*time.Second)
+		backoff = min(2*backoff, agentBackoffMax)
 	}
 }
 
@@ -233,8 +277,10 @@ func (a *Agent) hello() proxy.ClientHello {
 	return h
 }
 
-// session runs one control session to its end.
-func (a *Agent) session(ctx context.Context) error {
+// session runs one control session to its end; registered says whether the
+// server accepted the names. A refusal is a *RefusedError; fatalError wraps
+// what retrying cannot change.
+func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	d := a.Dialer
 	timeout := d.Timeout
 	if timeout <= 0 {
@@ -244,7 +290,6 @@ func (a *Agent) session(ctx context.Context) error {
 	transport := d.Transport
 	var qconn *quic.Conn
 	var ctl proxy.Stream
-	var err error
 	if transport != TransportTLS {
 		qconn, err = a.connectQUIC(cctx)
 		if err == nil {
@@ -255,7 +300,7 @@ func (a *Agent) session(ctx context.Context) error {
 		}
 		if err != nil && transport == TransportQUIC {
 			cancel()
-			return err
+			return false, err
 		}
 		if err != nil { // auto: UDP blocked or QUIC refused; TLS carries the same protocol
 			qconn = nil
@@ -265,7 +310,7 @@ func (a *Agent) session(ctx context.Context) error {
 		var tc *tls.Conn
 		if tc, err = d.connectTLS(cctx); err != nil {
 			cancel()
-			return err
+			return false, err
 		}
 		ctl = tc
 	}
@@ -280,18 +325,18 @@ func (a *Agent) session(ctx context.Context) error {
 	cancel()
 	if err != nil {
 		_ = ctl.Close()
-		return fmt.Errorf("registering with %s: %w", d.Server, explainHelloErr(err))
+		return false, fmt.Errorf("registering with %s: %w", d.Server, explainHelloErr(err))
 	}
 	_ = ctl.SetDeadline(time.Time{})
 	if !sh.OK {
 		_ = ctl.Close()
 		rerr := &RefusedError{Code: sh.Code, Reason: sh.Reason}
 		switch sh.Code {
-		case proxy.CodePolicyDenied, proxy.CodeNameTaken, proxy.CodeReverseDisabled, proxy.CodeBadRequest, proxy.CodeUnknownOp, proxy.CodeUnauthenticated,
+		case proxy.CodeReverseDisabled, proxy.CodeBadRequest, proxy.CodeUnknownOp, proxy.CodeUnauthenticated,
 			proxy.CodePublicRefused, proxy.CodeUnsupportedNetwork:
-			return fatalError{rerr}
+			return false, fatalError{rerr}
 		}
-		return rerr
+		return false, rerr // Run decides about policy_denied and name_taken
 	}
 	a.mu.Lock()
 	a.full = map[string]string{}
@@ -322,29 +367,37 @@ func (a *Agent) session(ctx context.Context) error {
 	})
 	defer stopUnreg()
 
+	registered = true
 	if qconn != nil {
-		// Sessions arrive as streams the server opens; the control stream only ends.
+		// Sessions arrive as streams the server opens; the control stream only
+		// ends, with a frame that says why when the server ended it: that ends
+		// the session too (the connection itself may stay up).
 		ended := make(chan error, 1)
-		go func() { ended <- a.readControl(ctl, nil) }()
+		go func() { ended <- a.readControl(ctl, nil); scancel() }()
 		for {
 			str, err := qconn.AcceptStream(sctx)
 			if err != nil {
-				if ctx.Err() != nil { // stopping: let the unregister frame arrive first
+				var cerr error
+				select {
+				case cerr = <-ended: // the server ended the control stream
+				default:
 					select {
-					case <-ended:
-					case <-time.After(time.Second):
+					case cerr = <-ended:
+					case <-qconn.Context().Done():
+					case <-time.After(time.Second): // stopping: let the unregister frame arrive first
 					}
 				}
 				_ = ctl.Close()
-				if cerr := context.Cause(qconn.Context()); cerr != nil {
-					return fmt.Errorf("QUIC connection: %w", explainQUICErr(cerr))
+				if cerr != nil && (errors.As(cerr, new(*RefusedError)) || errors.As(cerr, new(fatalError))) {
+					return true, cerr
 				}
-				select {
-				case err := <-ended:
-					return err
-				default:
+				if qerr := context.Cause(qconn.Context()); qerr != nil {
+					return true, fmt.Errorf("QUIC connection: %w", explainQUICErr(qerr))
 				}
-				return err
+				if cerr != nil {
+					return true, cerr
+				}
+				return true, err
 			}
 			wg.Add(1)
 			go func() {
@@ -364,7 +417,7 @@ func (a *Agent) session(ctx context.Context) error {
 	// TLS: sessions are announced on the control connection; each is accepted on
 	// a new TLS connection.
 	defer ctl.Close()
-	return a.readControl(ctl, func(hdr proxy.SessionHeader) {
+	return true, a.readControl(ctl, func(hdr proxy.SessionHeader) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -387,8 +440,8 @@ func (a *Agent) readControl(ctl proxy.Stream, announce func(proxy.SessionHeader)
 		switch {
 		case hdr.End == "replaced":
 			return fatalError{fmt.Errorf("the TP server ended this agent: %s", hdr.Reason)}
-		case hdr.End == proxy.CodePolicyDenied:
-			return fatalError{fmt.Errorf("the TP server's policy no longer allows these names: %s", hdr.Reason)}
+		case hdr.End == proxy.CodePolicyDenied: // retried: the policy may be fixed
+			return &RefusedError{Code: proxy.CodePolicyDenied, Reason: "the TP server's policy no longer allows these names: " + hdr.Reason}
 		case hdr.End != "":
 			return fmt.Errorf("the TP server ended the control session: %s", hdr.Reason)
 		case hdr.Session != "" && announce != nil:
@@ -557,9 +610,9 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	idle := d.IdleTimeout
+	idle := a.IdleTimeout
 	if idle <= 0 {
-		idle = 30 * time.Second
+		idle = DefaultAgentIdleTimeout
 	}
 	conn, err := tr.Dial(ctx, raddr, cfg, &quic.Config{
 		KeepAlivePeriod:                idle / 3,

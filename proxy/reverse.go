@@ -27,6 +27,12 @@ type ReverseOptions struct {
 	// control session ended (network change, tpd restart on the agent's side).
 	// Default 30s.
 	Grace time.Duration
+	// RestartGrace is how long the holds restored from Holds stay reserved for
+	// their owners after the server starts, at least Grace. It must outlast the
+	// time an agent needs to notice that the server restarted and come back: its
+	// idle timeout when nothing told it, plus its longest reconnect backoff
+	// (about 45 s for `tp expose`). Default 2m.
+	RestartGrace time.Duration
 	// MaxPending bounds the sessions announced to one agent over TLS and not yet
 	// picked up; beyond it the oldest is refused. Default 1000.
 	MaxPending int
@@ -56,8 +62,8 @@ type ReverseOptions struct {
 	// SNI pass-through off. It must refuse the server's own names and websites.
 	PublicSNI func(serverName string) error
 	// Holds are the names and exposures held when the server last stopped; they
-	// stay reserved for their owners for Grace, so a restart opens no window for
-	// another identity. SaveHolds is called with the current holds after every
+	// stay reserved for their owners for RestartGrace, so a restart (a crash
+	// included) opens no window for another identity. SaveHolds is called with the current holds after every
 	// change (serialised, newest last); nil keeps them in memory only.
 	Holds     []ReverseHold
 	SaveHolds func([]ReverseHold)
@@ -68,6 +74,10 @@ func (o ReverseOptions) withDefaults() ReverseOptions {
 	if o.Grace <= 0 {
 		o.Grace = 30 * time.Second
 	}
+	if o.RestartGrace <= 0 {
+		o.RestartGrace = 2 * time.Minute
+	}
+	o.RestartGrace = max(o.RestartGrace, o.Grace)
 	if o.MaxPending <= 0 {
 		o.MaxPending = 1000
 	}

@@ -92,3 +92,45 @@ func TestReverseClaim(t *testing.T) {
 		t.Fatal("a name with a dot inside the label is not a reverse name")
 	}
 }
+
+// After a restart (a kill -9 included) the saved holds stay their owners' for
+// RestartGrace, not just Grace: an agent may need its idle timeout and a
+// reconnect backoff to notice that the server is back. The bad input is another
+// identity that asks for the name after Grace has run out but before the agent
+// came back; it must be refused, and the owner must still get its name back. An
+// offline hold's own end is kept when it is the later one.
+func TestReverseRestoredHoldOutlastsGrace(t *testing.T) {
+	later := time.Now().Add(3 * time.Hour).UTC()
+	holds := []ReverseHold{
+		{Key: "a.rev.test", Owner: "alice@laptop"},               // online when the server died
+		{Key: "b.rev.test", Owner: "alice@laptop", Until: later}, // offline, its grace ends later
+		{Key: "c.rev.test", Owner: "alice@laptop", Until: time.Now().Add(-time.Minute)},
+	}
+	start := time.Now()
+	r := newReverseRegistry(ReverseOptions{Zone: "rev.test", Grace: time.Nanosecond, RestartGrace: time.Hour, Holds: holds})
+	for time.Since(start) <= time.Microsecond { // let Grace (1 ns) run out for sure
+	}
+	for _, n := range []string{"a.rev.test", "b.rev.test", "c.rev.test"} {
+		mallory := &reverseAgent{id: authz.Identity{DeviceID: "mallory@pc"}, names: []string{n}}
+		if _, herr := r.claim(mallory); herr == nil || herr.Code != CodeNameTaken {
+			t.Fatalf("%s: another identity after Grace, within RestartGrace: %v; want name_taken", n, herr)
+		}
+		if owner, ok := r.owner(n); !ok || owner != "alice@laptop" {
+			t.Fatalf("%s: owner %q %v after the restart", n, owner, ok)
+		}
+	}
+	if e := r.names["b.rev.test"]; !e.until.Equal(later) {
+		t.Fatalf("offline hold ends %s, want its own later end %s", e.until, later)
+	}
+	if e := r.names["a.rev.test"]; e.until.Before(start.Add(time.Hour)) {
+		t.Fatalf("restored hold ends %s, want at least RestartGrace after the start", e.until)
+	}
+	alice := &reverseAgent{id: authz.Identity{DeviceID: "alice@laptop"}, names: []string{"a.rev.test", "b.rev.test", "c.rev.test"}}
+	if _, herr := r.claim(alice); herr != nil {
+		t.Fatalf("the owner's agent after the restart: %v", herr)
+	}
+	// RestartGrace shorter than Grace is raised to Grace.
+	if o := (ReverseOptions{Grace: time.Hour, RestartGrace: time.Minute}).withDefaults(); o.RestartGrace != time.Hour {
+		t.Fatalf("RestartGrace %s below Grace %s", o.RestartGrace, o.Grace)
+	}
+}

@@ -409,18 +409,20 @@ type ReverseHold struct {
 	Until time.Time `json:"until,omitzero"`
 }
 
-// loadHolds reserves the saved holds for their owners: those whose agent was
-// online get a fresh grace period from now (it could not reconnect while the
-// server was down), offline ones keep what was left of theirs.
+// loadHolds reserves the saved holds for their owners for at least RestartGrace
+// from now: an agent cannot reconnect while the server is down, and it may need
+// its idle timeout and a reconnect backoff to notice that the server is back.
+// Offline holds keep their own end when it is later. Only the owner's device
+// can take a restored hold back (claim).
 func (r *reverseRegistry) loadHolds(holds []ReverseHold) {
-	now := time.Now()
+	restart := time.Now().Add(r.opts.RestartGrace)
 	for _, h := range holds {
-		until := h.Until
-		if until.IsZero() {
-			until = now.Add(r.opts.Grace)
-		}
-		if h.Key == "" || h.Owner == "" || !now.Before(until) {
+		if h.Key == "" || h.Owner == "" {
 			continue
+		}
+		until := h.Until
+		if until.Before(restart) {
+			until = restart
 		}
 		r.names[h.Key] = &revEntry{owner: h.Owner, label: h.Label, until: until}
 	}

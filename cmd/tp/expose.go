@@ -16,6 +16,7 @@ import (
 
 func exposeCmd(stderr io.Writer) *cobra.Command {
 	var allowUsers, allowGroups, extra []string
+	var exitOnRefusal bool
 	var pub publicFlags
 	cmd := &cobra.Command{
 		Use:   "expose NAME LOCAL_ADDR",
@@ -24,7 +25,13 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 			"LOCAL_ADDR. Sessions are end-to-end TLS: this device holds a certificate for the\n" +
 			"name from TP's CA and checks every dialer's device certificate itself; the server\n" +
 			"only relays ciphertext. The server's policy (action \"listen\") decides who may\n" +
-			"register a name and (action \"dial\") who may reach it. Ctrl-C unregisters.",
+			"register a name and (action \"dial\") who may reach it. Ctrl-C unregisters.\n\n" +
+			"tp expose stays up: it reconnects after any break (a restart of the server\n" +
+			"included) and, when the policy denies the names or another identity took a name\n" +
+			"it held, keeps retrying with backoff and says why, so a fixed policy takes\n" +
+			"effect without restarting it (--exit-on-refusal exits instead). It exits when\n" +
+			"a name is another identity's from the start, or a newer tp expose of the same\n" +
+			"device took the names over.",
 		Example: "  tp expose laptop-ssh 127.0.0.1:22 --allow-user bob\n" +
 			"  ssh -o ProxyCommand=\"tp %h %p\" alice@laptop-ssh.rev.tp.internal   # on bob's device\n" +
 			"  tp expose game 127.0.0.1:27015 --public 27015                    # anyone: TCP port 27015 of the TP server\n" +
@@ -62,12 +69,13 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 			var mu sync.Mutex
 			var names []string
 			a := &clients.Agent{
-				Dialer:      d,
-				Exposed:     exposed,
-				AllowUsers:  allowUsers,
-				AllowGroups: allowGroups,
-				Certificate: c.ReverseCertificate,
-				Logger:      slog.New(slog.NewTextHandler(stderr, nil)),
+				Dialer:        d,
+				Exposed:       exposed,
+				AllowUsers:    allowUsers,
+				AllowGroups:   allowGroups,
+				ExitOnRefusal: exitOnRefusal,
+				Certificate:   c.ReverseCertificate,
+				Logger:        slog.New(slog.NewTextHandler(stderr, nil)),
 				Registered: func(full []string) {
 					mu.Lock()
 					names = names[:0]
@@ -100,6 +108,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	}
 	cmd.Flags().StringSliceVar(&allowUsers, "allow-user", nil, "users whose devices may connect (repeatable)")
 	cmd.Flags().StringSliceVar(&allowGroups, "allow-group", nil, "groups whose members' devices may connect (repeatable)")
+	cmd.Flags().BoolVar(&exitOnRefusal, "exit-on-refusal", false, "exit when the server refuses the names (policy denial, or a name another identity holds) instead of retrying with backoff")
 	cmd.Flags().StringSliceVar(&extra, "also", nil, "expose another NAME=HOST:PORT (NAME=HOST:PORT/udp for a UDP service) on the same agent, protected (repeatable)")
 	pub.register(cmd)
 	return cmd

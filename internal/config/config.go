@@ -88,9 +88,12 @@ type Server struct {
 	UDPMaxPublicFlows int `mapstructure:"udp-max-public-flows"`
 	// ReverseZone is the DNS suffix of reverse listeners (`tp expose NAME` serves
 	// NAME.<zone>); empty disables them. ReverseGrace holds a name for its owner
-	// while the owner's agent reconnects.
-	ReverseZone  string        `mapstructure:"reverse-zone"`
-	ReverseGrace time.Duration `mapstructure:"reverse-grace"`
+	// while the owner's agent reconnects. ReverseRestartGrace holds the names
+	// saved at the last stop (a crash included) for their owners after tpd starts,
+	// long enough for agents to notice the restart and come back.
+	ReverseZone         string        `mapstructure:"reverse-zone"`
+	ReverseGrace        time.Duration `mapstructure:"reverse-grace"`
+	ReverseRestartGrace time.Duration `mapstructure:"reverse-restart-grace"`
 	// PublicPorts are the ports agents may open publicly (`tp expose --public
 	// PORT`), e.g. "20000-30000,8080"; empty opens none. The policy decides too.
 	PublicPorts string `mapstructure:"public-ports"`
@@ -153,6 +156,7 @@ func DefaultServer() Server {
 		UDPMaxPublicFlows:   512,
 		ReverseZone:         "rev.tp.internal",
 		ReverseGrace:        30 * time.Second,
+		ReverseRestartGrace: 2 * time.Minute,
 		SiteMaxBody:         DefaultSiteMaxBody,
 		SiteUpstreamTimeout: time.Minute,
 		LogLevel:            "info",
@@ -241,6 +245,9 @@ func (s Server) Validate() error {
 	}
 	if s.ReverseGrace < 0 || s.ReverseGrace > time.Hour {
 		errs = append(errs, fmt.Errorf("reverse-grace %s must be between 0s and 1h", s.ReverseGrace))
+	}
+	if s.ReverseRestartGrace < time.Minute || s.ReverseRestartGrace > time.Hour {
+		errs = append(errs, fmt.Errorf("reverse-restart-grace %s must be between 1m and 1h: agents need up to about a minute to notice a restarted tpd and come back", s.ReverseRestartGrace))
 	}
 	if _, err := ParsePortRanges(s.PublicPorts); err != nil {
 		errs = append(errs, fmt.Errorf("public-ports: %w", err))
@@ -372,6 +379,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("udp-max-public-flows", d.UDPMaxPublicFlows)
 	v.SetDefault("reverse-zone", d.ReverseZone)
 	v.SetDefault("reverse-grace", d.ReverseGrace)
+	v.SetDefault("reverse-restart-grace", d.ReverseRestartGrace)
 	v.SetDefault("public-ports", d.PublicPorts)
 	v.SetDefault("sites", d.Sites)
 	v.SetDefault("default-site", d.DefaultSite)
@@ -447,7 +455,7 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# One JSON line per policy decision: \"\" is off, \"-\" is stdout, else a file (appended, 0600).\ndecision-log: %q\n", s.DecisionLog)
 	fmt.Fprintf(&b, "# Serve the proxy over QUIC on UDP at the listen address too; keepalive period,\n# idle timeout and concurrent requests per QUIC connection.\nquic: %t\nquic-keepalive: %s\nquic-idle-timeout: %s\nquic-max-streams: %d\n",
 		s.QUIC, s.QUICKeepAlive, s.QUICIdleTimeout, s.QUICMaxStreams)
-	fmt.Fprintf(&b, "# Reverse listeners (tp expose NAME) are reached as NAME.<reverse-zone>; \"\" turns them off.\n# A name stays reserved for its owner for reverse-grace after its agent went away.\nreverse-zone: %q\nreverse-grace: %s\n", s.ReverseZone, s.ReverseGrace)
+	fmt.Fprintf(&b, "# Reverse listeners (tp expose NAME) are reached as NAME.<reverse-zone>; \"\" turns them off.\n# A name stays reserved for its owner for reverse-grace after its agent went away,\n# and for reverse-restart-grace after tpd starts (a crash included).\nreverse-zone: %q\nreverse-grace: %s\nreverse-restart-grace: %s\n", s.ReverseZone, s.ReverseGrace, s.ReverseRestartGrace)
 	fmt.Fprintf(&b, "# Ports agents may open publicly (tp expose --public PORT), e.g. \"20000-30000,8080/tcp,27015/udp\"\n# (no suffix: TCP and UDP); \"\" opens none. The policy must allow them too (action expose_public).\npublic-ports: %q\n", s.PublicPorts)
 	siteYAML(&b, s)
 	fmt.Fprintf(&b, "log-level: %s\nlog-format: %s\n", s.LogLevel, s.LogFormat)

@@ -21,8 +21,9 @@ func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
 	}
 	host, _, _ := net.SplitHostPort(d.cfg.Listen)
 	return proxy.ReverseOptions{
-		Zone:  d.cfg.ReverseZone,
-		Grace: d.cfg.ReverseGrace,
+		Zone:         d.cfg.ReverseZone,
+		Grace:        d.cfg.ReverseGrace,
+		RestartGrace: d.cfg.ReverseRestartGrace,
 		PublicPorts: func(network string, port int) bool {
 			return d.cfg.PublicPortAllowed(network, port)
 		},

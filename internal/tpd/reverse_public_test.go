@@ -88,7 +88,8 @@ func startDaemonCfg(t *testing.T, policy string, mod func(*config.Server)) (*Dae
 }
 
 // runAgent runs an agent for exposed and waits until it registered; an agent
-// the server refuses returns its error instead.
+// the server refuses returns its error instead (ExitOnRefusal: these tests probe
+// the server's refusals, which an agent otherwise retries).
 func runAgent(t *testing.T, c *clients.Client, transport string, exposed []clients.Exposed, tap *capture) (stop func(), err error) {
 	t.Helper()
 	d, err := c.Dialer()
@@ -98,7 +99,7 @@ func runAgent(t *testing.T, c *clients.Client, transport string, exposed []clien
 	d.Transport = transport
 	registered := make(chan struct{}, 10)
 	a := &clients.Agent{Dialer: d, Exposed: exposed, AllowUsers: []string{"bob"}, Certificate: c.ReverseCertificate,
-		Registered: func([]string) { registered <- struct{}{} }}
+		Registered: func([]string) { registered <- struct{}{} }, ExitOnRefusal: true}
 	if tap != nil {
 		a.WrapData = tap.wrap
 	}
