@@ -378,3 +378,23 @@ func TestCertExpiryCutsTransfers(t *testing.T) {
 	}
 	t.Logf("certificate expiry during 100 transfers: %d completed with the right content, %d cut with cert_expired, 0 silent truncations", complete, cut)
 }
+
+// TestShutdownDoesNotWaitForHellos: a connection that has sent no hello when
+// Shutdown begins (bad input: a client that connects and stays silent, as a
+// spare connection does) holds no session and must not hold up the drain for
+// the hello timeout.
+func TestShutdownDoesNotWaitForHellos(t *testing.T) {
+	e := newEnv(t, func(c *proxy.Config) { c.HelloTimeout = time.Minute })
+	c := e.rawConn(t) // handshaken, no hello
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := e.srv.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown = %v: a silent connection held the drain", err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	sh, err := proxy.ReadServerHello(c)
+	if err != nil || sh.Code != proxy.CodeHelloTimeout || !strings.Contains(sh.Reason, "shutting down") {
+		t.Fatalf("the silent client got %+v, %v; want hello_timeout saying the server is shutting down", sh, err)
+	}
+}

@@ -125,6 +125,8 @@ type Server struct {
 
 	force      context.Context // cancelled when Shutdown gives up draining
 	forceClose context.CancelFunc
+	draining   context.Context // cancelled when Shutdown begins
+	drain      context.CancelFunc
 }
 
 // New validates cfg, fills defaults and returns a Server.
@@ -202,6 +204,7 @@ func New(cfg Config) (*Server, error) {
 
 	s := &Server{cfg: cfg, log: cfg.Logger, listeners: make(map[net.Listener]struct{})}
 	s.force, s.forceClose = context.WithCancel(context.Background())
+	s.draining, s.drain = context.WithCancel(context.Background())
 	s.proxyTLS = cfg.ProxyTLS.Clone()
 	s.proxyTLS.MinVersion = tls.VersionTLS13
 	s.proxyTLS.MaxVersion = 0
@@ -299,6 +302,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closed = true
+	s.drain() // requests still waiting for their hello end now: no session to drain
 	for ln := range s.listeners {
 		_ = ln.Close()
 	}

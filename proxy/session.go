@@ -221,13 +221,19 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 	}
 
 	_ = conn.SetReadDeadline(time.Now().Add(s.cfg.HelloTimeout))
+	// A connection that has sent no hello when Shutdown begins (a client's spare
+	// connection, say) holds no session: it must not hold up the drain.
+	stopDrain := context.AfterFunc(s.draining, func() { _ = conn.SetReadDeadline(time.Now()) })
 	hello, err := ReadClientHello(conn)
+	stopDrain()
 	if err != nil {
 		var he *HelloError
 		var ne net.Error
 		switch {
 		case errors.As(err, &he):
 			return nil, he
+		case (errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()) && s.draining.Err() != nil:
+			return nil, helloErr(CodeHelloTimeout, "the server is shutting down and no longer waits for hellos; reconnect")
 		case errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
 			return nil, helloErr(CodeHelloTimeout, "no complete client hello within %s", s.cfg.HelloTimeout)
 		default:

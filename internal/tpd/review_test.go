@@ -79,6 +79,7 @@ func TestReverseZoneNeverLeaksToDNS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer dl.Close()
 	dl.Transport = "tls"
 	for _, host := range []string{"a.b.rev.tp.internal", "rev.tp.internal", "REV.TP.INTERNAL."} {
 		_, err := dl.DialContext(context.Background(), "tcp", host+":22")
