@@ -135,7 +135,7 @@ func loadScenario(ctx context.Context, e *Env, sz sizes, _ int) ([]Row, error) {
 	stopActive()
 	wait()
 	endLoad := loadavg()
-	e.log("  canary under load: p50 %.2f ms, p99 %.2f ms, %d failed %v", loaded.p(50), loaded.p(99), loaded.failed, loaded.firstErr)
+	e.log("  canary under load: p50 %.2f ms, p99 %.2f ms, %d failed %v (all samples, also those during scheduler dumps)", loaded.p(50), loaded.p(99), loaded.failed, loaded.firstErr)
 	e.log("  active: %s", &t)
 	e.log("  tpd quiet: %s; loaded: %s; scheduler dump took %s", quiet, busy, s.trace.dumpDuration())
 	if uerr != nil {
@@ -147,14 +147,19 @@ func loadScenario(ctx context.Context, e *Env, sz sizes, _ int) ([]Row, error) {
 	}
 
 	loadLabel := fmt.Sprintf("%d idle + %d active tunnels", len(idle.conns), st.active)
-	canaryRows := func(label string, c canaryResult, baseline string) []Row {
+	windows := s.trace.dumpWindows()
+	canaryRows := func(label string, all canaryResult, baseline string) []Row {
 		var rows []Row
+		c := all.without(windows)
 		for _, q := range []float64{50, 99} {
 			r := Row{Scenario: scn, Variant: fmt.Sprintf("canary round trip, %s, p%.0f", label, q), Transport: "tls", Unit: "ms"}
 			if len(c.ms) == 0 {
 				r.Err = "no canary succeeded"
 			} else {
 				r.Runs = []float64{c.p(q)}
+			}
+			if q == 99 {
+				r.Note = dumpNote(all, c)
 			}
 			if baseline != "" {
 				r.Baseline = fmt.Sprintf("canary round trip, %s, p%.0f", baseline, q)
@@ -183,6 +188,13 @@ func loadScenario(ctx context.Context, e *Env, sz sizes, _ int) ([]Row, error) {
 	rows = append(rows, usageRows(scn, "no tunnels", quiet)...)
 	rows = append(rows, usageRows(scn, loadLabel, busy)...)
 	return rows, nil
+}
+
+// dumpNote says how many canaries were left out as taken during a scheduler
+// dump, and what p99 was with them.
+func dumpNote(all, c canaryResult) string {
+	return fmt.Sprintf("%d of %d taken during the runtime's scheduler dumps left out; with them p99 %s ms",
+		c.excluded, len(all.ms), fmtNum(all.p(99)))
 }
 
 func errNote(errs ...error) string {

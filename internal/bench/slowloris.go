@@ -170,12 +170,17 @@ func slowloris(ctx context.Context, e *Env, sz sizes, _ int) ([]Row, error) {
 		one("slow sockets still open at "+bound.String(), "sockets", float64(open), "0", ""),
 		one("slow sockets closed before 0.9× timeout", "sockets", float64(early), "0", ""),
 		one("slow sockets that could not connect", "sockets", float64(connErrs), "0", errNote(firstConnErr)))
-	lat := func(label string, c canaryResult, q float64, baseline string) Row {
+	windows := s.trace.dumpWindows()
+	lat := func(label string, all canaryResult, q float64, baseline string) Row {
 		r := Row{Scenario: scn, Variant: fmt.Sprintf("legitimate request, %s, p%.0f", label, q), Transport: "tls", Unit: "ms"}
+		c := all.without(windows)
 		if len(c.ms) == 0 {
 			r.Err = "none succeeded"
 		} else {
 			r.Runs = []float64{c.p(q)}
+		}
+		if q == 99 {
+			r.Note = dumpNote(all, c)
 		}
 		if baseline != "" {
 			r.Baseline = fmt.Sprintf("legitimate request, %s, p%.0f", baseline, q)

@@ -139,12 +139,16 @@ func soak(ctx context.Context, e *Env, sz sizes, _ int) ([]Row, error) {
 		count("policy_error denials (clients)", "requests", t.policyErrs.Load()+int64(can.policyErrs+churnPolicy), "0", ""),
 		count("policy_error denials (decision log)", "decisions", int64(failedAfter-failedBefore), "0", ""),
 	}
+	kept := can.without(s.trace.dumpWindows())
 	for _, q := range []float64{50, 99} {
 		r := Row{Scenario: scn, Variant: fmt.Sprintf("canary round trip over the soak, p%.0f", q), Transport: "tls", Unit: "ms"}
-		if len(can.ms) > 0 {
-			r.Runs = []float64{can.p(q)}
+		if len(kept.ms) > 0 {
+			r.Runs = []float64{kept.p(q)}
 		} else {
 			r.Err = "no canary succeeded"
+		}
+		if q == 99 {
+			r.Note = dumpNote(can, kept)
 		}
 		rows = append(rows, r)
 	}

@@ -93,6 +93,7 @@ type runtimeTrace struct {
 	lastG      time.Time
 	dumpStart  time.Time
 	dumpTook   time.Duration // from the SCHED line to the last G line of the last dump
+	windows    []span        // when the last dumps were printed, as their lines arrived
 	dumps      int
 	now        func() time.Time
 }
@@ -138,6 +139,10 @@ func (r *runtimeTrace) endDump() {
 		r.goroutines, r.inDump, r.count = float64(r.count), false, 0
 		r.dumpTook = r.lastG.Sub(r.dumpStart)
 		r.dumps++
+		if len(r.windows) == maxWindows {
+			r.windows = r.windows[1:]
+		}
+		r.windows = append(r.windows, span{r.dumpStart, r.lastG})
 	}
 }
 
@@ -159,6 +164,29 @@ func (r *runtimeTrace) dumpDuration() time.Duration {
 	defer r.mu.Unlock()
 	return r.dumpTook
 }
+
+// maxWindows bounds the dump windows kept: 512 at one per 10 s is 85 minutes.
+const maxWindows = 512
+
+// span is an interval of wall-clock time.
+type span struct{ from, to time.Time }
+
+func (a span) overlaps(b span) bool { return a.from.Before(b.to) && b.from.Before(a.to) }
+
+// dumpWindows are the intervals in which the runtime printed its recent scheduler
+// dumps, widened by dumpMargin: it holds the scheduler's lock while it prints, so
+// a request in flight then waits for the instrument, not for tpd.
+func (r *runtimeTrace) dumpWindows() []span {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]span, len(r.windows))
+	for i, w := range r.windows {
+		out[i] = span{w.from.Add(-dumpMargin), w.to.Add(dumpMargin)}
+	}
+	return out
+}
+
+const dumpMargin = 5 * time.Millisecond
 
 // lineWriter splits what is written to it into lines for fn and keeps a tail
 // for error messages. The runtime writes its traces in many small writes.

@@ -87,9 +87,37 @@ func TestRuntimeTrace(t *testing.T) {
 	if g != 4 {
 		t.Errorf("goroutines %v after the first dump, want 4", g)
 	}
+	if w := r.dumpWindows(); len(w) != 1 {
+		t.Errorf("%d dump windows after one complete dump, want 1", len(w))
+	}
 	// No further line: the second dump counts once it has been quiet for a while.
 	clock = clock.Add(dumpQuiet)
 	if _, g := r.read(); g != 1 {
 		t.Errorf("goroutines %v after the second dump, want 1 (dead and dead-extra Gs do not count)", g)
+	}
+}
+
+func TestCanaryWithoutDumps(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	ms := func(n int) time.Duration { return time.Duration(n) * time.Millisecond }
+	c := canaryResult{
+		ms: []float64{3, 70, 4, 5},
+		at: []span{
+			{t0, t0.Add(ms(3))},
+			{t0.Add(ms(100)), t0.Add(ms(170))}, // held up by the dump at 150–200 ms
+			{t0.Add(ms(200)), t0.Add(ms(204))}, // starts as the dump ends: overlaps at an instant only
+			{t0.Add(ms(300)), t0.Add(ms(305))},
+		},
+		failed: 1,
+	}
+	got := c.without([]span{{t0.Add(ms(150)), t0.Add(ms(200))}})
+	if got.excluded != 1 || len(got.ms) != 3 || got.ms[1] != 4 {
+		t.Fatalf("without the dump: %v, %d excluded; want [3 4 5], 1 excluded", got.ms, got.excluded)
+	}
+	if got.failed != 1 {
+		t.Errorf("failures %d, want 1: leaving out samples must not hide failures", got.failed)
+	}
+	if len(c.ms) != 4 {
+		t.Errorf("the original result lost samples: %v", c.ms)
 	}
 }

@@ -223,11 +223,30 @@ func roundTripVia(ctx context.Context, d *clients.Dialer, echo string) (time.Dur
 	return time.Since(start), nil
 }
 
-// canaryResult is a canary's latencies (ms, in order) and failures.
+// canaryResult is a canary's latencies (ms, in order) with when each was
+// taken, and its failures.
 type canaryResult struct {
 	ms                 []float64
+	at                 []span // at[i] is when ms[i] was measured
 	failed, policyErrs int
 	firstErr           error
+	excluded           int // samples left out by without
+}
+
+// without leaves out the samples taken while the runtime printed a scheduler
+// dump (see runtimeTrace.dumpWindows): the instrument's pause, not tpd's.
+func (c canaryResult) without(windows []span) canaryResult {
+	out := c
+	out.ms, out.at = nil, nil
+	for i, m := range c.ms {
+		if slices.ContainsFunc(windows, c.at[i].overlaps) {
+			out.excluded++
+			continue
+		}
+		out.ms = append(out.ms, m)
+		out.at = append(out.at, c.at[i])
+	}
+	return out
 }
 
 func (c canaryResult) p(q float64) float64 {
@@ -243,6 +262,7 @@ func canary(ctx context.Context, d *clients.Dialer, echo string, n int, interval
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for n == 0 || len(r.ms)+r.failed < n {
+		began := time.Now()
 		lat, err := roundTripVia(ctx, d, echo)
 		if ctx.Err() != nil {
 			break
@@ -257,6 +277,7 @@ func canary(ctx context.Context, d *clients.Dialer, echo string, n int, interval
 			}
 		} else {
 			r.ms = append(r.ms, float64(lat)/float64(time.Millisecond))
+			r.at = append(r.at, span{began, began.Add(lat)})
 		}
 		select {
 		case <-ctx.Done():
