@@ -41,7 +41,7 @@ func soak(ctx context.Context, e *Env, sz sizes, _ int) ([]Row, error) {
 	sctx, stop := context.WithTimeout(ctx, st.soak)
 	defer stop()
 
-	idle := openIdle(sctx, tlsD, e.echo, st.soakIdle)
+	idle := openIdle(sctx, tlsD, e.echo, st.soakIdle, 16)
 	held := idle.conns
 	defer func() { closeAll(held) }()
 	churned, churnFailed, churnPolicy := 0, idle.failed, idle.policyErrs
@@ -93,7 +93,7 @@ func soak(ctx context.Context, e *Env, sz sizes, _ int) ([]Row, error) {
 		k := len(held) / 10
 		closeAll(held[:k])
 		held = held[k:]
-		fresh := openIdle(sctx, tlsD, e.echo, k)
+		fresh := openIdle(sctx, tlsD, e.echo, k, 16)
 		held = append(held, fresh.conns...)
 		churned += k
 		if sctx.Err() == nil { // dials cut by the soak's end are not failures

@@ -295,12 +295,12 @@ type idleResult struct {
 	firstErr           error
 }
 
-// openIdle opens k tunnels through d to the echo server with bounded
-// concurrency, each proven end to end by one echoed byte, then left idle.
-func openIdle(ctx context.Context, d *clients.Dialer, echo string, k int) idleResult {
+// openIdle opens k tunnels through d to the echo server, at most parallel at
+// once, each proven end to end by one echoed byte, then left idle.
+func openIdle(ctx context.Context, d *clients.Dialer, echo string, k, parallel int) idleResult {
 	var r idleResult
 	var mu sync.Mutex
-	sem := make(chan struct{}, 16)
+	sem := make(chan struct{}, parallel)
 	var wg sync.WaitGroup
 	for range k {
 		sem <- struct{}{}
