@@ -20,7 +20,8 @@ type stressSizes struct {
 	active           int           // checksummed transfers running at once
 	transferBytes    int64         // each way, per transfer
 	rate             int64         // bytes per second each way, per active tunnel
-	slowSockets      int
+	slowSockets      int           // held at once
+	attack           time.Duration // how long slowloris sockets are held
 	soak             time.Duration
 	soakIdle         int // idle tunnels held during the soak, a tenth replaced per sample
 	soakActive       int
@@ -40,7 +41,7 @@ func quickStress(soak time.Duration) stressSizes {
 		soak = 20 * time.Second
 	}
 	return stressSizes{handshakeTimeout: 2 * time.Second, sampleEvery: 2 * time.Second, canaries: 30,
-		idle: 100, active: 2, transferBytes: 1 << 20, rate: 4 << 20, slowSockets: 60,
+		idle: 100, active: 2, transferBytes: 1 << 20, rate: 4 << 20, slowSockets: 60, attack: 4 * time.Second,
 		soak: soak, soakIdle: 20, soakActive: 2}
 }
 
@@ -49,7 +50,7 @@ func fullStress(soak time.Duration) stressSizes {
 		soak = 10 * time.Minute
 	}
 	return stressSizes{handshakeTimeout: 5 * time.Second, sampleEvery: 10 * time.Second, canaries: 600,
-		idle: 2000, active: 16, transferBytes: 8 << 20, rate: 1 << 20, slowSockets: 500,
+		idle: 2000, active: 16, transferBytes: 8 << 20, rate: 1 << 20, slowSockets: 500, attack: time.Minute,
 		soak: soak, soakIdle: 500, soakActive: 4}
 }
 

@@ -116,18 +116,29 @@ func slowloris(ctx context.Context, e *Env, sz sizes, _ int) ([]Row, error) {
 	bound := 3*timeout + 10*time.Second
 	every := timeout / 20
 	sources := (st.slowSockets + perSource - 1) / perSource
-	results := make([]slowResult, st.slowSockets)
+	// K sockets are held for the attack's length: each one tpd closes is
+	// replaced by a new one from the same address.
+	per := make([][]slowResult, st.slowSockets)
 	actx, stopLegit := context.WithCancel(ctx)
 	legitDone := make(chan canaryResult, 1)
 	go func() { legitDone <- canary(actx, legitD, e.echo, 0, canaryEvery) }()
+	end := time.Now().Add(st.attack)
 	var wg sync.WaitGroup
 	for i := range st.slowSockets {
 		src := net.IPv4(127, 0, 0, byte(2+i%sources))
-		wg.Go(func() { results[i] = slowSocket(ctx, src, s.addr, hello, i%2 == 0, every, bound) })
+		wg.Go(func() {
+			for ctx.Err() == nil && time.Now().Before(end) {
+				per[i] = append(per[i], slowSocket(ctx, src, s.addr, hello, i%2 == 0, every, bound))
+			}
+		})
 	}
 	wg.Wait()
 	stopLegit()
 	legit := <-legitDone
+	var results []slowResult
+	for _, r := range per {
+		results = append(results, r...)
+	}
 	e.log("  legitimate requests during the attack: %d ok, %d failed %v; p50 %.2f ms, p99 %.2f ms",
 		len(legit.ms), legit.failed, legit.firstErr, legit.p(50), legit.p(99))
 
@@ -151,15 +162,15 @@ func slowloris(ctx context.Context, e *Env, sz sizes, _ int) ([]Row, error) {
 		}
 	}
 	slices.Sort(ratios)
-	e.log("  %d slow sockets from %d addresses: %d closed (close time ÷ timeout p50 %.2f, p99 %.2f, max %.2f), %d open after %s, %d closed before 0.9× timeout, %d could not connect %v",
-		st.slowSockets, sources, len(ratios), percentile(ratios, 50), percentile(ratios, 99), percentile(ratios, 100), open, bound, early, connErrs, firstConnErr)
+	e.log("  %d slow sockets (%d at a time for %s) from %d addresses: %d closed (close time ÷ timeout p50 %.2f, p99 %.2f, max %.2f), %d open after %s, %d closed before 0.9× timeout, %d could not connect %v",
+		len(results), st.slowSockets, st.attack, sources, len(ratios), percentile(ratios, 50), percentile(ratios, 99), percentile(ratios, 100), open, bound, early, connErrs, firstConnErr)
 
-	note := fmt.Sprintf("%d sockets from %d source addresses, half silent, half dribbling a ClientHello 1 byte per %s; handshake-timeout %s; %s",
-		st.slowSockets, sources, every, timeout, startLoad)
+	note := fmt.Sprintf("%d sockets at a time for %s (each one closed replaced), from %d source addresses, half silent, half dribbling a ClientHello 1 byte per %s; handshake-timeout %s; %s",
+		st.slowSockets, st.attack, sources, every, timeout, startLoad)
 	one := func(variant, unit string, v float64, target, note string) Row {
 		return Row{Scenario: scn, Variant: variant, Transport: "tcp", Unit: unit, Runs: []float64{v}, Target: target, Note: note}
 	}
-	rows := []Row{one("slow sockets closed by tpd", "sockets", float64(len(ratios)), fmt.Sprint(st.slowSockets), note)}
+	rows := []Row{one("slow sockets closed by tpd", "sockets", float64(len(ratios)), fmt.Sprintf("all %d opened", len(results)), note)}
 	if len(ratios) > 0 {
 		rows = append(rows,
 			one("close time ÷ handshake-timeout, p50", "×", percentile(ratios, 50), "≈1", ""),
