@@ -1,7 +1,7 @@
 // Command tpbench measures TP against direct TCP, a minimal Go mTLS relay, a plain
 // Go TLS server and OpenSSH in one run on loopback, and prints one table:
 //
-//	go run ./cmd/tpbench [--quick] [--json FILE] [--runs N] [--only SCENARIO,...]
+//	go run ./cmd/tpbench [--quick] [--json FILE] [--runs N] [--only SCENARIO,...] [--soak DURATION]
 //
 // It builds tpd, tp and dlogin itself, starts everything it needs with throwaway
 // state and stops all of it when done. See internal/bench.
@@ -16,6 +16,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/tp-proxy/tp/internal/bench"
 )
@@ -43,8 +44,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&only, "only", "", "comma-separated scenarios: "+strings.Join(bench.Scenarios, ","))
 	fs.StringVar(&o.JSON, "json", "", "also write the rows as JSON to this file")
 	fs.BoolVar(&o.Markdown, "markdown", false, "print the table as Markdown")
+	fs.DurationVar(&o.Soak, "soak", 0, "length of the soak scenario (default 10m, 20s with --quick)")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: go run ./cmd/tpbench [--quick] [--json FILE] [--runs N] [--only SCENARIO,...] [--markdown]")
+		fmt.Fprintln(stderr, "usage: go run ./cmd/tpbench [--quick] [--json FILE] [--runs N] [--only SCENARIO,...] [--soak DURATION] [--markdown]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -55,6 +57,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if o.Runs < 0 {
 		return fmt.Errorf("--runs %d must be positive", o.Runs)
+	}
+	if o.Soak < 0 || o.Soak > 24*time.Hour {
+		return fmt.Errorf("--soak %s must be between 0 (the default) and 24h", o.Soak)
 	}
 	if only != "" {
 		o.Only = strings.Split(only, ",")

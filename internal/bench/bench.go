@@ -13,16 +13,17 @@ import (
 )
 
 // Scenarios in the order they run. Names are what --only takes.
-var Scenarios = []string{"bulk", "setup", "handshake", "memory", "reverse", "loss", "policy"}
+var Scenarios = []string{"bulk", "setup", "handshake", "memory", "reverse", "loss", "policy", "load", "slowloris", "soak"}
 
 // Options select what a run measures.
 type Options struct {
-	Quick    bool     // smaller sizes and fewer runs, for a smoke run under 2 minutes
-	Runs     int      // runs per variant; 0 means 5 (3 with Quick)
-	Only     []string // scenario names; empty means all
-	JSON     string   // also write the rows to this file
-	Markdown bool     // print the table as Markdown
-	Command  string   // the command line, recorded in the JSON report
+	Quick    bool          // smaller sizes and fewer runs, for a smoke run under 2 minutes
+	Runs     int           // runs per variant; 0 means 5 (3 with Quick)
+	Only     []string      // scenario names; empty means all
+	JSON     string        // also write the rows to this file
+	Markdown bool          // print the table as Markdown
+	Soak     time.Duration // length of the soak scenario; 0 means 10m (20s with Quick)
+	Command  string        // the command line, recorded in the JSON report
 	Stdout   io.Writer
 	Stderr   io.Writer // progress lines
 }
@@ -35,13 +36,16 @@ type sizes struct {
 	handshakeTime time.Duration
 	tunnels       int // idle tunnels per batch
 	policyEvals   int
+	stress        stressSizes // scenarios 8–10 (load.go)
 }
 
 func (o Options) sizes() sizes {
 	if o.Quick {
-		return sizes{bulkBytes: 64 << 20, setupConns: 50, setupProcs: 5, handshakeTime: 500 * time.Millisecond, tunnels: 200, policyEvals: 2000}
+		return sizes{bulkBytes: 64 << 20, setupConns: 50, setupProcs: 5, handshakeTime: 500 * time.Millisecond, tunnels: 200, policyEvals: 2000,
+			stress: quickStress(o.Soak)}
 	}
-	return sizes{bulkBytes: 1 << 30, setupConns: 200, setupProcs: 20, handshakeTime: 2 * time.Second, tunnels: 1000, policyEvals: 20000}
+	return sizes{bulkBytes: 1 << 30, setupConns: 200, setupProcs: 20, handshakeTime: 2 * time.Second, tunnels: 1000, policyEvals: 20000,
+		stress: fullStress(o.Soak)}
 }
 
 func (o Options) runs() int {
@@ -93,13 +97,16 @@ func Run(ctx context.Context, o Options) (err error) {
 		if err := e.build(ctx); err != nil {
 			return err
 		}
-		if err := e.startTPD(ctx); err != nil {
-			return err
-		}
-		e.quic = e.hasTransportFlag(ctx, "forward")
-		e.quicStdio = e.hasTransportFlag(ctx)
-		if !e.quic {
-			e.log("tp forward has no --transport flag yet: QUIC variants left out")
+		// Scenarios 8–10 run against a tpd of their own (stress.go).
+		if slices.ContainsFunc(Scenarios, func(s string) bool { return !stressScenario(s) && s != "policy" && o.wants(s) }) {
+			if err := e.startTPD(ctx); err != nil {
+				return err
+			}
+			e.quic = e.hasTransportFlag(ctx, "forward")
+			e.quicStdio = e.hasTransportFlag(ctx)
+			if !e.quic {
+				e.log("tp forward has no --transport flag yet: QUIC variants left out")
+			}
 		}
 		sink, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -121,6 +128,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		fn   func(context.Context, *Env, sizes, int) ([]Row, error)
 	}{
 		{"bulk", bulk}, {"setup", setup}, {"handshake", handshakes}, {"memory", memory}, {"reverse", reverse}, {"loss", loss}, {"policy", policyLatency},
+		{"load", loadScenario}, {"slowloris", slowloris}, {"soak", soak},
 	}
 	for _, s := range steps {
 		if !o.wants(s.name) {

@@ -58,6 +58,9 @@ type Env struct {
 	reverse     bool   // the reverse scenario runs: reversePolicy, public ports, agent device
 	publicPorts []int  // TCP ports tpd may open for tp expose --public
 	agentHome   string // TP_HOME of the device that runs tp expose
+
+	stress *stressTPD // the tpd of scenarios 8–10 (stress.go), started by the first of them
+	ck     string     // the checksum server of scenarios 8–10 (workload.go)
 }
 
 func (e *Env) binary(name string) string { return filepath.Join(e.bin, name) }

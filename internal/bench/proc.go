@@ -72,7 +72,9 @@ func (e *Env) startProc(ctx context.Context, label string, cmd *exec.Cmd, fromSt
 		cmd.Stdout = p.out
 		pipe, err = cmd.StderrPipe()
 	} else {
-		cmd.Stderr = p.out
+		if cmd.Stderr == nil { // a caller that reads stderr itself set it
+			cmd.Stderr = p.out
+		}
 		pipe, err = cmd.StdoutPipe()
 	}
 	if err != nil {

@@ -92,6 +92,8 @@ func fmtNum(v float64) string {
 		return "—"
 	case a >= 10000:
 		return thousands(int64(math.Round(v)))
+	case v == math.Trunc(v): // counts
+		return fmt.Sprintf("%.0f", v)
 	case a >= 100:
 		return fmt.Sprintf("%.0f", v)
 	case a >= 10:
