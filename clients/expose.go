@@ -174,6 +174,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.Certificate == nil && slices.ContainsFunc(a.Exposed, func(e Exposed) bool { return !e.public() }) {
 		return errors.New("agent needs Certificate to expose a name in protected mode")
 	}
+	if slices.ContainsFunc(a.Exposed, func(e Exposed) bool { return e.UDP }) {
+		a.Dialer.CountDatagramDrops = true // public UDP sessions take DATAGRAM frames
+	}
 	for _, e := range a.Exposed {
 		if err := proxy.ValidReverseName(e.Name); err != nil {
 			return err
@@ -624,6 +627,7 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		InitialConnectionReceiveWindow: proxy.QUICInitialConnWindow,
 		MaxConnectionReceiveWindow:     proxy.QUICMaxConnWindow,
 		EnableDatagrams:                true, // public UDP sessions (exposeudp.go)
+		Tracer:                         d.dropTracer(),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, explainQUICErr(err))

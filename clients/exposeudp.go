@@ -50,6 +50,10 @@ func (a *Agent) relayUDP(ctx context.Context, flow *proxy.UDPFlow, local net.Con
 	flow.Start()
 	end := proxy.RelayUDP(ctx, flow, local, a.UDPIdle)
 	st := flow.Stats()
-	log.Info("tp expose: UDP session", "local", addr, "datagrams_in", st.DatagramsIn, "datagrams_out", st.DatagramsOut,
-		"bytes_in", st.BytesIn, "bytes_out", st.BytesOut, "duration", time.Since(start), "end", end)
+	attrs := []any{"local", addr, "datagrams_in", st.DatagramsIn, "datagrams_out", st.DatagramsOut,
+		"bytes_in", st.BytesIn, "bytes_out", st.BytesOut, "duration", time.Since(start), "end", end}
+	if n := a.Dialer.QUICDatagramsDropped(); n > 0 { // per QUIC connection, not per session
+		attrs = append(attrs, "quic_receive_queue_dropped_total", n)
+	}
+	log.Info("tp expose: UDP session", attrs...)
 }

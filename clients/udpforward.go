@@ -31,6 +31,9 @@ type UDPForwarder struct {
 	// the server is slower than the source; beyond it they are dropped and counted.
 	// Default 64.
 	QueueLen int
+	// QUICDropped, when set, reports the datagrams the QUIC connection's receive
+	// queue discarded so far ((*Dialer).QUICDatagramsDropped); flows log it.
+	QUICDropped func() int64
 
 	dropped atomic.Int64
 }
@@ -253,6 +256,11 @@ func (f *UDPForwarder) runFlow(ctx context.Context, log *slog.Logger, pc net.Pac
 	}
 	if n := e.drops.Load(); n > 0 {
 		attrs = append(attrs, "dropped_queue_full", n)
+	}
+	if f.QUICDropped != nil {
+		if n := f.QUICDropped(); n > 0 { // per QUIC connection, not per flow
+			attrs = append(attrs, "quic_receive_queue_dropped_total", n)
+		}
 	}
 	log.Info("udp flow", attrs...)
 }

@@ -109,6 +109,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		MaxConnectionReceiveWindow:     QUICMaxConnWindow,
 		Allow0RTT:                      false,
 		EnableDatagrams:                true, // UDP flows (udpflow.go)
+		Tracer:                         s.udp.quicDrops.Tracer,
 	}
 	if s.web != nil { // HTTP/3 on the same listener: its control and QPACK streams
 		qcfg.MaxIncomingUniStreams = 8
@@ -279,11 +280,16 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 		code, msg, end = QUICCertExpired, "client certificate expired; run dlogin", "client certificate expired"
 	}
 	_ = conn.CloseWithError(code, msg)
-	s.log.LogAttrs(ctx, slog.LevelInfo, "quic connection",
+	attrs := []slog.Attr{
 		slog.String("remote", remote),
 		slog.String("identity", identity),
 		slog.Int64("streams", served.Load()),
 		slog.Int64("streams_refused", refused.Load()),
 		slog.Duration("duration", time.Since(start)),
-		slog.String("end", end))
+		slog.String("end", end),
+	}
+	if n := s.udp.quicDrops.Dropped(); n > 0 { // the server's total, over all connections
+		attrs = append(attrs, slog.Int64("quic_receive_queue_dropped_total", n))
+	}
+	s.log.LogAttrs(ctx, slog.LevelInfo, "quic connection", attrs...)
 }

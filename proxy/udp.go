@@ -63,6 +63,9 @@ type UDPStats struct {
 	QueueFull, TooLarge, DestRefused int64
 	// Oversize counts datagrams that fit no QUIC DATAGRAM frame and took the stream.
 	Oversize int64
+	// QUICQueueFull counts DATAGRAM frames from clients that the QUIC stack
+	// discarded because its receive queue was full, before any flow saw them.
+	QUICQueueFull int64
 }
 
 // udpState counts a server's UDP flows for the bounds and UDPStats.
@@ -72,6 +75,7 @@ type udpState struct {
 	perConn map[*quic.Conn]int
 
 	active, flows, refused, up, down, queueFull, tooLarge, dstRefused, oversize atomic.Int64
+	quicDrops                                                                   DatagramDropCounter
 }
 
 // UDPStats returns the server's UDP counters.
@@ -81,7 +85,7 @@ func (s *Server) UDPStats() UDPStats {
 		Active: u.active.Load(), Flows: u.flows.Load(), FlowsRefused: u.refused.Load(),
 		DatagramsUp: u.up.Load(), DatagramsDown: u.down.Load(),
 		QueueFull: u.queueFull.Load(), TooLarge: u.tooLarge.Load(), DestRefused: u.dstRefused.Load(),
-		Oversize: u.oversize.Load(),
+		Oversize: u.oversize.Load(), QUICQueueFull: u.quicDrops.Dropped(),
 	}
 }
 

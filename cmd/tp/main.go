@@ -172,6 +172,7 @@ func forwardUDP(ctx context.Context, d *clients.Dialer, listen, target string, i
 	}
 	defer pc.Close()
 	defer d.Close()
+	d.CountDatagramDrops = true // no datagram discarded without a count
 	go d.Maintain(ctx, func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) })
 	fmt.Fprintf(stderr, "Forwarding UDP %s to %s via %s (%s); Ctrl-C stops\n", pc.LocalAddr(), target, d.Server, tpd.Version)
 	f := &clients.UDPForwarder{
@@ -179,6 +180,7 @@ func forwardUDP(ctx context.Context, d *clients.Dialer, listen, target string, i
 		Target:      target,
 		IdleTimeout: idle,
 		Logger:      slog.New(slog.NewTextHandler(stderr, nil)),
+		QUICDropped: d.QUICDatagramsDropped,
 	}
 	err = f.Serve(ctx, pc)
 	if errors.Is(err, context.Canceled) || ctx.Err() != nil {

@@ -1,0 +1,36 @@
+package proxy
+
+import (
+	"context"
+	"sync/atomic"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/qlog"
+	"github.com/quic-go/quic-go/qlogwriter"
+)
+
+// DatagramDropCounter counts the DATAGRAM frames quic-go discards because its
+// receive queue (128 frames per connection) is full: quic-go says so only in its
+// qlog events, so without this those datagrams would vanish without a count.
+// Set Tracer as quic.Config.Tracer; it records nothing else.
+type DatagramDropCounter struct{ n atomic.Int64 }
+
+// Tracer is a quic.Config.Tracer that feeds the counter.
+func (c *DatagramDropCounter) Tracer(context.Context, bool, quic.ConnectionID) qlogwriter.Trace {
+	return dropTrace{c}
+}
+
+// Dropped is how many received DATAGRAM frames were discarded so far.
+func (c *DatagramDropCounter) Dropped() int64 { return c.n.Load() }
+
+type dropTrace struct{ c *DatagramDropCounter }
+
+func (t dropTrace) AddProducer() qlogwriter.Recorder { return t }
+
+func (t dropTrace) RecordEvent(ev qlogwriter.Event) {
+	if d, ok := ev.(qlog.DatagramDropped); ok && d.Direction == qlog.DirectionReceiving {
+		t.c.n.Add(1)
+	}
+}
+
+func (t dropTrace) Close() error { return nil }
