@@ -398,3 +398,61 @@ func TestShutdownDoesNotWaitForHellos(t *testing.T) {
 		t.Fatalf("the silent client got %+v, %v; want hello_timeout saying the server is shutting down", sh, err)
 	}
 }
+
+// TestForwarderPassesResets: `tp forward`'s local connections. Bad input: the
+// destination's reset mid-download, and the local client's reset mid-upload.
+// Each reaches the other end as a reset, over TLS and QUIC.
+func TestForwarderPassesResets(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	conns := make(chan *net.TCPConn, 4)
+	dest := destination(t, func(c *net.TCPConn) {
+		conns <- c
+		<-t.Context().Done() // the test ends it
+	})
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			f := &clients.Forwarder{Dial: q.udpDialer(t, tr).DialContext, Target: dest, Logger: discardLogger()}
+			ctx, cancel := context.WithCancel(context.Background())
+			served := make(chan error, 1)
+			go func() { served <- f.Serve(ctx, ln) }()
+			defer func() { cancel(); <-served }()
+			open := func() (net.Conn, *net.TCPConn) {
+				local, err := net.Dial("tcp", ln.Addr().String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { local.Close() })
+				if _, err := local.Write([]byte("hello")); err != nil {
+					t.Fatal(err)
+				}
+				select {
+				case d := <-conns:
+					if _, err := io.ReadFull(d, make([]byte, 5)); err != nil {
+						t.Fatal(err)
+					}
+					return local, d
+				case <-time.After(20 * time.Second):
+					t.Fatal("the destination got no connection")
+					return nil, nil
+				}
+			}
+
+			local, d := open()
+			d.Write(bytes.Repeat([]byte("d"), 64<<10))
+			reset(d)
+			if _, err := readUntilFailure(t, local); !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatalf("the local client read %v after the destination's reset; want a connection reset", err)
+			}
+
+			local, d = open()
+			reset(local.(*net.TCPConn))
+			if _, err := readUntilFailure(t, d); !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatalf("the destination read %v after the local client's reset; want a connection reset", err)
+			}
+		})
+	}
+}
