@@ -10,6 +10,7 @@ import (
 	"net"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -216,5 +217,72 @@ func TestForwarder(t *testing.T) {
 	cancel()
 	if err := <-served; !errors.Is(err, context.Canceled) {
 		t.Fatalf("Serve = %v", err)
+	}
+}
+
+// TestStdioUploadOutlastsReply: the far side sends its reply and half-closes
+// while standard input is still being uploaded. Bad input: a destination that
+// ends its direction first. The upload must arrive whole (when its input ends
+// soon after), or the far side must see a reset (when it never ends), never a
+// clean end after part of the upload.
+func TestStdioUploadOutlastsReply(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		chunks int // of 64 KiB, one every 20 ms; 0: input that never ends
+	}{{"input ends", 16}, {"input never ends", 0}} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			got := make(chan error, 1)
+			n := make(chan int64, 1)
+			go func() {
+				c, err := ln.Accept()
+				if err != nil {
+					got <- err
+					return
+				}
+				defer c.Close()
+				c.Write([]byte("bye"))
+				c.(*net.TCPConn).CloseWrite() // the reply is complete; still reading
+				c.SetReadDeadline(time.Now().Add(20 * time.Second))
+				m, err := io.Copy(io.Discard, c)
+				n <- m
+				got <- err
+			}()
+			conn, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			pr, pw := io.Pipe()
+			defer pw.Close()
+			go func() {
+				chunk := make([]byte, 64<<10)
+				for i := 0; tc.chunks == 0 || i < tc.chunks; i++ {
+					if _, err := pw.Write(chunk); err != nil {
+						return
+					}
+					time.Sleep(20 * time.Millisecond) // pacing: the upload outlasts the reply
+				}
+				pw.Close()
+			}()
+			var out bytes.Buffer
+			if err := clients.Stdio(context.Background(), conn, pr, &out); err != nil {
+				t.Fatal(err)
+			}
+			if out.String() != "bye" {
+				t.Fatalf("stdout %q", out.String())
+			}
+			err = <-got
+			m := <-n
+			switch {
+			case tc.chunks > 0 && (err != nil || m != int64(tc.chunks)<<16):
+				t.Fatalf("the far side read %d of %d bytes, then %v; want the whole upload", m, tc.chunks<<16, err)
+			case tc.chunks == 0 && !errors.Is(err, syscall.ECONNRESET):
+				t.Fatalf("the far side read %d bytes, then %v; want a reset, not a clean end of a cut upload", m, err)
+			}
+		})
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"time"
 
 	"github.com/tp-proxy/tp/proxy"
 )
@@ -25,7 +26,9 @@ func Stdio(ctx context.Context, conn net.Conn, in io.Reader, out io.Writer) erro
 	defer stop()
 	defer conn.Close()
 
+	uploaded := make(chan struct{}) // in→conn ended: EOF passed on, or failed
 	go func() {
+		defer close(uploaded)
 		_, err := io.Copy(conn, in)
 		var ce *CutError
 		switch {
@@ -49,6 +52,18 @@ func Stdio(ctx context.Context, conn net.Conn, in io.Reader, out io.Writer) erro
 		proxy.Abort(conn, proxy.QUICPeerReset)
 		return fmt.Errorf("writing the session's data to standard output: %w", werr)
 	case rerr == nil:
+		// The far side ended its direction cleanly; ours may still be sending
+		// (a destination that half-closes and keeps reading). Closing now would
+		// end the upload cleanly but short: wait for in's EOF a moment (ssh
+		// closes our input as soon as it sees the end), then abort instead, so
+		// the far side sees a reset, never a silently truncated upload.
+		select {
+		case <-uploaded:
+		case <-time.After(uploadGrace):
+			proxy.Abort(conn, proxy.QUICPeerReset)
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
 		return nil
 	default: // a *CutError says who cut the session, once explained
 		return ExplainCut(ctx, rerr)
@@ -73,3 +88,7 @@ func copyOut(out io.Writer, conn net.Conn) (rerr, werr error) {
 		}
 	}
 }
+
+// uploadGrace bounds how long Stdio waits, after the far side ended, for the end
+// of its own input before it aborts the session.
+const uploadGrace = 2 * time.Second
