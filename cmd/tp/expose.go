@@ -11,7 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/tpd"
+	"github.com/tp-proxy/tp/internal/version"
 )
 
 func exposeCmd(stderr io.Writer) *cobra.Command {
@@ -86,7 +86,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 					}
 					mu.Unlock()
 					for i, n := range full {
-						fmt.Fprintf(stderr, "Exposing %s as %s via %s (%s); Ctrl-C stops\n", exposed[i].Local, n, d.Server, tpd.Version)
+						fmt.Fprintf(stderr, "Exposing %s as %s via %s (%s); Ctrl-C stops\n", exposed[i].Local, n, d.Server, version.Version)
 						if line := publicLine(exposed[i], d.Server); line != "" {
 							fmt.Fprintln(stderr, line)
 						}

@@ -22,7 +22,7 @@ import (
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
-	"github.com/tp-proxy/tp/internal/tpd"
+	"github.com/tp-proxy/tp/internal/version"
 )
 
 func main() {
@@ -58,7 +58,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(stderr, "Connecting to %s via %s (%s)\n", target, d.Server, tpd.Version)
+			fmt.Fprintf(stderr, "Connecting to %s via %s (%s)\n", target, d.Server, version.Version)
 			defer d.Close()
 			conn, err := d.DialContext(cmd.Context(), "tcp", target)
 			if err != nil {
@@ -73,7 +73,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		Use:   "version",
 		Short: "Print the version",
 		Args:  cobra.NoArgs,
-		Run:   func(*cobra.Command, []string) { fmt.Fprintln(stdout, "tp", tpd.Version) },
+		Run:   func(*cobra.Command, []string) { fmt.Fprintln(stdout, "tp", version.Version) },
 	})
 	root.SetArgs(args)
 	root.SetOut(stdout)
@@ -146,7 +146,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 			// One QUIC connection for all forwarded connections, re-established
 			// with backoff when it breaks (a server restart, a network change).
 			go d.Maintain(cmd.Context(), func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) })
-			fmt.Fprintf(stderr, "Forwarding %s to %s via %s (%s); Ctrl-C stops\n", ln.Addr(), args[1], d.Server, tpd.Version)
+			fmt.Fprintf(stderr, "Forwarding %s to %s via %s (%s); Ctrl-C stops\n", ln.Addr(), args[1], d.Server, version.Version)
 			f := &clients.Forwarder{
 				Dial:   d.DialContext,
 				Target: args[1],
@@ -174,7 +174,7 @@ func forwardUDP(ctx context.Context, d *clients.Dialer, listen, target string, i
 	defer d.Close()
 	d.CountDatagramDrops = true // no datagram discarded without a count
 	go d.Maintain(ctx, func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) })
-	fmt.Fprintf(stderr, "Forwarding UDP %s to %s via %s (%s); Ctrl-C stops\n", pc.LocalAddr(), target, d.Server, tpd.Version)
+	fmt.Fprintf(stderr, "Forwarding UDP %s to %s via %s (%s); Ctrl-C stops\n", pc.LocalAddr(), target, d.Server, version.Version)
 	f := &clients.UDPForwarder{
 		Dial:        d.DialContext,
 		Target:      target,

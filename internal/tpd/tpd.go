@@ -25,12 +25,13 @@ import (
 	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/users"
+	"github.com/tp-proxy/tp/internal/version"
 	"github.com/tp-proxy/tp/policy"
 	"github.com/tp-proxy/tp/proxy"
 )
 
 // Version is reported by the binaries and in tp's "Connecting …" line.
-const Version = "v0.1.0"
+const Version = version.Version
 
 // serverCertLifetime is the lifetime of tpd's own TLS certificate; it is renewed
 // in the background at two thirds of it.
