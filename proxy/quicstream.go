@@ -42,6 +42,12 @@ func quicCodeText(code uint64) string {
 		return "the server is shutting down"
 	case QUICCertExpired:
 		return "the client certificate expired"
+	case QUICRevoked:
+		return "the device, its user or its certificate was revoked"
+	case QUICPolicyChanged:
+		return "the policy no longer allows the session"
+	case QUICPeerReset:
+		return "the other end of the session reset it or failed"
 	default:
 		return fmt.Sprintf("error code %#x", code)
 	}
