@@ -110,17 +110,15 @@ func (p *tpProc) wantCutExit(t *testing.T, who string) {
 	}
 }
 
-// TestProxyCommandReportsDestinationReset: the destination sends 256 KiB and
-// resets. Bad input: the destination's RST. `tp HOST PORT` prints what came,
-// then exits non-zero naming the destination, over TLS and QUIC.
-func TestProxyCommandReportsDestinationReset(t *testing.T) {
-	srv := startServer(t, testPolicy)
-	env := srv.login(t, "alice", "laptop")
+// serveTCP runs a loopback TCP service that hands each connection to handle
+// (and closes it after), until the test ends; it returns the address.
+func serveTCP(t *testing.T, handle func(c net.Conn)) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	t.Cleanup(func() { ln.Close() })
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -129,18 +127,41 @@ func TestProxyCommandReportsDestinationReset(t *testing.T) {
 			}
 			go func() {
 				defer c.Close()
-				// Only once the session is up (the client's first byte): a reset
-				// during tpd's connect would be a failed dial, not a cut session.
-				c.SetDeadline(time.Now().Add(30 * time.Second))
-				if _, err := c.Read(make([]byte, 1)); err != nil {
-					return
-				}
-				c.Write(bytes.Repeat([]byte("d"), 256<<10))
-				c.(*net.TCPConn).SetLinger(0)
+				handle(c)
 			}()
 		}
 	}()
-	port := ln.Addr().(*net.TCPAddr).Port
+	return ln.Addr().String()
+}
+
+// streamForever writes to c until it fails.
+func streamForever(c net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		if _, err := c.Write(buf); err != nil {
+			return
+		}
+	}
+}
+
+// TestProxyCommandReportsDestinationReset: the destination sends 256 KiB and
+// resets. Bad input: the destination's RST. `tp HOST PORT` prints what came,
+// then exits non-zero naming the destination, over TLS and QUIC.
+func TestProxyCommandReportsDestinationReset(t *testing.T) {
+	srv := startServer(t, testPolicy)
+	env := srv.login(t, "alice", "laptop")
+	addr := serveTCP(t, func(c net.Conn) {
+		// Only once the session is up (the client's first byte): a reset during
+		// tpd's connect would be a failed dial, not a cut session.
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err != nil {
+			return
+		}
+		c.Write(bytes.Repeat([]byte("d"), 256<<10))
+		c.(*net.TCPConn).SetLinger(0)
+	})
+	_, ps, _ := net.SplitHostPort(addr)
+	port, _ := strconv.Atoi(ps)
 	for _, tr := range []string{clients.TransportTLS, clients.TransportQUIC} {
 		t.Run(tr, func(t *testing.T) {
 			p := startTP(t, append(env, "TP_TRANSPORT="+tr), "127.0.0.1", port)
@@ -165,31 +186,10 @@ func TestProxyCommandReportsAgentKilled(t *testing.T) {
 	srv := &server{DataDir: dataDir, Addr: p.addr, log: p.log}
 	alice := srv.login(t, "alice", "laptop")
 	bob := srv.login(t, "bob", "phone")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() { // a service that streams forever
-		buf := make([]byte, 32<<10)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				for {
-					if _, err := c.Write(buf); err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
+	stream := serveTCP(t, streamForever)
 	for _, tr := range []string{clients.TransportTLS, clients.TransportQUIC} {
 		t.Run(tr, func(t *testing.T) {
-			agent := startAgentProc(t, append(alice, "TP_TRANSPORT="+tr), "stream-"+tr, ln.Addr().String(), "--allow-user", "bob")
+			agent := startAgentProc(t, append(alice, "TP_TRANSPORT="+tr), "stream-"+tr, stream, "--allow-user", "bob")
 			agent.waitRegistered(t)
 			tp := startTP(t, append(bob, "TP_TRANSPORT="+tr), "stream-"+tr+".rev.tp.internal", 22)
 			tp.waitRead(t, 1<<20)
@@ -233,38 +233,24 @@ func transfersDuring(t *testing.T, srv *server, env []string, event func()) []tr
 	// machine); a long one sends the rest at 4 chunks a second, so that the long
 	// ones together stay a light load (3 MB/s) on a race-instrumented tpd.
 	release := make(chan struct{})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
+	dest := serveTCP(t, func(c net.Conn) {
+		var n [2]byte
+		if _, err := io.ReadFull(c, n[:]); err != nil {
+			return
+		}
+		chunks := int(n[0])<<8 | int(n[1])
+		for i := range chunks {
+			if _, err := c.Write(payload(i)); err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				var n [2]byte
-				if _, err := io.ReadFull(c, n[:]); err != nil {
-					return
-				}
-				chunks := int(n[0])<<8 | int(n[1])
-				for i := range chunks {
-					if _, err := c.Write(payload(i)); err != nil {
-						return
-					}
-					switch {
-					case chunks == shortTransfer && i == 0:
-						<-release
-					case chunks == longTransfer:
-						time.Sleep(250 * time.Millisecond) // pacing: the transfer outlasts the grace
-					}
-				}
-			}()
+			switch {
+			case chunks == shortTransfer && i == 0:
+				<-release
+			case chunks == longTransfer:
+				time.Sleep(250 * time.Millisecond) // pacing: the transfer outlasts the grace
+			}
 		}
-	}()
+	})
 
 	results := make(chan transfer, 100)
 	started := make(chan struct{}, 100)
@@ -291,7 +277,7 @@ func transfersDuring(t *testing.T, srv *server, env []string, event func()) []tr
 			d.Transport = r.transport
 			defer d.Close()
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+			c, err := d.DialContext(ctx, "tcp", dest)
 			cancel()
 			if err != nil {
 				r.err = err

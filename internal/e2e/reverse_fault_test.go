@@ -322,30 +322,9 @@ func TestReverseAgentKilledMidTransfer(t *testing.T) {
 	srv := &server{DataDir: dataDir, Addr: p.addr, log: p.log}
 	alice := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=tls")
 	bob := clientFor(t, srv.login(t, "bob", "phone"))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() { // a service that streams forever
-		buf := make([]byte, 32<<10)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				for {
-					if _, err := c.Write(buf); err != nil {
-						c.Close()
-						return
-					}
-				}
-			}()
-		}
-	}()
-	agent := startAgentProc(t, alice, "stream", ln.Addr().String(), "--public", strconv.Itoa(port),
-		"--also", "prot="+ln.Addr().String(), "--allow-user", "bob")
+	stream := serveTCP(t, streamForever)
+	agent := startAgentProc(t, alice, "stream", stream, "--public", strconv.Itoa(port),
+		"--also", "prot="+stream, "--allow-user", "bob")
 	agent.waitRegistered(t)
 
 	public, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
