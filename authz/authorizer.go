@@ -1,17 +1,13 @@
 package authz
 
 import (
-	"context"
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"slices"
 	"strconv"
 	"time"
-
-	"github.com/tp-proxy/tp/policy"
 )
 
 // Directory answers which groups a device's user has, and whether the device may
@@ -37,51 +33,25 @@ type revokedError struct{ reason string }
 func (e *revokedError) Error() string        { return e.reason }
 func (e *revokedError) Is(target error) bool { return target == ErrRevoked }
 
-// Evaluator evaluates a policy for one input document. *policy.Engine satisfies it.
-type Evaluator interface {
-	Eval(ctx context.Context, input map[string]any) (policy.Result, error)
-}
-
-var (
-	_ Evaluator  = (*policy.Engine)(nil)
-	_ Authorizer = (*Policy)(nil)
-)
-
-// Reasons Authorize gives when it denies without the policy's word.
-const (
-	ReasonPolicyFailed = "policy evaluation failed; the request was denied"
-)
-
-// Policy is TP's Authorizer: identities are checked against a deny list and a
-// directory, and requests are decided by a Rego policy. All fields but Logger are
-// required for anything to be allowed; a Policy missing them denies everything.
-type Policy struct {
-	Directory Directory
-	Evaluator Evaluator
-	DenyList  *DenyList // nil: nothing is deny-listed
-	Logger    *slog.Logger
-	// Decisions, when set, receives one line per decision (see policy.DecisionLog).
-	Decisions *policy.DecisionLog
-}
-
 // Verify turns a client certificate whose chain is already verified into a full
 // Identity: the device identity from the certificate (see [IdentityFromCert]),
-// checked against the deny list, plus the user's groups from the Directory. It is
+// checked against deny (nil: nothing is deny-listed), plus the user's groups
+// from dir. It is
 // meant for tls.Config.VerifyConnection and for re-checking live sessions. Errors
 // are written for the person holding the certificate; those about revoked or
 // unknown devices wrap ErrRevoked or ErrUnknownDevice.
-func (p *Policy) Verify(leaf *x509.Certificate) (Identity, error) {
+func Verify(leaf *x509.Certificate, deny *DenyList, dir Directory) (Identity, error) {
 	id, err := IdentityFromCert(leaf)
 	if err != nil {
 		return Identity{}, err
 	}
-	if reason, denied := p.DenyList.Denies(id); denied {
+	if reason, denied := deny.Denies(id); denied {
 		return Identity{}, &revokedError{reason}
 	}
-	if p.Directory == nil {
+	if dir == nil {
 		return Identity{}, fmt.Errorf("no device directory is configured, so %s cannot be checked; the connection was refused", id)
 	}
-	groups, err := p.Directory.Lookup(id.DeviceID)
+	groups, err := dir.Lookup(id.DeviceID)
 	if err != nil {
 		// The Directory's errors already name the device and say why.
 		return Identity{}, fmt.Errorf("connection refused: %w", err)
@@ -93,55 +63,6 @@ func (p *Policy) Verify(leaf *x509.Certificate) (Identity, error) {
 		id.Groups = []string{}
 	}
 	return id, nil
-}
-
-// Authorize decides req. The deny list and the certificate's expiry are checked
-// first, without asking the policy. A policy error returns a denial together with
-// the error, so callers that look only at the Decision still fail closed.
-func (p *Policy) Authorize(ctx context.Context, req Request) (Decision, error) {
-	if req.Time.IsZero() {
-		req.Time = time.Now()
-	}
-	input := Input(req)
-	d, res, err := p.decide(ctx, req, input)
-	if rerr := p.Decisions.Record(input, d.Allow, d.Reason, res, err); rerr != nil && p.Logger != nil {
-		p.Logger.Error("writing the decision log failed", "err", rerr)
-	}
-	return d, err
-}
-
-func (p *Policy) decide(ctx context.Context, req Request, input map[string]any) (Decision, policy.Result, error) {
-	if reason, denied := p.DenyList.Denies(req.Identity); denied {
-		return Decision{Allow: false, Reason: reason}, policy.Result{}, nil
-	}
-	if na := req.Identity.NotAfter; !na.IsZero() && req.Time.After(na) {
-		return Decision{
-			Allow:  false,
-			Reason: fmt.Sprintf("the certificate of %s expired at %s; run dlogin", req.Identity, na.UTC().Format(time.RFC3339)),
-		}, policy.Result{}, nil
-	}
-	if p.Evaluator == nil {
-		return Decision{Allow: false, Reason: ReasonPolicyFailed}, policy.Result{}, errors.New("authorize: no policy evaluator is configured")
-	}
-	res, err := p.Evaluator.Eval(ctx, input)
-	if err != nil {
-		return Decision{Allow: false, Reason: ReasonPolicyFailed}, res,
-			fmt.Errorf("authorize %s %s to %s: %w", req.Identity, req.Action, hostPort(req.Destination), err)
-	}
-	d := Decision{Allow: res.Allow, Reason: res.Reason}
-	if !d.Allow && d.Reason == "" {
-		d.Reason = fmt.Sprintf("policy does not allow %s to %s %s", req.Identity, req.Action, hostPort(req.Destination))
-	}
-	if l := p.Logger; l != nil && l.Enabled(ctx, slog.LevelDebug) {
-		l.LogAttrs(ctx, slog.LevelDebug, "policy decision",
-			slog.String("identity", req.Identity.DeviceID),
-			slog.String("action", req.Action),
-			slog.String("destination", hostPort(req.Destination)),
-			slog.Bool("allow", d.Allow),
-			slog.String("reason", d.Reason),
-			slog.String("revision", res.Revision))
-	}
-	return d, res, nil
 }
 
 func hostPort(d Destination) string {

@@ -79,7 +79,7 @@ type Daemon struct {
 	ca      *acme.CA
 	users   *users.Store
 	policy  *policy.Engine
-	authz   *authz.Policy
+	authz   *policy.Authorizer
 	proxy   *proxy.Server
 	cert    atomic.Pointer[tls.Certificate]
 	Created bool // the data dir was bootstrapped by New
@@ -131,7 +131,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if d.decisions, err = policy.OpenDecisionLog(cfg.DecisionLog); err != nil {
 		return nil, err
 	}
-	d.authz = &authz.Policy{Directory: d.users, Evaluator: d.policy, DenyList: denyList, Logger: log, Decisions: d.decisions}
+	d.authz = &policy.Authorizer{Directory: d.users, Evaluator: d.policy, DenyList: denyList, Logger: log, Decisions: d.decisions}
 	d.checked = authState{revision: d.policy.Revision(), users: d.users.Generation()}
 	d.kick = make(chan struct{}, 1)
 	if d.ca, err = acme.NewCA(d.pki, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names, ReverseZone: cfg.ReverseZone,

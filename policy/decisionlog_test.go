@@ -1,4 +1,4 @@
-package authz_test
+package policy_test
 
 import (
 	"bufio"
@@ -25,7 +25,7 @@ func TestDecisionLog(t *testing.T) {
 	e := loadPolicy(t, dbaPolicy)
 	deny := &authz.DenyList{}
 	deny.Add(authz.DenyUser, "mallory")
-	p := &authz.Policy{Directory: &mapDirectory{}, Evaluator: e, DenyList: deny, Decisions: dl}
+	p := &policy.Authorizer{Directory: &mapDirectory{}, Evaluator: e, DenyList: deny, Decisions: dl}
 	ctx := context.Background()
 	for _, req := range []authz.Request{
 		dial(identity("alice", "laptop", "dba"), "db.internal", 5432, "10.0.0.5"),
@@ -36,7 +36,7 @@ func TestDecisionLog(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	broken := &authz.Policy{Directory: &mapDirectory{}, Evaluator: loadPolicy(t, "package tp.authz\n\nallow := 1\n"), Decisions: dl}
+	broken := &policy.Authorizer{Directory: &mapDirectory{}, Evaluator: loadPolicy(t, "package tp.authz\n\nallow := 1\n"), Decisions: dl}
 	if _, err := broken.Authorize(ctx, dial(identity("alice", "laptop"), "x.example", 443, "93.184.215.14")); err == nil {
 		t.Fatal("a non-boolean allow did not fail")
 	}
@@ -73,7 +73,7 @@ func TestDecisionLog(t *testing.T) {
 		{"allow", "", e.Revision(), ""},
 		{"deny", "postgres is for the dba group", e.Revision(), ""},
 		{"deny", "access for user mallory has been revoked", "", ""},
-		{"deny", authz.ReasonPolicyFailed, "", "want a boolean"},
+		{"deny", policy.ReasonFailed, "", "want a boolean"},
 	}
 	for i, w := range want {
 		d := lines[i]

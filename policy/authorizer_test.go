@@ -1,4 +1,4 @@
-package authz_test
+package policy_test
 
 import (
 	"bytes"
@@ -44,7 +44,7 @@ var _ authz.Directory = (*mapDirectory)(nil)
 
 // countingEvaluator counts calls to the evaluator it wraps.
 type countingEvaluator struct {
-	authz.Evaluator
+	policy.Evaluator
 	calls atomic.Int64
 }
 
@@ -173,7 +173,7 @@ allow if {
 	abs(time.parse_rfc3339_ns(input.time) - time.now_ns()) < 60 * 1000000000
 }
 `)
-	p := &authz.Policy{Directory: &mapDirectory{}, Evaluator: e}
+	p := &policy.Authorizer{Directory: &mapDirectory{}, Evaluator: e}
 	d, err := p.Authorize(context.Background(), dial(identity("alice", "laptop", "dba"), "db.internal", 5432, "10.0.0.5"))
 	if err != nil {
 		t.Fatal(err)
@@ -192,7 +192,7 @@ func TestAuthorize(t *testing.T) {
 	deny.Add(authz.DenyDevice, "bob@stolen")
 	deny.Add(authz.DenySerial, "0A:BD")
 	var logs bytes.Buffer
-	p := &authz.Policy{
+	p := &policy.Authorizer{
 		Directory: &mapDirectory{},
 		Evaluator: ev,
 		DenyList:  deny,
@@ -251,20 +251,20 @@ func TestAuthorizeFailsClosed(t *testing.T) {
 
 	for _, tt := range []struct {
 		name string
-		ev   authz.Evaluator
+		ev   policy.Evaluator
 	}{
 		{"non-boolean allow", loadPolicy(t, "package tp.authz\n\nallow := \"yes\"\n")},
 		{"undefined allow", loadPolicy(t, "package tp.authz\n\nallow if input.action == \"listen\"\n")},
 		{"nil evaluator", nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			p := &authz.Policy{Directory: &mapDirectory{}, Evaluator: tt.ev}
+			p := &policy.Authorizer{Directory: &mapDirectory{}, Evaluator: tt.ev}
 			d, err := p.Authorize(ctx, req)
 			if err == nil {
 				t.Fatalf("no error; decision %+v", d)
 			}
-			if d.Allow || d.Reason != authz.ReasonPolicyFailed {
-				t.Errorf("decision %+v, want a denial with %q", d, authz.ReasonPolicyFailed)
+			if d.Allow || d.Reason != policy.ReasonFailed {
+				t.Errorf("decision %+v, want a denial with %q", d, policy.ReasonFailed)
 			}
 		})
 	}
@@ -272,7 +272,7 @@ func TestAuthorizeFailsClosed(t *testing.T) {
 	// A cancelled request context denies too.
 	cctx, cancel := context.WithCancel(ctx)
 	cancel()
-	p := &authz.Policy{Evaluator: loadPolicy(t, dbaPolicy)}
+	p := &policy.Authorizer{Evaluator: loadPolicy(t, dbaPolicy)}
 	if d, err := p.Authorize(cctx, req); err == nil || d.Allow {
 		t.Errorf("cancelled context: %+v, %v", d, err)
 	}
@@ -285,7 +285,7 @@ func TestVerify(t *testing.T) {
 		revoked: map[string]bool{"carol@gone": true},
 	}
 	deny := &authz.DenyList{}
-	p := &authz.Policy{Directory: dir, DenyList: deny}
+	p := &policy.Authorizer{Directory: dir, DenyList: deny}
 
 	alice := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{}).Leaf
 	id, err := p.Verify(alice)
@@ -341,7 +341,7 @@ func TestVerify(t *testing.T) {
 		t.Errorf("after removing deny entries: %v", err)
 	}
 
-	if _, err := (&authz.Policy{}).Verify(alice); err == nil {
+	if _, err := (&policy.Authorizer{}).Verify(alice); err == nil {
 		t.Error("a Policy without a Directory accepted a device")
 	}
 }
@@ -415,7 +415,7 @@ func BenchmarkAuthorize(b *testing.B) {
 		{"dba", dbaPolicy},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
-			p := &authz.Policy{Directory: &mapDirectory{}, Evaluator: loadPolicy(b, bc.src), DenyList: &authz.DenyList{}}
+			p := &policy.Authorizer{Directory: &mapDirectory{}, Evaluator: loadPolicy(b, bc.src), DenyList: &authz.DenyList{}}
 			req := dial(identity("bob", "pc", "dev", "dba"), "db.internal", 5432, "10.0.0.5")
 			req.Time = time.Now()
 			b.ReportAllocs()

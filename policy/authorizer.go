@@ -1,0 +1,100 @@
+package policy
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+)
+
+// Evaluator evaluates a policy for one input document. *Engine satisfies it.
+type Evaluator interface {
+	Eval(ctx context.Context, input map[string]any) (Result, error)
+}
+
+var (
+	_ Evaluator        = (*Engine)(nil)
+	_ authz.Authorizer = (*Authorizer)(nil)
+)
+
+// Reasons Authorize gives when it denies without the policy's word.
+const (
+	ReasonFailed = "policy evaluation failed; the request was denied"
+)
+
+// Authorizer is TP's [authz.Authorizer]: identities are checked against a deny
+// list and a directory, and requests are decided by a Rego policy. All fields but
+// Logger are required for anything to be allowed; an Authorizer missing them
+// denies everything.
+type Authorizer struct {
+	Directory authz.Directory
+	Evaluator Evaluator
+	DenyList  *authz.DenyList // nil: nothing is deny-listed
+	Logger    *slog.Logger
+	// Decisions, when set, receives one line per decision (see DecisionLog).
+	Decisions *DecisionLog
+}
+
+// Verify is [authz.Verify] with the Authorizer's deny list and directory.
+func (p *Authorizer) Verify(leaf *x509.Certificate) (authz.Identity, error) {
+	return authz.Verify(leaf, p.DenyList, p.Directory)
+}
+
+// Authorize decides req. The deny list and the certificate's expiry are checked
+// first, without asking the policy. A policy error returns a denial together with
+// the error, so callers that look only at the Decision still fail closed.
+func (p *Authorizer) Authorize(ctx context.Context, req authz.Request) (authz.Decision, error) {
+	if req.Time.IsZero() {
+		req.Time = time.Now()
+	}
+	input := authz.Input(req)
+	d, res, err := p.decide(ctx, req, input)
+	if rerr := p.Decisions.Record(input, d.Allow, d.Reason, res, err); rerr != nil && p.Logger != nil {
+		p.Logger.Error("writing the decision log failed", "err", rerr)
+	}
+	return d, err
+}
+
+func (p *Authorizer) decide(ctx context.Context, req authz.Request, input map[string]any) (authz.Decision, Result, error) {
+	if reason, denied := p.DenyList.Denies(req.Identity); denied {
+		return authz.Decision{Allow: false, Reason: reason}, Result{}, nil
+	}
+	if na := req.Identity.NotAfter; !na.IsZero() && req.Time.After(na) {
+		return authz.Decision{
+			Allow:  false,
+			Reason: fmt.Sprintf("the certificate of %s expired at %s; run dlogin", req.Identity, na.UTC().Format(time.RFC3339)),
+		}, Result{}, nil
+	}
+	if p.Evaluator == nil {
+		return authz.Decision{Allow: false, Reason: ReasonFailed}, Result{}, errors.New("authorize: no policy evaluator is configured")
+	}
+	res, err := p.Evaluator.Eval(ctx, input)
+	if err != nil {
+		return authz.Decision{Allow: false, Reason: ReasonFailed}, res,
+			fmt.Errorf("authorize %s %s to %s: %w", req.Identity, req.Action, hostPort(req.Destination), err)
+	}
+	d := authz.Decision{Allow: res.Allow, Reason: res.Reason}
+	if !d.Allow && d.Reason == "" {
+		d.Reason = fmt.Sprintf("policy does not allow %s to %s %s", req.Identity, req.Action, hostPort(req.Destination))
+	}
+	if l := p.Logger; l != nil && l.Enabled(ctx, slog.LevelDebug) {
+		l.LogAttrs(ctx, slog.LevelDebug, "policy decision",
+			slog.String("identity", req.Identity.DeviceID),
+			slog.String("action", req.Action),
+			slog.String("destination", hostPort(req.Destination)),
+			slog.Bool("allow", d.Allow),
+			slog.String("reason", d.Reason),
+			slog.String("revision", res.Revision))
+	}
+	return d, res, nil
+}
+
+func hostPort(d authz.Destination) string {
+	return net.JoinHostPort(d.Host, strconv.Itoa(d.Port))
+}
