@@ -24,6 +24,7 @@ import (
 	"github.com/smallstep/certificates/db"
 	"github.com/smallstep/nosql"
 	"github.com/smallstep/nosql/database"
+
 	"github.com/tp-proxy/tp/acme/login"
 )
 

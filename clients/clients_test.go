@@ -18,6 +18,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 type authorizerFunc func(ctx context.Context, req authz.Request) (authz.Decision, error)
@@ -139,22 +140,22 @@ func TestRefusedError(t *testing.T) {
 	d := startServer(t)
 	_, err := d.DialContext(context.Background(), "tcp", "127.0.0.1:9")
 	var re *clients.RefusedError
-	if !errors.As(err, &re) || re.Code != proxy.CodePolicyDenied || !errors.Is(err, authz.ErrPolicyDenied) {
+	if !errors.As(err, &re) || re.Code != wire.CodePolicyDenied || !errors.Is(err, authz.ErrPolicyDenied) {
 		t.Fatalf("err = %v; want a policy denial", err)
 	}
 	if err.Error() != "denied by policy: port 9 is closed to alice@laptop" {
 		t.Fatalf("message %q", err)
 	}
-	other := &clients.RefusedError{Code: proxy.CodeDialRefused, Reason: "cannot connect to db:5432"}
+	other := &clients.RefusedError{Code: wire.CodeDialRefused, Reason: "cannot connect to db:5432"}
 	if errors.Is(other, authz.ErrPolicyDenied) || !strings.Contains(other.Error(), "cannot connect to db:5432") {
 		t.Fatalf("dial_refused error: %q", other)
 	}
 	// A policy that could not be evaluated is still a refusal, and says whom to tell.
-	broken := &clients.RefusedError{Code: proxy.CodePolicyError, Reason: "policy evaluation failed"}
+	broken := &clients.RefusedError{Code: wire.CodePolicyError, Reason: "policy evaluation failed"}
 	if !errors.Is(broken, authz.ErrPolicyDenied) || !strings.Contains(broken.Error(), "administrator") {
 		t.Fatalf("policy_error: %q", broken)
 	}
-	self := &clients.RefusedError{Code: proxy.CodeSelfDial, Reason: "127.0.0.1:443 is this TP server"}
+	self := &clients.RefusedError{Code: wire.CodeSelfDial, Reason: "127.0.0.1:443 is this TP server"}
 	if !strings.Contains(self.Error(), "127.0.0.1:443 is this TP server") {
 		t.Fatalf("self_dial: %q", self)
 	}

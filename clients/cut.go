@@ -11,7 +11,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // whyTimeout bounds asking the server how a session was cut off.
@@ -22,7 +22,7 @@ const whyTimeout = 3 * time.Second
 // as a *CutError, which can ask the server who cut the session and why
 // (CutError.Explain): a cut is never reported as an ordinary end.
 type tunnel struct {
-	proxy.Stream
+	wire.Stream
 	d       *Dialer
 	session string
 }
@@ -35,10 +35,10 @@ func (t *tunnel) Read(p []byte) (int, error) {
 	switch {
 	case err == nil, errors.Is(err, os.ErrDeadlineExceeded): // a deadline of the caller's own is no cut
 	case errors.Is(err, io.EOF):
-		if proxy.Truncated(t.Stream) {
-			err = &CutError{Err: proxy.ErrTruncated, t: t}
+		if wire.Truncated(t.Stream) {
+			err = &CutError{Err: wire.ErrTruncated, t: t}
 		}
-	case !proxy.IsNormalEnd(err):
+	case !wire.IsNormalEnd(err):
 		err = &CutError{Err: err, t: t}
 	}
 	return n, err
@@ -46,7 +46,7 @@ func (t *tunnel) Read(p []byte) (int, error) {
 
 func (t *tunnel) Write(p []byte) (int, error) {
 	n, err := t.Stream.Write(p)
-	if err != nil && !proxy.IsNormalEnd(err) && !errors.Is(err, os.ErrDeadlineExceeded) {
+	if err != nil && !wire.IsNormalEnd(err) && !errors.Is(err, os.ErrDeadlineExceeded) {
 		err = &CutError{Err: err, t: t}
 	}
 	return n, err
@@ -56,9 +56,9 @@ func (t *tunnel) Write(p []byte) (int, error) {
 // what the client saw; after Explain it says who cut the session and why, as the
 // server answered.
 type CutError struct {
-	Err error             // what the client saw: a reset, a truncated TLS session
-	End *proxy.SessionEnd // the server's answer to "why", once Explain got one
-	why error             // why Explain got no answer
+	Err error            // what the client saw: a reset, a truncated TLS session
+	End *wire.SessionEnd // the server's answer to "why", once Explain got one
+	why error            // why Explain got no answer
 	t   *tunnel
 }
 
@@ -78,8 +78,8 @@ func (e *CutError) Error() string {
 		return fmt.Sprintf("the session was cut off by %s (%s): %s", who, e.End.Code, e.End.Reason)
 	}
 	msg := "the session through TP was cut off before its end: " + explainQUICErr(e.Err).Error()
-	if code, ok := proxy.StreamResetCode(e.Err); ok {
-		msg = fmt.Sprintf("the session was cut off by the TP server (%s): %s", proxy.EndName(code), resetText(code))
+	if code, ok := wire.StreamResetCode(e.Err); ok {
+		msg = fmt.Sprintf("the session was cut off by the TP server (%s): %s", wire.EndName(code), resetText(code))
 	}
 	if e.why != nil {
 		msg += " (the server could not say more: " + e.why.Error() + ")"
@@ -89,16 +89,16 @@ func (e *CutError) Error() string {
 
 // resetText says what a stream reset code means, for people.
 func resetText(code quic.ApplicationErrorCode) string {
-	switch proxy.EndName(code) {
-	case proxy.EndShutdown:
+	switch wire.EndName(code) {
+	case wire.EndShutdown:
 		return "the TP server is shutting down; reconnect"
-	case proxy.EndCertExpired:
+	case wire.EndCertExpired:
 		return "the client certificate expired; tp renews it on the next connection, or run dlogin"
-	case proxy.EndRevoked:
+	case wire.EndRevoked:
 		return "this device, its user or its certificate was revoked"
-	case proxy.EndPolicyChanged:
+	case wire.EndPolicyChanged:
 		return "the policy no longer allows this session"
-	case proxy.EndPeerReset:
+	case wire.EndPeerReset:
 		return "the other end (the destination, or the exposed service's agent) reset the connection"
 	}
 	return "the TP server failed"
@@ -117,7 +117,7 @@ func (e *CutError) Explain(ctx context.Context) {
 		// The server refuses an expired certificate, so it cannot be asked; but
 		// then the expiry is the answer.
 		if na, ok := e.t.d.certNotAfter(); ok && !time.Now().Before(na) {
-			e.End = &proxy.SessionEnd{Code: proxy.EndCertExpired, By: "server",
+			e.End = &wire.SessionEnd{Code: wire.EndCertExpired, By: "server",
 				Reason: "the client certificate expired at " + na.UTC().Format(time.RFC3339) + "; tp renews it on the next connection, or run dlogin"}
 		}
 	}
@@ -142,12 +142,12 @@ func ExplainCut(ctx context.Context, err error) error {
 
 // why asks the server how session was cut off: on the live QUIC connection when
 // there is one, else on a new TLS connection.
-func (d *Dialer) why(ctx context.Context, session string) (*proxy.SessionEnd, error) {
-	hello := proxy.ClientHello{V: proxy.Version, Op: proxy.OpWhy, Session: session}
-	var conn proxy.Stream
+func (d *Dialer) why(ctx context.Context, session string) (*wire.SessionEnd, error) {
+	hello := wire.ClientHello{V: wire.Version, Op: wire.OpWhy, Session: session}
+	var conn wire.Stream
 	if q := d.liveQUIC(); q != nil {
 		if str, err := q.OpenStreamSync(ctx); err == nil {
-			conn = &clientStream{proxy.NewQUICStream(q, str)}
+			conn = &clientStream{wire.NewQUICStream(q, str)}
 		}
 	}
 	if conn == nil && d.Transport != TransportQUIC {
@@ -167,7 +167,7 @@ func (d *Dialer) why(ctx context.Context, session string) (*proxy.SessionEnd, er
 	switch {
 	case err != nil:
 		return nil, err
-	case !sh.OK && sh.Code == proxy.CodeUnknownSession:
+	case !sh.OK && sh.Code == wire.CodeUnknownSession:
 		return nil, errors.New("it has no record of cutting this session: the network between cut it, or the server restarted")
 	case !sh.OK:
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}

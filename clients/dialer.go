@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // DefaultDialTimeout bounds a Dialer's setup when Dialer.Timeout is zero.
@@ -69,23 +69,23 @@ func (e *RefusedError) Error() string {
 		reason = "no reason given"
 	}
 	switch e.Code {
-	case proxy.CodePolicyDenied:
+	case wire.CodePolicyDenied:
 		return "denied by policy: " + reason
-	case proxy.CodeUnauthenticated:
+	case wire.CodeUnauthenticated:
 		return "the TP server did not accept the client certificate (" + reason + "); run dlogin"
-	case proxy.CodeResolveFailed, proxy.CodeDialRefused, proxy.CodeDialTimeout, proxy.CodeDialFailed:
+	case wire.CodeResolveFailed, wire.CodeDialRefused, wire.CodeDialTimeout, wire.CodeDialFailed:
 		return "the TP server could not reach the destination: " + reason
-	case proxy.CodePolicyError:
+	case wire.CodePolicyError:
 		return "denied: the TP server's policy could not be evaluated, so it refused to decide (" + reason + "); tell the TP administrator"
-	case proxy.CodeSelfDial:
+	case wire.CodeSelfDial:
 		return "refused: " + reason + " (the TP server does not connect to itself through itself)"
-	case proxy.CodeInternal:
+	case wire.CodeInternal:
 		return "the TP server failed internally: " + reason
-	case proxy.CodeReverseUnknown, proxy.CodeReverseOffline, proxy.CodeReverseTimeout, proxy.CodeReverseBusy:
+	case wire.CodeReverseUnknown, wire.CodeReverseOffline, wire.CodeReverseTimeout, wire.CodeReverseBusy:
 		return "the exposed service is not reachable: " + reason
 	case CodeAgentDenied:
 		return "refused by the exposed service's agent: " + reason
-	case proxy.CodeNameTaken:
+	case wire.CodeNameTaken:
 		return "name taken: " + reason
 	default:
 		return "the TP server refused the request (" + e.Code + "): " + reason
@@ -94,7 +94,7 @@ func (e *RefusedError) Error() string {
 
 // Unwrap lets errors.Is(err, authz.ErrPolicyDenied) recognise policy denials.
 func (e *RefusedError) Unwrap() error {
-	if e.Code == proxy.CodePolicyDenied || e.Code == proxy.CodePolicyError {
+	if e.Code == wire.CodePolicyDenied || e.Code == wire.CodePolicyError {
 		return authz.ErrPolicyDenied
 	}
 	return nil
@@ -102,9 +102,9 @@ func (e *RefusedError) Unwrap() error {
 
 // DialContext connects to addr (host:port) through the TP server. network must be
 // "tcp" ("tcp4" and "tcp6" are accepted and mean the same: the server picks the
-// address). The returned connection is a *tls.Conn or a *proxy.QUICStream; both
+// address). The returned connection is a *tls.Conn or a *wire.QUICStream; both
 // half-close with CloseWrite. Network "udp" ("udp4", "udp6") opens a UDP flow
-// instead: a *proxy.UDPFlow, a net.Conn that keeps datagram boundaries (udp.go).
+// instead: a *wire.UDPFlow, a net.Conn that keeps datagram boundaries (udp.go).
 // A refusal by the server is a *RefusedError.
 func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
 	netw := "tcp"
@@ -125,7 +125,7 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 			return nil, fmt.Errorf("tp dial %s: %w", addr, err)
 		}
 	}
-	hello := proxy.ClientHello{V: proxy.Version, Op: proxy.OpDial, Net: netw, Host: host, Port: port}
+	hello := wire.ClientHello{V: wire.Version, Op: wire.OpDial, Net: netw, Host: host, Port: port}
 	if err := hello.Validate(); err != nil {
 		return nil, fmt.Errorf("tp dial %s: %w", addr, err)
 	}
@@ -165,7 +165,7 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 	}
 	// EOFConn lets a cut (a TLS session that ends without close_notify) be told
 	// from a clean end.
-	conn := tls.Client(proxy.NewEOFConn(raw), cfg)
+	conn := tls.Client(wire.NewEOFConn(raw), cfg)
 	if err := conn.HandshakeContext(ctx); err != nil {
 		_ = raw.Close()
 		return nil, fmt.Errorf("TLS handshake with TP server %s: %w", d.Server, err)
@@ -175,7 +175,7 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 
 // request runs the hello exchange on conn (a TLS connection or a QUIC stream) and
 // returns conn once the server said ok. It closes conn on failure.
-func (d *Dialer) request(ctx context.Context, conn proxy.Stream, addr string, hello proxy.ClientHello) (net.Conn, error) {
+func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello) (net.Conn, error) {
 	// The hello exchange is bounded by ctx through the connection's deadline.
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	sh, err := exchange(conn, hello)
@@ -198,7 +198,7 @@ func (d *Dialer) request(ctx context.Context, conn proxy.Stream, addr string, he
 		}
 	}
 	if sh.Session != "" { // a dial: its failures say who cut it (cut.go)
-		return &tunnel{Stream: c.(proxy.Stream), d: d, session: sh.Session}, nil
+		return &tunnel{Stream: c.(wire.Stream), d: d, session: sh.Session}, nil
 	}
 	return c, nil
 }
@@ -209,13 +209,13 @@ type exchangeError struct{ error }
 
 func (e *exchangeError) Unwrap() error { return e.error }
 
-func exchange(conn net.Conn, hello proxy.ClientHello) (proxy.ServerHello, error) {
-	if err := proxy.WriteClientHello(conn, hello); err != nil {
-		return proxy.ServerHello{}, fmt.Errorf("sending client hello: %w", err)
+func exchange(conn net.Conn, hello wire.ClientHello) (wire.ServerHello, error) {
+	if err := wire.WriteClientHello(conn, hello); err != nil {
+		return wire.ServerHello{}, fmt.Errorf("sending client hello: %w", err)
 	}
-	sh, err := proxy.ReadServerHello(conn)
+	sh, err := wire.ReadServerHello(conn)
 	if err != nil {
-		return proxy.ServerHello{}, fmt.Errorf("reading server hello: %w", err)
+		return wire.ServerHello{}, fmt.Errorf("reading server hello: %w", err)
 	}
 	return sh, nil
 }
@@ -224,8 +224,8 @@ func exchange(conn net.Conn, hello proxy.ClientHello) (proxy.ServerHello, error)
 // alert: with TLS 1.3 the client's handshake completes before the server has
 // checked the client certificate, so a rejected certificate surfaces here.
 func explainHelloErr(err error) error {
-	var ce *proxy.QUICConnError
-	if _, reset := proxy.StreamResetCode(err); reset || errors.As(err, &ce) {
+	var ce *wire.QUICConnError
+	if _, reset := wire.StreamResetCode(err); reset || errors.As(err, &ce) {
 		return explainQUICErr(err)
 	}
 	if strings.Contains(err.Error(), "remote error: tls:") {
@@ -241,7 +241,7 @@ func (d *Dialer) tlsConfig() (*tls.Config, error) {
 	} else {
 		cfg = &tls.Config{}
 	}
-	cfg.NextProtos = []string{proxy.ALPN}
+	cfg.NextProtos = []string{wire.ALPN}
 	cfg.MinVersion = tls.VersionTLS13
 	cfg.MaxVersion = 0
 	if cfg.ServerName == "" {

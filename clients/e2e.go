@@ -10,7 +10,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // E2EALPN is the ALPN of the inner TLS session between a dialer and a protected
@@ -27,13 +27,13 @@ func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string) (net.
 	cfg.NextProtos = []string{E2EALPN}
 	cfg.MinVersion = tls.VersionTLS13
 	// EOFConn lets a cut of the inner session (no close_notify) be told from its end.
-	batch := &batchConn{Conn: proxy.NewEOFConn(conn)}
+	batch := &batchConn{Conn: wire.NewEOFConn(conn)}
 	tc := tls.Client(batch, cfg)
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	err := tc.HandshakeContext(ctx)
-	var sh proxy.ServerHello
+	var sh wire.ServerHello
 	if err == nil {
-		sh, err = proxy.ReadServerHello(tc)
+		sh, err = wire.ReadServerHello(tc)
 	}
 	if !stop() {
 		err = errors.Join(err, ctx.Err())

@@ -18,7 +18,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/authz"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // CodeAgentDenied is the refusal an agent sends inside the end-to-end TLS session
@@ -178,7 +178,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.Dialer.CountDatagramDrops = true // public UDP sessions take DATAGRAM frames
 	}
 	for _, e := range a.Exposed {
-		if err := proxy.ValidReverseName(e.Name); err != nil {
+		if err := wire.ValidReverseName(e.Name); err != nil {
 			return err
 		}
 		if _, _, err := net.SplitHostPort(e.Local); err != nil {
@@ -235,13 +235,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		wait := backoff/2 + rand.N(backoff)
 		var re *RefusedError
-		refused := errors.As(err, &re) && (re.Code == proxy.CodePolicyDenied || re.Code == proxy.CodeNameTaken)
+		refused := errors.As(err, &re) && (re.Code == wire.CodePolicyDenied || re.Code == wire.CodeNameTaken)
 		switch {
 		case !refused:
 			log.Warn("tp expose: control session ended; reconnecting", "err", err.Error(), "in", wait.Round(10*time.Millisecond))
-		case a.ExitOnRefusal, re.Code == proxy.CodeNameTaken && !held:
+		case a.ExitOnRefusal, re.Code == wire.CodeNameTaken && !held:
 			return err
-		case re.Code == proxy.CodeNameTaken:
+		case re.Code == wire.CodeNameTaken:
 			log.Warn("tp expose: another identity holds a name this agent held; retrying in case it is freed (tell the TP administrator if it is yours)",
 				"err", err.Error(), "in", wait.Round(10*time.Millisecond))
 		default:
@@ -264,8 +264,8 @@ func (a *Agent) log() *slog.Logger {
 	return slog.New(slog.DiscardHandler)
 }
 
-func (a *Agent) hello() proxy.ClientHello {
-	h := proxy.ClientHello{V: proxy.Version, Op: proxy.OpListen, Net: "tcp"}
+func (a *Agent) hello() wire.ClientHello {
+	h := wire.ClientHello{V: wire.Version, Op: wire.OpListen, Net: "tcp"}
 	for _, e := range a.Exposed {
 		h.Names = append(h.Names, e.Name)
 		network := "tcp"
@@ -274,7 +274,7 @@ func (a *Agent) hello() proxy.ClientHello {
 			h.UDP = append(h.UDP, e.Name)
 		}
 		if e.PublicPort != 0 || e.PublicSNI != "" {
-			h.Public = append(h.Public, proxy.PublicSpec{Name: e.Name, Net: network, Port: e.PublicPort, SNI: e.PublicSNI})
+			h.Public = append(h.Public, wire.PublicSpec{Name: e.Name, Net: network, Port: e.PublicPort, SNI: e.PublicSNI})
 		}
 	}
 	return h
@@ -292,13 +292,13 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	cctx, cancel := context.WithTimeout(ctx, timeout)
 	transport := d.Transport
 	var qconn *quic.Conn
-	var ctl proxy.Stream
+	var ctl wire.Stream
 	if transport != TransportTLS {
 		qconn, err = a.connectQUIC(cctx)
 		if err == nil {
 			var str *quic.Stream
 			if str, err = qconn.OpenStreamSync(cctx); err == nil {
-				ctl = &clientStream{proxy.NewQUICStream(qconn, str)}
+				ctl = &clientStream{wire.NewQUICStream(qconn, str)}
 			}
 		}
 		if err != nil && transport == TransportQUIC {
@@ -319,7 +319,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	}
 	defer func() {
 		if qconn != nil {
-			_ = qconn.CloseWithError(proxy.QUICNoError, "")
+			_ = qconn.CloseWithError(wire.QUICNoError, "")
 		}
 	}()
 	stop := context.AfterFunc(cctx, func() { _ = ctl.SetDeadline(time.Unix(1, 0)) })
@@ -335,8 +335,8 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 		_ = ctl.Close()
 		rerr := &RefusedError{Code: sh.Code, Reason: sh.Reason}
 		switch sh.Code {
-		case proxy.CodeReverseDisabled, proxy.CodeBadRequest, proxy.CodeUnknownOp, proxy.CodeUnauthenticated,
-			proxy.CodePublicRefused, proxy.CodeUnsupportedNetwork:
+		case wire.CodeReverseDisabled, wire.CodeBadRequest, wire.CodeUnknownOp, wire.CodeUnauthenticated,
+			wire.CodePublicRefused, wire.CodeUnsupportedNetwork:
 			return false, fatalError{rerr}
 		}
 		return false, rerr // Run decides about policy_denied and name_taken
@@ -364,7 +364,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	// Ctrl-C: tell the server to free the names now rather than hold them for the grace period.
 	stopUnreg := context.AfterFunc(ctx, func() {
 		_ = ctl.SetWriteDeadline(time.Now().Add(time.Second))
-		_ = proxy.WriteSessionHeader(ctl, proxy.SessionHeader{V: proxy.Version, End: "unregister"})
+		_ = wire.WriteSessionHeader(ctl, wire.SessionHeader{V: wire.Version, End: "unregister"})
 		_ = ctl.CloseWrite()
 		_ = ctl.SetReadDeadline(time.Now().Add(time.Second))
 	})
@@ -405,11 +405,11 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				st := &clientStream{proxy.NewQUICStream(qconn, str)}
+				st := &clientStream{wire.NewQUICStream(qconn, str)}
 				_ = st.SetReadDeadline(time.Now().Add(agentHandshakeTimeout))
-				hdr, err := proxy.ReadSessionHeader(st)
+				hdr, err := wire.ReadSessionHeader(st)
 				if err != nil {
-					st.Abort(proxy.QUICInternal)
+					st.Abort(wire.QUICInternal)
 					return
 				}
 				_ = st.SetReadDeadline(time.Time{})
@@ -420,7 +420,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	// TLS: sessions are announced on the control connection; each is accepted on
 	// a new TLS connection.
 	defer ctl.Close()
-	return true, a.readControl(ctl, func(hdr proxy.SessionHeader) {
+	return true, a.readControl(ctl, func(hdr wire.SessionHeader) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -431,20 +431,20 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 
 // readControl reads control frames until the control stream ends; pings bound the
 // silence on TLS (the server sends one every 15s).
-func (a *Agent) readControl(ctl proxy.Stream, announce func(proxy.SessionHeader)) error {
+func (a *Agent) readControl(ctl wire.Stream, announce func(wire.SessionHeader)) error {
 	for {
 		if announce != nil {
 			_ = ctl.SetReadDeadline(time.Now().Add(45 * time.Second))
 		}
-		hdr, err := proxy.ReadSessionHeader(ctl)
+		hdr, err := wire.ReadSessionHeader(ctl)
 		if err != nil {
 			return fmt.Errorf("control connection to %s ended: %w", a.Dialer.Server, err)
 		}
 		switch {
 		case hdr.End == "replaced":
 			return fatalError{fmt.Errorf("the TP server ended this agent: %s", hdr.Reason)}
-		case hdr.End == proxy.CodePolicyDenied: // retried: the policy may be fixed
-			return &RefusedError{Code: proxy.CodePolicyDenied, Reason: "the TP server's policy no longer allows these names: " + hdr.Reason}
+		case hdr.End == wire.CodePolicyDenied: // retried: the policy may be fixed
+			return &RefusedError{Code: wire.CodePolicyDenied, Reason: "the TP server's policy no longer allows these names: " + hdr.Reason}
 		case hdr.End != "":
 			return fmt.Errorf("the TP server ended the control session: %s", hdr.Reason)
 		case hdr.Session != "" && announce != nil:
@@ -453,20 +453,20 @@ func (a *Agent) readControl(ctl proxy.Stream, announce func(proxy.SessionHeader)
 	}
 }
 
-func (a *Agent) acceptTLS(ctx context.Context, hdr proxy.SessionHeader) {
+func (a *Agent) acceptTLS(ctx context.Context, hdr wire.SessionHeader) {
 	cctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
-	c, err := a.Dialer.requestTLS(cctx, "session "+hdr.Session, proxy.ClientHello{V: proxy.Version, Op: proxy.OpAccept, Session: hdr.Session})
+	c, err := a.Dialer.requestTLS(cctx, "session "+hdr.Session, wire.ClientHello{V: wire.Version, Op: wire.OpAccept, Session: hdr.Session})
 	if err != nil {
 		a.log().Warn("tp expose: cannot pick up a session", "name", hdr.Name, "err", err.Error())
 		return
 	}
-	a.serve(ctx, c.(proxy.Stream), hdr)
+	a.serve(ctx, c.(wire.Stream), hdr)
 }
 
 // serve runs one session: inner TLS with the dialer, identity checks, then the
 // local service. It never dials anything but the configured local address.
-func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHeader) {
+func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeader) {
 	start := time.Now()
 	log := a.log().With("name", hdr.Name, "peer", hdr.PeerID)
 	var local string
@@ -502,7 +502,7 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 		conn = a.WrapData(st)
 	}
 	// EOFConn lets a cut of the dialer's side (no close_notify) be told from its end.
-	batch := &batchConn{Conn: proxy.NewEOFConn(conn)}
+	batch := &batchConn{Conn: wire.NewEOFConn(conn)}
 	tc := tls.Server(batch, a.inner)
 	hctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
@@ -513,7 +513,7 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 	}
 	refuse := func(code, reason string) {
 		_ = tc.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		_ = proxy.WriteServerHello(tc, proxy.ServerHello{V: proxy.Version, Code: code, Reason: reason})
+		_ = wire.WriteServerHello(tc, wire.ServerHello{V: wire.Version, Code: code, Reason: reason})
 		_ = tc.Close()
 		log.Warn("tp expose: session refused", "code", code, "reason", reason)
 	}
@@ -530,16 +530,16 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 	id, err := authz.IdentityFromCert(cs.PeerCertificates[0])
 	switch {
 	case !strings.EqualFold(cs.ServerName, full):
-		refuse(proxy.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full))
+		refuse(wire.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full))
 		return
 	case chainErr != nil:
-		refuse(proxy.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error())
+		refuse(wire.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error())
 		return
 	case err != nil:
-		refuse(proxy.CodeUnauthenticated, "the device certificate carries no TP identity: "+err.Error())
+		refuse(wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+err.Error())
 		return
 	case id.DeviceID != hdr.PeerID:
-		refuse(proxy.CodeUnauthenticated, fmt.Sprintf("the certificate is for %s but the TP server announced %s", id.DeviceID, hdr.PeerID))
+		refuse(wire.CodeUnauthenticated, fmt.Sprintf("the certificate is for %s but the TP server announced %s", id.DeviceID, hdr.PeerID))
 		return
 	case !a.allowed(id.User, hdr.PeerGroups):
 		refuse(CodeAgentDenied, fmt.Sprintf("%s is not allowed by the agent of %s (allowed users: %s; groups: %s)",
@@ -555,21 +555,21 @@ func (a *Agent) serve(ctx context.Context, st proxy.Stream, hdr proxy.SessionHea
 	upstream, err := nd.DialContext(dctx, network, local)
 	dcancel()
 	if err != nil {
-		refuse(proxy.CodeDialFailed, fmt.Sprintf("the agent of %s cannot reach its local service: %v", full, err))
+		refuse(wire.CodeDialFailed, fmt.Sprintf("the agent of %s cannot reach its local service: %v", full, err))
 		return
 	}
 	_ = tc.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	if err := proxy.WriteServerHello(tc, proxy.ServerHello{V: proxy.Version, OK: true}); err != nil {
+	if err := wire.WriteServerHello(tc, wire.ServerHello{V: wire.Version, OK: true}); err != nil {
 		_ = tc.Close()
 		_ = upstream.Close()
 		return
 	}
 	_ = tc.SetWriteDeadline(time.Time{})
 	if udp { // datagrams as capsules inside the end-to-end TLS session
-		a.relayUDP(ctx, proxy.NewCapsuleFlow(tc), upstream, local, start, log)
+		a.relayUDP(ctx, wire.NewCapsuleFlow(tc, 0), upstream, local, start, log)
 		return
 	}
-	up, down, err := proxy.Bridge(ctx, newBatchedTLS(tc, batch), upstream)
+	up, down, err := wire.Bridge(ctx, newBatchedTLS(tc, batch), upstream)
 	end := "closed"
 	if err != nil {
 		end = err.Error()
@@ -622,10 +622,10 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		MaxIdleTimeout:                 idle,
 		MaxIncomingStreams:             1000, // concurrent sessions
 		MaxIncomingUniStreams:          -1,
-		InitialStreamReceiveWindow:     proxy.QUICInitialStreamWindow,
-		MaxStreamReceiveWindow:         proxy.QUICMaxStreamWindow,
-		InitialConnectionReceiveWindow: proxy.QUICInitialConnWindow,
-		MaxConnectionReceiveWindow:     proxy.QUICMaxConnWindow,
+		InitialStreamReceiveWindow:     wire.QUICInitialStreamWindow,
+		MaxStreamReceiveWindow:         wire.QUICMaxStreamWindow,
+		InitialConnectionReceiveWindow: wire.QUICInitialConnWindow,
+		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 		EnableDatagrams:                true, // public UDP sessions (exposeudp.go)
 		Tracer:                         d.dropTracer(),
 	})

@@ -7,7 +7,7 @@ import (
 	"net"
 	"time"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // public reports whether e is exposed in public mode.
@@ -18,19 +18,19 @@ func (e Exposed) public() bool { return e.PublicPort != 0 || e.PublicSNI != "" }
 // to the local service, the only address it ever dials, after terminating the
 // client's TLS when e.TLS is set. A cut on either side resets the other (Bridge),
 // so an error is never passed on as a clean end.
-func (a *Agent) servePublic(ctx context.Context, st proxy.Stream, hdr proxy.SessionHeader, e Exposed, log *slog.Logger) {
+func (a *Agent) servePublic(ctx context.Context, st wire.Stream, hdr wire.SessionHeader, e Exposed, log *slog.Logger) {
 	start := time.Now()
 	if hdr.PeerAddr != "" {
 		log = log.With("public_client", hdr.PeerAddr, "via", hdr.Public)
 	}
-	var conn proxy.Stream = st
+	var conn wire.Stream = st
 	if a.WrapData != nil {
-		if w, ok := a.WrapData(st).(proxy.Stream); ok {
+		if w, ok := a.WrapData(st).(wire.Stream); ok {
 			conn = w
 		}
 	}
 	if e.TLS != nil {
-		tc := tls.Server(proxy.NewEOFConn(conn), e.TLS) // EOFConn: tell a cut client from a clean end
+		tc := tls.Server(wire.NewEOFConn(conn), e.TLS) // EOFConn: tell a cut client from a clean end
 		hctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 		err := tc.HandshakeContext(hctx)
 		cancel()
@@ -46,11 +46,11 @@ func (a *Agent) servePublic(ctx context.Context, st proxy.Stream, hdr proxy.Sess
 	local, err := nd.DialContext(dctx, "tcp", e.Local)
 	dcancel()
 	if err != nil {
-		proxy.Abort(conn, proxy.QUICPeerReset)
+		wire.Abort(conn, wire.QUICPeerReset)
 		log.Warn("tp expose: cannot reach the local service; session reset", "local", e.Local, "err", err.Error())
 		return
 	}
-	up, down, err := proxy.Bridge(ctx, conn, local)
+	up, down, err := wire.Bridge(ctx, conn, local)
 	end := "closed"
 	if err != nil {
 		end = err.Error()

@@ -6,7 +6,7 @@ import (
 	"net"
 	"time"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // servePublicUDP runs one session of a name whose UDP service is exposed
@@ -14,12 +14,12 @@ import (
 // or a TP client that dialed the name with net "udp". Datagrams arrive as
 // capsules on st and, over QUIC when the server named a flow id, in DATAGRAM
 // frames too. The agent dials only e.Local.
-func (a *Agent) servePublicUDP(ctx context.Context, st proxy.Stream, hdr proxy.SessionHeader, e Exposed, log *slog.Logger) {
+func (a *Agent) servePublicUDP(ctx context.Context, st wire.Stream, hdr wire.SessionHeader, e Exposed, log *slog.Logger) {
 	start := time.Now()
 	if hdr.PeerAddr != "" {
 		log = log.With("public_client", hdr.PeerAddr, "via", hdr.Public)
 	}
-	flow, err := proxy.NewUDPFlow(st, 0, nil)
+	flow, err := wire.NewUDPFlow(st, 0, nil)
 	if err == nil {
 		err = flow.UseFlowID(hdr.Flow)
 	}
@@ -46,9 +46,9 @@ func (a *Agent) servePublicUDP(ctx context.Context, st proxy.Stream, hdr proxy.S
 
 // relayUDP relays a started or new flow to the connected local UDP socket until
 // the session ends, and logs it.
-func (a *Agent) relayUDP(ctx context.Context, flow *proxy.UDPFlow, local net.Conn, addr string, start time.Time, log *slog.Logger) {
+func (a *Agent) relayUDP(ctx context.Context, flow *wire.UDPFlow, local net.Conn, addr string, start time.Time, log *slog.Logger) {
 	flow.Start()
-	end := proxy.RelayUDP(ctx, flow, local, a.UDPIdle)
+	end := wire.RelayUDP(ctx, flow, local, a.UDPIdle).End
 	st := flow.Stats()
 	attrs := []any{"local", addr, "datagrams_in", st.DatagramsIn, "datagrams_out", st.DatagramsOut,
 		"bytes_in", st.BytesIn, "bytes_out", st.BytesOut, "duration", time.Since(start), "end", end}

@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Forwarder accepts local connections and carries each one to Target through Dial,
@@ -72,7 +72,7 @@ func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Con
 	}
 	// A cut on either side resets the other: the local client sees a reset, never
 	// a clean end after partial data.
-	up, down, err := proxy.Bridge(ctx, local, remote)
+	up, down, err := wire.Bridge(ctx, local, remote)
 	end := "closed"
 	if err != nil {
 		end = ExplainCut(ctx, err).Error()

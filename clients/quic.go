@@ -13,7 +13,7 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/qlogwriter"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Transports a Dialer can use.
@@ -47,7 +47,7 @@ type quicState struct {
 	// tlsUntil: TLS won a race; auto skips QUIC until then (also without a Cache).
 	tlsUntil time.Time
 	// drops counts DATAGRAM frames quic-go discarded with its receive queue full.
-	drops proxy.DatagramDropCounter
+	drops wire.DatagramDropCounter
 	// headStartTimer, when set, replaces the head start's timer in race: a test
 	// decides when the head start is over.
 	headStartTimer func(time.Duration) <-chan time.Time
@@ -65,7 +65,7 @@ func (d *Dialer) Close() error {
 	defer q.mu.Unlock()
 	q.closed = true
 	if q.conn != nil {
-		_ = q.conn.CloseWithError(proxy.QUICNoError, "")
+		_ = q.conn.CloseWithError(wire.QUICNoError, "")
 		q.conn = nil
 	}
 	if q.tr != nil {
@@ -131,7 +131,7 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 		if err == nil {
 			if q.closed {
 				q.mu.Unlock()
-				_ = c.CloseWithError(proxy.QUICNoError, "")
+				_ = c.CloseWithError(wire.QUICNoError, "")
 				return nil, ErrDialerClosed
 			}
 			q.conn = c
@@ -184,10 +184,10 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		MaxIdleTimeout:                 idle,
 		MaxIncomingStreams:             -1, // the server opens no streams
 		MaxIncomingUniStreams:          -1,
-		InitialStreamReceiveWindow:     proxy.QUICInitialStreamWindow,
-		MaxStreamReceiveWindow:         proxy.QUICMaxStreamWindow,
-		InitialConnectionReceiveWindow: proxy.QUICInitialConnWindow,
-		MaxConnectionReceiveWindow:     proxy.QUICMaxConnWindow,
+		InitialStreamReceiveWindow:     wire.QUICInitialStreamWindow,
+		MaxStreamReceiveWindow:         wire.QUICMaxStreamWindow,
+		InitialConnectionReceiveWindow: wire.QUICInitialConnWindow,
+		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 		EnableDatagrams:                true, // UDP flows (udp.go)
 		Tracer:                         d.dropTracer(),
 	})
@@ -220,7 +220,7 @@ func (d *Dialer) transport() (*quic.Transport, error) {
 
 // dialQUIC runs one request on a new stream of the shared connection. If the
 // connection turns out to be dead (the server restarted), it reconnects once.
-func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello proxy.ClientHello) (net.Conn, error) {
+func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, error) {
 	for attempt := 0; ; attempt++ {
 		conn, err := d.quicConn(ctx)
 		if err != nil {
@@ -234,7 +234,7 @@ func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello proxy.ClientHe
 	}
 }
 
-func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, hello proxy.ClientHello) (net.Conn, error) {
+func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, hello wire.ClientHello) (net.Conn, error) {
 	str, err := conn.OpenStreamSync(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -243,7 +243,7 @@ func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, 
 		return nil, fmt.Errorf("tp dial %s via %s: %w", addr, d.quicAddr(), explainQUICErr(err))
 	}
 	// request writes the hello at once: the server sees a stream only once it carries data.
-	c, err := d.request(ctx, &clientStream{proxy.NewQUICStream(conn, str)}, addr, hello)
+	c, err := d.request(ctx, &clientStream{wire.NewQUICStream(conn, str)}, addr, hello)
 	if err != nil {
 		return nil, err
 	}
@@ -252,7 +252,7 @@ func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, 
 
 // dialAuto uses a live QUIC connection when there is one, TLS when the cache says
 // QUIC failed recently for this server, and otherwise races the two.
-func (d *Dialer) dialAuto(ctx context.Context, addr string, hello proxy.ClientHello) (net.Conn, error) {
+func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, error) {
 	if conn := d.liveQUIC(); conn != nil {
 		if c, err := d.requestQUIC(ctx, conn, addr, hello); !connLost(conn, err) {
 			return c, err
@@ -376,7 +376,7 @@ func connLost(conn *quic.Conn, err error) bool {
 	if conn.Context().Err() != nil {
 		return true
 	}
-	var ce *proxy.QUICConnError
+	var ce *wire.QUICConnError
 	var ae *quic.ApplicationError
 	var te *quic.TransportError
 	if !errors.As(err, &ce) && !errors.As(err, &ae) && !errors.As(err, &te) &&
@@ -391,7 +391,7 @@ func connLost(conn *quic.Conn, err error) bool {
 }
 
 // clientStream reports a broken QUIC connection from the client's point of view.
-type clientStream struct{ *proxy.QUICStream }
+type clientStream struct{ *wire.QUICStream }
 
 func (c *clientStream) Read(p []byte) (int, error) {
 	n, err := c.QUICStream.Read(p)
@@ -404,7 +404,7 @@ func (c *clientStream) Write(p []byte) (int, error) {
 }
 
 func clientSideErr(err error) error {
-	var ce *proxy.QUICConnError
+	var ce *wire.QUICConnError
 	if err != nil && errors.As(err, &ce) {
 		// Keep ce in the chain, not quic-go's error: that one unwraps to
 		// net.ErrClosed and would make the break look like an ordinary end.
@@ -425,15 +425,15 @@ func (e *explainedErr) Unwrap() error { return e.err }
 func explainQUICErr(err error) error {
 	var ae *quic.ApplicationError
 	var te *quic.TransportError
-	var ce *proxy.QUICConnError
+	var ce *wire.QUICConnError
 	switch {
 	case errors.As(err, &ce):
 		return explainQUICErr(ce.Err)
-	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == proxy.QUICShutdown:
+	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICShutdown:
 		return fmt.Errorf("the TP server is shutting down or restarting (%w)", err)
-	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == proxy.QUICCertExpired:
+	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICCertExpired:
 		return fmt.Errorf("the client certificate expired; tp renews it on the next connection, or run dlogin (%w)", err)
-	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == proxy.QUICRefused:
+	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICRefused:
 		return fmt.Errorf("the TP server is busy and refused the connection; try again (%w)", err)
 	case errors.As(err, &te) && te.ErrorCode.IsCryptoError():
 		return fmt.Errorf("the server rejected the TLS session, most likely the client certificate (expired, from another CA, or not for client authentication; run dlogin): %w", err)
@@ -444,7 +444,7 @@ func explainQUICErr(err error) error {
 	case errors.As(err, new(*quic.HandshakeTimeoutError)):
 		return fmt.Errorf("no QUIC answer from the TP server (is UDP blocked on this network? --transport tls avoids QUIC): %w", err)
 	}
-	if code, ok := proxy.StreamResetCode(err); ok && code == proxy.QUICRefused {
+	if code, ok := wire.StreamResetCode(err); ok && code == wire.QUICRefused {
 		return fmt.Errorf("the TP server is at its limit of concurrent requests and refused this one; try again: %w", err)
 	}
 	return err

@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Over TLS every session needs its own TLS connection to the TP server: a TCP
@@ -106,7 +106,7 @@ func (d *Dialer) closeSpare() {
 // spare that says nothing about the request (the server closed the idle
 // connection, or answered hello_timeout because it waited longer than its
 // hello timeout) is retried once on a new connection.
-func (d *Dialer) requestTLS(ctx context.Context, addr string, hello proxy.ClientHello) (net.Conn, error) {
+func (d *Dialer) requestTLS(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, error) {
 	conn, spare, err := d.sessionTLS(ctx)
 	if err != nil {
 		return nil, err
@@ -114,7 +114,7 @@ func (d *Dialer) requestTLS(ctx context.Context, addr string, hello proxy.Client
 	c, err := d.request(ctx, conn, addr, hello)
 	var xe *exchangeError
 	var re *RefusedError
-	if spare && ctx.Err() == nil && (errors.As(err, &xe) || errors.As(err, &re) && re.Code == proxy.CodeHelloTimeout) {
+	if spare && ctx.Err() == nil && (errors.As(err, &xe) || errors.As(err, &re) && re.Code == wire.CodeHelloTimeout) {
 		if conn, err = d.connectTLS(ctx); err != nil {
 			return nil, err
 		}

@@ -12,6 +12,7 @@ import (
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 type allowAll struct{}
@@ -115,7 +116,7 @@ func TestSpareTLSUsedInBurst(t *testing.T) {
 	}
 	echoOnce(t, d, echo) // the second dial within spareWindow starts a burst
 	sp := waitSpare(t, d)
-	if c := echoOnce(t, d, echo); c.(*tunnel).Stream != proxy.Stream(sp) {
+	if c := echoOnce(t, d, echo); c.(*tunnel).Stream != wire.Stream(sp) {
 		t.Fatal("the dial did not use the spare connection")
 	}
 	waitSpare(t, d)

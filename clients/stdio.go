@@ -8,7 +8,7 @@ import (
 	"net"
 	"time"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Stdio bridges conn to a process's standard streams, as ssh's ProxyCommand needs:
@@ -20,9 +20,9 @@ import (
 // Only a clean end returns nil. A session cut off on the way (a reset, a QUIC stream
 // reset, a TLS session without close_notify) returns an error that says who cut it
 // and why, as the TP server answered (CutError); when in or out fails, or ctx ends,
-// conn is aborted (proxy.Abort) rather than closed, so the far side sees the cut too.
+// conn is aborted (wire.Abort) rather than closed, so the far side sees the cut too.
 func Stdio(ctx context.Context, conn net.Conn, in io.Reader, out io.Writer) error {
-	stop := context.AfterFunc(ctx, func() { proxy.Abort(conn, proxy.AbortCode(context.Cause(ctx))) })
+	stop := context.AfterFunc(ctx, func() { wire.Abort(conn, wire.AbortCode(context.Cause(ctx))) })
 	defer stop()
 	defer conn.Close()
 
@@ -35,7 +35,7 @@ func Stdio(ctx context.Context, conn net.Conn, in io.Reader, out io.Writer) erro
 		case errors.As(err, &ce) || errors.Is(err, net.ErrClosed):
 			return // the session was cut (conn→out sees it too), or it is over
 		case err != nil: // reading in failed: the upload is incomplete
-			proxy.Abort(conn, proxy.QUICPeerReset)
+			wire.Abort(conn, wire.QUICPeerReset)
 			return
 		}
 		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
@@ -49,7 +49,7 @@ func Stdio(ctx context.Context, conn net.Conn, in io.Reader, out io.Writer) erro
 	}
 	switch {
 	case werr != nil: // the reader of out went away before the end
-		proxy.Abort(conn, proxy.QUICPeerReset)
+		wire.Abort(conn, wire.QUICPeerReset)
 		return fmt.Errorf("writing the session's data to standard output: %w", werr)
 	case rerr == nil:
 		// The far side ended its direction cleanly; ours may still be sending
@@ -60,7 +60,7 @@ func Stdio(ctx context.Context, conn net.Conn, in io.Reader, out io.Writer) erro
 		select {
 		case <-uploaded:
 		case <-time.After(uploadGrace):
-			proxy.Abort(conn, proxy.QUICPeerReset)
+			wire.Abort(conn, wire.QUICPeerReset)
 		case <-ctx.Done():
 			return context.Cause(ctx)
 		}

@@ -10,13 +10,13 @@ import (
 
 	"github.com/quic-go/quic-go"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // dialUDP opens a UDP flow to addr: a stream on the shared QUIC connection (with
 // QUIC datagrams when the connection has them) or a new TLS connection, chosen as
-// for TCP dials. The result is a *proxy.UDPFlow.
-func (d *Dialer) dialUDP(ctx context.Context, addr string, hello proxy.ClientHello) (net.Conn, error) {
+// for TCP dials. The result is a *wire.UDPFlow.
+func (d *Dialer) dialUDP(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, error) {
 	switch d.Transport {
 	case TransportAuto, "":
 		if conn := d.liveQUIC(); conn != nil {
@@ -63,7 +63,7 @@ func (d *Dialer) dialUDP(ctx context.Context, addr string, hello proxy.ClientHel
 	}
 }
 
-func (d *Dialer) udpOnTLS(ctx context.Context, addr string, hello proxy.ClientHello, conn *tls.Conn) (net.Conn, error) {
+func (d *Dialer) udpOnTLS(ctx context.Context, addr string, hello wire.ClientHello, conn *tls.Conn) (net.Conn, error) {
 	if conn == nil {
 		var err error
 		if conn, err = d.connectTLS(ctx); err != nil {
@@ -73,7 +73,7 @@ func (d *Dialer) udpOnTLS(ctx context.Context, addr string, hello proxy.ClientHe
 	return d.udpRequest(ctx, conn, addr, hello)
 }
 
-func (d *Dialer) udpOnQUIC(ctx context.Context, conn *quic.Conn, addr string, hello proxy.ClientHello) (net.Conn, error) {
+func (d *Dialer) udpOnQUIC(ctx context.Context, conn *quic.Conn, addr string, hello wire.ClientHello) (net.Conn, error) {
 	str, err := conn.OpenStreamSync(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -81,13 +81,13 @@ func (d *Dialer) udpOnQUIC(ctx context.Context, conn *quic.Conn, addr string, he
 		}
 		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.quicAddr(), explainQUICErr(err))
 	}
-	return d.udpRequest(ctx, &clientStream{proxy.NewQUICStream(conn, str)}, addr, hello)
+	return d.udpRequest(ctx, &clientStream{wire.NewQUICStream(conn, str)}, addr, hello)
 }
 
 // udpRequest registers the flow (so that no datagram the server sends right after
 // its ok is lost), runs the hello exchange and starts the flow.
-func (d *Dialer) udpRequest(ctx context.Context, conn proxy.Stream, addr string, hello proxy.ClientHello) (net.Conn, error) {
-	flow, err := proxy.NewUDPFlow(conn, 0, nil)
+func (d *Dialer) udpRequest(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello) (net.Conn, error) {
+	flow, err := wire.NewUDPFlow(conn, 0, nil)
 	if err != nil {
 		_ = conn.Close()
 		return nil, fmt.Errorf("tp dial udp %s: %w", addr, err)
@@ -117,7 +117,7 @@ func (d *Dialer) udpRequest(ctx context.Context, conn proxy.Stream, addr string,
 		if err != nil {
 			return nil, err
 		}
-		flow = proxy.NewCapsuleFlow(inner.(proxy.Stream))
+		flow = wire.NewCapsuleFlow(inner.(wire.Stream), 0)
 	}
 	flow.Start()
 	return flow, nil

@@ -10,7 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // UDPForwarder receives datagrams on a local socket and carries them to Target
@@ -109,7 +109,7 @@ func (f *UDPForwarder) Serve(ctx context.Context, pc net.PacketConn) error {
 		}
 	}()
 
-	buf := make([]byte, proxy.MaxDatagramSize)
+	buf := make([]byte, wire.MaxDatagramSize)
 	for {
 		n, src, err := pc.ReadFrom(buf)
 		if err != nil {
@@ -185,9 +185,9 @@ func (f *UDPForwarder) runFlow(ctx context.Context, log *slog.Logger, pc net.Pac
 		f.dropped.Add(int64(len(e.q)))
 		return
 	}
-	flow, _ := conn.(*proxy.UDPFlow)
+	flow, _ := conn.(*wire.UDPFlow)
 	if flow != nil {
-		flow.OnReport(func(r proxy.UDPReport) {
+		flow.OnReport(func(r wire.UDPReport) {
 			log.Warn("udp: the TP server dropped datagrams of this flow", append(attrs,
 				"too_large", r.TooLarge, "largest", r.Largest, "queue_full", r.QueueFull)...)
 		})
@@ -198,7 +198,7 @@ func (f *UDPForwarder) runFlow(ctx context.Context, log *slog.Logger, pc net.Pac
 			select {
 			case d := <-e.q:
 				if _, err := conn.Write(d); err != nil {
-					if errors.Is(err, proxy.ErrDatagramTooLarge) {
+					if errors.Is(err, wire.ErrDatagramTooLarge) {
 						f.dropped.Add(1)
 						continue // counted by the flow and reported to the server
 					}
@@ -212,7 +212,7 @@ func (f *UDPForwarder) runFlow(ctx context.Context, log *slog.Logger, pc net.Pac
 		}
 	}()
 	go func() { // TP → local source
-		buf := make([]byte, proxy.MaxDatagramSize)
+		buf := make([]byte, wire.MaxDatagramSize)
 		for {
 			n, err := conn.Read(buf)
 			if err != nil {
@@ -235,7 +235,7 @@ func (f *UDPForwarder) runFlow(ctx context.Context, log *slog.Logger, pc net.Pac
 		end = err.Error()
 	case errors.Is(err, context.Canceled):
 		end = "forwarder stopped"
-	case err != nil && !proxy.IsNormalEnd(err):
+	case err != nil && !wire.IsNormalEnd(err):
 		end = err.Error()
 	default:
 		end = "ended by the TP server"

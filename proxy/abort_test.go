@@ -19,6 +19,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // destination starts a TCP server on loopback that runs serve for each connection.
@@ -99,11 +100,11 @@ func TestAbortDestinationResetReachesClient(t *testing.T) {
 			if !errors.As(err, &ce) {
 				t.Fatalf("read error %v (%T); want a *clients.CutError", err, err)
 			}
-			if code, ok := proxy.StreamResetCode(err); tr == clients.TransportQUIC && (!ok || code != proxy.QUICPeerReset) {
+			if code, ok := wire.StreamResetCode(err); tr == clients.TransportQUIC && (!ok || code != wire.QUICPeerReset) {
 				t.Errorf("QUIC stream reset code %v (reset %v); want peer_reset", code, ok)
 			}
 			clients.ExplainCut(context.Background(), err)
-			if ce.End == nil || ce.End.By != "destination" || ce.End.Code != proxy.EndPeerReset || !strings.Contains(ce.End.Reason, dest) {
+			if ce.End == nil || ce.End.By != "destination" || ce.End.Code != wire.EndPeerReset || !strings.Contains(ce.End.Reason, dest) {
 				t.Fatalf("explained as %q (end %+v); want the destination %s named as the one that cut it", err, ce.End, dest)
 			}
 		})
@@ -131,7 +132,7 @@ func TestAbortClientResetReachesDestination(t *testing.T) {
 			if _, err := c.Write(bytes.Repeat([]byte("u"), 100<<10)); err != nil {
 				t.Fatal(err)
 			}
-			proxy.Abort(c, proxy.QUICPeerReset)
+			wire.Abort(c, wire.QUICPeerReset)
 			select {
 			case err := <-results:
 				n := <-got
@@ -177,8 +178,8 @@ func TestAbortServerEndsSession(t *testing.T) {
 		name, code string
 		cut        func()
 	}{
-		{"policy", proxy.EndPolicyChanged, func() { deny.Store(true); q.srv.Recheck(context.Background()); deny.Store(false) }},
-		{"revoked", proxy.EndRevoked, func() { revoked.Store(true); q.srv.Recheck(context.Background()); revoked.Store(false) }},
+		{"policy", wire.EndPolicyChanged, func() { deny.Store(true); q.srv.Recheck(context.Background()); deny.Store(false) }},
+		{"revoked", wire.EndRevoked, func() { revoked.Store(true); q.srv.Recheck(context.Background()); revoked.Store(false) }},
 	} {
 		for _, tr := range transports {
 			t.Run(tc.name+"/"+tr, func(t *testing.T) {
@@ -245,10 +246,10 @@ func TestWhyIsOnlyForTheOwner(t *testing.T) {
 	c := e.rawConn(t)
 	defer c.Close()
 	host, port, _ := net.SplitHostPort(dest)
-	if err := proxy.WriteClientHello(c, proxy.ClientHello{V: proxy.Version, Op: proxy.OpDial, Net: "tcp", Host: host, Port: mustPort(t, port)}); err != nil {
+	if err := wire.WriteClientHello(c, wire.ClientHello{V: wire.Version, Op: wire.OpDial, Net: "tcp", Host: host, Port: mustPort(t, port)}); err != nil {
 		t.Fatal(err)
 	}
-	sh, err := proxy.ReadServerHello(c)
+	sh, err := wire.ReadServerHello(c)
 	if err != nil || !sh.OK || len(sh.Session) != 32 {
 		t.Fatalf("dial answer %+v, %v; want ok with a 32-character session id", sh, err)
 	}
@@ -259,20 +260,20 @@ func TestWhyIsOnlyForTheOwner(t *testing.T) {
 		t.Fatalf("after the destination's reset the client read %v; want a connection reset", err)
 	}
 
-	ask := func(cert *tls.Certificate, session string) proxy.ServerHello {
+	ask := func(cert *tls.Certificate, session string) wire.ServerHello {
 		t.Helper()
 		cfg := e.clientTLS(cert)
-		cfg.NextProtos = []string{proxy.ALPN}
+		cfg.NextProtos = []string{wire.ALPN}
 		w, err := tls.Dial("tcp", e.addr, cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer w.Close()
 		_ = w.SetDeadline(time.Now().Add(10 * time.Second))
-		if err := proxy.WriteClientHello(w, proxy.ClientHello{V: proxy.Version, Op: proxy.OpWhy, Session: session}); err != nil {
+		if err := wire.WriteClientHello(w, wire.ClientHello{V: wire.Version, Op: wire.OpWhy, Session: session}); err != nil {
 			t.Fatal(err)
 		}
-		sh, err := proxy.ReadServerHello(w)
+		sh, err := wire.ReadServerHello(w)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -282,10 +283,10 @@ func TestWhyIsOnlyForTheOwner(t *testing.T) {
 		t.Fatalf("alice asking why: %+v; want the destination's reset", got)
 	}
 	bob := e.ca.ClientCert(t, "bob@phone", testpki.LeafOptions{})
-	if got := ask(&bob, sh.Session); got.OK || got.Code != proxy.CodeUnknownSession || got.End != nil {
+	if got := ask(&bob, sh.Session); got.OK || got.Code != wire.CodeUnknownSession || got.End != nil {
 		t.Fatalf("bob asking about alice's session: %+v; want unknown_session and nothing about it", got)
 	}
-	if got := ask(&e.cert, strings.Repeat("0", 32)); got.OK || got.Code != proxy.CodeUnknownSession {
+	if got := ask(&e.cert, strings.Repeat("0", 32)); got.OK || got.Code != wire.CodeUnknownSession {
 		t.Fatalf("asking about a session that never existed: %+v; want unknown_session", got)
 	}
 }
@@ -364,8 +365,8 @@ func TestCertExpiryCutsTransfers(t *testing.T) {
 			complete++
 		case !errors.As(r.err, &ce):
 			t.Errorf("a transfer failed with %v (%T); want a *clients.CutError", r.err, r.err)
-		case ce.End == nil || ce.End.Code != proxy.EndCertExpired:
-			if code, ok := proxy.StreamResetCode(r.err); !ok || code != proxy.QUICCertExpired {
+		case ce.End == nil || ce.End.Code != wire.EndCertExpired:
+			if code, ok := wire.StreamResetCode(r.err); !ok || code != wire.QUICCertExpired {
 				t.Errorf("a transfer was cut with %q; want cert_expired", r.err)
 			}
 			cut++
@@ -393,8 +394,8 @@ func TestShutdownDoesNotWaitForHellos(t *testing.T) {
 		t.Fatalf("Shutdown = %v: a silent connection held the drain", err)
 	}
 	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	sh, err := proxy.ReadServerHello(c)
-	if err != nil || sh.Code != proxy.CodeHelloTimeout || !strings.Contains(sh.Reason, "shutting down") {
+	sh, err := wire.ReadServerHello(c)
+	if err != nil || sh.Code != wire.CodeHelloTimeout || !strings.Contains(sh.Reason, "shutting down") {
 		t.Fatalf("the silent client got %+v, %v; want hello_timeout saying the server is shutting down", sh, err)
 	}
 }

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // tcpPair returns the two ends of a loopback TCP connection.
@@ -49,7 +49,7 @@ func TestBridgeHalfClose(t *testing.T) {
 	}
 	done := make(chan result, 1)
 	go func() {
-		ab, ba, err := proxy.Bridge(context.Background(), a, b)
+		ab, ba, err := wire.Bridge(context.Background(), a, b)
 		done <- result{ab, ba, err}
 	}()
 	_ = client.SetDeadline(time.Now().Add(10 * time.Second))
@@ -80,7 +80,7 @@ func TestBridgeContext(t *testing.T) {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		_, _, err := proxy.Bridge(ctx, a, b)
+		_, _, err := wire.Bridge(ctx, a, b)
 		done <- err
 	}()
 	cancel(cause)
@@ -101,7 +101,7 @@ func TestBridgeNoHalfClose(t *testing.T) {
 	b, server := net.Pipe()
 	done := make(chan error, 1)
 	go func() {
-		_, _, err := proxy.Bridge(context.Background(), a, b)
+		_, _, err := wire.Bridge(context.Background(), a, b)
 		done <- err
 	}()
 	go func() {
@@ -127,16 +127,16 @@ func TestBridgeGoroutines(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		_, _, _ = proxy.Bridge(context.Background(), a, b)
+		_, _, _ = wire.Bridge(context.Background(), a, b)
 	}()
 	deadline := time.Now().Add(10 * time.Second)
-	for goroutinesWith("proxy.copyConn") < 2 { // both directions are running
+	for goroutinesWith("wire.copyConn") < 2 { // both directions are running
 		if time.Now().After(deadline) {
 			t.Fatal("the bridge's two directions never started")
 		}
 		runtime.Gosched()
 	}
-	if n := goroutinesWith("proxy.(*bridgeState).pipe"); n != 2 {
+	if n := goroutinesWith("wire.(*bridgeState).pipe"); n != 2 {
 		t.Errorf("an idle bridge holds %d goroutines, want 2", n)
 	}
 	client.Close()
@@ -169,7 +169,7 @@ func TestIdleSessionGoroutines(t *testing.T) {
 	}
 	defer c.Close()
 	deadline := time.Now().Add(10 * time.Second)
-	for goroutinesWith("proxy.(*Server).open") > 0 || goroutinesWith("proxy.copyConn") < 2 {
+	for goroutinesWith("proxy.(*Server).open") > 0 || goroutinesWith("wire.copyConn") < 2 {
 		if time.Now().After(deadline) {
 			t.Fatal("the session's set-up never ended or its relay never started")
 		}
@@ -178,7 +178,7 @@ func TestIdleSessionGoroutines(t *testing.T) {
 	if n := goroutinesWith("proxy.(*Server).relay"); n != 1 {
 		t.Errorf("%d goroutines in relay, want 1", n)
 	}
-	if n := goroutinesWith("proxy.(*bridgeState).pipe"); n != 2 {
+	if n := goroutinesWith("wire.(*bridgeState).pipe"); n != 2 {
 		t.Errorf("the session holds %d goroutines, want 2", n)
 	}
 	for _, fn := range []string{"HandshakeContext", "proxy.(*Server).establish"} {

@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/wire"
+
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 )
@@ -56,7 +58,7 @@ func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error
 		}
 		pc.stopRecording()
 	}
-	if slices.Contains(hello.SupportedProtos, ALPN) {
+	if slices.Contains(hello.SupportedProtos, wire.ALPN) {
 		s.tickets.rotate()
 		return s.proxyTLS, nil
 	}
@@ -90,12 +92,12 @@ func (s *Server) passthrough(serverName string) (func(context.Context, net.Conn)
 func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func()) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	stop := context.AfterFunc(s.force, func() { cancel(errShutdown) })
+	stop := context.AfterFunc(s.force, func() { cancel(wire.ErrShutdown) })
 	defer stop()
 
 	// EOFConn tells a TLS session that ends without close_notify (its peer died
 	// or was cut off) from a clean end (abort.go).
-	raw = NewEOFConn(raw)
+	raw = wire.NewEOFConn(raw)
 	var pc *peekConn
 	if s.cfg.Passthrough != nil {
 		pc = &peekConn{Conn: raw, recording: true}
@@ -115,7 +117,7 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 		return
 	}
 	switch proto := negotiatedProtocol(conn); proto {
-	case ALPN:
+	case wire.ALPN:
 		defer s.release()
 		s.serveProxy(ctx, conn)
 	case "", "h2", "http/1.1":
@@ -470,7 +472,7 @@ func (s *Server) initDemux() {
 // website over HTTP/3. ServeQUIC dispatches on the negotiated protocol.
 func (s *Server) quicConfigForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 	s.tickets.rotate()
-	if s.h3TLS == nil || slices.Contains(hello.SupportedProtos, ALPN) || !slices.Contains(hello.SupportedProtos, http3.NextProtoH3) {
+	if s.h3TLS == nil || slices.Contains(hello.SupportedProtos, wire.ALPN) || !slices.Contains(hello.SupportedProtos, http3.NextProtoH3) {
 		return s.proxyTLS, nil // fails with no_application_protocol unless "tp/1" is offered
 	}
 	if s.cfg.WebNames != nil && !s.cfg.WebNames(hello.ServerName) {
@@ -506,6 +508,6 @@ func refuseUniStreams(conn *quic.Conn) {
 		if err != nil {
 			return
 		}
-		str.CancelRead(quic.StreamErrorCode(QUICRefused))
+		str.CancelRead(quic.StreamErrorCode(wire.QUICRefused))
 	}
 }

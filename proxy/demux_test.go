@@ -16,6 +16,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // A website name the server does not know fails the handshake with the alert
@@ -101,7 +102,7 @@ func TestSessionTicketsSeparate(t *testing.T) {
 
 	px := &ticketCache{inner: tls.NewLRUClientSessionCache(4)}
 	pxCfg := e.clientTLS(&e.cert)
-	pxCfg.NextProtos = []string{proxy.ALPN}
+	pxCfg.NextProtos = []string{wire.ALPN}
 	pxCfg.ClientSessionCache = px
 	handshake(t, e.addr, pxCfg)
 	pxTicket := px.ticket()
@@ -135,7 +136,7 @@ func TestSessionTicketsSeparate(t *testing.T) {
 func TestProxyWithoutCertRefusedWebServes(t *testing.T) {
 	e := newEnv(t, nil)
 	cfg := e.clientTLS(nil)
-	cfg.NextProtos = []string{proxy.ALPN}
+	cfg.NextProtos = []string{wire.ALPN}
 	c, err := tls.Dial("tcp", e.addr, cfg)
 	if err == nil {
 		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -260,7 +261,7 @@ func TestPassthrough(t *testing.T) {
 
 	cfg := e.clientTLS(nil)
 	cfg.ServerName = "Exposed.Test."
-	cfg.NextProtos = []string{proxy.ALPN, "h2"} // even tp/1 goes to the backend for this name
+	cfg.NextProtos = []string{wire.ALPN, "h2"} // even tp/1 goes to the backend for this name
 	c, err := tls.Dial("tcp", e.addr, cfg)
 	if err != nil {
 		t.Fatalf("pass-through handshake: %v", err)

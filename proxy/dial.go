@@ -10,16 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
-)
 
-// Codes for refusals decided here and in the session, beyond those of wire.go.
-const (
-	// CodeSelfDial refuses a destination that is one of this server's own listeners
-	// (its public port, its CA and enrollment endpoints live there too).
-	CodeSelfDial = "self_dial"
-	// CodePolicyError refuses a request whose policy evaluation failed, timed out or
-	// left the decision undefined: the server fails closed.
-	CodePolicyError = "policy_error"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // MaxResolvedIPs bounds the addresses one name may resolve to. Further addresses are
@@ -151,10 +143,10 @@ func canonicalHost(host string) string {
 // lookup that fails returns lookupErr, whose text (the resolver's address, the DNS
 // answer) is for tpd's log only: the session asks the policy before it tells the
 // client anything about the name (see establish).
-func (s *Server) resolve(ctx context.Context, host string) (ips []netip.Addr, lookupErr error, herr *HelloError) {
+func (s *Server) resolve(ctx context.Context, host string) (ips []netip.Addr, lookupErr error, herr *wire.HelloError) {
 	host, err := CanonicalHost(host)
 	if err != nil {
-		return nil, nil, helloErr(CodeBadRequest, "%v", err)
+		return nil, nil, wire.Errorf(wire.CodeBadRequest, "%v", err)
 	}
 	if ip, err := netip.ParseAddr(host); err == nil {
 		return []netip.Addr{ip.Unmap()}, nil, nil
@@ -182,8 +174,8 @@ func (s *Server) resolve(ctx context.Context, host string) (ips []netip.Addr, lo
 // resolveFailed is the refusal for a name that did not resolve, sent only to a
 // client the policy allows to reach it. It says no more than that: the resolver's
 // address and its answer describe the network, and are in tpd's log instead.
-func resolveFailed(host string) *HelloError {
-	return helloErr(CodeResolveFailed, "cannot resolve %s", host)
+func resolveFailed(host string) *wire.HelloError {
+	return wire.Errorf(wire.CodeResolveFailed, "cannot resolve %s", host)
 }
 
 func containsAddr(list []netip.Addr, ip netip.Addr) bool {
@@ -228,7 +220,7 @@ func (s *Server) guardedDialer(authorised []netip.AddrPort) *net.Dialer {
 // (network "tcp", or "udp": a connected UDP socket, which fails only for an
 // unusable address). Only these addresses are ever passed to the dialer, and the
 // default dialer checks them again in its Control hook.
-func (s *Server) dial(ctx context.Context, ss *session, network string, ips []netip.Addr, port int) (net.Conn, *HelloError) {
+func (s *Server) dial(ctx context.Context, ss *session, network string, ips []netip.Addr, port int) (net.Conn, *wire.HelloError) {
 	authorised := make([]netip.AddrPort, len(ips))
 	for i, ip := range ips {
 		authorised[i] = netip.AddrPortFrom(ip.Unmap(), uint16(port))
@@ -237,7 +229,7 @@ func (s *Server) dial(ctx context.Context, ss *session, network string, ips []ne
 	if dialContext == nil {
 		dialContext = s.guardedDialer(authorised).DialContext
 	}
-	var herr *HelloError
+	var herr *wire.HelloError
 	var tried []string // for the log: each address and why it failed
 	for _, ap := range authorised {
 		addr := ap.String()
@@ -248,7 +240,7 @@ func (s *Server) dial(ctx context.Context, ss *session, network string, ips []ne
 			ss.upstream = addr
 			return c, nil
 		}
-		tried = append(tried, addr+": "+unwrapOpError(err).Error())
+		tried = append(tried, addr+": "+wire.UnwrapOpError(err).Error())
 		herr = dialFailed(ss.dest, err, s.cfg.DialTimeout)
 		if ctx.Err() != nil {
 			break
@@ -261,37 +253,37 @@ func (s *Server) dial(ctx context.Context, ss *session, network string, ips []ne
 // dialFailed is the refusal for a failed connection attempt: host:port as the
 // client asked and a cause in general terms. The address tried and the system's
 // error (which may name internal addresses and interfaces) go to tpd's log.
-func dialFailed(dest string, err error, timeout time.Duration) *HelloError {
+func dialFailed(dest string, err error, timeout time.Duration) *wire.HelloError {
 	var ne net.Error
 	switch {
 	case errors.Is(err, errNotAuthorised):
-		return helloErr(CodeInternal, "cannot connect to %s: the TP server stopped a connection the policy had not checked; the TP administrator can find the details in tpd's log", dest)
+		return wire.Errorf(wire.CodeInternal, "cannot connect to %s: the TP server stopped a connection the policy had not checked; the TP administrator can find the details in tpd's log", dest)
 	case errors.Is(err, syscall.ECONNREFUSED):
-		return helloErr(CodeDialRefused, "cannot connect to %s: the connection was refused", dest)
+		return wire.Errorf(wire.CodeDialRefused, "cannot connect to %s: the connection was refused", dest)
 	case errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
-		return helloErr(CodeDialTimeout, "cannot connect to %s: it did not answer within %s", dest, timeout)
+		return wire.Errorf(wire.CodeDialTimeout, "cannot connect to %s: it did not answer within %s", dest, timeout)
 	case errors.Is(err, syscall.ENETUNREACH) || errors.Is(err, syscall.EHOSTUNREACH):
-		return helloErr(CodeDialFailed, "cannot connect to %s: the destination is unreachable from the TP server", dest)
+		return wire.Errorf(wire.CodeDialFailed, "cannot connect to %s: the destination is unreachable from the TP server", dest)
 	case errors.Is(err, syscall.ECONNRESET):
-		return helloErr(CodeDialFailed, "cannot connect to %s: the destination reset the connection while it was being set up", dest)
+		return wire.Errorf(wire.CodeDialFailed, "cannot connect to %s: the destination reset the connection while it was being set up", dest)
 	case errors.Is(err, context.Canceled):
-		return helloErr(CodeDialFailed, "cannot connect to %s: the request was abandoned", dest)
+		return wire.Errorf(wire.CodeDialFailed, "cannot connect to %s: the request was abandoned", dest)
 	}
-	return helloErr(CodeDialFailed, "cannot connect to %s: the connection failed", dest)
+	return wire.Errorf(wire.CodeDialFailed, "cannot connect to %s: the connection failed", dest)
 }
 
 // checkSelf refuses a destination whose addresses include one of the server's own
 // listeners, unless Config.AllowSelfDial says otherwise. The address goes to the
 // session's log line, not into the reason: for a name it would tell where the name
 // points (and for an address the client knows it already).
-func (s *Server) checkSelf(ss *session, ips []netip.Addr, port int) *HelloError {
+func (s *Server) checkSelf(ss *session, ips []netip.Addr, port int) *wire.HelloError {
 	if s.cfg.AllowSelfDial {
 		return nil
 	}
 	for _, ip := range ips {
 		ap := netip.AddrPortFrom(ip.Unmap(), uint16(port))
 		if s.isSelf(ap) {
-			herr := helloErr(CodeSelfDial, "%s is this TP server itself; TP does not connect to its own listeners", ss.dest)
+			herr := wire.Errorf(wire.CodeSelfDial, "%s is this TP server itself; TP does not connect to its own listeners", ss.dest)
 			ss.end = herr.Error() + " (" + ap.String() + ")"
 			return herr
 		}
@@ -358,13 +350,4 @@ func localAddrs() []netip.Addr {
 		}
 	}
 	return out
-}
-
-// unwrapOpError drops net.OpError's repetition of the address for a shorter reason.
-func unwrapOpError(err error) error {
-	var oe *net.OpError
-	if errors.As(err, &oe) && oe.Err != nil {
-		return oe.Err
-	}
-	return err
 }

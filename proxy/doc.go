@@ -1,8 +1,13 @@
-// Package proxy is TP's data plane. It owns the public TLS listener and its
-// ALPN demultiplexing (ALPN "tp/1" goes to the proxy, everything else to the
-// website handler), the wire protocol v1 framing (client and server hellos), the
-// per-connection proxy session (identity, hello, resolve, authorize, dial) and the
-// byte bridge that carries a session once it is established.
+// Package proxy is the server side of TP's data plane. It owns the public TLS
+// listener and its ALPN demultiplexing (ALPN "tp/1" goes to the proxy, everything
+// else to the website handler), the QUIC listener, the per-request proxy session
+// (identity, hello, resolve, authorize, dial), the reverse registry that routes
+// dials to agents, public reverse ports, UDP flows, and the records op "why"
+// answers from.
+//
+// What both ends of the protocol speak — hellos, codes, the session header,
+// capsules, the QUIC stream adapter and the bridge — is package proxy/wire; this
+// package uses it and adds only the server's decisions.
 //
 // The package knows nothing about configuration files, OPA or step-ca: the caller
 // passes TLS configurations, an identity function and an authz.Authorizer. The

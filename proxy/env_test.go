@@ -16,6 +16,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // authorizerFunc adapts a function to authz.Authorizer.
@@ -127,7 +128,7 @@ func (e *env) dialer() *clients.Dialer {
 func (e *env) rawConn(t testing.TB) *tls.Conn {
 	t.Helper()
 	cfg := e.clientTLS(&e.cert)
-	cfg.NextProtos = []string{proxy.ALPN}
+	cfg.NextProtos = []string{wire.ALPN}
 	c, err := tls.Dial("tcp", e.addr, cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -5,6 +5,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/wire"
+
 	"github.com/tp-proxy/tp/authz"
 )
 
@@ -75,11 +77,11 @@ func (c *identityCount) count(id string) int {
 
 // countSession takes one of ss's identity's session slots for the session's
 // lifetime; serveStream gives it back (releaseSession) however the session ends.
-func (s *Server) countSession(ss *session) *HelloError {
+func (s *Server) countSession(ss *session) *wire.HelloError {
 	id := ss.id.DeviceID
 	held, ok := s.perID.acquire(id, s.cfg.MaxSessionsPerIdentity)
 	if !ok {
-		return helloErr(CodeTooManySessions, "%s already has %d sessions open through this server, the limit per device (max-sessions-per-identity); close some and try again", ss.id, held)
+		return wire.Errorf(CodeTooManySessions, "%s already has %d sessions open through this server, the limit per device (max-sessions-per-identity); close some and try again", ss.id, held)
 	}
 	ss.counted = true
 	return nil
@@ -95,10 +97,10 @@ func (s *Server) releaseSession(ss *session) {
 
 // acquirePending takes one of id's slots for a dial waiting for an agent to pick
 // it up; the caller releases it (r.pendingPerID.release) when the wait ends.
-func (r *reverseRegistry) acquirePending(id authz.Identity) *HelloError {
+func (r *reverseRegistry) acquirePending(id authz.Identity) *wire.HelloError {
 	held, ok := r.pendingPerID.acquire(id.DeviceID, r.opts.MaxPendingPerIdentity)
 	if !ok {
-		return helloErr(CodeTooManyPending, "%s already has %d sessions waiting for reverse agents to pick them up, the limit per device (max-pending-per-identity); try again once they are answered (within %s)", id, held, r.opts.PickupTimeout)
+		return wire.Errorf(CodeTooManyPending, "%s already has %d sessions waiting for reverse agents to pick them up, the limit per device (max-pending-per-identity); try again once they are answered (within %s)", id, held, r.opts.PickupTimeout)
 	}
 	return nil
 }
@@ -108,10 +110,10 @@ func (r *reverseRegistry) acquirePending(id authz.Identity) *HelloError {
 // what the device's other control sessions hold and what is reserved for it
 // while an agent reconnects; keys it holds already (a reconnect, a takeover by
 // its own newer session) count once. r.mu is held.
-func (r *reverseRegistry) checkNamesLocked(a *reverseAgent, keys []string, now time.Time) *HelloError {
+func (r *reverseRegistry) checkNamesLocked(a *reverseAgent, keys []string, now time.Time) *wire.HelloError {
 	max := r.opts.MaxNamesPerIdentity
 	if len(keys) > max {
-		return helloErr(CodeTooManyNames, "this registration asks for %d reverse names and public exposures; the server allows %d per device (max-reverse-names-per-identity); expose fewer from one device", len(keys), max)
+		return wire.Errorf(CodeTooManyNames, "this registration asks for %d reverse names and public exposures; the server allows %d per device (max-reverse-names-per-identity); expose fewer from one device", len(keys), max)
 	}
 	held := 0
 	for n, e := range r.names {
@@ -121,7 +123,7 @@ func (r *reverseRegistry) checkNamesLocked(a *reverseAgent, keys []string, now t
 		held++
 	}
 	if held+len(keys) > max {
-		return helloErr(CodeTooManyNames, "%s already holds %d reverse names and public exposures (through its other agents, or reserved for an agent that is reconnecting) and asks for %d more; the server allows %d per device (max-reverse-names-per-identity); stop the agents it no longer needs (a name whose agent went away without stopping stays reserved for %s) and try again", a.id, held, len(keys), max, r.opts.Grace)
+		return wire.Errorf(CodeTooManyNames, "%s already holds %d reverse names and public exposures (through its other agents, or reserved for an agent that is reconnecting) and asks for %d more; the server allows %d per device (max-reverse-names-per-identity); stop the agents it no longer needs (a name whose agent went away without stopping stays reserved for %s) and try again", a.id, held, len(keys), max, r.opts.Grace)
 	}
 	return nil
 }

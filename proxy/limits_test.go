@@ -16,6 +16,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Bounds per device identity (limits.go): one device cannot take the server's
@@ -26,13 +27,13 @@ var bothTransports = []string{clients.TransportTLS, clients.TransportQUIC}
 
 // streamAs opens a tp/1 stream as the holder of cert: a TLS connection, or a
 // stream on a QUIC connection of its own (qcfg: nil for the defaults).
-func (q *quicEnv) streamAs(t *testing.T, cert *tls.Certificate, transport string, qcfg *quic.Config) proxy.Stream {
+func (q *quicEnv) streamAs(t *testing.T, cert *tls.Certificate, transport string, qcfg *quic.Config) wire.Stream {
 	t.Helper()
 	cfg := q.clientTLS(cert)
-	cfg.NextProtos = []string{proxy.ALPN}
+	cfg.NextProtos = []string{wire.ALPN}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	var st proxy.Stream
+	var st wire.Stream
 	if transport == clients.TransportQUIC {
 		if qcfg == nil {
 			qcfg = &quic.Config{}
@@ -46,7 +47,7 @@ func (q *quicEnv) streamAs(t *testing.T, cert *tls.Certificate, transport string
 		if err != nil {
 			t.Fatal(err)
 		}
-		st = proxy.NewQUICStream(c, str)
+		st = wire.NewQUICStream(c, str)
 	} else {
 		c, err := (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", q.addr)
 		if err != nil {
@@ -60,14 +61,14 @@ func (q *quicEnv) streamAs(t *testing.T, cert *tls.Certificate, transport string
 }
 
 // hello sends h on st and returns the server's answer.
-func hello(st proxy.Stream, h proxy.ClientHello) (proxy.ServerHello, error) {
-	if err := proxy.WriteClientHello(st, h); err != nil {
-		return proxy.ServerHello{}, err
+func hello(st wire.Stream, h wire.ClientHello) (wire.ServerHello, error) {
+	if err := wire.WriteClientHello(st, h); err != nil {
+		return wire.ServerHello{}, err
 	}
-	return proxy.ReadServerHello(st)
+	return wire.ReadServerHello(st)
 }
 
-func mustHello(t *testing.T, st proxy.Stream, h proxy.ClientHello) proxy.ServerHello {
+func mustHello(t *testing.T, st wire.Stream, h wire.ClientHello) wire.ServerHello {
 	t.Helper()
 	sh, err := hello(st, h)
 	if err != nil {
@@ -76,7 +77,7 @@ func mustHello(t *testing.T, st proxy.Stream, h proxy.ClientHello) proxy.ServerH
 	return sh
 }
 
-func dialHello(t *testing.T, addr string) proxy.ClientHello {
+func dialHello(t *testing.T, addr string) wire.ClientHello {
 	t.Helper()
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
@@ -86,11 +87,11 @@ func dialHello(t *testing.T, addr string) proxy.ClientHello {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return proxy.ClientHello{V: proxy.Version, Op: proxy.OpDial, Net: "tcp", Host: host, Port: p}
+	return wire.ClientHello{V: wire.Version, Op: wire.OpDial, Net: "tcp", Host: host, Port: p}
 }
 
 // wantRefusal checks a refusal's code and that its reason names each of want.
-func wantRefusal(t *testing.T, sh proxy.ServerHello, code string, want ...string) {
+func wantRefusal(t *testing.T, sh wire.ServerHello, code string, want ...string) {
 	t.Helper()
 	if sh.OK || sh.Code != code {
 		t.Fatalf("server hello %+v; want a refusal %s", sh, code)
@@ -103,11 +104,11 @@ func wantRefusal(t *testing.T, sh proxy.ServerHello, code string, want ...string
 }
 
 // abort ends st without a clean end: a TCP reset, or a QUIC stream reset.
-func abort(t *testing.T, st proxy.Stream) {
+func abort(t *testing.T, st wire.Stream) {
 	t.Helper()
 	switch c := st.(type) {
-	case *proxy.QUICStream:
-		c.Abort(proxy.QUICInternal)
+	case *wire.QUICStream:
+		c.Abort(wire.QUICInternal)
 	case *tls.Conn:
 		if err := c.NetConn().(*net.TCPConn).SetLinger(0); err != nil {
 			t.Fatal(err)
@@ -133,11 +134,11 @@ func TestIdentitySessionCap(t *testing.T) {
 		})
 	}, proxy.QUICOptions{})
 	alice, bob := &q.cert, q.ca.ClientCert(t, "bob@phone", testpki.LeafOptions{})
-	open := func(cert *tls.Certificate, tr string) (proxy.Stream, proxy.ServerHello) {
+	open := func(cert *tls.Certificate, tr string) (wire.Stream, wire.ServerHello) {
 		st := q.streamAs(t, cert, tr, nil)
 		return st, mustHello(t, st, dialHello(t, q.echo))
 	}
-	openOK := func(cert *tls.Certificate, tr string) proxy.Stream {
+	openOK := func(cert *tls.Certificate, tr string) wire.Stream {
 		t.Helper()
 		st, sh := open(cert, tr)
 		if !sh.OK {
@@ -151,12 +152,12 @@ func TestIdentitySessionCap(t *testing.T) {
 	closed := refusedPort(t)
 	for i := range 6 {
 		st := q.streamAs(t, alice, bothTransports[i%2], nil)
-		wantRefusal(t, mustHello(t, st, dialHello(t, closed)), proxy.CodeDialRefused)
+		wantRefusal(t, mustHello(t, st, dialHello(t, closed)), wire.CodeDialRefused)
 		_ = st.Close() // the slot is held until the client goes (at most a second)
 	}
 	waitFor(t, func() bool { return proxy.IdentitySessions(q.srv, "alice@laptop") == 0 })
 
-	var mine []proxy.Stream
+	var mine []wire.Stream
 	for i := range 4 {
 		mine = append(mine, openOK(alice, bothTransports[i%2]))
 	}
@@ -164,7 +165,7 @@ func TestIdentitySessionCap(t *testing.T) {
 		_, sh := open(alice, tr)
 		wantRefusal(t, sh, proxy.CodeTooManySessions, "alice@laptop", "4 sessions", "max-sessions-per-identity")
 	}
-	var bobs []proxy.Stream
+	var bobs []wire.Stream
 	for i := range 4 { // his own bound is whole
 		bobs = append(bobs, openOK(&bob, bothTransports[i%2]))
 	}
@@ -210,11 +211,11 @@ func TestIdentityNameCap(t *testing.T) {
 		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", Grace: time.Hour, MaxNamesPerIdentity: 4}
 	}, proxy.QUICOptions{})
 	alice, bob := &q.cert, q.ca.ClientCert(t, "bob@phone", testpki.LeafOptions{})
-	listen := func(cert *tls.Certificate, tr string, names ...string) (proxy.Stream, proxy.ServerHello) {
+	listen := func(cert *tls.Certificate, tr string, names ...string) (wire.Stream, wire.ServerHello) {
 		st := q.streamAs(t, cert, tr, nil)
-		return st, mustHello(t, st, proxy.ClientHello{V: proxy.Version, Op: proxy.OpListen, Net: "tcp", Names: names})
+		return st, mustHello(t, st, wire.ClientHello{V: wire.Version, Op: wire.OpListen, Net: "tcp", Names: names})
 	}
-	listenOK := func(cert *tls.Certificate, tr string, names ...string) proxy.Stream {
+	listenOK := func(cert *tls.Certificate, tr string, names ...string) wire.Stream {
 		t.Helper()
 		st, sh := listen(cert, tr, names...)
 		if !sh.OK || len(sh.Names) != len(names) {
@@ -244,7 +245,7 @@ func TestIdentityNameCap(t *testing.T) {
 	_, sh = listen(alice, clients.TransportTLS, "a5")
 	wantRefusal(t, sh, proxy.CodeTooManyNames, "alice@laptop")
 	ctl1 = listenOK(alice, clients.TransportTLS, "a1", "a2") // the owner's return
-	if err := proxy.WriteSessionHeader(ctl1, proxy.SessionHeader{V: proxy.Version, End: "unregister"}); err != nil {
+	if err := wire.WriteSessionHeader(ctl1, wire.SessionHeader{V: wire.Version, End: "unregister"}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return owner("a1") == "" && owner("a2") == "" })
@@ -276,14 +277,14 @@ func TestIdentityPendingCap(t *testing.T) {
 			alice, bob := &q.cert, q.ca.ClientCert(t, "bob@phone", testpki.LeafOptions{})
 			carol := q.ca.ClientCert(t, "carol@server", testpki.LeafOptions{})
 			ctl := q.streamAs(t, &carol, tr, &quic.Config{MaxIncomingStreams: -1})
-			if sh := mustHello(t, ctl, proxy.ClientHello{V: proxy.Version, Op: proxy.OpListen, Net: "tcp", Names: []string{"svc"}}); !sh.OK {
+			if sh := mustHello(t, ctl, wire.ClientHello{V: wire.Version, Op: wire.OpListen, Net: "tcp", Names: []string{"svc"}}); !sh.OK {
 				t.Fatalf("listen: %+v", sh)
 			}
 			_ = ctl.SetDeadline(time.Time{})
-			announced := make(chan proxy.SessionHeader, 16)
+			announced := make(chan wire.SessionHeader, 16)
 			go func() {
 				for {
-					h, err := proxy.ReadSessionHeader(ctl)
+					h, err := wire.ReadSessionHeader(ctl)
 					if err != nil {
 						close(announced)
 						return
@@ -294,9 +295,9 @@ func TestIdentityPendingCap(t *testing.T) {
 				}
 			}()
 
-			svc := proxy.ClientHello{V: proxy.Version, Op: proxy.OpDial, Net: "tcp", Host: "svc.rev.test", Port: 22}
+			svc := wire.ClientHello{V: wire.Version, Op: wire.OpDial, Net: "tcp", Host: "svc.rev.test", Port: 22}
 			type answer struct {
-				sh  proxy.ServerHello
+				sh  wire.ServerHello
 				err error
 			}
 			answers := make(chan answer, 8)
@@ -322,14 +323,14 @@ func TestIdentityPendingCap(t *testing.T) {
 
 			if tr == clients.TransportTLS {
 				// The agent picks one of alice's sessions up: she may dial again.
-				var h proxy.SessionHeader
+				var h wire.SessionHeader
 				for h = range announced {
 					if h.PeerID == "alice@laptop" {
 						break
 					}
 				}
 				acc := q.streamAs(t, &carol, tr, nil)
-				if sh := mustHello(t, acc, proxy.ClientHello{V: proxy.Version, Op: proxy.OpAccept, Session: h.Session}); !sh.OK {
+				if sh := mustHello(t, acc, wire.ClientHello{V: wire.Version, Op: wire.OpAccept, Session: h.Session}); !sh.OK {
 					t.Fatalf("accept: %+v", sh)
 				}
 				if a := <-answers; a.err != nil || !a.sh.OK {
@@ -343,7 +344,7 @@ func TestIdentityPendingCap(t *testing.T) {
 
 			// The agent goes away: every waiting dial is refused, and no slot is left.
 			_ = ctl.Close()
-			if qs, ok := ctl.(*proxy.QUICStream); ok {
+			if qs, ok := ctl.(*wire.QUICStream); ok {
 				_ = qs.Conn().CloseWithError(0, "")
 			}
 			for range waiting {

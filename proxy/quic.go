@@ -11,19 +11,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/wire"
+
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
-)
-
-// QUIC receive windows. quic-go's defaults (512 KiB initial, 6/15 MiB max) cap one
-// stream at roughly 100 MB/s on loopback; these were the only setting that raised
-// throughput reproducibly (see the README's figures). Memory is bounded by them
-// per connection: a peer cannot have more than MaxConnectionReceiveWindow unread.
-const (
-	QUICInitialStreamWindow = 16 << 20
-	QUICMaxStreamWindow     = 64 << 20
-	QUICInitialConnWindow   = 16 << 20
-	QUICMaxConnWindow       = 64 << 20
 )
 
 // QUICOptions bounds QUIC connections. Zero values take the defaults.
@@ -103,12 +94,12 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		KeepAlivePeriod:                opts.KeepAlive,
 		MaxIncomingStreams:             opts.MaxStreams,
 		MaxIncomingUniStreams:          -1, // tp/1 uses no unidirectional streams (h3 needs a few: below)
-		InitialStreamReceiveWindow:     QUICInitialStreamWindow,
-		MaxStreamReceiveWindow:         QUICMaxStreamWindow,
-		InitialConnectionReceiveWindow: QUICInitialConnWindow,
-		MaxConnectionReceiveWindow:     QUICMaxConnWindow,
+		InitialStreamReceiveWindow:     wire.QUICInitialStreamWindow,
+		MaxStreamReceiveWindow:         wire.QUICMaxStreamWindow,
+		InitialConnectionReceiveWindow: wire.QUICInitialConnWindow,
+		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 		Allow0RTT:                      false,
-		EnableDatagrams:                true, // UDP flows (udpflow.go)
+		EnableDatagrams:                true, // UDP flows (wire/udpflow.go)
 		Tracer:                         s.udp.quicDrops.Tracer,
 	}
 	if s.web != nil { // HTTP/3 on the same listener: its control and QPACK streams
@@ -149,19 +140,19 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 			return fmt.Errorf("proxy: QUIC accept: %w", err)
 		}
 		if !s.acquire() {
-			_ = conn.CloseWithError(QUICRefused, "server busy: too many connections")
+			_ = conn.CloseWithError(wire.QUICRefused, "server busy: too many connections")
 			s.log.Warn("QUIC connection refused: too many connections", "remote", conn.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
 			continue
 		}
 		if !s.addWorker() {
 			s.release()
-			_ = conn.CloseWithError(QUICShutdown, "server shutting down")
+			_ = conn.CloseWithError(wire.QUICShutdown, "server shutting down")
 			continue
 		}
 		conns.Add(1)
 		h3 := conn.ConnectionState().TLS.NegotiatedProtocol == http3.NextProtoH3
 		if h3 && !s.toWeb(conn.RemoteAddr().String()) {
-			_ = conn.CloseWithError(QUICRefused, "server busy: too many website connections")
+			_ = conn.CloseWithError(wire.QUICRefused, "server busy: too many website connections")
 			conns.Done()
 			s.wg.Done()
 			continue
@@ -217,8 +208,8 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 	sctx, scancel := context.WithCancelCause(context.WithoutCancel(ctx))
 	defer scancel(nil)
 	stopShutdown := context.AfterFunc(ctx, func() {
-		scancel(errShutdown)
-		_ = conn.CloseWithError(QUICShutdown, "server shutting down")
+		scancel(wire.ErrShutdown)
+		_ = conn.CloseWithError(wire.QUICShutdown, "server shutting down")
 	})
 	defer stopShutdown()
 
@@ -251,9 +242,9 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 		if err != nil {
 			break
 		}
-		qs := NewQUICStream(conn, str)
+		qs := wire.NewQUICStream(conn, str)
 		if !s.acquire() {
-			qs.Abort(QUICRefused)
+			qs.Abort(wire.QUICRefused)
 			refused.Add(1)
 			s.log.Warn("QUIC stream refused: too many connections", "remote", remote, "max_conns", s.cfg.MaxConns)
 			continue
@@ -268,16 +259,16 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 	}
 	streams.Wait()
 
-	code, msg, end := QUICNoError, "", "closed by client"
+	code, msg, end := wire.QUICNoError, "", "closed by client"
 	switch {
 	case conn.Context().Err() != nil:
 		if cause := context.Cause(conn.Context()); cause != nil {
 			end = cause.Error()
 		}
 	case ctx.Err() != nil || drain.Err() != nil:
-		code, msg, end = QUICShutdown, "server shutting down", "server shutting down"
+		code, msg, end = wire.QUICShutdown, "server shutting down", "server shutting down"
 	case !time.Now().Before(notAfter):
-		code, msg, end = QUICCertExpired, "client certificate expired; run dlogin", "client certificate expired"
+		code, msg, end = wire.QUICCertExpired, "client certificate expired; run dlogin", "client certificate expired"
 	}
 	_ = conn.CloseWithError(code, msg)
 	attrs := []slog.Attr{

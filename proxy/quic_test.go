@@ -22,6 +22,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // quicEnv is an env whose server also serves QUIC on the TCP listener's port.
@@ -95,7 +96,7 @@ func (q *quicEnv) quicDialer(t testing.TB) *clients.Dialer {
 func (q *quicEnv) quicConn(t testing.TB, cert *tls.Certificate) (*quic.Conn, error) {
 	t.Helper()
 	cfg := q.clientTLS(cert)
-	cfg.NextProtos = []string{proxy.ALPN}
+	cfg.NextProtos = []string{wire.ALPN}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c, err := quic.DialAddr(ctx, q.udpAddr, cfg, &quic.Config{})
@@ -119,10 +120,10 @@ func rawRequest(t testing.TB, c *quic.Conn, dest string) *quic.Stream {
 	for _, ch := range port {
 		p = 10*p + int(ch-'0')
 	}
-	if err := proxy.WriteClientHello(str, proxy.ClientHello{V: 1, Op: "dial", Net: "tcp", Host: host, Port: p}); err != nil {
+	if err := wire.WriteClientHello(str, wire.ClientHello{V: 1, Op: "dial", Net: "tcp", Host: host, Port: p}); err != nil {
 		t.Fatal(err)
 	}
-	sh, err := proxy.ReadServerHello(str)
+	sh, err := wire.ReadServerHello(str)
 	if err != nil || !sh.OK {
 		t.Fatalf("server hello %+v, %v", sh, err)
 	}
@@ -186,8 +187,8 @@ func TestQUICRefusesBadClients(t *testing.T) {
 				var str *quic.Stream
 				if str, err = c.OpenStream(); err == nil {
 					_ = str.SetDeadline(time.Now().Add(10 * time.Second))
-					_ = proxy.WriteClientHello(str, proxy.ClientHello{V: 1, Op: "dial", Net: "tcp", Host: "127.0.0.1", Port: 1})
-					_, err = proxy.ReadServerHello(str)
+					_ = wire.WriteClientHello(str, wire.ClientHello{V: 1, Op: "dial", Net: "tcp", Host: "127.0.0.1", Port: 1})
+					_, err = wire.ReadServerHello(str)
 				}
 			}
 			var te *quic.TransportError
@@ -220,8 +221,8 @@ func TestQUICHelloTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	quicEcho(t, rawRequest(t, c, q.echo), "served meanwhile")
-	sh, err := proxy.ReadServerHello(stalled)
-	if err != nil || sh.OK || sh.Code != proxy.CodeHelloTimeout {
+	sh, err := wire.ReadServerHello(stalled)
+	if err != nil || sh.OK || sh.Code != wire.CodeHelloTimeout {
 		t.Fatalf("stalled stream: %+v, %v; want code hello_timeout", sh, err)
 	}
 	if _, err := io.ReadAll(stalled); err != nil {
@@ -333,7 +334,7 @@ func TestQUICServerShutdownReported(t *testing.T) {
 	defer scancel()
 	_ = q.srv.Shutdown(sctx) // the session does not end by itself: forced
 	_, err = c.Read(make([]byte, 1))
-	if err == nil || proxy.IsNormalEnd(err) || !strings.Contains(err.Error(), "TP server is shutting down") {
+	if err == nil || wire.IsNormalEnd(err) || !strings.Contains(err.Error(), "TP server is shutting down") {
 		t.Fatalf("read after server shutdown: %v; want an error naming the shutdown", err)
 	}
 

@@ -9,28 +9,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/quic-go/quic-go"
+	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
 )
-
-// RevokedError ends a live session that a re-check no longer allows. Its text is
-// what the session's log line gives as the reason it ended. Identity is true when
-// the identity itself is no longer accepted (revoked, unenrolled), false when the
-// policy no longer allows the session.
-type RevokedError struct {
-	Reason   string
-	Identity bool
-}
-
-func (e *RevokedError) Error() string { return "no longer authorised: " + e.Reason }
-
-func (e *RevokedError) code() quic.ApplicationErrorCode {
-	if e.Identity {
-		return QUICRevoked
-	}
-	return QUICPolicyChanged
-}
 
 // liveSession is an established session as the registry knows it.
 type liveSession struct {
@@ -93,7 +75,7 @@ func (s *Server) Recheck(ctx context.Context) (checked, closed int) {
 		checked++
 		if reason, identity, ok := s.stillAllowed(ctx, ls); !ok {
 			closed++
-			ls.revoke(&RevokedError{Reason: reason, Identity: identity})
+			ls.revoke(&wire.RevokedError{Reason: reason, Identity: identity})
 			s.log.LogAttrs(ctx, slog.LevelInfo, "live session closed by re-check",
 				slog.String("identity", ls.req.Identity.DeviceID),
 				slog.String("action", ls.req.Action),
@@ -142,9 +124,9 @@ func (s *Server) stillAllowed(ctx context.Context, ls *liveSession) (reason stri
 // policyError is the refusal for a request whose policy evaluation failed. The
 // client learns what kind of failure it was, not the policy's internals (the
 // server's log has them).
-func policyError(err error) *HelloError {
+func policyError(err error) *wire.HelloError {
 	if errors.Is(err, context.DeadlineExceeded) {
-		return helloErr(CodePolicyError, "the policy did not decide in time, so the request was denied; try again, and tell the TP administrator if it persists")
+		return wire.Errorf(wire.CodePolicyError, "the policy did not decide in time, so the request was denied; try again, and tell the TP administrator if it persists")
 	}
-	return helloErr(CodePolicyError, "policy evaluation failed, so the request was denied; the TP administrator can find the cause in tpd's log")
+	return wire.Errorf(wire.CodePolicyError, "policy evaluation failed, so the request was denied; the TP administrator can find the cause in tpd's log")
 }

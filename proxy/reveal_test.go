@@ -14,6 +14,7 @@ import (
 	"github.com/tp-proxy/tp/internal/testdns"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // rawRefusal sends a dial hello for host:port as the holder of cert and returns every
@@ -21,14 +22,14 @@ import (
 func rawRefusal(t *testing.T, e *env, cert tls.Certificate, host string, port int) []byte {
 	t.Helper()
 	cfg := e.clientTLS(&cert)
-	cfg.NextProtos = []string{proxy.ALPN}
+	cfg.NextProtos = []string{wire.ALPN}
 	c, err := tls.Dial("tcp", e.addr, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
-	if err := proxy.WriteClientHello(c, proxy.ClientHello{V: 1, Op: "dial", Net: "tcp", Host: host, Port: port}); err != nil {
+	if err := wire.WriteClientHello(c, wire.ClientHello{V: 1, Op: "dial", Net: "tcp", Host: host, Port: port}); err != nil {
 		t.Fatal(err)
 	}
 	raw, err := io.ReadAll(c)
@@ -38,9 +39,9 @@ func rawRefusal(t *testing.T, e *env, cert tls.Certificate, host string, port in
 	return raw
 }
 
-func decodeHello(t *testing.T, raw []byte) proxy.ServerHello {
+func decodeHello(t *testing.T, raw []byte) wire.ServerHello {
 	t.Helper()
-	sh, err := proxy.ReadServerHello(bytes.NewReader(raw))
+	sh, err := wire.ReadServerHello(bytes.NewReader(raw))
 	if err != nil {
 		t.Fatalf("server hello %q: %v", raw, err)
 	}
@@ -83,7 +84,7 @@ func TestRefusalsRevealNothingAboutNames(t *testing.T) {
 	if !bytes.Equal(exists, missing) || !bytes.Equal(existsV6, missing) {
 		t.Fatalf("a refused device tells existing from missing names:\n exists  %q\n AAAA    %q\n missing %q", exists, existsV6, missing)
 	}
-	if sh := decodeHello(t, missing); sh.Code != proxy.CodePolicyDenied || sh.Reason != "bob@pc may not reach probe.test" {
+	if sh := decodeHello(t, missing); sh.Code != wire.CodePolicyDenied || sh.Reason != "bob@pc may not reach probe.test" {
 		t.Fatalf("refused device, missing name: %+v; want the policy's denial", sh)
 	}
 	if req := az.last(t); req.Identity.DeviceID != "bob@pc" || len(req.Destination.IPs) != 0 {
@@ -92,7 +93,7 @@ func TestRefusalsRevealNothingAboutNames(t *testing.T) {
 
 	// Alice may: she learns that the name does not resolve, and nothing else.
 	sh := decodeHello(t, rawRefusal(t, e, e.cert, "probe.test", port))
-	if sh.Code != proxy.CodeResolveFailed || sh.Reason != "cannot resolve probe.test" {
+	if sh.Code != wire.CodeResolveFailed || sh.Reason != "cannot resolve probe.test" {
 		t.Fatalf("allowed device, missing name: %+v; want resolve_failed \"cannot resolve probe.test\"", sh)
 	}
 	waitFor(t, func() bool { return strings.Contains(logs.String(), "resolving probe.test: lookup probe.test") })
@@ -102,7 +103,7 @@ func TestRefusalsRevealNothingAboutNames(t *testing.T) {
 	dns.Set("refusing.test", closed.Addr())
 	sh = decodeHello(t, rawRefusal(t, e, e.cert, "refusing.test", int(closed.Port())))
 	want := "cannot connect to refusing.test:" + strconv.Itoa(int(closed.Port())) + ": the connection was refused"
-	if sh.Code != proxy.CodeDialRefused || sh.Reason != want {
+	if sh.Code != wire.CodeDialRefused || sh.Reason != want {
 		t.Fatalf("allowed device, refusing destination: %+v; want dial_refused %q", sh, want)
 	}
 	waitFor(t, func() bool { return strings.Contains(logs.String(), closed.String()+": connect: connection refused") })
@@ -111,7 +112,7 @@ func TestRefusalsRevealNothingAboutNames(t *testing.T) {
 	self := netip.MustParseAddrPort(e.addr)
 	dns.Set("self.test", self.Addr())
 	sh = decodeHello(t, rawRefusal(t, e, e.cert, "self.test", int(self.Port())))
-	if sh.Code != proxy.CodeSelfDial || strings.Contains(sh.Reason, self.Addr().String()) {
+	if sh.Code != wire.CodeSelfDial || strings.Contains(sh.Reason, self.Addr().String()) {
 		t.Fatalf("self dial by name: %+v; want self_dial without the address", sh)
 	}
 

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/wire"
+
 	"github.com/tp-proxy/tp/authz"
 )
 
@@ -97,7 +99,7 @@ func (o ReverseOptions) withDefaults() ReverseOptions {
 }
 
 // errHandled tells ServeStream that a reverse operation owned the stream.
-var errHandled = &HelloError{Code: "handled"}
+var errHandled = &wire.HelloError{Code: "handled"}
 
 // reverseAgent is one live control session of an agent.
 type reverseAgent struct {
@@ -107,13 +109,13 @@ type reverseAgent struct {
 	udp       map[string]bool // full names whose service is UDP
 	public    []publicClaim
 	ctx       context.Context // the control session's: ends its public sessions too
-	ctl       Stream
+	ctl       wire.Stream
 	end       context.CancelCauseFunc
 	// open starts a session: a stream opened to the agent (QUIC) or an
 	// announcement the agent answers with an accept connection (TLS). openFlow
 	// starts a public UDP session: a UDPFlow on such a stream (reverse_udp.go).
-	open     func(ctx context.Context, hdr SessionHeader) (Stream, *HelloError)
-	openFlow func(ctx context.Context, hdr SessionHeader, queueLen int) (*UDPFlow, *HelloError)
+	open     func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError)
+	openFlow func(ctx context.Context, hdr wire.SessionHeader, queueLen int) (*wire.UDPFlow, *wire.HelloError)
 
 	wmu     sync.Mutex // serialises frames on ctl
 	pmu     sync.Mutex
@@ -123,7 +125,7 @@ type reverseAgent struct {
 type pendingSession struct {
 	id    string
 	agent *reverseAgent
-	ch    chan Stream // receives the accept connection, or nil when refused
+	ch    chan wire.Stream // receives the accept connection, or nil when refused
 }
 
 type revEntry struct {
@@ -172,7 +174,7 @@ func (r *reverseRegistry) name(host string) (string, bool) {
 
 // claim gives a's names to a, or refuses if another identity holds one. A newer
 // session of the same owner takes over; the replaced sessions are returned.
-func (r *reverseRegistry) claim(a *reverseAgent) ([]*reverseAgent, *HelloError) {
+func (r *reverseRegistry) claim(a *reverseAgent) ([]*reverseAgent, *wire.HelloError) {
 	replaced, herr := r.claimLocked(a)
 	if herr == nil {
 		r.persist()
@@ -180,7 +182,7 @@ func (r *reverseRegistry) claim(a *reverseAgent) ([]*reverseAgent, *HelloError) 
 	return replaced, herr
 }
 
-func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *HelloError) {
+func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *wire.HelloError) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	now := time.Now()
@@ -191,10 +193,10 @@ func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *HelloE
 			continue
 		}
 		if e.agent != nil {
-			return nil, helloErr(CodeNameTaken, "%s is registered by another identity; choose another", describeKey(n))
+			return nil, wire.Errorf(wire.CodeNameTaken, "%s is registered by another identity; choose another", describeKey(n))
 		}
 		if now.Before(e.until) {
-			return nil, helloErr(CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another", describeKey(n))
+			return nil, wire.Errorf(wire.CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another", describeKey(n))
 		}
 		r.dropLocked(n, e) // another owner's hold that has run out
 	}
@@ -207,7 +209,7 @@ func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *HelloE
 	}
 	labels := map[string]string{}
 	for _, p := range a.public {
-		labels[p.key()] = p.Name
+		labels[p.Key()] = p.Name
 	}
 	var replaced []*reverseAgent
 	for _, n := range keys {
@@ -261,15 +263,15 @@ func (r *reverseRegistry) release(a *reverseAgent, grace bool) {
 }
 
 // lookup finds the live agent for a full name.
-func (r *reverseRegistry) lookup(host string) (*reverseAgent, *HelloError) {
+func (r *reverseRegistry) lookup(host string) (*reverseAgent, *wire.HelloError) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.names[host]
 	switch {
 	case e == nil || e.agent == nil && !time.Now().Before(e.until):
-		return nil, helloErr(CodeReverseUnknown, "no agent serves %s; is `tp expose` running for it?", host)
+		return nil, wire.Errorf(wire.CodeReverseUnknown, "no agent serves %s; is `tp expose` running for it?", host)
 	case e.agent == nil:
-		return nil, helloErr(CodeReverseOffline, "the agent serving %s is offline and reconnecting; try again in a few seconds", host)
+		return nil, wire.Errorf(wire.CodeReverseOffline, "the agent serving %s is offline and reconnecting; try again in a few seconds", host)
 	}
 	return e.agent, nil
 }
@@ -306,7 +308,7 @@ func (r *reverseRegistry) pend(a *reverseAgent, p *pendingSession) {
 
 // unpend removes p; if it was still pending, st (nil: refused) is delivered to its
 // dialer. It reports whether p was still pending.
-func (r *reverseRegistry) unpend(p *pendingSession, st Stream) bool {
+func (r *reverseRegistry) unpend(p *pendingSession, st wire.Stream) bool {
 	r.mu.Lock()
 	_, ok := r.sessions[p.id]
 	delete(r.sessions, p.id)
@@ -359,17 +361,17 @@ func (s *Server) ReverseZone() string {
 
 // serveReverseOp runs a listen or accept request. It returns errHandled when it
 // owned the stream to the end, or a refusal for ServeStream to send.
-func (s *Server) serveReverseOp(ctx context.Context, conn Stream, cs tls.ConnectionState, transport string, ss *session, hello ClientHello) *HelloError {
+func (s *Server) serveReverseOp(ctx context.Context, conn wire.Stream, cs tls.ConnectionState, transport string, ss *session, hello wire.ClientHello) *wire.HelloError {
 	if s.rev == nil {
-		return helloErr(CodeReverseDisabled, "this TP server has no reverse zone, so it serves no reverse listeners; the administrator sets reverse-zone in tpd.yaml")
+		return wire.Errorf(wire.CodeReverseDisabled, "this TP server has no reverse zone, so it serves no reverse listeners; the administrator sets reverse-zone in tpd.yaml")
 	}
-	if hello.Op == OpAccept {
+	if hello.Op == wire.OpAccept {
 		return s.serveAccept(ctx, conn, ss, hello)
 	}
 	return s.serveListen(ctx, conn, cs, transport, ss, hello)
 }
 
-func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.ConnectionState, transport string, ss *session, hello ClientHello) *HelloError {
+func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.ConnectionState, transport string, ss *session, hello wire.ClientHello) *wire.HelloError {
 	a := &reverseAgent{id: ss.id, transport: transport, ctl: conn, udp: map[string]bool{}}
 	reqs := make([]authz.Request, 0, len(hello.Names))
 	for _, n := range hello.Names {
@@ -398,25 +400,25 @@ func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.Connection
 	}
 	a.public, reqs = pub, append(reqs, preqs...)
 	ss.dest = "listen " + strings.Join(a.keys(), ",")
-	if qs, ok := conn.(*QUICStream); ok {
+	if qs, ok := conn.(*wire.QUICStream); ok {
 		a.open, a.openFlow = s.quicOpener(qs)
 	} else {
 		a.open = s.tlsOpener(a)
-		a.openFlow = func(ctx context.Context, hdr SessionHeader, queueLen int) (*UDPFlow, *HelloError) {
+		a.openFlow = func(ctx context.Context, hdr wire.SessionHeader, queueLen int) (*wire.UDPFlow, *wire.HelloError) {
 			st, herr := a.open(ctx, hdr)
 			if herr != nil {
 				return nil, herr
 			}
-			f, err := NewUDPFlow(st, queueLen, nil) // capsules: no datagrams on TLS
+			f, err := wire.NewUDPFlow(st, queueLen, nil) // capsules: no datagrams on TLS
 			if err != nil {
 				_ = st.Close()
-				return nil, helloErr(CodeInternal, "%v", err)
+				return nil, wire.Errorf(wire.CodeInternal, "%v", err)
 			}
 			return f, nil
 		}
 	}
 
-	ctx, cancel := context.WithDeadlineCause(ctx, ss.id.NotAfter, errCertExpired)
+	ctx, cancel := context.WithDeadlineCause(ctx, ss.id.NotAfter, wire.ErrCertExpired)
 	defer cancel()
 	ctx, end := context.WithCancelCause(ctx)
 	defer end(nil)
@@ -434,7 +436,7 @@ func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.Connection
 	}
 
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true, Names: a.names}); err != nil {
+	if err := wire.WriteServerHello(conn, wire.ServerHello{V: wire.Version, OK: true, Names: a.names}); err != nil {
 		ss.end = "writing server hello: " + err.Error()
 		_ = conn.Close()
 		return errHandled
@@ -446,7 +448,7 @@ func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.Connection
 	// The agent sends one frame after its hello, {"end":"unregister"}, when it
 	// stops; otherwise a read ends when it goes away.
 	go func() {
-		h, err := ReadSessionHeader(conn)
+		h, err := wire.ReadSessionHeader(conn)
 		switch {
 		case err == nil && h.End == "unregister":
 			err = errUnregistered
@@ -464,7 +466,7 @@ func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.Connection
 			case <-ctx.Done():
 				break loop
 			case <-t.C:
-				if err := a.writeFrame(SessionHeader{V: Version, Ping: true}); err != nil {
+				if err := a.writeFrame(wire.SessionHeader{V: wire.Version, Ping: true}); err != nil {
 					end(fmt.Errorf("control connection: %w", err))
 				}
 			}
@@ -473,16 +475,16 @@ func (s *Server) serveListen(ctx context.Context, conn Stream, cs tls.Connection
 		<-ctx.Done()
 	}
 	cause := context.Cause(ctx)
-	var rev *RevokedError
+	var rev *wire.RevokedError
 	switch {
 	case errors.Is(cause, errReplaced):
-		_ = a.writeFrame(SessionHeader{V: Version, End: "replaced", Reason: "a newer agent of the same device took over these names"})
+		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: "replaced", Reason: "a newer agent of the same device took over these names"})
 	case errors.As(cause, &rev):
-		_ = a.writeFrame(SessionHeader{V: Version, End: CodePolicyDenied, Reason: rev.Reason})
-	case errors.Is(cause, errShutdown):
-		_ = a.writeFrame(SessionHeader{V: Version, End: EndShutdown, Reason: "the TP server is shutting down; reconnect (the names stay held for this device meanwhile)"})
-	case errors.Is(cause, errCertExpired):
-		_ = a.writeFrame(SessionHeader{V: Version, End: "cert_expired", Reason: "the client certificate expired; the agent reconnects with a fresh one"})
+		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.CodePolicyDenied, Reason: rev.Reason})
+	case errors.Is(cause, wire.ErrShutdown):
+		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.EndShutdown, Reason: "the TP server is shutting down; reconnect (the names stay held for this device meanwhile)"})
+	case errors.Is(cause, wire.ErrCertExpired):
+		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: "cert_expired", Reason: "the client certificate expired; the agent reconnects with a fresh one"})
 	}
 	ss.end = cause.Error()
 	_ = conn.Close()
@@ -512,11 +514,11 @@ var (
 	errUnregistered = errors.New("the agent unregistered its names")
 )
 
-func (a *reverseAgent) writeFrame(h SessionHeader) error {
+func (a *reverseAgent) writeFrame(h wire.SessionHeader) error {
 	a.wmu.Lock()
 	defer a.wmu.Unlock()
 	_ = a.ctl.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-	err := WriteSessionHeader(a.ctl, h)
+	err := wire.WriteSessionHeader(a.ctl, h)
 	_ = a.ctl.SetWriteDeadline(time.Time{})
 	return err
 }
@@ -525,52 +527,52 @@ func (a *reverseAgent) writeFrame(h SessionHeader) error {
 // once: a QUIC stream is invisible to the peer until it carries data. Its flow
 // opener also registers a UDPFlow on the stream before the header goes out, and
 // names the flow id in the header when the connection has QUIC datagrams.
-func (s *Server) quicOpener(ctl *QUICStream) (
-	func(context.Context, SessionHeader) (Stream, *HelloError),
-	func(context.Context, SessionHeader, int) (*UDPFlow, *HelloError),
+func (s *Server) quicOpener(ctl *wire.QUICStream) (
+	func(context.Context, wire.SessionHeader) (wire.Stream, *wire.HelloError),
+	func(context.Context, wire.SessionHeader, int) (*wire.UDPFlow, *wire.HelloError),
 ) {
 	conn := ctl.Conn()
-	open := func(ctx context.Context, hdr SessionHeader, queueLen int, udp bool) (*QUICStream, *UDPFlow, *HelloError) {
+	open := func(ctx context.Context, hdr wire.SessionHeader, queueLen int, udp bool) (*wire.QUICStream, *wire.UDPFlow, *wire.HelloError) {
 		ctx, cancel := context.WithTimeout(ctx, s.rev.opts.PickupTimeout)
 		defer cancel()
 		str, err := conn.OpenStreamSync(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil, nil, helloErr(CodeReverseBusy, "the agent for %s.%s has no room for another session; try again", hdr.Name, s.rev.opts.Zone)
+				return nil, nil, wire.Errorf(wire.CodeReverseBusy, "the agent for %s.%s has no room for another session; try again", hdr.Name, s.rev.opts.Zone)
 			}
-			return nil, nil, helloErr(CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
+			return nil, nil, wire.Errorf(wire.CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
 		}
-		qs := NewQUICStream(conn, str)
-		var flow *UDPFlow
+		qs := wire.NewQUICStream(conn, str)
+		var flow *wire.UDPFlow
 		if udp {
-			if flow, err = NewUDPFlow(qs, queueLen, nil); err != nil {
+			if flow, err = wire.NewUDPFlow(qs, queueLen, nil); err != nil {
 				// The quarter stream ID is in use on this connection (a flow the
 				// agent opened itself): this one travels as capsules only.
-				flow = newUDPFlow(qs, queueLen, nil)
+				flow = wire.NewCapsuleFlow(qs, queueLen)
 			}
 			if id, ok := flow.FlowID(); ok {
 				hdr.Flow = &id
-				flow.awaitPeer()
+				flow.AwaitPeer()
 			}
 		}
 		_ = qs.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-		if err := WriteSessionHeader(qs, hdr); err != nil {
+		if err := wire.WriteSessionHeader(qs, hdr); err != nil {
 			if flow != nil {
 				_ = flow.Close()
 			}
-			qs.Abort(QUICInternal)
-			return nil, nil, helloErr(CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
+			qs.Abort(wire.QUICInternal)
+			return nil, nil, wire.Errorf(wire.CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
 		}
 		_ = qs.SetWriteDeadline(time.Time{})
 		return qs, flow, nil
 	}
-	return func(ctx context.Context, hdr SessionHeader) (Stream, *HelloError) {
+	return func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
 			qs, _, herr := open(ctx, hdr, 0, false)
 			if herr != nil {
 				return nil, herr
 			}
 			return qs, nil
-		}, func(ctx context.Context, hdr SessionHeader, queueLen int) (*UDPFlow, *HelloError) {
+		}, func(ctx context.Context, hdr wire.SessionHeader, queueLen int) (*wire.UDPFlow, *wire.HelloError) {
 			_, flow, herr := open(ctx, hdr, queueLen, true)
 			return flow, herr
 		}
@@ -578,14 +580,14 @@ func (s *Server) quicOpener(ctl *QUICStream) (
 
 // tlsOpener announces a session on the control connection and waits for the
 // agent's accept connection.
-func (s *Server) tlsOpener(a *reverseAgent) func(context.Context, SessionHeader) (Stream, *HelloError) {
-	return func(ctx context.Context, hdr SessionHeader) (Stream, *HelloError) {
-		p := &pendingSession{id: hdr.Session, agent: a, ch: make(chan Stream, 1)}
+func (s *Server) tlsOpener(a *reverseAgent) func(context.Context, wire.SessionHeader) (wire.Stream, *wire.HelloError) {
+	return func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
+		p := &pendingSession{id: hdr.Session, agent: a, ch: make(chan wire.Stream, 1)}
 		s.rev.pend(a, p)
 		if err := a.writeFrame(hdr); err != nil {
 			s.rev.unpend(p, nil)
 			a.end(fmt.Errorf("control connection: %w", err))
-			return nil, helloErr(CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
+			return nil, wire.Errorf(wire.CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
 		}
 		t := time.NewTimer(s.rev.opts.PickupTimeout)
 		defer t.Stop()
@@ -597,15 +599,15 @@ func (s *Server) tlsOpener(a *reverseAgent) func(context.Context, SessionHeader)
 		}
 		if s.rev.unpend(p, nil) {
 			<-p.ch
-			return nil, helloErr(CodeReverseTimeout, "the agent for %s.%s did not pick up the session within %s", hdr.Name, s.rev.opts.Zone, s.rev.opts.PickupTimeout)
+			return nil, wire.Errorf(wire.CodeReverseTimeout, "the agent for %s.%s did not pick up the session within %s", hdr.Name, s.rev.opts.Zone, s.rev.opts.PickupTimeout)
 		}
 		return pickedUp(<-p.ch, hdr, s.rev.opts.Zone) // accepted just now
 	}
 }
 
-func pickedUp(st Stream, hdr SessionHeader, zone string) (Stream, *HelloError) {
+func pickedUp(st wire.Stream, hdr wire.SessionHeader, zone string) (wire.Stream, *wire.HelloError) {
 	if st == nil {
-		return nil, helloErr(CodeReverseBusy, "the agent for %s.%s has too many sessions waiting or went away; try again", hdr.Name, zone)
+		return nil, wire.Errorf(wire.CodeReverseBusy, "the agent for %s.%s has too many sessions waiting or went away; try again", hdr.Name, zone)
 	}
 	return st, nil
 }
@@ -613,7 +615,7 @@ func pickedUp(st Stream, hdr SessionHeader, zone string) (Stream, *HelloError) {
 // pairedStream is an accept connection handed to a dialer's session; Close tells
 // the accept request that the session is over.
 type pairedStream struct {
-	Stream
+	wire.Stream
 	once sync.Once
 	done chan struct{}
 }
@@ -627,16 +629,16 @@ func (p *pairedStream) Close() error {
 	return err
 }
 
-func (s *Server) serveAccept(ctx context.Context, conn Stream, ss *session, hello ClientHello) *HelloError {
+func (s *Server) serveAccept(ctx context.Context, conn wire.Stream, ss *session, hello wire.ClientHello) *wire.HelloError {
 	s.rev.mu.Lock()
 	p := s.rev.sessions[hello.Session]
 	s.rev.mu.Unlock()
 	if p == nil || p.agent.id.DeviceID != ss.id.DeviceID {
-		return helloErr(CodeUnknownSession, "session %s is not waiting for %s (it expired, or was announced to another agent)", hello.Session, ss.id)
+		return wire.Errorf(wire.CodeUnknownSession, "session %s is not waiting for %s (it expired, or was announced to another agent)", hello.Session, ss.id)
 	}
 	ss.dest = "accept " + hello.Session
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true}); err != nil {
+	if err := wire.WriteServerHello(conn, wire.ServerHello{V: wire.Version, OK: true}); err != nil {
 		ss.end = "writing server hello: " + err.Error()
 		_ = conn.Close()
 		return errHandled
@@ -661,7 +663,7 @@ func (s *Server) serveAccept(ctx context.Context, conn Stream, ss *session, hell
 // establishReverse connects a dial of a reverse name to the name's agent. The
 // policy is asked before the name is looked up, so a device the policy refuses
 // learns nothing about the name: not whether an agent serves it, nor its network.
-func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session, host, label string, port int, transport string) (net.Conn, *HelloError) {
+func (s *Server) establishReverse(ctx context.Context, conn wire.Stream, ss *session, host, label string, port int, transport string) (net.Conn, *wire.HelloError) {
 	req := authz.Request{
 		Action:      dialAction(ss.network),
 		Identity:    ss.id,
@@ -681,11 +683,11 @@ func (s *Server) establishReverse(ctx context.Context, conn Stream, ss *session,
 		if network == "udp" {
 			hint = "dial it with --udp (tp forward --udp)"
 		}
-		return nil, helloErr(CodeUnsupportedNetwork, "%s serves %s, not %s; %s", host, strings.ToUpper(network), strings.ToUpper(ss.network), hint)
+		return nil, wire.Errorf(wire.CodeUnsupportedNetwork, "%s serves %s, not %s; %s", host, strings.ToUpper(network), strings.ToUpper(ss.network), hint)
 	}
 	ss.req = req
 	ss.upstream = "agent " + a.id.String() + " (" + a.transport + ")"
-	hdr := SessionHeader{V: Version, Session: newSessionID(), Name: label,
+	hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label,
 		PeerID: ss.id.DeviceID, PeerUser: ss.id.User, PeerGroups: ss.id.Groups}
 	if ss.network == "udp" {
 		// The relay splices the dialer's stream to the agent's: datagrams travel
@@ -717,7 +719,7 @@ func netOfFull(a *reverseAgent, host string) string {
 }
 
 // decide asks the Authorizer and turns a denial or an error into a refusal.
-func (s *Server) decide(ctx context.Context, ss *session, req authz.Request, fallback string) *HelloError {
+func (s *Server) decide(ctx context.Context, ss *session, req authz.Request, fallback string) *wire.HelloError {
 	actx, acancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
 	dec, err := s.cfg.Authorizer.Authorize(actx, req)
 	acancel()
@@ -732,7 +734,7 @@ func (s *Server) decide(ctx context.Context, ss *session, req authz.Request, fal
 		if reason == "" {
 			reason = fallback
 		}
-		return &HelloError{Code: CodePolicyDenied, Reason: reason}
+		return &wire.HelloError{Code: wire.CodePolicyDenied, Reason: reason}
 	}
 	ss.decision = "allow"
 	return nil

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/wire"
+
 	"github.com/tp-proxy/tp/authz"
 )
 
@@ -33,7 +35,7 @@ func TestReversePendingBounded(t *testing.T) {
 	codes := make(chan string, n)
 	for i := 0; i < n; i++ {
 		go func() {
-			_, herr := a.open(context.Background(), SessionHeader{V: 1, Session: newSessionID(), Name: "svc"})
+			_, herr := a.open(context.Background(), wire.SessionHeader{V: 1, Session: newSessionID(), Name: "svc"})
 			codes <- herr.Code
 		}()
 	}
@@ -43,9 +45,9 @@ func TestReversePendingBounded(t *testing.T) {
 		select {
 		case c := <-codes:
 			switch c {
-			case CodeReverseBusy:
+			case wire.CodeReverseBusy:
 				busy++
-			case CodeReverseTimeout:
+			case wire.CodeReverseTimeout:
 				timeout++
 			default:
 				t.Fatalf("unexpected code %s", c)
@@ -71,14 +73,14 @@ func TestReverseClaim(t *testing.T) {
 	if _, herr := r.claim(alice); herr != nil {
 		t.Fatal(herr)
 	}
-	if _, herr := r.claim(mallory); herr == nil || herr.Code != CodeNameTaken {
+	if _, herr := r.claim(mallory); herr == nil || herr.Code != wire.CodeNameTaken {
 		t.Fatalf("online: %v", herr)
 	}
 	r.release(alice, true)
-	if _, herr := r.claim(mallory); herr == nil || herr.Code != CodeNameTaken {
+	if _, herr := r.claim(mallory); herr == nil || herr.Code != wire.CodeNameTaken {
 		t.Fatalf("grace: %v", herr)
 	}
-	if _, herr := r.lookup("a.rev.test"); herr == nil || herr.Code != CodeReverseOffline {
+	if _, herr := r.lookup("a.rev.test"); herr == nil || herr.Code != wire.CodeReverseOffline {
 		t.Fatalf("lookup in grace: %v", herr)
 	}
 	alice2 := &reverseAgent{id: alice.id, names: alice.names}
@@ -112,7 +114,7 @@ func TestReverseRestoredHoldOutlastsGrace(t *testing.T) {
 	}
 	for _, n := range []string{"a.rev.test", "b.rev.test", "c.rev.test"} {
 		mallory := &reverseAgent{id: authz.Identity{DeviceID: "mallory@pc"}, names: []string{n}}
-		if _, herr := r.claim(mallory); herr == nil || herr.Code != CodeNameTaken {
+		if _, herr := r.claim(mallory); herr == nil || herr.Code != wire.CodeNameTaken {
 			t.Fatalf("%s: another identity after Grace, within RestartGrace: %v; want name_taken", n, herr)
 		}
 		if owner, ok := r.owner(n); !ok || owner != "alice@laptop" {

@@ -7,10 +7,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/netip"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
 )
@@ -20,102 +21,6 @@ import (
 // on a TCP port of the TP server or by TLS server name (SNI) on the shared port.
 // Public sessions carry no dialer identity and no inner TLS: the relay splices
 // the public client's bytes to the agent, which connects them to its local service.
-
-// CodePublicRefused: the server does not open this public port or server name
-// (outside the administrator's public-ports, one of the server's own names, a
-// website, or a name under the reverse zone), or could not open the port.
-const CodePublicRefused = "public_refused"
-
-// PublicSpec is one public exposure in a listen hello: Name (one of the hello's
-// names) on TCP port Port of the server, or by TLS server name SNI on the
-// server's shared port. Exactly one of Port and SNI is set.
-type PublicSpec struct {
-	Name string `json:"name"`
-	Net  string `json:"net"`
-	Port int    `json:"port,omitempty"`
-	SNI  string `json:"sni,omitempty"`
-}
-
-// UnmarshalJSON decodes strictly, like the rest of the hello: no unknown fields.
-func (p *PublicSpec) UnmarshalJSON(b []byte) error {
-	type plain PublicSpec
-	var v plain
-	if err := strictJSON(b, &v); err != nil {
-		return err
-	}
-	*p = PublicSpec(v)
-	return nil
-}
-
-// key is the registry key the exposure is held under: "tcp/27015", "sni/NAME".
-func (p PublicSpec) key() string {
-	if p.SNI != "" {
-		return "sni/" + p.SNI
-	}
-	return p.Net + "/" + strconv.Itoa(p.Port)
-}
-
-// netOf is the network of a name in a listen hello: "udp" if listed in udp.
-func netOf(name string, udp map[string]bool) string {
-	if udp[name] {
-		return "udp"
-	}
-	return "tcp"
-}
-
-func validatePublic(specs []PublicSpec, names, udp map[string]bool) error {
-	if len(specs) > MaxListenNames {
-		return helloErr(CodeBadRequest, "op \"listen\" takes at most %d public exposures, not %d", MaxListenNames, len(specs))
-	}
-	seen := make(map[string]bool, len(specs))
-	for _, p := range specs {
-		if !names[p.Name] {
-			return helloErr(CodeBadRequest, "public exposure of %q: the name is not among the names registered", p.Name)
-		}
-		if want := netOf(p.Name, udp); p.Net != want {
-			return helloErr(CodeBadRequest, "public exposure of %q: network %q, but %q is a %s service", p.Name, p.Net, p.Name, strings.ToUpper(want))
-		}
-		if p.Net == "udp" && p.SNI != "" {
-			return helloErr(CodeUnsupportedNetwork, "public exposure of %q: a UDP service is exposed on a public port, not by TLS server name", p.Name)
-		}
-		switch {
-		case p.SNI != "" && p.Port != 0, p.SNI == "" && p.Port == 0:
-			return helloErr(CodeBadRequest, "public exposure of %q needs exactly one of port and sni", p.Name)
-		case p.Port < 0 || p.Port > 65535:
-			return helloErr(CodeBadRequest, "public port %d is out of range 1..65535", p.Port)
-		case p.SNI != "":
-			if err := ValidServerName(p.SNI); err != nil {
-				return helloErr(CodeBadRequest, "%v", err)
-			}
-		}
-		if seen[p.key()] {
-			return helloErr(CodeBadRequest, "public exposure %s is listed twice", p.key())
-		}
-		seen[p.key()] = true
-	}
-	return nil
-}
-
-// ValidServerName reports whether name can be a public pass-through name: a
-// lower-case DNS name of at least two labels (no IP address, no trailing dot).
-func ValidServerName(name string) error {
-	if len(name) > maxHostLen {
-		return fmt.Errorf("server name %q is longer than %d bytes", name, maxHostLen)
-	}
-	if _, err := netip.ParseAddr(name); err == nil {
-		return fmt.Errorf("server name %q is an IP address; TLS clients send no SNI for addresses", name)
-	}
-	labels := strings.Split(name, ".")
-	if len(labels) < 2 {
-		return fmt.Errorf("server name %q must have at least two labels (e.g. blog.example.org)", name)
-	}
-	for _, l := range labels {
-		if err := ValidReverseName(l); err != nil {
-			return fmt.Errorf("server name %q: label %q must be 1 to 63 characters of a-z, 0-9 and inner '-'", name, l)
-		}
-	}
-	return nil
-}
 
 // describeKey names a registry key for people.
 func describeKey(k string) string {
@@ -132,14 +37,14 @@ func describeKey(k string) string {
 
 // publicClaim is one public exposure of an agent, as the registry holds it.
 type publicClaim struct {
-	PublicSpec
+	wire.PublicSpec
 	full string // the reverse name it belongs to
 }
 
 // publicClaims decides an agent's public exposures: the administrator's bounds
 // first (public-ports, refused server names), then the policy with action
 // expose_public. It returns the claims and the requests to re-check while live.
-func (s *Server) publicClaims(ctx context.Context, ss *session, hello ClientHello, transport string) ([]publicClaim, []authz.Request, *HelloError) {
+func (s *Server) publicClaims(ctx context.Context, ss *session, hello wire.ClientHello, transport string) ([]publicClaim, []authz.Request, *wire.HelloError) {
 	o := s.rev.opts
 	var claims []publicClaim
 	var reqs []authz.Request
@@ -148,18 +53,18 @@ func (s *Server) publicClaims(ctx context.Context, ss *session, hello ClientHell
 		dest := authz.Destination{Network: p.Net, Reverse: p.Name}
 		if p.Port != 0 {
 			if o.PublicPorts == nil || !o.PublicPorts(p.Net, p.Port) {
-				return nil, nil, helloErr(CodePublicRefused, "this TP server does not open public %s port %d; its administrator lists the ports it may open in public-ports (tpd.yaml)", p.Net, p.Port)
+				return nil, nil, wire.Errorf(wire.CodePublicRefused, "this TP server does not open public %s port %d; its administrator lists the ports it may open in public-ports (tpd.yaml)", p.Net, p.Port)
 			}
 			dest.Port = p.Port
 		} else {
 			if p.SNI == o.Zone || strings.HasSuffix(p.SNI, "."+o.Zone) {
-				return nil, nil, helloErr(CodePublicRefused, "%s is under the reverse zone %s, whose names are reached through TP only", p.SNI, o.Zone)
+				return nil, nil, wire.Errorf(wire.CodePublicRefused, "%s is under the reverse zone %s, whose names are reached through TP only", p.SNI, o.Zone)
 			}
 			if o.PublicSNI == nil {
-				return nil, nil, helloErr(CodePublicRefused, "this TP server does not pass TLS through by server name")
+				return nil, nil, wire.Errorf(wire.CodePublicRefused, "this TP server does not pass TLS through by server name")
 			}
 			if err := o.PublicSNI(p.SNI); err != nil {
-				return nil, nil, helloErr(CodePublicRefused, "%v", err)
+				return nil, nil, wire.Errorf(wire.CodePublicRefused, "%v", err)
 			}
 			dest.Host, dest.Port = p.SNI, s.publicTCPPort()
 		}
@@ -170,7 +75,7 @@ func (s *Server) publicClaims(ctx context.Context, ss *session, hello ClientHell
 			Source:      authz.Source{Address: ss.remote, Transport: transport},
 			Time:        time.Now(),
 		}
-		if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to expose "+full+" as "+describeKey(p.key())); herr != nil {
+		if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to expose "+full+" as "+describeKey(p.Key())); herr != nil {
 			return nil, nil, herr
 		}
 		claims = append(claims, publicClaim{PublicSpec: p, full: full})
@@ -198,7 +103,7 @@ func (s *Server) publicTCPPort() int {
 func (a *reverseAgent) keys() []string {
 	keys := append([]string(nil), a.names...)
 	for _, p := range a.public {
-		keys = append(keys, p.key())
+		keys = append(keys, p.Key())
 	}
 	return keys
 }
@@ -238,9 +143,9 @@ func (p *publicListener) Addr() net.Addr {
 
 // openPublic opens the listeners a's claims need and that are not open yet.
 // Called with r.mu held, before a's entries are recorded.
-func (r *reverseRegistry) openPublic(a *reverseAgent) (map[string]*publicListener, *HelloError) {
+func (r *reverseRegistry) openPublic(a *reverseAgent) (map[string]*publicListener, *wire.HelloError) {
 	opened := map[string]*publicListener{}
-	fail := func(herr *HelloError) (map[string]*publicListener, *HelloError) {
+	fail := func(herr *wire.HelloError) (map[string]*publicListener, *wire.HelloError) {
 		for _, ln := range opened {
 			r.srv.untrack(ln)
 		}
@@ -250,11 +155,11 @@ func (r *reverseRegistry) openPublic(a *reverseAgent) (map[string]*publicListene
 		if p.Port == 0 {
 			continue
 		}
-		if e := r.names[p.key()]; e != nil && e.ln != nil {
+		if e := r.names[p.Key()]; e != nil && e.ln != nil {
 			continue
 		}
 		addr := net.JoinHostPort(r.opts.PublicHost, strconv.Itoa(p.Port))
-		pl := &publicListener{key: p.key()}
+		pl := &publicListener{key: p.Key()}
 		var err error
 		if p.Net == "udp" {
 			var ua *net.UDPAddr
@@ -265,13 +170,13 @@ func (r *reverseRegistry) openPublic(a *reverseAgent) (map[string]*publicListene
 			pl.Listener, err = net.Listen("tcp", addr)
 		}
 		if err != nil {
-			return fail(helloErr(CodePublicRefused, "the TP server cannot open public %s port %d: %v", strings.ToUpper(p.Net), p.Port, err))
+			return fail(wire.Errorf(wire.CodePublicRefused, "the TP server cannot open public %s port %d: %v", strings.ToUpper(p.Net), p.Port, err))
 		}
 		if r.srv == nil || !r.srv.track(pl) {
 			_ = pl.Close()
-			return fail(helloErr(CodePublicRefused, "the TP server is shutting down"))
+			return fail(wire.Errorf(wire.CodePublicRefused, "the TP server is shutting down"))
 		}
-		opened[p.key()] = pl
+		opened[p.Key()] = pl
 	}
 	return opened, nil
 }
@@ -326,13 +231,13 @@ func (s *Server) acceptPublic(ln *publicListener) {
 			return
 		}
 		if !s.acquire() {
-			Abort(c, QUICRefused)
+			wire.Abort(c, wire.QUICRefused)
 			s.log.Warn("public connection refused: too many connections", "remote", c.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
 			continue
 		}
 		if !s.addWorker() {
 			s.release()
-			Abort(c, QUICRefused)
+			wire.Abort(c, wire.QUICRefused)
 			continue
 		}
 		go func() {
@@ -378,20 +283,20 @@ func (s *Server) servePublic(c net.Conn, key string) {
 	a, label, ok := s.rev.lookupKey(key)
 	if !ok {
 		end = "refused: no agent online for it (reconnecting, or gone)"
-		Abort(c, QUICPeerReset)
+		wire.Abort(c, wire.QUICPeerReset)
 		return
 	}
 	agent = a.id.String() + " (" + a.transport + ")"
 	ctx := a.ctx
-	hdr := SessionHeader{V: Version, Session: newSessionID(), Name: label, Public: key, PeerAddr: remote}
+	hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label, Public: key, PeerAddr: remote}
 	st, herr := a.open(ctx, hdr)
 	if herr != nil {
 		end = "refused: " + herr.Error()
-		Abort(c, QUICPeerReset)
+		wire.Abort(c, wire.QUICPeerReset)
 		return
 	}
 	var err error
-	up, down, err = Bridge(ctx, c, st)
+	up, down, err = wire.Bridge(ctx, c, st)
 	end = "closed"
 	if err != nil {
 		end = err.Error()

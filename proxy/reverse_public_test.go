@@ -5,7 +5,7 @@ import (
 	"errors"
 	"testing"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // The public field of a listen hello is decoded as strictly as the rest.
@@ -17,28 +17,28 @@ func TestListenHelloPublic(t *testing.T) {
 		{"port", `[{"name":"game","net":"tcp","port":27015}]`, ""},
 		{"sni", `[{"name":"blog","net":"tcp","sni":"blog.example.org"}]`, ""},
 		{"both kinds", `[{"name":"game","net":"tcp","port":27015},{"name":"blog","net":"tcp","sni":"blog.example.org"}]`, ""},
-		{"name not registered", `[{"name":"other","net":"tcp","port":1}]`, proxy.CodeBadRequest},
-		{"port and sni", `[{"name":"game","net":"tcp","port":1,"sni":"a.example"}]`, proxy.CodeBadRequest},
-		{"neither", `[{"name":"game","net":"tcp"}]`, proxy.CodeBadRequest},
-		{"port out of range", `[{"name":"game","net":"tcp","port":65536}]`, proxy.CodeBadRequest},
+		{"name not registered", `[{"name":"other","net":"tcp","port":1}]`, wire.CodeBadRequest},
+		{"port and sni", `[{"name":"game","net":"tcp","port":1,"sni":"a.example"}]`, wire.CodeBadRequest},
+		{"neither", `[{"name":"game","net":"tcp"}]`, wire.CodeBadRequest},
+		{"port out of range", `[{"name":"game","net":"tcp","port":65536}]`, wire.CodeBadRequest},
 		{"udp port", `[{"name":"game","net":"udp","port":27015}],"udp":["game"]`, ""},
-		{"udp for a name not listed as udp", `[{"name":"game","net":"udp","port":27015}]`, proxy.CodeBadRequest},
-		{"tcp for a name listed as udp", `[{"name":"game","net":"tcp","port":27015}],"udp":["game"]`, proxy.CodeBadRequest},
-		{"udp by sni", `[{"name":"game","net":"udp","sni":"game.example.org"}],"udp":["game"]`, proxy.CodeUnsupportedNetwork},
-		{"udp lists an unregistered name", `[],"udp":["other"]`, proxy.CodeBadRequest},
-		{"udp lists a name twice", `[],"udp":["game","game"]`, proxy.CodeBadRequest},
-		{"unknown field", `[{"name":"game","net":"tcp","port":1,"x":1}]`, proxy.CodeBadRequest},
-		{"duplicate", `[{"name":"game","net":"tcp","port":1},{"name":"blog","net":"tcp","port":1}]`, proxy.CodeBadRequest},
-		{"sni one label", `[{"name":"blog","net":"tcp","sni":"localhost"}]`, proxy.CodeBadRequest},
-		{"sni upper case", `[{"name":"blog","net":"tcp","sni":"Blog.example.org"}]`, proxy.CodeBadRequest},
-		{"sni IP", `[{"name":"blog","net":"tcp","sni":"10.0.0.1"}]`, proxy.CodeBadRequest},
-		{"sni trailing dot", `[{"name":"blog","net":"tcp","sni":"blog.example.org."}]`, proxy.CodeBadRequest},
-		{"null", `null`, proxy.CodeBadRequest},
+		{"udp for a name not listed as udp", `[{"name":"game","net":"udp","port":27015}]`, wire.CodeBadRequest},
+		{"tcp for a name listed as udp", `[{"name":"game","net":"tcp","port":27015}],"udp":["game"]`, wire.CodeBadRequest},
+		{"udp by sni", `[{"name":"game","net":"udp","sni":"game.example.org"}],"udp":["game"]`, wire.CodeUnsupportedNetwork},
+		{"udp lists an unregistered name", `[],"udp":["other"]`, wire.CodeBadRequest},
+		{"udp lists a name twice", `[],"udp":["game","game"]`, wire.CodeBadRequest},
+		{"unknown field", `[{"name":"game","net":"tcp","port":1,"x":1}]`, wire.CodeBadRequest},
+		{"duplicate", `[{"name":"game","net":"tcp","port":1},{"name":"blog","net":"tcp","port":1}]`, wire.CodeBadRequest},
+		{"sni one label", `[{"name":"blog","net":"tcp","sni":"localhost"}]`, wire.CodeBadRequest},
+		{"sni upper case", `[{"name":"blog","net":"tcp","sni":"Blog.example.org"}]`, wire.CodeBadRequest},
+		{"sni IP", `[{"name":"blog","net":"tcp","sni":"10.0.0.1"}]`, wire.CodeBadRequest},
+		{"sni trailing dot", `[{"name":"blog","net":"tcp","sni":"blog.example.org."}]`, wire.CodeBadRequest},
+		{"null", `null`, wire.CodeBadRequest},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := proxy.ReadClientHello(bytes.NewReader(frame(pre + tt.public + `}`)))
-			var he *proxy.HelloError
+			_, err := wire.ReadClientHello(bytes.NewReader(frame(pre + tt.public + `}`)))
+			var he *wire.HelloError
 			switch {
 			case tt.code == "" && err != nil:
 				t.Fatalf("refused: %v", err)
@@ -53,7 +53,7 @@ func TestListenHelloPublic(t *testing.T) {
 		`{"v":1,"op":"accept","session":"ab","udp":["game"]}`,
 		`{"v":1,"op":"accept","session":"ab","public":[{"name":"game","net":"tcp","port":1}]}`,
 	} {
-		if _, err := proxy.ReadClientHello(bytes.NewReader(frame(h))); err == nil {
+		if _, err := wire.ReadClientHello(bytes.NewReader(frame(h))); err == nil {
 			t.Errorf("%s accepted; public belongs to listen only", h)
 		}
 	}

@@ -9,11 +9,13 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // UDP reverse listeners (docs/PROTOCOL.md, section 11.6). An agent lists in its
 // listen hello the names whose local service is UDP. Their sessions carry
-// datagrams as capsules (udpwire.go) instead of a byte stream:
+// datagrams as capsules (wire/udpwire.go) instead of a byte stream:
 //
 //   - A TP client dials such a name with net "udp" (tp forward --udp). The relay
 //     splices the client's stream to the agent's like a TCP session; for a
@@ -50,7 +52,7 @@ func (s *Server) servePublicUDP(pl *publicListener) {
 		wg.Wait()
 		s.log.Info("public port closed", "addr", pl.Addr().String(), "exposure", describeKey(pl.key))
 	}()
-	buf := make([]byte, MaxDatagramSize)
+	buf := make([]byte, wire.MaxDatagramSize)
 	for {
 		n, src, err := pl.pc.ReadFromUDPAddrPort(buf)
 		if err != nil {
@@ -107,7 +109,7 @@ func (s *Server) servePublicUDP(pl *publicListener) {
 func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *publicUDPClient, o UDPOptions) {
 	start := time.Now()
 	agent, end := "", ""
-	var st UDPFlowStats
+	var st wire.UDPFlowStats
 	defer func() {
 		s.log.LogAttrs(context.Background(), slog.LevelInfo, "public session",
 			slog.String("remote", c.src.String()), slog.String("exposure", describeKey(pl.key)), slog.String("agent", agent),
@@ -134,7 +136,7 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 	defer cancel()
 	defer context.AfterFunc(ctx, cancel)()
 
-	hdr := SessionHeader{V: Version, Session: newSessionID(), Name: label, Public: pl.key, PeerAddr: c.src.String(), Net: "udp"}
+	hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label, Public: pl.key, PeerAddr: c.src.String(), Net: "udp"}
 	flow, herr := a.openFlow(actx, hdr, o.QueueLen)
 	if herr != nil {
 		refused(herr.Error())
@@ -154,13 +156,11 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 	ends := make(chan string, 1)
 	go func() { // agent → public client
 		for {
-			d, err := flow.readDatagram()
+			d, err := flow.ReadDatagram()
 			if err != nil {
-				ends <- flowEnd("agent", err).text
+				ends <- wire.FlowEnd("agent", err)
 				return
 			}
-			flow.stats.dgIn.Add(1)
-			flow.stats.bIn.Add(int64(len(d)))
 			touch()
 			if _, err := pl.pc.WriteToUDPAddrPort(d, c.src); err != nil {
 				if errors.Is(err, net.ErrClosed) {
@@ -177,8 +177,8 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 		select {
 		case d := <-c.queue:
 			touch()
-			if _, err := flow.Write(d); err != nil && !errors.Is(err, ErrDatagramTooLarge) {
-				end = flowEnd("agent", err).text
+			if _, err := flow.Write(d); err != nil && !errors.Is(err, wire.ErrDatagramTooLarge) {
+				end = wire.FlowEnd("agent", err)
 			}
 		case end = <-ends:
 		case <-actx.Done():
@@ -187,7 +187,7 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 				end = "the public port closed"
 			}
 			// Tell the agent its session was cut, not ended (shutdown, revocation).
-			Abort(flow, AbortCode(context.Cause(actx)))
+			wire.Abort(flow, wire.AbortCode(context.Cause(actx)))
 		case <-tick.C:
 			if time.Since(time.Unix(0, last.Load())) >= o.IdleTimeout {
 				end = "idle for " + o.IdleTimeout.String()
@@ -200,14 +200,4 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 	s.udp.down.Add(st.DatagramsIn)
 	s.udp.queueFull.Add(st.QueueFull)
 	s.udp.oversize.Add(st.Oversize)
-}
-
-// RelayUDP copies datagrams between flow and upstream, a connected UDP socket,
-// until either side ends, ctx ends, or nothing moved either way for idle; then it
-// closes both and says why it ended. An agent uses it for a UDP session.
-func RelayUDP(ctx context.Context, flow *UDPFlow, upstream net.Conn, idle time.Duration) string {
-	if idle <= 0 {
-		idle = UDPOptions{}.withDefaults().IdleTimeout
-	}
-	return relayUDP(ctx, flow, upstream, idle).end
 }

@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/wire"
+
 	"github.com/tp-proxy/tp/authz"
 )
 
@@ -208,7 +210,7 @@ func New(cfg Config) (*Server, error) {
 	s.proxyTLS = cfg.ProxyTLS.Clone()
 	s.proxyTLS.MinVersion = tls.VersionTLS13
 	s.proxyTLS.MaxVersion = 0
-	s.proxyTLS.NextProtos = []string{ALPN}
+	s.proxyTLS.NextProtos = []string{wire.ALPN}
 	if cfg.WebTLS != nil {
 		s.webTLS = cfg.WebTLS.Clone()
 		if len(s.webTLS.NextProtos) == 0 {
@@ -310,7 +312,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// Agents' control sessions would otherwise hold the drain for its whole
 	// length: they are told to reconnect, while their data sessions drain.
 	if s.rev != nil {
-		s.rev.endAgents(errShutdown)
+		s.rev.endAgents(wire.ErrShutdown)
 	}
 
 	var webErr error

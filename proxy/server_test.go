@@ -24,6 +24,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 func TestDialEcho(t *testing.T) {
@@ -175,8 +176,8 @@ func TestIdentifyFails(t *testing.T) {
 	d := &clients.Dialer{Server: e.addr, TLSConfig: e.clientTLS(ptr(e.ca.ClientCert(t, "", testpki.LeafOptions{})))}
 	_, err := d.DialContext(context.Background(), "tcp", e.echo)
 	var re *clients.RefusedError
-	if !errors.As(err, &re) || re.Code != proxy.CodeUnauthenticated {
-		t.Fatalf("err = %v; want RefusedError %s", err, proxy.CodeUnauthenticated)
+	if !errors.As(err, &re) || re.Code != wire.CodeUnauthenticated {
+		t.Fatalf("err = %v; want RefusedError %s", err, wire.CodeUnauthenticated)
 	}
 	e.mustEcho(t)
 }
@@ -191,32 +192,32 @@ func frame(body string) []byte {
 func TestBadHello(t *testing.T) {
 	e := newEnv(t, nil)
 	_, port, _ := net.SplitHostPort(e.echo)
-	tooLarge := binary.BigEndian.AppendUint16(nil, proxy.MaxHelloSize+1)
-	tooLarge = append(tooLarge, bytes.Repeat([]byte{' '}, proxy.MaxHelloSize+1)...)
+	tooLarge := binary.BigEndian.AppendUint16(nil, wire.MaxHelloSize+1)
+	tooLarge = append(tooLarge, bytes.Repeat([]byte{' '}, wire.MaxHelloSize+1)...)
 	tests := []struct {
 		name  string
 		bytes []byte
 		code  string
 	}{
-		{"hello larger than MaxHelloSize", tooLarge, proxy.CodeHelloTooLarge},
-		{"zero-length hello", []byte{0, 0}, proxy.CodeBadRequest},
-		{"malformed JSON", frame(`{"v":1,"op":"dial",`), proxy.CodeBadRequest},
-		{"JSON array instead of object", frame(`[1]`), proxy.CodeBadRequest},
-		{"unknown op", frame(`{"v":1,"op":"frobnicate","net":"tcp","host":"127.0.0.1","port":` + port + `}`), proxy.CodeUnknownOp},
-		{"unknown field", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":` + port + `,"x":1}`), proxy.CodeBadRequest},
-		{"field name in wrong case", frame(`{"v":1,"op":"dial","net":"tcp","HOST":"127.0.0.1","port":` + port + `}`), proxy.CodeBadRequest},
-		{"duplicate field", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","host":"127.0.0.1","port":` + port + `}`), proxy.CodeBadRequest},
-		{"trailing bytes after object", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":` + port + `}{}`), proxy.CodeBadRequest},
-		{"port 0", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":0}`), proxy.CodeBadRequest},
-		{"port 65536", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":65536}`), proxy.CodeBadRequest},
-		{"port as string", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":"22"}`), proxy.CodeBadRequest},
-		{"version 2", frame(`{"v":2,"op":"dial","net":"tcp","host":"127.0.0.1","port":` + port + `}`), proxy.CodeUnsupportedVersion},
-		{"network sctp", frame(`{"v":1,"op":"dial","net":"sctp","host":"127.0.0.1","port":` + port + `}`), proxy.CodeUnsupportedNetwork},
-		{"empty host", frame(`{"v":1,"op":"dial","net":"tcp","host":"","port":` + port + `}`), proxy.CodeBadRequest},
-		{"host with NUL", frame(`{"v":1,"op":"dial","net":"tcp","host":"a\u0000b","port":` + port + `}`), proxy.CodeBadRequest},
-		{"host with space", frame(`{"v":1,"op":"dial","net":"tcp","host":"a b","port":` + port + `}`), proxy.CodeBadRequest},
-		{"host of 254 bytes", frame(`{"v":1,"op":"dial","net":"tcp","host":"` + strings.Repeat("a", 254) + `","port":` + port + `}`), proxy.CodeBadRequest},
-		{"truncated body then half-close", frame(`{"v":1}`)[:5], proxy.CodeBadRequest},
+		{"hello larger than MaxHelloSize", tooLarge, wire.CodeHelloTooLarge},
+		{"zero-length hello", []byte{0, 0}, wire.CodeBadRequest},
+		{"malformed JSON", frame(`{"v":1,"op":"dial",`), wire.CodeBadRequest},
+		{"JSON array instead of object", frame(`[1]`), wire.CodeBadRequest},
+		{"unknown op", frame(`{"v":1,"op":"frobnicate","net":"tcp","host":"127.0.0.1","port":` + port + `}`), wire.CodeUnknownOp},
+		{"unknown field", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":` + port + `,"x":1}`), wire.CodeBadRequest},
+		{"field name in wrong case", frame(`{"v":1,"op":"dial","net":"tcp","HOST":"127.0.0.1","port":` + port + `}`), wire.CodeBadRequest},
+		{"duplicate field", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","host":"127.0.0.1","port":` + port + `}`), wire.CodeBadRequest},
+		{"trailing bytes after object", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":` + port + `}{}`), wire.CodeBadRequest},
+		{"port 0", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":0}`), wire.CodeBadRequest},
+		{"port 65536", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":65536}`), wire.CodeBadRequest},
+		{"port as string", frame(`{"v":1,"op":"dial","net":"tcp","host":"127.0.0.1","port":"22"}`), wire.CodeBadRequest},
+		{"version 2", frame(`{"v":2,"op":"dial","net":"tcp","host":"127.0.0.1","port":` + port + `}`), wire.CodeUnsupportedVersion},
+		{"network sctp", frame(`{"v":1,"op":"dial","net":"sctp","host":"127.0.0.1","port":` + port + `}`), wire.CodeUnsupportedNetwork},
+		{"empty host", frame(`{"v":1,"op":"dial","net":"tcp","host":"","port":` + port + `}`), wire.CodeBadRequest},
+		{"host with NUL", frame(`{"v":1,"op":"dial","net":"tcp","host":"a\u0000b","port":` + port + `}`), wire.CodeBadRequest},
+		{"host with space", frame(`{"v":1,"op":"dial","net":"tcp","host":"a b","port":` + port + `}`), wire.CodeBadRequest},
+		{"host of 254 bytes", frame(`{"v":1,"op":"dial","net":"tcp","host":"` + strings.Repeat("a", 254) + `","port":` + port + `}`), wire.CodeBadRequest},
+		{"truncated body then half-close", frame(`{"v":1}`)[:5], wire.CodeBadRequest},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -227,7 +228,7 @@ func TestBadHello(t *testing.T) {
 			if tt.name == "truncated body then half-close" {
 				_ = c.CloseWrite()
 			}
-			sh, err := proxy.ReadServerHello(c)
+			sh, err := wire.ReadServerHello(c)
 			if err != nil {
 				t.Fatalf("reading server hello: %v", err)
 			}
@@ -246,12 +247,12 @@ func TestBadHello(t *testing.T) {
 func TestHelloTimeout(t *testing.T) {
 	e := newEnv(t, func(c *proxy.Config) { c.HelloTimeout = 200 * time.Millisecond })
 	c := e.rawConn(t)
-	sh, err := proxy.ReadServerHello(c)
+	sh, err := wire.ReadServerHello(c)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if sh.OK || sh.Code != proxy.CodeHelloTimeout {
-		t.Fatalf("server hello %+v; want %s", sh, proxy.CodeHelloTimeout)
+	if sh.OK || sh.Code != wire.CodeHelloTimeout {
+		t.Fatalf("server hello %+v; want %s", sh, wire.CodeHelloTimeout)
 	}
 	e.mustEcho(t)
 }
@@ -273,7 +274,7 @@ func TestDestinationRefuses(t *testing.T) {
 	e := newEnv(t, nil)
 	addr := refusedPort(t)
 	_, err := e.dialer().DialContext(context.Background(), "tcp", addr)
-	re := refused(t, err, proxy.CodeDialRefused)
+	re := refused(t, err, wire.CodeDialRefused)
 	if !strings.Contains(re.Reason, addr) || !strings.Contains(re.Reason, "refused") {
 		t.Fatalf("reason %q; want the address and 'refused'", re.Reason)
 	}
@@ -295,7 +296,7 @@ func TestDestinationTimesOut(t *testing.T) {
 		}
 	})
 	_, err := e.dialer().DialContext(context.Background(), "tcp", "192.0.2.1:22")
-	re := refused(t, err, proxy.CodeDialTimeout)
+	re := refused(t, err, wire.CodeDialTimeout)
 	if !strings.Contains(re.Reason, "192.0.2.1:22") {
 		t.Fatalf("reason %q; want the address", re.Reason)
 	}
@@ -318,7 +319,7 @@ func TestPolicyDenyCarriesReason(t *testing.T) {
 		})
 	})
 	_, err := e.dialer().DialContext(context.Background(), "tcp", "Forbidden.Test.:22")
-	re := refused(t, err, proxy.CodePolicyDenied)
+	re := refused(t, err, wire.CodePolicyDenied)
 	if !errors.Is(err, authz.ErrPolicyDenied) {
 		t.Fatal("errors.Is(err, authz.ErrPolicyDenied) = false")
 	}
@@ -349,7 +350,7 @@ func TestAuthorizerErrorDenies(t *testing.T) {
 		})
 	})
 	_, err := e.dialer().DialContext(context.Background(), "tcp", "127.0.0.1:1")
-	re := refused(t, err, proxy.CodePolicyError)
+	re := refused(t, err, wire.CodePolicyError)
 	if !strings.Contains(re.Reason, "policy evaluation failed") || strings.Contains(re.Reason, "secret") {
 		t.Fatalf("reason %q", re.Reason)
 	}
@@ -377,7 +378,7 @@ func TestResolve(t *testing.T) {
 	c.Close()
 
 	_, err = e.dialer().DialContext(context.Background(), "tcp", "nowhere.test:"+port)
-	refused(t, err, proxy.CodeResolveFailed)
+	refused(t, err, wire.CodeResolveFailed)
 	e.mustEcho(t)
 }
 
@@ -417,7 +418,7 @@ func TestSessionEndsAtCertificateExpiry(t *testing.T) {
 		t.Fatalf("at expiry the client read %v (%T); want a *clients.CutError", err, err)
 	}
 	clients.ExplainCut(context.Background(), err)
-	if ce.End == nil || ce.End.Code != proxy.EndCertExpired {
+	if ce.End == nil || ce.End.Code != wire.EndCertExpired {
 		t.Fatalf("explained as %q; want cert_expired", err)
 	}
 }

@@ -11,42 +11,35 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/wire"
+
 	"github.com/tp-proxy/tp/authz"
 )
 
 // helloWriteTimeout bounds writing a server hello to a client that does not read.
-const helloWriteTimeout = 5 * time.Second
+const helloWriteTimeout = wire.HelloWriteTimeout
 
 // session is the record of one proxy connection, logged once at close.
 type session struct {
 	start    time.Time
 	remote   string
 	id       authz.Identity
-	dest     string        // host:port as canonicalised
-	upstream string        // the IP:port actually dialed
-	decision string        // "allow", "deny" or "" if policy was not asked
-	req      authz.Request // the request the policy allowed; re-checked while live
-	code     string        // server hello code on refusal
-	up, down int64         // bytes client→destination and destination→client
-	end      string        // why it ended
-	e2e      bool          // a protected reverse name: the client runs TLS inside
-	spliced  bool          // a UDP session to an agent: a byte stream for the relay
-	network  string        // "tcp", or "udp" for a UDP flow (udp.go)
-	attrs    []slog.Attr   // more for the log line (a UDP flow's counters)
-	op       *ClientHello  // a reverse operation (listen, accept) for serveStream
-	sid      string        // session id sent with the ok, for op "why"
-	peer     string        // who is on the other side: "destination" or "agent"
-	counted  bool          // holds a slot of MaxSessionsPerIdentity (limits.go)
+	dest     string            // host:port as canonicalised
+	upstream string            // the IP:port actually dialed
+	decision string            // "allow", "deny" or "" if policy was not asked
+	req      authz.Request     // the request the policy allowed; re-checked while live
+	code     string            // server hello code on refusal
+	up, down int64             // bytes client→destination and destination→client
+	end      string            // why it ended
+	e2e      bool              // a protected reverse name: the client runs TLS inside
+	spliced  bool              // a UDP session to an agent: a byte stream for the relay
+	network  string            // "tcp", or "udp" for a UDP flow (udp.go)
+	attrs    []slog.Attr       // more for the log line (a UDP flow's counters)
+	op       *wire.ClientHello // a reverse operation (listen, accept) for serveStream
+	sid      string            // session id sent with the ok, for op "why"
+	peer     string            // who is on the other side: "destination" or "agent"
+	counted  bool              // holds a slot of MaxSessionsPerIdentity (limits.go)
 }
-
-// Stream is one request's byte stream: a TLS connection (TLS transport) or a QUIC
-// stream (QUIC transport). CloseWrite half-closes the sending direction.
-type Stream interface {
-	net.Conn
-	CloseWrite() error
-}
-
-var _ Stream = (*tls.Conn)(nil)
 
 func (s *Server) serveProxy(ctx context.Context, conn *tls.Conn) {
 	s.serveStream(ctx, conn, connectionState(conn), "tls")
@@ -64,7 +57,7 @@ func connectionState(conn *tls.Conn) *tls.ConnectionState {
 // ServeStream runs one proxy request on stream, whose peer was authenticated by
 // the handshake described by cs; transport ("tls" or "quic") is shown to the
 // policy as input.source.transport. It returns when the request ends and closes stream.
-func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.ConnectionState, transport string) {
+func (s *Server) ServeStream(ctx context.Context, conn wire.Stream, cs tls.ConnectionState, transport string) {
 	s.serveStream(ctx, conn, &cs, transport)
 }
 
@@ -74,7 +67,7 @@ func (s *Server) ServeStream(ctx context.Context, conn Stream, cs tls.Connection
 // shrinks it, one halving per cycle. Here the deep stack dies with the set-up,
 // and an idle session parks on this goroutine with the few frames of relay and
 // Bridge (see handle).
-func (s *Server) serveStream(ctx context.Context, conn Stream, cs *tls.ConnectionState, transport string) {
+func (s *Server) serveStream(ctx context.Context, conn wire.Stream, cs *tls.ConnectionState, transport string) {
 	ss := newSession(conn)
 	defer func() { s.logSession(ctx, ss) }()
 	defer s.releaseSession(ss) // however the session ends
@@ -100,7 +93,7 @@ func (s *Server) serveStream(ctx context.Context, conn Stream, cs *tls.Connectio
 // serveStream's frame.
 //
 //go:noinline
-func newSession(conn Stream) *session {
+func newSession(conn wire.Stream) *session {
 	return &session{start: time.Now(), remote: conn.RemoteAddr().String()}
 }
 
@@ -108,7 +101,7 @@ func newSession(conn Stream) *session {
 // upstream to relay. It returns nil when it refused the request (and said so), or
 // when the request is a reverse operation (ss.op) for serveStream to serve. A UDP
 // flow's upstream is returned before the server hello, which serveUDP sends.
-func (s *Server) open(ctx context.Context, conn Stream, cs *tls.ConnectionState, transport string, ss *session) net.Conn {
+func (s *Server) open(ctx context.Context, conn wire.Stream, cs *tls.ConnectionState, transport string, ss *session) net.Conn {
 	upstream, herr := s.establish(ctx, conn, *cs, transport, ss)
 	if herr != nil {
 		s.refused(conn, ss, herr)
@@ -119,7 +112,7 @@ func (s *Server) open(ctx context.Context, conn Stream, cs *tls.ConnectionState,
 	}
 	ss.sid = newSessionID()
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true, E2E: ss.e2e, Session: ss.sid}); err != nil {
+	if err := wire.WriteServerHello(conn, wire.ServerHello{V: wire.Version, OK: true, E2E: ss.e2e, Session: ss.sid}); err != nil {
 		_ = conn.Close()
 		_ = upstream.Close()
 		ss.end = "writing server hello: " + err.Error()
@@ -132,7 +125,7 @@ func (s *Server) open(ctx context.Context, conn Stream, cs *tls.ConnectionState,
 // serveOp serves a reverse listen or accept (reverse.go) until it ends.
 //
 //go:noinline
-func (s *Server) serveOp(ctx context.Context, conn Stream, cs *tls.ConnectionState, transport string, ss *session) {
+func (s *Server) serveOp(ctx context.Context, conn wire.Stream, cs *tls.ConnectionState, transport string, ss *session) {
 	if herr := s.serveReverseOp(ctx, conn, *cs, transport, ss, *ss.op); herr != errHandled {
 		s.refused(conn, ss, herr)
 	}
@@ -140,7 +133,7 @@ func (s *Server) serveOp(ctx context.Context, conn Stream, cs *tls.ConnectionSta
 
 // refused records herr in ss and sends it, unless a reverse operation already
 // owned the stream (errHandled).
-func (s *Server) refused(conn Stream, ss *session, herr *HelloError) {
+func (s *Server) refused(conn wire.Stream, ss *session, herr *wire.HelloError) {
 	if herr == nil || herr == errHandled {
 		return
 	}
@@ -152,19 +145,19 @@ func (s *Server) refused(conn Stream, ss *session, herr *HelloError) {
 }
 
 // relay bridges an established session until it ends.
-func (s *Server) relay(ctx context.Context, conn Stream, cs *tls.ConnectionState, ss *session, upstream net.Conn) {
+func (s *Server) relay(ctx context.Context, conn wire.Stream, cs *tls.ConnectionState, ss *session, upstream net.Conn) {
 	// The session may not outlive the certificate that authorised it, nor the
 	// policy, groups and deny list that allowed it (see Recheck). One context and
 	// a timer rather than a context per bound: each one stays allocated while the
 	// tunnel idles.
 	bctx, revoke := context.WithCancelCause(ctx)
 	defer revoke(nil)
-	expire := time.AfterFunc(time.Until(ss.id.NotAfter), func() { revoke(errCertExpired) })
+	expire := time.AfterFunc(time.Until(ss.id.NotAfter), func() { revoke(wire.ErrCertExpired) })
 	defer expire.Stop()
 	defer s.sessions.add(&liveSession{cs: *cs, req: ss.req, revoke: revoke})()
 	// How the session was cut is recorded before the resets go out, so that a
 	// client asking "why" right after its connection was reset finds the answer.
-	up, down, err := bridge(bctx, conn, upstream, func(err error) {
+	up, down, err := wire.BridgeNotify(bctx, conn, upstream, func(err error) {
 		s.ends.add(ss.sid, ss.id.DeviceID, ss.endOf(err))
 	})
 	ss.up, ss.down = up, down
@@ -178,38 +171,38 @@ func (s *Server) relay(ctx context.Context, conn Stream, cs *tls.ConnectionState
 
 // endOf says how an abort caused by err ended the session, for op "why". It names
 // the destination as the client asked for it, never the address dialed.
-func (ss *session) endOf(err error) SessionEnd {
-	var ee *EndError
-	var re *RevokedError
-	var ce *CutError
+func (ss *session) endOf(err error) wire.SessionEnd {
+	var ee *wire.EndError
+	var re *wire.RevokedError
+	var ce *wire.CutError
 	switch {
 	case errors.As(err, &ee):
 		return ee.End()
 	case errors.As(err, &re):
-		return SessionEnd{Code: EndName(re.code()), By: "server", Reason: "the TP server ended the session: " + re.Reason}
+		return wire.SessionEnd{Code: wire.EndName(re.Code()), By: "server", Reason: "the TP server ended the session: " + re.Reason}
 	case errors.As(err, &ce) && ce.B && ss.peer == "agent":
-		return SessionEnd{Code: EndPeerReset, By: "agent", Reason: "the exposed service's side of the session to " + ss.dest + " was cut off (its agent disconnected, or the service reset the connection)"}
+		return wire.SessionEnd{Code: wire.EndPeerReset, By: "agent", Reason: "the exposed service's side of the session to " + ss.dest + " was cut off (its agent disconnected, or the service reset the connection)"}
 	case errors.As(err, &ce) && ce.B:
-		return SessionEnd{Code: EndPeerReset, By: "destination", Reason: "the destination " + ss.dest + " reset the connection or failed"}
+		return wire.SessionEnd{Code: wire.EndPeerReset, By: "destination", Reason: "the destination " + ss.dest + " reset the connection or failed"}
 	case errors.As(err, &ce):
-		return SessionEnd{Code: EndPeerReset, By: "client", Reason: "the TP server saw this client's side of the session fail: " + unwrapOpError(ce.Err).Error()}
+		return wire.SessionEnd{Code: wire.EndPeerReset, By: "client", Reason: "the TP server saw this client's side of the session fail: " + wire.UnwrapOpError(ce.Err).Error()}
 	case errors.Is(err, context.Canceled):
-		return errShutdown.End()
+		return wire.ErrShutdown.End()
 	}
-	return SessionEnd{Code: EndInternal, By: "server", Reason: "the TP server ended the session after an internal error"}
+	return wire.SessionEnd{Code: wire.EndInternal, By: "server", Reason: "the TP server ended the session after an internal error"}
 }
 
 // establish runs the session up to a connected upstream, or returns the refusal to
 // send; for a reverse operation it returns neither and sets ss.op. It fills ss as
 // it learns things.
-func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionState, transport string, ss *session) (net.Conn, *HelloError) {
+func (s *Server) establish(ctx context.Context, conn wire.Stream, cs tls.ConnectionState, transport string, ss *session) (net.Conn, *wire.HelloError) {
 	if len(cs.VerifiedChains) == 0 || len(cs.PeerCertificates) == 0 {
-		return nil, helloErr(CodeUnauthenticated, "no verified client certificate")
+		return nil, wire.Errorf(wire.CodeUnauthenticated, "no verified client certificate")
 	}
 	id, err := s.cfg.Identify(cs)
 	if err != nil {
 		ss.end = "identify: " + err.Error()
-		return nil, helloErr(CodeUnauthenticated, "client certificate not accepted: %v", err)
+		return nil, wire.Errorf(wire.CodeUnauthenticated, "client certificate not accepted: %v", err)
 	}
 	// Fail closed on an identity without expiry: use the leaf's.
 	if leafNA := cs.PeerCertificates[0].NotAfter; id.NotAfter.IsZero() || leafNA.Before(id.NotAfter) {
@@ -217,40 +210,40 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 	}
 	ss.id = id
 	if !time.Now().Before(id.NotAfter) {
-		return nil, helloErr(CodeUnauthenticated, "client certificate expired at %s", id.NotAfter.UTC().Format(time.RFC3339))
+		return nil, wire.Errorf(wire.CodeUnauthenticated, "client certificate expired at %s", id.NotAfter.UTC().Format(time.RFC3339))
 	}
 
 	_ = conn.SetReadDeadline(time.Now().Add(s.cfg.HelloTimeout))
 	// A connection that has sent no hello when Shutdown begins (a client's spare
 	// connection, say) holds no session: it must not hold up the drain.
 	stopDrain := context.AfterFunc(s.draining, func() { _ = conn.SetReadDeadline(time.Now()) })
-	hello, err := ReadClientHello(conn)
+	hello, err := wire.ReadClientHello(conn)
 	stopDrain()
 	if err != nil {
-		var he *HelloError
+		var he *wire.HelloError
 		var ne net.Error
 		switch {
 		case errors.As(err, &he):
 			return nil, he
 		case (errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()) && s.draining.Err() != nil:
-			return nil, helloErr(CodeHelloTimeout, "the server is shutting down and no longer waits for hellos; reconnect")
+			return nil, wire.Errorf(wire.CodeHelloTimeout, "the server is shutting down and no longer waits for hellos; reconnect")
 		case errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
-			return nil, helloErr(CodeHelloTimeout, "no complete client hello within %s", s.cfg.HelloTimeout)
+			return nil, wire.Errorf(wire.CodeHelloTimeout, "no complete client hello within %s", s.cfg.HelloTimeout)
 		default:
 			ss.end = "reading client hello: " + err.Error()
-			return nil, helloErr(CodeBadRequest, "reading client hello: %v", err)
+			return nil, wire.Errorf(wire.CodeBadRequest, "reading client hello: %v", err)
 		}
 	}
 	_ = conn.SetReadDeadline(time.Time{})
-	if hello.Op == OpWhy { // answered at once, so not counted
+	if hello.Op == wire.OpWhy { // answered at once, so not counted
 		return nil, s.why(conn, ss, hello.Session)
 	}
-	if hello.Op != OpAccept { // an accept carries another identity's session, counted there
+	if hello.Op != wire.OpAccept { // an accept carries another identity's session, counted there
 		if herr := s.countSession(ss); herr != nil {
 			return nil, herr
 		}
 	}
-	if hello.Op != OpDial { // served by serveStream: it lasts as long as the session
+	if hello.Op != wire.OpDial { // served by serveStream: it lasts as long as the session
 		ss.op = &hello
 		return nil, nil
 	}
@@ -263,7 +256,7 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 			return s.establishReverse(ctx, conn, ss, host, label, hello.Port, transport)
 		}
 		if s.rev.inZone(host) {
-			return nil, helloErr(CodeReverseUnknown, "%s is under the reverse zone but is no reverse name (NAME.%s, one label); nothing there is looked up on the network", host, s.rev.opts.Zone)
+			return nil, wire.Errorf(wire.CodeReverseUnknown, "%s is under the reverse zone but is no reverse name (NAME.%s, one label); nothing there is looked up on the network", host, s.rev.opts.Zone)
 		}
 	}
 
@@ -307,7 +300,7 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 		if reason == "" {
 			reason = "no policy rule allows this destination"
 		}
-		herr := &HelloError{Code: CodePolicyDenied, Reason: reason}
+		herr := &wire.HelloError{Code: wire.CodePolicyDenied, Reason: reason}
 		ss.end = herr.Error() + note
 		return nil, herr
 	}
@@ -324,15 +317,15 @@ func (s *Server) establish(ctx context.Context, conn Stream, cs tls.ConnectionSt
 
 // why answers op "why": how the identity's session sid was aborted, if it was
 // within the last endRecordTTL.
-func (s *Server) why(conn Stream, ss *session, sid string) *HelloError {
+func (s *Server) why(conn wire.Stream, ss *session, sid string) *wire.HelloError {
 	ss.dest = "why " + sid
 	end, ok := s.ends.get(sid, ss.id.DeviceID)
 	if !ok {
-		return helloErr(CodeUnknownSession, "this server knows of no session %s of %s that was cut off in the last %s (it ended cleanly, is still running, or belongs to another device)", sid, ss.id, endRecordTTL)
+		return wire.Errorf(wire.CodeUnknownSession, "this server knows of no session %s of %s that was cut off in the last %s (it ended cleanly, is still running, or belongs to another device)", sid, ss.id, endRecordTTL)
 	}
 	ss.end = "answered why"
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-	if err := WriteServerHello(conn, ServerHello{V: Version, OK: true, End: &end}); err == nil {
+	if err := wire.WriteServerHello(conn, wire.ServerHello{V: wire.Version, OK: true, End: &end}); err == nil {
 		_ = conn.CloseWrite()
 	}
 	_ = conn.Close()
@@ -342,12 +335,12 @@ func (s *Server) why(conn Stream, ss *session, sid string) *HelloError {
 // refuse sends a refusal and closes conn. It half-closes first and drains what the
 // client already sent for a moment, so the kernel does not answer unread data with
 // a reset that would destroy the hello before the client reads it.
-func (s *Server) refuse(conn Stream, herr *HelloError) {
+func (s *Server) refuse(conn wire.Stream, herr *wire.HelloError) {
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-	if err := WriteServerHello(conn, ServerHello{V: Version, Code: herr.Code, Reason: herr.Reason}); err == nil {
+	if err := wire.WriteServerHello(conn, wire.ServerHello{V: wire.Version, Code: herr.Code, Reason: herr.Reason}); err == nil {
 		_ = conn.CloseWrite()
 		_ = conn.SetReadDeadline(time.Now().Add(time.Second))
-		_, _ = io.CopyN(io.Discard, conn, 2*(MaxHelloSize+2))
+		_, _ = io.CopyN(io.Discard, conn, 2*(wire.MaxHelloSize+2))
 	}
 	_ = conn.Close()
 }

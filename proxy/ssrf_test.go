@@ -16,6 +16,7 @@ import (
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 func TestCanonicalHost(t *testing.T) {
@@ -111,13 +112,13 @@ func countingListener(t *testing.T, addr string) *atomic.Int64 {
 
 // dialRaw sends a hand-written hello (so the host is sent exactly as given) and
 // returns the server's answer and the connection.
-func dialRaw(t *testing.T, e *env, host string, port int) (proxy.ServerHello, net.Conn) {
+func dialRaw(t *testing.T, e *env, host string, port int) (wire.ServerHello, net.Conn) {
 	t.Helper()
 	c := e.rawConn(t)
-	if err := proxy.WriteClientHello(c, proxy.ClientHello{V: 1, Op: "dial", Net: "tcp", Host: host, Port: port}); err != nil {
+	if err := wire.WriteClientHello(c, wire.ClientHello{V: 1, Op: "dial", Net: "tcp", Host: host, Port: port}); err != nil {
 		t.Fatal(err)
 	}
-	sh, err := proxy.ReadServerHello(c)
+	sh, err := wire.ReadServerHello(c)
 	if err != nil {
 		t.Fatalf("server hello for %q: %v", host, err)
 	}
@@ -165,12 +166,12 @@ func TestIPSpellingsReachPolicyCanonical(t *testing.T) {
 	}
 	// [::] is the unspecified address: the policy sees "::", and here denies it.
 	sh, _ := dialRaw(t, e, "[::]", port)
-	if sh.OK || sh.Code != proxy.CodePolicyDenied || az.last(t).Destination.Host != "::" {
+	if sh.OK || sh.Code != wire.CodePolicyDenied || az.last(t).Destination.Host != "::" {
 		t.Fatalf("[::]: %+v, policy saw %q", sh, az.last(t).Destination.Host)
 	}
 	// Malformed numeric hosts are refused before the policy or a resolver sees them.
 	for _, host := range []string{"127.0.0.256", "1.2.3.4.5", "0x7g.0.0.1", "[127.0.0.1]", "fe80::1%lo"} {
-		if sh, _ := dialRaw(t, e, host, port); sh.OK || sh.Code != proxy.CodeBadRequest {
+		if sh, _ := dialRaw(t, e, host, port); sh.OK || sh.Code != wire.CodeBadRequest {
 			t.Fatalf("%s: %+v; want bad_request", host, sh)
 		}
 	}
@@ -215,7 +216,7 @@ func TestDNSRebindingDialsCheckedIP(t *testing.T) {
 		}
 		echoRoundTrip(t, c) // reached the echo on 127.0.0.1, the checked address
 		c.Close()
-		if sh, _ := dialRaw(t, e, "rebind.test", int(port)); sh.OK || sh.Code != proxy.CodePolicyDenied {
+		if sh, _ := dialRaw(t, e, "rebind.test", int(port)); sh.OK || sh.Code != wire.CodePolicyDenied {
 			t.Fatalf("session %d: the rebound answer was not refused: %+v", i, sh)
 		}
 	}
@@ -246,7 +247,7 @@ func TestMixedAnswerNeverReachesForbidden(t *testing.T) {
 	port := netip.MustParseAddrPort(e.echo).Port()
 	reached := countingListener(t, netip.AddrPortFrom(forbidden, port).String())
 	sh, _ := dialRaw(t, e, "mixed.test", int(port))
-	if sh.OK || sh.Code != proxy.CodePolicyDenied {
+	if sh.OK || sh.Code != wire.CodePolicyDenied {
 		t.Fatalf("mixed answer: %+v", sh)
 	}
 	if ips := az.last(t).Destination.IPs; len(ips) != 2 {
@@ -266,8 +267,8 @@ func TestSelfDialRefused(t *testing.T) {
 	ap := netip.MustParseAddrPort(e.addr)
 	for _, host := range []string{"127.0.0.1", "tp.test", "0.0.0.0", "::", "2130706433"} {
 		sh, _ := dialRaw(t, e, host, int(ap.Port()))
-		if sh.OK || sh.Code != proxy.CodeSelfDial || !strings.Contains(sh.Reason, "itself") {
-			t.Fatalf("%s: %+v; want %s", host, sh, proxy.CodeSelfDial)
+		if sh.OK || sh.Code != wire.CodeSelfDial || !strings.Contains(sh.Reason, "itself") {
+			t.Fatalf("%s: %+v; want %s", host, sh, wire.CodeSelfDial)
 		}
 	}
 	e.mustEcho(t)
@@ -293,7 +294,7 @@ func TestPolicyTimeoutDenies(t *testing.T) {
 		})
 	})
 	_, err := e.dialer().DialContext(context.Background(), "tcp", "127.0.0.1:1")
-	re := refused(t, err, proxy.CodePolicyError)
+	re := refused(t, err, wire.CodePolicyError)
 	if !strings.Contains(re.Reason, "in time") {
 		t.Fatalf("reason %q", re.Reason)
 	}

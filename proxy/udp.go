@@ -3,14 +3,13 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
-	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
+
+	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/quic-go/quic-go"
 
@@ -37,7 +36,7 @@ type UDPOptions struct {
 
 func (o UDPOptions) withDefaults() UDPOptions {
 	if o.IdleTimeout <= 0 {
-		o.IdleTimeout = 60 * time.Second
+		o.IdleTimeout = wire.DefaultUDPIdle
 	}
 	if o.MaxFlowsPerConn <= 0 {
 		o.MaxFlowsPerConn = 64
@@ -46,7 +45,7 @@ func (o UDPOptions) withDefaults() UDPOptions {
 		o.MaxFlowsPerIdentity = 256
 	}
 	if o.QueueLen <= 0 {
-		o.QueueLen = DefaultUDPQueueLen
+		o.QueueLen = wire.DefaultUDPQueueLen
 	}
 	if o.MaxPublicFlows <= 0 {
 		o.MaxPublicFlows = 512
@@ -75,7 +74,7 @@ type udpState struct {
 	perConn map[*quic.Conn]int
 
 	active, flows, refused, up, down, queueFull, tooLarge, dstRefused, oversize atomic.Int64
-	quicDrops                                                                   DatagramDropCounter
+	quicDrops                                                                   wire.DatagramDropCounter
 }
 
 // UDPStats returns the server's UDP counters.
@@ -90,7 +89,7 @@ func (s *Server) UDPStats() UDPStats {
 }
 
 // acquire takes a flow slot for identity id on conn (nil for TLS).
-func (u *udpState) acquire(id string, conn *quic.Conn, o UDPOptions) (release func(), herr *HelloError) {
+func (u *udpState) acquire(id string, conn *quic.Conn, o UDPOptions) (release func(), herr *wire.HelloError) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.perID == nil {
@@ -98,11 +97,11 @@ func (u *udpState) acquire(id string, conn *quic.Conn, o UDPOptions) (release fu
 	}
 	if u.perID[id] >= o.MaxFlowsPerIdentity {
 		u.refused.Add(1)
-		return nil, helloErr(CodeTooManyFlows, "%s already has %d UDP flows open, the server's limit per identity; close some or let them expire (idle after %s)", id, u.perID[id], o.IdleTimeout)
+		return nil, wire.Errorf(wire.CodeTooManyFlows, "%s already has %d UDP flows open, the server's limit per identity; close some or let them expire (idle after %s)", id, u.perID[id], o.IdleTimeout)
 	}
 	if conn != nil && u.perConn[conn] >= o.MaxFlowsPerConn {
 		u.refused.Add(1)
-		return nil, helloErr(CodeTooManyFlows, "this connection already has %d UDP flows open, the server's limit per connection; close some or let them expire (idle after %s)", u.perConn[conn], o.IdleTimeout)
+		return nil, wire.Errorf(wire.CodeTooManyFlows, "this connection already has %d UDP flows open, the server's limit per connection; close some or let them expire (idle after %s)", u.perConn[conn], o.IdleTimeout)
 	}
 	u.perID[id]++
 	if conn != nil {
@@ -129,11 +128,11 @@ func (u *udpState) acquire(id string, conn *quic.Conn, o UDPOptions) (release fu
 // the destination. It answers the client, relays datagrams both ways until the
 // flow is idle for IdleTimeout, either side ends it, the certificate expires or a
 // re-check revokes it, and fills ss for the session's log line.
-func (s *Server) serveUDP(ctx context.Context, conn Stream, cs tls.ConnectionState, ss *session, upstream net.Conn) {
+func (s *Server) serveUDP(ctx context.Context, conn wire.Stream, cs tls.ConnectionState, ss *session, upstream net.Conn) {
 	defer upstream.Close()
 	o := s.cfg.UDP.withDefaults()
 	var qconn *quic.Conn
-	if qs, ok := conn.(quicStreamer); ok {
+	if qs, ok := conn.(wire.QUICStreamer); ok {
 		qconn = qs.Conn()
 	}
 	release, herr := s.udp.acquire(ss.id.String(), qconn, o)
@@ -144,45 +143,45 @@ func (s *Server) serveUDP(ctx context.Context, conn Stream, cs tls.ConnectionSta
 	}
 	defer release()
 
-	flow, err := NewUDPFlow(conn, o.QueueLen, nil)
+	flow, err := wire.NewUDPFlow(conn, o.QueueLen, nil)
 	if err != nil {
-		ss.code, ss.end = CodeInternal, err.Error()
-		s.refuse(conn, helloErr(CodeInternal, "%v", err))
+		ss.code, ss.end = wire.CodeInternal, err.Error()
+		s.refuse(conn, wire.Errorf(wire.CodeInternal, "%v", err))
 		return
 	}
 	defer flow.Close()
-	hello := ServerHello{V: Version, OK: true}
+	hello := wire.ServerHello{V: wire.Version, OK: true}
 	if id, ok := flow.FlowID(); ok {
 		hello.Flow = &id
 	}
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-	if err := WriteServerHello(conn, hello); err != nil {
+	if err := wire.WriteServerHello(conn, hello); err != nil {
 		ss.end = "writing server hello: " + err.Error()
 		return
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
 	flow.Start()
 
-	bctx, cancel := context.WithDeadlineCause(ctx, ss.id.NotAfter, errCertExpired)
+	bctx, cancel := context.WithDeadlineCause(ctx, ss.id.NotAfter, wire.ErrCertExpired)
 	defer cancel()
 	bctx, revoke := context.WithCancelCause(bctx)
 	defer revoke(nil)
 	defer s.sessions.add(&liveSession{cs: cs, req: ss.req, revoke: revoke})()
 
-	r := relayUDP(bctx, flow, upstream, o.IdleTimeout)
+	r := wire.RelayUDP(bctx, flow, upstream, o.IdleTimeout)
 	st := flow.Stats()
 	s.udp.up.Add(st.DatagramsIn)
 	s.udp.down.Add(st.DatagramsOut)
 	s.udp.queueFull.Add(st.QueueFull)
 	s.udp.tooLarge.Add(st.TooLarge)
 	s.udp.oversize.Add(st.Oversize)
-	s.udp.dstRefused.Add(r.refused)
-	ss.up, ss.down, ss.end = st.BytesIn, st.BytesOut, r.end
-	ss.attrs = append(ss.attrs, udpAttrs(st, r.refused)...)
+	s.udp.dstRefused.Add(r.Refused)
+	ss.up, ss.down, ss.end = st.BytesIn, st.BytesOut, r.End
+	ss.attrs = append(ss.attrs, udpAttrs(st, r.Refused)...)
 }
 
 // udpAttrs are a flow's counters for its log line.
-func udpAttrs(st UDPFlowStats, refused int64) []slog.Attr {
+func udpAttrs(st wire.UDPFlowStats, refused int64) []slog.Attr {
 	attrs := []slog.Attr{
 		slog.String("network", "udp"),
 		slog.Int64("datagrams_up", st.DatagramsIn),
@@ -197,105 +196,6 @@ func udpAttrs(st UDPFlowStats, refused int64) []slog.Attr {
 		}
 	}
 	return attrs
-}
-
-type relayResult struct {
-	end     string
-	refused int64 // ICMP port unreachable answers from the destination
-}
-
-// relayUDP copies datagrams between flow and upstream (a connected UDP socket)
-// until one side ends, ctx ends, or nothing moved for idle.
-func relayUDP(ctx context.Context, flow *UDPFlow, upstream net.Conn, idle time.Duration) relayResult {
-	var last atomic.Int64
-	touch := func() { last.Store(time.Now().UnixNano()) }
-	touch()
-	var refused atomic.Int64
-	ends := make(chan udpEnd, 2)
-
-	go func() { // client → destination
-		for {
-			d, err := flow.readDatagram()
-			if err != nil {
-				ends <- flowEnd("client", err)
-				return
-			}
-			n := len(d)
-			flow.stats.dgIn.Add(1)
-			flow.stats.bIn.Add(int64(n))
-			touch()
-			if _, err := upstream.Write(d); err != nil {
-				switch {
-				case errors.Is(err, syscall.EMSGSIZE):
-					flow.NoteTooLarge(n)
-				case errors.Is(err, syscall.ECONNREFUSED):
-					refused.Add(1) // an earlier datagram was refused; this one may pass
-				case errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.EAGAIN):
-					flow.NoteQueueFull()
-				default:
-					ends <- udpEnd{"writing to destination: " + unwrapOpError(err).Error(), true}
-					return
-				}
-			}
-		}
-	}()
-	go func() { // destination → client
-		buf := make([]byte, MaxDatagramSize)
-		for {
-			n, err := upstream.Read(buf)
-			if err != nil {
-				if errors.Is(err, syscall.ECONNREFUSED) {
-					refused.Add(1) // nothing listens (yet): the flow stays for its idle time
-					continue
-				}
-				ends <- flowEnd("destination", err)
-				return
-			}
-			touch()
-			if _, err := flow.Write(buf[:n]); err != nil {
-				ends <- flowEnd("client", err)
-				return
-			}
-		}
-	}()
-
-	tick := time.NewTicker(max(idle/8, 10*time.Millisecond))
-	defer tick.Stop()
-	var end udpEnd
-	for end.text == "" {
-		select {
-		case end = <-ends:
-		case <-ctx.Done():
-			cause := context.Cause(ctx)
-			// Ended by the server (shutdown, expiry, revocation): the client's
-			// stream is reset with the code that says why, not closed.
-			Abort(flow, AbortCode(cause))
-			end = udpEnd{text: cause.Error()}
-		case <-tick.C:
-			if since := time.Since(time.Unix(0, last.Load())); since >= idle {
-				end.text = fmt.Sprintf("idle for %s", idle)
-			}
-		}
-	}
-	if end.abort {
-		Abort(flow, QUICPeerReset)
-	}
-	_ = flow.Close()
-	_ = upstream.Close()
-	return relayResult{end: end.text, refused: refused.Load()}
-}
-
-// udpEnd is why a UDP flow ended; abort when it failed rather than ended.
-type udpEnd struct {
-	text  string
-	abort bool
-}
-
-func flowEnd(side string, err error) udpEnd {
-	if IsNormalEnd(err) {
-		return udpEnd{text: "closed by " + side}
-	}
-	return udpEnd{side + ": " + err.Error(), true}
 }
 
 // dialAction is the policy action for a dial on network.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // UDP through TP against direct UDP, and QUIC stream throughput through TP against
@@ -133,10 +134,10 @@ func rawQUICSink(b *testing.B, q *quicEnv) (string, <-chan int64) {
 	b.Helper()
 	cert := q.ca.ServerCert(b, "localhost", "127.0.0.1")
 	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"raw"}}, &quic.Config{
-		InitialStreamReceiveWindow:     proxy.QUICInitialStreamWindow,
-		MaxStreamReceiveWindow:         proxy.QUICMaxStreamWindow,
-		InitialConnectionReceiveWindow: proxy.QUICInitialConnWindow,
-		MaxConnectionReceiveWindow:     proxy.QUICMaxConnWindow,
+		InitialStreamReceiveWindow:     wire.QUICInitialStreamWindow,
+		MaxStreamReceiveWindow:         wire.QUICMaxStreamWindow,
+		InitialConnectionReceiveWindow: wire.QUICInitialConnWindow,
+		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 	})
 	if err != nil {
 		b.Fatal(err)

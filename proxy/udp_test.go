@@ -19,6 +19,7 @@ import (
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 var transports = []string{clients.TransportTLS, clients.TransportQUIC}
@@ -128,9 +129,9 @@ func TestUDPEcho(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			c := dialUDP(t, q.udpDialer(t, tr), echo)
-			flow, ok := c.(*proxy.UDPFlow)
+			flow, ok := c.(*wire.UDPFlow)
 			if !ok {
-				t.Fatalf("got %T, want *proxy.UDPFlow", c)
+				t.Fatalf("got %T, want *wire.UDPFlow", c)
 			}
 			if _, dg := flow.FlowID(); dg != (tr == clients.TransportQUIC) {
 				t.Fatalf("QUIC datagrams in use: %v on %s", dg, tr)
@@ -169,7 +170,7 @@ func TestUDPPolicyDenied(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			_, err := q.udpDialer(t, tr).DialContext(ctx, "udp", echo)
-			re := refused(t, err, proxy.CodePolicyDenied)
+			re := refused(t, err, wire.CodePolicyDenied)
 			if !strings.Contains(re.Reason, "UDP to 127.0.0.1 is not allowed for alice@laptop") || !errors.Is(err, authz.ErrPolicyDenied) {
 				t.Fatalf("refusal %v", err)
 			}
@@ -219,9 +220,9 @@ func TestUDPTooLarge(t *testing.T) {
 	for i, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			c := dialUDP(t, q.udpDialer(t, tr), echo)
-			flow := c.(*proxy.UDPFlow)
-			reports := make(chan proxy.UDPReport, 4)
-			flow.OnReport(func(r proxy.UDPReport) { reports <- r })
+			flow := c.(*wire.UDPFlow)
+			reports := make(chan wire.UDPReport, 4)
+			flow.OnReport(func(r wire.UDPReport) { reports <- r })
 			if _, err := c.Write(make([]byte, 65508)); err != nil {
 				t.Fatalf("write: %v", err)
 			}
@@ -236,7 +237,7 @@ func TestUDPTooLarge(t *testing.T) {
 			if st := flow.Stats(); st.Peer.TooLarge != 1 {
 				t.Fatalf("client's count of server drops: %+v", st.Peer)
 			}
-			if _, err := c.Write(make([]byte, proxy.MaxDatagramSize+1)); !errors.Is(err, proxy.ErrDatagramTooLarge) {
+			if _, err := c.Write(make([]byte, wire.MaxDatagramSize+1)); !errors.Is(err, wire.ErrDatagramTooLarge) {
 				t.Fatalf("write of 65536 bytes: %v; want ErrDatagramTooLarge", err)
 			}
 			if st := flow.Stats(); st.TooLarge != 1 {
@@ -265,12 +266,12 @@ func TestUDPFlowLimits(t *testing.T) {
 	dq := q.udpDialer(t, clients.TransportQUIC)
 	a, b := dialUDP(t, dq, echo), dialUDP(t, dq, echo)
 	_, err := dq.DialContext(ctx, "udp", echo)
-	refused(t, err, proxy.CodeTooManyFlows)
+	refused(t, err, wire.CodeTooManyFlows)
 
 	dt := q.udpDialer(t, clients.TransportTLS)
 	c := dialUDP(t, dt, echo) // a second connection: 3 for this identity
 	_, err = dt.DialContext(ctx, "udp", echo)
-	if re := refused(t, err, proxy.CodeTooManyFlows); !strings.Contains(re.Reason, "alice@laptop") {
+	if re := refused(t, err, wire.CodeTooManyFlows); !strings.Contains(re.Reason, "alice@laptop") {
 		t.Fatalf("reason %q does not name the identity", re.Reason)
 	}
 	for _, f := range []net.Conn{a, b, c} {
@@ -332,14 +333,14 @@ func TestUDPFlood(t *testing.T) {
 					if grown := int64(ms.HeapAlloc) - int64(heap0); grown > 16<<20 {
 						t.Errorf("heap grew by %d MiB during a flood of %d MiB", grown>>20, n*1200>>20)
 					}
-					fst := flood.(*proxy.UDPFlow).Stats()
+					fst := flood.(*wire.UDPFlow).Stats()
 					if fst.DatagramsOut != int64(n) || fst.QueueFull != 0 || fst.TooLarge != 0 {
 						t.Fatalf("flooding client: %+v; want %d sent and none dropped", fst, n)
 					}
 					// The other client was served: every datagram of it echoed,
 					// none dropped by the server or by itself.
 					echoes := int64(i + 1)
-					ost := other.(*proxy.UDPFlow).Stats()
+					ost := other.(*wire.UDPFlow).Stats()
 					if ost.QueueFull != 0 || ost.Peer.QueueFull != 0 || ost.Peer.TooLarge != 0 || ost.DatagramsIn < echoes {
 						t.Fatalf("the other client: %+v after %d echoes; want every datagram echoed, none dropped", ost, echoes)
 					}
@@ -351,7 +352,7 @@ func TestUDPFlood(t *testing.T) {
 					up := st.DatagramsUp - before.DatagramsUp
 					dropped := st.QueueFull + st.TooLarge + st.QUICQueueFull - before.QueueFull - before.TooLarge - before.QUICQueueFull
 					var lost uint64
-					if qc := proxy.FlowQUICConn(flood.(*proxy.UDPFlow)); qc != nil {
+					if qc := flood.(*wire.UDPFlow).DatagramConn(); qc != nil {
 						lost = qc.ConnectionStats().PacketsLost
 					}
 					t.Logf("%s: sent %d, server forwarded %d and dropped %d (of which QUIC's receive queue %d), QUIC lost %d packets, sink received %d; %d echoes beside it, slowest %s",
@@ -443,8 +444,8 @@ func TestUDPWithoutQUICDatagrams(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = str.SetDeadline(time.Now().Add(20 * time.Second))
-	qs := proxy.NewQUICStream(conn, str)
-	flow, err := proxy.NewUDPFlow(qs, 0, nil)
+	qs := wire.NewQUICStream(conn, str)
+	flow, err := wire.NewUDPFlow(qs, 0, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -454,10 +455,10 @@ func TestUDPWithoutQUICDatagrams(t *testing.T) {
 	host, port, _ := net.SplitHostPort(echo)
 	var p int
 	fmt.Sscan(port, &p)
-	if err := proxy.WriteClientHello(qs, proxy.ClientHello{V: 1, Op: "dial", Net: "udp", Host: host, Port: p}); err != nil {
+	if err := wire.WriteClientHello(qs, wire.ClientHello{V: 1, Op: "dial", Net: "udp", Host: host, Port: p}); err != nil {
 		t.Fatal(err)
 	}
-	sh, err := proxy.ReadServerHello(qs)
+	sh, err := wire.ReadServerHello(qs)
 	if err != nil || !sh.OK || sh.Flow != nil {
 		t.Fatalf("server hello %+v, %v; want ok without a flow id", sh, err)
 	}
@@ -497,9 +498,9 @@ func TestUDPRecheckEndsFlow(t *testing.T) {
 	for i, c := range flows {
 		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
 		_, err := c.Read(make([]byte, 10))
-		code, reset := proxy.StreamResetCode(err)
+		code, reset := wire.StreamResetCode(err)
 		switch {
-		case transports[i] == "quic" && (!reset || code != proxy.QUICPolicyChanged):
+		case transports[i] == "quic" && (!reset || code != wire.QUICPolicyChanged):
 			t.Fatalf("QUIC read after revocation: %v; want a stream reset with code policy_changed", err)
 		case transports[i] != "quic" && !errors.Is(err, syscall.ECONNRESET):
 			t.Fatalf("TLS read after revocation: %v; want a connection reset", err)

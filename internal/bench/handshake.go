@@ -11,7 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // handshakeWorkers is the number of concurrent clients. Client and server share
@@ -121,26 +121,26 @@ func handshakes(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) 
 		cs := caches(resume)
 		return func(w int) (bool, error) {
 			cfg := &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
-				RootCAs: tpRoots, ServerName: "127.0.0.1", NextProtos: []string{proxy.ALPN}, ClientSessionCache: cs[w]}
+				RootCAs: tpRoots, ServerName: "127.0.0.1", NextProtos: []string{wire.ALPN}, ClientSessionCache: cs[w]}
 			c, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", e.tpdAddr, cfg)
 			if err != nil {
 				return false, err
 			}
 			defer c.Close()
 			c.SetDeadline(time.Now().Add(10 * time.Second))
-			hello := proxy.ClientHello{V: proxy.Version, Op: proxy.OpDial, Net: "tcp", Host: host, Port: port}
+			hello := wire.ClientHello{V: wire.Version, Op: wire.OpDial, Net: "tcp", Host: host, Port: port}
 			if refused {
 				hello.Op = "tpbench-unknown" // refused after parsing: no policy, no dial
 			}
-			if err := proxy.WriteClientHello(c, hello); err != nil {
+			if err := wire.WriteClientHello(c, hello); err != nil {
 				return false, err
 			}
-			sh, err := proxy.ReadServerHello(c)
+			sh, err := wire.ReadServerHello(c)
 			if err != nil {
 				return false, fmt.Errorf("tpd: %w", err)
 			}
-			if refused && sh.Code != proxy.CodeUnknownOp {
-				return false, fmt.Errorf("tpd answered %s to an unknown op, want %s", sh.Code, proxy.CodeUnknownOp)
+			if refused && sh.Code != wire.CodeUnknownOp {
+				return false, fmt.Errorf("tpd answered %s to an unknown op, want %s", sh.Code, wire.CodeUnknownOp)
 			}
 			if !sh.OK && !refused {
 				return false, fmt.Errorf("tpd refused: %s: %s", sh.Code, sh.Reason)

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // clientHelloRecord is the first TLS record a client sends tpd: a real
@@ -21,7 +21,7 @@ func clientHelloRecord() ([]byte, error) {
 	a, b := net.Pipe()
 	defer a.Close()
 	defer b.Close()
-	go tls.Client(a, &tls.Config{ServerName: "127.0.0.1", NextProtos: []string{proxy.ALPN}, MinVersion: tls.VersionTLS13}).Handshake()
+	go tls.Client(a, &tls.Config{ServerName: "127.0.0.1", NextProtos: []string{wire.ALPN}, MinVersion: tls.VersionTLS13}).Handshake()
 	b.SetReadDeadline(time.Now().Add(10 * time.Second))
 	var hdr [5]byte
 	if _, err := io.ReadFull(b, hdr[:]); err != nil {

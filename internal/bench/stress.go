@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Scenarios 8–10 (load, slowloris, soak) share a tpd of their own, started with
@@ -172,7 +172,7 @@ func (s *stressTPD) decisions() (total, failed int, err error) {
 // isPolicyError reports whether err is tpd's policy_error refusal.
 func isPolicyError(err error) bool {
 	var re *clients.RefusedError
-	return errors.As(err, &re) && re.Code == proxy.CodePolicyError
+	return errors.As(err, &re) && re.Code == wire.CodePolicyError
 }
 
 // gauge rows for one reading of tpd's resources.

@@ -19,7 +19,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // tpProc is `tp HOST PORT` (the ProxyCommand) run as a process: its standard
@@ -356,10 +356,10 @@ func TestRevokeAndPolicyChangeCutTransfers(t *testing.T) {
 		name, code string
 		event      func(t *testing.T, srv *server)
 	}{
-		{"revoke", proxy.EndRevoked, func(t *testing.T, srv *server) {
+		{"revoke", wire.EndRevoked, func(t *testing.T, srv *server) {
 			run(t, nil, binary("tpd"), "revoke", "--device", "alice@laptop", "--data-dir", srv.DataDir)
 		}},
-		{"policy", proxy.EndPolicyChanged, func(t *testing.T, srv *server) {
+		{"policy", wire.EndPolicyChanged, func(t *testing.T, srv *server) {
 			deny := "package tp.authz\n\ndefault allow := false\n"
 			if err := os.WriteFile(filepath.Join(srv.DataDir, "policy", "tp.rego"), []byte(deny), 0o600); err != nil {
 				t.Fatal(err)
@@ -380,8 +380,8 @@ func TestRevokeAndPolicyChangeCutTransfers(t *testing.T) {
 				case tc.name == "revoke" && r.transport == clients.TransportTLS:
 					cut++ // the revoked device cannot ask why over TLS
 				case ce.End == nil || ce.End.Code != tc.code:
-					code, _ := proxy.StreamResetCode(r.err)
-					if r.transport != clients.TransportQUIC || proxy.EndName(code) != tc.code {
+					code, _ := wire.StreamResetCode(r.err)
+					if r.transport != clients.TransportQUIC || wire.EndName(code) != tc.code {
 						t.Errorf("a %s transfer was cut with %q; want the reason %s", r.transport, r.err, tc.code)
 					}
 					cut++

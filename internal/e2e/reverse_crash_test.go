@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // namePoller tries, every ~100 ms, to register name as another identity: what a
@@ -35,7 +35,7 @@ func (p *namePoller) try(c *clients.Client, d *clients.Dialer) bool {
 		Registered: func(full []string) { taken = true; cancel() }}
 	err := a.Run(ctx)
 	var re *clients.RefusedError
-	if errors.As(err, &re) && re.Code == proxy.CodeNameTaken {
+	if errors.As(err, &re) && re.Code == wire.CodeNameTaken {
 		p.refused.Add(1)
 	}
 	return taken

@@ -18,7 +18,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // faultPolicy: alice and mallory may register names, alice may expose TCP port
@@ -357,7 +357,7 @@ func TestReverseAgentKilledMidTransfer(t *testing.T) {
 
 // cutByFault fails the test unless err reports the cut the test caused: a
 // *clients.CutError holding a TCP reset, a QUIC stream reset, or a TLS session
-// that ended without close_notify (proxy.ErrTruncated). The test's own deadline is a hang, and EOF a silent
+// that ended without close_notify (wire.ErrTruncated). The test's own deadline is a hang, and EOF a silent
 // truncation.
 func cutByFault(t *testing.T, who string, err error) {
 	t.Helper()
@@ -371,8 +371,8 @@ func cutByFault(t *testing.T, who string, err error) {
 	if !errors.As(err, &cut) {
 		t.Fatalf("%s saw %v (%T); want a *clients.CutError", who, err, err)
 	}
-	if _, reset := proxy.StreamResetCode(err); reset || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, proxy.ErrTruncated) {
+	if _, reset := wire.StreamResetCode(err); reset || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, wire.ErrTruncated) {
 		return
 	}
-	t.Fatalf("%s saw %v (%T); want a reset or proxy.ErrTruncated", who, cut.Err, cut.Err)
+	t.Fatalf("%s saw %v (%T); want a reset or wire.ErrTruncated", who, cut.Err, cut.Err)
 }

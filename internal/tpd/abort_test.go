@@ -15,7 +15,7 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // acceptor is a local service whose connections the test handles itself.
@@ -138,7 +138,7 @@ allow if {
 				if _, err := io.ReadFull(svc, make([]byte, len(data))); err != nil {
 					t.Fatal(err)
 				}
-				proxy.Abort(c, proxy.QUICPeerReset)
+				wire.Abort(c, wire.QUICPeerReset)
 				wantReset(t, "the local service", svc)
 			})
 			t.Run("public/client resets", func(t *testing.T) {

@@ -19,7 +19,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/config"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // allowAllDials is what a careless administrator might add next to the default
@@ -181,8 +181,8 @@ func TestDefaultPolicyRefusesInternalWithRealOPA(t *testing.T) {
 	}
 	var re *clients.RefusedError
 	err := dialEcho(t, c, r.addr)
-	if !errors.As(err, &re) || re.Code != proxy.CodeSelfDial {
-		t.Fatalf("dialing tpd through itself: %v; want %s", err, proxy.CodeSelfDial)
+	if !errors.As(err, &re) || re.Code != wire.CodeSelfDial {
+		t.Fatalf("dialing tpd through itself: %v; want %s", err, wire.CodeSelfDial)
 	}
 }
 

@@ -16,7 +16,7 @@ import (
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testpki"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // tpdSigners returns the real root and issuing intermediate of a running tpd,
@@ -211,8 +211,8 @@ func TestAgentAcceptsOnlyIssuingIntermediateLeaves(t *testing.T) {
 					t.Errorf("%s: refused: %v", tc.name, err)
 				case !tc.ok && err == nil:
 					t.Errorf("%s: the agent accepted it", tc.name)
-				case !tc.ok && (!errors.As(err, &re) || re.Code != proxy.CodeUnauthenticated):
-					t.Errorf("%s: %v; want the agent's %s refusal", tc.name, err, proxy.CodeUnauthenticated)
+				case !tc.ok && (!errors.As(err, &re) || re.Code != wire.CodeUnauthenticated):
+					t.Errorf("%s: %v; want the agent's %s refusal", tc.name, err, wire.CodeUnauthenticated)
 				}
 			}
 		})

@@ -19,7 +19,7 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/policy"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // workRule allows dials to 127.0.0.1 after scanning a long string constant with a
@@ -128,7 +128,7 @@ func TestTunnelBurstNotDeniedByPolicyTimeout(t *testing.T) {
 	failed, policyErrors := 0, 0
 	for err := range errs {
 		var re *clients.RefusedError
-		if errors.As(err, &re) && re.Code == proxy.CodePolicyError {
+		if errors.As(err, &re) && re.Code == wire.CodePolicyError {
 			policyErrors++
 		}
 		if failed++; failed <= 3 {

@@ -10,7 +10,7 @@ import (
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testdns"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // allowAliceDials lets alice dial anything the default policy's internal-address
@@ -54,12 +54,12 @@ func TestDefaultPolicyRefusesEmbeddedIPv4Forms(t *testing.T) {
 	}
 	for i, f := range forms {
 		literal := net.JoinHostPort(f.ip, "80")
-		if re := refusal(t, dialEcho(t, alice, literal)); re.Code != proxy.CodePolicyDenied || !strings.Contains(re.Reason, "an internal address") {
+		if re := refusal(t, dialEcho(t, alice, literal)); re.Code != wire.CodePolicyDenied || !strings.Contains(re.Reason, "an internal address") {
 			t.Errorf("%s literal %s: %s %q; want a policy denial for an internal address", f.name, f.ip, re.Code, re.Reason)
 		}
 		name := "form" + string(rune('a'+i)) + ".test"
 		dns.Set(name, netip.MustParseAddr(f.ip))
-		if re := refusal(t, dialEcho(t, alice, name+":80")); re.Code != proxy.CodePolicyDenied || !strings.Contains(re.Reason, name+" resolves to an internal address") {
+		if re := refusal(t, dialEcho(t, alice, name+":80")); re.Code != wire.CodePolicyDenied || !strings.Contains(re.Reason, name+" resolves to an internal address") {
 			t.Errorf("%s AAAA %s: %s %q; want a policy denial for an internal address", f.name, f.ip, re.Code, re.Reason)
 		}
 	}
@@ -91,7 +91,7 @@ func TestProbingNamesRevealsNothing(t *testing.T) {
 		re := refusal(t, err)
 		if first == "" {
 			first = err.Error()
-			if re.Code != proxy.CodePolicyDenied || !errors.Is(err, authz.ErrPolicyDenied) {
+			if re.Code != wire.CodePolicyDenied || !errors.Is(err, authz.ErrPolicyDenied) {
 				t.Fatalf("bob: %v; want a policy denial", err)
 			}
 		}
@@ -101,13 +101,13 @@ func TestProbingNamesRevealsNothing(t *testing.T) {
 	}
 
 	re := refusal(t, dialEcho(t, alice, "probe.test:5432"))
-	if re.Code != proxy.CodeResolveFailed || re.Reason != "cannot resolve probe.test" {
+	if re.Code != wire.CodeResolveFailed || re.Reason != "cannot resolve probe.test" {
 		t.Fatalf("alice, missing name: %s %q; want resolve_failed \"cannot resolve probe.test\"", re.Code, re.Reason)
 	}
 	waitLog(t, r, "lookup probe.test")
 	dns.Set("probe.test", netip.MustParseAddr("10.0.0.5"))
 	re = refusal(t, dialEcho(t, alice, "probe.test:5432"))
-	if re.Code != proxy.CodePolicyDenied || strings.Contains(re.Reason, "10.0.0.5") || !strings.Contains(re.Reason, "internal address") {
+	if re.Code != wire.CodePolicyDenied || strings.Contains(re.Reason, "10.0.0.5") || !strings.Contains(re.Reason, "internal address") {
 		t.Fatalf("alice, internal name: %s %q; want a denial that does not name the address", re.Code, re.Reason)
 	}
 }
@@ -123,7 +123,7 @@ func TestProbingReverseNamesRevealsNothing(t *testing.T) {
 	carol, _, _ := enrollClient(t, d, url, "carol", "pc")
 	probe := func() string {
 		_, err := dialReverse(carol, clients.TransportTLS, []byte("x"))
-		if re := refusal(t, err); re.Code != proxy.CodePolicyDenied {
+		if re := refusal(t, err); re.Code != wire.CodePolicyDenied {
 			t.Fatalf("carol: %v; want a policy denial", err)
 		}
 		return err.Error()

@@ -22,7 +22,7 @@ import (
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/internal/website"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // publicPolicy lets alice and mallory register names, expose TCP port %[1]d and
@@ -213,32 +213,32 @@ func TestReversePublicTCP(t *testing.T) {
 			}
 			// Another identity cannot take the port (under another name, too).
 			_, err = runAgent(t, mallory, clients.TransportTLS, []clients.Exposed{{Name: "other", Local: local, PublicPort: port}}, nil)
-			wantRefused(t, err, proxy.CodeNameTaken, fmt.Sprintf("public TCP port %d is registered by another identity", port))
+			wantRefused(t, err, wire.CodeNameTaken, fmt.Sprintf("public TCP port %d is registered by another identity", port))
 			stop() // Ctrl-C unregisters: the port closes at once
 			waitRefused(t, public)
 		})
 	}
 
 	_, err := runAgent(t, alice, clients.TransportTLS, game(outside), nil)
-	wantRefused(t, err, proxy.CodePublicRefused, "public-ports")
+	wantRefused(t, err, wire.CodePublicRefused, "public-ports")
 	_, err = runAgent(t, alice, clients.TransportTLS, game(denied), nil)
-	wantRefused(t, err, proxy.CodePolicyDenied, "expose_public")
+	wantRefused(t, err, wire.CodePolicyDenied, "expose_public")
 
 	// The agent drops off without unregistering: the port stays alice's for the
 	// grace period (connections are reset, mallory is refused), then closes.
 	ad, _ := alice.Dialer()
 	cfg := ad.TLSConfig.Clone()
-	cfg.NextProtos, cfg.ServerName = []string{proxy.ALPN}, "localhost"
+	cfg.NextProtos, cfg.ServerName = []string{wire.ALPN}, "localhost"
 	raw, err := tls.Dial("tcp", ad.Server, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	hello := proxy.ClientHello{V: 1, Op: proxy.OpListen, Net: "tcp", Names: []string{"game"},
-		Public: []proxy.PublicSpec{{Name: "game", Net: "tcp", Port: port}}}
-	if err := proxy.WriteClientHello(raw, hello); err != nil {
+	hello := wire.ClientHello{V: 1, Op: wire.OpListen, Net: "tcp", Names: []string{"game"},
+		Public: []wire.PublicSpec{{Name: "game", Net: "tcp", Port: port}}}
+	if err := wire.WriteClientHello(raw, hello); err != nil {
 		t.Fatal(err)
 	}
-	if sh, err := proxy.ReadServerHello(raw); err != nil || !sh.OK {
+	if sh, err := wire.ReadServerHello(raw); err != nil || !sh.OK {
 		t.Fatalf("alice's raw listen: %+v %v", sh, err)
 	}
 	raw.NetConn().Close()
@@ -299,10 +299,10 @@ func TestReversePublicSNI(t *testing.T) {
 		})
 	}
 	for sni, want := range map[string][2]string{
-		"localhost":          {proxy.CodeBadRequest, "at least two labels"},
-		"tp.example.test":    {proxy.CodePublicRefused, "one of the TP server's own names"},
-		"x.rev.tp.internal":  {proxy.CodePublicRefused, "under the reverse zone"},
-		"other.example.test": {proxy.CodePolicyDenied, "other.example.test"},
+		"localhost":          {wire.CodeBadRequest, "at least two labels"},
+		"tp.example.test":    {wire.CodePublicRefused, "one of the TP server's own names"},
+		"x.rev.tp.internal":  {wire.CodePublicRefused, "under the reverse zone"},
+		"other.example.test": {wire.CodePolicyDenied, "other.example.test"},
 	} {
 		_, err := runAgent(t, alice, clients.TransportTLS, blog(sni), nil)
 		wantRefused(t, err, want[0], want[1])
@@ -369,7 +369,7 @@ func TestReversePublicAgentDies(t *testing.T) {
 				case *tls.Conn:
 					v.NetConn().Close()
 				default:
-					proxy.Abort(v, proxy.QUICPeerReset)
+					wire.Abort(v, wire.QUICPeerReset)
 				}
 			}
 			tap.mu.Unlock()

@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 const reversePolicy = `package tp.authz
@@ -80,7 +80,7 @@ func (t *tapConn) Write(p []byte) (int, error) {
 	return t.Conn.Write(p)
 }
 
-func (t *tapConn) CloseWrite() error { return t.Conn.(proxy.Stream).CloseWrite() }
+func (t *tapConn) CloseWrite() error { return t.Conn.(wire.Stream).CloseWrite() }
 
 // startAgent runs alice's agent for "svc" → local and waits until it registered.
 func startAgent(t *testing.T, c *clients.Client, transport, local string, allowUsers []string, tap *capture) (stop func(), errc chan error) {
@@ -195,13 +195,13 @@ func TestReverseProtected(t *testing.T) {
 			}
 			_, err = dialReverse(carol, transport, marker)
 			var re *clients.RefusedError
-			if !errors.As(err, &re) || re.Code != proxy.CodePolicyDenied || !strings.Contains(err.Error(), "denied by policy") {
+			if !errors.As(err, &re) || re.Code != wire.CodePolicyDenied || !strings.Contains(err.Error(), "denied by policy") {
 				t.Fatalf("carol: %v; want a policy denial", err)
 			}
 			stop() // Ctrl-C unregisters at once: no grace period for a clean stop
 			_, err = dialReverse(bob, transport, marker)
-			if !errors.As(err, &re) || re.Code != proxy.CodeReverseUnknown {
-				t.Fatalf("after the agent stopped: %v; want %s", err, proxy.CodeReverseUnknown)
+			if !errors.As(err, &re) || re.Code != wire.CodeReverseUnknown {
+				t.Fatalf("after the agent stopped: %v; want %s", err, wire.CodeReverseUnknown)
 			}
 		})
 	}
@@ -221,7 +221,7 @@ func TestReverseBothLayers(t *testing.T) {
 		t.Fatalf("dave: %v; want the agent's refusal", err)
 	}
 	_, err = dialReverse(carol, clients.TransportTLS, []byte("x"))
-	if !errors.As(err, &re) || re.Code != proxy.CodePolicyDenied {
+	if !errors.As(err, &re) || re.Code != wire.CodePolicyDenied {
 		t.Fatalf("carol: %v; want the relay's policy denial", err)
 	}
 }
@@ -249,15 +249,15 @@ func TestReverseNameHijack(t *testing.T) {
 	// unregistering (as when her laptop changes networks).
 	ad, _ := alice.Dialer()
 	cfg := ad.TLSConfig.Clone()
-	cfg.NextProtos, cfg.ServerName = []string{proxy.ALPN}, "localhost"
+	cfg.NextProtos, cfg.ServerName = []string{wire.ALPN}, "localhost"
 	raw, err := tls.Dial("tcp", ad.Server, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := proxy.WriteClientHello(raw, proxy.ClientHello{V: 1, Op: proxy.OpListen, Net: "tcp", Names: []string{"svc"}}); err != nil {
+	if err := wire.WriteClientHello(raw, wire.ClientHello{V: 1, Op: wire.OpListen, Net: "tcp", Names: []string{"svc"}}); err != nil {
 		t.Fatal(err)
 	}
-	if sh, err := proxy.ReadServerHello(raw); err != nil || !sh.OK {
+	if sh, err := wire.ReadServerHello(raw); err != nil || !sh.OK {
 		t.Fatalf("alice's raw listen: %+v %v", sh, err)
 	}
 	raw.NetConn().Close()
@@ -275,8 +275,8 @@ func refusedWhileReconnecting(t *testing.T, attempt func() error) {
 	for {
 		err := attempt()
 		var re *clients.RefusedError
-		if !errors.As(err, &re) || re.Code != proxy.CodeNameTaken || time.Now().After(deadline) {
-			t.Fatalf("another identity while the owner is offline: %v; want %s (reconnecting)", err, proxy.CodeNameTaken)
+		if !errors.As(err, &re) || re.Code != wire.CodeNameTaken || time.Now().After(deadline) {
+			t.Fatalf("another identity while the owner is offline: %v; want %s (reconnecting)", err, wire.CodeNameTaken)
 		}
 		if strings.Contains(err.Error(), "reconnecting") {
 			return
@@ -356,7 +356,7 @@ func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
 
 // cutByFault fails the test unless err reports the cut the test caused: a
 // *clients.CutError holding a TCP reset, a QUIC stream reset, or a TLS session
-// that ended without close_notify (proxy.ErrTruncated). The test's own read deadline is a hang, and EOF a
+// that ended without close_notify (wire.ErrTruncated). The test's own read deadline is a hang, and EOF a
 // silent truncation.
 func cutByFault(t *testing.T, who string, err error) {
 	t.Helper()
@@ -370,8 +370,8 @@ func cutByFault(t *testing.T, who string, err error) {
 	if !errors.As(err, &cut) {
 		t.Fatalf("%s saw %v (%T); want a *clients.CutError", who, err, err)
 	}
-	if _, reset := proxy.StreamResetCode(err); reset || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, proxy.ErrTruncated) {
+	if _, reset := wire.StreamResetCode(err); reset || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, wire.ErrTruncated) {
 		return
 	}
-	t.Fatalf("%s saw %v (%T); want a reset or proxy.ErrTruncated", who, cut.Err, cut.Err)
+	t.Fatalf("%s saw %v (%T); want a reset or wire.ErrTruncated", who, cut.Err, cut.Err)
 }

@@ -14,7 +14,7 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // udpPolicy lets alice register names and expose UDP port %[1]d publicly, and
@@ -165,7 +165,7 @@ func TestReversePublicUDP(t *testing.T) {
 		})
 	}
 	_, err := runAgent(t, alice, clients.TransportTLS, game(tcpOnly), nil)
-	wantRefused(t, err, proxy.CodePublicRefused, "public-ports")
+	wantRefused(t, err, wire.CodePublicRefused, "public-ports")
 	_, err = runAgent(t, alice, clients.TransportTLS, []clients.Exposed{{Name: "game", Local: local, UDP: true, PublicPort: port, PublicSNI: "x.example.test"}}, nil)
 	if err == nil || !strings.Contains(err.Error(), "UDP service is exposed on a public port") {
 		t.Fatalf("UDP by server name: %v; want the agent's refusal", err)
@@ -239,8 +239,8 @@ func TestReverseProtectedUDP(t *testing.T) {
 				t.Fatalf("dave: %v; want the agent's refusal", err)
 			}
 			_, err = dial(bob, "tcp")
-			if !errors.As(err, &re) || re.Code != proxy.CodeUnsupportedNetwork || !strings.Contains(err.Error(), "--udp") {
-				t.Fatalf("a TCP dial of the UDP name: %v; want %s with a hint", err, proxy.CodeUnsupportedNetwork)
+			if !errors.As(err, &re) || re.Code != wire.CodeUnsupportedNetwork || !strings.Contains(err.Error(), "--udp") {
+				t.Fatalf("a TCP dial of the UDP name: %v; want %s with a hint", err, wire.CodeUnsupportedNetwork)
 			}
 		})
 	}

@@ -15,7 +15,7 @@ import (
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Reverse-name certificates are for servers only, and their provisioner takes no
@@ -84,8 +84,8 @@ func TestReverseZoneNeverLeaksToDNS(t *testing.T) {
 	for _, host := range []string{"a.b.rev.tp.internal", "rev.tp.internal", "REV.TP.INTERNAL."} {
 		_, err := dl.DialContext(context.Background(), "tcp", host+":22")
 		var re *clients.RefusedError
-		if !errors.As(err, &re) || re.Code != proxy.CodeReverseUnknown {
-			t.Errorf("dial %s: %v; want %s", host, err, proxy.CodeReverseUnknown)
+		if !errors.As(err, &re) || re.Code != wire.CodeReverseUnknown {
+			t.Errorf("dial %s: %v; want %s", host, err, wire.CodeReverseUnknown)
 		}
 	}
 }

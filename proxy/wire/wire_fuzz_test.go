@@ -1,4 +1,4 @@
-package proxy
+package wire
 
 import (
 	"bufio"
@@ -99,7 +99,7 @@ func FuzzClientHello(f *testing.F) {
 		}
 		switch h.Op {
 		case OpDial:
-			if h.Port < 1 || h.Port > 65535 || h.Host == "" || len(h.Host) > maxHostLen || h.Net != "tcp" && h.Net != "udp" {
+			if h.Port < 1 || h.Port > 65535 || h.Host == "" || len(h.Host) > MaxHostLen || h.Net != "tcp" && h.Net != "udp" {
 				t.Fatalf("accepted a dial beyond the bounds: %+v", h)
 			}
 			if h.Names != nil || h.Session != "" || h.Public != nil || h.UDP != nil {
@@ -115,7 +115,7 @@ func FuzzClientHello(f *testing.F) {
 				}
 			}
 		case OpAccept, OpWhy:
-			if h.Session == "" || len(h.Session) > maxSessionIDLen || strings.Trim(h.Session, "0123456789abcdef") != "" {
+			if h.Session == "" || len(h.Session) > MaxSessionIDLen || strings.Trim(h.Session, "0123456789abcdef") != "" {
 				t.Fatalf("accepted session id %q", h.Session)
 			}
 			if h.Op == OpWhy && (h.Net != "" || h.Host != "" || h.Port != 0 || h.Names != nil || h.Public != nil || h.UDP != nil) {
@@ -221,10 +221,10 @@ func FuzzSessionHeader(f *testing.F) {
 // panic the decoder and their counts round-trip.
 func FuzzCapsules(f *testing.F) {
 	var seed bytes.Buffer
-	_ = writeCapsule(&seed, CapsuleDatagram, []byte("dns-ish query"))
-	_ = writeCapsule(&seed, CapsuleReport, []byte(`{"v":1,"too_large":2,"queue_full":3,"largest":70000}`))
-	_ = writeCapsule(&seed, CapsuleDatagram, nil)
-	_ = writeCapsule(&seed, 0x7f, []byte("a later type"))
+	_ = WriteCapsule(&seed, CapsuleDatagram, []byte("dns-ish query"))
+	_ = WriteCapsule(&seed, CapsuleReport, []byte(`{"v":1,"too_large":2,"queue_full":3,"largest":70000}`))
+	_ = WriteCapsule(&seed, CapsuleDatagram, nil)
+	_ = WriteCapsule(&seed, 0x7f, []byte("a later type"))
 	f.Add(seed.Bytes())
 	f.Add([]byte{0, 0xff, 0xff, 1})
 	f.Add([]byte{1, 0, 2, '{', '}'})
@@ -234,7 +234,7 @@ func FuzzCapsules(f *testing.F) {
 		r := bufio.NewReader(bytes.NewReader(in))
 		var out bytes.Buffer
 		for {
-			typ, p, err := readCapsule(r)
+			typ, p, err := ReadCapsule(r)
 			if err != nil {
 				if !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
 					t.Fatalf("readCapsule: %v", err)
@@ -250,14 +250,14 @@ func FuzzCapsules(f *testing.F) {
 			if len(p) > MaxDatagramSize {
 				t.Fatalf("capsule of %d bytes", len(p))
 			}
-			if err := writeCapsule(&out, typ, p); err != nil {
+			if err := WriteCapsule(&out, typ, p); err != nil {
 				t.Fatal(err)
 			}
 			if !bytes.HasPrefix(in, out.Bytes()) {
 				t.Fatalf("capsules written back differ from the input after %d bytes", out.Len())
 			}
 			if typ == CapsuleReport {
-				rep, err := decodeReport(p)
+				rep, err := DecodeReport(p)
 				if err != nil {
 					continue
 				}
@@ -265,7 +265,7 @@ func FuzzCapsules(f *testing.F) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				again, err := decodeReport(b)
+				again, err := DecodeReport(b)
 				if err != nil || again != rep {
 					t.Fatalf("report %+v round trip = %+v, %v", rep, again, err)
 				}

@@ -1,4 +1,4 @@
-package proxy
+package wire
 
 import (
 	"bytes"
@@ -18,8 +18,8 @@ const Version = 1
 // MaxHelloSize bounds the JSON body of a hello in either direction, in bytes.
 const MaxHelloSize = 16384
 
-// maxHostLen is the longest host a client may ask for (a full DNS name).
-const maxHostLen = 253
+// MaxHostLen is the longest host a client may ask for (a full DNS name).
+const MaxHostLen = 253
 
 // Error codes carried by a server hello with ok=false. They are part of the protocol:
 // clients may switch on them, people read the accompanying reason.
@@ -37,6 +37,17 @@ const (
 	CodeDialTimeout        = "dial_timeout"
 	CodeDialFailed         = "dial_failed"
 	CodeInternal           = "internal"
+)
+
+// Codes for refusals of a dial decided by the server's own rules and its policy
+// engine.
+const (
+	// CodeSelfDial refuses a destination that is one of this server's own listeners
+	// (its public port, its CA and enrollment endpoints live there too).
+	CodeSelfDial = "self_dial"
+	// CodePolicyError refuses a request whose policy evaluation failed, timed out or
+	// left the decision undefined: the server fails closed.
+	CodePolicyError = "policy_error"
 )
 
 // OpDial asks the server to open a connection to host:port.
@@ -57,7 +68,7 @@ type ClientHello struct {
 	// "accept") pairs a data connection with an announced session. See reverse_wire.go.
 	Names   []string `json:"names,omitempty"`
 	Session string   `json:"session,omitempty"`
-	// Public (op "listen") also exposes some of Names publicly (reverse_public.go).
+	// Public (op "listen") also exposes some of Names publicly (see PublicSpec).
 	Public []PublicSpec `json:"public,omitempty"`
 	// UDP (op "listen") lists the Names whose local service is UDP; the others
 	// are TCP (reverse_udp.go).
@@ -98,7 +109,8 @@ func (e *HelloError) Error() string {
 	return e.Code + ": " + e.Reason
 }
 
-func helloErr(code, format string, args ...any) *HelloError {
+// Errorf is a HelloError with code and a reason formatted for people.
+func Errorf(code, format string, args ...any) *HelloError {
 	return &HelloError{Code: code, Reason: fmt.Sprintf(format, args...)}
 }
 
@@ -106,47 +118,47 @@ func helloErr(code, format string, args ...any) *HelloError {
 // The returned error is a *HelloError.
 func (h ClientHello) Validate() error {
 	if h.V != Version {
-		return helloErr(CodeUnsupportedVersion, "protocol version %d is not supported; this server speaks version %d", h.V, Version)
+		return Errorf(CodeUnsupportedVersion, "protocol version %d is not supported; this server speaks version %d", h.V, Version)
 	}
 	switch h.Op {
 	case OpDial:
 		if h.Names != nil || h.Session != "" || h.Public != nil || h.UDP != nil {
-			return helloErr(CodeBadRequest, "fields \"names\", \"public\", \"udp\" and \"session\" belong to ops \"listen\" and \"accept\", not \"dial\"")
+			return Errorf(CodeBadRequest, "fields \"names\", \"public\", \"udp\" and \"session\" belong to ops \"listen\" and \"accept\", not \"dial\"")
 		}
 	case OpListen, OpAccept:
 		return h.validateReverse()
 	case OpWhy:
 		if h.Net != "" || h.Host != "" || h.Port != 0 || h.Names != nil || h.Public != nil || h.UDP != nil {
-			return helloErr(CodeBadRequest, "op \"why\" takes only a session")
+			return Errorf(CodeBadRequest, "op \"why\" takes only a session")
 		}
 		return validSessionID(h.Session)
 	default:
-		return helloErr(CodeUnknownOp, "operation %q is not known; expected %q, %q, %q or %q", h.Op, OpDial, OpListen, OpAccept, OpWhy)
+		return Errorf(CodeUnknownOp, "operation %q is not known; expected %q, %q, %q or %q", h.Op, OpDial, OpListen, OpAccept, OpWhy)
 	}
 	if h.Net != "tcp" && h.Net != "udp" { // udp: a UDP flow (udp.go)
-		return helloErr(CodeUnsupportedNetwork, "network %q is not supported; expected \"tcp\" or \"udp\"", h.Net)
+		return Errorf(CodeUnsupportedNetwork, "network %q is not supported; expected \"tcp\" or \"udp\"", h.Net)
 	}
-	if err := validHost(h.Host); err != nil {
+	if err := ValidHost(h.Host); err != nil {
 		return err
 	}
 	if h.Port < 1 || h.Port > 65535 {
-		return helloErr(CodeBadRequest, "port %d is out of range 1..65535", h.Port)
+		return Errorf(CodeBadRequest, "port %d is out of range 1..65535", h.Port)
 	}
 	return nil
 }
 
-// validHost accepts printable ASCII without spaces: DNS names (IDNs as A-labels)
+// ValidHost accepts printable ASCII without spaces: DNS names (IDNs as A-labels)
 // and IP literals without brackets.
-func validHost(host string) error {
+func ValidHost(host string) error {
 	if host == "" {
-		return helloErr(CodeBadRequest, "host is empty")
+		return Errorf(CodeBadRequest, "host is empty")
 	}
-	if len(host) > maxHostLen {
-		return helloErr(CodeBadRequest, "host is %d bytes long; the limit is %d", len(host), maxHostLen)
+	if len(host) > MaxHostLen {
+		return Errorf(CodeBadRequest, "host is %d bytes long; the limit is %d", len(host), MaxHostLen)
 	}
 	for i := 0; i < len(host); i++ {
 		if c := host[i]; c <= ' ' || c >= 0x7f {
-			return helloErr(CodeBadRequest, "host contains byte 0x%02x at offset %d; only printable ASCII without spaces is allowed", c, i)
+			return Errorf(CodeBadRequest, "host contains byte 0x%02x at offset %d; only printable ASCII without spaces is allowed", c, i)
 		}
 	}
 	return nil
@@ -160,10 +172,10 @@ func readFrame(r io.Reader) ([]byte, error) {
 	}
 	n := int(binary.BigEndian.Uint16(hdr[:]))
 	if n == 0 {
-		return nil, helloErr(CodeBadRequest, "hello length is zero")
+		return nil, Errorf(CodeBadRequest, "hello length is zero")
 	}
 	if n > MaxHelloSize {
-		return nil, helloErr(CodeHelloTooLarge, "hello is %d bytes; the limit is %d", n, MaxHelloSize)
+		return nil, Errorf(CodeHelloTooLarge, "hello is %d bytes; the limit is %d", n, MaxHelloSize)
 	}
 	body := make([]byte, n)
 	if _, err := io.ReadFull(r, body); err != nil {
@@ -181,7 +193,7 @@ func writeFrame(w io.Writer, v any) error {
 		return err
 	}
 	if len(body) > MaxHelloSize {
-		return helloErr(CodeHelloTooLarge, "hello is %d bytes; the limit is %d", len(body), MaxHelloSize)
+		return Errorf(CodeHelloTooLarge, "hello is %d bytes; the limit is %d", len(body), MaxHelloSize)
 	}
 	buf := make([]byte, 2, 2+len(body))
 	binary.BigEndian.PutUint16(buf, uint16(len(body)))
@@ -202,7 +214,7 @@ func ReadClientHello(r io.Reader) (ClientHello, error) {
 	}
 	var h ClientHello
 	if err := decodeClientHello(body, &h); err != nil {
-		return ClientHello{}, helloErr(CodeBadRequest, "malformed hello: %v", err)
+		return ClientHello{}, Errorf(CodeBadRequest, "malformed hello: %v", err)
 	}
 	if err := h.Validate(); err != nil {
 		return ClientHello{}, err
@@ -274,16 +286,16 @@ func ReadServerHello(r io.Reader) (ServerHello, error) {
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&h); err != nil {
-		return ServerHello{}, helloErr(CodeBadRequest, "malformed server hello: %v", err)
+		return ServerHello{}, Errorf(CodeBadRequest, "malformed server hello: %v", err)
 	}
 	if dec.InputOffset() != int64(len(body)) {
-		return ServerHello{}, helloErr(CodeBadRequest, "malformed server hello: trailing bytes after the JSON object")
+		return ServerHello{}, Errorf(CodeBadRequest, "malformed server hello: trailing bytes after the JSON object")
 	}
 	if h.V != Version {
-		return ServerHello{}, helloErr(CodeUnsupportedVersion, "server speaks protocol version %d; this client speaks %d", h.V, Version)
+		return ServerHello{}, Errorf(CodeUnsupportedVersion, "server speaks protocol version %d; this client speaks %d", h.V, Version)
 	}
 	if !h.OK && h.Code == "" {
-		return ServerHello{}, helloErr(CodeBadRequest, "malformed server hello: ok=false without a code")
+		return ServerHello{}, Errorf(CodeBadRequest, "malformed server hello: ok=false without a code")
 	}
 	return h, nil
 }

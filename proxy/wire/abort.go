@@ -1,4 +1,4 @@
-package proxy
+package wire
 
 import (
 	"context"
@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"sync"
-	"time"
 
 	"github.com/quic-go/quic-go"
 )
@@ -81,9 +80,12 @@ func (e *EndError) End() SessionEnd {
 	return SessionEnd{Code: EndName(e.Code), By: e.By, Reason: e.Reason}
 }
 
+// Ends the server gives for sessions it aborts itself.
 var (
-	errShutdown    = &EndError{Code: QUICShutdown, By: "server", Reason: "the TP server is shutting down"}
-	errCertExpired = &EndError{Code: QUICCertExpired, By: "server", Reason: "the client certificate that authorised the session expired; tp renews it on the next connection, or run dlogin"}
+	// ErrShutdown ends sessions cut by a server that is stopping.
+	ErrShutdown = &EndError{Code: QUICShutdown, By: "server", Reason: "the TP server is shutting down"}
+	// ErrCertExpired ends sessions whose client certificate expired.
+	ErrCertExpired = &EndError{Code: QUICCertExpired, By: "server", Reason: "the client certificate that authorised the session expired; tp renews it on the next connection, or run dlogin"}
 )
 
 // AbortCode is the code an abort caused by err carries: the EndError's, shutdown
@@ -95,7 +97,7 @@ func AbortCode(err error) quic.ApplicationErrorCode {
 	case errors.As(err, &ee):
 		return ee.Code
 	case errors.As(err, &re):
-		return re.code()
+		return re.Code()
 	case errors.Is(err, context.Canceled):
 		return QUICShutdown
 	}
@@ -226,55 +228,7 @@ func (e *CutError) Error() string {
 	if e.B {
 		side = "second"
 	}
-	return fmt.Sprintf("the %s connection failed: %v", side, unwrapOpError(e.Err))
+	return fmt.Sprintf("the %s connection failed: %v", side, UnwrapOpError(e.Err))
 }
 
 func (e *CutError) Unwrap() error { return e.Err }
-
-// endRecords keeps how recently aborted sessions ended, for op "why": a bounded
-// ring of at most maxEndRecords, each kept for endRecordTTL.
-type endRecords struct {
-	mu   sync.Mutex
-	m    map[string]endRecord
-	ring []string
-	next int
-}
-
-type endRecord struct {
-	owner string // device ID of the session's client
-	end   SessionEnd
-	at    time.Time
-}
-
-const (
-	maxEndRecords = 4096
-	endRecordTTL  = time.Minute
-)
-
-func (r *endRecords) add(id, owner string, end SessionEnd) {
-	if id == "" {
-		return
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.m == nil {
-		r.m = make(map[string]endRecord)
-		r.ring = make([]string, maxEndRecords)
-	}
-	if old := r.ring[r.next]; old != "" {
-		delete(r.m, old)
-	}
-	r.ring[r.next] = id
-	r.next = (r.next + 1) % maxEndRecords
-	r.m[id] = endRecord{owner: owner, end: end, at: time.Now()}
-}
-
-func (r *endRecords) get(id, owner string) (SessionEnd, bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	rec, ok := r.m[id]
-	if !ok || rec.owner != owner || time.Since(rec.at) > endRecordTTL {
-		return SessionEnd{}, false
-	}
-	return rec.end, true
-}

@@ -1,4 +1,4 @@
-package proxy
+package wire
 
 import (
 	"bufio"
@@ -48,7 +48,7 @@ type UDPFlow struct {
 	endErr  error         // why, set before ended is closed
 	once    sync.Once
 	started atomic.Bool
-	// waiting: the peer may not have registered the flow id yet (awaitPeer), so
+	// waiting: the peer may not have registered the flow id yet (AwaitPeer), so
 	// datagrams go as capsules until the first one arrives from the peer.
 	waiting atomic.Bool
 
@@ -85,8 +85,8 @@ type flowCounters struct {
 	peer                                                           atomic.Pointer[UDPReport]
 }
 
-// quicStreamer is a QUIC stream adapter: *QUICStream, or a wrapper embedding one.
-type quicStreamer interface {
+// QUICStreamer is a QUIC stream adapter: *QUICStream, or a wrapper embedding one.
+type QUICStreamer interface {
 	Conn() *quic.Conn
 	StreamID() quic.StreamID
 }
@@ -102,7 +102,7 @@ func (s *QUICStream) StreamID() quic.StreamID { return s.str.StreamID() }
 // DefaultUDPQueueLen; onReport (may be nil) receives the peer's drop reports.
 func NewUDPFlow(str Stream, queueLen int, onReport func(UDPReport)) (*UDPFlow, error) {
 	f := newUDPFlow(str, queueLen, onReport)
-	if qs, ok := str.(quicStreamer); ok {
+	if qs, ok := str.(QUICStreamer); ok {
 		conn := qs.Conn()
 		if st := conn.ConnectionState().SupportsDatagrams; st.Local && st.Remote {
 			f.qconn, f.flow = conn, uint64(qs.StreamID())/4
@@ -135,11 +135,19 @@ func newUDPFlow(str Stream, queueLen int, onReport func(UDPReport)) *UDPFlow {
 	return f
 }
 
-// awaitPeer makes Write send capsules on the stream until a datagram arrives
+// AwaitPeer makes Write send capsules on the stream until a datagram arrives
 // from the peer: for a flow the peer learns of from a header on the stream (a
 // public UDP session the server opens to an agent), DATAGRAM frames sent before
 // the peer has read that header would find no flow and be lost.
-func (f *UDPFlow) awaitPeer() { f.waiting.Store(true) }
+func (f *UDPFlow) AwaitPeer() { f.waiting.Store(true) }
+
+// DatagramConn is the QUIC connection that carries f's DATAGRAM frames; nil when
+// f sends capsules on its stream only.
+func (f *UDPFlow) DatagramConn() *quic.Conn {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.qconn
+}
 
 // FlowID reports the flow id when datagrams travel in QUIC DATAGRAM frames.
 func (f *UDPFlow) FlowID() (uint64, bool) {
@@ -183,7 +191,7 @@ func (f *UDPFlow) readStream() {
 	for {
 		var typ byte
 		var d []byte
-		typ, d, err = readCapsule(f.br)
+		typ, d, err = ReadCapsule(f.br)
 		if err != nil {
 			break
 		}
@@ -196,7 +204,7 @@ func (f *UDPFlow) readStream() {
 				err = net.ErrClosed
 			}
 		case CapsuleReport:
-			r, rerr := decodeReport(d)
+			r, rerr := DecodeReport(d)
 			if rerr != nil {
 				err = rerr
 				break
@@ -227,12 +235,10 @@ func (f *UDPFlow) deliver(d []byte) {
 
 // Read returns the next datagram. It returns io.EOF once the peer ended the flow.
 func (f *UDPFlow) Read(p []byte) (int, error) {
-	d, err := f.readDatagram()
+	d, err := f.ReadDatagram()
 	if err != nil {
 		return 0, err
 	}
-	f.stats.dgIn.Add(1)
-	f.stats.bIn.Add(int64(len(d)))
 	n := copy(p, d)
 	if n < len(d) {
 		return n, io.ErrShortBuffer
@@ -240,7 +246,18 @@ func (f *UDPFlow) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// readDatagram returns the next datagram as received, without a copy.
+// ReadDatagram returns the next datagram as received, without a copy, and counts
+// it in Stats. The slice is the caller's. It returns io.EOF once the peer ended
+// the flow.
+func (f *UDPFlow) ReadDatagram() ([]byte, error) {
+	d, err := f.readDatagram()
+	if err == nil {
+		f.stats.dgIn.Add(1)
+		f.stats.bIn.Add(int64(len(d)))
+	}
+	return d, err
+}
+
 func (f *UDPFlow) readDatagram() ([]byte, error) {
 	for {
 		f.dmu.Lock()
@@ -312,7 +329,7 @@ func (f *UDPFlow) Write(p []byte) (int, error) {
 		}
 	}
 	f.wmu.Lock()
-	err := writeCapsule(f.str, CapsuleDatagram, p)
+	err := WriteCapsule(f.str, CapsuleDatagram, p)
 	f.wmu.Unlock()
 	if err != nil {
 		return 0, err
@@ -364,9 +381,9 @@ func (f *UDPFlow) reporter() {
 		}
 		r := UDPReport{V: Version, TooLarge: f.stats.tooLarge.Load(), QueueFull: f.stats.queueFull.Load(), Largest: int(f.stats.largest.Load())}
 		body, _ := json.Marshal(r)
-		_ = f.str.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
+		_ = f.str.SetWriteDeadline(time.Now().Add(HelloWriteTimeout))
 		f.wmu.Lock()
-		err := writeCapsule(f.str, CapsuleReport, body)
+		err := WriteCapsule(f.str, CapsuleReport, body)
 		f.wmu.Unlock()
 		_ = f.str.SetWriteDeadline(time.Time{})
 		if err != nil {
@@ -519,5 +536,5 @@ func (m *datagramMux) remove(id uint64, f *UDPFlow) {
 // NewCapsuleFlow is a flow on str that carries every datagram as a capsule on
 // str, never in QUIC DATAGRAM frames: for a stream that is not a QUIC stream of
 // its own, such as the end-to-end TLS session of a protected UDP reverse name.
-// Call Start before use; Close closes str.
-func NewCapsuleFlow(str Stream) *UDPFlow { return newUDPFlow(str, 0, nil) }
+// queueLen ≤ 0 means DefaultUDPQueueLen. Call Start before use; Close closes str.
+func NewCapsuleFlow(str Stream, queueLen int) *UDPFlow { return newUDPFlow(str, queueLen, nil) }

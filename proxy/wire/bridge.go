@@ -1,4 +1,4 @@
-package proxy
+package wire
 
 import (
 	"context"
@@ -44,12 +44,12 @@ type closeWriter interface{ CloseWrite() error }
 // err is nil after a clean end, a *CutError naming the side that failed, or ctx's
 // cause.
 func Bridge(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error) {
-	return bridge(ctx, a, b, nil)
+	return BridgeNotify(ctx, a, b, nil)
 }
 
-// bridge is Bridge; beforeAbort, when set, runs once before an abort resets the
-// connections (it records why, for op "why", before the client can ask).
-func bridge(ctx context.Context, a, b net.Conn, beforeAbort func(error)) (aToB, bToA int64, err error) {
+// BridgeNotify is Bridge; beforeAbort, when set, runs once before an abort resets
+// the connections (a server records why, for op "why", before the client can ask).
+func BridgeNotify(ctx context.Context, a, b net.Conn, beforeAbort func(error)) (aToB, bToA int64, err error) {
 	br := &bridgeState{a: a, b: b, beforeAbort: beforeAbort}
 	stop := context.AfterFunc(ctx, func() {
 		cause := context.Cause(ctx)

@@ -1,4 +1,4 @@
-package proxy
+package wire
 
 import (
 	"bytes"
@@ -41,8 +41,8 @@ const (
 // MaxListenNames bounds the names one listen hello may register.
 const MaxListenNames = 16
 
-// maxSessionIDLen bounds an accept's session id.
-const maxSessionIDLen = 64
+// MaxSessionIDLen bounds an accept's session id.
+const MaxSessionIDLen = 64
 
 // SessionHeader is a frame the server sends to an agent: at the start of every
 // stream it opens to the agent (QUIC), or on the control connection (TLS) to
@@ -85,10 +85,10 @@ func ReadSessionHeader(r io.Reader) (SessionHeader, error) {
 	}
 	var h SessionHeader
 	if err := strictJSON(body, &h); err != nil {
-		return SessionHeader{}, helloErr(CodeBadRequest, "malformed session header: %v", err)
+		return SessionHeader{}, Errorf(CodeBadRequest, "malformed session header: %v", err)
 	}
 	if h.V != Version {
-		return SessionHeader{}, helloErr(CodeUnsupportedVersion, "session header version %d; this side speaks %d", h.V, Version)
+		return SessionHeader{}, Errorf(CodeUnsupportedVersion, "session header version %d; this side speaks %d", h.V, Version)
 	}
 	return h, nil
 }
@@ -113,36 +113,36 @@ func ValidReverseName(name string) error {
 
 func (h ClientHello) validateReverse() error {
 	if h.Host != "" || h.Port != 0 {
-		return helloErr(CodeBadRequest, "op %q takes no host or port", h.Op)
+		return Errorf(CodeBadRequest, "op %q takes no host or port", h.Op)
 	}
 	switch h.Op {
 	case OpListen:
 		if h.Net != "tcp" {
-			return helloErr(CodeUnsupportedNetwork, "network %q is not supported for reverse listeners; expected \"tcp\"", h.Net)
+			return Errorf(CodeUnsupportedNetwork, "network %q is not supported for reverse listeners; expected \"tcp\"", h.Net)
 		}
 		if h.Session != "" {
-			return helloErr(CodeBadRequest, "op \"listen\" takes no session")
+			return Errorf(CodeBadRequest, "op \"listen\" takes no session")
 		}
 		if len(h.Names) == 0 || len(h.Names) > MaxListenNames {
-			return helloErr(CodeBadRequest, "op \"listen\" needs 1 to %d names, not %d", MaxListenNames, len(h.Names))
+			return Errorf(CodeBadRequest, "op \"listen\" needs 1 to %d names, not %d", MaxListenNames, len(h.Names))
 		}
 		seen := make(map[string]bool, len(h.Names))
 		for _, n := range h.Names {
 			if err := ValidReverseName(n); err != nil {
-				return helloErr(CodeBadRequest, "%v", err)
+				return Errorf(CodeBadRequest, "%v", err)
 			}
 			if seen[n] {
-				return helloErr(CodeBadRequest, "reverse name %q is listed twice", n)
+				return Errorf(CodeBadRequest, "reverse name %q is listed twice", n)
 			}
 			seen[n] = true
 		}
 		udp := make(map[string]bool, len(h.UDP))
 		for _, n := range h.UDP {
 			if !seen[n] {
-				return helloErr(CodeBadRequest, "udp lists %q, which is not among the names registered", n)
+				return Errorf(CodeBadRequest, "udp lists %q, which is not among the names registered", n)
 			}
 			if udp[n] {
-				return helloErr(CodeBadRequest, "udp lists %q twice", n)
+				return Errorf(CodeBadRequest, "udp lists %q twice", n)
 			}
 			udp[n] = true
 		}
@@ -151,21 +151,21 @@ func (h ClientHello) validateReverse() error {
 		}
 	case OpAccept:
 		if h.Net != "" || len(h.Names) > 0 || h.Public != nil || h.UDP != nil {
-			return helloErr(CodeBadRequest, "op \"accept\" takes only a session")
+			return Errorf(CodeBadRequest, "op \"accept\" takes only a session")
 		}
 		return validSessionID(h.Session)
 	}
 	return nil
 }
 
-// validSessionID accepts 1 to maxSessionIDLen lower-case hexadecimal characters.
+// validSessionID accepts 1 to MaxSessionIDLen lower-case hexadecimal characters.
 func validSessionID(id string) error {
-	if id == "" || len(id) > maxSessionIDLen {
-		return helloErr(CodeBadRequest, "session id must be 1 to %d characters", maxSessionIDLen)
+	if id == "" || len(id) > MaxSessionIDLen {
+		return Errorf(CodeBadRequest, "session id must be 1 to %d characters", MaxSessionIDLen)
 	}
 	for i := 0; i < len(id); i++ {
 		if c := id[i]; !('a' <= c && c <= 'f' || '0' <= c && c <= '9') {
-			return helloErr(CodeBadRequest, "session id must be lower-case hexadecimal")
+			return Errorf(CodeBadRequest, "session id must be lower-case hexadecimal")
 		}
 	}
 	return nil

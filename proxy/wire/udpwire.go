@@ -1,4 +1,4 @@
-package proxy
+package wire
 
 import (
 	"bufio"
@@ -45,9 +45,9 @@ type UDPReport struct {
 	Largest int `json:"largest,omitempty"`
 }
 
-// writeCapsule writes one capsule in a single Write, so concurrent writers that
+// WriteCapsule writes one capsule in a single Write, so concurrent writers that
 // hold the flow's write lock never interleave.
-func writeCapsule(w io.Writer, typ byte, p []byte) error {
+func WriteCapsule(w io.Writer, typ byte, p []byte) error {
 	if len(p) > MaxDatagramSize {
 		return fmt.Errorf("capsule of %d bytes exceeds %d", len(p), MaxDatagramSize)
 	}
@@ -59,10 +59,10 @@ func writeCapsule(w io.Writer, typ byte, p []byte) error {
 	return err
 }
 
-// readCapsule reads one capsule; its payload is a new slice of exactly its
+// ReadCapsule reads one capsule; its payload is a new slice of exactly its
 // length. An end of stream between capsules is io.EOF; inside one,
 // io.ErrUnexpectedEOF.
-func readCapsule(r *bufio.Reader) (typ byte, payload []byte, err error) {
+func ReadCapsule(r *bufio.Reader) (typ byte, payload []byte, err error) {
 	var hdr [capsuleHeader]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return 0, nil, err
@@ -77,7 +77,8 @@ func readCapsule(r *bufio.Reader) (typ byte, payload []byte, err error) {
 	return hdr[0], payload, nil
 }
 
-func decodeReport(p []byte) (UDPReport, error) {
+// DecodeReport parses the payload of a REPORT capsule.
+func DecodeReport(p []byte) (UDPReport, error) {
 	var r UDPReport
 	if err := json.Unmarshal(p, &r); err != nil {
 		return r, fmt.Errorf("malformed UDP report: %w", err)

@@ -1,4 +1,4 @@
-package proxy
+package wire
 
 import (
 	"bufio"
@@ -28,7 +28,7 @@ func TestUDPFlowQueueBound(t *testing.T) {
 	if st := f.Stats(); st.QueueFull != 996 || len(f.in) != 4 {
 		t.Fatalf("queue %d, dropped %d; want 4 queued, 996 dropped", len(f.in), st.QueueFull)
 	}
-	typ, _, err := readCapsule(bufio.NewReader(b))
+	typ, _, err := ReadCapsule(bufio.NewReader(b))
 	if err != nil || typ != CapsuleReport {
 		t.Fatalf("capsule %d, %v; want a report", typ, err)
 	}
@@ -40,16 +40,16 @@ func TestCapsuleRoundTrip(t *testing.T) {
 	var buf bytes.Buffer
 	sizes := []int{0, 1, 1199, 65535}
 	for _, n := range sizes {
-		if err := writeCapsule(&buf, CapsuleDatagram, bytes.Repeat([]byte{7}, n)); err != nil {
+		if err := WriteCapsule(&buf, CapsuleDatagram, bytes.Repeat([]byte{7}, n)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := writeCapsule(&buf, CapsuleDatagram, make([]byte, 65536)); err == nil {
+	if err := WriteCapsule(&buf, CapsuleDatagram, make([]byte, 65536)); err == nil {
 		t.Fatal("a 65536-byte capsule was written")
 	}
 	r := bufio.NewReader(&buf)
 	for _, want := range sizes {
-		typ, p, err := readCapsule(r)
+		typ, p, err := ReadCapsule(r)
 		if err != nil || typ != CapsuleDatagram || len(p) != want {
 			t.Fatalf("capsule: type %d, %d bytes, %v; want %d bytes", typ, len(p), err, want)
 		}
