@@ -1,0 +1,277 @@
+package proxy
+
+// The reverse registry: which agent holds which reverse name (and public port or
+// server name), the grace a crashed agent's names keep, and the sessions pending
+// until an agent picks them up. The protocol operations that use it are in
+// reverse.go.
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// reverseAgent is one live control session of an agent.
+type reverseAgent struct {
+	id        authz.Identity
+	transport string
+	names     []string        // full names
+	udp       map[string]bool // full names whose service is UDP
+	public    []publicClaim
+	ctx       context.Context // the control session's: ends its public sessions too
+	ctl       wire.Stream
+	end       context.CancelCauseFunc
+	// open starts a session: a stream opened to the agent (QUIC) or an
+	// announcement the agent answers with an accept connection (TLS). openFlow
+	// starts a public UDP session: a UDPFlow on such a stream (reverse_udp.go).
+	open     func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError)
+	openFlow func(ctx context.Context, hdr wire.SessionHeader, queueLen int) (*wire.UDPFlow, *wire.HelloError)
+
+	wmu     sync.Mutex // serialises frames on ctl
+	pmu     sync.Mutex
+	pending []*pendingSession // oldest first (TLS)
+}
+
+type pendingSession struct {
+	id    string
+	agent *reverseAgent
+	ch    chan wire.Stream // receives the accept connection, or nil when refused
+}
+
+type revEntry struct {
+	owner string // device ID
+	agent *reverseAgent
+	until time.Time // end of the grace period while agent is nil
+	// Public exposures: the reverse label sessions go to, the public port's
+	// listener (kept open through the grace period) and the timer that closes it.
+	label string
+	ln    *publicListener
+	timer *time.Timer
+}
+
+type reverseRegistry struct {
+	opts     ReverseOptions
+	mu       sync.Mutex
+	names    map[string]*revEntry       // full name, "tcp/PORT" or "sni/NAME" → holder
+	sessions map[string]*pendingSession // announced, not yet accepted (TLS)
+	srv      *Server                    // opens and serves public ports
+	// pendingPerID counts the dials waiting for an agent per dialing device (limits.go).
+	pendingPerID identityCount
+
+	seq    uint64 // holds snapshots taken (persist), under mu
+	saveMu sync.Mutex
+	saved  uint64 // newest snapshot saved, under saveMu
+}
+
+func newReverseRegistry(opts ReverseOptions) *reverseRegistry {
+	r := &reverseRegistry{opts: opts.withDefaults(), names: map[string]*revEntry{}, sessions: map[string]*pendingSession{}}
+	r.loadHolds(opts.Holds)
+	return r
+}
+
+// name returns the label of host when host is "<label>.<zone>".
+// inZone reports whether host is the zone itself or any name under it. Such names
+// are never resolved or dialed on the network, even when they are no valid
+// reverse name (more than one label).
+func (r *reverseRegistry) inZone(host string) bool {
+	return host == r.opts.Zone || strings.HasSuffix(host, "."+r.opts.Zone)
+}
+
+func (r *reverseRegistry) name(host string) (string, bool) {
+	label, ok := strings.CutSuffix(host, "."+r.opts.Zone)
+	return label, ok && label != "" && !strings.Contains(label, ".")
+}
+
+// claim gives a's names to a, or refuses if another identity holds one. A newer
+// session of the same owner takes over; the replaced sessions are returned.
+func (r *reverseRegistry) claim(a *reverseAgent) ([]*reverseAgent, *wire.HelloError) {
+	replaced, herr := r.claimLocked(a)
+	if herr == nil {
+		r.persist()
+	}
+	return replaced, herr
+}
+
+func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *wire.HelloError) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	keys := a.keys()
+	for _, n := range keys {
+		e := r.names[n]
+		if e == nil || e.owner == a.id.DeviceID {
+			continue
+		}
+		if e.agent != nil {
+			return nil, wire.Errorf(wire.CodeNameTaken, "%s is registered by another identity; choose another", describeKey(n))
+		}
+		if now.Before(e.until) {
+			return nil, wire.Errorf(wire.CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another", describeKey(n))
+		}
+		r.dropLocked(n, e) // another owner's hold that has run out
+	}
+	if herr := r.checkNamesLocked(a, keys, now); herr != nil {
+		return nil, herr
+	}
+	opened, herr := r.openPublic(a)
+	if herr != nil {
+		return nil, herr
+	}
+	labels := map[string]string{}
+	for _, p := range a.public {
+		labels[p.Key()] = p.Name
+	}
+	var replaced []*reverseAgent
+	for _, n := range keys {
+		e := r.names[n]
+		if e == nil {
+			e = &revEntry{owner: a.id.DeviceID}
+			r.names[n] = e
+		}
+		if e.agent != nil && e.agent != a && !slices.Contains(replaced, e.agent) {
+			replaced = append(replaced, e.agent)
+		}
+		if e.timer != nil {
+			e.timer.Stop()
+			e.timer = nil
+		}
+		e.agent, e.until, e.label = a, time.Time{}, labels[n]
+		if ln := opened[n]; ln != nil {
+			e.ln = ln
+			go r.srv.acceptPublic(ln)
+		}
+	}
+	return replaced, nil
+}
+
+// release marks a's names offline for the grace period (or frees them at once
+// when the agent unregistered) and refuses its pending sessions.
+func (r *reverseRegistry) release(a *reverseAgent, grace bool) {
+	r.mu.Lock()
+	until := time.Now().Add(r.opts.Grace)
+	for _, n := range a.keys() {
+		if e := r.names[n]; e != nil && e.agent == a {
+			if !grace {
+				r.dropLocked(n, e)
+				continue
+			}
+			e.agent, e.until = nil, until
+			if e.ln != nil { // the port stays open for the owner's return, then closes
+				e.timer = time.AfterFunc(r.opts.Grace, func() { r.expire(n, e) })
+			}
+		}
+	}
+	r.mu.Unlock()
+	r.persist()
+	a.pmu.Lock()
+	pending := a.pending
+	a.pending = nil
+	a.pmu.Unlock()
+	for _, p := range pending {
+		r.unpend(p, nil)
+	}
+}
+
+// lookup finds the live agent for a full name.
+func (r *reverseRegistry) lookup(host string) (*reverseAgent, *wire.HelloError) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.names[host]
+	switch {
+	case e == nil || e.agent == nil && !time.Now().Before(e.until):
+		return nil, wire.Errorf(wire.CodeReverseUnknown, "no agent serves %s; is `tp expose` running for it?", host)
+	case e.agent == nil:
+		return nil, wire.Errorf(wire.CodeReverseOffline, "the agent serving %s is offline and reconnecting; try again in a few seconds", host)
+	}
+	return e.agent, nil
+}
+
+// owner returns the device that holds a full name, online or within its grace period.
+func (r *reverseRegistry) owner(host string) (string, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.names[host]
+	if e == nil || e.agent == nil && !time.Now().Before(e.until) {
+		return "", false
+	}
+	return e.owner, true
+}
+
+// pend records an announced session; past MaxPending the oldest is refused.
+func (r *reverseRegistry) pend(a *reverseAgent, p *pendingSession) {
+	r.mu.Lock() // lock order: r.mu, then a.pmu
+	a.pmu.Lock()
+	a.pending = append(a.pending, p)
+	var evict *pendingSession
+	if len(a.pending) > r.opts.MaxPending {
+		evict = a.pending[0]
+		a.pending = a.pending[1:]
+		delete(r.sessions, evict.id)
+	}
+	a.pmu.Unlock()
+	r.sessions[p.id] = p
+	r.mu.Unlock()
+	if evict != nil {
+		evict.ch <- nil
+	}
+}
+
+// unpend removes p; if it was still pending, st (nil: refused) is delivered to its
+// dialer. It reports whether p was still pending.
+func (r *reverseRegistry) unpend(p *pendingSession, st wire.Stream) bool {
+	r.mu.Lock()
+	_, ok := r.sessions[p.id]
+	delete(r.sessions, p.id)
+	r.mu.Unlock()
+	if !ok {
+		return false
+	}
+	p.agent.pmu.Lock()
+	for i, q := range p.agent.pending {
+		if q == p {
+			p.agent.pending = append(p.agent.pending[:i], p.agent.pending[i+1:]...)
+			break
+		}
+	}
+	p.agent.pmu.Unlock()
+	p.ch <- st
+	return true
+}
+
+// pendingCount is the number of sessions announced and not picked up (tests).
+func (r *reverseRegistry) pendingCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.sessions)
+}
+
+func newSessionID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// endAgents ends every agent's control session with cause (Shutdown: the agents
+// are told and reconnect, and their names stay held for them meanwhile).
+func (r *reverseRegistry) endAgents(cause error) {
+	r.mu.Lock()
+	agents := make(map[*reverseAgent]struct{})
+	for _, e := range r.names {
+		if e.agent != nil {
+			agents[e.agent] = struct{}{}
+		}
+	}
+	r.mu.Unlock()
+	for a := range agents {
+		if a.end != nil {
+			a.end(cause)
+		}
+	}
+}
