@@ -1,7 +1,7 @@
 // Command tpbench measures TP against direct TCP, a minimal Go mTLS relay, a plain
 // Go TLS server and OpenSSH in one run on loopback, and prints one table:
 //
-//	go run ./cmd/tpbench [--quick] [--json FILE] [--runs N] [--only SCENARIO,...] [--soak DURATION]
+//	go run ./cmd/tpbench [--quick] [--json FILE] [--runs N] [--only SCENARIO,...] [--soak DURATION] [--compare DIR]
 //
 // It builds tpd, tp and dlogin itself, starts everything it needs with throwaway
 // state and stops all of it when done. See internal/bench.
@@ -45,8 +45,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&o.JSON, "json", "", "also write the rows as JSON to this file")
 	fs.BoolVar(&o.Markdown, "markdown", false, "print the table as Markdown")
 	fs.DurationVar(&o.Soak, "soak", 0, "length of the soak scenario (default 10m, 20s with --quick)")
+	fs.StringVar(&o.Compare, "compare", "", "a directory holding older tp, dlogin and tpd binaries (e.g. built from an earlier commit): the setup scenario measures their sizes and a fresh tp beside this tree's, in the same runs")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: go run ./cmd/tpbench [--quick] [--json FILE] [--runs N] [--only SCENARIO,...] [--soak DURATION] [--markdown]")
+		fmt.Fprintln(stderr, "usage: go run ./cmd/tpbench [--quick] [--json FILE] [--runs N] [--only SCENARIO,...] [--soak DURATION] [--compare DIR] [--markdown]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {

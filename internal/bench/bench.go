@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -23,6 +24,7 @@ type Options struct {
 	JSON     string        // also write the rows to this file
 	Markdown bool          // print the table as Markdown
 	Soak     time.Duration // length of the soak scenario; 0 means 10m (20s with Quick)
+	Compare  string        // a directory with older tp, dlogin and tpd: sizes and fresh tp measured beside this tree's
 	Command  string        // the command line, recorded in the JSON report
 	Stdout   io.Writer
 	Stderr   io.Writer // progress lines
@@ -72,6 +74,13 @@ func Run(ctx context.Context, o Options) (err error) {
 	if o.Stderr == nil {
 		o.Stderr = io.Discard
 	}
+	if o.Compare != "" {
+		for _, b := range []string{"tp", "dlogin", "tpd"} {
+			if fi, err := os.Stat(filepath.Join(o.Compare, b)); err != nil || fi.IsDir() || fi.Mode()&0o111 == 0 {
+				return fmt.Errorf("--compare %s must hold executables tp, dlogin and tpd (build them with: git worktree add /tmp/old COMMIT && cd /tmp/old && go build -o %s ./cmd/tp ./cmd/dlogin ./cmd/tpd)", o.Compare, o.Compare)
+			}
+		}
+	}
 	start := time.Now()
 	self, err := os.Executable()
 	if err != nil {
@@ -81,7 +90,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	if err != nil {
 		return err
 	}
-	e := &Env{dir: dir, self: self, log: func(f string, a ...any) {
+	e := &Env{dir: dir, self: self, compare: o.Compare, log: func(f string, a ...any) {
 		fmt.Fprintf(o.Stderr, "[%6.1fs] %s\n", time.Since(start).Seconds(), fmt.Sprintf(f, a...))
 	}}
 	defer e.Close()

@@ -11,6 +11,7 @@ import (
 
 // stream is one tunnelled byte stream, whatever carries it.
 type stream struct {
+	pid        int // of the process behind a procStream; 0 otherwise
 	r          io.Reader
 	w          io.Writer
 	closeWrite func() error
@@ -44,7 +45,7 @@ func procStream(e *Env, name string, args []string, env []string) (*stream, erro
 	}
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
-	return &stream{r: out, w: in, closeWrite: in.Close, close: func() error {
+	return &stream{pid: cmd.Process.Pid, r: out, w: in, closeWrite: in.Close, close: func() error {
 		in.Close()
 		select {
 		case err := <-done:

@@ -52,6 +52,8 @@ type Env struct {
 
 	sshd *sshd
 
+	compare string // a directory with older tp, dlogin and tpd binaries (--compare)
+
 	quic      bool // tp forward has --transport
 	quicStdio bool // tp HOST PORT has --transport
 

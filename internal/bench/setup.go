@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"slices"
 	"time"
 
@@ -33,23 +35,52 @@ func roundTrip(addr string) (time.Duration, error) {
 // processRoundTrip spawns a ProxyCommand-style process and times it from spawn to
 // the first echoed byte (what an ssh login waits for), then lets it exit.
 func processRoundTrip(e *Env, name string, args, env []string) (time.Duration, error) {
+	d, _, err := processFirstByte(e, name, args, env)
+	return d, err
+}
+
+// processFirstByte is processRoundTrip that also reads the process's resident
+// memory (VmRSS, KiB) once the first byte has come back.
+func processFirstByte(e *Env, name string, args, env []string) (time.Duration, int64, error) {
 	start := time.Now()
 	s, err := procStream(e, name, args, env)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	watchdog := time.AfterFunc(30*time.Second, func() { s.close() })
 	defer watchdog.Stop()
 	if _, err := s.w.Write([]byte{'x'}); err != nil {
 		s.close()
-		return 0, err
+		return 0, 0, err
 	}
 	var b [1]byte
 	if _, err := io.ReadFull(s.r, b[:]); err != nil {
-		return 0, fmt.Errorf("no echo: %w (%v)", err, s.close())
+		return 0, 0, fmt.Errorf("no echo: %w (%v)", err, s.close())
 	}
 	d := time.Since(start)
-	return d, s.close()
+	rss, rerr := rssKiB(s.pid)
+	if err := s.close(); err != nil {
+		return 0, 0, err
+	}
+	return d, rss, rerr
+}
+
+// freshProcs runs n sequential fresh processes and returns the first-byte time's
+// p50 and p99 (ms) and the median RSS at the first byte (KiB).
+func freshProcs(e *Env, n int, name string, args, env []string) ([]float64, error) {
+	ms := make([]float64, 0, n)
+	rss := make([]float64, 0, n)
+	for range n {
+		d, kib, err := processFirstByte(e, name, args, env)
+		if err != nil {
+			return nil, err
+		}
+		ms = append(ms, float64(d)/float64(time.Millisecond))
+		rss = append(rss, float64(kib))
+	}
+	slices.Sort(ms)
+	slices.Sort(rss)
+	return []float64{percentile(ms, 50), percentile(ms, 99), median(rss)}, nil
 }
 
 // latencies runs n sequential trials and returns p50 and p99 in milliseconds.
@@ -101,6 +132,17 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	sshW := fmt.Sprintf("fresh ssh -W via sshd, %d procs", sz.setupProcs)
 	freshTP := fmt.Sprintf("fresh `tp HOST PORT`, %d procs", sz.setupProcs)
 	host, port := "127.0.0.1", portOf(e.echo)
+	freshRows := func(name, transport, baseline, target string) []*Row {
+		rows := []*Row{
+			{Scenario: scn, Variant: name + ", p50", Transport: transport, Unit: "ms", Target: target},
+			{Scenario: scn, Variant: name + ", p99", Transport: transport, Unit: "ms"},
+			{Scenario: scn, Variant: name + ", RSS at first byte", Transport: transport, Unit: "KiB"},
+		}
+		if baseline != "" {
+			rows[0].Baseline, rows[1].Baseline = baseline+", p50", baseline+", p99"
+		}
+		return rows
+	}
 	fresh := func(transport string, args ...string) *variant {
 		name := freshTP
 		if transport != "tls" || e.quicStdio {
@@ -109,9 +151,26 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		if transport == "tls" && e.quicStdio {
 			args = append([]string{"--transport", "tls"}, args...)
 		}
-		return pair(name, transport, sshW, "≤0.25× ssh -W", func() (time.Duration, error) {
-			return processRoundTrip(e, e.binary("tp"), args, e.tpEnv())
-		}, sz.setupProcs)
+		return &variant{rows: freshRows(name, transport, sshW, "≤0.25× ssh -W"), fn: func() ([]float64, error) {
+			return freshProcs(e, sz.setupProcs, e.binary("tp"), args, e.tpEnv())
+		}}
+	}
+	if e.compare != "" {
+		// The same fresh tp, once with an older binary (--compare), in the same
+		// interleaved runs: the ratio says what a change did to every ssh login.
+		old := fmt.Sprintf("fresh `tp HOST PORT` of --compare, %d procs", sz.setupProcs)
+		args := []string{host, port}
+		if e.quicStdio {
+			args = append([]string{"--transport", "tls"}, args...)
+		}
+		vs = append(vs, &variant{rows: freshRows(old, "tls", "", ""), fn: func() ([]float64, error) {
+			return freshProcs(e, sz.setupProcs, filepath.Join(e.compare, "tp"), args, e.tpEnv())
+		}})
+		cur := freshRows(fmt.Sprintf("fresh `tp HOST PORT` of this tree, %d procs", sz.setupProcs), "tls", old, "")
+		cur[2].Baseline = old + ", RSS at first byte"
+		vs = append(vs, &variant{rows: cur, fn: func() ([]float64, error) {
+			return freshProcs(e, sz.setupProcs, e.binary("tp"), args, e.tpEnv())
+		}})
 	}
 	vs = append(vs, fresh("tls", host, port))
 	if e.quicStdio {
@@ -129,7 +188,33 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		vs = append(vs, fallback(e, scn, sz.setupConns))
 	}
 	interleave(runs, vs, e.log)
-	return collect(vs), nil
+	return append(collect(vs), binarySizes(e, scn)...), nil
+}
+
+// binarySizes are the sizes of the binaries this run built, compared with those
+// in --compare when given.
+func binarySizes(e *Env, scn string) []Row {
+	var rows []Row
+	for _, b := range []string{"tp", "dlogin", "tpd"} {
+		size := func(path string) Row {
+			r := Row{Scenario: scn, Variant: "binary size, " + b, Transport: "-", Unit: "MB"}
+			if fi, err := os.Stat(path); err != nil {
+				r.Err = firstLine(err.Error())
+			} else {
+				r.Runs = []float64{float64(fi.Size()) / 1e6}
+			}
+			return r
+		}
+		cur := size(e.binary(b))
+		if e.compare != "" {
+			old := size(filepath.Join(e.compare, b))
+			old.Variant += " of --compare"
+			cur.Baseline = old.Variant
+			rows = append(rows, old)
+		}
+		rows = append(rows, cur)
+	}
+	return rows
 }
 
 // fallback times the auto transport's first dial when UDP goes unanswered (a
