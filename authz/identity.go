@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-
-	"go.step.sm/crypto/x509util"
 )
 
 // MaxNameLen is the longest user or device name.
@@ -55,23 +53,23 @@ const nameRule = "names are 1 to 63 lower-case letters, digits, '.', '_' or '-',
 // caller has already verified. The certificate must carry exactly one RFC 4043
 // permanentIdentifier SAN holding a valid device ID, be valid for clientAuth, and
 // have a Subject CN that is empty or equal to the device ID. Groups are left empty;
-// they come from the [Directory] (see [Policy.Verify]).
+// they come from the [Directory] (see [Verify]).
 func IdentityFromCert(leaf *x509.Certificate) (Identity, error) {
 	if leaf == nil {
 		return Identity{}, errors.New("no client certificate was presented; run dlogin to get one")
 	}
-	sans, err := x509util.ParseSubjectAlternativeNames(leaf)
+	ids, err := permanentIdentifiers(leaf)
 	if err != nil {
 		return Identity{}, fmt.Errorf("client certificate's subject alternative names cannot be read (%v); run dlogin for a new certificate", err)
 	}
-	switch n := len(sans.PermanentIdentifiers); n {
+	switch n := len(ids); n {
 	case 0:
 		return Identity{}, errors.New("client certificate carries no TP device identity; run dlogin to get one")
 	case 1:
 	default:
 		return Identity{}, fmt.Errorf("client certificate carries %d device identities where TP allows one; run dlogin for a new certificate", n)
 	}
-	id := sans.PermanentIdentifiers[0].Identifier
+	id := ids[0]
 	user, device, err := SplitDeviceID(id)
 	if err != nil {
 		return Identity{}, fmt.Errorf("client certificate carries an invalid device identity: %w", err)
