@@ -25,6 +25,7 @@ var rules = []rule{{
 		"github.com/open-policy-agent/",
 		"github.com/smallstep/certificates/",
 		"github.com/smallstep/nosql",
+		"go.step.sm/", // step's crypto packages pull its certificate templates (sprig, semver, x/crypto/ssh)
 		mod + "proxy", // the server side of the data plane; the wire package is what both ends share
 		mod + "internal/tpd",
 		mod + "internal/admin",
