@@ -1,5 +1,12 @@
-// Package clients is TP's Go client library: dialing through a TP server over the
-// wire protocol (Dialer), bridging a dialed connection to stdin/stdout for ssh's
-// ProxyCommand (Stdio), and local TCP forwarders (Forwarder). Credential storage,
-// login and the reverse agent live here too as they are added.
+// Package clients is TP's Go client library, what tp, dlogin and tp expose are
+// made of: a device's files under $TP_HOME and its self-renewing certificate
+// (Home, Client), dialing through a TP server over TLS or QUIC with an automatic
+// choice between them (Dialer, TransportCache), bridging a dialed connection to
+// stdin/stdout for ssh's ProxyCommand (Stdio), local TCP and UDP forwarders
+// (Forwarder, UDPForwarder), the reverse agent that publishes local services
+// under the server's reverse zone, publicly or end to end (Agent), and the
+// sentences that say who cut a session and why (CutError, ExplainCut).
+//
+// It speaks the protocol through package proxy/wire and links no server code:
+// no proxy, no policy engine, no CA (internal/layering checks this).
 package clients
