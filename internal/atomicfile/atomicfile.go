@@ -1,11 +1,15 @@
 // Package atomicfile writes files so that a reader, or a crash, sees either the
 // old content or the new, never a part: temporary file in the same directory,
-// fsync, rename.
+// fsync, rename. The mode is applied before any data is written, so a secret
+// is never readable by others, not even for an instant (on Windows as an ACL:
+// see internal/fileperm).
 package atomicfile
 
 import (
 	"os"
 	"path/filepath"
+
+	"github.com/tp-proxy/tp/internal/fileperm"
 )
 
 // Write replaces path with data, mode perm.
@@ -15,7 +19,7 @@ func Write(path string, data []byte, perm os.FileMode) error {
 		return err
 	}
 	defer os.Remove(f.Name())
-	if err := f.Chmod(perm); err != nil {
+	if err := fileperm.Chmod(f, perm); err != nil {
 		f.Close()
 		return err
 	}
@@ -30,5 +34,5 @@ func Write(path string, data []byte, perm os.FileMode) error {
 	if err := f.Close(); err != nil {
 		return err
 	}
-	return os.Rename(f.Name(), path)
+	return rename(f.Name(), path)
 }
