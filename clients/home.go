@@ -15,10 +15,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/internal/fileperm"
 )
 
 // Files inside $TP_HOME.
@@ -34,8 +34,9 @@ const (
 // ErrNoProfile means this device has never logged in.
 var ErrNoProfile = errors.New("this device is not set up for TP")
 
-// Home is the client's state directory ($TP_HOME, default ~/.config/tp): the
-// server's URL and root, the long-lived device key, and the current certificate.
+// Home is the client's state directory ($TP_HOME; its default per platform is
+// config.DefaultClientHome): the server's URL and root, the long-lived device
+// key, and the current certificate.
 type Home struct {
 	Dir string
 }
@@ -64,12 +65,11 @@ func ServerAddr(serverURL string) (string, error) {
 
 func (h Home) path(name string) string { return filepath.Join(h.Dir, name) }
 
-// Init creates the directory (0700).
+// Init creates the directory, or takes over an existing one, readable by this
+// user only: 0700 on Unix, an ACL for the user (and SYSTEM and Administrators)
+// on Windows. The keys in it are also written private (0600) one by one.
 func (h Home) Init() error {
-	if err := os.MkdirAll(h.Dir, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", h.Dir, err)
-	}
-	return nil
+	return fileperm.PrivateDir(h.Dir)
 }
 
 // Profile loads the profile.
@@ -189,19 +189,19 @@ func (h Home) Lock(ctx context.Context) (unlock func(), err error) {
 		return nil, err
 	}
 	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { syscall.Flock(int(f.Fd()), syscall.LOCK_UN); f.Close() }, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
+		ok, err := tryLockFile(f)
+		if err != nil {
 			f.Close()
-			return nil, err
+			return nil, fmt.Errorf("lock %s: %w", h.path(lockFile), err)
+		}
+		if ok {
+			return func() { unlockFile(f); f.Close() }, nil
 		}
 		select {
 		case <-ctx.Done():
 			f.Close()
 			return nil, fmt.Errorf("another tp or dlogin holds %s: %w", h.path(lockFile), ctx.Err())
-		case <-time.After(50 * time.Millisecond): // poll: flock has no context-aware wait
+		case <-time.After(50 * time.Millisecond): // poll: neither flock nor LockFileEx has a context-aware wait
 		}
 	}
 }
