@@ -3,8 +3,6 @@ package config
 import (
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -15,7 +13,7 @@ import (
 // Client is the configuration of tp and dlogin. Everything about the server
 // lives in $TP_HOME after the first dlogin; these are the per-run knobs.
 type Client struct {
-	// Home is the client state directory ($TP_HOME, default ~/.config/tp).
+	// Home is the client state directory ($TP_HOME, default DefaultClientHome).
 	Home string `mapstructure:"home"`
 	// Timeout bounds connection setup (TCP, TLS, hello) and each login.
 	Timeout time.Duration `mapstructure:"timeout"`
@@ -42,7 +40,7 @@ func (c Client) Validate() error {
 
 // ClientFlags registers the flags shared by tp and dlogin.
 func ClientFlags(fs *pflag.FlagSet) {
-	fs.String("home", "", "client state directory (env TP_HOME, default ~/.config/tp)")
+	fs.String("home", "", "client state directory (env TP_HOME, default "+defaultHomeHelp()+")")
 	fs.Duration("timeout", 30*time.Second, "bound on connecting and on logging in (env TP_TIMEOUT)")
 }
 
@@ -68,14 +66,22 @@ func LoadClient(fs *pflag.FlagSet) (Client, error) {
 		return Client{}, fmt.Errorf("config: %w", err)
 	}
 	if c.Home == "" {
-		dir, err := os.UserConfigDir()
+		home, err := DefaultClientHome()
 		if err != nil {
-			return Client{}, fmt.Errorf("cannot find a config directory (%v); set TP_HOME", err)
+			return Client{}, err
 		}
-		c.Home = filepath.Join(dir, "tp")
+		c.Home = home
 	}
 	if err := c.Validate(); err != nil {
 		return Client{}, fmt.Errorf("invalid configuration:\n%w", err)
 	}
 	return c, nil
+}
+
+// defaultHomeHelp names the default home in --help: the path itself, or the rule.
+func defaultHomeHelp() string {
+	if home, err := DefaultClientHome(); err == nil {
+		return home
+	}
+	return "unknown on this machine: set it"
 }
