@@ -232,3 +232,31 @@ func (e *CutError) Error() string {
 }
 
 func (e *CutError) Unwrap() error { return e.Err }
+
+// RevokedError ends a live session that a re-check no longer allows. Its text is
+// what the session's log line gives as the reason it ended. Identity is true when
+// the identity itself is no longer accepted (revoked, unenrolled), false when the
+// policy no longer allows the session.
+type RevokedError struct {
+	Reason   string
+	Identity bool
+}
+
+func (e *RevokedError) Error() string { return "no longer authorised: " + e.Reason }
+
+// Code is the QUIC application error code an abort for e carries.
+func (e *RevokedError) Code() quic.ApplicationErrorCode {
+	if e.Identity {
+		return QUICRevoked
+	}
+	return QUICPolicyChanged
+}
+
+// UnwrapOpError drops net.OpError's repetition of the address for a shorter reason.
+func UnwrapOpError(err error) error {
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Err != nil {
+		return oe.Err
+	}
+	return err
+}
