@@ -474,7 +474,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	for _, e := range a.Exposed {
 		if e.Name == hdr.Name {
 			if e.UDP != (hdr.Net == "udp") {
-				_ = st.Close()
+				refuseSession(st, wire.QUICInternal)
 				log.Warn("tp expose: session's network does not match the service; refused", "net", hdr.Net, "udp", e.UDP)
 				return
 			}
@@ -493,7 +493,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	full := a.full[hdr.Name]
 	a.mu.Unlock()
 	if local == "" || full == "" {
-		_ = st.Close()
+		refuseSession(st, wire.QUICInternal)
 		log.Warn("tp expose: session for a name this agent does not expose; refused")
 		return
 	}
@@ -576,6 +576,13 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	}
 	log.Info("tp expose: session", "local", local, "bytes_in", up, "bytes_out", down, "duration", time.Since(start), "end", end)
 }
+
+// refuseSession ends a session the agent will not serve, before anything of it
+// was relayed (docs/PROTOCOL.md, section 11.8): an abort with code, never a clean
+// close, which the dialer would take for an empty, complete session. QUICInternal
+// says the server sent what the agent cannot serve (a protocol error, section
+// 9.5); QUICPeerReset that the local service cannot be reached.
+func refuseSession(st net.Conn, code quic.ApplicationErrorCode) { wire.Abort(st, code) }
 
 func (a *Agent) allowed(user string, groups []string) bool {
 	if slices.Contains(a.AllowUsers, user) {

@@ -1,0 +1,129 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// relayEnd runs a.serve for hdr on the agent's end of a real loopback stream (a
+// QUIC stream, or a TLS connection as an accept would give it) and returns the
+// error that ended the relay's end: it plays a TP server that sends a session
+// header TP's own server never sends.
+func relayEnd(t *testing.T, transport string, a *Agent, hdr wire.SessionHeader) error {
+	t.Helper()
+	ca := testpki.New(t)
+	srvCfg := &tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "localhost")}, NextProtos: []string{wire.ALPN}, MinVersion: tls.VersionTLS13}
+	cliCfg := &tls.Config{RootCAs: ca.Pool, ServerName: "localhost", NextProtos: []string{wire.ALPN}, MinVersion: tls.VersionTLS13}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var relay net.Conn
+	served := make(chan struct{})
+	switch transport {
+	case TransportQUIC:
+		ln, err := quic.ListenAddr("127.0.0.1:0", srvCfg, &quic.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		agentConn, err := quic.DialAddr(ctx, ln.Addr().String(), cliCfg, &quic.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer agentConn.CloseWithError(0, "")
+		relayConn, err := ln.Accept(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer relayConn.CloseWithError(0, "")
+		str, err := relayConn.OpenStreamSync(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		relay = wire.NewQUICStream(relayConn, str)
+		if _, err := relay.Write([]byte{0}); err != nil { // stands for the header: a stream shows once it carries data
+			t.Fatal(err)
+		}
+		go func() {
+			defer close(served)
+			str, err := agentConn.AcceptStream(ctx)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			st := &clientStream{wire.NewQUICStream(agentConn, str)}
+			if _, err := io.ReadFull(st, make([]byte, 1)); err != nil {
+				t.Error(err)
+				return
+			}
+			a.serve(ctx, st, hdr)
+		}()
+	default:
+		ln, err := tls.Listen("tcp", "127.0.0.1:0", srvCfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			defer close(served)
+			tc, err := (&tls.Dialer{Config: cliCfg}).DialContext(ctx, "tcp", ln.Addr().String())
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			a.serve(ctx, tc.(*tls.Conn), hdr)
+		}()
+		if relay, err = ln.Accept(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer relay.Close()
+	_ = relay.SetReadDeadline(time.Now().Add(20 * time.Second))
+	_, err := io.Copy(io.Discard, relay)
+	<-served
+	return err
+}
+
+// An agent refuses a session it cannot serve with an abort, never a clean close
+// (docs/PROTOCOL.md, section 11.8), over QUIC (RESET_STREAM 0x1) and TLS (a TCP
+// reset). Bad input: session headers for a name the agent does not expose, and
+// with a net that differs from the service's.
+func TestAgentAbortsSessionItCannotServe(t *testing.T) {
+	for _, tc := range []struct {
+		what string
+		hdr  wire.SessionHeader
+	}{
+		{"a name the agent does not expose", wire.SessionHeader{V: 1, Session: "01", Name: "other", PeerID: "bob@phone"}},
+		{"net udp for a TCP service", wire.SessionHeader{V: 1, Session: "02", Name: "svc", Net: "udp", PeerID: "bob@phone"}},
+		{"no net for a UDP service", wire.SessionHeader{V: 1, Session: "03", Name: "dns", PeerID: "bob@phone"}},
+	} {
+		for _, transport := range []string{TransportQUIC, TransportTLS} {
+			t.Run(transport+"/"+tc.what, func(t *testing.T) {
+				a := &Agent{
+					Exposed: []Exposed{{Name: "svc", Local: "127.0.0.1:1"}, {Name: "dns", Local: "127.0.0.1:1", UDP: true}},
+					full:    map[string]string{"svc": "svc.rev.test", "dns": "dns.rev.test"},
+				}
+				err := relayEnd(t, transport, a, tc.hdr)
+				code, reset := wire.StreamResetCode(err)
+				switch {
+				case err == nil:
+					t.Fatal("the relay saw a clean end: the refusal would reach the dialer as an empty, complete session")
+				case transport == TransportQUIC && (!reset || code != wire.QUICInternal):
+					t.Fatalf("the relay saw %v; want RESET_STREAM 0x1 (a protocol error)", err)
+				case transport == TransportTLS && !errors.Is(err, syscall.ECONNRESET):
+					t.Fatalf("the relay saw %v; want a TCP reset", err)
+				}
+			})
+		}
+	}
+}
