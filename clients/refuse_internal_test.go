@@ -31,12 +31,12 @@ func relayEnd(t *testing.T, transport string, a *Agent, hdr wire.SessionHeader) 
 	served := make(chan struct{})
 	switch transport {
 	case TransportQUIC:
-		ln, err := quic.ListenAddr("127.0.0.1:0", srvCfg, &quic.Config{})
+		ln, err := quic.ListenAddr("127.0.0.1:0", srvCfg, &quic.Config{EnableDatagrams: true})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer ln.Close()
-		agentConn, err := quic.DialAddr(ctx, ln.Addr().String(), cliCfg, &quic.Config{})
+		agentConn, err := quic.DialAddr(ctx, ln.Addr().String(), cliCfg, &quic.Config{EnableDatagrams: true})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -96,9 +96,11 @@ func relayEnd(t *testing.T, transport string, a *Agent, hdr wire.SessionHeader) 
 
 // An agent refuses a session it cannot serve with an abort, never a clean close
 // (docs/PROTOCOL.md, section 11.8), over QUIC (RESET_STREAM 0x1) and TLS (a TCP
-// reset). Bad input: session headers for a name the agent does not expose, and
-// with a net that differs from the service's.
+// reset). Bad input: session headers for a name the agent does not expose, with
+// a net that differs from the service's, and with a flow id that is not the
+// stream's (over TLS: any flow id).
 func TestAgentAbortsSessionItCannotServe(t *testing.T) {
+	seven := uint64(7) // the relay's stream is the first server-initiated one: its flow id is 0
 	for _, tc := range []struct {
 		what string
 		hdr  wire.SessionHeader
@@ -106,12 +108,15 @@ func TestAgentAbortsSessionItCannotServe(t *testing.T) {
 		{"a name the agent does not expose", wire.SessionHeader{V: 1, Session: "01", Name: "other", PeerID: "bob@phone"}},
 		{"net udp for a TCP service", wire.SessionHeader{V: 1, Session: "02", Name: "svc", Net: "udp", PeerID: "bob@phone"}},
 		{"no net for a UDP service", wire.SessionHeader{V: 1, Session: "03", Name: "dns", PeerID: "bob@phone"}},
+		{"a wrong flow id", wire.SessionHeader{V: 1, Session: "04", Name: "game", Net: "udp", Public: "udp/27015", PeerAddr: "192.0.2.1:9", Flow: &seven}},
 	} {
 		for _, transport := range []string{TransportQUIC, TransportTLS} {
 			t.Run(transport+"/"+tc.what, func(t *testing.T) {
 				a := &Agent{
-					Exposed: []Exposed{{Name: "svc", Local: "127.0.0.1:1"}, {Name: "dns", Local: "127.0.0.1:1", UDP: true}},
-					full:    map[string]string{"svc": "svc.rev.test", "dns": "dns.rev.test"},
+					Exposed: []Exposed{{Name: "svc", Local: "127.0.0.1:1"}, {Name: "dns", Local: "127.0.0.1:1", UDP: true},
+						{Name: "game", Local: "127.0.0.1:1", UDP: true, PublicPort: 27015}},
+					full:   map[string]string{"svc": "svc.rev.test", "dns": "dns.rev.test", "game": "game.rev.test"},
+					Dialer: &Dialer{},
 				}
 				err := relayEnd(t, transport, a, tc.hdr)
 				code, reset := wire.StreamResetCode(err)
@@ -125,5 +130,91 @@ func TestAgentAbortsSessionItCannotServe(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// A client that is told a flow id that is not its stream's, or any flow id over
+// TLS, aborts the flow with internal (0x1) rather than closing it: a protocol
+// error of the server's (docs/PROTOCOL.md, sections 9.5 and 12.1). Bad input: a
+// server (played by the test) that answers a UDP dial with the wrong flow id.
+func TestClientAbortsOnWrongFlow(t *testing.T) {
+	ca := testpki.New(t)
+	srvCfg := &tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")}, NextProtos: []string{wire.ALPN}, MinVersion: tls.VersionTLS13}
+	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	for _, transport := range []string{TransportQUIC, TransportTLS} {
+		t.Run(transport, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			var addr string
+			accepted := make(chan net.Conn, 1)
+			if transport == TransportQUIC {
+				ln, err := quic.ListenAddr("127.0.0.1:0", srvCfg, &quic.Config{EnableDatagrams: true})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer ln.Close()
+				addr = ln.Addr().String()
+				go func() {
+					c, err := ln.Accept(ctx)
+					if err != nil {
+						return
+					}
+					if str, err := c.AcceptStream(ctx); err == nil {
+						accepted <- wire.NewQUICStream(c, str)
+					}
+				}()
+			} else {
+				ln, err := tls.Listen("tcp", "127.0.0.1:0", srvCfg)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer ln.Close()
+				addr = ln.Addr().String()
+				go func() {
+					if c, err := ln.Accept(); err == nil {
+						accepted <- c
+					}
+				}()
+			}
+			d := &Dialer{Server: addr, Transport: transport, Timeout: 10 * time.Second,
+				TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}}}
+			defer d.Close()
+			dialed := make(chan error, 1)
+			go func() {
+				c, err := d.DialContext(ctx, "udp", "127.0.0.1:53")
+				if err == nil {
+					c.Close()
+				}
+				dialed <- err
+			}()
+			var relay net.Conn
+			select {
+			case relay = <-accepted:
+			case <-ctx.Done():
+				t.Fatal("the client sent no request")
+			}
+			defer relay.Close()
+			_ = relay.SetDeadline(time.Now().Add(20 * time.Second))
+			if _, err := wire.ReadClientHello(relay); err != nil {
+				t.Fatal(err)
+			}
+			wrong := uint64(5) // the client's first stream is 0: its flow id is 0
+			if err := wire.WriteServerHello(relay, wire.ServerHello{V: 1, OK: true, Flow: &wrong}); err != nil {
+				t.Fatal(err)
+			}
+			if err := <-dialed; err == nil || !errors.As(err, new(*wire.ProtocolError)) {
+				t.Fatalf("dial: %v; want the protocol error reported", err)
+			}
+			_, err := io.Copy(io.Discard, relay)
+			code, reset := wire.StreamResetCode(err)
+			switch {
+			case err == nil:
+				t.Fatal("the server saw the flow closed cleanly; want an abort")
+			case transport == TransportQUIC && (!reset || code != wire.QUICInternal):
+				t.Fatalf("the server saw %v; want RESET_STREAM 0x1", err)
+			case transport == TransportTLS && !errors.Is(err, syscall.ECONNRESET):
+				t.Fatalf("the server saw %v; want a TCP reset", err)
+			}
+		})
 	}
 }
