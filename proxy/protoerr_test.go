@@ -1,9 +1,11 @@
 package proxy_test
 
 import (
+	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -43,5 +45,46 @@ func TestUDPMalformedReportAborts(t *testing.T) {
 	_, err = io.Copy(io.Discard, qs)
 	if code, reset := wire.StreamResetCode(err); !reset || code != wire.QUICInternal {
 		t.Fatalf("after a malformed REPORT the client saw %v; want RESET_STREAM internal (0x1)", err)
+	}
+}
+
+// An agent that sends anything but {"end":"unregister"} on its control stream
+// is told why before the server ends its control session: an end frame with
+// bad_request (docs/PROTOCOL.md, section 11.7), over TLS and QUIC; its names stay
+// held for the grace period, as when an agent goes away. Bad input: a ping from
+// the agent, a frame with an unknown field, a frame of version 2.
+func TestControlStreamViolationEnds(t *testing.T) {
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", Grace: time.Hour}
+	}, proxy.QUICOptions{})
+	for _, bad := range []string{`{"v":1,"ping":true}`, `{"v":1,"end":"unregister","x":1}`, `{"v":2,"end":"unregister"}`} {
+		for _, tr := range bothTransports {
+			t.Run(tr+"/"+bad, func(t *testing.T) {
+				ctl := q.streamAs(t, &q.cert, tr, nil)
+				if sh := mustHello(t, ctl, wire.ClientHello{V: wire.Version, Op: wire.OpListen, Net: "tcp", Names: []string{"svc"}}); !sh.OK {
+					t.Fatalf("listen: %+v", sh)
+				}
+				frame := binary.BigEndian.AppendUint16(nil, uint16(len(bad)))
+				if _, err := ctl.Write(append(frame, bad...)); err != nil {
+					t.Fatal(err)
+				}
+				for {
+					h, err := wire.ReadSessionHeader(ctl)
+					if err != nil {
+						t.Fatalf("the control stream ended without an end frame: %v", err)
+					}
+					if h.Ping {
+						continue
+					}
+					if h.End != wire.CodeBadRequest || !strings.Contains(h.Reason, "control stream") {
+						t.Fatalf("got %+v; want end bad_request saying what the agent sent", h)
+					}
+					break
+				}
+				if o, _ := q.srv.ReverseOwner("svc.rev.test"); o != "alice@laptop" {
+					t.Fatalf("svc is held by %q; want alice@laptop through the grace period", o)
+				}
+			})
+		}
 	}
 }
