@@ -1,9 +1,6 @@
 package wire
 
 import (
-	"bytes"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -173,19 +170,6 @@ func validSessionID(id string) error {
 	return nil
 }
 
-// strictJSON decodes one JSON object with no unknown fields and nothing after it.
-func strictJSON(body []byte, v any) error {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		return err
-	}
-	if dec.InputOffset() != int64(len(body)) {
-		return errors.New("trailing bytes after the JSON object")
-	}
-	return nil
-}
-
 // CodePublicRefused: the server does not open this public port or server name
 // (outside the administrator's public-ports, one of the server's own names, a
 // website, or a name under the reverse zone), or could not open the port.
@@ -201,7 +185,8 @@ type PublicSpec struct {
 	SNI  string `json:"sni,omitempty"`
 }
 
-// UnmarshalJSON decodes strictly, like the rest of the hello: no unknown fields.
+// UnmarshalJSON decodes strictly, like the rest of the hello (strictJSON); an
+// element of a slice is decoded through it.
 func (p *PublicSpec) UnmarshalJSON(b []byte) error {
 	type plain PublicSpec
 	var v plain
