@@ -205,6 +205,9 @@ func (f *UDPFlow) readStream() {
 			}
 		case CapsuleReport:
 			r, rerr := DecodeReport(d)
+			if errors.Is(rerr, ErrReportVersion) {
+				continue // ignored, as the protocol asks
+			}
 			if rerr != nil {
 				err = &ProtocolError{rerr}
 				break
