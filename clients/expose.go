@@ -166,7 +166,8 @@ const (
 // retried too (see ExitOnRefusal). Run returns nil when ctx ends (having
 // unregistered the names), or an error the server gave as final: a name another
 // identity held before this agent ever registered it, a newer agent of the same
-// device that took the names over, a request the server can never grant.
+// device that took the names over, a request the server can never grant, a
+// protocol version the server does not speak.
 func (a *Agent) Run(ctx context.Context) error {
 	if len(a.Exposed) == 0 || a.Dialer == nil || a.Dialer.TLSConfig == nil || a.Dialer.TLSConfig.RootCAs == nil {
 		return errors.New("agent needs names to expose and a Dialer with a root and client certificate")
@@ -328,13 +329,19 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	cancel()
 	if err != nil {
 		_ = ctl.Close()
-		return false, fmt.Errorf("registering with %s: %w", d.Server, explainHelloErr(err))
+		err = fmt.Errorf("registering with %s: %w", d.Server, explainHelloErr(err))
+		if he := (*wire.HelloError)(nil); errors.As(err, &he) && he.Code == wire.CodeUnsupportedVersion {
+			return false, fatalError{versionMismatch(err)} // the server speaks another version
+		}
+		return false, err
 	}
 	_ = ctl.SetDeadline(time.Time{})
 	if !sh.OK {
 		_ = ctl.Close()
 		rerr := &RefusedError{Code: sh.Code, Reason: sh.Reason}
 		switch sh.Code {
+		case wire.CodeUnsupportedVersion:
+			return false, fatalError{versionMismatch(rerr)}
 		case wire.CodeReverseDisabled, wire.CodeBadRequest, wire.CodeUnknownOp, wire.CodeUnauthenticated,
 			wire.CodePublicRefused, wire.CodeUnsupportedNetwork:
 			return false, fatalError{rerr}
@@ -427,6 +434,12 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 			a.acceptTLS(sctx, hdr)
 		}()
 	})
+}
+
+// versionMismatch is final: retrying cannot make this agent and the server speak
+// the same protocol version (docs/PROTOCOL.md, section 2.3).
+func versionMismatch(err error) error {
+	return fmt.Errorf("%w; this tp speaks protocol version %d and the TP server does not: update tp, or ask the TP administrator to update the server", err, wire.Version)
 }
 
 // readControl reads control frames until the control stream ends; pings bound the

@@ -3,9 +3,11 @@ package clients
 import (
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -214,6 +216,64 @@ func TestClientAbortsOnWrongFlow(t *testing.T) {
 				t.Fatalf("the server saw %v; want RESET_STREAM 0x1", err)
 			case transport == TransportTLS && !errors.Is(err, syscall.ECONNRESET):
 				t.Fatalf("the server saw %v; want a TCP reset", err)
+			}
+		})
+	}
+}
+
+// An agent whose registration meets another protocol version gives up at once
+// and says to update tp or the server: retrying cannot change the answer
+// (docs/PROTOCOL.md, sections 2.3 and 11.9). Bad input: a server (played by the
+// test) that refuses the listen with unsupported_version, and one that answers
+// with a version 2 hello.
+func TestAgentVersionMismatchIsFinal(t *testing.T) {
+	ca := testpki.New(t)
+	srvCfg := &tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")}, NextProtos: []string{wire.ALPN}, MinVersion: tls.VersionTLS13}
+	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	for _, answer := range []string{
+		`{"v":1,"ok":false,"code":"unsupported_version","reason":"protocol version 1 is not supported; this server speaks version 2"}`,
+		`{"v":2,"ok":true,"names":["svc.rev.test"]}`,
+	} {
+		t.Run(answer, func(t *testing.T) {
+			ln, err := tls.Listen("tcp", "127.0.0.1:0", srvCfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			attempts := make(chan struct{}, 16)
+			go func() {
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					attempts <- struct{}{}
+					_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+					if _, err := wire.ReadClientHello(c); err == nil {
+						_, _ = c.Write(append(binary.BigEndian.AppendUint16(nil, uint16(len(answer))), answer...))
+					}
+					_ = c.Close()
+				}
+			}()
+			d := &Dialer{Server: ln.Addr().String(), Transport: TransportTLS, Timeout: 10 * time.Second,
+				TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}}}
+			defer d.Close()
+			a := &Agent{Dialer: d, Exposed: []Exposed{{Name: "svc", Local: "127.0.0.1:1"}},
+				Certificate: func(context.Context, string) (*tls.Certificate, error) { return nil, errors.New("not needed") }}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			ran := make(chan error, 1)
+			go func() { ran <- a.Run(ctx) }()
+			<-attempts
+			select {
+			case err := <-ran:
+				if err == nil || !strings.Contains(err.Error(), "update tp") {
+					t.Fatalf("Run = %v; want a final error that says to update tp or the server", err)
+				}
+			case <-attempts:
+				cancel()
+				<-ran
+				t.Fatal("the agent tried again after a protocol version mismatch")
 			}
 		})
 	}
