@@ -1,14 +1,17 @@
 package proxy_test
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -86,5 +89,52 @@ func TestControlStreamViolationEnds(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// An agent that breaks the protocol on a public UDP session gets the session
+// aborted with internal (0x1), not closed. Bad input: the agent answers a public
+// client's datagram with a REPORT capsule whose too_large is a string.
+func TestPublicUDPMalformedReportAborts(t *testing.T) {
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", PublicHost: "127.0.0.1", PublicPorts: func(string, int) bool { return true }}
+	}, proxy.QUICOptions{})
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := pc.LocalAddr().(*net.UDPAddr).Port
+	pc.Close() // a free port for the server to open
+	ctl := q.streamAs(t, &q.cert, clients.TransportQUIC, nil)
+	if sh := mustHello(t, ctl, wire.ClientHello{V: wire.Version, Op: wire.OpListen, Net: "tcp", Names: []string{"game"}, UDP: []string{"game"},
+		Public: []wire.PublicSpec{{Name: "game", Net: "udp", Port: port}}}); !sh.OK {
+		t.Fatalf("listen: %+v", sh)
+	}
+	public, err := net.Dial("udp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer public.Close()
+	if _, err := public.Write([]byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	qc := ctl.(*wire.QUICStream).Conn()
+	str, err := qc.AcceptStream(ctx)
+	if err != nil {
+		t.Fatalf("no session for the public client's datagram: %v", err)
+	}
+	st := wire.NewQUICStream(qc, str)
+	_ = st.SetDeadline(time.Now().Add(20 * time.Second))
+	if h, err := wire.ReadSessionHeader(st); err != nil || h.Net != "udp" {
+		t.Fatalf("session header %+v, %v", h, err)
+	}
+	if err := wire.WriteCapsule(st, wire.CapsuleReport, []byte(`{"v":1,"too_large":"many"}`)); err != nil {
+		t.Fatal(err)
+	}
+	_, err = io.Copy(io.Discard, st)
+	if code, reset := wire.StreamResetCode(err); !reset || code != wire.QUICInternal {
+		t.Fatalf("after a malformed REPORT the agent saw %v; want RESET_STREAM internal (0x1)", err)
 	}
 }
