@@ -68,8 +68,8 @@ type run struct {
 type stream struct {
 	name string
 	tls  *tls.Conn
-	raw  *endConn    // under tls: tells a clean close_notify from a cut
-	qc   *quicConn   // QUIC
+	raw  *endConn  // under tls: tells a clean close_notify from a cut
+	qc   *quicConn // QUIC
 	qs   *quic.Stream
 	uni  *quic.SendStream
 	br   *bufio.Reader
