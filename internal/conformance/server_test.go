@@ -451,7 +451,7 @@ func (r *run) expectEnd(st *stream, s Step) {
 		return
 	case "clean", "abort":
 		if kind != s.ExpectEnd {
-			r.failf("expected a %s end, got a %s end (%v)", s.ExpectEnd, kind, err)
+			r.failf("expected the stream to end %s, it ended %s (%v)", s.ExpectEnd, kind, err)
 		}
 	}
 	if s.QUICCode != nil && r.transport == "quic" && (code == nil || *code != *s.QUICCode) {
