@@ -117,7 +117,7 @@ func startFixture(t *testing.T) *fixture {
 
 	f := &fixture{addr: cfg.Listen, certs: map[string]*tls.Certificate{"nocert": nil}}
 	url := cfg.PublicURL()
-	for _, user := range []string{"alice", "bob"} {
+	for _, user := range []string{"alice", "bob", "carol"} {
 		c := enroll(t, d, url, user, "laptop")
 		cert, err := c.Certificate(context.Background())
 		if err != nil {
@@ -129,6 +129,12 @@ func startFixture(t *testing.T) *fixture {
 			f.roots.AddCert(c.Root)
 		}
 	}
+	// carol's certificate stays valid, but her device is revoked.
+	if err := d.Users().RevokeDevice("carol@laptop"); err != nil {
+		t.Fatal(err)
+	}
+	f.certs["revoked"] = f.certs["carol"]
+	delete(f.certs, "carol")
 	// A device certificate shaped like TP's, from a CA the server does not know.
 	other := testpki.New(t).ClientCert(t, "alice@laptop", testpki.LeafOptions{})
 	f.certs["otherca"] = &other
