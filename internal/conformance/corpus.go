@@ -43,6 +43,9 @@ type Step struct {
 	As string `json:"as,omitempty"`
 	// Conn names the QUIC connection of a new stream; As when empty.
 	Conn string `json:"conn,omitempty"`
+	// QUICDatagrams false (QUIC): the new connection does not enable DATAGRAM
+	// frames (RFC 9221); nil or true enables them.
+	QUICDatagrams *bool `json:"quic_datagrams,omitempty"`
 	// AcceptStream (QUIC): the stream On is not opened but is the next stream
 	// the server initiates on the connection of the stream named here.
 	AcceptStream string `json:"accept_stream,omitempty"`

@@ -255,7 +255,7 @@ func (r *run) stream(s Step) *stream {
 		qc = &quicConn{dgs: map[uint64]chan []byte{}}
 		r.conns[connName] = qc
 		qc.conn, qc.err = quic.DialAddr(ctx, r.f.addr, cfg, &quic.Config{
-			EnableDatagrams:      true,
+			EnableDatagrams:      s.QUICDatagrams == nil || *s.QUICDatagrams,
 			HandshakeIdleTimeout: readTimeout,
 			MaxIdleTimeout:       30 * time.Second,
 		})
