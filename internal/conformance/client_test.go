@@ -124,7 +124,15 @@ func (p *playedServer) start() {
 				go func() {
 					defer p.wg.Done()
 					defer c.Close()
-					p.serve(c, func() error { return c.(*tls.Conn).CloseWrite() })
+					tc := c.(*tls.Conn)
+					p.serve(c, ends{
+						clean: func() { _ = tc.CloseWrite() },
+						abort: func() { // a TCP reset, no close_notify
+							_ = tc.NetConn().(*net.TCPConn).SetLinger(0)
+							_ = tc.NetConn().Close()
+						},
+						truncate: func() { _ = tc.NetConn().Close() }, // a TCP FIN, no close_notify
+					})
 				}()
 			}
 		}()
@@ -157,7 +165,10 @@ func (p *playedServer) start() {
 				if err != nil {
 					return
 				}
-				p.serve(str, str.Close)
+				p.serve(str, ends{
+					clean: func() { _ = str.Close() },
+					abort: func() { str.CancelWrite(7); str.CancelRead(7) }, // peer_reset
+				})
 				<-ctx.Done() // the connection lives until the case ends
 			}()
 		}
@@ -169,7 +180,7 @@ func (p *playedServer) start() {
 func (p *playedServer) serve(c interface {
 	io.ReadWriter
 	SetDeadline(time.Time) error
-}, closeWrite func() error) {
+}, end ends) {
 	_ = c.SetDeadline(time.Now().Add(readTimeout))
 	var hdr [2]byte
 	if _, err := io.ReadFull(c, hdr[:]); err != nil {
@@ -194,10 +205,34 @@ func (p *playedServer) serve(c interface {
 	if _, err := c.Write(reply); err != nil {
 		return
 	}
-	if p.c.After == "echo" {
+	switch p.c.After {
+	case "echo":
 		_, _ = io.Copy(c, c)
+		end.clean()
+	case "close":
+		end.clean()
+	case "abort", "truncate":
+		// Wait for the client's first byte, sent after it read the answer: a
+		// QUIC reset may discard data written before it.
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			return
+		}
 	}
-	_ = closeWrite()
+	switch p.c.After {
+	case "abort":
+		end.abort()
+	case "truncate":
+		if end.truncate == nil {
+			p.t.Errorf("case %s [%s]: after \"truncate\" is TLS only", p.c.ID, p.transport)
+			return
+		}
+		end.truncate()
+	}
+}
+
+// ends are the ways a played server ends a stream (ClientCase.After).
+type ends struct {
+	clean, abort, truncate func()
 }
 
 // reply is the case's answer on the wire.
@@ -246,6 +281,26 @@ func (p *playedServer) check(d *clients.Dialer) {
 		got := make([]byte, 4)
 		if _, err := io.ReadFull(conn, got); err != nil || !bytes.Equal(got, []byte("ping")) {
 			p.failf("expected the bytes echoed after ok, got %q (%v)", got, err)
+		}
+	case "cut":
+		if err != nil {
+			p.failf("expected the dial to succeed and the session to be cut; the dial failed: %v", err)
+		}
+		_ = conn.SetDeadline(time.Now().Add(readTimeout))
+		if _, err := conn.Write([]byte("x")); err != nil {
+			p.failf("writing after ok: %v", err)
+		}
+		n, rerr := conn.Read(make([]byte, 16))
+		if rerr == nil || rerr == io.EOF {
+			p.failf("expected the cut to be reported as an error; the read returned %d bytes and %v", n, rerr)
+		}
+		if ne, ok := rerr.(net.Error); ok && ne.Timeout() {
+			p.failf("expected the cut to be reported as an error; the read timed out: %v", rerr)
+		}
+		for _, m := range p.c.Mentions {
+			if !strings.Contains(rerr.Error(), m) {
+				p.failf("the client's error does not mention %q:\n  %v", m, rerr)
+			}
 		}
 	case "error":
 		if err == nil {

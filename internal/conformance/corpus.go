@@ -114,10 +114,16 @@ type ClientCase struct {
 	ReplyBody *string         `json:"reply_body,omitempty"`
 	ReplyRaw  *string         `json:"reply_raw,omitempty"`
 	// After is what the server does after its answer: "echo" (relays every byte
-	// back until the client half-closes) or "close" (a clean end: close_notify, FIN).
+	// back until the client half-closes, then ends cleanly), "close" (a clean
+	// end: close_notify, FIN), "abort" (TLS: a TCP reset without close_notify;
+	// QUIC: RESET_STREAM and STOP_SENDING 0x7) or "truncate" (TLS only: a TCP
+	// FIN without close_notify), these two once the client's first byte after
+	// the answer arrived (a QUIC reset may discard data written before it).
 	After string `json:"after"`
 	// Outcome is "ok" (the dial returns a connection that carries bytes both
-	// ways) or "error" (the dial fails); Mentions are texts its error must contain.
+	// ways), "error" (the dial fails) or "cut" (the dial succeeds, the client
+	// writes one byte, and its next read fails with an error, not a clean end
+	// of stream); Mentions are texts the error must contain.
 	Outcome  string   `json:"outcome"`
 	Mentions []string `json:"mentions,omitempty"`
 }
@@ -257,10 +263,13 @@ func (c ClientCase) check() error {
 			errs = append(errs, err)
 		}
 	}
-	if c.After != "echo" && c.After != "close" {
+	if !slices.Contains([]string{"echo", "close", "abort", "truncate"}, c.After) {
 		errs = append(errs, fmt.Errorf("after %q", c.After))
 	}
-	if c.Outcome != "ok" && c.Outcome != "error" {
+	if c.After == "truncate" && c.Transport != "tls" {
+		errs = append(errs, errors.New("after \"truncate\" is TLS only"))
+	}
+	if !slices.Contains([]string{"ok", "error", "cut"}, c.Outcome) {
 		errs = append(errs, fmt.Errorf("outcome %q", c.Outcome))
 	}
 	return errors.Join(errs...)
