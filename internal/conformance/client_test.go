@@ -158,6 +158,19 @@ func (p *playedServer) start() {
 				return
 			}
 			p.wg.Add(1)
+			if p.c.After == "echo" { // DATAGRAM frames too, flow id and all
+				p.wg.Add(1)
+				go func() {
+					defer p.wg.Done()
+					for {
+						b, err := conn.ReceiveDatagram(ctx)
+						if err != nil {
+							return
+						}
+						_ = conn.SendDatagram(b)
+					}
+				}()
+			}
 			go func() {
 				defer p.wg.Done()
 				defer conn.CloseWithError(0, "")

@@ -114,7 +114,8 @@ type ClientCase struct {
 	ReplyBody *string         `json:"reply_body,omitempty"`
 	ReplyRaw  *string         `json:"reply_raw,omitempty"`
 	// After is what the server does after its answer: "echo" (relays every byte
-	// back until the client half-closes, then ends cleanly), "close" (a clean
+	// back until the client half-closes, then ends cleanly; over QUIC it also
+	// returns every DATAGRAM frame as it came), "close" (a clean
 	// end: close_notify, FIN), "abort" (TLS: a TCP reset without close_notify;
 	// QUIC: RESET_STREAM and STOP_SENDING 0x7) or "truncate" (TLS only: a TCP
 	// FIN without close_notify), these two once the client's first byte after
