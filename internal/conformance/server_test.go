@@ -14,7 +14,6 @@ import (
 	"reflect"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -66,14 +65,13 @@ type run struct {
 
 // stream is a named stream of a case: a TLS connection or a QUIC stream.
 type stream struct {
-	name string
-	tls  *tls.Conn
-	raw  *endConn  // under tls: tells a clean close_notify from a cut
-	qc   *quicConn // QUIC
-	qs   *quic.Stream
-	uni  *quic.SendStream
-	br   *bufio.Reader
-	err  error // the connection failed before the stream was usable
+	tls *tls.Conn
+	raw *endConn  // under tls: tells a clean close_notify from a cut
+	qc  *quicConn // QUIC
+	qs  *quic.Stream
+	uni *quic.SendStream
+	br  *bufio.Reader
+	err error // the connection failed before the stream was usable
 	// caps receives the stream's datagrams once a step expects one (capsulePump).
 	caps chan capsuleEvent
 }
@@ -145,10 +143,14 @@ func (r *run) do(s Step) {
 			r.failf("send_datagram: %v", err)
 		}
 	case s.CloseWrite:
+		r.usable(st, "close_write")
 		var err error
-		if st.tls != nil {
+		switch {
+		case st.tls != nil:
 			err = st.tls.CloseWrite()
-		} else {
+		case st.uni != nil:
+			err = st.uni.Close()
+		default:
 			err = st.qs.Close()
 		}
 		if err != nil {
@@ -161,6 +163,7 @@ func (r *run) do(s Step) {
 		}
 	case s.ExpectRaw != nil:
 		want, _ := Hex(*s.ExpectRaw)
+		r.usable(st, "expect_raw")
 		got := make([]byte, len(want))
 		r.deadline(st)
 		if n, err := io.ReadFull(st.br, got); err != nil {
@@ -181,6 +184,18 @@ func (r *run) do(s Step) {
 		r.expectAlert(st, *s.ExpectAlert)
 	case s.ExpectStopSending != nil:
 		r.expectStopSending(st, *s.ExpectStopSending)
+	}
+}
+
+// usable fails the step when the stream's connection failed before it could
+// carry what the step does.
+func (r *run) usable(st *stream, what string) {
+	r.t.Helper()
+	if st.err != nil {
+		r.failf("%s: the connection failed: %v", what, st.err)
+	}
+	if st.br == nil && st.uni == nil {
+		r.failf("%s: the stream is not readable", what)
 	}
 }
 
@@ -212,7 +227,7 @@ func (r *run) stream(s Step) *stream {
 		// Sent whatever CAs the server asks for: "otherca" must reach the server.
 		cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
 	}
-	st := &stream{name: name}
+	st := &stream{}
 	r.streams[name] = st
 	ctx, cancel := context.WithTimeout(context.Background(), readTimeout)
 	defer cancel()
@@ -348,9 +363,7 @@ func (r *run) write(st *stream, b []byte) {
 
 func (r *run) readFrame(st *stream) []byte {
 	r.t.Helper()
-	if st.err != nil {
-		r.failf("expected a frame; the connection failed: %v", st.err)
-	}
+	r.usable(st, "expect")
 	r.deadline(st)
 	var hdr [2]byte
 	if _, err := io.ReadFull(st.br, hdr[:]); err != nil {
@@ -578,11 +591,9 @@ type endConn struct {
 
 func (c *endConn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
-	if err != nil && !errors.Is(err, syscall.EAGAIN) {
-		var ne net.Error
-		if !errors.As(err, &ne) || !ne.Timeout() {
-			c.ended.Store(true)
-		}
+	var ne net.Error
+	if err != nil && (!errors.As(err, &ne) || !ne.Timeout()) {
+		c.ended.Store(true)
 	}
 	return n, err
 }
