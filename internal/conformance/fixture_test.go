@@ -28,7 +28,7 @@ const corpusDir = "../../docs/conformance"
 // helloTimeout is the fixture's hello timeout (hello_timeout_ms): short, so the
 // hello-timeout case is cheap, and long enough for a loaded machine under -race
 // to send a hello right after its handshake.
-const helloTimeout = 2 * time.Second
+const helloTimeout = 3 * time.Second
 
 // readTimeout bounds every read of a runner: longer than the hello timeout, so
 // that the server's hello_timeout answer arrives within it.
