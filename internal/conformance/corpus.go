@@ -14,14 +14,15 @@ import (
 	"strings"
 )
 
-// File is one corpus file: a group of server cases (Cases) or of client cases
-// (ClientCases), never both.
+// File is one corpus file: a group of server cases (Cases), client cases
+// (ClientCases) or agent cases (AgentCases), one kind only.
 type File struct {
 	Name        string       `json:"-"`
 	Group       string       `json:"group"`
 	Summary     string       `json:"summary"`
 	Cases       []Case       `json:"cases,omitempty"`
 	ClientCases []ClientCase `json:"client_cases,omitempty"`
+	AgentCases  []AgentCase  `json:"agent_cases,omitempty"`
 }
 
 // Case is one exchange with a server: steps run in order on named streams.
@@ -129,6 +130,80 @@ type ClientCase struct {
 	Mentions []string `json:"mentions,omitempty"`
 }
 
+// AgentCase is one exchange an agent must handle: the runner plays the server
+// to an agent that exposes one name (README: the agent fixture).
+type AgentCase struct {
+	ID        string `json:"id"`
+	Section   string `json:"section"`
+	Transport string `json:"transport"`
+	Summary   string `json:"summary"`
+	// ExpectListen is what the agent's listen hello must hold, at the start and
+	// at every reconnect.
+	ExpectListen FrameExpect `json:"expect_listen"`
+	// Reply answers the first listen (a JSON object, framed).
+	Reply json.RawMessage `json:"reply"`
+	Steps []AgentStep     `json:"steps"`
+}
+
+// AgentStep is one action of the played server. Exactly one action field is set.
+type AgentStep struct {
+	// On names a session stream; "session" when empty.
+	On string `json:"on,omitempty"`
+	// Transport limits the step to "tls" or "quic"; empty runs it on both.
+	Transport string `json:"transport,omitempty"`
+
+	Control     json.RawMessage `json:"control,omitempty"`      // a frame on the control stream
+	OpenSession json.RawMessage `json:"open_session,omitempty"` // a session with this header (README)
+	SendRaw     *string         `json:"send_raw,omitempty"`     // hex, on the session stream
+	CloseWrite  bool            `json:"close_write,omitempty"`  // on the session stream
+
+	ExpectRaw       *string `json:"expect_raw,omitempty"`       // on the session stream
+	ExpectEnd       string  `json:"expect_end,omitempty"`       // of the session stream: "clean", "abort" or "closed"
+	QUICCode        *uint64 `json:"quic_code,omitempty"`        // with expect_end "abort"
+	ExpectReconnect bool    `json:"expect_reconnect,omitempty"` // a new listen arrives
+	ExpectExit      bool    `json:"expect_exit,omitempty"`      // the agent stops for good
+}
+
+func (s AgentStep) actions() int {
+	n := 0
+	for _, set := range []bool{s.Control != nil, s.OpenSession != nil, s.SendRaw != nil, s.CloseWrite,
+		s.ExpectRaw != nil, s.ExpectEnd != "", s.ExpectReconnect, s.ExpectExit} {
+		if set {
+			n++
+		}
+	}
+	return n
+}
+
+func (c AgentCase) check() error {
+	var errs []error
+	if c.Section == "" || c.Summary == "" || c.Reply == nil || len(c.Steps) == 0 {
+		errs = append(errs, errors.New("section, summary, reply and steps are required"))
+	}
+	if err := checkTransport(c.Transport, false); err != nil {
+		errs = append(errs, err)
+	}
+	for i, s := range c.Steps {
+		if n := s.actions(); n != 1 {
+			errs = append(errs, fmt.Errorf("step %d has %d actions, not 1", i+1, n))
+		}
+		if err := checkTransport(s.Transport, true); err != nil {
+			errs = append(errs, fmt.Errorf("step %d: %w", i+1, err))
+		}
+		for _, h := range []*string{s.SendRaw, s.ExpectRaw} {
+			if h != nil {
+				if _, err := Hex(*h); err != nil {
+					errs = append(errs, fmt.Errorf("step %d: %w", i+1, err))
+				}
+			}
+		}
+		if s.ExpectEnd != "" && !slices.Contains([]string{"clean", "abort", "closed"}, s.ExpectEnd) {
+			errs = append(errs, fmt.Errorf("step %d: expect_end %q", i+1, s.ExpectEnd))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Load reads every *.json file of dir, sorted by name.
 func Load(dir string) ([]File, error) {
 	names, err := filepath.Glob(filepath.Join(dir, "*.json"))
@@ -171,8 +246,20 @@ func Check(files []File) error {
 		ids[id] = file
 	}
 	for _, f := range files {
-		if (len(f.Cases) == 0) == (len(f.ClientCases) == 0) {
-			errs = append(errs, fmt.Errorf("%s: needs either cases or client_cases", f.Name))
+		kinds := 0
+		for _, n := range []int{len(f.Cases), len(f.ClientCases), len(f.AgentCases)} {
+			if n > 0 {
+				kinds++
+			}
+		}
+		if kinds != 1 {
+			errs = append(errs, fmt.Errorf("%s: needs cases, client_cases or agent_cases, one kind only", f.Name))
+		}
+		for _, c := range f.AgentCases {
+			id(f.Name, c.ID)
+			if err := c.check(); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %s: %w", f.Name, c.ID, err))
+			}
 		}
 		for _, c := range f.Cases {
 			id(f.Name, c.ID)

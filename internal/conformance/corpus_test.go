@@ -33,6 +33,11 @@ func TestCorpusWellFormed(t *testing.T) {
 				t.Errorf("%s: case %s names section %q, which docs/PROTOCOL.md does not have", f.Name, c.ID, c.Section)
 			}
 		}
+		for _, c := range f.AgentCases {
+			if !sections[c.Section] {
+				t.Errorf("%s: case %s names section %q, which docs/PROTOCOL.md does not have", f.Name, c.ID, c.Section)
+			}
+		}
 		for _, c := range f.ClientCases {
 			if !sections[c.Section] {
 				t.Errorf("%s: case %s names section %q, which docs/PROTOCOL.md does not have", f.Name, c.ID, c.Section)

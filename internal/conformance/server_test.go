@@ -480,25 +480,7 @@ func describeCode(code *uint64, err error) string {
 }
 
 func (r *run) classify(st *stream, err error) (kind string, code *uint64) {
-	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
-		return "timeout", nil
-	}
-	if st.tls != nil {
-		if errors.Is(err, io.EOF) && !st.raw.ended.Load() {
-			return "clean", nil
-		}
-		return "abort", nil
-	}
-	if errors.Is(err, io.EOF) {
-		return "clean", nil
-	}
-	var se *quic.StreamError
-	if errors.As(err, &se) {
-		c := uint64(se.ErrorCode)
-		return "abort", &c
-	}
-	return "abort", nil
+	return classifyEnd(st.raw, err)
 }
 
 // expectAlert checks that the server refused the handshake with alert a: over
