@@ -58,6 +58,7 @@ func TestAgentCorpus(t *testing.T) {
 					go func() { r.exited <- agent.Run(ctx) }()
 					defer func() {
 						cancel()
+						r.closeAll() // the agent need not wait for an answer to its unregister
 						select {
 						case <-r.exited:
 						case <-time.After(readTimeout):
@@ -86,6 +87,22 @@ type agentRun struct {
 	exited    chan error
 	step      int
 	wg        sync.WaitGroup
+	mu        sync.Mutex
+	closers   []io.Closer // every connection the played server accepted
+}
+
+func (r *agentRun) track(c io.Closer) {
+	r.mu.Lock()
+	r.closers = append(r.closers, c)
+	r.mu.Unlock()
+}
+
+func (r *agentRun) closeAll() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, c := range r.closers {
+		_ = c.Close()
+	}
 }
 
 // request is a stream (QUIC) or connection (TLS) the agent opened, with its hello.
@@ -123,16 +140,10 @@ func (r *agentRun) listen(ca *testpki.CA, cert tls.Certificate) {
 			t.Fatal(err)
 		}
 		r.addr = ln.Addr().String()
-		var mu sync.Mutex
-		var conns []net.Conn
 		t.Cleanup(func() {
 			cancel()
 			ln.Close()
-			mu.Lock()
-			for _, c := range conns {
-				c.Close()
-			}
-			mu.Unlock()
+			r.closeAll()
 			r.wg.Wait()
 		})
 		r.wg.Add(1)
@@ -143,9 +154,7 @@ func (r *agentRun) listen(ca *testpki.CA, cert tls.Certificate) {
 				if err != nil {
 					return
 				}
-				mu.Lock()
-				conns = append(conns, c)
-				mu.Unlock()
+				r.track(c)
 				raw := &endConn{Conn: c}
 				tc := tls.Server(raw, cfg)
 				r.wg.Add(1)
@@ -165,6 +174,7 @@ func (r *agentRun) listen(ca *testpki.CA, cert tls.Certificate) {
 	t.Cleanup(func() {
 		cancel()
 		ln.Close()
+		r.closeAll()
 		r.wg.Wait()
 	})
 	r.wg.Add(1)
@@ -175,6 +185,7 @@ func (r *agentRun) listen(ca *testpki.CA, cert tls.Certificate) {
 			if err != nil {
 				return
 			}
+			r.track(closeQUIC{conn})
 			r.wg.Add(1)
 			go func() {
 				defer r.wg.Done()
@@ -194,6 +205,11 @@ func (r *agentRun) listen(ca *testpki.CA, cert tls.Certificate) {
 		}
 	}()
 }
+
+// closeQUIC closes a QUIC connection without an error code.
+type closeQUIC struct{ *quic.Conn }
+
+func (c closeQUIC) Close() error { return c.CloseWithError(0, "") }
 
 // read reads a request's hello and hands it to the case; a connection that
 // sends none (a spare one) is dropped when the case ends.
