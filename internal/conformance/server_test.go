@@ -74,6 +74,9 @@ type stream struct {
 	err error // the connection failed before the stream was usable
 	// caps receives the stream's datagrams once a step expects one (capsulePump).
 	caps chan capsuleEvent
+	// resend repeats the stream's last send while a datagram is awaited: UDP
+	// and DATAGRAM frames may lose one, as the corpus README allows.
+	resend func() error
 }
 
 type capsuleEvent struct {
@@ -131,6 +134,7 @@ func (r *run) do(s Step) {
 	case s.SendRaw != nil:
 		b, _ := Hex(*s.SendRaw)
 		r.write(st, b)
+		st.resend = func() error { _, err := st.writer().Write(b); return err }
 	case s.SendUni != nil:
 		b, _ := Hex(*s.SendUni)
 		r.write(st, b)
@@ -139,9 +143,11 @@ func (r *run) do(s Step) {
 		if st.qs == nil {
 			r.failf("send_datagram needs a QUIC stream")
 		}
-		if err := st.qc.conn.SendDatagram(append(quicvarint.Append(nil, uint64(st.qs.StreamID())/4), b...)); err != nil {
+		frame := append(quicvarint.Append(nil, uint64(st.qs.StreamID())/4), b...)
+		if err := st.qc.conn.SendDatagram(frame); err != nil {
 			r.failf("send_datagram: %v", err)
 		}
+		st.resend = func() error { return st.qc.conn.SendDatagram(frame) }
 	case s.CloseWrite:
 		r.usable(st, "close_write")
 		var err error
@@ -347,15 +353,7 @@ func (r *run) write(st *stream, b []byte) {
 		return
 	}
 	r.deadline(st)
-	var err error
-	switch {
-	case st.tls != nil:
-		_, err = st.tls.Write(b)
-	case st.uni != nil:
-		_, err = st.uni.Write(b)
-	default:
-		_, err = st.qs.Write(b)
-	}
+	_, err := st.writer().Write(b)
 	if err != nil && !isAlert(err) {
 		r.failf("write: %v", err)
 	}
@@ -393,18 +391,43 @@ func (r *run) datagram(st *stream) []byte {
 	if st.qs != nil {
 		frames = st.qc.flow(uint64(st.qs.StreamID()) / 4)
 	}
-	select {
-	case ev := <-st.caps:
-		if ev.err != nil {
-			r.failf("expected a datagram, the stream ended: %v", ev.err)
+	timeout := time.After(readTimeout)
+	again := time.NewTicker(resendInterval)
+	defer again.Stop()
+	for {
+		select {
+		case ev := <-st.caps:
+			if ev.err != nil {
+				r.failf("expected a datagram, the stream ended: %v", ev.err)
+			}
+			return ev.payload
+		case b := <-frames:
+			return b
+		case <-again.C:
+			if st.resend != nil {
+				if err := st.resend(); err != nil {
+					r.failf("sending again while waiting for a datagram: %v", err)
+				}
+			}
+		case <-timeout:
+			r.failf("expected a datagram; none came within %s", readTimeout)
 		}
-		return ev.payload
-	case b := <-frames:
-		return b
-	case <-time.After(readTimeout):
-		r.failf("expected a datagram; none came within %s", readTimeout)
 	}
-	return nil
+}
+
+// resendInterval is how long a runner waits for a datagram before it repeats
+// the stream's last send (a UDP datagram or DATAGRAM frame may be lost).
+const resendInterval = 2 * time.Second
+
+// writer is where the stream's bytes go.
+func (st *stream) writer() io.Writer {
+	switch {
+	case st.tls != nil:
+		return st.tls
+	case st.uni != nil:
+		return st.uni
+	}
+	return st.qs
 }
 
 // capsulePump reads capsules (section 12.2) until the stream ends, sending the
@@ -437,14 +460,14 @@ func (r *run) expectEnd(st *stream, s Step) {
 	}
 	var err error
 	if st.caps != nil { // a capsule pump owns the reads
-		select {
-		case ev := <-st.caps:
-			if ev.err == nil {
-				r.failf("expected the end of the stream, got a datagram %x", ev.payload)
+		timeout := time.After(readTimeout)
+		for err == nil {
+			select {
+			case ev := <-st.caps:
+				err = ev.err // datagrams before the end (late or repeated replies) are skipped
+			case <-timeout:
+				r.failf("expected the end of the stream within %s", readTimeout)
 			}
-			err = ev.err
-		case <-time.After(readTimeout):
-			r.failf("expected the end of the stream within %s", readTimeout)
 		}
 	} else {
 		r.deadline(st)
