@@ -234,6 +234,7 @@ func (r *agentRun) next(what string) *request {
 	case q := <-r.requests:
 		return q
 	case err := <-r.exited:
+		r.exited <- err // for the deferred wait
 		r.failf("expected %s; the agent stopped: %v", what, err)
 	case <-time.After(readTimeout):
 		r.failf("expected %s; none came within %s", what, readTimeout)
@@ -331,8 +332,8 @@ func (r *agentRun) do(s AgentStep) {
 		r.ctl = r.expectListen()
 	case s.ExpectExit:
 		select {
-		case <-r.exited:
-			r.exited <- nil // for the deferred wait
+		case err := <-r.exited:
+			r.exited <- err // for the deferred wait
 		case q := <-r.requests:
 			r.failf("expected the agent to stop; it sent another hello: %s", q.hello)
 		case <-time.After(readTimeout):
