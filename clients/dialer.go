@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strconv"
 	"strings"
@@ -214,7 +215,12 @@ func exchange(conn net.Conn, hello wire.ClientHello) (wire.ServerHello, error) {
 		return wire.ServerHello{}, fmt.Errorf("sending client hello: %w", err)
 	}
 	sh, err := wire.ReadServerHello(conn)
-	if err != nil {
+	switch {
+	case errors.Is(err, io.EOF):
+		return wire.ServerHello{}, fmt.Errorf("reading server hello: the TP server closed the connection without answering: %w", err)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return wire.ServerHello{}, fmt.Errorf("reading server hello: the TP server's answer was cut short: %w", err)
+	case err != nil:
 		return wire.ServerHello{}, fmt.Errorf("reading server hello: %w", err)
 	}
 	return sh, nil

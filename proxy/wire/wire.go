@@ -61,11 +61,14 @@ const OpWhy = "why"
 
 // ClientHello is the first message on a proxy connection, sent by the client.
 type ClientHello struct {
-	V    int    `json:"v"`
-	Op   string `json:"op"`
-	Net  string `json:"net"`
-	Host string `json:"host"`
-	Port int    `json:"port"`
+	V  int    `json:"v"`
+	Op string `json:"op"`
+	// Net, Host and Port are left out when empty: ops "listen", "accept" and
+	// "why" must not carry the fields they do not take (docs/PROTOCOL.md 3.4–3.6),
+	// and a server may refuse them even when empty.
+	Net  string `json:"net,omitempty"`
+	Host string `json:"host,omitempty"`
+	Port int    `json:"port,omitempty"`
 	// Names (op "listen") are the reverse names an agent registers; Session (op
 	// "accept") pairs a data connection with an announced session. See reverse_wire.go.
 	Names   []string `json:"names,omitempty"`
