@@ -299,7 +299,10 @@ func (s Server) Validate() error {
 	return errors.Join(errs...)
 }
 
-// PublicURL is URL, or https://LISTEN with an unspecified host replaced by the first name.
+// PublicURL is URL, or https://LISTEN with the host replaced by the first name
+// when it is unspecified or not one of names: tpd's certificate holds only the
+// names, so a URL with any other host would fail for every device (tpd answers
+// a request for a name it does not serve with 421 Misdirected Request).
 func (s Server) PublicURL() string {
 	if s.URL != "" {
 		return strings.TrimRight(s.URL, "/")
@@ -308,13 +311,30 @@ func (s Server) PublicURL() string {
 	if err != nil {
 		return "https://" + s.Listen
 	}
-	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
-		host = s.Names[0]
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() || !s.isName(host) {
+		if len(s.Names) > 0 {
+			host = s.Names[0]
+		}
 	}
 	if port == "443" {
 		return "https://" + hostForURL(host)
 	}
 	return "https://" + net.JoinHostPort(host, port)
+}
+
+// isName reports whether host is among names (DNS names without case, IP
+// addresses by value).
+func (s Server) isName(host string) bool {
+	ip := net.ParseIP(host)
+	for _, n := range s.Names {
+		if strings.EqualFold(strings.TrimSuffix(n, "."), strings.TrimSuffix(host, ".")) {
+			return true
+		}
+		if ip != nil && ip.Equal(net.ParseIP(n)) {
+			return true
+		}
+	}
+	return false
 }
 
 func hostForURL(h string) string {

@@ -85,15 +85,25 @@ func TestLoadServerBadFile(t *testing.T) {
 func TestPublicURL(t *testing.T) {
 	for _, c := range []struct {
 		listen, url, want string
+		names             []string
 	}{
-		{"127.0.0.1:8443", "", "https://127.0.0.1:8443"},
-		{":443", "", "https://localhost"},
-		{"0.0.0.0:8443", "", "https://localhost:8443"},
-		{"[::1]:8443", "", "https://[::1]:8443"},
-		{":443", "https://tp.example.org/", "https://tp.example.org"},
+		{"127.0.0.1:8443", "", "https://127.0.0.1:8443", nil},
+		{":443", "", "https://localhost", nil},
+		{"0.0.0.0:8443", "", "https://localhost:8443", nil},
+		{"[::1]:8443", "", "https://[::1]:8443", nil},
+		{":443", "https://tp.example.org/", "https://tp.example.org", nil},
+		// tpd init --name tp.example.org, then serve --listen 127.0.0.1:8443: the
+		// URL once said 127.0.0.1, which the certificate does not name (dlogin got 421).
+		{"127.0.0.1:8443", "", "https://tp.example.org:8443", []string{"tp.example.org"}},
+		{"10.0.0.5:443", "", "https://tp.example.org", []string{"tp.example.org"}},
+		{"TP.example.org:443", "", "https://TP.example.org", []string{"tp.example.org"}},
+		{"[::1]:8443", "", "https://[::1]:8443", []string{"tp.example.org", "::1"}},
 	} {
 		s := DefaultServer()
 		s.Listen, s.URL = c.listen, c.url
+		if len(c.names) > 0 {
+			s.Names = c.names
+		}
 		if got := s.PublicURL(); got != c.want {
 			t.Errorf("listen %q url %q: PublicURL %q, want %q", c.listen, c.url, got, c.want)
 		}
