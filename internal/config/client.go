@@ -62,8 +62,8 @@ func LoadClient(fs *pflag.FlagSet) (Client, error) {
 		}
 	}
 	var c Client
-	if err := v.Unmarshal(&c); err != nil {
-		return Client{}, fmt.Errorf("config: %w", err)
+	if err := v.Unmarshal(&c, decodeHook()); err != nil {
+		return Client{}, fmt.Errorf("invalid configuration (TP_* environment variables, flags):\n%w", explainDecodeErr(err))
 	}
 	if c.Home == "" {
 		home, err := DefaultClientHome()

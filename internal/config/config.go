@@ -441,8 +441,8 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 		}
 	}
 	var s Server
-	if err := v.UnmarshalExact(&s); err != nil {
-		return Server{}, fmt.Errorf("config %s: %w (check the spelling of each key; tpd init writes a file listing them all)", file, err)
+	if err := v.UnmarshalExact(&s, decodeHook()); err != nil {
+		return Server{}, fmt.Errorf("invalid configuration (%s, TP_* environment variables, flags):\n%w", file, explainDecodeErr(err))
 	}
 	if err := s.Validate(); err != nil {
 		return Server{}, fmt.Errorf("invalid configuration:\n%w", err)

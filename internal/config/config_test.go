@@ -230,3 +230,39 @@ func TestCABounds(t *testing.T) {
 		t.Errorf("tpd.yaml round trip: %+v", got)
 	}
 }
+
+// Bad input: a misspelled key, a duration without a unit and a word for a
+// number. Each is named with its value in words a person can act on, without
+// mapstructure's internals ("'config.Server' has invalid keys", "time: unknown unit").
+func TestLoadServerErrorsNameTheValue(t *testing.T) {
+	dir := t.TempDir()
+	yaml := "listne: \"127.0.0.1:1\"\ndial-timeout: 10 seconds\nmax-conns: lots\n"
+	if err := os.WriteFile(filepath.Join(dir, FileName), []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TP_DATA_DIR", dir)
+	_, err := LoadServer(nil)
+	if err == nil {
+		t.Fatal("LoadServer accepted a misspelled key and two bad values")
+	}
+	msg := err.Error()
+	for _, want := range []string{"unknown setting: listne", `dial-timeout: "10 seconds" is not a duration`, `max-conns: "lots" is not a whole number`, filepath.Join(dir, FileName)} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error does not say %q:\n%s", want, msg)
+		}
+	}
+	for _, internal := range []string{"config.Server", "decoding failed", "unknown unit", "strconv"} {
+		if strings.Contains(msg, internal) {
+			t.Errorf("error shows Go internals %q:\n%s", internal, msg)
+		}
+	}
+}
+
+// Bad input: TP_TIMEOUT=3 (no unit) for tp and dlogin.
+func TestLoadClientBadDurationNamesTheValue(t *testing.T) {
+	t.Setenv("TP_TIMEOUT", "3")
+	_, err := LoadClient(pflag.NewFlagSet("test", pflag.ContinueOnError))
+	if err == nil || !strings.Contains(err.Error(), `timeout: "3" is not a duration`) {
+		t.Fatalf("TP_TIMEOUT=3: %v", err)
+	}
+}
