@@ -71,7 +71,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	cmd.Flags().StringVar(&server, "server", "", "TP server URL, e.g. https://tp.example.org (first run)")
 	cmd.Flags().StringVar(&fingerprint, "fingerprint", "", "SHA-256 fingerprint of the server's root certificate (first run)")
-	cmd.Flags().StringVar(&token, "token", "", "one-time enrollment token from `tpd enroll` (first run)")
+	cmd.Flags().StringVar(&token, "token", "", "one-time enrollment token that 'tpd enroll' printed (first run)")
 	config.ClientFlags(cmd.Flags())
 	cmd.SetArgs(args)
 	cmd.SetOut(stdout)

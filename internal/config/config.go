@@ -358,7 +358,7 @@ func ServerFlags(fs *pflag.FlagSet) {
 	fs.String("data-dir", d.DataDir, "directory holding the CA, users, policy and tpd.yaml (env TP_DATA_DIR)")
 	fs.String("listen", d.Listen, "TCP address of the public port, host:port (env TP_LISTEN)")
 	fs.StringSlice("name", nil, "DNS name or IP address for tpd's certificate; repeat for several (default localhost, 127.0.0.1, ::1)")
-	fs.String("url", "", "URL clients use to reach tpd, printed by `tpd enroll` (default derived from --listen)")
+	fs.String("url", "", "URL clients use to reach tpd, printed by 'tpd enroll' (default https://LISTEN, with the first --name as host unless LISTEN's host is one)")
 	fs.String("log-level", d.LogLevel, "debug, info, warn or error")
 	fs.String("log-format", d.LogFormat, "text or json")
 }

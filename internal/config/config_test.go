@@ -266,3 +266,16 @@ func TestLoadClientBadDurationNamesTheValue(t *testing.T) {
 		t.Fatalf("TP_TIMEOUT=3: %v", err)
 	}
 }
+
+// A backquoted word in a flag's usage becomes the value's name in --help
+// (pflag's convention): `tpd enroll` in --url's usage rendered "--url tpd enroll".
+func TestFlagUsageRendersTypeNames(t *testing.T) {
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	ServerFlags(fs)
+	ClientFlags(fs)
+	fs.VisitAll(func(f *pflag.Flag) {
+		if name, _ := pflag.UnquoteUsage(f); strings.Contains(name, " ") {
+			t.Errorf("--%s renders as %q in --help: its usage has a backquoted phrase", f.Name, "--"+f.Name+" "+name)
+		}
+	})
+}
