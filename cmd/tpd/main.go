@@ -187,7 +187,7 @@ func enrollCmd(stdout io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(stdout, "Enrollment token for %s, single use, valid until %s.\n", res.DeviceID, res.Expires.Local().Format(time.DateTime))
+			fmt.Fprintf(stdout, "Enrollment token for %s, single use, valid until %s.\n", res.DeviceID, res.Expires.Local().Format(time.DateTime+" MST"))
 			fmt.Fprintf(stdout, "Run this on the device:\n")
 			fmt.Fprintf(stdout, "dlogin --server %s --fingerprint %s --token %s\n", res.ServerURL, res.Fingerprint, res.Token)
 			return nil
