@@ -23,10 +23,18 @@ import (
 	"github.com/tp-proxy/tp/internal/version"
 )
 
+// errHangUp is the cause of a run ended by SIGHUP: ssh ending its ProxyCommand.
+var errHangUp = errors.New("hung up (SIGHUP), as ssh does to its ProxyCommand when it exits")
+
 func main() {
 	ctx, stop := notifyContext(context.Background())
 	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	stop()
+	if errors.Is(err, errHangUp) {
+		// ssh hangs up its ProxyCommand whenever it exits: the normal end,
+		// not worth a line on every ssh and scp. The session was reset.
+		return
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tp:", err)
 		os.Exit(1)
@@ -39,7 +47,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		Short: "Connect through TP; as ssh's ProxyCommand: ssh -o ProxyCommand=\"tp %h %p\" HOST",
 		Long: "tp HOST PORT connects stdin and stdout to HOST:PORT through the TP server,\n" +
 			"for ssh's ProxyCommand. Run dlogin once first.",
-		Args:          cobra.ExactArgs(2),
+		Args:          hostPortArgs,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -56,7 +64,9 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(stderr, "Connecting to %s via %s (%s)\n", target, d.Server, version.Version)
+			if !cfg.Quiet {
+				fmt.Fprintf(stderr, "Connecting to %s via %s (%s)\n", target, d.Server, version.Version)
+			}
 			defer d.Close()
 			conn, err := d.DialContext(cmd.Context(), "tcp", target)
 			if err != nil {
@@ -67,16 +77,40 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 	config.ClientFlags(root.PersistentFlags())
 	root.PersistentFlags().String("transport", "auto", "auto (QUIC, falling back to TLS; remembered per server), quic or tls (env TP_TRANSPORT)")
-	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), whoamiCmd(stdout, stderr), &cobra.Command{
+	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
+	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
 		Args:  cobra.NoArgs,
 		Run:   func(*cobra.Command, []string) { fmt.Fprintln(stdout, "tp", version.Version) },
 	})
+	root.SuggestionsMinimumDistance = 2
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	return root.ExecuteContext(ctx)
+}
+
+// hostPortArgs checks tp HOST PORT's arguments, and names the subcommand a
+// person probably meant ("tp forwrd A B") instead of counting arguments.
+func hostPortArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		_, portErr := strconv.Atoi(args[len(args)-1])
+		if s := cmd.SuggestionsFor(args[0]); len(s) > 0 && (len(args) != 2 || portErr != nil) {
+			return fmt.Errorf("unknown command %q: did you mean \"tp %s\"? (tp --help lists the commands)", args[0], s[0])
+		}
+	}
+	if len(args) != 2 {
+		var names []string
+		for _, c := range cmd.Commands() {
+			if c.IsAvailableCommand() {
+				names = append(names, c.Name())
+			}
+		}
+		return fmt.Errorf("tp takes HOST PORT, or a command (%s); got %d argument(s): %q; tp --help says more",
+			strings.Join(names, ", "), len(args), args)
+	}
+	return nil
 }
 
 func open(cmd *cobra.Command, stderr io.Writer) (*clients.Client, config.Client, error) {
