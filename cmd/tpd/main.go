@@ -58,17 +58,18 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				return err
 			}
 			log := cfg.Logger(stderr)
-			// Initialise before listening so tpd.yaml records the configured address,
-			// not the port the kernel picked for --listen HOST:0.
-			ir, err := tpd.Init(cfg)
-			if err != nil {
-				return err
-			}
+			// Listen first: a busy port fails before the first start creates a
+			// data dir. Init still gets the configured address, so tpd.yaml
+			// records it, not the port the kernel picked for --listen HOST:0.
 			ln, err := tpd.Listen(cfg.Listen, cfg.QUIC)
 			if err != nil {
 				return err
 			}
 			defer ln.Close()
+			ir, err := tpd.Init(cfg)
+			if err != nil {
+				return err
+			}
 			if cfg.URL == "" {
 				// With --listen HOST:0 the port is known only now.
 				cfg.Listen = ln.Addr().String()
