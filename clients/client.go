@@ -4,11 +4,13 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
 )
 
 // Client is a device that has logged in: it knows the server, trusts its root,
@@ -148,6 +150,29 @@ func (c *Client) Whoami(ctx context.Context) (login.WhoamiResponse, error) {
 		chain = cert.Certificate
 	}
 	return login.Whoami(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, key, chain...)
+}
+
+// WhyRejected replaces err, when it is the server's refusal of the client
+// certificate (ErrCertificateRejected, a bare TLS alert), by the reason the
+// server gives when asked (whoami): a revoked device or user, a revoked or
+// expired certificate. Any other err, or no answer, leaves err as it was.
+func (c *Client) WhyRejected(ctx context.Context, err error) error {
+	var re *rejectedErr
+	if !errors.As(err, &re) {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	who, werr := c.Whoami(ctx)
+	switch {
+	case werr != nil:
+		return err
+	case who.Revoked:
+		return fmt.Errorf("this device (%s) or its user is revoked%.0w on the TP server, which refused the TLS session: ask your TP administrator (dlogin cannot undo a revocation) (%w)", c.Profile.DeviceID, authz.ErrRevoked, re.err)
+	case who.Certificate != nil && !who.Certificate.Accepted:
+		return fmt.Errorf("the TP server refuses this device's certificate: %s (%w)", who.Certificate.Reason, re.err)
+	}
+	return err
 }
 
 // Dialer returns a Dialer for the profile's server whose client certificate is

@@ -70,7 +70,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 			defer d.Close()
 			conn, err := d.DialContext(cmd.Context(), "tcp", target)
 			if err != nil {
-				return err
+				return c.WhyRejected(cmd.Context(), err)
 			}
 			return clients.Stdio(cmd.Context(), conn, stdin, stdout)
 		},
@@ -180,7 +180,10 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 			go d.Maintain(cmd.Context(), func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) })
 			fmt.Fprintf(stderr, "Forwarding %s to %s via %s (%s); Ctrl-C stops\n", ln.Addr(), args[1], d.Server, version.Version)
 			f := &clients.Forwarder{
-				Dial:   d.DialContext,
+				Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+					conn, err := d.DialContext(ctx, network, addr)
+					return conn, c.WhyRejected(ctx, err)
+				},
 				Target: args[1],
 				Logger: slog.New(slog.NewTextHandler(stderr, nil)),
 			}
