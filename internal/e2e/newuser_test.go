@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -139,5 +140,31 @@ func TestBusyPortCreatesNoDataDir(t *testing.T) {
 	expectFail(t, nil, "busy port", []string{"already listening"}, binary("tpd"), "serve", "--data-dir", dir, "--listen", ln.Addr().String())
 	if _, err := os.Lstat(dir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("tpd serve on a busy port left %s behind (%v)", dir, err)
+	}
+}
+
+// An agent serving a public UDP port whose user is revoked learns it from the
+// server and exits saying so. It once kept retrying for ever with "most likely
+// the client certificate … run dlogin".
+func TestRevokedPublicUDPAgentExits(t *testing.T) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := pc.LocalAddr().(*net.UDPAddr).Port
+	pc.Close()
+	t.Setenv("TP_PUBLIC_PORTS", strconv.Itoa(port)+"/udp") // inherited by tpd
+	srv := startServer(t, reverseUDPPolicy)
+	echo := startUDPEchoE2E(t)
+	alice := srv.login(t, "alice", "laptop")
+	a := startAgentProc(t, alice, "game", echo, "--udp", "--public", strconv.Itoa(port))
+	a.waitRegistered(t)
+	run(t, nil, binary("tpd"), "revoke", "--user", "alice", "--data-dir", srv.DataDir)
+	log := a.waitExit(t)
+	if !strings.Contains(log, "is revoked on the TP server") || strings.Contains(log, "run dlogin") {
+		t.Errorf("the revoked agent's last words do not say it is revoked:\n%s", log)
+	}
+	if code := a.cmd.ProcessState.ExitCode(); code == 0 {
+		t.Errorf("the revoked agent exited 0")
 	}
 }
