@@ -2,6 +2,7 @@ package clients
 
 import (
 	"context"
+	"crypto"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -141,13 +142,19 @@ func (c *Client) renew(ctx context.Context) (tls.Certificate, error) {
 // whether it accepts the certificate on disk (when there is one): the answer's
 // Certificate is nil only when none was sent.
 func (c *Client) Whoami(ctx context.Context) (login.WhoamiResponse, error) {
+	var chain [][]byte
+	cert, certErr := c.Home.Certificate()
+	if certErr == nil {
+		chain = cert.Certificate
+	}
 	key, err := c.Home.DeviceKey()
 	if err != nil {
+		// Without the device key the certificate's own key proves who asks,
+		// so the server can still say "revoked" or "expired".
+		if signer, ok := cert.PrivateKey.(crypto.Signer); certErr == nil && ok {
+			return login.WhoamiByCertificate(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, signer, chain...)
+		}
 		return login.WhoamiResponse{}, err
-	}
-	var chain [][]byte
-	if cert, err := c.Home.Certificate(); err == nil {
-		chain = cert.Certificate
 	}
 	return login.Whoami(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, key, chain...)
 }

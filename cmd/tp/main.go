@@ -226,12 +226,14 @@ func forwardUDP(ctx context.Context, d *clients.Dialer, listen, target string, i
 
 func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 	return &cobra.Command{
-		Use:   "whoami",
-		Short: "Show this device's identity and certificate, and whether the server accepts it",
-		Long: "tp whoami shows this device's identity, groups and certificate, and asks the server\n" +
-			"whether it would accept the certificate now. It exits 0 only when the server confirms\n" +
-			"that: not when the device is revoked, the certificate is refused or expired, or the\n" +
-			"server cannot be asked.",
+		Use:     "whoami",
+		Aliases: []string{"status"},
+		Short:   "Show this device's identity and certificate, and whether the server accepts it",
+		Long: "tp whoami (or tp status) shows this device's identity, groups and certificate, and\n" +
+			"asks the server whether it would accept the certificate now. It exits 0 only when the\n" +
+			"server confirms that: not when the device is revoked, the certificate is refused or\n" +
+			"expired, or the server cannot be asked. Without the device key it asks with the\n" +
+			"certificate's key, so the answer is still the server's.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, _, err := open(cmd, stderr)
@@ -255,6 +257,11 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 				fmt.Fprintf(stdout, "Groups:      none\n")
 			default:
 				fmt.Fprintf(stdout, "Groups:      %s\n", strings.Join(who.Groups, ", "))
+			}
+			if _, err := c.Home.DeviceKey(); err != nil {
+				// The server was asked with the certificate's key instead, but
+				// without the device key no new certificate can be had.
+				fmt.Fprintf(stdout, "Device key:  MISSING in %s: this device cannot renew its certificate; ask for a new tpd enroll and run dlogin --token\n", c.Home.Dir)
 			}
 			cert, err := c.Home.Certificate()
 			if err != nil {
