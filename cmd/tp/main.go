@@ -167,7 +167,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 				return err
 			}
 			if udp {
-				return forwardUDP(cmd.Context(), d, args[0], args[1], udpIdle, stderr)
+				return forwardUDP(cmd.Context(), c, d, args[0], args[1], udpIdle, stderr)
 			}
 			ln, err := net.Listen("tcp", args[0])
 			if err != nil {
@@ -200,7 +200,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 }
 
 // forwardUDP serves `tp forward --udp`.
-func forwardUDP(ctx context.Context, d *clients.Dialer, listen, target string, idle time.Duration, stderr io.Writer) error {
+func forwardUDP(ctx context.Context, c *clients.Client, d *clients.Dialer, listen, target string, idle time.Duration, stderr io.Writer) error {
 	pc, err := net.ListenPacket("udp", listen)
 	if err != nil {
 		return fmt.Errorf("cannot listen on UDP %s: %w", listen, err)
@@ -211,7 +211,10 @@ func forwardUDP(ctx context.Context, d *clients.Dialer, listen, target string, i
 	go d.Maintain(ctx, func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) })
 	fmt.Fprintf(stderr, "Forwarding UDP %s to %s via %s (%s); Ctrl-C stops\n", pc.LocalAddr(), target, d.Server, version.Version)
 	f := &clients.UDPForwarder{
-		Dial:        d.DialContext,
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			conn, err := d.DialContext(ctx, network, addr)
+			return conn, c.WhyRejected(ctx, err)
+		},
 		Target:      target,
 		IdleTimeout: idle,
 		Logger:      slog.New(slog.NewTextHandler(stderr, nil)),
