@@ -86,14 +86,12 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				fmt.Fprintf(stdout, "tpd %s listening on %s (%s)\n", tpd.Version, ln.Addr(), cfg.PublicURL())
 				fmt.Fprintf(stdout, "CA fingerprint: %s\n", d.Fingerprint())
 				fmt.Fprintf(stdout, "Enroll a device: tpd enroll USER --device NAME --data-dir %s\n", cfg.DataDir)
-				host, _, _ := net.SplitHostPort(cfg.Listen)
-				switch {
-				case cfg.URL != "":
-				case !strings.Contains(cfg.PublicURL(), hostInURL(host)):
-					// The listen host is not in the certificate: the URL names
-					// the first of names, which must reach this server.
+				if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && isLoopback(host) && !strings.Contains(cfg.PublicURL(), hostInURL(host)) {
+					// A loopback listen host the certificate does not name: the
+					// URL names the first of names, which must reach this server.
 					fmt.Fprintf(stdout, "Note: devices will be told to use %s, because %s is not among names; that name must reach this server, or set url in %s.\n", cfg.PublicURL(), host, cfg.ConfigFile())
-				case !isLoopback(host):
+				}
+				if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && !isLoopback(host) {
 					fmt.Fprintf(stdout, "Note: devices will be told to use %s; set url (and names) in %s to the name they reach this server by.\n", cfg.PublicURL(), cfg.ConfigFile())
 				}
 			}
