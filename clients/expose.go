@@ -85,6 +85,9 @@ type Agent struct {
 	// policy or a freed name takes effect without restarting it; only a name that
 	// another identity holds before this agent ever registered it ends Run.
 	ExitOnRefusal bool
+	// Explain, when set, rewords a failed session (Client.WhyRejected asks the
+	// server why it refused the certificate); a revocation ends Run.
+	Explain func(context.Context, error) error
 
 	mu      sync.Mutex
 	full    map[string]string // label → full name
@@ -228,6 +231,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		var fe fatalError
 		if errors.As(err, &fe) {
 			return fe.error
+		}
+		if a.Explain != nil && err != nil {
+			if err = a.Explain(ctx, err); errors.Is(err, authz.ErrRevoked) {
+				return err // retrying cannot lift a revocation
+			}
 		}
 		if registered {
 			// The server worked: a later break is a new incident (a crash of
