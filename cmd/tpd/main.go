@@ -94,18 +94,25 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && !isLoopback(host) {
 					fmt.Fprintf(stdout, "Note: devices will be told to use %s; set url (and names) in %s to the name they reach this server by.\n", cfg.PublicURL(), cfg.ConfigFile())
 				}
+				tellSystemd(log, "READY=1")
 			}
+			go func() { // the drain starts when the signal arrives (tpd.Daemon.Serve)
+				<-cmd.Context().Done()
+				tellSystemd(log, "STOPPING=1")
+			}()
 
 			hup := make(chan os.Signal, 1)
 			signal.Notify(hup, syscall.SIGHUP)
 			defer signal.Stop(hup)
 			go func() {
 				for range hup {
+					tellSystemd(log, sdReloading())
 					if err := d.ReloadPolicy(cmd.Context()); err != nil {
 						log.Error("policy reload on SIGHUP refused; the previous policy stays active", "err", err)
 					} else {
 						log.Info("policy reloaded on SIGHUP", "revision", d.Policy().Revision())
 					}
+					tellSystemd(log, "READY=1") // also after a refusal: the old configuration serves on
 				}
 			}()
 			return d.Serve(cmd.Context(), ln)
