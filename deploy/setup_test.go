@@ -31,8 +31,8 @@ func TestSetUpCommandIsCIs(t *testing.T) {
 			cmds = append(cmds, cmd)
 		}
 	}
-	if len(cmds) != 2 || cmds[1] != "./test.sh" {
-		t.Fatalf("README's Set up runs %q; want two commands, the second ./test.sh", cmds)
+	if len(cmds) != 2 || cmds[1] != "deploy/test.sh" {
+		t.Fatalf("README's Set up runs %q; want two commands, the second deploy/test.sh", cmds)
 	}
 
 	ci, err := os.ReadFile("../.ci/run")
@@ -58,14 +58,14 @@ func TestSetUpCommandIsCIs(t *testing.T) {
 		t.Errorf(".ci/run never runs the README's test command %s", cmds[1])
 	}
 
-	script, err := os.ReadFile("../test.sh")
+	script, err := os.ReadFile("test.sh")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(string(script), "go test -race \"$@\"") {
 		t.Error("test.sh does not run go test -race")
 	}
-	if info, err := os.Stat("../test.sh"); err != nil || info.Mode()&0o111 == 0 {
+	if info, err := os.Stat("test.sh"); err != nil || info.Mode()&0o111 == 0 {
 		t.Errorf("test.sh is not executable (%v)", err)
 	}
 }

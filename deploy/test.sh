@@ -5,11 +5,11 @@
 # Then it runs every test with the race detector, from an empty test cache: the
 # end-to-end tests build tpd, tp and dlogin themselves, which Go's test cache
 # cannot see, so a cached pass could be stale.
-#   ./test.sh                      # everything, as CI does
-#   ./test.sh -run TestX ./proxy/  # other arguments replace ./... (still -race)
-#   ./test.sh --deps               # only install (or check) what the tests need
+#   deploy/test.sh                      # everything, as CI does
+#   deploy/test.sh -run TestX ./proxy/  # other arguments replace ./... (still -race)
+#   deploy/test.sh --deps               # only install (or check) what the tests need
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 
 # What the tests run, as "command package" (Debian/Ubuntu package names).
 tools=(
@@ -52,7 +52,7 @@ if [ -n "$pkgs" ]; then
 	if [ -n "$pkgs" ]; then
 		echo "test.sh: the tests need these packages, which are not installed:" $pkgs >&2
 		echo "  On Debian or Ubuntu: sudo apt-get install" $pkgs >&2
-		echo "  (or run ./test.sh as root, which installs them). No test is skipped for a missing tool: they would fail." >&2
+		echo "  (or run deploy/test.sh as root, which installs them). No test is skipped for a missing tool: they would fail." >&2
 		exit 1
 	fi
 fi
