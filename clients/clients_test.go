@@ -16,6 +16,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -68,35 +69,10 @@ func startServer(t *testing.T) *clients.Dialer {
 	}
 }
 
-// startReplier accepts connections, reads each to EOF, then replies with what it
-// read in upper case: a reply only arrives after the client's half-close.
-func startReplier(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				b, _ := io.ReadAll(c)
-				_, _ = c.Write(bytes.ToUpper(b))
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
-
 // TestStdio: stdin EOF half-closes the connection; the reply still reaches stdout.
 func TestStdio(t *testing.T) {
 	d := startServer(t)
-	dst := startReplier(t)
+	dst := testnet.Upper(t)
 	conn, err := d.DialContext(context.Background(), "tcp", dst)
 	if err != nil {
 		t.Fatal(err)
@@ -115,7 +91,7 @@ func TestStdio(t *testing.T) {
 // TestStdioContext: ending ctx ends a session that would otherwise wait forever.
 func TestStdioContext(t *testing.T) {
 	d := startServer(t)
-	dst := startReplier(t)
+	dst := testnet.Upper(t)
 	conn, err := d.DialContext(context.Background(), "tcp", dst)
 	if err != nil {
 		t.Fatal(err)
@@ -174,7 +150,7 @@ func TestDialerRejectsBadAddress(t *testing.T) {
 // keeps serving and the next connection goes through.
 func TestForwarder(t *testing.T) {
 	d := startServer(t)
-	dst := startReplier(t)
+	dst := testnet.Upper(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -49,26 +50,12 @@ func spareEnv(t *testing.T) (*Dialer, string) {
 	done := make(chan struct{})
 	go func() { _ = srv.Serve(ctx, ln); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-
-	echo, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = echo.Close() })
-	go func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			go func() { _, _ = io.Copy(c, c); _ = c.Close() }()
-		}
-	}()
+	echo := testnet.Echo(t)
 	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
 	d := &Dialer{Server: ln.Addr().String(), Transport: TransportTLS, Timeout: 10 * time.Second,
 		TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}}}
 	t.Cleanup(func() { _ = d.Close() })
-	return d, echo.Addr().String()
+	return d, echo
 }
 
 func echoOnce(t *testing.T, d *Dialer, addr string) net.Conn {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/testdns"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -99,7 +100,7 @@ func TestRefusalsRevealNothingAboutNames(t *testing.T) {
 	waitFor(t, func() bool { return strings.Contains(logs.String(), "resolving probe.test: lookup probe.test") })
 
 	// A failed connection names host:port as asked and a cause, not the address.
-	closed := netip.MustParseAddrPort(refusedPort(t))
+	closed := testnet.FreeAddr(t, "tcp")
 	dns.Set("refusing.test", closed.Addr())
 	sh = decodeHello(t, rawRefusal(t, e, e.cert, "refusing.test", int(closed.Port())))
 	want := "cannot connect to refusing.test:" + strconv.Itoa(int(closed.Port())) + ": the connection was refused"

@@ -19,6 +19,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // testPolicy lets alice (and group ops) reach loopback; everyone else is refused
@@ -77,7 +79,7 @@ func startSSHD(t *testing.T) *sshd {
 			t.Fatal(err)
 		}
 	}
-	port := freePort(t)
+	port := testnet.FreePort(t, "tcp")
 	cfg := fmt.Sprintf(`Port %d
 ListenAddress 127.0.0.1
 HostKey %s
@@ -211,7 +213,7 @@ func TestSSHDeniedShowsPolicyReason(t *testing.T) {
 func TestDestinationRefused(t *testing.T) {
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
-	port := freePort(t) // nothing listens here
+	port := testnet.FreePort(t, "tcp") // nothing listens here
 	out, err := runErr(env, strings.NewReader(""), binary("tp"), "127.0.0.1", strconv.Itoa(port))
 	if err == nil {
 		t.Fatal("tp succeeded to a closed port")
@@ -265,7 +267,7 @@ func TestClientErrors(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		dead := fmt.Sprintf("https://127.0.0.1:%d", freePort(t))
+		dead := fmt.Sprintf("https://127.0.0.1:%d", testnet.FreePort(t, "tcp"))
 		b = []byte(strings.Replace(string(b), srv.URL, dead, 1))
 		if err := os.WriteFile(profile, b, 0o600); err != nil {
 			t.Fatal(err)
@@ -286,35 +288,21 @@ func TestForwardIntegrity(t *testing.T) {
 
 	// The destination: reads until EOF, answers with the SHA-256 of what it read,
 	// then sends size bytes of random data followed by their SHA-256.
-	dst, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dst.Close()
-	go func() {
-		for {
-			c, err := dst.Accept()
-			if err != nil {
-				return
-			}
-			go func(c net.Conn) {
-				defer c.Close()
-				h := sha256.New()
-				if _, err := io.Copy(h, c); err != nil {
-					return
-				}
-				fmt.Fprintf(c, "%x\n", h.Sum(nil))
-				h.Reset()
-				w := io.MultiWriter(c, h)
-				if _, err := io.CopyN(w, rand.Reader, size); err != nil {
-					return
-				}
-				fmt.Fprintf(c, "%x", h.Sum(nil))
-			}(c)
+	dst := testnet.Serve(t, func(c *net.TCPConn) {
+		h := sha256.New()
+		if _, err := io.Copy(h, c); err != nil {
+			return
 		}
-	}()
+		fmt.Fprintf(c, "%x\n", h.Sum(nil))
+		h.Reset()
+		w := io.MultiWriter(c, h)
+		if _, err := io.CopyN(w, rand.Reader, size); err != nil {
+			return
+		}
+		fmt.Fprintf(c, "%x", h.Sum(nil))
+	})
 
-	fwd := startForward(t, env, dst.Addr().String())
+	fwd := startForward(t, env, dst)
 	c, err := net.Dial("tcp", fwd)
 	if err != nil {
 		t.Fatal(err)

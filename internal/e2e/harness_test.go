@@ -184,17 +184,6 @@ func runErr(env []string, stdin io.Reader, name string, args ...string) (string,
 	return string(out), err
 }
 
-// freePort returns a loopback TCP port that was free a moment ago.
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // waitTCP polls until addr accepts connections.
 func waitTCP(t *testing.T, addr string, within time.Duration) {
 	t.Helper()

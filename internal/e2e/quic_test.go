@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // OpenSSH through `tp` with --transport quic (as TP_TRANSPORT): the request runs
@@ -34,7 +36,7 @@ func TestAutoFallbackWhenUDPBlocked(t *testing.T) {
 	t.Setenv("TP_QUIC", "false") // inherited by the tpd that startServer runs
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
-	echo := startTCPEcho(t)
+	echo := testnet.Echo(t)
 	_, port, _ := net.SplitHostPort(echo)
 	for i := range 2 {
 		start := time.Now()
@@ -56,7 +58,7 @@ func TestAutoFallbackWhenUDPBlocked(t *testing.T) {
 func TestForwardQUICReconnects(t *testing.T) {
 	srv := startServer(t, testPolicy)
 	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
-	echo := startTCPEcho(t)
+	echo := testnet.Echo(t)
 	fwd, fwdLog := startForwardLog(t, env, echo)
 	roundTrip(t, fwd, "before")
 
@@ -78,7 +80,7 @@ func TestForwardQUICReconnects(t *testing.T) {
 func TestForwardQUICAfterCrash(t *testing.T) {
 	srv := startServer(t, testPolicy)
 	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
-	echo := startTCPEcho(t)
+	echo := testnet.Echo(t)
 	fwd, fwdLog := startForwardLog(t, env, echo)
 	roundTrip(t, fwd, "before")
 	signalTPD(t, srv, syscall.SIGKILL)
@@ -206,28 +208,4 @@ func startForwardLog(t *testing.T, env []string, target string) (string, *syncBu
 		t.Fatalf("tp forward did not start:\n%s", log.String())
 	}
 	return "", nil
-}
-
-// startTCPEcho runs a loopback echo that half-closes after echoing.
-func startTCPEcho(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-	return ln.Addr().String()
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -81,7 +82,7 @@ func TestReverseNamesSurviveTPDKills(t *testing.T) {
 	aliceTLS := append(srv.login(t, "alice", "desktop"), "TP_TRANSPORT=tls")
 	bob := clientFor(t, srv.login(t, "bob", "phone"))
 	mallory := clientFor(t, srv.login(t, "mallory", "pc"))
-	echo := echoService(t)
+	echo := testnet.Echo(t)
 
 	// The poller can take a name nobody holds: its zero below means something.
 	free := &namePoller{name: "free"}

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -228,25 +229,6 @@ func dialName(t *testing.T, c *clients.Client, name string) (net.Conn, error) {
 	return d.DialContext(ctx, "tcp", name+":22")
 }
 
-// echoService answers every byte it reads.
-func echoService(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
-	return ln.Addr().String()
-}
-
 func echoOnce(c net.Conn, msg string) error {
 	c.SetDeadline(time.Now().Add(30 * time.Second))
 	if _, err := io.WriteString(c, msg); err != nil {
@@ -274,7 +256,7 @@ func TestReverseTPDKilledAndRestarted(t *testing.T) {
 	bob := clientFor(t, srv.login(t, "bob", "phone"))
 	mallory := append(srv.login(t, "mallory", "pc"), "TP_TRANSPORT=tls")
 
-	agent := startAgentProc(t, alice, "laptop-ssh", echoService(t), "--allow-user", "bob")
+	agent := startAgentProc(t, alice, "laptop-ssh", testnet.Echo(t), "--allow-user", "bob")
 	agent.waitRegistered(t)
 	sess, err := dialName(t, bob, "laptop-ssh.rev.tp.internal")
 	if err != nil {
@@ -316,13 +298,13 @@ func TestReverseTPDKilledAndRestarted(t *testing.T) {
 // The agent process is killed with SIGKILL mid-transfer: the public client sees a
 // TCP reset and the protected dialer an error, never a silent short read.
 func TestReverseAgentKilledMidTransfer(t *testing.T) {
-	port := freePort(t)
+	port := testnet.FreePort(t, "tcp")
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, port))
 	p := startTPD(t, dataDir, "127.0.0.1:0", []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(port)})
 	srv := &server{DataDir: dataDir, Addr: p.addr, log: p.log}
 	alice := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=tls")
 	bob := clientFor(t, srv.login(t, "bob", "phone"))
-	stream := serveTCP(t, streamForever)
+	stream := testnet.Stream(t)
 	agent := startAgentProc(t, alice, "stream", stream, "--public", strconv.Itoa(port),
 		"--also", "prot="+stream, "--allow-user", "bob")
 	agent.waitRegistered(t)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"testing"
 	"time"
@@ -169,4 +170,10 @@ func FreePort(t testing.TB, network string) int {
 	}
 	t.Fatalf("testnet: FreePort of network %q; want \"tcp\" or \"udp\"", network)
 	return 0
+}
+
+// FreeAddr is FreePort as a loopback address: 127.0.0.1 and the port.
+func FreeAddr(t testing.TB, network string) netip.AddrPort {
+	t.Helper()
+	return netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(FreePort(t, network)))
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -155,7 +156,7 @@ func waitLog(t *testing.T, r *daemonRun, substr string) {
 func TestDefaultPolicyRefusesInternalWithRealOPA(t *testing.T) {
 	cfg := newDataDir(t, map[string]string{"all.rego": allowAllDials})
 	r := runDaemon(t, cfg)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	port := strings.TrimPrefix(echo, "127.0.0.1:")
 	for _, host := range []string{"127.0.0.1", "localhost", "127.1", "0x7f.0.0.1", "2130706433", "017700000001", "[::ffff:127.0.0.1]"} {
@@ -200,7 +201,7 @@ func TestDNSRebindingWithRealOPA(t *testing.T) {
 		return []netip.Addr{netip.MustParseAddr("127.0.0.2")}, nil
 	})
 	r := runDaemon(t, cfg, WithResolver(resolver))
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	port := strings.TrimPrefix(echo, "127.0.0.1:")
 	private, err := net.Listen("tcp", "127.0.0.2:"+port)
 	if err != nil {
@@ -246,7 +247,7 @@ func (f resolverFunc) LookupNetIP(_ context.Context, _, host string) ([]netip.Ad
 func TestRevokeLiveSessionAndRestart(t *testing.T) {
 	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
 	r := runDaemon(t, cfg)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	conn := openSession(t, c, echo)
 	ac := admin.NewClient(cfg.AdminSocket())
@@ -303,7 +304,7 @@ default allow := false
 allow if input.identity.user in {"alice", "bob"}
 `})
 	r := runDaemon(t, cfg)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	alice, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, r.d, r.url, "bob", "pc")
 	aliceConn := openSession(t, alice, echo)
@@ -332,7 +333,7 @@ default allow := false
 allow if "ops" in input.identity.groups
 `})
 	r := runDaemon(t, cfg)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	if _, err := r.d.Users().Enroll("alice", "laptop", []string{"ops"}, time.Hour); err != nil {
 		t.Fatal(err)
 	}
@@ -351,7 +352,7 @@ func TestDecisionLogConfigured(t *testing.T) {
 	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
 	cfg.DecisionLog = filepath.Join(cfg.DataDir, "decisions.jsonl")
 	r := runDaemon(t, cfg)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	if err := dialEcho(t, c, echo); err != nil {
 		t.Fatal(err)

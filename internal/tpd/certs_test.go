@@ -15,6 +15,7 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -72,7 +73,7 @@ func TestProxyAcceptsOnlyIssuingIntermediateLeaves(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	root, inter := tpdSigners(t, d)
 	second := testpki.NewIntermediate(t, root, "Second Intermediate under tpd's root")
 	const dev = "alice@laptop"
@@ -167,7 +168,7 @@ func TestAgentAcceptsOnlyIssuingIntermediateLeaves(t *testing.T) {
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
-	local := upperServer(t)
+	local := testnet.Upper(t)
 	root, inter := tpdSigners(t, d)
 	second := testpki.NewIntermediate(t, root, "Second Intermediate under tpd's root")
 	const dev = "bob@phone"

@@ -13,6 +13,7 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -50,7 +51,7 @@ func TestIdentityCapsHold(t *testing.T) {
 	})
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	transports := []string{clients.TransportTLS, clients.TransportQUIC}
 	dialer := func(c *clients.Client, transport string) *clients.Dialer {
 		dl, err := c.Dialer()

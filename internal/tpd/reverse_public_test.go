@@ -20,6 +20,7 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/internal/website"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -140,16 +141,6 @@ func roundTrip(c net.Conn, msg []byte) ([]byte, error) {
 	return io.ReadAll(c)
 }
 
-func freeTCPPort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // waitRefused polls until nothing listens on addr any more.
 func waitRefused(t *testing.T, addr string) {
 	t.Helper()
@@ -182,14 +173,14 @@ func wantRefused(t *testing.T, err error, code, text string) {
 // does not allow and a port held by another identity are refused; the port closes
 // when the agent unregisters, and after the grace period when it drops off.
 func TestReversePublicTCP(t *testing.T) {
-	port, denied, outside := freeTCPPort(t), freeTCPPort(t), freeTCPPort(t)
+	port, denied, outside := testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(publicPolicy, port), func(c *config.Server) {
 		c.PublicPorts = fmt.Sprintf("%d, %d", port, denied)
 		c.ReverseGrace = 2 * time.Second
 	})
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	mallory, _, _ := enrollClient(t, d, url, "mallory", "pc")
-	local := upperServer(t)
+	local := testnet.Upper(t)
 	public := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	game := func(p int) []clients.Exposed {
 		return []clients.Exposed{{Name: "game", Local: local, PublicPort: p}}
@@ -263,7 +254,7 @@ func TestReversePublicSNI(t *testing.T) {
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	ca := testpki.New(t)
 	siteCert := ca.ServerCert(t, "blog.example.test")
-	local := upperServer(t)
+	local := testnet.Upper(t)
 	addr := hostPort(t, url)
 	blog := func(sni string) []clients.Exposed {
 		return []clients.Exposed{{Name: "blog", Local: local, PublicSNI: sni,
@@ -329,27 +320,14 @@ func TestPublicSNIAllowed(t *testing.T) {
 // reset, never a clean end — whether the agent's TLS data connection ends
 // without close_notify or its QUIC stream is reset.
 func TestReversePublicAgentDies(t *testing.T) {
-	port := freeTCPPort(t)
+	port := testnet.FreePort(t, "tcp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(publicPolicy, port), func(c *config.Server) { c.PublicPorts = strconv.Itoa(port) })
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() { // a service that streams forever
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, zeros{}); c.Close() }()
-		}
-	}()
+	stream := testnet.Stream(t) // a service that streams forever
 	for _, transport := range []string{clients.TransportTLS, clients.TransportQUIC} {
 		t.Run(transport, func(t *testing.T) {
 			tap := &capture{}
-			stop, err := runAgent(t, alice, transport, []clients.Exposed{{Name: "game", Local: ln.Addr().String(), PublicPort: port}}, tap)
+			stop, err := runAgent(t, alice, transport, []clients.Exposed{{Name: "game", Local: stream, PublicPort: port}}, tap)
 			if err != nil {
 				t.Fatal(err)
 			}

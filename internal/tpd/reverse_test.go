@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -125,29 +126,6 @@ func startAgent(t *testing.T, c *clients.Client, transport, local string, allowU
 	return stop, errc
 }
 
-// upperServer answers each line with the line in upper case.
-func upperServer(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				b, _ := io.ReadAll(c)
-				c.Write(bytes.ToUpper(b))
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
-
 func dialReverse(c *clients.Client, transport string, msg []byte) ([]byte, error) {
 	d, err := c.Dialer()
 	if err != nil {
@@ -174,7 +152,7 @@ func TestReverseProtected(t *testing.T) {
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
 	carol, _, _ := enrollClient(t, d, url, "carol", "pc")
-	local := upperServer(t)
+	local := testnet.Upper(t)
 	for _, transport := range []string{clients.TransportQUIC, clients.TransportTLS} {
 		t.Run(transport, func(t *testing.T) {
 			tap := &capture{}
@@ -214,7 +192,7 @@ func TestReverseBothLayers(t *testing.T) {
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	dave, _, _ := enrollClient(t, d, url, "dave", "pc")
 	carol, _, _ := enrollClient(t, d, url, "carol", "pc")
-	startAgent(t, alice, clients.TransportTLS, upperServer(t), []string{"carol"}, nil)
+	startAgent(t, alice, clients.TransportTLS, testnet.Upper(t), []string{"carol"}, nil)
 	_, err := dialReverse(dave, clients.TransportTLS, []byte("x"))
 	var re *clients.RefusedError
 	if !errors.As(err, &re) || re.Code != clients.CodeAgentDenied || !strings.Contains(err.Error(), "dave@pc is not allowed by the agent") {
@@ -233,7 +211,7 @@ func TestReverseNameHijack(t *testing.T) {
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	mallory, _, _ := enrollClient(t, d, url, "mallory", "pc")
-	local := upperServer(t)
+	local := testnet.Upper(t)
 
 	// Online: refused, and alice keeps the name.
 	stop, _ := startAgent(t, alice, clients.TransportTLS, local, []string{"bob"}, nil)
@@ -305,24 +283,11 @@ func TestReverseAgentDiesMidTransfer(t *testing.T) {
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() { // a service that streams forever
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, zeros{}); c.Close() }()
-		}
-	}()
+	stream := testnet.Stream(t) // a service that streams forever
 	for _, transport := range []string{clients.TransportTLS, clients.TransportQUIC} {
 		t.Run(transport, func(t *testing.T) {
 			tap := &capture{}
-			startAgent(t, alice, transport, ln.Addr().String(), []string{"bob"}, tap)
+			startAgent(t, alice, transport, stream, []string{"bob"}, tap)
 			bd, _ := bob.Dialer()
 			defer bd.Close()
 			bd.Transport = transport
@@ -349,10 +314,6 @@ func TestReverseAgentDiesMidTransfer(t *testing.T) {
 		})
 	}
 }
-
-type zeros struct{}
-
-func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
 
 // cutByFault fails the test unless err reports the cut the test caused: a
 // *clients.CutError holding a TCP reset, a QUIC stream reset, or a TLS session

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +16,7 @@ import (
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 const allowAlice = `package tp.authz
@@ -120,24 +120,6 @@ func enrollClient(t testing.TB, d *Daemon, url, user, device string) (*clients.C
 	return c, clk, &logs
 }
 
-func echoServer(t testing.TB) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
-	return ln.Addr().String()
-}
-
 func dialEcho(t *testing.T, c *clients.Client, addr string) error {
 	t.Helper()
 	d, err := c.Dialer()
@@ -161,7 +143,7 @@ func dialEcho(t *testing.T, c *clients.Client, addr string) error {
 // the device key and without any prompt, before the connection is made.
 func TestRenewalInLastThird(t *testing.T) {
 	d, url := startDaemon(t, allowAlice)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, clk, logs := enrollClient(t, d, url, "alice", "laptop")
 	first, err := c.Certificate(context.Background())
 	if err != nil {
@@ -202,7 +184,7 @@ func TestExpiredWithoutDeviceKey(t *testing.T) {
 // A revoked device, or a deny-listed certificate, is refused on its next connection.
 func TestRevocationRefusesConnections(t *testing.T) {
 	d, url := startDaemon(t, allowAlice)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	if err := dialEcho(t, c, echo); err != nil {
 		t.Fatalf("dial before revocation: %v", err)
@@ -235,7 +217,7 @@ func TestRevocationRefusesConnections(t *testing.T) {
 // previous policy keeps deciding.
 func TestPolicyReload(t *testing.T) {
 	d, url := startDaemon(t, allowAlice)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	file := filepath.Join(d.cfg.PolicyDir(), "tp.rego")
 	if err := os.WriteFile(file, []byte("package tp.authz\n\ndefault allow := false\n"), 0o600); err != nil {

@@ -22,6 +22,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/website"
 )
 
@@ -180,7 +181,7 @@ func TestSitesOverACMEAndAllProtocols(t *testing.T) {
 
 	// A tp tunnel that stays open across all the web requests.
 	c, _, _ := enrollClient(t, s.d, s.url, "alice", "laptop")
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	dialer, err := c.Dialer()
 	if err != nil {
 		t.Fatal(err)
