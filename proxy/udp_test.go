@@ -18,6 +18,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -31,46 +32,15 @@ func (q *quicEnv) udpDialer(t testing.TB, transport string) *clients.Dialer {
 	return d
 }
 
-// startUDPEcho runs a loopback UDP echo server.
-func startUDPEcho(t testing.TB) string {
-	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pc.Close() })
-	go func() {
-		buf := make([]byte, 1<<16)
-		for {
-			n, src, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			_, _ = pc.WriteTo(buf[:n], src)
-		}
-	}()
-	return pc.LocalAddr().String()
-}
-
 // startUDPSink runs a loopback UDP server that counts what it receives.
 func startUDPSink(t testing.TB) (string, *atomic.Int64) {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pc.Close() })
 	var n atomic.Int64
-	go func() {
-		buf := make([]byte, 1<<16)
-		for {
-			if _, _, err := pc.ReadFrom(buf); err != nil {
-				return
-			}
-			n.Add(1)
-		}
-	}()
-	return pc.LocalAddr().String(), &n
+	addr := testnet.ServeUDP(t, func([]byte, net.Addr) []byte {
+		n.Add(1)
+		return nil
+	})
+	return addr, &n
 }
 
 func dialUDP(t testing.TB, d *clients.Dialer, addr string) net.Conn {
@@ -125,7 +95,7 @@ func TestUDPEcho(t *testing.T) {
 			return allowAll(ctx, req)
 		})
 	}, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			c := dialUDP(t, q.udpDialer(t, tr), echo)
@@ -164,7 +134,7 @@ func TestUDPPolicyDenied(t *testing.T) {
 			return allowAll(ctx, req)
 		})
 	}, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -191,7 +161,7 @@ func TestUDPIdleExpiry(t *testing.T) {
 		c.UDP.IdleTimeout = 300 * time.Millisecond
 		c.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
 	}, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			c := dialUDP(t, q.udpDialer(t, tr), echo)
@@ -216,7 +186,7 @@ func TestUDPIdleExpiry(t *testing.T) {
 func TestUDPTooLarge(t *testing.T) {
 	var logs syncBuffer
 	q := newQUICEnv(t, func(c *proxy.Config) { c.Logger = slog.New(slog.NewJSONHandler(&logs, nil)) }, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	for i, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			c := dialUDP(t, q.udpDialer(t, tr), echo)
@@ -259,7 +229,7 @@ func TestUDPFlowLimits(t *testing.T) {
 		c.UDP.MaxFlowsPerConn = 2
 		c.UDP.MaxFlowsPerIdentity = 3
 	}, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 
@@ -293,7 +263,7 @@ func TestUDPFlood(t *testing.T) {
 		n = 4000
 	}
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	sink, received := startUDPSink(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
@@ -399,7 +369,7 @@ func TestUDPFlood(t *testing.T) {
 // same source opens a new one.
 func TestUDPForwarder(t *testing.T) {
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			var logs syncBuffer
@@ -443,7 +413,7 @@ func TestUDPForwarder(t *testing.T) {
 // no flow id and every datagram travels as a capsule on the stream.
 func TestUDPWithoutQUICDatagrams(t *testing.T) {
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	conn, err := q.quicConn(t, &q.cert) // quic.Config{}: EnableDatagrams false
 	if err != nil {
 		t.Fatal(err)
@@ -491,7 +461,7 @@ func TestUDPRecheckEndsFlow(t *testing.T) {
 			return allowAll(ctx, req)
 		})
 	}, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	var flows []net.Conn
 	for _, tr := range transports {
 		c := dialUDP(t, q.udpDialer(t, tr), echo)

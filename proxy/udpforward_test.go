@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -19,29 +20,17 @@ import (
 // socket of one flow, so two payloads from one address travelled in one flow.
 func startUDPRecordingEcho(t *testing.T) (addr string, from func(payload string) string) {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pc.Close() })
 	var mu sync.Mutex
 	seen := map[string]string{}
-	go func() {
-		buf := make([]byte, 1<<16)
-		for {
-			n, src, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			if _, ok := seen[string(buf[:n])]; !ok {
-				seen[string(buf[:n])] = src.String()
-			}
-			mu.Unlock()
-			_, _ = pc.WriteTo(buf[:n], src)
+	addr = testnet.ServeUDP(t, func(p []byte, src net.Addr) []byte {
+		mu.Lock()
+		if _, ok := seen[string(p)]; !ok {
+			seen[string(p)] = src.String()
 		}
-	}()
-	return pc.LocalAddr().String(), func(p string) string {
+		mu.Unlock()
+		return p
+	})
+	return addr, func(p string) string {
 		mu.Lock()
 		defer mu.Unlock()
 		return seen[p]

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // udpPolicy lets alice send UDP to loopback; bob may dial TCP only.
@@ -37,7 +39,7 @@ reason := sprintf("UDP to %s:%d is limited to alice (you: %s)", [
 // its reason in tp's log.
 func TestForwardUDP(t *testing.T) {
 	srv := startServer(t, udpPolicy)
-	echo := startUDPEchoE2E(t)
+	echo := testnet.EchoUDP(t)
 	for _, tr := range []string{"quic", "tls"} {
 		t.Run(tr, func(t *testing.T) {
 			env := append(srv.login(t, "alice", "laptop-"+tr), "TP_TRANSPORT="+tr)
@@ -119,24 +121,4 @@ func startForwardUDP(t *testing.T, env []string, target string) (string, *syncBu
 		t.Fatalf("tp forward --udp did not start:\n%s", log.String())
 	}
 	return "", nil
-}
-
-func startUDPEchoE2E(t *testing.T) string {
-	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 1<<16)
-		for {
-			n, src, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(buf[:n], src)
-		}
-	}()
-	return pc.LocalAddr().String()
 }
