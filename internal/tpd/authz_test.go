@@ -30,6 +30,7 @@ const allowAllDials = `package tp.authz
 allow if input.action == "dial"
 `
 
+// lockedBuffer collects a daemon's log while the test reads it.
 type lockedBuffer struct {
 	mu sync.Mutex
 	b  strings.Builder

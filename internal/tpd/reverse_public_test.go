@@ -10,8 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -50,43 +48,6 @@ allow if {
 	input.destination.host == "blog.example.test"
 }
 `
-
-// startDaemonCfg is startDaemon with a change to the configuration.
-func startDaemonCfg(t *testing.T, policy string, mod func(*config.Server)) (*Daemon, string) {
-	t.Helper()
-	cfg := config.DefaultServer()
-	cfg.DataDir = filepath.Join(t.TempDir(), "data")
-	cfg.PolicyTimeout = 5 * time.Second
-	if _, err := Init(cfg); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(policy), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ln, err := Listen("127.0.0.1:0", true) // a port free on UDP too, for QUIC
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.Listen = ln.Addr().String()
-	if mod != nil {
-		mod(&cfg)
-	}
-	d, err := New(context.Background(), cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx, ln) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-		d.Close()
-	})
-	return d, cfg.PublicURL()
-}
 
 // runAgent runs an agent for exposed and waits until it registered; an agent
 // the server refuses returns its error instead (ExitOnRefusal: these tests probe

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -29,9 +30,28 @@ allow if input.identity.user == "alice"
 // startDaemon runs a real tpd in-process on a loopback port.
 func startDaemon(t testing.TB, policy string) (*Daemon, string) {
 	t.Helper()
+	return startDaemonCfg(t, policy, nil)
+}
+
+// startDaemonCfg is startDaemon with a change to the configuration.
+func startDaemonCfg(t testing.TB, policy string, mod func(*config.Server)) (*Daemon, string) {
+	t.Helper()
+	d := serveDaemon(t, policy, mod, nil)
+	return d, d.cfg.PublicURL()
+}
+
+// serveDaemon initialises a fresh data dir for the default configuration as mod
+// (when not nil) changes it, installs policy as its only policy, and serves it
+// in-process on a loopback port free on TCP and UDP (for QUIC) until the test
+// ends. log nil discards the daemon's log.
+func serveDaemon(t testing.TB, policy string, mod func(*config.Server), log *slog.Logger) *Daemon {
+	t.Helper()
 	cfg := config.DefaultServer()
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
 	cfg.PolicyTimeout = 5 * time.Second // -race is slow; the bound is not what is tested here
+	if mod != nil {
+		mod(&cfg)
+	}
 	if _, err := Init(cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -43,7 +63,7 @@ func startDaemon(t testing.TB, policy string) (*Daemon, string) {
 		t.Fatal(err)
 	}
 	cfg.Listen = ln.Addr().String()
-	d, err := New(context.Background(), cfg, nil)
+	d, err := New(context.Background(), cfg, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,7 +77,7 @@ func startDaemon(t testing.TB, policy string) (*Daemon, string) {
 		}
 		d.Close()
 	})
-	return d, cfg.PublicURL()
+	return d
 }
 
 // clock is a settable clock for the client.
