@@ -139,6 +139,20 @@ func (e *env) rawConn(t testing.TB) *tls.Conn {
 	return c
 }
 
+// dialVia dials network addr through d, within 10s; the connection is closed
+// when the test ends.
+func dialVia(t testing.TB, d *clients.Dialer, network, addr string) net.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := d.DialContext(ctx, network, addr)
+	if err != nil {
+		t.Fatalf("dial %s %s: %v", network, addr, err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
 // mustEcho dials the echo destination through the server and checks a round trip.
 // Bad-input tests call it afterwards to show the server still serves.
 func (e *env) mustEcho(t testing.TB) {

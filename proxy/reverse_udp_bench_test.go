@@ -30,7 +30,7 @@ func BenchmarkReverseUDPEcho(b *testing.B) {
 			var c net.Conn
 			if tc.mode == "forward" {
 				q := newQUICEnv(b, nil, proxy.QUICOptions{})
-				c = dialUDP(b, q.udpDialer(b, tc.transport), echo)
+				c = dialVia(b, q.udpDialer(b, tc.transport), "udp", echo)
 			} else {
 				c = reverseUDPConn(b, tc.mode, tc.transport, echo)
 			}
@@ -74,5 +74,5 @@ func reverseUDPConn(b *testing.B, mode, transport, target string) net.Conn {
 	d := q.dialer()
 	d.Transport = transport
 	b.Cleanup(func() { d.Close() })
-	return dialUDP(b, d, "dns.rev.test:53")
+	return dialVia(b, d, "udp", "dns.rev.test:53")
 }

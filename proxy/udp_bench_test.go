@@ -35,7 +35,7 @@ func benchUDPConn(b *testing.B, transport, dest string) net.Conn {
 		return c
 	}
 	q := newQUICEnv(b, nil, proxy.QUICOptions{})
-	return dialUDP(b, q.udpDialer(b, transport), dest)
+	return dialVia(b, q.udpDialer(b, transport), "udp", dest)
 }
 
 // BenchmarkUDPEcho: round trip of one 64-byte datagram through a UDP echo (ns/op

@@ -43,18 +43,6 @@ func startUDPSink(t testing.TB) (string, *atomic.Int64) {
 	return addr, &n
 }
 
-func dialUDP(t testing.TB, d *clients.Dialer, addr string) net.Conn {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := d.DialContext(ctx, "udp", addr)
-	if err != nil {
-		t.Fatalf("dial udp %s: %v", addr, err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c
-}
-
 // udpEcho sends msg and expects it back within a second, retrying a few times:
 // UDP may lose a datagram, and the test is about what arrives.
 func udpEcho(t testing.TB, c net.Conn, msg []byte) {
@@ -98,7 +86,7 @@ func TestUDPEcho(t *testing.T) {
 	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
-			c := dialUDP(t, q.udpDialer(t, tr), echo)
+			c := dialVia(t, q.udpDialer(t, tr), "udp", echo)
 			flow, ok := c.(*wire.UDPFlow)
 			if !ok {
 				t.Fatalf("got %T, want *wire.UDPFlow", c)
@@ -164,7 +152,7 @@ func TestUDPIdleExpiry(t *testing.T) {
 	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
-			c := dialUDP(t, q.udpDialer(t, tr), echo)
+			c := dialVia(t, q.udpDialer(t, tr), "udp", echo)
 			udpEcho(t, c, []byte("before idle"))
 			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
 			start := time.Now()
@@ -189,7 +177,7 @@ func TestUDPTooLarge(t *testing.T) {
 	echo := testnet.EchoUDP(t)
 	for i, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
-			c := dialUDP(t, q.udpDialer(t, tr), echo)
+			c := dialVia(t, q.udpDialer(t, tr), "udp", echo)
 			flow := c.(*wire.UDPFlow)
 			reports := make(chan wire.UDPReport, 4)
 			flow.OnReport(func(r wire.UDPReport) { reports <- r })
@@ -234,12 +222,12 @@ func TestUDPFlowLimits(t *testing.T) {
 	defer cancel()
 
 	dq := q.udpDialer(t, clients.TransportQUIC)
-	a, b := dialUDP(t, dq, echo), dialUDP(t, dq, echo)
+	a, b := dialVia(t, dq, "udp", echo), dialVia(t, dq, "udp", echo)
 	_, err := dq.DialContext(ctx, "udp", echo)
 	refused(t, err, wire.CodeTooManyFlows)
 
 	dt := q.udpDialer(t, clients.TransportTLS)
-	c := dialUDP(t, dt, echo) // a second connection: 3 for this identity
+	c := dialVia(t, dt, "udp", echo) // a second connection: 3 for this identity
 	_, err = dt.DialContext(ctx, "udp", echo)
 	if re := refused(t, err, wire.CodeTooManyFlows); !strings.Contains(re.Reason, "alice@laptop") {
 		t.Fatalf("reason %q does not name the identity", re.Reason)
@@ -249,7 +237,7 @@ func TestUDPFlowLimits(t *testing.T) {
 	}
 	a.Close()
 	waitFor(t, func() bool { return q.srv.UDPStats().Active == 2 })
-	udpEcho(t, dialUDP(t, dq, echo), []byte("slot freed"))
+	udpEcho(t, dialVia(t, dq, "udp", echo), []byte("slot freed"))
 	if st := q.srv.UDPStats(); st.FlowsRefused != 2 {
 		t.Fatalf("refused flows counted: %d; want 2", st.FlowsRefused)
 	}
@@ -269,8 +257,8 @@ func TestUDPFlood(t *testing.T) {
 		t.Run(tr, func(t *testing.T) {
 			waitFor(t, func() bool { return q.srv.UDPStats().Active == 0 }) // the previous run's flows are counted
 			before, sinkBefore := q.srv.UDPStats(), received.Load()
-			flood := dialUDP(t, q.udpDialer(t, tr), sink)
-			other := dialUDP(t, q.udpDialer(t, tr), echo)
+			flood := dialVia(t, q.udpDialer(t, tr), "udp", sink)
+			other := dialVia(t, q.udpDialer(t, tr), "udp", echo)
 			runtime.GC()
 			var ms runtime.MemStats
 			runtime.ReadMemStats(&ms)
@@ -464,7 +452,7 @@ func TestUDPRecheckEndsFlow(t *testing.T) {
 	echo := testnet.EchoUDP(t)
 	var flows []net.Conn
 	for _, tr := range transports {
-		c := dialUDP(t, q.udpDialer(t, tr), echo)
+		c := dialVia(t, q.udpDialer(t, tr), "udp", echo)
 		udpEcho(t, c, []byte("allowed"))
 		flows = append(flows, c)
 	}
