@@ -149,8 +149,7 @@ func TestProxyCommandReportsDestinationReset(t *testing.T) {
 // over TLS and QUIC.
 func TestProxyCommandReportsAgentKilled(t *testing.T) {
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
-	p := startTPD(t, dataDir, "127.0.0.1:0", nil)
-	srv := &server{DataDir: dataDir, Addr: p.addr, log: p.log}
+	srv := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := srv.login(t, "alice", "laptop")
 	bob := srv.login(t, "bob", "phone")
 	stream := testnet.Stream(t)

@@ -302,7 +302,7 @@ func TestForwardIntegrity(t *testing.T) {
 		fmt.Fprintf(c, "%x", h.Sum(nil))
 	})
 
-	fwd := startForward(t, env, dst)
+	fwd, _ := startForward(t, env, dst)
 	c, err := net.Dial("tcp", fwd)
 	if err != nil {
 		t.Fatal(err)
@@ -337,10 +337,12 @@ func TestForwardIntegrity(t *testing.T) {
 	}
 }
 
-// startForward runs `tp forward 127.0.0.1:0 target` and returns its local address.
-func startForward(t *testing.T, env []string, target string) string {
+// startForward runs `tp forward [flags] 127.0.0.1:0 target` (TCP, or UDP with
+// --udp) until the test ends, and returns the local address it reports and its
+// standard error, which is shown when the test fails.
+func startForward(t *testing.T, env []string, target string, flags ...string) (string, *syncBuffer) {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), "forward", "127.0.0.1:0", target)
+	cmd := exec.Command(binary("tp"), append(append([]string{"forward"}, flags...), "127.0.0.1:0", target)...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -349,12 +351,18 @@ func startForward(t *testing.T, env []string, target string) string {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	addr := make(chan string, 1)
 	log := &syncBuffer{}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("tp forward log:\n%s", log.String())
+		}
+	})
+	addr := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)
-		re := regexp.MustCompile(`^Forwarding (\S+) to`)
+		re := regexp.MustCompile(`^Forwarding (?:UDP )?(\S+) to`)
 		for sc.Scan() {
 			log.Write([]byte(sc.Text() + "\n"))
 			if m := re.FindStringSubmatch(sc.Text()); m != nil {
@@ -368,9 +376,9 @@ func startForward(t *testing.T, env []string, target string) string {
 		if !ok {
 			t.Fatalf("tp forward exited:\n%s", log.String())
 		}
-		return a
+		return a, log
 	case <-time.After(60 * time.Second):
 		t.Fatalf("tp forward did not start:\n%s", log.String())
 	}
-	return ""
+	return "", nil
 }

@@ -76,8 +76,7 @@ func TestReverseNamesSurviveTPDKills(t *testing.T) {
 	const kills = 10
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
 	p := startTPD(t, dataDir, "127.0.0.1:0", nil)
-	addr := p.addr
-	srv := &server{DataDir: dataDir, Addr: addr, log: p.log}
+	addr, srv := p.Addr, p
 	aliceQUIC := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
 	aliceTLS := append(srv.login(t, "alice", "desktop"), "TP_TRANSPORT=tls")
 	bob := clientFor(t, srv.login(t, "bob", "phone"))

@@ -9,8 +9,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -45,89 +43,6 @@ allow if {
 	input.identity.user == "bob"
 }
 `
-
-// tpdProc is a tpd process that a test may SIGKILL and start again on the same
-// address and data dir.
-type tpdProc struct {
-	dataDir, addr string
-	env           []string
-	cmd           *exec.Cmd
-	done          chan struct{}
-	log           *syncBuffer
-}
-
-// startTPD runs `tpd serve` on listen ("127.0.0.1:0" picks a port, which p.addr
-// then holds) and waits until it is ready.
-func startTPD(t *testing.T, dataDir, listen string, env []string) *tpdProc {
-	t.Helper()
-	p := &tpdProc{dataDir: dataDir, env: env, log: &syncBuffer{}, done: make(chan struct{})}
-	p.cmd = exec.Command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen)
-	p.cmd.Env = append(os.Environ(), env...)
-	stdout, err := p.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.cmd.Stderr = p.log
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ready := make(chan error, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		listening := regexp.MustCompile(`listening on (\S+) `)
-		for sc.Scan() {
-			if m := listening.FindStringSubmatch(sc.Text()); m != nil {
-				p.addr = m[1]
-			}
-			if strings.HasPrefix(sc.Text(), "CA fingerprint: ") {
-				ready <- nil
-			}
-		}
-		ready <- fmt.Errorf("tpd exited before it was ready: %v", p.cmd.Wait())
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(15 * time.Second):
-			p.cmd.Process.Kill()
-			<-p.done
-		}
-		if t.Failed() {
-			t.Logf("tpd log:\n%s", p.log.String())
-		}
-	})
-	select {
-	case err := <-ready:
-		if err != nil {
-			t.Fatalf("%v\n%s", err, p.log.String())
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatalf("tpd did not start within 60s\n%s", p.log.String())
-	}
-	return p
-}
-
-// initTPD makes a data dir with policy as its only policy file.
-func initTPD(t *testing.T, policy string) string {
-	t.Helper()
-	dataDir := filepath.Join(t.TempDir(), "tpdata")
-	run(t, nil, binary("tpd"), "init", "--data-dir", dataDir)
-	if err := os.WriteFile(filepath.Join(dataDir, "policy", "tp.rego"), []byte(policy), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return dataDir
-}
-
-// kill ends tpd with SIGKILL: no shutdown, no unregistering, nothing saved.
-func (p *tpdProc) kill(t *testing.T) {
-	t.Helper()
-	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	<-p.done
-}
 
 // agentProc is a `tp expose` process whose registrations the test follows.
 type agentProc struct {
@@ -250,8 +165,7 @@ func echoOnce(c net.Conn, msg string) error {
 // refused), alice's agent comes back by itself, and new sessions work.
 func TestReverseTPDKilledAndRestarted(t *testing.T) {
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
-	p := startTPD(t, dataDir, "127.0.0.1:0", nil)
-	srv := &server{DataDir: dataDir, Addr: p.addr, log: p.log}
+	srv := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=tls")
 	bob := clientFor(t, srv.login(t, "bob", "phone"))
 	mallory := append(srv.login(t, "mallory", "pc"), "TP_TRANSPORT=tls")
@@ -272,11 +186,11 @@ func TestReverseTPDKilledAndRestarted(t *testing.T) {
 	if err := agent.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
-	p.kill(t)
+	srv.kill(t)
 	_, err = io.ReadAll(sess)
 	cutByFault(t, "the running session, when tpd was killed,", err)
 
-	startTPD(t, dataDir, p.addr, nil) // same address and data dir, after a SIGKILL
+	startTPD(t, dataDir, srv.Addr, nil) // same address and data dir, after a SIGKILL
 	out, err := runErr(mallory, nil, binary("tp"), "expose", "laptop-ssh", "127.0.0.1:1", "--allow-user", "mallory")
 	if err == nil || !strings.Contains(out, "name taken: laptop-ssh.rev.tp.internal belongs to another identity, whose agent is reconnecting") {
 		t.Fatalf("mallory in the gap: %v\n%s", err, out)
@@ -300,8 +214,7 @@ func TestReverseTPDKilledAndRestarted(t *testing.T) {
 func TestReverseAgentKilledMidTransfer(t *testing.T) {
 	port := testnet.FreePort(t, "tcp")
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, port))
-	p := startTPD(t, dataDir, "127.0.0.1:0", []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(port)})
-	srv := &server{DataDir: dataDir, Addr: p.addr, log: p.log}
+	srv := startTPD(t, dataDir, "127.0.0.1:0", []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(port)})
 	alice := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=tls")
 	bob := clientFor(t, srv.login(t, "bob", "phone"))
 	stream := testnet.Stream(t)

@@ -48,7 +48,7 @@ func TestReverseUDP(t *testing.T) {
 			pub := startExpose(t, append(alice, env), "game", echo, "--udp", "--public", strconv.Itoa(port))
 			waitLog(t, pub, "Public: anyone reaches UDP", 10*time.Second)
 
-			fwd, _ := startForwardUDP(t, append(bob, env), "dns.rev.tp.internal:53")
+			fwd, _ := startForward(t, append(bob, env), "dns.rev.tp.internal:53", "--udp")
 			udpEchoE2E(t, fwd, "protected query over "+tr)
 			udpEchoE2E(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), "public datagram over "+tr)
 		})

@@ -1,11 +1,7 @@
 package e2e
 
 import (
-	"bufio"
 	"net"
-	"os"
-	"os/exec"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -43,7 +39,7 @@ func TestForwardUDP(t *testing.T) {
 	for _, tr := range []string{"quic", "tls"} {
 		t.Run(tr, func(t *testing.T) {
 			env := append(srv.login(t, "alice", "laptop-"+tr), "TP_TRANSPORT="+tr)
-			fwd, _ := startForwardUDP(t, env, echo)
+			fwd, _ := startForward(t, env, echo, "--udp")
 			c, err := net.Dial("udp", fwd)
 			if err != nil {
 				t.Fatal(err)
@@ -68,7 +64,7 @@ func TestForwardUDP(t *testing.T) {
 	}
 	t.Run("denied", func(t *testing.T) {
 		env := srv.login(t, "bob", "phone")
-		fwd, log := startForwardUDP(t, env, echo)
+		fwd, log := startForward(t, env, echo, "--udp")
 		c, err := net.Dial("udp", fwd)
 		if err != nil {
 			t.Fatal(err)
@@ -80,45 +76,4 @@ func TestForwardUDP(t *testing.T) {
 			t.Fatalf("refusal not explained:\n%s", log.String())
 		}
 	})
-}
-
-// startForwardUDP runs `tp forward --udp 127.0.0.1:0 target` and returns the
-// local UDP address and tp's stderr.
-func startForwardUDP(t *testing.T, env []string, target string) (string, *syncBuffer) {
-	t.Helper()
-	cmd := exec.Command(binary("tp"), "forward", "--udp", "127.0.0.1:0", target)
-	cmd.Env = append(os.Environ(), env...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	log := &syncBuffer{}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("tp forward --udp log:\n%s", log.String())
-		}
-	})
-	addr := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		re := regexp.MustCompile(`^Forwarding UDP (\S+) to`)
-		for sc.Scan() {
-			log.Write([]byte(sc.Text() + "\n"))
-			if m := re.FindStringSubmatch(sc.Text()); m != nil {
-				addr <- m[1]
-			}
-		}
-	}()
-	select {
-	case a := <-addr:
-		return a, log
-	case <-time.After(60 * time.Second):
-		t.Fatalf("tp forward --udp did not start:\n%s", log.String())
-	}
-	return "", nil
 }
