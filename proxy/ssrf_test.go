@@ -15,6 +15,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -91,22 +92,8 @@ func (a *recordingAuthorizer) last(t *testing.T) authz.Request {
 // must never be reached.
 func countingListener(t *testing.T, addr string) *atomic.Int64 {
 	t.Helper()
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
 	var n atomic.Int64
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			n.Add(1)
-			c.Close()
-		}
-	}()
+	testnet.ServeAt(t, addr, func(*net.TCPConn) { n.Add(1) })
 	return &n
 }
 

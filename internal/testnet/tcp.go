@@ -59,7 +59,25 @@ func Pair(t testing.TB) (dialed, accepted *net.TCPConn) {
 // closed then, which ends any handler blocked on one.
 func Serve(t testing.TB, handle func(c *net.TCPConn)) string {
 	t.Helper()
-	ln := listenTCP(t)
+	return serve(t, listenTCP(t), handle)
+}
+
+// ServeAt is Serve on a loopback address the test chooses, such as
+// 127.0.0.2 and the port of another service; any other address fails the test.
+func ServeAt(t testing.TB, addr string, handle func(c *net.TCPConn)) string {
+	t.Helper()
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil || !ap.Addr().IsLoopback() {
+		t.Fatalf("testnet: ServeAt(%q): want a loopback IP address and a port (%v)", addr, err)
+	}
+	ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(ap))
+	if err != nil {
+		t.Fatalf("testnet: listening on %s: %v", addr, err)
+	}
+	return serve(t, ln, handle)
+}
+
+func serve(t testing.TB, ln *net.TCPListener, handle func(c *net.TCPConn)) string {
 	var mu sync.Mutex
 	open := map[*net.TCPConn]struct{}{}
 	ended := false

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -173,5 +174,29 @@ func TestFreePort(t *testing.T) {
 	}
 	if p := testnet.FreePort(t, "tcp"); p == 0 {
 		t.Error("FreePort returned port 0")
+	}
+}
+
+// ServeAt serves a loopback address other than 127.0.0.1 (the port of another
+// service on 127.0.0.2), and the service's connections are its own.
+func TestServeAt(t *testing.T) {
+	echo := testnet.Echo(t)
+	_, port, _ := net.SplitHostPort(echo)
+	var n atomic.Int64
+	addr := testnet.ServeAt(t, "127.0.0.2:"+port, func(*net.TCPConn) { n.Add(1) })
+	if addr != "127.0.0.2:"+port {
+		t.Fatalf("ServeAt listens on %s; want 127.0.0.2:%s", addr, port)
+	}
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) || n.Load() != 1 {
+		t.Fatalf("127.0.0.2 gave %v after %d connections; want EOF (closed by Serve) after 1", err, n.Load())
+	}
+	if got := roundTrip(t, echo, "x"); got != "x" || n.Load() != 1 {
+		t.Fatalf("127.0.0.1 answered %q, 127.0.0.2 counted %d; want the echo's \"x\" and 1", got, n.Load())
 	}
 }

@@ -204,22 +204,8 @@ func TestDNSRebindingWithRealOPA(t *testing.T) {
 	r := runDaemon(t, cfg, WithResolver(resolver))
 	echo := testnet.Echo(t)
 	port := strings.TrimPrefix(echo, "127.0.0.1:")
-	private, err := net.Listen("tcp", "127.0.0.2:"+port)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer private.Close()
 	var reached atomic.Int64
-	go func() {
-		for {
-			c, err := private.Accept()
-			if err != nil {
-				return
-			}
-			reached.Add(1)
-			c.Close()
-		}
-	}()
+	testnet.ServeAt(t, "127.0.0.2:"+port, func(*net.TCPConn) { reached.Add(1) })
 	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	for i := range 2 {
 		if err := dialEcho(t, c, "rebind.test:"+port); err != nil {
