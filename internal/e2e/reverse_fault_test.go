@@ -16,8 +16,8 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testcut"
 	"github.com/tp-proxy/tp/internal/testnet"
-	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // faultPolicy: alice and mallory may register names, alice may expose TCP port
@@ -188,7 +188,7 @@ func TestReverseTPDKilledAndRestarted(t *testing.T) {
 	}
 	srv.kill(t)
 	_, err = io.ReadAll(sess)
-	cutByFault(t, "the running session, when tpd was killed,", err)
+	testcut.Check(t, "the running session, when tpd was killed,", err)
 
 	startTPD(t, dataDir, srv.Addr, nil) // same address and data dir, after a SIGKILL
 	out, err := runErr(mallory, nil, binary("tp"), "expose", "laptop-ssh", "127.0.0.1:1", "--allow-user", "mallory")
@@ -247,27 +247,5 @@ func TestReverseAgentKilledMidTransfer(t *testing.T) {
 		t.Fatalf("public client after the agent died: %v; want a connection reset", err)
 	}
 	_, err = io.Copy(io.Discard, prot)
-	cutByFault(t, "the protected dialer, after the agent died,", err)
-}
-
-// cutByFault fails the test unless err reports the cut the test caused: a
-// *clients.CutError holding a TCP reset, a QUIC stream reset, or a TLS session
-// that ended without close_notify (wire.ErrTruncated). The test's own deadline is a hang, and EOF a silent
-// truncation.
-func cutByFault(t *testing.T, who string, err error) {
-	t.Helper()
-	switch {
-	case err == nil || errors.Is(err, io.EOF):
-		t.Fatalf("%s saw a clean end (%v); want the cut reported", who, err)
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		t.Fatalf("%s heard nothing until its own deadline: the cut was not passed on (%v)", who, err)
-	}
-	var cut *clients.CutError
-	if !errors.As(err, &cut) {
-		t.Fatalf("%s saw %v (%T); want a *clients.CutError", who, err, err)
-	}
-	if _, reset := wire.StreamResetCode(err); reset || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, wire.ErrTruncated) {
-		return
-	}
-	t.Fatalf("%s saw %v (%T); want a reset or wire.ErrTruncated", who, cut.Err, cut.Err)
+	testcut.Check(t, "the protected dialer, after the agent died,", err)
 }

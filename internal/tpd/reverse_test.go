@@ -7,14 +7,13 @@ import (
 	"errors"
 	"io"
 	"net"
-	"os"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testcut"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -310,29 +309,7 @@ func TestReverseAgentDiesMidTransfer(t *testing.T) {
 			tap.mu.Unlock()
 			conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 			_, err = io.Copy(io.Discard, conn)
-			cutByFault(t, "the dialer", err)
+			testcut.Check(t, "the dialer", err)
 		})
 	}
-}
-
-// cutByFault fails the test unless err reports the cut the test caused: a
-// *clients.CutError holding a TCP reset, a QUIC stream reset, or a TLS session
-// that ended without close_notify (wire.ErrTruncated). The test's own read deadline is a hang, and EOF a
-// silent truncation.
-func cutByFault(t *testing.T, who string, err error) {
-	t.Helper()
-	switch {
-	case err == nil || errors.Is(err, io.EOF):
-		t.Fatalf("%s saw a clean end (%v); want the cut reported", who, err)
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		t.Fatalf("%s heard nothing until its own read deadline: the cut was not passed on (%v)", who, err)
-	}
-	var cut *clients.CutError
-	if !errors.As(err, &cut) {
-		t.Fatalf("%s saw %v (%T); want a *clients.CutError", who, err, err)
-	}
-	if _, reset := wire.StreamResetCode(err); reset || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, wire.ErrTruncated) {
-		return
-	}
-	t.Fatalf("%s saw %v (%T); want a reset or wire.ErrTruncated", who, cut.Err, cut.Err)
 }
