@@ -361,26 +361,13 @@ func TestUDPForwarder(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			var logs syncBuffer
-			pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			fwd := &clients.UDPForwarder{
+			local := serveUDPForwarder(t, &clients.UDPForwarder{
 				Dial: q.udpDialer(t, tr).DialContext, Target: echo, IdleTimeout: 300 * time.Millisecond,
 				Logger: slog.New(slog.NewJSONHandler(&logs, nil)),
-			}
-			ctx, cancel := context.WithCancel(context.Background())
-			served := make(chan error, 1)
-			go func() { served <- fwd.Serve(ctx, pc) }()
-			defer func() {
-				cancel()
-				if err := <-served; !errors.Is(err, context.Canceled) {
-					t.Errorf("Serve = %v", err)
-				}
-			}()
+			})
 			var srcs []net.Conn
 			for i := range 3 {
-				c, err := net.Dial("udp", pc.LocalAddr().String())
+				c, err := net.Dial("udp", local)
 				if err != nil {
 					t.Fatal(err)
 				}
