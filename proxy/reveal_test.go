@@ -12,6 +12,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/testdns"
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
@@ -58,7 +59,7 @@ func decodeHello(t *testing.T, raw []byte) wire.ServerHello {
 // dialled ("cannot connect to … (127.0.0.1:…)"). The details go to the log.
 func TestRefusalsRevealNothingAboutNames(t *testing.T) {
 	dns := testdns.Start(t)
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	az := &recordingAuthorizer{decide: func(req authz.Request) authz.Decision {
 		if req.Identity.DeviceID == "alice@laptop" {
 			return authz.Decision{Allow: true}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -292,7 +293,7 @@ func TestPolicyTimeoutDenies(t *testing.T) {
 // others; the session's log line says why it ended.
 func TestRecheckClosesSessionsNoLongerAllowed(t *testing.T) {
 	var deny atomic.Bool
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	e := newEnv(t, func(c *proxy.Config) {
 		c.Logger = newJSONLogger(logs)
 		c.Authorizer = authorizerFunc(func(_ context.Context, req authz.Request) (authz.Decision, error) {

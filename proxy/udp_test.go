@@ -18,6 +18,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -144,7 +145,7 @@ func TestUDPPolicyDenied(t *testing.T) {
 // server, the client's reads end, the session log says why, and the bounds are
 // released.
 func TestUDPIdleExpiry(t *testing.T) {
-	var logs syncBuffer
+	var logs testlog.Buffer
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.UDP.IdleTimeout = 300 * time.Millisecond
 		c.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
@@ -172,7 +173,7 @@ func TestUDPIdleExpiry(t *testing.T) {
 // to IPv4: EMSGSIZE) is counted, logged and reported to the client, which counts
 // it too; the flow keeps working.
 func TestUDPTooLarge(t *testing.T) {
-	var logs syncBuffer
+	var logs testlog.Buffer
 	q := newQUICEnv(t, func(c *proxy.Config) { c.Logger = slog.New(slog.NewJSONHandler(&logs, nil)) }, proxy.QUICOptions{})
 	echo := testnet.EchoUDP(t)
 	for i, tr := range transports {
@@ -360,7 +361,7 @@ func TestUDPForwarder(t *testing.T) {
 	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
-			var logs syncBuffer
+			var logs testlog.Buffer
 			local := serveUDPForwarder(t, &clients.UDPForwarder{
 				Dial: q.udpDialer(t, tr).DialContext, Target: echo, IdleTimeout: 300 * time.Millisecond,
 				Logger: slog.New(slog.NewJSONHandler(&logs, nil)),
@@ -426,7 +427,7 @@ func TestUDPWithoutQUICDatagrams(t *testing.T) {
 // re-check, over both transports.
 func TestUDPRecheckEndsFlow(t *testing.T) {
 	var deny atomic.Bool
-	var logs syncBuffer
+	var logs testlog.Buffer
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
 		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -28,14 +29,14 @@ import (
 type tpProc struct {
 	cmd    *exec.Cmd
 	stdin  io.Writer
-	stderr *syncBuffer
+	stderr *testlog.Buffer
 	read   atomic.Int64
 	done   chan error
 }
 
 func startTP(t *testing.T, env []string, host string, port int) *tpProc {
 	t.Helper()
-	p := &tpProc{stderr: &syncBuffer{}, done: make(chan error, 1)}
+	p := &tpProc{stderr: &testlog.Buffer{}, done: make(chan error, 1)}
 	p.cmd = exec.Command(binary("tp"), host, strconv.Itoa(port))
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stderr = p.stderr

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 )
 
@@ -96,7 +97,7 @@ LogLevel ERROR
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	log := &syncBuffer{}
+	log := &testlog.Buffer{}
 	cmd := exec.Command(path, "-D", "-e", "-f", cfgPath)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
@@ -132,7 +133,7 @@ func (s *sshd) ssh(t *testing.T, env []string, host, command string) (string, st
 		"-p", strconv.Itoa(s.Port),
 		s.User+"@"+host, command)
 	cmd.Env = append(os.Environ(), env...)
-	var stdout, stderr syncBuffer
+	var stdout, stderr testlog.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
 	return stdout.String(), stderr.String(), err
@@ -340,7 +341,7 @@ func TestForwardIntegrity(t *testing.T) {
 // startForward runs `tp forward [flags] 127.0.0.1:0 target` (TCP, or UDP with
 // --udp) until the test ends, and returns the local address it reports and its
 // standard error, which is shown when the test fails.
-func startForward(t *testing.T, env []string, target string, flags ...string) (string, *syncBuffer) {
+func startForward(t *testing.T, env []string, target string, flags ...string) (string, *testlog.Buffer) {
 	t.Helper()
 	cmd := exec.Command(binary("tp"), append(append([]string{"forward"}, flags...), "127.0.0.1:0", target)...)
 	cmd.Env = append(os.Environ(), env...)
@@ -351,7 +352,7 @@ func startForward(t *testing.T, env []string, target string, flags ...string) (s
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	log := &syncBuffer{}
+	log := &testlog.Buffer{}
 	t.Cleanup(func() {
 		cmd.Process.Kill()
 		cmd.Wait()

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -12,10 +11,11 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testlog"
 )
 
 // bin holds the tpd, tp and dlogin binaries built once for the whole package.
@@ -46,31 +46,13 @@ func TestMain(m *testing.M) {
 
 func binary(name string) string { return filepath.Join(bin, name) }
 
-// syncBuffer collects a process's output for assertions and failure messages.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // server is a running `tpd serve` process.
 type server struct {
 	DataDir     string
 	Addr        string
 	URL         string
 	Fingerprint string
-	log         *syncBuffer // its standard error
+	log         *testlog.Buffer // its standard error
 	cmd         *exec.Cmd
 	done        chan struct{} // closed when it has exited
 	// mustStop makes a tpd that outlives SIGTERM by 15s at the test's end a
@@ -106,7 +88,7 @@ func initTPD(t *testing.T, policy string) string {
 // same address and data dir) and waits until it is ready.
 func startTPD(t *testing.T, dataDir, listen string, env []string) *server {
 	t.Helper()
-	s := &server{DataDir: dataDir, log: &syncBuffer{}, done: make(chan struct{})}
+	s := &server{DataDir: dataDir, log: &testlog.Buffer{}, done: make(chan struct{})}
 	s.cmd = exec.Command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen)
 	s.cmd.Env = append(os.Environ(), env...)
 	stdout, err := s.cmd.StdoutPipe()

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 )
 
@@ -102,7 +103,7 @@ func roundTrip(t *testing.T, addr, msg string) {
 	}
 }
 
-func waitLog(t *testing.T, log *syncBuffer, want string, within time.Duration) {
+func waitLog(t *testing.T, log *testlog.Buffer, want string, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for !strings.Contains(log.String(), want) {

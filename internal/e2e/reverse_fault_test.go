@@ -17,6 +17,7 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testcut"
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 )
 
@@ -47,14 +48,14 @@ allow if {
 // agentProc is a `tp expose` process whose registrations the test follows.
 type agentProc struct {
 	cmd        *exec.Cmd
-	log        *syncBuffer
+	log        *testlog.Buffer
 	registered chan struct{} // one per "Exposing" line group
 	exited     chan struct{}
 }
 
 func startAgentProc(t *testing.T, env []string, args ...string) *agentProc {
 	t.Helper()
-	a := &agentProc{log: &syncBuffer{}, registered: make(chan struct{}, 100), exited: make(chan struct{})}
+	a := &agentProc{log: &testlog.Buffer{}, registered: make(chan struct{}, 100), exited: make(chan struct{})}
 	a.cmd = exec.Command(binary("tp"), append([]string{"expose"}, args...)...)
 	a.cmd.Env = append(os.Environ(), env...)
 	stderr, err := a.cmd.StderrPipe()

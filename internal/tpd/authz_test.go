@@ -19,6 +19,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -30,30 +31,12 @@ const allowAllDials = `package tp.authz
 allow if input.action == "dial"
 `
 
-// lockedBuffer collects a daemon's log while the test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // daemonRun is a tpd started on a data dir that outlives it.
 type daemonRun struct {
 	d    *Daemon
 	addr string // the public port
 	url  string
-	logs *lockedBuffer
+	logs *testlog.Buffer
 	stop func()
 }
 
@@ -83,7 +66,7 @@ func runDaemon(t *testing.T, cfg config.Server, opts ...Option) *daemonRun {
 		t.Fatal(err)
 	}
 	cfg.Listen = ln.Addr().String()
-	logs := &lockedBuffer{}
+	logs := &testlog.Buffer{}
 	d, err := New(context.Background(), cfg, slog.New(slog.NewTextHandler(logs, nil)), opts...)
 	if err != nil {
 		t.Fatal(err)

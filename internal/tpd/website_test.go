@@ -21,6 +21,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/website"
 )
@@ -30,7 +31,7 @@ type siteDaemon struct {
 	url  string
 	addr string // public TCP (and UDP) address
 	root *x509.CertPool
-	log  *lockedBuffer
+	log  *testlog.Buffer
 	cfg  config.Server
 }
 
@@ -47,7 +48,7 @@ func startSiteDaemon(t *testing.T, mod func(*config.Server)) *siteDaemon {
 	}))
 	t.Cleanup(up.Close)
 
-	logs := &lockedBuffer{}
+	logs := &testlog.Buffer{}
 	t.Cleanup(func() { // registered before the daemon's, so it runs after the daemon stopped
 		if t.Failed() {
 			t.Logf("tpd log:\n%s", logs.String())
