@@ -162,14 +162,18 @@ func Upper(t testing.TB) string {
 // until writing fails: a transfer that never ends by itself.
 func Stream(t testing.TB) string {
 	t.Helper()
-	return Serve(t, func(c *net.TCPConn) {
-		buf := make([]byte, 32<<10)
-		for {
-			if _, err := c.Write(buf); err != nil {
-				return
-			}
+	return Serve(t, func(c *net.TCPConn) { WriteForever(c) })
+}
+
+// WriteForever writes zero bytes to c until writing fails, for a handler of
+// Serve that does more once the stream has been cut.
+func WriteForever(c net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		if _, err := c.Write(buf); err != nil {
+			return
 		}
-	})
+	}
 }
 
 // FreePort returns a loopback port ("tcp" or "udp") that was free a moment ago:
