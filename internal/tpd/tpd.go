@@ -429,7 +429,9 @@ func (d *Daemon) ReloadPolicy(ctx context.Context) error {
 }
 
 // Close releases the CA database and the decision log.
-func (d *Daemon) Close() error { return errors.Join(d.ca.Close(), d.decisions.Close(), d.audit.Close()) }
+func (d *Daemon) Close() error {
+	return errors.Join(d.ca.Close(), d.decisions.Close(), d.audit.Close())
+}
 
 func landing(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path != "/" {
