@@ -29,7 +29,10 @@ func (s *Server) LiveSessions() []LiveSession {
 	for _, ls := range live {
 		d := ls.req.Destination
 		dest := d.Host
-		if d.Port != 0 {
+		switch {
+		case d.Host == "" && d.Port != 0: // a public port (expose_public)
+			dest = "public " + strings.ToUpper(d.Network) + " port " + strconv.Itoa(d.Port)
+		case d.Port != 0:
 			dest = net.JoinHostPort(d.Host, strconv.Itoa(d.Port))
 		}
 		out = append(out, LiveSession{
