@@ -128,6 +128,9 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 			go func() {
 				for range hup {
 					tellSystemd(log, sdReloading())
+					if err := d.ReopenAuditLog(); err != nil { // after log rotation
+						log.Error("reopening the audit log on SIGHUP failed; it keeps writing to the file it had open", "err", err)
+					}
 					if err := d.ReloadPolicy(cmd.Context()); err != nil {
 						log.Error("policy reload on SIGHUP refused; the previous policy stays active", "err", err)
 					} else {
