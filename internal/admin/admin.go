@@ -151,7 +151,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	s.act(Act{Act: "enroll_token", Subject: enr.DeviceID, Via: "admin socket", Result: "ok"})
+	s.act(Act{Act: "enroll_token", Subject: enr.DeviceID, Via: "admin socket", Result: "ok", Groups: req.Groups})
 	if s.Logger != nil {
 		s.Logger.Info("enrollment token issued", "device", enr.DeviceID, "expires", enr.Expires)
 	}

@@ -28,6 +28,9 @@ type Act struct {
 	PolicyRevision string `json:"policy_revision,omitempty"`
 	Remote         string `json:"remote,omitempty"` // the enrolling device's address
 	Closed         int    `json:"sessions_closed,omitempty"`
+	// Groups are the user's groups as an enroll_token set them; absent when
+	// the request kept them.
+	Groups []string `json:"groups,omitempty"`
 }
 
 // Denial is one recent policy denial.

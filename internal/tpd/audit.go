@@ -196,9 +196,17 @@ func (d *Daemon) policyReloaded(via string, err error) {
 
 // Status is the live view `tpd status` shows.
 func (d *Daemon) Status() admin.Status {
-	return admin.Status{
+	st := admin.Status{
 		Version: Version, Time: time.Now().UTC(), Started: d.started, PolicyRevision: d.policy.Revision(),
 		Sessions: d.proxy.LiveSessions(), Agents: d.proxy.Agents(), PublicPorts: d.proxy.PublicPorts(),
 		Denials: d.denials.list(),
 	}
+	// Empty lists, not null, for scripts reading --json.
+	if st.Agents == nil {
+		st.Agents = []proxy.Agent{}
+	}
+	if st.PublicPorts == nil {
+		st.PublicPorts = []proxy.PublicPort{}
+	}
+	return st
 }

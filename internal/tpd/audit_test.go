@@ -222,6 +222,23 @@ func TestAuditTrailOfSessionsAndAdminActs(t *testing.T) {
 	waitAudit(t, cfg.AuditLog, "the policy reload", func(l map[string]any) bool {
 		return l["act"] == "policy_reload" && l["result"] == "ok" && l["policy_revision"] == newRev
 	})
+	// A broken policy is refused, and the refusal is recorded with the revision that stays.
+	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte("package tp.authz\nallow if {"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.d.ReloadPolicy(ctx); err == nil {
+		t.Fatal("a broken policy was accepted")
+	}
+	waitAudit(t, cfg.AuditLog, "the refused policy reload", func(l map[string]any) bool {
+		return l["act"] == "policy_reload" && l["result"] == "refused" && l["policy_revision"] == newRev && l["reason"] != ""
+	})
+	if _, err := ac.Enroll(ctx, admin.EnrollRequest{User: "carol", Device: "tablet", Groups: []string{"ops"}}); err != nil {
+		t.Fatal(err)
+	}
+	waitAudit(t, cfg.AuditLog, "carol's enrollment token", func(l map[string]any) bool {
+		g, _ := l["groups"].([]any)
+		return l["act"] == "enroll_token" && l["subject"] == "carol@tablet" && l["result"] == "ok" && len(g) == 1 && g[0] == "ops"
+	})
 
 	lines := auditLines(t, cfg.AuditLog)
 	count := map[string]int{}
