@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -130,4 +132,27 @@ func jsonLines(t *testing.T, name, out string, strict bool) []map[string]any {
 		lines = append(lines, m)
 	}
 	return lines
+}
+
+// TestJSONLogStopError: with log-format json, the error tpd serve stops with is
+// a JSON line too. Bad input: the public port is taken by another listener.
+func TestJSONLogStopError(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cmd := exec.Command(binary("tpd"), "serve", "--data-dir", filepath.Join(t.TempDir(), "tpdata"), "--listen", ln.Addr().String(), "--log-format", "json")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err = cmd.Run()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+		t.Fatalf("tpd serve on a busy port: %v; want exit status 1\n%s", err, stderr.String())
+	}
+	lines := jsonLines(t, "stderr", stderr.String(), true)
+	jsonLines(t, "stdout", stdout.String(), true)
+	if len(lines) != 1 || lines[0]["level"] != "ERROR" || !strings.Contains(fmt.Sprint(lines[0]["err"]), "already listening") {
+		t.Fatalf("stderr %q; want one JSON error line saying the port is taken", stderr.String())
+	}
 }
