@@ -419,7 +419,7 @@ func (d *Daemon) ReloadPolicy(ctx context.Context) error {
 	before := d.policy.Revision()
 	err := d.policy.Reload(ctx)
 	if err != nil || d.policy.Revision() != before {
-		d.policyReloaded("reload request (SIGHUP)", err)
+		d.policyReloaded("reload request", err)
 	}
 	select {
 	case d.kick <- struct{}{}:
