@@ -100,6 +100,7 @@ func (s *Server) auditSession(ss *session) {
 func listenEnd(cause error) (by, code string) {
 	var rev *wire.RevokedError
 	var ee *wire.EndError
+	var cv *controlViolation
 	switch {
 	case errors.Is(cause, errReplaced):
 		return "server", "replaced"
@@ -111,6 +112,8 @@ func listenEnd(cause error) (by, code string) {
 		return "server", wire.EndShutdown
 	case errors.Is(cause, errUnregistered):
 		return "client", "unregister"
+	case errors.As(cause, &cv):
+		return "client", wire.CodeBadRequest
 	}
 	return "client", wire.EndPeerReset // the control stream failed or broke the protocol
 }
