@@ -282,7 +282,8 @@ allow if {
 	echo := echoServer(t)
 
 	tunnel := openSession(t, alice, echo) // stays open
-	if _, err := runAgent(t, alice, clients.TransportQUIC, []clients.Exposed{{Name: "game", Local: upperServer(t), PublicPort: port}}, nil); err != nil {
+	stopAgent, err := runAgent(t, alice, clients.TransportQUIC, []clients.Exposed{{Name: "game", Local: upperServer(t), PublicPort: port}}, nil)
+	if err != nil {
 		t.Fatal(err)
 	}
 	c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
@@ -333,6 +334,13 @@ allow if {
 		!strings.HasPrefix(fmt.Sprint(pub["dialed"]), "agent alice@laptop") {
 		t.Errorf("public session line %v", pub)
 	}
+
+	// The agent stops (Ctrl-C): its control session's line says it ended it.
+	stopAgent()
+	waitAudit(t, cfg.AuditLog, "the agent's control session", func(l map[string]any) bool {
+		return l["action"] == "listen" && l["identity"] == "alice@laptop" && l["ended_by"] == "client" && l["end_code"] == "unregister" &&
+			l["decision"] == "allow" && l["transport"] == "quic"
+	})
 
 	_ = tunnel.Close()
 	poll(t, "the tunnel leaving the live view", func() bool {
