@@ -58,6 +58,9 @@ type Enroller struct {
 	// one per login and per reverse-name certificate: each is a database record
 	// until pruned. Refused, the device is told to wait. nil allows all.
 	AllowBinding func(deviceID string) (ok bool, wait time.Duration)
+	// Enrolled, when set, is told of each device that redeemed its token (the
+	// audit trail); remote is the device's address.
+	Enrolled func(dev users.Device, remote string)
 }
 
 // Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.
@@ -118,6 +121,9 @@ func (e *Enroller) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	e.log().Info("device enrolled", "device", dev.ID, "remote", r.RemoteAddr)
+	if e.Enrolled != nil {
+		e.Enrolled(dev, r.RemoteAddr)
+	}
 	writeJSON(w, http.StatusOK, login.EnrollResponse{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
 }
 

@@ -62,6 +62,9 @@ type Request struct {
 type Decision struct {
 	Allow  bool
 	Reason string
+	// Revision names the policy that decided; empty when TP decided without
+	// asking it (deny list, expired certificate). The audit trail records it.
+	Revision string
 }
 
 // Authorizer decides requests. An error means "deny": callers fail closed.

@@ -79,7 +79,7 @@ func (p *Authorizer) decide(ctx context.Context, req authz.Request, input map[st
 		return authz.Decision{Allow: false, Reason: ReasonFailed}, res,
 			fmt.Errorf("authorize %s %s to %s: %w", req.Identity, req.Action, hostPort(req.Destination), err)
 	}
-	d := authz.Decision{Allow: res.Allow, Reason: res.Reason}
+	d := authz.Decision{Allow: res.Allow, Reason: res.Reason, Revision: res.Revision}
 	if !d.Allow && d.Reason == "" {
 		d.Reason = fmt.Sprintf("policy does not allow %s to %s %s", req.Identity, req.Action, hostPort(req.Destination))
 	}

@@ -252,6 +252,7 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 			Reason: cv.reason + "; the TP server ended the control session (the names stay held for the grace period)"})
 	}
 	ss.end = cause.Error()
+	ss.audit.err = cause
 	_ = conn.Close()
 	return errHandled
 }
@@ -477,6 +478,7 @@ func (s *Server) decide(ctx context.Context, ss *session, req authz.Request, fal
 	actx, acancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
 	dec, err := s.cfg.Authorizer.Authorize(actx, req)
 	acancel()
+	ss.audit.revision = dec.Revision
 	if err != nil {
 		ss.decision = "deny"
 		ss.end = "policy evaluation failed: " + err.Error()

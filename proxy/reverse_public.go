@@ -279,6 +279,7 @@ func (s *Server) servePublic(c net.Conn, key string) {
 			slog.String("remote", remote), slog.String("exposure", describeKey(key)), slog.String("agent", agent),
 			slog.Int64("bytes_up", up), slog.Int64("bytes_down", down),
 			slog.Duration("duration", time.Since(start)), slog.String("end", end))
+		s.auditPublic(start, remote, "tcp", key, agent, up, down, end)
 	}()
 	a, label, ok := s.rev.lookupKey(key)
 	if !ok {

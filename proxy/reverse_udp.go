@@ -116,6 +116,7 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 			slog.Int64("bytes_up", st.BytesOut), slog.Int64("bytes_down", st.BytesIn),
 			slog.Int64("datagrams_up", st.DatagramsOut), slog.Int64("datagrams_down", st.DatagramsIn),
 			slog.Duration("duration", time.Since(start)), slog.String("end", end))
+		s.auditPublic(start, c.src.String(), "udp", pl.key, agent, st.BytesOut, st.BytesIn, end)
 	}()
 	refused := func(why string) {
 		end = "refused: " + why

@@ -90,6 +90,10 @@ type Config struct {
 	Reverse ReverseOptions
 	// UDP bounds UDP flows (udp.go).
 	UDP UDPOptions
+	// OnSessionEnd, when set, receives one record per session as it ends (proxy
+	// requests, reverse operations, public sessions), beside its log line: the
+	// audit trail (audit.go). It runs on the session's goroutine and must not block.
+	OnSessionEnd func(SessionRecord)
 }
 
 // ErrServerClosed is returned by Serve after Shutdown.

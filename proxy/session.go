@@ -39,6 +39,7 @@ type session struct {
 	sid      string            // session id sent with the ok, for op "why"
 	peer     string            // who is on the other side: "destination" or "agent"
 	counted  bool              // holds a slot of MaxSessionsPerIdentity (limits.go)
+	audit    auditState        // what the audit record needs besides the above (audit.go)
 }
 
 func (s *Server) serveProxy(ctx context.Context, conn *tls.Conn) {
@@ -69,6 +70,7 @@ func (s *Server) ServeStream(ctx context.Context, conn wire.Stream, cs tls.Conne
 // Bridge (see handle).
 func (s *Server) serveStream(ctx context.Context, conn wire.Stream, cs *tls.ConnectionState, transport string) {
 	ss := newSession(conn)
+	ss.audit.transport = transport
 	defer func() { s.logSession(ctx, ss) }()
 	defer s.releaseSession(ss) // however the session ends
 	var upstream net.Conn
@@ -161,6 +163,7 @@ func (s *Server) relay(ctx context.Context, conn wire.Stream, cs *tls.Connection
 		s.ends.add(ss.sid, ss.id.DeviceID, ss.endOf(err))
 	})
 	ss.up, ss.down = up, down
+	ss.audit.err = err
 	switch {
 	case err != nil:
 		ss.end = err.Error()
@@ -235,6 +238,7 @@ func (s *Server) establish(ctx context.Context, conn wire.Stream, cs tls.Connect
 		}
 	}
 	_ = conn.SetReadDeadline(time.Time{})
+	ss.audit.action = actionOf(hello)
 	if hello.Op == wire.OpWhy { // answered at once, so not counted
 		return nil, s.why(conn, ss, hello.Session)
 	}
@@ -284,6 +288,7 @@ func (s *Server) establish(ctx context.Context, conn wire.Stream, cs tls.Connect
 	actx, acancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
 	dec, err := s.cfg.Authorizer.Authorize(actx, req)
 	acancel()
+	ss.audit.revision = dec.Revision
 	// The session's log line says why the name did not resolve, whatever the client is told.
 	note := ""
 	if lookupErr != nil {
@@ -363,4 +368,5 @@ func (s *Server) logSession(ctx context.Context, ss *session) {
 	}
 	attrs = append(attrs, ss.attrs...)
 	s.log.LogAttrs(ctx, slog.LevelInfo, "proxy session", attrs...)
+	s.auditSession(ss)
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -26,6 +27,9 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
+	if errors.Is(err, errReported) {
+		os.Exit(1)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tpd:", err)
 		os.Exit(1)
@@ -43,7 +47,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.AddCommand(serveCmd(stdout, stderr), initCmd(stdout), enrollCmd(stdout), usersCmd(stdout), versionCmd(stdout),
-		policyCmd(stdout), revokeCmd(stdout))
+		policyCmd(stdout), revokeCmd(stdout), statusCmd(stdout))
 	return root.ExecuteContext(ctx)
 }
 
@@ -52,12 +56,24 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 		Use:   "serve",
 		Short: "Serve the public port; the first start creates the data dir",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: func(cmd *cobra.Command, _ []string) (err error) {
 			cfg, err := config.LoadServer(cmd.Flags())
 			if err != nil {
 				return err
 			}
 			log := cfg.Logger(stderr)
+			out := newAnnouncer(stdout, cfg.LogFormat) // serveout.go
+			if cfg.LogFormat == "json" {
+				// Whatever a library prints with the log package goes through
+				// the JSON handler too; an error is logged, not printed.
+				slog.SetDefault(log)
+				defer func() {
+					if err != nil {
+						log.Error("tpd serve stopped", "err", err)
+						err = errReported
+					}
+				}()
+			}
 			// Listen first: a busy port fails before the first start creates a
 			// data dir. Init still gets the configured address, so tpd.yaml
 			// records it, not the port the kernel picked for --listen HOST:0.
@@ -80,19 +96,24 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 			}
 			defer d.Close()
 			if ir.Created {
-				fmt.Fprintf(stdout, "Created data dir %s (CA, %s, policy in %s)\n", cfg.DataDir, config.FileName, cfg.PolicyDir())
+				out.say(fmt.Sprintf("Created data dir %s (CA, %s, policy in %s)", cfg.DataDir, config.FileName, cfg.PolicyDir()),
+					"created data dir", "data_dir", cfg.DataDir, "config", cfg.ConfigFile(), "policy_dir", cfg.PolicyDir())
 			}
 			d.Ready = func() { // every listener is open, the admin socket too
-				fmt.Fprintf(stdout, "tpd %s listening on %s (%s)\n", tpd.Version, ln.Addr(), cfg.PublicURL())
-				fmt.Fprintf(stdout, "CA fingerprint: %s\n", d.Fingerprint())
-				fmt.Fprintf(stdout, "Enroll a device: tpd enroll USER --device NAME --data-dir %s\n", cfg.DataDir)
+				out.say(fmt.Sprintf("tpd %s listening on %s (%s)", tpd.Version, ln.Addr(), cfg.PublicURL()),
+					"tpd listening", "version", tpd.Version, "addr", ln.Addr().String(), "url", cfg.PublicURL())
+				out.say("CA fingerprint: "+d.Fingerprint(), "CA fingerprint", "fingerprint", d.Fingerprint())
+				out.say("Enroll a device: tpd enroll USER --device NAME --data-dir "+cfg.DataDir,
+					"enroll a device with tpd enroll USER --device NAME", "data_dir", cfg.DataDir)
 				if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && isLoopback(host) && !strings.Contains(cfg.PublicURL(), hostInURL(host)) {
 					// A loopback listen host the certificate does not name: the
 					// URL names the first of names, which must reach this server.
-					fmt.Fprintf(stdout, "Note: devices will be told to use %s, because %s is not among names; that name must reach this server, or set url in %s.\n", cfg.PublicURL(), host, cfg.ConfigFile())
+					note := fmt.Sprintf("devices will be told to use %s, because %s is not among names; that name must reach this server, or set url in %s.", cfg.PublicURL(), host, cfg.ConfigFile())
+					out.say("Note: "+note, note)
 				}
 				if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && !isLoopback(host) {
-					fmt.Fprintf(stdout, "Note: devices will be told to use %s; set url (and names) in %s to the name they reach this server by.\n", cfg.PublicURL(), cfg.ConfigFile())
+					note := fmt.Sprintf("devices will be told to use %s; set url (and names) in %s to the name they reach this server by.", cfg.PublicURL(), cfg.ConfigFile())
+					out.say("Note: "+note, note)
 				}
 				tellSystemd(log, "READY=1")
 			}
@@ -107,6 +128,9 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 			go func() {
 				for range hup {
 					tellSystemd(log, sdReloading())
+					if err := d.ReopenAuditLog(); err != nil { // after log rotation
+						log.Error("reopening the audit log on SIGHUP failed; it keeps writing to the file it had open", "err", err)
+					}
 					if err := d.ReloadPolicy(cmd.Context()); err != nil {
 						log.Error("policy reload on SIGHUP refused; the previous policy stays active", "err", err)
 					} else {

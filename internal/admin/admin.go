@@ -80,6 +80,10 @@ type Server struct {
 	Fingerprint string
 	TokenTTL    time.Duration
 	Logger      *slog.Logger
+	// Status, when set, answers GET /v1/status (status.go); OnAct, when set,
+	// receives each administrative act for the audit trail.
+	Status func() Status
+	OnAct  func(Act)
 }
 
 // Handler serves POST /v1/enroll and GET /v1/users.
@@ -89,6 +93,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/users", s.users)
 	mux.HandleFunc("POST /v1/revoke", s.revoke)
 	mux.HandleFunc("GET /v1/denylist", s.denylist)
+	mux.HandleFunc("GET /v1/status", s.status)
 	return mux
 }
 
@@ -105,6 +110,7 @@ func (s *Server) revoke(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := s.Revoker.Revoke(r.Context(), req.Kind, req.Value, req.Remove)
+	s.act(revokeAct(req, res, err))
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
@@ -141,9 +147,11 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	}
 	enr, err := s.Users.Enroll(req.User, req.Device, req.Groups, ttl)
 	if err != nil {
+		s.act(Act{Act: "enroll_token", Subject: req.User + "@" + req.Device, Via: "admin socket", Result: "refused", Reason: err.Error()})
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
+	s.act(Act{Act: "enroll_token", Subject: enr.DeviceID, Via: "admin socket", Result: "ok", Groups: req.Groups})
 	if s.Logger != nil {
 		s.Logger.Info("enrollment token issued", "device", enr.DeviceID, "expires", enr.Expires)
 	}

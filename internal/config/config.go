@@ -73,6 +73,10 @@ type Server struct {
 	// DecisionLog receives one JSON line per policy decision: "" is off, "-" is
 	// stdout, anything else a file path (appended, created 0600).
 	DecisionLog string `mapstructure:"decision-log"`
+	// AuditLog receives the audit trail, one JSON line per session at its end
+	// and per administrative act: "" is off, "-" or "stdout" is stdout, anything
+	// else a file path (appended, created 0600, reopened on reload).
+	AuditLog string `mapstructure:"audit-log"`
 	// QUIC serves the proxy over QUIC on UDP at the listen address too.
 	QUIC bool `mapstructure:"quic"`
 	// QUICKeepAlive, QUICIdleTimeout and QUICMaxStreams bound QUIC connections.
@@ -390,6 +394,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("ca-prune-interval", d.CAPruneInterval)
 	v.SetDefault("policy-timeout", d.PolicyTimeout)
 	v.SetDefault("decision-log", d.DecisionLog)
+	v.SetDefault("audit-log", d.AuditLog)
 	v.SetDefault("quic", d.QUIC)
 	v.SetDefault("quic-keepalive", d.QUICKeepAlive)
 	v.SetDefault("quic-idle-timeout", d.QUICIdleTimeout)
@@ -473,6 +478,7 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# How long the CA database keeps what logins leave behind (ACME accounts, orders,\n# expired certificates; at least 24h), and how often it is pruned.\nca-retention: %s\nca-prune-interval: %s\n", s.CARetention, s.CAPruneInterval)
 	fmt.Fprintf(&b, "# Bound on one policy evaluation; a slower evaluation denies the request.\npolicy-timeout: %s\n", s.PolicyTimeout)
 	fmt.Fprintf(&b, "# One JSON line per policy decision: \"\" is off, \"-\" is stdout, else a file (appended, 0600).\ndecision-log: %q\n", s.DecisionLog)
+	fmt.Fprintf(&b, "# Audit trail, one JSON line per session and per administrative act: \"\" is off,\n# \"-\" or \"stdout\" is stdout, else a file (appended, 0600).\naudit-log: %q\n", s.AuditLog)
 	fmt.Fprintf(&b, "# Serve the proxy over QUIC on UDP at the listen address too; keepalive period,\n# idle timeout and concurrent requests per QUIC connection.\nquic: %t\nquic-keepalive: %s\nquic-idle-timeout: %s\nquic-max-streams: %d\n",
 		s.QUIC, s.QUICKeepAlive, s.QUICIdleTimeout, s.QUICMaxStreams)
 	fmt.Fprintf(&b, "# Reverse listeners (tp expose NAME) are reached as NAME.<reverse-zone>; \"\" turns them off.\n# A name stays reserved for its owner for reverse-grace after its agent went away,\n# and for reverse-restart-grace after tpd starts (a crash included).\nreverse-zone: %q\nreverse-grace: %s\nreverse-restart-grace: %s\n", s.ReverseZone, s.ReverseGrace, s.ReverseRestartGrace)

@@ -92,6 +92,10 @@ type Daemon struct {
 	kick      chan struct{} // asks maintain to re-check now
 
 	limiter *sourceLimiter // the CA's and enrollment's per-source rate limit (ratelimit.go)
+
+	audit   *AuditLog  // audit.go; nil when audit-log is off
+	denials denialRing // recent policy denials, for tpd status
+	started time.Time
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
@@ -110,7 +114,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if err != nil {
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, log: log, Created: ir.Created}
+	d := &Daemon{cfg: cfg, log: log, Created: ir.Created, started: time.Now().UTC()}
 	if d.pki, err = acme.LoadPKI(cfg.CADir()); err != nil {
 		return nil, err
 	}
@@ -131,6 +135,10 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if d.decisions, err = policy.OpenDecisionLog(cfg.DecisionLog); err != nil {
 		return nil, err
 	}
+	if d.audit, err = OpenAuditLog(cfg.AuditLog); err != nil {
+		d.decisions.Close()
+		return nil, err
+	}
 	d.authz = &policy.Authorizer{Directory: d.users, Evaluator: d.policy, DenyList: denyList, Logger: log, Decisions: d.decisions}
 	d.checked = authState{revision: d.policy.Revision(), users: d.users.Generation()}
 	d.kick = make(chan struct{}, 1)
@@ -148,6 +156,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 			return err
 		},
 		AllowBinding: newKeyedLimiter[string](bindingRate, bindingBurst, maxRateDevices).allow,
+		Enrolled:     d.deviceEnrolled, // audit.go
 	}
 	// Anyone reaches these without a certificate: each source address gets a
 	// token bucket, shared by both.
@@ -209,6 +218,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		Reverse:            revOpts,
 
 		MaxSessionsPerIdentity: cfg.MaxSessionsPerIdentity,
+		OnSessionEnd:           d.sessionEnded, // audit.go
 	})
 	if err != nil {
 		d.ca.Close()
@@ -285,6 +295,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		Handler: (&admin.Server{
 			Users: d.users, Revoker: d, ServerURL: d.cfg.PublicURL(), Fingerprint: d.Fingerprint(),
 			TokenTTL: d.cfg.TokenTTL, Logger: d.log,
+			Status: d.Status, OnAct: d.AuditAdmin, // audit.go
 		}).Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
 	}
@@ -367,10 +378,12 @@ func (d *Daemon) maintain(ctx context.Context) {
 			if err.Error() != lastErr {
 				lastErr = err.Error()
 				d.log.Error("policy change refused; the previous policy stays active", "err", err)
+				d.policyReloaded("policy directory change", err)
 			}
 		} else if lastErr != "" || d.policy.Revision() != before {
 			lastErr = ""
 			d.log.Info("policy reloaded", "revision", d.policy.Revision())
+			d.policyReloaded("policy directory change", nil)
 		}
 		d.recheckIfChanged(ctx)
 	}
@@ -403,7 +416,11 @@ func (d *Daemon) pruneCA(ctx context.Context) {
 // previous policy stays active. Live sessions are re-checked against a new policy
 // right after.
 func (d *Daemon) ReloadPolicy(ctx context.Context) error {
+	before := d.policy.Revision()
 	err := d.policy.Reload(ctx)
+	if err != nil || d.policy.Revision() != before {
+		d.policyReloaded("reload request", err)
+	}
 	select {
 	case d.kick <- struct{}{}:
 	default:
@@ -412,7 +429,9 @@ func (d *Daemon) ReloadPolicy(ctx context.Context) error {
 }
 
 // Close releases the CA database and the decision log.
-func (d *Daemon) Close() error { return errors.Join(d.ca.Close(), d.decisions.Close()) }
+func (d *Daemon) Close() error {
+	return errors.Join(d.ca.Close(), d.decisions.Close(), d.audit.Close())
+}
 
 func landing(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path != "/" {

@@ -1,0 +1,97 @@
+package admin
+
+// The live view (`tpd status`) and the record of administrative acts that
+// tpd's audit trail writes.
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"time"
+
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// Act is one administrative act, one line of the audit trail.
+type Act struct {
+	// Act is what was done: enroll_token (a token issued), enrolled (a device
+	// redeemed its token), revoke, unrevoke, policy_reload, config_reload.
+	Act string `json:"act"`
+	// Subject is what it was done to: a device ID, user, serial or file.
+	Subject string `json:"subject,omitempty"`
+	// Via is how it was asked: "admin socket", "enrollment endpoint",
+	// "SIGHUP", "policy directory change".
+	Via string `json:"via"`
+	// Result is "ok", "unchanged" or "refused"; Reason says why when not ok.
+	Result         string `json:"result"`
+	Reason         string `json:"reason,omitempty"`
+	PolicyRevision string `json:"policy_revision,omitempty"`
+	Remote         string `json:"remote,omitempty"` // the enrolling device's address
+	Closed         int    `json:"sessions_closed,omitempty"`
+	// Groups are the user's groups as an enroll_token set them; absent when
+	// the request kept them.
+	Groups []string `json:"groups,omitempty"`
+}
+
+// Denial is one recent policy denial.
+type Denial struct {
+	Time        time.Time `json:"time"`
+	Identity    string    `json:"identity"`
+	Transport   string    `json:"transport"`
+	Action      string    `json:"action"`
+	Destination string    `json:"destination"`
+	Remote      string    `json:"remote"`
+	Code        string    `json:"code"`
+	Reason      string    `json:"reason"`
+}
+
+// Status is what a running tpd holds right now.
+type Status struct {
+	Version        string              `json:"version"`
+	Time           time.Time           `json:"time"`
+	Started        time.Time           `json:"started"`
+	PolicyRevision string              `json:"policy_revision"`
+	Sessions       []proxy.LiveSession `json:"sessions"`
+	Agents         []proxy.Agent       `json:"agents"`
+	PublicPorts    []proxy.PublicPort  `json:"public_ports"`
+	// Denials are the most recent policy denials, oldest first.
+	Denials []Denial `json:"denials"`
+}
+
+func (s *Server) act(a Act) {
+	if s.OnAct != nil {
+		s.OnAct(a)
+	}
+}
+
+func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
+	if s.Status == nil {
+		http.Error(w, "this tpd has no live view", http.StatusNotImplemented)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(s.Status())
+}
+
+// Status asks tpd what it holds right now.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var out Status
+	err := c.do(ctx, http.MethodGet, "/v1/status", nil, &out)
+	return out, err
+}
+
+func revokeAct(req RevokeRequest, res RevokeResponse, err error) Act {
+	a := Act{Act: "revoke", Subject: req.Kind + " " + req.Value, Via: "admin socket", Result: "ok"}
+	if req.Remove {
+		a.Act = "unrevoke"
+	}
+	switch {
+	case err != nil:
+		a.Result, a.Reason = "refused", err.Error()
+	case res.Already:
+		a.Result, a.Subject, a.Closed = "unchanged", res.Kind+" "+res.Value, res.Closed
+	default:
+		a.Subject, a.Closed = res.Kind+" "+res.Value, res.Closed
+	}
+	return a
+}
