@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -15,6 +14,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // TestJSONLogEveryLine runs the real tpd with log-format json and the audit
@@ -31,7 +33,7 @@ func TestJSONLogEveryLine(t *testing.T) {
 	}
 	cmd := exec.Command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", "127.0.0.1:0", "--log-format", "json")
 	cmd.Env = append(os.Environ(), "TP_AUDIT_LOG=-")
-	stdout, stderr := &syncBuffer{}, &syncBuffer{}
+	stdout, stderr := &testlog.Buffer{}, &testlog.Buffer{}
 	cmd.Stdout, cmd.Stderr = stdout, stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -70,7 +72,7 @@ func TestJSONLogEveryLine(t *testing.T) {
 	alice := srv.login(t, "alice", "laptop")
 	bob := srv.login(t, "bob", "pc")
 
-	echo := serveTCP(t, func(c net.Conn) { _, _ = io.Copy(c, c) })
+	echo := testnet.Echo(t)
 	host, port, _ := net.SplitHostPort(echo)
 	out, err := runErr(alice, strings.NewReader("ping"), binary("tp"), "-q", host, port)
 	if err != nil || !strings.Contains(out, "ping") {

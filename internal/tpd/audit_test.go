@@ -19,6 +19,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -155,7 +156,7 @@ func TestAuditTrailOfSessionsAndAdminActs(t *testing.T) {
 	r := runDaemon(t, cfg, WithResolver(resolverFunc(func(host string) ([]netip.Addr, error) {
 		return nil, &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}
 	})))
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	alice, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	mallory, _, _ := enrollClient(t, r.d, r.url, "mallory", "pc")
 	rev := r.d.Policy().Revision()
@@ -264,7 +265,7 @@ func TestAuditTrailOfSessionsAndAdminActs(t *testing.T) {
 // with a public port, a public client and a denial show, in the JSON and in the
 // table; the public client's session leaves its audit line.
 func TestStatusShowsLiveView(t *testing.T) {
-	port := freeTCPPort(t)
+	port := testnet.FreePort(t, "tcp")
 	policy := fmt.Sprintf(publicPolicy, port) + `
 allow if {
 	input.action == "dial"
@@ -279,10 +280,10 @@ allow if {
 	})
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	mallory, _, _ := enrollClient(t, d, url, "mallory", "pc")
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 
 	tunnel := openSession(t, alice, echo) // stays open
-	stopAgent, err := runAgent(t, alice, clients.TransportQUIC, []clients.Exposed{{Name: "game", Local: upperServer(t), PublicPort: port}}, nil)
+	stopAgent, err := runAgent(t, alice, clients.TransportQUIC, []clients.Exposed{{Name: "game", Local: testnet.Upper(t), PublicPort: port}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
