@@ -39,6 +39,9 @@ type session struct {
 	sid      string            // session id sent with the ok, for op "why"
 	peer     string            // who is on the other side: "destination" or "agent"
 	counted  bool              // holds a slot of MaxSessionsPerIdentity (limits.go)
+	// For the counters (stats.go): "tls" or "quic", and the operation once the
+	// hello was read.
+	transport, action string
 }
 
 func (s *Server) serveProxy(ctx context.Context, conn *tls.Conn) {
@@ -69,6 +72,7 @@ func (s *Server) ServeStream(ctx context.Context, conn wire.Stream, cs tls.Conne
 // Bridge (see handle).
 func (s *Server) serveStream(ctx context.Context, conn wire.Stream, cs *tls.ConnectionState, transport string) {
 	ss := newSession(conn)
+	ss.transport = transport
 	defer func() { s.logSession(ctx, ss) }()
 	defer s.releaseSession(ss) // however the session ends
 	var upstream net.Conn
@@ -235,6 +239,10 @@ func (s *Server) establish(ctx context.Context, conn wire.Stream, cs tls.Connect
 		}
 	}
 	_ = conn.SetReadDeadline(time.Time{})
+	ss.action = hello.Op
+	if hello.Op == wire.OpDial {
+		ss.action = dialAction(hello.Net)
+	}
 	if hello.Op == wire.OpWhy { // answered at once, so not counted
 		return nil, s.why(conn, ss, hello.Session)
 	}
@@ -363,4 +371,5 @@ func (s *Server) logSession(ctx context.Context, ss *session) {
 	}
 	attrs = append(attrs, ss.attrs...)
 	s.log.LogAttrs(ctx, slog.LevelInfo, "proxy session", attrs...)
+	s.stats.session(ss.transport, ss.action, ss.code, ss.up, ss.down)
 }
