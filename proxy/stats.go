@@ -202,3 +202,14 @@ func (r *reverseRegistry) counts() (agents, names, ports int) {
 	}
 	return len(seen), names, ports
 }
+
+// Listeners is how many listeners Serve and ServeQUIC are accepting on now;
+// zero once Shutdown began.
+func (s *Server) Listeners() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return 0
+	}
+	return len(s.listeners)
+}
