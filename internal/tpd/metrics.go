@@ -24,6 +24,7 @@ import (
 type metrics struct {
 	reg             *prometheus.Registry
 	decisions       *prometheus.CounterVec
+	decisionCounter [5][3]prometheus.Counter // by decisionActions and decisionResults, looked up once
 	decisionSeconds prometheus.Histogram
 	reloadFailures  prometheus.Counter
 	reloadOK        atomic.Bool
@@ -33,6 +34,7 @@ type metrics struct {
 // Labels of the metrics kept here.
 var (
 	decisionActions = []string{authz.ActionDial, authz.ActionDialUDP, authz.ActionListen, authz.ActionExposePublic, "other"}
+	decisionResults = []string{"allow", "deny", "error"}
 	certKinds       = []string{"device", "reverse", "site", "server", "other"}
 )
 
@@ -58,9 +60,9 @@ func newMetrics(d *Daemon) *metrics {
 		}, []string{"kind"}),
 	}
 	m.reloadOK.Store(true)
-	for _, a := range decisionActions {
-		for _, r := range []string{"allow", "deny", "error"} {
-			m.decisions.WithLabelValues(a, r)
+	for i, a := range decisionActions {
+		for j, r := range decisionResults {
+			m.decisionCounter[i][j] = m.decisions.WithLabelValues(a, r)
 		}
 	}
 	for _, k := range certKinds {
@@ -147,20 +149,21 @@ func (a *meteredAuthorizer) Authorize(ctx context.Context, req authz.Request) (a
 	start := time.Now()
 	dec, err := a.next.Authorize(ctx, req)
 	a.m.decisionSeconds.Observe(time.Since(start).Seconds())
-	result := "deny"
+	result := 1 // deny
 	switch {
 	case err != nil:
-		result = "error"
+		result = 2
 	case dec.Allow:
-		result = "allow"
+		result = 0
 	}
-	action := "other"
-	for _, x := range decisionActions {
+	action := len(decisionActions) - 1 // other
+	for i, x := range decisionActions {
 		if req.Action == x {
-			action = x
+			action = i
+			break
 		}
 	}
-	a.m.decisions.WithLabelValues(action, result).Inc()
+	a.m.decisionCounter[action][result].Inc()
 	return dec, err
 }
 

@@ -44,12 +44,18 @@ allow if {
 
 // metricsDaemon runs a real tpd (QUIC on) with admin-listen on a loopback
 // port; stop ends Serve and waits for it.
-func metricsDaemon(t *testing.T, policy string) (r *daemonRun, admin string) {
+func metricsDaemon(t testing.TB, policy string) (r *daemonRun, admin string) {
+	return adminDaemon(t, policy, "127.0.0.1:0")
+}
+
+// adminDaemon runs a real tpd (QUIC on) with admin-listen set to admin ("" is
+// off) and returns once it serves.
+func adminDaemon(t testing.TB, policy, adminListen string) (r *daemonRun, admin string) {
 	t.Helper()
 	cfg := config.DefaultServer()
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
 	cfg.PolicyTimeout = 5 * time.Second // -race is slow; the bound is not what is tested here
-	cfg.AdminListen = "127.0.0.1:0"
+	cfg.AdminListen = adminListen
 	if _, err := Init(cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +97,7 @@ func metricsDaemon(t *testing.T, policy string) (r *daemonRun, admin string) {
 }
 
 // adminGet fetches path from the admin listener.
-func adminGet(t *testing.T, admin, path string) (int, string) {
+func adminGet(t testing.TB, admin, path string) (int, string) {
 	t.Helper()
 	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}}
 	resp, err := hc.Get("http://" + admin + path)
