@@ -50,12 +50,15 @@ func metricsDaemon(t testing.TB, policy string) (r *daemonRun, admin string) {
 
 // adminDaemon runs a real tpd (QUIC on) with admin-listen set to admin ("" is
 // off) and returns once it serves.
-func adminDaemon(t testing.TB, policy, adminListen string) (r *daemonRun, admin string) {
+func adminDaemon(t testing.TB, policy, adminListen string, mods ...func(*config.Server)) (r *daemonRun, admin string) {
 	t.Helper()
 	cfg := config.DefaultServer()
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
 	cfg.PolicyTimeout = 5 * time.Second // -race is slow; the bound is not what is tested here
 	cfg.AdminListen = adminListen
+	for _, mod := range mods {
+		mod(&cfg)
+	}
 	if _, err := Init(cfg); err != nil {
 		t.Fatal(err)
 	}
