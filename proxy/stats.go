@@ -86,14 +86,15 @@ func (c *counters) session(transport, action, outcome string, up, down int64) {
 	if outcome == "" {
 		outcome = "ok"
 	}
-	t := lookup(transportIndex, transport, nTransports)
-	c.sessions[t][lookup(actionIndex, action, nActions)][lookup(outcomeIndex, outcome, nOutcomes)].Add(1)
+	// Bytes first: a reader that sees the session counted sees its bytes too.
 	if up > 0 {
 		c.bytesUp.Add(up)
 	}
 	if down > 0 {
 		c.bytesDown.Add(down)
 	}
+	t := lookup(transportIndex, transport, nTransports)
+	c.sessions[t][lookup(actionIndex, action, nActions)][lookup(outcomeIndex, outcome, nOutcomes)].Add(1)
 }
 
 func (c *counters) handshakeFailed(reason string) {
@@ -156,7 +157,20 @@ type Stats struct {
 // so a scrape every few seconds costs the data plane nothing it would notice.
 func (s *Server) Stats() Stats {
 	c := &s.stats
+	// The sessions first: their byte and datagram counts are added before the
+	// session is counted, so what is read after them includes theirs.
+	var sessions []SessionCount
+	for t := range nTransports {
+		for a := range nActions {
+			for o := range nOutcomes {
+				if n := c.sessions[t][a][o].Load(); n > 0 {
+					sessions = append(sessions, SessionCount{StatTransports[t], StatActions[a], StatOutcomes[o], n})
+				}
+			}
+		}
+	}
 	st := Stats{
+		Sessions:          sessions,
 		HandshakeFailures: make(map[string]int64, nReasons),
 		ProxyConns:        map[string]int64{"tls": c.proxyConns[0].Load(), "quic": c.proxyConns[1].Load()},
 		QUICStreams:       c.quicStreams.Load(),
@@ -164,15 +178,6 @@ func (s *Server) Stats() Stats {
 		BytesDown:         c.bytesDown.Load(),
 		Live:              s.Live(),
 		UDP:               s.UDPStats(),
-	}
-	for t := range nTransports {
-		for a := range nActions {
-			for o := range nOutcomes {
-				if n := c.sessions[t][a][o].Load(); n > 0 {
-					st.Sessions = append(st.Sessions, SessionCount{StatTransports[t], StatActions[a], StatOutcomes[o], n})
-				}
-			}
-		}
 	}
 	for i, r := range StatHandshakeReasons {
 		st.HandshakeFailures[r] = c.handshakes[i].Load()

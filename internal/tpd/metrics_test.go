@@ -266,6 +266,7 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
 	go conn.Write(payload)
 	got := make([]byte, n)
 	if _, err := io.ReadFull(conn, got); err != nil || !bytes.Equal(got, payload) {
@@ -294,8 +295,19 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 			t.Errorf("with an agent registered: %s = %g, want %g", key, got, want)
 		}
 	}
-	if got, err := dialReverse(bob, clients.TransportTLS, []byte("hello")); err != nil || string(got) != "HELLO" {
-		t.Fatalf("bob through the agent: %q, %v", got, err)
+	type answer struct {
+		b   []byte
+		err error
+	}
+	ans := make(chan answer, 1)
+	go func() { b, err := dialReverse(bob, clients.TransportTLS, []byte("hello")); ans <- answer{b, err} }()
+	select {
+	case a := <-ans:
+		if a.err != nil || string(a.b) != "HELLO" {
+			t.Fatalf("bob through the agent: %q, %v", a.b, a.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("bob's session through the agent did not end within 30s")
 	}
 	pollMetric(t, admin, `tp_sessions_total{action="dial",outcome="ok",transport="tls"}`, 3)
 	stopAgent()
@@ -371,15 +383,11 @@ func TestReadyzWhileDraining(t *testing.T) {
 	conn := openSession(t, alice, echoServer(t))
 	stopped := make(chan struct{})
 	go func() { r.stop(); close(stopped) }()
-	var body string
-	poll(t, "/readyz to say draining", func() bool {
-		var code int
-		code, body = adminGet(t, admin, "/readyz")
-		return code == http.StatusServiceUnavailable
+	// Draining is said first; the listeners close a moment later.
+	poll(t, "/readyz to say draining, with the listeners closed", func() bool {
+		code, body := adminGet(t, admin, "/readyz")
+		return code == http.StatusServiceUnavailable && strings.Contains(body, "draining: tpd is shutting down") && strings.Contains(body, "listeners: 0 of 2")
 	})
-	if !strings.Contains(body, "draining: tpd is shutting down") || !strings.Contains(body, "listeners: 0 of 2") {
-		t.Errorf("/readyz while draining says %q", body)
-	}
 	if code, _ := adminGet(t, admin, "/healthz"); code != http.StatusOK {
 		t.Errorf("/healthz while draining: %d", code)
 	}
