@@ -208,7 +208,17 @@ func (e *Enroller) whoami(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, fmt.Sprintf("certificate holds %d entries; send at most %d (the leaf first)", len(req.Certificate), login.MaxWhoamiChain))
 		return
 	}
-	dev, ok := e.checkDevice(w, r, req.DeviceID, req.Time, req.Signature, login.WhoamiMessage(req.DeviceID, req.Time))
+	var dev users.Device
+	var ok bool
+	switch req.SignedBy {
+	case "", login.SignedByDevice:
+		dev, ok = e.checkDevice(w, r, req.DeviceID, req.Time, req.Signature, login.WhoamiMessage(req.DeviceID, req.Time))
+	case login.SignedByCertificate:
+		dev, ok = e.checkCertificateHolder(w, r, req)
+	default:
+		writeErr(w, http.StatusBadRequest, fmt.Sprintf("signed_by %q must be %q or %q", req.SignedBy, login.SignedByDevice, login.SignedByCertificate))
+		return
+	}
 	if !ok {
 		return
 	}
@@ -230,6 +240,52 @@ func (e *Enroller) whoami(w http.ResponseWriter, r *http.Request) {
 		res.Certificate = &st
 	}
 	writeJSON(w, http.StatusOK, res)
+}
+
+// checkCertificateHolder verifies a whoami signed by the key of the certificate
+// it carries: a certificate TP's issuing intermediate signed for this device
+// (valid at some time: expired and revoked ones prove who asks just as well),
+// and a fresh timestamp. It writes the refusal and returns false otherwise.
+func (e *Enroller) checkCertificateHolder(w http.ResponseWriter, r *http.Request, req login.WhoamiRequest) (users.Device, bool) {
+	if len(req.Certificate) == 0 {
+		writeErr(w, http.StatusBadRequest, "signed_by certificate needs the certificate")
+		return users.Device{}, false
+	}
+	der, err := base64.StdEncoding.DecodeString(req.Certificate[0])
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "the certificate sent is not base64")
+		return users.Device{}, false
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "the certificate sent cannot be parsed: "+err.Error())
+		return users.Device{}, false
+	}
+	is := authz.Issuer{Root: e.PKI.Root, Intermediate: e.PKI.Intermediate}
+	mid := leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2)
+	id, idErr := authz.IdentityFromCert(leaf)
+	pub, isECDSA := leaf.PublicKey.(*ecdsa.PublicKey)
+	if is.VerifyLeaf(leaf, mid) != nil || idErr != nil || id.DeviceID != req.DeviceID || !isECDSA ||
+		!verify(pub, login.WhoamiMessage(req.DeviceID, req.Time), req.Signature) {
+		e.log().Warn("device request refused", "device", req.DeviceID, "path", r.URL.Path, "remote", r.RemoteAddr, "why", "bad certificate signature")
+		writeErr(w, http.StatusForbidden, errNotThisDevice(req.DeviceID))
+		return users.Device{}, false
+	}
+	dev, err := e.Users.Device(req.DeviceID)
+	if err != nil {
+		writeErr(w, http.StatusForbidden, errNotThisDevice(req.DeviceID))
+		return dev, false
+	}
+	t, err := time.Parse(time.RFC3339, req.Time)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "time must be RFC 3339")
+		return dev, false
+	}
+	if d := e.now().Sub(t); d > maxClockSkew || d < -maxClockSkew {
+		writeErr(w, http.StatusBadRequest, fmt.Sprintf("device clock is off by %s; set the clock (NTP) and retry", d.Round(time.Second)))
+		return dev, false
+	}
+	return dev, true
 }
 
 // certificateStatus says whether the proxy would accept the device's

@@ -2,13 +2,16 @@ package clients
 
 import (
 	"context"
+	"crypto"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
 )
 
 // Client is a device that has logged in: it knows the server, trusts its root,
@@ -139,15 +142,44 @@ func (c *Client) renew(ctx context.Context) (tls.Certificate, error) {
 // whether it accepts the certificate on disk (when there is one): the answer's
 // Certificate is nil only when none was sent.
 func (c *Client) Whoami(ctx context.Context) (login.WhoamiResponse, error) {
-	key, err := c.Home.DeviceKey()
-	if err != nil {
-		return login.WhoamiResponse{}, err
-	}
 	var chain [][]byte
-	if cert, err := c.Home.Certificate(); err == nil {
+	cert, certErr := c.Home.Certificate()
+	if certErr == nil {
 		chain = cert.Certificate
 	}
+	key, err := c.Home.DeviceKey()
+	if err != nil {
+		// Without the device key the certificate's own key proves who asks,
+		// so the server can still say "revoked" or "expired".
+		if signer, ok := cert.PrivateKey.(crypto.Signer); certErr == nil && ok {
+			return login.WhoamiByCertificate(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, signer, chain...)
+		}
+		return login.WhoamiResponse{}, err
+	}
 	return login.Whoami(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, key, chain...)
+}
+
+// WhyRejected replaces err, when it is the server's refusal of the client
+// certificate (ErrCertificateRejected, a bare TLS alert), by the reason the
+// server gives when asked (whoami): a revoked device or user, a revoked or
+// expired certificate. Any other err, or no answer, leaves err as it was.
+func (c *Client) WhyRejected(ctx context.Context, err error) error {
+	var re *rejectedErr
+	if !errors.As(err, &re) {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	who, werr := c.Whoami(ctx)
+	switch {
+	case werr != nil:
+		return err
+	case who.Revoked:
+		return fmt.Errorf("this device (%s) or its user is revoked%.0w on the TP server, which refused the TLS session: ask your TP administrator (dlogin cannot undo a revocation) (%w)", c.Profile.DeviceID, authz.ErrRevoked, re.err)
+	case who.Certificate != nil && !who.Certificate.Accepted:
+		return fmt.Errorf("the TP server refuses this device's certificate: %s (%w)", who.Certificate.Reason, re.err)
+	}
+	return err
 }
 
 // Dialer returns a Dialer for the profile's server whose client certificate is

@@ -5,9 +5,11 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
@@ -160,6 +162,9 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 	}
 	var nd net.Dialer
 	raw, err := nd.DialContext(ctx, "tcp", d.Server)
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		return nil, fmt.Errorf("connecting to TP server %s: nothing listens there (TCP connection refused): is tpd running, and is this its address? (%w)", d.Server, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("connecting to TP server %s: %w", d.Server, err)
 	}
@@ -214,7 +219,12 @@ func exchange(conn net.Conn, hello wire.ClientHello) (wire.ServerHello, error) {
 		return wire.ServerHello{}, fmt.Errorf("sending client hello: %w", err)
 	}
 	sh, err := wire.ReadServerHello(conn)
-	if err != nil {
+	switch {
+	case errors.Is(err, io.EOF):
+		return wire.ServerHello{}, fmt.Errorf("reading server hello: the TP server closed the connection without answering: %w", err)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return wire.ServerHello{}, fmt.Errorf("reading server hello: the TP server's answer was cut short: %w", err)
+	case err != nil:
 		return wire.ServerHello{}, fmt.Errorf("reading server hello: %w", err)
 	}
 	return sh, nil
@@ -229,10 +239,23 @@ func explainHelloErr(err error) error {
 		return explainQUICErr(err)
 	}
 	if strings.Contains(err.Error(), "remote error: tls:") {
-		return fmt.Errorf("the server rejected the TLS session, most likely the client certificate (expired, from another CA, or not for client authentication; run dlogin): %w", err)
+		return &rejectedErr{err}
 	}
 	return err
 }
+
+// ErrCertificateRejected matches a TLS session the server ended with an alert
+// during the handshake: the client certificate was refused. The alert does not
+// say why; Client.WhyRejected asks the server.
+var ErrCertificateRejected = errors.New("the server rejected the client certificate")
+
+type rejectedErr struct{ err error }
+
+func (e *rejectedErr) Error() string {
+	return "the server rejected the TLS session, most likely the client certificate (expired, from another CA, or not for client authentication; run dlogin): " + e.err.Error()
+}
+func (e *rejectedErr) Unwrap() error        { return e.err }
+func (e *rejectedErr) Is(target error) bool { return target == ErrCertificateRejected }
 
 func (d *Dialer) tlsConfig() (*tls.Config, error) {
 	var cfg *tls.Config

@@ -85,6 +85,9 @@ type Agent struct {
 	// policy or a freed name takes effect without restarting it; only a name that
 	// another identity holds before this agent ever registered it ends Run.
 	ExitOnRefusal bool
+	// Explain, when set, rewords a failed session (Client.WhyRejected asks the
+	// server why it refused the certificate); a revocation ends Run.
+	Explain func(context.Context, error) error
 
 	mu      sync.Mutex
 	full    map[string]string // label → full name
@@ -166,7 +169,8 @@ const (
 // retried too (see ExitOnRefusal). Run returns nil when ctx ends (having
 // unregistered the names), or an error the server gave as final: a name another
 // identity held before this agent ever registered it, a newer agent of the same
-// device that took the names over, a request the server can never grant.
+// device that took the names over, a request the server can never grant, a
+// protocol version the server does not speak.
 func (a *Agent) Run(ctx context.Context) error {
 	if len(a.Exposed) == 0 || a.Dialer == nil || a.Dialer.TLSConfig == nil || a.Dialer.TLSConfig.RootCAs == nil {
 		return errors.New("agent needs names to expose and a Dialer with a root and client certificate")
@@ -227,6 +231,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		var fe fatalError
 		if errors.As(err, &fe) {
 			return fe.error
+		}
+		if a.Explain != nil && err != nil {
+			if err = a.Explain(ctx, err); errors.Is(err, authz.ErrRevoked) {
+				return err // retrying cannot lift a revocation
+			}
 		}
 		if registered {
 			// The server worked: a later break is a new incident (a crash of
@@ -328,13 +337,19 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	cancel()
 	if err != nil {
 		_ = ctl.Close()
-		return false, fmt.Errorf("registering with %s: %w", d.Server, explainHelloErr(err))
+		err = fmt.Errorf("registering with %s: %w", d.Server, explainHelloErr(err))
+		if he := (*wire.HelloError)(nil); errors.As(err, &he) && he.Code == wire.CodeUnsupportedVersion {
+			return false, fatalError{versionMismatch(err)} // the server speaks another version
+		}
+		return false, err
 	}
 	_ = ctl.SetDeadline(time.Time{})
 	if !sh.OK {
 		_ = ctl.Close()
 		rerr := &RefusedError{Code: sh.Code, Reason: sh.Reason}
 		switch sh.Code {
+		case wire.CodeUnsupportedVersion:
+			return false, fatalError{versionMismatch(rerr)}
 		case wire.CodeReverseDisabled, wire.CodeBadRequest, wire.CodeUnknownOp, wire.CodeUnauthenticated,
 			wire.CodePublicRefused, wire.CodeUnsupportedNetwork:
 			return false, fatalError{rerr}
@@ -429,6 +444,12 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	})
 }
 
+// versionMismatch is final: retrying cannot make this agent and the server speak
+// the same protocol version (docs/PROTOCOL.md, section 2.3).
+func versionMismatch(err error) error {
+	return fmt.Errorf("%w; this tp speaks protocol version %d and the TP server does not: update tp, or ask the TP administrator to update the server", err, wire.Version)
+}
+
 // readControl reads control frames until the control stream ends; pings bound the
 // silence on TLS (the server sends one every 15s).
 func (a *Agent) readControl(ctl wire.Stream, announce func(wire.SessionHeader)) error {
@@ -474,7 +495,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	for _, e := range a.Exposed {
 		if e.Name == hdr.Name {
 			if e.UDP != (hdr.Net == "udp") {
-				_ = st.Close()
+				refuseSession(st, wire.QUICInternal)
 				log.Warn("tp expose: session's network does not match the service; refused", "net", hdr.Net, "udp", e.UDP)
 				return
 			}
@@ -493,7 +514,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	full := a.full[hdr.Name]
 	a.mu.Unlock()
 	if local == "" || full == "" {
-		_ = st.Close()
+		refuseSession(st, wire.QUICInternal)
 		log.Warn("tp expose: session for a name this agent does not expose; refused")
 		return
 	}
@@ -576,6 +597,13 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	}
 	log.Info("tp expose: session", "local", local, "bytes_in", up, "bytes_out", down, "duration", time.Since(start), "end", end)
 }
+
+// refuseSession ends a session the agent will not serve, before anything of it
+// was relayed (docs/PROTOCOL.md, section 11.8): an abort with code, never a clean
+// close, which the dialer would take for an empty, complete session. QUICInternal
+// says the server sent what the agent cannot serve (a protocol error, section
+// 9.5); QUICPeerReset that the local service cannot be reached.
+func refuseSession(st net.Conn, code quic.ApplicationErrorCode) { wire.Abort(st, code) }
 
 func (a *Agent) allowed(user string, groups []string) bool {
 	if slices.Contains(a.AllowUsers, user) {

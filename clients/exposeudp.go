@@ -23,13 +23,13 @@ func (a *Agent) servePublicUDP(ctx context.Context, st wire.Stream, hdr wire.Ses
 	if err == nil {
 		err = flow.UseFlowID(hdr.Flow)
 	}
-	if err != nil {
+	if err != nil { // a flow id in use, or one that is not the stream's: a protocol error
 		if flow != nil {
-			_ = flow.Close()
+			flow.Abort(wire.QUICInternal)
 		} else {
-			_ = st.Close()
+			refuseSession(st, wire.QUICInternal)
 		}
-		log.Warn("tp expose: cannot start a UDP session", "err", err.Error())
+		log.Warn("tp expose: cannot start a UDP session; refused", "err", err.Error())
 		return
 	}
 	var nd net.Dialer
@@ -37,8 +37,8 @@ func (a *Agent) servePublicUDP(ctx context.Context, st wire.Stream, hdr wire.Ses
 	local, err := nd.DialContext(dctx, "udp", e.Local)
 	dcancel()
 	if err != nil {
-		_ = flow.Close()
-		log.Warn("tp expose: cannot reach the local UDP service; session ended", "local", e.Local, "err", err.Error())
+		flow.Abort(wire.QUICPeerReset)
+		log.Warn("tp expose: cannot reach the local UDP service; session reset", "local", e.Local, "err", err.Error())
 		return
 	}
 	a.relayUDP(ctx, flow, local, e.Local, start, log)

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -361,6 +362,13 @@ func (d *Dialer) race(ctx context.Context) (string, *tls.Conn, error) {
 			}
 		}
 	}
+	for _, err := range errs {
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			// Nothing listens on the TCP port: tpd is not running there, and
+			// QUIC's silence says no more (it is not a blocked UDP).
+			return "", nil, err
+		}
+	}
 	return "", nil, errors.Join(errs...)
 }
 
@@ -436,7 +444,7 @@ func explainQUICErr(err error) error {
 	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICRefused:
 		return fmt.Errorf("the TP server is busy and refused the connection; try again (%w)", err)
 	case errors.As(err, &te) && te.ErrorCode.IsCryptoError():
-		return fmt.Errorf("the server rejected the TLS session, most likely the client certificate (expired, from another CA, or not for client authentication; run dlogin): %w", err)
+		return &rejectedErr{err}
 	case errors.As(err, new(*quic.IdleTimeoutError)):
 		return fmt.Errorf("the TP server stopped answering (network down, or the server is gone): %w", err)
 	case errors.As(err, new(*quic.StatelessResetError)):

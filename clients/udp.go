@@ -107,7 +107,7 @@ func (d *Dialer) udpRequest(ctx context.Context, conn wire.Stream, addr string, 
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
 	}
 	if err := flow.UseFlowID(sh.Flow); err != nil {
-		_ = flow.Close()
+		flow.Abort(wire.QUICInternal) // a protocol error of the server's (PROTOCOL 9.5)
 		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.Server, err)
 	}
 	if sh.E2E {

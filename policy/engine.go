@@ -101,6 +101,7 @@ type compiled struct {
 	query    rego.PreparedEvalQuery
 	revision string
 	files    []string // base names, sorted
+	tests    string   // testsRevision of the *_test.rego files it was checked with
 }
 
 // Load reads every *.rego file in dir (files ending in _test.rego are not part of
@@ -113,10 +114,15 @@ func Load(ctx context.Context, dir string, opts ...Option) (*Engine, error) {
 	for _, o := range opts {
 		o(e)
 	}
+	tests, err := testsRevision(dir)
+	if err != nil {
+		return nil, err
+	}
 	c, err := compileDir(ctx, dir)
 	if err != nil {
 		return nil, err
 	}
+	c.tests = tests
 	e.current.Store(c)
 	return e, nil
 }
@@ -142,15 +148,49 @@ func (e *Engine) Reload(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if revision == e.current.Load().revision {
+	tests, err := testsRevision(e.dir)
+	if err != nil {
+		return err
+	}
+	cur := e.current.Load()
+	switch {
+	case revision == cur.revision && tests == cur.tests:
+		return nil
+	case revision == cur.revision:
+		// Only the tests changed: the policy stays, and must pass them.
+		if err := checkTests(ctx, e.dir); err != nil {
+			return err
+		}
+		next := *cur
+		next.tests = tests
+		e.current.Store(&next)
 		return nil
 	}
 	c, err := compileFiles(ctx, e.dir, files, revision)
 	if err != nil {
 		return err
 	}
+	c.tests = tests
 	e.current.Store(c)
 	return nil
+}
+
+// testsRevision hashes dir's *_test.rego files, so that a reload notices a
+// change to the tests alone (they are not part of the policy's Revision).
+func testsRevision(dir string) (string, error) {
+	names, err := FilesWithTests(dir)
+	if err != nil {
+		return "", err
+	}
+	files := make([]file, 0, len(names))
+	for _, name := range names {
+		src, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			return "", fmt.Errorf("read policy test file: %w", err)
+		}
+		files = append(files, file{name: name, src: src})
+	}
+	return revisionOf(files), nil
 }
 
 // Eval evaluates the policy for input. It returns an error — and callers must deny —

@@ -148,3 +148,29 @@ func writeFile(t *testing.T, dir, name, src string) {
 		t.Fatal(err)
 	}
 }
+
+// Bad input: only db_test.rego changes, to a test the unchanged policy fails.
+// Reload once compared the policy files alone and said nothing.
+func TestReloadNoticesChangedTestsAlone(t *testing.T) {
+	dir := writePolicy(t, map[string]string{"tp.rego": policy.DefaultPolicy, "db.rego": dbaRule, "db_test.rego": dbaTests})
+	e := load(t, dir)
+	before := e.Revision()
+	broken := strings.NewReplacer(`"dba"]`, `"dev"]`, `"dev"]}, "destination"`, `"dba"]}, "destination"`).Replace(dbaTests)
+	writeFile(t, dir, "db_test.rego", broken)
+	err := e.Reload(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "fails 2 of its 2 tests") {
+		t.Fatalf("reload after only the tests changed, to failing ones: %v", err)
+	}
+	if e.Revision() != before {
+		t.Fatal("the policy's revision changed although no policy file did")
+	}
+	writeFile(t, dir, "db_test.rego", dbaTests)
+	if err := e.Reload(context.Background()); err != nil {
+		t.Fatalf("reload with the tests restored: %v", err)
+	}
+	// A new test file alone is checked too.
+	writeFile(t, dir, "wrong_test.rego", wrongTest)
+	if err := e.Reload(context.Background()); err == nil {
+		t.Fatal("reload accepted a new test file that fails")
+	}
+}

@@ -261,7 +261,30 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 			s.serveStream(sctx, qs, cs, "quic")
 		}()
 	}
+	// The connection takes no new requests now (drain, or the certificate
+	// expired), but stays up for the streams it has: a stream opened meanwhile is
+	// refused at once (docs/PROTOCOL.md, section 6.3) rather than left unanswered
+	// until the connection closes.
+	rctx, stopRefusing := context.WithCancel(ctx)
+	refusing := make(chan struct{})
+	go func() {
+		defer close(refusing)
+		code := wire.QUICRefused
+		if drain.Err() == nil && !time.Now().Before(notAfter) {
+			code = wire.QUICCertExpired
+		}
+		for {
+			str, err := conn.AcceptStream(rctx)
+			if err != nil {
+				return
+			}
+			wire.NewQUICStream(conn, str).Abort(code)
+			refused.Add(1)
+		}
+	}()
 	streams.Wait()
+	stopRefusing()
+	<-refusing
 
 	code, msg, end := wire.QUICNoError, "", "closed by client"
 	switch {

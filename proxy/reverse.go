@@ -207,11 +207,14 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 	// stops; otherwise a read ends when it goes away.
 	go func() {
 		h, err := wire.ReadSessionHeader(conn)
+		var herr *wire.HelloError
 		switch {
 		case err == nil && h.End == "unregister":
 			err = errUnregistered
 		case err == nil:
-			err = errors.New("the agent sent an unexpected frame on its control stream")
+			err = &controlViolation{"the agent sent a frame other than {\"v\":1,\"end\":\"unregister\"} on its control stream"}
+		case errors.As(err, &herr): // a frame that arrived whole but is malformed
+			err = &controlViolation{"the agent sent a malformed frame on its control stream: " + herr.Reason}
 		}
 		end(fmt.Errorf("control stream ended: %w", err))
 	}()
@@ -234,6 +237,7 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 	}
 	cause := context.Cause(ctx)
 	var rev *wire.RevokedError
+	var cv *controlViolation
 	switch {
 	case errors.Is(cause, errReplaced):
 		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: "replaced", Reason: "a newer agent of the same device took over these names"})
@@ -243,11 +247,21 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.EndShutdown, Reason: "the TP server is shutting down; reconnect (the names stay held for this device meanwhile)"})
 	case errors.Is(cause, wire.ErrCertExpired):
 		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: "cert_expired", Reason: "the client certificate expired; the agent reconnects with a fresh one"})
+	case errors.As(cause, &cv): // tell the agent why, so that its log says what it got wrong
+		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.CodeBadRequest,
+			Reason: cv.reason + "; the TP server ended the control session (the names stay held for the grace period)"})
 	}
 	ss.end = cause.Error()
 	_ = conn.Close()
 	return errHandled
 }
+
+// controlViolation is a frame from the agent on its control stream that the
+// protocol does not allow (docs/PROTOCOL.md, section 11.7): the server ends the
+// control session with {"end":"bad_request"}.
+type controlViolation struct{ reason string }
+
+func (e *controlViolation) Error() string { return e.reason }
 
 var (
 	errReplaced     = errors.New("replaced by a newer session of the same device")

@@ -162,6 +162,9 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 		for {
 			d, err := flow.ReadDatagram()
 			if err != nil {
+				if errors.As(err, new(*wire.ProtocolError)) {
+					flow.Abort(wire.QUICInternal) // a malformed REPORT (PROTOCOL 9.5)
+				}
 				ends <- wire.FlowEnd("agent", err)
 				return
 			}

@@ -201,12 +201,26 @@ func Login(ctx context.Context, hc *http.Client, serverURL, deviceID string, dev
 // Whoami asks the server for this device's user, groups and status, and, when
 // chain (DER, leaf first) is given, whether the server accepts that certificate.
 func Whoami(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer, chain ...[]byte) (WhoamiResponse, error) {
+	return whoami(ctx, hc, serverURL, deviceID, deviceKey, "", chain)
+}
+
+// WhoamiByCertificate is Whoami for a device without its device key: the
+// request is signed by certKey, the key of chain's leaf (required), a
+// certificate TP's CA issued to deviceID, even an expired or revoked one.
+func WhoamiByCertificate(ctx context.Context, hc *http.Client, serverURL, deviceID string, certKey crypto.Signer, chain ...[]byte) (WhoamiResponse, error) {
+	if len(chain) == 0 {
+		return WhoamiResponse{}, errors.New("whoami by certificate needs the certificate")
+	}
+	return whoami(ctx, hc, serverURL, deviceID, certKey, SignedByCertificate, chain)
+}
+
+func whoami(ctx context.Context, hc *http.Client, serverURL, deviceID string, key crypto.Signer, signedBy string, chain [][]byte) (WhoamiResponse, error) {
 	ts := time.Now().UTC().Format(time.RFC3339)
-	sig, err := SignMessage(deviceKey, WhoamiMessage(deviceID, ts))
+	sig, err := SignMessage(key, WhoamiMessage(deviceID, ts))
 	if err != nil {
 		return WhoamiResponse{}, err
 	}
-	req := WhoamiRequest{DeviceID: deviceID, Time: ts, Signature: sig}
+	req := WhoamiRequest{DeviceID: deviceID, Time: ts, Signature: sig, SignedBy: signedBy}
 	for _, der := range chain[:min(len(chain), MaxWhoamiChain)] {
 		req.Certificate = append(req.Certificate, base64.StdEncoding.EncodeToString(der))
 	}

@@ -89,7 +89,18 @@ type WhoamiRequest struct {
 	// whether its proxy would accept it now. Certificates are public, so it is
 	// not covered by the signature.
 	Certificate []string `json:"certificate,omitempty"`
+	// SignedBy names the key behind Signature: "" or SignedByDevice for the
+	// device key, SignedByCertificate for the key of Certificate's leaf, which
+	// must be a certificate TP's CA issued to DeviceID (it may be expired or
+	// revoked: that is what a device without its device key asks about).
+	SignedBy string `json:"signed_by,omitempty"`
 }
+
+// WhoamiRequest.SignedBy values.
+const (
+	SignedByDevice      = "device"
+	SignedByCertificate = "certificate"
+)
 
 // MaxWhoamiChain bounds WhoamiRequest.Certificate.
 const MaxWhoamiChain = 4

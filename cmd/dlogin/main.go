@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/signal"
 	"syscall"
@@ -49,7 +50,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			defer cancel()
 			home := clients.Home{Dir: cfg.Home}
 			if token != "" || server != "" || fingerprint != "" {
+				// A first enrollment that fails leaves no trace: an empty (or
+				// half-written) TP_HOME would only confuse the next try.
+				_, statErr := os.Lstat(home.Dir)
 				if err := enroll(ctx, home, server, fingerprint, token, stdout); err != nil {
+					if errors.Is(statErr, fs.ErrNotExist) {
+						_ = os.RemoveAll(home.Dir)
+					}
 					return err
 				}
 			}
@@ -71,7 +78,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	cmd.Flags().StringVar(&server, "server", "", "TP server URL, e.g. https://tp.example.org (first run)")
 	cmd.Flags().StringVar(&fingerprint, "fingerprint", "", "SHA-256 fingerprint of the server's root certificate (first run)")
-	cmd.Flags().StringVar(&token, "token", "", "one-time enrollment token from `tpd enroll` (first run)")
+	cmd.Flags().StringVar(&token, "token", "", "one-time enrollment token that 'tpd enroll' printed (first run)")
 	config.ClientFlags(cmd.Flags())
 	cmd.SetArgs(args)
 	cmd.SetOut(stdout)

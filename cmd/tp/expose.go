@@ -74,6 +74,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 				AllowUsers:    allowUsers,
 				AllowGroups:   allowGroups,
 				ExitOnRefusal: exitOnRefusal,
+				Explain:       c.WhyRejected,
 				Certificate:   c.ReverseCertificate,
 				Logger:        slog.New(slog.NewTextHandler(stderr, nil)),
 				Registered: func(full []string) {

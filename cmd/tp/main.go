@@ -23,10 +23,18 @@ import (
 	"github.com/tp-proxy/tp/internal/version"
 )
 
+// errHangUp is the cause of a run ended by SIGHUP: ssh ending its ProxyCommand.
+var errHangUp = errors.New("hung up (SIGHUP), as ssh does to its ProxyCommand when it exits")
+
 func main() {
 	ctx, stop := notifyContext(context.Background())
 	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	stop()
+	if errors.Is(err, errHangUp) {
+		// ssh hangs up its ProxyCommand whenever it exits: the normal end,
+		// not worth a line on every ssh and scp. The session was reset.
+		return
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tp:", err)
 		os.Exit(1)
@@ -39,7 +47,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		Short: "Connect through TP; as ssh's ProxyCommand: ssh -o ProxyCommand=\"tp %h %p\" HOST",
 		Long: "tp HOST PORT connects stdin and stdout to HOST:PORT through the TP server,\n" +
 			"for ssh's ProxyCommand. Run dlogin once first.",
-		Args:          cobra.ExactArgs(2),
+		Args:          hostPortArgs,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -56,27 +64,53 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(stderr, "Connecting to %s via %s (%s)\n", target, d.Server, version.Version)
+			if !cfg.Quiet {
+				fmt.Fprintf(stderr, "Connecting to %s via %s (%s)\n", target, d.Server, version.Version)
+			}
 			defer d.Close()
 			conn, err := d.DialContext(cmd.Context(), "tcp", target)
 			if err != nil {
-				return err
+				return c.WhyRejected(cmd.Context(), err)
 			}
 			return clients.Stdio(cmd.Context(), conn, stdin, stdout)
 		},
 	}
 	config.ClientFlags(root.PersistentFlags())
 	root.PersistentFlags().String("transport", "auto", "auto (QUIC, falling back to TLS; remembered per server), quic or tls (env TP_TRANSPORT)")
-	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), whoamiCmd(stdout, stderr), &cobra.Command{
+	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
+	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
 		Args:  cobra.NoArgs,
 		Run:   func(*cobra.Command, []string) { fmt.Fprintln(stdout, "tp", version.Version) },
 	})
+	root.SuggestionsMinimumDistance = 2
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	return root.ExecuteContext(ctx)
+}
+
+// hostPortArgs checks tp HOST PORT's arguments, and names the subcommand a
+// person probably meant ("tp forwrd A B") instead of counting arguments.
+func hostPortArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		_, portErr := strconv.Atoi(args[len(args)-1])
+		if s := cmd.SuggestionsFor(args[0]); len(s) > 0 && (len(args) != 2 || portErr != nil) {
+			return fmt.Errorf("unknown command %q: did you mean \"tp %s\"? (tp --help lists the commands)", args[0], s[0])
+		}
+	}
+	if len(args) != 2 {
+		var names []string
+		for _, c := range cmd.Commands() {
+			if c.IsAvailableCommand() {
+				names = append(names, c.Name())
+			}
+		}
+		return fmt.Errorf("tp takes HOST PORT, or a command (%s); got %d argument(s): %q; tp --help says more",
+			strings.Join(names, ", "), len(args), args)
+	}
+	return nil
 }
 
 func open(cmd *cobra.Command, stderr io.Writer) (*clients.Client, config.Client, error) {
@@ -133,7 +167,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 				return err
 			}
 			if udp {
-				return forwardUDP(cmd.Context(), d, args[0], args[1], udpIdle, stderr)
+				return forwardUDP(cmd.Context(), c, d, args[0], args[1], udpIdle, stderr)
 			}
 			ln, err := net.Listen("tcp", args[0])
 			if err != nil {
@@ -146,7 +180,10 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 			go d.Maintain(cmd.Context(), func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) })
 			fmt.Fprintf(stderr, "Forwarding %s to %s via %s (%s); Ctrl-C stops\n", ln.Addr(), args[1], d.Server, version.Version)
 			f := &clients.Forwarder{
-				Dial:   d.DialContext,
+				Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+					conn, err := d.DialContext(ctx, network, addr)
+					return conn, c.WhyRejected(ctx, err)
+				},
 				Target: args[1],
 				Logger: slog.New(slog.NewTextHandler(stderr, nil)),
 			}
@@ -163,7 +200,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 }
 
 // forwardUDP serves `tp forward --udp`.
-func forwardUDP(ctx context.Context, d *clients.Dialer, listen, target string, idle time.Duration, stderr io.Writer) error {
+func forwardUDP(ctx context.Context, c *clients.Client, d *clients.Dialer, listen, target string, idle time.Duration, stderr io.Writer) error {
 	pc, err := net.ListenPacket("udp", listen)
 	if err != nil {
 		return fmt.Errorf("cannot listen on UDP %s: %w", listen, err)
@@ -174,7 +211,10 @@ func forwardUDP(ctx context.Context, d *clients.Dialer, listen, target string, i
 	go d.Maintain(ctx, func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) })
 	fmt.Fprintf(stderr, "Forwarding UDP %s to %s via %s (%s); Ctrl-C stops\n", pc.LocalAddr(), target, d.Server, version.Version)
 	f := &clients.UDPForwarder{
-		Dial:        d.DialContext,
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			conn, err := d.DialContext(ctx, network, addr)
+			return conn, c.WhyRejected(ctx, err)
+		},
 		Target:      target,
 		IdleTimeout: idle,
 		Logger:      slog.New(slog.NewTextHandler(stderr, nil)),
@@ -189,12 +229,14 @@ func forwardUDP(ctx context.Context, d *clients.Dialer, listen, target string, i
 
 func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 	return &cobra.Command{
-		Use:   "whoami",
-		Short: "Show this device's identity and certificate, and whether the server accepts it",
-		Long: "tp whoami shows this device's identity, groups and certificate, and asks the server\n" +
-			"whether it would accept the certificate now. It exits 0 only when the server confirms\n" +
-			"that: not when the device is revoked, the certificate is refused or expired, or the\n" +
-			"server cannot be asked.",
+		Use:     "whoami",
+		Aliases: []string{"status"},
+		Short:   "Show this device's identity and certificate, and whether the server accepts it",
+		Long: "tp whoami (or tp status) shows this device's identity, groups and certificate, and\n" +
+			"asks the server whether it would accept the certificate now. It exits 0 only when the\n" +
+			"server confirms that: not when the device is revoked, the certificate is refused or\n" +
+			"expired, or the server cannot be asked. Without the device key it asks with the\n" +
+			"certificate's key, so the answer is still the server's.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, _, err := open(cmd, stderr)
@@ -218,6 +260,11 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 				fmt.Fprintf(stdout, "Groups:      none\n")
 			default:
 				fmt.Fprintf(stdout, "Groups:      %s\n", strings.Join(who.Groups, ", "))
+			}
+			if _, err := c.Home.DeviceKey(); err != nil {
+				// The server was asked with the certificate's key instead, but
+				// without the device key no new certificate can be had.
+				fmt.Fprintf(stdout, "Device key:  MISSING in %s: this device cannot renew its certificate; ask for a new tpd enroll and run dlogin --token\n", c.Home.Dir)
 			}
 			cert, err := c.Home.Certificate()
 			if err != nil {

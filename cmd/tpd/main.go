@@ -58,17 +58,18 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				return err
 			}
 			log := cfg.Logger(stderr)
-			// Initialise before listening so tpd.yaml records the configured address,
-			// not the port the kernel picked for --listen HOST:0.
-			ir, err := tpd.Init(cfg)
-			if err != nil {
-				return err
-			}
+			// Listen first: a busy port fails before the first start creates a
+			// data dir. Init still gets the configured address, so tpd.yaml
+			// records it, not the port the kernel picked for --listen HOST:0.
 			ln, err := tpd.Listen(cfg.Listen, cfg.QUIC)
 			if err != nil {
 				return err
 			}
 			defer ln.Close()
+			ir, err := tpd.Init(cfg)
+			if err != nil {
+				return err
+			}
 			if cfg.URL == "" {
 				// With --listen HOST:0 the port is known only now.
 				cfg.Listen = ln.Addr().String()
@@ -85,21 +86,33 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				fmt.Fprintf(stdout, "tpd %s listening on %s (%s)\n", tpd.Version, ln.Addr(), cfg.PublicURL())
 				fmt.Fprintf(stdout, "CA fingerprint: %s\n", d.Fingerprint())
 				fmt.Fprintf(stdout, "Enroll a device: tpd enroll USER --device NAME --data-dir %s\n", cfg.DataDir)
+				if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && isLoopback(host) && !strings.Contains(cfg.PublicURL(), hostInURL(host)) {
+					// A loopback listen host the certificate does not name: the
+					// URL names the first of names, which must reach this server.
+					fmt.Fprintf(stdout, "Note: devices will be told to use %s, because %s is not among names; that name must reach this server, or set url in %s.\n", cfg.PublicURL(), host, cfg.ConfigFile())
+				}
 				if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && !isLoopback(host) {
 					fmt.Fprintf(stdout, "Note: devices will be told to use %s; set url (and names) in %s to the name they reach this server by.\n", cfg.PublicURL(), cfg.ConfigFile())
 				}
+				tellSystemd(log, "READY=1")
 			}
+			go func() { // the drain starts when the signal arrives (tpd.Daemon.Serve)
+				<-cmd.Context().Done()
+				tellSystemd(log, "STOPPING=1")
+			}()
 
 			hup := make(chan os.Signal, 1)
 			signal.Notify(hup, syscall.SIGHUP)
 			defer signal.Stop(hup)
 			go func() {
 				for range hup {
+					tellSystemd(log, sdReloading())
 					if err := d.ReloadPolicy(cmd.Context()); err != nil {
 						log.Error("policy reload on SIGHUP refused; the previous policy stays active", "err", err)
 					} else {
 						log.Info("policy reloaded on SIGHUP", "revision", d.Policy().Revision())
 					}
+					tellSystemd(log, "READY=1") // also after a refusal: the old configuration serves on
 				}
 			}()
 			return d.Serve(cmd.Context(), ln)
@@ -107,6 +120,13 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 	}
 	config.ServerFlags(cmd.Flags())
 	return cmd
+}
+
+func hostInURL(host string) string {
+	if strings.Contains(host, ":") {
+		return "[" + host + "]"
+	}
+	return "//" + host
 }
 
 func isLoopback(host string) bool {
@@ -173,7 +193,7 @@ func enrollCmd(stdout io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(stdout, "Enrollment token for %s, single use, valid until %s.\n", res.DeviceID, res.Expires.Local().Format(time.DateTime))
+			fmt.Fprintf(stdout, "Enrollment token for %s, single use, valid until %s.\n", res.DeviceID, res.Expires.Local().Format(time.DateTime+" MST"))
 			fmt.Fprintf(stdout, "Run this on the device:\n")
 			fmt.Fprintf(stdout, "dlogin --server %s --fingerprint %s --token %s\n", res.ServerURL, res.Fingerprint, res.Token)
 			return nil

@@ -19,6 +19,8 @@ type Client struct {
 	Timeout time.Duration `mapstructure:"timeout"`
 	// Transport is how tp reaches the server: auto, quic or tls.
 	Transport string `mapstructure:"transport"`
+	// Quiet drops tp's progress lines ("Connecting to …"); errors still show.
+	Quiet bool `mapstructure:"quiet"`
 }
 
 // Validate checks the client configuration.
@@ -51,10 +53,11 @@ func LoadClient(fs *pflag.FlagSet) (Client, error) {
 	v.SetDefault("home", "")
 	v.SetDefault("timeout", 30*time.Second)
 	v.SetDefault("transport", "auto")
+	v.SetDefault("quiet", false)
 	v.SetEnvPrefix("TP")
 	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
 	v.AutomaticEnv()
-	for _, key := range []string{"home", "timeout", "transport"} {
+	for _, key := range []string{"home", "timeout", "transport", "quiet"} {
 		if f := fs.Lookup(key); f != nil && f.Changed {
 			if err := v.BindPFlag(key, f); err != nil {
 				return Client{}, err
@@ -62,8 +65,8 @@ func LoadClient(fs *pflag.FlagSet) (Client, error) {
 		}
 	}
 	var c Client
-	if err := v.Unmarshal(&c); err != nil {
-		return Client{}, fmt.Errorf("config: %w", err)
+	if err := v.Unmarshal(&c, decodeHook()); err != nil {
+		return Client{}, fmt.Errorf("invalid configuration (TP_* environment variables, flags):\n%w", explainDecodeErr(err))
 	}
 	if c.Home == "" {
 		home, err := DefaultClientHome()

@@ -305,7 +305,10 @@ func (s Server) Validate() error {
 	return errors.Join(errs...)
 }
 
-// PublicURL is URL, or https://LISTEN with an unspecified host replaced by the first name.
+// PublicURL is URL, or https://LISTEN with the host replaced by the first name
+// when it is unspecified or not one of names: tpd's certificate holds only the
+// names, so a URL with any other host would fail for every device (tpd answers
+// a request for a name it does not serve with 421 Misdirected Request).
 func (s Server) PublicURL() string {
 	if s.URL != "" {
 		return strings.TrimRight(s.URL, "/")
@@ -314,13 +317,30 @@ func (s Server) PublicURL() string {
 	if err != nil {
 		return "https://" + s.Listen
 	}
-	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
-		host = s.Names[0]
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() || !s.isName(host) {
+		if len(s.Names) > 0 {
+			host = s.Names[0]
+		}
 	}
 	if port == "443" {
 		return "https://" + hostForURL(host)
 	}
 	return "https://" + net.JoinHostPort(host, port)
+}
+
+// isName reports whether host is among names (DNS names without case, IP
+// addresses by value).
+func (s Server) isName(host string) bool {
+	ip := net.ParseIP(host)
+	for _, n := range s.Names {
+		if strings.EqualFold(strings.TrimSuffix(n, "."), strings.TrimSuffix(host, ".")) {
+			return true
+		}
+		if ip != nil && ip.Equal(net.ParseIP(n)) {
+			return true
+		}
+	}
+	return false
 }
 
 func hostForURL(h string) string {
@@ -344,7 +364,7 @@ func ServerFlags(fs *pflag.FlagSet) {
 	fs.String("data-dir", d.DataDir, "directory holding the CA, users, policy and tpd.yaml (env TP_DATA_DIR)")
 	fs.String("listen", d.Listen, "TCP address of the public port, host:port (env TP_LISTEN)")
 	fs.StringSlice("name", nil, "DNS name or IP address for tpd's certificate; repeat for several (default localhost, 127.0.0.1, ::1)")
-	fs.String("url", "", "URL clients use to reach tpd, printed by `tpd enroll` (default derived from --listen)")
+	fs.String("url", "", "URL clients use to reach tpd, printed by 'tpd enroll' (default https://LISTEN, with the first --name as host unless LISTEN's host is one)")
 	fs.String("log-level", d.LogLevel, "debug, info, warn or error")
 	fs.String("log-format", d.LogFormat, "text or json")
 }
@@ -429,8 +449,8 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 		}
 	}
 	var s Server
-	if err := v.UnmarshalExact(&s); err != nil {
-		return Server{}, fmt.Errorf("config %s: %w (check the spelling of each key; tpd init writes a file listing them all)", file, err)
+	if err := v.UnmarshalExact(&s, decodeHook()); err != nil {
+		return Server{}, fmt.Errorf("invalid configuration (%s, TP_* environment variables, flags):\n%w", file, explainDecodeErr(err))
 	}
 	if err := s.Validate(); err != nil {
 		return Server{}, fmt.Errorf("invalid configuration:\n%w", err)

@@ -85,15 +85,25 @@ func TestLoadServerBadFile(t *testing.T) {
 func TestPublicURL(t *testing.T) {
 	for _, c := range []struct {
 		listen, url, want string
+		names             []string
 	}{
-		{"127.0.0.1:8443", "", "https://127.0.0.1:8443"},
-		{":443", "", "https://localhost"},
-		{"0.0.0.0:8443", "", "https://localhost:8443"},
-		{"[::1]:8443", "", "https://[::1]:8443"},
-		{":443", "https://tp.example.org/", "https://tp.example.org"},
+		{"127.0.0.1:8443", "", "https://127.0.0.1:8443", nil},
+		{":443", "", "https://localhost", nil},
+		{"0.0.0.0:8443", "", "https://localhost:8443", nil},
+		{"[::1]:8443", "", "https://[::1]:8443", nil},
+		{":443", "https://tp.example.org/", "https://tp.example.org", nil},
+		// tpd init --name tp.example.org, then serve --listen 127.0.0.1:8443: the
+		// URL once said 127.0.0.1, which the certificate does not name (dlogin got 421).
+		{"127.0.0.1:8443", "", "https://tp.example.org:8443", []string{"tp.example.org"}},
+		{"10.0.0.5:443", "", "https://tp.example.org", []string{"tp.example.org"}},
+		{"TP.example.org:443", "", "https://TP.example.org", []string{"tp.example.org"}},
+		{"[::1]:8443", "", "https://[::1]:8443", []string{"tp.example.org", "::1"}},
 	} {
 		s := DefaultServer()
 		s.Listen, s.URL = c.listen, c.url
+		if len(c.names) > 0 {
+			s.Names = c.names
+		}
 		if got := s.PublicURL(); got != c.want {
 			t.Errorf("listen %q url %q: PublicURL %q, want %q", c.listen, c.url, got, c.want)
 		}
@@ -219,4 +229,53 @@ func TestCABounds(t *testing.T) {
 	if got.CARateLimit != 2.5 || got.CARateBurst != 40 || got.CAMaxNonces != 5000 || got.CARetention != 72*time.Hour || got.CAPruneInterval != 10*time.Minute {
 		t.Errorf("tpd.yaml round trip: %+v", got)
 	}
+}
+
+// Bad input: a misspelled key, a duration without a unit and a word for a
+// number. Each is named with its value in words a person can act on, without
+// mapstructure's internals ("'config.Server' has invalid keys", "time: unknown unit").
+func TestLoadServerErrorsNameTheValue(t *testing.T) {
+	dir := t.TempDir()
+	yaml := "listne: \"127.0.0.1:1\"\ndial-timeout: 10 seconds\nmax-conns: lots\n"
+	if err := os.WriteFile(filepath.Join(dir, FileName), []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TP_DATA_DIR", dir)
+	_, err := LoadServer(nil)
+	if err == nil {
+		t.Fatal("LoadServer accepted a misspelled key and two bad values")
+	}
+	msg := err.Error()
+	for _, want := range []string{"unknown setting: listne", `dial-timeout: "10 seconds" is not a duration`, `max-conns: "lots" is not a whole number`, filepath.Join(dir, FileName)} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error does not say %q:\n%s", want, msg)
+		}
+	}
+	for _, internal := range []string{"config.Server", "decoding failed", "unknown unit", "strconv"} {
+		if strings.Contains(msg, internal) {
+			t.Errorf("error shows Go internals %q:\n%s", internal, msg)
+		}
+	}
+}
+
+// Bad input: TP_TIMEOUT=3 (no unit) for tp and dlogin.
+func TestLoadClientBadDurationNamesTheValue(t *testing.T) {
+	t.Setenv("TP_TIMEOUT", "3")
+	_, err := LoadClient(pflag.NewFlagSet("test", pflag.ContinueOnError))
+	if err == nil || !strings.Contains(err.Error(), `timeout: "3" is not a duration`) {
+		t.Fatalf("TP_TIMEOUT=3: %v", err)
+	}
+}
+
+// A backquoted word in a flag's usage becomes the value's name in --help
+// (pflag's convention): `tpd enroll` in --url's usage rendered "--url tpd enroll".
+func TestFlagUsageRendersTypeNames(t *testing.T) {
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	ServerFlags(fs)
+	ClientFlags(fs)
+	fs.VisitAll(func(f *pflag.Flag) {
+		if name, _ := pflag.UnquoteUsage(f); strings.Contains(name, " ") {
+			t.Errorf("--%s renders as %q in --help: its usage has a backquoted phrase", f.Name, "--"+f.Name+" "+name)
+		}
+	})
 }

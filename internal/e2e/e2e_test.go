@@ -58,7 +58,7 @@ func startSSHD(t *testing.T) *sshd {
 	t.Helper()
 	path := "/usr/sbin/sshd"
 	if _, err := os.Stat(path); err != nil {
-		t.Fatalf("OpenSSH server not installed at %s (apt-get install openssh-server; .ci/run does this): %v", path, err)
+		t.Fatalf("OpenSSH server not installed at %s (apt-get install openssh-server; deploy/test.sh does this, run as root): %v", path, err)
 	}
 	dir := t.TempDir()
 	for _, k := range []string{"host_key", "client_key"} {

@@ -88,14 +88,28 @@ var (
 	ErrCertExpired = &EndError{Code: QUICCertExpired, By: "server", Reason: "the client certificate that authorised the session expired; tp renews it on the next connection, or run dlogin"}
 )
 
-// AbortCode is the code an abort caused by err carries: the EndError's, shutdown
-// for a cancelled context (the process is stopping), peer_reset otherwise.
+// ProtocolError is a violation of the protocol that the peer committed on a
+// stream after the hellos (docs/PROTOCOL.md, section 9.5): a malformed capsule or
+// REPORT, a flow id that is not the stream's. The receiver aborts that stream
+// with QUICInternal and leaves the connection and its other streams alone.
+type ProtocolError struct{ Err error }
+
+func (e *ProtocolError) Error() string { return "protocol error: " + e.Err.Error() }
+
+func (e *ProtocolError) Unwrap() error { return e.Err }
+
+// AbortCode is the code an abort caused by err carries: the EndError's, internal
+// for a protocol error, shutdown for a cancelled context (the process is
+// stopping), peer_reset otherwise.
 func AbortCode(err error) quic.ApplicationErrorCode {
 	var ee *EndError
 	var re *RevokedError
+	var pe *ProtocolError
 	switch {
 	case errors.As(err, &ee):
 		return ee.Code
+	case errors.As(err, &pe):
+		return QUICInternal
 	case errors.As(err, &re):
 		return re.Code()
 	case errors.Is(err, context.Canceled):
@@ -232,3 +246,31 @@ func (e *CutError) Error() string {
 }
 
 func (e *CutError) Unwrap() error { return e.Err }
+
+// RevokedError ends a live session that a re-check no longer allows. Its text is
+// what the session's log line gives as the reason it ended. Identity is true when
+// the identity itself is no longer accepted (revoked, unenrolled), false when the
+// policy no longer allows the session.
+type RevokedError struct {
+	Reason   string
+	Identity bool
+}
+
+func (e *RevokedError) Error() string { return "no longer authorised: " + e.Reason }
+
+// Code is the QUIC application error code an abort for e carries.
+func (e *RevokedError) Code() quic.ApplicationErrorCode {
+	if e.Identity {
+		return QUICRevoked
+	}
+	return QUICPolicyChanged
+}
+
+// UnwrapOpError drops net.OpError's repetition of the address for a shorter reason.
+func UnwrapOpError(err error) error {
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Err != nil {
+		return oe.Err
+	}
+	return err
+}

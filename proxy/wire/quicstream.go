@@ -17,7 +17,8 @@ import (
 const (
 	// QUICNoError closes a stream or connection normally.
 	QUICNoError quic.ApplicationErrorCode = 0x0
-	// QUICInternal: the sender failed.
+	// QUICInternal: the sender failed, or found a protocol violation on the
+	// stream (ProtocolError).
 	QUICInternal quic.ApplicationErrorCode = 0x1
 	// QUICRefused: a stream or connection refused because the server is at its
 	// bound of concurrent requests (max-conns) or is shutting down.

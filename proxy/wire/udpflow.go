@@ -166,9 +166,9 @@ func (f *UDPFlow) UseFlowID(id *uint64) error {
 		f.mux.remove(f.flow, f)
 		f.qconn, f.mux = nil, nil
 	case id != nil && f.qconn == nil:
-		return errors.New("the server named a datagram flow id, but this connection has no QUIC datagrams")
+		return &ProtocolError{errors.New("the server named a datagram flow id, but this connection has no QUIC datagrams")}
 	case id != nil && *id != f.flow:
-		return fmt.Errorf("the server named flow id %d; this stream's is %d", *id, f.flow)
+		return &ProtocolError{fmt.Errorf("the server named flow id %d; this stream's is %d", *id, f.flow)}
 	}
 	return nil
 }
@@ -205,8 +205,11 @@ func (f *UDPFlow) readStream() {
 			}
 		case CapsuleReport:
 			r, rerr := DecodeReport(d)
+			if errors.Is(rerr, ErrReportVersion) {
+				continue // ignored, as the protocol asks
+			}
 			if rerr != nil {
-				err = rerr
+				err = &ProtocolError{rerr}
 				break
 			}
 			f.stats.peer.Store(&r)

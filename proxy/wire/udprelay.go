@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/quic-go/quic-go"
 )
 
 // RelayResult is how a UDP relay ended.
@@ -51,7 +53,7 @@ func RelayUDP(ctx context.Context, flow *UDPFlow, upstream net.Conn, idle time.D
 				case errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.EAGAIN):
 					flow.NoteQueueFull()
 				default:
-					ends <- udpEnd{"writing to destination: " + UnwrapOpError(err).Error(), true}
+					ends <- udpEnd{"writing to destination: " + UnwrapOpError(err).Error(), true, QUICPeerReset}
 					return
 				}
 			}
@@ -96,17 +98,19 @@ func RelayUDP(ctx context.Context, flow *UDPFlow, upstream net.Conn, idle time.D
 		}
 	}
 	if end.abort {
-		Abort(flow, QUICPeerReset)
+		Abort(flow, end.code)
 	}
 	_ = flow.Close()
 	_ = upstream.Close()
 	return RelayResult{End: end.text, Refused: refused.Load()}
 }
 
-// udpEnd is why a UDP flow ended; abort when it failed rather than ended.
+// udpEnd is why a UDP flow ended; abort when it failed rather than ended, with
+// code.
 type udpEnd struct {
 	text  string
 	abort bool
+	code  quic.ApplicationErrorCode
 }
 
 // FlowEnd says, for a log line, how a flow's side ended with err: closed, or failed.
@@ -116,5 +120,11 @@ func flowEnd(side string, err error) udpEnd {
 	if IsNormalEnd(err) {
 		return udpEnd{text: "closed by " + side}
 	}
-	return udpEnd{side + ": " + err.Error(), true}
+	// A protocol error of the flow's peer (a malformed REPORT) is answered with
+	// internal (0x1); any other failure is passed on as peer_reset.
+	code := QUICPeerReset
+	if errors.As(err, new(*ProtocolError)) {
+		code = QUICInternal
+	}
+	return udpEnd{side + ": " + err.Error(), true, code}
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 )
@@ -77,11 +78,20 @@ func ReadCapsule(r *bufio.Reader) (typ byte, payload []byte, err error) {
 	return hdr[0], payload, nil
 }
 
-// DecodeReport parses the payload of a REPORT capsule.
+// ErrReportVersion is a REPORT whose "v" is not Version: its receiver ignores it
+// (docs/PROTOCOL.md, section 2.3) and the flow goes on.
+var ErrReportVersion = errors.New("UDP report of another protocol version")
+
+// DecodeReport parses the payload of a REPORT capsule. A report that is not
+// JSON of the right shape is an error; one of another version is
+// ErrReportVersion, for the receiver to ignore.
 func DecodeReport(p []byte) (UDPReport, error) {
 	var r UDPReport
 	if err := json.Unmarshal(p, &r); err != nil {
-		return r, fmt.Errorf("malformed UDP report: %w", err)
+		return UDPReport{}, fmt.Errorf("malformed UDP report: %w", err)
+	}
+	if r.V != Version {
+		return UDPReport{}, fmt.Errorf("%w: version %d, this side speaks %d", ErrReportVersion, r.V, Version)
 	}
 	return r, nil
 }

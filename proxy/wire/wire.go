@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"reflect"
+	"strings"
 )
 
 // ALPN is the TLS application protocol that selects the proxy on the shared port.
@@ -59,11 +61,14 @@ const OpWhy = "why"
 
 // ClientHello is the first message on a proxy connection, sent by the client.
 type ClientHello struct {
-	V    int    `json:"v"`
-	Op   string `json:"op"`
-	Net  string `json:"net"`
-	Host string `json:"host"`
-	Port int    `json:"port"`
+	V  int    `json:"v"`
+	Op string `json:"op"`
+	// Net, Host and Port are left out when empty: ops "listen", "accept" and
+	// "why" must not carry the fields they do not take (docs/PROTOCOL.md 3.4–3.6),
+	// and a server may refuse them even when empty.
+	Net  string `json:"net,omitempty"`
+	Host string `json:"host,omitempty"`
+	Port int    `json:"port,omitempty"`
 	// Names (op "listen") are the reverse names an agent registers; Session (op
 	// "accept") pairs a data connection with an announced session. See reverse_wire.go.
 	Names   []string `json:"names,omitempty"`
@@ -204,16 +209,15 @@ func writeFrame(w io.Writer, v any) error {
 // ReadClientHello reads and validates one client hello. Protocol violations are
 // returned as *HelloError; I/O errors (including deadlines) are returned as they come.
 //
-// Decoding is strict: field names must match exactly (encoding/json alone would
-// accept "HOST"), unknown and duplicate fields are rejected, and nothing may follow
-// the object.
+// Decoding is strict (strictJSON), as for every frame: exact field names, no
+// unknown, duplicate or null field, nothing after the object.
 func ReadClientHello(r io.Reader) (ClientHello, error) {
 	body, err := readFrame(r)
 	if err != nil {
 		return ClientHello{}, err
 	}
 	var h ClientHello
-	if err := decodeClientHello(body, &h); err != nil {
+	if err := strictJSON(body, &h); err != nil {
 		return ClientHello{}, Errorf(CodeBadRequest, "malformed hello: %v", err)
 	}
 	if err := h.Validate(); err != nil {
@@ -222,10 +226,26 @@ func ReadClientHello(r io.Reader) (ClientHello, error) {
 	return h, nil
 }
 
-func decodeClientHello(body []byte, h *ClientHello) error {
+// strictJSON decodes body, exactly one JSON object, into v, a pointer to a
+// struct, as strictly as docs/PROTOCOL.md (section 2.2) lets a receiver be: field
+// names exactly as v's json tags (encoding/json alone would accept "HOST" for
+// "host"), no unknown or duplicate field, no null, nothing after the object.
+// Objects inside it (fields that are structs or pointers to structs) are decoded
+// the same way; a type with its own UnmarshalJSON decodes itself.
+func strictJSON(body []byte, v any) error {
+	rv := reflect.ValueOf(v)
+	if rv.Kind() != reflect.Pointer || rv.Elem().Kind() != reflect.Struct {
+		return fmt.Errorf("strictJSON needs a pointer to a struct, not %T", v)
+	}
+	st := rv.Elem()
+	fields := make(map[string]reflect.Value, st.NumField())
+	for i := range st.NumField() {
+		f := st.Type().Field(i)
+		if name, _, _ := strings.Cut(f.Tag.Get("json"), ","); f.IsExported() && name != "" && name != "-" {
+			fields[name] = st.Field(i)
+		}
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	dec.UseNumber()
 	tok, err := dec.Token()
 	if err != nil {
 		return err
@@ -233,7 +253,6 @@ func decodeClientHello(body []byte, h *ClientHello) error {
 	if d, ok := tok.(json.Delim); !ok || d != '{' {
 		return errors.New("not a JSON object")
 	}
-	fields := map[string]any{"v": &h.V, "op": &h.Op, "net": &h.Net, "host": &h.Host, "port": &h.Port, "names": &h.Names, "session": &h.Session, "public": &h.Public, "udp": &h.UDP}
 	seen := make(map[string]bool, len(fields))
 	for dec.More() {
 		tok, err := dec.Token()
@@ -256,7 +275,7 @@ func decodeClientHello(body []byte, h *ClientHello) error {
 		if string(raw) == "null" {
 			return fmt.Errorf("field %q is null", name)
 		}
-		if err := json.Unmarshal(raw, dst); err != nil {
+		if err := decodeField(raw, dst); err != nil {
 			return fmt.Errorf("field %q: %w", name, err)
 		}
 	}
@@ -267,6 +286,25 @@ func decodeClientHello(body []byte, h *ClientHello) error {
 		return errors.New("trailing bytes after the JSON object")
 	}
 	return nil
+}
+
+var unmarshalerType = reflect.TypeFor[json.Unmarshaler]()
+
+// decodeField decodes raw into dst, a field of a struct strictJSON decodes.
+func decodeField(raw json.RawMessage, dst reflect.Value) error {
+	t := dst.Type()
+	switch {
+	case t.Kind() == reflect.Struct && !reflect.PointerTo(t).Implements(unmarshalerType):
+		return strictJSON(raw, dst.Addr().Interface())
+	case t.Kind() == reflect.Pointer && t.Elem().Kind() == reflect.Struct && !t.Implements(unmarshalerType):
+		p := reflect.New(t.Elem())
+		if err := strictJSON(raw, p.Interface()); err != nil {
+			return err
+		}
+		dst.Set(p)
+		return nil
+	}
+	return json.Unmarshal(raw, dst.Addr().Interface())
 }
 
 // WriteClientHello writes h as one frame. It does not validate h.
@@ -283,13 +321,8 @@ func ReadServerHello(r io.Reader) (ServerHello, error) {
 		return ServerHello{}, err
 	}
 	var h ServerHello
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&h); err != nil {
+	if err := strictJSON(body, &h); err != nil {
 		return ServerHello{}, Errorf(CodeBadRequest, "malformed server hello: %v", err)
-	}
-	if dec.InputOffset() != int64(len(body)) {
-		return ServerHello{}, Errorf(CodeBadRequest, "malformed server hello: trailing bytes after the JSON object")
 	}
 	if h.V != Version {
 		return ServerHello{}, Errorf(CodeUnsupportedVersion, "server speaks protocol version %d; this client speaks %d", h.V, Version)

@@ -37,6 +37,9 @@ var helloSeeds = []string{
 	`{"v":1,"op":"listen","net":"tcp","names":["a"],"public":[{"name":"a","net":"tcp","port":1,"sni":"x.y"}]}`,
 	`{"v":1,"op":"listen","net":"tcp","names":["a"],"public":[{"name":"a","net":"tcp","port":1,"x":1}]}`,
 	`{"v":1,"op":"listen","net":"tcp","names":["a"],"udp":["b"]}`,
+	`{"v":1,"op":"listen","net":"tcp","names":["a"],"public":[{"Name":"a","net":"tcp","port":1}]}`,
+	`{"v":1,"op":"listen","net":"tcp","names":["a"],"public":[{"name":"a","net":"tcp","port":1,"port":2}]}`,
+	`{"v":1,"op":"listen","net":"tcp","names":["a"],"public":[{"name":"a","net":"tcp","port":1,"sni":null}]}`,
 	`{"v":1,"op":"listen","net":"udp","names":["a"],"session":"00"}`,
 	`{"v":1,"op":"accept","session":"0123456789abcdef0123456789abcdef"}`,
 	`{"v":1,"op":"accept","session":"ABC"}`,
@@ -153,6 +156,10 @@ func FuzzServerHello(f *testing.F) {
 		`{"v":1,"ok":true,"flow":-1}`,
 		`{"v":1,"ok":true,"extra":1}`,
 		`{"v":1,"ok":true} `,
+		`{"v":1,"OK":true}`,
+		`{"v":1,"ok":true,"ok":false}`,
+		`{"v":1,"ok":true,"session":null}`,
+		`{"v":1,"ok":true,"end":{"code":"revoked","code":"internal","by":"server","reason":"r"}}`,
 	} {
 		f.Add(fuzzFrame(s))
 	}
@@ -195,6 +202,9 @@ func FuzzSessionHeader(f *testing.F) {
 	}
 	f.Add(fuzzFrame(`{"v":1,"ping":true,"x":1}`))
 	f.Add(fuzzFrame(`{"v":0}`))
+	f.Add(fuzzFrame(`{"v":1,"Ping":true}`))
+	f.Add(fuzzFrame(`{"v":1,"end":"replaced","end":"shutdown"}`))
+	f.Add(fuzzFrame(`{"v":1,"session":"00","name":null}`))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		h, err := ReadSessionHeader(bytes.NewReader(in))
 		if err != nil {

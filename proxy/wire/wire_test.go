@@ -163,3 +163,57 @@ func frame(body string) []byte {
 	b := binary.BigEndian.AppendUint16(nil, uint16(len(body)))
 	return append(b, body...)
 }
+
+// Every frame a peer reads is decoded as strictly as the client hello
+// (docs/PROTOCOL.md, section 2.2): a field name in another case, a duplicate
+// field and a null are refused in server hellos (and the end object inside
+// them), session headers and control frames, and the public objects of a listen
+// hello, with bad_request. Bad input: each of those three in each frame.
+func TestStrictFrames(t *testing.T) {
+	readServer := func(in []byte) error { _, err := wire.ReadServerHello(bytes.NewReader(in)); return err }
+	readHeader := func(in []byte) error { _, err := wire.ReadSessionHeader(bytes.NewReader(in)); return err }
+	readClient := func(in []byte) error { _, err := wire.ReadClientHello(bytes.NewReader(in)); return err }
+	listen := func(public string) string {
+		return `{"v":1,"op":"listen","net":"tcp","names":["game"],"public":[` + public + `]}`
+	}
+	for _, tc := range []struct {
+		what string
+		read func([]byte) error
+		good string
+		bad  []string
+	}{
+		{"server hello", readServer, `{"v":1,"ok":false,"code":"policy_denied","reason":"no"}`, []string{
+			`{"v":1,"OK":true}`, `{"v":1,"ok":true,"Session":"00"}`,
+			`{"v":1,"ok":true,"ok":false}`, `{"v":1,"ok":false,"code":"a","code":"b"}`,
+			`{"v":1,"ok":true,"session":null}`, `{"v":1,"ok":null}`,
+		}},
+		{"end object of a why answer", readServer, `{"v":1,"ok":true,"end":{"code":"revoked","by":"server","reason":"r"}}`, []string{
+			`{"v":1,"ok":true,"end":{"CODE":"revoked","by":"server","reason":"r"}}`,
+			`{"v":1,"ok":true,"end":{"code":"revoked","code":"internal","by":"server","reason":"r"}}`,
+			`{"v":1,"ok":true,"end":{"code":"revoked","by":null,"reason":"r"}}`,
+			`{"v":1,"ok":true,"end":null}`,
+		}},
+		{"session header", readHeader, `{"v":1,"session":"00","name":"svc","peer_id":"bob@phone"}`, []string{
+			`{"v":1,"Session":"00","name":"svc"}`, `{"v":1,"session":"00","name":"svc","name":"other"}`,
+			`{"v":1,"session":"00","name":null}`, `{"v":1,"flow":null}`,
+		}},
+		{"control frame", readHeader, `{"v":1,"end":"replaced","reason":"newer agent"}`, []string{
+			`{"v":1,"End":"replaced"}`, `{"v":1,"end":"replaced","end":"shutdown"}`, `{"v":1,"ping":null}`,
+		}},
+		{"public object", readClient, listen(`{"name":"game","net":"tcp","port":27015}`), []string{
+			listen(`{"Name":"game","net":"tcp","port":27015}`), listen(`{"name":"game","net":"tcp","port":27015,"port":27016}`),
+			listen(`{"name":"game","net":"tcp","port":27015,"sni":null}`),
+		}},
+	} {
+		if err := tc.read(frame(tc.good)); err != nil {
+			t.Errorf("%s: refused a valid frame %s: %v", tc.what, tc.good, err)
+		}
+		for _, bad := range tc.bad {
+			err := tc.read(frame(bad))
+			var he *wire.HelloError
+			if !errors.As(err, &he) || he.Code != wire.CodeBadRequest || he.Reason == "" {
+				t.Errorf("%s: %s read as %v; want bad_request with a reason", tc.what, bad, err)
+			}
+		}
+	}
+}

@@ -1,0 +1,170 @@
+package e2e
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Messages a new user meets, with the real binaries: each once said something
+// misleading (the old words are in the comments).
+func TestNewUserMessages(t *testing.T) {
+	srv := startServer(t, testPolicy)
+
+	t.Run("enroll names the time zone", func(t *testing.T) {
+		// Was "valid until 2026-12-03 08:25:55." (which zone?).
+		out := run(t, nil, binary("tpd"), "enroll", "frank", "--device", "laptop", "--data-dir", srv.DataDir)
+		if !regexp.MustCompile(`valid until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d [A-Za-z+-][A-Za-z0-9+-]*\.`).MatchString(out) {
+			t.Errorf("tpd enroll's expiry has no time zone:\n%s", out)
+		}
+	})
+
+	t.Run("a failed first dlogin leaves no TP_HOME", func(t *testing.T) {
+		// Bad input: a wrong fingerprint. Once left an empty TP_HOME behind.
+		args := srv.enroll(t, "grace", "laptop")
+		for i, a := range args {
+			if strings.HasPrefix(a, "SHA256:") {
+				args[i] = "SHA256:" + strings.Repeat("00", 32)
+			}
+		}
+		home := filepath.Join(t.TempDir(), "tp-home")
+		expectFail(t, []string{"TP_HOME=" + home}, "wrong fingerprint", []string{"refusing it"}, binary("dlogin"), args...)
+		if _, err := os.Lstat(home); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the failed dlogin left %s behind (%v)", home, err)
+		}
+	})
+
+	t.Run("server not running", func(t *testing.T) {
+		// Nothing listens at the profile's address. tp once said "no answer
+		// over UDP; is UDP blocked on this network?".
+		env := srv.login(t, "alice", "desk")
+		home := strings.TrimPrefix(env[0], "TP_HOME=")
+		profile := filepath.Join(home, "profile.json")
+		b, err := os.ReadFile(profile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dead := fmt.Sprintf("https://127.0.0.1:%d", freePort(t))
+		if err := os.WriteFile(profile, []byte(strings.Replace(string(b), srv.URL, dead, 1)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		out := expectFail(t, env, "tpd not running", []string{"nothing listens there", "is tpd running"}, binary("tp"), "127.0.0.1", "22")
+		if strings.Contains(out, "UDP") {
+			t.Errorf("tp blames UDP for a server that is not running:\n%s", out)
+		}
+	})
+
+	t.Run("revoked device", func(t *testing.T) {
+		// tp once said "most likely the client certificate … run dlogin".
+		env := srv.login(t, "alice", "phone")
+		run(t, nil, binary("tpd"), "revoke", "--device", "alice@phone", "--data-dir", srv.DataDir)
+		for _, transport := range []string{"quic", "tls"} {
+			out := expectFail(t, env, "revoked over "+transport, []string{"alice@phone", "is revoked on the TP server", "ask your TP administrator"},
+				binary("tp"), "--transport", transport, "127.0.0.1", "22")
+			if strings.Contains(out, "run dlogin") {
+				t.Errorf("tp tells a revoked device to run dlogin:\n%s", out)
+			}
+		}
+	})
+
+	t.Run("quiet, and a hang-up ends silently", func(t *testing.T) {
+		// Every ssh once showed "Connecting to …" and, when ssh hung up its
+		// ProxyCommand at exit, "tp: hangup signal received".
+		env := srv.login(t, "alice", "tablet")
+		addr := serveTCP(t, func(c net.Conn) {
+			fmt.Fprintf(c, "SSH-2.0-test\r\n")
+			_, _ = c.Read(make([]byte, 1)) // until tp goes
+		})
+		_, port, _ := net.SplitHostPort(addr)
+		cmd := exec.Command(binary("tp"), "-q", "127.0.0.1", port)
+		cmd.Env = append(os.Environ(), env...)
+		stderr := &syncBuffer{}
+		cmd.Stderr = stderr
+		stdinR, stdinW, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer stdinW.Close()
+		cmd.Stdin = stdinR
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		stdinR.Close()
+		defer cmd.Process.Kill()
+		line, err := bufio.NewReader(stdout).ReadString('\n')
+		if err != nil || !strings.HasPrefix(line, "SSH-2.0-test") {
+			t.Fatalf("tp -q relayed %q, %v; stderr:\n%s", line, err, stderr.String())
+		}
+		if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("tp exited with %v after ssh's hang-up; want 0", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("tp did not exit within 30s of SIGHUP")
+		}
+		if s := stderr.String(); s != "" {
+			t.Errorf("tp -q printed to stderr:\n%s", s)
+		}
+	})
+}
+
+// Bad input: tpd serve's first start on a port another process holds. It once
+// created the data dir (CA and all) and only then failed.
+func TestBusyPortCreatesNoDataDir(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	dir := filepath.Join(t.TempDir(), "tpdata")
+	expectFail(t, nil, "busy port", []string{"already listening"}, binary("tpd"), "serve", "--data-dir", dir, "--listen", ln.Addr().String())
+	if _, err := os.Lstat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("tpd serve on a busy port left %s behind (%v)", dir, err)
+	}
+}
+
+// An agent serving a public UDP port whose user is revoked learns it from the
+// server and exits saying so. It once kept retrying for ever with "most likely
+// the client certificate … run dlogin".
+func TestRevokedPublicUDPAgentExits(t *testing.T) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := pc.LocalAddr().(*net.UDPAddr).Port
+	pc.Close()
+	t.Setenv("TP_PUBLIC_PORTS", strconv.Itoa(port)+"/udp") // inherited by tpd
+	srv := startServer(t, reverseUDPPolicy)
+	echo := startUDPEchoE2E(t)
+	alice := srv.login(t, "alice", "laptop")
+	a := startAgentProc(t, alice, "game", echo, "--udp", "--public", strconv.Itoa(port))
+	a.waitRegistered(t)
+	run(t, nil, binary("tpd"), "revoke", "--user", "alice", "--data-dir", srv.DataDir)
+	log := a.waitExit(t)
+	if !strings.Contains(log, "is revoked on the TP server") || strings.Contains(log, "run dlogin") {
+		t.Errorf("the revoked agent's last words do not say it is revoked:\n%s", log)
+	}
+	if code := a.cmd.ProcessState.ExitCode(); code == 0 {
+		t.Errorf("the revoked agent exited 0")
+	}
+}

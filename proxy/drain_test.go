@@ -1,0 +1,69 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// A QUIC stream opened on a connection that is draining for a shutdown is
+// refused at once, with RESET_STREAM refused (0x2), not left without an answer
+// until the connection closes (docs/PROTOCOL.md, section 6.3). Bad input: a dial
+// on a new stream of a connection whose other session keeps the drain going.
+func TestQUICStreamDuringDrainRefused(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	conn, err := q.quicConn(t, &q.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := rawRequest(t, conn, q.echo) // a session that keeps the connection draining
+	defer held.CancelRead(0)
+	quicEcho(t, held, "before")
+
+	sctx, scancel := context.WithTimeout(context.Background(), time.Minute)
+	defer scancel()
+	shut := make(chan error, 1)
+	go func() { shut <- q.srv.Shutdown(sctx) }()
+
+	// Until the drain has reached this connection its streams are still served;
+	// poll with new streams until one is not.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		str, err := conn.OpenStream()
+		if err != nil {
+			t.Fatal(err)
+		}
+		qs := wire.NewQUICStream(conn, str)
+		_ = qs.SetDeadline(time.Now().Add(20 * time.Second))
+		if err := wire.WriteClientHello(qs, dialHello(t, q.echo)); err != nil {
+			t.Fatal(err)
+		}
+		sh, err := wire.ReadServerHello(qs)
+		if err == nil && sh.OK {
+			qs.Abort(0) // served before the drain began
+			if time.Now().After(deadline) {
+				t.Fatal("the server still served new streams 10s after Shutdown began")
+			}
+			time.Sleep(10 * time.Millisecond) // polling for the drain to begin, bounded by the deadline
+			continue
+		}
+		code, reset := wire.StreamResetCode(err)
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			t.Fatal("a stream opened during the drain got no answer")
+		case !reset || code != wire.QUICRefused:
+			t.Fatalf("a stream opened during the drain: %+v, %v; want RESET_STREAM refused (0x2)", sh, err)
+		}
+		break
+	}
+	quicEcho(t, held, "the established session still runs")
+	_ = held.Close()
+	if err := <-shut; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+}
