@@ -3,6 +3,13 @@ package proxy
 import (
 	"errors"
 	"fmt"
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/tp-proxy/tp/authz"
@@ -59,5 +66,53 @@ func BenchmarkSessionCounter(b *testing.B) {
 	var c counters
 	for b.Loop() {
 		c.session("tls", authz.ActionDial, "", 1000, 1000)
+	}
+}
+
+// Every refusal code the protocol defines (a Code… string constant in proxy
+// or proxy/wire) has its own outcome, so none is counted as "other".
+func TestStatOutcomesCoverCodes(t *testing.T) {
+	fset := token.NewFileSet()
+	var codes []string
+	for _, dir := range []string{".", "wire"} {
+		files, err := filepath.Glob(filepath.Join(dir, "*.go"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, name := range files {
+			if strings.HasSuffix(name, "_test.go") {
+				continue
+			}
+			f, err := parser.ParseFile(fset, name, nil, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, decl := range f.Decls {
+				gd, ok := decl.(*ast.GenDecl)
+				if !ok || gd.Tok != token.CONST {
+					continue
+				}
+				for _, spec := range gd.Specs {
+					vs := spec.(*ast.ValueSpec)
+					for i, n := range vs.Names {
+						if !strings.HasPrefix(n.Name, "Code") || i >= len(vs.Values) {
+							continue
+						}
+						if lit, ok := vs.Values[i].(*ast.BasicLit); ok && lit.Kind == token.STRING {
+							v, _ := strconv.Unquote(lit.Value)
+							codes = append(codes, v)
+						}
+					}
+				}
+			}
+		}
+	}
+	if len(codes) < 20 {
+		t.Fatalf("found only %d codes: %q", len(codes), codes)
+	}
+	for _, c := range codes {
+		if !slices.Contains(StatOutcomes, c) {
+			t.Errorf("code %q is not among StatOutcomes: it would be counted as other", c)
+		}
 	}
 }
