@@ -75,7 +75,6 @@ func (d *Daemon) adminHTTPServer() *http.Server {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       time.Minute,
 		MaxHeaderBytes:    8 << 10,
-		ErrorLog:          nil,
 	}
 }
 

@@ -449,3 +449,41 @@ func TestAdminHTTPBounds(t *testing.T) {
 		t.Errorf("admin HTTP server without bounds: %+v", srv)
 	}
 }
+
+// Bad input: a policy edit that does not compile. The refusal is counted,
+// tp_policy_last_reload_successful drops to 0
+// while tpd stays ready on the previous policy, and a good edit brings it back
+// with the new revision.
+func TestPolicyReloadMetrics(t *testing.T) {
+	r, admin := metricsDaemon(t, allowAlice)
+	d := r.d
+	rev0 := d.policy.Revision()
+	file := filepath.Join(d.cfg.PolicyDir(), "tp.rego")
+	if err := os.WriteFile(file, []byte("package tp.authz\n\nallow if {"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_ = d.ReloadPolicy(context.Background())
+	s := pollMetric(t, admin, "tp_policy_last_reload_successful", 0)
+	if got := s.get(t, "tp_policy_reload_failures_total"); got != 1 {
+		t.Errorf("tp_policy_reload_failures_total = %g after one broken edit", got)
+	}
+	if code, body := adminGet(t, admin, "/readyz"); code != http.StatusOK {
+		t.Errorf("/readyz with a refused policy edit: %d %q; the previous policy still decides", code, body)
+	}
+	if s.get(t, `tp_policy_revision_info{revision="`+rev0+`"}`) != 1 {
+		t.Error("the revision changed although the edit was refused")
+	}
+	if err := os.WriteFile(file, []byte("package tp.authz\n\ndefault allow := false\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.ReloadPolicy(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s = pollMetric(t, admin, "tp_policy_last_reload_successful", 1)
+	if _, ok := s[`tp_policy_revision_info{revision="`+d.policy.Revision()+`"}`]; !ok || d.policy.Revision() == rev0 {
+		t.Errorf("the new revision %s is not shown", d.policy.Revision())
+	}
+	if got := s.get(t, "tp_policy_reload_failures_total"); got != 1 {
+		t.Errorf("tp_policy_reload_failures_total = %g, want still 1", got)
+	}
+}
