@@ -100,7 +100,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 		Allow0RTT:                      false,
 		EnableDatagrams:                true, // UDP flows (wire/udpflow.go)
-		Tracer:                         s.udp.quicDrops.Tracer,
+		Tracer:                         s.quicTracer,
 	}
 	if s.web != nil { // HTTP/3 on the same listener: its control and QPACK streams
 		qcfg.MaxIncomingUniStreams = 8

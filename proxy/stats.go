@@ -1,10 +1,15 @@
 package proxy
 
 import (
+	"context"
 	"crypto/x509"
 	"errors"
 	"strings"
 	"sync/atomic"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/qlog"
+	"github.com/quic-go/quic-go/qlogwriter"
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -76,6 +81,7 @@ type counters struct {
 	// Proxy connections whose handshake succeeded, by transport (tls, quic).
 	proxyConns         [2]atomic.Int64
 	quicStreams        atomic.Int64
+	quicMigrations     atomic.Int64 // connections moved to a client's new address
 	bytesUp, bytesDown atomic.Int64 // client→destination, destination→client, counted at each session's end
 }
 
@@ -143,6 +149,9 @@ type Stats struct {
 	ProxyConns map[string]int64
 	// QUICStreams is how many proxy streams QUIC connections opened.
 	QUICStreams int64
+	// QUICMigrations is how many times a QUIC connection moved to a client's
+	// new address (a NAT rebinding, or the client's new network).
+	QUICMigrations int64
 	// BytesUp and BytesDown are the bytes relayed client→destination and
 	// destination→client by sessions that ended (public sessions included).
 	BytesUp, BytesDown int64
@@ -174,6 +183,7 @@ func (s *Server) Stats() Stats {
 		HandshakeFailures: make(map[string]int64, nReasons),
 		ProxyConns:        map[string]int64{"tls": c.proxyConns[0].Load(), "quic": c.proxyConns[1].Load()},
 		QUICStreams:       c.quicStreams.Load(),
+		QUICMigrations:    c.quicMigrations.Load(),
 		BytesUp:           c.bytesUp.Load(),
 		BytesDown:         c.bytesDown.Load(),
 		Live:              s.Live(),
@@ -218,3 +228,34 @@ func (s *Server) Listeners() int {
 	}
 	return len(s.listeners)
 }
+
+// quicTracer is quic.Config.Tracer: it feeds the datagram drop counter
+// (wire.DatagramDropCounter) and counts connection migrations. quic-go says a
+// server connection switched to a client's new address only in its qlog
+// events: a tuple assigned to the active path ("").
+func (s *Server) quicTracer(ctx context.Context, isClient bool, id quic.ConnectionID) qlogwriter.Trace {
+	return migrationTrace{next: s.udp.quicDrops.Tracer(ctx, isClient, id), n: &s.stats.quicMigrations}
+}
+
+type migrationTrace struct {
+	next qlogwriter.Trace
+	n    *atomic.Int64
+}
+
+func (t migrationTrace) AddProducer() qlogwriter.Recorder {
+	return migrationRecorder{next: t.next.AddProducer(), n: t.n}
+}
+
+type migrationRecorder struct {
+	next qlogwriter.Recorder
+	n    *atomic.Int64
+}
+
+func (r migrationRecorder) RecordEvent(ev qlogwriter.Event) {
+	if ta, ok := ev.(qlog.TupleAssigned); ok && ta.TupleID == "" {
+		r.n.Add(1)
+	}
+	r.next.RecordEvent(ev)
+}
+
+func (r migrationRecorder) Close() error { return r.next.Close() }

@@ -239,6 +239,8 @@ var (
 		[]string{"transport"}, nil)
 	quicStreamsDesc = prometheus.NewDesc("tp_quic_streams_total",
 		"Proxy requests (streams) opened on QUIC connections.", nil, nil)
+	quicMigrationsDesc = prometheus.NewDesc("tp_quic_migrations_total",
+		"QUIC connections moved to a client's new address (a NAT rebinding, or the client's new network).", nil, nil)
 	bytesDesc = prometheus.NewDesc("tp_relayed_bytes_total",
 		"Bytes relayed by sessions that ended, by direction: up is client to destination, down is destination to client.",
 		[]string{"direction"}, nil)
@@ -266,7 +268,7 @@ var (
 )
 
 func (c *proxyCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{sessionsDesc, handshakeFailDesc, connsDesc, quicStreamsDesc, bytesDesc, liveDesc,
+	for _, d := range []*prometheus.Desc{sessionsDesc, handshakeFailDesc, connsDesc, quicStreamsDesc, quicMigrationsDesc, bytesDesc, liveDesc,
 		agentsDesc, namesDesc, portsDesc, udpActiveDesc, udpFlowsDesc, udpRefusedDesc, datagramsDesc, droppedDesc, oversizeDesc} {
 		ch <- d
 	}
@@ -301,6 +303,7 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(connsDesc, st.ProxyConns[t], t)
 	}
 	counter(quicStreamsDesc, st.QUICStreams)
+	counter(quicMigrationsDesc, st.QUICMigrations)
 	counter(bytesDesc, st.BytesUp, "up")
 	counter(bytesDesc, st.BytesDown, "down")
 	gauge(liveDesc, int64(st.Live))
