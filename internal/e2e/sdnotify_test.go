@@ -55,7 +55,7 @@ func TestSystemdNotify(t *testing.T) {
 		t.Fatalf("first notification = %q, want READY=1", got)
 	}
 	// Ready means ready: the public port and the admin socket accept now.
-	for _, addr := range [][2]string{{"tcp", p.addr}, {"unix", filepath.Join(p.dataDir, "admin.sock")}} {
+	for _, addr := range [][2]string{{"tcp", p.Addr}, {"unix", filepath.Join(p.DataDir, "admin.sock")}} {
 		c, err := net.DialTimeout(addr[0], addr[1], 5*time.Second)
 		if err != nil {
 			t.Fatalf("after READY=1, %s %s does not accept: %v", addr[0], addr[1], err)
