@@ -12,6 +12,7 @@ import (
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -30,7 +31,7 @@ func TestHandshakeFailureReasons(t *testing.T) {
 	})
 	d := r.d
 	enrollClient(t, d, r.url, "alice", "laptop")
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	root, inter := tpdSigners(t, d)
 	const dev = "alice@laptop"
 	revoked := testpki.DeviceCert(t, inter, dev, nil)

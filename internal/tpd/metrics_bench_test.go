@@ -10,6 +10,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // BenchmarkMetricsCost measures what metrics cost the data plane: bulk
@@ -57,7 +58,7 @@ func benchBulk(b *testing.B, on bool) {
 // the client does, so each session ends.
 func benchNewTunnel(b *testing.B, on bool) {
 	dl, _ := metricsBenchDialer(b, on)
-	dest := echoServer(b)
+	dest := testnet.Echo(b)
 	for b.Loop() {
 		conn, err := dl.DialContext(context.Background(), "tcp", dest)
 		if err != nil {

@@ -24,6 +24,8 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -70,7 +72,7 @@ func adminDaemon(t testing.TB, policy, adminListen string, mods ...func(*config.
 		t.Fatal(err)
 	}
 	cfg.Listen = ln.Addr().String()
-	logs := &lockedBuffer{}
+	logs := &testlog.Buffer{}
 	d, err := New(context.Background(), cfg, slog.New(slog.NewTextHandler(logs, nil)))
 	if err != nil {
 		t.Fatal(err)
@@ -210,7 +212,7 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 	if admin == "" {
 		t.Fatal("admin-listen is set but AdminAddr is empty")
 	}
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	alice, _, _ := enrollClient(t, d, r.url, "alice", "laptop")
 
 	// Settle the re-check that enrollments cause (the user store changed), so
@@ -288,7 +290,7 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 	pollMetric(t, admin, `tp_sessions_total{action="dial",outcome="policy_denied",transport="tls"}`, 1)
 
 	// A reverse session: alice's agent over QUIC, bob's dial over TLS.
-	stopAgent, _ := startAgent(t, alice, clients.TransportQUIC, upperServer(t), []string{"bob"}, nil)
+	stopAgent, _ := startAgent(t, alice, clients.TransportQUIC, testnet.Upper(t), []string{"bob"}, nil)
 	s2 := scrapeMetrics(t, admin)
 	for key, want := range map[string]float64{"tp_agents_connected": 1, "tp_reverse_names": 1, "tp_sessions_active": 1} {
 		if got := s2.get(t, key); got != want {
@@ -317,7 +319,7 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 	}
 
 	// A UDP flow over QUIC: one datagram each way.
-	local := upperUDP(t)
+	local := testnet.UpperUDP(t)
 	uc, err := dialerFor(t, alice, clients.TransportQUIC).DialContext(context.Background(), "udp", local)
 	if err != nil {
 		t.Fatal(err)
@@ -380,7 +382,7 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 func TestReadyzWhileDraining(t *testing.T) {
 	r, admin := metricsDaemon(t, allowAlice)
 	alice, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
-	conn := openSession(t, alice, echoServer(t))
+	conn := openSession(t, alice, testnet.Echo(t))
 	stopped := make(chan struct{})
 	go func() { r.stop(); close(stopped) }()
 	// Draining is said first; the listeners close a moment later.
