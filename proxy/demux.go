@@ -113,12 +113,14 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 		return
 	}
 	if err != nil {
+		s.stats.handshakeFailed(handshakeReason(err, timedOut))
 		s.handshakeFailed(ctx, raw, err)
 		return
 	}
 	switch proto := negotiatedProtocol(conn); proto {
 	case wire.ALPN:
 		defer s.release()
+		s.stats.proxyConns[0].Add(1)
 		s.serveProxy(ctx, conn)
 	case "", "h2", "http/1.1":
 		if s.web == nil { // unreachable: configForClient refuses non-tp handshakes
@@ -127,9 +129,11 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 			return
 		}
 		if !s.toWeb(raw.RemoteAddr().String()) {
+			s.stats.session("tls", "web", "refused", 0, 0)
 			_ = conn.Close()
 			return
 		}
+		s.stats.session("tls", "web", "ok", 0, 0)
 		s.web.handoff(conn) // http.Server now owns conn and its MaxWebConns slot
 	default: // e.g. acme-tls/1: the handshake itself was the whole exchange
 		s.release()

@@ -100,7 +100,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 		Allow0RTT:                      false,
 		EnableDatagrams:                true, // UDP flows (wire/udpflow.go)
-		Tracer:                         s.udp.quicDrops.Tracer,
+		Tracer:                         s.quicTracer,
 	}
 	if s.web != nil { // HTTP/3 on the same listener: its control and QPACK streams
 		qcfg.MaxIncomingUniStreams = 8
@@ -152,6 +152,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		conns.Add(1)
 		h3 := conn.ConnectionState().TLS.NegotiatedProtocol == http3.NextProtoH3
 		if h3 && !s.toWeb(conn.RemoteAddr().String()) {
+			s.stats.session("quic", "web", "refused", 0, 0)
 			_ = conn.CloseWithError(wire.QUICRefused, "server busy: too many website connections")
 			conns.Done()
 			s.wg.Done()
@@ -161,11 +162,13 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 			defer conns.Done()
 			defer s.wg.Done()
 			if h3 {
+				s.stats.session("quic", "web", "ok", 0, 0)
 				defer s.releaseWeb()
 				s.serveH3(ctx, conn)
 				return
 			}
 			defer s.release()
+			s.stats.proxyConns[1].Add(1)
 			s.serveQUICConn(ctx, drain, conn)
 		}()
 	}
@@ -250,6 +253,7 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 			continue
 		}
 		served.Add(1)
+		s.stats.quicStreams.Add(1)
 		streams.Add(1)
 		go func() {
 			defer streams.Done()

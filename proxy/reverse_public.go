@@ -273,8 +273,9 @@ func (s *Server) servePublic(c net.Conn, key string) {
 	start := time.Now()
 	remote := c.RemoteAddr().String()
 	var up, down int64
-	agent, end := "", ""
+	agent, end, outcome := "", "", "ok"
 	defer func() {
+		s.stats.session("tcp", authz.ActionExposePublic, outcome, up, down)
 		s.log.LogAttrs(context.Background(), slog.LevelInfo, "public session",
 			slog.String("remote", remote), slog.String("exposure", describeKey(key)), slog.String("agent", agent),
 			slog.Int64("bytes_up", up), slog.Int64("bytes_down", down),
@@ -283,7 +284,7 @@ func (s *Server) servePublic(c net.Conn, key string) {
 	}()
 	a, label, ok := s.rev.lookupKey(key)
 	if !ok {
-		end = "refused: no agent online for it (reconnecting, or gone)"
+		end, outcome = "refused: no agent online for it (reconnecting, or gone)", wire.CodeReverseOffline
 		wire.Abort(c, wire.QUICPeerReset)
 		return
 	}
@@ -292,7 +293,7 @@ func (s *Server) servePublic(c net.Conn, key string) {
 	hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label, Public: key, PeerAddr: remote}
 	st, herr := a.open(ctx, hdr)
 	if herr != nil {
-		end = "refused: " + herr.Error()
+		end, outcome = "refused: "+herr.Error(), herr.Code
 		wire.Abort(c, wire.QUICPeerReset)
 		return
 	}

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -108,9 +109,10 @@ func (s *Server) servePublicUDP(pl *publicListener) {
 // the agent's control session ends, or the port closes.
 func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *publicUDPClient, o UDPOptions) {
 	start := time.Now()
-	agent, end := "", ""
+	agent, end, outcome := "", "", "ok"
 	var st wire.UDPFlowStats
 	defer func() {
+		s.stats.session("udp", authz.ActionExposePublic, outcome, st.BytesOut, st.BytesIn)
 		s.log.LogAttrs(context.Background(), slog.LevelInfo, "public session",
 			slog.String("remote", c.src.String()), slog.String("exposure", describeKey(pl.key)), slog.String("agent", agent),
 			slog.Int64("bytes_up", st.BytesOut), slog.Int64("bytes_down", st.BytesIn),
@@ -129,6 +131,7 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 	}
 	a, label, ok := s.rev.lookupKey(pl.key)
 	if !ok {
+		outcome = wire.CodeReverseOffline
 		refused("no agent online for it (reconnecting, or gone)")
 		return
 	}
@@ -140,6 +143,7 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 	hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label, Public: pl.key, PeerAddr: c.src.String(), Net: "udp"}
 	flow, herr := a.openFlow(actx, hdr, o.QueueLen)
 	if herr != nil {
+		outcome = herr.Code
 		refused(herr.Error())
 		return
 	}

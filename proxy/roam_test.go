@@ -170,6 +170,9 @@ func TestQUICNATRebinding(t *testing.T) {
 	if got := relay.fromServerNew.Load(); got == 0 {
 		t.Fatal("no packets from the server reached the new outside port: it did not follow the rebinding")
 	}
+	if got := q.srv.Stats().QUICMigrations; got != 1 {
+		t.Errorf("Stats().QUICMigrations = %d after one rebinding, want 1", got)
+	}
 }
 
 // TestQUICClientMigration: the client moves its connection to a new socket of its
@@ -211,5 +214,8 @@ func TestQUICClientMigration(t *testing.T) {
 	})
 	if got := conn.LocalAddr().String(); got != after || got == before {
 		t.Fatalf("connection's local address %s after the switch; want the new socket's %s (was %s)", got, after, before)
+	}
+	if got := q.srv.Stats().QUICMigrations; got != 1 {
+		t.Errorf("Stats().QUICMigrations = %d after one switch, want 1", got)
 	}
 }

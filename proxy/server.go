@@ -123,6 +123,7 @@ type Server struct {
 	ends       endRecords       // how recently aborted sessions ended, for op "why"
 	rev        *reverseRegistry // reverse names; nil when Config.Reverse.Zone is empty
 	udp        udpState         // UDP flow bounds and counters (udp.go)
+	stats      counters         // for monitoring (stats.go)
 	wg         sync.WaitGroup   // connection goroutines (not web conns, which http.Server owns)
 
 	mu        sync.Mutex
@@ -272,6 +273,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		backoff = 0
 		ip := remoteIP(raw)
 		if !s.handshakes.acquire(ip, s.cfg.MaxHandshakesPerIP) {
+			s.stats.handshakeFailed("per_ip_cap")
 			_ = raw.Close()
 			s.log.Warn("connection refused: too many unfinished handshakes from one address", "remote", raw.RemoteAddr().String(), "max_handshakes_per_ip", s.cfg.MaxHandshakesPerIP)
 			continue
@@ -279,6 +281,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		if s.active.Add(1) > int64(s.cfg.MaxConns) {
 			s.handshakes.release(ip)
 			s.active.Add(-1)
+			s.stats.handshakeFailed("max_conns")
 			_ = raw.Close()
 			s.log.Warn("connection refused: too many connections", "remote", raw.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
 			continue

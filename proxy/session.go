@@ -39,7 +39,7 @@ type session struct {
 	sid      string            // session id sent with the ok, for op "why"
 	peer     string            // who is on the other side: "destination" or "agent"
 	counted  bool              // holds a slot of MaxSessionsPerIdentity (limits.go)
-	audit    auditState        // what the audit record needs besides the above (audit.go)
+	audit    auditState        // what the audit record and the counters (stats.go) need besides the above (audit.go)
 }
 
 func (s *Server) serveProxy(ctx context.Context, conn *tls.Conn) {
@@ -368,5 +368,6 @@ func (s *Server) logSession(ctx context.Context, ss *session) {
 	}
 	attrs = append(attrs, ss.attrs...)
 	s.log.LogAttrs(ctx, slog.LevelInfo, "proxy session", attrs...)
+	s.stats.session(ss.audit.transport, ss.audit.action, ss.code, ss.up, ss.down)
 	s.auditSession(ss)
 }

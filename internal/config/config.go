@@ -119,6 +119,11 @@ type Server struct {
 	// SiteUpstreamTimeout bounds how long an upstream may take to send response headers.
 	SiteUpstreamTimeout time.Duration `mapstructure:"site-upstream-timeout"`
 
+	// AdminListen is the address of the admin HTTP listener (/metrics, /healthz,
+	// /readyz); empty is off. A non-loopback address needs AdminListenRemote (admin.go).
+	AdminListen       string `mapstructure:"admin-listen"`
+	AdminListenRemote bool   `mapstructure:"admin-listen-remote"`
+
 	LogLevel  string `mapstructure:"log-level"`
 	LogFormat string `mapstructure:"log-format"`
 }
@@ -294,6 +299,7 @@ func (s Server) Validate() error {
 		errs = append(errs, fmt.Errorf("ca-prune-interval %s must be between 1m and 24h", s.CAPruneInterval))
 	}
 	errs = append(errs, s.validateSites()...)
+	errs = append(errs, s.validateAdmin()...)
 	if _, err := ParseLevel(s.LogLevel); err != nil {
 		errs = append(errs, err)
 	}
@@ -414,6 +420,8 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("http-listen", d.HTTPListen)
 	v.SetDefault("site-max-body", d.SiteMaxBody)
 	v.SetDefault("site-upstream-timeout", d.SiteUpstreamTimeout)
+	v.SetDefault("admin-listen", d.AdminListen)
+	v.SetDefault("admin-listen-remote", d.AdminListenRemote)
 	v.SetDefault("log-level", d.LogLevel)
 	v.SetDefault("log-format", d.LogFormat)
 	v.SetEnvPrefix("TP")
@@ -484,6 +492,7 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# Reverse listeners (tp expose NAME) are reached as NAME.<reverse-zone>; \"\" turns them off.\n# A name stays reserved for its owner for reverse-grace after its agent went away,\n# and for reverse-restart-grace after tpd starts (a crash included).\nreverse-zone: %q\nreverse-grace: %s\nreverse-restart-grace: %s\n", s.ReverseZone, s.ReverseGrace, s.ReverseRestartGrace)
 	fmt.Fprintf(&b, "# Ports agents may open publicly (tp expose --public PORT), e.g. \"20000-30000,8080/tcp,27015/udp\"\n# (no suffix: TCP and UDP); \"\" opens none. The policy must allow them too (action expose_public).\npublic-ports: %q\n", s.PublicPorts)
 	siteYAML(&b, s)
+	adminYAML(&b, s)
 	fmt.Fprintf(&b, "log-level: %s\nlog-format: %s\n", s.LogLevel, s.LogFormat)
 	return []byte(b.String())
 }

@@ -42,6 +42,10 @@ var rules = []rule{{
 	roots:     []string{"proxy"},
 	forbidden: []string{"github.com/open-policy-agent/", "github.com/smallstep/certificates/", mod + "policy", mod + "acme"},
 }, {
+	why:       "metrics are tpd's business: the data plane keeps plain counters (proxy.Server.Stats) that tpd exports, and the clients export nothing",
+	roots:     []string{"proxy", "proxy/wire", "authz", "cmd/tp", "cmd/dlogin", "clients"},
+	forbidden: []string{"github.com/prometheus/"},
+}, {
 	why:       "the wire package is the protocol both ends speak: it depends on no other TP package",
 	roots:     []string{"proxy/wire"},
 	forbidden: []string{mod},

@@ -96,6 +96,10 @@ type Daemon struct {
 	audit   *AuditLog  // audit.go; nil when audit-log is off
 	denials denialRing // recent policy denials, for tpd status
 	started time.Time
+
+	metrics   *metrics               // nil when admin-listen is empty (metrics.go)
+	draining  atomic.Bool            // Serve is stopping: /readyz says so
+	adminAddr atomic.Pointer[string] // where admin-listen listens, once open
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
@@ -117,6 +121,9 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	d := &Daemon{cfg: cfg, log: log, Created: ir.Created, started: time.Now().UTC()}
 	if d.pki, err = acme.LoadPKI(cfg.CADir()); err != nil {
 		return nil, err
+	}
+	if cfg.AdminListen != "" {
+		d.metrics = newMetrics(d)
 	}
 	if err := d.renewServerCert(); err != nil {
 		return nil, err
@@ -162,7 +169,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	// token bucket, shared by both.
 	d.limiter = newSourceLimiter(cfg.CARateLimit, cfg.CARateBurst)
 	web := http.NewServeMux()
-	web.Handle("/acme/", limitSources(d.limiter, d.ca.Handler()))
+	web.Handle("/acme/", limitSources(d.limiter, d.metrics.countIssued(d.ca.Handler())))
 	web.Handle("/tp/", limitSources(d.limiter, enroller.Handler()))
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
@@ -206,7 +213,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 			}
 			return d.authz.Verify(cs.PeerCertificates[0])
 		},
-		Authorizer:         d.authz,
+		Authorizer:         d.metrics.authorizer(d.authz),
 		Resolver:           o.resolver,
 		Logger:             log,
 		HandshakeTimeout:   cfg.HandshakeTimeout,
@@ -248,6 +255,14 @@ func (d *Daemon) verifyClient(leaf *x509.Certificate, chains [][]*x509.Certifica
 // Fingerprint is the root certificate's fingerprint that dlogin pins.
 func (d *Daemon) Fingerprint() string { return d.pki.Fingerprint() }
 
+// AdminAddr is the address admin-listen listens on once Serve opened it, or "".
+func (d *Daemon) AdminAddr() string {
+	if a := d.adminAddr.Load(); a != nil {
+		return *a
+	}
+	return ""
+}
+
 // Users is the user store.
 func (d *Daemon) Users() *users.Store { return d.users }
 
@@ -263,6 +278,7 @@ func (d *Daemon) renewServerCert() error {
 		return err
 	}
 	d.cert.Store(&tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf})
+	d.metrics.certIssued("server")
 	return nil
 }
 
@@ -299,9 +315,21 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		}).Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
 	}
+	var adminHTTPLn net.Listener // admin-listen (admin_http.go)
+	if d.cfg.AdminListen != "" {
+		if adminHTTPLn, err = listenAdminHTTP(d.cfg.AdminListen); err != nil {
+			adminLn.Close()
+			return err
+		}
+		a := adminHTTPLn.Addr().String()
+		d.adminAddr.Store(&a)
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	if err := d.startWeb(gctx, g, ln); err != nil { // website.go
 		adminLn.Close()
+		if adminHTTPLn != nil {
+			adminHTTPLn.Close()
+		}
 		return err
 	}
 	// The proxy does not run under gctx: a stop (SIGTERM) is a Shutdown below,
@@ -331,6 +359,26 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		return nil
 	})
+	// The admin HTTP listener outlives the drain below, so that /readyz can say
+	// "draining" while it lasts; it stops after the proxy did.
+	adminHTTPDone := make(chan struct{})
+	if adminHTTPLn != nil {
+		adminHTTP := d.adminHTTPServer()
+		d.log.Info("serving metrics and health checks", "admin_listen", adminHTTPLn.Addr().String())
+		g.Go(func() error {
+			if err := adminHTTP.Serve(adminHTTPLn); !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("admin-listen %s: %w", d.cfg.AdminListen, err)
+			}
+			return nil
+		})
+		g.Go(func() error {
+			<-adminHTTPDone
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			_ = adminHTTP.Shutdown(sctx)
+			return nil
+		})
+	}
 	g.Go(func() error { d.maintain(gctx); return nil })
 	g.Go(func() error { d.pruneCA(gctx); return nil })
 	if d.Ready != nil {
@@ -338,6 +386,8 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	g.Go(func() error {
 		<-gctx.Done()
+		d.draining.Store(true)
+		defer close(adminHTTPDone)
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
 		defer cancel()
 		d.log.Info("stopping: no new connections; draining live sessions", "live", d.proxy.Live(), "grace", shutdownGrace)
@@ -375,12 +425,14 @@ func (d *Daemon) maintain(ctx context.Context) {
 		before := d.policy.Revision()
 		// Reload directly: ReloadPolicy kicks this loop, which would spin.
 		if err := d.policy.Reload(ctx); err != nil {
-			if err.Error() != lastErr {
+			fresh := err.Error() != lastErr
+			d.metrics.policyReload(err, fresh)
+			if fresh {
 				lastErr = err.Error()
 				d.log.Error("policy change refused; the previous policy stays active", "err", err)
 				d.policyReloaded("policy directory change", err)
 			}
-		} else if lastErr != "" || d.policy.Revision() != before {
+		} else if d.metrics.policyReload(nil, false); lastErr != "" || d.policy.Revision() != before {
 			lastErr = ""
 			d.log.Info("policy reloaded", "revision", d.policy.Revision())
 			d.policyReloaded("policy directory change", nil)
