@@ -108,6 +108,7 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 					}
 				}
 			}()
+			defer forceOnSecondSignal(d.Force)() // signals.go
 			return d.Serve(cmd.Context(), ln)
 		},
 	}

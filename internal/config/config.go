@@ -45,7 +45,7 @@ type Server struct {
 	// ShutdownTimeout bounds the drain on SIGTERM: sessions still live after it
 	// are aborted with the shutdown code.
 	ShutdownTimeout time.Duration `mapstructure:"shutdown-timeout"`
-	MaxConns         int           `mapstructure:"max-conns"`
+	MaxConns        int           `mapstructure:"max-conns"`
 	// MaxWebConns bounds website connections separately (0: half of max-conns),
 	// so web traffic can never take the proxy's slots.
 	MaxWebConns int `mapstructure:"max-web-conns"`
