@@ -232,7 +232,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		if errors.As(err, &fe) {
 			return fe.error
 		}
-		if a.Explain != nil && err != nil {
+		if a.Explain != nil && err != nil && !errors.As(err, new(serverShutdown)) { // a stop needs no asking
 			if err = a.Explain(ctx, err); errors.Is(err, authz.ErrRevoked) {
 				return err // retrying cannot lift a revocation
 			}
@@ -438,11 +438,18 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 				}
 				_ = ctl.Close()
 				handoff = errors.As(cerr, new(serverShutdown)) && ctx.Err() == nil
-				if cerr != nil && (errors.As(cerr, new(*RefusedError)) || errors.As(cerr, new(fatalError))) {
+				if cerr != nil && (errors.As(cerr, new(*RefusedError)) || errors.As(cerr, new(fatalError)) || errors.As(cerr, new(serverShutdown))) {
 					return true, cerr
 				}
 				if qerr := context.Cause(qconn.Context()); qerr != nil {
-					return true, fmt.Errorf("QUIC connection: %w", explainQUICErr(qerr))
+					err := fmt.Errorf("QUIC connection: %w", explainQUICErr(qerr))
+					// The server closes a connection that carries only the control
+					// stream with 0x3 right after the end frame, which may then be
+					// lost: the code says the same.
+					if ae := (*quic.ApplicationError)(nil); errors.As(qerr, &ae) && ae.Remote && ae.ErrorCode == wire.QUICShutdown {
+						return true, serverShutdown{err}
+					}
+					return true, err
 				}
 				if cerr != nil {
 					return true, cerr
