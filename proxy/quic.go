@@ -104,7 +104,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 	// quic-go aborts a handshake after twice HandshakeIdleTimeout, so half of the
 	// configured bound keeps the whole handshake within HandshakeTimeout.
 	qcfg := &quic.Config{
-		HandshakeIdleTimeout:           s.cfg.HandshakeTimeout / 2,
+		HandshakeIdleTimeout:           s.lim().HandshakeTimeout / 2,
 		MaxIdleTimeout:                 opts.IdleTimeout,
 		KeepAlivePeriod:                opts.KeepAlive,
 		MaxIncomingStreams:             opts.MaxStreams,
@@ -126,7 +126,9 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		if s.isClosed() {
 			return nil, errQUICDraining // CONNECTION_REFUSED at once
 		}
-		return qcfg, nil
+		c := qcfg.Clone()
+		c.HandshakeIdleTimeout = s.lim().HandshakeTimeout / 2 // SetLimits may have changed it
+		return c, nil
 	}
 	ln, err := tr.Listen(s.quicTLS, qcfg) // "tp/1" → proxy, "h3" → website (demux.go)
 	if err != nil {
@@ -183,7 +185,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		}
 		if !s.acquire() {
 			_ = conn.CloseWithError(wire.QUICRefused, "server busy: too many connections")
-			s.log.Warn("QUIC connection refused: too many connections", "remote", conn.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
+			s.log.Warn("QUIC connection refused: too many connections", "remote", conn.RemoteAddr().String(), "max_conns", s.lim().MaxConns)
 			continue
 		}
 		if !s.addWorker() {
@@ -215,7 +217,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 
 // acquire takes one MaxConns slot.
 func (s *Server) acquire() bool {
-	if s.active.Add(1) > int64(s.cfg.MaxConns) {
+	if s.active.Add(1) > int64(s.lim().MaxConns) {
 		s.active.Add(-1)
 		return false
 	}
@@ -288,7 +290,7 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 		if !s.acquire() {
 			qs.Abort(wire.QUICRefused)
 			refused.Add(1)
-			s.log.Warn("QUIC stream refused: too many connections", "remote", remote, "max_conns", s.cfg.MaxConns)
+			s.log.Warn("QUIC stream refused: too many connections", "remote", remote, "max_conns", s.lim().MaxConns)
 			continue
 		}
 		served.Add(1)

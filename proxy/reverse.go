@@ -474,7 +474,7 @@ func netOfFull(a *reverseAgent, host string) string {
 
 // decide asks the Authorizer and turns a denial or an error into a refusal.
 func (s *Server) decide(ctx context.Context, ss *session, req authz.Request, fallback string) *wire.HelloError {
-	actx, acancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+	actx, acancel := context.WithTimeout(ctx, s.lim().DialTimeout)
 	dec, err := s.cfg.Authorizer.Authorize(actx, req)
 	acancel()
 	if err != nil {
