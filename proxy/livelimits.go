@@ -58,8 +58,21 @@ func (l Limits) withDefaults() (Limits, error) {
 	return l, nil
 }
 
-// lim is the bounds in force now.
-func (s *Server) lim() *Limits { return s.limits.Load() }
+// lim is the bounds in force now: Config's, until SetLimits changes them (a
+// Server built without New, as some tests do, has Config's as they are).
+func (s *Server) lim() *Limits {
+	if l := s.limits.Load(); l != nil {
+		return l
+	}
+	return s.cfgLimits()
+}
+
+func (s *Server) cfgLimits() *Limits {
+	c := &s.cfg
+	return &Limits{HandshakeTimeout: c.HandshakeTimeout, HelloTimeout: c.HelloTimeout, DialTimeout: c.DialTimeout,
+		MaxConns: c.MaxConns, MaxWebConns: c.MaxWebConns, MaxHandshakesPerIP: c.MaxHandshakesPerIP,
+		MaxSessionsPerIdentity: c.MaxSessionsPerIdentity}
+}
 
 // Limits returns the bounds in force now, defaults filled in.
 func (s *Server) Limits() Limits { return *s.lim() }

@@ -206,9 +206,7 @@ func New(cfg Config) (*Server, error) {
 	}
 
 	s := &Server{cfg: cfg, log: cfg.Logger, listeners: make(map[net.Listener]struct{})}
-	s.limits.Store(&Limits{HandshakeTimeout: cfg.HandshakeTimeout, HelloTimeout: cfg.HelloTimeout, DialTimeout: cfg.DialTimeout,
-		MaxConns: cfg.MaxConns, MaxWebConns: cfg.MaxWebConns, MaxHandshakesPerIP: cfg.MaxHandshakesPerIP,
-		MaxSessionsPerIdentity: cfg.MaxSessionsPerIdentity})
+	s.limits.Store(s.cfgLimits())
 	s.force, s.forceClose = context.WithCancel(context.Background())
 	s.draining, s.drain = context.WithCancel(context.Background())
 	s.proxyTLS = cfg.ProxyTLS.Clone()

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -43,7 +44,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.AddCommand(serveCmd(stdout, stderr), initCmd(stdout), enrollCmd(stdout), usersCmd(stdout), versionCmd(stdout),
-		policyCmd(stdout), revokeCmd(stdout))
+		policyCmd(stdout), revokeCmd(stdout), reloadCmd(stdout))
 	return root.ExecuteContext(ctx)
 }
 
@@ -57,7 +58,9 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			log := cfg.Logger(stderr)
+			level := new(slog.LevelVar) // a reload may change it
+			log := cfg.LoggerWithLevel(stderr, level)
+			started := cfg
 			// Listen first: a busy port fails before the first start creates a
 			// data dir. Init still gets the configured address, so tpd.yaml
 			// records it, not the port the kernel picked for --listen HOST:0.
@@ -96,16 +99,13 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				}
 			}
 
+			d.SetReloader(reloadLoader(cmd.Flags(), started, cfg), level) // reload.go
 			hup := make(chan os.Signal, 1)
 			signal.Notify(hup, syscall.SIGHUP)
 			defer signal.Stop(hup)
 			go func() {
 				for range hup {
-					if err := d.ReloadPolicy(cmd.Context()); err != nil {
-						log.Error("policy reload on SIGHUP refused; the previous policy stays active", "err", err)
-					} else {
-						log.Info("policy reloaded on SIGHUP", "revision", d.Policy().Revision())
-					}
+					_, _ = d.Reload(cmd.Context()) // it logs what changed, or why it refused
 				}
 			}()
 			defer forceOnSecondSignal(d.Force)() // signals.go

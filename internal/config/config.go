@@ -509,3 +509,15 @@ func (s Server) Logger(w io.Writer) *slog.Logger {
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
 }
+
+// LoggerWithLevel is Logger with its level held in lv (set to log-level here),
+// so that a reload can change it.
+func (s Server) LoggerWithLevel(w io.Writer, lv *slog.LevelVar) *slog.Logger {
+	lvl, _ := ParseLevel(s.LogLevel)
+	lv.Set(lvl)
+	opts := &slog.HandlerOptions{Level: lv}
+	if s.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}

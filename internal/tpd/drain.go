@@ -13,8 +13,9 @@ import (
 
 // opsState is what drain.go and reload.go keep on the Daemon.
 type opsState struct {
-	stop stopState
-	live atomic.Pointer[config.Server] // the configuration as last reloaded; nil: Daemon.cfg
+	stop   stopState
+	reload reloadState
+	live   atomic.Pointer[config.Server] // the configuration as last reloaded; nil: Daemon.cfg
 }
 
 // config is the running configuration: Daemon.cfg, or what a reload applied.

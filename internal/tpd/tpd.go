@@ -280,7 +280,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	adminSrv := &http.Server{
 		Handler: (&admin.Server{
-			Users: d.users, Revoker: d, ServerURL: d.cfg.PublicURL(), Fingerprint: d.Fingerprint(),
+			Users: d.users, Revoker: d, Reloader: d, ServerURL: d.cfg.PublicURL(), Fingerprint: d.Fingerprint(),
 			TokenTTL: d.cfg.TokenTTL, Logger: d.log,
 		}).Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
