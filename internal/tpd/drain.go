@@ -81,9 +81,9 @@ func (d *Daemon) drain(ctx context.Context, adminSrv *http.Server) {
 	var cut atomic.Int64
 	var forced atomic.Bool
 	var forceOnce sync.Once
-	doForce := func(why string) {
+	doForce := func(why string, bySignal bool) {
 		forceOnce.Do(func() {
-			forced.Store(true)
+			forced.Store(bySignal)
 			n := d.proxy.Live()
 			cut.Store(int64(n))
 			if n > 0 {
@@ -92,14 +92,14 @@ func (d *Daemon) drain(ctx context.Context, adminSrv *http.Server) {
 			forceNow()
 		})
 	}
-	timer := time.AfterFunc(timeout, func() { doForce("shutdown-timeout reached") })
+	timer := time.AfterFunc(timeout, func() { doForce("shutdown-timeout reached", false) })
 	defer timer.Stop()
 	stopForce := make(chan struct{})
 	defer close(stopForce)
 	go func() {
 		select {
 		case <-d.ops.stop.forceCh():
-			doForce("forced by a second signal")
+			doForce("forced by a second signal", true)
 		case <-stopForce:
 		}
 	}()
