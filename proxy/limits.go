@@ -89,6 +89,9 @@ func (s *Server) countSession(ss *session) *wire.HelloError {
 
 // releaseSession gives back the session slot countSession took, if any.
 func (s *Server) releaseSession(ss *session) {
+	if ss.hold != nil {
+		ss.hold()
+	}
 	if ss.counted {
 		ss.counted = false
 		s.perID.release(ss.id.DeviceID)

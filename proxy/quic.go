@@ -323,6 +323,15 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 		}
 	}()
 	streams.Wait()
+	if drain.Err() != nil {
+		// An agent's connection: the sessions it serves for dialers finish
+		// first, unless the drain is cut short (docs/PROTOCOL.md, section 6.3).
+		select {
+		case <-s.holds.none(conn):
+		case <-ctx.Done():
+		case <-conn.Context().Done():
+		}
+	}
 	stopRefusing()
 	<-refusing
 

@@ -461,6 +461,9 @@ func (s *Server) establishReverse(ctx context.Context, conn wire.Stream, ss *ses
 	// between dialer and agent.
 	ss.e2e = !a.isPublic(host)
 	ss.peer = "agent"
+	if qs, ok := st.(*wire.QUICStream); ok {
+		ss.hold = s.holds.hold(qs.Conn()) // a drain keeps the agent's connection for it
+	}
 	return st, nil
 }
 

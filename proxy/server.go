@@ -119,6 +119,7 @@ type Server struct {
 	ends       endRecords             // how recently aborted sessions ended, for op "why"
 	rev        *reverseRegistry       // reverse names; nil when Config.Reverse.Zone is empty
 	udp        udpState               // UDP flow bounds and counters (udp.go)
+	holds      connHolds              // dialers' sessions on agents' QUIC connections (quicholds.go)
 	limits     atomic.Pointer[Limits] // timeouts and caps; SetLimits swaps them (livelimits.go)
 	wg         sync.WaitGroup         // connection goroutines (not web conns, which http.Server owns)
 

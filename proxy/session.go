@@ -39,6 +39,7 @@ type session struct {
 	sid      string            // session id sent with the ok, for op "why"
 	peer     string            // who is on the other side: "destination" or "agent"
 	counted  bool              // holds a slot of MaxSessionsPerIdentity (limits.go)
+	hold     func()            // releases the agent's QUIC connection the session runs over (quicholds.go)
 }
 
 func (s *Server) serveProxy(ctx context.Context, conn *tls.Conn) {

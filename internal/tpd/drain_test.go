@@ -1,6 +1,7 @@
 package tpd
 
 import (
+	"bytes"
 	"context"
 	"io"
 	"log/slog"
@@ -12,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"crypto/sha256"
+
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
 )
@@ -19,7 +22,7 @@ import (
 // stoppableDaemon is startDaemon with the shutdown-timeout given, its log kept,
 // and the stop in the test's hands: stop begins the drain, wait returns Serve's
 // error.
-func stoppableDaemon(t testing.TB, timeout time.Duration, mod ...func(*config.Server)) (d *Daemon, url string, log *lockedBuffer, stop func(), wait func() error) {
+func stoppableDaemon(t testing.TB, policy string, timeout time.Duration, mod ...func(*config.Server)) (d *Daemon, url string, log *lockedBuffer, stop func(), wait func() error) {
 	t.Helper()
 	cfg := config.DefaultServer()
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
@@ -31,7 +34,7 @@ func stoppableDaemon(t testing.TB, timeout time.Duration, mod ...func(*config.Se
 	if _, err := Init(cfg); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(allowAlice), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(policy), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	ln, err := Listen("127.0.0.1:0", true)
@@ -70,7 +73,7 @@ var stoppedLine = regexp.MustCompile(`msg=stopped drained=(\d+) cut=(\d+) forced
 // Force aborts the three at once; Serve returns nil; one line counts them as
 // cut, the tunnel closed meanwhile as drained.
 func TestDrainForce(t *testing.T) {
-	d, url, log, stop, wait := stoppableDaemon(t, time.Hour)
+	d, url, log, stop, wait := stoppableDaemon(t, allowAlice, time.Hour)
 	c, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	dl, err := c.Dialer()
 	if err != nil {
@@ -132,7 +135,7 @@ func TestDrainForce(t *testing.T) {
 // the counts, not the time: the figure goes in the README.
 func TestDrainTime(t *testing.T) {
 	const idle, active = 1000, 100
-	d, url, log, stop, wait := stoppableDaemon(t, 5*time.Second, func(c *config.Server) { c.MaxSessionsPerIdentity = 2000 })
+	d, url, log, stop, wait := stoppableDaemon(t, allowAlice, 5*time.Second, func(c *config.Server) { c.MaxSessionsPerIdentity = 2000 })
 	c, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	dl, err := c.Dialer()
 	if err != nil {
@@ -245,4 +248,94 @@ func TestDrainTime(t *testing.T) {
 	}
 	t.Logf("drain of %d idle and %d active TLS tunnels, shutdown-timeout 5s: the active ones (2 s of paced data) all ended %s after the stop; tpd says took=%s (drained=%s cut=%s); stop to Serve's return %s, so cutting the %d idle ones took %s after the timeout",
 		idle, active, activeDone.Round(time.Millisecond), m[4], m[1], m[2], elapsed.Round(time.Millisecond), idle, (elapsed - 5*time.Second).Round(time.Millisecond))
+}
+
+// The sessions an agent serves finish across the server's stop: bad input is a
+// stop while bob reads a paced stream from alice's exposed service through the
+// relay. The agent, told {"end":"shutdown"}, reconnects (to nothing here) but
+// leaves the session it serves running, and bob gets every byte with the right
+// checksum and a clean end, over TLS and over QUIC. (The agent used to cut its
+// sessions when its control session ended.)
+func TestDrainLetsAgentSessionsFinish(t *testing.T) {
+	const chunk, chunks = 16 << 10, 16
+	payload := func(i int) []byte { return bytes.Repeat([]byte{byte(i)}, chunk) }
+	h := sha256.New()
+	for i := range chunks {
+		h.Write(payload(i))
+	}
+	want := [32]byte(h.Sum(nil))
+	for _, transport := range []string{clients.TransportTLS, clients.TransportQUIC} {
+		t.Run(transport, func(t *testing.T) {
+			d, url, log, stop, wait := stoppableDaemon(t, reversePolicy, time.Minute)
+			alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+			bob, _, _ := enrollClient(t, d, url, "bob", "phone")
+			release := make(chan struct{})
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			go func() {
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					go func() {
+						defer c.Close()
+						for i := range chunks {
+							if _, err := c.Write(payload(i)); err != nil {
+								return
+							}
+							if i == 0 {
+								<-release
+							}
+							time.Sleep(50 * time.Millisecond) // pacing: the transfer spans part of the drain
+						}
+					}()
+				}
+			}()
+			startAgent(t, alice, transport, ln.Addr().String(), []string{"bob"}, nil)
+			bd, err := bob.Dialer()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer bd.Close()
+			bd.Transport = transport
+			conn, err := bd.DialContext(context.Background(), "tcp", "svc.rev.tp.internal:22")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.SetReadDeadline(time.Now().Add(60 * time.Second))
+			got := sha256.New()
+			if _, err := io.CopyN(got, conn, chunk); err != nil {
+				t.Fatal(err)
+			}
+			stop()
+			waitDraining(t, d)
+			close(release)
+			_, err = io.Copy(got, conn)
+			if err != nil || [32]byte(got.Sum(nil)) != want {
+				t.Fatalf("the session through the agent did not finish across the stop: %v", clients.ExplainCut(context.Background(), err))
+			}
+			conn.Close()
+			if err := wait(); err != nil {
+				t.Fatal(err)
+			}
+			if m := stoppedLine.FindStringSubmatch(log.String()); m == nil || m[2] != "0" {
+				t.Fatalf("stopped line %q; want cut=0\n%s", m, log.String())
+			}
+		})
+	}
+}
+
+func waitDraining(t *testing.T, d *Daemon) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !d.Draining(); {
+		if time.Now().After(deadline) {
+			t.Fatal("not Draining 20s after the stop")
+		}
+		time.Sleep(time.Millisecond) // polling a flag
+	}
 }
