@@ -3,7 +3,6 @@ package clients_test
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"errors"
 	"io"
 	"log/slog"
@@ -16,87 +15,27 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/testpki"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
-
-type authorizerFunc func(ctx context.Context, req authz.Request) (authz.Decision, error)
-
-func (f authorizerFunc) Authorize(ctx context.Context, req authz.Request) (authz.Decision, error) {
-	return f(ctx, req)
-}
 
 // startServer runs a proxy.Server on loopback that allows every destination except
 // port 9, and returns a Dialer for it.
 func startServer(t *testing.T) *clients.Dialer {
 	t.Helper()
-	ca := testpki.New(t)
-	srv, err := proxy.New(proxy.Config{
-		ProxyTLS: &tls.Config{
-			Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")},
-			ClientCAs:    ca.Pool,
-			ClientAuth:   tls.RequireAndVerifyClientCert,
-		},
-		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
-			leaf := cs.PeerCertificates[0]
-			return authz.Identity{DeviceID: leaf.Subject.CommonName, NotAfter: leaf.NotAfter}, nil
-		},
-		Authorizer: authorizerFunc(func(_ context.Context, req authz.Request) (authz.Decision, error) {
-			if req.Destination.Port == 9 {
-				return authz.Decision{Reason: "port 9 is closed to " + req.Identity.String()}, nil
-			}
-			return authz.Decision{Allow: true}, nil
-		}),
-		Logger: slog.New(slog.DiscardHandler),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { _ = srv.Serve(ctx, ln); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
-	return &clients.Dialer{
-		Server:    ln.Addr().String(),
-		TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}},
-	}
-}
-
-// startReplier accepts connections, reads each to EOF, then replies with what it
-// read in upper case: a reply only arrives after the client's half-close.
-func startReplier(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				b, _ := io.ReadAll(c)
-				_, _ = c.Write(bytes.ToUpper(b))
-			}()
+	addr, tlsConfig := clients.StartTestServer(t, func(req authz.Request) authz.Decision {
+		if req.Destination.Port == 9 {
+			return authz.Decision{Reason: "port 9 is closed to " + req.Identity.String()}
 		}
-	}()
-	return ln.Addr().String()
+		return authz.Decision{Allow: true}
+	})
+	return &clients.Dialer{Server: addr, TLSConfig: tlsConfig}
 }
 
 // TestStdio: stdin EOF half-closes the connection; the reply still reaches stdout.
 func TestStdio(t *testing.T) {
 	d := startServer(t)
-	dst := startReplier(t)
+	dst := testnet.Upper(t)
 	conn, err := d.DialContext(context.Background(), "tcp", dst)
 	if err != nil {
 		t.Fatal(err)
@@ -115,7 +54,7 @@ func TestStdio(t *testing.T) {
 // TestStdioContext: ending ctx ends a session that would otherwise wait forever.
 func TestStdioContext(t *testing.T) {
 	d := startServer(t)
-	dst := startReplier(t)
+	dst := testnet.Upper(t)
 	conn, err := d.DialContext(context.Background(), "tcp", dst)
 	if err != nil {
 		t.Fatal(err)
@@ -174,7 +113,7 @@ func TestDialerRejectsBadAddress(t *testing.T) {
 // keeps serving and the next connection goes through.
 func TestForwarder(t *testing.T) {
 	d := startServer(t)
-	dst := startReplier(t)
+	dst := testnet.Upper(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

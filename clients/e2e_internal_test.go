@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 )
 
@@ -30,21 +31,8 @@ func batchedPair(t *testing.T) (*batchedTLS, *countingConn, *tls.Conn) {
 	t.Helper()
 	ca := testpki.New(t)
 	cert := ca.ServerCert(t, "agent.rev.test")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	raw, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := tls.Server(<-accepted, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})
+	raw, accepted := testnet.Pair(t)
+	srv := tls.Server(accepted, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})
 	counted := &countingConn{Conn: raw}
 	batch := &batchConn{Conn: counted}
 	cli := tls.Client(batch, &tls.Config{RootCAs: ca.Pool, ServerName: "agent.rev.test", MinVersion: tls.VersionTLS13})

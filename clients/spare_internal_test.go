@@ -4,71 +4,22 @@ import (
 	"context"
 	"crypto/tls"
 	"io"
-	"log/slog"
 	"net"
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/authz"
-	"github.com/tp-proxy/tp/internal/testpki"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
-
-type allowAll struct{}
-
-func (allowAll) Authorize(context.Context, authz.Request) (authz.Decision, error) {
-	return authz.Decision{Allow: true}, nil
-}
 
 // spareEnv runs a proxy.Server and an echo service on loopback; the Dialer uses TLS.
 func spareEnv(t *testing.T) (*Dialer, string) {
 	t.Helper()
-	ca := testpki.New(t)
-	srv, err := proxy.New(proxy.Config{
-		ProxyTLS: &tls.Config{
-			Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")},
-			ClientCAs:    ca.Pool,
-			ClientAuth:   tls.RequireAndVerifyClientCert,
-		},
-		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
-			leaf := cs.PeerCertificates[0]
-			return authz.Identity{DeviceID: leaf.Subject.CommonName, NotAfter: leaf.NotAfter}, nil
-		},
-		Authorizer: allowAll{},
-		Logger:     slog.New(slog.DiscardHandler),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { _ = srv.Serve(ctx, ln); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-
-	echo, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = echo.Close() })
-	go func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			go func() { _, _ = io.Copy(c, c); _ = c.Close() }()
-		}
-	}()
-	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
-	d := &Dialer{Server: ln.Addr().String(), Transport: TransportTLS, Timeout: 10 * time.Second,
-		TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}}}
+	addr, tlsConfig := StartTestServer(t, nil)
+	echo := testnet.Echo(t)
+	d := &Dialer{Server: addr, Transport: TransportTLS, Timeout: 10 * time.Second, TLSConfig: tlsConfig}
 	t.Cleanup(func() { _ = d.Close() })
-	return d, echo.Addr().String()
+	return d, echo
 }
 
 func echoOnce(t *testing.T, d *Dialer, addr string) net.Conn {

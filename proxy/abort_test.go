@@ -17,6 +17,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -25,25 +26,10 @@ import (
 // destination starts a TCP server on loopback that runs serve for each connection.
 func destination(t *testing.T, serve func(c *net.TCPConn)) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(30 * time.Second))
-				serve(c.(*net.TCPConn))
-			}()
-		}
-	}()
-	return ln.Addr().String()
+	return testnet.Serve(t, func(c *net.TCPConn) {
+		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+		serve(c)
+	})
 }
 
 // reset ends c with a TCP reset.

@@ -5,6 +5,8 @@ import (
 	"io"
 	"net"
 	"testing"
+
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 const benchChunk = 1 << 20
@@ -13,26 +15,13 @@ const benchChunk = 1 << 20
 // byte count of each connection when it ends.
 func startSink(b *testing.B) (string, <-chan int64) {
 	b.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = ln.Close() })
 	counts := make(chan int64, 16)
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				n, _ := io.Copy(io.Discard, c)
-				c.Close()
-				counts <- n
-			}()
-		}
-	}()
-	return ln.Addr().String(), counts
+	addr := testnet.Serve(b, func(c *net.TCPConn) {
+		n, _ := io.Copy(io.Discard, c)
+		c.Close()
+		counts <- n
+	})
+	return addr, counts
 }
 
 func benchThroughput(b *testing.B, c net.Conn, counts <-chan int64) {
@@ -81,7 +70,7 @@ func oneByteEachWay(b *testing.B, c net.Conn) {
 }
 
 func BenchmarkNewConnDirect(b *testing.B) {
-	echo := startEcho(b)
+	echo := testnet.Echo(b)
 	for b.Loop() {
 		c, err := net.Dial("tcp", echo)
 		if err != nil {

@@ -10,39 +10,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
-
-// tcpPair returns the two ends of a loopback TCP connection.
-func tcpPair(t *testing.T) (net.Conn, net.Conn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := <-accepted
-	if s == nil {
-		t.Fatal("accept failed")
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c, s
-}
 
 // TestBridgeHalfClose: client ⇄ [a Bridge b] ⇄ server over real TCP. The client
 // half-closes, the server still answers after that, and the counts are exact.
 func TestBridgeHalfClose(t *testing.T) {
-	client, a := tcpPair(t)
-	b, server := tcpPair(t)
+	client, a := testnet.Pair(t)
+	b, server := testnet.Pair(t)
 	type result struct {
 		ab, ba int64
 		err    error
@@ -55,13 +31,13 @@ func TestBridgeHalfClose(t *testing.T) {
 	_ = client.SetDeadline(time.Now().Add(10 * time.Second))
 	_ = server.SetDeadline(time.Now().Add(10 * time.Second))
 	_, _ = io.WriteString(client, "question")
-	_ = client.(*net.TCPConn).CloseWrite()
+	_ = client.CloseWrite()
 	got, err := io.ReadAll(server)
 	if err != nil || string(got) != "question" {
 		t.Fatalf("server read %q, %v", got, err)
 	}
 	_, _ = io.WriteString(server, "late answer")
-	_ = server.(*net.TCPConn).CloseWrite()
+	_ = server.CloseWrite()
 	got, err = io.ReadAll(client)
 	if err != nil || string(got) != "late answer" {
 		t.Fatalf("client read %q, %v", got, err)
@@ -74,8 +50,8 @@ func TestBridgeHalfClose(t *testing.T) {
 
 // TestBridgeContext: ending ctx ends a bridge whose peers are idle, with the cause.
 func TestBridgeContext(t *testing.T) {
-	_, a := tcpPair(t)
-	b, _ := tcpPair(t)
+	_, a := testnet.Pair(t)
+	b, _ := testnet.Pair(t)
 	cause := errors.New("certificate expired")
 	ctx, cancel := context.WithCancelCause(context.Background())
 	done := make(chan error, 1)
@@ -122,8 +98,8 @@ func TestBridgeNoHalfClose(t *testing.T) {
 // direction) and one more (the other), since every goroutine of an idle tunnel
 // keeps a stack.
 func TestBridgeGoroutines(t *testing.T) {
-	client, a := tcpPair(t)
-	b, _ := tcpPair(t)
+	client, a := testnet.Pair(t)
+	b, _ := testnet.Pair(t)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

@@ -15,6 +15,7 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -197,31 +198,20 @@ func TestACMETLSALPN(t *testing.T) {
 func startTLSEcho(t *testing.T, cert tls.Certificate) (string, chan string) {
 	t.Helper()
 	sni := make(chan string, 4)
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+	cfg := &tls.Config{
 		Certificates: []tls.Certificate{cert},
 		GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
 			sni <- h.ServerName
 			return nil, nil
 		},
-	})
-	if err != nil {
-		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				b, _ := io.ReadAll(c) // until the client's close_notify
-				io.WriteString(c, "backend:"+string(b))
-			}()
-		}
-	}()
-	return ln.Addr().String(), sni
+	addr := testnet.Serve(t, func(raw *net.TCPConn) {
+		c := tls.Server(raw, cfg)
+		defer c.Close()
+		b, _ := io.ReadAll(c) // until the client's close_notify
+		io.WriteString(c, "backend:"+string(b))
+	})
+	return addr, sni
 }
 
 // Names registered for pass-through reach their backend with TLS untouched: the

@@ -14,6 +14,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -100,7 +101,7 @@ func newEnv(t testing.TB, mod func(*proxy.Config)) *env {
 	e := &env{t: t, ca: ca, srv: srv, addr: ln.Addr().String(), cancel: cancel, served: make(chan error, 1),
 		cert: ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})}
 	go func() { e.served <- srv.Serve(ctx, ln) }()
-	e.echo = startEcho(t)
+	e.echo = testnet.Echo(t)
 	t.Cleanup(func() {
 		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer scancel()
@@ -138,6 +139,20 @@ func (e *env) rawConn(t testing.TB) *tls.Conn {
 	return c
 }
 
+// dialVia dials network addr through d, within 10s; the connection is closed
+// when the test ends.
+func dialVia(t testing.TB, d *clients.Dialer, network, addr string) net.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := d.DialContext(ctx, network, addr)
+	if err != nil {
+		t.Fatalf("dial %s %s: %v", network, addr, err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
 // mustEcho dials the echo destination through the server and checks a round trip.
 // Bad-input tests call it afterwards to show the server still serves.
 func (e *env) mustEcho(t testing.TB) {
@@ -160,41 +175,4 @@ func (e *env) mustEcho(t testing.TB) {
 	if err != nil || string(got) != "ping" {
 		t.Fatalf("echo = %q, %v; want \"ping\"", got, err)
 	}
-}
-
-// startEcho runs a loopback TCP echo server that half-closes after echoing.
-func startEcho(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_, _ = io.Copy(c, c)
-				_ = c.(*net.TCPConn).CloseWrite()
-				_, _ = io.Copy(io.Discard, c)
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
-
-// refusedPort returns a loopback address on which nothing listens.
-func refusedPort(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	_ = ln.Close()
-	return addr
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -149,7 +150,7 @@ func TestIdentitySessionCap(t *testing.T) {
 	}
 
 	// Refused requests give their slots back: more of them than the bound.
-	closed := refusedPort(t)
+	closed := testnet.FreeAddr(t, "tcp").String()
 	for i := range 6 {
 		st := q.streamAs(t, alice, bothTransports[i%2], nil)
 		wantRefusal(t, mustHello(t, st, dialHello(t, closed)), wire.CodeDialRefused)

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -22,7 +23,7 @@ import (
 // whose too_large is a string.
 func TestUDPMalformedReportAborts(t *testing.T) {
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	conn, err := q.quicConn(t, &q.cert)
 	if err != nil {
 		t.Fatal(err)
@@ -99,12 +100,7 @@ func TestPublicUDPMalformedReportAborts(t *testing.T) {
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", PublicHost: "127.0.0.1", PublicPorts: func(string, int) bool { return true }}
 	}, proxy.QUICOptions{})
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := pc.LocalAddr().(*net.UDPAddr).Port
-	pc.Close() // a free port for the server to open
+	port := testnet.FreePort(t, "udp") // a free port for the server to open
 	ctl := q.streamAs(t, &q.cert, clients.TransportQUIC, nil)
 	if sh := mustHello(t, ctl, wire.ClientHello{V: wire.Version, Op: wire.OpListen, Net: "tcp", Names: []string{"game"}, UDP: []string{"game"},
 		Public: []wire.PublicSpec{{Name: "game", Net: "udp", Port: port}}}); !sh.OK {

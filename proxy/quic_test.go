@@ -1,17 +1,13 @@
 package proxy_test
 
 import (
-	"bytes"
 	"context"
-	"crypto/rand"
-	"crypto/sha256"
 	"crypto/tls"
 	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -280,39 +276,7 @@ func TestQUICTransfer(t *testing.T) {
 		size = 8 << 20
 	}
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
-	d := q.quicDialer(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := d.DialContext(ctx, "tcp", q.echo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
-	var wg sync.WaitGroup
-	var upSum []byte
-	var upErr error
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		h := sha256.New()
-		if _, upErr = io.CopyN(io.MultiWriter(c, h), rand.Reader, size); upErr == nil {
-			upErr = c.(interface{ CloseWrite() error }).CloseWrite()
-		}
-		upSum = h.Sum(nil)
-	}()
-	h := sha256.New()
-	n, err := io.Copy(h, c)
-	wg.Wait()
-	if upErr != nil {
-		t.Fatalf("upload: %v", upErr)
-	}
-	if err != nil || n != size {
-		t.Fatalf("download: %d bytes, %v; want %d", n, err, size)
-	}
-	if !bytes.Equal(h.Sum(nil), upSum) {
-		t.Fatal("checksum of the echoed data differs from what was sent")
-	}
+	echoTransfer(t, dialVia(t, q.quicDialer(t), "tcp", q.echo), size, nil)
 }
 
 // TestQUICServerShutdownReported: when the server goes away under an established
@@ -402,13 +366,7 @@ func TestAutoPrefersQUIC(t *testing.T) {
 	d := q.dialer()
 	d.Cache = cache
 	defer d.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := d.DialContext(ctx, "tcp", q.echo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialVia(t, d, "tcp", q.echo)
 	if _, ok := dialed(c).(interface{ Conn() *quic.Conn }); !ok {
 		t.Fatalf("auto picked %T, want a QUIC stream", dialed(c))
 	}

@@ -12,6 +12,8 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/testdns"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -57,7 +59,7 @@ func decodeHello(t *testing.T, raw []byte) wire.ServerHello {
 // dialled ("cannot connect to … (127.0.0.1:…)"). The details go to the log.
 func TestRefusalsRevealNothingAboutNames(t *testing.T) {
 	dns := testdns.Start(t)
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	az := &recordingAuthorizer{decide: func(req authz.Request) authz.Decision {
 		if req.Identity.DeviceID == "alice@laptop" {
 			return authz.Decision{Allow: true}
@@ -99,7 +101,7 @@ func TestRefusalsRevealNothingAboutNames(t *testing.T) {
 	waitFor(t, func() bool { return strings.Contains(logs.String(), "resolving probe.test: lookup probe.test") })
 
 	// A failed connection names host:port as asked and a cause, not the address.
-	closed := netip.MustParseAddrPort(refusedPort(t))
+	closed := testnet.FreeAddr(t, "tcp")
 	dns.Set("refusing.test", closed.Addr())
 	sh = decodeHello(t, rawRefusal(t, e, e.cert, "refusing.test", int(closed.Port())))
 	want := "cannot connect to refusing.test:" + strconv.Itoa(int(closed.Port())) + ": the connection was refused"

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -31,12 +32,7 @@ type reverseBench struct {
 
 func newReverseBench(b *testing.B, transport, target string) *reverseBench {
 	b.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
+	port := testnet.FreePort(b, "tcp")
 	q := startReverseAgent(b, transport, "svc", []clients.Exposed{{Name: "svc", Local: target}, {Name: "pub", Local: target, PublicPort: port}})
 	d := q.dialer()
 	d.Transport = transport
@@ -82,7 +78,7 @@ func BenchmarkReverseThroughput(b *testing.B) {
 func BenchmarkReverseNewSession(b *testing.B) {
 	for _, tc := range reverseCases {
 		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
-			r := newReverseBench(b, tc.transport, startEcho(b))
+			r := newReverseBench(b, tc.transport, testnet.Echo(b))
 			oneByteEachWay(b, r.dial(b, tc.mode)) // warm: connections, session tickets
 			for b.Loop() {
 				oneByteEachWay(b, r.dial(b, tc.mode))

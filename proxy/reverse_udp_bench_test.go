@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -25,11 +26,11 @@ func BenchmarkReverseUDPEcho(b *testing.B) {
 		{"protected", clients.TransportTLS}, {"protected", clients.TransportQUIC},
 	} {
 		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
-			echo := startUDPEcho(b)
+			echo := testnet.EchoUDP(b)
 			var c net.Conn
 			if tc.mode == "forward" {
 				q := newQUICEnv(b, nil, proxy.QUICOptions{})
-				c = dialUDP(b, q.udpDialer(b, tc.transport), echo)
+				c = dialVia(b, q.udpDialer(b, tc.transport), "udp", echo)
 			} else {
 				c = reverseUDPConn(b, tc.mode, tc.transport, echo)
 			}
@@ -59,12 +60,7 @@ func BenchmarkReverseUDPEcho(b *testing.B) {
 // returns a connection to it in mode "public" or "protected".
 func reverseUDPConn(b *testing.B, mode, transport, target string) net.Conn {
 	b.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	port := pc.LocalAddr().(*net.UDPAddr).Port
-	pc.Close()
+	port := testnet.FreePort(b, "udp")
 	q := startReverseAgent(b, transport, "dns", []clients.Exposed{
 		{Name: "dns", Local: target, UDP: true}, {Name: "game", Local: target, UDP: true, PublicPort: port}})
 	if mode == "public" {
@@ -78,5 +74,5 @@ func reverseUDPConn(b *testing.B, mode, transport, target string) net.Conn {
 	d := q.dialer()
 	d.Transport = transport
 	b.Cleanup(func() { d.Close() })
-	return dialUDP(b, d, "dns.rev.test:53")
+	return dialVia(b, d, "udp", "dns.rev.test:53")
 }

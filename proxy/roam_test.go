@@ -108,7 +108,8 @@ func (r *natRelay) rebind(t testing.TB) {
 }
 
 // echoTransfer sends size random bytes through c to the echo destination and
-// checks that the same bytes come back; midway (after a third) it calls change.
+// checks that the same bytes come back; midway (after a third) it calls change,
+// unless that is nil.
 func echoTransfer(t *testing.T, c net.Conn, size int64, change func()) {
 	t.Helper()
 	_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
@@ -136,7 +137,7 @@ func echoTransfer(t *testing.T, c net.Conn, size int64, change func()) {
 		defer close(done)
 		n, err = io.Copy(h, c)
 	}()
-	if _, ok := <-third; ok {
+	if _, ok := <-third; ok && change != nil {
 		change()
 	}
 	<-third
@@ -164,13 +165,7 @@ func TestQUICNATRebinding(t *testing.T) {
 	relay := startNATRelay(t, q.udpAddr)
 	d := q.quicDialer(t)
 	d.QUICServer = relay.addr()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := d.DialContext(ctx, "tcp", q.echo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialVia(t, d, "tcp", q.echo)
 	echoTransfer(t, c, size, func() { relay.rebind(t) })
 	if got := relay.fromServerNew.Load(); got == 0 {
 		t.Fatal("no packets from the server reached the new outside port: it did not follow the rebinding")
@@ -186,14 +181,7 @@ func TestQUICClientMigration(t *testing.T) {
 		size = 4 << 20
 	}
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
-	d := q.quicDialer(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := d.DialContext(ctx, "tcp", q.echo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialVia(t, q.quicDialer(t), "tcp", q.echo)
 	conn := dialed(c).(interface{ Conn() *quic.Conn }).Conn()
 	before := conn.LocalAddr().String()
 	var after string

@@ -22,6 +22,8 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -89,25 +91,15 @@ func TestTransfer64MiB(t *testing.T) {
 // to EOF and only then replies with 1 MiB, which the client must receive in full.
 func TestHalfClose(t *testing.T) {
 	e := newEnv(t, nil)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	const replySize = 1 << 20
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
+	dst := testnet.Serve(t, func(c *net.TCPConn) {
 		req, _ := io.ReadAll(c) // until the client's half-close arrives
 		sum := sha256.Sum256(req)
 		_, _ = c.Write(sum[:])
 		_, _ = io.Copy(c, io.LimitReader(rand.NewChaCha8([32]byte{9}), replySize))
-	}()
+	})
 
-	c, err := e.dialer().DialContext(context.Background(), "tcp", ln.Addr().String())
+	c, err := e.dialer().DialContext(context.Background(), "tcp", dst)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,7 +264,7 @@ func refused(t *testing.T, err error, code string) *clients.RefusedError {
 // TestDestinationRefuses: nothing listens at the destination.
 func TestDestinationRefuses(t *testing.T) {
 	e := newEnv(t, nil)
-	addr := refusedPort(t)
+	addr := testnet.FreeAddr(t, "tcp").String()
 	_, err := e.dialer().DialContext(context.Background(), "tcp", addr)
 	re := refused(t, err, wire.CodeDialRefused)
 	if !strings.Contains(re.Reason, addr) || !strings.Contains(re.Reason, "refused") {
@@ -423,28 +415,10 @@ func TestSessionEndsAtCertificateExpiry(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for the server's logging goroutines.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // TestSessionLog: one line per session at close, with identity, destination,
 // decision, byte counts and why it ended, and no certificate material.
 func TestSessionLog(t *testing.T) {
-	var logs syncBuffer
+	var logs testlog.Buffer
 	e := newEnv(t, func(c *proxy.Config) { c.Logger = slog.New(slog.NewJSONHandler(&logs, nil)) })
 	e.mustEcho(t)
 	deadline := time.Now().Add(10 * time.Second)

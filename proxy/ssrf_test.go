@@ -15,6 +15,8 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -91,22 +93,8 @@ func (a *recordingAuthorizer) last(t *testing.T) authz.Request {
 // must never be reached.
 func countingListener(t *testing.T, addr string) *atomic.Int64 {
 	t.Helper()
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
 	var n atomic.Int64
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			n.Add(1)
-			c.Close()
-		}
-	}()
+	testnet.ServeAt(t, addr, func(*net.TCPConn) { n.Add(1) })
 	return &n
 }
 
@@ -305,7 +293,7 @@ func TestPolicyTimeoutDenies(t *testing.T) {
 // others; the session's log line says why it ended.
 func TestRecheckClosesSessionsNoLongerAllowed(t *testing.T) {
 	var deny atomic.Bool
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	e := newEnv(t, func(c *proxy.Config) {
 		c.Logger = newJSONLogger(logs)
 		c.Authorizer = authorizerFunc(func(_ context.Context, req authz.Request) (authz.Decision, error) {

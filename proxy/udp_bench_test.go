@@ -14,6 +14,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -34,7 +35,7 @@ func benchUDPConn(b *testing.B, transport, dest string) net.Conn {
 		return c
 	}
 	q := newQUICEnv(b, nil, proxy.QUICOptions{})
-	return dialUDP(b, q.udpDialer(b, transport), dest)
+	return dialVia(b, q.udpDialer(b, transport), "udp", dest)
 }
 
 // BenchmarkUDPEcho: round trip of one 64-byte datagram through a UDP echo (ns/op
@@ -42,7 +43,7 @@ func benchUDPConn(b *testing.B, transport, dest string) net.Conn {
 func BenchmarkUDPEcho(b *testing.B) {
 	for _, tr := range []string{"direct", clients.TransportTLS, clients.TransportQUIC} {
 		b.Run(tr, func(b *testing.B) {
-			c := benchUDPConn(b, tr, startUDPEcho(b))
+			c := benchUDPConn(b, tr, testnet.EchoUDP(b))
 			msg := make([]byte, 64)
 			buf := make([]byte, 2048)
 			lost := 0
@@ -72,7 +73,7 @@ func BenchmarkUDPThroughput(b *testing.B) {
 	const size, window = 1200, 64
 	for _, tr := range []string{"direct", clients.TransportTLS, clients.TransportQUIC} {
 		b.Run(tr, func(b *testing.B) {
-			c := benchUDPConn(b, tr, startUDPEcho(b))
+			c := benchUDPConn(b, tr, testnet.EchoUDP(b))
 			b.SetBytes(size)
 			tokens := make(chan struct{}, window)
 			for range window {

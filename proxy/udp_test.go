@@ -18,6 +18,8 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -31,58 +33,15 @@ func (q *quicEnv) udpDialer(t testing.TB, transport string) *clients.Dialer {
 	return d
 }
 
-// startUDPEcho runs a loopback UDP echo server.
-func startUDPEcho(t testing.TB) string {
-	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pc.Close() })
-	go func() {
-		buf := make([]byte, 1<<16)
-		for {
-			n, src, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			_, _ = pc.WriteTo(buf[:n], src)
-		}
-	}()
-	return pc.LocalAddr().String()
-}
-
 // startUDPSink runs a loopback UDP server that counts what it receives.
 func startUDPSink(t testing.TB) (string, *atomic.Int64) {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pc.Close() })
 	var n atomic.Int64
-	go func() {
-		buf := make([]byte, 1<<16)
-		for {
-			if _, _, err := pc.ReadFrom(buf); err != nil {
-				return
-			}
-			n.Add(1)
-		}
-	}()
-	return pc.LocalAddr().String(), &n
-}
-
-func dialUDP(t testing.TB, d *clients.Dialer, addr string) net.Conn {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := d.DialContext(ctx, "udp", addr)
-	if err != nil {
-		t.Fatalf("dial udp %s: %v", addr, err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c
+	addr := testnet.ServeUDP(t, func([]byte, net.Addr) []byte {
+		n.Add(1)
+		return nil
+	})
+	return addr, &n
 }
 
 // udpEcho sends msg and expects it back within a second, retrying a few times:
@@ -125,10 +84,10 @@ func TestUDPEcho(t *testing.T) {
 			return allowAll(ctx, req)
 		})
 	}, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
-			c := dialUDP(t, q.udpDialer(t, tr), echo)
+			c := dialVia(t, q.udpDialer(t, tr), "udp", echo)
 			flow, ok := c.(*wire.UDPFlow)
 			if !ok {
 				t.Fatalf("got %T, want *wire.UDPFlow", c)
@@ -164,7 +123,7 @@ func TestUDPPolicyDenied(t *testing.T) {
 			return allowAll(ctx, req)
 		})
 	}, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -186,15 +145,15 @@ func TestUDPPolicyDenied(t *testing.T) {
 // server, the client's reads end, the session log says why, and the bounds are
 // released.
 func TestUDPIdleExpiry(t *testing.T) {
-	var logs syncBuffer
+	var logs testlog.Buffer
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.UDP.IdleTimeout = 300 * time.Millisecond
 		c.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
 	}, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
-			c := dialUDP(t, q.udpDialer(t, tr), echo)
+			c := dialVia(t, q.udpDialer(t, tr), "udp", echo)
 			udpEcho(t, c, []byte("before idle"))
 			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
 			start := time.Now()
@@ -214,12 +173,12 @@ func TestUDPIdleExpiry(t *testing.T) {
 // to IPv4: EMSGSIZE) is counted, logged and reported to the client, which counts
 // it too; the flow keeps working.
 func TestUDPTooLarge(t *testing.T) {
-	var logs syncBuffer
+	var logs testlog.Buffer
 	q := newQUICEnv(t, func(c *proxy.Config) { c.Logger = slog.New(slog.NewJSONHandler(&logs, nil)) }, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	for i, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
-			c := dialUDP(t, q.udpDialer(t, tr), echo)
+			c := dialVia(t, q.udpDialer(t, tr), "udp", echo)
 			flow := c.(*wire.UDPFlow)
 			reports := make(chan wire.UDPReport, 4)
 			flow.OnReport(func(r wire.UDPReport) { reports <- r })
@@ -259,17 +218,17 @@ func TestUDPFlowLimits(t *testing.T) {
 		c.UDP.MaxFlowsPerConn = 2
 		c.UDP.MaxFlowsPerIdentity = 3
 	}, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 
 	dq := q.udpDialer(t, clients.TransportQUIC)
-	a, b := dialUDP(t, dq, echo), dialUDP(t, dq, echo)
+	a, b := dialVia(t, dq, "udp", echo), dialVia(t, dq, "udp", echo)
 	_, err := dq.DialContext(ctx, "udp", echo)
 	refused(t, err, wire.CodeTooManyFlows)
 
 	dt := q.udpDialer(t, clients.TransportTLS)
-	c := dialUDP(t, dt, echo) // a second connection: 3 for this identity
+	c := dialVia(t, dt, "udp", echo) // a second connection: 3 for this identity
 	_, err = dt.DialContext(ctx, "udp", echo)
 	if re := refused(t, err, wire.CodeTooManyFlows); !strings.Contains(re.Reason, "alice@laptop") {
 		t.Fatalf("reason %q does not name the identity", re.Reason)
@@ -279,7 +238,7 @@ func TestUDPFlowLimits(t *testing.T) {
 	}
 	a.Close()
 	waitFor(t, func() bool { return q.srv.UDPStats().Active == 2 })
-	udpEcho(t, dialUDP(t, dq, echo), []byte("slot freed"))
+	udpEcho(t, dialVia(t, dq, "udp", echo), []byte("slot freed"))
 	if st := q.srv.UDPStats(); st.FlowsRefused != 2 {
 		t.Fatalf("refused flows counted: %d; want 2", st.FlowsRefused)
 	}
@@ -293,14 +252,14 @@ func TestUDPFlood(t *testing.T) {
 		n = 4000
 	}
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	sink, received := startUDPSink(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			waitFor(t, func() bool { return q.srv.UDPStats().Active == 0 }) // the previous run's flows are counted
 			before, sinkBefore := q.srv.UDPStats(), received.Load()
-			flood := dialUDP(t, q.udpDialer(t, tr), sink)
-			other := dialUDP(t, q.udpDialer(t, tr), echo)
+			flood := dialVia(t, q.udpDialer(t, tr), "udp", sink)
+			other := dialVia(t, q.udpDialer(t, tr), "udp", echo)
 			runtime.GC()
 			var ms runtime.MemStats
 			runtime.ReadMemStats(&ms)
@@ -399,30 +358,17 @@ func TestUDPFlood(t *testing.T) {
 // same source opens a new one.
 func TestUDPForwarder(t *testing.T) {
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
-			var logs syncBuffer
-			pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			fwd := &clients.UDPForwarder{
+			var logs testlog.Buffer
+			local := serveUDPForwarder(t, &clients.UDPForwarder{
 				Dial: q.udpDialer(t, tr).DialContext, Target: echo, IdleTimeout: 300 * time.Millisecond,
 				Logger: slog.New(slog.NewJSONHandler(&logs, nil)),
-			}
-			ctx, cancel := context.WithCancel(context.Background())
-			served := make(chan error, 1)
-			go func() { served <- fwd.Serve(ctx, pc) }()
-			defer func() {
-				cancel()
-				if err := <-served; !errors.Is(err, context.Canceled) {
-					t.Errorf("Serve = %v", err)
-				}
-			}()
+			})
 			var srcs []net.Conn
 			for i := range 3 {
-				c, err := net.Dial("udp", pc.LocalAddr().String())
+				c, err := net.Dial("udp", local)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -443,7 +389,7 @@ func TestUDPForwarder(t *testing.T) {
 // no flow id and every datagram travels as a capsule on the stream.
 func TestUDPWithoutQUICDatagrams(t *testing.T) {
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	conn, err := q.quicConn(t, &q.cert) // quic.Config{}: EnableDatagrams false
 	if err != nil {
 		t.Fatal(err)
@@ -481,7 +427,7 @@ func TestUDPWithoutQUICDatagrams(t *testing.T) {
 // re-check, over both transports.
 func TestUDPRecheckEndsFlow(t *testing.T) {
 	var deny atomic.Bool
-	var logs syncBuffer
+	var logs testlog.Buffer
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
 		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
@@ -491,10 +437,10 @@ func TestUDPRecheckEndsFlow(t *testing.T) {
 			return allowAll(ctx, req)
 		})
 	}, proxy.QUICOptions{})
-	echo := startUDPEcho(t)
+	echo := testnet.EchoUDP(t)
 	var flows []net.Conn
 	for _, tr := range transports {
-		c := dialUDP(t, q.udpDialer(t, tr), echo)
+		c := dialVia(t, q.udpDialer(t, tr), "udp", echo)
 		udpEcho(t, c, []byte("allowed"))
 		flows = append(flows, c)
 	}

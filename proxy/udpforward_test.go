@@ -11,37 +11,51 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 )
+
+// serveUDPForwarder runs fwd on a loopback UDP socket and returns its address;
+// when the test ends, fwd's Serve must return context.Canceled within 10s.
+func serveUDPForwarder(t *testing.T, fwd *clients.UDPForwarder) string {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- fwd.Serve(ctx, pc) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-served:
+			if !errors.Is(err, context.Canceled) {
+				t.Errorf("Serve = %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("the UDP forwarder's Serve did not return within 10s of cancel")
+		}
+	})
+	return pc.LocalAddr().String()
+}
 
 // startUDPRecordingEcho runs a loopback UDP echo that remembers from which
 // address each payload first arrived: through TP, that address is the server's
 // socket of one flow, so two payloads from one address travelled in one flow.
 func startUDPRecordingEcho(t *testing.T) (addr string, from func(payload string) string) {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pc.Close() })
 	var mu sync.Mutex
 	seen := map[string]string{}
-	go func() {
-		buf := make([]byte, 1<<16)
-		for {
-			n, src, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			if _, ok := seen[string(buf[:n])]; !ok {
-				seen[string(buf[:n])] = src.String()
-			}
-			mu.Unlock()
-			_, _ = pc.WriteTo(buf[:n], src)
+	addr = testnet.ServeUDP(t, func(p []byte, src net.Addr) []byte {
+		mu.Lock()
+		if _, ok := seen[string(p)]; !ok {
+			seen[string(p)] = src.String()
 		}
-	}()
-	return pc.LocalAddr().String(), func(p string) string {
+		mu.Unlock()
+		return p
+	})
+	return addr, func(p string) string {
 		mu.Lock()
 		defer mu.Unlock()
 		return seen[p]
@@ -55,27 +69,15 @@ func startUDPRecordingEcho(t *testing.T) (addr string, from func(payload string)
 func TestUDPForwarderEvictsLeastRecentlyUsed(t *testing.T) {
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	echo, from := startUDPRecordingEcho(t)
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	fwd := &clients.UDPForwarder{ // MaxFlows left at its default
 		Dial: q.udpDialer(t, clients.TransportQUIC).DialContext, Target: echo,
 		Logger: slog.New(slog.DiscardHandler),
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- fwd.Serve(ctx, pc) }()
-	defer func() {
-		cancel()
-		if err := <-served; !errors.Is(err, context.Canceled) {
-			t.Errorf("Serve = %v", err)
-		}
-	}()
+	local := serveUDPForwarder(t, fwd)
 	const limit = 32
 	srcs := make([]net.Conn, limit+1)
 	for i := range srcs {
-		c, err := net.Dial("udp", pc.LocalAddr().String())
+		c, err := net.Dial("udp", local)
 		if err != nil {
 			t.Fatal(err)
 		}

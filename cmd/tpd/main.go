@@ -97,7 +97,12 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && !isLoopback(host) {
 					fmt.Fprintf(stdout, "Note: devices will be told to use %s; set url (and names) in %s to the name they reach this server by.\n", cfg.PublicURL(), cfg.ConfigFile())
 				}
+				tellSystemd(log, "READY=1")
 			}
+			go func() { // the drain starts when the signal arrives (tpd.Daemon.Serve)
+				<-cmd.Context().Done()
+				tellSystemd(log, "STOPPING=1")
+			}()
 
 			d.SetReloader(reloadLoader(cmd.Flags(), started, cfg), level) // reload.go
 			hup := make(chan os.Signal, 1)
@@ -105,7 +110,9 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 			defer signal.Stop(hup)
 			go func() {
 				for range hup {
+					tellSystemd(log, sdReloading())
 					_, _ = d.Reload(cmd.Context()) // it logs what changed, or why it refused
+					tellSystemd(log, "READY=1") // also after a refusal: the old configuration serves on
 				}
 			}()
 			defer forceOnSecondSignal(d.Force)() // signals.go

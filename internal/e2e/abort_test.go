@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -27,14 +29,14 @@ import (
 type tpProc struct {
 	cmd    *exec.Cmd
 	stdin  io.Writer
-	stderr *syncBuffer
+	stderr *testlog.Buffer
 	read   atomic.Int64
 	done   chan error
 }
 
 func startTP(t *testing.T, env []string, host string, port int) *tpProc {
 	t.Helper()
-	p := &tpProc{stderr: &syncBuffer{}, done: make(chan error, 1)}
+	p := &tpProc{stderr: &testlog.Buffer{}, done: make(chan error, 1)}
 	p.cmd = exec.Command(binary("tp"), host, strconv.Itoa(port))
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stderr = p.stderr
@@ -110,47 +112,13 @@ func (p *tpProc) wantCutExit(t *testing.T, who string) {
 	}
 }
 
-// serveTCP runs a loopback TCP service that hands each connection to handle
-// (and closes it after), until the test ends; it returns the address.
-func serveTCP(t *testing.T, handle func(c net.Conn)) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				handle(c)
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
-
-// streamForever writes to c until it fails.
-func streamForever(c net.Conn) {
-	buf := make([]byte, 32<<10)
-	for {
-		if _, err := c.Write(buf); err != nil {
-			return
-		}
-	}
-}
-
 // TestProxyCommandReportsDestinationReset: the destination sends 256 KiB and
 // resets. Bad input: the destination's RST. `tp HOST PORT` prints what came,
 // then exits non-zero naming the destination, over TLS and QUIC.
 func TestProxyCommandReportsDestinationReset(t *testing.T) {
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
-	addr := serveTCP(t, func(c net.Conn) {
+	addr := testnet.Serve(t, func(c *net.TCPConn) {
 		// Only once the session is up (the client's first byte): a reset during
 		// tpd's connect would be a failed dial, not a cut session.
 		c.SetDeadline(time.Now().Add(30 * time.Second))
@@ -158,7 +126,7 @@ func TestProxyCommandReportsDestinationReset(t *testing.T) {
 			return
 		}
 		c.Write(bytes.Repeat([]byte("d"), 256<<10))
-		c.(*net.TCPConn).SetLinger(0)
+		c.SetLinger(0)
 	})
 	_, ps, _ := net.SplitHostPort(addr)
 	port, _ := strconv.Atoi(ps)
@@ -182,11 +150,10 @@ func TestProxyCommandReportsDestinationReset(t *testing.T) {
 // over TLS and QUIC.
 func TestProxyCommandReportsAgentKilled(t *testing.T) {
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
-	p := startTPD(t, dataDir, "127.0.0.1:0", nil)
-	srv := &server{DataDir: dataDir, Addr: p.addr, log: p.log}
+	srv := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := srv.login(t, "alice", "laptop")
 	bob := srv.login(t, "bob", "phone")
-	stream := serveTCP(t, streamForever)
+	stream := testnet.Stream(t)
 	for _, tr := range []string{clients.TransportTLS, clients.TransportQUIC} {
 		t.Run(tr, func(t *testing.T) {
 			agent := startAgentProc(t, append(alice, "TP_TRANSPORT="+tr), "stream-"+tr, stream, "--allow-user", "bob")
@@ -233,7 +200,7 @@ func transfersDuring(t *testing.T, srv *server, env []string, event func()) []tr
 	// machine); a long one sends the rest at 4 chunks a second, so that the long
 	// ones together stay a light load (3 MB/s) on a race-instrumented tpd.
 	release := make(chan struct{})
-	dest := serveTCP(t, func(c net.Conn) {
+	dest := testnet.Serve(t, func(c *net.TCPConn) {
 		var n [2]byte
 		if _, err := io.ReadFull(c, n[:]); err != nil {
 			return

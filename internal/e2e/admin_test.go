@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // expectFail runs a command that must exit non-zero and say every one of want.
@@ -122,7 +124,7 @@ func TestAdminActsNeverSilent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dead := "https://127.0.0.1:" + strconv.Itoa(freePort(t))
+	dead := "https://127.0.0.1:" + strconv.Itoa(testnet.FreePort(t, "tcp"))
 	if err := os.WriteFile(pf, []byte(strings.Replace(string(b), s.URL, dead, 1)), 0o600); err != nil {
 		t.Fatal(err)
 	}

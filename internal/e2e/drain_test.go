@@ -17,6 +17,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 const drainPolicy = `package tp.authz
@@ -37,9 +38,8 @@ allow if input.identity.user == "alice"
 func TestDrain(t *testing.T) {
 	dataDir := initTPD(t, drainPolicy)
 	p1 := startTPD(t, dataDir, "127.0.0.1:0", nil)
-	srv := &server{DataDir: dataDir, Addr: p1.addr, log: p1.log}
-	alice := srv.login(t, "alice", "laptop")
-	agent := startAgentProc(t, alice, "svc", serveTCP(t, streamForever), "--allow-user", "alice")
+	alice := p1.login(t, "alice", "laptop")
+	agent := startAgentProc(t, alice, "svc", testnet.Stream(t), "--allow-user", "alice")
 	agent.waitRegistered(t)
 
 	const n, chunk, chunks = 20, 16 << 10, 16
@@ -52,7 +52,7 @@ func TestDrain(t *testing.T) {
 	// The destination sends one chunk, waits until the drain has begun, then
 	// sends the rest paced, so that every transfer is in flight during the drain.
 	release := make(chan struct{})
-	dest := serveTCP(t, func(c net.Conn) {
+	dest := testnet.Serve(t, func(c *net.TCPConn) {
 		for i := range chunks {
 			if _, err := c.Write(payload(i)); err != nil {
 				return
@@ -125,7 +125,7 @@ func TestDrain(t *testing.T) {
 
 	// New connections are refused at once: TCP by the operating system, QUIC
 	// with CONNECTION_REFUSED (not a handshake left to time out).
-	if c, err := net.DialTimeout("tcp", p1.addr, 5*time.Second); !errors.Is(err, syscall.ECONNREFUSED) {
+	if c, err := net.DialTimeout("tcp", p1.Addr, 5*time.Second); !errors.Is(err, syscall.ECONNREFUSED) {
 		if c != nil {
 			c.Close()
 		}
@@ -150,7 +150,7 @@ func TestDrain(t *testing.T) {
 
 	// A second tpd on the same data dir takes the port (TCP only: the first
 	// still refuses on UDP); the agent, told to reconnect, finds it.
-	p2 := startTPD(t, dataDir, p1.addr, []string{"TP_QUIC=false"})
+	p2 := startTPD(t, dataDir, p1.Addr, []string{"TP_QUIC=false"})
 	agent.waitRegistered(t)
 
 	wg.Wait()

@@ -19,6 +19,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // testPolicy lets alice (and group ops) reach loopback; everyone else is refused
@@ -58,7 +61,7 @@ func startSSHD(t *testing.T) *sshd {
 	t.Helper()
 	path := "/usr/sbin/sshd"
 	if _, err := os.Stat(path); err != nil {
-		t.Fatalf("OpenSSH server not installed at %s (apt-get install openssh-server; .ci/run does this): %v", path, err)
+		t.Fatalf("OpenSSH server not installed at %s (apt-get install openssh-server; deploy/test.sh does this, run as root): %v", path, err)
 	}
 	dir := t.TempDir()
 	for _, k := range []string{"host_key", "client_key"} {
@@ -77,7 +80,7 @@ func startSSHD(t *testing.T) *sshd {
 			t.Fatal(err)
 		}
 	}
-	port := freePort(t)
+	port := testnet.FreePort(t, "tcp")
 	cfg := fmt.Sprintf(`Port %d
 ListenAddress 127.0.0.1
 HostKey %s
@@ -94,7 +97,7 @@ LogLevel ERROR
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	log := &syncBuffer{}
+	log := &testlog.Buffer{}
 	cmd := exec.Command(path, "-D", "-e", "-f", cfgPath)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
@@ -130,7 +133,7 @@ func (s *sshd) ssh(t *testing.T, env []string, host, command string) (string, st
 		"-p", strconv.Itoa(s.Port),
 		s.User+"@"+host, command)
 	cmd.Env = append(os.Environ(), env...)
-	var stdout, stderr syncBuffer
+	var stdout, stderr testlog.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
 	return stdout.String(), stderr.String(), err
@@ -211,7 +214,7 @@ func TestSSHDeniedShowsPolicyReason(t *testing.T) {
 func TestDestinationRefused(t *testing.T) {
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
-	port := freePort(t) // nothing listens here
+	port := testnet.FreePort(t, "tcp") // nothing listens here
 	out, err := runErr(env, strings.NewReader(""), binary("tp"), "127.0.0.1", strconv.Itoa(port))
 	if err == nil {
 		t.Fatal("tp succeeded to a closed port")
@@ -265,7 +268,7 @@ func TestClientErrors(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		dead := fmt.Sprintf("https://127.0.0.1:%d", freePort(t))
+		dead := fmt.Sprintf("https://127.0.0.1:%d", testnet.FreePort(t, "tcp"))
 		b = []byte(strings.Replace(string(b), srv.URL, dead, 1))
 		if err := os.WriteFile(profile, b, 0o600); err != nil {
 			t.Fatal(err)
@@ -286,35 +289,21 @@ func TestForwardIntegrity(t *testing.T) {
 
 	// The destination: reads until EOF, answers with the SHA-256 of what it read,
 	// then sends size bytes of random data followed by their SHA-256.
-	dst, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dst.Close()
-	go func() {
-		for {
-			c, err := dst.Accept()
-			if err != nil {
-				return
-			}
-			go func(c net.Conn) {
-				defer c.Close()
-				h := sha256.New()
-				if _, err := io.Copy(h, c); err != nil {
-					return
-				}
-				fmt.Fprintf(c, "%x\n", h.Sum(nil))
-				h.Reset()
-				w := io.MultiWriter(c, h)
-				if _, err := io.CopyN(w, rand.Reader, size); err != nil {
-					return
-				}
-				fmt.Fprintf(c, "%x", h.Sum(nil))
-			}(c)
+	dst := testnet.Serve(t, func(c *net.TCPConn) {
+		h := sha256.New()
+		if _, err := io.Copy(h, c); err != nil {
+			return
 		}
-	}()
+		fmt.Fprintf(c, "%x\n", h.Sum(nil))
+		h.Reset()
+		w := io.MultiWriter(c, h)
+		if _, err := io.CopyN(w, rand.Reader, size); err != nil {
+			return
+		}
+		fmt.Fprintf(c, "%x", h.Sum(nil))
+	})
 
-	fwd := startForward(t, env, dst.Addr().String())
+	fwd, _ := startForward(t, env, dst)
 	c, err := net.Dial("tcp", fwd)
 	if err != nil {
 		t.Fatal(err)
@@ -349,10 +338,12 @@ func TestForwardIntegrity(t *testing.T) {
 	}
 }
 
-// startForward runs `tp forward 127.0.0.1:0 target` and returns its local address.
-func startForward(t *testing.T, env []string, target string) string {
+// startForward runs `tp forward [flags] 127.0.0.1:0 target` (TCP, or UDP with
+// --udp) until the test ends, and returns the local address it reports and its
+// standard error, which is shown when the test fails.
+func startForward(t *testing.T, env []string, target string, flags ...string) (string, *testlog.Buffer) {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), "forward", "127.0.0.1:0", target)
+	cmd := exec.Command(binary("tp"), append(append([]string{"forward"}, flags...), "127.0.0.1:0", target)...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -361,12 +352,18 @@ func startForward(t *testing.T, env []string, target string) string {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	log := &testlog.Buffer{}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("tp forward log:\n%s", log.String())
+		}
+	})
 	addr := make(chan string, 1)
-	log := &syncBuffer{}
 	go func() {
 		sc := bufio.NewScanner(stderr)
-		re := regexp.MustCompile(`^Forwarding (\S+) to`)
+		re := regexp.MustCompile(`^Forwarding (?:UDP )?(\S+) to`)
 		for sc.Scan() {
 			log.Write([]byte(sc.Text() + "\n"))
 			if m := re.FindStringSubmatch(sc.Text()); m != nil {
@@ -380,9 +377,9 @@ func startForward(t *testing.T, env []string, target string) string {
 		if !ok {
 			t.Fatalf("tp forward exited:\n%s", log.String())
 		}
-		return a
+		return a, log
 	case <-time.After(60 * time.Second):
 		t.Fatalf("tp forward did not start:\n%s", log.String())
 	}
-	return ""
+	return "", nil
 }

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -12,10 +11,11 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testlog"
 )
 
 // bin holds the tpd, tp and dlogin binaries built once for the whole package.
@@ -52,62 +52,69 @@ func TestMain(m *testing.M) {
 
 func binary(name string) string { return filepath.Join(bin, name) }
 
-// syncBuffer collects a process's output for assertions and failure messages.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// server is a running tpd binary.
+// server is a running `tpd serve` process.
 type server struct {
 	DataDir     string
 	Addr        string
 	URL         string
 	Fingerprint string
-	log         *syncBuffer
+	log         *testlog.Buffer // its standard error
+	cmd         *exec.Cmd
+	done        chan struct{} // closed when it has exited
+	// mustStop makes a tpd that outlives SIGTERM by 15s at the test's end a
+	// failure; a fault test's tpd, which the test may have crashed, is only ended.
+	mustStop bool
 }
 
 // startServer initialises a data dir, installs policy (replacing the default
 // policy when not empty) and runs `tpd serve` on a free loopback port.
 func startServer(t *testing.T, policy string) *server {
 	t.Helper()
-	s := &server{DataDir: filepath.Join(t.TempDir(), "tpdata"), log: &syncBuffer{}}
-	run(t, nil, binary("tpd"), "init", "--data-dir", s.DataDir)
+	s := startTPD(t, initTPD(t, policy), "127.0.0.1:0", nil)
+	s.mustStop = true
+	return s
+}
+
+// initTPD makes a data dir whose only policy file is policy (when not empty;
+// else the default policy stays).
+func initTPD(t *testing.T, policy string) string {
+	t.Helper()
+	dataDir := filepath.Join(t.TempDir(), "tpdata")
+	run(t, nil, binary("tpd"), "init", "--data-dir", dataDir)
 	if policy != "" {
-		if err := os.WriteFile(filepath.Join(s.DataDir, "policy", "tp.rego"), []byte(policy), 0o600); err != nil {
+		if err := os.WriteFile(filepath.Join(dataDir, "policy", "tp.rego"), []byte(policy), 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}
-	cmd := exec.Command(binary("tpd"), "serve", "--data-dir", s.DataDir, "--listen", "127.0.0.1:0")
-	stdout, err := cmd.StdoutPipe()
+	return dataDir
+}
+
+// startTPD runs `tpd serve` on dataDir and listen ("127.0.0.1:0" picks a port,
+// which s.Addr then holds; a test may SIGKILL a tpd and start another on the
+// same address and data dir) and waits until it is ready.
+func startTPD(t *testing.T, dataDir, listen string, env []string) *server {
+	t.Helper()
+	s := &server{DataDir: dataDir, log: &testlog.Buffer{}, done: make(chan struct{})}
+	s.cmd = exec.Command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen)
+	s.cmd.Env = append(os.Environ(), env...)
+	stdout, err := s.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd.Stderr = s.log
-	if err := cmd.Start(); err != nil {
+	s.cmd.Stderr = s.log
+	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
 	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
+		s.cmd.Process.Signal(syscall.SIGTERM)
 		select {
-		case <-done:
+		case <-s.done:
 		case <-time.After(15 * time.Second):
-			cmd.Process.Kill()
-			<-done
-			t.Errorf("tpd did not stop within 15s of SIGTERM")
+			s.cmd.Process.Kill()
+			<-s.done
+			if s.mustStop {
+				t.Errorf("tpd did not stop within 15s of SIGTERM")
+			}
 		}
 		if t.Failed() {
 			t.Logf("tpd log:\n%s", s.log.String())
@@ -115,7 +122,7 @@ func startServer(t *testing.T, policy string) *server {
 	})
 	ready := make(chan error, 1)
 	go func() {
-		defer close(done)
+		defer close(s.done)
 		sc := bufio.NewScanner(stdout)
 		listening := regexp.MustCompile(`listening on (\S+) \((\S+)\)`)
 		for sc.Scan() {
@@ -128,7 +135,7 @@ func startServer(t *testing.T, policy string) *server {
 				ready <- nil
 			}
 		}
-		ready <- fmt.Errorf("tpd exited before it was ready: %v", cmd.Wait())
+		ready <- fmt.Errorf("tpd exited before it was ready: %v", s.cmd.Wait())
 	}()
 	select {
 	case err := <-ready:
@@ -139,6 +146,19 @@ func startServer(t *testing.T, policy string) *server {
 		t.Fatalf("tpd did not start within 60s\n%s", s.log.String())
 	}
 	return s
+}
+
+// kill ends tpd with SIGKILL: no shutdown, no unregistering, nothing saved.
+func (s *server) kill(t *testing.T) {
+	t.Helper()
+	if err := s.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-s.done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("tpd still runs 15s after SIGKILL")
+	}
 }
 
 // enroll returns the arguments of the dlogin line `tpd enroll` printed.
@@ -188,17 +208,6 @@ func runErr(env []string, stdin io.Reader, name string, args ...string) (string,
 	cmd.Stdin = stdin
 	out, err := cmd.CombinedOutput()
 	return string(out), err
-}
-
-// freePort returns a loopback TCP port that was free a moment ago.
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // waitTCP polls until addr accepts connections.

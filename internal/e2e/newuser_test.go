@@ -14,6 +14,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // Messages a new user meets, with the real binaries: each once said something
@@ -54,7 +57,7 @@ func TestNewUserMessages(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		dead := fmt.Sprintf("https://127.0.0.1:%d", freePort(t))
+		dead := fmt.Sprintf("https://127.0.0.1:%d", testnet.FreePort(t, "tcp"))
 		if err := os.WriteFile(profile, []byte(strings.Replace(string(b), srv.URL, dead, 1)), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -81,14 +84,14 @@ func TestNewUserMessages(t *testing.T) {
 		// Every ssh once showed "Connecting to …" and, when ssh hung up its
 		// ProxyCommand at exit, "tp: hangup signal received".
 		env := srv.login(t, "alice", "tablet")
-		addr := serveTCP(t, func(c net.Conn) {
+		addr := testnet.Serve(t, func(c *net.TCPConn) {
 			fmt.Fprintf(c, "SSH-2.0-test\r\n")
 			_, _ = c.Read(make([]byte, 1)) // until tp goes
 		})
 		_, port, _ := net.SplitHostPort(addr)
 		cmd := exec.Command(binary("tp"), "-q", "127.0.0.1", port)
 		cmd.Env = append(os.Environ(), env...)
-		stderr := &syncBuffer{}
+		stderr := &testlog.Buffer{}
 		cmd.Stderr = stderr
 		stdinR, stdinW, err := os.Pipe()
 		if err != nil {
@@ -147,15 +150,10 @@ func TestBusyPortCreatesNoDataDir(t *testing.T) {
 // server and exits saying so. It once kept retrying for ever with "most likely
 // the client certificate … run dlogin".
 func TestRevokedPublicUDPAgentExits(t *testing.T) {
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := pc.LocalAddr().(*net.UDPAddr).Port
-	pc.Close()
+	port := testnet.FreePort(t, "udp")
 	t.Setenv("TP_PUBLIC_PORTS", strconv.Itoa(port)+"/udp") // inherited by tpd
 	srv := startServer(t, reverseUDPPolicy)
-	echo := startUDPEchoE2E(t)
+	echo := testnet.EchoUDP(t)
 	alice := srv.login(t, "alice", "laptop")
 	a := startAgentProc(t, alice, "game", echo, "--udp", "--public", strconv.Itoa(port))
 	a.waitRegistered(t)

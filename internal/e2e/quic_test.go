@@ -1,18 +1,17 @@
 package e2e
 
 import (
-	"bufio"
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // OpenSSH through `tp` with --transport quic (as TP_TRANSPORT): the request runs
@@ -34,7 +33,7 @@ func TestAutoFallbackWhenUDPBlocked(t *testing.T) {
 	t.Setenv("TP_QUIC", "false") // inherited by the tpd that startServer runs
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
-	echo := startTCPEcho(t)
+	echo := testnet.Echo(t)
 	_, port, _ := net.SplitHostPort(echo)
 	for i := range 2 {
 		start := time.Now()
@@ -56,8 +55,8 @@ func TestAutoFallbackWhenUDPBlocked(t *testing.T) {
 func TestForwardQUICReconnects(t *testing.T) {
 	srv := startServer(t, testPolicy)
 	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
-	echo := startTCPEcho(t)
-	fwd, fwdLog := startForwardLog(t, env, echo)
+	echo := testnet.Echo(t)
+	fwd, fwdLog := startForward(t, env, echo)
 	roundTrip(t, fwd, "before")
 
 	// Restart: stop the test's tpd, start another on the same port and data dir.
@@ -66,7 +65,7 @@ func TestForwardQUICReconnects(t *testing.T) {
 	if !strings.Contains(fwdLog.String(), "shutting down or restarting") {
 		t.Errorf("the break was not explained:\n%s", fwdLog.String())
 	}
-	restartTPD(t, srv)
+	startTPD(t, srv.DataDir, srv.Addr, nil) // the same port and data dir
 	waitLog(t, fwdLog, "reconnected to", 30*time.Second)
 	roundTrip(t, fwd, "after")
 }
@@ -78,16 +77,11 @@ func TestForwardQUICReconnects(t *testing.T) {
 func TestForwardQUICAfterCrash(t *testing.T) {
 	srv := startServer(t, testPolicy)
 	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
-	echo := startTCPEcho(t)
-	fwd, fwdLog := startForwardLog(t, env, echo)
+	echo := testnet.Echo(t)
+	fwd, _ := startForward(t, env, echo)
 	roundTrip(t, fwd, "before")
 	signalTPD(t, srv, syscall.SIGKILL)
-	restartTPD(t, srv)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("tp forward log:\n%s", fwdLog.String())
-		}
-	})
+	startTPD(t, srv.DataDir, srv.Addr, nil) // the same port and data dir
 	start := time.Now()
 	roundTrip(t, fwd, "after") // bounded by roundTrip's 20 s deadline, well under the idle timeout
 	t.Logf("first round trip after the restart took %s", time.Since(start).Round(time.Millisecond))
@@ -109,7 +103,7 @@ func roundTrip(t *testing.T, addr, msg string) {
 	}
 }
 
-func waitLog(t *testing.T, log *syncBuffer, want string, within time.Duration) {
+func waitLog(t *testing.T, log *testlog.Buffer, want string, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for !strings.Contains(log.String(), want) {
@@ -120,26 +114,13 @@ func waitLog(t *testing.T, log *syncBuffer, want string, within time.Duration) {
 	}
 }
 
-// stopTPD sends SIGTERM to the tpd serving srv's data dir (the harness keeps the
-// process to itself; the test started it, so it may end it) and waits for the port.
+// stopTPD sends SIGTERM to srv's tpd and waits for the port.
 func stopTPD(t *testing.T, srv *server) { t.Helper(); signalTPD(t, srv, syscall.SIGTERM) }
 
 func signalTPD(t *testing.T, srv *server, sig syscall.Signal) {
 	t.Helper()
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	found := false
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		args := strings.Split(string(b), "\x00")
-		if err != nil || len(args) < 3 || filepath.Base(args[0]) != "tpd" || args[1] != "serve" || !strings.Contains(string(b), srv.DataDir) {
-			continue
-		}
-		if pid, err := strconv.Atoi(strings.Split(p, "/")[2]); err == nil {
-			found = syscall.Kill(pid, sig) == nil || found
-		}
-	}
-	if !found {
-		t.Fatal("cannot find the tpd process to restart")
+	if err := srv.cmd.Process.Signal(sig); err != nil {
+		t.Fatalf("signalling tpd: %v", err)
 	}
 	deadline := time.Now().Add(15 * time.Second)
 	for {
@@ -153,81 +134,4 @@ func signalTPD(t *testing.T, srv *server, sig syscall.Signal) {
 		}
 		time.Sleep(20 * time.Millisecond) // polling for the port to close
 	}
-}
-
-// restartTPD runs tpd serve again on srv's address and data dir.
-func restartTPD(t *testing.T, srv *server) {
-	t.Helper()
-	cmd := exec.Command(binary("tpd"), "serve", "--data-dir", srv.DataDir, "--listen", srv.Addr)
-	log := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("restarted tpd log:\n%s", log.String())
-		}
-	})
-	waitLog(t, log, "CA fingerprint:", 60*time.Second)
-}
-
-// startForwardLog is startForward that also returns tp forward's stderr.
-func startForwardLog(t *testing.T, env []string, target string) (string, *syncBuffer) {
-	t.Helper()
-	cmd := exec.Command(binary("tp"), "forward", "127.0.0.1:0", target)
-	cmd.Env = append(os.Environ(), env...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	log := &syncBuffer{}
-	addr := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		re := regexp.MustCompile(`^Forwarding (\S+) to`)
-		for sc.Scan() {
-			log.Write([]byte(sc.Text() + "\n"))
-			if m := re.FindStringSubmatch(sc.Text()); m != nil {
-				addr <- m[1]
-			}
-		}
-	}()
-	select {
-	case a := <-addr:
-		return a, log
-	case <-time.After(60 * time.Second):
-		t.Fatalf("tp forward did not start:\n%s", log.String())
-	}
-	return "", nil
-}
-
-// startTCPEcho runs a loopback echo that half-closes after echoing.
-func startTCPEcho(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-	return ln.Addr().String()
 }

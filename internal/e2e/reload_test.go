@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // editConfig replaces old with new in the data dir's tpd.yaml.
@@ -38,14 +40,13 @@ func editConfig(t *testing.T, dataDir, old, new string) {
 func TestReload(t *testing.T) {
 	dataDir := initTPD(t, drainPolicy)
 	p := startTPD(t, dataDir, "127.0.0.1:0", nil)
-	srv := &server{DataDir: dataDir, Addr: p.addr, log: p.log}
-	alice := srv.login(t, "alice", "laptop")
+	alice := p.login(t, "alice", "laptop")
 	reload := func() (string, error) {
 		return runErr(nil, nil, binary("tpd"), "reload", "--data-dir", dataDir)
 	}
 
 	// A tunnel that runs through every reload.
-	echo := serveTCP(t, func(c net.Conn) { io.Copy(c, c) })
+	echo := testnet.Echo(t)
 	d, err := clientFor(t, alice).Dialer()
 	if err != nil {
 		t.Fatal(err)
@@ -72,7 +73,7 @@ func TestReload(t *testing.T) {
 	roundTrip("before")
 
 	// A public port: not open before the reload, open after it.
-	port := freePort(t)
+	port := testnet.FreePort(t, "tcp")
 	editConfig(t, dataDir, `public-ports: ""`, `public-ports: "`+strconv.Itoa(port)+`"`)
 	out, err := reload()
 	if err != nil {
@@ -82,7 +83,7 @@ func TestReload(t *testing.T) {
 		t.Errorf("tpd reload did not say %q:\n%s", want, out)
 	}
 	roundTrip("after the public-ports reload")
-	svc := serveTCP(t, func(c net.Conn) { io.WriteString(c, "hello from the exposed service\n") })
+	svc := testnet.Serve(t, func(c *net.TCPConn) { io.WriteString(c, "hello from the exposed service\n") })
 	agent := startAgentProc(t, alice, "web", svc, "--public", strconv.Itoa(port))
 	agent.waitRegistered(t)
 	readPublic := func() {

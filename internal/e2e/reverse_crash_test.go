@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -75,13 +76,12 @@ func TestReverseNamesSurviveTPDKills(t *testing.T) {
 	const kills = 10
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
 	p := startTPD(t, dataDir, "127.0.0.1:0", nil)
-	addr := p.addr
-	srv := &server{DataDir: dataDir, Addr: addr, log: p.log}
+	addr, srv := p.Addr, p
 	aliceQUIC := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
 	aliceTLS := append(srv.login(t, "alice", "desktop"), "TP_TRANSPORT=tls")
 	bob := clientFor(t, srv.login(t, "bob", "phone"))
 	mallory := clientFor(t, srv.login(t, "mallory", "pc"))
-	echo := echoService(t)
+	echo := testnet.Echo(t)
 
 	// The poller can take a name nobody holds: its zero below means something.
 	free := &namePoller{name: "free"}

@@ -9,8 +9,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -18,7 +16,9 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/proxy/wire"
+	"github.com/tp-proxy/tp/internal/testcut"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // faultPolicy: alice and mallory may register names, alice may expose TCP port
@@ -45,100 +45,17 @@ allow if {
 }
 `
 
-// tpdProc is a tpd process that a test may SIGKILL and start again on the same
-// address and data dir.
-type tpdProc struct {
-	dataDir, addr string
-	env           []string
-	cmd           *exec.Cmd
-	done          chan struct{}
-	log           *syncBuffer
-}
-
-// startTPD runs `tpd serve` on listen ("127.0.0.1:0" picks a port, which p.addr
-// then holds) and waits until it is ready.
-func startTPD(t *testing.T, dataDir, listen string, env []string) *tpdProc {
-	t.Helper()
-	p := &tpdProc{dataDir: dataDir, env: env, log: &syncBuffer{}, done: make(chan struct{})}
-	p.cmd = exec.Command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen)
-	p.cmd.Env = append(os.Environ(), env...)
-	stdout, err := p.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.cmd.Stderr = p.log
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ready := make(chan error, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		listening := regexp.MustCompile(`listening on (\S+) `)
-		for sc.Scan() {
-			if m := listening.FindStringSubmatch(sc.Text()); m != nil {
-				p.addr = m[1]
-			}
-			if strings.HasPrefix(sc.Text(), "CA fingerprint: ") {
-				ready <- nil
-			}
-		}
-		ready <- fmt.Errorf("tpd exited before it was ready: %v", p.cmd.Wait())
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(15 * time.Second):
-			p.cmd.Process.Kill()
-			<-p.done
-		}
-		if t.Failed() {
-			t.Logf("tpd log:\n%s", p.log.String())
-		}
-	})
-	select {
-	case err := <-ready:
-		if err != nil {
-			t.Fatalf("%v\n%s", err, p.log.String())
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatalf("tpd did not start within 60s\n%s", p.log.String())
-	}
-	return p
-}
-
-// initTPD makes a data dir with policy as its only policy file.
-func initTPD(t *testing.T, policy string) string {
-	t.Helper()
-	dataDir := filepath.Join(t.TempDir(), "tpdata")
-	run(t, nil, binary("tpd"), "init", "--data-dir", dataDir)
-	if err := os.WriteFile(filepath.Join(dataDir, "policy", "tp.rego"), []byte(policy), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return dataDir
-}
-
-// kill ends tpd with SIGKILL: no shutdown, no unregistering, nothing saved.
-func (p *tpdProc) kill(t *testing.T) {
-	t.Helper()
-	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	<-p.done
-}
-
 // agentProc is a `tp expose` process whose registrations the test follows.
 type agentProc struct {
 	cmd        *exec.Cmd
-	log        *syncBuffer
+	log        *testlog.Buffer
 	registered chan struct{} // one per "Exposing" line group
 	exited     chan struct{}
 }
 
 func startAgentProc(t *testing.T, env []string, args ...string) *agentProc {
 	t.Helper()
-	a := &agentProc{log: &syncBuffer{}, registered: make(chan struct{}, 100), exited: make(chan struct{})}
+	a := &agentProc{log: &testlog.Buffer{}, registered: make(chan struct{}, 100), exited: make(chan struct{})}
 	a.cmd = exec.Command(binary("tp"), append([]string{"expose"}, args...)...)
 	a.cmd.Env = append(os.Environ(), env...)
 	stderr, err := a.cmd.StderrPipe()
@@ -228,25 +145,6 @@ func dialName(t *testing.T, c *clients.Client, name string) (net.Conn, error) {
 	return d.DialContext(ctx, "tcp", name+":22")
 }
 
-// echoService answers every byte it reads.
-func echoService(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
-	return ln.Addr().String()
-}
-
 func echoOnce(c net.Conn, msg string) error {
 	c.SetDeadline(time.Now().Add(30 * time.Second))
 	if _, err := io.WriteString(c, msg); err != nil {
@@ -268,13 +166,12 @@ func echoOnce(c net.Conn, msg string) error {
 // refused), alice's agent comes back by itself, and new sessions work.
 func TestReverseTPDKilledAndRestarted(t *testing.T) {
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
-	p := startTPD(t, dataDir, "127.0.0.1:0", nil)
-	srv := &server{DataDir: dataDir, Addr: p.addr, log: p.log}
+	srv := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=tls")
 	bob := clientFor(t, srv.login(t, "bob", "phone"))
 	mallory := append(srv.login(t, "mallory", "pc"), "TP_TRANSPORT=tls")
 
-	agent := startAgentProc(t, alice, "laptop-ssh", echoService(t), "--allow-user", "bob")
+	agent := startAgentProc(t, alice, "laptop-ssh", testnet.Echo(t), "--allow-user", "bob")
 	agent.waitRegistered(t)
 	sess, err := dialName(t, bob, "laptop-ssh.rev.tp.internal")
 	if err != nil {
@@ -290,11 +187,11 @@ func TestReverseTPDKilledAndRestarted(t *testing.T) {
 	if err := agent.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
-	p.kill(t)
+	srv.kill(t)
 	_, err = io.ReadAll(sess)
-	cutByFault(t, "the running session, when tpd was killed,", err)
+	testcut.Check(t, "the running session, when tpd was killed,", err)
 
-	startTPD(t, dataDir, p.addr, nil) // same address and data dir, after a SIGKILL
+	startTPD(t, dataDir, srv.Addr, nil) // same address and data dir, after a SIGKILL
 	out, err := runErr(mallory, nil, binary("tp"), "expose", "laptop-ssh", "127.0.0.1:1", "--allow-user", "mallory")
 	if err == nil || !strings.Contains(out, "name taken: laptop-ssh.rev.tp.internal belongs to another identity, whose agent is reconnecting") {
 		t.Fatalf("mallory in the gap: %v\n%s", err, out)
@@ -316,13 +213,12 @@ func TestReverseTPDKilledAndRestarted(t *testing.T) {
 // The agent process is killed with SIGKILL mid-transfer: the public client sees a
 // TCP reset and the protected dialer an error, never a silent short read.
 func TestReverseAgentKilledMidTransfer(t *testing.T) {
-	port := freePort(t)
+	port := testnet.FreePort(t, "tcp")
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, port))
-	p := startTPD(t, dataDir, "127.0.0.1:0", []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(port)})
-	srv := &server{DataDir: dataDir, Addr: p.addr, log: p.log}
+	srv := startTPD(t, dataDir, "127.0.0.1:0", []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(port)})
 	alice := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=tls")
 	bob := clientFor(t, srv.login(t, "bob", "phone"))
-	stream := serveTCP(t, streamForever)
+	stream := testnet.Stream(t)
 	agent := startAgentProc(t, alice, "stream", stream, "--public", strconv.Itoa(port),
 		"--also", "prot="+stream, "--allow-user", "bob")
 	agent.waitRegistered(t)
@@ -352,27 +248,5 @@ func TestReverseAgentKilledMidTransfer(t *testing.T) {
 		t.Fatalf("public client after the agent died: %v; want a connection reset", err)
 	}
 	_, err = io.Copy(io.Discard, prot)
-	cutByFault(t, "the protected dialer, after the agent died,", err)
-}
-
-// cutByFault fails the test unless err reports the cut the test caused: a
-// *clients.CutError holding a TCP reset, a QUIC stream reset, or a TLS session
-// that ended without close_notify (wire.ErrTruncated). The test's own deadline is a hang, and EOF a silent
-// truncation.
-func cutByFault(t *testing.T, who string, err error) {
-	t.Helper()
-	switch {
-	case err == nil || errors.Is(err, io.EOF):
-		t.Fatalf("%s saw a clean end (%v); want the cut reported", who, err)
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		t.Fatalf("%s heard nothing until its own deadline: the cut was not passed on (%v)", who, err)
-	}
-	var cut *clients.CutError
-	if !errors.As(err, &cut) {
-		t.Fatalf("%s saw %v (%T); want a *clients.CutError", who, err, err)
-	}
-	if _, reset := wire.StreamResetCode(err); reset || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, wire.ErrTruncated) {
-		return
-	}
-	t.Fatalf("%s saw %v (%T); want a reset or wire.ErrTruncated", who, cut.Err, cut.Err)
+	testcut.Check(t, "the protected dialer, after the agent died,", err)
 }

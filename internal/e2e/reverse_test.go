@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testlog"
 )
 
 const reversePolicy = `package tp.authz
@@ -30,7 +32,7 @@ reason := sprintf("%s may not reach %s", [input.identity.device_id, input.destin
 `
 
 // startExpose runs `tp expose` and waits for its "Exposing" line.
-func startExpose(t *testing.T, env []string, args ...string) *syncBuffer {
+func startExpose(t *testing.T, env []string, args ...string) *testlog.Buffer {
 	t.Helper()
 	cmd := exec.Command(binary("tp"), append([]string{"expose"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
@@ -41,7 +43,7 @@ func startExpose(t *testing.T, env []string, args ...string) *syncBuffer {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	log := &syncBuffer{}
+	log := &testlog.Buffer{}
 	t.Cleanup(func() {
 		cmd.Process.Signal(os.Interrupt)
 		done := make(chan struct{})

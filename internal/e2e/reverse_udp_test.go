@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 const reverseUDPPolicy = `package tp.authz
@@ -33,15 +35,10 @@ allow if {
 // reaches alice's protected UDP service with `tp forward --udp` to its reverse
 // name (end to end), and anyone reaches her public one on a UDP port of tpd.
 func TestReverseUDP(t *testing.T) {
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := pc.LocalAddr().(*net.UDPAddr).Port
-	pc.Close()
+	port := testnet.FreePort(t, "udp")
 	t.Setenv("TP_PUBLIC_PORTS", strconv.Itoa(port)+"/udp") // inherited by tpd
 	srv := startServer(t, reverseUDPPolicy)
-	echo := startUDPEchoE2E(t)
+	echo := testnet.EchoUDP(t)
 	alice := srv.login(t, "alice", "laptop")
 	bob := srv.login(t, "bob", "phone")
 	for _, tr := range []string{"quic", "tls"} {
@@ -51,7 +48,7 @@ func TestReverseUDP(t *testing.T) {
 			pub := startExpose(t, append(alice, env), "game", echo, "--udp", "--public", strconv.Itoa(port))
 			waitLog(t, pub, "Public: anyone reaches UDP", 10*time.Second)
 
-			fwd, _ := startForwardUDP(t, append(bob, env), "dns.rev.tp.internal:53")
+			fwd, _ := startForward(t, append(bob, env), "dns.rev.tp.internal:53", "--udp")
 			udpEchoE2E(t, fwd, "protected query over "+tr)
 			udpEchoE2E(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), "public datagram over "+tr)
 		})

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // TestProxyCommandStdoutBroken: ssh goes away while the destination is still
@@ -23,14 +25,14 @@ func TestProxyCommandStdoutBroken(t *testing.T) {
 	for _, tr := range []string{clients.TransportTLS, clients.TransportQUIC} {
 		t.Run(tr, func(t *testing.T) {
 			ended := make(chan struct{}, 1)
-			addr := serveTCP(t, func(c net.Conn) {
-				streamForever(c) // until the session is ended
+			addr := testnet.Serve(t, func(c *net.TCPConn) {
+				testnet.WriteForever(c) // until the session is ended
 				ended <- struct{}{}
 			})
 			_, port, _ := net.SplitHostPort(addr)
 			cmd := exec.Command(binary("tp"), "127.0.0.1", port)
 			cmd.Env = append(os.Environ(), append(env, "TP_TRANSPORT="+tr)...)
-			stderr := &syncBuffer{}
+			stderr := &testlog.Buffer{}
 			cmd.Stderr = stderr
 			stdinR, stdinW, err := os.Pipe() // kept open: ssh's side of tp's input
 			if err != nil {

@@ -1,14 +1,12 @@
 package e2e
 
 import (
-	"bufio"
 	"net"
-	"os"
-	"os/exec"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // udpPolicy lets alice send UDP to loopback; bob may dial TCP only.
@@ -37,11 +35,11 @@ reason := sprintf("UDP to %s:%d is limited to alice (you: %s)", [
 // its reason in tp's log.
 func TestForwardUDP(t *testing.T) {
 	srv := startServer(t, udpPolicy)
-	echo := startUDPEchoE2E(t)
+	echo := testnet.EchoUDP(t)
 	for _, tr := range []string{"quic", "tls"} {
 		t.Run(tr, func(t *testing.T) {
 			env := append(srv.login(t, "alice", "laptop-"+tr), "TP_TRANSPORT="+tr)
-			fwd, _ := startForwardUDP(t, env, echo)
+			fwd, _ := startForward(t, env, echo, "--udp")
 			c, err := net.Dial("udp", fwd)
 			if err != nil {
 				t.Fatal(err)
@@ -66,7 +64,7 @@ func TestForwardUDP(t *testing.T) {
 	}
 	t.Run("denied", func(t *testing.T) {
 		env := srv.login(t, "bob", "phone")
-		fwd, log := startForwardUDP(t, env, echo)
+		fwd, log := startForward(t, env, echo, "--udp")
 		c, err := net.Dial("udp", fwd)
 		if err != nil {
 			t.Fatal(err)
@@ -78,65 +76,4 @@ func TestForwardUDP(t *testing.T) {
 			t.Fatalf("refusal not explained:\n%s", log.String())
 		}
 	})
-}
-
-// startForwardUDP runs `tp forward --udp 127.0.0.1:0 target` and returns the
-// local UDP address and tp's stderr.
-func startForwardUDP(t *testing.T, env []string, target string) (string, *syncBuffer) {
-	t.Helper()
-	cmd := exec.Command(binary("tp"), "forward", "--udp", "127.0.0.1:0", target)
-	cmd.Env = append(os.Environ(), env...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	log := &syncBuffer{}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("tp forward --udp log:\n%s", log.String())
-		}
-	})
-	addr := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		re := regexp.MustCompile(`^Forwarding UDP (\S+) to`)
-		for sc.Scan() {
-			log.Write([]byte(sc.Text() + "\n"))
-			if m := re.FindStringSubmatch(sc.Text()); m != nil {
-				addr <- m[1]
-			}
-		}
-	}()
-	select {
-	case a := <-addr:
-		return a, log
-	case <-time.After(60 * time.Second):
-		t.Fatalf("tp forward --udp did not start:\n%s", log.String())
-	}
-	return "", nil
-}
-
-func startUDPEchoE2E(t *testing.T) string {
-	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 1<<16)
-		for {
-			n, src, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(buf[:n], src)
-		}
-	}()
-	return pc.LocalAddr().String()
 }

@@ -20,11 +20,11 @@ import (
 func TestBrowserLoadsSite(t *testing.T) {
 	chromium, err := exec.LookPath("chromium")
 	if err != nil {
-		t.Fatal("chromium is not installed: apt-get install chromium libnss3-tools (.ci/run does)")
+		t.Fatal("chromium is not installed: apt-get install chromium libnss3-tools (deploy/test.sh does, run as root)")
 	}
 	certutil, err := exec.LookPath("certutil")
 	if err != nil {
-		t.Fatal("certutil is not installed: apt-get install libnss3-tools (.ci/run does)")
+		t.Fatal("certutil is not installed: apt-get install libnss3-tools (deploy/test.sh does, run as root)")
 	}
 	root := t.TempDir()
 	page := `<!doctype html><html><head><title>TP site</title></head><body>

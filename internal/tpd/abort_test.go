@@ -15,32 +15,11 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// acceptor is a local service whose connections the test handles itself.
-func acceptor(t *testing.T) (string, chan *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	conns := make(chan *net.TCPConn, 16)
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			t.Cleanup(func() { c.Close() })
-			conns <- c.(*net.TCPConn)
-		}
-	}()
-	return ln.Addr().String(), conns
-}
-
-func nextConn(t *testing.T, conns chan *net.TCPConn) *net.TCPConn {
+func nextConn(t *testing.T, conns <-chan *net.TCPConn) *net.TCPConn {
 	t.Helper()
 	select {
 	case c := <-conns:
@@ -74,7 +53,7 @@ func resetTCP(c *net.TCPConn) {
 // other end as a reset, in protected and public mode, over QUIC and TLS. Bad
 // input: each end's RST in the middle of a transfer.
 func TestReverseResetsPassOn(t *testing.T) {
-	port := freeTCPPort(t)
+	port := testnet.FreePort(t, "tcp")
 	policy := reversePolicy + fmt.Sprintf(`
 allow if {
 	input.action == "expose_public"
@@ -85,7 +64,7 @@ allow if {
 	d, url := startDaemonCfg(t, policy, func(c *config.Server) { c.PublicPorts = strconv.Itoa(port) })
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
-	local, conns := acceptor(t)
+	local, conns := testnet.Accept(t)
 	public := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	data := bytes.Repeat([]byte("r"), 64<<10)
 	for _, transport := range []string{clients.TransportQUIC, clients.TransportTLS} {

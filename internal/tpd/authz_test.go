@@ -19,6 +19,8 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -29,29 +31,12 @@ const allowAllDials = `package tp.authz
 allow if input.action == "dial"
 `
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // daemonRun is a tpd started on a data dir that outlives it.
 type daemonRun struct {
 	d    *Daemon
 	addr string // the public port
 	url  string
-	logs *lockedBuffer
+	logs *testlog.Buffer
 	stop func()
 }
 
@@ -81,7 +66,7 @@ func runDaemon(t *testing.T, cfg config.Server, opts ...Option) *daemonRun {
 		t.Fatal(err)
 	}
 	cfg.Listen = ln.Addr().String()
-	logs := &lockedBuffer{}
+	logs := &testlog.Buffer{}
 	d, err := New(context.Background(), cfg, slog.New(slog.NewTextHandler(logs, nil)), opts...)
 	if err != nil {
 		t.Fatal(err)
@@ -155,7 +140,7 @@ func waitLog(t *testing.T, r *daemonRun, substr string) {
 func TestDefaultPolicyRefusesInternalWithRealOPA(t *testing.T) {
 	cfg := newDataDir(t, map[string]string{"all.rego": allowAllDials})
 	r := runDaemon(t, cfg)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	port := strings.TrimPrefix(echo, "127.0.0.1:")
 	for _, host := range []string{"127.0.0.1", "localhost", "127.1", "0x7f.0.0.1", "2130706433", "017700000001", "[::ffff:127.0.0.1]"} {
@@ -200,24 +185,10 @@ func TestDNSRebindingWithRealOPA(t *testing.T) {
 		return []netip.Addr{netip.MustParseAddr("127.0.0.2")}, nil
 	})
 	r := runDaemon(t, cfg, WithResolver(resolver))
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	port := strings.TrimPrefix(echo, "127.0.0.1:")
-	private, err := net.Listen("tcp", "127.0.0.2:"+port)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer private.Close()
 	var reached atomic.Int64
-	go func() {
-		for {
-			c, err := private.Accept()
-			if err != nil {
-				return
-			}
-			reached.Add(1)
-			c.Close()
-		}
-	}()
+	testnet.ServeAt(t, "127.0.0.2:"+port, func(*net.TCPConn) { reached.Add(1) })
 	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	for i := range 2 {
 		if err := dialEcho(t, c, "rebind.test:"+port); err != nil {
@@ -246,7 +217,7 @@ func (f resolverFunc) LookupNetIP(_ context.Context, _, host string) ([]netip.Ad
 func TestRevokeLiveSessionAndRestart(t *testing.T) {
 	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
 	r := runDaemon(t, cfg)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	conn := openSession(t, c, echo)
 	ac := admin.NewClient(cfg.AdminSocket())
@@ -303,7 +274,7 @@ default allow := false
 allow if input.identity.user in {"alice", "bob"}
 `})
 	r := runDaemon(t, cfg)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	alice, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, r.d, r.url, "bob", "pc")
 	aliceConn := openSession(t, alice, echo)
@@ -332,7 +303,7 @@ default allow := false
 allow if "ops" in input.identity.groups
 `})
 	r := runDaemon(t, cfg)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	if _, err := r.d.Users().Enroll("alice", "laptop", []string{"ops"}, time.Hour); err != nil {
 		t.Fatal(err)
 	}
@@ -351,7 +322,7 @@ func TestDecisionLogConfigured(t *testing.T) {
 	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
 	cfg.DecisionLog = filepath.Join(cfg.DataDir, "decisions.jsonl")
 	r := runDaemon(t, cfg)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	if err := dialEcho(t, c, echo); err != nil {
 		t.Fatal(err)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -32,6 +33,33 @@ func tpdSigners(t *testing.T, d *Daemon) (root, inter testpki.Signer) {
 		t.Fatal(err)
 	}
 	return testpki.Signer{Cert: d.pki.Root, Key: rootKey}, testpki.Signer{Cert: d.pki.Intermediate, Key: d.pki.IntermediateKey}
+}
+
+// certCase is a device certificate and whether TP's rule accepts it.
+type certCase struct {
+	name string
+	cert tls.Certificate
+	ok   bool
+}
+
+// deviceCertShapes mints certificates for dev with the running tpd's real root
+// and intermediate: one TP's CA would issue, and each shape its rule refuses
+// (signed by the root, by a second intermediate, CA:TRUE, no extended key usage).
+func deviceCertShapes(t *testing.T, d *Daemon, dev string) []certCase {
+	t.Helper()
+	root, inter := tpdSigners(t, d)
+	second := testpki.NewIntermediate(t, root, "Second Intermediate under tpd's root")
+	return []certCase{
+		{"good: issued by tpd's intermediate", testpki.DeviceCert(t, inter, dev, nil), true},
+		{"bad: signed directly by tpd's root", testpki.DeviceCert(t, root, dev, nil), false},
+		{"bad: signed by a second intermediate under tpd's root", testpki.DeviceCert(t, second, dev, nil), false},
+		{"bad: CA:TRUE leaf from tpd's intermediate", testpki.DeviceCert(t, inter, dev, func(c *x509.Certificate) {
+			c.BasicConstraintsValid, c.IsCA = true, true
+		}), false},
+		// Decision: a missing EKU is not "any usage" (as x509.Verify reads it) but
+		// a refusal; TP requires clientAuth by name.
+		{"bad: no extended key usage", testpki.DeviceCert(t, inter, dev, func(c *x509.Certificate) { c.ExtKeyUsage = nil }), false},
+	}
 }
 
 // dialWithCert dials addr through tpd over transport, presenting cert, and checks
@@ -72,28 +100,12 @@ func TestProxyAcceptsOnlyIssuingIntermediateLeaves(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	echo := echoServer(t)
-	root, inter := tpdSigners(t, d)
-	second := testpki.NewIntermediate(t, root, "Second Intermediate under tpd's root")
-	const dev = "alice@laptop"
-	cases := []struct {
-		name string
-		cert tls.Certificate
-		ok   bool
-	}{
-		{"good: issued by tpd's intermediate", testpki.DeviceCert(t, inter, dev, nil), true},
-		{"bad: signed directly by tpd's root", testpki.DeviceCert(t, root, dev, nil), false},
-		{"bad: signed by a second intermediate under tpd's root", testpki.DeviceCert(t, second, dev, nil), false},
-		{"bad: CA:TRUE leaf from tpd's intermediate", testpki.DeviceCert(t, inter, dev, func(c *x509.Certificate) {
-			c.BasicConstraintsValid, c.IsCA = true, true
-		}), false},
-		// Decision: a missing EKU is not "any usage" (as x509.Verify reads it) but
-		// a refusal; TP requires clientAuth by name.
-		{"bad: no extended key usage", testpki.DeviceCert(t, inter, dev, func(c *x509.Certificate) { c.ExtKeyUsage = nil }), false},
-		{"bad: anyExtendedKeyUsage only", testpki.DeviceCert(t, inter, dev, func(c *x509.Certificate) {
+	echo := testnet.Echo(t)
+	_, inter := tpdSigners(t, d)
+	cases := append(deviceCertShapes(t, d, "alice@laptop"),
+		certCase{"bad: anyExtendedKeyUsage only", testpki.DeviceCert(t, inter, "alice@laptop", func(c *x509.Certificate) {
 			c.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageAny}
-		}), false},
-	}
+		}), false})
 	for _, transport := range []string{clients.TransportTLS, clients.TransportQUIC} {
 		for _, tc := range cases {
 			t.Run(transport+"/"+tc.name, func(t *testing.T) {
@@ -167,23 +179,8 @@ func TestAgentAcceptsOnlyIssuingIntermediateLeaves(t *testing.T) {
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
-	local := upperServer(t)
-	root, inter := tpdSigners(t, d)
-	second := testpki.NewIntermediate(t, root, "Second Intermediate under tpd's root")
-	const dev = "bob@phone"
-	cases := []struct {
-		name string
-		cert tls.Certificate
-		ok   bool
-	}{
-		{"good: issued by tpd's intermediate", testpki.DeviceCert(t, inter, dev, nil), true},
-		{"bad: signed directly by tpd's root", testpki.DeviceCert(t, root, dev, nil), false},
-		{"bad: signed by a second intermediate under tpd's root", testpki.DeviceCert(t, second, dev, nil), false},
-		{"bad: CA:TRUE leaf from tpd's intermediate", testpki.DeviceCert(t, inter, dev, func(c *x509.Certificate) {
-			c.BasicConstraintsValid, c.IsCA = true, true
-		}), false},
-		{"bad: no extended key usage", testpki.DeviceCert(t, inter, dev, func(c *x509.Certificate) { c.ExtKeyUsage = nil }), false},
-	}
+	local := testnet.Upper(t)
+	cases := deviceCertShapes(t, d, "bob@phone")
 	for _, transport := range []string{clients.TransportQUIC, clients.TransportTLS} {
 		t.Run(transport, func(t *testing.T) {
 			startAgent(t, alice, transport, local, []string{"bob"}, nil)

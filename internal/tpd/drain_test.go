@@ -17,12 +17,14 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // stoppableDaemon is startDaemon with the shutdown-timeout given, its log kept,
 // and the stop in the test's hands: stop begins the drain, wait returns Serve's
 // error.
-func stoppableDaemon(t testing.TB, policy string, timeout time.Duration, mod ...func(*config.Server)) (d *Daemon, url string, log *lockedBuffer, stop func(), wait func() error) {
+func stoppableDaemon(t testing.TB, policy string, timeout time.Duration, mod ...func(*config.Server)) (d *Daemon, url string, log *testlog.Buffer, stop func(), wait func() error) {
 	t.Helper()
 	cfg := config.DefaultServer()
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
@@ -42,7 +44,7 @@ func stoppableDaemon(t testing.TB, policy string, timeout time.Duration, mod ...
 		t.Fatal(err)
 	}
 	cfg.Listen = ln.Addr().String()
-	log = &lockedBuffer{}
+	log = &testlog.Buffer{}
 	d, err = New(context.Background(), cfg, slog.New(slog.NewTextHandler(log, nil)))
 	if err != nil {
 		t.Fatal(err)
@@ -80,7 +82,7 @@ func TestDrainForce(t *testing.T) {
 		t.Fatal(err)
 	}
 	dl.Transport = clients.TransportTLS
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	var conns []net.Conn
 	for range 4 {
 		conn, err := dl.DialContext(context.Background(), "tcp", echo)

@@ -13,6 +13,8 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -50,7 +52,7 @@ func TestIdentityCapsHold(t *testing.T) {
 	})
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	transports := []string{clients.TransportTLS, clients.TransportQUIC}
 	dialer := func(c *clients.Client, transport string) *clients.Dialer {
 		dl, err := c.Dialer()
@@ -160,7 +162,7 @@ func TestIdentityCapsHold(t *testing.T) {
 			t.Fatalf("%s did not register within 30s", who)
 		}
 	}
-	var quiet, second lockedBuffer
+	var quiet, second testlog.Buffer
 	reg1, stop1 := agent(alice, clients.TransportQUIC, &quiet, "one", "two")
 	waitRegistered(reg1, "alice's first agent")
 	reg2, _ := agent(alice, clients.TransportTLS, &second, "three")

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/policy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -85,7 +86,7 @@ func TestTunnelBurstNotDeniedByPolicyTimeout(t *testing.T) {
 	}
 	cfg.PolicyTimeout = 10 * need
 	r := runDaemon(t, cfg)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	alice, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	if err := dialEcho(t, alice, echo); err != nil { // the policy allows it at all
 		t.Fatal(err)

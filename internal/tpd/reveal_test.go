@@ -10,6 +10,7 @@ import (
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testdns"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -129,7 +130,7 @@ func TestProbingReverseNamesRevealsNothing(t *testing.T) {
 		return err.Error()
 	}
 	unserved := probe()
-	stop, _ := startAgent(t, alice, clients.TransportTLS, upperServer(t), []string{"carol"}, nil)
+	stop, _ := startAgent(t, alice, clients.TransportTLS, testnet.Upper(t), []string{"carol"}, nil)
 	served := probe()
 	stop()
 	if after := probe(); served != unserved || after != unserved {

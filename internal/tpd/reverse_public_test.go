@@ -10,8 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -20,6 +18,7 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/internal/website"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -49,43 +48,6 @@ allow if {
 	input.destination.host == "blog.example.test"
 }
 `
-
-// startDaemonCfg is startDaemon with a change to the configuration.
-func startDaemonCfg(t *testing.T, policy string, mod func(*config.Server)) (*Daemon, string) {
-	t.Helper()
-	cfg := config.DefaultServer()
-	cfg.DataDir = filepath.Join(t.TempDir(), "data")
-	cfg.PolicyTimeout = 5 * time.Second
-	if _, err := Init(cfg); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(policy), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ln, err := Listen("127.0.0.1:0", true) // a port free on UDP too, for QUIC
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.Listen = ln.Addr().String()
-	if mod != nil {
-		mod(&cfg)
-	}
-	d, err := New(context.Background(), cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx, ln) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-		d.Close()
-	})
-	return d, cfg.PublicURL()
-}
 
 // runAgent runs an agent for exposed and waits until it registered; an agent
 // the server refuses returns its error instead (ExitOnRefusal: these tests probe
@@ -140,16 +102,6 @@ func roundTrip(c net.Conn, msg []byte) ([]byte, error) {
 	return io.ReadAll(c)
 }
 
-func freeTCPPort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // waitRefused polls until nothing listens on addr any more.
 func waitRefused(t *testing.T, addr string) {
 	t.Helper()
@@ -182,14 +134,14 @@ func wantRefused(t *testing.T, err error, code, text string) {
 // does not allow and a port held by another identity are refused; the port closes
 // when the agent unregisters, and after the grace period when it drops off.
 func TestReversePublicTCP(t *testing.T) {
-	port, denied, outside := freeTCPPort(t), freeTCPPort(t), freeTCPPort(t)
+	port, denied, outside := testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(publicPolicy, port), func(c *config.Server) {
 		c.PublicPorts = fmt.Sprintf("%d, %d", port, denied)
 		c.ReverseGrace = 2 * time.Second
 	})
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	mallory, _, _ := enrollClient(t, d, url, "mallory", "pc")
-	local := upperServer(t)
+	local := testnet.Upper(t)
 	public := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	game := func(p int) []clients.Exposed {
 		return []clients.Exposed{{Name: "game", Local: local, PublicPort: p}}
@@ -263,7 +215,7 @@ func TestReversePublicSNI(t *testing.T) {
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	ca := testpki.New(t)
 	siteCert := ca.ServerCert(t, "blog.example.test")
-	local := upperServer(t)
+	local := testnet.Upper(t)
 	addr := hostPort(t, url)
 	blog := func(sni string) []clients.Exposed {
 		return []clients.Exposed{{Name: "blog", Local: local, PublicSNI: sni,
@@ -329,27 +281,14 @@ func TestPublicSNIAllowed(t *testing.T) {
 // reset, never a clean end — whether the agent's TLS data connection ends
 // without close_notify or its QUIC stream is reset.
 func TestReversePublicAgentDies(t *testing.T) {
-	port := freeTCPPort(t)
+	port := testnet.FreePort(t, "tcp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(publicPolicy, port), func(c *config.Server) { c.PublicPorts = strconv.Itoa(port) })
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() { // a service that streams forever
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, zeros{}); c.Close() }()
-		}
-	}()
+	stream := testnet.Stream(t) // a service that streams forever
 	for _, transport := range []string{clients.TransportTLS, clients.TransportQUIC} {
 		t.Run(transport, func(t *testing.T) {
 			tap := &capture{}
-			stop, err := runAgent(t, alice, transport, []clients.Exposed{{Name: "game", Local: ln.Addr().String(), PublicPort: port}}, tap)
+			stop, err := runAgent(t, alice, transport, []clients.Exposed{{Name: "game", Local: stream, PublicPort: port}}, tap)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // lineLog hands each log line of an agent to the test.
@@ -54,7 +55,7 @@ func TestReverseAgentRetriesPolicyDenial(t *testing.T) {
 			dl.Transport = transport
 			lines := make(lineLog, 1000)
 			registered := make(chan struct{}, 10)
-			a := &clients.Agent{Dialer: dl, Exposed: []clients.Exposed{{Name: "svc", Local: upperServer(t)}},
+			a := &clients.Agent{Dialer: dl, Exposed: []clients.Exposed{{Name: "svc", Local: testnet.Upper(t)}},
 				AllowUsers: []string{"bob"}, Certificate: alice.ReverseCertificate,
 				Logger:     slog.New(slog.NewTextHandler(lines, nil)),
 				Registered: func([]string) { registered <- struct{}{} }}
@@ -127,7 +128,7 @@ func TestReverseAgentExitOnRefusal(t *testing.T) {
 	denyAlice := strings.Replace(reversePolicy, `input.identity.user in {"alice", "mallory"}`, `input.identity.user == "mallory"`, 1)
 	d, url := startDaemon(t, denyAlice)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
-	_, err := runAgent(t, alice, clients.TransportTLS, []clients.Exposed{{Name: "svc", Local: upperServer(t)}}, nil)
+	_, err := runAgent(t, alice, clients.TransportTLS, []clients.Exposed{{Name: "svc", Local: testnet.Upper(t)}}, nil)
 	if err == nil || !strings.Contains(err.Error(), "denied by policy") {
 		t.Fatalf("with ExitOnRefusal: %v; want the policy denial", err)
 	}
@@ -200,7 +201,7 @@ func TestReverseAgentRetriesLostName(t *testing.T) {
 	d, url := startDaemonCfg(t, reversePolicy, func(c *config.Server) { c.ReverseGrace = time.Second })
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	mallory, _, _ := enrollClient(t, d, url, "mallory", "pc")
-	local := upperServer(t)
+	local := testnet.Upper(t)
 	dl, err := alice.Dialer()
 	if err != nil {
 		t.Fatal(err)

@@ -7,14 +7,14 @@ import (
 	"errors"
 	"io"
 	"net"
-	"os"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testcut"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -125,29 +125,6 @@ func startAgent(t *testing.T, c *clients.Client, transport, local string, allowU
 	return stop, errc
 }
 
-// upperServer answers each line with the line in upper case.
-func upperServer(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				b, _ := io.ReadAll(c)
-				c.Write(bytes.ToUpper(b))
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
-
 func dialReverse(c *clients.Client, transport string, msg []byte) ([]byte, error) {
 	d, err := c.Dialer()
 	if err != nil {
@@ -174,7 +151,7 @@ func TestReverseProtected(t *testing.T) {
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
 	carol, _, _ := enrollClient(t, d, url, "carol", "pc")
-	local := upperServer(t)
+	local := testnet.Upper(t)
 	for _, transport := range []string{clients.TransportQUIC, clients.TransportTLS} {
 		t.Run(transport, func(t *testing.T) {
 			tap := &capture{}
@@ -214,7 +191,7 @@ func TestReverseBothLayers(t *testing.T) {
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	dave, _, _ := enrollClient(t, d, url, "dave", "pc")
 	carol, _, _ := enrollClient(t, d, url, "carol", "pc")
-	startAgent(t, alice, clients.TransportTLS, upperServer(t), []string{"carol"}, nil)
+	startAgent(t, alice, clients.TransportTLS, testnet.Upper(t), []string{"carol"}, nil)
 	_, err := dialReverse(dave, clients.TransportTLS, []byte("x"))
 	var re *clients.RefusedError
 	if !errors.As(err, &re) || re.Code != clients.CodeAgentDenied || !strings.Contains(err.Error(), "dave@pc is not allowed by the agent") {
@@ -233,7 +210,7 @@ func TestReverseNameHijack(t *testing.T) {
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	mallory, _, _ := enrollClient(t, d, url, "mallory", "pc")
-	local := upperServer(t)
+	local := testnet.Upper(t)
 
 	// Online: refused, and alice keeps the name.
 	stop, _ := startAgent(t, alice, clients.TransportTLS, local, []string{"bob"}, nil)
@@ -305,24 +282,11 @@ func TestReverseAgentDiesMidTransfer(t *testing.T) {
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() { // a service that streams forever
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, zeros{}); c.Close() }()
-		}
-	}()
+	stream := testnet.Stream(t) // a service that streams forever
 	for _, transport := range []string{clients.TransportTLS, clients.TransportQUIC} {
 		t.Run(transport, func(t *testing.T) {
 			tap := &capture{}
-			startAgent(t, alice, transport, ln.Addr().String(), []string{"bob"}, tap)
+			startAgent(t, alice, transport, stream, []string{"bob"}, tap)
 			bd, _ := bob.Dialer()
 			defer bd.Close()
 			bd.Transport = transport
@@ -345,33 +309,7 @@ func TestReverseAgentDiesMidTransfer(t *testing.T) {
 			tap.mu.Unlock()
 			conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 			_, err = io.Copy(io.Discard, conn)
-			cutByFault(t, "the dialer", err)
+			testcut.Check(t, "the dialer", err)
 		})
 	}
-}
-
-type zeros struct{}
-
-func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
-
-// cutByFault fails the test unless err reports the cut the test caused: a
-// *clients.CutError holding a TCP reset, a QUIC stream reset, or a TLS session
-// that ended without close_notify (wire.ErrTruncated). The test's own read deadline is a hang, and EOF a
-// silent truncation.
-func cutByFault(t *testing.T, who string, err error) {
-	t.Helper()
-	switch {
-	case err == nil || errors.Is(err, io.EOF):
-		t.Fatalf("%s saw a clean end (%v); want the cut reported", who, err)
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		t.Fatalf("%s heard nothing until its own read deadline: the cut was not passed on (%v)", who, err)
-	}
-	var cut *clients.CutError
-	if !errors.As(err, &cut) {
-		t.Fatalf("%s saw %v (%T); want a *clients.CutError", who, err, err)
-	}
-	if _, reset := wire.StreamResetCode(err); reset || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, wire.ErrTruncated) {
-		return
-	}
-	t.Fatalf("%s saw %v (%T); want a reset or wire.ErrTruncated", who, cut.Err, cut.Err)
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -41,37 +42,6 @@ allow if {
 	input.identity.user in {"bob", "dave"}
 }
 `
-
-// upperUDP answers every datagram with the datagram in upper case, to its sender.
-func upperUDP(t *testing.T) string {
-	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 65535)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(bytes.ToUpper(buf[:n]), from)
-		}
-	}()
-	return pc.LocalAddr().String()
-}
-
-func freeUDPPort(t *testing.T) int {
-	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	return pc.LocalAddr().(*net.UDPAddr).Port
-}
 
 // udpExchange sends msg on c and waits for one answer, resending every 500ms
 // (UDP may drop; the test's bound is 20s).
@@ -103,12 +73,12 @@ func udpExchange(t *testing.T, c net.Conn, msg []byte) []byte {
 // datagrams arrive whole; a port outside public-ports for UDP, or one the policy
 // does not allow for UDP, is refused; the port closes when the agent stops.
 func TestReversePublicUDP(t *testing.T) {
-	port, tcpOnly := freeUDPPort(t), freeUDPPort(t)
+	port, tcpOnly := testnet.FreePort(t, "udp"), testnet.FreePort(t, "udp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(udpPolicy, port), func(c *config.Server) {
 		c.PublicPorts = fmt.Sprintf("%d/udp, %d/tcp", port, tcpOnly)
 	})
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
-	local := upperUDP(t)
+	local := testnet.UpperUDP(t)
 	game := func(p int) []clients.Exposed {
 		return []clients.Exposed{{Name: "game", Local: local, UDP: true, PublicPort: p}}
 	}
@@ -197,7 +167,7 @@ func TestReverseProtectedUDP(t *testing.T) {
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
 	dave, _, _ := enrollClient(t, d, url, "dave", "pc")
-	local := upperUDP(t)
+	local := testnet.UpperUDP(t)
 	for _, transport := range []string{clients.TransportQUIC, clients.TransportTLS} {
 		t.Run(transport, func(t *testing.T) {
 			tap := &capture{}
@@ -251,14 +221,14 @@ func TestReverseProtectedUDP(t *testing.T) {
 // the served clients are unaffected, and once a session idles out the extra
 // client is served.
 func TestReversePublicUDPBounds(t *testing.T) {
-	port := freeUDPPort(t)
+	port := testnet.FreePort(t, "udp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(udpPolicy, port), func(c *config.Server) {
 		c.PublicPorts = fmt.Sprintf("%d/udp", port)
 		c.UDPMaxPublicFlows = 2
 		c.UDPIdleTimeout = time.Second
 	})
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
-	if _, err := runAgent(t, alice, clients.TransportQUIC, []clients.Exposed{{Name: "game", Local: upperUDP(t), UDP: true, PublicPort: port}}, nil); err != nil {
+	if _, err := runAgent(t, alice, clients.TransportQUIC, []clients.Exposed{{Name: "game", Local: testnet.UpperUDP(t), UDP: true, PublicPort: port}}, nil); err != nil {
 		t.Fatal(err)
 	}
 	public := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))

@@ -15,6 +15,7 @@ import (
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -24,7 +25,7 @@ import (
 func TestReverseCertificatesServerOnlyAndBound(t *testing.T) {
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
-	stop, _ := startAgent(t, alice, "tls", echoServer(t), []string{"bob"}, nil)
+	stop, _ := startAgent(t, alice, "tls", testnet.Echo(t), []string{"bob"}, nil)
 	defer stop()
 
 	cert, err := alice.ReverseCertificate(context.Background(), "svc.rev.tp.internal")

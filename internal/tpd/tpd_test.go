@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +17,7 @@ import (
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 const allowAlice = `package tp.authz
@@ -29,9 +30,28 @@ allow if input.identity.user == "alice"
 // startDaemon runs a real tpd in-process on a loopback port.
 func startDaemon(t testing.TB, policy string) (*Daemon, string) {
 	t.Helper()
+	return startDaemonCfg(t, policy, nil)
+}
+
+// startDaemonCfg is startDaemon with a change to the configuration.
+func startDaemonCfg(t testing.TB, policy string, mod func(*config.Server)) (*Daemon, string) {
+	t.Helper()
+	d := serveDaemon(t, policy, mod, nil)
+	return d, d.cfg.PublicURL()
+}
+
+// serveDaemon initialises a fresh data dir for the default configuration as mod
+// (when not nil) changes it, installs policy as its only policy, and serves it
+// in-process on a loopback port free on TCP and UDP (for QUIC) until the test
+// ends. log nil discards the daemon's log.
+func serveDaemon(t testing.TB, policy string, mod func(*config.Server), log *slog.Logger) *Daemon {
+	t.Helper()
 	cfg := config.DefaultServer()
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
 	cfg.PolicyTimeout = 5 * time.Second // -race is slow; the bound is not what is tested here
+	if mod != nil {
+		mod(&cfg)
+	}
 	if _, err := Init(cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -43,7 +63,7 @@ func startDaemon(t testing.TB, policy string) (*Daemon, string) {
 		t.Fatal(err)
 	}
 	cfg.Listen = ln.Addr().String()
-	d, err := New(context.Background(), cfg, nil)
+	d, err := New(context.Background(), cfg, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,7 +77,7 @@ func startDaemon(t testing.TB, policy string) (*Daemon, string) {
 		}
 		d.Close()
 	})
-	return d, cfg.PublicURL()
+	return d
 }
 
 // clock is a settable clock for the client.
@@ -120,24 +140,6 @@ func enrollClient(t testing.TB, d *Daemon, url, user, device string) (*clients.C
 	return c, clk, &logs
 }
 
-func echoServer(t testing.TB) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
-	return ln.Addr().String()
-}
-
 func dialEcho(t *testing.T, c *clients.Client, addr string) error {
 	t.Helper()
 	d, err := c.Dialer()
@@ -161,7 +163,7 @@ func dialEcho(t *testing.T, c *clients.Client, addr string) error {
 // the device key and without any prompt, before the connection is made.
 func TestRenewalInLastThird(t *testing.T) {
 	d, url := startDaemon(t, allowAlice)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, clk, logs := enrollClient(t, d, url, "alice", "laptop")
 	first, err := c.Certificate(context.Background())
 	if err != nil {
@@ -202,7 +204,7 @@ func TestExpiredWithoutDeviceKey(t *testing.T) {
 // A revoked device, or a deny-listed certificate, is refused on its next connection.
 func TestRevocationRefusesConnections(t *testing.T) {
 	d, url := startDaemon(t, allowAlice)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	if err := dialEcho(t, c, echo); err != nil {
 		t.Fatalf("dial before revocation: %v", err)
@@ -235,7 +237,7 @@ func TestRevocationRefusesConnections(t *testing.T) {
 // previous policy keeps deciding.
 func TestPolicyReload(t *testing.T) {
 	d, url := startDaemon(t, allowAlice)
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	c, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	file := filepath.Join(d.cfg.PolicyDir(), "tp.rego")
 	if err := os.WriteFile(file, []byte("package tp.authz\n\ndefault allow := false\n"), 0o600); err != nil {

@@ -14,7 +14,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,28 +21,17 @@ import (
 	"github.com/quic-go/quic-go/http3"
 
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/website"
 )
-
-// lockedBuf collects the daemon's log.
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-func (l *lockedBuf) String() string { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
 
 type siteDaemon struct {
 	d    *Daemon
 	url  string
 	addr string // public TCP (and UDP) address
 	root *x509.CertPool
-	log  *lockedBuf
+	log  *testlog.Buffer
 	cfg  config.Server
 }
 
@@ -60,45 +48,21 @@ func startSiteDaemon(t *testing.T, mod func(*config.Server)) *siteDaemon {
 	}))
 	t.Cleanup(up.Close)
 
-	cfg := config.DefaultServer()
-	cfg.DataDir = filepath.Join(t.TempDir(), "data")
-	cfg.PolicyTimeout = 5 * time.Second
-	cfg.Sites = []config.Site{{Name: "www.test", Root: root}, {Name: "app.test", Upstream: up.URL}}
-	if mod != nil {
-		mod(&cfg)
-	}
-	if _, err := Init(cfg); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(allowAlice), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ln, err := Listen("127.0.0.1:0", true) // a port free on UDP too, for QUIC
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.Listen = ln.Addr().String()
-	logs := &lockedBuf{}
-	d, err := New(context.Background(), cfg, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx, ln) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-		d.Close()
+	logs := &testlog.Buffer{}
+	t.Cleanup(func() { // registered before the daemon's, so it runs after the daemon stopped
 		if t.Failed() {
 			t.Logf("tpd log:\n%s", logs.String())
 		}
 	})
+	d := serveDaemon(t, allowAlice, func(c *config.Server) {
+		c.Sites = []config.Site{{Name: "www.test", Root: root}, {Name: "app.test", Upstream: up.URL}}
+		if mod != nil {
+			mod(c)
+		}
+	}, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	pool := x509.NewCertPool()
 	pool.AddCert(d.pki.Root)
-	return &siteDaemon{d: d, url: cfg.PublicURL(), addr: cfg.Listen, root: pool, log: logs, cfg: cfg}
+	return &siteDaemon{d: d, url: d.cfg.PublicURL(), addr: d.cfg.Listen, root: pool, log: logs, cfg: d.cfg}
 }
 
 // waitSiteCert polls until the public port presents a certificate for name
@@ -180,7 +144,7 @@ func TestSitesOverACMEAndAllProtocols(t *testing.T) {
 
 	// A tp tunnel that stays open across all the web requests.
 	c, _, _ := enrollClient(t, s.d, s.url, "alice", "laptop")
-	echo := echoServer(t)
+	echo := testnet.Echo(t)
 	dialer, err := c.Dialer()
 	if err != nil {
 		t.Fatal(err)

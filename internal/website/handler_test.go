@@ -1,7 +1,6 @@
 package website
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"io"
@@ -13,26 +12,17 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testpki"
 )
-
-// syncBuf is a log sink the handler writes to from many goroutines.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
-func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
 type siteEnv struct {
 	addr string
 	ca   *testpki.CA
-	log  *syncBuf
+	log  *testlog.Buffer
 	up   *httptest.Server
 	seen chan *http.Request // requests the upstream received
 }
@@ -66,7 +56,7 @@ func newSiteEnv(t *testing.T, mod func(*Options)) *siteEnv {
 	if err := os.Symlink(outside, filepath.Join(root, "escape.txt")); err != nil {
 		t.Fatal(err)
 	}
-	e := &siteEnv{ca: testpki.New(t), log: &syncBuf{}, seen: make(chan *http.Request, 16)}
+	e := &siteEnv{ca: testpki.New(t), log: &testlog.Buffer{}, seen: make(chan *http.Request, 16)}
 	e.up = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		body, err := io.ReadAll(r.Body)
 		if err != nil {

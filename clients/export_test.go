@@ -1,0 +1,59 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"log/slog"
+	"net"
+	"testing"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// authorizerFunc adapts a function to authz.Authorizer.
+type authorizerFunc func(authz.Request) authz.Decision
+
+func (f authorizerFunc) Authorize(_ context.Context, req authz.Request) (authz.Decision, error) {
+	return f(req), nil
+}
+
+// StartTestServer runs a real proxy.Server on loopback until the test ends, with
+// a fresh test CA; a device's identity is its certificate's CN, and decide
+// answers each request (nil: every request is allowed). It returns the server's
+// address and a client configuration that trusts the CA and presents
+// alice@laptop's certificate. This package's tests and clients_test share it.
+func StartTestServer(t testing.TB, decide func(authz.Request) authz.Decision) (string, *tls.Config) {
+	t.Helper()
+	if decide == nil {
+		decide = func(authz.Request) authz.Decision { return authz.Decision{Allow: true} }
+	}
+	ca := testpki.New(t)
+	srv, err := proxy.New(proxy.Config{
+		ProxyTLS: &tls.Config{
+			Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")},
+			ClientCAs:    ca.Pool,
+			ClientAuth:   tls.RequireAndVerifyClientCert,
+		},
+		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
+			leaf := cs.PeerCertificates[0]
+			return authz.Identity{DeviceID: leaf.Subject.CommonName, NotAfter: leaf.NotAfter}, nil
+		},
+		Authorizer: authorizerFunc(decide),
+		Logger:     slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = srv.Serve(ctx, ln); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	return ln.Addr().String(), &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}}
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# TP's one test command (README, "Set up"); .ci/run runs exactly this.
+# Run as root on Debian or Ubuntu, it first installs what the tests use; run as
+# anyone else, it names what is missing and how to install it, and stops.
+# Then it runs every test with the race detector, from an empty test cache: the
+# end-to-end tests build tpd, tp and dlogin themselves, which Go's test cache
+# cannot see, so a cached pass could be stale.
+#   deploy/test.sh                      # everything, as CI does
+#   deploy/test.sh -run TestX ./proxy/  # other arguments replace ./... (still -race)
+#   deploy/test.sh --deps               # only install (or check) what the tests need
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# What the tests run, as "command package" (Debian/Ubuntu package names).
+tools=(
+	"gcc gcc"                             # go test -race needs cgo
+	"/usr/sbin/sshd openssh-server"       # ProxyCommand and tp expose tests run a real sshd
+	"ssh openssh-client"                  # … and a real ssh
+	"ssh-keygen openssh-client"           # … with throwaway keys
+	"chromium chromium"                   # the website test loads a page in headless Chromium
+	"certutil libnss3-tools"              # … which trusts TP's CA through NSS's certutil
+	"systemd-analyze systemd"             # deploy/ verifies the systemd unit
+	"ip iproute2"                         # tpbench's packet-loss scenarios: a network namespace
+	"iptables iptables"                   # … that drops packets
+)
+
+missing() {
+	local entry cmd pkg
+	for entry in "${tools[@]}"; do
+		read -r cmd pkg <<<"$entry"
+		if ! command -v "$cmd" >/dev/null 2>&1; then
+			echo "$pkg"
+		fi
+	done | sort -u
+}
+
+if ! command -v go >/dev/null 2>&1; then
+	echo "test.sh: go is not on PATH; install Go $(sed -n 's/^go //p' go.mod) (https://go.dev/dl) and run this again." >&2
+	exit 1
+fi
+
+pkgs=$(missing)
+if [ -n "$pkgs" ]; then
+	if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+		echo "test.sh: installing what the tests need:" $pkgs
+		export DEBIAN_FRONTEND=noninteractive
+		apt-get update -qq
+		# shellcheck disable=SC2086 # one word per package
+		apt-get install -y -qq $pkgs >/dev/null
+		pkgs=$(missing)
+	fi
+	if [ -n "$pkgs" ]; then
+		echo "test.sh: the tests need these packages, which are not installed:" $pkgs >&2
+		echo "  On Debian or Ubuntu: sudo apt-get install" $pkgs >&2
+		echo "  (or run deploy/test.sh as root, which installs them). No test is skipped for a missing tool: they would fail." >&2
+		exit 1
+	fi
+fi
+
+if [ "${1:-}" = "--deps" ]; then
+	echo "test.sh: everything the tests need is installed"
+	exit 0
+fi
+
+go clean -testcache
+if [ $# -eq 0 ]; then
+	set -- ./...
+fi
+exec go test -race "$@"
