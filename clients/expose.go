@@ -232,7 +232,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		if errors.As(err, &fe) {
 			return fe.error
 		}
-		if a.Explain != nil && err != nil {
+		if a.Explain != nil && err != nil && !errors.As(err, new(serverShutdown)) { // a stop needs no asking
 			if err = a.Explain(ctx, err); errors.Is(err, authz.ErrRevoked) {
 				return err // retrying cannot lift a revocation
 			}
@@ -243,6 +243,12 @@ func (a *Agent) Run(ctx context.Context) error {
 			held, backoff = true, agentBackoffMin
 		}
 		wait := backoff/2 + rand.N(backoff)
+		if errors.As(err, new(serverShutdown)) && registered {
+			// The server stops: another one behind the same name may take the
+			// names now (docs/PROTOCOL.md, section 6.3). If none answers, the next
+			// attempt fails and waits as usual.
+			wait = 0
+		}
 		var re *RefusedError
 		refused := errors.As(err, &re) && (re.Code == wire.CodePolicyDenied || re.Code == wire.CodeNameTaken)
 		switch {
@@ -326,8 +332,9 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 		}
 		ctl = tc
 	}
+	handoff := false // the server stops: its sessions finish in the background (below)
 	defer func() {
-		if qconn != nil {
+		if qconn != nil && !handoff {
 			_ = qconn.CloseWithError(wire.QUICNoError, "")
 		}
 	}()
@@ -373,9 +380,24 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	}
 
 	sctx, scancel := context.WithCancel(ctx)
-	defer scancel()
 	var wg sync.WaitGroup
-	defer wg.Wait()
+	defer func() {
+		if !handoff {
+			wg.Wait()
+			scancel()
+			return
+		}
+		// A stopping server lets the sessions it relays drain: they finish here
+		// while Run reconnects at once, possibly to another server.
+		qc := qconn
+		go func() {
+			wg.Wait()
+			scancel()
+			if qc != nil {
+				_ = qc.CloseWithError(wire.QUICNoError, "")
+			}
+		}()
+	}()
 	// Ctrl-C: tell the server to free the names now rather than hold them for the grace period.
 	stopUnreg := context.AfterFunc(ctx, func() {
 		_ = ctl.SetWriteDeadline(time.Now().Add(time.Second))
@@ -391,9 +413,18 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 		// ends, with a frame that says why when the server ended it: that ends
 		// the session too (the connection itself may stay up).
 		ended := make(chan error, 1)
-		go func() { ended <- a.readControl(ctl, nil); scancel() }()
+		actx, acancel := context.WithCancel(sctx)
+		defer acancel()
+		go func() {
+			err := a.readControl(ctl, nil)
+			if !errors.As(err, new(serverShutdown)) {
+				scancel()
+			}
+			acancel()
+			ended <- err
+		}()
 		for {
-			str, err := qconn.AcceptStream(sctx)
+			str, err := qconn.AcceptStream(actx)
 			if err != nil {
 				var cerr error
 				select {
@@ -406,11 +437,19 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 					}
 				}
 				_ = ctl.Close()
-				if cerr != nil && (errors.As(cerr, new(*RefusedError)) || errors.As(cerr, new(fatalError))) {
+				handoff = errors.As(cerr, new(serverShutdown)) && ctx.Err() == nil
+				if cerr != nil && (errors.As(cerr, new(*RefusedError)) || errors.As(cerr, new(fatalError)) || errors.As(cerr, new(serverShutdown))) {
 					return true, cerr
 				}
 				if qerr := context.Cause(qconn.Context()); qerr != nil {
-					return true, fmt.Errorf("QUIC connection: %w", explainQUICErr(qerr))
+					err := fmt.Errorf("QUIC connection: %w", explainQUICErr(qerr))
+					// The server closes a connection that carries only the control
+					// stream with 0x3 right after the end frame, which may then be
+					// lost: the code says the same.
+					if ae := (*quic.ApplicationError)(nil); errors.As(qerr, &ae) && ae.Remote && ae.ErrorCode == wire.QUICShutdown {
+						return true, serverShutdown{err}
+					}
+					return true, err
 				}
 				if cerr != nil {
 					return true, cerr
@@ -435,14 +474,23 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	// TLS: sessions are announced on the control connection; each is accepted on
 	// a new TLS connection.
 	defer ctl.Close()
-	return true, a.readControl(ctl, func(hdr wire.SessionHeader) {
+	err = a.readControl(ctl, func(hdr wire.SessionHeader) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			a.acceptTLS(sctx, hdr)
 		}()
 	})
+	handoff = errors.As(err, new(serverShutdown)) && ctx.Err() == nil
+	return true, err
 }
+
+// serverShutdown is the end of a control session by a server that stops
+// (`{"end":"shutdown"}`): the agent reconnects at once, and the sessions it
+// serves are left to finish.
+type serverShutdown struct{ error }
+
+func (e serverShutdown) Unwrap() error { return e.error }
 
 // versionMismatch is final: retrying cannot make this agent and the server speak
 // the same protocol version (docs/PROTOCOL.md, section 2.3).
@@ -464,6 +512,8 @@ func (a *Agent) readControl(ctl wire.Stream, announce func(wire.SessionHeader)) 
 		switch {
 		case hdr.End == "replaced":
 			return fatalError{fmt.Errorf("the TP server ended this agent: %s", hdr.Reason)}
+		case hdr.End == wire.EndShutdown:
+			return serverShutdown{fmt.Errorf("the TP server is stopping: %s", hdr.Reason)}
 		case hdr.End == wire.CodePolicyDenied: // retried: the policy may be fixed
 			return &RefusedError{Code: wire.CodePolicyDenied, Reason: "the TP server's policy no longer allows these names: " + hdr.Reason}
 		case hdr.End != "":

@@ -75,6 +75,12 @@ func (l *DecisionLog) Record(input map[string]any, allow bool, reason string, re
 	if l == nil {
 		return nil
 	}
+	l.mu.Lock()
+	off := l.w == nil
+	l.mu.Unlock()
+	if off {
+		return nil
+	}
 	d := Decision{
 		Time: l.now().UTC(), Decision: "deny", Reason: reason, Deny: res.Deny, Revision: res.Revision,
 		Action: input["action"], Identity: input["identity"], Destination: input["destination"], Source: input["source"],
@@ -93,6 +99,9 @@ func (l *DecisionLog) Record(input map[string]any, allow bool, reason string, re
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.w == nil { // turned off meanwhile (Reopen)
+		return nil
+	}
 	if _, err := l.w.Write(buf.Bytes()); err != nil {
 		return fmt.Errorf("decision log: %w", err)
 	}
@@ -112,4 +121,33 @@ func (l *DecisionLog) Close() error {
 		return nil
 	}
 	return err
+}
+
+// Reopen points the log at spec, as OpenDecisionLog does ("" turns it off, "-"
+// is stdout), and closes the file it wrote before: tpd's reload, and a rotated
+// file. On error the log keeps writing where it did.
+func (l *DecisionLog) Reopen(spec string) error {
+	var w io.Writer
+	var closer io.Closer
+	switch spec {
+	case "":
+	case "-":
+		w = os.Stdout
+	default:
+		f, err := os.OpenFile(spec, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			return fmt.Errorf("open decision log: %w", err)
+		}
+		w, closer = f, f
+	}
+	l.mu.Lock()
+	old := l.closer
+	l.w, l.closer = w, closer
+	l.mu.Unlock()
+	if old != nil {
+		if err := old.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
+			return fmt.Errorf("close the previous decision log: %w", err)
+		}
+	}
+	return nil
 }

@@ -145,7 +145,7 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 // own (see handle). timedOut says the bound (or ctx) ended it, in which case the
 // socket may have been closed under it.
 func (s *Server) handshake(ctx context.Context, conn *tls.Conn) (err error, timedOut bool) {
-	hctx, hcancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
+	hctx, hcancel := context.WithTimeout(ctx, s.lim().HandshakeTimeout)
 	defer hcancel()
 	done := make(chan struct{})
 	go func() {

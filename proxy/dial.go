@@ -151,7 +151,7 @@ func (s *Server) resolve(ctx context.Context, host string) (ips []netip.Addr, lo
 	if ip, err := netip.ParseAddr(host); err == nil {
 		return []netip.Addr{ip.Unmap()}, nil, nil
 	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+	rctx, cancel := context.WithTimeout(ctx, s.lim().DialTimeout)
 	defer cancel()
 	found, err := s.cfg.Resolver.LookupNetIP(rctx, "ip", host)
 	if err != nil {
@@ -233,7 +233,7 @@ func (s *Server) dial(ctx context.Context, ss *session, network string, ips []ne
 	var tried []string // for the log: each address and why it failed
 	for _, ap := range authorised {
 		addr := ap.String()
-		dctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+		dctx, cancel := context.WithTimeout(ctx, s.lim().DialTimeout)
 		c, err := dialContext(dctx, network, addr)
 		cancel()
 		if err == nil {
@@ -241,7 +241,7 @@ func (s *Server) dial(ctx context.Context, ss *session, network string, ips []ne
 			return c, nil
 		}
 		tried = append(tried, addr+": "+wire.UnwrapOpError(err).Error())
-		herr = dialFailed(ss.dest, err, s.cfg.DialTimeout)
+		herr = dialFailed(ss.dest, err, s.lim().DialTimeout)
 		if ctx.Err() != nil {
 			break
 		}

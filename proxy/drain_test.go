@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -58,6 +60,50 @@ func TestQUICStreamDuringDrainRefused(t *testing.T) {
 			t.Fatal("a stream opened during the drain got no answer")
 		case !reset || code != wire.QUICRefused:
 			t.Fatalf("a stream opened during the drain: %+v, %v; want RESET_STREAM refused (0x2)", sh, err)
+		}
+		break
+	}
+	quicEcho(t, held, "the established session still runs")
+	_ = held.Close()
+	if err := <-shut; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+}
+
+// A new QUIC connection attempted while the server drains is refused at once with
+// CONNECTION_REFUSED, not left unanswered until the client's handshake gives up
+// (which is what a closed QUIC listener does: it drops Initial packets). Bad
+// input: a fresh QUIC connection to a server whose other session keeps the drain
+// going.
+func TestQUICConnectionDuringDrainRefused(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	conn, err := q.quicConn(t, &q.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := rawRequest(t, conn, q.echo) // keeps the drain going
+	defer held.CancelRead(0)
+	quicEcho(t, held, "before")
+
+	sctx, scancel := context.WithTimeout(context.Background(), time.Minute)
+	defer scancel()
+	shut := make(chan error, 1)
+	go func() { shut <- q.srv.Shutdown(sctx) }()
+
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := q.quicConn(t, &q.cert) // bounded by its own 10s context
+		if err == nil {
+			_ = c.CloseWithError(0, "") // accepted before the drain began
+			if time.Now().After(deadline) {
+				t.Fatal("the server still accepted QUIC connections 10s after Shutdown began")
+			}
+			time.Sleep(10 * time.Millisecond) // polling for the drain to begin, bounded by the deadline
+			continue
+		}
+		var terr *quic.TransportError
+		if !errors.As(err, &terr) || terr.ErrorCode != quic.ConnectionRefused {
+			t.Fatalf("a QUIC connection attempted during the drain: %v; want CONNECTION_REFUSED at once", err)
 		}
 		break
 	}

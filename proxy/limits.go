@@ -79,7 +79,7 @@ func (c *identityCount) count(id string) int {
 // lifetime; serveStream gives it back (releaseSession) however the session ends.
 func (s *Server) countSession(ss *session) *wire.HelloError {
 	id := ss.id.DeviceID
-	held, ok := s.perID.acquire(id, s.cfg.MaxSessionsPerIdentity)
+	held, ok := s.perID.acquire(id, s.lim().MaxSessionsPerIdentity)
 	if !ok {
 		return wire.Errorf(CodeTooManySessions, "%s already has %d sessions open through this server, the limit per device (max-sessions-per-identity); close some and try again", ss.id, held)
 	}
@@ -89,6 +89,9 @@ func (s *Server) countSession(ss *session) *wire.HelloError {
 
 // releaseSession gives back the session slot countSession took, if any.
 func (s *Server) releaseSession(ss *session) {
+	if ss.hold != nil {
+		ss.hold()
+	}
 	if ss.counted {
 		ss.counted = false
 		s.perID.release(ss.id.DeviceID)

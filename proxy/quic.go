@@ -60,9 +60,24 @@ func (o QUICOptions) withDefaults() (QUICOptions, error) {
 	return o, nil
 }
 
-// quicListener registers a QUIC listener with the server so that Shutdown closes
-// it like the TCP listeners. Only Close and Addr are used.
-type quicListener struct{ *quic.Listener }
+// quicListener registers a QUIC listener with the server so that Shutdown stops
+// it like the TCP listeners. Only Close and Addr are used. Close only ends the
+// accept loop: the listener stays open through the drain so that a new QUIC
+// connection is refused at once (CONNECTION_REFUSED, from GetConfigForClient)
+// rather than dropped unanswered until the client's handshake times out, which
+// is what a closed listener does; ServeQUIC closes it after its connections ended.
+type quicListener struct {
+	*quic.Listener
+	stopAccepting context.CancelFunc
+}
+
+func (l *quicListener) Close() error {
+	l.stopAccepting()
+	return nil
+}
+
+// errQUICDraining refuses a new QUIC connection during a shutdown.
+var errQUICDraining = errors.New("proxy: shutting down")
 
 func (quicListener) Accept() (net.Conn, error) {
 	return nil, errors.New("proxy: a QUIC listener has no net.Conn to accept")
@@ -89,7 +104,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 	// quic-go aborts a handshake after twice HandshakeIdleTimeout, so half of the
 	// configured bound keeps the whole handshake within HandshakeTimeout.
 	qcfg := &quic.Config{
-		HandshakeIdleTimeout:           s.cfg.HandshakeTimeout / 2,
+		HandshakeIdleTimeout:           s.lim().HandshakeTimeout / 2,
 		MaxIdleTimeout:                 opts.IdleTimeout,
 		KeepAlivePeriod:                opts.KeepAlive,
 		MaxIncomingStreams:             opts.MaxStreams,
@@ -107,16 +122,35 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		s.web.quic.Store(true)
 		defer s.web.quic.Store(false)
 	}
+	qcfg.GetConfigForClient = func(*quic.ClientInfo) (*quic.Config, error) {
+		if s.isClosed() {
+			return nil, errQUICDraining // CONNECTION_REFUSED at once
+		}
+		c := qcfg.Clone()
+		c.HandshakeIdleTimeout = s.lim().HandshakeTimeout / 2 // SetLimits may have changed it
+		return c, nil
+	}
 	ln, err := tr.Listen(s.quicTLS, qcfg) // "tp/1" → proxy, "h3" → website (demux.go)
 	if err != nil {
 		return fmt.Errorf("proxy: QUIC listen on %s: %w", pc.LocalAddr(), err)
 	}
-	qln := quicListener{ln}
+	actx, stopAccepting := context.WithCancel(ctx)
+	defer stopAccepting()
+	qln := &quicListener{ln, stopAccepting}
 	if !s.track(qln) {
 		_ = ln.Close()
 		return ErrServerClosed
 	}
 	defer s.untrack(qln)
+	// After the accept loop, connections whose handshake was already under way
+	// are closed with QUICShutdown as they complete; the listener itself closes
+	// once the connections it served have ended (deferred before conns.Wait, so
+	// it runs after it).
+	refusing := make(chan struct{})
+	defer func() {
+		_ = ln.Close()
+		<-refusing
+	}()
 
 	// drain ends when the listener stops: connections then refuse new streams,
 	// finish the ones they have, and close. Cancelling ctx ends them at once.
@@ -128,9 +162,19 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 	defer stop()
 
 	for {
-		conn, err := ln.Accept(ctx)
+		conn, err := ln.Accept(actx)
 		if err != nil {
 			stopDrain()
+			go func() {
+				defer close(refusing)
+				for {
+					c, err := ln.Accept(context.Background())
+					if err != nil {
+						return
+					}
+					_ = c.CloseWithError(wire.QUICShutdown, "server shutting down")
+				}
+			}()
 			if s.isClosed() {
 				return ErrServerClosed
 			}
@@ -141,7 +185,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		}
 		if !s.acquire() {
 			_ = conn.CloseWithError(wire.QUICRefused, "server busy: too many connections")
-			s.log.Warn("QUIC connection refused: too many connections", "remote", conn.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
+			s.log.Warn("QUIC connection refused: too many connections", "remote", conn.RemoteAddr().String(), "max_conns", s.lim().MaxConns)
 			continue
 		}
 		if !s.addWorker() {
@@ -176,7 +220,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 
 // acquire takes one MaxConns slot.
 func (s *Server) acquire() bool {
-	if s.active.Add(1) > int64(s.cfg.MaxConns) {
+	if s.active.Add(1) > int64(s.lim().MaxConns) {
 		s.active.Add(-1)
 		return false
 	}
@@ -249,7 +293,7 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 		if !s.acquire() {
 			qs.Abort(wire.QUICRefused)
 			refused.Add(1)
-			s.log.Warn("QUIC stream refused: too many connections", "remote", remote, "max_conns", s.cfg.MaxConns)
+			s.log.Warn("QUIC stream refused: too many connections", "remote", remote, "max_conns", s.lim().MaxConns)
 			continue
 		}
 		served.Add(1)
@@ -283,6 +327,15 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 		}
 	}()
 	streams.Wait()
+	if drain.Err() != nil {
+		// An agent's connection: the sessions it serves for dialers finish
+		// first, unless the drain is cut short (docs/PROTOCOL.md, section 6.3).
+		select {
+		case <-s.holds.none(conn):
+		case <-ctx.Done():
+		case <-conn.Context().Done():
+		}
+	}
 	stopRefusing()
 	<-refusing
 

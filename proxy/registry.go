@@ -101,7 +101,7 @@ func (s *Server) stillAllowed(ctx context.Context, ls *liveSession) (reason stri
 	var lastErr error
 	for range 2 {
 		req.Time = time.Now()
-		actx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+		actx, cancel := context.WithTimeout(ctx, s.lim().DialTimeout)
 		dec, err := s.cfg.Authorizer.Authorize(actx, req)
 		cancel()
 		if err == nil {

@@ -462,6 +462,9 @@ func (s *Server) establishReverse(ctx context.Context, conn wire.Stream, ss *ses
 	// between dialer and agent.
 	ss.e2e = !a.isPublic(host)
 	ss.peer = "agent"
+	if qs, ok := st.(*wire.QUICStream); ok {
+		ss.hold = s.holds.hold(qs.Conn()) // a drain keeps the agent's connection for it
+	}
 	return st, nil
 }
 
@@ -475,7 +478,7 @@ func netOfFull(a *reverseAgent, host string) string {
 
 // decide asks the Authorizer and turns a denial or an error into a refusal.
 func (s *Server) decide(ctx context.Context, ss *session, req authz.Request, fallback string) *wire.HelloError {
-	actx, acancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+	actx, acancel := context.WithTimeout(ctx, s.lim().DialTimeout)
 	dec, err := s.cfg.Authorizer.Authorize(actx, req)
 	acancel()
 	ss.audit.revision = dec.Revision

@@ -232,7 +232,7 @@ func (s *Server) acceptPublic(ln *publicListener) {
 		}
 		if !s.acquire() {
 			wire.Abort(c, wire.QUICRefused)
-			s.log.Warn("public connection refused: too many connections", "remote", c.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
+			s.log.Warn("public connection refused: too many connections", "remote", c.RemoteAddr().String(), "max_conns", s.lim().MaxConns)
 			continue
 		}
 		if !s.addWorker() {

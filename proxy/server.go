@@ -115,16 +115,18 @@ type Server struct {
 	h3TLS       *tls.Config
 	quicTLS     *tls.Config
 
-	active     atomic.Int64     // connections counted against MaxConns
-	webConns   atomic.Int64     // website connections counted against MaxWebConns
-	handshakes perIPCount       // unfinished TLS handshakes per source address
-	perID      identityCount    // open sessions per device identity (limits.go)
-	sessions   registry         // established sessions, for Recheck
-	ends       endRecords       // how recently aborted sessions ended, for op "why"
-	rev        *reverseRegistry // reverse names; nil when Config.Reverse.Zone is empty
-	udp        udpState         // UDP flow bounds and counters (udp.go)
-	stats      counters         // for monitoring (stats.go)
-	wg         sync.WaitGroup   // connection goroutines (not web conns, which http.Server owns)
+	active     atomic.Int64           // connections counted against MaxConns
+	webConns   atomic.Int64           // website connections counted against MaxWebConns
+	handshakes perIPCount             // unfinished TLS handshakes per source address
+	perID      identityCount          // open sessions per device identity (limits.go)
+	sessions   registry               // established sessions, for Recheck
+	ends       endRecords             // how recently aborted sessions ended, for op "why"
+	rev        *reverseRegistry       // reverse names; nil when Config.Reverse.Zone is empty
+	udp        udpState               // UDP flow bounds and counters (udp.go)
+	holds      connHolds              // dialers' sessions on agents' QUIC connections (quicholds.go)
+	limits     atomic.Pointer[Limits] // timeouts and caps; SetLimits swaps them (livelimits.go)
+	stats      counters               // for monitoring (stats.go)
+	wg         sync.WaitGroup         // connection goroutines (not web conns, which http.Server owns)
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
@@ -210,6 +212,7 @@ func New(cfg Config) (*Server, error) {
 	}
 
 	s := &Server{cfg: cfg, log: cfg.Logger, listeners: make(map[net.Listener]struct{})}
+	s.limits.Store(s.cfgLimits())
 	s.force, s.forceClose = context.WithCancel(context.Background())
 	s.draining, s.drain = context.WithCancel(context.Background())
 	s.proxyTLS = cfg.ProxyTLS.Clone()
@@ -272,18 +275,18 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		backoff = 0
 		ip := remoteIP(raw)
-		if !s.handshakes.acquire(ip, s.cfg.MaxHandshakesPerIP) {
+		if !s.handshakes.acquire(ip, s.lim().MaxHandshakesPerIP) {
 			s.stats.handshakeFailed("per_ip_cap")
 			_ = raw.Close()
-			s.log.Warn("connection refused: too many unfinished handshakes from one address", "remote", raw.RemoteAddr().String(), "max_handshakes_per_ip", s.cfg.MaxHandshakesPerIP)
+			s.log.Warn("connection refused: too many unfinished handshakes from one address", "remote", raw.RemoteAddr().String(), "max_handshakes_per_ip", s.lim().MaxHandshakesPerIP)
 			continue
 		}
-		if s.active.Add(1) > int64(s.cfg.MaxConns) {
+		if s.active.Add(1) > int64(s.lim().MaxConns) {
 			s.handshakes.release(ip)
 			s.active.Add(-1)
 			s.stats.handshakeFailed("max_conns")
 			_ = raw.Close()
-			s.log.Warn("connection refused: too many connections", "remote", raw.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
+			s.log.Warn("connection refused: too many connections", "remote", raw.RemoteAddr().String(), "max_conns", s.lim().MaxConns)
 			continue
 		}
 		// Add under the lock that Shutdown takes to set closed, so no Add can race
@@ -380,9 +383,9 @@ func (s *Server) release() { s.active.Add(-1) }
 // website's own; false (and no slot held) when the website's budget is spent.
 func (s *Server) toWeb(remote string) bool {
 	s.release()
-	if s.webConns.Add(1) > int64(s.cfg.MaxWebConns) {
+	if s.webConns.Add(1) > int64(s.lim().MaxWebConns) {
 		s.webConns.Add(-1)
-		s.log.Warn("website connection refused: too many website connections", "remote", remote, "max_web_conns", s.cfg.MaxWebConns)
+		s.log.Warn("website connection refused: too many website connections", "remote", remote, "max_web_conns", s.lim().MaxWebConns)
 		return false
 	}
 	return true

@@ -40,6 +40,7 @@ type session struct {
 	peer     string            // who is on the other side: "destination" or "agent"
 	counted  bool              // holds a slot of MaxSessionsPerIdentity (limits.go)
 	audit    auditState        // what the audit record and the counters (stats.go) need besides the above (audit.go)
+	hold     func()            // releases the agent's QUIC connection the session runs over (quicholds.go)
 }
 
 func (s *Server) serveProxy(ctx context.Context, conn *tls.Conn) {
@@ -216,7 +217,7 @@ func (s *Server) establish(ctx context.Context, conn wire.Stream, cs tls.Connect
 		return nil, wire.Errorf(wire.CodeUnauthenticated, "client certificate expired at %s", id.NotAfter.UTC().Format(time.RFC3339))
 	}
 
-	_ = conn.SetReadDeadline(time.Now().Add(s.cfg.HelloTimeout))
+	_ = conn.SetReadDeadline(time.Now().Add(s.lim().HelloTimeout))
 	// A connection that has sent no hello when Shutdown begins (a client's spare
 	// connection, say) holds no session: it must not hold up the drain.
 	stopDrain := context.AfterFunc(s.draining, func() { _ = conn.SetReadDeadline(time.Now()) })
@@ -231,7 +232,7 @@ func (s *Server) establish(ctx context.Context, conn wire.Stream, cs tls.Connect
 		case (errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()) && s.draining.Err() != nil:
 			return nil, wire.Errorf(wire.CodeHelloTimeout, "the server is shutting down and no longer waits for hellos; reconnect")
 		case errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
-			return nil, wire.Errorf(wire.CodeHelloTimeout, "no complete client hello within %s", s.cfg.HelloTimeout)
+			return nil, wire.Errorf(wire.CodeHelloTimeout, "no complete client hello within %s", s.lim().HelloTimeout)
 		default:
 			ss.end = "reading client hello: " + err.Error()
 			return nil, wire.Errorf(wire.CodeBadRequest, "reading client hello: %v", err)
@@ -285,7 +286,7 @@ func (s *Server) establish(ctx context.Context, conn wire.Stream, cs tls.Connect
 		Source:      authz.Source{Address: ss.remote, Transport: transport},
 		Time:        time.Now(),
 	}
-	actx, acancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+	actx, acancel := context.WithTimeout(ctx, s.lim().DialTimeout)
 	dec, err := s.cfg.Authorizer.Authorize(actx, req)
 	acancel()
 	ss.audit.revision = dec.Revision

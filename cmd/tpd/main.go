@@ -47,7 +47,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.AddCommand(serveCmd(stdout, stderr), initCmd(stdout), enrollCmd(stdout), usersCmd(stdout), versionCmd(stdout),
-		policyCmd(stdout), revokeCmd(stdout), statusCmd(stdout))
+		policyCmd(stdout), revokeCmd(stdout), statusCmd(stdout), reloadCmd(stdout))
 	return root.ExecuteContext(ctx)
 }
 
@@ -61,7 +61,9 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			log := cfg.Logger(stderr)
+			level := new(slog.LevelVar) // a reload may change it
+			log := cfg.LoggerWithLevel(stderr, level)
+			started := cfg
 			out := newAnnouncer(stdout, cfg.LogFormat) // serveout.go
 			if cfg.LogFormat == "json" {
 				// Whatever a library prints with the log package goes through
@@ -122,23 +124,18 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				tellSystemd(log, "STOPPING=1")
 			}()
 
+			d.SetReloader(reloadLoader(cmd.Flags(), started, cfg), level) // reload.go
 			hup := make(chan os.Signal, 1)
 			signal.Notify(hup, syscall.SIGHUP)
 			defer signal.Stop(hup)
 			go func() {
 				for range hup {
 					tellSystemd(log, sdReloading())
-					if err := d.ReopenAuditLog(); err != nil { // after log rotation
-						log.Error("reopening the audit log on SIGHUP failed; it keeps writing to the file it had open", "err", err)
-					}
-					if err := d.ReloadPolicy(cmd.Context()); err != nil {
-						log.Error("policy reload on SIGHUP refused; the previous policy stays active", "err", err)
-					} else {
-						log.Info("policy reloaded on SIGHUP", "revision", d.Policy().Revision())
-					}
-					tellSystemd(log, "READY=1") // also after a refusal: the old configuration serves on
+					_, _ = d.Reload(cmd.Context()) // it reopens the audit log and logs what changed, or why it refused
+					tellSystemd(log, "READY=1")    // also after a refusal: the old configuration serves on
 				}
 			}()
+			defer forceOnSecondSignal(d.Force)() // signals.go
 			return d.Serve(cmd.Context(), ln)
 		},
 	}

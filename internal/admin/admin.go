@@ -75,7 +75,8 @@ type Revoker interface {
 // Server answers on the admin socket.
 type Server struct {
 	Users       *users.Store
-	Revoker     Revoker // nil: revocation is not available
+	Revoker     Revoker  // nil: revocation is not available
+	Reloader    Reloader // nil: `tpd reload` is not available (reload.go)
 	ServerURL   string
 	Fingerprint string
 	TokenTTL    time.Duration
@@ -94,6 +95,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/revoke", s.revoke)
 	mux.HandleFunc("GET /v1/denylist", s.denylist)
 	mux.HandleFunc("GET /v1/status", s.status)
+	mux.HandleFunc("POST /v1/reload", s.reload)
 	return mux
 }
 

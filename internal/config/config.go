@@ -42,7 +42,10 @@ type Server struct {
 	HandshakeTimeout time.Duration `mapstructure:"handshake-timeout"`
 	HelloTimeout     time.Duration `mapstructure:"hello-timeout"`
 	DialTimeout      time.Duration `mapstructure:"dial-timeout"`
-	MaxConns         int           `mapstructure:"max-conns"`
+	// ShutdownTimeout bounds the drain on SIGTERM: sessions still live after it
+	// are aborted with the shutdown code.
+	ShutdownTimeout time.Duration `mapstructure:"shutdown-timeout"`
+	MaxConns        int           `mapstructure:"max-conns"`
 	// MaxWebConns bounds website connections separately (0: half of max-conns),
 	// so web traffic can never take the proxy's slots.
 	MaxWebConns int `mapstructure:"max-web-conns"`
@@ -149,6 +152,7 @@ func DefaultServer() Server {
 		HandshakeTimeout:    10 * time.Second,
 		HelloTimeout:        10 * time.Second,
 		DialTimeout:         10 * time.Second,
+		ShutdownTimeout:     30 * time.Second,
 		MaxConns:            10000,
 		CARateLimit:         DefaultCARateLimit,
 		CARateBurst:         DefaultCARateBurst,
@@ -210,6 +214,9 @@ func (s Server) Validate() error {
 		if d <= 0 || d > 5*time.Minute {
 			errs = append(errs, fmt.Errorf("%s %s must be between 0 and 5m", name, d))
 		}
+	}
+	if s.ShutdownTimeout < 0 || s.ShutdownTimeout > time.Hour {
+		errs = append(errs, fmt.Errorf("shutdown-timeout %s must be between 0 (abort at once) and 1h", s.ShutdownTimeout))
 	}
 	if s.PolicyTimeout < time.Millisecond || s.PolicyTimeout > 10*time.Second {
 		errs = append(errs, fmt.Errorf("policy-timeout %s must be between 1ms and 10s", s.PolicyTimeout))
@@ -387,6 +394,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("handshake-timeout", d.HandshakeTimeout)
 	v.SetDefault("hello-timeout", d.HelloTimeout)
 	v.SetDefault("dial-timeout", d.DialTimeout)
+	v.SetDefault("shutdown-timeout", d.ShutdownTimeout)
 	v.SetDefault("max-conns", d.MaxConns)
 	v.SetDefault("max-web-conns", d.MaxWebConns)
 	v.SetDefault("max-handshakes-per-ip", d.MaxHandshakesPerIP)
@@ -476,6 +484,7 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# Lifetime of device certificates (5m to 24h).\ncert-lifetime: %s\n", s.CertLifetime)
 	fmt.Fprintf(&b, "# How long `tpd enroll` tokens stay valid.\ntoken-ttl: %s\n", s.TokenTTL)
 	fmt.Fprintf(&b, "handshake-timeout: %s\nhello-timeout: %s\ndial-timeout: %s\n", s.HandshakeTimeout, s.HelloTimeout, s.DialTimeout)
+	fmt.Fprintf(&b, "# On SIGTERM, how long live sessions may finish before the rest are aborted.\nshutdown-timeout: %s\n", s.ShutdownTimeout)
 	fmt.Fprintf(&b, "# Connections handled at once; more are closed at accept.\nmax-conns: %d\n", s.MaxConns)
 	fmt.Fprintf(&b, "# Unfinished TLS handshakes from one address (0: 128); raise it behind a load balancer that hides client addresses.\nmax-handshakes-per-ip: %d\n", s.MaxHandshakesPerIP)
 	fmt.Fprintf(&b, "# Website connections, counted apart so the web cannot take the proxy's slots (0: half of max-conns).\nmax-web-conns: %d\n", s.MaxWebConns)
@@ -510,6 +519,18 @@ func ParseLevel(s string) (slog.Level, error) {
 func (s Server) Logger(w io.Writer) *slog.Logger {
 	lvl, _ := ParseLevel(s.LogLevel)
 	opts := &slog.HandlerOptions{Level: lvl}
+	if s.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// LoggerWithLevel is Logger with its level held in lv (set to log-level here),
+// so that a reload can change it.
+func (s Server) LoggerWithLevel(w io.Writer, lv *slog.LevelVar) *slog.Logger {
+	lvl, _ := ParseLevel(s.LogLevel)
+	lv.Set(lvl)
+	opts := &slog.HandlerOptions{Level: lv}
 	if s.LogFormat == "json" {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}

@@ -279,3 +279,23 @@ func TestFlagUsageRendersTypeNames(t *testing.T) {
 		}
 	})
 }
+
+// shutdown-timeout: bad input is a negative or a day-long drain; both are refused
+// with the setting named, and the default is 30s.
+func TestShutdownTimeout(t *testing.T) {
+	if got := DefaultServer().ShutdownTimeout; got != 30*time.Second {
+		t.Errorf("default shutdown-timeout = %s, want 30s", got)
+	}
+	for _, d := range []time.Duration{-time.Second, 24 * time.Hour} {
+		s := DefaultServer()
+		s.ShutdownTimeout = d
+		if err := s.Validate(); err == nil || !strings.Contains(err.Error(), "shutdown-timeout "+d.String()) {
+			t.Errorf("shutdown-timeout %s: %v, want a refusal naming it", d, err)
+		}
+	}
+	s := DefaultServer()
+	s.ShutdownTimeout = 0 // abort at once is a valid choice
+	if err := s.Validate(); err != nil {
+		t.Errorf("shutdown-timeout 0 refused: %v", err)
+	}
+}

@@ -178,7 +178,7 @@ type transfer struct {
 
 // transfersDuring runs 100 checksummed transfers as env through srv, half over
 // TLS and half over QUIC, half short (they finish right after the event) and
-// half long (50 s, more than tpd's 10 s grace), and runs event once every
+// half long (50 s, more than the 10 s shutdown-timeout TestMain gives tpd), and runs event once every
 // transfer has started. It fails the test
 // for any transfer that ended cleanly but short or wrong: a silent truncation.
 func transfersDuring(t *testing.T, srv *server, env []string, event func()) []transfer {

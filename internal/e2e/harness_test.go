@@ -39,6 +39,12 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	bin = dir
+	// Every tpd here drains for 10 s at most (the default is 30 s): the harness
+	// waits 15 s for a stopped tpd, and the abort tests' long transfers are made
+	// to outlast 10 s.
+	if os.Getenv("TP_SHUTDOWN_TIMEOUT") == "" {
+		os.Setenv("TP_SHUTDOWN_TIMEOUT", "10s")
+	}
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)

@@ -87,7 +87,7 @@ func (d *Daemon) adminHTTPServer() *http.Server {
 // and every instance fed the same broken file would otherwise leave service at once.
 func (d *Daemon) notReady() []string {
 	var reasons []string
-	if d.draining.Load() {
+	if d.Draining() {
 		reasons = append(reasons, "draining: tpd is shutting down and accepts no new connections")
 	}
 	want := 1

@@ -25,7 +25,7 @@ func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
 		Grace:        d.cfg.ReverseGrace,
 		RestartGrace: d.cfg.ReverseRestartGrace,
 		PublicPorts: func(network string, port int) bool {
-			return d.cfg.PublicPortAllowed(network, port)
+			return d.config().PublicPortAllowed(network, port) // reload.go may change them
 		},
 		PublicHost: host,
 		PublicSNI:  d.publicSNIAllowed,

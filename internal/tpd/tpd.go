@@ -98,8 +98,8 @@ type Daemon struct {
 	started time.Time
 
 	metrics   *metrics               // nil when admin-listen is empty (metrics.go)
-	draining  atomic.Bool            // Serve is stopping: /readyz says so
 	adminAddr atomic.Pointer[string] // where admin-listen listens, once open
+	ops       opsState               // drain and reload (drain.go, reload.go)
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
@@ -282,13 +282,9 @@ func (d *Daemon) renewServerCert() error {
 	return nil
 }
 
-// shutdownGrace bounds how long a stopping tpd waits for live sessions to end
-// before it aborts them.
-const shutdownGrace = 10 * time.Second
-
 // Serve answers on ln (the public port) and on the admin socket until ctx ends,
-// then shuts down gracefully: it stops accepting, lets live sessions end for up to
-// shutdownGrace, and aborts those still running (their clients see a reset that
+// then shuts down gracefully (drain.go): it stops accepting, lets live sessions end
+// for up to shutdown-timeout (or until Force), and aborts those still running (their clients see a reset that
 // says the server shut down, never a clean end). The caller owns ln.
 func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	var udp *net.UDPConn // QUIC on the same port (quic.go)
@@ -309,7 +305,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	adminSrv := &http.Server{
 		Handler: (&admin.Server{
-			Users: d.users, Revoker: d, ServerURL: d.cfg.PublicURL(), Fingerprint: d.Fingerprint(),
+			Users: d.users, Revoker: d, Reloader: d, ServerURL: d.cfg.PublicURL(), Fingerprint: d.Fingerprint(),
 			TokenTTL: d.cfg.TokenTTL, Logger: d.log,
 			Status: d.Status, OnAct: d.AuditAdmin, // audit.go
 		}).Handler(),
@@ -386,16 +382,8 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	g.Go(func() error {
 		<-gctx.Done()
-		d.draining.Store(true)
 		defer close(adminHTTPDone)
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
-		defer cancel()
-		d.log.Info("stopping: no new connections; draining live sessions", "live", d.proxy.Live(), "grace", shutdownGrace)
-		adminSrv.Shutdown(sctx)
-		os.Remove(d.cfg.AdminSocket())
-		if err := d.proxy.Shutdown(sctx); err != nil {
-			d.log.Warn("stopping: sessions still live after the grace period were aborted; their clients were told the server shut down", "grace", shutdownGrace)
-		}
+		d.drain(ctx, adminSrv) // drain.go
 		return nil
 	})
 	err = g.Wait()

@@ -1,0 +1,177 @@
+package tpd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"reflect"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/tp-proxy/tp/internal/admin"
+	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// liveKeys are the settings a reload applies to a running tpd (by their
+// tpd.yaml names). Every other setting needs a restart: a reload that changes
+// one is refused, naming it, and changes nothing.
+var liveKeys = []string{
+	"public-ports",
+	"handshake-timeout", "hello-timeout", "dial-timeout", "shutdown-timeout",
+	"max-conns", "max-web-conns", "max-handshakes-per-ip", "max-sessions-per-identity",
+	"log-level", "decision-log",
+}
+
+// reloadState is what reloads share (Daemon.ops.reload).
+type reloadState struct {
+	mu    sync.Mutex // one reload at a time
+	load  func() (config.Server, error)
+	level *slog.LevelVar
+}
+
+// SetReloader gives Reload the way to read the configuration again: tpd.yaml,
+// then TP_* environment variables, then the flags `tpd serve` was started with.
+// level, when set, is the level of the logger tpd was given, which log-level
+// then changes.
+func (d *Daemon) SetReloader(load func() (config.Server, error), level *slog.LevelVar) {
+	d.ops.reload.mu.Lock()
+	defer d.ops.reload.mu.Unlock()
+	d.ops.reload.load, d.ops.reload.level = load, level
+}
+
+// Reload re-reads the configuration and applies it whole, or not at all: the
+// new configuration is validated first, and one that changes a setting a
+// running tpd cannot change is refused, naming it. The policy directory is
+// reloaded too. It implements admin.Reloader; SIGHUP calls it as well.
+func (d *Daemon) Reload(ctx context.Context) (admin.ReloadResponse, error) {
+	if err := d.ReopenAuditLog(); err != nil { // a reload follows log rotation, as with SIGHUP
+		d.log.Error("reopening the audit log failed; it keeps writing to the file it had open", "err", err)
+	}
+	res, err := d.reload(ctx)
+	act := admin.Act{Act: "config_reload", Subject: d.cfg.ConfigFile(), Via: "reload request", Result: "ok",
+		PolicyRevision: d.policy.Revision(), Changed: res.Changed}
+	switch {
+	case err != nil:
+		act.Result, act.Reason = "refused", err.Error()
+	case len(res.Changed) == 0:
+		act.Result = "unchanged"
+	}
+	d.AuditAdmin(act)
+	if err != nil {
+		d.log.Error("configuration reload refused; the running configuration stays", "err", err)
+		return res, err
+	}
+	if len(res.Changed) == 0 {
+		d.log.Info("configuration reloaded; no setting changed", "policy_revision", res.PolicyRevision)
+	} else {
+		d.log.Info("configuration reloaded", "changed", strings.Join(res.Changed, "; "), "policy_revision", res.PolicyRevision)
+	}
+	return res, nil
+}
+
+func (d *Daemon) reload(ctx context.Context) (admin.ReloadResponse, error) {
+	rs := &d.ops.reload
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	if d.Draining() {
+		return admin.ReloadResponse{}, errors.New("tpd is stopping; a reload would change nothing")
+	}
+	if rs.load == nil {
+		return admin.ReloadResponse{}, errors.New("this tpd was started without a way to read its configuration again")
+	}
+	next, err := rs.load()
+	if err != nil {
+		return admin.ReloadResponse{}, err
+	}
+	if err := next.Validate(); err != nil { // LoadServer validates; a loader might not
+		return admin.ReloadResponse{}, fmt.Errorf("invalid configuration:\n%w", err)
+	}
+	cur := d.config()
+	changed, restart := diffConfig(*cur, next)
+	if len(restart) > 0 {
+		return admin.ReloadResponse{}, fmt.Errorf("%s changed, which needs a restart of tpd (nothing was applied; undo %s or restart tpd): %s",
+			plural(len(restart), "a setting", "settings"), plural(len(restart), "that change", "those changes"), strings.Join(restart, ", "))
+	}
+	// Check what can fail before applying anything.
+	var lvl slog.Level
+	if next.LogLevel != cur.LogLevel {
+		if rs.level == nil {
+			return admin.ReloadResponse{}, errors.New("log-level changed, which needs a restart of this tpd (it was given a fixed log level); nothing was applied")
+		}
+		if lvl, err = config.ParseLevel(next.LogLevel); err != nil {
+			return admin.ReloadResponse{}, err
+		}
+	}
+	if next.DecisionLog != cur.DecisionLog && d.decisions == nil {
+		return admin.ReloadResponse{}, errors.New("decision-log was off when tpd started; turning it on needs a restart (nothing was applied)")
+	}
+	limits := proxy.Limits{HandshakeTimeout: next.HandshakeTimeout, HelloTimeout: next.HelloTimeout, DialTimeout: next.DialTimeout,
+		MaxConns: next.MaxConns, MaxWebConns: next.MaxWebConns, MaxHandshakesPerIP: next.MaxHandshakesPerIP,
+		MaxSessionsPerIdentity: next.MaxSessionsPerIdentity}
+	if err := d.policy.Reload(ctx); err != nil {
+		return admin.ReloadResponse{}, fmt.Errorf("policy in %s refused (nothing was applied): %w", d.cfg.PolicyDir(), err)
+	}
+	if next.DecisionLog != cur.DecisionLog {
+		if err := d.decisions.Reopen(next.DecisionLog); err != nil {
+			return admin.ReloadResponse{}, fmt.Errorf("decision-log %q: %w (nothing else was applied; the policy was reloaded)", next.DecisionLog, err)
+		}
+	}
+	if err := d.proxy.SetLimits(limits); err != nil {
+		return admin.ReloadResponse{}, err // Validate bounds them tighter; not reached
+	}
+	if next.LogLevel != cur.LogLevel {
+		rs.level.Set(lvl)
+	}
+	d.ops.live.Store(&next) // public-ports and shutdown-timeout read it
+	select {                // re-check live sessions against the policy now
+	case d.kick <- struct{}{}:
+	default:
+	}
+	return admin.ReloadResponse{Changed: changed, PolicyRevision: d.policy.Revision()}, nil
+}
+
+// diffConfig compares two configurations key by key (their tpd.yaml names):
+// changed describes each change, restart names the changed keys a running tpd
+// cannot take.
+func diffConfig(cur, next config.Server) (changed, restart []string) {
+	cv, nv := reflect.ValueOf(cur), reflect.ValueOf(next)
+	t := cv.Type()
+	for i := range t.NumField() {
+		key, _, _ := strings.Cut(t.Field(i).Tag.Get("mapstructure"), ",")
+		if key == "" || key == "-" {
+			continue
+		}
+		a, b := cv.Field(i).Interface(), nv.Field(i).Interface()
+		if reflect.DeepEqual(a, b) {
+			continue
+		}
+		if !slices.Contains(liveKeys, key) {
+			restart = append(restart, key)
+			continue
+		}
+		changed = append(changed, fmt.Sprintf("%s: %s → %s", key, short(a), short(b)))
+	}
+	return changed, restart
+}
+
+// short renders a setting's value for a change line.
+func short(v any) string {
+	s := fmt.Sprint(v)
+	if s == "" {
+		return `""`
+	}
+	if len(s) > 80 {
+		s = s[:77] + "..."
+	}
+	return s
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
+}
