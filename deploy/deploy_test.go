@@ -13,12 +13,14 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/config"
 )
 
-// drainBound is the longest a stopping tpd drains: shutdown-timeout's default
-// (30s; tpd drains 10s until that setting lands). systemd's stop timeout and
+// drainBound is the longest a stopping tpd drains: shutdown-timeout's default,
+// which neither the unit nor the manifest overrides. systemd's stop timeout and
 // Kubernetes' grace period must exceed it, or a drain is cut by SIGKILL.
-const drainBound = 30 * time.Second
+var drainBound = config.DefaultServer().ShutdownTimeout
 
 // nonrootUID is the distroless image's nonroot user, whom the Dockerfile runs
 // tpd as and the Kubernetes manifest names.
