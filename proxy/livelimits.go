@@ -68,8 +68,13 @@ func (s *Server) lim() *Limits {
 }
 
 func (s *Server) cfgLimits() *Limits {
-	c := &s.cfg
-	return &Limits{HandshakeTimeout: c.HandshakeTimeout, HelloTimeout: c.HelloTimeout, DialTimeout: c.DialTimeout,
+	l := limitsOf(&s.cfg)
+	return &l
+}
+
+// limitsOf is the bounds part of c, as given.
+func limitsOf(c *Config) Limits {
+	return Limits{HandshakeTimeout: c.HandshakeTimeout, HelloTimeout: c.HelloTimeout, DialTimeout: c.DialTimeout,
 		MaxConns: c.MaxConns, MaxWebConns: c.MaxWebConns, MaxHandshakesPerIP: c.MaxHandshakesPerIP,
 		MaxSessionsPerIdentity: c.MaxSessionsPerIdentity}
 }

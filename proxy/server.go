@@ -163,19 +163,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Authorizer == nil {
 		errs = append(errs, errors.New("Authorizer is required"))
 	}
-	for _, d := range []struct {
-		name string
-		v    time.Duration
-	}{{"HandshakeTimeout", cfg.HandshakeTimeout}, {"HelloTimeout", cfg.HelloTimeout}, {"DialTimeout", cfg.DialTimeout}} {
-		if d.v < 0 {
-			errs = append(errs, fmt.Errorf("%s must not be negative", d.name))
-		}
-	}
-	if cfg.MaxConns < 0 {
-		errs = append(errs, errors.New("MaxConns must not be negative"))
-	}
-	if cfg.MaxSessionsPerIdentity < 0 {
-		errs = append(errs, errors.New("MaxSessionsPerIdentity must not be negative"))
+	lim, err := limitsOf(&cfg).withDefaults()
+	if err != nil {
+		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("proxy: invalid config: %w", err)
@@ -189,30 +179,13 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	if cfg.HandshakeTimeout == 0 {
-		cfg.HandshakeTimeout = 10 * time.Second
-	}
-	if cfg.HelloTimeout == 0 {
-		cfg.HelloTimeout = 10 * time.Second
-	}
-	if cfg.DialTimeout == 0 {
-		cfg.DialTimeout = 10 * time.Second
-	}
-	if cfg.MaxConns == 0 {
-		cfg.MaxConns = 10000
-	}
-	if cfg.MaxHandshakesPerIP <= 0 {
-		cfg.MaxHandshakesPerIP = 128
-	}
-	if cfg.MaxWebConns <= 0 {
-		cfg.MaxWebConns = max(1, cfg.MaxConns/2)
-	}
-	if cfg.MaxSessionsPerIdentity == 0 {
-		cfg.MaxSessionsPerIdentity = DefaultMaxSessionsPerIdentity
-	}
+	// Config keeps the bounds in force at start, defaults filled in, as
+	// Limits() reports them until SetLimits changes them.
+	cfg.HandshakeTimeout, cfg.HelloTimeout, cfg.DialTimeout = lim.HandshakeTimeout, lim.HelloTimeout, lim.DialTimeout
+	cfg.MaxConns, cfg.MaxWebConns, cfg.MaxHandshakesPerIP, cfg.MaxSessionsPerIdentity = lim.MaxConns, lim.MaxWebConns, lim.MaxHandshakesPerIP, lim.MaxSessionsPerIdentity
 
 	s := &Server{cfg: cfg, log: cfg.Logger, listeners: make(map[net.Listener]struct{})}
-	s.limits.Store(s.cfgLimits())
+	s.limits.Store(&lim)
 	s.force, s.forceClose = context.WithCancel(context.Background())
 	s.draining, s.drain = context.WithCancel(context.Background())
 	s.proxyTLS = cfg.ProxyTLS.Clone()
