@@ -120,15 +120,17 @@ func (d *Daemon) reload(ctx context.Context) (admin.ReloadResponse, error) {
 		sites.undo()
 		return admin.ReloadResponse{}, fmt.Errorf("policy in %s refused (nothing was applied): %w", d.cfg.PolicyDir(), err)
 	}
-	sites.apply()
 	if next.DecisionLog != cur.DecisionLog {
 		if err := d.decisions.Reopen(next.DecisionLog); err != nil {
+			sites.undo()
 			return admin.ReloadResponse{}, fmt.Errorf("decision-log %q: %w (nothing else was applied; the policy was reloaded)", next.DecisionLog, err)
 		}
 	}
 	if err := d.proxy.SetLimits(limits); err != nil {
+		sites.undo()
 		return admin.ReloadResponse{}, err // Validate bounds them tighter; not reached
 	}
+	sites.apply()
 	if next.LogLevel != cur.LogLevel {
 		rs.level.Set(lvl)
 	}

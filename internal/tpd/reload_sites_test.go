@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -18,6 +19,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testpki"
 )
 
 // siteRoot is a directory holding an index.html that says text.
@@ -183,4 +185,34 @@ func TestReloadFirstSite(t *testing.T) {
 	if code, body, err := s.getAs("https://other.test/", "www.test"); err != nil || code != http.StatusOK || !strings.Contains(body, "Hello from www.test") {
 		t.Errorf("other.test (default site) after the reload: %d %q %v", code, body, err)
 	}
+}
+
+// A site may not take a name an agent exposes publicly by SNI right now. Bad
+// input: a reload adding the site blog.example.test while alice's agent passes
+// blog.example.test through; it is refused, naming the exposure, and the name
+// still reaches the agent.
+func TestReloadSiteRefusesExposedName(t *testing.T) {
+	d, url := startDaemonCfg(t, fmt.Sprintf(publicPolicy, 1), nil)
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	ca := testpki.New(t)
+	local := testnet.Upper(t)
+	stop, err := runAgent(t, alice, clients.TransportTLS, []clients.Exposed{{Name: "blog", Local: local, PublicSNI: "blog.example.test",
+		TLS: &tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "blog.example.test")}}}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+
+	next := *d.config()
+	d.SetReloader(func() (config.Server, error) { return next, nil }, new(slog.LevelVar))
+	next.Sites = []config.Site{{Name: "blog.example.test", Root: siteRoot(t, "a site")}}
+	if _, err := d.Reload(context.Background()); err == nil || !strings.Contains(err.Error(), "exposes that name publicly") {
+		t.Fatalf("reload adding a site on an exposed name: %v; want a refusal naming the exposure", err)
+	}
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", hostPort(t, url),
+		&tls.Config{ServerName: "blog.example.test", RootCAs: ca.Pool})
+	if err != nil {
+		t.Fatalf("the exposed name after the refused reload: %v", err)
+	}
+	c.Close()
 }

@@ -268,8 +268,6 @@ func (d *Daemon) manageCerts(env *certEnv, names []string) (*website.Certs, erro
 	if err != nil {
 		return nil, err
 	}
-	d.web.pending.Store(certs)
-	defer d.web.pending.Store(nil)
 	if err := certs.Manage(env.ctx); err != nil {
 		certs.Stop()
 		return nil, err
@@ -391,6 +389,11 @@ func (d *Daemon) prepareSites(cur, next config.Server) (*siteChange, error) {
 		cur.SiteUpstreamTimeout == next.SiteUpstreamTimeout {
 		return ch, nil
 	}
+	for _, n := range next.SiteNames() {
+		if _, exposed := d.proxy.PublicSNI(n); exposed && !slices.Contains(cur.SiteNames(), n) {
+			return nil, fmt.Errorf("site %s: an agent exposes that name publicly right now (tp expose --public-sni); a site would take it from the agent; stop that exposure first, or choose another name", n)
+		}
+	}
 	h, err := d.buildWebsite(next)
 	if err != nil {
 		return nil, err
@@ -419,6 +422,9 @@ func (d *Daemon) prepareSites(cur, next config.Server) (*siteChange, error) {
 			ch.undo()
 			return nil, fmt.Errorf("site certificates: %w", err)
 		}
+		// Until apply, the new certificates answer tls-alpn-01 and http-01:
+		// they obtain in the background, maybe before the swap.
+		d.web.pending.Store(ch.certs)
 	}
 	return ch, nil
 }
@@ -429,6 +435,7 @@ func (ch *siteChange) undo() {
 	if ch.handler == nil {
 		return
 	}
+	ch.d.web.pending.Store(nil)
 	if c := ch.certs; c != nil && c != ch.d.web.certs.Load() {
 		c.Stop()
 	}
@@ -449,6 +456,7 @@ func (ch *siteChange) apply() {
 	if old := d.web.certs.Swap(ch.certs); old != nil && old != ch.certs {
 		old.Stop()
 	}
+	d.web.pending.Store(nil)
 }
 
 // sitesValidator turns on the embedded CA's websites' provisioner, which a
