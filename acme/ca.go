@@ -11,7 +11,7 @@ import (
 	"math/big"
 	"net/http"
 	"path/filepath"
-	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -51,8 +51,9 @@ type CA struct {
 	handler http.Handler
 	txt     *txtStore // dns-01 answers for reverse names (reverse.go)
 
-	siteNames     map[string]bool // sites.go
+	siteNames     atomic.Pointer[map[string]bool] // sites.go; nil when the sites provisioner is off
 	siteValidator SiteValidator
+	sitesOn       bool
 }
 
 // CAOptions configure the embedded CA.
@@ -66,9 +67,10 @@ type CAOptions struct {
 	// ReverseZone, when set, adds the reverse-name provisioner (reverse.go):
 	// server certificates for "<name>.<ReverseZone>", issued to the name's owner.
 	ReverseZone string
-	// SiteNames, when set, adds the websites' provisioner (sites.go): server
-	// certificates for exactly these names, by tls-alpn-01 or http-01 validated
-	// through SiteValidator, which must reach tpd itself.
+	// SiteNames or SiteValidator, when set, add the websites' provisioner
+	// (sites.go): server certificates for exactly these names, by tls-alpn-01
+	// or http-01 validated through SiteValidator, which must reach tpd itself.
+	// SetSiteNames changes the names while the CA runs.
 	SiteNames     []string
 	SiteValidator SiteValidator
 	// MaxNonces bounds the ACME nonces held at once (nonce.go); DefaultMaxNonces
@@ -113,6 +115,7 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open CA database %s: %w (is another tpd running on this data dir?)", opts.DBPath, err)
 	}
+	sitesOn := len(opts.SiteNames) > 0 || opts.SiteValidator != nil
 	dns := opts.DNSNames
 	if len(dns) == 0 {
 		dns = []string{"localhost"}
@@ -121,7 +124,7 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 		DNSNames: dns,
 		DB:       dbCfg,
 		AuthorityConfig: &config.AuthConfig{
-			Provisioners: append(append(provisioner.List{prov}, reverseProvisioners(opts.ReverseZone)...), sitesProvisioners(opts.SiteNames)...),
+			Provisioners: append(append(provisioner.List{prov}, reverseProvisioners(opts.ReverseZone)...), sitesProvisioners(sitesOn)...),
 			Claims: &provisioner.Claims{
 				MinTLSDur:     minDur,
 				MaxTLSDur:     &provisioner.Duration{Duration: 24 * time.Hour},
@@ -129,8 +132,10 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 			},
 		},
 	}
+	c := &CA{}
 	auth, err := authority.NewEmbedded(
 		authority.WithConfig(cfg),
+		authority.WithX509Enforcers(siteEnforcer{c}),
 		authority.WithDatabase(authDB),
 		authority.WithX509RootCerts(pki.Root),
 		authority.WithX509Signer(pki.Intermediate, pki.IntermediateKey),
@@ -150,20 +155,13 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 		authDB.Shutdown()
 		return nil, fmt.Errorf("open ACME database: %w", err)
 	}
-	c := &CA{
-		pki:    pki,
-		auth:   auth,
-		acmeDB: acmeDB,
-		store:  nosqlDB,
-		nonces: newNonceStore(opts.MaxNonces),
-		linker: stepacme.NewLinker(dns[0], "acme"),
-		txt:    newTXTStore(),
-	}
-	if len(opts.SiteNames) > 0 {
-		c.siteNames, c.siteValidator = map[string]bool{}, opts.SiteValidator
-		for _, n := range opts.SiteNames {
-			c.siteNames[strings.ToLower(n)] = true
-		}
+	c.pki, c.auth, c.acmeDB, c.store = pki, auth, acmeDB, nosqlDB
+	c.nonces = newNonceStore(opts.MaxNonces)
+	c.linker = stepacme.NewLinker(dns[0], "acme")
+	c.txt = newTXTStore()
+	if sitesOn {
+		c.siteValidator, c.sitesOn = opts.SiteValidator, true
+		_ = c.SetSiteNames(opts.SiteNames)
 	}
 	r := chi.NewRouter()
 	r.Route("/acme", func(r chi.Router) { acmeapi.Route(r) })

@@ -3,6 +3,7 @@ package acme
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -12,7 +13,6 @@ import (
 	"time"
 
 	stepacme "github.com/smallstep/certificates/acme"
-	"github.com/smallstep/certificates/authority/policy"
 	"github.com/smallstep/certificates/authority/provisioner"
 )
 
@@ -56,8 +56,12 @@ const siteLeafTemplate = `{
 	"extKeyUsage": ["serverAuth"]
 }`
 
-func sitesProvisioners(names []string) provisioner.List {
-	if len(names) == 0 {
+// sitesProvisioners is the websites' provisioner when on. Its names are not a
+// static policy: they change on reload, so siteEnforcer checks each
+// certificate against the live list (SetSiteNames), and siteClient validates
+// challenges only for those names (any other name fails: errNoNetwork).
+func sitesProvisioners(on bool) provisioner.List {
+	if !on {
 		return nil
 	}
 	return provisioner.List{&provisioner.ACME{
@@ -71,11 +75,54 @@ func sitesProvisioners(names []string) provisioner.List {
 			MaxTLSDur:     &provisioner.Duration{Duration: SiteCertLifetime},
 			DefaultTLSDur: &provisioner.Duration{Duration: SiteCertLifetime},
 		},
-		Options: &provisioner.Options{X509: &provisioner.X509Options{
-			Template:     siteLeafTemplate,
-			AllowedNames: &policy.X509NameOptions{DNSDomains: names},
-		}},
+		Options: &provisioner.Options{X509: &provisioner.X509Options{Template: siteLeafTemplate}},
 	}}
+}
+
+// ErrSitesOff means the CA was started without the websites' provisioner.
+var ErrSitesOff = errors.New("the embedded CA was started without the websites' provisioner")
+
+// SetSiteNames replaces the names the websites' provisioner certifies. New
+// orders and challenges see the new list at once; certificates already issued
+// stay valid until they expire.
+func (c *CA) SetSiteNames(names []string) error {
+	if !c.sitesOn {
+		return ErrSitesOff
+	}
+	m := make(map[string]bool, len(names))
+	for _, n := range names {
+		m[strings.TrimSuffix(strings.ToLower(n), ".")] = true
+	}
+	c.siteNames.Store(&m)
+	return nil
+}
+
+// siteEnforcer refuses a certificate from the websites' provisioner whose
+// names are not all configured sites now. It runs for every certificate the
+// authority signs and passes those of other provisioners.
+type siteEnforcer struct{ c *CA }
+
+func (e siteEnforcer) Enforce(leaf *x509.Certificate) error {
+	ext, ok := provisioner.GetProvisionerExtension(&x509.Certificate{Extensions: leaf.ExtraExtensions})
+	if !ok || ext.Name != SitesProvisionerName {
+		return nil
+	}
+	var names map[string]bool
+	if p := e.c.siteNames.Load(); p != nil {
+		names = *p
+	}
+	if len(leaf.IPAddresses)+len(leaf.EmailAddresses)+len(leaf.URIs) > 0 {
+		return errors.New("a website certificate names DNS names only")
+	}
+	if len(leaf.DNSNames) == 0 {
+		return errors.New("a website certificate needs a site name")
+	}
+	for _, n := range leaf.DNSNames {
+		if !names[strings.ToLower(n)] {
+			return fmt.Errorf("%q is not a configured site", n)
+		}
+	}
+	return nil
 }
 
 // NewSiteEAB mints a single-use external account binding for the sites' ACME account.
@@ -91,8 +138,14 @@ func (c *CA) NewSiteEAB(ctx context.Context) (keyID string, hmacKey []byte, err 
 // hands everything else to the next challenge client.
 type siteClient struct {
 	stepacme.Client
-	names map[string]bool
-	v     SiteValidator
+	c *CA
+	v SiteValidator
+}
+
+// isSite reports whether host is a configured site name now.
+func (c siteClient) isSite(host string) bool {
+	p := c.c.siteNames.Load()
+	return p != nil && (*p)[strings.ToLower(host)]
 }
 
 var _ stepacme.Client = siteClient{}
@@ -101,7 +154,7 @@ var errNotASite = errors.New("TP's CA validates challenges only for the configur
 
 func (c siteClient) TLSDial(network, addr string, cfg *tls.Config) (*tls.Conn, error) {
 	host, _, err := net.SplitHostPort(addr)
-	if err != nil || !c.names[strings.ToLower(host)] {
+	if err != nil || !c.isSite(host) {
 		return c.Client.TLSDial(network, addr, cfg)
 	}
 	return c.v.TLSDial(network, addr, cfg)
@@ -109,7 +162,7 @@ func (c siteClient) TLSDial(network, addr string, cfg *tls.Config) (*tls.Conn, e
 
 func (c siteClient) Get(rawURL string) (*http.Response, error) {
 	u, err := url.Parse(rawURL)
-	if err != nil || !c.names[strings.ToLower(u.Hostname())] {
+	if err != nil || !c.isSite(u.Hostname()) {
 		return c.Client.Get(rawURL)
 	}
 	return c.v.Get(rawURL)
@@ -117,8 +170,8 @@ func (c siteClient) Get(rawURL string) (*http.Response, error) {
 
 // challengeClientFor wraps the CA's challenge client with the site validator.
 func (c *CA) challengeClientFor(next stepacme.Client) stepacme.Client {
-	if c.siteNames == nil || c.siteValidator == nil {
+	if c.siteValidator == nil {
 		return next
 	}
-	return siteClient{Client: next, names: c.siteNames, v: c.siteValidator}
+	return siteClient{Client: next, c: c, v: c.siteValidator}
 }

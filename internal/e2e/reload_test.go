@@ -2,8 +2,11 @@ package e2e
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -100,6 +103,60 @@ func TestReload(t *testing.T) {
 		}
 	}
 	readPublic()
+
+	// A site added by the reload: TP's CA certifies www.test and its page is
+	// served over HTTPS on the shared port; the tunnel runs on.
+	siteDir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(siteDir, "index.html"), []byte("<p>added by a reload</p>"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	editConfig(t, dataDir, "sites: []\n", "sites:\n  - {name: \"www.test\", root: \""+siteDir+"\"}\n")
+	if out, err := reload(); err != nil || !strings.Contains(out, "sites:") {
+		t.Fatalf("tpd reload adding the site www.test: %v; want the change to name sites:\n%s", err, out)
+	}
+	getSite := func(name string) (string, error) {
+		pem, err := os.ReadFile(filepath.Join(dataDir, "ca", "root.crt"))
+		if err != nil {
+			return "", err
+		}
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(pem)
+		tr := &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, "tcp", p.Addr)
+			},
+			TLSClientConfig:   &tls.Config{RootCAs: pool},
+			DisableKeepAlives: true,
+		}
+		resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get("https://" + name + "/")
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		return resp.Status + " " + string(b), err
+	}
+	for deadline := time.Now().Add(90 * time.Second); ; {
+		page, err := getSite("www.test")
+		if err == nil && strings.Contains(page, "added by a reload") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the site added by the reload does not serve within 90s: %q, %v\n%s", page, err, p.log.String())
+		}
+		time.Sleep(100 * time.Millisecond) // polling for the certificate, bounded by the deadline above
+	}
+	roundTrip("after the sites reload")
+
+	// A broken site (its root does not exist): refused; www.test keeps serving.
+	editConfig(t, dataDir, "  - {name: \"www.test\"", "  - {name: \"blog.test\", root: \"/nonexistent/blog\"}\n  - {name: \"www.test\"")
+	if out, err := reload(); err == nil || !strings.Contains(out, "blog.test") {
+		t.Fatalf("tpd reload of a site with a missing root: %v; want a refusal naming blog.test:\n%s", err, out)
+	}
+	editConfig(t, dataDir, "  - {name: \"blog.test\", root: \"/nonexistent/blog\"}\n", "")
+	if page, err := getSite("www.test"); err != nil || !strings.Contains(page, "added by a reload") {
+		t.Fatalf("www.test after the refused reload: %q, %v", page, err)
+	}
 
 	// A broken value: refused, naming it; the running configuration stays.
 	editConfig(t, dataDir, "max-conns: 10000", "max-conns: -5")

@@ -23,6 +23,7 @@ var liveKeys = []string{
 	"handshake-timeout", "hello-timeout", "dial-timeout", "shutdown-timeout",
 	"max-conns", "max-web-conns", "max-handshakes-per-ip", "max-sessions-per-identity",
 	"log-level", "decision-log",
+	"sites", "default-site", "site-max-body", "site-upstream-timeout",
 }
 
 // reloadState is what reloads share (Daemon.ops.reload).
@@ -111,17 +112,25 @@ func (d *Daemon) reload(ctx context.Context) (admin.ReloadResponse, error) {
 	limits := proxy.Limits{HandshakeTimeout: next.HandshakeTimeout, HelloTimeout: next.HelloTimeout, DialTimeout: next.DialTimeout,
 		MaxConns: next.MaxConns, MaxWebConns: next.MaxWebConns, MaxHandshakesPerIP: next.MaxHandshakesPerIP,
 		MaxSessionsPerIdentity: next.MaxSessionsPerIdentity}
+	sites, err := d.prepareSites(*cur, next) // website.go: new handler and certificates, not yet in use
+	if err != nil {
+		return admin.ReloadResponse{}, fmt.Errorf("%w (nothing was applied)", err)
+	}
 	if err := d.policy.Reload(ctx); err != nil {
+		sites.undo()
 		return admin.ReloadResponse{}, fmt.Errorf("policy in %s refused (nothing was applied): %w", d.cfg.PolicyDir(), err)
 	}
 	if next.DecisionLog != cur.DecisionLog {
 		if err := d.decisions.Reopen(next.DecisionLog); err != nil {
+			sites.undo()
 			return admin.ReloadResponse{}, fmt.Errorf("decision-log %q: %w (nothing else was applied; the policy was reloaded)", next.DecisionLog, err)
 		}
 	}
 	if err := d.proxy.SetLimits(limits); err != nil {
+		sites.undo()
 		return admin.ReloadResponse{}, err // Validate bounds them tighter; not reached
 	}
+	sites.apply()
 	if next.LogLevel != cur.LogLevel {
 		rs.level.Set(lvl)
 	}

@@ -13,7 +13,7 @@ import (
 )
 
 // Reload in-process. Bad inputs: a configuration that changes settings only a
-// restart can change (names, quic, sites), and one that does not validate. Both
+// restart can change (names, quic, http-listen), and one that does not validate. Both
 // are refused, the first naming each such key, and nothing is applied; a good
 // one applies its limits, public ports, shutdown-timeout and log level at once
 // and says what changed.
@@ -25,13 +25,13 @@ func TestReloadAppliesOrRefusesWhole(t *testing.T) {
 
 	next.Names = append(next.Names, "tp.example.org")
 	next.QUIC = false
-	next.Sites = []config.Site{{Name: "www.example.org", Root: t.TempDir()}}
+	next.HTTPListen = "127.0.0.1:0"
 	next.MaxConns = 7
 	_, err := d.Reload(context.Background())
 	if err == nil {
-		t.Fatal("a reload that changes names, quic and sites was applied")
+		t.Fatal("a reload that changes names, quic and http-listen was applied")
 	}
-	for _, want := range []string{"needs a restart", "names", "quic", "sites"} {
+	for _, want := range []string{"needs a restart", "names", "quic", "http-listen"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("refusal %q does not say %q", err, want)
 		}

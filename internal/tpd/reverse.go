@@ -45,9 +45,9 @@ func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
 // pass-through: those must keep reaching tpd.
 func (d *Daemon) publicSNIAllowed(name string) error {
 	switch {
-	case d.web.handler.IsOwn(name):
+	case d.site().IsOwn(name):
 		return fmt.Errorf("%s is one of the TP server's own names; it cannot be passed through", name)
-	case d.web.handler.IsSite(name):
+	case d.site().IsSite(name):
 		return fmt.Errorf("%s is a website the TP server serves itself; it cannot be passed through", name)
 	}
 	return nil

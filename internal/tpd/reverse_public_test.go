@@ -268,7 +268,7 @@ func TestPublicSNIAllowed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.web.handler = h
+	d.web.handler.Store(h)
 	for name, want := range map[string]string{"tp.test": "own names", "www.test": "website", "blog.test": ""} {
 		err := d.publicSNIAllowed(name)
 		if want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {

@@ -150,7 +150,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	d.checked = authState{revision: d.policy.Revision(), users: d.users.Generation()}
 	d.kick = make(chan struct{}, 1)
 	if d.ca, err = acme.NewCA(d.pki, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names, ReverseZone: cfg.ReverseZone,
-		SiteNames: sitesForCA(cfg), SiteValidator: siteValidator{d}, MaxNonces: cfg.CAMaxNonces}); err != nil {
+		SiteNames: sitesForCA(cfg), SiteValidator: sitesValidator(cfg, d), MaxNonces: cfg.CAMaxNonces}); err != nil {
 		return nil, err
 	}
 	enroller := &acme.Enroller{PKI: d.pki, CA: d.ca, Users: d.users, Logger: log,
@@ -202,8 +202,8 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 			},
 		},
 		WebTLS:   d.webTLS(),
-		Web:      d.web.handler,
-		WebNames: d.web.handler.KnowsName,
+		Web:      http.HandlerFunc(d.serveWeb), // website.go: follows reloads
+		WebNames: func(name string) bool { return d.site().KnowsName(name) },
 		// Names agents expose publicly by SNI, never tpd's own or a site's (reverse.go).
 		Passthrough: d.passthrough(),
 		UDP:         d.udpOptions(), // quic.go

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -25,13 +26,31 @@ import (
 )
 
 // webState is the website half of the daemon: the sites, their certificates and
-// the optional plain-HTTP listener.
+// the optional plain-HTTP listener. A reload replaces the handler and the
+// certificates whole (reloadSites); readers load them once per use.
 type webState struct {
-	handler *website.Handler
+	handler atomic.Pointer[website.Handler]
+	own     http.Handler                  // tpd's own endpoints, kept for the handlers reloads build
 	certs   atomic.Pointer[website.Certs] // set by startWeb once the public port is known
+	pending atomic.Pointer[website.Certs] // a reload's certificates before the swap: they answer challenges
+	env     atomic.Pointer[certEnv]       // set by startWeb: what new certificates need
 	public  atomic.Pointer[string]        // the public TCP listener's address
 	http    atomic.Pointer[string]        // the plain-HTTP listener's address
 }
+
+// certEnv is what startWeb learned that certificates for a reloaded site list
+// need: the daemon's context, the public listener and the plain-HTTP port.
+type certEnv struct {
+	ctx      context.Context
+	public   net.Addr
+	httpPort int
+}
+
+// site is the website handler in use now.
+func (d *Daemon) site() *website.Handler { return d.web.handler.Load() }
+
+// serveWeb is the proxy's web handler: it follows reloads.
+func (d *Daemon) serveWeb(w http.ResponseWriter, r *http.Request) { d.site().ServeHTTP(w, r) }
 
 // ownPrefixes are the paths of tpd's own endpoints: they stay on tpd's names even
 // when a site has the same name.
@@ -39,29 +58,40 @@ var ownPrefixes = []string{"/acme/", "/tp/"}
 
 // newWebsite builds the handler that serves the sites and, on tpd's own names, own.
 func (d *Daemon) newWebsite(own http.Handler) error {
+	d.web.own = own
+	h, err := d.buildWebsite(d.cfg)
+	if err != nil {
+		return err
+	}
+	d.web.handler.Store(h)
+	return nil
+}
+
+// buildWebsite builds the handler for cfg's sites; a reload builds one before
+// it swaps.
+func (d *Daemon) buildWebsite(cfg config.Server) (*website.Handler, error) {
 	var sites []website.Site
-	for _, s := range d.cfg.Sites {
+	for _, s := range cfg.Sites {
 		site := website.Site{Name: s.Name, Root: s.Root}
 		if s.Upstream != "" {
 			u, err := url.Parse(s.Upstream)
 			if err != nil {
-				return fmt.Errorf("site %s: upstream: %w", s.Name, err)
+				return nil, fmt.Errorf("site %s: upstream: %w", s.Name, err)
 			}
 			site.Upstream = u
 		}
 		sites = append(sites, site)
 	}
 	h, err := website.New(website.Options{
-		Sites: sites, Default: d.cfg.DefaultSite,
-		OwnNames: d.cfg.Names, Own: own, OwnPrefixes: ownPrefixes,
-		MaxBody: d.cfg.SiteMaxBody, UpstreamTimeout: d.cfg.SiteUpstreamTimeout,
+		Sites: sites, Default: cfg.DefaultSite,
+		OwnNames: d.cfg.Names, Own: d.web.own, OwnPrefixes: ownPrefixes,
+		MaxBody: cfg.SiteMaxBody, UpstreamTimeout: cfg.SiteUpstreamTimeout,
 		Logger: d.log,
 	})
 	if err != nil {
-		return fmt.Errorf("sites: %w", err)
+		return nil, fmt.Errorf("sites: %w", err)
 	}
-	d.web.handler = h
-	return nil
+	return h, nil
 }
 
 // webTLS is the website's TLS configuration: each site's ACME certificate by SNI,
@@ -77,17 +107,21 @@ func (d *Daemon) siteCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 	name := strings.TrimSuffix(strings.ToLower(hello.ServerName), ".")
 	certs := d.web.certs.Load()
 	acmeOnly := len(hello.SupportedProtos) == 1 && hello.SupportedProtos[0] == proxy.ALPNACME
+	if p := d.web.pending.Load(); acmeOnly && p != nil { // a reload's new names are being validated
+		certs = p
+	}
+	site := d.site()
 	switch {
-	case acmeOnly || d.web.handler.IsSite(name):
+	case acmeOnly || site.IsSite(name):
 		if certs == nil {
 			return nil, fmt.Errorf("no certificate for site %q yet: tpd is starting", name)
 		}
 		return certs.GetCertificate(hello)
-	case name == "" || d.web.handler.IsOwn(name):
+	case name == "" || site.IsOwn(name):
 		return d.cert.Load(), nil
-	case d.cfg.DefaultSite != "" && certs != nil: // an unknown name: the default site
+	case site.Default() != "" && certs != nil: // an unknown name: the default site
 		h := *hello
-		h.ServerName = d.cfg.DefaultSite
+		h.ServerName = site.Default()
 		return certs.GetCertificate(&h)
 	}
 	return nil, fmt.Errorf("no site is configured for %q", name)
@@ -119,8 +153,8 @@ func (d *Daemon) siteDirectory(public net.Addr) (dir string, roots *x509.CertPoo
 		return "", nil, err
 	}
 	switch {
-	case d.web.handler.IsOwn(host):
-	case d.web.handler.IsOwn("localhost") && isLoopbackOrAny(public):
+	case d.site().IsOwn(host):
+	case d.site().IsOwn("localhost") && isLoopbackOrAny(public):
 		host = "localhost"
 	default:
 		host = d.cfg.Names[0]
@@ -163,32 +197,13 @@ func (d *Daemon) startWeb(ctx context.Context, g *errgroup.Group, public net.Lis
 		a := selfAddr(httpLn.Addr())
 		d.web.http.Store(&a)
 	}
+	env := &certEnv{ctx: ctx, public: public.Addr()}
+	if httpLn != nil {
+		env.httpPort = httpLn.Addr().(*net.TCPAddr).Port
+	}
+	d.web.env.Store(env)
 	if names := d.cfg.SiteNames(); len(names) > 0 {
-		dir, roots, err := d.siteDirectory(public.Addr())
-		if err != nil {
-			if httpLn != nil {
-				httpLn.Close()
-			}
-			return err
-		}
-		tcp, _ := public.Addr().(*net.TCPAddr)
-		o := website.CertOptions{
-			Names: names, Storage: d.cfg.SitesDir(), CA: dir, Email: d.cfg.ACMEEmail, TrustedRoots: roots,
-			TLSALPNPort: tcp.Port, Logger: d.log,
-		}
-		if !tcp.IP.IsUnspecified() {
-			o.ListenHost = tcp.IP.String()
-		}
-		if httpLn != nil {
-			o.HTTPPort = httpLn.Addr().(*net.TCPAddr).Port
-		}
-		if d.cfg.ACMECA == "" {
-			o.EAB = d.ca.NewSiteEAB
-		}
-		certs, err := website.NewCerts(o)
-		if err == nil {
-			err = certs.Manage(ctx)
-		}
+		certs, err := d.manageCerts(env, names)
 		if err != nil {
 			if httpLn != nil {
 				httpLn.Close()
@@ -196,7 +211,6 @@ func (d *Daemon) startWeb(ctx context.Context, g *errgroup.Group, public net.Lis
 			return err
 		}
 		d.web.certs.Store(certs)
-		d.log.Info("managing site certificates", "sites", strings.Join(names, ","), "acme", dir)
 	}
 	if httpLn != nil {
 		srv := &http.Server{
@@ -220,24 +234,62 @@ func (d *Daemon) startWeb(ctx context.Context, g *errgroup.Group, public net.Lis
 			return nil
 		})
 	}
-	if certs := d.web.certs.Load(); certs != nil {
-		g.Go(func() error { <-ctx.Done(); certs.Stop(); return nil })
-	}
+	g.Go(func() error {
+		<-ctx.Done()
+		d.ops.reload.mu.Lock() // a reload swaps certificates under this lock
+		defer d.ops.reload.mu.Unlock()
+		if certs := d.web.certs.Load(); certs != nil {
+			certs.Stop()
+		}
+		return nil
+	})
 	return nil
+}
+
+// manageCerts starts keeping certificates for names: loaded from the sites
+// directory, obtained or renewed in the background until env.ctx ends or Stop.
+func (d *Daemon) manageCerts(env *certEnv, names []string) (*website.Certs, error) {
+	dir, roots, err := d.siteDirectory(env.public)
+	if err != nil {
+		return nil, err
+	}
+	tcp, _ := env.public.(*net.TCPAddr)
+	o := website.CertOptions{
+		Names: names, Storage: d.cfg.SitesDir(), CA: dir, Email: d.cfg.ACMEEmail, TrustedRoots: roots,
+		TLSALPNPort: tcp.Port, HTTPPort: env.httpPort, Logger: d.log,
+	}
+	if !tcp.IP.IsUnspecified() {
+		o.ListenHost = tcp.IP.String()
+	}
+	if d.cfg.ACMECA == "" {
+		o.EAB = d.ca.NewSiteEAB
+	}
+	certs, err := website.NewCerts(o)
+	if err != nil {
+		return nil, err
+	}
+	if err := certs.Manage(env.ctx); err != nil {
+		certs.Stop()
+		return nil, err
+	}
+	d.log.Info("managing site certificates", "sites", strings.Join(names, ","), "acme", dir)
+	return certs, nil
 }
 
 // serveHTTP is the plain-HTTP listener: ACME http-01 answers, and a permanent
 // redirect to HTTPS for every name the website knows.
 func (d *Daemon) serveHTTP(w http.ResponseWriter, r *http.Request) {
-	if certs := d.web.certs.Load(); certs != nil && certs.HTTPChallenge(w, r) {
-		return
+	for _, c := range []*website.Certs{d.web.pending.Load(), d.web.certs.Load()} {
+		if c != nil && c.HTTPChallenge(w, r) {
+			return
+		}
 	}
 	host := r.Host
 	if h, _, err := net.SplitHostPort(r.Host); err == nil {
 		host = h
 	}
 	host = strings.TrimSuffix(strings.ToLower(host), ".")
-	if host == "" || !d.web.handler.KnowsName(host) {
+	if host == "" || !d.site().KnowsName(host) {
 		http.Error(w, "404 not found: no site is configured for this name", http.StatusNotFound)
 		return
 	}
@@ -315,13 +367,115 @@ func sitesForCA(cfg config.Server) []string {
 	return cfg.SiteNames()
 }
 
+// siteChange is a reload's new website, built and with its certificates
+// managed, but not yet in use: apply swaps it in, undo discards it.
+type siteChange struct {
+	d       *Daemon
+	handler *website.Handler // nil: the sites did not change
+	certs   *website.Certs   // nil: no site
+	old     []string         // the CA's site names before
+	caSet   bool             // the CA was given next's names
+}
+
+// prepareSites builds what cur → next needs for the websites: a handler for
+// next's sites (a site that cannot be served fails here) and, for next's
+// names, certificates (stored ones load at once, the others are obtained in
+// the background). The embedded CA certifies next's names from here on; undo
+// gives it back cur's.
+func (d *Daemon) prepareSites(cur, next config.Server) (*siteChange, error) {
+	ch := &siteChange{d: d}
+	if slices.EqualFunc(cur.Sites, next.Sites, func(a, b config.Site) bool { return a == b }) &&
+		cur.DefaultSite == next.DefaultSite && cur.SiteMaxBody == next.SiteMaxBody &&
+		cur.SiteUpstreamTimeout == next.SiteUpstreamTimeout {
+		return ch, nil
+	}
+	for _, n := range next.SiteNames() {
+		if _, exposed := d.proxy.PublicSNI(n); exposed && !slices.Contains(cur.SiteNames(), n) {
+			return nil, fmt.Errorf("site %s: an agent exposes that name publicly right now (tp expose --public-sni); a site would take it from the agent; stop that exposure first, or choose another name", n)
+		}
+	}
+	h, err := d.buildWebsite(next)
+	if err != nil {
+		return nil, err
+	}
+	ch.handler = h
+	if slices.Equal(cur.SiteNames(), next.SiteNames()) {
+		ch.certs = d.web.certs.Load() // same names: the same certificates
+		return ch, nil
+	}
+	env := d.web.env.Load()
+	if env == nil {
+		return nil, errors.New("the sites changed before tpd was serving; restart tpd")
+	}
+	if env.ctx.Err() != nil {
+		return nil, errors.New("tpd is stopping")
+	}
+	ch.old = sitesForCA(cur)
+	if d.cfg.ACMECA == "" {
+		if err := d.ca.SetSiteNames(next.SiteNames()); err != nil {
+			return nil, fmt.Errorf("sites: %w; restart tpd to add sites", err)
+		}
+		ch.caSet = true
+	}
+	if names := next.SiteNames(); len(names) > 0 {
+		if ch.certs, err = d.manageCerts(env, names); err != nil {
+			ch.undo()
+			return nil, fmt.Errorf("site certificates: %w", err)
+		}
+		// Until apply, the new certificates answer tls-alpn-01 and http-01:
+		// they obtain in the background, maybe before the swap.
+		d.web.pending.Store(ch.certs)
+	}
+	return ch, nil
+}
+
+// undo discards a prepared change: its certificates stop and the CA certifies
+// the old names again.
+func (ch *siteChange) undo() {
+	if ch.handler == nil {
+		return
+	}
+	ch.d.web.pending.Store(nil)
+	if c := ch.certs; c != nil && c != ch.d.web.certs.Load() {
+		c.Stop()
+	}
+	if ch.caSet {
+		_ = ch.d.ca.SetSiteNames(ch.old)
+	}
+}
+
+// apply swaps the new website in: new handshakes and requests see it, and the
+// old certificates stop renewing. Requests in flight finish on the old
+// handler; live tunnels are not touched.
+func (ch *siteChange) apply() {
+	if ch.handler == nil {
+		return
+	}
+	d := ch.d
+	d.web.handler.Store(ch.handler)
+	if old := d.web.certs.Swap(ch.certs); old != nil && old != ch.certs {
+		old.Stop()
+	}
+	d.web.pending.Store(nil)
+}
+
+// sitesValidator turns on the embedded CA's websites' provisioner, which a
+// reload can then give new names (SetSiteNames): on unless a public ACME CA
+// issues the sites' certificates.
+func sitesValidator(cfg config.Server, d *Daemon) acme.SiteValidator {
+	if cfg.ACMECA != "" {
+		return nil
+	}
+	return siteValidator{d}
+}
+
 // passthroughGuard wraps a lookup of names registered for public pass-through
 // (proxy.Config.Passthrough) so that it can never claim tpd's own names or a
 // site's: those must keep reaching tpd. Wire it as
 // proxy.Config{Passthrough: d.passthroughGuard(lookup)} in New.
 func (d *Daemon) passthroughGuard(lookup proxy.PassthroughFunc) proxy.PassthroughFunc {
 	return func(name string) (func(context.Context, net.Conn), bool) {
-		if d.web.handler.IsOwn(name) || d.web.handler.IsSite(name) {
+		if site := d.site(); site.IsOwn(name) || site.IsSite(name) {
 			return nil, false
 		}
 		return lookup(name)

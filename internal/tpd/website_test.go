@@ -248,7 +248,7 @@ func TestPassthroughGuard(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.web.handler = h
+	d.web.handler.Store(h)
 	guard := d.passthroughGuard(func(string) (func(context.Context, net.Conn), bool) {
 		return func(context.Context, net.Conn) {}, true
 	})

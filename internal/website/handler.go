@@ -120,6 +120,9 @@ func (h *Handler) KnowsName(serverName string) bool {
 // IsSite reports whether name is a configured site (whose certificate comes from ACME).
 func (h *Handler) IsSite(name string) bool { return h.sites[canonicalHost(name)] != nil }
 
+// Default is the name of the site that answers names no site has; "" when none does.
+func (h *Handler) Default() string { return h.defName }
+
 // IsOwn reports whether name is one of the proxy's own names.
 func (h *Handler) IsOwn(name string) bool { return h.own[canonicalHost(name)] }
 

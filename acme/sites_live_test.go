@@ -1,0 +1,57 @@
+package acme
+
+import (
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"testing"
+
+	"github.com/smallstep/certificates/authority/provisioner"
+)
+
+// leafFrom is a certificate as the authority holds it before signing: names,
+// and the provisioner extension of the provisioner named prov.
+func leafFrom(t *testing.T, prov string, names ...string) *x509.Certificate {
+	t.Helper()
+	ext, err := (&provisioner.Extension{Type: provisioner.TypeACME, Name: prov}).ToExtension()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &x509.Certificate{DNSNames: names, ExtraExtensions: []pkix.Extension{ext}}
+}
+
+// The websites' names follow SetSiteNames while the CA runs. Bad inputs: a
+// website certificate for blog.example.test before it is a site, and for
+// www.example.test after it stopped being one; both are refused at signing.
+// Certificates of other provisioners pass; a CA started without the websites'
+// provisioner refuses SetSiteNames.
+func TestSiteNamesLive(t *testing.T) {
+	ts := newTestServerWith(t, CAOptions{SiteNames: []string{"www.example.test"}})
+	enf := siteEnforcer{ts.CA}
+	if err := enf.Enforce(leafFrom(t, SitesProvisionerName, "www.example.test")); err != nil {
+		t.Errorf("configured site refused: %v", err)
+	}
+	if err := enf.Enforce(leafFrom(t, SitesProvisionerName, "blog.example.test")); err == nil {
+		t.Error("blog.example.test certified before it is a site")
+	}
+	if err := ts.CA.SetSiteNames([]string{"blog.example.test"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := enf.Enforce(leafFrom(t, SitesProvisionerName, "blog.example.test")); err != nil {
+		t.Errorf("site added live refused: %v", err)
+	}
+	if err := enf.Enforce(leafFrom(t, SitesProvisionerName, "blog.example.test", "www.example.test")); err == nil {
+		t.Error("www.example.test certified after it was removed")
+	}
+	if err := enf.Enforce(leafFrom(t, ProvisionerName, "anything.example.test")); err != nil {
+		t.Errorf("a device provisioner's certificate was judged as a website's: %v", err)
+	}
+	if !(siteClient{c: ts.CA}).isSite("BLOG.example.test") || (siteClient{c: ts.CA}).isSite("www.example.test") {
+		t.Error("challenge validation does not follow the live site names")
+	}
+
+	off := newTestServerWith(t, CAOptions{})
+	if err := off.CA.SetSiteNames([]string{"www.example.test"}); !errors.Is(err, ErrSitesOff) {
+		t.Errorf("SetSiteNames on a CA without the websites' provisioner: %v", err)
+	}
+}
