@@ -104,7 +104,12 @@ type siteEnforcer struct{ c *CA }
 
 func (e siteEnforcer) Enforce(leaf *x509.Certificate) error {
 	ext, ok := provisioner.GetProvisionerExtension(&x509.Certificate{Extensions: leaf.ExtraExtensions})
-	if !ok || ext.Name != SitesProvisionerName {
+	if !ok {
+		// Every provisioner of TP's CA writes its extension before enforcers run;
+		// without it the certificate's source is unknown, so it is refused.
+		return errors.New("the certificate carries no provisioner extension, so the CA cannot tell which rules apply to it")
+	}
+	if ext.Name != SitesProvisionerName {
 		return nil
 	}
 	var names map[string]bool

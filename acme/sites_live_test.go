@@ -55,3 +55,13 @@ func TestSiteNamesLive(t *testing.T) {
 		t.Errorf("SetSiteNames on a CA without the websites' provisioner: %v", err)
 	}
 }
+
+// Bad input: a certificate whose provisioner extension is missing (a
+// provisioner that stopped writing it) is refused, not waved through as "not a
+// website certificate".
+func TestSiteEnforcerFailsClosed(t *testing.T) {
+	ts := newTestServerWith(t, CAOptions{SiteNames: []string{"www.example.test"}})
+	if err := (siteEnforcer{ts.CA}).Enforce(&x509.Certificate{DNSNames: []string{"blog.example.test"}}); err == nil {
+		t.Fatal("a certificate without a provisioner extension was let through")
+	}
+}
