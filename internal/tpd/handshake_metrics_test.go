@@ -63,7 +63,7 @@ func TestHandshakeFailureReasons(t *testing.T) {
 			before := scrapeMetrics(t, admin).get(t, key)
 			var err error
 			if c.raw {
-				err = dialPresenting(r.addr, c.mint(t))
+				err = dialPresenting(r.addr, rootPool(r.d), c.mint(t))
 			} else {
 				err = dialWithCert(r.url, d.pki.Root, c.mint(t), clients.TransportTLS, echo)
 			}
@@ -105,11 +105,11 @@ func TestHandshakeFailureReasons(t *testing.T) {
 }
 
 // dialPresenting runs a proxy handshake that presents cert whatever CAs the
-// server names, and returns how it ended.
-func dialPresenting(addr string, cert tls.Certificate) error {
+// server names, verifying the server against roots, and returns how it ended.
+func dialPresenting(addr string, roots *x509.CertPool, cert tls.Certificate) error {
 	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, &tls.Config{
-		InsecureSkipVerify: true, // the server's certificate is not what is tested
-		NextProtos:         []string{wire.ALPN},
+		RootCAs:    roots,
+		NextProtos: []string{wire.ALPN},
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return &cert, nil
 		},
@@ -121,4 +121,11 @@ func dialPresenting(addr string, cert tls.Certificate) error {
 	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	_, err = c.Read(make([]byte, 1)) // TLS 1.3: the server's verdict arrives after the client's Finished
 	return err
+}
+
+// rootPool holds d's root, which the server's certificate chains to.
+func rootPool(d *Daemon) *x509.CertPool {
+	p := x509.NewCertPool()
+	p.AddCert(d.pki.Root)
+	return p
 }
