@@ -18,6 +18,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/testdns"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/internal/tpd"
 )
@@ -222,24 +223,7 @@ func tcpResetter(t *testing.T) net.Addr {
 }
 
 func tcpServer(t *testing.T, serve func(net.Conn)) net.Addr {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				serve(c)
-			}()
-		}
-	}()
-	return ln.Addr()
+	return net.TCPAddrFromAddrPort(netip.MustParseAddrPort(testnet.Serve(t, func(c *net.TCPConn) { serve(c) })))
 }
 
 // closedPort is a loopback TCP port where nothing listens.

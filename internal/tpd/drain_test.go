@@ -146,35 +146,20 @@ func TestDrainTime(t *testing.T) {
 	dl.Transport = clients.TransportTLS
 	release := make(chan struct{})
 	dest := func(send bool) string {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
+		return testnet.Serve(t, func(c *net.TCPConn) {
+			if !send {
+				io.Copy(io.Discard, c)
+				return
+			}
+			<-release
+			buf := make([]byte, 64<<10)
+			for range 20 {
+				if _, err := c.Write(buf); err != nil {
 					return
 				}
-				go func() {
-					defer c.Close()
-					if !send {
-						io.Copy(io.Discard, c)
-						return
-					}
-					<-release
-					buf := make([]byte, 64<<10)
-					for range 20 {
-						if _, err := c.Write(buf); err != nil {
-							return
-						}
-						time.Sleep(100 * time.Millisecond) // pacing: the transfer spans 2 s of the drain
-					}
-				}()
+				time.Sleep(100 * time.Millisecond) // pacing: the transfer spans 2 s of the drain
 			}
-		}()
-		return ln.Addr().String()
+		})
 	}
 	idleDest, activeDest := dest(false), dest(true)
 	var conns []net.Conn

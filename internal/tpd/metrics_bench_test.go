@@ -112,32 +112,17 @@ func metricsBenchDialer(b *testing.B, on bool) (*clients.Dialer, string) {
 // chunkServer reads chunk bytes and answers one byte, for as long as the
 // connection lasts.
 func chunkServer(b *testing.B, chunk int) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { ln.Close() })
-	go func() {
+	return testnet.Serve(b, func(c *net.TCPConn) {
+		buf := make([]byte, chunk)
 		for {
-			c, err := ln.Accept()
-			if err != nil {
+			if _, err := io.ReadFull(c, buf); err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, chunk)
-				for {
-					if _, err := io.ReadFull(c, buf); err != nil {
-						return
-					}
-					if _, err := c.Write([]byte{1}); err != nil {
-						return
-					}
-				}
-			}()
+			if _, err := c.Write([]byte{1}); err != nil {
+				return
+			}
 		}
-	}()
-	return ln.Addr().String()
+	})
 }
 
 type allowAll struct{}
