@@ -28,13 +28,7 @@ import (
 // sessions, and checks what the agent does. A failure names the case id, the
 // transport, the step and what differed.
 func TestAgentCorpus(t *testing.T) {
-	files, err := Load(corpusDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := Check(files); err != nil {
-		t.Fatalf("the corpus is malformed:\n%v", err)
-	}
+	files := loadCorpus(t)
 	ca := testpki.New(t)
 	srv := ca.ServerCert(t, "127.0.0.1")
 	dev := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})

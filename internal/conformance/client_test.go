@@ -25,13 +25,7 @@ import (
 // client's hello against the corpus, answers with the case's frame, and checks
 // how the dial ends. A failure names the case id, the transport and what differed.
 func TestClientCorpus(t *testing.T) {
-	files, err := Load(corpusDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := Check(files); err != nil {
-		t.Fatalf("the corpus is malformed:\n%v", err)
-	}
+	files := loadCorpus(t)
 	ca := testpki.New(t)
 	srv := ca.ServerCert(t, "127.0.0.1")
 	dev := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})

@@ -12,13 +12,7 @@ import (
 // strictly, ids are unique, each step has one action, and every case names a
 // section that docs/PROTOCOL.md has.
 func TestCorpusWellFormed(t *testing.T) {
-	files, err := Load(corpusDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := Check(files); err != nil {
-		t.Fatalf("the corpus is malformed:\n%v", err)
-	}
+	files := loadCorpus(t)
 	spec, err := os.ReadFile("../../docs/PROTOCOL.md")
 	if err != nil {
 		t.Fatal(err)
@@ -116,3 +110,16 @@ func TestFrameExpect(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// loadCorpus reads docs/conformance and fails the test when a case is malformed.
+func loadCorpus(t *testing.T) []File {
+	t.Helper()
+	files, err := Load(corpusDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Check(files); err != nil {
+		t.Fatalf("the corpus is malformed:\n%v", err)
+	}
+	return files
+}

@@ -25,13 +25,7 @@ import (
 // tpd, once per transport the case names. A failure names the case id, the
 // transport, the step and what differed.
 func TestServerCorpus(t *testing.T) {
-	files, err := Load(corpusDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := Check(files); err != nil {
-		t.Fatalf("the corpus is malformed:\n%v", err)
-	}
+	files := loadCorpus(t)
 	f := startFixture(t)
 	var uniq atomic.Int64
 	for _, file := range files {
