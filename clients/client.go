@@ -115,6 +115,29 @@ func (c *Client) Certificate(ctx context.Context) (*tls.Certificate, error) {
 	return &cert, nil
 }
 
+// currentLeaf is the certificate a full handshake would present now (loaded
+// from disk on first use, never renewed here), or nil when there is none.
+func (c *Client) currentLeaf() *x509.Certificate {
+	c.mu.Lock()
+	cur := c.cert
+	c.mu.Unlock()
+	if cur != nil {
+		return cur.Leaf
+	}
+	cert, err := c.Home.Certificate()
+	if err != nil {
+		return nil
+	}
+	if !NeedsRenewal(cert.Leaf, c.now()) {
+		c.mu.Lock()
+		if c.cert == nil {
+			c.cert = &cert
+		}
+		c.mu.Unlock()
+	}
+	return cert.Leaf
+}
+
 // renew logs in under the home lock; another process may have renewed meanwhile.
 func (c *Client) renew(ctx context.Context) (tls.Certificate, error) {
 	lctx, cancel := context.WithTimeout(ctx, 60*time.Second)
@@ -191,14 +214,17 @@ func (c *Client) Dialer() (*Dialer, error) {
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(c.Root)
+	tickets := c.Home.TicketCache(c.currentLeaf)
+	tickets.Now = c.now
 	return &Dialer{
 		Server: addr,
 		Cache:  c.Home.TransportCache(),
 		TLSConfig: &tls.Config{
 			RootCAs: pool,
-			// Resume TLS sessions (to tpd, and end to end to agents): a long-running
-			// tp forward then pays a full handshake once per server, not per connection.
-			ClientSessionCache: tls.NewLRUClientSessionCache(64),
+			// Resume TLS sessions (to tpd, and end to end to agents) with tickets kept
+			// in TP_HOME: a long-running tp forward pays a full handshake once per
+			// server, and so does the first of many `tp` processes ssh starts.
+			ClientSessionCache: tickets,
 			GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
 				return c.Certificate(cri.Context())
 			},

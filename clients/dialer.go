@@ -189,7 +189,7 @@ func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hel
 	}
 	if err != nil {
 		_ = conn.Close()
-		return nil, &exchangeError{fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, explainHelloErr(err))}
+		return nil, &exchangeError{fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err)))}
 	}
 	_ = conn.SetDeadline(time.Time{})
 	if !sh.OK {
@@ -216,6 +216,13 @@ func (e *exchangeError) Unwrap() error { return e.error }
 
 func exchange(conn net.Conn, hello wire.ClientHello) (wire.ServerHello, error) {
 	if err := wire.WriteClientHello(conn, hello); err != nil {
+		// A server that refused the client's certificate after the client's side
+		// of the handshake was done (TLS 1.3 checks it last; on a resumed session
+		// it is the server's last step) sent an alert and closed: the write may
+		// fail first (EPIPE, ECONNRESET) with the alert still waiting to be read.
+		if _, rerr := wire.ReadServerHello(conn); rerr != nil && strings.Contains(rerr.Error(), "remote error: tls:") {
+			return wire.ServerHello{}, fmt.Errorf("sending client hello: %w", rerr)
+		}
 		return wire.ServerHello{}, fmt.Errorf("sending client hello: %w", err)
 	}
 	sh, err := wire.ReadServerHello(conn)
@@ -256,6 +263,21 @@ func (e *rejectedErr) Error() string {
 }
 func (e *rejectedErr) Unwrap() error        { return e.err }
 func (e *rejectedErr) Is(target error) bool { return target == ErrCertificateRejected }
+
+// forgetRejected drops the session ticket for the server when err says the
+// server refused this device's certificate, and returns err. crypto/tls drops a
+// ticket only when the handshake fails on the client's side, but TLS 1.3 checks
+// the client's certificate last, after the client's side is done (on a resumed
+// session too): the refused ticket would be offered, and refused, again.
+func (d *Dialer) forgetRejected(err error) error {
+	if !errors.Is(err, ErrCertificateRejected) || d.TLSConfig == nil || d.TLSConfig.ClientSessionCache == nil {
+		return err
+	}
+	if cfg, cerr := d.tlsConfig(); cerr == nil {
+		d.TLSConfig.ClientSessionCache.Put(cfg.ServerName, nil)
+	}
+	return err
+}
 
 func (d *Dialer) tlsConfig() (*tls.Config, error) {
 	var cfg *tls.Config

@@ -57,3 +57,6 @@ func StartTestServer(t testing.TB, decide func(authz.Request) authz.Decision) (s
 	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
 	return ln.Addr().String(), &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}}
 }
+
+// MaxTickets is the bound on a TicketCache's entries.
+const MaxTickets = maxTickets

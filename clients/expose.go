@@ -708,7 +708,7 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		Tracer:                         d.dropTracer(),
 	})
 	if err != nil {
-		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, explainQUICErr(err))
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, a.Dialer.forgetRejected(explainQUICErr(err)))
 	}
 	return conn, nil
 }

@@ -196,7 +196,7 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w (no answer over UDP; is UDP blocked on this network? --transport tls avoids QUIC)", ctx.Err())
 		}
-		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, explainQUICErr(err))
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err)))
 	}
 	return conn, nil
 }
@@ -241,7 +241,7 @@ func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, 
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("tp dial %s via %s: every QUIC stream the server allows is in use and none ended in time: %w", addr, d.quicAddr(), ctx.Err())
 		}
-		return nil, fmt.Errorf("tp dial %s via %s: %w", addr, d.quicAddr(), explainQUICErr(err))
+		return nil, fmt.Errorf("tp dial %s via %s: %w", addr, d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
 	}
 	// request writes the hello at once: the server sees a stream only once it carries data.
 	c, err := d.request(ctx, &clientStream{wire.NewQUICStream(conn, str)}, addr, hello)

@@ -79,7 +79,7 @@ func (d *Dialer) udpOnQUIC(ctx context.Context, conn *quic.Conn, addr string, he
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("tp dial udp %s via %s: every QUIC stream the server allows is in use and none ended in time: %w", addr, d.quicAddr(), ctx.Err())
 		}
-		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.quicAddr(), explainQUICErr(err))
+		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
 	}
 	return d.udpRequest(ctx, &clientStream{wire.NewQUICStream(conn, str)}, addr, hello)
 }
@@ -99,7 +99,7 @@ func (d *Dialer) udpRequest(ctx context.Context, conn wire.Stream, addr string, 
 	}
 	if err != nil {
 		_ = flow.Close()
-		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.Server, explainHelloErr(err))
+		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err)))
 	}
 	_ = conn.SetDeadline(time.Time{})
 	if !sh.OK {

@@ -121,6 +121,9 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 	case wire.ALPN:
 		defer s.release()
 		s.stats.proxyConns[0].Add(1)
+		if conn.ConnectionState().DidResume {
+			s.stats.resumedConns[0].Add(1)
+		}
 		s.serveProxy(ctx, conn)
 	case "", "h2", "http/1.1":
 		if s.web == nil { // unreachable: configForClient refuses non-tp handshakes

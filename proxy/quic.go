@@ -213,6 +213,9 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 			}
 			defer s.release()
 			s.stats.proxyConns[1].Add(1)
+			if conn.ConnectionState().TLS.DidResume {
+				s.stats.resumedConns[1].Add(1)
+			}
 			s.serveQUICConn(ctx, drain, conn)
 		}()
 	}

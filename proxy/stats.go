@@ -80,6 +80,7 @@ type counters struct {
 	handshakes [nReasons]atomic.Int64
 	// Proxy connections whose handshake succeeded, by transport (tls, quic).
 	proxyConns         [2]atomic.Int64
+	resumedConns       [2]atomic.Int64 // … of which resumed a TLS session (a ticket)
 	quicStreams        atomic.Int64
 	quicMigrations     atomic.Int64 // connections moved to a client's new address
 	bytesUp, bytesDown atomic.Int64 // client→destination, destination→client, counted at each session's end
@@ -147,6 +148,9 @@ type Stats struct {
 	// ProxyConns are proxy connections whose handshake succeeded, by transport
 	// ("tls", "quic"). Website connections are sessions with action "web".
 	ProxyConns map[string]int64
+	// ResumedConns are the ProxyConns whose handshake resumed a session from a
+	// ticket (no certificates exchanged; the device is still checked).
+	ResumedConns map[string]int64
 	// QUICStreams is how many proxy streams QUIC connections opened.
 	QUICStreams int64
 	// QUICMigrations is how many times a QUIC connection moved to a client's
@@ -182,6 +186,7 @@ func (s *Server) Stats() Stats {
 		Sessions:          sessions,
 		HandshakeFailures: make(map[string]int64, nReasons),
 		ProxyConns:        map[string]int64{"tls": c.proxyConns[0].Load(), "quic": c.proxyConns[1].Load()},
+		ResumedConns:      map[string]int64{"tls": c.resumedConns[0].Load(), "quic": c.resumedConns[1].Load()},
 		QUICStreams:       c.quicStreams.Load(),
 		QUICMigrations:    c.quicMigrations.Load(),
 		BytesUp:           c.bytesUp.Load(),

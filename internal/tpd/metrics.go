@@ -237,6 +237,9 @@ var (
 	connsDesc = prometheus.NewDesc("tp_connections_total",
 		"Proxy connections whose handshake succeeded, by transport.",
 		[]string{"transport"}, nil)
+	resumedDesc = prometheus.NewDesc("tp_connections_resumed_total",
+		"Proxy connections whose handshake resumed a TLS session from a ticket, by transport.",
+		[]string{"transport"}, nil)
 	quicStreamsDesc = prometheus.NewDesc("tp_quic_streams_total",
 		"Proxy requests (streams) opened on QUIC connections.", nil, nil)
 	quicMigrationsDesc = prometheus.NewDesc("tp_quic_migrations_total",
@@ -268,7 +271,7 @@ var (
 )
 
 func (c *proxyCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{sessionsDesc, handshakeFailDesc, connsDesc, quicStreamsDesc, quicMigrationsDesc, bytesDesc, liveDesc,
+	for _, d := range []*prometheus.Desc{sessionsDesc, handshakeFailDesc, connsDesc, resumedDesc, quicStreamsDesc, quicMigrationsDesc, bytesDesc, liveDesc,
 		agentsDesc, namesDesc, portsDesc, udpActiveDesc, udpFlowsDesc, udpRefusedDesc, datagramsDesc, droppedDesc, oversizeDesc} {
 		ch <- d
 	}
@@ -301,6 +304,7 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, t := range []string{"tls", "quic"} {
 		counter(connsDesc, st.ProxyConns[t], t)
+		counter(resumedDesc, st.ResumedConns[t], t)
 	}
 	counter(quicStreamsDesc, st.QUICStreams)
 	counter(quicMigrationsDesc, st.QUICMigrations)

@@ -346,21 +346,25 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 		`tp_sessions_total{action="dial_udp",outcome="ok",transport="quic"}`:       1,
 		`tp_connections_total{transport="tls"}`:                                    3, // forward, denial, reverse dial
 		`tp_connections_total{transport="quic"}`:                                   2, // agent, UDP flow
-		"tp_quic_streams_total":                                                    2, // agent's control stream, the flow
-		`tp_handshake_failures_total{reason="no_cert"}`:                            1,
-		`tp_policy_decisions_total{action="dial",result="allow"}`:                  2,
-		`tp_policy_decisions_total{action="dial",result="deny"}`:                   1,
-		`tp_policy_decisions_total{action="listen",result="allow"}`:                1,
-		`tp_policy_decisions_total{action="dial_udp",result="allow"}`:              1,
-		"tp_policy_decision_duration_seconds_count":                                5,
-		`tp_ca_certificates_issued_total{kind="reverse"}`:                          1, // the agent's, for protected mode
-		`tp_ca_certificates_issued_total{kind="device"}`:                           0,
-		"tp_udp_flows_total":                                  1,
-		`tp_udp_datagrams_total{direction="up"}`:              1,
-		`tp_udp_datagrams_total{direction="down"}`:            1,
-		`tp_udp_datagrams_dropped_total{reason="queue_full"}`: 0,
-		"tp_sessions_active":                                  0,
-		"tp_udp_flows_active":                                 0,
+		// Tickets kept in each TP_HOME: alice's forward resumes the session her
+		// held dial made, bob's reverse dial the one his denial made.
+		`tp_connections_resumed_total{transport="tls"}`:               2,
+		`tp_connections_resumed_total{transport="quic"}`:              2, // alice's agent and UDP flow: one cache serves both transports
+		"tp_quic_streams_total":                                       2, // agent's control stream, the flow
+		`tp_handshake_failures_total{reason="no_cert"}`:               1,
+		`tp_policy_decisions_total{action="dial",result="allow"}`:     2,
+		`tp_policy_decisions_total{action="dial",result="deny"}`:      1,
+		`tp_policy_decisions_total{action="listen",result="allow"}`:   1,
+		`tp_policy_decisions_total{action="dial_udp",result="allow"}`: 1,
+		"tp_policy_decision_duration_seconds_count":                   5,
+		`tp_ca_certificates_issued_total{kind="reverse"}`:             1, // the agent's, for protected mode
+		`tp_ca_certificates_issued_total{kind="device"}`:              0,
+		"tp_udp_flows_total":                                          1,
+		`tp_udp_datagrams_total{direction="up"}`:                      1,
+		`tp_udp_datagrams_total{direction="down"}`:                    1,
+		`tp_udp_datagrams_dropped_total{reason="queue_full"}`:         0,
+		"tp_sessions_active":                                          0,
+		"tp_udp_flows_active":                                         0,
 	} {
 		if got := s3.get(t, key) - s0[key]; got != want { // a series appears with its first count
 			t.Errorf("%s moved by %g, want %g", key, got, want)

@@ -1,6 +1,7 @@
 package tpd
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -209,13 +210,32 @@ func TestRevocationRefusesConnections(t *testing.T) {
 	if err := dialEcho(t, c, echo); err != nil {
 		t.Fatalf("dial before revocation: %v", err)
 	}
+	// Each dial is a new Dialer, as each `tp` is a new process: the ticket the
+	// first kept in TP_HOME resumes the second's session.
+	tickets := filepath.Join(c.Home.Dir, "tickets.json")
+	resumed := func() int64 { st := d.proxy.Stats(); return st.ResumedConns["tls"] + st.ResumedConns["quic"] }
+	before := resumed()
+	if err := dialEcho(t, c, echo); err != nil {
+		t.Fatalf("second dial: %v", err)
+	}
+	if resumed() == before {
+		t.Fatal("the second dial did not resume a session from the ticket kept in TP_HOME")
+	}
+	if fi, err := os.Stat(tickets); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("tickets.json: %v, %v; want a 0600 file", fi, err)
+	}
 	cert, err := c.Certificate(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A resumed handshake is checked as a full one is: the deny list refuses it,
+	// and the refused ticket is gone from TP_HOME (the next dial is a full handshake).
 	d.DenyList().Add(authz.DenySerial, cert.Leaf.SerialNumber.Text(16))
 	if err := dialEcho(t, c, echo); err == nil {
-		t.Fatal("deny-listed certificate still connects")
+		t.Fatal("deny-listed certificate still connects on a resumed session")
+	}
+	if b, err := os.ReadFile(tickets); err != nil || bytes.Contains(b, []byte(`"ticket"`)) {
+		t.Fatalf("after a refused resumption tickets.json still holds a ticket (%v, %d bytes)", err, len(b))
 	}
 	d.DenyList().Remove(authz.DenySerial, cert.Leaf.SerialNumber.Text(16))
 	if err := dialEcho(t, c, echo); err != nil {
@@ -230,6 +250,9 @@ func TestRevocationRefusesConnections(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "rejected") {
 		t.Errorf("revoked device: error %q does not say the server rejected it", err)
+	}
+	if b, err := os.ReadFile(tickets); err != nil || bytes.Contains(b, []byte(`"ticket"`)) {
+		t.Fatalf("after the revoked device's refusal tickets.json still holds a ticket (%v, %d bytes)", err, len(b))
 	}
 }
 
