@@ -135,7 +135,13 @@ func bulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		if addr, _, err := e.startForward(ctx, e.sink, "--transport", "quic"); err != nil {
 			vs = append(vs, failed(name, "quic", err))
 		} else {
-			vs = append(vs, mk(name, "quic", func() (*stream, error) { return tcpStream(addr) }, "≥0.9× raw quic-go"))
+			vs = append(vs, mk(name, "quic", func() (*stream, error) { return tcpStream(addr) }, ""))
+		}
+		rawName := "raw quic-go relay, 1 stream (no TP)"
+		if addr, err := e.quicRelayChain(ctx, e.sink); err != nil {
+			vs = append(vs, failed(rawName, "quic", err))
+		} else {
+			vs = append(vs, mk(rawName, "quic", func() (*stream, error) { return tcpStream(addr) }, ""))
 		}
 	}
 	relayName := "minimal Go mTLS relay"
@@ -166,6 +172,9 @@ func bulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	}
 	if tp != nil && sshL != nil {
 		rows = append(rows, ratioRow(scn, "TP/TLS ÷ ssh -L (per run)", tp, sshL, "≥1.5×"))
+	}
+	if tpq, raw := find(vs, "TP over QUIC, 1 stream (tp forward)"), find(vs, "raw quic-go relay, 1 stream (no TP)"); tpq != nil && raw != nil {
+		rows = append(rows, ratioRow(scn, "TP/QUIC ÷ raw quic-go (per run)", tpq, raw, "≥0.95×"))
 	}
 	return rows, nil
 }

@@ -32,6 +32,7 @@ func IsHelper(args []string) bool { return len(args) > 0 && args[0] == helperArg
 //	relay-server: TLS 1.3, verified client certificate, then io.Copy both ways to -target
 //	relay-client: plain TCP listener, each connection dialled to -server over mTLS
 //	tls-echo:     TLS 1.3, verified client certificate, echoes bytes (handshake baseline)
+//	quic-relay-server, quic-relay-client: raw quic-go, TP's QUIC baseline (quicrelay.go)
 //	loss-server, loss-client: scenario 6, run inside its network namespace (loss.go)
 func RunHelper(ctx context.Context, args []string, stdout io.Writer) error {
 	if len(args) < 2 {
@@ -40,6 +41,9 @@ func RunHelper(ctx context.Context, args []string, stdout io.Writer) error {
 	role := args[1]
 	if role == "loss-server" || role == "loss-client" {
 		return runLossHelper(ctx, role, args[2:], stdout)
+	}
+	if role == "quic-relay-server" || role == "quic-relay-client" {
+		return runQUICRelayHelper(ctx, role, args[2:], stdout) // quicrelay.go
 	}
 	fs := flag.NewFlagSet(role, flag.ContinueOnError)
 	certFile := fs.String("cert", "", "certificate chain PEM")
