@@ -16,6 +16,9 @@ import (
 // Scenarios in the order they run. Names are what --only takes.
 var Scenarios = []string{"bulk", "setup", "handshake", "memory", "reverse", "loss", "policy", "load", "slowloris", "soak"}
 
+// peerScenarios measure the peers (Peers) beside TP.
+var peerScenarios = []string{"bulk", "setup", "memory", "reverse"}
+
 // Options select what a run measures.
 type Options struct {
 	Quick    bool          // smaller sizes and fewer runs, for a smoke run under 2 minutes
@@ -25,6 +28,7 @@ type Options struct {
 	Markdown bool          // print the table as Markdown
 	Soak     time.Duration // length of the soak scenario; 0 means 10m (20s with Quick)
 	Compare  string        // a directory with older tp, dlogin and tpd: sizes and fresh tp measured beside this tree's
+	Peers    Peers         // ghostunnel, chisel, frps and frpc, measured beside TP when given
 	Command  string        // the command line, recorded in the JSON report
 	Stdout   io.Writer
 	Stderr   io.Writer // progress lines
@@ -81,6 +85,10 @@ func Run(ctx context.Context, o Options) (err error) {
 			}
 		}
 	}
+	peers, err := resolvePeers(o.Peers, os.Stat)
+	if err != nil {
+		return err
+	}
 	start := time.Now()
 	self, err := os.Executable()
 	if err != nil {
@@ -90,7 +98,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	if err != nil {
 		return err
 	}
-	e := &Env{dir: dir, self: self, compare: o.Compare, log: func(f string, a ...any) {
+	e := &Env{dir: dir, self: self, compare: o.Compare, peers: peers, log: func(f string, a ...any) {
 		fmt.Fprintf(o.Stderr, "[%6.1fs] %s\n", time.Since(start).Seconds(), fmt.Sprintf(f, a...))
 	}}
 	defer e.Close()
@@ -128,6 +136,9 @@ func Run(ctx context.Context, o Options) (err error) {
 		}
 		e.onClose(serve(echo, echoHandler))
 		e.sink, e.echo = sink.Addr().String(), echo.Addr().String()
+		if slices.ContainsFunc(peerScenarios, o.wants) {
+			e.probeVersions(ctx)
+		}
 	}
 
 	sz, runs := o.sizes(), o.runs()
@@ -161,7 +172,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	if o.JSON != "" {
 		return writeJSON(o.JSON, Report{
 			Date: time.Now().UTC().Format(time.RFC3339), Machine: Machine(),
-			Command: o.Command, Quick: o.Quick, Rows: rows,
+			Command: o.Command, Quick: o.Quick, Peers: e.peerReport(), Rows: rows,
 		})
 	}
 	return nil

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"time"
 )
 
@@ -62,6 +63,14 @@ func procStream(e *Env, name string, args []string, env []string) (*stream, erro
 }
 
 const bulkChunk = 1 << 20
+
+// Names of the peers' bulk variants.
+const (
+	peerGhostName   = "ghostunnel (TLS per tunnel)"
+	peerChiselName  = "chisel (SSH channel over WebSocket)"
+	peerFrpTCPName  = "frp tcp (via frps's public port)"
+	peerFrpSTCPName = "frp stcp (secret mode, via visitor)"
+)
 
 // bulkOnce sends size bytes through a fresh stream to the sink and returns MB/s
 // from the first byte sent to the sink's acknowledgement of the full count. Setting
@@ -164,8 +173,44 @@ func bulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		vs = append(vs, mk(sshWName, "ssh", func() (*stream, error) { return procStream(e, "ssh", args, nil) }, ""))
 	}
 
+	// The peers, each started once and measured in the same runs.
+	peer := func(name, transport string, bins []string, start func() (string, error)) *variant {
+		if why := e.peers.why(bins...); why != "" {
+			return notGiven(&Row{Scenario: scn, Variant: name, Transport: transport, Unit: unit}, why)
+		}
+		addr, err := start()
+		if err != nil {
+			return failed(name, transport, err)
+		}
+		v := mk(name, transport, func() (*stream, error) { return tcpStream(addr) }, "")
+		v.rows[0].Note = e.peerNote(bins...)
+		return v
+	}
+	chain := func(f func(context.Context, string) (peerChain, error)) func() (string, error) {
+		return func() (string, error) { c, err := f(ctx, e.sink); return c.addr, err }
+	}
+	frp := func(stcp bool) func() (string, error) {
+		return func() (string, error) {
+			addrs, _, err := e.frpChain(ctx, stcp, e.sink)
+			if err != nil {
+				return "", err
+			}
+			return addrs[0], nil
+		}
+	}
+	vs = append(vs,
+		peer(peerGhostName, "tls", []string{peerGhostunnel}, chain(e.ghostunnelChain)),
+		peer(peerChiselName, "ssh", []string{peerChisel}, chain(e.chiselChain)),
+		peer(peerFrpTCPName, "tls", []string{peerFrps, peerFrpc}, frp(false)),
+		peer(peerFrpSTCPName, "tls", []string{peerFrps, peerFrpc}, frp(true)))
+
 	interleave(runs, vs, e.log)
 	rows := collect(vs)
+	for _, p := range []struct{ name, target string }{{peerGhostName, "≥1.0×"}, {peerChiselName, ""}, {peerFrpTCPName, ""}} {
+		if tp, pr := find(vs, tpName), find(vs, p.name); tp != nil && pr != nil && !strings.HasPrefix(pr.Err, "not given") {
+			rows = append(rows, ratioRow(scn, "TP/TLS ÷ "+p.name+" (per run)", tp, pr, p.target))
+		}
+	}
 	tp, relay, sshL := find(vs, tpName), find(vs, relayName), find(vs, sshLName)
 	if tp != nil && relay != nil {
 		rows = append(rows, ratioRow(scn, "TP/TLS ÷ minimal relay (per run)", tp, relay, "≥1.0×"))

@@ -61,6 +61,11 @@ type Env struct {
 	publicPorts []int  // TCP ports tpd may open for tp expose --public
 	agentHome   string // TP_HOME of the device that runs tp expose
 
+	peers    peerSet // the peer binaries given (peers.go)
+	frps     *proc   // the run's one frps, started by the first frp variant
+	frpsPort int
+	frpSeq   int // numbers frpc configurations and proxy names
+
 	stress *stressTPD // the tpd of scenarios 8–10 (stress.go), started by the first of them
 	ck     string     // the checksum server of scenarios 8–10 (workload.go)
 }

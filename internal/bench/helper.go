@@ -34,6 +34,7 @@ func IsHelper(args []string) bool { return len(args) > 0 && args[0] == helperArg
 //	tls-echo:     TLS 1.3, verified client certificate, echoes bytes (handshake baseline)
 //	quic-relay-server, quic-relay-client: raw quic-go, TP's QUIC baseline (quicrelay.go)
 //	loss-server, loss-client: scenario 6, run inside its network namespace (loss.go)
+//	idle-echo:    scenario 4's holder of idle tunnels, commanded on stdin (memory.go)
 func RunHelper(ctx context.Context, args []string, stdout io.Writer) error {
 	if len(args) < 2 {
 		return errors.New("helper role missing")
@@ -44,6 +45,9 @@ func RunHelper(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	if role == "quic-relay-server" || role == "quic-relay-client" {
 		return runQUICRelayHelper(ctx, role, args[2:], stdout) // quicrelay.go
+	}
+	if role == "idle-echo" {
+		return runIdleHelper(ctx, os.Stdin, stdout)
 	}
 	fs := flag.NewFlagSet(role, flag.ContinueOnError)
 	certFile := fs.String("cert", "", "certificate chain PEM")

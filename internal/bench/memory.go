@@ -1,11 +1,15 @@
 package bench
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
 	"net"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -61,78 +65,331 @@ func closeAll(conns []net.Conn) {
 // readiness wait: every tunnel has already echoed a byte.
 const settle = 500 * time.Millisecond
 
-func memory(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
-	const scn = "4 idle tunnel memory"
-	unit := "KiB/tunnel"
-	type system struct {
-		server, client         string
-		transport              string
-		addr                   string
-		serverPid, clientPid   int
-		serverBase, clientBase string
-		target                 string
+// maxHeld bounds the tunnels one holder keeps open (two descriptors each).
+const maxHeld = 100_000
+
+// runIdleHelper is scenario 4's holder, a process of its own per system measured,
+// so that neither its descriptors nor its memory count against tpbench or the
+// system: it runs an echo server (printing "ADDR host:port"), and for each line
+// "open ADDR N" on stdin opens N more tunnels to ADDR, keeps them idle and
+// answers "OK total" or "ERR why". It closes them all when stdin ends.
+func runIdleHelper(ctx context.Context, stdin io.Reader, stdout io.Writer) error {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
 	}
-	var systems []system
-	relayServer, relayClient := "minimal relay server", "minimal relay client"
-	if addr, srv, cli, err := e.relayChain(ctx, e.echo); err != nil {
-		return nil, err
-	} else {
-		systems = append(systems, system{server: relayServer, client: relayClient, transport: "tls",
-			addr: addr, serverPid: srv.pid(), clientPid: cli.pid()})
+	stop := serve(ln, echoHandler)
+	defer stop()
+	var held []net.Conn
+	defer func() { closeAll(held) }()
+	fmt.Fprintf(stdout, "ADDR %s\n", ln.Addr())
+	lines := make(chan string)
+	go func() {
+		sc := bufio.NewScanner(stdin)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	for {
+		var line string
+		var ok bool
+		select {
+		case <-ctx.Done():
+			return nil
+		case line, ok = <-lines:
+			if !ok {
+				return nil
+			}
+		}
+		addr, n, err := parseOpen(line, maxHeld-len(held))
+		if err == nil {
+			var conns []net.Conn
+			if conns, err = openTunnels(addr, n); err == nil {
+				held = append(held, conns...)
+			}
+		}
+		if err != nil {
+			fmt.Fprintf(stdout, "ERR %s\n", firstLine(err.Error()))
+			continue
+		}
+		fmt.Fprintf(stdout, "OK %d\n", len(held))
 	}
-	addr, fwd, err := e.startForward(ctx, e.echo, e.tlsArgs()...)
+}
+
+// parseOpen reads a holder command, "open ADDR N", with 1 ≤ N ≤ room.
+func parseOpen(line string, room int) (string, int, error) {
+	f := strings.Fields(line)
+	if len(f) != 3 || f[0] != "open" {
+		return "", 0, fmt.Errorf("bad command %q: want \"open ADDR N\"", line)
+	}
+	if _, _, err := net.SplitHostPort(f[1]); err != nil {
+		return "", 0, fmt.Errorf("bad address in %q: %w", line, err)
+	}
+	n, err := strconv.Atoi(f[2])
+	if err != nil || n < 1 {
+		return "", 0, fmt.Errorf("bad count in %q: want a positive number", line)
+	}
+	if n > room {
+		return "", 0, fmt.Errorf("%d more tunnels would exceed the holder's bound (%d left of %d)", n, room, maxHeld)
+	}
+	return f[1], n, nil
+}
+
+// holder is the tpbench side of a runIdleHelper process.
+type holder struct {
+	p     *proc
+	in    io.WriteCloser
+	lines chan string
+	echo  string // its echo server: the destination of the system's tunnels
+}
+
+func (e *Env) startHolder(ctx context.Context) (*holder, error) {
+	cmd := command(e.self, []string{helperArg, "idle-echo"}, nil)
+	in, err := cmd.StdinPipe()
 	if err != nil {
 		return nil, err
 	}
-	systems = append(systems, system{server: "tpd (TP over TLS)", client: "tp forward", transport: "tls",
-		addr: addr, serverPid: e.tpd.pid(), clientPid: fwd.pid(), serverBase: relayServer, clientBase: relayClient, target: "≤16 KB"})
-	// QUIC is left out: scenario 4 asks for the TLS tunnels; see the README for why.
-
-	var rows []Row
-	for _, s := range systems {
-		sr := Row{Scenario: scn, Variant: fmt.Sprintf("%s, RSS", s.server), Transport: s.transport, Unit: unit, Target: s.target}
-		cr := Row{Scenario: scn, Variant: fmt.Sprintf("%s, RSS", s.client), Transport: s.transport, Unit: unit}
-		if s.serverBase != "" {
-			sr.Baseline, cr.Baseline = s.serverBase+", RSS", s.clientBase+", RSS"
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	p := &proc{name: "idle holder", cmd: cmd, out: &tail{}, done: make(chan struct{})}
+	cmd.Stderr = p.out
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start the idle holder: %w", err)
+	}
+	e.mu.Lock()
+	e.procs = append(e.procs, p)
+	e.mu.Unlock()
+	h := &holder{p: p, in: in, lines: make(chan string, 4)}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			h.lines <- sc.Text()
 		}
-		var open []net.Conn
-		err := func() error {
-			defer closeAll(open)
-			time.Sleep(settle)
-			sBefore, err1 := rssKiB(s.serverPid)
-			cBefore, err2 := rssKiB(s.clientPid)
-			if err1 != nil || err2 != nil {
-				return fmt.Errorf("reading RSS: %v %v", err1, err2)
+		close(h.lines)
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
+	line, err := h.answer(ctx, 30*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	m := addrRe.FindStringSubmatch(line)
+	if m == nil {
+		return nil, fmt.Errorf("idle holder said %q, want its address", line)
+	}
+	h.echo = m[1]
+	return h, nil
+}
+
+func (h *holder) answer(ctx context.Context, within time.Duration) (string, error) {
+	t := time.NewTimer(within)
+	defer t.Stop()
+	select {
+	case line, ok := <-h.lines:
+		if !ok {
+			return "", fmt.Errorf("idle holder exited: %s", lastLine(h.p.out.String()))
+		}
+		return line, nil
+	case <-t.C:
+		return "", fmt.Errorf("idle holder did not answer within %s", within)
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
+}
+
+// open asks the holder for n more idle tunnels through addr and returns how many it holds.
+func (h *holder) open(ctx context.Context, addr string, n int) (int, error) {
+	if _, err := fmt.Fprintf(h.in, "open %s %d\n", addr, n); err != nil {
+		return 0, err
+	}
+	line, err := h.answer(ctx, 10*time.Minute)
+	if err != nil {
+		return 0, err
+	}
+	if why, ok := strings.CutPrefix(line, "ERR "); ok {
+		return 0, fmt.Errorf("%s", why)
+	}
+	total, err := strconv.Atoi(strings.TrimPrefix(line, "OK "))
+	if err != nil {
+		return 0, fmt.Errorf("idle holder said %q", line)
+	}
+	return total, nil
+}
+
+// release ends the holder: it closes every tunnel it holds and exits.
+func (h *holder) release() {
+	h.in.Close()
+	select {
+	case <-h.p.done:
+	case <-time.After(30 * time.Second):
+		h.p.stop()
+	}
+}
+
+// memSystem is one thing whose idle tunnels scenario 4 weighs: a server process
+// and a client process, started in front of a holder's echo server.
+type memSystem struct {
+	server, client         string // row labels
+	transport              string
+	serverBase, clientBase string // baselines' labels
+	target                 string
+	bins                   []string // peer binaries it needs; nil for TP and the relay
+	start                  func(echo string) (addr string, server, client *proc, err error)
+
+	h                    *holder
+	addr                 string
+	serverPid, clientPid int
+	sr, cr               *Row
+}
+
+func memory(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
+	const scn = "4 idle tunnel memory"
+	unit := "KiB/tunnel"
+	relayServer, relayClient := "minimal relay server", "minimal relay client"
+	systems := []*memSystem{
+		{server: relayServer, client: relayClient, transport: "tls", start: func(echo string) (string, *proc, *proc, error) {
+			return e.relayChain(ctx, echo)
+		}},
+		{server: "tpd (TP over TLS)", client: "tp forward (TLS)", transport: "tls", serverBase: relayServer, clientBase: relayClient, target: "≤ frps",
+			start: func(echo string) (string, *proc, *proc, error) {
+				addr, fwd, err := e.startForward(ctx, echo, e.tlsArgs()...)
+				return addr, e.tpd, fwd, err
+			}},
+	}
+	if e.quic {
+		systems = append(systems, &memSystem{server: "tpd (TP over QUIC)", client: "tp forward (QUIC)", transport: "quic", serverBase: relayServer, clientBase: relayClient, target: "≤ frps",
+			start: func(echo string) (string, *proc, *proc, error) {
+				addr, fwd, err := e.startForward(ctx, echo, "--transport", "quic")
+				return addr, e.tpd, fwd, err
+			}})
+	}
+	chain := func(f func(context.Context, string) (peerChain, error)) func(string) (string, *proc, *proc, error) {
+		return func(echo string) (string, *proc, *proc, error) {
+			c, err := f(ctx, echo)
+			return c.addr, c.server, c.client, err
+		}
+	}
+	systems = append(systems,
+		&memSystem{server: "ghostunnel server", client: "ghostunnel client", transport: "tls", serverBase: relayServer, clientBase: relayClient,
+			bins: []string{peerGhostunnel}, start: chain(e.ghostunnelChain)},
+		&memSystem{server: "chisel server", client: "chisel client", transport: "ssh", serverBase: relayServer, clientBase: relayClient,
+			bins: []string{peerChisel}, start: chain(e.chiselChain)},
+		&memSystem{server: "frps (frp tcp)", client: "frpc (frp tcp agent)", transport: "tls", serverBase: relayServer, clientBase: relayClient,
+			bins: []string{peerFrps, peerFrpc}, start: func(echo string) (string, *proc, *proc, error) {
+				addrs, c, err := e.frpChain(ctx, false, echo)
+				if err != nil {
+					return "", nil, nil, err
+				}
+				return addrs[0], c.server, c.client, nil
+			}})
+
+	// Every system's holder keeps runs×tunnels open, two descriptors each.
+	var fdErr error
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err == nil && uint64(2*runs*sz.tunnels+256) > lim.Max {
+		fdErr = fmt.Errorf("%d runs of %d tunnels need %d descriptors in one process, the limit is %d: use fewer --runs",
+			runs, sz.tunnels, 2*runs*sz.tunnels+256, lim.Max)
+	}
+
+	// Start everything first, then measure every system in turn, run after run,
+	// so that the machine's drifts and the processes' warm-up hit all alike.
+	var live []*memSystem
+	for _, s := range systems {
+		s.sr = &Row{Scenario: scn, Variant: s.server + ", RSS", Transport: s.transport, Unit: unit, Target: s.target}
+		s.cr = &Row{Scenario: scn, Variant: s.client + ", RSS", Transport: s.transport, Unit: unit}
+		if s.serverBase != "" {
+			s.sr.Baseline, s.cr.Baseline = s.serverBase+", RSS", s.clientBase+", RSS"
+		}
+		if why := e.peers.why(s.bins...); why != "" {
+			s.sr.Err, s.cr = why, nil
+			continue
+		}
+		err := fdErr
+		if err == nil {
+			s.h, err = e.startHolder(ctx)
+		}
+		if err == nil {
+			var srv, cli *proc
+			if s.addr, srv, cli, err = s.start(s.h.echo); err == nil {
+				s.serverPid, s.clientPid = srv.pid(), cli.pid()
 			}
-			for i := range runs {
-				conns, err := openTunnels(s.addr, sz.tunnels)
+		}
+		if err != nil {
+			e.log("%s: %v", s.server, err)
+			s.sr.Err, s.cr.Err = firstLine(err.Error()), firstLine(err.Error())
+			continue
+		}
+		live = append(live, s)
+	}
+	for i := range runs {
+		for _, s := range live {
+			if s.sr.Err != "" {
+				continue
+			}
+			err := func() error {
+				time.Sleep(settle)
+				sBefore, err1 := rssKiB(s.serverPid)
+				cBefore, err2 := rssKiB(s.clientPid)
+				if err1 != nil || err2 != nil {
+					return fmt.Errorf("reading RSS: %v %v", err1, err2)
+				}
+				total, err := s.h.open(ctx, s.addr, sz.tunnels)
 				if err != nil {
 					return err
 				}
-				open = append(open, conns...)
 				time.Sleep(settle)
 				sAfter, err1 := rssKiB(s.serverPid)
 				cAfter, err2 := rssKiB(s.clientPid)
 				if err1 != nil || err2 != nil {
 					return fmt.Errorf("reading RSS: %v %v", err1, err2)
 				}
-				sr.Runs = append(sr.Runs, float64(sAfter-sBefore)/float64(sz.tunnels))
-				cr.Runs = append(cr.Runs, float64(cAfter-cBefore)/float64(sz.tunnels))
-				e.log("  batch %d %-28s %d tunnels open: server RSS %d MiB (+%.1f KiB/tunnel), client RSS %d MiB (+%.1f KiB/tunnel)",
-					i+1, s.server, len(open), sAfter>>10, sr.Runs[i], cAfter>>10, cr.Runs[i])
-				sBefore, cBefore = sAfter, cAfter
+				s.sr.Runs = append(s.sr.Runs, float64(sAfter-sBefore)/float64(sz.tunnels))
+				s.cr.Runs = append(s.cr.Runs, float64(cAfter-cBefore)/float64(sz.tunnels))
+				e.log("  run %d %-24s %d tunnels open: server RSS %d MiB (+%.1f KiB/tunnel), client RSS %d MiB (+%.1f KiB/tunnel)",
+					i+1, s.server, total, sAfter>>10, s.sr.Runs[i], cAfter>>10, s.cr.Runs[i])
+				return nil
+			}()
+			if err != nil {
+				e.log("%s: %v", s.server, err)
+				s.sr.Err, s.sr.Runs, s.cr.Err, s.cr.Runs = firstLine(err.Error()), nil, firstLine(err.Error()), nil
 			}
-			sr.Note = fmt.Sprintf("RSS growth per batch of %d tunnels, cumulative to %d open", sz.tunnels, len(open))
-			cr.Note = sr.Note
-			return nil
-		}()
-		if err != nil {
-			e.log("%s: %v", s.server, err)
-			sr.Err, sr.Runs, cr.Err, cr.Runs = firstLine(err.Error()), nil, firstLine(err.Error()), nil
 		}
-		rows = append(rows, sr, cr)
-		// Let the processes see the closes before the next system is measured.
-		time.Sleep(2 * settle)
+	}
+	for _, s := range live {
+		s.h.release()
+	}
+	// Let the processes see the closes before the next scenario.
+	time.Sleep(2 * settle)
+
+	note := fmt.Sprintf("RSS growth per batch of %d idle tunnels, every system in turn each run, cumulative to %d open per system", sz.tunnels, runs*sz.tunnels)
+	var rows []Row
+	var frps *Row
+	for _, s := range systems {
+		if s.sr.Err == "" {
+			s.sr.Note, s.cr.Note = note, note
+			if v := e.peerNote(s.bins...); v != "" {
+				s.sr.Note += "; " + v
+			}
+		}
+		rows = append(rows, *s.sr)
+		if s.cr != nil {
+			rows = append(rows, *s.cr)
+		}
+		if s.bins != nil && s.bins[0] == peerFrps {
+			frps = s.sr
+		}
+	}
+	if frps != nil && frps.Err == "" {
+		for _, s := range systems {
+			if strings.HasPrefix(s.server, "tpd") {
+				rows = append(rows,
+					ratioRow(scn, s.server+" ÷ frps (per run)", s.sr, frps, "≤1.0×"),
+					ratioRow(scn, s.client+" ÷ frps (per run)", s.cr, frps, "≤1.0×"))
+			}
+		}
 	}
 	return rows, nil
 }

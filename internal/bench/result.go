@@ -36,7 +36,9 @@ type Report struct {
 	Machine string `json:"machine"`
 	Command string `json:"command"`
 	Quick   bool   `json:"quick"`
-	Rows    []Row  `json:"rows"`
+	// Peers says, per peer binary, the path and version measured or why it was not.
+	Peers map[string]string `json:"peers,omitempty"`
+	Rows  []Row             `json:"rows"`
 }
 
 func (r *Row) summarise() {
@@ -121,8 +123,11 @@ func cells(r Row) []string {
 	med, rng, ratio := fmtNum(r.Median), fmtNum(r.Min)+"–"+fmtNum(r.Max), "—"
 	if r.Err != "" {
 		med, rng = "error", r.Err
-		if strings.HasPrefix(r.Err, "skipped") {
+		switch {
+		case strings.HasPrefix(r.Err, "skipped"):
 			med = "skipped"
+		case strings.HasPrefix(r.Err, "not given"):
+			med = "not given"
 		}
 	}
 	if r.Ratio != 0 {
@@ -136,10 +141,16 @@ func cells(r Row) []string {
 	if target == "" {
 		target = "—"
 	}
-	return []string{r.Scenario, r.Variant, r.Transport, med, rng, r.Unit, ratio, base, target}
+	note := r.Note
+	if note == "" {
+		note = "—"
+	}
+	return []string{r.Scenario, r.Variant, r.Transport, med, rng, r.Unit, ratio, base, target, note}
 }
 
-var header = []string{"scenario", "variant", "transport", "median", "min–max", "unit", "ratio", "baseline", "target"}
+// The note column carries what a row's figure alone does not say (how many
+// handshakes resumed, how a batch was counted, the peer's version).
+var header = []string{"scenario", "variant", "transport", "median", "min–max", "unit", "ratio", "baseline", "target", "note"}
 
 // WriteTable prints rows as an aligned text table, or as Markdown.
 func WriteTable(w io.Writer, rows []Row, markdown bool) error {
@@ -147,7 +158,11 @@ func WriteTable(w io.Writer, rows []Row, markdown bool) error {
 		fmt.Fprintf(w, "| %s |\n", strings.Join(header, " | "))
 		fmt.Fprintf(w, "|%s\n", strings.Repeat("---|", len(header)))
 		for _, r := range rows {
-			fmt.Fprintf(w, "| %s |\n", strings.Join(cells(r), " | "))
+			c := cells(r)
+			for i := range c {
+				c[i] = strings.ReplaceAll(c[i], "|", "\\|")
+			}
+			fmt.Fprintf(w, "| %s |\n", strings.Join(c, " | "))
 		}
 		return nil
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
@@ -187,8 +188,68 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	if e.quic {
 		vs = append(vs, fallback(e, scn, sz.setupConns))
 	}
+
+	// New tunnels on a client that is already running and connected: ssh -L (a
+	// channel on an open SSH connection) and the peers.
+	n := sz.setupConns
+	sshL := fmt.Sprintf("ssh -L, new channel, %d conns", n)
+	if addr, err := e.startLocalForward(ctx, e.echo); err != nil {
+		vs = append(vs, failed(sshL, "ssh", err))
+	} else {
+		vs = append(vs, pair(sshL, "ssh", direct, "", func() (time.Duration, error) { return roundTrip(addr) }, n))
+	}
+	peer := func(name, transport string, bins []string, start func() (string, error)) *variant {
+		if why := e.peers.why(bins...); why != "" {
+			return notGiven(&Row{Scenario: scn, Variant: name, Transport: transport, Unit: "ms"}, why)
+		}
+		addr, err := start()
+		if err != nil {
+			return failed(name, transport, err)
+		}
+		v := pair(name, transport, direct, "", func() (time.Duration, error) { return roundTrip(addr) }, n)
+		v.rows[0].Note = e.peerNote(bins...)
+		return v
+	}
+	chain := func(f func(context.Context, string) (peerChain, error)) func() (string, error) {
+		return func() (string, error) { c, err := f(ctx, e.echo); return c.addr, err }
+	}
+	frp := func(stcp bool) func() (string, error) {
+		return func() (string, error) {
+			addrs, _, err := e.frpChain(ctx, stcp, e.echo)
+			if err != nil {
+				return "", err
+			}
+			return addrs[0], nil
+		}
+	}
+	ghost := fmt.Sprintf("ghostunnel, new TLS conn, %d conns", n)
+	chisel := fmt.Sprintf("chisel, new SSH channel, %d conns", n)
+	frpTCP := fmt.Sprintf("frp tcp, via frps's public port, %d conns", n)
+	frpSTCP := fmt.Sprintf("frp stcp (secret mode), via visitor, %d conns", n)
+	vs = append(vs,
+		peer(ghost, "tls", []string{peerGhostunnel}, chain(e.ghostunnelChain)),
+		peer(chisel, "ssh", []string{peerChisel}, chain(e.chiselChain)),
+		peer(frpTCP, "tls", []string{peerFrps, peerFrpc}, frp(false)),
+		peer(frpSTCP, "tls", []string{peerFrps, peerFrpc}, frp(true)))
+
 	interleave(runs, vs, e.log)
-	return append(collect(vs), binarySizes(e, scn)...), nil
+	rows := collect(vs)
+	quicName := fmt.Sprintf("tp forward, new QUIC stream, %d conns", n)
+	for _, c := range []struct{ num, den, target string }{
+		{quicName, sshL, "≤1.0×"},
+		{tpName, sshL, ""},
+		{tpName, ghost, ""},
+		{quicName, chisel, ""},
+		{quicName, frpTCP, ""},
+	} {
+		num, den := find(vs, c.num+", p50"), find(vs, c.den+", p50")
+		if num == nil || den == nil {
+			continue // not measured in this run (no QUIC) or a peer not given
+		}
+		short := func(s string) string { return strings.TrimSuffix(s, fmt.Sprintf(", %d conns", n)) }
+		rows = append(rows, ratioRow(scn, short(c.num)+" ÷ "+short(c.den)+", p50 (per run)", num, den, c.target))
+	}
+	return append(rows, binarySizes(e, scn)...), nil
 }
 
 // binarySizes are the sizes of the binaries this run built, compared with those

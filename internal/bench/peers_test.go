@@ -1,0 +1,167 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"io/fs"
+	"strings"
+	"testing"
+	"testing/fstest"
+)
+
+// statIn stats absolute paths in a MapFS, standing in for os.Stat.
+func statIn(m fstest.MapFS) func(string) (fs.FileInfo, error) {
+	return func(p string) (fs.FileInfo, error) { return fs.Stat(m, strings.TrimPrefix(p, "/")) }
+}
+
+func TestResolvePeers(t *testing.T) {
+	exe := &fstest.MapFile{Mode: 0o755}
+	tree := fstest.MapFS{
+		"peers/ghostunnel": exe,
+		"peers/chisel":     exe,
+		"peers/frps":       exe,
+		"peers/frpc":       {Mode: 0o644}, // built, but not executable
+		"only/frps":        exe,
+		"bin/my-frpc":      exe,
+		"bin/notes.txt":    {Mode: 0o644},
+		"bin/adir/x":       exe,
+	}
+	for _, tc := range []struct {
+		name    string
+		p       Peers
+		err     string            // a substring of the error; "" for none
+		path    map[string]string // binaries expected found
+		missing map[string]string // substrings of the expected reasons
+	}{
+		{name: "nothing given: every peer says how to give it", p: Peers{},
+			missing: map[string]string{"ghostunnel": "--ghostunnel PATH", "chisel": "--chisel PATH", "frps": "--frps PATH", "frpc": "--frpc PATH"}},
+		{name: "a directory with only frps", p: Peers{Dir: "/only"},
+			path:    map[string]string{"frps": "/only/frps"},
+			missing: map[string]string{"ghostunnel": "no ghostunnel in /only", "chisel": "no chisel in /only", "frpc": "no frpc in /only"}},
+		{name: "a flag overrides the directory's non-executable frpc", p: Peers{Dir: "/peers", Frpc: "/bin/my-frpc"},
+			path: map[string]string{"ghostunnel": "/peers/ghostunnel", "chisel": "/peers/chisel", "frps": "/peers/frps", "frpc": "/bin/my-frpc"}},
+		{name: "a non-executable binary in the directory is an error", p: Peers{Dir: "/peers"}, err: "frpc: not executable"},
+		{name: "a missing directory is an error", p: Peers{Dir: "/nowhere"}, err: "--peers /nowhere"},
+		{name: "a file given as the directory is an error", p: Peers{Dir: "/bin/notes.txt"}, err: "not a directory"},
+		{name: "a named binary that does not exist is an error", p: Peers{Chisel: "/bin/chisel"}, err: "--chisel /bin/chisel"},
+		{name: "a named binary that is a text file is an error", p: Peers{Frps: "/bin/notes.txt"}, err: "--frps /bin/notes.txt: not executable"},
+		{name: "a named binary that is a directory is an error", p: Peers{Ghostunnel: "/bin/adir"}, err: "not a regular file"},
+	} {
+		ps, err := resolvePeers(tc.p, statIn(tree))
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%s: %+v gave error %v, want one containing %q", tc.name, tc.p, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: %+v: %v", tc.name, tc.p, err)
+			continue
+		}
+		for _, n := range peerBinaries {
+			got, want := ps.path[n], tc.path[n]
+			if got != want {
+				t.Errorf("%s: path of %s = %q, want %q", tc.name, n, got, want)
+			}
+			if want == "" && !strings.Contains(ps.missing[n], tc.missing[n]) || want == "" && !strings.HasPrefix(ps.missing[n], "not given") {
+				t.Errorf("%s: reason for %s = %q, want \"not given …%s…\"", tc.name, n, ps.missing[n], tc.missing[n])
+			}
+		}
+	}
+}
+
+func TestPeerSetWhy(t *testing.T) {
+	ps, err := resolvePeers(Peers{Dir: "/only"}, statIn(fstest.MapFS{"only/frps": {Mode: 0o755}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := ps.why(peerFrps); w != "" {
+		t.Errorf("frps was given, yet why = %q", w)
+	}
+	// frp needs both halves: the missing one is named.
+	if w := ps.why(peerFrps, peerFrpc); !strings.Contains(w, "no frpc") {
+		t.Errorf("frp without frpc: why = %q, want it to name frpc", w)
+	}
+	if w := (peerSet{}).why(peerChisel); w != "not given" {
+		t.Errorf("an empty set: why = %q, want \"not given\"", w)
+	}
+}
+
+func TestParseOpen(t *testing.T) {
+	for _, tc := range []struct {
+		line string
+		room int
+		addr string
+		n    int
+		err  string
+	}{
+		{"open 127.0.0.1:80 1000", 5000, "127.0.0.1:80", 1000, ""},
+		{"open 127.0.0.1:80 0", 5000, "", 0, "bad count"},
+		{"open 127.0.0.1:80 -3", 5000, "", 0, "bad count"},
+		{"open 127.0.0.1:80 many", 5000, "", 0, "bad count"},
+		{"open 127.0.0.1:80 1001", 1000, "", 0, "exceed"},
+		{"open 127.0.0.1 10", 5000, "", 0, "bad address"},
+		{"close 127.0.0.1:80 10", 5000, "", 0, "bad command"},
+		{"open 127.0.0.1:80", 5000, "", 0, "bad command"},
+		{"", 5000, "", 0, "bad command"},
+	} {
+		addr, n, err := parseOpen(tc.line, tc.room)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("parseOpen(%q, %d) = %q, %d, %v; want an error containing %q", tc.line, tc.room, addr, n, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || addr != tc.addr || n != tc.n {
+			t.Errorf("parseOpen(%q, %d) = %q, %d, %v; want %q, %d", tc.line, tc.room, addr, n, err, tc.addr, tc.n)
+		}
+	}
+}
+
+// A row's note and a peer's "not given" reach both printed forms of the table.
+func TestTableShowsNotesAndNotGiven(t *testing.T) {
+	rows := []Row{
+		{Scenario: "3 handshake", Variant: "tpd, resumed", Transport: "tls", Unit: "/s", Runs: []float64{10}, Note: "only 40% resumed"},
+		{Scenario: "1 bulk forward", Variant: peerGhostName, Transport: "tls", Unit: "MB/s", Err: "not given (--peers DIR or --ghostunnel PATH)"},
+		{Scenario: "1 bulk forward", Variant: "a | b", Transport: "tls", Unit: "MB/s", Runs: []float64{1}, Note: "x|y"},
+	}
+	for i := range rows {
+		rows[i].summarise()
+	}
+	for _, md := range []bool{false, true} {
+		var b bytes.Buffer
+		if err := WriteTable(&b, rows, md); err != nil {
+			t.Fatal(err)
+		}
+		out := b.String()
+		for _, want := range []string{"only 40% resumed", "not given", "--ghostunnel PATH", "NOTE"} {
+			if md && want == "NOTE" {
+				want = "| note |"
+			}
+			if !strings.Contains(out, want) {
+				t.Errorf("markdown=%v: table lacks %q:\n%s", md, want, out)
+			}
+		}
+		if md {
+			// A "|" inside a cell must not split it into two columns.
+			for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+				if got := strings.Count(line, "|") - strings.Count(line, `\|`); got != len(header)+1 {
+					t.Errorf("markdown line has %d cell borders, want %d: %s", got, len(header)+1, line)
+				}
+			}
+		}
+	}
+}
+
+// A peer binary that was named but cannot run stops the run before anything is
+// built or started.
+func TestRunRefusesAMissingPeerBinary(t *testing.T) {
+	var out bytes.Buffer
+	err := Run(context.Background(), Options{Only: []string{"bulk"}, Peers: Peers{Frps: "/nonexistent/frps"}, Stdout: &out, Stderr: &out})
+	if err == nil || !strings.Contains(err.Error(), "--frps /nonexistent/frps") {
+		t.Fatalf("Run with --frps /nonexistent/frps: %v, want an error naming the flag", err)
+	}
+	if strings.Contains(out.String(), "built") {
+		t.Errorf("Run built binaries before refusing: %s", out.String())
+	}
+}
