@@ -135,7 +135,12 @@ func Run(ctx context.Context, o Options) (err error) {
 			return err
 		}
 		e.onClose(serve(echo, echoHandler))
-		e.sink, e.echo = sink.Addr().String(), echo.Addr().String()
+		csink, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return err
+		}
+		e.onClose(serve(csink, countedSinkHandler))
+		e.sink, e.echo, e.csink = sink.Addr().String(), echo.Addr().String(), csink.Addr().String()
 		if slices.ContainsFunc(peerScenarios, o.wants) {
 			e.probeVersions(ctx)
 		}

@@ -75,7 +75,9 @@ const (
 // bulkOnce sends size bytes through a fresh stream to the sink and returns MB/s
 // from the first byte sent to the sink's acknowledgement of the full count. Setting
 // up the tunnel is not timed: the clock starts when the sink's ready byte arrives.
-func bulkOnce(open func() (*stream, error), size int64) ([]float64, error) {
+// With counted the stream leads to the counted sink: the count goes first, and
+// the stream is not half-closed.
+func bulkOnce(open func() (*stream, error), size int64, counted bool) ([]float64, error) {
 	s, err := open()
 	if err != nil {
 		return nil, err
@@ -89,6 +91,14 @@ func bulkOnce(open func() (*stream, error), size int64) ([]float64, error) {
 	}
 	buf := make([]byte, bulkChunk)
 	start := time.Now()
+	if counted {
+		var hdr [8]byte
+		binary.BigEndian.PutUint64(hdr[:], uint64(size))
+		if _, err := s.w.Write(hdr[:]); err != nil {
+			s.close()
+			return nil, err
+		}
+	}
 	for sent := int64(0); sent < size; {
 		n := min(int64(len(buf)), size-sent)
 		if _, err := s.w.Write(buf[:n]); err != nil {
@@ -97,9 +107,11 @@ func bulkOnce(open func() (*stream, error), size int64) ([]float64, error) {
 		}
 		sent += n
 	}
-	if err := s.closeWrite(); err != nil {
-		s.close()
-		return nil, err
+	if !counted {
+		if err := s.closeWrite(); err != nil {
+			s.close()
+			return nil, err
+		}
 	}
 	var ack [8]byte
 	if _, err := io.ReadFull(s.r, ack[:]); err != nil {
@@ -120,12 +132,15 @@ func bulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	const scn = "1 bulk forward"
 	unit := "MB/s"
 	direct := "direct TCP"
-	mk := func(name, transport string, open func() (*stream, error), target string) *variant {
+	mkCounted := func(name, transport string, open func() (*stream, error), target string, counted bool) *variant {
 		r := &Row{Scenario: scn, Variant: name, Transport: transport, Unit: unit, Target: target}
 		if name != direct {
 			r.Baseline = direct
 		}
-		return &variant{rows: []*Row{r}, fn: func() ([]float64, error) { return bulkOnce(open, sz.bulkBytes) }}
+		return &variant{rows: []*Row{r}, fn: func() ([]float64, error) { return bulkOnce(open, sz.bulkBytes, counted) }}
+	}
+	mk := func(name, transport string, open func() (*stream, error), target string) *variant {
+		return mkCounted(name, transport, open, target, false)
 	}
 	failed := func(name, transport string, err error) *variant {
 		e.log("%s: %v", name, err)
@@ -174,7 +189,7 @@ func bulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	}
 
 	// The peers, each started once and measured in the same runs.
-	peer := func(name, transport string, bins []string, start func() (string, error)) *variant {
+	peer := func(name, transport string, bins []string, start func() (string, error), counted bool) *variant {
 		if why := e.peers.why(bins...); why != "" {
 			return notGiven(&Row{Scenario: scn, Variant: name, Transport: transport, Unit: unit}, why)
 		}
@@ -182,16 +197,19 @@ func bulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		if err != nil {
 			return failed(name, transport, err)
 		}
-		v := mk(name, transport, func() (*stream, error) { return tcpStream(addr) }, "")
+		v := mkCounted(name, transport, func() (*stream, error) { return tcpStream(addr) }, "", counted)
 		v.rows[0].Note = e.peerNote(bins...)
+		if counted {
+			v.rows[0].Note += "; to the counted sink (it ends both directions at a half-close)"
+		}
 		return v
 	}
-	chain := func(f func(context.Context, string) (peerChain, error)) func() (string, error) {
-		return func() (string, error) { c, err := f(ctx, e.sink); return c.addr, err }
+	chain := func(f func(context.Context, string) (peerChain, error), sink string) func() (string, error) {
+		return func() (string, error) { c, err := f(ctx, sink); return c.addr, err }
 	}
 	frp := func(stcp bool) func() (string, error) {
 		return func() (string, error) {
-			addrs, _, err := e.frpChain(ctx, stcp, e.sink)
+			addrs, _, err := e.frpChain(ctx, nil, stcp, e.csink)
 			if err != nil {
 				return "", err
 			}
@@ -199,10 +217,10 @@ func bulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		}
 	}
 	vs = append(vs,
-		peer(peerGhostName, "tls", []string{peerGhostunnel}, chain(e.ghostunnelChain)),
-		peer(peerChiselName, "ssh", []string{peerChisel}, chain(e.chiselChain)),
-		peer(peerFrpTCPName, "tls", []string{peerFrps, peerFrpc}, frp(false)),
-		peer(peerFrpSTCPName, "tls", []string{peerFrps, peerFrpc}, frp(true)))
+		peer(peerGhostName, "tls", []string{peerGhostunnel}, chain(e.ghostunnelChain, e.sink), false),
+		peer(peerChiselName, "ssh", []string{peerChisel}, chain(e.chiselChain, e.csink), true),
+		peer(peerFrpTCPName, "tls", []string{peerFrps, peerFrpc}, frp(false), true),
+		peer(peerFrpSTCPName, "tls", []string{peerFrps, peerFrpc}, frp(true), true))
 
 	interleave(runs, vs, e.log)
 	rows := collect(vs)

@@ -47,6 +47,7 @@ type Env struct {
 	home    string // TP_HOME of the enrolled device
 
 	sink, echo string // in-process servers
+	csink      string // the counted sink (servers.go), for tunnels that cannot half-close
 
 	benchCA *benchCA // server certificates for the baselines
 
@@ -61,10 +62,9 @@ type Env struct {
 	publicPorts []int  // TCP ports tpd may open for tp expose --public
 	agentHome   string // TP_HOME of the device that runs tp expose
 
-	peers    peerSet // the peer binaries given (peers.go)
-	frps     *proc   // the run's one frps, started by the first frp variant
-	frpsPort int
-	frpSeq   int // numbers frpc configurations and proxy names
+	peers  peerSet    // the peer binaries given (peers.go)
+	frps   *frpServer // the run's one frps, started by the first frp variant
+	frpSeq int        // numbers frpc configurations and proxy names
 
 	stress *stressTPD // the tpd of scenarios 8–10 (stress.go), started by the first of them
 	ck     string     // the checksum server of scenarios 8–10 (workload.go)
@@ -196,6 +196,33 @@ func (e *Env) startTPD(ctx context.Context) error {
 	return nil
 }
 
+// startFreshTPD starts another tpd, with a data dir of its own under name, the
+// bench policy and the per-device bound lifted, and enrolls a device for it: a
+// server that has served nothing yet, like the peers' servers a scenario starts.
+// It returns the tpd and the device's TP_HOME.
+func (e *Env) startFreshTPD(ctx context.Context, name string) (*proc, string, error) {
+	data := filepath.Join(e.dir, name+"-data")
+	if _, err := runCmd(ctx, time.Minute, nil, e.binary("tpd"), "init", "--data-dir", data); err != nil {
+		return nil, "", err
+	}
+	if err := os.WriteFile(filepath.Join(data, "policy", "tp.rego"), []byte(benchPolicy), 0o600); err != nil {
+		return nil, "", err
+	}
+	cmd := command(e.binary("tpd"), []string{"serve", "--data-dir", data, "--listen", "127.0.0.1:0"}, []string{"TP_MAX_SESSIONS_PER_IDENTITY=1000000"})
+	p, err := e.startProc(ctx, "tpd ("+name+")", cmd, false, time.Minute, func(line string) bool {
+		return strings.HasPrefix(line, "CA fingerprint: ")
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	home := filepath.Join(e.dir, name+"-home")
+	if err := e.enroll(ctx, data, "bench", name, "bench", home); err != nil {
+		return nil, "", err
+	}
+	e.log("tpd (%s) pid %d; device enrolled in %s", name, p.pid(), home)
+	return p, home, nil
+}
+
 // enroll enrolls user's device with tpd enroll and the real dlogin into home.
 func (e *Env) enroll(ctx context.Context, data, user, device, groups, home string) error {
 	out, err := runCmd(ctx, time.Minute, nil, e.binary("tpd"), "enroll", user, "--device", device, "--groups", groups, "--data-dir", data)
@@ -249,10 +276,15 @@ var forwardRe = regexp.MustCompile(`^Forwarding (\S+) to`)
 
 // startForward runs `tp forward 127.0.0.1:0 target [extra…]` and returns its address.
 func (e *Env) startForward(ctx context.Context, target string, extra ...string) (string, *proc, error) {
+	return e.startForwardAs(ctx, e.home, target, extra...)
+}
+
+// startForwardAs is startForward as the device enrolled in home.
+func (e *Env) startForwardAs(ctx context.Context, home, target string, extra ...string) (string, *proc, error) {
 	args := append([]string{"forward"}, extra...)
 	args = append(args, "127.0.0.1:0", target)
 	var addr string
-	p, err := e.startProc(ctx, "tp forward", command(e.binary("tp"), args, e.tpEnv()), true, time.Minute, func(line string) bool {
+	p, err := e.startProc(ctx, "tp forward", command(e.binary("tp"), args, []string{"TP_HOME=" + home}), true, time.Minute, func(line string) bool {
 		if m := forwardRe.FindStringSubmatch(line); m != nil {
 			addr = m[1]
 			return true

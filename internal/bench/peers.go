@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -136,7 +137,10 @@ func (e *Env) probeVersions(ctx context.Context) {
 			continue
 		}
 		out, err := runCmd(ctx, 30*time.Second, nil, path, "--version")
-		v := strings.TrimSpace(firstLine(out))
+		v := versionRe.FindString(firstLine(out))
+		if v == "" {
+			v = strings.TrimSpace(firstLine(out))
+		}
 		if err != nil || v == "" {
 			v = "unknown version"
 		}
@@ -144,6 +148,10 @@ func (e *Env) probeVersions(ctx context.Context) {
 		e.log("peer %s: %s (%s)", name, path, v)
 	}
 }
+
+// versionRe finds the version in what a peer prints for --version (ghostunnel:
+// "rev v1.11.1 built with go1.26.8 (…)", chisel: "v1.11.5", frp: "0.70.1").
+var versionRe = regexp.MustCompile(`v?[0-9]+\.[0-9]+(\.[0-9]+)?`)
 
 // peerNote is the note a peer's rows carry: the versions measured.
 func (e *Env) peerNote(names ...string) string {
@@ -183,7 +191,7 @@ func (e *Env) reachable(addr, target string, procs ...*proc) error {
 			default:
 			}
 		}
-		if target == e.sink {
+		if target == e.sink || target == e.csink {
 			c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 			if err != nil {
 				return err
@@ -274,44 +282,62 @@ func (e *Env) chiselChain(ctx context.Context, target string) (peerChain, error)
 	return peerChain{addr: local, server: srv, client: cli}, e.reachable(local, target, srv, cli)
 }
 
-// startFrps starts the run's one frps (like tpd, shared by every frp variant).
-func (e *Env) startFrps(ctx context.Context) (*proc, int, error) {
+// frpServer is a running frps.
+type frpServer struct {
+	p    *proc
+	port int
+}
+
+// sharedFrps is the run's one frps (like tpd, shared by every frp variant).
+func (e *Env) sharedFrps(ctx context.Context) (*frpServer, error) {
 	if e.frps != nil {
-		return e.frps, e.frpsPort, nil
+		return e.frps, nil
 	}
+	s, err := e.startFrps(ctx, "frps")
+	if err == nil {
+		e.frps = s
+	}
+	return s, err
+}
+
+// startFrps starts an frps with its defaults on a free loopback port.
+func (e *Env) startFrps(ctx context.Context, name string) (*frpServer, error) {
 	ports, err := freePorts(1)
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	dir := filepath.Join(e.dir, "frp")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, 0, err
+		return nil, err
 	}
-	cfg := filepath.Join(dir, "frps.toml")
+	cfg := filepath.Join(dir, name+".toml")
 	if err := os.WriteFile(cfg, fmt.Appendf(nil, "bindAddr = \"127.0.0.1\"\nbindPort = %d\n", ports[0]), 0o600); err != nil {
-		return nil, 0, err
+		return nil, err
 	}
-	p, err := e.spawn("frps", e.peers.path[peerFrps], "-c", cfg)
+	p, err := e.spawn(name, e.peers.path[peerFrps], "-c", cfg)
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	if err := waitTCP(ctx, loopback(ports[0]), 30*time.Second); err != nil {
-		return nil, 0, fmt.Errorf("frps: %w: %s", err, lastLine(p.out.String()))
+		return nil, fmt.Errorf("%s: %w: %s", name, err, lastLine(p.out.String()))
 	}
-	e.frps, e.frpsPort = p, ports[0]
-	e.log("frps pid %d on 127.0.0.1:%d", p.pid(), ports[0])
-	return p, ports[0], nil
+	e.log("%s pid %d on 127.0.0.1:%d", name, p.pid(), ports[0])
+	return &frpServer{p: p, port: ports[0]}, nil
 }
 
 // frpChain runs an frpc agent with one proxy per target. With stcp false each
 // proxy is frp's `tcp` type: tunnels enter at a public port of frps. With stcp
 // true each is frp's `stcp` (secret mode) and a second frpc, the visitor, listens
-// for the dialer. It returns the entry address of each target, in order.
-func (e *Env) frpChain(ctx context.Context, stcp bool, targets ...string) ([]string, peerChain, error) {
-	frps, port, err := e.startFrps(ctx)
-	if err != nil {
-		return nil, peerChain{}, err
+// for the dialer. It returns the entry address of each target, in order. srv is
+// the frps to use; nil means the run's shared one.
+func (e *Env) frpChain(ctx context.Context, srv *frpServer, stcp bool, targets ...string) ([]string, peerChain, error) {
+	if srv == nil {
+		var err error
+		if srv, err = e.sharedFrps(ctx); err != nil {
+			return nil, peerChain{}, err
+		}
 	}
+	frps, port := srv.p, srv.port
 	ports, err := freePorts(len(targets))
 	if err != nil {
 		return nil, peerChain{}, err

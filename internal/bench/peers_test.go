@@ -165,3 +165,17 @@ func TestRunRefusesAMissingPeerBinary(t *testing.T) {
 		t.Errorf("Run built binaries before refusing: %s", out.String())
 	}
 }
+
+func TestVersionRe(t *testing.T) {
+	for out, want := range map[string]string{
+		"rev v1.11.1 built with go1.26.8 (pkcs11: false, keychain: false)": "v1.11.1",
+		"v1.11.5":        "v1.11.5",
+		"0.70.1":         "0.70.1",
+		"rev master":     "",
+		"chisel 2.3 dev": "2.3",
+	} {
+		if got := versionRe.FindString(out); got != want {
+			t.Errorf("version in %q = %q, want %q", out, got, want)
+		}
+	}
+}

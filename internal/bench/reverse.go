@@ -65,6 +65,7 @@ func warm(fn func() error) error {
 type revPath struct {
 	label, transport string
 	sink, echo       string // plain TCP addresses that lead there
+	counted          bool   // sink leads to the counted sink (the path cannot pass a half-close)
 	err              error
 }
 
@@ -119,14 +120,15 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	for _, fp := range []*revPath{frpTCP, frpSTCP} {
 		if why := e.peers.why(peerFrps, peerFrpc); why != "" {
 			fp.err = errors.New(why)
-		} else if addrs, _, err := e.frpChain(ctx, fp == frpSTCP, e.sink, e.echo); err != nil {
+		} else if addrs, _, err := e.frpChain(ctx, nil, fp == frpSTCP, e.csink, e.echo); err != nil {
 			fp.err = err
 		} else {
-			fp.sink, fp.echo = addrs[0], addrs[1]
+			fp.sink, fp.echo, fp.counted = addrs[0], addrs[1], true
 		}
 		paths = append(paths, fp)
 	}
 	frpNote := e.peerNote(peerFrps, peerFrpc)
+	frpBulkNote := frpNote + "; to the counted sink (frp ends both directions at a half-close)"
 
 	for _, p := range paths {
 		if p.err == nil {
@@ -134,7 +136,7 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 				if _, err := roundTrip(p.echo); err != nil {
 					return fmt.Errorf("echo: %w", err)
 				}
-				_, err := bulkOnce(func() (*stream, error) { return tcpStream(p.sink) }, 1<<20)
+				_, err := bulkOnce(func() (*stream, error) { return tcpStream(p.sink) }, 1<<20, p.counted)
 				return err
 			})
 		}
@@ -154,12 +156,12 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		if p.err != nil {
 			r.Err = firstLine(p.err.Error())
 		} else if p == frpTCP || p == frpSTCP {
-			r.Note = frpNote
+			r.Note = frpBulkNote
 		}
 		bulkRows[p] = r
-		addr := p.sink
+		addr, counted := p.sink, p.counted
 		bulkVs = append(bulkVs, &variant{rows: []*Row{r}, fn: func() ([]float64, error) {
-			return bulkOnce(func() (*stream, error) { return tcpStream(addr) }, sz.bulkBytes)
+			return bulkOnce(func() (*stream, error) { return tcpStream(addr) }, sz.bulkBytes, counted)
 		}})
 	}
 

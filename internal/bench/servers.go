@@ -72,6 +72,25 @@ func sinkHandler(c net.Conn) {
 	c.Write(ack[:])
 }
 
+// The counted sink is the sink for a tunnel that cannot pass a half-close
+// (chisel ends both directions when one ends): after its ready byte it reads the
+// byte count as 8 bytes big endian, then that many bytes, and answers with the
+// count it received, as the sink does.
+func countedSinkHandler(c net.Conn) {
+	if _, err := c.Write([]byte{sinkReady}); err != nil {
+		return
+	}
+	var hdr [8]byte
+	if _, err := io.ReadFull(c, hdr[:]); err != nil {
+		return
+	}
+	want := int64(binary.BigEndian.Uint64(hdr[:]))
+	n, _ := io.CopyBuffer(io.Discard, io.LimitReader(c, want), make([]byte, 256<<10))
+	var ack [8]byte
+	binary.BigEndian.PutUint64(ack[:], uint64(n))
+	c.Write(ack[:])
+}
+
 func echoHandler(c net.Conn) {
 	buf := make([]byte, 4096)
 	for {

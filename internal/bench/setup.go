@@ -215,7 +215,7 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	}
 	frp := func(stcp bool) func() (string, error) {
 		return func() (string, error) {
-			addrs, _, err := e.frpChain(ctx, stcp, e.echo)
+			addrs, _, err := e.frpChain(ctx, nil, stcp, e.echo)
 			if err != nil {
 				return "", err
 			}
