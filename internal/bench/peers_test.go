@@ -1,9 +1,14 @@
 package bench
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
 	"io/fs"
+	"net"
 	"strings"
 	"testing"
 	"testing/fstest"
@@ -177,5 +182,90 @@ func TestVersionRe(t *testing.T) {
 		if got := versionRe.FindString(out); got != want {
 			t.Errorf("version in %q = %q, want %q", out, got, want)
 		}
+	}
+}
+
+// bulkOnce reaches the full count through the counted sink without a half-close,
+// and through the sink with one; a count that falls short is an error.
+func TestBulkOnceCountedSink(t *testing.T) {
+	listen := func(h func(net.Conn)) string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(serve(ln, h))
+		return ln.Addr().String()
+	}
+	sink, csink := listen(sinkHandler), listen(countedSinkHandler)
+	const size = 3<<20 + 17 // not a multiple of the chunk
+	for _, tc := range []struct {
+		addr    string
+		counted bool
+	}{{sink, false}, {csink, true}} {
+		if v, err := bulkOnce(func() (*stream, error) { return tcpStream(tc.addr) }, size, tc.counted); err != nil || len(v) != 1 || v[0] <= 0 {
+			t.Errorf("bulkOnce(counted=%v) = %v, %v; want one positive rate", tc.counted, v, err)
+		}
+	}
+	// A stream that ends early: the counted sink acknowledges what it got, and
+	// bulkOnce reports the shortfall.
+	short := func() (*stream, error) {
+		s, err := tcpStream(csink)
+		if err != nil {
+			return nil, err
+		}
+		w := s.w
+		s.w = writerFunc(func(p []byte) (int, error) {
+			if len(p) == 8 { // the count: claim one byte less than will be sent
+				var hdr [8]byte
+				binary.BigEndian.PutUint64(hdr[:], size-1)
+				return w.Write(hdr[:])
+			}
+			return w.Write(p)
+		})
+		return s, nil
+	}
+	if _, err := bulkOnce(short, size, true); err == nil || !strings.Contains(err.Error(), "received") {
+		t.Errorf("a count one byte short of the bytes sent: %v, want an error saying what the sink received", err)
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// The idle holder opens tunnels to its own echo server on command, counts what it
+// holds and refuses bad commands without dying.
+func TestIdleHelper(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	inR, inW := io.Pipe()
+	outR, outW := io.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- runIdleHelper(ctx, inR, outW); outW.Close() }()
+	lines := bufio.NewScanner(outR)
+	next := func() string {
+		if !lines.Scan() {
+			t.Fatalf("the holder stopped answering: %v", lines.Err())
+		}
+		return lines.Text()
+	}
+	m := addrRe.FindStringSubmatch(next())
+	if m == nil {
+		t.Fatal("the holder did not print its address first")
+	}
+	for _, step := range []struct{ cmd, want string }{
+		{"open " + m[1] + " 5", "OK 5"},
+		{"open " + m[1] + " 0", "ERR bad count"},
+		{"hold on", "ERR bad command"},
+		{"open " + m[1] + " 3", "OK 8"},
+	} {
+		fmt.Fprintln(inW, step.cmd)
+		if got := next(); !strings.HasPrefix(got, step.want) {
+			t.Errorf("%q: holder said %q, want %q…", step.cmd, got, step.want)
+		}
+	}
+	inW.Close() // stdin ends: the holder closes its tunnels and returns
+	if err := <-done; err != nil {
+		t.Errorf("holder returned %v after stdin ended", err)
 	}
 }
