@@ -269,3 +269,29 @@ func TestIdleHelper(t *testing.T) {
 		t.Errorf("holder returned %v after stdin ended", err)
 	}
 }
+
+// freePorts gives distinct ports that can be listened on, outside the kernel's
+// ephemeral range when there is room below it.
+func TestFreePorts(t *testing.T) {
+	ports, err := freePorts(6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lo, hi := portsBelowEphemeral()
+	seen := map[int]bool{}
+	for _, p := range ports {
+		if seen[p] {
+			t.Errorf("port %d given twice in %v", p, ports)
+		}
+		seen[p] = true
+		if hi > lo && (p < lo || p >= hi) {
+			t.Errorf("port %d outside [%d, %d), below the ephemeral range", p, lo, hi)
+		}
+		ln, err := net.Listen("tcp", loopback(p))
+		if err != nil {
+			t.Errorf("port %d from freePorts cannot be listened on: %v", p, err)
+			continue
+		}
+		ln.Close()
+	}
+}

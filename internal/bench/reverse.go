@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -19,9 +21,14 @@ import (
 // measured in the same runs. Each transport (tls, quic) has its own agents and
 // forwarders, so both legs of a session use it.
 
-// freePorts returns n loopback TCP ports that were free a moment ago (for tpd's
-// public-ports, fixed before tpd starts).
+// freePorts returns n loopback TCP ports that were free a moment ago, for
+// processes that take a port number rather than :0 (tpd's public ports, fixed
+// before tpd starts; the peers' listeners). They are chosen below the kernel's
+// ephemeral range when it leaves room: the thousands of connections a run opens
+// take their local ports from that range, and one of them could otherwise hold
+// a port between its choice here and its use.
 func freePorts(n int) ([]int, error) {
+	lo, hi := portsBelowEphemeral()
 	var lns []net.Listener
 	defer func() {
 		for _, ln := range lns {
@@ -29,15 +36,40 @@ func freePorts(n int) ([]int, error) {
 		}
 	}()
 	var ports []int
-	for range n {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
+	for tries := 0; len(ports) < n; tries++ {
+		addr := "127.0.0.1:0"
+		if hi > lo && tries < 50*n {
+			addr = loopback(lo + rand.IntN(hi-lo))
+		}
+		ln, err := net.Listen("tcp", addr)
 		if err != nil {
-			return nil, err
+			if addr == "127.0.0.1:0" {
+				return nil, err
+			}
+			continue // taken: try another
 		}
 		lns = append(lns, ln)
 		ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
 	}
 	return ports, nil
+}
+
+// portsBelowEphemeral is a range of ports under the kernel's ephemeral ones
+// (ip_local_port_range), or an empty one when that cannot be read or leaves no room.
+func portsBelowEphemeral() (lo, hi int) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0, 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return 0, 0
+	}
+	first, err := strconv.Atoi(f[0])
+	if err != nil || first <= 20000 {
+		return 0, 0
+	}
+	return 20000, first
 }
 
 // startExpose runs `tp --transport T expose NAME LOCAL args…` as the agent device
