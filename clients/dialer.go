@@ -54,9 +54,14 @@ type Dialer struct {
 	// carries UDP flows. It costs about 8% of QUIC throughput, so it is off for
 	// byte streams alone.
 	CountDatagramDrops bool
+	// NoE2EAttach makes every session to a protected reverse name run a full
+	// end-to-end TLS handshake (tp-e2e/1) instead of attaching to the state kept
+	// from an earlier one (docs/PROTOCOL.md, section 11.4).
+	NoE2EAttach bool
 
 	quic  quicState
 	spare spareTLS
+	e2e   attachStates // end-to-end attach state by reverse name (e2eattach.go)
 }
 
 // RefusedError is the server's refusal of a dial.
@@ -198,7 +203,7 @@ func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hel
 	}
 	var c net.Conn = conn
 	if sh.E2E { // a protected reverse listener: TLS with its agent inside (e2e.go)
-		if c, err = d.innerTLS(ctx, conn, addr); err != nil {
+		if c, err = d.e2eSession(ctx, conn, addr); err != nil {
 			return nil, err
 		}
 	}

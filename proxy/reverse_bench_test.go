@@ -30,7 +30,7 @@ type reverseBench struct {
 	public string // 127.0.0.1:port
 }
 
-func newReverseBench(b *testing.B, transport, target string) *reverseBench {
+func newReverseBench(b *testing.B, mode, transport, target string) *reverseBench {
 	b.Helper()
 	port := testnet.FreePort(b, "tcp")
 	q := startReverseAgent(b, transport, "svc", []clients.Exposed{{Name: "svc", Local: target}, {Name: "pub", Local: target, PublicPort: port}})
@@ -39,6 +39,7 @@ func newReverseBench(b *testing.B, transport, target string) *reverseBench {
 	// As tp's own dialer does (clients.Client.Dialer): resume TLS sessions to the
 	// relay and, end to end, to the agent.
 	d.TLSConfig.ClientSessionCache = tls.NewLRUClientSessionCache(64)
+	d.NoE2EAttach = mode == "protected-handshake"
 	b.Cleanup(func() { d.Close() })
 	return &reverseBench{q: q, dialer: d, public: net.JoinHostPort("127.0.0.1", strconv.Itoa(port))}
 }
@@ -57,8 +58,12 @@ func (r *reverseBench) dial(b *testing.B, mode string) net.Conn {
 	return c
 }
 
+// protected: later sessions attach to the end-to-end state of the first
+// (tp-e2e/2); protected-handshake: every session runs a TLS handshake with the
+// agent (tp-e2e/1, resumed), as before attach existed.
 var reverseCases = []struct{ mode, transport string }{
 	{"protected", clients.TransportTLS}, {"protected", clients.TransportQUIC},
+	{"protected-handshake", clients.TransportTLS}, {"protected-handshake", clients.TransportQUIC},
 	{"public", clients.TransportTLS}, {"public", clients.TransportQUIC},
 }
 
@@ -67,7 +72,7 @@ func BenchmarkReverseThroughput(b *testing.B) {
 	for _, tc := range reverseCases {
 		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
 			addr, counts := startSink(b)
-			r := newReverseBench(b, tc.transport, addr)
+			r := newReverseBench(b, tc.mode, tc.transport, addr)
 			benchThroughput(b, r.dial(b, tc.mode), counts)
 		})
 	}
@@ -78,10 +83,13 @@ func BenchmarkReverseThroughput(b *testing.B) {
 func BenchmarkReverseNewSession(b *testing.B) {
 	for _, tc := range reverseCases {
 		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
-			r := newReverseBench(b, tc.transport, testnet.Echo(b))
+			r := newReverseBench(b, tc.mode, tc.transport, testnet.Echo(b))
 			oneByteEachWay(b, r.dial(b, tc.mode)) // warm: connections, session tickets
 			for b.Loop() {
 				oneByteEachWay(b, r.dial(b, tc.mode))
+			}
+			if full, attached := r.dialer.E2EStats(); tc.mode == "protected" && attached < b.N {
+				b.Fatalf("%d sessions attached and %d ran a handshake; want every measured one attached", attached, full)
 			}
 		})
 	}
