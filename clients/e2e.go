@@ -21,45 +21,67 @@ const E2EALPN = "tp-e2e/1"
 // "e2e": by attaching to the state kept from an earlier session with the same
 // agent (e2eattach.go) when there is some, else with a TLS handshake. An agent
 // that no longer knows the state says so, and the handshake follows on the same
-// stream.
-func (d *Dialer) e2eSession(ctx context.Context, conn net.Conn, addr string) (net.Conn, error) {
+// stream. early is an attach already sent with the hello, or nil.
+func (d *Dialer) e2eSession(ctx context.Context, conn net.Conn, addr string, early *pendingAttach) (net.Conn, error) {
 	host, _, _ := net.SplitHostPort(addr)
-	if st := d.e2e.get(host); st != nil && !d.NoE2EAttach {
-		if n, ok := st.take(time.Now()); ok {
-			c, fallback, err := d.attach(ctx, conn, addr, st, n)
-			if !fallback {
-				if err == nil {
-					d.e2e.count(true)
-				} else if !errors.As(err, new(*RefusedError)) {
-					d.e2e.drop(host, st) // the agent did not take it: start afresh next time
-				}
-				return c, err
+	if early == nil && !d.NoE2EAttach {
+		if st := d.e2e.get(host); st != nil {
+			if early = st.prepare(time.Now()); early == nil {
+				d.e2e.drop(host, st) // too old to use
 			}
 		}
-		d.e2e.drop(host, st)
+	}
+	if early != nil {
+		c, fallback, err := d.attach(ctx, conn, addr, early)
+		if !fallback {
+			if err == nil {
+				d.e2e.count(true)
+			} else if !errors.As(err, new(*RefusedError)) {
+				d.e2e.drop(host, early.st) // the agent did not take it: start afresh next time
+			}
+			return c, err
+		}
+		d.e2e.drop(host, early.st)
 	}
 	return d.innerTLS(ctx, conn, addr, !d.NoE2EAttach)
 }
 
-// attach runs an attach on conn: it sends the attach of session n, then reads
-// the agent's answer: its hello in the first sealed record, or a fallback to a
-// TLS handshake (fallback true, conn untouched beyond the answer's byte).
-func (d *Dialer) attach(ctx context.Context, conn net.Conn, addr string, st *dialerAttach, n uint64) (c net.Conn, fallback bool, err error) {
-	c2s, s2c, err := attachKeys(st.secret, st.id, n)
-	if err != nil {
-		_ = conn.Close()
-		return nil, false, fmt.Errorf("tp dial %s: end-to-end keys: %w", addr, err)
+// earlyAttach prepares the attach that goes with the hello: over QUIC, for a TCP
+// dial of a name this Dialer holds attach state for. Over TLS the attach waits
+// for the ok: a server that refuses the dial closes the TCP connection, and
+// unread bytes would turn that close into a reset that can destroy the refusal.
+func (d *Dialer) earlyAttach(conn net.Conn, hello wire.ClientHello) *pendingAttach {
+	if _, quicStream := conn.(*clientStream); !quicStream || d.NoE2EAttach || hello.Op != wire.OpDial || hello.Net != "tcp" {
+		return nil
 	}
+	st := d.e2e.get(hello.Host)
+	if st == nil {
+		return nil
+	}
+	p := st.prepare(time.Now())
+	if p == nil {
+		d.e2e.drop(hello.Host, st)
+	}
+	return p
+}
+
+// attach runs an attach on conn: it sends p's message (unless it went with the
+// hello), then reads the agent's answer: its hello in the first sealed record,
+// or a fallback to a TLS handshake (fallback true, conn untouched beyond the
+// answer's byte).
+func (d *Dialer) attach(ctx context.Context, conn net.Conn, addr string, p *pendingAttach) (c net.Conn, fallback bool, err error) {
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	var answer [1]byte
-	_, err = conn.Write(attachMessage(st.id, n, c2s))
+	if !p.sent {
+		_, err = conn.Write(p.msg)
+	}
 	if err == nil {
 		_, err = io.ReadFull(conn, answer[:])
 	}
 	var sc *sealedConn
 	var sh wire.ServerHello
 	if err == nil && answer[0] == attachAccepted {
-		sc = newSealedConn(conn, s2c, c2s, 0, 1) // the proof was the dialer's record 0
+		sc = newSealedConn(conn, p.s2c, p.c2s, 0, 1) // the proof was the dialer's record 0
 		sh, err = wire.ReadServerHello(sc)
 	}
 	if !stop() {

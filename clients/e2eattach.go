@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -113,6 +114,37 @@ type dialerAttach struct {
 	used    time.Time // last attach
 }
 
+// pendingAttach is one session's attach, before the agent answered it.
+type pendingAttach struct {
+	st       *dialerAttach
+	msg      []byte // the attach message
+	c2s, s2c cipher.AEAD
+	sent     bool // msg went with the hello
+}
+
+// message is the attach to send with the hello (nil for none).
+func (p *pendingAttach) message() []byte {
+	if p == nil {
+		return nil
+	}
+	p.sent = true
+	return p.msg
+}
+
+// prepare takes a session number and makes its keys and attach, or returns nil
+// when the state is too old to use.
+func (s *dialerAttach) prepare(now time.Time) *pendingAttach {
+	n, ok := s.take(now)
+	if !ok {
+		return nil
+	}
+	c2s, s2c, err := attachKeys(s.secret, s.id, n)
+	if err != nil {
+		return nil
+	}
+	return &pendingAttach{st: s, msg: attachMessage(s.id, n, c2s), c2s: c2s, s2c: s2c}
+}
+
 // take returns a session number, or false when the state is too old to use.
 func (s *dialerAttach) take(now time.Time) (uint64, bool) {
 	s.mu.Lock()
@@ -212,15 +244,18 @@ func attachMessage(id [attachIDLen]byte, n uint64, c2s cipher.AEAD) []byte {
 }
 
 // appendRecord seals one record (length, then AES-GCM of data and type, the
-// length as additional data) with sequence number seq.
+// length as additional data) with sequence number seq, in place in dst.
 func appendRecord(dst []byte, aead cipher.AEAD, seq uint64, typ byte, data []byte) []byte {
 	var nonce [12]byte
 	binary.BigEndian.PutUint64(nonce[4:], seq)
-	n := len(data) + sealedOverhead
-	dst = binary.BigEndian.AppendUint16(dst, uint16(n))
-	hdr := dst[len(dst)-2:]
-	plain := append(append(make([]byte, 0, len(data)+1), data...), typ)
-	return aead.Seal(dst, nonce[:], plain, hdr)
+	var hdr [2]byte
+	binary.BigEndian.PutUint16(hdr[:], uint16(len(data)+sealedOverhead))
+	dst = slices.Grow(dst, 2+len(data)+sealedOverhead)
+	dst = append(dst, hdr[:]...)
+	start := len(dst)
+	dst = append(append(dst, data...), typ)
+	sealed := aead.Seal(dst[start:start], nonce[:], dst[start:], hdr[:])
+	return dst[:start+len(sealed)]
 }
 
 // openRecord opens one record body (without its length) sealed with seq.

@@ -7,9 +7,12 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
@@ -83,7 +86,7 @@ func (e *attachEnv) session(t *testing.T, hdr wire.SessionHeader) (net.Conn, err
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	return e.d.e2eSession(ctx, e.stream(t, hdr), "svc.rev.test:22")
+	return e.d.e2eSession(ctx, e.stream(t, hdr), "svc.rev.test:22", nil)
 }
 
 // echoes checks that c carries msg to the echo service and back, and ends cleanly.
@@ -273,5 +276,73 @@ func TestAttachClaimWindow(t *testing.T) {
 	s.used = now.Add(-attachIdle)
 	if s.claim(6000, now) {
 		t.Fatal("an idle state accepted an attach")
+	}
+}
+
+// Over QUIC a dialer that holds attach state sends the attach with its dial
+// hello, before the server's ok. Bad input: a server (played by the test) that
+// answers ok without "e2e", as when the name's agent now exposes it publicly:
+// the dialer fails the dial, aborts the stream (its attach must not be taken for
+// the start of a public session) and forgets the state.
+func TestEarlyAttachToPublicNameAborts(t *testing.T) {
+	ca := testpki.New(t)
+	srvCfg := &tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")}, NextProtos: []string{wire.ALPN}, MinVersion: tls.VersionTLS13}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ln, err := quic.ListenAddr("127.0.0.1:0", srvCfg, &quic.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept(ctx)
+		if err != nil {
+			return
+		}
+		if str, err := c.AcceptStream(ctx); err == nil {
+			accepted <- wire.NewQUICStream(c, str)
+		}
+	}()
+	d := &Dialer{Server: ln.Addr().String(), Transport: TransportQUIC, Timeout: 10 * time.Second,
+		TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{ca.ClientCert(t, "bob@phone", testpki.LeafOptions{})}}}
+	defer d.Close()
+	st := &dialerAttach{secret: bytes.Repeat([]byte{7}, 32), expires: time.Now().Add(time.Hour), used: time.Now()}
+	d.e2e.put("svc.rev.test", st)
+	dialed := make(chan error, 1)
+	go func() {
+		c, err := d.DialContext(ctx, "tcp", "svc.rev.test:22")
+		if err == nil {
+			c.Close()
+		}
+		dialed <- err
+	}()
+	var relay net.Conn
+	select {
+	case relay = <-accepted:
+	case <-ctx.Done():
+		t.Fatal("the dialer sent no request")
+	}
+	defer relay.Close()
+	_ = relay.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := wire.ReadClientHello(relay); err != nil {
+		t.Fatal(err)
+	}
+	msg := make([]byte, attachMsgLen)
+	if _, err := io.ReadFull(relay, msg); err != nil || msg[0] != attachMarker {
+		t.Fatalf("before the ok: %x, %v; want the attach sent with the hello", msg, err)
+	}
+	if err := wire.WriteServerHello(relay, wire.ServerHello{V: 1, OK: true, Session: "0123456789abcdef0123456789abcdef"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-dialed; err == nil || !strings.Contains(err.Error(), "no longer protected") {
+		t.Fatalf("dial: %v; want it failed as no longer protected", err)
+	}
+	_, err = io.Copy(io.Discard, relay)
+	if code, reset := wire.StreamResetCode(err); !reset || code != wire.QUICInternal {
+		t.Fatalf("the server saw %v; want RESET_STREAM 0x1", err)
+	}
+	if d.e2e.get("svc.rev.test") != nil {
+		t.Fatal("the dialer kept the state of a name that is no longer protected")
 	}
 }

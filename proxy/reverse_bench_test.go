@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"context"
 	"crypto/tls"
+	"io"
 	"net"
 	"strconv"
 	"testing"
@@ -73,7 +74,17 @@ func BenchmarkReverseThroughput(b *testing.B) {
 		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
 			addr, counts := startSink(b)
 			r := newReverseBench(b, tc.mode, tc.transport, addr)
+			if tc.mode == "protected" { // the measured session attaches to this one's state
+				c := r.dial(b, tc.mode)
+				_ = c.(interface{ CloseWrite() error }).CloseWrite()
+				_, _ = io.Copy(io.Discard, c)
+				c.Close()
+				<-counts
+			}
 			benchThroughput(b, r.dial(b, tc.mode), counts)
+			if _, attached := r.dialer.E2EStats(); tc.mode == "protected" && attached != 1 {
+				b.Fatalf("the measured session did not attach (%d attached)", attached)
+			}
 		})
 	}
 }
