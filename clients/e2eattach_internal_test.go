@@ -346,3 +346,44 @@ func TestEarlyAttachToPublicNameAborts(t *testing.T) {
 		t.Fatal("the dialer kept the state of a name that is no longer protected")
 	}
 }
+
+// An attached session whose stream ends without the close record (the agent
+// process died; the relay passed on a plain end) is a cut for the dialer, never
+// a clean end. Bad input: the agent's end of the stream half-closed (FIN) in the
+// middle of a reply, below the sealed records.
+func TestE2EAttachCutIsError(t *testing.T) {
+	e := newAttachEnv(t)
+	var mu sync.Mutex
+	var raw []net.Conn
+	e.a.WrapData = func(c net.Conn) net.Conn {
+		mu.Lock()
+		raw = append(raw, c)
+		mu.Unlock()
+		return c
+	}
+	c, err := e.session(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoes(t, c, "first")
+	c, err = e.session(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.(*sealedConn); !ok {
+		t.Fatalf("second session: a %T; want an attached session", c)
+	}
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	_ = raw[len(raw)-1].(*net.TCPConn).CloseWrite() // a FIN, no close record
+	mu.Unlock()
+	_, err = io.ReadAll(c)
+	if !errors.Is(err, wire.ErrTruncated) {
+		t.Fatalf("after the agent's stream ended without a close record: %v; want %v", err, wire.ErrTruncated)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -96,9 +97,15 @@ func BenchmarkReverseNewSession(b *testing.B) {
 		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
 			r := newReverseBench(b, tc.mode, tc.transport, testnet.Echo(b))
 			oneByteEachWay(b, r.dial(b, tc.mode)) // warm: connections, session tickets
+			var took []time.Duration
 			for b.Loop() {
+				start := time.Now()
 				oneByteEachWay(b, r.dial(b, tc.mode))
+				took = append(took, time.Since(start))
 			}
+			slices.Sort(took)
+			b.ReportMetric(float64(took[len(took)/2])/1e6, "p50-ms")
+			b.ReportMetric(float64(took[len(took)*99/100])/1e6, "p99-ms")
 			if full, attached := r.dialer.E2EStats(); tc.mode == "protected" && attached < b.N {
 				b.Fatalf("%d sessions attached and %d ran a handshake; want every measured one attached", attached, full)
 			}
