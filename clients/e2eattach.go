@@ -64,9 +64,12 @@ const (
 
 	sealedMaxPlain = 16384
 	sealedOverhead = 1 + 16 // record type, GCM tag
-	recData        = 0x17
-	recClose       = 0x15 // end of this direction, like TLS close_notify
-	recProof       = 0x16 // the dialer's first record of an attach, empty
+	// sealedSendPlain is the data TP puts in one record: length, data, type and
+	// tag then make 16384 bytes, one full record of the outer TLS connection.
+	sealedSendPlain = 16384 - 2 - sealedOverhead
+	recData         = 0x17
+	recClose        = 0x15 // end of this direction, like TLS close_notify
+	recProof        = 0x16 // the dialer's first record of an attach, empty
 )
 
 // attachKeys derives the keys of session n: dialer → agent, agent → dialer.
@@ -371,8 +374,8 @@ func (s *sealedConn) Write(p []byte) (int, error) {
 	for written < len(p) {
 		s.wbuf = s.wbuf[:0]
 		chunk := p[written:]
-		for len(chunk) > 0 && len(s.wbuf) < 4*(sealedMaxPlain+sealedOverhead+2) {
-			m := min(len(chunk), sealedMaxPlain)
+		for len(chunk) > 0 && len(s.wbuf) < 4*16384 {
+			m := min(len(chunk), sealedSendPlain)
 			s.wbuf = appendRecord(s.wbuf, s.waead, s.wseq, recData, chunk[:m])
 			s.wseq++
 			chunk = chunk[m:]
