@@ -648,7 +648,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 				expires: minTime(now.Add(AttachLife), cs.PeerCertificates[0].NotAfter), used: now}, now)
 		}
 	}
-	a.admit(ctx, sess, hdr, full, local, udp, id.DeviceID, id.User, start, log)
+	a.admit(ctx, sess, hdr, full, local, udp, id.DeviceID, id.User, start, log.With("e2e", cs.NegotiatedProtocol))
 }
 
 // e2eSession is an authenticated end-to-end session, before the agent's hello:
@@ -754,7 +754,7 @@ func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.Session
 		return true
 	}
 	sc := newSealedConn(conn, c2s, s2c, 1, 0)
-	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc}, hdr, full, local, udp, st.device, st.user, start, log)
+	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc}, hdr, full, local, udp, st.device, st.user, start, log.With("e2e", "attach"))
 	return true
 }
 
