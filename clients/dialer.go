@@ -1,6 +1,7 @@
 package clients
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -54,9 +55,14 @@ type Dialer struct {
 	// carries UDP flows. It costs about 8% of QUIC throughput, so it is off for
 	// byte streams alone.
 	CountDatagramDrops bool
+	// NoE2EAttach makes every session to a protected reverse name run a full
+	// end-to-end TLS handshake (tp-e2e/1) instead of attaching to the state kept
+	// from an earlier one (docs/PROTOCOL.md, section 11.4).
+	NoE2EAttach bool
 
 	quic  quicState
 	spare spareTLS
+	e2e   attachStates // end-to-end attach state by reverse name (e2eattach.go)
 }
 
 // RefusedError is the server's refusal of a dial.
@@ -183,7 +189,8 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello) (net.Conn, error) {
 	// The hello exchange is bounded by ctx through the connection's deadline.
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
-	sh, err := exchange(conn, hello)
+	early := d.earlyAttach(conn, hello) // sent with the hello, for a protected name (e2eattach.go)
+	sh, err := exchangeWith(conn, hello, early.message())
 	if !stop() {
 		err = errors.Join(err, ctx.Err())
 	}
@@ -197,10 +204,15 @@ func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hel
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
 	}
 	var c net.Conn = conn
-	if sh.E2E { // a protected reverse listener: TLS with its agent inside (e2e.go)
-		if c, err = d.innerTLS(ctx, conn, addr); err != nil {
+	switch {
+	case sh.E2E: // a protected reverse listener: TLS with its agent inside (e2e.go)
+		if c, err = d.e2eSession(ctx, conn, addr, early); err != nil {
 			return nil, err
 		}
+	case early != nil: // the attach went to a service that is no longer protected
+		wire.Abort(conn, wire.QUICInternal)
+		d.e2e.drop(hello.Host, early.st)
+		return nil, fmt.Errorf("tp dial %s: the name is no longer protected (its agent now exposes it publicly); dial again", addr)
 	}
 	if sh.Session != "" { // a dial: its failures say who cut it (cut.go)
 		return &tunnel{Stream: c.(wire.Stream), d: d, session: sh.Session}, nil
@@ -215,7 +227,22 @@ type exchangeError struct{ error }
 func (e *exchangeError) Unwrap() error { return e.error }
 
 func exchange(conn net.Conn, hello wire.ClientHello) (wire.ServerHello, error) {
-	if err := wire.WriteClientHello(conn, hello); err != nil {
+	return exchangeWith(conn, hello, nil)
+}
+
+// exchangeWith sends then, in the same write as the hello: bytes for after the
+// ok that the server keeps for the destination (an early attach).
+func exchangeWith(conn net.Conn, hello wire.ClientHello, then []byte) (wire.ServerHello, error) {
+	var err error
+	if then == nil {
+		err = wire.WriteClientHello(conn, hello)
+	} else {
+		var buf bytes.Buffer
+		if err = wire.WriteClientHello(&buf, hello); err == nil {
+			_, err = conn.Write(append(buf.Bytes(), then...))
+		}
+	}
+	if err != nil {
 		// A server that refused the client's certificate after the client's side
 		// of the handshake was done (TLS 1.3 checks it last; on a resumed session
 		// it is the server's last step) sent an alert and closed: the write may

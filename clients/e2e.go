@@ -17,14 +17,108 @@ import (
 // reverse listener's agent.
 const E2EALPN = "tp-e2e/1"
 
+// e2eSession opens the end-to-end session of a dial the server answered with
+// "e2e": by attaching to the state kept from an earlier session with the same
+// agent (e2eattach.go) when there is some, else with a TLS handshake. An agent
+// that no longer knows the state says so, and the handshake follows on the same
+// stream. early is an attach already sent with the hello, or nil.
+func (d *Dialer) e2eSession(ctx context.Context, conn net.Conn, addr string, early *pendingAttach) (net.Conn, error) {
+	host, _, _ := net.SplitHostPort(addr)
+	if early == nil && !d.NoE2EAttach {
+		if st := d.e2e.get(host); st != nil {
+			if early = st.prepare(time.Now()); early == nil {
+				d.e2e.drop(host, st) // too old to use
+			}
+		}
+	}
+	if early != nil {
+		c, fallback, err := d.attach(ctx, conn, addr, early)
+		if !fallback {
+			if err == nil {
+				d.e2e.count(true)
+			} else if !errors.As(err, new(*RefusedError)) {
+				d.e2e.drop(host, early.st) // the agent did not take it: start afresh next time
+			}
+			return c, err
+		}
+		d.e2e.drop(host, early.st)
+	}
+	return d.innerTLS(ctx, conn, addr, !d.NoE2EAttach)
+}
+
+// earlyAttach prepares the attach that goes with the hello: over QUIC, for a TCP
+// dial of a name this Dialer holds attach state for. Over TLS the attach waits
+// for the ok: a server that refuses the dial closes the TCP connection, and
+// unread bytes would turn that close into a reset that can destroy the refusal.
+func (d *Dialer) earlyAttach(conn net.Conn, hello wire.ClientHello) *pendingAttach {
+	if _, quicStream := conn.(*clientStream); !quicStream || d.NoE2EAttach || hello.Op != wire.OpDial || hello.Net != "tcp" {
+		return nil
+	}
+	st := d.e2e.get(hello.Host)
+	if st == nil {
+		return nil
+	}
+	p := st.prepare(time.Now())
+	if p == nil {
+		d.e2e.drop(hello.Host, st)
+	}
+	return p
+}
+
+// attach runs an attach on conn: it sends p's message (unless it went with the
+// hello), then reads the agent's answer: its hello in the first sealed record,
+// or a fallback to a TLS handshake (fallback true, conn untouched beyond the
+// answer's byte).
+func (d *Dialer) attach(ctx context.Context, conn net.Conn, addr string, p *pendingAttach) (c net.Conn, fallback bool, err error) {
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	var answer [1]byte
+	if !p.sent {
+		_, err = conn.Write(p.msg)
+	}
+	if err == nil {
+		_, err = io.ReadFull(conn, answer[:])
+	}
+	var sc *sealedConn
+	var sh wire.ServerHello
+	if err == nil && answer[0] == attachAccepted {
+		sc = newSealedConn(conn, p.s2c, p.c2s, 0, 1) // the proof was the dialer's record 0
+		sh, err = wire.ReadServerHello(sc)
+	}
+	if !stop() {
+		err = errors.Join(err, ctx.Err())
+	}
+	switch {
+	case err == nil && answer[0] == attachFallback:
+		return nil, true, nil
+	case err == nil && answer[0] != attachAccepted:
+		err = fmt.Errorf("the agent answered the attach with 0x%02x", answer[0])
+	}
+	if err != nil {
+		_ = conn.Close()
+		return nil, false, fmt.Errorf("tp dial %s: attaching to the end-to-end session with the agent: %w", addr, err)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	if !sh.OK {
+		_ = sc.CloseWrite()
+		_ = conn.Close()
+		return nil, false, &RefusedError{Code: sh.Code, Reason: sh.Reason}
+	}
+	return sc, false, nil
+}
+
 // innerTLS runs the end-to-end TLS session with a protected reverse listener's
 // agent inside conn: it verifies the agent's certificate for host against the TP
 // root, presents this device's certificate, and reads the agent's own hello.
-func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string) (net.Conn, error) {
+// With offerAttach it also offers tp-e2e/2 and, when the agent takes it, keeps
+// the session's attach state for later sessions to the same name.
+func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string, offerAttach bool) (net.Conn, error) {
 	host, _, _ := net.SplitHostPort(addr)
 	cfg := d.TLSConfig.Clone()
 	cfg.ServerName = host
 	cfg.NextProtos = []string{E2EALPN}
+	if offerAttach {
+		cfg.NextProtos = []string{E2EALPN2, E2EALPN}
+	}
 	cfg.MinVersion = tls.VersionTLS13
 	// EOFConn lets a cut of the inner session (no close_notify) be told from its end.
 	batch := &batchConn{Conn: wire.NewEOFConn(conn)}
@@ -49,6 +143,12 @@ func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string) (net.
 	if !sh.OK {
 		_ = tc.Close()
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
+	}
+	d.e2e.count(false)
+	if cs := tc.ConnectionState(); cs.NegotiatedProtocol == E2EALPN2 {
+		if st, err := newDialerAttach(cs, time.Now()); err == nil {
+			d.e2e.put(host, st)
+		}
 	}
 	return newBatchedTLS(tc, batch), nil
 }

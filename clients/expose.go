@@ -2,10 +2,13 @@ package clients
 
 import (
 	"context"
+	"crypto/cipher"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
@@ -89,11 +92,12 @@ type Agent struct {
 	// server why it refused the certificate); a revocation ends Run.
 	Explain func(context.Context, error) error
 
-	mu      sync.Mutex
-	full    map[string]string // label → full name
-	issuers map[string]issuer // full name → the CA that issued the agent's certificate for it
-	roots   *x509.CertPool
-	inner   *tls.Config // end-to-end TLS server config, one for all sessions so tickets resume
+	mu       sync.Mutex
+	full     map[string]string // label → full name
+	issuers  map[string]issuer // full name → the CA that issued the agent's certificate for it
+	roots    *x509.CertPool
+	inner    *tls.Config // end-to-end TLS server config, one for all sessions so tickets resume
+	attaches agentAttaches
 }
 
 // issuer is the CA behind the agent's own certificate for a name: dialers'
@@ -192,30 +196,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			return fmt.Errorf("%s: a UDP service is exposed on a public port (--public), not by TLS server name", e.Name)
 		}
 	}
-	a.roots = a.Dialer.TLSConfig.RootCAs
-	a.inner = &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{E2EALPN},
-		ClientAuth: tls.RequireAndVerifyClientCert,
-		ClientCAs:  a.roots,
-		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
-			name := strings.ToLower(chi.ServerName)
-			a.mu.Lock()
-			ours := slices.Contains(slices.Collect(maps.Values(a.full)), name)
-			a.mu.Unlock()
-			if !ours {
-				return nil, fmt.Errorf("this agent does not expose %q", chi.ServerName)
-			}
-			cert, err := a.Certificate(chi.Context(), name)
-			if err != nil {
-				return nil, err
-			}
-			if err := a.learnIssuer(name, cert); err != nil {
-				return nil, err
-			}
-			return cert, nil
-		},
-	}
+	a.setupInner()
 	if a.Dialer.TLSConfig.ClientSessionCache == nil {
 		// Over TLS every session is a new connection to the relay: resume them.
 		a.Dialer.TLSConfig.ClientSessionCache = tls.NewLRUClientSessionCache(16)
@@ -269,6 +250,35 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		}
 		backoff = min(2*backoff, agentBackoffMax)
+	}
+}
+
+// setupInner makes the end-to-end TLS server configuration, one for all
+// sessions so that tickets resume.
+func (a *Agent) setupInner() {
+	a.roots = a.Dialer.TLSConfig.RootCAs
+	a.inner = &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		NextProtos: []string{E2EALPN2, E2EALPN},
+		ClientAuth: tls.RequireAndVerifyClientCert,
+		ClientCAs:  a.roots,
+		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			name := strings.ToLower(chi.ServerName)
+			a.mu.Lock()
+			ours := slices.Contains(slices.Collect(maps.Values(a.full)), name)
+			a.mu.Unlock()
+			if !ours {
+				return nil, fmt.Errorf("this agent does not expose %q", chi.ServerName)
+			}
+			cert, err := a.Certificate(chi.Context(), name)
+			if err != nil {
+				return nil, err
+			}
+			if err := a.learnIssuer(name, cert); err != nil {
+				return nil, err
+			}
+			return cert, nil
+		},
 	}
 }
 
@@ -572,8 +582,28 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	if a.WrapData != nil {
 		conn = a.WrapData(st)
 	}
+	// The first byte tells an attach (tp-e2e/2, e2eattach.go) from a TLS
+	// ClientHello (a handshake record, 0x16).
+	_ = conn.SetReadDeadline(time.Now().Add(agentHandshakeTimeout))
+	stopRead := context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Unix(1, 0)) })
+	var first [1]byte
+	_, err := io.ReadFull(conn, first[:])
+	stopRead()
+	if err != nil {
+		refuseSession(conn, wire.QUICInternal)
+		log.Warn("tp expose: the dialer sent nothing", "err", err.Error())
+		return
+	}
+	var below net.Conn = &prefixConn{Conn: conn, prefix: first[:]}
+	if first[0] == attachMarker {
+		if a.serveAttach(ctx, conn, hdr, full, local, udp, start, log) {
+			return
+		}
+		below = conn // the dialer starts a TLS handshake on the same stream
+	}
+	_ = conn.SetReadDeadline(time.Time{}) // hctx bounds the handshake
 	// EOFConn lets a cut of the dialer's side (no close_notify) be told from its end.
-	batch := &batchConn{Conn: wire.NewEOFConn(conn)}
+	batch := &batchConn{Conn: wire.NewEOFConn(below)}
 	tc := tls.Server(batch, a.inner)
 	hctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
@@ -581,12 +611,6 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		_ = conn.Close()
 		log.Warn("tp expose: end-to-end TLS handshake failed", "err", err.Error())
 		return
-	}
-	refuse := func(code, reason string) {
-		_ = tc.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		_ = wire.WriteServerHello(tc, wire.ServerHello{V: wire.Version, Code: code, Reason: reason})
-		_ = tc.Close()
-		log.Warn("tp expose: session refused", "code", code, "reason", reason)
 	}
 	cs := tc.ConnectionState()
 	a.mu.Lock()
@@ -598,23 +622,63 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		// clientAuth named explicitly.
 		chainErr = iss.is.CheckChains(cs.PeerCertificates[0], cs.VerifiedChains)
 	}
-	id, err := authz.IdentityFromCert(cs.PeerCertificates[0])
+	id, idErr := authz.IdentityFromCert(cs.PeerCertificates[0])
+	sess := &e2eSession{Stream: tc, bridge: newBatchedTLS(tc, batch), capsules: tc}
 	switch {
 	case !strings.EqualFold(cs.ServerName, full):
-		refuse(wire.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full))
+		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full), log)
 		return
 	case chainErr != nil:
-		refuse(wire.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error())
+		sess.refuse(wire.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error(), log)
 		return
-	case err != nil:
-		refuse(wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+err.Error())
+	case idErr != nil:
+		sess.refuse(wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+idErr.Error(), log)
 		return
-	case id.DeviceID != hdr.PeerID:
-		refuse(wire.CodeUnauthenticated, fmt.Sprintf("the certificate is for %s but the TP server announced %s", id.DeviceID, hdr.PeerID))
+	}
+	if cs.NegotiatedProtocol == E2EALPN2 {
+		sess.onOK = func() {
+			// Kept only for a session the agent admitted: later sessions of this
+			// dialer to this name attach to it (still checked one by one).
+			secret, aid, err := exportAttach(cs)
+			if err != nil {
+				return
+			}
+			now := time.Now()
+			a.attaches.put(aid, &agentAttach{secret: secret, full: full, device: id.DeviceID, user: id.User,
+				expires: minTime(now.Add(AttachLife), cs.PeerCertificates[0].NotAfter), used: now}, now)
+		}
+	}
+	a.admit(ctx, sess, hdr, full, local, udp, id.DeviceID, id.User, start, log.With("e2e", cs.NegotiatedProtocol))
+}
+
+// e2eSession is an authenticated end-to-end session, before the agent's hello:
+// an inner TLS session or an attached one.
+type e2eSession struct {
+	wire.Stream             // hellos are written here
+	bridge      net.Conn    // what the service's bytes are relayed through
+	capsules    wire.Stream // what a UDP name's capsules run on
+	onOK        func()      // after the ok hello is sent
+}
+
+func (s *e2eSession) refuse(code, reason string, log *slog.Logger) {
+	_ = s.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_ = wire.WriteServerHello(s, wire.ServerHello{V: wire.Version, Code: code, Reason: reason})
+	_ = s.CloseWrite()
+	_ = s.Close()
+	log.Warn("tp expose: session refused", "code", code, "reason", reason)
+}
+
+// admit makes the agent's per-session checks of an authenticated dialer (device,
+// user: from its certificate, now or when the attach state was made), connects
+// to the local service and relays the session.
+func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHeader, full, local string, udp bool, device, user string, start time.Time, log *slog.Logger) {
+	switch {
+	case device != hdr.PeerID:
+		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the certificate is for %s but the TP server announced %s", device, hdr.PeerID), log)
 		return
-	case !a.allowed(id.User, hdr.PeerGroups):
-		refuse(CodeAgentDenied, fmt.Sprintf("%s is not allowed by the agent of %s (allowed users: %s; groups: %s)",
-			id.DeviceID, full, listOrNone(a.AllowUsers), listOrNone(a.AllowGroups)))
+	case !a.allowed(user, hdr.PeerGroups):
+		sess.refuse(CodeAgentDenied, fmt.Sprintf("%s is not allowed by the agent of %s (allowed users: %s; groups: %s)",
+			device, full, listOrNone(a.AllowUsers), listOrNone(a.AllowGroups)), log)
 		return
 	}
 	network := "tcp"
@@ -626,27 +690,110 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	upstream, err := nd.DialContext(dctx, network, local)
 	dcancel()
 	if err != nil {
-		refuse(wire.CodeDialFailed, fmt.Sprintf("the agent of %s cannot reach its local service: %v", full, err))
+		sess.refuse(wire.CodeDialFailed, fmt.Sprintf("the agent of %s cannot reach its local service: %v", full, err), log)
 		return
 	}
-	_ = tc.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	if err := wire.WriteServerHello(tc, wire.ServerHello{V: wire.Version, OK: true}); err != nil {
-		_ = tc.Close()
+	_ = sess.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if err := wire.WriteServerHello(sess, wire.ServerHello{V: wire.Version, OK: true}); err != nil {
+		_ = sess.Close()
 		_ = upstream.Close()
 		return
 	}
-	_ = tc.SetWriteDeadline(time.Time{})
-	if udp { // datagrams as capsules inside the end-to-end TLS session
-		a.relayUDP(ctx, wire.NewCapsuleFlow(tc, 0), upstream, local, start, log)
+	_ = sess.SetWriteDeadline(time.Time{})
+	if sess.onOK != nil {
+		sess.onOK()
+	}
+	if udp { // datagrams as capsules inside the end-to-end session
+		a.relayUDP(ctx, wire.NewCapsuleFlow(sess.capsules, 0), upstream, local, start, log)
 		return
 	}
-	up, down, err := wire.Bridge(ctx, newBatchedTLS(tc, batch), upstream)
+	up, down, err := wire.Bridge(ctx, sess.bridge, upstream)
 	end := "closed"
 	if err != nil {
 		end = err.Error()
 	}
 	log.Info("tp expose: session", "local", local, "bytes_in", up, "bytes_out", down, "duration", time.Since(start), "end", end)
 }
+
+// serveAttach runs an attach (its marker byte already read from conn): it
+// reports false, having answered attachFallback, when the state is unknown,
+// expired or the session number was used before, so that a TLS handshake
+// follows; else it serves the session to its end.
+func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.SessionHeader, full, local string, udp bool, start time.Time, log *slog.Logger) bool {
+	var msg [attachMsgLen - 1]byte
+	if _, err := io.ReadFull(conn, msg[:]); err != nil || msg[0] != attachVersion {
+		refuseSession(conn, wire.QUICInternal)
+		log.Warn("tp expose: malformed attach; refused", "err", fmt.Sprint(err))
+		return true
+	}
+	var id [attachIDLen]byte
+	copy(id[:], msg[1:])
+	n := binary.BigEndian.Uint64(msg[1+attachIDLen:])
+	proofHdr, proof := msg[attachHeadLen-1:attachHeadLen+1], msg[attachHeadLen+1:]
+	st := a.attaches.get(id)
+	var c2s, s2c cipher.AEAD
+	var err error
+	if st != nil {
+		c2s, s2c, err = attachKeys(st.secret, id, n)
+	}
+	if st == nil || err != nil || st.full != full {
+		return a.attachFallback(conn, log)
+	}
+	if typ, _, err := openRecord(c2s, 0, proofHdr, proof); err != nil || typ != recProof {
+		refuseSession(conn, wire.QUICInternal)
+		log.Warn("tp expose: an attach that does not prove the end-to-end secret; refused")
+		return true
+	}
+	if !st.claim(n, time.Now()) { // replayed, too old, or the state expired
+		return a.attachFallback(conn, log)
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+	_ = conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := conn.Write([]byte{attachAccepted}); err != nil {
+		_ = conn.Close()
+		return true
+	}
+	sc := newSealedConn(conn, c2s, s2c, 1, 0)
+	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc}, hdr, full, local, udp, st.device, st.user, start, log.With("e2e", "attach"))
+	return true
+}
+
+func (a *Agent) attachFallback(conn net.Conn, log *slog.Logger) bool {
+	_ = conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := conn.Write([]byte{attachFallback}); err != nil {
+		_ = conn.Close()
+		return true
+	}
+	_ = conn.SetWriteDeadline(time.Time{})
+	log.Debug("tp expose: unknown or used attach; a TLS handshake follows")
+	return false
+}
+
+// prefixConn reads prefix before conn.
+type prefixConn struct {
+	net.Conn
+	prefix []byte
+}
+
+func (p *prefixConn) Read(b []byte) (int, error) {
+	if len(p.prefix) > 0 {
+		n := copy(b, p.prefix)
+		p.prefix = p.prefix[n:]
+		return n, nil
+	}
+	return p.Conn.Read(b)
+}
+
+// CloseWrite half-closes conn.
+func (p *prefixConn) CloseWrite() error {
+	if cw, ok := p.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("this connection cannot half-close")
+}
+
+// Unwrap is conn.
+func (p *prefixConn) Unwrap() net.Conn { return p.Conn }
 
 // refuseSession ends a session the agent will not serve, before anything of it
 // was relayed (docs/PROTOCOL.md, section 11.8): an abort with code, never a clean

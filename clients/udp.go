@@ -113,7 +113,7 @@ func (d *Dialer) udpRequest(ctx context.Context, conn wire.Stream, addr string, 
 	if sh.E2E {
 		// A protected UDP reverse name: TLS with its agent inside the stream, and
 		// the datagrams as capsules inside that (the flow above carries nothing).
-		inner, err := d.innerTLS(ctx, conn, addr)
+		inner, err := d.innerTLS(ctx, conn, addr, false)
 		if err != nil {
 			return nil, err
 		}

@@ -3,7 +3,9 @@ package proxy_test
 import (
 	"context"
 	"crypto/tls"
+	"io"
 	"net"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -30,7 +32,7 @@ type reverseBench struct {
 	public string // 127.0.0.1:port
 }
 
-func newReverseBench(b *testing.B, transport, target string) *reverseBench {
+func newReverseBench(b *testing.B, mode, transport, target string) *reverseBench {
 	b.Helper()
 	port := testnet.FreePort(b, "tcp")
 	q := startReverseAgent(b, transport, "svc", []clients.Exposed{{Name: "svc", Local: target}, {Name: "pub", Local: target, PublicPort: port}})
@@ -39,6 +41,7 @@ func newReverseBench(b *testing.B, transport, target string) *reverseBench {
 	// As tp's own dialer does (clients.Client.Dialer): resume TLS sessions to the
 	// relay and, end to end, to the agent.
 	d.TLSConfig.ClientSessionCache = tls.NewLRUClientSessionCache(64)
+	d.NoE2EAttach = mode == "protected-handshake"
 	b.Cleanup(func() { d.Close() })
 	return &reverseBench{q: q, dialer: d, public: net.JoinHostPort("127.0.0.1", strconv.Itoa(port))}
 }
@@ -57,8 +60,12 @@ func (r *reverseBench) dial(b *testing.B, mode string) net.Conn {
 	return c
 }
 
+// protected: later sessions attach to the end-to-end state of the first
+// (tp-e2e/2); protected-handshake: every session runs a TLS handshake with the
+// agent (tp-e2e/1, resumed), as before attach existed.
 var reverseCases = []struct{ mode, transport string }{
 	{"protected", clients.TransportTLS}, {"protected", clients.TransportQUIC},
+	{"protected-handshake", clients.TransportTLS}, {"protected-handshake", clients.TransportQUIC},
 	{"public", clients.TransportTLS}, {"public", clients.TransportQUIC},
 }
 
@@ -67,8 +74,18 @@ func BenchmarkReverseThroughput(b *testing.B) {
 	for _, tc := range reverseCases {
 		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
 			addr, counts := startSink(b)
-			r := newReverseBench(b, tc.transport, addr)
+			r := newReverseBench(b, tc.mode, tc.transport, addr)
+			if tc.mode == "protected" { // the measured session attaches to this one's state
+				c := r.dial(b, tc.mode)
+				_ = c.(interface{ CloseWrite() error }).CloseWrite()
+				_, _ = io.Copy(io.Discard, c)
+				c.Close()
+				<-counts
+			}
 			benchThroughput(b, r.dial(b, tc.mode), counts)
+			if _, attached := r.dialer.E2EStats(); tc.mode == "protected" && attached != 1 {
+				b.Fatalf("the measured session did not attach (%d attached)", attached)
+			}
 		})
 	}
 }
@@ -78,10 +95,19 @@ func BenchmarkReverseThroughput(b *testing.B) {
 func BenchmarkReverseNewSession(b *testing.B) {
 	for _, tc := range reverseCases {
 		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
-			r := newReverseBench(b, tc.transport, testnet.Echo(b))
+			r := newReverseBench(b, tc.mode, tc.transport, testnet.Echo(b))
 			oneByteEachWay(b, r.dial(b, tc.mode)) // warm: connections, session tickets
+			var took []time.Duration
 			for b.Loop() {
+				start := time.Now()
 				oneByteEachWay(b, r.dial(b, tc.mode))
+				took = append(took, time.Since(start))
+			}
+			slices.Sort(took)
+			b.ReportMetric(float64(took[len(took)/2])/1e6, "p50-ms")
+			b.ReportMetric(float64(took[len(took)*99/100])/1e6, "p99-ms")
+			if full, attached := r.dialer.E2EStats(); tc.mode == "protected" && attached < b.N {
+				b.Fatalf("%d sessions attached and %d ran a handshake; want every measured one attached", attached, full)
 			}
 		})
 	}
