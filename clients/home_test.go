@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/internal/testpki"
@@ -24,17 +25,27 @@ func TestCertificateDuringRenewal(t *testing.T) {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup
-	stop := make(chan struct{})
+	stop := make(chan struct{}) // the writer is done
+	quit := make(chan struct{}) // the reader failed: the writer stops
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
+		defer close(stop)
 		for i := 0; i < 200; i++ {
+			select {
+			case <-quit:
+				return
+			default:
+			}
 			if err := h.SaveCredentials(creds[i%2]); err != nil {
 				t.Error(err)
 				return
 			}
+			// Renewals are hours apart; a few milliseconds apart, every read
+			// still overlaps a write, and a reader's retries (20 ms apart) can
+			// tell a renewal in progress from one that never ends.
+			time.Sleep(2 * time.Millisecond)
 		}
-		close(stop)
 	}()
 	for {
 		select {
@@ -44,6 +55,8 @@ func TestCertificateDuringRenewal(t *testing.T) {
 		default:
 		}
 		if _, err := h.Certificate(); err != nil {
+			close(quit)
+			wg.Wait()
 			t.Fatalf("reading during a renewal: %v", err)
 		}
 	}
