@@ -109,6 +109,10 @@ func (e *RefusedError) Unwrap() error {
 // instead: a *wire.UDPFlow, a net.Conn that keeps datagram boundaries (udp.go).
 // A refusal by the server is a *RefusedError.
 func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	return d.dial(ctx, network, addr, false)
+}
+
+func (d *Dialer) dial(ctx context.Context, network, addr string, early bool) (net.Conn, error) {
 	netw := "tcp"
 	switch network {
 	case "tcp", "tcp4", "tcp6":
@@ -144,9 +148,9 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 	}
 	switch d.Transport {
 	case TransportAuto, "":
-		return d.dialAuto(ctx, addr, hello)
+		return d.dialAuto(ctx, addr, hello, early)
 	case TransportQUIC:
-		return d.dialQUIC(ctx, addr, hello)
+		return d.dialQUIC(ctx, addr, hello, early)
 	case TransportTLS:
 		return d.requestTLS(ctx, addr, hello)
 	default:
@@ -192,11 +196,18 @@ func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hel
 		return nil, &exchangeError{fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, explainHelloErr(err))}
 	}
 	_ = conn.SetDeadline(time.Time{})
+	return d.answer(ctx, conn, addr, sh)
+}
+
+// answer turns the server's answer sh to a request on conn into the connection
+// to return: the tunnel after an ok, the refusal otherwise (conn then closed).
+func (d *Dialer) answer(ctx context.Context, conn wire.Stream, addr string, sh wire.ServerHello) (net.Conn, error) {
 	if !sh.OK {
 		_ = conn.Close()
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
 	}
 	var c net.Conn = conn
+	var err error
 	if sh.E2E { // a protected reverse listener: TLS with its agent inside (e2e.go)
 		if c, err = d.innerTLS(ctx, conn, addr); err != nil {
 			return nil, err

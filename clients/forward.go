@@ -12,7 +12,9 @@ import (
 )
 
 // Forwarder accepts local connections and carries each one to Target through Dial,
-// typically (*Dialer).DialContext.
+// typically (*Dialer).DialEarly, so that a local client's first bytes travel with
+// the request. A refusal that Dial's connection reports on its first Read or Write
+// instead of from Dial is logged like one from Dial.
 type Forwarder struct {
 	Dial   func(ctx context.Context, network, addr string) (net.Conn, error)
 	Target string // host:port as the TP server should dial it
@@ -73,6 +75,12 @@ func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Con
 	// A cut on either side resets the other: the local client sees a reset, never
 	// a clean end after partial data.
 	up, down, err := wire.Bridge(ctx, local, remote)
+	if re := (*RefusedError)(nil); errors.As(err, &re) {
+		// A dial that returned before the server's answer (DialEarly) learns of
+		// the refusal only here; the bytes it sent early were discarded.
+		log.Warn("forward failed", append(attrs, "err", re.Error(), "duration", time.Since(start))...)
+		return
+	}
 	end := "closed"
 	if err != nil {
 		end = ExplainCut(ctx, err).Error()

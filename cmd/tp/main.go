@@ -181,7 +181,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 			fmt.Fprintf(stderr, "Forwarding %s to %s via %s (%s); Ctrl-C stops\n", ln.Addr(), args[1], d.Server, version.Version)
 			f := &clients.Forwarder{
 				Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-					conn, err := d.DialContext(ctx, network, addr)
+					conn, err := d.DialEarly(ctx, network, addr)
 					return conn, c.WhyRejected(ctx, err)
 				},
 				Target: args[1],

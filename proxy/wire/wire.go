@@ -20,6 +20,11 @@ const Version = 1
 // MaxHelloSize bounds the JSON body of a hello in either direction, in bytes.
 const MaxHelloSize = 16384
 
+// MaxEarlyData bounds the bytes a client may send after a TCP dial's hello
+// before it has read the server's answer (docs/PROTOCOL.md, section 6.5). A
+// server that refuses discards at least a hello and this much before it closes.
+const MaxEarlyData = 16384
+
 // MaxHostLen is the longest host a client may ask for (a full DNS name).
 const MaxHostLen = 253
 
