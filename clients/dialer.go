@@ -109,10 +109,12 @@ func (e *RefusedError) Unwrap() error {
 // instead: a *wire.UDPFlow, a net.Conn that keeps datagram boundaries (udp.go).
 // A refusal by the server is a *RefusedError.
 func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
-	return d.dial(ctx, network, addr, false)
+	return d.dial(ctx, network, addr, nil)
 }
 
-func (d *Dialer) dial(ctx context.Context, network, addr string, early bool) (net.Conn, error) {
+// dial is DialContext; early, when not nil, lets a QUIC request return before
+// the server's answer (early.go).
+func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDial) (net.Conn, error) {
 	netw := "tcp"
 	switch network {
 	case "tcp", "tcp4", "tcp6":

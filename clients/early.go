@@ -1,6 +1,7 @@
 package clients
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -84,19 +85,53 @@ func (s *earlyState) answered(conn *quic.Conn, addr string, sh wire.ServerHello)
 // beyond that amount, or CloseWrite), which returns a refusal as a
 // *RefusedError. In every other case DialEarly is DialContext.
 func (d *Dialer) DialEarly(ctx context.Context, network, addr string) (net.Conn, error) {
-	return d.dial(ctx, network, addr, true)
+	return d.dial(ctx, network, addr, &earlyDial{})
 }
 
-// requestEarly sends hello on st and returns st without waiting for the answer.
-func (d *Dialer) requestEarly(ctx context.Context, st wire.Stream, conn *quic.Conn, addr string, hello wire.ClientHello) (net.Conn, error) {
+// DialFirst is DialEarly that also sends first, the bytes a local client had
+// already sent when its connection was accepted: in the same packet as the
+// hello when the dial sends early bytes, else right after the server's ok. It
+// must be a TCP dial, and first at most wire.MaxEarlyData bytes.
+func (d *Dialer) DialFirst(ctx context.Context, network, addr string, first []byte) (net.Conn, error) {
+	if len(first) > wire.MaxEarlyData {
+		return nil, fmt.Errorf("tp dial %s: %d first bytes; at most %d go with the request", addr, len(first), wire.MaxEarlyData)
+	}
+	early := &earlyDial{first: first}
+	c, err := d.dial(ctx, network, addr, early)
+	if err != nil || early.sent || len(first) == 0 {
+		return c, err
+	}
+	if _, err := c.Write(first); err != nil {
+		wire.Abort(c, wire.QUICPeerReset)
+		return nil, err
+	}
+	return c, nil
+}
+
+// earlyDial is a dial that may return before the server's answer.
+type earlyDial struct {
+	first []byte // to send with the hello
+	sent  bool   // first went with the hello
+}
+
+// requestEarly sends hello and early.first on st in one write, and returns st
+// without waiting for the answer.
+func (d *Dialer) requestEarly(ctx context.Context, st wire.Stream, conn *quic.Conn, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	deadline, _ := ctx.Deadline() // dial always sets one: the answer is read within the dial's bound
+	var buf bytes.Buffer
+	if err := wire.WriteClientHello(&buf, hello); err != nil {
+		_ = st.Close()
+		return nil, fmt.Errorf("tp dial %s: %w", addr, err)
+	}
+	buf.Write(early.first)
 	_ = st.SetWriteDeadline(deadline)
-	if err := wire.WriteClientHello(st, hello); err != nil {
+	if _, err := st.Write(buf.Bytes()); err != nil {
 		_ = st.Close()
 		return nil, &exchangeError{fmt.Errorf("tp dial %s via %s: sending client hello: %w", addr, d.Server, explainHelloErr(err))}
 	}
 	_ = st.SetWriteDeadline(time.Time{})
-	return &earlyTunnel{st: st, d: d, conn: conn, addr: addr, ctx: context.WithoutCancel(ctx), deadline: deadline}, nil
+	early.sent = true
+	return &earlyTunnel{st: st, d: d, conn: conn, addr: addr, ctx: context.WithoutCancel(ctx), deadline: deadline, sent: len(early.first)}, nil
 }
 
 // earlyTunnel is a dial whose hello is sent and whose answer is read when first

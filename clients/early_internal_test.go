@@ -5,10 +5,12 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -180,5 +182,119 @@ func TestDialEarlyDialFailed(t *testing.T) {
 	var re *RefusedError
 	if !errors.As(err, &re) || re.Code != wire.CodeDialRefused || !strings.Contains(re.Reason, dst) {
 		t.Fatalf("read: %v; want dial_refused naming %s", err, dst)
+	}
+}
+
+// TestDialFirst: the bytes a forwarder already read from its local client go
+// first, ahead of what is written later, both when they wait for the ok (the
+// first dial) and when they travel with the hello.
+func TestDialFirst(t *testing.T) {
+	d := earlyDialer(t, 0)
+	dst := testnet.Upper(t)
+	for i, wantEarly := range []bool{false, true} {
+		c, err := d.DialFirst(context.Background(), "tcp", dst, []byte("first "))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, early := c.(*earlyTunnel); early != wantEarly {
+			t.Fatalf("dial %d returned %T; want early %v", i, c, wantEarly)
+		}
+		if got := roundTripUpper(t, c, []byte("then")); got != "FIRST THEN" {
+			t.Fatalf("dial %d: got %q; want %q", i, got, "FIRST THEN")
+		}
+	}
+	if _, err := d.DialFirst(context.Background(), "tcp", dst, make([]byte, wire.MaxEarlyData+1)); err == nil {
+		t.Fatal("DialFirst took more first bytes than a request may carry")
+	}
+}
+
+// TestReadReady: readReady returns what the peer already sent and never waits
+// for more.
+func TestReadReady(t *testing.T) {
+	a, b := testnet.Pair(t)
+	if got := readReady(b); got != nil {
+		t.Fatalf("readReady with nothing sent = %q; want nothing", got)
+	}
+	if _, err := a.Write([]byte("ssh-2.0")); err != nil {
+		t.Fatal(err)
+	}
+	var got []byte
+	for deadline := time.Now().Add(10 * time.Second); got == nil && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond) // the bytes are on their way through loopback
+		got = readReady(b)
+	}
+	if string(got) != "ssh-2.0" {
+		t.Fatalf("readReady = %q; want %q", got, "ssh-2.0")
+	}
+}
+
+// syncBuffer is a log destination the test reads while the forwarder writes.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// TestForwarderEarlyRefusal: a forwarded connection whose first bytes went with
+// the request and that the server refused is closed, and the forwarder logs the
+// server's reason, as for a refusal that came before any byte was sent.
+func TestForwarderEarlyRefusal(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	dst := ln.Addr().String()
+	d := earlyDialer(t, ln.Addr().(*net.TCPAddr).Port)
+	up, err := d.DialEarly(context.Background(), "tcp", testnet.Upper(t)) // the connection is up and answering
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	d.quic.early.mu.Lock()
+	d.quic.early.plain[dst] = struct{}{}
+	d.quic.early.mu.Unlock()
+
+	var logs syncBuffer
+	f := &Forwarder{DialFirst: d.DialFirst, Target: dst, Logger: slog.New(slog.NewTextHandler(&logs, nil))}
+	fln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- f.Serve(ctx, fln) }()
+	defer func() { cancel(); <-done }()
+
+	c, err := net.Dial("tcp", fln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	_, _ = c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
+	if n, err := c.Read(make([]byte, 16)); err == nil {
+		t.Fatalf("the local client of a refused tunnel read %d bytes", n)
+	}
+	want := "port " + strconv.Itoa(ln.Addr().(*net.TCPAddr).Port) + " is closed to alice@laptop"
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(logs.String(), "forward failed"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("no forward failed line; log:\n%s", logs.String())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if log := logs.String(); !strings.Contains(log, want) {
+		t.Fatalf("the log does not give the server's reason %q:\n%s", want, log)
 	}
 }

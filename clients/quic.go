@@ -224,7 +224,7 @@ func (d *Dialer) transport() (*quic.Transport, error) {
 // dialQUIC runs one request on a new stream of the shared connection. If the
 // connection turns out to be dead (the server restarted), it reconnects once.
 // With early, the request may return before the server answered (early.go).
-func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHello, early bool) (net.Conn, error) {
+func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	for attempt := 0; ; attempt++ {
 		conn, err := d.quicConn(ctx)
 		if err != nil {
@@ -238,7 +238,7 @@ func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHel
 	}
 }
 
-func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, hello wire.ClientHello, early bool) (net.Conn, error) {
+func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	str, err := conn.OpenStreamSync(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -248,8 +248,8 @@ func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, 
 	}
 	// The hello goes out at once: the server sees a stream only once it carries data.
 	st := &clientStream{wire.NewQUICStream(conn, str)}
-	if early && d.quic.early.allows(conn, addr) {
-		return d.requestEarly(ctx, st, conn, addr, hello)
+	if early != nil && d.quic.early.allows(conn, addr) {
+		return d.requestEarly(ctx, st, conn, addr, hello, early)
 	}
 	stop := context.AfterFunc(ctx, func() { _ = st.SetDeadline(time.Unix(1, 0)) })
 	sh, err := exchange(st, hello)
@@ -267,7 +267,7 @@ func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, 
 
 // dialAuto uses a live QUIC connection when there is one, TLS when the cache says
 // QUIC failed recently for this server, and otherwise races the two.
-func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHello, early bool) (net.Conn, error) {
+func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	if conn := d.liveQUIC(); conn != nil {
 		if c, err := d.requestQUIC(ctx, conn, addr, hello, early); !connLost(conn, err) {
 			return c, err
