@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -95,6 +96,9 @@ func (d *Dialer) DialEarly(ctx context.Context, network, addr string) (net.Conn,
 func (d *Dialer) DialFirst(ctx context.Context, network, addr string, first []byte) (net.Conn, error) {
 	if len(first) > wire.MaxEarlyData {
 		return nil, fmt.Errorf("tp dial %s: %d first bytes; at most %d go with the request", addr, len(first), wire.MaxEarlyData)
+	}
+	if len(first) > 0 && !strings.HasPrefix(network, "tcp") {
+		return nil, fmt.Errorf("tp dial %s: first bytes go only with a TCP dial, not %q", addr, network)
 	}
 	early := &earlyDial{first: first}
 	c, err := d.dial(ctx, network, addr, early)

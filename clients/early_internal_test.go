@@ -206,6 +206,9 @@ func TestDialFirst(t *testing.T) {
 	if _, err := d.DialFirst(context.Background(), "tcp", dst, make([]byte, wire.MaxEarlyData+1)); err == nil {
 		t.Fatal("DialFirst took more first bytes than a request may carry")
 	}
+	if _, err := d.DialFirst(context.Background(), "udp", dst, []byte("datagram")); err == nil {
+		t.Fatal("DialFirst took first bytes for a UDP flow")
+	}
 }
 
 // TestReadReady: readReady returns what the peer already sent and never waits
