@@ -135,7 +135,8 @@ func (d *Dialer) requestEarly(ctx context.Context, st wire.Stream, conn *quic.Co
 	}
 	_ = st.SetWriteDeadline(time.Time{})
 	early.sent = true
-	return &earlyTunnel{st: st, d: d, conn: conn, addr: addr, ctx: context.WithoutCancel(ctx), deadline: deadline, sent: len(early.first)}, nil
+	return &earlyTunnel{st: st, d: d, conn: conn, addr: addr, hello: hello, ctx: context.WithoutCancel(ctx), deadline: deadline,
+		sent: len(early.first), early: bytes.Clone(early.first)}, nil
 }
 
 // earlyTunnel is a dial whose hello is sent and whose answer is read when first
@@ -145,17 +146,22 @@ type earlyTunnel struct {
 	d        *Dialer
 	conn     *quic.Conn
 	addr     string
+	hello    wire.ClientHello
 	ctx      context.Context // the dial's values, for an end-to-end handshake after the answer
 	deadline time.Time       // the dial's bound, which the answer must meet
 
 	wmu      sync.Mutex // orders early Writes with the answer's arrival
 	sent     int        // bytes written before the answer
+	early    []byte     // those bytes, to send again on a new connection (retry)
 	answered bool       // the answer arrived: Writes go through tun
 
 	amu  sync.Mutex // held while the answer is read
 	done bool       // under amu
 	tun  net.Conn   // after an ok
 	err  error      // the refusal or failure, after done
+
+	tmu sync.Mutex // publishes tun to Close, Unwrap and deadlines, which must not wait for amu
+	pub net.Conn
 }
 
 var _ wire.Stream = (*earlyTunnel)(nil)
@@ -173,8 +179,21 @@ func (e *earlyTunnel) wait() (net.Conn, error) {
 	_ = e.st.SetReadDeadline(time.Time{})
 	e.wmu.Lock()
 	e.answered = true
-	sent := e.sent
+	sent, early := e.sent, e.early
+	e.early = nil
 	e.wmu.Unlock()
+	if err != nil && errors.As(err, new(*quic.StatelessResetError)) {
+		// The server no longer knew the connection (it restarted): it has seen
+		// neither the hello nor the bytes, so the request goes again, whole.
+		ctx, cancel := context.WithDeadline(e.ctx, e.deadline)
+		defer cancel()
+		if tun, rerr := e.retry(ctx, err, early); rerr == nil {
+			_ = e.st.Close()
+			e.tun = tun
+			e.publish(tun)
+			return tun, nil
+		}
+	}
 	switch {
 	case errors.Is(err, io.EOF):
 		err = fmt.Errorf("reading server hello: the TP server closed the connection without answering: %w", err)
@@ -199,7 +218,48 @@ func (e *earlyTunnel) wait() (net.Conn, error) {
 	ctx, cancel := context.WithDeadline(e.ctx, e.deadline)
 	defer cancel()
 	e.tun, e.err = e.d.answer(ctx, e.st, e.addr, sh)
+	e.publish(e.tun)
 	return e.tun, e.err
+}
+
+// retry runs the request again on a new connection, after err showed that the
+// old one is gone, and sends early there once the server said ok.
+func (e *earlyTunnel) retry(ctx context.Context, err error, early []byte) (net.Conn, error) {
+	connLost(e.conn, err) // waits for the connection's end, so that quicConn makes a new one
+	conn, err := e.d.quicConn(ctx)
+	if err != nil {
+		return nil, err
+	}
+	tun, err := e.d.requestQUIC(ctx, conn, e.addr, e.hello, nil)
+	if err != nil {
+		return nil, err
+	}
+	if len(early) > 0 {
+		if _, err := tun.Write(early); err != nil {
+			wire.Abort(tun, wire.QUICPeerReset)
+			return nil, err
+		}
+	}
+	return tun, nil
+}
+
+func (e *earlyTunnel) publish(tun net.Conn) {
+	if tun == nil {
+		return
+	}
+	e.tmu.Lock()
+	e.pub = tun
+	e.tmu.Unlock()
+}
+
+// live is what Close, Abort and deadlines act on: the tunnel once there is one.
+func (e *earlyTunnel) live() net.Conn {
+	e.tmu.Lock()
+	defer e.tmu.Unlock()
+	if e.pub != nil {
+		return e.pub
+	}
+	return e.st
 }
 
 func (e *earlyTunnel) Read(p []byte) (int, error) {
@@ -215,6 +275,7 @@ func (e *earlyTunnel) Write(p []byte) (int, error) {
 	if !e.answered && e.sent+len(p) <= wire.MaxEarlyData {
 		n, err := e.st.Write(p)
 		e.sent += n
+		e.early = append(e.early, p[:n]...)
 		e.wmu.Unlock()
 		if err != nil {
 			// The server may have refused and stopped reading: its answer says why.
@@ -243,25 +304,16 @@ func (e *earlyTunnel) CloseWrite() error {
 }
 
 func (e *earlyTunnel) Close() error {
-	e.wmu.Lock()
-	answered := e.answered
-	e.wmu.Unlock()
-	if answered {
-		e.amu.Lock()
-		tun := e.tun
-		e.amu.Unlock()
-		if tun != nil {
-			return tun.Close()
-		}
-	}
-	return e.st.Close()
+	err := e.live().Close()
+	_ = e.st.Close() // the first stream, if a retry replaced it
+	return err
 }
 
-// Unwrap is the stream the tunnel runs on (wire.Abort resets it).
-func (e *earlyTunnel) Unwrap() net.Conn { return e.st }
+// Unwrap is what the tunnel runs on (wire.Abort resets it).
+func (e *earlyTunnel) Unwrap() net.Conn { return e.live() }
 
-func (e *earlyTunnel) LocalAddr() net.Addr                { return e.st.LocalAddr() }
-func (e *earlyTunnel) RemoteAddr() net.Addr               { return e.st.RemoteAddr() }
-func (e *earlyTunnel) SetDeadline(t time.Time) error      { return e.st.SetDeadline(t) }
-func (e *earlyTunnel) SetReadDeadline(t time.Time) error  { return e.st.SetReadDeadline(t) }
-func (e *earlyTunnel) SetWriteDeadline(t time.Time) error { return e.st.SetWriteDeadline(t) }
+func (e *earlyTunnel) LocalAddr() net.Addr                { return e.live().LocalAddr() }
+func (e *earlyTunnel) RemoteAddr() net.Addr               { return e.live().RemoteAddr() }
+func (e *earlyTunnel) SetDeadline(t time.Time) error      { return e.live().SetDeadline(t) }
+func (e *earlyTunnel) SetReadDeadline(t time.Time) error  { return e.live().SetReadDeadline(t) }
+func (e *earlyTunnel) SetWriteDeadline(t time.Time) error { return e.live().SetWriteDeadline(t) }
