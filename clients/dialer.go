@@ -115,6 +115,12 @@ func (e *RefusedError) Unwrap() error {
 // instead: a *wire.UDPFlow, a net.Conn that keeps datagram boundaries (udp.go).
 // A refusal by the server is a *RefusedError.
 func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	return d.dial(ctx, network, addr, nil)
+}
+
+// dial is DialContext; early, when not nil, lets a QUIC request return before
+// the server's answer (early.go).
+func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDial) (net.Conn, error) {
 	netw := "tcp"
 	switch network {
 	case "tcp", "tcp4", "tcp6":
@@ -150,9 +156,9 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 	}
 	switch d.Transport {
 	case TransportAuto, "":
-		return d.dialAuto(ctx, addr, hello)
+		return d.dialAuto(ctx, addr, hello, early)
 	case TransportQUIC:
-		return d.dialQUIC(ctx, addr, hello)
+		return d.dialQUIC(ctx, addr, hello, early)
 	case TransportTLS:
 		return d.requestTLS(ctx, addr, hello)
 	default:
@@ -187,31 +193,50 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 // request runs the hello exchange on conn (a TLS connection or a QUIC stream) and
 // returns conn once the server said ok. It closes conn on failure.
 func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello) (net.Conn, error) {
+	sh, attach, err := d.helloExchange(ctx, conn, addr, hello)
+	if err != nil {
+		return nil, err
+	}
+	return d.answer(ctx, conn, addr, hello, sh, attach)
+}
+
+// helloExchange sends hello on conn (with an attach to end-to-end state, for a
+// protected name: e2eattach.go) and reads the server's answer. It closes conn
+// on failure.
+func (d *Dialer) helloExchange(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello) (wire.ServerHello, *pendingAttach, error) {
 	// The hello exchange is bounded by ctx through the connection's deadline.
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
-	early := d.earlyAttach(conn, hello) // sent with the hello, for a protected name (e2eattach.go)
-	sh, err := exchangeWith(conn, hello, early.message())
+	attach := d.earlyAttach(conn, hello)
+	sh, err := exchangeWith(conn, hello, attach.message())
 	if !stop() {
 		err = errors.Join(err, ctx.Err())
 	}
 	if err != nil {
 		_ = conn.Close()
-		return nil, &exchangeError{fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err)))}
+		return sh, nil, &exchangeError{fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err)))}
 	}
 	_ = conn.SetDeadline(time.Time{})
+	return sh, attach, nil
+}
+
+// answer turns the server's answer sh to a request on conn into the connection
+// to return: the tunnel after an ok, the refusal otherwise (conn then closed).
+// attach is what went with the hello toward a protected name, or nil.
+func (d *Dialer) answer(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello, sh wire.ServerHello, attach *pendingAttach) (net.Conn, error) {
 	if !sh.OK {
 		_ = conn.Close()
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
 	}
 	var c net.Conn = conn
+	var err error
 	switch {
 	case sh.E2E: // a protected reverse listener: TLS with its agent inside (e2e.go)
-		if c, err = d.e2eSession(ctx, conn, addr, early); err != nil {
+		if c, err = d.e2eSession(ctx, conn, addr, attach); err != nil {
 			return nil, err
 		}
-	case early != nil: // the attach went to a service that is no longer protected
+	case attach != nil: // the attach went to a service that is no longer protected
 		wire.Abort(conn, wire.QUICInternal)
-		d.e2e.drop(hello.Host, early.st)
+		d.e2e.drop(hello.Host, attach.st)
 		return nil, fmt.Errorf("tp dial %s: the name is no longer protected (its agent now exposes it publicly); dial again", addr)
 	}
 	if sh.Session != "" { // a dial: its failures say who cut it (cut.go)

@@ -26,6 +26,13 @@ func (f authorizerFunc) Authorize(_ context.Context, req authz.Request) (authz.D
 // alice@laptop's certificate. This package's tests and clients_test share it.
 func StartTestServer(t testing.TB, decide func(authz.Request) authz.Decision) (string, *tls.Config) {
 	t.Helper()
+	return startTestServer(t, decide, nil)
+}
+
+// startTestServer is StartTestServer; with quicAddr it also serves QUIC, on the
+// UDP address it stores there.
+func startTestServer(t testing.TB, decide func(authz.Request) authz.Decision, quicAddr *string) (string, *tls.Config) {
+	t.Helper()
 	if decide == nil {
 		decide = func(authz.Request) authz.Decision { return authz.Decision{Allow: true} }
 	}
@@ -55,8 +62,29 @@ func StartTestServer(t testing.TB, decide func(authz.Request) authz.Decision) (s
 	go func() { _ = srv.Serve(ctx, ln); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
 	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	if quicAddr != nil {
+		pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		*quicAddr = pc.LocalAddr().String()
+		qdone := make(chan struct{})
+		go func() { _ = srv.ServeQUIC(ctx, pc, proxy.QUICOptions{}); close(qdone) }()
+		t.Cleanup(func() { cancel(); <-qdone })
+	}
 	return ln.Addr().String(), &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}}
 }
 
 // MaxTickets is the bound on a TicketCache's entries.
 const MaxTickets = maxTickets
+
+// StartTestServerQUIC is StartTestServer that also serves QUIC, and returns a
+// Dialer that uses it.
+func StartTestServerQUIC(t testing.TB, decide func(authz.Request) authz.Decision) *Dialer {
+	t.Helper()
+	var quicAddr string
+	addr, cfg := startTestServer(t, decide, &quicAddr)
+	d := &Dialer{Server: addr, QUICServer: quicAddr, TLSConfig: cfg, Transport: TransportQUIC}
+	t.Cleanup(func() { _ = d.Close() })
+	return d
+}

@@ -6,17 +6,25 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Forwarder accepts local connections and carries each one to Target through Dial,
-// typically (*Dialer).DialContext.
+// typically (*Dialer).DialEarly, so that a local client's first bytes travel with
+// the request. A refusal that Dial's connection reports on its first Read or Write
+// instead of from Dial is logged like one from Dial.
 type Forwarder struct {
-	Dial   func(ctx context.Context, network, addr string) (net.Conn, error)
-	Target string // host:port as the TP server should dial it
-	Logger *slog.Logger
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// DialFirst, when set, is used instead of Dial, typically (*Dialer).DialFirst:
+	// first is what the local client had already sent when its connection was
+	// accepted (read without waiting, at most wire.MaxEarlyData bytes), for the
+	// dial to send with its request.
+	DialFirst func(ctx context.Context, network, addr string, first []byte) (net.Conn, error)
+	Target    string // host:port as the TP server should dial it
+	Logger    *slog.Logger
 }
 
 // Serve accepts on ln until ctx ends or ln fails, closes ln, waits for the
@@ -64,7 +72,13 @@ func (f *Forwarder) Serve(ctx context.Context, ln net.Listener) error {
 func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Conn) {
 	start := time.Now()
 	attrs := []any{"local", local.RemoteAddr().String(), "target", f.Target}
-	remote, err := f.Dial(ctx, "tcp", f.Target)
+	var remote net.Conn
+	var err error
+	if f.DialFirst != nil {
+		remote, err = f.DialFirst(ctx, "tcp", f.Target, readReady(local))
+	} else {
+		remote, err = f.Dial(ctx, "tcp", f.Target)
+	}
 	if err != nil {
 		_ = local.Close()
 		log.Warn("forward failed", append(attrs, "err", err.Error(), "duration", time.Since(start))...)
@@ -73,9 +87,41 @@ func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Con
 	// A cut on either side resets the other: the local client sees a reset, never
 	// a clean end after partial data.
 	up, down, err := wire.Bridge(ctx, local, remote)
+	if re := (*RefusedError)(nil); errors.As(err, &re) {
+		// A dial that returned before the server's answer (DialEarly) learns of
+		// the refusal only here; the bytes it sent early were discarded.
+		log.Warn("forward failed", append(attrs, "err", re.Error(), "duration", time.Since(start))...)
+		return
+	}
 	end := "closed"
 	if err != nil {
 		end = ExplainCut(ctx, err).Error()
 	}
 	log.Info("forward", append(attrs, "bytes_up", up, "bytes_down", down, "duration", time.Since(start), "end", end)...)
+}
+
+// readReady returns what c has already received, up to wire.MaxEarlyData bytes,
+// without waiting for more: nothing when c has no data yet (or is no socket).
+// An end of input or a failure is left for the bridge to find.
+func readReady(c net.Conn) []byte {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	buf := make([]byte, wire.MaxEarlyData)
+	n := 0
+	err = rc.Read(func(fd uintptr) bool {
+		// One non-blocking read: EAGAIN (no data yet), EOF and errors all give
+		// nothing, and the bridge's first read meets them again.
+		n, _ = readFD(fd, buf)
+		return true
+	})
+	if err != nil || n <= 0 {
+		return nil
+	}
+	return buf[:n]
 }

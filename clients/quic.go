@@ -47,6 +47,8 @@ type quicState struct {
 	closed  bool
 	// tlsUntil: TLS won a race; auto skips QUIC until then (also without a Cache).
 	tlsUntil time.Time
+	// early says where the first bytes may follow the hello (early.go).
+	early earlyState
 	// drops counts DATAGRAM frames quic-go discarded with its receive queue full.
 	drops wire.DatagramDropCounter
 	// headStartTimer, when set, replaces the head start's timer in race: a test
@@ -221,13 +223,14 @@ func (d *Dialer) transport() (*quic.Transport, error) {
 
 // dialQUIC runs one request on a new stream of the shared connection. If the
 // connection turns out to be dead (the server restarted), it reconnects once.
-func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, error) {
+// With early, the request may return before the server answered (early.go).
+func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	for attempt := 0; ; attempt++ {
 		conn, err := d.quicConn(ctx)
 		if err != nil {
 			return nil, err
 		}
-		c, err := d.requestQUIC(ctx, conn, addr, hello)
+		c, err := d.requestQUIC(ctx, conn, addr, hello, early)
 		if attempt == 0 && connLost(conn, err) && ctx.Err() == nil {
 			continue // the connection died under us: try once on a fresh one
 		}
@@ -235,7 +238,7 @@ func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHel
 	}
 }
 
-func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, hello wire.ClientHello) (net.Conn, error) {
+func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	str, err := conn.OpenStreamSync(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -243,19 +246,24 @@ func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, 
 		}
 		return nil, fmt.Errorf("tp dial %s via %s: %w", addr, d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
 	}
-	// request writes the hello at once: the server sees a stream only once it carries data.
-	c, err := d.request(ctx, &clientStream{wire.NewQUICStream(conn, str)}, addr, hello)
+	// The hello goes out at once: the server sees a stream only once it carries data.
+	st := &clientStream{wire.NewQUICStream(conn, str)}
+	if early != nil && d.quic.early.allows(conn, addr) {
+		return d.requestEarly(ctx, st, conn, addr, hello, early)
+	}
+	sh, attach, err := d.helloExchange(ctx, st, addr, hello)
 	if err != nil {
 		return nil, err
 	}
-	return c, nil
+	d.quic.early.answered(conn, addr, sh)
+	return d.answer(ctx, st, addr, hello, sh, attach)
 }
 
 // dialAuto uses a live QUIC connection when there is one, TLS when the cache says
 // QUIC failed recently for this server, and otherwise races the two.
-func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, error) {
+func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	if conn := d.liveQUIC(); conn != nil {
-		if c, err := d.requestQUIC(ctx, conn, addr, hello); !connLost(conn, err) {
+		if c, err := d.requestQUIC(ctx, conn, addr, hello, early); !connLost(conn, err) {
 			return c, err
 		}
 	}
@@ -284,7 +292,7 @@ func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHel
 	if winner == TransportTLS {
 		return d.request(ctx, tconn, addr, hello)
 	}
-	return d.dialQUIC(ctx, addr, hello)
+	return d.dialQUIC(ctx, addr, hello, early)
 }
 
 // race connects over QUIC and, after the head start or as soon as QUIC fails,

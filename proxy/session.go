@@ -340,13 +340,15 @@ func (s *Server) why(conn wire.Stream, ss *session, sid string) *wire.HelloError
 
 // refuse sends a refusal and closes conn. It half-closes first and drains what the
 // client already sent for a moment, so the kernel does not answer unread data with
-// a reset that would destroy the hello before the client reads it.
+// a reset that would destroy the hello before the client reads it. What it drains
+// covers a second hello and the early data a client may send after its hello
+// (wire.MaxEarlyData); it is discarded, never relayed.
 func (s *Server) refuse(conn wire.Stream, herr *wire.HelloError) {
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
 	if err := wire.WriteServerHello(conn, wire.ServerHello{V: wire.Version, Code: herr.Code, Reason: herr.Reason}); err == nil {
 		_ = conn.CloseWrite()
 		_ = conn.SetReadDeadline(time.Now().Add(time.Second))
-		_, _ = io.CopyN(io.Discard, conn, 2*(wire.MaxHelloSize+2))
+		_, _ = io.CopyN(io.Discard, conn, 2*(wire.MaxHelloSize+2)+wire.MaxEarlyData)
 	}
 	_ = conn.Close()
 }

@@ -180,8 +180,8 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 			go d.Maintain(cmd.Context(), func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) })
 			fmt.Fprintf(stderr, "Forwarding %s to %s via %s (%s); Ctrl-C stops\n", ln.Addr(), args[1], d.Server, version.Version)
 			f := &clients.Forwarder{
-				Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-					conn, err := d.DialContext(ctx, network, addr)
+				DialFirst: func(ctx context.Context, network, addr string, first []byte) (net.Conn, error) {
+					conn, err := d.DialFirst(ctx, network, addr, first)
 					return conn, c.WhyRejected(ctx, err)
 				},
 				Target: args[1],

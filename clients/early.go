@@ -1,0 +1,319 @@
+package clients
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// A dial that sends its first bytes right behind the hello, without waiting for
+// the server's answer (docs/PROTOCOL.md, section 6.5), saves a round trip to the
+// server on every new tunnel: the answer and the destination's first reply come
+// back together. Two things make it safe, and a dial sends early bytes only when
+// both hold:
+//
+//   - The destination is known to answer without end-to-end TLS: bytes sent
+//     early to a protected reverse name would reach its agent outside the inner
+//     TLS session. The Dialer remembers which destinations answered an ok without
+//     "e2e" over QUIC, and forgets one that answers otherwise.
+//   - The QUIC connection answered a request within earlyFresh: a connection that
+//     died unnoticed (the server restarted while it idled) would take the bytes
+//     with it, and a dial whose bytes already left cannot be retried on a new
+//     connection the way one that waits for the answer is.
+
+// earlyFresh is how recently the QUIC connection must have answered a request.
+const earlyFresh = 2 * time.Second
+
+// maxPlainDests bounds the destinations an earlyState remembers.
+const maxPlainDests = 1024
+
+// earlyState is what a Dialer knows about sending early bytes on its QUIC connection.
+type earlyState struct {
+	mu    sync.Mutex
+	conn  *quic.Conn          // the connection last is about
+	last  time.Time           // when conn last answered a request
+	plain map[string]struct{} // destinations (as dialed) whose last answer was an ok without e2e
+	fresh time.Duration       // earlyFresh when zero; tests that must not depend on timing lengthen it
+}
+
+// allows reports whether a dial of addr on conn may send early bytes.
+func (s *earlyState) allows(conn *quic.Conn, addr string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, plain := s.plain[addr]
+	fresh := s.fresh
+	if fresh == 0 {
+		fresh = earlyFresh
+	}
+	return plain && s.conn == conn && time.Since(s.last) < fresh
+}
+
+// answered records the server's answer sh to a dial of addr on conn.
+func (s *earlyState) answered(conn *quic.Conn, addr string, sh wire.ServerHello) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.conn, s.last = conn, time.Now()
+	if !sh.OK || sh.E2E {
+		delete(s.plain, addr)
+		return
+	}
+	if _, ok := s.plain[addr]; ok {
+		return
+	}
+	if s.plain == nil || len(s.plain) >= maxPlainDests {
+		s.plain = make(map[string]struct{}) // bounded: start over rather than grow
+	}
+	s.plain[addr] = struct{}{}
+}
+
+// DialEarly is DialContext for a connection whose first bytes should not wait
+// for the server's answer, such as a port forward's local connection. When the
+// QUIC connection is in use and known to be alive, and addr is known to be no
+// protected reverse name (see above), it returns as soon as the hello is sent:
+// up to wire.MaxEarlyData bytes written then travel right behind it, and the
+// server delivers them to the destination after its ok, in order, or discards
+// them with its refusal. The answer is read by the first Read (or by a Write
+// beyond that amount, or CloseWrite), which returns a refusal as a
+// *RefusedError. In every other case DialEarly is DialContext.
+func (d *Dialer) DialEarly(ctx context.Context, network, addr string) (net.Conn, error) {
+	return d.dial(ctx, network, addr, &earlyDial{})
+}
+
+// DialFirst is DialEarly that also sends first, the bytes a local client had
+// already sent when its connection was accepted: in the same packet as the
+// hello when the dial sends early bytes, else right after the server's ok. It
+// must be a TCP dial, and first at most wire.MaxEarlyData bytes.
+func (d *Dialer) DialFirst(ctx context.Context, network, addr string, first []byte) (net.Conn, error) {
+	if len(first) > wire.MaxEarlyData {
+		return nil, fmt.Errorf("tp dial %s: %d first bytes; at most %d go with the request", addr, len(first), wire.MaxEarlyData)
+	}
+	if len(first) > 0 && !strings.HasPrefix(network, "tcp") {
+		return nil, fmt.Errorf("tp dial %s: first bytes go only with a TCP dial, not %q", addr, network)
+	}
+	early := &earlyDial{first: first}
+	c, err := d.dial(ctx, network, addr, early)
+	if err != nil || early.sent || len(first) == 0 {
+		return c, err
+	}
+	if _, err := c.Write(first); err != nil {
+		wire.Abort(c, wire.QUICPeerReset)
+		return nil, err
+	}
+	return c, nil
+}
+
+// earlyDial is a dial that may return before the server's answer.
+type earlyDial struct {
+	first []byte // to send with the hello
+	sent  bool   // first went with the hello
+}
+
+// requestEarly sends hello and early.first on st in one write, and returns st
+// without waiting for the answer.
+func (d *Dialer) requestEarly(ctx context.Context, st wire.Stream, conn *quic.Conn, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
+	deadline, _ := ctx.Deadline() // dial always sets one: the answer is read within the dial's bound
+	var buf bytes.Buffer
+	if err := wire.WriteClientHello(&buf, hello); err != nil {
+		_ = st.Close()
+		return nil, fmt.Errorf("tp dial %s: %w", addr, err)
+	}
+	buf.Write(early.first)
+	_ = st.SetWriteDeadline(deadline)
+	if _, err := st.Write(buf.Bytes()); err != nil {
+		_ = st.Close()
+		return nil, &exchangeError{fmt.Errorf("tp dial %s via %s: sending client hello: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err)))}
+	}
+	_ = st.SetWriteDeadline(time.Time{})
+	early.sent = true
+	return &earlyTunnel{st: st, d: d, conn: conn, addr: addr, hello: hello, ctx: context.WithoutCancel(ctx), deadline: deadline,
+		sent: len(early.first), early: bytes.Clone(early.first)}, nil
+}
+
+// earlyTunnel is a dial whose hello is sent and whose answer is read when first
+// needed. One goroutine may Write while another Reads, as a bridge does.
+type earlyTunnel struct {
+	st       wire.Stream
+	d        *Dialer
+	conn     *quic.Conn
+	addr     string
+	hello    wire.ClientHello
+	ctx      context.Context // the dial's values, for an end-to-end handshake after the answer
+	deadline time.Time       // the dial's bound, which the answer must meet
+
+	wmu      sync.Mutex // orders early Writes with the answer's arrival
+	sent     int        // bytes written before the answer
+	early    []byte     // those bytes, to send again on a new connection (retry)
+	answered bool       // the answer arrived: Writes go through tun
+
+	amu  sync.Mutex // held while the answer is read
+	done bool       // under amu
+	tun  net.Conn   // after an ok
+	err  error      // the refusal or failure, after done
+
+	tmu sync.Mutex // publishes tun to Close, Unwrap and deadlines, which must not wait for amu
+	pub net.Conn
+}
+
+var _ wire.Stream = (*earlyTunnel)(nil)
+
+// wait reads the server's answer once and returns the tunnel or why there is none.
+func (e *earlyTunnel) wait() (net.Conn, error) {
+	e.amu.Lock()
+	defer e.amu.Unlock()
+	if e.done {
+		return e.tun, e.err
+	}
+	e.done = true
+	_ = e.st.SetReadDeadline(e.deadline)
+	sh, err := wire.ReadServerHello(e.st)
+	_ = e.st.SetReadDeadline(time.Time{})
+	e.wmu.Lock()
+	e.answered = true
+	sent, early := e.sent, e.early
+	e.early = nil
+	e.wmu.Unlock()
+	if err != nil && errors.As(err, new(*quic.StatelessResetError)) {
+		// The server no longer knew the connection (it restarted): it has seen
+		// neither the hello nor the bytes, so the request goes again, whole.
+		ctx, cancel := context.WithDeadline(e.ctx, e.deadline)
+		defer cancel()
+		if tun, rerr := e.retry(ctx, err, early); rerr == nil {
+			_ = e.st.Close()
+			e.tun = tun
+			e.publish(tun)
+			return tun, nil
+		}
+	}
+	switch {
+	case errors.Is(err, io.EOF):
+		err = fmt.Errorf("reading server hello: the TP server closed the connection without answering: %w", err)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		err = fmt.Errorf("reading server hello: the TP server's answer was cut short: %w", err)
+	case err != nil:
+		err = fmt.Errorf("reading server hello: %w", err)
+	}
+	if err != nil {
+		wire.Abort(e.st, wire.QUICPeerReset)
+		e.err = fmt.Errorf("tp dial %s via %s: %w", e.addr, e.d.Server, e.d.forgetRejected(explainHelloErr(err)))
+		return nil, e.err
+	}
+	e.d.quic.early.answered(e.conn, e.addr, sh)
+	if sh.OK && sh.E2E && sent > 0 {
+		// The name became a protected one since its last answer: the bytes sent
+		// went outside end-to-end TLS, so the session must not go on.
+		wire.Abort(e.st, wire.QUICPeerReset)
+		e.err = fmt.Errorf("tp dial %s: the destination now answers with end-to-end TLS (a protected reverse name), but this connection's first bytes were already sent without it; the session was aborted, connect again", e.addr)
+		return nil, e.err
+	}
+	ctx, cancel := context.WithDeadline(e.ctx, e.deadline)
+	defer cancel()
+	e.tun, e.err = e.d.answer(ctx, e.st, e.addr, e.hello, sh, nil) // early bytes never go to a protected name
+	e.publish(e.tun)
+	return e.tun, e.err
+}
+
+// retry runs the request again on a new connection, after err showed that the
+// old one is gone, and sends early there once the server said ok.
+func (e *earlyTunnel) retry(ctx context.Context, err error, early []byte) (net.Conn, error) {
+	connLost(e.conn, err) // waits for the connection's end, so that quicConn makes a new one
+	conn, err := e.d.quicConn(ctx)
+	if err != nil {
+		return nil, err
+	}
+	tun, err := e.d.requestQUIC(ctx, conn, e.addr, e.hello, nil)
+	if err != nil {
+		return nil, err
+	}
+	if len(early) > 0 {
+		if _, err := tun.Write(early); err != nil {
+			wire.Abort(tun, wire.QUICPeerReset)
+			return nil, err
+		}
+	}
+	return tun, nil
+}
+
+func (e *earlyTunnel) publish(tun net.Conn) {
+	if tun == nil {
+		return
+	}
+	e.tmu.Lock()
+	e.pub = tun
+	e.tmu.Unlock()
+}
+
+// live is what Close, Abort and deadlines act on: the tunnel once there is one.
+func (e *earlyTunnel) live() net.Conn {
+	e.tmu.Lock()
+	defer e.tmu.Unlock()
+	if e.pub != nil {
+		return e.pub
+	}
+	return e.st
+}
+
+func (e *earlyTunnel) Read(p []byte) (int, error) {
+	tun, err := e.wait()
+	if err != nil {
+		return 0, err
+	}
+	return tun.Read(p)
+}
+
+func (e *earlyTunnel) Write(p []byte) (int, error) {
+	e.wmu.Lock()
+	if !e.answered && e.sent+len(p) <= wire.MaxEarlyData {
+		n, err := e.st.Write(p)
+		e.sent += n
+		e.early = append(e.early, p[:n]...)
+		e.wmu.Unlock()
+		if err != nil {
+			// The server may have refused and stopped reading: its answer says why.
+			if _, aerr := e.wait(); aerr != nil {
+				return n, aerr
+			}
+		}
+		return n, err
+	}
+	e.wmu.Unlock()
+	tun, err := e.wait()
+	if err != nil {
+		return 0, err
+	}
+	return tun.Write(p)
+}
+
+// CloseWrite half-closes once the answer is in: an end of the stream must not
+// come before an end-to-end handshake that the answer may ask for.
+func (e *earlyTunnel) CloseWrite() error {
+	tun, err := e.wait()
+	if err != nil {
+		return err
+	}
+	return tun.(wire.Stream).CloseWrite()
+}
+
+func (e *earlyTunnel) Close() error {
+	err := e.live().Close()
+	_ = e.st.Close() // the first stream, if a retry replaced it
+	return err
+}
+
+// Unwrap is what the tunnel runs on (wire.Abort resets it).
+func (e *earlyTunnel) Unwrap() net.Conn { return e.live() }
+
+func (e *earlyTunnel) LocalAddr() net.Addr                { return e.live().LocalAddr() }
+func (e *earlyTunnel) RemoteAddr() net.Addr               { return e.live().RemoteAddr() }
+func (e *earlyTunnel) SetDeadline(t time.Time) error      { return e.live().SetDeadline(t) }
+func (e *earlyTunnel) SetReadDeadline(t time.Time) error  { return e.live().SetReadDeadline(t) }
+func (e *earlyTunnel) SetWriteDeadline(t time.Time) error { return e.live().SetWriteDeadline(t) }
