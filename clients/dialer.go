@@ -21,7 +21,8 @@ import (
 const DefaultDialTimeout = 30 * time.Second
 
 // Dialer opens connections through a TP server: a new QUIC stream on one shared
-// QUIC connection, or a new TLS connection, per dial (see Transport); ALPN "tp/1",
+// QUIC connection (more connections when the server allows no more streams on
+// it), or a new TLS connection, per dial (see Transport); ALPN "tp/1",
 // a client hello naming the destination, and raw bytes after an ok. A Dialer must
 // not be copied after first use; Close releases its QUIC connection.
 type Dialer struct {
@@ -59,6 +60,11 @@ type Dialer struct {
 	// end-to-end TLS handshake (tp-e2e/1) instead of attaching to the state kept
 	// from an earlier one (docs/PROTOCOL.md, section 11.4).
 	NoE2EAttach bool
+	// MaxQUICConns bounds the QUIC connections the Dialer holds to the server: when
+	// every stream the server allows on the shared connection is in use, a request
+	// goes to a further connection (closed again once idle) instead of waiting.
+	// Zero means DefaultMaxQUICConns.
+	MaxQUICConns int
 
 	quic  quicState
 	spare spareTLS
