@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -18,6 +20,7 @@ import (
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // quicDialer is a Dialer of c that uses QUIC only.
@@ -32,9 +35,10 @@ func quicDialer(t *testing.T, c *clients.Client) *clients.Dialer {
 	return dl
 }
 
-// openLive opens n tunnels to echo through dl at once and proves each one
-// carries a byte both ways; they stay open (closed at the end of the test).
-func openLive(t *testing.T, dl *clients.Dialer, echo string, n int) []net.Conn {
+// openLive opens n sessions with dial at once and proves each one carries a
+// byte both ways through an echo service; they stay open (closed at the end of
+// the test).
+func openLive(t *testing.T, n int, dial func(context.Context) (net.Conn, error)) []net.Conn {
 	t.Helper()
 	conns := make([]net.Conn, n)
 	var g errgroup.Group
@@ -42,18 +46,18 @@ func openLive(t *testing.T, dl *clients.Dialer, echo string, n int) []net.Conn {
 		g.Go(func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 25*time.Second)
 			defer cancel()
-			c, err := dl.DialContext(ctx, "tcp", echo)
+			c, err := dial(ctx)
 			if err != nil {
-				return fmt.Errorf("tunnel %d: %w", i, err)
+				return fmt.Errorf("session %d: %w", i, err)
 			}
 			conns[i] = c
 			_ = c.SetDeadline(time.Now().Add(25 * time.Second))
 			b := []byte{byte(i)}
 			if _, err := c.Write(b); err != nil {
-				return fmt.Errorf("tunnel %d: write: %w", i, err)
+				return fmt.Errorf("session %d: write: %w", i, err)
 			}
 			if _, err := io.ReadFull(c, b); err != nil || b[0] != byte(i) {
-				return fmt.Errorf("tunnel %d: echo of one byte: %q, %v", i, b, err)
+				return fmt.Errorf("session %d: echo of one byte: %q, %v", i, b, err)
 			}
 			return nil
 		})
@@ -72,22 +76,10 @@ func openLive(t *testing.T, dl *clients.Dialer, echo string, n int) []net.Conn {
 	return conns
 }
 
-// Bad input: 250 tunnels open at once through one Dialer over QUIC, against a
-// tpd that lets a QUIC connection carry 100 (quic-max-streams 100). Before, the
-// 101st waited for a stream to end and failed after 30s; now the Dialer opens
-// further QUIC connections, and every tunnel carries its own checksummed data
-// while all 250 are open.
-func TestQUICTunnelsBeyondStreamLimit(t *testing.T) {
-	const n, size = 250, 32 << 10
-	d, url := startDaemonCfg(t, allowAliceBob, func(c *config.Server) { c.QUICMaxStreams = 100 })
-	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
-	echo := testnet.Echo(t)
-	dl := quicDialer(t, alice)
-
-	conns := openLive(t, dl, echo, n)
-	if got := dl.QUICConns(); got < 3 {
-		t.Fatalf("%d tunnels open at once at 100 streams per connection ride on %d QUIC connections; want at least 3", n, got)
-	}
+// echoAll sends size random bytes on every one of conns at once, half-closes,
+// and checks that each gets its own bytes back, checksummed.
+func echoAll(t *testing.T, conns []net.Conn, size int) {
+	t.Helper()
 	var g errgroup.Group
 	for i, c := range conns {
 		g.Go(func() error {
@@ -104,10 +96,10 @@ func TestQUICTunnelsBeyondStreamLimit(t *testing.T) {
 			}()
 			got, err := io.ReadAll(c)
 			if err := errors.Join(err, <-werr); err != nil {
-				return fmt.Errorf("tunnel %d: %w", i, err)
+				return fmt.Errorf("session %d: %w", i, err)
 			}
 			if sha256.Sum256(got) != want {
-				return fmt.Errorf("tunnel %d: echoed %d bytes whose checksum differs from the %d sent", i, len(got), size)
+				return fmt.Errorf("session %d: echoed %d bytes whose checksum differs from the %d sent", i, len(got), size)
 			}
 			return nil
 		})
@@ -115,6 +107,29 @@ func TestQUICTunnelsBeyondStreamLimit(t *testing.T) {
 	if err := g.Wait(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+func dialVia(dl *clients.Dialer, addr string) func(context.Context) (net.Conn, error) {
+	return func(ctx context.Context) (net.Conn, error) { return dl.DialContext(ctx, "tcp", addr) }
+}
+
+// Bad input: 250 tunnels open at once through one Dialer over QUIC, against a
+// tpd that lets a QUIC connection carry 100 (quic-max-streams 100). Before, the
+// 101st waited for a stream to end and failed after 30s; now the Dialer opens
+// further QUIC connections, and every tunnel carries its own checksummed data
+// while all 250 are open.
+func TestQUICTunnelsBeyondStreamLimit(t *testing.T) {
+	const n, size = 250, 32 << 10
+	d, url := startDaemonCfg(t, allowAliceBob, func(c *config.Server) { c.QUICMaxStreams = 100 })
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	echo := testnet.Echo(t)
+	dl := quicDialer(t, alice)
+
+	conns := openLive(t, n, dialVia(dl, echo))
+	if got := dl.QUICConns(); got < 3 {
+		t.Fatalf("%d tunnels open at once at 100 streams per connection ride on %d QUIC connections; want at least 3", n, got)
+	}
+	echoAll(t, conns, size)
 }
 
 // Bad input: alice@laptop opens more tunnels over QUIC than tpd allows her
@@ -129,7 +144,7 @@ func TestQUICPoolKeepsIdentityBound(t *testing.T) {
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	echo := testnet.Echo(t)
 	dl := quicDialer(t, alice)
-	openLive(t, dl, echo, 25)
+	openLive(t, 25, dialVia(dl, echo))
 	if got := dl.QUICConns(); got < 3 {
 		t.Fatalf("25 tunnels at 10 streams per connection ride on %d QUIC connections; want at least 3", got)
 	}
@@ -147,4 +162,120 @@ func TestQUICPoolKeepsIdentityBound(t *testing.T) {
 	if !strings.Contains(err.Error(), "alice@laptop already has 25 sessions open") {
 		t.Fatalf("refusal %q does not say how many sessions she holds", err)
 	}
+}
+
+// concPolicy lets alice expose the name game publicly on TCP port %[1]d, and bob
+// dial it through TP.
+const concPolicy = `package tp.authz
+
+default allow := false
+
+allow if {
+	input.action == "listen"
+	input.identity.user == "alice"
+}
+
+allow if {
+	input.action == "expose_public"
+	input.identity.user == "alice"
+	input.destination.port == %[1]d
+}
+
+allow if {
+	input.action == "dial"
+	input.destination.reverse == "game"
+	input.identity.user == "bob"
+}
+`
+
+// startQUICAgent runs c's agent over QUIC for exposed, allowing the server
+// maxSessions sessions at once (0: the default), until the test ends.
+func startQUICAgent(t *testing.T, c *clients.Client, exposed []clients.Exposed, maxSessions int) {
+	t.Helper()
+	d := quicDialer(t, c)
+	registered := make(chan struct{}, 10)
+	a := &clients.Agent{Dialer: d, Exposed: exposed, Certificate: c.ReverseCertificate, MaxSessions: maxSessions,
+		Registered: func([]string) { registered <- struct{}{} }, ExitOnRefusal: true}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- a.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-errc })
+	select {
+	case <-registered:
+	case err := <-errc:
+		t.Fatalf("agent: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("agent did not register within 30s")
+	}
+}
+
+// Bad input: 1,100 public clients at once on the TCP port alice's agent
+// exposes over QUIC. Before, the agent let tpd open 1,000 streams and the
+// 1,001st public client was reset; now (DefaultAgentMaxSessions) all 1,100 are
+// served at once and each carries its own checksummed data.
+func TestQUICAgentPublicSessionsBeyond1000(t *testing.T) {
+	const n, size = 1100, 4 << 10
+	port := testnet.FreePort(t, "tcp")
+	d, url := startDaemonCfg(t, fmt.Sprintf(concPolicy, port), func(c *config.Server) { c.PublicPorts = strconv.Itoa(port) })
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	startQUICAgent(t, alice, []clients.Exposed{{Name: "game", Local: testnet.Echo(t), PublicPort: port}}, 0)
+	public := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	conns := openLive(t, n, func(ctx context.Context) (net.Conn, error) {
+		var nd net.Dialer
+		return nd.DialContext(ctx, "tcp", public)
+	})
+	echoAll(t, conns, size)
+}
+
+// Bad input: one session more than alice's agent allows at once (MaxSessions
+// 20). tpd holds it for the pickup timeout and then refuses it readably: bob's
+// dial through TP gets reverse_busy, and a public client's connection is reset,
+// never left hanging; the 20 open sessions are not disturbed.
+func TestQUICAgentSessionBoundRefuses(t *testing.T) {
+	const max = 20
+	port := testnet.FreePort(t, "tcp")
+	d, url := startDaemonCfg(t, fmt.Sprintf(concPolicy, port), func(c *config.Server) { c.PublicPorts = strconv.Itoa(port) })
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
+	startQUICAgent(t, alice, []clients.Exposed{{Name: "game", Local: testnet.Echo(t), PublicPort: port}}, max)
+	public := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	dialPublic := func(ctx context.Context) (net.Conn, error) {
+		var nd net.Dialer
+		return nd.DialContext(ctx, "tcp", public)
+	}
+	conns := openLive(t, max, dialPublic)
+
+	bd := quicDialer(t, bob)
+	var g errgroup.Group
+	g.Go(func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 25*time.Second)
+		defer cancel()
+		c, err := bd.DialContext(ctx, "tcp", "game.rev.tp.internal:1")
+		if err == nil {
+			c.Close()
+			return errors.New("bob's session beyond the agent's 20 was let through; want reverse_busy")
+		}
+		var re *clients.RefusedError
+		if !errors.As(err, &re) || re.Code != wire.CodeReverseBusy || !strings.Contains(err.Error(), "no room for another session") {
+			return fmt.Errorf("bob's session beyond the agent's 20: %v; want the refusal %s", err, wire.CodeReverseBusy)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		c, err := net.Dial("tcp", public)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(25 * time.Second))
+		n, err := io.Copy(io.Discard, c)
+		if !errors.Is(err, syscall.ECONNRESET) {
+			return fmt.Errorf("the public client beyond the agent's 20 read %d bytes and then %v; want a connection reset", n, err)
+		}
+		return nil
+	})
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	echoAll(t, conns, 1<<10)
 }
