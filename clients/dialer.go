@@ -68,7 +68,8 @@ type Dialer struct {
 
 	quic  quicState
 	spare spareTLS
-	e2e   attachStates // end-to-end attach state by reverse name (e2eattach.go)
+	e2e   attachStates   // end-to-end attach state by reverse name (e2eattach.go)
+	hs    handshakeSlots // TLS handshakes in flight (tlsslots.go)
 }
 
 // RefusedError is the server's refusal of a dial.
@@ -172,6 +173,11 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	release, err := d.hs.acquire(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to TP server %s: waiting while %d TLS handshakes with it are under way: %w", d.Server, maxTLSHandshakes, err)
+	}
+	defer release()
 	var nd net.Dialer
 	raw, err := nd.DialContext(ctx, "tcp", d.Server)
 	if errors.Is(err, syscall.ECONNREFUSED) {

@@ -279,3 +279,23 @@ func TestQUICAgentSessionBoundRefuses(t *testing.T) {
 	}
 	echoAll(t, conns, 1<<10)
 }
+
+// Bad input: a burst of 300 tunnels at once through one Dialer over TLS, each
+// its own TLS connection, against tpd's default max-handshakes-per-ip (128
+// unfinished handshakes per source address, beyond which it resets connections
+// at accept). The Dialer keeps at most 64 handshakes in flight, so every tunnel
+// opens and carries its checksummed data.
+func TestTLSTunnelBurstWithinHandshakeBound(t *testing.T) {
+	const n = 300
+	d, url := startDaemon(t, allowAliceBob)
+	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
+	echo := testnet.Echo(t)
+	dl, err := alice.Dialer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dl.Transport = clients.TransportTLS
+	t.Cleanup(func() { dl.Close() })
+	conns := openLive(t, n, dialVia(dl, echo))
+	echoAll(t, conns, 4<<10)
+}
