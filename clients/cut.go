@@ -145,9 +145,9 @@ func ExplainCut(ctx context.Context, err error) error {
 func (d *Dialer) why(ctx context.Context, session string) (*wire.SessionEnd, error) {
 	hello := wire.ClientHello{V: wire.Version, Op: wire.OpWhy, Session: session}
 	var conn wire.Stream
-	if q := d.liveQUIC(); q != nil {
-		if str, err := q.OpenStreamSync(ctx); err == nil {
-			conn = &clientStream{wire.NewQUICStream(q, str)}
+	if d.liveQUIC() != nil {
+		if _, st, err := d.openStream(ctx, "asking why"); err == nil {
+			conn = st
 		}
 	}
 	if conn == nil && d.Transport != TransportQUIC {

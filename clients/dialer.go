@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"strconv"
 	"strings"
@@ -21,7 +22,8 @@ import (
 const DefaultDialTimeout = 30 * time.Second
 
 // Dialer opens connections through a TP server: a new QUIC stream on one shared
-// QUIC connection, or a new TLS connection, per dial (see Transport); ALPN "tp/1",
+// QUIC connection (more connections when the server allows no more streams on
+// it), or a new TLS connection, per dial (see Transport); ALPN "tp/1",
 // a client hello naming the destination, and raw bytes after an ok. A Dialer must
 // not be copied after first use; Close releases its QUIC connection.
 type Dialer struct {
@@ -59,10 +61,16 @@ type Dialer struct {
 	// end-to-end TLS handshake (tp-e2e/1) instead of attaching to the state kept
 	// from an earlier one (docs/PROTOCOL.md, section 11.4).
 	NoE2EAttach bool
+	// MaxQUICConns bounds the QUIC connections the Dialer holds to the server: when
+	// every stream the server allows on the shared connection is in use, a request
+	// goes to a further connection (closed again once idle) instead of waiting.
+	// Zero means DefaultMaxQUICConns.
+	MaxQUICConns int
 
 	quic  quicState
 	spare spareTLS
-	e2e   attachStates // end-to-end attach state by reverse name (e2eattach.go)
+	e2e   attachStates   // end-to-end attach state by reverse name (e2eattach.go)
+	hs    handshakeSlots // TLS handshakes in flight (tlsslots.go)
 }
 
 // RefusedError is the server's refusal of a dial.
@@ -172,6 +180,32 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	release, err := d.hs.acquire(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to TP server %s: waiting while %d TLS handshakes with it are under way: %w", d.Server, maxTLSHandshakes, err)
+	}
+	defer release()
+	conn, err := d.handshakeTLS(ctx, cfg)
+	var he *handshakeError
+	if errors.As(err, &he) && closedUnanswered(he.err) && ctx.Err() == nil {
+		// tpd closes a connection at accept, before any answer, when the source
+		// address has max-handshakes-per-ip unfinished handshakes: it counts a
+		// handshake until it has read the client's Finished, which under load can
+		// be well after this side's slot was given back. One retry after a pause
+		// rides that out; nothing of a request was sent yet.
+		t := time.NewTimer(20*time.Millisecond + rand.N(60*time.Millisecond))
+		defer t.Stop()
+		select {
+		case <-t.C:
+			conn, err = d.handshakeTLS(ctx, cfg)
+		case <-ctx.Done():
+		}
+	}
+	return conn, err
+}
+
+// handshakeTLS connects to the server over TCP and runs the TLS handshake.
+func (d *Dialer) handshakeTLS(ctx context.Context, cfg *tls.Config) (*tls.Conn, error) {
 	var nd net.Dialer
 	raw, err := nd.DialContext(ctx, "tcp", d.Server)
 	if errors.Is(err, syscall.ECONNREFUSED) {
@@ -185,9 +219,21 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 	conn := tls.Client(wire.NewEOFConn(raw), cfg)
 	if err := conn.HandshakeContext(ctx); err != nil {
 		_ = raw.Close()
-		return nil, fmt.Errorf("TLS handshake with TP server %s: %w", d.Server, err)
+		return nil, fmt.Errorf("TLS handshake with TP server %s: %w", d.Server, &handshakeError{err})
 	}
 	return conn, nil
+}
+
+// handshakeError is a TLS handshake that failed (handshakeTLS).
+type handshakeError struct{ err error }
+
+func (e *handshakeError) Error() string { return e.err.Error() }
+func (e *handshakeError) Unwrap() error { return e.err }
+
+// closedUnanswered reports whether a handshake failed because the server closed
+// the connection without a TLS alert: refused at accept, not rejected.
+func closedUnanswered(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
 }
 
 // request runs the hello exchange on conn (a TLS connection or a QUIC stream) and

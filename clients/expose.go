@@ -88,6 +88,13 @@ type Agent struct {
 	// policy or a freed name takes effect without restarting it; only a name that
 	// another identity holds before this agent ever registered it ends Run.
 	ExitOnRefusal bool
+	// MaxSessions is how many sessions the server may have open to the agent at
+	// once over QUIC (the agent's stream limit); zero means
+	// DefaultAgentMaxSessions. The server holds a further session until one ends,
+	// for at most its pickup timeout (tpd: 10s), and then refuses it: a TP dialer
+	// reads reverse_busy, a public client's connection is reset. Over TLS each
+	// session is a connection of its own and this does not apply.
+	MaxSessions int
 	// Explain, when set, rewords a failed session (Client.WhyRejected asks the
 	// server why it refused the certificate); a revocation ends Run.
 	Explain func(context.Context, error) error
@@ -158,6 +165,12 @@ func (e fatalError) Unwrap() error { return e.error }
 
 // DefaultAgentIdleTimeout is Agent.IdleTimeout when not set.
 const DefaultAgentIdleTimeout = 6 * time.Second
+
+// DefaultAgentMaxSessions is Agent.MaxSessions when not set: as many sessions as
+// tpd serves at once by default (max-conns), so that at tpd's defaults the
+// server's bounds, not the agent's, decide. Each session costs the agent a
+// connection to its local service (a file descriptor) and a few goroutines.
+const DefaultAgentMaxSessions = 10_000
 
 // Agent reconnect backoff: the first wait, and the cap of a wait before jitter
 // (waits are jittered from half to one and a half times the backoff).
@@ -821,6 +834,13 @@ func listOrNone(l []string) string {
 	return strings.Join(l, ", ")
 }
 
+func (a *Agent) maxSessions() int64 {
+	if a.MaxSessions > 0 {
+		return int64(a.MaxSessions)
+	}
+	return DefaultAgentMaxSessions
+}
+
 // connectQUIC opens the agent's own QUIC connection: unlike a dialer's, it accepts
 // streams, one per session the server opens.
 func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
@@ -845,7 +865,7 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	conn, err := tr.Dial(ctx, raddr, cfg, &quic.Config{
 		KeepAlivePeriod:                idle / 3,
 		MaxIdleTimeout:                 idle,
-		MaxIncomingStreams:             1000, // concurrent sessions
+		MaxIncomingStreams:             a.maxSessions(), // concurrent sessions
 		MaxIncomingUniStreams:          -1,
 		InitialStreamReceiveWindow:     wire.QUICInitialStreamWindow,
 		MaxStreamReceiveWindow:         wire.QUICMaxStreamWindow,

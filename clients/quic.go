@@ -49,6 +49,12 @@ type quicState struct {
 	tlsUntil time.Time
 	// early says where the first bytes may follow the hello (early.go).
 	early earlyState
+	// extra are further connections, opened when conn had no stream credit left
+	// (quicpool.go); extraDialing is closed when the connect in flight for one ends.
+	extra        []*extraConn
+	extraDialing chan struct{}
+	// poolIdle, when set, replaces DefaultQUICPoolIdle (tests).
+	poolIdle time.Duration
 	// drops counts DATAGRAM frames quic-go discarded with its receive queue full.
 	drops wire.DatagramDropCounter
 	// headStartTimer, when set, replaces the head start's timer in race: a test
@@ -59,7 +65,7 @@ type quicState struct {
 // ErrDialerClosed is returned by a Dialer after Close.
 var ErrDialerClosed = errors.New("the TP dialer is closed")
 
-// Close closes the Dialer's QUIC connection and socket (streams on it end) and
+// Close closes the Dialer's QUIC connections and socket (streams on them end) and
 // its spare TLS connection.
 func (d *Dialer) Close() error {
 	d.closeSpare()
@@ -71,6 +77,7 @@ func (d *Dialer) Close() error {
 		_ = q.conn.CloseWithError(wire.QUICNoError, "")
 		q.conn = nil
 	}
+	q.closeExtrasLocked()
 	if q.tr != nil {
 		_ = q.tr.Close()
 		_ = q.udp.Close()
@@ -221,49 +228,46 @@ func (d *Dialer) transport() (*quic.Transport, error) {
 	return q.tr, nil
 }
 
-// dialQUIC runs one request on a new stream of the shared connection. If the
-// connection turns out to be dead (the server restarted), it reconnects once.
-// With early, the request may return before the server answered (early.go).
+// dialQUIC runs one request on a new stream of the Dialer's QUIC connections
+// (openStream). If the connection turns out to be dead (the server restarted),
+// it reconnects once. With early, the request may return before the server
+// answered (early.go).
 func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	for attempt := 0; ; attempt++ {
-		conn, err := d.quicConn(ctx)
-		if err != nil {
-			return nil, err
-		}
-		c, err := d.requestQUIC(ctx, conn, addr, hello, early)
-		if attempt == 0 && connLost(conn, err) && ctx.Err() == nil {
+		c, conn, err := d.requestQUIC(ctx, addr, hello, early)
+		if attempt == 0 && conn != nil && connLost(conn, err) && ctx.Err() == nil {
 			continue // the connection died under us: try once on a fresh one
 		}
 		return c, err
 	}
 }
 
-func (d *Dialer) requestQUIC(ctx context.Context, conn *quic.Conn, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
-	str, err := conn.OpenStreamSync(ctx)
+// requestQUIC runs one request on a new stream; it returns the connection it
+// used (also with an error, for connLost) unless connecting failed.
+func (d *Dialer) requestQUIC(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, *quic.Conn, error) {
+	conn, st, err := d.openStream(ctx, "tp dial "+addr)
 	if err != nil {
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("tp dial %s via %s: every QUIC stream the server allows is in use and none ended in time: %w", addr, d.quicAddr(), ctx.Err())
-		}
-		return nil, fmt.Errorf("tp dial %s via %s: %w", addr, d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
+		return nil, conn, err
 	}
 	// The hello goes out at once: the server sees a stream only once it carries data.
-	st := &clientStream{wire.NewQUICStream(conn, str)}
 	if early != nil && d.quic.early.allows(conn, addr) {
-		return d.requestEarly(ctx, st, conn, addr, hello, early)
+		c, err := d.requestEarly(ctx, st, conn, addr, hello, early)
+		return c, conn, err
 	}
 	sh, attach, err := d.helloExchange(ctx, st, addr, hello)
 	if err != nil {
-		return nil, err
+		return nil, conn, err
 	}
 	d.quic.early.answered(conn, addr, sh)
-	return d.answer(ctx, st, addr, hello, sh, attach)
+	c, err := d.answer(ctx, st, addr, hello, sh, attach)
+	return c, conn, err
 }
 
 // dialAuto uses a live QUIC connection when there is one, TLS when the cache says
 // QUIC failed recently for this server, and otherwise races the two.
 func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
-	if conn := d.liveQUIC(); conn != nil {
-		if c, err := d.requestQUIC(ctx, conn, addr, hello, early); !connLost(conn, err) {
+	if d.liveQUIC() != nil {
+		if c, conn, err := d.requestQUIC(ctx, addr, hello, early); conn != nil && !connLost(conn, err) {
 			return c, err
 		}
 	}

@@ -19,8 +19,8 @@ import (
 func (d *Dialer) dialUDP(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, error) {
 	switch d.Transport {
 	case TransportAuto, "":
-		if conn := d.liveQUIC(); conn != nil {
-			if c, err := d.udpOnQUIC(ctx, conn, addr, hello); !connLost(conn, err) {
+		if d.liveQUIC() != nil {
+			if c, conn, err := d.udpOnQUIC(ctx, addr, hello); conn != nil && !connLost(conn, err) {
 				return c, err
 			}
 		}
@@ -46,12 +46,8 @@ func (d *Dialer) dialUDP(ctx context.Context, addr string, hello wire.ClientHell
 		fallthrough
 	case TransportQUIC:
 		for attempt := 0; ; attempt++ {
-			conn, err := d.quicConn(ctx)
-			if err != nil {
-				return nil, err
-			}
-			c, err := d.udpOnQUIC(ctx, conn, addr, hello)
-			if attempt == 0 && connLost(conn, err) && ctx.Err() == nil {
+			c, conn, err := d.udpOnQUIC(ctx, addr, hello)
+			if attempt == 0 && conn != nil && connLost(conn, err) && ctx.Err() == nil {
 				continue // the connection died under us: try once on a fresh one
 			}
 			return c, err
@@ -73,15 +69,15 @@ func (d *Dialer) udpOnTLS(ctx context.Context, addr string, hello wire.ClientHel
 	return d.udpRequest(ctx, conn, addr, hello)
 }
 
-func (d *Dialer) udpOnQUIC(ctx context.Context, conn *quic.Conn, addr string, hello wire.ClientHello) (net.Conn, error) {
-	str, err := conn.OpenStreamSync(ctx)
+// udpOnQUIC opens the flow on a new stream of the Dialer's QUIC connections
+// (openStream); it returns the connection it used, as requestQUIC does.
+func (d *Dialer) udpOnQUIC(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, *quic.Conn, error) {
+	conn, st, err := d.openStream(ctx, "tp dial udp "+addr)
 	if err != nil {
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("tp dial udp %s via %s: every QUIC stream the server allows is in use and none ended in time: %w", addr, d.quicAddr(), ctx.Err())
-		}
-		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
+		return nil, conn, err
 	}
-	return d.udpRequest(ctx, &clientStream{wire.NewQUICStream(conn, str)}, addr, hello)
+	c, err := d.udpRequest(ctx, st, addr, hello)
+	return c, conn, err
 }
 
 // udpRequest registers the flow (so that no datagram the server sends right after

@@ -20,7 +20,8 @@ import (
 // QUICOptions bounds QUIC connections. Zero values take the defaults.
 type QUICOptions struct {
 	// MaxStreams is the number of concurrent requests (bidirectional streams) one
-	// connection may have open; the peer cannot open more until one ends. Default 100.
+	// connection may have open; the peer cannot open more on it until one ends
+	// (TP's client then opens a further connection). Default DefaultQUICMaxStreams.
 	MaxStreams int64
 	// KeepAlive is the period of keepalive packets on an idle connection, which keep
 	// NAT bindings open. Default 15s. Negative disables.
@@ -34,6 +35,16 @@ type QUICOptions struct {
 	StatelessResetKey *quic.StatelessResetKey
 }
 
+// DefaultQUICMaxStreams is QUICOptions.MaxStreams when not set. It is not a
+// bound per device: a device may open several connections, each stream takes a
+// slot of Config.MaxConns and, after its hello, one of the device's
+// MaxSessionsPerIdentity, which bound what a device holds. It is above
+// DefaultMaxSessionsPerIdentity, so that a device at its bound needs one
+// connection (one handshake, one MaxConns slot and one connection receive
+// window) rather than six. Memory does not grow with it: quic-go keeps state only
+// for streams that are open, and the connection window bounds what is buffered.
+const DefaultQUICMaxStreams = 1000
+
 func (o QUICOptions) withDefaults() (QUICOptions, error) {
 	var errs []error
 	if o.MaxStreams < 0 {
@@ -46,7 +57,7 @@ func (o QUICOptions) withDefaults() (QUICOptions, error) {
 		return o, err
 	}
 	if o.MaxStreams == 0 {
-		o.MaxStreams = 100
+		o.MaxStreams = DefaultQUICMaxStreams
 	}
 	if o.KeepAlive == 0 {
 		o.KeepAlive = 15 * time.Second

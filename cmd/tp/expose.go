@@ -17,6 +17,7 @@ import (
 func exposeCmd(stderr io.Writer) *cobra.Command {
 	var allowUsers, allowGroups, extra []string
 	var exitOnRefusal bool
+	var maxSessions int
 	var pub publicFlags
 	cmd := &cobra.Command{
 		Use:   "expose NAME LOCAL_ADDR",
@@ -44,6 +45,9 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 			main, err := pub.exposed(args[0], args[1])
 			if err != nil {
 				return err
+			}
+			if maxSessions < 1 || maxSessions > 1_000_000 {
+				return fmt.Errorf("--max-sessions %d must be between 1 and 1000000", maxSessions)
 			}
 			if !pub.public() && len(allowUsers) == 0 && len(allowGroups) == 0 {
 				return fmt.Errorf("say who may connect to %s: --allow-user NAME or --allow-group GROUP (nobody is allowed otherwise)", args[0])
@@ -74,6 +78,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 				AllowUsers:    allowUsers,
 				AllowGroups:   allowGroups,
 				ExitOnRefusal: exitOnRefusal,
+				MaxSessions:   maxSessions,
 				Explain:       c.WhyRejected,
 				Certificate:   c.ReverseCertificate,
 				Logger:        slog.New(slog.NewTextHandler(stderr, nil)),
@@ -109,6 +114,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	}
 	cmd.Flags().StringSliceVar(&allowUsers, "allow-user", nil, "users whose devices may connect (repeatable)")
 	cmd.Flags().StringSliceVar(&allowGroups, "allow-group", nil, "groups whose members' devices may connect (repeatable)")
+	cmd.Flags().IntVar(&maxSessions, "max-sessions", clients.DefaultAgentMaxSessions, "sessions the TP server may have open to this agent at once over QUIC; one more waits up to 10s for one to end, then is refused")
 	cmd.Flags().BoolVar(&exitOnRefusal, "exit-on-refusal", false, "exit when the server refuses the names (policy denial, or a name another identity holds) instead of retrying with backoff")
 	cmd.Flags().StringSliceVar(&extra, "also", nil, "expose another NAME=HOST:PORT (NAME=HOST:PORT/udp for a UDP service) on the same agent, protected (repeatable)")
 	pub.register(cmd)

@@ -14,7 +14,7 @@ import (
 )
 
 // Scenarios in the order they run. Names are what --only takes.
-var Scenarios = []string{"bulk", "setup", "handshake", "memory", "reverse", "loss", "policy", "load", "slowloris", "soak"}
+var Scenarios = []string{"bulk", "setup", "handshake", "memory", "reverse", "loss", "policy", "load", "slowloris", "soak", "concurrency"}
 
 // peerScenarios measure the peers (Peers) beside TP.
 var peerScenarios = []string{"bulk", "setup", "memory", "reverse"}
@@ -153,7 +153,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		fn   func(context.Context, *Env, sizes, int) ([]Row, error)
 	}{
 		{"bulk", bulk}, {"setup", setup}, {"handshake", handshakes}, {"memory", memory}, {"reverse", reverse}, {"loss", loss}, {"policy", policyLatency},
-		{"load", loadScenario}, {"slowloris", slowloris}, {"soak", soak},
+		{"load", loadScenario}, {"slowloris", slowloris}, {"soak", soak}, {"concurrency", concurrency},
 	}
 	for _, s := range steps {
 		if !o.wants(s.name) {

@@ -40,6 +40,9 @@ func RunHelper(ctx context.Context, args []string, stdout io.Writer) error {
 		return errors.New("helper role missing")
 	}
 	role := args[1]
+	if role == "echo" { // scenario concurrency (concurrency.go)
+		return runEchoHelper(ctx, stdout)
+	}
 	if role == "loss-server" || role == "loss-client" {
 		return runLossHelper(ctx, role, args[2:], stdout)
 	}

@@ -163,7 +163,7 @@ func DefaultServer() Server {
 		QUIC:                true,
 		QUICKeepAlive:       15 * time.Second,
 		QUICIdleTimeout:     60 * time.Second,
-		QUICMaxStreams:      100,
+		QUICMaxStreams:      1000,
 		UDPIdleTimeout:      60 * time.Second,
 		UDPMaxFlows:         256,
 		UDPMaxPublicFlows:   512,

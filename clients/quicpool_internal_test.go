@@ -1,0 +1,131 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// quicPoolEnv runs a real proxy.Server over QUIC on loopback that lets one
+// connection carry maxStreams streams, and returns a QUIC-only Dialer for it
+// and an echo service.
+func quicPoolEnv(t *testing.T, maxStreams int64) (*Dialer, string) {
+	t.Helper()
+	ca := testpki.New(t)
+	srv, err := proxy.New(proxy.Config{
+		ProxyTLS: &tls.Config{
+			Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")},
+			ClientCAs:    ca.Pool,
+			ClientAuth:   tls.RequireAndVerifyClientCert,
+		},
+		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
+			leaf := cs.PeerCertificates[0]
+			return authz.Identity{DeviceID: leaf.Subject.CommonName, NotAfter: leaf.NotAfter}, nil
+		},
+		Authorizer: authorizerFunc(func(authz.Request) authz.Decision { return authz.Decision{Allow: true} }),
+		Logger:     slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = srv.ServeQUIC(ctx, udp, proxy.QUICOptions{MaxStreams: maxStreams}); close(done) }()
+	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	d := &Dialer{Server: udp.LocalAddr().String(), Transport: TransportQUIC, Timeout: 20 * time.Second,
+		TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}, ServerName: "localhost"}}
+	t.Cleanup(func() { _ = d.Close(); cancel(); <-done })
+	return d, testnet.Echo(t)
+}
+
+// openEchoed opens a tunnel to echo and proves it with one byte each way.
+func openEchoed(t *testing.T, d *Dialer, echo string) net.Conn {
+	t.Helper()
+	c, err := d.DialContext(context.Background(), "tcp", echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	b := []byte{'x'}
+	if _, err := c.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, b); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// Bad input: 12 tunnels at once where the server allows 5 streams per QUIC
+// connection. They ride on exactly three connections (new requests fill the
+// first with room); once they end, the two further connections close after the
+// pool's idle time and the shared one stays.
+func TestQUICPoolGrowsAndShrinks(t *testing.T) {
+	d, echo := quicPoolEnv(t, 5)
+	d.quic.mu.Lock()
+	d.quic.poolIdle = 50 * time.Millisecond
+	d.quic.mu.Unlock()
+	var conns []net.Conn
+	for range 12 {
+		conns = append(conns, openEchoed(t, d, echo))
+	}
+	if got := d.QUICConns(); got != 3 {
+		t.Fatalf("12 tunnels at 5 streams per connection hold %d QUIC connections; want 3", got)
+	}
+	for _, c := range conns {
+		_ = c.Close()
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for d.QUICConns() != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("20s after its tunnels ended the Dialer still holds %d QUIC connections; want the shared one only", d.QUICConns())
+		}
+		time.Sleep(10 * time.Millisecond) // polling for the idle close, bounded by the deadline
+	}
+	c := openEchoed(t, d, echo)
+	defer c.Close()
+	if got := d.QUICConns(); got != 1 {
+		t.Fatalf("one tunnel after the pool shrank holds %d QUIC connections; want 1", got)
+	}
+}
+
+// Bad input: an 11th tunnel when MaxQUICConns 2 connections of 5 streams are
+// full. It waits for a stream to end rather than opening a third connection,
+// fails readably when none ends within its timeout, and succeeds once one does.
+func TestQUICPoolBoundWaits(t *testing.T) {
+	d, echo := quicPoolEnv(t, 5)
+	d.MaxQUICConns = 2
+	var conns []net.Conn
+	for range 10 {
+		conns = append(conns, openEchoed(t, d, echo))
+	}
+	d.Timeout = 500 * time.Millisecond // a deliberate deadline for the refused wait
+	_, err := d.DialContext(context.Background(), "tcp", echo)
+	if err == nil || !strings.Contains(err.Error(), "every QUIC stream the server allows on 2 connections is in use") {
+		t.Fatalf("11th tunnel with both connections full: %v; want the wait's readable failure", err)
+	}
+	if got := d.QUICConns(); got != 2 {
+		t.Fatalf("the Dialer holds %d QUIC connections; want MaxQUICConns 2", got)
+	}
+	d.Timeout = 20 * time.Second
+	_ = conns[0].Close()
+	c := openEchoed(t, d, echo)
+	defer c.Close()
+	for _, c := range conns[1:] {
+		_ = c.Close()
+	}
+}
