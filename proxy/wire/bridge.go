@@ -7,19 +7,37 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/quic-go/quic-go"
 )
 
-// An idle direction blocks in Read holding only a small buffer; a large pooled
-// buffer is taken while data moves in bulk and given back when reads come back
-// small again, so thousands of idle tunnels do not pin 64 KiB each.
+// An idle direction holds no copy buffer of its own where it can avoid it. A
+// socket (the destination's TCP connection, `tp forward`'s local one) is read
+// through its RawConn: the 64 KiB pooled buffer is taken when the socket is
+// readable and given back when a read finds it empty, before the wait. Any other
+// source (TLS, a QUIC stream) blocks in Read holding a small buffer, and takes the
+// large one only while data moves in bulk.
 const (
 	bridgeBufSize = 64 << 10
 	idleBufSize   = 2 << 10
 )
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bridgeBufSize); return &b }}
+
+// bufsTaken counts the pooled buffers that copy loops hold right now, so tests
+// can check that idle tunnels hold none.
+var bufsTaken atomic.Int64
+
+func takeBuf() *[]byte {
+	bufsTaken.Add(1)
+	return bufPool.Get().(*[]byte)
+}
+
+func giveBuf(b *[]byte) {
+	bufsTaken.Add(-1)
+	bufPool.Put(b)
+}
 
 // closeWriter is implemented by *net.TCPConn, *net.UnixConn, *tls.Conn and stream
 // adapters that can half-close.
@@ -144,11 +162,14 @@ func copyConn(dst, src net.Conn) (written int64, rerr, werr error) {
 		}
 		return n, err, nil
 	}
+	if rc := rawReadConn(src); rc != nil {
+		return copySocket(dst, src, rc)
+	}
 	small := make([]byte, idleBufSize)
 	var big *[]byte
 	defer func() {
 		if big != nil {
-			bufPool.Put(big)
+			giveBuf(big)
 		}
 	}()
 	for {
@@ -175,10 +196,40 @@ func copyConn(dst, src net.Conn) (written int64, rerr, werr error) {
 		}
 		switch {
 		case big == nil && n == len(small): // data is moving: copy in large chunks
-			big = bufPool.Get().(*[]byte)
+			big = takeBuf()
 		case big != nil && n < idleBufSize: // back to a trickle: give the large buffer back
-			bufPool.Put(big)
+			giveBuf(big)
 			big = nil
+		}
+	}
+}
+
+// copySocket is copyConn for a source socket read through its RawConn rc: it
+// waits for data holding no buffer, and reads into a pooled one only once the
+// socket is readable.
+func copySocket(dst, src net.Conn, rc syscall.RawConn) (written int64, rerr, werr error) {
+	r := &socketReader{src: src}
+	read := r.read // one closure for every wait, not one per call
+	defer r.release()
+	for {
+		if err := rc.Read(read); err != nil {
+			return written, err, nil // closed or past its deadline
+		}
+		if r.n > 0 {
+			w, werr := dst.Write((*r.buf)[:r.n])
+			written += int64(w)
+			if werr != nil {
+				return written, nil, werr
+			}
+			if w != r.n {
+				return written, nil, io.ErrShortWrite
+			}
+		}
+		if r.err != nil {
+			if errors.Is(r.err, io.EOF) {
+				return written, nil, nil
+			}
+			return written, r.err, nil
 		}
 	}
 }
