@@ -2,12 +2,15 @@ package wire
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/quic-go/quic-go"
 )
@@ -165,6 +168,9 @@ func copyConn(dst, src net.Conn) (written int64, rerr, werr error) {
 	if rc := rawReadConn(src); rc != nil {
 		return copySocket(dst, src, rc)
 	}
+	if tlsOverTCP(src) {
+		return copyTLS(dst, src)
+	}
 	small := make([]byte, idleBufSize)
 	var big *[]byte
 	defer func() {
@@ -202,6 +208,87 @@ func copyConn(dst, src net.Conn) (written int64, rerr, werr error) {
 			big = nil
 		}
 	}
+}
+
+// copyTLS is copyConn for a source whose reads come from a TLS connection over
+// TCP. While idle it waits in a one-byte Read: crypto/tls decrypts the record
+// that ends the wait into its own buffer (which it keeps anyway) and hands over
+// one byte. The rest of that record, and any further record already received,
+// is then read without waiting: a TLS connection returns data it holds even
+// past its read deadline, and a deadline only fails the read of its transport,
+// leaving the TLS connection usable.
+func copyTLS(dst, src net.Conn) (written int64, rerr, werr error) {
+	var big *[]byte
+	defer func() {
+		if big != nil {
+			giveBuf(big)
+		}
+	}()
+	one := make([]byte, 1)
+	for {
+		var n int
+		var err error
+		if big == nil {
+			if n, err = src.Read(one); n == 1 {
+				big = takeBuf()
+				(*big)[0] = one[0]
+				if err == nil && src.SetReadDeadline(aLongTimeAgo) == nil {
+					var m int
+					m, err = src.Read((*big)[1:])
+					n += m
+					if errors.Is(err, os.ErrDeadlineExceeded) { // nothing more came yet
+						err = nil
+					}
+					if derr := src.SetReadDeadline(time.Time{}); err == nil {
+						err = derr
+					}
+				}
+			}
+		} else {
+			n, err = src.Read(*big)
+		}
+		if n > 0 {
+			w, werr := dst.Write((*big)[:n])
+			written += int64(w)
+			if werr != nil {
+				return written, nil, werr
+			}
+			if w != n {
+				return written, nil, io.ErrShortWrite
+			}
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return written, nil, nil
+			}
+			return written, err, nil
+		}
+		if big != nil && n < idleBufSize { // a trickle: wait in the one-byte read again
+			giveBuf(big)
+			big = nil
+		}
+	}
+}
+
+// aLongTimeAgo is a read deadline that has passed: a read with it returns only
+// what is already there.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// tlsOverTCP reports whether c's wrapper chain leads to a *tls.Conn whose
+// transport is a TCP connection (through wrappers such as EOFConn), whose
+// deadlines behave as copyTLS needs.
+func tlsOverTCP(c net.Conn) bool {
+	for ; c != nil; c = unwrapConn(c) {
+		if tc, ok := c.(*tls.Conn); ok {
+			for below := tc.NetConn(); below != nil; below = unwrapConn(below) {
+				if _, ok := below.(*net.TCPConn); ok {
+					return true
+				}
+			}
+			return false
+		}
+	}
+	return false
 }
 
 // copySocket is copyConn for a source socket read through its RawConn rc: it
