@@ -28,9 +28,13 @@ const (
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bridgeBufSize); return &b }}
 
-// bufsTaken counts the pooled buffers that copy loops hold right now, so tests
-// can check that idle tunnels hold none.
+// bufsTaken counts the pooled buffers that copy loops hold right now.
 var bufsTaken atomic.Int64
+
+// CopyBuffersHeld is how many 64 KiB copy buffers Bridge holds right now, in all
+// its sessions together: one per direction that is moving data in bulk or
+// blocked writing it, none for an idle direction.
+func CopyBuffersHeld() int64 { return bufsTaken.Load() }
 
 func takeBuf() *[]byte {
 	bufsTaken.Add(1)
@@ -211,12 +215,14 @@ func copyConn(dst, src net.Conn) (written int64, rerr, werr error) {
 }
 
 // copyTLS is copyConn for a source whose reads come from a TLS connection over
-// TCP. While idle it waits in a one-byte Read: crypto/tls decrypts the record
-// that ends the wait into its own buffer (which it keeps anyway) and hands over
-// one byte. The rest of that record, and any further record already received,
-// is then read without waiting: a TLS connection returns data it holds even
-// past its read deadline, and a deadline only fails the read of its transport,
-// leaving the TLS connection usable.
+// TCP. It waits in a one-byte Read: crypto/tls decrypts the record that ends the
+// wait into its own buffer (which it keeps anyway) and hands over one byte. Only
+// then is the pooled buffer taken, and everything the TLS connection already
+// holds (the rest of the record, further records received with it) is read
+// with a read deadline in the past: a TLS connection returns the data it holds
+// even then, and a deadline only fails the read of its transport, leaving the
+// TLS connection usable. When it holds no more, the buffer goes back before the
+// next wait.
 func copyTLS(dst, src net.Conn) (written int64, rerr, werr error) {
 	var big *[]byte
 	defer func() {
@@ -226,46 +232,48 @@ func copyTLS(dst, src net.Conn) (written int64, rerr, werr error) {
 	}()
 	one := make([]byte, 1)
 	for {
-		var n int
-		var err error
-		if big == nil {
-			if n, err = src.Read(one); n == 1 {
-				big = takeBuf()
-				(*big)[0] = one[0]
-				if err == nil && src.SetReadDeadline(aLongTimeAgo) == nil {
+		n, err := src.Read(one) // the wait: no buffer of ours but this byte
+		if n > 0 {
+			big = takeBuf()
+			(*big)[0] = one[0]
+			held := err == nil && src.SetReadDeadline(aLongTimeAgo) == nil
+			for {
+				if held {
 					var m int
-					m, err = src.Read((*big)[1:])
+					m, err = src.Read((*big)[n:])
 					n += m
-					if errors.Is(err, os.ErrDeadlineExceeded) { // nothing more came yet
-						err = nil
+				}
+				if n > 0 {
+					w, werr := dst.Write((*big)[:n])
+					written += int64(w)
+					if werr != nil {
+						return written, nil, werr
 					}
-					if derr := src.SetReadDeadline(time.Time{}); err == nil {
-						err = derr
+					if w != n {
+						return written, nil, io.ErrShortWrite
 					}
+					n = 0
+				}
+				if !held || err != nil {
+					break
 				}
 			}
-		} else {
-			n, err = src.Read(*big)
-		}
-		if n > 0 {
-			w, werr := dst.Write((*big)[:n])
-			written += int64(w)
-			if werr != nil {
-				return written, nil, werr
+			if held {
+				if errors.Is(err, os.ErrDeadlineExceeded) { // it held no more: wait again
+					err = nil
+				}
+				if derr := src.SetReadDeadline(time.Time{}); err == nil {
+					err = derr
+				}
 			}
-			if w != n {
-				return written, nil, io.ErrShortWrite
-			}
+			giveBuf(big)
+			big = nil
 		}
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				return written, nil, nil
 			}
 			return written, err, nil
-		}
-		if big != nil && n < idleBufSize { // a trickle: wait in the one-byte read again
-			giveBuf(big)
-			big = nil
 		}
 	}
 }
