@@ -18,12 +18,15 @@ import (
 // An idle direction holds no copy buffer of its own where it can avoid it. A
 // socket (the destination's TCP connection, `tp forward`'s local one) is read
 // through its RawConn: the 64 KiB pooled buffer is taken when the socket is
-// readable and given back when a read finds it empty, before the wait. Any other
-// source (TLS, a QUIC stream) blocks in Read holding a small buffer, and takes the
-// large one only while data moves in bulk.
+// readable and given back when a read finds it empty, before the wait. A TLS
+// connection over TCP waits in a one-byte read (copyTLS). Any other source (a QUIC
+// stream, whose Read cannot tell "nothing more yet" without waiting) blocks in
+// Read holding a small buffer of smallBufSize, and takes the large one only while
+// data moves in bulk: a read shorter than idleBufSize gives it back.
 const (
 	bridgeBufSize = 64 << 10
 	idleBufSize   = 2 << 10
+	smallBufSize  = 512
 )
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bridgeBufSize); return &b }}
@@ -175,7 +178,7 @@ func copyConn(dst, src net.Conn) (written int64, rerr, werr error) {
 	if tlsOverTCP(src) {
 		return copyTLS(dst, src)
 	}
-	small := make([]byte, idleBufSize)
+	small := make([]byte, smallBufSize)
 	var big *[]byte
 	defer func() {
 		if big != nil {
