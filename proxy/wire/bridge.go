@@ -285,21 +285,36 @@ func copyTLS(dst, src net.Conn) (written int64, rerr, werr error) {
 // what is already there.
 var aLongTimeAgo = time.Unix(1, 0)
 
-// tlsOverTCP reports whether c's wrapper chain leads to a *tls.Conn whose
-// transport is a TCP connection (through wrappers such as EOFConn), whose
-// deadlines behave as copyTLS needs.
+// ReadThrough is implemented by a wrapper whose Read and SetReadDeadline pass
+// the wrapped connection's bytes, errors and deadlines through unchanged, so
+// that Bridge may read it as it would read the connection it wraps.
+type ReadThrough interface {
+	Unwrap() net.Conn
+	ReadsThrough()
+}
+
+// tlsOverTCP reports whether c is a *tls.Conn, or wraps one only with
+// ReadThrough wrappers, that runs right on a TCP connection (or on EOFConn over
+// one), whose deadlines behave as copyTLS needs. Any other wrapper (a framing of
+// its own, like a protected session's sealed records) may not survive a read
+// that ends at a deadline, and a TLS connection inside another stream leaves
+// deadlines to that stream.
 func tlsOverTCP(c net.Conn) bool {
-	for ; c != nil; c = unwrapConn(c) {
-		if tc, ok := c.(*tls.Conn); ok {
-			for below := tc.NetConn(); below != nil; below = unwrapConn(below) {
-				if _, ok := below.(*net.TCPConn); ok {
-					return true
-				}
+	for {
+		switch v := c.(type) {
+		case *tls.Conn:
+			below := v.NetConn()
+			if e, ok := below.(*EOFConn); ok {
+				below = e.Conn
 			}
+			_, ok := below.(*net.TCPConn)
+			return ok
+		case ReadThrough:
+			c = v.Unwrap()
+		default:
 			return false
 		}
 	}
-	return false
 }
 
 // copySocket is copyConn for a source socket read through its RawConn rc: it
