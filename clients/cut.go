@@ -30,6 +30,12 @@ type tunnel struct {
 // Unwrap is the stream the tunnel runs on.
 func (t *tunnel) Unwrap() net.Conn { return t.Stream }
 
+// ReadsThrough says that Read passes the stream's bytes, deadline errors and
+// deadlines through (wire.ReadThrough): Bridge may wait on it in a one-byte read.
+func (t *tunnel) ReadsThrough() {}
+
+var _ wire.ReadThrough = (*tunnel)(nil)
+
 func (t *tunnel) Read(p []byte) (int, error) {
 	n, err := t.Stream.Read(p)
 	switch {

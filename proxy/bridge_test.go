@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -161,5 +163,73 @@ func TestIdleSessionGoroutines(t *testing.T) {
 		if n := goroutinesWith(fn); n != 0 {
 			t.Errorf("%d goroutines still hold %s frames", n, fn)
 		}
+	}
+}
+
+// TestIdleTunnelHoldsNoCopyBuffer: a local client ⇄ Forwarder ⇄ TLS tunnel ⇄
+// proxy ⇄ echo destination. Messages of every size around the copy loops' edges
+// (a one-byte TLS record, a record of exactly the small-read size, several
+// records) come back whole and without waiting for more data, then a bulk
+// transfer moves; once the tunnel is idle again, neither end's Bridge holds a
+// pooled copy buffer. The bad state: a direction blocked in Read with its 64 KiB
+// buffer, on the TCP side (tp forward's local connection, the destination's) or
+// the TLS side (the tunnel, on both ends).
+func TestIdleTunnelHoldsNoCopyBuffer(t *testing.T) {
+	e := newEnv(t, nil)
+	d := e.dialer()
+	d.Transport = clients.TransportTLS
+	defer d.Close()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() {
+		served <- (&clients.Forwarder{Dial: d.DialContext, Target: e.echo, Logger: discardLogger()}).Serve(ctx, ln)
+	}()
+	defer func() {
+		cancel()
+		<-served
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// A stall (a direction that waits for more after a short record) fails the
+	// read with this bound instead of hanging the test.
+	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
+	for _, size := range []int{1, 1, 2, 100, 2047, 2048, 2049, 16384, 16385, 70000, 1} {
+		msg := bytes.Repeat([]byte{byte(size)}, size)
+		if _, err := c.Write(msg); err != nil {
+			t.Fatalf("writing a %d-byte message: %v", size, err)
+		}
+		got := make([]byte, size)
+		if _, err := io.ReadFull(c, got); err != nil {
+			t.Fatalf("reading back a %d-byte message: %v", size, err)
+		}
+		if !bytes.Equal(got, msg) {
+			t.Fatalf("a %d-byte message came back changed", size)
+		}
+	}
+	const bulk = 8 << 20
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := c.Write(bytes.Repeat([]byte("tp"), bulk/2))
+		wrote <- err
+	}()
+	if n, err := io.CopyN(io.Discard, c, bulk); err != nil {
+		t.Fatalf("bulk echo: %d of %d bytes came back: %v", n, bulk, err)
+	}
+	if err := <-wrote; err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for wire.CopyBuffersHeld() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the idle tunnel's Bridges still hold %d pooled copy buffers, want 0", wire.CopyBuffersHeld())
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

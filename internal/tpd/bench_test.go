@@ -3,10 +3,13 @@ package tpd
 import (
 	"context"
 	"net"
+	"os"
 	"runtime"
+	"runtime/pprof"
 	"testing"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/config"
 )
 
 // Benchmarks on the real assembly (policy engine, user store, deny list, logging
@@ -70,26 +73,49 @@ func BenchmarkHandshake(b *testing.B) {
 	}
 }
 
-// BenchmarkIdleTunnel opens b.N TLS tunnels and leaves them idle, then reports
-// what each holds: goroutines and stack bytes (tpd's alone: the client and the
-// destination run none per tunnel), read before any garbage collection as a
-// process that just accepted them holds them, and heap bytes after collection
-// (tpd's and the client's TLS state together).
+// BenchmarkIdleTunnel opens b.N tunnels over each carrier and leaves them idle,
+// then reports what each holds: goroutines and stack bytes, read before any
+// garbage collection as a process that just accepted them holds them, and heap
+// bytes after collection (tpd's and the client's state together). With
+// TP_IDLE_HEAPPROFILE=FILE it writes a heap profile (FILE-tls, FILE-quic) while
+// the tunnels are open, for `go tool pprof -sample_index=inuse_space`.
 func BenchmarkIdleTunnel(b *testing.B) {
-	dl, dest := benchDialer(b)
+	for _, tr := range []string{clients.TransportTLS, clients.TransportQUIC} {
+		b.Run(tr, func(b *testing.B) { benchIdle(b, tr) })
+	}
+}
+
+func benchIdle(b *testing.B, transport string) {
+	d, url := startDaemonCfg(b, allowAlice, func(c *config.Server) {
+		c.QUICMaxStreams, c.MaxSessionsPerIdentity = 100_000, 1_000_000
+	})
+	c, _, _ := enrollClient(b, d, url, "alice", "laptop")
+	dl, err := c.Dialer()
+	if err != nil {
+		b.Fatal(err)
+	}
+	dl.Transport = transport
+	dest := holdServer(b)
 	collect := func() runtime.MemStats {
 		runtime.GC()
 		var m runtime.MemStats
 		runtime.ReadMemStats(&m)
 		return m
 	}
-	before, g0 := collect(), runtime.NumGoroutine()
-	conns := make([]net.Conn, 0, b.N)
+	// One tunnel first, so that what every carrier sets up once (the QUIC
+	// connection) is not counted per tunnel.
+	first, err := dl.DialContext(context.Background(), "tcp", dest)
+	if err != nil {
+		b.Fatal(err)
+	}
+	conns := []net.Conn{first}
 	b.Cleanup(func() {
 		for _, c := range conns {
 			c.Close()
 		}
 	})
+	before, g0 := collect(), runtime.NumGoroutine()
+	b.ResetTimer()
 	for range b.N {
 		conn, err := dl.DialContext(context.Background(), "tcp", dest)
 		if err != nil {
@@ -106,4 +132,14 @@ func BenchmarkIdleTunnel(b *testing.B) {
 	b.ReportMetric(float64(g1-g0)/n, "goroutines/tunnel")
 	b.ReportMetric((float64(idle.StackInuse)-float64(before.StackInuse))/n, "stack-B/tunnel")
 	b.ReportMetric((float64(after.HeapAlloc)-float64(before.HeapAlloc))/n, "heap-B/tunnel")
+	if f := os.Getenv("TP_IDLE_HEAPPROFILE"); f != "" {
+		out, err := os.Create(f + "-" + transport)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer out.Close()
+		if err := pprof.Lookup("heap").WriteTo(out, 0); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

@@ -2,24 +2,52 @@ package wire
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
+	"time"
 
 	"github.com/quic-go/quic-go"
 )
 
-// An idle direction blocks in Read holding only a small buffer; a large pooled
-// buffer is taken while data moves in bulk and given back when reads come back
-// small again, so thousands of idle tunnels do not pin 64 KiB each.
+// An idle direction holds no copy buffer of its own where it can avoid it. A
+// socket (the destination's TCP connection, `tp forward`'s local one) is read
+// through its RawConn: the 64 KiB pooled buffer is taken when the socket is
+// readable and given back when a read finds it empty, before the wait. A TLS
+// connection over TCP waits in a one-byte read (copyTLS). Any other source (a QUIC
+// stream, whose Read cannot tell "nothing more yet" without waiting) blocks in
+// Read holding a small buffer of smallBufSize, and takes the large one only while
+// data moves in bulk: a read shorter than idleBufSize gives it back.
 const (
 	bridgeBufSize = 64 << 10
 	idleBufSize   = 2 << 10
+	smallBufSize  = 512
 )
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bridgeBufSize); return &b }}
+
+// bufsTaken counts the pooled buffers that copy loops hold right now.
+var bufsTaken atomic.Int64
+
+// CopyBuffersHeld is how many 64 KiB copy buffers Bridge holds right now, in all
+// its sessions together: one per direction that is moving data in bulk or
+// blocked writing it, none for an idle direction.
+func CopyBuffersHeld() int64 { return bufsTaken.Load() }
+
+func takeBuf() *[]byte {
+	bufsTaken.Add(1)
+	return bufPool.Get().(*[]byte)
+}
+
+func giveBuf(b *[]byte) {
+	bufsTaken.Add(-1)
+	bufPool.Put(b)
+}
 
 // closeWriter is implemented by *net.TCPConn, *net.UnixConn, *tls.Conn and stream
 // adapters that can half-close.
@@ -144,11 +172,17 @@ func copyConn(dst, src net.Conn) (written int64, rerr, werr error) {
 		}
 		return n, err, nil
 	}
-	small := make([]byte, idleBufSize)
+	if rc := rawReadConn(src); rc != nil {
+		return copySocket(dst, src, rc)
+	}
+	if tlsOverTCP(src) {
+		return copyTLS(dst, src)
+	}
+	small := make([]byte, smallBufSize)
 	var big *[]byte
 	defer func() {
 		if big != nil {
-			bufPool.Put(big)
+			giveBuf(big)
 		}
 	}()
 	for {
@@ -175,10 +209,140 @@ func copyConn(dst, src net.Conn) (written int64, rerr, werr error) {
 		}
 		switch {
 		case big == nil && n == len(small): // data is moving: copy in large chunks
-			big = bufPool.Get().(*[]byte)
+			big = takeBuf()
 		case big != nil && n < idleBufSize: // back to a trickle: give the large buffer back
-			bufPool.Put(big)
+			giveBuf(big)
 			big = nil
+		}
+	}
+}
+
+// copyTLS is copyConn for a source whose reads come from a TLS connection over
+// TCP. It waits in a one-byte Read: crypto/tls decrypts the record that ends the
+// wait into its own buffer (which it keeps anyway) and hands over one byte. Only
+// then is the pooled buffer taken, and everything the TLS connection already
+// holds (the rest of the record, further records received with it) is read
+// with a read deadline in the past: a TLS connection returns the data it holds
+// even then, and a deadline only fails the read of its transport, leaving the
+// TLS connection usable. When it holds no more, the buffer goes back before the
+// next wait.
+func copyTLS(dst, src net.Conn) (written int64, rerr, werr error) {
+	var big *[]byte
+	defer func() {
+		if big != nil {
+			giveBuf(big)
+		}
+	}()
+	one := make([]byte, 1)
+	for {
+		n, err := src.Read(one) // the wait: no buffer of ours but this byte
+		if n > 0 {
+			big = takeBuf()
+			(*big)[0] = one[0]
+			held := err == nil && src.SetReadDeadline(aLongTimeAgo) == nil
+			for {
+				if held {
+					var m int
+					m, err = src.Read((*big)[n:])
+					n += m
+				}
+				if n > 0 {
+					w, werr := dst.Write((*big)[:n])
+					written += int64(w)
+					if werr != nil {
+						return written, nil, werr
+					}
+					if w != n {
+						return written, nil, io.ErrShortWrite
+					}
+					n = 0
+				}
+				if !held || err != nil {
+					break
+				}
+			}
+			if held {
+				if errors.Is(err, os.ErrDeadlineExceeded) { // it held no more: wait again
+					err = nil
+				}
+				if derr := src.SetReadDeadline(time.Time{}); err == nil {
+					err = derr
+				}
+			}
+			giveBuf(big)
+			big = nil
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return written, nil, nil
+			}
+			return written, err, nil
+		}
+	}
+}
+
+// aLongTimeAgo is a read deadline that has passed: a read with it returns only
+// what is already there.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// ReadThrough is implemented by a wrapper whose Read and SetReadDeadline pass
+// the wrapped connection's bytes, errors and deadlines through unchanged, so
+// that Bridge may read it as it would read the connection it wraps.
+type ReadThrough interface {
+	Unwrap() net.Conn
+	ReadsThrough()
+}
+
+// tlsOverTCP reports whether c is a *tls.Conn, or wraps one only with
+// ReadThrough wrappers, that runs right on a TCP connection (or on EOFConn over
+// one), whose deadlines behave as copyTLS needs. Any other wrapper (a framing of
+// its own, like a protected session's sealed records) may not survive a read
+// that ends at a deadline, and a TLS connection inside another stream leaves
+// deadlines to that stream.
+func tlsOverTCP(c net.Conn) bool {
+	for {
+		switch v := c.(type) {
+		case *tls.Conn:
+			below := v.NetConn()
+			if e, ok := below.(*EOFConn); ok {
+				below = e.Conn
+			}
+			_, ok := below.(*net.TCPConn)
+			return ok
+		case ReadThrough:
+			c = v.Unwrap()
+		default:
+			return false
+		}
+	}
+}
+
+// copySocket is copyConn for a source socket read through its RawConn rc: it
+// waits for data holding no buffer, and reads into a pooled one only once the
+// socket is readable.
+func copySocket(dst, src net.Conn, rc syscall.RawConn) (written int64, rerr, werr error) {
+	r := &socketReader{src: src}
+	read := r.read // one closure for every wait, not one per call
+	defer r.release()
+	for {
+		if err := rc.Read(read); err != nil {
+			return written, err, nil // closed or past its deadline
+		}
+		if r.n > 0 {
+			w, werr := dst.Write((*r.buf)[:r.n])
+			written += int64(w)
+			if werr != nil {
+				return written, nil, werr
+			}
+			if w != r.n {
+				return written, nil, io.ErrShortWrite
+			}
+		}
+		if r.err != nil {
+			if errors.Is(r.err, io.EOF) {
+				return written, nil, nil
+			}
+			return written, r.err, nil
 		}
 	}
 }
