@@ -71,6 +71,10 @@ type closeWriter interface{ CloseWrite() error }
 //
 // err is nil after a clean end, a *CutError naming the side that failed, or ctx's
 // cause.
+//
+// While it runs, Bridge owns the read deadlines of a and b (a TLS source is
+// drained with a deadline in the past, then the deadline is cleared: copyTLS):
+// end a bridge with ctx, Close or Abort, never with a read deadline.
 func Bridge(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error) {
 	return BridgeNotify(ctx, a, b, nil)
 }
