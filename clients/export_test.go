@@ -26,12 +26,12 @@ func (f authorizerFunc) Authorize(_ context.Context, req authz.Request) (authz.D
 // alice@laptop's certificate. This package's tests and clients_test share it.
 func StartTestServer(t testing.TB, decide func(authz.Request) authz.Decision) (string, *tls.Config) {
 	t.Helper()
-	return startTestServer(t, decide, nil)
+	return startTestServer(t, decide, nil, proxy.QUICOptions{})
 }
 
-// startTestServer is StartTestServer; with quicAddr it also serves QUIC, on the
-// UDP address it stores there.
-func startTestServer(t testing.TB, decide func(authz.Request) authz.Decision, quicAddr *string) (string, *tls.Config) {
+// startTestServer is StartTestServer; with quicAddr it also serves QUIC with
+// qopts, on the UDP address it stores there.
+func startTestServer(t testing.TB, decide func(authz.Request) authz.Decision, quicAddr *string, qopts proxy.QUICOptions) (string, *tls.Config) {
 	t.Helper()
 	if decide == nil {
 		decide = func(authz.Request) authz.Decision { return authz.Decision{Allow: true} }
@@ -69,7 +69,7 @@ func startTestServer(t testing.TB, decide func(authz.Request) authz.Decision, qu
 		}
 		*quicAddr = pc.LocalAddr().String()
 		qdone := make(chan struct{})
-		go func() { _ = srv.ServeQUIC(ctx, pc, proxy.QUICOptions{}); close(qdone) }()
+		go func() { _ = srv.ServeQUIC(ctx, pc, qopts); close(qdone) }()
 		t.Cleanup(func() { cancel(); <-qdone })
 	}
 	return ln.Addr().String(), &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}}
@@ -83,7 +83,7 @@ const MaxTickets = maxTickets
 func StartTestServerQUIC(t testing.TB, decide func(authz.Request) authz.Decision) *Dialer {
 	t.Helper()
 	var quicAddr string
-	addr, cfg := startTestServer(t, decide, &quicAddr)
+	addr, cfg := startTestServer(t, decide, &quicAddr, proxy.QUICOptions{})
 	d := &Dialer{Server: addr, QUICServer: quicAddr, TLSConfig: cfg, Transport: TransportQUIC}
 	t.Cleanup(func() { _ = d.Close() })
 	return d

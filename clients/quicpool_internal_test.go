@@ -2,17 +2,13 @@ package clients
 
 import (
 	"context"
-	"crypto/tls"
 	"io"
-	"log/slog"
 	"net"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/testnet"
-	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -21,34 +17,10 @@ import (
 // and an echo service.
 func quicPoolEnv(t *testing.T, maxStreams int64) (*Dialer, string) {
 	t.Helper()
-	ca := testpki.New(t)
-	srv, err := proxy.New(proxy.Config{
-		ProxyTLS: &tls.Config{
-			Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")},
-			ClientCAs:    ca.Pool,
-			ClientAuth:   tls.RequireAndVerifyClientCert,
-		},
-		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
-			leaf := cs.PeerCertificates[0]
-			return authz.Identity{DeviceID: leaf.Subject.CommonName, NotAfter: leaf.NotAfter}, nil
-		},
-		Authorizer: authorizerFunc(func(authz.Request) authz.Decision { return authz.Decision{Allow: true} }),
-		Logger:     slog.New(slog.DiscardHandler),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { _ = srv.ServeQUIC(ctx, udp, proxy.QUICOptions{MaxStreams: maxStreams}); close(done) }()
-	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
-	d := &Dialer{Server: udp.LocalAddr().String(), Transport: TransportQUIC, Timeout: 20 * time.Second,
-		TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}, ServerName: "localhost"}}
-	t.Cleanup(func() { _ = d.Close(); cancel(); <-done })
+	var quicAddr string
+	_, cfg := startTestServer(t, nil, &quicAddr, proxy.QUICOptions{MaxStreams: maxStreams})
+	d := &Dialer{Server: quicAddr, Transport: TransportQUIC, Timeout: 20 * time.Second, TLSConfig: cfg}
+	t.Cleanup(func() { _ = d.Close() })
 	return d, testnet.Echo(t)
 }
 
