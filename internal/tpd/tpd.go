@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -204,6 +205,10 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		WebTLS:   d.webTLS(),
 		Web:      http.HandlerFunc(d.serveWeb), // website.go: follows reloads
 		WebNames: func(name string) bool { return d.site().KnowsName(name) },
+		// CONNECT and the other HTTPS-proxy endpoints, only on proxy-names, so
+		// that no website name ever asks a browser for a certificate (httpproxy.go).
+		ProxyNames: proxyNameSet(cfg.ProxyNames),
+		ProxyHTTP:  http.HandlerFunc(proxyNotFound),
 		// Names agents expose publicly by SNI, never tpd's own or a site's (reverse.go).
 		Passthrough: d.passthrough(),
 		UDP:         d.udpOptions(), // quic.go
@@ -273,7 +278,10 @@ func (d *Daemon) Policy() *policy.Engine { return d.policy }
 func (d *Daemon) DenyList() *authz.DenyList { return d.authz.DenyList }
 
 func (d *Daemon) renewServerCert() error {
-	chain, key, leaf, err := d.pki.IssueServerCert(d.cfg.Names, serverCertLifetime)
+	// One certificate for the names and the proxy names: the proxy names are
+	// served with TP's root like the tp/1 protocol.
+	names := append(slices.Clone(d.cfg.Names), d.cfg.ProxyNames...)
+	chain, key, leaf, err := d.pki.IssueServerCert(names, serverCertLifetime)
 	if err != nil {
 		return err
 	}
