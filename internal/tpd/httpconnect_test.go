@@ -61,9 +61,9 @@ type connectRig struct {
 	certFile, keyFile, rootF string
 }
 
-func newConnectRig(t *testing.T, policy string) *connectRig {
+func newConnectRig(t *testing.T, policy string, mods ...func(*config.Server)) *connectRig {
 	t.Helper()
-	d := connectDaemon(t, policy)
+	d := connectDaemon(t, policy, mods...)
 	u := d.cfg.PublicURL()
 	alice, _, _ := enrollClient(t, d, u, "alice", "laptop")
 	cert, err := alice.Certificate(context.Background())
@@ -91,11 +91,14 @@ func newConnectRig(t *testing.T, policy string) *connectRig {
 // connectDaemon is serveDaemon with a real DNS server of the test's as the
 // resolver for destination names (it answers NXDOMAIN for every name), and the
 // daemon's log in a buffer.
-func connectDaemon(t *testing.T, policy string) *Daemon {
+func connectDaemon(t *testing.T, policy string, mods ...func(*config.Server)) *Daemon {
 	t.Helper()
 	cfg := config.DefaultServer()
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
 	cfg.PolicyTimeout = 5 * time.Second // -race is slow; the bound is not what is tested here
+	for _, mod := range mods {
+		mod(&cfg)
+	}
 	if _, err := Init(cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -516,4 +519,120 @@ func TestConnectAbortReachesClient(t *testing.T) {
 			t.Fatalf("the destination's reset reached the h3 client as %v, not a reset with H3_CONNECT_ERROR", err)
 		}
 	})
+}
+
+// An HTTP/1.1 tunnel is the same session as a tp dial: the audit trail records
+// it (action dial, the device's identity), the client's close_notify
+// half-closes the destination while its reply still arrives, and a policy
+// change that no longer allows it cuts it with a reset.
+func TestConnectSessionLikeDial(t *testing.T) {
+	auditPath := filepath.Join(t.TempDir(), "audit.jsonl")
+	r := newConnectRig(t, allowAlice, func(c *config.Server) { c.AuditLog = auditPath })
+	upper := testnet.Upper(t)
+	resp, c, br := r.connectH1(t, upper)
+	if resp.StatusCode != 200 || resp.Header.Get("TP-Session") == "" {
+		t.Fatalf("status %d, TP-Session %q", resp.StatusCode, resp.Header.Get("TP-Session"))
+	}
+	c.Write([]byte("half-closed"))
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(br)
+	if err != nil || string(got) != "HALF-CLOSED" {
+		t.Fatalf("after the client's half-close: %q, %v; want the reply and a clean end", got, err)
+	}
+	waitAudit(t, auditPath, "the tunnel's audit record", func(m map[string]any) bool {
+		return m["action"] == "dial" && m["identity"] == "alice@laptop" && m["transport"] == "tls" &&
+			m["destination"] == upper && m["decision"] == "allow" && m["end_code"] == "closed"
+	})
+
+	echo := testnet.Echo(t)
+	resp, c, br = r.connectH1(t, echo)
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	c.Write([]byte("x"))
+	if _, err := io.ReadFull(br, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	writePEM(t, filepath.Join(r.d.cfg.PolicyDir(), "tp.rego"), []byte(`package tp.authz
+
+default allow := false
+
+reason := "alice's tunnels ended with this policy" if not allow
+`))
+	_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	_, err = io.ReadAll(br)
+	var ne net.Error
+	if err == nil || errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("after a policy change that denies it, the tunnel ended with %v; want a reset", err)
+	}
+	waitAudit(t, auditPath, "the cut tunnel's audit record", func(m map[string]any) bool {
+		return m["destination"] == echo && m["end_code"] == "policy_changed"
+	})
+}
+
+// A device at its bound of sessions (max-sessions-per-identity) gets 429.
+func TestConnectSessionBound(t *testing.T) {
+	r := newConnectRig(t, allowAlice, func(c *config.Server) { c.MaxSessionsPerIdentity = 1 })
+	echo := testnet.Echo(t)
+	if resp, _, _ := r.connectH1(t, echo); resp.StatusCode != 200 {
+		t.Fatalf("first tunnel: %d", resp.StatusCode)
+	}
+	resp, _, _ := r.connectH1(t, echo) // bad input: a second session over the bound of 1
+	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(resp.Header.Get("Proxy-Status"), "error=connection_limit_reached") {
+		t.Fatalf("second tunnel over the bound: %d, Proxy-Status %q", resp.StatusCode, resp.Header.Get("Proxy-Status"))
+	}
+}
+
+// A client that resets its h2 stream resets the destination's connection too.
+func TestConnectClientAbortReachesDestination(t *testing.T) {
+	r := newConnectRig(t, allowAlice)
+	dest, conns := testnet.Accept(t)
+	pr, pw := io.Pipe()
+	resp := r.h2Connect(t, dest, pr)
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	pw.Write([]byte("x"))
+	up := nextConn(t, conns)
+	if _, err := io.ReadFull(up, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	pw.CloseWithError(errors.New("the client gives up")) // the h2 client resets the stream
+	wantReset(t, "destination", up)
+}
+
+// A request on the proxy name that is not CONNECT goes to tpd's ProxyHTTP
+// handler (404 with a hint); a reverse-tunnel request is routed apart.
+func TestConnectOtherRequests(t *testing.T) {
+	r := newConnectRig(t, allowAlice)
+	tr := &http.Transport{TLSClientConfig: r.tlsConfig(), ForceAttemptHTTP2: true,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, r.addr)
+		}}
+	defer tr.CloseIdleConnections()
+	hc := &http.Client{Transport: tr, Timeout: 30 * time.Second}
+	resp, err := hc.Get("https://" + proxyName + ":" + r.port + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 404 || !strings.Contains(string(b), "CONNECT") || resp.ProtoMajor != 2 {
+		t.Fatalf("GET / on the proxy name: %s %d %q", resp.Proto, resp.StatusCode, b)
+	}
+	req, _ := http.NewRequest(http.MethodGet, "https://"+proxyName+":"+r.port+"/tunnel", nil)
+	req.Header.Set("Upgrade", "reverse")
+	req.Header.Set("Connection", "Upgrade")
+	tr1 := &http.Transport{TLSClientConfig: r.tlsConfig("http/1.1"), DialContext: tr.DialContext}
+	defer tr1.CloseIdleConnections()
+	resp, err = (&http.Client{Transport: tr1, Timeout: 30 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode == 404 {
+		t.Fatalf("Upgrade: reverse reached the ProxyHTTP handler, not the reverse tunnels (%d)", resp.StatusCode)
+	}
 }
