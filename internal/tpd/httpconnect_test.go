@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/testdns"
 	"github.com/tp-proxy/tp/internal/testnet"
@@ -54,6 +55,7 @@ reason := "port 9 is closed to every device by the CONNECT test policy" if not a
 // certificate, key and TP's root are in PEM files, as curl wants them.
 type connectRig struct {
 	d                        *Daemon
+	alice                    *clients.Client
 	addr                     string // the public port, TCP and UDP
 	port                     string
 	cert                     tls.Certificate
@@ -61,7 +63,7 @@ type connectRig struct {
 	certFile, keyFile, rootF string
 }
 
-func newConnectRig(t *testing.T, policy string, mods ...func(*config.Server)) *connectRig {
+func newConnectRig(t testing.TB, policy string, mods ...func(*config.Server)) *connectRig {
 	t.Helper()
 	d := connectDaemon(t, policy, mods...)
 	u := d.cfg.PublicURL()
@@ -70,7 +72,7 @@ func newConnectRig(t *testing.T, policy string, mods ...func(*config.Server)) *c
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &connectRig{d: d, addr: d.cfg.Listen, cert: *cert, roots: rootPool(d)}
+	r := &connectRig{d: d, alice: alice, addr: d.cfg.Listen, cert: *cert, roots: rootPool(d)}
 	_, r.port, _ = net.SplitHostPort(r.addr)
 	dir := t.TempDir()
 	var chain bytes.Buffer
@@ -91,7 +93,7 @@ func newConnectRig(t *testing.T, policy string, mods ...func(*config.Server)) *c
 // connectDaemon is serveDaemon with a real DNS server of the test's as the
 // resolver for destination names (it answers NXDOMAIN for every name), and the
 // daemon's log in a buffer.
-func connectDaemon(t *testing.T, policy string, mods ...func(*config.Server)) *Daemon {
+func connectDaemon(t testing.TB, policy string, mods ...func(*config.Server)) *Daemon {
 	t.Helper()
 	cfg := config.DefaultServer()
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
@@ -125,7 +127,7 @@ func connectDaemon(t *testing.T, policy string, mods ...func(*config.Server)) *D
 	return d
 }
 
-func writePEM(t *testing.T, path string, b []byte) {
+func writePEM(t testing.TB, path string, b []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, b, 0o600); err != nil {
 		t.Fatal(err)
@@ -241,7 +243,7 @@ func TestConnectCurlDenied(t *testing.T) {
 
 // connectH1 sends one HTTP/1.1 CONNECT for target on a fresh TLS connection to
 // the proxy name and returns the response and the connection.
-func (r *connectRig) connectH1(t *testing.T, target string) (*http.Response, *tls.Conn, *bufio.Reader) {
+func (r *connectRig) connectH1(t testing.TB, target string) (*http.Response, *tls.Conn, *bufio.Reader) {
 	t.Helper()
 	c, err := tls.Dial("tcp", r.addr, r.tlsConfig("http/1.1"))
 	if err != nil {
@@ -358,7 +360,7 @@ func TestConnectGoNetHTTP(t *testing.T) {
 // h2Connect opens an HTTP/2 CONNECT (RFC 9113 §8.5) to target with
 // golang.org/x/net/http2 over a TLS connection that carries the device
 // certificate; the request body is what the client sends.
-func (r *connectRig) h2Connect(t *testing.T, target string, body io.Reader) *http.Response {
+func (r *connectRig) h2Connect(t testing.TB, target string, body io.Reader) *http.Response {
 	t.Helper()
 	c, err := tls.Dial("tcp", r.addr, r.tlsConfig("h2"))
 	if err != nil {
@@ -407,7 +409,7 @@ func TestConnectHTTP2Echo(t *testing.T) {
 
 // h3Connect opens an HTTP/3 CONNECT (RFC 9114 §4.4) to target with quic-go's
 // HTTP/3 client.
-func (r *connectRig) h3Connect(t *testing.T, target string) (*http3.RequestStream, *http.Response) {
+func (r *connectRig) h3Connect(t testing.TB, target string) (*http3.RequestStream, *http.Response) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
