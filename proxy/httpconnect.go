@@ -88,6 +88,13 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request) (abort boo
 			return false
 		}
 	}
+	if herr == nil && ss.e2e {
+		// A protected reverse name's agent accepts only TP's own end-to-end
+		// TLS (docs/PROTOCOL.md, section 11.4), which no standard client speaks.
+		wire.Abort(upstream, wire.QUICPeerReset)
+		upstream = nil
+		herr = wire.Errorf(CodeE2ERequired, "%s is a protected reverse name: its agent accepts only TP's end-to-end TLS, so reach it with tp (tp connect, tp forward); over CONNECT only public reverse names can be reached", hello.Host)
+	}
 	if herr == nil && upstream == nil { // unreachable: only op dial enters here
 		herr = wire.Errorf(wire.CodeInternal, "the TP server could not set up the tunnel")
 	}
@@ -116,6 +123,10 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request) (abort boo
 	}
 	return false
 }
+
+// CodeE2ERequired refuses a CONNECT to a protected reverse name (audit
+// records carry it as end_code).
+const CodeE2ERequired = "e2e_required"
 
 // connectHello is the client hello a CONNECT request stands for: op dial, TCP,
 // host and port from the request's authority (host:port; RFC 9110 §9.3.6).
@@ -150,7 +161,7 @@ func statusOf(code string) (status int, proxyError string) {
 		return http.StatusBadRequest, "http_request_error"
 	case wire.CodeUnauthenticated:
 		return http.StatusForbidden, "http_request_denied"
-	case wire.CodePolicyDenied:
+	case wire.CodePolicyDenied, CodeE2ERequired:
 		return http.StatusForbidden, "http_request_denied"
 	case wire.CodeSelfDial:
 		return http.StatusForbidden, "destination_ip_prohibited"

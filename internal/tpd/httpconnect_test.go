@@ -638,3 +638,34 @@ func TestConnectOtherRequests(t *testing.T) {
 		t.Fatalf("Upgrade: reverse reached the ProxyHTTP handler, not the reverse tunnels (%d)", resp.StatusCode)
 	}
 }
+
+// A public reverse name is reached like any destination. A protected one's
+// agent speaks only TP's end-to-end TLS: CONNECT refuses it with a sentence
+// saying so, rather than relaying bytes the agent would reject. The bad input:
+// CONNECT svc.rev.tp.internal:22 while alice's agent serves svc in protected
+// mode.
+func TestConnectReverseNames(t *testing.T) {
+	port := testnet.FreePort(t, "tcp")
+	r := newConnectRig(t, allowAlice, func(c *config.Server) { c.PublicPorts = strconv.Itoa(port) })
+	if _, err := runAgent(t, r.alice, clients.TransportTLS, []clients.Exposed{
+		{Name: "svc", Local: testnet.Echo(t)},
+		{Name: "game", Local: testnet.Upper(t), PublicPort: port},
+	}, nil); err != nil {
+		t.Fatal(err)
+	}
+	resp, c, br := r.connectH1(t, "game."+r.d.cfg.ReverseZone+":7")
+	if resp.StatusCode != 200 {
+		t.Fatalf("CONNECT to a public reverse name: %d", resp.StatusCode)
+	}
+	c.Write([]byte("via agent"))
+	c.CloseWrite()
+	if got, err := io.ReadAll(br); err != nil || string(got) != "VIA AGENT" {
+		t.Fatalf("through the public reverse name: %q, %v", got, err)
+	}
+
+	resp, _, _ = r.connectH1(t, "svc."+r.d.cfg.ReverseZone+":22")
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode != 403 || !strings.Contains(string(body), "protected reverse name") {
+		t.Fatalf("CONNECT to a protected reverse name: %d %q", resp.StatusCode, body)
+	}
+}
