@@ -504,8 +504,8 @@ func TestConnectAbortReachesClient(t *testing.T) {
 		pw.Write([]byte("x"))
 		err := readAll(resp.Body)
 		var se http2.StreamError
-		if !errors.As(err, &se) {
-			t.Fatalf("the destination's reset reached the h2 client as %v, not a stream reset", err)
+		if !errors.As(err, &se) || se.Code != http2.ErrCodeInternal {
+			t.Fatalf("the destination's reset reached the h2 client as %v, not RST_STREAM(INTERNAL_ERROR)", err)
 		}
 	})
 	t.Run("h3", func(t *testing.T) {
