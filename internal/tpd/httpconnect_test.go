@@ -669,3 +669,45 @@ func TestConnectReverseNames(t *testing.T) {
 		t.Fatalf("CONNECT to a protected reverse name: %d %q", resp.StatusCode, body)
 	}
 }
+
+// On h2 a destination that finishes sending first (here: it says bye and
+// closes while the client's direction is still open) gives the client the
+// whole reply and a clean END_STREAM; the client is asked to stop sending
+// (docs/HTTP.md, section 4). On h3 the client's direction stays open.
+func TestConnectDestinationEndsFirst(t *testing.T) {
+	r := newConnectRig(t, allowAlice)
+	dest := testnet.Serve(t, func(c *net.TCPConn) {
+		_, _ = c.Read(make([]byte, 1))
+		_, _ = c.Write([]byte("bye"))
+		_ = c.CloseWrite()
+		_, _ = io.Copy(io.Discard, c)
+	})
+	t.Run("h2", func(t *testing.T) {
+		pr, pw := io.Pipe()
+		defer pw.Close() // the client never ends its direction itself
+		resp := r.h2Connect(t, dest, pr)
+		if resp.StatusCode != 200 {
+			t.Fatalf("status %d", resp.StatusCode)
+		}
+		go pw.Write([]byte("x"))
+		got, err := io.ReadAll(resp.Body)
+		if err != nil || string(got) != "bye" {
+			t.Fatalf("the destination's complete reply reached the h2 client as %q, %v; want \"bye\" and a clean end", got, err)
+		}
+	})
+	t.Run("h3", func(t *testing.T) {
+		str, resp := r.h3Connect(t, dest)
+		if resp.StatusCode != 200 {
+			t.Fatalf("status %d", resp.StatusCode)
+		}
+		str.Write([]byte("x"))
+		_ = str.SetReadDeadline(time.Now().Add(30 * time.Second))
+		got, err := io.ReadAll(str)
+		if err != nil || string(got) != "bye" {
+			t.Fatalf("h3 client got %q, %v; want \"bye\" and a clean end", got, err)
+		}
+		if _, err := str.Write([]byte("still sending")); err != nil {
+			t.Fatalf("after the destination's FIN the h3 client's direction was closed: %v", err)
+		}
+	})
+}
