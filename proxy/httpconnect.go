@@ -47,7 +47,9 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request) (abort boo
 		return false
 	}
 	if s.draining.Err() != nil || !s.addWorker() {
-		w.Header().Set("Connection", "close")
+		if r.ProtoMajor == 1 {
+			w.Header().Set("Connection", "close")
+		}
 		proxyRefusal(w, r, http.StatusServiceUnavailable, "proxy_internal_response", "the TP server is shutting down; connect again in a moment")
 		return false
 	}
