@@ -325,6 +325,31 @@ func TestConnectCertOnlyOnProxyName(t *testing.T) {
 			t.Fatalf("the website (ALPN %q) sent a CertificateRequest: a browser would be prompted", proto)
 		}
 	}
+	// The same over QUIC: h3 to the proxy name without a certificate fails,
+	// h3 to the website completes without being asked.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	qc, err := quic.DialAddr(ctx, r.addr, &tls.Config{ServerName: proxyName, RootCAs: r.roots, NextProtos: []string{http3.NextProtoH3}}, nil)
+	if err == nil {
+		_, err = qc.AcceptStream(ctx) // the server's refusal follows the client's Finished
+		qc.CloseWithError(0, "")
+	}
+	if err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("h3 to the proxy name without a certificate: %v", err)
+	}
+	asked := false
+	qc, err = quic.DialAddr(ctx, r.addr, &tls.Config{ServerName: "localhost", RootCAs: r.roots, NextProtos: []string{http3.NextProtoH3},
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			asked = true
+			return &tls.Certificate{}, nil
+		}}, nil)
+	if err != nil {
+		t.Fatalf("h3 to the website: %v", err)
+	}
+	qc.CloseWithError(0, "")
+	if asked {
+		t.Fatal("the website over h3 sent a CertificateRequest")
+	}
 }
 
 // Go's net/http client with Proxy set (an https proxy; the device certificate
