@@ -51,7 +51,8 @@ var errPassthrough = errors.New("routed to pass-through")
 // certificate, which fails the handshake with the alert unrecognized_name.
 func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 	if pc, ok := hello.Conn.(*peekConn); ok {
-		if h, ok := s.passthrough(hello.ServerName); ok {
+		// A proxy name is never passed through, whatever Passthrough says.
+		if h, ok := s.passthrough(hello.ServerName); ok && !s.isProxyName(hello.ServerName) {
 			pc.handler = h
 			pc.mute.Store(true) // the alert crypto/tls sends now must not reach the client
 			return nil, errPassthrough

@@ -29,6 +29,7 @@ import (
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/testdns"
 	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
@@ -735,4 +736,17 @@ func TestConnectDestinationEndsFirst(t *testing.T) {
 			t.Fatalf("after the destination's FIN the h3 client's direction was closed: %v", err)
 		}
 	})
+}
+
+// An agent cannot take a proxy name for SNI pass-through (bad input: tp
+// expose --public-sni proxy.localhost): CONNECT clients' handshakes must keep
+// reaching tpd.
+func TestConnectProxyNameNotPassedThrough(t *testing.T) {
+	r := newConnectRig(t, allowAlice)
+	_, err := runAgent(t, r.alice, clients.TransportTLS, []clients.Exposed{{Name: "blog", Local: testnet.Echo(t), PublicSNI: proxyName,
+		TLS: &tls.Config{Certificates: []tls.Certificate{r.cert}}}}, nil)
+	wantRefused(t, err, wire.CodePublicRefused, "proxy names")
+	if resp, _, _ := r.connectH1(t, testnet.Echo(t)); resp.StatusCode != 200 {
+		t.Fatalf("CONNECT after the attempt: %d", resp.StatusCode)
+	}
 }
