@@ -23,6 +23,7 @@ import (
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/website"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // webState is the website half of the daemon: the sites, their certificates and
@@ -54,7 +55,7 @@ func (d *Daemon) serveWeb(w http.ResponseWriter, r *http.Request) { d.site().Ser
 
 // ownPrefixes are the paths of tpd's own endpoints: they stay on tpd's names even
 // when a site has the same name.
-var ownPrefixes = []string{"/acme/", "/tp/"}
+var ownPrefixes = []string{"/acme/", "/tp/", wire.DiscoveryPath}
 
 // newWebsite builds the handler that serves the sites and, on tpd's own names, own.
 func (d *Daemon) newWebsite(own http.Handler) error {
