@@ -1,22 +1,30 @@
 package tpd
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
+	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -233,4 +241,193 @@ func atoi(t *testing.T, s string) int {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// discoveryDialer is alice's Dialer for d (transport auto) with a cache of its
+// own and its QUIC address on a UDP socket the test reads: any packet there
+// is an attempt at QUIC.
+func discoveryDialer(t *testing.T, d *Daemon, c *clients.Client) (*clients.Dialer, *net.UDPConn) {
+	t.Helper()
+	dl, err := c.Dialer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dl.Close() })
+	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { udp.Close() })
+	dl.Transport = clients.TransportAuto
+	dl.QUICServer = udp.LocalAddr().String()
+	dl.Cache = &clients.TransportCache{Path: filepath.Join(t.TempDir(), "transport-cache.json")}
+	dl.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	return dl, udp
+}
+
+func pingThrough(t *testing.T, dl *clients.Dialer, echo string) {
+	t.Helper()
+	conn, err := dl.DialContext(context.Background(), "tcp", echo)
+	if err != nil {
+		t.Fatalf("dial %s: %v", echo, err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 4)
+	if _, err := io.ReadFull(conn, b); err != nil || string(b) != "ping" {
+		t.Fatalf("echo through %s: %q, %v", dl.Server, b, err)
+	}
+}
+
+// quicAttempted waits for a packet on udp for up to wait; zero wait looks
+// only at what has already arrived (loopback delivers a datagram into the
+// receiving socket's queue before the sender's write returns).
+func quicAttempted(udp *net.UDPConn, wait time.Duration) bool {
+	_ = udp.SetReadDeadline(time.Now().Add(wait))
+	if wait == 0 {
+		_ = udp.SetReadDeadline(time.Unix(1, 0))
+	}
+	buf := make([]byte, 2048)
+	n, _, err := udp.ReadFromUDP(buf)
+	return err == nil && n > 0
+}
+
+// A server without QUIC says so in its document, and tp, meeting it for the
+// first time, goes straight to TLS: no datagram reaches the QUIC address. The
+// document and the choice are remembered in the transport cache. The control:
+// the same first meeting without a document (its URL answers 404) races, and
+// the race's QUIC attempt is seen on the socket, so the socket does see one.
+func TestClientSkipsQUICWhenNotOffered(t *testing.T) {
+	d := serveDaemon(t, allowAlice, func(c *config.Server) { c.QUIC = false }, nil)
+	c, _, _ := enrollClient(t, d, d.cfg.PublicURL(), "alice", "laptop")
+	echo := testnet.Echo(t)
+
+	dl, udp := discoveryDialer(t, d, c)
+	pingThrough(t, dl, echo)
+	if quicAttempted(udp, 0) {
+		t.Error("the server offers no QUIC, yet the client sent a datagram to its QUIC address")
+	}
+	if got := dl.Cache.Get(dl.Server); got != clients.TransportTLS {
+		t.Errorf("the cache remembers transport %q, want tls", got)
+	}
+	doc, ok := dl.Cache.Discovery(dl.Server)
+	if _, quic := doc.Find(wire.DiscoverQUIC); !ok || quic {
+		t.Errorf("the cache's document: %+v, %v; want one without quic", doc, ok)
+	}
+
+	control, udp2 := discoveryDialer(t, d, c)
+	control.DiscoveryURL = "https://" + control.Server + "/.well-known/not-tp"
+	pingThrough(t, control, echo)
+	if !quicAttempted(udp2, 20*time.Second) {
+		t.Fatal("without a document the client did not race QUIC: the observation above proves nothing")
+	}
+	if _, ok := control.Cache.Discovery(control.Server); ok {
+		t.Error("a 404 was remembered as a discovery document")
+	}
+}
+
+// A document that cannot be had or read leaves tp as it was before discovery:
+// it races QUIC against TLS (its datagram arrives) and connects, and nothing of
+// the bad document is remembered. Each bad answer is served over HTTPS with a
+// certificate the client trusts, so that only the answer is wrong.
+func TestClientDiscoveryFallback(t *testing.T) {
+	d := serveDaemon(t, allowAlice, func(c *config.Server) { c.QUIC = false }, nil)
+	c, _, _ := enrollClient(t, d, d.cfg.PublicURL(), "alice", "laptop")
+	echo := testnet.Echo(t)
+	good, err := json.Marshal(wire.Discovery{Schema: 1, Software: "tpd", Transports: []wire.DiscoveredTransport{
+		{Name: "tls", Network: "tcp", Host: "127.0.0.1", Port: 1, ALPN: []string{"tp/1"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		what   string
+		status int
+		ctype  string
+		body   []byte
+	}{
+		{"garbage", 200, "application/json", []byte("<html>not json</html>")},
+		{"an oversize document", 200, "application/json", append(bytes.Repeat([]byte(" "), wire.MaxDiscoverySize), good...)},
+		{"two documents", 200, "application/json", append(append([]byte{}, good...), good...)},
+		{"a document of schema 2", 200, "application/json", bytes.Replace(good, []byte(`"schema":1`), []byte(`"schema":2`), 1)},
+		{"a transport without a port", 200, "application/json", bytes.Replace(good, []byte(`"port":1`), []byte(`"port":0`), 1)},
+		{"a good document as text/html", 200, "text/html", good},
+		{"a 500", 500, "application/json", good},
+		{"a redirect", 302, "application/json", good},
+	} {
+		t.Run(tc.what, func(t *testing.T) {
+			bad := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", tc.ctype)
+				w.Header().Set("Location", "https://127.0.0.1/elsewhere")
+				w.WriteHeader(tc.status)
+				_, _ = w.Write(tc.body)
+			}))
+			chain, key, leaf, err := d.pki.IssueServerCert([]string{"localhost", "127.0.0.1"}, time.Hour)
+			if err != nil {
+				t.Fatal(err)
+			}
+			bad.TLS = &tls.Config{Certificates: []tls.Certificate{{Certificate: chain, PrivateKey: key, Leaf: leaf}}}
+			bad.StartTLS()
+			defer bad.Close()
+
+			dl, udp := discoveryDialer(t, d, c)
+			dl.DiscoveryURL = bad.URL + wire.DiscoveryPath
+			// The fetch itself must work: only the answer is bad.
+			if _, err := clients.FetchDiscovery(context.Background(), dl.DiscoveryURL, &tls.Config{RootCAs: rootPool(d), ServerName: "127.0.0.1"}); err == nil {
+				t.Fatalf("FetchDiscovery accepted %s", tc.what)
+			}
+			pingThrough(t, dl, echo)
+			if !quicAttempted(udp, 20*time.Second) {
+				t.Error("after a bad document the client did not race QUIC as it did before discovery")
+			}
+			if _, ok := dl.Cache.Discovery(dl.Server); ok {
+				t.Errorf("%s was remembered", tc.what)
+			}
+		})
+	}
+}
+
+// With QUIC on, the first meeting fetches the document, races as before and
+// QUIC wins; the cache then holds exactly the document the server serves, and
+// a later Dialer on the same cache (another tp process) uses the remembered
+// transport without fetching again.
+func TestClientDiscoveryRoundTrip(t *testing.T) {
+	d := serveDaemon(t, allowAlice, nil, nil)
+	c, _, _ := enrollClient(t, d, d.cfg.PublicURL(), "alice", "laptop")
+	echo := testnet.Echo(t)
+	dl, _ := discoveryDialer(t, d, c)
+	dl.QUICServer = "" // tpd's own QUIC
+	pingThrough(t, dl, echo)
+	if got := dl.Cache.Get(dl.Server); got != clients.TransportQUIC {
+		t.Errorf("transport %q remembered, want quic", got)
+	}
+	cached, ok := dl.Cache.Discovery(dl.Server)
+	if !ok {
+		t.Fatal("no document remembered")
+	}
+	served, err := clients.FetchDiscovery(context.Background(), "https://"+dl.Server+wire.DiscoveryPath, &tls.Config{RootCAs: rootPool(d)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(cached, served) {
+		t.Errorf("cached document\n%+v\ndiffers from the served one\n%+v", cached, served)
+	}
+	if q, ok := served.Find(wire.DiscoverQUIC); !ok || q.Addr() != dl.Server {
+		t.Errorf("the document's quic transport %+v does not say %s", q, dl.Server)
+	}
+
+	var hits atomic.Int32
+	counter := httptest.NewTLSServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { hits.Add(1) }))
+	defer counter.Close()
+	later, err := c.Dialer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer later.Close()
+	later.Cache, later.DiscoveryURL = dl.Cache, counter.URL+wire.DiscoveryPath
+	pingThrough(t, later, echo)
+	if hits.Load() != 0 {
+		t.Errorf("a later Dialer fetched the document again (%d requests) although the cache had it", hits.Load())
+	}
 }
