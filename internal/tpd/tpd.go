@@ -102,7 +102,9 @@ type Daemon struct {
 	adminAddr atomic.Pointer[string] // where admin-listen listens, once open
 	ops       opsState               // drain and reload (drain.go, reload.go)
 
-	discovery http.Handler // the transport discovery document (discovery.go)
+	discovery http.Handler               // the transport discovery document (discovery.go)
+	revHTTP   atomic.Pointer[revHTTPRef] // names exposed over reverse HTTP tunnels (revhttp.go)
+	held      heldCerts                  // their certificates (revhttp.go)
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
@@ -237,6 +239,11 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if err != nil {
 		d.ca.Close()
 		return nil, err
+	}
+	// The website serves names exposed over reverse HTTP tunnels once the proxy
+	// holds them (revhttp.go); a proxy without reverse HTTP tunnels has none.
+	if rh, ok := any(d.proxy).(reverseHTTP); ok {
+		d.setReverseHTTP(rh)
 	}
 	return d, nil
 }

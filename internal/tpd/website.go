@@ -87,7 +87,8 @@ func (d *Daemon) buildWebsite(cfg config.Server) (*website.Handler, error) {
 		Sites: sites, Default: cfg.DefaultSite,
 		OwnNames: d.cfg.Names, Own: d.web.own, OwnPrefixes: ownPrefixes,
 		MaxBody: cfg.SiteMaxBody, UpstreamTimeout: cfg.SiteUpstreamTimeout,
-		Logger: d.log,
+		Logger:  d.log,
+		Reverse: d.reverseUpstream, ReverseZone: d.cfg.ReverseZone, Device: d.deviceRequest, // revhttp.go
 	})
 	if err != nil {
 		return nil, fmt.Errorf("sites: %w", err)
@@ -120,6 +121,8 @@ func (d *Daemon) siteCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 		return certs.GetCertificate(hello)
 	case name == "" || site.IsOwn(name):
 		return d.cert.Load(), nil
+	case site.IsReverse(name): // a name held by a reverse HTTP tunnel (revhttp.go)
+		return d.heldCertificate(name)
 	case site.Default() != "" && certs != nil: // an unknown name: the default site
 		h := *hello
 		h.ServerName = site.Default()
