@@ -127,3 +127,16 @@ func (d *Daemon) pruneHeldLocked() {
 		delete(d.held.m, oldest)
 	}
 }
+
+// DevicesOnlyName reports whether name is a reverse HTTP name held right now
+// whose exposer chose devices only. It is the hook for the handshake: the
+// proxy should give such a name (a ClientHello without "tp/1") a website TLS
+// configuration that requires and verifies the device certificate, as on the
+// proxy names, and keep sending its requests to the website handler, which
+// checks the certificate again (website.Options.Device) and refuses a request
+// without one with 403. Until the proxy asks, browsers and devices alike get
+// that 403: the name fails closed.
+func (d *Daemon) DevicesOnlyName(name string) bool {
+	up, ok := d.reverseUpstream(strings.TrimSuffix(strings.ToLower(name), "."))
+	return ok && up.DevicesOnly
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"log/slog"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testpki"
 )
 
 // testReverseHTTP is a reverse registry of the shape the proxy's is: names
@@ -196,5 +198,53 @@ func TestReverseHTTPSite(t *testing.T) {
 	_, err = tls.Dial("tcp", e.d.cfg.Listen, &tls.Config{ServerName: app, RootCAs: sd.root, NextProtos: []string{"http/1.1"}})
 	if err == nil || !strings.Contains(err.Error(), "unrecognized name") {
 		t.Errorf("new handshake for %s after its tunnel went: %v, want the unrecognized_name alert", app, err)
+	}
+}
+
+// A devices-only name serves a request whose connection carried an accepted
+// device certificate (alice's, from dlogin) and refuses one from another CA
+// and one from a revoked device; the app sees only the accepted one. (The
+// handshake that asks for the certificate is the proxy's part, see
+// DevicesOnlyName; here the connection state is given as the handshake would
+// leave it.)
+func TestReverseHTTPDevicesOnly(t *testing.T) {
+	e := startRevHTTP(t)
+	const private = "private.rev.tp.internal"
+	e.reg.hold(private, testHeld{rt: e.rt, devicesOnly: true})
+	if !e.d.DevicesOnlyName(private) || e.d.DevicesOnlyName("app.rev.tp.internal") {
+		t.Fatal("DevicesOnlyName does not follow the registry")
+	}
+	alice, _, _ := enrollClient(t, e.d, e.d.cfg.PublicURL(), "alice", "laptop")
+	cert, err := alice.Certificate(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger := testpki.New(t).ClientCert(t, "dev-x", testpki.LeafOptions{})
+	bob, _, _ := enrollClient(t, e.d, e.d.cfg.PublicURL(), "bob", "phone")
+	bobCert, err := bob.Certificate(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.d.Users().RevokeDevice(bob.Profile.DeviceID); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		what string
+		leaf *x509.Certificate
+		want int
+	}{
+		{"alice's device certificate", cert.Leaf, http.StatusOK},
+		{"a certificate from another CA", stranger.Leaf, http.StatusForbidden},
+		{"a revoked device's certificate", bobCert.Leaf, http.StatusForbidden},
+	} {
+		seen := e.upstream.Load()
+		req := httptest.NewRequest(http.MethodGet, "https://"+private+"/", nil)
+		req.TLS = &tls.ConnectionState{ServerName: private, PeerCertificates: []*x509.Certificate{tc.leaf}, HandshakeComplete: true}
+		rec := httptest.NewRecorder()
+		e.d.serveWeb(rec, req)
+		forwarded := e.upstream.Load() - seen
+		if rec.Code != tc.want || (tc.want == http.StatusOK) != (forwarded == 1) {
+			t.Errorf("%s: %d %q, the app saw %d requests; want %d", tc.what, rec.Code, rec.Body, forwarded, tc.want)
+		}
 	}
 }
