@@ -28,6 +28,7 @@ import (
 	"github.com/tp-proxy/tp/internal/version"
 	"github.com/tp-proxy/tp/policy"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Version is reported by the binaries and in tp's "Connecting …" line.
@@ -100,6 +101,10 @@ type Daemon struct {
 	metrics   *metrics               // nil when admin-listen is empty (metrics.go)
 	adminAddr atomic.Pointer[string] // where admin-listen listens, once open
 	ops       opsState               // drain and reload (drain.go, reload.go)
+
+	discovery http.Handler               // the transport discovery document (discovery.go)
+	revHTTP   atomic.Pointer[revHTTPRef] // names exposed over reverse HTTP tunnels (revhttp.go)
+	held      heldCerts                  // their certificates (revhttp.go)
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
@@ -171,6 +176,10 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	web := http.NewServeMux()
 	web.Handle("/acme/", limitSources(d.limiter, d.metrics.countIssued(d.ca.Handler())))
 	web.Handle("/tp/", limitSources(d.limiter, enroller.Handler()))
+	// Transport discovery (discovery.go): cheap, static, no disk or CA behind it.
+	// The same handler answers on the proxy names (ProxyHTTP).
+	d.discovery = discoveryHandler{discoveryFor(cfg, nil)} // merge: nil → cfg.ProxyNames once proxy-names exists
+	web.Handle(wire.DiscoveryPath, d.discovery)
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
 		d.ca.Close()
@@ -230,6 +239,11 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if err != nil {
 		d.ca.Close()
 		return nil, err
+	}
+	// The website serves names exposed over reverse HTTP tunnels once the proxy
+	// holds them (revhttp.go); a proxy without reverse HTTP tunnels has none.
+	if rh, ok := any(d.proxy).(reverseHTTP); ok {
+		d.setReverseHTTP(rh)
 	}
 	return d, nil
 }
