@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -49,6 +50,10 @@ type tunnelHolder struct {
 	listen waitPool[*listenReq]        // listen-tcp requests waiting for a connection
 	h2     syncList[*http2.ClientConn] // tunnels that chose h2 (HTTP app: requests; listen-tcp: CONNECTs)
 	h1     *http.Transport             // sends requests over the idle tunnels
+	// h2Pending counts h2 tunnels answered but not in h2 yet, so that a request
+	// arriving meanwhile waits for them rather than for an HTTP/1.1 tunnel;
+	// h1Tunnels counts the tunnels that chose HTTP/1.1.
+	h2Pending, h1Tunnels atomic.Int32
 }
 
 // tunnelTicket is one tunnel's place in its holder.
@@ -198,6 +203,17 @@ func (s *Server) serveHTTPTunnel(ctx context.Context, w http.ResponseWriter, r *
 	if _, hasALPN, _ := parseALPN(r.Header); hasALPN {
 		extra.Set("Selected-ALPN", alpnToken(alpn))
 	}
+	if alpn == "h2" {
+		h.h2Pending.Add(1)
+		defer func() {
+			if h.h2Pending.Add(-1) == 0 {
+				h.h2.notify()
+			}
+		}()
+	} else {
+		h.h1Tunnels.Add(1)
+		defer h.h1Tunnels.Add(-1)
+	}
 	conn, err := establishTunnel(w, r, nil, extra)
 	if err != nil {
 		tun.rec.end = "establishing: " + err.Error()
@@ -214,6 +230,9 @@ func (s *Server) serveHTTPTunnel(ctx context.Context, w http.ResponseWriter, r *
 		}
 		remove := h.h2.add(cc)
 		defer remove()
+		h.h2Pending.Add(-1)
+		h.h2.notify()
+		defer h.h2Pending.Add(1) // balanced by the deferred decrement above
 		select {
 		case <-conn.Done():
 		case <-ctx.Done():
@@ -294,12 +313,33 @@ func (rt *reverseRoundTripper) RoundTrip(req *http.Request) (*http.Response, err
 	u := *req.URL
 	u.Scheme, u.Host = "http", rt.host
 	out.URL, out.RequestURI = &u, ""
-	for _, cc := range h.h2.snapshot() {
-		if cc.ReserveNewRequest() {
-			return cc.RoundTrip(out)
+	deadline := time.NewTimer(h.pickup)
+	defer deadline.Stop()
+	for {
+		changed := h.h2.changed()
+		ccs := h.h2.snapshot()
+		for _, cc := range ccs {
+			if cc.ReserveNewRequest() {
+				return cc.RoundTrip(out)
+			}
+		}
+		if len(ccs) > 0 && h.h1Tunnels.Load() == 0 {
+			return ccs[0].RoundTrip(out) // it waits for a free stream
+		}
+		if h.h2Pending.Load() == 0 {
+			return h.h1.RoundTrip(out)
+		}
+		select { // an h2 tunnel is being set up: wait for it
+		case <-changed:
+		case <-deadline.C:
+			return h.h1.RoundTrip(out)
+		case <-req.Context().Done():
+			if req.Body != nil {
+				_ = req.Body.Close()
+			}
+			return nil, context.Cause(req.Context())
 		}
 	}
-	return h.h1.RoundTrip(out)
 }
 
 // listenReq is a listen-tcp tunnel request waiting for a connection.
@@ -594,10 +634,11 @@ func (p *waitPool[T]) remove(x T) bool {
 	return false
 }
 
-// syncList is a small set with snapshots.
+// syncList is a small set with snapshots, and a channel closed at each change.
 type syncList[T comparable] struct {
 	mu    sync.Mutex
 	items []T
+	ch    chan struct{}
 }
 
 func (l *syncList[T]) add(x T) (remove func()) {
@@ -613,6 +654,25 @@ func (l *syncList[T]) add(x T) (remove func()) {
 				return
 			}
 		}
+	}
+}
+
+// changed is closed at the next notify.
+func (l *syncList[T]) changed() <-chan struct{} {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.ch == nil {
+		l.ch = make(chan struct{})
+	}
+	return l.ch
+}
+
+func (l *syncList[T]) notify() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.ch != nil {
+		close(l.ch)
+		l.ch = nil
 	}
 }
 

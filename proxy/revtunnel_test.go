@@ -1,0 +1,593 @@
+package proxy_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/testpki"
+	_ "github.com/tp-proxy/tp/internal/xconnect" // h2 extended CONNECT in net/http (RFC 8441)
+	"github.com/tp-proxy/tp/policy"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// The reverse-tunnel clients in these tests are written from the text of
+// draft-kazuho-httpbis-reverse-tunnel-00 alone: raw HTTP/1.1 bytes for the
+// Upgrade, raw h2 frames for extended CONNECT.
+
+type nobodyDirectory struct{}
+
+func (nobodyDirectory) Lookup(string) ([]string, error) { return nil, nil }
+
+type rtEnv struct {
+	ca      *testpki.CA
+	srv     *proxy.Server
+	addr    string // the proxy name's TLS endpoint
+	pubPort int
+	alice   tls.Certificate
+	bob     tls.Certificate
+	carol   tls.Certificate
+}
+
+// newRTEnv starts a proxy.Server with a reverse zone and one public port, decided
+// by the real default policy plus rules for alice (and bob, so that a refusal of
+// bob is the registry's, not the policy's), and mounts ServeReverseTunnel on a
+// TLS server on loopback that requires device certificates, h2 enabled.
+func newRTEnv(t *testing.T) *rtEnv {
+	t.Helper()
+	ca := testpki.New(t)
+	ln0, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pubPort := ln0.Addr().(*net.TCPAddr).Port
+	_ = ln0.Close()
+
+	dir := t.TempDir()
+	if err := policy.WriteDefault(dir); err != nil {
+		t.Fatal(err)
+	}
+	rules := fmt.Sprintf(`package tp.authz
+
+allow if {
+	input.action == "expose_http"
+	input.identity.user in {"alice", "bob"}
+	input.destination.reverse == "blog"
+}
+
+allow if {
+	input.action == "expose_public"
+	input.identity.user in {"alice", "bob"}
+	input.destination.port == %d
+}
+`, pubPort)
+	if err := os.WriteFile(filepath.Join(dir, "revtunnel.rego"), []byte(rules), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	eng, err := policy.Load(context.Background(), dir, policy.WithTimeout(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	az := &policy.Authorizer{Directory: nobodyDirectory{}, Evaluator: eng}
+	serverCert := ca.ServerCert(t, "proxy.localhost")
+	srv, err := proxy.New(proxy.Config{
+		ProxyTLS: &tls.Config{Certificates: []tls.Certificate{serverCert}, ClientCAs: ca.Pool, ClientAuth: tls.RequireAndVerifyClientCert},
+		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
+			return az.Verify(cs.PeerCertificates[0])
+		},
+		Authorizer: az,
+		Logger:     discardLogger(),
+		Reverse: proxy.ReverseOptions{
+			Zone:        "rev.test",
+			PublicPorts: func(network string, port int) bool { return network == "tcp" && port == pubPort },
+			PublicHost:  "127.0.0.1",
+			HTTPTunnels: proxy.ReverseTunnelOptions{ListenWait: 20 * time.Second},
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{
+		Handler: http.HandlerFunc(srv.ServeReverseTunnel),
+		TLSConfig: &tls.Config{
+			Certificates: []tls.Certificate{serverCert}, ClientCAs: ca.Pool, ClientAuth: tls.RequireAndVerifyClientCert,
+			MinVersion: tls.VersionTLS13, NextProtos: []string{"h2", "http/1.1"},
+		},
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          nil,
+	}
+	go func() { _ = hs.ServeTLS(ln, "", "") }()
+	t.Cleanup(func() {
+		_ = hs.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+	})
+	return &rtEnv{ca: ca, srv: srv, addr: ln.Addr().String(), pubPort: pubPort,
+		alice: ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{}),
+		bob:   ca.ClientCert(t, "bob@desk", testpki.LeafOptions{}),
+		carol: ca.ClientCert(t, "carol@phone", testpki.LeafOptions{})}
+}
+
+func (e *rtEnv) dialTLS(t *testing.T, cert tls.Certificate, alpn string) *tls.Conn {
+	t.Helper()
+	c, err := tls.Dial("tcp", e.addr, &tls.Config{RootCAs: e.ca.Pool, ServerName: "proxy.localhost",
+		Certificates: []tls.Certificate{cert}, NextProtos: []string{alpn}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	if got := c.ConnectionState().NegotiatedProtocol; got != alpn {
+		t.Fatalf("negotiated %q, want %q", got, alpn)
+	}
+	return c
+}
+
+// bufConn reads what the response parser buffered first.
+type bufConn struct {
+	*tls.Conn
+	br *bufio.Reader
+}
+
+func (c *bufConn) Read(p []byte) (int, error) { return c.br.Read(p) }
+
+// upgradeH1 sends the draft's HTTP/1.1 tunnel request and returns the final
+// response (after any 100 Continue) and the tunnel.
+func (e *rtEnv) upgradeH1(t *testing.T, cert tls.Certificate, path, alpnField string) (*http.Response, *bufConn) {
+	t.Helper()
+	c := e.dialTLS(t, cert, "http/1.1")
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	req := "GET " + path + " HTTP/1.1\r\nHost: proxy.localhost\r\nConnection: upgrade\r\nUpgrade: reverse\r\n"
+	if alpnField != "" {
+		req += "ALPN: " + alpnField + "\r\n"
+	}
+	if _, err := io.WriteString(c, req+"\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	for {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("reading the tunnel response: %v", err)
+		}
+		if resp.StatusCode == http.StatusContinue {
+			continue
+		}
+		_ = c.SetDeadline(time.Time{})
+		return resp, &bufConn{Conn: c, br: br}
+	}
+}
+
+// app is the HTTP app behind the tunnels.
+func app(t *testing.T, cut chan<- struct{}) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/hello", func(w http.ResponseWriter, r *http.Request) {
+		_, _ = fmt.Fprintf(w, "hello %s over %s", r.Host, r.Proto)
+	})
+	mux.HandleFunc("/big", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "1048576")
+		_, _ = w.Write(bytes.Repeat([]byte("x"), 64<<10))
+		http.NewResponseController(w).Flush()
+		cut <- struct{}{}
+		<-r.Context().Done()
+	})
+	return mux
+}
+
+// serveApp serves the app on the tunnel: HTTP/1.1 or h2 as Selected-ALPN said.
+func serveApp(t *testing.T, conn net.Conn, inside string, h http.Handler) {
+	t.Helper()
+	if inside == "h2" {
+		go (&http2.Server{}).ServeConn(conn, &http2.ServeConnOpts{Handler: h})
+		return
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(&oneConn{c: conn}) }()
+	t.Cleanup(func() { _ = srv.Close() })
+}
+
+// oneConn is a listener that yields one connection.
+type oneConn struct {
+	mu   sync.Mutex
+	c    net.Conn
+	done chan struct{}
+}
+
+func (l *oneConn) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	if l.done == nil {
+		l.done = make(chan struct{})
+	}
+	c, done := l.c, l.done
+	l.c = nil
+	l.mu.Unlock()
+	if c != nil {
+		return c, nil
+	}
+	<-done
+	return nil, net.ErrClosed
+}
+
+func (l *oneConn) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.done == nil {
+		l.done = make(chan struct{})
+	}
+	select {
+	case <-l.done:
+	default:
+		close(l.done)
+	}
+	return nil
+}
+
+func (l *oneConn) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)} }
+
+// get sends GET path to the reverse name through ReverseHTTP.
+func (e *rtEnv) get(t *testing.T, path string) (string, error) {
+	t.Helper()
+	rt, ok := e.srv.ReverseHTTP("blog.rev.test")
+	if !ok {
+		t.Fatal("ReverseHTTP: no tunnel holds blog.rev.test")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "https://blog.rev.test"+path, nil)
+	resp, err := rt.RoundTrip(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
+
+func TestReverseTunnelHTTP1Upgrade(t *testing.T) {
+	e := newRTEnv(t)
+	for _, tc := range []struct{ offer, selected, inside string }{
+		{"http%2F1.1", "http%2F1.1", "http/1.1"},
+		{"h2, http%2F1.1", "h2", "h2"},
+		{"", "", "http/1.1"}, // no ALPN field: no Selected-ALPN (the draft's MUST NOT), HTTP/1.1 inside
+	} {
+		t.Run("alpn="+tc.offer, func(t *testing.T) {
+			resp, conn := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", tc.offer)
+			if resp.StatusCode != http.StatusSwitchingProtocols || !strings.EqualFold(resp.Header.Get("Upgrade"), "reverse") {
+				t.Fatalf("tunnel request with ALPN %q: got %s, Upgrade %q; want 101 and Upgrade: reverse", tc.offer, resp.Status, resp.Header.Get("Upgrade"))
+			}
+			if got := resp.Header.Get("Selected-ALPN"); got != tc.selected {
+				t.Fatalf("ALPN %q: Selected-ALPN = %q, want %q", tc.offer, got, tc.selected)
+			}
+			serveApp(t, conn, tc.inside, app(t, nil))
+			want := "hello blog.rev.test over HTTP/1.1"
+			if tc.inside == "h2" {
+				want = "hello blog.rev.test over HTTP/2.0"
+			}
+			var wg sync.WaitGroup
+			errs := make(chan error, 4)
+			for range 4 { // over h2 these share the one tunnel; over HTTP/1.1 they queue for it
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					got, err := e.get(t, "/hello")
+					if err == nil && got != want {
+						err = fmt.Errorf("body %q, want %q", got, want)
+					}
+					errs <- err
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			_ = conn.Close()
+		})
+	}
+}
+
+// h2Tunnel is the draft's tunnel over h2 from raw frames: one extended CONNECT
+// stream as a net.Conn.
+type h2Tunnel struct {
+	*tls.Conn
+	fr   *http2.Framer
+	wmu  sync.Mutex
+	pr   *io.PipeReader
+	pw   *io.PipeWriter
+	resp []hpack.HeaderField
+}
+
+func (e *rtEnv) extendedConnect(t *testing.T, cert tls.Certificate, path, alpnField string) *h2Tunnel {
+	t.Helper()
+	c := e.dialTLS(t, cert, "h2")
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	tun := &h2Tunnel{Conn: c, fr: http2.NewFramer(c, c)}
+	tun.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	if err := tun.fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	// RFC 8441 section 3: a client must not send :protocol before the server's
+	// SETTINGS_ENABLE_CONNECT_PROTOCOL = 1.
+	for {
+		f, err := tun.fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sf, ok := f.(*http2.SettingsFrame)
+		if !ok || sf.IsAck() {
+			continue
+		}
+		if v, _ := sf.Value(http2.SettingEnableConnectProtocol); v != 1 {
+			t.Fatalf("the proxy name's h2 server sent SETTINGS_ENABLE_CONNECT_PROTOCOL = %d; extended CONNECT needs 1", v)
+		}
+		if err := tun.fr.WriteSettingsAck(); err != nil {
+			t.Fatal(err)
+		}
+		break
+	}
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	fields := []hpack.HeaderField{{Name: ":method", Value: "CONNECT"}, {Name: ":protocol", Value: "reverse"},
+		{Name: ":scheme", Value: "https"}, {Name: ":path", Value: path}, {Name: ":authority", Value: "proxy.localhost"}}
+	if alpnField != "" {
+		fields = append(fields, hpack.HeaderField{Name: "alpn", Value: alpnField})
+	}
+	for _, f := range fields {
+		_ = enc.WriteField(f)
+	}
+	if err := tun.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hb.Bytes(), EndHeaders: true}); err != nil {
+		t.Fatal(err)
+	}
+	for tun.resp == nil {
+		f, err := tun.fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch f := f.(type) {
+		case *http2.MetaHeadersFrame:
+			if f.PseudoValue("status") != "100" {
+				tun.resp = f.Fields
+			}
+		case *http2.RSTStreamFrame:
+			t.Fatalf("extended CONNECT reset: %v", f.ErrCode)
+		}
+	}
+	_ = c.SetDeadline(time.Time{})
+	tun.pr, tun.pw = io.Pipe()
+	go tun.readLoop()
+	return tun
+}
+
+func (h *h2Tunnel) field(name string) string {
+	for _, f := range h.resp {
+		if f.Name == name {
+			return f.Value
+		}
+	}
+	return ""
+}
+
+func (h *h2Tunnel) readLoop() {
+	for {
+		f, err := h.fr.ReadFrame()
+		if err != nil {
+			h.pw.CloseWithError(err)
+			return
+		}
+		switch f := f.(type) {
+		case *http2.DataFrame:
+			if n := len(f.Data()); n > 0 {
+				if _, err := h.pw.Write(f.Data()); err != nil {
+					return
+				}
+				h.wmu.Lock()
+				_ = h.fr.WriteWindowUpdate(0, uint32(n))
+				_ = h.fr.WriteWindowUpdate(1, uint32(n))
+				h.wmu.Unlock()
+			}
+			if f.StreamEnded() {
+				h.pw.Close()
+			}
+		case *http2.RSTStreamFrame:
+			h.pw.CloseWithError(fmt.Errorf("stream reset: %v", f.ErrCode))
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				h.wmu.Lock()
+				_ = h.fr.WritePing(true, f.Data)
+				h.wmu.Unlock()
+			}
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				h.wmu.Lock()
+				_ = h.fr.WriteSettingsAck()
+				h.wmu.Unlock()
+			}
+		}
+	}
+}
+
+func (h *h2Tunnel) Read(p []byte) (int, error) { return h.pr.Read(p) }
+
+func (h *h2Tunnel) Write(p []byte) (int, error) {
+	h.wmu.Lock()
+	defer h.wmu.Unlock()
+	n := 0
+	for len(p) > 0 {
+		chunk := p[:min(len(p), 16384)]
+		if err := h.fr.WriteData(1, false, chunk); err != nil {
+			return n, err
+		}
+		n += len(chunk)
+		p = p[len(chunk):]
+	}
+	return n, nil
+}
+
+func TestReverseTunnelExtendedConnectH2(t *testing.T) {
+	e := newRTEnv(t)
+	tun := e.extendedConnect(t, e.alice, "/.well-known/tp/reverse-http/blog", "http%2F1.1")
+	if st := tun.field(":status"); st != "200" {
+		t.Fatalf("extended CONNECT :protocol reverse: status %s, want 200", st)
+	}
+	if got := tun.field("selected-alpn"); got != "http%2F1.1" {
+		t.Fatalf("selected-alpn = %q, want http%%2F1.1", got)
+	}
+	serveApp(t, tun, "http/1.1", app(t, nil))
+	got, err := e.get(t, "/hello")
+	if err != nil || got != "hello blog.rev.test over HTTP/1.1" {
+		t.Fatalf("GET through the h2 tunnel: %q, %v", got, err)
+	}
+}
+
+func TestReverseTunnelRefusals(t *testing.T) {
+	e := newRTEnv(t)
+	resp, conn := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", "http%2F1.1")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("alice: %s", resp.Status)
+	}
+	serveApp(t, conn, "http/1.1", app(t, nil))
+
+	for _, tc := range []struct {
+		name   string
+		cert   tls.Certificate
+		path   string
+		status int
+		reason string
+	}{
+		{"another identity takes the name", e.bob, "/.well-known/tp/reverse-http/blog", 403, "another identity"},
+		{"the policy refuses", e.carol, "/.well-known/tp/reverse-http/blog", 403, "no policy rule allows carol@phone"},
+		{"a name the policy does not allow", e.alice, "/.well-known/tp/reverse-http/wiki", 403, "no policy rule allows alice@laptop"},
+		{"a port outside public-ports", e.alice, "/.well-known/listen-tcp/0.0.0.0/1/", 403, "public-ports"},
+		{"a bad label", e.alice, "/.well-known/tp/reverse-http/a.b", 400, "no reverse name"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			resp, _ := e.upgradeH1(t, tc.cert, tc.path, "")
+			body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+			if resp.StatusCode != tc.status || !strings.Contains(string(body), tc.reason) {
+				t.Fatalf("%s: got %s %q; want %d with %q", tc.path, resp.Status, body, tc.status, tc.reason)
+			}
+		})
+	}
+	// The holder still serves.
+	if got, err := e.get(t, "/hello"); err != nil || !strings.HasPrefix(got, "hello") {
+		t.Fatalf("alice's tunnel after the refusals: %q, %v", got, err)
+	}
+}
+
+func TestReverseTunnelCutMidResponse(t *testing.T) {
+	e := newRTEnv(t)
+	resp, conn := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", "http%2F1.1")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("alice: %s", resp.Status)
+	}
+	cut := make(chan struct{}, 1)
+	serveApp(t, conn, "http/1.1", app(t, cut))
+	go func() {
+		<-cut // the app sent 64 KiB of 1 MiB: cut the tunnel
+		_ = conn.NetConn().(*net.TCPConn).SetLinger(0)
+		_ = conn.NetConn().Close()
+	}()
+	got, err := e.get(t, "/big")
+	if err == nil {
+		t.Fatalf("a tunnel cut after %d of 1048576 bytes read as a complete body", len(got))
+	}
+	if len(got) >= 1<<20 {
+		t.Fatalf("read %d bytes", len(got))
+	}
+}
+
+func TestReverseTunnelListenTCPAccept(t *testing.T) {
+	e := newRTEnv(t)
+	path := fmt.Sprintf("/.well-known/listen-tcp/127.0.0.1/%d/", e.pubPort)
+	type result struct {
+		resp *http.Response
+		conn *bufConn
+	}
+	got := make(chan result, 1)
+	go func() { // the relay's tunnel request waits (100 Continue) for a connection
+		resp, conn := e.upgradeH1(t, e.alice, path, "")
+		got <- result{resp, conn}
+	}()
+	// The public port opens when the tunnel request is accepted: poll for it.
+	pub := fmt.Sprintf("127.0.0.1:%d", e.pubPort)
+	var c net.Conn
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var err error
+		if c, err = net.DialTimeout("tcp", pub, time.Second); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the public port %s never opened: %v", pub, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	defer c.Close()
+	var r result
+	select {
+	case r = <-got:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the tunnel request was never answered after a connection arrived")
+	}
+	if r.resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("listen-tcp: %s", r.resp.Status)
+	}
+	fwd := r.resp.Header.Get("Forwarded")
+	if !strings.Contains(fwd, "for=\""+c.LocalAddr().String()+"\"") || !strings.Contains(fwd, "by=") {
+		t.Fatalf("Forwarded = %q; want for=\"%s\" and by=", fwd, c.LocalAddr())
+	}
+	go func() { // the relayed service: an echo
+		_, _ = io.Copy(r.conn, r.conn)
+		_ = r.conn.CloseWrite()
+	}()
+	payload := make([]byte, 1<<20)
+	_, _ = rand.Read(payload)
+	go func() {
+		_, _ = c.Write(payload)
+		_ = c.(*net.TCPConn).CloseWrite()
+	}()
+	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
+	back, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("echo through listen-tcp: %v after %d bytes", err, len(back))
+	}
+	if sha256.Sum256(back) != sha256.Sum256(payload) {
+		t.Fatalf("echo through listen-tcp: %d bytes back of %d, checksums differ", len(back), len(payload))
+	}
+
+	// Another identity cannot take the port while alice holds it.
+	resp, _ := e.upgradeH1(t, e.bob, path, "")
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode != http.StatusForbidden || !strings.Contains(string(body), "another identity") {
+		t.Fatalf("bob asking for alice's port: %s %q; want 403 naming another identity", resp.Status, body)
+	}
+}
+
+var _ = errors.New
