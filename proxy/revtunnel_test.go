@@ -12,6 +12,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,6 +25,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testpki"
 	_ "github.com/tp-proxy/tp/internal/xconnect" // h2 extended CONNECT in net/http (RFC 8441)
 	"github.com/tp-proxy/tp/policy"
@@ -590,4 +593,126 @@ func TestReverseTunnelListenTCPAccept(t *testing.T) {
 	}
 }
 
-var _ = errors.New
+// listenTCPPublic dials the public port, polling until the listen-tcp holder opened it.
+func (e *rtEnv) dialPublic(t *testing.T) net.Conn {
+	t.Helper()
+	pub := fmt.Sprintf("127.0.0.1:%d", e.pubPort)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", pub, time.Second)
+		if err == nil {
+			t.Cleanup(func() { _ = c.Close() })
+			return c
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the public port %s never opened: %v", pub, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// echoChecksum sends 1 MiB of random bytes through c, half-closes, and checks
+// that the same bytes come back.
+func echoChecksum(t *testing.T, c net.Conn) {
+	t.Helper()
+	payload := make([]byte, 1<<20)
+	_, _ = rand.Read(payload)
+	go func() {
+		_, _ = c.Write(payload)
+		_ = c.(*net.TCPConn).CloseWrite()
+	}()
+	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
+	back, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("echo: %v after %d bytes", err, len(back))
+	}
+	if sha256.Sum256(back) != sha256.Sum256(payload) {
+		t.Fatalf("echo: %d bytes back of %d, checksums differ", len(back), len(payload))
+	}
+}
+
+// Bind semantics (the slides' alternative to accept): the tunnel chose h2, and
+// TP sends a CONNECT on it for each connection to the public port.
+func TestReverseTunnelListenTCPBind(t *testing.T) {
+	e := newRTEnv(t)
+	path := fmt.Sprintf("/.well-known/listen-tcp/0.0.0.0/%d/", e.pubPort)
+	resp, conn := e.upgradeH1(t, e.alice, path, "h2")
+	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Selected-ALPN") != "h2" {
+		t.Fatalf("listen-tcp with ALPN h2: %s, Selected-ALPN %q; want 101 and h2", resp.Status, resp.Header.Get("Selected-ALPN"))
+	}
+	connects := make(chan string, 4)
+	go (&http2.Server{}).ServeConn(conn, &http2.ServeConnOpts{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodConnect {
+			http.Error(w, "CONNECT only", http.StatusMethodNotAllowed)
+			return
+		}
+		connects <- r.Header.Get("Forwarded")
+		w.WriteHeader(http.StatusOK)
+		rc := http.NewResponseController(w)
+		_ = rc.Flush()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := r.Body.Read(buf)
+			if n > 0 {
+				if _, werr := w.Write(buf[:n]); werr != nil {
+					return
+				}
+				_ = rc.Flush()
+			}
+			if err != nil {
+				return
+			}
+		}
+	})})
+	for range 2 { // two connections, two CONNECT streams on the one tunnel
+		c := e.dialPublic(t)
+		echoChecksum(t, c)
+		if fwd := <-connects; !strings.Contains(fwd, "for=\""+c.LocalAddr().String()+"\"") {
+			t.Fatalf("CONNECT's Forwarded = %q; want for=\"%s\"", fwd, c.LocalAddr())
+		}
+	}
+}
+
+// tp expose --http: TP's own client holds the name and passes requests to a
+// local app, with h2 and with HTTP/1.1 inside.
+func TestExposeHTTPClient(t *testing.T) {
+	e := newRTEnv(t)
+	local := httptest.NewServer(app(t, nil))
+	t.Cleanup(local.Close)
+	u, _ := url.Parse(local.URL)
+	for _, h1 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("http1=%v", h1), func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			ready := make(chan string, 8)
+			x := &clients.HTTPExposer{Server: e.addr, ProxyName: "proxy.localhost",
+				TLSConfig: &tls.Config{RootCAs: e.ca.Pool, Certificates: []tls.Certificate{e.alice}},
+				Name:      "blog", Local: u, Tunnels: 2, H1Only: h1, Logger: discardLogger(),
+				Established: func(s string) { ready <- s }}
+			done := make(chan error, 1)
+			go func() { done <- x.Run(ctx) }()
+			defer func() { cancel(); <-done }()
+			want := "h2"
+			if h1 {
+				want = "http/1.1"
+			}
+			if got := <-ready; got != want {
+				t.Fatalf("the server chose %q inside; want %q", got, want)
+			}
+			for range 3 { // HTTP/1.1: each request uses up a tunnel; the client replaces it
+				got, err := e.get(t, "/hello")
+				if err != nil || got != "hello blog.rev.test over HTTP/1.1" {
+					t.Fatalf("GET through tp expose --http: %q, %v", got, err)
+				}
+			}
+		})
+	}
+	t.Run("refused", func(t *testing.T) {
+		x := &clients.HTTPExposer{Server: e.addr, ProxyName: "proxy.localhost",
+			TLSConfig: &tls.Config{RootCAs: e.ca.Pool, Certificates: []tls.Certificate{e.carol}},
+			Name:      "blog", Local: u, Tunnels: 1, ExitOnRefusal: true, Logger: discardLogger()}
+		err := x.Run(context.Background())
+		if !errors.Is(err, clients.ErrTunnelRefused) || !strings.Contains(err.Error(), "no policy rule allows carol@phone") {
+			t.Fatalf("carol's tp expose --http: %v; want the policy's refusal", err)
+		}
+	})
+}
