@@ -56,6 +56,11 @@ type rtEnv struct {
 // TLS server on loopback that requires device certificates, h2 enabled.
 func newRTEnv(t *testing.T) *rtEnv {
 	t.Helper()
+	return newRTEnvOpts(t, proxy.ReverseTunnelOptions{ListenWait: 20 * time.Second})
+}
+
+func newRTEnvOpts(t *testing.T, tunnels proxy.ReverseTunnelOptions) *rtEnv {
+	t.Helper()
 	ca := testpki.New(t)
 	ln0, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -102,7 +107,7 @@ allow if {
 			Zone:        "rev.test",
 			PublicPorts: func(network string, port int) bool { return network == "tcp" && port == pubPort },
 			PublicHost:  "127.0.0.1",
-			HTTPTunnels: proxy.ReverseTunnelOptions{ListenWait: 20 * time.Second},
+			HTTPTunnels: tunnels,
 		},
 	})
 	if err != nil {
@@ -521,8 +526,62 @@ func TestReverseTunnelCutMidResponse(t *testing.T) {
 	if err == nil {
 		t.Fatalf("a tunnel cut after %d of 1048576 bytes read as a complete body", len(got))
 	}
+	t.Logf("the cut surfaced as: %v", err)
 	if len(got) >= 1<<20 {
 		t.Fatalf("read %d bytes", len(got))
+	}
+}
+
+// The same cut on an h2 extended CONNECT tunnel: the app's side resets the
+// stream (RST_STREAM) after 64 KiB of 1 MiB.
+func TestReverseTunnelCutMidResponseH2(t *testing.T) {
+	e := newRTEnv(t)
+	tun := e.extendedConnect(t, e.alice, "/.well-known/tp/reverse-http/blog", "http%2F1.1")
+	if st := tun.field(":status"); st != "200" {
+		t.Fatalf("status %s", st)
+	}
+	cut := make(chan struct{}, 1)
+	serveApp(t, tun, "http/1.1", app(t, cut))
+	go func() {
+		<-cut
+		tun.wmu.Lock()
+		_ = tun.fr.WriteRSTStream(1, http2.ErrCodeCancel)
+		tun.wmu.Unlock()
+	}()
+	got, err := e.get(t, "/big")
+	if err == nil {
+		t.Fatalf("a tunnel reset after %d of 1048576 bytes read as a complete body", len(got))
+	}
+	t.Logf("the reset surfaced as: %v", err)
+}
+
+// Bounds: a third tunnel for a name that allows two is refused with 429.
+func TestReverseTunnelPerNameBound(t *testing.T) {
+	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{MaxPerName: 2})
+	for i := range 2 {
+		if resp, _ := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", ""); resp.StatusCode != http.StatusSwitchingProtocols {
+			t.Fatalf("tunnel %d: %s", i+1, resp.Status)
+		}
+	}
+	resp, _ := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", "")
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(string(body), "as many as this server allows per name") {
+		t.Fatalf("a third tunnel over MaxPerName 2: %s %q; want 429", resp.Status, body)
+	}
+}
+
+// An HTTP/1.1 tunnel nobody uses is closed after IdleTimeout; the app sees EOF.
+func TestReverseTunnelIdleTimeout(t *testing.T) {
+	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{IdleTimeout: 200 * time.Millisecond})
+	resp, conn := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", "")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("%s", resp.Status)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if n, err := conn.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("an idle tunnel received %d bytes instead of being closed", n)
+	} else if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("an idle tunnel was still open after 30s (IdleTimeout 200ms)")
 	}
 }
 
