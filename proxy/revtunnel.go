@@ -273,7 +273,9 @@ func (s *Server) ServeReverseTunnel(w http.ResponseWriter, r *http.Request) {
 		t.version = "HTTP/" + strconv.Itoa(r.ProtoMajor)
 	}
 	herr := s.serveReverseTunnel(w, r, t)
+	endCode := "closed"
 	if herr != nil {
+		endCode = herr.code
 		t.end = "refused: " + herr.reason
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
@@ -287,8 +289,18 @@ func (s *Server) ServeReverseTunnel(w http.ResponseWriter, r *http.Request) {
 	s.log.LogAttrs(r.Context(), slog.LevelInfo, "reverse tunnel",
 		slog.String("identity", t.id.String()), slog.String("remote", t.remote), slog.String("target", t.target),
 		slog.String("http", t.version), slog.String("alpn", t.alpn), slog.String("semantics", t.semantics),
-		slog.String("decision", t.decision), slog.Int("requests", int(t.uses.Load())),
+		slog.String("decision", t.decision), slog.Int("connections", int(t.uses.Load())),
 		slog.Duration("duration", time.Since(start)), slog.String("end", t.end))
+	if s.cfg.OnSessionEnd != nil {
+		rec := SessionRecord{Start: start, End: time.Now(), Remote: t.remote, Identity: t.id.DeviceID, User: t.id.User,
+			Serial: t.id.Serial, Transport: transportOf(r), Action: t.action, Destination: t.target,
+			Dialed: "reverse tunnel (" + t.version + ", " + t.semantics + ")", Decision: t.decision,
+			PolicyRevision: t.revision, EndCode: endCode, EndReason: t.end}
+		if herr != nil {
+			rec.EndedBy = "server"
+		}
+		s.cfg.OnSessionEnd(rec)
+	}
 }
 
 func (s *Server) serveReverseTunnel(w http.ResponseWriter, r *http.Request, t *tunnelRec) *refusal {
@@ -347,7 +359,10 @@ func (s *Server) serveReverseTunnel(w http.ResponseWriter, r *http.Request, t *t
 		what = "expose public TCP port " + strconv.Itoa(target.port)
 	}
 	ss := &session{}
-	if herr := s.decide(r.Context(), ss, req, "no policy rule allows "+id.String()+" to "+what); herr != nil {
+	t.action = req.Action
+	derr := s.decide(r.Context(), ss, req, "no policy rule allows "+id.String()+" to "+what)
+	t.revision = ss.audit.revision
+	if herr := derr; herr != nil {
 		t.decision = "deny"
 		status := http.StatusForbidden
 		if herr.Code == wire.CodePolicyError {
@@ -357,7 +372,7 @@ func (s *Server) serveReverseTunnel(w http.ResponseWriter, r *http.Request, t *t
 	}
 	t.decision = "allow"
 
-	h, tun, herr := s.rev.tunnels.join(s, target, id)
+	h, tun, herr := s.rev.tunnels.join(s, target, id, alpn)
 	if herr != nil {
 		return herr
 	}
@@ -486,6 +501,8 @@ type tunnelRec struct {
 	alpn      string
 	semantics string
 	decision  string
+	action    string
+	revision  string
 	end       string
 	uses      atomicCount
 }

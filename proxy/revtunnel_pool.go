@@ -58,13 +58,14 @@ type tunnelHolder struct {
 
 // tunnelTicket is one tunnel's place in its holder.
 type tunnelTicket struct {
-	id  authz.Identity
-	rec *tunnelRec
+	id      authz.Identity
+	rec     *tunnelRec
+	pending bool // counted in h2Pending
 }
 
 // join counts a tunnel for target by id, creating and claiming the holder when
 // it is the first one. Another identity's hold is refused with 403.
-func (st *tunnelState) join(s *Server, target tunnelTarget, id authz.Identity) (*tunnelHolder, *tunnelTicket, *refusal) {
+func (st *tunnelState) join(s *Server, target tunnelTarget, id authz.Identity, alpn string) (*tunnelHolder, *tunnelTicket, *refusal) {
 	o := s.rev.opts.HTTPTunnels
 	st.mu.Lock()
 	defer st.mu.Unlock()
@@ -105,7 +106,23 @@ func (st *tunnelState) join(s *Server, target tunnelTarget, id authz.Identity) (
 	}
 	h.n++
 	st.perID[id.DeviceID]++
-	return h, &tunnelTicket{id: id}, nil
+	tk := &tunnelTicket{id: id}
+	if alpn == "h2" {
+		// Counted before the public port can see a connection or the name a
+		// request: those wait for the tunnel rather than take another path.
+		h.h2Pending.Add(1)
+		tk.pending = true
+	}
+	return h, tk, nil
+}
+
+// h2Ready ends t's pending count (once): its ClientConn is in h.h2, or it failed.
+func (h *tunnelHolder) h2Ready(t *tunnelTicket) {
+	if t.pending {
+		t.pending = false
+		h.h2Pending.Add(-1)
+		h.h2.notify()
+	}
 }
 
 // leave uncounts a tunnel; the last one releases the name, which stays reserved
@@ -121,6 +138,7 @@ func (st *tunnelState) leave(s *Server, h *tunnelHolder, t *tunnelTicket) {
 		delete(st.holders, h.key)
 	}
 	st.mu.Unlock()
+	h.h2Ready(t)
 	if last {
 		s.rev.release(h.agent, true)
 		h.cancel(errors.New("the last reverse tunnel of " + describeTarget(h.target) + " closed"))
@@ -203,14 +221,7 @@ func (s *Server) serveHTTPTunnel(ctx context.Context, w http.ResponseWriter, r *
 	if _, hasALPN, _ := parseALPN(r.Header); hasALPN {
 		extra.Set("Selected-ALPN", alpnToken(alpn))
 	}
-	if alpn == "h2" {
-		h.h2Pending.Add(1)
-		defer func() {
-			if h.h2Pending.Add(-1) == 0 {
-				h.h2.notify()
-			}
-		}()
-	} else {
+	if alpn != "h2" {
 		h.h1Tunnels.Add(1)
 		defer h.h1Tunnels.Add(-1)
 	}
@@ -230,9 +241,7 @@ func (s *Server) serveHTTPTunnel(ctx context.Context, w http.ResponseWriter, r *
 		}
 		remove := h.h2.add(cc)
 		defer remove()
-		h.h2Pending.Add(-1)
-		h.h2.notify()
-		defer h.h2Pending.Add(1) // balanced by the deferred decrement above
+		h.h2Ready(tun)
 		select {
 		case <-conn.Done():
 		case <-ctx.Done():
@@ -372,6 +381,7 @@ func (s *Server) serveListenTunnel(ctx context.Context, w http.ResponseWriter, r
 		}
 		remove := h.h2.add(cc)
 		defer remove()
+		h.h2Ready(tun)
 		select {
 		case <-conn.Done():
 		case <-ctx.Done():
@@ -479,10 +489,29 @@ func quoteForwarded(addr string) string {
 // a CONNECT on a bound h2 tunnel, else a waiting tunnel request.
 func (s *Server) openTCPTunnel(ctx context.Context, h *tunnelHolder, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
 	by := s.publicAddr(h.key)
-	for _, cc := range h.h2.snapshot() {
-		if cc.ReserveNewRequest() {
-			return bindConnect(ctx, cc, h, hdr.PeerAddr, by)
+	deadline := time.NewTimer(h.pickup)
+	defer deadline.Stop()
+	for {
+		changed := h.h2.changed()
+		ccs := h.h2.snapshot()
+		for _, cc := range ccs {
+			if cc.ReserveNewRequest() {
+				return bindConnect(ctx, cc, h, hdr.PeerAddr, by)
+			}
 		}
+		if len(ccs) > 0 {
+			return bindConnect(ctx, ccs[0], h, hdr.PeerAddr, by) // it waits for a free stream
+		}
+		if h.h2Pending.Load() == 0 {
+			break
+		}
+		select { // a bound tunnel is being set up: wait for it
+		case <-changed:
+			continue
+		case <-deadline.C:
+		case <-ctx.Done():
+		}
+		break
 	}
 	lr, ok := h.listen.take(ctx, h.pickup, h.ctx.Done())
 	if !ok {

@@ -45,6 +45,7 @@ type rtEnv struct {
 	srv     *proxy.Server
 	addr    string // the proxy name's TLS endpoint
 	pubPort int
+	records chan proxy.SessionRecord // the audit trail (OnSessionEnd)
 	alice   tls.Certificate
 	bob     tls.Certificate
 	carol   tls.Certificate
@@ -96,7 +97,14 @@ allow if {
 	}
 	az := &policy.Authorizer{Directory: nobodyDirectory{}, Evaluator: eng}
 	serverCert := ca.ServerCert(t, "proxy.localhost")
+	records := make(chan proxy.SessionRecord, 1000)
 	srv, err := proxy.New(proxy.Config{
+		OnSessionEnd: func(r proxy.SessionRecord) {
+			select {
+			case records <- r:
+			default:
+			}
+		},
 		ProxyTLS: &tls.Config{Certificates: []tls.Certificate{serverCert}, ClientCAs: ca.Pool, ClientAuth: tls.RequireAndVerifyClientCert},
 		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
 			return az.Verify(cs.PeerCertificates[0])
@@ -133,7 +141,7 @@ allow if {
 		defer cancel()
 		_ = srv.Shutdown(ctx)
 	})
-	return &rtEnv{ca: ca, srv: srv, addr: ln.Addr().String(), pubPort: pubPort,
+	return &rtEnv{ca: ca, srv: srv, addr: ln.Addr().String(), pubPort: pubPort, records: records,
 		alice: ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{}),
 		bob:   ca.ClientCert(t, "bob@desk", testpki.LeafOptions{}),
 		carol: ca.ClientCert(t, "carol@phone", testpki.LeafOptions{})}
@@ -507,6 +515,21 @@ func TestReverseTunnelRefusals(t *testing.T) {
 	if got, err := e.get(t, "/hello"); err != nil || !strings.HasPrefix(got, "hello") {
 		t.Fatalf("alice's tunnel after the refusals: %q, %v", got, err)
 	}
+	// The policy's refusal of carol is in the audit trail, with the revision that decided.
+	for {
+		select {
+		case r := <-e.records:
+			if r.Identity != "carol@phone" {
+				continue
+			}
+			if r.Action != "expose_http" || r.Decision != "deny" || r.PolicyRevision == "" || r.EndCode != "policy_denied" {
+				t.Fatalf("carol's audit record: %+v; want action expose_http, decision deny, a policy revision, end_code policy_denied", r)
+			}
+			return
+		case <-time.After(10 * time.Second):
+			t.Fatal("no audit record for carol's refused tunnel")
+		}
+	}
 }
 
 func TestReverseTunnelCutMidResponse(t *testing.T) {
@@ -687,6 +710,36 @@ func echoChecksum(t *testing.T, c net.Conn) {
 	}
 	if sha256.Sum256(back) != sha256.Sum256(payload) {
 		t.Fatalf("echo: %d bytes back of %d, checksums differ", len(back), len(payload))
+	}
+}
+
+// Accept semantics over h2 extended CONNECT: 100 (Continue) frames while it
+// waits, then 200 with Forwarded, then the connection's bytes as DATA. (No
+// half-close here: docs/HTTP.md §2.6.)
+func TestReverseTunnelListenTCPAcceptH2(t *testing.T) {
+	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{ListenWait: 20 * time.Second})
+	path := fmt.Sprintf("/.well-known/listen-tcp/0.0.0.0/%d/", e.pubPort)
+	got := make(chan *h2Tunnel, 1)
+	go func() { got <- e.extendedConnect(t, e.alice, path, "") }()
+	c := e.dialPublic(t)
+	var tun *h2Tunnel
+	select {
+	case tun = <-got:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the h2 tunnel request was never answered after a connection arrived")
+	}
+	if st, fwd := tun.field(":status"), tun.field("forwarded"); st != "200" || !strings.Contains(fwd, c.LocalAddr().String()) {
+		t.Fatalf("listen-tcp over h2: status %s, forwarded %q; want 200 naming %s", st, fwd, c.LocalAddr())
+	}
+	go func() { _, _ = io.Copy(tun, tun) }()
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	msg := []byte("HELO relay.example\r\n")
+	if _, err := c.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	back := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, back); err != nil || !bytes.Equal(back, msg) {
+		t.Fatalf("echo over the h2 accept tunnel: %q, %v", back, err)
 	}
 }
 
