@@ -55,12 +55,12 @@ type rtEnv struct {
 // by the real default policy plus rules for alice (and bob, so that a refusal of
 // bob is the registry's, not the policy's), and mounts ServeReverseTunnel on a
 // TLS server on loopback that requires device certificates, h2 enabled.
-func newRTEnv(t *testing.T) *rtEnv {
+func newRTEnv(t testing.TB) *rtEnv {
 	t.Helper()
 	return newRTEnvOpts(t, proxy.ReverseTunnelOptions{ListenWait: 20 * time.Second})
 }
 
-func newRTEnvOpts(t *testing.T, tunnels proxy.ReverseTunnelOptions) *rtEnv {
+func newRTEnvOpts(t testing.TB, tunnels proxy.ReverseTunnelOptions) *rtEnv {
 	t.Helper()
 	ca := testpki.New(t)
 	ln0, err := net.Listen("tcp", "127.0.0.1:0")
