@@ -31,7 +31,7 @@ func BenchmarkReverseHTTP(b *testing.B) {
 	b.Run("direct", func(b *testing.B) {
 		tr := &http.Transport{MaxIdleConnsPerHost: 64}
 		b.Cleanup(tr.CloseIdleConnections)
-		benchGet(b, tr, local.URL+"/")
+		rtBenchGet(b, tr, local.URL+"/")
 	})
 	for _, h1 := range []bool{false, true} {
 		name := "tunnel-h2"
@@ -62,12 +62,12 @@ func BenchmarkReverseHTTP(b *testing.B) {
 			if !ok {
 				b.Fatal("no tunnel holds blog.rev.test")
 			}
-			benchGet(b, rt, "https://blog.rev.test/")
+			rtBenchGet(b, rt, "https://blog.rev.test/")
 		})
 	}
 }
 
-func benchGet(b *testing.B, rt http.RoundTripper, target string) {
+func rtBenchGet(b *testing.B, rt http.RoundTripper, target string) {
 	var mu sync.Mutex
 	var lat []time.Duration
 	b.ResetTimer()

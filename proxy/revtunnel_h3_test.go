@@ -13,14 +13,14 @@ import (
 	"github.com/quic-go/quic-go/http3"
 )
 
-// h3Stream is an extended CONNECT request stream as a net.Conn.
-type h3Stream struct {
+// rtH3Stream is an extended CONNECT request stream as a net.Conn.
+type rtH3Stream struct {
 	*http3.RequestStream
 	local, remote net.Addr
 }
 
-func (s *h3Stream) LocalAddr() net.Addr  { return s.local }
-func (s *h3Stream) RemoteAddr() net.Addr { return s.remote }
+func (s *rtH3Stream) LocalAddr() net.Addr  { return s.local }
+func (s *rtH3Stream) RemoteAddr() net.Addr { return s.remote }
 
 // The draft's tunnel over HTTP/3 (RFC 9220 extended CONNECT), served by the same
 // ServeReverseTunnel behind quic-go's http3.Server.
@@ -72,7 +72,7 @@ func TestReverseTunnelExtendedConnectH3(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || resp.Header.Get("Selected-ALPN") != "http%2F1.1" {
 		t.Fatalf("h3 extended CONNECT :protocol reverse: %s, Selected-ALPN %q; want 200, http%%2F1.1", resp.Status, resp.Header.Get("Selected-ALPN"))
 	}
-	serveApp(t, &h3Stream{RequestStream: rs, local: qc.LocalAddr(), remote: qc.RemoteAddr()}, "http/1.1", app(t, nil))
+	rtServeApp(t, &rtH3Stream{RequestStream: rs, local: qc.LocalAddr(), remote: qc.RemoteAddr()}, "http/1.1", rtApp(t, nil))
 	got, err := e.get(t, "/hello")
 	if err != nil || got != "hello blog.rev.test over HTTP/1.1" {
 		t.Fatalf("GET through the h3 tunnel: %q, %v", got, err)

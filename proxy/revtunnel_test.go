@@ -36,9 +36,9 @@ import (
 // draft-kazuho-httpbis-reverse-tunnel-00 alone: raw HTTP/1.1 bytes for the
 // Upgrade, raw h2 frames for extended CONNECT.
 
-type nobodyDirectory struct{}
+type rtDirectory struct{}
 
-func (nobodyDirectory) Lookup(string) ([]string, error) { return nil, nil }
+func (rtDirectory) Lookup(string) ([]string, error) { return nil, nil }
 
 type rtEnv struct {
 	ca      *testpki.CA
@@ -95,7 +95,7 @@ allow if {
 	if err != nil {
 		t.Fatal(err)
 	}
-	az := &policy.Authorizer{Directory: nobodyDirectory{}, Evaluator: eng}
+	az := &policy.Authorizer{Directory: rtDirectory{}, Evaluator: eng}
 	serverCert := ca.ServerCert(t, "proxy.localhost")
 	records := make(chan proxy.SessionRecord, 1000)
 	srv, err := proxy.New(proxy.Config{
@@ -161,17 +161,17 @@ func (e *rtEnv) dialTLS(t *testing.T, cert tls.Certificate, alpn string) *tls.Co
 	return c
 }
 
-// bufConn reads what the response parser buffered first.
-type bufConn struct {
+// rtBufConn reads what the response parser buffered first.
+type rtBufConn struct {
 	*tls.Conn
 	br *bufio.Reader
 }
 
-func (c *bufConn) Read(p []byte) (int, error) { return c.br.Read(p) }
+func (c *rtBufConn) Read(p []byte) (int, error) { return c.br.Read(p) }
 
 // upgradeH1 sends the draft's HTTP/1.1 tunnel request and returns the final
 // response (after any 100 Continue) and the tunnel.
-func (e *rtEnv) upgradeH1(t *testing.T, cert tls.Certificate, path, alpnField string) (*http.Response, *bufConn) {
+func (e *rtEnv) upgradeH1(t *testing.T, cert tls.Certificate, path, alpnField string) (*http.Response, *rtBufConn) {
 	t.Helper()
 	c := e.dialTLS(t, cert, "http/1.1")
 	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
@@ -192,12 +192,12 @@ func (e *rtEnv) upgradeH1(t *testing.T, cert tls.Certificate, path, alpnField st
 			continue
 		}
 		_ = c.SetDeadline(time.Time{})
-		return resp, &bufConn{Conn: c, br: br}
+		return resp, &rtBufConn{Conn: c, br: br}
 	}
 }
 
 // app is the HTTP app behind the tunnels.
-func app(t *testing.T, cut chan<- struct{}) http.Handler {
+func rtApp(t *testing.T, cut chan<- struct{}) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/hello", func(w http.ResponseWriter, r *http.Request) {
 		_, _ = fmt.Fprintf(w, "hello %s over %s", r.Host, r.Proto)
@@ -212,26 +212,26 @@ func app(t *testing.T, cut chan<- struct{}) http.Handler {
 	return mux
 }
 
-// serveApp serves the app on the tunnel: HTTP/1.1 or h2 as Selected-ALPN said.
-func serveApp(t *testing.T, conn net.Conn, inside string, h http.Handler) {
+// rtServeApp serves the app on the tunnel: HTTP/1.1 or h2 as Selected-ALPN said.
+func rtServeApp(t *testing.T, conn net.Conn, inside string, h http.Handler) {
 	t.Helper()
 	if inside == "h2" {
 		go (&http2.Server{}).ServeConn(conn, &http2.ServeConnOpts{Handler: h})
 		return
 	}
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-	go func() { _ = srv.Serve(&oneConn{c: conn}) }()
+	go func() { _ = srv.Serve(&rtOneConn{c: conn}) }()
 	t.Cleanup(func() { _ = srv.Close() })
 }
 
-// oneConn is a listener that yields one connection.
-type oneConn struct {
+// rtOneConn is a listener that yields one connection.
+type rtOneConn struct {
 	mu   sync.Mutex
 	c    net.Conn
 	done chan struct{}
 }
 
-func (l *oneConn) Accept() (net.Conn, error) {
+func (l *rtOneConn) Accept() (net.Conn, error) {
 	l.mu.Lock()
 	if l.done == nil {
 		l.done = make(chan struct{})
@@ -246,7 +246,7 @@ func (l *oneConn) Accept() (net.Conn, error) {
 	return nil, net.ErrClosed
 }
 
-func (l *oneConn) Close() error {
+func (l *rtOneConn) Close() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.done == nil {
@@ -260,7 +260,7 @@ func (l *oneConn) Close() error {
 	return nil
 }
 
-func (l *oneConn) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)} }
+func (l *rtOneConn) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)} }
 
 // get sends GET path to the reverse name through ReverseHTTP.
 func (e *rtEnv) get(t *testing.T, path string) (string, error) {
@@ -296,7 +296,7 @@ func TestReverseTunnelHTTP1Upgrade(t *testing.T) {
 			if got := resp.Header.Get("Selected-ALPN"); got != tc.selected {
 				t.Fatalf("ALPN %q: Selected-ALPN = %q, want %q", tc.offer, got, tc.selected)
 			}
-			serveApp(t, conn, tc.inside, app(t, nil))
+			rtServeApp(t, conn, tc.inside, rtApp(t, nil))
 			want := "hello blog.rev.test over HTTP/1.1"
 			if tc.inside == "h2" {
 				want = "hello blog.rev.test over HTTP/2.0"
@@ -326,9 +326,9 @@ func TestReverseTunnelHTTP1Upgrade(t *testing.T) {
 	}
 }
 
-// h2Tunnel is the draft's tunnel over h2 from raw frames: one extended CONNECT
+// rtH2Client is the draft's tunnel over h2 from raw frames: one extended CONNECT
 // stream as a net.Conn.
-type h2Tunnel struct {
+type rtH2Client struct {
 	*tls.Conn
 	fr   *http2.Framer
 	wmu  sync.Mutex
@@ -337,14 +337,14 @@ type h2Tunnel struct {
 	resp []hpack.HeaderField
 }
 
-func (e *rtEnv) extendedConnect(t *testing.T, cert tls.Certificate, path, alpnField string) *h2Tunnel {
+func (e *rtEnv) extendedConnect(t *testing.T, cert tls.Certificate, path, alpnField string) *rtH2Client {
 	t.Helper()
 	c := e.dialTLS(t, cert, "h2")
 	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
 	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
 		t.Fatal(err)
 	}
-	tun := &h2Tunnel{Conn: c, fr: http2.NewFramer(c, c)}
+	tun := &rtH2Client{Conn: c, fr: http2.NewFramer(c, c)}
 	tun.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	if err := tun.fr.WriteSettings(); err != nil {
 		t.Fatal(err)
@@ -401,7 +401,7 @@ func (e *rtEnv) extendedConnect(t *testing.T, cert tls.Certificate, path, alpnFi
 	return tun
 }
 
-func (h *h2Tunnel) field(name string) string {
+func (h *rtH2Client) field(name string) string {
 	for _, f := range h.resp {
 		if f.Name == name {
 			return f.Value
@@ -410,7 +410,7 @@ func (h *h2Tunnel) field(name string) string {
 	return ""
 }
 
-func (h *h2Tunnel) readLoop() {
+func (h *rtH2Client) readLoop() {
 	for {
 		f, err := h.fr.ReadFrame()
 		if err != nil {
@@ -449,9 +449,9 @@ func (h *h2Tunnel) readLoop() {
 	}
 }
 
-func (h *h2Tunnel) Read(p []byte) (int, error) { return h.pr.Read(p) }
+func (h *rtH2Client) Read(p []byte) (int, error) { return h.pr.Read(p) }
 
-func (h *h2Tunnel) Write(p []byte) (int, error) {
+func (h *rtH2Client) Write(p []byte) (int, error) {
 	h.wmu.Lock()
 	defer h.wmu.Unlock()
 	n := 0
@@ -475,7 +475,7 @@ func TestReverseTunnelExtendedConnectH2(t *testing.T) {
 	if got := tun.field("selected-alpn"); got != "http%2F1.1" {
 		t.Fatalf("selected-alpn = %q, want http%%2F1.1", got)
 	}
-	serveApp(t, tun, "http/1.1", app(t, nil))
+	rtServeApp(t, tun, "http/1.1", rtApp(t, nil))
 	got, err := e.get(t, "/hello")
 	if err != nil || got != "hello blog.rev.test over HTTP/1.1" {
 		t.Fatalf("GET through the h2 tunnel: %q, %v", got, err)
@@ -488,7 +488,7 @@ func TestReverseTunnelRefusals(t *testing.T) {
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("alice: %s", resp.Status)
 	}
-	serveApp(t, conn, "http/1.1", app(t, nil))
+	rtServeApp(t, conn, "http/1.1", rtApp(t, nil))
 
 	for _, tc := range []struct {
 		name   string
@@ -539,7 +539,7 @@ func TestReverseTunnelCutMidResponse(t *testing.T) {
 		t.Fatalf("alice: %s", resp.Status)
 	}
 	cut := make(chan struct{}, 1)
-	serveApp(t, conn, "http/1.1", app(t, cut))
+	rtServeApp(t, conn, "http/1.1", rtApp(t, cut))
 	go func() {
 		<-cut // the app sent 64 KiB of 1 MiB: cut the tunnel
 		_ = conn.NetConn().(*net.TCPConn).SetLinger(0)
@@ -564,7 +564,7 @@ func TestReverseTunnelCutMidResponseH2(t *testing.T) {
 		t.Fatalf("status %s", st)
 	}
 	cut := make(chan struct{}, 1)
-	serveApp(t, tun, "http/1.1", app(t, cut))
+	rtServeApp(t, tun, "http/1.1", rtApp(t, cut))
 	go func() {
 		<-cut
 		tun.wmu.Lock()
@@ -613,7 +613,7 @@ func TestReverseTunnelListenTCPAccept(t *testing.T) {
 	path := fmt.Sprintf("/.well-known/listen-tcp/127.0.0.1/%d/", e.pubPort)
 	type result struct {
 		resp *http.Response
-		conn *bufConn
+		conn *rtBufConn
 	}
 	got := make(chan result, 1)
 	go func() { // the relay's tunnel request waits (100 Continue) for a connection
@@ -693,9 +693,9 @@ func (e *rtEnv) dialPublic(t *testing.T) net.Conn {
 	}
 }
 
-// echoChecksum sends 1 MiB of random bytes through c, half-closes, and checks
+// rtEchoChecksum sends 1 MiB of random bytes through c, half-closes, and checks
 // that the same bytes come back.
-func echoChecksum(t *testing.T, c net.Conn) {
+func rtEchoChecksum(t *testing.T, c net.Conn) {
 	t.Helper()
 	payload := make([]byte, 1<<20)
 	_, _ = rand.Read(payload)
@@ -719,10 +719,10 @@ func echoChecksum(t *testing.T, c net.Conn) {
 func TestReverseTunnelListenTCPAcceptH2(t *testing.T) {
 	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{ListenWait: 20 * time.Second})
 	path := fmt.Sprintf("/.well-known/listen-tcp/0.0.0.0/%d/", e.pubPort)
-	got := make(chan *h2Tunnel, 1)
+	got := make(chan *rtH2Client, 1)
 	go func() { got <- e.extendedConnect(t, e.alice, path, "") }()
 	c := e.dialPublic(t)
-	var tun *h2Tunnel
+	var tun *rtH2Client
 	select {
 	case tun = <-got:
 	case <-time.After(30 * time.Second):
@@ -778,7 +778,7 @@ func TestReverseTunnelListenTCPBind(t *testing.T) {
 	})})
 	for range 2 { // two connections, two CONNECT streams on the one tunnel
 		c := e.dialPublic(t)
-		echoChecksum(t, c)
+		rtEchoChecksum(t, c)
 		if fwd := <-connects; !strings.Contains(fwd, "for=\""+c.LocalAddr().String()+"\"") {
 			t.Fatalf("CONNECT's Forwarded = %q; want for=\"%s\"", fwd, c.LocalAddr())
 		}
@@ -789,7 +789,7 @@ func TestReverseTunnelListenTCPBind(t *testing.T) {
 // local app, with h2 and with HTTP/1.1 inside.
 func TestExposeHTTPClient(t *testing.T) {
 	e := newRTEnv(t)
-	local := httptest.NewServer(app(t, nil))
+	local := httptest.NewServer(rtApp(t, nil))
 	t.Cleanup(local.Close)
 	u, _ := url.Parse(local.URL)
 	for _, h1 := range []bool{false, true} {
