@@ -196,7 +196,7 @@ func (e *rtEnv) upgradeH1(t *testing.T, cert tls.Certificate, path, alpnField st
 	}
 }
 
-// app is the HTTP app behind the tunnels.
+// rtApp is the HTTP app behind the tunnels.
 func rtApp(t *testing.T, cut chan<- struct{}) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/hello", func(w http.ResponseWriter, r *http.Request) {
