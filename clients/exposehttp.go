@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -77,7 +78,7 @@ func (x *HTTPExposer) Run(ctx context.Context) error {
 			r.SetURL(x.Local)
 			r.Out.Host = r.In.Host // the app sees the name it is served as
 		},
-		ErrorLog: nil,
+		ErrorLog: slog.NewLogLogger(x.log().Handler(), slog.LevelWarn),
 	}
 	var wg sync.WaitGroup
 	for i := range n {
@@ -122,11 +123,27 @@ func (x *HTTPExposer) hold(ctx context.Context, slot int, h http.Handler) error 
 			backoff = min(backoff*2, 30*time.Second)
 			continue
 		}
-		backoff = time.Second
 		if x.Established != nil {
 			x.Established(selected)
 		}
-		serveTunnel(ctx, conn, selected, h)
+		start := time.Now()
+		var used atomic.Bool
+		serveTunnel(ctx, conn, selected, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			used.Store(true)
+			h.ServeHTTP(w, r)
+		}))
+		if !used.Load() && time.Since(start) < time.Second {
+			// A tunnel that ends at once unused (a server that closes it, a
+			// proxy on the way) must not make this loop spin: wait as after a
+			// failure. A used HTTP/1.1 tunnel is replaced at once.
+			select {
+			case <-ctx.Done():
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, 30*time.Second)
+			continue
+		}
+		backoff = time.Second
 	}
 	return nil
 }

@@ -377,6 +377,14 @@ func (s *Server) serveReverseTunnel(w http.ResponseWriter, r *http.Request, t *t
 		return herr
 	}
 	defer s.rev.tunnels.leave(s, h, tun)
+	if r.ProtoMajor == 1 {
+		// A hijacked connection leaves net/http's (and the proxy name's)
+		// accounting: the tunnel holds a slot of MaxConns of its own.
+		if !s.acquire() {
+			return refuse(http.StatusServiceUnavailable, CodeTooManySessions, "the TP server has as many connections as it allows; try again later")
+		}
+		defer s.release()
+	}
 
 	// The tunnel lives within the holder (which a newer holder, a revocation
 	// or Shutdown ends), the certificate and the server's forced stop.
