@@ -818,6 +818,36 @@ func TestExposeHTTPClient(t *testing.T) {
 			}
 		})
 	}
+	t.Run("reopens", func(t *testing.T) {
+		// TP closes tunnels idle for 200ms; the client reopens each one.
+		e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{IdleTimeout: 200 * time.Millisecond})
+		ctx, cancel := context.WithCancel(context.Background())
+		var mu sync.Mutex
+		opened := 0
+		x := &clients.HTTPExposer{Server: e.addr, ProxyName: "proxy.localhost",
+			TLSConfig: &tls.Config{RootCAs: e.ca.Pool, Certificates: []tls.Certificate{e.alice}},
+			Name:      "blog", Local: u, Tunnels: 1, H1Only: true, Logger: discardLogger(),
+			Established: func(string) { mu.Lock(); opened++; mu.Unlock() }}
+		done := make(chan error, 1)
+		go func() { done <- x.Run(ctx) }()
+		defer func() { cancel(); <-done }()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			mu.Lock()
+			n := opened
+			mu.Unlock()
+			if n >= 3 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("tp expose --http opened %d tunnels in 30s while TP closed each after 200ms idle; want it to reopen them", n)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if got, err := e.get(t, "/hello"); err != nil || got != "hello blog.rev.test over HTTP/1.1" {
+			t.Fatalf("GET after the tunnels were reopened: %q, %v", got, err)
+		}
+	})
 	t.Run("refused", func(t *testing.T) {
 		x := &clients.HTTPExposer{Server: e.addr, ProxyName: "proxy.localhost",
 			TLSConfig: &tls.Config{RootCAs: e.ca.Pool, Certificates: []tls.Certificate{e.carol}},
