@@ -36,9 +36,29 @@ import (
 // draft-kazuho-httpbis-reverse-tunnel-00 alone: raw HTTP/1.1 bytes for the
 // Upgrade, raw h2 frames for extended CONNECT.
 
-type rtDirectory struct{}
+// rtDirectory knows every device, until one is revoked.
+type rtDirectory struct {
+	mu      sync.Mutex
+	revoked map[string]bool
+}
 
-func (rtDirectory) Lookup(string) ([]string, error) { return nil, nil }
+func (d *rtDirectory) Lookup(id string) ([]string, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.revoked[id] {
+		return nil, fmt.Errorf("device %s: %w", id, authz.ErrRevoked)
+	}
+	return nil, nil
+}
+
+func (d *rtDirectory) revoke(id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.revoked == nil {
+		d.revoked = map[string]bool{}
+	}
+	d.revoked[id] = true
+}
 
 type rtEnv struct {
 	ca      *testpki.CA
@@ -46,6 +66,7 @@ type rtEnv struct {
 	addr    string // the proxy name's TLS endpoint
 	pubPort int
 	records chan proxy.SessionRecord // the audit trail (OnSessionEnd)
+	dir     *rtDirectory
 	alice   tls.Certificate
 	bob     tls.Certificate
 	carol   tls.Certificate
@@ -95,7 +116,8 @@ allow if {
 	if err != nil {
 		t.Fatal(err)
 	}
-	az := &policy.Authorizer{Directory: rtDirectory{}, Evaluator: eng}
+	dir2 := &rtDirectory{}
+	az := &policy.Authorizer{Directory: dir2, Evaluator: eng}
 	serverCert := ca.ServerCert(t, "proxy.localhost")
 	records := make(chan proxy.SessionRecord, 1000)
 	srv, err := proxy.New(proxy.Config{
@@ -141,7 +163,7 @@ allow if {
 		defer cancel()
 		_ = srv.Shutdown(ctx)
 	})
-	return &rtEnv{ca: ca, srv: srv, addr: ln.Addr().String(), pubPort: pubPort, records: records,
+	return &rtEnv{ca: ca, srv: srv, addr: ln.Addr().String(), pubPort: pubPort, records: records, dir: dir2,
 		alice: ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{}),
 		bob:   ca.ClientCert(t, "bob@desk", testpki.LeafOptions{}),
 		carol: ca.ClientCert(t, "carol@phone", testpki.LeafOptions{})}
@@ -590,6 +612,42 @@ func TestReverseTunnelPerNameBound(t *testing.T) {
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(string(body), "as many as this server allows per name") {
 		t.Fatalf("a third tunnel over MaxPerName 2: %s %q; want 429", resp.Status, body)
+	}
+}
+
+// A device that is revoked loses its tunnels at the next re-check, and
+// cannot open new ones.
+func TestReverseTunnelRevoked(t *testing.T) {
+	e := newRTEnv(t)
+	resp, conn := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", "")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("%s", resp.Status)
+	}
+	e.dir.revoke("alice@laptop")
+	if _, closed := e.srv.Recheck(context.Background()); closed != 1 {
+		t.Fatalf("Recheck after revoking alice@laptop closed %d sessions; want her one tunnel", closed)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if _, err := conn.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the revoked device's tunnel was not closed: %v", err)
+	}
+	resp, _ = e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", "")
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode != http.StatusForbidden || !strings.Contains(string(body), "revoked") {
+		t.Fatalf("a revoked device's new tunnel: %s %q; want 403 saying revoked", resp.Status, body)
+	}
+}
+
+// Per device: a second tunnel over MaxPerIdentity 1 is refused with 429.
+func TestReverseTunnelPerIdentityBound(t *testing.T) {
+	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{MaxPerIdentity: 1})
+	if resp, _ := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", ""); resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("first tunnel: %s", resp.Status)
+	}
+	resp, _ := e.upgradeH1(t, e.alice, fmt.Sprintf("/.well-known/listen-tcp/0.0.0.0/%d/", e.pubPort), "")
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(string(body), "per device") {
+		t.Fatalf("a second tunnel over MaxPerIdentity 1: %s %q; want 429", resp.Status, body)
 	}
 }
 
