@@ -99,6 +99,9 @@ type streamConn struct {
 
 func newStreamConn(w http.ResponseWriter, r *http.Request) *streamConn {
 	c := &streamConn{w: w, body: r.Body, rc: http.NewResponseController(w), done: make(chan struct{})}
+	// A tunnel outlives any per-request timeout the server set on the stream.
+	_ = c.rc.SetReadDeadline(time.Time{})
+	_ = c.rc.SetWriteDeadline(time.Time{})
 	c.peer = addrOf(r.RemoteAddr)
 	if la, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
 		c.local = la

@@ -357,6 +357,8 @@ type rtH2Client struct {
 	pr   *io.PipeReader
 	pw   *io.PipeWriter
 	resp []hpack.HeaderField
+	// continues counts the 100 (Continue) responses before resp.
+	continues int
 }
 
 func (e *rtEnv) extendedConnect(t *testing.T, cert tls.Certificate, path, alpnField string) *rtH2Client {
@@ -412,6 +414,8 @@ func (e *rtEnv) extendedConnect(t *testing.T, cert tls.Certificate, path, alpnFi
 		case *http2.MetaHeadersFrame:
 			if f.PseudoValue("status") != "100" {
 				tun.resp = f.Fields
+			} else {
+				tun.continues++
 			}
 		case *http2.RSTStreamFrame:
 			t.Fatalf("extended CONNECT reset: %v", f.ErrCode)
@@ -768,6 +772,39 @@ func rtEchoChecksum(t *testing.T, c net.Conn) {
 	}
 	if sha256.Sum256(back) != sha256.Sum256(payload) {
 		t.Fatalf("echo: %d bytes back of %d, checksums differ", len(back), len(payload))
+	}
+}
+
+// A listen-tcp tunnel request that no connection matches hears 100 (Continue)
+// while it waits, then 204 (No Content) (draft section 6.1).
+func TestReverseTunnelListenTCPNoConnection(t *testing.T) {
+	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{ListenWait: 2 * time.Second})
+	c := e.dialTLS(t, e.alice, "http/1.1")
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	req := fmt.Sprintf("GET /.well-known/listen-tcp/0.0.0.0/%d/ HTTP/1.1\r\nHost: proxy.localhost\r\nConnection: upgrade\r\nUpgrade: reverse\r\n\r\n", e.pubPort)
+	if _, err := io.WriteString(c, req); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	continues := 0
+	for {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("after %d 100 (Continue): %v", continues, err)
+		}
+		if resp.StatusCode == http.StatusContinue {
+			continues++
+			continue
+		}
+		if resp.StatusCode != http.StatusNoContent || continues == 0 {
+			t.Fatalf("a listen-tcp request nobody connected to: %d × 100, then %s; want 100s, then 204", continues, resp.Status)
+		}
+		break
+	}
+	// The same over h2: 100 HEADERS, then a final 204.
+	tun := e.extendedConnect(t, e.alice, fmt.Sprintf("/.well-known/listen-tcp/0.0.0.0/%d/", e.pubPort), "")
+	if st := tun.field(":status"); st != "204" || tun.continues == 0 {
+		t.Fatalf("over h2: %d × 100, then %s; want 100s, then 204", tun.continues, st)
 	}
 }
 
