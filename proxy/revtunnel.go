@@ -272,10 +272,12 @@ func (s *Server) ServeReverseTunnel(w http.ResponseWriter, r *http.Request) {
 	if r.ProtoMajor >= 2 {
 		t.version = "HTTP/" + strconv.Itoa(r.ProtoMajor)
 	}
-	herr := s.serveReverseTunnel(w, r, t)
-	endCode := "closed"
+	var herr *refusal
+	// Deferred: an aborted h2/h3 tunnel ends its handler with a panic
+	// (http.ErrAbortHandler, which resets the stream); it is logged too.
+	defer func() { s.logTunnel(r, t, herr) }()
+	herr = s.serveReverseTunnel(w, r, t)
 	if herr != nil {
-		endCode = herr.code
 		t.end = "refused: " + herr.reason
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
@@ -286,13 +288,24 @@ func (s *Server) ServeReverseTunnel(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(herr.status)
 		_, _ = fmt.Fprintln(w, herr.reason)
 	}
+}
+
+// logTunnel writes a tunnel's log line and audit record.
+func (s *Server) logTunnel(r *http.Request, t *tunnelRec, herr *refusal) {
+	endCode := "closed"
+	if herr != nil {
+		endCode = herr.code
+	}
+	if t.end == "" { // its handler ended in a panic: the stream was reset
+		t.end, endCode = "aborted", "peer_reset"
+	}
 	s.log.LogAttrs(r.Context(), slog.LevelInfo, "reverse tunnel",
 		slog.String("identity", t.id.String()), slog.String("remote", t.remote), slog.String("target", t.target),
 		slog.String("http", t.version), slog.String("alpn", t.alpn), slog.String("semantics", t.semantics),
 		slog.String("decision", t.decision), slog.Int("connections", int(t.uses.Load())),
-		slog.Duration("duration", time.Since(start)), slog.String("end", t.end))
+		slog.Duration("duration", time.Since(t.start)), slog.String("end", t.end))
 	if s.cfg.OnSessionEnd != nil {
-		rec := SessionRecord{Start: start, End: time.Now(), Remote: t.remote, Identity: t.id.DeviceID, User: t.id.User,
+		rec := SessionRecord{Start: t.start, End: time.Now(), Remote: t.remote, Identity: t.id.DeviceID, User: t.id.User,
 			Serial: t.id.Serial, Transport: transportOf(r), Action: t.action, Destination: t.target,
 			Dialed: "reverse tunnel (" + t.version + ", " + t.semantics + ")", Decision: t.decision,
 			PolicyRevision: t.revision, EndCode: endCode, EndReason: t.end}
