@@ -89,7 +89,10 @@ func (st *tunnelState) join(s *Server, target tunnelTarget, id authz.Identity, a
 		replaced, herr := s.rev.claim(h.agent)
 		if herr != nil {
 			status := http.StatusForbidden
-			if herr.Code == CodeTooManyNames || herr.Code == wire.CodePublicRefused && strings.Contains(herr.Reason, "cannot open") {
+			switch {
+			case herr.Code == CodeTooManyNames:
+				status = http.StatusTooManyRequests
+			case herr.Code == wire.CodePublicRefused && strings.Contains(herr.Reason, "cannot open"):
 				status = http.StatusServiceUnavailable
 			}
 			h.cancel(herr)
