@@ -46,6 +46,9 @@ type HTTPExposer struct {
 	Tunnels int
 	// H1Only offers only http/1.1 inside the tunnels.
 	H1Only bool
+	// DevicesOnly asks TP to serve the app to enrolled devices only (their
+	// device certificate is required), not to anyone.
+	DevicesOnly bool
 	// ExitOnRefusal returns the server's refusal (policy, a name another
 	// identity holds) instead of retrying with backoff.
 	ExitOnRefusal bool
@@ -170,7 +173,11 @@ func (x *HTTPExposer) open(ctx context.Context) (net.Conn, string, error) {
 		alpn = "http%2F1.1"
 	}
 	req := "GET /.well-known/tp/reverse-http/" + x.Name + " HTTP/1.1\r\nHost: " + name +
-		"\r\nConnection: upgrade\r\nUpgrade: reverse\r\nALPN: " + alpn + "\r\n\r\n"
+		"\r\nConnection: upgrade\r\nUpgrade: reverse\r\nALPN: " + alpn + "\r\n"
+	if x.DevicesOnly {
+		req += "TP-Access: devices\r\n"
+	}
+	req += "\r\n"
 	if _, err := io.WriteString(c, req); err != nil {
 		_ = c.Close()
 		return nil, "", fmt.Errorf("asking %s for a reverse tunnel: %w", x.Server, err)

@@ -121,7 +121,15 @@ type tunnelTarget struct {
 	full  string // its full name
 	port  int    // listen-tcp: the public port
 	addr  string // listen-tcp: the listen address as the URI gave it
+	// devicesOnly: the exposer lets only enrolled devices reach the HTTP app
+	// (request field TP-Access: devices).
+	devicesOnly bool
 }
+
+// AccessField is the tunnel request's header field by which an exposer chooses
+// who may reach its HTTP app: "anyone" (the default) or "devices" (enrolled
+// devices only; tpd's website then requires a device certificate).
+const AccessField = "TP-Access"
 
 func (t tunnelTarget) key() string {
 	if t.port != 0 {
@@ -334,6 +342,16 @@ func (s *Server) serveReverseTunnel(w http.ResponseWriter, r *http.Request, t *t
 	target, herr := s.parseTarget(r.URL.Path)
 	if herr != nil {
 		return herr
+	}
+	switch a := strings.ToLower(strings.TrimSpace(r.Header.Get(AccessField))); a {
+	case "", "anyone":
+	case "devices":
+		if target.port != 0 {
+			return refuse(http.StatusBadRequest, wire.CodeBadRequest, "%s: devices applies to HTTP apps; a public TCP port has no way to check a device certificate", AccessField)
+		}
+		target.devicesOnly = true
+	default:
+		return refuse(http.StatusBadRequest, wire.CodeBadRequest, "%s: %q is neither anyone nor devices", AccessField, a)
 	}
 	t.target = target.key()
 	if target.port != 0 {

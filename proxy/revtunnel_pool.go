@@ -103,6 +103,11 @@ func (st *tunnelState) join(s *Server, target tunnelTarget, id authz.Identity, a
 		}
 		st.holders[key] = h
 	}
+	if h.target.devicesOnly != target.devicesOnly {
+		return nil, nil, refuse(http.StatusConflict, wire.CodeNameTaken,
+			"%s is served to %s by this device's other tunnels; open every tunnel with the same %s, or close the others first",
+			target.full, accessOf(h.target.devicesOnly), AccessField)
+	}
 	if h.n >= o.MaxPerName {
 		return nil, nil, refuse(http.StatusTooManyRequests, CodeTooManySessions,
 			"%s has %d reverse tunnels, as many as this server allows per name; use fewer spare tunnels", describeTarget(target), o.MaxPerName)
@@ -282,6 +287,26 @@ func finishTunnel(conn tunnelConn) {
 	if sc, ok := conn.(*streamConn); ok {
 		sc.finish()
 	}
+}
+
+func accessOf(devicesOnly bool) string {
+	if devicesOnly {
+		return "enrolled devices only"
+	}
+	return "anyone"
+}
+
+// ReverseHTTPDevicesOnly reports whether the reverse name host is held by
+// tunnels whose exposer lets only enrolled devices reach it (TP-Access: devices).
+func (s *Server) ReverseHTTPDevicesOnly(host string) bool {
+	if s.rev == nil {
+		return false
+	}
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	h := s.rev.tunnels.holder(strings.TrimSuffix(strings.ToLower(host), "."))
+	return h != nil && h.target.port == 0 && h.target.devicesOnly
 }
 
 // ReverseHTTP returns the round-tripper for a reverse name that reverse tunnels

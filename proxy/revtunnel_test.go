@@ -336,6 +336,9 @@ func TestReverseTunnelHTTP1Upgrade(t *testing.T) {
 					errs <- err
 				}()
 			}
+			if e.srv.ReverseHTTPDevicesOnly("blog.rev.test") {
+				t.Error("a tunnel without TP-Access made the name devices-only")
+			}
 			wg.Wait()
 			close(errs)
 			for err := range errs {
@@ -952,4 +955,59 @@ func TestExposeHTTPClient(t *testing.T) {
 			t.Fatalf("carol's tp expose --http: %v; want the policy's refusal", err)
 		}
 	})
+}
+
+// TP-Access: devices makes the name devices-only (tpd's website then requires a
+// device certificate); every tunnel of a name must ask for the same access.
+func TestReverseTunnelDevicesOnly(t *testing.T) {
+	e := newRTEnv(t)
+	local := httptest.NewServer(rtApp(t, nil))
+	t.Cleanup(local.Close)
+	u, _ := url.Parse(local.URL)
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan string, 8)
+	x := &clients.HTTPExposer{Server: e.addr, ProxyName: "proxy.localhost",
+		TLSConfig: &tls.Config{RootCAs: e.ca.Pool, Certificates: []tls.Certificate{e.alice}},
+		Name:      "blog", Local: u, Tunnels: 1, DevicesOnly: true, Logger: discardLogger(),
+		Established: func(s string) { ready <- s }}
+	done := make(chan error, 1)
+	go func() { done <- x.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	<-ready
+	if !e.srv.ReverseHTTPDevicesOnly("blog.rev.test:443") {
+		t.Fatal("tp expose --http --devices-only: ReverseHTTPDevicesOnly(blog.rev.test) = false")
+	}
+	if got, err := e.get(t, "/hello"); err != nil || !strings.HasPrefix(got, "hello") {
+		t.Fatalf("GET: %q, %v", got, err)
+	}
+	for _, tc := range []struct {
+		path, access string
+		status       int
+		reason       string
+	}{
+		{"/.well-known/tp/reverse-http/blog", "", http.StatusConflict, "enrolled devices only"},
+		{"/.well-known/tp/reverse-http/blog", "everyone", http.StatusBadRequest, "neither anyone nor devices"},
+		{fmt.Sprintf("/.well-known/listen-tcp/0.0.0.0/%d/", e.pubPort), "devices", http.StatusBadRequest, "applies to HTTP apps"},
+	} {
+		c := e.dialTLS(t, e.alice, "http/1.1")
+		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+		req := "GET " + tc.path + " HTTP/1.1\r\nHost: proxy.localhost\r\nConnection: upgrade\r\nUpgrade: reverse\r\n"
+		if tc.access != "" {
+			req += "TP-Access: " + tc.access + "\r\n"
+		}
+		if _, err := io.WriteString(c, req+"\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		if resp.StatusCode != tc.status || !strings.Contains(string(body), tc.reason) {
+			t.Fatalf("%s with TP-Access %q: %s %q; want %d with %q", tc.path, tc.access, resp.Status, body, tc.status, tc.reason)
+		}
+	}
+	if e.srv.ReverseHTTPDevicesOnly("other.rev.test") {
+		t.Fatal("ReverseHTTPDevicesOnly of a name nobody holds = true")
+	}
 }

@@ -20,7 +20,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	var exitOnRefusal bool
 	var maxSessions int
 	var pub publicFlags
-	var httpMode, h1Only bool
+	var httpMode, h1Only, devicesOnly bool
 	var tunnels int
 	var proxyName string
 	cmd := &cobra.Command{
@@ -48,7 +48,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if httpMode {
-				return exposeHTTP(cmd, stderr, args[0], args[1], proxyName, tunnels, h1Only, exitOnRefusal)
+				return exposeHTTP(cmd, stderr, args[0], args[1], proxyName, tunnels, h1Only, devicesOnly, exitOnRefusal)
 			}
 			main, err := pub.exposed(args[0], args[1])
 			if err != nil {
@@ -128,13 +128,14 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	cmd.Flags().BoolVar(&httpMode, "http", false, "serve LOCAL-URL (an http:// URL) as an HTTP app named NAME.<reverse zone> through reverse tunnels (docs/HTTP.md §2; policy action \"expose_http\")")
 	cmd.Flags().IntVar(&tunnels, "tunnels", 4, "with --http: reverse tunnels to hold at once (spares when the server speaks HTTP/1.1 inside)")
 	cmd.Flags().BoolVar(&h1Only, "http1", false, "with --http: offer only HTTP/1.1 inside the tunnels (one request stream per tunnel)")
+	cmd.Flags().BoolVar(&devicesOnly, "devices-only", false, "with --http: serve the app to enrolled devices only (a device certificate is required), not to anyone")
 	cmd.Flags().StringVar(&proxyName, "proxy-name", "proxy.localhost", "with --http: the TP server's proxy name (its proxy-names in tpd.yaml), sent as the TLS server name")
 	pub.register(cmd)
 	return cmd
 }
 
 // exposeHTTP runs `tp expose --http NAME LOCAL-URL`.
-func exposeHTTP(cmd *cobra.Command, stderr io.Writer, name, local, proxyName string, tunnels int, h1Only, exitOnRefusal bool) error {
+func exposeHTTP(cmd *cobra.Command, stderr io.Writer, name, local, proxyName string, tunnels int, h1Only, devicesOnly, exitOnRefusal bool) error {
 	u, err := url.Parse(local)
 	if err != nil || u.Scheme != "http" && u.Scheme != "https" || u.Host == "" {
 		return fmt.Errorf("LOCAL-URL %q must be an http:// or https:// URL, e.g. http://127.0.0.1:8080", local)
@@ -154,7 +155,7 @@ func exposeHTTP(cmd *cobra.Command, stderr io.Writer, name, local, proxyName str
 	var once sync.Once
 	x := &clients.HTTPExposer{
 		Server: d.Server, ProxyName: proxyName, TLSConfig: d.TLSConfig, Name: name, Local: u,
-		Tunnels: tunnels, H1Only: h1Only, ExitOnRefusal: exitOnRefusal,
+		Tunnels: tunnels, H1Only: h1Only, DevicesOnly: devicesOnly, ExitOnRefusal: exitOnRefusal,
 		Logger: slog.New(slog.NewTextHandler(stderr, nil)),
 		Established: func(selected string) {
 			once.Do(func() {
