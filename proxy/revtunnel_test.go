@@ -813,7 +813,7 @@ func TestReverseTunnelListenTCPNoConnection(t *testing.T) {
 
 // Accept semantics over h2 extended CONNECT: 100 (Continue) frames while it
 // waits, then 200 with Forwarded, then the connection's bytes as DATA. (No
-// half-close here: docs/HTTP.md §2.6.)
+// half-close here: docs/HTTP.md §4.)
 func TestReverseTunnelListenTCPAcceptH2(t *testing.T) {
 	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{ListenWait: 20 * time.Second})
 	path := fmt.Sprintf("/.well-known/listen-tcp/0.0.0.0/%d/", e.pubPort)
