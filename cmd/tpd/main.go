@@ -21,6 +21,9 @@ import (
 	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/tpd"
+
+	// HTTP/2 extended CONNECT (RFC 8441) for the reverse-tunnel draft; before net/http's init.
+	_ "github.com/tp-proxy/tp/internal/xconnect"
 )
 
 func main() {

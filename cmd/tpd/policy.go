@@ -205,7 +205,7 @@ func policyEvalCmd(stdout io.Writer) *cobra.Command {
 	f.StringVar(&device, "device", "", "device name, e.g. laptop (default cli)")
 	f.StringVar(&dest, "dest", "", "destination host:port, e.g. db.internal:5432")
 	f.StringVar(&network, "net", "tcp", "tcp (action dial) or udp (action dial_udp)")
-	f.StringVar(&action, "action", "", "override the action: dial, dial_udp, listen or expose_public")
+	f.StringVar(&action, "action", "", "override the action: dial, dial_udp, listen, expose_public or expose_http")
 	f.StringSliceVar(&groups, "groups", nil, "groups, comma separated; used when the user is not in the user store")
 	f.StringSliceVar(&ips, "ip", nil, "resolved address of the destination; repeat for several (default: resolve the name now, as tpd would)")
 	f.BoolVar(&showInput, "show-input", false, "print the input document the policy sees")
