@@ -41,7 +41,7 @@ var oidStepManagedDevice = asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 37476, 9000, 
 type Enroller struct {
 	PKI    *PKI
 	CA     *CA
-	Users  *users.Store
+	Users  users.Store
 	Logger *slog.Logger
 	Now    func() time.Time
 	// ReverseOwner says which device holds a reverse name (reverse.go); nil

@@ -77,7 +77,7 @@ type Daemon struct {
 	log     *slog.Logger
 	pki     *acme.PKI
 	ca      *acme.CA
-	users   *users.Store
+	users   users.Store
 	policy  *policy.Engine
 	authz   *policy.Authorizer
 	proxy   *proxy.Server
@@ -264,7 +264,7 @@ func (d *Daemon) AdminAddr() string {
 }
 
 // Users is the user store.
-func (d *Daemon) Users() *users.Store { return d.users }
+func (d *Daemon) Users() users.Store { return d.users }
 
 // Policy is the policy engine.
 func (d *Daemon) Policy() *policy.Engine { return d.policy }
