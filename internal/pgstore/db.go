@@ -81,7 +81,7 @@ type DB struct {
 
 	mu        sync.Mutex
 	reloaders map[string][]func(context.Context) error // by notification topic
-	health    error                                     // nil while the listener is connected
+	health    error                                    // nil while the listener is connected
 }
 
 // Open connects, checks the server answers, and migrates the schema to this
