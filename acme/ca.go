@@ -60,6 +60,12 @@ type CA struct {
 type CAOptions struct {
 	// DBPath is the bbolt database file (single process; it is locked while open).
 	DBPath string
+	// PostgreSQL, when set, replaces DBPath: a DSN (with its password) of the
+	// PostgreSQL database that several tpd share, through step-ca's own
+	// postgresql driver. The database must exist; the CA creates its tables
+	// (callers serialise NewCA across instances, since CREATE TABLE IF NOT
+	// EXISTS races in PostgreSQL).
+	PostgreSQL string
 	// CertLifetime of device certificates; DefaultCertLifetime when zero.
 	CertLifetime time.Duration
 	// DNSNames the CA answers to (used for links when a request has no Host).
@@ -78,7 +84,8 @@ type CAOptions struct {
 	MaxNonces int
 }
 
-// NewCA starts the embedded authority over pki with a bbolt database.
+// NewCA starts the embedded authority over pki with a bbolt database, or
+// PostgreSQL when opts.PostgreSQL is set.
 func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 	life := opts.CertLifetime
 	if life == 0 {
@@ -87,7 +94,7 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 	if life < 5*time.Minute || life > 24*time.Hour {
 		return nil, fmt.Errorf("certificate lifetime %s must be between 5m and 24h", life)
 	}
-	if opts.DBPath == "" {
+	if opts.DBPath == "" && opts.PostgreSQL == "" {
 		return nil, errors.New("CA database path is required")
 	}
 	minDur := &provisioner.Duration{Duration: 5 * time.Minute}
@@ -111,8 +118,14 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 		},
 	}
 	dbCfg := &db.Config{Type: "bbolt", DataSource: opts.DBPath}
+	if opts.PostgreSQL != "" {
+		dbCfg = &db.Config{Type: nosql.PostgreSQLDriver, DataSource: opts.PostgreSQL}
+	}
 	authDB, err := db.New(dbCfg)
-	if err != nil {
+	switch {
+	case err != nil && opts.PostgreSQL != "":
+		return nil, fmt.Errorf("open the CA's tables in the database: %w", err)
+	case err != nil:
 		return nil, fmt.Errorf("open CA database %s: %w (is another tpd running on this data dir?)", opts.DBPath, err)
 	}
 	sitesOn := len(opts.SiteNames) > 0 || opts.SiteValidator != nil

@@ -6,13 +6,14 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
-	"regexp"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tp-proxy/tp/internal/config"
 )
 
 // opTimeout bounds one statement or transaction of the stores.
@@ -25,26 +26,11 @@ const connectTimeout = 10 * time.Second
 // the schema or creates the CA's tables ("tp-mgr" in ASCII).
 const migrateLock int64 = 0x74702d6d6772
 
-var keywordPassword = regexp.MustCompile(`(^|\s)password\s*=`)
-
-// CheckDSN accepts a PostgreSQL DSN (postgres://user@host:port/db?… or
-// "host=… dbname=…") that carries no password: a DSN is written in config
-// files and on command lines, which others can read (ps, shell history,
-// backups), so the password comes from a file or the environment instead.
+// CheckDSN accepts a PostgreSQL DSN that carries no password and that pgx
+// can parse (config.CheckDatabaseDSN says why a password is refused).
 func CheckDSN(dsn string) error {
-	if strings.TrimSpace(dsn) == "" {
-		return errors.New("the database DSN is empty")
-	}
-	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
-		u, err := url.Parse(dsn)
-		if err != nil {
-			return fmt.Errorf("the database DSN is not a valid URL (postgres://USER@HOST:PORT/DATABASE): %v", redactErr(err))
-		}
-		if _, ok := u.User.Password(); ok || u.Query().Has("password") {
-			return errors.New("the database DSN contains a password, which anyone who can read the config file or the command line (ps) would see; remove it from the DSN and put it in database-password-file (a file only tpd reads) or the TP_DATABASE_PASSWORD environment variable")
-		}
-	} else if keywordPassword.MatchString(dsn) {
-		return errors.New("the database DSN contains password=…, which anyone who can read the config file or the command line (ps) would see; remove it and put it in database-password-file (a file only tpd reads) or the TP_DATABASE_PASSWORD environment variable")
+	if err := config.CheckDatabaseDSN(dsn); err != nil {
+		return err
 	}
 	if _, err := pgx.ParseConfig(dsn); err != nil {
 		return fmt.Errorf("the database DSN is not valid: %v", redactErr(err))
