@@ -11,8 +11,13 @@ import (
 // migrations are the schema's versions: migrations[i] takes the schema from
 // version i to i+1. Append only; never edit one that has shipped.
 var migrations = []string{
-	// 1: users, their groups, devices, enrollment tokens, the deny list.
-	`CREATE TABLE tp_users (
+	// 1: settings every instance must agree on, users, their groups, devices,
+	// enrollment tokens, the deny list.
+	`CREATE TABLE tp_meta (
+		key   text PRIMARY KEY,
+		value text NOT NULL
+	);
+	CREATE TABLE tp_users (
 		name     text PRIMARY KEY,
 		created  timestamptz NOT NULL DEFAULT now(),
 		disabled boolean NOT NULL DEFAULT false

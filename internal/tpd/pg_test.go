@@ -1,0 +1,206 @@
+package tpd
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/acme"
+	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/pgstore"
+	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testpg"
+)
+
+func TestMain(m *testing.M) { os.Exit(testpg.Main(m)) }
+
+// pgDataDir is newDataDir for an instance on the database dsn. With peer set,
+// the new instance gets peer's CA (ca/ without its bbolt file), as every
+// instance on one database must.
+func pgDataDir(t *testing.T, dsn string, peer *config.Server) config.Server {
+	t.Helper()
+	dataDir := filepath.Join(t.TempDir(), "data")
+	if peer != nil {
+		if err := os.MkdirAll(filepath.Join(dataDir, "ca"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range []string{"root.crt", "root.key", "intermediate.crt", "intermediate.key", "attestation-root.crt", "attestation-root.key"} {
+			b, err := os.ReadFile(filepath.Join(peer.CADir(), f))
+			if err == nil {
+				err = os.WriteFile(filepath.Join(dataDir, "ca", f), b, 0o600)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	cfg := config.DefaultServer()
+	cfg.DataDir = dataDir
+	cfg.PolicyTimeout = 5 * time.Second
+	cfg.QUIC = false
+	cfg.Database = dsn
+	cfg.DatabasePassword = testpg.Password
+	if _, err := Init(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(allowAlice), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// Two tpd on one database: a device enrolled on A logs in (enrollment, ACME
+// with the shared CA database) on B, and dials through both; a revocation on A
+// closes the device's live session on B and B refuses it from then on; the
+// bbolt file of the embedded default is not used.
+func TestPGTwoInstancesShareUsersAndDenyList(t *testing.T) {
+	_, dsn := testpg.NewDatabase(t)
+	cfgA := pgDataDir(t, dsn, nil)
+	a := runDaemon(t, cfgA)
+	cfgB := pgDataDir(t, dsn, &cfgA)
+	b := runDaemon(t, cfgB)
+	waitLog(t, a, "shared state in PostgreSQL")
+	echo := testnet.Echo(t)
+
+	c, _, _ := enrollClient(t, a.d, b.url, "alice", "laptop") // enrolled on A, logs in on B
+	if err := dialEcho(t, c, echo); err != nil {
+		t.Fatalf("dial through B, where the device logged in: %v", err)
+	}
+	c.Profile.Server = a.url
+	if err := dialEcho(t, c, echo); err != nil {
+		t.Fatalf("dial through A with the certificate B's CA issued: %v", err)
+	}
+	c.Profile.Server = b.url
+	for _, cfg := range []config.Server{cfgA, cfgB} {
+		if _, err := os.Stat(acme.DBPath(cfg.DataDir)); !os.IsNotExist(err) {
+			t.Errorf("%s exists (%v): the CA used bbolt, not the database", acme.DBPath(cfg.DataDir), err)
+		}
+	}
+
+	live := openSession(t, c, echo) // on B
+	res, err := a.d.Revoke(context.Background(), "device", "alice@laptop", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Closed != 0 {
+		t.Errorf("revoking on A closed %d sessions on A; the live one is on B", res.Closed)
+	}
+	waitClosed(t, live)
+	waitLog(t, b, "deny list changed on another instance")
+	if err := dialEcho(t, c, echo); err == nil {
+		t.Fatal("B let the device revoked on A connect")
+	}
+	if es := b.d.DenyEntries(); len(es) != 1 || es[0].Value != "alice@laptop" || es[0].Since.IsZero() {
+		t.Fatalf("B's deny list: %+v; want alice@laptop with its time", es)
+	}
+	if _, err := b.d.Revoke(context.Background(), "device", "alice@laptop", true); err != nil {
+		t.Fatal(err)
+	}
+	c.Profile.Server = a.url
+	waitFor(t, "A lets the device in again after B removed the entry", func() bool { return dialEcho(t, c, echo) == nil })
+}
+
+// A second instance whose CA differs from the one the database's instances use
+// is refused at start, naming both fingerprints.
+func TestPGOtherCARefused(t *testing.T) {
+	_, dsn := testpg.NewDatabase(t)
+	cfgA := pgDataDir(t, dsn, nil)
+	runDaemon(t, cfgA)
+	cfgB := pgDataDir(t, dsn, nil) // a CA of its own
+	_, err := New(context.Background(), cfgB, nil)
+	if err == nil || !strings.Contains(err.Error(), "same ca/ directory") {
+		t.Fatalf("an instance with another CA on the same database: %v; want a refusal", err)
+	}
+}
+
+// PostgreSQL stopped under a running tpd: tpd says so (log, readyz's reason),
+// keeps serving enrolled devices from what it loaded, refuses enrollments and
+// revocations with a sentence, and recovers by itself when PostgreSQL is back.
+func TestPGOutageAndRecovery(t *testing.T) {
+	srv, err := testpg.New() // its own server: stopping it touches no other test
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	ctx := context.Background()
+	name, err := srv.CreateDatabase(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := pgDataDir(t, srv.DSN(name), nil)
+	r := runDaemon(t, cfg)
+	echo := testnet.Echo(t)
+	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
+	waitFor(t, "the listener is connected", func() bool { return r.d.databaseHealth() == "" })
+
+	if err := srv.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	waitLog(t, r, "lost the database")
+	if why := r.d.databaseHealth(); !strings.Contains(why, "database is unreachable") {
+		t.Fatalf("health while PostgreSQL is stopped: %q", why)
+	}
+	if err := dialEcho(t, c, echo); err != nil {
+		t.Fatalf("an enrolled device while PostgreSQL is stopped: %v; want served from what tpd loaded", err)
+	}
+	_, err = r.d.Users().Enroll("bob", "phone", nil, time.Hour)
+	if err == nil || !strings.Contains(err.Error(), "the database did not answer") {
+		t.Fatalf("enroll while PostgreSQL is stopped: %v; want a refusal saying the database did not answer", err)
+	}
+	_, err = r.d.Revoke(ctx, "device", "alice@laptop", false)
+	if err == nil || !strings.Contains(err.Error(), "nothing was changed") {
+		t.Fatalf("revoke while PostgreSQL is stopped: %v; want a refusal saying nothing was changed", err)
+	}
+	if len(r.d.DenyEntries()) != 0 {
+		t.Fatalf("a refused revocation left an entry: %+v", r.d.DenyEntries())
+	}
+
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitLog(t, r, "the database is back")
+	waitFor(t, "health after PostgreSQL is back", func() bool { return r.d.databaseHealth() == "" })
+	if _, err := r.d.Users().Enroll("bob", "phone", nil, time.Hour); err != nil {
+		t.Fatalf("enroll after PostgreSQL came back: %v", err)
+	}
+	if _, err := r.d.Revoke(ctx, "device", "alice@laptop", false); err != nil {
+		t.Fatalf("revoke after PostgreSQL came back: %v", err)
+	}
+	if err := dialEcho(t, c, echo); err == nil {
+		t.Fatal("a device revoked after the outage still connects")
+	}
+}
+
+// The schema a newer tpd left is refused with a sentence, before anything is served.
+func TestPGNewerSchemaRefused(t *testing.T) {
+	_, dsn := testpg.NewDatabase(t)
+	cfg := pgDataDir(t, dsn, nil)
+	ctx := context.Background()
+	db, err := pgstore.Open(ctx, pgstore.Config{DSN: dsn, Password: testpg.Password})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = db.Pool().Exec(ctx, "INSERT INTO schema_version (version) VALUES ($1)", pgstore.SchemaVersion()+1)
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = New(ctx, cfg, nil)
+	if err == nil || !strings.Contains(err.Error(), "a newer tpd has used it") {
+		t.Fatalf("tpd on a database of schema version %d: %v; want a refusal", pgstore.SchemaVersion()+1, err)
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within 30s: %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -1,0 +1,155 @@
+package tpd
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/tp-proxy/tp/acme"
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/pgstore"
+	"github.com/tp-proxy/tp/internal/users"
+)
+
+// denySaver writes one deny-list change that dl and meta already hold: the
+// whole file in the data dir, or one row in the database.
+type denySaver func(dl *authz.DenyList, meta denyMeta, kind authz.DenyKind, value string, remove bool) error
+
+// openStores opens the user store and the deny list: files in the data dir,
+// or PostgreSQL when database: is set (then shared with every instance using
+// the same database, which each hears about through LISTEN/NOTIFY once Serve
+// runs the listener).
+func (d *Daemon) openStores(ctx context.Context) (*authz.DenyList, error) {
+	if d.cfg.Database == "" {
+		var err error
+		if d.users, err = users.Open(d.cfg.UsersFile()); err != nil {
+			return nil, err
+		}
+		dl, meta, err := loadDenyFile(d.cfg.DenyListFile())
+		if err != nil {
+			return nil, err
+		}
+		d.deny = meta
+		path := d.cfg.DenyListFile()
+		d.denySave = func(dl *authz.DenyList, meta denyMeta, _ authz.DenyKind, _ string, _ bool) error {
+			return saveDenyList(path, dl, meta)
+		}
+		return dl, nil
+	}
+	pw, err := d.cfg.DatabasePasswordValue()
+	if err != nil {
+		return nil, err
+	}
+	db, err := pgstore.Open(ctx, pgstore.Config{DSN: d.cfg.Database, Password: pw, Logger: d.log})
+	if err != nil {
+		return nil, err
+	}
+	d.db = db
+	if err := db.ClaimCA(ctx, d.pki.Fingerprint()); err != nil {
+		d.closeDB()
+		return nil, err
+	}
+	u, err := pgstore.OpenUsers(ctx, db)
+	if err != nil {
+		d.closeDB()
+		return nil, err
+	}
+	d.users = u
+	dl := &authz.DenyList{}
+	entries, err := db.DenyEntries(ctx)
+	if err != nil {
+		d.closeDB()
+		return nil, err
+	}
+	d.deny = fillDeny(dl, entries)
+	d.denySave = func(_ *authz.DenyList, meta denyMeta, kind authz.DenyKind, value string, remove bool) error {
+		if remove {
+			return db.DenyRemove(kind.String(), value)
+		}
+		return db.DenyAdd(pgstore.DenyEntry{Kind: kind.String(), Value: value,
+			Since: meta.since[denyKey(kind, value)], Device: meta.serialDev[value]})
+	}
+	db.OnChange(pgstore.TopicDeny, func(ctx context.Context) error { return d.reloadDeny(ctx, dl) })
+	d.log.Info("shared state in PostgreSQL", "database", pgstore.Describe(d.cfg.Database), "schema_version", pgstore.SchemaVersion())
+	return dl, nil
+}
+
+// fillDeny makes dl hold entries and returns their metadata.
+func fillDeny(dl *authz.DenyList, entries []pgstore.DenyEntry) denyMeta {
+	meta := denyMeta{since: map[string]time.Time{}, serialDev: map[string]string{}}
+	sets := map[authz.DenyKind][]string{}
+	for _, e := range entries {
+		var k authz.DenyKind
+		switch e.Kind {
+		case "user":
+			k = authz.DenyUser
+		case "device":
+			k = authz.DenyDevice
+		case "serial":
+			k = authz.DenySerial
+		default:
+			continue // the table's CHECK allows no other kind
+		}
+		sets[k] = append(sets[k], e.Value)
+		if !e.Since.IsZero() {
+			meta.since[denyKey(k, e.Value)] = e.Since
+		}
+		if k == authz.DenySerial && e.Device != "" {
+			meta.serialDev[e.Value] = e.Device
+		}
+	}
+	dl.Replace(sets)
+	return meta
+}
+
+// reloadDeny reads the deny list that another instance changed, and has live
+// sessions re-checked at once.
+func (d *Daemon) reloadDeny(ctx context.Context, dl *authz.DenyList) error {
+	entries, err := d.db.DenyEntries(ctx)
+	if err != nil {
+		return err
+	}
+	d.denyMu.Lock()
+	d.deny = fillDeny(dl, entries)
+	d.denyMu.Unlock()
+	d.denyGen.Add(1)
+	select {
+	case d.kick <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// openCA opens the embedded CA on the data dir's bbolt database, or on the
+// shared database under its schema lock: step-ca creates its tables with
+// CREATE TABLE IF NOT EXISTS, which fails when two instances race.
+func (d *Daemon) openCA(ctx context.Context, opts acme.CAOptions) (*acme.CA, error) {
+	if d.db == nil {
+		return acme.NewCA(d.pki, opts)
+	}
+	opts.DBPath, opts.PostgreSQL = "", d.db.DataSource()
+	var ca *acme.CA
+	err := d.db.WithLock(ctx, func(context.Context) error {
+		var err error
+		ca, err = acme.NewCA(d.pki, opts)
+		return err
+	})
+	return ca, err
+}
+
+func (d *Daemon) closeDB() {
+	if d.db != nil {
+		d.db.Close()
+	}
+}
+
+// databaseHealth is "" or why the shared database is not usable now.
+func (d *Daemon) databaseHealth() string {
+	if d.db == nil {
+		return ""
+	}
+	if err := d.db.Health(); err != nil {
+		return fmt.Sprintf("database: %v", err)
+	}
+	return ""
+}
