@@ -452,7 +452,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
 	v.AutomaticEnv()
 	if fs != nil {
-		for _, key := range []string{"data-dir", "listen", "url", "log-level", "log-format", "database"} {
+		for _, key := range []string{"data-dir", "listen", "url", "log-level", "log-format", "database", "database-password-file"} {
 			if f := fs.Lookup(key); f != nil {
 				if err := v.BindPFlag(key, f); err != nil {
 					return Server{}, err

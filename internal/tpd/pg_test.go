@@ -2,6 +2,7 @@ package tpd
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"github.com/tp-proxy/tp/internal/pgstore"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpg"
+	"github.com/tp-proxy/tp/internal/users"
 )
 
 func TestMain(m *testing.M) { os.Exit(testpg.Main(m)) }
@@ -202,5 +204,98 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("not within 30s: %s", what)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// tpd migrate: a single-process data dir (an enrolled, logged-in device, a
+// pending token, a deny-list entry, the CA database) moves into PostgreSQL;
+// migrating again changes nothing; the same data dir then serves from the
+// database: the device dials with its certificate and logs in again (its ACME
+// account came along), the deny list still refuses. A database holding another
+// deployment's rows is refused without --force, another CA's even with it.
+func TestPGMigrateDataDir(t *testing.T) {
+	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
+	r := runDaemon(t, cfg)
+	echo := testnet.Echo(t)
+	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
+	if _, err := r.d.Users().Enroll("bob", "phone", []string{"ops"}, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.d.Users().Enroll("mallory", "pc", nil, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.d.Revoke(context.Background(), "user", "mallory", false); err != nil {
+		t.Fatal(err)
+	}
+	r.stop()
+
+	_, dsn := testpg.NewDatabase(t)
+	cfg.Database, cfg.DatabasePassword = dsn, testpg.Password
+	ctx := context.Background()
+	res, err := Migrate(ctx, cfg, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Users != 3 || res.Devices != 3 || res.Tokens != 1 || res.Deny != 1 || res.CA.Rows == 0 || res.Again {
+		t.Fatalf("migrate: %+v; want 3 users, 3 devices, 1 token (bob's; mallory's was dropped at the revocation), 1 deny entry, CA rows", res)
+	}
+	again, err := Migrate(ctx, cfg, false)
+	if err != nil {
+		t.Fatalf("migrating the same data dir again: %v", err)
+	}
+	if !again.Again || again.Users != res.Users || again.CA.Rows != res.CA.Rows {
+		t.Fatalf("second migrate: %+v; first: %+v", again, res)
+	}
+
+	r2 := runDaemon(t, cfg) // the same data dir, now on PostgreSQL
+	waitLog(t, r2, "shared state in PostgreSQL")
+	c.Profile.Server = r2.url
+	if err := dialEcho(t, c, echo); err != nil {
+		t.Fatalf("dial with the certificate issued before the migration: %v", err)
+	}
+	if _, err := c.Login(ctx, nil); err != nil {
+		t.Fatalf("login after the migration: %v", err)
+	}
+	if err := dialEcho(t, c, echo); err != nil {
+		t.Fatalf("dial after logging in on the migrated CA database: %v", err)
+	}
+	if es := r2.d.DenyEntries(); len(es) != 1 || es[0].Value != "mallory" {
+		t.Fatalf("deny list after the migration: %+v", es)
+	}
+	var bob users.UserInfo
+	for _, u := range r2.d.Users().Users() {
+		if u.Name == "bob" {
+			bob = u
+		}
+	}
+	if bob.PendingTokens != 1 || strings.Join(bob.Groups, ",") != "ops" {
+		t.Fatalf("bob after the migration: %+v; want his pending token and group ops", bob)
+	}
+
+	other := newDataDir(t, map[string]string{"tp.rego": allowAlice}) // another CA
+	other.Database, other.DatabasePassword = dsn, testpg.Password
+	if _, err := Migrate(ctx, other, true); !errors.Is(err, pgstore.ErrOtherCA) {
+		t.Fatalf("migrating a data dir of another CA with --force: %v; want ErrOtherCA", err)
+	}
+	// A database with rows that did not come from this data dir.
+	_, dsn2 := testpg.NewDatabase(t)
+	db, err := pgstore.Open(ctx, pgstore.Config{DSN: dsn2, Password: testpg.Password})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := pgstore.OpenUsers(ctx, db)
+	if err == nil {
+		_, err = u.Enroll("eve", "pc", nil, time.Hour)
+	}
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Database = dsn2
+	if _, err := Migrate(ctx, cfg, false); !errors.Is(err, pgstore.ErrNotEmpty) {
+		t.Fatalf("migrating into a database holding eve: %v; want ErrNotEmpty", err)
+	}
+	if _, err := Migrate(ctx, cfg, true); err != nil {
+		t.Fatalf("the same with --force: %v", err)
 	}
 }

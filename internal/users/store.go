@@ -405,3 +405,45 @@ func HashToken(tok string) string {
 	sum := sha256.Sum256([]byte(tok))
 	return hex.EncodeToString(sum[:])
 }
+
+// TokenRecord is a pending enrollment token as stores keep it (hashed).
+type TokenRecord struct {
+	Hash    string
+	User    string
+	Device  string
+	Expires time.Time
+}
+
+// Export is everything a File holds, for moving it into another store.
+type Export struct {
+	Users   []User
+	Devices []Device
+	Tokens  []TokenRecord // unexpired only
+}
+
+// Export copies the store's contents, sorted.
+func (s *File) Export() Export {
+	now := s.now()
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var e Export
+	for _, u := range s.st.Users {
+		c := *u
+		c.Groups = slices.Clone(u.Groups)
+		e.Users = append(e.Users, c)
+	}
+	for _, d := range s.st.Devices {
+		c := *d
+		c.PublicKey = slices.Clone(d.PublicKey)
+		e.Devices = append(e.Devices, c)
+	}
+	for _, t := range s.st.Tokens {
+		if now.Before(t.Expires) {
+			e.Tokens = append(e.Tokens, TokenRecord{Hash: t.Hash, User: t.User, Device: t.Device, Expires: t.Expires})
+		}
+	}
+	sort.Slice(e.Users, func(i, j int) bool { return e.Users[i].Name < e.Users[j].Name })
+	sort.Slice(e.Devices, func(i, j int) bool { return e.Devices[i].ID < e.Devices[j].ID })
+	sort.Slice(e.Tokens, func(i, j int) bool { return e.Tokens[i].Hash < e.Tokens[j].Hash })
+	return e
+}
