@@ -18,7 +18,7 @@ import (
 // device enrolled with `tpd enroll` on A logs in with the real dlogin on B
 // (enrollment and ACME on B's CA authority, over the shared CA tables), tp
 // dials through A with that certificate, and `tpd revoke` on A makes B refuse
-// the device within seconds.
+// the device within seconds, as does tpd policy eval beside B.
 func TestPGTwoTPDProcesses(t *testing.T) {
 	_, dsn := testpg.NewDatabase(t)
 	env := []string{"TP_DATABASE=" + dsn, "TP_DATABASE_PASSWORD=" + testpg.Password}
@@ -83,6 +83,11 @@ func TestPGTwoTPDProcesses(t *testing.T) {
 			t.Fatalf("B still lets alice@laptop in 30s after A revoked it: %v\n%s", err, out)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+	// tpd policy eval beside B reads the same database (without migrating it).
+	out, _ = runErr(env, nil, binary("tpd"), "policy", "eval", "--data-dir", dirB, "--user", "alice", "--device", "laptop", "--dest", echo)
+	if !strings.Contains(out, "has been revoked") || !strings.Contains(out, "deny list") {
+		t.Fatalf("tpd policy eval on B's data dir after A revoked alice@laptop:\n%s", out)
 	}
 }
 

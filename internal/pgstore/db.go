@@ -55,6 +55,9 @@ type Config struct {
 	Password string
 	// MaxConns bounds the pool (0: pgxpool's default, at least 4).
 	MaxConns int32
+	// NoMigrate opens a database whose schema is at this tpd's version and
+	// changes nothing, for commands that only read (tpd policy eval).
+	NoMigrate bool
 	Logger   *slog.Logger
 }
 
@@ -105,7 +108,12 @@ func Open(ctx context.Context, cfg Config) (*DB, error) {
 		db.pool.Close()
 		return nil, fmt.Errorf("cannot reach the database %s: %w", Describe(cfg.DSN), err)
 	}
-	if err := db.migrate(ctx); err != nil {
+	if cfg.NoMigrate {
+		err = db.checkVersion(ctx)
+	} else {
+		err = db.migrate(ctx)
+	}
+	if err != nil {
 		db.pool.Close()
 		return nil, err
 	}

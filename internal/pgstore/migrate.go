@@ -92,3 +92,15 @@ func (db *DB) migrate(ctx context.Context) error {
 		return nil
 	})
 }
+
+// checkVersion refuses a schema other than SchemaVersion without changing it.
+func (db *DB) checkVersion(ctx context.Context) error {
+	var have int
+	if err := db.pool.QueryRow(ctx, "SELECT coalesce(max(version), 0) FROM schema_version").Scan(&have); err != nil {
+		return fmt.Errorf("database: read schema_version (has a tpd run on this database yet?): %w", err)
+	}
+	if have != len(migrations) {
+		return fmt.Errorf("database: its schema is version %d and this tpd's is %d; start tpd serve of this version once to migrate it, or use the tpd that matches it", have, len(migrations))
+	}
+	return nil
+}

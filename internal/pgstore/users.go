@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"slices"
 	"sort"
 	"sync"
@@ -101,6 +102,11 @@ func (u *Users) Reload(ctx context.Context) error {
 	})
 	if err != nil {
 		return err
+	}
+	// A reload that found nothing new (the periodic one, or the echo of this
+	// instance's own write) does not make tpd re-check every live session.
+	if old := u.snap.Load(); old != nil && reflect.DeepEqual(old, s) {
+		return nil
 	}
 	u.snap.Store(s)
 	u.gen.Add(1)

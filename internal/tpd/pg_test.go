@@ -3,6 +3,8 @@ package tpd
 import (
 	"context"
 	"errors"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -133,6 +135,7 @@ func TestPGOutageAndRecovery(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := pgDataDir(t, srv.DSN(name), nil)
+	cfg.AdminListen = "127.0.0.1:0" // for /readyz
 	r := runDaemon(t, cfg)
 	echo := testnet.Echo(t)
 	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
@@ -142,8 +145,8 @@ func TestPGOutageAndRecovery(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitLog(t, r, "lost the database")
-	if why := r.d.databaseHealth(); !strings.Contains(why, "database is unreachable") {
-		t.Fatalf("health while PostgreSQL is stopped: %q", why)
+	if code, body := readyz(t, r.d); code != http.StatusOK || !strings.Contains(body, "ready (degraded)") || !strings.Contains(body, "database is unreachable") {
+		t.Fatalf("/readyz while PostgreSQL is stopped: %d %q; want 200, degraded, naming the database", code, body)
 	}
 	if err := dialEcho(t, c, echo); err != nil {
 		t.Fatalf("an enrolled device while PostgreSQL is stopped: %v; want served from what tpd loaded", err)
@@ -164,7 +167,10 @@ func TestPGOutageAndRecovery(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitLog(t, r, "the database is back")
-	waitFor(t, "health after PostgreSQL is back", func() bool { return r.d.databaseHealth() == "" })
+	waitFor(t, "/readyz says ready after PostgreSQL is back", func() bool {
+		code, body := readyz(t, r.d)
+		return code == http.StatusOK && body == "ready\n"
+	})
 	if _, err := r.d.Users().Enroll("bob", "phone", nil, time.Hour); err != nil {
 		t.Fatalf("enroll after PostgreSQL came back: %v", err)
 	}
@@ -298,4 +304,18 @@ func TestPGMigrateDataDir(t *testing.T) {
 	if _, err := Migrate(ctx, cfg, true); err != nil {
 		t.Fatalf("the same with --force: %v", err)
 	}
+}
+
+func readyz(t *testing.T, d *Daemon) (int, string) {
+	t.Helper()
+	resp, err := http.Get("http://" + d.AdminAddr() + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, string(b)
 }

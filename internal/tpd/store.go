@@ -7,6 +7,7 @@ import (
 
 	"github.com/tp-proxy/tp/acme"
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/pgstore"
 	"github.com/tp-proxy/tp/internal/users"
 )
@@ -152,4 +153,40 @@ func (d *Daemon) databaseHealth() string {
 		return fmt.Sprintf("database: %v", err)
 	}
 	return ""
+}
+
+// LoadState opens the user store and the deny list that tpd serve on cfg
+// uses, for commands that run beside it (tpd policy eval): the data dir's
+// files, or the database, which it neither migrates nor changes. done
+// releases what it opened.
+func LoadState(ctx context.Context, cfg config.Server) (st users.Store, deny *authz.DenyList, done func(), err error) {
+	if cfg.Database == "" {
+		if st, err = users.Open(cfg.UsersFile()); err != nil {
+			return nil, nil, nil, err
+		}
+		if deny, err = LoadDenyList(cfg.DenyListFile()); err != nil {
+			return nil, nil, nil, err
+		}
+		return st, deny, func() {}, nil
+	}
+	pw, err := cfg.DatabasePasswordValue()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	db, err := pgstore.Open(ctx, pgstore.Config{DSN: cfg.Database, Password: pw, NoMigrate: true})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if st, err = pgstore.OpenUsers(ctx, db); err != nil {
+		db.Close()
+		return nil, nil, nil, err
+	}
+	entries, err := db.DenyEntries(ctx)
+	if err != nil {
+		db.Close()
+		return nil, nil, nil, err
+	}
+	deny = &authz.DenyList{}
+	fillDeny(deny, entries)
+	return st, deny, db.Close, nil
 }
