@@ -58,7 +58,7 @@ type Config struct {
 	// NoMigrate opens a database whose schema is at this tpd's version and
 	// changes nothing, for commands that only read (tpd policy eval).
 	NoMigrate bool
-	Logger   *slog.Logger
+	Logger    *slog.Logger
 }
 
 // DB is tpd's connection to PostgreSQL. Close releases it.
