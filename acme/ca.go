@@ -46,7 +46,7 @@ type CA struct {
 	auth    *authority.Authority
 	acmeDB  stepacme.DB
 	store   nosql.DB    // the database under acmeDB and the authority, for Prune
-	nonces  *nonceStore // nonce.go
+	nonces  NonceStore // nonce.go
 	linker  stepacme.Linker
 	handler http.Handler
 	txt     *txtStore // dns-01 answers for reverse names (reverse.go)
@@ -79,6 +79,9 @@ type CAOptions struct {
 	// SetSiteNames changes the names while the CA runs.
 	SiteNames     []string
 	SiteValidator SiteValidator
+	// Nonces, when set, replaces the in-memory nonce store (several tpd share
+	// one in the database); MaxNonces then does not apply.
+	Nonces NonceStore
 	// MaxNonces bounds the ACME nonces held at once (nonce.go); DefaultMaxNonces
 	// when zero.
 	MaxNonces int
@@ -169,7 +172,10 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 		return nil, fmt.Errorf("open ACME database: %w", err)
 	}
 	c.pki, c.auth, c.acmeDB, c.store = pki, auth, acmeDB, nosqlDB
-	c.nonces = newNonceStore(opts.MaxNonces)
+	c.nonces = opts.Nonces
+	if c.nonces == nil {
+		c.nonces = memNonces{newNonceStore(opts.MaxNonces)}
+	}
 	c.linker = stepacme.NewLinker(dns[0], "acme")
 	c.txt = newTXTStore()
 	if sitesOn {
@@ -236,7 +242,7 @@ func WriteProblem(w http.ResponseWriter, status int, typ, detail string) {
 }
 
 // Nonces is the number of outstanding ACME nonces (at most CAOptions.MaxNonces).
-func (c *CA) Nonces() int { return c.nonces.len() }
+func (c *CA) Nonces() int { return c.nonces.Len() }
 
 // DirectoryPath is the path of the ACME directory on tpd's HTTPS server.
 func DirectoryPath() string { return "/acme/" + ProvisionerName + "/directory" }

@@ -51,6 +51,12 @@ var migrations = []string{
 		device text NOT NULL DEFAULT '',
 		PRIMARY KEY (kind, value)
 	);`,
+	// 2: ACME replay nonces, which any instance may be asked to check.
+	`CREATE TABLE tp_acme_nonces (
+		id      text PRIMARY KEY,
+		expires timestamptz NOT NULL
+	);
+	CREATE INDEX tp_acme_nonces_expires ON tp_acme_nonces (expires);`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

@@ -201,3 +201,46 @@ func TestExpiredTokenRefused(t *testing.T) {
 		t.Fatalf("redeeming a token that expired a second ago: %v; want ErrBadToken", err)
 	}
 }
+
+// A nonce handed out by one instance is good once on another; a made-up, an
+// expired or a used one is not; pruning keeps at most max.
+func TestNoncesAcrossInstances(t *testing.T) {
+	_, dsn := testpg.NewDatabase(t)
+	a, b := pgstore.NewNonces(open(t, dsn)), pgstore.NewNonces(open(t, dsn))
+	ctx := context.Background()
+	n, err := a.Create(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := b.Use(ctx, n); !ok || err != nil {
+		t.Fatalf("A's nonce on B: %v, %v; want accepted", ok, err)
+	}
+	if ok, _ := a.Use(ctx, n); ok {
+		t.Fatal("a nonce used on B was accepted again on A")
+	}
+	if ok, _ := a.Use(ctx, "AAAAAAAAAAAAAAAAAAAAAA"); ok {
+		t.Fatal("a nonce never handed out was accepted")
+	}
+	old, err := a.Create(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := open(t, dsn)
+	if _, err := db.Pool().Exec(ctx, "UPDATE tp_acme_nonces SET expires = now() - interval '1 second' WHERE id = $1", old); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := b.Use(ctx, old); ok {
+		t.Fatal("a nonce that expired a second ago was accepted")
+	}
+	for range 5 {
+		if _, err := a.Create(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := a.PruneNonces(ctx, 3); err != nil {
+		t.Fatal(err)
+	}
+	if got := a.Len(); got != 3 {
+		t.Fatalf("%d nonces after pruning to 3", got)
+	}
+}

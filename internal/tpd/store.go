@@ -129,6 +129,7 @@ func (d *Daemon) openCA(ctx context.Context, opts acme.CAOptions) (*acme.CA, err
 		return acme.NewCA(d.pki, opts)
 	}
 	opts.DBPath, opts.PostgreSQL = "", d.db.DataSource()
+	opts.Nonces = pgstore.NewNonces(d.db) // a nonce from one instance is good on any
 	var ca *acme.CA
 	err := d.db.WithLock(ctx, func(context.Context) error {
 		var err error
@@ -189,4 +190,23 @@ func LoadState(ctx context.Context, cfg config.Server) (st users.Store, deny *au
 	deny = &authz.DenyList{}
 	fillDeny(deny, entries)
 	return st, deny, db.Close, nil
+}
+
+// pruneNonces bounds the shared ACME nonce table: expired nonces, and past
+// ca-max-nonces the oldest, go every minute (the in-memory store does this on
+// every nonce).
+func (d *Daemon) pruneNonces(ctx context.Context) {
+	n := pgstore.NewNonces(d.db)
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if _, err := n.PruneNonces(ctx, d.cfg.CAMaxNonces); err != nil && ctx.Err() == nil {
+			d.log.Warn("pruning ACME nonces in the database failed; tried again in a minute", "err", err)
+		}
+	}
 }
