@@ -45,7 +45,7 @@ type CA struct {
 	pki     *PKI
 	auth    *authority.Authority
 	acmeDB  stepacme.DB
-	store   nosql.DB    // the database under acmeDB and the authority, for Prune
+	store   nosql.DB   // the database under acmeDB and the authority, for Prune
 	nonces  NonceStore // nonce.go
 	linker  stepacme.Linker
 	handler http.Handler
