@@ -78,6 +78,9 @@ func TestPGTwoInstancesShareUsersAndDenyList(t *testing.T) {
 		t.Fatalf("dial through A with the certificate B's CA issued: %v", err)
 	}
 	c.Profile.Server = b.url
+	if _, err := a.d.ca.Prune(context.Background(), time.Now(), 48*time.Hour); err != nil {
+		t.Errorf("pruning the CA's tables in PostgreSQL: %v", err)
+	}
 	for _, cfg := range []config.Server{cfgA, cfgB} {
 		if _, err := os.Stat(acme.DBPath(cfg.DataDir)); !os.IsNotExist(err) {
 			t.Errorf("%s exists (%v): the CA used bbolt, not the database", acme.DBPath(cfg.DataDir), err)
