@@ -56,13 +56,15 @@ if [ -n "$pkgs" ]; then
 		export DEBIAN_FRONTEND=noninteractive
 		apt-get update -qq
 		# The tests make their own PostgreSQL clusters; the package's default
-		# cluster (a server on port 5432) is neither needed nor wanted.
+		# cluster (a server on port 5432) is neither needed nor wanted, so it is
+		# turned off before the install (postgresql-common's documented switch),
+		# and dpkg keeps that file rather than asking about it.
 		if grep -qx postgresql <<<"$pkgs" && [ ! -e /etc/postgresql-common/createcluster.conf ]; then
 			mkdir -p /etc/postgresql-common
 			echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.conf
 		fi
 		# shellcheck disable=SC2086 # one word per package
-		apt-get install -y -qq $pkgs >/dev/null
+		apt-get install -y -qq -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $pkgs >/dev/null
 		pkgs=$(missing)
 	fi
 	if [ -n "$pkgs" ]; then
