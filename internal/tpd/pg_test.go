@@ -322,3 +322,27 @@ func readyz(t *testing.T, d *Daemon) (int, string) {
 	}
 	return resp.StatusCode, string(b)
 }
+
+// Three instances starting at once on an empty database: the schema is
+// migrated once and the CA's tables created once (step-ca's CREATE TABLE IF
+// NOT EXISTS races without the schema lock), and all three start.
+func TestPGConcurrentStart(t *testing.T) {
+	_, dsn := testpg.NewDatabase(t)
+	first := pgDataDir(t, dsn, nil)
+	cfgs := []config.Server{first, pgDataDir(t, dsn, &first), pgDataDir(t, dsn, &first)}
+	errs := make(chan error, len(cfgs))
+	for _, cfg := range cfgs {
+		go func() {
+			d, err := New(context.Background(), cfg, nil)
+			if err == nil {
+				d.Close()
+			}
+			errs <- err
+		}()
+	}
+	for range cfgs {
+		if err := <-errs; err != nil {
+			t.Errorf("one of three instances starting at once: %v", err)
+		}
+	}
+}
