@@ -48,6 +48,42 @@ type Server struct {
 	dbs  atomic.Int64
 }
 
+const ownerFile = "owner.pid"
+
+// baseDir is where server directories go: the temporary directory, unless the
+// server runs as another user who cannot reach it (TMPDIR under /root) or the
+// unix socket's path would pass its 107-byte limit; then /tmp.
+func baseDir(otherUser bool) string {
+	d := os.TempDir()
+	if len(d) > 60 {
+		return "/tmp"
+	}
+	if otherUser {
+		for p := d; p != "/" && p != "."; p = filepath.Dir(p) {
+			if fi, err := os.Stat(p); err != nil || fi.Mode().Perm()&0o001 == 0 {
+				return "/tmp"
+			}
+		}
+	}
+	return d
+}
+
+// sweep removes server directories whose test binary is gone.
+func sweep(base string) {
+	dirs, _ := filepath.Glob(filepath.Join(base, "testpg-*"))
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join(d, ownerFile))
+		if err != nil {
+			continue // not ours, or still being made
+		}
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid != os.Getpid() {
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); errors.Is(err, os.ErrNotExist) {
+				os.RemoveAll(d)
+			}
+		}
+	}
+}
+
 // binDir finds Debian's PostgreSQL binaries.
 func binDir() (string, error) {
 	for _, v := range Versions {
@@ -77,7 +113,15 @@ func New() (*Server, error) {
 		gid, _ := strconv.Atoi(u.Gid)
 		s.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
 	}
-	if s.dir, err = os.MkdirTemp("", "testpg-"); err != nil {
+	base := baseDir(s.cred != nil)
+	sweep(base)
+	if s.dir, err = os.MkdirTemp(base, "testpg-"); err != nil {
+		return nil, err
+	}
+	// Whose directory this is, for sweep: a test binary killed outright
+	// (its server dies with it, see command) leaves it behind.
+	if err := os.WriteFile(filepath.Join(s.dir, ownerFile), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+		os.RemoveAll(s.dir)
 		return nil, err
 	}
 	if s.cred != nil {
@@ -118,8 +162,8 @@ func (s *Server) command(name string, args ...string) *exec.Cmd {
 	cmd.Dir = s.dir
 	cmd.Env = []string{"LANG=C.UTF-8", "LC_ALL=C.UTF-8", "PATH=/usr/bin:/bin"}
 	// The server dies with the test binary, even when a test's timeout panics
-	// past every cleanup (SIGINT is PostgreSQL's fast shutdown).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred, Pdeathsig: syscall.SIGINT}
+	// past every cleanup (SIGQUIT is PostgreSQL's immediate shutdown).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred, Pdeathsig: syscall.SIGQUIT}
 	return cmd
 }
 
