@@ -52,6 +52,9 @@ func TestPGTwoTPDProcesses(t *testing.T) {
 		}
 	}
 
+	if out := run(t, nil, binary("tpd"), "status", "--data-dir", dirA); !strings.Contains(out, "database postgres@127.0.0.1:") || !strings.Contains(out, ": connected, schema version") {
+		t.Fatalf("tpd status on A does not name the database:\n%s", out)
+	}
 	args := a.enroll(t, "alice", "laptop")
 	i := slices.Index(args, "--server")
 	if i < 0 || i+1 >= len(args) {

@@ -154,6 +154,9 @@ func TestPGOutageAndRecovery(t *testing.T) {
 	if err := dialEcho(t, c, echo); err != nil {
 		t.Fatalf("an enrolled device while PostgreSQL is stopped: %v; want served from what tpd loaded", err)
 	}
+	if st := r.d.Status().Database; !strings.Contains(st, "database is unreachable") {
+		t.Fatalf("tpd status while PostgreSQL is stopped says %q", st)
+	}
 	_, err = r.d.Users().Enroll("bob", "phone", nil, time.Hour)
 	if err == nil || !strings.Contains(err.Error(), "the database did not answer") {
 		t.Fatalf("enroll while PostgreSQL is stopped: %v; want a refusal saying the database did not answer", err)

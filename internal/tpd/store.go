@@ -3,6 +3,7 @@ package tpd
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/tp-proxy/tp/acme"
@@ -209,4 +210,15 @@ func (d *Daemon) pruneNonces(ctx context.Context) {
 			d.log.Warn("pruning ACME nonces in the database failed; tried again in a minute", "err", err)
 		}
 	}
+}
+
+// databaseStatus is the database line of tpd status: "" without one.
+func (d *Daemon) databaseStatus() string {
+	if d.db == nil {
+		return ""
+	}
+	if why := d.databaseHealth(); why != "" {
+		return pgstore.Describe(d.cfg.Database) + ": " + strings.TrimPrefix(why, "database: ")
+	}
+	return fmt.Sprintf("%s: connected, schema version %d", pgstore.Describe(d.cfg.Database), pgstore.SchemaVersion())
 }
