@@ -116,6 +116,12 @@ func (e *Enroller) enroll(w http.ResponseWriter, r *http.Request) {
 			writeErr(w, http.StatusUnauthorized, err.Error())
 			return
 		}
+		if errors.Is(err, users.ErrUnavailable) {
+			e.log().Error("enrollment failed: the user store is unavailable", "err", err)
+			w.Header().Set("Retry-After", "30")
+			writeErr(w, http.StatusServiceUnavailable, "the server cannot reach its database right now, so the token was not used; run the same dlogin command again in a minute")
+			return
+		}
 		e.log().Error("enrollment failed", "err", err)
 		writeErr(w, http.StatusInternalServerError, "enrollment failed on the server; try again or ask your administrator to check tpd's log")
 		return

@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/users"
 )
 
 // opTimeout bounds one statement or transaction of the stores.
@@ -200,7 +201,16 @@ func (db *DB) tx(fn func(ctx context.Context, tx pgx.Tx) error) error {
 	return nil
 }
 
+// errUnavailable marks unreachable's errors as users.ErrUnavailable without
+// adding words to them.
+var errUnavailable = silent{users.ErrUnavailable}
+
+type silent struct{ err error }
+
+func (s silent) Error() string { return "" }
+func (s silent) Unwrap() error { return s.err }
+
 // unreachable words a database failure for the person who asked for a change.
 func unreachable(what string, err error) error {
-	return fmt.Errorf("%s: the database did not answer (%w); nothing was changed — try again when it is back", what, err)
+	return fmt.Errorf("%s: the database did not answer (%w); nothing was changed — try again when it is back%w", what, err, errUnavailable)
 }

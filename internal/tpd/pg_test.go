@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/acme"
+	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/pgstore"
 	"github.com/tp-proxy/tp/internal/testnet"
@@ -144,10 +146,26 @@ func TestPGOutageAndRecovery(t *testing.T) {
 	c, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	waitFor(t, "the listener is connected", func() bool { return r.d.databaseHealth() == "" })
 
+	carol, err := r.d.Users().Enroll("carol", "pc", nil, time.Hour) // redeemed during the outage
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := srv.Stop(); err != nil {
 		t.Fatal(err)
 	}
 	waitLog(t, r, "lost the database")
+	root, err := login.FetchRoot(ctx, r.url, r.d.Fingerprint())
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := clients.NewDeviceKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = login.EnrollDevice(ctx, login.HTTPClient(root), r.url, carol.Token, key)
+	if err == nil || !strings.Contains(err.Error(), "cannot reach its database") || !strings.Contains(err.Error(), "the token was not used") {
+		t.Fatalf("dlogin's enrollment while PostgreSQL is stopped: %v; want a refusal saying the database is unreachable", err)
+	}
 	if code, body := readyz(t, r.d); code != http.StatusOK || !strings.Contains(body, "ready (degraded)") || !strings.Contains(body, "database is unreachable") {
 		t.Fatalf("/readyz while PostgreSQL is stopped: %d %q; want 200, degraded, naming the database", code, body)
 	}
@@ -179,6 +197,9 @@ func TestPGOutageAndRecovery(t *testing.T) {
 	})
 	if _, err := r.d.Users().Enroll("bob", "phone", nil, time.Hour); err != nil {
 		t.Fatalf("enroll after PostgreSQL came back: %v", err)
+	}
+	if _, err := login.EnrollDevice(ctx, login.HTTPClient(root), r.url, carol.Token, key); err != nil {
+		t.Fatalf("the same enrollment after PostgreSQL came back: %v", err)
 	}
 	if _, err := r.d.Revoke(ctx, "device", "alice@laptop", false); err != nil {
 		t.Fatalf("revoke after PostgreSQL came back: %v", err)
