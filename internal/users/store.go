@@ -26,17 +26,17 @@ import (
 
 // Errors callers match on.
 var (
-	ErrBadToken  = errors.New("enrollment token is unknown, expired or already used; ask your administrator for a new one (tpd enroll)")
-	ErrNotFound  = errors.New("not found")
-	ErrBadName   = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
-	ErrTooMany   = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
+	ErrBadToken = errors.New("enrollment token is unknown, expired or already used; ask your administrator for a new one (tpd enroll)")
+	ErrNotFound = errors.New("not found")
+	ErrBadName  = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+	ErrTooMany  = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
 	// ErrUnavailable means the store could not be reached (a shared database
 	// that does not answer); nothing was changed, and trying later may work.
 	ErrUnavailable = errors.New("the user store is unavailable")
-	maxTokens    = 10000
-	maxGroups    = 64
-	maxTokenTTL  = 30 * 24 * time.Hour
-	tokenEntropy = 24
+	maxTokens      = 10000
+	maxGroups      = 64
+	maxTokenTTL    = 30 * 24 * time.Hour
+	tokenEntropy   = 24
 )
 
 // User is a person who may enroll devices.
