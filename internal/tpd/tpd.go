@@ -24,6 +24,7 @@ import (
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/pgstore"
 	"github.com/tp-proxy/tp/internal/users"
 	"github.com/tp-proxy/tp/internal/version"
 	"github.com/tp-proxy/tp/policy"
@@ -78,7 +79,8 @@ type Daemon struct {
 	log     *slog.Logger
 	pki     *acme.PKI
 	ca      *acme.CA
-	users   *users.Store
+	users   users.Store
+	db      *pgstore.DB // nil unless database: is set (store.go)
 	policy  *policy.Engine
 	authz   *policy.Authorizer
 	proxy   *proxy.Server
@@ -88,6 +90,8 @@ type Daemon struct {
 	decisions *policy.DecisionLog
 	denyMu    sync.Mutex    // serialises deny-list changes and their saving; guards deny
 	deny      denyMeta      // when entries were added, which device a serial belongs to
+	denySave  denySaver     // writes one deny-list change (store.go)
+	denyGen   atomic.Uint64 // counts deny-list reloads from the database
 	checked   authState     // what live sessions were last re-checked against; maintain's
 	web       webState      // website.go
 	kick      chan struct{} // asks maintain to re-check now
@@ -133,29 +137,31 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if err := d.renewServerCert(); err != nil {
 		return nil, err
 	}
-	if d.users, err = users.Open(cfg.UsersFile()); err != nil {
-		return nil, err
-	}
-	if d.policy, err = policy.Load(ctx, cfg.PolicyDir(), policy.WithTimeout(cfg.PolicyTimeout)); err != nil {
-		return nil, fmt.Errorf("policy in %s: %w", cfg.PolicyDir(), err)
-	}
-	denyList, denyMeta, err := loadDenyFile(cfg.DenyListFile())
+	denyList, err := d.openStores(ctx) // store.go: data dir or PostgreSQL
 	if err != nil {
 		return nil, err
 	}
-	d.deny = denyMeta
+	if d.policy, err = policy.Load(ctx, cfg.PolicyDir(), policy.WithTimeout(cfg.PolicyTimeout)); err != nil {
+		d.closeDB()
+		return nil, fmt.Errorf("policy in %s: %w", cfg.PolicyDir(), err)
+	}
 	if d.decisions, err = policy.OpenDecisionLog(cfg.DecisionLog); err != nil {
+		d.closeDB()
 		return nil, err
 	}
 	if d.audit, err = OpenAuditLog(cfg.AuditLog); err != nil {
 		d.decisions.Close()
+		d.closeDB()
 		return nil, err
 	}
 	d.authz = &policy.Authorizer{Directory: d.users, Evaluator: d.policy, DenyList: denyList, Logger: log, Decisions: d.decisions}
 	d.checked = authState{revision: d.policy.Revision(), users: d.users.Generation()}
 	d.kick = make(chan struct{}, 1)
-	if d.ca, err = acme.NewCA(d.pki, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names, ReverseZone: cfg.ReverseZone,
+	if d.ca, err = d.openCA(ctx, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names, ReverseZone: cfg.ReverseZone,
 		SiteNames: sitesForCA(cfg), SiteValidator: sitesValidator(cfg, d), MaxNonces: cfg.CAMaxNonces}); err != nil {
+		d.decisions.Close()
+		d.audit.Close()
+		d.closeDB()
 		return nil, err
 	}
 	enroller := &acme.Enroller{PKI: d.pki, CA: d.ca, Users: d.users, Logger: log,
@@ -183,12 +189,14 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
 		d.ca.Close()
+		d.closeDB()
 		return nil, err
 	}
 
 	revOpts, err := d.reverseOptions() // reverse.go
 	if err != nil {
 		d.ca.Close()
+		d.closeDB()
 		return nil, err
 	}
 	roots := x509.NewCertPool()
@@ -238,6 +246,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	})
 	if err != nil {
 		d.ca.Close()
+		d.closeDB()
 		return nil, err
 	}
 	// The website serves names exposed over reverse HTTP tunnels once the proxy
@@ -278,7 +287,7 @@ func (d *Daemon) AdminAddr() string {
 }
 
 // Users is the user store.
-func (d *Daemon) Users() *users.Store { return d.users }
+func (d *Daemon) Users() users.Store { return d.users }
 
 // Policy is the policy engine.
 func (d *Daemon) Policy() *policy.Engine { return d.policy }
@@ -389,6 +398,10 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 			return nil
 		})
 	}
+	if d.db != nil {
+		g.Go(func() error { d.db.Listen(gctx); return nil }) // other instances' changes (store.go)
+		g.Go(func() error { d.pruneNonces(gctx); return nil })
+	}
 	g.Go(func() error { d.maintain(gctx); return nil })
 	g.Go(func() error { d.pruneCA(gctx); return nil })
 	if d.Ready != nil {
@@ -482,9 +495,11 @@ func (d *Daemon) ReloadPolicy(ctx context.Context) error {
 	return err
 }
 
-// Close releases the CA database and the decision log.
+// Close releases the CA database, the decision log and the database pool.
 func (d *Daemon) Close() error {
-	return errors.Join(d.ca.Close(), d.decisions.Close(), d.audit.Close())
+	err := errors.Join(d.ca.Close(), d.decisions.Close(), d.audit.Close())
+	d.closeDB()
+	return err
 }
 
 func landing(w http.ResponseWriter, r *http.Request) {
