@@ -25,7 +25,7 @@ type testServer struct {
 	URL   string
 	PKI   *PKI
 	CA    *CA
-	Users *users.Store
+	Users users.Store
 	HC    *http.Client
 	skew  atomic.Int64 // added to the user store's clock
 }

@@ -45,8 +45,8 @@ type CA struct {
 	pki     *PKI
 	auth    *authority.Authority
 	acmeDB  stepacme.DB
-	store   nosql.DB    // the database under acmeDB and the authority, for Prune
-	nonces  *nonceStore // nonce.go
+	store   nosql.DB   // the database under acmeDB and the authority, for Prune
+	nonces  NonceStore // nonce.go
 	linker  stepacme.Linker
 	handler http.Handler
 	txt     *txtStore // dns-01 answers for reverse names (reverse.go)
@@ -60,6 +60,12 @@ type CA struct {
 type CAOptions struct {
 	// DBPath is the bbolt database file (single process; it is locked while open).
 	DBPath string
+	// PostgreSQL, when set, replaces DBPath: a DSN (with its password) of the
+	// PostgreSQL database that several tpd share, through step-ca's own
+	// postgresql driver. The database must exist; the CA creates its tables
+	// (callers serialise NewCA across instances, since CREATE TABLE IF NOT
+	// EXISTS races in PostgreSQL).
+	PostgreSQL string
 	// CertLifetime of device certificates; DefaultCertLifetime when zero.
 	CertLifetime time.Duration
 	// DNSNames the CA answers to (used for links when a request has no Host).
@@ -73,12 +79,16 @@ type CAOptions struct {
 	// SetSiteNames changes the names while the CA runs.
 	SiteNames     []string
 	SiteValidator SiteValidator
+	// Nonces, when set, replaces the in-memory nonce store (several tpd share
+	// one in the database); MaxNonces then does not apply.
+	Nonces NonceStore
 	// MaxNonces bounds the ACME nonces held at once (nonce.go); DefaultMaxNonces
 	// when zero.
 	MaxNonces int
 }
 
-// NewCA starts the embedded authority over pki with a bbolt database.
+// NewCA starts the embedded authority over pki with a bbolt database, or
+// PostgreSQL when opts.PostgreSQL is set.
 func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 	life := opts.CertLifetime
 	if life == 0 {
@@ -87,7 +97,7 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 	if life < 5*time.Minute || life > 24*time.Hour {
 		return nil, fmt.Errorf("certificate lifetime %s must be between 5m and 24h", life)
 	}
-	if opts.DBPath == "" {
+	if opts.DBPath == "" && opts.PostgreSQL == "" {
 		return nil, errors.New("CA database path is required")
 	}
 	minDur := &provisioner.Duration{Duration: 5 * time.Minute}
@@ -111,8 +121,14 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 		},
 	}
 	dbCfg := &db.Config{Type: "bbolt", DataSource: opts.DBPath}
+	if opts.PostgreSQL != "" {
+		dbCfg = &db.Config{Type: nosql.PostgreSQLDriver, DataSource: opts.PostgreSQL}
+	}
 	authDB, err := db.New(dbCfg)
-	if err != nil {
+	switch {
+	case err != nil && opts.PostgreSQL != "":
+		return nil, fmt.Errorf("open the CA's tables in the database: %w", err)
+	case err != nil:
 		return nil, fmt.Errorf("open CA database %s: %w (is another tpd running on this data dir?)", opts.DBPath, err)
 	}
 	sitesOn := len(opts.SiteNames) > 0 || opts.SiteValidator != nil
@@ -156,7 +172,10 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 		return nil, fmt.Errorf("open ACME database: %w", err)
 	}
 	c.pki, c.auth, c.acmeDB, c.store = pki, auth, acmeDB, nosqlDB
-	c.nonces = newNonceStore(opts.MaxNonces)
+	c.nonces = opts.Nonces
+	if c.nonces == nil {
+		c.nonces = memNonces{newNonceStore(opts.MaxNonces)}
+	}
 	c.linker = stepacme.NewLinker(dns[0], "acme")
 	c.txt = newTXTStore()
 	if sitesOn {
@@ -223,7 +242,7 @@ func WriteProblem(w http.ResponseWriter, status int, typ, detail string) {
 }
 
 // Nonces is the number of outstanding ACME nonces (at most CAOptions.MaxNonces).
-func (c *CA) Nonces() int { return c.nonces.len() }
+func (c *CA) Nonces() int { return c.nonces.Len() }
 
 // DirectoryPath is the path of the ACME directory on tpd's HTTPS server.
 func DirectoryPath() string { return "/acme/" + ProvisionerName + "/directory" }

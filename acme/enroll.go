@@ -41,7 +41,7 @@ var oidStepManagedDevice = asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 37476, 9000, 
 type Enroller struct {
 	PKI    *PKI
 	CA     *CA
-	Users  *users.Store
+	Users  users.Store
 	Logger *slog.Logger
 	Now    func() time.Time
 	// ReverseOwner says which device holds a reverse name (reverse.go); nil
@@ -114,6 +114,12 @@ func (e *Enroller) enroll(w http.ResponseWriter, r *http.Request) {
 		if errors.Is(err, users.ErrBadToken) {
 			e.log().Warn("enrollment refused", "remote", r.RemoteAddr, "why", "bad token")
 			writeErr(w, http.StatusUnauthorized, err.Error())
+			return
+		}
+		if errors.Is(err, users.ErrUnavailable) {
+			e.log().Error("enrollment failed: the user store is unavailable", "err", err)
+			w.Header().Set("Retry-After", "30")
+			writeErr(w, http.StatusServiceUnavailable, "the server cannot reach its database right now, so the token was not used; run the same dlogin command again in a minute")
 			return
 		}
 		e.log().Error("enrollment failed", "err", err)

@@ -105,24 +105,54 @@ func (s *nonceStore) len() int {
 	return len(s.live)
 }
 
-// nonceDB is step-ca's ACME database with nonces kept in a nonceStore.
+// NonceStore keeps outstanding ACME nonces: in memory for one tpd, in the
+// shared database (internal/pgstore) when several tpd answer one name, since a
+// client's next request may reach another instance than the one that handed
+// out its nonce.
+type NonceStore interface {
+	// Create hands out a fresh nonce, valid for NonceTTL.
+	Create(ctx context.Context) (string, error)
+	// Use consumes nonce: false if it was never issued, is used, expired or evicted.
+	Use(ctx context.Context, nonce string) (bool, error)
+	// Len is the number of outstanding nonces, for metrics.
+	Len() int
+}
+
+// NonceTTL is how long an unused nonce stays valid.
+const NonceTTL = nonceTTL
+
+type memNonces struct{ *nonceStore }
+
+func (m memNonces) Create(context.Context) (string, error) { return m.create() }
+func (m memNonces) Use(_ context.Context, n string) (bool, error) {
+	return m.use(n), nil
+}
+func (m memNonces) Len() int { return m.len() }
+
+var _ NonceStore = memNonces{}
+
+// nonceDB is step-ca's ACME database with nonces kept in a NonceStore.
 type nonceDB struct {
 	stepacme.DB
-	nonces *nonceStore
+	nonces NonceStore
 }
 
 var _ stepacme.DB = nonceDB{}
 
-func (db nonceDB) CreateNonce(context.Context) (stepacme.Nonce, error) {
-	n, err := db.nonces.create()
+func (db nonceDB) CreateNonce(ctx context.Context) (stepacme.Nonce, error) {
+	n, err := db.nonces.Create(ctx)
 	if err != nil {
 		return "", stepacme.WrapErrorISE(err, "error creating nonce")
 	}
 	return stepacme.Nonce(n), nil
 }
 
-func (db nonceDB) DeleteNonce(_ context.Context, nonce stepacme.Nonce) error {
-	if !db.nonces.use(string(nonce)) {
+func (db nonceDB) DeleteNonce(ctx context.Context, nonce stepacme.Nonce) error {
+	ok, err := db.nonces.Use(ctx, string(nonce))
+	if err != nil {
+		return stepacme.WrapErrorISE(err, "error checking nonce")
+	}
+	if !ok {
 		return stepacme.NewError(stepacme.ErrorBadNonceType, "nonce is unknown, used or expired; retry with the nonce of this response")
 	}
 	return nil

@@ -13,6 +13,9 @@ const (
 	ActionDialUDP      = "dial_udp"
 	ActionListen       = "listen"
 	ActionExposePublic = "expose_public"
+	// ActionExposeHTTP is a reverse tunnel of draft-kazuho-httpbis-reverse-tunnel
+	// that serves HTTP for a reverse name (`tp expose --http`, proxy/revtunnel.go).
+	ActionExposeHTTP = "expose_http"
 )
 
 // Identity is who is behind a verified client certificate.

@@ -124,3 +124,20 @@ func (d *DenyList) Denies(id Identity) (reason string, denied bool) {
 	}
 	return "", false
 }
+
+// Replace makes the list hold exactly entries, in one step: a reader sees the
+// old list or the new one, never a mix. tpd uses it when the list is reloaded
+// from a database that another tpd changed.
+func (d *DenyList) Replace(entries map[DenyKind][]string) {
+	var sets [numDenyKinds]map[string]struct{}
+	for kind, values := range entries {
+		validKind(kind)
+		sets[kind] = make(map[string]struct{}, len(values))
+		for _, v := range values {
+			sets[kind][normalize(kind, v)] = struct{}{}
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.sets = sets
+}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"strconv"
@@ -66,8 +67,16 @@ type Dialer struct {
 	// goes to a further connection (closed again once idle) instead of waiting.
 	// Zero means DefaultMaxQUICConns.
 	MaxQUICConns int
+	// DiscoveryURL is where auto fetches the server's transport discovery
+	// document the first time it meets the server (discovery.go); empty means
+	// https://Server/.well-known/tp.
+	DiscoveryURL string
+	// Logger receives debug lines (a discovery document that could not be
+	// had); nil discards them.
+	Logger *slog.Logger
 
 	quic  quicState
+	disco discoveryState
 	spare spareTLS
 	e2e   attachStates   // end-to-end attach state by reverse name (e2eattach.go)
 	hs    handshakeSlots // TLS handshakes in flight (tlsslots.go)

@@ -274,7 +274,7 @@ func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHel
 	d.quic.mu.Lock()
 	tlsWon := time.Now().Before(d.quic.tlsUntil)
 	d.quic.mu.Unlock()
-	if tlsWon || d.Cache != nil && d.Cache.Get(d.Server) == TransportTLS {
+	if tlsWon || d.Cache != nil && d.Cache.Get(d.Server) == TransportTLS || d.quicNotOffered(ctx) {
 		conn, err := d.connectTLS(ctx)
 		if err != nil {
 			return nil, err

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // transportCacheFile in $TP_HOME remembers which transport won the auto race.
@@ -32,8 +33,12 @@ type TransportCache struct {
 }
 
 type cacheEntry struct {
-	Transport string    `json:"transport"`
+	Transport string    `json:"transport,omitempty"`
 	Expires   time.Time `json:"expires"`
+	// Discovery is the server's transport discovery document, fetched the first
+	// time auto met the server (discovery.go); DiscoveryExpires ends its use.
+	Discovery        *wire.Discovery `json:"discovery,omitempty"`
+	DiscoveryExpires time.Time       `json:"discovery_expires,omitzero"`
 }
 
 // TransportCache returns the cache kept in this home directory.
@@ -68,26 +73,65 @@ func (c *TransportCache) Get(server string) string {
 	return e.Transport
 }
 
+// Discovery returns the remembered discovery document for server, when fresh.
+func (c *TransportCache) Discovery(server string) (wire.Discovery, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.load()[server]
+	if !ok || e.Discovery == nil || !c.now().Before(e.DiscoveryExpires) {
+		return wire.Discovery{}, false
+	}
+	return *e.Discovery, true
+}
+
+// PutDiscovery remembers server's discovery document for the cache's TTL,
+// beside the transport remembered for it.
+func (c *TransportCache) PutDiscovery(server string, doc wire.Discovery) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.update(server, func(e *cacheEntry, now time.Time, ttl time.Duration) bool {
+		e.Discovery, e.DiscoveryExpires = &doc, now.Add(ttl)
+		return true
+	})
+}
+
 // Put remembers that transport worked for server. Expired entries are dropped.
 func (c *TransportCache) Put(server, transport string) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.update(server, func(e *cacheEntry, now time.Time, ttl time.Duration) bool {
+		// Rewrite only when the answer changes or half the entry's life has passed.
+		if e.Transport == transport && e.Expires.Sub(now) > ttl/2 {
+			return false
+		}
+		e.Transport, e.Expires = transport, now.Add(ttl)
+		return true
+	})
+}
+
+// update changes server's entry with change (which reports whether it changed
+// anything) and writes the file, dropping expired entries. c.mu is held.
+func (c *TransportCache) update(server string, change func(e *cacheEntry, now time.Time, ttl time.Duration) bool) error {
 	ttl := c.TTL
 	if ttl <= 0 {
 		ttl = DefaultTransportCacheTTL
 	}
 	now := c.now()
 	m := c.load()
-	// Rewrite only when the answer changes or half the entry's life has passed.
-	if e, ok := m[server]; ok && e.Transport == transport && e.Expires.Sub(now) > ttl/2 {
+	e := m[server]
+	if !change(&e, now, ttl) {
 		return nil
 	}
-	for k, e := range m {
-		if !now.Before(e.Expires) {
+	m[server] = e
+	for k, old := range m {
+		if old.Discovery != nil && !now.Before(old.DiscoveryExpires) {
+			old.Discovery, old.DiscoveryExpires = nil, time.Time{}
+			m[k] = old
+		}
+		if !now.Before(old.Expires) && old.Discovery == nil {
 			delete(m, k)
 		}
 	}
-	m[server] = cacheEntry{Transport: transport, Expires: now.Add(ttl)}
 	b, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
 		return err

@@ -27,7 +27,7 @@ func (d *Dialer) dialUDP(ctx context.Context, addr string, hello wire.ClientHell
 		d.quic.mu.Lock()
 		tlsWon := time.Now().Before(d.quic.tlsUntil)
 		d.quic.mu.Unlock()
-		if tlsWon || d.Cache != nil && d.Cache.Get(d.Server) == TransportTLS {
+		if tlsWon || d.Cache != nil && d.Cache.Get(d.Server) == TransportTLS || d.quicNotOffered(ctx) {
 			return d.udpOnTLS(ctx, addr, hello, nil)
 		}
 		winner, tconn, err := d.race(ctx)

@@ -22,13 +22,23 @@ tools=(
 	"systemd-analyze systemd"             # deploy/ verifies the systemd unit
 	"ip iproute2"                         # tpbench's packet-loss scenarios: a network namespace
 	"iptables iptables"                   # … that drops packets
+	"pg-initdb postgresql"                # internal/testpg runs a throwaway PostgreSQL (initdb, postgres)
 )
+
+# has CMD: whether a tool is there; pg-initdb is Debian's versioned server binary.
+has() {
+	if [ "$1" = pg-initdb ]; then
+		compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+		return
+	fi
+	command -v "$1" >/dev/null 2>&1
+}
 
 missing() {
 	local entry cmd pkg
 	for entry in "${tools[@]}"; do
 		read -r cmd pkg <<<"$entry"
-		if ! command -v "$cmd" >/dev/null 2>&1; then
+		if ! has "$cmd"; then
 			echo "$pkg"
 		fi
 	done | sort -u
@@ -45,8 +55,16 @@ if [ -n "$pkgs" ]; then
 		echo "test.sh: installing what the tests need:" $pkgs
 		export DEBIAN_FRONTEND=noninteractive
 		apt-get update -qq
+		# The tests make their own PostgreSQL clusters; the package's default
+		# cluster (a server on port 5432) is neither needed nor wanted, so it is
+		# turned off before the install (postgresql-common's documented switch),
+		# and dpkg keeps that file rather than asking about it.
+		if grep -qx postgresql <<<"$pkgs" && [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+			mkdir -p /etc/postgresql-common
+			echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.conf
+		fi
 		# shellcheck disable=SC2086 # one word per package
-		apt-get install -y -qq $pkgs >/dev/null
+		apt-get install -y -qq -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $pkgs >/dev/null
 		pkgs=$(missing)
 	fi
 	if [ -n "$pkgs" ]; then

@@ -30,7 +30,7 @@ const DefaultPolicy = `# TP authorization policy.
 # new one does not compile. docs/POLICY.md describes all of this in detail.
 #
 # The input each request is decided on:
-#   input.action                  "dial", "dial_udp", "listen" or "expose_public"
+#   input.action                  "dial", "dial_udp", "listen", "expose_public" or "expose_http"
 #   input.identity.user           "alice"
 #   input.identity.device         "laptop"
 #   input.identity.device_id      "alice@laptop"
@@ -169,6 +169,14 @@ internal_destination if count(internal_addresses) > 0
 #
 # allow if {
 #     input.action == "listen"
+#     input.identity.user == "alice"
+# }
+
+# ... and serve an HTTP app by name through a reverse tunnel (tp expose --http,
+# or any client of draft-kazuho-httpbis-reverse-tunnel), the same way:
+#
+# allow if {
+#     input.action == "expose_http"
 #     input.identity.user == "alice"
 # }
 

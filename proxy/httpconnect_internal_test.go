@@ -66,10 +66,10 @@ func TestProxyRouting(t *testing.T) {
 		{"h2 extended CONNECT reverse", &http.Request{Method: "CONNECT", ProtoMajor: 2, Header: http.Header{":protocol": {"reverse"}}}, true, "reverse"},
 		{"h3 extended CONNECT reverse", &http.Request{Method: "CONNECT", ProtoMajor: 3, Proto: "reverse", Header: http.Header{}}, true, "reverse"},
 		{"h3 extended CONNECT websocket", &http.Request{Method: "CONNECT", ProtoMajor: 3, Proto: "websocket", Header: http.Header{}}, false, "websocket"},
-		{"HTTP/1.1 Upgrade: reverse", &http.Request{Method: "GET", ProtoMajor: 1, Header: http.Header{"Upgrade": {"foo, Reverse"}}}, true, ""},
+		{"HTTP/1.1 Upgrade: reverse", &http.Request{Method: "GET", ProtoMajor: 1, Header: http.Header{"Upgrade": {"foo, reverse"}}}, true, ""},
 		{"h2 GET with Upgrade (not allowed in h2)", &http.Request{Method: "GET", ProtoMajor: 2, Header: http.Header{"Upgrade": {"reverse"}}}, false, ""},
 	} {
-		if got := isReverseTunnelRequest(tc.r); got != tc.reverse {
+		if got := IsReverseTunnel(tc.r); got != tc.reverse {
 			t.Errorf("%s: reverse tunnel %t; want %t", tc.name, got, tc.reverse)
 		}
 		if got := connectProtocol(tc.r); got != tc.proto {

@@ -43,7 +43,7 @@ func (s *Server) isProxyName(serverName string) bool {
 // to ServeReverseTunnel, anything else to Config.ProxyHTTP (404 when unset).
 func (s *Server) routeProxyHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
-	case isReverseTunnelRequest(r):
+	case IsReverseTunnel(r):
 		s.ServeReverseTunnel(w, r)
 	case r.Method == http.MethodConnect && connectProtocol(r) == "":
 		s.serveConnectHTTP(w, r)
@@ -67,26 +67,6 @@ func connectProtocol(r *http.Request) string {
 		return r.Proto
 	}
 	return ""
-}
-
-// isReverseTunnelRequest reports whether r asks for a reverse tunnel
-// (draft-kazuho-httpbis-reverse-tunnel): HTTP/1.1 with Upgrade: reverse, or an
-// extended CONNECT with :protocol reverse.
-func isReverseTunnelRequest(r *http.Request) bool {
-	if r.Method == http.MethodConnect {
-		return strings.EqualFold(connectProtocol(r), "reverse")
-	}
-	if r.ProtoMajor != 1 {
-		return false
-	}
-	for _, v := range r.Header.Values("Upgrade") {
-		for _, p := range strings.Split(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(p), "reverse") {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // proxyHTTP serves the proxy names' connections after their handshake: h1 and

@@ -67,6 +67,9 @@ type ReverseOptions struct {
 	// change (serialised, newest last); nil keeps them in memory only.
 	Holds     []ReverseHold
 	SaveHolds func([]ReverseHold)
+	// HTTPTunnels bounds the reverse tunnels of draft-kazuho-httpbis-reverse-tunnel
+	// (revtunnel.go).
+	HTTPTunnels ReverseTunnelOptions
 }
 
 func (o ReverseOptions) withDefaults() ReverseOptions {

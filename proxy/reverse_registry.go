@@ -62,6 +62,7 @@ type reverseRegistry struct {
 	names    map[string]*revEntry       // full name, "tcp/PORT" or "sni/NAME" → holder
 	sessions map[string]*pendingSession // announced, not yet accepted (TLS)
 	srv      *Server                    // opens and serves public ports
+	tunnels  tunnelState                // holders of names served by reverse tunnels (revtunnel_pool.go)
 	// pendingPerID counts the dials waiting for an agent per dialing device (limits.go).
 	pendingPerID identityCount
 
@@ -71,7 +72,9 @@ type reverseRegistry struct {
 }
 
 func newReverseRegistry(opts ReverseOptions) *reverseRegistry {
-	r := &reverseRegistry{opts: opts.withDefaults(), names: map[string]*revEntry{}, sessions: map[string]*pendingSession{}}
+	opts = opts.withDefaults()
+	opts.HTTPTunnels = opts.HTTPTunnels.withDefaults()
+	r := &reverseRegistry{opts: opts, names: map[string]*revEntry{}, sessions: map[string]*pendingSession{}}
 	r.loadHolds(opts.Holds)
 	return r
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -19,6 +20,9 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	var exitOnRefusal bool
 	var maxSessions int
 	var pub publicFlags
+	var httpMode, h1Only, devicesOnly bool
+	var tunnels int
+	var proxyName string
 	cmd := &cobra.Command{
 		Use:   "expose NAME LOCAL_ADDR",
 		Short: "Expose a local service as NAME.<reverse zone> to the devices you allow, end to end",
@@ -39,9 +43,13 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 			"  tp expose game 127.0.0.1:27015 --udp --public 27015              # anyone: UDP port 27015 of the TP server\n" +
 			"  tp expose dns 127.0.0.1:53 --udp --allow-group ops              # protected UDP; on a member's device:\n" +
 			"  tp forward --udp 127.0.0.1:5353 dns.rev.tp.internal:53\n" +
-			"  tp expose blog 127.0.0.1:8080 --public-sni blog.example.org --tls-cert blog.crt --tls-key blog.key",
+			"  tp expose blog 127.0.0.1:8080 --public-sni blog.example.org --tls-cert blog.crt --tls-key blog.key\n" +
+			"  tp expose --http blog http://127.0.0.1:8080                       # https://blog.<reverse zone>/ through TP's website",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if httpMode {
+				return exposeHTTP(cmd, stderr, args[0], args[1], proxyName, tunnels, h1Only, devicesOnly, exitOnRefusal)
+			}
 			main, err := pub.exposed(args[0], args[1])
 			if err != nil {
 				return err
@@ -117,6 +125,43 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	cmd.Flags().IntVar(&maxSessions, "max-sessions", clients.DefaultAgentMaxSessions, "sessions the TP server may have open to this agent at once over QUIC; one more waits up to 10s for one to end, then is refused")
 	cmd.Flags().BoolVar(&exitOnRefusal, "exit-on-refusal", false, "exit when the server refuses the names (policy denial, or a name another identity holds) instead of retrying with backoff")
 	cmd.Flags().StringSliceVar(&extra, "also", nil, "expose another NAME=HOST:PORT (NAME=HOST:PORT/udp for a UDP service) on the same agent, protected (repeatable)")
+	cmd.Flags().BoolVar(&httpMode, "http", false, "serve LOCAL-URL (an http:// URL) as an HTTP app named NAME.<reverse zone> through reverse tunnels (docs/HTTP.md §2; policy action \"expose_http\")")
+	cmd.Flags().IntVar(&tunnels, "tunnels", 4, "with --http: reverse tunnels to hold at once (spares when the server speaks HTTP/1.1 inside)")
+	cmd.Flags().BoolVar(&h1Only, "http1", false, "with --http: offer only HTTP/1.1 inside the tunnels (one request stream per tunnel)")
+	cmd.Flags().BoolVar(&devicesOnly, "devices-only", false, "with --http: serve the app to enrolled devices only (a device certificate is required), not to anyone")
+	cmd.Flags().StringVar(&proxyName, "proxy-name", "proxy.localhost", "with --http: the TP server's proxy name (its proxy-names in tpd.yaml), sent as the TLS server name")
 	pub.register(cmd)
 	return cmd
+}
+
+// exposeHTTP runs `tp expose --http NAME LOCAL-URL`.
+func exposeHTTP(cmd *cobra.Command, stderr io.Writer, name, local, proxyName string, tunnels int, h1Only, devicesOnly, exitOnRefusal bool) error {
+	u, err := url.Parse(local)
+	if err != nil || u.Scheme != "http" && u.Scheme != "https" || u.Host == "" {
+		return fmt.Errorf("LOCAL-URL %q must be an http:// or https:// URL, e.g. http://127.0.0.1:8080", local)
+	}
+	if tunnels < 1 || tunnels > 32 {
+		return fmt.Errorf("--tunnels %d must be between 1 and 32 (the server's default bound per name)", tunnels)
+	}
+	c, cfg, err := open(cmd, stderr)
+	if err != nil {
+		return err
+	}
+	d, err := dialer(cmd.Context(), c, cfg)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	var once sync.Once
+	x := &clients.HTTPExposer{
+		Server: d.Server, ProxyName: proxyName, TLSConfig: d.TLSConfig, Name: name, Local: u,
+		Tunnels: tunnels, H1Only: h1Only, DevicesOnly: devicesOnly, ExitOnRefusal: exitOnRefusal,
+		Logger: slog.New(slog.NewTextHandler(stderr, nil)),
+		Established: func(selected string) {
+			once.Do(func() {
+				fmt.Fprintf(stderr, "Serving %s as %s.<reverse zone> via %s (%s inside the tunnels, %s); Ctrl-C stops\n", local, name, d.Server, selected, version.Version)
+			})
+		},
+	}
+	return x.Run(cmd.Context())
 }

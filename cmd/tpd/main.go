@@ -21,6 +21,9 @@ import (
 	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/tpd"
+
+	// HTTP/2 extended CONNECT (RFC 8441) for the reverse-tunnel draft; before net/http's init.
+	_ "github.com/tp-proxy/tp/internal/xconnect"
 )
 
 func main() {
@@ -47,7 +50,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.AddCommand(serveCmd(stdout, stderr), initCmd(stdout), enrollCmd(stdout), usersCmd(stdout), versionCmd(stdout),
-		policyCmd(stdout), revokeCmd(stdout), statusCmd(stdout), reloadCmd(stdout))
+		policyCmd(stdout), revokeCmd(stdout), statusCmd(stdout), reloadCmd(stdout), migrateCmd(stdout))
 	return root.ExecuteContext(ctx)
 }
 
@@ -156,6 +159,44 @@ func isLoopback(host string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+func migrateCmd(stdout io.Writer) *cobra.Command {
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "migrate --database postgres://USER@HOST:PORT/DB",
+		Short: "Move a data dir's users, tokens, deny list and CA database into PostgreSQL",
+		Long: `Moves the state of a single tpd (its data dir: users, devices, groups, enrollment
+tokens, the deny list and the CA database) into a PostgreSQL database, where
+several tpd can share it (database: in tpd.yaml). Stop that tpd first. The
+password comes from database-password-file or TP_DATABASE_PASSWORD, never the
+DSN. Running it again changes nothing; a database holding anything else is
+refused unless --force. Then give every instance a copy of the data dir's ca/
+directory and set database: in their tpd.yaml.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config.LoadServer(cmd.Flags())
+			if err != nil {
+				return err
+			}
+			res, err := tpd.Migrate(cmd.Context(), cfg, force)
+			if err != nil {
+				return err
+			}
+			if res.Again {
+				fmt.Fprintf(stdout, "This data dir was migrated into the database before; its rows were written again.\n")
+			}
+			fmt.Fprintf(stdout, "Migrated %s into the database: %d users, %d devices, %d pending enrollment tokens, %d deny-list entries, CA database %d rows in %d tables.\n",
+				cfg.DataDir, res.Users, res.Devices, res.Tokens, res.Deny, res.CA.Rows, res.CA.Buckets)
+			fmt.Fprintf(stdout, "CA fingerprint: %s\nNext: copy %s to every instance and set database: in their %s.\n", res.Fingerprint, cfg.CADir(), config.FileName)
+			return nil
+		},
+	}
+	cmd.Flags().String("data-dir", config.DefaultServer().DataDir, "data dir to migrate (env TP_DATA_DIR)")
+	cmd.Flags().String("database", "", "target PostgreSQL DSN without a password (env TP_DATABASE)")
+	cmd.Flags().String("database-password-file", "", "file whose first line is the database password (or env TP_DATABASE_PASSWORD)")
+	cmd.Flags().BoolVar(&force, "force", false, "merge into a database that already holds other users, tokens or deny-list entries")
+	return cmd
 }
 
 func initCmd(stdout io.Writer) *cobra.Command {

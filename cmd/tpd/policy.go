@@ -120,7 +120,12 @@ func policyEvalCmd(stdout io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			req, notes, err := evalRequest(cmd.Context(), cfg, user, device, dest, network, action, groups, ips, cmd.Flags().Changed("groups"))
+			store, denyList, done, err := tpd.LoadState(cmd.Context(), cfg) // files, or the database
+			if err != nil {
+				return err
+			}
+			defer done()
+			req, notes, err := evalRequest(cmd.Context(), cfg, store, user, device, dest, network, action, groups, ips, cmd.Flags().Changed("groups"))
 			if err != nil {
 				return err
 			}
@@ -140,10 +145,6 @@ func policyEvalCmd(stdout io.Writer) *cobra.Command {
 			}
 			res, matches, evalErr := engine.Explain(cmd.Context(), input, full)
 
-			denyList, err := tpd.LoadDenyList(cfg.DenyListFile())
-			if err != nil {
-				return err
-			}
 			decision, reason := "deny", res.Reason
 			revokedReason, revoked := denyList.Denies(req.Identity)
 			switch {
@@ -205,7 +206,7 @@ func policyEvalCmd(stdout io.Writer) *cobra.Command {
 	f.StringVar(&device, "device", "", "device name, e.g. laptop (default cli)")
 	f.StringVar(&dest, "dest", "", "destination host:port, e.g. db.internal:5432")
 	f.StringVar(&network, "net", "tcp", "tcp (action dial) or udp (action dial_udp)")
-	f.StringVar(&action, "action", "", "override the action: dial, dial_udp, listen or expose_public")
+	f.StringVar(&action, "action", "", "override the action: dial, dial_udp, listen, expose_public or expose_http")
 	f.StringSliceVar(&groups, "groups", nil, "groups, comma separated; used when the user is not in the user store")
 	f.StringSliceVar(&ips, "ip", nil, "resolved address of the destination; repeat for several (default: resolve the name now, as tpd would)")
 	f.BoolVar(&showInput, "show-input", false, "print the input document the policy sees")
@@ -216,7 +217,7 @@ func policyEvalCmd(stdout io.Writer) *cobra.Command {
 
 // evalRequest builds the request tpd would decide. notes tell the administrator
 // where the answer may differ from a live request.
-func evalRequest(ctx context.Context, cfg config.Server, user, device, dest, network, action string, groups, ips []string, groupsSet bool) (authz.Request, []string, error) {
+func evalRequest(ctx context.Context, cfg config.Server, store users.Store, user, device, dest, network, action string, groups, ips []string, groupsSet bool) (authz.Request, []string, error) {
 	var notes []string
 	host, portStr, err := net.SplitHostPort(dest)
 	if err != nil {
@@ -241,10 +242,6 @@ func evalRequest(ctx context.Context, cfg config.Server, user, device, dest, net
 		}
 	}
 
-	store, err := users.Open(cfg.UsersFile())
-	if err != nil {
-		return authz.Request{}, nil, err
-	}
 	var found bool
 	for _, u := range store.Users() {
 		if u.Name == user {

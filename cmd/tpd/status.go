@@ -49,6 +49,9 @@ func statusCmd(stdout io.Writer) *cobra.Command {
 
 func printStatus(w io.Writer, st admin.Status) error {
 	fmt.Fprintf(w, "tpd %s, up %s, policy revision %s\n", st.Version, st.Time.Sub(st.Started).Round(time.Second), st.PolicyRevision)
+	if st.Database != "" {
+		fmt.Fprintf(w, "database %s\n", st.Database)
+	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	ago := func(t time.Time) string {
 		return t.Local().Format(time.TimeOnly) + " (" + st.Time.Sub(t).Round(time.Second).String() + " ago)"

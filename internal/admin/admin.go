@@ -74,7 +74,7 @@ type Revoker interface {
 
 // Server answers on the admin socket.
 type Server struct {
-	Users       *users.Store
+	Users       users.Store
 	Revoker     Revoker  // nil: revocation is not available
 	Reloader    Reloader // nil: `tpd reload` is not available (reload.go)
 	ServerURL   string

@@ -49,13 +49,16 @@ type Denial struct {
 
 // Status is what a running tpd holds right now.
 type Status struct {
-	Version        string              `json:"version"`
-	Time           time.Time           `json:"time"`
-	Started        time.Time           `json:"started"`
-	PolicyRevision string              `json:"policy_revision"`
-	Sessions       []proxy.LiveSession `json:"sessions"`
-	Agents         []proxy.Agent       `json:"agents"`
-	PublicPorts    []proxy.PublicPort  `json:"public_ports"`
+	Version        string    `json:"version"`
+	Time           time.Time `json:"time"`
+	Started        time.Time `json:"started"`
+	PolicyRevision string    `json:"policy_revision"`
+	// Database names the shared PostgreSQL database and says whether this tpd
+	// reaches it; empty when state is in the data dir.
+	Database    string              `json:"database,omitempty"`
+	Sessions    []proxy.LiveSession `json:"sessions"`
+	Agents      []proxy.Agent       `json:"agents"`
+	PublicPorts []proxy.PublicPort  `json:"public_ports"`
 	// Denials are the most recent policy denials, oldest first.
 	Denials []Denial `json:"denials"`
 }

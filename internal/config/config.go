@@ -133,6 +133,17 @@ type Server struct {
 	AdminListen       string `mapstructure:"admin-listen"`
 	AdminListenRemote bool   `mapstructure:"admin-listen-remote"`
 
+	// Database, when set, is the DSN of a PostgreSQL database (without its
+	// password) that holds the state several tpd instances share: the CA's
+	// database, users, devices, groups, enrollment tokens and the deny list.
+	// Empty keeps everything in the data dir (bbolt and files), for one tpd.
+	// The password comes from DatabasePasswordFile or TP_DATABASE_PASSWORD.
+	Database             string `mapstructure:"database"`
+	DatabasePasswordFile string `mapstructure:"database-password-file"`
+	// DatabasePassword is read from TP_DATABASE_PASSWORD only: LoadServer
+	// refuses it in the config file.
+	DatabasePassword string `mapstructure:"database-password"`
+
 	LogLevel  string `mapstructure:"log-level"`
 	LogFormat string `mapstructure:"log-format"`
 }
@@ -315,6 +326,7 @@ func (s Server) Validate() error {
 	}
 	errs = append(errs, s.validateSites()...)
 	errs = append(errs, s.validateAdmin()...)
+	errs = append(errs, s.validateDatabase()...)
 	if _, err := ParseLevel(s.LogLevel); err != nil {
 		errs = append(errs, err)
 	}
@@ -386,6 +398,7 @@ func ServerFlags(fs *pflag.FlagSet) {
 	fs.String("url", "", "URL clients use to reach tpd, printed by 'tpd enroll' (default https://LISTEN, with the first --name as host unless LISTEN's host is one)")
 	fs.String("log-level", d.LogLevel, "debug, info, warn or error")
 	fs.String("log-format", d.LogFormat, "text or json")
+	fs.String("database", d.Database, "PostgreSQL DSN without a password, postgres://USER@HOST:PORT/DB, for state shared by several tpd (env TP_DATABASE; password from database-password-file or TP_DATABASE_PASSWORD)")
 }
 
 // LoadServer reads DATA_DIR/tpd.yaml (or the file named by TP_CONFIG), then TP_*
@@ -439,13 +452,16 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("site-upstream-timeout", d.SiteUpstreamTimeout)
 	v.SetDefault("admin-listen", d.AdminListen)
 	v.SetDefault("admin-listen-remote", d.AdminListenRemote)
+	v.SetDefault("database", d.Database)
+	v.SetDefault("database-password-file", d.DatabasePasswordFile)
+	v.SetDefault("database-password", d.DatabasePassword)
 	v.SetDefault("log-level", d.LogLevel)
 	v.SetDefault("log-format", d.LogFormat)
 	v.SetEnvPrefix("TP")
 	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
 	v.AutomaticEnv()
 	if fs != nil {
-		for _, key := range []string{"data-dir", "listen", "url", "log-level", "log-format"} {
+		for _, key := range []string{"data-dir", "listen", "url", "log-level", "log-format", "database", "database-password-file"} {
 			if f := fs.Lookup(key); f != nil {
 				if err := v.BindPFlag(key, f); err != nil {
 					return Server{}, err
@@ -469,6 +485,9 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 		if !errors.As(err, &nf) {
 			return Server{}, fmt.Errorf("config file %s: %w", file, err)
 		}
+	}
+	if v.InConfig("database-password") {
+		return Server{}, fmt.Errorf("config file %s: database-password must not be written in the config file, which others may read; put the password in a file named by database-password-file, or in the %s environment variable", file, DatabasePasswordEnv)
 	}
 	var s Server
 	if err := v.UnmarshalExact(&s, decodeHook()); err != nil {
@@ -519,6 +538,7 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# Ports agents may open publicly (tp expose --public PORT), e.g. \"20000-30000,8080/tcp,27015/udp\"\n# (no suffix: TCP and UDP); \"\" opens none. The policy must allow them too (action expose_public).\npublic-ports: %q\n", s.PublicPorts)
 	siteYAML(&b, s)
 	adminYAML(&b, s)
+	fmt.Fprintf(&b, "# PostgreSQL for several tpd instances behind one name: a DSN without its password,\n# e.g. postgres://tp@db.example.org:5432/tp?sslmode=verify-full; the password comes from\n# database-password-file (its first line) or the TP_DATABASE_PASSWORD environment variable.\n# \"\" keeps everything in the data dir (one tpd). Every instance needs the same ca/ directory.\ndatabase: %q\ndatabase-password-file: %q\n", s.Database, s.DatabasePasswordFile)
 	fmt.Fprintf(&b, "log-level: %s\nlog-format: %s\n", s.LogLevel, s.LogFormat)
 	return []byte(b.String())
 }

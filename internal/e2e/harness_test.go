@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testpg"
 )
 
 // bin holds the tpd, tp and dlogin binaries built once for the whole package.
@@ -45,7 +46,7 @@ func TestMain(m *testing.M) {
 	if os.Getenv("TP_SHUTDOWN_TIMEOUT") == "" {
 		os.Setenv("TP_SHUTDOWN_TIMEOUT", "10s")
 	}
-	code := m.Run()
+	code := testpg.Main(m) // m.Run, then the PostgreSQL server a test started stops
 	os.RemoveAll(dir)
 	os.Exit(code)
 }

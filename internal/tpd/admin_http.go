@@ -57,6 +57,13 @@ func (d *Daemon) adminHTTPServer() *http.Server {
 			io.WriteString(w, strings.Join(reasons, "\n")+"\n")
 			return
 		}
+		// A lost database degrades tpd without making it unready: it serves the
+		// devices and deny list it last loaded and refuses changes, and every
+		// instance on that database losing it at once must not empty the pool.
+		if why := d.databaseHealth(); why != "" {
+			io.WriteString(w, "ready (degraded)\n"+why+"\n")
+			return
+		}
 		io.WriteString(w, "ready\n")
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {

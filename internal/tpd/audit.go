@@ -199,7 +199,7 @@ func (d *Daemon) Status() admin.Status {
 	st := admin.Status{
 		Version: Version, Time: time.Now().UTC(), Started: d.started, PolicyRevision: d.policy.Revision(),
 		Sessions: d.proxy.LiveSessions(), Agents: d.proxy.Agents(), PublicPorts: d.proxy.PublicPorts(),
-		Denials: d.denials.list(),
+		Denials: d.denials.list(), Database: d.databaseStatus(),
 	}
 	// Empty lists, not null, for scripts reading --json.
 	if st.Agents == nil {

@@ -230,7 +230,7 @@ func (d *Daemon) Revoke(ctx context.Context, kind, value string, remove bool) (a
 			d.deny.serialDev[v] = device
 		}
 	}
-	if err := saveDenyList(d.cfg.DenyListFile(), dl, d.deny); err != nil {
+	if err := d.denySave(dl, d.deny, k, v, remove); err != nil {
 		// Keep memory and disk in step: undo, so a restart does not change behaviour.
 		if remove {
 			dl.Add(k, v)
@@ -298,17 +298,22 @@ var _ admin.Revoker = (*Daemon)(nil)
 type authState struct {
 	revision string
 	users    uint64
+	deny     uint64 // deny-list reloads from the database (another instance's change)
 }
 
 // recheckIfChanged re-checks live sessions when the policy revision or the user
 // store changed since the last call. The deny list re-checks on its own (Revoke).
 func (d *Daemon) recheckIfChanged(ctx context.Context) {
-	now := authState{revision: d.policy.Revision(), users: d.users.Generation()}
+	now := authState{revision: d.policy.Revision(), users: d.users.Generation(), deny: d.denyGen.Load()}
 	if now == d.checked {
 		return
 	}
 	why := "policy revision changed"
-	if now.revision == d.checked.revision {
+	switch {
+	case now.revision != d.checked.revision:
+	case now.deny != d.checked.deny:
+		why = "deny list changed on another instance"
+	default:
 		why = "users or groups changed"
 	}
 	d.checked = now

@@ -659,9 +659,20 @@ func TestConnectOtherRequests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	b, _ = io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode == 404 {
-		t.Fatalf("Upgrade: reverse reached the ProxyHTTP handler, not the reverse tunnels (%d)", resp.StatusCode)
+	if strings.Contains(string(b), "HTTPS proxy name") {
+		t.Fatalf("Upgrade: reverse reached the ProxyHTTP handler, not the reverse tunnels (%d %q)", resp.StatusCode, b)
+	}
+	// The discovery document answers on the proxy name too, naming it for CONNECT.
+	resp, err = hc.Get("https://" + proxyName + ":" + r.port + "/.well-known/tp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(b), `"https://`+proxyName+":"+r.port+`"`) {
+		t.Fatalf("discovery on the proxy name: %d %s", resp.StatusCode, b)
 	}
 }
 

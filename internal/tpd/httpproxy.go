@@ -4,6 +4,8 @@ import (
 	"io"
 	"net/http"
 	"strings"
+
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // proxyNameSet is proxy.Config.ProxyNames for the names of proxy-names; nil
@@ -17,6 +19,15 @@ func proxyNameSet(names []string) func(string) bool {
 		set[strings.ToLower(strings.TrimSuffix(n, "."))] = true
 	}
 	return func(name string) bool { return set[name] }
+}
+
+// proxyHTTPHandler is proxy.Config.ProxyHTTP: the discovery document, and
+// 404 with a hint for anything else.
+func proxyHTTPHandler(discovery http.Handler) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle(wire.DiscoveryPath, discovery)
+	mux.HandleFunc("/", proxyNotFound)
+	return mux
 }
 
 // proxyNotFound answers the requests on a proxy name that are neither CONNECT

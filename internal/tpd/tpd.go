@@ -25,10 +25,12 @@ import (
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/pgstore"
 	"github.com/tp-proxy/tp/internal/users"
 	"github.com/tp-proxy/tp/internal/version"
 	"github.com/tp-proxy/tp/policy"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Version is reported by the binaries and in tp's "Connecting …" line.
@@ -78,7 +80,8 @@ type Daemon struct {
 	log     *slog.Logger
 	pki     *acme.PKI
 	ca      *acme.CA
-	users   *users.Store
+	users   users.Store
+	db      *pgstore.DB // nil unless database: is set (store.go)
 	policy  *policy.Engine
 	authz   *policy.Authorizer
 	proxy   *proxy.Server
@@ -88,6 +91,8 @@ type Daemon struct {
 	decisions *policy.DecisionLog
 	denyMu    sync.Mutex    // serialises deny-list changes and their saving; guards deny
 	deny      denyMeta      // when entries were added, which device a serial belongs to
+	denySave  denySaver     // writes one deny-list change (store.go)
+	denyGen   atomic.Uint64 // counts deny-list reloads from the database
 	checked   authState     // what live sessions were last re-checked against; maintain's
 	web       webState      // website.go
 	kick      chan struct{} // asks maintain to re-check now
@@ -101,6 +106,10 @@ type Daemon struct {
 	metrics   *metrics               // nil when admin-listen is empty (metrics.go)
 	adminAddr atomic.Pointer[string] // where admin-listen listens, once open
 	ops       opsState               // drain and reload (drain.go, reload.go)
+
+	discovery http.Handler               // the transport discovery document (discovery.go)
+	revHTTP   atomic.Pointer[revHTTPRef] // names exposed over reverse HTTP tunnels (revhttp.go)
+	held      heldCerts                  // their certificates (revhttp.go)
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
@@ -129,29 +138,31 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if err := d.renewServerCert(); err != nil {
 		return nil, err
 	}
-	if d.users, err = users.Open(cfg.UsersFile()); err != nil {
-		return nil, err
-	}
-	if d.policy, err = policy.Load(ctx, cfg.PolicyDir(), policy.WithTimeout(cfg.PolicyTimeout)); err != nil {
-		return nil, fmt.Errorf("policy in %s: %w", cfg.PolicyDir(), err)
-	}
-	denyList, denyMeta, err := loadDenyFile(cfg.DenyListFile())
+	denyList, err := d.openStores(ctx) // store.go: data dir or PostgreSQL
 	if err != nil {
 		return nil, err
 	}
-	d.deny = denyMeta
+	if d.policy, err = policy.Load(ctx, cfg.PolicyDir(), policy.WithTimeout(cfg.PolicyTimeout)); err != nil {
+		d.closeDB()
+		return nil, fmt.Errorf("policy in %s: %w", cfg.PolicyDir(), err)
+	}
 	if d.decisions, err = policy.OpenDecisionLog(cfg.DecisionLog); err != nil {
+		d.closeDB()
 		return nil, err
 	}
 	if d.audit, err = OpenAuditLog(cfg.AuditLog); err != nil {
 		d.decisions.Close()
+		d.closeDB()
 		return nil, err
 	}
 	d.authz = &policy.Authorizer{Directory: d.users, Evaluator: d.policy, DenyList: denyList, Logger: log, Decisions: d.decisions}
 	d.checked = authState{revision: d.policy.Revision(), users: d.users.Generation()}
 	d.kick = make(chan struct{}, 1)
-	if d.ca, err = acme.NewCA(d.pki, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names, ReverseZone: cfg.ReverseZone,
+	if d.ca, err = d.openCA(ctx, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names, ReverseZone: cfg.ReverseZone,
 		SiteNames: sitesForCA(cfg), SiteValidator: sitesValidator(cfg, d), MaxNonces: cfg.CAMaxNonces}); err != nil {
+		d.decisions.Close()
+		d.audit.Close()
+		d.closeDB()
 		return nil, err
 	}
 	enroller := &acme.Enroller{PKI: d.pki, CA: d.ca, Users: d.users, Logger: log,
@@ -172,15 +183,21 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	web := http.NewServeMux()
 	web.Handle("/acme/", limitSources(d.limiter, d.metrics.countIssued(d.ca.Handler())))
 	web.Handle("/tp/", limitSources(d.limiter, enroller.Handler()))
+	// Transport discovery (discovery.go): cheap, static, no disk or CA behind it.
+	// The same handler answers on the proxy names (ProxyHTTP).
+	d.discovery = discoveryHandler{discoveryFor(cfg, cfg.ProxyNames)}
+	web.Handle(wire.DiscoveryPath, d.discovery)
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
 		d.ca.Close()
+		d.closeDB()
 		return nil, err
 	}
 
 	revOpts, err := d.reverseOptions() // reverse.go
 	if err != nil {
 		d.ca.Close()
+		d.closeDB()
 		return nil, err
 	}
 	roots := x509.NewCertPool()
@@ -208,7 +225,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		// CONNECT and the other HTTPS-proxy endpoints, only on proxy-names, so
 		// that no website name ever asks a browser for a certificate (httpproxy.go).
 		ProxyNames: proxyNameSet(cfg.ProxyNames),
-		ProxyHTTP:  http.HandlerFunc(proxyNotFound),
+		ProxyHTTP:  proxyHTTPHandler(d.discovery),
 		// Names agents expose publicly by SNI, never tpd's own or a site's (reverse.go).
 		Passthrough: d.passthrough(),
 		UDP:         d.udpOptions(), // quic.go
@@ -234,7 +251,13 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	})
 	if err != nil {
 		d.ca.Close()
+		d.closeDB()
 		return nil, err
+	}
+	// The website serves names exposed over reverse HTTP tunnels once the proxy
+	// holds them (revhttp.go); a proxy without reverse HTTP tunnels has none.
+	if rh, ok := any(d.proxy).(reverseHTTP); ok {
+		d.setReverseHTTP(rh)
 	}
 	return d, nil
 }
@@ -269,7 +292,7 @@ func (d *Daemon) AdminAddr() string {
 }
 
 // Users is the user store.
-func (d *Daemon) Users() *users.Store { return d.users }
+func (d *Daemon) Users() users.Store { return d.users }
 
 // Policy is the policy engine.
 func (d *Daemon) Policy() *policy.Engine { return d.policy }
@@ -383,6 +406,10 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 			return nil
 		})
 	}
+	if d.db != nil {
+		g.Go(func() error { d.db.Listen(gctx); return nil }) // other instances' changes (store.go)
+		g.Go(func() error { d.pruneNonces(gctx); return nil })
+	}
 	g.Go(func() error { d.maintain(gctx); return nil })
 	g.Go(func() error { d.pruneCA(gctx); return nil })
 	if d.Ready != nil {
@@ -476,9 +503,11 @@ func (d *Daemon) ReloadPolicy(ctx context.Context) error {
 	return err
 }
 
-// Close releases the CA database and the decision log.
+// Close releases the CA database, the decision log and the database pool.
 func (d *Daemon) Close() error {
-	return errors.Join(d.ca.Close(), d.decisions.Close(), d.audit.Close())
+	err := errors.Join(d.ca.Close(), d.decisions.Close(), d.audit.Close())
+	d.closeDB()
+	return err
 }
 
 func landing(w http.ResponseWriter, r *http.Request) {

@@ -23,6 +23,7 @@ import (
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/website"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // webState is the website half of the daemon: the sites, their certificates and
@@ -54,7 +55,7 @@ func (d *Daemon) serveWeb(w http.ResponseWriter, r *http.Request) { d.site().Ser
 
 // ownPrefixes are the paths of tpd's own endpoints: they stay on tpd's names even
 // when a site has the same name.
-var ownPrefixes = []string{"/acme/", "/tp/"}
+var ownPrefixes = []string{"/acme/", "/tp/", wire.DiscoveryPath}
 
 // newWebsite builds the handler that serves the sites and, on tpd's own names, own.
 func (d *Daemon) newWebsite(own http.Handler) error {
@@ -86,7 +87,8 @@ func (d *Daemon) buildWebsite(cfg config.Server) (*website.Handler, error) {
 		Sites: sites, Default: cfg.DefaultSite,
 		OwnNames: d.cfg.Names, Own: d.web.own, OwnPrefixes: ownPrefixes,
 		MaxBody: cfg.SiteMaxBody, UpstreamTimeout: cfg.SiteUpstreamTimeout,
-		Logger: d.log,
+		Logger:  d.log,
+		Reverse: d.reverseUpstream, ReverseZone: d.cfg.ReverseZone, Device: d.deviceRequest, // revhttp.go
 	})
 	if err != nil {
 		return nil, fmt.Errorf("sites: %w", err)
@@ -119,6 +121,8 @@ func (d *Daemon) siteCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 		return certs.GetCertificate(hello)
 	case name == "" || site.IsOwn(name):
 		return d.cert.Load(), nil
+	case site.IsReverse(name): // a name held by a reverse HTTP tunnel (revhttp.go)
+		return d.heldCertificate(name)
 	case site.Default() != "" && certs != nil: // an unknown name: the default site
 		h := *hello
 		h.ServerName = site.Default()

@@ -1,6 +1,8 @@
 // Package users is tpd's user store: users and their groups, enrolled devices with
 // their long-lived device public keys, and one-time enrollment tokens (kept hashed).
-// It persists to one JSON file written atomically; tpd is its only writer.
+// [Store] is what tpd uses; [File], the embedded default, persists to one JSON
+// file written atomically, with one tpd as its only writer. internal/pgstore
+// implements Store in PostgreSQL for several tpd instances.
 package users
 
 import (
@@ -24,14 +26,17 @@ import (
 
 // Errors callers match on.
 var (
-	ErrBadToken  = errors.New("enrollment token is unknown, expired or already used; ask your administrator for a new one (tpd enroll)")
-	ErrNotFound  = errors.New("not found")
-	ErrBadName   = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
-	ErrTooMany   = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
-	maxTokens    = 10000
-	maxGroups    = 64
-	maxTokenTTL  = 30 * 24 * time.Hour
-	tokenEntropy = 24
+	ErrBadToken = errors.New("enrollment token is unknown, expired or already used; ask your administrator for a new one (tpd enroll)")
+	ErrNotFound = errors.New("not found")
+	ErrBadName  = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+	ErrTooMany  = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
+	// ErrUnavailable means the store could not be reached (a shared database
+	// that does not answer); nothing was changed, and trying later may work.
+	ErrUnavailable = errors.New("the user store is unavailable")
+	maxTokens      = 10000
+	maxGroups      = 64
+	maxTokenTTL    = 30 * 24 * time.Hour
+	tokenEntropy   = 24
 )
 
 // User is a person who may enroll devices.
@@ -67,8 +72,40 @@ type state struct {
 	Tokens  []token            `json:"tokens"`
 }
 
-// Store is safe for concurrent use.
-type Store struct {
+// Store is tpd's user store. Implementations are safe for concurrent use.
+// Reads (Device, Lookup, HasUser, Users) answer from memory, so that a
+// connection's check never waits for a disk or a database.
+type Store interface {
+	authz.Directory
+	// Enroll creates the user if needed (setting groups when given), reserves
+	// the device name and returns a one-time token that binds a device key to
+	// user@device. Enrolling an existing device again lets its owner replace
+	// the device key.
+	Enroll(user, device string, groups []string, ttl time.Duration) (Enrollment, error)
+	// Redeem uses up a token (once, whichever tpd is asked) and registers pub
+	// (PKIX DER) as the device's key.
+	Redeem(tok string, pub []byte) (Device, error)
+	// Device returns the enrolled device with that ID.
+	Device(id string) (Device, error)
+	// TouchLogin records a successful login of the device.
+	TouchLogin(id string) error
+	// RevokeDevice stops a device from logging in or connecting.
+	RevokeDevice(id string) error
+	// DropTokens deletes the pending enrollment tokens of user@device, or of
+	// all the user's devices when device is empty, and says how many.
+	DropTokens(user, device string) (int, error)
+	// HasUser reports whether a user of that name exists.
+	HasUser(name string) bool
+	// Users lists users sorted by name, with their devices (keys omitted).
+	Users() []UserInfo
+	// Generation changes whenever the store changes (groups, devices,
+	// revocations, tokens), by this tpd or another, so that tpd knows when to
+	// re-check live sessions.
+	Generation() uint64
+}
+
+// File is the embedded user store: one JSON file. It is safe for concurrent use.
+type File struct {
 	path string
 	now  func() time.Time
 
@@ -77,17 +114,17 @@ type Store struct {
 	gen uint64 // counts saves; see Generation
 }
 
-var _ authz.Directory = (*Store)(nil)
+var _ Store = (*File)(nil)
 
 // Option adjusts a Store.
-type Option func(*Store)
+type Option func(*File)
 
 // WithClock replaces time.Now, for tests of expiry.
-func WithClock(now func() time.Time) Option { return func(s *Store) { s.now = now } }
+func WithClock(now func() time.Time) Option { return func(s *File) { s.now = now } }
 
 // Open reads the store at path, or starts an empty one if the file does not exist.
-func Open(path string, opts ...Option) (*Store, error) {
-	s := &Store{path: path, now: time.Now, st: state{Users: map[string]*User{}, Devices: map[string]*Device{}}}
+func Open(path string, opts ...Option) (*File, error) {
+	s := &File{path: path, now: time.Now, st: state{Users: map[string]*User{}, Devices: map[string]*Device{}}}
 	for _, o := range opts {
 		o(s)
 	}
@@ -120,26 +157,11 @@ type Enrollment struct {
 // Enroll creates the user if needed (setting groups when given), reserves the device
 // name and returns a one-time token that binds a device key to user@device.
 // Enrolling an existing device again lets its owner replace the device key.
-func (s *Store) Enroll(user, device string, groups []string, ttl time.Duration) (Enrollment, error) {
-	if !authz.ValidName(user) || !authz.ValidName(device) {
-		return Enrollment{}, fmt.Errorf("user %q, device %q: %w", user, device, ErrBadName)
-	}
-	if len(groups) > maxGroups {
-		return Enrollment{}, fmt.Errorf("at most %d groups per user", maxGroups)
-	}
-	for _, g := range groups {
-		if !authz.ValidName(g) {
-			return Enrollment{}, fmt.Errorf("group %q: %w", g, ErrBadName)
-		}
-	}
-	if ttl <= 0 || ttl > maxTokenTTL {
-		return Enrollment{}, fmt.Errorf("token lifetime %s must be between 1s and %s", ttl, maxTokenTTL)
-	}
-	raw := make([]byte, tokenEntropy)
-	if _, err := rand.Read(raw); err != nil {
+func (s *File) Enroll(user, device string, groups []string, ttl time.Duration) (Enrollment, error) {
+	tok, err := CheckEnroll(user, device, groups, ttl)
+	if err != nil {
 		return Enrollment{}, err
 	}
-	tok := base64.RawURLEncoding.EncodeToString(raw)
 	now := s.now()
 
 	s.mu.Lock()
@@ -154,16 +176,14 @@ func (s *Store) Enroll(user, device string, groups []string, ttl time.Duration) 
 		s.st.Users[user] = u
 	}
 	if groups != nil {
-		u.Groups = slices.Clone(groups)
-		sort.Strings(u.Groups)
-		u.Groups = slices.Compact(u.Groups)
+		u.Groups = NormalizeGroups(groups)
 	}
 	id := authz.DeviceID(user, device)
 	if _, ok := s.st.Devices[id]; !ok {
 		s.st.Devices[id] = &Device{ID: id, User: user, Name: device, Created: now}
 	}
 	exp := now.Add(ttl)
-	s.st.Tokens = append(s.st.Tokens, token{Hash: hashToken(tok), User: user, Device: device, Expires: exp})
+	s.st.Tokens = append(s.st.Tokens, token{Hash: HashToken(tok), User: user, Device: device, Expires: exp})
 	if err := s.saveLocked(); err != nil {
 		return Enrollment{}, err
 	}
@@ -171,8 +191,8 @@ func (s *Store) Enroll(user, device string, groups []string, ttl time.Duration) 
 }
 
 // Redeem uses up a token and registers pub (PKIX DER) as the device's key.
-func (s *Store) Redeem(tok string, pub []byte) (Device, error) {
-	h := hashToken(tok)
+func (s *File) Redeem(tok string, pub []byte) (Device, error) {
+	h := HashToken(tok)
 	now := s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -203,7 +223,7 @@ func (s *Store) Redeem(tok string, pub []byte) (Device, error) {
 }
 
 // Device returns the enrolled device with that ID.
-func (s *Store) Device(id string) (Device, error) {
+func (s *File) Device(id string) (Device, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	d := s.st.Devices[id]
@@ -214,7 +234,7 @@ func (s *Store) Device(id string) (Device, error) {
 }
 
 // TouchLogin records a successful login of the device.
-func (s *Store) TouchLogin(id string) error {
+func (s *File) TouchLogin(id string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	d := s.st.Devices[id]
@@ -226,7 +246,7 @@ func (s *Store) TouchLogin(id string) error {
 }
 
 // Lookup implements authz.Directory.
-func (s *Store) Lookup(deviceID string) ([]string, error) {
+func (s *File) Lookup(deviceID string) ([]string, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	d := s.st.Devices[deviceID]
@@ -247,7 +267,7 @@ func (s *Store) Lookup(deviceID string) ([]string, error) {
 }
 
 // RevokeDevice stops a device from logging in or connecting.
-func (s *Store) RevokeDevice(id string) error {
+func (s *File) RevokeDevice(id string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	d := s.st.Devices[id]
@@ -263,7 +283,7 @@ func (s *Store) RevokeDevice(id string) error {
 // DropTokens deletes the pending enrollment tokens of user@device, or of all the
 // user's devices when device is empty, so a revoked identity cannot be
 // re-enrolled with a token handed out earlier. It returns how many it dropped.
-func (s *Store) DropTokens(user, device string) (int, error) {
+func (s *File) DropTokens(user, device string) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	before := len(s.st.Tokens)
@@ -289,14 +309,14 @@ type UserInfo struct {
 }
 
 // HasUser reports whether a user of that name exists.
-func (s *Store) HasUser(name string) bool {
+func (s *File) HasUser(name string) bool {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return s.st.Users[name] != nil
 }
 
 // Users lists users sorted by name, with their devices (keys omitted).
-func (s *Store) Users() []UserInfo {
+func (s *File) Users() []UserInfo {
 	now := s.now()
 	s.mu.RLock()
 	defer s.mu.RUnlock()
@@ -323,13 +343,13 @@ func (s *Store) Users() []UserInfo {
 	return out
 }
 
-func (s *Store) expireTokensLocked(now time.Time) {
+func (s *File) expireTokensLocked(now time.Time) {
 	s.st.Tokens = slices.DeleteFunc(s.st.Tokens, func(t token) bool { return !now.Before(t.Expires) })
 }
 
 // Generation changes whenever the store changes (groups, devices, revocations,
 // tokens), so that tpd knows when to re-check live sessions.
-func (s *Store) Generation() uint64 {
+func (s *File) Generation() uint64 {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return s.gen
@@ -337,7 +357,7 @@ func (s *Store) Generation() uint64 {
 
 // saveLocked writes the whole state to a temporary file and renames it into place,
 // so a crash never leaves a half-written store.
-func (s *Store) saveLocked() error {
+func (s *File) saveLocked() error {
 	s.gen++
 	b, err := json.MarshalIndent(&s.st, "", "  ")
 	if err != nil {
@@ -349,7 +369,84 @@ func (s *Store) saveLocked() error {
 	return nil
 }
 
-func hashToken(tok string) string {
+// CheckEnroll validates an enrollment's names, groups and token lifetime, and
+// returns a fresh one-time token.
+func CheckEnroll(user, device string, groups []string, ttl time.Duration) (string, error) {
+	if !authz.ValidName(user) || !authz.ValidName(device) {
+		return "", fmt.Errorf("user %q, device %q: %w", user, device, ErrBadName)
+	}
+	if len(groups) > maxGroups {
+		return "", fmt.Errorf("at most %d groups per user", maxGroups)
+	}
+	for _, g := range groups {
+		if !authz.ValidName(g) {
+			return "", fmt.Errorf("group %q: %w", g, ErrBadName)
+		}
+	}
+	if ttl <= 0 || ttl > maxTokenTTL {
+		return "", fmt.Errorf("token lifetime %s must be between 1s and %s", ttl, maxTokenTTL)
+	}
+	raw := make([]byte, tokenEntropy)
+	if _, err := rand.Read(raw); err != nil {
+		return "", err
+	}
+	return base64.RawURLEncoding.EncodeToString(raw), nil
+}
+
+// NormalizeGroups sorts groups and drops repeats.
+func NormalizeGroups(groups []string) []string {
+	g := slices.Clone(groups)
+	sort.Strings(g)
+	return slices.Compact(g)
+}
+
+// MaxTokens bounds the pending enrollment tokens a store holds.
+func MaxTokens() int { return maxTokens }
+
+// HashToken is how stores keep a token: hex SHA-256, never the token itself.
+func HashToken(tok string) string {
 	sum := sha256.Sum256([]byte(tok))
 	return hex.EncodeToString(sum[:])
+}
+
+// TokenRecord is a pending enrollment token as stores keep it (hashed).
+type TokenRecord struct {
+	Hash    string
+	User    string
+	Device  string
+	Expires time.Time
+}
+
+// Export is everything a File holds, for moving it into another store.
+type Export struct {
+	Users   []User
+	Devices []Device
+	Tokens  []TokenRecord // unexpired only
+}
+
+// Export copies the store's contents, sorted.
+func (s *File) Export() Export {
+	now := s.now()
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var e Export
+	for _, u := range s.st.Users {
+		c := *u
+		c.Groups = slices.Clone(u.Groups)
+		e.Users = append(e.Users, c)
+	}
+	for _, d := range s.st.Devices {
+		c := *d
+		c.PublicKey = slices.Clone(d.PublicKey)
+		e.Devices = append(e.Devices, c)
+	}
+	for _, t := range s.st.Tokens {
+		if now.Before(t.Expires) {
+			e.Tokens = append(e.Tokens, TokenRecord{Hash: t.Hash, User: t.User, Device: t.Device, Expires: t.Expires})
+		}
+	}
+	sort.Slice(e.Users, func(i, j int) bool { return e.Users[i].Name < e.Users[j].Name })
+	sort.Slice(e.Devices, func(i, j int) bool { return e.Devices[i].ID < e.Devices[j].ID })
+	sort.Slice(e.Tokens, func(i, j int) bool { return e.Tokens[i].Hash < e.Tokens[j].Hash })
+	return e
 }

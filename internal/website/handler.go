@@ -39,6 +39,26 @@ type Options struct {
 	UpstreamTimeout time.Duration
 	// Logger receives one access-log line per request. Default slog.Default().
 	Logger *slog.Logger
+
+	// Reverse, when set, finds the upstream of a name exposed over a reverse
+	// HTTP tunnel (LABEL.<ReverseZone>) while it is held: such a name is served
+	// like an upstream site (same bounds, X-Forwarded-*, access log), through the
+	// tunnel's round-tripper. Sites and own names come first.
+	Reverse func(host string) (ReverseUpstream, bool)
+	// ReverseZone is the reverse names' DNS suffix: a request for a name in it
+	// that is not held (any more) gets 404, as a name nobody exposes.
+	ReverseZone string
+	// Device checks that a request for a devices-only name carries an accepted
+	// device certificate; nil refuses every such request.
+	Device func(r *http.Request) error
+}
+
+// ReverseUpstream is where a reverse HTTP name's requests go.
+type ReverseUpstream struct {
+	Transport http.RoundTripper
+	// DevicesOnly: the exposer lets only enrolled devices reach the name
+	// (Options.Device decides); browsers without a device certificate get 403.
+	DevicesOnly bool
 }
 
 // Handler routes a request to the site its TLS server name chose.
@@ -50,6 +70,12 @@ type Handler struct {
 	ownH     http.Handler
 	prefixes []string
 	log      *slog.Logger
+
+	reverse     func(string) (ReverseUpstream, bool)
+	reverseZone string
+	device      func(*http.Request) error
+	maxBody     int64
+	timeout     time.Duration
 }
 
 var _ http.Handler = (*Handler)(nil)
@@ -65,7 +91,8 @@ func New(o Options) (*Handler, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	h := &Handler{sites: map[string]http.Handler{}, own: map[string]bool{}, ownH: o.Own, prefixes: o.OwnPrefixes, log: o.Logger}
+	h := &Handler{sites: map[string]http.Handler{}, own: map[string]bool{}, ownH: o.Own, prefixes: o.OwnPrefixes, log: o.Logger,
+		reverse: o.Reverse, reverseZone: canonicalHost(o.ReverseZone), device: o.Device, maxBody: o.MaxBody, timeout: o.UpstreamTimeout}
 	var errs []error
 	for _, s := range o.Sites {
 		name := canonicalHost(s.Name)
@@ -114,7 +141,46 @@ func (h *Handler) KnowsName(serverName string) bool {
 	if n == "" {
 		return len(h.own) > 0
 	}
-	return h.sites[n] != nil || h.own[n] || h.def != nil
+	return h.sites[n] != nil || h.own[n] || h.def != nil || h.reverseHeld(n)
+}
+
+// reverseHeld reports whether n is a reverse HTTP name held right now.
+func (h *Handler) reverseHeld(n string) bool {
+	if h.reverse == nil {
+		return false
+	}
+	_, ok := h.reverse(n)
+	return ok
+}
+
+// IsReverse reports whether name is a reverse HTTP name held right now (a
+// handshake for it gets a certificate for it).
+func (h *Handler) IsReverse(name string) bool {
+	n := canonicalHost(name)
+	return h.sites[n] == nil && !h.own[n] && h.reverseHeld(n)
+}
+
+// inReverseZone reports whether n is a name below the reverse zone.
+func (h *Handler) inReverseZone(n string) bool {
+	return h.reverseZone != "" && strings.HasSuffix(n, "."+h.reverseZone)
+}
+
+// serveReverse sends a request for the held reverse name host down its
+// tunnel: the same bounds and errors as an upstream site, a header timeout
+// the tunnel's round-tripper does not have of its own.
+func (h *Handler) serveReverse(w http.ResponseWriter, r *http.Request, host string, up ReverseUpstream) {
+	if up.DevicesOnly {
+		if h.device == nil || r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+			http.Error(w, fmt.Sprintf("403 Forbidden: %s is open to enrolled devices only; connect with a device certificate (tp).", host), http.StatusForbidden)
+			return
+		}
+		if err := h.device(r); err != nil {
+			http.Error(w, fmt.Sprintf("403 Forbidden: %s is open to enrolled devices only, and this device certificate is not accepted: %v", host, err), http.StatusForbidden)
+			return
+		}
+	}
+	target := &url.URL{Scheme: "http", Host: host}
+	proxyTo(host, target, "reverse tunnel", headerTimeout{rt: up.Transport, timeout: h.timeout}, h.maxBody, h.timeout, h.log).ServeHTTP(w, r)
 }
 
 // IsSite reports whether name is a configured site (whose certificate comes from ACME).
@@ -172,6 +238,16 @@ func (h *Handler) route(w http.ResponseWriter, r *http.Request) string {
 	if sh := h.sites[host]; sh != nil {
 		sh.ServeHTTP(w, r)
 		return host
+	}
+	if h.reverse != nil && !h.own[host] {
+		if up, ok := h.reverse(host); ok {
+			h.serveReverse(w, r, host, up)
+			return host
+		}
+		if h.inReverseZone(host) {
+			http.Error(w, fmt.Sprintf("404 Not Found: nothing is exposed as %s now.", host), http.StatusNotFound)
+			return ""
+		}
 	}
 	if h.own[host] && h.ownH != nil {
 		h.ownH.ServeHTTP(w, r)

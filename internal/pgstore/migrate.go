@@ -1,0 +1,112 @@
+package pgstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// migrations are the schema's versions: migrations[i] takes the schema from
+// version i to i+1. Append only; never edit one that has shipped.
+var migrations = []string{
+	// 1: settings every instance must agree on, users, their groups, devices,
+	// enrollment tokens, the deny list.
+	`CREATE TABLE tp_meta (
+		key   text PRIMARY KEY,
+		value text NOT NULL
+	);
+	CREATE TABLE tp_users (
+		name     text PRIMARY KEY,
+		created  timestamptz NOT NULL DEFAULT now(),
+		disabled boolean NOT NULL DEFAULT false
+	);
+	CREATE TABLE tp_groups (
+		user_name  text NOT NULL REFERENCES tp_users (name) ON DELETE CASCADE,
+		group_name text NOT NULL,
+		PRIMARY KEY (user_name, group_name)
+	);
+	CREATE TABLE tp_devices (
+		id         text PRIMARY KEY,
+		user_name  text NOT NULL REFERENCES tp_users (name) ON DELETE CASCADE,
+		name       text NOT NULL,
+		public_key bytea,
+		created    timestamptz NOT NULL DEFAULT now(),
+		last_login timestamptz,
+		revoked    boolean NOT NULL DEFAULT false,
+		revoked_at timestamptz
+	);
+	CREATE TABLE tp_tokens (
+		hash      text PRIMARY KEY,
+		user_name text NOT NULL,
+		device    text NOT NULL,
+		expires   timestamptz NOT NULL
+	);
+	CREATE INDEX tp_tokens_user ON tp_tokens (user_name);
+	CREATE TABLE tp_denylist (
+		kind   text NOT NULL CHECK (kind IN ('user', 'device', 'serial')),
+		value  text NOT NULL,
+		since  timestamptz,
+		device text NOT NULL DEFAULT '',
+		PRIMARY KEY (kind, value)
+	);`,
+	// 2: ACME replay nonces, which any instance may be asked to check.
+	`CREATE TABLE tp_acme_nonces (
+		id      text PRIMARY KEY,
+		expires timestamptz NOT NULL
+	);
+	CREATE INDEX tp_acme_nonces_expires ON tp_acme_nonces (expires);`,
+}
+
+// SchemaVersion is the schema version this tpd creates and understands.
+func SchemaVersion() int { return len(migrations) }
+
+// ErrSchemaTooNew means a newer tpd migrated the database.
+var ErrSchemaTooNew = errors.New("database schema is newer than this tpd")
+
+// migrate brings the schema to SchemaVersion under the advisory lock, each
+// migration in its own transaction, so that of several tpd starting at once
+// one migrates and the others find it done.
+func (db *DB) migrate(ctx context.Context) error {
+	return db.WithLock(ctx, func(ctx context.Context) error {
+		if _, err := db.pool.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_version (
+			version integer PRIMARY KEY,
+			applied timestamptz NOT NULL DEFAULT now())`); err != nil {
+			return fmt.Errorf("database: create schema_version: %w", err)
+		}
+		var have int
+		if err := db.pool.QueryRow(ctx, "SELECT coalesce(max(version), 0) FROM schema_version").Scan(&have); err != nil {
+			return fmt.Errorf("database: read schema_version: %w", err)
+		}
+		if have > len(migrations) {
+			return fmt.Errorf("%w: the database is at schema version %d and this tpd knows versions up to %d, so a newer tpd has used it; run that newer tpd (an older one could misread or damage its data)", ErrSchemaTooNew, have, len(migrations))
+		}
+		for v := have; v < len(migrations); v++ {
+			err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+				if _, err := tx.Exec(ctx, migrations[v]); err != nil {
+					return err
+				}
+				_, err := tx.Exec(ctx, "INSERT INTO schema_version (version) VALUES ($1)", v+1)
+				return err
+			})
+			if err != nil {
+				return fmt.Errorf("database: migrate the schema to version %d: %w", v+1, err)
+			}
+			db.log.Info("database schema migrated", "version", v+1)
+		}
+		return nil
+	})
+}
+
+// checkVersion refuses a schema other than SchemaVersion without changing it.
+func (db *DB) checkVersion(ctx context.Context) error {
+	var have int
+	if err := db.pool.QueryRow(ctx, "SELECT coalesce(max(version), 0) FROM schema_version").Scan(&have); err != nil {
+		return fmt.Errorf("database: read schema_version (has a tpd run on this database yet?): %w", err)
+	}
+	if have != len(migrations) {
+		return fmt.Errorf("database: its schema is version %d and this tpd's is %d; start tpd serve of this version once to migrate it, or use the tpd that matches it", have, len(migrations))
+	}
+	return nil
+}

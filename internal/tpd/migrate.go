@@ -1,0 +1,88 @@
+package tpd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/tp-proxy/tp/acme"
+	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/pgstore"
+	"github.com/tp-proxy/tp/internal/users"
+)
+
+// MigrateResult says what Migrate moved.
+type MigrateResult struct {
+	pgstore.ImportResult
+	CA          acme.CACopy
+	Fingerprint string
+}
+
+// Migrate moves a single-process data dir (cfg.DataDir: users, devices,
+// groups, enrollment tokens, the deny list, the CA database) into the
+// PostgreSQL database cfg.Database, creating its schema. The tpd of that data
+// dir must be stopped. Migrating the same data dir again changes nothing; a
+// database holding anything else is refused unless force. The data dir itself
+// is left as it was; its ca/ directory is what every instance on the database
+// needs.
+func Migrate(ctx context.Context, cfg config.Server, force bool) (MigrateResult, error) {
+	var res MigrateResult
+	if cfg.Database == "" {
+		return res, errors.New("migrate needs a target: --database postgres://USER@HOST:PORT/DB (its password from database-password-file or TP_DATABASE_PASSWORD)")
+	}
+	if _, err := os.Stat(cfg.CADir()); err != nil {
+		return res, fmt.Errorf("%s has no CA (%v): is --data-dir the data dir of a tpd that has run?", cfg.DataDir, err)
+	}
+	pki, err := acme.LoadPKI(cfg.CADir())
+	if err != nil {
+		return res, err
+	}
+	res.Fingerprint = pki.Fingerprint()
+	us, err := users.Open(cfg.UsersFile())
+	if err != nil {
+		return res, err
+	}
+	dl, meta, err := loadDenyFile(cfg.DenyListFile())
+	if err != nil {
+		return res, err
+	}
+	in := pgstore.Import{CAFingerprint: res.Fingerprint, Users: us.Export()}
+	for _, k := range denyKinds {
+		for _, v := range dl.Entries(k.kind) {
+			e := pgstore.DenyEntry{Kind: k.kind.String(), Value: v, Since: meta.since[denyKey(k.kind, v)]}
+			if k.kind.String() == "serial" {
+				e.Device = meta.serialDev[v]
+			}
+			in.Deny = append(in.Deny, e)
+		}
+	}
+	pw, err := cfg.DatabasePasswordValue()
+	if err != nil {
+		return res, err
+	}
+	db, err := pgstore.Open(ctx, pgstore.Config{DSN: cfg.Database, Password: pw})
+	if err != nil {
+		return res, err
+	}
+	defer db.Close()
+	again, err := db.CheckImport(ctx, in, force)
+	if err != nil {
+		return res, err
+	}
+	// The CA first and the rest last: the marker that makes a second run
+	// welcome is written only once everything is in.
+	err = db.WithLock(ctx, func(context.Context) error {
+		var err error
+		res.CA, err = acme.CopyCADatabase(acme.DBPath(cfg.DataDir), db.DataSource())
+		return err
+	})
+	if err != nil {
+		return res, err
+	}
+	if res.ImportResult, err = db.Import(ctx, in); err != nil {
+		return res, err
+	}
+	res.Again = again
+	return res, nil
+}

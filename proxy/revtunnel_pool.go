@@ -1,0 +1,740 @@
+package proxy
+
+// The holder of a name (or public port) served by reverse tunnels: one
+// reverseAgent in the registry for all the tunnels one device holds it with,
+// the pool of waiting tunnels, and the round-tripper tpd's website sends the
+// name's requests through.
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"golang.org/x/net/http2"
+
+	"github.com/tp-proxy/tp/proxy/wire"
+
+	"github.com/tp-proxy/tp/authz"
+)
+
+// tunnelState is the registry's part for reverse tunnels (reverse_registry.go).
+type tunnelState struct {
+	mu      sync.Mutex
+	holders map[string]*tunnelHolder // registry key → holder
+	perID   map[string]int           // tunnels per device identity
+}
+
+type tunnelHolder struct {
+	key    string
+	target tunnelTarget
+	owner  string
+	agent  *reverseAgent
+	ctx    context.Context // ends when the holder is replaced, revoked or shut down
+	cancel context.CancelCauseFunc
+	n      int // tunnels, under tunnelState.mu
+	opts   ReverseTunnelOptions
+	pickup time.Duration
+
+	idle   waitPool[tunnelConn]        // HTTP/1.1 tunnels waiting for a request
+	listen waitPool[*listenReq]        // listen-tcp requests waiting for a connection
+	h2     syncList[*http2.ClientConn] // tunnels that chose h2 (HTTP app: requests; listen-tcp: CONNECTs)
+	h1     *http.Transport             // sends requests over the idle tunnels
+	// h2Pending counts h2 tunnels answered but not in h2 yet, so that a request
+	// arriving meanwhile waits for them rather than for an HTTP/1.1 tunnel;
+	// h1Tunnels counts the tunnels that chose HTTP/1.1.
+	h2Pending, h1Tunnels atomic.Int32
+}
+
+// tunnelTicket is one tunnel's place in its holder.
+type tunnelTicket struct {
+	id      authz.Identity
+	rec     *tunnelRec
+	pending bool // counted in h2Pending
+}
+
+// join counts a tunnel for target by id, creating and claiming the holder when
+// it is the first one. Another identity's hold is refused with 403.
+func (st *tunnelState) join(s *Server, target tunnelTarget, id authz.Identity, alpn string) (*tunnelHolder, *tunnelTicket, *refusal) {
+	o := s.rev.opts.HTTPTunnels
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.holders == nil {
+		st.holders, st.perID = map[string]*tunnelHolder{}, map[string]int{}
+	}
+	if st.perID[id.DeviceID] >= o.MaxPerIdentity {
+		return nil, nil, refuse(http.StatusTooManyRequests, CodeTooManySessions,
+			"%s holds %d reverse tunnels, as many as this server allows per device; close some first", id, o.MaxPerIdentity)
+	}
+	key := target.key()
+	h := st.holders[key]
+	if h != nil && h.ctx.Err() != nil {
+		h = nil // replaced by a newer holder (a tp expose of the same device): start over
+	}
+	if h != nil && h.owner != id.DeviceID {
+		return nil, nil, refuse(http.StatusForbidden, wire.CodeNameTaken, "%s is held by another identity's reverse tunnels; choose another", describeTarget(target))
+	}
+	if h == nil {
+		h = s.newHolder(target, id)
+		replaced, herr := s.rev.claim(h.agent)
+		if herr != nil {
+			status := http.StatusForbidden
+			switch {
+			case herr.Code == CodeTooManyNames:
+				status = http.StatusTooManyRequests
+			case herr.Code == wire.CodePublicRefused && strings.Contains(herr.Reason, "cannot open"):
+				status = http.StatusServiceUnavailable
+			}
+			h.cancel(herr)
+			return nil, nil, refuse(status, herr.Code, "%s", herr.Reason)
+		}
+		for _, old := range replaced {
+			old.end(errReplaced)
+		}
+		st.holders[key] = h
+	}
+	if h.target.devicesOnly != target.devicesOnly {
+		return nil, nil, refuse(http.StatusConflict, wire.CodeNameTaken,
+			"%s is served to %s by this device's other tunnels; open every tunnel with the same %s, or close the others first",
+			target.full, accessOf(h.target.devicesOnly), AccessField)
+	}
+	if h.n >= o.MaxPerName {
+		return nil, nil, refuse(http.StatusTooManyRequests, CodeTooManySessions,
+			"%s has %d reverse tunnels, as many as this server allows per name; use fewer spare tunnels", describeTarget(target), o.MaxPerName)
+	}
+	h.n++
+	st.perID[id.DeviceID]++
+	tk := &tunnelTicket{id: id}
+	if alpn == "h2" {
+		// Counted before the public port can see a connection or the name a
+		// request: those wait for the tunnel rather than take another path.
+		h.h2Pending.Add(1)
+		tk.pending = true
+	}
+	return h, tk, nil
+}
+
+// h2Ready ends t's pending count (once): its ClientConn is in h.h2, or it failed.
+func (h *tunnelHolder) h2Ready(t *tunnelTicket) {
+	if t.pending {
+		t.pending = false
+		h.h2Pending.Add(-1)
+		h.h2.notify()
+	}
+}
+
+// leave uncounts a tunnel; the last one releases the name, which stays reserved
+// for its owner for the grace period.
+func (st *tunnelState) leave(s *Server, h *tunnelHolder, t *tunnelTicket) {
+	st.mu.Lock()
+	h.n--
+	if st.perID[t.id.DeviceID]--; st.perID[t.id.DeviceID] <= 0 {
+		delete(st.perID, t.id.DeviceID)
+	}
+	last := h.n == 0
+	if last && st.holders[h.key] == h {
+		delete(st.holders, h.key)
+	}
+	st.mu.Unlock()
+	h.h2Ready(t)
+	if last {
+		s.rev.release(h.agent, true)
+		h.cancel(errors.New("the last reverse tunnel of " + describeTarget(h.target) + " closed"))
+		h.h1.CloseIdleConnections()
+	}
+}
+
+func (st *tunnelState) holder(key string) *tunnelHolder {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	h := st.holders[key]
+	if h == nil || h.ctx.Err() != nil {
+		return nil
+	}
+	return h
+}
+
+func describeTarget(t tunnelTarget) string {
+	if t.port != 0 {
+		return "public TCP port " + strconv.Itoa(t.port)
+	}
+	return t.full
+}
+
+func (s *Server) newHolder(target tunnelTarget, id authz.Identity) *tunnelHolder {
+	o := s.rev.opts.HTTPTunnels
+	h := &tunnelHolder{key: target.key(), target: target, owner: id.DeviceID, opts: o, pickup: s.rev.opts.PickupTimeout}
+	h.ctx, h.cancel = context.WithCancelCause(context.Background())
+	a := &reverseAgent{id: id, transport: "reverse-tunnel", udp: map[string]bool{}, ctx: h.ctx, end: h.cancel}
+	if target.port != 0 {
+		a.public = []publicClaim{{PublicSpec: wire.PublicSpec{Net: "tcp", Port: target.port}}}
+		a.open = func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
+			return s.openTCPTunnel(ctx, h, hdr)
+		}
+	} else {
+		a.names = []string{target.full}
+		a.open = func(context.Context, wire.SessionHeader) (wire.Stream, *wire.HelloError) {
+			return nil, wire.Errorf(wire.CodeUnsupportedNetwork, "%s is an HTTP app served through reverse tunnels; open https://%s/ instead", target.full, target.full)
+		}
+	}
+	a.openFlow = func(context.Context, wire.SessionHeader, int) (*wire.UDPFlow, *wire.HelloError) {
+		return nil, wire.Errorf(wire.CodeUnsupportedNetwork, "%s carries no UDP", describeTarget(target))
+	}
+	h.agent = a
+	h.h1 = &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			c, ok := h.idle.take(ctx, h.pickup, h.ctx.Done())
+			if !ok {
+				if err := ctx.Err(); err != nil {
+					return nil, err
+				}
+				return nil, fmt.Errorf("no reverse tunnel of %s became free within %s", target.full, h.pickup)
+			}
+			return c, nil
+		},
+		MaxIdleConnsPerHost:    o.MaxPerName,
+		IdleConnTimeout:        o.IdleTimeout,
+		MaxResponseHeaderBytes: int64(o.MaxHeaderBytes),
+		DisableCompression:     true,
+		TLSNextProto:           map[string]func(string, *tls.Conn) http.RoundTripper{},
+	}
+	return h
+}
+
+// h2Transport makes the ClientConns of tunnels that chose h2: pings find a
+// dead tunnel, and an idle one is closed.
+func (h *tunnelHolder) h2Transport() *http2.Transport {
+	return &http2.Transport{
+		AllowHTTP:         true,
+		ReadIdleTimeout:   30 * time.Second,
+		PingTimeout:       15 * time.Second,
+		IdleConnTimeout:   h.opts.IdleTimeout,
+		MaxHeaderListSize: uint32(h.opts.MaxHeaderBytes),
+	}
+}
+
+// serveHTTPTunnel serves the tunnel of an HTTP app until it ends.
+func (s *Server) serveHTTPTunnel(ctx context.Context, w http.ResponseWriter, r *http.Request, h *tunnelHolder, tun *tunnelTicket, alpn string) {
+	extra := http.Header{}
+	if _, hasALPN, _ := parseALPN(r.Header); hasALPN {
+		extra.Set("Selected-ALPN", alpnToken(alpn))
+	}
+	if alpn != "h2" {
+		h.h1Tunnels.Add(1)
+		defer h.h1Tunnels.Add(-1)
+	}
+	conn, err := establishTunnel(w, r, nil, extra)
+	if err != nil {
+		tun.rec.end = "establishing: " + err.Error()
+		return
+	}
+	defer finishTunnel(conn)
+	if alpn == "h2" {
+		tun.rec.semantics = "multiplexed"
+		cc, err := h.h2Transport().NewClientConn(conn)
+		if err != nil {
+			tun.rec.end = "h2 client preface: " + err.Error()
+			wire.Abort(conn, wire.QUICInternal)
+			return
+		}
+		remove := h.h2.add(cc)
+		defer remove()
+		h.h2Ready(tun)
+		select {
+		case <-conn.Done():
+		case <-ctx.Done():
+			_ = cc.Close()
+			wire.Abort(conn, wire.AbortCode(context.Cause(ctx)))
+		}
+		return
+	}
+	tun.rec.semantics = "accept"
+	h.idle.put(conn)
+	idle := time.NewTimer(h.opts.IdleTimeout)
+	defer idle.Stop()
+	for {
+		select {
+		case <-conn.Done():
+			return
+		case <-ctx.Done():
+			h.idle.remove(conn)
+			wire.Abort(conn, wire.AbortCode(context.Cause(ctx)))
+			return
+		case <-idle.C:
+			if h.idle.remove(conn) { // nobody took it: close it; the app opens another
+				tun.rec.end = "idle for " + h.opts.IdleTimeout.String()
+				_ = conn.Close()
+				return
+			}
+			// In use by the transport, which closes it when it idles.
+		}
+	}
+}
+
+// finishTunnel ends conn on its handler's goroutine.
+func finishTunnel(conn tunnelConn) {
+	_ = conn.Close()
+	if sc, ok := conn.(*streamConn); ok {
+		sc.finish()
+	}
+}
+
+func accessOf(devicesOnly bool) string {
+	if devicesOnly {
+		return "enrolled devices only"
+	}
+	return "anyone"
+}
+
+// ReverseHTTPDevicesOnly reports whether the reverse name host is held by
+// tunnels whose exposer lets only enrolled devices reach it (TP-Access: devices).
+func (s *Server) ReverseHTTPDevicesOnly(host string) bool {
+	if s.rev == nil {
+		return false
+	}
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	h := s.rev.tunnels.holder(strings.TrimSuffix(strings.ToLower(host), "."))
+	return h != nil && h.target.port == 0 && h.target.devicesOnly
+}
+
+// ReverseHTTP returns the round-tripper for a reverse name that reverse tunnels
+// serve (LABEL.<reverse-zone>, a port is ignored), or false when none does now.
+// It sends each request down one of the name's tunnels: an h2 tunnel with room
+// for another stream, else an HTTP/1.1 tunnel from the pool (waiting up to
+// ReverseOptions.PickupTimeout for one). The request's URL is rewritten to
+// http://host; its Host field is kept. A tunnel that dies mid-response fails
+// the body's Read: nothing is cut short silently.
+func (s *Server) ReverseHTTP(host string) (http.RoundTripper, bool) {
+	if s.rev == nil {
+		return nil, false
+	}
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	if _, ok := s.rev.name(host); !ok {
+		return nil, false
+	}
+	if s.rev.tunnels.holder(host) == nil {
+		return nil, false
+	}
+	return &reverseRoundTripper{s: s, host: host}, true
+}
+
+type reverseRoundTripper struct {
+	s    *Server
+	host string
+}
+
+func (rt *reverseRoundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
+	h := rt.s.rev.tunnels.holder(rt.host)
+	if h == nil {
+		if req.Body != nil {
+			_ = req.Body.Close()
+		}
+		return nil, fmt.Errorf("no reverse tunnel serves %s now (is `tp expose --http` running for it?)", rt.host)
+	}
+	out := req.Clone(req.Context())
+	u := *req.URL
+	u.Scheme, u.Host = "http", rt.host
+	out.URL, out.RequestURI = &u, ""
+	deadline := time.NewTimer(h.pickup)
+	defer deadline.Stop()
+	for {
+		changed := h.h2.changed()
+		ccs := h.h2.snapshot()
+		for _, cc := range ccs {
+			if cc.ReserveNewRequest() {
+				return cc.RoundTrip(out)
+			}
+		}
+		if len(ccs) > 0 && h.h1Tunnels.Load() == 0 {
+			return ccs[0].RoundTrip(out) // it waits for a free stream
+		}
+		if h.h2Pending.Load() == 0 {
+			return h.h1.RoundTrip(out)
+		}
+		select { // an h2 tunnel is being set up: wait for it
+		case <-changed:
+		case <-deadline.C:
+			return h.h1.RoundTrip(out)
+		case <-req.Context().Done():
+			if req.Body != nil {
+				_ = req.Body.Close()
+			}
+			return nil, context.Cause(req.Context())
+		}
+	}
+}
+
+// listenReq is a listen-tcp tunnel request waiting for a connection.
+type listenReq struct {
+	match chan *tcpMatch
+}
+
+type tcpMatch struct {
+	peer, by string
+	reply    chan tunnelConn // the established tunnel, or nil
+}
+
+// serveListenTunnel serves a listen-tcp tunnel: accept semantics (a request
+// per connection, answered when one arrives) or, when it chose h2, bind
+// semantics (a CONNECT per connection over one tunnel).
+func (s *Server) serveListenTunnel(ctx context.Context, w http.ResponseWriter, r *http.Request, h *tunnelHolder, tun *tunnelTicket, alpn string) {
+	if alpn == "h2" {
+		tun.rec.semantics = "bind"
+		conn, err := establishTunnel(w, r, nil, http.Header{"Selected-Alpn": {"h2"}})
+		if err != nil {
+			tun.rec.end = "establishing: " + err.Error()
+			return
+		}
+		defer finishTunnel(conn)
+		cc, err := h.h2Transport().NewClientConn(conn)
+		if err != nil {
+			tun.rec.end = "h2 client preface: " + err.Error()
+			wire.Abort(conn, wire.QUICInternal)
+			return
+		}
+		remove := h.h2.add(cc)
+		defer remove()
+		h.h2Ready(tun)
+		select {
+		case <-conn.Done():
+		case <-ctx.Done():
+			_ = cc.Close()
+			wire.Abort(conn, wire.AbortCode(context.Cause(ctx)))
+		}
+		return
+	}
+	tun.rec.semantics = "accept"
+	var hj *hijacked
+	if r.ProtoMajor == 1 {
+		var err error
+		if hj, err = hijack(w); err != nil {
+			tun.rec.end = "hijack: " + err.Error()
+			return
+		}
+	}
+	informational := func(status string) error {
+		if hj != nil {
+			_ = hj.conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
+			_, err := hj.conn.Write([]byte("HTTP/1.1 " + status + "\r\n\r\n"))
+			_ = hj.conn.SetWriteDeadline(time.Time{})
+			return err
+		}
+		w.WriteHeader(http.StatusContinue)
+		return nil
+	}
+	lr := &listenReq{match: make(chan *tcpMatch)}
+	h.listen.put(lr)
+	wait := time.NewTimer(h.opts.ListenWait)
+	defer wait.Stop()
+	tick := time.NewTicker(h.opts.ListenWait / 4)
+	defer tick.Stop()
+	var m *tcpMatch
+	for m == nil {
+		select {
+		case m = <-lr.match:
+		case <-tick.C:
+			if err := informational("100 Continue"); err != nil {
+				if !h.listen.remove(lr) {
+					m = <-lr.match
+					m.reply <- nil
+				}
+				tun.rec.end = "sending 100 (Continue): " + err.Error()
+				if hj != nil {
+					_ = hj.conn.Close()
+				}
+				return
+			}
+			continue
+		case <-wait.C:
+		case <-ctx.Done():
+		}
+		if m == nil && !h.listen.remove(lr) {
+			m = <-lr.match // an opener took it just now
+		}
+		if m == nil {
+			if ctx.Err() != nil {
+				tun.rec.end = context.Cause(ctx).Error()
+				if hj != nil {
+					_ = hj.conn.Close()
+				}
+				return
+			}
+			tun.rec.end = "no connection within " + h.opts.ListenWait.String() + " (204)"
+			if hj != nil {
+				_ = informational("204 No Content\r\nConnection: close")
+				_ = hj.conn.Close()
+				return
+			}
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+	}
+	fwd := "for=" + quoteForwarded(m.peer)
+	if m.by != "" {
+		fwd += ";by=" + quoteForwarded(m.by)
+	}
+	conn, err := establishTunnel(w, r, hj, http.Header{"Forwarded": {fwd}})
+	if err != nil {
+		m.reply <- nil
+		tun.rec.end = "establishing: " + err.Error()
+		return
+	}
+	tun.rec.uses.Add(1)
+	m.reply <- conn
+	defer finishTunnel(conn)
+	select {
+	case <-conn.Done():
+	case <-ctx.Done():
+		wire.Abort(conn, wire.AbortCode(context.Cause(ctx)))
+	}
+}
+
+// quoteForwarded writes a node of the Forwarded field (RFC 7239): an address
+// with a port (or IPv6) is a quoted string.
+func quoteForwarded(addr string) string {
+	if strings.ContainsAny(addr, ":[") {
+		return strconv.Quote(addr)
+	}
+	return addr
+}
+
+// openTCPTunnel hands a public connection to the holder of a listen-tcp port:
+// a CONNECT on a bound h2 tunnel, else a waiting tunnel request.
+func (s *Server) openTCPTunnel(ctx context.Context, h *tunnelHolder, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
+	by := s.publicAddr(h.key)
+	deadline := time.NewTimer(h.pickup)
+	defer deadline.Stop()
+	for {
+		changed := h.h2.changed()
+		ccs := h.h2.snapshot()
+		for _, cc := range ccs {
+			if cc.ReserveNewRequest() {
+				return bindConnect(ctx, cc, h, hdr.PeerAddr, by)
+			}
+		}
+		if len(ccs) > 0 {
+			return bindConnect(ctx, ccs[0], h, hdr.PeerAddr, by) // it waits for a free stream
+		}
+		if h.h2Pending.Load() == 0 {
+			break
+		}
+		select { // a bound tunnel is being set up: wait for it
+		case <-changed:
+			continue
+		case <-deadline.C:
+		case <-ctx.Done():
+		}
+		break
+	}
+	lr, ok := h.listen.take(ctx, h.pickup, h.ctx.Done())
+	if !ok {
+		return nil, wire.Errorf(wire.CodeReverseTimeout, "no reverse tunnel request waited for %s within %s", describeTarget(h.target), h.pickup)
+	}
+	m := &tcpMatch{peer: hdr.PeerAddr, by: by, reply: make(chan tunnelConn, 1)}
+	lr.match <- m
+	conn := <-m.reply
+	if conn == nil {
+		return nil, wire.Errorf(wire.CodeReverseOffline, "the reverse tunnel for %s went away", describeTarget(h.target))
+	}
+	return conn, nil
+}
+
+// publicAddr is the address of the public listener behind key.
+func (s *Server) publicAddr(key string) string {
+	s.rev.mu.Lock()
+	defer s.rev.mu.Unlock()
+	if e := s.rev.names[key]; e != nil && e.ln != nil {
+		return e.ln.Addr().String()
+	}
+	return ""
+}
+
+// bindConnect opens a CONNECT stream on a bound tunnel for one public connection.
+func bindConnect(ctx context.Context, cc *http2.ClientConn, h *tunnelHolder, peer, by string) (wire.Stream, *wire.HelloError) {
+	ctx, cancel := context.WithCancel(ctx)
+	pr, pw := io.Pipe()
+	authority := net.JoinHostPort(strings.Trim(h.target.addr, "[]"), strconv.Itoa(h.target.port))
+	fwd := "for=" + quoteForwarded(peer)
+	if by != "" {
+		fwd += ";by=" + quoteForwarded(by)
+	}
+	req := (&http.Request{
+		Method: http.MethodConnect, URL: &url.URL{Host: authority}, Host: authority,
+		Header: http.Header{"Forwarded": {fwd}}, Body: pr, ContentLength: -1,
+		Proto: "HTTP/2.0", ProtoMajor: 2,
+	}).WithContext(ctx)
+	t := time.AfterFunc(h.pickup, cancel)
+	resp, err := cc.RoundTrip(req)
+	if !t.Stop() && err == nil {
+		_ = resp.Body.Close()
+		err = errors.New("timed out")
+	}
+	if err != nil {
+		cancel()
+		return nil, wire.Errorf(wire.CodeReverseOffline, "CONNECT on the bound tunnel of %s: %v", describeTarget(h.target), err)
+	}
+	if resp.StatusCode/100 != 2 {
+		_ = resp.Body.Close()
+		cancel()
+		return nil, wire.Errorf(wire.CodeReverseBusy, "the bound tunnel of %s answered CONNECT with %s", describeTarget(h.target), resp.Status)
+	}
+	return &bindStream{body: resp.Body, pw: pw, cancel: cancel, peer: addrOf(peer), local: addrOf(by)}, nil
+}
+
+// bindStream is one CONNECT stream of a bound tunnel.
+type bindStream struct {
+	body        io.ReadCloser
+	pw          *io.PipeWriter
+	cancel      context.CancelFunc
+	peer, local net.Addr
+}
+
+func (b *bindStream) Read(p []byte) (int, error)  { return b.body.Read(p) }
+func (b *bindStream) Write(p []byte) (int, error) { return b.pw.Write(p) }
+func (b *bindStream) CloseWrite() error           { return b.pw.Close() }
+func (b *bindStream) Close() error {
+	_ = b.pw.Close()
+	err := b.body.Close()
+	b.cancel()
+	return err
+}
+
+// Abort resets the stream (RST_STREAM CANCEL).
+func (b *bindStream) Abort(quic.ApplicationErrorCode) {
+	b.cancel()
+	_ = b.pw.CloseWithError(errors.New("aborted"))
+}
+func (b *bindStream) LocalAddr() net.Addr              { return b.local }
+func (b *bindStream) RemoteAddr() net.Addr             { return b.peer }
+func (b *bindStream) SetDeadline(time.Time) error      { return nil }
+func (b *bindStream) SetReadDeadline(time.Time) error  { return nil }
+func (b *bindStream) SetWriteDeadline(time.Time) error { return nil }
+
+// waitPool holds items (oldest first) and the takers waiting for one.
+type waitPool[T comparable] struct {
+	mu      sync.Mutex
+	items   []T
+	waiters []chan T
+}
+
+func (p *waitPool[T]) put(x T) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.waiters) > 0 {
+		ch := p.waiters[0]
+		p.waiters = p.waiters[1:]
+		ch <- x // buffered
+		return
+	}
+	p.items = append(p.items, x)
+}
+
+// take returns the newest item, waiting up to timeout for one.
+func (p *waitPool[T]) take(ctx context.Context, timeout time.Duration, stop <-chan struct{}) (T, bool) {
+	p.mu.Lock()
+	if n := len(p.items); n > 0 {
+		x := p.items[n-1]
+		p.items = p.items[:n-1]
+		p.mu.Unlock()
+		return x, true
+	}
+	ch := make(chan T, 1)
+	p.waiters = append(p.waiters, ch)
+	p.mu.Unlock()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case x := <-ch:
+		return x, true
+	case <-t.C:
+	case <-ctx.Done():
+	case <-stop:
+	}
+	p.mu.Lock()
+	for i, w := range p.waiters {
+		if w == ch {
+			p.waiters = append(p.waiters[:i], p.waiters[i+1:]...)
+			p.mu.Unlock()
+			var zero T
+			return zero, false
+		}
+	}
+	p.mu.Unlock()
+	return <-ch, true // handed over just now
+}
+
+// remove takes x out if it is still waiting.
+func (p *waitPool[T]) remove(x T) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, y := range p.items {
+		if y == x {
+			p.items = append(p.items[:i], p.items[i+1:]...)
+			return true
+		}
+	}
+	return false
+}
+
+// syncList is a small set with snapshots, and a channel closed at each change.
+type syncList[T comparable] struct {
+	mu    sync.Mutex
+	items []T
+	ch    chan struct{}
+}
+
+func (l *syncList[T]) add(x T) (remove func()) {
+	l.mu.Lock()
+	l.items = append(l.items, x)
+	l.mu.Unlock()
+	return func() {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		for i, y := range l.items {
+			if y == x {
+				l.items = append(l.items[:i], l.items[i+1:]...)
+				return
+			}
+		}
+	}
+}
+
+// changed is closed at the next notify.
+func (l *syncList[T]) changed() <-chan struct{} {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.ch == nil {
+		l.ch = make(chan struct{})
+	}
+	return l.ch
+}
+
+func (l *syncList[T]) notify() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.ch != nil {
+		close(l.ch)
+		l.ch = nil
+	}
+}
+
+func (l *syncList[T]) snapshot() []T {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]T(nil), l.items...)
+}
