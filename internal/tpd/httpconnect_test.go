@@ -761,3 +761,50 @@ func TestConnectProxyNameNotPassedThrough(t *testing.T) {
 		t.Fatalf("CONNECT after the attempt: %d", resp.StatusCode)
 	}
 }
+
+// The proxy name's router hands a reverse tunnel (tp expose --http's
+// HTTP/1.1 Upgrade) to the reverse-tunnel server, and the name it holds is
+// then served to a browser-style client (no certificate) on the same port.
+func TestConnectRouterServesReverseHTTP(t *testing.T) {
+	r := newConnectRig(t, allowAlice)
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		io.WriteString(w, "app says hi to "+req.Host)
+	}))
+	t.Cleanup(app.Close)
+	local, _ := url.Parse(app.URL)
+	up := make(chan string, 4)
+	x := &clients.HTTPExposer{Server: r.addr, ProxyName: proxyName, Name: "blog", Local: local, Tunnels: 1, ExitOnRefusal: true,
+		TLSConfig: &tls.Config{RootCAs: r.roots, Certificates: []tls.Certificate{r.cert}},
+		Established: func(sel string) {
+			select {
+			case up <- sel:
+			default:
+			}
+		}}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- x.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-errc })
+	select {
+	case <-up:
+	case err := <-errc:
+		t.Fatalf("tp expose --http through the proxy name: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("no reverse tunnel within 30s")
+	}
+	name := "blog." + r.d.cfg.ReverseZone
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: r.roots},
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, r.addr)
+		}}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr, Timeout: 30 * time.Second}).Get("https://" + name + ":" + r.port + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.HasPrefix(string(b), "app says hi") {
+		t.Fatalf("GET https://%s/: %d %q", name, resp.StatusCode, b)
+	}
+}
