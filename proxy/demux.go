@@ -51,7 +51,8 @@ var errPassthrough = errors.New("routed to pass-through")
 // certificate, which fails the handshake with the alert unrecognized_name.
 func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 	if pc, ok := hello.Conn.(*peekConn); ok {
-		if h, ok := s.passthrough(hello.ServerName); ok {
+		// A proxy name is never passed through, whatever Passthrough says.
+		if h, ok := s.passthrough(hello.ServerName); ok && !s.isProxyName(hello.ServerName) {
 			pc.handler = h
 			pc.mute.Store(true) // the alert crypto/tls sends now must not reach the client
 			return nil, errPassthrough
@@ -61,6 +62,10 @@ func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error
 	if slices.Contains(hello.SupportedProtos, wire.ALPN) {
 		s.tickets.rotate()
 		return s.proxyTLS, nil
+	}
+	if s.connectTLS != nil && s.isProxyName(hello.ServerName) {
+		s.tickets.rotate()
+		return s.connectTLS, nil
 	}
 	if s.webTLS == nil {
 		return nil, errNoWeb
@@ -126,6 +131,10 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 		}
 		s.serveProxy(ctx, conn)
 	case "", "h2", "http/1.1":
+		if s.connect != nil && s.isProxyName(conn.ConnectionState().ServerName) {
+			s.handoffProxyHTTP(conn)
+			return
+		}
 		if s.web == nil { // unreachable: configForClient refuses non-tp handshakes
 			s.release()
 			_ = conn.Close()
@@ -467,6 +476,9 @@ func (s *Server) initDemux() {
 	s.unknownName = &tls.Config{MinVersion: tls.VersionTLS12}
 	s.quicTLS = &tls.Config{GetConfigForClient: s.quicConfigForClient}
 	s.tickets.add(s.proxyTLS)
+	if s.connectTLS != nil {
+		s.tickets.add(s.connectTLS, s.connectH3TLS)
+	}
 	if s.webTLS != nil {
 		s.h3TLS = s.webTLS.Clone()
 		s.h3TLS.NextProtos = []string{http3.NextProtoH3}
@@ -479,6 +491,9 @@ func (s *Server) initDemux() {
 // website over HTTP/3. ServeQUIC dispatches on the negotiated protocol.
 func (s *Server) quicConfigForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 	s.tickets.rotate()
+	if s.connectH3TLS != nil && !slices.Contains(hello.SupportedProtos, wire.ALPN) && slices.Contains(hello.SupportedProtos, http3.NextProtoH3) && s.isProxyName(hello.ServerName) {
+		return s.connectH3TLS, nil
+	}
 	if s.h3TLS == nil || slices.Contains(hello.SupportedProtos, wire.ALPN) || !slices.Contains(hello.SupportedProtos, http3.NextProtoH3) {
 		return s.proxyTLS, nil // fails with no_application_protocol unless "tp/1" is offered
 	}

@@ -128,8 +128,10 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		EnableDatagrams:                true, // UDP flows (wire/udpflow.go)
 		Tracer:                         s.quicTracer,
 	}
-	if s.web != nil { // HTTP/3 on the same listener: its control and QPACK streams
+	if s.web != nil || s.connect != nil { // HTTP/3 on the same listener: its control and QPACK streams
 		qcfg.MaxIncomingUniStreams = 8
+	}
+	if s.web != nil {
 		s.web.quic.Store(true)
 		defer s.web.quic.Store(false)
 	}
@@ -206,6 +208,16 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		}
 		conns.Add(1)
 		h3 := conn.ConnectionState().TLS.NegotiatedProtocol == http3.NextProtoH3
+		if h3 && s.connect != nil && s.isProxyName(conn.ConnectionState().TLS.ServerName) {
+			// The proxy's HTTP/3 (CONNECT): the connection keeps its MaxConns slot.
+			go func() {
+				defer conns.Done()
+				defer s.wg.Done()
+				defer s.release()
+				s.serveConnectH3(ctx, conn)
+			}()
+			continue
+		}
 		if h3 && !s.toWeb(conn.RemoteAddr().String()) {
 			s.stats.session("quic", "web", "refused", 0, 0)
 			_ = conn.CloseWithError(wire.QUICRefused, "server busy: too many website connections")
@@ -274,7 +286,7 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 	})
 	defer stopShutdown()
 
-	if s.web != nil {
+	if s.web != nil || s.connect != nil {
 		go refuseUniStreams(conn)
 	}
 	cs := new(tls.ConnectionState) // shared by the streams, which only read it

@@ -16,6 +16,8 @@ import (
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
+
+	"github.com/quic-go/quic-go/http3"
 )
 
 // Resolver turns a host name into addresses. *net.Resolver implements it.
@@ -43,6 +45,17 @@ type Config struct {
 	// when the client sent none). A handshake for a name it refuses fails with the
 	// TLS alert unrecognized_name. nil accepts every name.
 	WebNames func(serverName string) bool
+	// ProxyNames, when set, says whether a server name (SNI, lower case, no
+	// trailing dot) is a proxy name: a handshake for one that does not offer
+	// "tp/1" gets a TLS 1.3 configuration that requires and verifies the client
+	// certificate as ProxyTLS does (ALPN h2 and http/1.1 on TCP, h3 on QUIC), and
+	// its requests are served as an HTTPS proxy (httpproxy.go): CONNECT, reverse
+	// tunnels, and ProxyHTTP for the rest. It must never accept a website's name:
+	// browsers would be asked for a certificate there.
+	ProxyNames func(serverName string) bool
+	// ProxyHTTP serves the requests on a proxy name that are neither CONNECT nor
+	// a reverse tunnel (e.g. discovery); nil answers 404.
+	ProxyHTTP http.Handler
 	// Passthrough, when set, routes TCP connections for names registered for public
 	// pass-through to a handler without terminating TLS (demux.go, PassthroughFunc).
 	Passthrough PassthroughFunc
@@ -114,6 +127,10 @@ type Server struct {
 	unknownName *tls.Config
 	h3TLS       *tls.Config
 	quicTLS     *tls.Config
+	// httpproxy.go: the proxy names' TLS configurations (TCP and QUIC) and servers.
+	connectTLS   *tls.Config
+	connectH3TLS *tls.Config
+	connect      *proxyHTTP
 
 	active     atomic.Int64           // connections counted against MaxConns
 	webConns   atomic.Int64           // website connections counted against MaxWebConns
@@ -198,6 +215,13 @@ func New(cfg Config) (*Server, error) {
 			s.webTLS.NextProtos = []string{"h2", "http/1.1"}
 		}
 		s.web = newWebServer(cfg.Web, s.log, s.releaseWeb)
+	}
+	if cfg.ProxyNames != nil {
+		s.connectTLS = s.proxyTLS.Clone()
+		s.connectTLS.NextProtos = []string{"h2", "http/1.1"}
+		s.connectH3TLS = s.proxyTLS.Clone()
+		s.connectH3TLS.NextProtos = []string{http3.NextProtoH3}
+		s.connect = newProxyHTTP(s)
 	}
 	s.tls = &tls.Config{GetConfigForClient: s.configForClient}
 	s.initDemux()
@@ -304,6 +328,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		defer close(webDone)
 		if s.web != nil {
 			webErr = s.web.shutdown(ctx)
+		}
+		if s.connect != nil {
+			if err := s.connect.shutdown(ctx); webErr == nil {
+				webErr = err
+			}
 		}
 	}()
 	drained := make(chan struct{})

@@ -200,13 +200,26 @@ func (ss *session) endOf(err error) wire.SessionEnd {
 // send; for a reverse operation it returns neither and sets ss.op. It fills ss as
 // it learns things.
 func (s *Server) establish(ctx context.Context, conn wire.Stream, cs tls.ConnectionState, transport string, ss *session) (net.Conn, *wire.HelloError) {
+	if herr := s.authenticate(cs, ss); herr != nil {
+		return nil, herr
+	}
+	hello, herr := s.readHello(conn, ss)
+	if herr != nil {
+		return nil, herr
+	}
+	return s.enter(ctx, conn, transport, ss, hello)
+}
+
+// authenticate sets ss.id from the verified client certificate of cs, or returns
+// the refusal to send.
+func (s *Server) authenticate(cs tls.ConnectionState, ss *session) *wire.HelloError {
 	if len(cs.VerifiedChains) == 0 || len(cs.PeerCertificates) == 0 {
-		return nil, wire.Errorf(wire.CodeUnauthenticated, "no verified client certificate")
+		return wire.Errorf(wire.CodeUnauthenticated, "no verified client certificate")
 	}
 	id, err := s.cfg.Identify(cs)
 	if err != nil {
 		ss.end = "identify: " + err.Error()
-		return nil, wire.Errorf(wire.CodeUnauthenticated, "client certificate not accepted: %v", err)
+		return wire.Errorf(wire.CodeUnauthenticated, "client certificate not accepted: %v", err)
 	}
 	// Fail closed on an identity without expiry: use the leaf's.
 	if leafNA := cs.PeerCertificates[0].NotAfter; id.NotAfter.IsZero() || leafNA.Before(id.NotAfter) {
@@ -214,9 +227,14 @@ func (s *Server) establish(ctx context.Context, conn wire.Stream, cs tls.Connect
 	}
 	ss.id = id
 	if !time.Now().Before(id.NotAfter) {
-		return nil, wire.Errorf(wire.CodeUnauthenticated, "client certificate expired at %s", id.NotAfter.UTC().Format(time.RFC3339))
+		return wire.Errorf(wire.CodeUnauthenticated, "client certificate expired at %s", id.NotAfter.UTC().Format(time.RFC3339))
 	}
+	return nil
+}
 
+// readHello reads the client hello within HelloTimeout, or returns the refusal
+// to send.
+func (s *Server) readHello(conn wire.Stream, ss *session) (wire.ClientHello, *wire.HelloError) {
 	_ = conn.SetReadDeadline(time.Now().Add(s.lim().HelloTimeout))
 	// A connection that has sent no hello when Shutdown begins (a client's spare
 	// connection, say) holds no session: it must not hold up the drain.
@@ -228,17 +246,27 @@ func (s *Server) establish(ctx context.Context, conn wire.Stream, cs tls.Connect
 		var ne net.Error
 		switch {
 		case errors.As(err, &he):
-			return nil, he
+			return hello, he
 		case (errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()) && s.draining.Err() != nil:
-			return nil, wire.Errorf(wire.CodeHelloTimeout, "the server is shutting down and no longer waits for hellos; reconnect")
+			return hello, wire.Errorf(wire.CodeHelloTimeout, "the server is shutting down and no longer waits for hellos; reconnect")
 		case errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
-			return nil, wire.Errorf(wire.CodeHelloTimeout, "no complete client hello within %s", s.lim().HelloTimeout)
+			return hello, wire.Errorf(wire.CodeHelloTimeout, "no complete client hello within %s", s.lim().HelloTimeout)
 		default:
 			ss.end = "reading client hello: " + err.Error()
-			return nil, wire.Errorf(wire.CodeBadRequest, "reading client hello: %v", err)
+			return hello, wire.Errorf(wire.CodeBadRequest, "reading client hello: %v", err)
 		}
 	}
 	_ = conn.SetReadDeadline(time.Time{})
+	return hello, nil
+}
+
+// enter runs a request whose hello was read (or, for an HTTP CONNECT, built from
+// the request: httpconnect.go) by an authenticated client (ss.id) up to a
+// connected upstream, or returns the refusal to send; for a reverse operation it
+// returns neither and sets ss.op. conn is used only to answer op "why"; it may be
+// nil for any other op.
+func (s *Server) enter(ctx context.Context, conn wire.Stream, transport string, ss *session, hello wire.ClientHello) (net.Conn, *wire.HelloError) {
+	id := ss.id
 	ss.audit.action = actionOf(hello)
 	if hello.Op == wire.OpWhy { // answered at once, so not counted
 		return nil, s.why(conn, ss, hello.Session)

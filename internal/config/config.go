@@ -32,6 +32,12 @@ type Server struct {
 	Listen string `mapstructure:"listen"`
 	// Names go into tpd's server certificate (DNS names or IP addresses).
 	Names []string `mapstructure:"names"`
+	// ProxyNames are the names on which tpd is an HTTPS proxy for standard
+	// clients (CONNECT, docs/HTTP.md). A handshake for one of them that does
+	// not offer ALPN "tp/1" must present a device certificate; every other name
+	// stays the website, which never asks for one. DNS names only, none of names
+	// nor a site; tpd's certificate covers them.
+	ProxyNames []string `mapstructure:"proxy-names"`
 	// URL is how clients reach tpd; printed in `tpd enroll`. Derived from Listen when empty.
 	URL string `mapstructure:"url"`
 	// CertLifetime of device certificates.
@@ -158,6 +164,7 @@ func DefaultServer() Server {
 		DataDir:             "./tpdata",
 		Listen:              "127.0.0.1:8443",
 		Names:               []string{"localhost", "127.0.0.1", "::1"},
+		ProxyNames:          []string{"proxy.localhost"},
 		CertLifetime:        4 * time.Hour,
 		TokenTTL:            24 * time.Hour,
 		HandshakeTimeout:    10 * time.Second,
@@ -212,6 +219,7 @@ func (s Server) Validate() error {
 			errs = append(errs, fmt.Errorf("names: %q is neither a DNS name nor an IP address", n))
 		}
 	}
+	errs = append(errs, s.validateProxyNames()...)
 	if s.URL != "" && !strings.HasPrefix(s.URL, "https://") {
 		errs = append(errs, fmt.Errorf("url %q must start with https://", s.URL))
 	}
@@ -401,6 +409,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("data-dir", d.DataDir)
 	v.SetDefault("listen", d.Listen)
 	v.SetDefault("names", d.Names)
+	v.SetDefault("proxy-names", d.ProxyNames)
 	v.SetDefault("url", d.URL)
 	v.SetDefault("cert-lifetime", d.CertLifetime)
 	v.SetDefault("token-ttl", d.TokenTTL)
@@ -497,6 +506,14 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# TCP address of the public port.\nlisten: %q\n", s.Listen)
 	b.WriteString("# Names in tpd's server certificate; clients must reach tpd by one of them.\nnames:\n")
 	for _, n := range s.Names {
+		fmt.Fprintf(&b, "  - %q\n", n)
+	}
+	b.WriteString("# Names on which tpd is an HTTPS proxy for standard clients (curl --proxy https://NAME:PORT with the\n# device certificate; docs/HTTP.md). Only these names ask for a client certificate outside TP's own\n# protocol, so browsers on names and sites are never prompted. DNS names, none of names nor a site.\nproxy-names:")
+	if len(s.ProxyNames) == 0 {
+		b.WriteString(" []")
+	}
+	b.WriteString("\n")
+	for _, n := range s.ProxyNames {
 		fmt.Fprintf(&b, "  - %q\n", n)
 	}
 	fmt.Fprintf(&b, "# URL printed by `tpd enroll` for dlogin; empty derives it from listen.\nurl: %q\n", s.URL)

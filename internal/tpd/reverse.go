@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
+	"strings"
 
 	"github.com/tp-proxy/tp/internal/atomicfile"
 	"github.com/tp-proxy/tp/proxy"
@@ -49,6 +51,8 @@ func (d *Daemon) publicSNIAllowed(name string) error {
 		return fmt.Errorf("%s is one of the TP server's own names; it cannot be passed through", name)
 	case d.site().IsSite(name):
 		return fmt.Errorf("%s is a website the TP server serves itself; it cannot be passed through", name)
+	case slices.Contains(d.cfg.ProxyNames, strings.ToLower(strings.TrimSuffix(name, "."))):
+		return fmt.Errorf("%s is one of the TP server's proxy names (proxy-names); it cannot be passed through", name)
 	}
 	return nil
 }

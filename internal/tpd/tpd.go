@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -184,7 +185,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	web.Handle("/tp/", limitSources(d.limiter, enroller.Handler()))
 	// Transport discovery (discovery.go): cheap, static, no disk or CA behind it.
 	// The same handler answers on the proxy names (ProxyHTTP).
-	d.discovery = discoveryHandler{discoveryFor(cfg, nil)} // merge: nil → cfg.ProxyNames once proxy-names exists
+	d.discovery = discoveryHandler{discoveryFor(cfg, cfg.ProxyNames)}
 	web.Handle(wire.DiscoveryPath, d.discovery)
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
@@ -221,6 +222,10 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		WebTLS:   d.webTLS(),
 		Web:      http.HandlerFunc(d.serveWeb), // website.go: follows reloads
 		WebNames: func(name string) bool { return d.site().KnowsName(name) },
+		// CONNECT and the other HTTPS-proxy endpoints, only on proxy-names, so
+		// that no website name ever asks a browser for a certificate (httpproxy.go).
+		ProxyNames: proxyNameSet(cfg.ProxyNames),
+		ProxyHTTP:  proxyHTTPHandler(d.discovery),
 		// Names agents expose publicly by SNI, never tpd's own or a site's (reverse.go).
 		Passthrough: d.passthrough(),
 		UDP:         d.udpOptions(), // quic.go
@@ -296,7 +301,10 @@ func (d *Daemon) Policy() *policy.Engine { return d.policy }
 func (d *Daemon) DenyList() *authz.DenyList { return d.authz.DenyList }
 
 func (d *Daemon) renewServerCert() error {
-	chain, key, leaf, err := d.pki.IssueServerCert(d.cfg.Names, serverCertLifetime)
+	// One certificate for the names and the proxy names: the proxy names are
+	// served with TP's root like the tp/1 protocol.
+	names := append(slices.Clone(d.cfg.Names), d.cfg.ProxyNames...)
+	chain, key, leaf, err := d.pki.IssueServerCert(names, serverCertLifetime)
 	if err != nil {
 		return err
 	}
