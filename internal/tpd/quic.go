@@ -2,6 +2,7 @@ package tpd
 
 import (
 	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -39,12 +40,22 @@ func (d *Daemon) quicOptions() (proxy.QUICOptions, error) {
 	if err != nil {
 		return proxy.QUICOptions{}, err
 	}
-	return proxy.QUICOptions{
+	opts := proxy.QUICOptions{
 		MaxStreams:        int64(d.cfg.QUICMaxStreams),
 		KeepAlive:         d.cfg.QUICKeepAlive,
 		IdleTimeout:       d.cfg.QUICIdleTimeout,
 		StatelessResetKey: key,
-	}, nil
+	}
+	sid, err := d.cfg.QUICServerIDBytes()
+	if err != nil {
+		return proxy.QUICOptions{}, err
+	}
+	if sid != nil {
+		opts.LB = &proxy.QUICLB{ConfigID: uint8(d.cfg.QUICConfigID), ServerID: sid}
+		d.log.Info("QUIC connection IDs carry this instance's server ID (QUIC-LB plaintext)",
+			"server_id", hex.EncodeToString(sid), "config_id", d.cfg.QUICConfigID, "cid_len", opts.LB.Len())
+	}
+	return opts, nil
 }
 
 // resetKeyFile keeps the QUIC stateless reset key across restarts: a restarted
