@@ -1,6 +1,7 @@
 package tpd
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -9,10 +10,12 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/internal/pgstore"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -36,7 +39,7 @@ func listenQUIC(ln net.Listener) (*net.UDPConn, error) {
 }
 
 func (d *Daemon) quicOptions() (proxy.QUICOptions, error) {
-	key, err := loadResetKey(filepath.Join(d.cfg.DataDir, resetKeyFile))
+	key, err := d.resetKey()
 	if err != nil {
 		return proxy.QUICOptions{}, err
 	}
@@ -56,6 +59,23 @@ func (d *Daemon) quicOptions() (proxy.QUICOptions, error) {
 			"server_id", hex.EncodeToString(sid), "config_id", d.cfg.QUICConfigID, "cid_len", opts.LB.Len())
 	}
 	return opts, nil
+}
+
+// resetKey is the QUIC stateless reset key: with a database, the one every
+// instance on it shares (a reset from any of them is valid for a connection of
+// another, which a load balancer may send there); else the data dir's.
+func (d *Daemon) resetKey() (*quic.StatelessResetKey, error) {
+	if d.db == nil {
+		return loadResetKey(filepath.Join(d.cfg.DataDir, resetKeyFile))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	k, err := pgstore.NewKeys(d.db).QUICResetKey(ctx)
+	if err != nil {
+		return nil, err
+	}
+	key := quic.StatelessResetKey(k)
+	return &key, nil
 }
 
 // resetKeyFile keeps the QUIC stateless reset key across restarts: a restarted
