@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -179,4 +181,29 @@ func (r *switchRelay) switchTo(t *testing.T, target string) {
 		t.Fatal(err)
 	}
 	r.target.Store(a)
+}
+
+// Without database: the reset key is the data dir's file, as before: the same
+// across restarts (a restarted tpd resets its old clients at once), and tickets
+// keys are the proxy's own (no key source).
+func TestResetKeyFromDataDirWithoutDatabase(t *testing.T) {
+	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
+	r := runDaemon(t, cfg)
+	k1, err := r.d.resetKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(cfg.DataDir, resetKeyFile))
+	if err != nil || !bytes.Equal(b, k1[:]) {
+		t.Fatalf("the reset key is not the data dir's %s (%v)", resetKeyFile, err)
+	}
+	r.stop()
+	r2 := runDaemon(t, cfg)
+	k2, err := r2.d.resetKey()
+	if err != nil || *k2 != *k1 {
+		t.Fatalf("the reset key changed across a restart without a database (%v)", err)
+	}
+	if r2.d.db != nil {
+		t.Fatal("a database is open though database: is not set")
+	}
 }
