@@ -139,12 +139,16 @@ type httpPath struct {
 func (p *httpPath) newClients() {
 	for range httpClients {
 		dial := p.dial
+		var cfg *tls.Config
+		if p.tls != nil {
+			cfg = p.tls.Clone() // each transport adds its ALPN protocols to its own
+		}
 		tr := &http.Transport{
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				var d net.Dialer
 				return d.DialContext(ctx, "tcp", dial)
 			},
-			TLSClientConfig:     p.tls,
+			TLSClientConfig:     cfg,
 			ForceAttemptHTTP2:   p.tls != nil,
 			MaxIdleConnsPerHost: 1,
 			DisableCompression:  true,
