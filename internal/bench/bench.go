@@ -162,6 +162,9 @@ func Run(ctx context.Context, o Options) (err error) {
 		if !o.wants(s.name) {
 			continue
 		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("before scenario %s: %w", s.name, err) // interrupted: the deferred Close stops everything
+		}
 		e.log("scenario %s", s.name)
 		r, err := s.fn(ctx, e, sz, runs)
 		if err != nil {

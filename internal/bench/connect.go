@@ -155,7 +155,7 @@ func connectBulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error)
 		{h1Name, "tpbench is the proxy's client (no local hop)", func() (*stream, error) { return e.connectH1Stream(ctx, e.sink) }},
 		{h2Name, "one tunnel per h2 connection", func() (*stream, error) { return e.connectH2Stream(ctx, e.sink) }},
 	} {
-		if err := warm(func() error { _, err := bulkOnce(c.open, 1<<20, false); return err }); err != nil {
+		if err := warmCtx(ctx, func() error { _, err := bulkOnce(c.open, 1<<20, false); return err }); err != nil {
 			vs = append(vs, failed(c.name, "tls", err))
 		} else {
 			vs = append(vs, mk(c.name, "tls", c.note, c.open))

@@ -165,8 +165,12 @@ func (p *httpPath) closeClients() {
 }
 
 // get fetches the page once with c and checks it.
-func (p *httpPath) get(c *http.Client) error {
-	resp, err := c.Get(p.url)
+func (p *httpPath) get(ctx context.Context, c *http.Client) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.Do(req)
 	if err != nil {
 		return err
 	}
@@ -185,8 +189,9 @@ func (p *httpPath) get(c *http.Client) error {
 }
 
 // load runs every client back to back for d and returns requests per second and
-// the p50 and p99 latency (ms) of single requests. The first error ends the run.
-func (p *httpPath) load(d time.Duration) ([]float64, error) {
+// the p50 and p99 latency (ms) of single requests. The first error, or the end
+// of ctx, ends the run.
+func (p *httpPath) load(ctx context.Context, d time.Duration) ([]float64, error) {
 	var (
 		wg    sync.WaitGroup
 		mu    sync.Mutex
@@ -202,7 +207,7 @@ func (p *httpPath) load(d time.Duration) ([]float64, error) {
 			var ms []float64
 			for time.Now().Before(end) && len(ms) < httpMaxSamples {
 				t0 := time.Now()
-				if err := p.get(c); err != nil {
+				if err := p.get(ctx, c); err != nil {
 					mu.Lock()
 					first = cmpOr(first, err)
 					mu.Unlock()
@@ -230,11 +235,11 @@ func (p *httpPath) load(d time.Duration) ([]float64, error) {
 // sequential fetches the page n times, one request at a time, with the first
 // client and returns the p50 and p99 latency (ms): the cost of the path without
 // the queueing of the loaded runs.
-func (p *httpPath) sequential(n int) ([]float64, error) {
+func (p *httpPath) sequential(ctx context.Context, n int) ([]float64, error) {
 	ms := make([]float64, 0, n)
 	for range n {
 		t0 := time.Now()
-		if err := p.get(p.clients[0]); err != nil {
+		if err := p.get(ctx, p.clients[0]); err != nil {
 			return nil, err
 		}
 		ms = append(ms, float64(time.Since(t0))/float64(time.Millisecond))
@@ -310,8 +315,8 @@ func httpScenario(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error
 		defer p.closeClients()
 		// Warm up: the first request waits for the name to be served; then every
 		// client opens its connection and runs briefly, unmeasured.
-		if p.err = warm(func() error { return p.get(p.clients[0]) }); p.err == nil {
-			_, p.err = p.load(sz.httpTime / 4)
+		if p.err = warmCtx(ctx, func() error { return p.get(ctx, p.clients[0]) }); p.err == nil {
+			_, p.err = p.load(ctx, sz.httpTime/4)
 		}
 		if p.err != nil {
 			e.log("%s: %v", p.label, p.err)
@@ -336,7 +341,7 @@ func httpScenario(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error
 			t.rps.Err, t.p50.Err, t.p99.Err = firstLine(p.err.Error()), firstLine(p.err.Error()), firstLine(p.err.Error())
 		}
 		rowsOf[p] = t
-		vs = append(vs, &variant{rows: []*Row{t.rps, t.p50, t.p99}, fn: func() ([]float64, error) { return p.load(sz.httpTime) }})
+		vs = append(vs, &variant{rows: []*Row{t.rps, t.p50, t.p99}, fn: func() ([]float64, error) { return p.load(ctx, sz.httpTime) }})
 	}
 	seqRows := map[*httpPath][2]*Row{}
 	for _, p := range paths {
@@ -353,7 +358,7 @@ func httpScenario(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error
 			r[0].Err, r[1].Err = firstLine(p.err.Error()), firstLine(p.err.Error())
 		}
 		seqRows[p] = r
-		vs = append(vs, &variant{rows: r[:], fn: func() ([]float64, error) { return p.sequential(sz.httpSeq) }})
+		vs = append(vs, &variant{rows: r[:], fn: func() ([]float64, error) { return p.sequential(ctx, sz.httpSeq) }})
 	}
 	e.log("http: %d clients for %s, then 1 client for %d requests, per variant and run", httpClients, sz.httpTime, sz.httpSeq)
 	interleave(runs, vs, e.log)

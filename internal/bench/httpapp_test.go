@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"context"
 	"crypto/tls"
 	"net"
 	"net/http"
@@ -28,14 +29,14 @@ func TestHTTPLoadChecksThePage(t *testing.T) {
 	for _, p := range []*httpPath{plain, secure} {
 		p.newClients()
 		defer p.closeClients()
-		v, err := p.load(200 * time.Millisecond)
+		v, err := p.load(context.Background(), 200*time.Millisecond)
 		if err != nil {
 			t.Fatalf("%s: %v", p.label, err)
 		}
 		if v[0] <= 0 || v[1] <= 0 || v[1] > v[2] {
 			t.Errorf("%s: req/s %v, p50 %v ms, p99 %v ms: want a positive rate and p50 ≤ p99", p.label, v[0], v[1], v[2])
 		}
-		s, err := p.sequential(10)
+		s, err := p.sequential(context.Background(), 10)
 		if err != nil || s[0] > s[1] {
 			t.Errorf("%s: sequential p50, p99 = %v, %v", p.label, s, err)
 		}
@@ -58,7 +59,7 @@ func TestHTTPLoadChecksThePage(t *testing.T) {
 		go srv.Serve(ln)
 		p := &httpPath{label: tc.why, url: "http://" + ln.Addr().String() + "/", dial: ln.Addr().String()}
 		p.newClients()
-		_, err = p.load(100 * time.Millisecond)
+		_, err = p.load(context.Background(), 100*time.Millisecond)
 		p.closeClients()
 		srv.Close()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
