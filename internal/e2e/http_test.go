@@ -1,0 +1,319 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/internal/testlog"
+)
+
+// httpPolicy lets alice and bob serve HTTP apps by name and open public
+// ports (listen-tcp); carol may do neither.
+const httpPolicy = `package tp.authz
+
+default allow := false
+
+allow if {
+	input.action in {"expose_http", "expose_public"}
+	input.identity.user in {"alice", "bob"}
+}
+
+reason := sprintf("%s may not expose %s", [input.identity.device_id, input.destination.host]) if not allow
+`
+
+// appPage is the exposed app's page: its text appears in the DOM only when
+// the browser also fetched and ran /app.js through the tunnel.
+const appPage = `<!doctype html><html><head><title>exposed app</title></head><body>
+<p id="static">Served through a reverse tunnel</p><p id="out">not rendered</p>
+<script src="/app.js"></script>
+</body></html>`
+
+// startApp runs a local HTTP app (the page and its script) and counts the
+// requests it saw.
+func startApp(t *testing.T) (url string, seen *atomic.Int32) {
+	t.Helper()
+	seen = &atomic.Int32{}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/{$}", func(w http.ResponseWriter, r *http.Request) {
+		seen.Add(1)
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		fmt.Fprint(w, appPage)
+	})
+	mux.HandleFunc("/app.js", func(w http.ResponseWriter, r *http.Request) {
+		seen.Add(1)
+		w.Header().Set("Content-Type", "text/javascript")
+		fmt.Fprint(w, `document.getElementById("out").textContent = "rendered by " + "app.js";`)
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return "http://" + ln.Addr().String(), seen
+}
+
+// exposeHTTP is a running `tp expose --http`.
+type exposeHTTP struct {
+	cmd  *exec.Cmd
+	log  *testlog.Buffer
+	done chan struct{}
+}
+
+// startExposeHTTP runs `tp expose --http` with args and waits for its
+// "Serving" line (its first tunnel is up).
+func startExposeHTTP(t *testing.T, env []string, args ...string) *exposeHTTP {
+	t.Helper()
+	x := &exposeHTTP{log: &testlog.Buffer{}, done: make(chan struct{})}
+	x.cmd = exec.Command(binary("tp"), append([]string{"expose", "--http"}, args...)...)
+	x.cmd.Env = append(os.Environ(), env...)
+	stderr, err := x.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := x.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan bool, 1)
+	go func() {
+		defer close(x.done)
+		sc := bufio.NewScanner(stderr)
+		sent := false
+		for sc.Scan() {
+			x.log.Write([]byte(sc.Text() + "\n"))
+			if !sent && strings.HasPrefix(sc.Text(), "Serving ") {
+				sent = true
+				ready <- true
+			}
+		}
+		x.cmd.Wait()
+		if !sent {
+			ready <- false
+		}
+	}()
+	t.Cleanup(func() {
+		x.stop(t)
+		if t.Failed() {
+			t.Logf("tp expose --http %s log:\n%s", strings.Join(args, " "), x.log.String())
+		}
+	})
+	select {
+	case ok := <-ready:
+		if !ok {
+			t.Fatalf("tp expose --http exited:\n%s", x.log.String())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("tp expose --http did not serve within 60s:\n%s", x.log.String())
+	}
+	return x
+}
+
+// stop ends tp expose as Ctrl-C does and waits for it.
+func (x *exposeHTTP) stop(t *testing.T) {
+	t.Helper()
+	x.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-x.done:
+	case <-time.After(10 * time.Second):
+		x.cmd.Process.Kill()
+		<-x.done
+		t.Errorf("tp expose --http did not stop within 10s of Ctrl-C")
+	}
+}
+
+// browser is headless Chromium (Debian's) with TP's root trusted through an
+// NSS database, as a user who installed it would have.
+type browser struct {
+	chromium string
+	home     string
+}
+
+func newBrowser(t *testing.T, rootPEM string) *browser {
+	t.Helper()
+	chromium, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatal("chromium is not installed: apt-get install chromium libnss3-tools (deploy/test.sh does, run as root)")
+	}
+	certutil, err := exec.LookPath("certutil")
+	if err != nil {
+		t.Fatal("certutil is not installed: apt-get install libnss3-tools (deploy/test.sh does, run as root)")
+	}
+	b := &browser{chromium: chromium, home: t.TempDir()}
+	nssdb := filepath.Join(b.home, ".pki", "nssdb")
+	if err := os.MkdirAll(nssdb, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(certutil, "-d", "sql:"+nssdb, "-N", "--empty-password").CombinedOutput(); err != nil {
+		t.Fatalf("certutil -N: %v\n%s", err, out)
+	}
+	if out, err := exec.Command(certutil, "-d", "sql:"+nssdb, "-A", "-t", "C,,", "-n", "TP root", "-i", rootPEM).CombinedOutput(); err != nil {
+		t.Fatalf("certutil -A: %v\n%s", err, out)
+	}
+	return b
+}
+
+// dom loads url with host mapped to loopback and returns the DOM after load
+// and Chromium's standard error.
+func (b *browser) dom(t *testing.T, host, url string) (dom, stderr string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, b.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+		"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+		"--user-data-dir="+filepath.Join(b.home, "profile"),
+		"--host-resolver-rules=MAP "+host+" 127.0.0.1",
+		"--dump-dom", url)
+	cmd.Env = append(os.Environ(), "HOME="+b.home)
+	var errOut strings.Builder
+	cmd.Stderr = &errOut
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("chromium %s: %v\nstderr:\n%s", url, err, errOut.String())
+	}
+	return string(out), errOut.String()
+}
+
+// rendered reports whether dom is appPage after its script ran.
+func rendered(dom string) bool {
+	return strings.Contains(dom, `<p id="static">Served through a reverse tunnel</p>`) &&
+		strings.Contains(dom, `<p id="out">rendered by app.js</p>`)
+}
+
+// waitUnserved polls until a handshake for name fails with the TLS alert
+// unrecognized_name: tpd no longer serves it.
+func waitUnserved(t *testing.T, addr, name string, root *x509.CertPool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr,
+			&tls.Config{ServerName: name, RootCAs: root, NextProtos: []string{"http/1.1"}})
+		if err != nil && strings.Contains(err.Error(), "unrecognized name") {
+			return
+		}
+		if err == nil {
+			c.Close()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is still served 30s after its exposer stopped (last handshake: %v)", name, err)
+		}
+		time.Sleep(50 * time.Millisecond) // polling for the tunnels' end, bounded by the deadline above
+	}
+}
+
+func rootOf(t *testing.T, srv *server) (path string, pool *x509.CertPool) {
+	t.Helper()
+	path = filepath.Join(srv.DataDir, "ca", "root.crt")
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool = x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	return path, pool
+}
+
+// Alice exposes a local HTTP app with the real `tp expose --http`; headless
+// Chromium, holding no client certificate and trusting TP's root, loads
+// https://app.<reverse-zone>:PORT/ by name through tpd and the page renders
+// (its script, a second request down the tunnel, ran); tpd logs both
+// requests. Bad inputs: bob exposing the same name (held by another identity:
+// refused with the holder reason), carol exposing any name (refused with the
+// policy's reason); after alice's exposer stops, the name is no longer served
+// (the TLS alert unrecognized_name).
+func TestHTTPExposeBrowser(t *testing.T) {
+	srv := startServer(t, httpPolicy)
+	rootPEM, root := rootOf(t, srv)
+	alice := srv.login(t, "alice", "laptop")
+	bob := srv.login(t, "bob", "phone")
+	carol := srv.login(t, "carol", "pc")
+	appURL, seen := startApp(t)
+	const name = "app.rev.tp.internal"
+	x := startExposeHTTP(t, alice, "app", appURL)
+
+	_, port, _ := net.SplitHostPort(srv.Addr)
+	b := newBrowser(t, rootPEM)
+	dom, stderr := b.dom(t, name, "https://"+name+":"+port+"/")
+	if !rendered(dom) {
+		t.Fatalf("the exposed app did not render (certificate not trusted? script not loaded?):\n%s\nstderr:\n%s", dom, stderr)
+	}
+	if n := seen.Load(); n < 2 {
+		t.Errorf("the app saw %d forwarded requests, want the page and its script", n)
+	}
+	logs := srv.log.String()
+	for _, path := range []string{"path=/ ", "path=/app.js "} {
+		if !strings.Contains(logs, `msg="http request" site=`+name) || !strings.Contains(logs, path) {
+			t.Errorf("no access-log line for %s%s in tpd's log:\n%s", name, path, logs)
+		}
+	}
+
+	out, err := runErr(bob, nil, binary("tp"), "expose", "--http", "app", appURL, "--exit-on-refusal")
+	if err == nil || !strings.Contains(out, name+" is held by another identity's reverse tunnels; choose another") {
+		t.Errorf("bob exposing %s, which alice holds: %v\n%s\nwant the refusal naming the holder", name, err, out)
+	}
+	out, err = runErr(carol, nil, binary("tp"), "expose", "--http", "carols", appURL, "--exit-on-refusal")
+	if err == nil || !strings.Contains(out, "carol@pc may not expose carols.rev.tp.internal") {
+		t.Errorf("carol exposing a name the policy denies her: %v\n%s\nwant the policy's reason", err, out)
+	}
+
+	x.stop(t)
+	waitUnserved(t, srv.Addr, name, root)
+	if dom, _ := b.dom(t, name, "https://"+name+":"+port+"/"); rendered(dom) {
+		t.Errorf("the app still renders after its exposer stopped:\n%s", dom)
+	}
+}
+
+// Bob exposes an app for devices only (tp expose --http --devices-only): the
+// handshake asks for the device certificate, so curl with alice's device
+// files from dlogin gets the page, while curl without a certificate fails at
+// the handshake and headless Chromium (no certificate) gets no page; the app
+// sees only alice's request.
+func TestHTTPExposeDevicesOnly(t *testing.T) {
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Fatal("curl is not installed: apt-get install curl (deploy/test.sh does)")
+	}
+	srv := startServer(t, httpPolicy)
+	rootPEM, _ := rootOf(t, srv)
+	alice := srv.login(t, "alice", "laptop")
+	bob := srv.login(t, "bob", "phone")
+	appURL, seen := startApp(t)
+	const name = "private.rev.tp.internal"
+	startExposeHTTP(t, bob, "private", appURL, "--devices-only")
+	_, port, _ := net.SplitHostPort(srv.Addr)
+	url := "https://" + name + ":" + port + "/"
+	resolve := name + ":" + port + ":127.0.0.1"
+
+	home := strings.TrimPrefix(alice[0], "TP_HOME=")
+	out, err := runErr(nil, nil, curl, "-sS", "--max-time", "60", "--resolve", resolve, "--cacert", rootPEM,
+		"--cert", filepath.Join(home, "cert.pem"), "--key", filepath.Join(home, "key.pem"), url)
+	if err != nil || !strings.Contains(out, `<p id="static">Served through a reverse tunnel</p>`) {
+		t.Fatalf("curl with alice's device certificate: %v\n%s", err, out)
+	}
+	if n := seen.Load(); n != 1 {
+		t.Errorf("the app saw %d forwarded requests after alice's, want 1", n)
+	}
+	out, err = runErr(nil, nil, curl, "-sS", "--max-time", "60", "--resolve", resolve, "--cacert", rootPEM, url)
+	if err == nil || !strings.Contains(out, "alert certificate required") {
+		t.Errorf("curl without a certificate: %v\n%s\nwant the handshake refused with certificate_required", err, out)
+	}
+	dom, stderr := newBrowser(t, rootPEM).dom(t, name, url)
+	if strings.Contains(dom, "Served through a reverse tunnel") {
+		t.Errorf("Chromium without a device certificate got the devices-only page:\n%s\nstderr:\n%s", dom, stderr)
+	}
+	if n := seen.Load(); n != 1 {
+		t.Errorf("the app saw %d forwarded requests, want only alice's", n)
+	}
+}
