@@ -3,20 +3,25 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // httpPolicy lets alice and bob serve HTTP apps by name and open public
@@ -315,5 +320,145 @@ func TestHTTPExposeDevicesOnly(t *testing.T) {
 	}
 	if n := seen.Load(); n != 1 {
 		t.Errorf("the app saw %d forwarded requests, want only alice's", n)
+	}
+}
+
+// listenTCP is a client of the draft's listen-tcp path written from
+// docs/HTTP.md §2.2 and §2.4 (accept semantics over HTTP/1.1): TLS 1.3 to the
+// proxy name with the device certificate dlogin left in home, then
+//
+//	GET /.well-known/listen-tcp/0.0.0.0/PORT/ HTTP/1.1
+//	Host: proxy.localhost
+//	Connection: upgrade
+//	Upgrade: reverse
+//
+// It returns the first final answer (after any 100 Continue) and the
+// connection, whose bytes after a 101 are those of one public connection.
+func listenTCP(addr string, root *x509.CertPool, home string, port int) (*http.Response, *tls.Conn, *bufio.Reader, error) {
+	cert, err := tls.LoadX509KeyPair(filepath.Join(home, "cert.pem"), filepath.Join(home, "key.pem"))
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, &tls.Config{
+		ServerName: "proxy.localhost", RootCAs: root, Certificates: []tls.Certificate{cert},
+		NextProtos: []string{"http/1.1"}, MinVersion: tls.VersionTLS13,
+	})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	c.SetDeadline(time.Now().Add(2 * time.Minute))
+	req := fmt.Sprintf("GET /.well-known/listen-tcp/0.0.0.0/%d/ HTTP/1.1\r\nHost: proxy.localhost\r\nConnection: upgrade\r\nUpgrade: reverse\r\n\r\n", port)
+	if _, err := io.WriteString(c, req); err != nil {
+		c.Close()
+		return nil, nil, nil, err
+	}
+	br := bufio.NewReader(c)
+	for {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			c.Close()
+			return nil, nil, nil, err
+		}
+		if resp.StatusCode == http.StatusContinue {
+			continue
+		}
+		return resp, c, br, nil
+	}
+}
+
+// Alice's device opens a listen-tcp tunnel for a public port (no TP client:
+// the request written in the test from docs/HTTP.md) and echoes what the
+// port's first connection sends; a client of the public port sends 1 MiB,
+// half-closes and gets back the same bytes (SHA-256). Bad inputs: bob asking
+// for the port alice holds (403, name_taken, the holder reason), carol asking
+// for it against the policy (403, policy_denied, the policy's reason).
+func TestHTTPListenTCP(t *testing.T) {
+	port := testnet.FreePort(t, "tcp")
+	srv := startTPD(t, initTPD(t, httpPolicy), "127.0.0.1:0", []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(port)})
+	srv.mustStop = true
+	_, root := rootOf(t, srv)
+	home := func(env []string) string { return strings.TrimPrefix(env[0], "TP_HOME=") }
+	alice := home(srv.login(t, "alice", "laptop"))
+	bob := home(srv.login(t, "bob", "phone"))
+	carol := home(srv.login(t, "carol", "pc"))
+
+	type tunnel struct {
+		resp *http.Response
+		err  error
+	}
+	echoed := make(chan tunnel, 1)
+	go func() {
+		resp, c, br, err := listenTCP(srv.Addr, root, alice, port)
+		if err == nil && resp.StatusCode == http.StatusSwitchingProtocols {
+			_, err = io.Copy(c, br) // the echo: what the public client sends, until its half-close
+			if err == nil {
+				err = c.CloseWrite()
+			}
+			// Wait for tpd's close_notify so the echo is not cut short.
+			io.Copy(io.Discard, br)
+		}
+		if c != nil {
+			c.Close()
+		}
+		echoed <- tunnel{resp, err}
+	}()
+
+	// The port opens when alice's request arrives: poll until it accepts. The
+	// first accepted connection is the one alice's tunnel relays.
+	var pub net.Conn
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var err error
+		pub, err = net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), 5*time.Second)
+		if err == nil {
+			break
+		}
+		select {
+		case tn := <-echoed:
+			t.Fatalf("alice's listen-tcp request ended before the port opened: %v %v\n%s", tn.resp, tn.err, srv.log.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("public port %d did not open within 60s of alice's listen-tcp request: %v", port, err)
+		}
+		time.Sleep(50 * time.Millisecond) // polling for the port, bounded by the deadline above
+	}
+	defer pub.Close()
+
+	for _, tc := range []struct {
+		who, home, code, reason string
+	}{
+		{"bob", bob, "name_taken", "held by another identity"},
+		{"carol", carol, "policy_denied", "carol@pc may not expose"},
+	} {
+		resp, c, br, err := listenTCP(srv.Addr, root, tc.home, port)
+		if err != nil {
+			t.Errorf("%s's listen-tcp request for port %d, which alice holds: %v", tc.who, port, err)
+			continue
+		}
+		body, _ := io.ReadAll(io.LimitReader(br, 4096))
+		c.Close()
+		if resp.StatusCode != http.StatusForbidden || resp.Header.Get("Tp-Refusal") != tc.code || !strings.Contains(string(body), tc.reason) {
+			t.Errorf("%s's listen-tcp request for port %d, which alice holds: %s Tp-Refusal %q %q; want 403 %s with %q",
+				tc.who, port, resp.Status, resp.Header.Get("Tp-Refusal"), body, tc.code, tc.reason)
+		}
+	}
+
+	data := make([]byte, 1<<20)
+	rand.Read(data)
+	pub.SetDeadline(time.Now().Add(2 * time.Minute))
+	go func() {
+		pub.Write(data)
+		pub.(*net.TCPConn).CloseWrite()
+	}()
+	got, err := io.ReadAll(pub)
+	if err != nil || sha256.Sum256(got) != sha256.Sum256(data) {
+		t.Errorf("the public connection got %d bytes back (%v), want the 1 MiB it sent, same SHA-256", len(got), err)
+	}
+	tn := <-echoed
+	if tn.err != nil || tn.resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Errorf("alice's tunnel: %v %v, want 101 and a clean relay", tn.resp, tn.err)
+	} else if fwd := tn.resp.Header.Get("Forwarded"); !strings.Contains(fwd, "for=") {
+		t.Errorf("alice's 101 has Forwarded %q, want the public client named", fwd)
 	}
 }
