@@ -186,7 +186,8 @@ func TestReverseHTTPSite(t *testing.T) {
 	const private = "private.rev.tp.internal"
 	e.reg.hold(private, testHeld{rt: e.rt, devicesOnly: true})
 	seen = e.upstream.Load()
-	if _, err := h1.Get(e.url(private, "/")); err == nil || !strings.Contains(err.Error(), "certificate required") || e.upstream.Load() != seen {
+	if err := firstRead(e.d.cfg.Listen, &tls.Config{ServerName: private, RootCAs: sd.root, NextProtos: []string{"http/1.1"}}); err == nil ||
+		!strings.Contains(err.Error(), "certificate required") || e.upstream.Load() != seen {
 		t.Errorf("a devices-only name without a device certificate: %v, the app saw %d requests; want the certificate_required alert and none", err, e.upstream.Load()-seen)
 	}
 	// A public name's handshake never asks for a certificate.
@@ -330,17 +331,23 @@ func TestReverseHTTPDevicesOnlyHandshake(t *testing.T) {
 		{"a certificate from another CA", &stranger, ""},
 		{"a revoked device's certificate", bobCert, ""},
 	} {
-		for proto, c := range clients(tc.cert) {
-			seen := e.upstream.Load()
-			resp, err := c.Get(e.url(private, "/"))
-			if err == nil {
-				resp.Body.Close()
-				t.Errorf("%s with %s: %s, want a refused handshake", proto, tc.what, resp.Status)
-				continue
-			}
-			if !strings.Contains(err.Error(), tc.want) || e.upstream.Load() != seen {
-				t.Errorf("%s with %s: %v, the app saw %d requests; want a refused handshake (%q) and none", proto, tc.what, err, e.upstream.Load()-seen, tc.want)
-			}
+		seen := e.upstream.Load()
+		cfg := &tls.Config{ServerName: private, RootCAs: root, NextProtos: []string{"h2", "http/1.1"}}
+		if tc.cert != nil {
+			cfg.Certificates = []tls.Certificate{*tc.cert}
+		}
+		if err := firstRead(e.d.cfg.Listen, cfg); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("TCP with %s: %v; want a refused handshake (%q)", tc.what, err, tc.want)
+		}
+		resp, err := clients(tc.cert)["HTTP/3.0"].Get(e.url(private, "/"))
+		if err == nil {
+			resp.Body.Close()
+			t.Errorf("h3 with %s: %s, want a refused handshake", tc.what, resp.Status)
+		} else if !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("h3 with %s: %v; want a refused handshake (%q)", tc.what, err, tc.want)
+		}
+		if e.upstream.Load() != seen {
+			t.Errorf("with %s the app saw %d requests, want none", tc.what, e.upstream.Load()-seen)
 		}
 	}
 
@@ -359,4 +366,18 @@ func TestReverseHTTPDevicesOnlyHandshake(t *testing.T) {
 	if asked {
 		t.Errorf("%s held for anyone still sent a CertificateRequest", private)
 	}
+}
+
+// firstRead handshakes with addr and reads once: in TLS 1.3 a server's refusal
+// of the client certificate arrives on the client's first read. The client
+// sends nothing after its Finished, so a reset never races the alert.
+func firstRead(addr string, cfg *tls.Config) error {
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, cfg)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	return err
 }
