@@ -472,7 +472,7 @@ func TestHTTPListenTCP(t *testing.T) {
 	tn := <-echoed
 	if tn.err != nil || tn.resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Errorf("alice's tunnel: %v %v, want 101 and a clean relay", tn.resp, tn.err)
-	} else if fwd := tn.resp.Header.Get("Forwarded"); !strings.Contains(fwd, "for=") {
-		t.Errorf("alice's 101 has Forwarded %q, want the public client named", fwd)
+	} else if h := tn.resp.Header; !strings.Contains(h.Get("Forwarded"), `for="127.0.0.1:`) || !strings.EqualFold(h.Get("Upgrade"), "reverse") {
+		t.Errorf("alice's 101 has Forwarded %q, Upgrade %q; want the public client named and Upgrade: reverse (docs/HTTP.md §2.4)", h.Get("Forwarded"), h.Get("Upgrade"))
 	}
 }
