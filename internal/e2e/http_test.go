@@ -295,7 +295,8 @@ func TestHTTPExposeBrowser(t *testing.T) {
 // handshake asks for the device certificate, so curl with alice's device
 // files from dlogin gets the page, while curl without a certificate fails at
 // the handshake and headless Chromium (no certificate) gets no page; the app
-// sees only alice's request.
+// sees only alice's request. Once alice's device is revoked (tpd revoke), her
+// certificate is refused at the handshake too.
 func TestHTTPExposeDevicesOnly(t *testing.T) {
 	curl, err := exec.LookPath("curl")
 	if err != nil {
@@ -334,6 +335,27 @@ func TestHTTPExposeDevicesOnly(t *testing.T) {
 	}
 	if n := seen.Load(); n != 1 {
 		t.Errorf("the app saw %d forwarded requests, want only alice's", n)
+	}
+
+	// Alice's device is revoked: her certificate no longer opens the app.
+	run(t, nil, binary("tpd"), "revoke", "--device", "alice@laptop", "--data-dir", srv.DataDir)
+	withCert := func() (string, error) {
+		return runErr(nil, nil, curl, "-sS", "--max-time", "60", "--resolve", resolve, "--cacert", rootPEM,
+			"--cert", filepath.Join(home, "cert.pem"), "--key", filepath.Join(home, "key.pem"), url)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := withCert(); err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("alice's revoked device still reaches the devices-only app 30s after tpd revoke")
+		}
+		time.Sleep(100 * time.Millisecond) // polling for the revocation, bounded by the deadline above
+	}
+	before := seen.Load()
+	if out, err := withCert(); err == nil || seen.Load() != before {
+		t.Errorf("curl with a revoked device's certificate: %v, the app saw %d requests more\n%s\nwant the handshake refused and none", err, seen.Load()-before, out)
 	}
 }
 
