@@ -80,6 +80,14 @@ func (x *HTTPExposer) Run(ctx context.Context) error {
 		Rewrite: func(r *httputil.ProxyRequest) {
 			r.SetURL(x.Local)
 			r.Out.Host = r.In.Host // the app sees the name it is served as
+			// Rewrite drops X-Forwarded-*; these came from TP, which set them
+			// for the browser's request (replacing any the browser sent), so the
+			// app still learns the client's address and that it used https.
+			for _, h := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+				if v, ok := r.In.Header[h]; ok {
+					r.Out.Header[h] = v
+				}
+			}
 		},
 		ErrorLog: slog.NewLogLogger(x.log().Handler(), slog.LevelWarn),
 	}

@@ -46,9 +46,11 @@ type PassthroughFunc func(serverName string) (handler func(ctx context.Context, 
 var errPassthrough = errors.New("routed to pass-through")
 
 // configForClient routes by ALPN: a ClientHello offering "tp/1" gets the proxy
-// configuration (TLS 1.3, verified client certificate); anything else the website's.
-// A website name that Config.WebNames refuses gets a configuration without a
-// certificate, which fails the handshake with the alert unrecognized_name.
+// configuration (TLS 1.3, verified client certificate); a proxy name the
+// HTTPS proxy's; anything else the website's, which asks for a client
+// certificate only for a devices-only name (Config.DevicesOnly). A website name
+// that Config.WebNames refuses gets a configuration without a certificate,
+// which fails the handshake with the alert unrecognized_name.
 func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 	if pc, ok := hello.Conn.(*peekConn); ok {
 		// A proxy name is never passed through, whatever Passthrough says.
@@ -74,7 +76,20 @@ func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error
 		return s.unknownName, nil
 	}
 	s.tickets.rotate()
+	if s.isDevicesOnly(hello.ServerName) {
+		return s.devicesTLS, nil
+	}
 	return s.webTLS, nil
+}
+
+// isDevicesOnly reports whether serverName is a website name open to enrolled
+// devices only (Config.DevicesOnly): its handshake requires the device
+// certificate, while its requests go to the website like any other name's.
+func (s *Server) isDevicesOnly(serverName string) bool {
+	if s.devicesTLS == nil || serverName == "" {
+		return false
+	}
+	return s.cfg.DevicesOnly(strings.TrimSuffix(strings.ToLower(serverName), "."))
 }
 
 func (s *Server) passthrough(serverName string) (func(context.Context, net.Conn), bool) {
@@ -283,7 +298,8 @@ type ticketSet struct {
 }
 
 // TicketKeySource shares TLS session-ticket keys among the instances behind one
-// name. Sets are "proxy", "proxy-names" and "website", which never share keys.
+// name. Sets are "proxy", "proxy-names", "website" and "devices-only", which
+// never share keys.
 type TicketKeySource interface {
 	// TicketKeys returns the keys of set, newest first, at most keep: it first
 	// adds a fresh random key when the newest is older than rotate (or there is
@@ -566,6 +582,11 @@ func (s *Server) initDemux() {
 		s.h3TLS.NextProtos = []string{http3.NextProtoH3}
 		s.tickets.add("website", s.webTLS, s.h3TLS)
 	}
+	if s.devicesTLS != nil {
+		// Their own keys: a ticket from a public name's handshake, which had no
+		// certificate, must never resume a devices-only one.
+		s.tickets.add("devices-only", s.devicesTLS, s.devicesH3TLS)
+	}
 	s.tickets.start()
 }
 
@@ -581,6 +602,9 @@ func (s *Server) quicConfigForClient(hello *tls.ClientHelloInfo) (*tls.Config, e
 	}
 	if s.cfg.WebNames != nil && !s.cfg.WebNames(hello.ServerName) {
 		return s.unknownName, nil
+	}
+	if s.isDevicesOnly(hello.ServerName) {
+		return s.devicesH3TLS, nil
 	}
 	return s.h3TLS, nil
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 
 	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -341,5 +342,101 @@ func TestHTTP3BesideProxy(t *testing.T) {
 		t.Error("QUIC handshake with an unknown ALPN succeeded")
 	} else if !strings.Contains(err.Error(), "no_application_protocol") && !strings.Contains(err.Error(), "no application protocol") {
 		t.Logf("unknown ALPN refused with: %v", err)
+	}
+}
+
+// A devices-only website name (Config.DevicesOnly) asks for the client
+// certificate at the handshake and verifies it as the proxy does (ClientCAs,
+// ProxyTLS.VerifyConnection), then serves the website with the verified
+// certificate in Request.TLS, over HTTP/1.1 and h2. Bad inputs: no certificate
+// (alert certificate_required), a certificate from another CA, one that
+// VerifyConnection refuses — each refused at the handshake, the website seeing
+// nothing. Other names (here a handshake without SNI) get no CertificateRequest.
+func TestDevicesOnlyHandshake(t *testing.T) {
+	var served sync.Map // client CNs the website saw
+	e := newEnv(t, func(c *proxy.Config) {
+		c.ProxyTLS.VerifyConnection = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) > 0 && cs.PeerCertificates[0].Subject.CommonName == "revoked@phone" {
+				return errors.New("device revoked")
+			}
+			return nil
+		}
+		c.DevicesOnly = func(name string) bool { return name == "localhost" }
+		c.Web = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			cn := "none"
+			if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+				cn = r.TLS.PeerCertificates[0].Subject.CommonName
+			}
+			served.Store(cn, true)
+			_, _ = io.WriteString(w, r.Proto+" "+cn)
+		})
+	})
+	get := func(cert *tls.Certificate, h2 bool, serverName string) (string, error) {
+		cfg := e.clientTLS(cert)
+		cfg.ServerName = serverName
+		client := &http.Client{Transport: &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: h2}, Timeout: 10 * time.Second}
+		defer client.CloseIdleConnections()
+		resp, err := client.Get("https://" + e.addr + "/")
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		return resp.Status + " " + string(b), err
+	}
+	for _, h2 := range []bool{false, true} {
+		want := "200 OK HTTP/1.1 alice@laptop"
+		if h2 {
+			want = "200 OK HTTP/2.0 alice@laptop"
+		}
+		if got, err := get(&e.cert, h2, "localhost"); err != nil || got != want {
+			t.Errorf("devices-only name with a device certificate (h2 %v): %q, %v; want %q", h2, got, err, want)
+		}
+	}
+	stranger := testpki.New(t).ClientCert(t, "mallory@pc", testpki.LeafOptions{})
+	revoked := e.ca.ClientCert(t, "revoked@phone", testpki.LeafOptions{})
+	for _, tc := range []struct {
+		what string
+		cert *tls.Certificate
+		want string // in the client's error
+	}{
+		{"no certificate", nil, "certificate required"},
+		{"a certificate from another CA", &stranger, "remote error: tls"},
+		{"a certificate VerifyConnection refuses", &revoked, "remote error: tls"},
+	} {
+		// TLS 1.3: the refusal arrives on the client's first read. The client
+		// sends nothing after its Finished, so the alert is never raced by a reset.
+		cfg := e.clientTLS(tc.cert)
+		cfg.NextProtos = []string{"h2", "http/1.1"}
+		c, err := tls.Dial("tcp", e.addr, cfg)
+		if err == nil {
+			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			_, err = c.Read(make([]byte, 1))
+			c.Close()
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("devices-only name with %s: %v; want a refused handshake (%q)", tc.what, err, tc.want)
+		}
+	}
+	for _, cn := range []string{"none", "mallory@pc", "revoked@phone"} {
+		if _, ok := served.Load(cn); ok {
+			t.Errorf("the website served a request from %s on the devices-only name", cn)
+		}
+	}
+
+	var asked bool
+	cfg := e.clientTLS(nil)
+	cfg.ServerName = "127.0.0.1" // no SNI: not a devices-only name
+	cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		asked = true
+		return &tls.Certificate{}, nil
+	}
+	c, err := tls.Dial("tcp", e.addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if asked {
+		t.Error("a handshake for a name that is not devices-only sent a CertificateRequest")
 	}
 }

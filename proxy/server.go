@@ -53,6 +53,16 @@ type Config struct {
 	// tunnels, and ProxyHTTP for the rest. It must never accept a website's name:
 	// browsers would be asked for a certificate there.
 	ProxyNames func(serverName string) bool
+	// DevicesOnly, when set, says whether a website name (SNI, lower case, no
+	// trailing dot) is open to enrolled devices only, e.g. a name exposed with
+	// tp expose --http --devices-only. A handshake for one that does not offer
+	// "tp/1" gets the website's certificate and ALPN (h2, http/1.1; h3 on QUIC)
+	// but TLS 1.3 and a client certificate required and verified as ProxyTLS
+	// does (ClientCAs, VerifyConnection), and its requests still go to Web,
+	// which sees the verified certificate in Request.TLS. It is consulted for
+	// every such ClientHello, so it must answer quickly, and must never accept
+	// a name a browser is meant to reach without a certificate. Needs WebTLS.
+	DevicesOnly func(serverName string) bool
 	// ProxyHTTP serves the requests on a proxy name that are neither CONNECT nor
 	// a reverse tunnel (e.g. discovery); nil answers 404.
 	ProxyHTTP http.Handler
@@ -135,6 +145,10 @@ type Server struct {
 	connectTLS   *tls.Config
 	connectH3TLS *tls.Config
 	connect      *proxyHTTP
+	// demux.go: the website configurations of devices-only names (TCP and
+	// QUIC); nil without Config.DevicesOnly.
+	devicesTLS   *tls.Config
+	devicesH3TLS *tls.Config
 
 	active     atomic.Int64           // connections counted against MaxConns
 	webConns   atomic.Int64           // website connections counted against MaxWebConns
@@ -219,6 +233,17 @@ func New(cfg Config) (*Server, error) {
 			s.webTLS.NextProtos = []string{"h2", "http/1.1"}
 		}
 		s.web = newWebServer(cfg.Web, s.log, s.releaseWeb)
+		if cfg.DevicesOnly != nil {
+			s.devicesTLS = s.webTLS.Clone()
+			s.devicesTLS.MinVersion, s.devicesTLS.MaxVersion = tls.VersionTLS13, 0 // certificate_required is TLS 1.3's alert
+			s.devicesTLS.NextProtos = []string{"h2", "http/1.1"}                   // never acme-tls/1: not an ACME name
+			s.devicesTLS.ClientAuth = tls.RequireAndVerifyClientCert
+			s.devicesTLS.ClientCAs = s.proxyTLS.ClientCAs
+			s.devicesTLS.VerifyPeerCertificate = s.proxyTLS.VerifyPeerCertificate
+			s.devicesTLS.VerifyConnection = s.proxyTLS.VerifyConnection
+			s.devicesH3TLS = s.devicesTLS.Clone()
+			s.devicesH3TLS.NextProtos = []string{http3.NextProtoH3}
+		}
 	}
 	if cfg.ProxyNames != nil {
 		s.connectTLS = s.proxyTLS.Clone()

@@ -14,7 +14,7 @@ import (
 )
 
 // Scenarios in the order they run. Names are what --only takes.
-var Scenarios = []string{"bulk", "setup", "handshake", "memory", "reverse", "loss", "policy", "load", "slowloris", "soak", "concurrency"}
+var Scenarios = []string{"bulk", "setup", "handshake", "memory", "reverse", "loss", "policy", "load", "slowloris", "soak", "concurrency", "http", "connect"}
 
 // peerScenarios measure the peers (Peers) beside TP.
 var peerScenarios = []string{"bulk", "setup", "memory", "reverse"}
@@ -42,15 +42,17 @@ type sizes struct {
 	handshakeTime time.Duration
 	tunnels       int // idle tunnels per batch
 	policyEvals   int
-	stress        stressSizes // scenarios 8–10 (load.go)
+	httpTime      time.Duration // load per variant and run in the http scenario
+	httpSeq       int           // sequential requests of one client per variant and run (http)
+	stress        stressSizes   // scenarios 8–10 (load.go)
 }
 
 func (o Options) sizes() sizes {
 	if o.Quick {
-		return sizes{bulkBytes: 64 << 20, setupConns: 50, setupProcs: 5, handshakeTime: 500 * time.Millisecond, tunnels: 200, policyEvals: 2000,
+		return sizes{bulkBytes: 64 << 20, setupConns: 50, setupProcs: 5, handshakeTime: 500 * time.Millisecond, tunnels: 200, policyEvals: 2000, httpTime: 300 * time.Millisecond, httpSeq: 30,
 			stress: quickStress(o.Soak)}
 	}
-	return sizes{bulkBytes: 1 << 30, setupConns: 200, setupProcs: 20, handshakeTime: 2 * time.Second, tunnels: 1000, policyEvals: 20000,
+	return sizes{bulkBytes: 1 << 30, setupConns: 200, setupProcs: 20, handshakeTime: 2 * time.Second, tunnels: 1000, policyEvals: 20000, httpTime: 5 * time.Second, httpSeq: 500,
 		stress: fullStress(o.Soak)}
 }
 
@@ -105,7 +107,7 @@ func Run(ctx context.Context, o Options) (err error) {
 
 	needTP := slices.ContainsFunc(Scenarios, func(s string) bool { return s != "policy" && o.wants(s) })
 	if needTP {
-		if o.wants("reverse") {
+		if o.wants("reverse") || o.wants("http") {
 			e.reverse = true
 			if e.publicPorts, err = freePorts(4); err != nil {
 				return err
@@ -154,10 +156,14 @@ func Run(ctx context.Context, o Options) (err error) {
 	}{
 		{"bulk", bulk}, {"setup", setup}, {"handshake", handshakes}, {"memory", memory}, {"reverse", reverse}, {"loss", loss}, {"policy", policyLatency},
 		{"load", loadScenario}, {"slowloris", slowloris}, {"soak", soak}, {"concurrency", concurrency},
+		{"http", httpScenario}, {"connect", connectBulk},
 	}
 	for _, s := range steps {
 		if !o.wants(s.name) {
 			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("before scenario %s: %w", s.name, err) // interrupted: the deferred Close stops everything
 		}
 		e.log("scenario %s", s.name)
 		r, err := s.fn(ctx, e, sz, runs)

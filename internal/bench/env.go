@@ -127,13 +127,14 @@ func (e *Env) build(ctx context.Context) error {
 	return nil
 }
 
-// reversePolicy is added (as a second file) when the reverse scenario runs: the
-// agent device (user benchrev) may register names and open public ports, and the
-// bench device may dial every reverse name.
+// reversePolicy is added (as a second file) when the reverse or http scenario
+// runs: the agent device (user benchrev) may register names, open public ports
+// and hold reverse HTTP names (http), and the bench device may dial every
+// reverse name.
 const reversePolicy = `package tp.authz
 
 allow if {
-	input.action in {"listen", "expose_public"}
+	input.action in {"listen", "expose_public", "expose_http"}
 	input.identity.user == "benchrev"
 }
 

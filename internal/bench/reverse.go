@@ -82,14 +82,21 @@ func (e *Env) startExpose(ctx context.Context, transport, name, local string, ar
 
 // warm retries fn until it succeeds (the first session through a fresh agent or
 // forwarder fetches certificates and opens connections; that is not measured).
-func warm(fn func() error) error {
+func warm(fn func() error) error { return warmCtx(context.Background(), fn) }
+
+// warmCtx is warm that gives up when ctx ends (an interrupted run).
+func warmCtx(ctx context.Context, fn func() error) error {
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		err := fn()
 		if err == nil || time.Now().After(deadline) {
 			return err
 		}
-		time.Sleep(200 * time.Millisecond) // retry pacing while the agent registers, bounded by the deadline
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond): // retry pacing while the agent registers, bounded by the deadline
+		}
 	}
 }
 

@@ -17,6 +17,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testpki"
@@ -179,12 +182,27 @@ func TestReverseHTTPSite(t *testing.T) {
 	}
 
 	// The exposer chose devices only: a browser without a device certificate
-	// is refused and the app never sees the request.
+	// is refused at the handshake and the app never sees the request.
 	const private = "private.rev.tp.internal"
 	e.reg.hold(private, testHeld{rt: e.rt, devicesOnly: true})
 	seen = e.upstream.Load()
-	if resp, body := fetch(t, h1, e.url(private, "/")); resp.StatusCode != http.StatusForbidden || e.upstream.Load() != seen {
-		t.Errorf("a devices-only name without a device certificate: %s %q, the app saw %d requests; want 403 and none", resp.Status, body, e.upstream.Load()-seen)
+	if err := firstRead(e.d.cfg.Listen, &tls.Config{ServerName: private, RootCAs: sd.root, NextProtos: []string{"http/1.1"}}); err == nil ||
+		!strings.Contains(err.Error(), "certificate required") || e.upstream.Load() != seen {
+		t.Errorf("a devices-only name without a device certificate: %v, the app saw %d requests; want the certificate_required alert and none", err, e.upstream.Load()-seen)
+	}
+	// A public name's handshake never asks for a certificate.
+	var asked bool
+	c, err := tls.Dial("tcp", e.d.cfg.Listen, &tls.Config{ServerName: app, RootCAs: sd.root, NextProtos: []string{"h2", "http/1.1"},
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			asked = true
+			return &tls.Certificate{}, nil
+		}})
+	if err != nil {
+		t.Fatalf("handshake for the public name %s: %v", app, err)
+	}
+	c.Close()
+	if asked {
+		t.Errorf("the handshake for the public name %s sent a CertificateRequest", app)
 	}
 
 	// The tunnel goes away: the open connection gets 404, a new one the alert.
@@ -247,4 +265,119 @@ func TestReverseHTTPDevicesOnly(t *testing.T) {
 			t.Errorf("%s: %d %q, the app saw %d requests; want %d", tc.what, rec.Code, rec.Body, forwarded, tc.want)
 		}
 	}
+}
+
+// The handshake of a devices-only name asks for the device certificate (the
+// proxy's DevicesOnly hook is tpd's DevicesOnlyName) over TCP (HTTP/1.1, h2)
+// and QUIC (h3), and its requests reach the app through the website. Bad
+// inputs: no certificate (the certificate_required alert), a certificate from
+// another CA, a revoked device's certificate — each refused at the handshake,
+// the app seeing nothing. The name turned public again asks for nothing.
+func TestReverseHTTPDevicesOnlyHandshake(t *testing.T) {
+	e := startRevHTTP(t)
+	const private = "private.rev.tp.internal"
+	e.reg.hold(private, testHeld{rt: e.rt, devicesOnly: true})
+	root := rootPool(e.d)
+	alice, _, _ := enrollClient(t, e.d, e.d.cfg.PublicURL(), "alice", "laptop")
+	cert, err := alice.Certificate(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger := testpki.New(t).ClientCert(t, "dev-x", testpki.LeafOptions{})
+	bob, _, _ := enrollClient(t, e.d, e.d.cfg.PublicURL(), "bob", "phone")
+	bobCert, err := bob.Certificate(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.d.Users().RevokeDevice(bob.Profile.DeviceID); err != nil {
+		t.Fatal(err)
+	}
+	clients := func(c *tls.Certificate) map[string]*http.Client {
+		cfg := func() *tls.Config {
+			tc := &tls.Config{RootCAs: root}
+			if c != nil {
+				tc.Certificates = []tls.Certificate{*c}
+			}
+			return tc
+		}
+		dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "tcp", e.d.cfg.Listen)
+		}
+		h1 := &http.Transport{DialContext: dial, TLSClientConfig: cfg()}
+		h2 := &http.Transport{DialContext: dial, TLSClientConfig: cfg(), ForceAttemptHTTP2: true}
+		h3 := &http3.Transport{TLSClientConfig: cfg(),
+			Dial: func(ctx context.Context, _ string, tlsCfg *tls.Config, qc *quic.Config) (*quic.Conn, error) {
+				return quic.DialAddr(ctx, e.d.cfg.Listen, tlsCfg, qc)
+			}}
+		t.Cleanup(func() { h1.CloseIdleConnections(); h2.CloseIdleConnections(); h3.Close() })
+		return map[string]*http.Client{
+			"HTTP/1.1": {Transport: h1, Timeout: 20 * time.Second},
+			"HTTP/2.0": {Transport: h2, Timeout: 20 * time.Second},
+			"HTTP/3.0": {Transport: h3, Timeout: 20 * time.Second},
+		}
+	}
+	for proto, c := range clients(cert) {
+		resp, body := fetch(t, c, e.url(private, "/x"))
+		if resp.StatusCode != http.StatusOK || resp.Proto != proto || !strings.HasPrefix(body, "path=/x ") {
+			t.Errorf("%s with alice's device certificate: %s %s %q, want 200 from the app", proto, resp.Proto, resp.Status, body)
+		}
+	}
+	for _, tc := range []struct {
+		what string
+		cert *tls.Certificate
+		want string // in the client's error; "" for any refusal
+	}{
+		{"no certificate", nil, "certificate required"},
+		{"a certificate from another CA", &stranger, ""},
+		{"a revoked device's certificate", bobCert, ""},
+	} {
+		seen := e.upstream.Load()
+		cfg := &tls.Config{ServerName: private, RootCAs: root, NextProtos: []string{"h2", "http/1.1"}}
+		if tc.cert != nil {
+			cfg.Certificates = []tls.Certificate{*tc.cert}
+		}
+		if err := firstRead(e.d.cfg.Listen, cfg); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("TCP with %s: %v; want a refused handshake (%q)", tc.what, err, tc.want)
+		}
+		resp, err := clients(tc.cert)["HTTP/3.0"].Get(e.url(private, "/"))
+		if err == nil {
+			resp.Body.Close()
+			t.Errorf("h3 with %s: %s, want a refused handshake", tc.what, resp.Status)
+		} else if !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("h3 with %s: %v; want a refused handshake (%q)", tc.what, err, tc.want)
+		}
+		if e.upstream.Load() != seen {
+			t.Errorf("with %s the app saw %d requests, want none", tc.what, e.upstream.Load()-seen)
+		}
+	}
+
+	// The same name held for anyone: no CertificateRequest any more.
+	e.reg.hold(private, testHeld{rt: e.rt})
+	var asked bool
+	c, err := tls.Dial("tcp", e.d.cfg.Listen, &tls.Config{ServerName: private, RootCAs: root, NextProtos: []string{"http/1.1"},
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			asked = true
+			return &tls.Certificate{}, nil
+		}})
+	if err != nil {
+		t.Fatalf("handshake for %s held for anyone: %v", private, err)
+	}
+	c.Close()
+	if asked {
+		t.Errorf("%s held for anyone still sent a CertificateRequest", private)
+	}
+}
+
+// firstRead handshakes with addr and reads once: in TLS 1.3 a server's refusal
+// of the client certificate arrives on the client's first read. The client
+// sends nothing after its Finished, so a reset never races the alert.
+func firstRead(addr string, cfg *tls.Config) error {
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, cfg)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	return err
 }

@@ -231,6 +231,9 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		// that no website name ever asks a browser for a certificate (httpproxy.go).
 		ProxyNames: proxyNameSet(cfg.ProxyNames),
 		ProxyHTTP:  proxyHTTPHandler(d.discovery),
+		// A name exposed with tp expose --http --devices-only asks for the device
+		// certificate at the handshake; the website checks it again (revhttp.go).
+		DevicesOnly: d.DevicesOnlyName,
 		// Names agents expose publicly by SNI, never tpd's own or a site's (reverse.go).
 		Passthrough: d.passthrough(),
 		UDP:         d.udpOptions(), // quic.go
