@@ -25,6 +25,8 @@ const manifestFile = "kubernetes/tpd.yaml"
 type manifests struct {
 	configMaps   []*corev1.ConfigMap
 	statefulSets []*appsv1.StatefulSet
+	deployments  []*appsv1.Deployment
+	secrets      []*corev1.Secret
 	services     []*corev1.Service
 	pdbs         []*policyv1.PodDisruptionBudget
 }
@@ -76,6 +78,12 @@ func decodeManifests(text string) (manifests, error) {
 		case "apps/v1 StatefulSet":
 			ss := &appsv1.StatefulSet{}
 			m.statefulSets, obj = append(m.statefulSets, ss), ss
+		case "apps/v1 Deployment":
+			dep := &appsv1.Deployment{}
+			m.deployments, obj = append(m.deployments, dep), dep
+		case "v1 Secret":
+			sec := &corev1.Secret{}
+			m.secrets, obj = append(m.secrets, sec), sec
 		case "v1 Service":
 			svc := &corev1.Service{}
 			m.services, obj = append(m.services, svc), svc

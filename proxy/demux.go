@@ -278,36 +278,80 @@ func (r *replayConn) CloseWrite() error {
 // ticketKeys gives the proxy and the website separate session-ticket keys, so a
 // ticket the website issued can never resume a proxy session (and the reverse).
 // crypto/tls would otherwise use the listener configuration's keys for both. Keys
-// rotate daily and stay valid for a week, like crypto/tls's own.
+// rotate daily and stay valid for a week, like crypto/tls's own. With a
+// TicketKeySource (several instances on one database) the keys come from it, so
+// that a ticket from one instance resumes on another.
 type ticketKeys struct {
-	mu      sync.Mutex
-	next    atomic.Int64 // unix nanoseconds of the next rotation
-	sets    []*ticketSet
-	disable bool
+	mu       sync.Mutex
+	next     atomic.Int64 // unix nanoseconds of the next rotation (or refresh)
+	sets     []*ticketSet
+	disable  bool
+	src      TicketKeySource
+	log      *slog.Logger
+	fetching atomic.Bool
 }
 
 type ticketSet struct {
+	name string
 	cfgs []*tls.Config
 	keys [][32]byte
+}
+
+// TicketKeySource shares TLS session-ticket keys among the instances behind one
+// name. Sets are "proxy", "proxy-names", "website" and "devices-only", which
+// never share keys.
+type TicketKeySource interface {
+	// TicketKeys returns the keys of set, newest first, at most keep: it first
+	// adds a fresh random key when the newest is older than rotate (or there is
+	// none). age is the newest key's age.
+	TicketKeys(ctx context.Context, set string, rotate time.Duration, keep int) (keys [][32]byte, age time.Duration, err error)
 }
 
 const (
 	ticketRotation = 24 * time.Hour
 	ticketKeep     = 7
+	// With a TicketKeySource, each instance fetches the keys every
+	// ticketRefresh, and a new key encrypts tickets only once it is
+	// ticketActivation old, when every instance knows it and can decrypt them.
+	ticketRefresh    = time.Minute
+	ticketActivation = 2*ticketRefresh + 30*time.Second
+	ticketFetch      = 10 * time.Second
 )
 
 // add gives cfgs (which share tickets with each other) their own key set.
-func (t *ticketKeys) add(cfgs ...*tls.Config) {
+func (t *ticketKeys) add(name string, cfgs ...*tls.Config) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.sets = append(t.sets, &ticketSet{cfgs: cfgs})
+	t.sets = append(t.sets, &ticketSet{name: name, cfgs: cfgs})
 	t.next.Store(0)
 }
 
-// rotate installs a fresh key for every set when the current one is a day old.
+// start installs the first keys: from the source when there is one (falling
+// back to local keys, which resume only on this instance, if it fails).
+func (t *ticketKeys) start() {
+	if t.src != nil {
+		t.next.Store(time.Now().Add(ticketRefresh).UnixNano())
+		t.refresh()
+		return
+	}
+	t.rotate()
+}
+
+// rotate installs a fresh key for every set when the current one is a day old;
+// with a source it starts a refresh in the background every ticketRefresh.
 func (t *ticketKeys) rotate() {
 	now := time.Now().UnixNano()
 	if now < t.next.Load() {
+		return
+	}
+	if t.src != nil {
+		if t.fetching.CompareAndSwap(false, true) {
+			t.next.Store(now + int64(ticketRefresh))
+			go func() {
+				defer t.fetching.Store(false)
+				t.refresh()
+			}()
+		}
 		return
 	}
 	t.mu.Lock()
@@ -316,17 +360,55 @@ func (t *ticketKeys) rotate() {
 		return
 	}
 	for _, set := range t.sets {
-		var k [32]byte
-		_, _ = rand.Read(k[:])
-		set.keys = append([][32]byte{k}, set.keys...)
-		if len(set.keys) > ticketKeep {
-			set.keys = set.keys[:ticketKeep]
-		}
-		for _, c := range set.cfgs {
-			c.SetSessionTicketKeys(set.keys)
-		}
+		t.localRotate(set)
 	}
 	t.next.Store(now + int64(ticketRotation))
+}
+
+// localRotate puts a fresh random key in front of set's keys. t.mu is held.
+func (t *ticketKeys) localRotate(set *ticketSet) {
+	var k [32]byte
+	_, _ = rand.Read(k[:])
+	set.keys = append([][32]byte{k}, set.keys...)
+	if len(set.keys) > ticketKeep {
+		set.keys = set.keys[:ticketKeep]
+	}
+	for _, c := range set.cfgs {
+		c.SetSessionTicketKeys(set.keys)
+	}
+}
+
+// refresh fetches every set's keys from the source and installs them. A set
+// whose fetch fails keeps its keys (or, having none yet, gets a local one).
+func (t *ticketKeys) refresh() {
+	t.mu.Lock()
+	sets := slices.Clone(t.sets)
+	t.mu.Unlock()
+	for _, set := range sets {
+		ctx, cancel := context.WithTimeout(context.Background(), ticketFetch)
+		keys, age, err := t.src.TicketKeys(ctx, set.name, ticketRotation, ticketKeep)
+		cancel()
+		if err == nil && len(keys) == 0 {
+			err = errors.New("no keys")
+		}
+		t.mu.Lock()
+		if err != nil {
+			t.log.Warn("session-ticket keys from the database unavailable; tickets from other instances may not resume", "set", set.name, "err", err)
+			if len(set.keys) == 0 {
+				t.localRotate(set)
+			}
+			t.mu.Unlock()
+			continue
+		}
+		if age < ticketActivation && len(keys) > 1 {
+			keys[0], keys[1] = keys[1], keys[0] // decrypt with the new key, encrypt with the previous one yet
+		}
+		set.keys = keys
+		for _, c := range set.cfgs {
+			c.SetSessionTicketKeys(keys)
+		}
+		t.mu.Unlock()
+	}
 }
 
 // webServer runs an http.Server over connections that were already handshaken by
@@ -490,21 +572,22 @@ func (s *Server) initDemux() {
 	// No certificate at all: crypto/tls then fails the handshake with unrecognized_name.
 	s.unknownName = &tls.Config{MinVersion: tls.VersionTLS12}
 	s.quicTLS = &tls.Config{GetConfigForClient: s.quicConfigForClient}
-	s.tickets.add(s.proxyTLS)
+	s.tickets.src, s.tickets.log = s.cfg.TicketKeys, s.log
+	s.tickets.add("proxy", s.proxyTLS)
 	if s.connectTLS != nil {
-		s.tickets.add(s.connectTLS, s.connectH3TLS)
+		s.tickets.add("proxy-names", s.connectTLS, s.connectH3TLS)
 	}
 	if s.webTLS != nil {
 		s.h3TLS = s.webTLS.Clone()
 		s.h3TLS.NextProtos = []string{http3.NextProtoH3}
-		s.tickets.add(s.webTLS, s.h3TLS)
+		s.tickets.add("website", s.webTLS, s.h3TLS)
 	}
 	if s.devicesTLS != nil {
 		// Their own keys: a ticket from a public name's handshake, which had no
 		// certificate, must never resume a devices-only one.
-		s.tickets.add(s.devicesTLS, s.devicesH3TLS)
+		s.tickets.add("devices-only", s.devicesTLS, s.devicesH3TLS)
 	}
-	s.tickets.rotate()
+	s.tickets.start()
 }
 
 // quicConfigForClient is configForClient for QUIC: "tp/1" → the proxy, "h3" → the

@@ -33,6 +33,9 @@ type QUICOptions struct {
 	// no longer knows (after a restart) at once instead of at their idle timeout.
 	// It must stay the same across restarts and be secret.
 	StatelessResetKey *quic.StatelessResetKey
+	// LB, when set, makes the connection IDs carry this instance's server ID for a
+	// load balancer (quiclb.go). Nil keeps quic-go's random 4-octet IDs.
+	LB *QUICLB
 }
 
 // DefaultQUICMaxStreams is QUICOptions.MaxStreams when not set. It is not a
@@ -52,6 +55,11 @@ func (o QUICOptions) withDefaults() (QUICOptions, error) {
 	}
 	if o.IdleTimeout < 0 {
 		errs = append(errs, errors.New("QUIC IdleTimeout must not be negative"))
+	}
+	if o.LB != nil {
+		lb, err := o.LB.withDefaults()
+		errs = append(errs, err)
+		o.LB = &lb
 	}
 	if err := errors.Join(errs...); err != nil {
 		return o, err
@@ -111,6 +119,9 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		return fmt.Errorf("proxy: invalid QUIC options: %w", err)
 	}
 	tr := &quic.Transport{Conn: pc, StatelessResetKey: opts.StatelessResetKey}
+	if opts.LB != nil {
+		tr.ConnectionIDGenerator = quicLBGenerator{*opts.LB} // checked by withDefaults
+	}
 	defer tr.Close()
 	// quic-go aborts a handshake after twice HandshakeIdleTimeout, so half of the
 	// configured bound keeps the whole handshake within HandshakeTimeout.

@@ -86,6 +86,10 @@ type Config struct {
 	AllowSelfDial bool
 	// Logger receives one line per connection. Default slog.Default().
 	Logger *slog.Logger
+	// TicketKeys, when set, supplies the TLS session-ticket keys (shared by the
+	// instances on one database), so a ticket from one resumes on another. Nil:
+	// each instance makes its own (demux.go).
+	TicketKeys TicketKeySource
 	// HandshakeTimeout bounds the TLS handshake (default 10s). HelloTimeout bounds
 	// reading the client hello (default 10s). DialTimeout bounds name resolution, the
 	// policy decision and each connection attempt (default 10s).

@@ -4,12 +4,14 @@
 package config
 
 import (
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"math"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -92,6 +94,13 @@ type Server struct {
 	QUICKeepAlive   time.Duration `mapstructure:"quic-keepalive"`
 	QUICIdleTimeout time.Duration `mapstructure:"quic-idle-timeout"`
 	QUICMaxStreams  int           `mapstructure:"quic-max-streams"`
+	// QUICServerID, when set, makes QUIC connection IDs carry this instance's
+	// server ID in QUIC-LB's plaintext layout, for a load balancer that routes
+	// UDP by connection ID: hex (1 to 15 octets, e.g. "0a01"), or "ip:ADDR" for
+	// the octets of an IPv4 address (the low 8 of an IPv6 one), which suits a
+	// pod's IP. QUICConfigID is the QUIC-LB config rotation, 0 to 6.
+	QUICServerID string `mapstructure:"quic-server-id"`
+	QUICConfigID int    `mapstructure:"quic-config-id"`
 	// UDPIdleTimeout ends a UDP flow without datagrams for this long;
 	// UDPMaxFlows bounds the UDP flows one identity has open at once.
 	UDPIdleTimeout time.Duration `mapstructure:"udp-idle-timeout"`
@@ -250,6 +259,12 @@ func (s Server) Validate() error {
 	}
 	if s.QUICMaxStreams < 1 || s.QUICMaxStreams > 100_000 {
 		errs = append(errs, fmt.Errorf("quic-max-streams %d must be between 1 and 100000", s.QUICMaxStreams))
+	}
+	if _, err := s.QUICServerIDBytes(); err != nil {
+		errs = append(errs, err)
+	}
+	if s.QUICConfigID < 0 || s.QUICConfigID > 6 {
+		errs = append(errs, fmt.Errorf("quic-config-id %d must be between 0 and 6 (7 marks connection IDs a load balancer cannot route)", s.QUICConfigID))
 	}
 	if s.UDPIdleTimeout < time.Second || s.UDPIdleTimeout > time.Hour {
 		errs = append(errs, fmt.Errorf("udp-idle-timeout %s must be between 1s and 1h", s.UDPIdleTimeout))
@@ -435,6 +450,8 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("quic-keepalive", d.QUICKeepAlive)
 	v.SetDefault("quic-idle-timeout", d.QUICIdleTimeout)
 	v.SetDefault("quic-max-streams", d.QUICMaxStreams)
+	v.SetDefault("quic-server-id", d.QUICServerID)
+	v.SetDefault("quic-config-id", d.QUICConfigID)
 	v.SetDefault("udp-idle-timeout", d.UDPIdleTimeout)
 	v.SetDefault("udp-max-flows", d.UDPMaxFlows)
 	v.SetDefault("udp-max-public-flows", d.UDPMaxPublicFlows)
@@ -534,6 +551,7 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# Audit trail, one JSON line per session and per administrative act: \"\" is off,\n# \"-\" or \"stdout\" is stdout, else a file (appended, 0600).\naudit-log: %q\n", s.AuditLog)
 	fmt.Fprintf(&b, "# Serve the proxy over QUIC on UDP at the listen address too; keepalive period,\n# idle timeout and concurrent requests per QUIC connection.\nquic: %t\nquic-keepalive: %s\nquic-idle-timeout: %s\nquic-max-streams: %d\n",
 		s.QUIC, s.QUICKeepAlive, s.QUICIdleTimeout, s.QUICMaxStreams)
+	fmt.Fprintf(&b, "# Behind a load balancer that routes UDP by QUIC connection ID (QUIC-LB, plaintext):\n# this instance's server ID, hex (1 to 15 octets) or \"ip:ADDR\" (an IPv4 address's 4 octets,\n# an IPv6 address's low 8), unique per instance, and the config rotation (0 to 6).\n# \"\" keeps random connection IDs.\nquic-server-id: %q\nquic-config-id: %d\n", s.QUICServerID, s.QUICConfigID)
 	fmt.Fprintf(&b, "# Reverse listeners (tp expose NAME) are reached as NAME.<reverse-zone>; \"\" turns them off.\n# A name stays reserved for its owner for reverse-grace after its agent went away,\n# and for reverse-restart-grace after tpd starts (a crash included).\nreverse-zone: %q\nreverse-grace: %s\nreverse-restart-grace: %s\n", s.ReverseZone, s.ReverseGrace, s.ReverseRestartGrace)
 	fmt.Fprintf(&b, "# Ports agents may open publicly (tp expose --public PORT), e.g. \"20000-30000,8080/tcp,27015/udp\"\n# (no suffix: TCP and UDP); \"\" opens none. The policy must allow them too (action expose_public).\npublic-ports: %q\n", s.PublicPorts)
 	siteYAML(&b, s)
@@ -572,4 +590,28 @@ func (s Server) LoggerWithLevel(w io.Writer, lv *slog.LevelVar) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// QUICServerIDBytes is QUICServerID decoded; nil when it is not set.
+func (s Server) QUICServerIDBytes() ([]byte, error) {
+	v := strings.TrimSpace(s.QUICServerID)
+	if v == "" {
+		return nil, nil
+	}
+	if a, ok := strings.CutPrefix(v, "ip:"); ok {
+		ip, err := netip.ParseAddr(a)
+		if err != nil {
+			return nil, fmt.Errorf("quic-server-id %q: %q is not an IP address", s.QUICServerID, a)
+		}
+		b := ip.Unmap().AsSlice()
+		if len(b) == 16 {
+			b = b[8:]
+		}
+		return b, nil
+	}
+	b, err := hex.DecodeString(v)
+	if err != nil || len(b) < 1 || len(b) > 15 {
+		return nil, fmt.Errorf("quic-server-id %q must be 1 to 15 octets in hex (e.g. \"0a01\") or ip:ADDR", s.QUICServerID)
+	}
+	return b, nil
 }

@@ -57,6 +57,14 @@ var migrations = []string{
 		expires timestamptz NOT NULL
 	);
 	CREATE INDEX tp_acme_nonces_expires ON tp_acme_nonces (expires);`,
+	// next: secret keys every instance must share (keys.go): the QUIC stateless
+	// reset key and the TLS session-ticket keys of each ticket set.
+	`CREATE TABLE tp_keys (
+		purpose text NOT NULL,
+		created timestamptz NOT NULL DEFAULT clock_timestamp(),
+		key     bytea NOT NULL CHECK (length(key) = 32),
+		PRIMARY KEY (purpose, created)
+	);`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

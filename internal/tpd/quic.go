@@ -1,17 +1,21 @@
 package tpd
 
 import (
+	"context"
 	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/internal/pgstore"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -35,16 +39,43 @@ func listenQUIC(ln net.Listener) (*net.UDPConn, error) {
 }
 
 func (d *Daemon) quicOptions() (proxy.QUICOptions, error) {
-	key, err := loadResetKey(filepath.Join(d.cfg.DataDir, resetKeyFile))
+	key, err := d.resetKey()
 	if err != nil {
 		return proxy.QUICOptions{}, err
 	}
-	return proxy.QUICOptions{
+	opts := proxy.QUICOptions{
 		MaxStreams:        int64(d.cfg.QUICMaxStreams),
 		KeepAlive:         d.cfg.QUICKeepAlive,
 		IdleTimeout:       d.cfg.QUICIdleTimeout,
 		StatelessResetKey: key,
-	}, nil
+	}
+	sid, err := d.cfg.QUICServerIDBytes()
+	if err != nil {
+		return proxy.QUICOptions{}, err
+	}
+	if sid != nil {
+		opts.LB = &proxy.QUICLB{ConfigID: uint8(d.cfg.QUICConfigID), ServerID: sid}
+		d.log.Info("QUIC connection IDs carry this instance's server ID (QUIC-LB plaintext)",
+			"server_id", hex.EncodeToString(sid), "config_id", d.cfg.QUICConfigID, "cid_len", opts.LB.Len())
+	}
+	return opts, nil
+}
+
+// resetKey is the QUIC stateless reset key: with a database, the one every
+// instance on it shares (a reset from any of them is valid for a connection of
+// another, which a load balancer may send there); else the data dir's.
+func (d *Daemon) resetKey() (*quic.StatelessResetKey, error) {
+	if d.db == nil {
+		return loadResetKey(filepath.Join(d.cfg.DataDir, resetKeyFile))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	k, err := pgstore.NewKeys(d.db).QUICResetKey(ctx)
+	if err != nil {
+		return nil, err
+	}
+	key := quic.StatelessResetKey(k)
+	return &key, nil
 }
 
 // resetKeyFile keeps the QUIC stateless reset key across restarts: a restarted

@@ -203,7 +203,12 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	roots := x509.NewCertPool()
 	roots.AddCert(d.pki.Root)
 	getCert := func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return d.cert.Load(), nil }
+	var ticketKeys proxy.TicketKeySource // nil: each instance makes its own
+	if d.db != nil {
+		ticketKeys = pgstore.NewKeys(d.db)
+	}
 	d.proxy, err = proxy.New(proxy.Config{
+		TicketKeys: ticketKeys,
 		ProxyTLS: &tls.Config{
 			GetCertificate: getCert,
 			ClientCAs:      roots,
