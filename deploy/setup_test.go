@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -62,8 +63,8 @@ func TestSetUpCommandIsCIs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(script), "go test -race \"$@\"") {
-		t.Error("test.sh does not run go test -race")
+	if !regexp.MustCompile(`(?m)^exec go test -race (-timeout \S+ )?"\$@"$`).Match(script) {
+		t.Error("test.sh does not end with exec go test -race [-timeout D] \"$@\"")
 	}
 	if info, err := os.Stat("test.sh"); err != nil || info.Mode()&0o111 == 0 {
 		t.Errorf("test.sh is not executable (%v)", err)
