@@ -107,10 +107,10 @@ type Daemon struct {
 	adminAddr atomic.Pointer[string] // where admin-listen listens, once open
 	ops       opsState               // drain and reload (drain.go, reload.go)
 
-	discovery http.Handler               // the transport discovery document (discovery.go)
-	revHTTP   atomic.Pointer[revHTTPRef] // names exposed over reverse HTTP tunnels (revhttp.go)
-	exposedIssue  issueBucket   // bounds orders of their certificates (revhttp.go)
-	exposedOrders atomic.Int64  // certificate orders begun for them
+	discovery     http.Handler               // the transport discovery document (discovery.go)
+	revHTTP       atomic.Pointer[revHTTPRef] // names exposed over reverse HTTP tunnels (revhttp.go)
+	exposedIssue  issueBucket                // bounds orders of their certificates (revhttp.go)
+	exposedOrders atomic.Int64               // certificate orders begun for them
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
