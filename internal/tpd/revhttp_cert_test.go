@@ -86,6 +86,19 @@ func TestReverseHTTPCertACME(t *testing.T) {
 		t.Errorf("held again, %s got serial %s (first %s) after %d orders; want the same certificate and no new order",
 			app, again.SerialNumber, leaf.SerialNumber, e.d.exposedOrders.Load())
 	}
+
+	// A devices-only name: the CA's tls-alpn-01 handshake (no device
+	// certificate) is answered, so the name gets its certificate, while a
+	// browser without a device certificate is still refused.
+	const private = "private-acme.rev.tp.internal"
+	e.reg.hold(private, testHeld{rt: e.rt, devicesOnly: true})
+	if err := firstRead(e.d.cfg.Listen, &tls.Config{ServerName: private, RootCAs: root, NextProtos: []string{"http/1.1"}}); err == nil ||
+		!strings.Contains(err.Error(), "certificate required") {
+		t.Errorf("devices-only %s without a device certificate: %v, want the certificate_required alert", private, err)
+	}
+	if stored, _ := filepath.Glob(filepath.Join(e.d.cfg.SitesDir(), "certificates", "*", private, private+".crt")); len(stored) != 1 || e.d.exposedOrders.Load() != 2 {
+		t.Errorf("devices-only %s: stored %v after %d orders; want its certificate, by a second order", private, stored, e.d.exposedOrders.Load())
+	}
 }
 
 // Orders for exposed names are rate-bound: a burst, then one per interval.
