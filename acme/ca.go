@@ -53,6 +53,7 @@ type CA struct {
 
 	siteNames     atomic.Pointer[map[string]bool] // sites.go; nil when the sites provisioner is off
 	siteValidator SiteValidator
+	siteHeld      func(name string) bool // sites.go; nil: no exposed names
 	sitesOn       bool
 }
 
@@ -79,6 +80,10 @@ type CAOptions struct {
 	// SetSiteNames changes the names while the CA runs.
 	SiteNames     []string
 	SiteValidator SiteValidator
+	// SiteHeld, when set with the websites' provisioner, reports whether a name
+	// is held right now by an HTTP exposure (tp expose --http): the provisioner
+	// then certifies it too, as long as it is held (sites.go).
+	SiteHeld func(name string) bool
 	// Nonces, when set, replaces the in-memory nonce store (several tpd share
 	// one in the database); MaxNonces then does not apply.
 	Nonces NonceStore
@@ -179,7 +184,7 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 	c.linker = stepacme.NewLinker(dns[0], "acme")
 	c.txt = newTXTStore()
 	if sitesOn {
-		c.siteValidator, c.sitesOn = opts.SiteValidator, true
+		c.siteValidator, c.siteHeld, c.sitesOn = opts.SiteValidator, opts.SiteHeld, true
 		_ = c.SetSiteNames(opts.SiteNames)
 	}
 	r := chi.NewRouter()

@@ -18,7 +18,8 @@ import (
 
 // Website certificates. The sites served beside the proxy get their certificates
 // by ordinary ACME (tls-alpn-01 or http-01) from the provisioner below when no
-// public CA is configured. It signs nothing but the configured site names, for
+// public CA is configured. It signs nothing but the configured site names and
+// the names an HTTP exposure holds at the time (CAOptions.SiteHeld), for
 // serverAuth only, and its challenges are validated against tpd itself (the
 // SiteValidator), never against whatever the name resolves to on the network.
 
@@ -98,7 +99,7 @@ func (c *CA) SetSiteNames(names []string) error {
 }
 
 // siteEnforcer refuses a certificate from the websites' provisioner whose
-// names are not all configured sites now. It runs for every certificate the
+// names are not all configured sites or names held by an HTTP exposure now. It runs for every certificate the
 // authority signs and passes those of other provisioners.
 type siteEnforcer struct{ c *CA }
 
@@ -123,8 +124,9 @@ func (e siteEnforcer) Enforce(leaf *x509.Certificate) error {
 		return errors.New("a website certificate needs a site name")
 	}
 	for _, n := range leaf.DNSNames {
-		if !names[strings.ToLower(n)] {
-			return fmt.Errorf("%q is not a configured site", n)
+		n = strings.ToLower(n)
+		if !names[n] && !e.c.held(n) {
+			return fmt.Errorf("%q is neither a configured site nor a name held by an HTTP exposure now", n)
 		}
 	}
 	return nil
@@ -147,15 +149,18 @@ type siteClient struct {
 	v SiteValidator
 }
 
-// isSite reports whether host is a configured site name now.
+// isSite reports whether host is a configured site name or a name held by an
+// HTTP exposure now.
 func (c siteClient) isSite(host string) bool {
+	host = strings.ToLower(host)
 	p := c.c.siteNames.Load()
-	return p != nil && (*p)[strings.ToLower(host)]
+	return p != nil && (*p)[host] || c.c.held(host)
 }
 
-var _ stepacme.Client = siteClient{}
+// held reports whether an HTTP exposure holds name now (CAOptions.SiteHeld).
+func (c *CA) held(name string) bool { return c.siteHeld != nil && c.siteHeld(name) }
 
-var errNotASite = errors.New("TP's CA validates challenges only for the configured site names")
+var _ stepacme.Client = siteClient{}
 
 func (c siteClient) TLSDial(network, addr string, cfg *tls.Config) (*tls.Conn, error) {
 	host, _, err := net.SplitHostPort(addr)

@@ -4,6 +4,8 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
+	"strings"
+	"sync"
 	"testing"
 
 	"github.com/smallstep/certificates/authority/provisioner"
@@ -63,5 +65,44 @@ func TestSiteEnforcerFailsClosed(t *testing.T) {
 	ts := newTestServerWith(t, CAOptions{SiteNames: []string{"www.example.test"}})
 	if err := (siteEnforcer{ts.CA}).Enforce(&x509.Certificate{DNSNames: []string{"blog.example.test"}}); err == nil {
 		t.Fatal("a certificate without a provisioner extension was let through")
+	}
+}
+
+// Names held by an HTTP exposure (CAOptions.SiteHeld) are certified by the
+// websites' provisioner while held, and only then. Bad inputs: a website
+// certificate for a name nobody holds, for a held name together with one not
+// held, and for the name after it was released; all refused at signing, and
+// challenges for them are not validated against tpd.
+func TestSiteEnforcerHeldNames(t *testing.T) {
+	var mu sync.Mutex
+	held := map[string]bool{"app.rev.example.test": true}
+	ts := newTestServerWith(t, CAOptions{SiteNames: []string{"www.example.test"}, SiteHeld: func(n string) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return held[n]
+	}})
+	enf := siteEnforcer{ts.CA}
+	if err := enf.Enforce(leafFrom(t, SitesProvisionerName, "App.rev.example.test")); err != nil {
+		t.Errorf("a held name refused: %v", err)
+	}
+	if err := enf.Enforce(leafFrom(t, SitesProvisionerName, "www.example.test", "app.rev.example.test")); err != nil {
+		t.Errorf("a site and a held name refused: %v", err)
+	}
+	for _, names := range [][]string{{"scan.rev.example.test"}, {"app.rev.example.test", "scan.rev.example.test"}} {
+		if err := enf.Enforce(leafFrom(t, SitesProvisionerName, names...)); err == nil || !strings.Contains(err.Error(), "scan.rev.example.test") {
+			t.Errorf("%v with scan.rev.example.test not held: %v, want refused naming it", names, err)
+		}
+	}
+	if !(siteClient{c: ts.CA}).isSite("app.rev.example.test") || (siteClient{c: ts.CA}).isSite("scan.rev.example.test") {
+		t.Error("challenge validation does not follow the held names")
+	}
+	mu.Lock()
+	delete(held, "app.rev.example.test")
+	mu.Unlock()
+	if err := enf.Enforce(leafFrom(t, SitesProvisionerName, "app.rev.example.test")); err == nil {
+		t.Error("app.rev.example.test certified after it was released")
+	}
+	if (siteClient{c: ts.CA}).isSite("app.rev.example.test") {
+		t.Error("a released name's challenge is still validated against tpd")
 	}
 }

@@ -76,7 +76,11 @@ func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error
 		return s.unknownName, nil
 	}
 	s.tickets.rotate()
-	if s.isDevicesOnly(hello.ServerName) {
+	// A tls-alpn-01 validation (RFC 8737 §3: only "acme-tls/1" offered) of a
+	// devices-only name is the CA's, which has no device certificate: it gets
+	// the website's configuration, which answers with the challenge
+	// certificate, and the connection ends with the handshake.
+	if s.isDevicesOnly(hello.ServerName) && !(len(hello.SupportedProtos) == 1 && hello.SupportedProtos[0] == ALPNACME) {
 		return s.devicesTLS, nil
 	}
 	return s.webTLS, nil

@@ -1,9 +1,10 @@
 package tpd
 
 import (
-	"crypto/tls"
+	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -68,64 +69,89 @@ func (d *Daemon) deviceRequest(r *http.Request) error {
 	return err
 }
 
-// heldCertLifetime is the lifetime of a certificate for a reverse HTTP name;
-// it is replaced at two thirds of it, and dropped once the name is not held.
-const heldCertLifetime = 24 * time.Hour
+// maxExposedCerts bounds the certificates of exposed names kept in memory;
+// past it certmagic evicts some and loads them again from storage when needed.
+const maxExposedCerts = 4096
 
-// maxHeldCerts bounds the certificates kept for reverse HTTP names: past it,
-// those of names no longer held go first, then the oldest.
-const maxHeldCerts = 4096
+// exposedIssueBurst and exposedIssueEvery bound how fast certificates for
+// exposed names are ordered: a burst, then one per interval. Only held names
+// are ever ordered; this bounds a client that holds and drops names in a loop.
+const (
+	exposedIssueBurst = 32
+	exposedIssueEvery = 10 * time.Second
+)
 
-// heldCerts are certificates for reverse HTTP names, issued by TP's own CA
-// at the first handshake for a name while it is held, and only then: a name
-// nobody holds never gets one, so the handshakes of a scan cost nothing.
-type heldCerts struct {
-	mu sync.Mutex
-	m  map[string]*tls.Certificate
+// issueBucket is a token bucket: at most burst orders at once, refilled by one
+// every interval.
+type issueBucket struct {
+	mu     sync.Mutex
+	tokens float64
+	last   time.Time
 }
 
-// heldCertificate returns the certificate for the held reverse HTTP name,
-// issuing it now when there is none or it is in the last third of its life.
-func (d *Daemon) heldCertificate(name string) (*tls.Certificate, error) {
-	h := &d.held
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	now := time.Now()
-	if c := h.m[name]; c != nil && now.Before(c.Leaf.NotBefore.Add(c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)*2/3)) {
-		return c, nil
+func (b *issueBucket) take(now time.Time) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.last.IsZero() {
+		b.tokens = exposedIssueBurst
+	} else {
+		b.tokens = min(exposedIssueBurst, b.tokens+float64(now.Sub(b.last))/float64(exposedIssueEvery))
 	}
-	if h.m == nil {
-		h.m = map[string]*tls.Certificate{}
+	b.last = now
+	if b.tokens < 1 {
+		return false
 	}
-	if len(h.m) >= maxHeldCerts {
-		d.pruneHeldLocked()
+	b.tokens--
+	return true
+}
+
+// heldName reports whether a reverse HTTP tunnel holds name now: the embedded
+// CA's sites provisioner certifies such names (acme.CAOptions.SiteHeld).
+func (d *Daemon) heldName(name string) bool {
+	_, ok := d.reverseUpstream(strings.TrimSuffix(strings.ToLower(name), "."))
+	return ok
+}
+
+// allowExposedCert is certmagic's on-demand decision for exposed names: a
+// certificate is loaded or ordered only for a name a reverse HTTP tunnel holds
+// now, and orders are rate-bound, so a scan of random names costs no order.
+func (d *Daemon) allowExposedCert(_ context.Context, name string) error {
+	if !d.heldName(name) {
+		return fmt.Errorf("%s is not held by an HTTP exposure", name)
 	}
-	chain, key, leaf, err := d.pki.IssueServerCert([]string{name}, heldCertLifetime)
+	if !d.exposedIssue.take(time.Now()) {
+		return fmt.Errorf("certificate for %s: too many orders for exposed names; at most %d at once, then one per %s", name, exposedIssueBurst, exposedIssueEvery)
+	}
+	return nil
+}
+
+// manageExposedCerts prepares on-demand certificates for names exposed with
+// tp expose --http, from the sites' ACME directory (acme-ca, or the embedded
+// CA's tp-sites provisioner), stored with the sites'.
+func (d *Daemon) manageExposedCerts(env *certEnv) (*website.Certs, error) {
+	dir, roots, err := d.siteDirectory(env.public)
 	if err != nil {
-		return nil, fmt.Errorf("certificate for %s: %w", name, err)
+		return nil, err
 	}
-	c := &tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf}
-	h.m[name] = c
-	d.metrics.certIssued("site")
-	return c, nil
-}
-
-// pruneHeldLocked drops the certificates of names no longer held, and when
-// that frees nothing, the oldest. d.held.mu is held.
-func (d *Daemon) pruneHeldLocked() {
-	var oldest string
-	for n, c := range d.held.m {
-		if _, ok := d.reverseUpstream(n); !ok {
-			delete(d.held.m, n)
-			continue
-		}
-		if oldest == "" || c.Leaf.NotBefore.Before(d.held.m[oldest].Leaf.NotBefore) {
-			oldest = n
-		}
+	tcp, _ := env.public.(*net.TCPAddr)
+	o := website.CertOptions{
+		Storage: d.cfg.SitesDir(), CA: dir, Email: d.cfg.ACMEEmail, TrustedRoots: roots,
+		TLSALPNPort: tcp.Port, HTTPPort: env.httpPort, Logger: d.log,
+		OnDemand: d.allowExposedCert, Capacity: maxExposedCerts,
+		Obtaining: func(string) { d.exposedOrders.Add(1) },
 	}
-	if len(d.held.m) >= maxHeldCerts && oldest != "" {
-		delete(d.held.m, oldest)
+	if !tcp.IP.IsUnspecified() {
+		o.ListenHost = tcp.IP.String()
 	}
+	if d.cfg.ACMECA == "" {
+		o.EAB = d.ca.NewSiteEAB
+	}
+	certs, err := website.NewCerts(o)
+	if err != nil {
+		return nil, fmt.Errorf("certificates for exposed names: %w", err)
+	}
+	d.log.Info("certificates for names exposed with tp expose --http: on demand while held", "zone", d.cfg.ReverseZone, "acme", dir)
+	return certs, nil
 }
 
 // DevicesOnlyName reports whether name is a reverse HTTP name held right now

@@ -121,7 +121,7 @@ func (e *revHTTPEnv) url(name, path string) string {
 
 // A name held by a reverse HTTP tunnel is a website on the public port for as
 // long as it is held: over HTTP/1.1, h2 and h3 a browser-style client (no
-// client certificate) gets a certificate for the name from TP's CA and the
+// client certificate) gets a certificate for the name (by ACME, see revhttp_cert_test.go) and the
 // app's answer, which saw the client's Host and X-Forwarded-*; tpd logs the
 // request like any site's. Bad inputs, each answered as for other upstream
 // sites: a name nobody holds (TLS alert), a Host other than the connection's

@@ -107,9 +107,10 @@ type Daemon struct {
 	adminAddr atomic.Pointer[string] // where admin-listen listens, once open
 	ops       opsState               // drain and reload (drain.go, reload.go)
 
-	discovery http.Handler               // the transport discovery document (discovery.go)
-	revHTTP   atomic.Pointer[revHTTPRef] // names exposed over reverse HTTP tunnels (revhttp.go)
-	held      heldCerts                  // their certificates (revhttp.go)
+	discovery     http.Handler               // the transport discovery document (discovery.go)
+	revHTTP       atomic.Pointer[revHTTPRef] // names exposed over reverse HTTP tunnels (revhttp.go)
+	exposedIssue  issueBucket                // bounds orders of their certificates (revhttp.go)
+	exposedOrders atomic.Int64               // certificate orders begun for them
 }
 
 // New bootstraps the data dir if needed and opens every part. Close releases them.
@@ -159,7 +160,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	d.checked = authState{revision: d.policy.Revision(), users: d.users.Generation()}
 	d.kick = make(chan struct{}, 1)
 	if d.ca, err = d.openCA(ctx, acme.CAOptions{DBPath: acme.DBPath(cfg.DataDir), CertLifetime: cfg.CertLifetime, DNSNames: cfg.Names, ReverseZone: cfg.ReverseZone,
-		SiteNames: sitesForCA(cfg), SiteValidator: sitesValidator(cfg, d), MaxNonces: cfg.CAMaxNonces}); err != nil {
+		SiteNames: sitesForCA(cfg), SiteValidator: sitesValidator(cfg, d), SiteHeld: d.heldName, MaxNonces: cfg.CAMaxNonces}); err != nil {
 		d.decisions.Close()
 		d.audit.Close()
 		d.closeDB()

@@ -34,6 +34,7 @@ type webState struct {
 	own     http.Handler                  // tpd's own endpoints, kept for the handlers reloads build
 	certs   atomic.Pointer[website.Certs] // set by startWeb once the public port is known
 	pending atomic.Pointer[website.Certs] // a reload's certificates before the swap: they answer challenges
+	exposed atomic.Pointer[website.Certs] // on demand for names held by reverse HTTP tunnels (revhttp.go)
 	env     atomic.Pointer[certEnv]       // set by startWeb: what new certificates need
 	public  atomic.Pointer[string]        // the public TCP listener's address
 	http    atomic.Pointer[string]        // the plain-HTTP listener's address
@@ -114,6 +115,12 @@ func (d *Daemon) siteCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 	}
 	site := d.site()
 	switch {
+	case site.IsReverse(name): // a name held by a reverse HTTP tunnel now (revhttp.go)
+		exposed := d.web.exposed.Load()
+		if exposed == nil {
+			return nil, fmt.Errorf("no certificate for %q yet: tpd is starting", name)
+		}
+		return exposed.GetCertificate(hello)
 	case acmeOnly || site.IsSite(name):
 		if certs == nil {
 			return nil, fmt.Errorf("no certificate for site %q yet: tpd is starting", name)
@@ -121,8 +128,6 @@ func (d *Daemon) siteCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 		return certs.GetCertificate(hello)
 	case name == "" || site.IsOwn(name):
 		return d.cert.Load(), nil
-	case site.IsReverse(name): // a name held by a reverse HTTP tunnel (revhttp.go)
-		return d.heldCertificate(name)
 	case site.Default() != "" && certs != nil: // an unknown name: the default site
 		h := *hello
 		h.ServerName = site.Default()
@@ -216,6 +221,16 @@ func (d *Daemon) startWeb(ctx context.Context, g *errgroup.Group, public net.Lis
 		}
 		d.web.certs.Store(certs)
 	}
+	if d.cfg.ReverseZone != "" {
+		exposed, err := d.manageExposedCerts(env)
+		if err != nil {
+			if httpLn != nil {
+				httpLn.Close()
+			}
+			return err
+		}
+		d.web.exposed.Store(exposed)
+	}
 	if httpLn != nil {
 		srv := &http.Server{
 			Handler:           http.HandlerFunc(d.serveHTTP),
@@ -244,6 +259,9 @@ func (d *Daemon) startWeb(ctx context.Context, g *errgroup.Group, public net.Lis
 		defer d.ops.reload.mu.Unlock()
 		if certs := d.web.certs.Load(); certs != nil {
 			certs.Stop()
+		}
+		if exposed := d.web.exposed.Load(); exposed != nil {
+			exposed.Stop()
 		}
 		return nil
 	})
@@ -283,7 +301,7 @@ func (d *Daemon) manageCerts(env *certEnv, names []string) (*website.Certs, erro
 // serveHTTP is the plain-HTTP listener: ACME http-01 answers, and a permanent
 // redirect to HTTPS for every name the website knows.
 func (d *Daemon) serveHTTP(w http.ResponseWriter, r *http.Request) {
-	for _, c := range []*website.Certs{d.web.pending.Load(), d.web.certs.Load()} {
+	for _, c := range []*website.Certs{d.web.pending.Load(), d.web.certs.Load(), d.web.exposed.Load()} {
 		if c != nil && c.HTTPChallenge(w, r) {
 			return
 		}

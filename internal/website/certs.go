@@ -22,6 +22,18 @@ import (
 type CertOptions struct {
 	// Names are the site names to keep certificates for.
 	Names []string
+	// OnDemand, when set, obtains certificates at the first handshake for a
+	// name it allows (nil error), instead of for Names up front (which may then
+	// be empty). It is asked before anything is loaded from storage or ordered
+	// from the CA, so a name it refuses costs no ACME order.
+	OnDemand func(ctx context.Context, name string) error
+	// Capacity bounds the certificates kept in memory (certmagic's default,
+	// unbounded, when zero); past it, random ones are evicted and loaded again
+	// from storage when needed.
+	Capacity int
+	// Obtaining, when set, is called each time a certificate order begins for
+	// name (certmagic's "cert_obtaining" event).
+	Obtaining func(name string)
 	// Storage is the directory for certificates, keys and the ACME account.
 	Storage string
 	// CA is the ACME directory URL; Email the account's contact (may be empty).
@@ -56,8 +68,8 @@ type Certs struct {
 
 // NewCerts prepares certificate management; Manage starts it.
 func NewCerts(o CertOptions) (*Certs, error) {
-	if len(o.Names) == 0 || o.Storage == "" || o.CA == "" {
-		return nil, errors.New("site certificates need names, a storage directory and an ACME directory URL")
+	if len(o.Names) == 0 && o.OnDemand == nil || o.Storage == "" || o.CA == "" {
+		return nil, errors.New("site certificates need names (or on-demand issuance), a storage directory and an ACME directory URL")
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -67,12 +79,27 @@ func NewCerts(o CertOptions) (*Certs, error) {
 	c.cache = certmagic.NewCache(certmagic.CacheOptions{
 		GetConfigForCert:   func(certmagic.Certificate) (*certmagic.Config, error) { return c.cfg, nil },
 		RenewCheckInterval: o.RenewCheckInterval,
+		Capacity:           o.Capacity,
 		Logger:             zl,
 	})
-	c.cfg = certmagic.New(c.cache, certmagic.Config{
+	cmc := certmagic.Config{
 		Storage: &certmagic.FileStorage{Path: o.Storage},
 		Logger:  zl,
-	})
+	}
+	if o.OnDemand != nil {
+		cmc.OnDemand = &certmagic.OnDemandConfig{DecisionFunc: o.OnDemand}
+	}
+	if o.Obtaining != nil {
+		obtaining := o.Obtaining
+		cmc.OnEvent = func(_ context.Context, event string, data map[string]any) error {
+			if event == "cert_obtaining" {
+				name, _ := data["identifier"].(string)
+				obtaining(name)
+			}
+			return nil
+		}
+	}
+	c.cfg = certmagic.New(c.cache, cmc)
 	tmpl := certmagic.ACMEIssuer{
 		CA:                      o.CA,
 		TestCA:                  o.CA, // never fall back to Let's Encrypt's staging CA
@@ -108,6 +135,9 @@ func NewCerts(o CertOptions) (*Certs, error) {
 // Manage loads the stored certificates and obtains or renews the others in the
 // background, retrying with backoff; failures are logged. ctx ends the retries.
 func (c *Certs) Manage(ctx context.Context) error {
+	if len(c.names) == 0 { // on demand only
+		return nil
+	}
 	if err := c.cfg.ManageAsync(ctx, c.names); err != nil {
 		return fmt.Errorf("site certificates: %w", err)
 	}
