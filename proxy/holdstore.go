@@ -36,6 +36,9 @@ type HoldStore interface {
 	Release(ctx context.Context, leases []HoldLease, grace time.Duration) error
 	// Prune forgets holds that have ended.
 	Prune(ctx context.Context) error
+	// Owner is the device that holds key (served, or reserved for its owner's
+	// return), on whichever instance; held is false when none does.
+	Owner(ctx context.Context, key string) (owner string, held bool, err error)
 }
 
 // HoldLease is a key and the epoch its claim gave it: the fencing token. A
@@ -89,7 +92,11 @@ func (r *reverseRegistry) storeClaim(a *reverseAgent, keys []string) *wire.Hello
 	ctx, cancel := r.storeCtx()
 	defer cancel()
 	sent := time.Now()
-	leases, err := r.opts.Store.Claim(ctx, a.id.DeviceID, keys, r.opts.Lease, r.holdFor())
+	var leases []HoldLease
+	err := errStoreBlocked
+	if !r.storeBlocked() {
+		leases, err = r.opts.Store.Claim(ctx, a.id.DeviceID, keys, r.opts.Lease, r.holdFor())
+	}
 	var he *HeldError
 	switch {
 	case errors.As(err, &he):
@@ -122,6 +129,10 @@ func (a *reverseAgent) leases() []HoldLease {
 // storeRelease ends this instance's service of a's keys in the store.
 func (r *reverseRegistry) storeRelease(a *reverseAgent, grace time.Duration) {
 	if r.opts.Store == nil || len(a.epochs) == 0 {
+		return
+	}
+	if r.storeBlocked() {
+		r.logStoreErr("release", errStoreBlocked)
 		return
 	}
 	ctx, cancel := r.storeCtx()
@@ -205,8 +216,8 @@ func (r *reverseRegistry) renew(ctx context.Context) {
 	if len(leases) == 0 {
 		return
 	}
-	if f := r.renewFail.Load(); f != nil && (*f)() {
-		r.noteRenew(errors.New("renewal blocked by a test hook"))
+	if r.storeBlocked() {
+		r.noteRenew(errStoreBlocked)
 		return
 	}
 	rctx, cancel := context.WithTimeout(ctx, r.opts.Renew)
@@ -286,12 +297,36 @@ func (r *reverseRegistry) fenceLoop(ctx context.Context) {
 	}
 }
 
-// SetRenewFailHook makes renewals fail while fail returns true (tests of
-// self-fencing without stopping the database).
-func (s *Server) SetRenewFailHook(fail func() bool) {
+// SetHoldStoreFailHook makes every call to the hold store fail while fail
+// returns true, as if this instance could not reach the database (tests of
+// self-fencing of one instance while the others reach it).
+func (s *Server) SetHoldStoreFailHook(fail func() bool) {
 	if s.rev != nil {
-		s.rev.renewFail.Store(&fail)
+		s.rev.storeFail.Store(&fail)
 	}
+}
+
+var errStoreBlocked = errors.New("the hold store is unreachable (test hook)")
+
+func (r *reverseRegistry) storeBlocked() bool {
+	f := r.storeFail.Load()
+	return f != nil && (*f)()
+}
+
+// storeOwner asks the store who holds key, for a key this instance does not
+// know: its agent is on another instance. An error is "not held" (fail closed).
+func (r *reverseRegistry) storeOwner(key string) (string, bool) {
+	if r.opts.Store == nil || r.storeBlocked() {
+		return "", false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), r.opts.Renew)
+	defer cancel()
+	owner, held, err := r.opts.Store.Owner(ctx, key)
+	if err != nil {
+		r.logStoreErr("owner", err)
+		return "", false
+	}
+	return owner, held
 }
 
 // graceAfter is how long an agent's names stay its owner's after its control

@@ -80,7 +80,7 @@ type reverseRegistry struct {
 	// changes; renewErr is the last renewal's outcome, under mu.
 	kick      chan struct{}
 	renewErr  error
-	renewFail atomic.Pointer[func() bool]
+	storeFail atomic.Pointer[func() bool] // SetHoldStoreFailHook
 
 	seq    uint64 // holds snapshots taken (persist), under mu
 	saveMu sync.Mutex
@@ -252,15 +252,18 @@ func (r *reverseRegistry) lookup(host string) (*reverseAgent, *wire.HelloError) 
 	return e.agent, nil
 }
 
-// owner returns the device that holds a full name, online or within its grace period.
+// owner returns the device that holds a full name, online or within its grace
+// period; with a Store, a name this instance does not know is looked up there
+// (its agent may be on another instance).
 func (r *reverseRegistry) owner(host string) (string, bool) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	e := r.names[host]
-	if e == nil || e.agent == nil && !time.Now().Before(e.until) {
-		return "", false
+	if e != nil && (e.agent != nil || time.Now().Before(e.until)) {
+		defer r.mu.Unlock()
+		return e.owner, true
 	}
-	return e.owner, true
+	r.mu.Unlock()
+	return r.storeOwner(host)
 }
 
 // pend records an announced session; past MaxPending the oldest is refused.

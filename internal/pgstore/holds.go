@@ -163,3 +163,18 @@ func (h *Holds) Prune(ctx context.Context) error {
 	_, err := h.db.pool.Exec(ctx, "DELETE FROM tp_holds WHERE expires_at < now()")
 	return err
 }
+
+// Owner implements proxy.HoldStore.
+func (h *Holds) Owner(ctx context.Context, key string) (string, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	var owner string
+	err := h.db.pool.QueryRow(ctx, "SELECT owner FROM tp_holds WHERE key = $1 AND expires_at > now()", key).Scan(&owner)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", false, nil
+	}
+	if err != nil {
+		return "", false, fmt.Errorf("reading the holder of %s in the database: %w", key, err)
+	}
+	return owner, true, nil
+}
