@@ -52,6 +52,15 @@ type ReverseOptions struct {
 	// Ping is the period of keepalive frames on TLS control connections. Default 15s.
 	Ping time.Duration
 
+	// Store, when set, records holds in a database several instances share
+	// (holdstore.go); Holds and SaveHolds are then unused. Lease is how long a
+	// claim or renewal lets this instance serve a key without renewing again
+	// (default DefaultLease); Renew is how often it renews (default
+	// DefaultRenew, at most Lease/3). RunLeases must run for renewals to happen.
+	Store HoldStore
+	Lease time.Duration
+	Renew time.Duration
+
 	// Public mode (reverse_public.go). PublicPorts says whether the administrator
 	// lets agents open a public port (network "tcp", port); nil opens none.
 	// PublicHost is the address public ports listen on ("" = all addresses).
@@ -96,6 +105,13 @@ func (o ReverseOptions) withDefaults() ReverseOptions {
 	if o.Ping <= 0 {
 		o.Ping = 15 * time.Second
 	}
+	if o.Lease <= 0 {
+		o.Lease = DefaultLease
+	}
+	if o.Renew <= 0 {
+		o.Renew = DefaultRenew
+	}
+	o.Renew = min(o.Renew, o.Lease/3)
 	return o
 }
 
@@ -191,7 +207,7 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 	for _, old := range replaced {
 		old.end(errReplaced)
 	}
-	defer func() { s.rev.release(a, !errors.Is(context.Cause(ctx), errUnregistered)) }()
+	defer func() { s.rev.release(a, s.rev.graceAfter(context.Cause(ctx))) }()
 	for _, req := range reqs {
 		defer s.sessions.add(&liveSession{cs: cs, req: req, revoke: end})()
 	}
@@ -244,6 +260,11 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 	switch {
 	case errors.Is(cause, errReplaced):
 		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: "replaced", Reason: "a newer agent of the same device took over these names"})
+	case errors.Is(cause, errTakenOver):
+		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: "replaced", Reason: errTakenOver.Error()})
+	case errors.Is(cause, errFenced): // the agent reconnects, maybe to another instance
+		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.EndShutdown,
+			Reason: errFenced.Error() + " (is its database reachable?); reconnect (the names stay held for this device meanwhile)"})
 	case errors.As(cause, &rev):
 		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.CodePolicyDenied, Reason: rev.Reason})
 	case errors.Is(cause, wire.ErrShutdown):

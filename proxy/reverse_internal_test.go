@@ -76,7 +76,7 @@ func TestReverseClaim(t *testing.T) {
 	if _, herr := r.claim(mallory); herr == nil || herr.Code != wire.CodeNameTaken {
 		t.Fatalf("online: %v", herr)
 	}
-	r.release(alice, true)
+	r.release(alice, r.opts.Grace)
 	if _, herr := r.claim(mallory); herr == nil || herr.Code != wire.CodeNameTaken {
 		t.Fatalf("grace: %v", herr)
 	}

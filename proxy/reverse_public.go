@@ -207,7 +207,7 @@ func (r *reverseRegistry) lookupKey(k string) (*reverseAgent, string, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.names[k]
-	if e == nil || e.agent == nil {
+	if e == nil || e.agent == nil || !r.currentLocked(k, e, time.Now()) {
 		return nil, "", false
 	}
 	return e.agent, e.label, true

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
@@ -34,6 +35,11 @@ type reverseAgent struct {
 	open     func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError)
 	openFlow func(ctx context.Context, hdr wire.SessionHeader, queueLen int) (*wire.UDPFlow, *wire.HelloError)
 
+	// epochs are the keys' epochs the store gave this agent's claim, and
+	// leaseUntil the end of the lease it got (ReverseOptions.Store).
+	epochs     map[string]int64
+	leaseUntil time.Time
+
 	wmu     sync.Mutex // serialises frames on ctl
 	pmu     sync.Mutex
 	pending []*pendingSession // oldest first (TLS)
@@ -54,6 +60,10 @@ type revEntry struct {
 	label string
 	ln    *publicListener
 	timer *time.Timer
+	// With a Store: the epoch of the agent's claim, and the end of this
+	// instance's lease as last confirmed (zero: fenced or taken over).
+	epoch      int64
+	leaseUntil time.Time
 }
 
 type reverseRegistry struct {
@@ -66,6 +76,12 @@ type reverseRegistry struct {
 	// pendingPerID counts the dials waiting for an agent per dialing device (limits.go).
 	pendingPerID identityCount
 
+	// With a Store (holdstore.go): RunLeases is kicked by other instances'
+	// changes; renewErr is the last renewal's outcome, under mu.
+	kick      chan struct{}
+	renewErr  error
+	storeFail atomic.Pointer[func() bool] // SetHoldStoreFailHook
+
 	seq    uint64 // holds snapshots taken (persist), under mu
 	saveMu sync.Mutex
 	saved  uint64 // newest snapshot saved, under saveMu
@@ -75,6 +91,9 @@ func newReverseRegistry(opts ReverseOptions) *reverseRegistry {
 	opts = opts.withDefaults()
 	opts.HTTPTunnels = opts.HTTPTunnels.withDefaults()
 	r := &reverseRegistry{opts: opts, names: map[string]*revEntry{}, sessions: map[string]*pendingSession{}}
+	if opts.Store != nil {
+		r.kick = make(chan struct{}, 1)
+	}
 	r.loadHolds(opts.Holds)
 	return r
 }
@@ -94,12 +113,41 @@ func (r *reverseRegistry) name(host string) (string, bool) {
 
 // claim gives a's names to a, or refuses if another identity holds one. A newer
 // session of the same owner takes over; the replaced sessions are returned.
+//
+// With a Store the database decides first (holdstore.go): a key another
+// identity holds there is refused whatever this instance remembers, and the
+// claim's epochs are recorded on a.
 func (r *reverseRegistry) claim(a *reverseAgent) ([]*reverseAgent, *wire.HelloError) {
-	replaced, herr := r.claimLocked(a)
-	if herr == nil {
-		r.persist()
+	if r.opts.Store != nil {
+		r.mu.Lock()
+		herr := r.precheckLocked(a, a.keys(), time.Now())
+		r.mu.Unlock()
+		if herr != nil {
+			return nil, herr
+		}
+		if herr := r.storeClaim(a, a.keys()); herr != nil {
+			return nil, herr
+		}
 	}
-	return replaced, herr
+	replaced, herr := r.claimLocked(a)
+	if herr != nil {
+		r.storeRelease(a, r.opts.Grace) // what the owner held stays reserved for it
+		return nil, herr
+	}
+	r.persist()
+	return replaced, nil
+}
+
+// precheckLocked refuses, before the store is asked, what this instance
+// refuses anyway: a key whose agent of another identity is live here, and
+// more keys than the device may hold. r.mu is held.
+func (r *reverseRegistry) precheckLocked(a *reverseAgent, keys []string, now time.Time) *wire.HelloError {
+	for _, n := range keys {
+		if e := r.names[n]; e != nil && e.owner != a.id.DeviceID && e.agent != nil {
+			return wire.Errorf(wire.CodeNameTaken, "%s is registered by another identity; choose another", describeKey(n))
+		}
+	}
+	return r.checkNamesLocked(a, keys, now)
 }
 
 func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *wire.HelloError) {
@@ -115,7 +163,7 @@ func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *wire.H
 		if e.agent != nil {
 			return nil, wire.Errorf(wire.CodeNameTaken, "%s is registered by another identity; choose another", describeKey(n))
 		}
-		if now.Before(e.until) {
+		if now.Before(e.until) && r.opts.Store == nil { // with a store, the database judged the grace
 			return nil, wire.Errorf(wire.CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another", describeKey(n))
 		}
 		r.dropLocked(n, e) // another owner's hold that has run out
@@ -146,6 +194,8 @@ func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *wire.H
 			e.timer = nil
 		}
 		e.agent, e.until, e.label = a, time.Time{}, labels[n]
+		e.owner = a.id.DeviceID
+		e.epoch, e.leaseUntil = a.epochs[n], a.leaseUntil
 		if ln := opened[n]; ln != nil {
 			e.ln = ln
 			go r.srv.acceptPublic(ln)
@@ -154,24 +204,27 @@ func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *wire.H
 	return replaced, nil
 }
 
-// release marks a's names offline for the grace period (or frees them at once
-// when the agent unregistered) and refuses its pending sessions.
-func (r *reverseRegistry) release(a *reverseAgent, grace bool) {
+// release marks a's names offline for grace (or frees them at once when grace
+// is 0: the agent unregistered) and refuses its pending sessions. With a
+// Store, a fenced agent's names are forgotten here at once (the database keeps
+// them its owner's), and the database is told.
+func (r *reverseRegistry) release(a *reverseAgent, grace time.Duration) {
 	r.mu.Lock()
-	until := time.Now().Add(r.opts.Grace)
+	until := time.Now().Add(grace)
 	for _, n := range a.keys() {
 		if e := r.names[n]; e != nil && e.agent == a {
-			if !grace {
+			if grace <= 0 || r.opts.Store != nil && e.leaseUntil.IsZero() {
 				r.dropLocked(n, e)
 				continue
 			}
 			e.agent, e.until = nil, until
 			if e.ln != nil { // the port stays open for the owner's return, then closes
-				e.timer = time.AfterFunc(r.opts.Grace, func() { r.expire(n, e) })
+				e.timer = time.AfterFunc(grace, func() { r.expire(n, e) })
 			}
 		}
 	}
 	r.mu.Unlock()
+	r.storeRelease(a, grace)
 	r.persist()
 	a.pmu.Lock()
 	pending := a.pending
@@ -187,24 +240,30 @@ func (r *reverseRegistry) lookup(host string) (*reverseAgent, *wire.HelloError) 
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.names[host]
+	now := time.Now()
 	switch {
-	case e == nil || e.agent == nil && !time.Now().Before(e.until):
+	case e == nil || e.agent == nil && !now.Before(e.until):
 		return nil, wire.Errorf(wire.CodeReverseUnknown, "no agent serves %s; is `tp expose` running for it?", host)
 	case e.agent == nil:
 		return nil, wire.Errorf(wire.CodeReverseOffline, "the agent serving %s is offline and reconnecting; try again in a few seconds", host)
+	case !r.currentLocked(host, e, now):
+		return nil, wire.Errorf(wire.CodeReverseOffline, "this TP server instance no longer holds a current lease on %s (the database is unreachable, or another instance took it over); try again in a few seconds", host)
 	}
 	return e.agent, nil
 }
 
-// owner returns the device that holds a full name, online or within its grace period.
+// owner returns the device that holds a full name, online or within its grace
+// period; with a Store, a name this instance does not know is looked up there
+// (its agent may be on another instance).
 func (r *reverseRegistry) owner(host string) (string, bool) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	e := r.names[host]
-	if e == nil || e.agent == nil && !time.Now().Before(e.until) {
-		return "", false
+	if e != nil && (e.agent != nil || time.Now().Before(e.until)) {
+		defer r.mu.Unlock()
+		return e.owner, true
 	}
-	return e.owner, true
+	r.mu.Unlock()
+	return r.storeOwner(host)
 }
 
 // pend records an announced session; past MaxPending the oldest is refused.

@@ -148,7 +148,7 @@ func (st *tunnelState) leave(s *Server, h *tunnelHolder, t *tunnelTicket) {
 	st.mu.Unlock()
 	h.h2Ready(t)
 	if last {
-		s.rev.release(h.agent, true)
+		s.rev.release(h.agent, s.rev.opts.Grace)
 		h.cancel(errors.New("the last reverse tunnel of " + describeTarget(h.target) + " closed"))
 		h.h1.CloseIdleConnections()
 	}

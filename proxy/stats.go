@@ -36,7 +36,7 @@ var (
 		wire.CodeResolveFailed, wire.CodeDialRefused, wire.CodeDialTimeout, wire.CodeDialFailed, wire.CodeInternal,
 		wire.CodeSelfDial, wire.CodePolicyError, wire.CodeTooManyFlows, wire.CodeNameTaken, wire.CodeReverseUnknown,
 		wire.CodeReverseOffline, wire.CodeReverseTimeout, wire.CodeReverseBusy, wire.CodeUnknownSession,
-		wire.CodeReverseDisabled, wire.CodePublicRefused, CodeTooManySessions, CodeTooManyNames, CodeTooManyPending, CodeE2ERequired,
+		wire.CodeReverseDisabled, wire.CodePublicRefused, CodeTooManySessions, CodeTooManyNames, CodeTooManyPending, CodeE2ERequired, CodeHoldsUnavailable,
 		"refused", "other"}
 	// StatHandshakeReasons: why a TLS handshake on the public port failed, or a
 	// connection was closed before it (per_ip_cap, max_conns).
@@ -54,7 +54,7 @@ var (
 const (
 	nTransports = 5
 	nActions    = 9
-	nOutcomes   = 31
+	nOutcomes   = 32
 	nReasons    = 10
 )
 

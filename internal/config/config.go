@@ -116,6 +116,12 @@ type Server struct {
 	ReverseZone         string        `mapstructure:"reverse-zone"`
 	ReverseGrace        time.Duration `mapstructure:"reverse-grace"`
 	ReverseRestartGrace time.Duration `mapstructure:"reverse-restart-grace"`
+	// With database set: ReverseLease is how long one renewal lets an
+	// instance serve its reverse names and public ports without renewing
+	// again (it stops serving them on its own past it); ReverseRenew is how
+	// often it renews (at most a third of the lease). docs/SCALE.md.
+	ReverseLease time.Duration `mapstructure:"reverse-lease"`
+	ReverseRenew time.Duration `mapstructure:"reverse-renew"`
 	// PublicPorts are the ports agents may open publicly (`tp expose --public
 	// PORT`), e.g. "20000-30000,8080"; empty opens none. The policy decides too.
 	PublicPorts string `mapstructure:"public-ports"`
@@ -197,6 +203,8 @@ func DefaultServer() Server {
 		ReverseZone:         "rev.tp.internal",
 		ReverseGrace:        30 * time.Second,
 		ReverseRestartGrace: 2 * time.Minute,
+		ReverseLease:        15 * time.Second,
+		ReverseRenew:        5 * time.Second,
 		SiteMaxBody:         DefaultSiteMaxBody,
 		SiteUpstreamTimeout: time.Minute,
 		LogLevel:            "info",
@@ -298,6 +306,12 @@ func (s Server) Validate() error {
 	}
 	if s.ReverseRestartGrace < time.Minute || s.ReverseRestartGrace > time.Hour {
 		errs = append(errs, fmt.Errorf("reverse-restart-grace %s must be between 1m and 1h: agents need up to about a minute to notice a restarted tpd and come back", s.ReverseRestartGrace))
+	}
+	if s.ReverseLease < time.Second || s.ReverseLease > 5*time.Minute {
+		errs = append(errs, fmt.Errorf("reverse-lease %s must be between 1s and 5m", s.ReverseLease))
+	}
+	if s.ReverseRenew < 100*time.Millisecond || s.ReverseRenew > s.ReverseLease/3 {
+		errs = append(errs, fmt.Errorf("reverse-renew %s must be between 100ms and a third of reverse-lease (%s), so that two renewals can fail before the lease runs out", s.ReverseRenew, s.ReverseLease))
 	}
 	if _, err := ParsePortRanges(s.PublicPorts); err != nil {
 		errs = append(errs, fmt.Errorf("public-ports: %w", err))
@@ -458,6 +472,8 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("reverse-zone", d.ReverseZone)
 	v.SetDefault("reverse-grace", d.ReverseGrace)
 	v.SetDefault("reverse-restart-grace", d.ReverseRestartGrace)
+	v.SetDefault("reverse-lease", d.ReverseLease)
+	v.SetDefault("reverse-renew", d.ReverseRenew)
 	v.SetDefault("public-ports", d.PublicPorts)
 	v.SetDefault("sites", d.Sites)
 	v.SetDefault("default-site", d.DefaultSite)

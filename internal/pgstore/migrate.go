@@ -57,7 +57,21 @@ var migrations = []string{
 		expires timestamptz NOT NULL
 	);
 	CREATE INDEX tp_acme_nonces_expires ON tp_acme_nonces (expires);`,
-	// next: secret keys every instance must share (keys.go): the QUIC stateless
+	// 3: reverse names, public ports ("tcp/PORT", "udp/PORT") and pass-through
+	// server names ("sni/NAME"): which device holds each, which instance serves
+	// it ('' while none does), the epoch every claim raises (the fencing token),
+	// the serving instance's lease and the end of the owner's hold, both on the
+	// database's clock (holds.go).
+	`CREATE TABLE tp_holds (
+		key         text PRIMARY KEY,
+		owner       text NOT NULL,
+		instance    text NOT NULL,
+		epoch       bigint NOT NULL,
+		lease_until timestamptz NOT NULL,
+		expires_at  timestamptz NOT NULL
+	);
+	CREATE INDEX tp_holds_expires ON tp_holds (expires_at);`,
+	// 4: secret keys every instance must share (keys.go): the QUIC stateless
 	// reset key and the TLS session-ticket keys of each ticket set.
 	`CREATE TABLE tp_keys (
 		purpose text NOT NULL,

@@ -2,6 +2,8 @@ package tpd
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -10,17 +12,55 @@ import (
 	"strings"
 
 	"github.com/tp-proxy/tp/internal/atomicfile"
+	"github.com/tp-proxy/tp/internal/pgstore"
 	"github.com/tp-proxy/tp/proxy"
 )
 
 // reverseOptions are the reverse listeners' settings: the zone and grace period,
 // the public ports the administrator allows, the server names SNI pass-through
 // must never take, and the holds saved across restarts.
+//
+// With a database the holds live there instead (pgstore.Holds: leases,
+// epochs, fencing; docs/SCALE.md), and the holds file is not used.
 func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
+	if d.db != nil {
+		opts := d.reverseOptionsBase()
+		opts.Store = pgstore.NewHolds(d.db, instanceName())
+		opts.Lease, opts.Renew = d.cfg.ReverseLease, d.cfg.ReverseRenew
+		// Another instance's claim or release may have moved one of ours:
+		// renew (and so learn it) at once rather than at the next tick.
+		d.db.OnChange(pgstore.TopicHolds, func(context.Context) error {
+			if p := d.proxy; p != nil {
+				p.KickLeases()
+			}
+			return nil
+		})
+		return opts, nil
+	}
 	holds, err := loadHolds(d.cfg.ReverseHoldsFile())
 	if err != nil {
 		return proxy.ReverseOptions{}, err
 	}
+	opts := d.reverseOptionsBase()
+	opts.Holds = holds
+	opts.SaveHolds = func(h []proxy.ReverseHold) {
+		if err := saveHolds(d.cfg.ReverseHoldsFile(), h); err != nil {
+			d.log.Error("saving reverse holds failed; a restart may forget who holds which name", "err", err)
+		}
+	}
+	return opts, nil
+}
+
+// instanceName names this process among the instances on one database: the
+// host name and a random part, so that a restarted tpd is a new instance.
+func instanceName() string {
+	host, _ := os.Hostname()
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return host + "/" + hex.EncodeToString(b[:])
+}
+
+func (d *Daemon) reverseOptionsBase() proxy.ReverseOptions {
 	host, _, _ := net.SplitHostPort(d.cfg.Listen)
 	return proxy.ReverseOptions{
 		Zone:         d.cfg.ReverseZone,
@@ -31,16 +71,10 @@ func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
 		},
 		PublicHost: host,
 		PublicSNI:  d.publicSNIAllowed,
-		Holds:      holds,
 		// Bounds per device identity.
 		MaxNamesPerIdentity:   d.cfg.MaxReverseNamesPerIdentity,
 		MaxPendingPerIdentity: d.cfg.MaxPendingPerIdentity,
-		SaveHolds: func(h []proxy.ReverseHold) {
-			if err := saveHolds(d.cfg.ReverseHoldsFile(), h); err != nil {
-				d.log.Error("saving reverse holds failed; a restart may forget who holds which name", "err", err)
-			}
-		},
-	}, nil
+	}
 }
 
 // publicSNIAllowed refuses tpd's own names and the websites' names for SNI

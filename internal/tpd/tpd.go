@@ -418,6 +418,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	if d.db != nil {
 		g.Go(func() error { d.db.Listen(gctx); return nil }) // other instances' changes (store.go)
 		g.Go(func() error { d.pruneNonces(gctx); return nil })
+		g.Go(func() error { d.proxy.RunLeases(gctx); return nil }) // reverse holds' leases (proxy/holdstore.go)
 	}
 	g.Go(func() error { d.maintain(gctx); return nil })
 	g.Go(func() error { d.pruneCA(gctx); return nil })

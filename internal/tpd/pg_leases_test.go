@@ -1,0 +1,199 @@
+package tpd
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testpg"
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// leaseDataDir is pgDataDir with the reverse policy and short lease timings,
+// so that fencing happens within a test's patience.
+func leaseDataDir(t *testing.T, dsn string, peer *config.Server) config.Server {
+	t.Helper()
+	cfg := pgDataDir(t, dsn, peer)
+	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(reversePolicy), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg.ReverseLease, cfg.ReverseRenew = 3*time.Second, 500*time.Millisecond
+	return cfg
+}
+
+// holdRow reads svc's row: its epoch and the instance that serves it.
+func holdRow(t *testing.T, dsn string) (epoch int64, instance string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cc, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc.Password = testpg.Password
+	conn, err := pgx.ConnectConfig(ctx, cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if err := conn.QueryRow(ctx, "SELECT epoch, instance FROM tp_holds WHERE key = 'svc.rev.tp.internal'").Scan(&epoch, &instance); err != nil {
+		t.Fatal(err)
+	}
+	return epoch, instance
+}
+
+// clientOn is another Client of the same device (its home) whose server is url.
+func clientOn(t *testing.T, c *clients.Client, url string) *clients.Client {
+	t.Helper()
+	o, err := clients.Open(c.Home)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Profile.Server = url
+	return o
+}
+
+// Two instances on one database: alice's agent on A holds svc; mallory's
+// claim of svc on B is refused naming the holder; bob reaches svc through A;
+// alice's agent moving to B takes svc over with a higher epoch, A ends its
+// agent there (taken over) and refuses dials of svc, B serves them.
+func TestPGLeasesHolderAndTakeover(t *testing.T) {
+	_, dsn := testpg.NewDatabase(t)
+	cfgA := leaseDataDir(t, dsn, nil)
+	a := runDaemon(t, cfgA)
+	b := runDaemon(t, leaseDataDir(t, dsn, &cfgA))
+	local := testnet.Upper(t)
+	alice, _, _ := enrollClient(t, a.d, a.url, "alice", "laptop")
+	mallory, _, _ := enrollClient(t, a.d, b.url, "mallory", "pc")
+	bob, _, _ := enrollClient(t, a.d, a.url, "bob", "phone")
+
+	_, errA := startAgent(t, alice, clients.TransportTLS, local, []string{"bob"}, nil)
+	epochA, instA := holdRow(t, dsn)
+	if got, err := dialReverse(bob, clients.TransportTLS, []byte("hello")); err != nil || string(got) != "HELLO" {
+		t.Fatalf("bob through A, where alice's agent is: %q %v", got, err)
+	}
+	if err := runMallory(t, mallory); err == nil || !strings.Contains(err.Error(), "registered by another identity") {
+		t.Fatalf("mallory claiming svc on B while alice's agent serves it on A: %v; want name taken", err)
+	}
+
+	startAgent(t, clientOn(t, alice, b.url), clients.TransportTLS, local, []string{"bob"}, nil)
+	epochB, instB := holdRow(t, dsn)
+	if epochB <= epochA || instB == instA {
+		t.Fatalf("after alice's agent moved to B: epoch %d on %s; before: %d on %s; want a higher epoch on another instance", epochB, instB, epochA, instA)
+	}
+	select {
+	case err := <-errA:
+		errA <- err // for startAgent's stop
+		if err == nil || !strings.Contains(err.Error(), "took over these names on another TP server instance") {
+			t.Fatalf("alice's agent on A ended with %v; want taken over", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("alice's agent on A still runs 30s after B took svc over")
+	}
+	waitFor(t, "A refuses dials of svc once B took it over", func() bool {
+		_, err := dialReverse(bob, clients.TransportTLS, []byte("x"))
+		var re *clients.RefusedError
+		return errors.As(err, &re) && (re.Code == wire.CodeReverseOffline || re.Code == wire.CodeReverseUnknown)
+	})
+	if got, err := dialReverse(clientOn(t, bob, b.url), clients.TransportTLS, []byte("moved")); err != nil || string(got) != "MOVED" {
+		t.Fatalf("bob through B after the move: %q %v", got, err)
+	}
+}
+
+// A frozen holder: instance A cannot reach the database (its hold store
+// fails) longer than its lease. A stops serving svc on its own — its agent is
+// told and A refuses dials — while B still refuses svc to another identity
+// (no gap), and alice's agent reconnecting to B takes svc there. Never do A
+// and B serve svc at once: once B serves it, A refuses it.
+func TestPGLeasesSelfFencing(t *testing.T) {
+	_, dsn := testpg.NewDatabase(t)
+	cfgA := leaseDataDir(t, dsn, nil)
+	a := runDaemon(t, cfgA)
+	b := runDaemon(t, leaseDataDir(t, dsn, &cfgA))
+	local := testnet.Upper(t)
+	alice, _, _ := enrollClient(t, a.d, a.url, "alice", "laptop")
+	mallory, _, _ := enrollClient(t, a.d, b.url, "mallory", "pc")
+	bob, _, _ := enrollClient(t, a.d, a.url, "bob", "phone")
+	bobB := clientOn(t, bob, b.url)
+
+	stopA, _ := startAgent(t, alice, clients.TransportTLS, local, []string{"bob"}, nil)
+	if got, err := dialReverse(bob, clients.TransportTLS, []byte("before")); err != nil || string(got) != "BEFORE" {
+		t.Fatalf("bob through A before the freeze: %q %v", got, err)
+	}
+	var frozen atomic.Bool
+	frozen.Store(true)
+	a.d.proxy.SetHoldStoreFailHook(frozen.Load)
+	waitLog(t, a, "reverse names fenced")
+	var re *clients.RefusedError
+	if _, err := dialReverse(bob, clients.TransportTLS, []byte("x")); !errors.As(err, &re) ||
+		re.Code != wire.CodeReverseOffline && re.Code != wire.CodeReverseUnknown {
+		t.Fatalf("bob through A after A fenced svc: %v; want a refusal", err)
+	}
+	if err := runMallory(t, mallory); err == nil || !strings.Contains(err.Error(), "another identity") {
+		t.Fatalf("mallory claiming svc on B after A fenced it: %v; want name taken (alice's hold outlives A's lease)", err)
+	}
+	stopA() // the agent retrying A (refused: A cannot record holds) stops
+	startAgent(t, clientOn(t, alice, b.url), clients.TransportTLS, local, []string{"bob"}, nil)
+	if got, err := dialReverse(bobB, clients.TransportTLS, []byte("on b")); err != nil || string(got) != "ON B" {
+		t.Fatalf("bob through B after alice's agent moved there: %q %v", got, err)
+	}
+	if _, err := dialReverse(bob, clients.TransportTLS, []byte("x")); !errors.As(err, &re) {
+		t.Fatalf("bob through A while B serves svc: %v; want a refusal (two instances serving svc)", err)
+	}
+	frozen.Store(false)
+	if _, err := dialReverse(bob, clients.TransportTLS, []byte("x")); !errors.As(err, &re) {
+		t.Fatalf("bob through A after it reaches the database again, while B serves svc: %v; want a refusal", err)
+	}
+}
+
+// PostgreSQL stopped longer than the lease under an instance serving svc:
+// the instance says so, stops serving svc on its own, refuses the agent's
+// reconnections it cannot record, and once PostgreSQL is back the agent's
+// retry takes svc again and leases are renewed, without restarting tpd.
+func TestPGLeasesOutageAndRecovery(t *testing.T) {
+	srv, err := testpg.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	name, err := srv.CreateDatabase(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := runDaemon(t, leaseDataDir(t, srv.DSN(name), nil))
+	local := testnet.Upper(t)
+	alice, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
+	bob, _, _ := enrollClient(t, r.d, r.url, "bob", "phone")
+	startAgent(t, alice, clients.TransportTLS, local, []string{"bob"}, nil)
+	if got, err := dialReverse(bob, clients.TransportTLS, []byte("before")); err != nil || string(got) != "BEFORE" {
+		t.Fatalf("bob before the outage: %q %v", got, err)
+	}
+
+	if err := srv.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	waitLog(t, r, "cannot renew the leases in the database")
+	waitLog(t, r, "reverse names fenced")
+	var re *clients.RefusedError
+	if _, err := dialReverse(bob, clients.TransportTLS, []byte("x")); !errors.As(err, &re) {
+		t.Fatalf("bob during the outage, after svc was fenced: %v; want a refusal", err)
+	}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "bob reaches svc again after PostgreSQL is back", func() bool {
+		got, err := dialReverse(bob, clients.TransportTLS, []byte("after"))
+		return err == nil && string(got) == "AFTER"
+	})
+	waitLog(t, r, "renewing the leases in the database again")
+}
