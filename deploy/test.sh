@@ -23,6 +23,7 @@ tools=(
 	"ip iproute2"                         # tpbench's packet-loss scenarios: a network namespace
 	"iptables iptables"                   # … that drops packets
 	"curl curl"                           # the CONNECT tests use Debian's curl as an HTTPS-proxy client
+	"git git"                             # … and git, with http.proxySSLCert
 	"pg-initdb postgresql"                # internal/testpg runs a throwaway PostgreSQL (initdb, postgres)
 )
 
