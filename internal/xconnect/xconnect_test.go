@@ -2,6 +2,7 @@ package xconnect_test
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"net/http"
 	"net/http/httptest"
 	"testing"
@@ -31,7 +32,9 @@ func enableConnectSetting(t *testing.T) uint32 {
 	srv.EnableHTTP2 = true
 	srv.StartTLS()
 	defer srv.Close()
-	conn, err := tls.Dial("tcp", srv.Listener.Addr().String(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}}) //nolint:gosec // a test server's own certificate
+	roots := x509.NewCertPool()
+	roots.AddCert(srv.Certificate()) // the test server's own certificate, for example.com
+	conn, err := tls.Dial("tcp", srv.Listener.Addr().String(), &tls.Config{RootCAs: roots, ServerName: "example.com", NextProtos: []string{"h2"}})
 	if err != nil {
 		t.Fatal(err)
 	}
