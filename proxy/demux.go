@@ -513,16 +513,20 @@ func (w *webServer) handoff(c *tls.Conn) {
 	}
 }
 
-func (w *webServer) shutdown(ctx context.Context) error {
-	w.ln.Close()
+func (w *webServer) shutdown(ctx context.Context) error { return shutdownHTTP(ctx, w.ln, w.srv, w.h3) }
+
+// shutdownHTTP stops feeding ln and shuts srv and h3 down together within ctx,
+// closing whichever did not finish in time.
+func shutdownHTTP(ctx context.Context, ln *chanListener, srv *http.Server, h3 *http3.Server) error {
+	ln.Close()
 	h3Done := make(chan error, 1)
-	go func() { h3Done <- w.h3.Shutdown(ctx) }()
-	err := w.srv.Shutdown(ctx)
+	go func() { h3Done <- h3.Shutdown(ctx) }()
+	err := srv.Shutdown(ctx)
 	if err != nil {
-		_ = w.srv.Close()
+		_ = srv.Close()
 	}
 	if h3err := <-h3Done; h3err != nil {
-		_ = w.h3.Close()
+		_ = h3.Close()
 		if err == nil {
 			err = h3err
 		}

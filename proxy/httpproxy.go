@@ -127,22 +127,7 @@ func (p *proxyHTTP) handoff(c *tls.Conn) bool {
 	return p.ln.put(c)
 }
 
-func (p *proxyHTTP) shutdown(ctx context.Context) error {
-	p.ln.Close()
-	h3Done := make(chan error, 1)
-	go func() { h3Done <- p.h3.Shutdown(ctx) }()
-	err := p.srv.Shutdown(ctx)
-	if err != nil {
-		_ = p.srv.Close()
-	}
-	if h3err := <-h3Done; h3err != nil {
-		_ = p.h3.Close()
-		if err == nil {
-			err = h3err
-		}
-	}
-	return err
-}
+func (p *proxyHTTP) shutdown(ctx context.Context) error { return shutdownHTTP(ctx, p.ln, p.srv, p.h3) }
 
 // serveConnectH3 serves one QUIC connection that negotiated "h3" on a proxy
 // name until it ends; ctx ending closes it.

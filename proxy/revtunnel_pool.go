@@ -223,6 +223,27 @@ func (h *tunnelHolder) h2Transport() *http2.Transport {
 	}
 }
 
+// serveH2 holds a tunnel that chose h2 (an HTTP app's multiplexed tunnel, or a
+// listen-tcp tunnel with bind semantics): TP is the h2 client on it, and
+// requests (or CONNECTs) go out over it until it ends or ctx does.
+func (h *tunnelHolder) serveH2(ctx context.Context, tun *tunnelTicket, conn tunnelConn) {
+	cc, err := h.h2Transport().NewClientConn(conn)
+	if err != nil {
+		tun.rec.end = "h2 client preface: " + err.Error()
+		wire.Abort(conn, wire.QUICInternal)
+		return
+	}
+	remove := h.h2.add(cc)
+	defer remove()
+	h.h2Ready(tun)
+	select {
+	case <-conn.Done():
+	case <-ctx.Done():
+		_ = cc.Close()
+		wire.Abort(conn, wire.AbortCode(context.Cause(ctx)))
+	}
+}
+
 // serveHTTPTunnel serves the tunnel of an HTTP app until it ends.
 func (s *Server) serveHTTPTunnel(ctx context.Context, w http.ResponseWriter, r *http.Request, h *tunnelHolder, tun *tunnelTicket, alpn string) {
 	extra := http.Header{}
@@ -241,21 +262,7 @@ func (s *Server) serveHTTPTunnel(ctx context.Context, w http.ResponseWriter, r *
 	defer finishTunnel(conn)
 	if alpn == "h2" {
 		tun.rec.semantics = "multiplexed"
-		cc, err := h.h2Transport().NewClientConn(conn)
-		if err != nil {
-			tun.rec.end = "h2 client preface: " + err.Error()
-			wire.Abort(conn, wire.QUICInternal)
-			return
-		}
-		remove := h.h2.add(cc)
-		defer remove()
-		h.h2Ready(tun)
-		select {
-		case <-conn.Done():
-		case <-ctx.Done():
-			_ = cc.Close()
-			wire.Abort(conn, wire.AbortCode(context.Cause(ctx)))
-		}
+		h.serveH2(ctx, tun, conn)
 		return
 	}
 	tun.rec.semantics = "accept"
@@ -401,21 +408,7 @@ func (s *Server) serveListenTunnel(ctx context.Context, w http.ResponseWriter, r
 			return
 		}
 		defer finishTunnel(conn)
-		cc, err := h.h2Transport().NewClientConn(conn)
-		if err != nil {
-			tun.rec.end = "h2 client preface: " + err.Error()
-			wire.Abort(conn, wire.QUICInternal)
-			return
-		}
-		remove := h.h2.add(cc)
-		defer remove()
-		h.h2Ready(tun)
-		select {
-		case <-conn.Done():
-		case <-ctx.Done():
-			_ = cc.Close()
-			wire.Abort(conn, wire.AbortCode(context.Cause(ctx)))
-		}
+		h.serveH2(ctx, tun, conn)
 		return
 	}
 	tun.rec.semantics = "accept"
