@@ -89,6 +89,16 @@ func (lb *lbModel) dcid(b []byte) []byte {
 	return b[1 : 1+lb.cidLen]
 }
 
+// clientChosenCID reports whether pkt is a QUIC v1 Initial or 0-RTT packet,
+// whose destination connection ID the client chose rather than the server.
+func clientChosenCID(pkt []byte) bool {
+	if len(pkt) < 1 || pkt[0]&0x80 == 0 {
+		return false
+	}
+	typ := pkt[0] & 0x30 >> 4
+	return typ == 0 || typ == 1
+}
+
 func (lb *lbModel) route(src string, pkt []byte) int {
 	lb.mu.Lock()
 	defer lb.mu.Unlock()
@@ -109,9 +119,13 @@ func (lb *lbModel) route(src string, pkt []byte) int {
 				}
 			}
 		}
-		lb.badCIDs++
-		if len(lb.badShown) < 5 {
-			lb.badShown = append(lb.badShown, net.HardwareAddr(cid).String())
+		// An Initial or 0-RTT packet may carry the ID the client chose, at random
+		// and sometimes of this very length: routed by 5-tuple, never counted.
+		if !clientChosenCID(pkt) {
+			lb.badCIDs++
+			if len(lb.badShown) < 5 {
+				lb.badShown = append(lb.badShown, net.HardwareAddr(cid).String())
+			}
 		}
 	}
 	i, ok := lb.tuples[src]
