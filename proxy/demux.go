@@ -617,9 +617,9 @@ func (s *Server) quicConfigForClient(hello *tls.ClientHelloInfo) (*tls.Config, e
 	return s.h3TLS, nil
 }
 
-// serveH3 serves one QUIC connection that negotiated "h3" until it ends; ctx
-// ending closes it.
-func (s *Server) serveH3(ctx context.Context, conn *quic.Conn) {
+// serveH3 serves one QUIC connection that negotiated "h3" with h3 (the
+// website's or the proxy names') until it ends; ctx ending closes it.
+func (s *Server) serveH3(ctx context.Context, conn *quic.Conn, h3 *http3.Server, what string) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stopForce := context.AfterFunc(s.force, cancel)
@@ -628,9 +628,9 @@ func (s *Server) serveH3(ctx context.Context, conn *quic.Conn) {
 		_ = conn.CloseWithError(quic.ApplicationErrorCode(http3.ErrCodeNoError), "server shutting down")
 	})
 	defer stop()
-	err := s.web.h3.ServeQUICConn(conn)
+	err := h3.ServeQUICConn(conn)
 	if err != nil && !errors.Is(err, http.ErrServerClosed) {
-		s.log.LogAttrs(ctx, slog.LevelDebug, "http/3 connection ended",
+		s.log.LogAttrs(ctx, slog.LevelDebug, what+" connection ended",
 			slog.String("remote", conn.RemoteAddr().String()), slog.String("err", err.Error()))
 	}
 	_ = conn.CloseWithError(quic.ApplicationErrorCode(http3.ErrCodeNoError), "")

@@ -10,7 +10,6 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"log/slog"
 	"net"
 	"net/http"
@@ -18,7 +17,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 )
 
@@ -128,25 +126,6 @@ func (p *proxyHTTP) handoff(c *tls.Conn) bool {
 }
 
 func (p *proxyHTTP) shutdown(ctx context.Context) error { return shutdownHTTP(ctx, p.ln, p.srv, p.h3) }
-
-// serveConnectH3 serves one QUIC connection that negotiated "h3" on a proxy
-// name until it ends; ctx ending closes it.
-func (s *Server) serveConnectH3(ctx context.Context, conn *quic.Conn) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	stopForce := context.AfterFunc(s.force, cancel)
-	defer stopForce()
-	stop := context.AfterFunc(ctx, func() {
-		_ = conn.CloseWithError(quic.ApplicationErrorCode(http3.ErrCodeNoError), "server shutting down")
-	})
-	defer stop()
-	err := s.connect.h3.ServeQUICConn(conn)
-	if err != nil && !errors.Is(err, http.ErrServerClosed) {
-		s.log.LogAttrs(ctx, slog.LevelDebug, "http/3 proxy connection ended",
-			slog.String("remote", conn.RemoteAddr().String()), slog.String("err", err.Error()))
-	}
-	_ = conn.CloseWithError(quic.ApplicationErrorCode(http3.ErrCodeNoError), "")
-}
 
 // handoffProxyHTTP gives a handshaken connection on a proxy name to the proxy's
 // HTTP server, which now owns it and its MaxConns slot. Its certificate was
