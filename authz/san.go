@@ -12,6 +12,10 @@ import (
 var (
 	oidSubjectAltName      = asn1.ObjectIdentifier{2, 5, 29, 17}
 	oidPermanentIdentifier = asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 8, 3}
+	oidHardwareModuleName  = asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 8, 4}
+	// The TPM attributes (TCG EK credential profile) step-ca reads from a
+	// directoryName as strings.
+	oidTPMAttributes = []asn1.ObjectIdentifier{{2, 23, 133, 2, 1}, {2, 23, 133, 2, 2}, {2, 23, 133, 2, 3}}
 )
 
 // PermanentIdentifierSAN encodes a subjectAltName extension holding one RFC 4043
@@ -72,6 +76,15 @@ func permanentIdentifiers(leaf *x509.Certificate) ([]string, error) {
 			if gn.Class != asn1.ClassContextSpecific {
 				return nil, errors.New("subjectAltName holds an element that is no GeneralName")
 			}
+			if gn.Tag == 4 {
+				// A directoryName holds no identity, but the CA reads one (TPM
+				// attributes): a certificate the CA could not read is not read here
+				// either.
+				if err := checkDirectoryName(gn); err != nil {
+					return nil, err
+				}
+				continue
+			}
 			if gn.Tag != 0 {
 				continue // another kind of name: only otherName ([0]) can hold an identity
 			}
@@ -105,6 +118,18 @@ func permanentIdentifier(gn asn1.RawValue) (string, bool, error) {
 		return "", false, fmt.Errorf("otherName: %w", err)
 	} else if len(rest) > 0 {
 		return "", false, errors.New("bytes after an otherName")
+	}
+	if on.TypeID.Equal(oidHardwareModuleName) {
+		// No identity either, but one the CA parses: malformed, it makes the CA
+		// refuse the whole subjectAltName, so TP refuses it too.
+		var hmn struct {
+			Type         asn1.ObjectIdentifier
+			SerialNumber []byte `asn1:"tag:4"`
+		}
+		if _, err := asn1.UnmarshalWithParams(on.Value.FullBytes, &hmn, "explicit,tag:0"); err != nil {
+			return "", false, fmt.Errorf("hardwareModuleName: %w", err)
+		}
+		return "", false, nil
 	}
 	if !on.TypeID.Equal(oidPermanentIdentifier) {
 		return "", false, nil
@@ -147,4 +172,26 @@ func permanentIdentifier(gn asn1.RawValue) (string, bool, error) {
 		}
 	}
 	return value, true, nil
+}
+
+// checkDirectoryName refuses a directoryName GeneralName that step-ca's reading
+// of the same certificate would refuse (or fail on): one that is no RDN sequence,
+// or whose TPM attributes are not strings.
+func checkDirectoryName(gn asn1.RawValue) error {
+	var rdns pkix.RDNSequence
+	if rest, err := asn1.Unmarshal(gn.Bytes, &rdns); err != nil {
+		return fmt.Errorf("directoryName: %w", err)
+	} else if len(rest) > 0 {
+		return errors.New("bytes after a directoryName")
+	}
+	for _, set := range rdns {
+		for _, atv := range set {
+			for _, oid := range oidTPMAttributes {
+				if _, ok := atv.Value.(string); atv.Type.Equal(oid) && !ok {
+					return fmt.Errorf("directoryName: TPM attribute %v is not a string", atv.Type)
+				}
+			}
+		}
+	}
+	return nil
 }

@@ -119,12 +119,23 @@ func TestPermanentIdentifiersRefusesMalformed(t *testing.T) {
 		mustMarshal(t, asn1.RawValue{Class: asn1.ClassContextSpecific, Tag: 0, IsCompound: true, Bytes: mustMarshal(t, asn1.RawValue{Class: asn1.ClassUniversal, Tag: asn1.TagSequence, IsCompound: true, Bytes: []byte{0x02, 0x01, 0x05}})}))})
 	untagged, _ := asn1.Marshal(asn1.RawValue{Class: asn1.ClassContextSpecific, Tag: 0, IsCompound: true, Bytes: slices.Concat(oid,
 		mustMarshal(t, asn1.RawValue{Class: asn1.ClassUniversal, Tag: asn1.TagSequence, IsCompound: true, Bytes: mustMarshal(t, "alice@laptop")}))})
+	hmnOID, _ := asn1.Marshal(asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 8, 4})
+	badHMN, _ := asn1.Marshal(asn1.RawValue{Class: asn1.ClassContextSpecific, Tag: 0, IsCompound: true, Bytes: slices.Concat(hmnOID,
+		mustMarshal(t, asn1.RawValue{Class: asn1.ClassContextSpecific, Tag: 0, IsCompound: true, Bytes: []byte{0x02, 0x01, 0x05}}))})
+	tpmOID, _ := asn1.Marshal(asn1.ObjectIdentifier{2, 23, 133, 2, 1})
+	atv := mustMarshal(t, asn1.RawValue{Class: asn1.ClassUniversal, Tag: asn1.TagSequence, IsCompound: true, Bytes: slices.Concat(tpmOID, []byte{0x02, 0x01, 0x05})})
+	rdn := mustMarshal(t, asn1.RawValue{Class: asn1.ClassUniversal, Tag: asn1.TagSet, IsCompound: true, Bytes: atv})
+	tpmInteger, _ := asn1.Marshal(asn1.RawValue{Class: asn1.ClassContextSpecific, Tag: 4, IsCompound: true,
+		Bytes: mustMarshal(t, asn1.RawValue{Class: asn1.ClassUniversal, Tag: asn1.TagSequence, IsCompound: true, Bytes: rdn})})
 	for _, tc := range []struct {
 		name string
 		san  []byte
 	}{
 		{"an identifier value that is an INTEGER, not a UTF8String", wrap(goodSeq.Bytes, notUTF8)},
 		{"a permanentIdentifier without its [0] tag", wrap(untagged, goodSeq.Bytes)},
+		// The CA refuses these (or fails on them), so TP must not read the identity beside them.
+		{"a hardwareModuleName whose value is an INTEGER, beside a good identifier", wrap(goodSeq.Bytes, badHMN)},
+		{"a directoryName whose TPM manufacturer is an INTEGER, beside a good identifier", wrap(goodSeq.Bytes, tpmInteger)},
 	} {
 		c := sanCert(t, key, tc.san)
 		if c == nil {
