@@ -90,3 +90,39 @@ func waitPresented(t *testing.T, addr, name string, roots *x509.CertPool) *x509.
 		time.Sleep(50 * time.Millisecond) // polling for certmagic, bounded by the deadline above
 	}
 }
+
+// tpd migrate moves the sites directory too: a single tpd obtained www.test's
+// certificate into DATA_DIR/sites; after the migration the same data dir on
+// PostgreSQL (on another port, so another ACME directory URL) presents that
+// certificate without ordering one.
+func TestPGMigrateSites(t *testing.T) {
+	root := t.TempDir()
+	if err := os.WriteFile(filepath.Join(root, "index.html"), []byte("hello"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
+	cfg.Sites = []config.Site{{Name: "www.test", Root: root}}
+	r := runDaemon(t, cfg)
+	roots := x509.NewCertPool()
+	roots.AddCert(r.d.pki.Root)
+	before := waitPresented(t, r.addr, "www.test", roots)
+	r.stop()
+
+	_, dsn := testpg.NewDatabase(t)
+	cfg.Database, cfg.DatabasePassword = dsn, testpg.Password
+	res, err := Migrate(context.Background(), cfg, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.SiteFiles < 3 { // the certificate, its key, its metadata, the account
+		t.Fatalf("migrate moved %d site files; want the certificate, its key and metadata, and the account", res.SiteFiles)
+	}
+	r2 := runDaemon(t, cfg)
+	after := waitPresented(t, r2.addr, "www.test", roots)
+	if after.SerialNumber.Cmp(before.SerialNumber) != 0 {
+		t.Fatalf("after the migration www.test has serial %x, not the migrated %x", after.SerialNumber, before.SerialNumber)
+	}
+	if strings.Contains(r2.logs.String(), `msg="obtaining certificate"`) {
+		t.Fatalf("the migrated instance ordered a certificate:\n%s", r2.logs.String())
+	}
+}
