@@ -295,11 +295,21 @@ func (s *CertStorage) keepLock(ctx context.Context, name string, h *heldLock) {
 			return
 		case <-t.C:
 		}
-		if err := s.renew(ctx, name, h.token, s.ttl()); err != nil && ctx.Err() == nil {
+		err := s.renew(ctx, name, h.token, s.ttl())
+		switch {
+		case ctx.Err() != nil:
+			return
+		case errors.Is(err, errLockLost):
+			s.db.log.Warn("certificate storage: a lock's lease ran out and another acquisition took it", "lock", name)
+			return
+		case err != nil:
 			s.db.log.Warn("certificate storage: cannot extend a lock's lease in the database", "lock", name, "err", err)
 		}
 	}
 }
+
+// errLockLost: the lock's row is gone or another acquisition's.
+var errLockLost = errors.New("no longer this instance's (its lease ran out)")
 
 func (s *CertStorage) renew(ctx context.Context, name, token string, d time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
@@ -310,7 +320,7 @@ func (s *CertStorage) renew(ctx context.Context, name, token string, d time.Dura
 		return err
 	}
 	if tag.RowsAffected() != 1 {
-		return fmt.Errorf("the lock %s is no longer this instance's (its lease ran out)", name)
+		return fmt.Errorf("the lock %s: %w", name, errLockLost)
 	}
 	return nil
 }

@@ -195,4 +195,28 @@ func TestCertStorageLocks(t *testing.T) {
 	if err := b.Unlock(ctx, "dead"); err != nil {
 		t.Fatal(err)
 	}
+
+	// A holder whose lease ran out (its extensions did not reach the
+	// database) loses the lock to another, and is told so when it extends.
+	if err := a.Lock(ctx, "lapsed"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dbA.Pool().Exec(ctx, `UPDATE tp_certmagic_locks SET lease_until = now() - interval '1 second' WHERE name = 'lapsed'`); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := b.TryLock(ctx, "lapsed"); !ok || err != nil {
+		t.Fatalf("B's TryLock of a lock whose lease ran out: %v %v; want true", ok, err)
+	}
+	if err := a.RenewLockLease(ctx, "lapsed", time.Minute); err == nil || !strings.Contains(err.Error(), "lease ran out") {
+		t.Fatalf("A extending a lock B took after A's lease ran out: %v; want a refusal", err)
+	}
+	if err := a.Unlock(ctx, "lapsed"); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := a.TryLock(ctx, "lapsed"); ok || err != nil {
+		t.Fatalf("A's stale Unlock released B's lock: A's TryLock %v %v", ok, err)
+	}
+	if err := b.Unlock(ctx, "lapsed"); err != nil {
+		t.Fatal(err)
+	}
 }
