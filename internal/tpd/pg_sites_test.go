@@ -48,16 +48,19 @@ func TestPGSitesShareOneCertificate(t *testing.T) {
 	if leafC := waitPresented(t, c.addr, "www.test", roots); leafC.SerialNumber.Cmp(leafA.SerialNumber) != 0 {
 		t.Fatalf("C, started after the order, presents serial %x, not the stored %x", leafC.SerialNumber, leafA.SerialNumber)
 	}
-	orders := 0
+	// certmagic logs each attempt of an order (it retries a failed one under
+	// the same lock): count the instances that ordered.
+	ordered := 0
 	for _, r := range []*daemonRun{a, b, c} {
 		for _, line := range strings.Split(r.logs.String(), "\n") {
 			if strings.Contains(line, `msg="obtaining certificate"`) && strings.Contains(line, "www.test") {
-				orders++
+				ordered++
+				break
 			}
 		}
 	}
-	if orders != 1 {
-		t.Fatalf("www.test was ordered %d times by three instances; want once.\nA:\n%s\nB:\n%s", orders, a.logs.String(), b.logs.String())
+	if ordered != 1 {
+		t.Fatalf("%d of three instances ordered www.test; want one.\nA:\n%s\nB:\n%s", ordered, a.logs.String(), b.logs.String())
 	}
 	for _, cfg := range []config.Server{cfgA, cfgB, cfgC} {
 		if m, _ := filepath.Glob(filepath.Join(cfg.SitesDir(), "certificates", "*", "www.test", "*")); len(m) != 0 {
