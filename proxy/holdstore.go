@@ -64,6 +64,18 @@ func (e *HeldError) Error() string {
 	return fmt.Sprintf("%s belongs to another identity, whose agent is reconnecting; choose another", describeKey(e.Key))
 }
 
+// TooManyHeldError is a claim refused because the owner would hold more keys
+// than the store's bound over every instance (the store counts what the
+// owner's agents on all instances hold or have reserved).
+type TooManyHeldError struct {
+	Owner            string
+	Held, Asked, Max int
+}
+
+func (e *TooManyHeldError) Error() string {
+	return fmt.Sprintf("%s already holds %d reverse names and public exposures on the TP server's instances (through its other agents, or reserved for an agent that is reconnecting) and asks for %d more; the server allows %d per device (max-reverse-names-per-identity); stop the agents it no longer needs and try again", e.Owner, e.Held, e.Asked, e.Max)
+}
+
 // CodeHoldsUnavailable refuses a registration this instance cannot record in
 // the shared database (unreachable): the agent retries.
 const CodeHoldsUnavailable = "holds_unavailable"
@@ -98,9 +110,12 @@ func (r *reverseRegistry) storeClaim(a *reverseAgent, keys []string) *wire.Hello
 		leases, err = r.opts.Store.Claim(ctx, a.id.DeviceID, keys, r.opts.Lease, r.holdFor())
 	}
 	var he *HeldError
+	var tm *TooManyHeldError
 	switch {
 	case errors.As(err, &he):
 		return wire.Errorf(wire.CodeNameTaken, "%s", he.Error())
+	case errors.As(err, &tm):
+		return wire.Errorf(CodeTooManyNames, "%s", tm.Error())
 	case err != nil:
 		r.logStoreErr("claim", err)
 		return wire.Errorf(CodeHoldsUnavailable, "this TP server cannot record the names in its database just now (%v); the agent retries", err)

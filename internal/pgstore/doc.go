@@ -3,8 +3,10 @@
 // from a file or the environment, the schema (created and migrated by tpd at
 // start, versioned in schema_version), the user store (users, groups, devices,
 // enrollment tokens; a [users.Store]), the deny list, the embedded CA's ACME
-// nonces (an [acme.NonceStore]) and what every instance must agree on (the
-// CA's root fingerprint), and the import `tpd migrate` does.
+// nonces (an [acme.NonceStore]), what every instance must agree on (the
+// CA's root fingerprint), reverse-name holds with leases (holds.go), shared
+// secret keys (keys.go), certmagic's storage and locks for site certificates
+// (certmagic.go), and the import `tpd migrate` does.
 //
 // Every instance keeps what it reads on each connection in memory and reloads
 // it when another instance changes it: each write notifies on one channel

@@ -22,6 +22,13 @@ const TopicHolds = "holds"
 type Holds struct {
 	db       *DB
 	instance string
+	// MaxPerOwner, when positive, bounds the keys one owner holds over every
+	// instance (max-reverse-names-per-identity): a claim that would leave the
+	// owner with more rows whose hold has not ended is refused with a
+	// *proxy.TooManyHeldError. Claims of one owner are serialised (a
+	// transaction-scoped advisory lock on the owner), so two instances
+	// claiming at once cannot both pass the count.
+	MaxPerOwner int
 }
 
 var _ proxy.HoldStore = (*Holds)(nil)
@@ -47,6 +54,11 @@ func (h *Holds) Claim(ctx context.Context, owner string, keys []string, lease, h
 	defer cancel()
 	var leases []proxy.HoldLease
 	err := pgx.BeginFunc(ctx, h.db.pool, func(tx pgx.Tx) error {
+		if h.MaxPerOwner > 0 {
+			if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtextextended('tp_holds/' || $1, 0))", owner); err != nil {
+				return err
+			}
+		}
 		rows, err := tx.Query(ctx, `INSERT INTO tp_holds AS h (key, owner, instance, epoch, lease_until, expires_at)
 			SELECT k, $2, $3, 1, now() + $4 * interval '1 microsecond', now() + $5 * interval '1 microsecond'
 			FROM unnest($1::text[]) AS k
@@ -66,6 +78,9 @@ func (h *Holds) Claim(ctx context.Context, owner string, keys []string, lease, h
 			return err
 		}
 		if len(leases) == len(keys) {
+			if err := h.checkCount(ctx, tx, owner, len(keys)); err != nil {
+				return err
+			}
 			return notify(ctx, tx, TopicHolds)
 		}
 		var he proxy.HeldError
@@ -81,9 +96,28 @@ func (h *Holds) Claim(ctx context.Context, owner string, keys []string, lease, h
 		if he := (*proxy.HeldError)(nil); errors.As(err, &he) {
 			return nil, he
 		}
+		if tm := (*proxy.TooManyHeldError)(nil); errors.As(err, &tm) {
+			return nil, tm
+		}
 		return nil, fmt.Errorf("claiming reverse names in the database: %w", err)
 	}
 	return leases, nil
+}
+
+// checkCount refuses (rolling the claim back) when owner, having just taken
+// asked keys, holds more than MaxPerOwner rows whose hold has not ended.
+func (h *Holds) checkCount(ctx context.Context, tx pgx.Tx, owner string, asked int) error {
+	if h.MaxPerOwner <= 0 {
+		return nil
+	}
+	var n int
+	if err := tx.QueryRow(ctx, "SELECT count(*) FROM tp_holds WHERE owner = $1 AND expires_at > now()", owner).Scan(&n); err != nil {
+		return fmt.Errorf("counting the keys of %s: %w", owner, err)
+	}
+	if n > h.MaxPerOwner {
+		return &proxy.TooManyHeldError{Owner: owner, Held: n - asked, Asked: asked, Max: h.MaxPerOwner}
+	}
+	return nil
 }
 
 func leaseKeys(ls []proxy.HoldLease) []string {

@@ -3,6 +3,9 @@ package pgstore_test
 import (
 	"context"
 	"errors"
+	"strconv"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -93,4 +96,57 @@ func epochOf(ls []proxy.HoldLease, key string) int64 {
 		}
 	}
 	return -1
+}
+
+// MaxPerOwner bounds an owner's keys over every instance: a claim on B that
+// would exceed it counting A's keys is refused with a TooManyHeldError and
+// takes none of its keys; the owner's own keys claimed again (an agent that
+// moved) count once; claims racing on two instances never pass the bound.
+func TestHoldsMaxPerOwnerAcrossInstances(t *testing.T) {
+	_, dsn := testpg.NewDatabase(t)
+	a, b := pgstore.NewHolds(open(t, dsn), "A"), pgstore.NewHolds(open(t, dsn), "B")
+	a.MaxPerOwner, b.MaxPerOwner = 3, 3
+	ctx := context.Background()
+	const lease, hold = 10 * time.Second, time.Minute
+
+	if _, err := a.Claim(ctx, "alice-dev", []string{"one.rev", "two.rev"}, lease, hold); err != nil {
+		t.Fatal(err)
+	}
+	_, err := b.Claim(ctx, "alice-dev", []string{"three.rev", "four.rev"}, lease, hold)
+	var tm *proxy.TooManyHeldError
+	if !errors.As(err, &tm) || tm.Held != 2 || tm.Asked != 2 || tm.Max != 3 || !strings.Contains(err.Error(), "max-reverse-names-per-identity") {
+		t.Fatalf("alice's claim of two more on B: %v; want TooManyHeldError held 2, asked 2, max 3", err)
+	}
+	if _, err := b.Claim(ctx, "bob-dev", []string{"three.rev", "four.rev"}, lease, hold); err != nil {
+		t.Fatalf("bob claiming the keys of alice's refused claim: %v; the refused claim must have taken nothing", err)
+	}
+	if _, err := b.Claim(ctx, "alice-dev", []string{"one.rev", "two.rev", "five.rev"}, lease, hold); err != nil {
+		t.Fatalf("alice's agent moving to B with her two keys and one more (3, the bound): %v", err)
+	}
+
+	// Racing claims of one key each for carol on both instances.
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	taken := 0
+	for i := range 12 {
+		s := a
+		if i%2 == 1 {
+			s = b
+		}
+		wg.Go(func() {
+			_, err := s.Claim(ctx, "carol-dev", []string{"c" + strconv.Itoa(i) + ".rev"}, lease, hold)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				taken++
+			case !errors.As(err, new(*proxy.TooManyHeldError)):
+				t.Errorf("carol's claim %d: %v", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	if taken != 3 {
+		t.Fatalf("%d of carol's racing claims on two instances succeeded; want 3 (the bound)", taken)
+	}
 }

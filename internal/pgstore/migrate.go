@@ -79,6 +79,22 @@ var migrations = []string{
 		key     bytea NOT NULL CHECK (length(key) = 32),
 		PRIMARY KEY (purpose, created)
 	);`,
+	// 5: certmagic's storage for site and exposed-name certificates, their
+	// keys and the ACME account (certmagic.go), and its named locks, each
+	// held by one acquisition until it is unlocked or its lease, on the
+	// database's clock, runs out; an index for counting an owner's holds
+	// (Holds.MaxPerOwner).
+	`CREATE TABLE tp_certmagic (
+		key      text PRIMARY KEY,
+		value    bytea NOT NULL,
+		modified timestamptz NOT NULL DEFAULT now()
+	);
+	CREATE TABLE tp_certmagic_locks (
+		name        text PRIMARY KEY,
+		token       text NOT NULL,
+		lease_until timestamptz NOT NULL
+	);
+	CREATE INDEX tp_holds_owner ON tp_holds (owner);`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

@@ -4,7 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/caddyserver/certmagic"
 
 	"github.com/tp-proxy/tp/acme"
 	"github.com/tp-proxy/tp/internal/config"
@@ -17,6 +22,9 @@ type MigrateResult struct {
 	pgstore.ImportResult
 	CA          acme.CACopy
 	Fingerprint string
+	// SiteFiles is how many files of the sites directory (certificates, keys,
+	// ACME accounts) went into the certificate storage.
+	SiteFiles int
 }
 
 // Migrate moves a single-process data dir (cfg.DataDir: users, devices,
@@ -80,9 +88,59 @@ func Migrate(ctx context.Context, cfg config.Server, force bool) (MigrateResult,
 	if err != nil {
 		return res, err
 	}
+	if res.SiteFiles, err = migrateSites(ctx, cfg, pgstore.NewCertStorage(db)); err != nil {
+		return res, err
+	}
 	if res.ImportResult, err = db.Import(ctx, in); err != nil {
 		return res, err
 	}
 	res.Again = again
 	return res, nil
+}
+
+// migrateSites copies the sites directory (certmagic's files: certificates,
+// their keys, ACME accounts; not its locks) into the certificate storage, so
+// that the instances serve the certificates the single tpd had instead of
+// ordering them again. With the embedded CA the files go under the issuer
+// every instance uses for it (sitestore.go).
+func migrateSites(ctx context.Context, cfg config.Server, to *pgstore.CertStorage) (int, error) {
+	root := cfg.SitesDir()
+	if _, err := os.Stat(root); errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	embeddedSuffix := certmagic.StorageKeys.Safe((&certmagic.ACMEIssuer{CA: "https://x" + acme.SitesDirectoryPath()}).IssuerKey())
+	embeddedSuffix = strings.TrimPrefix(embeddedSuffix, "x")
+	n := 0
+	err := filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !e.Type().IsRegular() {
+			return nil
+		}
+		rel, err := filepath.Rel(root, path)
+		if err != nil {
+			return err
+		}
+		key := filepath.ToSlash(rel)
+		if strings.HasPrefix(key, "locks/") {
+			return nil
+		}
+		if parts := strings.SplitN(key, "/", 3); cfg.ACMECA == "" && len(parts) == 3 && strings.HasSuffix(parts[1], embeddedSuffix) {
+			key = parts[0] + "/" + embeddedIssuer + "/" + parts[2]
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		if err := to.Store(ctx, key, b); err != nil {
+			return err
+		}
+		n++
+		return nil
+	})
+	if err != nil {
+		return n, fmt.Errorf("migrating the site certificates in %s: %w", root, err)
+	}
+	return n, nil
 }

@@ -25,7 +25,9 @@ import (
 func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
 	if d.db != nil {
 		opts := d.reverseOptionsBase()
-		opts.Store = pgstore.NewHolds(d.db, instanceName())
+		holds := pgstore.NewHolds(d.db, instanceName())
+		holds.MaxPerOwner = opts.MaxNamesPerIdentity // over every instance, not only this one's agents
+		opts.Store = holds
 		opts.Lease, opts.Renew = d.cfg.ReverseLease, d.cfg.ReverseRenew
 		// Another instance's claim or release may have moved one of ours:
 		// renew (and so learn it) at once rather than at the next tick.

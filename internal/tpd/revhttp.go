@@ -135,7 +135,7 @@ func (d *Daemon) manageExposedCerts(env *certEnv) (*website.Certs, error) {
 	}
 	tcp, _ := env.public.(*net.TCPAddr)
 	o := website.CertOptions{
-		Storage: d.cfg.SitesDir(), CA: dir, Email: d.cfg.ACMEEmail, TrustedRoots: roots,
+		Storage: d.cfg.SitesDir(), Shared: d.siteStorage(dir), CA: dir, Email: d.cfg.ACMEEmail, TrustedRoots: roots,
 		TLSALPNPort: tcp.Port, HTTPPort: env.httpPort, Logger: d.log,
 		OnDemand: d.allowExposedCert, Capacity: maxExposedCerts,
 		Obtaining: func(string) { d.exposedOrders.Add(1) },

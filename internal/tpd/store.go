@@ -47,6 +47,7 @@ func (d *Daemon) openStores(ctx context.Context) (*authz.DenyList, error) {
 		return nil, err
 	}
 	d.db = db
+	d.certDB = pgstore.NewCertStorage(db)
 	if err := db.ClaimCA(ctx, d.pki.Fingerprint()); err != nil {
 		d.closeDB()
 		return nil, err

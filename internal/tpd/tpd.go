@@ -81,7 +81,8 @@ type Daemon struct {
 	pki     *acme.PKI
 	ca      *acme.CA
 	users   users.Store
-	db      *pgstore.DB // nil unless database: is set (store.go)
+	db      *pgstore.DB          // nil unless database: is set (store.go)
+	certDB  *pgstore.CertStorage // site certificates in db; nil without it
 	policy  *policy.Engine
 	authz   *policy.Authorizer
 	proxy   *proxy.Server

@@ -277,7 +277,7 @@ func (d *Daemon) manageCerts(env *certEnv, names []string) (*website.Certs, erro
 	}
 	tcp, _ := env.public.(*net.TCPAddr)
 	o := website.CertOptions{
-		Names: names, Storage: d.cfg.SitesDir(), CA: dir, Email: d.cfg.ACMEEmail, TrustedRoots: roots,
+		Names: names, Storage: d.cfg.SitesDir(), Shared: d.siteStorage(dir), CA: dir, Email: d.cfg.ACMEEmail, TrustedRoots: roots,
 		TLSALPNPort: tcp.Port, HTTPPort: env.httpPort, Logger: d.log,
 	}
 	if !tcp.IP.IsUnspecified() {

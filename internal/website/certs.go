@@ -36,6 +36,10 @@ type CertOptions struct {
 	Obtaining func(name string)
 	// Storage is the directory for certificates, keys and the ACME account.
 	Storage string
+	// Shared, when set, is used instead of Storage: a certmagic storage that
+	// several instances share (PostgreSQL), whose locks keep two of them from
+	// ordering one certificate.
+	Shared certmagic.Storage
 	// CA is the ACME directory URL; Email the account's contact (may be empty).
 	CA, Email string
 	// TrustedRoots verify the ACME server; nil uses the system roots.
@@ -68,7 +72,7 @@ type Certs struct {
 
 // NewCerts prepares certificate management; Manage starts it.
 func NewCerts(o CertOptions) (*Certs, error) {
-	if len(o.Names) == 0 && o.OnDemand == nil || o.Storage == "" || o.CA == "" {
+	if len(o.Names) == 0 && o.OnDemand == nil || o.Storage == "" && o.Shared == nil || o.CA == "" {
 		return nil, errors.New("site certificates need names (or on-demand issuance), a storage directory and an ACME directory URL")
 	}
 	if o.Logger == nil {
@@ -82,10 +86,11 @@ func NewCerts(o CertOptions) (*Certs, error) {
 		Capacity:           o.Capacity,
 		Logger:             zl,
 	})
-	cmc := certmagic.Config{
-		Storage: &certmagic.FileStorage{Path: o.Storage},
-		Logger:  zl,
+	var storage certmagic.Storage = &certmagic.FileStorage{Path: o.Storage}
+	if o.Shared != nil {
+		storage = o.Shared
 	}
+	cmc := certmagic.Config{Storage: storage, Logger: zl}
 	if o.OnDemand != nil {
 		cmc.OnDemand = &certmagic.OnDemandConfig{DecisionFunc: o.OnDemand}
 	}
