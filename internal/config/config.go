@@ -122,6 +122,11 @@ type Server struct {
 	// often it renews (at most a third of the lease). docs/SCALE.md.
 	ReverseLease time.Duration `mapstructure:"reverse-lease"`
 	ReverseRenew time.Duration `mapstructure:"reverse-renew"`
+	// PeerAddress is host:port where the other instances on the same database
+	// reach this one's shared port (ALPN tp-peer/1, docs/SCALE.md "Peering");
+	// empty: the address listen is bound to, or the host name and listen's
+	// port when listen has no host.
+	PeerAddress string `mapstructure:"peer-address"`
 	// PublicPorts are the ports agents may open publicly (`tp expose --public
 	// PORT`), e.g. "20000-30000,8080"; empty opens none. The policy decides too.
 	PublicPorts string `mapstructure:"public-ports"`
@@ -307,6 +312,11 @@ func (s Server) Validate() error {
 	if s.ReverseRestartGrace < time.Minute || s.ReverseRestartGrace > time.Hour {
 		errs = append(errs, fmt.Errorf("reverse-restart-grace %s must be between 1m and 1h: agents need up to about a minute to notice a restarted tpd and come back", s.ReverseRestartGrace))
 	}
+	if s.PeerAddress != "" {
+		if h, p, err := net.SplitHostPort(s.PeerAddress); err != nil || h == "" || p == "" || p == "0" {
+			errs = append(errs, fmt.Errorf("peer-address %q must be host:port where the other instances reach this one (e.g. 10.0.0.5:443)", s.PeerAddress))
+		}
+	}
 	if s.ReverseLease < time.Second || s.ReverseLease > 5*time.Minute {
 		errs = append(errs, fmt.Errorf("reverse-lease %s must be between 1s and 5m", s.ReverseLease))
 	}
@@ -474,6 +484,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("reverse-restart-grace", d.ReverseRestartGrace)
 	v.SetDefault("reverse-lease", d.ReverseLease)
 	v.SetDefault("reverse-renew", d.ReverseRenew)
+	v.SetDefault("peer-address", d.PeerAddress)
 	v.SetDefault("public-ports", d.PublicPorts)
 	v.SetDefault("sites", d.Sites)
 	v.SetDefault("default-site", d.DefaultSite)

@@ -25,7 +25,8 @@ import (
 func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
 	if d.db != nil {
 		opts := d.reverseOptionsBase()
-		opts.Store = pgstore.NewHolds(d.db, instanceName())
+		d.instance = instanceName()
+		opts.Store = pgstore.NewHolds(d.db, d.instance)
 		opts.Lease, opts.Renew = d.cfg.ReverseLease, d.cfg.ReverseRenew
 		// Another instance's claim or release may have moved one of ours:
 		// renew (and so learn it) at once rather than at the next tick.
