@@ -21,7 +21,7 @@ import (
 
 // leaseDataDir is pgDataDir with the reverse policy and short lease timings,
 // so that fencing happens within a test's patience.
-func leaseDataDir(t *testing.T, dsn string, peer *config.Server) config.Server {
+func leaseDataDir(t testing.TB, dsn string, peer *config.Server) config.Server {
 	t.Helper()
 	cfg := pgDataDir(t, dsn, peer)
 	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(reversePolicy), 0o600); err != nil {
@@ -53,7 +53,7 @@ func holdRow(t *testing.T, dsn string) (epoch int64, instance string) {
 }
 
 // clientOn is another Client of the same device (its home) whose server is url.
-func clientOn(t *testing.T, c *clients.Client, url string) *clients.Client {
+func clientOn(t testing.TB, c *clients.Client, url string) *clients.Client {
 	t.Helper()
 	o, err := clients.Open(c.Home)
 	if err != nil {
