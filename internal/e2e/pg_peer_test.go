@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -248,4 +249,121 @@ func TestPGPeerThreeInstances(t *testing.T) {
 		t.Fatal("bob's session through B to A still runs 30s after C revoked bob")
 	}
 	waitLog(t, b.log, "revoked", 10*time.Second)
+}
+
+// frontDoor is a TCP load balancer in front of tpd instances: each
+// connection goes to the first backend that accepts it; while shut it accepts
+// and closes connections at once (the network between clients and tpd is down).
+type frontDoor struct {
+	ln       net.Listener
+	mu       sync.Mutex
+	backends []string
+	shut     bool
+}
+
+func newFrontDoor(t *testing.T, backends ...string) *frontDoor {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &frontDoor{ln: ln, backends: backends}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go f.serve(c)
+		}
+	}()
+	return f
+}
+
+func (f *frontDoor) set(shut bool) { f.mu.Lock(); f.shut = shut; f.mu.Unlock() }
+
+func (f *frontDoor) serve(c net.Conn) {
+	defer c.Close()
+	f.mu.Lock()
+	shut, backends := f.shut, slices.Clone(f.backends)
+	f.mu.Unlock()
+	if shut {
+		return
+	}
+	for _, b := range backends {
+		up, err := net.DialTimeout("tcp", b, 5*time.Second)
+		if err != nil {
+			continue
+		}
+		defer up.Close()
+		go func() { io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
+		io.Copy(c, up)
+		return
+	}
+}
+
+// kill -9 of the instance A that serves alice's name, with the real binaries
+// and a TCP load balancer in front of A, B and C (A first). While the
+// balancer lets no connection through, mallory (on C) cannot take the name:
+// A's crash released nothing, so the row is still alice's. Once the
+// balancer passes connections again, alice's agent reconnects, lands on B
+// (A is dead) and takes the name back under a higher epoch, and bob, who
+// dials through C all along, reaches it again once the agent's first
+// reconnection claimed it (measured: about 0.5 s after the balancer opened;
+// the test waits up to 60 s for a loaded machine; docs/SCALE.md states the
+// bound).
+func TestPGPeerKillServingInstance(t *testing.T) {
+	srvs := startPeers(t, 3, peerPolicy+`
+allow if {
+	input.action == "listen"
+	input.identity.user == "mallory"
+}
+`, nil)
+	a, b, c := srvs[0], srvs[1], srvs[2]
+	door := newFrontDoor(t, a.Addr, b.Addr, c.Addr)
+	alice := a.login(t, "alice", "laptop")
+	setServer(t, strings.TrimPrefix(alice[0], "TP_HOME="), "https://"+door.ln.Addr().String())
+	bob := c.login(t, "bob", "phone")
+	mallory := c.login(t, "mallory", "pc")
+	tls := "TP_TRANSPORT=tls"
+	expose := startExpose(t, append(alice, tls), "chat", testnet.Echo(t), "--allow-user", "bob")
+	dial := func(msg string) (string, error) {
+		return runErr(append(bob, tls), strings.NewReader(msg), binary("tp"), "chat.rev.tp.internal", "22")
+	}
+	if out, err := dial("before"); err != nil || !strings.Contains(out, "before") {
+		t.Fatalf("bob through C to chat on A: %v\n%s", err, out)
+	}
+	if !strings.Contains(a.log.String(), "reverse listener registered") {
+		t.Fatalf("alice's agent did not register on A:\n%s", a.log.String())
+	}
+
+	door.set(true)
+	a.mustStop = false
+	a.kill(t)
+	out, err := runErr(append(mallory, tls), nil, binary("tp"), "expose", "chat", testnet.Echo(t), "--allow-user", "mallory", "--exit-on-refusal")
+	if err == nil || !strings.Contains(out, "another identity") {
+		t.Fatalf("mallory claiming chat on C after A was killed: %v\n%q; want it refused (alice holds it)", err, out)
+	}
+	if out, err := dial("in the gap"); err == nil {
+		t.Fatalf("bob reached chat while its agent was cut off: %s", out)
+	}
+
+	door.set(false)
+	opened := time.Now()
+	deadline := opened.Add(60 * time.Second)
+	for {
+		out, err := dial("after")
+		if err == nil && strings.Contains(out, "after") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("bob still cannot reach chat 60s after the balancer opened: %v\n%s\nexpose log:\n%s", err, out, expose.String())
+		}
+		time.Sleep(100 * time.Millisecond) // polling a retry, bounded by the deadline
+	}
+	t.Logf("bob reached chat again %s after the balancer let the agent through", time.Since(opened).Round(time.Millisecond))
+	if !strings.Contains(b.log.String(), "reverse listener registered") {
+		t.Fatalf("alice's agent did not move to B:\n%s", b.log.String())
+	}
 }
