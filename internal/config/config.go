@@ -585,6 +585,7 @@ func ServerYAML(s Server) []byte {
 	adminYAML(&b, s)
 	fmt.Fprintf(&b, "# PostgreSQL for several tpd instances behind one name: a DSN without its password,\n# e.g. postgres://tp@db.example.org:5432/tp?sslmode=verify-full; the password comes from\n# database-password-file (its first line) or the TP_DATABASE_PASSWORD environment variable.\n# \"\" keeps everything in the data dir (one tpd). Every instance needs the same ca/ directory.\ndatabase: %q\ndatabase-password-file: %q\n", s.Database, s.DatabasePasswordFile)
 	fmt.Fprintf(&b, "# With a database, reverse names and public ports are held with leases on its clock\n# (docs/SCALE.md): renewed every reverse-renew; an instance that cannot renew within\n# reverse-lease stops serving them, before another instance may take them.\nreverse-lease: %s\nreverse-renew: %s\n", s.ReverseLease, s.ReverseRenew)
+	fmt.Fprintf(&b, "# With a database: host:port where the other instances reach this one's shared port to\n# carry dials of its reverse names (docs/SCALE.md, \"Peering\"); \"\" = the bound listen address.\npeer-address: %q\n", s.PeerAddress)
 	fmt.Fprintf(&b, "log-level: %s\nlog-format: %s\n", s.LogLevel, s.LogFormat)
 	return []byte(b.String())
 }
