@@ -11,11 +11,13 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
 )
 
 // File names inside the CA directory (DATA/ca).
@@ -179,6 +181,35 @@ func (p *PKI) IssueServerCert(names []string, lifetime time.Duration) (chain [][
 		} else {
 			tmpl.DNSNames = append(tmpl.DNSNames, n)
 		}
+	}
+	leaf, err = sign(tmpl, p.Intermediate, k.Public(), p.IntermediateKey)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return [][]byte{leaf.Raw, p.Intermediate.Raw}, k, leaf, nil
+}
+
+// IssueNodeCert signs the node certificate of instance name with the
+// intermediate: one URI subjectAltName authz.NodeURIPrefix+name, valid for
+// server and client authentication (peer connections are mutual), for
+// lifetime. No ACME order can yield such a name (docs/SCALE.md, "Peering").
+func (p *PKI) IssueNodeCert(name string, lifetime time.Duration) (chain [][]byte, key crypto.Signer, leaf *x509.Certificate, err error) {
+	u, err := url.Parse(authz.NodeURIPrefix + name)
+	if err != nil || name == "" {
+		return nil, nil, nil, fmt.Errorf("node certificate for %q: not a usable instance name", name)
+	}
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	now := time.Now().Add(-time.Minute)
+	tmpl := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: "tp node " + name},
+		NotBefore:   now,
+		NotAfter:    now.Add(lifetime),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		URIs:        []*url.URL{u},
 	}
 	leaf, err = sign(tmpl, p.Intermediate, k.Public(), p.IntermediateKey)
 	if err != nil {

@@ -58,6 +58,9 @@ func IdentityFromCert(leaf *x509.Certificate) (Identity, error) {
 	if leaf == nil {
 		return Identity{}, errors.New("no client certificate was presented; run dlogin to get one")
 	}
+	if isNode(leaf) {
+		return Identity{}, errors.New("this is a TP node certificate (of a TP server instance), which is never accepted as a device; run dlogin for a device certificate")
+	}
 	ids, err := permanentIdentifiers(leaf)
 	if err != nil {
 		return Identity{}, fmt.Errorf("client certificate's subject alternative names cannot be read (%v); run dlogin for a new certificate", err)

@@ -61,6 +61,9 @@ func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error
 		}
 		pc.stopRecording()
 	}
+	if s.peerTLS != nil && slices.Contains(hello.SupportedProtos, wire.PeerALPN) {
+		return s.peerTLS, nil // another instance (peer.go): node certificates only
+	}
 	if slices.Contains(hello.SupportedProtos, wire.ALPN) {
 		s.tickets.rotate()
 		return s.proxyTLS, nil
@@ -149,6 +152,9 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 			s.stats.resumedConns[0].Add(1)
 		}
 		s.serveProxy(ctx, conn)
+	case wire.PeerALPN:
+		defer s.release()
+		s.servePeer(ctx, conn)
 	case "", "h2", "http/1.1":
 		if s.connect != nil && s.isProxyName(conn.ConnectionState().ServerName) {
 			s.handoffProxyHTTP(conn)

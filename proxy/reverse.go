@@ -455,7 +455,8 @@ func (s *Server) establishReverse(ctx context.Context, conn wire.Stream, ss *ses
 	}
 	a, herr := s.rev.lookup(host)
 	if herr != nil {
-		return nil, herr
+		// Not served here: maybe by another instance (peer.go).
+		return s.establishPeer(ctx, ss, req, host, label, herr)
 	}
 	if network := netOfFull(a, host); network != ss.network {
 		hint := "dial it without --udp"
@@ -466,14 +467,7 @@ func (s *Server) establishReverse(ctx context.Context, conn wire.Stream, ss *ses
 	}
 	ss.req = req
 	ss.upstream = "agent " + a.id.String() + " (" + a.transport + ")"
-	hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label,
-		PeerID: ss.id.DeviceID, PeerUser: ss.id.User, PeerGroups: ss.id.Groups}
-	if ss.network == "udp" {
-		// The relay splices the dialer's stream to the agent's: datagrams travel
-		// as capsules end to end (inside the inner TLS session when protected).
-		hdr.Net = "udp"
-		ss.spliced = true
-	}
+	hdr := s.dialHeader(ss, label)
 	if herr := s.rev.acquirePending(ss.id); herr != nil {
 		return nil, herr
 	}
@@ -490,6 +484,47 @@ func (s *Server) establishReverse(ctx context.Context, conn wire.Stream, ss *ses
 		ss.hold = s.holds.hold(qs.Conn()) // a drain keeps the agent's connection for it
 	}
 	return st, nil
+}
+
+// dialHeader is the session header of ss's dial of label for its agent.
+func (s *Server) dialHeader(ss *session, label string) wire.SessionHeader {
+	hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label,
+		PeerID: ss.id.DeviceID, PeerUser: ss.id.User, PeerGroups: ss.id.Groups}
+	if ss.network == "udp" {
+		// The relay splices the dialer's stream to the agent's: datagrams travel
+		// as capsules end to end (inside the inner TLS session when protected).
+		hdr.Net = "udp"
+		ss.spliced = true
+	}
+	return hdr
+}
+
+// establishPeer carries a dial, already authorised (req),
+// to the instance that serves host, or returns local: this instance's answer
+// when no other instance serves it.
+func (s *Server) establishPeer(ctx context.Context, ss *session, req authz.Request, host, label string, local *wire.HelloError) (net.Conn, *wire.HelloError) {
+	if s.peers == nil {
+		return nil, local
+	}
+	spliced := ss.spliced
+	conn, e2e, handled, herr := s.forward(ctx, ss, host, s.dialHeader(ss, label))
+	switch {
+	case !handled && local.Code == wire.CodeReverseUnknown:
+		ss.spliced = spliced
+		if _, held := s.rev.storeOwner(host); held { // its owner's agent is reconnecting, maybe elsewhere
+			return nil, wire.Errorf(wire.CodeReverseOffline, "the agent serving %s is offline and reconnecting; try again in a few seconds", host)
+		}
+		return nil, local
+	case !handled:
+		ss.spliced = spliced
+		return nil, local
+	case herr != nil:
+		return nil, herr
+	}
+	ss.req = req
+	ss.e2e = e2e
+	ss.peer = "agent"
+	return conn, nil
 }
 
 // netOfFull is the network of the service behind full name host.

@@ -115,6 +115,9 @@ type Config struct {
 	MaxSessionsPerIdentity int
 	// Reverse configures reverse listeners (reverse.go); a zero value disables them.
 	Reverse ReverseOptions
+	// Peers, with Reverse.Store, carries dials of reverse names that other
+	// instances serve to them, and serves theirs (peer.go); nil turns peering off.
+	Peers *PeerOptions
 	// UDP bounds UDP flows (udp.go).
 	UDP UDPOptions
 	// OnSessionEnd, when set, receives one record per session as it ends (proxy
@@ -157,6 +160,8 @@ type Server struct {
 	sessions   registry               // established sessions, for Recheck
 	ends       endRecords             // how recently aborted sessions ended, for op "why"
 	rev        *reverseRegistry       // reverse names; nil when Config.Reverse.Zone is empty
+	peers      *peerState             // other instances (peer.go); nil without Config.Peers
+	peerTLS    *tls.Config            // ALPN tp-peer/1: node certificates only
 	udp        udpState               // UDP flow bounds and counters (udp.go)
 	holds      connHolds              // dialers' sessions on agents' QUIC connections (quicholds.go)
 	limits     atomic.Pointer[Limits] // timeouts and caps; SetLimits swaps them (livelimits.go)
@@ -188,6 +193,9 @@ func New(cfg Config) (*Server, error) {
 		if len(cfg.ProxyTLS.Certificates) == 0 && cfg.ProxyTLS.GetCertificate == nil && cfg.ProxyTLS.GetConfigForClient == nil {
 			errs = append(errs, errors.New("ProxyTLS needs Certificates or GetCertificate"))
 		}
+	}
+	if cfg.Peers != nil && (cfg.Reverse.Store == nil || cfg.Reverse.Zone == "" || cfg.Peers.Route == nil || cfg.Peers.ServerTLS == nil || cfg.Peers.ClientTLS == nil || cfg.Peers.Self == "") {
+		errs = append(errs, errors.New("Peers needs Reverse.Zone and Reverse.Store, and its Self, Route, ServerTLS and ClientTLS"))
 	}
 	if cfg.WebTLS != nil && cfg.Web == nil {
 		errs = append(errs, errors.New("Web handler is required when WebTLS is set"))
@@ -257,6 +265,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Reverse.Zone != "" {
 		s.rev = newReverseRegistry(cfg.Reverse)
 		s.rev.srv = s // public ports (reverse_public.go)
+		if s.peers = newPeerState(cfg.Peers); s.peers != nil {
+			s.peerTLS = s.peers.serverTLS()
+		}
 	}
 	return s, nil
 }
@@ -349,6 +360,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// length: they are told to reconnect, while their data sessions drain.
 	if s.rev != nil {
 		s.rev.endAgents(wire.ErrShutdown)
+	}
+	if s.peers != nil {
+		s.peers.close()
 	}
 
 	var webErr error

@@ -122,6 +122,11 @@ type Server struct {
 	// often it renews (at most a third of the lease). docs/SCALE.md.
 	ReverseLease time.Duration `mapstructure:"reverse-lease"`
 	ReverseRenew time.Duration `mapstructure:"reverse-renew"`
+	// PeerAddress is host:port where the other instances on the same database
+	// reach this one's shared port (ALPN tp-peer/1, docs/SCALE.md "Peering");
+	// empty: the address listen is bound to, or the host name and listen's
+	// port when listen has no host.
+	PeerAddress string `mapstructure:"peer-address"`
 	// PublicPorts are the ports agents may open publicly (`tp expose --public
 	// PORT`), e.g. "20000-30000,8080"; empty opens none. The policy decides too.
 	PublicPorts string `mapstructure:"public-ports"`
@@ -307,6 +312,11 @@ func (s Server) Validate() error {
 	if s.ReverseRestartGrace < time.Minute || s.ReverseRestartGrace > time.Hour {
 		errs = append(errs, fmt.Errorf("reverse-restart-grace %s must be between 1m and 1h: agents need up to about a minute to notice a restarted tpd and come back", s.ReverseRestartGrace))
 	}
+	if s.PeerAddress != "" {
+		if h, p, err := net.SplitHostPort(s.PeerAddress); err != nil || h == "" || p == "" || p == "0" {
+			errs = append(errs, fmt.Errorf("peer-address %q must be host:port where the other instances reach this one (e.g. 10.0.0.5:443)", s.PeerAddress))
+		}
+	}
 	if s.ReverseLease < time.Second || s.ReverseLease > 5*time.Minute {
 		errs = append(errs, fmt.Errorf("reverse-lease %s must be between 1s and 5m", s.ReverseLease))
 	}
@@ -474,6 +484,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("reverse-restart-grace", d.ReverseRestartGrace)
 	v.SetDefault("reverse-lease", d.ReverseLease)
 	v.SetDefault("reverse-renew", d.ReverseRenew)
+	v.SetDefault("peer-address", d.PeerAddress)
 	v.SetDefault("public-ports", d.PublicPorts)
 	v.SetDefault("sites", d.Sites)
 	v.SetDefault("default-site", d.DefaultSite)
@@ -574,6 +585,7 @@ func ServerYAML(s Server) []byte {
 	adminYAML(&b, s)
 	fmt.Fprintf(&b, "# PostgreSQL for several tpd instances behind one name: a DSN without its password,\n# e.g. postgres://tp@db.example.org:5432/tp?sslmode=verify-full; the password comes from\n# database-password-file (its first line) or the TP_DATABASE_PASSWORD environment variable.\n# \"\" keeps everything in the data dir (one tpd). Every instance needs the same ca/ directory.\ndatabase: %q\ndatabase-password-file: %q\n", s.Database, s.DatabasePasswordFile)
 	fmt.Fprintf(&b, "# With a database, reverse names and public ports are held with leases on its clock\n# (docs/SCALE.md): renewed every reverse-renew; an instance that cannot renew within\n# reverse-lease stops serving them, before another instance may take them.\nreverse-lease: %s\nreverse-renew: %s\n", s.ReverseLease, s.ReverseRenew)
+	fmt.Fprintf(&b, "# With a database: host:port where the other instances reach this one's shared port to\n# carry dials of its reverse names (docs/SCALE.md, \"Peering\"); \"\" = the bound listen address.\npeer-address: %q\n", s.PeerAddress)
 	fmt.Fprintf(&b, "log-level: %s\nlog-format: %s\n", s.LogLevel, s.LogFormat)
 	return []byte(b.String())
 }

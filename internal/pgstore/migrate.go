@@ -95,6 +95,16 @@ var migrations = []string{
 		lease_until timestamptz NOT NULL
 	);
 	CREATE INDEX tp_holds_owner ON tp_holds (owner);`,
+	// 6: the running instances and where their peers reach them (peers.go):
+	// a dial that lands on one instance for a name another serves is carried
+	// there; heartbeat is the database's time of its last sign of life.
+	`CREATE TABLE tp_instances (
+		name         text PRIMARY KEY,
+		peer_address text NOT NULL,
+		started      timestamptz NOT NULL DEFAULT now(),
+		heartbeat    timestamptz NOT NULL DEFAULT now(),
+		policy_revision text NOT NULL DEFAULT ''
+	);`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

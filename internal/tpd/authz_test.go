@@ -59,7 +59,7 @@ func newDataDir(t *testing.T, files map[string]string) config.Server {
 }
 
 // runDaemon serves cfg on a fresh loopback port until stop (or the test's end).
-func runDaemon(t *testing.T, cfg config.Server, opts ...Option) *daemonRun {
+func runDaemon(t testing.TB, cfg config.Server, opts ...Option) *daemonRun {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -21,7 +21,7 @@ import (
 
 // leaseDataDir is pgDataDir with the reverse policy and short lease timings,
 // so that fencing happens within a test's patience.
-func leaseDataDir(t *testing.T, dsn string, peer *config.Server) config.Server {
+func leaseDataDir(t testing.TB, dsn string, peer *config.Server) config.Server {
 	t.Helper()
 	cfg := pgDataDir(t, dsn, peer)
 	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(reversePolicy), 0o600); err != nil {
@@ -53,7 +53,7 @@ func holdRow(t *testing.T, dsn string) (epoch int64, instance string) {
 }
 
 // clientOn is another Client of the same device (its home) whose server is url.
-func clientOn(t *testing.T, c *clients.Client, url string) *clients.Client {
+func clientOn(t testing.TB, c *clients.Client, url string) *clients.Client {
 	t.Helper()
 	o, err := clients.Open(c.Home)
 	if err != nil {
@@ -66,7 +66,8 @@ func clientOn(t *testing.T, c *clients.Client, url string) *clients.Client {
 // Two instances on one database: alice's agent on A holds svc; mallory's
 // claim of svc on B is refused naming the holder; bob reaches svc through A;
 // alice's agent moving to B takes svc over with a higher epoch, A ends its
-// agent there (taken over) and refuses dials of svc, B serves them.
+// agent there (taken over), serves svc no more itself and carries its dials
+// to B over the peer hop.
 func TestPGLeasesHolderAndTakeover(t *testing.T) {
 	_, dsn := testpg.NewDatabase(t)
 	cfgA := leaseDataDir(t, dsn, nil)
@@ -100,10 +101,10 @@ func TestPGLeasesHolderAndTakeover(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("alice's agent on A still runs 30s after B took svc over")
 	}
-	waitFor(t, "A refuses dials of svc once B took it over", func() bool {
-		_, err := dialReverse(bob, clients.TransportTLS, []byte("x"))
-		var re *clients.RefusedError
-		return errors.As(err, &re) && (re.Code == wire.CodeReverseOffline || re.Code == wire.CodeReverseUnknown)
+	// A serves svc no more itself: a dial through A is carried to B (peering).
+	waitFor(t, "A carries dials of svc to B once B took it over", func() bool {
+		got, err := dialReverse(bob, clients.TransportTLS, []byte("x"))
+		return err == nil && string(got) == "X" && strings.Contains(b.logs.String(), "peer session")
 	})
 	if got, err := dialReverse(clientOn(t, bob, b.url), clients.TransportTLS, []byte("moved")); err != nil || string(got) != "MOVED" {
 		t.Fatalf("bob through B after the move: %q %v", got, err)
@@ -114,7 +115,7 @@ func TestPGLeasesHolderAndTakeover(t *testing.T) {
 // fails) longer than its lease. A stops serving svc on its own — its agent is
 // told and A refuses dials — while B still refuses svc to another identity
 // (no gap), and alice's agent reconnecting to B takes svc there. Never do A
-// and B serve svc at once: once B serves it, A refuses it.
+// and B serve svc at once: once B serves it, A carries its dials to B.
 func TestPGLeasesSelfFencing(t *testing.T) {
 	_, dsn := testpg.NewDatabase(t)
 	cfgA := leaseDataDir(t, dsn, nil)
@@ -147,13 +148,19 @@ func TestPGLeasesSelfFencing(t *testing.T) {
 	if got, err := dialReverse(bobB, clients.TransportTLS, []byte("on b")); err != nil || string(got) != "ON B" {
 		t.Fatalf("bob through B after alice's agent moved there: %q %v", got, err)
 	}
-	if _, err := dialReverse(bob, clients.TransportTLS, []byte("x")); !errors.As(err, &re) {
-		t.Fatalf("bob through A while B serves svc: %v; want a refusal (two instances serving svc)", err)
+	// A serves svc no more itself: a dial through A reaches alice's agent on
+	// B over the peer hop, and B logs it as a peer session.
+	if got, err := dialReverse(bob, clients.TransportTLS, []byte("via a")); err != nil || string(got) != "VIA A" {
+		t.Fatalf("bob through A while B serves svc: %q %v; want it carried to B", got, err)
 	}
+	waitLog(t, b, "peer session")
 	frozen.Store(false)
-	if _, err := dialReverse(bob, clients.TransportTLS, []byte("x")); !errors.As(err, &re) {
-		t.Fatalf("bob through A after it reaches the database again, while B serves svc: %v; want a refusal", err)
+	if got, err := dialReverse(bob, clients.TransportTLS, []byte("again")); err != nil || string(got) != "AGAIN" {
+		t.Fatalf("bob through A after it reaches the database again, while B serves svc: %q %v; want it carried to B", got, err)
 	}
+	waitFor(t, "B logs the second peer session (else A served svc itself)", func() bool {
+		return strings.Count(b.logs.String(), "msg=\"peer session\"") >= 2
+	})
 }
 
 // PostgreSQL stopped longer than the lease under an instance serving svc:

@@ -26,7 +26,7 @@ func TestMain(m *testing.M) { os.Exit(testpg.Main(m)) }
 // pgDataDir is newDataDir for an instance on the database dsn. With peer set,
 // the new instance gets peer's CA (ca/ without its bbolt file), as every
 // instance on one database must.
-func pgDataDir(t *testing.T, dsn string, peer *config.Server) config.Server {
+func pgDataDir(t testing.TB, dsn string, peer *config.Server) config.Server {
 	t.Helper()
 	dataDir := filepath.Join(t.TempDir(), "data")
 	if peer != nil {

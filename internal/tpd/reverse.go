@@ -25,7 +25,8 @@ import (
 func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
 	if d.db != nil {
 		opts := d.reverseOptionsBase()
-		holds := pgstore.NewHolds(d.db, instanceName())
+		d.instance = instanceName()
+		holds := pgstore.NewHolds(d.db, d.instance)
 		holds.MaxPerOwner = opts.MaxNamesPerIdentity // over every instance, not only this one's agents
 		opts.Store = holds
 		opts.Lease, opts.Renew = d.cfg.ReverseLease, d.cfg.ReverseRenew

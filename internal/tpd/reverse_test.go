@@ -83,7 +83,7 @@ func (t *tapConn) Write(p []byte) (int, error) {
 func (t *tapConn) CloseWrite() error { return t.Conn.(wire.Stream).CloseWrite() }
 
 // startAgent runs alice's agent for "svc" → local and waits until it registered.
-func startAgent(t *testing.T, c *clients.Client, transport, local string, allowUsers []string, tap *capture) (stop func(), errc chan error) {
+func startAgent(t testing.TB, c *clients.Client, transport, local string, allowUsers []string, tap *capture) (stop func(), errc chan error) {
 	t.Helper()
 	d, err := c.Dialer()
 	if err != nil {

@@ -76,18 +76,23 @@ type Daemon struct {
 	// that waits for it can run `tpd enroll` at once.
 	Ready func()
 
-	cfg     config.Server
-	log     *slog.Logger
-	pki     *acme.PKI
-	ca      *acme.CA
-	users   users.Store
-	db      *pgstore.DB          // nil unless database: is set (store.go)
-	certDB  *pgstore.CertStorage // site certificates in db; nil without it
-	policy  *policy.Engine
-	authz   *policy.Authorizer
-	proxy   *proxy.Server
-	cert    atomic.Pointer[tls.Certificate]
-	Created bool // the data dir was bootstrapped by New
+	cfg    config.Server
+	log    *slog.Logger
+	pki    *acme.PKI
+	ca     *acme.CA
+	users  users.Store
+	db     *pgstore.DB          // nil unless database: is set (store.go)
+	certDB *pgstore.CertStorage // site certificates in db; nil without it
+	policy *policy.Engine
+	authz  *policy.Authorizer
+	proxy  *proxy.Server
+	cert   atomic.Pointer[tls.Certificate]
+	// Peering (peer.go): this instance's name on the database, its node
+	// certificate, and who serves which name elsewhere.
+	instance string
+	nodeCert atomic.Pointer[tls.Certificate]
+	routes   *pgstore.Routes
+	Created  bool // the data dir was bootstrapped by New
 
 	decisions *policy.DecisionLog
 	denyMu    sync.Mutex    // serialises deny-list changes and their saving; guards deny
@@ -202,6 +207,12 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		d.closeDB()
 		return nil, err
 	}
+	peers, err := d.peerOptions(revOpts) // peer.go
+	if err != nil {
+		d.ca.Close()
+		d.closeDB()
+		return nil, err
+	}
 	roots := x509.NewCertPool()
 	roots.AddCert(d.pki.Root)
 	getCert := func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return d.cert.Load(), nil }
@@ -255,6 +266,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		MaxWebConns:        cfg.MaxWebConns,
 		MaxHandshakesPerIP: cfg.MaxHandshakesPerIP,
 		Reverse:            revOpts,
+		Peers:              peers,
 
 		MaxSessionsPerIdentity: cfg.MaxSessionsPerIdentity,
 		OnSessionEnd:           d.sessionEnded, // audit.go
@@ -420,6 +432,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		g.Go(func() error { d.db.Listen(gctx); return nil }) // other instances' changes (store.go)
 		g.Go(func() error { d.pruneNonces(gctx); return nil })
 		g.Go(func() error { d.proxy.RunLeases(gctx); return nil }) // reverse holds' leases (proxy/holdstore.go)
+		g.Go(func() error { d.runPeers(gctx, ln); return nil })    // peer.go
 	}
 	g.Go(func() error { d.maintain(gctx); return nil })
 	g.Go(func() error { d.pruneCA(gctx); return nil })

@@ -1,0 +1,124 @@
+package pgstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// Instance is one running tpd as tp_instances records it.
+type Instance struct {
+	Name, PeerAddress, PolicyRevision string
+	Started, Heartbeat                time.Time
+}
+
+// Heartbeat records instance (its peer address and policy revision) with the
+// database's now(): peers find it there, and `tpd status` lists it.
+func (db *DB) Heartbeat(ctx context.Context, inst Instance) error {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	_, err := db.pool.Exec(ctx, `INSERT INTO tp_instances (name, peer_address, policy_revision) VALUES ($1, $2, $3)
+		ON CONFLICT (name) DO UPDATE SET peer_address = excluded.peer_address,
+			policy_revision = excluded.policy_revision, heartbeat = now()`,
+		inst.Name, inst.PeerAddress, inst.PolicyRevision)
+	if err != nil {
+		return fmt.Errorf("recording this instance in the database: %w", err)
+	}
+	return nil
+}
+
+// ForgetInstance deletes instance's row (it stops), and the rows of
+// instances silent for longer than stale.
+func (db *DB) ForgetInstance(ctx context.Context, name string, stale time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	_, err := db.pool.Exec(ctx, `DELETE FROM tp_instances WHERE name = $1 OR heartbeat < now() - $2 * interval '1 microsecond'`,
+		name, micros(stale))
+	return err
+}
+
+// Instances lists the instances whose heartbeat is newer than within.
+func (db *DB) Instances(ctx context.Context, within time.Duration) ([]Instance, error) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	rows, err := db.pool.Query(ctx, `SELECT name, peer_address, policy_revision, started, heartbeat FROM tp_instances
+		WHERE heartbeat > now() - $1 * interval '1 microsecond' ORDER BY name`, micros(within))
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (Instance, error) {
+		var i Instance
+		err := r.Scan(&i.Name, &i.PeerAddress, &i.PolicyRevision, &i.Started, &i.Heartbeat)
+		return i, err
+	})
+}
+
+// maxRoutes bounds the route cache; past it the cache starts over.
+const maxRoutes = 4096
+
+// Routes answers which instance serves a key, for proxy.PeerOptions.Route:
+// from the row in tp_holds whose lease is current, joined with the serving
+// instance's peer address. Answers are cached until a claim or release on any
+// instance (NOTIFY holds: Invalidate), so a dial of a name served elsewhere
+// costs no query while nothing moves.
+type Routes struct {
+	db    *DB
+	mu    sync.Mutex
+	cache map[string]proxy.PeerRoute
+	gen   uint64 // bumped by Invalidate: an answer read before it is not cached
+}
+
+// NewRoutes is the route lookup on db; call Invalidate on TopicHolds.
+func NewRoutes(db *DB) *Routes { return &Routes{db: db, cache: map[string]proxy.PeerRoute{}} }
+
+// Invalidate forgets every cached route.
+func (r *Routes) Invalidate() {
+	r.mu.Lock()
+	r.gen++
+	clear(r.cache)
+	r.mu.Unlock()
+}
+
+// Forget drops key's cached route (a forward found it wrong).
+func (r *Routes) Forget(key string) {
+	r.mu.Lock()
+	delete(r.cache, key)
+	r.mu.Unlock()
+}
+
+// Route implements proxy.PeerOptions.Route.
+func (r *Routes) Route(ctx context.Context, key string) (proxy.PeerRoute, bool, error) {
+	r.mu.Lock()
+	rt, ok := r.cache[key]
+	gen := r.gen
+	r.mu.Unlock()
+	if ok {
+		return rt, true, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	err := r.db.pool.QueryRow(ctx, `SELECT h.instance, i.peer_address, h.epoch FROM tp_holds h
+		JOIN tp_instances i ON i.name = h.instance
+		WHERE h.key = $1 AND h.instance <> '' AND h.lease_until > now()`, key).Scan(&rt.Instance, &rt.Addr, &rt.Epoch)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return proxy.PeerRoute{}, false, nil
+	}
+	if err != nil {
+		return proxy.PeerRoute{}, false, fmt.Errorf("reading which instance serves %s: %w", key, err)
+	}
+	r.mu.Lock()
+	if r.gen == gen {
+		if len(r.cache) >= maxRoutes {
+			clear(r.cache)
+		}
+		r.cache[key] = rt
+	}
+	r.mu.Unlock()
+	return rt, true, nil
+}

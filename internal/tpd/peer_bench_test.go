@@ -1,0 +1,97 @@
+package tpd
+
+import (
+	"context"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testpg"
+)
+
+// The cost of the peer hop, measured in one run: alice's agent (TLS) serves
+// svc on instance A; bob dials it through A ("direct") and through B, which
+// carries the session to A over a peer connection ("peer"). session: a new
+// dial, one byte each way, close (the new-session time); bulk: 32 MiB up to
+// the service through one new session (throughput). Both protected (end to
+// end TLS inside), both over TLS carriers, interleaved in one loop so that
+// the ratios compare like with like on a shared machine (absolute figures
+// there are noisy).
+//
+//	go test -run '^$' -bench PeerHop -benchtime 3s -count 3 ./internal/tpd
+func BenchmarkPeerHop(b *testing.B) {
+	_, dsn := testpg.NewDatabase(b)
+	cfgA := leaseDataDir(b, dsn, nil)
+	a := runDaemon(b, cfgA)
+	pb := runDaemon(b, leaseDataDir(b, dsn, &cfgA))
+	svc := testnet.Serve(b, func(c *net.TCPConn) {
+		if _, err := io.Copy(io.Discard, c); err == nil {
+			_, _ = c.Write([]byte("ok"))
+		}
+	})
+	alice, _, _ := enrollClient(b, a.d, a.url, "alice", "laptop")
+	bob, _, _ := enrollClient(b, a.d, a.url, "bob", "phone")
+	startAgent(b, alice, clients.TransportTLS, svc, []string{"bob"}, nil)
+	one := func(b *testing.B, d *clients.Dialer, payload []byte) {
+		conn, err := d.DialContext(context.Background(), "tcp", "svc.rev.tp.internal:22")
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := conn.Write(payload); err != nil {
+			b.Fatal(err)
+		}
+		_ = conn.(interface{ CloseWrite() error }).CloseWrite()
+		got, err := io.ReadAll(conn)
+		if err != nil || string(got) != "ok" {
+			b.Fatalf("answer %q %v", got, err)
+		}
+	}
+	bulk := make([]byte, 32<<20)
+	direct, err := bob.Dialer()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer direct.Close()
+	peer, err := clientOn(b, bob, pb.url).Dialer()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer peer.Close()
+	direct.Transport, peer.Transport = clients.TransportTLS, clients.TransportTLS
+	one(b, direct, []byte("w")) // warm: certificate, tickets, the peer pool
+	one(b, peer, []byte("w"))
+	// Each iteration runs one direct and one peer operation, alternating which
+	// goes first, so that both see the same load on a shared machine.
+	pair := func(b *testing.B, payload []byte) {
+		var td, tp time.Duration
+		i := 0
+		for b.Loop() {
+			for k := range 2 {
+				d, t := direct, &td
+				if (i+k)%2 == 1 {
+					d, t = peer, &tp
+				}
+				start := time.Now()
+				one(b, d, payload)
+				*t += time.Since(start)
+			}
+			i++
+		}
+		n := float64(i)
+		if len(payload) > 1 {
+			b.ReportMetric(float64(len(payload))*n/td.Seconds()/1e6, "direct-MB/s")
+			b.ReportMetric(float64(len(payload))*n/tp.Seconds()/1e6, "peer-MB/s")
+			b.ReportMetric(td.Seconds()/tp.Seconds(), "peer/direct-throughput")
+			return
+		}
+		b.ReportMetric(float64(td.Microseconds())/n, "direct-µs/session")
+		b.ReportMetric(float64(tp.Microseconds())/n, "peer-µs/session")
+		b.ReportMetric(tp.Seconds()/td.Seconds(), "peer/direct-time")
+	}
+	b.Run("session", func(b *testing.B) { pair(b, []byte("x")) })
+	b.Run("bulk", func(b *testing.B) { pair(b, bulk) })
+}
