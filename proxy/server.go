@@ -117,6 +117,8 @@ type Config struct {
 	Reverse ReverseOptions
 	// UDP bounds UDP flows (udp.go).
 	UDP UDPOptions
+	// ConnectUDP bounds CONNECT-UDP flows on the proxy names (masque_udp.go).
+	ConnectUDP ConnectUDPOptions
 	// OnSessionEnd, when set, receives one record per session as it ends (proxy
 	// requests, reverse operations, public sessions), beside its log line: the
 	// audit trail (audit.go). It runs on the session's goroutine and must not block.
@@ -158,6 +160,7 @@ type Server struct {
 	ends       endRecords             // how recently aborted sessions ended, for op "why"
 	rev        *reverseRegistry       // reverse names; nil when Config.Reverse.Zone is empty
 	udp        udpState               // UDP flow bounds and counters (udp.go)
+	cudp       cudpCounters           // CONNECT-UDP counters (masque_udp_relay.go)
 	holds      connHolds              // dialers' sessions on agents' QUIC connections (quicholds.go)
 	limits     atomic.Pointer[Limits] // timeouts and caps; SetLimits swaps them (livelimits.go)
 	stats      counters               // for monitoring (stats.go)
@@ -194,6 +197,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Identify == nil {
 		errs = append(errs, errors.New("Identify is required"))
+	}
+	if err := cfg.ConnectUDP.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if cfg.Authorizer == nil {
 		errs = append(errs, errors.New("Authorizer is required"))
