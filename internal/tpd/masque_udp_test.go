@@ -95,10 +95,12 @@ func TestConnectUDPEcho(t *testing.T) {
 }
 
 // The configured template (connect-udp-template) is accepted beside the
-// default one, and discovery advertises it.
+// default one, and discovery advertises it; the configured datagram bound
+// (connect-udp-max-datagram 500) drops a 501-byte HTTP/3 datagram, counted,
+// and relays a 500-byte one.
 func TestConnectUDPConfiguredTemplate(t *testing.T) {
 	const tmpl = "/masque?h={target_host}&p={target_port}"
-	r := newConnectRig(t, connectPolicy, func(c *config.Server) { c.ConnectUDPTemplate = tmpl })
+	r := newConnectRig(t, connectPolicy, func(c *config.Server) { c.ConnectUDPTemplate, c.ConnectUDPMaxDatagram = tmpl, 500 })
 	echo := testnet.EchoUDP(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -107,7 +109,18 @@ func TestConnectUDPConfiguredTemplate(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	udpRoundTrip(t, c, []byte("over the configured template"))
+	if !c.Datagrams {
+		t.Fatal("an h3 flow without HTTP/3 datagrams")
+	}
+	if err := c.WriteDatagram(randomText(501)); err != nil {
+		t.Fatal(err)
+	}
+	udpRoundTrip(t, c, randomText(500)) // the first answer: the 501 bytes were not relayed
+	c.Close()
+	waitFor(t, "the flow to end", func() bool { return r.d.proxy.ConnectUDPStats().Active == 0 })
+	if st := r.d.proxy.ConnectUDPStats(); st.Oversize != 1 || st.DatagramsUp != 1 {
+		t.Fatalf("stats %+v; want 1 oversize drop and 1 datagram relayed", st)
+	}
 	doc := r.discovery(t)
 	if want := "https://" + proxyName + ":" + r.port + tmpl; doc.ConnectUDP != want {
 		t.Fatalf("discovery connect_udp %q; want %q", doc.ConnectUDP, want)
