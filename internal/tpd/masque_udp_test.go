@@ -307,3 +307,38 @@ func (r *connectRig) discovery(t *testing.T) wire.Discovery {
 	}
 	return doc
 }
+
+// A policy change that no longer allows a live CONNECT-UDP flow ends it with
+// a reset; a flow over TCP (h2 capsules) is re-checked the same way.
+func TestConnectUDPPolicyChangeEndsFlow(t *testing.T) {
+	r := newConnectRig(t, connectPolicy)
+	echo := testnet.EchoUDP(t)
+	h3, err := r.connectUDP(t, "h3", echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h2, err := r.connectUDP(t, "h2", echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	udpRoundTrip(t, h3, []byte("before the change"))
+	udpRoundTrip(t, h2, []byte("before the change"))
+	tcpOnly := "package tp.authz\n\ndefault allow := false\n\nallow if input.destination.network == \"tcp\"\n\nreason := \"UDP is closed now\" if not allow\n"
+	if err := os.WriteFile(filepath.Join(r.d.cfg.PolicyDir(), "tp.rego"), []byte(tcpOnly), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.d.ReloadPolicy(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []*clients.ConnectUDPConn{h3, h2} {
+		waitEnded(t, c)
+		if errors.Is(c.Err(), io.EOF) {
+			t.Fatal("a flow the new policy refuses ended cleanly; want a reset")
+		}
+	}
+	_, err = r.connectUDP(t, "h3", echo)
+	var ce *clients.ConnectUDPError
+	if !errors.As(err, &ce) || ce.Status != 403 || !strings.Contains(ce.Reason, "UDP is closed now") {
+		t.Fatalf("after the change: %v; want 403 with the new policy's reason", err)
+	}
+}
