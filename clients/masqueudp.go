@@ -85,6 +85,7 @@ type ConnectUDPConn struct {
 	err     atomic.Pointer[error]
 	dropped atomic.Int64
 	closeFn func(abort bool)
+	closeW  func() error // ends the client's direction only
 	once    sync.Once
 }
 
@@ -204,6 +205,7 @@ func (c *ConnectUDPConn) dialH3(ctx context.Context, o ConnectUDPOptions, u *url
 	c.Response = resp
 	c.w = str
 	c.Datagrams = !o.NoDatagrams && cc.Settings().EnableDatagrams
+	c.closeW = str.Close
 	c.closeFn = func(abort bool) {
 		if abort {
 			str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
@@ -262,6 +264,7 @@ func (c *ConnectUDPConn) dialH2(ctx context.Context, o ConnectUDPOptions, u *url
 	}
 	c.Response = resp
 	c.w = pw
+	c.closeW = pw.Close
 	c.closeFn = func(abort bool) {
 		if abort {
 			_ = pw.CloseWithError(errors.New("CONNECT-UDP flow aborted"))
@@ -305,6 +308,7 @@ func (c *ConnectUDPConn) dialH1(ctx context.Context, o ConnectUDPOptions, u *url
 	_ = conn.SetDeadline(time.Time{})
 	c.Response = resp
 	c.w = conn
+	c.closeW = conn.(*tls.Conn).CloseWrite
 	c.closeFn = func(bool) { _ = conn.Close() }
 	go c.readCapsules(br)
 	return nil
@@ -440,6 +444,14 @@ func (c *ConnectUDPConn) Err() error {
 func (c *ConnectUDPConn) Close() error {
 	c.closeFn(false)
 	return nil
+}
+
+// CloseWrite ends the client's direction (h3 FIN, h2 END_STREAM, TLS
+// close_notify) and keeps receiving until the proxy ends the flow.
+func (c *ConnectUDPConn) CloseWrite() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.closeW()
 }
 
 // Abort ends the flow with a reset.

@@ -141,6 +141,11 @@ func (s *Server) serveConnectUDP(w http.ResponseWriter, r *http.Request) (abort 
 	if herr == nil {
 		herr = s.authenticate(*r.TLS, ss)
 	}
+	if herr == nil && s.rev != nil {
+		if _, ok := s.rev.name(canonicalHost(hello.Host)); ok {
+			herr = errConnectUDPReverse(hello.Host)
+		}
+	}
 	var upstream net.Conn
 	if herr == nil {
 		stopGone := context.AfterFunc(r.Context(), func() { cancel(context.Canceled) })
@@ -157,7 +162,7 @@ func (s *Server) serveConnectUDP(w http.ResponseWriter, r *http.Request) (abort 
 		if upstream != nil {
 			wire.Abort(upstream, wire.QUICPeerReset)
 		}
-		herr = wire.Errorf(wire.CodeUnsupportedNetwork, "%s is a reverse name: CONNECT-UDP reaches only destinations on the network; reach exposed UDP services with tp forward --udp", hello.Host)
+		herr = errConnectUDPReverse(hello.Host)
 	}
 	var release func()
 	if herr == nil {
@@ -201,6 +206,13 @@ func (s *Server) serveConnectUDP(w http.ResponseWriter, r *http.Request) (abort 
 		ss.code = wire.CodeBadRequest
 	}
 	return t.abortHandler()
+}
+
+// errConnectUDPReverse refuses a reverse name, before anything reaches its
+// agent: an agent is reached through TP's own UDP relay, which a standard
+// client cannot drive.
+func errConnectUDPReverse(host string) *wire.HelloError {
+	return wire.Errorf(wire.CodeUnsupportedNetwork, "%s is a reverse name: CONNECT-UDP reaches only destinations on the network; reach exposed UDP services with tp forward --udp", host)
 }
 
 // connectUDPHello is the client hello a CONNECT-UDP request stands for: op

@@ -140,8 +140,15 @@ func TestConnectUDPDenied(t *testing.T) {
 			t.Fatalf("%s: denied target: %v; want 403 with the policy's reason in Proxy-Status", v, err)
 		}
 	}
+	// A reverse name is refused before its agent is involved: exposed UDP
+	// services are reached with tp's own relay.
+	_, err := r.connectUDP(t, "h3", "app."+r.d.cfg.ReverseZone+":53")
+	var re *clients.ConnectUDPError
+	if !errors.As(err, &re) || re.Status != 502 || !strings.Contains(re.Reason, "reverse name") {
+		t.Fatalf("reverse name: %v; want 502 saying it is a reverse name", err)
+	}
 	// target_port 0 is no port.
-	_, err := r.connectUDP(t, "h2", "127.0.0.1:0")
+	_, err = r.connectUDP(t, "h2", "127.0.0.1:0")
 	var ce *clients.ConnectUDPError
 	if !errors.As(err, &ce) || ce.Status != 400 || !strings.Contains(ce.Reason, "target_port") {
 		t.Fatalf("port 0: %v; want 400 naming target_port", err)
@@ -261,8 +268,14 @@ func TestConnectUDPMalformedCapsule(t *testing.T) {
 	if err := c2.WriteRaw([]byte{0x00, 0x40, 100, 0x00, 'a', 'b'}); err != nil {
 		t.Fatal(err)
 	}
-	c2.Close()
-	waitFor(t, "the h2 flow to end", func() bool { return r.d.proxy.ConnectUDPStats().MalformedCapsules-before == 2 })
+	if err := c2.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	waitEnded(t, c2)
+	if errors.Is(c2.Err(), io.EOF) {
+		t.Fatal("the h2 flow ended cleanly after a truncated capsule; want RST_STREAM")
+	}
+	waitFor(t, "the malformed flows to be counted", func() bool { return r.d.proxy.ConnectUDPStats().MalformedCapsules-before == 2 })
 }
 
 // Revoking the device ends its live CONNECT-UDP flow with a reset, and the
