@@ -480,7 +480,16 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 		t.closeFn()
 	}
 	_ = upstream.Close()
-	wg.Wait()
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(helloWriteTimeout):
+		// A capsule write still blocked on a client that stopped reading:
+		// reset, which unblocks it, rather than wait for ever.
+		t.reset(false)
+		<-done
+	}
 	f.end, f.malformedCapsule = end.text, end.malformed
 	return f
 }

@@ -355,3 +355,37 @@ func TestConnectUDPPolicyChangeEndsFlow(t *testing.T) {
 		t.Fatalf("after the change: %v; want 403 with the new policy's reason", err)
 	}
 }
+
+// CONNECT-UDP flows count against the identity's UDP flow bound
+// (udp-max-flows) together with tp UDP dials: with a bound of 1, an open
+// CONNECT-UDP flow makes a second one a 429 and a tp UDP dial a refusal, and
+// closing it frees the slot.
+func TestConnectUDPSharesUDPFlowBound(t *testing.T) {
+	r := newConnectRig(t, connectPolicy, func(c *config.Server) { c.UDPMaxFlows = 1 })
+	echo := testnet.EchoUDP(t)
+	c, err := r.connectUDP(t, "h3", echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	udpRoundTrip(t, c, []byte("holding the only slot"))
+	_, err = r.connectUDP(t, "h2", echo)
+	var ce *clients.ConnectUDPError
+	if !errors.As(err, &ce) || ce.Status != 429 || !strings.Contains(ce.ProxyStatus, "connection_limit_reached") {
+		t.Fatalf("second CONNECT-UDP flow: %v; want 429 connection_limit_reached", err)
+	}
+	dl, err := r.alice.Dialer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var re *clients.RefusedError
+	if _, err := dl.DialContext(context.Background(), "udp", echo); !errors.As(err, &re) || re.Code != "too_many_flows" {
+		t.Fatalf("tp UDP dial beside the CONNECT-UDP flow: %v; want too_many_flows", err)
+	}
+	c.Close()
+	waitFor(t, "the slot to be free", func() bool { return r.d.proxy.UDPStats().Active == 0 })
+	c2, err := r.connectUDP(t, "h2", echo)
+	if err != nil {
+		t.Fatalf("after closing the first flow: %v", err)
+	}
+	udpRoundTrip(t, c2, []byte("the slot is free again"))
+}
