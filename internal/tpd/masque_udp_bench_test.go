@@ -64,6 +64,7 @@ func BenchmarkUDPPathsInterleaved(b *testing.B) {
 	const rtts, window = 200, 2000
 	rttTime := make([]time.Duration, len(paths))
 	winTime := make([]time.Duration, len(paths))
+	lost := make([]int, len(paths))
 	msg := make([]byte, 64)
 	for b.Loop() {
 		for i, c := range conns {
@@ -78,7 +79,7 @@ func BenchmarkUDPPathsInterleaved(b *testing.B) {
 			}
 			rttTime[i] += time.Since(start)
 			start = time.Now()
-			windowEcho(b, c, window)
+			lost[i] += windowEcho(b, c, window)
 			winTime[i] += time.Since(start)
 		}
 	}
@@ -88,6 +89,7 @@ func BenchmarkUDPPathsInterleaved(b *testing.B) {
 		rate := 1200 * window * n / winTime[i].Seconds() / 1e6
 		b.ReportMetric(rtt, "µs-rtt-"+p.name)
 		b.ReportMetric(rate, "MB/s-"+p.name)
+		b.ReportMetric(float64(lost[i]), "lost-"+p.name)
 		if i > 0 {
 			b.ReportMetric(float64(rttTime[i])/float64(rttTime[0]), "rtt-x-direct-"+p.name)
 			b.ReportMetric(float64(winTime[0])/float64(winTime[i]), "rate-x-direct-"+p.name)
