@@ -166,13 +166,17 @@ func (s *Server) acceptConnectUDP(w http.ResponseWriter, r *http.Request, sid st
 			return nil, err
 		}
 		t := &cudpTunnel{rd: r.Body, wr: w, flush: rc.Flush}
-		stop := func() {
+		// A clean end closes the request body (which ends its reader) and lets
+		// the handler return: END_STREAM. An expired deadline would make
+		// the server reset the stream, so only a reset uses them (to unblock
+		// a write to a client that stopped reading).
+		t.reset = func(bool) {
+			t.h2Reset.Store(true)
 			_ = rc.SetReadDeadline(time.Now())
 			_ = rc.SetWriteDeadline(time.Now())
 			_ = r.Body.Close()
 		}
-		t.reset = func(bool) { t.h2Reset.Store(true); stop() }
-		t.closeFn = stop
+		t.closeFn = func() { _ = r.Body.Close() }
 		return t, nil
 	case 3:
 		hs, ok := w.(http3.HTTPStreamer)

@@ -389,3 +389,21 @@ func TestConnectUDPSharesUDPFlowBound(t *testing.T) {
 	}
 	udpRoundTrip(t, c2, []byte("the slot is free again"))
 }
+
+// A flow without a datagram either way for udp-idle-timeout (1 s here) ends
+// cleanly: the client sees the end of the stream, not a reset.
+func TestConnectUDPIdleTimeout(t *testing.T) {
+	r := newConnectRig(t, connectPolicy, func(c *config.Server) { c.UDPIdleTimeout = time.Second })
+	echo := testnet.EchoUDP(t)
+	for _, v := range []string{"h3", "h2", "http/1.1"} {
+		c, err := r.connectUDP(t, v, echo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		udpRoundTrip(t, c, []byte("then silence"))
+		waitEnded(t, c)
+		if !errors.Is(c.Err(), io.EOF) {
+			t.Fatalf("%s: an idle flow ended with %v; want a clean end", v, c.Err())
+		}
+	}
+}
