@@ -1,7 +1,8 @@
 // Package proxy is the server side of TP's data plane. It owns the public TLS
 // listener and its ALPN demultiplexing (ALPN "tp/1" goes to the proxy, everything
 // else to the website handler, except on the proxy names: there the HTTPS proxy
-// for standard clients, httpproxy.go and docs/HTTP.md), the QUIC listener, the
+// for standard clients, httpproxy.go and docs/HTTP.md, with CONNECT-UDP in
+// masque_udp*.go), the QUIC listener, the
 // per-request proxy session
 // (identity, hello, resolve, authorize, dial), the reverse registry that routes
 // dials to agents, public reverse ports, UDP flows, and the records op "why"

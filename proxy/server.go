@@ -120,6 +120,8 @@ type Config struct {
 	Peers *PeerOptions
 	// UDP bounds UDP flows (udp.go).
 	UDP UDPOptions
+	// ConnectUDP bounds CONNECT-UDP flows on the proxy names (masque_udp.go).
+	ConnectUDP ConnectUDPOptions
 	// OnSessionEnd, when set, receives one record per session as it ends (proxy
 	// requests, reverse operations, public sessions), beside its log line: the
 	// audit trail (audit.go). It runs on the session's goroutine and must not block.
@@ -163,6 +165,7 @@ type Server struct {
 	peers      *peerState             // other instances (peer.go); nil without Config.Peers
 	peerTLS    *tls.Config            // ALPN tp-peer/1: node certificates only
 	udp        udpState               // UDP flow bounds and counters (udp.go)
+	cudp       cudpCounters           // CONNECT-UDP counters (masque_udp_relay.go)
 	holds      connHolds              // dialers' sessions on agents' QUIC connections (quicholds.go)
 	limits     atomic.Pointer[Limits] // timeouts and caps; SetLimits swaps them (livelimits.go)
 	stats      counters               // for monitoring (stats.go)
@@ -202,6 +205,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Identify == nil {
 		errs = append(errs, errors.New("Identify is required"))
+	}
+	if err := cfg.ConnectUDP.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if cfg.Authorizer == nil {
 		errs = append(errs, errors.New("Authorizer is required"))

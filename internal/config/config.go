@@ -108,6 +108,10 @@ type Server struct {
 	// UDPMaxPublicFlows bounds the public clients (source addresses) one public
 	// UDP port of `tp expose --udp --public` serves at once.
 	UDPMaxPublicFlows int `mapstructure:"udp-max-public-flows"`
+	// CONNECT-UDP (RFC 9298) on the proxy names (connectudp.go); 0 takes the default.
+	ConnectUDPTemplate    string `mapstructure:"connect-udp-template"`
+	ConnectUDPMaxDatagram int    `mapstructure:"connect-udp-max-datagram"`
+	ConnectUDPMaxPPS      int    `mapstructure:"connect-udp-packets-per-second"`
 	// ReverseZone is the DNS suffix of reverse listeners (`tp expose NAME` serves
 	// NAME.<zone>); empty disables them. ReverseGrace holds a name for its owner
 	// while the owner's agent reconnects. ReverseRestartGrace holds the names
@@ -288,6 +292,7 @@ func (s Server) Validate() error {
 	if s.UDPMaxPublicFlows < 1 || s.UDPMaxPublicFlows > 100_000 {
 		errs = append(errs, fmt.Errorf("udp-max-public-flows %d must be between 1 and 100000", s.UDPMaxPublicFlows))
 	}
+	errs = append(errs, s.validateConnectUDP()...)
 	if s.ReverseZone != "" && !validZone(s.ReverseZone) {
 		errs = append(errs, fmt.Errorf("reverse-zone %q must be a DNS name of at least two labels (e.g. rev.tp.example.org), or empty to turn reverse listeners off", s.ReverseZone))
 	}
@@ -479,6 +484,9 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("udp-idle-timeout", d.UDPIdleTimeout)
 	v.SetDefault("udp-max-flows", d.UDPMaxFlows)
 	v.SetDefault("udp-max-public-flows", d.UDPMaxPublicFlows)
+	v.SetDefault("connect-udp-template", d.ConnectUDPTemplate)
+	v.SetDefault("connect-udp-max-datagram", d.ConnectUDPMaxDatagram)
+	v.SetDefault("connect-udp-packets-per-second", d.ConnectUDPMaxPPS)
 	v.SetDefault("reverse-zone", d.ReverseZone)
 	v.SetDefault("reverse-grace", d.ReverseGrace)
 	v.SetDefault("reverse-restart-grace", d.ReverseRestartGrace)
@@ -581,6 +589,7 @@ func ServerYAML(s Server) []byte {
 	fmt.Fprintf(&b, "# Behind a load balancer that routes UDP by QUIC connection ID (QUIC-LB, plaintext):\n# this instance's server ID, hex (1 to 15 octets) or \"ip:ADDR\" (an IPv4 address's 4 octets,\n# an IPv6 address's low 8), unique per instance, and the config rotation (0 to 6).\n# \"\" keeps random connection IDs.\nquic-server-id: %q\nquic-config-id: %d\n", s.QUICServerID, s.QUICConfigID)
 	fmt.Fprintf(&b, "# Reverse listeners (tp expose NAME) are reached as NAME.<reverse-zone>; \"\" turns them off.\n# A name stays reserved for its owner for reverse-grace after its agent went away,\n# and for reverse-restart-grace after tpd starts (a crash included).\nreverse-zone: %q\nreverse-grace: %s\nreverse-restart-grace: %s\n", s.ReverseZone, s.ReverseGrace, s.ReverseRestartGrace)
 	fmt.Fprintf(&b, "# Ports agents may open publicly (tp expose --public PORT), e.g. \"20000-30000,8080/tcp,27015/udp\"\n# (no suffix: TCP and UDP); \"\" opens none. The policy must allow them too (action expose_public).\npublic-ports: %q\n", s.PublicPorts)
+	connectUDPYAML(&b, s)
 	siteYAML(&b, s)
 	adminYAML(&b, s)
 	fmt.Fprintf(&b, "# PostgreSQL for several tpd instances behind one name: a DSN without its password,\n# e.g. postgres://tp@db.example.org:5432/tp?sslmode=verify-full; the password comes from\n# database-password-file (its first line) or the TP_DATABASE_PASSWORD environment variable.\n# \"\" keeps everything in the data dir (one tpd). Every instance needs the same ca/ directory.\ndatabase: %q\ndatabase-password-file: %q\n", s.Database, s.DatabasePasswordFile)

@@ -25,12 +25,14 @@ type discoveryOptions struct {
 	ProxyNames  []string // names that serve the HTTPS proxy (CONNECT, reverse tunnels)
 	ReverseZone string   // "" when reverse listeners are off
 	PublicPorts []config.PortRange
+	ConnectUDP  string // CONNECT-UDP template: a path on the proxy name, or a URL
 }
 
 // discoveryFor reads cfg's part of the document.
 func discoveryFor(cfg config.Server, proxyNames []string) discoveryOptions {
 	ports, _ := config.ParsePortRanges(cfg.PublicPorts) // validated at start
-	return discoveryOptions{QUIC: cfg.QUIC, ProxyNames: proxyNames, ReverseZone: cfg.ReverseZone, PublicPorts: ports}
+	return discoveryOptions{QUIC: cfg.QUIC, ProxyNames: proxyNames, ReverseZone: cfg.ReverseZone, PublicPorts: ports,
+		ConnectUDP: cfg.ConnectUDPTemplate}
 }
 
 // discoveryHandler answers GET, HEAD and POST on wire.DiscoveryPath with the
@@ -110,6 +112,7 @@ func (h discoveryHandler) document(hostport string) wire.Discovery {
 			doc.Transports = append(doc.Transports, wire.DiscoveredTransport{Name: wire.DiscoverConnectH3, Network: "udp",
 				Host: proxyHost, Port: port, ALPN: []string{"h3"}, Auth: wire.AuthDeviceCertificate, URL: url})
 		}
+		doc.ConnectUDP = connectUDPTemplate(url, h.o.ConnectUDP) // masque_udp.go
 	}
 	if h.o.ReverseZone != "" {
 		rev := &wire.DiscoveredReverse{Zone: h.o.ReverseZone, PublicPorts: []wire.DiscoveredPorts{}}

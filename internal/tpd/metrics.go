@@ -268,11 +268,19 @@ var (
 		[]string{"reason"}, nil)
 	oversizeDesc = prometheus.NewDesc("tp_udp_datagrams_oversize_total",
 		"UDP datagrams that fit no QUIC DATAGRAM frame and took the stream instead.", nil, nil)
+	cudpFlowsDesc = prometheus.NewDesc("tp_connect_udp_flows_total",
+		"CONNECT-UDP (RFC 9298) flows served on the proxy names; they count in tp_udp_flows_* too.", nil, nil)
+	cudpDatagramsDesc = prometheus.NewDesc("tp_connect_udp_datagrams_total",
+		"UDP payloads relayed by CONNECT-UDP flows that ended, by direction.", []string{"direction"}, nil)
+	cudpDroppedDesc = prometheus.NewDesc("tp_connect_udp_datagrams_dropped_total",
+		"CONNECT-UDP datagrams dropped, by reason: oversize (over connect-udp-max-datagram), rate (over connect-udp-packets-per-second), unknown_context, malformed, too_large (for the target's path).",
+		[]string{"reason"}, nil)
 )
 
 func (c *proxyCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{sessionsDesc, handshakeFailDesc, connsDesc, resumedDesc, quicStreamsDesc, quicMigrationsDesc, bytesDesc, liveDesc,
-		agentsDesc, namesDesc, portsDesc, udpActiveDesc, udpFlowsDesc, udpRefusedDesc, datagramsDesc, droppedDesc, oversizeDesc} {
+		agentsDesc, namesDesc, portsDesc, udpActiveDesc, udpFlowsDesc, udpRefusedDesc, datagramsDesc, droppedDesc, oversizeDesc,
+		cudpFlowsDesc, cudpDatagramsDesc, cudpDroppedDesc} {
 		ch <- d
 	}
 }
@@ -325,4 +333,14 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(droppedDesc, u.DestRefused, "dest_refused")
 	counter(droppedDesc, u.QUICQueueFull, "quic_queue_full")
 	counter(oversizeDesc, u.Oversize)
+	cu := c.d.proxy.ConnectUDPStats()
+	counter(cudpFlowsDesc, cu.Flows)
+	counter(cudpDatagramsDesc, cu.DatagramsUp, "up")
+	counter(cudpDatagramsDesc, cu.DatagramsDown, "down")
+	for _, r := range []struct {
+		reason string
+		n      int64
+	}{{"oversize", cu.Oversize}, {"rate", cu.RateLimited}, {"unknown_context", cu.UnknownContext}, {"malformed", cu.Malformed}, {"too_large", cu.TooLarge}} {
+		counter(cudpDroppedDesc, r.n, r.reason)
+	}
 }

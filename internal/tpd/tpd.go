@@ -250,6 +250,8 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		// Names agents expose publicly by SNI, never tpd's own or a site's (reverse.go).
 		Passthrough: d.passthrough(),
 		UDP:         d.udpOptions(), // quic.go
+		ConnectUDP: proxy.ConnectUDPOptions{Template: cfg.ConnectUDPTemplate, MaxDatagram: cfg.ConnectUDPMaxDatagram,
+			MaxPacketsPerSecond: cfg.ConnectUDPMaxPPS}, // CONNECT-UDP, RFC 9298
 		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
 			if len(cs.PeerCertificates) == 0 {
 				return authz.Identity{}, errors.New("no client certificate")

@@ -62,6 +62,11 @@ type Discovery struct {
 	Chosen *DiscoveredTransport `json:"chosen,omitempty"`
 	// Reverse is where services are exposed; absent when reverse listeners are off.
 	Reverse *DiscoveredReverse `json:"reverse,omitempty"`
+	// ConnectUDP is the CONNECT-UDP (RFC 9298) URI template on the proxy name,
+	// e.g. https://proxy.example:443/.well-known/masque/udp/{target_host}/{target_port}/;
+	// absent when the server has no proxy name. The default template is always
+	// accepted too.
+	ConnectUDP string `json:"connect_udp,omitempty"`
 }
 
 // DiscoveredTransport is one way to reach the server.
