@@ -45,6 +45,8 @@ func (s *Server) routeProxyHTTP(w http.ResponseWriter, r *http.Request) {
 		s.ServeReverseTunnel(w, r)
 	case r.Method == http.MethodConnect && connectProtocol(r) == "":
 		s.serveConnectHTTP(w, r)
+	case isConnectIP(r): // CONNECT-IP, RFC 9484 (connectip.go)
+		s.serveConnectIP(w, r)
 	case r.Method == http.MethodConnect: // extended CONNECT for a protocol TP does not serve
 		proxyRefusal(w, r, http.StatusNotImplemented, "http_request_error", "TP serves no extended CONNECT for :protocol "+connectProtocol(r))
 	case s.cfg.ProxyHTTP != nil:
@@ -110,6 +112,8 @@ func newProxyHTTP(s *Server) *proxyHTTP {
 		MaxHeaderBytes: proxyMaxHeaderBytes,
 		IdleTimeout:    proxyIdleTimeout,
 		Logger:         s.log,
+		// HTTP datagrams (RFC 9297) for CONNECT-IP (connectip.go).
+		EnableDatagrams: true,
 	}
 	return p
 }

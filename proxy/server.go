@@ -117,6 +117,9 @@ type Config struct {
 	Reverse ReverseOptions
 	// UDP bounds UDP flows (udp.go).
 	UDP UDPOptions
+	// IPTunnel serves CONNECT-IP on the proxy names (connectip.go); nil
+	// refuses it.
+	IPTunnel *IPTunnels
 	// OnSessionEnd, when set, receives one record per session as it ends (proxy
 	// requests, reverse operations, public sessions), beside its log line: the
 	// audit trail (audit.go). It runs on the session's goroutine and must not block.
