@@ -78,7 +78,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	config.ClientFlags(root.PersistentFlags())
 	root.PersistentFlags().String("transport", "auto", "auto (QUIC, falling back to TLS; remembered per server), quic or tls (env TP_TRANSPORT)")
 	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
-	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
+	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), ipCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
 		Args:  cobra.NoArgs,
