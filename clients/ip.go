@@ -24,6 +24,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"golang.org/x/net/http2"
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/tun"
@@ -38,6 +39,11 @@ type IPTunnel struct {
 	ProxyName string
 	// TLSConfig carries RootCAs and the client certificate.
 	TLSConfig *tls.Config
+	// Transport is "quic" (HTTP/3), "tls" (HTTP/2 over TLS, for networks that
+	// pass no UDP) or "auto" (the default: HTTP/3, then HTTP/2).
+	Transport string
+	// DialTimeout bounds connecting and the request. Default 15 s.
+	DialTimeout time.Duration
 	// TunName is the kernel's name template for the tun device. Default "tp%d".
 	TunName string
 	// MTU of the tun device. Default 1280.
@@ -129,38 +135,104 @@ func (t *IPTunnel) Run(ctx context.Context) error {
 	}
 }
 
-// ipSession is one CONNECT-IP request's state.
+// ipSession is one CONNECT-IP request's state: its carrier (HTTP/3 with
+// datagrams, or HTTP/2 with DATAGRAM capsules) and the addresses installed.
 type ipSession struct {
-	dev   *tun.Device
-	str   *http3.RequestStream
-	addrs []netip.Prefix
+	dev      *tun.Device
+	capsules io.Reader
+	wmu      sync.Mutex
+	writeCap func([]byte) error                    // one whole capsule
+	sendDg   func([]byte) error                    // one HTTP Datagram payload
+	recvDg   func(context.Context) ([]byte, error) // nil: datagrams come as capsules
+	addrs    []netip.Prefix
+	over     string // "HTTP/3" or "HTTP/2"
 }
+
+func (s *ipSession) capsule(b []byte) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	return s.writeCap(b)
+}
+
+// ipPath is the request path: RFC 9484's default template with target and
+// ipproto "*" (whatever the policy grants).
+const ipPath = "/.well-known/masque/ip/*/*/"
 
 // session runs one connection and request until it fails.
 func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan []byte, log *slog.Logger) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	raddr, err := net.ResolveUDPAddr("udp", t.Server)
-	if err != nil {
-		return fmt.Errorf("resolving %s: %w", t.Server, err)
+	s := &ipSession{dev: dev}
+	var follow func(context.Context) error
+	var err error
+	switch t.Transport {
+	case "tls":
+		err = t.connectH2(ctx, s)
+	case "quic":
+		follow, err = t.connectH3(ctx, s)
+	default: // auto: HTTP/3, and HTTP/2 over TLS where UDP does not get through
+		follow, err = t.connectH3(ctx, s)
+		if err != nil && !errors.Is(err, ErrIPRefused) && ctx.Err() == nil {
+			log.Info("CONNECT-IP over HTTP/3 failed; trying HTTP/2 over TLS", "err", err)
+			follow, err = nil, t.connectH2(ctx, s)
+		}
 	}
-	tr, err := newIPTransport()
 	if err != nil {
 		return err
 	}
+	errc := make(chan error, 4)
+	go func() { errc <- t.capsules(ctx, s, log) }()
+	go func() { errc <- s.toServer(ctx, packets) }()
+	if s.recvDg != nil {
+		go func() { errc <- s.fromServer(ctx) }()
+	}
+	if follow != nil {
+		go func() { errc <- follow(ctx) }()
+	}
+	err = <-errc
+	cancel(err)
+	return err
+}
+
+// refusal turns a non-200 answer into an error; ErrIPRefused for those that
+// retrying does not cure.
+func refusal(resp *http.Response) error {
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 2048))
+	reason := strings.TrimSpace(string(body))
+	if reason == "" {
+		reason = resp.Status
+	}
+	if resp.StatusCode == http.StatusForbidden || resp.StatusCode == http.StatusNotImplemented || resp.StatusCode == http.StatusBadRequest {
+		return fmt.Errorf("%w: %s", ErrIPRefused, reason)
+	}
+	return fmt.Errorf("the TP server refused the IP tunnel (%s): %s", resp.Status, reason)
+}
+
+// connectH3 runs the request over HTTP/3 on a QUIC connection of its own,
+// whose socket the returned follow function moves when the host's address
+// changes.
+func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(context.Context) error, err error) {
+	raddr, err := net.ResolveUDPAddr("udp", t.Server)
+	if err != nil {
+		return nil, fmt.Errorf("resolving %s: %w", t.Server, err)
+	}
+	tr, err := newIPTransport()
+	if err != nil {
+		return nil, err
+	}
 	var trMu sync.Mutex
 	transports := []*quic.Transport{tr}
-	defer func() {
+	closeAll := func() {
 		trMu.Lock()
 		for _, tr := range transports {
 			_ = tr.Close()
 		}
 		trMu.Unlock()
-	}()
+	}
 	tc := t.TLSConfig.Clone()
 	tc.ServerName = t.ProxyName
 	tc.NextProtos = []string{http3.NextProtoH3}
-	dctx, dcancel := context.WithTimeout(ctx, 30*time.Second)
+	dctx, dcancel := context.WithTimeout(ctx, t.dialTimeout())
 	defer dcancel()
 	qc, err := tr.Dial(dctx, raddr, tc, &quic.Config{
 		EnableDatagrams:   true,
@@ -169,46 +241,88 @@ func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan 
 		InitialPacketSize: 1350, // a 1280-byte packet fits a datagram at once
 	})
 	if err != nil {
-		return fmt.Errorf("connecting to %s: %w", t.Server, explainQUICErr(err))
+		closeAll()
+		return nil, fmt.Errorf("connecting to %s over QUIC: %w", t.Server, explainQUICErr(err))
 	}
-	defer qc.CloseWithError(0, "")
+	context.AfterFunc(ctx, func() { _ = qc.CloseWithError(0, ""); closeAll() })
 	cc := (&http3.Transport{EnableDatagrams: true}).NewClientConn(qc)
 	str, err := cc.OpenRequestStream(dctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	u := &url.URL{Scheme: "https", Host: t.ProxyName, Path: "/.well-known/masque/ip/*/*/"}
+	u := &url.URL{Scheme: "https", Host: t.ProxyName, Path: ipPath}
 	if err := str.SendRequestHeader(&http.Request{Method: http.MethodConnect, Proto: wire.ConnectIPProtocol, URL: u,
 		Host: t.ProxyName, Header: http.Header{"Capsule-Protocol": {"?1"}}}); err != nil {
-		return err
+		return nil, err
 	}
 	resp, err := str.ReadResponse()
 	if err != nil {
-		return fmt.Errorf("the TP server did not answer the IP tunnel request: %w", err)
+		return nil, fmt.Errorf("the TP server did not answer the IP tunnel request: %w", err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 2048))
-		reason := strings.TrimSpace(string(body))
-		if reason == "" {
-			reason = resp.Status
-		}
-		if resp.StatusCode == http.StatusForbidden || resp.StatusCode == http.StatusNotImplemented || resp.StatusCode == http.StatusBadRequest {
-			return fmt.Errorf("%w: %s", ErrIPRefused, reason)
-		}
-		return fmt.Errorf("the TP server refused the IP tunnel (%s): %s", resp.Status, reason)
+		return nil, refusal(resp)
 	}
-	dcancel()
-	s := &ipSession{dev: dev, str: str}
 	context.AfterFunc(ctx, func() { str.CancelRead(0); str.CancelWrite(0) })
+	s.capsules, s.over = str, "HTTP/3"
+	s.writeCap = func(b []byte) error { _, err := str.Write(b); return err }
+	s.sendDg = str.SendDatagram
+	s.recvDg = str.ReceiveDatagram
+	return func(ctx context.Context) error {
+		return t.followAddress(ctx, qc, raddr, &trMu, &transports, t.logger())
+	}, nil
+}
 
-	errc := make(chan error, 4)
-	go func() { errc <- t.capsules(ctx, s, log) }()
-	go func() { errc <- s.toServer(ctx, packets) }()
-	go func() { errc <- s.fromServer(ctx) }()
-	go func() { errc <- t.followAddress(ctx, qc, raddr, &trMu, &transports, log) }()
-	err = <-errc
-	cancel(err)
-	return err
+// connectH2 runs the request over HTTP/2 (extended CONNECT, RFC 8441) on a
+// TLS connection: packets travel in DATAGRAM capsules on the stream (RFC 9297
+// §3.5), for networks that pass no UDP.
+func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
+	tc := t.TLSConfig.Clone()
+	tc.ServerName = t.ProxyName
+	tc.NextProtos = []string{"h2"}
+	dctx, dcancel := context.WithTimeout(ctx, t.dialTimeout())
+	defer dcancel()
+	c, err := (&tls.Dialer{Config: tc}).DialContext(dctx, "tcp", t.Server)
+	if err != nil {
+		return fmt.Errorf("connecting to %s over TLS: %w", t.Server, err)
+	}
+	context.AfterFunc(ctx, func() { _ = c.Close() })
+	if p := c.(*tls.Conn).ConnectionState().NegotiatedProtocol; p != "h2" {
+		return fmt.Errorf("%w: %s does not serve HTTP/2 on %s (negotiated %q); is it one of tpd's proxy-names?", ErrIPRefused, t.Server, t.ProxyName, p)
+	}
+	cc, err := (&http2.Transport{}).NewClientConn(c)
+	if err != nil {
+		return err
+	}
+	pr, pw := io.Pipe()
+	context.AfterFunc(ctx, func() { _ = pw.CloseWithError(context.Cause(ctx)) })
+	u := &url.URL{Scheme: "https", Host: t.ProxyName, Path: ipPath}
+	req := (&http.Request{Method: http.MethodConnect, URL: u, Host: t.ProxyName, Body: pr,
+		Header: http.Header{"Capsule-Protocol": {"?1"}, ":protocol": {wire.ConnectIPProtocol}}}).WithContext(ctx)
+	resp, err := cc.RoundTrip(req)
+	if err != nil {
+		return fmt.Errorf("the TP server did not answer the IP tunnel request over HTTP/2: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return refusal(resp)
+	}
+	s.capsules, s.over = resp.Body, "HTTP/2"
+	s.writeCap = func(b []byte) error { _, err := pw.Write(b); return err }
+	s.sendDg = func(p []byte) error { return s.capsule(wire.AppendIPCapsule(nil, wire.IPCapsuleDatagram, p)) }
+	return nil
+}
+
+func (t *IPTunnel) dialTimeout() time.Duration {
+	if t.DialTimeout > 0 {
+		return t.DialTimeout
+	}
+	return 15 * time.Second
+}
+
+func (t *IPTunnel) logger() *slog.Logger {
+	if t.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return t.Logger
 }
 
 func newIPTransport() (*quic.Transport, error) {
@@ -223,7 +337,7 @@ func newIPTransport() (*quic.Transport, error) {
 
 // capsules reads the server's capsules and installs what they assign.
 func (t *IPTunnel) capsules(ctx context.Context, s *ipSession, log *slog.Logger) error {
-	r := bufio.NewReader(s.str)
+	r := bufio.NewReaderSize(s.capsules, 64<<10)
 	var routes []netip.Prefix
 	up := false
 	for {
@@ -235,6 +349,8 @@ func (t *IPTunnel) capsules(ctx context.Context, s *ipSession, log *slog.Logger)
 			return fmt.Errorf("the TP server ended the tunnel: %w", err)
 		}
 		switch c.Type {
+		case wire.IPCapsuleDatagram:
+			s.deliver(c.Payload)
 		case wire.IPCapsuleAddressAssign:
 			as, err := wire.ParseAddresses(c.Payload)
 			if err != nil {
@@ -265,7 +381,7 @@ func (t *IPTunnel) capsules(ctx context.Context, s *ipSession, log *slog.Logger)
 			}
 			if !up {
 				up = true
-				log.Info("IP tunnel up", "dev", s.dev.Name(), "addresses", fmt.Sprint(s.addrs), "routes", fmt.Sprint(routes), "server", t.Server)
+				log.Info("IP tunnel up", "dev", s.dev.Name(), "addresses", fmt.Sprint(s.addrs), "routes", fmt.Sprint(routes), "server", t.Server, "over", s.over)
 			} else {
 				log.Info("IP tunnel routes changed", "routes", fmt.Sprint(routes))
 			}
@@ -308,7 +424,7 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan []byte) error {
 		}
 		n := len(buf) - 1
 		buf[0] = 0
-		err := s.str.SendDatagram(buf)
+		err := s.sendDg(buf)
 		var tooLarge *quic.DatagramTooLargeError
 		switch {
 		case errors.As(err, &tooLarge):
@@ -327,19 +443,24 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan []byte) error {
 // fromServer writes the server's packets to the tun device.
 func (s *ipSession) fromServer(ctx context.Context) error {
 	for {
-		p, err := s.str.ReceiveDatagram(ctx)
+		p, err := s.recvDg(ctx)
 		if err != nil {
 			return fmt.Errorf("receiving from the TP server: %w", err)
 		}
-		pkt, ok := wire.ParseIPDatagram(p)
-		if !ok {
-			continue
-		}
-		if _, err := wire.ParseIPHeader(pkt); err != nil {
-			continue
-		}
-		_, _ = s.dev.Write(pkt) // a packet the kernel refuses is dropped
+		s.deliver(p)
 	}
+}
+
+// deliver writes the packet of one HTTP Datagram payload to the tun device.
+func (s *ipSession) deliver(p []byte) {
+	pkt, ok := wire.ParseIPDatagram(p)
+	if !ok {
+		return
+	}
+	if _, err := wire.ParseIPHeader(pkt); err != nil {
+		return
+	}
+	_, _ = s.dev.Write(pkt) // a packet the kernel refuses is dropped
 }
 
 // followAddress watches the source address the host would use towards the

@@ -39,7 +39,7 @@ func ipCmd(stderr io.Writer) *cobra.Command {
 			log := slog.New(slog.NewTextHandler(stderr, nil))
 			t := &clients.IPTunnel{
 				Server: d.Server, ProxyName: proxyName, TLSConfig: d.TLSConfig, TunName: tunName, MTU: mtu, Logger: log,
-				Explain: c.WhyRejected,
+				Explain: c.WhyRejected, Transport: cfg.Transport,
 			}
 			if !cfg.Quiet {
 				t.OnUp = func(dev string, addrs, routes []netip.Prefix) {

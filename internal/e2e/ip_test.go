@@ -251,6 +251,31 @@ func dialIn(t *testing.T, ns, addr string) net.Conn {
 // TUN_CLIENT_ID; and when the client host's address changes in the middle of a
 // transfer, the transfer completes with the right checksum.
 func TestIPTunnelTPIP(t *testing.T) {
+	n, env, hookDir := startIPE2E(t)
+	tpip := startTPIP(t, n.C, env)
+	if !strings.Contains(tpip.String(), "over=HTTP/3") {
+		t.Fatalf("tp ip did not run over HTTP/3:\n%s", tpip.String())
+	}
+	checkIPHook(t, hookDir)
+	testIPTunnelBody(t, n, tpip, true)
+}
+
+// The same over TCP: `tp ip --transport tls` runs CONNECT-IP over HTTP/2 with
+// DATAGRAM capsules, for networks that pass no UDP.
+func TestIPTunnelTPIPOverTCP(t *testing.T) {
+	n, env, hookDir := startIPE2E(t)
+	tpip := startTPIP(t, n.C, env, "--transport", "tls")
+	if !strings.Contains(tpip.String(), "over=HTTP/2") {
+		t.Fatalf("tp ip --transport tls did not run over HTTP/2:\n%s", tpip.String())
+	}
+	checkIPHook(t, hookDir)
+	testIPTunnelBody(t, n, tpip, false)
+}
+
+// startIPE2E makes the namespaces, starts tpd with IP tunnels on in T and logs
+// alice in on C; it returns her TP_HOME and the hook's output directory.
+func startIPE2E(t *testing.T) (*ipNet, []string, string) {
+	t.Helper()
 	n := newIPNet(t)
 	hookDir := t.TempDir()
 	hook := filepath.Join(hookDir, "hook.sh")
@@ -265,9 +290,12 @@ func TestIPTunnelTPIP(t *testing.T) {
 	if err != nil || !strings.Contains(out, "Login successful!") {
 		t.Fatalf("dlogin: %v\n%s", err, out)
 	}
-	tpip := startTPIP(t, n.C, env)
+	return n, env, hookDir
+}
 
-	// The hook ran for alice's tunnel on tpd's host.
+// checkIPHook checks that the hook ran for alice's tunnel on tpd's host.
+func checkIPHook(t *testing.T, hookDir string) {
+	t.Helper()
 	b, err := os.ReadFile(filepath.Join(hookDir, "up-alice@laptop"))
 	if err != nil {
 		t.Fatalf("the hook did not run: %v", err)
@@ -275,7 +303,12 @@ func TestIPTunnelTPIP(t *testing.T) {
 	if !strings.Contains(string(b), "TUN_CLIENT_ID=alice@laptop") || !regexp.MustCompile(`(?m)^TUN_DEV_NAME=tpip\d+$`).Match(b) {
 		t.Fatalf("hook environment:\n%s", b)
 	}
+}
 
+// testIPTunnelBody checks a running tunnel: ping, a transfer with a checksum
+// (across an address change of C when migrate), a denied prefix.
+func testIPTunnelBody(t *testing.T, n *ipNet, tpip *testlog.Buffer, migrate bool) {
+	t.Helper()
 	if rtt, err := ping(t, n.C, "10.201.2.2"); err != nil {
 		t.Fatalf("ping through the tunnel: %v\ntp ip:\n%s", err, tpip.String())
 	} else {
@@ -290,8 +323,10 @@ func TestIPTunnelTPIP(t *testing.T) {
 	if _, err := io.CopyN(h, c, 8<<20); err != nil {
 		t.Fatal(err)
 	}
-	sh(t, "ip", "-n", n.C, "addr", "add", "10.201.1.3/24", "dev", "c0")
-	sh(t, "ip", "-n", n.C, "addr", "del", "10.201.1.2/24", "dev", "c0")
+	if migrate {
+		sh(t, "ip", "-n", n.C, "addr", "add", "10.201.1.3/24", "dev", "c0")
+		sh(t, "ip", "-n", n.C, "addr", "del", "10.201.1.2/24", "dev", "c0")
+	}
 	_ = c.SetReadDeadline(time.Now().Add(2 * time.Minute))
 	if _, err := io.Copy(h, c); err != nil {
 		t.Fatalf("the transfer after the address change: %v\ntp ip:\n%s", err, tpip.String())
@@ -299,7 +334,7 @@ func TestIPTunnelTPIP(t *testing.T) {
 	if got := [32]byte(h.Sum(nil)); got != want {
 		t.Fatalf("checksum %x, want %x", got, want)
 	}
-	if !strings.Contains(tpip.String(), "the tunnel moved to it") {
+	if migrate && !strings.Contains(tpip.String(), "the tunnel moved to it") {
 		t.Fatalf("tp ip did not report moving its QUIC connection to the new address:\n%s", tpip.String())
 	}
 
