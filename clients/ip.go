@@ -440,14 +440,26 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan []byte) error {
 	}
 }
 
-// fromServer writes the server's packets to the tun device.
+// fromServer writes the server's packets to the tun device. Datagrams move
+// off the HTTP/3 stream's short queue (32 in quic-go, which drops beyond) onto
+// a longer one at once, so that a burst is not lost to the tun writes.
 func (s *ipSession) fromServer(ctx context.Context) error {
+	q := make(chan []byte, 1024)
+	defer close(q)
+	go func() {
+		for p := range q {
+			s.deliver(p)
+		}
+	}()
 	for {
 		p, err := s.recvDg(ctx)
 		if err != nil {
 			return fmt.Errorf("receiving from the TP server: %w", err)
 		}
-		s.deliver(p)
+		select {
+		case q <- p:
+		default: // the tun device does not keep up: dropped, as a full link would
+		}
 	}
 }
 

@@ -57,7 +57,7 @@ type IPTunnelOptions struct {
 	MTU int
 	// PacketsPerSecond and BytesPerSecond bound each direction of each tunnel
 	// (a token bucket holding one second's worth); excess packets are dropped
-	// and counted. Defaults 20,000 packets and 50 MB per second.
+	// and counted. Defaults 100,000 packets and 50 MB per second.
 	PacketsPerSecond int
 	BytesPerSecond   int64
 	// TunName is the kernel's name template for the tun devices. Default "tpip%d".
@@ -96,7 +96,7 @@ func NewIPTunnels(opts IPTunnelOptions) (*IPTunnels, error) {
 		opts.HookTimeout = 10 * time.Second
 	}
 	if opts.PacketsPerSecond <= 0 {
-		opts.PacketsPerSecond = 20000
+		opts.PacketsPerSecond = 100000
 	}
 	if opts.BytesPerSecond <= 0 {
 		opts.BytesPerSecond = 50 << 20
@@ -762,17 +762,36 @@ func (tn *ipTunnel) fromPeer(p []byte) error {
 	return nil
 }
 
+// readDatagrams takes the peer's datagrams off the HTTP/3 stream's queue
+// (quic-go keeps 32 per stream and drops beyond) onto a longer one of its own,
+// so that a burst is not lost to the time each tun write takes.
 func (tn *ipTunnel) readDatagrams(ctx context.Context, recv func(context.Context) ([]byte, error)) error {
+	q := make(chan []byte, datagramBacklog)
+	done := make(chan struct{})
+	defer func() { <-done }()
+	defer close(q)
+	go func() {
+		defer close(done)
+		for p := range q {
+			_ = tn.fromPeer(p)
+		}
+	}()
 	for {
 		p, err := recv(ctx)
 		if err != nil {
 			return err
 		}
-		if err := tn.fromPeer(p); err != nil {
-			return err
+		select {
+		case q <- p:
+		default:
+			tn.t.stats.dropRate.Add(1) // the tun device does not keep up
+			tn.drops.Add(1)
 		}
 	}
 }
+
+// datagramBacklog bounds the datagrams waiting for the tun device, per tunnel.
+const datagramBacklog = 1024
 
 // readCapsules reads the peer's capsules: DATAGRAM (packets, over HTTP/2),
 // ADDRESS_REQUEST (answered with the addresses the tunnel has), and others,

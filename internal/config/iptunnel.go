@@ -29,7 +29,7 @@ type IPTunnel struct {
 
 func defaultIPTunnel() IPTunnel {
 	return IPTunnel{IPPool4: "100.96.0.0/16", IPPool6: "fd74:7000::/64", IPHookTimeout: 10 * time.Second,
-		IPMTU: 1280, IPPacketsPerSecond: 20000, IPBytesPerSecond: 50 << 20}
+		IPMTU: 1280, IPPacketsPerSecond: 100000, IPBytesPerSecond: 50 << 20}
 }
 
 func setIPTunnelDefaults(v *viper.Viper, d IPTunnel) {

@@ -33,9 +33,12 @@ import (
 //	C 10.201.1.2 (and .3) ── 10.201.1.1 T 10.201.2.1 ── 10.201.2.2 S (and 10.201.3.1, never granted)
 //
 // S routes the tunnel pool (100.96.0.0/16) back through T. Nothing leaves them.
-type ipNet struct{ C, T, S string }
+type ipNet struct {
+	C, T, S string
+	tpd     *server
+}
 
-func newIPNet(t *testing.T) *ipNet {
+func newIPNet(t testing.TB) *ipNet {
 	t.Helper()
 	p := fmt.Sprintf("tpip%d", os.Getpid()%100000)
 	n := &ipNet{C: p + "c", T: p + "t", S: p + "s"}
@@ -51,8 +54,10 @@ func newIPNet(t *testing.T) *ipNet {
 		{n.C, "route", "add", "default", "via", "10.201.1.1"},
 		{n.T, "addr", "add", "10.201.1.1/24", "dev", "t0"}, {n.T, "link", "set", "t0", "up"},
 		{n.T, "addr", "add", "10.201.2.1/24", "dev", "t1"}, {n.T, "link", "set", "t1", "up"},
+		{n.T, "route", "add", "10.201.3.0/24", "via", "10.201.2.2"},
 		{n.S, "addr", "add", "10.201.2.2/24", "dev", "s0"}, {n.S, "addr", "add", "10.201.3.1/24", "dev", "s0"},
 		{n.S, "link", "set", "s0", "up"}, {n.S, "route", "add", "100.96.0.0/16", "via", "10.201.2.1"},
+		{n.S, "route", "add", "10.201.1.0/24", "via", "10.201.2.1"}, // plain routing, the figures' baseline
 	} {
 		sh(t, append([]string{"ip", "-n", c[0]}, c[1:]...)...)
 	}
@@ -62,7 +67,7 @@ func newIPNet(t *testing.T) *ipNet {
 	return n
 }
 
-func sh(t *testing.T, args ...string) string {
+func sh(t testing.TB, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
 	if err != nil {
@@ -73,7 +78,7 @@ func sh(t *testing.T, args ...string) string {
 
 // inNS runs f on a thread moved into the namespace ns: sockets f creates live
 // there (and work from any thread afterwards). The thread is not reused.
-func inNS(t *testing.T, ns string, f func()) {
+func inNS(t testing.TB, ns string, f func()) {
 	t.Helper()
 	done := make(chan error, 1)
 	go func() {
@@ -103,11 +108,19 @@ allow if {
 	input.identity.user == "alice"
 }
 
+# tp forward to the service host, for the figures (ip_bench_test.go).
+allow if {
+	input.action == "dial"
+	input.identity.user == "alice"
+	count(input.destination.ips) > 0
+	every ip in input.destination.ips { net.cidr_contains("10.201.2.0/24", ip) }
+}
+
 ip := {"routes": ["10.201.2.0/24"]} if input.action == "ip"
 `
 
 // startTPDIn is startTPD in the namespace ns.
-func startTPDIn(t *testing.T, ns, dataDir, listen string, env []string) *server {
+func startTPDIn(t testing.TB, ns, dataDir, listen string, env []string) *server {
 	t.Helper()
 	s := &server{DataDir: dataDir, log: &testlog.Buffer{}, done: make(chan struct{}), mustStop: true}
 	s.cmd = exec.Command("ip", "netns", "exec", ns, binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen,
@@ -162,7 +175,7 @@ func startTPDIn(t *testing.T, ns, dataDir, listen string, env []string) *server 
 }
 
 // startTPIP runs `tp ip` in ns and waits for its "IP tunnel up" line.
-func startTPIP(t *testing.T, ns string, env []string, args ...string) *testlog.Buffer {
+func startTPIP(t testing.TB, ns string, env []string, args ...string) *testlog.Buffer {
 	t.Helper()
 	log := &testlog.Buffer{}
 	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, binary("tp"), "ip", "--proxy-name", "proxy.localhost"}, args...)...)
@@ -202,7 +215,7 @@ func startTPIP(t *testing.T, ns string, env []string, args ...string) *testlog.B
 
 // serveBytes listens in S and sends n random bytes to each connection,
 // returning the listener's address and the data's SHA-256.
-func serveBytes(t *testing.T, n *ipNet, size int) (string, [32]byte) {
+func serveBytes(t testing.TB, n *ipNet, size int) (string, [32]byte) {
 	t.Helper()
 	data := make([]byte, size)
 	_, _ = rand.Read(data)
@@ -233,7 +246,7 @@ func serveBytes(t *testing.T, n *ipNet, size int) (string, [32]byte) {
 }
 
 // dialIn connects from the namespace ns.
-func dialIn(t *testing.T, ns, addr string) net.Conn {
+func dialIn(t testing.TB, ns, addr string) net.Conn {
 	t.Helper()
 	var c net.Conn
 	var err error
@@ -274,7 +287,7 @@ func TestIPTunnelTPIPOverTCP(t *testing.T) {
 
 // startIPE2E makes the namespaces, starts tpd with IP tunnels on in T and logs
 // alice in on C; it returns her TP_HOME and the hook's output directory.
-func startIPE2E(t *testing.T) (*ipNet, []string, string) {
+func startIPE2E(t testing.TB) (*ipNet, []string, string) {
 	t.Helper()
 	n := newIPNet(t)
 	hookDir := t.TempDir()
@@ -282,19 +295,36 @@ func startIPE2E(t *testing.T) (*ipNet, []string, string) {
 	if err := os.WriteFile(hook, []byte("#!/bin/sh\nenv > \""+hookDir+"/$TP_EVENT-$TUN_CLIENT_ID\"\n"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	dataDir := initTPD(t, ipPolicyE2E)
+	dataDir := filepath.Join(t.TempDir(), "tpdata")
+	if out, err := runErr(nil, nil, binary("tpd"), "init", "--data-dir", dataDir); err != nil {
+		t.Fatalf("tpd init: %v\n%s", err, out)
+	}
+	if err := os.WriteFile(filepath.Join(dataDir, "policy", "tp.rego"), []byte(ipPolicyE2E), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	s := startTPDIn(t, n.T, dataDir, "10.201.1.1:0", []string{"TP_IP_TUNNEL=true", "TP_IP_HOOK=" + hook,
 		"TP_IP_BYTES_PER_SECOND=1000000000", "TP_ADMIN_LISTEN=127.0.0.1:9464"})
 	env := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "tp-home")}
-	out, err := runErr(env, nil, "ip", append([]string{"netns", "exec", n.C, binary("dlogin")}, s.enroll(t, "alice", "laptop")...)...)
+	out, err := runErr(nil, nil, binary("tpd"), "enroll", "alice", "--device", "laptop", "--data-dir", s.DataDir)
+	if err != nil {
+		t.Fatalf("tpd enroll: %v\n%s", err, out)
+	}
+	var dlogin []string
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, "dlogin ") {
+			dlogin = strings.Fields(line)[1:]
+		}
+	}
+	out, err = runErr(env, nil, "ip", append([]string{"netns", "exec", n.C, binary("dlogin")}, dlogin...)...)
 	if err != nil || !strings.Contains(out, "Login successful!") {
 		t.Fatalf("dlogin: %v\n%s", err, out)
 	}
+	n.tpd = s
 	return n, env, hookDir
 }
 
 // checkIPHook checks that the hook ran for alice's tunnel on tpd's host.
-func checkIPHook(t *testing.T, hookDir string) {
+func checkIPHook(t testing.TB, hookDir string) {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(hookDir, "up-alice@laptop"))
 	if err != nil {
