@@ -426,8 +426,9 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	tn, herr := t.open(ctx, ss.id, grant)
+	tn, herr, detail := t.open(ctx, ss.id, grant)
 	if herr != nil {
+		ss.end = herr.Error() + detail // the server's log has the details, the client a sentence
 		refuse(herr)
 		return
 	}
@@ -541,7 +542,7 @@ func assigned(addrs []netip.Prefix) []wire.AssignedAddress {
 // open picks the peer's addresses, creates its tun, routes the addresses
 // through it and runs the hook. A device that has a tunnel already loses it:
 // one tunnel per device, so a client that reconnects gets its addresses back.
-func (t *IPTunnels) open(ctx context.Context, id authz.Identity, g *authz.IPGrant) (*ipTunnel, *wire.HelloError) {
+func (t *IPTunnels) open(ctx context.Context, id authz.Identity, g *authz.IPGrant) (_ *ipTunnel, _ *wire.HelloError, detail string) {
 	t.mu.Lock()
 	if old := t.byDev[id.DeviceID]; old != nil {
 		delete(t.byDev, id.DeviceID)
@@ -562,41 +563,41 @@ func (t *IPTunnels) open(ctx context.Context, id authz.Identity, g *authz.IPGran
 	}
 	t.mu.Unlock()
 	if len(tn.addrs) == 0 {
-		return nil, wire.Errorf(wire.CodeInternal, "the TP server has no free address for %s (its IP tunnel pool is exhausted or not configured, and the policy assigns none); tell the TP administrator", id)
+		return nil, wire.Errorf(wire.CodeInternal, "the TP server has no free address for %s (its IP tunnel pool is exhausted or not configured, and the policy assigns none); tell the TP administrator", id), ""
 	}
-	fail := func(format string, args ...any) (*ipTunnel, *wire.HelloError) {
+	fail := func(reason string, err error) (*ipTunnel, *wire.HelloError, string) {
 		t.release(tn)
-		return nil, wire.Errorf(wire.CodeInternal, format, args...)
+		return nil, wire.Errorf(wire.CodeInternal, "%s; tell the TP administrator (tpd's log has the cause)", reason), ": " + err.Error()
 	}
 	dev, err := tun.Open(t.opts.TunName)
 	if err != nil {
-		return fail("the TP server could not create a tun device for the tunnel (%v); tell the TP administrator", err)
+		return fail("the TP server could not create a tun device for the tunnel", err)
 	}
 	tn.dev = dev
 	if err := tun.Up(ctx, dev.Name(), t.opts.MTU); err != nil {
 		_ = dev.Close()
-		return fail("the TP server could not bring up its tun device: %v", err)
+		return fail("the TP server could not bring up its tun device", err)
 	}
 	for _, a := range tn.addrs {
 		if err := tun.AddRoute(ctx, dev.Name(), a); err != nil {
 			_ = dev.Close()
-			return fail("the TP server could not route %s to the tunnel: %v", a, err)
+			return fail("the TP server could not route the tunnel's addresses", err)
 		}
 	}
 	if err := t.hook(ctx, tn, "up"); err != nil {
 		_ = dev.Close()
-		return fail("the TP server's IP tunnel hook refused the tunnel: %v", err)
+		return fail("the TP server's IP tunnel hook refused the tunnel", err)
 	}
 	t.mu.Lock()
 	if t.byDev[id.DeviceID] != nil { // another tunnel of the device won the race
 		t.mu.Unlock()
 		_ = dev.Close()
-		return fail("%s opened another IP tunnel at the same moment; try again", id)
+		return fail(id.String()+" opened another IP tunnel at the same moment; try again", errors.New("concurrent tunnels of one device"))
 	}
 	t.byDev[id.DeviceID] = tn
 	t.mu.Unlock()
 	t.stats.active.Add(1)
-	return tn, nil
+	return tn, nil, ""
 }
 
 func (t *IPTunnels) release(tn *ipTunnel) {

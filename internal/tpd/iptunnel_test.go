@@ -66,7 +66,7 @@ default allow := false
 
 allow if {
 	input.action == "ip"
-	input.identity.user in {"alice", "bob"}
+	input.identity.user in {"alice", "bob", "dave"}
 }
 
 ip := {"routes": ["10.77.0.0/24"]} if input.action == "ip"
@@ -90,7 +90,8 @@ func newIPRig(t *testing.T) *ipRig {
 	r := newConnectRig(t, ipPolicy, func(c *config.Server) {
 		c.IPTunnel.IPTunnel = true
 		c.AdminListen = "127.0.0.1:0" // for /metrics
-		c.IPTunnel.IPHook = []string{"/bin/sh", "-c", `env > "$0/$TP_EVENT-$TUN_CLIENT_ID"`, hookDir}
+		// The hook refuses dave's tunnels (bad input: a hook that fails).
+		c.IPTunnel.IPHook = []string{"/bin/sh", "-c", `[ "$TUN_CLIENT_ID" = dave@tablet ] && { echo "no tunnel for dave"; exit 3; }; env > "$0/$TP_EVENT-$TUN_CLIENT_ID"`, hookDir}
 	})
 	return &ipRig{connectRig: r, hookDir: hookDir}
 }
@@ -332,6 +333,19 @@ func TestIPTunnelConnectIPGo(t *testing.T) {
 		if err != nil || string(got) != string(msg) {
 			t.Fatalf("echo %d: %q, %v", i, got, err)
 		}
+	}
+
+	// A tunnel the hook refuses is not opened: the client gets 500, its tun
+	// device is gone, alice's tunnel is untouched.
+	dave := enrollCert(t, r.connectRig, "dave", "tablet")
+	if _, err := r.dialConnectIPGo(t, dave); err == nil || !strings.Contains(err.Error(), "500") {
+		t.Fatalf("dave's CONNECT-IP with a failing hook: %v, want 500", err)
+	}
+	if tunnels := r.d.proxy.IPTunnels().Tunnels(); len(tunnels) != 1 || tunnels["alice@laptop"] == "" {
+		t.Fatalf("live tunnels %v, want only alice's", tunnels)
+	}
+	if linkExists("tpip1") {
+		t.Fatal("the refused tunnel's tun device tpip1 still exists")
 	}
 
 	// A device the policy gives no tunnel is refused with the policy's reason.
