@@ -648,7 +648,9 @@ func (t *IPTunnels) hook(ctx context.Context, tn *ipTunnel, event string) error 
 			routes = append(routes, fmt.Sprintf("%s-%s/%d", r.Start, r.End, r.Protocol))
 		}
 	}
-	cmd.Env = append(os.Environ(),
+	// Not tpd's whole environment, which may hold secrets (a database
+	// password): PATH, and what the hook is for.
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")},
 		"TUN_DEV_NAME="+tn.dev.Name(),
 		"TUN_CLIENT_ID="+tn.id.DeviceID,
 		"TP_EVENT="+event,
