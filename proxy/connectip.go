@@ -472,7 +472,14 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 		tn.writeCap = func(b []byte) error { _, err := str.Write(b); return err }
 		tn.sendDg = str.SendDatagram
 		recvDg = str.ReceiveDatagram
-		context.AfterFunc(tctx, func() { str.CancelRead(quic.StreamErrorCode(http3.ErrCodeNoError)) })
+		context.AfterFunc(tctx, func() {
+			if abortive(context.Cause(tctx)) { // never a clean end: both directions reset
+				str.CancelRead(h3ConnectError)
+				str.CancelWrite(h3ConnectError)
+				return
+			}
+			str.CancelRead(quic.StreamErrorCode(http3.ErrCodeNoError))
+		})
 	default: // h2: packets in DATAGRAM capsules on the stream (RFC 9297 §3.5)
 		if err := rc.Flush(); err != nil {
 			ss.end = "answering: " + err.Error()
@@ -521,14 +528,22 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 	default:
 		ss.end = err.Error()
 	}
-	var re *wire.RevokedError
-	if errors.As(err, &re) || errors.Is(err, wire.ErrCertExpired) || errors.Is(err, wire.ErrShutdown) {
+	if abortive(err) {
 		if str, ok := capsules.(*http3.Stream); ok {
 			str.CancelWrite(h3ConnectError)
 		} else {
 			panic(http.ErrAbortHandler) // h2: RST_STREAM, never a clean end
 		}
 	}
+}
+
+// abortive reports whether a tunnel ended by err ends with a reset the client
+// sees as one: a revocation, the certificate's expiry, the server's force, a
+// newer tunnel of the same device.
+func abortive(err error) bool {
+	var re *wire.RevokedError
+	var ee *wire.EndError
+	return errors.As(err, &re) || errors.As(err, &ee) || errors.Is(err, wire.ErrCertExpired) || errors.Is(err, wire.ErrShutdown)
 }
 
 func assigned(addrs []netip.Prefix) []wire.AssignedAddress {

@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -82,7 +84,7 @@ type ipRig struct {
 	hookDir string
 }
 
-func newIPRig(t *testing.T) *ipRig {
+func newIPRig(t *testing.T, mods ...func(*config.Server)) *ipRig {
 	t.Helper()
 	mustIP(t, "addr", "add", "10.77.0.1/32", "dev", "lo")
 	mustIP(t, "addr", "add", "10.78.0.1/32", "dev", "lo")
@@ -90,6 +92,9 @@ func newIPRig(t *testing.T) *ipRig {
 	r := newConnectRig(t, ipPolicy, func(c *config.Server) {
 		c.IPTunnel.IPTunnel = true
 		c.AdminListen = "127.0.0.1:0" // for /metrics
+		for _, m := range mods {
+			m(c)
+		}
 		// The hook refuses dave's tunnels (bad input: a hook that fails).
 		c.IPTunnel.IPHook = []string{"/bin/sh", "-c", `[ "$TUN_CLIENT_ID" = dave@tablet ] && { echo "no tunnel for dave"; exit 3; }; env > "$0/$TP_EVENT-$TUN_CLIENT_ID"`, hookDir}
 	})
@@ -540,6 +545,7 @@ func TestIPTunnelRevokeForgetsOnePeer(t *testing.T) {
 	for i := range 100 {
 		bobEcho(i)
 	}
+	revoked := time.Now()
 	res, err := r.d.Revoke(context.Background(), "device", "alice@laptop", false)
 	if err != nil || res.Closed < 1 {
 		t.Fatalf("revoke alice@laptop: %+v, %v", res, err)
@@ -549,7 +555,13 @@ func TestIPTunnelRevokeForgetsOnePeer(t *testing.T) {
 	}
 	select {
 	case err := <-aliceDone:
-		t.Logf("alice's tunnel ended: %v", err)
+		t.Logf("alice's tunnel ended %s after the revocation began: %v", time.Since(revoked), err)
+		// connect-ip-go reports the reset (H3_CONNECT_ERROR) or, when its
+		// other goroutine saw it first, that its connection is closed; never
+		// a clean end.
+		if errors.Is(err, io.EOF) || strings.Contains(err.Error(), "H3_NO_ERROR") {
+			t.Fatalf("alice's tunnel ended cleanly (%v); a revocation must reset it", err)
+		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("alice's tunnel still carries packets after her revocation")
 	}
@@ -564,5 +576,25 @@ func TestIPTunnelRevokeForgetsOnePeer(t *testing.T) {
 	}
 	if tunnels := r.d.proxy.IPTunnels().Tunnels(); len(tunnels) != 1 || tunnels["bob@desk"] == "" {
 		t.Fatalf("live tunnels %v, want only bob's", tunnels)
+	}
+}
+
+// A device that sends faster than ip-packets-per-second loses the excess,
+// counted as reason "rate"; the tunnel goes on.
+func TestIPTunnelRateLimit(t *testing.T) {
+	if !inNetns(t) {
+		return
+	}
+	r := newIPRig(t, func(c *config.Server) { c.IPTunnel.IPPacketsPerSecond = 20 })
+	c := r.dialRaw(t, r.cert)
+	echo, got := udpEcho(t, "10.77.0.1:0")
+	src := netip.AddrPortFrom(c.v4(), 40010)
+	// Bad input: a burst of 2,000 packets against a bucket of 20 per second.
+	for i := range 2000 {
+		c.send(t, udp4(src, echo, []byte(fmt.Sprintf("burst %d", i))))
+	}
+	ipWaitFor(t, "rate drops to be counted", func() bool { return r.d.proxy.IPTunnels().Stats().DroppedRate > 0 })
+	if n := got.Load(); n >= 2000 {
+		t.Fatalf("the far side received all %d packets of the burst", n)
 	}
 }
