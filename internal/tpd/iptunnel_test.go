@@ -32,7 +32,7 @@ import (
 // netnsEnv marks a test binary re-run inside a network namespace of its own.
 const netnsEnv = "TP_TEST_IN_NETNS"
 
-// inNetns runs the calling test again in a new network namespace (unshare -rn,
+// inNetns runs the calling test again in a new network namespace (unshare -n,
 // where tun devices and routes can be made and nothing leaves), and reports
 // whether the caller is that run. The outer run passes or fails with the inner.
 func inNetns(t *testing.T) bool {
@@ -43,7 +43,13 @@ func inNetns(t *testing.T) bool {
 		}
 		return true
 	}
-	cmd := exec.Command("unshare", "-rn", os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1", "-test.timeout=10m")
+	// As root a network namespace is enough; otherwise a user namespace
+	// maps the caller to root in it.
+	flags := "-rn"
+	if os.Geteuid() == 0 {
+		flags = "-n"
+	}
+	cmd := exec.Command("unshare", flags, os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1", "-test.timeout=10m")
 	cmd.Env = append(os.Environ(), netnsEnv+"="+t.Name())
 	out, err := cmd.CombinedOutput()
 	t.Logf("in a network namespace of its own:\n%s", out)
