@@ -355,9 +355,7 @@ func TestIPTunnelConnectIPGo(t *testing.T) {
 	if tunnels := r.d.proxy.IPTunnels().Tunnels(); len(tunnels) != 1 || tunnels["alice@laptop"] == "" {
 		t.Fatalf("live tunnels %v, want only alice's", tunnels)
 	}
-	if linkExists("tpip1") {
-		t.Fatal("the refused tunnel's tun device tpip1 still exists")
-	}
+	ipWaitFor(t, "the refused tunnel's tun device tpip1 to be removed", func() bool { return !linkExists("tpip1") })
 
 	// A device the policy gives no tunnel is refused with the policy's reason.
 	carol := enrollCert(t, r.connectRig, "carol", "phone")
