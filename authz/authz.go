@@ -16,6 +16,9 @@ const (
 	// ActionExposeHTTP is a reverse tunnel of draft-kazuho-httpbis-reverse-tunnel
 	// that serves HTTP for a reverse name (`tp expose --http`, proxy/revtunnel.go).
 	ActionExposeHTTP = "expose_http"
+	// ActionIP is a CONNECT-IP tunnel (RFC 9484, proxy/connectip.go): an allowed
+	// decision carries the IP grant (Decision.IP) the tunnel is held to.
+	ActionIP = "ip"
 )
 
 // Identity is who is behind a verified client certificate.
@@ -68,6 +71,23 @@ type Decision struct {
 	// Revision names the policy that decided; empty when TP decided without
 	// asking it (deny list, expired certificate). The audit trail records it.
 	Revision string
+	// IP is what an allowed "ip" request may use (the policy's document ip);
+	// nil for other actions.
+	IP *IPGrant
+}
+
+// IPGrant is what a device may do through a CONNECT-IP tunnel: the prefixes and
+// protocols it may reach, and the addresses it gets (none: from the server's
+// pool). TP enforces it on every packet.
+type IPGrant struct {
+	Routes    []IPRoute
+	Addresses []netip.Prefix
+}
+
+// IPRoute allows packets to Prefix with IP protocol Protocol (0: any).
+type IPRoute struct {
+	Prefix   netip.Prefix
+	Protocol uint8
 }
 
 // Authorizer decides requests. An error means "deny": callers fail closed.

@@ -158,7 +158,7 @@ func ExpandConnectUDPTemplate(tmpl, host, port string) string {
 }
 
 // refusal reads a non-2xx answer into a ConnectUDPError.
-func refusal(resp *http.Response) error {
+func connectUDPRefusal(resp *http.Response) error {
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	_ = resp.Body.Close()
 	return &ConnectUDPError{Status: resp.StatusCode, ProxyStatus: resp.Header.Get("Proxy-Status"), Reason: strings.TrimSpace(string(b))}
@@ -200,7 +200,7 @@ func (c *ConnectUDPConn) dialH3(ctx context.Context, o ConnectUDPOptions, u *url
 		return fail(fmt.Errorf("reading the proxy's answer: %w", err))
 	}
 	if resp.StatusCode/100 != 2 {
-		return fail(refusal(resp))
+		return fail(connectUDPRefusal(resp))
 	}
 	c.Response = resp
 	c.w = str
@@ -258,7 +258,7 @@ func (c *ConnectUDPConn) dialH2(ctx context.Context, o ConnectUDPOptions, u *url
 	}
 	if resp.StatusCode/100 != 2 {
 		_ = pw.Close()
-		err := refusal(resp)
+		err := connectUDPRefusal(resp)
 		_ = cc.Close()
 		return err
 	}
@@ -301,7 +301,7 @@ func (c *ConnectUDPConn) dialH1(ctx context.Context, o ConnectUDPOptions, u *url
 		return fmt.Errorf("reading the proxy's answer: %w", err)
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		err := refusal(resp)
+		err := connectUDPRefusal(resp)
 		_ = conn.Close()
 		return err
 	}

@@ -22,6 +22,7 @@ tools=(
 	"systemd-analyze systemd"             # deploy/ verifies the systemd unit
 	"ip iproute2"                         # tpbench's packet-loss scenarios: a network namespace
 	"iptables iptables"                   # … that drops packets
+	"unshare util-linux"                  # the IP tunnel tests (which use ip too) re-run themselves in a network namespace
 	"curl curl"                           # the CONNECT tests use Debian's curl as an HTTPS-proxy client
 	"git git"                             # … and git, with http.proxySSLCert
 	"pg-initdb postgresql"                # internal/testpg runs a throwaway PostgreSQL (initdb, postgres)

@@ -80,6 +80,14 @@ func (p *Authorizer) decide(ctx context.Context, req authz.Request, input map[st
 			fmt.Errorf("authorize %s %s to %s: %w", req.Identity, req.Action, hostPort(req.Destination), err)
 	}
 	d := authz.Decision{Allow: res.Allow, Reason: res.Reason, Revision: res.Revision}
+	if req.Action == authz.ActionIP && d.Allow {
+		grant, err := ParseIPGrant(res.IP)
+		if err != nil {
+			return authz.Decision{Allow: false, Reason: ReasonFailed, Revision: res.Revision}, res,
+				fmt.Errorf("authorize %s ip: policy (revision %s): %w", req.Identity, res.Revision, err)
+		}
+		d.IP = grant
+	}
 	if !d.Allow && d.Reason == "" {
 		d.Reason = fmt.Sprintf("policy does not allow %s to %s %s", req.Identity, req.Action, hostPort(req.Destination))
 	}

@@ -30,11 +30,11 @@ const DefaultTimeout = 100 * time.Millisecond
 // Eval may take from call to answer, waiting for its turn included.
 const DefaultQueueTimeout = 5 * time.Second
 
-// query asks for the three documents of the decision in one evaluation, and only
+// query asks for the four documents of the decision in one evaluation, and only
 // for them: asking for the whole package would also evaluate every helper rule
 // (about 2x slower for the default policy, BenchmarkDecisionRealistic). Keys whose
 // rule is undefined are absent from the result.
-const query = `{k: v | some k in ["allow", "reason", "deny"]; v := data.` + Package + `[k]}`
+const query = `{k: v | some k in ["allow", "reason", "deny", "ip"]; v := data.` + Package + `[k]}`
 
 var packagePath = ast.MustParseRef("data." + Package)
 
@@ -49,6 +49,9 @@ type Result struct {
 	// Deny holds the messages of the policy's deny rules, sorted. Any message
 	// denies the request, whatever allow says.
 	Deny []string
+	// IP is the policy's document ip as evaluated (undefined: nil), which an
+	// allowed "ip" request is held to (see Authorizer).
+	IP any
 }
 
 // Option adjusts an Engine.
@@ -255,6 +258,7 @@ func (e *Engine) evalWith(ctx context.Context, c *compiled, input map[string]any
 		}
 		slices.Sort(res.Deny)
 	}
+	res.IP = doc["ip"]
 	res.Allow = b && len(res.Deny) == 0
 	if len(res.Deny) > 0 && res.Reason == "" {
 		res.Reason = strings.Join(res.Deny, "; ")

@@ -47,6 +47,8 @@ func (s *Server) routeProxyHTTP(w http.ResponseWriter, r *http.Request) {
 		s.serveConnectHTTP(w, r)
 	case isConnectUDP(r): // CONNECT-UDP, RFC 9298 (masque_udp.go)
 		s.serveConnectUDPHTTP(w, r)
+	case isConnectIP(r): // CONNECT-IP, RFC 9484 (connectip.go)
+		s.serveConnectIP(w, r)
 	case r.Method == http.MethodConnect: // extended CONNECT for a protocol TP does not serve
 		proxyRefusal(w, r, http.StatusNotImplemented, "http_request_error", "TP serves no extended CONNECT for :protocol "+connectProtocol(r))
 	case s.cfg.ProxyHTTP != nil:

@@ -256,19 +256,19 @@ func (t *cudpTunnel) writeCapsule(p []byte) error {
 	return nil
 }
 
-// rateBucket is a token bucket of datagrams per second with a one-second burst.
-type rateBucket struct {
+// dgramBucket is a token bucket of datagrams per second with a one-second burst.
+type dgramBucket struct {
 	mu     sync.Mutex
 	rate   float64
 	tokens float64
 	last   time.Time
 }
 
-func newRateBucket(perSecond int) *rateBucket {
-	return &rateBucket{rate: float64(perSecond), tokens: float64(perSecond), last: time.Now()}
+func newDgramBucket(perSecond int) *dgramBucket {
+	return &dgramBucket{rate: float64(perSecond), tokens: float64(perSecond), last: time.Now()}
 }
 
-func (b *rateBucket) take() bool {
+func (b *dgramBucket) take() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	now := time.Now()
@@ -300,7 +300,7 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 	touch := func() { last.Store(time.Now().UnixNano()) }
 	touch()
 	var total atomic.Int64 // payload bytes both ways, for MaxBytesPerFlow
-	upRate, downRate := newRateBucket(o.MaxPacketsPerSecond), newRateBucket(o.MaxPacketsPerSecond)
+	upRate, downRate := newDgramBucket(o.MaxPacketsPerSecond), newDgramBucket(o.MaxPacketsPerSecond)
 	rctx, rcancel := context.WithCancel(ctx)
 	defer rcancel()
 	ends := make(chan cudpEnd, 3)

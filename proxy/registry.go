@@ -19,6 +19,9 @@ type liveSession struct {
 	cs     tls.ConnectionState // the handshake that authenticated the client
 	req    authz.Request       // the request the policy allowed
 	revoke context.CancelCauseFunc
+	// onAllow, when set, receives each re-check's allowing decision (a
+	// CONNECT-IP tunnel applies a changed grant: connectip.go).
+	onAllow func(authz.Decision)
 }
 
 // registry holds the live sessions of a Server.
@@ -110,6 +113,9 @@ func (s *Server) stillAllowed(ctx context.Context, ls *liveSession) (reason stri
 					return "the policy no longer allows this destination", false, false
 				}
 				return "the policy no longer allows it: " + dec.Reason, false, false
+			}
+			if ls.onAllow != nil {
+				ls.onAllow(dec)
 			}
 			return "", false, true
 		}

@@ -122,6 +122,9 @@ type Config struct {
 	UDP UDPOptions
 	// ConnectUDP bounds CONNECT-UDP flows on the proxy names (masque_udp.go).
 	ConnectUDP ConnectUDPOptions
+	// IPTunnel serves CONNECT-IP on the proxy names (connectip.go); nil
+	// refuses it.
+	IPTunnel *IPTunnels
 	// OnSessionEnd, when set, receives one record per session as it ends (proxy
 	// requests, reverse operations, public sessions), beside its log line: the
 	// audit trail (audit.go). It runs on the session's goroutine and must not block.

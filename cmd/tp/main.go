@@ -78,7 +78,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	config.ClientFlags(root.PersistentFlags())
 	root.PersistentFlags().String("transport", "auto", "auto (QUIC, falling back to TLS; remembered per server), quic or tls (env TP_TRANSPORT)")
 	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
-	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
+	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), ipCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
 		Args:  cobra.NoArgs,
@@ -96,7 +96,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 func hostPortArgs(cmd *cobra.Command, args []string) error {
 	if len(args) > 0 {
 		_, portErr := strconv.Atoi(args[len(args)-1])
-		if s := cmd.SuggestionsFor(args[0]); len(s) > 0 && (len(args) != 2 || portErr != nil) {
+		if s := suggestions(cmd, args[0]); len(s) > 0 && (len(args) != 2 || portErr != nil) {
 			return fmt.Errorf("unknown command %q: did you mean \"tp %s\"? (tp --help lists the commands)", args[0], s[0])
 		}
 	}
@@ -111,6 +111,19 @@ func hostPortArgs(cmd *cobra.Command, args []string) error {
 			strings.Join(names, ", "), len(args), args)
 	}
 	return nil
+}
+
+// suggestions are the commands a typo may have meant. A command of two
+// letters ("ip") is within two edits of every one- or two-letter word, so it
+// is suggested only for a word that starts like it.
+func suggestions(cmd *cobra.Command, typo string) []string {
+	var out []string
+	for _, s := range cmd.SuggestionsFor(typo) {
+		if len(s) > 2 || strings.HasPrefix(typo, s[:1]) {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 func open(cmd *cobra.Command, stderr io.Writer) (*clients.Client, config.Client, error) {

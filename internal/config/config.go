@@ -134,6 +134,8 @@ type Server struct {
 	// PublicPorts are the ports agents may open publicly (`tp expose --public
 	// PORT`), e.g. "20000-30000,8080"; empty opens none. The policy decides too.
 	PublicPorts string `mapstructure:"public-ports"`
+	// IPTunnel configures CONNECT-IP tunnels (iptunnel.go, docs/IP.md).
+	IPTunnel `mapstructure:",squash"`
 
 	// Sites are websites served on the public port beside the proxy (sites.go).
 	Sites []Site `mapstructure:"sites"`
@@ -185,6 +187,7 @@ const (
 // DefaultServer is the configuration tpd runs with when nothing is set.
 func DefaultServer() Server {
 	return Server{
+		IPTunnel:            defaultIPTunnel(),
 		DataDir:             "./tpdata",
 		Listen:              "127.0.0.1:8443",
 		Names:               []string{"localhost", "127.0.0.1", "::1"},
@@ -371,6 +374,7 @@ func (s Server) Validate() error {
 	errs = append(errs, s.validateSites()...)
 	errs = append(errs, s.validateAdmin()...)
 	errs = append(errs, s.validateDatabase()...)
+	errs = append(errs, s.IPTunnel.validate())
 	if _, err := ParseLevel(s.LogLevel); err != nil {
 		errs = append(errs, err)
 	}
@@ -509,6 +513,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("database-password", d.DatabasePassword)
 	v.SetDefault("log-level", d.LogLevel)
 	v.SetDefault("log-format", d.LogFormat)
+	setIPTunnelDefaults(v, d.IPTunnel)
 	v.SetEnvPrefix("TP")
 	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
 	v.AutomaticEnv()

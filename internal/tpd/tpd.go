@@ -220,7 +220,17 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if d.db != nil {
 		ticketKeys = pgstore.NewKeys(d.db)
 	}
+	ipt, err := ipTunnels(cfg.IPTunnel) // iptunnel.go
+	if err != nil {
+		d.ca.Close()
+		d.closeDB()
+		return nil, err
+	}
+	if ipt != nil && d.metrics != nil {
+		d.metrics.reg.MustRegister(ipCollector{ipt})
+	}
 	d.proxy, err = proxy.New(proxy.Config{
+		IPTunnel:   ipt,
 		TicketKeys: ticketKeys,
 		ProxyTLS: &tls.Config{
 			GetCertificate: getCert,

@@ -1,0 +1,553 @@
+package clients
+
+// `tp ip`: a CONNECT-IP (RFC 9484) tunnel from a local tun device to the TP
+// server's proxy name over HTTP/3. The tunnel installs the addresses and
+// routes the server assigns, follows the host's address changes by migrating
+// the QUIC connection to a new socket, and reconnects with backoff when the
+// connection is lost. docs/IP.md describes it.
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+	"golang.org/x/net/http2"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/tun"
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// IPTunnel runs `tp ip`.
+type IPTunnel struct {
+	// Server is the TP server's UDP host:port.
+	Server string
+	// ProxyName is the server's proxy name (SNI and :authority).
+	ProxyName string
+	// TLSConfig carries RootCAs and the client certificate.
+	TLSConfig *tls.Config
+	// Transport is "quic" (HTTP/3), "tls" (HTTP/2 over TLS, for networks that
+	// pass no UDP) or "auto" (the default: HTTP/3, then HTTP/2).
+	Transport string
+	// DialTimeout bounds connecting and the request. Default 15 s.
+	DialTimeout time.Duration
+	// TunName is the kernel's name template for the tun device. Default "tp%d".
+	TunName string
+	// MTU of the tun device. Default 1280.
+	MTU int
+	// Logger receives one line per tunnel state change; nil discards.
+	Logger *slog.Logger
+	// CheckAddress is how often the tunnel checks whether the host's address
+	// towards the server changed (and migrates when it did). Default 1 s.
+	CheckAddress time.Duration
+	// Explain, when set, turns a failed connection's error into one a person
+	// can act on (Client.WhyRejected); a revoked device then stops retrying.
+	Explain func(context.Context, error) error
+	// OnUp, when set, is called each time the tunnel is up, with the tun
+	// device's name and the addresses and routes installed.
+	OnUp func(dev string, addrs, routes []netip.Prefix)
+}
+
+// ErrIPRefused wraps a refusal that reconnecting does not cure (the policy,
+// an unknown or revoked device).
+var ErrIPRefused = errors.New("the TP server refused the IP tunnel")
+
+// Run creates the tun device and keeps the tunnel up until ctx ends or the
+// server refuses it for good.
+func (t *IPTunnel) Run(ctx context.Context) error {
+	if t.TunName == "" {
+		t.TunName = "tp%d"
+	}
+	if t.MTU == 0 {
+		t.MTU = 1280
+	}
+	if t.CheckAddress <= 0 {
+		t.CheckAddress = time.Second
+	}
+	log := t.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	dev, err := tun.Open(t.TunName)
+	if err != nil {
+		return err
+	}
+	defer dev.Close()
+	if err := tun.Up(ctx, dev.Name(), t.MTU); err != nil {
+		return fmt.Errorf("bringing up %s: %w", dev.Name(), err)
+	}
+	// One reader of the tun device for its whole life, whichever connection
+	// carries the packets; while no connection is up, packets wait (a few) or
+	// are dropped, as on a link that is down.
+	packets := make(chan []byte, 256)
+	go func() {
+		defer close(packets)
+		big := make([]byte, wire.MaxIPPacket)
+		for {
+			n, err := dev.Read(big)
+			if err != nil {
+				return
+			}
+			b := make([]byte, 1+n)
+			copy(b[1:], big[:n])
+			select {
+			case packets <- b:
+			default:
+			}
+		}
+	}()
+	backoff := time.Second
+	for {
+		start := time.Now()
+		err := t.session(ctx, dev, packets, log)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if t.Explain != nil {
+			err = t.Explain(ctx, err)
+		}
+		if errors.Is(err, ErrIPRefused) || errors.Is(err, authz.ErrRevoked) {
+			return err
+		}
+		if time.Since(start) > 30*time.Second {
+			backoff = time.Second
+		}
+		log.Warn("IP tunnel lost; reconnecting", "err", err, "in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 30*time.Second)
+	}
+}
+
+// ipSession is one CONNECT-IP request's state: its carrier (HTTP/3 with
+// datagrams, or HTTP/2 with DATAGRAM capsules) and the addresses installed.
+type ipSession struct {
+	dev      *tun.Device
+	capsules io.Reader
+	wmu      sync.Mutex
+	writeCap func([]byte) error                    // one whole capsule
+	sendDg   func([]byte) error                    // one HTTP Datagram payload
+	recvDg   func(context.Context) ([]byte, error) // nil: datagrams come as capsules
+	addrs    []netip.Prefix
+	over     string // "HTTP/3" or "HTTP/2"
+}
+
+func (s *ipSession) capsule(b []byte) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	return s.writeCap(b)
+}
+
+// ipPath is the request path: RFC 9484's default template with target and
+// ipproto "*" (whatever the policy grants).
+const ipPath = "/.well-known/masque/ip/*/*/"
+
+// session runs one connection and request until it fails.
+func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan []byte, log *slog.Logger) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	s := &ipSession{dev: dev}
+	var follow func(context.Context) error
+	var err error
+	switch t.Transport {
+	case "tls":
+		err = t.connectH2(ctx, s)
+	case "quic":
+		follow, err = t.connectH3(ctx, s)
+	default: // auto: HTTP/3, and HTTP/2 over TLS where UDP does not get through
+		follow, err = t.connectH3(ctx, s)
+		if err != nil && !errors.Is(err, ErrIPRefused) && ctx.Err() == nil {
+			log.Info("CONNECT-IP over HTTP/3 failed; trying HTTP/2 over TLS", "err", err)
+			follow, err = nil, t.connectH2(ctx, s)
+		}
+	}
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, 4)
+	go func() { errc <- t.capsules(ctx, s, log) }()
+	go func() { errc <- s.toServer(ctx, packets) }()
+	if s.recvDg != nil {
+		go func() { errc <- s.fromServer(ctx) }()
+	}
+	if follow != nil {
+		go func() { errc <- follow(ctx) }()
+	}
+	err = <-errc
+	cancel(err)
+	return err
+}
+
+// refusal turns a non-200 answer into an error; ErrIPRefused for those that
+// retrying does not cure.
+func refusal(resp *http.Response) error {
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 2048))
+	reason := strings.TrimSpace(string(body))
+	if reason == "" {
+		reason = resp.Status
+	}
+	if resp.StatusCode == http.StatusForbidden || resp.StatusCode == http.StatusNotImplemented || resp.StatusCode == http.StatusBadRequest {
+		return fmt.Errorf("%w: %s", ErrIPRefused, reason)
+	}
+	return fmt.Errorf("the TP server refused the IP tunnel (%s): %s", resp.Status, reason)
+}
+
+// connectH3 runs the request over HTTP/3 on a QUIC connection of its own,
+// whose socket the returned follow function moves when the host's address
+// changes.
+func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(context.Context) error, err error) {
+	raddr, err := net.ResolveUDPAddr("udp", t.Server)
+	if err != nil {
+		return nil, fmt.Errorf("resolving %s: %w", t.Server, err)
+	}
+	tr, err := newIPTransport()
+	if err != nil {
+		return nil, err
+	}
+	var trMu sync.Mutex
+	transports := []*quic.Transport{tr}
+	closeAll := func() {
+		trMu.Lock()
+		for _, tr := range transports {
+			_ = tr.Close()
+		}
+		trMu.Unlock()
+	}
+	tc := t.TLSConfig.Clone()
+	tc.ServerName = t.ProxyName
+	tc.NextProtos = []string{http3.NextProtoH3}
+	dctx, dcancel := context.WithTimeout(ctx, t.dialTimeout())
+	defer dcancel()
+	qc, err := tr.Dial(dctx, raddr, tc, &quic.Config{
+		EnableDatagrams:   true,
+		KeepAlivePeriod:   15 * time.Second, // NAT bindings and stateful firewalls
+		MaxIdleTimeout:    60 * time.Second,
+		InitialPacketSize: 1350, // a 1280-byte packet fits a datagram at once
+	})
+	if err != nil {
+		closeAll()
+		return nil, fmt.Errorf("connecting to %s over QUIC: %w", t.Server, explainQUICErr(err))
+	}
+	context.AfterFunc(ctx, func() { _ = qc.CloseWithError(0, ""); closeAll() })
+	cc := (&http3.Transport{EnableDatagrams: true}).NewClientConn(qc)
+	str, err := cc.OpenRequestStream(dctx)
+	if err != nil {
+		return nil, err
+	}
+	u := &url.URL{Scheme: "https", Host: t.ProxyName, Path: ipPath}
+	if err := str.SendRequestHeader(&http.Request{Method: http.MethodConnect, Proto: wire.ConnectIPProtocol, URL: u,
+		Host: t.ProxyName, Header: http.Header{"Capsule-Protocol": {"?1"}}}); err != nil {
+		return nil, err
+	}
+	resp, err := str.ReadResponse()
+	if err != nil {
+		return nil, fmt.Errorf("the TP server did not answer the IP tunnel request: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, refusal(resp)
+	}
+	context.AfterFunc(ctx, func() { str.CancelRead(0); str.CancelWrite(0) })
+	s.capsules, s.over = str, "HTTP/3"
+	s.writeCap = func(b []byte) error { _, err := str.Write(b); return err }
+	s.sendDg = str.SendDatagram
+	s.recvDg = str.ReceiveDatagram
+	return func(ctx context.Context) error {
+		return t.followAddress(ctx, qc, raddr, &trMu, &transports, t.logger())
+	}, nil
+}
+
+// connectH2 runs the request over HTTP/2 (extended CONNECT, RFC 8441) on a
+// TLS connection: packets travel in DATAGRAM capsules on the stream (RFC 9297
+// §3.5), for networks that pass no UDP.
+func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
+	tc := t.TLSConfig.Clone()
+	tc.ServerName = t.ProxyName
+	tc.NextProtos = []string{"h2"}
+	dctx, dcancel := context.WithTimeout(ctx, t.dialTimeout())
+	defer dcancel()
+	c, err := (&tls.Dialer{Config: tc}).DialContext(dctx, "tcp", t.Server)
+	if err != nil {
+		return fmt.Errorf("connecting to %s over TLS: %w", t.Server, err)
+	}
+	context.AfterFunc(ctx, func() { _ = c.Close() })
+	if p := c.(*tls.Conn).ConnectionState().NegotiatedProtocol; p != "h2" {
+		return fmt.Errorf("%w: %s does not serve HTTP/2 on %s (negotiated %q); is it one of tpd's proxy-names?", ErrIPRefused, t.Server, t.ProxyName, p)
+	}
+	cc, err := (&http2.Transport{}).NewClientConn(c)
+	if err != nil {
+		return err
+	}
+	pr, pw := io.Pipe()
+	context.AfterFunc(ctx, func() { _ = pw.CloseWithError(context.Cause(ctx)) })
+	u := &url.URL{Scheme: "https", Host: t.ProxyName, Path: ipPath}
+	req := (&http.Request{Method: http.MethodConnect, URL: u, Host: t.ProxyName, Body: pr,
+		Header: http.Header{"Capsule-Protocol": {"?1"}, ":protocol": {wire.ConnectIPProtocol}}}).WithContext(ctx)
+	resp, err := cc.RoundTrip(req)
+	if err != nil {
+		return fmt.Errorf("the TP server did not answer the IP tunnel request over HTTP/2: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return refusal(resp)
+	}
+	s.capsules, s.over = resp.Body, "HTTP/2"
+	s.writeCap = func(b []byte) error { _, err := pw.Write(b); return err }
+	s.sendDg = func(p []byte) error { return s.capsule(wire.AppendIPCapsule(nil, wire.IPCapsuleDatagram, p)) }
+	return nil
+}
+
+func (t *IPTunnel) dialTimeout() time.Duration {
+	if t.DialTimeout > 0 {
+		return t.DialTimeout
+	}
+	return 15 * time.Second
+}
+
+func (t *IPTunnel) logger() *slog.Logger {
+	if t.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return t.Logger
+}
+
+func newIPTransport() (*quic.Transport, error) {
+	// A socket bound to no address: the kernel picks the source per packet,
+	// so a changed address is used at once and QUIC's migration follows.
+	uc, err := net.ListenUDP("udp", nil)
+	if err != nil {
+		return nil, fmt.Errorf("opening a UDP socket: %w", err)
+	}
+	return &quic.Transport{Conn: uc}, nil
+}
+
+// capsules reads the server's capsules and installs what they assign.
+func (t *IPTunnel) capsules(ctx context.Context, s *ipSession, log *slog.Logger) error {
+	r := bufio.NewReaderSize(s.capsules, 64<<10)
+	var routes []netip.Prefix
+	up := false
+	for {
+		c, err := wire.ReadIPCapsule(r)
+		if err != nil {
+			if ctx.Err() != nil {
+				return context.Cause(ctx)
+			}
+			return fmt.Errorf("the TP server ended the tunnel: %w", err)
+		}
+		switch c.Type {
+		case wire.IPCapsuleDatagram:
+			s.deliver(c.Payload)
+		case wire.IPCapsuleAddressAssign:
+			as, err := wire.ParseAddresses(c.Payload)
+			if err != nil {
+				return fmt.Errorf("the server's ADDRESS_ASSIGN is malformed: %w", err)
+			}
+			var addrs []netip.Prefix
+			for _, a := range as {
+				if !a.Prefix.Addr().IsUnspecified() {
+					addrs = append(addrs, a.Prefix)
+				}
+			}
+			if err := t.setAddresses(ctx, s, addrs); err != nil {
+				return err
+			}
+		case wire.IPCapsuleRouteAdvertisement:
+			rs, err := wire.ParseRoutes(c.Payload)
+			if err != nil {
+				return fmt.Errorf("the server's ROUTE_ADVERTISEMENT is malformed: %w", err)
+			}
+			routes = routes[:0]
+			for _, r := range rs {
+				routes = append(routes, rangePrefixes(r.Start, r.End)...)
+			}
+			for _, p := range routes {
+				if err := tun.AddRoute(ctx, s.dev.Name(), p); err != nil {
+					return fmt.Errorf("installing the route to %s: %w", p, err)
+				}
+			}
+			if !up {
+				up = true
+				log.Info("IP tunnel up", "dev", s.dev.Name(), "addresses", fmt.Sprint(s.addrs), "routes", fmt.Sprint(routes), "server", t.Server, "over", s.over)
+			} else {
+				log.Info("IP tunnel routes changed", "routes", fmt.Sprint(routes))
+			}
+			if t.OnUp != nil {
+				t.OnUp(s.dev.Name(), s.addrs, routes)
+			}
+		}
+	}
+}
+
+// setAddresses replaces the tun device's addresses with addrs.
+func (t *IPTunnel) setAddresses(ctx context.Context, s *ipSession, addrs []netip.Prefix) error {
+	for _, old := range s.addrs {
+		_ = tun.DelAddress(ctx, s.dev.Name(), old)
+	}
+	s.addrs = nil
+	for _, a := range addrs {
+		// An address of a /32 or /128: the peer is reached through the routes.
+		if err := tun.AddAddress(ctx, s.dev.Name(), a); err != nil && !strings.Contains(err.Error(), "File exists") {
+			return fmt.Errorf("installing the address %s: %w", a, err)
+		}
+		s.addrs = append(s.addrs, a)
+	}
+	return nil
+}
+
+// toServer sends what the kernel routes into the tun device, each packet
+// with context ID 0 in front (packets has the byte reserved).
+func (s *ipSession) toServer(ctx context.Context, packets <-chan []byte) error {
+	for {
+		var buf []byte
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case b, ok := <-packets:
+			if !ok {
+				return errors.New("the tun device was closed")
+			}
+			buf = b
+		}
+		n := len(buf) - 1
+		buf[0] = 0
+		err := s.sendDg(buf)
+		var tooLarge *quic.DatagramTooLargeError
+		switch {
+		case errors.As(err, &tooLarge):
+			// Tell the local sender the size that fits (PMTU discovery).
+			if mtu := int(tooLarge.MaxDatagramPayloadSize) - 1; mtu >= 576 {
+				if icmp := wire.PacketTooBig(buf[1:1+n], mtu); icmp != nil {
+					_, _ = s.dev.Write(icmp)
+				}
+			}
+		case err != nil:
+			return fmt.Errorf("sending to the TP server: %w", err)
+		}
+	}
+}
+
+// fromServer writes the server's packets to the tun device. Datagrams move
+// off the HTTP/3 stream's short queue (32 in quic-go, which drops beyond) onto
+// a longer one at once, so that a burst is not lost to the tun writes.
+func (s *ipSession) fromServer(ctx context.Context) error {
+	q := make(chan []byte, 1024)
+	defer close(q)
+	go func() {
+		for p := range q {
+			s.deliver(p)
+		}
+	}()
+	for {
+		p, err := s.recvDg(ctx)
+		if err != nil {
+			return fmt.Errorf("receiving from the TP server: %w", err)
+		}
+		select {
+		case q <- p:
+		default: // the tun device does not keep up: dropped, as a full link would
+		}
+	}
+}
+
+// deliver writes the packet of one HTTP Datagram payload to the tun device.
+func (s *ipSession) deliver(p []byte) {
+	pkt, ok := wire.ParseIPDatagram(p)
+	if !ok {
+		return
+	}
+	if _, err := wire.ParseIPHeader(pkt); err != nil {
+		return
+	}
+	_, _ = s.dev.Write(pkt) // a packet the kernel refuses is dropped
+}
+
+// followAddress watches the source address the host would use towards the
+// server; when it changes, the connection migrates to a new socket (a new
+// path probed first), so the tunnel survives a new address or network.
+func (t *IPTunnel) followAddress(ctx context.Context, qc *quic.Conn, raddr *net.UDPAddr, mu *sync.Mutex, transports *[]*quic.Transport, log *slog.Logger) error {
+	last := localAddrTowards(raddr)
+	tick := time.NewTicker(t.CheckAddress)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-qc.Context().Done():
+			return fmt.Errorf("the QUIC connection to the TP server ended: %w", context.Cause(qc.Context()))
+		case <-tick.C:
+		}
+		cur := localAddrTowards(raddr)
+		if !cur.IsValid() || cur == last {
+			continue
+		}
+		tr, err := newIPTransport()
+		if err != nil {
+			continue
+		}
+		mu.Lock()
+		*transports = append(*transports, tr)
+		mu.Unlock()
+		path, err := qc.AddPath(tr)
+		if err == nil {
+			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err = path.Probe(pctx)
+			cancel()
+			if err == nil {
+				err = path.Switch()
+			}
+		}
+		if err != nil {
+			log.Warn("the host's address changed and moving the tunnel to it failed; the connection may follow by itself", "from", last, "to", cur, "err", err)
+		} else {
+			log.Info("the host's address changed; the tunnel moved to it", "from", last, "to", cur)
+		}
+		last = cur
+	}
+}
+
+// localAddrTowards is the source address the kernel picks for raddr now.
+func localAddrTowards(raddr *net.UDPAddr) netip.Addr {
+	c, err := net.DialUDP("udp", nil, raddr) // sends nothing
+	if err != nil {
+		return netip.Addr{}
+	}
+	defer c.Close()
+	return c.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Unmap()
+}
+
+// rangePrefixes is the smallest list of prefixes that covers start to end.
+func rangePrefixes(start, end netip.Addr) []netip.Prefix {
+	var out []netip.Prefix
+	for cur := start; cur.IsValid() && cur.Compare(end) <= 0 && len(out) < 256; {
+		bits := cur.BitLen()
+		for bits > 0 {
+			p := netip.PrefixFrom(cur, bits-1)
+			if p.Masked().Addr() != cur || wire.RouteOf(p, 0).End.Compare(end) > 0 {
+				break
+			}
+			bits--
+		}
+		p := netip.PrefixFrom(cur, bits)
+		out = append(out, p)
+		last := wire.RouteOf(p, 0).End
+		if last.Compare(end) >= 0 {
+			break
+		}
+		cur = last.Next()
+	}
+	return out
+}

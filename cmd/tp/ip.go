@@ -1,0 +1,56 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/version"
+)
+
+func ipCmd(stderr io.Writer) *cobra.Command {
+	var proxyName, tunName string
+	var mtu int
+	cmd := &cobra.Command{
+		Use:   "ip",
+		Short: "Open an IP tunnel (CONNECT-IP) to the TP server: a tun device with the addresses and routes TP assigns (Linux, needs CAP_NET_ADMIN)",
+		Example: "  sudo tp ip --proxy-name proxy.example.org\n" +
+			"  ping 10.1.0.5          # a host in a prefix the policy grants this device",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, cfg, err := open(cmd, stderr)
+			if err != nil {
+				return err
+			}
+			d, err := dialer(cmd.Context(), c, cfg)
+			if err != nil {
+				return err
+			}
+			defer d.Close()
+			if proxyName == "" {
+				host, _, _ := net.SplitHostPort(d.Server)
+				proxyName = host
+			}
+			log := slog.New(slog.NewTextHandler(stderr, nil))
+			t := &clients.IPTunnel{
+				Server: d.Server, ProxyName: proxyName, TLSConfig: d.TLSConfig, TunName: tunName, MTU: mtu, Logger: log,
+				Explain: c.WhyRejected, Transport: cfg.Transport,
+			}
+			if !cfg.Quiet {
+				t.OnUp = func(dev string, addrs, routes []netip.Prefix) {
+					fmt.Fprintf(stderr, "IP tunnel up on %s: addresses %v, routes %v via %s (%s); Ctrl-C stops\n", dev, addrs, routes, d.Server, version.Version)
+				}
+			}
+			return t.Run(cmd.Context())
+		},
+	}
+	cmd.Flags().StringVar(&proxyName, "proxy-name", "", "the TP server's proxy name (one of tpd's proxy-names); default: the server's host name")
+	cmd.Flags().StringVar(&tunName, "tun", "tp%d", "name of the tun device (%d: the kernel picks a number)")
+	cmd.Flags().IntVar(&mtu, "mtu", 1280, "MTU of the tun device")
+	return cmd
+}
