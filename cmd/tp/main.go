@@ -77,6 +77,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 	config.ClientFlags(root.PersistentFlags())
 	root.PersistentFlags().String("transport", "auto", "auto (QUIC, falling back to TLS; remembered per server), quic or tls (env TP_TRANSPORT)")
+	root.PersistentFlags().String("carrier", "", "what carries the QUIC connection: udp, tls (a TLS stream on the TCP port) or ws (a WebSocket, through HTTPS_PROXY when set) (env TP_CARRIER)")
 	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
 	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
@@ -140,6 +141,7 @@ func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients
 	}
 	d.Timeout = cfg.Timeout
 	d.Transport = cfg.Transport
+	d.Carrier = cfg.Carrier
 	return d, nil
 }
 

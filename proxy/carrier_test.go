@@ -1,0 +1,171 @@
+package proxy_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// carrierTLS opens a tls carrier connection ("tp-carrier/1") with cert.
+func (q *quicEnv) carrierTLS(t *testing.T, cert *tls.Certificate) (*tls.Conn, error) {
+	cfg := q.clientTLS(cert)
+	cfg.NextProtos = []string{wire.ALPNCarrier}
+	c, err := tls.Dial("tcp", q.addr, cfg)
+	if err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	return c, nil
+}
+
+func (q *quicEnv) carrierWS(t *testing.T) (*websocket.Conn, *http.Response, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: q.clientTLS(nil)}}
+	c, resp, err := websocket.Dial(ctx, "https://"+q.addr+wire.CarrierWSPath, &websocket.DialOptions{HTTPClient: hc})
+	if err == nil {
+		t.Cleanup(func() { _ = c.CloseNow() })
+	}
+	return c, resp, err
+}
+
+func waitCarrierSessions(t *testing.T, srv *proxy.Server, n int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for srv.CarrierSessions() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("carrier sessions: %d, want %d", srv.CarrierSessions(), n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestCarrierTLSRequiresDeviceCert: the tls carrier's handshake asks for the
+// device certificate like "tp/1"; without one there is no carrier.
+func TestCarrierTLSRequiresDeviceCert(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	c, err := q.carrierTLS(t, nil)
+	if err == nil {
+		// TLS 1.3: the client learns of the refusal on its first read.
+		_, err = c.Read(make([]byte, 1))
+	}
+	if err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("a tls carrier without a device certificate: err = %v, want a certificate alert", err)
+	}
+	if n := q.srv.CarrierSessions(); n != 0 {
+		t.Fatalf("carrier sessions: %d", n)
+	}
+}
+
+// TestCarrierBadFrames: frames that break the framing end the carrier
+// connection, and the session with it: a length of 0, a length beyond
+// wire.MaxCarrierPacket (tls); a text message, a message beyond the bound (ws).
+// Garbage that is framed right is handed to QUIC, which drops it unanswered.
+func TestCarrierBadFrames(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	for name, frame := range map[string][]byte{
+		"zero length": {0, 0},
+		"oversize":    {0xff, 0xff, 1, 2, 3},
+		"just over":   {(wire.MaxCarrierPacket + 1) >> 8, (wire.MaxCarrierPacket + 1) & 0xff},
+	} {
+		t.Run("tls/"+name, func(t *testing.T) {
+			c, err := q.carrierTLS(t, &q.cert)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.Write(frame); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.Read(make([]byte, 64)); err == nil {
+				t.Fatalf("the server answered a bad frame (%s) instead of closing", name)
+			}
+			waitCarrierSessions(t, q.srv, 0)
+		})
+	}
+	t.Run("ws/text", func(t *testing.T) {
+		c, _, err := q.carrierWS(t)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_ = c.Write(ctx, websocket.MessageText, []byte("not a packet"))
+		if _, _, err := c.Read(ctx); err == nil || errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("a text message: read err = %v, want the connection closed", err)
+		}
+		waitCarrierSessions(t, q.srv, 0)
+	})
+	t.Run("ws/oversize", func(t *testing.T) {
+		c, _, err := q.carrierWS(t)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_ = c.Write(ctx, websocket.MessageBinary, make([]byte, wire.MaxCarrierPacket+1))
+		if _, _, err := c.Read(ctx); err == nil || errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("an oversize message: read err = %v, want the connection closed", err)
+		}
+		waitCarrierSessions(t, q.srv, 0)
+	})
+	t.Run("framed garbage", func(t *testing.T) {
+		c, err := q.carrierTLS(t, &q.cert)
+		if err != nil {
+			t.Fatal(err)
+		}
+		garbage := []byte(strings.Repeat("\x40garbage that is no QUIC packet", 10))
+		for range 100 {
+			if err := wire.WriteCarrierFrame(c, garbage, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitCarrierSessions(t, q.srv, 1)
+		// A real client still gets through meanwhile.
+		d := q.dialer()
+		d.QUICServer, d.Carrier = q.udpAddr, wire.CarrierTLS
+		defer d.Close()
+		conn, err := d.DialContext(context.Background(), "tcp", q.echo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = conn.Close()
+	})
+}
+
+// TestCarrierTooManySessions: beyond CarrierOptions.MaxSessions a tls carrier
+// is closed at once and a ws upgrade is answered 503.
+func TestCarrierTooManySessions(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{Carriers: proxy.CarrierOptions{MaxSessions: 2}})
+	if _, err := q.carrierTLS(t, &q.cert); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := q.carrierWS(t); err != nil {
+		t.Fatal(err)
+	}
+	waitCarrierSessions(t, q.srv, 2)
+	c, err := q.carrierTLS(t, &q.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+		t.Fatalf("a third tls carrier: read err = %v, want EOF (closed)", err)
+	}
+	_, resp, err := q.carrierWS(t)
+	if err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("a third ws carrier: err = %v, response %v; want 503", err, resp)
+	}
+	if n := q.srv.CarrierSessions(); n != 2 {
+		t.Fatalf("carrier sessions: %d, want 2", n)
+	}
+}
