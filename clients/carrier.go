@@ -491,22 +491,26 @@ func (d *Dialer) carrierDialer(kind string) (func(context.Context) (carrierLink,
 	case wire.CarrierWS:
 		return d.dialWSCarrier, nil
 	default:
-		return nil, fmt.Errorf("carrier %q must be udp, tls or ws", kind)
+		return nil, fmt.Errorf("carrier %q must be auto, udp, tls or ws", kind)
 	}
 }
 
-// carrier is the Dialer's carrier, "udp" when unset.
+// CarrierAuto starts on UDP and moves to tls, then ws, when UDP gets no answer
+// at connect or stops delivering later (carrier_switch.go).
+const CarrierAuto = "auto"
+
+// carrier is the Dialer's first carrier, "udp" when unset or auto.
 func (d *Dialer) carrier() string {
-	if d.Carrier == "" {
+	if d.Carrier == "" || d.Carrier == CarrierAuto {
 		return wire.CarrierUDP
 	}
 	return d.Carrier
 }
 
-// mode is the transport dials use: a stream carrier carries QUIC, so it
-// forces "quic".
+// mode is the transport dials use: a stream carrier (or auto, which falls
+// back to one) carries QUIC, so it forces "quic".
 func (d *Dialer) mode() string {
-	if d.carrier() != wire.CarrierUDP {
+	if d.Carrier != "" && d.Carrier != wire.CarrierUDP {
 		return TransportQUIC
 	}
 	return d.Transport

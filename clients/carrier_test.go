@@ -3,8 +3,13 @@ package clients_test
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"fmt"
 	"io"
+	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -124,5 +129,125 @@ func TestCarrierLinkBreaks(t *testing.T) {
 				t.Fatalf("carrier links opened: %d, want a second one after the break", n)
 			}
 		})
+	}
+}
+
+// udpGate relays UDP between one client and the server until it is shut,
+// then drops every datagram both ways: a network that starts blocking UDP.
+type udpGate struct {
+	pc     *net.UDPConn
+	shut   atomic.Bool
+	server *net.UDPAddr
+}
+
+func startUDPGate(t *testing.T, server string) *udpGate {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	saddr, err := net.ResolveUDPAddr("udp", server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &udpGate{pc: pc, server: saddr}
+	t.Cleanup(func() { _ = pc.Close(); _ = up.Close() })
+	var client atomic.Pointer[net.UDPAddr]
+	go func() { // client → server
+		b := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFromUDP(b)
+			if err != nil {
+				return
+			}
+			client.Store(from)
+			if !g.shut.Load() {
+				_, _ = up.WriteToUDP(b[:n], saddr)
+			}
+		}
+	}()
+	go func() { // server → client
+		b := make([]byte, 2048)
+		for {
+			n, _, err := up.ReadFromUDP(b)
+			if err != nil {
+				return
+			}
+			if c := client.Load(); c != nil && !g.shut.Load() {
+				_, _ = pc.WriteToUDP(b[:n], c)
+			}
+		}
+	}()
+	return g
+}
+
+// TestCarrierSwitchMidTransfer: a transfer that starts over UDP loses UDP (a
+// relay that starts dropping every datagram both ways) half-way and completes
+// over the ws carrier, the same QUIC connection and stream, with a matching
+// checksum: the stream is never reset.
+func TestCarrierSwitchMidTransfer(t *testing.T) {
+	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
+	for _, next := range []string{wire.CarrierWS, wire.CarrierTLS} {
+		t.Run("udp to "+next, func(t *testing.T) {
+			gate := startUDPGate(t, srv.UDP)
+			var moved atomic.Value
+			d := srv.Dialer(t, wire.CarrierUDP)
+			d.QUICServer = gate.pc.LocalAddr().String()
+			d.FallbackCarriers = []string{next}
+			d.CarrierStall = time.Second
+			d.Logf = func(f string, a ...any) { moved.Store(fmt.Sprintf(f, a...)); t.Logf(f, a...) }
+			dst := testnet.Echo(t)
+			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+			defer cancel()
+			c, err := d.DialContext(ctx, "tcp", dst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(90 * time.Second))
+			payload := make([]byte, 8<<20)
+			_, _ = rand.Read(payload)
+			want := sha256.Sum256(payload)
+			go func() {
+				half := len(payload) / 2
+				_, _ = c.Write(payload[:half])
+				gate.shut.Store(true) // UDP is blocked from now on
+				_, _ = c.Write(payload[half:])
+				if cw, ok := c.(interface{ CloseWrite() error }); ok {
+					_ = cw.CloseWrite()
+				}
+			}()
+			h := sha256.New()
+			n, err := io.Copy(h, c)
+			if err != nil {
+				t.Fatalf("the stream failed after UDP was blocked (read %d of %d bytes): %v", n, len(payload), err)
+			}
+			if got := h.Sum(nil); n != int64(len(payload)) || !bytes.Equal(got, want[:]) {
+				t.Fatalf("echoed %d bytes with sha256 %x, want %d with %x", n, got, len(payload), want)
+			}
+			if got := d.CurrentCarrier(); got != next {
+				t.Fatalf("the connection is on %q, want %q (log: %v)", got, next, moved.Load())
+			}
+			// The same connection serves new requests over the new carrier.
+			carrierRoundTrip(t, d, testnet.Upper(t), "after the move")
+		})
+	}
+}
+
+// TestCarrierAutoFallsBack: with carrier auto on a network that drops all UDP
+// from the start, the Dialer connects over the tls carrier after the UDP try.
+func TestCarrierAutoFallsBack(t *testing.T) {
+	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
+	gate := startUDPGate(t, srv.UDP)
+	gate.shut.Store(true)
+	d := srv.Dialer(t, clients.CarrierAuto)
+	d.QUICServer = gate.pc.LocalAddr().String()
+	carrierRoundTrip(t, d, testnet.Upper(t), "auto")
+	if got := d.CurrentCarrier(); got != wire.CarrierTLS {
+		t.Fatalf("auto connected over %q, want tls", got)
 	}
 }

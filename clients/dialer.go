@@ -53,6 +53,14 @@ type Dialer struct {
 	// returns nil for a direct connection. Environment proxies are never used
 	// for loopback addresses; tests that need one set this.
 	CarrierProxy func(target *url.URL) (*url.URL, error)
+	// FallbackCarriers are the carriers the live QUIC connection moves to, in
+	// order, when its carrier stops delivering (carrier_switch.go): packets go
+	// out and nothing comes back for CarrierStall (zero: DefaultCarrierStall).
+	// Empty: the connection stays on its carrier.
+	FallbackCarriers []string
+	CarrierStall     time.Duration
+	// Logf, when set, is told when the connection moves to another carrier.
+	Logf func(format string, args ...any)
 	// Cache remembers per server which transport won an auto race; nil remembers
 	// only for the Dialer's lifetime.
 	Cache *TransportCache

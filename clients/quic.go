@@ -57,6 +57,8 @@ type quicState struct {
 	poolIdle time.Duration
 	// drops counts DATAGRAM frames quic-go discarded with its receive queue full.
 	drops wire.DatagramDropCounter
+	// moves are the carriers the connection moved to (carrier_switch.go).
+	moves []carrierSwitch
 	// headStartTimer, when set, replaces the head start's timer in race: a test
 	// decides when the head start is over.
 	headStartTimer func(time.Duration) <-chan time.Time
@@ -83,6 +85,7 @@ func (d *Dialer) Close() error {
 		_ = q.udp.Close()
 		q.tr, q.udp = nil, nil
 	}
+	q.moves = nil
 	return nil
 }
 
@@ -145,6 +148,9 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 				return nil, ErrDialerClosed
 			}
 			q.conn = c
+			if len(d.fallbacks()) > 0 {
+				go d.watchCarrier(c)
+			}
 			if q.changed != nil {
 				close(q.changed)
 			}
@@ -183,7 +189,7 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	if idle <= 0 {
 		idle = 60 * time.Second
 	}
-	conn, err := tr.Dial(ctx, raddr, cfg, &quic.Config{
+	qcfg := &quic.Config{
 		KeepAlivePeriod:                keepAlive,
 		MaxIdleTimeout:                 idle,
 		MaxIncomingStreams:             -1, // the server opens no streams
@@ -194,10 +200,11 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 		EnableDatagrams:                true, // UDP flows (udp.go)
 		Tracer:                         d.dropTracer(),
-	})
+	}
+	conn, err := d.dialFallingBack(ctx, tr, raddr, cfg, qcfg)
 	if err != nil {
 		if ctx.Err() != nil {
-			err = fmt.Errorf("%w (no answer over UDP; is UDP blocked on this network? --transport tls avoids QUIC)", ctx.Err())
+			err = fmt.Errorf("%w (no answer over UDP; is UDP blocked on this network? --carrier tls or ws, or --transport tls, avoid UDP)", ctx.Err())
 		}
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err)))
 	}
@@ -260,6 +267,14 @@ func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketCon
 		udp, err := net.ListenUDP("udp", nil)
 		if err != nil {
 			return nil, fmt.Errorf("opening a UDP socket for QUIC: %w", err)
+		}
+		if len(d.fallbacks()) > 0 {
+			raddr, err := resolveUDP(ctx, d.quicAddr())
+			if err != nil {
+				_ = udp.Close()
+				return nil, err
+			}
+			return &movingConn{udp: udp, server: raddr}, nil
 		}
 		return udp, nil
 	}

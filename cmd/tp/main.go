@@ -77,7 +77,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 	config.ClientFlags(root.PersistentFlags())
 	root.PersistentFlags().String("transport", "auto", "auto (QUIC, falling back to TLS; remembered per server), quic or tls (env TP_TRANSPORT)")
-	root.PersistentFlags().String("carrier", "", "what carries the QUIC connection: udp, tls (a TLS stream on the TCP port) or ws (a WebSocket, through HTTPS_PROXY when set) (env TP_CARRIER)")
+	root.PersistentFlags().String("carrier", "", "what carries the QUIC connection: udp, tls (a TLS stream on the TCP port), ws (a WebSocket), both through HTTPS_PROXY when set, or auto (UDP, moving to tls then ws when UDP gets no answer or stops delivering mid-session) (env TP_CARRIER)")
 	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
 	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
@@ -142,6 +142,7 @@ func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients
 	d.Timeout = cfg.Timeout
 	d.Transport = cfg.Transport
 	d.Carrier = cfg.Carrier
+	d.Logf = c.Logf
 	return d, nil
 }
 

@@ -38,11 +38,11 @@ func (c Client) Validate() error {
 		errs = append(errs, fmt.Errorf("transport %q must be auto, quic or tls (--transport or TP_TRANSPORT)", c.Transport))
 	}
 	switch c.Carrier {
-	case "", "udp", "tls", "ws":
+	case "", "auto", "udp", "tls", "ws":
 	default:
-		errs = append(errs, fmt.Errorf("carrier %q must be udp, tls or ws (--carrier or TP_CARRIER)", c.Carrier))
+		errs = append(errs, fmt.Errorf("carrier %q must be auto, udp, tls or ws (--carrier or TP_CARRIER)", c.Carrier))
 	}
-	if c.Carrier != "" && c.Carrier != "udp" && c.Transport == "tls" {
+	if c.Carrier != "" && c.Carrier != "udp" && c.Carrier != "auto" && c.Transport == "tls" {
 		errs = append(errs, fmt.Errorf("carrier %q carries QUIC; it does not go with transport tls (drop --transport tls, or --carrier)", c.Carrier))
 	}
 	if c.Timeout <= 0 || c.Timeout > 10*time.Minute {
