@@ -1,6 +1,7 @@
 package clients_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -8,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/url"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -140,7 +143,7 @@ type udpGate struct {
 	server *net.UDPAddr
 }
 
-func startUDPGate(t *testing.T, server string) *udpGate {
+func startUDPGate(t testing.TB, server string) *udpGate {
 	t.Helper()
 	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
@@ -249,5 +252,62 @@ func TestCarrierAutoFallsBack(t *testing.T) {
 	carrierRoundTrip(t, d, testnet.Upper(t), "auto")
 	if got := d.CurrentCarrier(); got != wire.CarrierTLS {
 		t.Fatalf("auto connected over %q, want tls", got)
+	}
+}
+
+// startConnectProxy runs a minimal HTTP CONNECT proxy on loopback and returns
+// its URL and a counter of the tunnels it opened.
+func startConnectProxy(t *testing.T) (*url.URL, *atomic.Int64) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	var tunnels atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				req, err := http.ReadRequest(br)
+				if err != nil || req.Method != http.MethodConnect {
+					_, _ = io.WriteString(c, "HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+					return
+				}
+				up, err := net.Dial("tcp", req.Host)
+				if err != nil {
+					_, _ = io.WriteString(c, "HTTP/1.1 502 Bad Gateway\r\n\r\n")
+					return
+				}
+				defer up.Close()
+				tunnels.Add(1)
+				_, _ = io.WriteString(c, "HTTP/1.1 200 Connection established\r\n\r\n")
+				go func() { _, _ = io.Copy(up, br); _ = up.(*net.TCPConn).CloseWrite() }()
+				_, _ = io.Copy(c, up)
+			}()
+		}
+	}()
+	return &url.URL{Scheme: "http", Host: ln.Addr().String()}, &tunnels
+}
+
+// TestCarrierThroughConnectProxy: the tls and ws carriers reach the server
+// through an HTTP proxy that speaks CONNECT, as HTTPS_PROXY would name it.
+func TestCarrierThroughConnectProxy(t *testing.T) {
+	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
+	for _, carrier := range []string{wire.CarrierTLS, wire.CarrierWS} {
+		t.Run(carrier, func(t *testing.T) {
+			proxyURL, tunnels := startConnectProxy(t)
+			d := srv.Dialer(t, carrier)
+			d.CarrierProxy = func(*url.URL) (*url.URL, error) { return proxyURL, nil }
+			carrierRoundTrip(t, d, testnet.Upper(t), "through a CONNECT proxy")
+			if n := tunnels.Load(); n < 1 {
+				t.Fatalf("the proxy opened %d tunnels", n)
+			}
+		})
 	}
 }

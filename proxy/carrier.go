@@ -381,6 +381,7 @@ func (m *carrierMux) Close() error {
 type carrierLink interface {
 	readPacket(ctx context.Context, b []byte) (int, error)
 	writePacket(ctx context.Context, b []byte) error
+	flush() error // sends what writePacket buffered
 	close()
 }
 
@@ -403,6 +404,9 @@ func (m *carrierMux) serveCarrier(ctx context.Context, kind, remote string, link
 			case b := <-cs.out:
 				err := link.writePacket(ctx, *b)
 				putCarrierBuf(b)
+				if err == nil && len(cs.out) == 0 {
+					err = link.flush()
+				}
 				if err != nil {
 					cancel(err)
 					return

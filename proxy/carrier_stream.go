@@ -5,6 +5,7 @@ package proxy
 // wire.CarrierWSPath on the website side (carrierRoutes).
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"net"
@@ -25,7 +26,8 @@ const carrierWriteTimeout = 10 * time.Second
 type tlsLink struct {
 	conn *tls.Conn
 	idle time.Duration
-	wbuf []byte // the writer goroutine's only
+	w    *bufio.Writer // the writer goroutine's only; flushed when its queue is empty
+	wbuf []byte
 	once sync.Once
 }
 
@@ -36,8 +38,10 @@ func (l *tlsLink) readPacket(_ context.Context, b []byte) (int, error) {
 
 func (l *tlsLink) writePacket(_ context.Context, b []byte) error {
 	_ = l.conn.SetWriteDeadline(time.Now().Add(carrierWriteTimeout))
-	return wire.WriteCarrierFrame(l.conn, b, l.wbuf)
+	return wire.WriteCarrierFrame(l.w, b, l.wbuf)
 }
+
+func (l *tlsLink) flush() error { return l.w.Flush() }
 
 func (l *tlsLink) close() { l.once.Do(func() { _ = l.conn.Close() }) }
 
@@ -50,7 +54,7 @@ func (s *Server) serveCarrierTLS(ctx context.Context, conn *tls.Conn) {
 		_ = conn.Close()
 		return
 	}
-	link := &tlsLink{conn: conn, idle: m.opts.Idle, wbuf: make([]byte, 2+wire.MaxCarrierPacket)}
+	link := &tlsLink{conn: conn, idle: m.opts.Idle, w: bufio.NewWriterSize(conn, 64<<10), wbuf: make([]byte, 2+wire.MaxCarrierPacket)}
 	if err := m.serveCarrier(ctx, wire.CarrierTLS, conn.RemoteAddr().String(), link); err != nil {
 		s.log.Warn("carrier connection refused", "carrier", wire.CarrierTLS, "remote", conn.RemoteAddr().String(), "err", err)
 		_ = conn.Close()
@@ -82,7 +86,8 @@ func (l *wsLink) writePacket(ctx context.Context, b []byte) error {
 	return l.c.Write(ctx, websocket.MessageBinary, b)
 }
 
-func (l *wsLink) close() { _ = l.c.CloseNow() }
+func (l *wsLink) flush() error { return nil }
+func (l *wsLink) close()       { _ = l.c.CloseNow() }
 
 // carrierRoutes puts the carriers' HTTP endpoints in front of the website's
 // handler web.
