@@ -4,7 +4,8 @@ package clients
 // over a net.PacketConn, which is a UDP socket (carrier "udp") or a
 // carrierConn that moves each QUIC packet over a stream the network lets
 // through: a TLS connection with ALPN "tp-carrier/1" (carrier "tls") or a
-// WebSocket on the server's website side (carrier "ws"). The QUIC connection
+// WebSocket on the server's website side (carrier "ws"), or HTTPS polling
+// (carrier "http", carrier_http.go). The QUIC connection
 // above knows nothing of it. When the stream breaks, carrierConn opens another
 // one; the server sees the client's packets come from a new address and QUIC
 // migrates the connection to it, so the connection and its streams live on.
@@ -33,7 +34,7 @@ import (
 )
 
 // Carriers lists the carriers a Dialer can use, in the order auto falls back.
-var Carriers = []string{wire.CarrierUDP, wire.CarrierTLS, wire.CarrierWS}
+var Carriers = []string{wire.CarrierUDP, wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP}
 
 // carrierLink is one stream that carries QUIC packets.
 type carrierLink interface {
@@ -490,8 +491,10 @@ func (d *Dialer) carrierDialer(kind string) (func(context.Context) (carrierLink,
 		return d.dialTLSCarrier, nil
 	case wire.CarrierWS:
 		return d.dialWSCarrier, nil
+	case wire.CarrierHTTP:
+		return d.dialHTTPCarrier, nil
 	default:
-		return nil, fmt.Errorf("carrier %q must be auto, udp, tls or ws", kind)
+		return nil, fmt.Errorf("carrier %q must be auto, udp, tls, ws or http", kind)
 	}
 }
 

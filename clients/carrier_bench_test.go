@@ -18,7 +18,7 @@ import (
 // request) as the baseline.
 func benchDialers(b *testing.B, srv *clients.CarrierTestServer) map[string]*clients.Dialer {
 	ds := map[string]*clients.Dialer{}
-	for _, c := range []string{wire.CarrierUDP, wire.CarrierTLS, wire.CarrierWS} {
+	for _, c := range []string{wire.CarrierUDP, wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP} {
 		ds["quic-over-"+c] = srv.Dialer(b, c)
 	}
 	tlsT := srv.Dialer(b, "")
@@ -33,7 +33,7 @@ func BenchmarkCarrierThroughput(b *testing.B) {
 	srv := clients.StartCarrierTestServer(b, nil, proxy.CarrierOptions{})
 	sink := testnet.Serve(b, func(c *net.TCPConn) { _, _ = io.Copy(io.Discard, c) })
 	buf := make([]byte, 1<<20)
-	for _, name := range []string{"quic-over-udp", "quic-over-tls", "quic-over-ws", "tls-transport"} {
+	for _, name := range []string{"quic-over-udp", "quic-over-tls", "quic-over-ws", "quic-over-http", "tls-transport"} {
 		d := benchDialers(b, srv)[name]
 		b.Run(name, func(b *testing.B) {
 			b.SetBytes(8 << 20)
@@ -63,7 +63,7 @@ func BenchmarkCarrierRequest(b *testing.B) {
 	srv := clients.StartCarrierTestServer(b, nil, proxy.CarrierOptions{})
 	echo := testnet.Echo(b)
 	msg := make([]byte, 64)
-	for _, name := range []string{"quic-over-udp", "quic-over-tls", "quic-over-ws", "tls-transport"} {
+	for _, name := range []string{"quic-over-udp", "quic-over-tls", "quic-over-ws", "quic-over-http", "tls-transport"} {
 		d := benchDialers(b, srv)[name]
 		b.Run(name, func(b *testing.B) {
 			for b.Loop() {
@@ -89,7 +89,7 @@ func BenchmarkCarrierRequest(b *testing.B) {
 func BenchmarkCarrierMove(b *testing.B) {
 	srv := clients.StartCarrierTestServer(b, nil, proxy.CarrierOptions{})
 	echo := testnet.Echo(b)
-	for _, next := range []string{wire.CarrierTLS, wire.CarrierWS} {
+	for _, next := range []string{wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP} {
 		b.Run("udp-to-"+next, func(b *testing.B) {
 			for b.Loop() {
 				b.StopTimer()
@@ -136,7 +136,7 @@ func BenchmarkCarrierDownload(b *testing.B) {
 			}
 		}
 	})
-	for _, name := range []string{"quic-over-udp", "quic-over-tls", "quic-over-ws", "tls-transport"} {
+	for _, name := range []string{"quic-over-udp", "quic-over-tls", "quic-over-ws", "quic-over-http", "tls-transport"} {
 		d := benchDialers(b, srv)[name]
 		b.Run(name, func(b *testing.B) {
 			b.SetBytes(8 << 20)

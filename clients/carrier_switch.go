@@ -196,10 +196,10 @@ func (m *movingConn) LocalAddr() net.Addr                { return m.udp.LocalAdd
 const DefaultCarrierUDPTry = 2 * time.Second
 
 // fallbacks are the carriers the connection may move to: FallbackCarriers, or
-// tls then ws for carrier "auto".
+// tls, ws, then http for carrier "auto".
 func (d *Dialer) fallbacks() []string {
 	if len(d.FallbackCarriers) == 0 && d.Carrier == CarrierAuto {
-		return []string{wire.CarrierTLS, wire.CarrierWS}
+		return []string{wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP}
 	}
 	return d.FallbackCarriers
 }

@@ -6,10 +6,13 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"strings"
 	"sync/atomic"
@@ -54,7 +57,7 @@ func TestCarrierMatrix(t *testing.T) {
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	tcpDst := testnet.Upper(t)
 	udpDst := testnet.UpperUDP(t)
-	for _, carrier := range []string{wire.CarrierUDP, wire.CarrierTLS, wire.CarrierWS} {
+	for _, carrier := range []string{wire.CarrierUDP, wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP} {
 		t.Run(carrier, func(t *testing.T) {
 			d := srv.Dialer(t, carrier)
 			carrierRoundTrip(t, d, tcpDst, "hello over "+carrier)
@@ -99,7 +102,7 @@ func TestCarrierMatrix(t *testing.T) {
 // the client at a new address and QUIC migrates; a transfer in flight completes.
 func TestCarrierLinkBreaks(t *testing.T) {
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
-	for _, carrier := range []string{wire.CarrierTLS, wire.CarrierWS} {
+	for _, carrier := range []string{wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP} {
 		t.Run(carrier, func(t *testing.T) {
 			d := srv.Dialer(t, carrier)
 			dst := testnet.Echo(t)
@@ -194,7 +197,7 @@ func startUDPGate(t testing.TB, server string) *udpGate {
 // checksum: the stream is never reset.
 func TestCarrierSwitchMidTransfer(t *testing.T) {
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
-	for _, next := range []string{wire.CarrierWS, wire.CarrierTLS} {
+	for _, next := range []string{wire.CarrierWS, wire.CarrierTLS, wire.CarrierHTTP} {
 		t.Run("udp to "+next, func(t *testing.T) {
 			gate := startUDPGate(t, srv.UDP)
 			var moved atomic.Value
@@ -309,5 +312,38 @@ func TestCarrierThroughConnectProxy(t *testing.T) {
 				t.Fatalf("the proxy opened %d tunnels", n)
 			}
 		})
+	}
+}
+
+// TestCarrierHTTPThroughCDN: the http carrier works through an HTTP reverse
+// proxy (httputil.ReverseProxy standing in for a CDN that forwards POSTs) and
+// through a CONNECT proxy.
+func TestCarrierHTTPThroughCDN(t *testing.T) {
+	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
+	target, err := url.Parse("https://" + srv.TCP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var posts atomic.Int64
+	rp := httputil.NewSingleHostReverseProxy(target)
+	rp.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: srv.TLS.RootCAs, ServerName: "localhost"}}
+	cdn := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		posts.Add(1)
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(cdn.Close)
+	d := srv.Dialer(t, wire.CarrierHTTP)
+	d.CarrierHTTPURL = cdn.URL + wire.CarrierHTTPPath
+	carrierRoundTrip(t, d, testnet.Upper(t), "through a CDN")
+	if posts.Load() < 2 {
+		t.Fatalf("the CDN saw %d requests", posts.Load())
+	}
+
+	proxyURL, tunnels := startConnectProxy(t)
+	d2 := srv.Dialer(t, wire.CarrierHTTP)
+	d2.CarrierProxy = func(*url.URL) (*url.URL, error) { return proxyURL, nil }
+	carrierRoundTrip(t, d2, testnet.Upper(t), "through a CONNECT proxy")
+	if tunnels.Load() < 1 {
+		t.Fatal("the CONNECT proxy carried nothing")
 	}
 }

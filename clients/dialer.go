@@ -44,8 +44,9 @@ type Dialer struct {
 	// QUICServer is the server's UDP host:port; empty means Server (same port).
 	QUICServer string
 	// Carrier is what carries the QUIC connection (carrier.go): "udp" (the
-	// default when empty), "tls" (a TLS stream on Server's TCP port) or "ws" (a
-	// WebSocket on Server's website side). A stream carrier implies Transport
+	// default when empty), "tls" (a TLS stream on Server's TCP port), "ws" (a
+	// WebSocket on Server's website side), "http" (HTTPS polling) or "auto"
+	// (UDP, falling back to the others). Any but "udp" implies Transport
 	// "quic": every request is a stream of the one QUIC connection.
 	Carrier string
 	// CarrierProxy, when set, replaces HTTPS_PROXY/https_proxy and NO_PROXY as
@@ -53,6 +54,10 @@ type Dialer struct {
 	// returns nil for a direct connection. Environment proxies are never used
 	// for loopback addresses; tests that need one set this.
 	CarrierProxy func(target *url.URL) (*url.URL, error)
+	// CarrierHTTPURL, when set, is the http carrier's endpoint instead of
+	// https://Server/.well-known/tp-carrier/http: a CDN or reverse proxy that
+	// forwards POSTs there.
+	CarrierHTTPURL string
 	// FallbackCarriers are the carriers the live QUIC connection moves to, in
 	// order, when its carrier stops delivering (carrier_switch.go): packets go
 	// out and nothing comes back for CarrierStall (zero: DefaultCarrierStall).

@@ -93,8 +93,12 @@ func (l *wsLink) close()       { _ = l.c.CloseNow() }
 // handler web.
 func (s *Server) carrierRoutes(web http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == wire.CarrierWSPath {
+		switch r.URL.Path {
+		case wire.CarrierWSPath:
 			s.serveCarrierWS(w, r)
+			return
+		case wire.CarrierHTTPPath:
+			s.serveCarrierHTTP(w, r)
 			return
 		}
 		web.ServeHTTP(w, r)

@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -167,5 +168,65 @@ func TestCarrierTooManySessions(t *testing.T) {
 	}
 	if n := q.srv.CarrierSessions(); n != 2 {
 		t.Fatalf("carrier sessions: %d, want 2", n)
+	}
+}
+
+// TestCarrierHTTPBadInput: the http carrier refuses, without opening a
+// session, a request without a well-formed session ID (400), a GET (405), a
+// body beyond wire.MaxCarrierBody (413) and a body whose framing is broken
+// (400); beyond CarrierOptions.MaxSessions a new session gets 503.
+func TestCarrierHTTPBadInput(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{Carriers: proxy.CarrierOptions{MaxSessions: 1}})
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: q.clientTLS(nil)}, Timeout: 20 * time.Second}
+	post := func(method, id string, body []byte) int {
+		t.Helper()
+		req, err := http.NewRequest(method, "https://"+q.addr+wire.CarrierHTTPPath, bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if id != "" {
+			req.Header.Set(wire.CarrierSessionHeader, id)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		_ = resp.Body.Close()
+		return resp.StatusCode
+	}
+	good := strings.Repeat("ab", 16)
+	for _, c := range []struct {
+		what   string
+		method string
+		id     string
+		body   []byte
+		want   int
+	}{
+		{"no session ID", http.MethodPost, "", nil, http.StatusBadRequest},
+		{"a session ID that is not 32 hex digits", http.MethodPost, "../../etc", nil, http.StatusBadRequest},
+		{"upper-case hex", http.MethodPost, strings.ToUpper(good), nil, http.StatusBadRequest},
+		{"a GET", http.MethodGet, good, nil, http.StatusMethodNotAllowed},
+		{"a body beyond the bound", http.MethodPost, good, make([]byte, wire.MaxCarrierBody+1), http.StatusRequestEntityTooLarge},
+		{"a frame of length 0", http.MethodPost, good, []byte{0, 0}, http.StatusBadRequest},
+		{"a frame longer than the bound", http.MethodPost, good, []byte{0xff, 0xff, 1}, http.StatusBadRequest},
+		{"a truncated frame", http.MethodPost, good, []byte{0, 10, 1, 2}, http.StatusBadRequest},
+	} {
+		if got := post(c.method, c.id, c.body); got != c.want {
+			t.Errorf("%s: status %d, want %d", c.what, got, c.want)
+		}
+	}
+	if n := q.srv.CarrierSessions(); n != 0 {
+		t.Fatalf("bad requests opened %d carrier sessions", n)
+	}
+	// Framed garbage opens a session (QUIC drops the packets); the bound holds.
+	if got := post(http.MethodPost, good, []byte{0, 3, 'a', 'b', 'c'}); got != http.StatusOK {
+		t.Fatalf("framed garbage: status %d, want 200", got)
+	}
+	if got := post(http.MethodPost, strings.Repeat("cd", 16), nil); got != http.StatusServiceUnavailable {
+		t.Fatalf("a session beyond MaxSessions: status %d, want 503", got)
+	}
+	if n := q.srv.CarrierSessions(); n != 1 {
+		t.Fatalf("carrier sessions: %d, want 1", n)
 	}
 }

@@ -45,6 +45,8 @@ func (s *Server) routeProxyHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case r.URL.Path == wire.CarrierWSPath: // the ws carrier (carrier_stream.go)
 		s.serveCarrierWS(w, r)
+	case r.URL.Path == wire.CarrierHTTPPath: // the http carrier (carrier_http.go)
+		s.serveCarrierHTTP(w, r)
 	case IsReverseTunnel(r):
 		s.ServeReverseTunnel(w, r)
 	case r.Method == http.MethodConnect && connectProtocol(r) == "":

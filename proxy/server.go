@@ -151,8 +151,9 @@ type Server struct {
 	devicesH3TLS *tls.Config
 	// carrier*.go: the tls carrier's configuration ("tp-carrier/1", the device
 	// certificate required) and the mux under the QUIC server.
-	carrierTLS *tls.Config
-	carriers   atomic.Pointer[carrierMux]
+	carrierTLS   *tls.Config
+	carriers     atomic.Pointer[carrierMux]
+	httpCarriers httpCarriers
 
 	active     atomic.Int64           // connections counted against MaxConns
 	webConns   atomic.Int64           // website connections counted against MaxWebConns

@@ -20,7 +20,7 @@ type Client struct {
 	// Transport is how tp reaches the server: auto, quic or tls.
 	Transport string `mapstructure:"transport"`
 	// Carrier is what carries tp's QUIC connection: "" (UDP, or auto's choice),
-	// udp, tls or ws (docs/PROTOCOL.md, "Carriers").
+	// auto, udp, tls, ws or http (docs/PROTOCOL.md §9.8).
 	Carrier string `mapstructure:"carrier"`
 	// Quiet drops tp's progress lines ("Connecting to …"); errors still show.
 	Quiet bool `mapstructure:"quiet"`
@@ -38,9 +38,9 @@ func (c Client) Validate() error {
 		errs = append(errs, fmt.Errorf("transport %q must be auto, quic or tls (--transport or TP_TRANSPORT)", c.Transport))
 	}
 	switch c.Carrier {
-	case "", "auto", "udp", "tls", "ws":
+	case "", "auto", "udp", "tls", "ws", "http":
 	default:
-		errs = append(errs, fmt.Errorf("carrier %q must be auto, udp, tls or ws (--carrier or TP_CARRIER)", c.Carrier))
+		errs = append(errs, fmt.Errorf("carrier %q must be auto, udp, tls, ws or http (--carrier or TP_CARRIER)", c.Carrier))
 	}
 	if c.Carrier != "" && c.Carrier != "udp" && c.Carrier != "auto" && c.Transport == "tls" {
 		errs = append(errs, fmt.Errorf("carrier %q carries QUIC; it does not go with transport tls (drop --transport tls, or --carrier)", c.Carrier))

@@ -8,6 +8,8 @@ package wire
 //     each packet is a 2-octet big-endian length followed by that many octets.
 //   - ws:  a WebSocket (RFC 6455) at CarrierWSPath on a website name of the
 //     port; each packet is one binary message.
+//   - http: POST requests at CarrierHTTPPath; bodies both ways are packets in
+//     the tls carrier's framing.
 
 import (
 	"encoding/binary"
@@ -29,6 +31,30 @@ const ALPNCarrier = "tp-carrier/1"
 
 // CarrierWSPath is where the WebSocket carrier is served on the website side.
 const CarrierWSPath = "/.well-known/tp-carrier/ws"
+
+// CarrierHTTPPath is where the http carrier (polling) is served on the
+// website side and on the proxy names.
+const CarrierHTTPPath = "/.well-known/tp-carrier/http"
+
+// CarrierSessionHeader names an http carrier session: 32 hex digits (16
+// random octets) that the client chooses.
+const CarrierSessionHeader = "Tp-Carrier-Session"
+
+// MaxCarrierBody bounds an http carrier request or response body.
+const MaxCarrierBody = 64 << 10
+
+// ValidCarrierSession reports whether id is a well-formed http carrier session ID.
+func ValidCarrierSession(id string) bool {
+	if len(id) != 32 {
+		return false
+	}
+	for _, c := range id {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
 
 // MaxCarrierPacket bounds one QUIC packet on a carrier. quic-go never sends
 // more than 1452 octets; another implementation may send up to this many. A
