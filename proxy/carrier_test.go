@@ -6,13 +6,17 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/coder/websocket"
 
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -228,5 +232,72 @@ func TestCarrierHTTPBadInput(t *testing.T) {
 	}
 	if n := q.srv.CarrierSessions(); n != 1 {
 		t.Fatalf("carrier sessions: %d, want 1", n)
+	}
+}
+
+// TestCarrierReverse: an agent whose QUIC connection rides each carrier
+// serves a protected name (dialed by a client over the same carrier, end to
+// end TLS through the relay) and a public port (plain TCP from anyone).
+func TestCarrierReverse(t *testing.T) {
+	for _, carrier := range []string{wire.CarrierUDP, wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP} {
+		t.Run(carrier, func(t *testing.T) {
+			q := newQUICEnv(t, func(c *proxy.Config) {
+				c.Reverse = proxy.ReverseOptions{Zone: "rev.test", PublicHost: "127.0.0.1",
+					PublicPorts: func(string, int) bool { return true }}
+			}, proxy.QUICOptions{})
+			port := testnet.FreePort(t, "tcp")
+			upper := testnet.Upper(t)
+			agentCert := q.ca.ServerCert(t, "svc.rev.test")
+			ad := q.dialer()
+			ad.Transport, ad.Carrier = clients.TransportQUIC, carrier
+			registered := make(chan struct{}, 1)
+			a := &clients.Agent{
+				Dialer:      ad,
+				Exposed:     []clients.Exposed{{Name: "svc", Local: upper}, {Name: "pub", Local: upper, PublicPort: port}},
+				AllowUsers:  []string{"alice"},
+				Certificate: func(context.Context, string) (*tls.Certificate, error) { return &agentCert, nil },
+				Registered:  func([]string) { registered <- struct{}{} },
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- a.Run(ctx); ad.Close() }()
+			t.Cleanup(func() { cancel(); <-done })
+			select {
+			case <-registered:
+			case err := <-done:
+				t.Fatalf("agent over %s: %v", carrier, err)
+			case <-time.After(30 * time.Second):
+				t.Fatalf("the agent over %s did not register", carrier)
+			}
+			if carrier != wire.CarrierUDP && q.srv.CarrierSessions() == 0 {
+				t.Fatalf("the agent has no %s carrier session", carrier)
+			}
+			roundTrip := func(c net.Conn, msg string) {
+				t.Helper()
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+				if _, err := io.WriteString(c, msg); err != nil {
+					t.Fatal(err)
+				}
+				_ = c.(interface{ CloseWrite() error }).CloseWrite()
+				got, err := io.ReadAll(c)
+				if err != nil || string(got) != strings.ToUpper(msg) {
+					t.Fatalf("reply %q (%v), want %q", got, err, strings.ToUpper(msg))
+				}
+			}
+			d := q.dialer()
+			d.Transport, d.Carrier = clients.TransportQUIC, carrier
+			defer d.Close()
+			c, err := d.DialContext(context.Background(), "tcp", "svc.rev.test:22")
+			if err != nil {
+				t.Fatal(err)
+			}
+			roundTrip(c, "protected over "+carrier)
+			pc, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			roundTrip(pc, "public over "+carrier)
+		})
 	}
 }
