@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -71,6 +72,7 @@ func (d *Dialer) watchCarrier(conn *quic.Conn) {
 			continue
 		}
 		d.logf("tp: the carrier stopped delivering; the connection moved to %s in %s", kind, time.Since(start).Round(time.Millisecond))
+		d.rememberCarrier(kind)
 		st = conn.ConnectionStats()
 		lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
 	}
@@ -212,14 +214,31 @@ func (d *Dialer) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr 
 	if mc == nil || mc.current() != nil {
 		return tr.Dial(ctx, raddr, cfg, qcfg)
 	}
-	uctx, cancel := context.WithTimeout(ctx, DefaultCarrierUDPTry)
-	conn, err := tr.Dial(uctx, raddr, cfg, qcfg)
-	cancel()
-	if err == nil || ctx.Err() != nil || !(uctx.Err() != nil || errors.As(err, new(*quic.HandshakeTimeoutError))) {
-		return conn, err
+	fallbacks := d.fallbacks()
+	var errs []error
+	// A carrier that worked here recently is tried first, without the UDP try.
+	if kind := d.cachedCarrier(); kind != "" && slices.Contains(fallbacks, kind) {
+		if err := d.moveTo(ctx, nil, kind); err == nil {
+			conn, err := tr.Dial(ctx, raddr, cfg, qcfg)
+			if err == nil || ctx.Err() != nil {
+				return conn, err
+			}
+			errs = append(errs, fmt.Errorf("over %s (remembered): %w", kind, err))
+		}
+		fallbacks = slices.DeleteFunc(slices.Clone(fallbacks), func(k string) bool { return k == kind })
+	} else {
+		uctx, cancel := context.WithTimeout(ctx, DefaultCarrierUDPTry)
+		conn, err := tr.Dial(uctx, raddr, cfg, qcfg)
+		cancel()
+		if err == nil {
+			d.rememberCarrier(wire.CarrierUDP)
+		}
+		if err == nil || ctx.Err() != nil || !(uctx.Err() != nil || errors.As(err, new(*quic.HandshakeTimeoutError))) {
+			return conn, err
+		}
+		errs = append(errs, fmt.Errorf("over udp: %w", err))
 	}
-	errs := []error{fmt.Errorf("over udp: %w", err)}
-	for _, kind := range d.fallbacks() {
+	for _, kind := range fallbacks {
 		if err := d.moveTo(ctx, nil, kind); err != nil {
 			errs = append(errs, fmt.Errorf("over %s: %w", kind, err))
 			continue
@@ -227,6 +246,7 @@ func (d *Dialer) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr 
 		conn, err := tr.Dial(ctx, raddr, cfg, qcfg)
 		if err == nil {
 			d.logf("tp: no answer over UDP; connected over the %s carrier", kind)
+			d.rememberCarrier(kind)
 			return conn, nil
 		}
 		errs = append(errs, fmt.Errorf("over %s: %w", kind, err))
@@ -235,6 +255,21 @@ func (d *Dialer) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr 
 		}
 	}
 	return nil, errors.Join(errs...)
+}
+
+// cachedCarrier is the carrier remembered for the server in the Dialer's
+// Cache (under "carrier:" + Server, beside the transport), "" when none.
+func (d *Dialer) cachedCarrier() string {
+	if d.Cache == nil {
+		return ""
+	}
+	return d.Cache.Get("carrier:" + d.Server)
+}
+
+func (d *Dialer) rememberCarrier(kind string) {
+	if d.Cache != nil {
+		_ = d.Cache.Put("carrier:"+d.Server, kind) // an unwritable cache only costs a UDP try
+	}
 }
 
 // currentCarrier is the carrier the connection uses now.

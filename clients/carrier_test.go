@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -143,6 +144,7 @@ func TestCarrierLinkBreaks(t *testing.T) {
 type udpGate struct {
 	pc     *net.UDPConn
 	shut   atomic.Bool
+	seen   atomic.Int64 // datagrams from clients
 	server *net.UDPAddr
 }
 
@@ -171,6 +173,7 @@ func startUDPGate(t testing.TB, server string) *udpGate {
 				return
 			}
 			client.Store(from)
+			g.seen.Add(1)
 			if !g.shut.Load() {
 				_, _ = up.WriteToUDP(b[:n], saddr)
 			}
@@ -345,5 +348,32 @@ func TestCarrierHTTPThroughCDN(t *testing.T) {
 	carrierRoundTrip(t, d2, testnet.Upper(t), "through a CONNECT proxy")
 	if tunnels.Load() < 1 {
 		t.Fatal("the CONNECT proxy carried nothing")
+	}
+}
+
+// TestCarrierAutoRemembers: a carrier that auto fell back to is remembered per
+// server in the transport cache, and the next Dialer starts on it without
+// trying UDP first (the blocked UDP relay sees nothing from it).
+func TestCarrierAutoRemembers(t *testing.T) {
+	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
+	gate := startUDPGate(t, srv.UDP)
+	gate.shut.Store(true)
+	cache := &clients.TransportCache{Path: filepath.Join(t.TempDir(), "transport-cache.json")}
+	d := srv.Dialer(t, clients.CarrierAuto)
+	d.QUICServer, d.Cache = gate.pc.LocalAddr().String(), cache
+	carrierRoundTrip(t, d, testnet.Upper(t), "first")
+	if got := cache.Get("carrier:" + srv.TCP); got != wire.CarrierTLS {
+		t.Fatalf("remembered carrier %q, want tls", got)
+	}
+	_ = d.Close()
+	before := gate.seen.Load()
+	d2 := srv.Dialer(t, clients.CarrierAuto)
+	d2.QUICServer, d2.Cache = gate.pc.LocalAddr().String(), cache
+	carrierRoundTrip(t, d2, testnet.Upper(t), "second")
+	if got := d2.CurrentCarrier(); got != wire.CarrierTLS {
+		t.Fatalf("the second Dialer is on %q, want tls", got)
+	}
+	if n := gate.seen.Load() - before; n != 0 {
+		t.Fatalf("the second Dialer sent %d datagrams over UDP first", n)
 	}
 }
