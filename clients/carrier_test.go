@@ -377,3 +377,26 @@ func TestCarrierAutoRemembers(t *testing.T) {
 		t.Fatalf("the second Dialer sent %d datagrams over UDP first", n)
 	}
 }
+
+// TestCarrierNeedsDeviceCert: a carrier moves packets and decides nothing:
+// over ws and http (which need no certificate to reach), a client without a
+// device certificate still fails at the QUIC handshake, and no request runs.
+func TestCarrierNeedsDeviceCert(t *testing.T) {
+	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
+	dst := testnet.Upper(t)
+	for _, carrier := range []string{wire.CarrierWS, wire.CarrierHTTP} {
+		t.Run(carrier, func(t *testing.T) {
+			d := srv.Dialer(t, carrier)
+			d.TLSConfig = &tls.Config{RootCAs: srv.TLS.RootCAs} // no client certificate
+			d.Timeout = 15 * time.Second
+			c, err := d.DialContext(context.Background(), "tcp", dst)
+			if err == nil {
+				_ = c.Close()
+				t.Fatalf("a dial over %s without a device certificate succeeded", carrier)
+			}
+			if !strings.Contains(err.Error(), "certificate") {
+				t.Fatalf("err = %v, want a certificate refusal", err)
+			}
+		})
+	}
+}
