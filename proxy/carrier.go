@@ -474,6 +474,27 @@ func carrierEnd(err error) string {
 // on a UDP socket.
 func (s *Server) carrierMux() *carrierMux { return s.carriers.Load() }
 
+// carrierRemote maps a carrier session's virtual address to the address its
+// carrier connection came from (the TCP peer: for ws and http behind a CDN or
+// reverse proxy, that proxy's address).
+func (s *Server) carrierRemote(a net.Addr) (string, bool) {
+	ua, ok := a.(*net.UDPAddr)
+	if !ok || !isCarrierIP(ua.IP) {
+		return "", false
+	}
+	m := s.carrierMux()
+	if m == nil {
+		return "", false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	cs := m.sessions[netip.AddrFrom16([16]byte(ua.IP))]
+	if cs == nil {
+		return "", false
+	}
+	return cs.remote, true
+}
+
 // CarrierSessions reports the carrier sessions open now (for tests and monitoring).
 func (s *Server) CarrierSessions() int {
 	m := s.carrierMux()

@@ -15,6 +15,7 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy"
@@ -299,5 +300,33 @@ func TestCarrierReverse(t *testing.T) {
 			}
 			roundTrip(pc, "public over "+carrier)
 		})
+	}
+}
+
+// TestCarrierPolicySource: a request over a carrier reaches the policy with
+// the address the carrier connection came from, not the session's virtual one.
+func TestCarrierPolicySource(t *testing.T) {
+	sources := make(chan string, 8)
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
+			select {
+			case sources <- req.Source.Address:
+			default:
+			}
+			return allowAll(ctx, req)
+		})
+	}, proxy.QUICOptions{})
+	d := q.dialer()
+	d.Carrier = wire.CarrierWS
+	defer d.Close()
+	c, err := d.DialContext(context.Background(), "tcp", q.echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.Close()
+	src := <-sources
+	host, _, err := net.SplitHostPort(src)
+	if err != nil || host != "127.0.0.1" {
+		t.Fatalf("policy source %q, want 127.0.0.1:PORT (the WebSocket's peer)", src)
 	}
 }
