@@ -244,21 +244,15 @@ func (m *carrierMux) ReadBatch(ms []ipv4.Message, flags int) (int, error) {
 		if err != nil {
 			return n, err
 		}
-		// Drop datagrams whose source claims a carrier address (spoofed).
-		k := 0
+		// A datagram whose source claims a carrier address (spoofed) is
+		// emptied: quic-go ignores an empty packet. (Messages stay in place:
+		// quic-go pairs each with its own buffer.)
 		for i := range n {
 			if a, ok := ms[i].Addr.(*net.UDPAddr); ok && isCarrierIP(a.IP) {
-				continue
+				ms[i].N = 0
 			}
-			if k != i {
-				ms[k], ms[i] = ms[i], ms[k]
-			}
-			k++
 		}
-		if k == 0 && n > 0 {
-			continue
-		}
-		return k, nil
+		return n, nil
 	}
 }
 
