@@ -21,6 +21,8 @@ func benchDialers(b *testing.B, srv *clients.CarrierTestServer) map[string]*clie
 	for _, c := range []string{wire.CarrierUDP, wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP} {
 		ds["quic-over-"+c] = srv.Dialer(b, c)
 	}
+	auto := srv.Dialer(b, clients.CarrierAuto) // UDP under a movable conn (no GSO, no batched reads)
+	ds["quic-over-udp-auto"] = auto
 	tlsT := srv.Dialer(b, "")
 	tlsT.Transport = clients.TransportTLS
 	ds["tls-transport"] = tlsT
@@ -33,7 +35,7 @@ func BenchmarkCarrierThroughput(b *testing.B) {
 	srv := clients.StartCarrierTestServer(b, nil, proxy.CarrierOptions{})
 	sink := testnet.Serve(b, func(c *net.TCPConn) { _, _ = io.Copy(io.Discard, c) })
 	buf := make([]byte, 1<<20)
-	for _, name := range []string{"quic-over-udp", "quic-over-tls", "quic-over-ws", "quic-over-http", "tls-transport"} {
+	for _, name := range []string{"quic-over-udp", "quic-over-udp-auto", "quic-over-tls", "quic-over-ws", "quic-over-http", "tls-transport"} {
 		d := benchDialers(b, srv)[name]
 		b.Run(name, func(b *testing.B) {
 			b.SetBytes(8 << 20)
@@ -63,7 +65,7 @@ func BenchmarkCarrierRequest(b *testing.B) {
 	srv := clients.StartCarrierTestServer(b, nil, proxy.CarrierOptions{})
 	echo := testnet.Echo(b)
 	msg := make([]byte, 64)
-	for _, name := range []string{"quic-over-udp", "quic-over-tls", "quic-over-ws", "quic-over-http", "tls-transport"} {
+	for _, name := range []string{"quic-over-udp", "quic-over-udp-auto", "quic-over-tls", "quic-over-ws", "quic-over-http", "tls-transport"} {
 		d := benchDialers(b, srv)[name]
 		b.Run(name, func(b *testing.B) {
 			for b.Loop() {
@@ -136,7 +138,7 @@ func BenchmarkCarrierDownload(b *testing.B) {
 			}
 		}
 	})
-	for _, name := range []string{"quic-over-udp", "quic-over-tls", "quic-over-ws", "quic-over-http", "tls-transport"} {
+	for _, name := range []string{"quic-over-udp", "quic-over-udp-auto", "quic-over-tls", "quic-over-ws", "quic-over-http", "tls-transport"} {
 		d := benchDialers(b, srv)[name]
 		b.Run(name, func(b *testing.B) {
 			b.SetBytes(8 << 20)
