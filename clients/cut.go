@@ -156,7 +156,7 @@ func (d *Dialer) why(ctx context.Context, session string) (*wire.SessionEnd, err
 			conn = st
 		}
 	}
-	if conn == nil && d.Transport != TransportQUIC {
+	if conn == nil && d.mode() != TransportQUIC {
 		tc, err := d.connectTLS(ctx)
 		if err != nil {
 			return nil, err

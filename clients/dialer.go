@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/url"
 	"strconv"
 	"strings"
 	"syscall"
@@ -42,6 +43,29 @@ type Dialer struct {
 	Transport string
 	// QUICServer is the server's UDP host:port; empty means Server (same port).
 	QUICServer string
+	// Carrier is what carries the QUIC connection (carrier.go): "udp" (the
+	// default when empty), "tls" (a TLS stream on Server's TCP port), "ws" (a
+	// WebSocket on Server's website side), "http" (HTTPS polling) or "auto"
+	// (UDP, falling back to the others). Any but "udp" implies Transport
+	// "quic": every request is a stream of the one QUIC connection.
+	Carrier string
+	// CarrierProxy, when set, replaces HTTPS_PROXY/https_proxy and NO_PROXY as
+	// the HTTP proxy the tls and ws carriers connect through (CONNECT); it
+	// returns nil for a direct connection. Environment proxies are never used
+	// for loopback addresses; tests that need one set this.
+	CarrierProxy func(target *url.URL) (*url.URL, error)
+	// CarrierHTTPURL, when set, is the http carrier's endpoint instead of
+	// https://Server/.well-known/tp-carrier/http: a CDN or reverse proxy that
+	// forwards POSTs there.
+	CarrierHTTPURL string
+	// FallbackCarriers are the carriers the live QUIC connection moves to, in
+	// order, when its carrier stops delivering (carrier_switch.go): packets go
+	// out and nothing comes back for CarrierStall (zero: DefaultCarrierStall).
+	// Empty: the connection stays on its carrier.
+	FallbackCarriers []string
+	CarrierStall     time.Duration
+	// Logf, when set, is told when the connection moves to another carrier.
+	Logf func(format string, args ...any)
 	// Cache remembers per server which transport won an auto race; nil remembers
 	// only for the Dialer's lifetime.
 	Cache *TransportCache
@@ -171,7 +195,7 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 	if netw == "udp" {
 		return d.dialUDP(ctx, addr, hello)
 	}
-	switch d.Transport {
+	switch d.mode() {
 	case TransportAuto, "":
 		return d.dialAuto(ctx, addr, hello, early)
 	case TransportQUIC:

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"log/slog"
 	"net"
+	"net/http"
 	"testing"
 
 	"github.com/tp-proxy/tp/authz"
@@ -87,4 +88,95 @@ func StartTestServerQUIC(t testing.TB, decide func(authz.Request) authz.Decision
 	d := &Dialer{Server: addr, QUICServer: quicAddr, TLSConfig: cfg, Transport: TransportQUIC}
 	t.Cleanup(func() { _ = d.Close() })
 	return d
+}
+
+// CarrierTestServer is a proxy.Server on loopback that serves TLS (with a
+// website, so that the ws carrier has its side of the port) and QUIC, for the
+// carrier tests.
+type CarrierTestServer struct {
+	TCP, UDP string
+	TLS      *tls.Config
+	Srv      *proxy.Server
+}
+
+// StartCarrierTestServer starts a CarrierTestServer; decide as for StartTestServer.
+func StartCarrierTestServer(t testing.TB, decide func(authz.Request) authz.Decision, copts proxy.CarrierOptions) *CarrierTestServer {
+	t.Helper()
+	if decide == nil {
+		decide = func(authz.Request) authz.Decision { return authz.Decision{Allow: true} }
+	}
+	ca := testpki.New(t)
+	cert := ca.ServerCert(t, "localhost", "127.0.0.1")
+	srv, err := proxy.New(proxy.Config{
+		ProxyTLS: &tls.Config{
+			Certificates: []tls.Certificate{cert},
+			ClientCAs:    ca.Pool,
+			ClientAuth:   tls.RequireAndVerifyClientCert,
+		},
+		WebTLS: &tls.Config{Certificates: []tls.Certificate{cert}},
+		Web: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			_, _ = w.Write([]byte("the website\n"))
+		}),
+		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
+			leaf := cs.PeerCertificates[0]
+			return authz.Identity{DeviceID: leaf.Subject.CommonName, NotAfter: leaf.NotAfter}, nil
+		},
+		Authorizer: authorizerFunc(decide),
+		Logger:     slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{}, 2)
+	go func() { _ = srv.Serve(ctx, ln); done <- struct{}{} }()
+	go func() { _ = srv.ServeQUIC(ctx, pc, proxy.QUICOptions{Carriers: copts}); done <- struct{}{} }()
+	t.Cleanup(func() { cancel(); <-done; <-done })
+	ccert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	return &CarrierTestServer{
+		TCP: ln.Addr().String(), UDP: pc.LocalAddr().String(), Srv: srv,
+		TLS: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{ccert}},
+	}
+}
+
+// Dialer returns a Dialer for the server over carrier.
+func (s *CarrierTestServer) Dialer(t testing.TB, carrier string) *Dialer {
+	d := &Dialer{Server: s.TCP, QUICServer: s.UDP, TLSConfig: s.TLS, Carrier: carrier, Transport: TransportQUIC}
+	t.Cleanup(func() { _ = d.Close() })
+	return d
+}
+
+// CarrierLinks is how many links the Dialer's carrier opened (1 + reconnects).
+func (d *Dialer) CarrierLinks() int64 {
+	d.quic.mu.Lock()
+	defer d.quic.mu.Unlock()
+	if cc, ok := d.quic.udp.(*carrierConn); ok {
+		return cc.links.Load()
+	}
+	return 0
+}
+
+// BreakCarrierLink closes the Dialer's current carrier link, as a proxy that
+// cuts long connections would.
+func (d *Dialer) BreakCarrierLink() {
+	d.quic.mu.Lock()
+	cc, _ := d.quic.udp.(*carrierConn)
+	d.quic.mu.Unlock()
+	if cc == nil {
+		return
+	}
+	cc.mu.Lock()
+	link := cc.link
+	cc.mu.Unlock()
+	if link != nil {
+		_ = link.Close()
+	}
 }

@@ -328,7 +328,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 		timeout = DefaultDialTimeout
 	}
 	cctx, cancel := context.WithTimeout(ctx, timeout)
-	transport := d.Transport
+	transport := d.mode()
 	var qconn *quic.Conn
 	var ctl wire.Stream
 	if transport != TransportTLS {
@@ -846,12 +846,14 @@ func (a *Agent) maxSessions() int64 {
 func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	d := a.Dialer
 	addr := d.quicAddr()
-	tr, err := d.transport()
+	tr, err := d.transport(ctx)
 	if err != nil {
 		return nil, err
 	}
-	raddr, err := net.ResolveUDPAddr("udp", addr)
-	if err != nil {
+	var raddr net.Addr
+	if cc, ok := tr.Conn.(*carrierConn); ok {
+		raddr = cc.raddr
+	} else if raddr, err = net.ResolveUDPAddr("udp", addr); err != nil {
 		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
 	}
 	cfg, err := d.tlsConfig()

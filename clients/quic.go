@@ -39,7 +39,7 @@ const quicGrace = time.Second
 // quicState is a Dialer's shared QUIC connection.
 type quicState struct {
 	mu      sync.Mutex
-	udp     *net.UDPConn
+	udp     net.PacketConn // a *net.UDPConn, or a *carrierConn (carrier.go)
 	tr      *quic.Transport
 	conn    *quic.Conn
 	dialing chan struct{} // closed when the connect in flight ends
@@ -57,6 +57,8 @@ type quicState struct {
 	poolIdle time.Duration
 	// drops counts DATAGRAM frames quic-go discarded with its receive queue full.
 	drops wire.DatagramDropCounter
+	// moves are the carriers the connection moved to (carrier_switch.go).
+	moves []carrierSwitch
 	// headStartTimer, when set, replaces the head start's timer in race: a test
 	// decides when the head start is over.
 	headStartTimer func(time.Duration) <-chan time.Time
@@ -83,6 +85,7 @@ func (d *Dialer) Close() error {
 		_ = q.udp.Close()
 		q.tr, q.udp = nil, nil
 	}
+	q.moves = nil
 	return nil
 }
 
@@ -145,6 +148,9 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 				return nil, ErrDialerClosed
 			}
 			q.conn = c
+			if len(d.fallbacks()) > 0 {
+				go d.watchCarrier(c)
+			}
 			if q.changed != nil {
 				close(q.changed)
 			}
@@ -158,21 +164,15 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 // connectQUIC performs a QUIC handshake with the server on the Dialer's socket.
 func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	addr := d.quicAddr()
-	tr, err := d.transport()
+	tr, err := d.transport(ctx)
 	if err != nil {
 		return nil, err
 	}
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
-	}
-	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
-	if err != nil {
-		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, err)
-	}
-	raddr, err := net.ResolveUDPAddr("udp", net.JoinHostPort(ips[0].Unmap().String(), port))
-	if err != nil {
-		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
+	var raddr net.Addr
+	if cc, ok := tr.Conn.(*carrierConn); ok {
+		raddr = cc.raddr
+	} else if raddr, err = resolveUDP(ctx, addr); err != nil {
+		return nil, err
 	}
 	cfg, err := d.tlsConfig()
 	if err != nil {
@@ -189,7 +189,7 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	if idle <= 0 {
 		idle = 60 * time.Second
 	}
-	conn, err := tr.Dial(ctx, raddr, cfg, &quic.Config{
+	qcfg := &quic.Config{
 		KeepAlivePeriod:                keepAlive,
 		MaxIdleTimeout:                 idle,
 		MaxIncomingStreams:             -1, // the server opens no streams
@@ -200,32 +200,89 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 		EnableDatagrams:                true, // UDP flows (udp.go)
 		Tracer:                         d.dropTracer(),
-	})
+	}
+	conn, err := d.dialFallingBack(ctx, tr, raddr, cfg, qcfg)
 	if err != nil {
 		if ctx.Err() != nil {
-			err = fmt.Errorf("%w (no answer over UDP; is UDP blocked on this network? --transport tls avoids QUIC)", ctx.Err())
+			err = fmt.Errorf("%w (no answer over UDP; is UDP blocked on this network? --carrier tls or ws, or --transport tls, avoid UDP)", ctx.Err())
 		}
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err)))
 	}
 	return conn, nil
 }
 
-// transport returns the Dialer's UDP socket and QUIC transport, opening them once.
-func (d *Dialer) transport() (*quic.Transport, error) {
+func resolveUDP(ctx context.Context, addr string) (*net.UDPAddr, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
+	}
+	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, err)
+	}
+	raddr, err := net.ResolveUDPAddr("udp", net.JoinHostPort(ips[0].Unmap().String(), port))
+	if err != nil {
+		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
+	}
+	return raddr, nil
+}
+
+// transport returns the Dialer's packet conn (a UDP socket, or the carrier's:
+// carrier.go) and QUIC transport, opening them once; a carrier's first link
+// is opened within ctx.
+func (d *Dialer) transport(ctx context.Context) (*quic.Transport, error) {
 	q := &d.quic
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return nil, ErrDialerClosed
+	}
+	if q.tr != nil {
+		tr := q.tr
+		q.mu.Unlock()
+		return tr, nil
+	}
+	q.mu.Unlock()
+	pc, err := d.openPacketConn(ctx, d.carrier())
+	if err != nil {
+		return nil, err
+	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.closed {
+		_ = pc.Close()
 		return nil, ErrDialerClosed
 	}
-	if q.tr == nil {
+	if q.tr != nil { // another caller was quicker
+		_ = pc.Close()
+		return q.tr, nil
+	}
+	q.udp, q.tr = pc, &quic.Transport{Conn: pc}
+	return q.tr, nil
+}
+
+// openPacketConn opens what carries QUIC packets on the named carrier.
+func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketConn, error) {
+	if kind == wire.CarrierUDP {
 		udp, err := net.ListenUDP("udp", nil)
 		if err != nil {
 			return nil, fmt.Errorf("opening a UDP socket for QUIC: %w", err)
 		}
-		q.udp, q.tr = udp, &quic.Transport{Conn: udp}
+		if len(d.fallbacks()) > 0 {
+			raddr, err := resolveUDP(ctx, d.quicAddr())
+			if err != nil {
+				_ = udp.Close()
+				return nil, err
+			}
+			return &movingConn{udp: udp, server: raddr}, nil
+		}
+		return udp, nil
 	}
-	return q.tr, nil
+	dial, err := d.carrierDialer(kind)
+	if err != nil {
+		return nil, err
+	}
+	return newCarrierConn(ctx, kind, d.Server, dial)
 }
 
 // dialQUIC runs one request on a new stream of the Dialer's QUIC connections

@@ -17,7 +17,7 @@ import (
 // QUIC datagrams when the connection has them) or a new TLS connection, chosen as
 // for TCP dials. The result is a *wire.UDPFlow.
 func (d *Dialer) dialUDP(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, error) {
-	switch d.Transport {
+	switch d.mode() {
 	case TransportAuto, "":
 		if d.liveQUIC() != nil {
 			if c, conn, err := d.udpOnQUIC(ctx, addr, hello); conn != nil && !connLost(conn, err) {

@@ -68,6 +68,10 @@ func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error
 		s.tickets.rotate()
 		return s.proxyTLS, nil
 	}
+	if slices.Contains(hello.SupportedProtos, wire.ALPNCarrier) {
+		s.tickets.rotate()
+		return s.carrierTLS, nil
+	}
 	if s.connectTLS != nil && s.isProxyName(hello.ServerName) {
 		s.tickets.rotate()
 		return s.connectTLS, nil
@@ -155,6 +159,9 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 	case wire.PeerALPN:
 		defer s.release()
 		s.servePeer(ctx, conn)
+	case wire.ALPNCarrier:
+		defer s.release()
+		s.serveCarrierTLS(ctx, conn)
 	case "", "h2", "http/1.1":
 		if s.connect != nil && s.isProxyName(conn.ConnectionState().ServerName) {
 			s.handoffProxyHTTP(conn)
@@ -587,7 +594,7 @@ func (s *Server) initDemux() {
 	s.unknownName = &tls.Config{MinVersion: tls.VersionTLS12}
 	s.quicTLS = &tls.Config{GetConfigForClient: s.quicConfigForClient}
 	s.tickets.src, s.tickets.log = s.cfg.TicketKeys, s.log
-	s.tickets.add("proxy", s.proxyTLS)
+	s.tickets.add("proxy", s.proxyTLS, s.carrierTLS)
 	if s.connectTLS != nil {
 		s.tickets.add("proxy-names", s.connectTLS, s.connectH3TLS)
 	}

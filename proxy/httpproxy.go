@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go/http3"
+
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Bounds of the proxy's HTTP servers. A CONNECT request is one line and a few
@@ -41,6 +43,10 @@ func (s *Server) isProxyName(serverName string) bool {
 // to ServeReverseTunnel, anything else to Config.ProxyHTTP (404 when unset).
 func (s *Server) routeProxyHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
+	case r.URL.Path == wire.CarrierWSPath: // the ws carrier (carrier_stream.go)
+		s.serveCarrierWS(w, r)
+	case r.URL.Path == wire.CarrierHTTPPath: // the http carrier (carrier_http.go)
+		s.serveCarrierHTTP(w, r)
 	case IsReverseTunnel(r):
 		s.ServeReverseTunnel(w, r)
 	case r.Method == http.MethodConnect && connectProtocol(r) == "":

@@ -36,6 +36,9 @@ type QUICOptions struct {
 	// LB, when set, makes the connection IDs carry this instance's server ID for a
 	// load balancer (quiclb.go). Nil keeps quic-go's random 4-octet IDs.
 	LB *QUICLB
+	// Carriers bounds the stream carriers (carrier.go), which feed this QUIC
+	// server when pc is a *net.UDPConn.
+	Carriers CarrierOptions
 }
 
 // DefaultQUICMaxStreams is QUICOptions.MaxStreams when not set. It is not a
@@ -117,6 +120,17 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 	opts, err := opts.withDefaults()
 	if err != nil {
 		return fmt.Errorf("proxy: invalid QUIC options: %w", err)
+	}
+	// On a UDP socket, the QUIC transport reads through the carrier mux: the
+	// socket's datagrams plus the packets of the stream carriers (carrier.go).
+	// Carriers feed the first QUIC server only; a second ServeQUIC (another
+	// socket) serves UDP alone.
+	if udp, ok := pc.(*net.UDPConn); ok {
+		if m := newCarrierMux(udp, opts.Carriers, s.log); s.carriers.CompareAndSwap(nil, m) {
+			defer s.carriers.CompareAndSwap(m, nil)
+			defer m.Close()
+			pc = m
+		}
 	}
 	tr := &quic.Transport{Conn: pc, StatelessResetKey: opts.StatelessResetKey}
 	if opts.LB != nil {

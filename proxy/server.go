@@ -157,6 +157,11 @@ type Server struct {
 	// QUIC); nil without Config.DevicesOnly.
 	devicesTLS   *tls.Config
 	devicesH3TLS *tls.Config
+	// carrier*.go: the tls carrier's configuration ("tp-carrier/1", the device
+	// certificate required) and the mux under the QUIC server.
+	carrierTLS   *tls.Config
+	carriers     atomic.Pointer[carrierMux]
+	httpCarriers httpCarriers
 
 	active     atomic.Int64           // connections counted against MaxConns
 	webConns   atomic.Int64           // website connections counted against MaxWebConns
@@ -249,7 +254,7 @@ func New(cfg Config) (*Server, error) {
 		if len(s.webTLS.NextProtos) == 0 {
 			s.webTLS.NextProtos = []string{"h2", "http/1.1"}
 		}
-		s.web = newWebServer(cfg.Web, s.log, s.releaseWeb)
+		s.web = newWebServer(s.carrierRoutes(cfg.Web), s.log, s.releaseWeb)
 		if cfg.DevicesOnly != nil {
 			s.devicesTLS = s.webTLS.Clone()
 			s.devicesTLS.MinVersion, s.devicesTLS.MaxVersion = tls.VersionTLS13, 0 // certificate_required is TLS 1.3's alert
@@ -269,6 +274,8 @@ func New(cfg Config) (*Server, error) {
 		s.connectH3TLS.NextProtos = []string{http3.NextProtoH3}
 		s.connect = newProxyHTTP(s)
 	}
+	s.carrierTLS = s.proxyTLS.Clone()
+	s.carrierTLS.NextProtos = []string{wire.ALPNCarrier}
 	s.tls = &tls.Config{GetConfigForClient: s.configForClient}
 	s.initDemux()
 	if cfg.Reverse.Zone != "" {

@@ -71,6 +71,9 @@ func (s *Server) ServeStream(ctx context.Context, conn wire.Stream, cs tls.Conne
 // Bridge (see handle).
 func (s *Server) serveStream(ctx context.Context, conn wire.Stream, cs *tls.ConnectionState, transport string) {
 	ss := newSession(conn)
+	if r, ok := s.carrierRemote(conn.RemoteAddr()); ok {
+		ss.remote = r // the client's real address, not its carrier session's virtual one
+	}
 	ss.audit.transport = transport
 	defer func() { s.logSession(ctx, ss) }()
 	defer s.releaseSession(ss) // however the session ends

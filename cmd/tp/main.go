@@ -77,6 +77,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 	config.ClientFlags(root.PersistentFlags())
 	root.PersistentFlags().String("transport", "auto", "auto (QUIC, falling back to TLS; remembered per server), quic or tls (env TP_TRANSPORT)")
+	root.PersistentFlags().String("carrier", "", "what carries the QUIC connection: udp, tls (a TLS stream on the TCP port), ws (a WebSocket), http (HTTPS polling, through CDNs too), all through HTTPS_PROXY when set, or auto (UDP, moving to tls then ws when UDP gets no answer or stops delivering mid-session) (env TP_CARRIER)")
 	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
 	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), ipCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
@@ -153,6 +154,8 @@ func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients
 	}
 	d.Timeout = cfg.Timeout
 	d.Transport = cfg.Transport
+	d.Carrier = cfg.Carrier
+	d.Logf = c.Logf
 	return d, nil
 }
 

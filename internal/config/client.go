@@ -19,6 +19,9 @@ type Client struct {
 	Timeout time.Duration `mapstructure:"timeout"`
 	// Transport is how tp reaches the server: auto, quic or tls.
 	Transport string `mapstructure:"transport"`
+	// Carrier is what carries tp's QUIC connection: "" (UDP, or auto's choice),
+	// auto, udp, tls, ws or http (docs/PROTOCOL.md §9.8).
+	Carrier string `mapstructure:"carrier"`
 	// Quiet drops tp's progress lines ("Connecting to …"); errors still show.
 	Quiet bool `mapstructure:"quiet"`
 }
@@ -33,6 +36,14 @@ func (c Client) Validate() error {
 	case "auto", "quic", "tls":
 	default:
 		errs = append(errs, fmt.Errorf("transport %q must be auto, quic or tls (--transport or TP_TRANSPORT)", c.Transport))
+	}
+	switch c.Carrier {
+	case "", "auto", "udp", "tls", "ws", "http":
+	default:
+		errs = append(errs, fmt.Errorf("carrier %q must be auto, udp, tls, ws or http (--carrier or TP_CARRIER)", c.Carrier))
+	}
+	if c.Carrier != "" && c.Carrier != "udp" && c.Carrier != "auto" && c.Transport == "tls" {
+		errs = append(errs, fmt.Errorf("carrier %q carries QUIC; it does not go with transport tls (drop --transport tls, or --carrier)", c.Carrier))
 	}
 	if c.Timeout <= 0 || c.Timeout > 10*time.Minute {
 		errs = append(errs, fmt.Errorf("timeout %s must be between 0 and 10m", c.Timeout))
@@ -53,11 +64,12 @@ func LoadClient(fs *pflag.FlagSet) (Client, error) {
 	v.SetDefault("home", "")
 	v.SetDefault("timeout", 30*time.Second)
 	v.SetDefault("transport", "auto")
+	v.SetDefault("carrier", "")
 	v.SetDefault("quiet", false)
 	v.SetEnvPrefix("TP")
 	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
 	v.AutomaticEnv()
-	for _, key := range []string{"home", "timeout", "transport", "quiet"} {
+	for _, key := range []string{"home", "timeout", "transport", "carrier", "quiet"} {
 		if f := fs.Lookup(key); f != nil && f.Changed {
 			if err := v.BindPFlag(key, f); err != nil {
 				return Client{}, err

@@ -103,6 +103,17 @@ func (h discoveryHandler) document(hostport string) wire.Discovery {
 	}
 	doc.Transports = append(doc.Transports, wire.DiscoveredTransport{Name: wire.DiscoverTLS, Network: "tcp",
 		Host: host, Port: port, ALPN: tp, Auth: wire.AuthDeviceCertificate})
+	if h.o.QUIC { // the carriers feed the QUIC server
+		doc.Transports = append(doc.Transports,
+			wire.DiscoveredTransport{Name: wire.DiscoverCarrierTLS, Network: "tcp",
+				Host: host, Port: port, ALPN: []string{wire.ALPNCarrier}, Auth: wire.AuthDeviceCertificate},
+			wire.DiscoveredTransport{Name: wire.DiscoverCarrierWS, Network: "tcp",
+				Host: host, Port: port, ALPN: []string{"http/1.1"}, Auth: wire.AuthDeviceCertificate,
+				URL: "wss://" + net.JoinHostPort(host, strconv.Itoa(port)) + wire.CarrierWSPath},
+			wire.DiscoveredTransport{Name: wire.DiscoverCarrierHTTP, Network: "tcp",
+				Host: host, Port: port, ALPN: []string{"h2", "http/1.1"}, Auth: wire.AuthDeviceCertificate,
+				URL: "https://" + net.JoinHostPort(host, strconv.Itoa(port)) + wire.CarrierHTTPPath})
+	}
 	proxyHost := h.proxyName(host)
 	if proxyHost != "" {
 		url := "https://" + net.JoinHostPort(proxyHost, strconv.Itoa(port))

@@ -38,6 +38,11 @@ const (
 	DiscoverTLS       = "tls"        // tp/1 over TLS on TCP
 	DiscoverConnect   = "connect"    // HTTPS CONNECT proxy, HTTP/1.1 and h2, on a proxy name
 	DiscoverConnectH3 = "connect-h3" // HTTP/3 CONNECT proxy on a proxy name
+	// The carriers of tp/1's QUIC connection over TCP (docs/PROTOCOL.md,
+	// "Carriers"): a TLS stream with ALPN "tp-carrier/1", a WebSocket at URL.
+	DiscoverCarrierTLS  = "carrier-tls"
+	DiscoverCarrierWS   = "carrier-ws"
+	DiscoverCarrierHTTP = "carrier-http"
 )
 
 // AuthDeviceCertificate says a transport needs the device's TLS client

@@ -1,0 +1,294 @@
+package clients
+
+// Moving a live QUIC connection to another carrier (docs/PROTOCOL.md,
+// "Carriers"): when the carrier under the Dialer's connection stops
+// delivering (packets go out, nothing comes back for CarrierStall), the Dialer
+// opens the next carrier of FallbackCarriers, adds it to the connection as a
+// the socket under the connection (movingConn). The connection, its streams and
+// datagram flows continue; the server sees the client at a new address and
+// migrates as it does for NAT rebinding.
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// DefaultCarrierStall is Dialer.CarrierStall when zero.
+const DefaultCarrierStall = 3 * time.Second
+
+// carrierSwitch is one move of the connection.
+type carrierSwitch struct{ kind string }
+
+func (d *Dialer) carrierStall() time.Duration {
+	if d.CarrierStall > 0 {
+		return d.CarrierStall
+	}
+	return DefaultCarrierStall
+}
+
+// watchCarrier runs while conn lives when FallbackCarriers is set: it samples
+// conn's packet counters and moves conn on when its carrier stalls.
+func (d *Dialer) watchCarrier(conn *quic.Conn) {
+	ctx := conn.Context()
+	next := 0
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	st := conn.ConnectionStats()
+	lastRecv, sentAtRecv, recvAt := st.PacketsReceived, st.PacketsSent, time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		st = conn.ConnectionStats()
+		if st.PacketsReceived != lastRecv {
+			lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
+			continue
+		}
+		if st.PacketsSent == sentAtRecv || time.Since(recvAt) < d.carrierStall() {
+			continue
+		}
+		if next >= len(d.fallbacks()) {
+			d.logf("tp: the %s carrier stopped delivering and no further carrier is left to try", d.currentCarrier())
+			return
+		}
+		kind := d.fallbacks()[next]
+		next++
+		start := time.Now()
+		if err := d.moveTo(ctx, conn, kind); err != nil {
+			d.logf("tp: the %s carrier stopped delivering; moving to %s failed: %v", d.currentCarrier(), kind, err)
+			continue
+		}
+		d.logf("tp: the carrier stopped delivering; the connection moved to %s in %s", kind, time.Since(start).Round(time.Millisecond))
+		d.rememberCarrier(kind)
+		st = conn.ConnectionStats()
+		lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
+	}
+}
+
+// moveTo opens carrier kind and makes the Dialer's packet conn send and
+// receive over it from now on.
+func (d *Dialer) moveTo(ctx context.Context, _ *quic.Conn, kind string) error {
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	q := &d.quic
+	q.mu.Lock()
+	mc, _ := q.udp.(*movingConn)
+	q.mu.Unlock()
+	if mc == nil {
+		return fmt.Errorf("the connection cannot move: it does not run on a movable packet conn")
+	}
+	dial, err := d.carrierDialer(kind)
+	if err != nil {
+		return err
+	}
+	cc, err := newCarrierConn(ctx, kind, d.Server, dial)
+	if err != nil {
+		return err
+	}
+	mc.moveTo(cc)
+	q.mu.Lock()
+	q.moves = append(q.moves, carrierSwitch{kind: kind})
+	q.mu.Unlock()
+	return nil
+}
+
+// movingConn is the packet conn of a Dialer with FallbackCarriers: UDP until
+// moveTo, then the carrier's conn. quic-go sees one socket whose packets now
+// leave from elsewhere; the server sees the client at a new address (the
+// carrier session's) and migrates, validating the new path, as after a NAT
+// rebinding. (quic-go's own Conn.AddPath cannot do this: it sends path probes
+// only while the congestion window lets it send, which a connection whose
+// path died with data in flight never does again.)
+//
+// It wraps the UDP socket, so quic-go on the client loses GSO and batched
+// reads (carrier "udp" without fallback keeps them).
+type movingConn struct {
+	udp    *net.UDPConn
+	server net.Addr // what reads from a carrier say they came from
+
+	mu      sync.Mutex
+	carrier *carrierConn
+	rdl     time.Time
+}
+
+func (m *movingConn) current() *carrierConn {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.carrier
+}
+
+func (m *movingConn) moveTo(cc *carrierConn) {
+	m.mu.Lock()
+	old := m.carrier
+	m.carrier = cc
+	_ = cc.SetReadDeadline(m.rdl)
+	m.mu.Unlock()
+	if old != nil {
+		_ = old.Close()
+	}
+	_ = m.udp.SetReadDeadline(time.Unix(1, 0)) // a reader waiting on UDP looks again
+}
+
+func (m *movingConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	for {
+		if cc := m.current(); cc != nil {
+			n, _, err := cc.ReadFrom(b)
+			if errors.Is(err, net.ErrClosed) && m.current() != cc {
+				continue // moved on again
+			}
+			return n, m.server, err
+		}
+		n, addr, err := m.udp.ReadFrom(b)
+		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			m.mu.Lock()
+			moved, dl := m.carrier != nil, m.rdl
+			m.mu.Unlock()
+			if moved || dl.IsZero() || time.Now().Before(dl) {
+				continue
+			}
+		}
+		return n, addr, err
+	}
+}
+
+func (m *movingConn) WriteTo(b []byte, addr net.Addr) (int, error) {
+	if cc := m.current(); cc != nil {
+		return cc.WriteTo(b, addr)
+	}
+	return m.udp.WriteTo(b, addr)
+}
+
+func (m *movingConn) SetReadDeadline(t time.Time) error {
+	m.mu.Lock()
+	m.rdl = t
+	cc := m.carrier
+	m.mu.Unlock()
+	if cc != nil {
+		_ = cc.SetReadDeadline(t)
+	}
+	return m.udp.SetReadDeadline(t)
+}
+
+func (m *movingConn) Close() error {
+	if cc := m.current(); cc != nil {
+		_ = cc.Close()
+	}
+	return m.udp.Close()
+}
+
+func (m *movingConn) SetDeadline(t time.Time) error      { return m.SetReadDeadline(t) }
+func (m *movingConn) SetWriteDeadline(t time.Time) error { return m.udp.SetWriteDeadline(t) }
+func (m *movingConn) LocalAddr() net.Addr                { return m.udp.LocalAddr() }
+
+// DefaultCarrierUDPTry bounds the first handshake over UDP when the Dialer
+// has carriers to fall back to.
+const DefaultCarrierUDPTry = 2 * time.Second
+
+// fallbacks are the carriers the connection may move to: FallbackCarriers, or
+// tls, ws, then http for carrier "auto".
+func (d *Dialer) fallbacks() []string {
+	if len(d.FallbackCarriers) == 0 && d.Carrier == CarrierAuto {
+		return []string{wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP}
+	}
+	return d.FallbackCarriers
+}
+
+// dialFallingBack dials over tr; with fallbacks, a first handshake over UDP
+// that gets no answer within DefaultCarrierUDPTry is tried again over each
+// fallback carrier in turn, on the same socket (movingConn), moved first.
+func (d *Dialer) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr net.Addr, cfg *tls.Config, qcfg *quic.Config) (*quic.Conn, error) {
+	mc, _ := tr.Conn.(*movingConn)
+	if mc == nil || mc.current() != nil {
+		return tr.Dial(ctx, raddr, cfg, qcfg)
+	}
+	fallbacks := d.fallbacks()
+	var errs []error
+	// A carrier that worked here recently is tried first, without the UDP try.
+	if kind := d.cachedCarrier(); kind != "" && slices.Contains(fallbacks, kind) {
+		if err := d.moveTo(ctx, nil, kind); err == nil {
+			conn, err := tr.Dial(ctx, raddr, cfg, qcfg)
+			if err == nil || ctx.Err() != nil {
+				return conn, err
+			}
+			errs = append(errs, fmt.Errorf("over %s (remembered): %w", kind, err))
+		}
+		fallbacks = slices.DeleteFunc(slices.Clone(fallbacks), func(k string) bool { return k == kind })
+	} else {
+		uctx, cancel := context.WithTimeout(ctx, DefaultCarrierUDPTry)
+		conn, err := tr.Dial(uctx, raddr, cfg, qcfg)
+		cancel()
+		if err == nil {
+			d.rememberCarrier(wire.CarrierUDP)
+		}
+		if err == nil || ctx.Err() != nil || !(uctx.Err() != nil || errors.As(err, new(*quic.HandshakeTimeoutError))) {
+			return conn, err
+		}
+		errs = append(errs, fmt.Errorf("over udp: %w", err))
+	}
+	for _, kind := range fallbacks {
+		if err := d.moveTo(ctx, nil, kind); err != nil {
+			errs = append(errs, fmt.Errorf("over %s: %w", kind, err))
+			continue
+		}
+		conn, err := tr.Dial(ctx, raddr, cfg, qcfg)
+		if err == nil {
+			d.logf("tp: no answer over UDP; connected over the %s carrier", kind)
+			d.rememberCarrier(kind)
+			return conn, nil
+		}
+		errs = append(errs, fmt.Errorf("over %s: %w", kind, err))
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, errors.Join(errs...)
+}
+
+// cachedCarrier is the carrier remembered for the server in the Dialer's
+// Cache (under "carrier:" + Server, beside the transport), "" when none.
+func (d *Dialer) cachedCarrier() string {
+	if d.Cache == nil {
+		return ""
+	}
+	return d.Cache.Get("carrier:" + d.Server)
+}
+
+func (d *Dialer) rememberCarrier(kind string) {
+	if d.Cache != nil {
+		_ = d.Cache.Put("carrier:"+d.Server, kind) // an unwritable cache only costs a UDP try
+	}
+}
+
+// currentCarrier is the carrier the connection uses now.
+func (d *Dialer) currentCarrier() string {
+	q := &d.quic
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if n := len(q.moves); n > 0 {
+		return q.moves[n-1].kind
+	}
+	return d.carrier()
+}
+
+// CurrentCarrier is the carrier the Dialer's QUIC connection uses now: its
+// Carrier, or the last one it moved to.
+func (d *Dialer) CurrentCarrier() string { return d.currentCarrier() }
+
+func (d *Dialer) logf(format string, args ...any) {
+	if d.Logf != nil {
+		d.Logf(format, args...)
+	}
+}

@@ -1,0 +1,501 @@
+package proxy
+
+// Carriers (docs/PROTOCOL.md, "Carriers"): the server's QUIC transport reads
+// from a carrierMux, which merges the UDP socket's datagrams with the QUIC
+// packets that arrive over the stream carriers (a TLS stream with ALPN
+// "tp-carrier/1", a WebSocket on the website side). Each carrier session gets a
+// virtual address of its own, so quic-go sees one more client address, and a
+// client that moves from UDP to a carrier (or from one carrier session to the
+// next) keeps its QUIC connection: quic-go sees the new address as a migration
+// and validates the path. The QUIC handshake still requires the device
+// certificate: a carrier moves packets and decides nothing.
+//
+// The UDP path stays what it was: carrierMux offers quic-go the socket's own
+// batched reads (recvmmsg), GSO, ECN and DF, and only packets for a virtual
+// address take the carrier route. A carrier packet that arrives while the
+// reader waits on the socket interrupts the wait with a read deadline in the
+// past (a netpoller operation, no system call).
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/net/ipv4"
+
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// CarrierOptions bounds the stream carriers. Zero values take the defaults.
+type CarrierOptions struct {
+	// MaxSessions bounds the carrier sessions (TLS streams and WebSockets) open
+	// at once over all clients; a further one is refused. Default 1024.
+	MaxSessions int
+	// Idle ends a carrier session that carried no packet for this long. QUIC's
+	// keepalives (15 s) keep a live one busy. Default 2 minutes.
+	Idle time.Duration
+}
+
+const (
+	defaultCarrierSessions = 1024
+	defaultCarrierIdle     = 2 * time.Minute
+	// carrierOutQueue bounds the packets waiting to be written to one carrier
+	// session (server → client): beyond it packets are dropped, which QUIC's
+	// congestion control reads as loss. 128 × 1500 octets = 192 KiB per session.
+	carrierOutQueue = 128
+	// carrierInQueue bounds the packets from all carriers waiting for quic-go
+	// to read them (client → server), 1.5 MiB in all.
+	carrierInQueue = 1024
+)
+
+func (o CarrierOptions) withDefaults() CarrierOptions {
+	if o.MaxSessions <= 0 {
+		o.MaxSessions = defaultCarrierSessions
+	}
+	if o.Idle <= 0 {
+		o.Idle = defaultCarrierIdle
+	}
+	return o
+}
+
+// carrierPrefix is the network of the carriers' virtual addresses: 100::/64, the
+// IPv6 discard-only prefix (RFC 6666), which no real packet comes from. The low
+// 64 bits are random per session; the port names the carrier.
+var carrierPrefix = [8]byte{0x01, 0x00}
+
+func isCarrierIP(ip net.IP) bool {
+	return len(ip) == net.IPv6len && [8]byte(ip[:8]) == carrierPrefix
+}
+
+var carrierPorts = map[string]int{wire.CarrierTLS: 1, wire.CarrierWS: 2, wire.CarrierHTTP: 3}
+
+var carrierBufs = sync.Pool{New: func() any { b := make([]byte, wire.MaxCarrierPacket); return &b }}
+
+func getCarrierBuf() *[]byte  { return carrierBufs.Get().(*[]byte) }
+func putCarrierBuf(b *[]byte) { *b = (*b)[:cap(*b)]; carrierBufs.Put(b) }
+
+type carrierPacket struct {
+	buf  *[]byte
+	n    int
+	from *net.UDPAddr
+}
+
+// carrierSession is one client's carrier link as the mux sees it.
+type carrierSession struct {
+	addr   *net.UDPAddr
+	kind   string
+	remote string        // the real peer (TCP address), for logs
+	out    chan *[]byte  // server → client, bounded (carrierOutQueue)
+	done   chan struct{} // closed when the session ends
+	last   atomic.Int64  // unix nanoseconds of the last packet either way
+	in, o  atomic.Int64  // packets each way
+	drops  atomic.Int64  // packets to the client dropped with out full
+	closed sync.Once
+}
+
+func (cs *carrierSession) touch() { cs.last.Store(time.Now().UnixNano()) }
+
+// carrierMux is the PacketConn under the server's QUIC transport; it satisfies
+// quic.OOBCapablePacketConn and ReadBatch, so that quic-go keeps its fast path
+// on the UDP socket.
+type carrierMux struct {
+	udp   *net.UDPConn
+	batch *ipv4.PacketConn
+	opts  CarrierOptions
+	log   *slog.Logger
+
+	mu       sync.Mutex
+	queue    []carrierPacket // client → server packets from carriers (carrierInQueue)
+	reading  bool            // ReadBatch is waiting on the socket
+	poked    bool            // and its wait was interrupted
+	deadline time.Time       // the read deadline quic-go set
+	closed   bool
+	sessions map[netip.Addr]*carrierSession
+
+	inDrops atomic.Int64 // carrier packets dropped with the queue full
+}
+
+func newCarrierMux(udp *net.UDPConn, opts CarrierOptions, log *slog.Logger) *carrierMux {
+	return &carrierMux{
+		udp:      udp,
+		batch:    ipv4.NewPacketConn(udp),
+		opts:     opts.withDefaults(),
+		log:      log,
+		sessions: make(map[netip.Addr]*carrierSession),
+	}
+}
+
+var errCarrierBusy = errors.New("too many carrier sessions")
+
+// open starts a carrier session for a client whose real address is remote.
+func (m *carrierMux) open(kind, remote string) (*carrierSession, error) {
+	var id [16]byte
+	copy(id[:8], carrierPrefix[:])
+	_, _ = rand.Read(id[8:])
+	cs := &carrierSession{
+		addr:   &net.UDPAddr{IP: net.IP(id[:]), Port: carrierPorts[kind]},
+		kind:   kind,
+		remote: remote,
+		out:    make(chan *[]byte, carrierOutQueue),
+		done:   make(chan struct{}),
+	}
+	cs.touch()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, net.ErrClosed
+	}
+	if len(m.sessions) >= m.opts.MaxSessions {
+		return nil, errCarrierBusy
+	}
+	m.sessions[netip.AddrFrom16(id)] = cs
+	return cs, nil
+}
+
+// end removes cs; packets for its address are dropped from now on.
+func (m *carrierMux) end(cs *carrierSession) {
+	cs.closed.Do(func() {
+		m.mu.Lock()
+		delete(m.sessions, netip.AddrFrom16([16]byte(cs.addr.IP)))
+		m.mu.Unlock()
+		close(cs.done)
+		for {
+			select {
+			case b := <-cs.out:
+				putCarrierBuf(b)
+			default:
+				return
+			}
+		}
+	})
+}
+
+// deliver queues a packet that cs received for quic-go; it takes buf.
+func (m *carrierMux) deliver(cs *carrierSession, buf *[]byte, n int) {
+	cs.touch()
+	cs.in.Add(1)
+	m.mu.Lock()
+	if m.closed || len(m.queue) >= carrierInQueue {
+		m.mu.Unlock()
+		m.inDrops.Add(1)
+		putCarrierBuf(buf)
+		return
+	}
+	m.queue = append(m.queue, carrierPacket{buf: buf, n: n, from: cs.addr})
+	if m.reading && !m.poked {
+		m.poked = true
+		_ = m.udp.SetReadDeadline(time.Unix(1, 0))
+	}
+	m.mu.Unlock()
+}
+
+// ReadBatch gives quic-go the queued carrier packets, or else a batch from the
+// UDP socket. Datagrams that claim a carrier address are dropped.
+func (m *carrierMux) ReadBatch(ms []ipv4.Message, flags int) (int, error) {
+	for {
+		m.mu.Lock()
+		if len(m.queue) > 0 {
+			n := 0
+			for n < len(ms) && n < len(m.queue) {
+				p := m.queue[n]
+				ms[n].N = copy(ms[n].Buffers[0], (*p.buf)[:p.n])
+				ms[n].NN, ms[n].Flags, ms[n].Addr = 0, 0, p.from
+				putCarrierBuf(p.buf)
+				n++
+			}
+			rest := copy(m.queue, m.queue[n:])
+			clear(m.queue[rest:])
+			m.queue = m.queue[:rest]
+			m.mu.Unlock()
+			return n, nil
+		}
+		if m.closed {
+			m.mu.Unlock()
+			return 0, net.ErrClosed
+		}
+		if !m.deadline.IsZero() && !time.Now().Before(m.deadline) {
+			m.mu.Unlock()
+			return 0, os.ErrDeadlineExceeded
+		}
+		m.reading = true
+		m.mu.Unlock()
+
+		n, err := m.batch.ReadBatch(ms, flags)
+
+		m.mu.Lock()
+		m.reading = false
+		if m.poked {
+			m.poked = false
+			_ = m.udp.SetReadDeadline(m.deadline)
+			if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+				m.mu.Unlock()
+				continue // interrupted for a carrier packet, or quic-go's own deadline: the loop looks
+			}
+		}
+		m.mu.Unlock()
+		if err != nil {
+			return n, err
+		}
+		// A datagram whose source claims a carrier address (spoofed) is
+		// emptied: quic-go ignores an empty packet. (Messages stay in place:
+		// quic-go pairs each with its own buffer.)
+		for i := range n {
+			if a, ok := ms[i].Addr.(*net.UDPAddr); ok && isCarrierIP(a.IP) {
+				ms[i].N = 0
+			}
+		}
+		return n, nil
+	}
+}
+
+// WriteMsgUDP sends a packet (or a GSO batch of packets) to addr: the socket for
+// a real address, the carrier session for a virtual one.
+func (m *carrierMux) WriteMsgUDP(b, oob []byte, addr *net.UDPAddr) (int, int, error) {
+	if addr != nil && isCarrierIP(addr.IP) {
+		m.toCarrier(b, gsoSize(oob), addr)
+		return len(b), len(oob), nil
+	}
+	return m.udp.WriteMsgUDP(b, oob, addr)
+}
+
+func (m *carrierMux) WriteTo(b []byte, addr net.Addr) (int, error) {
+	if a, ok := addr.(*net.UDPAddr); ok && isCarrierIP(a.IP) {
+		m.toCarrier(b, 0, a)
+		return len(b), nil
+	}
+	return m.udp.WriteTo(b, addr)
+}
+
+// toCarrier splits b into packets of seg octets (all of b when seg is 0) and
+// queues them on the session of addr; without one, or with its queue full,
+// they are dropped (QUIC reads that as loss).
+func (m *carrierMux) toCarrier(b []byte, seg int, addr *net.UDPAddr) {
+	m.mu.Lock()
+	cs := m.sessions[netip.AddrFrom16([16]byte(addr.IP))]
+	m.mu.Unlock()
+	if cs == nil {
+		return
+	}
+	if seg <= 0 {
+		seg = len(b)
+	}
+	for len(b) > 0 {
+		n := min(seg, len(b))
+		p := b[:n]
+		b = b[n:]
+		if len(p) > wire.MaxCarrierPacket {
+			cs.drops.Add(1)
+			continue
+		}
+		buf := getCarrierBuf()
+		*buf = (*buf)[:copy(*buf, p)]
+		select {
+		case cs.out <- buf:
+			cs.o.Add(1)
+		default:
+			putCarrierBuf(buf)
+			cs.drops.Add(1)
+		}
+	}
+}
+
+// ReadMsgUDP reads one packet (quic-go uses ReadBatch; this completes the interface).
+func (m *carrierMux) ReadMsgUDP(b, oob []byte) (n, oobn, flags int, addr *net.UDPAddr, err error) {
+	ms := []ipv4.Message{{Buffers: [][]byte{b}, OOB: oob}}
+	if _, err := m.ReadBatch(ms, 0); err != nil {
+		return 0, 0, 0, nil, err
+	}
+	a, _ := ms[0].Addr.(*net.UDPAddr)
+	return ms[0].N, ms[0].NN, ms[0].Flags, a, nil
+}
+
+func (m *carrierMux) ReadFrom(b []byte) (int, net.Addr, error) {
+	n, _, _, a, err := m.ReadMsgUDP(b, nil)
+	return n, a, err
+}
+
+func (m *carrierMux) SetReadDeadline(t time.Time) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.deadline = t
+	if m.reading && m.poked {
+		return nil // ReadBatch restores it once it returns
+	}
+	if m.reading && !t.IsZero() && !time.Now().Before(t) {
+		m.poked = true
+	}
+	return m.udp.SetReadDeadline(t)
+}
+
+func (m *carrierMux) SetDeadline(t time.Time) error {
+	_ = m.udp.SetWriteDeadline(t)
+	return m.SetReadDeadline(t)
+}
+
+func (m *carrierMux) SetWriteDeadline(t time.Time) error { return m.udp.SetWriteDeadline(t) }
+func (m *carrierMux) LocalAddr() net.Addr                { return m.udp.LocalAddr() }
+func (m *carrierMux) SyscallConn() (syscall.RawConn, error) {
+	return m.udp.SyscallConn()
+}
+func (m *carrierMux) SetReadBuffer(n int) error  { return m.udp.SetReadBuffer(n) }
+func (m *carrierMux) SetWriteBuffer(n int) error { return m.udp.SetWriteBuffer(n) }
+
+// Close ends every carrier session and closes the socket.
+func (m *carrierMux) Close() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
+	sessions := make([]*carrierSession, 0, len(m.sessions))
+	for _, cs := range m.sessions {
+		sessions = append(sessions, cs)
+	}
+	for _, p := range m.queue {
+		putCarrierBuf(p.buf)
+	}
+	m.queue = nil
+	m.mu.Unlock()
+	for _, cs := range sessions {
+		m.end(cs)
+	}
+	return m.udp.Close()
+}
+
+// carrierLink is one client's carrier connection as a packet pipe.
+type carrierLink interface {
+	readPacket(ctx context.Context, b []byte) (int, error)
+	writePacket(ctx context.Context, b []byte) error
+	flush() error // sends what writePacket buffered
+	close()
+}
+
+// serveCarrier moves packets between link and the mux until either side ends,
+// the link idles for opts.Idle, or ctx ends.
+func (m *carrierMux) serveCarrier(ctx context.Context, kind, remote string, link carrierLink) error {
+	cs, err := m.open(kind, remote)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { // server → client
+		defer wg.Done()
+		for {
+			select {
+			case b := <-cs.out:
+				err := link.writePacket(ctx, *b)
+				putCarrierBuf(b)
+				if err == nil && len(cs.out) == 0 {
+					err = link.flush()
+				}
+				if err != nil {
+					cancel(err)
+					return
+				}
+				cs.touch()
+			case <-cs.done:
+				cancel(nil)
+				return
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	go func() { // the idle bound
+		defer wg.Done()
+		t := time.NewTicker(min(m.opts.Idle/4, 15*time.Second))
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				if time.Since(time.Unix(0, cs.last.Load())) > m.opts.Idle {
+					cancel(errors.New("carrier idle"))
+					return
+				}
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	stop := context.AfterFunc(ctx, link.close)
+	defer stop()
+	var rerr error
+	for {
+		buf := getCarrierBuf()
+		n, err := link.readPacket(ctx, *buf)
+		if err != nil {
+			putCarrierBuf(buf)
+			rerr = err
+			break
+		}
+		m.deliver(cs, buf, n)
+	}
+	cancel(rerr)
+	link.close()
+	m.end(cs)
+	wg.Wait()
+	m.log.Info("carrier session", "carrier", kind, "remote", remote, "addr", cs.addr.String(),
+		"packets_in", cs.in.Load(), "packets_out", cs.o.Load(), "dropped_out", cs.drops.Load(),
+		"duration", time.Since(start), "end", carrierEnd(context.Cause(ctx)))
+	return nil
+}
+
+func carrierEnd(err error) string {
+	switch {
+	case err == nil:
+		return "closed"
+	case errors.Is(err, net.ErrClosed), errors.Is(err, context.Canceled):
+		return "closed"
+	default:
+		return err.Error()
+	}
+}
+
+// carrierMux returns the mux of the QUIC server, nil while QUIC is not served
+// on a UDP socket.
+func (s *Server) carrierMux() *carrierMux { return s.carriers.Load() }
+
+// carrierRemote maps a carrier session's virtual address to the address its
+// carrier connection came from (the TCP peer: for ws and http behind a CDN or
+// reverse proxy, that proxy's address).
+func (s *Server) carrierRemote(a net.Addr) (string, bool) {
+	ua, ok := a.(*net.UDPAddr)
+	if !ok || !isCarrierIP(ua.IP) {
+		return "", false
+	}
+	m := s.carrierMux()
+	if m == nil {
+		return "", false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	cs := m.sessions[netip.AddrFrom16([16]byte(ua.IP))]
+	if cs == nil {
+		return "", false
+	}
+	return cs.remote, true
+}
+
+// CarrierSessions reports the carrier sessions open now (for tests and monitoring).
+func (s *Server) CarrierSessions() int {
+	m := s.carrierMux()
+	if m == nil {
+		return 0
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.sessions)
+}

@@ -1,0 +1,191 @@
+package proxy
+
+// The http carrier's server end (docs/PROTOCOL.md §9.8): POST requests at
+// wire.CarrierHTTPPath carry client → server packets in their bodies and get
+// server → client packets in their responses, both in the tls carrier's
+// framing. A session is named by the client's random ID (header
+// wire.CarrierSessionHeader); the first request with an unknown ID opens one.
+// A request without packets is held up to carrierPollHold while the session
+// has nothing to send.
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"io"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+const (
+	// carrierPollHold is how long an empty poll waits for a packet.
+	carrierPollHold = time.Second
+	// carrierHTTPConcurrent bounds the requests in flight per session.
+	carrierHTTPConcurrent = 4
+)
+
+type httpCarrierSession struct {
+	cs       *carrierSession
+	inflight chan struct{} // a slot per request in flight
+}
+
+// httpCarriers are the http carrier's sessions by ID.
+type httpCarriers struct {
+	mu       sync.Mutex
+	m        *carrierMux // the mux the sessions belong to
+	sessions map[string]*httpCarrierSession
+}
+
+func (h *httpCarriers) get(m *carrierMux, id, remote string) (_ *httpCarrierSession, created bool, _ error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.m != m { // a new QUIC server: the old sessions are gone with its mux
+		h.m, h.sessions = m, make(map[string]*httpCarrierSession)
+	}
+	if s := h.sessions[id]; s != nil {
+		select {
+		case <-s.cs.done:
+			delete(h.sessions, id)
+		default:
+			return s, false, nil
+		}
+	}
+	cs, err := m.open(wire.CarrierHTTP, remote)
+	if err != nil {
+		return nil, false, err
+	}
+	s := &httpCarrierSession{cs: cs, inflight: make(chan struct{}, carrierHTTPConcurrent)}
+	h.sessions[id] = s
+	go h.expire(m, id, s)
+	return s, true, nil
+}
+
+// expire ends a session that saw no request for the mux's idle bound.
+func (h *httpCarriers) expire(m *carrierMux, id string, s *httpCarrierSession) {
+	t := time.NewTicker(min(m.opts.Idle/4, 15*time.Second))
+	defer t.Stop()
+	for {
+		select {
+		case <-s.cs.done:
+		case <-t.C:
+			if time.Since(time.Unix(0, s.cs.last.Load())) <= m.opts.Idle || len(s.inflight) > 0 {
+				continue
+			}
+			m.end(s.cs)
+		}
+		h.mu.Lock()
+		if h.sessions[id] == s {
+			delete(h.sessions, id)
+		}
+		h.mu.Unlock()
+		return
+	}
+}
+
+// serveCarrierHTTP serves one request of the http carrier.
+func (s *Server) serveCarrierHTTP(w http.ResponseWriter, r *http.Request) {
+	m := s.carrierMux()
+	if m == nil {
+		http.Error(w, "the http carrier needs QUIC, which this TP server does not serve", http.StatusServiceUnavailable)
+		return
+	}
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", "POST")
+		http.Error(w, "the http carrier takes POST requests", http.StatusMethodNotAllowed)
+		return
+	}
+	id := r.Header.Get(wire.CarrierSessionHeader)
+	if !wire.ValidCarrierSession(id) {
+		http.Error(w, "the http carrier needs a session ID of 32 hex digits in "+wire.CarrierSessionHeader, http.StatusBadRequest)
+		return
+	}
+	// The body is read whole, within its bound, before a session is touched.
+	body, err := io.ReadAll(io.LimitReader(r.Body, wire.MaxCarrierBody+1))
+	if err != nil {
+		http.Error(w, "reading the request body: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if len(body) > wire.MaxCarrierBody {
+		http.Error(w, "the request body is longer than the http carrier allows", http.StatusRequestEntityTooLarge)
+		return
+	}
+	packets, err := splitCarrierFrames(body)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	hs, created, err := s.httpCarriers.get(m, id, r.RemoteAddr)
+	if err != nil {
+		http.Error(w, "too many carrier sessions; try again later", http.StatusServiceUnavailable)
+		return
+	}
+	select {
+	case hs.inflight <- struct{}{}:
+		defer func() { <-hs.inflight }()
+	default:
+		http.Error(w, "too many requests in flight for this carrier session", http.StatusTooManyRequests)
+		return
+	}
+	cs := hs.cs
+	cs.touch()
+	for _, p := range packets {
+		buf := getCarrierBuf()
+		n := copy(*buf, p)
+		m.deliver(cs, buf, n)
+	}
+
+	// The answer: what the session has queued now; for a request without
+	// packets, the first packet within carrierPollHold (not for the request
+	// that opened the session: the client waits for that one).
+	var out bytes.Buffer
+	take := func(b *[]byte) {
+		_ = wire.WriteCarrierFrame(&out, *b, nil)
+		putCarrierBuf(b)
+		cs.o.Add(1)
+	}
+	if len(packets) == 0 && !created && len(cs.out) == 0 {
+		t := time.NewTimer(carrierPollHold)
+		select {
+		case b := <-cs.out:
+			take(b)
+		case <-t.C:
+		case <-cs.done:
+		case <-r.Context().Done():
+		}
+		t.Stop()
+	}
+	for out.Len() < wire.MaxCarrierBody-2-wire.MaxCarrierPacket {
+		select {
+		case b := <-cs.out:
+			take(b)
+			continue
+		default:
+		}
+		break
+	}
+	cs.touch()
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Cache-Control", "no-store")
+	_, _ = w.Write(out.Bytes())
+}
+
+// splitCarrierFrames splits a body into its packets; a frame that breaks the
+// framing fails the whole body (nothing of it is delivered).
+func splitCarrierFrames(body []byte) ([][]byte, error) {
+	var packets [][]byte
+	r := bufio.NewReader(bytes.NewReader(body))
+	buf := make([]byte, wire.MaxCarrierPacket)
+	for {
+		n, err := wire.ReadCarrierFrame(r, buf)
+		if errors.Is(err, io.EOF) {
+			return packets, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		packets = append(packets, bytes.Clone(buf[:n]))
+	}
+}
