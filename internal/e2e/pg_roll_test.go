@@ -193,7 +193,7 @@ func TestPGRollingRestart(t *testing.T) {
 		stop                                   atomic.Bool
 		completed, refused, aborted, truncated atomic.Int64
 		mu                                     sync.Mutex
-		truncations, abortMsgs                 []string
+		truncations, abortMsgs, refuseMsgs     []string
 		wg                                     sync.WaitGroup
 	)
 	for range rollDialer {
@@ -205,6 +205,11 @@ func TestPGRollingRestart(t *testing.T) {
 					completed.Add(1)
 				case rollRefused:
 					refused.Add(1)
+					mu.Lock()
+					if len(refuseMsgs) < 5 {
+						refuseMsgs = append(refuseMsgs, msg)
+					}
+					mu.Unlock()
 					time.Sleep(100 * time.Millisecond) // a dialer's retry after a clean refusal
 				case rollAborted:
 					aborted.Add(1)
@@ -267,6 +272,9 @@ func TestPGRollingRestart(t *testing.T) {
 
 	t.Logf("rolling restart of 3 instances under %d dialers: %d transfers completed with matching checksums, %d refused before any byte and retried, %d aborted mid-transfer (tp exited with an error), %d silent truncations",
 		rollDialer, completed.Load(), refused.Load(), aborted.Load(), truncated.Load())
+	for _, m := range refuseMsgs {
+		t.Logf("a refusal as tp printed it: %s", m)
+	}
 	for _, m := range abortMsgs {
 		t.Logf("an abort as tp printed it: %s", m)
 	}
