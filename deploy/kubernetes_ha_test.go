@@ -176,6 +176,9 @@ func TestKubernetesHAManifestFitsTogether(t *testing.T) {
 				continue
 			}
 			if sp.Port == 443 && cp.ContainerPort == listenPort {
+				if svc.Spec.SessionAffinity != corev1.ServiceAffinityClientIP {
+					t.Errorf("Service %s serves 443 without sessionAffinity: ClientIP: an agent over TLS would have its session pickups sent to replicas that do not hold its control session", svc.Name)
+				}
 				tcp443 = tcp443 || sp.Protocol == corev1.ProtocolTCP
 				udp443 = udp443 || sp.Protocol == corev1.ProtocolUDP
 			}

@@ -252,13 +252,19 @@ func TestPGPeerThreeInstances(t *testing.T) {
 }
 
 // frontDoor is a TCP load balancer in front of tpd instances: each
-// connection goes to the first backend that accepts it; while shut it accepts
-// and closes connections at once (the network between clients and tpd is down).
+// connection goes to the first backend that accepts it (with spread, starting
+// at the next backend in turn; with sticky, at the backend the last connection
+// reached, as a balancer with client affinity does); while shut it accepts and closes connections
+// at once (the network between clients and tpd is down). A backend's reset
+// reaches the client as a reset, as through a real L4 balancer.
 type frontDoor struct {
 	ln       net.Listener
 	mu       sync.Mutex
 	backends []string
 	shut     bool
+	spread   bool
+	sticky   bool
+	next     int
 }
 
 func newFrontDoor(t *testing.T, backends ...string) *frontDoor {
@@ -283,22 +289,49 @@ func newFrontDoor(t *testing.T, backends ...string) *frontDoor {
 
 func (f *frontDoor) set(shut bool) { f.mu.Lock(); f.shut = shut; f.mu.Unlock() }
 
+// mode makes the balancer spread connections over its backends or keep them
+// on the one it last reached (see frontDoor).
+func (f *frontDoor) mode(spread, sticky bool) {
+	f.mu.Lock()
+	f.spread, f.sticky = spread, sticky
+	f.mu.Unlock()
+}
+
 func (f *frontDoor) serve(c net.Conn) {
 	defer c.Close()
 	f.mu.Lock()
-	shut, backends := f.shut, slices.Clone(f.backends)
+	shut, backends, sticky := f.shut, slices.Clone(f.backends), f.sticky
+	if f.spread {
+		f.next++
+	}
+	k := f.next % len(backends)
+	backends = append(backends[k:], backends[:k]...)
 	f.mu.Unlock()
 	if shut {
 		return
 	}
-	for _, b := range backends {
+	for i, b := range backends {
 		up, err := net.DialTimeout("tcp", b, 5*time.Second)
 		if err != nil {
 			continue
 		}
+		if sticky {
+			f.mu.Lock()
+			f.next = (k + i) % len(backends)
+			f.mu.Unlock()
+		}
 		defer up.Close()
-		go func() { io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
-		io.Copy(c, up)
+		go func() {
+			if _, err := io.Copy(up, c); err != nil {
+				up.(*net.TCPConn).SetLinger(0) // pass the client's reset on
+				up.Close()
+				return
+			}
+			up.(*net.TCPConn).CloseWrite()
+		}()
+		if _, err := io.Copy(c, up); err != nil {
+			c.(*net.TCPConn).SetLinger(0) // pass the backend's reset on
+		}
 		return
 	}
 }
