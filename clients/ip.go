@@ -143,6 +143,7 @@ type ipSession struct {
 	wmu      sync.Mutex
 	writeCap func([]byte) error                    // one whole capsule
 	sendDg   func([]byte) error                    // one HTTP Datagram payload
+	dgStream int64                                 // the HTTP/3 request stream of sendDg
 	recvDg   func(context.Context) ([]byte, error) // nil: datagrams come as capsules
 	addrs    []netip.Prefix
 	over     string // "HTTP/3" or "HTTP/2"
@@ -265,7 +266,7 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	context.AfterFunc(ctx, func() { str.CancelRead(0); str.CancelWrite(0) })
 	s.capsules, s.over = str, "HTTP/3"
 	s.writeCap = func(b []byte) error { _, err := str.Write(b); return err }
-	s.sendDg = str.SendDatagram
+	s.sendDg, s.dgStream = str.SendDatagram, int64(str.StreamID())
 	s.recvDg = str.ReceiveDatagram
 	return func(ctx context.Context) error {
 		return t.followAddress(ctx, qc, raddr, &trMu, &transports, t.logger())
@@ -429,8 +430,10 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan []byte) error {
 		switch {
 		case errors.As(err, &tooLarge):
 			// Tell the local sender the size that fits (PMTU discovery).
-			if mtu := int(tooLarge.MaxDatagramPayloadSize) - 1; mtu >= 576 {
-				if icmp := wire.PacketTooBig(buf[1:1+n], mtu); icmp != nil {
+			pkt := buf[1 : 1+n]
+			h, herr := wire.ParseIPHeader(pkt)
+			if mtu := wire.IPPacketMTU(tooLarge.MaxDatagramPayloadSize, s.dgStream); herr == nil && mtu >= wire.PacketTooBigFloor(h.Src) {
+				if icmp := wire.PacketTooBig(pkt, mtu); icmp != nil {
 					_, _ = s.dev.Write(icmp)
 				}
 			}
