@@ -173,7 +173,8 @@ func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan 
 		follow, err = t.connectH3(ctx, s)
 	default: // auto: HTTP/3, and HTTP/2 over TLS where UDP does not get through
 		follow, err = t.connectH3(ctx, s)
-		if err != nil && !errors.Is(err, ErrIPRefused) && ctx.Err() == nil {
+		// A refused certificate is no network's fault: no fallback.
+		if err != nil && !errors.Is(err, ErrIPRefused) && !errors.Is(err, ErrCertificateRejected) && ctx.Err() == nil {
 			log.Info("CONNECT-IP over HTTP/3 failed; trying HTTP/2 over TLS", "err", err)
 			follow, err = nil, t.connectH2(ctx, s)
 		}
@@ -258,7 +259,9 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	}
 	resp, err := str.ReadResponse()
 	if err != nil {
-		return nil, fmt.Errorf("the TP server did not answer the IP tunnel request: %w", err)
+		// TLS 1.3 checks the client certificate after the client's side of
+		// the handshake: a refused one surfaces here.
+		return nil, fmt.Errorf("the TP server did not answer the IP tunnel request: %w", explainQUICErr(err))
 	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, refusal(resp)
@@ -301,7 +304,7 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 		Header: http.Header{"Capsule-Protocol": {"?1"}, ":protocol": {wire.ConnectIPProtocol}}}).WithContext(ctx)
 	resp, err := cc.RoundTrip(req)
 	if err != nil {
-		return fmt.Errorf("the TP server did not answer the IP tunnel request over HTTP/2: %w", err)
+		return fmt.Errorf("the TP server did not answer the IP tunnel request over HTTP/2: %w", explainHelloErr(err))
 	}
 	if resp.StatusCode != http.StatusOK {
 		return refusal(resp)
