@@ -1,8 +1,10 @@
 package e2e
 
 import (
+	"crypto/rand"
 	"crypto/sha256"
 	"io"
+	"net"
 	"regexp"
 	"strings"
 	"syscall"
@@ -23,6 +25,51 @@ func transferIn(t *testing.T, n *ipNet, size int, what string) {
 	}
 	if got := [32]byte(h.Sum(nil)); got != want {
 		t.Fatalf("%s: checksum %x, want %x", what, got, want)
+	}
+}
+
+// transferOut uploads size random bytes from C to S through the tunnel and
+// checks what S received against their checksum.
+func transferOut(t *testing.T, n *ipNet, size int, what string) {
+	t.Helper()
+	data := make([]byte, size)
+	_, _ = rand.Read(data)
+	var ln net.Listener
+	inNS(t, n.S, func() {
+		var err error
+		if ln, err = net.Listen("tcp", "10.201.2.2:0"); err != nil {
+			t.Error(err)
+		}
+	})
+	if ln == nil {
+		t.FailNow()
+	}
+	defer ln.Close()
+	got := make(chan [32]byte, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(2 * time.Minute))
+		h := sha256.New()
+		_, _ = io.Copy(h, c)
+		got <- [32]byte(h.Sum(nil))
+	}()
+	c := dialIn(t, n.C, ln.Addr().String())
+	_ = c.SetWriteDeadline(time.Now().Add(2 * time.Minute))
+	if _, err := c.Write(data); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	_ = c.(*net.TCPConn).CloseWrite()
+	select {
+	case sum := <-got:
+		if sum != sha256.Sum256(data) {
+			t.Fatalf("%s: the service host received other bytes", what)
+		}
+	case <-time.After(3 * time.Minute):
+		t.Fatalf("%s: the service host did not receive the whole upload", what)
 	}
 }
 
@@ -47,6 +94,16 @@ func waitTPIP(t *testing.T, log interface{ String() string }, what string, cond 
 func TestIPTunnelTPIPPathMTU(t *testing.T) {
 	n, env, _ := startIPE2E(t, "TP_IP_MTU=9000")
 	tpip := startTPIP(t, n.C, env, "--mtu", "9000")
+	// First the upload (before S learns a path MTU that would shrink the MSS
+	// it advertises): tp ip answers the client host's own 1500-byte segments
+	// with ICMP towards the local sender, and an upload completes too.
+	transferOut(t, n, 4<<20, "the upload through tun devices of MTU 9000")
+	if route := sh(t, "ip", "-n", n.C, "route", "get", "10.201.2.2"); !regexp.MustCompile(`mtu 1[0-4]\d\d`).MatchString(route) {
+		t.Fatalf("the client host's route to the service host has no path MTU learnt from tp ip's ICMP: %s", route)
+	}
+	// Forget it, so that the client host's SYN advertises the MSS of its tun
+	// MTU again and the service host sends full 1500-byte segments.
+	sh(t, "ip", "-n", n.C, "route", "flush", "cache")
 	transferIn(t, n, 4<<20, "the transfer through tun devices of MTU 9000")
 	m := scrapeIn(t, n.T, "http://127.0.0.1:9464/metrics")
 	tooBig := regexp.MustCompile(`(?m)^tp_ip_packets_dropped_total\{reason="too_big"\} ([1-9]\d*)$`).FindStringSubmatch(m)
