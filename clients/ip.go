@@ -293,8 +293,17 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 	if p := c.(*tls.Conn).ConnectionState().NegotiatedProtocol; p != "h2" {
 		return fmt.Errorf("%w: %s does not serve HTTP/2 on %s (negotiated %q); is it one of tpd's proxy-names?", ErrIPRefused, t.Server, t.ProxyName, p)
 	}
-	cc, err := (&http2.Transport{}).NewClientConn(c)
+	// TLS 1.3 checks the client certificate after the client's side of the
+	// handshake: a refused one is an alert on the first read, which http2
+	// reports only as "could not be established" or a broken pipe.
+	ac := &alertConn{Conn: c}
+	cc, err := (&http2.Transport{}).NewClientConn(ac)
 	if err != nil {
+		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		_, _ = ac.Read(make([]byte, 1)) // no read loop runs yet: see whether an alert is waiting
+		if a := ac.alert(); a != nil {
+			return fmt.Errorf("the TP server ended the TLS session: %w", explainHelloErr(a))
+		}
 		return err
 	}
 	pr, pw := io.Pipe()
@@ -304,6 +313,9 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 		Header: http.Header{"Capsule-Protocol": {"?1"}, ":protocol": {wire.ConnectIPProtocol}}}).WithContext(ctx)
 	resp, err := cc.RoundTrip(req)
 	if err != nil {
+		if a := ac.alert(); a != nil {
+			err = a
+		}
 		return fmt.Errorf("the TP server did not answer the IP tunnel request over HTTP/2: %w", explainHelloErr(err))
 	}
 	if resp.StatusCode != http.StatusOK {
@@ -556,4 +568,27 @@ func rangePrefixes(start, end netip.Addr) []netip.Prefix {
 		cur = last.Next()
 	}
 	return out
+}
+
+// alertConn remembers a TLS alert from the server among its read errors.
+type alertConn struct {
+	net.Conn
+	mu  sync.Mutex
+	err error
+}
+
+func (c *alertConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if err != nil && strings.Contains(err.Error(), "remote error: tls:") {
+		c.mu.Lock()
+		c.err = err
+		c.mu.Unlock()
+	}
+	return n, err
+}
+
+func (c *alertConn) alert() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
 }

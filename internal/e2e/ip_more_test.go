@@ -156,12 +156,18 @@ func TestIPTunnelTPIPFallsBackWhenUDPIsBlocked(t *testing.T) {
 	transferIn(t, n, 4<<20, "the transfer over the HTTP/2 fallback")
 }
 
-// `tpd revoke` of the device under a live `tp ip`: the tunnel ends, and tp ip
-// exits (no retrying forever) with a sentence saying the device was revoked
-// and what to do.
+// `tpd revoke` of the device under a live `tp ip` (over HTTP/3 and over
+// HTTP/2): the tunnel ends, and tp ip exits (no retrying forever) with a
+// sentence saying the device was revoked and what to do.
 func TestIPTunnelTPIPRevoked(t *testing.T) {
+	for _, transport := range []string{"auto", "tls"} {
+		t.Run(transport, func(t *testing.T) { testIPTunnelTPIPRevoked(t, transport) })
+	}
+}
+
+func testIPTunnelTPIPRevoked(t *testing.T, transport string) {
 	n, env, _ := startIPE2E(t)
-	tpip, exited := startTPIPProc(t, n.C, env)
+	tpip, exited := startTPIPProc(t, n.C, env, "--transport", transport)
 	if _, err := ping(t, n.C, "10.201.2.2"); err != nil {
 		t.Fatalf("ping before the revocation: %v", err)
 	}
