@@ -20,6 +20,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -304,6 +305,11 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 		if a := ac.alert(); a != nil {
 			return fmt.Errorf("the TP server ended the TLS session: %w", explainHelloErr(a))
 		}
+		if !ac.answered() {
+			// Closed before a single byte of HTTP/2 came back: the alert
+			// was lost to a reset (the preface crossed it); ask the server.
+			return fmt.Errorf("the TP server ended the TLS session: %w", &rejectedErr{err})
+		}
 		return err
 	}
 	pr, pw := io.Pipe()
@@ -315,6 +321,8 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 	if err != nil {
 		if a := ac.alert(); a != nil {
 			err = a
+		} else if !ac.answered() && ctx.Err() == nil {
+			err = &rejectedErr{err} // as above: not one byte of HTTP/2 came back
 		}
 		return fmt.Errorf("the TP server did not answer the IP tunnel request over HTTP/2: %w", explainHelloErr(err))
 	}
@@ -575,10 +583,16 @@ type alertConn struct {
 	net.Conn
 	mu  sync.Mutex
 	err error
+	got atomic.Bool // the server sent something
 }
+
+func (c *alertConn) answered() bool { return c.got.Load() }
 
 func (c *alertConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.got.Store(true)
+	}
 	if err != nil && strings.Contains(err.Error(), "remote error: tls:") {
 		c.mu.Lock()
 		c.err = err
