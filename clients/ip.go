@@ -20,6 +20,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -143,6 +144,7 @@ type ipSession struct {
 	wmu      sync.Mutex
 	writeCap func([]byte) error                    // one whole capsule
 	sendDg   func([]byte) error                    // one HTTP Datagram payload
+	dgStream int64                                 // the HTTP/3 request stream of sendDg
 	recvDg   func(context.Context) ([]byte, error) // nil: datagrams come as capsules
 	addrs    []netip.Prefix
 	over     string // "HTTP/3" or "HTTP/2"
@@ -172,7 +174,8 @@ func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan 
 		follow, err = t.connectH3(ctx, s)
 	default: // auto: HTTP/3, and HTTP/2 over TLS where UDP does not get through
 		follow, err = t.connectH3(ctx, s)
-		if err != nil && !errors.Is(err, ErrIPRefused) && ctx.Err() == nil {
+		// A refused certificate is no network's fault: no fallback.
+		if err != nil && !errors.Is(err, ErrIPRefused) && !errors.Is(err, ErrCertificateRejected) && ctx.Err() == nil {
 			log.Info("CONNECT-IP over HTTP/3 failed; trying HTTP/2 over TLS", "err", err)
 			follow, err = nil, t.connectH2(ctx, s)
 		}
@@ -257,7 +260,9 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	}
 	resp, err := str.ReadResponse()
 	if err != nil {
-		return nil, fmt.Errorf("the TP server did not answer the IP tunnel request: %w", err)
+		// TLS 1.3 checks the client certificate after the client's side of
+		// the handshake: a refused one surfaces here.
+		return nil, fmt.Errorf("the TP server did not answer the IP tunnel request: %w", explainQUICErr(err))
 	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, refusal(resp)
@@ -265,7 +270,7 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	context.AfterFunc(ctx, func() { str.CancelRead(0); str.CancelWrite(0) })
 	s.capsules, s.over = str, "HTTP/3"
 	s.writeCap = func(b []byte) error { _, err := str.Write(b); return err }
-	s.sendDg = str.SendDatagram
+	s.sendDg, s.dgStream = str.SendDatagram, int64(str.StreamID())
 	s.recvDg = str.ReceiveDatagram
 	return func(ctx context.Context) error {
 		return t.followAddress(ctx, qc, raddr, &trMu, &transports, t.logger())
@@ -289,8 +294,22 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 	if p := c.(*tls.Conn).ConnectionState().NegotiatedProtocol; p != "h2" {
 		return fmt.Errorf("%w: %s does not serve HTTP/2 on %s (negotiated %q); is it one of tpd's proxy-names?", ErrIPRefused, t.Server, t.ProxyName, p)
 	}
-	cc, err := (&http2.Transport{}).NewClientConn(c)
+	// TLS 1.3 checks the client certificate after the client's side of the
+	// handshake: a refused one is an alert on the first read, which http2
+	// reports only as "could not be established" or a broken pipe.
+	ac := &alertConn{Conn: c}
+	cc, err := (&http2.Transport{}).NewClientConn(ac)
 	if err != nil {
+		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		_, _ = ac.Read(make([]byte, 1)) // no read loop runs yet: see whether an alert is waiting
+		if a := ac.alert(); a != nil {
+			return fmt.Errorf("the TP server ended the TLS session: %w", explainHelloErr(a))
+		}
+		if !ac.answered() {
+			// Closed before a single byte of HTTP/2 came back: the alert
+			// was lost to a reset (the preface crossed it); ask the server.
+			return fmt.Errorf("the TP server ended the TLS session: %w", &rejectedErr{err})
+		}
 		return err
 	}
 	pr, pw := io.Pipe()
@@ -300,7 +319,12 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 		Header: http.Header{"Capsule-Protocol": {"?1"}, ":protocol": {wire.ConnectIPProtocol}}}).WithContext(ctx)
 	resp, err := cc.RoundTrip(req)
 	if err != nil {
-		return fmt.Errorf("the TP server did not answer the IP tunnel request over HTTP/2: %w", err)
+		if a := ac.alert(); a != nil {
+			err = a
+		} else if !ac.answered() && ctx.Err() == nil {
+			err = &rejectedErr{err} // as above: not one byte of HTTP/2 came back
+		}
+		return fmt.Errorf("the TP server did not answer the IP tunnel request over HTTP/2: %w", explainHelloErr(err))
 	}
 	if resp.StatusCode != http.StatusOK {
 		return refusal(resp)
@@ -429,8 +453,10 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan []byte) error {
 		switch {
 		case errors.As(err, &tooLarge):
 			// Tell the local sender the size that fits (PMTU discovery).
-			if mtu := int(tooLarge.MaxDatagramPayloadSize) - 1; mtu >= 576 {
-				if icmp := wire.PacketTooBig(buf[1:1+n], mtu); icmp != nil {
+			pkt := buf[1 : 1+n]
+			h, herr := wire.ParseIPHeader(pkt)
+			if mtu := wire.IPPacketMTU(tooLarge.MaxDatagramPayloadSize, s.dgStream); herr == nil && mtu >= wire.PacketTooBigFloor(h.Src) {
+				if icmp := wire.PacketTooBig(pkt, mtu); icmp != nil {
 					_, _ = s.dev.Write(icmp)
 				}
 			}
@@ -550,4 +576,33 @@ func rangePrefixes(start, end netip.Addr) []netip.Prefix {
 		cur = last.Next()
 	}
 	return out
+}
+
+// alertConn remembers a TLS alert from the server among its read errors.
+type alertConn struct {
+	net.Conn
+	mu  sync.Mutex
+	err error
+	got atomic.Bool // the server sent something
+}
+
+func (c *alertConn) answered() bool { return c.got.Load() }
+
+func (c *alertConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.got.Store(true)
+	}
+	if err != nil && strings.Contains(err.Error(), "remote error: tls:") {
+		c.mu.Lock()
+		c.err = err
+		c.mu.Unlock()
+	}
+	return n, err
+}
+
+func (c *alertConn) alert() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
 }

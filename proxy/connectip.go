@@ -189,6 +189,7 @@ type ipTunnel struct {
 	wmu      sync.Mutex // one capsule write at a time
 	writeCap func([]byte) error
 	sendDg   func([]byte) error // one HTTP Datagram payload
+	dgStream int64              // the HTTP/3 request stream whose datagrams sendDg sends
 
 	up, down rateBucket
 	pkts     [2]atomic.Int64 // up, down
@@ -470,7 +471,7 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 		defer str.Close()
 		capsules = str
 		tn.writeCap = func(b []byte) error { _, err := str.Write(b); return err }
-		tn.sendDg = str.SendDatagram
+		tn.sendDg, tn.dgStream = str.SendDatagram, int64(str.StreamID())
 		recvDg = str.ReceiveDatagram
 		context.AfterFunc(tctx, func() {
 			if abortive(context.Cause(tctx)) { // never a clean end: both directions reset
@@ -918,8 +919,7 @@ func (tn *ipTunnel) fromTun(ctx context.Context) error {
 			tn.drops.Add(1)
 			// Tell the sender on the network side (PMTU discovery); never
 			// below the minimum MTU of its family.
-			mtu := int(tooLarge.MaxDatagramPayloadSize) - 1
-			if floor := map[bool]int{true: 576, false: 1280}[h.Src.Is4()]; mtu >= floor {
+			if mtu := wire.IPPacketMTU(tooLarge.MaxDatagramPayloadSize, tn.dgStream); mtu >= wire.PacketTooBigFloor(h.Src) {
 				if icmp := wire.PacketTooBig(pkt, mtu); icmp != nil {
 					_, _ = tn.dev.Write(icmp)
 				}

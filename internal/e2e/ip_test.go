@@ -36,6 +36,7 @@ import (
 type ipNet struct {
 	C, T, S string
 	tpd     *server
+	tpdEnv  []string // tpd's environment, to restart it alike
 }
 
 func newIPNet(t testing.TB) *ipNet {
@@ -177,6 +178,14 @@ func startTPDIn(t testing.TB, ns, dataDir, listen string, env []string) *server 
 // startTPIP runs `tp ip` in ns and waits for its "IP tunnel up" line.
 func startTPIP(t testing.TB, ns string, env []string, args ...string) *testlog.Buffer {
 	t.Helper()
+	log, _ := startTPIPProc(t, ns, env, args...)
+	return log
+}
+
+// startTPIPProc is startTPIP that also returns a channel closed when `tp ip`
+// has exited.
+func startTPIPProc(t testing.TB, ns string, env []string, args ...string) (*testlog.Buffer, <-chan struct{}) {
+	t.Helper()
 	log := &testlog.Buffer{}
 	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, binary("tp"), "ip", "--proxy-name", "proxy.localhost"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
@@ -210,7 +219,7 @@ func startTPIP(t testing.TB, ns string, env []string, args ...string) *testlog.B
 		}
 		time.Sleep(20 * time.Millisecond) // polling for readiness, bounded by the deadline
 	}
-	return log
+	return log, done
 }
 
 // serveBytes listens in S and sends n random bytes to each connection,
@@ -287,7 +296,7 @@ func TestIPTunnelTPIPOverTCP(t *testing.T) {
 
 // startIPE2E makes the namespaces, starts tpd with IP tunnels on in T and logs
 // alice in on C; it returns her TP_HOME and the hook's output directory.
-func startIPE2E(t testing.TB) (*ipNet, []string, string) {
+func startIPE2E(t testing.TB, tpdEnv ...string) (*ipNet, []string, string) {
 	t.Helper()
 	n := newIPNet(t)
 	hookDir := t.TempDir()
@@ -302,8 +311,9 @@ func startIPE2E(t testing.TB) (*ipNet, []string, string) {
 	if err := os.WriteFile(filepath.Join(dataDir, "policy", "tp.rego"), []byte(ipPolicyE2E), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s := startTPDIn(t, n.T, dataDir, "10.201.1.1:0", []string{"TP_IP_TUNNEL=true", "TP_IP_HOOK=" + hook,
-		"TP_IP_BYTES_PER_SECOND=1000000000", "TP_ADMIN_LISTEN=127.0.0.1:9464"})
+	n.tpdEnv = append([]string{"TP_IP_TUNNEL=true", "TP_IP_HOOK=" + hook,
+		"TP_IP_BYTES_PER_SECOND=1000000000", "TP_ADMIN_LISTEN=127.0.0.1:9464"}, tpdEnv...)
+	s := startTPDIn(t, n.T, dataDir, "10.201.1.1:0", n.tpdEnv)
 	env := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "tp-home")}
 	out, err := runErr(nil, nil, binary("tpd"), "enroll", "alice", "--device", "laptop", "--data-dir", s.DataDir)
 	if err != nil {

@@ -92,10 +92,16 @@ type ipRig struct {
 
 func newIPRig(t *testing.T, mods ...func(*config.Server)) *ipRig {
 	t.Helper()
+	return newIPRigPolicy(t, ipPolicy, mods...)
+}
+
+// newIPRigPolicy is newIPRig with another policy.
+func newIPRigPolicy(t *testing.T, policy string, mods ...func(*config.Server)) *ipRig {
+	t.Helper()
 	mustIP(t, "addr", "add", "10.77.0.1/32", "dev", "lo")
 	mustIP(t, "addr", "add", "10.78.0.1/32", "dev", "lo")
 	hookDir := t.TempDir()
-	r := newConnectRig(t, ipPolicy, func(c *config.Server) {
+	r := newConnectRig(t, policy, func(c *config.Server) {
 		c.IPTunnel.IPTunnel = true
 		c.AdminListen = "127.0.0.1:0" // for /metrics
 		for _, m := range mods {
@@ -384,6 +390,7 @@ func enrollCert(t *testing.T, r *connectRig, user, device string) tls.Certificat
 // the test can send what a well-behaved client never would.
 type rawIP struct {
 	str   *http3.RequestStream
+	caps  *bufio.Reader // the capsules after the first ADDRESS_ASSIGN
 	addrs []wire.AssignedAddress
 }
 
@@ -392,7 +399,9 @@ func (r *ipRig) dialRaw(t *testing.T, cert tls.Certificate) *rawIP {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	qc, err := quic.DialAddr(ctx, r.addr, &tls.Config{ServerName: proxyName, RootCAs: r.roots,
-		Certificates: []tls.Certificate{cert}, NextProtos: []string{http3.NextProtoH3}}, &quic.Config{EnableDatagrams: true})
+		Certificates: []tls.Certificate{cert}, NextProtos: []string{http3.NextProtoH3}},
+		// 1350-byte packets, as tp ip opens its connection: the datagrams fit a 1280-byte tun MTU.
+		&quic.Config{EnableDatagrams: true, InitialPacketSize: 1350})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -411,7 +420,8 @@ func (r *ipRig) dialRaw(t *testing.T, cert tls.Certificate) *rawIP {
 	if err != nil || resp.StatusCode != http.StatusOK {
 		t.Fatalf("CONNECT-IP: %v, %v", resp, err)
 	}
-	c, err := wire.ReadIPCapsule(bufio.NewReader(str))
+	caps := bufio.NewReader(str)
+	c, err := wire.ReadIPCapsule(caps)
 	if err != nil || c.Type != wire.IPCapsuleAddressAssign {
 		t.Fatalf("first capsule: %+v, %v; want ADDRESS_ASSIGN", c, err)
 	}
@@ -419,7 +429,7 @@ func (r *ipRig) dialRaw(t *testing.T, cert tls.Certificate) *rawIP {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &rawIP{str: str, addrs: addrs}
+	return &rawIP{str: str, caps: caps, addrs: addrs}
 }
 
 func (c *rawIP) v4() netip.Addr {

@@ -34,9 +34,10 @@ func Up(ctx context.Context, dev string, mtu int) error {
 	return IP(ctx, "link", "set", "dev", dev, "mtu", strconv.Itoa(mtu), "up")
 }
 
-// AddAddress adds a local address to the device.
+// AddAddress adds a local address to the device; an address it already has
+// (a reconnect that gets the same one back) is not an error.
 func AddAddress(ctx context.Context, dev string, p netip.Prefix) error {
-	return IP(ctx, addrArgs("addr", "add", p.String(), "dev", dev, "nodad")...)
+	return IP(ctx, addrArgs("addr", "replace", p.String(), "dev", dev, "nodad")...)
 }
 
 // DelAddress removes a local address from the device.

@@ -310,6 +310,25 @@ func ParseIPHeader(p []byte) (IPHeader, error) {
 // "fragmentation needed" or ICMPv6 "packet too big", from the packet's
 // destination to its source, quoting as much of it as fits in 576 bytes (IPv4)
 // or 1280 bytes (IPv6).
+// IPPacketMTU is the largest IP packet that fits one HTTP/3 datagram of the
+// request stream streamID when QUIC DATAGRAM frames can carry at most
+// maxFrame bytes (quic-go's DatagramTooLargeError.MaxDatagramPayloadSize,
+// which counts the quarter stream ID its http3 prepends): maxFrame less the
+// quarter stream ID and the context ID 0 (RFC 9297 §2.1, RFC 9484 §6).
+func IPPacketMTU(maxFrame int64, streamID int64) int {
+	return int(maxFrame) - quicvarint.Len(uint64(streamID/4)) - 1
+}
+
+// PacketTooBigFloor is the smallest MTU an ICMP error may announce for a
+// packet from src: 576 for IPv4 (RFC 1191 plateaus start there), 1280 for
+// IPv6 (RFC 8200 §5).
+func PacketTooBigFloor(src netip.Addr) int {
+	if src.Is4() {
+		return 576
+	}
+	return 1280
+}
+
 func PacketTooBig(packet []byte, mtu int) []byte {
 	h, err := ParseIPHeader(packet)
 	if err != nil {
