@@ -5,13 +5,16 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	connectip "github.com/quic-go/connect-ip-go"
 	"golang.org/x/sys/unix"
 
 	"github.com/tp-proxy/tp/internal/config"
@@ -381,5 +384,89 @@ func TestConnectUDPFlowPacketRate(t *testing.T) {
 	}
 	if up := st.DatagramsUp - before.DatagramsUp; up >= 500 {
 		t.Fatalf("%d datagrams of the burst were relayed, want fewer than 500", up)
+	}
+}
+
+// A policy change that takes the IP tunnel away from one identity forgets that
+// peer as a revocation does: its live tunnel is reset (never a clean end), its
+// tun device removed and the down hook run, and it cannot open a new one; the
+// other peer's tunnel goes on untouched.
+func TestIPTunnelPolicyChangeForgetsOnePeer(t *testing.T) {
+	if !inNetns(t) {
+		return
+	}
+	r := newIPRig(t)
+	alice, err := r.dialConnectIPGo(t, r.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	aliceAddr, _ := assignment(t, alice)
+	bob, err := r.dialConnectIPGo(t, enrollCert(t, r.connectRig, "bob", "desk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bobAddr, _ := assignment(t, bob)
+	aliceTun := hookEnv(t, r.hookDir, "up", "alice@laptop")["TUN_DEV_NAME"]
+	echo, _ := udpEcho(t, "10.77.0.1:0")
+	roundTrip := func(c *connectip.Conn, src netip.AddrPort, msg string) error {
+		if _, err := c.WritePacket(udp4(src, echo, []byte(msg))); err != nil {
+			return err
+		}
+		got, err := readUDP(t, c, echo)
+		if err == nil && string(got) != msg {
+			err = fmt.Errorf("echo %q, want %q", got, msg)
+		}
+		return err
+	}
+	aliceSrc, bobSrc := netip.AddrPortFrom(aliceAddr, 43000), netip.AddrPortFrom(bobAddr, 44000)
+	if err := roundTrip(alice, aliceSrc, "alice before"); err != nil {
+		t.Fatalf("alice before the change: %v", err)
+	}
+	if err := roundTrip(bob, bobSrc, "bob before"); err != nil {
+		t.Fatalf("bob before the change: %v", err)
+	}
+
+	// The new policy: bob (and dave) keep their tunnels, alice loses hers.
+	onlyBob := []byte(strings.Replace(ipPolicy, `{"alice", "bob", "dave"}`, `{"bob", "dave"}`, 1))
+	if err := os.WriteFile(filepath.Join(r.d.cfg.PolicyDir(), "tp.rego"), onlyBob, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.d.ReloadPolicy(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// alice's tunnel must end with an error (a reset), not go quiet: her
+	// datagrams keep going until it does.
+	aliceDone := make(chan error, 1)
+	go func() {
+		for i := 0; ; i++ {
+			if err := roundTrip(alice, aliceSrc, fmt.Sprintf("alice after %d", i)); err != nil {
+				aliceDone <- err
+				return
+			}
+		}
+	}()
+	var aliceErr error
+	select {
+	case aliceErr = <-aliceDone:
+	case <-time.After(30 * time.Second):
+		t.Fatal("alice's tunnel still carries packets after the policy took it away")
+	}
+	if errors.Is(aliceErr, io.EOF) || strings.Contains(aliceErr.Error(), "H3_NO_ERROR") {
+		t.Fatalf("alice's tunnel ended cleanly (%v); a policy change must reset it", aliceErr)
+	}
+	ipWaitFor(t, "alice's tun device to be removed", func() bool { return !linkExists(aliceTun) })
+	if env := hookEnv(t, r.hookDir, "down", "alice@laptop"); env["TUN_DEV_NAME"] != aliceTun {
+		t.Fatalf("down hook for %q, want %q", env["TUN_DEV_NAME"], aliceTun)
+	}
+	if _, err := r.dialConnectIPGo(t, r.cert); err == nil {
+		t.Fatal("alice opened a new tunnel after the policy took it away")
+	}
+	for i := range 20 {
+		if err := roundTrip(bob, bobSrc, fmt.Sprintf("bob after %d", i)); err != nil {
+			t.Fatalf("bob's tunnel after alice's policy change: %v", err)
+		}
+	}
+	if tunnels := r.d.proxy.IPTunnels().Tunnels(); len(tunnels) != 1 || tunnels["bob@desk"] == "" {
+		t.Fatalf("live tunnels %v, want only bob's", tunnels)
 	}
 }
