@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -202,7 +203,27 @@ func TestPGPeerThreeInstances(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err := tls.Dial("tcp", a.Addr, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{wire.PeerALPN}, InsecureSkipVerify: true})
+	rootPEM, err := os.ReadFile(filepath.Join(bobHome, "root.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(rootPEM) {
+		t.Fatal("bob's root.pem holds no certificate")
+	}
+	// A's node certificate names no host: verify its chain to TP's root, as a
+	// peer instance does, not a host name.
+	verifyChain := func(cs tls.ConnectionState) error {
+		inter := x509.NewCertPool()
+		for _, c := range cs.PeerCertificates[1:] {
+			inter.AddCert(c)
+		}
+		_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+		return err
+	}
+	conn, err := tls.Dial("tcp", a.Addr, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{wire.PeerALPN},
+		InsecureSkipVerify: true, // verified by VerifyConnection, against TP's root
+		VerifyConnection:   verifyChain})
 	if err == nil {
 		_, err = conn.Read(make([]byte, 1)) // TLS 1.3: a refused client certificate shows on the first read
 		conn.Close()

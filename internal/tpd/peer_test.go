@@ -83,7 +83,17 @@ func TestPGPeerGate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err := tls.Dial("tcp", a.d.cfg.Listen, &tls.Config{Certificates: []tls.Certificate{*dev}, NextProtos: []string{wire.PeerALPN}, InsecureSkipVerify: true})
+	// The server's side is verified as a peer instance verifies it: a node
+	// certificate of TP's CA (it names no host, so not by host name).
+	peerTLS := func(cert tls.Certificate) *tls.Config {
+		return &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{wire.PeerALPN},
+			InsecureSkipVerify: true, // verified by VerifyConnection, against TP's root
+			VerifyConnection: func(cs tls.ConnectionState) error {
+				_, err := a.d.verifyNode(cs, "")
+				return err
+			}}
+	}
+	conn, err := tls.Dial("tcp", a.d.cfg.Listen, peerTLS(*dev))
 	if err == nil {
 		_, err = conn.Read(make([]byte, 1)) // TLS 1.3: the client learns of its refusal on its first read
 		conn.Close()
@@ -113,7 +123,7 @@ func TestPGPeerGate(t *testing.T) {
 	}
 
 	open := func(epoch int64) (wire.ServerHello, error) {
-		conn, err := tls.Dial("tcp", a.d.cfg.Listen, &tls.Config{Certificates: []tls.Certificate{node}, NextProtos: []string{wire.PeerALPN}, InsecureSkipVerify: true})
+		conn, err := tls.Dial("tcp", a.d.cfg.Listen, peerTLS(node))
 		if err != nil {
 			return wire.ServerHello{}, err
 		}
