@@ -301,7 +301,7 @@ func startIPE2E(t testing.TB, tpdEnv ...string) (*ipNet, []string, string) {
 	n := newIPNet(t)
 	hookDir := t.TempDir()
 	hook := filepath.Join(hookDir, "hook.sh")
-	if err := os.WriteFile(hook, []byte("#!/bin/sh\nenv > \""+hookDir+"/$TP_EVENT-$TUN_CLIENT_ID\"\n"), 0o700); err != nil {
+	if err := os.WriteFile(hook, []byte("#!/bin/sh\n# written beside and renamed, so the test never reads a half-written file\nenv > \""+hookDir+"/.$TP_EVENT-$TUN_CLIENT_ID\" && mv \""+hookDir+"/.$TP_EVENT-$TUN_CLIENT_ID\" \""+hookDir+"/$TP_EVENT-$TUN_CLIENT_ID\"\n"), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	dataDir := filepath.Join(t.TempDir(), "tpdata")

@@ -108,7 +108,9 @@ func newIPRigPolicy(t *testing.T, policy string, mods ...func(*config.Server)) *
 			m(c)
 		}
 		// The hook refuses dave's tunnels (bad input: a hook that fails).
-		c.IPTunnel.IPHook = []string{"/bin/sh", "-c", `[ "$TUN_CLIENT_ID" = dave@tablet ] && { echo "no tunnel for dave"; exit 3; }; env > "$0/$TP_EVENT-$TUN_CLIENT_ID"`, hookDir}
+		// It writes its environment beside the file and renames it, so
+		// hookEnv never reads a half-written one.
+		c.IPTunnel.IPHook = []string{"/bin/sh", "-c", `[ "$TUN_CLIENT_ID" = dave@tablet ] && { echo "no tunnel for dave"; exit 3; }; env > "$0/.$TP_EVENT-$TUN_CLIENT_ID" && mv "$0/.$TP_EVENT-$TUN_CLIENT_ID" "$0/$TP_EVENT-$TUN_CLIENT_ID"`, hookDir}
 	})
 	return &ipRig{connectRig: r, hookDir: hookDir}
 }
