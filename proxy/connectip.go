@@ -339,16 +339,11 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 		proxyRefusal(w, r, http.StatusBadRequest, "http_request_error", err.Error())
 		return
 	}
-	if s.draining.Err() != nil || !s.addWorker() {
-		proxyRefusal(w, r, http.StatusServiceUnavailable, "proxy_internal_response", "the TP server is shutting down; connect again in a moment")
+	admitted, ok := s.admitProxyRequest(w, r, "CONNECT-IP")
+	if !ok {
 		return
 	}
-	defer s.wg.Done()
-	if !s.acquire() {
-		proxyRefusal(w, r, http.StatusServiceUnavailable, "connection_limit_reached", "the TP server is at its connection limit; try again later")
-		return
-	}
-	defer s.release()
+	defer admitted()
 
 	transport := "quic"
 	if r.ProtoMajor == 2 {

@@ -46,22 +46,11 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request) (abort boo
 		proxyRefusal(w, r, http.StatusInternalServerError, "proxy_internal_error", "the request arrived without TLS")
 		return false
 	}
-	if s.draining.Err() != nil || !s.addWorker() {
-		if r.ProtoMajor == 1 {
-			w.Header().Set("Connection", "close")
-		}
-		proxyRefusal(w, r, http.StatusServiceUnavailable, "proxy_internal_response", "the TP server is shutting down; connect again in a moment")
+	done, ok := s.admitProxyRequest(w, r, "CONNECT")
+	if !ok {
 		return false
 	}
-	defer s.wg.Done()
-	// Each tunnel holds a slot of MaxConns, as each QUIC stream does: an h2 or h3
-	// connection carries many.
-	if !s.acquire() {
-		proxyRefusal(w, r, http.StatusServiceUnavailable, "connection_limit_reached", "the TP server is at its connection limit; try again later")
-		s.log.Warn("CONNECT refused: too many connections", "remote", r.RemoteAddr, "max_conns", s.lim().MaxConns)
-		return false
-	}
-	defer s.release()
+	defer done()
 
 	ss := &session{start: time.Now(), remote: r.RemoteAddr}
 	ss.audit.transport = transport
@@ -322,3 +311,25 @@ func (p *pendingConn) Read(b []byte) (int, error) {
 
 // Unwrap is the TLS connection, which wire.Abort resets.
 func (p *pendingConn) Unwrap() net.Conn { return p.Conn }
+
+// admitProxyRequest admits a request on a proxy name that becomes a session
+// (CONNECT, CONNECT-UDP, CONNECT-IP), or answers it with the refusal: not while
+// the server drains, and each such session holds a slot of MaxConns, as each
+// QUIC stream does (an h2 or h3 connection carries many). The caller calls
+// done when the session has ended.
+func (s *Server) admitProxyRequest(w http.ResponseWriter, r *http.Request, via string) (done func(), ok bool) {
+	if s.draining.Err() != nil || !s.addWorker() {
+		if r.ProtoMajor == 1 {
+			w.Header().Set("Connection", "close")
+		}
+		proxyRefusal(w, r, http.StatusServiceUnavailable, "proxy_internal_response", "the TP server is shutting down; connect again in a moment")
+		return nil, false
+	}
+	if !s.acquire() {
+		s.wg.Done()
+		proxyRefusal(w, r, http.StatusServiceUnavailable, "connection_limit_reached", "the TP server is at its connection limit; try again later")
+		s.log.Warn(via+" refused: too many connections", "remote", r.RemoteAddr, "max_conns", s.lim().MaxConns)
+		return nil, false
+	}
+	return func() { s.release(); s.wg.Done() }, true
+}

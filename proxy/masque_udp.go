@@ -112,19 +112,11 @@ func (s *Server) serveConnectUDP(w http.ResponseWriter, r *http.Request) (abort 
 		proxyRefusal(w, r, http.StatusInternalServerError, "proxy_internal_error", "the request arrived without TLS")
 		return false
 	}
-	if s.draining.Err() != nil || !s.addWorker() {
-		if r.ProtoMajor == 1 {
-			w.Header().Set("Connection", "close")
-		}
-		proxyRefusal(w, r, http.StatusServiceUnavailable, "proxy_internal_response", "the TP server is shutting down; connect again in a moment")
+	done, ok := s.admitProxyRequest(w, r, "CONNECT-UDP")
+	if !ok {
 		return false
 	}
-	defer s.wg.Done()
-	if !s.acquire() {
-		proxyRefusal(w, r, http.StatusServiceUnavailable, "connection_limit_reached", "the TP server is at its connection limit; try again later")
-		return false
-	}
-	defer s.release()
+	defer done()
 
 	ss := &session{start: time.Now(), remote: r.RemoteAddr}
 	ss.audit.transport = transport
