@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/policy"
 )
@@ -176,5 +177,38 @@ func TestConnectHTTP2AndHTTP3ToHTTPS(t *testing.T) {
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	if resp.StatusCode != 403 || !strings.Contains(string(b), "port 9 is closed") {
 		t.Fatalf("denied h3 CONNECT: %d %q; want 403 with the policy's reason in the body", resp.StatusCode, b)
+	}
+}
+
+// h2 and h3 CONNECT tunnels are the same sessions as tp dials too: each has an
+// audit record with action dial, the device's identity, the destination, and
+// the transport the policy saw (tls for h2, quic for h3).
+func TestConnectH2H3AuditLikeDial(t *testing.T) {
+	auditPath := filepath.Join(t.TempDir(), "audit.jsonl")
+	r := newConnectRig(t, allowAlice, func(c *config.Server) { c.AuditLog = auditPath })
+	for _, tc := range []struct{ version, transport string }{{"h2", "tls"}, {"h3", "quic"}} {
+		echo := testnet.Echo(t)
+		var got []byte
+		var err error
+		if tc.version == "h2" {
+			resp := r.h2Connect(t, echo, strings.NewReader("audited"))
+			got, err = io.ReadAll(resp.Body)
+		} else {
+			str, resp := r.h3Connect(t, echo)
+			if resp.StatusCode != 200 {
+				t.Fatalf("h3 CONNECT: %d", resp.StatusCode)
+			}
+			_, _ = str.Write([]byte("audited"))
+			_ = str.Close()
+			_ = str.SetReadDeadline(time.Now().Add(30 * time.Second))
+			got, err = io.ReadAll(str)
+		}
+		if err != nil || string(got) != "audited" {
+			t.Fatalf("%s CONNECT echo: %q, %v", tc.version, got, err)
+		}
+		waitAudit(t, auditPath, "the "+tc.version+" tunnel's audit record", func(m map[string]any) bool {
+			return m["action"] == "dial" && m["identity"] == "alice@laptop" && m["transport"] == tc.transport &&
+				m["destination"] == echo && m["decision"] == "allow"
+		})
 	}
 }
