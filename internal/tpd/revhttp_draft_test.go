@@ -22,6 +22,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -343,8 +344,8 @@ func dialPublic(t *testing.T, port int) *net.TCPConn {
 // accept semantics (each tunnel request is one accepted connection, answered
 // with Forwarded naming the public client) and bind semantics (ALPN h2: one
 // tunnel, a CONNECT on it per connection, END_STREAM as half-close). Over
-// HTTP/1.1 accept carries half-close; over h2/h3 accept it does not
-// (docs/HTTP.md §4), so there the echo is read by length.
+// HTTP/1.1 (close_notify) and h3 (FIN) accept carries half-close; over h2 it
+// does not (docs/HTTP.md §4), so there the echo is read by length.
 func TestDraftClientListenTCP(t *testing.T) {
 	ports := []int{testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp")}
 	r := newConnectRig(t, draftPolicy, func(c *config.Server) {
@@ -380,7 +381,7 @@ func TestDraftClientListenTCP(t *testing.T) {
 			if len(res.resp.Header.Values("Selected-Alpn")) != 0 {
 				t.Fatalf("an accept tunnel without an ALPN field got Selected-ALPN %q", res.resp.Header.Get("Selected-Alpn"))
 			}
-			if version == "http/1.1" {
+			if version != "h2" {
 				go func() {
 					_, _ = io.Copy(res.tun, res.tun)
 					_ = res.tun.CloseWrite()
@@ -493,6 +494,113 @@ func TestListenTCPSharesPublicPorts(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		if resp.StatusCode != tc.status || resp.Header.Get("Tp-Refusal") != tc.code || !strings.Contains(string(b), tc.reason) {
 			t.Errorf("%s: %s Tp-Refusal %q %q; want %d %s saying %q", tc.who, resp.Status, resp.Header.Get("Tp-Refusal"), b, tc.status, tc.code, tc.reason)
+		}
+	}
+}
+
+// A public client that half-closes and then waits for the service's reply,
+// which the service sends only after it saw the end. Over h3 the accept
+// tunnel carries the half-close (FIN) and the whole reply arrives. Over h2 it
+// cannot (docs/HTTP.md §4): the reply is lost, and both sides must learn it as
+// an abort (a TCP reset; a stream reset), never as a clean end after a short
+// reply.
+func TestDraftClientListenTCPHalfCloseIsNoSilentCut(t *testing.T) {
+	ports := []int{testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp")}
+	r := newConnectRig(t, draftPolicy, func(c *config.Server) { c.PublicPorts = fmt.Sprintf("%d, %d", ports[0], ports[1]) })
+	const reply = "the reply the service sends after the public client's end"
+	for i, version := range []string{"h2", "h3"} {
+		t.Run(version, func(t *testing.T) {
+			path := fmt.Sprintf("/.well-known/listen-tcp/0.0.0.0/%d/", ports[i])
+			got := make(chan *draftConn, 1)
+			go func() {
+				resp, tun := r.draftTunnel(t, r.cert, version, path, "")
+				if tun == nil {
+					t.Errorf("listen-tcp accept over %s: %s", version, resp.Status)
+				}
+				got <- tun
+			}()
+			pub := dialPublic(t, ports[i])
+			tun := <-got
+			if tun == nil {
+				t.FailNow()
+			}
+			defer tun.Close()
+			svc := make(chan error, 1)
+			go func() {
+				b, err := io.ReadAll(tun)
+				if err == nil && string(b) == "question" {
+					_, err = tun.Write([]byte(reply))
+					if err == nil {
+						err = tun.CloseWrite()
+					}
+				}
+				svc <- err
+			}()
+			_, _ = pub.Write([]byte("question"))
+			_ = pub.CloseWrite()
+			_ = pub.SetDeadline(time.Now().Add(30 * time.Second))
+			b, err := io.ReadAll(pub)
+			if err == nil && string(b) != reply {
+				t.Fatalf("the public client got %q and a clean end; want the whole reply or an abort", b)
+			}
+			if version == "h3" && (err != nil || string(b) != reply) {
+				t.Fatalf("over h3 the public client got %q, %v; want the whole reply after its half-close", b, err)
+			}
+			t.Logf("public client: %q, %v", b, err)
+			select {
+			case err := <-svc:
+				if version == "h3" && err != nil {
+					t.Fatalf("over h3 the service's side ended with %v; want a clean end", err)
+				}
+				t.Logf("service: %v", err)
+			case <-time.After(30 * time.Second):
+				t.Fatal("the service's side of the tunnel neither ended nor was reset within 30s")
+			}
+		})
+	}
+}
+
+// A policy change that no longer allows a tunnel ends it as an abort over
+// every establishment (HTTP/1.1: a TCP reset; h2: RST_STREAM; h3: a stream
+// reset), so the service never takes the cut for a clean end.
+func TestDraftClientTunnelCutByPolicy(t *testing.T) {
+	r := newConnectRig(t, draftPolicy)
+	type open struct {
+		version string
+		tun     *draftConn
+	}
+	var tunnels []open
+	for i, version := range []string{"http/1.1", "h2", "h3"} {
+		resp, tun := r.draftTunnel(t, r.cert, version, fmt.Sprintf("/.well-known/tp/reverse-http/cut%d", i), "http%2F1.1")
+		if tun == nil {
+			t.Fatalf("%s tunnel: %s", version, resp.Status)
+		}
+		defer tun.Close()
+		tunnels = append(tunnels, open{version, tun})
+	}
+	ends := make(chan string, len(tunnels))
+	for _, o := range tunnels {
+		go func() {
+			_, err := io.ReadAll(o.tun)
+			if err == nil {
+				ends <- o.version + ": a clean end"
+				return
+			}
+			ends <- ""
+		}()
+	}
+	writePEM(t, filepath.Join(r.d.cfg.PolicyDir(), "tp.rego"), []byte("package tp.authz\n\ndefault allow := false\n"))
+	if err := r.d.ReloadPolicy(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for range tunnels {
+		select {
+		case bad := <-ends:
+			if bad != "" {
+				t.Errorf("after a policy change that denies it, %s; want an abort", bad)
+			}
+		case <-time.After(60 * time.Second):
+			t.Fatal("a tunnel the policy no longer allows was still open 60s after the change")
 		}
 	}
 }
