@@ -522,6 +522,15 @@ func establishTunnel(w http.ResponseWriter, r *http.Request, hj *hijacked, extra
 	for k, v := range extra {
 		w.Header()[k] = v
 	}
+	if r.ProtoMajor == 3 {
+		// quic-go's server hands the request stream over, which can end TP's
+		// direction (FIN) while the service's goes on: half-close both ways.
+		st, err := h3Tunnel(w, r)
+		if err != nil {
+			return nil, err
+		}
+		return &h3TunnelConn{h3Stream: st.(*h3Stream), done: make(chan struct{})}, nil
+	}
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
 	if err := rc.Flush(); err != nil {

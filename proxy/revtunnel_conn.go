@@ -1,7 +1,8 @@
 package proxy
 
-// The byte streams of reverse tunnels: a hijacked HTTP/1.1 connection, or the
-// request and response bodies of an extended CONNECT stream (h2, h3).
+// The byte streams of reverse tunnels: a hijacked HTTP/1.1 connection, the
+// request and response bodies of an h2 extended CONNECT stream, or an h3
+// request stream taken over from the server.
 
 import (
 	"bufio"
@@ -218,7 +219,31 @@ func (c *streamConn) SetWriteDeadline(t time.Time) error {
 	return nil
 }
 
+// h3TunnelConn is an h3 extended CONNECT stream taken over from quic-go's
+// server (http3.HTTPStreamer), as a CONNECT's is: DATA frames each way, FIN for
+// each direction's clean end (CloseWrite), a reset of both directions for an
+// abort. Unlike streamConn it carries half-close.
+type h3TunnelConn struct {
+	*h3Stream
+	once sync.Once
+	done chan struct{}
+}
+
+func (c *h3TunnelConn) Close() error {
+	err := c.h3Stream.Close()
+	c.once.Do(func() { close(c.done) })
+	return err
+}
+
+func (c *h3TunnelConn) Abort(code quic.ApplicationErrorCode) {
+	c.h3Stream.Abort(code)
+	c.once.Do(func() { close(c.done) })
+}
+
+func (c *h3TunnelConn) Done() <-chan struct{} { return c.done }
+
 var (
 	_ tunnelConn = (*hjConn)(nil)
 	_ tunnelConn = (*streamConn)(nil)
+	_ tunnelConn = (*h3TunnelConn)(nil)
 )

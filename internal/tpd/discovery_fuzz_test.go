@@ -1,0 +1,45 @@
+package tpd
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// FuzzDiscoverySupports: the discovery request's query and POST body come
+// from anyone. Whatever they hold, parsing must not panic, and what it
+// accepts stays within the documented bounds (docs/HTTP.md §3.1): at most
+// wire.MaxDiscoverySupports names of at most wire.MaxDiscoveryNameLen bytes,
+// lower case, none empty.
+func FuzzDiscoverySupports(f *testing.F) {
+	for _, seed := range []string{"supports=quic,tls", "supports=QUIC&supports=tls&x=1", "supports=%zz", "supports=,,,",
+		`{"supports":["quic","tls"]}`, `{"supports":["quic"]}{}`, `{"supports":[1]}`, strings.Repeat("supports=a&", 20)} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, in string) {
+		check := func(what string, names []string, err error) {
+			if err != nil {
+				if err.Error() == "" {
+					t.Fatalf("%s %q: an empty error", what, in)
+				}
+				return
+			}
+			if len(names) > wire.MaxDiscoverySupports {
+				t.Fatalf("%s %q: %d names accepted", what, in, len(names))
+			}
+			for _, n := range names {
+				if n == "" || len(n) > wire.MaxDiscoveryNameLen || n != strings.ToLower(n) {
+					t.Fatalf("%s %q: name %q accepted", what, in, n)
+				}
+			}
+		}
+		names, err := supportsFromQuery(in)
+		check("query", names, err)
+		r, _ := http.NewRequest(http.MethodPost, "https://tp.example/.well-known/tp", strings.NewReader(in))
+		r.Header.Set("Content-Type", "application/json")
+		names, err = supportsFromBody(r)
+		check("body", names, err)
+	})
+}
