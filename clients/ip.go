@@ -151,6 +151,7 @@ type ipSession struct {
 	recvDg    func(context.Context) ([]byte, error) // nil: datagrams come as capsules
 	dgDropped func() int64                          // datagrams the tunnel's receive queue had no room for
 	quicDrops wire.DatagramDropCounter              // datagrams quic-go's queue (128) had no room for
+	dgUnknown func() int64                          // datagrams for no stream of this tunnel
 	addrs     []netip.Prefix
 	over      string // "HTTP/3" or "HTTP/2"
 }
@@ -204,7 +205,7 @@ func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan 
 		// packets too, but a count that grows under load says where.
 		log.Info("IP tunnel connection ended", "over", s.over,
 			"datagrams_dropped_quic", s.quicDrops.Dropped(), "datagrams_dropped_queue", s.dgDropped(),
-			"packets_dropped_tun", t.tunDrops.Load())
+			"datagrams_unknown_stream", s.dgUnknown(), "packets_dropped_tun_since_start", t.tunDrops.Load())
 	}
 	return err
 }
@@ -265,6 +266,16 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	// that http3 starts no datagram reader of its own (ip_h3.go).
 	settings := serverStreams(qc)
 	cc := (&http3.Transport{EnableDatagrams: true}).NewRawClientConn(qc)
+	// No request before the server's SETTINGS say it takes HTTP Datagrams.
+	select {
+	case err := <-settings:
+		if err != nil {
+			_ = qc.CloseWithError(quic.ApplicationErrorCode(http3.ErrCodeSettingsError), "")
+			return nil, err
+		}
+	case <-dctx.Done():
+		return nil, fmt.Errorf("the TP server sent no HTTP/3 SETTINGS within %v", t.dialTimeout())
+	}
 	str, err := cc.OpenRequestStream(dctx)
 	if err != nil {
 		return nil, err
@@ -284,19 +295,13 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 		return nil, refusal(resp)
 	}
 	context.AfterFunc(ctx, func() { str.CancelRead(0); str.CancelWrite(0) })
-	select {
-	case err := <-settings:
-		if err != nil {
-			return nil, err
-		}
-	case <-dctx.Done():
-		return nil, fmt.Errorf("the TP server sent no HTTP/3 SETTINGS within %v", t.dialTimeout())
-	}
 	s.capsules, s.over = str, "HTTP/3"
 	s.writeCap = func(b []byte) error { _, err := str.Write(b); return err }
 	// The server's packets are read below http3, whose queue of 32 per
 	// stream drops most of a TCP burst (wire.H3Datagrams).
-	flow := wire.NewH3Datagrams(qc).Flow(str, wire.IPDatagramQueue)
+	dgs := wire.NewH3Datagrams(qc)
+	flow := dgs.Flow(str, wire.IPDatagramQueue)
+	s.dgUnknown = dgs.Unknown
 	context.AfterFunc(ctx, flow.Close)
 	s.sendDg, s.dgStream = str.SendDatagram, int64(str.StreamID())
 	s.recvDg, s.dgDropped = flow.ReceiveDatagram, flow.Dropped
