@@ -57,6 +57,8 @@ type IPTunnel struct {
 	// Explain, when set, turns a failed connection's error into one a person
 	// can act on (Client.WhyRejected); a revoked device then stops retrying.
 	Explain func(context.Context, error) error
+
+	tunDrops atomic.Int64 // packets from the tun device no connection took in time
 	// OnUp, when set, is called each time the tunnel is up, with the tun
 	// device's name and the addresses and routes installed.
 	OnUp func(dev string, addrs, routes []netip.Prefix)
@@ -106,7 +108,8 @@ func (t *IPTunnel) Run(ctx context.Context) error {
 			copy(b[1:], big[:n])
 			select {
 			case packets <- b:
-			default:
+			default: // the connection does not keep up (or is down): dropped, counted
+				t.tunDrops.Add(1)
 			}
 		}
 	}()
@@ -139,15 +142,18 @@ func (t *IPTunnel) Run(ctx context.Context) error {
 // ipSession is one CONNECT-IP request's state: its carrier (HTTP/3 with
 // datagrams, or HTTP/2 with DATAGRAM capsules) and the addresses installed.
 type ipSession struct {
-	dev      *tun.Device
-	capsules io.Reader
-	wmu      sync.Mutex
-	writeCap func([]byte) error                    // one whole capsule
-	sendDg   func([]byte) error                    // one HTTP Datagram payload
-	dgStream int64                                 // the HTTP/3 request stream of sendDg
-	recvDg   func(context.Context) ([]byte, error) // nil: datagrams come as capsules
-	addrs    []netip.Prefix
-	over     string // "HTTP/3" or "HTTP/2"
+	dev       *tun.Device
+	capsules  io.Reader
+	wmu       sync.Mutex
+	writeCap  func([]byte) error                    // one whole capsule
+	sendDg    func([]byte) error                    // one HTTP Datagram payload
+	dgStream  int64                                 // the HTTP/3 request stream of sendDg
+	recvDg    func(context.Context) ([]byte, error) // nil: datagrams come as capsules
+	dgDropped func() int64                          // datagrams the tunnel's receive queue had no room for
+	quicDrops wire.DatagramDropCounter              // datagrams quic-go's queue (128) had no room for
+	dgUnknown func() int64                          // datagrams for no stream of this tunnel
+	addrs     []netip.Prefix
+	over      string // "HTTP/3" or "HTTP/2"
 }
 
 func (s *ipSession) capsule(b []byte) error {
@@ -194,6 +200,13 @@ func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan 
 	}
 	err = <-errc
 	cancel(err)
+	if s.dgDropped != nil {
+		// Drops on arrival, counted (docs/IP.md "Throughput"); a router drops
+		// packets too, but a count that grows under load says where.
+		log.Info("IP tunnel connection ended", "over", s.over,
+			"datagrams_dropped_quic", s.quicDrops.Dropped(), "datagrams_dropped_queue", s.dgDropped(),
+			"datagrams_unknown_stream", s.dgUnknown(), "packets_dropped_tun_since_start", t.tunDrops.Load())
+	}
 	return err
 }
 
@@ -241,14 +254,28 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 		EnableDatagrams:   true,
 		KeepAlivePeriod:   15 * time.Second, // NAT bindings and stateful firewalls
 		MaxIdleTimeout:    60 * time.Second,
-		InitialPacketSize: 1350, // a 1280-byte packet fits a datagram at once
+		InitialPacketSize: 1350,               // a 1280-byte packet fits a datagram at once
+		Tracer:            s.quicDrops.Tracer, // counts what quic-go's queue of 128 drops
 	})
 	if err != nil {
 		closeAll()
 		return nil, fmt.Errorf("connecting to %s over QUIC: %w", t.Server, explainQUICErr(err))
 	}
 	context.AfterFunc(ctx, func() { _ = qc.CloseWithError(0, ""); closeAll() })
-	cc := (&http3.Transport{EnableDatagrams: true}).NewClientConn(qc)
+	// The server's unidirectional streams are read here, not by http3, so
+	// that http3 starts no datagram reader of its own (ip_h3.go).
+	settings := serverStreams(qc)
+	cc := (&http3.Transport{EnableDatagrams: true}).NewRawClientConn(qc)
+	// No request before the server's SETTINGS say it takes HTTP Datagrams.
+	select {
+	case err := <-settings:
+		if err != nil {
+			_ = qc.CloseWithError(quic.ApplicationErrorCode(http3.ErrCodeSettingsError), "")
+			return nil, err
+		}
+	case <-dctx.Done():
+		return nil, fmt.Errorf("the TP server sent no HTTP/3 SETTINGS within %v", t.dialTimeout())
+	}
 	str, err := cc.OpenRequestStream(dctx)
 	if err != nil {
 		return nil, err
@@ -270,8 +297,14 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	context.AfterFunc(ctx, func() { str.CancelRead(0); str.CancelWrite(0) })
 	s.capsules, s.over = str, "HTTP/3"
 	s.writeCap = func(b []byte) error { _, err := str.Write(b); return err }
+	// The server's packets are read below http3, whose queue of 32 per
+	// stream drops most of a TCP burst (wire.H3Datagrams).
+	dgs := wire.NewH3Datagrams(qc)
+	flow := dgs.Flow(str, wire.IPDatagramQueue)
+	s.dgUnknown = dgs.Unknown
+	context.AfterFunc(ctx, flow.Close)
 	s.sendDg, s.dgStream = str.SendDatagram, int64(str.StreamID())
-	s.recvDg = str.ReceiveDatagram
+	s.recvDg, s.dgDropped = flow.ReceiveDatagram, flow.Dropped
 	return func(ctx context.Context) error {
 		return t.followAddress(ctx, qc, raddr, &trMu, &transports, t.logger())
 	}, nil
@@ -466,26 +499,15 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan []byte) error {
 	}
 }
 
-// fromServer writes the server's packets to the tun device. Datagrams move
-// off the HTTP/3 stream's short queue (32 in quic-go, which drops beyond) onto
-// a longer one at once, so that a burst is not lost to the tun writes.
+// fromServer writes the server's packets to the tun device, in the order
+// they arrive; the flow's queue (wire.IPDatagramQueue) absorbs bursts.
 func (s *ipSession) fromServer(ctx context.Context) error {
-	q := make(chan []byte, 1024)
-	defer close(q)
-	go func() {
-		for p := range q {
-			s.deliver(p)
-		}
-	}()
 	for {
 		p, err := s.recvDg(ctx)
 		if err != nil {
 			return fmt.Errorf("receiving from the TP server: %w", err)
 		}
-		select {
-		case q <- p:
-		default: // the tun device does not keep up: dropped, as a full link would
-		}
+		s.deliver(p)
 	}
 }
 

@@ -778,7 +778,10 @@ func (tn *ipTunnel) fromPeer(p []byte) error {
 
 // readDatagrams takes the peer's datagrams off the HTTP/3 stream's queue
 // (quic-go keeps 32 per stream and drops beyond) onto a longer one of its own,
-// so that a burst is not lost to the time each tun write takes.
+// so that the tun writes do not hold that queue. It does not stop the drops:
+// http3's reader fills the 32 in a burst before this goroutine runs. `tp ip`
+// reads below http3 (wire.H3Datagrams); here quic-go's http3.Server starts its
+// reader whenever a client announces HTTP Datagrams (docs/IP.md, Measured).
 func (tn *ipTunnel) readDatagrams(ctx context.Context, recv func(context.Context) ([]byte, error)) error {
 	q := make(chan []byte, datagramBacklog)
 	done := make(chan struct{})

@@ -17,6 +17,8 @@ import (
 // op, over one connection) from the client host to the service host: plainly
 // routed through T (no tunnel, the baseline), through `tp ip` (CONNECT-IP over
 // HTTP/3 and over HTTP/2), and through `tp forward` (a TCP stream over TP).
+// "throughput" is a download (the service host sends), "upload" the other
+// direction (through `tp ip`, the server's receive path).
 //
 //	go test -run '^$' -bench BenchmarkIPTunnel -benchtime 20x ./internal/e2e
 func BenchmarkIPTunnel(b *testing.B) {
@@ -25,7 +27,7 @@ func BenchmarkIPTunnel(b *testing.B) {
 	// 10.201.2.2 is reached through the tunnel, 10.201.3.1 by plain routing.
 	const bulk = 16 << 20
 	data := make([]byte, bulk)
-	var bulkPort, echoPort string
+	var bulkPort, echoPort, sinkPort string
 	for _, a := range []string{"10.201.2.2", "10.201.3.1"} {
 		inNS(b, n.S, func() {
 			bl, err := net.Listen("tcp", a+":"+bulkPort)
@@ -38,9 +40,21 @@ func BenchmarkIPTunnel(b *testing.B) {
 				b.Error(err)
 				return
 			}
+			sl, err := net.Listen("tcp", a+":"+sinkPort)
+			if err != nil {
+				b.Error(err)
+				return
+			}
 			_, bulkPort, _ = net.SplitHostPort(bl.Addr().String())
 			_, echoPort, _ = net.SplitHostPort(el.Addr().String())
-			b.Cleanup(func() { bl.Close(); el.Close() })
+			_, sinkPort, _ = net.SplitHostPort(sl.Addr().String())
+			b.Cleanup(func() { bl.Close(); el.Close(); sl.Close() })
+			// The sink answers one byte once it has read all: the upload's end.
+			go serveEach(sl, func(c net.Conn) {
+				if k, _ := io.Copy(io.Discard, c); k == bulk {
+					_, _ = c.Write([]byte{1})
+				}
+			})
 			go serveEach(bl, func(c net.Conn) { _, _ = c.Write(data) })
 			go serveEach(el, func(c net.Conn) { _, _ = io.Copy(c, c) })
 		})
@@ -56,6 +70,20 @@ func BenchmarkIPTunnel(b *testing.B) {
 				c := dialIn(b, n.C, net.JoinHostPort(host, bulkPort))
 				if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
 					b.Fatalf("read %d bytes, %v", k, err)
+				}
+				c.Close()
+			}
+		})
+		b.Run("upload", func(b *testing.B) {
+			b.SetBytes(bulk)
+			for b.Loop() {
+				c := dialIn(b, n.C, net.JoinHostPort(host, sinkPort))
+				if _, err := c.Write(data); err != nil {
+					b.Fatal(err)
+				}
+				_ = c.(*net.TCPConn).CloseWrite()
+				if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+					b.Fatalf("the sink did not confirm %d bytes: %v", bulk, err)
 				}
 				c.Close()
 			}
