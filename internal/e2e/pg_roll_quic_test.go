@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,7 +23,7 @@ import (
 )
 
 // udpDoor is a UDP load balancer in front of tpd instances, as docs/SCALE.md
-// ("What the UDP load balancer must do") asks of one: a packet whose
+// ("What the load balancer must do") asks of one: a packet whose
 // destination connection ID carries an instance's QUIC-LB server ID (every
 // packet after the client heard from a server) goes to that instance, whether
 // it is ready or not; any other packet (a client's first Initials, whose
@@ -35,6 +37,7 @@ type udpDoor struct {
 	backends []*udpBackend
 	cidLen   int // 1 (first octet) + 1 (server ID) + 8 (nonce)
 
+	wg       sync.WaitGroup // the flows' readers
 	mu       sync.Mutex
 	flows    map[string]*udpFlow // client address + "|" + backend index
 	affinity map[string]int      // client address → backend, for packets no connection ID routes
@@ -78,12 +81,13 @@ func newUDPDoor(t *testing.T, addr string, cidLen int, backends []*udpBackend) *
 	t.Cleanup(func() {
 		cancel()
 		pc.Close()
+		wg.Wait() // serve has returned: no new flow
 		d.mu.Lock()
 		for _, f := range d.flows {
 			f.up.Close()
 		}
 		d.mu.Unlock()
-		wg.Wait()
+		d.wg.Wait()
 	})
 	for _, b := range backends {
 		wg.Go(func() { b.check(ctx) })
@@ -203,7 +207,7 @@ func (d *udpDoor) flow(client *net.UDPAddr, i int) *udpFlow {
 	f := &udpFlow{up: up}
 	f.last.Store(time.Now().UnixNano())
 	d.flows[key] = f
-	go func() {
+	d.wg.Go(func() {
 		defer func() {
 			d.mu.Lock()
 			delete(d.flows, key)
@@ -226,15 +230,15 @@ func (d *udpDoor) flow(client *net.UDPAddr, i int) *udpFlow {
 			if err != nil {
 				// ECONNREFUSED: the instance is down (it restarts on the same
 				// port); keep the flow, as a balancer keeps its mapping.
-				if strings.Contains(err.Error(), "refused") {
+				if errors.Is(err, syscall.ECONNREFUSED) {
 					continue
 				}
 				return
 			}
 			f.last.Store(time.Now().UnixNano())
-			d.pc.WriteToUDP(buf[:n], client)
+			d.pc.WriteToUDP(buf[:n], client) // a lost datagram is QUIC's to recover
 		}
-	}()
+	})
 	return f
 }
 
