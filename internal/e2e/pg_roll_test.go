@@ -296,8 +296,9 @@ func (r rollRig) run(t *testing.T) {
 	defer func() { stop.Store(true); wg.Wait() }()
 
 	stopped := regexp.MustCompile(`msg=stopped drained=(\d+) cut=(\d+) forced=false took=(\S+)`)
-	// Let every dialer get going before the first drain.
-	for completed.Load() < rollDialer {
+	// Let the dialers get going (all 50 start at once; 10 transfers
+	// through show the path works) before the first drain.
+	for completed.Load() < rollDialer/5 {
 		if truncated.Load() > 0 {
 			break
 		}
@@ -330,7 +331,7 @@ func (r rollRig) run(t *testing.T) {
 		r.probe(t, fmt.Sprintf("after restarting instance %d, through it", i), n)
 	}
 	before := completed.Load()
-	for completed.Load() < before+rollDialer && truncated.Load() == 0 {
+	for completed.Load() < before+rollDialer/5 && truncated.Load() == 0 {
 		time.Sleep(100 * time.Millisecond) // dials work after the last restart; the test's timeout bounds it
 	}
 	stop.Store(true)

@@ -149,7 +149,11 @@ func (d *Daemon) runPeers(ctx context.Context, ln net.Listener, drained <-chan s
 	// Draining: the others (and `tpd status` on them) see it until it ends.
 	dctx := context.WithoutCancel(ctx)
 	for {
-		beat(dctx, true)
+		if d.databaseHealth() == "" { // a lost database must not hold the stop up
+			bctx, cancel := context.WithTimeout(dctx, 2*time.Second)
+			beat(bctx, true)
+			cancel()
+		}
 		select {
 		case <-t.C:
 			continue
@@ -171,6 +175,9 @@ func (d *Daemon) instanceStale() time.Duration { return 3 * d.cfg.ReverseRenew }
 func (d *Daemon) instances(ctx context.Context) ([]admin.Instance, string) {
 	if d.db == nil {
 		return nil, ""
+	}
+	if why := d.databaseHealth(); why != "" {
+		return nil, why // without waiting for a database known to be lost
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
