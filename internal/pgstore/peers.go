@@ -82,7 +82,8 @@ const maxRoutes = 4096
 
 // Routes answers which instance serves a key, for proxy.PeerOptions.Route:
 // from the row in tp_holds whose lease is current, joined with the serving
-// instance's peer address. Answers are cached until a claim or release on any
+// instance's peer address, unless that instance drains (it takes no new
+// connections; its agents are moving). Answers are cached until a claim or release on any
 // instance (NOTIFY holds: Invalidate), so a dial of a name served elsewhere
 // costs no query while nothing moves.
 type Routes struct {
@@ -123,7 +124,7 @@ func (r *Routes) Route(ctx context.Context, key string) (proxy.PeerRoute, bool, 
 	defer cancel()
 	err := r.db.pool.QueryRow(ctx, `SELECT h.instance, i.peer_address, h.epoch FROM tp_holds h
 		JOIN tp_instances i ON i.name = h.instance
-		WHERE h.key = $1 AND h.instance <> '' AND h.lease_until > now()`, key).Scan(&rt.Instance, &rt.Addr, &rt.Epoch)
+		WHERE h.key = $1 AND h.instance <> '' AND h.lease_until > now() AND NOT i.draining`, key).Scan(&rt.Instance, &rt.Addr, &rt.Epoch)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return proxy.PeerRoute{}, false, nil
 	}
