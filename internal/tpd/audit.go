@@ -203,7 +203,7 @@ func (d *Daemon) Status(ctx context.Context) admin.Status {
 		Sessions: d.proxy.LiveSessions(), Agents: d.proxy.Agents(), PublicPorts: d.proxy.PublicPorts(),
 		Denials: d.denials.list(), Database: d.databaseStatus(), Instance: d.instance,
 	}
-	st.Instances, st.InstancesError = d.instances(ctx) // peer.go
+	st.Instances, st.InstancesError = d.instances(ctx) // instances.go
 	// Empty lists, not null, for scripts reading --json.
 	if st.Agents == nil {
 		st.Agents = []proxy.Agent{}

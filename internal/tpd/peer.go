@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
-	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/pgstore"
 	"github.com/tp-proxy/tp/proxy"
 )
@@ -117,82 +116,36 @@ func (d *Daemon) peerAddress(ln net.Listener) string {
 // runPeers keeps this instance's row in tp_instances (peer address, policy
 // revision) fresh every reverse-renew and its node certificate renewed, until
 // ctx ends; then, while the drain lasts (until drained is closed), the row
-// says the instance drains, and then it is deleted.
+// says the instance drains, and then it is deleted (instances.go).
 func (d *Daemon) runPeers(ctx context.Context, ln net.Listener, drained <-chan struct{}) {
 	if d.routes == nil {
 		return
 	}
 	addr := d.peerAddress(ln)
 	d.log.Info("peering with the other instances", "instance", d.instance, "peer_address", addr)
-	beat := func(ctx context.Context, draining bool) {
-		err := d.db.Heartbeat(ctx, pgstore.Instance{Name: d.instance, PeerAddress: addr, PolicyRevision: d.policy.Revision(), Draining: draining})
+	beat := func() {
+		err := d.db.Heartbeat(ctx, pgstore.Instance{Name: d.instance, PeerAddress: addr, PolicyRevision: d.policy.Revision()})
 		if err != nil && ctx.Err() == nil {
 			d.log.Warn("peering: cannot record this instance in the database; other instances cannot reach its names until it can", "err", err)
 		}
 	}
-	beat(ctx, false)
+	beat()
 	t := time.NewTicker(d.cfg.ReverseRenew)
 	defer t.Stop()
-	for ctx.Err() == nil {
+	for {
 		select {
 		case <-ctx.Done():
-			continue
+			d.drainInstance(ctx, addr, t.C, drained)
+			return
 		case <-t.C:
 		}
-		beat(ctx, false)
+		beat()
 		if c := d.nodeCert.Load(); c != nil && time.Until(c.Leaf.NotAfter) < nodeCertLifetime/3 {
 			if err := d.renewNodeCert(); err != nil {
 				d.log.Error("peering: renewing the node certificate failed; retrying", "err", err)
 			}
 		}
 	}
-	// Draining: the others (and `tpd status` on them) see it until it ends.
-	dctx := context.WithoutCancel(ctx)
-	for {
-		if d.databaseHealth() == "" { // a lost database must not hold the stop up
-			bctx, cancel := context.WithTimeout(dctx, 2*time.Second)
-			beat(bctx, true)
-			cancel()
-		}
-		select {
-		case <-t.C:
-			continue
-		case <-drained:
-		}
-		break
-	}
-	fctx, cancel := context.WithTimeout(dctx, 5*time.Second)
-	_ = d.db.ForgetInstance(fctx, d.instance, time.Hour)
-	cancel()
-}
-
-// instanceStale is how old an instance's heartbeat may be before `tpd status`
-// calls it stale: two heartbeats (every reverse-renew) missed.
-func (d *Daemon) instanceStale() time.Duration { return 3 * d.cfg.ReverseRenew }
-
-// instances lists every instance on the database for `tpd status`, or says
-// why it cannot; nil without a database.
-func (d *Daemon) instances(ctx context.Context) ([]admin.Instance, string) {
-	if d.db == nil {
-		return nil, ""
-	}
-	if why := d.databaseHealth(); why != "" {
-		return nil, why // without waiting for a database known to be lost
-	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	rows, err := d.db.Instances(ctx, 0)
-	if err != nil {
-		return nil, err.Error()
-	}
-	out := make([]admin.Instance, 0, len(rows))
-	for _, r := range rows {
-		out = append(out, admin.Instance{
-			Name: r.Name, PeerAddress: r.PeerAddress, PolicyRevision: r.PolicyRevision, Started: r.Started,
-			HeartbeatAge: r.Age.Seconds(), Draining: r.Draining, Stale: r.Age > d.instanceStale(), Self: r.Name == d.instance,
-		})
-	}
-	return out, ""
 }
 
 // Instance is this instance's name on the database ("" without one).
