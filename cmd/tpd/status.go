@@ -57,6 +57,39 @@ func printStatus(w io.Writer, st admin.Status) error {
 		return t.Local().Format(time.TimeOnly) + " (" + st.Time.Sub(t).Round(time.Second).String() + " ago)"
 	}
 
+	if st.Instances != nil || st.InstancesError != "" {
+		fmt.Fprintf(tw, "\nINSTANCES (%d)\n", len(st.Instances))
+		if st.InstancesError != "" {
+			fmt.Fprintf(tw, "cannot list them: %s\n", st.InstancesError)
+		}
+		if len(st.Instances) > 0 {
+			fmt.Fprintln(tw, "NAME\tPEER ADDRESS\tPOLICY REVISION\tHEARTBEAT\tSTATE")
+		}
+		for _, in := range st.Instances {
+			name := shown(in.Name)
+			if in.Self {
+				name += " (this one)"
+			}
+			rev := shown(in.PolicyRevision)
+			if in.PolicyRevision != st.PolicyRevision {
+				rev += " (differs)"
+			}
+			var states []string
+			if in.Draining {
+				states = append(states, "draining")
+			}
+			if in.Stale {
+				states = append(states, "stale (no heartbeat: frozen, cut from the database, or dead)")
+			}
+			state := "serving"
+			if len(states) > 0 {
+				state = strings.Join(states, ", ")
+			}
+			age := time.Duration(in.HeartbeatAge * float64(time.Second)).Round(100 * time.Millisecond)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\t%s\n", name, shown(in.PeerAddress), rev, age, state)
+		}
+	}
+
 	fmt.Fprintf(tw, "\nSESSIONS (%d)\n", len(st.Sessions))
 	if len(st.Sessions) > 0 {
 		fmt.Fprintln(tw, "IDENTITY\tTRANSPORT\tACTION\tDESTINATION\tREMOTE\tSTARTED")

@@ -23,6 +23,8 @@ func TestStatusTableQuotesControlCharacters(t *testing.T) {
 		Agents:      []proxy.Agent{{Identity: "bob@pc", Transport: "quic", Names: []string{"pc.rev.test"}}},
 		PublicPorts: []proxy.PublicPort{{Exposure: "public TCP port 8080", Address: "tcp 127.0.0.1:8080", Owner: "bob@pc", Online: true}},
 		Denials:     []admin.Denial{{Time: now, Identity: "mallory@pc", Action: "dial", Destination: "x:1", Reason: hostile}},
+		Instances: []admin.Instance{{Name: "a/1", PeerAddress: "10.0.0.1:443", PolicyRevision: "abc", HeartbeatAge: 0.4, Self: true},
+			{Name: hostile, PeerAddress: "10.0.0.2:443", PolicyRevision: "old", HeartbeatAge: 40, Draining: true, Stale: true}},
 	}
 	var b bytes.Buffer
 	if err := printStatus(&b, st); err != nil {
@@ -33,7 +35,8 @@ func TestStatusTableQuotesControlCharacters(t *testing.T) {
 		t.Fatalf("a raw control character reached the table:\n%q", out)
 	}
 	for _, want := range []string{"SESSIONS (1)", `"evil\nFAKE ROW\x1b[2J\tx\xff"`, "AGENTS (1)", "pc.rev.test", "PUBLIC PORTS (1)",
-		"tcp 127.0.0.1:8080", "online", "RECENT DENIALS (1", "mallory@pc", "up 1h0m0s"} {
+		"tcp 127.0.0.1:8080", "online", "RECENT DENIALS (1", "mallory@pc", "up 1h0m0s",
+		"INSTANCES (2)", "a/1 (this one)", "10.0.0.1:443", "400ms ago", "serving", "old (differs)", "40s ago", "draining, stale (no heartbeat"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}

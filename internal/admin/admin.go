@@ -83,7 +83,7 @@ type Server struct {
 	Logger      *slog.Logger
 	// Status, when set, answers GET /v1/status (status.go); OnAct, when set,
 	// receives each administrative act for the audit trail.
-	Status func() Status
+	Status func(context.Context) Status
 	OnAct  func(Act)
 }
 

@@ -55,12 +55,37 @@ type Status struct {
 	PolicyRevision string    `json:"policy_revision"`
 	// Database names the shared PostgreSQL database and says whether this tpd
 	// reaches it; empty when state is in the data dir.
-	Database    string              `json:"database,omitempty"`
-	Sessions    []proxy.LiveSession `json:"sessions"`
-	Agents      []proxy.Agent       `json:"agents"`
-	PublicPorts []proxy.PublicPort  `json:"public_ports"`
+	Database string `json:"database,omitempty"`
+	// Instance is this tpd's name on the database; Instances lists every
+	// instance there (tp_instances), or InstancesError says why it could not
+	// be read. All empty when state is in the data dir.
+	Instance       string              `json:"instance,omitempty"`
+	Instances      []Instance          `json:"instances,omitempty"`
+	InstancesError string              `json:"instances_error,omitempty"`
+	Sessions       []proxy.LiveSession `json:"sessions"`
+	Agents         []proxy.Agent       `json:"agents"`
+	PublicPorts    []proxy.PublicPort  `json:"public_ports"`
 	// Denials are the most recent policy denials, oldest first.
 	Denials []Denial `json:"denials"`
+}
+
+// Instance is one tpd on the shared database, as its row in tp_instances
+// says.
+type Instance struct {
+	Name           string    `json:"name"`
+	PeerAddress    string    `json:"peer_address"`
+	PolicyRevision string    `json:"policy_revision"`
+	Started        time.Time `json:"started"`
+	// HeartbeatAge is the seconds since its last heartbeat (every
+	// reverse-renew), on the database's clock.
+	HeartbeatAge float64 `json:"heartbeat_age_seconds"`
+	// Draining: it takes no new connections and waits for its live sessions.
+	Draining bool `json:"draining"`
+	// Stale: it missed two heartbeats (frozen, cut from the database, or
+	// killed; a killed instance's row goes after an hour).
+	Stale bool `json:"stale"`
+	// Self is the instance that answered.
+	Self bool `json:"self"`
 }
 
 func (s *Server) act(a Act) {
@@ -69,13 +94,13 @@ func (s *Server) act(a Act) {
 	}
 }
 
-func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 	if s.Status == nil {
 		http.Error(w, "this tpd has no live view", http.StatusNotImplemented)
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(s.Status())
+	json.NewEncoder(w).Encode(s.Status(r.Context()))
 }
 
 // Status asks tpd what it holds right now.

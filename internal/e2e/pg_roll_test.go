@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 )
 
@@ -65,14 +66,13 @@ const (
 	rollTruncated                    // tp exited 0 but bytes are missing or wrong: a silent truncation
 )
 
-// rollTransfer runs `tp chat.rev.tp.internal 22` (the ProxyCommand mode) as a
-// process, uploads rollUp random bytes on its standard input, closes it, and
+// rollTransfer runs `tp NAME 22` (the ProxyCommand mode) as a process, uploads rollUp random bytes on its standard input, closes it, and
 // checks what comes back on its standard output: the service's checksum of the
 // upload, rollDown bytes, their checksum. tp's exit status is the client's
 // verdict: 0 means it saw a clean end. Only a clean end with a wrong or short
 // answer is a silent truncation.
-func rollTransfer(env []string) (rollOutcome, string) {
-	cmd := exec.Command(binary("tp"), "chat.rev.tp.internal", "22")
+func rollTransfer(env []string, name string) (rollOutcome, string) {
+	cmd := exec.Command(binary("tp"), name, "22")
 	cmd.Env = append(os.Environ(), env...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -134,6 +134,7 @@ func rollTransfer(env []string) (rollOutcome, string) {
 // name through the restarted instance itself (so the name survived, served
 // from wherever the agent now is), and alice's agent never lost its name to a
 // refusal. The figures (completed, refused, aborted) are logged.
+// TestPGRollingRestartQUIC is the same over QUIC behind a UDP balancer.
 func TestPGRollingRestart(t *testing.T) {
 	env := []string{"TP_SHUTDOWN_TIMEOUT=2s"}
 	srvs := startPeers(t, 3, peerPolicy, env)
@@ -156,39 +157,103 @@ func TestPGRollingRestart(t *testing.T) {
 	bob = append(bob, tls)
 	expose := startExpose(t, append(alice, tls), "chat", pacedChecksumServer(t), "--allow-user", "bob")
 
-	// direct returns bob's environment with the profile pointing at s itself.
-	direct := func(s *server) []string {
-		home := filepath.Join(t.TempDir(), "tp-home")
-		if err := os.CopyFS(home, os.DirFS(bobHome)); err != nil {
-			t.Fatal(err)
-		}
-		setServer(t, home, s.URL)
-		return []string{"TP_HOME=" + home, tls}
+	rig := rollRig{
+		srvs:   srvs,
+		names:  []string{"chat.rev.tp.internal"},
+		agents: []*testlog.Buffer{expose},
+		dial:   func(int) []string { return bob },
+		direct: func(s *server) []string { return []string{"TP_HOME=" + homeOn(t, bobHome, s), tls} },
+		restart: func(_ int, s *server) *server {
+			return startTPD(t, s.DataDir, s.Addr, append([]string{"TP_DATABASE=" + envOf(s, "TP_DATABASE"), "TP_DATABASE_PASSWORD=" + envOf(s, "TP_DATABASE_PASSWORD")}, env...))
+		},
 	}
-	// probe dials through s until a transfer completes (an agent that is
-	// moving answers reverse_offline, which tp reports as an error).
-	probe := func(s *server, what string) {
-		t.Helper()
-		penv := direct(s)
-		deadline := time.Now().Add(60 * time.Second)
-		for {
-			o, msg := rollTransfer(penv)
-			if o == rollCompleted {
-				return
-			}
-			if o == rollTruncated {
-				t.Fatalf("%s: silent truncation: %s", what, msg)
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: no completed transfer within 60s; last: %s\nexpose log:\n%s", what, msg, expose.String())
-			}
-			time.Sleep(200 * time.Millisecond) // polling a retry, bounded by the deadline
-		}
-	}
-	for i, s := range srvs {
-		probe(s, fmt.Sprintf("before the restarts, through instance %d", i))
-	}
+	rig.run(t)
+}
 
+// homeOn copies the TP_HOME home into a new one whose profile points at s.
+func homeOn(t *testing.T, home string, s *server) string {
+	t.Helper()
+	h := filepath.Join(t.TempDir(), "tp-home")
+	if err := os.CopyFS(h, os.DirFS(home)); err != nil {
+		t.Fatal(err)
+	}
+	setServer(t, h, s.URL)
+	return h
+}
+
+// rollRig is a rolling restart under load: the instances, the reverse names
+// the dialers reach (dialer k dials names[k%len(names)]), the agents' logs,
+// the environment of dialer k (through the balancer) and of a dial through
+// instance s alone, and how instance i is started again on its address and
+// data dir.
+type rollRig struct {
+	srvs    []*server
+	names   []string
+	agents  []*testlog.Buffer
+	dial    func(k int) []string
+	direct  func(s *server) []string
+	restart func(i int, s *server) *server
+}
+
+// probe dials every name through each of srvs alone, all at once, until a
+// transfer to each completes (an agent that is moving answers
+// reverse_offline, which tp reports as an error), within 60 s.
+func (r rollRig) probe(t *testing.T, what string, srvs ...*server) {
+	t.Helper()
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []string
+	)
+	for i, s := range srvs {
+		penv := r.direct(s)
+		for _, name := range r.names {
+			wg.Go(func() {
+				deadline := time.Now().Add(60 * time.Second)
+				for {
+					o, msg := rollTransfer(penv, name)
+					if o == rollCompleted {
+						return
+					}
+					if o == rollTruncated || time.Now().After(deadline) {
+						mu.Lock()
+						defer mu.Unlock()
+						if o == rollTruncated {
+							errs = append(errs, fmt.Sprintf("%s, through %s (%d), %s: silent truncation: %s", what, s.Addr, i, name, msg))
+						} else {
+							errs = append(errs, fmt.Sprintf("%s, through %s (%d), %s: no completed transfer within 60s; last: %s", what, s.Addr, i, name, msg))
+						}
+						return
+					}
+					time.Sleep(200 * time.Millisecond) // polling a retry, bounded by the deadline
+				}
+			})
+		}
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		t.Fatalf("%s\nagent logs:\n%s", strings.Join(errs, "\n"), r.agentLogs())
+	}
+}
+
+func (r rollRig) agentLogs() string {
+	var b strings.Builder
+	for _, a := range r.agents {
+		b.WriteString(a.String())
+	}
+	return b.String()
+}
+
+// run probes every instance, starts rollDialer dialers, drains and restarts
+// each instance in turn (each must exit 0 having had live sessions to drain,
+// and serve every name once restarted), lets every dialer complete a transfer
+// more, stops them and fails the test on any silent truncation or an agent
+// that lost a name to another identity.
+func (r rollRig) run(t *testing.T) {
+	t.Helper()
+	began := time.Now()
+	r.probe(t, "before the restarts", r.srvs...)
+	t.Logf("every instance serves every name (%s into the rolling restart)", time.Since(began).Round(100*time.Millisecond))
 	var (
 		stop                                   atomic.Bool
 		completed, refused, aborted, truncated atomic.Int64
@@ -196,10 +261,11 @@ func TestPGRollingRestart(t *testing.T) {
 		truncations, abortMsgs, refuseMsgs     []string
 		wg                                     sync.WaitGroup
 	)
-	for range rollDialer {
+	for k := range rollDialer {
+		env, name := r.dial(k), r.names[k%len(r.names)]
 		wg.Go(func() {
 			for !stop.Load() {
-				o, msg := rollTransfer(bob)
+				o, msg := rollTransfer(env, name)
 				switch o {
 				case rollCompleted:
 					completed.Add(1)
@@ -230,14 +296,15 @@ func TestPGRollingRestart(t *testing.T) {
 	defer func() { stop.Store(true); wg.Wait() }()
 
 	stopped := regexp.MustCompile(`msg=stopped drained=(\d+) cut=(\d+) forced=false took=(\S+)`)
-	// Let every dialer get going before the first drain.
-	for completed.Load() < rollDialer {
+	// Let the dialers get going (all 50 start at once; 10 transfers
+	// through show the path works) before the first drain.
+	for completed.Load() < rollDialer/5 {
 		if truncated.Load() > 0 {
 			break
 		}
 		time.Sleep(100 * time.Millisecond) // waiting for progress; the test's timeout bounds it
 	}
-	for i, s := range srvs {
+	for i, s := range r.srvs {
 		if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)
 		}
@@ -256,22 +323,22 @@ func TestPGRollingRestart(t *testing.T) {
 		if m[1] == "0" && m[2] == "0" {
 			t.Fatalf("instance %d drained no live session: the restart proved nothing", i)
 		}
-		t.Logf("instance %d drained: %s sessions ended by themselves, %s cut at shutdown-timeout, took %s (transfers so far: %d completed, %d refused, %d aborted)",
-			i, m[1], m[2], m[3], completed.Load(), refused.Load(), aborted.Load())
-		n := startTPD(t, s.DataDir, s.Addr, append([]string{"TP_DATABASE=" + envOf(s, "TP_DATABASE"), "TP_DATABASE_PASSWORD=" + envOf(s, "TP_DATABASE_PASSWORD")}, env...))
+		t.Logf("instance %d drained: %s sessions ended by themselves, %s cut at shutdown-timeout, took %s (%s into the rolling restart; transfers so far: %d completed, %d refused, %d aborted)",
+			i, m[1], m[2], m[3], time.Since(began).Round(100*time.Millisecond), completed.Load(), refused.Load(), aborted.Load())
+		n := r.restart(i, s)
 		n.mustStop = true
-		srvs[i] = n
-		probe(n, fmt.Sprintf("after restarting instance %d, through it", i))
+		r.srvs[i] = n
+		r.probe(t, fmt.Sprintf("after restarting instance %d, through it", i), n)
 	}
 	before := completed.Load()
-	for completed.Load() < before+rollDialer && truncated.Load() == 0 {
+	for completed.Load() < before+rollDialer/5 && truncated.Load() == 0 {
 		time.Sleep(100 * time.Millisecond) // dials work after the last restart; the test's timeout bounds it
 	}
 	stop.Store(true)
 	wg.Wait()
 
-	t.Logf("rolling restart of 3 instances under %d dialers: %d transfers completed with matching checksums, %d refused before any byte and retried, %d aborted mid-transfer (tp exited with an error), %d silent truncations",
-		rollDialer, completed.Load(), refused.Load(), aborted.Load(), truncated.Load())
+	t.Logf("rolling restart of %d instances under %d dialers (%s): %d transfers completed with matching checksums, %d refused before any byte and retried, %d aborted mid-transfer (tp exited with an error), %d silent truncations",
+		len(r.srvs), rollDialer, time.Since(began).Round(100*time.Millisecond), completed.Load(), refused.Load(), aborted.Load(), truncated.Load())
 	for _, m := range refuseMsgs {
 		t.Logf("a refusal as tp printed it: %s", m)
 	}
@@ -281,12 +348,10 @@ func TestPGRollingRestart(t *testing.T) {
 	if n := truncated.Load(); n > 0 {
 		t.Fatalf("%d silent truncations (a transfer tp called clean had missing or wrong bytes), e.g. %s", n, truncations[0])
 	}
-	if strings.Contains(expose.String(), "another identity") {
-		t.Fatalf("alice's agent lost its name during the rolling restart:\n%s", expose.String())
+	if strings.Contains(r.agentLogs(), "another identity") {
+		t.Fatalf("an agent lost its name during the rolling restart:\n%s", r.agentLogs())
 	}
-	for i, s := range srvs {
-		probe(s, fmt.Sprintf("after the rolling restart, through instance %d", i))
-	}
+	r.probe(t, "after the rolling restart", r.srvs...)
 }
 
 // envOf returns the value of key in the environment s was started with.

@@ -105,6 +105,10 @@ var migrations = []string{
 		heartbeat    timestamptz NOT NULL DEFAULT now(),
 		policy_revision text NOT NULL DEFAULT ''
 	);`,
+	// 7: whether the instance is draining (it stopped taking new connections
+	// and waits for its live sessions; the row goes when it has stopped), for
+	// `tpd status` on any instance.
+	`ALTER TABLE tp_instances ADD COLUMN draining boolean NOT NULL DEFAULT false;`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

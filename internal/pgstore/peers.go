@@ -16,17 +16,24 @@ import (
 type Instance struct {
 	Name, PeerAddress, PolicyRevision string
 	Started, Heartbeat                time.Time
+	// Draining: it stopped taking new connections and waits for its live
+	// sessions; its row goes when it has stopped.
+	Draining bool
+	// Age is how long ago its last heartbeat was, on the database's clock
+	// (read by Instances only).
+	Age time.Duration
 }
 
-// Heartbeat records instance (its peer address and policy revision) with the
-// database's now(): peers find it there, and `tpd status` lists it.
+// Heartbeat records instance (its peer address, policy revision and whether
+// it drains) with the database's now(): peers find it there, and `tpd status`
+// lists it.
 func (db *DB) Heartbeat(ctx context.Context, inst Instance) error {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	_, err := db.pool.Exec(ctx, `INSERT INTO tp_instances (name, peer_address, policy_revision) VALUES ($1, $2, $3)
+	_, err := db.pool.Exec(ctx, `INSERT INTO tp_instances (name, peer_address, policy_revision, draining) VALUES ($1, $2, $3, $4)
 		ON CONFLICT (name) DO UPDATE SET peer_address = excluded.peer_address,
-			policy_revision = excluded.policy_revision, heartbeat = now()`,
-		inst.Name, inst.PeerAddress, inst.PolicyRevision)
+			policy_revision = excluded.policy_revision, draining = excluded.draining, heartbeat = now()`,
+		inst.Name, inst.PeerAddress, inst.PolicyRevision, inst.Draining)
 	if err != nil {
 		return fmt.Errorf("recording this instance in the database: %w", err)
 	}
@@ -43,18 +50,29 @@ func (db *DB) ForgetInstance(ctx context.Context, name string, stale time.Durati
 	return err
 }
 
-// Instances lists the instances whose heartbeat is newer than within.
+// maxInstances bounds the rows Instances reads: far more instances than one
+// database serves, so that a table filled by mistake cannot make `tpd status`
+// unbounded.
+const maxInstances = 1000
+
+// Instances lists the instances whose heartbeat is newer than within (every
+// row when within is 0), by name, each with the age of its heartbeat on the
+// database's clock; at most maxInstances.
 func (db *DB) Instances(ctx context.Context, within time.Duration) ([]Instance, error) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	rows, err := db.pool.Query(ctx, `SELECT name, peer_address, policy_revision, started, heartbeat FROM tp_instances
-		WHERE heartbeat > now() - $1 * interval '1 microsecond' ORDER BY name`, micros(within))
+	rows, err := db.pool.Query(ctx, `SELECT name, peer_address, policy_revision, started, heartbeat, draining,
+			(extract(epoch FROM now() - heartbeat) * 1000000)::bigint
+		FROM tp_instances
+		WHERE $1::float8 = 0 OR heartbeat > now() - $1::float8 * interval '1 microsecond' ORDER BY name LIMIT $2`, micros(within), maxInstances)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("reading the instances from the database: %w", err)
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (Instance, error) {
 		var i Instance
-		err := r.Scan(&i.Name, &i.PeerAddress, &i.PolicyRevision, &i.Started, &i.Heartbeat)
+		var age int64
+		err := r.Scan(&i.Name, &i.PeerAddress, &i.PolicyRevision, &i.Started, &i.Heartbeat, &i.Draining, &age)
+		i.Age = time.Duration(max(age, 0)) * time.Microsecond
 		return i, err
 	})
 }
@@ -64,7 +82,8 @@ const maxRoutes = 4096
 
 // Routes answers which instance serves a key, for proxy.PeerOptions.Route:
 // from the row in tp_holds whose lease is current, joined with the serving
-// instance's peer address. Answers are cached until a claim or release on any
+// instance's peer address, unless that instance drains (it takes no new
+// connections; its agents are moving). Answers are cached until a claim or release on any
 // instance (NOTIFY holds: Invalidate), so a dial of a name served elsewhere
 // costs no query while nothing moves.
 type Routes struct {
@@ -105,7 +124,7 @@ func (r *Routes) Route(ctx context.Context, key string) (proxy.PeerRoute, bool, 
 	defer cancel()
 	err := r.db.pool.QueryRow(ctx, `SELECT h.instance, i.peer_address, h.epoch FROM tp_holds h
 		JOIN tp_instances i ON i.name = h.instance
-		WHERE h.key = $1 AND h.instance <> '' AND h.lease_until > now()`, key).Scan(&rt.Instance, &rt.Addr, &rt.Epoch)
+		WHERE h.key = $1 AND h.instance <> '' AND h.lease_until > now() AND NOT i.draining`, key).Scan(&rt.Instance, &rt.Addr, &rt.Epoch)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return proxy.PeerRoute{}, false, nil
 	}

@@ -8,6 +8,7 @@ package tpd
 // here too, whether or not the audit log is on.
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -194,13 +195,15 @@ func (d *Daemon) policyReloaded(via string, err error) {
 	d.AuditAdmin(a)
 }
 
-// Status is the live view `tpd status` shows.
-func (d *Daemon) Status() admin.Status {
+// Status is the live view `tpd status` shows; with a database, the
+// instances on it too (read within ctx, at most 5 s).
+func (d *Daemon) Status(ctx context.Context) admin.Status {
 	st := admin.Status{
 		Version: Version, Time: time.Now().UTC(), Started: d.started, PolicyRevision: d.policy.Revision(),
 		Sessions: d.proxy.LiveSessions(), Agents: d.proxy.Agents(), PublicPorts: d.proxy.PublicPorts(),
-		Denials: d.denials.list(), Database: d.databaseStatus(),
+		Denials: d.denials.list(), Database: d.databaseStatus(), Instance: d.instance,
 	}
+	st.Instances, st.InstancesError = d.instances(ctx) // instances.go
 	// Empty lists, not null, for scripts reading --json.
 	if st.Agents == nil {
 		st.Agents = []proxy.Agent{}

@@ -115,8 +115,9 @@ func (d *Daemon) peerAddress(ln net.Listener) string {
 
 // runPeers keeps this instance's row in tp_instances (peer address, policy
 // revision) fresh every reverse-renew and its node certificate renewed, until
-// ctx ends; then it deletes the row.
-func (d *Daemon) runPeers(ctx context.Context, ln net.Listener) {
+// ctx ends; then, while the drain lasts (until drained is closed), the row
+// says the instance drains, and then it is deleted (instances.go).
+func (d *Daemon) runPeers(ctx context.Context, ln net.Listener, drained <-chan struct{}) {
 	if d.routes == nil {
 		return
 	}
@@ -134,9 +135,7 @@ func (d *Daemon) runPeers(ctx context.Context, ln net.Listener) {
 	for {
 		select {
 		case <-ctx.Done():
-			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-			_ = d.db.ForgetInstance(fctx, d.instance, time.Hour)
-			cancel()
+			d.drainInstance(ctx, addr, t.C, drained)
 			return
 		case <-t.C:
 		}

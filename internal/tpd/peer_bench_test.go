@@ -19,14 +19,18 @@ import (
 // the service through one new session (throughput). Both protected (end to
 // end TLS inside), both over TLS carriers, interleaved in one loop so that
 // the ratios compare like with like on a shared machine (absolute figures
-// there are noisy).
+// there are noisy); the dialer over TLS and over QUIC.
 //
-//	go test -run '^$' -bench PeerHop -benchtime 3s -count 3 ./internal/tpd
+//	go test -run '^$' -bench 'PeerHop/session' -benchtime 200x -count 3 ./internal/tpd
+//	go test -run '^$' -bench 'PeerHop/bulk' -benchtime 20x -count 3 ./internal/tpd
 func BenchmarkPeerHop(b *testing.B) {
 	_, dsn := testpg.NewDatabase(b)
 	cfgA := leaseDataDir(b, dsn, nil)
+	cfgA.QUIC = true
 	a := runDaemon(b, cfgA)
-	pb := runDaemon(b, leaseDataDir(b, dsn, &cfgA))
+	cfgB := leaseDataDir(b, dsn, &cfgA)
+	cfgB.QUIC = true
+	pb := runDaemon(b, cfgB)
 	svc := testnet.Serve(b, func(c *net.TCPConn) {
 		if _, err := io.Copy(io.Discard, c); err == nil {
 			_, _ = c.Write([]byte("ok"))
@@ -51,22 +55,9 @@ func BenchmarkPeerHop(b *testing.B) {
 		}
 	}
 	bulk := make([]byte, 32<<20)
-	direct, err := bob.Dialer()
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer direct.Close()
-	peer, err := clientOn(b, bob, pb.url).Dialer()
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer peer.Close()
-	direct.Transport, peer.Transport = clients.TransportTLS, clients.TransportTLS
-	one(b, direct, []byte("w")) // warm: certificate, tickets, the peer pool
-	one(b, peer, []byte("w"))
 	// Each iteration runs one direct and one peer operation, alternating which
 	// goes first, so that both see the same load on a shared machine.
-	pair := func(b *testing.B, payload []byte) {
+	pair := func(b *testing.B, direct, peer *clients.Dialer, payload []byte) {
 		var td, tp time.Duration
 		i := 0
 		for b.Loop() {
@@ -92,6 +83,23 @@ func BenchmarkPeerHop(b *testing.B) {
 		b.ReportMetric(float64(tp.Microseconds())/n, "peer-µs/session")
 		b.ReportMetric(tp.Seconds()/td.Seconds(), "peer/direct-time")
 	}
-	b.Run("session", func(b *testing.B) { pair(b, []byte("x")) })
-	b.Run("bulk", func(b *testing.B) { pair(b, bulk) })
+	// The dialer's carrier: TLS over TCP, and QUIC (the hop between the
+	// instances is TLS over TCP either way).
+	for _, tr := range []string{clients.TransportTLS, clients.TransportQUIC} {
+		direct, err := bob.Dialer()
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer direct.Close()
+		peer, err := clientOn(b, bob, pb.url).Dialer()
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer peer.Close()
+		direct.Transport, peer.Transport = tr, tr
+		one(b, direct, []byte("w")) // warm: certificate, tickets, the peer pool
+		one(b, peer, []byte("w"))
+		b.Run("session-"+tr, func(b *testing.B) { pair(b, direct, peer, []byte("x")) })
+		b.Run("bulk-"+tr, func(b *testing.B) { pair(b, direct, peer, bulk) })
+	}
 }

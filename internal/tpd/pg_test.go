@@ -172,7 +172,7 @@ func TestPGOutageAndRecovery(t *testing.T) {
 	if err := dialEcho(t, c, echo); err != nil {
 		t.Fatalf("an enrolled device while PostgreSQL is stopped: %v; want served from what tpd loaded", err)
 	}
-	if st := r.d.Status().Database; !strings.Contains(st, "database is unreachable") {
+	if st := r.d.Status(context.Background()).Database; !strings.Contains(st, "database is unreachable") {
 		t.Fatalf("tpd status while PostgreSQL is stopped says %q", st)
 	}
 	_, err = r.d.Users().Enroll("bob", "phone", nil, time.Hour)

@@ -421,8 +421,9 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		return nil
 	})
 	// The admin HTTP listener outlives the drain below, so that /readyz can say
-	// "draining" while it lasts; it stops after the proxy did.
-	adminHTTPDone := make(chan struct{})
+	// "draining" while it lasts; it stops after the proxy did. So does this
+	// instance's row in tp_instances (runPeers).
+	adminHTTPDone := make(chan struct{}) // closed when the drain has ended
 	if adminHTTPLn != nil {
 		adminHTTP := d.adminHTTPServer()
 		d.log.Info("serving metrics and health checks", "admin_listen", adminHTTPLn.Addr().String())
@@ -443,8 +444,8 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	if d.db != nil {
 		g.Go(func() error { d.db.Listen(gctx); return nil }) // other instances' changes (store.go)
 		g.Go(func() error { d.pruneNonces(gctx); return nil })
-		g.Go(func() error { d.proxy.RunLeases(gctx); return nil }) // reverse holds' leases (proxy/holdstore.go)
-		g.Go(func() error { d.runPeers(gctx, ln); return nil })    // peer.go
+		g.Go(func() error { d.proxy.RunLeases(gctx); return nil })             // reverse holds' leases (proxy/holdstore.go)
+		g.Go(func() error { d.runPeers(gctx, ln, adminHTTPDone); return nil }) // peer.go
 	}
 	g.Go(func() error { d.maintain(gctx); return nil })
 	g.Go(func() error { d.pruneCA(gctx); return nil })
