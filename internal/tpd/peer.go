@@ -33,7 +33,10 @@ func (d *Daemon) peerOptions(revOpts proxy.ReverseOptions) (*proxy.PeerOptions, 
 		return nil, fmt.Errorf("issuing this instance's node certificate: %w", err)
 	}
 	d.routes = pgstore.NewRoutes(d.db)
-	d.db.OnChange(pgstore.TopicHolds, func(context.Context) error { d.routes.Invalidate(); return nil })
+	d.db.OnChange(pgstore.TopicHolds, func(ctx context.Context) error {
+		d.routes.Invalidate()
+		return d.refreshPeerPublic(ctx)
+	})
 	getCert := func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return d.nodeCert.Load(), nil }
 	return &proxy.PeerOptions{
 		Self:   d.instance,
@@ -129,6 +132,7 @@ func (d *Daemon) runPeers(ctx context.Context, ln net.Listener) {
 		}
 	}
 	beat()
+	_ = d.refreshPeerPublic(ctx)
 	t := time.NewTicker(d.cfg.ReverseRenew)
 	defer t.Stop()
 	for {
@@ -141,12 +145,31 @@ func (d *Daemon) runPeers(ctx context.Context, ln net.Listener) {
 		case <-t.C:
 		}
 		beat()
+		if err := d.refreshPeerPublic(ctx); err != nil && ctx.Err() == nil {
+			d.log.Warn("peering: cannot read which public ports and server names other instances serve; keeping the last known", "err", err)
+		}
 		if c := d.nodeCert.Load(); c != nil && time.Until(c.Leaf.NotAfter) < nodeCertLifetime/3 {
 			if err := d.renewNodeCert(); err != nil {
 				d.log.Error("peering: renewing the node certificate failed; retrying", "err", err)
 			}
 		}
 	}
+}
+
+// refreshPeerPublic tells the proxy which public ports and pass-through names
+// other instances serve, so that it keeps those ports open and carries their
+// connections there (a holds notification, and every reverse-renew for leases
+// that ran out without one).
+func (d *Daemon) refreshPeerPublic(ctx context.Context) error {
+	if d.proxy == nil {
+		return nil
+	}
+	keys, err := d.db.PeerPublic(ctx, d.instance)
+	if err != nil {
+		return err
+	}
+	d.proxy.SetPeerPublic(keys)
+	return nil
 }
 
 // Instance is this instance's name on the database ("" without one).

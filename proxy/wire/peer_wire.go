@@ -1,6 +1,11 @@
 package wire
 
-import "io"
+import (
+	"io"
+	"net/netip"
+	"strconv"
+	"strings"
+)
 
 // PeerALPN is the TLS application protocol of connections between TP server
 // instances on the shared port (docs/SCALE.md, "Peering"). Only a node
@@ -37,21 +42,77 @@ func ReadPeerOpen(r io.Reader) (PeerOpen, error) {
 	if err := strictJSON(body, &o); err != nil {
 		return PeerOpen{}, Errorf(CodeBadRequest, "malformed peer open: %v", err)
 	}
-	switch {
-	case o.V != Version || o.Header.V != Version:
+	if o.V != Version || o.Header.V != Version {
 		return PeerOpen{}, Errorf(CodeUnsupportedVersion, "peer open version %d (header %d); this side speaks %d", o.V, o.Header.V, Version)
-	case o.Epoch <= 0:
+	}
+	if o.Epoch <= 0 {
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open without a positive epoch")
+	}
+	if err := validSessionID(o.Header.Session); err != nil {
+		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: %v", err)
+	}
+	if o.Header.Flow != nil || o.Header.Ping || o.Header.End != "" {
+		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: a session header between instances carries no flow, ping or end")
+	}
+	if net, ok := PublicKeyNet(o.Key); ok {
+		return o, validPeerPublic(o, net)
+	}
+	switch {
 	case ValidHost(o.Key) != nil:
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open for an invalid name: %v", ValidHost(o.Key))
 	case ValidReverseName(o.Header.Name) != nil:
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: %v", ValidReverseName(o.Header.Name))
-	case validSessionID(o.Header.Session) != nil:
-		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: %v", validSessionID(o.Header.Session))
 	case o.Header.Net != "" && o.Header.Net != "udp":
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: network %q (want \"\" or \"udp\")", o.Header.Net)
-	case o.Header.Public != "" || o.Header.Flow != nil || o.Header.Ping || o.Header.End != "":
-		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: a dial's header carries no public, flow, ping or end")
+	case o.Header.Public != "" || o.Header.PeerAddr != "":
+		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: a dial's header carries no public or peer_addr")
 	}
 	return o, nil
+}
+
+// validPeerPublic checks a peer open of a public exposure (Key "tcp/PORT",
+// "udp/PORT" or "sni/NAME"): the header names the exposure, the public
+// client's address and the network, and no label (the serving instance
+// fills in the label its agent registered) and no dialer.
+func validPeerPublic(o PeerOpen, net string) error {
+	h := o.Header
+	want := ""
+	if net == "udp" {
+		want = "udp"
+	}
+	switch {
+	case h.Public != o.Key:
+		return Errorf(CodeBadRequest, "peer open of %s: header public %q differs", o.Key, h.Public)
+	case h.Name != "":
+		return Errorf(CodeBadRequest, "peer open of %s: a public session's label is the serving instance's to set", o.Key)
+	case h.Net != want:
+		return Errorf(CodeBadRequest, "peer open of %s: network %q (want %q)", o.Key, h.Net, want)
+	case h.PeerID != "" || h.PeerUser != "" || len(h.PeerGroups) > 0:
+		return Errorf(CodeBadRequest, "peer open of %s: a public session has no dialer identity", o.Key)
+	}
+	if _, err := netip.ParseAddrPort(h.PeerAddr); err != nil {
+		return Errorf(CodeBadRequest, "peer open of %s: public client address %q: %v", o.Key, h.PeerAddr, err)
+	}
+	return nil
+}
+
+// PublicKeyNet says whether key names a public exposure ("tcp/PORT",
+// "udp/PORT" with PORT 1–65535, or "sni/NAME" with a valid host name) and its
+// network: "tcp", "udp", or "tcp" for a server name.
+func PublicKeyNet(key string) (string, bool) {
+	kind, rest, ok := strings.Cut(key, "/")
+	if !ok {
+		return "", false
+	}
+	switch kind {
+	case "tcp", "udp":
+		p, err := strconv.Atoi(rest)
+		if err != nil || p < 1 || p > 65535 || strconv.Itoa(p) != rest {
+			return "", false
+		}
+		return kind, true
+	case "sni":
+		return "tcp", ValidHost(rest) == nil
+	}
+	return "", false
 }

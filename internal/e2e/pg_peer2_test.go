@@ -1,0 +1,156 @@
+package e2e
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/internal/testnet"
+)
+
+// tlsChecksumServer is checksumServer behind TLS with a certificate for name
+// (self-signed; roots trusts it): the local service of a pass-through name,
+// whose TLS the public client runs end to end.
+func tlsChecksumServer(t *testing.T, name string, size int64) (addr string, roots *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true, IsCA: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots = x509.NewCertPool()
+	roots.AddCert(leaf)
+	cfg := &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}}}
+	addr = testnet.Serve(t, func(raw *net.TCPConn) {
+		c := tls.Server(raw, cfg)
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(2 * time.Minute))
+		h := sha256.New()
+		if _, err := io.Copy(h, c); err != nil {
+			return
+		}
+		fmt.Fprintf(c, "%x\n", h.Sum(nil))
+		h.Reset()
+		if _, err := io.CopyN(io.MultiWriter(c, h), rand.Reader, size); err != nil {
+			return
+		}
+		fmt.Fprintf(c, "%x", h.Sum(nil))
+		c.CloseWrite()
+	})
+	return addr, roots
+}
+
+// Public exposures across instances, with two real tpd on one PostgreSQL: A
+// listens on 127.0.0.1, B on ::1, so each opens public ports on its own
+// address. Alice's agent on A exposes a public TCP port, a public UDP port
+// and a pass-through server name. B, told by the database which public
+// exposures A serves, opens the same ports on its address and routes the
+// server name: a public client reaching B (4 MiB each way over TCP and over
+// the pass-through name with TLS end to end, checksummed; UDP echoes) is
+// carried to A over a peer connection with the route's epoch. Then the agent
+// moves to B: B serves its ports itself (taking over the sockets it kept for
+// A), and A, whose agent left, now carries its public clients to B.
+func TestPGPeerPublicOnOtherInstance(t *testing.T) {
+	tcpPort, udpPort := testnet.FreePort(t, "tcp"), testnet.FreePort(t, "udp")
+	srvs := startPeersAt(t, []string{"127.0.0.1:0", "[::1]:0"}, peerPolicy,
+		[]string{"TP_PUBLIC_PORTS=" + strconv.Itoa(tcpPort) + "," + strconv.Itoa(udpPort) + "/udp"})
+	a, b := srvs[0], srvs[1]
+	alice := a.login(t, "alice", "laptop")
+	aliceHome := strings.TrimPrefix(alice[0], "TP_HOME=")
+
+	const size = 4 << 20
+	const sni = "blog.example.test"
+	sum := checksumServer(t, size)
+	tlsSum, roots := tlsChecksumServer(t, sni, size)
+	echo := testnet.EchoUDP(t)
+	publicAt := func(s *server, port int) string {
+		host, _, err := net.SplitHostPort(s.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return net.JoinHostPort(host, strconv.Itoa(port))
+	}
+	check := func(t *testing.T, via *server, what string) {
+		t.Helper()
+		checksumRoundTrip(t, publicAt(via, tcpPort), size, "public TCP port through "+what)
+		udpEchoE2E(t, publicAt(via, udpPort), "public UDP port through "+what)
+		c, err := tls.Dial("tcp", via.Addr, &tls.Config{ServerName: sni, RootCAs: roots})
+		if err != nil {
+			t.Fatalf("TLS to %s through %s: %v", sni, what, err)
+		}
+		checksumConn(t, c, size, "pass-through name through "+what)
+	}
+	expose := func(t *testing.T, on *server) {
+		env := append(alice, "TP_TRANSPORT=tls")
+		setServer(t, aliceHome, on.URL)
+		web := startExpose(t, env, "web", sum, "--public", strconv.Itoa(tcpPort))
+		game := startExpose(t, env, "game", echo, "--udp", "--public", strconv.Itoa(udpPort))
+		blog := startExpose(t, env, "blog", tlsSum, "--public-sni", sni)
+		waitLog(t, web, "Public: anyone reaches", 30*time.Second)
+		waitLog(t, game, "Public: anyone reaches UDP", 30*time.Second)
+		waitLog(t, blog, "Public: anyone reaches", 30*time.Second)
+	}
+
+	t.Run("agent-on-A", func(t *testing.T) {
+		expose(t, a)
+		for _, k := range []string{"TCP port " + strconv.Itoa(tcpPort), "UDP port " + strconv.Itoa(udpPort)} {
+			waitLog(t, b.log, `exposure="public `+k+`"`, 30*time.Second)
+		}
+		check(t, a, "A, the agent's instance")
+		check(t, b, "B, carried to A")
+		for _, want := range []string{`agent="peer ` + instanceOf(t, a), "public UDP port " + strconv.Itoa(udpPort), "public server name " + sni} {
+			waitLog(t, b.log, want, 10*time.Second)
+		}
+		if n := strings.Count(a.log.String(), `msg="peer session"`); n < 3 {
+			t.Fatalf("A logged %d peer sessions; want at least 3 (TCP, UDP, server name)", n)
+		}
+	})
+	t.Run("agent-on-B", func(t *testing.T) {
+		// The agents of the last subtest were stopped; alice's agent now on B.
+		expose(t, b)
+		check(t, b, "B, the agent's instance now")
+		check(t, a, "A, carried to B")
+		waitLog(t, a.log, `agent="peer `+instanceOf(t, b), 10*time.Second)
+	})
+}
+
+// instanceOf is the instance name s logged at start (its row in tp_instances).
+func instanceOf(t *testing.T, s *server) string {
+	t.Helper()
+	waitLog(t, s.log, "peering with the other instances", 30*time.Second)
+	l := s.log.String()
+	i := strings.Index(l, "peering with the other instances")
+	line := l[i:]
+	line = line[:strings.IndexByte(line, '\n')]
+	_, rest, ok := strings.Cut(line, "instance=")
+	if !ok {
+		t.Fatalf("no instance= in %q", line)
+	}
+	name, _, _ := strings.Cut(rest, " ")
+	return strings.Trim(name, `"`)
+}
