@@ -322,6 +322,10 @@ func (s *Server) servePeer(ctx context.Context, conn *tls.Conn) {
 		return
 	}
 	_ = conn.SetReadDeadline(time.Time{})
+	if op.Header.Net == wire.NetHTTP {
+		s.servePeerHTTP(ctx, conn, op, peer)
+		return
+	}
 	st, e2e, herr := s.peerOpen(ctx, op)
 	if herr != nil {
 		s.stats.peerIn(false)

@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -12,6 +14,8 @@ import (
 	"io"
 	"math/big"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
@@ -155,4 +159,96 @@ func instanceOf(t *testing.T, s *server) string {
 	}
 	name, _, _ := strings.Cut(rest, " ")
 	return strings.Trim(name, `"`)
+}
+
+// An HTTP app exposed with the real `tp expose --http` on instance A is served
+// through instance B's website: Go's net/http client, trusting TP's root,
+// fetches https://app.<zone>/ from B (the page), downloads 4 MiB and uploads 4
+// MiB, both checksummed; B proxies each request to A over a peer connection
+// (B's access log names the site, A logs the peer session with the status).
+// Once the exposer stops, B answers 404 as for a name nobody exposes.
+func TestPGPeerHTTPOnOtherInstance(t *testing.T) {
+	srvs := startPeers(t, 2, httpPolicy, nil)
+	a, b := srvs[0], srvs[1]
+	alice := a.login(t, "alice", "laptop")
+	blob := make([]byte, 4<<20)
+	rand.Read(blob)
+	blobSum := fmt.Sprintf("%x", sha256.Sum256(blob))
+	mux := http.NewServeMux()
+	mux.HandleFunc("/{$}", func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, appPage) })
+	mux.HandleFunc("/blob", func(w http.ResponseWriter, r *http.Request) { w.Write(blob) })
+	mux.HandleFunc("/sum", func(w http.ResponseWriter, r *http.Request) {
+		h := sha256.New()
+		if _, err := io.Copy(h, r.Body); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		fmt.Fprintf(w, "%x", h.Sum(nil))
+	})
+	app := httptest.NewServer(mux)
+	t.Cleanup(app.Close)
+	const name = "app.rev.tp.internal"
+	x := startExposeHTTP(t, alice, "app", app.URL)
+
+	_, root := rootOf(t, a)
+	client := &http.Client{Timeout: 2 * time.Minute, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: root},
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, b.Addr) // name → B, as DNS would
+		},
+	}}
+	_, port, _ := net.SplitHostPort(b.Addr)
+	base := "https://" + name + ":" + port
+	get := func(path string) (int, []byte) {
+		t.Helper()
+		resp, err := client.Get(base + path)
+		if err != nil {
+			t.Fatalf("GET %s through B: %v", path, err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatalf("GET %s through B: reading the body: %v", path, err)
+		}
+		return resp.StatusCode, body
+	}
+	if status, body := get("/"); status != http.StatusOK || string(body) != appPage {
+		t.Fatalf("the page through B: %d %q", status, body)
+	}
+	if status, body := get("/blob"); status != http.StatusOK || fmt.Sprintf("%x", sha256.Sum256(body)) != blobSum {
+		t.Fatalf("4 MiB download through B: status %d, %d bytes, checksum mismatch", status, len(body))
+	}
+	up := make([]byte, 4<<20)
+	rand.Read(up)
+	resp, err := client.Post(base+"/sum", "application/octet-stream", bytes.NewReader(up))
+	if err != nil {
+		t.Fatalf("4 MiB upload through B: %v", err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || string(got) != fmt.Sprintf("%x", sha256.Sum256(up)) {
+		t.Fatalf("4 MiB upload through B: %d %q %v; want the upload's checksum", resp.StatusCode, got, err)
+	}
+	waitLog(t, b.log, `msg="http request" site=`+name, 10*time.Second)
+	waitLog(t, a.log, `name=`+name, 10*time.Second)
+	waitLog(t, a.log, `http_status=200`, 10*time.Second)
+
+	x.stop(t)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := client.Get(base + "/")
+		if err != nil && strings.Contains(err.Error(), "unrecognized name") {
+			break // no certificate served for it any more
+		}
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusNotFound {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still served through B 30s after its exposer stopped: %v %v", name, resp, err)
+		}
+		time.Sleep(100 * time.Millisecond) // polling, bounded by the deadline
+	}
 }

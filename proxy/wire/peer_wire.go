@@ -13,6 +13,13 @@ import (
 // accepted nowhere else.
 const PeerALPN = "tp-peer/1"
 
+// NetHTTP is a PeerOpen's Header.Net for one HTTP/1.1 request to a reverse
+// HTTP name (tp expose --http) served by the receiving instance's tunnels: the
+// connection then carries that request and its response (docs/SCALE.md).
+// Header.PeerID is the requesting device as the forwarding instance verified
+// it, empty for a browser without a device certificate.
+const NetHTTP = "http"
+
 // PeerOpen is the one frame an instance (B) sends on a fresh peer connection to
 // the instance (A) that serves a reverse name: open a session to the name's
 // agent at Epoch, the route's fencing token as B read it from the database. A
@@ -62,8 +69,8 @@ func ReadPeerOpen(r io.Reader) (PeerOpen, error) {
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open for an invalid name: %v", ValidHost(o.Key))
 	case ValidReverseName(o.Header.Name) != nil:
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: %v", ValidReverseName(o.Header.Name))
-	case o.Header.Net != "" && o.Header.Net != "udp":
-		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: network %q (want \"\" or \"udp\")", o.Header.Net)
+	case o.Header.Net != "" && o.Header.Net != "udp" && o.Header.Net != NetHTTP:
+		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: network %q (want \"\", \"udp\" or \"http\")", o.Header.Net)
 	case o.Header.Public != "" || o.Header.PeerAddr != "":
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: a dial's header carries no public or peer_addr")
 	}
