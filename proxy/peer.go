@@ -36,6 +36,11 @@ type PeerOptions struct {
 	// for key after a forward that found the route wrong.
 	Route  func(ctx context.Context, key string) (PeerRoute, bool, error)
 	Forget func(key string)
+	// AgentRoutes lists, for an agent's pickup that reached this instance
+	// while its session is pending elsewhere, the instances that serve the
+	// agent's device now: one route per instance, with one of its reverse
+	// names there (Key) and that name's epoch. Nil: pickups are not forwarded.
+	AgentRoutes func(ctx context.Context, deviceID string) ([]PeerRoute, error)
 	// ServerTLS accepts peer connections (ALPN tp-peer/1): its
 	// VerifyConnection must accept node certificates only. ClientTLS is the
 	// configuration that dials instance (VerifyConnection must accept only that
@@ -54,6 +59,8 @@ type PeerOptions struct {
 type PeerRoute struct {
 	Instance, Addr string
 	Epoch          int64
+	// Key is the name the route is for (AgentRoutes only).
+	Key string
 }
 
 const (
@@ -322,8 +329,12 @@ func (s *Server) servePeer(ctx context.Context, conn *tls.Conn) {
 		return
 	}
 	_ = conn.SetReadDeadline(time.Time{})
-	if op.Header.Net == wire.NetHTTP {
+	switch op.Header.Net {
+	case wire.NetHTTP:
 		s.servePeerHTTP(ctx, conn, op, peer)
+		return
+	case wire.NetAccept:
+		s.servePeerAccept(ctx, conn, op, peer)
 		return
 	}
 	st, e2e, herr := s.peerOpen(ctx, op)

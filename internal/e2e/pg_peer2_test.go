@@ -252,3 +252,40 @@ func TestPGPeerHTTPOnOtherInstance(t *testing.T) {
 		time.Sleep(100 * time.Millisecond) // polling, bounded by the deadline
 	}
 }
+
+// An agent over TLS whose pickups land on another instance: alice's `tp
+// expose` reaches A through a TCP balancer and registers there; then the
+// balancer sends every new connection to B, so each session A announces is
+// picked up on B, which does not hold the agent's control session. B finds
+// the instance that serves alice's device in the database and hands the
+// pickup to A over a peer connection, and bob's dials (through A, and through
+// B, which carries the dial to A and then the pickup back) complete with 4
+// MiB each way checksummed. Without this, B refused the pickup
+// (unknown_session) and bob got reverse_timeout.
+func TestPGPeerPickupOnOtherInstance(t *testing.T) {
+	srvs := startPeers(t, 2, peerPolicy, nil)
+	a, b := srvs[0], srvs[1]
+	door := newFrontDoor(t, a.Addr)
+	alice := a.login(t, "alice", "laptop")
+	setServer(t, strings.TrimPrefix(alice[0], "TP_HOME="), "https://"+door.ln.Addr().String())
+	bob := a.login(t, "bob", "phone")
+	bobHome := strings.TrimPrefix(bob[0], "TP_HOME=")
+	const size = 4 << 20
+	sum := checksumServer(t, size)
+	startExpose(t, append(alice, "TP_TRANSPORT=tls"), "files", sum, "--allow-user", "bob")
+	waitLog(t, a.log, "reverse listener registered", 30*time.Second)
+	door.mu.Lock()
+	door.backends = []string{b.Addr} // from now on every pickup lands on B
+	door.mu.Unlock()
+	for _, via := range []*server{a, b} {
+		setServer(t, bobHome, via.URL)
+		fwd, _ := startForward(t, append(bob, "TP_TRANSPORT=tls"), "files.rev.tp.internal:22")
+		checksumRoundTrip(t, fwd, size, "bob through "+via.Addr+", the agent's pickup through B")
+	}
+	waitLog(t, b.log, `upstream="peer `+instanceOf(t, a), 10*time.Second)
+	waitLog(t, b.log, `dest="accept `, 10*time.Second)
+	waitLog(t, a.log, `agent=alice@laptop`, 10*time.Second)
+	if strings.Contains(b.log.String(), "unknown_session") {
+		t.Fatalf("B refused a pickup it should have handed to A:\n%s", b.log.String())
+	}
+}

@@ -5,6 +5,8 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/tp-proxy/tp/proxy"
 )
 
 // maxPeerPublic bounds how many public keys PeerPublic returns.
@@ -25,4 +27,26 @@ func (db *DB) PeerPublic(ctx context.Context, self string) ([]string, error) {
 		return nil, fmt.Errorf("reading the public exposures other instances serve: %w", err)
 	}
 	return pgx.CollectRows(rows, pgx.RowTo[string])
+}
+
+// AgentRoutes lists the instances other than self that serve one of owner's
+// reverse names now (a current lease), one route per instance with one of its
+// names there and that name's epoch, for proxy.PeerOptions.AgentRoutes: an
+// agent's pickup that reached self is offered to them.
+func (db *DB) AgentRoutes(ctx context.Context, self, owner string) ([]proxy.PeerRoute, error) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	rows, err := db.pool.Query(ctx, `SELECT DISTINCT ON (h.instance) h.instance, i.peer_address, h.epoch, h.key FROM tp_holds h
+		JOIN tp_instances i ON i.name = h.instance
+		WHERE h.owner = $1 AND h.instance <> '' AND h.instance <> $2 AND h.lease_until > now()
+			AND h.key NOT LIKE 'tcp/%' AND h.key NOT LIKE 'udp/%' AND h.key NOT LIKE 'sni/%'
+		ORDER BY h.instance, h.key LIMIT 8`, owner, self)
+	if err != nil {
+		return nil, fmt.Errorf("reading which instances serve %s: %w", owner, err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (proxy.PeerRoute, error) {
+		var rt proxy.PeerRoute
+		err := r.Scan(&rt.Instance, &rt.Addr, &rt.Epoch, &rt.Key)
+		return rt, err
+	})
 }

@@ -42,6 +42,9 @@ func (d *Daemon) peerOptions(revOpts proxy.ReverseOptions) (*proxy.PeerOptions, 
 		Self:   d.instance,
 		Route:  d.routes.Route,
 		Forget: d.routes.Forget,
+		AgentRoutes: func(ctx context.Context, deviceID string) ([]proxy.PeerRoute, error) {
+			return d.db.AgentRoutes(ctx, d.instance, deviceID)
+		},
 		ServerTLS: &tls.Config{
 			GetCertificate: getCert,
 			ClientAuth:     tls.RequireAnyClientCert, // verified below: node certificates only

@@ -20,6 +20,13 @@ const PeerALPN = "tp-peer/1"
 // it, empty for a browser without a device certificate.
 const NetHTTP = "http"
 
+// NetAccept is a PeerOpen's Header.Net for an agent's pickup (op accept) that
+// reached the forwarding instance while the session is pending on the
+// receiving one: Header.Session is the pending session's id, Header.PeerID the
+// agent's device as the forwarding instance authenticated it, Key one of the
+// agent's names at Epoch. After ok the connection is the agent's stream.
+const NetAccept = "accept"
+
 // PeerOpen is the one frame an instance (B) sends on a fresh peer connection to
 // the instance (A) that serves a reverse name: open a session to the name's
 // agent at Epoch, the route's fencing token as B read it from the database. A
@@ -69,8 +76,10 @@ func ReadPeerOpen(r io.Reader) (PeerOpen, error) {
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open for an invalid name: %v", ValidHost(o.Key))
 	case ValidReverseName(o.Header.Name) != nil:
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: %v", ValidReverseName(o.Header.Name))
-	case o.Header.Net != "" && o.Header.Net != "udp" && o.Header.Net != NetHTTP:
-		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: network %q (want \"\", \"udp\" or \"http\")", o.Header.Net)
+	case o.Header.Net != "" && o.Header.Net != "udp" && o.Header.Net != NetHTTP && o.Header.Net != NetAccept:
+		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: network %q (want \"\", \"udp\", \"http\" or \"accept\")", o.Header.Net)
+	case o.Header.Net == NetAccept && o.Header.PeerID == "":
+		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: an accept names the agent's device (peer_id)")
 	case o.Header.Public != "" || o.Header.PeerAddr != "":
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: a dial's header carries no public or peer_addr")
 	}
