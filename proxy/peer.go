@@ -49,6 +49,9 @@ type PeerOptions struct {
 	ClientTLS func(instance string) *tls.Config
 	// Dial opens the TCP connection to a peer address; nil uses net.Dialer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// InstanceAddr is the peer address of a running instance (by name), to
+	// tell the instance that forwarded a session why it ends; nil: not told.
+	InstanceAddr func(ctx context.Context, instance string) (string, error)
 	// Idle is how many handshaken connections are kept ready per peer (a new
 	// session then costs no handshake). Default 2; negative keeps none.
 	Idle int
@@ -79,6 +82,7 @@ const peerUnreachable = "the TP server instance %s that serves %s cannot be reac
 
 type peerState struct {
 	opts PeerOptions
+	live peerLive // forwarded dials live here, for end notices (peer_end.go)
 	mu   sync.Mutex
 	idle map[string]chan *pooledConn // instance+addr → ready connections
 	done bool
@@ -229,6 +233,9 @@ func (s *Server) forward(ctx context.Context, ss *session, host string, hdr wire
 	defer s.rev.pendingPerID.release(ss.id.DeviceID)
 	ss.upstream = "peer " + route.Instance + " (" + route.Addr + ")"
 	conn, e2e, herr = s.forwardTo(ctx, route, host, hdr)
+	if herr == nil {
+		ss.peerSID, ss.peerInstance = hdr.Session, route.Instance
+	}
 	return conn, e2e, true, herr
 }
 
@@ -336,6 +343,10 @@ func (s *Server) servePeer(ctx context.Context, conn *tls.Conn) {
 	case wire.NetAccept:
 		s.servePeerAccept(ctx, conn, op, peer)
 		return
+	case wire.NetEnd:
+		s.stats.peerIn(true)
+		s.servePeerEnd(conn, op, peer)
+		return
 	}
 	st, e2e, herr := s.peerOpen(ctx, op)
 	if herr != nil {
@@ -357,7 +368,11 @@ func (s *Server) servePeer(ctx context.Context, conn *tls.Conn) {
 	if qs, ok := st.(*wire.QUICStream); ok {
 		defer s.holds.hold(qs.Conn())() // a drain keeps the agent's connection for it
 	}
-	up, down, err := wire.Bridge(ctx, conn, st)
+	up, down, err := wire.BridgeNotify(ctx, conn, st, func(error) {
+		if ctx.Err() != nil && op.Header.PeerID != "" {
+			s.notifyPeerEnd(peer, op) // this instance stops: the dialer learns why
+		}
+	})
 	end := "closed"
 	if err != nil {
 		end = err.Error()

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/ecdsa"
@@ -16,11 +17,15 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 )
 
@@ -288,4 +293,71 @@ func TestPGPeerPickupOnOtherInstance(t *testing.T) {
 	if strings.Contains(b.log.String(), "unknown_session") {
 		t.Fatalf("B refused a pickup it should have handed to A:\n%s", b.log.String())
 	}
+}
+
+// The drain's reason across a peer hop: bob's `tp` session reaches alice's
+// agent on A through B. A is stopped (SIGTERM, shutdown-timeout 2 s): when its
+// drain runs out it cuts the session, and first tells B why, so bob's tp exits
+// with the shutdown reason ("the TP server instance that served … is shutting
+// down"), not a bare reset (peer_reset), and never as a clean end.
+func TestPGPeerDrainReasonAcrossHop(t *testing.T) {
+	srvs := startPeers(t, 2, peerPolicy, []string{"TP_SHUTDOWN_TIMEOUT=2s"})
+	a, b := srvs[0], srvs[1]
+	a.mustStop = false
+	alice := a.login(t, "alice", "laptop")
+	bob := a.login(t, "bob", "phone")
+	setServer(t, strings.TrimPrefix(bob[0], "TP_HOME="), b.URL)
+	startExpose(t, append(alice, "TP_TRANSPORT=tls"), "chat", testnet.Echo(t), "--allow-user", "bob")
+	waitLog(t, a.log, "reverse listener registered", 30*time.Second)
+
+	cmd := exec.Command(binary("tp"), "chat.rev.tp.internal", "22")
+	cmd.Env = append(os.Environ(), append(bob, "TP_TRANSPORT=tls")...)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stderr := &testlog.Buffer{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	echoed := make(chan string, 1)
+	exited := make(chan error, 1)
+	go func() {
+		line, _ := bufio.NewReader(stdout).ReadString('\n')
+		echoed <- line
+		io.Copy(io.Discard, stdout)
+		exited <- cmd.Wait()
+	}()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	if _, err := stdin.Write([]byte("ping\n")); err != nil {
+		t.Fatal(err)
+	}
+	select { // the session is up: the echo came back through B and A
+	case line := <-echoed:
+		if line != "ping\n" {
+			t.Fatalf("bob's session through B to chat on A echoed %q\n%s", line, stderr.String())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("no echo through B to chat on A within 60s:\n%s", stderr.String())
+	}
+	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err = <-exited:
+	case <-time.After(60 * time.Second):
+		t.Fatalf("bob's tp still runs 60s after A was stopped with a 2s shutdown-timeout:\n%s", stderr.String())
+	}
+	if err == nil {
+		t.Fatalf("bob's tp ended cleanly when A cut its session: a cut must be an error\n%s", stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "(shutdown)") || !strings.Contains(stderr.String(), "is shutting down") {
+		t.Fatalf("bob's tp did not report the shutdown that cut its session across the peer hop:\n%s\nB's log:\n%s", stderr.String(), b.log.String())
+	}
+	waitLog(t, b.log, "peer session ended by its serving instance", 10*time.Second)
 }

@@ -2,6 +2,7 @@ package pgstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
@@ -49,4 +50,17 @@ func (db *DB) AgentRoutes(ctx context.Context, self, owner string) ([]proxy.Peer
 		err := r.Scan(&rt.Instance, &rt.Addr, &rt.Epoch, &rt.Key)
 		return rt, err
 	})
+}
+
+// InstanceAddr is the peer address of the running instance name ("" when it
+// has no row), for proxy.PeerOptions.InstanceAddr.
+func (db *DB) InstanceAddr(ctx context.Context, name string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	var addr string
+	err := db.pool.QueryRow(ctx, `SELECT peer_address FROM tp_instances WHERE name = $1`, name).Scan(&addr)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", nil
+	}
+	return addr, err
 }

@@ -39,9 +39,10 @@ func (d *Daemon) peerOptions(revOpts proxy.ReverseOptions) (*proxy.PeerOptions, 
 	})
 	getCert := func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return d.nodeCert.Load(), nil }
 	return &proxy.PeerOptions{
-		Self:   d.instance,
-		Route:  d.routes.Route,
-		Forget: d.routes.Forget,
+		Self:         d.instance,
+		Route:        d.routes.Route,
+		Forget:       d.routes.Forget,
+		InstanceAddr: d.db.InstanceAddr,
 		AgentRoutes: func(ctx context.Context, deviceID string) ([]proxy.PeerRoute, error) {
 			return d.db.AgentRoutes(ctx, d.instance, deviceID)
 		},

@@ -27,6 +27,14 @@ const NetHTTP = "http"
 // agent's names at Epoch. After ok the connection is the agent's stream.
 const NetAccept = "accept"
 
+// NetEnd is a PeerOpen's Header.Net for a notice, from the instance that
+// serves a forwarded dial to the instance that forwarded it, that the session
+// Header.Session ends for the reason Header.End ("shutdown": the serving
+// instance is stopping). The receiver cuts the dialer's session with that
+// reason, answers ok (unknown_session when no such session is forwarded from
+// there) and closes.
+const NetEnd = "end"
+
 // PeerOpen is the one frame an instance (B) sends on a fresh peer connection to
 // the instance (A) that serves a reverse name: open a session to the name's
 // agent at Epoch, the route's fencing token as B read it from the database. A
@@ -65,8 +73,11 @@ func ReadPeerOpen(r io.Reader) (PeerOpen, error) {
 	if err := validSessionID(o.Header.Session); err != nil {
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: %v", err)
 	}
-	if o.Header.Flow != nil || o.Header.Ping || o.Header.End != "" {
-		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: a session header between instances carries no flow, ping or end")
+	if o.Header.Flow != nil || o.Header.Ping || (o.Header.End != "") != (o.Header.Net == NetEnd) {
+		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: a session header between instances carries no flow or ping, and an end only with net \"end\"")
+	}
+	if o.Header.Net == NetEnd && o.Header.End != EndShutdown {
+		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: end %q (want %q)", o.Header.End, EndShutdown)
 	}
 	if net, ok := PublicKeyNet(o.Key); ok {
 		return o, validPeerPublic(o, net)
@@ -76,8 +87,8 @@ func ReadPeerOpen(r io.Reader) (PeerOpen, error) {
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open for an invalid name: %v", ValidHost(o.Key))
 	case ValidReverseName(o.Header.Name) != nil:
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: %v", ValidReverseName(o.Header.Name))
-	case o.Header.Net != "" && o.Header.Net != "udp" && o.Header.Net != NetHTTP && o.Header.Net != NetAccept:
-		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: network %q (want \"\", \"udp\", \"http\" or \"accept\")", o.Header.Net)
+	case o.Header.Net != "" && o.Header.Net != "udp" && o.Header.Net != NetHTTP && o.Header.Net != NetAccept && o.Header.Net != NetEnd:
+		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: network %q (want \"\", \"udp\", \"http\", \"accept\" or \"end\")", o.Header.Net)
 	case o.Header.Net == NetAccept && o.Header.PeerID == "":
 		return PeerOpen{}, Errorf(CodeBadRequest, "peer open: an accept names the agent's device (peer_id)")
 	case o.Header.Public != "" || o.Header.PeerAddr != "":
