@@ -14,21 +14,31 @@ import (
 const maxPeerPublic = 4096
 
 // PeerPublic lists the public exposures ("tcp/PORT", "udp/PORT", "sni/NAME")
-// that instances other than self serve now (a current lease), for
-// proxy.Server.SetPeerPublic: this instance then keeps those ports open and
-// routes those server names to the serving instance.
-func (db *DB) PeerPublic(ctx context.Context, self string) ([]string, error) {
+// that instances other than self serve now (a current lease), with the
+// serving instance's peer address, for proxy.Server.SetPeerPublic: this
+// instance then keeps those ports open and routes those server names to the
+// serving instance.
+func (db *DB) PeerPublic(ctx context.Context, self string) ([]PeerExposure, error) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	rows, err := db.pool.Query(ctx, `SELECT key FROM tp_holds
-		WHERE instance <> '' AND instance <> $1 AND lease_until > now()
-			AND (key LIKE 'tcp/%' OR key LIKE 'udp/%' OR key LIKE 'sni/%')
-		ORDER BY key LIMIT $2`, self, maxPeerPublic)
+	rows, err := db.pool.Query(ctx, `SELECT h.key, i.peer_address FROM tp_holds h
+		JOIN tp_instances i ON i.name = h.instance
+		WHERE h.instance <> '' AND h.instance <> $1 AND h.lease_until > now()
+			AND (h.key LIKE 'tcp/%' OR h.key LIKE 'udp/%' OR h.key LIKE 'sni/%')
+		ORDER BY h.key LIMIT $2`, self, maxPeerPublic)
 	if err != nil {
 		return nil, fmt.Errorf("reading the public exposures other instances serve: %w", err)
 	}
-	return pgx.CollectRows(rows, pgx.RowTo[string])
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (PeerExposure, error) {
+		var e PeerExposure
+		err := r.Scan(&e.Key, &e.PeerAddress)
+		return e, err
+	})
 }
+
+// PeerExposure is a public exposure another instance serves, and that
+// instance's peer address.
+type PeerExposure struct{ Key, PeerAddress string }
 
 // AgentRoutes lists the instances other than self that serve one of owner's
 // reverse names now (a current lease), one route per instance with one of its

@@ -42,7 +42,8 @@ func TestPeerLookups(t *testing.T) {
 	}
 
 	pub, err := db.PeerPublic(ctx, "B")
-	if err != nil || !slices.Equal(pub, []string{"sni/blog.example.org", "tcp/2000", "udp/2001"}) {
+	want := []pgstore.PeerExposure{{"sni/blog.example.org", "10.0.0.1:443"}, {"tcp/2000", "10.0.0.1:443"}, {"udp/2001", "10.0.0.1:443"}}
+	if err != nil || !slices.Equal(pub, want) {
 		t.Fatalf("public exposures other instances serve, seen from B: %q %v", pub, err)
 	}
 	if own, err := db.PeerPublic(ctx, "A"); err != nil || len(own) != 0 {

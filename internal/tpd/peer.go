@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
@@ -128,6 +129,7 @@ func (d *Daemon) runPeers(ctx context.Context, ln net.Listener) {
 		return
 	}
 	addr := d.peerAddress(ln)
+	d.peerAddr.Store(&addr)
 	d.log.Info("peering with the other instances", "instance", d.instance, "peer_address", addr)
 	beat := func() {
 		err := d.db.Heartbeat(ctx, pgstore.Instance{Name: d.instance, PeerAddress: addr, PolicyRevision: d.policy.Revision()})
@@ -168,12 +170,31 @@ func (d *Daemon) refreshPeerPublic(ctx context.Context) error {
 	if d.proxy == nil {
 		return nil
 	}
-	keys, err := d.db.PeerPublic(ctx, d.instance)
+	exps, err := d.db.PeerPublic(ctx, d.instance)
 	if err != nil {
 		return err
 	}
+	own := d.peerAddr.Load()
+	keys := make([]string, 0, len(exps))
+	for _, e := range exps {
+		// An instance on this host and address (several tpd on one machine)
+		// already serves the port on the address this one would bind: opening
+		// it here would take it from that instance. Ports wait until this
+		// instance knows its own address (runPeers).
+		if !strings.HasPrefix(e.Key, "sni/") && (own == nil || sameHost(e.PeerAddress, *own)) {
+			continue
+		}
+		keys = append(keys, e.Key)
+	}
 	d.proxy.SetPeerPublic(keys)
 	return nil
+}
+
+// sameHost reports whether two host:port addresses name the same host.
+func sameHost(a, b string) bool {
+	ha, _, errA := net.SplitHostPort(a)
+	hb, _, errB := net.SplitHostPort(b)
+	return errA == nil && errB == nil && strings.EqualFold(ha, hb)
 }
 
 // Instance is this instance's name on the database ("" without one).
