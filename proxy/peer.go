@@ -36,6 +36,11 @@ type PeerOptions struct {
 	// for key after a forward that found the route wrong.
 	Route  func(ctx context.Context, key string) (PeerRoute, bool, error)
 	Forget func(key string)
+	// AgentRoutes lists, for an agent's pickup that reached this instance
+	// while its session is pending elsewhere, the instances that serve the
+	// agent's device now: one route per instance, with one of its reverse
+	// names there (Key) and that name's epoch. Nil: pickups are not forwarded.
+	AgentRoutes func(ctx context.Context, deviceID string) ([]PeerRoute, error)
 	// ServerTLS accepts peer connections (ALPN tp-peer/1): its
 	// VerifyConnection must accept node certificates only. ClientTLS is the
 	// configuration that dials instance (VerifyConnection must accept only that
@@ -44,6 +49,9 @@ type PeerOptions struct {
 	ClientTLS func(instance string) *tls.Config
 	// Dial opens the TCP connection to a peer address; nil uses net.Dialer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// InstanceAddr is the peer address of a running instance (by name), to
+	// tell the instance that forwarded a session why it ends; nil: not told.
+	InstanceAddr func(ctx context.Context, instance string) (string, error)
 	// Idle is how many handshaken connections are kept ready per peer (a new
 	// session then costs no handshake). Default 2; negative keeps none.
 	Idle int
@@ -54,6 +62,8 @@ type PeerOptions struct {
 type PeerRoute struct {
 	Instance, Addr string
 	Epoch          int64
+	// Key is the name the route is for (AgentRoutes only).
+	Key string
 }
 
 const (
@@ -72,6 +82,7 @@ const peerUnreachable = "the TP server instance %s that serves %s cannot be reac
 
 type peerState struct {
 	opts PeerOptions
+	live peerLive // forwarded dials live here, for end notices (peer_end.go)
 	mu   sync.Mutex
 	idle map[string]chan *pooledConn // instance+addr → ready connections
 	done bool
@@ -206,19 +217,14 @@ func (p *peerState) refill(ch chan *pooledConn, k string, r PeerRoute) {
 // serves it. handled is false when no other instance does (the local answer
 // stands). e2e says the name is protected (the dialer runs TLS with the agent).
 func (s *Server) forward(ctx context.Context, ss *session, host string, hdr wire.SessionHeader) (conn net.Conn, e2e, handled bool, herr *wire.HelloError) {
-	p := s.peers
-	if p == nil {
+	if s.peers == nil {
 		return nil, false, false, nil
 	}
-	lim := s.lim()
-	rctx, cancel := context.WithTimeout(ctx, lim.DialTimeout)
-	route, ok, err := p.opts.Route(rctx, host)
-	cancel()
+	route, ok, herr := s.peerRoute(ctx, host)
 	switch {
-	case err != nil:
-		s.rev.logStoreErr("route", err)
-		return nil, false, true, wire.Errorf(wire.CodeReverseOffline, "this TP server instance cannot look up which instance serves %s just now (its database is unreachable); try again in a few seconds", host)
-	case !ok || route.Instance == p.opts.Self:
+	case herr != nil:
+		return nil, false, true, herr
+	case !ok:
 		return nil, false, false, nil
 	}
 	if herr := s.rev.acquirePending(ss.id); herr != nil {
@@ -226,15 +232,48 @@ func (s *Server) forward(ctx context.Context, ss *session, host string, hdr wire
 	}
 	defer s.rev.pendingPerID.release(ss.id.DeviceID)
 	ss.upstream = "peer " + route.Instance + " (" + route.Addr + ")"
+	conn, e2e, herr = s.forwardTo(ctx, route, host, hdr)
+	if herr == nil {
+		ss.peerSID, ss.peerInstance = hdr.Session, route.Instance
+	}
+	return conn, e2e, true, herr
+}
+
+// peerRoute finds the other instance that serves key; ok is false when none
+// does (or this one does).
+func (s *Server) peerRoute(ctx context.Context, key string) (PeerRoute, bool, *wire.HelloError) {
+	p := s.peers
+	rctx, cancel := context.WithTimeout(ctx, s.lim().DialTimeout)
+	route, ok, err := p.opts.Route(rctx, key)
+	cancel()
+	switch {
+	case err != nil:
+		s.rev.logStoreErr("route", err)
+		return PeerRoute{}, false, wire.Errorf(wire.CodeReverseOffline, "this TP server instance cannot look up which instance serves %s just now (its database is unreachable); try again in a few seconds", describeKey(key))
+	case !ok || route.Instance == p.opts.Self:
+		return PeerRoute{}, false, nil
+	}
+	return route, true, nil
+}
+
+// forwardTo opens a session for key on route's instance; a pooled connection
+// that fails before the peer answers is retried once on a fresh one, and a
+// route found stale is forgotten.
+func (s *Server) forwardTo(ctx context.Context, route PeerRoute, key string, hdr wire.SessionHeader) (net.Conn, bool, *wire.HelloError) {
+	p := s.peers
 	for attempt := 0; ; attempt++ {
-		conn, e2e, retry, herr := s.forwardOnce(ctx, route, host, hdr)
+		conn, e2e, retry, herr := s.forwardOnce(ctx, route, key, hdr)
 		if herr != nil && retry && attempt == 0 {
 			continue // a pooled connection the peer had closed: once more on a fresh one
 		}
 		if herr != nil && herr.Code == wire.CodeReverseOffline && p.opts.Forget != nil {
-			p.opts.Forget(host)
+			p.opts.Forget(key)
 		}
-		return conn, e2e, true, herr
+		s.stats.peerOut(herr == nil)
+		if herr == nil {
+			conn = newPeerCounted(conn, &s.stats.peerActive[peerDirOut])
+		}
+		return conn, e2e, herr
 	}
 }
 
@@ -246,7 +285,7 @@ func (s *Server) forwardOnce(ctx context.Context, route PeerRoute, host string, 
 	conn, pooled, err := s.peers.get(dctx, route)
 	cancel()
 	if err != nil {
-		return nil, false, false, wire.Errorf(wire.CodeReverseOffline, peerUnreachable, route.Instance, host, err)
+		return nil, false, false, wire.Errorf(wire.CodeReverseOffline, peerUnreachable, route.Instance, describeKey(host), err)
 	}
 	// The peer waits for its agent to pick the session up (PickupTimeout) after
 	// the dial timeout's worth of set-up.
@@ -262,7 +301,7 @@ func (s *Server) forwardOnce(ctx context.Context, route PeerRoute, host string, 
 		if errors.As(err, &he) {
 			return nil, false, false, he
 		}
-		return nil, false, pooled, wire.Errorf(wire.CodeReverseOffline, peerUnreachable, route.Instance, host, err)
+		return nil, false, pooled, wire.Errorf(wire.CodeReverseOffline, peerUnreachable, route.Instance, describeKey(host), err)
 	}
 	if !sh.OK {
 		_ = conn.Close()
@@ -288,6 +327,7 @@ func (s *Server) servePeer(ctx context.Context, conn *tls.Conn) {
 	if err != nil {
 		var he *wire.HelloError
 		if errors.As(err, &he) {
+			s.stats.peerIn(false)
 			s.refuse(conn, he)
 			s.log.Warn("peer session refused", "peer", peer, "err", he.Error())
 			return
@@ -296,8 +336,21 @@ func (s *Server) servePeer(ctx context.Context, conn *tls.Conn) {
 		return
 	}
 	_ = conn.SetReadDeadline(time.Time{})
+	switch op.Header.Net {
+	case wire.NetHTTP:
+		s.servePeerHTTP(ctx, conn, op, peer)
+		return
+	case wire.NetAccept:
+		s.servePeerAccept(ctx, conn, op, peer)
+		return
+	case wire.NetEnd:
+		s.stats.peerIn(true)
+		s.servePeerEnd(conn, op, peer)
+		return
+	}
 	st, e2e, herr := s.peerOpen(ctx, op)
 	if herr != nil {
+		s.stats.peerIn(false)
 		s.refuse(conn, herr)
 		s.log.Info("peer session refused", "peer", peer, "name", op.Key, "epoch", op.Epoch, "dialer", op.Header.PeerID, "code", herr.Code, "reason", herr.Reason)
 		return
@@ -309,10 +362,17 @@ func (s *Server) servePeer(ctx context.Context, conn *tls.Conn) {
 		return
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
+	s.stats.peerIn(true)
+	s.stats.peerActive[peerDirIn].Add(1)
+	defer s.stats.peerActive[peerDirIn].Add(-1)
 	if qs, ok := st.(*wire.QUICStream); ok {
 		defer s.holds.hold(qs.Conn())() // a drain keeps the agent's connection for it
 	}
-	up, down, err := wire.Bridge(ctx, conn, st)
+	up, down, err := wire.BridgeNotify(ctx, conn, st, func(error) {
+		if ctx.Err() != nil && op.Header.PeerID != "" {
+			s.notifyPeerEnd(peer, op) // this instance stops: the dialer learns why
+		}
+	})
 	end := "closed"
 	if err != nil {
 		end = err.Error()
@@ -328,20 +388,39 @@ func (s *Server) peerOpen(ctx context.Context, op wire.PeerOpen) (wire.Stream, b
 	if r == nil {
 		return nil, false, wire.Errorf(wire.CodeReverseUnknown, "this TP server instance serves no reverse names")
 	}
-	label, ok := r.name(op.Key)
-	if !ok || label != op.Header.Name {
-		return nil, false, wire.Errorf(wire.CodeBadRequest, "peer open for %s names label %q", op.Key, op.Header.Name)
+	pubNet, public := wire.PublicKeyNet(op.Key)
+	if !public {
+		label, ok := r.name(op.Key)
+		if !ok || label != op.Header.Name {
+			return nil, false, wire.Errorf(wire.CodeBadRequest, "peer open for %s names label %q", op.Key, op.Header.Name)
+		}
 	}
 	r.mu.Lock()
 	e := r.names[op.Key]
 	now := time.Now()
 	var a *reverseAgent
+	label := ""
 	if e != nil && e.agent != nil && e.epoch == op.Epoch && r.currentLocked(op.Key, e, now) {
-		a = e.agent
+		a, label = e.agent, e.label
 	}
 	r.mu.Unlock()
 	if a == nil {
-		return nil, false, wire.Errorf(wire.CodeReverseOffline, "the TP server instance that served %s no longer serves it at epoch %d (its agent moved or reconnects, or its lease ran out); try again in a few seconds", op.Key, op.Epoch)
+		return nil, false, wire.Errorf(wire.CodeReverseOffline, "the TP server instance that served %s no longer serves it at epoch %d (its agent moved or reconnects, or its lease ran out); try again in a few seconds", describeKey(op.Key), op.Epoch)
+	}
+	if public {
+		// A public client's session: the label is the one the agent registered
+		// for this exposure; the network follows from the key (checked by
+		// ReadPeerOpen). No inner TLS.
+		hdr := op.Header
+		hdr.Name = label
+		if pubNet == "udp" {
+			hdr.Net = "udp" // capsules on the stream, relayed as bytes (no flow id)
+		}
+		st, herr := a.open(ctx, hdr)
+		if herr != nil {
+			return nil, false, herr
+		}
+		return st, false, nil
 	}
 	want := ""
 	if netOfFull(a, op.Key) == "udp" {

@@ -412,6 +412,9 @@ func (s *Server) serveAccept(ctx context.Context, conn wire.Stream, ss *session,
 	s.rev.mu.Lock()
 	p := s.rev.sessions[hello.Session]
 	s.rev.mu.Unlock()
+	if p == nil && s.forwardAccept(ctx, conn, ss, hello) {
+		return errHandled // pending on another instance, and relayed there (peer_accept.go)
+	}
 	if p == nil || p.agent.id.DeviceID != ss.id.DeviceID {
 		return wire.Errorf(wire.CodeUnknownSession, "session %s is not waiting for %s (it expired, or was announced to another agent)", hello.Session, ss.id)
 	}

@@ -7,8 +7,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -123,8 +123,9 @@ func (a *reverseAgent) isPublic(full string) bool {
 // opened for an agent.
 type publicListener struct {
 	net.Listener
-	pc  *net.UDPConn
-	key string
+	pc      *net.UDPConn
+	key     string
+	serving atomic.Bool // acceptPublic runs for it
 }
 
 func (p *publicListener) Close() error {
@@ -158,17 +159,14 @@ func (r *reverseRegistry) openPublic(a *reverseAgent) (map[string]*publicListene
 		if e := r.names[p.Key()]; e != nil && e.ln != nil {
 			continue
 		}
-		addr := net.JoinHostPort(r.opts.PublicHost, strconv.Itoa(p.Port))
-		pl := &publicListener{key: p.Key()}
-		var err error
-		if p.Net == "udp" {
-			var ua *net.UDPAddr
-			if ua, err = net.ResolveUDPAddr("udp", addr); err == nil {
-				pl.pc, err = net.ListenUDP("udp", ua)
-			}
-		} else {
-			pl.Listener, err = net.Listen("tcp", addr)
+		if ln := r.takePeerListenerLocked(p.Key()); ln != nil {
+			// Open already for another instance's agent: its accept loop
+			// runs on (acceptPublic does not start a second) and finds this
+			// agent first.
+			opened[p.Key()] = ln
+			continue
 		}
+		pl, err := listenPublic(r.opts.PublicHost, p.Net, p.Port, p.Key())
 		if err != nil {
 			return fail(wire.Errorf(wire.CodePublicRefused, "the TP server cannot open public %s port %d: %v", strings.ToUpper(p.Net), p.Port, err))
 		}
@@ -186,7 +184,7 @@ func (r *reverseRegistry) dropLocked(k string, e *revEntry) {
 	if e.timer != nil {
 		e.timer.Stop()
 	}
-	if e.ln != nil {
+	if e.ln != nil && !r.keepForPeerLocked(k, e.ln) {
 		r.srv.untrack(e.ln)
 	}
 	delete(r.names, k)
@@ -215,6 +213,9 @@ func (r *reverseRegistry) lookupKey(k string) (*reverseAgent, string, bool) {
 
 // acceptPublic serves a public port until its listener closes.
 func (s *Server) acceptPublic(ln *publicListener) {
+	if !ln.serving.CompareAndSwap(false, true) {
+		return // a port kept open for another instance, taken over by an agent here
+	}
 	if ln.pc != nil {
 		s.servePublicUDP(ln)
 		return
@@ -259,6 +260,7 @@ func (s *Server) PublicSNI(serverName string) (func(context.Context, net.Conn), 
 	k := "sni/" + serverName
 	s.rev.mu.Lock()
 	_, ok := s.rev.names[k]
+	ok = ok || s.rev.peerServesSNI(k)
 	s.rev.mu.Unlock()
 	if !ok {
 		return nil, false
@@ -283,6 +285,24 @@ func (s *Server) servePublic(c net.Conn, key string) {
 		s.auditPublic(start, remote, "tcp", key, agent, up, down, end)
 	}()
 	a, label, ok := s.rev.lookupKey(key)
+	if !ok && s.peers != nil {
+		// Served by another instance, perhaps: carried there (peer_public.go).
+		hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Public: key, PeerAddr: remote}
+		pc, inst, herr := s.forwardPublic(s.force, key, hdr)
+		if herr != nil {
+			end, outcome = "refused: "+herr.Error(), herr.Code
+			wire.Abort(c, wire.QUICPeerReset)
+			return
+		}
+		agent = "peer " + inst
+		var err error
+		up, down, err = wire.Bridge(s.force, c, pc)
+		end = "closed"
+		if err != nil {
+			end = err.Error()
+		}
+		return
+	}
 	if !ok {
 		end, outcome = "refused: no agent online for it (reconnecting, or gone)", wire.CodeReverseOffline
 		wire.Abort(c, wire.QUICPeerReset)

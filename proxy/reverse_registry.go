@@ -73,6 +73,7 @@ type reverseRegistry struct {
 	sessions map[string]*pendingSession // announced, not yet accepted (TLS)
 	srv      *Server                    // opens and serves public ports
 	tunnels  tunnelState                // holders of names served by reverse tunnels (revtunnel_pool.go)
+	peerPub  peerPublic                 // public exposures other instances serve (peer_public.go)
 	// pendingPerID counts the dials waiting for an agent per dialing device (limits.go).
 	pendingPerID identityCount
 

@@ -130,22 +130,38 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 		}
 	}
 	a, label, ok := s.rev.lookupKey(pl.key)
-	if !ok {
-		outcome = wire.CodeReverseOffline
-		refused("no agent online for it (reconnecting, or gone)")
-		return
-	}
-	agent = a.id.String() + " (" + a.transport + ")"
-	actx, cancel := context.WithCancel(a.ctx)
-	defer cancel()
-	defer context.AfterFunc(ctx, cancel)()
-
-	hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label, Public: pl.key, PeerAddr: c.src.String(), Net: "udp"}
-	flow, herr := a.openFlow(actx, hdr, o.QueueLen)
-	if herr != nil {
-		outcome = herr.Code
-		refused(herr.Error())
-		return
+	var (
+		actx   context.Context
+		cancel context.CancelFunc
+		flow   *wire.UDPFlow
+	)
+	if ok {
+		agent = a.id.String() + " (" + a.transport + ")"
+		actx, cancel = context.WithCancel(a.ctx)
+		defer cancel()
+		defer context.AfterFunc(ctx, cancel)()
+		hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label, Public: pl.key, PeerAddr: c.src.String(), Net: "udp"}
+		var herr *wire.HelloError
+		if flow, herr = a.openFlow(actx, hdr, o.QueueLen); herr != nil {
+			outcome = herr.Code
+			refused(herr.Error())
+			return
+		}
+	} else {
+		// Served by another instance, perhaps: this client's datagrams travel
+		// there as capsules on a peer connection (peer_public.go).
+		actx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		defer context.AfterFunc(s.force, cancel)()
+		hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Public: pl.key, PeerAddr: c.src.String(), Net: "udp"}
+		pc, inst, herr := s.forwardPublic(actx, pl.key, hdr)
+		if herr != nil {
+			outcome = herr.Code
+			refused(herr.Error())
+			return
+		}
+		agent = "peer " + inst
+		flow = wire.NewCapsuleFlow(pc, o.QueueLen)
 	}
 	defer flow.Close()
 	// A capsule write blocked by a stalled agent ends with the session.

@@ -21,26 +21,28 @@ const helloWriteTimeout = wire.HelloWriteTimeout
 
 // session is the record of one proxy connection, logged once at close.
 type session struct {
-	start    time.Time
-	remote   string
-	id       authz.Identity
-	dest     string            // host:port as canonicalised
-	upstream string            // the IP:port actually dialed
-	decision string            // "allow", "deny" or "" if policy was not asked
-	req      authz.Request     // the request the policy allowed; re-checked while live
-	code     string            // server hello code on refusal
-	up, down int64             // bytes client→destination and destination→client
-	end      string            // why it ended
-	e2e      bool              // a protected reverse name: the client runs TLS inside
-	spliced  bool              // a UDP session to an agent: a byte stream for the relay
-	network  string            // "tcp", or "udp" for a UDP flow (udp.go)
-	attrs    []slog.Attr       // more for the log line (a UDP flow's counters)
-	op       *wire.ClientHello // a reverse operation (listen, accept) for serveStream
-	sid      string            // session id sent with the ok, for op "why"
-	peer     string            // who is on the other side: "destination" or "agent"
-	counted  bool              // holds a slot of MaxSessionsPerIdentity (limits.go)
-	audit    auditState        // what the audit record and the counters (stats.go) need besides the above (audit.go)
-	hold     func()            // releases the agent's QUIC connection the session runs over (quicholds.go)
+	start        time.Time
+	remote       string
+	id           authz.Identity
+	dest         string            // host:port as canonicalised
+	upstream     string            // the IP:port actually dialed
+	decision     string            // "allow", "deny" or "" if policy was not asked
+	req          authz.Request     // the request the policy allowed; re-checked while live
+	code         string            // server hello code on refusal
+	up, down     int64             // bytes client→destination and destination→client
+	end          string            // why it ended
+	e2e          bool              // a protected reverse name: the client runs TLS inside
+	spliced      bool              // a UDP session to an agent: a byte stream for the relay
+	network      string            // "tcp", or "udp" for a UDP flow (udp.go)
+	attrs        []slog.Attr       // more for the log line (a UDP flow's counters)
+	op           *wire.ClientHello // a reverse operation (listen, accept) for serveStream
+	sid          string            // session id sent with the ok, for op "why"
+	peer         string            // who is on the other side: "destination" or "agent"
+	peerSID      string            // a dial forwarded to another instance: its session id there
+	peerInstance string            // … and that instance
+	counted      bool              // holds a slot of MaxSessionsPerIdentity (limits.go)
+	audit        auditState        // what the audit record and the counters (stats.go) need besides the above (audit.go)
+	hold         func()            // releases the agent's QUIC connection the session runs over (quicholds.go)
 }
 
 func (s *Server) serveProxy(ctx context.Context, conn *tls.Conn) {
@@ -161,6 +163,9 @@ func (s *Server) relay(ctx context.Context, conn wire.Stream, cs *tls.Connection
 	expire := time.AfterFunc(time.Until(ss.id.NotAfter), func() { revoke(wire.ErrCertExpired) })
 	defer expire.Stop()
 	defer s.sessions.add(&liveSession{cs: *cs, req: ss.req, revoke: revoke})()
+	if ss.peerSID != "" {
+		defer s.peers.live.track(ss.peerSID, ss.peerInstance, revoke)() // the serving instance may say why it ends (peer_end.go)
+	}
 	// How the session was cut is recorded before the resets go out, so that a
 	// client asking "why" right after its connection was reset finds the answer.
 	up, down, err := wire.BridgeNotify(bctx, conn, upstream, func(err error) {

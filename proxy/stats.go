@@ -84,6 +84,7 @@ type counters struct {
 	quicStreams        atomic.Int64
 	quicMigrations     atomic.Int64 // connections moved to a client's new address
 	bytesUp, bytesDown atomic.Int64 // client→destination, destination→client, counted at each session's end
+	peerCounters                    // sessions carried between instances (peer_stats.go)
 }
 
 func (c *counters) session(transport, action, outcome string, up, down int64) {
@@ -164,6 +165,9 @@ type Stats struct {
 	// open.
 	Live, Agents, ReverseNames, PublicPorts int
 	UDP                                     UDPStats
+	// Peer sessions carried between instances, by direction ("out": forwarded
+	// to the instance that serves the name, "in": served here for another).
+	Peer map[string]PeerStats
 }
 
 // Stats returns the server's counters. It takes the registries' locks briefly,
@@ -193,6 +197,7 @@ func (s *Server) Stats() Stats {
 		BytesDown:         c.bytesDown.Load(),
 		Live:              s.Live(),
 		UDP:               s.UDPStats(),
+		Peer:              c.peerStats(),
 	}
 	for i, r := range StatHandshakeReasons {
 		st.HandshakeFailures[r] = c.handshakes[i].Load()

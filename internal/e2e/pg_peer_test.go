@@ -50,6 +50,17 @@ allow if {
 // and one policy; env goes to every one of them.
 func startPeers(t *testing.T, n int, policy string, env []string) []*server {
 	t.Helper()
+	listens := make([]string, n)
+	for i := range listens {
+		listens[i] = "127.0.0.1:0"
+	}
+	return startPeersAt(t, listens, policy, env)
+}
+
+// startPeersAt runs one tpd per listen address (see startPeers).
+func startPeersAt(t *testing.T, listens []string, policy string, env []string) []*server {
+	t.Helper()
+	n := len(listens)
 	_, dsn := testpg.NewDatabase(t)
 	env = append([]string{"TP_DATABASE=" + dsn, "TP_DATABASE_PASSWORD=" + testpg.Password}, env...)
 	first := initTPD(t, policy)
@@ -75,8 +86,8 @@ func startPeers(t *testing.T, n int, policy string, env []string) []*server {
 		dirs = append(dirs, dir)
 	}
 	var srvs []*server
-	for _, dir := range dirs {
-		s := startTPD(t, dir, "127.0.0.1:0", env)
+	for i, dir := range dirs {
+		s := startTPD(t, dir, listens[i], env)
 		s.mustStop = true
 		srvs = append(srvs, s)
 	}
@@ -108,13 +119,22 @@ func checksumRoundTrip(t *testing.T, addr string, size int64, what string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	checksumConn(t, c.(*net.TCPConn), size, what)
+}
+
+// checksumConn is checksumRoundTrip on a connection already open.
+func checksumConn(t *testing.T, c interface {
+	net.Conn
+	CloseWrite() error
+}, size int64, what string) {
+	t.Helper()
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(2 * time.Minute))
 	up := sha256.New()
 	if _, err := io.CopyN(io.MultiWriter(c, up), rand.Reader, size); err != nil {
 		t.Fatalf("%s: upload: %v", what, err)
 	}
-	c.(*net.TCPConn).CloseWrite()
+	c.CloseWrite()
 	r := bufio.NewReaderSize(c, 1<<20)
 	line, err := r.ReadString('\n')
 	if err != nil {

@@ -89,12 +89,20 @@ const maxRoutes = 4096
 type Routes struct {
 	db    *DB
 	mu    sync.Mutex
-	cache map[string]proxy.PeerRoute
+	cache map[string]cachedRoute
 	gen   uint64 // bumped by Invalidate: an answer read before it is not cached
 }
 
+// cachedRoute is an answer: served by rt, or (ok false) by no other instance,
+// which is cached too, so that requests for names nobody serves (a website
+// handshake for any name in the reverse zone) cost no query until a claim.
+type cachedRoute struct {
+	rt proxy.PeerRoute
+	ok bool
+}
+
 // NewRoutes is the route lookup on db; call Invalidate on TopicHolds.
-func NewRoutes(db *DB) *Routes { return &Routes{db: db, cache: map[string]proxy.PeerRoute{}} }
+func NewRoutes(db *DB) *Routes { return &Routes{db: db, cache: map[string]cachedRoute{}} }
 
 // Invalidate forgets every cached route.
 func (r *Routes) Invalidate() {
@@ -114,19 +122,21 @@ func (r *Routes) Forget(key string) {
 // Route implements proxy.PeerOptions.Route.
 func (r *Routes) Route(ctx context.Context, key string) (proxy.PeerRoute, bool, error) {
 	r.mu.Lock()
-	rt, ok := r.cache[key]
+	c, hit := r.cache[key]
 	gen := r.gen
 	r.mu.Unlock()
-	if ok {
-		return rt, true, nil
+	if hit {
+		return c.rt, c.ok, nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
+	var rt proxy.PeerRoute
 	err := r.db.pool.QueryRow(ctx, `SELECT h.instance, i.peer_address, h.epoch FROM tp_holds h
 		JOIN tp_instances i ON i.name = h.instance
 		WHERE h.key = $1 AND h.instance <> '' AND h.lease_until > now() AND NOT i.draining`, key).Scan(&rt.Instance, &rt.Addr, &rt.Epoch)
+	ok := err == nil
 	if errors.Is(err, pgx.ErrNoRows) {
-		return proxy.PeerRoute{}, false, nil
+		err = nil
 	}
 	if err != nil {
 		return proxy.PeerRoute{}, false, fmt.Errorf("reading which instance serves %s: %w", key, err)
@@ -136,8 +146,8 @@ func (r *Routes) Route(ctx context.Context, key string) (proxy.PeerRoute, bool, 
 		if len(r.cache) >= maxRoutes {
 			clear(r.cache)
 		}
-		r.cache[key] = rt
+		r.cache[key] = cachedRoute{rt: rt, ok: ok}
 	}
 	r.mu.Unlock()
-	return rt, true, nil
+	return rt, ok, nil
 }

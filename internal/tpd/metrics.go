@@ -255,6 +255,11 @@ var (
 		"Reverse names held now, including those held for an agent that is reconnecting.", nil, nil)
 	portsDesc = prometheus.NewDesc("tp_public_ports_open",
 		"Public ports (tp expose --public) open now, TCP and UDP.", nil, nil)
+	peerSessionsDesc = prometheus.NewDesc("tp_peer_sessions_total",
+		"Sessions carried between instances over tp-peer/1, by direction (out: forwarded to the instance serving the name; in: served here for another instance) and outcome (opened, refused).",
+		[]string{"direction", "outcome"}, nil)
+	peerActiveDesc = prometheus.NewDesc("tp_peer_sessions_active",
+		"Sessions carried between instances open now, by direction (out, in).", []string{"direction"}, nil)
 	udpActiveDesc = prometheus.NewDesc("tp_udp_flows_active",
 		"UDP flows open now (tp forward --udp, and public UDP clients).", nil, nil)
 	udpFlowsDesc = prometheus.NewDesc("tp_udp_flows_total",
@@ -280,7 +285,7 @@ var (
 func (c *proxyCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{sessionsDesc, handshakeFailDesc, connsDesc, resumedDesc, quicStreamsDesc, quicMigrationsDesc, bytesDesc, liveDesc,
 		agentsDesc, namesDesc, portsDesc, udpActiveDesc, udpFlowsDesc, udpRefusedDesc, datagramsDesc, droppedDesc, oversizeDesc,
-		cudpFlowsDesc, cudpDatagramsDesc, cudpDroppedDesc} {
+		cudpFlowsDesc, cudpDatagramsDesc, cudpDroppedDesc, peerSessionsDesc, peerActiveDesc} {
 		ch <- d
 	}
 }
@@ -322,6 +327,12 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(agentsDesc, int64(st.Agents))
 	gauge(namesDesc, int64(st.ReverseNames))
 	gauge(portsDesc, int64(st.PublicPorts))
+	for _, dir := range []string{"out", "in"} {
+		p := st.Peer[dir]
+		counter(peerSessionsDesc, p.Opened, dir, "opened")
+		counter(peerSessionsDesc, p.Refused, dir, "refused")
+		ch <- prometheus.MustNewConstMetric(peerActiveDesc, prometheus.GaugeValue, float64(p.Active), dir)
+	}
 	u := st.UDP
 	gauge(udpActiveDesc, u.Active)
 	counter(udpFlowsDesc, u.Flows)

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
@@ -33,12 +34,19 @@ func (d *Daemon) peerOptions(revOpts proxy.ReverseOptions) (*proxy.PeerOptions, 
 		return nil, fmt.Errorf("issuing this instance's node certificate: %w", err)
 	}
 	d.routes = pgstore.NewRoutes(d.db)
-	d.db.OnChange(pgstore.TopicHolds, func(context.Context) error { d.routes.Invalidate(); return nil })
+	d.db.OnChange(pgstore.TopicHolds, func(ctx context.Context) error {
+		d.routes.Invalidate()
+		return d.refreshPeerPublic(ctx)
+	})
 	getCert := func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return d.nodeCert.Load(), nil }
 	return &proxy.PeerOptions{
-		Self:   d.instance,
-		Route:  d.routes.Route,
-		Forget: d.routes.Forget,
+		Self:         d.instance,
+		Route:        d.routes.Route,
+		Forget:       d.routes.Forget,
+		InstanceAddr: d.db.InstanceAddr,
+		AgentRoutes: func(ctx context.Context, deviceID string) ([]proxy.PeerRoute, error) {
+			return d.db.AgentRoutes(ctx, d.instance, deviceID)
+		},
 		ServerTLS: &tls.Config{
 			GetCertificate: getCert,
 			ClientAuth:     tls.RequireAnyClientCert, // verified below: node certificates only
@@ -122,6 +130,7 @@ func (d *Daemon) runPeers(ctx context.Context, ln net.Listener, drained <-chan s
 		return
 	}
 	addr := d.peerAddress(ln)
+	d.peerAddr.Store(&addr)
 	d.log.Info("peering with the other instances", "instance", d.instance, "peer_address", addr)
 	beat := func() {
 		err := d.db.Heartbeat(ctx, pgstore.Instance{Name: d.instance, PeerAddress: addr, PolicyRevision: d.policy.Revision()})
@@ -130,6 +139,7 @@ func (d *Daemon) runPeers(ctx context.Context, ln net.Listener, drained <-chan s
 		}
 	}
 	beat()
+	_ = d.refreshPeerPublic(ctx)
 	t := time.NewTicker(d.cfg.ReverseRenew)
 	defer t.Stop()
 	for {
@@ -140,12 +150,50 @@ func (d *Daemon) runPeers(ctx context.Context, ln net.Listener, drained <-chan s
 		case <-t.C:
 		}
 		beat()
+		if err := d.refreshPeerPublic(ctx); err != nil && ctx.Err() == nil {
+			d.log.Warn("peering: cannot read which public ports and server names other instances serve; keeping the last known", "err", err)
+		}
 		if c := d.nodeCert.Load(); c != nil && time.Until(c.Leaf.NotAfter) < nodeCertLifetime/3 {
 			if err := d.renewNodeCert(); err != nil {
 				d.log.Error("peering: renewing the node certificate failed; retrying", "err", err)
 			}
 		}
 	}
+}
+
+// refreshPeerPublic tells the proxy which public ports and pass-through names
+// other instances serve, so that it keeps those ports open and carries their
+// connections there (a holds notification, and every reverse-renew for leases
+// that ran out without one).
+func (d *Daemon) refreshPeerPublic(ctx context.Context) error {
+	if d.proxy == nil {
+		return nil
+	}
+	exps, err := d.db.PeerPublic(ctx, d.instance)
+	if err != nil {
+		return err
+	}
+	own := d.peerAddr.Load()
+	keys := make([]string, 0, len(exps))
+	for _, e := range exps {
+		// An instance on this host and address (several tpd on one machine)
+		// already serves the port on the address this one would bind: opening
+		// it here would take it from that instance. Ports wait until this
+		// instance knows its own address (runPeers).
+		if !strings.HasPrefix(e.Key, "sni/") && (own == nil || sameHost(e.PeerAddress, *own)) {
+			continue
+		}
+		keys = append(keys, e.Key)
+	}
+	d.proxy.SetPeerPublic(keys)
+	return nil
+}
+
+// sameHost reports whether two host:port addresses name the same host.
+func sameHost(a, b string) bool {
+	ha, _, errA := net.SplitHostPort(a)
+	hb, _, errB := net.SplitHostPort(b)
+	return errA == nil && errB == nil && strings.EqualFold(ha, hb)
 }
 
 // Instance is this instance's name on the database ("" without one).

@@ -48,13 +48,39 @@ func (d *Daemon) reverseUpstream(host string) (website.ReverseUpstream, bool) {
 	}
 	rt, ok := ref.r.ReverseHTTP(host)
 	if !ok || rt == nil {
-		return website.ReverseUpstream{}, false
+		return d.peerUpstream(host)
 	}
 	up := website.ReverseUpstream{Transport: rt}
 	if do, ok := ref.r.(reverseHTTPDevicesOnly); ok {
 		up.DevicesOnly = do.ReverseHTTPDevicesOnly(host)
 	}
 	return up, true
+}
+
+// peerUpstream is the upstream of a reverse HTTP name whose tunnels another
+// instance holds (docs/SCALE.md, "Peering"): the request is carried there over
+// a peer connection, with the device this instance verified, and that instance
+// enforces a devices-only name.
+func (d *Daemon) peerUpstream(host string) (website.ReverseUpstream, bool) {
+	if d.proxy == nil || d.routes == nil {
+		return website.ReverseUpstream{}, false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d.cfg.DialTimeout)
+	defer cancel()
+	rt, ok := d.proxy.PeerHTTP(ctx, host, func(r *http.Request) string {
+		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+			return ""
+		}
+		id, err := d.verifyClient(r.TLS.PeerCertificates[0], nil)
+		if err != nil {
+			return ""
+		}
+		return id.DeviceID
+	})
+	if !ok {
+		return website.ReverseUpstream{}, false
+	}
+	return website.ReverseUpstream{Transport: rt}, true
 }
 
 // deviceRequest is website.Options.Device: the request's client certificate

@@ -92,7 +92,8 @@ type Daemon struct {
 	instance string
 	nodeCert atomic.Pointer[tls.Certificate]
 	routes   *pgstore.Routes
-	Created  bool // the data dir was bootstrapped by New
+	peerAddr atomic.Pointer[string] // where the other instances reach this one (runPeers)
+	Created  bool                   // the data dir was bootstrapped by New
 
 	decisions *policy.DecisionLog
 	denyMu    sync.Mutex    // serialises deny-list changes and their saving; guards deny

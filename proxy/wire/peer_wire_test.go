@@ -15,6 +15,18 @@ func TestReadPeerOpen(t *testing.T) {
 	if err != nil || o.Key != "svc.rev.tp.internal" || o.Epoch != 3 || o.Header.PeerID != "bob@phone" {
 		t.Fatalf("good peer open: %+v %v", o, err)
 	}
+	for _, good := range []string{
+		`{"v":1,"key":"tcp/8443","epoch":2,"header":{"v":1,"session":"0a","public":"tcp/8443","peer_addr":"192.0.2.1:5"}}`,
+		`{"v":1,"key":"udp/27015","epoch":2,"header":{"v":1,"session":"0a","public":"udp/27015","peer_addr":"[2001:db8::1]:5","net":"udp"}}`,
+		`{"v":1,"key":"sni/blog.example.org","epoch":2,"header":{"v":1,"session":"0a","public":"sni/blog.example.org","peer_addr":"192.0.2.1:5"}}`,
+		`{"v":1,"key":"app.rev.tp.internal","epoch":2,"header":{"v":1,"session":"0a","name":"app","net":"http"}}`,
+		`{"v":1,"key":"svc.rev.tp.internal","epoch":2,"header":{"v":1,"session":"0a","name":"svc","net":"accept","peer_id":"alice@laptop"}}`,
+		`{"v":1,"key":"svc.rev.tp.internal","epoch":2,"header":{"v":1,"session":"0a","name":"svc","net":"end","end":"shutdown"}}`,
+	} {
+		if _, err := ReadPeerOpen(bytes.NewReader(fuzzFrame(good))); err != nil {
+			t.Errorf("good peer open %s: %v", good, err)
+		}
+	}
 	var buf bytes.Buffer
 	if err := WritePeerOpen(&buf, o); err != nil {
 		t.Fatal(err)
@@ -37,6 +49,18 @@ func TestReadPeerOpen(t *testing.T) {
 		{"a ping", `{"v":1,"key":"svc.rev.tp.internal","epoch":1,"header":{"v":1,"session":"0a","name":"svc","ping":true}}`, CodeBadRequest},
 		{"unknown field", `{"v":1,"key":"svc.rev.tp.internal","epoch":1,"extra":1,"header":{"v":1,"session":"0a","name":"svc"}}`, CodeBadRequest},
 		{"not JSON", `hello`, CodeBadRequest},
+		{"a dial with a public client address", `{"v":1,"key":"svc.rev.tp.internal","epoch":1,"header":{"v":1,"session":"0a","name":"svc","peer_addr":"192.0.2.1:5"}}`, CodeBadRequest},
+		{"public: label set", `{"v":1,"key":"tcp/80","epoch":1,"header":{"v":1,"session":"0a","name":"web","public":"tcp/80","peer_addr":"192.0.2.1:5"}}`, CodeBadRequest},
+		{"public: header names another exposure", `{"v":1,"key":"tcp/80","epoch":1,"header":{"v":1,"session":"0a","public":"tcp/81","peer_addr":"192.0.2.1:5"}}`, CodeBadRequest},
+		{"public: a dialer", `{"v":1,"key":"tcp/80","epoch":1,"header":{"v":1,"session":"0a","public":"tcp/80","peer_addr":"192.0.2.1:5","peer_id":"bob@phone"}}`, CodeBadRequest},
+		{"public: no client address", `{"v":1,"key":"tcp/80","epoch":1,"header":{"v":1,"session":"0a","public":"tcp/80"}}`, CodeBadRequest},
+		{"public: UDP port without net udp", `{"v":1,"key":"udp/53","epoch":1,"header":{"v":1,"session":"0a","public":"udp/53","peer_addr":"192.0.2.1:5"}}`, CodeBadRequest},
+		{"public: port 0", `{"v":1,"key":"tcp/0","epoch":1,"header":{"v":1,"session":"0a","public":"tcp/0","peer_addr":"192.0.2.1:5"}}`, CodeBadRequest},
+		{"public: port with a leading zero", `{"v":1,"key":"tcp/080","epoch":1,"header":{"v":1,"session":"0a","public":"tcp/080","peer_addr":"192.0.2.1:5"}}`, CodeBadRequest},
+		{"accept without the agent's device", `{"v":1,"key":"svc.rev.tp.internal","epoch":1,"header":{"v":1,"session":"0a","name":"svc","net":"accept"}}`, CodeBadRequest},
+		{"an end on a dial", `{"v":1,"key":"svc.rev.tp.internal","epoch":1,"header":{"v":1,"session":"0a","name":"svc","end":"shutdown"}}`, CodeBadRequest},
+		{"an end notice without its reason", `{"v":1,"key":"svc.rev.tp.internal","epoch":1,"header":{"v":1,"session":"0a","name":"svc","net":"end"}}`, CodeBadRequest},
+		{"an end notice for another reason", `{"v":1,"key":"svc.rev.tp.internal","epoch":1,"header":{"v":1,"session":"0a","name":"svc","net":"end","end":"revoked"}}`, CodeBadRequest},
 	} {
 		_, err := ReadPeerOpen(bytes.NewReader(fuzzFrame(tc.body)))
 		var he *HelloError
@@ -51,6 +75,8 @@ func TestReadPeerOpen(t *testing.T) {
 func FuzzPeerOpen(f *testing.F) {
 	f.Add(fuzzFrame(goodPeerOpen))
 	f.Add(fuzzFrame(`{"v":1,"key":"x","epoch":1,"header":{"v":1,"session":"0a","name":"x","net":"udp"}}`))
+	f.Add(fuzzFrame(`{"v":1,"key":"udp/53","epoch":1,"header":{"v":1,"session":"0a","public":"udp/53","peer_addr":"192.0.2.1:5","net":"udp"}}`))
+	f.Add(fuzzFrame(`{"v":1,"key":"x","epoch":1,"header":{"v":1,"session":"0a","name":"x","net":"end","end":"shutdown"}}`))
 	f.Add([]byte{0, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		o, err := ReadPeerOpen(bytes.NewReader(b))
