@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -68,7 +69,7 @@ type carrierRow struct {
 	tcpPublic, udpPubl int
 }
 
-func newCarrierRow(t *testing.T, carrier string) *carrierRow {
+func newCarrierRow(t testing.TB, carrier string) *carrierRow {
 	t.Helper()
 	r := &carrierRow{carrier: carrier, tcpPublic: testnet.FreePort(t, "tcp"), udpPubl: testnet.FreePort(t, "udp")}
 	ports := fmt.Sprintf("TP_PUBLIC_PORTS=%d,%d/udp", r.tcpPublic, r.udpPubl)
@@ -82,7 +83,7 @@ func newCarrierRow(t *testing.T, carrier string) *carrierRow {
 
 // through is a copy of env's TP_HOME that reaches tpd through relay, with the
 // row's carrier.
-func (r *carrierRow) through(t *testing.T, env []string, relay *carrierRelay) []string {
+func (r *carrierRow) through(t testing.TB, env []string, relay *carrierRelay) []string {
 	t.Helper()
 	return append(copyHome(t, env, withHost(t, r.srv.URL, relay.Addr)), carrierEnv(r.carrier)...)
 }
@@ -217,11 +218,50 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 	}
 }
 
+// BenchmarkCarrierMove measures, per carrier, how long a download through
+// `tp forward` (the real binaries, the client silent: it only receives)
+// pauses when the client's carrier socket is replaced mid-transfer (the roam
+// of TestCarrierMatrix: for udp a NAT rebinding to 127.0.0.2, for tls, ws and
+// http every connection reset and reopened from 127.0.0.2), and, as
+// "udp-dies", when UDP stops being delivered both ways under --carrier auto
+// and the connection moves to tls (after the 3 s CarrierStall). pause-ms is
+// the longest gap between two reads of the download after the event, base-ms
+// the longest gap of the same download before it. Run it with -benchtime=3x.
+func BenchmarkCarrierMove(b *testing.B) {
+	for _, name := range append(slices.Clone(clients.Carriers), "udp-dies") {
+		b.Run(name, func(b *testing.B) {
+			dies := name == "udp-dies"
+			carrier := name
+			if dies {
+				carrier = wire.CarrierUDP
+			}
+			r := newCarrierRow(b, carrier)
+			sum := checksumServer(b, 8<<20)
+			var pause, base time.Duration
+			n := 0
+			for b.Loop() {
+				relay := startCarrierRelay(b, r.srv.Addr, carrier != wire.CarrierUDP || dies, carrier == wire.CarrierUDP)
+				env := r.through(b, r.alice, relay)
+				event := relay.roam
+				if dies {
+					env = append(env, "TP_CARRIER=auto")
+					event = func() { relay.dropUDP(true) }
+				}
+				fwd, _ := startForward(b, env, sum)
+				before, after := checksumTransferDuring(b, fwd, 1<<20, 8<<20, 2<<20, event, name)
+				pause, base, n = pause+after, base+before, n+1
+			}
+			b.ReportMetric(float64(pause.Microseconds())/1e3/float64(n), "pause-ms")
+			b.ReportMetric(float64(base.Microseconds())/1e3/float64(n), "base-ms")
+		})
+	}
+}
+
 // checksumTransferDuring sends up random bytes through addr to a
 // checksumServer (which answers with down bytes), checks both checksums, and
 // runs event once at bytes of the download have arrived. It returns the
 // longest pause between two reads of the download before and after event.
-func checksumTransferDuring(t *testing.T, addr string, up, down, at int64, event func(), what string) (before, after time.Duration) {
+func checksumTransferDuring(t testing.TB, addr string, up, down, at int64, event func(), what string) (before, after time.Duration) {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
@@ -284,7 +324,7 @@ func checksumTransferDuring(t *testing.T, addr string, up, down, at int64, event
 // sockets on 127.0.0.2, TCP connections are reset (RST) and new ones are
 // made from 127.0.0.2. dropUDP loses every datagram, both ways.
 type carrierRelay struct {
-	t      *testing.T
+	t      testing.TB
 	Addr   string
 	target string
 
@@ -303,7 +343,7 @@ type relayFlow struct {
 	up     *net.UDPConn
 }
 
-func startCarrierRelay(t *testing.T, target string, tcp, udp bool) *carrierRelay {
+func startCarrierRelay(t testing.TB, target string, tcp, udp bool) *carrierRelay {
 	t.Helper()
 	r := &carrierRelay{t: t, target: target, from: net.IPv4(127, 0, 0, 1), flows: map[string]*relayFlow{}}
 	var ln *net.TCPListener
