@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -182,6 +183,47 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 			t.Fatal(err)
 		}
 		p.wantCutExit(t, "cut off by the exposed service's side")
+
+		// Bad input: the application on the client's side resets its
+		// connection to tp forward mid-upload. The destination must see a
+		// reset, not an end of stream (which would pass a cut upload for a
+		// complete one).
+		started, ended := make(chan struct{}, 1), make(chan error, 1)
+		dst := testnet.Serve(t, func(c *net.TCPConn) {
+			c.SetDeadline(time.Now().Add(60 * time.Second))
+			if _, err := c.Read(make([]byte, 1)); err != nil {
+				ended <- err
+				return
+			}
+			started <- struct{}{}
+			_, err := io.Copy(io.Discard, c)
+			ended <- err
+		})
+		fwd, _ := startForward(t, r.alice, dst)
+		c, err := net.Dial("tcp", fwd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write(bytes.Repeat([]byte("u"), 256<<10)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-started:
+		case err := <-ended:
+			t.Fatalf("the destination saw %v before any byte", err)
+		case <-time.After(60 * time.Second):
+			t.Fatal("no byte reached the destination within 60s")
+		}
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+		select {
+		case err := <-ended:
+			if !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatalf("the destination, after the client's application reset its connection, saw %v; want a connection reset", err)
+			}
+		case <-time.After(60 * time.Second):
+			t.Fatal("the destination saw no end within 60s of the client's reset")
+		}
 	})
 	t.Run("roam", func(t *testing.T) {
 		// The client reaches tpd through a relay of its own, which mid-transfer
