@@ -239,6 +239,17 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 		if r.carrier != wire.CarrierUDP && relay.conns() == 0 {
 			t.Fatalf("after the reset, the client opened no new %s connection through the relay:\n%s", r.carrier, fwdLog.String())
 		}
+
+		// The agent roams: tp expose reaches tpd through a relay of its own,
+		// which moves it mid-transfer while bob downloads from its service.
+		// (It carries TCP on the udp row too: the agent gets its end-to-end
+		// certificate from TP's HTTPS API, see carrierRow.)
+		agentRelay := startCarrierRelay(t, r.srv.Addr, true, r.carrier == wire.CarrierUDP)
+		startExpose(t, r.through(t, r.alice, agentRelay), "roamer", checksumServer(t, 8<<20), "--allow-user", "bob")
+		fwd, _ = startForward(t, r.bob, "roamer.rev.tp.internal:22")
+		before, after = checksumTransferDuring(t, fwd, 1<<20, 8<<20, 2<<20, agentRelay.roam, "the agent roaming over "+r.carrier)
+		t.Logf("FIGURE carrier=%s agent roam: longest pause in the download %s after the agent's carrier socket changed, %s before it",
+			r.carrier, after.Round(time.Millisecond), before.Round(time.Millisecond))
 	})
 	if r.carrier == wire.CarrierUDP {
 		t.Run("udp-dies", func(t *testing.T) {
