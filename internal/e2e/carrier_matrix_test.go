@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -132,6 +133,16 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 		stdout, stderr, err = sd.ssh(t, r.bob, "laptop-ssh.rev.tp.internal", "echo reverse-$((6*7))")
 		if err != nil || strings.TrimSpace(stdout) != "reverse-42" {
 			t.Fatalf("ssh to the reverse name over %s: %v, stdout %q\nstderr:\n%s", r.carrier, err, stdout, stderr)
+		}
+		// bob's tp has exited: its QUIC connection's close reached tpd over
+		// the carrier (else tpd keeps it, and the session to the agent, until
+		// its 60 s idle timeout), and quic-go did not warn about buffers.
+		closed := regexp.MustCompile(`msg="quic connection" remote=\S+ identity=bob@phone .* end="[^"]*\(remote\)"`)
+		waitFor(t, 30*time.Second, "tpd to log bob's QUIC connection closed by the client", func() bool {
+			return closed.MatchString(r.srv.log.String())
+		})
+		if strings.Contains(stderr, "buffer size") {
+			t.Errorf("tp printed quic-go's buffer warning over the %s carrier:\n%s", r.carrier, stderr)
 		}
 	})
 	t.Run("reverse", func(t *testing.T) {
