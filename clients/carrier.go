@@ -71,7 +71,14 @@ type carrierConn struct {
 	lastRecv atomic.Int64 // unix nanoseconds
 	lastSend atomic.Int64
 	links    atomic.Int64 // links opened, for tests
+	pending  atomic.Int64 // packets queued and not yet written (or lost)
 }
+
+// carrierCloseFlush bounds how long Close waits for the packets queued before
+// it (quic-go's CONNECTION_CLOSE) to be written: without them, the server
+// keeps the connection and the sessions on it (a destination's TCP
+// connection) until its idle timeout, 60 s.
+const carrierCloseFlush = time.Second
 
 const carrierQueue = 256
 
@@ -138,15 +145,18 @@ func (c *carrierConn) writer() {
 		link := c.link
 		c.mu.Unlock()
 		if link == nil {
+			c.pending.Add(-1)
 			continue // no link now: the packet is lost, QUIC sends it again
 		}
-		err := link.WritePacket(b)
+		err, n := link.WritePacket(b), int64(1)
 		for err == nil && len(c.out) > 0 {
 			err = link.WritePacket(<-c.out)
+			n++
 		}
 		if err == nil {
 			err = link.Flush()
 		}
+		c.pending.Add(-n)
 		if err != nil {
 			c.linkDown(link)
 		}
@@ -229,15 +239,36 @@ func (c *carrierConn) WriteTo(b []byte, _ net.Addr) (int, error) {
 	p := make([]byte, len(b))
 	copy(p, b)
 	c.lastSend.Store(time.Now().UnixNano())
+	c.pending.Add(1)
 	select {
 	case c.out <- p:
 		return len(b), nil
 	case <-c.done:
+		c.pending.Add(-1)
 		return 0, net.ErrClosed
 	}
 }
 
 func (c *carrierConn) Close() error {
+	c.mu.Lock()
+	closed := c.closed
+	c.mu.Unlock()
+	if closed {
+		return nil
+	}
+	// The packets queued before Close go out first, within a bound (for the
+	// http carrier: until the requests that carry them are answered).
+	deadline := time.Now().Add(carrierCloseFlush)
+	for time.Now().Before(deadline) {
+		c.mu.Lock()
+		link := c.link
+		c.mu.Unlock()
+		f, ok := link.(interface{ flushed() bool })
+		if c.pending.Load() == 0 && (!ok || f.flushed()) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond) // polling the writer's progress, bounded above
+	}
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -265,7 +296,12 @@ func (c *carrierConn) SetReadDeadline(t time.Time) error {
 
 func (c *carrierConn) SetDeadline(t time.Time) error    { return c.SetReadDeadline(t) }
 func (c *carrierConn) SetWriteDeadline(time.Time) error { return nil }
-func (c *carrierConn) LocalAddr() net.Addr              { return carrierAddr{c.kind, "local"} }
+
+// SetReadBuffer and SetWriteBuffer do nothing (the carrier's queues are
+// bounded above); quic-go looks for them and prints a warning without them.
+func (c *carrierConn) SetReadBuffer(int) error  { return nil }
+func (c *carrierConn) SetWriteBuffer(int) error { return nil }
+func (c *carrierConn) LocalAddr() net.Addr      { return carrierAddr{c.kind, "local"} }
 
 // stalled reports whether packets went out during the last d while none came
 // back for d: the carrier no longer delivers.

@@ -39,6 +39,14 @@ type httpCarrierLink struct {
 
 	mu      sync.Mutex
 	pending bytes.Buffer // frames queued by WritePacket, sent by a worker
+	sending atomic.Int32 // requests with frames in flight
+}
+
+// flushed reports whether every frame written so far has been answered.
+func (l *httpCarrierLink) flushed() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.pending.Len() == 0 && l.sending.Load() == 0
 }
 
 const httpCarrierWorkers = 2
@@ -98,6 +106,7 @@ func (l *httpCarrierLink) take() []byte {
 	}
 	b := bytes.Clone(l.pending.Bytes())
 	l.pending.Reset()
+	l.sending.Add(1) // under mu, so that flushed never sees neither
 	return b
 }
 
@@ -122,6 +131,9 @@ func (l *httpCarrierLink) worker() {
 			}
 		}
 		err := l.post(body)
+		if body != nil {
+			l.sending.Add(-1)
+		}
 		if body == nil {
 			l.polling.Store(false)
 			select { // another worker may be waiting for its turn to poll

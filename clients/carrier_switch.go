@@ -193,6 +193,11 @@ func (m *movingConn) SetDeadline(t time.Time) error      { return m.SetReadDeadl
 func (m *movingConn) SetWriteDeadline(t time.Time) error { return m.udp.SetWriteDeadline(t) }
 func (m *movingConn) LocalAddr() net.Addr                { return m.udp.LocalAddr() }
 
+// SetReadBuffer and SetWriteBuffer size the UDP socket's buffers, which
+// quic-go asks for (and warns without).
+func (m *movingConn) SetReadBuffer(n int) error  { return m.udp.SetReadBuffer(n) }
+func (m *movingConn) SetWriteBuffer(n int) error { return m.udp.SetWriteBuffer(n) }
+
 // DefaultCarrierUDPTry bounds the first handshake over UDP when the Dialer
 // has carriers to fall back to.
 const DefaultCarrierUDPTry = 2 * time.Second

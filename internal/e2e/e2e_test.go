@@ -341,7 +341,7 @@ func TestForwardIntegrity(t *testing.T) {
 // startForward runs `tp forward [flags] 127.0.0.1:0 target` (TCP, or UDP with
 // --udp) until the test ends, and returns the local address it reports and its
 // standard error, which is shown when the test fails.
-func startForward(t *testing.T, env []string, target string, flags ...string) (string, *testlog.Buffer) {
+func startForward(t testing.TB, env []string, target string, flags ...string) (string, *testlog.Buffer) {
 	t.Helper()
 	cmd := exec.Command(binary("tp"), append(append([]string{"forward"}, flags...), "127.0.0.1:0", target)...)
 	cmd.Env = append(os.Environ(), env...)

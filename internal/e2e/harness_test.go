@@ -78,7 +78,7 @@ func startServer(t *testing.T, policy string) *server {
 
 // initTPD makes a data dir whose only policy file is policy (when not empty;
 // else the default policy stays).
-func initTPD(t *testing.T, policy string) string {
+func initTPD(t testing.TB, policy string) string {
 	t.Helper()
 	dataDir := filepath.Join(t.TempDir(), "tpdata")
 	run(t, nil, binary("tpd"), "init", "--data-dir", dataDir)
@@ -93,7 +93,7 @@ func initTPD(t *testing.T, policy string) string {
 // startTPD runs `tpd serve` on dataDir and listen ("127.0.0.1:0" picks a port,
 // which s.Addr then holds; a test may SIGKILL a tpd and start another on the
 // same address and data dir) and waits until it is ready.
-func startTPD(t *testing.T, dataDir, listen string, env []string) *server {
+func startTPD(t testing.TB, dataDir, listen string, env []string) *server {
 	t.Helper()
 	s := &server{DataDir: dataDir, log: &testlog.Buffer{}, done: make(chan struct{})}
 	s.cmd = exec.Command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen)
@@ -163,7 +163,7 @@ func (s *server) kill(t *testing.T) {
 }
 
 // enroll returns the arguments of the dlogin line `tpd enroll` printed.
-func (s *server) enroll(t *testing.T, user, device string, groups ...string) []string {
+func (s *server) enroll(t testing.TB, user, device string, groups ...string) []string {
 	t.Helper()
 	args := []string{"enroll", user, "--device", device, "--data-dir", s.DataDir}
 	if len(groups) > 0 {
@@ -180,7 +180,7 @@ func (s *server) enroll(t *testing.T, user, device string, groups ...string) []s
 }
 
 // login enrolls user@device and runs the real dlogin in a fresh TP_HOME.
-func (s *server) login(t *testing.T, user, device string, groups ...string) []string {
+func (s *server) login(t testing.TB, user, device string, groups ...string) []string {
 	t.Helper()
 	env := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "tp-home")}
 	out := run(t, env, binary("dlogin"), s.enroll(t, user, device, groups...)...)
@@ -191,7 +191,7 @@ func (s *server) login(t *testing.T, user, device string, groups ...string) []st
 }
 
 // run executes a command that must succeed and returns its combined output.
-func run(t *testing.T, env []string, name string, args ...string) string {
+func run(t testing.TB, env []string, name string, args ...string) string {
 	t.Helper()
 	out, err := runErr(env, nil, name, args...)
 	if err != nil {

@@ -135,7 +135,7 @@ func tcpGate(t *testing.T, target string) (addr string, closeGate func()) {
 
 // copyHome is a second TP_HOME of the same device (its key and certificate)
 // whose profile names server: a second agent of one device.
-func copyHome(t *testing.T, env []string, server string) []string {
+func copyHome(t testing.TB, env []string, server string) []string {
 	t.Helper()
 	src := strings.TrimPrefix(env[0], "TP_HOME=")
 	dst := filepath.Join(t.TempDir(), "tp-home")
@@ -147,7 +147,7 @@ func copyHome(t *testing.T, env []string, server string) []string {
 }
 
 // withHost is url with its host:port replaced by addr.
-func withHost(t *testing.T, raw, addr string) string {
+func withHost(t testing.TB, raw, addr string) string {
 	t.Helper()
 	u, err := url.Parse(raw)
 	if err != nil {

@@ -96,7 +96,7 @@ func startPeersAt(t *testing.T, listens []string, policy string, env []string) [
 
 // checksumServer answers every connection with the SHA-256 of what it read
 // until EOF, then size random bytes and their SHA-256.
-func checksumServer(t *testing.T, size int64) string {
+func checksumServer(t testing.TB, size int64) string {
 	return testnet.Serve(t, func(c *net.TCPConn) {
 		h := sha256.New()
 		if _, err := io.Copy(h, c); err != nil {

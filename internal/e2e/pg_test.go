@@ -95,7 +95,7 @@ func TestPGTwoTPDProcesses(t *testing.T) {
 }
 
 // setServer points the client's profile at another instance.
-func setServer(t *testing.T, home, url string) {
+func setServer(t testing.TB, home, url string) {
 	t.Helper()
 	path := filepath.Join(home, "profile.json")
 	b, err := os.ReadFile(path)
