@@ -37,45 +37,89 @@ func (d *Dialer) carrierStall() time.Duration {
 	return DefaultCarrierStall
 }
 
-// watchCarrier runs while conn lives when FallbackCarriers is set: it samples
-// conn's packet counters and moves conn on when its carrier stalls.
+// watchCarrier runs while conn lives on a movingConn: it samples conn's
+// packet counters and moves conn to another carrier when its carrier stalls
+// (packets went out, nothing came back for CarrierStall), and, with auto, it
+// probes UDP every UDPReprobe while conn is on a stream carrier and moves conn
+// back to UDP when the probe's handshake completes.
 func (d *Dialer) watchCarrier(conn *quic.Conn) {
 	ctx := conn.Context()
-	next := 0
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	st := conn.ConnectionStats()
 	lastRecv, sentAtRecv, recvAt := st.PacketsReceived, st.PacketsSent, time.Now()
+	reset := func() {
+		st = conn.ConnectionStats()
+		lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
+	}
+	tried := map[string]bool{} // carriers moved to since a packet last came in
+	lastProbe, gaveUp := time.Now(), false
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
+		if d.racesCarriers() && d.currentCarrier() != wire.CarrierUDP && time.Since(lastProbe) >= d.udpReprobe() {
+			lastProbe = time.Now()
+			if d.probeUDP(ctx, d.movingServer()) {
+				start := time.Now()
+				if err := d.moveToUDP(); err == nil {
+					d.logf("tp: UDP gets through again; the connection moved back to UDP in %s", time.Since(start).Round(time.Millisecond))
+					d.rememberCarrier(wire.CarrierUDP)
+					clear(tried)
+					reset()
+					continue
+				}
+			}
+		}
 		st = conn.ConnectionStats()
 		if st.PacketsReceived != lastRecv {
 			lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
+			clear(tried)
+			gaveUp = false
 			continue
 		}
 		if st.PacketsSent == sentAtRecv || time.Since(recvAt) < d.carrierStall() {
 			continue
 		}
-		if next >= len(d.fallbacks()) {
-			d.logf("tp: the %s carrier stopped delivering and no further carrier is left to try", d.currentCarrier())
-			return
+		cur := d.currentCarrier()
+		kind := ""
+		for _, k := range d.fallbacks() {
+			if k != cur && !tried[k] {
+				kind = k
+				break
+			}
 		}
-		kind := d.fallbacks()[next]
-		next++
-		start := time.Now()
-		if err := d.moveTo(ctx, conn, kind); err != nil {
-			d.logf("tp: the %s carrier stopped delivering; moving to %s failed: %v", d.currentCarrier(), kind, err)
+		if kind == "" {
+			if !gaveUp {
+				d.logf("tp: the %s carrier stopped delivering and no further carrier is left to try", cur)
+				gaveUp = true
+			}
+			recvAt = time.Now() // look again after another stall
 			continue
 		}
-		d.logf("tp: the carrier stopped delivering; the connection moved to %s in %s", kind, time.Since(start).Round(time.Millisecond))
+		tried[kind] = true
+		start := time.Now()
+		if err := d.moveTo(ctx, conn, kind); err != nil {
+			d.logf("tp: the %s carrier stopped delivering; moving to %s failed: %v", cur, kind, err)
+			continue
+		}
+		d.logf("tp: the %s carrier stopped delivering; the connection moved to %s in %s", cur, kind, time.Since(start).Round(time.Millisecond))
 		d.rememberCarrier(kind)
-		st = conn.ConnectionStats()
-		lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
+		reset()
 	}
+}
+
+// movingServer is the server's UDP address as the Dialer's movingConn knows it.
+func (d *Dialer) movingServer() net.Addr {
+	q := &d.quic
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if mc, ok := q.udp.(*movingConn); ok {
+		return mc.server
+	}
+	return nil
 }
 
 // moveTo opens carrier kind and makes the Dialer's packet conn send and
@@ -142,6 +186,19 @@ func (m *movingConn) moveTo(cc *carrierConn) {
 	_ = m.udp.SetReadDeadline(time.Unix(1, 0)) // a reader waiting on UDP looks again
 }
 
+// moveBack returns to the UDP socket.
+func (m *movingConn) moveBack() {
+	m.mu.Lock()
+	old := m.carrier
+	m.carrier = nil
+	rdl := m.rdl
+	m.mu.Unlock()
+	_ = m.udp.SetReadDeadline(rdl) // moveTo left it in the past
+	if old != nil {
+		_ = old.Close() // a reader blocked on it looks again, at UDP
+	}
+}
+
 func (m *movingConn) ReadFrom(b []byte) (int, net.Addr, error) {
 	for {
 		if cc := m.current(); cc != nil {
@@ -198,9 +255,9 @@ func (m *movingConn) LocalAddr() net.Addr                { return m.udp.LocalAdd
 const DefaultCarrierUDPTry = 2 * time.Second
 
 // fallbacks are the carriers the connection may move to: FallbackCarriers, or
-// tls, ws, then http for carrier "auto".
+// tls, ws, then http when connecting races the carriers.
 func (d *Dialer) fallbacks() []string {
-	if len(d.FallbackCarriers) == 0 && d.Carrier == CarrierAuto {
+	if len(d.FallbackCarriers) == 0 && d.racesCarriers() {
 		return []string{wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP}
 	}
 	return d.FallbackCarriers
@@ -263,12 +320,19 @@ func (d *Dialer) cachedCarrier() string {
 	if d.Cache == nil {
 		return ""
 	}
-	return d.Cache.Get("carrier:" + d.Server)
+	return d.Cache.Get(carrierKeyPrefix + d.Server)
 }
 
+// rememberCarrier remembers kind for the server on this network: UDP for the
+// cache's TTL, a stream carrier for DefaultFallbackTTL only, after which the
+// next connection races UDP again.
 func (d *Dialer) rememberCarrier(kind string) {
 	if d.Cache != nil {
-		_ = d.Cache.Put("carrier:"+d.Server, kind) // an unwritable cache only costs a UDP try
+		ttl := time.Duration(0)
+		if kind != wire.CarrierUDP {
+			ttl = DefaultFallbackTTL
+		}
+		_ = d.Cache.PutFor(carrierKeyPrefix+d.Server, kind, ttl) // an unwritable cache only costs a UDP try
 	}
 }
 
