@@ -267,6 +267,11 @@ func (c *carrierConn) SetDeadline(t time.Time) error    { return c.SetReadDeadli
 func (c *carrierConn) SetWriteDeadline(time.Time) error { return nil }
 func (c *carrierConn) LocalAddr() net.Addr              { return carrierAddr{c.kind, "local"} }
 
+// SetReadBuffer and SetWriteBuffer have nothing to size (the queues are
+// bounded by carrierQueue); they keep quic-go from warning that they are missing.
+func (c *carrierConn) SetReadBuffer(int) error  { return nil }
+func (c *carrierConn) SetWriteBuffer(int) error { return nil }
+
 // stalled reports whether packets went out during the last d while none came
 // back for d: the carrier no longer delivers.
 func stalled(lastSend, lastRecv time.Time, d time.Duration) bool {

@@ -67,11 +67,12 @@ func (d *Dialer) streamCarriers(ctx context.Context) []string {
 
 // raceResult is one attempt of the race: the connection and what it runs on.
 type raceResult struct {
-	kind string
-	conn *quic.Conn
-	tr   *quic.Transport
-	pc   net.PacketConn
-	err  error
+	kind       string
+	remembered bool // the carrier remembered for this network, tried first
+	conn       *quic.Conn
+	tr         *quic.Transport
+	pc         net.PacketConn
+	err        error
 }
 
 func (r raceResult) close() {
@@ -153,6 +154,7 @@ func (d *Dialer) raceCarriers(ctx context.Context, cfg *tls.Config, qcfg *quic.C
 		// Remembered on this network: no UDP wait (the connection probes UDP later).
 		r := d.dialOverCarrier(ctx, kind, raddr, cfg, qcfg)
 		if r.err == nil || ctx.Err() != nil {
+			r.remembered = true
 			return r, r.err
 		}
 		errs = append(errs, fmt.Errorf("(remembered) %w", r.err))
@@ -250,7 +252,10 @@ func (d *Dialer) installRaced(r raceResult) {
 		_ = oldTr.Close()
 		_ = oldPC.Close()
 	}
-	if r.kind != wire.CarrierUDP {
+	switch {
+	case r.remembered:
+		d.logf("tp: connected over the %s carrier, remembered for this network (UDP is tried again every %s)", r.kind, d.udpReprobe())
+	case r.kind != wire.CarrierUDP:
 		d.logf("tp: no answer over UDP in time; connected over the %s carrier", r.kind)
 	}
 	d.rememberCarrier(r.kind)

@@ -17,6 +17,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -74,14 +75,19 @@ func (d *Dialer) watchCarrier(conn *quic.Conn) {
 			}
 		}
 		st = conn.ConnectionStats()
-		if st.PacketsReceived != lastRecv {
-			lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
-			clear(tried)
-			gaveUp = false
-			continue
-		}
-		if st.PacketsSent == sentAtRecv || time.Since(recvAt) < d.carrierStall() {
-			continue
+		// Writes to UDP that fail (a local firewall's EPERM, a lost route) stop
+		// the carrier at once; otherwise a carrier stalls when packets went
+		// out and nothing came back for CarrierStall.
+		if d.udpWritesFailing() < localFailure {
+			if st.PacketsReceived != lastRecv {
+				lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
+				clear(tried)
+				gaveUp = false
+				continue
+			}
+			if st.PacketsSent == sentAtRecv || time.Since(recvAt) < d.carrierStall() {
+				continue
+			}
 		}
 		cur := d.currentCarrier()
 		kind := ""
@@ -109,6 +115,22 @@ func (d *Dialer) watchCarrier(conn *quic.Conn) {
 		d.rememberCarrier(kind)
 		reset()
 	}
+}
+
+// localFailure is how long writes to UDP must fail before the connection moves.
+const localFailure = 300 * time.Millisecond
+
+// udpWritesFailing is how long the Dialer's UDP writes have all failed while
+// its connection is on UDP.
+func (d *Dialer) udpWritesFailing() time.Duration {
+	q := &d.quic
+	q.mu.Lock()
+	mc, _ := q.udp.(*movingConn)
+	q.mu.Unlock()
+	if mc == nil {
+		return 0
+	}
+	return mc.udpWritesFailing()
 }
 
 // movingServer is the server's UDP address as the Dialer's movingConn knows it.
@@ -166,6 +188,54 @@ type movingConn struct {
 	mu      sync.Mutex
 	carrier *carrierConn
 	rdl     time.Time
+	// recent are the last packets written (a ring of movingReplay), sent again
+	// over the next carrier on a move: see moveTo.
+	recent [movingReplay][]byte
+	next   int
+	// udpFailing is when writes to the UDP socket began to fail, without a
+	// success since (unix nanoseconds; 0: the last write went out).
+	udpFailing atomic.Int64
+}
+
+// udpWritesFailing is how long every write to the UDP socket has failed.
+func (m *movingConn) udpWritesFailing() time.Duration {
+	if f := m.udpFailing.Load(); f != 0 && m.current() == nil {
+		return time.Since(time.Unix(0, f))
+	}
+	return 0
+}
+
+// movingReplay is how many of the last packets a move sends again.
+const movingReplay = 4
+
+// remember keeps a copy of b among the recent packets.
+func (m *movingConn) remember(b []byte) {
+	m.mu.Lock()
+	p := m.recent[m.next][:0]
+	m.recent[m.next] = append(p, b...)
+	m.next = (m.next + 1) % movingReplay
+	m.mu.Unlock()
+}
+
+// replay sends the recent packets, oldest first, over cc. After a carrier
+// stalled they were most likely lost, and they are the connection's newest:
+// arriving from a new address they make the server migrate and acknowledge
+// at once, so the client's loss recovery resumes now, not when its probe
+// timeout (backed off during the stall, often by many seconds) next fires.
+// A copy that did arrive before is a duplicate, which QUIC discards.
+func (m *movingConn) replay(cc *carrierConn) {
+	m.mu.Lock()
+	var ps [][]byte
+	for i := range movingReplay {
+		if p := m.recent[(m.next+i)%movingReplay]; len(p) > 0 {
+			ps = append(ps, p)
+		}
+	}
+	m.recent, m.next = [movingReplay][]byte{}, 0
+	m.mu.Unlock()
+	for _, p := range ps {
+		_, _ = cc.WriteTo(p, m.server)
+	}
 }
 
 func (m *movingConn) current() *carrierConn {
@@ -184,6 +254,7 @@ func (m *movingConn) moveTo(cc *carrierConn) {
 		_ = old.Close()
 	}
 	_ = m.udp.SetReadDeadline(time.Unix(1, 0)) // a reader waiting on UDP looks again
+	m.replay(cc)
 }
 
 // moveBack returns to the UDP socket.
@@ -222,10 +293,24 @@ func (m *movingConn) ReadFrom(b []byte) (int, net.Addr, error) {
 }
 
 func (m *movingConn) WriteTo(b []byte, addr net.Addr) (int, error) {
+	m.remember(b)
 	if cc := m.current(); cc != nil {
 		return cc.WriteTo(b, addr)
 	}
-	return m.udp.WriteTo(b, addr)
+	n, err := m.udp.WriteTo(b, addr)
+	if err == nil {
+		m.udpFailing.Store(0)
+	} else {
+		m.udpFailing.CompareAndSwap(0, time.Now().UnixNano())
+	}
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		// A local firewall that drops UDP answers sendto with EPERM, a lost
+		// network with ENETUNREACH: quic-go would close the connection on the
+		// error. The packet is lost instead, as on a network that drops it
+		// silently, and watchCarrier moves the connection to a carrier.
+		return len(b), nil
+	}
+	return n, err
 }
 
 func (m *movingConn) SetReadDeadline(t time.Time) error {
@@ -249,6 +334,11 @@ func (m *movingConn) Close() error {
 func (m *movingConn) SetDeadline(t time.Time) error      { return m.SetReadDeadline(t) }
 func (m *movingConn) SetWriteDeadline(t time.Time) error { return m.udp.SetWriteDeadline(t) }
 func (m *movingConn) LocalAddr() net.Addr                { return m.udp.LocalAddr() }
+
+// SetReadBuffer and SetWriteBuffer size the UDP socket's buffers (quic-go asks
+// for larger ones, and warns on standard error when it cannot).
+func (m *movingConn) SetReadBuffer(n int) error  { return m.udp.SetReadBuffer(n) }
+func (m *movingConn) SetWriteBuffer(n int) error { return m.udp.SetWriteBuffer(n) }
 
 // DefaultCarrierUDPTry bounds the first handshake over UDP when the Dialer
 // has carriers to fall back to.
