@@ -190,6 +190,11 @@ func (d *Dialer) raceCarriers(ctx context.Context, cfg *tls.Config, qcfg *quic.C
 	head := d.CarrierHeadStart
 	if head <= 0 {
 		head = DefaultCarrierHeadStart
+		if d.cachedCarrier() == wire.CarrierUDP {
+			// UDP worked on this network: a slow handshake is more likely a
+			// loaded host or path than a block.
+			head = DefaultCarrierUDPTry
+		}
 	}
 	headTimer := time.NewTimer(head)
 	defer headTimer.Stop()

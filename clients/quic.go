@@ -19,8 +19,10 @@ import (
 
 // Transports a Dialer can use.
 const (
-	// TransportAuto races QUIC (with a head start) against TLS and remembers the
-	// winner per server in the Dialer's Cache.
+	// TransportAuto races QUIC over UDP against QUIC over the stream carriers,
+	// with TLS last (carrier_auto.go; with Carrier "udp", QUIC with a head start
+	// against TLS), and remembers the winner per server and network in the
+	// Dialer's Cache.
 	TransportAuto = "auto"
 	// TransportQUIC opens one stream per request on a shared QUIC connection.
 	TransportQUIC = "quic"

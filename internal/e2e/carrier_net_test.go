@@ -294,7 +294,8 @@ func TestCarrierUDPDroppedMidTransferInNamespace(t *testing.T) {
 	n.blockInC(t, false, true)
 	echo := n.serviceInT(t)
 	env := append(append([]string{}, n.env...), "HTTP_PROXY="+carrierNetProxy, "HTTPS_PROXY="+carrierNetProxy)
-	addr, log := startCarrierForward(t, n.C, env, echo, "--carrier", "auto",
+	// A head start of 20 s: the connection starts over UDP however loaded the host.
+	addr, log := startCarrierForward(t, n.C, env, echo, "--carrier", "auto", "--carrier-head-start", "20s",
 		"--carrier-http-url", "http://"+n.httpAddr+"/.well-known/tp-carrier/http")
 	c := dialIn(t, n.C, addr)
 	_ = c.SetDeadline(time.Now().Add(3 * time.Minute))
@@ -349,6 +350,9 @@ func TestCarrierUDPDroppedMidTransferInNamespace(t *testing.T) {
 	}
 	if sum := h.Sum(nil); got != len(payload) || !bytes.Equal(sum, want[:]) {
 		t.Fatalf("echoed %d bytes with sha256 %x, want %d with %x", got, sum, len(payload), want)
+	}
+	if strings.Contains(log.String(), "connected over the") {
+		t.Fatalf("tp forward did not start over UDP:\n%s", log.String())
 	}
 	if !strings.Contains(log.String(), "moved to http") {
 		t.Fatalf("tp forward did not report moving to the http carrier:\n%s", log.String())
