@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/internal/testnet"
 )
@@ -410,5 +411,47 @@ func startCarrierForward(t *testing.T, ns string, env []string, target string, f
 			t.Fatalf("tp forward did not start within 60s:\n%s", log.String())
 		}
 		time.Sleep(20 * time.Millisecond) // polling for readiness, bounded by the deadline
+	}
+}
+
+// TestNetworkIDInNamespace: the transport cache's network name (the real
+// clients.NetworkID) differs between two networks a host reaches servers
+// through (two veth interfaces with their own prefixes, in a namespace the
+// test makes), is the same for two servers on one network and for the same server
+// asked twice, and is empty where there is no route. Bad input: a server
+// address that is not host:port.
+func TestNetworkIDInNamespace(t *testing.T) {
+	ns := fmt.Sprintf("tpnid%d", os.Getpid()%100000)
+	sh(t, "ip", "netns", "add", ns)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	for _, c := range [][]string{
+		{"link", "set", "lo", "up"},
+		{"link", "add", "d1", "type", "veth", "peer", "name", "d1p"}, {"addr", "add", "10.204.1.2/24", "dev", "d1"},
+		{"link", "set", "d1p", "up"}, {"link", "set", "d1", "up"},
+		{"link", "add", "d2", "type", "veth", "peer", "name", "d2p"}, {"addr", "add", "10.204.2.2/24", "dev", "d2"},
+		{"link", "set", "d2p", "up"}, {"link", "set", "d2", "up"},
+	} {
+		sh(t, append([]string{"ip", "-n", ns}, c...)...)
+	}
+	var a, a2, b, b2, none, bad string
+	inNS(t, ns, func() {
+		a, a2 = clients.NetworkID("10.204.1.1:443"), clients.NetworkID("10.204.1.77:8443")
+		b, b2 = clients.NetworkID("10.204.2.1:443"), clients.NetworkID("10.204.2.1:443")
+		none, bad = clients.NetworkID("192.0.2.1:443"), clients.NetworkID("10.204.1.1")
+	})
+	if a == "" || b == "" {
+		t.Fatalf("no network name for a routed server: %q, %q", a, b)
+	}
+	if a != a2 {
+		t.Errorf("two servers on one network: %q and %q", a, a2)
+	}
+	if b != b2 {
+		t.Errorf("one server asked twice: %q and %q", b, b2)
+	}
+	if a == b {
+		t.Errorf("two networks share the name %q", a)
+	}
+	if none != "" || bad != "" {
+		t.Errorf("no route gave %q, a bad address %q; want both empty", none, bad)
 	}
 }
