@@ -86,9 +86,8 @@ func TestAutoRacesCarriersWhenUDPBlocked(t *testing.T) {
 	}
 }
 
-// TestAutoPrefersUDP: where UDP answers, the race is won over UDP, and the
-// carriers are never opened (the connection's packets all go through the
-// UDP gate, and it is on udp).
+// TestAutoPrefersUDP: where UDP answers, the race is won over UDP (the head
+// start is made long enough that the carriers cannot start first).
 func TestAutoPrefersUDP(t *testing.T) {
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	gate := startUDPGate(t, srv.UDP)
