@@ -132,7 +132,21 @@ func (d *Dialer) dialOverCarrier(ctx context.Context, kind string, raddr *net.UD
 	mc := &movingConn{udp: udp, server: raddr}
 	mc.moveTo(cc)
 	r.pc, r.tr = mc, &quic.Transport{Conn: mc}
+	// A server that closes the carrier connection before answering anything
+	// serves no QUIC behind it: give up on this carrier at once.
+	go func() {
+		select {
+		case <-cc.refused:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, qcfg); r.err != nil {
+		select {
+		case <-cc.refused:
+			r.err = fmt.Errorf("the server closed the %s carrier connection without answering (it serves no QUIC): %w", kind, r.err)
+		default:
+		}
 		r.close()
 		r.err = fmt.Errorf("over %s: %w", kind, r.err)
 	}
@@ -233,7 +247,14 @@ func (d *Dialer) raceCarriers(ctx context.Context, cfg *tls.Config, qcfg *quic.C
 				startCarriers()
 			}
 			if r.kind == "carriers" && pending > 0 {
-				udpDeadline = time.After(max(0, DefaultCarrierUDPTry-time.Since(start)))
+				// With carrier auto, UDP is all that is left: it gets its try.
+				// Otherwise TP's plain TLS transport comes next, at once (a
+				// server that refused every carrier likely has no QUIC).
+				wait := time.Duration(0)
+				if d.Carrier == CarrierAuto {
+					wait = max(0, DefaultCarrierUDPTry-time.Since(start))
+				}
+				udpDeadline = time.After(wait)
 			}
 		}
 	}
