@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -479,7 +480,7 @@ func (d *Dialer) race(ctx context.Context) (string, *tls.Conn, error) {
 			}
 		}
 	}
-	for _, err := range errs {
+	for _, err := range slices.Backward(errs) { // TLS's error, which says the most, last
 		if errors.Is(err, syscall.ECONNREFUSED) {
 			// Nothing listens on the TCP port: tpd is not running there, and
 			// QUIC's silence says no more (it is not a blocked UDP).
