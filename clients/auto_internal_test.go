@@ -69,7 +69,9 @@ func newAutoEnv(t *testing.T) *autoEnv {
 	// The discovery document (which this server does not have) is asked for
 	// past the relay, which counts only the race's TLS attempts.
 	d.DiscoveryURL = "https://" + server + wire.DiscoveryPath
-	d.Server, d.QUICServer, d.Transport = relay.Addr().String(), udp.LocalAddr().String(), TransportAuto
+	// Carrier udp forced: the race of QUIC over UDP against TP's plain TLS
+	// transport, without the stream carriers (carrier_auto_test.go has those).
+	d.Server, d.QUICServer, d.Transport, d.Carrier = relay.Addr().String(), udp.LocalAddr().String(), TransportAuto, wire.CarrierUDP
 	d.quic.headStartTimer = func(head time.Duration) <-chan time.Time {
 		e.headStart <- head
 		return e.fire

@@ -72,6 +72,11 @@ type carrierConn struct {
 	lastSend atomic.Int64
 	links    atomic.Int64 // links opened, for tests
 	pending  atomic.Int64 // packets queued and not yet written (or lost)
+	received atomic.Bool  // a packet ever came in
+	// refused is closed when a link ends before any packet came in: the
+	// server took the carrier connection but serves no QUIC behind it.
+	refused     chan struct{}
+	refusedOnce sync.Once
 }
 
 // carrierCloseFlush bounds how long Close waits for the packets queued before
@@ -96,6 +101,8 @@ func newCarrierConn(ctx context.Context, kind, server string, dial func(context.
 		out:   make(chan []byte, carrierQueue),
 		done:  make(chan struct{}),
 		wake:  make(chan struct{}),
+
+		refused: make(chan struct{}),
 	}
 	c.lastRecv.Store(time.Now().UnixNano())
 	c.setLink(link)
@@ -121,9 +128,13 @@ func (c *carrierConn) reader(link carrierLink) {
 		b := make([]byte, wire.MaxCarrierPacket)
 		n, err := link.ReadPacket(b)
 		if err != nil {
+			if !c.received.Load() {
+				c.refusedOnce.Do(func() { close(c.refused) })
+			}
 			c.linkDown(link)
 			return
 		}
+		c.received.Store(true)
 		c.lastRecv.Store(time.Now().UnixNano())
 		select {
 		case c.in <- b[:n]:

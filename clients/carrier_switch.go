@@ -17,6 +17,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -37,45 +38,110 @@ func (d *Dialer) carrierStall() time.Duration {
 	return DefaultCarrierStall
 }
 
-// watchCarrier runs while conn lives when FallbackCarriers is set: it samples
-// conn's packet counters and moves conn on when its carrier stalls.
+// watchCarrier runs while conn lives on a movingConn: it samples conn's
+// packet counters and moves conn to another carrier when its carrier stalls
+// (packets went out, nothing came back for CarrierStall), and, with auto, it
+// probes UDP every UDPReprobe while conn is on a stream carrier and moves conn
+// back to UDP when the probe's handshake completes.
 func (d *Dialer) watchCarrier(conn *quic.Conn) {
 	ctx := conn.Context()
-	next := 0
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	st := conn.ConnectionStats()
 	lastRecv, sentAtRecv, recvAt := st.PacketsReceived, st.PacketsSent, time.Now()
+	reset := func() {
+		st = conn.ConnectionStats()
+		lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
+	}
+	tried := map[string]bool{} // carriers moved to since a packet last came in
+	lastProbe, gaveUp := time.Now(), false
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
+		if d.racesCarriers() && d.currentCarrier() != wire.CarrierUDP && time.Since(lastProbe) >= d.udpReprobe() {
+			lastProbe = time.Now()
+			if d.probeUDP(ctx, d.movingServer()) {
+				start := time.Now()
+				if err := d.moveToUDP(); err == nil {
+					d.logf("tp: UDP gets through again; the connection moved back to UDP in %s", time.Since(start).Round(time.Millisecond))
+					d.rememberCarrier(wire.CarrierUDP)
+					clear(tried)
+					reset()
+					continue
+				}
+			}
+		}
 		st = conn.ConnectionStats()
-		if st.PacketsReceived != lastRecv {
-			lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
+		// Writes to UDP that fail (a local firewall's EPERM, a lost route) stop
+		// the carrier at once; otherwise a carrier stalls when packets went
+		// out and nothing came back for CarrierStall.
+		if d.udpWritesFailing() < localFailure {
+			if st.PacketsReceived != lastRecv {
+				lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
+				clear(tried)
+				gaveUp = false
+				continue
+			}
+			if st.PacketsSent == sentAtRecv || time.Since(recvAt) < d.carrierStall() {
+				continue
+			}
+		}
+		cur := d.currentCarrier()
+		kind := ""
+		for _, k := range d.fallbacks() {
+			if k != cur && !tried[k] {
+				kind = k
+				break
+			}
+		}
+		if kind == "" {
+			if !gaveUp {
+				d.logf("tp: the %s carrier stopped delivering and no further carrier is left to try", cur)
+				gaveUp = true
+			}
+			recvAt = time.Now() // look again after another stall
 			continue
 		}
-		if st.PacketsSent == sentAtRecv || time.Since(recvAt) < d.carrierStall() {
-			continue
-		}
-		if next >= len(d.fallbacks()) {
-			d.logf("tp: the %s carrier stopped delivering and no further carrier is left to try", d.currentCarrier())
-			return
-		}
-		kind := d.fallbacks()[next]
-		next++
+		tried[kind] = true
 		start := time.Now()
 		if err := d.moveTo(ctx, conn, kind); err != nil {
-			d.logf("tp: the %s carrier stopped delivering; moving to %s failed: %v", d.currentCarrier(), kind, err)
+			d.logf("tp: the %s carrier stopped delivering; moving to %s failed: %v", cur, kind, err)
 			continue
 		}
-		d.logf("tp: the carrier stopped delivering; the connection moved to %s in %s", kind, time.Since(start).Round(time.Millisecond))
+		d.logf("tp: the %s carrier stopped delivering; the connection moved to %s in %s", cur, kind, time.Since(start).Round(time.Millisecond))
 		d.rememberCarrier(kind)
-		st = conn.ConnectionStats()
-		lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
+		reset()
 	}
+}
+
+// localFailure is how long writes to UDP must fail before the connection moves.
+const localFailure = 300 * time.Millisecond
+
+// udpWritesFailing is how long the Dialer's UDP writes have all failed while
+// its connection is on UDP.
+func (d *Dialer) udpWritesFailing() time.Duration {
+	q := &d.quic
+	q.mu.Lock()
+	mc, _ := q.udp.(*movingConn)
+	q.mu.Unlock()
+	if mc == nil {
+		return 0
+	}
+	return mc.udpWritesFailing()
+}
+
+// movingServer is the server's UDP address as the Dialer's movingConn knows it.
+func (d *Dialer) movingServer() net.Addr {
+	q := &d.quic
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if mc, ok := q.udp.(*movingConn); ok {
+		return mc.server
+	}
+	return nil
 }
 
 // moveTo opens carrier kind and makes the Dialer's packet conn send and
@@ -122,6 +188,54 @@ type movingConn struct {
 	mu      sync.Mutex
 	carrier *carrierConn
 	rdl     time.Time
+	// recent are the last packets written (a ring of movingReplay), sent again
+	// over the next carrier on a move: see moveTo.
+	recent [movingReplay][]byte
+	next   int
+	// udpFailing is when writes to the UDP socket began to fail, without a
+	// success since (unix nanoseconds; 0: the last write went out).
+	udpFailing atomic.Int64
+}
+
+// udpWritesFailing is how long every write to the UDP socket has failed.
+func (m *movingConn) udpWritesFailing() time.Duration {
+	if f := m.udpFailing.Load(); f != 0 && m.current() == nil {
+		return time.Since(time.Unix(0, f))
+	}
+	return 0
+}
+
+// movingReplay is how many of the last packets a move sends again.
+const movingReplay = 4
+
+// remember keeps a copy of b among the recent packets.
+func (m *movingConn) remember(b []byte) {
+	m.mu.Lock()
+	p := m.recent[m.next][:0]
+	m.recent[m.next] = append(p, b...)
+	m.next = (m.next + 1) % movingReplay
+	m.mu.Unlock()
+}
+
+// replay sends the recent packets, oldest first, over cc. After a carrier
+// stalled they were most likely lost, and they are the connection's newest:
+// arriving from a new address they make the server migrate and acknowledge
+// at once, so the client's loss recovery resumes now, not when its probe
+// timeout (backed off during the stall, often by many seconds) next fires.
+// A copy that did arrive before is a duplicate, which QUIC discards.
+func (m *movingConn) replay(cc *carrierConn) {
+	m.mu.Lock()
+	var ps [][]byte
+	for i := range movingReplay {
+		if p := m.recent[(m.next+i)%movingReplay]; len(p) > 0 {
+			ps = append(ps, p)
+		}
+	}
+	m.recent, m.next = [movingReplay][]byte{}, 0
+	m.mu.Unlock()
+	for _, p := range ps {
+		_, _ = cc.WriteTo(p, m.server)
+	}
 }
 
 func (m *movingConn) current() *carrierConn {
@@ -140,6 +254,20 @@ func (m *movingConn) moveTo(cc *carrierConn) {
 		_ = old.Close()
 	}
 	_ = m.udp.SetReadDeadline(time.Unix(1, 0)) // a reader waiting on UDP looks again
+	m.replay(cc)
+}
+
+// moveBack returns to the UDP socket.
+func (m *movingConn) moveBack() {
+	m.mu.Lock()
+	old := m.carrier
+	m.carrier = nil
+	rdl := m.rdl
+	m.mu.Unlock()
+	_ = m.udp.SetReadDeadline(rdl) // moveTo left it in the past
+	if old != nil {
+		_ = old.Close() // a reader blocked on it looks again, at UDP
+	}
 }
 
 func (m *movingConn) ReadFrom(b []byte) (int, net.Addr, error) {
@@ -165,10 +293,24 @@ func (m *movingConn) ReadFrom(b []byte) (int, net.Addr, error) {
 }
 
 func (m *movingConn) WriteTo(b []byte, addr net.Addr) (int, error) {
+	m.remember(b)
 	if cc := m.current(); cc != nil {
 		return cc.WriteTo(b, addr)
 	}
-	return m.udp.WriteTo(b, addr)
+	n, err := m.udp.WriteTo(b, addr)
+	if err == nil {
+		m.udpFailing.Store(0)
+	} else {
+		m.udpFailing.CompareAndSwap(0, time.Now().UnixNano())
+	}
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		// A local firewall that drops UDP answers sendto with EPERM, a lost
+		// network with ENETUNREACH: quic-go would close the connection on the
+		// error. The packet is lost instead, as on a network that drops it
+		// silently, and watchCarrier moves the connection to a carrier.
+		return len(b), nil
+	}
+	return n, err
 }
 
 func (m *movingConn) SetReadDeadline(t time.Time) error {
@@ -203,9 +345,9 @@ func (m *movingConn) SetWriteBuffer(n int) error { return m.udp.SetWriteBuffer(n
 const DefaultCarrierUDPTry = 2 * time.Second
 
 // fallbacks are the carriers the connection may move to: FallbackCarriers, or
-// tls, ws, then http for carrier "auto".
+// tls, ws, then http when connecting races the carriers.
 func (d *Dialer) fallbacks() []string {
-	if len(d.FallbackCarriers) == 0 && d.Carrier == CarrierAuto {
+	if len(d.FallbackCarriers) == 0 && d.racesCarriers() {
 		return []string{wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP}
 	}
 	return d.FallbackCarriers
@@ -268,12 +410,19 @@ func (d *Dialer) cachedCarrier() string {
 	if d.Cache == nil {
 		return ""
 	}
-	return d.Cache.Get("carrier:" + d.Server)
+	return d.Cache.Get(carrierKeyPrefix + d.Server)
 }
 
+// rememberCarrier remembers kind for the server on this network: UDP for the
+// cache's TTL, a stream carrier for DefaultFallbackTTL only, after which the
+// next connection races UDP again.
 func (d *Dialer) rememberCarrier(kind string) {
 	if d.Cache != nil {
-		_ = d.Cache.Put("carrier:"+d.Server, kind) // an unwritable cache only costs a UDP try
+		ttl := time.Duration(0)
+		if kind != wire.CarrierUDP {
+			ttl = DefaultFallbackTTL
+		}
+		_ = d.Cache.PutFor(carrierKeyPrefix+d.Server, kind, ttl) // an unwritable cache only costs a UDP try
 	}
 }
 

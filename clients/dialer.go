@@ -43,12 +43,23 @@ type Dialer struct {
 	Transport string
 	// QUICServer is the server's UDP host:port; empty means Server (same port).
 	QUICServer string
-	// Carrier is what carries the QUIC connection (carrier.go): "udp" (the
-	// default when empty), "tls" (a TLS stream on Server's TCP port), "ws" (a
-	// WebSocket on Server's website side), "http" (HTTPS polling) or "auto"
-	// (UDP, falling back to the others). Any but "udp" implies Transport
-	// "quic": every request is a stream of the one QUIC connection.
+	// Carrier is what carries the QUIC connection (carrier.go): "udp", "tls"
+	// (a TLS stream on Server's TCP port), "ws" (a WebSocket on Server's
+	// website side), "http" (HTTPS polling) or "auto" (UDP raced against the
+	// others, and a live connection that moves between them,
+	// carrier_auto.go). Empty means "udp" with Transport "quic" or "tls", and
+	// with Transport auto a race like "auto"'s whose UDP side keeps quic-go's
+	// batched UDP I/O and so cannot move off UDP mid-connection. Any but "udp"
+	// implies Transport "quic": every request is a stream of the one QUIC
+	// connection.
 	Carrier string
+	// CarrierHeadStart is how long the race gives UDP alone before it also
+	// tries the stream carriers; zero means DefaultCarrierHeadStart.
+	CarrierHeadStart time.Duration
+	// UDPReprobe is how often a connection on a stream carrier checks with a
+	// QUIC handshake whether UDP gets through again, and moves back to UDP if
+	// it does; zero means DefaultUDPReprobe.
+	UDPReprobe time.Duration
 	// CarrierProxy, when set, replaces HTTPS_PROXY/https_proxy and NO_PROXY as
 	// the HTTP proxy the tls and ws carriers connect through (CONNECT); it
 	// returns nil for a direct connection. Environment proxies are never used
@@ -66,8 +77,8 @@ type Dialer struct {
 	CarrierStall     time.Duration
 	// Logf, when set, is told when the connection moves to another carrier.
 	Logf func(format string, args ...any)
-	// Cache remembers per server which transport won an auto race; nil remembers
-	// only for the Dialer's lifetime.
+	// Cache remembers per server and network which transport and carrier won
+	// an auto race; nil remembers only for the Dialer's lifetime.
 	Cache *TransportCache
 	// HeadStart is how long auto waits for QUIC before also trying TLS.
 	// Zero means DefaultHeadStart.

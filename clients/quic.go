@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -19,8 +20,10 @@ import (
 
 // Transports a Dialer can use.
 const (
-	// TransportAuto races QUIC (with a head start) against TLS and remembers the
-	// winner per server in the Dialer's Cache.
+	// TransportAuto races QUIC over UDP against QUIC over the stream carriers,
+	// with TLS last (carrier_auto.go; with Carrier "udp", QUIC with a head start
+	// against TLS), and remembers the winner per server and network in the
+	// Dialer's Cache.
 	TransportAuto = "auto"
 	// TransportQUIC opens one stream per request on a shared QUIC connection.
 	TransportQUIC = "quic"
@@ -136,7 +139,7 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 		q.dialing = ch
 		q.mu.Unlock()
 
-		c, err := d.connectQUIC(ctx)
+		c, err := d.connectMain(ctx)
 
 		q.mu.Lock()
 		q.dialing = nil
@@ -148,7 +151,7 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 				return nil, ErrDialerClosed
 			}
 			q.conn = c
-			if len(d.fallbacks()) > 0 {
+			if _, movable := q.udp.(*movingConn); movable {
 				go d.watchCarrier(c)
 			}
 			if q.changed != nil {
@@ -161,6 +164,27 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 	}
 }
 
+// connectMain connects the Dialer's shared QUIC connection: by the carrier
+// race (carrier_auto.go) when the Dialer races, on its socket otherwise.
+func (d *Dialer) connectMain(ctx context.Context) (*quic.Conn, error) {
+	if !d.racesCarriers() {
+		return d.connectQUIC(ctx)
+	}
+	cfg, qcfg, err := d.quicConfigs()
+	if err != nil {
+		return nil, err
+	}
+	r, err := d.raceCarriers(ctx, cfg, qcfg)
+	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w (no answer over UDP or any carrier: is the TP server reachable from this network?)", errors.Join(err, ctx.Err()))
+		}
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
+	}
+	d.installRaced(r)
+	return r.conn, nil
+}
+
 // connectQUIC performs a QUIC handshake with the server on the Dialer's socket.
 func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	addr := d.quicAddr()
@@ -171,12 +195,35 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	var raddr net.Addr
 	if cc, ok := tr.Conn.(*carrierConn); ok {
 		raddr = cc.raddr
+	} else if mc, ok := tr.Conn.(*movingConn); ok {
+		raddr = mc.server
 	} else if raddr, err = resolveUDP(ctx, addr); err != nil {
 		return nil, err
 	}
-	cfg, err := d.tlsConfig()
+	cfg, qcfg, err := d.quicConfigs()
 	if err != nil {
 		return nil, err
+	}
+	var conn *quic.Conn
+	if d.racesCarriers() { // a further connection, on the race winner's socket
+		conn, err = tr.Dial(ctx, raddr, cfg, qcfg)
+	} else {
+		conn, err = d.dialFallingBack(ctx, tr, raddr, cfg, qcfg)
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w (no answer over UDP; is UDP blocked on this network? --carrier tls or ws, or --transport tls, avoid UDP)", ctx.Err())
+		}
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err)))
+	}
+	return conn, nil
+}
+
+// quicConfigs are the TLS and QUIC configurations of the Dialer's connections.
+func (d *Dialer) quicConfigs() (*tls.Config, *quic.Config, error) {
+	cfg, err := d.tlsConfig()
+	if err != nil {
+		return nil, nil, err
 	}
 	keepAlive := d.KeepAlive
 	switch {
@@ -203,14 +250,7 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		EnableDatagrams:                true, // UDP flows (udp.go)
 		Tracer:                         d.dropTracer(),
 	}
-	conn, err := d.dialFallingBack(ctx, tr, raddr, cfg, qcfg)
-	if err != nil {
-		if ctx.Err() != nil {
-			err = fmt.Errorf("%w (no answer over UDP; is UDP blocked on this network? --carrier tls or ws, or --transport tls, avoid UDP)", ctx.Err())
-		}
-		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err)))
-	}
-	return conn, nil
+	return cfg, qcfg, nil
 }
 
 // DefaultCarrierKeepAlive is the QUIC keepalive of a Dialer whose Carrier is
@@ -280,7 +320,7 @@ func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketCon
 		if err != nil {
 			return nil, fmt.Errorf("opening a UDP socket for QUIC: %w", err)
 		}
-		if len(d.fallbacks()) > 0 {
+		if d.Carrier == CarrierAuto || len(d.FallbackCarriers) > 0 {
 			raddr, err := resolveUDP(ctx, d.quicAddr())
 			if err != nil {
 				_ = udp.Close()
@@ -354,13 +394,17 @@ func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHel
 	if err != nil {
 		return nil, err
 	}
-	if d.Cache != nil {
-		_ = d.Cache.Put(d.Server, winner) // a cache that cannot be written only costs races
-	}
 	if winner == TransportTLS {
+		// A fallback is remembered for less long: UDP, or a carrier, may get
+		// through again.
+		if d.Cache != nil {
+			_ = d.Cache.PutFor(d.Server, winner, DefaultFallbackTTL) // a cache that cannot be written only costs races
+		}
 		d.quic.mu.Lock()
-		d.quic.tlsUntil = time.Now().Add(DefaultTransportCacheTTL)
+		d.quic.tlsUntil = time.Now().Add(DefaultFallbackTTL)
 		d.quic.mu.Unlock()
+	} else if d.Cache != nil {
+		_ = d.Cache.Put(d.Server, winner)
 	}
 	if winner == TransportTLS {
 		return d.request(ctx, tconn, addr, hello)
@@ -389,7 +433,12 @@ func (d *Dialer) race(ctx context.Context) (string, *tls.Conn, error) {
 		head = DefaultHeadStart
 	}
 	var headStartOver <-chan time.Time
-	if d.quic.headStartTimer != nil {
+	if d.racesCarriers() {
+		// QUIC over a stream carrier keeps QUIC's features (streams without
+		// head-of-line blocking between them, UDP flows, moving between
+		// networks and carriers): plain TLS starts only when QUIC got through
+		// on no carrier.
+	} else if d.quic.headStartTimer != nil {
 		headStartOver = d.quic.headStartTimer(head)
 	} else {
 		timer := time.NewTimer(head)
@@ -443,7 +492,7 @@ func (d *Dialer) race(ctx context.Context) (string, *tls.Conn, error) {
 			}
 		}
 	}
-	for _, err := range errs {
+	for _, err := range slices.Backward(errs) { // TLS's error, which says the most, last
 		if errors.Is(err, syscall.ECONNREFUSED) {
 			// Nothing listens on the TCP port: tpd is not running there, and
 			// QUIC's silence says no more (it is not a blocked UDP).

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,8 +19,16 @@ const transportCacheFile = "transport-cache.json"
 // DefaultTransportCacheTTL is how long an auto race result is trusted.
 const DefaultTransportCacheTTL = time.Hour
 
-// TransportCache remembers per server which transport worked, in a JSON file, so
-// that on a network that blocks UDP only the first connection pays the race.
+// DefaultFallbackTTL is how long a fallback (a carrier other than UDP, or the
+// plain TLS transport) is remembered: after it, the next connection on that
+// network races UDP again, so a network that stopped blocking UDP gets QUIC
+// over UDP back (a live connection also probes UDP: Dialer.UDPReprobe).
+const DefaultFallbackTTL = 10 * time.Minute
+
+// TransportCache remembers, per server and network (NetworkID), which
+// transport and carrier worked, in a JSON file, so that on a network that
+// blocks UDP only the first connection pays the race, and a laptop that moves
+// from that network to one that passes UDP races afresh there.
 // Several processes may share the file: the last writer wins, which is harmless.
 // A damaged or unwritable file only costs races.
 type TransportCache struct {
@@ -28,6 +37,9 @@ type TransportCache struct {
 	TTL time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// Network names the network a server is reached through; nil means
+	// NetworkID. Entries are kept per server and network.
+	Network func(server string) string
 
 	mu sync.Mutex
 }
@@ -62,11 +74,29 @@ func (c *TransportCache) load() map[string]cacheEntry {
 	return m
 }
 
-// Get returns the remembered transport for server, or "" when none is fresh.
+// key is server's entry on the network the host is on now.
+func (c *TransportCache) key(server string) string {
+	network := c.Network
+	if network == nil {
+		network = NetworkID
+	}
+	id := network(strings.TrimPrefix(server, carrierKeyPrefix))
+	if id == "" {
+		return server
+	}
+	return server + " on " + id
+}
+
+// carrierKeyPrefix marks the entries of the carrier that worked (beside the
+// transport's, under the server's name alone).
+const carrierKeyPrefix = "carrier:"
+
+// Get returns the remembered transport for server on the current network, or
+// "" when none is fresh.
 func (c *TransportCache) Get(server string) string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	e, ok := c.load()[server]
+	e, ok := c.load()[c.key(server)]
 	if !ok || !c.now().Before(e.Expires) {
 		return ""
 	}
@@ -95,11 +125,20 @@ func (c *TransportCache) PutDiscovery(server string, doc wire.Discovery) error {
 	})
 }
 
-// Put remembers that transport worked for server. Expired entries are dropped.
+// Put remembers that transport worked for server on the current network.
+// Expired entries are dropped.
 func (c *TransportCache) Put(server, transport string) error {
+	return c.PutFor(server, transport, 0)
+}
+
+// PutFor is Put for ttl (zero: the cache's TTL), capped at the cache's TTL.
+func (c *TransportCache) PutFor(server, transport string, ttl time.Duration) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.update(server, func(e *cacheEntry, now time.Time, ttl time.Duration) bool {
+	return c.update(c.key(server), func(e *cacheEntry, now time.Time, cttl time.Duration) bool {
+		if ttl <= 0 || ttl > cttl {
+			ttl = cttl
+		}
 		// Rewrite only when the answer changes or half the entry's life has passed.
 		if e.Transport == transport && e.Expires.Sub(now) > ttl/2 {
 			return false

@@ -26,6 +26,7 @@ tools=(
 	"curl curl"                           # the CONNECT tests use Debian's curl as an HTTPS-proxy client
 	"git git"                             # … and git, with http.proxySSLCert
 	"pg-initdb postgresql"                # internal/testpg runs a throwaway PostgreSQL (initdb, postgres)
+	"tinyproxy tinyproxy"                 # the carrier tests' CONNECT and plain forwarding HTTP proxy
 )
 
 # has CMD: whether a tool is there; pg-initdb is Debian's versioned server binary.

@@ -76,8 +76,10 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		},
 	}
 	config.ClientFlags(root.PersistentFlags())
-	root.PersistentFlags().String("transport", "auto", "auto (QUIC, falling back to TLS; remembered per server), quic or tls (env TP_TRANSPORT)")
-	root.PersistentFlags().String("carrier", "", "what carries the QUIC connection: udp, tls (a TLS stream on the TCP port), ws (a WebSocket), http (HTTPS polling, through CDNs too), all through HTTPS_PROXY when set, or auto (UDP, moving to tls then ws when UDP gets no answer or stops delivering mid-session) (env TP_CARRIER)")
+	root.PersistentFlags().String("transport", "auto", "auto (QUIC over UDP raced against QUIC over the tls, ws and http carriers, then TP's plain TLS as a last resort; remembered per server and network), quic or tls (env TP_TRANSPORT)")
+	root.PersistentFlags().String("carrier", "", "force what carries the QUIC connection: udp, tls (a TLS stream on the TCP port), ws (a WebSocket), http (HTTPS polling, through CDNs too), the last three through HTTPS_PROXY when set; or auto (as transport auto, and a live connection also moves between carriers when one stops delivering, at some cost in UDP throughput) (env TP_CARRIER)")
+	root.PersistentFlags().Duration("carrier-head-start", 0, "how long auto gives QUIC over UDP alone before it also tries the tls, ws and http carriers (0: 500ms; 2s when UDP worked on this network before) (env TP_CARRIER_HEAD_START)")
+	root.PersistentFlags().String("carrier-http-url", "", "the http carrier's URL when not https://SERVER/.well-known/tp-carrier/http: a CDN's, or tpd's plain-HTTP listener (http://HOST:PORT/.well-known/tp-carrier/http, through HTTP_PROXY as plain HTTP) (env TP_CARRIER_HTTP_URL)")
 	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
 	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), ipCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
@@ -155,6 +157,8 @@ func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients
 	d.Timeout = cfg.Timeout
 	d.Transport = cfg.Transport
 	d.Carrier = cfg.Carrier
+	d.CarrierHTTPURL = cfg.CarrierHTTPURL
+	d.CarrierHeadStart = cfg.CarrierHeadStart
 	d.Logf = c.Logf
 	return d, nil
 }

@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net/url"
 	"strings"
 	"time"
 
@@ -22,6 +23,13 @@ type Client struct {
 	// Carrier is what carries tp's QUIC connection: "" (UDP, or auto's choice),
 	// auto, udp, tls, ws or http (docs/PROTOCOL.md §9.8).
 	Carrier string `mapstructure:"carrier"`
+	// CarrierHTTPURL is the http carrier's endpoint when not
+	// https://SERVER/.well-known/tp-carrier/http: a CDN's URL, or tpd's
+	// plain-HTTP listener (http://…) for a proxy that forwards only plain HTTP.
+	CarrierHTTPURL string `mapstructure:"carrier-http-url"`
+	// CarrierHeadStart is how long auto gives QUIC over UDP alone before it
+	// also tries the stream carriers (0: the client's default, 500 ms).
+	CarrierHeadStart time.Duration `mapstructure:"carrier-head-start"`
 	// Quiet drops tp's progress lines ("Connecting to …"); errors still show.
 	Quiet bool `mapstructure:"quiet"`
 }
@@ -45,6 +53,14 @@ func (c Client) Validate() error {
 	if c.Carrier != "" && c.Carrier != "udp" && c.Carrier != "auto" && c.Transport == "tls" {
 		errs = append(errs, fmt.Errorf("carrier %q carries QUIC; it does not go with transport tls (drop --transport tls, or --carrier)", c.Carrier))
 	}
+	if c.CarrierHTTPURL != "" {
+		if u, err := url.Parse(c.CarrierHTTPURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("carrier-http-url %q must be an http:// or https:// URL with a host, such as http://tp.example.org/.well-known/tp-carrier/http (--carrier-http-url or TP_CARRIER_HTTP_URL)", c.CarrierHTTPURL))
+		}
+	}
+	if c.CarrierHeadStart < 0 || c.CarrierHeadStart > time.Minute {
+		errs = append(errs, fmt.Errorf("carrier-head-start %s must be between 0 and 1m (--carrier-head-start or TP_CARRIER_HEAD_START)", c.CarrierHeadStart))
+	}
 	if c.Timeout <= 0 || c.Timeout > 10*time.Minute {
 		errs = append(errs, fmt.Errorf("timeout %s must be between 0 and 10m", c.Timeout))
 	}
@@ -65,11 +81,13 @@ func LoadClient(fs *pflag.FlagSet) (Client, error) {
 	v.SetDefault("timeout", 30*time.Second)
 	v.SetDefault("transport", "auto")
 	v.SetDefault("carrier", "")
+	v.SetDefault("carrier-http-url", "")
+	v.SetDefault("carrier-head-start", time.Duration(0))
 	v.SetDefault("quiet", false)
 	v.SetEnvPrefix("TP")
 	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
 	v.AutomaticEnv()
-	for _, key := range []string{"home", "timeout", "transport", "carrier", "quiet"} {
+	for _, key := range []string{"home", "timeout", "transport", "carrier", "carrier-http-url", "carrier-head-start", "quiet"} {
 		if f := fs.Lookup(key); f != nil && f.Changed {
 			if err := v.BindPFlag(key, f); err != nil {
 				return Client{}, err

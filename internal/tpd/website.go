@@ -301,6 +301,12 @@ func (d *Daemon) manageCerts(env *certEnv, names []string) (*website.Certs, erro
 // serveHTTP is the plain-HTTP listener: ACME http-01 answers, and a permanent
 // redirect to HTTPS for every name the website knows.
 func (d *Daemon) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == wire.CarrierHTTPPath && d.proxy != nil {
+		// The http carrier on plain HTTP, for plain forwarding proxies
+		// (docs/PROTOCOL.md §9.8): QUIC inside carries its own security.
+		d.proxy.CarrierHTTPHandler().ServeHTTP(w, r)
+		return
+	}
 	for _, c := range []*website.Certs{d.web.pending.Load(), d.web.certs.Load(), d.web.exposed.Load()} {
 		if c != nil && c.HTTPChallenge(w, r) {
 			return

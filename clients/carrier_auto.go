@@ -1,0 +1,336 @@
+package clients
+
+// Transport auto across carriers (docs/PROTOCOL.md §9.8, client rules). With
+// no carrier forced, auto connects QUIC over UDP and, when UDP has not
+// answered within the carrier head start, also QUIC over the stream carriers
+// in turn (tls, then ws, then http); the first handshake that completes wins
+// and the other attempt is abandoned. The answer is remembered per server and
+// network (TransportCache, NetworkID). TP's plain TLS transport is the last
+// resort, when QUIC gets through on no carrier. A connection that won on a
+// stream carrier runs on a movingConn: it moves on when its carrier stalls,
+// and it probes UDP every UDPReprobe and moves back to UDP when UDP answers.
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// DefaultCarrierHeadStart is how long auto gives QUIC over UDP alone before
+// it also tries the stream carriers. Longer than the plain-TLS head start
+// (DefaultHeadStart): a carrier that wins only because UDP was slow keeps the
+// connection off UDP until the next UDP probe.
+const DefaultCarrierHeadStart = 500 * time.Millisecond
+
+// DefaultUDPReprobe is how often a connection on a stream carrier checks
+// whether UDP gets through again (Dialer.UDPReprobe when zero).
+const DefaultUDPReprobe = 2 * time.Minute
+
+// carrierTry bounds one stream carrier's attempt (its link and the QUIC
+// handshake over it) in the race and a UDP probe's handshake.
+const (
+	carrierTry = 10 * time.Second
+	udpProbe   = 3 * time.Second
+)
+
+// racesCarriers reports whether connecting races UDP against the stream
+// carriers: carrier auto, or no carrier forced with transport auto.
+func (d *Dialer) racesCarriers() bool {
+	return d.Carrier == CarrierAuto || d.Carrier == "" && d.FallbackCarriers == nil && (d.Transport == "" || d.Transport == TransportAuto)
+}
+
+// streamCarriers are the carriers auto may use besides UDP, in order: those
+// the server's discovery document lists, all three when there is none.
+func (d *Dialer) streamCarriers(ctx context.Context) []string {
+	all := []string{wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP}
+	if len(d.FallbackCarriers) > 0 {
+		return d.FallbackCarriers
+	}
+	doc := d.discover(ctx)
+	if doc == nil {
+		return all
+	}
+	names := map[string]string{wire.CarrierTLS: wire.DiscoverCarrierTLS, wire.CarrierWS: wire.DiscoverCarrierWS, wire.CarrierHTTP: wire.DiscoverCarrierHTTP}
+	return slices.DeleteFunc(all, func(k string) bool {
+		_, ok := doc.Find(names[k])
+		return !ok
+	})
+}
+
+// raceResult is one attempt of the race: the connection and what it runs on.
+type raceResult struct {
+	kind       string
+	remembered bool // the carrier remembered for this network, tried first
+	conn       *quic.Conn
+	tr         *quic.Transport
+	pc         net.PacketConn
+	err        error
+}
+
+func (r raceResult) close() {
+	if r.conn != nil {
+		_ = r.conn.CloseWithError(wire.QUICNoError, "")
+	}
+	if r.tr != nil {
+		_ = r.tr.Close()
+	}
+	if r.pc != nil {
+		_ = r.pc.Close()
+	}
+}
+
+// dialOverUDP is the race's UDP attempt: a plain UDP socket (quic-go keeps GSO
+// and batched reads on it), or a movingConn with carrier auto, whose live
+// connection may move to a stream carrier.
+func (d *Dialer) dialOverUDP(ctx context.Context, raddr *net.UDPAddr, cfg *tls.Config, qcfg *quic.Config) raceResult {
+	udp, err := net.ListenUDP("udp", nil)
+	if err != nil {
+		return raceResult{kind: wire.CarrierUDP, err: fmt.Errorf("opening a UDP socket for QUIC: %w", err)}
+	}
+	var pc net.PacketConn = udp
+	if d.Carrier == CarrierAuto {
+		pc = &movingConn{udp: udp, server: raddr}
+	}
+	r := raceResult{kind: wire.CarrierUDP, tr: &quic.Transport{Conn: pc}, pc: pc}
+	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, qcfg); r.err != nil {
+		r.close()
+		r.err = fmt.Errorf("over udp: %w", r.err)
+	}
+	return r
+}
+
+// dialOverCarrier is one stream carrier's attempt, on a movingConn moved to it
+// (so that the connection can move on, or back to UDP, later).
+func (d *Dialer) dialOverCarrier(ctx context.Context, kind string, raddr *net.UDPAddr, cfg *tls.Config, qcfg *quic.Config) raceResult {
+	ctx, cancel := context.WithTimeout(ctx, carrierTry)
+	defer cancel()
+	r := raceResult{kind: kind}
+	dial, err := d.carrierDialer(kind)
+	if err != nil {
+		r.err = err
+		return r
+	}
+	cc, err := newCarrierConn(ctx, kind, d.Server, dial)
+	if err != nil {
+		r.err = fmt.Errorf("over %s: %w", kind, err)
+		return r
+	}
+	udp, err := net.ListenUDP("udp", nil)
+	if err != nil {
+		_ = cc.Close()
+		r.err = fmt.Errorf("opening a UDP socket for QUIC: %w", err)
+		return r
+	}
+	mc := &movingConn{udp: udp, server: raddr}
+	mc.moveTo(cc)
+	r.pc, r.tr = mc, &quic.Transport{Conn: mc}
+	// A server that closes the carrier connection before answering anything
+	// serves no QUIC behind it: give up on this carrier at once.
+	go func() {
+		select {
+		case <-cc.refused:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, qcfg); r.err != nil {
+		select {
+		case <-cc.refused:
+			r.err = fmt.Errorf("the server closed the %s carrier connection without answering (it serves no QUIC): %w", kind, r.err)
+		default:
+		}
+		r.close()
+		r.err = fmt.Errorf("over %s: %w", kind, r.err)
+	}
+	return r
+}
+
+// raceCarriers connects QUIC for the shared connection: over the carrier
+// remembered for this server and network when there is one, otherwise UDP
+// first and, after the carrier head start or as soon as UDP fails, each stream
+// carrier in turn; the first handshake to complete wins.
+func (d *Dialer) raceCarriers(ctx context.Context, cfg *tls.Config, qcfg *quic.Config) (raceResult, error) {
+	raddr, err := resolveUDP(ctx, d.quicAddr())
+	if err != nil {
+		return raceResult{}, err
+	}
+	carriers := d.streamCarriers(ctx)
+	var errs []error
+	if kind := d.cachedCarrier(); kind != "" && kind != wire.CarrierUDP && slices.Contains(carriers, kind) {
+		// Remembered on this network: no UDP wait (the connection probes UDP later).
+		r := d.dialOverCarrier(ctx, kind, raddr, cfg, qcfg)
+		if r.err == nil || ctx.Err() != nil {
+			r.remembered = true
+			return r, r.err
+		}
+		errs = append(errs, fmt.Errorf("(remembered) %w", r.err))
+		carriers = slices.DeleteFunc(slices.Clone(carriers), func(k string) bool { return k == kind })
+	}
+	start := time.Now()
+	uctx, ucancel := context.WithCancel(ctx)
+	defer ucancel()
+	cctx, ccancel := context.WithCancel(ctx)
+	defer ccancel()
+	results := make(chan raceResult, 2)
+	go func() { results <- d.dialOverUDP(uctx, raddr, cfg, qcfg) }()
+	startCarriers := func() {
+		go func() {
+			var cerrs []error
+			for _, kind := range carriers {
+				r := d.dialOverCarrier(cctx, kind, raddr, cfg, qcfg)
+				if r.err == nil {
+					results <- r
+					return
+				}
+				cerrs = append(cerrs, r.err)
+				if cctx.Err() != nil {
+					break
+				}
+			}
+			if len(cerrs) == 0 {
+				cerrs = append(cerrs, errors.New("the server offers no stream carrier"))
+			}
+			results <- raceResult{kind: "carriers", err: errors.Join(cerrs...)}
+		}()
+	}
+	head := d.CarrierHeadStart
+	if head <= 0 {
+		head = DefaultCarrierHeadStart
+		if d.cachedCarrier() == wire.CarrierUDP {
+			// UDP worked on this network: a slow handshake is more likely a
+			// loaded host or path than a block.
+			head = DefaultCarrierUDPTry
+		}
+	}
+	headTimer := time.NewTimer(head)
+	defer headTimer.Stop()
+	var udpDeadline <-chan time.Time
+	pending, carriersStarted := 1, false
+	for pending > 0 {
+		select {
+		case <-headTimer.C:
+			if !carriersStarted {
+				carriersStarted, pending = true, pending+1
+				startCarriers()
+			}
+		case <-udpDeadline:
+			ucancel() // the carriers all failed and UDP had its try: give up on it
+			udpDeadline = nil
+		case r := <-results:
+			pending--
+			if r.err == nil {
+				ucancel()
+				ccancel()
+				go func(n int) { // a late winner is closed
+					for range n {
+						if late := <-results; late.err == nil {
+							late.close()
+						}
+					}
+				}(pending)
+				return r, nil
+			}
+			errs = append(errs, r.err)
+			if ctx.Err() != nil {
+				continue
+			}
+			if r.kind == wire.CarrierUDP && !carriersStarted {
+				carriersStarted, pending = true, pending+1
+				startCarriers()
+			}
+			if r.kind == "carriers" && pending > 0 {
+				// With carrier auto, UDP is all that is left: it gets its try.
+				// Otherwise TP's plain TLS transport comes next, at once (a
+				// server that refused every carrier likely has no QUIC).
+				wait := time.Duration(0)
+				if d.Carrier == CarrierAuto {
+					wait = max(0, DefaultCarrierUDPTry-time.Since(start))
+				}
+				udpDeadline = time.After(wait)
+			}
+		}
+	}
+	return raceResult{}, errors.Join(errs...)
+}
+
+// installRaced makes the race's winner the Dialer's packet conn and transport,
+// closing the ones of a connection that died (and its further connections).
+func (d *Dialer) installRaced(r raceResult) {
+	q := &d.quic
+	q.mu.Lock()
+	oldTr, oldPC := q.tr, q.udp
+	q.closeExtrasLocked()
+	q.tr, q.udp = r.tr, r.pc
+	q.moves = nil
+	if r.kind != wire.CarrierUDP {
+		q.moves = []carrierSwitch{{kind: r.kind}}
+	}
+	q.mu.Unlock()
+	if oldTr != nil {
+		_ = oldTr.Close()
+		_ = oldPC.Close()
+	}
+	switch {
+	case r.remembered:
+		d.logf("tp: connected over the %s carrier, remembered for this network (UDP is tried again every %s)", r.kind, d.udpReprobe())
+	case r.kind != wire.CarrierUDP:
+		d.logf("tp: no answer over UDP in time; connected over the %s carrier", r.kind)
+	}
+	d.rememberCarrier(r.kind)
+}
+
+// probeUDP reports whether a QUIC handshake with the server over UDP, from a
+// socket of its own, completes within udpProbe. The probe's connection is
+// closed at once.
+func (d *Dialer) probeUDP(ctx context.Context, raddr net.Addr) bool {
+	cfg, err := d.tlsConfig()
+	if err != nil {
+		return false
+	}
+	udp, err := net.ListenUDP("udp", nil)
+	if err != nil {
+		return false
+	}
+	defer udp.Close()
+	tr := &quic.Transport{Conn: udp}
+	defer tr.Close()
+	ctx, cancel := context.WithTimeout(ctx, udpProbe)
+	defer cancel()
+	conn, err := tr.Dial(ctx, raddr, cfg, &quic.Config{HandshakeIdleTimeout: udpProbe, MaxIncomingStreams: -1, MaxIncomingUniStreams: -1})
+	if err != nil {
+		return false
+	}
+	_ = conn.CloseWithError(wire.QUICNoError, "UDP probe")
+	return true
+}
+
+func (d *Dialer) udpReprobe() time.Duration {
+	if d.UDPReprobe > 0 {
+		return d.UDPReprobe
+	}
+	return DefaultUDPReprobe
+}
+
+// moveToUDP moves the Dialer's connection back to its UDP socket.
+func (d *Dialer) moveToUDP() error {
+	q := &d.quic
+	q.mu.Lock()
+	mc, _ := q.udp.(*movingConn)
+	q.mu.Unlock()
+	if mc == nil || mc.current() == nil {
+		return errors.New("the connection is not on a stream carrier")
+	}
+	mc.moveBack()
+	q.mu.Lock()
+	q.moves = append(q.moves, carrierSwitch{kind: wire.CarrierUDP})
+	q.mu.Unlock()
+	return nil
+}
