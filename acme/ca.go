@@ -49,7 +49,7 @@ type CA struct {
 	nonces  NonceStore // nonce.go
 	linker  stepacme.Linker
 	handler http.Handler
-	txt     *txtStore // dns-01 answers for reverse names (reverse.go)
+	txt     TXTStore // dns-01 answers for reverse names (reverse.go)
 
 	siteNames     atomic.Pointer[map[string]bool] // sites.go; nil when the sites provisioner is off
 	siteValidator SiteValidator
@@ -87,6 +87,9 @@ type CAOptions struct {
 	// Nonces, when set, replaces the in-memory nonce store (several tpd share
 	// one in the database); MaxNonces then does not apply.
 	Nonces NonceStore
+	// TXT, when set, replaces the in-memory store of reverse-name challenge
+	// answers (reverse.go; several tpd share one in the database).
+	TXT TXTStore
 	// MaxNonces bounds the ACME nonces held at once (nonce.go); DefaultMaxNonces
 	// when zero.
 	MaxNonces int
@@ -182,7 +185,10 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 		c.nonces = memNonces{newNonceStore(opts.MaxNonces)}
 	}
 	c.linker = stepacme.NewLinker(dns[0], "acme")
-	c.txt = newTXTStore()
+	c.txt = opts.TXT
+	if c.txt == nil {
+		c.txt = memTXT{newTXTStore()}
+	}
 	if sitesOn {
 		c.siteValidator, c.siteHeld, c.sitesOn = opts.SiteValidator, opts.SiteHeld, true
 		_ = c.SetSiteNames(opts.SiteNames)
@@ -207,7 +213,7 @@ func (c *CA) Handler() http.Handler {
 		}
 		ctx := authority.NewContext(r.Context(), c.auth)
 		ctx = db.NewContext(ctx, c.auth.GetDatabase())
-		ctx = stepacme.NewContext(ctx, acmeDB, c.challengeClientFor(challengeClient{c.txt}), c.linker, nil)
+		ctx = stepacme.NewContext(ctx, acmeDB, c.challengeClientFor(challengeClient{ctx: r.Context(), txt: c.txt}), c.linker, nil)
 		c.handler.ServeHTTP(w, r.WithContext(ctx))
 	})
 }

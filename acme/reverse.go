@@ -1,8 +1,10 @@
 package acme
 
 import (
+	"context"
 	"crypto/tls"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
@@ -45,6 +47,39 @@ const (
 	maxTXT        = 10000
 	maxTXTPerName = 16
 )
+
+// TXTTTL, MaxTXT and MaxTXTPerName are the bounds above, for a TXTStore kept
+// elsewhere (internal/pgstore).
+const (
+	TXTTTL        = txtTTL
+	MaxTXT        = maxTXT
+	MaxTXTPerName = maxTXTPerName
+)
+
+// TXTStore keeps the dns-01 answers that reverse-name owners publish
+// (login.PathReverseChallenge) for the CA's TXT lookups: in memory for one
+// tpd, in the shared database (internal/pgstore) when several tpd answer one
+// name, since the agent's challenge request and its answer to the challenge
+// may reach different instances.
+type TXTStore interface {
+	// Publish stores value for host ("_acme-challenge.<name>") for TXTTTL; the
+	// same value again refreshes it. Past MaxTXTPerName answers for host or
+	// MaxTXT in all it fails with an error that wraps ErrTXTFull.
+	Publish(ctx context.Context, host, value string) error
+	// Lookup returns the live answers for host.
+	Lookup(ctx context.Context, host string) ([]string, error)
+}
+
+// ErrTXTFull is a TXTStore's refusal of an answer past its bounds.
+var ErrTXTFull = errors.New("too many certificate requests are in flight")
+
+// TXTFullError is ErrTXTFull for host (all names when empty), in words.
+func TXTFullError(host string) error {
+	if host == "" {
+		return fmt.Errorf("%w; try again in a few minutes", ErrTXTFull)
+	}
+	return fmt.Errorf("%w for %s; try again in a few minutes", ErrTXTFull, strings.TrimPrefix(host, "_acme-challenge."))
+}
 
 func reverseProvisioners(zone string) provisioner.List {
 	if zone == "" {
@@ -104,7 +139,7 @@ func (s *txtStore) publish(host, value string) error {
 		n += len(live)
 	}
 	if n >= maxTXT {
-		return fmt.Errorf("too many certificate requests are in flight; try again in a few minutes")
+		return TXTFullError("")
 	}
 	vs := s.m[host]
 	for i, v := range vs {
@@ -114,7 +149,7 @@ func (s *txtStore) publish(host, value string) error {
 		}
 	}
 	if len(vs) >= maxTXTPerName {
-		return fmt.Errorf("too many certificate requests for %s are in flight; try again in a few minutes", strings.TrimPrefix(host, "_acme-challenge."))
+		return TXTFullError(host)
 	}
 	s.m[host] = append(vs, txtValue{v: value, expires: now.Add(txtTTL)})
 	return nil
@@ -132,15 +167,33 @@ func (s *txtStore) lookup(host string) []string {
 	return out
 }
 
+type memTXT struct{ *txtStore }
+
+var _ TXTStore = memTXT{}
+
+func (m memTXT) Publish(_ context.Context, host, value string) error { return m.publish(host, value) }
+func (m memTXT) Lookup(_ context.Context, host string) ([]string, error) {
+	return m.lookup(host), nil
+}
+
 // challengeClient is step-ca's challenge client: TXT lookups come from the store,
 // and the CA reaches out to nothing, so it cannot be used to probe internal hosts.
-type challengeClient struct{ txt *txtStore }
+// It is made per request: ctx is the request's, which step-ca's Client
+// interface does not pass on.
+type challengeClient struct {
+	ctx context.Context
+	txt TXTStore
+}
 
 var _ stepacme.Client = challengeClient{}
 
 func (challengeClient) Get(string) (*http.Response, error) { return nil, errNoNetwork }
 func (c challengeClient) LookupTxt(name string) ([]string, error) {
-	return c.txt.lookup(strings.ToLower(strings.TrimSuffix(name, "."))), nil
+	vs, err := c.txt.Lookup(c.ctx, strings.ToLower(strings.TrimSuffix(name, ".")))
+	if err != nil {
+		return nil, fmt.Errorf("the challenge answers could not be read (%w); try again when the TP server's database is reachable", err)
+	}
+	return vs, nil
 }
 func (challengeClient) TLSDial(string, string, *tls.Config) (*tls.Conn, error) {
 	return nil, errNoNetwork
@@ -166,8 +219,13 @@ func (e *Enroller) reverseChallenge(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, "value must be the dns-01 key authorization digest")
 		return
 	}
-	if err := e.CA.txt.publish("_acme-challenge."+name, req.Value); err != nil {
-		writeErr(w, http.StatusServiceUnavailable, err.Error())
+	if err := e.CA.txt.Publish(r.Context(), "_acme-challenge."+name, req.Value); err != nil {
+		if errors.Is(err, ErrTXTFull) {
+			writeErr(w, http.StatusServiceUnavailable, err.Error())
+			return
+		}
+		e.log().Error("reverse challenge answer not stored", "device", dev.ID, "name", name, "err", err)
+		writeErr(w, http.StatusServiceUnavailable, "could not store the challenge answer (the TP server's database is unreachable?); try again in a few seconds, and see tpd's log")
 		return
 	}
 	writeJSON(w, http.StatusOK, struct{}{})

@@ -280,8 +280,8 @@ func TestPGPeerPickupOnOtherInstance(t *testing.T) {
 	startExpose(t, append(alice, "TP_TRANSPORT=tls"), "files", sum, "--allow-user", "bob")
 	waitLog(t, a.log, "reverse listener registered", 30*time.Second)
 	// A first session while the balancer still sends alice to A: her agent
-	// gets its certificate for files (ACME, on A). Its ACME requests landing on
-	// B are another matter (docs/SCALE.md, Not carried yet).
+	// gets its certificate for files (ACME, on A; on B it works too:
+	// TestPGACMEOnOtherInstance).
 	setServer(t, bobHome, a.URL)
 	fwd, _ := startForward(t, append(bob, "TP_TRANSPORT=tls"), "files.rev.tp.internal:22")
 	checksumRoundTrip(t, fwd, size, "bob through A, the agent's pickup through A")

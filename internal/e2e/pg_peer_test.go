@@ -436,7 +436,15 @@ allow if {
 		}
 		time.Sleep(100 * time.Millisecond) // polling a retry, bounded by the deadline
 	}
-	t.Logf("bob reached chat again %s after the balancer let the agent through", time.Since(opened).Round(time.Millisecond))
+	waited := time.Since(opened)
+	// The baseline of the same run: one dial alone (a tp process, its
+	// handshake, the hop to B), which the wait above includes.
+	start := time.Now()
+	if out, err := dial("baseline"); err != nil || !strings.Contains(out, "baseline") {
+		t.Fatalf("bob through C to chat on B: %v\n%s", err, out)
+	}
+	t.Logf("bob reached chat again %s after the balancer let the agent through (one dial alone: %s)",
+		waited.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
 	if !strings.Contains(b.log.String(), "reverse listener registered") {
 		t.Fatalf("alice's agent did not move to B:\n%s", b.log.String())
 	}

@@ -109,6 +109,16 @@ var migrations = []string{
 	// and waits for its live sessions; the row goes when it has stopped), for
 	// `tpd status` on any instance.
 	`ALTER TABLE tp_instances ADD COLUMN draining boolean NOT NULL DEFAULT false;`,
+	// 8 (pgacme): the dns-01 answers reverse-name owners publish for the
+	// CA's TXT lookups (acmetxt.go): an agent's challenge request and its
+	// answer to the challenge may reach different instances.
+	`CREATE TABLE tp_acme_txt (
+		host    text NOT NULL,
+		value   text NOT NULL,
+		expires timestamptz NOT NULL,
+		PRIMARY KEY (host, value)
+	);
+	CREATE INDEX tp_acme_txt_expires ON tp_acme_txt (expires);`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

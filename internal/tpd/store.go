@@ -132,6 +132,7 @@ func (d *Daemon) openCA(ctx context.Context, opts acme.CAOptions) (*acme.CA, err
 	}
 	opts.DBPath, opts.PostgreSQL = "", d.db.DataSource()
 	opts.Nonces = pgstore.NewNonces(d.db) // a nonce from one instance is good on any
+	opts.TXT = pgstore.NewTXT(d.db)       // a challenge answer published on one instance is found by any
 	var ca *acme.CA
 	err := d.db.WithLock(ctx, func(context.Context) error {
 		var err error
