@@ -175,7 +175,8 @@ func (s *Server) newHolder(target tunnelTarget, id authz.Identity) *tunnelHolder
 	o := s.rev.opts.HTTPTunnels
 	h := &tunnelHolder{key: target.key(), target: target, owner: id.DeviceID, opts: o, pickup: s.rev.opts.PickupTimeout}
 	h.ctx, h.cancel = context.WithCancelCause(context.Background())
-	a := &reverseAgent{id: id, transport: "reverse-tunnel", udp: map[string]bool{}, ctx: h.ctx, end: h.cancel}
+	a := &reverseAgent{id: id, transport: "reverse-tunnel", udp: map[string]bool{}, ctx: h.ctx, end: h.cancel,
+		devicesOnly: target.port == 0 && target.devicesOnly}
 	if target.port != 0 {
 		a.public = []publicClaim{{PublicSpec: wire.PublicSpec{Net: "tcp", Port: target.port}}}
 		a.open = func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {

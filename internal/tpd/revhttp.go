@@ -59,15 +59,16 @@ func (d *Daemon) reverseUpstream(host string) (website.ReverseUpstream, bool) {
 
 // peerUpstream is the upstream of a reverse HTTP name whose tunnels another
 // instance holds (docs/SCALE.md, "Peering"): the request is carried there over
-// a peer connection, with the device this instance verified, and that instance
-// enforces a devices-only name.
+// a peer connection, with the device this instance verified. A devices-only
+// name (its route says so) is enforced here as for a local one (the handshake
+// asks for the device certificate, the handler checks it) and again there.
 func (d *Daemon) peerUpstream(host string) (website.ReverseUpstream, bool) {
 	if d.proxy == nil || d.routes == nil {
 		return website.ReverseUpstream{}, false
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), d.cfg.DialTimeout)
 	defer cancel()
-	rt, ok := d.proxy.PeerHTTP(ctx, host, func(r *http.Request) string {
+	rt, devicesOnly, ok := d.proxy.PeerHTTP(ctx, host, func(r *http.Request) string {
 		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
 			return ""
 		}
@@ -80,7 +81,7 @@ func (d *Daemon) peerUpstream(host string) (website.ReverseUpstream, bool) {
 	if !ok {
 		return website.ReverseUpstream{}, false
 	}
-	return website.ReverseUpstream{Transport: rt}, true
+	return website.ReverseUpstream{Transport: rt, DevicesOnly: devicesOnly}, true
 }
 
 // deviceRequest is website.Options.Device: the request's client certificate
