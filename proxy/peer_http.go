@@ -25,7 +25,6 @@ import (
 	"net"
 	"net/http"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -250,15 +249,18 @@ func (s *Server) servePeerHTTP(ctx context.Context, conn wire.Stream, op wire.Pe
 	_ = conn.Close()
 }
 
-// peerUpgradeLinger is how long an upgraded stream's other direction may
-// run on after one direction ended cleanly (A cannot half-close a reverse
-// tunnel): then it is cut, as an abort.
+// peerUpgradeLinger bounds how long B's side of an upgraded stream may go on
+// after the app's side ended cleanly; then the stream is closed.
 const peerUpgradeLinger = 30 * time.Second
 
 // peerUpgrade relays a 101's upgraded stream (WebSocket) between the peer
 // connection (br holds what B sent after the request) and the tunnel's, and
-// says how it ended. An end in error on either side aborts the peer
-// connection, so B's side sees a failure, never a clean end.
+// says how it ended. A reverse tunnel cannot be half-closed, so either side's
+// clean end closes the stream: B's (it closed the peer connection) closes the
+// tunnel at once; the app's is passed on as a half-close (close_notify), and
+// B's side then gets peerUpgradeLinger to finish. An end in error on either
+// side first aborts the peer connection (a TCP reset), so B's side sees a
+// failure, never a clean end.
 func (s *Server) peerUpgrade(conn wire.Stream, br *bufio.Reader, req *http.Request, resp *http.Response) string {
 	rw, ok := resp.Body.(io.ReadWriter)
 	if !isUpgrade(req.Header) || !ok {
@@ -281,11 +283,11 @@ func (s *Server) peerUpgrade(conn wire.Stream, br *bufio.Reader, req *http.Reque
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
 	var up, down int64
-	errc := make(chan error, 2)
+	upc, downc := make(chan error, 1), make(chan error, 1)
 	go func() { // B → app
 		n, err := io.Copy(rw, br)
 		up = n
-		errc <- err
+		upc <- err
 	}()
 	go func() { // app → B, then its half-close
 		n, err := io.Copy(conn, rw)
@@ -293,32 +295,37 @@ func (s *Server) peerUpgrade(conn wire.Stream, br *bufio.Reader, req *http.Reque
 		if err == nil {
 			err = conn.CloseWrite()
 		}
-		errc <- err
+		downc <- err
 	}()
-	err = <-errc
-	if err == nil { // one direction ended cleanly: the other may finish
-		var cut atomic.Bool
-		t := time.AfterFunc(peerUpgradeLinger, func() {
-			cut.Store(true)
-			_ = resp.Body.Close()
-			_ = conn.SetDeadline(time.Now())
-		})
-		err = <-errc
-		t.Stop()
-		if cut.Load() {
-			err = fmt.Errorf("one direction ended and the other went on for %s", peerUpgradeLinger)
+	ended := func(how string, err error) string {
+		if err != nil {
+			return fmt.Sprintf("upgraded stream aborted after %d bytes up, %d down (%s): %v", up, down, how, err)
 		}
-	} else {
+		return fmt.Sprintf("upgraded stream closed after %d bytes up, %d down (%s)", up, down, how)
+	}
+	select {
+	case err := <-upc:
 		_ = resp.Body.Close()
-		wire.Abort(conn, wire.QUICPeerReset)
-		<-errc
+		if err != nil {
+			wire.Abort(conn, wire.QUICPeerReset)
+		}
+		<-downc
+		_ = conn.Close()
+		return ended("by the forwarding instance", err)
+	case err := <-downc:
+		if err != nil {
+			_ = resp.Body.Close()
+			wire.Abort(conn, wire.QUICPeerReset)
+			<-upc
+			return ended("by the app", err)
+		}
+		t := time.AfterFunc(peerUpgradeLinger, func() { _ = conn.SetReadDeadline(time.Now()) })
+		<-upc // whatever B sends now has no app to go to
+		t.Stop()
+		_ = resp.Body.Close()
+		_ = conn.Close()
+		return ended("by the app", nil)
 	}
-	if err != nil {
-		wire.Abort(conn, wire.QUICPeerReset)
-		return fmt.Sprintf("upgraded stream aborted after %d bytes up, %d down: %v", up, down, err)
-	}
-	_ = conn.Close()
-	return fmt.Sprintf("upgraded stream closed after %d bytes up, %d down", up, down)
 }
 
 // headLimit bounds what is read through it to n bytes, until n is set

@@ -138,6 +138,13 @@ func TestPGPeerHTTPUpgradeOnOtherInstance(t *testing.T) {
 		}
 		defer c.CloseNow()
 		c.SetReadLimit(2 << 20)
+		if r.URL.Path == "/cut" { // one echo, then the connection drops without a close frame
+			typ, msg, err := c.Read(r.Context())
+			if err == nil {
+				_ = c.Write(r.Context(), typ, msg)
+			}
+			return
+		}
 		for {
 			typ, msg, err := c.Read(r.Context())
 			if err != nil {
@@ -195,4 +202,32 @@ func TestPGPeerHTTPUpgradeOnOtherInstance(t *testing.T) {
 	if strings.Contains(a.log.String(), "upgraded stream aborted") {
 		t.Errorf("A logged the upgraded stream as aborted after a clean close:\n%s", a.log.String())
 	}
+
+	// The app drops a WebSocket without its close handshake (the bad input: a
+	// cut upgraded stream): the client through B sees the connection end
+	// without a close frame, never a normal closure.
+	c, _, err = websocket.Dial(ctx, "wss://"+name+":"+port+"/cut", &websocket.DialOptions{HTTPClient: clientThrough(b.Addr, root, nil)})
+	if err != nil {
+		t.Fatalf("WebSocket to %s/cut through B: %v", name, err)
+	}
+	defer c.CloseNow()
+	if err := c.Write(ctx, websocket.MessageText, []byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if _, got, err := c.Read(ctx); err != nil || string(got) != "hello" {
+		t.Fatalf("echo before the cut: %q %v", got, err)
+	}
+	if _, _, err := c.Read(ctx); err == nil || websocket.CloseStatus(err) != -1 {
+		t.Errorf("reading after the app dropped the WebSocket: %v (close status %d); want an error without a close frame", err, websocket.CloseStatus(err))
+	}
+
+	// The same app exposed with the default tunnels (h2 inside): h2 cannot
+	// carry an Upgrade, so the WebSocket gets 502 and A's log says to use
+	// --http1 (the bad input: an Upgrade for a name served over h2 tunnels).
+	startExposeHTTP(t, alice, "echo2", app.URL)
+	_, resp, err = websocket.Dial(ctx, "wss://echo2.rev.tp.internal:"+port+"/ws", &websocket.DialOptions{HTTPClient: clientThrough(b.Addr, root, nil)})
+	if err == nil || resp == nil || resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("WebSocket to a name served over h2 tunnels: %v %v; want 502", resp, err)
+	}
+	waitLog(t, a.log, "tp expose --http --http1", 10*time.Second)
 }
