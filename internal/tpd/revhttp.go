@@ -181,14 +181,13 @@ func (d *Daemon) manageExposedCerts(env *certEnv) (*website.Certs, error) {
 	return certs, nil
 }
 
-// DevicesOnlyName reports whether name is a reverse HTTP name held right now
-// whose exposer chose devices only. It is the hook for the handshake: the
-// proxy should give such a name (a ClientHello without "tp/1") a website TLS
-// configuration that requires and verifies the device certificate, as on the
-// proxy names, and keep sending its requests to the website handler, which
-// checks the certificate again (website.Options.Device) and refuses a request
-// without one with 403. Until the proxy asks, browsers and devices alike get
-// that 403: the name fails closed.
+// DevicesOnlyName reports whether name is a reverse HTTP name held right now,
+// here or on another instance (its route says so), whose exposer chose
+// devices only. It is proxy.Config.DevicesOnly, the hook for the handshake:
+// the proxy gives such a name (a ClientHello without "tp/1") a website TLS
+// configuration that requires and verifies the device certificate, and the
+// website handler checks the certificate again (website.Options.Device),
+// refusing a request without one with 403.
 func (d *Daemon) DevicesOnlyName(name string) bool {
 	up, ok := d.reverseUpstream(strings.TrimSuffix(strings.ToLower(name), "."))
 	return ok && up.DevicesOnly
