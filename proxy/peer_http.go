@@ -236,7 +236,7 @@ func (s *Server) servePeerHTTP(ctx context.Context, conn wire.Stream, op wire.Pe
 	defer resp.Body.Close()
 	status = resp.StatusCode
 	if status == http.StatusSwitchingProtocols {
-		end = s.peerUpgrade(conn, br, req, resp)
+		end = s.peerUpgrade(ctx, conn, br, req, resp)
 		return
 	}
 	resp.Close = true
@@ -260,8 +260,8 @@ const peerUpgradeLinger = 30 * time.Second
 // tunnel at once; the app's is passed on as a half-close (close_notify), and
 // B's side then gets peerUpgradeLinger to finish. An end in error on either
 // side first aborts the peer connection (a TCP reset), so B's side sees a
-// failure, never a clean end.
-func (s *Server) peerUpgrade(conn wire.Stream, br *bufio.Reader, req *http.Request, resp *http.Response) string {
+// failure, never a clean end; so does this instance's forced shutdown (ctx).
+func (s *Server) peerUpgrade(ctx context.Context, conn wire.Stream, br *bufio.Reader, req *http.Request, resp *http.Response) string {
 	rw, ok := resp.Body.(io.ReadWriter)
 	if !isUpgrade(req.Header) || !ok {
 		wire.Abort(conn, wire.QUICPeerReset)
@@ -282,6 +282,11 @@ func (s *Server) peerUpgrade(conn wire.Stream, br *bufio.Reader, req *http.Reque
 		return "writing the 101 response: " + err.Error()
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
+	stop := context.AfterFunc(ctx, func() {
+		_ = resp.Body.Close()
+		wire.Abort(conn, wire.QUICShutdown)
+	})
+	defer stop()
 	var up, down int64
 	upc, downc := make(chan error, 1), make(chan error, 1)
 	go func() { // B → app
