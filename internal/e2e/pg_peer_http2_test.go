@@ -203,6 +203,22 @@ func TestPGPeerHTTPUpgradeOnOtherInstance(t *testing.T) {
 		t.Errorf("A logged the upgraded stream as aborted after a clean close:\n%s", a.log.String())
 	}
 
+	// The same name on the serving instance itself (no hop), as a baseline
+	// that the local path carries the upgrade too.
+	local, _, err := websocket.Dial(ctx, "wss://"+name+":"+portOf(t, a)+"/ws", &websocket.DialOptions{HTTPClient: clientThrough(a.Addr, root, nil)})
+	if err != nil {
+		t.Fatalf("WebSocket to %s through A: %v", name, err)
+	}
+	if err := local.Write(ctx, websocket.MessageText, []byte("local")); err != nil {
+		t.Fatal(err)
+	}
+	if _, got, err := local.Read(ctx); err != nil || string(got) != "local" {
+		t.Fatalf("echo through A: %q %v", got, err)
+	}
+	if err := local.Close(websocket.StatusNormalClosure, "done"); err != nil {
+		t.Fatalf("closing the WebSocket through A: %v", err)
+	}
+
 	// The app drops a WebSocket without its close handshake (the bad input: a
 	// cut upgraded stream): the client through B sees the connection end
 	// without a close frame, never a normal closure.
@@ -230,4 +246,13 @@ func TestPGPeerHTTPUpgradeOnOtherInstance(t *testing.T) {
 		t.Errorf("WebSocket to a name served over h2 tunnels: %v %v; want 502", resp, err)
 	}
 	waitLog(t, a.log, "tp expose --http --http1", 10*time.Second)
+}
+
+func portOf(t *testing.T, s *server) string {
+	t.Helper()
+	_, port, err := net.SplitHostPort(s.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return port
 }
