@@ -107,7 +107,7 @@ func (r *reverseRegistry) storeClaim(a *reverseAgent, keys []string) *wire.Hello
 	var leases []HoldLease
 	err := errStoreBlocked
 	if !r.storeBlocked() {
-		leases, err = r.opts.Store.Claim(ctx, a.id.DeviceID, keys, r.opts.Lease, r.holdFor())
+		leases, err = r.claimStore(ctx, a, keys)
 	}
 	var he *HeldError
 	var tm *TooManyHeldError

@@ -62,6 +62,9 @@ type PeerOptions struct {
 type PeerRoute struct {
 	Instance, Addr string
 	Epoch          int64
+	// DevicesOnly: the key is a reverse HTTP name its exposer opened to
+	// enrolled devices only (AccessHoldStore recorded it with the claim).
+	DevicesOnly bool
 	// Key is the name the route is for (AgentRoutes only).
 	Key string
 }

@@ -8,8 +8,13 @@ package proxy
 // and that its tunnels still hold the name, then reads one HTTP/1.1 request
 // from the peer connection, sends it down the name's tunnels as a request to
 // its own website would go, and writes the response back; the connection then
-// closes. A devices-only name is enforced on A from the dialer's device as B
-// verified it (PeerOpen.Header.PeerID).
+// closes, unless the request is an Upgrade (WebSocket) that the app answers
+// with 101: then the peer connection becomes the upgraded byte stream, both
+// ways, until either end closes it. A devices-only name is enforced on A from
+// the dialer's device as B verified it (PeerOpen.Header.PeerID); B knows the
+// name is devices-only from its route (the claim recorded it in the shared
+// store: AccessHoldStore), so its own handshake asks for the device
+// certificate.
 
 import (
 	"bufio"
@@ -22,20 +27,44 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/net/http/httpguts"
+
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // peerHTTPHeaderMax bounds the request head A reads from a peer connection.
 const peerHTTPHeaderMax = 1 << 20
 
+// AccessHoldStore is a HoldStore that records with a claim whether the
+// claimed keys are open to enrolled devices only (a reverse HTTP name exposed
+// with --devices-only), and returns it with their routes
+// (PeerRoute.DevicesOnly): an instance that carries such a name's requests to
+// the serving one must ask for the device certificate at its own handshake.
+// Without it, every claim is recorded as open to anyone, and a devices-only
+// name reached through another instance answers 403 even to a device.
+type AccessHoldStore interface {
+	HoldStore
+	ClaimAccess(ctx context.Context, owner string, keys []string, devicesOnly bool, lease, hold time.Duration) ([]HoldLease, error)
+}
+
+// claimStore claims keys for a in the store, with a's access when the store
+// records it.
+func (r *reverseRegistry) claimStore(ctx context.Context, a *reverseAgent, keys []string) ([]HoldLease, error) {
+	if as, ok := r.opts.Store.(AccessHoldStore); ok {
+		return as.ClaimAccess(ctx, a.id.DeviceID, keys, a.devicesOnly, r.opts.Lease, r.holdFor())
+	}
+	return r.opts.Store.Claim(ctx, a.id.DeviceID, keys, r.opts.Lease, r.holdFor())
+}
+
 // PeerHTTP returns the round-tripper for a reverse HTTP name that another
-// instance serves now (host as in ReverseHTTP), or false when none does.
+// instance serves now (host as in ReverseHTTP), and whether its exposer opened
+// it to enrolled devices only; ok is false when no other instance serves it.
 // device tells the device ID ("user@device") of a request's verified device
 // certificate, "" when it has none; the serving instance enforces a
 // devices-only name with it.
-func (s *Server) PeerHTTP(ctx context.Context, host string, device func(*http.Request) string) (http.RoundTripper, bool) {
+func (s *Server) PeerHTTP(ctx context.Context, host string, device func(*http.Request) string) (rt http.RoundTripper, devicesOnly, ok bool) {
 	if s.peers == nil || s.rev == nil {
-		return nil, false
+		return nil, false, false
 	}
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
@@ -43,13 +72,13 @@ func (s *Server) PeerHTTP(ctx context.Context, host string, device func(*http.Re
 	host = strings.TrimSuffix(strings.ToLower(host), ".")
 	label, ok := s.rev.name(host)
 	if !ok {
-		return nil, false
+		return nil, false, false
 	}
 	route, ok, herr := s.peerRoute(ctx, host)
 	if herr != nil || !ok {
-		return nil, false
+		return nil, false, false
 	}
-	return &peerRoundTripper{s: s, host: host, label: label, route: route, device: device}, true
+	return &peerRoundTripper{s: s, host: host, label: label, route: route, device: device}, route.DevicesOnly, true
 }
 
 type peerRoundTripper struct {
@@ -76,21 +105,46 @@ func (rt *peerRoundTripper) RoundTrip(req *http.Request) (*http.Response, error)
 	}
 	stop := context.AfterFunc(req.Context(), func() { wire.Abort(conn, wire.QUICPeerReset) })
 	out := req.Clone(req.Context())
-	out.Close = true // one request per peer connection
+	upgrade := isUpgrade(req.Header)
+	out.Close = !upgrade // one request per peer connection; an Upgrade keeps its Connection: upgrade
 	if err := out.Write(conn); err != nil {
 		stop()
 		wire.Abort(conn, wire.QUICPeerReset)
 		return nil, fmt.Errorf("sending the request to the TP server instance %s that serves %s: %w", rt.route.Instance, rt.host, err)
 	}
-	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, req)
+	if err == nil && resp.StatusCode == http.StatusSwitchingProtocols && !upgrade {
+		err = errors.New("101 Switching Protocols to a request that asked for no upgrade")
+	}
 	if err != nil {
 		stop()
 		wire.Abort(conn, wire.QUICPeerReset)
 		return nil, fmt.Errorf("reading the response of the TP server instance %s that serves %s: %w", rt.route.Instance, rt.host, err)
 	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		// The peer connection is the upgraded stream now: what A sent after
+		// the 101 is in br; a Write goes to A (httputil.ReverseProxy copies
+		// both ways and closes it when either ends).
+		resp.Body = &peerUpgraded{peerBody: peerBody{ReadCloser: io.NopCloser(br), conn: conn, stop: stop}}
+		return resp, nil
+	}
 	resp.Body = &peerBody{ReadCloser: resp.Body, conn: conn, stop: stop}
 	return resp, nil
 }
+
+// isUpgrade reports whether a request asks to switch protocols (Connection:
+// upgrade and an Upgrade header, as a WebSocket handshake does).
+func isUpgrade(h http.Header) bool {
+	return h.Get("Upgrade") != "" && httpguts.HeaderValuesContainsToken(h["Connection"], "upgrade")
+}
+
+// peerUpgraded is a 101's body on B: the peer connection, both ways.
+type peerUpgraded struct{ peerBody }
+
+func (u *peerUpgraded) Write(p []byte) (int, error) { return u.conn.Write(p) }
+
+var _ io.ReadWriteCloser = (*peerUpgraded)(nil)
 
 // peerBody closes the peer connection with the response's body.
 type peerBody struct {
@@ -150,7 +204,8 @@ func (s *Server) servePeerHTTP(ctx context.Context, conn wire.Stream, op wire.Pe
 	// long as they flow (the forwarding instance bounds them).
 	_ = conn.SetDeadline(time.Now().Add(s.lim().DialTimeout))
 	head := &headLimit{r: conn, n: peerHTTPHeaderMax}
-	req, err := http.ReadRequest(bufio.NewReaderSize(head, 64<<10))
+	br := bufio.NewReaderSize(head, 64<<10)
+	req, err := http.ReadRequest(br)
 	if err != nil {
 		end = "reading the request: " + err.Error()
 		wire.Abort(conn, wire.QUICPeerReset)
@@ -180,6 +235,10 @@ func (s *Server) servePeerHTTP(ctx context.Context, conn wire.Stream, op wire.Pe
 	}
 	defer resp.Body.Close()
 	status = resp.StatusCode
+	if status == http.StatusSwitchingProtocols {
+		end = s.peerUpgrade(ctx, conn, br, req, resp)
+		return
+	}
 	resp.Close = true
 	if err := resp.Write(conn); err != nil {
 		end = "writing the response: " + err.Error()
@@ -188,6 +247,90 @@ func (s *Server) servePeerHTTP(ctx context.Context, conn wire.Stream, op wire.Pe
 	}
 	_ = conn.CloseWrite()
 	_ = conn.Close()
+}
+
+// peerUpgradeLinger bounds how long B's side of an upgraded stream may go on
+// after the app's side ended cleanly; then the stream is closed.
+const peerUpgradeLinger = 30 * time.Second
+
+// peerUpgrade relays a 101's upgraded stream (WebSocket) between the peer
+// connection (br holds what B sent after the request) and the tunnel's, and
+// says how it ended. A reverse tunnel cannot be half-closed, so either side's
+// clean end closes the stream: B's (it closed the peer connection) closes the
+// tunnel at once; the app's is passed on as a half-close (close_notify), and
+// B's side then gets peerUpgradeLinger to finish. An end in error on either
+// side first aborts the peer connection (a TCP reset), so B's side sees a
+// failure, never a clean end; so does this instance's forced shutdown (ctx).
+func (s *Server) peerUpgrade(ctx context.Context, conn wire.Stream, br *bufio.Reader, req *http.Request, resp *http.Response) string {
+	rw, ok := resp.Body.(io.ReadWriter)
+	if !isUpgrade(req.Header) || !ok {
+		wire.Abort(conn, wire.QUICPeerReset)
+		return "the app answered 101 Switching Protocols without an upgraded stream, or to a request that asked for none"
+	}
+	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
+	bw := bufio.NewWriter(conn)
+	fmt.Fprintf(bw, "HTTP/1.1 %s\r\n", resp.Status)
+	err := resp.Header.Write(bw)
+	if err == nil {
+		_, err = bw.WriteString("\r\n")
+	}
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err != nil {
+		wire.Abort(conn, wire.QUICPeerReset)
+		return "writing the 101 response: " + err.Error()
+	}
+	_ = conn.SetWriteDeadline(time.Time{})
+	stop := context.AfterFunc(ctx, func() {
+		_ = resp.Body.Close()
+		wire.Abort(conn, wire.QUICShutdown)
+	})
+	defer stop()
+	var up, down int64
+	upc, downc := make(chan error, 1), make(chan error, 1)
+	go func() { // B → app
+		n, err := io.Copy(rw, br)
+		up = n
+		upc <- err
+	}()
+	go func() { // app → B, then its half-close
+		n, err := io.Copy(conn, rw)
+		down = n
+		if err == nil {
+			err = conn.CloseWrite()
+		}
+		downc <- err
+	}()
+	ended := func(how string, err error) string {
+		if err != nil {
+			return fmt.Sprintf("upgraded stream aborted after %d bytes up, %d down (%s): %v", up, down, how, err)
+		}
+		return fmt.Sprintf("upgraded stream closed after %d bytes up, %d down (%s)", up, down, how)
+	}
+	select {
+	case err := <-upc:
+		_ = resp.Body.Close()
+		if err != nil {
+			wire.Abort(conn, wire.QUICPeerReset)
+		}
+		<-downc
+		_ = conn.Close()
+		return ended("by the forwarding instance", err)
+	case err := <-downc:
+		if err != nil {
+			_ = resp.Body.Close()
+			wire.Abort(conn, wire.QUICPeerReset)
+			<-upc
+			return ended("by the app", err)
+		}
+		t := time.AfterFunc(peerUpgradeLinger, func() { _ = conn.SetReadDeadline(time.Now()) })
+		<-upc // whatever B sends now has no app to go to
+		t.Stop()
+		_ = resp.Body.Close()
+		_ = conn.Close()
+		return ended("by the app", nil)
+	}
 }
 
 // headLimit bounds what is read through it to n bytes, until n is set

@@ -43,6 +43,10 @@ type reverseAgent struct {
 	wmu     sync.Mutex // serialises frames on ctl
 	pmu     sync.Mutex
 	pending []*pendingSession // oldest first (TLS)
+
+	// devicesOnly: a reverse HTTP name's holder whose exposer lets only
+	// enrolled devices reach it (the claim records it: AccessHoldStore).
+	devicesOnly bool
 }
 
 type pendingSession struct {

@@ -175,7 +175,8 @@ func (s *Server) newHolder(target tunnelTarget, id authz.Identity) *tunnelHolder
 	o := s.rev.opts.HTTPTunnels
 	h := &tunnelHolder{key: target.key(), target: target, owner: id.DeviceID, opts: o, pickup: s.rev.opts.PickupTimeout}
 	h.ctx, h.cancel = context.WithCancelCause(context.Background())
-	a := &reverseAgent{id: id, transport: "reverse-tunnel", udp: map[string]bool{}, ctx: h.ctx, end: h.cancel}
+	a := &reverseAgent{id: id, transport: "reverse-tunnel", udp: map[string]bool{}, ctx: h.ctx, end: h.cancel,
+		devicesOnly: target.port == 0 && target.devicesOnly}
 	if target.port != 0 {
 		a.public = []publicClaim{{PublicSpec: wire.PublicSpec{Net: "tcp", Port: target.port}}}
 		a.open = func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
@@ -357,6 +358,15 @@ func (rt *reverseRoundTripper) RoundTrip(req *http.Request) (*http.Response, err
 	u := *req.URL
 	u.Scheme, u.Host = "http", rt.host
 	out.URL, out.RequestURI = &u, ""
+	if isUpgrade(out.Header) { // h2 cannot carry an Upgrade: only HTTP/1.1 tunnels can
+		if h.h1Tunnels.Load() == 0 {
+			if req.Body != nil {
+				_ = req.Body.Close()
+			}
+			return nil, fmt.Errorf("%s is served over h2 reverse tunnels, which cannot carry an Upgrade (WebSocket) request; expose it with `tp expose --http --http1` for WebSockets", rt.host)
+		}
+		return h.h1.RoundTrip(out)
+	}
 	deadline := time.NewTimer(h.pickup)
 	defer deadline.Stop()
 	for {

@@ -47,6 +47,13 @@ func micros(d time.Duration) int64 { return d.Microseconds() }
 // epoch; if any key was not taken, nothing is (the transaction rolls back) and
 // the holder of the first such key is returned in a *proxy.HeldError.
 func (h *Holds) Claim(ctx context.Context, owner string, keys []string, lease, hold time.Duration) ([]proxy.HoldLease, error) {
+	return h.ClaimAccess(ctx, owner, keys, false, lease, hold)
+}
+
+// ClaimAccess implements proxy.AccessHoldStore: Claim, recording on every
+// key's row whether it is open to enrolled devices only (a reverse HTTP name
+// exposed with --devices-only); Route reads it back for the other instances.
+func (h *Holds) ClaimAccess(ctx context.Context, owner string, keys []string, devicesOnly bool, lease, hold time.Duration) ([]proxy.HoldLease, error) {
 	keys = slices.Clone(keys)
 	slices.Sort(keys) // one lock order for every claim: no deadlock between two
 	keys = slices.Compact(keys)
@@ -59,13 +66,14 @@ func (h *Holds) Claim(ctx context.Context, owner string, keys []string, lease, h
 				return err
 			}
 		}
-		rows, err := tx.Query(ctx, `INSERT INTO tp_holds AS h (key, owner, instance, epoch, lease_until, expires_at)
-			SELECT k, $2, $3, 1, now() + $4 * interval '1 microsecond', now() + $5 * interval '1 microsecond'
+		rows, err := tx.Query(ctx, `INSERT INTO tp_holds AS h (key, owner, instance, epoch, lease_until, expires_at, devices_only)
+			SELECT k, $2, $3, 1, now() + $4 * interval '1 microsecond', now() + $5 * interval '1 microsecond', $6
 			FROM unnest($1::text[]) AS k
 			ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, instance = excluded.instance,
-				epoch = h.epoch + 1, lease_until = excluded.lease_until, expires_at = excluded.expires_at
+				epoch = h.epoch + 1, lease_until = excluded.lease_until, expires_at = excluded.expires_at,
+				devices_only = excluded.devices_only
 			WHERE h.owner = excluded.owner OR h.expires_at < now()
-			RETURNING h.key, h.epoch`, keys, owner, h.instance, micros(lease), micros(hold))
+			RETURNING h.key, h.epoch`, keys, owner, h.instance, micros(lease), micros(hold), devicesOnly)
 		if err != nil {
 			return err
 		}

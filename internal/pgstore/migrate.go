@@ -119,6 +119,11 @@ var migrations = []string{
 		PRIMARY KEY (host, value)
 	);
 	CREATE INDEX tp_acme_txt_expires ON tp_acme_txt (expires);`,
+	// 9 (pghttp): whether a held reverse HTTP name is open to enrolled devices
+	// only (tp expose --http --devices-only), written by its claim and read with
+	// its route, so that an instance that carries the name's requests to the
+	// serving one asks for the device certificate at its own handshake.
+	`ALTER TABLE tp_holds ADD COLUMN devices_only boolean NOT NULL DEFAULT false;`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

@@ -81,7 +81,8 @@ func (db *DB) Instances(ctx context.Context, within time.Duration) ([]Instance, 
 const maxRoutes = 4096
 
 // Routes answers which instance serves a key, for proxy.PeerOptions.Route:
-// from the row in tp_holds whose lease is current, joined with the serving
+// from the row in tp_holds whose lease is current (with the access its claim
+// recorded: devices only or anyone), joined with the serving
 // instance's peer address, unless that instance drains (it takes no new
 // connections; its agents are moving). Answers are cached until a claim or release on any
 // instance (NOTIFY holds: Invalidate), so a dial of a name served elsewhere
@@ -131,9 +132,9 @@ func (r *Routes) Route(ctx context.Context, key string) (proxy.PeerRoute, bool, 
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
 	var rt proxy.PeerRoute
-	err := r.db.pool.QueryRow(ctx, `SELECT h.instance, i.peer_address, h.epoch FROM tp_holds h
+	err := r.db.pool.QueryRow(ctx, `SELECT h.instance, i.peer_address, h.epoch, h.devices_only FROM tp_holds h
 		JOIN tp_instances i ON i.name = h.instance
-		WHERE h.key = $1 AND h.instance <> '' AND h.lease_until > now() AND NOT i.draining`, key).Scan(&rt.Instance, &rt.Addr, &rt.Epoch)
+		WHERE h.key = $1 AND h.instance <> '' AND h.lease_until > now() AND NOT i.draining`, key).Scan(&rt.Instance, &rt.Addr, &rt.Epoch, &rt.DevicesOnly)
 	ok := err == nil
 	if errors.Is(err, pgx.ErrNoRows) {
 		err = nil

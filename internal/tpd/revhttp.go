@@ -59,15 +59,16 @@ func (d *Daemon) reverseUpstream(host string) (website.ReverseUpstream, bool) {
 
 // peerUpstream is the upstream of a reverse HTTP name whose tunnels another
 // instance holds (docs/SCALE.md, "Peering"): the request is carried there over
-// a peer connection, with the device this instance verified, and that instance
-// enforces a devices-only name.
+// a peer connection, with the device this instance verified. A devices-only
+// name (its route says so) is enforced here as for a local one (the handshake
+// asks for the device certificate, the handler checks it) and again there.
 func (d *Daemon) peerUpstream(host string) (website.ReverseUpstream, bool) {
 	if d.proxy == nil || d.routes == nil {
 		return website.ReverseUpstream{}, false
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), d.cfg.DialTimeout)
 	defer cancel()
-	rt, ok := d.proxy.PeerHTTP(ctx, host, func(r *http.Request) string {
+	rt, devicesOnly, ok := d.proxy.PeerHTTP(ctx, host, func(r *http.Request) string {
 		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
 			return ""
 		}
@@ -80,7 +81,7 @@ func (d *Daemon) peerUpstream(host string) (website.ReverseUpstream, bool) {
 	if !ok {
 		return website.ReverseUpstream{}, false
 	}
-	return website.ReverseUpstream{Transport: rt}, true
+	return website.ReverseUpstream{Transport: rt, DevicesOnly: devicesOnly}, true
 }
 
 // deviceRequest is website.Options.Device: the request's client certificate
@@ -180,14 +181,13 @@ func (d *Daemon) manageExposedCerts(env *certEnv) (*website.Certs, error) {
 	return certs, nil
 }
 
-// DevicesOnlyName reports whether name is a reverse HTTP name held right now
-// whose exposer chose devices only. It is the hook for the handshake: the
-// proxy should give such a name (a ClientHello without "tp/1") a website TLS
-// configuration that requires and verifies the device certificate, as on the
-// proxy names, and keep sending its requests to the website handler, which
-// checks the certificate again (website.Options.Device) and refuses a request
-// without one with 403. Until the proxy asks, browsers and devices alike get
-// that 403: the name fails closed.
+// DevicesOnlyName reports whether name is a reverse HTTP name held right now,
+// here or on another instance (its route says so), whose exposer chose
+// devices only. It is proxy.Config.DevicesOnly, the hook for the handshake:
+// the proxy gives such a name (a ClientHello without "tp/1") a website TLS
+// configuration that requires and verifies the device certificate, and the
+// website handler checks the certificate again (website.Options.Device),
+// refusing a request without one with 403.
 func (d *Daemon) DevicesOnlyName(name string) bool {
 	up, ok := d.reverseUpstream(strings.TrimSuffix(strings.ToLower(name), "."))
 	return ok && up.DevicesOnly
