@@ -151,8 +151,8 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 				return nil, ErrDialerClosed
 			}
 			q.conn = c
-			if _, movable := q.udp.(*movingConn); movable {
-				go d.watchCarrier(c)
+			if mc, movable := q.udp.(*movingConn); movable {
+				go d.watchCarrier(c, mc)
 			}
 			if q.changed != nil {
 				close(q.changed)
@@ -380,10 +380,7 @@ func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHel
 			return c, err
 		}
 	}
-	d.quic.mu.Lock()
-	tlsWon := time.Now().Before(d.quic.tlsUntil)
-	d.quic.mu.Unlock()
-	if tlsWon || d.Cache != nil && d.Cache.Get(d.Server) == TransportTLS || d.quicNotOffered(ctx) {
+	if d.autoSkipsQUIC(ctx) {
 		conn, err := d.connectTLS(ctx)
 		if err != nil {
 			return nil, err
@@ -394,18 +391,9 @@ func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHel
 	if err != nil {
 		return nil, err
 	}
-	if winner == TransportTLS {
-		// A fallback is remembered for less long: UDP, or a carrier, may get
-		// through again.
-		if d.Cache != nil {
-			_ = d.Cache.PutFor(d.Server, winner, DefaultFallbackTTL) // a cache that cannot be written only costs races
-		}
-		d.quic.mu.Lock()
-		d.quic.tlsUntil = time.Now().Add(DefaultFallbackTTL)
-		d.quic.mu.Unlock()
-	} else if d.Cache != nil {
-		_ = d.Cache.Put(d.Server, winner)
-	}
+	// A fallback to TLS is remembered for less long: UDP, or a carrier, may
+	// get through again.
+	d.rememberTransport(winner)
 	if winner == TransportTLS {
 		return d.request(ctx, tconn, addr, hello)
 	}
