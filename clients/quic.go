@@ -182,6 +182,7 @@ func (d *Dialer) connectMain(ctx context.Context) (*quic.Conn, error) {
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
 	}
 	d.installRaced(r)
+	d.startNudges(r.conn)
 	return r.conn, nil
 }
 
@@ -216,6 +217,7 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		}
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err)))
 	}
+	d.startNudges(conn)
 	return conn, nil
 }
 
@@ -225,15 +227,7 @@ func (d *Dialer) quicConfigs() (*tls.Config, *quic.Config, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	keepAlive := d.KeepAlive
-	switch {
-	case keepAlive == 0 && d.Carrier != "" && d.Carrier != wire.CarrierUDP:
-		keepAlive = DefaultCarrierKeepAlive
-	case keepAlive == 0:
-		keepAlive = 15 * time.Second
-	case keepAlive < 0:
-		keepAlive = 0
-	}
+	keepAlive := d.keepAlive()
 	idle := d.IdleTimeout
 	if idle <= 0 {
 		idle = 60 * time.Second
@@ -251,6 +245,20 @@ func (d *Dialer) quicConfigs() (*tls.Config, *quic.Config, error) {
 		Tracer:                         d.dropTracer(),
 	}
 	return cfg, qcfg, nil
+}
+
+// keepAlive is the QUIC keepalive period of the Dialer's connections, 0 for
+// none.
+func (d *Dialer) keepAlive() time.Duration {
+	switch {
+	case d.KeepAlive == 0 && d.Carrier != "" && d.Carrier != wire.CarrierUDP:
+		return DefaultCarrierKeepAlive
+	case d.KeepAlive == 0:
+		return 15 * time.Second
+	case d.KeepAlive < 0:
+		return 0
+	}
+	return d.KeepAlive
 }
 
 // DefaultCarrierKeepAlive is the QUIC keepalive of a Dialer whose Carrier is
