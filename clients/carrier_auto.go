@@ -278,6 +278,12 @@ func (d *Dialer) installRaced(r raceResult) {
 		_ = oldTr.Close()
 		_ = oldPC.Close()
 	}
+	d.reportRaced(r)
+}
+
+// reportRaced says where the race's winner r connected, and remembers its
+// carrier for this server and network.
+func (d *Dialer) reportRaced(r raceResult) {
 	switch {
 	case r.remembered:
 		d.logf("tp: connected over the %s carrier, remembered for this network (UDP is tried again every %s)", r.kind, d.udpReprobe())
@@ -319,18 +325,12 @@ func (d *Dialer) udpReprobe() time.Duration {
 	return DefaultUDPReprobe
 }
 
-// moveToUDP moves the Dialer's connection back to its UDP socket.
-func (d *Dialer) moveToUDP() error {
-	q := &d.quic
-	q.mu.Lock()
-	mc, _ := q.udp.(*movingConn)
-	q.mu.Unlock()
+// moveToUDP moves the connection on mc back to its UDP socket.
+func (d *Dialer) moveToUDP(mc *movingConn) error {
 	if mc == nil || mc.current() == nil {
 		return errors.New("the connection is not on a stream carrier")
 	}
 	mc.moveBack()
-	q.mu.Lock()
-	q.moves = append(q.moves, carrierSwitch{kind: wire.CarrierUDP})
-	q.mu.Unlock()
+	d.noteMove(mc, wire.CarrierUDP)
 	return nil
 }

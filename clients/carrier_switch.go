@@ -38,12 +38,13 @@ func (d *Dialer) carrierStall() time.Duration {
 	return DefaultCarrierStall
 }
 
-// watchCarrier runs while conn lives on a movingConn: it samples conn's
-// packet counters and moves conn to another carrier when its carrier stalls
+// watchCarrier runs while conn lives on mc: it samples conn's packet
+// counters and moves conn to another carrier when its carrier stalls
 // (packets went out, nothing came back for CarrierStall), and, with auto, it
 // probes UDP every UDPReprobe while conn is on a stream carrier and moves conn
-// back to UDP when the probe's handshake completes.
-func (d *Dialer) watchCarrier(conn *quic.Conn) {
+// back to UDP when the probe's handshake completes. mc is the Dialer's packet
+// conn, or an agent's own (carrier_agent.go).
+func (d *Dialer) watchCarrier(conn *quic.Conn, mc *movingConn) {
 	ctx := conn.Context()
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
@@ -61,11 +62,11 @@ func (d *Dialer) watchCarrier(conn *quic.Conn) {
 			return
 		case <-tick.C:
 		}
-		if d.racesCarriers() && d.currentCarrier() != wire.CarrierUDP && time.Since(lastProbe) >= d.udpReprobe() {
+		if d.racesCarriers() && mc.kind() != wire.CarrierUDP && time.Since(lastProbe) >= d.udpReprobe() {
 			lastProbe = time.Now()
-			if d.probeUDP(ctx, d.movingServer()) {
+			if d.probeUDP(ctx, mc.server) {
 				start := time.Now()
-				if err := d.moveToUDP(); err == nil {
+				if err := d.moveToUDP(mc); err == nil {
 					d.logf("tp: UDP gets through again; the connection moved back to UDP in %s", time.Since(start).Round(time.Millisecond))
 					d.rememberCarrier(wire.CarrierUDP)
 					clear(tried)
@@ -78,7 +79,7 @@ func (d *Dialer) watchCarrier(conn *quic.Conn) {
 		// Writes to UDP that fail (a local firewall's EPERM, a lost route) stop
 		// the carrier at once; otherwise a carrier stalls when packets went
 		// out and nothing came back for CarrierStall.
-		if d.udpWritesFailing() < localFailure {
+		if mc.udpWritesFailing() < localFailure {
 			if st.PacketsReceived != lastRecv {
 				lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
 				clear(tried)
@@ -89,7 +90,7 @@ func (d *Dialer) watchCarrier(conn *quic.Conn) {
 				continue
 			}
 		}
-		cur := d.currentCarrier()
+		cur := mc.kind()
 		kind := ""
 		for _, k := range d.fallbacks() {
 			if k != cur && !tried[k] {
@@ -107,7 +108,7 @@ func (d *Dialer) watchCarrier(conn *quic.Conn) {
 		}
 		tried[kind] = true
 		start := time.Now()
-		if err := d.moveTo(ctx, conn, kind); err != nil {
+		if err := d.moveTo(ctx, mc, kind); err != nil {
 			d.logf("tp: the %s carrier stopped delivering; moving to %s failed: %v", cur, kind, err)
 			continue
 		}
@@ -120,39 +121,11 @@ func (d *Dialer) watchCarrier(conn *quic.Conn) {
 // localFailure is how long writes to UDP must fail before the connection moves.
 const localFailure = 300 * time.Millisecond
 
-// udpWritesFailing is how long the Dialer's UDP writes have all failed while
-// its connection is on UDP.
-func (d *Dialer) udpWritesFailing() time.Duration {
-	q := &d.quic
-	q.mu.Lock()
-	mc, _ := q.udp.(*movingConn)
-	q.mu.Unlock()
-	if mc == nil {
-		return 0
-	}
-	return mc.udpWritesFailing()
-}
-
-// movingServer is the server's UDP address as the Dialer's movingConn knows it.
-func (d *Dialer) movingServer() net.Addr {
-	q := &d.quic
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if mc, ok := q.udp.(*movingConn); ok {
-		return mc.server
-	}
-	return nil
-}
-
-// moveTo opens carrier kind and makes the Dialer's packet conn send and
-// receive over it from now on.
-func (d *Dialer) moveTo(ctx context.Context, _ *quic.Conn, kind string) error {
+// moveTo opens carrier kind and makes mc (the Dialer's packet conn, or an
+// agent's) send and receive over it from now on.
+func (d *Dialer) moveTo(ctx context.Context, mc *movingConn, kind string) error {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	q := &d.quic
-	q.mu.Lock()
-	mc, _ := q.udp.(*movingConn)
-	q.mu.Unlock()
 	if mc == nil {
 		return fmt.Errorf("the connection cannot move: it does not run on a movable packet conn")
 	}
@@ -165,10 +138,18 @@ func (d *Dialer) moveTo(ctx context.Context, _ *quic.Conn, kind string) error {
 		return err
 	}
 	mc.moveTo(cc)
-	q.mu.Lock()
-	q.moves = append(q.moves, carrierSwitch{kind: kind})
-	q.mu.Unlock()
+	d.noteMove(mc, kind)
 	return nil
+}
+
+// noteMove records a move of the Dialer's own connection (CurrentCarrier).
+func (d *Dialer) noteMove(mc *movingConn, kind string) {
+	q := &d.quic
+	q.mu.Lock()
+	if q.udp == net.PacketConn(mc) {
+		q.moves = append(q.moves, carrierSwitch{kind: kind})
+	}
+	q.mu.Unlock()
 }
 
 // movingConn is the packet conn of a Dialer with FallbackCarriers: UDP until
@@ -236,6 +217,14 @@ func (m *movingConn) replay(cc *carrierConn) {
 	for _, p := range ps {
 		_, _ = cc.WriteTo(p, m.server)
 	}
+}
+
+// kind is the carrier m sends over now.
+func (m *movingConn) kind() string {
+	if cc := m.current(); cc != nil {
+		return cc.kind
+	}
+	return wire.CarrierUDP
 }
 
 func (m *movingConn) current() *carrierConn {
@@ -365,7 +354,7 @@ func (d *Dialer) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr 
 	var errs []error
 	// A carrier that worked here recently is tried first, without the UDP try.
 	if kind := d.cachedCarrier(); kind != "" && slices.Contains(fallbacks, kind) {
-		if err := d.moveTo(ctx, nil, kind); err == nil {
+		if err := d.moveTo(ctx, mc, kind); err == nil {
 			conn, err := tr.Dial(ctx, raddr, cfg, qcfg)
 			if err == nil || ctx.Err() != nil {
 				return conn, err
@@ -386,7 +375,7 @@ func (d *Dialer) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr 
 		errs = append(errs, fmt.Errorf("over udp: %w", err))
 	}
 	for _, kind := range fallbacks {
-		if err := d.moveTo(ctx, nil, kind); err != nil {
+		if err := d.moveTo(ctx, mc, kind); err != nil {
 			errs = append(errs, fmt.Errorf("over %s: %w", kind, err))
 			continue
 		}

@@ -197,7 +197,9 @@ func startUDPGate(t testing.TB, server string) *udpGate {
 // TestCarrierSwitchMidTransfer: a transfer that starts over UDP loses UDP (a
 // relay that starts dropping every datagram both ways) half-way and completes
 // over the ws carrier, the same QUIC connection and stream, with a matching
-// checksum: the stream is never reset.
+// checksum: the stream is never reset. A UDP flow opened before the move
+// (its datagrams in QUIC DATAGRAM frames) carries datagrams after it, the
+// same flow.
 func TestCarrierSwitchMidTransfer(t *testing.T) {
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	for _, next := range []string{wire.CarrierWS, wire.CarrierTLS, wire.CarrierHTTP} {
@@ -218,6 +220,17 @@ func TestCarrierSwitchMidTransfer(t *testing.T) {
 			}
 			defer c.Close()
 			_ = c.SetDeadline(time.Now().Add(90 * time.Second))
+			flow, err := d.DialContext(ctx, "udp", testnet.UpperUDP(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer flow.Close()
+			if uf, ok := flow.(*wire.UDPFlow); !ok {
+				t.Fatalf("a UDP dial gave a %T, want a *wire.UDPFlow", flow)
+			} else if _, ok := uf.FlowID(); !ok {
+				t.Fatal("the UDP flow has no flow id: its datagrams would not travel in DATAGRAM frames")
+			}
+			udpRoundTrip(t, flow, "before the move")
 			payload := make([]byte, 8<<20)
 			_, _ = rand.Read(payload)
 			want := sha256.Sum256(payload)
@@ -241,9 +254,34 @@ func TestCarrierSwitchMidTransfer(t *testing.T) {
 			if got := d.CurrentCarrier(); got != next {
 				t.Fatalf("the connection is on %q, want %q (log: %v)", got, next, moved.Load())
 			}
-			// The same connection serves new requests over the new carrier.
+			// The same connection serves new requests over the new carrier, and
+			// the flow opened before the move carries datagrams on.
 			carrierRoundTrip(t, d, testnet.Upper(t), "after the move")
+			udpRoundTrip(t, flow, "after the move")
 		})
+	}
+}
+
+// udpRoundTrip sends msg on a UDP flow to an upper-casing server until an
+// answer comes (UDP may lose a datagram), and checks it.
+func udpRoundTrip(t *testing.T, u net.Conn, msg string) {
+	t.Helper()
+	buf := make([]byte, 2048)
+	for i := 0; ; i++ {
+		if _, err := u.Write([]byte(msg)); err != nil {
+			t.Fatalf("UDP flow, sending %q: %v", msg, err)
+		}
+		_ = u.SetReadDeadline(time.Now().Add(time.Second))
+		n, err := u.Read(buf)
+		if err == nil {
+			if got := string(buf[:n]); got != strings.ToUpper(msg) {
+				t.Fatalf("UDP reply %q, want %q", got, strings.ToUpper(msg))
+			}
+			return
+		}
+		if i == 20 {
+			t.Fatalf("no UDP answer to %q in 20 tries: %v", msg, err)
+		}
 	}
 }
 

@@ -329,9 +329,10 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	}
 	cctx, cancel := context.WithTimeout(ctx, timeout)
 	transport := d.mode()
+	auto := transport == TransportAuto || transport == ""
 	var qconn *quic.Conn
 	var ctl wire.Stream
-	if transport != TransportTLS {
+	if transport != TransportTLS && !(auto && d.autoSkipsQUIC(cctx)) {
 		qconn, err = a.connectQUIC(cctx)
 		if err == nil {
 			var str *quic.Stream
@@ -345,15 +346,21 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 		}
 		if err != nil { // auto: UDP blocked or QUIC refused; TLS carries the same protocol
 			qconn = nil
+		} else if auto {
+			d.rememberTransport(TransportQUIC)
 		}
 	}
 	if ctl == nil {
+		quicErr := err
 		var tc *tls.Conn
 		if tc, err = d.connectTLS(cctx); err != nil {
 			cancel()
-			return false, err
+			return false, errors.Join(quicErr, err) // auto: why QUIC failed too
 		}
 		ctl = tc
+		if quicErr != nil {
+			d.rememberTransport(TransportTLS)
+		}
 	}
 	handoff := false // the server stops: its sessions finish in the background (below)
 	defer func() {
@@ -846,16 +853,6 @@ func (a *Agent) maxSessions() int64 {
 func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	d := a.Dialer
 	addr := d.quicAddr()
-	tr, err := d.transport(ctx)
-	if err != nil {
-		return nil, err
-	}
-	var raddr net.Addr
-	if cc, ok := tr.Conn.(*carrierConn); ok {
-		raddr = cc.raddr
-	} else if raddr, err = net.ResolveUDPAddr("udp", addr); err != nil {
-		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
-	}
 	cfg, err := d.tlsConfig()
 	if err != nil {
 		return nil, err
@@ -864,7 +861,7 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	if idle <= 0 {
 		idle = DefaultAgentIdleTimeout
 	}
-	conn, err := tr.Dial(ctx, raddr, cfg, &quic.Config{
+	qcfg := &quic.Config{
 		KeepAlivePeriod:                idle / 3,
 		MaxIdleTimeout:                 idle,
 		MaxIncomingStreams:             a.maxSessions(), // concurrent sessions
@@ -875,7 +872,21 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 		EnableDatagrams:                true, // public UDP sessions (exposeudp.go)
 		Tracer:                         d.dropTracer(),
-	})
+	}
+	if d.racesCarriers() { // as a Dialer's connection: carrier_agent.go
+		return d.connectRaced(ctx, cfg, qcfg)
+	}
+	tr, err := d.transport(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var raddr net.Addr
+	if cc, ok := tr.Conn.(*carrierConn); ok {
+		raddr = cc.raddr
+	} else if raddr, err = net.ResolveUDPAddr("udp", addr); err != nil {
+		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
+	}
+	conn, err := tr.Dial(ctx, raddr, cfg, qcfg)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, a.Dialer.forgetRejected(explainQUICErr(err)))
 	}

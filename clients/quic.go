@@ -151,8 +151,8 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 				return nil, ErrDialerClosed
 			}
 			q.conn = c
-			if _, movable := q.udp.(*movingConn); movable {
-				go d.watchCarrier(c)
+			if mc, movable := q.udp.(*movingConn); movable {
+				go d.watchCarrier(c, mc)
 			}
 			if q.changed != nil {
 				close(q.changed)
@@ -182,6 +182,7 @@ func (d *Dialer) connectMain(ctx context.Context) (*quic.Conn, error) {
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
 	}
 	d.installRaced(r)
+	d.startNudges(r.conn)
 	return r.conn, nil
 }
 
@@ -216,6 +217,7 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		}
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err)))
 	}
+	d.startNudges(conn)
 	return conn, nil
 }
 
@@ -225,15 +227,7 @@ func (d *Dialer) quicConfigs() (*tls.Config, *quic.Config, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	keepAlive := d.KeepAlive
-	switch {
-	case keepAlive == 0 && d.Carrier != "" && d.Carrier != wire.CarrierUDP:
-		keepAlive = DefaultCarrierKeepAlive
-	case keepAlive == 0:
-		keepAlive = 15 * time.Second
-	case keepAlive < 0:
-		keepAlive = 0
-	}
+	keepAlive := d.keepAlive()
 	idle := d.IdleTimeout
 	if idle <= 0 {
 		idle = 60 * time.Second
@@ -251,6 +245,20 @@ func (d *Dialer) quicConfigs() (*tls.Config, *quic.Config, error) {
 		Tracer:                         d.dropTracer(),
 	}
 	return cfg, qcfg, nil
+}
+
+// keepAlive is the QUIC keepalive period of the Dialer's connections, 0 for
+// none.
+func (d *Dialer) keepAlive() time.Duration {
+	switch {
+	case d.KeepAlive == 0 && d.Carrier != "" && d.Carrier != wire.CarrierUDP:
+		return DefaultCarrierKeepAlive
+	case d.KeepAlive == 0:
+		return 15 * time.Second
+	case d.KeepAlive < 0:
+		return 0
+	}
+	return d.KeepAlive
 }
 
 // DefaultCarrierKeepAlive is the QUIC keepalive of a Dialer whose Carrier is
@@ -380,10 +388,7 @@ func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHel
 			return c, err
 		}
 	}
-	d.quic.mu.Lock()
-	tlsWon := time.Now().Before(d.quic.tlsUntil)
-	d.quic.mu.Unlock()
-	if tlsWon || d.Cache != nil && d.Cache.Get(d.Server) == TransportTLS || d.quicNotOffered(ctx) {
+	if d.autoSkipsQUIC(ctx) {
 		conn, err := d.connectTLS(ctx)
 		if err != nil {
 			return nil, err
@@ -394,18 +399,9 @@ func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHel
 	if err != nil {
 		return nil, err
 	}
-	if winner == TransportTLS {
-		// A fallback is remembered for less long: UDP, or a carrier, may get
-		// through again.
-		if d.Cache != nil {
-			_ = d.Cache.PutFor(d.Server, winner, DefaultFallbackTTL) // a cache that cannot be written only costs races
-		}
-		d.quic.mu.Lock()
-		d.quic.tlsUntil = time.Now().Add(DefaultFallbackTTL)
-		d.quic.mu.Unlock()
-	} else if d.Cache != nil {
-		_ = d.Cache.Put(d.Server, winner)
-	}
+	// A fallback to TLS is remembered for less long: UDP, or a carrier, may
+	// get through again.
+	d.rememberTransport(winner)
 	if winner == TransportTLS {
 		return d.request(ctx, tconn, addr, hello)
 	}

@@ -275,6 +275,27 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 				t.Fatalf("tp did not say it moved to tls:\n%s", fwdLog.String())
 			}
 		})
+		t.Run("agent-udp-dies", func(t *testing.T) {
+			// Bad input: UDP stops being delivered (both ways) under the
+			// agent mid-transfer; tp expose --carrier auto moves its QUIC
+			// connection, the one its control stream and sessions run on,
+			// to tls, and bob's download from its service completes.
+			relay := startCarrierRelay(t, r.srv.Addr, true, true)
+			env := append(r.through(t, r.alice, relay), "TP_CARRIER=auto")
+			agentLog := startExpose(t, env, "mover", checksumServer(t, 8<<20), "--allow-user", "bob")
+			fwd, _ := startForward(t, r.bob, "mover.rev.tp.internal:22")
+			_, after := checksumTransferDuring(t, fwd, 1<<20, 8<<20, 2<<20, func() { relay.dropUDP(true) }, "the agent's UDP lost mid-transfer")
+			t.Logf("FIGURE carrier=udp→tls (agent, auto, default 3 s stall): longest pause in the download %s after the agent's UDP stopped", after.Round(time.Millisecond))
+			if !strings.Contains(agentLog.String(), "the connection moved to tls") {
+				t.Fatalf("tp expose did not say it moved to tls:\n%s", agentLog.String())
+			}
+			if strings.Contains(agentLog.String(), "reconnecting") {
+				t.Fatalf("tp expose lost its control session instead of moving it:\n%s", agentLog.String())
+			}
+			// The moved control session still takes new sessions.
+			fwd2, _ := startForward(t, r.bob, "mover.rev.tp.internal:22")
+			checksumTransferDuring(t, fwd2, 1<<10, 8<<20, 1<<20, func() {}, "a new session after the agent moved")
+		})
 	}
 	if r.carrier == wire.CarrierTLS || r.carrier == wire.CarrierWS {
 		// The ssh client's tp has exited: tpd ended its carrier session.

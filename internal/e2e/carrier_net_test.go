@@ -45,6 +45,12 @@ const (
 // listener) and logs alice in from C.
 func newCarrierNet(t *testing.T) *carrierNet {
 	t.Helper()
+	return newCarrierNetWith(t, testPolicy)
+}
+
+// newCarrierNetWith is newCarrierNet with tpd's policy.
+func newCarrierNetWith(t *testing.T, policy string) *carrierNet {
+	t.Helper()
 	p := fmt.Sprintf("tpcr%d", os.Getpid()%100000)
 	n := &carrierNet{C: p + "c", T: p + "t"}
 	for _, ns := range []string{n.C, n.T} {
@@ -59,7 +65,7 @@ func newCarrierNet(t *testing.T) *carrierNet {
 	} {
 		sh(t, append([]string{"ip", "-n", c[0]}, c[1:]...)...)
 	}
-	dataDir := initTPD(t, testPolicy)
+	dataDir := initTPD(t, policy)
 	n.tpd = startTPDIn(t, n.T, dataDir, carrierNetTPD+":0", []string{"TP_HTTP_LISTEN=" + carrierNetTPD + ":0"})
 	deadline := time.Now().Add(30 * time.Second)
 	re := regexp.MustCompile(`serving plain HTTP.*addr=(\S+)`)

@@ -501,8 +501,13 @@ func (m *datagramMux) run() {
 }
 
 // dispatch hands a DATAGRAM frame's payload to the flow its id names; a frame
-// without a complete id or for no live flow is counted and dropped.
+// without a complete id or for no live flow is counted and dropped. An empty
+// frame is a client's nudge after a silence (docs/PROTOCOL.md section 9.7):
+// dropped, not counted.
 func (m *datagramMux) dispatch(d []byte) {
+	if len(d) == 0 {
+		return
+	}
 	id, n, err := quicvarint.Parse(d)
 	if err != nil {
 		m.unknown.Add(1)

@@ -30,7 +30,7 @@ func varint(b []byte) (v uint64, n int, ok bool) {
 
 // FuzzDatagramFlowID: any DATAGRAM frame payload a peer sends. It reaches exactly
 // the flow its id names, with the id's bytes removed and nothing else, or it is
-// counted as unknown; a datagram a flow writes (its prefix, then the payload)
+// counted as unknown, or, empty (a client's nudge), it is dropped uncounted; a datagram a flow writes (its prefix, then the payload)
 // comes back to that flow unchanged.
 func FuzzDatagramFlowID(f *testing.F) {
 	for _, id := range fuzzFlowIDs {
@@ -71,6 +71,10 @@ func FuzzDatagramFlowID(f *testing.F) {
 		want, idLen, ok := varint(raw)
 		_, registered := flows[want]
 		switch {
+		case len(raw) == 0:
+			if n != 0 || m.unknown.Load() != 0 {
+				t.Fatalf("an empty datagram (a nudge): %d flows got one, %d counted unknown; want neither", n, m.unknown.Load())
+			}
 		case ok && registered:
 			if n != 1 || gotID != want || !bytes.Equal(got, raw[idLen:]) || m.unknown.Load() != 0 {
 				t.Fatalf("datagram %x for flow %d: flow %d got %x (%d flows got one), %d unknown", raw, want, gotID, got, n, m.unknown.Load())

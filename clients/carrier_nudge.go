@@ -1,0 +1,65 @@
+package clients
+
+// A nudge after a silence (docs/PROTOCOL.md section 9.7). A client whose
+// address changes (a NAT rebinding, a new carrier link) is followed by the
+// server only once a packet from the new address arrives. A client that only
+// receives (a download) has sent its last acknowledgement before the change
+// and has nothing more to send: the server's packets go to the old address
+// and are lost, and the connection stalls until the client's keepalive (15 s
+// over UDP). So after packets came in and then none for nudgeAfter, the
+// client sends one ack-eliciting packet, an empty DATAGRAM frame, which the
+// server drops unread: it tells the server the current address, and its
+// acknowledgement restarts the server's loss recovery at once. One nudge per
+// silence: an idle connection costs one packet (and its acknowledgement)
+// after its last exchange, and nothing after that.
+
+import (
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+// nudgeAfter is how long a connection that was receiving waits in silence
+// before it nudges the server.
+const nudgeAfter = time.Second
+
+// nudges reports whether a connection with keepalive period keepAlive (0:
+// none) needs nudges: the keepalive alone would leave a longer stall.
+func nudges(keepAlive time.Duration) bool {
+	return keepAlive == 0 || keepAlive > nudgeAfter
+}
+
+// nudgeOnSilence runs until conn ends: after packets came in and then none
+// for nudgeAfter, it sends one empty DATAGRAM frame. A connection without
+// DATAGRAM support on both sides is left alone.
+func nudgeOnSilence(conn *quic.Conn) {
+	if cs := conn.ConnectionState(); !cs.SupportsDatagrams.Local || !cs.SupportsDatagrams.Remote {
+		return
+	}
+	ctx := conn.Context()
+	tick := time.NewTicker(nudgeAfter / 4)
+	defer tick.Stop()
+	last, at, armed := conn.ConnectionStats().PacketsReceived, time.Now(), false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			switch got := conn.ConnectionStats().PacketsReceived; {
+			case got != last:
+				last, at, armed = got, now, true
+			case armed && now.Sub(at) >= nudgeAfter:
+				armed = false
+				_ = conn.SendDatagram(nil) // fails only when conn is gone
+			}
+		}
+	}
+}
+
+// startNudges nudges conn's server after silences when the Dialer's
+// keepalive is too slow to.
+func (d *Dialer) startNudges(conn *quic.Conn) {
+	if nudges(d.keepAlive()) {
+		go nudgeOnSilence(conn)
+	}
+}
