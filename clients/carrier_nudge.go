@@ -30,12 +30,11 @@ func nudges(keepAlive time.Duration) bool {
 }
 
 // nudgeOnSilence runs until conn ends: after packets came in and then none
-// for nudgeAfter, it sends one empty DATAGRAM frame. A connection without
-// DATAGRAM support on both sides is left alone.
+// for nudgeAfter, it sends one empty DATAGRAM frame. Every Dialer enables
+// DATAGRAM frames; a server without them makes SendDatagram fail without
+// sending anything, and the nudges stop. (It does not ask ConnectionState:
+// quic-go reads the path there without a lock, which races with a migration.)
 func nudgeOnSilence(conn *quic.Conn) {
-	if cs := conn.ConnectionState(); !cs.SupportsDatagrams.Local || !cs.SupportsDatagrams.Remote {
-		return
-	}
 	ctx := conn.Context()
 	tick := time.NewTicker(nudgeAfter / 4)
 	defer tick.Stop()
@@ -50,7 +49,9 @@ func nudgeOnSilence(conn *quic.Conn) {
 				last, at, armed = got, now, true
 			case armed && now.Sub(at) >= nudgeAfter:
 				armed = false
-				_ = conn.SendDatagram(nil) // fails only when conn is gone
+				if err := conn.SendDatagram(nil); err != nil {
+					return // conn is gone, or its server takes no DATAGRAM frames
+				}
 			}
 		}
 	}

@@ -20,12 +20,12 @@ import (
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-const (
-	// carrierPollHold is how long an empty poll waits for a packet.
-	carrierPollHold = time.Second
-	// carrierHTTPConcurrent bounds the requests in flight per session.
-	carrierHTTPConcurrent = 4
-)
+// carrierPollHold is how long an empty poll waits for a packet (a variable
+// only so that a test can hold polls for as long as it needs).
+var carrierPollHold = time.Second
+
+// carrierHTTPConcurrent bounds the requests in flight per session.
+const carrierHTTPConcurrent = 4
 
 type httpCarrierSession struct {
 	cs       *carrierSession

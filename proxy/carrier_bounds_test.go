@@ -1,0 +1,219 @@
+package proxy
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/ipv4"
+
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// newTestCarrierMux returns a carrier mux on a real loopback UDP socket.
+func newTestCarrierMux(t *testing.T, network string, ip net.IP) *carrierMux {
+	t.Helper()
+	udp, err := net.ListenUDP(network, &net.UDPAddr{IP: ip})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newCarrierMux(udp, CarrierOptions{}, slog.New(slog.DiscardHandler))
+	t.Cleanup(func() { _ = m.Close() })
+	return m
+}
+
+// TestCarrierQueuesBounded: a client that sends a flood and reads nothing
+// costs at most carrierOutQueue packets queued for it and carrierInQueue
+// packets queued for quic-go over all carriers; the rest are dropped and
+// counted (QUIC reads a drop as loss), an over-size packet is dropped whole
+// rather than cut, and ending the session frees its queue.
+func TestCarrierQueuesBounded(t *testing.T) {
+	m := newTestCarrierMux(t, "udp4", net.IPv4(127, 0, 0, 1))
+	cs, err := m.open(wire.CarrierTLS, "127.0.0.1:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Server → client: 1,000 packets for a client that reads none.
+	pkt := make([]byte, 1200)
+	for range 1000 {
+		if _, err := m.WriteTo(pkt, cs.addr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(cs.out); n != carrierOutQueue {
+		t.Fatalf("packets queued for a client that reads nothing: %d, want the bound %d", n, carrierOutQueue)
+	}
+	if d := cs.drops.Load(); d != 1000-carrierOutQueue {
+		t.Fatalf("packets dropped for it: %d, want %d", d, 1000-carrierOutQueue)
+	}
+	// A GSO batch of two packets, one longer than a carrier packet may be
+	// (bad input from below): dropped whole, not truncated.
+	before := cs.drops.Load()
+	m.toCarrier(make([]byte, wire.MaxCarrierPacket+1), 0, cs.addr)
+	if d := cs.drops.Load() - before; d != 1 {
+		t.Fatalf("an over-size packet: %d drops, want 1", d)
+	}
+
+	// Client → server: 3,000 packets while quic-go reads none.
+	for range 3000 {
+		m.deliver(cs, getCarrierBuf(), 1200)
+	}
+	m.mu.Lock()
+	queued := len(m.queue)
+	m.mu.Unlock()
+	if queued != carrierInQueue {
+		t.Fatalf("packets queued for quic-go: %d, want the bound %d", queued, carrierInQueue)
+	}
+	if d := m.inDrops.Load(); d != 3000-carrierInQueue {
+		t.Fatalf("client packets dropped: %d, want %d", d, 3000-carrierInQueue)
+	}
+
+	// Ending the session frees what was queued for it; later packets for its
+	// address find no session and cost nothing.
+	m.end(cs)
+	if n := len(cs.out); n != 0 {
+		t.Fatalf("after the end, %d packets still queued for the client", n)
+	}
+	before = cs.drops.Load()
+	if _, err := m.WriteTo(pkt, cs.addr); err != nil {
+		t.Fatal(err)
+	}
+	if len(cs.out) != 0 || cs.drops.Load() != before {
+		t.Fatal("a packet for an ended session was queued or counted against it")
+	}
+}
+
+// TestCarrierHTTPInFlightBound: one http carrier session holds at most
+// carrierHTTPConcurrent requests; a further one (a client, or anyone who
+// learned the session ID, opening polls without end) gets 429 at once
+// instead of one more held request.
+func TestCarrierHTTPInFlightBound(t *testing.T) {
+	hold := carrierPollHold
+	carrierPollHold = time.Minute // held polls end when the test cancels them
+	t.Cleanup(func() { carrierPollHold = hold })
+
+	m := newTestCarrierMux(t, "udp4", net.IPv4(127, 0, 0, 1))
+	s := &Server{}
+	s.carriers.Store(m)
+	const id = "0123456789abcdef0123456789abcdef"
+	poll := func(ctx context.Context) *httptest.ResponseRecorder {
+		r := httptest.NewRequestWithContext(ctx, http.MethodPost, wire.CarrierHTTPPath, strings.NewReader(""))
+		r.Header.Set(wire.CarrierSessionHeader, id)
+		w := httptest.NewRecorder()
+		s.serveCarrierHTTP(w, r)
+		return w
+	}
+	// The first request opens the session and is answered at once.
+	if w := poll(context.Background()); w.Code != http.StatusOK {
+		t.Fatalf("opening request: %d %s", w.Code, w.Body)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var held sync.WaitGroup
+	codes := make(chan int, carrierHTTPConcurrent)
+	for range carrierHTTPConcurrent {
+		held.Go(func() { codes <- poll(ctx).Code })
+	}
+	hs := s.httpCarriers.sessions[id]
+	deadline := time.Now().Add(30 * time.Second)
+	for len(hs.inflight) < carrierHTTPConcurrent {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d polls held after 30 s", len(hs.inflight))
+		}
+		time.Sleep(time.Millisecond)
+	}
+	w := poll(context.Background())
+	if w.Code != http.StatusTooManyRequests || !strings.Contains(w.Body.String(), "too many requests in flight") {
+		t.Fatalf("a poll beyond %d in flight: %d %q; want 429 saying why", carrierHTTPConcurrent, w.Code, w.Body)
+	}
+	cancel()
+	held.Wait()
+	close(codes)
+	for c := range codes {
+		if c != http.StatusOK {
+			t.Fatalf("a held poll ended with %d, want 200 (empty answer)", c)
+		}
+	}
+	// With the polls gone, the session takes requests again (held for the
+	// usual second, as nothing is queued for the client).
+	carrierPollHold = hold
+	if w := poll(context.Background()); w.Code != http.StatusOK {
+		t.Fatalf("a poll after the held ones ended: %d %s", w.Code, w.Body)
+	}
+}
+
+// TestCarrierSpoofedSourceDropped: a UDP datagram whose source claims a
+// carrier session's virtual address (100::/64, RFC 6666) never reaches
+// quic-go as a packet from that session: ReadBatch empties it. The sender
+// needs that address, so the test runs itself again in a user and network
+// namespace of its own (unshare -rn) with 100::1 on its loopback.
+func TestCarrierSpoofedSourceDropped(t *testing.T) {
+	if os.Getenv("TP_CARRIER_SPOOF_NS") != "1" {
+		cmd := exec.Command("unshare", "-rn", os.Args[0], "-test.run=^TestCarrierSpoofedSourceDropped$", "-test.v")
+		cmd.Env = append(os.Environ(), "TP_CARRIER_SPOOF_NS=1")
+		out, err := cmd.CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "--- PASS: TestCarrierSpoofedSourceDropped") {
+			t.Fatalf("in a namespace of its own (unshare -rn): %v\n%s", err, out)
+		}
+		return
+	}
+	for _, args := range [][]string{{"link", "set", "lo", "up"}, {"addr", "add", "100::1/64", "dev", "lo"}} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	m := newTestCarrierMux(t, "udp6", net.IPv6loopback)
+	var spoofed, real *net.UDPConn
+	for _, p := range []struct {
+		c  **net.UDPConn
+		ip net.IP
+	}{{&spoofed, net.ParseIP("100::1")}, {&real, net.IPv6loopback}} {
+		c, err := net.DialUDP("udp6", &net.UDPAddr{IP: p.ip}, m.udp.LocalAddr().(*net.UDPAddr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		*p.c = c
+	}
+	if _, err := spoofed.Write([]byte("spoofed")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := real.Write([]byte("real")); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]int{}
+	deadline := time.Now().Add(10 * time.Second)
+	for got["real"] == 0 && time.Now().Before(deadline) {
+		ms := make([]ipv4.Message, 4)
+		for i := range ms {
+			ms[i].Buffers = [][]byte{make([]byte, 1500)}
+		}
+		_ = m.SetReadDeadline(time.Now().Add(time.Second))
+		n, err := m.ReadBatch(ms, 0)
+		if err != nil && !os.IsTimeout(err) {
+			t.Fatal(err)
+		}
+		for _, msg := range ms[:n] {
+			a := msg.Addr.(*net.UDPAddr)
+			switch {
+			case isCarrierIP(a.IP) && msg.N > 0:
+				t.Fatalf("a datagram from %v (a carrier address) reached quic-go with %d octets", a, msg.N)
+			case isCarrierIP(a.IP):
+				got["spoofed"]++
+			default:
+				got[string(msg.Buffers[0][:msg.N])]++
+			}
+		}
+	}
+	if got["real"] != 1 || got["spoofed"] != 1 {
+		t.Fatalf("read %v; want the real datagram once and the spoofed one emptied once", got)
+	}
+}
