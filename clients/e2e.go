@@ -46,12 +46,14 @@ func (d *Dialer) e2eSession(ctx context.Context, conn net.Conn, addr string, ear
 	return d.innerTLS(ctx, conn, addr, !d.NoE2EAttach)
 }
 
-// earlyAttach prepares the attach that goes with the hello: over QUIC, for a TCP
-// dial of a name this Dialer holds attach state for. Over TLS the attach waits
-// for the ok: a server that refuses the dial closes the TCP connection, and
-// unread bytes would turn that close into a reset that can destroy the refusal.
+// earlyAttach prepares the attach that goes with the hello, for a TCP dial of a
+// name this Dialer holds attach state for, over either carrier: it is early data
+// (docs/PROTOCOL.md, section 6.5), which a server that refuses the dial discards
+// before it closes, so the refusal stays readable over TLS too. Sent with the
+// hello, the attach reaches the agent with the session header instead of one
+// round trip through the server later.
 func (d *Dialer) earlyAttach(conn net.Conn, hello wire.ClientHello) *pendingAttach {
-	if _, quicStream := conn.(*clientStream); !quicStream || d.NoE2EAttach || hello.Op != wire.OpDial || hello.Net != "tcp" {
+	if d.NoE2EAttach || hello.Op != wire.OpDial || hello.Net != "tcp" {
 		return nil
 	}
 	st := d.e2e.get(hello.Host)
