@@ -595,6 +595,13 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	if a.WrapData != nil {
 		conn = a.WrapData(st)
 	}
+	var pre *localDial
+	if !udp && a.allowed(hdr.PeerUser, hdr.PeerGroups) {
+		// The server vouches for a dialer this agent allows: connect to the
+		// service while the end-to-end session is checked (admit decides).
+		pre = startLocalDial(ctx, "tcp", local)
+		defer pre.discard()
+	}
 	// The first byte tells an attach (tp-e2e/2, e2eattach.go) from a TLS
 	// ClientHello (a handshake record, 0x16).
 	_ = conn.SetReadDeadline(time.Now().Add(agentHandshakeTimeout))
@@ -609,7 +616,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	}
 	var below net.Conn = &prefixConn{Conn: conn, prefix: first[:]}
 	if first[0] == attachMarker {
-		if a.serveAttach(ctx, conn, hdr, full, local, udp, start, log) {
+		if a.serveAttach(ctx, conn, hdr, full, local, udp, pre, start, log) {
 			return
 		}
 		below = conn // the dialer starts a TLS handshake on the same stream
@@ -661,7 +668,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 				expires: minTime(now.Add(AttachLife), cs.PeerCertificates[0].NotAfter), used: now}, now)
 		}
 	}
-	a.admit(ctx, sess, hdr, full, local, udp, id.DeviceID, id.User, start, log.With("e2e", cs.NegotiatedProtocol))
+	a.admit(ctx, sess, hdr, full, local, udp, pre, id.DeviceID, id.User, start, log.With("e2e", cs.NegotiatedProtocol))
 }
 
 // e2eSession is an authenticated end-to-end session, before the agent's hello:
@@ -683,8 +690,9 @@ func (s *e2eSession) refuse(code, reason string, log *slog.Logger) {
 
 // admit makes the agent's per-session checks of an authenticated dialer (device,
 // user: from its certificate, now or when the attach state was made), connects
-// to the local service and relays the session.
-func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHeader, full, local string, udp bool, device, user string, start time.Time, log *slog.Logger) {
+// to the local service (or takes pre, the connection started before the checks)
+// and relays the session.
+func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHeader, full, local string, udp bool, pre *localDial, device, user string, start time.Time, log *slog.Logger) {
 	switch {
 	case device != hdr.PeerID:
 		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the certificate is for %s but the TP server announced %s", device, hdr.PeerID), log)
@@ -698,10 +706,10 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 	if udp {
 		network = "udp"
 	}
-	var nd net.Dialer
-	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-	upstream, err := nd.DialContext(dctx, network, local)
-	dcancel()
+	if pre == nil {
+		pre = startLocalDial(ctx, network, local)
+	}
+	upstream, err := pre.take()
 	if err != nil {
 		sess.refuse(wire.CodeDialFailed, fmt.Sprintf("the agent of %s cannot reach its local service: %v", full, err), log)
 		return
@@ -732,7 +740,7 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 // reports false, having answered attachFallback, when the state is unknown,
 // expired or the session number was used before, so that a TLS handshake
 // follows; else it serves the session to its end.
-func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.SessionHeader, full, local string, udp bool, start time.Time, log *slog.Logger) bool {
+func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.SessionHeader, full, local string, udp bool, pre *localDial, start time.Time, log *slog.Logger) bool {
 	var msg [attachMsgLen - 1]byte
 	if _, err := io.ReadFull(conn, msg[:]); err != nil || msg[0] != attachVersion {
 		refuseSession(conn, wire.QUICInternal)
@@ -767,7 +775,7 @@ func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.Session
 		return true
 	}
 	sc := newSealedConn(conn, c2s, s2c, 1, 0)
-	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc}, hdr, full, local, udp, st.device, st.user, start, log.With("e2e", "attach"))
+	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc}, hdr, full, local, udp, pre, st.device, st.user, start, log.With("e2e", "attach"))
 	return true
 }
 
