@@ -193,7 +193,7 @@ func TestE2EAttachRefusesReplayAndForgery(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	msg := attachMessage(st.id, n, c2s)
+	msg := attachMessage(st.id, n, c2s, attachVersion, nil)
 	first := e.stream(t, header("bob@phone", "dev"))
 	if _, err := first.Write(msg); err != nil {
 		t.Fatal(err)
@@ -215,7 +215,7 @@ func TestE2EAttachRefusesReplayAndForgery(t *testing.T) {
 
 	n, _ = st.take(time.Now())
 	c2s, _, _ = attachKeys(st.secret, st.id, n)
-	forged := attachMessage(st.id, n, c2s)
+	forged := attachMessage(st.id, n, c2s, attachVersion, nil)
 	forged[len(forged)-1] ^= 1
 	f := e.stream(t, header("bob@phone", "dev"))
 	if _, err := f.Write(forged); err != nil {

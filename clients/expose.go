@@ -272,7 +272,7 @@ func (a *Agent) setupInner() {
 	a.roots = a.Dialer.TLSConfig.RootCAs
 	a.inner = &tls.Config{
 		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{E2EALPN2, E2EALPN},
+		NextProtos: []string{E2EALPN3, E2EALPN2, E2EALPN},
 		ClientAuth: tls.RequireAndVerifyClientCert,
 		ClientCAs:  a.roots,
 		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
@@ -550,7 +550,7 @@ func (a *Agent) readControl(ctl wire.Stream, announce func(wire.SessionHeader)) 
 func (a *Agent) acceptTLS(ctx context.Context, hdr wire.SessionHeader) {
 	cctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
-	c, err := a.Dialer.requestTLS(cctx, "session "+hdr.Session, wire.ClientHello{V: wire.Version, Op: wire.OpAccept, Session: hdr.Session})
+	c, err := a.Dialer.requestTLS(cctx, "session "+hdr.Session, wire.ClientHello{V: wire.Version, Op: wire.OpAccept, Session: hdr.Session}, nil)
 	if err != nil {
 		a.log().Warn("tp expose: cannot pick up a session", "name", hdr.Name, "err", err.Error())
 		return
@@ -655,7 +655,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		sess.refuse(wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+idErr.Error(), log)
 		return
 	}
-	if cs.NegotiatedProtocol == E2EALPN2 {
+	if cs.NegotiatedProtocol == E2EALPN2 || cs.NegotiatedProtocol == E2EALPN3 {
 		sess.onOK = func() {
 			// Kept only for a session the agent admitted: later sessions of this
 			// dialer to this name attach to it (still checked one by one).
@@ -668,7 +668,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 				expires: minTime(now.Add(AttachLife), cs.PeerCertificates[0].NotAfter), used: now}, now)
 		}
 	}
-	a.admit(ctx, sess, hdr, full, local, udp, pre, id.DeviceID, id.User, start, log.With("e2e", cs.NegotiatedProtocol))
+	a.admit(ctx, sess, hdr, full, local, udp, pre, nil, id.DeviceID, id.User, start, log.With("e2e", cs.NegotiatedProtocol))
 }
 
 // e2eSession is an authenticated end-to-end session, before the agent's hello:
@@ -691,8 +691,9 @@ func (s *e2eSession) refuse(code, reason string, log *slog.Logger) {
 // admit makes the agent's per-session checks of an authenticated dialer (device,
 // user: from its certificate, now or when the attach state was made), connects
 // to the local service (or takes pre, the connection started before the checks)
-// and relays the session.
-func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHeader, full, local string, udp bool, pre *localDial, device, user string, start time.Time, log *slog.Logger) {
+// and relays the session, starting with first, the dialer's bytes that came
+// with its attach.
+func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHeader, full, local string, udp bool, pre *localDial, first []byte, device, user string, start time.Time, log *slog.Logger) {
 	switch {
 	case device != hdr.PeerID:
 		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the certificate is for %s but the TP server announced %s", device, hdr.PeerID), log)
@@ -724,6 +725,18 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 	if sess.onOK != nil {
 		sess.onOK()
 	}
+	if len(first) > 0 {
+		_ = upstream.SetWriteDeadline(time.Now().Add(localDialTimeout))
+		if _, err := upstream.Write(first); err != nil {
+			// The dialer counts these bytes as sent: its session must fail, not
+			// go on without them.
+			wire.Abort(sess, wire.QUICPeerReset)
+			_ = upstream.Close()
+			log.Warn("tp expose: the local service did not take the dialer's first bytes", "local", local, "err", err.Error())
+			return
+		}
+		_ = upstream.SetWriteDeadline(time.Time{})
+	}
 	if udp { // datagrams as capsules inside the end-to-end session
 		a.relayUDP(ctx, wire.NewCapsuleFlow(sess.capsules, 0), upstream, local, start, log)
 		return
@@ -741,10 +754,10 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 // expired or the session number was used before, so that a TLS handshake
 // follows; else it serves the session to its end.
 func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.SessionHeader, full, local string, udp bool, pre *localDial, start time.Time, log *slog.Logger) bool {
-	var msg [attachMsgLen - 1]byte
-	if _, err := io.ReadFull(conn, msg[:]); err != nil || msg[0] != attachVersion {
+	msg, err := readAttach(conn, udp)
+	if err != nil {
 		refuseSession(conn, wire.QUICInternal)
-		log.Warn("tp expose: malformed attach; refused", "err", fmt.Sprint(err))
+		log.Warn("tp expose: malformed attach; refused", "err", err.Error())
 		return true
 	}
 	var id [attachIDLen]byte
@@ -753,14 +766,14 @@ func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.Session
 	proofHdr, proof := msg[attachHeadLen-1:attachHeadLen+1], msg[attachHeadLen+1:]
 	st := a.attaches.get(id)
 	var c2s, s2c cipher.AEAD
-	var err error
 	if st != nil {
 		c2s, s2c, err = attachKeys(st.secret, id, n)
 	}
 	if st == nil || err != nil || st.full != full {
 		return a.attachFallback(conn, log)
 	}
-	if typ, _, err := openRecord(c2s, 0, proofHdr, proof); err != nil || typ != recProof {
+	typ, first, err := openRecord(c2s, 0, proofHdr, proof)
+	if err != nil || typ != recProof {
 		refuseSession(conn, wire.QUICInternal)
 		log.Warn("tp expose: an attach that does not prove the end-to-end secret; refused")
 		return true
@@ -775,8 +788,37 @@ func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.Session
 		return true
 	}
 	sc := newSealedConn(conn, c2s, s2c, 1, 0)
-	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc}, hdr, full, local, udp, pre, st.device, st.user, start, log.With("e2e", "attach"))
+	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc}, hdr, full, local, udp, pre, first, st.device, st.user, start, log.With("e2e", "attach"))
 	return true
+}
+
+// readAttach reads the rest of an attach whose marker byte was read: version,
+// id, session number and the proof record, which only version 2 (tp-e2e/3, not
+// for a UDP name) may make longer than an empty one, and never longer than an
+// attach that fits the early data a server discards.
+func readAttach(conn net.Conn, udp bool) ([]byte, error) {
+	msg := make([]byte, attachMsgLen-1, attachMsgLen-1+maxAttachFirst)
+	if _, err := io.ReadFull(conn, msg[:attachHeadLen+1]); err != nil {
+		return nil, err
+	}
+	version, l := msg[0], int(binary.BigEndian.Uint16(msg[attachHeadLen-1:attachHeadLen+1]))
+	switch {
+	case version != attachVersion && version != attachVersion2:
+		return nil, fmt.Errorf("attach version 0x%02x", version)
+	case l < sealedOverhead:
+		return nil, fmt.Errorf("a proof record of %d bytes", l)
+	case l > sealedOverhead && version != attachVersion2:
+		return nil, fmt.Errorf("first bytes in a version 0x%02x attach", version)
+	case l > sealedOverhead && udp:
+		return nil, errors.New("first bytes in an attach for a UDP name")
+	case l > maxAttachFirst+sealedOverhead:
+		return nil, fmt.Errorf("%d first bytes in an attach; at most %d", l-sealedOverhead, maxAttachFirst)
+	}
+	msg = msg[:attachHeadLen+1+l]
+	if _, err := io.ReadFull(conn, msg[attachHeadLen+1:]); err != nil {
+		return nil, err
+	}
+	return msg, nil
 }
 
 func (a *Agent) attachFallback(conn net.Conn, log *slog.Logger) bool {

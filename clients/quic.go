@@ -363,7 +363,7 @@ func (d *Dialer) requestQUIC(ctx context.Context, addr string, hello wire.Client
 		c, err := d.requestEarly(ctx, st, conn, addr, hello, early)
 		return c, conn, err
 	}
-	sh, attach, err := d.helloExchange(ctx, st, addr, hello)
+	sh, attach, err := d.helloExchange(ctx, st, addr, hello, early)
 	if err != nil {
 		return nil, conn, err
 	}
@@ -388,7 +388,7 @@ func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHel
 		if err != nil {
 			return nil, err
 		}
-		return d.request(ctx, conn, addr, hello)
+		return d.request(ctx, conn, addr, hello, early)
 	}
 	winner, tconn, err := d.race(ctx)
 	if err != nil {
@@ -407,7 +407,7 @@ func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHel
 		_ = d.Cache.Put(d.Server, winner)
 	}
 	if winner == TransportTLS {
-		return d.request(ctx, tconn, addr, hello)
+		return d.request(ctx, tconn, addr, hello, early)
 	}
 	return d.dialQUIC(ctx, addr, hello, early)
 }

@@ -106,19 +106,19 @@ func (d *Dialer) closeSpare() {
 // spare that says nothing about the request (the server closed the idle
 // connection, or answered hello_timeout because it waited longer than its
 // hello timeout) is retried once on a new connection.
-func (d *Dialer) requestTLS(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, error) {
+func (d *Dialer) requestTLS(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	conn, spare, err := d.sessionTLS(ctx)
 	if err != nil {
 		return nil, err
 	}
-	c, err := d.request(ctx, conn, addr, hello)
+	c, err := d.request(ctx, conn, addr, hello, early)
 	var xe *exchangeError
 	var re *RefusedError
 	if spare && ctx.Err() == nil && (errors.As(err, &xe) || errors.As(err, &re) && re.Code == wire.CodeHelloTimeout) {
 		if conn, err = d.connectTLS(ctx); err != nil {
 			return nil, err
 		}
-		c, err = d.request(ctx, conn, addr, hello)
+		c, err = d.request(ctx, conn, addr, hello, early)
 	}
 	d.refillSpare()
 	return c, err
