@@ -28,6 +28,9 @@ type attachEnv struct {
 	a      *Agent
 	d      *Dialer
 	served sync.WaitGroup
+	// answered is what the agent calls when a session has its first answer
+	// (for an accept over TLS: refill the spare connection); may be nil.
+	answered func()
 }
 
 func newAttachEnv(t *testing.T) *attachEnv {
@@ -75,7 +78,7 @@ func (e *attachEnv) stream(t *testing.T, hdr wire.SessionHeader) net.Conn {
 		defer e.served.Done()
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
-		e.a.serve(ctx, agentEnd.(*net.TCPConn), hdr)
+		e.a.serve(ctx, agentEnd.(*net.TCPConn), hdr, e.answered)
 	}()
 	t.Cleanup(func() { c.Close() })
 	_ = c.SetDeadline(time.Now().Add(20 * time.Second))

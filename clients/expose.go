@@ -490,7 +490,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 					return
 				}
 				_ = st.SetReadDeadline(time.Time{})
-				a.serve(sctx, st, hdr)
+				a.serve(sctx, st, hdr, nil)
 			}()
 		}
 	}
@@ -555,12 +555,22 @@ func (a *Agent) acceptTLS(ctx context.Context, hdr wire.SessionHeader) {
 		a.log().Warn("tp expose: cannot pick up a session", "name", hdr.Name, "err", err.Error())
 		return
 	}
-	a.serve(ctx, c.(wire.Stream), hdr)
+	a.serve(ctx, c.(wire.Stream), hdr, a.Dialer.refillSpare)
 }
 
 // serve runs one session: inner TLS with the dialer, identity checks, then the
 // local service. It never dials anything but the configured local address.
-func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeader) {
+// answered, when set, is called once, when the session has its first answer
+// (the agent's hello, a refusal, a failure; at once for a public name).
+func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeader, answered func()) {
+	if answered != nil {
+		var once sync.Once
+		f := answered
+		answered = func() { once.Do(f) }
+		defer answered()
+	} else {
+		answered = func() {}
+	}
 	start := time.Now()
 	log := a.log().With("name", hdr.Name, "peer", hdr.PeerID)
 	var local string
@@ -575,9 +585,11 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 			local, udp = e.Local, e.UDP
 			switch { // the agent's own configuration decides, never the header
 			case e.public() && e.UDP:
+				answered()
 				a.servePublicUDP(ctx, st, hdr, e, log)
 				return
 			case e.public():
+				answered()
 				a.servePublic(ctx, st, hdr, e, log)
 				return
 			}
@@ -616,7 +628,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	}
 	var below net.Conn = &prefixConn{Conn: conn, prefix: first[:]}
 	if first[0] == attachMarker {
-		if a.serveAttach(ctx, conn, hdr, full, local, udp, pre, start, log) {
+		if a.serveAttach(ctx, conn, hdr, full, local, udp, pre, answered, start, log) {
 			return
 		}
 		below = conn // the dialer starts a TLS handshake on the same stream
@@ -643,7 +655,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		chainErr = iss.is.CheckChains(cs.PeerCertificates[0], cs.VerifiedChains)
 	}
 	id, idErr := authz.IdentityFromCert(cs.PeerCertificates[0])
-	sess := &e2eSession{Stream: tc, bridge: newBatchedTLS(tc, batch), capsules: tc}
+	sess := &e2eSession{Stream: tc, bridge: newBatchedTLS(tc, batch), capsules: tc, answered: answered}
 	switch {
 	case !strings.EqualFold(cs.ServerName, full):
 		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full), log)
@@ -678,6 +690,7 @@ type e2eSession struct {
 	bridge      net.Conn    // what the service's bytes are relayed through
 	capsules    wire.Stream // what a UDP name's capsules run on
 	onOK        func()      // after the ok hello is sent
+	answered    func()      // after the ok hello is sent, or nil
 }
 
 func (s *e2eSession) refuse(code, reason string, log *slog.Logger) {
@@ -722,6 +735,9 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 		return
 	}
 	_ = sess.SetWriteDeadline(time.Time{})
+	if sess.answered != nil {
+		sess.answered()
+	}
 	if sess.onOK != nil {
 		sess.onOK()
 	}
@@ -753,7 +769,7 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 // reports false, having answered attachFallback, when the state is unknown,
 // expired or the session number was used before, so that a TLS handshake
 // follows; else it serves the session to its end.
-func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.SessionHeader, full, local string, udp bool, pre *localDial, start time.Time, log *slog.Logger) bool {
+func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.SessionHeader, full, local string, udp bool, pre *localDial, answered func(), start time.Time, log *slog.Logger) bool {
 	msg, err := readAttach(conn, udp)
 	if err != nil {
 		refuseSession(conn, wire.QUICInternal)
@@ -788,7 +804,7 @@ func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.Session
 		return true
 	}
 	sc := newSealedConn(conn, c2s, s2c, 1, 0)
-	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc}, hdr, full, local, udp, pre, first, st.device, st.user, start, log.With("e2e", "attach"))
+	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc, answered: answered}, hdr, full, local, udp, pre, first, st.device, st.user, start, log.With("e2e", "attach"))
 	return true
 }
 

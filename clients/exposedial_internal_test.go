@@ -120,3 +120,41 @@ func TestAgentLocalDialWaitsForChecks(t *testing.T) {
 		t.Fatalf("the service received %v bytes per connection; want only the two admitted sessions' (%d)", got, len("first")+len("again"))
 	}
 }
+
+// Over TLS an agent refills its spare accept connection once a session has its
+// first answer, not while the session is being set up: serve calls answered
+// once per session, before an admitted session ends (with the agent's ok, while
+// the session is still open) and for a refused one.
+func TestAgentAnswersOncePerSession(t *testing.T) {
+	e := newAttachEnv(t)
+	var mu sync.Mutex
+	calls := 0
+	e.answered = func() { mu.Lock(); calls++; mu.Unlock() }
+	count := func() int { mu.Lock(); defer mu.Unlock(); return calls }
+	c, err := e.session(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); count() != 1; time.Sleep(5 * time.Millisecond) { // polling, bounded
+		if time.Now().After(deadline) {
+			t.Fatalf("after the agent's ok: answered %d times; want 1 while the session is open", count())
+		}
+	}
+	echoes(t, c, "first")
+	c, err = e.session(t, header("bob@phone", "dev")) // attached
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoes(t, c, "second")
+	e.served.Wait()
+	if n := count(); n != 2 {
+		t.Fatalf("after two sessions: answered %d times; want 2", n)
+	}
+	if _, err := e.session(t, header("bob@phone")); err == nil {
+		t.Fatal("bob outside dev was admitted")
+	}
+	e.served.Wait()
+	if n := count(); n != 3 {
+		t.Fatalf("after a refusal: answered %d times; want 3", n)
+	}
+}

@@ -120,6 +120,11 @@ func (d *Dialer) requestTLS(ctx context.Context, addr string, hello wire.ClientH
 		}
 		c, err = d.request(ctx, conn, addr, hello, early)
 	}
-	d.refillSpare()
+	if hello.Op != wire.OpAccept {
+		// An agent's accept: the agent refills once the session has its first
+		// answer (Agent.acceptTLS), so that the handshake does not compete with
+		// the session's own setup for the CPU.
+		d.refillSpare()
+	}
 	return c, err
 }
