@@ -97,6 +97,10 @@ type Dialer struct {
 	// end-to-end TLS handshake (tp-e2e/1) instead of attaching to the state kept
 	// from an earlier one (docs/PROTOCOL.md, section 11.4).
 	NoE2EAttach bool
+	// Spares is how many handshaken TLS connections the Dialer keeps ready
+	// while sessions come close together over TLS (spare.go); zero means one,
+	// at most 8. An agent keeps DefaultAgentSpares.
+	Spares int
 	// MaxQUICConns bounds the QUIC connections the Dialer holds to the server: when
 	// every stream the server allows on the shared connection is in use, a request
 	// goes to a further connection (closed again once idle) instead of waiting.

@@ -172,6 +172,12 @@ const DefaultAgentIdleTimeout = 6 * time.Second
 // connection to its local service (a file descriptor) and a few goroutines.
 const DefaultAgentMaxSessions = 10_000
 
+// DefaultAgentSpares is how many handshaken accept connections an agent over TLS
+// keeps ready while sessions come close together (Dialer.Spares): two, so that
+// the one made after a session is through the server's side of its handshake
+// by the time a session takes it.
+const DefaultAgentSpares = 2
+
 // Agent reconnect backoff: the first wait, and the cap of a wait before jitter
 // (waits are jittered from half to one and a half times the backoff).
 const (
@@ -210,6 +216,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}
 	a.setupInner()
+	if a.Dialer.Spares == 0 {
+		a.Dialer.Spares = DefaultAgentSpares
+	}
 	if a.Dialer.TLSConfig.ClientSessionCache == nil {
 		// Over TLS every session is a new connection to the relay: resume them.
 		a.Dialer.TLSConfig.ClientSessionCache = tls.NewLRUClientSessionCache(16)

@@ -45,7 +45,10 @@ func waitSpare(t *testing.T, d *Dialer) *tls.Conn {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 		d.spare.mu.Lock()
-		c := d.spare.conn
+		var c *tls.Conn
+		if len(d.spare.conns) > 0 {
+			c = d.spare.conns[0].conn
+		}
 		d.spare.mu.Unlock()
 		if c != nil {
 			return c
@@ -60,7 +63,7 @@ func TestSpareTLSUsedInBurst(t *testing.T) {
 	d, echo := spareEnv(t)
 	echoOnce(t, d, echo)
 	d.spare.mu.Lock()
-	none := d.spare.conn == nil && !d.spare.filling
+	none := len(d.spare.conns) == 0 && !d.spare.filling
 	d.spare.mu.Unlock()
 	if !none {
 		t.Fatal("a single dial made a spare connection")
@@ -73,7 +76,7 @@ func TestSpareTLSUsedInBurst(t *testing.T) {
 	waitSpare(t, d)
 	_ = d.Close()
 	d.spare.mu.Lock()
-	gone := d.spare.conn == nil
+	gone := len(d.spare.conns) == 0
 	d.spare.mu.Unlock()
 	if !gone {
 		t.Fatal("Close kept the spare connection")
@@ -89,5 +92,57 @@ func TestSpareTLSDeadIsRetried(t *testing.T) {
 	_ = sp.NetConn().Close()
 	if c := echoOnce(t, d, echo); c == net.Conn(sp) {
 		t.Fatal("the dial returned the dead spare")
+	}
+}
+
+// spareConns returns the Dialer's spare connections, oldest first.
+func spareConns(d *Dialer) []*tls.Conn {
+	d.spare.mu.Lock()
+	defer d.spare.mu.Unlock()
+	var cs []*tls.Conn
+	for _, c := range d.spare.conns {
+		cs = append(cs, c.conn)
+	}
+	return cs
+}
+
+// With Spares 2 (an agent's default) a burst leaves two handshaken connections
+// ready; a session takes the oldest, and the Dialer makes one more afterwards.
+// Bad input: a spare older than spareMaxAge (the server may have closed it for
+// its missing hello) is discarded, never used.
+func TestSparesKeepsTwo(t *testing.T) {
+	d, echo := spareEnv(t)
+	d.Spares = 2
+	echoOnce(t, d, echo)
+	echoOnce(t, d, echo) // a burst
+	waitSpares := func(n int) []*tls.Conn {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(5 * time.Millisecond) { // polling, bounded
+			if cs := spareConns(d); len(cs) == n {
+				return cs
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%d spare connections; want %d", len(spareConns(d)), n)
+			}
+		}
+	}
+	cs := waitSpares(2)
+	if c := echoOnce(t, d, echo); c.(*tunnel).Stream != wire.Stream(cs[0]) {
+		t.Fatal("the dial did not take the oldest spare")
+	}
+	if got := waitSpares(2); got[0] != cs[1] {
+		t.Fatal("the second spare was not kept for the next dial")
+	}
+
+	d.spare.mu.Lock()
+	old := d.spare.conns[0].conn
+	d.spare.conns[0].made = time.Now().Add(-2 * spareMaxAge)
+	d.spare.mu.Unlock()
+	if c := echoOnce(t, d, echo); c.(*tunnel).Stream == wire.Stream(old) {
+		t.Fatal("the dial used a spare older than spareMaxAge")
+	}
+	_ = old.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := old.Read(make([]byte, 1)); err == nil {
+		t.Fatal("the stale spare was not closed")
 	}
 }
