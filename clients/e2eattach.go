@@ -163,6 +163,7 @@ func (s *dialerAttach) prepare(now time.Time, early *earlyDial) *pendingAttach {
 	if !s.first || early == nil || len(early.first) == 0 || len(early.first) > maxAttachFirst || early.sent {
 		return &pendingAttach{st: s, msg: attachMessage(s.id, n, c2s, attachVersion, nil), c2s: c2s, s2c: s2c}
 	}
+	early.sealed = true
 	return &pendingAttach{st: s, msg: attachMessage(s.id, n, c2s, attachVersion2, early.first), c2s: c2s, s2c: s2c, early: early}
 }
 

@@ -144,9 +144,7 @@ func (d *Dialer) requestTLS(ctx context.Context, addr string, hello wire.ClientH
 		return nil, err
 	}
 	c, err := d.request(ctx, conn, addr, hello, early)
-	var xe *exchangeError
-	var re *RefusedError
-	if spare && ctx.Err() == nil && (errors.As(err, &xe) || errors.As(err, &re) && re.Code == wire.CodeHelloTimeout) {
+	if spare && ctx.Err() == nil && retryOnNew(err, early) {
 		if conn, err = d.connectTLS(ctx); err != nil {
 			return nil, err
 		}
@@ -159,4 +157,23 @@ func (d *Dialer) requestTLS(ctx context.Context, addr string, hello wire.ClientH
 		d.refillSpare()
 	}
 	return c, err
+}
+
+// retryOnNew says whether a request that failed with err on a spare connection
+// goes again on a new one: when the failure says nothing about the request (the
+// server closed the idle connection, or answered hello_timeout because it
+// waited longer than its hello timeout). Not after a failure without an answer
+// when the dial's first bytes went sealed in an attach: the server may have
+// passed them on to the agent before the connection failed, and a request must
+// not reach a service twice (as for early bytes over QUIC, early.go).
+func retryOnNew(err error, early *earlyDial) bool {
+	var xe *exchangeError
+	var re *RefusedError
+	switch {
+	case errors.As(err, &re):
+		return re.Code == wire.CodeHelloTimeout
+	case errors.As(err, &xe):
+		return early == nil || !early.sealed
+	}
+	return false
 }

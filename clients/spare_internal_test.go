@@ -146,3 +146,28 @@ func TestSparesKeepsTwo(t *testing.T) {
 		t.Fatal("the stale spare was not closed")
 	}
 }
+
+// Which failures on a spare connection are retried on a new one. Bad input: a
+// spare that failed without an answer after its attach carried the dial's first
+// bytes (they may have reached the service): not retried, so the service never
+// gets a request twice.
+func TestSpareRetryDecision(t *testing.T) {
+	lost := &exchangeError{io.ErrUnexpectedEOF}
+	for _, tc := range []struct {
+		what  string
+		err   error
+		early *earlyDial
+		want  bool
+	}{
+		{"connection lost before any answer", lost, nil, true},
+		{"lost, first bytes still waiting for the ok", lost, &earlyDial{first: []byte("x")}, true},
+		{"lost after first bytes went sealed in an attach", lost, &earlyDial{first: []byte("x"), sealed: true}, false},
+		{"hello_timeout: the server read nothing", &RefusedError{Code: wire.CodeHelloTimeout}, &earlyDial{sealed: true}, true},
+		{"a refusal about the request", &RefusedError{Code: wire.CodePolicyDenied}, nil, false},
+		{"the agent's failure after the ok", io.ErrUnexpectedEOF, nil, false},
+	} {
+		if got := retryOnNew(tc.err, tc.early); got != tc.want {
+			t.Errorf("%s: retry %v; want %v", tc.what, got, tc.want)
+		}
+	}
+}
