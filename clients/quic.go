@@ -344,7 +344,7 @@ func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketCon
 func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	for attempt := 0; ; attempt++ {
 		c, conn, err := d.requestQUIC(ctx, addr, hello, early)
-		if attempt == 0 && conn != nil && connLost(conn, err) && ctx.Err() == nil {
+		if attempt == 0 && conn != nil && connLost(conn, err) && ctx.Err() == nil && mayResend(err, early) {
 			continue // the connection died under us: try once on a fresh one
 		}
 		return c, err
@@ -376,7 +376,7 @@ func (d *Dialer) requestQUIC(ctx context.Context, addr string, hello wire.Client
 // QUIC failed recently for this server, and otherwise races the two.
 func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	if d.liveQUIC() != nil {
-		if c, conn, err := d.requestQUIC(ctx, addr, hello, early); conn != nil && !connLost(conn, err) {
+		if c, conn, err := d.requestQUIC(ctx, addr, hello, early); conn != nil && (!connLost(conn, err) || !mayResend(err, early)) {
 			return c, err
 		}
 	}

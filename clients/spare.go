@@ -8,6 +8,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -151,9 +153,9 @@ func (d *Dialer) requestTLS(ctx context.Context, addr string, hello wire.ClientH
 		c, err = d.request(ctx, conn, addr, hello, early)
 	}
 	if hello.Op != wire.OpAccept {
-		// An agent's accept: the agent refills once the session has its first
-		// answer (Agent.acceptTLS), so that the handshake does not compete with
-		// the session's own setup for the CPU.
+		// (An agent refills after an accept once its session has its first
+		// answer, Agent.acceptTLS, so that the handshake does not compete with
+		// the session's own setup for the CPU.)
 		d.refillSpare()
 	}
 	return c, err
@@ -173,7 +175,15 @@ func retryOnNew(err error, early *earlyDial) bool {
 	case errors.As(err, &re):
 		return re.Code == wire.CodeHelloTimeout
 	case errors.As(err, &xe):
-		return early == nil || !early.sealed
+		return mayResend(err, early)
 	}
 	return false
+}
+
+// mayResend says whether a dial that failed with err may go again on another
+// connection: not once its first bytes went sealed in an attach (they may have
+// reached the service), unless the server answered with a stateless reset (it
+// held nothing of the connection, so it saw neither the hello nor the bytes).
+func mayResend(err error, early *earlyDial) bool {
+	return early == nil || !early.sealed || errors.As(err, new(*quic.StatelessResetError))
 }

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -168,6 +170,29 @@ func TestSpareRetryDecision(t *testing.T) {
 	} {
 		if got := retryOnNew(tc.err, tc.early); got != tc.want {
 			t.Errorf("%s: retry %v; want %v", tc.what, got, tc.want)
+		}
+	}
+}
+
+// A dial over QUIC goes again on a new connection after the old one was lost
+// only when its first bytes cannot have reached the service. Bad input: a lost
+// connection after first bytes went sealed in an attach; a stateless reset
+// (the server held nothing of it) is still retried.
+func TestResendAfterLostConnection(t *testing.T) {
+	sealed := &earlyDial{first: []byte("x"), sealed: true}
+	for _, tc := range []struct {
+		what  string
+		err   error
+		early *earlyDial
+		want  bool
+	}{
+		{"no first bytes", io.ErrUnexpectedEOF, nil, true},
+		{"first bytes not sealed", io.ErrUnexpectedEOF, &earlyDial{first: []byte("x")}, true},
+		{"first bytes sealed, connection lost", io.ErrUnexpectedEOF, sealed, false},
+		{"first bytes sealed, stateless reset", &quic.StatelessResetError{}, sealed, true},
+	} {
+		if got := mayResend(tc.err, tc.early); got != tc.want {
+			t.Errorf("%s: resend %v; want %v", tc.what, got, tc.want)
 		}
 	}
 }
