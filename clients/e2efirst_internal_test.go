@@ -181,3 +181,34 @@ func TestReadAttachBounds(t *testing.T) {
 		a.Close()
 	}
 }
+
+// FuzzReadAttach: whatever the relay sends after an attach's marker, readAttach
+// reads a whole attach of an allowed shape, never more than the bound, or fails.
+func FuzzReadAttach(f *testing.F) {
+	c2s, _, err := attachKeys(bytes.Repeat([]byte{7}, 32), [attachIDLen]byte{1}, 1)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(attachMessage([attachIDLen]byte{1}, 1, c2s, attachVersion, nil)[1:], false)
+	f.Add(attachMessage([attachIDLen]byte{1}, 1, c2s, attachVersion2, []byte("GET / HTTP/1.1\r\n\r\n"))[1:], false)
+	f.Add(attachMessage([attachIDLen]byte{1}, 1, c2s, attachVersion2, []byte("x"))[1:], true)
+	f.Fuzz(func(t *testing.T, b []byte, udp bool) {
+		msg, err := readAttach(bytes.NewReader(b), udp)
+		if err != nil {
+			return
+		}
+		l := int(binary.BigEndian.Uint16(msg[attachHeadLen-1:]))
+		switch {
+		case !bytes.HasPrefix(b, msg):
+			t.Fatal("readAttach returned bytes it was not sent")
+		case len(msg) != attachHeadLen+1+l:
+			t.Fatalf("%d bytes for a proof record of %d", len(msg), l)
+		case len(msg) > attachMsgLen-1+maxAttachFirst:
+			t.Fatalf("%d bytes: beyond the bound", len(msg))
+		case msg[0] != attachVersion && msg[0] != attachVersion2:
+			t.Fatalf("version 0x%02x accepted", msg[0])
+		case l > sealedOverhead && (msg[0] != attachVersion2 || udp):
+			t.Fatal("first bytes accepted where they are not allowed")
+		}
+	})
+}

@@ -821,7 +821,7 @@ func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.Session
 // id, session number and the proof record, which only version 2 (tp-e2e/3, not
 // for a UDP name) may make longer than an empty one, and never longer than an
 // attach that fits the early data a server discards.
-func readAttach(conn net.Conn, udp bool) ([]byte, error) {
+func readAttach(conn io.Reader, udp bool) ([]byte, error) {
 	msg := make([]byte, attachMsgLen-1, attachMsgLen-1+maxAttachFirst)
 	if _, err := io.ReadFull(conn, msg[:attachHeadLen+1]); err != nil {
 		return nil, err
