@@ -807,12 +807,10 @@ func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.Session
 		return a.attachFallback(conn, log)
 	}
 	_ = conn.SetReadDeadline(time.Time{})
-	_ = conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	if _, err := conn.Write([]byte{attachAccepted}); err != nil {
-		_ = conn.Close()
-		return true
-	}
-	sc := newSealedConn(conn, c2s, s2c, 1, 0)
+	// The answer byte goes out with the agent's first record (its hello, after
+	// the checks): one write, one packet and one hand-off through the relay
+	// instead of two.
+	sc := newSealedConn(&leadConn{Conn: conn, lead: []byte{attachAccepted}}, c2s, s2c, 1, 0)
 	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc, answered: answered}, hdr, full, local, udp, pre, first, st.device, st.user, start, log.With("e2e", "attach"))
 	return true
 }
@@ -856,6 +854,36 @@ func (a *Agent) attachFallback(conn net.Conn, log *slog.Logger) bool {
 	log.Debug("tp expose: unknown or used attach; a TLS handshake follows")
 	return false
 }
+
+// leadConn writes lead in front of the first Write to conn, in the same write.
+type leadConn struct {
+	net.Conn
+	mu   sync.Mutex
+	lead []byte
+}
+
+func (l *leadConn) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	lead := l.lead
+	l.lead = nil
+	l.mu.Unlock()
+	if len(lead) == 0 {
+		return l.Conn.Write(p)
+	}
+	n, err := l.Conn.Write(append(lead, p...))
+	return max(n-len(lead), 0), err
+}
+
+// CloseWrite half-closes conn.
+func (l *leadConn) CloseWrite() error {
+	if cw, ok := l.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("this connection cannot half-close")
+}
+
+// Unwrap is conn.
+func (l *leadConn) Unwrap() net.Conn { return l.Conn }
 
 // prefixConn reads prefix before conn.
 type prefixConn struct {
