@@ -97,6 +97,10 @@ type Dialer struct {
 	// end-to-end TLS handshake (tp-e2e/1) instead of attaching to the state kept
 	// from an earlier one (docs/PROTOCOL.md, section 11.4).
 	NoE2EAttach bool
+	// Spares is how many handshaken TLS connections the Dialer keeps ready
+	// while sessions come close together over TLS (spare.go); zero means one,
+	// at most 8. An agent keeps DefaultAgentSpares.
+	Spares int
 	// MaxQUICConns bounds the QUIC connections the Dialer holds to the server: when
 	// every stream the server allows on the shared connection is in use, a request
 	// goes to a further connection (closed again once idle) instead of waiting.
@@ -212,7 +216,7 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 	case TransportQUIC:
 		return d.dialQUIC(ctx, addr, hello, early)
 	case TransportTLS:
-		return d.requestTLS(ctx, addr, hello)
+		return d.requestTLS(ctx, addr, hello, early)
 	default:
 		return nil, fmt.Errorf("transport %q must be auto, quic or tls", d.Transport)
 	}
@@ -282,8 +286,8 @@ func closedUnanswered(err error) bool {
 
 // request runs the hello exchange on conn (a TLS connection or a QUIC stream) and
 // returns conn once the server said ok. It closes conn on failure.
-func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello) (net.Conn, error) {
-	sh, attach, err := d.helloExchange(ctx, conn, addr, hello)
+func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
+	sh, attach, err := d.helloExchange(ctx, conn, addr, hello, early)
 	if err != nil {
 		return nil, err
 	}
@@ -291,12 +295,12 @@ func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hel
 }
 
 // helloExchange sends hello on conn (with an attach to end-to-end state, for a
-// protected name: e2eattach.go) and reads the server's answer. It closes conn
-// on failure.
-func (d *Dialer) helloExchange(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello) (wire.ServerHello, *pendingAttach, error) {
+// protected name: e2eattach.go, carrying early's first bytes when it can) and
+// reads the server's answer. It closes conn on failure.
+func (d *Dialer) helloExchange(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello, early *earlyDial) (wire.ServerHello, *pendingAttach, error) {
 	// The hello exchange is bounded by ctx through the connection's deadline.
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
-	attach := d.earlyAttach(conn, hello)
+	attach := d.earlyAttach(conn, hello, early)
 	sh, err := exchangeWith(conn, hello, attach.message())
 	if !stop() {
 		err = errors.Join(err, ctx.Err())

@@ -26,7 +26,7 @@ func (d *Dialer) e2eSession(ctx context.Context, conn net.Conn, addr string, ear
 	host, _, _ := net.SplitHostPort(addr)
 	if early == nil && !d.NoE2EAttach {
 		if st := d.e2e.get(host); st != nil {
-			if early = st.prepare(time.Now()); early == nil {
+			if early = st.prepare(time.Now(), nil); early == nil {
 				d.e2e.drop(host, st) // too old to use
 			}
 		}
@@ -46,19 +46,25 @@ func (d *Dialer) e2eSession(ctx context.Context, conn net.Conn, addr string, ear
 	return d.innerTLS(ctx, conn, addr, !d.NoE2EAttach)
 }
 
-// earlyAttach prepares the attach that goes with the hello: over QUIC, for a TCP
-// dial of a name this Dialer holds attach state for. Over TLS the attach waits
-// for the ok: a server that refuses the dial closes the TCP connection, and
-// unread bytes would turn that close into a reset that can destroy the refusal.
-func (d *Dialer) earlyAttach(conn net.Conn, hello wire.ClientHello) *pendingAttach {
-	if _, quicStream := conn.(*clientStream); !quicStream || d.NoE2EAttach || hello.Op != wire.OpDial || hello.Net != "tcp" {
+// earlyAttach prepares the attach that goes with the hello, for a TCP dial of a
+// name this Dialer holds attach state for, over either carrier: it is early data
+// (docs/PROTOCOL.md, section 6.5), which a server that refuses the dial discards
+// before it closes, so the refusal stays readable over TLS too. Sent with the
+// hello, the attach reaches the agent with the session header instead of one
+// round trip through the server later.
+//
+// With a state made by a tp-e2e/3 session, the attach also carries first's
+// bytes (a dial's first bytes, DialFirst), sealed in its proof record; first.sent
+// is set once the agent took them.
+func (d *Dialer) earlyAttach(conn net.Conn, hello wire.ClientHello, first *earlyDial) *pendingAttach {
+	if d.NoE2EAttach || hello.Op != wire.OpDial || hello.Net != "tcp" {
 		return nil
 	}
 	st := d.e2e.get(hello.Host)
 	if st == nil {
 		return nil
 	}
-	p := st.prepare(time.Now())
+	p := st.prepare(time.Now(), first)
 	if p == nil {
 		d.e2e.drop(hello.Host, st)
 	}
@@ -103,6 +109,9 @@ func (d *Dialer) attach(ctx context.Context, conn net.Conn, addr string, p *pend
 		_ = conn.Close()
 		return nil, false, &RefusedError{Code: sh.Code, Reason: sh.Reason}
 	}
+	if p.early != nil {
+		p.early.sent = true // the agent passes them on after its ok
+	}
 	return sc, false, nil
 }
 
@@ -117,7 +126,7 @@ func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string, offer
 	cfg.ServerName = host
 	cfg.NextProtos = []string{E2EALPN}
 	if offerAttach {
-		cfg.NextProtos = []string{E2EALPN2, E2EALPN}
+		cfg.NextProtos = []string{E2EALPN3, E2EALPN2, E2EALPN}
 	}
 	cfg.MinVersion = tls.VersionTLS13
 	// EOFConn lets a cut of the inner session (no close_notify) be told from its end.
@@ -145,7 +154,7 @@ func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string, offer
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
 	}
 	d.e2e.count(false)
-	if cs := tc.ConnectionState(); cs.NegotiatedProtocol == E2EALPN2 {
+	if cs := tc.ConnectionState(); cs.NegotiatedProtocol == E2EALPN2 || cs.NegotiatedProtocol == E2EALPN3 {
 		if st, err := newDialerAttach(cs, time.Now()); err == nil {
 			d.e2e.put(host, st)
 		}

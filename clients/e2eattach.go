@@ -40,9 +40,16 @@ import (
 // attach state.
 const E2EALPN2 = "tp-e2e/2"
 
+// E2EALPN3 is E2EALPN2 whose attaches may carry the dialer's first bytes in the
+// proof record (attach version 2): the agent passes them to its service right
+// after its checks, so a client that speaks first gets its answer one round
+// trip through the relay sooner.
+const E2EALPN3 = "tp-e2e/3"
+
 const (
 	attachMarker   = 0x00 // first byte of an attach: a TLS record never starts with content type 0
 	attachVersion  = 0x01
+	attachVersion2 = 0x02 // tp-e2e/3: the proof record may carry data
 	attachAccepted = 0x01 // agent: sealed records follow
 	attachFallback = 0x02 // agent: unknown, expired or replayed; a TLS ClientHello is expected next
 	attachIDLen    = 16
@@ -69,7 +76,12 @@ const (
 	sealedSendPlain = 16384 - 2 - sealedOverhead
 	recData         = 0x17
 	recClose        = 0x15 // end of this direction, like TLS close_notify
-	recProof        = 0x16 // the dialer's first record of an attach, empty
+	recProof        = 0x16 // the dialer's first record of an attach (data only in version 2)
+
+	// maxAttachFirst bounds the first bytes an attach carries: with the attach
+	// they stay within the early data a server discards on a refusal
+	// (wire.MaxEarlyData, docs/PROTOCOL.md section 6.5).
+	maxAttachFirst = wire.MaxEarlyData - attachHeadLen - 2 - sealedOverhead
 )
 
 // attachKeys derives the keys of session n: dialer → agent, agent → dialer.
@@ -111,6 +123,7 @@ func exportAttach(cs tls.ConnectionState) (secret []byte, id [attachIDLen]byte, 
 type dialerAttach struct {
 	id      [attachIDLen]byte
 	secret  []byte
+	first   bool      // made by a tp-e2e/3 session: attaches may carry first bytes
 	expires time.Time // AttachLife, and both certificates' ends
 	mu      sync.Mutex
 	next    uint64    // the next session number
@@ -122,7 +135,8 @@ type pendingAttach struct {
 	st       *dialerAttach
 	msg      []byte // the attach message
 	c2s, s2c cipher.AEAD
-	sent     bool // msg went with the hello
+	sent     bool       // msg went with the hello
+	early    *earlyDial // the dial whose first bytes msg carries, or nil
 }
 
 // message is the attach to send with the hello (nil for none).
@@ -135,8 +149,9 @@ func (p *pendingAttach) message() []byte {
 }
 
 // prepare takes a session number and makes its keys and attach, or returns nil
-// when the state is too old to use.
-func (s *dialerAttach) prepare(now time.Time) *pendingAttach {
+// when the state is too old to use. The attach carries early's first bytes when
+// the state allows it (tp-e2e/3) and they fit.
+func (s *dialerAttach) prepare(now time.Time, early *earlyDial) *pendingAttach {
 	n, ok := s.take(now)
 	if !ok {
 		return nil
@@ -145,7 +160,11 @@ func (s *dialerAttach) prepare(now time.Time) *pendingAttach {
 	if err != nil {
 		return nil
 	}
-	return &pendingAttach{st: s, msg: attachMessage(s.id, n, c2s), c2s: c2s, s2c: s2c}
+	if !s.first || early == nil || len(early.first) == 0 || len(early.first) > maxAttachFirst || early.sent {
+		return &pendingAttach{st: s, msg: attachMessage(s.id, n, c2s, attachVersion, nil), c2s: c2s, s2c: s2c}
+	}
+	early.sealed = true
+	return &pendingAttach{st: s, msg: attachMessage(s.id, n, c2s, attachVersion2, early.first), c2s: c2s, s2c: s2c, early: early}
 }
 
 // take returns a session number, or false when the state is too old to use.
@@ -227,7 +246,7 @@ func newDialerAttach(cs tls.ConnectionState, now time.Time) (*dialerAttach, erro
 	for _, c := range cs.PeerCertificates[:1] {
 		exp = minTime(exp, c.NotAfter)
 	}
-	return &dialerAttach{id: id, secret: secret, expires: exp, used: now}, nil
+	return &dialerAttach{id: id, secret: secret, first: cs.NegotiatedProtocol == E2EALPN3, expires: exp, used: now}, nil
 }
 
 func minTime(a, b time.Time) time.Time {
@@ -237,13 +256,14 @@ func minTime(a, b time.Time) time.Time {
 	return a
 }
 
-// attachMessage is the dialer's attach: marker, version, id, n, sealed proof.
-func attachMessage(id [attachIDLen]byte, n uint64, c2s cipher.AEAD) []byte {
-	msg := make([]byte, 0, attachMsgLen)
-	msg = append(msg, attachMarker, attachVersion)
+// attachMessage is the dialer's attach: marker, version, id, n, sealed proof
+// (carrying first, version 2 only).
+func attachMessage(id [attachIDLen]byte, n uint64, c2s cipher.AEAD, version byte, first []byte) []byte {
+	msg := make([]byte, 0, attachMsgLen+len(first))
+	msg = append(msg, attachMarker, version)
 	msg = append(msg, id[:]...)
 	msg = binary.BigEndian.AppendUint64(msg, n)
-	return appendRecord(msg, c2s, 0, recProof, nil)
+	return appendRecord(msg, c2s, 0, recProof, first)
 }
 
 // appendRecord seals one record (length, then AES-GCM of data and type, the

@@ -9,6 +9,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -27,6 +28,9 @@ type attachEnv struct {
 	a      *Agent
 	d      *Dialer
 	served sync.WaitGroup
+	// answered is what the agent calls when a session has its first answer
+	// (for an accept over TLS: refill the spare connection); may be nil.
+	answered func()
 }
 
 func newAttachEnv(t *testing.T) *attachEnv {
@@ -74,7 +78,7 @@ func (e *attachEnv) stream(t *testing.T, hdr wire.SessionHeader) net.Conn {
 		defer e.served.Done()
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
-		e.a.serve(ctx, agentEnd.(*net.TCPConn), hdr)
+		e.a.serve(ctx, agentEnd.(*net.TCPConn), hdr, e.answered)
 	}()
 	t.Cleanup(func() { c.Close() })
 	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
@@ -192,7 +196,7 @@ func TestE2EAttachRefusesReplayAndForgery(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	msg := attachMessage(st.id, n, c2s)
+	msg := attachMessage(st.id, n, c2s, attachVersion, nil)
 	first := e.stream(t, header("bob@phone", "dev"))
 	if _, err := first.Write(msg); err != nil {
 		t.Fatal(err)
@@ -214,7 +218,7 @@ func TestE2EAttachRefusesReplayAndForgery(t *testing.T) {
 
 	n, _ = st.take(time.Now())
 	c2s, _, _ = attachKeys(st.secret, st.id, n)
-	forged := attachMessage(st.id, n, c2s)
+	forged := attachMessage(st.id, n, c2s, attachVersion, nil)
 	forged[len(forged)-1] ^= 1
 	f := e.stream(t, header("bob@phone", "dev"))
 	if _, err := f.Write(forged); err != nil {
@@ -279,32 +283,55 @@ func TestAttachClaimWindow(t *testing.T) {
 	}
 }
 
-// Over QUIC a dialer that holds attach state sends the attach with its dial
-// hello, before the server's ok. Bad input: a server (played by the test) that
-// answers ok without "e2e", as when the name's agent now exposes it publicly:
-// the dialer fails the dial, aborts the stream (its attach must not be taken for
-// the start of a public session) and forgets the state.
+// Over either carrier a dialer that holds attach state sends the attach with
+// its dial hello, before the server's ok. Bad input: a server (played by the
+// test) that answers ok without "e2e", as when the name's agent now exposes it
+// publicly: the dialer fails the dial, aborts the stream (RESET_STREAM 0x1 over
+// QUIC, a TCP reset over TLS: its attach must not be taken for the start of a
+// public session) and forgets the state.
 func TestEarlyAttachToPublicNameAborts(t *testing.T) {
+	for _, transport := range []string{TransportQUIC, TransportTLS} {
+		t.Run(transport, func(t *testing.T) { testEarlyAttachToPublicNameAborts(t, transport) })
+	}
+}
+
+func testEarlyAttachToPublicNameAborts(t *testing.T, transport string) {
 	ca := testpki.New(t)
 	srvCfg := &tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")}, NextProtos: []string{wire.ALPN}, MinVersion: tls.VersionTLS13}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	ln, err := quic.ListenAddr("127.0.0.1:0", srvCfg, &quic.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept(ctx)
+	var server string
+	if transport == TransportQUIC {
+		ln, err := quic.ListenAddr("127.0.0.1:0", srvCfg, &quic.Config{})
 		if err != nil {
-			return
+			t.Fatal(err)
 		}
-		if str, err := c.AcceptStream(ctx); err == nil {
-			accepted <- wire.NewQUICStream(c, str)
+		defer ln.Close()
+		server = ln.Addr().String()
+		go func() {
+			c, err := ln.Accept(ctx)
+			if err != nil {
+				return
+			}
+			if str, err := c.AcceptStream(ctx); err == nil {
+				accepted <- wire.NewQUICStream(c, str)
+			}
+		}()
+	} else {
+		ln, err := tls.Listen("tcp", "127.0.0.1:0", srvCfg)
+		if err != nil {
+			t.Fatal(err)
 		}
-	}()
-	d := &Dialer{Server: ln.Addr().String(), Transport: TransportQUIC, Timeout: 10 * time.Second,
+		defer ln.Close()
+		server = ln.Addr().String()
+		go func() {
+			if c, err := ln.Accept(); err == nil {
+				accepted <- c
+			}
+		}()
+	}
+	d := &Dialer{Server: server, Transport: transport, Timeout: 10 * time.Second,
 		TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{ca.ClientCert(t, "bob@phone", testpki.LeafOptions{})}}}
 	defer d.Close()
 	st := &dialerAttach{secret: bytes.Repeat([]byte{7}, 32), expires: time.Now().Add(time.Hour), used: time.Now()}
@@ -338,9 +365,13 @@ func TestEarlyAttachToPublicNameAborts(t *testing.T) {
 	if err := <-dialed; err == nil || !strings.Contains(err.Error(), "no longer protected") {
 		t.Fatalf("dial: %v; want it failed as no longer protected", err)
 	}
-	_, err = io.Copy(io.Discard, relay)
-	if code, reset := wire.StreamResetCode(err); !reset || code != wire.QUICInternal {
-		t.Fatalf("the server saw %v; want RESET_STREAM 0x1", err)
+	_, err := io.Copy(io.Discard, relay)
+	if transport == TransportQUIC {
+		if code, reset := wire.StreamResetCode(err); !reset || code != wire.QUICInternal {
+			t.Fatalf("the server saw %v; want RESET_STREAM 0x1", err)
+		}
+	} else if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("the server saw %v; want a TCP reset", err)
 	}
 	if d.e2e.get("svc.rev.test") != nil {
 		t.Fatal("the dialer kept the state of a name that is no longer protected")

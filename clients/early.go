@@ -116,6 +116,9 @@ func (d *Dialer) DialFirst(ctx context.Context, network, addr string, first []by
 type earlyDial struct {
 	first []byte // to send with the hello
 	sent  bool   // first went with the hello
+	// sealed: first went in an attach (e2eattach.go), answered or not; a dial
+	// whose first bytes may have reached the service is not sent again.
+	sealed bool
 }
 
 // requestEarly sends hello and early.first on st in one write, and returns st

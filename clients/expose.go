@@ -172,6 +172,12 @@ const DefaultAgentIdleTimeout = 6 * time.Second
 // connection to its local service (a file descriptor) and a few goroutines.
 const DefaultAgentMaxSessions = 10_000
 
+// DefaultAgentSpares is how many handshaken accept connections an agent over TLS
+// keeps ready while sessions come close together (Dialer.Spares): two, so that
+// the one made after a session is through the server's side of its handshake
+// by the time a session takes it.
+const DefaultAgentSpares = 2
+
 // Agent reconnect backoff: the first wait, and the cap of a wait before jitter
 // (waits are jittered from half to one and a half times the backoff).
 const (
@@ -210,6 +216,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}
 	a.setupInner()
+	if a.Dialer.Spares == 0 {
+		a.Dialer.Spares = DefaultAgentSpares
+	}
 	if a.Dialer.TLSConfig.ClientSessionCache == nil {
 		// Over TLS every session is a new connection to the relay: resume them.
 		a.Dialer.TLSConfig.ClientSessionCache = tls.NewLRUClientSessionCache(16)
@@ -272,7 +281,7 @@ func (a *Agent) setupInner() {
 	a.roots = a.Dialer.TLSConfig.RootCAs
 	a.inner = &tls.Config{
 		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{E2EALPN2, E2EALPN},
+		NextProtos: []string{E2EALPN3, E2EALPN2, E2EALPN},
 		ClientAuth: tls.RequireAndVerifyClientCert,
 		ClientCAs:  a.roots,
 		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
@@ -497,7 +506,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 					return
 				}
 				_ = st.SetReadDeadline(time.Time{})
-				a.serve(sctx, st, hdr)
+				a.serve(sctx, st, hdr, nil)
 			}()
 		}
 	}
@@ -557,17 +566,27 @@ func (a *Agent) readControl(ctl wire.Stream, announce func(wire.SessionHeader)) 
 func (a *Agent) acceptTLS(ctx context.Context, hdr wire.SessionHeader) {
 	cctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
-	c, err := a.Dialer.requestTLS(cctx, "session "+hdr.Session, wire.ClientHello{V: wire.Version, Op: wire.OpAccept, Session: hdr.Session})
+	c, err := a.Dialer.requestTLS(cctx, "session "+hdr.Session, wire.ClientHello{V: wire.Version, Op: wire.OpAccept, Session: hdr.Session}, nil)
 	if err != nil {
 		a.log().Warn("tp expose: cannot pick up a session", "name", hdr.Name, "err", err.Error())
 		return
 	}
-	a.serve(ctx, c.(wire.Stream), hdr)
+	a.serve(ctx, c.(wire.Stream), hdr, a.Dialer.refillSpare)
 }
 
 // serve runs one session: inner TLS with the dialer, identity checks, then the
 // local service. It never dials anything but the configured local address.
-func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeader) {
+// answered, when set, is called once, when the session has its first answer
+// (the agent's hello, a refusal, a failure; at once for a public name).
+func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeader, answered func()) {
+	if answered != nil {
+		var once sync.Once
+		f := answered
+		answered = func() { once.Do(f) }
+		defer answered()
+	} else {
+		answered = func() {}
+	}
 	start := time.Now()
 	log := a.log().With("name", hdr.Name, "peer", hdr.PeerID)
 	var local string
@@ -582,9 +601,11 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 			local, udp = e.Local, e.UDP
 			switch { // the agent's own configuration decides, never the header
 			case e.public() && e.UDP:
+				answered()
 				a.servePublicUDP(ctx, st, hdr, e, log)
 				return
 			case e.public():
+				answered()
 				a.servePublic(ctx, st, hdr, e, log)
 				return
 			}
@@ -602,6 +623,13 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	if a.WrapData != nil {
 		conn = a.WrapData(st)
 	}
+	var pre *localDial
+	if !udp && a.allowed(hdr.PeerUser, hdr.PeerGroups) {
+		// The server vouches for a dialer this agent allows: connect to the
+		// service while the end-to-end session is checked (admit decides).
+		pre = startLocalDial(ctx, "tcp", local)
+		defer pre.discard()
+	}
 	// The first byte tells an attach (tp-e2e/2, e2eattach.go) from a TLS
 	// ClientHello (a handshake record, 0x16).
 	_ = conn.SetReadDeadline(time.Now().Add(agentHandshakeTimeout))
@@ -616,7 +644,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	}
 	var below net.Conn = &prefixConn{Conn: conn, prefix: first[:]}
 	if first[0] == attachMarker {
-		if a.serveAttach(ctx, conn, hdr, full, local, udp, start, log) {
+		if a.serveAttach(ctx, conn, hdr, full, local, udp, pre, answered, start, log) {
 			return
 		}
 		below = conn // the dialer starts a TLS handshake on the same stream
@@ -643,7 +671,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		chainErr = iss.is.CheckChains(cs.PeerCertificates[0], cs.VerifiedChains)
 	}
 	id, idErr := authz.IdentityFromCert(cs.PeerCertificates[0])
-	sess := &e2eSession{Stream: tc, bridge: newBatchedTLS(tc, batch), capsules: tc}
+	sess := &e2eSession{Stream: tc, bridge: newBatchedTLS(tc, batch), capsules: tc, answered: answered}
 	switch {
 	case !strings.EqualFold(cs.ServerName, full):
 		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full), log)
@@ -655,7 +683,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		sess.refuse(wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+idErr.Error(), log)
 		return
 	}
-	if cs.NegotiatedProtocol == E2EALPN2 {
+	if cs.NegotiatedProtocol == E2EALPN2 || cs.NegotiatedProtocol == E2EALPN3 {
 		sess.onOK = func() {
 			// Kept only for a session the agent admitted: later sessions of this
 			// dialer to this name attach to it (still checked one by one).
@@ -668,7 +696,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 				expires: minTime(now.Add(AttachLife), cs.PeerCertificates[0].NotAfter), used: now}, now)
 		}
 	}
-	a.admit(ctx, sess, hdr, full, local, udp, id.DeviceID, id.User, start, log.With("e2e", cs.NegotiatedProtocol))
+	a.admit(ctx, sess, hdr, full, local, udp, pre, nil, id.DeviceID, id.User, start, log.With("e2e", cs.NegotiatedProtocol))
 }
 
 // e2eSession is an authenticated end-to-end session, before the agent's hello:
@@ -678,6 +706,7 @@ type e2eSession struct {
 	bridge      net.Conn    // what the service's bytes are relayed through
 	capsules    wire.Stream // what a UDP name's capsules run on
 	onOK        func()      // after the ok hello is sent
+	answered    func()      // after the ok hello is sent, or nil
 }
 
 func (s *e2eSession) refuse(code, reason string, log *slog.Logger) {
@@ -690,8 +719,10 @@ func (s *e2eSession) refuse(code, reason string, log *slog.Logger) {
 
 // admit makes the agent's per-session checks of an authenticated dialer (device,
 // user: from its certificate, now or when the attach state was made), connects
-// to the local service and relays the session.
-func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHeader, full, local string, udp bool, device, user string, start time.Time, log *slog.Logger) {
+// to the local service (or takes pre, the connection started before the checks)
+// and relays the session, starting with first, the dialer's bytes that came
+// with its attach.
+func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHeader, full, local string, udp bool, pre *localDial, first []byte, device, user string, start time.Time, log *slog.Logger) {
 	switch {
 	case device != hdr.PeerID:
 		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the certificate is for %s but the TP server announced %s", device, hdr.PeerID), log)
@@ -705,10 +736,10 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 	if udp {
 		network = "udp"
 	}
-	var nd net.Dialer
-	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-	upstream, err := nd.DialContext(dctx, network, local)
-	dcancel()
+	if pre == nil {
+		pre = startLocalDial(ctx, network, local)
+	}
+	upstream, err := pre.take()
 	if err != nil {
 		sess.refuse(wire.CodeDialFailed, fmt.Sprintf("the agent of %s cannot reach its local service: %v", full, err), log)
 		return
@@ -720,8 +751,23 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 		return
 	}
 	_ = sess.SetWriteDeadline(time.Time{})
+	if sess.answered != nil {
+		sess.answered()
+	}
 	if sess.onOK != nil {
 		sess.onOK()
+	}
+	if len(first) > 0 {
+		_ = upstream.SetWriteDeadline(time.Now().Add(localDialTimeout))
+		if _, err := upstream.Write(first); err != nil {
+			// The dialer counts these bytes as sent: its session must fail, not
+			// go on without them.
+			wire.Abort(sess, wire.QUICPeerReset)
+			_ = upstream.Close()
+			log.Warn("tp expose: the local service did not take the dialer's first bytes", "local", local, "err", err.Error())
+			return
+		}
+		_ = upstream.SetWriteDeadline(time.Time{})
 	}
 	if udp { // datagrams as capsules inside the end-to-end session
 		a.relayUDP(ctx, wire.NewCapsuleFlow(sess.capsules, 0), upstream, local, start, log)
@@ -739,11 +785,11 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 // reports false, having answered attachFallback, when the state is unknown,
 // expired or the session number was used before, so that a TLS handshake
 // follows; else it serves the session to its end.
-func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.SessionHeader, full, local string, udp bool, start time.Time, log *slog.Logger) bool {
-	var msg [attachMsgLen - 1]byte
-	if _, err := io.ReadFull(conn, msg[:]); err != nil || msg[0] != attachVersion {
+func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.SessionHeader, full, local string, udp bool, pre *localDial, answered func(), start time.Time, log *slog.Logger) bool {
+	msg, err := readAttach(conn, udp)
+	if err != nil {
 		refuseSession(conn, wire.QUICInternal)
-		log.Warn("tp expose: malformed attach; refused", "err", fmt.Sprint(err))
+		log.Warn("tp expose: malformed attach; refused", "err", err.Error())
 		return true
 	}
 	var id [attachIDLen]byte
@@ -752,14 +798,14 @@ func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.Session
 	proofHdr, proof := msg[attachHeadLen-1:attachHeadLen+1], msg[attachHeadLen+1:]
 	st := a.attaches.get(id)
 	var c2s, s2c cipher.AEAD
-	var err error
 	if st != nil {
 		c2s, s2c, err = attachKeys(st.secret, id, n)
 	}
 	if st == nil || err != nil || st.full != full {
 		return a.attachFallback(conn, log)
 	}
-	if typ, _, err := openRecord(c2s, 0, proofHdr, proof); err != nil || typ != recProof {
+	typ, first, err := openRecord(c2s, 0, proofHdr, proof)
+	if err != nil || typ != recProof {
 		refuseSession(conn, wire.QUICInternal)
 		log.Warn("tp expose: an attach that does not prove the end-to-end secret; refused")
 		return true
@@ -768,14 +814,41 @@ func (a *Agent) serveAttach(ctx context.Context, conn net.Conn, hdr wire.Session
 		return a.attachFallback(conn, log)
 	}
 	_ = conn.SetReadDeadline(time.Time{})
-	_ = conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	if _, err := conn.Write([]byte{attachAccepted}); err != nil {
-		_ = conn.Close()
-		return true
-	}
-	sc := newSealedConn(conn, c2s, s2c, 1, 0)
-	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc}, hdr, full, local, udp, st.device, st.user, start, log.With("e2e", "attach"))
+	// The answer byte goes out with the agent's first record (its hello, after
+	// the checks): one write, one packet and one hand-off through the relay
+	// instead of two.
+	sc := newSealedConn(&leadConn{Conn: conn, lead: []byte{attachAccepted}}, c2s, s2c, 1, 0)
+	a.admit(ctx, &e2eSession{Stream: sc, bridge: sc, capsules: sc, answered: answered}, hdr, full, local, udp, pre, first, st.device, st.user, start, log.With("e2e", "attach"))
 	return true
+}
+
+// readAttach reads the rest of an attach whose marker byte was read: version,
+// id, session number and the proof record, which only version 2 (tp-e2e/3, not
+// for a UDP name) may make longer than an empty one, and never longer than an
+// attach that fits the early data a server discards.
+func readAttach(conn io.Reader, udp bool) ([]byte, error) {
+	msg := make([]byte, attachMsgLen-1, attachMsgLen-1+maxAttachFirst)
+	if _, err := io.ReadFull(conn, msg[:attachHeadLen+1]); err != nil {
+		return nil, err
+	}
+	version, l := msg[0], int(binary.BigEndian.Uint16(msg[attachHeadLen-1:attachHeadLen+1]))
+	switch {
+	case version != attachVersion && version != attachVersion2:
+		return nil, fmt.Errorf("attach version 0x%02x", version)
+	case l < sealedOverhead:
+		return nil, fmt.Errorf("a proof record of %d bytes", l)
+	case l > sealedOverhead && version != attachVersion2:
+		return nil, fmt.Errorf("first bytes in a version 0x%02x attach", version)
+	case l > sealedOverhead && udp:
+		return nil, errors.New("first bytes in an attach for a UDP name")
+	case l > maxAttachFirst+sealedOverhead:
+		return nil, fmt.Errorf("%d first bytes in an attach; at most %d", l-sealedOverhead, maxAttachFirst)
+	}
+	msg = msg[:attachHeadLen+1+l]
+	if _, err := io.ReadFull(conn, msg[attachHeadLen+1:]); err != nil {
+		return nil, err
+	}
+	return msg, nil
 }
 
 func (a *Agent) attachFallback(conn net.Conn, log *slog.Logger) bool {
@@ -788,6 +861,36 @@ func (a *Agent) attachFallback(conn net.Conn, log *slog.Logger) bool {
 	log.Debug("tp expose: unknown or used attach; a TLS handshake follows")
 	return false
 }
+
+// leadConn writes lead in front of the first Write to conn, in the same write.
+type leadConn struct {
+	net.Conn
+	mu   sync.Mutex
+	lead []byte
+}
+
+func (l *leadConn) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	lead := l.lead
+	l.lead = nil
+	l.mu.Unlock()
+	if len(lead) == 0 {
+		return l.Conn.Write(p)
+	}
+	n, err := l.Conn.Write(append(lead, p...))
+	return max(n-len(lead), 0), err
+}
+
+// CloseWrite half-closes conn.
+func (l *leadConn) CloseWrite() error {
+	if cw, ok := l.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("this connection cannot half-close")
+}
+
+// Unwrap is conn.
+func (l *leadConn) Unwrap() net.Conn { return l.Conn }
 
 // prefixConn reads prefix before conn.
 type prefixConn struct {

@@ -352,7 +352,7 @@ func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketCon
 func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	for attempt := 0; ; attempt++ {
 		c, conn, err := d.requestQUIC(ctx, addr, hello, early)
-		if attempt == 0 && conn != nil && connLost(conn, err) && ctx.Err() == nil {
+		if attempt == 0 && conn != nil && connLost(conn, err) && ctx.Err() == nil && mayResend(err, early) {
 			continue // the connection died under us: try once on a fresh one
 		}
 		return c, err
@@ -371,7 +371,7 @@ func (d *Dialer) requestQUIC(ctx context.Context, addr string, hello wire.Client
 		c, err := d.requestEarly(ctx, st, conn, addr, hello, early)
 		return c, conn, err
 	}
-	sh, attach, err := d.helloExchange(ctx, st, addr, hello)
+	sh, attach, err := d.helloExchange(ctx, st, addr, hello, early)
 	if err != nil {
 		return nil, conn, err
 	}
@@ -384,7 +384,7 @@ func (d *Dialer) requestQUIC(ctx context.Context, addr string, hello wire.Client
 // QUIC failed recently for this server, and otherwise races the two.
 func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	if d.liveQUIC() != nil {
-		if c, conn, err := d.requestQUIC(ctx, addr, hello, early); conn != nil && !connLost(conn, err) {
+		if c, conn, err := d.requestQUIC(ctx, addr, hello, early); conn != nil && (!connLost(conn, err) || !mayResend(err, early)) {
 			return c, err
 		}
 	}
@@ -393,7 +393,7 @@ func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHel
 		if err != nil {
 			return nil, err
 		}
-		return d.request(ctx, conn, addr, hello)
+		return d.request(ctx, conn, addr, hello, early)
 	}
 	winner, tconn, err := d.race(ctx)
 	if err != nil {
@@ -403,7 +403,7 @@ func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHel
 	// get through again.
 	d.rememberTransport(winner)
 	if winner == TransportTLS {
-		return d.request(ctx, tconn, addr, hello)
+		return d.request(ctx, tconn, addr, hello, early)
 	}
 	return d.dialQUIC(ctx, addr, hello, early)
 }

@@ -68,7 +68,7 @@ func relayEnd(t *testing.T, transport string, a *Agent, hdr wire.SessionHeader) 
 				t.Error(err)
 				return
 			}
-			a.serve(ctx, st, hdr)
+			a.serve(ctx, st, hdr, nil)
 		}()
 	default:
 		ln, err := tls.Listen("tcp", "127.0.0.1:0", srvCfg)
@@ -83,7 +83,7 @@ func relayEnd(t *testing.T, transport string, a *Agent, hdr wire.SessionHeader) 
 				t.Error(err)
 				return
 			}
-			a.serve(ctx, tc.(*tls.Conn), hdr)
+			a.serve(ctx, tc.(*tls.Conn), hdr, nil)
 		}()
 		if relay, err = ln.Accept(); err != nil {
 			t.Fatal(err)
