@@ -81,8 +81,13 @@ func TestConnectGitClone(t *testing.T) {
 		t.Fatalf("git cloned through the proxy name without a device certificate:\n%s", out)
 	}
 	t.Logf("without a device certificate git says: %s", bytes.TrimSpace(out))
-	// GnuTLS reports the proxy's certificate_required alert as a received fatal alert.
-	if !bytes.Contains(out, []byte("alert")) {
+	// GnuTLS reports the proxy's certificate_required alert as a received fatal
+	// alert; but git sends its CONNECT right behind its Finished, and when the
+	// server has already closed after its alert, that send fails first
+	// ("Broken pipe", or a reset). Each is the handshake's refusal, never an
+	// HTTP answer from the proxy.
+	if s := string(out); !strings.Contains(s, "alert") && !strings.Contains(s, "Broken pipe") && !strings.Contains(s, "reset") ||
+		strings.Contains(s, "CONNECT tunnel failed") || strings.Contains(s, "returned error") {
 		t.Errorf("git failed, but not on the proxy's TLS alert:\n%s", out)
 	}
 }
