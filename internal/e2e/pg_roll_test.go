@@ -331,8 +331,13 @@ func (r rollRig) run(t *testing.T) {
 		r.probe(t, fmt.Sprintf("after restarting instance %d, through it", i), n)
 	}
 	before := completed.Load()
-	for completed.Load() < before+rollDialer/5 && truncated.Load() == 0 {
-		time.Sleep(100 * time.Millisecond) // dials work after the last restart; the test's timeout bounds it
+	for deadline := time.Now().Add(3 * time.Minute); completed.Load() < before+rollDialer/5 && truncated.Load() == 0; {
+		if time.Now().After(deadline) {
+			// Not Fatal: the dialers must stop first.
+			t.Errorf("only %d transfers completed in 3 minutes after the last restart; want %d", completed.Load()-before, rollDialer/5)
+			break
+		}
+		time.Sleep(100 * time.Millisecond) // polling the dialers, bounded by the deadline
 	}
 	stop.Store(true)
 	wg.Wait()
