@@ -193,7 +193,6 @@ func (s *Server) serveConnectUDP(w http.ResponseWriter, r *http.Request) (abort 
 	st := s.relayConnectUDP(bctx, t, upstream, o, s.cfg.UDP.withDefaults().IdleTimeout)
 	ss.up, ss.down, ss.end = st.bytesToTarget.Load(), st.bytesToClient.Load(), st.end
 	ss.attrs = append(ss.attrs, st.attrs()...)
-	s.cudp.add(st)
 	if st.malformedCapsule {
 		ss.code = wire.CodeBadRequest
 	}

@@ -495,6 +495,7 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 		<-done
 	}
 	f.end, f.malformedCapsule = end.text, end.malformed
+	s.cudp.add(f) // before the deferred Active decrement: a flow seen ended is counted
 	return f
 }
 
