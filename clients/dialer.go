@@ -97,6 +97,10 @@ type Dialer struct {
 	// end-to-end TLS handshake (tp-e2e/1) instead of attaching to the state kept
 	// from an earlier one (docs/PROTOCOL.md, section 11.4).
 	NoE2EAttach bool
+	// NoE2EMux makes every TCP session to a protected reverse name a dial of
+	// its own through the server, instead of a stream of the end-to-end carrier
+	// the Dialer keeps to the name (docs/PROTOCOL.md, section 11.4.1).
+	NoE2EMux bool
 	// Spares is how many handshaken TLS connections the Dialer keeps ready
 	// while sessions come close together over TLS (spare.go); zero means one,
 	// at most 8. An agent keeps DefaultAgentSpares.
@@ -118,6 +122,7 @@ type Dialer struct {
 	disco discoveryState
 	spare spareTLS
 	e2e   attachStates   // end-to-end attach state by reverse name (e2eattach.go)
+	mux   muxStates      // end-to-end carriers by reverse name (e2emux_dial.go)
 	hs    handshakeSlots // TLS handshakes in flight (tlsslots.go)
 }
 
@@ -176,7 +181,7 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 
 // dial is DialContext; early, when not nil, lets a QUIC request return before
 // the server's answer (early.go).
-func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDial) (net.Conn, error) {
+func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDial) (_ net.Conn, err error) {
 	netw := "tcp"
 	switch network {
 	case "tcp", "tcp4", "tcp6":
@@ -209,6 +214,14 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 
 	if netw == "udp" {
 		return d.dialUDP(ctx, addr, hello)
+	}
+	// A protected name this Dialer holds an end-to-end carrier to: a stream of
+	// it, no dial through the server (e2emux_dial.go).
+	if c, handled, claim, err := d.muxDial(ctx, addr, early); handled {
+		return c, err
+	} else if claim != nil {
+		ctx = context.WithValue(ctx, muxClaimKey{}, claim)
+		defer func() { d.releaseMux(claim, err) }()
 	}
 	switch d.mode() {
 	case TransportAuto, "":
@@ -333,7 +346,7 @@ func (d *Dialer) answer(ctx context.Context, conn wire.Stream, addr string, hell
 		d.e2e.drop(hello.Host, attach.st)
 		return nil, fmt.Errorf("tp dial %s: the name is no longer protected (its agent now exposes it publicly); dial again", addr)
 	}
-	if sh.Session != "" { // a dial: its failures say who cut it (cut.go)
+	if _, mux := c.(*muxStream); sh.Session != "" && !mux { // a dial: its failures say who cut it (cut.go)
 		return &tunnel{Stream: c.(wire.Stream), d: d, session: sh.Session}, nil
 	}
 	return c, nil

@@ -281,7 +281,9 @@ func (a *Agent) setupInner() {
 	a.roots = a.Dialer.TLSConfig.RootCAs
 	a.inner = &tls.Config{
 		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{E2EALPN3, E2EALPN2, E2EALPN},
+		// In the server's order of preference: a carrier of many sessions
+		// (e2emux_agent.go), then attachable sessions, then a single one.
+		NextProtos: []string{E2EMuxALPN, E2EALPN3, E2EALPN2, E2EALPN},
 		ClientAuth: tls.RequireAndVerifyClientCert,
 		ClientCAs:  a.roots,
 		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
@@ -671,16 +673,22 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		chainErr = iss.is.CheckChains(cs.PeerCertificates[0], cs.VerifiedChains)
 	}
 	id, idErr := authz.IdentityFromCert(cs.PeerCertificates[0])
-	sess := &e2eSession{Stream: tc, bridge: newBatchedTLS(tc, batch), capsules: tc, answered: answered}
+	var code, reason string
 	switch {
 	case !strings.EqualFold(cs.ServerName, full):
-		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full), log)
-		return
+		code, reason = wire.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full)
 	case chainErr != nil:
-		sess.refuse(wire.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error(), log)
-		return
+		code, reason = wire.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error()
 	case idErr != nil:
-		sess.refuse(wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+idErr.Error(), log)
+		code, reason = wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+idErr.Error()
+	}
+	if cs.NegotiatedProtocol == E2EMuxALPN { // a carrier of many sessions (e2emux_agent.go)
+		a.serveMux(ctx, tc, batch, cs, hdr, full, local, udp, pre, code, reason, id.DeviceID, id.User, answered, log)
+		return
+	}
+	sess := &e2eSession{Stream: tc, bridge: newBatchedTLS(tc, batch), capsules: tc, answered: answered}
+	if code != "" {
+		sess.refuse(code, reason, log)
 		return
 	}
 	if cs.NegotiatedProtocol == E2EALPN2 || cs.NegotiatedProtocol == E2EALPN3 {
@@ -728,8 +736,11 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the certificate is for %s but the TP server announced %s", device, hdr.PeerID), log)
 		return
 	case !a.allowed(user, hdr.PeerGroups):
+		a.mu.Lock()
+		users, groups := listOrNone(a.AllowUsers), listOrNone(a.AllowGroups)
+		a.mu.Unlock()
 		sess.refuse(CodeAgentDenied, fmt.Sprintf("%s is not allowed by the agent of %s (allowed users: %s; groups: %s)",
-			device, full, listOrNone(a.AllowUsers), listOrNone(a.AllowGroups)), log)
+			device, full, users, groups), log)
 		return
 	}
 	network := "tcp"
@@ -926,6 +937,8 @@ func (p *prefixConn) Unwrap() net.Conn { return p.Conn }
 func refuseSession(st net.Conn, code quic.ApplicationErrorCode) { wire.Abort(st, code) }
 
 func (a *Agent) allowed(user string, groups []string) bool {
+	a.mu.Lock() // SetAllow may replace the lists
+	defer a.mu.Unlock()
 	if slices.Contains(a.AllowUsers, user) {
 		return true
 	}
