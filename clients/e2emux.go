@@ -159,6 +159,21 @@ func (m *muxConn) usable(now time.Time) bool {
 
 // open opens a stream carrying first (the dialer's end only).
 func (m *muxConn) open(first []byte) (*muxStream, error) {
+	s, err := m.openFrame(first[:min(len(first), muxMaxPayload)])
+	if err != nil {
+		return nil, err
+	}
+	if rest := first[min(len(first), muxMaxPayload):]; len(rest) > 0 {
+		if _, err := s.Write(rest); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// openFrame takes the next stream id and writes the stream's OPEN frame with
+// head, under one hold of wmu so that ids go out in order.
+func (m *muxConn) openFrame(head []byte) (*muxStream, error) {
 	m.wmu.Lock()
 	defer m.wmu.Unlock()
 	m.mu.Lock()
@@ -171,16 +186,10 @@ func (m *muxConn) open(first []byte) (*muxStream, error) {
 	m.streams[s.id] = s
 	m.idleSince = time.Time{}
 	m.mu.Unlock()
-	head := first[:min(len(first), muxMaxPayload)]
 	s.swin -= len(head)
 	m.wbuf = appendMuxFrame(m.wbuf[:0], muxOpen, s.id, head)
 	if err := m.writeLocked(m.wbuf); err != nil {
 		return nil, err
-	}
-	if rest := first[len(head):]; len(rest) > 0 {
-		if _, err := s.Write(rest); err != nil {
-			return nil, err
-		}
 	}
 	return s, nil
 }

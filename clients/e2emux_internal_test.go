@@ -160,6 +160,16 @@ func TestE2EMuxFirstBytes(t *testing.T) {
 	if tap.saw([]byte("mux-first-bytes")) {
 		t.Fatal("the relay saw first bytes in the clear")
 	}
+	// As many first bytes as a dial takes (wire.MaxEarlyData): more than one
+	// frame holds, the rest follows the opening.
+	big := strings.Repeat("0123456789abcdef", wire.MaxEarlyData/16)
+	early = &earlyDial{first: []byte(big)}
+	c, handled, _, err = e.d.muxDial(ctx, muxTestAddr, early)
+	if !handled || err != nil || !early.sent {
+		t.Fatalf("handled %v, sent %v, %v", handled, early.sent, err)
+	}
+	readEcho(t, c, big)
+	echoes(t, c, "!")
 	e.d.closeMux()
 }
 
