@@ -53,8 +53,14 @@ const (
 	muxAbortRefused = 0x01 // agent: the stream was not served (nothing reached the service)
 
 	muxHeaderLen = 7
-	// muxMaxPayload keeps a frame within one TLS record of the inner session.
+	// muxMaxPayload keeps a frame within one TLS record of the inner session
+	// (what a receiver accepts).
 	muxMaxPayload = 16384 - muxHeaderLen
+	// muxSendPayload is what TP puts in one frame: with the inner record's
+	// header, tag and type (22 bytes) the record is then 16384 bytes, exactly
+	// one full record of the outer TLS connection to the relay, so records of
+	// both layers line up instead of each inner record taking two outer ones.
+	muxSendPayload = 16384 - 22 - muxHeaderLen
 	// muxStreamWindow is how many unread bytes each end accepts per stream and
 	// direction before the reader grants more.
 	muxStreamWindow = 256 << 10
@@ -159,11 +165,11 @@ func (m *muxConn) usable(now time.Time) bool {
 
 // open opens a stream carrying first (the dialer's end only).
 func (m *muxConn) open(first []byte) (*muxStream, error) {
-	s, err := m.openFrame(first[:min(len(first), muxMaxPayload)])
+	s, err := m.openFrame(first[:min(len(first), muxSendPayload)])
 	if err != nil {
 		return nil, err
 	}
-	if rest := first[min(len(first), muxMaxPayload):]; len(rest) > 0 {
+	if rest := first[min(len(first), muxSendPayload):]; len(rest) > 0 {
 		if _, err := s.Write(rest); err != nil {
 			return nil, err
 		}
@@ -209,7 +215,7 @@ func (m *muxConn) writeLocked(b []byte) error {
 		return m.werr
 	}
 	_ = m.conn.SetWriteDeadline(time.Now().Add(m.dead))
-	if _, err := m.conn.Write(b); err != nil {
+	if err := m.writeFrames(b); err != nil {
 		m.werr = m.fail(fmt.Errorf("writing to the end-to-end carrier: %w", err))
 		return m.werr
 	}
@@ -224,17 +230,40 @@ func (m *muxConn) frame(typ byte, id uint32, payload []byte) error {
 	return m.writeLocked(m.wbuf)
 }
 
-// writeData writes p as DATA frames of stream id, in one write of the carrier.
+// writeData writes p as DATA frames of stream id, each its own record of the
+// inner TLS session, in one write of the relay's stream.
 func (m *muxConn) writeData(id uint32, p []byte) error {
 	m.wmu.Lock()
 	defer m.wmu.Unlock()
 	m.wbuf = m.wbuf[:0]
 	for len(p) > 0 {
-		n := min(len(p), muxMaxPayload)
+		n := min(len(p), muxSendPayload)
 		m.wbuf = appendMuxFrame(m.wbuf, muxData, id, p[:n])
 		p = p[n:]
 	}
 	return m.writeLocked(m.wbuf)
+}
+
+// writeFrames writes whole frames (b) to the carrier: over an inner TLS
+// session, one record per frame and all of them in one write of the relay's
+// stream (batchConn).
+func (m *muxConn) writeFrames(b []byte) error {
+	bt, ok := m.conn.(*batchedTLS)
+	if !ok || len(b) <= muxSendPayload+muxHeaderLen {
+		_, err := m.conn.Write(b)
+		return err
+	}
+	bt.raw.begin()
+	var err error
+	for len(b) > 0 && err == nil {
+		n := muxHeaderLen + int(binary.BigEndian.Uint16(b[5:7]))
+		_, err = bt.Conn.Write(b[:n])
+		b = b[n:]
+	}
+	if ferr := bt.raw.end(); err == nil {
+		err = ferr
+	}
+	return err
 }
 
 // protocolError ends the carrier because the peer broke the protocol.
@@ -677,16 +706,19 @@ func (s *muxStream) Read(p []byte) (int, error) {
 	for {
 		s.mu.Lock()
 		if len(s.rq) > 0 {
-			buf := *s.rq[0]
-			n := copy(p, buf[s.roff:s.rlens[0]])
-			s.roff += n
-			if s.roff == s.rlens[0] {
-				muxBufs.Put(s.rq[0])
-				s.rq[0] = nil
-				s.rq, s.rlens, s.roff = s.rq[1:], s.rlens[1:], 0
-				if len(s.rq) == 0 {
-					s.rq, s.rlens = nil, nil // let go of the backing arrays while idle
+			n := 0
+			for len(s.rq) > 0 && n < len(p) { // as many queued frames as p holds
+				c := copy(p[n:], (*s.rq[0])[s.roff:s.rlens[0]])
+				n += c
+				s.roff += c
+				if s.roff == s.rlens[0] {
+					muxBufs.Put(s.rq[0])
+					s.rq[0] = nil
+					s.rq, s.rlens, s.roff = s.rq[1:], s.rlens[1:], 0
 				}
+			}
+			if len(s.rq) == 0 {
+				s.rq, s.rlens = nil, nil // let go of the backing arrays while idle
 			}
 			s.consumed += uint32(n)
 			var grant uint32
@@ -742,7 +774,7 @@ func (s *muxStream) Write(p []byte) (int, error) {
 			<-s.wwake
 			continue
 		}
-		n := min(len(p)-written, s.swin, 4*muxMaxPayload)
+		n := min(len(p)-written, s.swin, 4*muxSendPayload)
 		s.swin -= n
 		s.mu.Unlock()
 		if err := s.m.writeData(s.id, p[written:written+n]); err != nil {

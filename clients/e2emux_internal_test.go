@@ -23,7 +23,7 @@ const muxTestAddr = "svc.rev.test:22"
 
 // carrierSession opens a session as a dial that may open a carrier does (the
 // first dial to the name), on a new relay stream served with hdr.
-func (e *attachEnv) carrierSession(t *testing.T, hdr wire.SessionHeader) (net.Conn, error) {
+func (e *attachEnv) carrierSession(t testing.TB, hdr wire.SessionHeader) (net.Conn, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -33,9 +33,9 @@ func (e *attachEnv) carrierSession(t *testing.T, hdr wire.SessionHeader) (net.Co
 	return c, err
 }
 
-// muxSessionOrFail opens a session as a later dial does: a stream of the
+// streamSession opens a session as a later dial does: a stream of the
 // carrier the dialer holds; it fails the test when the dialer holds none.
-func (e *attachEnv) streamSession(t *testing.T, first []byte) (net.Conn, error) {
+func (e *attachEnv) streamSession(t testing.TB, first []byte) (net.Conn, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -418,4 +418,65 @@ func TestE2EMuxAgentClosesIdleCarrier(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	waitCarrierEnd(t, m, "closed")
+}
+
+// benchSink makes e's service a sink that ends its side after the dialer's end.
+func benchSink(b *testing.B, e *attachEnv) {
+	e.a.Exposed[0].Local = testnet.Serve(b, func(c *net.TCPConn) {
+		_, _ = io.Copy(io.Discard, c)
+		_ = c.CloseWrite()
+	})
+}
+
+// bulk sends size bytes through c to the sink and waits for its end.
+func bulk(b *testing.B, c net.Conn, size int) {
+	buf := make([]byte, 64<<10)
+	for sent := 0; sent < size; sent += len(buf) {
+		if _, err := c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := c.(wire.Stream).CloseWrite(); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := io.Copy(io.Discard, c); err != nil {
+		b.Fatal(err)
+	}
+	c.Close()
+}
+
+// BenchmarkE2EBulk compares one session's throughput as a stream of a
+// carrier with an attached session of its own, on the same loopback relay
+// (no tpd): what the multiplexer costs per byte. Figures: the ratio of the
+// two in one run.
+func BenchmarkE2EBulk(b *testing.B) {
+	const size = 64 << 20
+	for _, mode := range []string{"attach", "mux"} {
+		b.Run(mode, func(b *testing.B) {
+			e := newAttachEnv(b)
+			benchSink(b, e)
+			t := b
+			c, err := e.carrierSession(t, header("bob@phone", "dev"))
+			if err != nil {
+				b.Fatal(err)
+			}
+			bulk(b, c, 1<<20)
+			b.SetBytes(size)
+			b.ResetTimer()
+			for range b.N {
+				var c net.Conn
+				if mode == "mux" {
+					c, err = e.streamSession(t, nil)
+				} else {
+					c, err = e.session(t, header("bob@phone", "dev"))
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+				bulk(b, c, size)
+			}
+			b.StopTimer()
+			e.d.closeMux()
+		})
+	}
 }
