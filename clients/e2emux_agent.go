@@ -31,10 +31,7 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 		log.Warn("tp expose: a dialer opened an end-to-end carrier for a UDP name; refused")
 		return
 	}
-	expires := time.Now().Add(muxLife + muxAgentIdle)
-	if len(cs.PeerCertificates) > 0 {
-		expires = minTime(expires, cs.PeerCertificates[0].NotAfter)
-	}
+	expires := cs.PeerCertificates[0].NotAfter // the handshake required one
 	a.mu.Lock()
 	if iss, ok := a.issuers[full]; ok {
 		expires = minTime(expires, iss.leaf.NotAfter)
@@ -60,6 +57,7 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 				sess := &e2eSession{Stream: s, bridge: s, capsules: s}
 				sess.refuse(code, reason, slog)
 				_ = m.frame(muxGoAway, 0, nil)
+				_ = m.Close() // cleanly, so the refusal reaches the dialer first
 				return
 			}
 			p := first.Swap(nil) // the first stream's, if any

@@ -217,10 +217,7 @@ func (d *Dialer) muxSession(ctx context.Context, m *muxConn, addr string, early 
 func (d *Dialer) startMux(ctx context.Context, tc *tls.Conn, batch *batchConn, addr string, claim *muxClaim) (net.Conn, error) {
 	claim.resolved = true
 	cs := tc.ConnectionState()
-	expires := time.Now().Add(muxLife)
-	for _, c := range cs.PeerCertificates[:1] {
-		expires = minTime(expires, c.NotAfter)
-	}
+	expires := cs.PeerCertificates[0].NotAfter // the carrier ends with either certificate
 	if own, err := d.ownNotAfter(); err == nil {
 		expires = minTime(expires, own)
 	}
