@@ -64,10 +64,18 @@ const (
 	// muxStreamWindow is how many unread bytes each end accepts per stream and
 	// direction before the reader grants more.
 	muxStreamWindow = 256 << 10
+	// muxMaxStreamWindow is how far a stream's window may grow: a reader that
+	// takes a quarter of its window within muxGrowWithin of the last grant
+	// doubles it, as quic-go's auto-tuning does, while the carrier's budget
+	// (muxGrowBudget, summed over its streams) lasts. A relay path through tpd
+	// has a round trip of a millisecond or more on a busy machine; 256 KiB in
+	// flight would cap a stream near 200 MB/s.
+	muxMaxStreamWindow = 4 << 20
+	muxGrowBudget      = 16 << 20
 	// MuxMaxStreams bounds the open streams of one carrier (both ends): a dialer
 	// with this many open opens a further carrier; an agent closes a carrier whose
-	// dialer goes beyond it. With muxStreamWindow it bounds what a carrier can make
-	// its peer buffer to 64 MiB.
+	// dialer goes beyond it. With muxStreamWindow and muxGrowBudget it bounds
+	// what a carrier can make its peer buffer to 80 MiB.
 	MuxMaxStreams = 256
 	// muxMaxCarriers bounds the carriers a dialer holds to one name.
 	muxMaxCarriers = 8
@@ -89,6 +97,8 @@ var (
 	// muxAgentIdle: an agent closes a carrier without streams for this long (a
 	// dialer closes its own after muxIdle).
 	muxAgentIdle = 2 * time.Minute
+	// muxGrowWithin: see muxMaxStreamWindow.
+	muxGrowWithin = 5 * time.Millisecond
 )
 
 // errMuxFull is a carrier that takes no further stream (full, closing or told
@@ -109,7 +119,7 @@ type muxConn struct {
 	expires time.Time
 	born    time.Time
 	// The timers above, as they were when the carrier was made.
-	idle, tick, dead, life, agentIdle time.Duration
+	idle, tick, dead, life, agentIdle, growWithin time.Duration
 	// accept, on the agent's end, serves a stream the dialer opened: it is
 	// called on the reader's goroutine and must start one of its own.
 	accept func(*muxStream)
@@ -127,6 +137,7 @@ type muxConn struct {
 	idleSince time.Time // when the last stream ended (zero while streams are open)
 
 	lastRead atomic.Int64 // unix nanoseconds of the last frame read
+	grown    atomic.Int64 // window growth of the streams, against muxGrowBudget
 
 	cmu     sync.Mutex // control frames waiting for the writer goroutine
 	credits map[uint32]uint32
@@ -142,7 +153,7 @@ func newMuxConn(conn net.Conn, client bool, name string, expires time.Time, acce
 	m := &muxConn{conn: conn, client: client, name: name, expires: expires, born: now, accept: accept,
 		streams: map[uint32]*muxStream{}, idleSince: now, credits: map[uint32]uint32{},
 		cwake: make(chan struct{}, 1), done: make(chan struct{}),
-		idle: muxIdle, tick: muxTick, dead: muxDead, life: muxLife, agentIdle: muxAgentIdle}
+		idle: muxIdle, tick: muxTick, dead: muxDead, life: muxLife, agentIdle: muxAgentIdle, growWithin: muxGrowWithin}
 	m.peer = "dialer"
 	if client {
 		m.peer = "agent"
@@ -483,13 +494,27 @@ func (m *muxConn) onControl(typ byte, id uint32, p []byte) error {
 func (m *muxConn) remove(id uint32) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if _, ok := m.streams[id]; !ok {
+	s, ok := m.streams[id]
+	if !ok {
 		return
 	}
 	delete(m.streams, id)
+	s.mu.Lock()
+	m.grown.Add(-int64(s.win - muxStreamWindow))
+	s.win = muxStreamWindow
+	s.mu.Unlock()
 	if len(m.streams) == 0 {
 		m.idleSince = time.Now()
 	}
+}
+
+// grow takes n bytes of window growth from the carrier's budget.
+func (m *muxConn) grow(n int) bool {
+	if m.grown.Add(int64(n)) > muxGrowBudget {
+		m.grown.Add(-int64(n))
+		return false
+	}
+	return true
 }
 
 // credit queues more receive window for stream id.
@@ -593,12 +618,14 @@ type muxStream struct {
 	roff      int
 	rwin      int    // bytes the peer may still send before more credit
 	consumed  uint32 // read since the last credit
-	rfin      bool   // the peer's FIN arrived
-	rerr      error  // the stream was cut, for reads
-	swin      int    // bytes this end may still send
-	wfin      bool   // FIN sent
-	werr      error  // the stream was cut, for writes
-	closed    bool   // Close was called
+	win       int    // the receive window (grows, muxMaxStreamWindow)
+	lastGrant time.Time
+	rfin      bool  // the peer's FIN arrived
+	rerr      error // the stream was cut, for reads
+	swin      int   // bytes this end may still send
+	wfin      bool  // FIN sent
+	werr      error // the stream was cut, for writes
+	closed    bool  // Close was called
 	rdeadline time.Time
 	wdeadline time.Time
 	rtimer    *time.Timer
@@ -615,7 +642,7 @@ var (
 )
 
 func newMuxStream(m *muxConn, id uint32) *muxStream {
-	return &muxStream{m: m, id: id, rwin: muxStreamWindow, swin: muxStreamWindow,
+	return &muxStream{m: m, id: id, rwin: muxStreamWindow, swin: muxStreamWindow, win: muxStreamWindow,
 		rwake: make(chan struct{}, 1), wwake: make(chan struct{}, 1)}
 }
 
@@ -692,9 +719,9 @@ func (s *muxStream) cut(err error) {
 
 func (s *muxStream) onWindow(n uint32) error {
 	s.mu.Lock()
-	if s.swin+int(n) > 4*muxStreamWindow {
+	if s.swin+int(n) > muxMaxStreamWindow {
 		s.mu.Unlock()
-		return s.m.protocolError("the window of stream %d grew beyond %d bytes", s.id, 4*muxStreamWindow)
+		return s.m.protocolError("the window of stream %d grew beyond %d bytes", s.id, muxMaxStreamWindow)
 	}
 	s.swin += int(n)
 	s.mu.Unlock()
@@ -722,8 +749,14 @@ func (s *muxStream) Read(p []byte) (int, error) {
 			}
 			s.consumed += uint32(n)
 			var grant uint32
-			if s.consumed >= muxStreamWindow/4 && !s.rfin && s.rerr == nil {
+			if int(s.consumed) >= s.win/4 && !s.rfin && s.rerr == nil {
 				grant, s.consumed = s.consumed, 0
+				now := time.Now()
+				if s.win < muxMaxStreamWindow && now.Sub(s.lastGrant) < s.m.growWithin && s.m.grow(s.win) {
+					grant += uint32(s.win) // the window doubles
+					s.win *= 2
+				}
+				s.lastGrant = now
 				s.rwin += int(grant)
 			}
 			s.mu.Unlock()

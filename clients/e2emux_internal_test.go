@@ -480,3 +480,44 @@ func BenchmarkE2EBulk(b *testing.B) {
 		})
 	}
 }
+
+// A stream whose reader keeps up grows its window beyond the first 256 KiB
+// (so one stream is not capped by the relay's round trip), within the
+// carrier's budget, which it gives back when it ends.
+func TestE2EMuxWindowGrows(t *testing.T) {
+	defer func(w time.Duration) { muxGrowWithin = w }(muxGrowWithin)
+	muxGrowWithin = time.Hour // every grant counts as quick: no dependence on the machine's speed
+	a, b := testnet.Pair(t)
+	got := make(chan *muxStream, 1)
+	agent := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), func(s *muxStream) { got <- s })
+	dialer := newMuxConn(b, true, "svc.rev.test", time.Now().Add(time.Hour), nil)
+	t.Cleanup(func() { agent.fail(errors.New("test over")); dialer.fail(errors.New("test over")) })
+	s, err := dialer.open(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		buf := make([]byte, 64<<10)
+		for range 256 { // 16 MiB
+			if _, err := s.Write(buf); err != nil {
+				return
+			}
+		}
+		_ = s.CloseWrite()
+	}()
+	as := <-got
+	n, err := io.Copy(io.Discard, as)
+	if err != nil || n != 16<<20 {
+		t.Fatalf("read %d bytes, %v; want 16 MiB and a clean end", n, err)
+	}
+	as.mu.Lock()
+	win := as.win
+	as.mu.Unlock()
+	if win <= muxStreamWindow || win > muxMaxStreamWindow {
+		t.Fatalf("the window is %d bytes after 16 MiB read at once; want it grown, at most %d", win, muxMaxStreamWindow)
+	}
+	_ = as.Close()
+	if g := agent.grown.Load(); g != 0 {
+		t.Fatalf("%d bytes of growth still taken after the stream ended", g)
+	}
+}
