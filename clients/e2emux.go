@@ -132,7 +132,7 @@ type muxConn struct {
 	streams   map[uint32]*muxStream
 	lastID    uint32
 	closed    bool
-	goaway    bool
+	goaway    bool // no further stream: GOAWAY sent (agent) or received (dialer); the carrier ends with its last stream
 	err       error     // why the carrier ended
 	idleSince time.Time // when the last stream ended (zero while streams are open)
 
@@ -454,7 +454,11 @@ func (m *muxConn) onControl(typ byte, id uint32, p []byte) error {
 			}
 			m.mu.Lock()
 			m.goaway = true
+			idle := len(m.streams) == 0
 			m.mu.Unlock()
+			if idle {
+				go m.Close()
+			}
 			return nil
 		}
 		return m.protocolError("frame type 0x%02x on stream 0", typ)
@@ -505,6 +509,26 @@ func (m *muxConn) remove(id uint32) {
 	s.mu.Unlock()
 	if len(m.streams) == 0 {
 		m.idleSince = time.Now()
+		if m.goaway && !m.closed {
+			go m.Close()
+		}
+	}
+}
+
+// drain sends GOAWAY (the agent's end): the dialer opens no further stream,
+// and the carrier ends with its last one.
+func (m *muxConn) drain() {
+	m.mu.Lock()
+	if m.goaway || m.closed {
+		m.mu.Unlock()
+		return
+	}
+	m.goaway = true
+	idle := len(m.streams) == 0
+	m.mu.Unlock()
+	_ = m.frame(muxGoAway, 0, nil)
+	if idle {
+		_ = m.Close()
 	}
 }
 

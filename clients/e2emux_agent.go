@@ -67,6 +67,17 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 	}
 	m = newMuxConn(newBatchedTLS(tc, batch), false, full, expires, accept)
 	close(ready)
+	a.mu.Lock()
+	if a.carriers == nil {
+		a.carriers = map[*muxConn]struct{}{}
+	}
+	a.carriers[m] = struct{}{}
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		delete(a.carriers, m)
+		a.mu.Unlock()
+	}()
 	stop := context.AfterFunc(ctx, func() { m.fail(errors.New("the agent stops")) })
 	defer stop()
 	<-m.Done()
@@ -79,6 +90,21 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 		end = why.Error()
 	}
 	log.Info("tp expose: end-to-end carrier ended", "streams", streams.Load(), "duration", time.Since(start), "end", end)
+}
+
+// drainCarriers tells the dialer of every carrier that it takes no further
+// stream (GOAWAY), and ends each once its last stream ended: the server they
+// run through stops, and waits for its sessions.
+func (a *Agent) drainCarriers() {
+	a.mu.Lock()
+	all := make([]*muxConn, 0, len(a.carriers))
+	for m := range a.carriers {
+		all = append(all, m)
+	}
+	a.mu.Unlock()
+	for _, m := range all {
+		m.drain()
+	}
 }
 
 // SetAllow replaces who may connect (Agent.AllowUsers, AllowGroups) while the

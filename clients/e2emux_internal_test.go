@@ -521,3 +521,41 @@ func TestE2EMuxWindowGrows(t *testing.T) {
 		t.Fatalf("%d bytes of growth still taken after the stream ended", g)
 	}
 }
+
+// When the server the carrier runs through stops (the agent's control session
+// ended with "shutdown"), the agent sends GOAWAY: the dialer opens no further
+// stream on the carrier, the stream still open finishes, and the carrier ends
+// with it, so it does not hold up the server's drain.
+func TestE2EMuxDrains(t *testing.T) {
+	e := newAttachEnv(t)
+	c, err := e.carrierSession(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	readEcho(t, c, "before")
+	e.d.mux.mu.Lock()
+	m := e.d.mux.carriers[muxTestAddr][0]
+	e.d.mux.mu.Unlock()
+	e.a.drainCarriers()
+	waitUsable := time.Now().Add(10 * time.Second)
+	for m.usable(time.Now()) {
+		if time.Now().After(waitUsable) {
+			t.Fatal("the dialer still opens streams on a carrier told to go away")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	echoes(t, c, " and after") // the open stream finishes
+	select {
+	case <-m.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the carrier did not end with its last stream")
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.err == nil || (m.err.Error() != "closed" && m.err.Error() != "the agent closed the carrier") {
+		t.Fatalf("the carrier ended with %v; want a clean close (by either end)", m.err)
+	}
+}

@@ -105,6 +105,7 @@ type Agent struct {
 	roots    *x509.CertPool
 	inner    *tls.Config // end-to-end TLS server config, one for all sessions so tickets resume
 	attaches agentAttaches
+	carriers map[*muxConn]struct{} // end-to-end carriers being served (e2emux_agent.go)
 }
 
 // issuer is the CA behind the agent's own certificate for a name: dialers'
@@ -246,6 +247,12 @@ func (a *Agent) Run(ctx context.Context) error {
 			held, backoff = true, agentBackoffMin
 		}
 		wait := backoff/2 + rand.N(backoff)
+		if errors.As(err, new(serverShutdown)) {
+			// The server drains: end-to-end carriers through it take no new
+			// stream and end with their last one, so they do not hold its
+			// drain up (e2emux_agent.go).
+			a.drainCarriers()
+		}
 		if errors.As(err, new(serverShutdown)) && registered {
 			// The server stops: another one behind the same name may take the
 			// names now (docs/PROTOCOL.md, section 6.3). If none answers, the next
