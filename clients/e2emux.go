@@ -132,7 +132,7 @@ type muxConn struct {
 	streams   map[uint32]*muxStream
 	lastID    uint32
 	closed    bool
-	goaway    bool // no further stream: GOAWAY sent (agent) or received (dialer); the carrier ends with its last stream
+	goaway    bool      // no further stream: GOAWAY sent (agent) or received (dialer); the carrier ends with its last stream
 	err       error     // why the carrier ended
 	idleSince time.Time // when the last stream ended (zero while streams are open)
 
