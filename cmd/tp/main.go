@@ -68,6 +68,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 				fmt.Fprintf(stderr, "Connecting to %s via %s (%s)\n", target, d.Server, version.Version)
 			}
 			defer d.Close()
+			d.NoE2EMux = true // one session per process: a carrier would carry only this one
 			conn, err := d.DialContext(cmd.Context(), "tcp", target)
 			if err != nil {
 				return c.WhyRejected(cmd.Context(), err)
