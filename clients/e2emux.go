@@ -167,6 +167,16 @@ func newMuxConn(conn net.Conn, client bool, name string, expires time.Time, acce
 // Done is closed when the carrier ended.
 func (m *muxConn) Done() <-chan struct{} { return m.done }
 
+// ended reports whether the carrier ended.
+func (m *muxConn) ended() bool {
+	select {
+	case <-m.done:
+		return true
+	default:
+		return false
+	}
+}
+
 // usable says whether a dialer may open a stream on m now.
 func (m *muxConn) usable(now time.Time) bool {
 	m.mu.Lock()

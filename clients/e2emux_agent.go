@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -62,6 +63,14 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 			}
 			p := first.Swap(nil) // the first stream's, if any
 			defer p.discard()    // unused when the stream was refused
+			// Streams count against the agent's bound on sessions (MaxSessions),
+			// as the sessions the server opens over QUIC do.
+			defer a.muxStreams.Add(-1)
+			if n := a.muxStreams.Add(1); n > a.maxSessions() {
+				sess := &e2eSession{Stream: s, bridge: s, capsules: s}
+				sess.refuse(wire.CodeReverseBusy, fmt.Sprintf("the agent of %s serves as many sessions as it takes (%d)", full, a.maxSessions()), slog)
+				return
+			}
 			a.admit(ctx, &e2eSession{Stream: s, bridge: s, capsules: s}, hdr, full, local, false, p, nil, device, user, time.Now(), slog)
 		}()
 	}

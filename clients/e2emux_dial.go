@@ -201,6 +201,12 @@ func (d *Dialer) muxSession(ctx context.Context, m *muxConn, addr string, early 
 	}
 	if err != nil {
 		s.Abort(wire.QUICInternal)
+		if len(first) == 0 && ctx.Err() == nil && errors.Is(err, wire.ErrTruncated) && m.ended() {
+			// The carrier broke before the agent answered (the agent restarted,
+			// the server cut it) and nothing of the session can have reached
+			// the service: the dial goes again, on another carrier or alone.
+			return nil, errMuxFull
+		}
 		return nil, fmt.Errorf("tp dial %s: reading the agent's answer on the end-to-end carrier: %w", addr, err)
 	}
 	_ = s.SetReadDeadline(time.Time{})

@@ -559,3 +559,37 @@ func TestE2EMuxDrains(t *testing.T) {
 		t.Fatalf("the carrier ended with %v; want a clean close (by either end)", m.err)
 	}
 }
+
+// Streams count against the agent's bound on sessions (MaxSessions): beyond
+// it a stream is refused, readably, with reverse_busy, and the carrier stays.
+func TestE2EMuxAgentBound(t *testing.T) {
+	e := newAttachEnv(t)
+	e.a.MaxSessions = 2
+	c1, err := e.carrierSession(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := e.streamSession(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.streamSession(t, nil)
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Code != wire.CodeReverseBusy || !strings.Contains(re.Reason, "as many sessions as it takes (2)") {
+		t.Fatalf("a third stream with MaxSessions 2: %v; want reverse_busy", err)
+	}
+	echoes(t, c1, "one")
+	echoes(t, c2, "two")
+	deadline := time.Now().Add(10 * time.Second)
+	for { // the agent counts a stream down when its goroutine is done
+		c3, err := e.streamSession(t, nil)
+		if err == nil {
+			echoes(t, c3, "three")
+			break
+		}
+		if !errors.As(err, &re) || re.Code != wire.CodeReverseBusy || time.Now().After(deadline) {
+			t.Fatalf("after two streams ended: %v", err)
+		}
+	}
+	e.d.closeMux()
+}

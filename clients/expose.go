@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -99,13 +100,14 @@ type Agent struct {
 	// server why it refused the certificate); a revocation ends Run.
 	Explain func(context.Context, error) error
 
-	mu       sync.Mutex
-	full     map[string]string // label → full name
-	issuers  map[string]issuer // full name → the CA that issued the agent's certificate for it
-	roots    *x509.CertPool
-	inner    *tls.Config // end-to-end TLS server config, one for all sessions so tickets resume
-	attaches agentAttaches
-	carriers map[*muxConn]struct{} // end-to-end carriers being served (e2emux_agent.go)
+	mu         sync.Mutex
+	full       map[string]string // label → full name
+	issuers    map[string]issuer // full name → the CA that issued the agent's certificate for it
+	roots      *x509.CertPool
+	inner      *tls.Config // end-to-end TLS server config, one for all sessions so tickets resume
+	attaches   agentAttaches
+	carriers   map[*muxConn]struct{} // end-to-end carriers being served (e2emux_agent.go)
+	muxStreams atomic.Int64          // their open streams, against MaxSessions
 }
 
 // issuer is the CA behind the agent's own certificate for a name: dialers'
