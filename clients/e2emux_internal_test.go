@@ -593,3 +593,30 @@ func TestE2EMuxAgentBound(t *testing.T) {
 	}
 	e.d.closeMux()
 }
+
+// FuzzMuxFrames: an agent's end of a carrier stays within its bounds on any
+// input from the dialer: it ends (or reads to the end of the input) without
+// a panic, and nothing it holds outlives the carrier.
+func FuzzMuxFrames(f *testing.F) {
+	frame := func(typ byte, id uint32, payload []byte) []byte { return appendMuxFrame(nil, typ, id, payload) }
+	f.Add(frame(muxOpen, 1, []byte("hello")))
+	f.Add(append(append(frame(muxOpen, 1, nil), frame(muxData, 1, []byte("x"))...), frame(muxFin, 1, nil)...))
+	f.Add(append(frame(muxOpen, 1, nil), frame(muxAbort, 1, []byte{0})...))
+	f.Add(append(frame(muxOpen, 1, nil), frame(muxWindow, 1, []byte{0, 0, 1, 0})...))
+	f.Add(frame(muxPing, 0, make([]byte, 8)))
+	f.Add([]byte{muxData, 0, 0, 0, 1, 0xff, 0xff})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		a, b := net.Pipe()
+		m := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), func(s *muxStream) {
+			go func() { _, _ = io.Copy(io.Discard, s); _ = s.Close() }()
+		})
+		go func() { _, _ = io.Copy(io.Discard, b) }() // what the agent answers
+		_, _ = b.Write(in)
+		_ = b.Close()
+		select {
+		case <-m.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("the carrier did not end at the end of its input")
+		}
+	})
+}
