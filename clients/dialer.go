@@ -338,6 +338,9 @@ func (d *Dialer) answer(ctx context.Context, conn wire.Stream, addr string, hell
 	var err error
 	switch {
 	case sh.E2E: // a protected reverse listener: TLS with its agent inside (e2e.go)
+		if claim := muxClaimFrom(ctx); claim != nil {
+			claim.session = sh.Session // a carrier's streams are cut with it (e2emux_dial.go)
+		}
 		if c, err = d.e2eSession(ctx, conn, addr, attach); err != nil {
 			return nil, err
 		}
@@ -346,7 +349,7 @@ func (d *Dialer) answer(ctx context.Context, conn wire.Stream, addr string, hell
 		d.e2e.drop(hello.Host, attach.st)
 		return nil, fmt.Errorf("tp dial %s: the name is no longer protected (its agent now exposes it publicly); dial again", addr)
 	}
-	if _, mux := c.(*muxStream); sh.Session != "" && !mux { // a dial: its failures say who cut it (cut.go)
+	if sh.Session != "" { // a dial: its failures say who cut it (cut.go)
 		return &tunnel{Stream: c.(wire.Stream), d: d, session: sh.Session}, nil
 	}
 	return c, nil

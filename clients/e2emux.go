@@ -116,6 +116,7 @@ type muxConn struct {
 	client  bool   // the dialer's end: it opens streams
 	peer    string // "agent" or "dialer", for errors
 	name    string // the full reverse name, for errors
+	session string // dialer: the server's id of the carrier's session (for why)
 	expires time.Time
 	born    time.Time
 	// The timers above, as they were when the carrier was made.

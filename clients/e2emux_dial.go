@@ -42,6 +42,7 @@ type muxClaim struct {
 	key      string
 	early    *earlyDial // the dial's first bytes, or nil
 	resolved bool       // the dial opened a carrier, or learnt that the agent takes none
+	session  string     // the server's id of the dial's session (for why)
 }
 
 type muxClaimKey struct{}
@@ -85,6 +86,11 @@ func (d *Dialer) muxDial(ctx context.Context, addr string, early *earlyDial) (c 
 		c, err := d.muxSession(ctx, m, addr, early)
 		if errors.Is(err, errMuxFull) {
 			continue // it filled up or ended meanwhile; nothing was sent
+		}
+		if err == nil && m.session != "" {
+			// Its failures are cuts; when the carrier was cut, the server can
+			// say why (CutError.Explain asks about the carrier's session).
+			c = &tunnel{Stream: c.(wire.Stream), d: d, session: m.session}
 		}
 		return c, true, nil, err
 	}
@@ -229,6 +235,7 @@ func (d *Dialer) startMux(ctx context.Context, tc *tls.Conn, batch *batchConn, a
 	}
 	host, _, _ := net.SplitHostPort(addr)
 	m := newMuxConn(newBatchedTLS(tc, batch), true, host, expires, nil)
+	m.session = claim.session
 	d.mux.add(claim.key, m)
 	c, err := d.muxSession(ctx, m, addr, claim.early)
 	if errors.Is(err, errMuxFull) {

@@ -154,7 +154,7 @@ func TestE2EMuxOneDialManySessions(t *testing.T) {
 	for _, transport := range []string{"quic", "tls"} {
 		t.Run(transport, func(t *testing.T) {
 			tr := "TP_TRANSPORT=" + transport
-			before := countLines(srv.log.String(), "proxy session", "laptop-ssh.rev.tp.internal")
+			before := countLines(srv.log.String(), "proxy session", "dest=laptop-ssh.rev.tp.internal:22")
 			agentLog := startExpose(t, append(alice, tr), "laptop-ssh", echo, "--allow-user", "bob")
 			addr, _, stop := runForward(t, append(bob, tr), "laptop-ssh.rev.tp.internal:22")
 			for i := range 20 {
@@ -180,9 +180,9 @@ func TestE2EMuxOneDialManySessions(t *testing.T) {
 			})
 			stop() // the carrier ends with tp forward: tpd logs its session
 			waitUntil(t, 20*time.Second, "tpd's line for the carrier", func() bool {
-				return countLines(srv.log.String(), "proxy session", "laptop-ssh.rev.tp.internal") > before
+				return countLines(srv.log.String(), "proxy session", "dest=laptop-ssh.rev.tp.internal:22") > before
 			})
-			if n := countLines(srv.log.String(), "proxy session", "laptop-ssh.rev.tp.internal") - before; n != 1 {
+			if n := countLines(srv.log.String(), "proxy session", "dest=laptop-ssh.rev.tp.internal:22") - before; n != 1 {
 				t.Fatalf("tpd logged %d sessions to the name for 40 sessions; want 1 (the carrier)", n)
 			}
 		})
