@@ -27,7 +27,7 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 	answered()
 	start := time.Now()
 	log = log.With("e2e", "mux", "carrier", hdr.Session) // tpd logs the carrier as one session
-	if udp { // a dialer offers a carrier only for a TCP name
+	if udp {                                             // a dialer offers a carrier only for a TCP name
 		wire.Abort(tc, wire.QUICInternal)
 		log.Warn("tp expose: a dialer opened an end-to-end carrier for a UDP name; refused")
 		return
