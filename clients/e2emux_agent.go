@@ -26,8 +26,9 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 	full, local string, udp bool, pre *localDial, code, reason, device, user string, answered func(), log *slog.Logger) {
 	answered()
 	start := time.Now()
-	log = log.With("e2e", "mux", "carrier", hdr.Session) // tpd logs the carrier as one session
-	if udp {                                             // a dialer offers a carrier only for a TCP name
+	// tpd logs the carrier as one session: each stream gets a line here.
+	log = log.With("e2e", "mux", "carrier", hdr.Session)
+	if udp { // a dialer offers a carrier only for a TCP name
 		wire.Abort(tc, wire.QUICInternal)
 		log.Warn("tp expose: a dialer opened an end-to-end carrier for a UDP name; refused")
 		return
