@@ -94,7 +94,9 @@ type Agent struct {
 	// DefaultAgentMaxSessions. The server holds a further session until one ends,
 	// for at most its pickup timeout (tpd: 10s), and then refuses it: a TP dialer
 	// reads reverse_busy, a public client's connection is reset. Over TLS each
-	// session is a connection of its own and this does not apply.
+	// session is a connection of its own and this does not apply. The streams
+	// of end-to-end carriers (e2emux_agent.go) count against it on both
+	// transports: beyond it a stream is refused with reverse_busy.
 	MaxSessions int
 	// Explain, when set, rewords a failed session (Client.WhyRejected asks the
 	// server why it refused the certificate); a revocation ends Run.
