@@ -620,3 +620,28 @@ func FuzzMuxFrames(f *testing.F) {
 		}
 	})
 }
+
+// A destination that answers without end-to-end TLS (no protected name) is
+// remembered after its first dial: later dials do not try to open a carrier
+// to it, and no carrier is ever made.
+func TestE2EMuxPlainDestinationRemembered(t *testing.T) {
+	addr, cfg := StartTestServer(t, nil)
+	d := &Dialer{Server: addr, TLSConfig: cfg, Transport: TransportTLS}
+	defer d.Close()
+	echo := testnet.Echo(t)
+	for range 2 {
+		c, err := d.DialContext(context.Background(), "tcp", echo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		echoes(t, c, "plain")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, handled, claim, _ := d.muxDial(ctx, echo, nil); handled || claim != nil {
+		t.Fatalf("handled %v, claim %v; want the plain destination remembered", handled, claim)
+	}
+	if carriers, streams := d.E2EMuxStats(); carriers != 0 || streams != 0 {
+		t.Fatalf("%d carriers, %d streams to a plain destination", carriers, streams)
+	}
+}
