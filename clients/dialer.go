@@ -117,8 +117,11 @@ type Dialer struct {
 	quic  quicState
 	disco discoveryState
 	spare spareTLS
-	e2e   attachStates   // end-to-end attach state by reverse name (e2eattach.go)
-	hs    handshakeSlots // TLS handshakes in flight (tlsslots.go)
+	// tlsEarly: which destinations answered without end-to-end TLS over TLS,
+	// where a dial may send its first bytes with its hello (early.go)
+	tlsEarly earlyState
+	e2e      attachStates   // end-to-end attach state by reverse name (e2eattach.go)
+	hs       handshakeSlots // TLS handshakes in flight (tlsslots.go)
 }
 
 // RefusedError is the server's refusal of a dial.
@@ -233,6 +236,7 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 		return nil, fmt.Errorf("connecting to TP server %s: waiting while %d TLS handshakes with it are under way: %w", d.Server, maxTLSHandshakes, err)
 	}
 	defer release()
+	d.hs.started.Add(1)
 	conn, err := d.handshakeTLS(ctx, cfg)
 	var he *handshakeError
 	if errors.As(err, &he) && closedUnanswered(he.err) && ctx.Err() == nil {

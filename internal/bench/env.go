@@ -282,10 +282,15 @@ func (e *Env) startForward(ctx context.Context, target string, extra ...string) 
 
 // startForwardAs is startForward as the device enrolled in home.
 func (e *Env) startForwardAs(ctx context.Context, home, target string, extra ...string) (string, *proc, error) {
+	return e.startForwardWith(ctx, e.binary("tp"), home, target, extra...)
+}
+
+// startForwardWith is startForwardAs with the tp binary bin (one of --compare's).
+func (e *Env) startForwardWith(ctx context.Context, bin, home, target string, extra ...string) (string, *proc, error) {
 	args := append([]string{"forward"}, extra...)
 	args = append(args, "127.0.0.1:0", target)
 	var addr string
-	p, err := e.startProc(ctx, "tp forward", command(e.binary("tp"), args, []string{"TP_HOME=" + home}), true, time.Minute, func(line string) bool {
+	p, err := e.startProc(ctx, "tp forward", command(bin, args, []string{"TP_HOME=" + home}), true, time.Minute, func(line string) bool {
 		if m := forwardRe.FindStringSubmatch(line); m != nil {
 			addr = m[1]
 			return true
