@@ -240,3 +240,31 @@ func TestDialEarlyTLSRefusalReadable(t *testing.T) {
 		t.Fatalf("the destination of a refused dial was connected to (accept: %v)", err)
 	}
 }
+
+// Every TLS session of a Dialer shares one configuration (a connection keeps
+// its own for its life, a kilobyte per idle tunnel), made again when the
+// Dialer's TLSConfig or Server changes; it always carries TP's ALPN and TLS 1.3.
+func TestSessionConfigShared(t *testing.T) {
+	base := &tls.Config{ServerName: "tp.example.org"}
+	d := &Dialer{Server: "127.0.0.1:443", TLSConfig: base}
+	a, err := d.sessionConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := d.sessionConfig()
+	if a != b {
+		t.Fatal("two sessions got configurations of their own")
+	}
+	if len(a.NextProtos) != 1 || a.NextProtos[0] != wire.ALPN || a.MinVersion != tls.VersionTLS13 || a.ServerName != "tp.example.org" {
+		t.Fatalf("session configuration: ALPN %q, min version %x, name %q", a.NextProtos, a.MinVersion, a.ServerName)
+	}
+	d.TLSConfig = &tls.Config{}
+	c, _ := d.sessionConfig()
+	if c == a || c.ServerName != "127.0.0.1" {
+		t.Fatalf("after a new TLSConfig: same configuration %v, server name %q; want a new one naming 127.0.0.1", c == a, c.ServerName)
+	}
+	d.Server = "bad address"
+	if _, err := d.sessionConfig(); err == nil {
+		t.Fatal("a server address without a port gave a configuration")
+	}
+}
