@@ -276,6 +276,16 @@ func (e *earlyTunnel) publish(tun net.Conn) {
 	e.tmu.Unlock()
 }
 
+var _ wire.Settler = (*earlyTunnel)(nil)
+
+// Settled is the tunnel once the answer was an ok (Read then reads it), else
+// nil: Bridge reads it directly, waiting as it waits on any tunnel.
+func (e *earlyTunnel) Settled() net.Conn {
+	e.tmu.Lock()
+	defer e.tmu.Unlock()
+	return e.pub
+}
+
 // live is what Close, Abort and deadlines act on: the tunnel once there is one.
 func (e *earlyTunnel) live() net.Conn {
 	e.tmu.Lock()

@@ -3,9 +3,12 @@ package clients
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"strconv"
@@ -266,5 +269,63 @@ func TestSessionConfigShared(t *testing.T) {
 	d.Server = "bad address"
 	if _, err := d.sessionConfig(); err == nil {
 		t.Fatal("a server address without a port gave a configuration")
+	}
+}
+
+// A forwarder over TLS whose tunnels send their first bytes with the hello
+// moves a stream whole, through a half-close: 64 MiB of random bytes go to an
+// echo service, the local client half-closes, and reads back exactly what it
+// sent (SHA-256) before the end. Once its answer is in, the early tunnel is
+// read as any TLS tunnel is (wire.Settler: a one-byte wait, no buffer of
+// Bridge's own while idle).
+func TestForwarderTLSEarlyStreamAndHalfClose(t *testing.T) {
+	d := tlsEarlyDialer(t, 0)
+	echo := testnet.Echo(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	f := &Forwarder{DialFirst: d.DialFirst, Target: echo, Logger: slog.New(slog.DiscardHandler)}
+	go func() { served <- f.Serve(ctx, ln) }()
+	defer func() { cancel(); <-served }()
+
+	stream := func(size int) (sent, got [32]byte, n int64) {
+		t.Helper()
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
+		hs, hr := sha256.New(), sha256.New()
+		done := make(chan error, 1)
+		go func() {
+			var err error
+			n, err = io.Copy(hr, c)
+			done <- err
+		}()
+		if _, err := io.CopyN(io.MultiWriter(c, hs), rand.Reader, int64(size)); err != nil {
+			t.Fatalf("sending: %v", err)
+		}
+		if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			t.Fatalf("reading the echo after %d bytes: %v", n, err)
+		}
+		copy(sent[:], hs.Sum(nil))
+		copy(got[:], hr.Sum(nil))
+		return sent, got, n
+	}
+	stream(1) // the first tunnel to echo waits for the answer and makes it known as plain
+	if !d.tlsEarly.plainDest(echo) {
+		t.Fatal("an ok without e2e did not make the destination known as plain")
+	}
+	const size = 64 << 20
+	sent, got, n := stream(size)
+	if n != size || sent != got {
+		t.Fatalf("the echo through an early TLS tunnel: %d bytes, SHA-256 %x; sent %d, %x", n, got[:8], size, sent[:8])
 	}
 }
