@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -160,6 +161,11 @@ func (d *Dialer) requestEarly(ctx context.Context, st wire.Stream, conn *quic.Co
 	}
 	_ = st.SetWriteDeadline(time.Time{})
 	early.sent = true
+	// The write only queued the request: quic-go's connection goroutine packs
+	// and sends it. Yield to it now, before this goroutine goes on to start the
+	// tunnel's relay: the scheduler would otherwise run the new relay goroutine
+	// first and the request would leave tens of µs later on a busy machine.
+	runtime.Gosched()
 	return &earlyTunnel{st: st, d: d, conn: conn, addr: addr, hello: hello, ctx: context.WithoutCancel(ctx), deadline: deadline,
 		sent: len(early.first), early: bytes.Clone(early.first)}, nil
 }
