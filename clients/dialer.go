@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -121,9 +122,13 @@ type Dialer struct {
 	quic  quicState
 	disco discoveryState
 	spare spareTLS
-	e2e   attachStates   // end-to-end attach state by reverse name (e2eattach.go)
-	mux   muxStates      // end-to-end carriers by reverse name (e2emux_dial.go)
-	hs    handshakeSlots // TLS handshakes in flight (tlsslots.go)
+	// tlsEarly: which destinations answered without end-to-end TLS over TLS,
+	// where a dial may send its first bytes with its hello (early.go)
+	tlsEarly earlyState
+	e2e      attachStates   // end-to-end attach state by reverse name (e2eattach.go)
+	mux      muxStates      // end-to-end carriers by reverse name (e2emux_dial.go)
+	hs       handshakeSlots // TLS handshakes in flight (tlsslots.go)
+	sessCfg  sessionCfg     // the TLS sessions' configuration (sessionConfig)
 }
 
 // RefusedError is the server's refusal of a dial.
@@ -237,7 +242,7 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 
 // connectTLS opens a new TLS connection to the server (TCP connect and handshake).
 func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
-	cfg, err := d.tlsConfig()
+	cfg, err := d.sessionConfig()
 	if err != nil {
 		return nil, err
 	}
@@ -246,6 +251,7 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 		return nil, fmt.Errorf("connecting to TP server %s: waiting while %d TLS handshakes with it are under way: %w", d.Server, maxTLSHandshakes, err)
 	}
 	defer release()
+	d.hs.started.Add(1)
 	conn, err := d.handshakeTLS(ctx, cfg)
 	var he *handshakeError
 	if errors.As(err, &he) && closedUnanswered(he.err) && ctx.Err() == nil {
@@ -439,6 +445,33 @@ func (d *Dialer) forgetRejected(err error) error {
 		d.TLSConfig.ClientSessionCache.Put(cfg.ServerName, nil)
 	}
 	return err
+}
+
+// sessionConfig is tlsConfig made once for all of the Dialer's TLS sessions
+// (again if TLSConfig or Server changed): a TLS connection keeps its
+// configuration for its life, and a clone per connection is a kilobyte more
+// per idle tunnel.
+func (d *Dialer) sessionConfig() (*tls.Config, error) {
+	c := &d.sessCfg
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cfg != nil && c.base == d.TLSConfig && c.server == d.Server {
+		return c.cfg, nil
+	}
+	cfg, err := d.tlsConfig()
+	if err != nil {
+		return nil, err
+	}
+	c.base, c.server, c.cfg = d.TLSConfig, d.Server, cfg
+	return cfg, nil
+}
+
+// sessionCfg is the cache of sessionConfig.
+type sessionCfg struct {
+	mu     sync.Mutex
+	base   *tls.Config // the TLSConfig cfg was made from
+	server string
+	cfg    *tls.Config
 }
 
 func (d *Dialer) tlsConfig() (*tls.Config, error) {

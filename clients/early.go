@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -58,6 +59,25 @@ func (s *earlyState) allows(conn *quic.Conn, addr string) bool {
 	return plain && s.conn == conn && time.Since(s.last) < fresh
 }
 
+// plainDest reports whether addr's last answer was an ok without e2e, whatever
+// the connection: over TLS each dial has a connection of its own, whose being
+// open the caller checks (sessionTLS).
+func (s *earlyState) plainDest(addr string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, plain := s.plain[addr]
+	return plain
+}
+
+// earlyState is what the Dialer knows about early bytes on conn, a QUIC
+// connection, or nil for TLS.
+func (d *Dialer) earlyState(conn *quic.Conn) *earlyState {
+	if conn == nil {
+		return &d.tlsEarly
+	}
+	return &d.quic.early
+}
+
 // answered records the server's answer sh to a dial of addr on conn.
 func (s *earlyState) answered(conn *quic.Conn, addr string, sh wire.ServerHello) {
 	s.mu.Lock()
@@ -78,8 +98,10 @@ func (s *earlyState) answered(conn *quic.Conn, addr string, sh wire.ServerHello)
 
 // DialEarly is DialContext for a connection whose first bytes should not wait
 // for the server's answer, such as a port forward's local connection. When the
-// QUIC connection is in use and known to be alive, and addr is known to be no
-// protected reverse name (see above), it returns as soon as the hello is sent:
+// QUIC connection is in use and known to be alive (over TLS: when the session's
+// connection is new, or a spare whose TCP connection the server has not
+// closed), and addr is known to be no protected reverse name (see above), it
+// returns as soon as the hello is sent:
 // up to wire.MaxEarlyData bytes written then travel right behind it, and the
 // server delivers them to the destination after its ok, in order, or discards
 // them with its refusal. The answer is read by the first Read (or by a Write
@@ -122,7 +144,8 @@ type earlyDial struct {
 }
 
 // requestEarly sends hello and early.first on st in one write, and returns st
-// without waiting for the answer.
+// without waiting for the answer. conn is the QUIC connection st belongs to, or
+// nil when st is a TLS connection of its own.
 func (d *Dialer) requestEarly(ctx context.Context, st wire.Stream, conn *quic.Conn, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	deadline, _ := ctx.Deadline() // dial always sets one: the answer is read within the dial's bound
 	var buf bytes.Buffer
@@ -138,6 +161,11 @@ func (d *Dialer) requestEarly(ctx context.Context, st wire.Stream, conn *quic.Co
 	}
 	_ = st.SetWriteDeadline(time.Time{})
 	early.sent = true
+	// The write only queued the request: quic-go's connection goroutine packs
+	// and sends it. Yield to it now, before this goroutine goes on to start the
+	// tunnel's relay: the scheduler would otherwise run the new relay goroutine
+	// first and the request would leave tens of µs later on a busy machine.
+	runtime.Gosched()
 	return &earlyTunnel{st: st, d: d, conn: conn, addr: addr, hello: hello, ctx: context.WithoutCancel(ctx), deadline: deadline,
 		sent: len(early.first), early: bytes.Clone(early.first)}, nil
 }
@@ -210,7 +238,10 @@ func (e *earlyTunnel) wait() (net.Conn, error) {
 		e.err = fmt.Errorf("tp dial %s via %s: %w", e.addr, e.d.Server, e.d.forgetRejected(explainHelloErr(err)))
 		return nil, e.err
 	}
-	e.d.quic.early.answered(e.conn, e.addr, sh)
+	e.d.earlyState(e.conn).answered(e.conn, e.addr, sh)
+	if e.conn == nil {
+		e.d.refillSpare() // a TLS session's (requestTLS)
+	}
 	if sh.OK && sh.E2E && sent > 0 {
 		// The name became a protected one since its last answer: the bytes sent
 		// went outside end-to-end TLS, so the session must not go on.
@@ -249,6 +280,16 @@ func (e *earlyTunnel) publish(tun net.Conn) {
 	e.tmu.Lock()
 	e.pub = tun
 	e.tmu.Unlock()
+}
+
+var _ wire.Settler = (*earlyTunnel)(nil)
+
+// Settled is the tunnel once the answer was an ok (Read then reads it), else
+// nil: Bridge reads it directly, waiting as it waits on any tunnel.
+func (e *earlyTunnel) Settled() net.Conn {
+	e.tmu.Lock()
+	defer e.tmu.Unlock()
+	return e.pub
 }
 
 // live is what Close, Abort and deadlines act on: the tunnel once there is one.

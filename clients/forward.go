@@ -1,6 +1,7 @@
 package clients
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -72,13 +73,7 @@ func (f *Forwarder) Serve(ctx context.Context, ln net.Listener) error {
 func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Conn) {
 	start := time.Now()
 	attrs := []any{"local", local.RemoteAddr().String(), "target", f.Target}
-	var remote net.Conn
-	var err error
-	if f.DialFirst != nil {
-		remote, err = f.DialFirst(ctx, "tcp", f.Target, readReady(local))
-	} else {
-		remote, err = f.Dial(ctx, "tcp", f.Target)
-	}
+	remote, err := f.dial(ctx, local)
 	if err != nil {
 		_ = local.Close()
 		log.Warn("forward failed", append(attrs, "err", err.Error(), "duration", time.Since(start))...)
@@ -100,6 +95,35 @@ func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Con
 	log.Info("forward", append(attrs, "bytes_up", up, "bytes_down", down, "duration", time.Since(start), "end", end)...)
 }
 
+// dial connects the tunnel for local on a goroutine of its own. The dial goes
+// deep (a TLS handshake with a post-quantum key exchange, when no spare is at
+// hand, grows a stack to tens of KiB), and a goroutine's stack keeps the size
+// it grew to until the garbage collector shrinks it, one halving per cycle:
+// forward's goroutine then parks for as long as the tunnel idles with the few
+// frames of Bridge on a stack that never grew.
+func (f *Forwarder) dial(ctx context.Context, local net.Conn) (net.Conn, error) {
+	type dialed struct {
+		conn net.Conn
+		err  error
+	}
+	ch := make(chan dialed, 1)
+	go func() {
+		var d dialed
+		if f.DialFirst != nil {
+			d.conn, d.err = f.DialFirst(ctx, "tcp", f.Target, readReady(local))
+		} else {
+			d.conn, d.err = f.Dial(ctx, "tcp", f.Target)
+		}
+		ch <- d
+	}()
+	d := <-ch
+	return d.conn, d.err
+}
+
+// readyBufs holds the buffers readReady reads into: what it returns is a copy
+// of the bytes read, so that a tunnel keeps no 16 KiB buffer for a few bytes.
+var readyBufs = sync.Pool{New: func() any { b := make([]byte, wire.MaxEarlyData); return &b }}
+
 // readReady returns what c has already received, up to wire.MaxEarlyData bytes,
 // without waiting for more: nothing when c has no data yet (or is no socket).
 // An end of input or a failure is left for the bridge to find.
@@ -112,7 +136,9 @@ func readReady(c net.Conn) []byte {
 	if err != nil {
 		return nil
 	}
-	buf := make([]byte, wire.MaxEarlyData)
+	bp := readyBufs.Get().(*[]byte)
+	defer readyBufs.Put(bp)
+	buf := *bp
 	n := 0
 	err = rc.Read(func(fd uintptr) bool {
 		// One non-blocking read: EAGAIN (no data yet), EOF and errors all give
@@ -123,5 +149,5 @@ func readReady(c net.Conn) []byte {
 	if err != nil || n <= 0 {
 		return nil
 	}
-	return buf[:n]
+	return bytes.Clone(buf[:n])
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"net"
 	"sync"
 	"time"
@@ -19,12 +20,16 @@ import (
 // new session of `tp forward --transport tls` and of an agent's accept
 // connections. While sessions come close together, the Dialer keeps one (or
 // Dialer.Spares) handshaken connection in reserve, made after a session got
-// going, so the next session starts with its hello. With two or more, a spare
+// its answer, so the next session starts with its hello; a session that comes
+// while the spare is still being made waits for it rather than making one of
+// its own (which would start later, cost a second handshake, and leave the
+// next session without a spare in turn). With two or more, a spare
 // made after one session has the whole next session's time to finish its
 // handshake on the server's side (which verifies the client certificate after
 // the client is done) before a session takes it. A spare is never older than spareMaxAge (the
 // server closes a connection whose hello has not come within its hello timeout,
-// 10 s by default), and none is made for dials further apart than spareWindow:
+// 10 s by default), one the server has closed is discarded (spareOpen), and
+// none is made for dials further apart than spareWindow:
 // an idle forwarder or agent holds no connection and makes no handshakes.
 const (
 	spareMaxAge = 3 * time.Second
@@ -41,6 +46,12 @@ type spareTLS struct {
 	burst   bool        // the previous session started within spareWindow of the one before
 	filling bool
 	closed  bool
+	// waiter: a session without a spare waits for the one being made
+	// (filling) instead of making its own; one at a time, so that a burst
+	// does not queue behind a single handshake. changed is closed (and
+	// replaced) when a spare is added or filling ends.
+	waiter  bool
+	changed chan struct{}
 }
 
 type spareConn struct {
@@ -55,32 +66,84 @@ func (d *Dialer) spares() int {
 
 // sessionTLS returns a TLS connection for a new session: the oldest fresh spare
 // when there is one (spare true; the oldest is the likeliest to be through its
-// handshake on the server's side too), else a new connection.
-func (d *Dialer) sessionTLS(ctx context.Context) (conn *tls.Conn, spare bool, err error) {
+// handshake on the server's side too), else the spare being made, if no other
+// session waits for it already (it started before this session, so it is done
+// before a new connection would be), else a new connection.
+//
+// open says whether the connection is known to be open: a new one, or a spare
+// whose TCP connection the server has not closed (spareOpen). A spare found
+// closed is discarded. Only on an open connection may a dial send its first
+// bytes without waiting for the answer (early.go): tpd ends an idle connection
+// that its hello does not reach within its hello timeout, or when it restarts.
+func (d *Dialer) sessionTLS(ctx context.Context) (conn *tls.Conn, spare, open bool, err error) {
 	s := &d.spare
 	s.mu.Lock()
 	now := time.Now()
-	var stale []*tls.Conn
-	for len(s.conns) > 0 && conn == nil {
-		c := s.conns[0]
-		s.conns = s.conns[1:]
-		if now.Sub(c.made) < spareMaxAge {
-			conn = c.conn
-		} else {
-			stale = append(stale, c.conn)
-		}
-	}
 	s.burst = !s.last.IsZero() && now.Sub(s.last) < spareWindow
 	s.last = now
+	var stale []*tls.Conn
+	waited := false
+	for {
+		conn, open, stale = s.takeLocked(time.Now(), stale)
+		if conn != nil || !s.filling || s.closed || (s.waiter && !waited) {
+			break
+		}
+		s.waiter, waited = true, true
+		if s.changed == nil {
+			s.changed = make(chan struct{})
+		}
+		changed := s.changed
+		s.mu.Unlock()
+		select {
+		case <-changed:
+		case <-ctx.Done():
+		}
+		s.mu.Lock()
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if waited {
+		s.waiter = false
+	}
 	s.mu.Unlock()
 	for _, c := range stale {
 		_ = c.Close()
 	}
 	if conn != nil {
-		return conn, true, nil
+		return conn, true, open, nil
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, false, false, fmt.Errorf("connecting to TP server %s: %w", d.Server, err)
 	}
 	conn, err = d.connectTLS(ctx)
-	return conn, false, err
+	return conn, false, err == nil, err
+}
+
+// takeLocked takes the oldest spare younger than spareMaxAge and not closed by
+// the server, adding the others to stale for the caller to close. open says
+// whether the spare is known to be open.
+func (s *spareTLS) takeLocked(now time.Time, stale []*tls.Conn) (*tls.Conn, bool, []*tls.Conn) {
+	for len(s.conns) > 0 {
+		c := s.conns[0]
+		s.conns = s.conns[1:]
+		if now.Sub(c.made) < spareMaxAge {
+			open, known := spareOpen(c.conn)
+			if open || !known {
+				return c.conn, open, stale
+			}
+		}
+		stale = append(stale, c.conn)
+	}
+	return nil, false, stale
+}
+
+// notifyLocked wakes a session waiting for a spare.
+func (s *spareTLS) notifyLocked() {
+	if s.changed != nil {
+		close(s.changed)
+		s.changed = nil
+	}
 }
 
 // refillSpare makes new spares in the background, one at a time up to
@@ -106,6 +169,7 @@ func (d *Dialer) refillSpare() {
 			s.mu.Lock()
 			if err != nil || s.closed || len(s.conns) >= d.spares() {
 				s.filling = false
+				s.notifyLocked()
 				s.mu.Unlock()
 				if conn != nil {
 					_ = conn.Close()
@@ -113,6 +177,7 @@ func (d *Dialer) refillSpare() {
 				return
 			}
 			s.conns = append(s.conns, spareConn{conn: conn, made: time.Now()})
+			s.notifyLocked()
 			if len(s.conns) >= d.spares() {
 				s.filling = false
 				s.mu.Unlock()
@@ -128,6 +193,7 @@ func (d *Dialer) closeSpare() {
 	s := &d.spare
 	s.mu.Lock()
 	s.closed = true
+	s.notifyLocked()
 	cs := s.conns
 	s.conns = nil
 	s.mu.Unlock()
@@ -139,18 +205,27 @@ func (d *Dialer) closeSpare() {
 // requestTLS runs a request on a new session's TLS connection. A failure on a
 // spare that says nothing about the request (the server closed the idle
 // connection, or answered hello_timeout because it waited longer than its
-// hello timeout) is retried once on a new connection.
+// hello timeout) is retried once on a new connection. A dial that may send
+// early bytes (early not nil) sends them with its hello and returns before the
+// answer, as over QUIC (early.go), when the destination is known to answer
+// without end-to-end TLS and the connection is known to be open.
 func (d *Dialer) requestTLS(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
-	conn, spare, err := d.sessionTLS(ctx)
+	conn, spare, open, err := d.sessionTLS(ctx)
 	if err != nil {
 		return nil, err
 	}
-	c, err := d.request(ctx, conn, addr, hello, early)
+	if early != nil && open && hello.Op == wire.OpDial && hello.Net == "tcp" && d.tlsEarly.plainDest(addr) {
+		// The next spare is made once the answer is in (earlyTunnel.wait):
+		// made now, its handshake would compete for the CPU with this
+		// session's own setup at the server.
+		return d.requestEarly(ctx, conn, nil, addr, hello, early)
+	}
+	c, err := d.requestOnTLS(ctx, conn, addr, hello, early)
 	if spare && ctx.Err() == nil && retryOnNew(err, early) {
 		if conn, err = d.connectTLS(ctx); err != nil {
 			return nil, err
 		}
-		c, err = d.request(ctx, conn, addr, hello, early)
+		c, err = d.requestOnTLS(ctx, conn, addr, hello, early)
 	}
 	if hello.Op != wire.OpAccept {
 		// (An agent refills after an accept once its session has its first
@@ -159,6 +234,19 @@ func (d *Dialer) requestTLS(ctx context.Context, addr string, hello wire.ClientH
 		d.refillSpare()
 	}
 	return c, err
+}
+
+// requestOnTLS is request on a session's TLS connection; it remembers whether
+// a dial's destination answered without end-to-end TLS (d.tlsEarly).
+func (d *Dialer) requestOnTLS(ctx context.Context, conn *tls.Conn, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
+	sh, attach, err := d.helloExchange(ctx, conn, addr, hello, early)
+	if err != nil {
+		return nil, err
+	}
+	if hello.Op == wire.OpDial && hello.Net == "tcp" {
+		d.tlsEarly.answered(nil, addr, sh)
+	}
+	return d.answer(ctx, conn, addr, hello, sh, attach)
 }
 
 // retryOnNew says whether a request that failed with err on a spare connection

@@ -3,6 +3,7 @@ package clients
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 )
 
 // maxTLSHandshakes bounds the TLS handshakes one Dialer has in flight to its
@@ -18,6 +19,9 @@ const maxTLSHandshakes = 64
 type handshakeSlots struct {
 	once sync.Once
 	ch   chan struct{}
+	// started counts the TLS connections the Dialer has begun (connectTLS):
+	// tests tell from it whether sessions rode spares.
+	started atomic.Int64
 }
 
 // acquire takes a slot, waiting while maxTLSHandshakes are in flight, until ctx

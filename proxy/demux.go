@@ -657,6 +657,7 @@ func refuseUniStreams(conn *quic.Conn) {
 		if err != nil {
 			return
 		}
+		str.ReleaseStreamCredit()
 		str.CancelRead(quic.StreamErrorCode(wire.QUICRefused))
 	}
 }

@@ -151,7 +151,10 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 		Allow0RTT:                      false,
 		EnableDatagrams:                true, // UDP flows (wire/udpflow.go)
-		Tracer:                         s.quicTracer,
+		// tp/1 connections return stream credit in batches (streamCredit);
+		// HTTP/3 returns its own as each stream starts.
+		RequireStreamCreditRelease: true,
+		Tracer:                     s.quicTracer,
 	}
 	if s.web != nil || s.connect != nil { // HTTP/3 on the same listener: its control and QPACK streams
 		qcfg.MaxIncomingUniStreams = 8
@@ -264,7 +267,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 			if conn.ConnectionState().TLS.DidResume {
 				s.stats.resumedConns[1].Add(1)
 			}
-			s.serveQUICConn(ctx, drain, conn)
+			s.serveQUICConn(ctx, drain, conn, opts.MaxStreams)
 		}()
 	}
 }
@@ -291,8 +294,10 @@ func (s *Server) addWorker() bool {
 
 // serveQUICConn accepts the streams of one connection until the peer closes it, the
 // client certificate expires, or drain ends; then it waits for its streams and
-// closes the connection with a code that says why.
-func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
+// closes the connection with a code that says why. maxStreams is the connection's
+// bound on concurrent streams (QUICOptions.MaxStreams), whose credit returns to
+// the client in batches (streamCredit).
+func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxStreams int64) {
 	start := time.Now()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -335,6 +340,8 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 
 	var streams sync.WaitGroup
 	var served, refused atomic.Int64
+	credit := newStreamCredit(maxStreams)
+	defer credit.stop()
 	for {
 		str, err := conn.AcceptStream(actx)
 		if err != nil {
@@ -343,6 +350,7 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 		qs := wire.NewQUICStream(conn, str)
 		if !s.acquire() {
 			qs.Abort(wire.QUICRefused)
+			credit.ended(str)
 			refused.Add(1)
 			s.log.Warn("QUIC stream refused: too many connections", "remote", remote, "max_conns", s.lim().MaxConns)
 			continue
@@ -352,6 +360,7 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 		streams.Add(1)
 		go func() {
 			defer streams.Done()
+			defer credit.ended(str)
 			defer s.release()
 			s.serveStream(sctx, qs, cs, "quic")
 		}()
@@ -374,6 +383,7 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn) {
 				return
 			}
 			wire.NewQUICStream(conn, str).Abort(code)
+			str.ReleaseStreamCredit()
 			refused.Add(1)
 		}
 	}()

@@ -49,7 +49,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&o.JSON, "json", "", "also write the rows as JSON to this file")
 	fs.BoolVar(&o.Markdown, "markdown", false, "print the table as Markdown")
 	fs.DurationVar(&o.Soak, "soak", 0, "length of the soak scenario (default 10m, 20s with --quick)")
-	fs.StringVar(&o.Compare, "compare", "", "a directory holding older tp, dlogin and tpd binaries (e.g. built from an earlier commit): the setup scenario measures their sizes and a fresh tp beside this tree's, in the same runs")
+	fs.StringVar(&o.Compare, "compare", "", "a directory holding older tp, dlogin and tpd binaries (e.g. built from an earlier commit): the setup scenario measures their sizes, a fresh tp and a running tp forward over TLS beside this tree's, and the memory scenario their tpd and tp forward beside this tree's, in the same runs")
 	fs.StringVar(&o.Peers.Dir, "peers", "", "a directory holding the peer binaries ghostunnel, chisel, frps and frpc (built by you; tpbench never downloads): the bulk, setup, memory and reverse scenarios measure them beside TP in the same runs")
 	fs.StringVar(&o.Peers.Ghostunnel, "ghostunnel", "", "the ghostunnel binary (overrides --peers)")
 	fs.StringVar(&o.Peers.Chisel, "chisel", "", "the chisel binary (overrides --peers)")

@@ -202,14 +202,19 @@ func (e *Env) startTPD(ctx context.Context) error {
 // server that has served nothing yet, like the peers' servers a scenario starts.
 // It returns the tpd and the device's TP_HOME.
 func (e *Env) startFreshTPD(ctx context.Context, name string) (*proc, string, error) {
+	return e.startFreshTPDWith(ctx, e.binary("tpd"), name)
+}
+
+// startFreshTPDWith is startFreshTPD with the tpd binary bin (one of --compare's).
+func (e *Env) startFreshTPDWith(ctx context.Context, bin, name string) (*proc, string, error) {
 	data := filepath.Join(e.dir, name+"-data")
-	if _, err := runCmd(ctx, time.Minute, nil, e.binary("tpd"), "init", "--data-dir", data); err != nil {
+	if _, err := runCmd(ctx, time.Minute, nil, bin, "init", "--data-dir", data); err != nil {
 		return nil, "", err
 	}
 	if err := os.WriteFile(filepath.Join(data, "policy", "tp.rego"), []byte(benchPolicy), 0o600); err != nil {
 		return nil, "", err
 	}
-	cmd := command(e.binary("tpd"), []string{"serve", "--data-dir", data, "--listen", "127.0.0.1:0"}, []string{"TP_MAX_SESSIONS_PER_IDENTITY=1000000"})
+	cmd := command(bin, []string{"serve", "--data-dir", data, "--listen", "127.0.0.1:0"}, []string{"TP_MAX_SESSIONS_PER_IDENTITY=1000000"})
 	p, err := e.startProc(ctx, "tpd ("+name+")", cmd, false, time.Minute, func(line string) bool {
 		return strings.HasPrefix(line, "CA fingerprint: ")
 	})
@@ -282,10 +287,15 @@ func (e *Env) startForward(ctx context.Context, target string, extra ...string) 
 
 // startForwardAs is startForward as the device enrolled in home.
 func (e *Env) startForwardAs(ctx context.Context, home, target string, extra ...string) (string, *proc, error) {
+	return e.startForwardWith(ctx, e.binary("tp"), home, target, extra...)
+}
+
+// startForwardWith is startForwardAs with the tp binary bin (one of --compare's).
+func (e *Env) startForwardWith(ctx context.Context, bin, home, target string, extra ...string) (string, *proc, error) {
 	args := append([]string{"forward"}, extra...)
 	args = append(args, "127.0.0.1:0", target)
 	var addr string
-	p, err := e.startProc(ctx, "tp forward", command(e.binary("tp"), args, []string{"TP_HOME=" + home}), true, time.Minute, func(line string) bool {
+	p, err := e.startProc(ctx, "tp forward", command(bin, args, []string{"TP_HOME=" + home}), true, time.Minute, func(line string) bool {
 		if m := forwardRe.FindStringSubmatch(line); m != nil {
 			addr = m[1]
 			return true

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -286,6 +287,32 @@ func memory(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		systems = append(systems, &memSystem{server: "tpd (TP over QUIC)", client: "tp forward (QUIC)", transport: "quic", serverBase: relayServer, clientBase: relayClient, target: "≤ frps",
 			start: tp("quic")})
 	}
+	if e.compare != "" {
+		// TP once more with the older binaries (--compare), tpd and tp both, in
+		// the same interleaved runs: what a change did to an idle tunnel. The
+		// older tpd carries a TLS batch and then a QUIC batch per run, as this
+		// tree's does, so that each TLS batch meets a heap grown as the other's.
+		oldTPD, oldHome, oldErr := e.startFreshTPDWith(ctx, filepath.Join(e.compare, "tpd"), "memory-compare")
+		old := func(transport string) func(string) (string, *proc, *proc, error) {
+			return func(echo string) (string, *proc, *proc, error) {
+				if oldErr != nil {
+					return "", nil, nil, oldErr
+				}
+				args := []string{"--transport", transport}
+				if transport == "tls" && !e.quic {
+					args = nil
+				}
+				addr, fwd, err := e.startForwardWith(ctx, filepath.Join(e.compare, "tp"), oldHome, echo, args...)
+				return addr, oldTPD, fwd, err
+			}
+		}
+		systems = append(systems, &memSystem{server: "tpd of --compare (TLS)", client: "tp forward of --compare (TLS)", transport: "tls",
+			serverBase: relayServer, clientBase: relayClient, start: old("tls")})
+		if e.quic {
+			systems = append(systems, &memSystem{server: "tpd of --compare (QUIC)", client: "tp forward of --compare (QUIC)", transport: "quic",
+				serverBase: relayServer, clientBase: relayClient, start: old("quic")})
+		}
+	}
 	chain := func(f func(context.Context, string) (peerChain, error)) func(string) (string, *proc, *proc, error) {
 		return func(echo string) (string, *proc, *proc, error) {
 			c, err := f(ctx, echo)
@@ -412,6 +439,14 @@ func memory(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 			frps = s.sr
 		}
 	}
+	if old := findSystem(systems, "tpd of --compare (TLS)"); old != nil && old.sr.Err == "" {
+		cur := findSystem(systems, "tpd (TP over TLS)")
+		if cur != nil && cur.sr.Err == "" {
+			rows = append(rows,
+				ratioRow(scn, "tpd (TLS) ÷ tpd of --compare (per run)", cur.sr, old.sr, ""),
+				ratioRow(scn, "tp forward (TLS) ÷ tp forward of --compare (per run)", cur.cr, old.cr, ""))
+		}
+	}
 	if frps != nil && frps.Err == "" {
 		for _, s := range systems {
 			if strings.HasPrefix(s.server, "tpd") {
@@ -422,4 +457,14 @@ func memory(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		}
 	}
 	return rows, nil
+}
+
+// findSystem is the system whose server row is named server, or nil.
+func findSystem(systems []*memSystem, server string) *memSystem {
+	for _, s := range systems {
+		if s.server == server {
+			return s
+		}
+	}
+	return nil
 }

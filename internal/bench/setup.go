@@ -116,10 +116,25 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	vs := []*variant{pair(direct, "tcp", "", "", func() (time.Duration, error) { return roundTrip(e.echo) }, sz.setupConns)}
 
 	tpName := fmt.Sprintf("tp forward, new TLS conn, %d conns", sz.setupConns)
+	oldName := fmt.Sprintf("tp forward of --compare, new TLS conn, %d conns", sz.setupConns)
+	if e.compare != "" {
+		// The same forwarder, once with an older tp (--compare) against this
+		// tree's tpd, in the same interleaved runs: what a change on the
+		// client's side did to every new tunnel.
+		if addr, _, err := e.startForwardWith(ctx, filepath.Join(e.compare, "tp"), e.home, e.echo, e.tlsArgs()...); err != nil {
+			vs = append(vs, failed(oldName, "tls", err))
+		} else {
+			vs = append(vs, pair(oldName, "tls", direct, "", func() (time.Duration, error) { return roundTrip(addr) }, sz.setupConns))
+		}
+	}
 	if addr, _, err := e.startForward(ctx, e.echo, e.tlsArgs()...); err != nil {
 		vs = append(vs, failed(tpName, "tls", err))
 	} else {
-		vs = append(vs, pair(tpName, "tls", direct, "", func() (time.Duration, error) { return roundTrip(addr) }, sz.setupConns))
+		baseline := direct
+		if e.compare != "" {
+			baseline = oldName
+		}
+		vs = append(vs, pair(tpName, "tls", baseline, "≤0.5× of --compare", func() (time.Duration, error) { return roundTrip(addr) }, sz.setupConns))
 	}
 	if e.quic {
 		name := fmt.Sprintf("tp forward, new QUIC stream, %d conns", sz.setupConns)
@@ -237,6 +252,7 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	quicName := fmt.Sprintf("tp forward, new QUIC stream, %d conns", n)
 	for _, c := range []struct{ num, den, target string }{
 		{quicName, sshL, "≤1.0×"},
+		{tpName, oldName, "≤0.5×"},
 		{tpName, sshL, ""},
 		{tpName, ghost, ""},
 		{quicName, chisel, ""},

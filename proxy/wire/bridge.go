@@ -182,6 +182,7 @@ func copyConn(dst, src net.Conn) (written int64, rerr, werr error) {
 	if tlsOverTCP(src) {
 		return copyTLS(dst, src)
 	}
+	settling, _ := src.(Settler)
 	small := make([]byte, smallBufSize)
 	var big *[]byte
 	defer func() {
@@ -210,6 +211,19 @@ func copyConn(dst, src net.Conn) (written int64, rerr, werr error) {
 				return written, nil, nil
 			}
 			return written, err, nil
+		}
+		if settling != nil {
+			if t := settling.Settled(); t != nil {
+				settling = nil
+				if tlsOverTCP(t) { // read on as copyTLS reads
+					if big != nil {
+						giveBuf(big)
+						big = nil
+					}
+					m, rerr, werr := copyTLS(dst, t)
+					return written + m, rerr, werr
+				}
+			}
 		}
 		switch {
 		case big == nil && n == len(small): // data is moving: copy in large chunks
@@ -288,6 +302,14 @@ func copyTLS(dst, src net.Conn) (written int64, rerr, werr error) {
 // aLongTimeAgo is a read deadline that has passed: a read with it returns only
 // what is already there.
 var aLongTimeAgo = time.Unix(1, 0)
+
+// Settler is implemented by a connection that turns into another once it is
+// established, such as a dial that returned before the server's answer:
+// Settled returns that connection once reading it gives what reading the
+// Settler would, else nil. Bridge then reads it as it would read that one.
+type Settler interface {
+	Settled() net.Conn
+}
 
 // ReadThrough is implemented by a wrapper whose Read and SetReadDeadline pass
 // the wrapped connection's bytes, errors and deadlines through unchanged, so
