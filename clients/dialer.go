@@ -98,6 +98,10 @@ type Dialer struct {
 	// end-to-end TLS handshake (tp-e2e/1) instead of attaching to the state kept
 	// from an earlier one (docs/PROTOCOL.md, section 11.4).
 	NoE2EAttach bool
+	// NoE2EMux makes every TCP session to a protected reverse name a dial of
+	// its own through the server, instead of a stream of the end-to-end carrier
+	// the Dialer keeps to the name (docs/PROTOCOL.md, section 11.4.1).
+	NoE2EMux bool
 	// Spares is how many handshaken TLS connections the Dialer keeps ready
 	// while sessions come close together over TLS (spare.go); zero means one,
 	// at most 8. An agent keeps DefaultAgentSpares.
@@ -122,6 +126,7 @@ type Dialer struct {
 	// where a dial may send its first bytes with its hello (early.go)
 	tlsEarly earlyState
 	e2e      attachStates   // end-to-end attach state by reverse name (e2eattach.go)
+	mux      muxStates      // end-to-end carriers by reverse name (e2emux_dial.go)
 	hs       handshakeSlots // TLS handshakes in flight (tlsslots.go)
 	sessCfg  sessionCfg     // the TLS sessions' configuration (sessionConfig)
 }
@@ -181,7 +186,7 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 
 // dial is DialContext; early, when not nil, lets a QUIC request return before
 // the server's answer (early.go).
-func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDial) (net.Conn, error) {
+func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDial) (_ net.Conn, err error) {
 	netw := "tcp"
 	switch network {
 	case "tcp", "tcp4", "tcp6":
@@ -214,6 +219,14 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 
 	if netw == "udp" {
 		return d.dialUDP(ctx, addr, hello)
+	}
+	// A protected name this Dialer holds an end-to-end carrier to: a stream of
+	// it, no dial through the server (e2emux_dial.go).
+	if c, handled, claim, err := d.muxDial(ctx, addr, early); handled {
+		return c, err
+	} else if claim != nil {
+		ctx = context.WithValue(ctx, muxClaimKey{}, claim)
+		defer func() { d.releaseMux(claim, err) }()
 	}
 	switch d.mode() {
 	case TransportAuto, "":
@@ -331,6 +344,9 @@ func (d *Dialer) answer(ctx context.Context, conn wire.Stream, addr string, hell
 	var err error
 	switch {
 	case sh.E2E: // a protected reverse listener: TLS with its agent inside (e2e.go)
+		if claim := muxClaimFrom(ctx); claim != nil {
+			claim.session = sh.Session // a carrier's streams are cut with it (e2emux_dial.go)
+		}
 		if c, err = d.e2eSession(ctx, conn, addr, attach); err != nil {
 			return nil, err
 		}

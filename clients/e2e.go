@@ -43,6 +43,10 @@ func (d *Dialer) e2eSession(ctx context.Context, conn net.Conn, addr string, ear
 		}
 		d.e2e.drop(host, early.st)
 	}
+	if claim := muxClaimFrom(ctx); claim != nil && early == nil {
+		// This dial may open a carrier for later sessions to the name (e2emux.go).
+		return d.innerTLSWith(ctx, conn, addr, true, claim)
+	}
 	return d.innerTLS(ctx, conn, addr, !d.NoE2EAttach)
 }
 
@@ -121,6 +125,12 @@ func (d *Dialer) attach(ctx context.Context, conn net.Conn, addr string, p *pend
 // With offerAttach it also offers tp-e2e/2 and, when the agent takes it, keeps
 // the session's attach state for later sessions to the same name.
 func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string, offerAttach bool) (net.Conn, error) {
+	return d.innerTLSWith(ctx, conn, addr, offerAttach, nil)
+}
+
+// innerTLSWith is innerTLS; with claim it also offers tp-e2e-mux/1, and when
+// the agent takes it the session becomes a carrier (e2emux_dial.go).
+func (d *Dialer) innerTLSWith(ctx context.Context, conn net.Conn, addr string, offerAttach bool, claim *muxClaim) (net.Conn, error) {
 	host, _, _ := net.SplitHostPort(addr)
 	cfg := d.TLSConfig.Clone()
 	cfg.ServerName = host
@@ -128,14 +138,18 @@ func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string, offer
 	if offerAttach {
 		cfg.NextProtos = []string{E2EALPN3, E2EALPN2, E2EALPN}
 	}
+	if claim != nil {
+		cfg.NextProtos = append([]string{E2EMuxALPN}, cfg.NextProtos...)
+	}
 	cfg.MinVersion = tls.VersionTLS13
 	// EOFConn lets a cut of the inner session (no close_notify) be told from its end.
 	batch := &batchConn{Conn: wire.NewEOFConn(conn)}
 	tc := tls.Client(batch, cfg)
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	err := tc.HandshakeContext(ctx)
+	mux := err == nil && claim != nil && tc.ConnectionState().NegotiatedProtocol == E2EMuxALPN
 	var sh wire.ServerHello
-	if err == nil {
+	if err == nil && !mux { // a carrier's answers come per stream
 		sh, err = wire.ReadServerHello(tc)
 	}
 	if !stop() {
@@ -149,6 +163,13 @@ func (d *Dialer) innerTLS(ctx context.Context, conn net.Conn, addr string, offer
 		return nil, fmt.Errorf("tp dial %s: end-to-end TLS with the agent: %w", addr, err)
 	}
 	_ = conn.SetDeadline(time.Time{})
+	if mux {
+		d.e2e.count(false)
+		return d.startMux(ctx, tc, batch, addr, claim)
+	}
+	if claim != nil {
+		d.noMux(claim) // an older agent: sessions of their own for a while
+	}
 	if !sh.OK {
 		_ = tc.Close()
 		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}

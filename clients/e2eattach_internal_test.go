@@ -33,7 +33,7 @@ type attachEnv struct {
 	answered func()
 }
 
-func newAttachEnv(t *testing.T) *attachEnv {
+func newAttachEnv(t testing.TB) *attachEnv {
 	t.Helper()
 	ca := testpki.New(t)
 	agentCert := ca.ServerCert(t, "svc.rev.test")
@@ -58,7 +58,7 @@ func header(peer string, groups ...string) wire.SessionHeader {
 
 // stream returns the dialer's end of a new session whose agent end a.serve runs
 // with hdr.
-func (e *attachEnv) stream(t *testing.T, hdr wire.SessionHeader) net.Conn {
+func (e *attachEnv) stream(t testing.TB, hdr wire.SessionHeader) net.Conn {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -86,7 +86,7 @@ func (e *attachEnv) stream(t *testing.T, hdr wire.SessionHeader) net.Conn {
 }
 
 // session opens a session as the dialer does after the server's e2e ok.
-func (e *attachEnv) session(t *testing.T, hdr wire.SessionHeader) (net.Conn, error) {
+func (e *attachEnv) session(t testing.TB, hdr wire.SessionHeader) (net.Conn, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()

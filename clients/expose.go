@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -93,18 +94,22 @@ type Agent struct {
 	// DefaultAgentMaxSessions. The server holds a further session until one ends,
 	// for at most its pickup timeout (tpd: 10s), and then refuses it: a TP dialer
 	// reads reverse_busy, a public client's connection is reset. Over TLS each
-	// session is a connection of its own and this does not apply.
+	// session is a connection of its own and this does not apply. The streams
+	// of end-to-end carriers (e2emux_agent.go) count against it on both
+	// transports: beyond it a stream is refused with reverse_busy.
 	MaxSessions int
 	// Explain, when set, rewords a failed session (Client.WhyRejected asks the
 	// server why it refused the certificate); a revocation ends Run.
 	Explain func(context.Context, error) error
 
-	mu       sync.Mutex
-	full     map[string]string // label → full name
-	issuers  map[string]issuer // full name → the CA that issued the agent's certificate for it
-	roots    *x509.CertPool
-	inner    *tls.Config // end-to-end TLS server config, one for all sessions so tickets resume
-	attaches agentAttaches
+	mu         sync.Mutex
+	full       map[string]string // label → full name
+	issuers    map[string]issuer // full name → the CA that issued the agent's certificate for it
+	roots      *x509.CertPool
+	inner      *tls.Config // end-to-end TLS server config, one for all sessions so tickets resume
+	attaches   agentAttaches
+	carriers   map[*muxConn]struct{} // end-to-end carriers being served (e2emux_agent.go)
+	muxStreams atomic.Int64          // their open streams, against MaxSessions
 }
 
 // issuer is the CA behind the agent's own certificate for a name: dialers'
@@ -246,6 +251,12 @@ func (a *Agent) Run(ctx context.Context) error {
 			held, backoff = true, agentBackoffMin
 		}
 		wait := backoff/2 + rand.N(backoff)
+		if errors.As(err, new(serverShutdown)) {
+			// The server drains: end-to-end carriers through it take no new
+			// stream and end with their last one, so they do not hold its
+			// drain up (e2emux_agent.go).
+			a.drainCarriers()
+		}
 		if errors.As(err, new(serverShutdown)) && registered {
 			// The server stops: another one behind the same name may take the
 			// names now (docs/PROTOCOL.md, section 6.3). If none answers, the next
@@ -281,7 +292,9 @@ func (a *Agent) setupInner() {
 	a.roots = a.Dialer.TLSConfig.RootCAs
 	a.inner = &tls.Config{
 		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{E2EALPN3, E2EALPN2, E2EALPN},
+		// In the server's order of preference: a carrier of many sessions
+		// (e2emux_agent.go), then attachable sessions, then a single one.
+		NextProtos: []string{E2EMuxALPN, E2EALPN3, E2EALPN2, E2EALPN},
 		ClientAuth: tls.RequireAndVerifyClientCert,
 		ClientCAs:  a.roots,
 		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
@@ -671,16 +684,22 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		chainErr = iss.is.CheckChains(cs.PeerCertificates[0], cs.VerifiedChains)
 	}
 	id, idErr := authz.IdentityFromCert(cs.PeerCertificates[0])
-	sess := &e2eSession{Stream: tc, bridge: newBatchedTLS(tc, batch), capsules: tc, answered: answered}
+	var code, reason string
 	switch {
 	case !strings.EqualFold(cs.ServerName, full):
-		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full), log)
-		return
+		code, reason = wire.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full)
 	case chainErr != nil:
-		sess.refuse(wire.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error(), log)
-		return
+		code, reason = wire.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error()
 	case idErr != nil:
-		sess.refuse(wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+idErr.Error(), log)
+		code, reason = wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+idErr.Error()
+	}
+	if cs.NegotiatedProtocol == E2EMuxALPN { // a carrier of many sessions (e2emux_agent.go)
+		a.serveMux(ctx, tc, batch, cs, hdr, full, local, udp, pre, code, reason, id.DeviceID, id.User, answered, log)
+		return
+	}
+	sess := &e2eSession{Stream: tc, bridge: newBatchedTLS(tc, batch), capsules: tc, answered: answered}
+	if code != "" {
+		sess.refuse(code, reason, log)
 		return
 	}
 	if cs.NegotiatedProtocol == E2EALPN2 || cs.NegotiatedProtocol == E2EALPN3 {
@@ -728,8 +747,11 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the certificate is for %s but the TP server announced %s", device, hdr.PeerID), log)
 		return
 	case !a.allowed(user, hdr.PeerGroups):
+		a.mu.Lock()
+		users, groups := listOrNone(a.AllowUsers), listOrNone(a.AllowGroups)
+		a.mu.Unlock()
 		sess.refuse(CodeAgentDenied, fmt.Sprintf("%s is not allowed by the agent of %s (allowed users: %s; groups: %s)",
-			device, full, listOrNone(a.AllowUsers), listOrNone(a.AllowGroups)), log)
+			device, full, users, groups), log)
 		return
 	}
 	network := "tcp"
@@ -926,6 +948,8 @@ func (p *prefixConn) Unwrap() net.Conn { return p.Conn }
 func refuseSession(st net.Conn, code quic.ApplicationErrorCode) { wire.Abort(st, code) }
 
 func (a *Agent) allowed(user string, groups []string) bool {
+	a.mu.Lock() // SetAllow may replace the lists
+	defer a.mu.Unlock()
 	if slices.Contains(a.AllowUsers, user) {
 		return true
 	}

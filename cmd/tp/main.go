@@ -68,6 +68,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 				fmt.Fprintf(stderr, "Connecting to %s via %s (%s)\n", target, d.Server, version.Version)
 			}
 			defer d.Close()
+			d.NoE2EMux = true // one session per process: a carrier would carry only this one
 			conn, err := d.DialContext(cmd.Context(), "tcp", target)
 			if err != nil {
 				return c.WhyRejected(cmd.Context(), err)
@@ -164,7 +165,7 @@ func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients
 }
 
 func forwardCmd(stderr io.Writer) *cobra.Command {
-	var udp bool
+	var udp, noMux bool
 	var udpIdle time.Duration
 	cmd := &cobra.Command{
 		Use:   "forward LISTEN HOST:PORT",
@@ -189,6 +190,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 			if udp {
 				return forwardUDP(cmd.Context(), c, d, args[0], args[1], udpIdle, stderr)
 			}
+			d.NoE2EMux = noMux
 			ln, err := net.Listen("tcp", args[0])
 			if err != nil {
 				return fmt.Errorf("cannot listen on %s: %w", args[0], err)
@@ -216,6 +218,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&udp, "udp", false, "forward UDP datagrams: one flow per local source address (policy action dial_udp)")
 	cmd.Flags().DurationVar(&udpIdle, "udp-idle", 60*time.Second, "end a UDP flow after this long without datagrams")
+	cmd.Flags().BoolVar(&noMux, "no-e2e-mux", false, "to a protected reverse name: open a TP session per connection instead of carrying them all as streams of one end-to-end session with the agent")
 	return cmd
 }
 

@@ -123,15 +123,16 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 
 	// Start everything first, then measure.
 	paths := []*revPath{{label: "direct TCP", transport: "tcp", sink: e.sink, echo: e.echo}}
-	type trio struct{ fwd, prot, pub *revPath }
+	type trio struct{ fwd, prot, each, pub *revPath }
 	var trios []trio
 	for i, t := range transports {
 		up := strings.ToUpper(t)
 		fwd := &revPath{label: "tp forward over " + up + " (forward path)", transport: t}
-		prot := &revPath{label: "tp expose over " + up + ", protected (dialer: tp forward)", transport: t}
+		prot := &revPath{label: "tp expose over " + up + ", protected, one carrier (dialer: tp forward)", transport: t}
+		each := &revPath{label: "tp expose over " + up + ", protected, a TP session each (dialer: tp forward --no-e2e-mux)", transport: t}
 		pub := &revPath{label: "tp expose over " + up + ", --public (dialer: plain TCP)", transport: t}
-		trios = append(trios, trio{fwd, prot, pub})
-		paths = append(paths, fwd, prot, pub)
+		trios = append(trios, trio{fwd, prot, each, pub})
+		paths = append(paths, fwd, prot, each, pub)
 
 		if fwd.sink, _, fwd.err = e.startForward(ctx, e.sink, "--transport", t); fwd.err == nil {
 			fwd.echo, _, fwd.err = e.startForward(ctx, e.echo, "--transport", t)
@@ -142,6 +143,12 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 			if prot.sink, _, prot.err = e.startForward(ctx, net.JoinHostPort(host(sinkName), portOf(e.sink)), "--transport", t); prot.err == nil {
 				prot.echo, _, prot.err = e.startForward(ctx, net.JoinHostPort(host(echoName), portOf(e.echo)), "--transport", t)
 			}
+			// The same agent, dialed session by session (tp-e2e/3 attaches).
+			if each.sink, _, each.err = e.startForward(ctx, net.JoinHostPort(host(sinkName), portOf(e.sink)), "--transport", t, "--no-e2e-mux"); each.err == nil {
+				each.echo, _, each.err = e.startForward(ctx, net.JoinHostPort(host(echoName), portOf(e.echo)), "--transport", t, "--no-e2e-mux")
+			}
+		} else {
+			each.err = prot.err
 		}
 
 		sinkPort, echoPort := e.publicPorts[2*i], e.publicPorts[2*i+1]
@@ -246,7 +253,8 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		rows = append(rows,
 			ratioRow(bulkScn, up+" protected ÷ forward path (per run)", bulkRows[tr.prot], bulkRows[tr.fwd], ""),
 			ratioRow(bulkScn, up+" public ÷ forward path (per run)", bulkRows[tr.pub], bulkRows[tr.fwd], ""),
-			ratioRow(bulkScn, up+" protected ÷ public (per run)", bulkRows[tr.prot], bulkRows[tr.pub], target))
+			ratioRow(bulkScn, up+" protected ÷ public (per run)", bulkRows[tr.prot], bulkRows[tr.pub], target),
+			ratioRow(bulkScn, up+" protected, one carrier ÷ a TP session each (per run)", bulkRows[tr.prot], bulkRows[tr.each], ""))
 		if withFRP {
 			rows = append(rows,
 				ratioRow(bulkScn, up+" public ÷ frp tcp (per run)", bulkRows[tr.pub], bulkRows[frpTCP], ""),
@@ -259,11 +267,13 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		rows = append(rows,
 			ratioRow(setupScn, up+" protected ÷ forward path, p50 (per run)", setupRows[tr.prot].p50, setupRows[tr.fwd].p50, ""),
 			ratioRow(setupScn, up+" public ÷ forward path, p50 (per run)", setupRows[tr.pub].p50, setupRows[tr.fwd].p50, ""),
-			ratioRow(setupScn, up+" protected ÷ public, p50 (per run)", setupRows[tr.prot].p50, setupRows[tr.pub].p50, ""))
+			ratioRow(setupScn, up+" protected ÷ public, p50 (per run)", setupRows[tr.prot].p50, setupRows[tr.pub].p50, ""),
+			ratioRow(setupScn, up+" protected, one carrier ÷ a TP session each, p50 (per run)", setupRows[tr.prot].p50, setupRows[tr.each].p50, ""))
 		if withFRP {
 			rows = append(rows,
 				ratioRow(setupScn, up+" public ÷ frp tcp, p50 (per run)", setupRows[tr.pub].p50, setupRows[frpTCP].p50, ""),
-				ratioRow(setupScn, up+" protected ÷ frp stcp, p50 (per run)", setupRows[tr.prot].p50, setupRows[frpSTCP].p50, "≤1.0×"))
+				ratioRow(setupScn, up+" protected ÷ frp stcp, p50 (per run)", setupRows[tr.prot].p50, setupRows[frpSTCP].p50, "≤1.0×"),
+				ratioRow(setupScn, up+" protected, a TP session each ÷ frp stcp, p50 (per run)", setupRows[tr.each].p50, setupRows[frpSTCP].p50, ""))
 		}
 	}
 	return rows, nil

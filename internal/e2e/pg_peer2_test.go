@@ -283,14 +283,17 @@ func TestPGPeerPickupOnOtherInstance(t *testing.T) {
 	// gets its certificate for files (ACME, on A; on B it works too:
 	// TestPGACMEOnOtherInstance).
 	setServer(t, bobHome, a.URL)
-	fwd, _ := startForward(t, append(bob, "TP_TRANSPORT=tls"), "files.rev.tp.internal:22")
+	fwd, _ := startForward(t, append(bob, "TP_TRANSPORT=tls"), "files.rev.tp.internal:22", "--no-e2e-mux")
 	checksumRoundTrip(t, fwd, size, "bob through A, the agent's pickup through A")
 	door.mu.Lock()
 	door.backends = []string{b.Addr} // from now on every pickup lands on B
 	door.mu.Unlock()
 	for _, via := range []*server{a, b} {
 		setServer(t, bobHome, via.URL)
-		fwd, _ := startForward(t, append(bob, "TP_TRANSPORT=tls"), "files.rev.tp.internal:22")
+		// A session of its own per connection (no end-to-end carrier, which
+		// would carry them all on the first dial's pickup): every dial here is
+		// a pickup of its own, and its log line comes at its end.
+		fwd, _ := startForward(t, append(bob, "TP_TRANSPORT=tls"), "files.rev.tp.internal:22", "--no-e2e-mux")
 		checksumRoundTrip(t, fwd, size, "bob through "+via.Addr+", the agent's pickup through B")
 	}
 	waitLog(t, b.log, `upstream="peer `+instanceOf(t, a), 10*time.Second)

@@ -1,0 +1,127 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// The agent's side of end-to-end carriers (e2emux.go).
+
+// serveMux serves a protected session whose end-to-end TLS session negotiated
+// tp-e2e-mux/1: a carrier of many sessions, each a stream the dialer opens.
+// Every stream is checked as a session of its own (admit: the dialer's identity
+// against the carrier's session header, the allow list as it is now, the local
+// service) and answered with a hello; code, when not empty, is the refusal of
+// the dialer's certificate every stream gets (the carrier then ends). pre, the
+// connection to the service started with the session, goes to the first stream.
+func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs tls.ConnectionState, hdr wire.SessionHeader,
+	full, local string, udp bool, pre *localDial, code, reason, device, user string, answered func(), log *slog.Logger) {
+	answered()
+	start := time.Now()
+	// tpd logs the carrier as one session: each stream gets a line here.
+	log = log.With("e2e", "mux", "carrier", hdr.Session)
+	if udp { // a dialer offers a carrier only for a TCP name
+		wire.Abort(tc, wire.QUICInternal)
+		log.Warn("tp expose: a dialer opened an end-to-end carrier for a UDP name; refused")
+		return
+	}
+	expires := cs.PeerCertificates[0].NotAfter // the handshake required one
+	a.mu.Lock()
+	if iss, ok := a.issuers[full]; ok {
+		expires = minTime(expires, iss.leaf.NotAfter)
+	}
+	a.mu.Unlock()
+
+	var (
+		wg      sync.WaitGroup
+		first   atomic.Pointer[localDial]
+		streams atomic.Int64
+		m       *muxConn
+		ready   = make(chan struct{})
+	)
+	first.Store(pre)
+	accept := func(s *muxStream) { // on the carrier's reader: it must not wait
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-ready
+			streams.Add(1)
+			slog := log.With("stream", s.id)
+			if code != "" {
+				sess := &e2eSession{Stream: s, bridge: s, capsules: s}
+				sess.refuse(code, reason, slog)
+				_ = m.frame(muxGoAway, 0, nil)
+				_ = m.Close() // cleanly, so the refusal reaches the dialer first
+				return
+			}
+			p := first.Swap(nil) // the first stream's, if any
+			defer p.discard()    // unused when the stream was refused
+			// Streams count against the agent's bound on sessions (MaxSessions),
+			// as the sessions the server opens over QUIC do.
+			defer a.muxStreams.Add(-1)
+			if n := a.muxStreams.Add(1); n > a.maxSessions() {
+				sess := &e2eSession{Stream: s, bridge: s, capsules: s}
+				sess.refuse(wire.CodeReverseBusy, fmt.Sprintf("the agent of %s serves as many sessions as it takes (%d)", full, a.maxSessions()), slog)
+				return
+			}
+			a.admit(ctx, &e2eSession{Stream: s, bridge: s, capsules: s}, hdr, full, local, false, p, nil, device, user, time.Now(), slog)
+		}()
+	}
+	m = newMuxConn(newBatchedTLS(tc, batch), false, full, expires, accept)
+	close(ready)
+	a.mu.Lock()
+	if a.carriers == nil {
+		a.carriers = map[*muxConn]struct{}{}
+	}
+	a.carriers[m] = struct{}{}
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		delete(a.carriers, m)
+		a.mu.Unlock()
+	}()
+	stop := context.AfterFunc(ctx, func() { m.fail(errors.New("the agent stops")) })
+	defer stop()
+	<-m.Done()
+	wg.Wait()
+	m.mu.Lock()
+	why := m.err
+	m.mu.Unlock()
+	end := "closed"
+	if why != nil {
+		end = why.Error()
+	}
+	log.Info("tp expose: end-to-end carrier ended", "streams", streams.Load(), "duration", time.Since(start), "end", end)
+}
+
+// drainCarriers tells the dialer of every carrier that it takes no further
+// stream (GOAWAY), and ends each once its last stream ended: the server they
+// run through stops, and waits for its sessions.
+func (a *Agent) drainCarriers() {
+	a.mu.Lock()
+	all := make([]*muxConn, 0, len(a.carriers))
+	for m := range a.carriers {
+		all = append(all, m)
+	}
+	a.mu.Unlock()
+	for _, m := range all {
+		m.drain()
+	}
+}
+
+// SetAllow replaces who may connect (Agent.AllowUsers, AllowGroups) while the
+// agent runs: every later session, and every later stream of an end-to-end
+// carrier, is checked against the new lists.
+func (a *Agent) SetAllow(users, groups []string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.AllowUsers, a.AllowGroups = users, groups
+}

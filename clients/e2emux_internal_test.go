@@ -1,0 +1,647 @@
+package clients
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+const muxTestAddr = "svc.rev.test:22"
+
+// carrierSession opens a session as a dial that may open a carrier does (the
+// first dial to the name), on a new relay stream served with hdr.
+func (e *attachEnv) carrierSession(t testing.TB, hdr wire.SessionHeader) (net.Conn, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	claim := &muxClaim{key: muxTestAddr}
+	c, err := e.d.e2eSession(context.WithValue(ctx, muxClaimKey{}, claim), e.stream(t, hdr), muxTestAddr, nil)
+	e.d.releaseMux(claim, err)
+	return c, err
+}
+
+// streamSession opens a session as a later dial does: a stream of the
+// carrier the dialer holds; it fails the test when the dialer holds none.
+func (e *attachEnv) streamSession(t testing.TB, first []byte) (net.Conn, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var early *earlyDial
+	if first != nil {
+		early = &earlyDial{first: first}
+	}
+	c, handled, claim, err := e.d.muxDial(ctx, muxTestAddr, early)
+	if !handled {
+		e.d.releaseMux(claim, errors.New("test"))
+		t.Fatal("the dialer holds no carrier to the name")
+	}
+	return c, err
+}
+
+// countServes counts the relay streams the agent served (TP sessions).
+func countServes(e *attachEnv) *atomic.Int64 {
+	var n atomic.Int64
+	e.a.WrapData = func(c net.Conn) net.Conn { n.Add(1); return c }
+	return &n
+}
+
+// checksummed writes size random bytes through c to the echo service and
+// checks that the same bytes come back, and a clean end.
+func checksummed(c net.Conn, size int) error {
+	data := make([]byte, size)
+	_, _ = rand.Read(data)
+	want := sha256.Sum256(data)
+	werr := make(chan error, 1)
+	go func() {
+		_, err := c.Write(data)
+		if err == nil {
+			err = c.(wire.Stream).CloseWrite()
+		}
+		werr <- err
+	}()
+	h := sha256.New()
+	n, err := io.Copy(h, c)
+	if err != nil {
+		return err
+	}
+	if err := <-werr; err != nil {
+		return err
+	}
+	if got := h.Sum(nil); n != int64(size) || !bytes.Equal(got, want[:]) {
+		return errors.New("the echo differs from what was sent")
+	}
+	return c.Close()
+}
+
+// The first session to a name opens one end-to-end carrier (one relay stream,
+// one TLS handshake); every later session, 24 of them at once with 1 MiB each
+// way, is a stream of it: no further relay stream, no further handshake, every
+// byte back as sent, and a clean end for each.
+func TestE2EMuxCarriesManySessions(t *testing.T) {
+	e := newAttachEnv(t)
+	served := countServes(e)
+	c, err := e.carrierSession(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.(*muxStream); !ok {
+		t.Fatalf("first session: a %T; want a stream of a carrier", c)
+	}
+	echoes(t, c, "first")
+	var wg sync.WaitGroup
+	errs := make(chan error, 24)
+	for range 24 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := e.streamSession(t, nil)
+			if err == nil {
+				err = checksummed(c, 1<<20)
+			}
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if carriers, streams := e.d.E2EMuxStats(); carriers != 1 || streams != 25 {
+		t.Fatalf("%d carriers and %d streams; want 1 and 25", carriers, streams)
+	}
+	if n := served.Load(); n != 1 {
+		t.Fatalf("the agent served %d relay streams; want 1 (the carrier)", n)
+	}
+	if full, attached := e.d.E2EStats(); full != 1 || attached != 0 {
+		t.Fatalf("%d handshakes, %d attaches; want 1 and 0", full, attached)
+	}
+	e.d.closeMux()
+}
+
+// First bytes go with a stream's opening, sealed inside the carrier: the
+// service has them with the agent's checks, and the relay never sees them.
+func TestE2EMuxFirstBytes(t *testing.T) {
+	e := newAttachEnv(t)
+	tap := &relayTap{}
+	e.a.WrapData = func(c net.Conn) net.Conn { return &relayTapConn{Conn: c, t: tap} }
+	c, err := e.carrierSession(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoes(t, c, "first")
+	secret := "GET /mux-first-bytes HTTP/1.1\r\n\r\n"
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	early := &earlyDial{first: []byte(secret)}
+	c, handled, _, err := e.d.muxDial(ctx, muxTestAddr, early)
+	if !handled || err != nil {
+		t.Fatalf("handled %v, %v", handled, err)
+	}
+	if !early.sent {
+		t.Fatal("the first bytes did not go with the stream's opening")
+	}
+	readEcho(t, c, secret)
+	echoes(t, c, "!")
+	if tap.saw([]byte("mux-first-bytes")) {
+		t.Fatal("the relay saw first bytes in the clear")
+	}
+	// As many first bytes as a dial takes (wire.MaxEarlyData): more than one
+	// frame holds, the rest follows the opening.
+	big := strings.Repeat("0123456789abcdef", wire.MaxEarlyData/16)
+	early = &earlyDial{first: []byte(big)}
+	c, handled, _, err = e.d.muxDial(ctx, muxTestAddr, early)
+	if !handled || err != nil || !early.sent {
+		t.Fatalf("handled %v, sent %v, %v", handled, early.sent, err)
+	}
+	readEcho(t, c, big)
+	echoes(t, c, "!")
+	e.d.closeMux()
+}
+
+// The agent checks every stream: with bob taken out of its allow list
+// mid-carrier, the next stream is refused with agent_denied, readable, and the
+// carrier stays: put back, bob's next stream is served on the same carrier.
+// A dialer whose certificate names another device than the session header
+// gets unauthenticated on its first stream, and the carrier ends.
+func TestE2EMuxChecksEachStream(t *testing.T) {
+	e := newAttachEnv(t)
+	c, err := e.carrierSession(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoes(t, c, "first")
+	e.a.SetAllow(nil, []string{"ops"})
+	_, err = e.streamSession(t, nil)
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Code != CodeAgentDenied || !strings.Contains(re.Reason, "bob@phone is not allowed") {
+		t.Fatalf("after the allow list changed: %v; want agent_denied", err)
+	}
+	e.a.SetAllow(nil, []string{"dev"})
+	c, err = e.streamSession(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoes(t, c, "again")
+	if carriers, _ := e.d.E2EMuxStats(); carriers != 1 {
+		t.Fatalf("%d carriers; want the refusal to leave the carrier", carriers)
+	}
+	e.d.closeMux()
+
+	e2 := newAttachEnv(t)
+	_, err = e2.carrierSession(t, header("dave@pc", "dev"))
+	if !errors.As(err, &re) || re.Code != wire.CodeUnauthenticated {
+		t.Fatalf("a carrier whose header names another device: %v; want unauthenticated", err)
+	}
+}
+
+// An older agent (no tp-e2e-mux/1) serves the session as before, and the
+// dialer remembers to dial that name session by session.
+func TestE2EMuxOlderAgent(t *testing.T) {
+	e := newAttachEnv(t)
+	e.a.inner.NextProtos = []string{E2EALPN3, E2EALPN2, E2EALPN}
+	c, err := e.carrierSession(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.(*muxStream); ok {
+		t.Fatal("a stream of a carrier from an agent that offers none")
+	}
+	echoes(t, c, "first")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, handled, claim, _ := e.d.muxDial(ctx, muxTestAddr, nil); handled || claim != nil {
+		t.Fatalf("handled %v, claim %v; want the name remembered as without carrier", handled, claim)
+	}
+	c, err = e.session(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.(*sealedConn); !ok {
+		t.Fatalf("second session to an older agent: a %T; want an attached session", c)
+	}
+	echoes(t, c, "second")
+}
+
+// A carrier that breaks (the relay's stream to the agent reset: the agent
+// died, tpd cut the session) fails its open streams as cuts, never as an end;
+// and a stream the agent aborts (its service reset the connection) reads as a
+// cut too, while the carrier's other streams go on.
+func TestE2EMuxCutIsError(t *testing.T) {
+	e := newAttachEnv(t)
+	var mu sync.Mutex
+	var raw []net.Conn
+	e.a.WrapData = func(c net.Conn) net.Conn {
+		mu.Lock()
+		raw = append(raw, c)
+		mu.Unlock()
+		return c
+	}
+	// The service echoes, but resets a connection whose first byte is R.
+	e.a.Exposed[0].Local = testnet.Serve(t, func(c *net.TCPConn) {
+		b := make([]byte, 1)
+		if _, err := c.Read(b); err != nil {
+			return
+		}
+		if b[0] == 'R' {
+			_ = c.SetLinger(0)
+			_ = c.Close()
+			return
+		}
+		_, _ = c.Write(b)
+		_, _ = io.Copy(c, c)
+		_ = c.CloseWrite()
+	})
+	c, err := e.carrierSession(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := e.streamSession(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	readEcho(t, other, "ping")
+
+	// The service resets: this stream only.
+	reset, err := e.streamSession(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = reset.Write([]byte("R"))
+	if _, err := io.ReadAll(reset); !errors.Is(err, wire.ErrTruncated) {
+		t.Fatalf("a stream whose service reset: %v; want a cut (%v)", err, wire.ErrTruncated)
+	}
+	if _, err := other.Write([]byte("pong")); err != nil {
+		t.Fatal(err)
+	}
+	readEcho(t, other, "pong")
+
+	// The carrier breaks: the open stream is cut.
+	mu.Lock()
+	wire.Abort(raw[0], wire.QUICPeerReset)
+	mu.Unlock()
+	if _, err := io.ReadAll(other); !errors.Is(err, wire.ErrTruncated) {
+		t.Fatalf("a stream of a broken carrier: %v; want a cut (%v)", err, wire.ErrTruncated)
+	}
+	_ = c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_, handled, claim, _ := e.d.muxDial(ctx, muxTestAddr, nil)
+		cancel()
+		e.d.releaseMux(claim, errors.New("test"))
+		if !handled {
+			break // the next dial opens a new carrier
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the dialer still uses the broken carrier")
+		}
+	}
+}
+
+// muxPeer is a raw end of a carrier without TLS, to feed a muxConn bad input.
+func muxPeer(t *testing.T, client bool, accept func(*muxStream)) (*muxConn, net.Conn) {
+	t.Helper()
+	a, b := testnet.Pair(t)
+	if accept == nil {
+		accept = func(s *muxStream) { go func() { _, _ = io.Copy(io.Discard, s) }() }
+	}
+	m := newMuxConn(a, client, "svc.rev.test", time.Now().Add(time.Hour), accept)
+	t.Cleanup(func() { m.fail(errors.New("test over")) })
+	_ = b.SetDeadline(time.Now().Add(20 * time.Second))
+	return m, b
+}
+
+func waitCarrierEnd(t *testing.T, m *muxConn, want string) {
+	t.Helper()
+	select {
+	case <-m.Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("the carrier did not end")
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.err == nil || !strings.Contains(m.err.Error(), want) {
+		t.Fatalf("the carrier ended with %v; want %q", m.err, want)
+	}
+}
+
+// Bad input on a carrier ends it with an error that says what was wrong, at a
+// bounded cost: a malformed frame, a dialer beyond the stream limit, data
+// beyond a stream's window, a frame for a stream never opened, and a peer
+// that goes silent in the middle of a frame.
+func TestE2EMuxBadInput(t *testing.T) {
+	frame := func(typ byte, id uint32, payload []byte) []byte { return appendMuxFrame(nil, typ, id, payload) }
+	for _, tc := range []struct {
+		what  string
+		input func() []byte
+		want  string
+	}{
+		{"an unknown frame type", func() []byte { return frame(0x7f, 0, nil) }, "frame type 0x7f on stream 0"},
+		{"a frame longer than a record", func() []byte {
+			return binary.BigEndian.AppendUint16([]byte{muxData, 0, 0, 0, 1}, muxMaxPayload+1)
+		}, "a frame of 16378 bytes"},
+		{"a WINDOW of 3 bytes", func() []byte { return append(frame(muxOpen, 1, nil), frame(muxWindow, 1, []byte{1, 2, 3})...) }, "a WINDOW of 3 bytes"},
+		{"data for a stream never opened", func() []byte { return frame(muxData, 9, []byte("x")) }, "never opened"},
+		{"streams opened out of order", func() []byte { return append(frame(muxOpen, 5, nil), frame(muxOpen, 3, nil)...) }, "stream 3 opened after stream 5"},
+		{"more streams than the limit", func() []byte {
+			var b []byte
+			for i := range MuxMaxStreams + 1 {
+				b = append(b, frame(muxOpen, uint32(i+1), nil)...)
+			}
+			return b
+		}, "more than 256 streams"},
+		{"data beyond the window", func() []byte {
+			b := frame(muxOpen, 1, nil)
+			chunk := make([]byte, muxMaxPayload)
+			for range muxStreamWindow/muxMaxPayload + 1 {
+				b = append(b, frame(muxData, 1, chunk)...)
+			}
+			return b
+		}, "beyond its window"},
+		{"data after FIN", func() []byte {
+			return append(append(frame(muxOpen, 1, nil), frame(muxFin, 1, nil)...), frame(muxData, 1, []byte("x"))...)
+		}, "after its FIN"},
+	} {
+		t.Run(tc.what, func(t *testing.T) {
+			hold := func(s *muxStream) {} // never reads: the window fills
+			m, peer := muxPeer(t, false, hold)
+			go func() { _, _ = peer.Write(tc.input()) }()
+			waitCarrierEnd(t, m, tc.want)
+		})
+	}
+
+	t.Run("silent in a frame", func(t *testing.T) {
+		defer func(d, tick time.Duration) { muxDead, muxTick = d, tick }(muxDead, muxTick)
+		muxDead, muxTick = 300*time.Millisecond, 50*time.Millisecond
+		m, peer := muxPeer(t, false, nil)
+		if _, err := peer.Write([]byte{muxData, 0, 0}); err != nil { // half a header, then nothing
+			t.Fatal(err)
+		}
+		waitCarrierEnd(t, m, "nothing arrived from the dialer")
+	})
+}
+
+// A stream that never sends costs the agent its buffers only while the carrier
+// lives, and a carrier whose dialer opened streams and went idle ends after
+// muxAgentIdle once they ended.
+func TestE2EMuxAgentClosesIdleCarrier(t *testing.T) {
+	defer func(i, tick time.Duration) { muxAgentIdle, muxTick = i, tick }(muxAgentIdle, muxTick)
+	muxAgentIdle, muxTick = 200*time.Millisecond, 50*time.Millisecond
+	m, peer := muxPeer(t, false, func(s *muxStream) { go func() { _ = s.Close() }() })
+	go func() { _, _ = io.Copy(io.Discard, peer) }()
+	if _, err := peer.Write(appendMuxFrame(nil, muxOpen, 1, nil)); err != nil {
+		t.Fatal(err)
+	}
+	// Pings keep it alive but do not keep it open.
+	for range 10 {
+		if _, err := peer.Write(appendMuxFrame(nil, muxPing, 0, make([]byte, 8))); err != nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	waitCarrierEnd(t, m, "closed")
+}
+
+// benchSink makes e's service a sink that ends its side after the dialer's end.
+func benchSink(b *testing.B, e *attachEnv) {
+	e.a.Exposed[0].Local = testnet.Serve(b, func(c *net.TCPConn) {
+		_, _ = io.Copy(io.Discard, c)
+		_ = c.CloseWrite()
+	})
+}
+
+// bulk sends size bytes through c to the sink and waits for its end.
+func bulk(b *testing.B, c net.Conn, size int) {
+	buf := make([]byte, 64<<10)
+	for sent := 0; sent < size; sent += len(buf) {
+		if _, err := c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := c.(wire.Stream).CloseWrite(); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := io.Copy(io.Discard, c); err != nil {
+		b.Fatal(err)
+	}
+	c.Close()
+}
+
+// BenchmarkE2EBulk compares one session's throughput as a stream of a
+// carrier with an attached session of its own, on the same loopback relay
+// (no tpd): what the multiplexer costs per byte. Figures: the ratio of the
+// two in one run.
+func BenchmarkE2EBulk(b *testing.B) {
+	const size = 64 << 20
+	for _, mode := range []string{"attach", "mux"} {
+		b.Run(mode, func(b *testing.B) {
+			e := newAttachEnv(b)
+			benchSink(b, e)
+			t := b
+			c, err := e.carrierSession(t, header("bob@phone", "dev"))
+			if err != nil {
+				b.Fatal(err)
+			}
+			bulk(b, c, 1<<20)
+			b.SetBytes(size)
+			b.ResetTimer()
+			for range b.N {
+				var c net.Conn
+				if mode == "mux" {
+					c, err = e.streamSession(t, nil)
+				} else {
+					c, err = e.session(t, header("bob@phone", "dev"))
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+				bulk(b, c, size)
+			}
+			b.StopTimer()
+			e.d.closeMux()
+		})
+	}
+}
+
+// A stream whose reader keeps up grows its window beyond the first 256 KiB
+// (so one stream is not capped by the relay's round trip), within the
+// carrier's budget, which it gives back when it ends.
+func TestE2EMuxWindowGrows(t *testing.T) {
+	defer func(w time.Duration) { muxGrowWithin = w }(muxGrowWithin)
+	muxGrowWithin = time.Hour // every grant counts as quick: no dependence on the machine's speed
+	a, b := testnet.Pair(t)
+	got := make(chan *muxStream, 1)
+	agent := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), func(s *muxStream) { got <- s })
+	dialer := newMuxConn(b, true, "svc.rev.test", time.Now().Add(time.Hour), nil)
+	t.Cleanup(func() { agent.fail(errors.New("test over")); dialer.fail(errors.New("test over")) })
+	s, err := dialer.open(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		buf := make([]byte, 64<<10)
+		for range 256 { // 16 MiB
+			if _, err := s.Write(buf); err != nil {
+				return
+			}
+		}
+		_ = s.CloseWrite()
+	}()
+	as := <-got
+	n, err := io.Copy(io.Discard, as)
+	if err != nil || n != 16<<20 {
+		t.Fatalf("read %d bytes, %v; want 16 MiB and a clean end", n, err)
+	}
+	as.mu.Lock()
+	win := as.win
+	as.mu.Unlock()
+	if win <= muxStreamWindow || win > muxMaxStreamWindow {
+		t.Fatalf("the window is %d bytes after 16 MiB read at once; want it grown, at most %d", win, muxMaxStreamWindow)
+	}
+	_ = as.Close()
+	if g := agent.grown.Load(); g != 0 {
+		t.Fatalf("%d bytes of growth still taken after the stream ended", g)
+	}
+}
+
+// When the server the carrier runs through stops (the agent's control session
+// ended with "shutdown"), the agent sends GOAWAY: the dialer opens no further
+// stream on the carrier, the stream still open finishes, and the carrier ends
+// with it, so it does not hold up the server's drain.
+func TestE2EMuxDrains(t *testing.T) {
+	e := newAttachEnv(t)
+	c, err := e.carrierSession(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	readEcho(t, c, "before")
+	e.d.mux.mu.Lock()
+	m := e.d.mux.carriers[muxTestAddr][0]
+	e.d.mux.mu.Unlock()
+	e.a.drainCarriers()
+	waitUsable := time.Now().Add(10 * time.Second)
+	for m.usable(time.Now()) {
+		if time.Now().After(waitUsable) {
+			t.Fatal("the dialer still opens streams on a carrier told to go away")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	echoes(t, c, " and after") // the open stream finishes
+	select {
+	case <-m.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the carrier did not end with its last stream")
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.err == nil || (m.err.Error() != "closed" && m.err.Error() != "the agent closed the carrier") {
+		t.Fatalf("the carrier ended with %v; want a clean close (by either end)", m.err)
+	}
+}
+
+// Streams count against the agent's bound on sessions (MaxSessions): beyond
+// it a stream is refused, readably, with reverse_busy, and the carrier stays.
+func TestE2EMuxAgentBound(t *testing.T) {
+	e := newAttachEnv(t)
+	e.a.MaxSessions = 2
+	c1, err := e.carrierSession(t, header("bob@phone", "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := e.streamSession(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.streamSession(t, nil)
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Code != wire.CodeReverseBusy || !strings.Contains(re.Reason, "as many sessions as it takes (2)") {
+		t.Fatalf("a third stream with MaxSessions 2: %v; want reverse_busy", err)
+	}
+	echoes(t, c1, "one")
+	echoes(t, c2, "two")
+	deadline := time.Now().Add(10 * time.Second)
+	for { // the agent counts a stream down when its goroutine is done
+		c3, err := e.streamSession(t, nil)
+		if err == nil {
+			echoes(t, c3, "three")
+			break
+		}
+		if !errors.As(err, &re) || re.Code != wire.CodeReverseBusy || time.Now().After(deadline) {
+			t.Fatalf("after two streams ended: %v", err)
+		}
+	}
+	e.d.closeMux()
+}
+
+// FuzzMuxFrames: an agent's end of a carrier stays within its bounds on any
+// input from the dialer: it ends (or reads to the end of the input) without
+// a panic, and nothing it holds outlives the carrier.
+func FuzzMuxFrames(f *testing.F) {
+	frame := func(typ byte, id uint32, payload []byte) []byte { return appendMuxFrame(nil, typ, id, payload) }
+	f.Add(frame(muxOpen, 1, []byte("hello")))
+	f.Add(append(append(frame(muxOpen, 1, nil), frame(muxData, 1, []byte("x"))...), frame(muxFin, 1, nil)...))
+	f.Add(append(frame(muxOpen, 1, nil), frame(muxAbort, 1, []byte{0})...))
+	f.Add(append(frame(muxOpen, 1, nil), frame(muxWindow, 1, []byte{0, 0, 1, 0})...))
+	f.Add(frame(muxPing, 0, make([]byte, 8)))
+	f.Add([]byte{muxData, 0, 0, 0, 1, 0xff, 0xff})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		a, b := net.Pipe()
+		m := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), func(s *muxStream) {
+			go func() { _, _ = io.Copy(io.Discard, s); _ = s.Close() }()
+		})
+		go func() { _, _ = io.Copy(io.Discard, b) }() // what the agent answers
+		_, _ = b.Write(in)
+		_ = b.Close()
+		select {
+		case <-m.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("the carrier did not end at the end of its input")
+		}
+	})
+}
+
+// A destination that answers without end-to-end TLS (no protected name) is
+// remembered after its first dial: later dials do not try to open a carrier
+// to it, and no carrier is ever made.
+func TestE2EMuxPlainDestinationRemembered(t *testing.T) {
+	addr, cfg := StartTestServer(t, nil)
+	d := &Dialer{Server: addr, TLSConfig: cfg, Transport: TransportTLS}
+	defer d.Close()
+	echo := testnet.Echo(t)
+	for range 2 {
+		c, err := d.DialContext(context.Background(), "tcp", echo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		echoes(t, c, "plain")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, handled, claim, _ := d.muxDial(ctx, echo, nil); handled || claim != nil {
+		t.Fatalf("handled %v, claim %v; want the plain destination remembered", handled, claim)
+	}
+	if carriers, streams := d.E2EMuxStats(); carriers != 0 || streams != 0 {
+		t.Fatalf("%d carriers, %d streams to a plain destination", carriers, streams)
+	}
+}
