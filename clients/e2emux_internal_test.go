@@ -9,6 +9,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -130,7 +131,17 @@ func TestE2EMuxCarriesManySessions(t *testing.T) {
 	if full, attached := e.d.E2EStats(); full != 1 || attached != 0 {
 		t.Fatalf("%d handshakes, %d attaches; want 1 and 0", full, attached)
 	}
-	e.d.closeMux()
+	// Closing the Dialer ends its carriers: a session still open is cut (an
+	// error, never an end of stream), not left to the carrier's idle close.
+	open, err := e.streamSession(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.d.Close()
+	open.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadAll(open); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a session open when its Dialer closed read %v; want a cut", err)
+	}
 }
 
 // First bytes go with a stream's opening, sealed inside the carrier: the

@@ -74,6 +74,7 @@ var ErrDialerClosed = errors.New("the TP dialer is closed")
 // its spare TLS connection.
 func (d *Dialer) Close() error {
 	d.closeSpare()
+	d.closeMux() // end-to-end carriers (e2emux_dial.go): their open streams are cut
 	q := &d.quic
 	q.mu.Lock()
 	defer q.mu.Unlock()
