@@ -113,6 +113,9 @@ func resetText(code quic.ApplicationErrorCode) string {
 // Explain asks the server who cut the session and why (op "why", bounded by
 // whyTimeout), once; Error then says so.
 func (e *CutError) Explain(ctx context.Context) {
+	if ma := (*muxAbortError)(nil); e.End == nil && errors.As(e.Err, &ma) {
+		e.End = &ma.end // a carrier's stream: the agent said why
+	}
 	if e.End != nil || e.why != nil || e.t == nil || e.t.session == "" {
 		return
 	}

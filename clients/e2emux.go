@@ -734,9 +734,26 @@ func (s *muxStream) onAbort(reason byte) {
 	if reason == muxAbortRefused {
 		why = "the agent refused the stream (it holds as many as it serves)"
 	}
-	s.cut(fmt.Errorf("end-to-end stream to %s: %s: %w", s.m.name, why, wire.ErrTruncated))
+	err := fmt.Errorf("end-to-end stream to %s: %s: %w", s.m.name, why, wire.ErrTruncated)
+	if s.m.peer == "agent" && reason != muxAbortRefused {
+		// The carrier lives on, so the server has no record of this cut: the
+		// agent's ABORT is the answer to "why" (section 11.4.1).
+		err = &muxAbortError{err: err, end: wire.SessionEnd{Code: wire.EndPeerReset, By: "agent",
+			Reason: "the exposed service's side of the session to " + s.m.name + " was cut off (the service reset the connection, or the agent gave up on it)"}}
+	}
+	s.cut(err)
 	s.m.remove(s.id)
 }
+
+// muxAbortError is a stream cut by the agent's ABORT: it says who cut it
+// without asking the server, which saw nothing of the stream.
+type muxAbortError struct {
+	err error
+	end wire.SessionEnd
+}
+
+func (e *muxAbortError) Error() string { return e.err.Error() }
+func (e *muxAbortError) Unwrap() error { return e.err }
 
 // cut fails both directions with err (data already received stays readable).
 func (s *muxStream) cut(err error) {

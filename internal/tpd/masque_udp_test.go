@@ -63,12 +63,17 @@ func udpRoundTrip(t testing.TB, c *clients.ConnectUDPConn, msg []byte) {
 // A UDP echo on 127.0.0.1 is reached over h3 with HTTP Datagrams, over h3
 // without them (capsules), over h2 extended CONNECT and over HTTP/1.1 Upgrade
 // (capsules on the stream); every payload arrives whole, and the proxy sent
-// the target no more bytes than the client did.
+// the target no more bytes than the client did. Each flow's counters are
+// checked once it ended: every datagram up is counted; down, the last echo's
+// write may end with an error when the client closes the moment it has read
+// it (quic-go and the h2 server can report the peer's close on a write whose
+// bytes already left), so that one may be missing from the count, never more.
 func TestConnectUDPEcho(t *testing.T) {
 	r := newConnectRig(t, connectPolicy)
 	echo := testnet.EchoUDP(t)
 	for _, v := range []string{"h3", "h3-capsules", "h2", "http/1.1"} {
 		t.Run(v, func(t *testing.T) {
+			before := r.d.proxy.ConnectUDPStats()
 			c, err := r.connectUDP(t, v, echo)
 			if err != nil {
 				t.Fatal(err)
@@ -79,18 +84,24 @@ func TestConnectUDPEcho(t *testing.T) {
 			if cp := c.Response.Header.Get("Capsule-Protocol"); cp != "?1" {
 				t.Fatalf("Capsule-Protocol in the answer: %q; want ?1", cp)
 			}
-			for _, n := range []int{0, 1, 100, 1000} {
-				udpRoundTrip(t, c, randomText(n))
+			n := int64(0)
+			for _, size := range []int{0, 1, 100, 1000} {
+				udpRoundTrip(t, c, randomText(size))
+				n++
 			}
 			if v != "h3" { // capsules carry what no QUIC datagram could
 				udpRoundTrip(t, c, randomText(30000))
+				n++
+			}
+			c.Close()
+			waitFor(t, "the flow to end", func() bool { return r.d.proxy.ConnectUDPStats().Active == 0 })
+			st := r.d.proxy.ConnectUDPStats()
+			up, down := st.DatagramsUp-before.DatagramsUp, st.DatagramsDown-before.DatagramsDown
+			if st.Flows-before.Flows != 1 || up != n || down < n-1 || down > n ||
+				st.BytesToTarget-before.BytesToTarget > st.BytesFromClient-before.BytesFromClient {
+				t.Fatalf("stats %+v after %+v: want 1 flow, %d datagrams up, %d (or %d) down, and no more bytes to the target than from the client", st, before, n, n, n-1)
 			}
 		})
-	}
-	waitFor(t, "the flows to end", func() bool { return r.d.proxy.ConnectUDPStats().Active == 0 })
-	st := r.d.proxy.ConnectUDPStats()
-	if st.Flows != 4 || st.DatagramsUp != 19 || st.DatagramsDown != 19 || st.BytesToTarget > st.BytesFromClient {
-		t.Fatalf("stats %+v: want 4 flows, 19 datagrams each way, and no more bytes to the target than from the client", st)
 	}
 }
 

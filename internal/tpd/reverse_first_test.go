@@ -30,6 +30,7 @@ func TestReverseProtectedFirstBytes(t *testing.T) {
 			}
 			defer bd.Close()
 			bd.Transport = transport
+			bd.NoE2EMux = true // session by session, as `tp HOST PORT` dials: the attach path (a carrier has its own tests)
 			session := func(first, more string) {
 				t.Helper()
 				conn, err := bd.DialFirst(context.Background(), "tcp", "svc.rev.tp.internal:22", []byte(first))
