@@ -66,8 +66,8 @@ func udpRoundTrip(t testing.TB, c *clients.ConnectUDPConn, msg []byte) {
 // the target no more bytes than the client did. Each flow's counters are
 // checked once it ended: every datagram up is counted; down, the last echo's
 // write may end with an error when the client closes the moment it has read
-// it (quic-go and the h2 server can report the peer's close on a write whose
-// bytes already left), so that one may be missing from the count, never more.
+// it (a stream write can report the peer's close after its bytes left), so
+// that one may be missing from the count, never more.
 func TestConnectUDPEcho(t *testing.T) {
 	r := newConnectRig(t, connectPolicy)
 	echo := testnet.EchoUDP(t)
