@@ -128,18 +128,6 @@ func countLines(log string, parts ...string) int {
 	return n
 }
 
-// waitUntil polls cond until it holds or within passes.
-func waitUntil(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s", what, within)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // TestE2EMuxOneDialManySessions: bob's `tp forward` to alice's protected name
 // carries 40 sessions (20 one after another, 20 at once; 256 KiB each way,
 // checksummed) as streams of one end-to-end carrier, over QUIC and over TLS:
@@ -175,11 +163,11 @@ func TestE2EMuxOneDialManySessions(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			waitUntil(t, 20*time.Second, "the agent's 40 stream lines", func() bool {
+			waitFor(t, 20*time.Second, "the agent's 40 stream lines", func() bool {
 				return countLines(agentLog.String(), "tp expose: session", "e2e=mux", "bob@phone") == 40
 			})
 			stop() // the carrier ends with tp forward: tpd logs its session
-			waitUntil(t, 20*time.Second, "tpd's line for the carrier", func() bool {
+			waitFor(t, 20*time.Second, "tpd's line for the carrier", func() bool {
 				return countLines(srv.log.String(), "proxy session", "dest=laptop-ssh.rev.tp.internal:22") > before
 			})
 			if n := countLines(srv.log.String(), "proxy session", "dest=laptop-ssh.rev.tp.internal:22") - before; n != 1 {
