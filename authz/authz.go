@@ -74,6 +74,9 @@ type Decision struct {
 	// IP is what an allowed "ip" request may use (the policy's document ip);
 	// nil for other actions.
 	IP *IPGrant
+	// Cached says that the policy's decision cache answered: no evaluation
+	// ran (docs/POLICY.md, "Decision cache").
+	Cached bool
 }
 
 // IPGrant is what a device may do through a CONNECT-IP tunnel: the prefixes and

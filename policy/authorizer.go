@@ -79,7 +79,7 @@ func (p *Authorizer) decide(ctx context.Context, req authz.Request, input map[st
 		return authz.Decision{Allow: false, Reason: ReasonFailed}, res,
 			fmt.Errorf("authorize %s %s to %s: %w", req.Identity, req.Action, hostPort(req.Destination), err)
 	}
-	d := authz.Decision{Allow: res.Allow, Reason: res.Reason, Revision: res.Revision}
+	d := authz.Decision{Allow: res.Allow, Reason: res.Reason, Revision: res.Revision, Cached: res.Cached}
 	if req.Action == authz.ActionIP && d.Allow {
 		grant, err := ParseIPGrant(res.IP)
 		if err != nil {

@@ -243,6 +243,17 @@ func TestAuthorize(t *testing.T) {
 	if !strings.Contains(logs.String(), "revision="+engine.Revision()) {
 		t.Errorf("debug log lacks the policy revision:\n%s", logs.String())
 	}
+	// The same request again is answered by the decision cache, and the
+	// Decision says so (tpd's metrics time the two apart).
+	again := dial(identity("bob", "pc", "dev", "dba"), "db.internal", 5432, "10.0.0.5")
+	first, err := p.Authorize(ctx, again)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := p.Authorize(ctx, again)
+	if err != nil || !second.Allow || !second.Cached || first.Allow != second.Allow {
+		t.Fatalf("a repeated request: %+v, %v; want the same allow, from the cache (Cached)", second, err)
+	}
 }
 
 func TestAuthorizeFailsClosed(t *testing.T) {
@@ -414,16 +425,26 @@ func BenchmarkAuthorize(b *testing.B) {
 		{"default", policy.DefaultPolicy},
 		{"dba", dbaPolicy},
 	} {
-		b.Run(bc.name, func(b *testing.B) {
-			p := &policy.Authorizer{Directory: &mapDirectory{}, Evaluator: loadPolicy(b, bc.src), DenyList: &authz.DenyList{}}
-			req := dial(identity("bob", "pc", "dev", "dba"), "db.internal", 5432, "10.0.0.5")
-			req.Time = time.Now()
-			b.ReportAllocs()
-			for b.Loop() {
-				if _, err := p.Authorize(ctx, req); err != nil {
-					b.Fatal(err)
-				}
+		for _, cached := range []bool{true, false} {
+			name := bc.name + "/cached"
+			var opts []policy.Option
+			if !cached {
+				name, opts = bc.name+"/uncached", []policy.Option{policy.WithoutCache()}
 			}
-		})
+			b.Run(name, func(b *testing.B) {
+				eng := load(b, writePolicy(b, map[string]string{"tp.rego": bc.src}), opts...)
+				p := &policy.Authorizer{Directory: &mapDirectory{}, Evaluator: eng, DenyList: &authz.DenyList{}}
+				req := dial(identity("bob", "pc", "dev", "dba"), "db.internal", 5432, "10.0.0.5")
+				b.ReportAllocs()
+				for b.Loop() {
+					// A new time for every request, as tpd's: the policy does
+					// not read it, so the cache answers all but the first.
+					req.Time = time.Now()
+					if _, err := p.Authorize(ctx, req); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
 	}
 }

@@ -53,7 +53,7 @@ func realisticInput(i int) map[string]any {
 // BenchmarkDecisionRealistic reports the latency of one decision (p50 and p99 in
 // µs) for realisticPolicy, with the prepared query TP uses.
 func BenchmarkDecisionRealistic(b *testing.B) {
-	e := load(b, writePolicy(b, realisticPolicy()))
+	e := load(b, writePolicy(b, realisticPolicy()), policy.WithoutCache()) // the evaluation, not the decision cache
 	ctx := context.Background()
 	inputs := make([]map[string]any, 40)
 	for i := range inputs {

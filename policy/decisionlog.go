@@ -23,7 +23,8 @@ import (
 //	 "serial":"1f","expiry":"…"},"destination":{"host":"db.internal","port":5432,"network":"tcp",
 //	 "ips":["10.0.0.5"],"embedded_ipv4":[]},"source":{"address":"192.0.2.7:50000","transport":"tls"}}
 //
-// "decision" is "allow" or "deny"; "error" is present when the evaluation failed
+// "decision" is "allow" or "deny"; "cached": true marks a decision the policy's
+// decision cache answered (see Engine.Eval); "error" is present when the evaluation failed
 // (the request was denied). The input document carries no secrets: no keys, tokens
 // or certificates, only the certificate's serial and expiry.
 type DecisionLog struct {
@@ -62,6 +63,7 @@ type Decision struct {
 	Deny     []string  `json:"deny,omitempty"`
 	Revision string    `json:"revision,omitempty"` // empty when TP denied without asking the policy
 	Error    string    `json:"error,omitempty"`
+	Cached   bool      `json:"cached,omitempty"`
 	// The input document's parts, as the policy saw them.
 	Action      any `json:"action"`
 	Identity    any `json:"identity"`
@@ -82,7 +84,7 @@ func (l *DecisionLog) Record(input map[string]any, allow bool, reason string, re
 		return nil
 	}
 	d := Decision{
-		Time: l.now().UTC(), Decision: "deny", Reason: reason, Deny: res.Deny, Revision: res.Revision,
+		Time: l.now().UTC(), Decision: "deny", Reason: reason, Deny: res.Deny, Revision: res.Revision, Cached: res.Cached,
 		Action: input["action"], Identity: input["identity"], Destination: input["destination"], Source: input["source"],
 	}
 	if allow {

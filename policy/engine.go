@@ -52,6 +52,8 @@ type Result struct {
 	// IP is the policy's document ip as evaluated (undefined: nil), which an
 	// allowed "ip" request is held to (see Authorizer).
 	IP any
+	// Cached is true when the answer came from the decision cache (see Eval).
+	Cached bool
 }
 
 // Option adjusts an Engine.
@@ -80,6 +82,11 @@ func WithQueueTimeout(d time.Duration) Option {
 	}
 }
 
+// WithoutCache turns the decision cache off: every Eval evaluates the policy.
+func WithoutCache() Option {
+	return func(e *Engine) { e.noCache = true }
+}
+
 // Engine evaluates the Rego policy loaded from one directory. It is safe for
 // concurrent use; Eval never waits for a Reload.
 //
@@ -93,6 +100,7 @@ type Engine struct {
 	dir          string
 	timeout      time.Duration
 	queueTimeout time.Duration
+	noCache      bool
 	slots        chan struct{} // one per evaluation allowed to run
 
 	reloadMu sync.Mutex // serialises Reload; Eval does not take it
@@ -105,6 +113,11 @@ type compiled struct {
 	revision string
 	files    []string // base names, sorted
 	tests    string   // testsRevision of the *_test.rego files it was checked with
+	// use is what the policy reads of its input; cache, nil when the policy is
+	// not cacheable (use.why) or caching is off, holds this generation's answers,
+	// so a new generation starts with none.
+	use   inputUse
+	cache *decisionCache
 }
 
 // Load reads every *.rego file in dir (files ending in _test.rego are not part of
@@ -121,7 +134,7 @@ func Load(ctx context.Context, dir string, opts ...Option) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	c, err := compileDir(ctx, dir)
+	c, err := e.compileDir(ctx, dir)
 	if err != nil {
 		return nil, err
 	}
@@ -169,7 +182,7 @@ func (e *Engine) Reload(ctx context.Context) error {
 		e.current.Store(&next)
 		return nil
 	}
-	c, err := compileFiles(ctx, e.dir, files, revision)
+	c, err := e.compileFiles(ctx, e.dir, files, revision)
 	if err != nil {
 		return err
 	}
@@ -204,8 +217,38 @@ func testsRevision(dir string) (string, error) {
 // The request is allowed when allow is true and the optional set deny is empty: a
 // deny rule overrides every allow rule, in whichever file. When deny has messages
 // and the policy gives no reason, the messages are the reason.
+//
+// A policy that decides on the input and its own rules alone (see [Engine.Cached])
+// answers a request whose input, in every part the policy reads, equals one
+// answered within [CacheTTL] with that answer again, without evaluating
+// (Result.Cached). The cache belongs to the policy generation: a Reload that
+// activates a new policy starts with none. Errors are never cached.
 func (e *Engine) Eval(ctx context.Context, input map[string]any) (Result, error) {
-	return e.evalWith(ctx, e.current.Load(), input)
+	c := e.current.Load()
+	if c.cache == nil {
+		return e.evalWith(ctx, c, input)
+	}
+	key, ok := c.use.key(input)
+	if ok {
+		if res, hit := c.cache.get(key); hit {
+			res.Cached = true
+			return res, nil
+		}
+	}
+	res, err := e.evalWith(ctx, c, input)
+	if err == nil && ok {
+		c.cache.put(key, res)
+	}
+	return res, err
+}
+
+// Cached says whether the active policy's decisions are cached and, when they are
+// not, why: the policy calls a builtin whose answer can change between identical
+// requests (time.now_ns, rand.intn, http.send, …, and the certificate and token
+// checks that read the clock), reads input.time, or reads the input as a whole.
+func (e *Engine) Cached() (bool, string) {
+	c := e.current.Load()
+	return c.cache != nil, c.use.why
 }
 
 // evalWith evaluates input against the policy generation c; extra options add
@@ -436,15 +479,15 @@ func revisionOf(files []file) string {
 	return hex.EncodeToString(h.Sum(nil))[:12]
 }
 
-func compileDir(ctx context.Context, dir string) (*compiled, error) {
+func (e *Engine) compileDir(ctx context.Context, dir string) (*compiled, error) {
 	files, revision, err := readDir(dir)
 	if err != nil {
 		return nil, err
 	}
-	return compileFiles(ctx, dir, files, revision)
+	return e.compileFiles(ctx, dir, files, revision)
 }
 
-func compileFiles(ctx context.Context, dir string, files []file, revision string) (*compiled, error) {
+func (e *Engine) compileFiles(ctx context.Context, dir string, files []file, revision string) (*compiled, error) {
 	modules := make(map[string]*ast.Module, len(files))
 	names := make([]string, 0, len(files))
 	for _, f := range files {
@@ -480,7 +523,14 @@ func compileFiles(ctx context.Context, dir string, files []file, revision string
 	if err := checkTests(ctx, dir); err != nil {
 		return nil, err
 	}
-	return &compiled{query: pq, revision: revision, files: names}, nil
+	c := &compiled{query: pq, revision: revision, files: names, use: analyzeInput(compiler.Modules)}
+	switch {
+	case e.noCache:
+		c.use.root, c.use.why = nil, "the decision cache is turned off"
+	case c.use.root != nil:
+		c.cache = newDecisionCache()
+	}
+	return c, nil
 }
 
 // testTimeout bounds each policy unit test run at load and reload.

@@ -512,7 +512,8 @@ func BenchmarkEval(b *testing.B) {
 		{"group", groupPolicy},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
-			e := load(b, writePolicy(b, map[string]string{"p.rego": bc.src}))
+			// The evaluation, not the decision cache (BenchmarkAuthorize has both).
+			e := load(b, writePolicy(b, map[string]string{"p.rego": bc.src}), policy.WithoutCache())
 			in := input("bob", "pc", []string{"dev", "dba"}, "dial", "db.internal", 5432, "10.0.0.5")
 			b.ReportAllocs()
 			for b.Loop() {

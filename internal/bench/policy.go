@@ -87,7 +87,9 @@ func policyInputs() []map[string]any {
 
 func policyLatency(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	const scn = "7 policy decision"
-	load := func(name, src string) (*policy.Engine, error) {
+	// The evaluation's cost: tpd's decision cache would answer the repeated
+	// inputs below without evaluating. The last variant shows the cache.
+	load := func(name, src string, opts ...policy.Option) (*policy.Engine, error) {
 		dir := filepath.Join(e.dir, "policy-"+name)
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, err
@@ -95,13 +97,17 @@ func policyLatency(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, erro
 		if err := os.WriteFile(filepath.Join(dir, "tp.rego"), []byte(src), 0o600); err != nil {
 			return nil, err
 		}
-		return policy.Load(ctx, dir, policy.WithTimeout(time.Second))
+		return policy.Load(ctx, dir, append([]policy.Option{policy.WithTimeout(time.Second)}, opts...)...)
 	}
-	small, err := load("small", benchPolicy)
+	small, err := load("small", benchPolicy, policy.WithoutCache())
 	if err != nil {
 		return nil, err
 	}
-	big, err := load("realistic", realisticPolicy())
+	big, err := load("realistic", realisticPolicy(), policy.WithoutCache())
+	if err != nil {
+		return nil, err
+	}
+	bigCached, err := load("realistic-cached", realisticPolicy())
 	if err != nil {
 		return nil, err
 	}
@@ -136,9 +142,11 @@ func policyLatency(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, erro
 		}}
 	}
 	base := "1-rule policy (tpbench's)"
+	bigName := fmt.Sprintf("%d rules, %d groups", policyRules, policyGroups)
 	vs := []*variant{
 		mk(base, "", small),
-		mk(fmt.Sprintf("%d rules, %d groups", policyRules, policyGroups), base, big),
+		mk(bigName, base, big),
+		mk(bigName+", decision cache", bigName, bigCached),
 	}
 	interleave(runs, vs, e.log)
 	return collect(vs), nil

@@ -154,6 +154,9 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		d.closeDB()
 		return nil, fmt.Errorf("policy in %s: %w", cfg.PolicyDir(), err)
 	}
+	if cached, why := d.policy.Cached(); !cached {
+		log.Info("policy decisions are not cached: every request evaluates the policy", "why", why)
+	}
 	if d.decisions, err = policy.OpenDecisionLog(cfg.DecisionLog); err != nil {
 		d.closeDB()
 		return nil, err
@@ -495,7 +498,8 @@ func (d *Daemon) maintain(ctx context.Context) {
 			}
 		} else if d.metrics.policyReload(nil, false); lastErr != "" || d.policy.Revision() != before {
 			lastErr = ""
-			d.log.Info("policy reloaded", "revision", d.policy.Revision())
+			cached, why := d.policy.Cached()
+			d.log.Info("policy reloaded", "revision", d.policy.Revision(), "decisions_cached", cached, "not_cached_because", why)
 			d.policyReloaded("policy directory change", nil)
 		}
 		d.recheckIfChanged(ctx)
