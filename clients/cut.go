@@ -150,12 +150,18 @@ func ExplainCut(ctx context.Context, err error) error {
 }
 
 // why asks the server how session was cut off: on the live QUIC connection when
-// there is one, else on a new TLS connection.
+// there is one, else on a live tp-mux connection (a re-check that cuts many
+// tunnels then costs no handshake per tunnel), else on a new TLS connection.
 func (d *Dialer) why(ctx context.Context, session string) (*wire.SessionEnd, error) {
 	hello := wire.ClientHello{V: wire.Version, Op: wire.OpWhy, Session: session}
 	var conn wire.Stream
 	if d.liveQUIC() != nil {
 		if _, st, err := d.openStream(ctx, "asking why"); err == nil {
+			conn = st
+		}
+	}
+	if m := d.tlsMux.usable(); conn == nil && m != nil {
+		if st, err := m.Open(nil); err == nil {
 			conn = st
 		}
 	}

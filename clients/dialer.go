@@ -102,6 +102,10 @@ type Dialer struct {
 	// its own through the server, instead of a stream of the end-to-end carrier
 	// the Dialer keeps to the name (docs/PROTOCOL.md, section 11.4.1).
 	NoE2EMux bool
+	// NoTLSMux makes every dial over TLS a TLS connection of its own (ALPN
+	// tp/1) instead of a stream of a tp-mux/1 connection the Dialer holds to
+	// the server (tlsmux.go, docs/PROTOCOL.md section 9.9).
+	NoTLSMux bool
 	// Spares is how many handshaken TLS connections the Dialer keeps ready
 	// while sessions come close together over TLS (spare.go); zero means one,
 	// at most 8. An agent keeps DefaultAgentSpares.
@@ -129,6 +133,8 @@ type Dialer struct {
 	mux      muxStates      // end-to-end carriers by reverse name (e2emux_dial.go)
 	hs       handshakeSlots // TLS handshakes in flight (tlsslots.go)
 	sessCfg  sessionCfg     // the TLS sessions' configuration (sessionConfig)
+	tlsMux   tlsMuxPool     // tp-mux/1 connections to the server (tlsmux.go)
+	muxCfg   muxCfgCache    // their configuration (muxConfig)
 }
 
 // RefusedError is the server's refusal of a dial.
@@ -176,8 +182,8 @@ func (e *RefusedError) Unwrap() error {
 
 // DialContext connects to addr (host:port) through the TP server. network must be
 // "tcp" ("tcp4" and "tcp6" are accepted and mean the same: the server picks the
-// address). The returned connection is a *tls.Conn or a *wire.QUICStream; both
-// half-close with CloseWrite. Network "udp" ("udp4", "udp6") opens a UDP flow
+// address). The returned connection is a TLS connection, a stream of a tp-mux
+// connection or a QUIC stream (a wire.Stream); each half-closes with CloseWrite. Network "udp" ("udp4", "udp6") opens a UDP flow
 // instead: a *wire.UDPFlow, a net.Conn that keeps datagram boundaries (udp.go).
 // A refusal by the server is a *RefusedError.
 func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -246,13 +252,19 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	return d.connectTLSWith(ctx, cfg, nil)
+}
+
+// connectTLSWith is connectTLS with the TLS configuration cfg; wrap, when not
+// nil, wraps the TCP connection below the TLS one.
+func (d *Dialer) connectTLSWith(ctx context.Context, cfg *tls.Config, wrap func(net.Conn) net.Conn) (*tls.Conn, error) {
 	release, err := d.hs.acquire(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to TP server %s: waiting while %d TLS handshakes with it are under way: %w", d.Server, maxTLSHandshakes, err)
 	}
 	defer release()
 	d.hs.started.Add(1)
-	conn, err := d.handshakeTLS(ctx, cfg)
+	conn, err := d.handshakeTLSWrapped(ctx, cfg, wrap)
 	var he *handshakeError
 	if errors.As(err, &he) && closedUnanswered(he.err) && ctx.Err() == nil {
 		// tpd closes a connection at accept, before any answer, when the source
@@ -264,7 +276,7 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 		defer t.Stop()
 		select {
 		case <-t.C:
-			conn, err = d.handshakeTLS(ctx, cfg)
+			conn, err = d.handshakeTLSWrapped(ctx, cfg, wrap)
 		case <-ctx.Done():
 		}
 	}
@@ -273,6 +285,12 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 
 // handshakeTLS connects to the server over TCP and runs the TLS handshake.
 func (d *Dialer) handshakeTLS(ctx context.Context, cfg *tls.Config) (*tls.Conn, error) {
+	return d.handshakeTLSWrapped(ctx, cfg, nil)
+}
+
+// handshakeTLSWrapped is handshakeTLS with wrap, when not nil, around the
+// connection below TLS.
+func (d *Dialer) handshakeTLSWrapped(ctx context.Context, cfg *tls.Config, wrap func(net.Conn) net.Conn) (*tls.Conn, error) {
 	var nd net.Dialer
 	raw, err := nd.DialContext(ctx, "tcp", d.Server)
 	if errors.Is(err, syscall.ECONNREFUSED) {
@@ -283,7 +301,11 @@ func (d *Dialer) handshakeTLS(ctx context.Context, cfg *tls.Config) (*tls.Conn, 
 	}
 	// EOFConn lets a cut (a TLS session that ends without close_notify) be told
 	// from a clean end.
-	conn := tls.Client(wire.NewEOFConn(raw), cfg)
+	var below net.Conn = wire.NewEOFConn(raw)
+	if wrap != nil {
+		below = wrap(below)
+	}
+	conn := tls.Client(below, cfg)
 	if err := conn.HandshakeContext(ctx); err != nil {
 		_ = raw.Close()
 		return nil, fmt.Errorf("TLS handshake with TP server %s: %w", d.Server, &handshakeError{err})

@@ -54,11 +54,11 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 			defer wg.Done()
 			<-ready
 			streams.Add(1)
-			slog := log.With("stream", s.id)
+			slog := log.With("stream", s.ID())
 			if code != "" {
 				sess := &e2eSession{Stream: s, bridge: s, capsules: s}
 				sess.refuse(code, reason, slog)
-				_ = m.frame(muxGoAway, 0, nil)
+				_ = m.GoAway()
 				_ = m.Close() // cleanly, so the refusal reaches the dialer first
 				return
 			}
@@ -76,25 +76,23 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 		}()
 	}
 	m = newMuxConn(newBatchedTLS(tc, batch), false, full, expires, accept)
-	close(ready)
 	a.mu.Lock()
 	if a.carriers == nil {
 		a.carriers = map[*muxConn]struct{}{}
 	}
 	a.carriers[m] = struct{}{}
 	a.mu.Unlock()
+	close(ready) // streams are served once a drain can find the carrier
 	defer func() {
 		a.mu.Lock()
 		delete(a.carriers, m)
 		a.mu.Unlock()
 	}()
-	stop := context.AfterFunc(ctx, func() { m.fail(errors.New("the agent stops")) })
+	stop := context.AfterFunc(ctx, func() { m.Fail(errors.New("the agent stops")) })
 	defer stop()
 	<-m.Done()
 	wg.Wait()
-	m.mu.Lock()
-	why := m.err
-	m.mu.Unlock()
+	why := m.Err()
 	end := "closed"
 	if why != nil {
 		end = why.Error()
@@ -113,7 +111,7 @@ func (a *Agent) drainCarriers() {
 	}
 	a.mu.Unlock()
 	for _, m := range all {
-		m.drain()
+		m.Drain()
 	}
 }
 

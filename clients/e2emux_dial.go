@@ -61,7 +61,7 @@ func (d *Dialer) muxDial(ctx context.Context, addr string, early *earlyDial) (c 
 		now := time.Now()
 		var m *muxConn
 		for _, cand := range st.carriers[key] {
-			if cand.usable(now) {
+			if cand.Usable(now) {
 				m = cand
 				break
 			}
@@ -171,7 +171,7 @@ func (d *Dialer) closeMux() {
 	}
 	d.mux.mu.Unlock()
 	for _, m := range all {
-		_ = m.fail(errors.New("the dialer closed"))
+		_ = m.Fail(errors.New("the dialer closed"))
 	}
 }
 
@@ -182,7 +182,7 @@ func (d *Dialer) muxSession(ctx context.Context, m *muxConn, addr string, early 
 	if early != nil && !early.sent && !early.sealed {
 		first = early.first
 	}
-	s, err := m.open(first)
+	s, err := m.Open(first)
 	if err != nil {
 		if errors.Is(err, errMuxFull) {
 			return nil, err
@@ -207,7 +207,7 @@ func (d *Dialer) muxSession(ctx context.Context, m *muxConn, addr string, early 
 	}
 	if err != nil {
 		s.Abort(wire.QUICInternal)
-		if len(first) == 0 && ctx.Err() == nil && errors.Is(err, wire.ErrTruncated) && m.ended() {
+		if len(first) == 0 && ctx.Err() == nil && errors.Is(err, wire.ErrTruncated) && m.Ended() {
 			// The carrier broke before the agent answered (the agent restarted,
 			// the server cut it) and nothing of the session can have reached
 			// the service: the dial goes again, on another carrier or alone.
@@ -239,10 +239,7 @@ func (d *Dialer) startMux(ctx context.Context, tc *tls.Conn, batch *batchConn, a
 	d.mux.add(claim.key, m)
 	c, err := d.muxSession(ctx, m, addr, claim.early)
 	if errors.Is(err, errMuxFull) {
-		m.mu.Lock()
-		why := m.err
-		m.mu.Unlock()
-		err = fmt.Errorf("tp dial %s: the end-to-end carrier ended as it opened: %v", addr, why)
+		err = fmt.Errorf("tp dial %s: the end-to-end carrier ended as it opened: %v", addr, m.Err())
 	}
 	return c, err
 }

@@ -335,7 +335,7 @@ func muxPeer(t *testing.T, client bool, accept func(*muxStream)) (*muxConn, net.
 		accept = func(s *muxStream) { go func() { _, _ = io.Copy(io.Discard, s) }() }
 	}
 	m := newMuxConn(a, client, "svc.rev.test", time.Now().Add(time.Hour), accept)
-	t.Cleanup(func() { m.fail(errors.New("test over")) })
+	t.Cleanup(func() { m.Fail(errors.New("test over")) })
 	_ = b.SetDeadline(time.Now().Add(20 * time.Second))
 	return m, b
 }
@@ -347,10 +347,8 @@ func waitCarrierEnd(t *testing.T, m *muxConn, want string) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("the carrier did not end")
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.err == nil || !strings.Contains(m.err.Error(), want) {
-		t.Fatalf("the carrier ended with %v; want %q", m.err, want)
+	if err := m.Err(); err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("the carrier ended with %v; want %q", err, want)
 	}
 }
 
@@ -502,8 +500,8 @@ func TestE2EMuxWindowGrows(t *testing.T) {
 	got := make(chan *muxStream, 1)
 	agent := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), func(s *muxStream) { got <- s })
 	dialer := newMuxConn(b, true, "svc.rev.test", time.Now().Add(time.Hour), nil)
-	t.Cleanup(func() { agent.fail(errors.New("test over")); dialer.fail(errors.New("test over")) })
-	s, err := dialer.open(nil)
+	t.Cleanup(func() { agent.Fail(errors.New("test over")); dialer.Fail(errors.New("test over")) })
+	s, err := dialer.Open(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -521,14 +519,12 @@ func TestE2EMuxWindowGrows(t *testing.T) {
 	if err != nil || n != 16<<20 {
 		t.Fatalf("read %d bytes, %v; want 16 MiB and a clean end", n, err)
 	}
-	as.mu.Lock()
-	win := as.win
-	as.mu.Unlock()
+	win := as.Window()
 	if win <= muxStreamWindow || win > muxMaxStreamWindow {
 		t.Fatalf("the window is %d bytes after 16 MiB read at once; want it grown, at most %d", win, muxMaxStreamWindow)
 	}
 	_ = as.Close()
-	if g := agent.grown.Load(); g != 0 {
+	if g := agent.Grown(); g != 0 {
 		t.Fatalf("%d bytes of growth still taken after the stream ended", g)
 	}
 }
@@ -552,7 +548,7 @@ func TestE2EMuxDrains(t *testing.T) {
 	e.d.mux.mu.Unlock()
 	e.a.drainCarriers()
 	waitUsable := time.Now().Add(10 * time.Second)
-	for m.usable(time.Now()) {
+	for m.Usable(time.Now()) {
 		if time.Now().After(waitUsable) {
 			t.Fatal("the dialer still opens streams on a carrier told to go away")
 		}
@@ -564,10 +560,8 @@ func TestE2EMuxDrains(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the carrier did not end with its last stream")
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.err == nil || (m.err.Error() != "closed" && m.err.Error() != "the agent closed the carrier") {
-		t.Fatalf("the carrier ended with %v; want a clean close (by either end)", m.err)
+	if err := m.Err(); err == nil || (err.Error() != "closed" && err.Error() != "the agent closed the carrier") {
+		t.Fatalf("the carrier ended with %v; want a clean close (by either end)", err)
 	}
 }
 

@@ -259,7 +259,7 @@ func (e *earlyTunnel) wait() (net.Conn, error) {
 // retry runs the request again on a new connection, after err showed that the
 // old one is gone, and sends early there once the server said ok.
 func (e *earlyTunnel) retry(ctx context.Context, err error, early []byte) (net.Conn, error) {
-	connLost(e.conn, err) // waits for the connection's end, so that the pool makes a new one
+	e.d.connLost(e.conn, err) // waits for the connection's end and forgets it, so that the pool makes a new one
 	tun, _, err := e.d.requestQUIC(ctx, e.addr, e.hello, nil)
 	if err != nil {
 		return nil, err

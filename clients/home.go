@@ -1,6 +1,7 @@
 package clients
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -149,9 +150,21 @@ func (h Home) SaveDeviceKey(k *ecdsa.PrivateKey) error {
 
 // Certificate loads the current certificate and key.
 func (h Home) Certificate() (tls.Certificate, error) {
+	// key.pem holds the key and, after it, its chain: one file, replaced by one
+	// rename, so a renewal in another process never pairs a new key with an old
+	// certificate here, however long its writes take on a busy disk.
+	if kb, err := os.ReadFile(h.path(keyFile)); err == nil && bytes.Contains(kb, []byte("-----BEGIN CERTIFICATE-----")) {
+		c, err := tls.X509KeyPair(kb, kb)
+		if err != nil {
+			return tls.Certificate{}, fmt.Errorf("certificate in %s is unreadable (%v); run dlogin", h.path(keyFile), err)
+		}
+		return c, nil
+	}
+	// A key.pem written before it carried the chain (an older tp): cert.pem
+	// beside it. SaveCredentials replaces key.pem, then cert.pem: another
+	// process renewing at this moment can leave a new key beside the old
+	// certificate for an instant.
 	c, err := tls.LoadX509KeyPair(h.path(certFile), h.path(keyFile))
-	// SaveCredentials replaces key.pem, then cert.pem: another process renewing at
-	// this moment can leave a new key beside the old certificate for an instant.
 	for i := 0; err != nil && strings.Contains(err.Error(), "does not match") && i < 10; i++ {
 		time.Sleep(20 * time.Millisecond) // waiting out a concurrent renewal's second rename
 		c, err = tls.LoadX509KeyPair(h.path(certFile), h.path(keyFile))
@@ -165,7 +178,10 @@ func (h Home) Certificate() (tls.Certificate, error) {
 	return c, nil
 }
 
-// SaveCredentials writes a new certificate chain and key (key first, 0600).
+// SaveCredentials writes a new certificate chain and key: key.pem (0600) holds
+// the key followed by the chain, which is what Certificate reads, so the pair
+// changes in one rename; cert.pem (0644) holds the chain alone for other
+// programs (curl --cert), written second.
 func (h Home) SaveCredentials(cr *login.Credentials) error {
 	kb, err := login.PEMKey(cr.Key)
 	if err != nil {
@@ -175,7 +191,7 @@ func (h Home) SaveCredentials(cr *login.Credentials) error {
 	for _, c := range cr.Chain {
 		cb = append(cb, login.PEMCert(c)...)
 	}
-	if err := login.WriteFileAtomic(h.path(keyFile), kb, 0o600); err != nil {
+	if err := login.WriteFileAtomic(h.path(keyFile), append(kb, cb...), 0o600); err != nil {
 		return err
 	}
 	return login.WriteFileAtomic(h.path(certFile), cb, 0o644)

@@ -1,8 +1,10 @@
 package clients
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/x509"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -59,5 +61,62 @@ func TestCertificateDuringRenewal(t *testing.T) {
 			wg.Wait()
 			t.Fatalf("reading during a renewal: %v", err)
 		}
+	}
+}
+
+// The moment between a renewal's two renames, made to last: key.pem is the
+// new key with its chain, cert.pem still the old certificate (the bad input is
+// that mismatched pair). Certificate must answer the new pair at once, from
+// key.pem alone, whatever cert.pem holds; a reader that paired the two files
+// would see a mismatch for as long as the renewal's second write takes.
+func TestCertificateBetweenRenewalRenames(t *testing.T) {
+	ca := testpki.New(t)
+	old := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	renewed := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	h := Home{Dir: t.TempDir()}
+	if err := h.SaveCredentials(&login.Credentials{Chain: []*x509.Certificate{old.Leaf, ca.Intermediate}, Key: old.PrivateKey.(*ecdsa.PrivateKey)}); err != nil {
+		t.Fatal(err)
+	}
+	stale, err := os.ReadFile(h.path(certFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SaveCredentials(&login.Credentials{Chain: []*x509.Certificate{renewed.Leaf, ca.Intermediate}, Key: renewed.PrivateKey.(*ecdsa.PrivateKey)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(h.path(certFile), stale, 0o644); err != nil { // the second rename has not happened yet
+		t.Fatal(err)
+	}
+	c, err := h.Certificate()
+	if err != nil {
+		t.Fatalf("Certificate between a renewal's renames: %v", err)
+	}
+	if !bytes.Equal(c.Certificate[0], renewed.Leaf.Raw) || len(c.Certificate) != 2 {
+		t.Fatalf("Certificate = leaf %x… (%d certs); want the renewed leaf and its intermediate", c.Certificate[0][:8], len(c.Certificate))
+	}
+}
+
+// A home written before key.pem carried the chain (key.pem holds only the key)
+// still loads, from cert.pem beside it.
+func TestCertificateKeyOnlyHome(t *testing.T) {
+	ca := testpki.New(t)
+	cc := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	h := Home{Dir: t.TempDir()}
+	kb, err := login.PEMKey(cc.PrivateKey.(*ecdsa.PrivateKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(h.path(keyFile), kb, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(h.path(certFile), append(login.PEMCert(cc.Leaf), login.PEMCert(ca.Intermediate)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := h.Certificate()
+	if err != nil {
+		t.Fatalf("Certificate of a key-only key.pem: %v", err)
+	}
+	if !bytes.Equal(c.Certificate[0], cc.Leaf.Raw) {
+		t.Fatal("Certificate did not load cert.pem's leaf")
 	}
 }

@@ -353,7 +353,7 @@ func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketCon
 func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	for attempt := 0; ; attempt++ {
 		c, conn, err := d.requestQUIC(ctx, addr, hello, early)
-		if attempt == 0 && conn != nil && connLost(conn, err) && ctx.Err() == nil && mayResend(err, early) {
+		if attempt == 0 && conn != nil && d.connLost(conn, err) && ctx.Err() == nil && mayResend(err, early) {
 			continue // the connection died under us: try once on a fresh one
 		}
 		return c, err
@@ -385,16 +385,14 @@ func (d *Dialer) requestQUIC(ctx context.Context, addr string, hello wire.Client
 // QUIC failed recently for this server, and otherwise races the two.
 func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	if d.liveQUIC() != nil {
-		if c, conn, err := d.requestQUIC(ctx, addr, hello, early); conn != nil && (!connLost(conn, err) || !mayResend(err, early)) {
+		if c, conn, err := d.requestQUIC(ctx, addr, hello, early); conn != nil && (!d.connLost(conn, err) || !mayResend(err, early)) {
 			return c, err
 		}
 	}
 	if d.autoSkipsQUIC(ctx) {
-		conn, err := d.connectTLS(ctx)
-		if err != nil {
-			return nil, err
-		}
-		return d.request(ctx, conn, addr, hello, early)
+		// As --transport tls dials: a stream of a tp-mux connection, or a
+		// connection per dial to an older server (spare.go).
+		return d.requestTLS(ctx, addr, hello, early)
 	}
 	winner, tconn, err := d.race(ctx)
 	if err != nil {
@@ -523,6 +521,38 @@ func connLost(conn *quic.Conn, err error) bool {
 	case <-time.After(time.Second): // bound: quic-go cancels right after failing the streams
 	}
 	return true
+}
+
+// connLost is connLost, and when conn is gone the Dialer forgets it, so that
+// no request (the retry after err first) is handed conn again: quic-go fails a
+// connection's streams before it cancels the connection's context, and under
+// load its goroutine may not have cancelled it when connLost's wait ends.
+func (d *Dialer) connLost(conn *quic.Conn, err error) bool {
+	if !connLost(conn, err) {
+		return false
+	}
+	d.quic.forget(conn)
+	return true
+}
+
+// forget drops conn, which is gone, from the shared connection and the
+// further ones.
+func (q *quicState) forget(conn *quic.Conn) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.conn == conn {
+		q.conn = nil
+	}
+	for i, e := range q.extra {
+		if e.conn == conn {
+			if e.idle != nil {
+				e.idle.Stop()
+				e.idle = nil
+			}
+			q.extra = slices.Delete(q.extra, i, i+1)
+			break
+		}
+	}
 }
 
 // clientStream reports a broken QUIC connection from the client's point of view.

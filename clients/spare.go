@@ -151,6 +151,9 @@ func (s *spareTLS) notifyLocked() {
 // session's own setup is done, so the handshakes do not compete with it for the
 // CPU.
 func (d *Dialer) refillSpare() {
+	if d.tlsMux.live() {
+		return // dials are streams of a tp-mux connection: no handshake per dial to save
+	}
 	s := &d.spare
 	s.mu.Lock()
 	if !s.burst || s.filling || s.closed || len(s.conns) >= d.spares() {
@@ -190,6 +193,7 @@ func (d *Dialer) refillSpare() {
 
 // closeSpare discards the spares and makes no more (Dialer.Close).
 func (d *Dialer) closeSpare() {
+	d.tlsMux.close() // and the tp-mux connections (tlsmux.go)
 	s := &d.spare
 	s.mu.Lock()
 	s.closed = true
@@ -210,6 +214,17 @@ func (d *Dialer) closeSpare() {
 // answer, as over QUIC (early.go), when the destination is known to answer
 // without end-to-end TLS and the connection is known to be open.
 func (d *Dialer) requestTLS(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
+	if !d.NoTLSMux && hello.Op == wire.OpDial {
+		// A stream of a tp-mux connection (tlsmux.go); an older server gets a
+		// connection per dial, starting with the one that found it out.
+		c, handled, plain, err := d.requestMux(ctx, addr, hello, early)
+		if handled {
+			return c, err
+		}
+		if plain != nil {
+			return d.requestOnTLS(ctx, plain, addr, hello, early)
+		}
+	}
 	conn, spare, open, err := d.sessionTLS(ctx)
 	if err != nil {
 		return nil, err

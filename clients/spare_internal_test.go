@@ -19,7 +19,7 @@ func spareEnv(t *testing.T) (*Dialer, string) {
 	t.Helper()
 	addr, tlsConfig := StartTestServer(t, nil)
 	echo := testnet.Echo(t)
-	d := &Dialer{Server: addr, Transport: TransportTLS, Timeout: 10 * time.Second, TLSConfig: tlsConfig}
+	d := &Dialer{Server: addr, Transport: TransportTLS, Timeout: 10 * time.Second, TLSConfig: tlsConfig, NoTLSMux: true} // spares are for a connection per tunnel
 	t.Cleanup(func() { _ = d.Close() })
 	return d, echo
 }

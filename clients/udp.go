@@ -10,6 +10,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -20,7 +21,7 @@ func (d *Dialer) dialUDP(ctx context.Context, addr string, hello wire.ClientHell
 	switch d.mode() {
 	case TransportAuto, "":
 		if d.liveQUIC() != nil {
-			if c, conn, err := d.udpOnQUIC(ctx, addr, hello); conn != nil && !connLost(conn, err) {
+			if c, conn, err := d.udpOnQUIC(ctx, addr, hello); conn != nil && !d.connLost(conn, err) {
 				return c, err
 			}
 		}
@@ -47,7 +48,7 @@ func (d *Dialer) dialUDP(ctx context.Context, addr string, hello wire.ClientHell
 	case TransportQUIC:
 		for attempt := 0; ; attempt++ {
 			c, conn, err := d.udpOnQUIC(ctx, addr, hello)
-			if attempt == 0 && conn != nil && connLost(conn, err) && ctx.Err() == nil {
+			if attempt == 0 && conn != nil && d.connLost(conn, err) && ctx.Err() == nil {
 				continue // the connection died under us: try once on a fresh one
 			}
 			return c, err
@@ -59,7 +60,29 @@ func (d *Dialer) dialUDP(ctx context.Context, addr string, hello wire.ClientHell
 	}
 }
 
+// udpOnTLS opens the flow on conn when given (the connection that won auto's
+// race), else as a stream of a tp-mux connection (PROTOCOL 9.9: the capsules
+// go on the stream), else on a new TLS connection (an older server, the
+// connections full, or --no-tls-mux).
 func (d *Dialer) udpOnTLS(ctx context.Context, addr string, hello wire.ClientHello, conn *tls.Conn) (net.Conn, error) {
+	if conn == nil && !d.NoTLSMux {
+		m, plain, err := d.tlsMuxConn(ctx)
+		if err != nil {
+			return nil, err
+		}
+		conn = plain
+		if m != nil {
+			if st, err := m.Open(nil); err == nil {
+				d.tlsMux.counted()
+				c, err := d.udpRequest(ctx, st, addr, hello)
+				if err == nil || !errors.Is(err, mux.ErrRefused) || ctx.Err() != nil {
+					return c, err
+				}
+				// The server refused the stream unserved (it drains): on a
+				// connection of its own.
+			}
+		}
+	}
 	if conn == nil {
 		var err error
 		if conn, err = d.connectTLS(ctx); err != nil {

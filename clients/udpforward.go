@@ -22,7 +22,9 @@ type UDPForwarder struct {
 	Dial   func(ctx context.Context, network, addr string) (net.Conn, error)
 	Target string // host:port as the TP server should reach it
 	Logger *slog.Logger
-	// IdleTimeout ends a flow that carried nothing either way for this long. Default 60s.
+	// IdleTimeout ends a flow that carried nothing either way for this long,
+	// counted from when Dial returned: a dial slower than it (bounded by the
+	// Dialer's Timeout) is not idleness. Default 60s.
 	IdleTimeout time.Duration
 	// MaxFlows bounds the local sources served at once. Default 32 (the server's
 	// default bound per QUIC connection is 64).
@@ -46,6 +48,7 @@ type natEntry struct {
 	src    net.Addr
 	q      chan []byte
 	last   atomic.Int64 // unix nanoseconds of the last datagram either way
+	open   atomic.Bool  // Dial has returned: idle time counts from then
 	cancel context.CancelCauseFunc
 	drops  atomic.Int64
 }
@@ -100,7 +103,7 @@ func (f *UDPForwarder) Serve(ctx context.Context, pc net.PacketConn) error {
 			}
 			mu.Lock()
 			for k, e := range table {
-				if time.Since(time.Unix(0, e.last.Load())) >= idle {
+				if e.open.Load() && time.Since(time.Unix(0, e.last.Load())) >= idle {
 					e.cancel(fmt.Errorf("%w for %s", errFlowIdle, idle))
 					delete(table, k)
 				}
@@ -166,6 +169,8 @@ func (f *UDPForwarder) runFlow(ctx context.Context, log *slog.Logger, pc net.Pac
 	start := time.Now()
 	attrs := []any{"local", e.src.String(), "target", f.Target}
 	conn, err := f.Dial(ctx, "udp", f.Target)
+	e.touch() // before open: the sweeper never sees the dial's time as idle
+	e.open.Store(true)
 	if err != nil {
 		// Drop what this source sends for a moment instead of redialing per datagram.
 		log.Warn("udp forward failed", append(attrs, "err", err.Error())...)

@@ -91,3 +91,30 @@ func BenchmarkNewConnProxy(b *testing.B) {
 		oneByteEachWay(b, c)
 	}
 }
+
+// startSource runs a loopback TCP server that writes to each connection until
+// the connection fails.
+func startSource(b *testing.B) string {
+	b.Helper()
+	return testnet.Serve(b, func(c *net.TCPConn) {
+		buf := make([]byte, benchChunk)
+		for {
+			if _, err := c.Write(buf); err != nil {
+				c.Close()
+				return
+			}
+		}
+	})
+}
+
+// benchDownload reads benchChunk bytes from c per iteration.
+func benchDownload(b *testing.B, c net.Conn) {
+	buf := make([]byte, benchChunk)
+	b.SetBytes(benchChunk)
+	for b.Loop() {
+		if _, err := io.ReadFull(c, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	c.Close()
+}

@@ -72,6 +72,42 @@ func TestBridgeContext(t *testing.T) {
 	}
 }
 
+// endedCtx has ended (Err) but never closes Done, so Bridge's AfterFunc never
+// runs: the state a bridge is in between a cut's cancel and that goroutine.
+type endedCtx struct {
+	context.Context
+	err error
+}
+
+func (c endedCtx) Err() error { return c.err }
+
+// TestBridgeCutBeatsSideFailure: a session's context has ended (a peer
+// instance's shutdown notice cut it) and one side is reset before the
+// context's own goroutine runs — the bad input is the reset racing the cut.
+// The session must end for the cut's reason, not as that side's failure, or
+// the client is told peer_reset instead of shutdown.
+func TestBridgeCutBeatsSideFailure(t *testing.T) {
+	client, a := testnet.Pair(t)
+	b, _ := testnet.Pair(t)
+	ctx := endedCtx{Context: context.Background(), err: wire.ErrShutdown}
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := wire.Bridge(ctx, a, b)
+		done <- err
+	}()
+	_ = client.SetLinger(0)
+	_ = client.Close() // a reset reaches a's reader
+	select {
+	case err := <-done:
+		var cut *wire.CutError
+		if !errors.Is(err, wire.ErrShutdown) || errors.As(err, &cut) {
+			t.Fatalf("Bridge = %v; want the context's cause (shutdown), not a side's failure", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Bridge did not end when a side was reset")
+	}
+}
+
 // TestBridgeNoHalfClose: net.Pipe cannot half-close, so EOF from one side closes the
 // other entirely instead of leaving it waiting forever.
 func TestBridgeNoHalfClose(t *testing.T) {

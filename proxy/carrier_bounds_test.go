@@ -165,7 +165,10 @@ func TestCarrierSpoofedSourceDropped(t *testing.T) {
 		}
 		return
 	}
-	for _, args := range [][]string{{"link", "set", "lo", "up"}, {"addr", "add", "100::1/64", "dev", "lo"}} {
+	// nodad: without it the address stays tentative (bind: cannot assign
+	// requested address) until the kernel's DAD work item runs, which on a
+	// busy machine can be after the dial below.
+	for _, args := range [][]string{{"link", "set", "lo", "up"}, {"addr", "add", "100::1/64", "dev", "lo", "nodad"}} {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
 		}

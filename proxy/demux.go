@@ -64,6 +64,10 @@ func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error
 	if s.peerTLS != nil && slices.Contains(hello.SupportedProtos, wire.PeerALPN) {
 		return s.peerTLS, nil // another instance (peer.go): node certificates only
 	}
+	if !s.cfg.NoTLSMux && slices.Contains(hello.SupportedProtos, wire.ALPNMux) {
+		s.tickets.rotate()
+		return s.muxTLS, nil // tp-mux/1 when offered, else tp/1 (tlsmux.go)
+	}
 	if slices.Contains(hello.SupportedProtos, wire.ALPN) {
 		s.tickets.rotate()
 		return s.proxyTLS, nil
@@ -156,6 +160,13 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, handshakeDone func())
 			s.stats.resumedConns[0].Add(1)
 		}
 		s.serveProxy(ctx, conn)
+	case wire.ALPNMux:
+		defer s.release()
+		s.stats.proxyConns[0].Add(1)
+		if conn.ConnectionState().DidResume {
+			s.stats.resumedConns[0].Add(1)
+		}
+		s.serveMux(ctx, conn)
 	case wire.PeerALPN:
 		defer s.release()
 		s.servePeer(ctx, conn)
@@ -594,7 +605,7 @@ func (s *Server) initDemux() {
 	s.unknownName = &tls.Config{MinVersion: tls.VersionTLS12}
 	s.quicTLS = &tls.Config{GetConfigForClient: s.quicConfigForClient}
 	s.tickets.src, s.tickets.log = s.cfg.TicketKeys, s.log
-	s.tickets.add("proxy", s.proxyTLS, s.carrierTLS)
+	s.tickets.add("proxy", s.proxyTLS, s.carrierTLS, s.muxTLS)
 	if s.connectTLS != nil {
 		s.tickets.add("proxy-names", s.connectTLS, s.connectH3TLS)
 	}

@@ -372,7 +372,9 @@ func (s *Server) servePeer(ctx context.Context, conn *tls.Conn) {
 		defer s.holds.hold(qs.Conn())() // a drain keeps the agent's connection for it
 	}
 	up, down, err := wire.BridgeNotify(ctx, conn, st, func(error) {
-		if ctx.Err() != nil && op.Header.PeerID != "" {
+		// s.force, not ctx: the forced shutdown also cuts the agent's side,
+		// on another connection whose cut may reach this bridge before ctx's.
+		if s.force.Err() != nil && op.Header.PeerID != "" {
 			s.notifyPeerEnd(peer, op) // this instance stops: the dialer learns why
 		}
 	})

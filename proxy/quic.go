@@ -322,18 +322,7 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxS
 	cs := new(tls.ConnectionState) // shared by the streams, which only read it
 	*cs = conn.ConnectionState().TLS
 	remote := conn.RemoteAddr().String()
-	identity := ""
-	var notAfter time.Time
-	if len(cs.PeerCertificates) > 0 {
-		leaf := cs.PeerCertificates[0]
-		identity, notAfter = leaf.Subject.CommonName, leaf.NotAfter
-		if id, err := s.cfg.Identify(*cs); err == nil {
-			identity = id.String()
-			if !id.NotAfter.IsZero() && id.NotAfter.Before(notAfter) {
-				notAfter = id.NotAfter
-			}
-		}
-	}
+	identity, notAfter := s.connIdentity(cs)
 	// The connection may not outlive the certificate that authenticated it.
 	actx, acancel := context.WithDeadline(drain, notAfter)
 	defer acancel()
@@ -342,9 +331,16 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxS
 	var served, refused atomic.Int64
 	credit := newStreamCredit(maxStreams)
 	defer credit.stop()
+	var connEnd error // why the connection itself ended, when it did
 	for {
 		str, err := conn.AcceptStream(actx)
 		if err != nil {
+			if actx.Err() == nil {
+				// quic-go fails AcceptStream with the connection's close
+				// error before it cancels the connection's context: the
+				// context alone may not know yet why the connection ended.
+				connEnd = err
+			}
 			break
 		}
 		qs := wire.NewQUICStream(conn, str)
@@ -406,6 +402,8 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxS
 		if cause := context.Cause(conn.Context()); cause != nil {
 			end = cause.Error()
 		}
+	case connEnd != nil:
+		end = connEnd.Error()
 	case ctx.Err() != nil || drain.Err() != nil:
 		code, msg, end = wire.QUICShutdown, "server shutting down", "server shutting down"
 	case !time.Now().Before(notAfter):

@@ -18,6 +18,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -346,8 +347,13 @@ func TestAutoFallsBackToTLS(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, ok := dialed(c).(*tls.Conn); !ok {
+		// The race's winner carries the first dial; later ones are streams of a
+		// tp-mux/1 connection, as --transport tls dials.
+		if _, ok := dialed(c).(*tls.Conn); i == 0 && !ok {
 			t.Fatalf("dial %d: got %T, want *tls.Conn", i, dialed(c))
+		}
+		if _, ok := dialed(c).(*mux.Stream); i > 0 && !ok {
+			t.Fatalf("dial %d: got %T, want a tp-mux stream (*mux.Stream)", i, dialed(c))
 		}
 		c.SetDeadline(time.Now().Add(10 * time.Second))
 		quicEcho(t, c, "via tls")

@@ -377,8 +377,8 @@ func (rt *reverseRoundTripper) RoundTrip(req *http.Request) (*http.Response, err
 				return cc.RoundTrip(out)
 			}
 		}
-		if len(ccs) > 0 && h.h1Tunnels.Load() == 0 {
-			return ccs[0].RoundTrip(out) // it waits for a free stream
+		if cc := firstOpen(ccs); cc != nil && h.h1Tunnels.Load() == 0 {
+			return cc.RoundTrip(out) // it waits for a free stream
 		}
 		if h.h2Pending.Load() == 0 {
 			return h.h1.RoundTrip(out)
@@ -394,6 +394,18 @@ func (rt *reverseRoundTripper) RoundTrip(req *http.Request) (*http.Response, err
 			return nil, context.Cause(req.Context())
 		}
 	}
+}
+
+// firstOpen is the first of ccs that is neither closed nor closing: a tunnel
+// that an exposer just gave up (or whose set-up failed) may still be in the
+// pool's snapshot, and a request sent to it fails without reaching the app.
+func firstOpen(ccs []*http2.ClientConn) *http2.ClientConn {
+	for _, cc := range ccs {
+		if st := cc.State(); !st.Closed && !st.Closing {
+			return cc
+		}
+	}
+	return nil
 }
 
 // listenReq is a listen-tcp tunnel request waiting for a connection.

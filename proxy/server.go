@@ -29,6 +29,9 @@ var _ Resolver = (*net.Resolver)(nil)
 
 // Config configures a Server. ProxyTLS, Identify and Authorizer are required.
 type Config struct {
+	// NoTLSMux serves "tp/1" only, as a tpd before tp-mux/1 did: a client
+	// offering "tp-mux/1" gets a connection per session (tlsmux.go).
+	NoTLSMux bool
 	// ProxyTLS is used for handshakes that offer ALPN "tp/1". The caller sets the
 	// certificate (Certificates or GetCertificate), ClientCAs and ClientAuth, which
 	// must be tls.RequireAndVerifyClientCert. The server forces TLS 1.3 and
@@ -159,7 +162,10 @@ type Server struct {
 	devicesH3TLS *tls.Config
 	// carrier*.go: the tls carrier's configuration ("tp-carrier/1", the device
 	// certificate required) and the mux under the QUIC server.
-	carrierTLS   *tls.Config
+	carrierTLS *tls.Config
+	// tlsmux.go: the proxy configuration for a client that offers "tp-mux/1"
+	// (many sessions on one connection), which it prefers to "tp/1".
+	muxTLS       *tls.Config
 	carriers     atomic.Pointer[carrierMux]
 	httpCarriers httpCarriers
 
@@ -276,6 +282,8 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.carrierTLS = s.proxyTLS.Clone()
 	s.carrierTLS.NextProtos = []string{wire.ALPNCarrier}
+	s.muxTLS = s.proxyTLS.Clone()
+	s.muxTLS.NextProtos = []string{wire.ALPNMux, wire.ALPN}
 	s.tls = &tls.Config{GetConfigForClient: s.configForClient}
 	s.initDemux()
 	if cfg.Reverse.Zone != "" {
@@ -361,17 +369,24 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 }
 
-// Shutdown stops accepting, waits for proxy sessions and web requests to finish, and
-// when ctx ends closes whatever is left. It is safe to call more than once and
-// concurrently; it returns ctx.Err() if it had to force connections closed.
-func (s *Server) Shutdown(ctx context.Context) error {
+// StopAccepting is Shutdown's first step, which a caller may take before it:
+// from its return, new TCP connections are refused by the operating system and
+// new QUIC connections with CONNECTION_REFUSED. Sessions are left alone.
+func (s *Server) StopAccepting() {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.closed = true
 	s.drain() // requests still waiting for their hello end now: no session to drain
 	for ln := range s.listeners {
 		_ = ln.Close()
 	}
-	s.mu.Unlock()
+}
+
+// Shutdown stops accepting, waits for proxy sessions and web requests to finish, and
+// when ctx ends closes whatever is left. It is safe to call more than once and
+// concurrently; it returns ctx.Err() if it had to force connections closed.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.StopAccepting()
 	// Agents' control sessions would otherwise hold the drain for its whole
 	// length: they are told to reconnect, while their data sessions drain.
 	if s.rev != nil {

@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -356,14 +357,25 @@ func TestUDPFlood(t *testing.T) {
 // TestUDPForwarder: `tp forward --udp`: each local source gets its own flow and
 // its own replies; a flow idle on the client side ends and a new datagram from the
 // same source opens a new one.
+//
+// On a loaded machine a flow can go idle (300 ms) between the test's
+// datagrams, and its source's next one then opens another flow: so the test
+// counts the flows the forwarder dialed and waits for as many to end, all of
+// them idle, rather than for exactly three.
 func TestUDPForwarder(t *testing.T) {
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			var logs testlog.Buffer
+			var dialed atomic.Int64
+			dl := q.udpDialer(t, tr)
 			local := serveUDPForwarder(t, &clients.UDPForwarder{
-				Dial: q.udpDialer(t, tr).DialContext, Target: echo, IdleTimeout: 300 * time.Millisecond,
+				Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+					dialed.Add(1)
+					return dl.DialContext(ctx, network, addr)
+				},
+				Target: echo, IdleTimeout: 300 * time.Millisecond,
 				Logger: slog.New(slog.NewJSONHandler(&logs, nil)),
 			})
 			var srcs []net.Conn
@@ -379,8 +391,35 @@ func TestUDPForwarder(t *testing.T) {
 			for i, c := range srcs { // each source hears only its own replies
 				udpEcho(t, c, []byte(fmt.Sprintf("again %d", i)))
 			}
-			waitFor(t, func() bool { return strings.Count(logs.String(), `"end":"idle for 300ms"`) == 3 })
+			// Every flow dialed so far ends (one log line each), and ends idle.
+			ended := func() []map[string]any {
+				var lines []map[string]any
+				for _, l := range strings.Split(logs.String(), "\n") {
+					var m map[string]any
+					if json.Unmarshal([]byte(l), &m) == nil && (m["msg"] == "udp flow" || m["msg"] == "udp forward failed") {
+						lines = append(lines, m)
+					}
+				}
+				return lines
+			}
+			waitFor(t, func() bool { return int64(len(ended())) == dialed.Load() })
+			idleFor := map[string]bool{}
+			for _, m := range ended() {
+				if m["end"] != "idle for 300ms" {
+					t.Fatalf("a flow ended with %v; want every flow to end idle\n%s", m, logs.String())
+				}
+				idleFor[m["local"].(string)] = true
+			}
+			for _, c := range srcs {
+				if !idleFor[c.LocalAddr().String()] {
+					t.Fatalf("no flow of source %s ended idle; want one flow per source\n%s", c.LocalAddr(), logs.String())
+				}
+			}
+			before := dialed.Load()
 			udpEcho(t, srcs[0], []byte("after idle"))
+			if dialed.Load() == before {
+				t.Fatal("a datagram after its flow ended idle was answered without a new flow")
+			}
 		})
 	}
 }

@@ -119,3 +119,39 @@ func TestUDPForwarderEvictsLeastRecentlyUsed(t *testing.T) {
 		t.Fatalf("forwarder dropped %d datagrams", n)
 	}
 }
+
+// TestUDPForwarderSlowDialIsNotIdle: a flow's idle time counts from when it is
+// open. Bad input: a dial that takes 10 times the idle timeout (a slow link, or
+// a loaded machine); the first datagram, queued meanwhile, still gets its
+// answer, and the flow is not ended as idle while it connects.
+func TestUDPForwarderSlowDialIsNotIdle(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	echo := testnet.EchoUDP(t)
+	dl := q.udpDialer(t, clients.TransportQUIC)
+	const idle = 50 * time.Millisecond
+	local := serveUDPForwarder(t, &clients.UDPForwarder{
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			select {
+			case <-time.After(10 * idle): // the slow dial: the workload, not a wait
+			case <-ctx.Done():
+				return nil, context.Cause(ctx)
+			}
+			return dl.DialContext(ctx, network, addr)
+		},
+		Target: echo, IdleTimeout: idle, Logger: slog.New(slog.DiscardHandler),
+	})
+	c, err := net.Dial("udp", local)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	buf := make([]byte, 100)
+	n, err := c.Read(buf)
+	if err != nil || string(buf[:n]) != "first" {
+		t.Fatalf("the first datagram of a flow that took 10× the idle timeout to dial: %q, %v; want its echo", buf[:n], err)
+	}
+}

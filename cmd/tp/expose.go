@@ -105,15 +105,23 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 							fmt.Fprintln(stderr, line)
 						}
 					}
-					// Get the certificates now, not at the first session.
-					for i, n := range full {
-						if exposed[i].PublicPort != 0 || exposed[i].PublicSNI != "" {
-							continue // public mode: no certificate from TP's CA
+					// Get the certificates now, not at the first session, and
+					// not on the agent's own goroutine: an order takes several
+					// round trips to TP's HTTPS API (up to a minute when that
+					// API is slow, or the server stops mid-order), and the
+					// control session must meanwhile follow the server (a stop
+					// means reconnect at once). A session that arrives first
+					// waits for the same order (ReverseCertificate).
+					go func() {
+						for i, n := range full {
+							if exposed[i].PublicPort != 0 || exposed[i].PublicSNI != "" {
+								continue // public mode: no certificate from TP's CA
+							}
+							if _, err := c.ReverseCertificate(cmd.Context(), n); err != nil && cmd.Context().Err() == nil {
+								fmt.Fprintf(stderr, "tp expose: %v\n", err)
+							}
 						}
-						if _, err := c.ReverseCertificate(cmd.Context(), n); err != nil {
-							fmt.Fprintf(stderr, "tp expose: %v\n", err)
-						}
-					}
+					}()
 				},
 			}
 			go c.RenewReverse(cmd.Context(), func() []string { mu.Lock(); defer mu.Unlock(); return names }, 10*time.Minute)

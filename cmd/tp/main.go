@@ -69,6 +69,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 			}
 			defer d.Close()
 			d.NoE2EMux = true // one session per process: a carrier would carry only this one
+			d.NoTLSMux = true // likewise a tp-mux connection: its framing would buy nothing
 			conn, err := d.DialContext(cmd.Context(), "tcp", target)
 			if err != nil {
 				return c.WhyRejected(cmd.Context(), err)
@@ -165,7 +166,7 @@ func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients
 }
 
 func forwardCmd(stderr io.Writer) *cobra.Command {
-	var udp, noMux bool
+	var udp, noMux, noTLSMux bool
 	var udpIdle time.Duration
 	cmd := &cobra.Command{
 		Use:   "forward LISTEN HOST:PORT",
@@ -191,6 +192,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 				return forwardUDP(cmd.Context(), c, d, args[0], args[1], udpIdle, stderr)
 			}
 			d.NoE2EMux = noMux
+			d.NoTLSMux = noTLSMux
 			ln, err := net.Listen("tcp", args[0])
 			if err != nil {
 				return fmt.Errorf("cannot listen on %s: %w", args[0], err)
@@ -218,6 +220,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&udp, "udp", false, "forward UDP datagrams: one flow per local source address (policy action dial_udp)")
 	cmd.Flags().DurationVar(&udpIdle, "udp-idle", 60*time.Second, "end a UDP flow after this long without datagrams")
+	cmd.Flags().BoolVar(&noTLSMux, "no-tls-mux", false, "over TLS: open a TLS connection per forwarded connection instead of carrying them all as streams of one held connection (tp-mux/1; an older tpd gets a connection each anyway)")
 	cmd.Flags().BoolVar(&noMux, "no-e2e-mux", false, "to a protected reverse name: open a TP session per connection instead of carrying them all as streams of one end-to-end session with the agent")
 	return cmd
 }

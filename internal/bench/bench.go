@@ -14,10 +14,10 @@ import (
 )
 
 // Scenarios in the order they run. Names are what --only takes.
-var Scenarios = []string{"bulk", "setup", "handshake", "memory", "reverse", "loss", "policy", "load", "slowloris", "soak", "concurrency", "http", "connect"}
+var Scenarios = []string{"bulk", "download", "setup", "handshake", "memory", "reverse", "loss", "policy", "load", "slowloris", "soak", "concurrency", "http", "connect"}
 
 // peerScenarios measure the peers (Peers) beside TP.
-var peerScenarios = []string{"bulk", "setup", "memory", "reverse"}
+var peerScenarios = []string{"bulk", "download", "setup", "memory", "reverse"}
 
 // Options select what a run measures.
 type Options struct {
@@ -142,6 +142,12 @@ func Run(ctx context.Context, o Options) (err error) {
 			return err
 		}
 		e.onClose(serve(csink, countedSinkHandler))
+		source, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return err
+		}
+		e.onClose(serve(source, sourceHandler))
+		e.source = source.Addr().String()
 		e.sink, e.echo, e.csink = sink.Addr().String(), echo.Addr().String(), csink.Addr().String()
 		if slices.ContainsFunc(peerScenarios, o.wants) {
 			e.probeVersions(ctx)
@@ -154,7 +160,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		name string
 		fn   func(context.Context, *Env, sizes, int) ([]Row, error)
 	}{
-		{"bulk", bulk}, {"setup", setup}, {"handshake", handshakes}, {"memory", memory}, {"reverse", reverse}, {"loss", loss}, {"policy", policyLatency},
+		{"bulk", bulk}, {"download", download}, {"setup", setup}, {"handshake", handshakes}, {"memory", memory}, {"reverse", reverse}, {"loss", loss}, {"policy", policyLatency},
 		{"load", loadScenario}, {"slowloris", slowloris}, {"soak", soak}, {"concurrency", concurrency},
 		{"http", httpScenario}, {"connect", connectBulk},
 	}

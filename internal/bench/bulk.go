@@ -154,6 +154,14 @@ func bulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	} else {
 		vs = append(vs, mk(tpName, "tls", func() (*stream, error) { return tcpStream(addr) }, ""))
 	}
+	// The same over a TLS connection of its own (tp-mux/1 off): what the
+	// multiplexer costs a tunnel's bulk, in the same runs.
+	connName := "TP over TLS, a connection per tunnel (tp forward --no-tls-mux)"
+	if addr, _, err := e.startForward(ctx, e.sink, "--transport", "tls", "--no-tls-mux"); err != nil {
+		vs = append(vs, failed(connName, "tls", err))
+	} else {
+		vs = append(vs, mk(connName, "tls", func() (*stream, error) { return tcpStream(addr) }, ""))
+	}
 	if e.quic {
 		name := "TP over QUIC, 1 stream (tp forward)"
 		if addr, _, err := e.startForward(ctx, e.sink, "--transport", "quic"); err != nil {
@@ -228,6 +236,9 @@ func bulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		if tp, pr := find(vs, tpName), find(vs, p.name); tp != nil && pr != nil && !strings.HasPrefix(pr.Err, "not given") {
 			rows = append(rows, ratioRow(scn, "TP/TLS ÷ "+p.name+" (per run)", tp, pr, p.target))
 		}
+	}
+	if tp, conn := find(vs, tpName), find(vs, connName); tp != nil && conn != nil {
+		rows = append(rows, ratioRow(scn, "TP/TLS ÷ TP/TLS with a connection per tunnel (per run)", tp, conn, ""))
 	}
 	tp, relay, sshL := find(vs, tpName), find(vs, relayName), find(vs, sshLName)
 	if tp != nil && relay != nil {

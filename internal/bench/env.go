@@ -48,6 +48,7 @@ type Env struct {
 
 	sink, echo string // in-process servers
 	csink      string // the counted sink (servers.go), for tunnels that cannot half-close
+	source     string // the source (download.go): sends what it is asked for
 
 	benchCA *benchCA // server certificates for the baselines
 

@@ -115,8 +115,8 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	direct := fmt.Sprintf("direct TCP, %d conns", sz.setupConns)
 	vs := []*variant{pair(direct, "tcp", "", "", func() (time.Duration, error) { return roundTrip(e.echo) }, sz.setupConns)}
 
-	tpName := fmt.Sprintf("tp forward, new TLS conn, %d conns", sz.setupConns)
-	oldName := fmt.Sprintf("tp forward of --compare, new TLS conn, %d conns", sz.setupConns)
+	tpName := fmt.Sprintf("tp forward, new TLS tunnel (tp-mux/1 stream), %d conns", sz.setupConns)
+	oldName := fmt.Sprintf("tp forward of --compare, new TLS tunnel, %d conns", sz.setupConns)
 	if e.compare != "" {
 		// The same forwarder, once with an older tp (--compare) against this
 		// tree's tpd, in the same interleaved runs: what a change on the

@@ -422,6 +422,8 @@ type carrierRelay struct {
 	opened int // TCP connections relayed since the last roam
 	flows  map[string]*relayFlow
 	drop   bool
+	stall  bool // TCP connections are accepted and held, never relayed
+	held   int  // TCP connections held since stall
 	udp    *net.UDPConn
 }
 
@@ -490,6 +492,12 @@ func (r *carrierRelay) serveTCP(ln *net.TCPListener) {
 			return
 		}
 		r.mu.Lock()
+		if r.stall {
+			r.tcp = append(r.tcp, c) // closed at the test's end
+			r.held++
+			r.mu.Unlock()
+			continue
+		}
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: r.from}, Timeout: 10 * time.Second}
 		r.mu.Unlock()
 		u, err := d.Dial("tcp", r.target)
@@ -586,6 +594,21 @@ func (r *carrierRelay) dropUDP(drop bool) {
 	r.mu.Lock()
 	r.drop = drop
 	r.mu.Unlock()
+}
+
+// stallTCP makes the relay accept TCP connections and hold them, relaying
+// nothing and never closing them: a server whose TCP port answers nothing.
+func (r *carrierRelay) stallTCP() {
+	r.mu.Lock()
+	r.stall = true
+	r.mu.Unlock()
+}
+
+// stalled is the number of TCP connections held since stallTCP.
+func (r *carrierRelay) stalled() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.held
 }
 
 // conns is the number of TCP connections relayed since the last roam.

@@ -9,6 +9,7 @@ import (
 	"net"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 const drainPolicy = `package tp.authz
@@ -182,4 +184,41 @@ func TestDrain(t *testing.T) {
 	// tp prints its registration when it reads the ok, which may be before tpd
 	// logs it.
 	waitLog(t, p2.log, `msg="reverse listener registered" identity=alice@laptop names=svc`, 20*time.Second)
+}
+
+// TestDrainAgentFollowsStopDuringCertificateOrder: tp expose registers, then
+// orders its protected name's certificate from TP's HTTPS API, and the server
+// stops while that order is under way. Bad input: the HTTPS API answers
+// nothing (the agent reaches tpd through a relay that carries its QUIC
+// packets but accepts TCP connections and holds them), so the order hangs.
+// The agent must still follow the stop (reconnect at once) while the order
+// hangs: the order used to run on the agent's own goroutine and hold its
+// control session, so an agent that registered just before a drain reached
+// the next tpd only when the order gave up, a minute later (TestDrain's
+// second registration, under load).
+func TestDrainAgentFollowsStopDuringCertificateOrder(t *testing.T) {
+	p1 := startTPD(t, initTPD(t, drainPolicy), "127.0.0.1:0", nil)
+	alice := p1.login(t, "alice", "laptop")
+	relay := startCarrierRelay(t, p1.Addr, true, true)
+	relay.stallTCP()
+	env := append(copyHome(t, alice, withHost(t, p1.URL, relay.Addr)), carrierEnv(wire.CarrierUDP)...)
+	agent := startAgentProc(t, env, "svc", testnet.Stream(t), "--allow-user", "alice")
+	agent.waitRegistered(t)
+	waitFor(t, 30*time.Second, "the agent to begin its certificate order (a TCP connection to the relay)", func() bool {
+		return relay.stalled() > 0
+	})
+
+	if err := p1.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	// The order gives up after 60 s at most (30 s per request): 90 s lets an
+	// agent that waits for it show that it did, below.
+	reconnect := regexp.MustCompile(`control session ended; reconnecting" err="[^"]*(stopping|shutting down)[^"]*" in=0s`)
+	waitFor(t, 90*time.Second, "the agent to reconnect on the server's stop", func() bool {
+		return reconnect.MatchString(agent.log.String())
+	})
+	log := agent.log.String()
+	if strings.Contains(log[:reconnect.FindStringIndex(log)[0]], "getting a certificate") {
+		t.Fatalf("the agent followed the server's stop only after its certificate order gave up:\n%s", log)
+	}
 }

@@ -49,6 +49,10 @@ var rules = []rule{{
 	why:       "the wire package is the protocol both ends speak: it depends on no other TP package",
 	roots:     []string{"proxy/wire"},
 	forbidden: []string{mod},
+}, {
+	why:       "the multiplexer is shared by both ends as the wire package is: it depends on no other TP package but the wire package",
+	roots:     []string{"proxy/mux"},
+	forbidden: []string{mod + "proxy", mod + "clients", mod + "internal/", mod + "authz", mod + "policy", mod + "acme"},
 }}
 
 type pkg struct {
@@ -144,6 +148,8 @@ func TestLayers(t *testing.T) {
 func allowed(root, dep string) bool {
 	switch dep {
 	case mod + "acme/login", mod + "proxy/wire":
+		return root != "proxy/wire"
+	case mod + "proxy/mux":
 		return root != "proxy/wire"
 	}
 	return false

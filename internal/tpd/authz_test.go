@@ -61,7 +61,7 @@ func newDataDir(t *testing.T, files map[string]string) config.Server {
 // runDaemon serves cfg on a fresh loopback port until stop (or the test's end).
 func runDaemon(t testing.TB, cfg config.Server, opts ...Option) *daemonRun {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := Listen("127.0.0.1:0", true) // a port free on UDP too, for QUIC
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"github.com/quic-go/quic-go"
 )
@@ -189,10 +190,78 @@ var ErrTruncated = errors.New("the TLS session ended without close_notify (cut o
 
 // EOFConn wraps the transport of a TLS connection so that an end of the TLS
 // session without close_notify can be told from a clean one (ErrTruncated).
+//
+// It also gathers records (Batch): crypto/tls writes each record of up to 16
+// KiB with a Write of its own, so a multiplexer's batch of frames would cost a
+// system call per record.
 type EOFConn struct {
 	net.Conn
 	eof bool
 	mu  sync.Mutex
+
+	batching atomic.Int32 // batches open; while > 0, Writes are gathered in buf
+	bmu      sync.Mutex   // buf, berr, and Writes while batching
+	buf      []byte
+	berr     error // the transport's write error, once a flush failed
+}
+
+// maxGather is the most Batch holds before it writes.
+const maxGather = 256 << 10
+
+func (e *EOFConn) Write(p []byte) (int, error) {
+	if e.batching.Load() == 0 {
+		return e.Conn.Write(p)
+	}
+	e.bmu.Lock()
+	defer e.bmu.Unlock()
+	if e.berr != nil {
+		return 0, e.berr
+	}
+	if e.batching.Load() == 0 { // the batch ended meanwhile (and was flushed)
+		return e.Conn.Write(p)
+	}
+	e.buf = append(e.buf, p...)
+	if len(e.buf) >= maxGather {
+		return len(p), e.flushLocked()
+	}
+	return len(p), nil
+}
+
+// Batch runs write (one Write of the TLS connection above, which crypto/tls
+// cuts into records) and sends the records it made with as few Writes of the
+// transport as their size allows. Writes from elsewhere meanwhile (an alert)
+// join the batch, in order.
+func (e *EOFConn) Batch(write func() error) error {
+	e.batching.Add(1)
+	err := write()
+	e.bmu.Lock()
+	defer e.bmu.Unlock()
+	// The last batch flushes before it ends: a Write meanwhile still takes the
+	// slow path and waits for bmu, so no record overtakes the batch's.
+	if e.batching.Load() == 1 {
+		if ferr := e.flushLocked(); err == nil {
+			err = ferr
+		}
+	}
+	e.batching.Add(-1)
+	return err
+}
+
+func (e *EOFConn) flushLocked() error {
+	if len(e.buf) == 0 || e.berr != nil {
+		e.buf = e.buf[:0]
+		return e.berr
+	}
+	_, err := e.Conn.Write(e.buf)
+	if cap(e.buf) > maxGather+maxGather/4 {
+		e.buf = nil
+	} else {
+		e.buf = e.buf[:0]
+	}
+	if err != nil {
+		e.berr = err
+	}
+	return err
 }
 
 // NewEOFConn wraps c, the transport a TLS connection will run on.

@@ -82,7 +82,7 @@ func Bridge(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error) {
 // BridgeNotify is Bridge; beforeAbort, when set, runs once before an abort resets
 // the connections (a server records why, for op "why", before the client can ask).
 func BridgeNotify(ctx context.Context, a, b net.Conn, beforeAbort func(error)) (aToB, bToA int64, err error) {
-	br := &bridgeState{a: a, b: b, beforeAbort: beforeAbort}
+	br := &bridgeState{ctx: ctx, a: a, b: b, beforeAbort: beforeAbort}
 	stop := context.AfterFunc(ctx, func() {
 		cause := context.Cause(ctx)
 		br.abort(cause, AbortCode(cause))
@@ -107,6 +107,7 @@ func BridgeNotify(ctx context.Context, a, b net.Conn, beforeAbort func(error)) (
 }
 
 type bridgeState struct {
+	ctx         context.Context
 	a, b        net.Conn
 	beforeAbort func(error)
 	end         sync.Once   // the one end: an abort, or the final close
@@ -155,8 +156,16 @@ func (br *bridgeState) pipe(dst, src net.Conn, srcIsB bool) int64 {
 
 // failed aborts the session because side B (or A) failed with err. An error that
 // Bridge caused itself (it closed or reset the connection) is no new failure.
+// Once ctx has ended, its cause is why the session ends even if a side's
+// failure gets here first: ctx's AfterFunc runs on a goroutine of its own, and
+// the cut that ended ctx (a peer instance's shutdown notice, a revocation) may
+// reset a side before that goroutine runs.
 func (br *bridgeState) failed(isB bool, err error) {
 	if br.closing.Load() && (errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrClosedPipe)) {
+		return
+	}
+	if cause := context.Cause(br.ctx); cause != nil {
+		br.abort(cause, AbortCode(cause))
 		return
 	}
 	br.abort(&CutError{B: isB, Err: err}, QUICPeerReset)
@@ -303,6 +312,15 @@ func copyTLS(dst, src net.Conn) (written int64, rerr, werr error) {
 // what is already there.
 var aLongTimeAgo = time.Unix(1, 0)
 
+// HeldReader is implemented by a stream that reads as copyTLS needs: a Read
+// past its read deadline still returns the data the stream holds, and a
+// deadline leaves it usable (a stream of tp-mux/1, proxy/mux). Bridge waits
+// on it in a one-byte read, holding no buffer while it is idle.
+type HeldReader interface {
+	net.Conn
+	ReadsHeld()
+}
+
 // Settler is implemented by a connection that turns into another once it is
 // established, such as a dial that returned before the server's answer:
 // Settled returns that connection once reading it gives what reading the
@@ -321,7 +339,7 @@ type ReadThrough interface {
 
 // tlsOverTCP reports whether c is a *tls.Conn, or wraps one only with
 // ReadThrough wrappers, that runs right on a TCP connection (or on EOFConn over
-// one), whose deadlines behave as copyTLS needs. Any other wrapper (a framing of
+// one), or is (so wraps) a HeldReader: their deadlines behave as copyTLS needs. Any other wrapper (a framing of
 // its own, like a protected session's sealed records) may not survive a read
 // that ends at a deadline, and a TLS connection inside another stream leaves
 // deadlines to that stream.
@@ -337,6 +355,8 @@ func tlsOverTCP(c net.Conn) bool {
 			return ok
 		case ReadThrough:
 			c = v.Unwrap()
+		case HeldReader:
+			return true
 		default:
 			return false
 		}

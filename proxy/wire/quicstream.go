@@ -198,8 +198,15 @@ func (e *streamResetError) Error() string {
 
 func (e *streamResetError) Unwrap() error { return e.errno }
 
+// ResetError is a stream the peer cut with code (section 6.1): what a QUIC
+// stream reset reads as, for a stream of another multiplexer that carries the
+// code too (tp-mux/1's ABORT). StreamResetCode finds code in it.
+func ResetError(code quic.ApplicationErrorCode) error {
+	return &streamResetError{code: uint64(code), errno: syscall.ECONNRESET}
+}
+
 // StreamResetCode reports the application error code when err is a QUIC stream
-// reset by the peer.
+// reset by the peer (or a ResetError).
 func StreamResetCode(err error) (quic.ApplicationErrorCode, bool) {
 	var re *streamResetError
 	if errors.As(err, &re) {

@@ -1,0 +1,229 @@
+package mux_test
+
+import (
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/nettest"
+
+	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/proxy/mux"
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// pair is a client and a server end over a loopback TCP connection; the
+// server's accepted streams arrive on the channel.
+func pair(t *testing.T, o mux.Options) (*mux.Conn, chan *mux.Stream) {
+	t.Helper()
+	a, b := testnet.Pair(t)
+	accepted := make(chan *mux.Stream, 16)
+	server := mux.New(a, o, func(s *mux.Stream) { accepted <- s })
+	o.Client = true
+	client := mux.New(b, o, nil)
+	t.Cleanup(func() { client.Fail(errors.New("test over")); server.Fail(errors.New("test over")) })
+	return client, accepted
+}
+
+// A stream is a net.Conn by the standard library's conformance tests:
+// reads, writes, deadlines, concurrent use and Close.
+func TestStreamIsConn(t *testing.T) {
+	nettest.TestConn(t, func() (c1, c2 net.Conn, stop func(), err error) {
+		client, accepted := pair(t, mux.Options{})
+		s1, err := client.Open(nil)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		s2 := <-accepted
+		return s1, s2, func() { _ = s1.Close(); _ = s2.Close() }, nil
+	})
+}
+
+// The end of a stream is told apart: FIN reads as io.EOF (half-close: the
+// other direction goes on), ABORT as a cut (wire.ErrTruncated), refused as a
+// cut that says nothing was served, and the connection's death as a cut of
+// every open stream.
+func TestStreamEnds(t *testing.T) {
+	client, accepted := pair(t, mux.Options{MaxPayload: 1 << 15, SendPayload: 1 << 15, StreamWindow: 64 << 10})
+	half, _ := client.Open([]byte("a"))
+	hs := <-accepted
+	if err := half.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := io.ReadAll(hs); err != nil || string(b) != "a" {
+		t.Fatalf("after FIN the server read %q, %v; want a and a clean end", b, err)
+	}
+	if _, err := hs.Write([]byte("back")); err != nil {
+		t.Fatalf("the other direction after a half-close: %v", err)
+	}
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(half, buf); err != nil || string(buf) != "back" {
+		t.Fatalf("read %q, %v", buf, err)
+	}
+
+	cut, _ := client.Open(nil)
+	cs := <-accepted
+	cs.Abort(0)
+	if _, err := io.ReadAll(cut); !errors.Is(err, wire.ErrTruncated) || errors.Is(err, mux.ErrRefused) {
+		t.Fatalf("an aborted stream read %v; want a cut", err)
+	}
+
+	refused, _ := client.Open(nil)
+	(<-accepted).AbortWith(mux.AbortRefused)
+	if _, err := io.ReadAll(refused); !errors.Is(err, mux.ErrRefused) || !errors.Is(err, wire.ErrTruncated) {
+		t.Fatalf("a refused stream read %v; want a cut that says nothing was served", err)
+	}
+
+	open, _ := client.Open(nil)
+	<-accepted
+	wire.Abort(client.NetConn(), wire.QUICPeerReset)
+	if _, err := io.ReadAll(open); !errors.Is(err, wire.ErrTruncated) {
+		t.Fatalf("a stream of a dead connection read %v; want a cut", err)
+	}
+	if _, err := client.Open(nil); !errors.Is(err, mux.ErrFull) {
+		t.Fatalf("opening on a dead connection: %v; want ErrFull", err)
+	}
+}
+
+// Bulk through one stream with windows smaller than the data and frames of
+// the largest size: every byte arrives in order, and the window grows within
+// its bounds.
+func TestStreamBulk(t *testing.T) {
+	client, accepted := pair(t, mux.Options{MaxPayload: mux.MaxFramePayload, StreamWindow: 128 << 10, MaxStreamWindow: 4 << 20, GrowWithin: time.Hour})
+	s, _ := client.Open(nil)
+	const size = 32 << 20
+	go func() {
+		chunk := []byte(strings.Repeat("0123456789abcdef", 8192)) // 128 KiB
+		for sent := 0; sent < size; sent += len(chunk) {
+			if _, err := s.Write(chunk); err != nil {
+				return
+			}
+		}
+		_ = s.CloseWrite()
+	}()
+	r := <-accepted
+	buf := make([]byte, 100_000) // not a multiple of anything
+	var n int
+	for {
+		m, err := r.Read(buf)
+		for i := range m {
+			if buf[i] != "0123456789abcdef"[(n+i)%16] {
+				t.Fatalf("byte %d is %q", n+i, buf[i])
+			}
+		}
+		n += m
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n != size {
+		t.Fatalf("read %d bytes; want %d", n, size)
+	}
+	if w := r.Window(); w <= 128<<10 || w > 4<<20 {
+		t.Fatalf("the window is %d after 32 MiB read at once; want it grown, at most 4 MiB", w)
+	}
+}
+
+// ABORT's code (Options.AbortCodes, tp-mux/1): the cut reads as a stream
+// reset with that code; without AbortCodes the ABORT is one byte, as the
+// end-to-end carriers' older peers require, and reads as a cut without a code.
+// The bad input: an ABORT of three bytes, which ends the connection.
+func TestAbortCode(t *testing.T) {
+	for _, codes := range []bool{true, false} {
+		client, accepted := pair(t, mux.Options{AbortCodes: codes})
+		st, err := client.Open([]byte("x"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ss := <-accepted
+		ss.Abort(wire.QUICRevoked)
+		_ = st.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err = io.ReadAll(st)
+		code, ok := wire.StreamResetCode(err)
+		if !errors.Is(err, wire.ErrTruncated) || ok != codes || (codes && code != wire.QUICRevoked) {
+			t.Fatalf("AbortCodes %v: the client read %v (code %v, %v); want a cut, with the code revoked only when codes are on", codes, err, code, ok)
+		}
+	}
+	a, b := testnet.Pair(t)
+	server := mux.New(a, mux.Options{AbortCodes: true}, func(*mux.Stream) {})
+	t.Cleanup(func() { server.Fail(errors.New("test over")) })
+	_, _ = b.Write(mux.AppendFrame(nil, mux.FrameOpen, 1, nil))
+	_, _ = b.Write(mux.AppendFrame(nil, mux.FrameAbort, 1, []byte{mux.AbortCut, 3, 0}))
+	select {
+	case <-server.Done():
+		if err := server.Err(); err == nil || !strings.Contains(err.Error(), "an ABORT of 3 bytes") {
+			t.Fatalf("the connection ended with %v; want a protocol error about the ABORT of 3 bytes", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("an ABORT of 3 bytes did not end the connection")
+	}
+}
+
+// Close, with the peer's direction still open and nothing of it unread, ends
+// the stream as closing a TCP socket does: the peer reads a clean end, and a
+// peer that then ends its own direction ends the stream cleanly (never cut).
+// The bad input: a peer that writes after the close is cut, as a reset would.
+func TestCloseLikeTCP(t *testing.T) {
+	client, accepted := pair(t, mux.Options{AbortCodes: true})
+	st, err := client.Open([]byte("q"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ss := <-accepted
+	_ = ss.SetDeadline(time.Now().Add(10 * time.Second))
+	if b, err := io.ReadAll(io.LimitReader(ss, 1)); err != nil || string(b) != "q" {
+		t.Fatalf("server read %q, %v", b, err)
+	}
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := io.ReadAll(ss); err != nil || len(b) != 0 {
+		t.Fatalf("after the client's Close the server read %q, %v; want a clean end", b, err)
+	}
+	if err := ss.CloseWrite(); err != nil {
+		t.Fatalf("the server's FIN after the client's Close: %v", err)
+	}
+	waitStreams(t, client, 0) // both directions ended: the stream is gone, cleanly
+
+	st2, err := client.Open(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ss2 := <-accepted
+	_ = ss2.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := st2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadAll(ss2); err != nil {
+		t.Fatalf("the second stream's clean end: %v", err)
+	}
+	if _, err := ss2.Write([]byte("nobody reads this")); err != nil {
+		t.Fatalf("the first write after the peer's Close still goes out: %v", err)
+	}
+	var werr error
+	for deadline := time.Now().Add(10 * time.Second); werr == nil && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		_, werr = ss2.Write([]byte("x"))
+	}
+	if !errors.Is(werr, wire.ErrTruncated) {
+		t.Fatalf("writing to a stream the peer closed: %v; want a cut (%v)", werr, wire.ErrTruncated)
+	}
+	waitStreams(t, client, 0)
+}
+
+// waitStreams waits until m holds n streams.
+func waitStreams(t *testing.T, m *mux.Conn, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for m.Streams() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d streams open; want %d", m.Streams(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
