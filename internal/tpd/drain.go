@@ -2,6 +2,7 @@ package tpd
 
 import (
 	"context"
+	"net"
 	"net/http"
 	"os"
 	"sync"
@@ -59,13 +60,11 @@ func (d *Daemon) Force() {
 // on any listener, agents told to reconnect at once, live sessions given up to
 // shutdown-timeout, then the rest aborted with the shutdown code. It logs once
 // when it begins and once, with the counts, when it ends.
-func (d *Daemon) drain(ctx context.Context, adminSrv *http.Server) {
+func (d *Daemon) drain(ctx context.Context, adminSrv *http.Server, ln net.Listener) {
 	start := time.Now()
 	d.ops.stop.draining.Store(true)
 	timeout := d.config().ShutdownTimeout
 	live := d.proxy.Live()
-	d.log.Info("draining: no new connections; agents told to reconnect; live sessions may finish (a second SIGTERM or SIGINT aborts them)",
-		"live", live, "shutdown_timeout", timeout)
 
 	// The admin socket goes first, so that a tpd started next on the same data
 	// dir can open its own.
@@ -73,6 +72,15 @@ func (d *Daemon) drain(ctx context.Context, adminSrv *http.Server) {
 	_ = adminSrv.Shutdown(actx)
 	acancel()
 	os.Remove(d.cfg.AdminSocket())
+	// Then the listeners, before the line that says so: whoever reads it
+	// (a test, an operator's script) finds new connections refused. ln is
+	// closed here too: a stop that comes before the proxy's Serve has taken
+	// ln would otherwise leave it open in the kernel past this line, taking
+	// handshakes that end in a reset once Serve closes it.
+	d.proxy.StopAccepting()
+	_ = ln.Close()
+	d.log.Info("draining: no new connections; agents told to reconnect; live sessions may finish (a second SIGTERM or SIGINT aborts them)",
+		"live", live, "shutdown_timeout", timeout)
 
 	// The proxy is forced by cancelling sctx; what is live just before is what
 	// gets cut.

@@ -459,7 +459,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	g.Go(func() error {
 		<-gctx.Done()
 		defer close(adminHTTPDone)
-		d.drain(ctx, adminSrv) // drain.go
+		d.drain(ctx, adminSrv, ln) // drain.go
 		return nil
 	})
 	err = g.Wait()
