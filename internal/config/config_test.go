@@ -3,6 +3,7 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -297,5 +298,90 @@ func TestShutdownTimeout(t *testing.T) {
 	s.ShutdownTimeout = 0 // abort at once is a valid choice
 	if err := s.Validate(); err != nil {
 		t.Errorf("shutdown-timeout 0 refused: %v", err)
+	}
+}
+
+// typedKey is one key of tpd.yaml with the Go type it decodes into.
+type typedKey struct {
+	key string
+	typ reflect.Type
+}
+
+// serverKeys lists every key of Server, squashed structs included.
+func serverKeys(t reflect.Type) []typedKey {
+	var out []typedKey
+	for i := range t.NumField() {
+		f := t.Field(i)
+		tag := f.Tag.Get("mapstructure")
+		if tag == ",squash" {
+			out = append(out, serverKeys(f.Type)...)
+			continue
+		}
+		if name, _, _ := strings.Cut(tag, ","); name != "" && name != "-" {
+			out = append(out, typedKey{name, f.Type})
+		}
+	}
+	return out
+}
+
+// Bad input, for every typed key of tpd.yaml: a duration without a unit
+// (handshake-timeout: 10 was taken as 10 ns, and every handshake failed), a
+// fraction for a whole number (cut silently), a number for true or false.
+// The file is refused with a sentence that names the key and the value, as
+// the same value in the environment is.
+func TestLoadServerRefusesLooseTypesInFile(t *testing.T) {
+	bad := func(typ reflect.Type) (yaml, env, says string, ok bool) {
+		switch k := typ.Kind(); {
+		case typ == reflect.TypeFor[time.Duration]():
+			return "10", "10", "is not a duration", true
+		case k >= reflect.Int && k <= reflect.Uint64:
+			return "1.5", "1.5", "is not a whole number", true
+		case k == reflect.Bool:
+			return "2", "2", "is not true or false", true
+		}
+		return "", "", "", false
+	}
+	checked := map[string]bool{}
+	for _, k := range serverKeys(reflect.TypeFor[Server]()) {
+		yaml, env, says, ok := bad(k.typ)
+		if !ok {
+			continue
+		}
+		checked[k.typ.String()] = true
+		t.Run(k.key, func(t *testing.T) {
+			dir := t.TempDir()
+			if err := os.WriteFile(filepath.Join(dir, FileName), []byte(k.key+": "+yaml+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			t.Setenv("TP_DATA_DIR", dir)
+			_, err := LoadServer(nil)
+			if err == nil || !strings.Contains(err.Error(), k.key+": "+yaml+" "+says) {
+				t.Errorf("%s: %s in the file: %v; want an error saying %q", k.key, yaml, err, k.key+": "+yaml+" "+says)
+			}
+			// The same value in the environment is refused too.
+			os.Remove(filepath.Join(dir, FileName))
+			t.Setenv("TP_"+strings.ToUpper(strings.NewReplacer("-", "_").Replace(k.key)), env)
+			if _, err := LoadServer(nil); err == nil || !strings.Contains(err.Error(), k.key+": ") || !strings.Contains(err.Error(), says) {
+				t.Errorf("%s=%s in the environment: %v; want an error saying %q", k.key, env, err, says)
+			}
+		})
+	}
+	for _, typ := range []string{"time.Duration", "int", "bool"} {
+		if !checked[typ] {
+			t.Errorf("no key of type %s was checked: the list of keys is wrong", typ)
+		}
+	}
+	// Zero needs no unit, in the file as in the environment; a unit is fine.
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, FileName), []byte("shutdown-timeout: 0\nhandshake-timeout: 10s\nmax-conns: 7.0\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TP_DATA_DIR", dir)
+	s, err := LoadServer(nil)
+	if err != nil {
+		t.Fatalf("shutdown-timeout: 0, handshake-timeout: 10s, max-conns: 7.0: %v", err)
+	}
+	if s.ShutdownTimeout != 0 || s.HandshakeTimeout != 10*time.Second || s.MaxConns != 7 {
+		t.Errorf("got shutdown-timeout %s, handshake-timeout %s, max-conns %d; want 0s, 10s, 7", s.ShutdownTimeout, s.HandshakeTimeout, s.MaxConns)
 	}
 }

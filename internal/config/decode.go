@@ -13,21 +13,55 @@ import (
 
 // decodeHook replaces viper's default hooks (durations, comma-separated lists)
 // with ones whose errors name the bad value: mapstructure's own duration hook
-// drops it ("time: unknown unit").
+// drops it ("time: unknown unit"). strictHook refuses what viper's weak typing
+// would otherwise take silently from a YAML file.
 func decodeHook() viper.DecoderConfigOption {
-	return viper.DecodeHook(mapstructure.ComposeDecodeHookFunc(durationHook, mapstructure.StringToSliceHookFunc(",")))
+	return viper.DecodeHook(mapstructure.ComposeDecodeHookFunc(durationHook, strictHook, mapstructure.StringToSliceHookFunc(",")))
 }
 
+var durationType = reflect.TypeFor[time.Duration]()
+
+const durationHint = "write a number with a unit, e.g. 10s, 5m or 1h30m"
+
 func durationHook(from, to reflect.Type, data any) (any, error) {
-	if from.Kind() != reflect.String || to != reflect.TypeFor[time.Duration]() {
+	if from.Kind() != reflect.String || to != durationType {
 		return data, nil
 	}
 	s := data.(string)
 	d, err := time.ParseDuration(strings.TrimSpace(s))
 	if err != nil {
-		return nil, fmt.Errorf("%q is not a duration: write a number with a unit, e.g. 10s, 5m or 1h30m", s)
+		return nil, fmt.Errorf("%q is not a duration: %s", s, durationHint)
 	}
 	return d, nil
+}
+
+// strictHook refuses the conversions a YAML file makes possible that an
+// environment variable (always a string, parsed strictly) does not: a bare
+// number for a duration, which would be nanoseconds (handshake-timeout: 10
+// made every handshake fail), a fraction for a whole number, which would be
+// cut, and a number for true or false. Defaults arrive with their own types
+// and pass.
+func strictHook(from, to reflect.Type, data any) (any, error) {
+	if from == to || from == durationType {
+		return data, nil
+	}
+	isNumber := func(k reflect.Kind) bool {
+		return k >= reflect.Int && k <= reflect.Uint64 || k == reflect.Float32 || k == reflect.Float64
+	}
+	switch {
+	case to == durationType && isNumber(from.Kind()):
+		if reflect.ValueOf(data).IsZero() {
+			return time.Duration(0), nil // 0 needs no unit, as in the environment
+		}
+		return nil, fmt.Errorf("%v is not a duration: %s", data, durationHint)
+	case to.Kind() >= reflect.Int && to.Kind() <= reflect.Uint64 && (from.Kind() == reflect.Float32 || from.Kind() == reflect.Float64):
+		if f := reflect.ValueOf(data).Float(); f != float64(int64(f)) {
+			return nil, fmt.Errorf("%v is not a whole number", data)
+		}
+	case to.Kind() == reflect.Bool && isNumber(from.Kind()):
+		return nil, fmt.Errorf("%v is not true or false", data)
+	}
+	return data, nil
 }
 
 // explainDecodeErr turns mapstructure's report ("decoding failed due to the
