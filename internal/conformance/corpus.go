@@ -30,9 +30,22 @@ type Case struct {
 	ID        string `json:"id"`
 	Section   string `json:"section"`   // of docs/PROTOCOL.md, e.g. "12.2"
 	Transport string `json:"transport"` // "tls", "quic" or "both"
-	Summary   string `json:"summary"`
-	Steps     []Step `json:"steps"`
+	// Needs names the parts of the fixture the case relies on beyond a server
+	// that speaks the protocol (Fixture parts): "resolver" when it sends a
+	// name the fixture's resolver answers, "policy" when the answer it
+	// expects is the fixture's policy refusing. A runner against a server set
+	// up otherwise skips such cases by this list; it never has to read the
+	// steps to know that a case would make the server resolve a name.
+	Needs   []string `json:"needs,omitempty"`
+	Summary string   `json:"summary"`
+	Steps   []Step   `json:"steps"`
 }
+
+// Fixture parts a case may need (Case.Needs).
+const (
+	NeedsResolver = "resolver"
+	NeedsPolicy   = "policy"
+)
 
 // Step is one action on one stream. Exactly one action field is set.
 type Step struct {
@@ -291,6 +304,11 @@ func (c Case) check() error {
 	}
 	if err := checkTransport(c.Transport, false); err != nil {
 		errs = append(errs, err)
+	}
+	for _, n := range c.Needs {
+		if n != NeedsResolver && n != NeedsPolicy {
+			errs = append(errs, fmt.Errorf("needs %q: the fixture parts are %q and %q", n, NeedsResolver, NeedsPolicy))
+		}
 	}
 	for i, s := range c.Steps {
 		if n := s.actions(); n != 1 {

@@ -2,10 +2,15 @@ package conformance
 
 import (
 	"encoding/json"
+	"maps"
+	"net/netip"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/tp-proxy/tp/proxy"
 )
 
 // TestCorpusWellFormed checks the corpus files themselves: they decode
@@ -122,4 +127,88 @@ func loadCorpus(t *testing.T) []File {
 		t.Fatalf("the corpus is malformed:\n%v", err)
 	}
 	return files
+}
+
+// TestCasesNameWhatTheyNeed: a case's needs list follows from its steps. A
+// hello whose host is a valid name outside the reverse zone makes a server
+// resolve it, so the case needs the fixture's resolver; a case that expects
+// policy_denied needs the fixture's policy. dial-host-name-canonical once sent
+// Echo.Conf.Test. unmarked, so a runner that skipped resolver cases by their
+// variables still made the server ask the machine's resolver.
+func TestCasesNameWhatTheyNeed(t *testing.T) {
+	// The fixture's values of the variables that can stand for a host; the
+	// others only fill ports and labels.
+	vars := Vars{"echo_host": "127.0.0.1", "echo_name": "echo.conf.test", "missing_name": "missing.conf.test",
+		"zone": "rev.tp.internal", "uniq": "u1", "alice_id": "alice@laptop"}
+	hostsIn := func(t *testing.T, s Step) []string {
+		var bodies [][]byte
+		if s.Send != nil {
+			bodies = append(bodies, s.Send)
+		}
+		if s.SendBody != nil {
+			bodies = append(bodies, []byte(*s.SendBody))
+		}
+		if s.SendRaw != nil { // framed hellos sent byte for byte
+			b, err := Hex(*s.SendRaw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for len(b) >= 2 {
+				n := int(b[0])<<8 | int(b[1])
+				if len(b) < 2+n {
+					break
+				}
+				bodies = append(bodies, b[2:2+n])
+				b = b[2+n:]
+			}
+		}
+		var hosts []string
+		for _, body := range bodies {
+			var hello struct{ Host *string }
+			if json.Unmarshal(body, &hello) == nil && hello.Host != nil {
+				h, err := vars.Subst(*hello.Host)
+				if err != nil {
+					t.Fatalf("host %q: %v", *hello.Host, err)
+				}
+				hosts = append(hosts, h)
+			}
+		}
+		return hosts
+	}
+	marked := 0
+	for _, f := range loadCorpus(t) {
+		for _, c := range f.Cases {
+			want := map[string]bool{}
+			for _, s := range c.Steps {
+				for _, h := range hostsIn(t, s) {
+					canon, err := proxy.CanonicalHost(h)
+					if err != nil || strings.HasSuffix(canon, "."+vars["zone"].(string)) {
+						continue // refused before any lookup, or a reverse name
+					}
+					if _, err := netip.ParseAddr(canon); err != nil {
+						want[NeedsResolver] = true
+					}
+				}
+				if s.Expect != nil {
+					var m struct{ Code string }
+					if json.Unmarshal(s.Expect.Match, &m) == nil && m.Code == "policy_denied" {
+						want[NeedsPolicy] = true
+					}
+				}
+			}
+			got := map[string]bool{}
+			for _, n := range c.Needs {
+				got[n] = true
+			}
+			if !maps.Equal(got, want) {
+				t.Errorf("%s: case %s has needs %v; its steps need %v", f.Name, c.ID, slices.Sorted(maps.Keys(got)), slices.Sorted(maps.Keys(want)))
+			}
+			if len(want) > 0 {
+				marked++
+			}
+		}
+	}
+	if marked == 0 {
+		t.Error("no case needs the resolver or the policy: the derivation above found nothing to check")
+	}
 }
