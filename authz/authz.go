@@ -98,5 +98,14 @@ type Authorizer interface {
 	Authorize(ctx context.Context, req Request) (Decision, error)
 }
 
+// Prechecker is implemented by an Authorizer that can tell, before a
+// destination's name is resolved, that no addresses it could resolve to would
+// make the request allowed (req.Destination.IPs is ignored). The proxy then
+// refuses without a lookup, so a device cannot make it query names of its
+// choosing. An error means "deny", as for Authorize.
+type Prechecker interface {
+	MayAllow(ctx context.Context, req Request) (bool, error)
+}
+
 // ErrPolicyDenied is wrapped by errors that report a policy denial.
 var ErrPolicyDenied = errors.New("denied by policy")

@@ -21,6 +21,7 @@ type Evaluator interface {
 var (
 	_ Evaluator        = (*Engine)(nil)
 	_ authz.Authorizer = (*Authorizer)(nil)
+	_ authz.Prechecker = (*Authorizer)(nil)
 )
 
 // Reasons Authorize gives when it denies without the policy's word.
@@ -101,6 +102,34 @@ func (p *Authorizer) decide(ctx context.Context, req authz.Request, input map[st
 			slog.String("revision", res.Revision))
 	}
 	return d, res, nil
+}
+
+// MayAllow reports whether some resolution of req's destination could make the
+// policy allow req (see [Engine.MayAllow]); req's IPs are ignored. A denied
+// identity, an expired certificate or an Evaluator that cannot tell gives the
+// answer that costs nothing: false for the first two, whose Authorize denies
+// whatever the addresses, and true for the last.
+func (p *Authorizer) MayAllow(ctx context.Context, req authz.Request) (bool, error) {
+	if _, denied := p.DenyList.Denies(req.Identity); denied {
+		return false, nil
+	}
+	if req.Time.IsZero() {
+		req.Time = time.Now()
+	}
+	if na := req.Identity.NotAfter; !na.IsZero() && req.Time.After(na) {
+		return false, nil
+	}
+	pe, ok := p.Evaluator.(interface {
+		MayAllow(ctx context.Context, input map[string]any) (bool, error)
+	})
+	if !ok {
+		return true, nil
+	}
+	may, err := pe.MayAllow(ctx, authz.Input(req))
+	if err != nil {
+		return false, fmt.Errorf("authorize %s %s to %s: %w", req.Identity, req.Action, hostPort(req.Destination), err)
+	}
+	return may, nil
 }
 
 func hostPort(d authz.Destination) string {

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -35,6 +36,15 @@ const DefaultQueueTimeout = 5 * time.Second
 // (about 2x slower for the default policy, BenchmarkDecisionRealistic). Keys whose
 // rule is undefined are absent from the result.
 const query = `{k: v | some k in ["allow", "reason", "deny", "ip"]; v := data.` + Package + `[k]}`
+
+// mayAllowQuery asks whether allow can be true; the destination's addresses are
+// left unknown (see [Engine.MayAllow]). Deny rules only refuse, so allow alone
+// says whether some addresses could make a request allowed.
+const mayAllowQuery = `data.` + Package + `.allow == true`
+
+// unknownAddresses are the parts of the input that come from resolving the
+// destination's name.
+var unknownAddresses = []string{"input.destination.ips", "input.destination.embedded_ipv4"}
 
 var packagePath = ast.MustParseRef("data." + Package)
 
@@ -110,6 +120,7 @@ type Engine struct {
 // compiled is one generation of the policy. It is immutable once stored.
 type compiled struct {
 	query    rego.PreparedEvalQuery
+	partial  *rego.PreparedPartialQuery // mayAllowQuery; nil when it does not type-check
 	revision string
 	files    []string // base names, sorted
 	tests    string   // testsRevision of the *_test.rego files it was checked with
@@ -251,6 +262,58 @@ func (e *Engine) Cached() (bool, string) {
 	return c.cache != nil, c.use.why
 }
 
+// MayAllow reports whether some addresses of the destination could make the
+// policy allow input: it evaluates the policy with input.destination.ips and
+// input.destination.embedded_ipv4 unknown (OPA's partial evaluation), whatever
+// input holds there. false means that no answer of a resolver could change the
+// decision, so tpd refuses without looking the name up: a device the policy
+// does not let reach a name cannot make tpd send DNS queries for it. true may
+// still end in a denial once the addresses are known (Eval). An error is a
+// failed evaluation; the caller denies.
+//
+// Answers are cached as Eval's are, keyed by the rest of the input.
+func (e *Engine) MayAllow(ctx context.Context, input map[string]any) (bool, error) {
+	c := e.current.Load()
+	if c.partial == nil {
+		return true, nil
+	}
+	in := maps.Clone(input)
+	if d, ok := in["destination"].(map[string]any); ok {
+		d = maps.Clone(d)
+		delete(d, "ips")
+		delete(d, "embedded_ipv4")
+		in["destination"] = d
+	}
+	var key string
+	cacheable := false
+	if c.cache != nil {
+		if key, cacheable = c.use.key(in); cacheable {
+			key = "may\x00" + key // beside Eval's keys, which never start so
+			if res, hit := c.cache.get(key); hit {
+				return res.Allow, nil
+			}
+		}
+	}
+	v, err := ast.InterfaceToValue(in)
+	if err != nil {
+		return false, fmt.Errorf("policy input: %w", err)
+	}
+	var pqs *rego.PartialQueries
+	err = e.bounded(ctx, c, func(evalCtx context.Context, halt topdown.Cancel) error {
+		var err error
+		pqs, err = c.partial.Partial(evalCtx, rego.EvalParsedInput(v), rego.EvalExternalCancel(halt))
+		return err
+	})
+	if err != nil {
+		return false, err
+	}
+	may := len(pqs.Queries) > 0
+	if cacheable {
+		c.cache.put(key, Result{Allow: may, Revision: c.revision})
+	}
+	return may, nil
+}
+
 // evalWith evaluates input against the policy generation c; extra options add
 // tracers (see Explain).
 func (e *Engine) evalWith(ctx context.Context, c *compiled, input map[string]any, extra ...rego.EvalOption) (Result, error) {
@@ -317,7 +380,19 @@ var (
 
 // run waits for a free slot, then evaluates v with the time the evaluation itself
 // uses bounded by e.timeout and the whole call, waiting included, by e.queueTimeout.
-func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego.EvalOption) (rego.ResultSet, error) {
+func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego.EvalOption) (rs rego.ResultSet, err error) {
+	err = e.bounded(ctx, c, func(evalCtx context.Context, halt topdown.Cancel) error {
+		var err error
+		rs, err = c.query.Eval(evalCtx, append([]rego.EvalOption{rego.EvalParsedInput(v), rego.EvalExternalCancel(halt)}, extra...)...)
+		return err
+	})
+	return rs, err
+}
+
+// bounded runs eval, an evaluation of policy generation c, once a slot is
+// free, with the time it uses bounded by e.timeout and the whole call, waiting
+// included, by e.queueTimeout; eval must stop when halt is cancelled.
+func (e *Engine) bounded(ctx context.Context, c *compiled, eval func(evalCtx context.Context, halt topdown.Cancel) error) error {
 	deadline := time.Now().Add(e.queueTimeout)
 	select {
 	case e.slots <- struct{}{}: // a free slot: no timer needed
@@ -328,9 +403,9 @@ func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego
 			wait.Stop()
 		case <-ctx.Done():
 			wait.Stop()
-			return nil, fmt.Errorf("policy evaluation (revision %s) abandoned before it started: %w", c.revision, ctx.Err())
+			return fmt.Errorf("policy evaluation (revision %s) abandoned before it started: %w", c.revision, ctx.Err())
 		case <-wait.C:
-			return nil, fmt.Errorf("policy evaluation (revision %s) did not start within %s: %d evaluations were running and more were waiting, so tpd is overloaded: %w",
+			return fmt.Errorf("policy evaluation (revision %s) did not start within %s: %d evaluations were running and more were waiting, so tpd is overloaded: %w",
 				c.revision, e.queueTimeout, cap(e.slots), context.DeadlineExceeded)
 		}
 	}
@@ -349,7 +424,7 @@ func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego
 	// the context; AfterFunc costs nothing until the context actually ends.
 	halt := topdown.NewCancel()
 	defer context.AfterFunc(evalCtx, halt.Cancel)()
-	rs, err := c.query.Eval(evalCtx, append([]rego.EvalOption{rego.EvalParsedInput(v), rego.EvalExternalCancel(halt)}, extra...)...)
+	err := eval(evalCtx, halt)
 	// OPA checks for cancellation only now and then, so an evaluation can finish
 	// over its budget or after the deadline: late answers deny too. It cannot
 	// have used more processor time than time has passed, so the clock is read
@@ -359,16 +434,16 @@ func (e *Engine) run(ctx context.Context, c *compiled, v ast.Value, extra []rego
 		time.Since(w.m.wallStart) >= e.timeout && w.m.used() >= e.timeout
 	switch {
 	case ctx.Err() != nil:
-		return nil, fmt.Errorf("policy evaluation (revision %s) abandoned: %w", c.revision, errors.Join(ctx.Err(), err))
+		return fmt.Errorf("policy evaluation (revision %s) abandoned: %w", c.revision, errors.Join(ctx.Err(), err))
 	case overBudget:
-		return nil, fmt.Errorf("policy evaluation (revision %s) did not finish within %s: %w", c.revision, e.timeout, errors.Join(context.DeadlineExceeded, err))
+		return fmt.Errorf("policy evaluation (revision %s) did not finish within %s: %w", c.revision, e.timeout, errors.Join(context.DeadlineExceeded, err))
 	case errors.Is(cause, errOverloaded) || !time.Now().Before(deadline):
-		return nil, fmt.Errorf("policy evaluation (revision %s) did not finish within %s of the request, waiting included, so tpd is overloaded: %w",
+		return fmt.Errorf("policy evaluation (revision %s) did not finish within %s of the request, waiting included, so tpd is overloaded: %w",
 			c.revision, e.queueTimeout, errors.Join(context.DeadlineExceeded, err))
 	case err != nil:
-		return nil, fmt.Errorf("policy evaluation (revision %s): %w", c.revision, err)
+		return fmt.Errorf("policy evaluation (revision %s): %w", c.revision, err)
 	}
-	return rs, nil
+	return nil
 }
 
 // budgetWatch cancels an evaluation once it has used its budget of processor time
@@ -520,10 +595,23 @@ func (e *Engine) compileFiles(ctx context.Context, dir string, files []file, rev
 	if err != nil {
 		return nil, fmt.Errorf("prepare policy query: %w", err)
 	}
+	// A policy whose allow is no boolean fails this query's type check; it
+	// fails every evaluation too (evalWith), so there is nothing to tell
+	// before a lookup: partial stays nil and MayAllow says true.
+	var partial *rego.PreparedPartialQuery
+	if ppq, err := rego.New(
+		rego.Query(mayAllowQuery),
+		rego.Compiler(compiler),
+		rego.SetRegoVersion(ast.RegoV1),
+		rego.StrictBuiltinErrors(true),
+		rego.Unknowns(unknownAddresses),
+	).PrepareForPartial(ctx); err == nil {
+		partial = &ppq
+	}
 	if err := checkTests(ctx, dir); err != nil {
 		return nil, err
 	}
-	c := &compiled{query: pq, revision: revision, files: names, use: analyzeInput(compiler.Modules)}
+	c := &compiled{query: pq, partial: partial, revision: revision, files: names, use: analyzeInput(compiler.Modules)}
 	switch {
 	case e.noCache:
 		c.use.root, c.use.why = nil, "the decision cache is turned off"

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"time"
@@ -304,57 +305,108 @@ func (s *Server) enter(ctx context.Context, conn wire.Stream, transport string, 
 	// A name that does not resolve is put to the policy too, with no addresses:
 	// only a device the policy allows to reach the name learns that it does not
 	// resolve. Any other device is refused as it would be for a name that exists,
-	// so no device learns which names exist by trying them.
-	ips, lookupErr, herr := s.resolve(ctx, host)
+	// so no device learns which names exist by trying them. And a name that no
+	// address could get allowed is not looked up at all (precheck): a device
+	// cannot make tpd send DNS queries of its choosing out of the network.
+	lookup, herr := s.precheck(ctx, ss, host, hello, transport)
 	if herr != nil {
 		return nil, herr
 	}
-	if lookupErr == nil {
-		if herr := s.checkSelf(ss, ips, hello.Port); herr != nil {
+	for {
+		var ips []netip.Addr
+		var lookupErr error
+		if lookup {
+			if ips, lookupErr, herr = s.resolve(ctx, host); herr != nil {
+				return nil, herr
+			}
+		}
+		if lookupErr == nil {
+			if herr := s.checkSelf(ss, ips, hello.Port); herr != nil {
+				return nil, herr
+			}
+		}
+
+		req := authz.Request{
+			Action:      dialAction(hello.Net),
+			Identity:    id,
+			Destination: authz.Destination{Host: host, Port: hello.Port, Network: hello.Net, IPs: ips},
+			Source:      authz.Source{Address: ss.remote, Transport: transport},
+			Time:        time.Now(),
+		}
+		actx, acancel := context.WithTimeout(ctx, s.lim().DialTimeout)
+		dec, err := s.cfg.Authorizer.Authorize(actx, req)
+		acancel()
+		ss.audit.revision = dec.Revision
+		// The session's log line says why the name did not resolve, whatever the client is told.
+		note := ""
+		if lookupErr != nil {
+			note = " (" + lookupErr.Error() + ")"
+		}
+		if err != nil {
+			ss.decision = "deny"
+			ss.end = "policy evaluation failed: " + err.Error() + note
+			return nil, policyError(err)
+		}
+		if !dec.Allow {
+			ss.decision = "deny"
+			reason := dec.Reason
+			if reason == "" {
+				reason = "no policy rule allows this destination"
+			}
+			herr := &wire.HelloError{Code: wire.CodePolicyDenied, Reason: reason}
+			ss.end = herr.Error() + note
 			return nil, herr
 		}
+		if !lookup {
+			// Allowed without addresses after the precheck said no addresses
+			// could be: the policy changed in between. Look up, decide again.
+			lookup = true
+			continue
+		}
+		if lookupErr != nil {
+			ss.decision = "allow"
+			ss.end = lookupErr.Error()
+			return nil, resolveFailed(host)
+		}
+		ss.decision = "allow"
+		ss.req = req
+		ss.peer = "destination"
+		return s.dial(ctx, ss, hello.Net, ips, hello.Port)
 	}
+}
 
+// precheck decides, for a destination named by a valid name, whether to look it
+// up: only when the policy could allow the request for some addresses
+// (authz.Prechecker). It returns false with no refusal when the name is not to
+// be looked up: enter then decides without addresses, which denies. An IP
+// literal, or an Authorizer that cannot tell, is looked up (resolve returns a
+// literal as it is). A failed precheck denies.
+func (s *Server) precheck(ctx context.Context, ss *session, host string, hello wire.ClientHello, transport string) (lookup bool, herr *wire.HelloError) {
+	pc, ok := s.cfg.Authorizer.(authz.Prechecker)
+	if !ok {
+		return true, nil
+	}
+	if c, err := CanonicalHost(host); err != nil {
+		return true, nil // resolve refuses it as bad_request
+	} else if _, err := netip.ParseAddr(c); err == nil {
+		return true, nil
+	}
 	req := authz.Request{
 		Action:      dialAction(hello.Net),
-		Identity:    id,
-		Destination: authz.Destination{Host: host, Port: hello.Port, Network: hello.Net, IPs: ips},
+		Identity:    ss.id,
+		Destination: authz.Destination{Host: host, Port: hello.Port, Network: hello.Net},
 		Source:      authz.Source{Address: ss.remote, Transport: transport},
 		Time:        time.Now(),
 	}
 	actx, acancel := context.WithTimeout(ctx, s.lim().DialTimeout)
-	dec, err := s.cfg.Authorizer.Authorize(actx, req)
+	may, err := pc.MayAllow(actx, req)
 	acancel()
-	ss.audit.revision = dec.Revision
-	// The session's log line says why the name did not resolve, whatever the client is told.
-	note := ""
-	if lookupErr != nil {
-		note = " (" + lookupErr.Error() + ")"
-	}
 	if err != nil {
 		ss.decision = "deny"
-		ss.end = "policy evaluation failed: " + err.Error() + note
-		return nil, policyError(err)
+		ss.end = "policy evaluation failed: " + err.Error()
+		return false, policyError(err)
 	}
-	if !dec.Allow {
-		ss.decision = "deny"
-		reason := dec.Reason
-		if reason == "" {
-			reason = "no policy rule allows this destination"
-		}
-		herr := &wire.HelloError{Code: wire.CodePolicyDenied, Reason: reason}
-		ss.end = herr.Error() + note
-		return nil, herr
-	}
-	if lookupErr != nil {
-		ss.decision = "allow"
-		ss.end = lookupErr.Error()
-		return nil, resolveFailed(host)
-	}
-	ss.decision = "allow"
-	ss.req = req
-	ss.peer = "destination"
-	return s.dial(ctx, ss, hello.Net, ips, hello.Port)
+	return may, nil
 }
 
 // why answers op "why": how the identity's session sid was aborted, if it was

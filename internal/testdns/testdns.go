@@ -23,6 +23,15 @@ type Server struct {
 	conn    net.PacketConn
 	mu      sync.Mutex
 	records map[string][]netip.Addr // lower-case name without the trailing dot
+	asked   []string                // every question's name, in order
+}
+
+// Asked returns the names the server was asked about so far (lower case, no
+// trailing dot), one entry per question: A and AAAA are two.
+func (s *Server) Asked() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.asked...)
 }
 
 // Start runs a server until the test ends.
@@ -97,6 +106,7 @@ func (s *Server) answer(query []byte) ([]byte, bool) {
 	name := strings.TrimSuffix(strings.ToLower(q.Name.String()), ".")
 	s.mu.Lock()
 	addrs, found := s.records[name]
+	s.asked = append(s.asked, name)
 	s.mu.Unlock()
 	rh := dnsmessage.Header{ID: hdr.ID, Response: true, Authoritative: true, RecursionDesired: hdr.RecursionDesired, RecursionAvailable: true}
 	if !found {

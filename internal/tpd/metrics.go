@@ -175,6 +175,15 @@ func (a *meteredAuthorizer) Authorize(ctx context.Context, req authz.Request) (a
 	return dec, err
 }
 
+// MayAllow is next's, when it has one; else every request may be allowed
+// (the proxy then resolves first, as without a Prechecker).
+func (a *meteredAuthorizer) MayAllow(ctx context.Context, req authz.Request) (bool, error) {
+	if p, ok := a.next.(authz.Prechecker); ok {
+		return p.MayAllow(ctx, req)
+	}
+	return true, nil
+}
+
 // countIssued wraps the CA's ACME handler: a finalize that succeeds is a
 // certificate issued, of the kind its provisioner (in the path) gives.
 func (m *metrics) countIssued(next http.Handler) http.Handler {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -135,5 +136,63 @@ func TestProbingReverseNamesRevealsNothing(t *testing.T) {
 	stop()
 	if after := probe(); served != unserved || after != unserved {
 		t.Fatalf("carol tells the states apart:\n unserved %q\n served   %q\n after    %q", unserved, served, after)
+	}
+}
+
+// allowByAddress lets carol dial what resolves into 192.0.2.0/24 only: a rule
+// that needs the addresses before it can answer.
+const allowByAddress = `package tp.authz
+
+allow if {
+	input.action == "dial"
+	input.identity.user == "carol"
+	some ip in input.destination.ips
+	net.cidr_contains("192.0.2.0/24", ip)
+}
+`
+
+// Bad input: bob, whom no rule allows, dials names of his choosing
+// (a-secret-in-a-label.exfil.test, …) to make tpd send DNS queries out of the
+// network. tpd must refuse him without a lookup: the policy decides on the name
+// first, and no address could make his request allowed. Alice, whom a rule
+// allows whatever the address, gets her name looked up; so does carol, whose
+// rule needs the addresses to decide. Before, every name was resolved before
+// the policy was asked.
+func TestNoLookupForNamesNoAddressCouldAllow(t *testing.T) {
+	dns := testdns.Start(t)
+	cfg := newDataDir(t, map[string]string{"alice.rego": allowAliceDials, "carol.rego": allowByAddress})
+	r := runDaemon(t, cfg, WithResolver(dns.Resolver()))
+	alice, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
+	bob, _, _ := enrollClient(t, r.d, r.url, "bob", "pc")
+	carol, _, _ := enrollClient(t, r.d, r.url, "carol", "pc")
+	dns.Set("alice.test", netip.MustParseAddr("127.0.0.1")) // internal: the default policy refuses it, after the lookup
+
+	for _, name := range []string{"a-secret-in-a-label.exfil.test", "another.exfil.test"} {
+		if re := refusal(t, dialEcho(t, bob, name+":443")); re.Code != wire.CodePolicyDenied {
+			t.Fatalf("bob dialling %s: %s %q; want a policy denial", name, re.Code, re.Reason)
+		}
+	}
+	// carol's rule decides on the addresses: her name is looked up, and a
+	// name that resolves outside her network is refused after the lookup.
+	dns.Set("carol.test", netip.MustParseAddr("203.0.113.10"))
+	if re := refusal(t, dialEcho(t, carol, "carol.test:443")); re.Code != wire.CodePolicyDenied {
+		t.Fatalf("carol dialling carol.test (outside 192.0.2.0/24): %s %q; want a policy denial", re.Code, re.Reason)
+	}
+	// alice's rule allows any name: hers is looked up, and the default
+	// policy's deny rule refuses its loopback address.
+	if re := refusal(t, dialEcho(t, alice, "alice.test:443")); re.Code != wire.CodePolicyDenied || !strings.Contains(re.Reason, "internal address") {
+		t.Fatalf("alice dialling alice.test (127.0.0.1): %s %q; want a denial for an internal address", re.Code, re.Reason)
+	}
+
+	asked := dns.Asked()
+	for _, name := range asked {
+		if strings.HasSuffix(name, "exfil.test") {
+			t.Errorf("tpd looked up %s, which bob named and no address could get allowed (asked: %v)", name, asked)
+		}
+	}
+	for _, want := range []string{"alice.test", "carol.test"} {
+		if !slices.Contains(asked, want) {
+			t.Errorf("tpd did not look up %s, whose decision needs (or follows) its addresses (asked: %v)", want, asked)
+		}
 	}
 }
