@@ -3,12 +3,16 @@ package proxy_test
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testlog"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -111,5 +115,57 @@ func TestQUICConnectionDuringDrainRefused(t *testing.T) {
 	_ = held.Close()
 	if err := <-shut; err != nil {
 		t.Fatalf("Shutdown: %v", err)
+	}
+}
+
+// A drain held up only by TLS sessions still refuses new QUIC connections with
+// CONNECTION_REFUSED. Bad input: a fresh QUIC connection while the server
+// drains with no QUIC connection of its own left; before, ServeQUIC returned
+// as soon as its own connections were gone and closed the socket, and a new
+// QUIC client waited out its handshake timeout instead.
+func TestQUICRefusedWhileOnlyTLSSessionsDrain(t *testing.T) {
+	log := &testlog.Buffer{}
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.Logger = slog.New(slog.NewTextHandler(log, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}, proxy.QUICOptions{})
+	d := q.dialer()
+	d.Transport = clients.TransportTLS
+	t.Cleanup(func() { d.Close() })
+	held := dialVia(t, d, "tcp", q.echo) // a TLS session: the drain waits for it
+	_ = held.SetDeadline(time.Now().Add(time.Minute))
+	quicEcho(t, held, "before")
+
+	sctx, scancel := context.WithTimeout(context.Background(), time.Minute)
+	defer scancel()
+	shut := make(chan error, 1)
+	go func() { shut <- q.srv.Shutdown(sctx) }()
+
+	// The point where ServeQUIC used to close its socket: its own connections
+	// (none) have ended, while the TLS session keeps the drain going.
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(log.String(), "QUIC: every connection ended") {
+		if time.Now().After(deadline) {
+			t.Fatalf("ServeQUIC did not reach the end of its connections within 20s of Shutdown:\n%s", log.String())
+		}
+		time.Sleep(10 * time.Millisecond) // polling the log, bounded by the deadline
+	}
+	_, err := q.quicConn(t, &q.cert) // bounded by its own 10s context
+	var terr *quic.TransportError
+	if !errors.As(err, &terr) || terr.ErrorCode != quic.ConnectionRefused {
+		t.Fatalf("a QUIC connection attempted while only a TLS session drains: %v; want CONNECTION_REFUSED", err)
+	}
+	quicEcho(t, held, "the TLS session still runs")
+	_ = held.Close()
+	if err := <-shut; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	select {
+	case err := <-q.quicDone:
+		q.quicDone <- err // for the cleanup, which waits for it too
+		if !errors.Is(err, proxy.ErrServerClosed) {
+			t.Fatalf("ServeQUIC after the drain: %v; want ErrServerClosed", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("ServeQUIC did not return within 10s of the drain's end")
 	}
 }

@@ -192,6 +192,20 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		_ = ln.Close()
 		<-refusing
 	}()
+	// In a shutdown, the listener refuses new connections for as long as the
+	// server drains, not only while its own connections last: a drain with no
+	// QUIC connection (its sessions are all over TLS) would otherwise close
+	// the socket at once, and a new QUIC client would wait out its handshake
+	// timeout instead of being refused. Runs after conns.Wait, below.
+	defer func() {
+		if s.isClosed() {
+			s.log.Debug("QUIC: every connection ended; new ones are refused until the drain ends", "udp", pc.LocalAddr().String())
+			select {
+			case <-s.stopped.Done():
+			case <-ctx.Done():
+			}
+		}
+	}()
 
 	// drain ends when the listener stops: connections then refuse new streams,
 	// finish the ones they have, and close. Cancelling ctx ends them at once.

@@ -193,6 +193,8 @@ type Server struct {
 	forceClose context.CancelFunc
 	draining   context.Context // cancelled when Shutdown begins
 	drain      context.CancelFunc
+	stopped    context.Context // cancelled when Shutdown returns: the drain is over
+	stop       context.CancelFunc
 }
 
 // New validates cfg, fills defaults and returns a Server.
@@ -251,6 +253,7 @@ func New(cfg Config) (*Server, error) {
 	s.limits.Store(&lim)
 	s.force, s.forceClose = context.WithCancel(context.Background())
 	s.draining, s.drain = context.WithCancel(context.Background())
+	s.stopped, s.stop = context.WithCancel(context.Background())
 	s.proxyTLS = cfg.ProxyTLS.Clone()
 	s.proxyTLS.MinVersion = tls.VersionTLS13
 	s.proxyTLS.MaxVersion = 0
@@ -423,6 +426,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		<-drained
 	}
 	<-webDone
+	s.stop() // ServeQUIC stops refusing and closes its socket (quic.go)
 	if err == nil && webErr != nil {
 		err = webErr
 	}
