@@ -168,10 +168,12 @@ func migrateCmd(stdout io.Writer) *cobra.Command {
 		Short: "Move a data dir's users, tokens, deny list and CA database into PostgreSQL",
 		Long: `Moves the state of a single tpd (its data dir: users, devices, groups, enrollment
 tokens, the deny list and the CA database) into a PostgreSQL database, where
-several tpd can share it (database: in tpd.yaml). Stop that tpd first. The
-password comes from database-password-file or TP_DATABASE_PASSWORD, never the
-DSN. Running it again changes nothing; a database holding anything else is
-refused unless --force. Then give every instance a copy of the data dir's ca/
+several tpd can share it (database: in tpd.yaml). Stop that tpd first; no
+instance may run on the database (it is refused while one does). The password
+comes from database-password-file or TP_DATABASE_PASSWORD, never the DSN.
+Running it again is refused unless --force: the instances have changed the
+database since, and the data dir's older rows would replace theirs. A database
+holding anything else is refused unless --force too. Then give every instance a copy of the data dir's ca/
 directory and set database: in their tpd.yaml.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -184,7 +186,7 @@ directory and set database: in their tpd.yaml.`,
 				return err
 			}
 			if res.Again {
-				fmt.Fprintf(stdout, "This data dir was migrated into the database before; its rows were written again.\n")
+				fmt.Fprintf(stdout, "This data dir was migrated into the database before; with --force its rows replaced the database's.\n")
 			}
 			fmt.Fprintf(stdout, "Migrated %s into the database: %d users, %d devices, %d pending enrollment tokens, %d deny-list entries, CA database %d rows in %d tables, %d site certificate files.\n",
 				cfg.DataDir, res.Users, res.Devices, res.Tokens, res.Deny, res.CA.Rows, res.CA.Buckets, res.SiteFiles)
@@ -195,7 +197,7 @@ directory and set database: in their tpd.yaml.`,
 	cmd.Flags().String("data-dir", config.DefaultServer().DataDir, "data dir to migrate (env TP_DATA_DIR)")
 	cmd.Flags().String("database", "", "target PostgreSQL DSN without a password (env TP_DATABASE)")
 	cmd.Flags().String("database-password-file", "", "file whose first line is the database password (or env TP_DATABASE_PASSWORD)")
-	cmd.Flags().BoolVar(&force, "force", false, "merge into a database that already holds other users, tokens or deny-list entries")
+	cmd.Flags().BoolVar(&force, "force", false, "merge into a database that already holds other users, tokens or deny-list entries, or migrate the same data dir again (its rows replace the database's)")
 	return cmd
 }
 

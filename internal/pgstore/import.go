@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -13,6 +14,14 @@ import (
 
 // ErrNotEmpty means an import's target already holds another deployment's data.
 var ErrNotEmpty = errors.New("the database already holds users, tokens or a deny list that did not come from this data dir")
+
+// ErrMigratedBefore means the data dir was imported before: since then the
+// database is the instances' state, and importing again would roll back what
+// changed there.
+var ErrMigratedBefore = errors.New("this data dir was migrated into the database before")
+
+// ErrInstancesLive means tpd instances are running on the database.
+var ErrInstancesLive = errors.New("tpd instances are running on this database")
 
 // Import is a single-process data dir's state, for `tpd migrate`.
 type Import struct {
@@ -28,10 +37,25 @@ type ImportResult struct {
 }
 
 // CheckImport says whether in may go into this database: it must be empty, or
-// hold what an earlier import of the same data dir (same CA) put there, or
-// force must be set. A database of another CA is refused even with force: the
-// instances on it would stop trusting each other's devices.
-func (db *DB) CheckImport(ctx context.Context, in Import, force bool) (again bool, err error) {
+// force must be set. A database that an earlier import of the same data dir
+// (same CA) filled is refused without force too: the instances have changed it
+// since (tokens redeemed, revocations lifted, newer logins), and the data dir's
+// older rows would replace theirs. A database of another CA is refused even
+// with force (the instances on it would stop trusting each other's devices),
+// and so is one with an instance whose heartbeat is newer than live: an import
+// under running instances changes what they serve.
+func (db *DB) CheckImport(ctx context.Context, in Import, force bool, live time.Duration) (again bool, err error) {
+	running, err := db.Instances(ctx, live)
+	if err != nil {
+		return false, err
+	}
+	if len(running) > 0 {
+		names := make([]string, len(running))
+		for i, r := range running {
+			names[i] = fmt.Sprintf("%s (seen %s ago)", r.Name, r.Age.Round(time.Second))
+		}
+		return false, fmt.Errorf("%w: %s; stop every instance first (an instance leaves the list when it stops, a crashed one %s after its last heartbeat), then migrate", ErrInstancesLive, strings.Join(names, ", "), live)
+	}
 	var ca, from string
 	var rows int
 	err = db.pool.QueryRow(ctx, `SELECT
@@ -45,6 +69,9 @@ func (db *DB) CheckImport(ctx context.Context, in Import, force bool) (again boo
 		return false, fmt.Errorf("%w: the database's instances use the CA %s and this data dir's is %s; migrating would leave devices of one untrusted by the other", ErrOtherCA, ca, in.CAFingerprint)
 	}
 	again = from == in.CAFingerprint
+	if again && !force {
+		return true, fmt.Errorf("%w, and the instances have changed the database since (tokens redeemed, revocations lifted, logins): migrating again would bring back what the data dir had. Nothing was written. To replace the database's rows with this data dir's anyway, pass --force", ErrMigratedBefore)
+	}
 	if rows > 0 && !again && !force {
 		return false, fmt.Errorf("%w (%d rows); migrate into an empty database, or pass --force to merge this data dir into it (rows of the same name are replaced)", ErrNotEmpty, rows)
 	}

@@ -30,8 +30,9 @@ type MigrateResult struct {
 // Migrate moves a single-process data dir (cfg.DataDir: users, devices,
 // groups, enrollment tokens, the deny list, the CA database) into the
 // PostgreSQL database cfg.Database, creating its schema. The tpd of that data
-// dir must be stopped. Migrating the same data dir again changes nothing; a
-// database holding anything else is refused unless force. The data dir itself
+// dir must be stopped, and no instance may run on the database. Migrating the
+// same data dir again, or into a database holding anything else, is refused
+// unless force. The data dir itself
 // is left as it was; its ca/ directory is what every instance on the database
 // needs.
 func Migrate(ctx context.Context, cfg config.Server, force bool) (MigrateResult, error) {
@@ -74,7 +75,7 @@ func Migrate(ctx context.Context, cfg config.Server, force bool) (MigrateResult,
 		return res, err
 	}
 	defer db.Close()
-	again, err := db.CheckImport(ctx, in, force)
+	again, err := db.CheckImport(ctx, in, force, 3*cfg.ReverseRenew) // as instanceStale
 	if err != nil {
 		return res, err
 	}

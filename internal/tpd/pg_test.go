@@ -272,16 +272,20 @@ func TestPGMigrateDataDir(t *testing.T) {
 	if res.Users != 3 || res.Devices != 3 || res.Tokens != 1 || res.Deny != 1 || res.CA.Rows == 0 || res.Again {
 		t.Fatalf("migrate: %+v; want 3 users, 3 devices, 1 token (bob's; mallory's was dropped at the revocation), 1 deny entry, CA rows", res)
 	}
-	again, err := Migrate(ctx, cfg, false)
-	if err != nil {
-		t.Fatalf("migrating the same data dir again: %v", err)
-	}
-	if !again.Again || again.Users != res.Users || again.CA.Rows != res.CA.Rows {
-		t.Fatalf("second migrate: %+v; first: %+v", again, res)
+	// Bad input: the same migration again. The database is the instances'
+	// state from the first migration on; a second one would roll it back.
+	if _, err := Migrate(ctx, cfg, false); !errors.Is(err, pgstore.ErrMigratedBefore) || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("migrating the same data dir again without --force: %v; want ErrMigratedBefore, naming --force", err)
 	}
 
 	r2 := runDaemon(t, cfg) // the same data dir, now on PostgreSQL
 	waitLog(t, r2, "shared state in PostgreSQL")
+	waitLog(t, r2, "peering with the other instances")
+	// Bad input: a migration while an instance serves from the database,
+	// refused even with --force.
+	if _, err := Migrate(ctx, cfg, true); !errors.Is(err, pgstore.ErrInstancesLive) {
+		t.Fatalf("migrating while an instance runs on the database, with --force: %v; want ErrInstancesLive", err)
+	}
 	c.Profile.Server = r2.url
 	if err := dialEcho(t, c, echo); err != nil {
 		t.Fatalf("dial with the certificate issued before the migration: %v", err)
@@ -303,6 +307,15 @@ func TestPGMigrateDataDir(t *testing.T) {
 	}
 	if bob.PendingTokens != 1 || strings.Join(bob.Groups, ",") != "ops" {
 		t.Fatalf("bob after the migration: %+v; want his pending token and group ops", bob)
+	}
+
+	r2.stop()
+	again, err := Migrate(ctx, cfg, true)
+	if err != nil {
+		t.Fatalf("migrating the same data dir again with --force, no instance running: %v", err)
+	}
+	if !again.Again || again.Users != res.Users {
+		t.Fatalf("second migrate with --force: %+v; first: %+v", again, res)
 	}
 
 	other := newDataDir(t, map[string]string{"tp.rego": allowAlice}) // another CA
