@@ -329,6 +329,13 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxS
 		_ = conn.CloseWithError(wire.QUICShutdown, "server shutting down")
 	})
 	defer stopShutdown()
+	// A connection that ends under its streams (the client went away) ends
+	// their sessions: a session blocked writing to a destination that does not
+	// read, and reading one that does not write, would otherwise never touch
+	// its stream again and outlive the client. A cut that ended the connection
+	// (shutdown, expiry) set its own cause first.
+	stopGone := context.AfterFunc(conn.Context(), func() { scancel(wire.ErrClientGone) })
+	defer stopGone()
 
 	if s.web != nil || s.connect != nil {
 		go refuseUniStreams(conn)

@@ -157,6 +157,11 @@ func (s *Server) serveMux(ctx context.Context, conn *tls.Conn) {
 	defer stopDrain()
 
 	<-m.Done()
+	// The connection is gone: nothing reaches the client any more. A session
+	// blocked on a destination that neither reads nor writes would never touch
+	// its stream again and outlive the client; its end now says why (a
+	// shutdown's cut set its own cause first).
+	scancel(wire.ErrClientGone)
 	streams.Wait()
 	end := "closed"
 	if err := m.Err(); err != nil {

@@ -85,6 +85,12 @@ func (e *EndError) End() SessionEnd {
 var (
 	// ErrShutdown ends sessions cut by a server that is stopping.
 	ErrShutdown = &EndError{Code: QUICShutdown, By: "server", Reason: "the TP server is shutting down"}
+	// ErrClientGone ends sessions whose client's connection (a QUIC connection,
+	// a tp-mux connection) ended while they were open: nothing can reach the
+	// client any more, and a session whose destination neither reads nor
+	// writes would otherwise hold its slot and buffers until the destination
+	// moves.
+	ErrClientGone = &EndError{Code: QUICPeerReset, By: "client", Reason: "the client's connection to the TP server ended while the session was open"}
 	// ErrCertExpired ends sessions whose client certificate expired.
 	ErrCertExpired = &EndError{Code: QUICCertExpired, By: "server", Reason: "the client certificate that authorised the session expired; tp renews it on the next connection, or run dlogin"}
 )
