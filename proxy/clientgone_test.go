@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -83,5 +84,52 @@ func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
 			t.Fatalf("waited %s for %s; it did not happen", d, what)
 		}
 		time.Sleep(5 * time.Millisecond) // polling, bounded by the deadline
+	}
+}
+
+// BenchmarkStalledSessionMemory reports what one session to a destination that
+// never reads holds once the client's upload has stalled against it (heap in
+// use after a collection, client and server in this process, divided by the
+// sessions; the kernel's socket buffers are not counted). Each session has a
+// client, so a connection, of its own, as separate tp processes would.
+func BenchmarkStalledSessionMemory(b *testing.B) {
+	for _, transport := range []string{clients.TransportQUIC, clients.TransportTLS} {
+		b.Run(transport, func(b *testing.B) {
+			const sessions = 20
+			q := newQUICEnv(b, nil, proxy.QUICOptions{})
+			dest, accepted := testnet.Accept(b)
+			go func() {
+				for range accepted { // held open, never read, until the benchmark ends
+				}
+			}()
+			var before, after runtime.MemStats
+			for i := 0; i < b.N; i++ {
+				runtime.GC()
+				runtime.ReadMemStats(&before)
+				var dialers []*clients.Dialer
+				for n := range sessions {
+					d := q.dialer()
+					d.Transport = transport
+					dialers = append(dialers, d)
+					c, err := d.DialContext(context.Background(), "tcp", dest)
+					if err != nil {
+						b.Fatalf("session %d of %d: %v", n+1, sessions, err)
+					}
+					chunk := make([]byte, 256<<10)
+					for {
+						_ = c.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+						if _, err := c.Write(chunk); err != nil {
+							break
+						}
+					}
+				}
+				runtime.GC()
+				runtime.ReadMemStats(&after)
+				b.ReportMetric(float64(int64(after.HeapInuse)-int64(before.HeapInuse))/sessions, "heap-B/session")
+				for _, d := range dialers {
+					d.Close()
+				}
+			}
+		})
 	}
 }

@@ -243,11 +243,16 @@ func (s *QUICStream) translate(op string, err error) error {
 }
 
 // QUIC receive windows. quic-go's defaults (512 KiB initial, 6/15 MiB max) cap one
-// stream at roughly 100 MB/s on loopback; these were the only setting that raised
-// throughput reproducibly (see the README's figures). Memory is bounded by them
-// per connection: a peer cannot have more than MaxConnectionReceiveWindow unread.
+// stream at roughly 100 MB/s on loopback; the larger maximums were the only setting
+// that raised throughput reproducibly (see the README's figures). A stream's window
+// starts small and grows (quic-go's auto-tuning) only while its reader keeps up, so
+// a session whose destination stops reading holds what its window had reached, not
+// 16 MiB from its first byte; and the connection's window starts at 32 of those, so
+// that one stalled stream cannot take the whole connection's credit and stop the
+// other tunnels sharing it. A peer cannot have more than MaxConnectionReceiveWindow
+// unread per connection.
 const (
-	QUICInitialStreamWindow = 16 << 20
+	QUICInitialStreamWindow = 512 << 10
 	QUICMaxStreamWindow     = 64 << 20
 	QUICInitialConnWindow   = 16 << 20
 	QUICMaxConnWindow       = 64 << 20
