@@ -24,11 +24,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/quic-go/quic-go"
 	"golang.org/x/net/ipv4"
 
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -42,11 +44,29 @@ type CarrierOptions struct {
 	// Idle ends a carrier session that carried no packet for this long. QUIC's
 	// keepalives (15 s) keep a live one busy. Default 2 minutes.
 	Idle time.Duration
+	// A ws or http carrier session is opened without a certificate: it is
+	// unproven until a QUIC connection of a device (a completed handshake
+	// with its certificate) runs over it. A tls carrier session is proven at
+	// its own handshake. Unproven sessions are bounded so that nobody without
+	// a certificate can take the slots of those who have one:
+	//
+	// MaxUnprovenPerSource bounds the unproven sessions of one source
+	// address (IPv6: its /64); one more ends that source's oldest. Default 16.
+	MaxUnprovenPerSource int
+	// ProveWithin ends a session still unproven this long after it opened.
+	// Default 30 s.
+	ProveWithin time.Duration
+	// MaxPerDevice bounds the proven sessions of one device; one more ends
+	// that device's oldest. Default 16.
+	MaxPerDevice int
 }
 
 const (
 	defaultCarrierSessions = 1024
 	defaultCarrierIdle     = 2 * time.Minute
+	defaultUnprovenPerSrc  = 16
+	defaultProveWithin     = 30 * time.Second
+	defaultCarrierPerDev   = 16
 	// carrierOutQueue bounds the packets waiting to be written to one carrier
 	// session (server → client): beyond it packets are dropped, which QUIC's
 	// congestion control reads as loss. 128 × 1500 octets = 192 KiB per session.
@@ -63,7 +83,21 @@ func (o CarrierOptions) withDefaults() CarrierOptions {
 	if o.Idle <= 0 {
 		o.Idle = defaultCarrierIdle
 	}
+	if o.MaxUnprovenPerSource <= 0 {
+		o.MaxUnprovenPerSource = defaultUnprovenPerSrc
+	}
+	if o.ProveWithin <= 0 {
+		o.ProveWithin = defaultProveWithin
+	}
+	if o.MaxPerDevice <= 0 {
+		o.MaxPerDevice = defaultCarrierPerDev
+	}
 	return o
+}
+
+// sweepEvery is how often a carrier session checks its bounds (idle, proof).
+func (o CarrierOptions) sweepEvery() time.Duration {
+	return min(o.Idle/4, o.ProveWithin/3, 15*time.Second)
 }
 
 // carrierPrefix is the network of the carriers' virtual addresses: 100::/64, the
@@ -93,6 +127,10 @@ type carrierSession struct {
 	addr   *net.UDPAddr
 	kind   string
 	remote string        // the real peer (TCP address), for logs
+	src    netip.Prefix  // the real peer's address (IPv6: its /64), for MaxUnprovenPerSource
+	opened time.Time
+	device string        // the device whose QUIC connection runs over it; "" while unproven (mu)
+	ended  atomic.Value  // string: why the mux ended it (carrierEnded*), if it did
 	out    chan *[]byte  // server → client, bounded (carrierOutQueue)
 	done   chan struct{} // closed when the session ends
 	last   atomic.Int64  // unix nanoseconds of the last packet either way
@@ -119,8 +157,29 @@ type carrierMux struct {
 	deadline time.Time       // the read deadline quic-go set
 	closed   bool
 	sessions map[netip.Addr]*carrierSession
+	conns    map[*quic.Conn]string // the server's QUIC connections of devices, by device (addConn)
 
 	inDrops atomic.Int64 // carrier packets dropped with the queue full
+	ended   [nCarrierEnded]atomic.Int64
+}
+
+// Why the mux ends a carrier session itself (CarrierStats.Ended).
+const (
+	carrierEndedSourceCap = iota // the source opened one unproven session too many
+	carrierEndedFull             // the table was full: the oldest unproven session made room
+	carrierEndedUnproven         // no device's QUIC connection ran over it within ProveWithin
+	carrierEndedDeviceCap        // its device opened one proven session too many
+	nCarrierEnded
+)
+
+// CarrierEndReasons name the reasons of CarrierStats.Ended, in order.
+var CarrierEndReasons = [nCarrierEnded]string{"source_cap", "full", "unproven", "device_cap"}
+
+var carrierEndSentences = [nCarrierEnded]string{
+	"its source opened more unproven carrier sessions than it may",
+	"the carrier sessions were full and it was the oldest unproven one",
+	"no QUIC connection of a device ran over it in time",
+	"its device opened more carrier sessions than it may",
 }
 
 func newCarrierMux(udp *net.UDPConn, opts CarrierOptions, log *slog.Logger) *carrierMux {
@@ -130,13 +189,140 @@ func newCarrierMux(udp *net.UDPConn, opts CarrierOptions, log *slog.Logger) *car
 		opts:     opts.withDefaults(),
 		log:      log,
 		sessions: make(map[netip.Addr]*carrierSession),
+		conns:    make(map[*quic.Conn]string),
 	}
+}
+
+// sourceOf is the address a session's bounds are counted by: the peer's IP,
+// and for IPv6 its /64 (one host's share of addresses).
+func sourceOf(remote string) netip.Prefix {
+	ap, err := netip.ParseAddrPort(remote)
+	if err != nil {
+		return netip.Prefix{}
+	}
+	a := ap.Addr().Unmap()
+	if a.Is4() {
+		return netip.PrefixFrom(a, 32)
+	}
+	p, _ := a.Prefix(64)
+	return p
+}
+
+// addConn records a QUIC connection of device: a carrier session it runs over,
+// now or after it moves there, is proven (prove).
+func (m *carrierMux) addConn(conn *quic.Conn, device string) {
+	m.mu.Lock()
+	m.conns[conn] = device
+	victims := m.proveLocked()
+	m.mu.Unlock()
+	m.endAll(victims)
+}
+
+func (m *carrierMux) removeConn(conn *quic.Conn) {
+	m.mu.Lock()
+	delete(m.conns, conn)
+	m.mu.Unlock()
+}
+
+// proveLocked marks the sessions that a device's QUIC connection runs over
+// now as that device's, and returns those to end because a device holds too
+// many (MaxPerDevice, oldest first). A connection's address is its current
+// path, so a connection that moved onto a carrier proves it too.
+func (m *carrierMux) proveLocked() (victims []*carrierSession) {
+	for conn, device := range m.conns {
+		ua, ok := conn.RemoteAddr().(*net.UDPAddr)
+		if !ok || !isCarrierIP(ua.IP) {
+			continue
+		}
+		if cs := m.sessions[netip.AddrFrom16([16]byte(ua.IP))]; cs != nil && cs.device == "" {
+			cs.device = device
+			victims = append(victims, m.overDeviceLocked(device)...)
+		}
+	}
+	return victims
+}
+
+// overDeviceLocked returns device's oldest sessions beyond MaxPerDevice.
+func (m *carrierMux) overDeviceLocked(device string) []*carrierSession {
+	var mine []*carrierSession
+	for _, cs := range m.sessions {
+		if cs.device == device && cs.ended.Load() == nil {
+			mine = append(mine, cs)
+		}
+	}
+	if len(mine) <= m.opts.MaxPerDevice {
+		return nil
+	}
+	slices.SortFunc(mine, func(a, b *carrierSession) int { return a.opened.Compare(b.opened) })
+	out := mine[:len(mine)-m.opts.MaxPerDevice]
+	for _, cs := range out {
+		cs.ended.Store(carrierEndedDeviceCap)
+	}
+	return out
+}
+
+// oldestUnprovenLocked is the oldest unproven session not already ending,
+// of source src when src is valid; nil if there is none.
+func (m *carrierMux) oldestUnprovenLocked(src netip.Prefix, count *int) *carrierSession {
+	var oldest *carrierSession
+	for _, cs := range m.sessions {
+		if cs.device != "" || cs.ended.Load() != nil || src.IsValid() && cs.src != src {
+			continue
+		}
+		if count != nil {
+			*count++
+		}
+		if oldest == nil || cs.opened.Before(oldest.opened) {
+			oldest = cs
+		}
+	}
+	return oldest
+}
+
+// endAll ends the sessions the bounds chose, each with its reason.
+func (m *carrierMux) endAll(victims []*carrierSession) {
+	for _, cs := range victims {
+		if r, ok := cs.ended.Load().(int); ok {
+			m.ended[r].Add(1)
+			m.log.Info("carrier session ended", "carrier", cs.kind, "remote", cs.remote, "addr", cs.addr.String(), "why", carrierEndSentences[r])
+		}
+		m.end(cs)
+	}
+}
+
+// overdue reports why cs is to end now by the mux's bounds: idle too long,
+// or still unproven at ProveWithin; "" if it may go on.
+func (m *carrierMux) overdue(cs *carrierSession) string {
+	if time.Since(time.Unix(0, cs.last.Load())) > m.opts.Idle {
+		return "carrier idle"
+	}
+	if time.Since(cs.opened) < m.opts.ProveWithin {
+		return ""
+	}
+	m.mu.Lock()
+	victims := m.proveLocked()
+	unproven := cs.device == ""
+	if unproven {
+		cs.ended.CompareAndSwap(nil, carrierEndedUnproven)
+	}
+	m.mu.Unlock()
+	m.endAll(victims)
+	if unproven {
+		m.ended[carrierEndedUnproven].Add(1)
+		return carrierEndSentences[carrierEndedUnproven]
+	}
+	return ""
 }
 
 var errCarrierBusy = errors.New("too many carrier sessions")
 
-// open starts a carrier session for a client whose real address is remote.
-func (m *carrierMux) open(kind, remote string) (*carrierSession, error) {
+// open starts a carrier session for a client whose real address is remote;
+// device is the device a tls carrier's handshake proved, "" for ws and http
+// (unproven until a device's QUIC connection runs over it). Bounds: an
+// unproven session beyond its source's MaxUnprovenPerSource ends that
+// source's oldest; with MaxSessions open, the oldest unproven session makes
+// room, and only when every session is proven is the new one refused.
+func (m *carrierMux) open(kind, remote, device string) (*carrierSession, error) {
 	var id [16]byte
 	copy(id[:8], carrierPrefix[:])
 	_, _ = rand.Read(id[8:])
@@ -144,20 +330,54 @@ func (m *carrierMux) open(kind, remote string) (*carrierSession, error) {
 		addr:   &net.UDPAddr{IP: net.IP(id[:]), Port: carrierPorts[kind]},
 		kind:   kind,
 		remote: remote,
+		src:    sourceOf(remote),
+		opened: time.Now(),
+		device: device,
 		out:    make(chan *[]byte, carrierOutQueue),
 		done:   make(chan struct{}),
 	}
 	cs.touch()
+	var victims []*carrierSession
+	defer func() { m.endAll(victims) }()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
 		return nil, net.ErrClosed
 	}
-	if len(m.sessions) >= m.opts.MaxSessions {
-		return nil, errCarrierBusy
+	if device == "" && cs.src.IsValid() {
+		n := 0
+		if oldest := m.oldestUnprovenLocked(cs.src, &n); n >= m.opts.MaxUnprovenPerSource {
+			oldest.ended.Store(carrierEndedSourceCap)
+			victims = append(victims, oldest)
+		}
+	}
+	if m.live() >= m.opts.MaxSessions {
+		victims = append(victims, m.proveLocked()...)
+		if m.live() >= m.opts.MaxSessions {
+			oldest := m.oldestUnprovenLocked(netip.Prefix{}, nil)
+			if oldest == nil {
+				return nil, errCarrierBusy
+			}
+			oldest.ended.Store(carrierEndedFull)
+			victims = append(victims, oldest)
+		}
 	}
 	m.sessions[netip.AddrFrom16(id)] = cs
+	if device != "" {
+		victims = append(victims, m.overDeviceLocked(device)...)
+	}
 	return cs, nil
+}
+
+// live counts the sessions not already chosen to end (mu held).
+func (m *carrierMux) live() int {
+	n := 0
+	for _, cs := range m.sessions {
+		if cs.ended.Load() == nil {
+			n++
+		}
+	}
+	return n
 }
 
 // end removes cs; packets for its address are dropped from now on.
@@ -381,8 +601,8 @@ type carrierLink interface {
 
 // serveCarrier moves packets between link and the mux until either side ends,
 // the link idles for opts.Idle, or ctx ends.
-func (m *carrierMux) serveCarrier(ctx context.Context, kind, remote string, link carrierLink) error {
-	cs, err := m.open(kind, remote)
+func (m *carrierMux) serveCarrier(ctx context.Context, kind, remote, device string, link carrierLink) error {
+	cs, err := m.open(kind, remote, device)
 	if err != nil {
 		return err
 	}
@@ -416,13 +636,13 @@ func (m *carrierMux) serveCarrier(ctx context.Context, kind, remote string, link
 	}()
 	go func() { // the idle bound
 		defer wg.Done()
-		t := time.NewTicker(min(m.opts.Idle/4, 15*time.Second))
+		t := time.NewTicker(m.opts.sweepEvery())
 		defer t.Stop()
 		for {
 			select {
 			case <-t.C:
-				if time.Since(time.Unix(0, cs.last.Load())) > m.opts.Idle {
-					cancel(errors.New("carrier idle"))
+				if why := m.overdue(cs); why != "" {
+					cancel(errors.New(why))
 					return
 				}
 			case <-ctx.Done():
@@ -442,6 +662,9 @@ func (m *carrierMux) serveCarrier(ctx context.Context, kind, remote string, link
 			break
 		}
 		m.deliver(cs, buf, n)
+	}
+	if r, ok := cs.ended.Load().(int); ok && rerr != nil {
+		rerr = errors.New(carrierEndSentences[r]) // the mux ended it (its bounds)
 	}
 	cancel(rerr)
 	link.close()
@@ -487,6 +710,45 @@ func (s *Server) carrierRemote(a net.Addr) (string, bool) {
 		return "", false
 	}
 	return cs.remote, true
+}
+
+// CarrierStats are the carrier sessions (docs/PROTOCOL.md, "Carriers").
+type CarrierStats struct {
+	// Open counts the sessions open now by carrier (tls, ws, http) and by
+	// whether a device's QUIC connection has proven them ("proven",
+	// "unproven").
+	Open map[string]map[string]int
+	// Ended counts the sessions the server ended by its bounds, by reason
+	// (CarrierEndReasons).
+	Ended map[string]int64
+}
+
+// CarrierStats reports the carrier sessions; zero while QUIC is not served.
+func (s *Server) CarrierStats() CarrierStats {
+	st := CarrierStats{Open: map[string]map[string]int{}, Ended: map[string]int64{}}
+	for kind := range carrierPorts {
+		st.Open[kind] = map[string]int{"proven": 0, "unproven": 0}
+	}
+	m := s.carrierMux()
+	if m == nil {
+		for _, r := range CarrierEndReasons {
+			st.Ended[r] = 0
+		}
+		return st
+	}
+	m.mu.Lock()
+	for _, cs := range m.sessions {
+		state := "unproven"
+		if cs.device != "" {
+			state = "proven"
+		}
+		st.Open[cs.kind][state]++
+	}
+	m.mu.Unlock()
+	for i, r := range CarrierEndReasons {
+		st.Ended[r] = m.ended[i].Load()
+	}
+	return st
 }
 
 // CarrierSessions reports the carrier sessions open now (for tests and monitoring).

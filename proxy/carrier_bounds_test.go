@@ -37,7 +37,7 @@ func newTestCarrierMux(t *testing.T, network string, ip net.IP) *carrierMux {
 // rather than cut, and ending the session frees its queue.
 func TestCarrierQueuesBounded(t *testing.T) {
 	m := newTestCarrierMux(t, "udp4", net.IPv4(127, 0, 0, 1))
-	cs, err := m.open(wire.CarrierTLS, "127.0.0.1:1")
+	cs, err := m.open(wire.CarrierTLS, "127.0.0.1:1", "alice@laptop")
 	if err != nil {
 		t.Fatal(err)
 	}

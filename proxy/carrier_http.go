@@ -53,7 +53,7 @@ func (h *httpCarriers) get(m *carrierMux, id, remote string) (_ *httpCarrierSess
 			return s, false, nil
 		}
 	}
-	cs, err := m.open(wire.CarrierHTTP, remote)
+	cs, err := m.open(wire.CarrierHTTP, remote, "") // unproven: no certificate on the website side
 	if err != nil {
 		return nil, false, err
 	}
@@ -65,16 +65,20 @@ func (h *httpCarriers) get(m *carrierMux, id, remote string) (_ *httpCarrierSess
 
 // expire ends a session that saw no request for the mux's idle bound.
 func (h *httpCarriers) expire(m *carrierMux, id string, s *httpCarrierSession) {
-	t := time.NewTicker(min(m.opts.Idle/4, 15*time.Second))
+	t := time.NewTicker(m.opts.sweepEvery())
 	defer t.Stop()
 	for {
 		select {
 		case <-s.cs.done:
 		case <-t.C:
-			if time.Since(time.Unix(0, s.cs.last.Load())) <= m.opts.Idle || len(s.inflight) > 0 {
+			why := m.overdue(s.cs)
+			if why == "" || why == "carrier idle" && len(s.inflight) > 0 {
 				continue
 			}
 			m.end(s.cs)
+			m.log.Info("carrier session", "carrier", wire.CarrierHTTP, "remote", s.cs.remote, "addr", s.cs.addr.String(),
+				"packets_in", s.cs.in.Load(), "packets_out", s.cs.o.Load(), "dropped_out", s.cs.drops.Load(),
+				"duration", time.Since(s.cs.opened), "end", why)
 		}
 		h.mu.Lock()
 		if h.sessions[id] == s {

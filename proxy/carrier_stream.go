@@ -45,6 +45,16 @@ func (l *tlsLink) flush() error { return l.w.Flush() }
 
 func (l *tlsLink) close() { l.once.Do(func() { _ = l.conn.Close() }) }
 
+// carrierDevice is the device a tp-carrier/1 connection's handshake proved.
+func (s *Server) carrierDevice(conn *tls.Conn) string {
+	cs := conn.ConnectionState()
+	id, _ := s.connIdentity(&cs)
+	if id == "" {
+		id = "?" // verified by the handshake, whatever its name says
+	}
+	return id
+}
+
 // serveCarrierTLS serves one TLS connection that negotiated "tp-carrier/1"; its
 // handshake verified the device certificate like "tp/1".
 func (s *Server) serveCarrierTLS(ctx context.Context, conn *tls.Conn) {
@@ -55,7 +65,7 @@ func (s *Server) serveCarrierTLS(ctx context.Context, conn *tls.Conn) {
 		return
 	}
 	link := &tlsLink{conn: conn, idle: m.opts.Idle, w: bufio.NewWriterSize(conn, 64<<10), wbuf: make([]byte, 2+wire.MaxCarrierPacket)}
-	if err := m.serveCarrier(ctx, wire.CarrierTLS, conn.RemoteAddr().String(), link); err != nil {
+	if err := m.serveCarrier(ctx, wire.CarrierTLS, conn.RemoteAddr().String(), s.carrierDevice(conn), link); err != nil {
 		s.log.Warn("carrier connection refused", "carrier", wire.CarrierTLS, "remote", conn.RemoteAddr().String(), "err", err)
 		_ = conn.Close()
 	}
@@ -132,7 +142,7 @@ func (s *Server) serveCarrierWS(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	stop := context.AfterFunc(s.force, cancel)
 	defer stop()
-	if err := m.serveCarrier(ctx, wire.CarrierWS, r.RemoteAddr, &wsLink{c: c, idle: m.opts.Idle}); err != nil {
+	if err := m.serveCarrier(ctx, wire.CarrierWS, r.RemoteAddr, "", &wsLink{c: c, idle: m.opts.Idle}); err != nil {
 		_ = c.Close(websocket.StatusTryAgainLater, "too many carrier sessions")
 	}
 }

@@ -3,7 +3,9 @@ package proxy_test
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"io"
 	"net"
@@ -149,15 +151,17 @@ func TestCarrierBadFrames(t *testing.T) {
 	})
 }
 
-// TestCarrierTooManySessions: beyond CarrierOptions.MaxSessions a tls carrier
-// is closed at once and a ws upgrade is answered 503.
+// TestCarrierTooManySessions: with CarrierOptions.MaxSessions proven sessions
+// open (tls carriers: their handshake proved the device), a further tls
+// carrier is closed at once and a ws upgrade is answered 503; an unproven
+// session (a ws carrier no device's QUIC connection runs over) makes room for a
+// new one instead.
 func TestCarrierTooManySessions(t *testing.T) {
 	q := newQUICEnv(t, nil, proxy.QUICOptions{Carriers: proxy.CarrierOptions{MaxSessions: 2}})
-	if _, err := q.carrierTLS(t, &q.cert); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := q.carrierWS(t); err != nil {
-		t.Fatal(err)
+	for range 2 {
+		if _, err := q.carrierTLS(t, &q.cert); err != nil {
+			t.Fatal(err)
+		}
 	}
 	waitCarrierSessions(t, q.srv, 2)
 	c, err := q.carrierTLS(t, &q.cert)
@@ -174,12 +178,116 @@ func TestCarrierTooManySessions(t *testing.T) {
 	if n := q.srv.CarrierSessions(); n != 2 {
 		t.Fatalf("carrier sessions: %d, want 2", n)
 	}
+
+	q2 := newQUICEnv(t, nil, proxy.QUICOptions{Carriers: proxy.CarrierOptions{MaxSessions: 2}})
+	if _, err := q2.carrierTLS(t, &q2.cert); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := q2.carrierWS(t); err != nil {
+		t.Fatal(err)
+	}
+	waitCarrierSessions(t, q2.srv, 2)
+	c, err = q2.carrierTLS(t, &q2.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "the unproven ws session to make room for a proven tls one", func() bool {
+		st := q2.srv.CarrierStats()
+		return st.Open[wire.CarrierTLS]["proven"] == 2 && st.Open[wire.CarrierWS]["unproven"] == 0 && st.Ended["full"] == 1
+	})
+	_ = c.Close()
+}
+
+// TestCarrierUnprovenCannotLockOut: nobody without a certificate can take
+// the carrier slots from the devices. Bad input: a client with no
+// certificate posts empty http-carrier requests, each with a new random
+// session ID (before, 1,100 of them on one connection took all 1,024 slots in
+// half a second, and one request per ID every minute kept them past the idle
+// bound). Unproven sessions are bounded per source, the oldest unproven one
+// makes room when the table is full, and one that no device's QUIC
+// connection has used within ProveWithin ends; a device's own http carrier
+// session, proven by its QUIC handshake, is never the one that goes.
+func TestCarrierUnprovenCannotLockOut(t *testing.T) {
+	const maxSessions, perSource = 8, 6
+	q := newQUICEnv(t, nil, proxy.QUICOptions{Carriers: proxy.CarrierOptions{
+		MaxSessions: maxSessions, MaxUnprovenPerSource: perSource, ProveWithin: 2 * time.Second}})
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: q.clientTLS(nil)}, Timeout: 20 * time.Second}
+	flood := func(n int) {
+		t.Helper()
+		for range n {
+			id := make([]byte, 16)
+			_, _ = rand.Read(id)
+			req, err := http.NewRequest(http.MethodPost, "https://"+q.addr+wire.CarrierHTTPPath, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Header.Set(wire.CarrierSessionHeader, hex.EncodeToString(id))
+			resp, err := hc.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			_ = resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("an unproven http carrier request: status %d; want 200 (its source's oldest unproven session makes room)", resp.StatusCode)
+			}
+		}
+	}
+	flood(100)
+	if st := q.srv.CarrierStats(); st.Open[wire.CarrierHTTP]["unproven"] > perSource {
+		t.Fatalf("one source holds %d unproven http carrier sessions; the bound is %d", st.Open[wire.CarrierHTTP]["unproven"], perSource)
+	}
+
+	// A device over the http carrier, while the flood goes on around it.
+	d := q.dialer()
+	d.QUICServer, d.Carrier = q.udpAddr, wire.CarrierHTTP
+	defer d.Close()
+	echo := func(what string) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		conn, err := d.DialContext(ctx, "tcp", q.echo)
+		if err != nil {
+			t.Fatalf("%s: a device's dial over the http carrier: %v", what, err)
+		}
+		defer conn.Close()
+		quicEcho(t, conn, what)
+	}
+	echo("amid the flood")
+	waitUntil(t, 10*time.Second, "the device's http carrier session to be proven", func() bool {
+		return q.srv.CarrierStats().Open[wire.CarrierHTTP]["proven"] == 1
+	})
+	flood(100)
+	echo("after 100 more unproven sessions")
+	if st := q.srv.CarrierStats(); st.Open[wire.CarrierHTTP]["proven"] != 1 {
+		t.Fatalf("after the flood: %+v; want the device's proven session still open", st.Open)
+	}
+	// A tls carrier (proven at its handshake) finds room too.
+	tc, err := q.carrierTLS(t, &q.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tc.Close()
+	waitUntil(t, 10*time.Second, "a tls carrier session to open beside the unproven ones", func() bool {
+		return q.srv.CarrierStats().Open[wire.CarrierTLS]["proven"] == 1
+	})
+	// Unproven sessions end once ProveWithin has passed; the proven stay.
+	waitUntil(t, 20*time.Second, "the unproven sessions to end after ProveWithin", func() bool {
+		st := q.srv.CarrierStats()
+		return st.Open[wire.CarrierHTTP]["unproven"] == 0 && st.Ended["unproven"] > 0
+	})
+	echo("after the unproven sessions ended")
+	st := q.srv.CarrierStats()
+	if st.Ended["source_cap"] == 0 || st.Open[wire.CarrierHTTP]["proven"] != 1 {
+		t.Fatalf("carrier stats %+v; want sessions ended by the source bound and the device's still open", st)
+	}
 }
 
 // TestCarrierHTTPBadInput: the http carrier refuses, without opening a
 // session, a request without a well-formed session ID (400), a GET (405), a
 // body beyond wire.MaxCarrierBody (413) and a body whose framing is broken
-// (400); beyond CarrierOptions.MaxSessions a new session gets 503.
+// (400); beyond CarrierOptions.MaxSessions a new session takes the place of
+// the oldest unproven one.
 func TestCarrierHTTPBadInput(t *testing.T) {
 	q := newQUICEnv(t, nil, proxy.QUICOptions{Carriers: proxy.CarrierOptions{MaxSessions: 1}})
 	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: q.clientTLS(nil)}, Timeout: 20 * time.Second}
@@ -228,8 +336,10 @@ func TestCarrierHTTPBadInput(t *testing.T) {
 	if got := post(http.MethodPost, good, []byte{0, 3, 'a', 'b', 'c'}); got != http.StatusOK {
 		t.Fatalf("framed garbage: status %d, want 200", got)
 	}
-	if got := post(http.MethodPost, strings.Repeat("cd", 16), nil); got != http.StatusServiceUnavailable {
-		t.Fatalf("a session beyond MaxSessions: status %d, want 503", got)
+	// Another session with the table full: the first, unproven (no
+	// device's QUIC connection ran over it), makes room.
+	if got := post(http.MethodPost, strings.Repeat("cd", 16), nil); got != http.StatusOK {
+		t.Fatalf("a session beyond MaxSessions with an unproven one open: status %d, want 200", got)
 	}
 	if n := q.srv.CarrierSessions(); n != 1 {
 		t.Fatalf("carrier sessions: %d, want 1", n)

@@ -344,6 +344,12 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxS
 	*cs = conn.ConnectionState().TLS
 	remote := conn.RemoteAddr().String()
 	identity, notAfter := s.connIdentity(cs)
+	if m := s.carrierMux(); m != nil {
+		// A carrier session this connection runs over, now or after it
+		// moves there, is proven to be a device's (carrier.go).
+		m.addConn(conn, identity)
+		defer m.removeConn(conn)
+	}
 	// The connection may not outlive the certificate that authenticated it.
 	actx, acancel := context.WithDeadline(drain, notAfter)
 	defer acancel()

@@ -290,6 +290,12 @@ var (
 		[]string{"reason"}, nil)
 	oversizeDesc = prometheus.NewDesc("tp_udp_datagrams_oversize_total",
 		"UDP datagrams that fit no QUIC DATAGRAM frame and took the stream instead.", nil, nil)
+	carrierOpenDesc = prometheus.NewDesc("tp_carrier_sessions_active",
+		"Carrier sessions (QUIC over tls, ws or http) open now, by carrier and state: proven (a device's QUIC connection runs over it) or unproven (opened without a certificate, not yet used by a device).",
+		[]string{"carrier", "state"}, nil)
+	carrierEndedDesc = prometheus.NewDesc("tp_carrier_sessions_ended_total",
+		"Carrier sessions tpd ended by its bounds, by reason: source_cap (a source's unproven sessions), full (the oldest unproven one made room), unproven (no device's connection within the proof time), device_cap (a device's sessions).",
+		[]string{"reason"}, nil)
 	cudpFlowsDesc = prometheus.NewDesc("tp_connect_udp_flows_total",
 		"CONNECT-UDP (RFC 9298) flows served on the proxy names; they count in tp_udp_flows_* too.", nil, nil)
 	cudpDatagramsDesc = prometheus.NewDesc("tp_connect_udp_datagrams_total",
@@ -302,7 +308,7 @@ var (
 func (c *proxyCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{sessionsDesc, handshakeFailDesc, connsDesc, resumedDesc, quicStreamsDesc, quicMigrationsDesc, bytesDesc, liveDesc,
 		agentsDesc, namesDesc, portsDesc, udpActiveDesc, udpFlowsDesc, udpRefusedDesc, datagramsDesc, droppedDesc, oversizeDesc,
-		cudpFlowsDesc, cudpDatagramsDesc, cudpDroppedDesc, peerSessionsDesc, peerActiveDesc} {
+		cudpFlowsDesc, cudpDatagramsDesc, cudpDroppedDesc, peerSessionsDesc, peerActiveDesc, carrierOpenDesc, carrierEndedDesc} {
 		ch <- d
 	}
 }
@@ -361,6 +367,15 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(droppedDesc, u.DestRefused, "dest_refused")
 	counter(droppedDesc, u.QUICQueueFull, "quic_queue_full")
 	counter(oversizeDesc, u.Oversize)
+	cs := c.d.proxy.CarrierStats()
+	for kind, states := range cs.Open {
+		for state, n := range states {
+			ch <- prometheus.MustNewConstMetric(carrierOpenDesc, prometheus.GaugeValue, float64(n), kind, state)
+		}
+	}
+	for reason, n := range cs.Ended {
+		counter(carrierEndedDesc, n, reason)
+	}
 	cu := c.d.proxy.ConnectUDPStats()
 	counter(cudpFlowsDesc, cu.Flows)
 	counter(cudpDatagramsDesc, cu.DatagramsUp, "up")

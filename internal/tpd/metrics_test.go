@@ -364,6 +364,10 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 		`tp_udp_datagrams_dropped_total{reason="queue_full"}`:         0,
 		"tp_sessions_active":                                          0,
 		"tp_udp_flows_active":                                         0,
+		// Carrier sessions are exported from the start, by carrier and state.
+		`tp_carrier_sessions_active{carrier="http",state="unproven"}`: 0,
+		`tp_carrier_sessions_active{carrier="tls",state="proven"}`:    0,
+		`tp_carrier_sessions_ended_total{reason="source_cap"}`:        0,
 	} {
 		if got := s3.get(t, key) - s0[key]; got != want { // a series appears with its first count
 			t.Errorf("%s moved by %g, want %g", key, got, want)
