@@ -270,9 +270,9 @@ func TestIPTunnelByteRateLimit(t *testing.T) {
 }
 
 // A policy change that narrows a live tunnel's grant is advertised at once
-// (a new ROUTE_ADVERTISEMENT), packets to the removed prefix are dropped and
-// counted from then on, the still-granted prefix keeps working, and the tunnel
-// stays up.
+// (a new ROUTE_ADVERTISEMENT), packets to and from the removed prefix are
+// dropped and counted from then on, the still-granted prefix keeps working
+// both ways, and the tunnel stays up.
 func TestIPTunnelNarrowerGrant(t *testing.T) {
 	if !inNetns(t) {
 		return
@@ -302,6 +302,8 @@ ip := {"routes": ["10.77.0.0/24", "10.79.0.0/24"]} if input.action == "ip"
 	echoed(removed, "to 10.79 while granted")
 	echoed(kept, "to 10.77 while granted")
 	routes := func() []wire.IPRoute {
+		_ = c.str.SetReadDeadline(time.Now().Add(30 * time.Second))
+		defer c.str.SetReadDeadline(time.Time{})
 		for {
 			cp, err := wire.ReadIPCapsule(c.caps)
 			if err != nil {
@@ -347,6 +349,43 @@ ip := {"routes": ["10.77.0.0/24"]} if input.action == "ip"
 	echoed(kept, "to 10.77 after the change")
 	if n := removedGot.Load(); n != seen {
 		t.Fatalf("the removed prefix's far side received %d datagrams after the change", n-seen)
+	}
+	// Inbound: a packet from the removed prefix to the device is dropped
+	// (bad input), one from the kept prefix sent after it arrives first.
+	before = r.d.proxy.IPTunnels().Stats().DroppedInbound
+	unsolicited := func(from string, msg string) netip.AddrPort {
+		t.Helper()
+		pc, err := net.ListenPacket("udp4", from+":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Close()
+		if _, err := pc.WriteTo([]byte(msg), net.UDPAddrFromAddrPort(src)); err != nil {
+			t.Fatal(err)
+		}
+		return netip.MustParseAddrPort(pc.LocalAddr().String())
+	}
+	unsolicited("10.79.0.1", "from 10.79 after the change")
+	fromKept := unsolicited("10.77.0.1", "from 10.77 after the change")
+	buf := make([]byte, 2000)
+	for {
+		n, err := c.ReadPacket(buf)
+		if err != nil {
+			t.Fatalf("waiting for the packet from the kept prefix: %v", err)
+		}
+		h, err := wire.ParseIPHeader(buf[:n])
+		if err != nil || h.Proto != 17 {
+			continue
+		}
+		if h.Src == removed.Addr() {
+			t.Fatalf("a packet from the removed prefix %s reached the device after the change", h.Src)
+		}
+		if h.Src == fromKept.Addr() && binary.BigEndian.Uint16(buf[20:]) == fromKept.Port() {
+			break
+		}
+	}
+	if d := r.d.proxy.IPTunnels().Stats().DroppedInbound - before; d < 1 {
+		t.Fatal("the packet from the removed prefix was not counted as an inbound drop")
 	}
 	if tunnels := r.d.proxy.IPTunnels().Tunnels(); tunnels["alice@laptop"] == "" {
 		t.Fatalf("live tunnels %v: the narrower grant ended alice's tunnel", tunnels)
