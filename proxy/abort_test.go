@@ -277,6 +277,65 @@ func TestWhyIsOnlyForTheOwner(t *testing.T) {
 	}
 }
 
+// TestWhyRecordExpires: op "why" answers about a cut session for one minute
+// (docs/PROTOCOL.md) and then no more. The server's clock for its records is
+// moved by the test, so the minute passes without waiting for it.
+func TestWhyRecordExpires(t *testing.T) {
+	e := newEnv(t, nil)
+	var skew atomic.Int64 // how far the records' clock runs ahead
+	proxy.SetEndRecordClock(e.srv, func() time.Time { return time.Now().Add(time.Duration(skew.Load())) })
+	dest := destination(t, func(c *net.TCPConn) {
+		_, _ = c.Read(make([]byte, 1)) // reset only once the session is up
+		reset(c)
+	})
+	c := e.rawConn(t)
+	defer c.Close()
+	host, port, _ := net.SplitHostPort(dest)
+	if err := wire.WriteClientHello(c, wire.ClientHello{V: wire.Version, Op: wire.OpDial, Net: "tcp", Host: host, Port: mustPort(t, port)}); err != nil {
+		t.Fatal(err)
+	}
+	sh, err := wire.ReadServerHello(c)
+	if err != nil || !sh.OK || sh.Session == "" {
+		t.Fatalf("dial answer %+v, %v; want ok with a session id", sh, err)
+	}
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := readUntilFailure(t, c); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("after the destination's reset the client read %v; want a connection reset", err)
+	}
+	ask := func() wire.ServerHello {
+		t.Helper()
+		cfg := e.clientTLS(&e.cert)
+		cfg.NextProtos = []string{wire.ALPN}
+		w, err := tls.Dial("tcp", e.addr, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer w.Close()
+		_ = w.SetDeadline(time.Now().Add(10 * time.Second))
+		if err := wire.WriteClientHello(w, wire.ClientHello{V: wire.Version, Op: wire.OpWhy, Session: sh.Session}); err != nil {
+			t.Fatal(err)
+		}
+		got, err := wire.ReadServerHello(w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	if proxy.EndRecordTTL != time.Minute {
+		t.Fatalf("why records live %s; docs/PROTOCOL.md says one minute", proxy.EndRecordTTL)
+	}
+	skew.Store(int64(proxy.EndRecordTTL - time.Second))
+	if got := ask(); !got.OK || got.End == nil || got.End.By != "destination" {
+		t.Fatalf("why, a second before the record's minute is up: %+v; want the destination's reset", got)
+	}
+	skew.Store(int64(proxy.EndRecordTTL + time.Second))
+	if got := ask(); got.OK || got.Code != wire.CodeUnknownSession || got.End != nil {
+		t.Fatalf("why, a second after the record's minute: %+v; want unknown_session and nothing about it", got)
+	}
+}
+
 func mustPort(t *testing.T, s string) int {
 	t.Helper()
 	p, err := strconv.Atoi(s)

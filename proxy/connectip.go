@@ -198,17 +198,18 @@ type ipTunnel struct {
 }
 
 // rateBucket is a token bucket of packets and bytes per second, holding one
-// second's worth.
+// second's worth. It starts full at its first packet.
 type rateBucket struct {
 	mu          sync.Mutex
 	last        time.Time
 	pkts, bytes float64
 }
 
-func (b *rateBucket) allow(n int, pps int, bps int64) bool {
+// allow takes one packet of n bytes at now, or reports that the bucket holds
+// less than that.
+func (b *rateBucket) allow(now time.Time, n int, pps int, bps int64) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	now := time.Now()
 	if b.last.IsZero() {
 		b.pkts, b.bytes = float64(pps), float64(bps)
 	} else {
@@ -757,7 +758,7 @@ func (tn *ipTunnel) fromPeer(p []byte) error {
 		tn.drops.Add(1)
 		return nil
 	}
-	if !tn.up.allow(len(pkt), tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
+	if !tn.up.allow(time.Now(), len(pkt), tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
 		c.dropRate.Add(1)
 		tn.drops.Add(1)
 		return nil
@@ -903,7 +904,7 @@ func (tn *ipTunnel) fromTun(ctx context.Context) error {
 			tn.drops.Add(1)
 			continue
 		}
-		if !tn.down.allow(n, tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
+		if !tn.down.allow(time.Now(), n, tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
 			c.dropRate.Add(1)
 			tn.drops.Add(1)
 			continue

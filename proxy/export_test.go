@@ -21,3 +21,13 @@ func SetWebBodyIdle(d time.Duration) func() {
 	old := webBodyIdle.Swap(int64(d))
 	return func() { webBodyIdle.Store(old) }
 }
+
+// EndRecordTTL is how long op "why" answers about a cut session.
+const EndRecordTTL = endRecordTTL
+
+// SetEndRecordClock makes s read the time of its "why" records from now.
+func SetEndRecordClock(s *Server, now func() time.Time) {
+	s.ends.mu.Lock()
+	defer s.ends.mu.Unlock()
+	s.ends.clock = now
+}

@@ -264,14 +264,15 @@ type dgramBucket struct {
 	last   time.Time
 }
 
-func newDgramBucket(perSecond int) *dgramBucket {
-	return &dgramBucket{rate: float64(perSecond), tokens: float64(perSecond), last: time.Now()}
+// newDgramBucket is a full bucket at now.
+func newDgramBucket(perSecond int, now time.Time) *dgramBucket {
+	return &dgramBucket{rate: float64(perSecond), tokens: float64(perSecond), last: now}
 }
 
-func (b *dgramBucket) take() bool {
+// take takes one datagram at now, or reports that the bucket is empty.
+func (b *dgramBucket) take(now time.Time) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	now := time.Now()
 	b.tokens = min(b.rate, b.tokens+now.Sub(b.last).Seconds()*b.rate)
 	b.last = now
 	if b.tokens < 1 {
@@ -300,7 +301,8 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 	touch := func() { last.Store(time.Now().UnixNano()) }
 	touch()
 	var total atomic.Int64 // payload bytes both ways, for MaxBytesPerFlow
-	upRate, downRate := newDgramBucket(o.MaxPacketsPerSecond), newDgramBucket(o.MaxPacketsPerSecond)
+	start := time.Now()
+	upRate, downRate := newDgramBucket(o.MaxPacketsPerSecond, start), newDgramBucket(o.MaxPacketsPerSecond, start)
 	rctx, rcancel := context.WithCancel(ctx)
 	defer rcancel()
 	ends := make(chan cudpEnd, 3)
@@ -340,7 +342,7 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 		case len(p) > o.MaxDatagram:
 			f.oversize.Add(1)
 			return nil
-		case !upRate.take():
+		case !upRate.take(time.Now()):
 			f.rateLimited.Add(1)
 			return nil
 		case overBudget(len(p)):
@@ -448,7 +450,7 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 			case n > o.MaxDatagram:
 				f.oversize.Add(1)
 				continue
-			case !downRate.take():
+			case !downRate.take(time.Now()):
 				f.rateLimited.Add(1)
 				continue
 			case overBudget(n):
