@@ -73,7 +73,9 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request) (abort boo
 	if herr == nil {
 		stopGone := context.AfterFunc(r.Context(), func() { cancel(context.Canceled) })
 		upstream, herr = s.enter(ctx, nil, transport, ss, hello)
-		if !stopGone() && upstream != nil { // the client went away meanwhile
+		gone := !stopGone()
+		countCancel(r.Context(), gone) // flood.go: a rapid reset's count
+		if gone && upstream != nil { // the client went away meanwhile
 			_ = upstream.Close()
 			ss.end = "the client went away before the tunnel was set up"
 			return false

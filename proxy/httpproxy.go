@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -114,8 +115,24 @@ func newProxyHTTP(s *Server) *proxyHTTP {
 				s.release()
 			}
 		},
+		// An h2 client that cancels its CONNECTs before their answers (rapid
+		// reset) loses its connection (flood.go).
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, floodKey{}, newCancelFlood(func() {
+				s.log.Warn("CONNECT connection closed: its client cancelled more requests before their answer than it let be answered (rapid reset)",
+					"remote", c.RemoteAddr().String())
+				_ = c.Close()
+			}))
+		},
 	}
 	p.h3 = &http3.Server{
+		ConnContext: func(ctx context.Context, c *quic.Conn) context.Context {
+			return context.WithValue(ctx, floodKey{}, newCancelFlood(func() {
+				s.log.Warn("CONNECT connection closed: its client cancelled more requests before their answer than it let be answered (rapid reset)",
+					"remote", c.RemoteAddr().String())
+				_ = c.CloseWithError(quic.ApplicationErrorCode(http3.ErrCodeExcessiveLoad), "too many requests cancelled before their answer")
+			}))
+		},
 		Handler:        h,
 		MaxHeaderBytes: proxyMaxHeaderBytes,
 		IdleTimeout:    proxyIdleTimeout,

@@ -142,7 +142,9 @@ func (s *Server) serveConnectUDP(w http.ResponseWriter, r *http.Request) (abort 
 	if herr == nil {
 		stopGone := context.AfterFunc(r.Context(), func() { cancel(context.Canceled) })
 		upstream, herr = s.enter(ctx, nil, transport, ss, hello)
-		if !stopGone() && upstream != nil {
+		gone := !stopGone()
+		countCancel(r.Context(), gone) // flood.go: a rapid reset's count
+		if gone && upstream != nil {
 			_ = upstream.Close()
 			ss.end = "the client went away before the flow was set up"
 			return false

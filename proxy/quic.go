@@ -356,6 +356,11 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxS
 
 	var streams sync.WaitGroup
 	var served, refused atomic.Int64
+	flood := newCancelFlood(func() {
+		s.log.Warn("QUIC connection closed: its client cancelled more requests before their answer than it let be answered (rapid reset)",
+			"remote", remote, "identity", identity)
+		_ = conn.CloseWithError(wire.QUICInternal, "too many requests cancelled before their answer")
+	})
 	credit := newStreamCredit(maxStreams)
 	defer credit.stop()
 	var connEnd error // why the connection itself ended, when it did
@@ -385,7 +390,7 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxS
 			defer streams.Done()
 			defer credit.ended(str)
 			defer s.release()
-			s.serveStream(sctx, qs, cs, "quic")
+			s.serveStreamOf(sctx, qs, cs, "quic", flood)
 		}()
 	}
 	// The connection takes no new requests now (drain, or the certificate

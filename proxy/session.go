@@ -73,6 +73,12 @@ func (s *Server) ServeStream(ctx context.Context, conn wire.Stream, cs tls.Conne
 // and an idle session parks on this goroutine with the few frames of relay and
 // Bridge (see handle).
 func (s *Server) serveStream(ctx context.Context, conn wire.Stream, cs *tls.ConnectionState, transport string) {
+	s.serveStreamOf(ctx, conn, cs, transport, nil)
+}
+
+// serveStreamOf is serveStream for a stream of a connection that carries many
+// requests, whose cancelled requests flood counts (flood.go).
+func (s *Server) serveStreamOf(ctx context.Context, conn wire.Stream, cs *tls.ConnectionState, transport string, flood *cancelFlood) {
 	ss := newSession(conn)
 	if r, ok := s.carrierRemote(conn.RemoteAddr()); ok {
 		ss.remote = r // the client's real address, not its carrier session's virtual one
@@ -80,13 +86,32 @@ func (s *Server) serveStream(ctx context.Context, conn wire.Stream, cs *tls.Conn
 	ss.audit.transport = transport
 	defer func() { s.logSession(ctx, ss) }()
 	defer s.releaseSession(ss) // however the session ends
+	// The set-up ends when the client cancels the request before its answer:
+	// its dial does not go on for nobody.
+	setup, cancelSetup := context.WithCancelCause(ctx)
+	defer cancelSetup(nil)
+	stopWatch := func() bool { return true }
+	if sc, ok := conn.(streamContext); ok {
+		sctx := sc.Context()
+		stopWatch = context.AfterFunc(sctx, func() {
+			if wire.PeerCancelled(context.Cause(sctx)) {
+				cancelSetup(errClientCancelled)
+			}
+		})
+	}
 	var upstream net.Conn
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		upstream = s.open(ctx, conn, cs, transport, ss)
+		upstream = s.open(setup, conn, cs, transport, ss)
 	}()
 	<-done
+	stopWatch()
+	if errors.Is(context.Cause(setup), errClientCancelled) {
+		flood.cancelledOne() // the client cancelled it (or its connection ended) during the set-up
+	} else {
+		flood.answeredOne()
+	}
 	switch {
 	case ss.op != nil: // a reverse listen or accept, which lives as long as the session
 		s.serveOp(ctx, conn, cs, transport, ss)

@@ -104,9 +104,17 @@ func (s *Server) serveMux(ctx context.Context, conn *tls.Conn) {
 		draining         = s.draining
 		refuse           = func(st *mux.Stream) { refused.Add(1); go st.AbortWith(mux.AbortRefused) }
 		refuseOverloaded atomic.Bool
+		conns            atomic.Pointer[mux.Conn] // m, for the flood's trip
 	)
+	flood := newCancelFlood(func() {
+		s.log.Warn("tp-mux connection takes no more streams (GOAWAY): its client cancelled more requests before their answer than it let be answered (rapid reset)",
+			"remote", remote, "identity", identity)
+		if m := conns.Load(); m != nil {
+			m.Drain()
+		}
+	})
 	accept := func(st *mux.Stream) { // on the connection's reader: it must not wait
-		if draining.Err() != nil || !time.Now().Before(notAfter) {
+		if draining.Err() != nil || !time.Now().Before(notAfter) || flood.Tripped() {
 			refuse(st) // nothing reached a destination: the client may open it elsewhere
 			return
 		}
@@ -130,10 +138,11 @@ func (s *Server) serveMux(ctx context.Context, conn *tls.Conn) {
 				default:
 				}
 			}()
-			s.serveStream(sctx, st, cs, "tls")
+			s.serveStreamOf(sctx, st, cs, "tls", flood)
 		}()
 	}
 	m := mux.New(conn, tlsMuxOptions(notAfter), accept)
+	conns.Store(m)
 	stopForce := context.AfterFunc(ctx, func() {
 		// Each session aborts its stream with the shutdown code (and records
 		// why); the connection ends once their ABORTs are written, so that the

@@ -1,6 +1,7 @@
 package mux
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -43,6 +44,9 @@ type Stream struct {
 	rwake     chan struct{}
 	wwake     chan struct{}
 	linger    *time.Timer // a closed stream's wait for the peer's FIN (Close)
+	cutErr    error       // why the peer's ABORT or the connection's end cut it
+	ctx       context.Context
+	ctxCancel context.CancelCauseFunc // made by Context, on first use
 }
 
 var (
@@ -157,6 +161,22 @@ func (s *Stream) onAbort(reason byte, code int) {
 	s.m.remove(s.id)
 }
 
+// Context ends, with the cut's error as its cause, when the peer aborts the
+// stream or the connection ends under it; this end's own close or abort does
+// not end it. A server uses it to stop the set-up of a request its client
+// cancelled.
+func (s *Stream) Context() context.Context {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ctx == nil {
+		s.ctx, s.ctxCancel = context.WithCancelCause(context.Background())
+		if s.cutErr != nil {
+			s.ctxCancel(s.cutErr)
+		}
+	}
+	return s.ctx
+}
+
 // cut fails both directions with err (data already received stays readable).
 func (s *Stream) cut(err error) {
 	s.mu.Lock()
@@ -165,6 +185,12 @@ func (s *Stream) cut(err error) {
 	}
 	if s.werr == nil {
 		s.werr = err
+	}
+	if s.cutErr == nil {
+		s.cutErr = err
+		if s.ctxCancel != nil {
+			s.ctxCancel(err)
+		}
 	}
 	s.mu.Unlock()
 	signal(s.rwake)

@@ -1,6 +1,7 @@
 package wire
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -70,6 +71,25 @@ var _ Stream = (*QUICStream)(nil)
 // NewQUICStream wraps str, a stream of conn.
 func NewQUICStream(conn *quic.Conn, str *quic.Stream) *QUICStream {
 	return &QUICStream{conn: conn, str: str}
+}
+
+// Context ends when the peer stops the stream (STOP_SENDING) or the
+// connection ends; its cause says which (quic-go's). This end's own close or
+// reset ends it too: PeerCancelled tells them apart.
+func (s *QUICStream) Context() context.Context { return s.str.Context() }
+
+// PeerCancelled reports whether cause, the cause of a stream's Context (a QUIC
+// stream's or another multiplexer's), means the peer cancelled the stream or
+// its connection ended, not that this end closed or reset it.
+func PeerCancelled(cause error) bool {
+	var se *quic.StreamError
+	switch {
+	case cause == nil, errors.Is(cause, quic.ErrStreamClosed):
+		return false
+	case errors.As(cause, &se):
+		return se.Remote
+	}
+	return true
 }
 
 // Conn is the QUIC connection the stream belongs to.
