@@ -126,11 +126,11 @@ type carrierPacket struct {
 type carrierSession struct {
 	addr   *net.UDPAddr
 	kind   string
-	remote string        // the real peer (TCP address), for logs
-	src    netip.Prefix  // the real peer's address (IPv6: its /64), for MaxUnprovenPerSource
+	remote string       // the real peer (TCP address), for logs
+	src    netip.Prefix // the real peer's address (IPv6: its /64), for MaxUnprovenPerSource
 	opened time.Time
 	device string        // the device whose QUIC connection runs over it; "" while unproven (mu)
-	ended  atomic.Value  // string: why the mux ended it (carrierEnded*), if it did
+	ended  atomic.Value  // int: why the mux ended it (a carrierEnded* reason), once it chose to
 	out    chan *[]byte  // server → client, bounded (carrierOutQueue)
 	done   chan struct{} // closed when the session ends
 	last   atomic.Int64  // unix nanoseconds of the last packet either way

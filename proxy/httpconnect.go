@@ -75,7 +75,7 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request) (abort boo
 		upstream, herr = s.enter(ctx, nil, transport, ss, hello)
 		gone := !stopGone()
 		countCancel(r.Context(), gone) // flood.go: a rapid reset's count
-		if gone && upstream != nil { // the client went away meanwhile
+		if gone && upstream != nil {   // the client went away meanwhile: no tunnel
 			_ = upstream.Close()
 			ss.end = "the client went away before the tunnel was set up"
 			return false
