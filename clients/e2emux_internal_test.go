@@ -340,12 +340,22 @@ func muxPeer(t *testing.T, client bool, accept func(*muxStream)) (*muxConn, net.
 	return m, b
 }
 
+// waitUntil polls cond until it holds; what says what did not happen.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("not so after 20s: %s", what)
+		}
+	}
+}
+
 func waitCarrierEnd(t *testing.T, m *muxConn, want string) {
 	t.Helper()
 	select {
 	case <-m.Done():
 	case <-time.After(20 * time.Second):
-		t.Fatal("the carrier did not end")
+		t.Fatalf("the carrier did not end; want it ended with %q", want)
 	}
 	if err := m.Err(); err == nil || !strings.Contains(err.Error(), want) {
 		t.Fatalf("the carrier ended with %v; want %q", err, want)
@@ -370,6 +380,12 @@ func TestE2EMuxBadInput(t *testing.T) {
 		{"a WINDOW of 3 bytes", func() []byte { return append(frame(muxOpen, 1, nil), frame(muxWindow, 1, []byte{1, 2, 3})...) }, "a WINDOW of 3 bytes"},
 		{"data for a stream never opened", func() []byte { return frame(muxData, 9, []byte("x")) }, "never opened"},
 		{"streams opened out of order", func() []byte { return append(frame(muxOpen, 5, nil), frame(muxOpen, 3, nil)...) }, "stream 3 opened after stream 5"},
+		// A stream id opened a second time, while its stream is open and after
+		// it ended: one id must never name two streams.
+		{"a stream id opened again while open", func() []byte { return append(frame(muxOpen, 1, nil), frame(muxOpen, 1, nil)...) }, "stream 1 opened after stream 1"},
+		{"a stream id opened again after its stream ended", func() []byte {
+			return append(append(frame(muxOpen, 1, nil), frame(muxAbort, 1, []byte{0})...), frame(muxOpen, 1, nil)...)
+		}, "stream 1 opened after stream 1"},
 		{"more streams than the limit", func() []byte {
 			var b []byte
 			for i := range MuxMaxStreams + 1 {
@@ -406,6 +422,47 @@ func TestE2EMuxBadInput(t *testing.T) {
 		}
 		waitCarrierEnd(t, m, "nothing arrived from the dialer")
 	})
+}
+
+// The dialer never names two streams of a carrier with one id: each stream it
+// opens, also after earlier ones ended, takes an id above every earlier one,
+// and the agent serves each as a stream of its own.
+func TestE2EMuxStreamIDsNotReused(t *testing.T) {
+	a, b := testnet.Pair(t)
+	got := make(chan *muxStream, 8)
+	agent := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), func(s *muxStream) { got <- s })
+	dialer := newMuxConn(b, true, "svc.rev.test", time.Now().Add(time.Hour), nil)
+	t.Cleanup(func() { agent.Fail(errors.New("test over")); dialer.Fail(errors.New("test over")) })
+	var last uint32
+	open := func() *muxStream {
+		t.Helper()
+		s, err := dialer.Open([]byte("x"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.ID() <= last {
+			t.Fatalf("the dialer opened stream %d after stream %d", s.ID(), last)
+		}
+		last = s.ID()
+		select {
+		case as := <-got:
+			if as.ID() != s.ID() {
+				t.Fatalf("the agent was given stream %d for the dialer's %d", as.ID(), s.ID())
+			}
+			return as
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the agent was not given the dialer's stream %d", s.ID())
+		}
+		return nil
+	}
+	first, _ := open(), open()
+	first.Abort(0) // an ended stream: its id stays used
+	waitUntil(t, "the dialer saw its first stream end", func() bool { return dialer.Streams() == 1 })
+	open()
+	open()
+	if err := agent.Err(); err != nil {
+		t.Fatalf("the carrier ended: %v", err)
+	}
 }
 
 // A stream that never sends costs the agent its buffers only while the carrier
