@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -334,7 +336,7 @@ func muxPeer(t *testing.T, client bool, accept func(*muxStream)) (*muxConn, net.
 	if accept == nil {
 		accept = func(s *muxStream) { go func() { _, _ = io.Copy(io.Discard, s) }() }
 	}
-	m := newMuxConn(a, client, "svc.rev.test", time.Now().Add(time.Hour), accept)
+	m := newMuxConn(a, client, "svc.rev.test", time.Now().Add(time.Hour), nil, accept)
 	t.Cleanup(func() { m.Fail(errors.New("test over")) })
 	_ = b.SetDeadline(time.Now().Add(20 * time.Second))
 	return m, b
@@ -430,8 +432,8 @@ func TestE2EMuxBadInput(t *testing.T) {
 func TestE2EMuxStreamIDsNotReused(t *testing.T) {
 	a, b := testnet.Pair(t)
 	got := make(chan *muxStream, 8)
-	agent := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), func(s *muxStream) { got <- s })
-	dialer := newMuxConn(b, true, "svc.rev.test", time.Now().Add(time.Hour), nil)
+	agent := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), nil, func(s *muxStream) { got <- s })
+	dialer := newMuxConn(b, true, "svc.rev.test", time.Now().Add(time.Hour), nil, nil)
 	t.Cleanup(func() { agent.Fail(errors.New("test over")); dialer.Fail(errors.New("test over")) })
 	var last uint32
 	open := func() *muxStream {
@@ -462,6 +464,71 @@ func TestE2EMuxStreamIDsNotReused(t *testing.T) {
 	open()
 	if err := agent.Err(); err != nil {
 		t.Fatalf("the carrier ended: %v", err)
+	}
+}
+
+// A carrier ends when the first of its two certificates expires (the
+// dialer's, the agent's), at each end by that end's own clock: the end whose
+// clock passes that moment ends the carrier, saying so, though the other end's
+// clock has not, and the open stream reads a cut. The ends' clocks are their
+// TLS configurations' Time, moved here by hours instead of waited for.
+func TestE2EMuxEndsWithCertificates(t *testing.T) {
+	defer func(tick time.Duration) { muxTick = tick }(muxTick)
+	muxTick = 20 * time.Millisecond
+	const agentFor = 4 * time.Hour // testpki's server certificates
+	for _, tc := range []struct {
+		what      string
+		dialerFor time.Duration // how long the dialer's certificate is valid
+	}{
+		{"the dialer's certificate expires first", time.Hour},
+		{"the agent's certificate expires first", 8 * time.Hour},
+	} {
+		for _, end := range []string{"dialer", "agent"} {
+			t.Run(tc.what+", seen by the "+end, func(t *testing.T) {
+				e := newAttachEnv(t)
+				bob := e.ca.ClientCert(t, "bob@phone", testpki.LeafOptions{NotAfter: time.Now().Add(tc.dialerFor)})
+				e.d.TLSConfig.Certificates = []tls.Certificate{bob}
+				var ahead atomic.Int64
+				clock := func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
+				if end == "dialer" {
+					e.d.TLSConfig.Time = clock
+				} else {
+					e.a.inner.Time = clock
+				}
+				c, err := e.carrierSession(t, header("bob@phone", "dev"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := c.Write([]byte("open")); err != nil {
+					t.Fatal(err)
+				}
+				readEcho(t, c, "open")
+				e.d.mux.mu.Lock()
+				m := e.d.mux.carriers[muxTestAddr][0].Conn
+				e.d.mux.mu.Unlock()
+				if end == "agent" {
+					e.a.mu.Lock()
+					for am := range e.a.carriers {
+						m = am.Conn
+					}
+					e.a.mu.Unlock()
+				}
+				// Just past the first expiry, well before the second.
+				ahead.Store(int64(min(tc.dialerFor, agentFor) + time.Minute))
+				select {
+				case <-m.Done():
+				case <-time.After(10 * time.Second):
+					t.Fatalf("the %s's end of the carrier outlived the certificate that expired first", end)
+				}
+				if err := m.Err(); err == nil || err.Error() != "a certificate of the end-to-end session expired" {
+					t.Fatalf("the %s's end of the carrier ended with %v; want: a certificate expired", end, err)
+				}
+				_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				if _, err := io.ReadAll(c); !errors.Is(err, wire.ErrTruncated) {
+					t.Fatalf("the stream open when the carrier expired read %v; want a cut (%v)", err, wire.ErrTruncated)
+				}
+			})
+		}
 	}
 }
 
@@ -555,8 +622,8 @@ func TestE2EMuxWindowGrows(t *testing.T) {
 	muxGrowWithin = time.Hour // every grant counts as quick: no dependence on the machine's speed
 	a, b := testnet.Pair(t)
 	got := make(chan *muxStream, 1)
-	agent := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), func(s *muxStream) { got <- s })
-	dialer := newMuxConn(b, true, "svc.rev.test", time.Now().Add(time.Hour), nil)
+	agent := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), nil, func(s *muxStream) { got <- s })
+	dialer := newMuxConn(b, true, "svc.rev.test", time.Now().Add(time.Hour), nil, nil)
 	t.Cleanup(func() { agent.Fail(errors.New("test over")); dialer.Fail(errors.New("test over")) })
 	s, err := dialer.Open(nil)
 	if err != nil {
@@ -669,7 +736,7 @@ func FuzzMuxFrames(f *testing.F) {
 	f.Add([]byte{muxData, 0, 0, 0, 1, 0xff, 0xff})
 	f.Fuzz(func(t *testing.T, in []byte) {
 		a, b := net.Pipe()
-		m := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), func(s *muxStream) {
+		m := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), nil, func(s *muxStream) {
 			go func() { _, _ = io.Copy(io.Discard, s); _ = s.Close() }()
 		})
 		go func() { _, _ = io.Copy(io.Discard, b) }() // what the agent answers
