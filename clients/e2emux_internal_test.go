@@ -532,25 +532,42 @@ func TestE2EMuxEndsWithCertificates(t *testing.T) {
 	}
 }
 
-// A stream that never sends costs the agent its buffers only while the carrier
-// lives, and a carrier whose dialer opened streams and went idle ends after
-// muxAgentIdle once they ended.
+// A carrier whose dialer opened a stream and went idle ends after
+// muxAgentIdle once the stream ended, though the dialer keeps pinging it
+// (as a dialer does at every tick): pings keep a carrier alive (it is not
+// cut as dead) but do not keep it open.
 func TestE2EMuxAgentClosesIdleCarrier(t *testing.T) {
 	defer func(i, tick time.Duration) { muxAgentIdle, muxTick = i, tick }(muxAgentIdle, muxTick)
-	muxAgentIdle, muxTick = 200*time.Millisecond, 50*time.Millisecond
-	m, peer := muxPeer(t, false, func(s *muxStream) { go func() { _ = s.Close() }() })
+	muxAgentIdle, muxTick = 200*time.Millisecond, 20*time.Millisecond
+	m, peer := muxPeer(t, false, func(s *muxStream) { go func() { _, _ = io.Copy(io.Discard, s); _ = s.Close() }() })
 	go func() { _, _ = io.Copy(io.Discard, peer) }()
-	if _, err := peer.Write(appendMuxFrame(nil, muxOpen, 1, nil)); err != nil {
+	// The dialer's stream, opened and ended (FIN); the agent ends its side.
+	if _, err := peer.Write(append(appendMuxFrame(nil, muxOpen, 1, []byte("x")), appendMuxFrame(nil, muxFin, 1, nil)...)); err != nil {
 		t.Fatal(err)
 	}
-	// Pings keep it alive but do not keep it open.
-	for range 10 {
-		if _, err := peer.Write(appendMuxFrame(nil, muxPing, 0, make([]byte, 8))); err != nil {
-			break
+	waitUntil(t, "the agent's end of the stream ended", func() bool { return m.Opened() == 1 && m.Streams() == 0 })
+	// Pings, more often than muxAgentIdle, until the carrier ends.
+	every := muxTick
+	go func() {
+		for {
+			select {
+			case <-m.Done():
+				return
+			case <-time.After(every):
+			}
+			if _, err := peer.Write(appendMuxFrame(nil, muxPing, 0, make([]byte, 8))); err != nil {
+				return
+			}
 		}
-		time.Sleep(50 * time.Millisecond)
+	}()
+	select {
+	case <-m.Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("a carrier without streams whose dialer only pings was not closed")
 	}
-	waitCarrierEnd(t, m, "closed")
+	if err := m.Err(); err == nil || err.Error() != "closed" {
+		t.Fatalf("the carrier ended with %v; want closed by the agent as idle", err)
+	}
 }
 
 // benchSink makes e's service a sink that ends its side after the dialer's end.
