@@ -741,8 +741,12 @@ func TestE2EMuxAgentBound(t *testing.T) {
 }
 
 // FuzzMuxFrames: an agent's end of a carrier stays within its bounds on any
-// input from the dialer: it ends (or reads to the end of the input) without
-// a panic, and nothing it holds outlives the carrier.
+// input from the dialer (the bad input: any bytes at all): it ends at the end
+// of the input without a panic, holds no stream after, and keeps the
+// multiplexer's promises. Every stream it serves was opened in the input, once
+// (ids only grow); a stream reads, in order, a prefix of what the input sent
+// it before its FIN or ABORT and nothing after; it reads a clean end only
+// after a FIN, with all its bytes; windows stay within their bounds.
 func FuzzMuxFrames(f *testing.F) {
 	frame := func(typ byte, id uint32, payload []byte) []byte { return appendMuxFrame(nil, typ, id, payload) }
 	f.Add(frame(muxOpen, 1, []byte("hello")))
@@ -751,18 +755,128 @@ func FuzzMuxFrames(f *testing.F) {
 	f.Add(append(frame(muxOpen, 1, nil), frame(muxWindow, 1, []byte{0, 0, 1, 0})...))
 	f.Add(frame(muxPing, 0, make([]byte, 8)))
 	f.Add([]byte{muxData, 0, 0, 0, 1, 0xff, 0xff})
+	f.Add(append(frame(muxOpen, 1, []byte("a")), frame(muxOpen, 1, []byte("b"))...))
+	f.Add(append(append(frame(muxOpen, 1, []byte("a")), frame(muxFin, 1, nil)...), frame(muxData, 1, []byte("late"))...))
+	f.Add(append(append(append(frame(muxOpen, 2, []byte("a")), frame(muxAbort, 2, []byte{0})...), frame(muxData, 2, []byte("late"))...), frame(muxOpen, 3, nil)...))
 	f.Fuzz(func(t *testing.T, in []byte) {
-		a, b := net.Pipe()
-		m := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), nil, func(s *muxStream) {
-			go func() { _, _ = io.Copy(io.Discard, s); _ = s.Close() }()
-		})
-		go func() { _, _ = io.Copy(io.Discard, b) }() // what the agent answers
-		_, _ = b.Write(in)
-		_ = b.Close()
-		select {
-		case <-m.Done():
-		case <-time.After(10 * time.Second):
-			t.Fatal("the carrier did not end at the end of its input")
+		// What the input sends each stream: OPEN's and DATA's payloads until
+		// its first FIN or ABORT (whether the carrier lives that long or not).
+		type sent struct {
+			data []byte
+			fin  bool // a FIN ended it, before any ABORT
+			over bool
+		}
+		model := map[uint32]*sent{}
+		for b := in; len(b) >= muxHeaderLen; {
+			typ, id, n := b[0], binary.BigEndian.Uint32(b[1:5]), int(binary.BigEndian.Uint16(b[5:7]))
+			if n > muxMaxPayload || len(b) < muxHeaderLen+n {
+				break
+			}
+			p := b[muxHeaderLen : muxHeaderLen+n]
+			b = b[muxHeaderLen+n:]
+			st := model[id]
+			switch {
+			case typ == muxOpen && st == nil:
+				model[id] = &sent{data: bytes.Clone(p)}
+			case st == nil || st.over:
+			case typ == muxData:
+				st.data = append(st.data, p...)
+			case typ == muxFin:
+				st.fin, st.over = true, true
+			case typ == muxAbort:
+				st.over = true
+			}
+		}
+
+		type served struct {
+			id    uint32
+			data  []byte
+			clean bool
+			win   int
+		}
+		check := func(t *testing.T, slow bool) {
+			var (
+				gate    = make(chan struct{}) // the readers start
+				mu      sync.Mutex
+				streams []*served
+				readers sync.WaitGroup
+			)
+			if !slow {
+				close(gate)
+			}
+			a, b := net.Pipe()
+			m := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), nil, func(s *muxStream) {
+				sv := &served{id: s.ID()}
+				mu.Lock()
+				streams = append(streams, sv)
+				mu.Unlock()
+				readers.Add(1)
+				go func() {
+					defer readers.Done()
+					<-gate
+					data, err := io.ReadAll(s)
+					mu.Lock()
+					sv.data, sv.clean, sv.win = data, err == nil, s.Window()
+					mu.Unlock()
+					_ = s.Close()
+				}()
+			})
+			go func() { _, _ = io.Copy(io.Discard, b) }() // what the agent answers
+			_, _ = b.Write(in)
+			_ = b.Close()
+			select {
+			case <-m.Done():
+			case <-time.After(10 * time.Second):
+				t.Fatal("the carrier did not end at the end of its input")
+			}
+			if slow {
+				close(gate)
+			}
+			// The streams it served (accept runs before the carrier ends).
+			var last uint32
+			for _, sv := range streams {
+				if sv.id <= last {
+					t.Fatalf("the agent served stream %d after stream %d", sv.id, last)
+				}
+				last = sv.id
+				if model[sv.id] == nil {
+					t.Fatalf("the agent served stream %d, which the input never opened", sv.id)
+				}
+			}
+			ended := make(chan struct{})
+			go func() { readers.Wait(); close(ended) }()
+			select {
+			case <-ended:
+			case <-time.After(10 * time.Second):
+				t.Fatal("a stream the agent served did not end with the carrier: its reader still waits")
+			}
+			if n := m.Streams(); n != 0 {
+				t.Fatalf("%d streams held after the carrier ended", n)
+			}
+			if g := m.Grown(); g < 0 || g > muxGrowBudget {
+				t.Fatalf("window growth %d outside the carrier's budget (0..%d)", g, muxGrowBudget)
+			}
+			for _, sv := range streams {
+				st := model[sv.id]
+				if !bytes.HasPrefix(st.data, sv.data) {
+					t.Fatalf("stream %d read %q; the input sent it %q", sv.id, sv.data, st.data)
+				}
+				if sv.clean && (!st.fin || !bytes.Equal(sv.data, st.data)) {
+					t.Fatalf("stream %d read a clean end after %q; the input sent %q, FIN %v", sv.id, sv.data, st.data, st.fin)
+				}
+				if sv.win < muxStreamWindow || sv.win > muxMaxStreamWindow {
+					t.Fatalf("stream %d's window is %d bytes; want %d..%d", sv.id, sv.win, muxStreamWindow, muxMaxStreamWindow)
+				}
+			}
+			if int64(len(streams)) != m.Opened() {
+				t.Fatalf("the agent served %d streams and counts %d opened", len(streams), m.Opened())
+			}
+		}
+		// Each input twice: with readers that keep up, and with readers that
+		// start only once the carrier ended (all of the input was handled
+		// before any byte was read: what a stream holds is then all it got).
+		for _, slow := range []bool{false, true} {
+			check(t, slow)
 		}
 	})
 }
