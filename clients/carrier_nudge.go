@@ -30,25 +30,34 @@ func nudges(keepAlive time.Duration) bool {
 }
 
 // nudgeOnSilence runs until conn ends: after packets came in and then none
-// for nudgeAfter, it sends one empty DATAGRAM frame. Every Dialer enables
-// DATAGRAM frames; a server without them makes SendDatagram fail without
-// sending anything, and the nudges stop. (It does not ask ConnectionState:
-// quic-go reads the path there without a lock, which races with a migration.)
+// for nudgeAfter, it sends one empty DATAGRAM frame. What answers a nudge
+// ends no silence (else an idle connection would nudge for ever, once per
+// nudgeAfter): the server's acknowledgements of the nudge and of the
+// client's probes after it are at most one per packet the client sent, so
+// only more packets in than out since the nudge (a server sending on its
+// own, as one resuming a download does) count as coming in. Every Dialer
+// enables DATAGRAM frames; a server without them makes SendDatagram fail
+// without sending anything, and the nudges stop. (It does not ask
+// ConnectionState: quic-go reads the path there without a lock, which races
+// with a migration.)
 func nudgeOnSilence(conn *quic.Conn) {
 	ctx := conn.Context()
 	tick := time.NewTicker(nudgeAfter / 4)
 	defer tick.Stop()
 	last, at, armed := conn.ConnectionStats().PacketsReceived, time.Now(), false
+	var nudged quic.ConnectionStats // at the last nudge, while no packets came in since
+	nudging := false
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case now := <-tick.C:
-			switch got := conn.ConnectionStats().PacketsReceived; {
-			case got != last:
-				last, at, armed = got, now, true
+			st := conn.ConnectionStats()
+			switch got := st.PacketsReceived; {
+			case got != last && (!nudging || got-nudged.PacketsReceived > st.PacketsSent-nudged.PacketsSent):
+				last, at, armed, nudging = got, now, true, false
 			case armed && now.Sub(at) >= nudgeAfter:
-				armed = false
+				armed, nudging, nudged = false, true, st
 				if err := conn.SendDatagram(nil); err != nil {
 					return // conn is gone, or its server takes no DATAGRAM frames
 				}

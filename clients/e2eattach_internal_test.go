@@ -27,6 +27,7 @@ import (
 type attachEnv struct {
 	a      *Agent
 	d      *Dialer
+	ca     *testpki.CA // issued both ends' certificates
 	served sync.WaitGroup
 	// answered is what the agent calls when a session has its first answer
 	// (for an accept over TLS: refill the spare connection); may be nil.
@@ -46,7 +47,7 @@ func newAttachEnv(t testing.TB) *attachEnv {
 		full:        map[string]string{"svc": "svc.rev.test"},
 	}
 	a.setupInner()
-	e := &attachEnv{a: a, d: &Dialer{TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{bob}}}}
+	e := &attachEnv{a: a, ca: ca, d: &Dialer{TLSConfig: &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{bob}}}}
 	t.Cleanup(e.served.Wait)
 	return e
 }

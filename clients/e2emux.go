@@ -104,13 +104,16 @@ type muxConn struct {
 	session string // dialer: the server's id of the carrier's session (for why)
 }
 
-func newMuxConn(conn net.Conn, client bool, name string, expires time.Time, accept func(*muxStream)) *muxConn {
+// newMuxConn runs a carrier over conn. It ends when expires passes, by clock
+// (the TLS configuration's Time, which judged the certificates that set
+// expires; nil: time.Now).
+func newMuxConn(conn net.Conn, client bool, name string, expires time.Time, clock func() time.Time, accept func(*muxStream)) *muxConn {
 	peer := "dialer"
 	if client {
 		peer = "agent"
 	}
 	o := mux.Options{Client: client, Label: "end-to-end carrier", Noun: "carrier", StreamLabel: "end-to-end stream",
-		Peer: peer, Name: name, Expires: expires, ExpiredReason: "a certificate of the end-to-end session expired",
+		Peer: peer, Name: name, Expires: expires, Now: clock, ExpiredReason: "a certificate of the end-to-end session expired",
 		MaxStreams: MuxMaxStreams, MaxPayload: muxMaxPayload, SendPayload: muxSendPayload,
 		StreamWindow: muxStreamWindow, MaxStreamWindow: muxMaxStreamWindow, GrowBudget: muxGrowBudget, GrowWithin: muxGrowWithin,
 		Tick: muxTick, Dead: muxDead, Idle: muxIdle, ServerIdle: muxAgentIdle, Life: muxLife,

@@ -75,7 +75,7 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 			a.admit(ctx, &e2eSession{Stream: s, bridge: s, capsules: s}, hdr, full, local, false, p, nil, device, user, time.Now(), slog)
 		}()
 	}
-	m = newMuxConn(newBatchedTLS(tc, batch), false, full, expires, accept)
+	m = newMuxConn(newBatchedTLS(tc, batch), false, full, expires, a.inner.Time, accept)
 	a.mu.Lock()
 	if a.carriers == nil {
 		a.carriers = map[*muxConn]struct{}{}

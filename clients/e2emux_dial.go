@@ -234,7 +234,7 @@ func (d *Dialer) startMux(ctx context.Context, tc *tls.Conn, batch *batchConn, a
 		expires = minTime(expires, own)
 	}
 	host, _, _ := net.SplitHostPort(addr)
-	m := newMuxConn(newBatchedTLS(tc, batch), true, host, expires, nil)
+	m := newMuxConn(newBatchedTLS(tc, batch), true, host, expires, d.TLSConfig.Time, nil)
 	m.session = claim.session
 	d.mux.add(claim.key, m)
 	c, err := d.muxSession(ctx, m, addr, claim.early)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -334,10 +336,20 @@ func muxPeer(t *testing.T, client bool, accept func(*muxStream)) (*muxConn, net.
 	if accept == nil {
 		accept = func(s *muxStream) { go func() { _, _ = io.Copy(io.Discard, s) }() }
 	}
-	m := newMuxConn(a, client, "svc.rev.test", time.Now().Add(time.Hour), accept)
+	m := newMuxConn(a, client, "svc.rev.test", time.Now().Add(time.Hour), nil, accept)
 	t.Cleanup(func() { m.Fail(errors.New("test over")) })
 	_ = b.SetDeadline(time.Now().Add(20 * time.Second))
 	return m, b
+}
+
+// waitUntil polls cond until it holds; what says what did not happen.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("not so after 20s: %s", what)
+		}
+	}
 }
 
 func waitCarrierEnd(t *testing.T, m *muxConn, want string) {
@@ -345,7 +357,7 @@ func waitCarrierEnd(t *testing.T, m *muxConn, want string) {
 	select {
 	case <-m.Done():
 	case <-time.After(20 * time.Second):
-		t.Fatal("the carrier did not end")
+		t.Fatalf("the carrier did not end; want it ended with %q", want)
 	}
 	if err := m.Err(); err == nil || !strings.Contains(err.Error(), want) {
 		t.Fatalf("the carrier ended with %v; want %q", err, want)
@@ -370,6 +382,12 @@ func TestE2EMuxBadInput(t *testing.T) {
 		{"a WINDOW of 3 bytes", func() []byte { return append(frame(muxOpen, 1, nil), frame(muxWindow, 1, []byte{1, 2, 3})...) }, "a WINDOW of 3 bytes"},
 		{"data for a stream never opened", func() []byte { return frame(muxData, 9, []byte("x")) }, "never opened"},
 		{"streams opened out of order", func() []byte { return append(frame(muxOpen, 5, nil), frame(muxOpen, 3, nil)...) }, "stream 3 opened after stream 5"},
+		// A stream id opened a second time, while its stream is open and after
+		// it ended: one id must never name two streams.
+		{"a stream id opened again while open", func() []byte { return append(frame(muxOpen, 1, nil), frame(muxOpen, 1, nil)...) }, "stream 1 opened after stream 1"},
+		{"a stream id opened again after its stream ended", func() []byte {
+			return append(append(frame(muxOpen, 1, nil), frame(muxAbort, 1, []byte{0})...), frame(muxOpen, 1, nil)...)
+		}, "stream 1 opened after stream 1"},
 		{"more streams than the limit", func() []byte {
 			var b []byte
 			for i := range MuxMaxStreams + 1 {
@@ -408,25 +426,148 @@ func TestE2EMuxBadInput(t *testing.T) {
 	})
 }
 
-// A stream that never sends costs the agent its buffers only while the carrier
-// lives, and a carrier whose dialer opened streams and went idle ends after
-// muxAgentIdle once they ended.
+// The dialer never names two streams of a carrier with one id: each stream it
+// opens, also after earlier ones ended, takes an id above every earlier one,
+// and the agent serves each as a stream of its own.
+func TestE2EMuxStreamIDsNotReused(t *testing.T) {
+	a, b := testnet.Pair(t)
+	got := make(chan *muxStream, 8)
+	agent := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), nil, func(s *muxStream) { got <- s })
+	dialer := newMuxConn(b, true, "svc.rev.test", time.Now().Add(time.Hour), nil, nil)
+	t.Cleanup(func() { agent.Fail(errors.New("test over")); dialer.Fail(errors.New("test over")) })
+	var last uint32
+	open := func() *muxStream {
+		t.Helper()
+		s, err := dialer.Open([]byte("x"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.ID() <= last {
+			t.Fatalf("the dialer opened stream %d after stream %d", s.ID(), last)
+		}
+		last = s.ID()
+		select {
+		case as := <-got:
+			if as.ID() != s.ID() {
+				t.Fatalf("the agent was given stream %d for the dialer's %d", as.ID(), s.ID())
+			}
+			return as
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the agent was not given the dialer's stream %d", s.ID())
+		}
+		return nil
+	}
+	first, _ := open(), open()
+	first.Abort(0) // an ended stream: its id stays used
+	waitUntil(t, "the dialer saw its first stream end", func() bool { return dialer.Streams() == 1 })
+	open()
+	open()
+	if err := agent.Err(); err != nil {
+		t.Fatalf("the carrier ended: %v", err)
+	}
+}
+
+// A carrier ends when the first of its two certificates expires (the
+// dialer's, the agent's), at each end by that end's own clock: the end whose
+// clock passes that moment ends the carrier, saying so, though the other end's
+// clock has not, and the open stream reads a cut. The ends' clocks are their
+// TLS configurations' Time, moved here by hours instead of waited for.
+func TestE2EMuxEndsWithCertificates(t *testing.T) {
+	defer func(tick time.Duration) { muxTick = tick }(muxTick)
+	muxTick = 20 * time.Millisecond
+	const agentFor = 4 * time.Hour // testpki's server certificates
+	for _, tc := range []struct {
+		what      string
+		dialerFor time.Duration // how long the dialer's certificate is valid
+	}{
+		{"the dialer's certificate expires first", time.Hour},
+		{"the agent's certificate expires first", 8 * time.Hour},
+	} {
+		for _, end := range []string{"dialer", "agent"} {
+			t.Run(tc.what+", seen by the "+end, func(t *testing.T) {
+				e := newAttachEnv(t)
+				bob := e.ca.ClientCert(t, "bob@phone", testpki.LeafOptions{NotAfter: time.Now().Add(tc.dialerFor)})
+				e.d.TLSConfig.Certificates = []tls.Certificate{bob}
+				var ahead atomic.Int64
+				clock := func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
+				if end == "dialer" {
+					e.d.TLSConfig.Time = clock
+				} else {
+					e.a.inner.Time = clock
+				}
+				c, err := e.carrierSession(t, header("bob@phone", "dev"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := c.Write([]byte("open")); err != nil {
+					t.Fatal(err)
+				}
+				readEcho(t, c, "open")
+				e.d.mux.mu.Lock()
+				m := e.d.mux.carriers[muxTestAddr][0].Conn
+				e.d.mux.mu.Unlock()
+				if end == "agent" {
+					e.a.mu.Lock()
+					for am := range e.a.carriers {
+						m = am.Conn
+					}
+					e.a.mu.Unlock()
+				}
+				// Just past the first expiry, well before the second.
+				ahead.Store(int64(min(tc.dialerFor, agentFor) + time.Minute))
+				select {
+				case <-m.Done():
+				case <-time.After(10 * time.Second):
+					t.Fatalf("the %s's end of the carrier outlived the certificate that expired first", end)
+				}
+				if err := m.Err(); err == nil || err.Error() != "a certificate of the end-to-end session expired" {
+					t.Fatalf("the %s's end of the carrier ended with %v; want: a certificate expired", end, err)
+				}
+				_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				if _, err := io.ReadAll(c); !errors.Is(err, wire.ErrTruncated) {
+					t.Fatalf("the stream open when the carrier expired read %v; want a cut (%v)", err, wire.ErrTruncated)
+				}
+			})
+		}
+	}
+}
+
+// A carrier whose dialer opened a stream and went idle ends after
+// muxAgentIdle once the stream ended, though the dialer keeps pinging it
+// (as a dialer does at every tick): pings keep a carrier alive (it is not
+// cut as dead) but do not keep it open.
 func TestE2EMuxAgentClosesIdleCarrier(t *testing.T) {
 	defer func(i, tick time.Duration) { muxAgentIdle, muxTick = i, tick }(muxAgentIdle, muxTick)
-	muxAgentIdle, muxTick = 200*time.Millisecond, 50*time.Millisecond
-	m, peer := muxPeer(t, false, func(s *muxStream) { go func() { _ = s.Close() }() })
+	muxAgentIdle, muxTick = 200*time.Millisecond, 20*time.Millisecond
+	m, peer := muxPeer(t, false, func(s *muxStream) { go func() { _, _ = io.Copy(io.Discard, s); _ = s.Close() }() })
 	go func() { _, _ = io.Copy(io.Discard, peer) }()
-	if _, err := peer.Write(appendMuxFrame(nil, muxOpen, 1, nil)); err != nil {
+	// The dialer's stream, opened and ended (FIN); the agent ends its side.
+	if _, err := peer.Write(append(appendMuxFrame(nil, muxOpen, 1, []byte("x")), appendMuxFrame(nil, muxFin, 1, nil)...)); err != nil {
 		t.Fatal(err)
 	}
-	// Pings keep it alive but do not keep it open.
-	for range 10 {
-		if _, err := peer.Write(appendMuxFrame(nil, muxPing, 0, make([]byte, 8))); err != nil {
-			break
+	waitUntil(t, "the agent's end of the stream ended", func() bool { return m.Opened() == 1 && m.Streams() == 0 })
+	// Pings, more often than muxAgentIdle, until the carrier ends.
+	every := muxTick
+	go func() {
+		for {
+			select {
+			case <-m.Done():
+				return
+			case <-time.After(every):
+			}
+			if _, err := peer.Write(appendMuxFrame(nil, muxPing, 0, make([]byte, 8))); err != nil {
+				return
+			}
 		}
-		time.Sleep(50 * time.Millisecond)
+	}()
+	select {
+	case <-m.Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("a carrier without streams whose dialer only pings was not closed")
 	}
-	waitCarrierEnd(t, m, "closed")
+	if err := m.Err(); err == nil || err.Error() != "closed" {
+		t.Fatalf("the carrier ended with %v; want closed by the agent as idle", err)
+	}
 }
 
 // benchSink makes e's service a sink that ends its side after the dialer's end.
@@ -498,8 +639,8 @@ func TestE2EMuxWindowGrows(t *testing.T) {
 	muxGrowWithin = time.Hour // every grant counts as quick: no dependence on the machine's speed
 	a, b := testnet.Pair(t)
 	got := make(chan *muxStream, 1)
-	agent := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), func(s *muxStream) { got <- s })
-	dialer := newMuxConn(b, true, "svc.rev.test", time.Now().Add(time.Hour), nil)
+	agent := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), nil, func(s *muxStream) { got <- s })
+	dialer := newMuxConn(b, true, "svc.rev.test", time.Now().Add(time.Hour), nil, nil)
 	t.Cleanup(func() { agent.Fail(errors.New("test over")); dialer.Fail(errors.New("test over")) })
 	s, err := dialer.Open(nil)
 	if err != nil {
@@ -600,8 +741,12 @@ func TestE2EMuxAgentBound(t *testing.T) {
 }
 
 // FuzzMuxFrames: an agent's end of a carrier stays within its bounds on any
-// input from the dialer: it ends (or reads to the end of the input) without
-// a panic, and nothing it holds outlives the carrier.
+// input from the dialer (the bad input: any bytes at all): it ends at the end
+// of the input without a panic, holds no stream after, and keeps the
+// multiplexer's promises. Every stream it serves was opened in the input, once
+// (ids only grow); a stream reads, in order, a prefix of what the input sent
+// it before its FIN or ABORT and nothing after; it reads a clean end only
+// after a FIN, with all its bytes; windows stay within their bounds.
 func FuzzMuxFrames(f *testing.F) {
 	frame := func(typ byte, id uint32, payload []byte) []byte { return appendMuxFrame(nil, typ, id, payload) }
 	f.Add(frame(muxOpen, 1, []byte("hello")))
@@ -610,18 +755,128 @@ func FuzzMuxFrames(f *testing.F) {
 	f.Add(append(frame(muxOpen, 1, nil), frame(muxWindow, 1, []byte{0, 0, 1, 0})...))
 	f.Add(frame(muxPing, 0, make([]byte, 8)))
 	f.Add([]byte{muxData, 0, 0, 0, 1, 0xff, 0xff})
+	f.Add(append(frame(muxOpen, 1, []byte("a")), frame(muxOpen, 1, []byte("b"))...))
+	f.Add(append(append(frame(muxOpen, 1, []byte("a")), frame(muxFin, 1, nil)...), frame(muxData, 1, []byte("late"))...))
+	f.Add(append(append(append(frame(muxOpen, 2, []byte("a")), frame(muxAbort, 2, []byte{0})...), frame(muxData, 2, []byte("late"))...), frame(muxOpen, 3, nil)...))
 	f.Fuzz(func(t *testing.T, in []byte) {
-		a, b := net.Pipe()
-		m := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), func(s *muxStream) {
-			go func() { _, _ = io.Copy(io.Discard, s); _ = s.Close() }()
-		})
-		go func() { _, _ = io.Copy(io.Discard, b) }() // what the agent answers
-		_, _ = b.Write(in)
-		_ = b.Close()
-		select {
-		case <-m.Done():
-		case <-time.After(10 * time.Second):
-			t.Fatal("the carrier did not end at the end of its input")
+		// What the input sends each stream: OPEN's and DATA's payloads until
+		// its first FIN or ABORT (whether the carrier lives that long or not).
+		type sent struct {
+			data []byte
+			fin  bool // a FIN ended it, before any ABORT
+			over bool
+		}
+		model := map[uint32]*sent{}
+		for b := in; len(b) >= muxHeaderLen; {
+			typ, id, n := b[0], binary.BigEndian.Uint32(b[1:5]), int(binary.BigEndian.Uint16(b[5:7]))
+			if n > muxMaxPayload || len(b) < muxHeaderLen+n {
+				break
+			}
+			p := b[muxHeaderLen : muxHeaderLen+n]
+			b = b[muxHeaderLen+n:]
+			st := model[id]
+			switch {
+			case typ == muxOpen && st == nil:
+				model[id] = &sent{data: bytes.Clone(p)}
+			case st == nil || st.over:
+			case typ == muxData:
+				st.data = append(st.data, p...)
+			case typ == muxFin:
+				st.fin, st.over = true, true
+			case typ == muxAbort:
+				st.over = true
+			}
+		}
+
+		type served struct {
+			id    uint32
+			data  []byte
+			clean bool
+			win   int
+		}
+		check := func(t *testing.T, slow bool) {
+			var (
+				gate    = make(chan struct{}) // the readers start
+				mu      sync.Mutex
+				streams []*served
+				readers sync.WaitGroup
+			)
+			if !slow {
+				close(gate)
+			}
+			a, b := net.Pipe()
+			m := newMuxConn(a, false, "svc.rev.test", time.Now().Add(time.Hour), nil, func(s *muxStream) {
+				sv := &served{id: s.ID()}
+				mu.Lock()
+				streams = append(streams, sv)
+				mu.Unlock()
+				readers.Add(1)
+				go func() {
+					defer readers.Done()
+					<-gate
+					data, err := io.ReadAll(s)
+					mu.Lock()
+					sv.data, sv.clean, sv.win = data, err == nil, s.Window()
+					mu.Unlock()
+					_ = s.Close()
+				}()
+			})
+			go func() { _, _ = io.Copy(io.Discard, b) }() // what the agent answers
+			_, _ = b.Write(in)
+			_ = b.Close()
+			select {
+			case <-m.Done():
+			case <-time.After(10 * time.Second):
+				t.Fatal("the carrier did not end at the end of its input")
+			}
+			if slow {
+				close(gate)
+			}
+			// The streams it served (accept runs before the carrier ends).
+			var last uint32
+			for _, sv := range streams {
+				if sv.id <= last {
+					t.Fatalf("the agent served stream %d after stream %d", sv.id, last)
+				}
+				last = sv.id
+				if model[sv.id] == nil {
+					t.Fatalf("the agent served stream %d, which the input never opened", sv.id)
+				}
+			}
+			ended := make(chan struct{})
+			go func() { readers.Wait(); close(ended) }()
+			select {
+			case <-ended:
+			case <-time.After(10 * time.Second):
+				t.Fatal("a stream the agent served did not end with the carrier: its reader still waits")
+			}
+			if n := m.Streams(); n != 0 {
+				t.Fatalf("%d streams held after the carrier ended", n)
+			}
+			if g := m.Grown(); g < 0 || g > muxGrowBudget {
+				t.Fatalf("window growth %d outside the carrier's budget (0..%d)", g, muxGrowBudget)
+			}
+			for _, sv := range streams {
+				st := model[sv.id]
+				if !bytes.HasPrefix(st.data, sv.data) {
+					t.Fatalf("stream %d read %q; the input sent it %q", sv.id, sv.data, st.data)
+				}
+				if sv.clean && (!st.fin || !bytes.Equal(sv.data, st.data)) {
+					t.Fatalf("stream %d read a clean end after %q; the input sent %q, FIN %v", sv.id, sv.data, st.data, st.fin)
+				}
+				if sv.win < muxStreamWindow || sv.win > muxMaxStreamWindow {
+					t.Fatalf("stream %d's window is %d bytes; want %d..%d", sv.id, sv.win, muxStreamWindow, muxMaxStreamWindow)
+				}
+			}
+			if int64(len(streams)) != m.Opened() {
+				t.Fatalf("the agent served %d streams and counts %d opened", len(streams), m.Opened())
+			}
+		}
+		// Each input twice: with readers that keep up, and with readers that
+		// start only once the carrier ended (all of the input was handled
+		// before any byte was read: what a stream holds is then all it got).
+		for _, slow := range []bool{false, true} {
+			check(t, slow)
 		}
 	})
 }

@@ -79,6 +79,10 @@ func startTestServer(t testing.TB, decide func(authz.Request) authz.Decision, qu
 // MaxTickets is the bound on a TicketCache's entries.
 const MaxTickets = maxTickets
 
+// NudgeAfter is how long a QUIC connection that was receiving waits in
+// silence before it nudges its server.
+const NudgeAfter = nudgeAfter
+
 // StartTestServerQUIC is StartTestServer that also serves QUIC, and returns a
 // Dialer that uses it.
 func StartTestServerQUIC(t testing.TB, decide func(authz.Request) authz.Decision) *Dialer {

@@ -297,6 +297,8 @@ func (a *Agent) setupInner() {
 		NextProtos: []string{E2EMuxALPN, E2EALPN3, E2EALPN2, E2EALPN},
 		ClientAuth: tls.RequireAndVerifyClientCert,
 		ClientCAs:  a.roots,
+		// The agent's clock for certificates: it also ends carriers (e2emux_agent.go).
+		Time: a.Dialer.TLSConfig.Time,
 		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
 			name := strings.ToLower(chi.ServerName)
 			a.mu.Lock()

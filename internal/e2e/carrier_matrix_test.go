@@ -244,9 +244,15 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 		relay := startCarrierRelay(t, r.srv.Addr, r.carrier != wire.CarrierUDP, r.carrier == wire.CarrierUDP)
 		env := r.through(t, r.alice, relay)
 		fwd, fwdLog := startForward(t, env, checksumServer(t, 8<<20))
-		before, after := checksumTransferDuring(t, fwd, 1<<20, 8<<20, 2<<20, relay.roam, "roaming over "+r.carrier)
-		t.Logf("FIGURE carrier=%s roam: longest pause in the download %s after the carrier socket changed, %s before it (same transfer)",
-			r.carrier, after.Round(time.Millisecond), before.Round(time.Millisecond))
+		// The relay roams once it carried 2 MiB to the client (the upload's
+		// acknowledgements and the first part of the download): at least the
+		// download's last 6 MiB cross the new path, else the roam could pass
+		// unnoticed with the whole download buffered in tp forward.
+		relay.after(toClient, 2<<20, relay.roam)
+		checksumTransferDuring(t, fwd, 1<<20, 8<<20, 0, func() {}, "roaming over "+r.carrier)
+		if n := relay.carried(toClient); n < 6<<20 {
+			t.Fatalf("the relay carried %d bytes to the client after the roam; want the rest of the download, 6 MiB or more", n)
+		}
 		if r.carrier != wire.CarrierUDP && relay.conns() == 0 {
 			t.Fatalf("after the reset, the client opened no new %s connection through the relay:\n%s", r.carrier, fwdLog.String())
 		}
@@ -258,9 +264,13 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 		agentRelay := startCarrierRelay(t, r.srv.Addr, true, r.carrier == wire.CarrierUDP)
 		startExpose(t, r.through(t, r.alice, agentRelay), "roamer", checksumServer(t, 8<<20), "--allow-user", "bob")
 		fwd, _ = startForward(t, r.bob, "roamer.rev.tp.internal:22")
-		before, after = checksumTransferDuring(t, fwd, 1<<20, 8<<20, 2<<20, agentRelay.roam, "the agent roaming over "+r.carrier)
-		t.Logf("FIGURE carrier=%s agent roam: longest pause in the download %s after the agent's carrier socket changed, %s before it",
-			r.carrier, after.Round(time.Millisecond), before.Round(time.Millisecond))
+		// The download goes from the agent to tpd: the agent roams once 2 MiB
+		// went that way, so at least the last 6 MiB cross its new path.
+		agentRelay.after(toTPD, 2<<20, agentRelay.roam)
+		checksumTransferDuring(t, fwd, 1<<20, 8<<20, 0, func() {}, "the agent roaming over "+r.carrier)
+		if n := agentRelay.carried(toTPD); n < 6<<20 {
+			t.Fatalf("the agent's relay carried %d bytes to tpd after the roam; want the rest of the download, 6 MiB or more", n)
+		}
 	})
 	if r.carrier == wire.CarrierUDP {
 		t.Run("udp-dies", func(t *testing.T) {
@@ -269,8 +279,13 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 			relay := startCarrierRelay(t, r.srv.Addr, true, true)
 			env := append(r.through(t, r.alice, relay), "TP_CARRIER=auto")
 			fwd, fwdLog := startForward(t, env, checksumServer(t, 8<<20))
-			_, after := checksumTransferDuring(t, fwd, 1<<20, 8<<20, 2<<20, func() { relay.dropUDP(true) }, "UDP lost mid-transfer")
-			t.Logf("FIGURE carrier=udp→tls (auto, default 3 s stall): longest pause in the download %s after UDP stopped", after.Round(time.Millisecond))
+			// UDP stops once 2 MiB went to the client: the rest of the
+			// download can only come over tls (the relay's TCP).
+			relay.after(toClient, 2<<20, func() { relay.dropUDP(true) })
+			checksumTransferDuring(t, fwd, 1<<20, 8<<20, 0, func() {}, "UDP lost mid-transfer")
+			if n := relay.carried(toClient); n < 6<<20 {
+				t.Fatalf("the relay carried %d bytes to the client over tls after UDP stopped; want the rest of the download, 6 MiB or more", n)
+			}
 			if !strings.Contains(fwdLog.String(), "the connection moved to tls") {
 				t.Fatalf("tp did not say it moved to tls:\n%s", fwdLog.String())
 			}
@@ -284,8 +299,11 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 			env := append(r.through(t, r.alice, relay), "TP_CARRIER=auto")
 			agentLog := startExpose(t, env, "mover", checksumServer(t, 8<<20), "--allow-user", "bob")
 			fwd, _ := startForward(t, r.bob, "mover.rev.tp.internal:22")
-			_, after := checksumTransferDuring(t, fwd, 1<<20, 8<<20, 2<<20, func() { relay.dropUDP(true) }, "the agent's UDP lost mid-transfer")
-			t.Logf("FIGURE carrier=udp→tls (agent, auto, default 3 s stall): longest pause in the download %s after the agent's UDP stopped", after.Round(time.Millisecond))
+			relay.after(toTPD, 2<<20, func() { relay.dropUDP(true) })
+			checksumTransferDuring(t, fwd, 1<<20, 8<<20, 0, func() {}, "the agent's UDP lost mid-transfer")
+			if n := relay.carried(toTPD); n < 6<<20 {
+				t.Fatalf("the agent's relay carried %d bytes to tpd over tls after UDP stopped; want the rest of the download, 6 MiB or more", n)
+			}
 			if !strings.Contains(agentLog.String(), "the connection moved to tls") {
 				t.Fatalf("tp expose did not say it moved to tls:\n%s", agentLog.String())
 			}
@@ -410,7 +428,9 @@ func checksumTransferDuring(t testing.TB, addr string, up, down, at int64, event
 // port to target, as a NAT between a client and tpd would. roam moves the
 // client, as tpd sees it, to another address: UDP flows get new upstream
 // sockets on 127.0.0.2, TCP connections are reset (RST) and new ones are
-// made from 127.0.0.2. dropUDP loses every datagram, both ways.
+// made from 127.0.0.2. dropUDP loses every datagram, both ways. after runs
+// such an event once a number of bytes went one way, and carried says how
+// many went each way since.
 type carrierRelay struct {
 	t      testing.TB
 	Addr   string
@@ -425,6 +445,67 @@ type carrierRelay struct {
 	stall  bool // TCP connections are accepted and held, never relayed
 	held   int  // TCP connections held since stall
 	udp    *net.UDPConn
+
+	carriedTo [2]int64 // bytes relayed since the last event, to tpd and to the client
+	event     func()   // run once, when carriedTo[eventDir] reaches eventAt
+	eventDir  int
+	eventAt   int64
+}
+
+// The ways a relay carries bytes (carrierRelay.carriedTo's index).
+const (
+	toTPD    = 0
+	toClient = 1
+)
+
+// count records n bytes relayed in direction dir, and runs the pending
+// event when they reach its mark.
+func (r *carrierRelay) count(dir int, n int) {
+	r.mu.Lock()
+	r.carriedTo[dir] += int64(n)
+	var event func()
+	if r.event != nil && dir == r.eventDir && r.carriedTo[dir] >= r.eventAt {
+		event, r.event = r.event, nil
+		r.carriedTo = [2]int64{}
+	}
+	r.mu.Unlock()
+	if event != nil {
+		event()
+	}
+}
+
+// after runs event once n bytes went in direction dir (from now), in the
+// relay's path: what follows them is carried only after it.
+func (r *carrierRelay) after(dir int, n int64, event func()) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.carriedTo = [2]int64{}
+	r.event, r.eventDir, r.eventAt = event, dir, n
+}
+
+// carried is how many bytes went in direction dir since the last event.
+func (r *carrierRelay) carried(dir int) int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.carriedTo[dir]
+}
+
+// pipe copies src to dst (one way of a relayed TCP connection), counting.
+func (r *carrierRelay) pipe(dst, src *net.TCPConn, dir int) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+			r.count(dir, n)
+		}
+		if err != nil {
+			_ = dst.CloseWrite()
+			return
+		}
+	}
 }
 
 type relayFlow struct {
@@ -510,8 +591,8 @@ func (r *carrierRelay) serveTCP(ln *net.TCPListener) {
 		r.tcp = append(r.tcp, c, up)
 		r.opened++
 		r.mu.Unlock()
-		go func() { _, _ = io.Copy(up, c); up.CloseWrite() }()
-		go func() { _, _ = io.Copy(c, up); c.CloseWrite() }()
+		go r.pipe(up, c, toTPD)
+		go r.pipe(c, up, toClient)
 	}
 }
 
@@ -544,7 +625,9 @@ func (r *carrierRelay) serveUDP() {
 		f.mu.Lock()
 		up := f.up
 		f.mu.Unlock()
-		up.WriteToUDP(buf[:n], target)
+		if _, err := up.WriteToUDP(buf[:n], target); err == nil {
+			r.count(toTPD, n)
+		}
 	}
 }
 
@@ -560,7 +643,9 @@ func (r *carrierRelay) back(f *relayFlow, up *net.UDPConn) {
 		drop := r.drop
 		r.mu.Unlock()
 		if !drop {
-			r.udp.WriteToUDP(buf[:n], f.client)
+			if _, err := r.udp.WriteToUDP(buf[:n], f.client); err == nil {
+				r.count(toClient, n)
+			}
 		}
 	}
 }

@@ -34,7 +34,9 @@ const netnsEnv = "TP_TEST_IN_NETNS"
 
 // inNetns runs the calling test again in a new network namespace (unshare -n,
 // where tun devices and routes can be made and nothing leaves), and reports
-// whether the caller is that run. The outer run passes or fails with the inner.
+// whether the caller is that run. The outer run passes or fails with the inner,
+// and fails when the inner ran no such test (its -test.run matched nothing,
+// which go test passes silently).
 func inNetns(t *testing.T) bool {
 	t.Helper()
 	if os.Getenv(netnsEnv) == t.Name() {
@@ -55,6 +57,9 @@ func inNetns(t *testing.T) bool {
 	t.Logf("in a network namespace of its own:\n%s", out)
 	if err != nil {
 		t.Fatalf("the test failed in its network namespace: %v", err)
+	}
+	if !strings.Contains(string(out), "--- PASS: "+t.Name()+" (") {
+		t.Fatalf("the run in a network namespace did not pass %s (did its -test.run match nothing?)", t.Name())
 	}
 	return false
 }

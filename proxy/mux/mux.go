@@ -57,6 +57,9 @@ type Options struct {
 	// ExpiredReason) when it passes.
 	Expires       time.Time
 	ExpiredReason string
+	// Now, when set, is the clock Expires is judged by: that of the TLS
+	// session whose certificates set it (tls.Config.Time). Nil: time.Now.
+	Now func() time.Time
 	// MaxStreams bounds the open streams (both ends): a client with this many
 	// open gets ErrFull; a server ends a connection whose client goes beyond.
 	MaxStreams int
@@ -253,7 +256,18 @@ func (m *Conn) Usable(now time.Time) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return !m.closed && !m.goaway && len(m.streams) < m.o.MaxStreams &&
-		(m.o.Expires.IsZero() || now.Before(m.o.Expires)) && now.Sub(m.born) < m.o.Life
+		!m.expired(now) && now.Sub(m.born) < m.o.Life
+}
+
+// expired says whether Expires passed, now by time.Now (Options.Now when set).
+func (m *Conn) expired(now time.Time) bool {
+	if m.o.Expires.IsZero() {
+		return false
+	}
+	if m.o.Now != nil {
+		now = m.o.Now()
+	}
+	return !now.Before(m.o.Expires)
 }
 
 // Open opens a stream carrying first (the client's end only). ErrFull means
@@ -726,7 +740,7 @@ func (m *Conn) checkTimers(now time.Time) bool {
 		m.Fail(fmt.Errorf("nothing arrived from the %s for %s", m.o.Peer, m.o.Dead))
 		return true
 	}
-	if !m.o.Expires.IsZero() && !now.Before(m.o.Expires) {
+	if m.expired(now) {
 		m.Fail(errors.New(m.o.ExpiredReason))
 		return true
 	}
