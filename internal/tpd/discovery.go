@@ -3,11 +3,8 @@ package tpd
 import (
 	"encoding/json"
 	"fmt"
-	"io"
-	"mime"
 	"net"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 
@@ -54,10 +51,10 @@ func (h discoveryHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	var err error
 	switch r.Method {
 	case http.MethodGet, http.MethodHead:
-		supports, err = supportsFromQuery(r.URL.RawQuery)
+		supports, err = wire.ParseDiscoveryQuery(r.URL.RawQuery)
 		w.Header().Set("Cache-Control", fmt.Sprintf("public, max-age=%d", discoveryMaxAge))
 	case http.MethodPost:
-		supports, err = supportsFromBody(r)
+		supports, err = wire.ParseDiscoveryBody(r.Header.Get("Content-Type"), r.Body)
 		w.Header().Set("Cache-Control", "no-store")
 	default:
 		w.Header().Set("Allow", "GET, HEAD, POST")
@@ -167,78 +164,6 @@ func splitHostPort(hostport string) (string, int) {
 	return strings.TrimSuffix(strings.ToLower(host), "."), port
 }
 
-// supportsFromQuery reads the "supports" parameters of a query: names
-// separated by commas, the parameter possibly repeated. Other parameters are
-// ignored; a query longer than wire.MaxDiscoveryRequestLen, more than
-// wire.MaxDiscoverySupports names or a longer name is refused.
-func supportsFromQuery(raw string) ([]string, error) {
-	if len(raw) > wire.MaxDiscoveryRequestLen {
-		return nil, fmt.Errorf("the query is longer than %d bytes", wire.MaxDiscoveryRequestLen)
-	}
-	var out []string
-	for part := range strings.SplitSeq(raw, "&") {
-		k, v, _ := strings.Cut(part, "=")
-		if k != "supports" {
-			continue
-		}
-		v, err := url.QueryUnescape(v)
-		if err != nil {
-			return nil, fmt.Errorf("the supports parameter is not URL-encoded correctly: %w", err)
-		}
-		for name := range strings.SplitSeq(v, ",") {
-			if err := addSupport(&out, name); err != nil {
-				return nil, err
-			}
-		}
-	}
-	return out, nil
-}
-
-// supportsFromBody reads a POST's JSON body {"supports":[…]} of at most
-// wire.MaxDiscoveryRequestLen bytes; other fields are ignored.
-func supportsFromBody(r *http.Request) ([]string, error) {
-	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
-		return nil, fmt.Errorf("a POST's body must be application/json, {\"supports\":[\"quic\",\"tls\"]}")
-	}
-	body, err := io.ReadAll(io.LimitReader(r.Body, wire.MaxDiscoveryRequestLen+1))
-	if err != nil {
-		return nil, fmt.Errorf("reading the body: %w", err)
-	}
-	if len(body) > wire.MaxDiscoveryRequestLen {
-		return nil, fmt.Errorf("the body is longer than %d bytes", wire.MaxDiscoveryRequestLen)
-	}
-	var req struct {
-		Supports []string `json:"supports"`
-	}
-	dec := json.NewDecoder(strings.NewReader(string(body)))
-	if err := dec.Decode(&req); err != nil {
-		return nil, fmt.Errorf("the body is not a JSON object {\"supports\":[…]}: %w", err)
-	}
-	if dec.More() {
-		return nil, fmt.Errorf("bytes after the JSON object")
-	}
-	var out []string
-	for _, name := range req.Supports {
-		if err := addSupport(&out, name); err != nil {
-			return nil, err
-		}
-	}
-	return out, nil
-}
-
-func addSupport(out *[]string, name string) error {
-	name = strings.ToLower(strings.TrimSpace(name))
-	switch {
-	case name == "":
-		return nil
-	case len(name) > wire.MaxDiscoveryNameLen:
-		return fmt.Errorf("a transport name is longer than %d bytes", wire.MaxDiscoveryNameLen)
-	case len(*out) >= wire.MaxDiscoverySupports:
-		return fmt.Errorf("more than %d transport names", wire.MaxDiscoverySupports)
-	}
-	*out = append(*out, name)
-	return nil
-}
 
 // ProxyHTTP is the handler for plain requests on the proxy names
 // (proxy.Config.ProxyHTTP): the discovery document at wire.DiscoveryPath,

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"net"
+	"net/url"
 	"strings"
 )
 
@@ -181,4 +183,78 @@ func derefTransport(t *DiscoveredTransport) []DiscoveredTransport {
 		return nil
 	}
 	return []DiscoveredTransport{*t}
+}
+
+// ParseDiscoveryQuery reads the "supports" parameters of a query: names
+// separated by commas, the parameter possibly repeated. Other parameters are
+// ignored; a query longer than MaxDiscoveryRequestLen, more than
+// MaxDiscoverySupports names or a longer name is refused.
+func ParseDiscoveryQuery(raw string) ([]string, error) {
+	if len(raw) > MaxDiscoveryRequestLen {
+		return nil, fmt.Errorf("the query is longer than %d bytes", MaxDiscoveryRequestLen)
+	}
+	var out []string
+	for part := range strings.SplitSeq(raw, "&") {
+		k, v, _ := strings.Cut(part, "=")
+		if k != "supports" {
+			continue
+		}
+		v, err := url.QueryUnescape(v)
+		if err != nil {
+			return nil, fmt.Errorf("the supports parameter is not URL-encoded correctly: %w", err)
+		}
+		for name := range strings.SplitSeq(v, ",") {
+			if err := addSupport(&out, name); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return out, nil
+}
+
+// ParseDiscoveryBody reads a discovery POST's JSON body {"supports":[…]} of at
+// most MaxDiscoveryRequestLen bytes, sent with contentType; other fields are
+// ignored.
+func ParseDiscoveryBody(contentType string, r io.Reader) ([]string, error) {
+	if mt, _, err := mime.ParseMediaType(contentType); err != nil || mt != "application/json" {
+		return nil, fmt.Errorf("a POST's body must be application/json, {\"supports\":[\"quic\",\"tls\"]}")
+	}
+	body, err := io.ReadAll(io.LimitReader(r, MaxDiscoveryRequestLen+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading the body: %w", err)
+	}
+	if len(body) > MaxDiscoveryRequestLen {
+		return nil, fmt.Errorf("the body is longer than %d bytes", MaxDiscoveryRequestLen)
+	}
+	var req struct {
+		Supports []string `json:"supports"`
+	}
+	dec := json.NewDecoder(strings.NewReader(string(body)))
+	if err := dec.Decode(&req); err != nil {
+		return nil, fmt.Errorf("the body is not a JSON object {\"supports\":[…]}: %w", err)
+	}
+	if dec.More() {
+		return nil, fmt.Errorf("bytes after the JSON object")
+	}
+	var out []string
+	for _, name := range req.Supports {
+		if err := addSupport(&out, name); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+func addSupport(out *[]string, name string) error {
+	name = strings.ToLower(strings.TrimSpace(name))
+	switch {
+	case name == "":
+		return nil
+	case len(name) > MaxDiscoveryNameLen:
+		return fmt.Errorf("a transport name is longer than %d bytes", MaxDiscoveryNameLen)
+	case len(*out) >= MaxDiscoverySupports:
+		return fmt.Errorf("more than %d transport names", MaxDiscoverySupports)
+	}
+	*out = append(*out, name)
+	return nil
 }

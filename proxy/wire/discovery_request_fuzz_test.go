@@ -1,7 +1,6 @@
-package tpd
+package wire_test
 
 import (
-	"net/http"
 	"strings"
 	"testing"
 
@@ -35,11 +34,9 @@ func FuzzDiscoverySupports(f *testing.F) {
 				}
 			}
 		}
-		names, err := supportsFromQuery(in)
+		names, err := wire.ParseDiscoveryQuery(in)
 		check("query", names, err)
-		r, _ := http.NewRequest(http.MethodPost, "https://tp.example/.well-known/tp", strings.NewReader(in))
-		r.Header.Set("Content-Type", "application/json")
-		names, err = supportsFromBody(r)
+		names, err = wire.ParseDiscoveryBody("application/json", strings.NewReader(in))
 		check("body", names, err)
 	})
 }
