@@ -111,10 +111,34 @@ func (s *Stream) deliver(buf *[]byte, n int) error {
 		return nil
 	}
 	s.rwin -= n
-	s.rq = append(s.rq, buf)
-	s.rlens = append(s.rlens, n)
+	// A payload that fits in the free end of the last buffer held goes there:
+	// the window counts payload bytes, and one buffer per frame would let a
+	// peer that sends one-byte frames make this end hold a 2 KiB buffer per
+	// byte of window (a 4 MiB window, 8 GiB). So a stream holds at most twice
+	// its window, and one buffer, whatever the frame sizes: a new buffer is
+	// taken only for a payload the last one cannot fit, so each two
+	// consecutive buffers hold more than the first one's size.
+	if k := len(s.rq) - 1; k >= 0 && len(*s.rq[k])-s.rlens[k] >= n {
+		s.rlens[k] += copy((*s.rq[k])[s.rlens[k]:], (*buf)[:n])
+		putBuf(buf)
+	} else {
+		s.rq = append(s.rq, buf)
+		s.rlens = append(s.rlens, n)
+	}
 	signal(s.rwake)
 	return nil
+}
+
+// held is the memory of the payloads the stream holds: the size of its
+// buffers (tests).
+func (s *Stream) held() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, b := range s.rq {
+		n += cap(*b)
+	}
+	return n
 }
 
 func (s *Stream) onFin() error {
