@@ -233,6 +233,7 @@ func (r *reverseRegistry) renew(ctx context.Context) {
 	}
 	if r.storeBlocked() {
 		r.noteRenew(errStoreBlocked)
+		r.srv.stats.leaseRenewFailures.Add(1)
 		return
 	}
 	rctx, cancel := context.WithTimeout(ctx, r.opts.Renew)
@@ -241,8 +242,10 @@ func (r *reverseRegistry) renew(ctx context.Context) {
 	cancel()
 	r.noteRenew(err)
 	if err != nil {
+		r.srv.stats.leaseRenewFailures.Add(1)
 		return
 	}
+	r.srv.stats.leaseRenewals.Add(1)
 	ok := make(map[string]bool, len(kept))
 	for _, k := range kept {
 		ok[k] = true
@@ -263,6 +266,7 @@ func (r *reverseRegistry) renew(ctx context.Context) {
 	}
 	r.mu.Unlock()
 	for a := range lost {
+		r.srv.stats.namesTakenOver.Add(int64(len(a.keys())))
 		r.srv.log.Warn("reverse names taken over on another instance; ending the agent here", "identity", a.id.String(), "names", a.keys())
 		a.end(errTakenOver)
 	}
@@ -305,6 +309,7 @@ func (r *reverseRegistry) fenceLoop(ctx context.Context) {
 		}
 		r.mu.Unlock()
 		for a := range fenced {
+			r.srv.stats.namesFenced.Add(int64(len(a.keys())))
 			r.srv.log.Error("reverse names fenced: their lease ran out before this instance could renew it; ending the agent so that no other instance and this one serve them at once",
 				"identity", a.id.String(), "names", a.keys(), "lease", r.opts.Lease)
 			a.end(errFenced)

@@ -85,6 +85,9 @@ type counters struct {
 	quicMigrations     atomic.Int64 // connections moved to a client's new address
 	bytesUp, bytesDown atomic.Int64 // client→destination, destination→client, counted at each session's end
 	peerCounters                    // sessions carried between instances (peer_stats.go)
+	// Leases of reverse names in the database (holdstore.go).
+	leaseRenewals, leaseRenewFailures atomic.Int64
+	namesFenced, namesTakenOver       atomic.Int64
 }
 
 func (c *counters) session(transport, action, outcome string, up, down int64) {
@@ -168,6 +171,20 @@ type Stats struct {
 	// Peer sessions carried between instances, by direction ("out": forwarded
 	// to the instance that serves the name, "in": served here for another).
 	Peer map[string]PeerStats
+	// Leases of reverse names in the database (with a hold store).
+	Leases LeaseStats
+}
+
+// LeaseStats count what happened to the leases of this instance's reverse
+// names, public ports and pass-through names in the database.
+type LeaseStats struct {
+	// Renewals and RenewalFailures count the rounds that renewed the leases,
+	// and those that could not reach the database.
+	Renewals, RenewalFailures int64
+	// Fenced counts the names this instance stopped serving because their
+	// lease ran out before it could renew it (the database was unreachable);
+	// TakenOver, those another instance took over.
+	Fenced, TakenOver int64
 }
 
 // Stats returns the server's counters. It takes the registries' locks briefly,
@@ -198,6 +215,8 @@ func (s *Server) Stats() Stats {
 		Live:              s.Live(),
 		UDP:               s.UDPStats(),
 		Peer:              c.peerStats(),
+		Leases: LeaseStats{Renewals: c.leaseRenewals.Load(), RenewalFailures: c.leaseRenewFailures.Load(),
+			Fenced: c.namesFenced.Load(), TakenOver: c.namesTakenOver.Load()},
 	}
 	for i, r := range StatHandshakeReasons {
 		st.HandshakeFailures[r] = c.handshakes[i].Load()

@@ -107,7 +107,7 @@ func Open(ctx context.Context, cfg Config) (*DB, error) {
 	defer cancel()
 	if err := db.pool.Ping(pctx); err != nil {
 		db.pool.Close()
-		return nil, fmt.Errorf("cannot reach the database %s: %w", Describe(cfg.DSN), err)
+		return nil, fmt.Errorf("cannot reach the database %s: %w: %w", Describe(cfg.DSN), ErrUnreachable, err)
 	}
 	if cfg.NoMigrate {
 		err = db.checkVersion(ctx)
@@ -120,6 +120,9 @@ func Open(ctx context.Context, cfg Config) (*DB, error) {
 	}
 	return db, nil
 }
+
+// ErrUnreachable is wrapped by Open's error when the database did not answer.
+var ErrUnreachable = errors.New("it did not answer")
 
 // Describe names a DSN's user, host and database for logs and errors.
 func Describe(dsn string) string {

@@ -164,7 +164,6 @@ func splitHostPort(hostport string) (string, int) {
 	return strings.TrimSuffix(strings.ToLower(host), "."), port
 }
 
-
 // ProxyHTTP is the handler for plain requests on the proxy names
 // (proxy.Config.ProxyHTTP): the discovery document at wire.DiscoveryPath,
 // 404 for anything else.

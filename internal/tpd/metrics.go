@@ -89,6 +89,10 @@ func newMetrics(d *Daemon) *metrics {
 			Help: "1 when /readyz answers 200: listeners open, CA loaded, policy compiled, not draining.",
 		}, func() float64 { return b2f(len(d.notReady()) == 0) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "tp_database_up",
+			Help: "With database: 1 while the PostgreSQL database answers, 0 while it is lost (tpd then serves degraded: /readyz still answers 200, saying so). Always 1 without a database.",
+		}, func() float64 { return b2f(d.databaseHealth() == "") }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "tp_ca_root_expiry_timestamp_seconds",
 			Help: "When TP's root CA certificate expires, in seconds since the epoch.",
 		}, func() float64 { return epoch(d.pki.Root.NotAfter) }),
@@ -290,6 +294,13 @@ var (
 		[]string{"reason"}, nil)
 	oversizeDesc = prometheus.NewDesc("tp_udp_datagrams_oversize_total",
 		"UDP datagrams that fit no QUIC DATAGRAM frame and took the stream instead.", nil, nil)
+	leaseRenewDesc = prometheus.NewDesc("tp_reverse_lease_renewals_total",
+		"With database: rounds that renewed this instance's leases of reverse names in the database (result ok), and those that could not (failed: the database was unreachable).",
+		[]string{"result"}, nil)
+	namesFencedDesc = prometheus.NewDesc("tp_reverse_names_fenced_total",
+		"With database: reverse names this instance stopped serving because their lease ran out before it could renew it.", nil, nil)
+	namesTakenOverDesc = prometheus.NewDesc("tp_reverse_names_taken_over_total",
+		"With database: reverse names another instance took over from this one.", nil, nil)
 	carrierOpenDesc = prometheus.NewDesc("tp_carrier_sessions_active",
 		"Carrier sessions (QUIC over tls, ws or http) open now, by carrier and state: proven (a device's QUIC connection runs over it) or unproven (opened without a certificate, not yet used by a device).",
 		[]string{"carrier", "state"}, nil)
@@ -308,7 +319,7 @@ var (
 func (c *proxyCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{sessionsDesc, handshakeFailDesc, connsDesc, resumedDesc, quicStreamsDesc, quicMigrationsDesc, bytesDesc, liveDesc,
 		agentsDesc, namesDesc, portsDesc, udpActiveDesc, udpFlowsDesc, udpRefusedDesc, datagramsDesc, droppedDesc, oversizeDesc,
-		cudpFlowsDesc, cudpDatagramsDesc, cudpDroppedDesc, peerSessionsDesc, peerActiveDesc, carrierOpenDesc, carrierEndedDesc} {
+		cudpFlowsDesc, cudpDatagramsDesc, cudpDroppedDesc, peerSessionsDesc, peerActiveDesc, carrierOpenDesc, carrierEndedDesc, leaseRenewDesc, namesFencedDesc, namesTakenOverDesc} {
 		ch <- d
 	}
 }
@@ -367,6 +378,10 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(droppedDesc, u.DestRefused, "dest_refused")
 	counter(droppedDesc, u.QUICQueueFull, "quic_queue_full")
 	counter(oversizeDesc, u.Oversize)
+	counter(leaseRenewDesc, st.Leases.Renewals, "ok")
+	counter(leaseRenewDesc, st.Leases.RenewalFailures, "failed")
+	counter(namesFencedDesc, st.Leases.Fenced)
+	counter(namesTakenOverDesc, st.Leases.TakenOver)
 	cs := c.d.proxy.CarrierStats()
 	for kind, states := range cs.Open {
 		for state, n := range states {

@@ -234,6 +234,9 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 	if code, body := adminGet(t, admin, "/readyz"); code != http.StatusOK || body != "ready\n" {
 		t.Fatalf("/readyz of a serving tpd: %d %q", code, body)
 	}
+	if s0.get(t, "tp_database_up") != 1 {
+		t.Fatal("tp_database_up is not 1 without a database (nothing to lose)")
+	}
 	if s0.get(t, "tp_ready") != 1 {
 		t.Fatal("tp_ready is not 1 while serving")
 	}
@@ -368,6 +371,10 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 		`tp_carrier_sessions_active{carrier="http",state="unproven"}`: 0,
 		`tp_carrier_sessions_active{carrier="tls",state="proven"}`:    0,
 		`tp_carrier_sessions_ended_total{reason="source_cap"}`:        0,
+		// Without a database, it is never lost and no lease is renewed.
+		"tp_database_up": 0, // 1 before and after
+		`tp_reverse_lease_renewals_total{result="failed"}`: 0,
+		"tp_reverse_names_fenced_total":                    0,
 	} {
 		if got := s3.get(t, key) - s0[key]; got != want { // a series appears with its first count
 			t.Errorf("%s moved by %g, want %g", key, got, want)

@@ -195,6 +195,13 @@ func TestPGLeasesOutageAndRecovery(t *testing.T) {
 	if _, err := dialReverse(bob, clients.TransportTLS, []byte("x")); !errors.As(err, &re) {
 		t.Fatalf("bob during the outage, after svc was fenced: %v; want a refusal", err)
 	}
+	// The loss is in the metrics: the database is down, renewals failed,
+	// and svc was fenced (before, tp_ready stayed 1 and nothing counted).
+	waitFor(t, "tp_database_up to say the database is lost", func() bool { return r.d.databaseHealth() != "" })
+	during := r.d.proxy.Stats().Leases
+	if during.RenewalFailures == 0 || during.Fenced != 1 {
+		t.Fatalf("lease counters during the outage: %+v; want failed renewals and one name fenced", during)
+	}
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -203,4 +210,46 @@ func TestPGLeasesOutageAndRecovery(t *testing.T) {
 		return err == nil && string(got) == "AFTER"
 	})
 	waitLog(t, r, "renewing the leases in the database again")
+	if after := r.d.proxy.Stats().Leases; after.Renewals <= during.Renewals {
+		t.Fatalf("lease renewals after the outage: %+v; before it ended: %+v; want more renewals", after, during)
+	}
+	waitFor(t, "tp_database_up to say the database is back", func() bool { return r.d.databaseHealth() == "" })
+}
+
+// Bad input: tpd started while its database is down. It refuses to start,
+// by choice (fail closed: the users, devices and deny list live there, and
+// an instance that never read the deny list could let a revoked device in),
+// and says so in a sentence that says what to do; running instances ride out
+// an outage (TestPGLeasesOutageAndRecovery). Before, it exited at once with
+// the driver's error alone.
+func TestPGStartWithDatabaseDown(t *testing.T) {
+	srv, err := testpg.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	name, err := srv.CreateDatabase(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := leaseDataDir(t, srv.DSN(name), nil)
+	if err := srv.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	d, err := New(context.Background(), cfg, nil)
+	if err == nil {
+		d.Close()
+		t.Fatal("tpd started with its database down")
+	}
+	for _, want := range []string{"cannot reach the database", "does not start without its database", "deny list", "Start PostgreSQL"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("the error does not say %q:\n%v", want, err)
+		}
+	}
+	// Once the database is back, the same configuration starts.
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	r := runDaemon(t, cfg)
+	waitLog(t, r, "shared state in PostgreSQL")
 }

@@ -2,6 +2,7 @@ package tpd
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -43,6 +44,12 @@ func (d *Daemon) openStores(ctx context.Context) (*authz.DenyList, error) {
 		return nil, err
 	}
 	db, err := pgstore.Open(ctx, pgstore.Config{DSN: d.cfg.Database, Password: pw, Logger: d.log})
+	if errors.Is(err, pgstore.ErrUnreachable) {
+		// Fail closed: the users, devices and deny list live there, and an
+		// instance that never read the deny list could let a revoked device
+		// in. Instances already running ride out an outage (degraded).
+		return nil, fmt.Errorf("%w\ntpd does not start without its database: the users, devices and deny list are there, and without them it cannot tell who may connect. Start PostgreSQL or correct database: in %s; instances already running serve on through an outage, and the systemd unit starts tpd again by itself", err, config.FileName)
+	}
 	if err != nil {
 		return nil, err
 	}
