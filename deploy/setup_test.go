@@ -63,8 +63,10 @@ func TestSetUpCommandIsCIs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !regexp.MustCompile(`(?m)^exec go test -race (-timeout \S+ )?"\$@"$`).Match(script) {
-		t.Error("test.sh does not end with exec go test -race [-timeout D] \"$@\"")
+	// The tests run once, with the race detector, over the caller's
+	// arguments, and testreport turns go test's JSON into the summary.
+	if !regexp.MustCompile(`(?m)^go test -race (-timeout \S+ )?-json "\$@" \| "\$report_dir/testreport" \$no_skips$`).Match(script) {
+		t.Error(`test.sh does not run go test -race [-timeout D] -json "$@" | testreport`)
 	}
 	if info, err := os.Stat("test.sh"); err != nil || info.Mode()&0o111 == 0 {
 		t.Errorf("test.sh is not executable (%v)", err)
