@@ -35,6 +35,7 @@ import (
 // refills with time; IPv6 sources share a bucket per /64; the table of sources
 // never holds more than its bound, forgetting the least recently seen first.
 func TestSourceLimiter(t *testing.T) {
+	t.Parallel()
 	now := time.Unix(1_000_000, 0)
 	l := newSourceLimiter(2, 3) // 2 per second, burst 3
 	l.now = func() time.Time { return now }
@@ -130,6 +131,7 @@ func do(t testing.TB, hc *http.Client, method, url, ctype, body string) (*http.R
 // error); another source is unaffected and logs in. Bad input: 40 requests
 // in a row from 127.0.0.2 against a burst of 30.
 func TestCARateLimitPerSource(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemonCfg(t, allowAlice, func(c *config.Server) {
 		c.CARateLimit = 0.01 // one token per 100 s: no refill during the test
 		c.CARateBurst = 30
@@ -339,6 +341,7 @@ func attest(t *testing.T, hc *http.Client, url, deviceID string, devKey *ecdsa.P
 // gets 429 with Retry-After and a sentence naming it; another device is
 // unaffected. Bad input: 101 attestations in a row from one device.
 func TestDeviceBindingRateLimit(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemonCfg(t, allowAlice, func(c *config.Server) { c.CARateBurst = 1_000_000 })
 	hc := sourceClient(t, d, "127.0.0.1", 4)
 	alice := enrollKey(t, d, hc, url, "alice", "laptop")

@@ -133,6 +133,7 @@ func dialVia(dl *clients.Dialer, addr string) func(context.Context) (net.Conn, e
 // further QUIC connections, and every tunnel carries its own checksummed data
 // while all 250 are open.
 func TestQUICTunnelsBeyondStreamLimit(t *testing.T) {
+	t.Parallel()
 	const n, size = 250, 8 << 10
 	d, url := startDaemonCfg(t, allowAliceBob, func(c *config.Server) {
 		slowMachine(c)
@@ -154,6 +155,7 @@ func TestQUICTunnelsBeyondStreamLimit(t *testing.T) {
 // each. The further connections carry her 25, and the 26th is the readable
 // refusal it is over one connection: too_many_sessions, not a wait.
 func TestQUICPoolKeepsIdentityBound(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemonCfg(t, allowAliceBob, func(c *config.Server) {
 		slowMachine(c)
 		c.QUICMaxStreams = 10
@@ -213,11 +215,11 @@ func startQUICAgent(t *testing.T, c *clients.Client, exposed []clients.Exposed, 
 	d := quicDialer(t, c)
 	registered := make(chan struct{}, 10)
 	a := &clients.Agent{Dialer: d, Exposed: exposed, Certificate: c.ReverseCertificate, MaxSessions: maxSessions,
-		Registered: func([]string) { registered <- struct{}{} }, ExitOnRefusal: true}
+		Registered: func([]string) { notify(registered) }, ExitOnRefusal: true}
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() { errc <- a.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-errc })
+	t.Cleanup(func() { cancel(); waitEnd(t, "the agent", errc, stopBound) })
 	select {
 	case <-registered:
 	case err := <-errc:
@@ -232,6 +234,7 @@ func startQUICAgent(t *testing.T, c *clients.Client, exposed []clients.Exposed, 
 // 1,001st public client was reset; now (DefaultAgentMaxSessions) all 1,100 are
 // served at once and each carries its own checksummed data.
 func TestQUICAgentPublicSessionsBeyond1000(t *testing.T) {
+	t.Parallel()
 	const n, size = 1100, 1 << 10
 	port := testnet.FreePort(t, "tcp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(concPolicy, port), func(c *config.Server) {
@@ -253,6 +256,7 @@ func TestQUICAgentPublicSessionsBeyond1000(t *testing.T) {
 // dial through TP gets reverse_busy, and a public client's connection is reset,
 // never left hanging; the 20 open sessions are not disturbed.
 func TestQUICAgentSessionBoundRefuses(t *testing.T) {
+	t.Parallel()
 	const max = 20
 	port := testnet.FreePort(t, "tcp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(concPolicy, port), func(c *config.Server) {
@@ -310,6 +314,7 @@ func TestQUICAgentSessionBoundRefuses(t *testing.T) {
 // at accept). The Dialer keeps at most 64 handshakes in flight, so every tunnel
 // opens and carries its checksummed data.
 func TestTLSTunnelBurstWithinHandshakeBound(t *testing.T) {
+	t.Parallel()
 	const n = 200
 	d, url := startDaemonCfg(t, allowAliceBob, slowMachine)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")

@@ -16,6 +16,7 @@ import (
 // TP's CONNECT on the proxy name, presenting the device certificate with
 // http.proxySSLCert and http.proxySSLKey, as docs/HTTP.md tells users to.
 func TestConnectGitClone(t *testing.T) {
+	t.Parallel()
 	gitBin, err := exec.LookPath("git")
 	if err != nil {
 		t.Fatal("git is not installed (Debian's git package): ", err)

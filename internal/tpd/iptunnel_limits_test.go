@@ -116,6 +116,7 @@ func udpEcho6(t *testing.T, addr string) (netip.AddrPort, func() int) {
 // packet to an IPv6 prefix the policy does not grant is dropped, counted, and
 // never reaches the far side.
 func TestIPTunnelIPv6(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -155,6 +156,7 @@ func TestIPTunnelIPv6(t *testing.T) {
 // send of the same size fails with EMSGSIZE, as path-MTU discovery wants),
 // the drop is counted as too_big, and a datagram of the learnt size arrives.
 func TestIPTunnelPacketTooBig(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -238,6 +240,7 @@ func TestIPTunnelPacketTooBig(t *testing.T) {
 // A device that sends more bytes per second than ip-bytes-per-second loses
 // the excess, counted as reason "rate"; the tunnel goes on.
 func TestIPTunnelByteRateLimit(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -264,6 +267,7 @@ func TestIPTunnelByteRateLimit(t *testing.T) {
 // counted from then on, the still-granted prefix keeps working, and the tunnel
 // stays up.
 func TestIPTunnelNarrowerGrant(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -346,6 +350,7 @@ ip := {"routes": ["10.77.0.0/24"]} if input.action == "ip"
 // CONNECT-UDP holds each flow to connect-udp-packets-per-second: a burst
 // beyond it is dropped and counted (RateLimited), and the flow goes on.
 func TestConnectUDPFlowPacketRate(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy, func(c *config.Server) { c.ConnectUDPMaxPPS = 20 })
 	echo := testnet.EchoUDP(t)
 	c, err := r.connectUDP(t, "h2", echo) // capsules: none lost on the way, every drop is the limit's
@@ -392,6 +397,7 @@ func TestConnectUDPFlowPacketRate(t *testing.T) {
 // tun device removed and the down hook run, and it cannot open a new one; the
 // other peer's tunnel goes on untouched.
 func TestIPTunnelPolicyChangeForgetsOnePeer(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}

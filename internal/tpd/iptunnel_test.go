@@ -296,6 +296,7 @@ func ipWaitFor(t *testing.T, what string, cond func() bool) {
 // through the tunnel's tun device, and the hook ran with TUN_DEV_NAME,
 // TUN_CLIENT_ID and the identity fields; a device the policy refuses gets 403.
 func TestIPTunnelConnectIPGo(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -469,6 +470,7 @@ func (c *rawIP) ReadPacket(b []byte) (int, error) {
 // and counted (tp_ip_packets_dropped_total), and never reach the far side,
 // while the granted destination keeps working.
 func TestIPTunnelEnforcesPolicyPerPacket(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -514,6 +516,7 @@ func TestIPTunnelEnforcesPolicyPerPacket(t *testing.T) {
 // it cannot reconnect, and another device's transfer goes on with every
 // datagram intact.
 func TestIPTunnelRevokeForgetsOnePeer(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -598,6 +601,7 @@ func TestIPTunnelRevokeForgetsOnePeer(t *testing.T) {
 // A device that sends faster than ip-packets-per-second loses the excess,
 // counted as reason "rate"; the tunnel goes on.
 func TestIPTunnelRateLimit(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
