@@ -21,3 +21,6 @@ func SetWebBodyIdle(d time.Duration) func() {
 	old := webBodyIdle.Swap(int64(d))
 	return func() { webBodyIdle.Store(old) }
 }
+
+// H3IdleGrace is how long a shutdown waits for HTTP/3 clients with no request in flight.
+const H3IdleGrace = h3IdleGrace

@@ -84,7 +84,7 @@ func connectProtocol(r *http.Request) string {
 // holds a slot of its own while it lives (httpconnect.go).
 type proxyHTTP struct {
 	srv  *http.Server
-	h3   *http3.Server
+	h3   *h3Server
 	ln   *chanListener
 	once sync.Once
 }
@@ -115,7 +115,7 @@ func newProxyHTTP(s *Server) *proxyHTTP {
 			}
 		},
 	}
-	p.h3 = &http3.Server{
+	p.h3 = newH3Server(&http3.Server{
 		Handler:        h,
 		MaxHeaderBytes: proxyMaxHeaderBytes,
 		IdleTimeout:    proxyIdleTimeout,
@@ -123,7 +123,7 @@ func newProxyHTTP(s *Server) *proxyHTTP {
 		// HTTP Datagrams (RFC 9297) for the MASQUE protocols; the QUIC
 		// listener enables QUIC datagrams already (quic.go).
 		EnableDatagrams: true,
-	}
+	})
 	return p
 }
 
