@@ -118,7 +118,9 @@ func enrollClient(t testing.TB, d *Daemon, url, user, device string) (*clients.C
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := login.EnrollDevice(ctx, login.HTTPClient(root), url, enr.Token, key)
+	hc := login.HTTPClient(root)
+	defer hc.CloseIdleConnections()
+	res, err := login.EnrollDevice(ctx, hc, url, enr.Token, key)
 	if err != nil {
 		t.Fatal(err)
 	}
