@@ -17,11 +17,17 @@ import (
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/pgstore"
 	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testpar"
 	"github.com/tp-proxy/tp/internal/testpg"
 	"github.com/tp-proxy/tp/internal/users"
 )
 
-func TestMain(m *testing.M) { os.Exit(testpg.Main(m)) }
+// TestMain runs many tests at once (testpar): each starts its own daemons and
+// spends most of its time waiting on them.
+func TestMain(m *testing.M) {
+	testpar.Default(8)
+	os.Exit(testpg.Main(m))
+}
 
 // pgDataDir is newDataDir for an instance on the database dsn. With peer set,
 // the new instance gets peer's CA (ca/ without its bbolt file), as every
