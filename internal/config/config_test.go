@@ -299,3 +299,18 @@ func TestShutdownTimeout(t *testing.T) {
 		t.Errorf("shutdown-timeout 0 refused: %v", err)
 	}
 }
+
+// reverse-pickup-timeout: bad input is no wait at all and an hour-long one;
+// both are refused with the setting named, and the default is 10s.
+func TestReversePickupTimeout(t *testing.T) {
+	if got := DefaultServer().ReversePickupTimeout; got != 10*time.Second {
+		t.Errorf("default reverse-pickup-timeout = %s, want 10s", got)
+	}
+	for _, d := range []time.Duration{0, time.Hour} {
+		s := DefaultServer()
+		s.ReversePickupTimeout = d
+		if err := s.Validate(); err == nil || !strings.Contains(err.Error(), "reverse-pickup-timeout "+d.String()) {
+			t.Errorf("reverse-pickup-timeout %s: %v, want a refusal naming it", d, err)
+		}
+	}
+}

@@ -252,9 +252,10 @@ func TestQUICAgentPublicSessionsBeyond1000(t *testing.T) {
 }
 
 // Bad input: one session more than alice's agent allows at once (MaxSessions
-// 20). tpd holds it for the pickup timeout and then refuses it readably: bob's
-// dial through TP gets reverse_busy, and a public client's connection is reset,
-// never left hanging; the 20 open sessions are not disturbed.
+// 20). tpd holds it for the pickup timeout (reverse-pickup-timeout, shortened
+// here: it is waited out) and then refuses it readably: bob's dial through TP
+// gets reverse_busy, and a public client's connection is reset, never left
+// hanging; the 20 open sessions are not disturbed.
 func TestQUICAgentSessionBoundRefuses(t *testing.T) {
 	t.Parallel()
 	const max = 20
@@ -262,6 +263,7 @@ func TestQUICAgentSessionBoundRefuses(t *testing.T) {
 	d, url := startDaemonCfg(t, fmt.Sprintf(concPolicy, port), func(c *config.Server) {
 		slowMachine(c)
 		c.PublicPorts = strconv.Itoa(port)
+		c.ReversePickupTimeout = 3 * time.Second
 	})
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
