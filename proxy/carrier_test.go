@@ -60,6 +60,7 @@ func waitCarrierSessions(t *testing.T, srv *proxy.Server, n int) {
 // TestCarrierTLSRequiresDeviceCert: the tls carrier's handshake asks for the
 // device certificate like "tp/1"; without one there is no carrier.
 func TestCarrierTLSRequiresDeviceCert(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	c, err := q.carrierTLS(t, nil)
 	if err == nil {
@@ -79,6 +80,7 @@ func TestCarrierTLSRequiresDeviceCert(t *testing.T) {
 // wire.MaxCarrierPacket (tls); a text message, a message beyond the bound (ws).
 // Garbage that is framed right is handed to QUIC, which drops it unanswered.
 func TestCarrierBadFrames(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	for name, frame := range map[string][]byte{
 		"zero length": {0, 0},
@@ -152,6 +154,7 @@ func TestCarrierBadFrames(t *testing.T) {
 // TestCarrierTooManySessions: beyond CarrierOptions.MaxSessions a tls carrier
 // is closed at once and a ws upgrade is answered 503.
 func TestCarrierTooManySessions(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{Carriers: proxy.CarrierOptions{MaxSessions: 2}})
 	if _, err := q.carrierTLS(t, &q.cert); err != nil {
 		t.Fatal(err)
@@ -181,6 +184,7 @@ func TestCarrierTooManySessions(t *testing.T) {
 // body beyond wire.MaxCarrierBody (413) and a body whose framing is broken
 // (400); beyond CarrierOptions.MaxSessions a new session gets 503.
 func TestCarrierHTTPBadInput(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{Carriers: proxy.CarrierOptions{MaxSessions: 1}})
 	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: q.clientTLS(nil)}, Timeout: 20 * time.Second}
 	post := func(method, id string, body []byte) int {
@@ -240,6 +244,7 @@ func TestCarrierHTTPBadInput(t *testing.T) {
 // serves a protected name (dialed by a client over the same carrier, end to
 // end TLS through the relay) and a public port (plain TCP from anyone).
 func TestCarrierReverse(t *testing.T) {
+	t.Parallel()
 	for _, carrier := range []string{wire.CarrierUDP, wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP} {
 		t.Run(carrier, func(t *testing.T) {
 			q := newQUICEnv(t, func(c *proxy.Config) {
@@ -306,6 +311,7 @@ func TestCarrierReverse(t *testing.T) {
 // TestCarrierPolicySource: a request over a carrier reaches the policy with
 // the address the carrier connection came from, not the session's virtual one.
 func TestCarrierPolicySource(t *testing.T) {
+	t.Parallel()
 	sources := make(chan string, 8)
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {

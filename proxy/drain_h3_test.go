@@ -20,6 +20,7 @@ import (
 // flight on another HTTP/3 connection is served to its end, past the grace
 // that idle connections get.
 func TestHTTP3DrainNotHeldByGoneClient(t *testing.T) {
+	t.Parallel()
 	started := make(chan struct{}, 1)
 	release := make(chan struct{})
 	q := newQUICEnv(t, func(c *proxy.Config) {

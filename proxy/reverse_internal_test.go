@@ -53,6 +53,7 @@ func announce(ctx context.Context, a *reverseAgent, n int) <-chan string {
 // to an agent that accepts none. The pickup timeout is far away, so that only
 // the bound refuses, however slowly a loaded machine announces.
 func TestReversePendingBounded(t *testing.T) {
+	t.Parallel()
 	const n = 1100
 	s, a := neverPicksUp(t, time.Hour)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -94,6 +95,7 @@ func TestReversePendingBounded(t *testing.T) {
 // An announcement the agent never picks up is refused with reverse_timeout
 // after PickupTimeout, and nothing stays pending.
 func TestReversePickupTimeout(t *testing.T) {
+	t.Parallel()
 	s, a := neverPicksUp(t, 200*time.Millisecond)
 	codes := announce(context.Background(), a, 10)
 	for range 10 {
@@ -114,6 +116,7 @@ func TestReversePickupTimeout(t *testing.T) {
 // A second identity never replaces a name's holder, online or in its grace
 // period; the holder's own new session does.
 func TestReverseClaim(t *testing.T) {
+	t.Parallel()
 	r := newReverseRegistry(ReverseOptions{Zone: "rev.test", Grace: time.Hour})
 	alice := &reverseAgent{id: authz.Identity{DeviceID: "alice@laptop"}, names: []string{"a.rev.test"}}
 	mallory := &reverseAgent{id: authz.Identity{DeviceID: "mallory@pc"}, names: []string{"a.rev.test"}}
@@ -149,6 +152,7 @@ func TestReverseClaim(t *testing.T) {
 // came back; it must be refused, and the owner must still get its name back. An
 // offline hold's own end is kept when it is the later one.
 func TestReverseRestoredHoldOutlastsGrace(t *testing.T) {
+	t.Parallel()
 	later := time.Now().Add(3 * time.Hour).UTC()
 	holds := []ReverseHold{
 		{Key: "a.rev.test", Owner: "alice@laptop"},               // online when the server died

@@ -157,6 +157,7 @@ func echoTransfer(t *testing.T, c net.Conn, size int64, change func()) {
 // rebinding, done by a relay); the stream continues and the transfer completes
 // with a matching checksum, and the server answers the new address.
 func TestQUICNATRebinding(t *testing.T) {
+	t.Parallel()
 	size := int64(16 << 20)
 	if testing.Short() {
 		size = 4 << 20
@@ -179,6 +180,7 @@ func TestQUICNATRebinding(t *testing.T) {
 // own (quic-go's AddPath, Probe, Switch: a new network) mid-transfer; the transfer
 // completes with a matching checksum.
 func TestQUICClientMigration(t *testing.T) {
+	t.Parallel()
 	size := int64(16 << 20)
 	if testing.Short() {
 		size = 4 << 20
