@@ -106,6 +106,7 @@ func (r *rebinder) rebind() {
 // completes, on the same stream, with a matching checksum. The pause is
 // logged as a figure, against the longest pause before the rebinding.
 func TestDownloadResumesAfterSilentRebinding(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	nat := startRebinder(t, srv.UDP)
 	d := srv.Dialer(t, wire.CarrierUDP)
