@@ -160,6 +160,9 @@ func TestCarrierHTTPInFlightBound(t *testing.T) {
 func TestCarrierSpoofedSourceDropped(t *testing.T) {
 	t.Parallel()
 	if os.Getenv("TP_CARRIER_SPOOF_NS") != "1" {
+		if testing.Short() {
+			t.Skip("runs itself in a user and network namespace of its own (unshare -rn, ip); skipped under -short")
+		}
 		cmd := exec.Command("unshare", "-rn", os.Args[0], "-test.run=^TestCarrierSpoofedSourceDropped$", "-test.v")
 		cmd.Env = append(os.Environ(), "TP_CARRIER_SPOOF_NS=1")
 		out, err := cmd.CombinedOutput()

@@ -75,6 +75,7 @@ func TestConnectInternalAddressLikeDial(t *testing.T) {
 // prompted there.
 func TestConnectCurlNoCertificate(t *testing.T) {
 	t.Parallel()
+	needTool(t, "curl", "curl")
 	r := newConnectRig(t, allowAlice)
 	srv, srvPEM := httpsServer(t, "unreachable without a certificate")
 	cmd := exec.Command("curl", "--silent", "--show-error", "--max-time", "60",

@@ -17,10 +17,7 @@ import (
 // http.proxySSLCert and http.proxySSLKey, as docs/HTTP.md tells users to.
 func TestConnectGitClone(t *testing.T) {
 	t.Parallel()
-	gitBin, err := exec.LookPath("git")
-	if err != nil {
-		t.Fatal("git is not installed (Debian's git package): ", err)
-	}
+	gitBin := needTool(t, "git", "git")
 	r := newConnectRig(t, allowAlice)
 	home := t.TempDir()
 	env := append(os.Environ(), "HOME="+home, "GIT_CONFIG_NOSYSTEM=1", "GIT_TERMINAL_PROMPT=0",

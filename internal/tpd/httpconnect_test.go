@@ -142,9 +142,7 @@ func writePEM(t testing.TB, path string, b []byte) {
 // curl runs Debian's curl through the proxy name with the device certificate.
 func (r *connectRig) curl(t *testing.T, stdin io.Reader, args ...string) (stdout, stderr string, err error) {
 	t.Helper()
-	if _, err := exec.LookPath("curl"); err != nil {
-		t.Fatal("curl is not installed (.ci/run installs Debian's): ", err)
-	}
+	needTool(t, "curl", "curl")
 	base := []string{"--silent", "--show-error", "--max-time", "60",
 		"--proxy", "https://" + proxyName + ":" + r.port,
 		"--resolve", proxyName + ":" + r.port + ":127.0.0.1",

@@ -43,6 +43,9 @@ func inNetns(t *testing.T) bool {
 		}
 		return true
 	}
+	if testing.Short() {
+		t.Skip("runs itself in a network namespace of its own (unshare, ip) with tun devices; skipped under -short")
+	}
 	// As root a network namespace is enough; otherwise a user namespace
 	// maps the caller to root in it.
 	flags := "-rn"

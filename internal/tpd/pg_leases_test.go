@@ -171,6 +171,7 @@ func TestPGLeasesSelfFencing(t *testing.T) {
 // retry takes svc again and leases are renewed, without restarting tpd.
 func TestPGLeasesOutageAndRecovery(t *testing.T) {
 	t.Parallel()
+	testpg.SkipIfShort(t)
 	srv, err := testpg.New()
 	if err != nil {
 		t.Fatal(err)

@@ -138,6 +138,7 @@ func TestPGOtherCARefused(t *testing.T) {
 // revocations with a sentence, and recovers by itself when PostgreSQL is back.
 func TestPGOutageAndRecovery(t *testing.T) {
 	t.Parallel()
+	testpg.SkipIfShort(t)
 	srv, err := testpg.New() // its own server: stopping it touches no other test
 	if err != nil {
 		t.Fatal(err)

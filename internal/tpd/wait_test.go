@@ -1,10 +1,26 @@
 package tpd
 
 import (
+	"os/exec"
 	"runtime"
 	"testing"
 	"time"
 )
+
+// needTool returns the path of tool, which the calling test runs. It skips
+// the test under go test -short, which runs without external tools, and fails
+// it when tool is not installed; pkg is the Debian package that has it.
+func needTool(t testing.TB, tool, pkg string) string {
+	t.Helper()
+	if testing.Short() {
+		t.Skipf("runs %s (Debian's %s); skipped under -short", tool, pkg)
+	}
+	path, err := exec.LookPath(tool)
+	if err != nil {
+		t.Fatalf("%s is not installed (deploy/test.sh installs Debian's %s): %v", tool, pkg, err)
+	}
+	return path
+}
 
 // notify signals on ch without blocking. ch is buffered, and a signal in it
 // means "at least once since the test last looked": a callback that blocked
