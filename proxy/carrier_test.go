@@ -262,12 +262,19 @@ func TestCarrierReverse(t *testing.T) {
 				Exposed:     []clients.Exposed{{Name: "svc", Local: upper}, {Name: "pub", Local: upper, PublicPort: port}},
 				AllowUsers:  []string{"alice"},
 				Certificate: func(context.Context, string) (*tls.Certificate, error) { return &agentCert, nil },
-				Registered:  func([]string) { registered <- struct{}{} },
+				Registered:  func([]string) { notify(registered) },
 			}
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)
 			go func() { done <- a.Run(ctx); ad.Close() }()
-			t.Cleanup(func() { cancel(); <-done })
+			t.Cleanup(func() {
+				cancel()
+				select {
+				case <-done:
+				case <-time.After(30 * time.Second):
+					t.Errorf("the agent over %s did not end within 30s of being told to stop", carrier)
+				}
+			})
 			select {
 			case <-registered:
 			case err := <-done:

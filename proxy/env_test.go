@@ -77,6 +77,16 @@ type env struct {
 	served    chan error
 }
 
+// notify signals on ch without blocking: a callback (an agent's Registered)
+// that blocked once the test stopped reading would hang the agent, and the
+// cleanup that waits for it.
+func notify(ch chan<- struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
 func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
 // newEnv starts a Server on loopback with a fresh CA, an echo destination and a
