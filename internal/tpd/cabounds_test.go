@@ -186,7 +186,7 @@ func TestCARateLimitPerSource(t *testing.T) {
 // store do not grow, the nonces held stay within ca-max-nonces, and a real login
 // from another address succeeds afterwards. Before the fix each nonce was
 // written to the database for good: 128 KiB grew to 8 MiB.
-func TestUnauthenticatedFloodBounded(t *testing.T) {
+func TestUnauthenticatedFloodBounded(t *testing.T) { // not parallel: it measures the process's heap
 	const (
 		requests  = 20_000
 		maxNonces = 1000
