@@ -143,6 +143,7 @@ func expectTLSEcho(t *testing.T, res <-chan net.Conn) {
 // test ends by hand, and the relay in front of the server sees when TLS comes.
 // Bad input: a QUIC address where nothing answers.
 func TestAutoStartsTLSWhenHeadStartEnds(t *testing.T) {
+	t.Parallel()
 	e := newAutoEnv(t)
 	res := e.dial()
 	select {
@@ -209,6 +210,7 @@ func versionNegotiation(initial []byte) []byte {
 // start (which the test never ends). Bad input: a QUIC server that speaks no
 // version the client does.
 func TestAutoTriesTLSWhenQUICFails(t *testing.T) {
+	t.Parallel()
 	e := newAutoEnv(t)
 	res := e.dial()
 	<-e.headStart

@@ -35,6 +35,7 @@ func autoDialer(t *testing.T, srv *clients.CarrierTestServer, gate string, cache
 // memory does not apply: the third Dialer tries UDP first. Bad input: UDP
 // that never answers.
 func TestAutoRacesCarriersWhenUDPBlocked(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	gate := startUDPGate(t, srv.UDP)
 	gate.shut.Store(true)
@@ -89,6 +90,7 @@ func TestAutoRacesCarriersWhenUDPBlocked(t *testing.T) {
 // TestAutoPrefersUDP: where UDP answers, the race is won over UDP (the head
 // start is made long enough that the carriers cannot start first).
 func TestAutoPrefersUDP(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	gate := startUDPGate(t, srv.UDP)
 	d := autoDialer(t, srv, gate.pc.LocalAddr().String(), nil)
@@ -105,6 +107,7 @@ func TestAutoPrefersUDP(t *testing.T) {
 // completes with a matching checksum on the same stream. Bad input: UDP that
 // is blocked at first.
 func TestAutoMovesBackToUDP(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	gate := startUDPGate(t, srv.UDP)
 	gate.shut.Store(true)

@@ -170,6 +170,7 @@ func (r *rebinder) quiet(d time.Duration) bool {
 // new address. The client must speak after its silence, from its new address;
 // the download then completes, on the same stream, with a matching checksum.
 func TestDownloadResumesAfterSilentRebinding(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	nat := startRebinder(t, srv.UDP)
 	d := srv.Dialer(t, wire.CarrierUDP)

@@ -15,7 +15,9 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -55,6 +57,7 @@ func carrierRoundTrip(t *testing.T, d *clients.Dialer, dst, msg string) {
 // TestCarrierMatrix: a TCP dial and a UDP flow through the proxy work the same
 // over every carrier (the QUIC connection rides UDP, a TLS stream, a WebSocket).
 func TestCarrierMatrix(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	tcpDst := testnet.Upper(t)
 	udpDst := testnet.UpperUDP(t)
@@ -102,6 +105,7 @@ func TestCarrierMatrix(t *testing.T) {
 // not end the QUIC connection: the client opens another link, the server sees
 // the client at a new address and QUIC migrates; a transfer in flight completes.
 func TestCarrierLinkBreaks(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	for _, carrier := range []string{wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP} {
 		t.Run(carrier, func(t *testing.T) {
@@ -201,6 +205,7 @@ func startUDPGate(t testing.TB, server string) *udpGate {
 // (its datagrams in QUIC DATAGRAM frames) carries datagrams after it, the
 // same flow.
 func TestCarrierSwitchMidTransfer(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	for _, next := range []string{wire.CarrierWS, wire.CarrierTLS, wire.CarrierHTTP} {
 		t.Run("udp to "+next, func(t *testing.T) {
@@ -263,31 +268,47 @@ func TestCarrierSwitchMidTransfer(t *testing.T) {
 }
 
 // udpRoundTrip sends msg on a UDP flow to an upper-casing server until an
-// answer comes (UDP may lose a datagram), and checks it.
+// answer comes (UDP may lose a datagram), and checks it. A late answer to a
+// datagram sent again after a timeout, this call's or an earlier one's, is
+// skipped.
 func udpRoundTrip(t *testing.T, u net.Conn, msg string) {
 	t.Helper()
+	v, _ := udpAsked.LoadOrStore(u, &[]string{})
+	asked := v.(*[]string)
+	*asked = append(*asked, strings.ToUpper(msg))
 	buf := make([]byte, 2048)
 	for i := 0; ; i++ {
 		if _, err := u.Write([]byte(msg)); err != nil {
 			t.Fatalf("UDP flow, sending %q: %v", msg, err)
 		}
 		_ = u.SetReadDeadline(time.Now().Add(time.Second))
-		n, err := u.Read(buf)
-		if err == nil {
-			if got := string(buf[:n]); got != strings.ToUpper(msg) {
+		for {
+			n, err := u.Read(buf)
+			if err != nil {
+				if i == 20 {
+					t.Fatalf("no UDP answer to %q in 20 tries: %v", msg, err)
+				}
+				break
+			}
+			got := string(buf[:n])
+			if got == strings.ToUpper(msg) {
+				return
+			}
+			if !slices.Contains(*asked, got) {
 				t.Fatalf("UDP reply %q, want %q", got, strings.ToUpper(msg))
 			}
-			return
-		}
-		if i == 20 {
-			t.Fatalf("no UDP answer to %q in 20 tries: %v", msg, err)
 		}
 	}
 }
 
+// udpAsked is the answers udpRoundTrip waited for on each flow (one test's
+// goroutine each).
+var udpAsked sync.Map // net.Conn → *[]string
+
 // TestCarrierAutoFallsBack: with carrier auto on a network that drops all UDP
 // from the start, the Dialer connects over the tls carrier after the UDP try.
 func TestCarrierAutoFallsBack(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	gate := startUDPGate(t, srv.UDP)
 	gate.shut.Store(true)
@@ -342,6 +363,7 @@ func startConnectProxy(t *testing.T) (*url.URL, *atomic.Int64) {
 // TestCarrierThroughConnectProxy: the tls and ws carriers reach the server
 // through an HTTP proxy that speaks CONNECT, as HTTPS_PROXY would name it.
 func TestCarrierThroughConnectProxy(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	for _, carrier := range []string{wire.CarrierTLS, wire.CarrierWS} {
 		t.Run(carrier, func(t *testing.T) {
@@ -360,6 +382,7 @@ func TestCarrierThroughConnectProxy(t *testing.T) {
 // proxy (httputil.ReverseProxy standing in for a CDN that forwards POSTs) and
 // through a CONNECT proxy.
 func TestCarrierHTTPThroughCDN(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	target, err := url.Parse("https://" + srv.TCP)
 	if err != nil {
@@ -393,6 +416,7 @@ func TestCarrierHTTPThroughCDN(t *testing.T) {
 // server in the transport cache, and the next Dialer starts on it without
 // trying UDP first (the blocked UDP relay sees nothing from it).
 func TestCarrierAutoRemembers(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	gate := startUDPGate(t, srv.UDP)
 	gate.shut.Store(true)
@@ -420,6 +444,7 @@ func TestCarrierAutoRemembers(t *testing.T) {
 // over ws and http (which need no certificate to reach), a client without a
 // device certificate still fails at the QUIC handshake, and no request runs.
 func TestCarrierNeedsDeviceCert(t *testing.T) {
+	t.Parallel()
 	srv := clients.StartCarrierTestServer(t, nil, proxy.CarrierOptions{})
 	dst := testnet.Upper(t)
 	for _, carrier := range []string{wire.CarrierWS, wire.CarrierHTTP} {

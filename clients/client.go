@@ -69,7 +69,9 @@ func (c *Client) Login(ctx context.Context, progress func(string)) (*login.Crede
 	if err != nil {
 		return nil, err
 	}
-	creds, err := login.Login(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, key, progress)
+	hc := login.HTTPClient(c.Root)
+	defer hc.CloseIdleConnections() // a fresh client per login: its connection is never reused
+	creds, err := login.Login(ctx, hc, c.Profile.Server, c.Profile.DeviceID, key, progress)
 	if err != nil {
 		return nil, err
 	}
@@ -170,16 +172,18 @@ func (c *Client) Whoami(ctx context.Context) (login.WhoamiResponse, error) {
 	if certErr == nil {
 		chain = cert.Certificate
 	}
+	hc := login.HTTPClient(c.Root)
+	defer hc.CloseIdleConnections()
 	key, err := c.Home.DeviceKey()
 	if err != nil {
 		// Without the device key the certificate's own key proves who asks,
 		// so the server can still say "revoked" or "expired".
 		if signer, ok := cert.PrivateKey.(crypto.Signer); certErr == nil && ok {
-			return login.WhoamiByCertificate(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, signer, chain...)
+			return login.WhoamiByCertificate(ctx, hc, c.Profile.Server, c.Profile.DeviceID, signer, chain...)
 		}
 		return login.WhoamiResponse{}, err
 	}
-	return login.Whoami(ctx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, key, chain...)
+	return login.Whoami(ctx, hc, c.Profile.Server, c.Profile.DeviceID, key, chain...)
 }
 
 // WhyRejected replaces err, when it is the server's refusal of the client

@@ -34,6 +34,7 @@ func startServer(t *testing.T) *clients.Dialer {
 
 // TestStdio: stdin EOF half-closes the connection; the reply still reaches stdout.
 func TestStdio(t *testing.T) {
+	t.Parallel()
 	d := startServer(t)
 	dst := testnet.Upper(t)
 	conn, err := d.DialContext(context.Background(), "tcp", dst)
@@ -53,6 +54,7 @@ func TestStdio(t *testing.T) {
 
 // TestStdioContext: ending ctx ends a session that would otherwise wait forever.
 func TestStdioContext(t *testing.T) {
+	t.Parallel()
 	d := startServer(t)
 	dst := testnet.Upper(t)
 	conn, err := d.DialContext(context.Background(), "tcp", dst)
@@ -76,6 +78,7 @@ func TestStdioContext(t *testing.T) {
 }
 
 func TestRefusedError(t *testing.T) {
+	t.Parallel()
 	d := startServer(t)
 	_, err := d.DialContext(context.Background(), "tcp", "127.0.0.1:9")
 	var re *clients.RefusedError
@@ -101,6 +104,7 @@ func TestRefusedError(t *testing.T) {
 }
 
 func TestDialerRejectsBadAddress(t *testing.T) {
+	t.Parallel()
 	d := &clients.Dialer{Server: "127.0.0.1:1"}
 	for _, tt := range []struct{ network, addr string }{{"udp", "h:1"}, {"tcp", "no-port"}, {"tcp", "h:0"}, {"tcp", "h:70000"}} {
 		if _, err := d.DialContext(context.Background(), tt.network, tt.addr); err == nil {
@@ -112,6 +116,7 @@ func TestDialerRejectsBadAddress(t *testing.T) {
 // TestForwarder: a refused dial fails only that local connection; the listener
 // keeps serving and the next connection goes through.
 func TestForwarder(t *testing.T) {
+	t.Parallel()
 	d := startServer(t)
 	dst := testnet.Upper(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -166,6 +171,7 @@ func TestForwarder(t *testing.T) {
 // soon after), or the far side must see a reset (when it never ends), never a
 // clean end after part of the upload.
 func TestStdioUploadOutlastsReply(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name   string
 		chunks int // of 64 KiB, one every 20 ms; 0: input that never ends

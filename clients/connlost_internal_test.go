@@ -20,6 +20,7 @@ import (
 // load). The connection here is still up, so its context stays uncancelled
 // for as long as the test needs.
 func TestLostConnectionNotHandedOutAgain(t *testing.T) {
+	t.Parallel()
 	d, echo := quicPoolEnv(t, 100)
 	_ = openEchoed(t, d, echo).Close()
 	old := d.liveQUIC()

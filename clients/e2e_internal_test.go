@@ -51,6 +51,7 @@ func batchedPair(t *testing.T) (*batchedTLS, *countingConn, *tls.Conn) {
 // One Write of the inner session reaches the stream as one Write, not one per
 // record; the data arrives intact.
 func TestBatchedTLSOneWritePerBatch(t *testing.T) {
+	t.Parallel()
 	c, counted, srv := batchedPair(t)
 	data := bytes.Repeat([]byte("0123456789abcdef"), 4096) // 64 KiB: four full records
 	got := make(chan []byte, 1)
@@ -84,6 +85,7 @@ func TestBatchedTLSOneWritePerBatch(t *testing.T) {
 // Concurrent Writes and a close_notify keep records in order: a record out of
 // order fails the reader's decryption.
 func TestBatchedTLSConcurrentWritesKeepOrder(t *testing.T) {
+	t.Parallel()
 	c, _, srv := batchedPair(t)
 	const writers, each = 4, 300 << 10
 	var wg sync.WaitGroup

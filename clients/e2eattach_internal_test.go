@@ -114,6 +114,7 @@ func echoes(t *testing.T, c net.Conn, msg string) {
 // end-to-end state instead of running a TLS handshake, and carries bytes both
 // ways with half-close; so does a third, with a larger write.
 func TestE2EAttachReusesState(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	c, err := e.session(t, header("bob@phone", "dev"))
 	if err != nil {
@@ -143,6 +144,7 @@ func TestE2EAttachReusesState(t *testing.T) {
 // attaches with bob's state (as if dave held it); and bob after the relay
 // stopped listing him in group dev.
 func TestE2EAttachChecksEachSession(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	c, err := e.session(t, header("bob@phone", "dev"))
 	if err != nil {
@@ -182,6 +184,7 @@ func TestE2EAttachChecksEachSession(t *testing.T) {
 // service behind it sees nothing of the replay. An attach whose proof record
 // was altered is aborted.
 func TestE2EAttachRefusesReplayAndForgery(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	c, err := e.session(t, header("bob@phone", "dev"))
 	if err != nil {
@@ -233,6 +236,7 @@ func TestE2EAttachRefusesReplayAndForgery(t *testing.T) {
 // An agent that does not know the state (it restarted) asks for a handshake,
 // which runs on the same stream: the session works and renews the state.
 func TestE2EAttachFallsBackToHandshake(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	c, err := e.session(t, header("bob@phone", "dev"))
 	if err != nil {
@@ -264,6 +268,7 @@ func TestE2EAttachFallsBackToHandshake(t *testing.T) {
 // The replay window: each number once, reordering within the window, nothing
 // older than the window.
 func TestAttachClaimWindow(t *testing.T) {
+	t.Parallel()
 	now := time.Now()
 	s := &agentAttach{expires: now.Add(time.Hour), used: now}
 	for _, tc := range []struct {
@@ -291,6 +296,7 @@ func TestAttachClaimWindow(t *testing.T) {
 // QUIC, a TCP reset over TLS: its attach must not be taken for the start of a
 // public session) and forgets the state.
 func TestEarlyAttachToPublicNameAborts(t *testing.T) {
+	t.Parallel()
 	for _, transport := range []string{TransportQUIC, TransportTLS} {
 		t.Run(transport, func(t *testing.T) { testEarlyAttachToPublicNameAborts(t, transport) })
 	}
@@ -384,6 +390,7 @@ func testEarlyAttachToPublicNameAborts(t *testing.T, transport string) {
 // a clean end. Bad input: the agent's end of the stream half-closed (FIN) in the
 // middle of a reply, below the sealed records.
 func TestE2EAttachCutIsError(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	var mu sync.Mutex
 	var raw []net.Conn

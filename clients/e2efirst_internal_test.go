@@ -80,6 +80,7 @@ func readEcho(t *testing.T, c net.Conn, want string) {
 // it asks for a handshake and the first bytes are the dialer's to send after
 // it: they reach the service once, not twice.
 func TestE2EAttachCarriesFirstBytes(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	tap := &relayTap{}
 	e.a.WrapData = func(c net.Conn) net.Conn { return &relayTapConn{Conn: c, t: tap} }
@@ -127,6 +128,7 @@ func TestE2EAttachCarriesFirstBytes(t *testing.T) {
 // An agent that offers tp-e2e/2 but not tp-e2e/3 (an older one) gets attaches
 // without first bytes: the dialer sends them after the agent's ok.
 func TestE2EAttachFirstBytesNeedE2E3(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	e.a.inner.NextProtos = []string{E2EALPN2, E2EALPN}
 	c, err := e.session(t, header("bob@phone", "dev"))
@@ -147,6 +149,7 @@ func TestE2EAttachFirstBytesNeedE2E3(t *testing.T) {
 // Bad input: attaches whose proof record is not what the version allows. Each
 // is aborted before anything reaches the service.
 func TestReadAttachBounds(t *testing.T) {
+	t.Parallel()
 	rec := func(version byte, l int) []byte {
 		msg := append([]byte{version}, make([]byte, attachIDLen+8)...)
 		msg = binary.BigEndian.AppendUint16(msg, uint16(l))

@@ -88,6 +88,9 @@ var (
 	muxAgentIdle = 2 * time.Minute
 	// muxGrowWithin: see muxMaxStreamWindow.
 	muxGrowWithin = 5 * time.Millisecond
+	// muxLinger: a closed stream whose other end has not ended its direction
+	// is cut after this long (mux.Options.Linger).
+	muxLinger = 10 * time.Second
 )
 
 // errMuxFull is a carrier that takes no further stream (full, closing or told
@@ -116,7 +119,7 @@ func newMuxConn(conn net.Conn, client bool, name string, expires time.Time, cloc
 		Peer: peer, Name: name, Expires: expires, Now: clock, ExpiredReason: "a certificate of the end-to-end session expired",
 		MaxStreams: MuxMaxStreams, MaxPayload: muxMaxPayload, SendPayload: muxSendPayload,
 		StreamWindow: muxStreamWindow, MaxStreamWindow: muxMaxStreamWindow, GrowBudget: muxGrowBudget, GrowWithin: muxGrowWithin,
-		Tick: muxTick, Dead: muxDead, Idle: muxIdle, ServerIdle: muxAgentIdle, Life: muxLife,
+		Tick: muxTick, Dead: muxDead, Idle: muxIdle, ServerIdle: muxAgentIdle, Life: muxLife, Linger: muxLinger,
 		WriteFrames: writeCarrierFrames}
 	if client {
 		o.PeerAbort = func(reason byte, err error) error {

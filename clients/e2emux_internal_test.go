@@ -94,6 +94,7 @@ func checksummed(c net.Conn, size int) error {
 // way, is a stream of it: no further relay stream, no further handshake, every
 // byte back as sent, and a clean end for each.
 func TestE2EMuxCarriesManySessions(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	served := countServes(e)
 	c, err := e.carrierSession(t, header("bob@phone", "dev"))
@@ -149,6 +150,7 @@ func TestE2EMuxCarriesManySessions(t *testing.T) {
 // First bytes go with a stream's opening, sealed inside the carrier: the
 // service has them with the agent's checks, and the relay never sees them.
 func TestE2EMuxFirstBytes(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	tap := &relayTap{}
 	e.a.WrapData = func(c net.Conn) net.Conn { return &relayTapConn{Conn: c, t: tap} }
@@ -192,6 +194,7 @@ func TestE2EMuxFirstBytes(t *testing.T) {
 // A dialer whose certificate names another device than the session header
 // gets unauthenticated on its first stream, and the carrier ends.
 func TestE2EMuxChecksEachStream(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	c, err := e.carrierSession(t, header("bob@phone", "dev"))
 	if err != nil {
@@ -225,6 +228,7 @@ func TestE2EMuxChecksEachStream(t *testing.T) {
 // An older agent (no tp-e2e-mux/1) serves the session as before, and the
 // dialer remembers to dial that name session by session.
 func TestE2EMuxOlderAgent(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	e.a.inner.NextProtos = []string{E2EALPN3, E2EALPN2, E2EALPN}
 	c, err := e.carrierSession(t, header("bob@phone", "dev"))
@@ -255,6 +259,7 @@ func TestE2EMuxOlderAgent(t *testing.T) {
 // and a stream the agent aborts (its service reset the connection) reads as a
 // cut too, while the carrier's other streams go on.
 func TestE2EMuxCutIsError(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	var mu sync.Mutex
 	var raw []net.Conn
@@ -368,7 +373,7 @@ func waitCarrierEnd(t *testing.T, m *muxConn, want string) {
 // bounded cost: a malformed frame, a dialer beyond the stream limit, data
 // beyond a stream's window, a frame for a stream never opened, and a peer
 // that goes silent in the middle of a frame.
-func TestE2EMuxBadInput(t *testing.T) {
+func TestE2EMuxBadInput(t *testing.T) { // not parallel: it shortens the package's carrier timers
 	frame := func(typ byte, id uint32, payload []byte) []byte { return appendMuxFrame(nil, typ, id, payload) }
 	for _, tc := range []struct {
 		what  string
@@ -536,7 +541,7 @@ func TestE2EMuxEndsWithCertificates(t *testing.T) {
 // muxAgentIdle once the stream ended, though the dialer keeps pinging it
 // (as a dialer does at every tick): pings keep a carrier alive (it is not
 // cut as dead) but do not keep it open.
-func TestE2EMuxAgentClosesIdleCarrier(t *testing.T) {
+func TestE2EMuxAgentClosesIdleCarrier(t *testing.T) { // not parallel: it shortens the package's carrier timers
 	defer func(i, tick time.Duration) { muxAgentIdle, muxTick = i, tick }(muxAgentIdle, muxTick)
 	muxAgentIdle, muxTick = 200*time.Millisecond, 20*time.Millisecond
 	m, peer := muxPeer(t, false, func(s *muxStream) { go func() { _, _ = io.Copy(io.Discard, s); _ = s.Close() }() })
@@ -634,7 +639,7 @@ func BenchmarkE2EBulk(b *testing.B) {
 // A stream whose reader keeps up grows its window beyond the first 256 KiB
 // (so one stream is not capped by the relay's round trip), within the
 // carrier's budget, which it gives back when it ends.
-func TestE2EMuxWindowGrows(t *testing.T) {
+func TestE2EMuxWindowGrows(t *testing.T) { // not parallel: it changes the package's window growth timing
 	defer func(w time.Duration) { muxGrowWithin = w }(muxGrowWithin)
 	muxGrowWithin = time.Hour // every grant counts as quick: no dependence on the machine's speed
 	a, b := testnet.Pair(t)
@@ -675,6 +680,7 @@ func TestE2EMuxWindowGrows(t *testing.T) {
 // stream on the carrier, the stream still open finishes, and the carrier ends
 // with it, so it does not hold up the server's drain.
 func TestE2EMuxDrains(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	c, err := e.carrierSession(t, header("bob@phone", "dev"))
 	if err != nil {
@@ -709,6 +715,7 @@ func TestE2EMuxDrains(t *testing.T) {
 // Streams count against the agent's bound on sessions (MaxSessions): beyond
 // it a stream is refused, readably, with reverse_busy, and the carrier stays.
 func TestE2EMuxAgentBound(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	e.a.MaxSessions = 2
 	c1, err := e.carrierSession(t, header("bob@phone", "dev"))
@@ -885,6 +892,7 @@ func FuzzMuxFrames(f *testing.F) {
 // remembered after its first dial: later dials do not try to open a carrier
 // to it, and no carrier is ever made.
 func TestE2EMuxPlainDestinationRemembered(t *testing.T) {
+	t.Parallel()
 	addr, cfg := StartTestServer(t, nil)
 	d := &Dialer{Server: addr, TLSConfig: cfg, Transport: TransportTLS}
 	defer d.Close()

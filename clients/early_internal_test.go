@@ -60,6 +60,7 @@ func roundTripUpper(t *testing.T, c net.Conn, chunks ...[]byte) string {
 // returns before the answer, and what is written at once (within the early
 // budget, then beyond it) reaches the destination whole and in order.
 func TestDialEarlySendsWithHello(t *testing.T) {
+	t.Parallel()
 	d := earlyDialer(t, 0)
 	dst := testnet.Upper(t)
 	ctx := context.Background()
@@ -95,6 +96,7 @@ func TestDialEarlySendsWithHello(t *testing.T) {
 // the server never dialed the destination, so the bytes went nowhere; and the
 // destination is no longer sent early bytes.
 func TestDialEarlyRefusalReadable(t *testing.T) {
+	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -150,6 +152,7 @@ func TestDialEarlyRefusalReadable(t *testing.T) {
 // TestDialEarlyDialFailed: a destination that stopped listening is refused with
 // dial_refused and the server's reason, read from the early tunnel.
 func TestDialEarlyDialFailed(t *testing.T) {
+	t.Parallel()
 	d := earlyDialer(t, 0)
 	ctx := context.Background()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -190,6 +193,7 @@ func TestDialEarlyDialFailed(t *testing.T) {
 // first, ahead of what is written later, both when they wait for the ok (the
 // first dial) and when they travel with the hello.
 func TestDialFirst(t *testing.T) {
+	t.Parallel()
 	d := earlyDialer(t, 0)
 	dst := testnet.Upper(t)
 	for i, wantEarly := range []bool{false, true} {
@@ -215,6 +219,7 @@ func TestDialFirst(t *testing.T) {
 // TestReadReady: readReady returns what the peer already sent and never waits
 // for more.
 func TestReadReady(t *testing.T) {
+	t.Parallel()
 	a, b := testnet.Pair(t)
 	if got := readReady(b); got != nil {
 		t.Fatalf("readReady with nothing sent = %q; want nothing", got)
@@ -254,6 +259,7 @@ func (b *syncBuffer) String() string {
 // the request and that the server refused is closed, and the forwarder logs the
 // server's reason, as for a refusal that came before any byte was sent.
 func TestForwarderEarlyRefusal(t *testing.T) {
+	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

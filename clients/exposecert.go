@@ -60,7 +60,9 @@ func (c *Client) ReverseCertificate(ctx context.Context, name string) (*tls.Cert
 	}
 	octx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
-	creds, err := login.ReverseCertificate(octx, login.HTTPClient(c.Root), c.Profile.Server, c.Profile.DeviceID, key, name)
+	hc := login.HTTPClient(c.Root)
+	defer hc.CloseIdleConnections()
+	creds, err := login.ReverseCertificate(octx, hc, c.Profile.Server, c.Profile.DeviceID, key, name)
 	if err != nil {
 		if cur != nil && now.Before(cur.Leaf.NotAfter) {
 			c.logf("tp expose: could not renew the certificate for %s (%v); using the current one until %s", name, err, cur.Leaf.NotAfter.Local().Format(time.DateTime))

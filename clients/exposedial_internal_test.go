@@ -75,6 +75,7 @@ func (s *countingEcho) settled(t *testing.T) []int64 {
 // state: refused; and a session for bob after the relay stopped listing him in
 // dev: refused before any connection is made.
 func TestAgentLocalDialWaitsForChecks(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	svc := newCountingEcho(t)
 	e.a.Exposed[0].Local = svc.addr
@@ -126,6 +127,7 @@ func TestAgentLocalDialWaitsForChecks(t *testing.T) {
 // once per session, before an admitted session ends (with the agent's ok, while
 // the session is still open) and for a refused one.
 func TestAgentAnswersOncePerSession(t *testing.T) {
+	t.Parallel()
 	e := newAttachEnv(t)
 	var mu sync.Mutex
 	calls := 0

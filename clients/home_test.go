@@ -16,6 +16,7 @@ import (
 // A tp process reading its certificate while another renews it never sees the
 // new key beside the old certificate as an error.
 func TestCertificateDuringRenewal(t *testing.T) {
+	t.Parallel()
 	ca := testpki.New(t)
 	var creds []*login.Credentials
 	for range 2 {
@@ -70,6 +71,7 @@ func TestCertificateDuringRenewal(t *testing.T) {
 // key.pem alone, whatever cert.pem holds; a reader that paired the two files
 // would see a mismatch for as long as the renewal's second write takes.
 func TestCertificateBetweenRenewalRenames(t *testing.T) {
+	t.Parallel()
 	ca := testpki.New(t)
 	old := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
 	renewed := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
@@ -99,6 +101,7 @@ func TestCertificateBetweenRenewalRenames(t *testing.T) {
 // A home written before key.pem carried the chain (key.pem holds only the key)
 // still loads, from cert.pem beside it.
 func TestCertificateKeyOnlyHome(t *testing.T) {
+	t.Parallel()
 	ca := testpki.New(t)
 	cc := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
 	h := Home{Dir: t.TempDir()}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/internal/testpar"
 	"github.com/tp-proxy/tp/internal/testpki"
 )
 
@@ -29,6 +30,7 @@ func TestMain(m *testing.M) {
 	if dir := os.Getenv(lockHolderEnv); dir != "" {
 		os.Exit(holdLock(dir))
 	}
+	testpar.Default(8) // many tests at once: each mostly waits on its own server
 	os.Exit(m.Run())
 }
 
@@ -50,6 +52,7 @@ func holdLock(dir string) int {
 // its context ends first, says who holds it. Bad input: another process holding
 // $TP_HOME's lock (and then dying without unlocking, which must free it).
 func TestLockContendedByAnotherProcess(t *testing.T) {
+	t.Parallel()
 	h := Home{Dir: t.TempDir()}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -96,6 +99,7 @@ func TestLockContendedByAnotherProcess(t *testing.T) {
 // Within one process, two Lock calls (two open files) exclude each other too,
 // and unlocking lets the waiter in. Bad input: a second Lock while the first is held.
 func TestLockContendedInProcess(t *testing.T) {
+	t.Parallel()
 	h := Home{Dir: t.TempDir()}
 	unlock, err := h.Lock(context.Background())
 	if err != nil {
@@ -126,6 +130,7 @@ func TestLockContendedInProcess(t *testing.T) {
 // An existing $TP_HOME open to other users (bad input: mode 0755, as mkdir makes
 // it) is made private by dlogin's Init, and a fresh one is created 0700.
 func TestInitMakesHomePrivate(t *testing.T) {
+	t.Parallel()
 	existing := filepath.Join(t.TempDir(), "tp")
 	if err := os.Mkdir(existing, 0o755); err != nil {
 		t.Fatal(err)
@@ -159,6 +164,7 @@ func TestInitMakesHomePrivate(t *testing.T) {
 // Keys and the profile are written 0600 even over files left 0644 (bad input:
 // a home restored from a backup that lost the modes); certificates stay 0644.
 func TestKeysWrittenPrivate(t *testing.T) {
+	t.Parallel()
 	h := Home{Dir: t.TempDir()}
 	for _, name := range []string{deviceKeyFile, keyFile, profileFile, certFile} {
 		if err := os.WriteFile(h.path(name), []byte("old"), 0o644); err != nil {

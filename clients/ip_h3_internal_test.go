@@ -28,6 +28,7 @@ import (
 // a datagram naming another stream is dropped and counted (bad input: a
 // quarter stream ID of no request), and that a closed flow ends its reader.
 func TestIPH3DatagramsBelowHTTP3(t *testing.T) {
+	t.Parallel()
 	ca := testpki.New(t)
 	const n = 100 // fewer than quic-go's queue (128): nothing may be lost
 	conns := make(chan *quic.Conn, 1)
@@ -130,6 +131,7 @@ func TestIPH3DatagramsBelowHTTP3(t *testing.T) {
 // must be announced; a missing setting, another frame first, an over-long or
 // malformed SETTINGS frame are each refused with a reason.
 func TestIPReadSettings(t *testing.T) {
+	t.Parallel()
 	settings := func(pairs ...uint64) []byte {
 		var body []byte
 		for _, v := range pairs {

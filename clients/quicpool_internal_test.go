@@ -47,6 +47,7 @@ func openEchoed(t *testing.T, d *Dialer, echo string) net.Conn {
 // first with room); once they end, the two further connections close after the
 // pool's idle time and the shared one stays.
 func TestQUICPoolGrowsAndShrinks(t *testing.T) {
+	t.Parallel()
 	d, echo := quicPoolEnv(t, 5)
 	d.quic.mu.Lock()
 	d.quic.poolIdle = 50 * time.Millisecond
@@ -106,6 +107,7 @@ func TestQUICPoolGrowsAndShrinks(t *testing.T) {
 // full. It waits for a stream to end rather than opening a third connection,
 // fails readably when none ends within its timeout, and succeeds once one does.
 func TestQUICPoolBoundWaits(t *testing.T) {
+	t.Parallel()
 	d, echo := quicPoolEnv(t, 5)
 	d.MaxQUICConns = 2
 	var conns []net.Conn

@@ -102,6 +102,7 @@ func relayEnd(t *testing.T, transport string, a *Agent, hdr wire.SessionHeader) 
 // a net that differs from the service's, and with a flow id that is not the
 // stream's (over TLS: any flow id).
 func TestAgentAbortsSessionItCannotServe(t *testing.T) {
+	t.Parallel()
 	seven := uint64(7) // the relay's stream is the first server-initiated one: its flow id is 0
 	for _, tc := range []struct {
 		what string
@@ -140,6 +141,7 @@ func TestAgentAbortsSessionItCannotServe(t *testing.T) {
 // error of the server's (docs/PROTOCOL.md, sections 9.5 and 12.1). Bad input: a
 // server (played by the test) that answers a UDP dial with the wrong flow id.
 func TestClientAbortsOnWrongFlow(t *testing.T) {
+	t.Parallel()
 	ca := testpki.New(t)
 	srvCfg := &tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")}, NextProtos: []string{wire.ALPN}, MinVersion: tls.VersionTLS13}
 	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
@@ -227,6 +229,7 @@ func TestClientAbortsOnWrongFlow(t *testing.T) {
 // test) that refuses the listen with unsupported_version, and one that answers
 // with a version 2 hello.
 func TestAgentVersionMismatchIsFinal(t *testing.T) {
+	t.Parallel()
 	ca := testpki.New(t)
 	srvCfg := &tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "localhost", "127.0.0.1")}, NextProtos: []string{wire.ALPN}, MinVersion: tls.VersionTLS13}
 	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})

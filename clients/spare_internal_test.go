@@ -62,6 +62,7 @@ func waitSpare(t *testing.T, d *Dialer) *tls.Conn {
 
 // In a burst of dials over TLS the next session starts on the spare connection.
 func TestSpareTLSUsedInBurst(t *testing.T) {
+	t.Parallel()
 	d, echo := spareEnv(t)
 	echoOnce(t, d, echo)
 	d.spare.mu.Lock()
@@ -87,6 +88,7 @@ func TestSpareTLSUsedInBurst(t *testing.T) {
 
 // A spare the server has closed costs a retry on a new connection, not the dial.
 func TestSpareTLSDeadIsRetried(t *testing.T) {
+	t.Parallel()
 	d, echo := spareEnv(t)
 	echoOnce(t, d, echo)
 	echoOnce(t, d, echo)
@@ -113,6 +115,7 @@ func spareConns(d *Dialer) []*tls.Conn {
 // Bad input: a spare older than spareMaxAge (the server may have closed it for
 // its missing hello) is discarded, never used.
 func TestSparesKeepsTwo(t *testing.T) {
+	t.Parallel()
 	d, echo := spareEnv(t)
 	d.Spares = 2
 	echoOnce(t, d, echo)
@@ -154,6 +157,7 @@ func TestSparesKeepsTwo(t *testing.T) {
 // bytes (they may have reached the service): not retried, so the service never
 // gets a request twice.
 func TestSpareRetryDecision(t *testing.T) {
+	t.Parallel()
 	lost := &exchangeError{io.ErrUnexpectedEOF}
 	for _, tc := range []struct {
 		what  string
@@ -179,6 +183,7 @@ func TestSpareRetryDecision(t *testing.T) {
 // connection after first bytes went sealed in an attach; a stateless reset
 // (the server held nothing of it) is still retried.
 func TestResendAfterLostConnection(t *testing.T) {
+	t.Parallel()
 	sealed := &earlyDial{first: []byte("x"), sealed: true}
 	for _, tc := range []struct {
 		what  string

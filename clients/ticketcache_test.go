@@ -83,6 +83,7 @@ func leafOf(cur *atomic.Pointer[x509.Certificate]) func() *x509.Certificate {
 // A ticket one process kept in the file resumes the next process's session
 // (a new TicketCache on the same file), and the file is private (0600).
 func TestTicketCacheResumesAcrossProcesses(t *testing.T) {
+	t.Parallel()
 	ca := testpki.New(t)
 	addr := ticketServer(t, ca)
 	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
@@ -118,6 +119,7 @@ func TestTicketCacheResumesAcrossProcesses(t *testing.T) {
 // while it is not due for renewal (a resumed handshake presents no certificate,
 // so renewal needs a full one); without a certificate, none is offered.
 func TestTicketCacheBoundToCertificate(t *testing.T) {
+	t.Parallel()
 	ca := testpki.New(t)
 	addr := ticketServer(t, ca)
 	file := filepath.Join(t.TempDir(), "tickets.json")
@@ -156,6 +158,7 @@ func TestTicketCacheBoundToCertificate(t *testing.T) {
 // Bad files cost only full handshakes: a damaged file, one larger than the
 // bound, entries past their certificate's end, and more entries than the bound.
 func TestTicketCacheBadFiles(t *testing.T) {
+	t.Parallel()
 	ca := testpki.New(t)
 	addr := ticketServer(t, ca)
 	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})

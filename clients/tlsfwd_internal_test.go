@@ -27,6 +27,7 @@ import (
 // a second such session does not queue behind the same handshake but connects
 // on its own.
 func TestSpareTLSWaitsForTheOneBeingMade(t *testing.T) {
+	t.Parallel()
 	d, _ := spareEnv(t)
 	spare, _ := tlsPair(t)
 	d.spare.mu.Lock()
@@ -118,6 +119,7 @@ func tlsPair(t *testing.T) (client *tls.Conn, closeServer func()) {
 // that sends its first bytes with the hello must never send them into a
 // connection that is already gone.
 func TestSpareClosedByServerIsDiscarded(t *testing.T) {
+	t.Parallel()
 	c, closeServer := tlsPair(t)
 	if open, known := spareOpen(c); !open || !known {
 		t.Fatalf("an open connection: open %v, known %v; want true, true", open, known)
@@ -172,6 +174,7 @@ func tlsEarlyDialer(t *testing.T, denied int) *Dialer {
 // the hello, on a connection known to be open, and they reach the destination
 // whole and in order, followed by what was written after the answer.
 func TestDialFirstTLSSendsWithHello(t *testing.T) {
+	t.Parallel()
 	d := tlsEarlyDialer(t, 0)
 	dst := testnet.Upper(t)
 	ctx := context.Background()
@@ -207,6 +210,7 @@ func TestDialFirstTLSSendsWithHello(t *testing.T) {
 // refusal, code and reason, from its first Read; the server never dialed the
 // destination; and the destination gets no early bytes any more.
 func TestDialEarlyTLSRefusalReadable(t *testing.T) {
+	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -248,6 +252,7 @@ func TestDialEarlyTLSRefusalReadable(t *testing.T) {
 // its own for its life, a kilobyte per idle tunnel), made again when the
 // Dialer's TLSConfig or Server changes; it always carries TP's ALPN and TLS 1.3.
 func TestSessionConfigShared(t *testing.T) {
+	t.Parallel()
 	base := &tls.Config{ServerName: "tp.example.org"}
 	d := &Dialer{Server: "127.0.0.1:443", TLSConfig: base}
 	a, err := d.sessionConfig()
@@ -279,6 +284,7 @@ func TestSessionConfigShared(t *testing.T) {
 // read as any TLS tunnel is (wire.Settler: a one-byte wait, no buffer of
 // Bridge's own while idle).
 func TestForwarderTLSEarlyStreamAndHalfClose(t *testing.T) {
+	t.Parallel()
 	d := tlsEarlyDialer(t, 0)
 	echo := testnet.Echo(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

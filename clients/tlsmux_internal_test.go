@@ -66,6 +66,7 @@ func muxTestServer(t *testing.T, noMux bool, decide func(authz.Request) authz.De
 // once, 256 KiB each way with half-close, every byte back as sent and a clean
 // end; one TLS handshake in all.
 func TestTLSMuxManyTunnelsOneHandshake(t *testing.T) {
+	t.Parallel()
 	d, srv := muxTestServer(t, false, nil)
 	echo := testnet.Echo(t)
 	var wg sync.WaitGroup
@@ -105,6 +106,7 @@ func TestTLSMuxManyTunnelsOneHandshake(t *testing.T) {
 
 // A refusal is readable per tunnel, and the connection carries on.
 func TestTLSMuxRefusalReadable(t *testing.T) {
+	t.Parallel()
 	echo := testnet.Echo(t)
 	d, _ := muxTestServer(t, false, func(r authz.Request) authz.Decision {
 		if r.Destination.Port == 9 {
@@ -131,6 +133,7 @@ func TestTLSMuxRefusalReadable(t *testing.T) {
 // connection per tunnel, starting with the one that found it out, and the
 // Dialer does not offer tp-mux/1 again for a while.
 func TestTLSMuxOlderServerFallsBack(t *testing.T) {
+	t.Parallel()
 	d, _ := muxTestServer(t, true, nil)
 	echo := testnet.Echo(t)
 	for i := range 3 {
@@ -162,6 +165,7 @@ func TestTLSMuxOlderServerFallsBack(t *testing.T) {
 
 // NoTLSMux keeps a TLS connection per tunnel.
 func TestTLSMuxOff(t *testing.T) {
+	t.Parallel()
 	d, _ := muxTestServer(t, false, nil)
 	d.NoTLSMux = true
 	d.Spares = 1
@@ -183,6 +187,7 @@ func TestTLSMuxOff(t *testing.T) {
 // tunnel: each reads an error, never an end of stream, and the next dial
 // opens a new connection.
 func TestTLSMuxDeadConnectionCutsTunnels(t *testing.T) {
+	t.Parallel()
 	d, _ := muxTestServer(t, false, nil)
 	echo := testnet.Echo(t)
 	var open []net.Conn
@@ -224,7 +229,7 @@ func TestTLSMuxDeadConnectionCutsTunnels(t *testing.T) {
 
 // A connection without tunnels closes cleanly after tlsMuxIdle, and the next
 // dial opens a new one.
-func TestTLSMuxIdleConnectionCloses(t *testing.T) {
+func TestTLSMuxIdleConnectionCloses(t *testing.T) { // not parallel: it shortens the package's tp-mux timers
 	defer func(i, tick time.Duration) { tlsMuxIdle, tlsMuxTick = i, tick }(tlsMuxIdle, tlsMuxTick)
 	tlsMuxIdle, tlsMuxTick = 200*time.Millisecond, 50*time.Millisecond
 	d, _ := muxTestServer(t, false, nil)
@@ -260,6 +265,7 @@ func TestTLSMuxIdleConnectionCloses(t *testing.T) {
 // the certificate was rejected (what `tp` turns into "run dlogin" and a
 // question to the server), not that a connection took no stream.
 func TestTLSMuxRejectedCertificate(t *testing.T) {
+	t.Parallel()
 	d, _ := muxTestServer(t, false, nil)
 	other := testpki.New(t).ClientCert(t, "mallory@laptop", testpki.LeafOptions{})
 	d.TLSConfig.Certificates = []tls.Certificate{other}
@@ -274,6 +280,7 @@ func TestTLSMuxRejectedCertificate(t *testing.T) {
 // and asking why goes on a stream of the same connection, so ten cut tunnels
 // cost no further TLS handshake.
 func TestTLSMuxCutsExplainedOnTheConnection(t *testing.T) {
+	t.Parallel()
 	var deny atomic.Bool // the policy no longer allows the destination
 	d, srv := muxTestServer(t, false, func(r authz.Request) authz.Decision {
 		if deny.Load() {
@@ -320,6 +327,7 @@ func TestTLSMuxCutsExplainedOnTheConnection(t *testing.T) {
 // it, which skip QUIC for a while, are streams of one tp-mux connection, as
 // with --transport tls, not a connection each.
 func TestTLSMuxAfterAutoFellBackToTLS(t *testing.T) {
+	t.Parallel()
 	d, _ := muxTestServer(t, false, nil)
 	d.Transport = TransportAuto
 	d.HeadStart = 10 * time.Millisecond
@@ -341,6 +349,7 @@ func TestTLSMuxAfterAutoFellBackToTLS(t *testing.T) {
 // (capsules on the stream, PROTOCOL 12.2), and the policy asked with
 // dial_udp for each; one TLS handshake in all.
 func TestTLSMuxUDPFlows(t *testing.T) {
+	t.Parallel()
 	var udpAsks atomic.Int64
 	d, _ := muxTestServer(t, false, func(r authz.Request) authz.Decision {
 		if r.Action == authz.ActionDialUDP && r.Destination.Network == "udp" {

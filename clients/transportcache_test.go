@@ -15,6 +15,7 @@ import (
 // second before it is still used, and a repeated success renews it only once half
 // its life has passed. Bad input: none; the clock is moved by hand.
 func TestTransportCacheExpiresAfterAnHour(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "transport-cache.json")
 	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	now := t0
@@ -88,6 +89,7 @@ func TestTransportCacheExpiresAfterAnHour(t *testing.T) {
 
 // TTL overrides the hour.
 func TestTransportCacheTTL(t *testing.T) {
+	t.Parallel()
 	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	now := t0
 	cache := &clients.TransportCache{Path: filepath.Join(t.TempDir(), "c.json"), TTL: 5 * time.Minute, Now: func() time.Time { return now }}

@@ -37,6 +37,9 @@ var (
 // build the Dockerfile runs, and returns the directory holding them.
 func released(t *testing.T) string {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("builds the release binaries with deploy/build.sh (minutes); skipped under -short")
+	}
 	buildOnce.Do(func() {
 		buildDir, buildErr = os.MkdirTemp("", "tp-deploy-build-")
 		if buildErr != nil {

@@ -19,6 +19,7 @@ import (
 // TestBridgeHalfClose: client ⇄ [a Bridge b] ⇄ server over real TCP. The client
 // half-closes, the server still answers after that, and the counts are exact.
 func TestBridgeHalfClose(t *testing.T) {
+	t.Parallel()
 	client, a := testnet.Pair(t)
 	b, server := testnet.Pair(t)
 	type result struct {
@@ -52,6 +53,7 @@ func TestBridgeHalfClose(t *testing.T) {
 
 // TestBridgeContext: ending ctx ends a bridge whose peers are idle, with the cause.
 func TestBridgeContext(t *testing.T) {
+	t.Parallel()
 	_, a := testnet.Pair(t)
 	b, _ := testnet.Pair(t)
 	cause := errors.New("certificate expired")
@@ -87,6 +89,7 @@ func (c endedCtx) Err() error { return c.err }
 // The session must end for the cut's reason, not as that side's failure, or
 // the client is told peer_reset instead of shutdown.
 func TestBridgeCutBeatsSideFailure(t *testing.T) {
+	t.Parallel()
 	client, a := testnet.Pair(t)
 	b, _ := testnet.Pair(t)
 	ctx := endedCtx{Context: context.Background(), err: wire.ErrShutdown}
@@ -111,6 +114,7 @@ func TestBridgeCutBeatsSideFailure(t *testing.T) {
 // TestBridgeNoHalfClose: net.Pipe cannot half-close, so EOF from one side closes the
 // other entirely instead of leaving it waiting forever.
 func TestBridgeNoHalfClose(t *testing.T) {
+	t.Parallel()
 	client, a := net.Pipe()
 	b, server := net.Pipe()
 	done := make(chan error, 1)
@@ -135,7 +139,7 @@ func TestBridgeNoHalfClose(t *testing.T) {
 // TestBridgeGoroutines: an idle bridge holds two goroutines, the caller's (one
 // direction) and one more (the other), since every goroutine of an idle tunnel
 // keeps a stack.
-func TestBridgeGoroutines(t *testing.T) {
+func TestBridgeGoroutines(t *testing.T) { // not parallel: it counts the process's goroutines
 	client, a := testnet.Pair(t)
 	b, _ := testnet.Pair(t)
 	done := make(chan struct{})
@@ -174,7 +178,7 @@ func goroutinesWith(fn string) int {
 // connection's, in relay, and Bridge's other direction), and the goroutine of
 // the request's set-up has ended. What this saves is stack size, which no test
 // can see; BenchmarkIdleTunnel in internal/tpd reports it.
-func TestIdleSessionGoroutines(t *testing.T) {
+func TestIdleSessionGoroutines(t *testing.T) { // not parallel: it counts the process's goroutines
 	e := newEnv(t, nil)
 	d := e.dialer()
 	c, err := d.DialContext(context.Background(), "tcp", e.echo)
@@ -210,7 +214,7 @@ func TestIdleSessionGoroutines(t *testing.T) {
 // pooled copy buffer. The bad state: a direction blocked in Read with its 64 KiB
 // buffer, on the TCP side (tp forward's local connection, the destination's) or
 // the TLS side (the tunnel, on both ends).
-func TestIdleTunnelHoldsNoCopyBuffer(t *testing.T) {
+func TestIdleTunnelHoldsNoCopyBuffer(t *testing.T) { // not parallel: it counts the process's copy buffers
 	e := newEnv(t, nil)
 	d := e.dialer()
 	d.Transport = clients.TransportTLS

@@ -36,6 +36,7 @@ func newTestCarrierMux(t *testing.T, network string, ip net.IP) *carrierMux {
 // counted (QUIC reads a drop as loss), an over-size packet is dropped whole
 // rather than cut, and ending the session frees its queue.
 func TestCarrierQueuesBounded(t *testing.T) {
+	t.Parallel()
 	m := newTestCarrierMux(t, "udp4", net.IPv4(127, 0, 0, 1))
 	cs, err := m.open(wire.CarrierTLS, "127.0.0.1:1", "alice@laptop")
 	if err != nil {
@@ -97,6 +98,7 @@ func TestCarrierQueuesBounded(t *testing.T) {
 // learned the session ID, opening polls without end) gets 429 at once
 // instead of one more held request.
 func TestCarrierHTTPInFlightBound(t *testing.T) {
+	t.Parallel()
 	hold := carrierPollHold
 	carrierPollHold = time.Minute // held polls end when the test cancels them
 	t.Cleanup(func() { carrierPollHold = hold })
@@ -156,7 +158,11 @@ func TestCarrierHTTPInFlightBound(t *testing.T) {
 // needs that address, so the test runs itself again in a user and network
 // namespace of its own (unshare -rn) with 100::1 on its loopback.
 func TestCarrierSpoofedSourceDropped(t *testing.T) {
+	t.Parallel()
 	if os.Getenv("TP_CARRIER_SPOOF_NS") != "1" {
+		if testing.Short() {
+			t.Skip("runs itself in a user and network namespace of its own (unshare -rn, ip); skipped under -short")
+		}
 		cmd := exec.Command("unshare", "-rn", os.Args[0], "-test.run=^TestCarrierSpoofedSourceDropped$", "-test.v")
 		cmd.Env = append(os.Environ(), "TP_CARRIER_SPOOF_NS=1")
 		out, err := cmd.CombinedOutput()

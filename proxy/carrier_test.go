@@ -62,6 +62,7 @@ func waitCarrierSessions(t *testing.T, srv *proxy.Server, n int) {
 // TestCarrierTLSRequiresDeviceCert: the tls carrier's handshake asks for the
 // device certificate like "tp/1"; without one there is no carrier.
 func TestCarrierTLSRequiresDeviceCert(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	c, err := q.carrierTLS(t, nil)
 	if err == nil {
@@ -81,6 +82,7 @@ func TestCarrierTLSRequiresDeviceCert(t *testing.T) {
 // wire.MaxCarrierPacket (tls); a text message, a message beyond the bound (ws).
 // Garbage that is framed right is handed to QUIC, which drops it unanswered.
 func TestCarrierBadFrames(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	for name, frame := range map[string][]byte{
 		"zero length": {0, 0},
@@ -157,6 +159,7 @@ func TestCarrierBadFrames(t *testing.T) {
 // session (a ws carrier no device's QUIC connection runs over) makes room for a
 // new one instead.
 func TestCarrierTooManySessions(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{Carriers: proxy.CarrierOptions{MaxSessions: 2}})
 	for range 2 {
 		if _, err := q.carrierTLS(t, &q.cert); err != nil {
@@ -289,6 +292,7 @@ func TestCarrierUnprovenCannotLockOut(t *testing.T) {
 // (400); beyond CarrierOptions.MaxSessions a new session takes the place of
 // the oldest unproven one.
 func TestCarrierHTTPBadInput(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{Carriers: proxy.CarrierOptions{MaxSessions: 1}})
 	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: q.clientTLS(nil)}, Timeout: 20 * time.Second}
 	post := func(method, id string, body []byte) int {
@@ -350,6 +354,7 @@ func TestCarrierHTTPBadInput(t *testing.T) {
 // serves a protected name (dialed by a client over the same carrier, end to
 // end TLS through the relay) and a public port (plain TCP from anyone).
 func TestCarrierReverse(t *testing.T) {
+	t.Parallel()
 	for _, carrier := range []string{wire.CarrierUDP, wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP} {
 		t.Run(carrier, func(t *testing.T) {
 			q := newQUICEnv(t, func(c *proxy.Config) {
@@ -367,12 +372,19 @@ func TestCarrierReverse(t *testing.T) {
 				Exposed:     []clients.Exposed{{Name: "svc", Local: upper}, {Name: "pub", Local: upper, PublicPort: port}},
 				AllowUsers:  []string{"alice"},
 				Certificate: func(context.Context, string) (*tls.Certificate, error) { return &agentCert, nil },
-				Registered:  func([]string) { registered <- struct{}{} },
+				Registered:  func([]string) { notify(registered) },
 			}
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)
 			go func() { done <- a.Run(ctx); ad.Close() }()
-			t.Cleanup(func() { cancel(); <-done })
+			t.Cleanup(func() {
+				cancel()
+				select {
+				case <-done:
+				case <-time.After(30 * time.Second):
+					t.Errorf("the agent over %s did not end within 30s of being told to stop", carrier)
+				}
+			})
 			select {
 			case <-registered:
 			case err := <-done:
@@ -416,6 +428,7 @@ func TestCarrierReverse(t *testing.T) {
 // TestCarrierPolicySource: a request over a carrier reaches the policy with
 // the address the carrier connection came from, not the session's virtual one.
 func TestCarrierPolicySource(t *testing.T) {
+	t.Parallel()
 	sources := make(chan string, 8)
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {

@@ -445,7 +445,7 @@ func (t *ticketKeys) refresh() {
 // the same handler on QUIC connections that negotiated "h3" (quic.go).
 type webServer struct {
 	srv     *http.Server
-	h3      *http3.Server
+	h3      *h3Server
 	ln      *chanListener
 	once    sync.Once
 	release func()
@@ -467,12 +467,12 @@ func newWebServer(h http.Handler, log *slog.Logger, release func()) *webServer {
 			}
 		},
 	}
-	w.h3 = &http3.Server{
+	w.h3 = newH3Server(&http3.Server{
 		Handler:        bodyIdleTimeout(h),
 		MaxHeaderBytes: 64 << 10,
 		IdleTimeout:    2 * time.Minute,
 		Logger:         log,
-	}
+	})
 	return w
 }
 
@@ -541,10 +541,10 @@ func (w *webServer) shutdown(ctx context.Context) error { return shutdownHTTP(ct
 
 // shutdownHTTP stops feeding ln and shuts srv and h3 down together within ctx,
 // closing whichever did not finish in time.
-func shutdownHTTP(ctx context.Context, ln *chanListener, srv *http.Server, h3 *http3.Server) error {
+func shutdownHTTP(ctx context.Context, ln *chanListener, srv *http.Server, h3 *h3Server) error {
 	ln.Close()
 	h3Done := make(chan error, 1)
-	go func() { h3Done <- h3.Shutdown(ctx) }()
+	go func() { h3Done <- h3.shutdown(ctx) }()
 	err := srv.Shutdown(ctx)
 	if err != nil {
 		_ = srv.Close()
@@ -554,6 +554,64 @@ func shutdownHTTP(ctx context.Context, ln *chanListener, srv *http.Server, h3 *h
 		if err == nil {
 			err = h3err
 		}
+	}
+	return err
+}
+
+// h3IdleGrace is how long a shutdown lets HTTP/3 clients with no request in
+// flight close their connections themselves after the GOAWAY, as net/http's
+// HTTP/2 server lets idle clients after its own GOAWAY (one second).
+const h3IdleGrace = time.Second
+
+// h3Server is an HTTP/3 server that counts the requests it is handling. Its
+// graceful shutdown (http3.Server.Shutdown) waits for the clients to close
+// their connections after the GOAWAY: a client that went away without closing
+// (a phone that lost the network, a connection that migrated to another
+// instance) would hold it until ctx ends — the whole drain, with nothing to
+// drain. So it ends once no request has been in flight for h3IdleGrace, and
+// closes what is left, as HTTP/1.1 and HTTP/2 close their idle connections.
+type h3Server struct {
+	*http3.Server
+	busy atomic.Int64 // requests being handled
+}
+
+func newH3Server(s *http3.Server) *h3Server {
+	h := &h3Server{Server: s}
+	next := s.Handler
+	s.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.busy.Add(1)
+		defer h.busy.Add(-1)
+		next.ServeHTTP(w, r)
+	})
+	return h
+}
+
+// shutdown is http3.Server.Shutdown, ended early once no request has been in
+// flight for h3IdleGrace; it returns ctx's error only when ctx ended it.
+func (h *h3Server) shutdown(ctx context.Context) error {
+	sctx, stop := context.WithCancel(ctx)
+	defer stop()
+	go func() {
+		tick := time.NewTicker(h3IdleGrace / 10)
+		defer tick.Stop()
+		idleSince := time.Now()
+		for {
+			select {
+			case <-sctx.Done():
+				return
+			case now := <-tick.C:
+				if h.busy.Load() > 0 {
+					idleSince = now
+				} else if now.Sub(idleSince) >= h3IdleGrace {
+					stop()
+					return
+				}
+			}
+		}
+	}()
+	err := h.Shutdown(sctx)
+	if ctx.Err() == nil {
+		return nil // ended early: Shutdown closed the idle connections
 	}
 	return err
 }

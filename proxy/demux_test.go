@@ -24,6 +24,7 @@ import (
 // A website name the server does not know fails the handshake with the alert
 // unrecognized_name; known names keep working, and so does the proxy.
 func TestUnknownWebName(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *proxy.Config) {
 		c.WebNames = func(name string) bool { return name == "localhost" }
 	})
@@ -88,6 +89,7 @@ func handshake(t *testing.T, addr string, cfg *tls.Config) tls.ConnectionState {
 // The website and the proxy have separate session-ticket keys: each resumes its
 // own sessions, and a ticket from one never resumes into the other.
 func TestSessionTicketsSeparate(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	web := &ticketCache{inner: tls.NewLRUClientSessionCache(4)}
 	webCfg := e.clientTLS(nil)
@@ -136,6 +138,7 @@ func TestSessionTicketsSeparate(t *testing.T) {
 // A "tp/1" ClientHello without a client certificate is refused at the handshake
 // while the website keeps serving on the same listener.
 func TestProxyWithoutCertRefusedWebServes(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	cfg := e.clientTLS(nil)
 	cfg.NextProtos = []string{wire.ALPN}
@@ -162,6 +165,7 @@ func TestProxyWithoutCertRefusedWebServes(t *testing.T) {
 // An "acme-tls/1" handshake is answered by the website configuration (whose
 // certificate callback serves tls-alpn-01 challenges) and then closed.
 func TestACMETLSALPN(t *testing.T) {
+	t.Parallel()
 	var sawACME sync.Map
 	e := newEnv(t, func(c *proxy.Config) {
 		cert := c.WebTLS.Certificates[0]
@@ -219,6 +223,7 @@ func startTLSEcho(t *testing.T, cert tls.Certificate) (string, chan string) {
 // client completes its handshake with the backend's certificate, half-close
 // works, and every other name still gets the proxy or the website.
 func TestPassthrough(t *testing.T) {
+	t.Parallel()
 	var backend string
 	var calls sync.Map
 	e := newEnv(t, func(c *proxy.Config) {
@@ -295,6 +300,7 @@ func TestPassthrough(t *testing.T) {
 // Over QUIC, "h3" gets the website over HTTP/3 and "tp/1" the proxy, on one UDP
 // port; HTTP/1.1 and h2 responses advertise HTTP/3 with Alt-Svc.
 func TestHTTP3BesideProxy(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	tr := &http3.Transport{TLSClientConfig: q.clientTLS(nil), QUICConfig: &quic.Config{}}
 	defer tr.Close()
@@ -353,6 +359,7 @@ func TestHTTP3BesideProxy(t *testing.T) {
 // VerifyConnection refuses — each refused at the handshake, the website seeing
 // nothing. Other names (here a handshake without SNI) get no CertificateRequest.
 func TestDevicesOnlyHandshake(t *testing.T) {
+	t.Parallel()
 	var served sync.Map // client CNs the website saw
 	e := newEnv(t, func(c *proxy.Config) {
 		c.ProxyTLS.VerifyConnection = func(cs tls.ConnectionState) error {

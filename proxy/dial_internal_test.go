@@ -12,6 +12,7 @@ import (
 // The dialer's Control hook is the last check: it refuses any address outside the
 // authorised set, even one handed to it directly.
 func TestGuardedDialerRefusesUnauthorised(t *testing.T) {
+	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -22,6 +22,7 @@ import (
 // until the connection closes (docs/PROTOCOL.md, section 6.3). Bad input: a dial
 // on a new stream of a connection whose other session keeps the drain going.
 func TestQUICStreamDuringDrainRefused(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	conn, err := q.quicConn(t, &q.cert)
 	if err != nil {
@@ -80,6 +81,7 @@ func TestQUICStreamDuringDrainRefused(t *testing.T) {
 // input: a fresh QUIC connection to a server whose other session keeps the drain
 // going.
 func TestQUICConnectionDuringDrainRefused(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	conn, err := q.quicConn(t, &q.cert)
 	if err != nil {

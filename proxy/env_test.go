@@ -9,16 +9,25 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"testing"
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testpar"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
+
+// TestMain runs many tests at once (testpar): each starts its own server on
+// loopback and spends most of its time waiting on it.
+func TestMain(m *testing.M) {
+	testpar.Default(8)
+	os.Exit(m.Run())
+}
 
 // authorizerFunc adapts a function to authz.Authorizer.
 type authorizerFunc func(ctx context.Context, req authz.Request) (authz.Decision, error)
@@ -53,14 +62,29 @@ func (m mapResolver) LookupNetIP(_ context.Context, _, host string) ([]netip.Add
 }
 
 type env struct {
-	t      testing.TB
-	ca     *testpki.CA
-	srv    *proxy.Server
-	addr   string // the server's 127.0.0.1:port
-	cert   tls.Certificate
-	echo   string // an echo destination's 127.0.0.1:port
-	cancel context.CancelFunc
-	served chan error
+	t    testing.TB
+	ca   *testpki.CA
+	srv  *proxy.Server
+	addr string // the server's 127.0.0.1:port
+	cert tls.Certificate
+	echo string // an echo destination's 127.0.0.1:port
+	// headStart is the QUIC head start of dialer's auto race. This server
+	// serves no QUIC, so QUIC gets none (a millisecond): TLS wins every race
+	// at once, instead of after QUIC's head starts (150 ms, then 500 ms with
+	// the carriers) at every dial. newQUICEnv, which serves QUIC, clears it.
+	headStart time.Duration
+	cancel    context.CancelFunc
+	served    chan error
+}
+
+// notify signals on ch without blocking: a callback (an agent's Registered)
+// that blocked once the test stopped reading would hang the agent, and the
+// cleanup that waits for it.
+func notify(ch chan<- struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
@@ -99,7 +123,7 @@ func newEnv(t testing.TB, mod func(*proxy.Config)) *env {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	e := &env{t: t, ca: ca, srv: srv, addr: ln.Addr().String(), cancel: cancel, served: make(chan error, 1),
-		cert: ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})}
+		cert: ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{}), headStart: time.Millisecond}
 	go func() { e.served <- srv.Serve(ctx, ln) }()
 	e.echo = testnet.Echo(t)
 	t.Cleanup(func() {
@@ -122,7 +146,8 @@ func (e *env) clientTLS(cert *tls.Certificate) *tls.Config {
 }
 
 func (e *env) dialer() *clients.Dialer {
-	return &clients.Dialer{Server: e.addr, TLSConfig: e.clientTLS(&e.cert), Timeout: 10 * time.Second}
+	return &clients.Dialer{Server: e.addr, TLSConfig: e.clientTLS(&e.cert), Timeout: 10 * time.Second,
+		HeadStart: e.headStart, CarrierHeadStart: e.headStart}
 }
 
 // rawConn opens a handshaken tp/1 connection for speaking the wire protocol by hand.

@@ -31,3 +31,6 @@ func SetEndRecordClock(s *Server, now func() time.Time) {
 	defer s.ends.mu.Unlock()
 	s.ends.clock = now
 }
+
+// H3IdleGrace is how long a shutdown waits for HTTP/3 clients with no request in flight.
+const H3IdleGrace = h3IdleGrace

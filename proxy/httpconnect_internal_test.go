@@ -9,6 +9,7 @@ import (
 // Proxy-Status is a valid Structured Field whatever the reason holds: the bad
 // inputs are a quote, a backslash, a newline (header injection) and non-ASCII.
 func TestProxyStatusEscapes(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct{ name, details, want string }{
 		{"proxy.example.org", "plain", `proxy.example.org; error=http_request_denied; details="plain"`},
 		{"proxy.example.org", `say "no" \ now`, `proxy.example.org; error=http_request_denied; details="say \"no\" \\ now"`},
@@ -28,6 +29,7 @@ func TestProxyStatusEscapes(t *testing.T) {
 
 // The CONNECT target is host:port with a port of 1 to 65535.
 func TestConnectHello(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		host string
 		ok   bool
@@ -55,6 +57,7 @@ func TestConnectHello(t *testing.T) {
 // Requests on a proxy name are routed by method and :protocol (h2 gives it
 // as a header, quic-go's h3 as Proto) and Upgrade.
 func TestProxyRouting(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name    string
 		r       *http.Request

@@ -85,7 +85,7 @@ func connectProtocol(r *http.Request) string {
 // holds a slot of its own while it lives (httpconnect.go).
 type proxyHTTP struct {
 	srv  *http.Server
-	h3   *http3.Server
+	h3   *h3Server
 	ln   *chanListener
 	once sync.Once
 }
@@ -125,7 +125,7 @@ func newProxyHTTP(s *Server) *proxyHTTP {
 			}))
 		},
 	}
-	p.h3 = &http3.Server{
+	p.h3 = newH3Server(&http3.Server{
 		ConnContext: func(ctx context.Context, c *quic.Conn) context.Context {
 			return context.WithValue(ctx, floodKey{}, newCancelFlood(func() {
 				s.log.Warn("CONNECT connection closed: its client cancelled more requests before their answer than it let be answered (rapid reset)",
@@ -140,7 +140,7 @@ func newProxyHTTP(s *Server) *proxyHTTP {
 		// HTTP Datagrams (RFC 9297) for the MASQUE protocols; the QUIC
 		// listener enables QUIC datagrams already (quic.go).
 		EnableDatagrams: true,
-	}
+	})
 	return p
 }
 

@@ -19,6 +19,7 @@ import (
 // TestWeb: http/1.1 and h2 requests without a client certificate reach the Web
 // handler over the same listener as the proxy.
 func TestWeb(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	for _, tt := range []struct {
 		name      string
@@ -49,6 +50,7 @@ func TestWeb(t *testing.T) {
 
 // TestNoWeb: with WebTLS nil, a handshake without ALPN "tp/1" fails.
 func TestNoWeb(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *proxy.Config) { c.WebTLS, c.Web = nil, nil })
 	cfg := e.clientTLS(nil)
 	cfg.NextProtos = []string{"http/1.1"}
@@ -61,6 +63,7 @@ func TestNoWeb(t *testing.T) {
 }
 
 func TestNewValidates(t *testing.T) {
+	t.Parallel()
 	_, err := proxy.New(proxy.Config{ProxyTLS: &tls.Config{ClientAuth: tls.RequestClientCert}, WebTLS: &tls.Config{}})
 	if err == nil {
 		t.Fatal("New accepted an invalid config")
@@ -75,6 +78,7 @@ func TestNewValidates(t *testing.T) {
 // TestShutdown: Shutdown is idempotent, Serve returns ErrServerClosed, and a live
 // session is forced closed when the Shutdown context ends.
 func TestShutdown(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	c, err := e.dialer().DialContext(context.Background(), "tcp", e.echo)
 	if err != nil {
@@ -122,6 +126,7 @@ func TestShutdown(t *testing.T) {
 
 // TestShutdownDrains: Shutdown waits for a live session that ends by itself.
 func TestShutdownDrains(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	c, err := e.dialer().DialContext(context.Background(), "tcp", e.echo)
 	if err != nil {
@@ -148,6 +153,7 @@ func TestShutdownDrains(t *testing.T) {
 // TestMaxConns: with MaxConns 1 and one session open, the next connection is closed
 // right after accept; once the first ends, dials work again.
 func TestMaxConns(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *proxy.Config) { c.MaxConns = 1 })
 	c, err := e.dialer().DialContext(context.Background(), "tcp", e.echo)
 	if err != nil {
@@ -175,7 +181,7 @@ func TestMaxConns(t *testing.T) {
 // Anyone on the Internet can open website connections; holding them open with a
 // request body that never comes (bad input: Content-Length 100000, one byte sent)
 // must neither take the proxy's slots nor hold a website slot for ever.
-func TestWebCannotStarveProxy(t *testing.T) {
+func TestWebCannotStarveProxy(t *testing.T) { // not parallel: it shortens the process's web body idle time
 	defer proxy.SetWebBodyIdle(300 * time.Millisecond)()
 	e := newEnv(t, func(c *proxy.Config) { c.MaxConns = 4 }) // MaxWebConns defaults to 2
 	slow := func() *tls.Conn {
@@ -212,6 +218,7 @@ func TestWebCannotStarveProxy(t *testing.T) {
 // finish their TLS handshake (bad input: TCP connections that send nothing); the
 // next one is closed at once, and the bound frees as handshakes end.
 func TestHandshakesPerIPBounded(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *proxy.Config) { c.MaxHandshakesPerIP = 2 })
 	var stalled []net.Conn
 	for range 2 {

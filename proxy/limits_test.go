@@ -124,6 +124,7 @@ func abort(t *testing.T, st wire.Stream) {
 // opens as many as he likes meanwhile; every way a session ends gives its slot
 // back: a refusal, a clean close, a reset, a policy change.
 func TestIdentitySessionCap(t *testing.T) {
+	t.Parallel()
 	var denyAlice atomic.Bool
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.MaxSessionsPerIdentity = 4
@@ -208,6 +209,7 @@ func TestIdentitySessionCap(t *testing.T) {
 // but never keep the owner from taking its own names back; bob registers his
 // meanwhile; names an agent unregisters are free for the device at once.
 func TestIdentityNameCap(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", Grace: time.Hour, MaxNamesPerIdentity: 4}
 	}, proxy.QUICOptions{})
@@ -270,6 +272,7 @@ func TestIdentityNameCap(t *testing.T) {
 // TLS a session waits for the agent's accept connection; over QUIC for stream
 // credit, which this agent never grants.
 func TestIdentityPendingCap(t *testing.T) {
+	t.Parallel()
 	for _, tr := range bothTransports {
 		t.Run(tr, func(t *testing.T) {
 			q := newQUICEnv(t, func(c *proxy.Config) {

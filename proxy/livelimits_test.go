@@ -13,6 +13,7 @@ import (
 // refused with too_many_sessions naming the new bound, over TLS and QUIC; a
 // negative bound is refused and changes nothing.
 func TestSetLimitsLive(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, func(c *proxy.Config) { c.MaxSessionsPerIdentity = 4 }, proxy.QUICOptions{})
 	open := func(tr string) (wire.Stream, wire.ServerHello) {
 		st := q.streamAs(t, &q.cert, tr, nil)

@@ -11,6 +11,7 @@ import (
 // an IPv6 literal with encoded colons, the configured template too; anything
 // else is a 400 that says what was wrong.
 func TestConnectUDPHello(t *testing.T) {
+	t.Parallel()
 	const custom = "https://proxy.example/masque?h={target_host}&p={target_port}"
 	for _, tc := range []struct {
 		name, target, host, err string
@@ -61,6 +62,7 @@ func TestConnectUDPHello(t *testing.T) {
 
 // Templates TP cannot match are refused when the server is built.
 func TestConnectUDPTemplateValidate(t *testing.T) {
+	t.Parallel()
 	for _, bad := range []string{"masque/{target_host}/{target_port}", "/m/{target_host}", "/m/x{target_host}/{target_port}", "/m/{target_host}/{target_port}/{target_port}", "https://example.org"} {
 		if err := (ConnectUDPOptions{Template: bad}).Validate(); err == nil {
 			t.Errorf("template %q was accepted", bad)

@@ -22,6 +22,7 @@ import (
 // not peer_reset, which would blame the destination. Bad input: a REPORT capsule
 // whose too_large is a string.
 func TestUDPMalformedReportAborts(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	echo := testnet.EchoUDP(t)
 	conn, err := q.quicConn(t, &q.cert)
@@ -58,6 +59,7 @@ func TestUDPMalformedReportAborts(t *testing.T) {
 // held for the grace period, as when an agent goes away. Bad input: a ping from
 // the agent, a frame with an unknown field, a frame of version 2.
 func TestControlStreamViolationEnds(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", Grace: time.Hour}
 	}, proxy.QUICOptions{})
@@ -97,6 +99,7 @@ func TestControlStreamViolationEnds(t *testing.T) {
 // aborted with internal (0x1), not closed. Bad input: the agent answers a public
 // client's datagram with a REPORT capsule whose too_large is a string.
 func TestPublicUDPMalformedReportAborts(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.Reverse = proxy.ReverseOptions{Zone: "rev.test", PublicHost: "127.0.0.1", PublicPorts: func(string, int) bool { return true }}
 	}, proxy.QUICOptions{})

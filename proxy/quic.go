@@ -256,7 +256,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 				defer conns.Done()
 				defer s.wg.Done()
 				defer s.release()
-				s.serveH3(ctx, conn, s.connect.h3, "http/3 proxy")
+				s.serveH3(ctx, conn, s.connect.h3.Server, "http/3 proxy")
 			}()
 			continue
 		}
@@ -273,7 +273,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 			if h3 {
 				s.stats.session("quic", "web", "ok", 0, 0)
 				defer s.releaseWeb()
-				s.serveH3(ctx, conn, s.web.h3, "http/3")
+				s.serveH3(ctx, conn, s.web.h3.Server, "http/3")
 				return
 			}
 			defer s.release()

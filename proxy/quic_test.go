@@ -60,6 +60,7 @@ func newQUICEnv(t testing.TB, mod func(*proxy.Config), opts proxy.QUICOptions) *
 			t.Fatalf("UDP on the TCP listener's port: %v", err)
 		}
 	}
+	e.headStart = 0 // QUIC is served: the dialer's defaults
 	q := &quicEnv{env: e, udpAddr: udp.LocalAddr().String(), quicDone: make(chan error, 1), transport: transports}
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { q.quicDone <- e.srv.ServeQUIC(ctx, udp, opts) }()
@@ -142,6 +143,7 @@ func quicEcho(t testing.TB, rw io.ReadWriter, msg string) {
 // TestQUICRequest: a request over QUIC reaches the echo destination with
 // half-close carried through, and the policy sees transport "quic".
 func TestQUICRequest(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	d := q.quicDialer(t)
 	for i := range 3 { // one connection, a stream per request
@@ -174,6 +176,7 @@ func TestQUICRequest(t *testing.T) {
 // TestQUICRefusesBadClients: no client certificate, or one from another CA, gets no
 // QUIC connection; a good client is unaffected.
 func TestQUICRefusesBadClients(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	other := testpki.New(t).ClientCert(t, "mallory@laptop", testpki.LeafOptions{})
 	for name, cert := range map[string]*tls.Certificate{"no certificate": nil, "other CA": &other} {
@@ -205,6 +208,7 @@ func TestQUICRefusesBadClients(t *testing.T) {
 // TestQUICHelloTimeout: a stream that never completes its hello is answered with
 // hello_timeout and closed, while other streams on the same connection are served.
 func TestQUICHelloTimeout(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, func(c *proxy.Config) { c.HelloTimeout = 300 * time.Millisecond }, proxy.QUICOptions{})
 	c, err := q.quicConn(t, &q.cert)
 	if err != nil {
@@ -232,6 +236,7 @@ func TestQUICHelloTimeout(t *testing.T) {
 // TestQUICStreamLimit: a client cannot open more streams than MaxStreams at once;
 // the open ones keep working, and a stream can be opened once one ends.
 func TestQUICStreamLimit(t *testing.T) {
+	t.Parallel()
 	const limit = 3
 	q := newQUICEnv(t, nil, proxy.QUICOptions{MaxStreams: limit})
 	c, err := q.quicConn(t, &q.cert)
@@ -273,6 +278,7 @@ func TestQUICStreamLimit(t *testing.T) {
 // TestQUICTransfer: 64 MiB each way through one QUIC stream, checksummed, with the
 // upload ending in a half-close.
 func TestQUICTransfer(t *testing.T) {
+	t.Parallel()
 	size := int64(64 << 20)
 	if testing.Short() {
 		size = 8 << 20
@@ -285,6 +291,7 @@ func TestQUICTransfer(t *testing.T) {
 // session, the client's read fails with an error that says so (not a silent EOF),
 // and a new dial reconnects once the server is back.
 func TestQUICServerShutdownReported(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	d := q.quicDialer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -332,6 +339,7 @@ func TestQUICServerShutdownReported(t *testing.T) {
 // Dialer sharing the transport cache dials over TLS without sending anything
 // over UDP (it does not race at all).
 func TestAutoFallsBackToTLS(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	// deadUDP swallows everything, counting the datagrams.
 	deadUDP := func() (string, *atomic.Int64) {
@@ -356,6 +364,7 @@ func TestAutoFallsBackToTLS(t *testing.T) {
 	cache := &clients.TransportCache{Path: t.TempDir() + "/transport-cache.json"}
 	d := e.dialer()
 	d.Transport, d.QUICServer, d.Cache = clients.TransportAuto, dead, cache
+	d.HeadStart, d.CarrierHeadStart = 0, 0 // the defaults' race is what is tested
 	defer d.Close()
 	for i := range 2 {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -403,6 +412,7 @@ func TestAutoFallsBackToTLS(t *testing.T) {
 
 // TestAutoPrefersQUIC: with QUIC available, auto uses it and caches it.
 func TestAutoPrefersQUIC(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	cache := &clients.TransportCache{Path: t.TempDir() + "/transport-cache.json"}
 	d := q.dialer()

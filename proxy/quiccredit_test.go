@@ -45,7 +45,7 @@ func fillStreams(t *testing.T, q *quicEnv, c *quic.Conn, limit int) []*quic.Stre
 // MAX_STREAMS packet per stream. Either way the credit comes back: a client
 // that used every stream the connection allows can open new ones once some
 // have ended, and a connection carries many times its limit in turn.
-func TestQUICStreamCreditReturns(t *testing.T) {
+func TestQUICStreamCreditReturns(t *testing.T) { // not parallel: it delays the process's stream credit
 	const limit = 16 // batches of 2
 	deadline := func(t *testing.T) context.Context {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)

@@ -189,6 +189,7 @@ func (lb *lbModel) upstream(client *net.UDPAddr, i int) (*net.UDPConn, error) {
 // transfer's checksum matches. Every connection ID the client used after the
 // handshake has A's server ID, the configured length and config rotation.
 func TestQUICLBKeepsMigratedClient(t *testing.T) {
+	t.Parallel()
 	for _, how := range []string{"nat-rebinding", "client-migration"} {
 		t.Run(how, func(t *testing.T) {
 			size := int64(8 << 20)
@@ -276,6 +277,7 @@ func migrate(t *testing.T, conn *quic.Conn) {
 // rotation and length bits, the server ID, and differ; bad configurations are
 // refused.
 func TestQUICLBConnectionIDs(t *testing.T) {
+	t.Parallel()
 	sid := []byte{0xde, 0xad, 0xbe}
 	g, err := proxy.QUICLB{ConfigID: 5, ServerID: sid}.Generator()
 	if err != nil {

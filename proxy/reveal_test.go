@@ -58,6 +58,7 @@ func decodeHello(t *testing.T, raw []byte) wire.ServerHello {
 // address and answer ("lookup … on 127.0.0.53:53: no such host") or the address
 // dialled ("cannot connect to … (127.0.0.1:…)"). The details go to the log.
 func TestRefusalsRevealNothingAboutNames(t *testing.T) {
+	t.Parallel()
 	dns := testdns.Start(t)
 	logs := &testlog.Buffer{}
 	az := &recordingAuthorizer{decide: func(req authz.Request) authz.Decision {

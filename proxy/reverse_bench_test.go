@@ -132,12 +132,19 @@ func startReverseAgent(b *testing.B, transport, protected string, exposed []clie
 		Exposed:     exposed,
 		AllowUsers:  []string{"alice"},
 		Certificate: func(context.Context, string) (*tls.Certificate, error) { return &agentCert, nil },
-		Registered:  func([]string) { registered <- struct{}{} },
+		Registered:  func([]string) { notify(registered) },
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx); ad.Close() }()
-	b.Cleanup(func() { cancel(); <-done })
+	b.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			b.Error("the agent did not end within 30s of being told to stop")
+		}
+	})
 	select {
 	case <-registered:
 	case err := <-done:

@@ -17,56 +17,106 @@ type pipeStream struct{ net.Conn }
 
 func (pipeStream) CloseWrite() error { return nil }
 
-// An agent that never answers its announcements costs a bounded number of
-// pending sessions: past MaxPending the oldest is refused, and the rest expire
-// after PickupTimeout.
-func TestReversePendingBounded(t *testing.T) {
-	s := &Server{rev: newReverseRegistry(ReverseOptions{Zone: "rev.test", MaxPending: 1000, PickupTimeout: 2 * time.Second})}
+// neverPicksUp is a registry of PickupTimeout pickup with one TLS agent, alice's,
+// holding svc.rev.test, that reads its announcements and never accepts one.
+func neverPicksUp(t *testing.T, pickup time.Duration) (*Server, *reverseAgent) {
+	t.Helper()
+	s := &Server{rev: newReverseRegistry(ReverseOptions{Zone: "rev.test", MaxPending: 1000, PickupTimeout: pickup})}
 	ctl, agentSide := net.Pipe()
 	go io.Copy(io.Discard, agentSide) // the agent reads announcements and never accepts
-	defer ctl.Close()
+	t.Cleanup(func() { ctl.Close() })
 	a := &reverseAgent{id: authz.Identity{DeviceID: "alice@laptop"}, names: []string{"svc.rev.test"}, ctl: pipeStream{ctl}}
 	a.end = func(error) {}
 	a.open = s.tlsOpener(a)
 	if _, herr := s.rev.claim(a); herr != nil {
 		t.Fatal(herr)
 	}
-	const n = 1100
+	return s, a
+}
+
+// announce opens n sessions to svc at once with ctx and returns where their
+// refusal codes arrive.
+func announce(ctx context.Context, a *reverseAgent, n int) <-chan string {
 	codes := make(chan string, n)
-	for i := 0; i < n; i++ {
+	for range n {
 		go func() {
-			_, herr := a.open(context.Background(), wire.SessionHeader{V: 1, Session: newSessionID(), Name: "svc"})
+			_, herr := a.open(ctx, wire.SessionHeader{V: 1, Session: newSessionID(), Name: "svc"})
 			codes <- herr.Code
 		}()
 	}
-	busy, timeout := 0, 0
-	deadline := time.After(30 * time.Second)
-	for i := 0; i < n; i++ {
+	return codes
+}
+
+// An agent that never answers its announcements costs a bounded number of
+// pending sessions: past MaxPending the oldest are refused as busy, and the
+// rest end when their dialers give up. Bad input: 1100 announcements at once
+// to an agent that accepts none. The pickup timeout is far away, so that only
+// the bound refuses, however slowly a loaded machine announces.
+func TestReversePendingBounded(t *testing.T) {
+	t.Parallel()
+	const n = 1100
+	s, a := neverPicksUp(t, time.Hour)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	codes := announce(ctx, a, n)
+	deadline := time.After(60 * time.Second)
+	for i := 0; i < n-1000; i++ {
 		select {
 		case c := <-codes:
-			switch c {
-			case wire.CodeReverseBusy:
-				busy++
-			case wire.CodeReverseTimeout:
-				timeout++
-			default:
-				t.Fatalf("unexpected code %s", c)
+			if c != wire.CodeReverseBusy {
+				t.Fatalf("announcement beyond the bound ended with %s; want %s", c, wire.CodeReverseBusy)
 			}
 			if p := s.rev.pendingCount(); p > 1000 {
 				t.Fatalf("%d sessions pending; the bound is 1000", p)
 			}
 		case <-deadline:
-			t.Fatalf("only %d of %d announcements ended within 30s", i, n)
+			t.Fatalf("only %d of the %d announcements beyond the bound were refused within 60s", i, n-1000)
 		}
 	}
-	if busy < n-1000 || s.rev.pendingCount() != 0 {
-		t.Fatalf("busy %d, timed out %d, still pending %d; want at least %d refused as busy and none left", busy, timeout, s.rev.pendingCount(), n-1000)
+	if p := s.rev.pendingCount(); p != 1000 {
+		t.Fatalf("%d sessions pending after %d announcements; want the bound, 1000", p, n)
+	}
+	cancel() // the dialers give up
+	for i := 0; i < 1000; i++ {
+		select {
+		case c := <-codes:
+			if c != wire.CodeReverseTimeout {
+				t.Fatalf("a pending announcement whose dialer gave up ended with %s; want %s", c, wire.CodeReverseTimeout)
+			}
+		case <-deadline:
+			t.Fatalf("only %d of 1000 pending announcements ended within 60s of their dialers giving up", i)
+		}
+	}
+	if p := s.rev.pendingCount(); p != 0 {
+		t.Fatalf("%d sessions still pending; want none", p)
+	}
+}
+
+// An announcement the agent never picks up is refused with reverse_timeout
+// after PickupTimeout, and nothing stays pending.
+func TestReversePickupTimeout(t *testing.T) {
+	t.Parallel()
+	s, a := neverPicksUp(t, 200*time.Millisecond)
+	codes := announce(context.Background(), a, 10)
+	for range 10 {
+		select {
+		case c := <-codes:
+			if c != wire.CodeReverseTimeout {
+				t.Fatalf("an announcement never picked up ended with %s; want %s", c, wire.CodeReverseTimeout)
+			}
+		case <-time.After(60 * time.Second):
+			t.Fatal("an announcement never picked up did not end within 60s")
+		}
+	}
+	if p := s.rev.pendingCount(); p != 0 {
+		t.Fatalf("%d sessions still pending; want none", p)
 	}
 }
 
 // A second identity never replaces a name's holder, online or in its grace
 // period; the holder's own new session does.
 func TestReverseClaim(t *testing.T) {
+	t.Parallel()
 	r := newReverseRegistry(ReverseOptions{Zone: "rev.test", Grace: time.Hour})
 	alice := &reverseAgent{id: authz.Identity{DeviceID: "alice@laptop"}, names: []string{"a.rev.test"}}
 	mallory := &reverseAgent{id: authz.Identity{DeviceID: "mallory@pc"}, names: []string{"a.rev.test"}}
@@ -102,6 +152,7 @@ func TestReverseClaim(t *testing.T) {
 // came back; it must be refused, and the owner must still get its name back. An
 // offline hold's own end is kept when it is the later one.
 func TestReverseRestoredHoldOutlastsGrace(t *testing.T) {
+	t.Parallel()
 	later := time.Now().Add(3 * time.Hour).UTC()
 	holds := []ReverseHold{
 		{Key: "a.rev.test", Owner: "alice@laptop"},               // online when the server died

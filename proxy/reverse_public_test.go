@@ -10,6 +10,7 @@ import (
 
 // The public field of a listen hello is decoded as strictly as the rest.
 func TestListenHelloPublic(t *testing.T) {
+	t.Parallel()
 	const pre = `{"v":1,"op":"listen","net":"tcp","names":["game","blog"],"public":`
 	tests := []struct {
 		name, public, code string // code "" means accepted

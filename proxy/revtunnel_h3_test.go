@@ -25,6 +25,7 @@ func (s *rtH3Stream) RemoteAddr() net.Addr { return s.remote }
 // The draft's tunnel over HTTP/3 (RFC 9220 extended CONNECT), served by the same
 // ServeReverseTunnel behind quic-go's http3.Server.
 func TestReverseTunnelExtendedConnectH3(t *testing.T) {
+	t.Parallel()
 	e := newRTEnv(t)
 	serverCert := e.ca.ServerCert(t, "proxy.localhost")
 	ln, err := quic.ListenAddr("127.0.0.1:0", http3.ConfigureTLSConfig(&tls.Config{

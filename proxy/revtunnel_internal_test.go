@@ -7,6 +7,7 @@ import (
 )
 
 func TestParseALPN(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		field   []string // nil: absent
 		want    []string
@@ -32,6 +33,7 @@ func TestParseALPN(t *testing.T) {
 }
 
 func TestALPNTokenRoundTrip(t *testing.T) {
+	t.Parallel()
 	for _, id := range []string{"h2", "http/1.1", "a b", "x%y", "ü"} {
 		tok := alpnToken(id)
 		if strings.ContainsAny(tok, " ,/") {
@@ -46,6 +48,7 @@ func TestALPNTokenRoundTrip(t *testing.T) {
 }
 
 func TestChooseALPN(t *testing.T) {
+	t.Parallel()
 	app, tcp := tunnelTarget{label: "blog", full: "blog.z"}, tunnelTarget{port: 25}
 	for _, tc := range []struct {
 		t       tunnelTarget
@@ -68,6 +71,7 @@ func TestChooseALPN(t *testing.T) {
 }
 
 func TestParseTarget(t *testing.T) {
+	t.Parallel()
 	s := &Server{rev: newReverseRegistry(ReverseOptions{Zone: "rev.test", PublicHost: "192.0.2.1"})}
 	for _, tc := range []struct {
 		path   string

@@ -304,6 +304,7 @@ func (e *rtEnv) get(t *testing.T, path string) (string, error) {
 }
 
 func TestReverseTunnelHTTP1Upgrade(t *testing.T) {
+	t.Parallel()
 	e := newRTEnv(t)
 	for _, tc := range []struct{ offer, selected, inside string }{
 		{"http%2F1.1", "http%2F1.1", "http/1.1"},
@@ -496,6 +497,7 @@ func (h *rtH2Client) Write(p []byte) (int, error) {
 }
 
 func TestReverseTunnelExtendedConnectH2(t *testing.T) {
+	t.Parallel()
 	e := newRTEnv(t)
 	tun := e.extendedConnect(t, e.alice, "/.well-known/tp/reverse-http/blog", "http%2F1.1")
 	if st := tun.field(":status"); st != "200" {
@@ -512,6 +514,7 @@ func TestReverseTunnelExtendedConnectH2(t *testing.T) {
 }
 
 func TestReverseTunnelRefusals(t *testing.T) {
+	t.Parallel()
 	e := newRTEnv(t)
 	resp, conn := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", "http%2F1.1")
 	if resp.StatusCode != http.StatusSwitchingProtocols {
@@ -562,6 +565,7 @@ func TestReverseTunnelRefusals(t *testing.T) {
 }
 
 func TestReverseTunnelCutMidResponse(t *testing.T) {
+	t.Parallel()
 	e := newRTEnv(t)
 	resp, conn := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", "http%2F1.1")
 	if resp.StatusCode != http.StatusSwitchingProtocols {
@@ -587,6 +591,7 @@ func TestReverseTunnelCutMidResponse(t *testing.T) {
 // The same cut on an h2 extended CONNECT tunnel: the app's side resets the
 // stream (RST_STREAM) after 64 KiB of 1 MiB.
 func TestReverseTunnelCutMidResponseH2(t *testing.T) {
+	t.Parallel()
 	e := newRTEnv(t)
 	tun := e.extendedConnect(t, e.alice, "/.well-known/tp/reverse-http/blog", "http%2F1.1")
 	if st := tun.field(":status"); st != "200" {
@@ -609,6 +614,7 @@ func TestReverseTunnelCutMidResponseH2(t *testing.T) {
 
 // Bounds: a third tunnel for a name that allows two is refused with 429.
 func TestReverseTunnelPerNameBound(t *testing.T) {
+	t.Parallel()
 	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{MaxPerName: 2})
 	for i := range 2 {
 		if resp, _ := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", ""); resp.StatusCode != http.StatusSwitchingProtocols {
@@ -625,6 +631,7 @@ func TestReverseTunnelPerNameBound(t *testing.T) {
 // A device that is revoked loses its tunnels at the next re-check, and
 // cannot open new ones.
 func TestReverseTunnelRevoked(t *testing.T) {
+	t.Parallel()
 	e := newRTEnv(t)
 	resp, conn := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", "")
 	if resp.StatusCode != http.StatusSwitchingProtocols {
@@ -647,6 +654,7 @@ func TestReverseTunnelRevoked(t *testing.T) {
 
 // Per device: a second tunnel over MaxPerIdentity 1 is refused with 429.
 func TestReverseTunnelPerIdentityBound(t *testing.T) {
+	t.Parallel()
 	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{MaxPerIdentity: 1})
 	if resp, _ := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", ""); resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("first tunnel: %s", resp.Status)
@@ -660,6 +668,7 @@ func TestReverseTunnelPerIdentityBound(t *testing.T) {
 
 // An HTTP/1.1 tunnel nobody uses is closed after IdleTimeout; the app sees EOF.
 func TestReverseTunnelIdleTimeout(t *testing.T) {
+	t.Parallel()
 	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{IdleTimeout: 200 * time.Millisecond})
 	resp, conn := e.upgradeH1(t, e.alice, "/.well-known/tp/reverse-http/blog", "")
 	if resp.StatusCode != http.StatusSwitchingProtocols {
@@ -674,6 +683,7 @@ func TestReverseTunnelIdleTimeout(t *testing.T) {
 }
 
 func TestReverseTunnelListenTCPAccept(t *testing.T) {
+	t.Parallel()
 	e := newRTEnv(t)
 	path := fmt.Sprintf("/.well-known/listen-tcp/127.0.0.1/%d/", e.pubPort)
 	type result struct {
@@ -781,6 +791,7 @@ func rtEchoChecksum(t *testing.T, c net.Conn) {
 // A listen-tcp tunnel request that no connection matches hears 100 (Continue)
 // while it waits, then 204 (No Content) (draft section 6.1).
 func TestReverseTunnelListenTCPNoConnection(t *testing.T) {
+	t.Parallel()
 	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{ListenWait: 2 * time.Second})
 	c := e.dialTLS(t, e.alice, "http/1.1")
 	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
@@ -815,6 +826,7 @@ func TestReverseTunnelListenTCPNoConnection(t *testing.T) {
 // waits, then 200 with Forwarded, then the connection's bytes as DATA. (No
 // half-close here: docs/HTTP.md §4.)
 func TestReverseTunnelListenTCPAcceptH2(t *testing.T) {
+	t.Parallel()
 	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{ListenWait: 20 * time.Second})
 	path := fmt.Sprintf("/.well-known/listen-tcp/0.0.0.0/%d/", e.pubPort)
 	got := make(chan *rtH2Client, 1)
@@ -844,6 +856,7 @@ func TestReverseTunnelListenTCPAcceptH2(t *testing.T) {
 // Bind semantics (the slides' alternative to accept): the tunnel chose h2, and
 // TP sends a CONNECT on it for each connection to the public port.
 func TestReverseTunnelListenTCPBind(t *testing.T) {
+	t.Parallel()
 	e := newRTEnv(t)
 	path := fmt.Sprintf("/.well-known/listen-tcp/0.0.0.0/%d/", e.pubPort)
 	resp, conn := e.upgradeH1(t, e.alice, path, "h2")
@@ -886,6 +899,7 @@ func TestReverseTunnelListenTCPBind(t *testing.T) {
 // tp expose --http: TP's own client holds the name and passes requests to a
 // local app, with h2 and with HTTP/1.1 inside.
 func TestExposeHTTPClient(t *testing.T) {
+	t.Parallel()
 	e := newRTEnv(t)
 	local := httptest.NewServer(rtApp(t, nil))
 	t.Cleanup(local.Close)
@@ -960,6 +974,7 @@ func TestExposeHTTPClient(t *testing.T) {
 // TP-Access: devices makes the name devices-only (tpd's website then requires a
 // device certificate); every tunnel of a name must ask for the same access.
 func TestReverseTunnelDevicesOnly(t *testing.T) {
+	t.Parallel()
 	e := newRTEnv(t)
 	local := httptest.NewServer(rtApp(t, nil))
 	t.Cleanup(local.Close)

@@ -157,6 +157,7 @@ func echoTransfer(t *testing.T, c net.Conn, size int64, change func()) {
 // rebinding, done by a relay); the stream continues and the transfer completes
 // with a matching checksum, and the server answers the new address.
 func TestQUICNATRebinding(t *testing.T) {
+	t.Parallel()
 	size := int64(16 << 20)
 	if testing.Short() {
 		size = 4 << 20
@@ -179,12 +180,14 @@ func TestQUICNATRebinding(t *testing.T) {
 // own (quic-go's AddPath, Probe, Switch: a new network) mid-transfer; the transfer
 // completes with a matching checksum.
 func TestQUICClientMigration(t *testing.T) {
+	t.Parallel()
 	size := int64(16 << 20)
 	if testing.Short() {
 		size = 4 << 20
 	}
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
-	c := dialVia(t, q.quicDialer(t), "tcp", q.echo)
+	d := q.quicDialer(t)
+	c := dialVia(t, d, "tcp", q.echo)
 	conn := dialed(c).(interface{ Conn() *quic.Conn }).Conn()
 	before := conn.LocalAddr().String()
 	var after string
@@ -214,6 +217,20 @@ func TestQUICClientMigration(t *testing.T) {
 	})
 	if got := conn.LocalAddr().String(); got != after || got == before {
 		t.Fatalf("connection's local address %s after the switch; want the new socket's %s (was %s)", got, after, before)
+	}
+	// The server moves to the new address when a packet of the connection's
+	// own (not a probe) arrives from it. The transfer may have been all in
+	// flight before the switch, so a new stream on the same connection sends
+	// one for sure.
+	c2 := dialVia(t, d, "tcp", q.echo)
+	if dialed(c2).(interface{ Conn() *quic.Conn }).Conn() != conn {
+		t.Fatal("the second dial did not reuse the migrated connection")
+	}
+	quicEcho(t, c2, "after the switch")
+	for deadline := time.Now().Add(10 * time.Second); q.srv.Stats().QUICMigrations == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the server did not count the client's migration within 10s of traffic on the new path")
+		}
 	}
 	if got := q.srv.Stats().QUICMigrations; got != 1 {
 		t.Errorf("Stats().QUICMigrations = %d after one switch, want 1", got)

@@ -22,6 +22,7 @@ import (
 )
 
 func TestCanonicalHost(t *testing.T) {
+	t.Parallel()
 	tests := []struct{ in, want string }{
 		{"DB.Internal.", "db.internal"},
 		{"db.internal", "db.internal"},
@@ -127,6 +128,7 @@ func echoRoundTrip(t *testing.T, c net.Conn) {
 // Every spelling of a loopback address reaches the policy as the address it means,
 // without a name lookup, and the policy's answer holds for all of them.
 func TestIPSpellingsReachPolicyCanonical(t *testing.T) {
+	t.Parallel()
 	var lookups atomic.Int64
 	az := &recordingAuthorizer{decide: func(req authz.Request) authz.Decision {
 		return authz.Decision{Allow: req.Destination.Host == "127.0.0.1"}
@@ -172,6 +174,7 @@ func TestIPSpellingsReachPolicyCanonical(t *testing.T) {
 // afterwards. Each session resolves exactly once and connects to the address the
 // policy judged; the forbidden address is never reached.
 func TestDNSRebindingDialsCheckedIP(t *testing.T) {
+	t.Parallel()
 	var lookups atomic.Int64
 	allowed := netip.MustParseAddr("127.0.0.1")
 	forbidden := netip.MustParseAddr("127.0.0.2")
@@ -216,6 +219,7 @@ func TestDNSRebindingDialsCheckedIP(t *testing.T) {
 // A name whose addresses mix allowed and forbidden ones is refused as a whole (the
 // policy sees every address), so neither is dialed.
 func TestMixedAnswerNeverReachesForbidden(t *testing.T) {
+	t.Parallel()
 	forbidden := netip.MustParseAddr("127.0.0.2")
 	az := &recordingAuthorizer{decide: func(req authz.Request) authz.Decision {
 		for _, ip := range req.Destination.IPs {
@@ -249,6 +253,7 @@ func TestMixedAnswerNeverReachesForbidden(t *testing.T) {
 // TP refuses to connect to its own listener, however it is named, even when the
 // policy allows everything.
 func TestSelfDialRefused(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *proxy.Config) {
 		c.Resolver = mapResolver{"tp.test": {netip.MustParseAddr("127.0.0.1")}}
 	})
@@ -263,6 +268,7 @@ func TestSelfDialRefused(t *testing.T) {
 }
 
 func TestSelfDialAllowedWhenConfigured(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *proxy.Config) { c.AllowSelfDial = true })
 	ap := netip.MustParseAddrPort(e.addr)
 	sh, _ := dialRaw(t, e, "127.0.0.1", int(ap.Port()))
@@ -273,6 +279,7 @@ func TestSelfDialAllowedWhenConfigured(t *testing.T) {
 
 // A policy that does not answer in time denies with code policy_error.
 func TestPolicyTimeoutDenies(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *proxy.Config) {
 		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
 			if req.Destination.Port == 1 {
@@ -292,6 +299,7 @@ func TestPolicyTimeoutDenies(t *testing.T) {
 // Recheck closes a live session that the authorizer no longer allows and keeps the
 // others; the session's log line says why it ended.
 func TestRecheckClosesSessionsNoLongerAllowed(t *testing.T) {
+	t.Parallel()
 	var deny atomic.Bool
 	logs := &testlog.Buffer{}
 	e := newEnv(t, func(c *proxy.Config) {

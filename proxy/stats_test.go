@@ -18,6 +18,7 @@ import (
 // TestStatLabelSets: the fixed tables are as large as the label sets, and the
 // last value of each set is where unknown values go.
 func TestStatLabelSets(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		name string
 		set  []string
@@ -42,6 +43,7 @@ func TestStatLabelSets(t *testing.T) {
 }
 
 func TestHandshakeReason(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		err      error
 		timedOut bool
@@ -72,6 +74,7 @@ func BenchmarkSessionCounter(b *testing.B) {
 // Every refusal code the protocol defines (a Code… string constant in proxy
 // or proxy/wire) has its own outcome, so none is counted as "other".
 func TestStatOutcomesCoverCodes(t *testing.T) {
+	t.Parallel()
 	fset := token.NewFileSet()
 	var codes []string
 	for _, dir := range []string{".", "wire"} {

@@ -35,6 +35,7 @@ func (f *fixedKeys) TicketKeys(_ context.Context, set string, rotate time.Durati
 // it is new (an instance that has not fetched it yet could not open tickets it
 // sealed). The proxy and the website ask for their own sets.
 func TestTicketKeysFromSource(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		age    time.Duration
 		sealer string

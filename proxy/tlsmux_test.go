@@ -118,6 +118,7 @@ func echoChecksum(st wire.Stream, size int) error {
 // checked and answered on its own, 512 KiB each way with half-close, every
 // byte back as sent; the server saw one TLS connection (one handshake).
 func TestTLSMuxManySessionsOneConnection(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	m, _ := e.muxConn(t)
 	var wg sync.WaitGroup
@@ -152,6 +153,7 @@ func TestTLSMuxManySessionsOneConnection(t *testing.T) {
 // A client that offers only tp/1 (an older tp) is served as before: one
 // session per connection.
 func TestTLSMuxOlderClientUnchanged(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	c := e.rawConn(t)
 	if p := c.ConnectionState().NegotiatedProtocol; p != wire.ALPN {
@@ -170,6 +172,7 @@ func TestTLSMuxOlderClientUnchanged(t *testing.T) {
 // go on: the policy denies one destination, and a session to another one,
 // open before and after, still echoes.
 func TestTLSMuxRefusalPerStream(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *proxy.Config) {
 		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
 			if req.Destination.Port == 9 {
@@ -211,6 +214,7 @@ func TestTLSMuxRefusalPerStream(t *testing.T) {
 // the fourth stream is refused with too_many_sessions, readable, and after
 // one ends another is served on the same connection.
 func TestTLSMuxIdentityLimitCountsStreams(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *proxy.Config) { c.MaxSessionsPerIdentity = 3 })
 	m, _ := e.muxConn(t)
 	var open []*mux.Stream
@@ -245,6 +249,7 @@ func TestTLSMuxIdentityLimitCountsStreams(t *testing.T) {
 // A destination's reset reaches the client's stream as a cut (never an end
 // of stream), and the connection's other stream goes on.
 func TestTLSMuxDestinationResetIsCut(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	dest := destination(t, func(c *net.TCPConn) {
 		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
@@ -279,6 +284,7 @@ func TestTLSMuxDestinationResetIsCut(t *testing.T) {
 // each a cut the client can ask about ("why"), while the connection stays for
 // later streams.
 func TestTLSMuxRecheckCutsStreams(t *testing.T) {
+	t.Parallel()
 	var deny, revoked atomic.Bool
 	e := newEnv(t, func(c *proxy.Config) {
 		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
@@ -359,6 +365,7 @@ func askWhy(t *testing.T, m *mux.Conn, sid string) wire.SessionEnd {
 // another connection), the open stream finishes with every byte, and the
 // connection closes cleanly with it.
 func TestTLSMuxDrain(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	m, _ := e.muxConn(t)
 	st, sh := muxDial(t, m, e.echo)
@@ -392,6 +399,7 @@ func TestTLSMuxDrain(t *testing.T) {
 // open stream is cut with the shutdown code in its ABORT, so the client knows
 // why without asking a server that is going away; the connection then ends.
 func TestTLSMuxForcedShutdownSaysShutdown(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	m, _ := e.muxConn(t)
 	var streams []*mux.Stream
@@ -428,6 +436,7 @@ func TestTLSMuxForcedShutdownSaysShutdown(t *testing.T) {
 // read its GOAWAY) is refused with ABORT (refused): nothing reached a
 // destination, so a client opens it on another connection.
 func TestTLSMuxStreamDuringDrainRefused(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	raw := e.rawMux(t)
 	var hb bytes.Buffer
@@ -499,18 +508,20 @@ func readFrame(t testing.TB, c net.Conn) (typ byte, id uint32, payload []byte) {
 // streams opened out of order, more streams than wire.MuxMaxStreams, data
 // beyond a stream's window, a GOAWAY from the client, and a client that goes
 // silent in the middle of a frame.
-func TestTLSMuxBadInput(t *testing.T) {
+func TestTLSMuxBadInput(t *testing.T) { // not parallel: it shortens the process's tp-mux timers
 	frame := func(typ byte, id uint32, payload []byte) []byte { return mux.AppendFrame(nil, typ, id, payload) }
 	logs := &testlog.Buffer{}
-	// A dial of port 1 waits in the policy until the test ends: its stream
-	// reads nothing beyond its hello, so its window cannot open.
-	release := make(chan struct{})
+	// A dial of port 1 waits in the policy until the server has ended the
+	// connection it came on (hold, the running subtest's): its stream reads
+	// nothing beyond its hello, so its window cannot open. The connection's
+	// log line comes once its sessions have ended.
+	var hold atomic.Pointer[chan struct{}]
 	e := newEnv(t, func(c *proxy.Config) {
 		c.Logger = slog.New(slog.NewTextHandler(logs, nil))
 		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
 			if req.Destination.Port == 1 {
 				select {
-				case <-release:
+				case <-*hold.Load():
 				case <-ctx.Done():
 				}
 				return authz.Decision{Reason: "port 1 is held"}, nil
@@ -518,7 +529,14 @@ func TestTLSMuxBadInput(t *testing.T) {
 			return allowAll(ctx, req)
 		})
 	})
-	t.Cleanup(func() { close(release) })
+	newHold := func(t *testing.T) (release func()) {
+		ch := make(chan struct{})
+		hold.Store(&ch)
+		var once sync.Once
+		release = func() { once.Do(func() { close(ch) }) }
+		t.Cleanup(release)
+		return release
+	}
 	var hb bytes.Buffer
 	_ = wire.WriteClientHello(&hb, dialHello(t, "127.0.0.1:1"))
 	for _, tc := range []struct {
@@ -550,31 +568,34 @@ func TestTLSMuxBadInput(t *testing.T) {
 		}, "beyond its window"},
 	} {
 		t.Run(tc.what, func(t *testing.T) {
+			release := newHold(t)
 			raw := e.rawMux(t)
 			go func() { _, _ = raw.Write(tc.input()) }()
-			wantConnEnd(t, raw, logs, tc.want)
+			wantConnEnd(t, raw, logs, tc.want, release)
 			e.mustEcho(t)
 		})
 	}
 	t.Run("silent in a frame", func(t *testing.T) {
 		defer proxy.SetTLSMuxTimers(50*time.Millisecond, 500*time.Millisecond, time.Minute)()
+		release := newHold(t)
 		raw := e.rawMux(t)
 		if _, err := raw.Write([]byte{mux.FrameData, 0, 0}); err != nil { // half a header, then nothing
 			t.Fatal(err)
 		}
-		wantConnEnd(t, raw, logs, "nothing arrived from the client for 500ms")
+		wantConnEnd(t, raw, logs, "nothing arrived from the client for 500ms", release)
 		e.mustEcho(t)
 	})
 }
 
-// wantConnEnd waits for the server to end raw (its reads fail) and for its log
-// line about the connection to say want.
-func wantConnEnd(t *testing.T, raw *tls.Conn, logs *testlog.Buffer, want string) {
+// wantConnEnd waits for the server to end raw (its reads fail), calls ended,
+// and waits for its log line about the connection to say want.
+func wantConnEnd(t *testing.T, raw *tls.Conn, logs *testlog.Buffer, want string, ended func()) {
 	t.Helper()
 	_ = raw.SetReadDeadline(time.Now().Add(20 * time.Second))
 	if _, err := io.Copy(io.Discard, raw); errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatal("the server did not end the connection")
 	}
+	ended()
 	deadline := time.Now().Add(20 * time.Second)
 	for !strings.Contains(logs.String(), want) {
 		if time.Now().After(deadline) {
@@ -588,6 +609,7 @@ func wantConnEnd(t *testing.T, raw *tls.Conn, logs *testlog.Buffer, want string)
 // authorised it expires, even with data flowing: a cut that says why
 // (cert_expired), never a clean end.
 func TestTLSMuxSessionEndsAtCertificateExpiry(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	cert := e.ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{NotAfter: time.Now().Add(2 * time.Second)})
 	d := &clients.Dialer{Server: e.addr, TLSConfig: e.clientTLS(&cert), Transport: clients.TransportTLS}

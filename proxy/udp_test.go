@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -49,23 +50,34 @@ func startUDPSink(t testing.TB) (string, *atomic.Int64) {
 // UDP may lose a datagram, and the test is about what arrives.
 func udpEcho(t testing.TB, c net.Conn, msg []byte) {
 	t.Helper()
+	v, _ := udpSent.LoadOrStore(c, &[][]byte{})
+	sent := v.(*[][]byte)
 	buf := make([]byte, 1<<16)
 	for try := 0; try < 5; try++ {
 		if _, err := c.Write(msg); err != nil {
 			t.Fatalf("write %d bytes: %v", len(msg), err)
 		}
+		*sent = append(*sent, msg)
 		_ = c.SetReadDeadline(time.Now().Add(time.Second))
-		n, err := c.Read(buf)
-		if errors.Is(err, errTimeout) || isTimeout(err) {
-			continue
-		}
-		if err != nil || !bytes.Equal(buf[:n], msg) {
+		for {
+			n, err := c.Read(buf)
+			if errors.Is(err, errTimeout) || isTimeout(err) {
+				break // lost on the way, or slow: send it again
+			}
+			if err == nil && bytes.Equal(buf[:n], msg) {
+				return
+			}
+			if err == nil && slices.ContainsFunc(*sent, func(m []byte) bool { return bytes.Equal(buf[:n], m) }) {
+				continue // the late echo of a datagram sent again after a timeout
+			}
 			t.Fatalf("echo of %d bytes: got %d bytes, %v", len(msg), n, err)
 		}
-		return
 	}
 	t.Fatalf("no echo of %d bytes in 5 tries", len(msg))
 }
+
+// udpSent is what udpEcho sent on each flow (one test's goroutine each).
+var udpSent sync.Map // net.Conn → *[][]byte
 
 var errTimeout = errors.New("timeout")
 
@@ -78,6 +90,7 @@ func isTimeout(err error) bool {
 // TLS (capsules on the connection) and over QUIC (DATAGRAM frames, and the stream
 // for those too large for a frame); the policy is asked with action dial_udp.
 func TestUDPEcho(t *testing.T) {
+	t.Parallel()
 	var reqs sync.Map
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
@@ -116,6 +129,7 @@ func TestUDPEcho(t *testing.T) {
 // TestUDPPolicyDenied: a UDP flow the policy refuses is refused with its reason,
 // over both transports, while TCP to the same host is allowed.
 func TestUDPPolicyDenied(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.Authorizer = authorizerFunc(func(ctx context.Context, req authz.Request) (authz.Decision, error) {
 			if req.Action == authz.ActionDialUDP {
@@ -146,6 +160,7 @@ func TestUDPPolicyDenied(t *testing.T) {
 // server, the client's reads end, the session log says why, and the bounds are
 // released.
 func TestUDPIdleExpiry(t *testing.T) {
+	t.Parallel()
 	var logs testlog.Buffer
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.UDP.IdleTimeout = 300 * time.Millisecond
@@ -155,14 +170,23 @@ func TestUDPIdleExpiry(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			c := dialVia(t, q.udpDialer(t, tr), "udp", echo)
-			udpEcho(t, c, []byte("before idle"))
-			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			// One datagram, and its echo if it comes back before the flow
+			// idles out (on a loaded machine it may not: the timeout is short).
 			start := time.Now()
-			if n, err := c.Read(make([]byte, 100)); err != io.EOF {
-				t.Fatalf("read on an idle flow: %d, %v; want io.EOF when the server ends it", n, err)
+			if _, err := c.Write([]byte("before idle")); err != nil {
+				t.Fatal(err)
+			}
+			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			buf := make([]byte, 100)
+			n, err := c.Read(buf)
+			if err == nil && string(buf[:n]) == "before idle" {
+				n, err = c.Read(buf)
+			}
+			if err != io.EOF {
+				t.Fatalf("read on an idle flow: %q, %v; want io.EOF when the server ends it", buf[:n], err)
 			}
 			if took := time.Since(start); took < 250*time.Millisecond {
-				t.Fatalf("flow ended after %s, before its idle timeout", took)
+				t.Fatalf("flow ended %s after its last datagram, before its idle timeout", took)
 			}
 			waitFor(t, func() bool { return q.srv.UDPStats().Active == 0 })
 		})
@@ -174,6 +198,7 @@ func TestUDPIdleExpiry(t *testing.T) {
 // to IPv4: EMSGSIZE) is counted, logged and reported to the client, which counts
 // it too; the flow keeps working.
 func TestUDPTooLarge(t *testing.T) {
+	t.Parallel()
 	var logs testlog.Buffer
 	q := newQUICEnv(t, func(c *proxy.Config) { c.Logger = slog.New(slog.NewJSONHandler(&logs, nil)) }, proxy.QUICOptions{})
 	echo := testnet.EchoUDP(t)
@@ -215,6 +240,7 @@ func TestUDPTooLarge(t *testing.T) {
 // over all transports, are refused with too_many_flows; the others keep working
 // and a slot frees when a flow ends.
 func TestUDPFlowLimits(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.UDP.MaxFlowsPerConn = 2
 		c.UDP.MaxFlowsPerIdentity = 3
@@ -251,7 +277,7 @@ func TestUDPFlowLimits(t *testing.T) {
 // receives the flood before and during an echo), every one of them, none
 // dropped. The flood lasts until that was seen and enough were sent to fill
 // the queues.
-func TestUDPFlood(t *testing.T) {
+func TestUDPFlood(t *testing.T) { // not parallel: it measures the process's heap
 	least := int64(20000)
 	if testing.Short() {
 		least = 4000
@@ -383,6 +409,7 @@ func TestUDPFlood(t *testing.T) {
 // counts the flows the forwarder dialed and waits for as many to end, all of
 // them idle, rather than for exactly three.
 func TestUDPForwarder(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	echo := testnet.EchoUDP(t)
 	for _, tr := range transports {
@@ -447,6 +474,7 @@ func TestUDPForwarder(t *testing.T) {
 // TestUDPWithoutQUICDatagrams: a QUIC client that did not enable datagrams gets
 // no flow id and every datagram travels as a capsule on the stream.
 func TestUDPWithoutQUICDatagrams(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	echo := testnet.EchoUDP(t)
 	conn, err := q.quicConn(t, &q.cert) // quic.Config{}: EnableDatagrams false
@@ -485,6 +513,7 @@ func TestUDPWithoutQUICDatagrams(t *testing.T) {
 // TestUDPRecheckEndsFlow: a flow the policy no longer allows ends at the next
 // re-check, over both transports.
 func TestUDPRecheckEndsFlow(t *testing.T) {
+	t.Parallel()
 	var deny atomic.Bool
 	var logs testlog.Buffer
 	q := newQUICEnv(t, func(c *proxy.Config) {

@@ -67,6 +67,7 @@ func startUDPRecordingEcho(t *testing.T) (addr string, from func(payload string)
 // from least recently, not that of one still talking. Bad input: 33 local
 // sources, the first of which keeps talking while the second falls silent.
 func TestUDPForwarderEvictsLeastRecentlyUsed(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	echo, from := startUDPRecordingEcho(t)
 	fwd := &clients.UDPForwarder{ // MaxFlows left at its default
@@ -125,6 +126,7 @@ func TestUDPForwarderEvictsLeastRecentlyUsed(t *testing.T) {
 // a loaded machine); the first datagram, queued meanwhile, still gets its
 // answer, and the flow is not ended as idle while it connects.
 func TestUDPForwarderSlowDialIsNotIdle(t *testing.T) {
+	t.Parallel()
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	echo := testnet.EchoUDP(t)
 	dl := q.udpDialer(t, clients.TransportQUIC)

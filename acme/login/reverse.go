@@ -29,7 +29,7 @@ func ReverseCertificate(ctx context.Context, hc *http.Client, serverURL, deviceI
 		return nil, err
 	}
 	client := &acmez.Client{
-		Client: &acmeproto.Client{Directory: serverURL + ReverseDirectoryPath, HTTPClient: hc},
+		Client: &acmeproto.Client{Directory: serverURL + ReverseDirectoryPath, HTTPClient: hc, PollInterval: pollInterval},
 		ChallengeSolvers: map[string]acmez.Solver{
 			acmeproto.ChallengeTypeDNS01: reverseSolver{hc: hc, server: serverURL, deviceID: deviceID, key: deviceKey},
 		},

@@ -14,7 +14,8 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"syscall"
+	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/tp-proxy/tp/internal/users"
@@ -200,17 +201,41 @@ func Listen(path string) (net.Listener, error) {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("remove stale admin socket: %w", err)
 	}
-	old := syscall.Umask(0o177)
-	ln, err := net.Listen("unix", path)
-	syscall.Umask(old)
+	// The socket is made in a private directory beside path and moved into
+	// place once it is 0600, so it is never reachable with another mode. The
+	// process's umask is not touched: every goroutine shares it, and a
+	// directory another one made meanwhile got its mask (0600: no search bit,
+	// so that tpd, not being root, could create nothing in it).
+	dir, err := os.MkdirTemp(filepath.Dir(path), ".a")
 	if err != nil {
 		return nil, fmt.Errorf("admin socket: %w", err)
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, err
+	defer os.RemoveAll(dir)
+	ln, err := net.Listen("unix", filepath.Join(dir, "s"))
+	if err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
 	}
-	return ln, nil
+	ul := ln.(*net.UnixListener)
+	ul.SetUnlinkOnClose(false) // its name is path now: unixListener removes that
+	if err := errors.Join(os.Chmod(filepath.Join(dir, "s"), 0o600), os.Rename(filepath.Join(dir, "s"), path)); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	return &unixListener{UnixListener: ul, path: path}, nil
+}
+
+// unixListener removes its socket's name when closed, as net's listeners do
+// with the name they were made with.
+type unixListener struct {
+	*net.UnixListener
+	path string
+	once sync.Once
+}
+
+func (l *unixListener) Close() error {
+	err := l.UnixListener.Close()
+	l.once.Do(func() { _ = os.Remove(l.path) })
+	return err
 }
 
 // Client talks to a running tpd through its admin socket.

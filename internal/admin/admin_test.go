@@ -2,9 +2,12 @@ package admin
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -86,5 +89,63 @@ func TestStaleSocketReplaced(t *testing.T) {
 	_, err = NewClient(sock).Users(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "is `tpd serve` running") {
 		t.Errorf("no tpd running: %v", err)
+	}
+}
+
+// Opening the admin socket leaves the process's umask alone: directories that
+// other goroutines make meanwhile (a website's certificate storage, a test's
+// temporary directory) keep their search bit. Before, Listen set the umask to
+// 0177 around the socket's creation, and a directory made in that moment was
+// 0600, in which tpd, not being root, could create nothing. The socket is
+// still 0600, and gone after Close.
+func TestListenLeavesUmaskAlone(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "admin.sock")
+	stop := make(chan struct{})
+	bad := make(chan string, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			d := filepath.Join(dir, "other", strconv.Itoa(i))
+			if err := os.MkdirAll(d, 0o700); err != nil {
+				continue
+			}
+			if fi, err := os.Stat(d); err == nil && fi.Mode().Perm()&0o100 == 0 {
+				select {
+				case bad <- fmt.Sprintf("%s was made with mode %v", d, fi.Mode().Perm()):
+				default:
+				}
+			}
+		}
+	}()
+	for range 50 {
+		ln, err := Listen(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, err := os.Stat(sock)
+		if err != nil || fi.Mode().Perm() != 0o600 || fi.Mode()&os.ModeSocket == 0 {
+			t.Fatalf("admin socket: %v, %v; want a socket of mode 0600", fi, err)
+		}
+		ln.Close()
+		if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("admin socket after Close: %v; want it gone", err)
+		}
+	}
+	close(stop)
+	<-done
+	select {
+	case b := <-bad:
+		t.Fatalf("a directory made while the admin socket opened lost its search bit: %s", b)
+	default:
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, ".a*")); len(left) != 0 {
+		t.Fatalf("Listen left %v behind", left)
 	}
 }

@@ -120,6 +120,9 @@ type Server struct {
 	ReverseZone         string        `mapstructure:"reverse-zone"`
 	ReverseGrace        time.Duration `mapstructure:"reverse-grace"`
 	ReverseRestartGrace time.Duration `mapstructure:"reverse-restart-grace"`
+	// ReversePickupTimeout is how long a dial of a reverse name waits for
+	// the agent to pick the session up before it is refused.
+	ReversePickupTimeout time.Duration `mapstructure:"reverse-pickup-timeout"`
 	// With database set: ReverseLease is how long one renewal lets an
 	// instance serve its reverse names and public ports without renewing
 	// again (it stops serving them on its own past it); ReverseRenew is how
@@ -187,40 +190,41 @@ const (
 // DefaultServer is the configuration tpd runs with when nothing is set.
 func DefaultServer() Server {
 	return Server{
-		IPTunnel:            defaultIPTunnel(),
-		DataDir:             "./tpdata",
-		Listen:              "127.0.0.1:8443",
-		Names:               []string{"localhost", "127.0.0.1", "::1"},
-		ProxyNames:          []string{"proxy.localhost"},
-		CertLifetime:        4 * time.Hour,
-		TokenTTL:            24 * time.Hour,
-		HandshakeTimeout:    10 * time.Second,
-		HelloTimeout:        10 * time.Second,
-		DialTimeout:         10 * time.Second,
-		ShutdownTimeout:     30 * time.Second,
-		MaxConns:            10000,
-		CARateLimit:         DefaultCARateLimit,
-		CARateBurst:         DefaultCARateBurst,
-		CAMaxNonces:         DefaultCAMaxNonces,
-		CARetention:         48 * time.Hour,
-		CAPruneInterval:     time.Hour,
-		PolicyTimeout:       100 * time.Millisecond,
-		QUIC:                true,
-		QUICKeepAlive:       15 * time.Second,
-		QUICIdleTimeout:     60 * time.Second,
-		QUICMaxStreams:      1000,
-		UDPIdleTimeout:      60 * time.Second,
-		UDPMaxFlows:         256,
-		UDPMaxPublicFlows:   512,
-		ReverseZone:         "rev.tp.internal",
-		ReverseGrace:        30 * time.Second,
-		ReverseRestartGrace: 2 * time.Minute,
-		ReverseLease:        15 * time.Second,
-		ReverseRenew:        5 * time.Second,
-		SiteMaxBody:         DefaultSiteMaxBody,
-		SiteUpstreamTimeout: time.Minute,
-		LogLevel:            "info",
-		LogFormat:           "text",
+		IPTunnel:             defaultIPTunnel(),
+		DataDir:              "./tpdata",
+		Listen:               "127.0.0.1:8443",
+		Names:                []string{"localhost", "127.0.0.1", "::1"},
+		ProxyNames:           []string{"proxy.localhost"},
+		CertLifetime:         4 * time.Hour,
+		TokenTTL:             24 * time.Hour,
+		HandshakeTimeout:     10 * time.Second,
+		HelloTimeout:         10 * time.Second,
+		DialTimeout:          10 * time.Second,
+		ShutdownTimeout:      30 * time.Second,
+		MaxConns:             10000,
+		CARateLimit:          DefaultCARateLimit,
+		CARateBurst:          DefaultCARateBurst,
+		CAMaxNonces:          DefaultCAMaxNonces,
+		CARetention:          48 * time.Hour,
+		CAPruneInterval:      time.Hour,
+		PolicyTimeout:        100 * time.Millisecond,
+		QUIC:                 true,
+		QUICKeepAlive:        15 * time.Second,
+		QUICIdleTimeout:      60 * time.Second,
+		QUICMaxStreams:       1000,
+		UDPIdleTimeout:       60 * time.Second,
+		UDPMaxFlows:          256,
+		UDPMaxPublicFlows:    512,
+		ReverseZone:          "rev.tp.internal",
+		ReverseGrace:         30 * time.Second,
+		ReverseRestartGrace:  2 * time.Minute,
+		ReversePickupTimeout: 10 * time.Second,
+		ReverseLease:         15 * time.Second,
+		ReverseRenew:         5 * time.Second,
+		SiteMaxBody:          DefaultSiteMaxBody,
+		SiteUpstreamTimeout:  time.Minute,
+		LogLevel:             "info",
+		LogFormat:            "text",
 
 		// Far above what one person's devices do, far below a server's capacity.
 		MaxSessionsPerIdentity:     512,
@@ -319,6 +323,9 @@ func (s Server) Validate() error {
 	}
 	if s.ReverseRestartGrace < time.Minute || s.ReverseRestartGrace > time.Hour {
 		errs = append(errs, fmt.Errorf("reverse-restart-grace %s must be between 1m and 1h: agents need up to about a minute to notice a restarted tpd and come back", s.ReverseRestartGrace))
+	}
+	if s.ReversePickupTimeout < time.Second || s.ReversePickupTimeout > 5*time.Minute {
+		errs = append(errs, fmt.Errorf("reverse-pickup-timeout %s must be between 1s and 5m", s.ReversePickupTimeout))
 	}
 	if s.PeerAddress != "" {
 		if h, p, err := net.SplitHostPort(s.PeerAddress); err != nil || h == "" || p == "" || p == "0" {
@@ -494,6 +501,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("reverse-zone", d.ReverseZone)
 	v.SetDefault("reverse-grace", d.ReverseGrace)
 	v.SetDefault("reverse-restart-grace", d.ReverseRestartGrace)
+	v.SetDefault("reverse-pickup-timeout", d.ReversePickupTimeout)
 	v.SetDefault("reverse-lease", d.ReverseLease)
 	v.SetDefault("reverse-renew", d.ReverseRenew)
 	v.SetDefault("peer-address", d.PeerAddress)

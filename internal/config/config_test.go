@@ -385,3 +385,18 @@ func TestLoadServerRefusesLooseTypesInFile(t *testing.T) {
 		t.Errorf("got shutdown-timeout %s, handshake-timeout %s, max-conns %d; want 0s, 10s, 7", s.ShutdownTimeout, s.HandshakeTimeout, s.MaxConns)
 	}
 }
+
+// reverse-pickup-timeout: bad input is no wait at all and an hour-long one;
+// both are refused with the setting named, and the default is 10s.
+func TestReversePickupTimeout(t *testing.T) {
+	if got := DefaultServer().ReversePickupTimeout; got != 10*time.Second {
+		t.Errorf("default reverse-pickup-timeout = %s, want 10s", got)
+	}
+	for _, d := range []time.Duration{0, time.Hour} {
+		s := DefaultServer()
+		s.ReversePickupTimeout = d
+		if err := s.Validate(); err == nil || !strings.Contains(err.Error(), "reverse-pickup-timeout "+d.String()) {
+			t.Errorf("reverse-pickup-timeout %s: %v, want a refusal naming it", d, err)
+		}
+	}
+}

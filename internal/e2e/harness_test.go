@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -23,6 +24,12 @@ import (
 var bin string
 
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if testing.Short() {
+		// Nothing here is cheap: go test -short runs without them.
+		fmt.Println("skipped under -short: every test here runs TP's binaries (built first), and most also sshd, Chromium, PostgreSQL or network namespaces")
+		os.Exit(0)
+	}
 	dir, err := os.MkdirTemp("", "tp-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

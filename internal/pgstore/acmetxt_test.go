@@ -21,6 +21,7 @@ import (
 // refused with acme.ErrTXTFull naming the name, while another name is not
 // blocked.
 func TestTXTAcrossInstances(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	db := open(t, dsn)
 	a, b := pgstore.NewTXT(db), pgstore.NewTXT(open(t, dsn))

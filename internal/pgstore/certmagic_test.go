@@ -19,6 +19,7 @@ import (
 // missing keys are fs.ErrNotExist for Load, Stat and List and no error for
 // Delete; deleting a directory deletes what is under it.
 func TestCertStorageContract(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	a, b := pgstore.NewCertStorage(open(t, dsn)), pgstore.NewCertStorage(open(t, dsn))
 	ctx := context.Background()
@@ -116,6 +117,7 @@ func TestCertStorageContract(t *testing.T) {
 // out on the database's clock, and not before; a holder that lives keeps its
 // lock past its lease by extending it.
 func TestCertStorageLocks(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	dbA, dbB := open(t, dsn), open(t, dsn)
 	a, b := pgstore.NewCertStorage(dbA), pgstore.NewCertStorage(dbB)

@@ -21,6 +21,7 @@ import (
 // name its owner's for the grace, refused to another identity until the
 // grace ends; a claim notifies the other instances.
 func TestHoldsClaimRenewRelease(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	db := open(t, dsn)
 	a, b := pgstore.NewHolds(db, "A"), pgstore.NewHolds(db, "B")
@@ -103,6 +104,7 @@ func epochOf(ls []proxy.HoldLease, key string) int64 {
 // takes none of its keys; the owner's own keys claimed again (an agent that
 // moved) count once; claims racing on two instances never pass the bound.
 func TestHoldsMaxPerOwnerAcrossInstances(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	a, b := pgstore.NewHolds(open(t, dsn), "A"), pgstore.NewHolds(open(t, dsn), "B")
 	a.MaxPerOwner, b.MaxPerOwner = 3, 3

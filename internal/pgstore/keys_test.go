@@ -15,6 +15,7 @@ import (
 // older than the rotation, keeps at most keep keys, newest first; sets do
 // not share keys.
 func TestKeysShared(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	ctx := context.Background()
 	a := pgstore.NewKeys(open(t, dsn))

@@ -16,6 +16,7 @@ import (
 // names (one per instance, reverse names only), and an instance's peer
 // address.
 func TestPeerLookups(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	db := open(t, dsn)
 	ctx := context.Background()

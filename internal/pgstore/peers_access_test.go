@@ -16,6 +16,7 @@ import (
 // once the cache is invalidated (the holds notification of that claim), and an
 // agent's ordinary claim of other names is never devices-only.
 func TestRouteCarriesDevicesOnly(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	db := open(t, dsn)
 	ctx := context.Background()

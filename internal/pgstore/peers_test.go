@@ -14,6 +14,7 @@ import (
 // the database's clock; a route to a name served by an instance that drains
 // is not given (its agents are moving), and is again once it serves.
 func TestInstancesAndDrainingRoutes(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	db := open(t, dsn)
 	ctx := context.Background()

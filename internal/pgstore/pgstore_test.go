@@ -10,11 +10,17 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/internal/pgstore"
+	"github.com/tp-proxy/tp/internal/testpar"
 	"github.com/tp-proxy/tp/internal/testpg"
 	"github.com/tp-proxy/tp/internal/users"
 )
 
-func TestMain(m *testing.M) { os.Exit(testpg.Main(m)) }
+// TestMain runs many tests at once (testpar): each has a database of its own
+// and mostly waits on PostgreSQL.
+func TestMain(m *testing.M) {
+	testpar.Default(8)
+	os.Exit(testpg.Main(m))
+}
 
 func open(t *testing.T, dsn string) *pgstore.DB {
 	t.Helper()
@@ -29,6 +35,7 @@ func open(t *testing.T, dsn string) *pgstore.DB {
 }
 
 func TestCheckDSNRefusesPasswords(t *testing.T) {
+	t.Parallel()
 	for _, dsn := range []string{
 		"postgres://tp:secret@db.example/tp",
 		"postgresql://tp@db.example/tp?password=secret",
@@ -52,6 +59,7 @@ func TestCheckDSNRefusesPasswords(t *testing.T) {
 // Several tpd starting at once on an empty database: one migrates, all
 // open, and the schema is at this version once.
 func TestConcurrentMigration(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	var wg sync.WaitGroup
 	errs := make(chan error, 4)
@@ -84,6 +92,7 @@ func TestConcurrentMigration(t *testing.T) {
 }
 
 func TestNewerSchemaRefused(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	db := open(t, dsn)
 	future := pgstore.SchemaVersion() + 1
@@ -99,6 +108,7 @@ func TestNewerSchemaRefused(t *testing.T) {
 }
 
 func TestWrongPassword(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -122,6 +132,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // Two instances: an enrollment on A is redeemed on B, once; a revocation on B
 // reaches A's lookups through LISTEN/NOTIFY.
 func TestUsersAcrossInstances(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -184,6 +195,7 @@ func TestUsersAcrossInstances(t *testing.T) {
 
 // A token past its lifetime (on the database's clock) is refused.
 func TestExpiredTokenRefused(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	db := open(t, dsn)
 	u, err := pgstore.OpenUsers(context.Background(), db)
@@ -205,6 +217,7 @@ func TestExpiredTokenRefused(t *testing.T) {
 // A nonce handed out by one instance is good once on another; a made-up, an
 // expired or a used one is not; pruning keeps at most max.
 func TestNoncesAcrossInstances(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	a, b := pgstore.NewNonces(open(t, dsn)), pgstore.NewNonces(open(t, dsn))
 	ctx := context.Background()

@@ -343,10 +343,21 @@ func Main(m *testing.M) int {
 	return code
 }
 
+// SkipIfShort skips the calling test under go test -short, which runs without
+// PostgreSQL: the test needs its server binaries to start a server of its
+// own. Shared and NewDatabase call it; a test that calls New calls it first.
+func SkipIfShort(t testing.TB) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("needs PostgreSQL (Debian's postgresql package: initdb and postgres for a throwaway server); skipped under -short")
+	}
+}
+
 // Shared is the test binary's server, started on first use. Without Main in
 // TestMain, the server still dies with the test binary, but its directory stays.
 func Shared(t testing.TB) *Server {
 	t.Helper()
+	SkipIfShort(t)
 	sharedMu.Lock()
 	defer sharedMu.Unlock()
 	if shared == nil && sharedErr == nil {

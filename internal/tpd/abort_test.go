@@ -53,6 +53,7 @@ func resetTCP(c *net.TCPConn) {
 // other end as a reset, in protected and public mode, over QUIC and TLS. Bad
 // input: each end's RST in the middle of a transfer.
 func TestReverseResetsPassOn(t *testing.T) {
+	t.Parallel()
 	port := testnet.FreePort(t, "tcp")
 	policy := reversePolicy + fmt.Sprintf(`
 allow if {

@@ -75,6 +75,7 @@ func waitAudit(t *testing.T, path, what string, match func(map[string]any) bool)
 // stay inside its string; the file gets exactly one line per call, created 0600,
 // appended to, and reopened by name after rotation.
 func TestAuditLogEscapesHostileFields(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "audit.jsonl")
 	l, err := OpenAuditLog(path)
 	if err != nil {
@@ -149,6 +150,7 @@ func TestAuditLogEscapesHostileFields(t *testing.T) {
 // revocation and a policy reload each leave exactly their line, with the
 // fields the README promises.
 func TestAuditTrailOfSessionsAndAdminActs(t *testing.T) {
+	t.Parallel()
 	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
 	cfg.AuditLog = filepath.Join(cfg.DataDir, "audit.jsonl")
 	// No name resolves: nothing leaves loopback, and the hostile name is denied
@@ -265,6 +267,7 @@ func TestAuditTrailOfSessionsAndAdminActs(t *testing.T) {
 // with a public port, a public client and a denial show, in the JSON and in the
 // table; the public client's session leaves its audit line.
 func TestStatusShowsLiveView(t *testing.T) {
+	t.Parallel()
 	port := testnet.FreePort(t, "tcp")
 	policy := fmt.Sprintf(publicPolicy, port) + `
 allow if {
@@ -360,6 +363,7 @@ allow if {
 
 // The ring of recent denials holds the newest maxDenials, oldest first.
 func TestDenialRingBounded(t *testing.T) {
+	t.Parallel()
 	var r denialRing
 	for i := range maxDenials + 7 {
 		r.add(admin.Denial{Destination: strconv.Itoa(i)})

@@ -252,6 +252,11 @@ func (d *Daemon) Revoke(ctx context.Context, kind, value string, remove bool) (a
 	}
 	d.denyMu.Unlock()
 	if !remove {
+		// The live sessions first: dropping tokens changes the user store,
+		// which makes maintain re-check them too, and a re-check of its that
+		// came first would close them uncounted (the revocation then said it
+		// closed none).
+		_, res.Closed = d.proxy.Recheck(ctx)
 		// Tokens handed out before the revocation must not enroll the identity again.
 		var user, device string
 		switch k {
@@ -267,7 +272,6 @@ func (d *Daemon) Revoke(ctx context.Context, kind, value string, remove bool) (a
 				d.log.Info("pending enrollment tokens dropped", "kind", kind, "value", v, "tokens", n)
 			}
 		}
-		_, res.Closed = d.proxy.Recheck(ctx)
 		d.log.Info("deny list entry added", "kind", kind, "value", v, "live_sessions_closed", res.Closed)
 	} else {
 		d.log.Info("deny list entry removed", "kind", kind, "value", v)

@@ -78,7 +78,11 @@ func runDaemon(t testing.TB, cfg config.Server, opts ...Option) *daemonRun {
 	stop := func() {
 		once.Do(func() {
 			cancel()
-			if err := <-done; err != nil {
+			err, ended := waitEnd(t, "the daemon's Serve", done, daemonStopBound(cfg.ShutdownTimeout))
+			if !ended {
+				return // Serve still runs: closing under it would only add noise
+			}
+			if err != nil {
 				t.Errorf("Serve: %v", err)
 			}
 			d.Close()
@@ -138,6 +142,7 @@ func waitLog(t *testing.T, r *daemonRun, substr string) {
 // The default policy, with a rule that allows every dial, still refuses loopback in
 // every spelling, until allowed_internal opens it; and tpd never dials itself.
 func TestDefaultPolicyRefusesInternalWithRealOPA(t *testing.T) {
+	t.Parallel()
 	cfg := newDataDir(t, map[string]string{"all.rego": allowAllDials})
 	r := runDaemon(t, cfg)
 	echo := testnet.Echo(t)
@@ -175,6 +180,7 @@ func TestDefaultPolicyRefusesInternalWithRealOPA(t *testing.T) {
 // address, then a closed one. Each request resolves once and reaches only the
 // address the policy judged.
 func TestDNSRebindingWithRealOPA(t *testing.T) {
+	t.Parallel()
 	cfg := newDataDir(t, map[string]string{"all.rego": allowAllDials,
 		"open.rego": "package tp.authz\n\nallowed_internal contains \"127.0.0.1/32\"\n"})
 	var lookups atomic.Int64
@@ -215,6 +221,7 @@ func (f resolverFunc) LookupNetIP(_ context.Context, _, host string) ([]netip.Ad
 // tpd revoke (through the admin socket) ends a live session at once, refuses new
 // connections, and survives a restart; removing the entry restores access.
 func TestRevokeLiveSessionAndRestart(t *testing.T) {
+	t.Parallel()
 	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
 	r := runDaemon(t, cfg)
 	echo := testnet.Echo(t)
@@ -267,6 +274,7 @@ func TestRevokeLiveSessionAndRestart(t *testing.T) {
 // A policy change ends live sessions the new policy refuses, within seconds, and
 // the log says why; sessions it still allows continue.
 func TestPolicyChangeClosesLiveSessions(t *testing.T) {
+	t.Parallel()
 	cfg := newDataDir(t, map[string]string{"tp.rego": `package tp.authz
 
 default allow := false
@@ -296,6 +304,7 @@ allow if input.identity.user in {"alice", "bob"}
 
 // When a user loses a group, their live sessions that needed it end within seconds.
 func TestGroupChangeClosesLiveSessions(t *testing.T) {
+	t.Parallel()
 	cfg := newDataDir(t, map[string]string{"tp.rego": `package tp.authz
 
 default allow := false
@@ -319,6 +328,7 @@ allow if "ops" in input.identity.groups
 
 // The decision log configured by decision-log gets one line per decision.
 func TestDecisionLogConfigured(t *testing.T) {
+	t.Parallel()
 	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
 	cfg.DecisionLog = filepath.Join(cfg.DataDir, "decisions.jsonl")
 	r := runDaemon(t, cfg)

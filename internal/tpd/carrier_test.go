@@ -16,6 +16,7 @@ import (
 // carrier (tls on the shared port's ALPN, ws and http on its website side), to
 // an enrolled device's Dialer, and its discovery document lists them.
 func TestCarriersThroughTpd(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, allowAlice)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	upper := testnet.Upper(t)

@@ -94,6 +94,7 @@ func dialWithCert(url string, root *x509.Certificate, cert tls.Certificate, tran
 // real root and intermediate of the running tpd, for an enrolled device that the
 // policy allows, so nothing but the certificate's shape can refuse it.
 func TestProxyAcceptsOnlyIssuingIntermediateLeaves(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, allowAlice)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop") // alice@laptop is enrolled and allowed
 	devKey, err := alice.Home.DeviceKey()
@@ -176,6 +177,7 @@ func innerCertDialer(t *testing.T, bob *clients.Client, transport string, inner 
 // clientAuth. bob passes tpd with his real certificate and shows the agent one
 // minted with tpd's real root and intermediate.
 func TestAgentAcceptsOnlyIssuingIntermediateLeaves(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")

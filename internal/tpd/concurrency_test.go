@@ -132,7 +132,7 @@ func dialVia(dl *clients.Dialer, addr string) func(context.Context) (net.Conn, e
 // 101st waited for a stream to end and failed after 30s; now the Dialer opens
 // further QUIC connections, and every tunnel carries its own checksummed data
 // while all 250 are open.
-func TestQUICTunnelsBeyondStreamLimit(t *testing.T) {
+func TestQUICTunnelsBeyondStreamLimit(t *testing.T) { // not parallel: its hundreds of sessions at once would starve the other tests
 	const n, size = 250, 8 << 10
 	d, url := startDaemonCfg(t, allowAliceBob, func(c *config.Server) {
 		slowMachine(c)
@@ -154,6 +154,7 @@ func TestQUICTunnelsBeyondStreamLimit(t *testing.T) {
 // each. The further connections carry her 25, and the 26th is the readable
 // refusal it is over one connection: too_many_sessions, not a wait.
 func TestQUICPoolKeepsIdentityBound(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemonCfg(t, allowAliceBob, func(c *config.Server) {
 		slowMachine(c)
 		c.QUICMaxStreams = 10
@@ -213,11 +214,11 @@ func startQUICAgent(t *testing.T, c *clients.Client, exposed []clients.Exposed, 
 	d := quicDialer(t, c)
 	registered := make(chan struct{}, 10)
 	a := &clients.Agent{Dialer: d, Exposed: exposed, Certificate: c.ReverseCertificate, MaxSessions: maxSessions,
-		Registered: func([]string) { registered <- struct{}{} }, ExitOnRefusal: true}
+		Registered: func([]string) { notify(registered) }, ExitOnRefusal: true}
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() { errc <- a.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-errc })
+	t.Cleanup(func() { cancel(); waitEnd(t, "the agent", errc, stopBound) })
 	select {
 	case <-registered:
 	case err := <-errc:
@@ -231,7 +232,7 @@ func startQUICAgent(t *testing.T, c *clients.Client, exposed []clients.Exposed, 
 // exposes over QUIC. Before, the agent let tpd open 1,000 streams and the
 // 1,001st public client was reset; now (DefaultAgentMaxSessions) all 1,100 are
 // served at once and each carries its own checksummed data.
-func TestQUICAgentPublicSessionsBeyond1000(t *testing.T) {
+func TestQUICAgentPublicSessionsBeyond1000(t *testing.T) { // not parallel: its hundreds of sessions at once would starve the other tests
 	const n, size = 1100, 1 << 10
 	port := testnet.FreePort(t, "tcp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(concPolicy, port), func(c *config.Server) {
@@ -249,15 +250,18 @@ func TestQUICAgentPublicSessionsBeyond1000(t *testing.T) {
 }
 
 // Bad input: one session more than alice's agent allows at once (MaxSessions
-// 20). tpd holds it for the pickup timeout and then refuses it readably: bob's
-// dial through TP gets reverse_busy, and a public client's connection is reset,
-// never left hanging; the 20 open sessions are not disturbed.
+// 20). tpd holds it for the pickup timeout (reverse-pickup-timeout, shortened
+// here: it is waited out) and then refuses it readably: bob's dial through TP
+// gets reverse_busy, and a public client's connection is reset, never left
+// hanging; the 20 open sessions are not disturbed.
 func TestQUICAgentSessionBoundRefuses(t *testing.T) {
+	t.Parallel()
 	const max = 20
 	port := testnet.FreePort(t, "tcp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(concPolicy, port), func(c *config.Server) {
 		slowMachine(c)
 		c.PublicPorts = strconv.Itoa(port)
+		c.ReversePickupTimeout = 3 * time.Second
 	})
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
@@ -309,7 +313,7 @@ func TestQUICAgentSessionBoundRefuses(t *testing.T) {
 // unfinished handshakes per source address, beyond which it resets connections
 // at accept). The Dialer keeps at most 64 handshakes in flight, so every tunnel
 // opens and carries its checksummed data.
-func TestTLSTunnelBurstWithinHandshakeBound(t *testing.T) {
+func TestTLSTunnelBurstWithinHandshakeBound(t *testing.T) { // not parallel: its hundreds of sessions at once would starve the other tests
 	const n = 200
 	d, url := startDaemonCfg(t, allowAliceBob, slowMachine)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")

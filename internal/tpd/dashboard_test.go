@@ -43,6 +43,7 @@ func promMetricNames(expr string) []string {
 }
 
 func TestPromMetricNames(t *testing.T) {
+	t.Parallel()
 	for expr, want := range map[string][]string{
 		`sum by (action, outcome) (rate(tp_sessions_total{instance=~"$instance",outcome!="ok"}[$__rate_interval]))`: {"tp_sessions_total"},
 		`histogram_quantile(0.99, sum by (le) (rate(tp_policy_decision_duration_seconds_bucket[5m])))`:              {"tp_policy_decision_duration_seconds_bucket"},
@@ -105,6 +106,7 @@ func dashboardExprs(t *testing.T) []string {
 // metric name in its expressions is in a real scrape of a running tpd, and
 // every tp_ metric tpd exports is on the dashboard.
 func TestDashboardMatchesMetrics(t *testing.T) {
+	t.Parallel()
 	_, admin := metricsDaemon(t, allowAlice)
 	_, body := adminGet(t, admin, "/metrics")
 	p := expfmt.NewTextParser(model.UTF8Validation)

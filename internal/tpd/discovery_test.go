@@ -72,6 +72,7 @@ func getDiscovery(t *testing.T, c *http.Client, method, u, body string) (*http.R
 // used: behind a port mapping (the client's Host says port 9443 while tpd
 // listens elsewhere) the transports say 9443.
 func TestDiscoveryDocument(t *testing.T) {
+	t.Parallel()
 	d := serveDaemon(t, allowAlice, func(c *config.Server) { c.PublicPorts = "20000-20010,8080/tcp" }, nil)
 	c := discoveryClient(t, d)
 	_, port, _ := net.SplitHostPort(d.cfg.Listen)
@@ -179,6 +180,7 @@ func TestDiscoveryDocument(t *testing.T) {
 
 // Without QUIC the document offers no UDP transport at all.
 func TestDiscoveryWithoutQUIC(t *testing.T) {
+	t.Parallel()
 	d := serveDaemon(t, allowAlice, func(c *config.Server) { c.QUIC = false }, nil)
 	resp, body := getDiscovery(t, discoveryClient(t, d), http.MethodGet, "https://localhost"+wire.DiscoveryPath+"?supports=quic,tls", "")
 	doc, err := wire.ParseDiscovery(body)
@@ -200,6 +202,7 @@ func TestDiscoveryWithoutQUIC(t *testing.T) {
 // port is the client's in both cases. ProxyHTTP serves the document and
 // nothing else.
 func TestDiscoveryProxyNames(t *testing.T) {
+	t.Parallel()
 	h := discoveryHandler{discoveryOptions{QUIC: true, ProxyNames: []string{"proxy.example", "p2.example"}, ReverseZone: "rev.example"}}
 	d := &Daemon{discovery: h}
 	for _, tc := range []struct{ host, wantProxy string }{
@@ -302,6 +305,7 @@ func quicAttempted(t *testing.T, udp *net.UDPConn, wait time.Duration) bool {
 // the same first meeting without a document (its URL answers 404) races, and
 // the race's QUIC attempt is seen on the socket, so the socket does see one.
 func TestClientSkipsQUICWhenNotOffered(t *testing.T) {
+	t.Parallel()
 	d := serveDaemon(t, allowAlice, func(c *config.Server) { c.QUIC = false }, nil)
 	c, _, _ := enrollClient(t, d, d.cfg.PublicURL(), "alice", "laptop")
 	echo := testnet.Echo(t)
@@ -335,6 +339,7 @@ func TestClientSkipsQUICWhenNotOffered(t *testing.T) {
 // the bad document is remembered. Each bad answer is served over HTTPS with a
 // certificate the client trusts, so that only the answer is wrong.
 func TestClientDiscoveryFallback(t *testing.T) {
+	t.Parallel()
 	d := serveDaemon(t, allowAlice, func(c *config.Server) { c.QUIC = false }, nil)
 	c, _, _ := enrollClient(t, d, d.cfg.PublicURL(), "alice", "laptop")
 	echo := testnet.Echo(t)
@@ -395,6 +400,7 @@ func TestClientDiscoveryFallback(t *testing.T) {
 // a later Dialer on the same cache (another tp process) uses the remembered
 // transport without fetching again.
 func TestClientDiscoveryRoundTrip(t *testing.T) {
+	t.Parallel()
 	d := serveDaemon(t, allowAlice, nil, nil)
 	c, _, _ := enrollClient(t, d, d.cfg.PublicURL(), "alice", "laptop")
 	echo := testnet.Echo(t)

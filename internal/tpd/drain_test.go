@@ -75,6 +75,7 @@ var stoppedLine = regexp.MustCompile(`msg=stopped drained=(\d+) cut=(\d+) forced
 // Force aborts the three at once; Serve returns nil; one line counts them as
 // cut, the tunnel closed meanwhile as drained.
 func TestDrainForce(t *testing.T) {
+	t.Parallel()
 	d, url, log, stop, wait := stoppableDaemon(t, allowAlice, time.Hour)
 	c, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	dl, err := c.Dialer()
@@ -141,7 +142,7 @@ func TestDrainForce(t *testing.T) {
 // loaded race-instrumented run moved the active ones' 125 MiB too slowly to
 // end within it, and they were cut (drained=0 cut=1100). The timeout is 2
 // minutes, so it only bounds a drain that never ends.
-func TestDrainTime(t *testing.T) {
+func TestDrainTime(t *testing.T) { // not parallel: its hundreds of sessions at once would starve the other tests
 	const idle, active = 1000, 100
 	d, url, log, stop, wait := stoppableDaemon(t, allowAlice, 2*time.Minute, func(c *config.Server) { c.MaxSessionsPerIdentity = 2000 })
 	c, _, _ := enrollClient(t, d, url, "alice", "laptop")
@@ -251,6 +252,7 @@ func TestDrainTime(t *testing.T) {
 // checksum and a clean end, over TLS and over QUIC. (The agent used to cut its
 // sessions when its control session ended.)
 func TestDrainLetsAgentSessionsFinish(t *testing.T) {
+	t.Parallel()
 	const chunk, chunks = 16 << 10, 16
 	payload := func(i int) []byte { return bytes.Repeat([]byte{byte(i)}, chunk) }
 	h := sha256.New()

@@ -53,6 +53,7 @@ func (h *dialOnLine) WithGroup(g string) slog.Handler {
 // before the listeners closed, and a client (TestDrain's, under load) that
 // connected on reading it reached a listener still open.
 func TestDrainLineMeansRefused(t *testing.T) {
+	t.Parallel()
 	cfg := config.DefaultServer()
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
 	cfg.PolicyTimeout = 5 * time.Second

@@ -25,6 +25,7 @@ import (
 // its reason, exactly once. (QUIC handshakes that fail are not seen by tpd:
 // quic-go hands over only established connections.)
 func TestHandshakeFailureReasons(t *testing.T) {
+	t.Parallel()
 	r, admin := adminDaemon(t, allowAlice, "127.0.0.1:0", func(cfg *config.Server) {
 		cfg.HandshakeTimeout = time.Second
 		cfg.MaxHandshakesPerIP = 3

@@ -27,6 +27,7 @@ import (
 // allowed_internal opens the address; then both reach it. The bad input: a
 // CONNECT to 127.0.0.1, an internal address the policy does not open.
 func TestConnectInternalAddressLikeDial(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, policy.DefaultPolicy+"\nallow if input.action == \"dial\"\n")
 	echo := testnet.Echo(t)
 	dl, err := r.alice.Dialer()
@@ -73,6 +74,8 @@ func TestConnectInternalAddressLikeDial(t *testing.T) {
 // does not (no "Request CERT" in its handshake), so a browser is never
 // prompted there.
 func TestConnectCurlNoCertificate(t *testing.T) {
+	t.Parallel()
+	needTool(t, "curl", "curl")
 	r := newConnectRig(t, allowAlice)
 	srv, srvPEM := httpsServer(t, "unreachable without a certificate")
 	cmd := exec.Command("curl", "--silent", "--show-error", "--max-time", "60",
@@ -130,6 +133,7 @@ func (c *streamConn) SetWriteDeadline(time.Time) error { return nil }
 // and an HTTP request over it gets the page. (Debian's curl 7.88 has no
 // --proxy-http2, docs/HTTP.md §1.2; these are the h2 and h3 proxy clients.)
 func TestConnectHTTP2AndHTTP3ToHTTPS(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice)
 	srv, _ := httpsServer(t, "hello over a tunnel")
 	pool := r.roots.Clone()
@@ -184,6 +188,7 @@ func TestConnectHTTP2AndHTTP3ToHTTPS(t *testing.T) {
 // audit record with action dial, the device's identity, the destination, and
 // the transport the policy saw (tls for h2, quic for h3).
 func TestConnectH2H3AuditLikeDial(t *testing.T) {
+	t.Parallel()
 	auditPath := filepath.Join(t.TempDir(), "audit.jsonl")
 	r := newConnectRig(t, allowAlice, func(c *config.Server) { c.AuditLog = auditPath })
 	for _, tc := range []struct{ version, transport string }{{"h2", "tls"}, {"h3", "quic"}} {

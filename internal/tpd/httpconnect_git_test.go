@@ -16,10 +16,8 @@ import (
 // TP's CONNECT on the proxy name, presenting the device certificate with
 // http.proxySSLCert and http.proxySSLKey, as docs/HTTP.md tells users to.
 func TestConnectGitClone(t *testing.T) {
-	gitBin, err := exec.LookPath("git")
-	if err != nil {
-		t.Fatal("git is not installed (Debian's git package): ", err)
-	}
+	t.Parallel()
+	gitBin := needTool(t, "git", "git")
 	r := newConnectRig(t, allowAlice)
 	home := t.TempDir()
 	env := append(os.Environ(), "HOME="+home, "GIT_CONFIG_NOSYSTEM=1", "GIT_TERMINAL_PROMPT=0",

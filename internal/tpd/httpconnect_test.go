@@ -120,7 +120,11 @@ func connectDaemon(t testing.TB, policy string, mods ...func(*config.Server)) *D
 	go func() { done <- d.Serve(ctx, ln) }()
 	t.Cleanup(func() {
 		cancel()
-		if err := <-done; err != nil {
+		err, ended := waitEnd(t, "the daemon's Serve", done, daemonStopBound(cfg.ShutdownTimeout))
+		if !ended {
+			return // Serve still runs: closing under it would only add noise
+		}
+		if err != nil {
 			t.Errorf("Serve: %v", err)
 		}
 		d.Close()
@@ -138,9 +142,7 @@ func writePEM(t testing.TB, path string, b []byte) {
 // curl runs Debian's curl through the proxy name with the device certificate.
 func (r *connectRig) curl(t *testing.T, stdin io.Reader, args ...string) (stdout, stderr string, err error) {
 	t.Helper()
-	if _, err := exec.LookPath("curl"); err != nil {
-		t.Fatal("curl is not installed (.ci/run installs Debian's): ", err)
-	}
+	needTool(t, "curl", "curl")
 	base := []string{"--silent", "--show-error", "--max-time", "60",
 		"--proxy", "https://" + proxyName + ":" + r.port,
 		"--resolve", proxyName + ":" + r.port + ":127.0.0.1",
@@ -198,6 +200,7 @@ func sum(b []byte) string {
 
 // curl through HTTP/1.1 CONNECT on the proxy name reaches a real HTTPS server.
 func TestConnectCurlHTTPS(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice)
 	srv, srvPEM := httpsServer(t, "hello through TP's CONNECT")
 	out, stderr, err := r.curl(t, nil, "--cacert", srvPEM, srv.URL+"/")
@@ -212,6 +215,7 @@ func TestConnectCurlHTTPS(t *testing.T) {
 // curl -p (a plain TCP tunnel: telnet://) carries bytes both ways: the
 // destination's checksum of what curl sent comes back.
 func TestConnectCurlTCPChecksum(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice)
 	data := randomText(200_000)
 	dest := checksumServer(t, len(data))
@@ -227,6 +231,7 @@ func TestConnectCurlTCPChecksum(t *testing.T) {
 // A destination the policy denies gets 403 with the policy's reason in
 // Proxy-Status (curl shows the CONNECT response with -v).
 func TestConnectCurlDenied(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy)
 	_, stderr, err := r.curl(t, nil, "-v", "-p", "http://127.0.0.1:9/")
 	if err == nil {
@@ -264,6 +269,7 @@ func (r *connectRig) connectH1(t testing.TB, target string) (*http.Response, *tl
 // Each refusal is an HTTP status with a Proxy-Status error type from RFC 9209
 // and a reason in the body.
 func TestConnectRefusals(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy)
 	closed := net.JoinHostPort("127.0.0.1", strconv.Itoa(testnet.FreePort(t, "tcp")))
 	for _, tc := range []struct {
@@ -292,6 +298,7 @@ func TestConnectRefusals(t *testing.T) {
 // name, while the website on the same port completes a handshake and never
 // asks for one.
 func TestConnectCertOnlyOnProxyName(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice)
 	// The proxy name, no certificate (bad input): the handshake fails.
 	c, err := tls.Dial("tcp", r.addr, &tls.Config{ServerName: proxyName, RootCAs: r.roots, NextProtos: []string{"h2", "http/1.1"}})
@@ -356,6 +363,7 @@ func TestConnectCertOnlyOnProxyName(t *testing.T) {
 // Go's net/http client with Proxy set (an https proxy; the device certificate
 // in TLSClientConfig) reaches a real HTTPS server.
 func TestConnectGoNetHTTP(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice)
 	srv, _ := httpsServer(t, "hello, net/http")
 	pool := r.roots.Clone()
@@ -412,6 +420,7 @@ func (r *connectRig) h2Connect(t testing.TB, target string, body io.Reader) *htt
 // HTTP/2 CONNECT carries a TCP echo both ways; the client's END_STREAM
 // half-closes the destination, whose reply then still arrives in full.
 func TestConnectHTTP2Echo(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy)
 	data := randomText(1 << 20)
 	resp := r.h2Connect(t, testnet.Echo(t), bytes.NewReader(data))
@@ -462,6 +471,7 @@ func (r *connectRig) h3Connect(t testing.TB, target string) (*http3.RequestStrea
 
 // HTTP/3 CONNECT carries a TCP echo both ways, half-closed by the client's FIN.
 func TestConnectHTTP3Echo(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy)
 	data := randomText(1 << 20)
 	str, resp := r.h3Connect(t, testnet.Echo(t))
@@ -501,13 +511,24 @@ func resetAfter(t *testing.T, prefix string) string {
 // every protocol (a TCP reset, RST_STREAM, an h3 stream reset), never as a
 // clean end that would pass a cut transfer for a complete one.
 func TestConnectAbortReachesClient(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice)
 	dest := resetAfter(t, "partial")
-	readAll := func(rd io.Reader) error {
-		b, err := io.ReadAll(rd)
-		if !strings.HasPrefix(string(b), "partial") {
-			t.Errorf("the bytes before the reset were lost: %q", b)
+	// readAbort reads what the destination sent before its reset, then sends
+	// the byte that makes it reset (bad input: a destination that resets its
+	// connection mid-tunnel), then reads on to the end. The bytes are read
+	// first because a reset may discard what is still in flight on any of
+	// these transports: the test is about how the end arrives.
+	readAbort := func(t *testing.T, rd io.Reader, w io.Writer) error {
+		t.Helper()
+		b := make([]byte, len("partial"))
+		if _, err := io.ReadFull(rd, b); err != nil || string(b) != "partial" {
+			t.Fatalf("the destination's first bytes through the tunnel: %q, %v", b, err)
 		}
+		if _, err := w.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		_, err := io.ReadAll(rd)
 		return err
 	}
 	t.Run("http1", func(t *testing.T) {
@@ -515,8 +536,7 @@ func TestConnectAbortReachesClient(t *testing.T) {
 		if resp.StatusCode != 200 {
 			t.Fatalf("status %d", resp.StatusCode)
 		}
-		c.Write([]byte("x"))
-		if err := readAll(br); err == nil {
+		if err := readAbort(t, br, c); err == nil {
 			t.Fatal("the destination's reset reached the HTTP/1.1 client as a clean end")
 		}
 	})
@@ -527,8 +547,7 @@ func TestConnectAbortReachesClient(t *testing.T) {
 		if resp.StatusCode != 200 {
 			t.Fatalf("status %d", resp.StatusCode)
 		}
-		pw.Write([]byte("x"))
-		err := readAll(resp.Body)
+		err := readAbort(t, resp.Body, pw)
 		var se http2.StreamError
 		if !errors.As(err, &se) || se.Code != http2.ErrCodeInternal {
 			t.Fatalf("the destination's reset reached the h2 client as %v, not RST_STREAM(INTERNAL_ERROR)", err)
@@ -539,9 +558,8 @@ func TestConnectAbortReachesClient(t *testing.T) {
 		if resp.StatusCode != 200 {
 			t.Fatalf("status %d", resp.StatusCode)
 		}
-		str.Write([]byte("x"))
 		_ = str.SetReadDeadline(time.Now().Add(30 * time.Second))
-		err := readAll(str)
+		err := readAbort(t, str, str)
 		var se *quic.StreamError
 		if !errors.As(err, &se) || se.ErrorCode != quic.StreamErrorCode(http3.ErrCodeConnectError) {
 			t.Fatalf("the destination's reset reached the h3 client as %v, not a reset with H3_CONNECT_ERROR", err)
@@ -554,6 +572,7 @@ func TestConnectAbortReachesClient(t *testing.T) {
 // half-closes the destination while its reply still arrives, and a policy
 // change that no longer allows it cuts it with a reset.
 func TestConnectSessionLikeDial(t *testing.T) {
+	t.Parallel()
 	auditPath := filepath.Join(t.TempDir(), "audit.jsonl")
 	r := newConnectRig(t, allowAlice, func(c *config.Server) { c.AuditLog = auditPath })
 	upper := testnet.Upper(t)
@@ -602,6 +621,7 @@ reason := "alice's tunnels ended with this policy" if not allow
 
 // A device at its bound of sessions (max-sessions-per-identity) gets 429.
 func TestConnectSessionBound(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice, func(c *config.Server) { c.MaxSessionsPerIdentity = 1 })
 	echo := testnet.Echo(t)
 	if resp, _, _ := r.connectH1(t, echo); resp.StatusCode != 200 {
@@ -615,6 +635,7 @@ func TestConnectSessionBound(t *testing.T) {
 
 // A client that resets its h2 stream resets the destination's connection too.
 func TestConnectClientAbortReachesDestination(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice)
 	dest, conns := testnet.Accept(t)
 	pr, pw := io.Pipe()
@@ -634,6 +655,7 @@ func TestConnectClientAbortReachesDestination(t *testing.T) {
 // A request on the proxy name that is not CONNECT goes to tpd's ProxyHTTP
 // handler (404 with a hint); a reverse-tunnel request is routed apart.
 func TestConnectOtherRequests(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice)
 	tr := &http.Transport{TLSClientConfig: r.tlsConfig(), ForceAttemptHTTP2: true,
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
@@ -682,6 +704,7 @@ func TestConnectOtherRequests(t *testing.T) {
 // CONNECT svc.rev.tp.internal:22 while alice's agent serves svc in protected
 // mode.
 func TestConnectReverseNames(t *testing.T) {
+	t.Parallel()
 	port := testnet.FreePort(t, "tcp")
 	r := newConnectRig(t, allowAlice, func(c *config.Server) { c.PublicPorts = strconv.Itoa(port) })
 	if _, err := runAgent(t, r.alice, clients.TransportTLS, []clients.Exposed{
@@ -712,6 +735,7 @@ func TestConnectReverseNames(t *testing.T) {
 // whole reply and a clean END_STREAM; the client is asked to stop sending
 // (docs/HTTP.md, section 4). On h3 the client's direction stays open.
 func TestConnectDestinationEndsFirst(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice)
 	dest := testnet.Serve(t, func(c *net.TCPConn) {
 		_, _ = c.Read(make([]byte, 1))
@@ -753,6 +777,7 @@ func TestConnectDestinationEndsFirst(t *testing.T) {
 // expose --public-sni proxy.localhost): CONNECT clients' handshakes must keep
 // reaching tpd.
 func TestConnectProxyNameNotPassedThrough(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice)
 	_, err := runAgent(t, r.alice, clients.TransportTLS, []clients.Exposed{{Name: "blog", Local: testnet.Echo(t), PublicSNI: proxyName,
 		TLS: &tls.Config{Certificates: []tls.Certificate{r.cert}}}}, nil)
@@ -766,6 +791,7 @@ func TestConnectProxyNameNotPassedThrough(t *testing.T) {
 // HTTP/1.1 Upgrade) to the reverse-tunnel server, and the name it holds is
 // then served to a browser-style client (no certificate) on the same port.
 func TestConnectRouterServesReverseHTTP(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, allowAlice)
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		io.WriteString(w, "app says hi to "+req.Host)
@@ -784,7 +810,7 @@ func TestConnectRouterServesReverseHTTP(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() { errc <- x.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-errc })
+	t.Cleanup(func() { cancel(); waitEnd(t, "tp expose --http", errc, stopBound) })
 	select {
 	case <-up:
 	case err := <-errc:

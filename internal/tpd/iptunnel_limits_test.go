@@ -116,6 +116,7 @@ func udpEcho6(t *testing.T, addr string) (netip.AddrPort, func() int) {
 // packet to an IPv6 prefix the policy does not grant is dropped, counted, and
 // never reaches the far side.
 func TestIPTunnelIPv6(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -155,6 +156,7 @@ func TestIPTunnelIPv6(t *testing.T) {
 // send of the same size fails with EMSGSIZE, as path-MTU discovery wants),
 // the drop is counted as too_big, and a datagram of the learnt size arrives.
 func TestIPTunnelPacketTooBig(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -240,6 +242,7 @@ func TestIPTunnelPacketTooBig(t *testing.T) {
 // crossed upwards are bounded by what the bucket allows: one second's bytes,
 // plus the rate for every second since the tunnel was asked for.
 func TestIPTunnelByteRateLimit(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -274,6 +277,7 @@ func TestIPTunnelByteRateLimit(t *testing.T) {
 // dropped and counted from then on, the still-granted prefix keeps working
 // both ways, and the tunnel stays up.
 func TestIPTunnelNarrowerGrant(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -397,6 +401,7 @@ ip := {"routes": ["10.77.0.0/24"]} if input.action == "ip"
 // was relayed upwards is bounded by what the bucket allows: one second's
 // datagrams, plus the rate for every second since the flow was asked for.
 func TestConnectUDPFlowPacketRate(t *testing.T) {
+	t.Parallel()
 	const pps = 20
 	r := newConnectRig(t, connectPolicy, func(c *config.Server) { c.ConnectUDPMaxPPS = pps })
 	echo := testnet.EchoUDP(t)
@@ -448,6 +453,7 @@ func TestConnectUDPFlowPacketRate(t *testing.T) {
 // tun device removed and the down hook run, and it cannot open a new one; the
 // other peer's tunnel goes on untouched.
 func TestIPTunnelPolicyChangeForgetsOnePeer(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}

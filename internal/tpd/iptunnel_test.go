@@ -45,6 +45,9 @@ func inNetns(t *testing.T) bool {
 		}
 		return true
 	}
+	if testing.Short() {
+		t.Skip("runs itself in a network namespace of its own (unshare, ip) with tun devices; skipped under -short")
+	}
 	// As root a network namespace is enough; otherwise a user namespace
 	// maps the caller to root in it.
 	flags := "-rn"
@@ -301,6 +304,7 @@ func ipWaitFor(t *testing.T, what string, cond func() bool) {
 // through the tunnel's tun device, and the hook ran with TUN_DEV_NAME,
 // TUN_CLIENT_ID and the identity fields; a device the policy refuses gets 403.
 func TestIPTunnelConnectIPGo(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -474,6 +478,7 @@ func (c *rawIP) ReadPacket(b []byte) (int, error) {
 // and counted (tp_ip_packets_dropped_total), and never reach the far side,
 // while the granted destination keeps working.
 func TestIPTunnelEnforcesPolicyPerPacket(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -519,6 +524,7 @@ func TestIPTunnelEnforcesPolicyPerPacket(t *testing.T) {
 // it cannot reconnect, and another device's transfer goes on with every
 // datagram intact.
 func TestIPTunnelRevokeForgetsOnePeer(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}
@@ -607,6 +613,7 @@ func TestIPTunnelRevokeForgetsOnePeer(t *testing.T) {
 // bucket fills from its first packet, which is later). A slower machine only
 // raises that bound.
 func TestIPTunnelRateLimit(t *testing.T) {
+	t.Parallel()
 	if !inNetns(t) {
 		return
 	}

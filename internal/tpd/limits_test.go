@@ -46,6 +46,7 @@ func poll(t *testing.T, what string, cond func() bool) {
 // say what to do; when she ends sessions or stops an agent she is served again,
 // and her refused agent registers on its own once the names are free.
 func TestIdentityCapsHold(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemonCfg(t, allowAliceBob, func(c *config.Server) {
 		c.MaxSessionsPerIdentity = 3
 		c.MaxReverseNamesPerIdentity = 2
@@ -136,7 +137,7 @@ func TestIdentityCapsHold(t *testing.T) {
 			Exposed:     exposed,
 			AllowUsers:  []string{"bob"},
 			Certificate: c.ReverseCertificate,
-			Registered:  func([]string) { registered <- struct{}{} },
+			Registered:  func([]string) { notify(registered) },
 			Logger:      slog.New(slog.NewTextHandler(log, nil)),
 		}
 		ctx, cancel := context.WithCancel(context.Background())
@@ -146,7 +147,7 @@ func TestIdentityCapsHold(t *testing.T) {
 		stop = func() {
 			once.Do(func() {
 				cancel()
-				if err := <-errc; err != nil {
+				if err, ok := waitEnd(t, "the agent", errc, stopBound); ok && err != nil {
 					t.Errorf("agent %v: %v", names, err)
 				}
 			})

@@ -69,6 +69,7 @@ func udpRoundTrip(t testing.TB, c *clients.ConnectUDPConn, msg []byte) {
 // it (a stream write can report the peer's close after its bytes left), so
 // that one may be missing from the count, never more.
 func TestConnectUDPEcho(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy)
 	echo := testnet.EchoUDP(t)
 	for _, v := range []string{"h3", "h3-capsules", "h2", "http/1.1"} {
@@ -110,6 +111,7 @@ func TestConnectUDPEcho(t *testing.T) {
 // (connect-udp-max-datagram 500) drops a 501-byte HTTP/3 datagram, counted,
 // and relays a 500-byte one.
 func TestConnectUDPConfiguredTemplate(t *testing.T) {
+	t.Parallel()
 	const tmpl = "/masque?h={target_host}&p={target_port}"
 	r := newConnectRig(t, connectPolicy, func(c *config.Server) { c.ConnectUDPTemplate, c.ConnectUDPMaxDatagram = tmpl, 500 })
 	echo := testnet.EchoUDP(t)
@@ -142,6 +144,7 @@ func TestConnectUDPConfiguredTemplate(t *testing.T) {
 // carries the policy's reason, on every HTTP version; a malformed target is a
 // 400 that says what was wrong.
 func TestConnectUDPDenied(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy)
 	for _, v := range []string{"h3", "h2", "http/1.1"} {
 		_, err := r.connectUDP(t, v, "127.0.0.1:9")
@@ -170,6 +173,7 @@ func TestConnectUDPDenied(t *testing.T) {
 // every UDP dial, CONNECT-UDP to loopback is refused exactly as a tp UDP dial
 // is, until allowed_internal opens the address.
 func TestConnectUDPInternalAddressLikeUDPDial(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, policy.DefaultPolicy+"\nallow if input.action == \"dial_udp\"\n")
 	echo := testnet.EchoUDP(t)
 	dl, err := r.alice.Dialer()
@@ -207,6 +211,7 @@ func TestConnectUDPInternalAddressLikeUDPDial(t *testing.T) {
 // context ID other than 0 (RFC 9298 §4), in datagrams and in capsules; a
 // capsule of an unknown type is skipped (RFC 9297 §3.2).
 func TestConnectUDPDropsOversizeAndUnknownContext(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy)
 	echo := testnet.EchoUDP(t)
 	before := r.d.proxy.ConnectUDPStats()
@@ -252,6 +257,7 @@ func TestConnectUDPDropsOversizeAndUnknownContext(t *testing.T) {
 // Malformed here: a DATAGRAM capsule without a context ID (h3), and a stream
 // that ends inside a capsule (h2).
 func TestConnectUDPMalformedCapsule(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy)
 	echo := testnet.EchoUDP(t)
 	before := r.d.proxy.ConnectUDPStats().MalformedCapsules
@@ -292,6 +298,7 @@ func TestConnectUDPMalformedCapsule(t *testing.T) {
 // Revoking the device ends its live CONNECT-UDP flow with a reset, and the
 // device cannot open another.
 func TestConnectUDPRevokeEndsFlow(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy)
 	echo := testnet.EchoUDP(t)
 	c, err := r.connectUDP(t, "h3", echo)
@@ -335,6 +342,7 @@ func (r *connectRig) discovery(t *testing.T) wire.Discovery {
 // A policy change that no longer allows a live CONNECT-UDP flow ends it with
 // a reset; a flow over TCP (h2 capsules) is re-checked the same way.
 func TestConnectUDPPolicyChangeEndsFlow(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy)
 	echo := testnet.EchoUDP(t)
 	h3, err := r.connectUDP(t, "h3", echo)
@@ -372,6 +380,7 @@ func TestConnectUDPPolicyChangeEndsFlow(t *testing.T) {
 // CONNECT-UDP flow makes a second one a 429 and a tp UDP dial a refusal, and
 // closing it frees the slot.
 func TestConnectUDPSharesUDPFlowBound(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy, func(c *config.Server) { c.UDPMaxFlows = 1 })
 	echo := testnet.EchoUDP(t)
 	c, err := r.connectUDP(t, "h3", echo)
@@ -404,6 +413,7 @@ func TestConnectUDPSharesUDPFlowBound(t *testing.T) {
 // A flow without a datagram either way for udp-idle-timeout (1 s here) ends
 // cleanly: the client sees the end of the stream, not a reset.
 func TestConnectUDPIdleTimeout(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, connectPolicy, func(c *config.Server) { c.UDPIdleTimeout = time.Second })
 	echo := testnet.EchoUDP(t)
 	for _, v := range []string{"h3", "h2", "http/1.1"} {

@@ -86,7 +86,11 @@ func adminDaemon(t testing.TB, policy, adminListen string, mods ...func(*config.
 	stop := func() {
 		once.Do(func() {
 			cancel()
-			if err := <-done; err != nil {
+			err, ended := waitEnd(t, "the daemon's Serve", done, daemonStopBound(cfg.ShutdownTimeout))
+			if !ended {
+				return // Serve still runs: closing under it would only add noise
+			}
+			if err != nil {
 				t.Errorf("Serve: %v", err)
 			}
 			d.Close()
@@ -207,6 +211,7 @@ func dialerFor(t *testing.T, c *clients.Client, transport string) *clients.Diale
 // by exactly what happened, and the gauges show the agent, its name and the
 // flow while they live.
 func TestMetricsCountWhatHappened(t *testing.T) {
+	t.Parallel()
 	r, admin := metricsDaemon(t, metricsPolicy)
 	d := r.d
 	if admin == "" {
@@ -400,6 +405,7 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 // session is still live), while /healthz still answers; the admin listener
 // stops only after the drain.
 func TestReadyzWhileDraining(t *testing.T) {
+	t.Parallel()
 	r, admin := metricsDaemon(t, allowAlice)
 	alice, _, _ := enrollClient(t, r.d, r.url, "alice", "laptop")
 	conn := openSession(t, alice, testnet.Echo(t))
@@ -427,6 +433,7 @@ func TestReadyzWhileDraining(t *testing.T) {
 // Bad input: admin-listen on a port that is taken. Serve refuses with a
 // sentence naming the setting, before it serves anything.
 func TestAdminListenBusy(t *testing.T) {
+	t.Parallel()
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -454,6 +461,7 @@ func TestAdminListenBusy(t *testing.T) {
 // Unknown paths and methods on the admin listener get a 404 or 405, not the
 // metrics; the server's bounds are set.
 func TestAdminHTTPBounds(t *testing.T) {
+	t.Parallel()
 	r, admin := metricsDaemon(t, allowAlice)
 	if code, body := adminGet(t, admin, "/debug/pprof/"); code != http.StatusNotFound || !strings.Contains(body, "GET /metrics, /healthz and /readyz") {
 		t.Errorf("unknown path: %d %q", code, body)
@@ -477,6 +485,7 @@ func TestAdminHTTPBounds(t *testing.T) {
 // while tpd stays ready on the previous policy, and a good edit brings it back
 // with the new revision.
 func TestPolicyReloadMetrics(t *testing.T) {
+	t.Parallel()
 	r, admin := metricsDaemon(t, allowAlice)
 	d := r.d
 	rev0 := d.policy.Revision()

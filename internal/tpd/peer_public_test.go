@@ -50,6 +50,7 @@ func keyEpoch(t *testing.T, dsn, key string) int64 {
 // on a TCP port, no public client address). The peer-session counters count
 // what was served and refused.
 func TestPGPeerPublicGate(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	port := testnet.FreePort(t, "tcp")
 	cfg := leaseDataDir(t, dsn, nil)

@@ -33,6 +33,7 @@ func peerDaemons(t *testing.T) (a, b *daemonRun, dsn string) {
 // as the upstream). The relays see ciphertext only: the agent's data never
 // shows its plaintext marker on either instance's path (protected mode).
 func TestPGPeerForward(t *testing.T) {
+	t.Parallel()
 	a, b, _ := peerDaemons(t)
 	local := testnet.Upper(t)
 	alice, _, _ := enrollClient(t, a.d, a.url, "alice", "laptop")
@@ -65,6 +66,7 @@ func TestPGPeerForward(t *testing.T) {
 // as after a takeover B had not yet heard of) is refused with
 // reverse_offline while the current epoch opens the session.
 func TestPGPeerGate(t *testing.T) {
+	t.Parallel()
 	a, b, dsn := peerDaemons(t)
 	local := testnet.Upper(t)
 	alice, _, _ := enrollClient(t, a.d, a.url, "alice", "laptop")

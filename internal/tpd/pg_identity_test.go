@@ -20,6 +20,7 @@ import (
 // bound, though B alone serves nothing of hers; once the first agent stops
 // (and so frees its names), the same registration on B succeeds.
 func TestPGMaxReverseNamesAcrossInstances(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	cfgA := leaseDataDir(t, dsn, nil)
 	cfgA.MaxReverseNamesPerIdentity = 2
@@ -44,11 +45,11 @@ func TestPGMaxReverseNamesAcrossInstances(t *testing.T) {
 	registered := make(chan struct{}, 10)
 	agent := &clients.Agent{Dialer: d, Exposed: []clients.Exposed{{Name: "more", Local: local}}, AllowUsers: []string{"bob"},
 		Certificate: alice.ReverseCertificate, Logger: slog.New(slog.NewTextHandler(logs, nil)),
-		Registered: func([]string) { registered <- struct{}{} }}
+		Registered: func([]string) { notify(registered) }}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- agent.Run(ctx); d.Close() }()
-	t.Cleanup(func() { cancel(); <-done })
+	t.Cleanup(func() { cancel(); waitEnd(t, "the agent", done, stopBound) })
 	waitFor(t, "B refuses alice's third name", func() bool { return strings.Contains(logs.String(), "max-reverse-names-per-identity") })
 	if l := logs.String(); !strings.Contains(l, "already holds 2") || !strings.Contains(l, "on the TP server's instances") {
 		t.Fatalf("B's refusal of alice's third name: %s; want too_many_names counting A's two", l)
@@ -71,6 +72,7 @@ func TestPGMaxReverseNamesAcrossInstances(t *testing.T) {
 // over QUIC: what a client behind a load balancer does when its next
 // connection lands on another instance.
 func TestPGTicketResumesOnOtherInstance(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	cfgA := pgDataDir(t, dsn, nil)
 	cfgA.QUIC = true

@@ -69,6 +69,7 @@ func clientOn(t testing.TB, c *clients.Client, url string) *clients.Client {
 // agent there (taken over), serves svc no more itself and carries its dials
 // to B over the peer hop.
 func TestPGLeasesHolderAndTakeover(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	cfgA := leaseDataDir(t, dsn, nil)
 	a := runDaemon(t, cfgA)
@@ -117,6 +118,7 @@ func TestPGLeasesHolderAndTakeover(t *testing.T) {
 // (no gap), and alice's agent reconnecting to B takes svc there. Never do A
 // and B serve svc at once: once B serves it, A carries its dials to B.
 func TestPGLeasesSelfFencing(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	cfgA := leaseDataDir(t, dsn, nil)
 	a := runDaemon(t, cfgA)
@@ -168,6 +170,8 @@ func TestPGLeasesSelfFencing(t *testing.T) {
 // reconnections it cannot record, and once PostgreSQL is back the agent's
 // retry takes svc again and leases are renewed, without restarting tpd.
 func TestPGLeasesOutageAndRecovery(t *testing.T) {
+	t.Parallel()
+	testpg.SkipIfShort(t)
 	srv, err := testpg.New()
 	if err != nil {
 		t.Fatal(err)

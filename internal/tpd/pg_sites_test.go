@@ -22,6 +22,7 @@ import (
 // written to either data dir's sites directory. A third instance started
 // later loads it from the database without ordering.
 func TestPGSitesShareOneCertificate(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	root := t.TempDir()
 	if err := os.WriteFile(filepath.Join(root, "index.html"), []byte("hello"), 0o644); err != nil {
@@ -99,6 +100,7 @@ func waitPresented(t *testing.T, addr, name string, roots *x509.CertPool) *x509.
 // PostgreSQL (on another port, so another ACME directory URL) presents that
 // certificate without ordering one.
 func TestPGMigrateSites(t *testing.T) {
+	t.Parallel()
 	root := t.TempDir()
 	if err := os.WriteFile(filepath.Join(root, "index.html"), []byte("hello"), 0o644); err != nil {
 		t.Fatal(err)

@@ -17,11 +17,17 @@ import (
 	"github.com/tp-proxy/tp/internal/config"
 	"github.com/tp-proxy/tp/internal/pgstore"
 	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testpar"
 	"github.com/tp-proxy/tp/internal/testpg"
 	"github.com/tp-proxy/tp/internal/users"
 )
 
-func TestMain(m *testing.M) { os.Exit(testpg.Main(m)) }
+// TestMain runs many tests at once (testpar): each starts its own daemons and
+// spends most of its time waiting on them.
+func TestMain(m *testing.M) {
+	testpar.Default(8)
+	os.Exit(testpg.Main(m))
+}
 
 // pgDataDir is newDataDir for an instance on the database dsn. With peer set,
 // the new instance gets peer's CA (ca/ without its bbolt file), as every
@@ -63,6 +69,7 @@ func pgDataDir(t testing.TB, dsn string, peer *config.Server) config.Server {
 // closes the device's live session on B and B refuses it from then on; the
 // bbolt file of the embedded default is not used.
 func TestPGTwoInstancesShareUsersAndDenyList(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	cfgA := pgDataDir(t, dsn, nil)
 	a := runDaemon(t, cfgA)
@@ -115,6 +122,7 @@ func TestPGTwoInstancesShareUsersAndDenyList(t *testing.T) {
 // A second instance whose CA differs from the one the database's instances use
 // is refused at start, naming both fingerprints.
 func TestPGOtherCARefused(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	cfgA := pgDataDir(t, dsn, nil)
 	runDaemon(t, cfgA)
@@ -129,6 +137,8 @@ func TestPGOtherCARefused(t *testing.T) {
 // keeps serving enrolled devices from what it loaded, refuses enrollments and
 // revocations with a sentence, and recovers by itself when PostgreSQL is back.
 func TestPGOutageAndRecovery(t *testing.T) {
+	t.Parallel()
+	testpg.SkipIfShort(t)
 	srv, err := testpg.New() // its own server: stopping it touches no other test
 	if err != nil {
 		t.Fatal(err)
@@ -211,6 +221,7 @@ func TestPGOutageAndRecovery(t *testing.T) {
 
 // The schema a newer tpd left is refused with a sentence, before anything is served.
 func TestPGNewerSchemaRefused(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	cfg := pgDataDir(t, dsn, nil)
 	ctx := context.Background()
@@ -247,6 +258,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // account came along), the deny list still refuses. A database holding another
 // deployment's rows is refused without --force, another CA's even with it.
 func TestPGMigrateDataDir(t *testing.T) {
+	t.Parallel()
 	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
 	r := runDaemon(t, cfg)
 	echo := testnet.Echo(t)
@@ -364,6 +376,7 @@ func readyz(t *testing.T, d *Daemon) (int, string) {
 // migrated once and the CA's tables created once (step-ca's CREATE TABLE IF
 // NOT EXISTS races without the schema lock), and all three start.
 func TestPGConcurrentStart(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	first := pgDataDir(t, dsn, nil)
 	cfgs := []config.Server{first, pgDataDir(t, dsn, &first), pgDataDir(t, dsn, &first)}

@@ -69,7 +69,7 @@ func evalCPU(t *testing.T, dir string) time.Duration {
 // scheduler's time slice, under a policy-timeout ten times what one decision
 // needs. Before, the timeout ran while the decision waited for a processor, and
 // most of the burst was refused with policy_error.
-func TestTunnelBurstNotDeniedByPolicyTimeout(t *testing.T) {
+func TestTunnelBurstNotDeniedByPolicyTimeout(t *testing.T) { // not parallel: it sizes its policy by the processor time one decision takes
 	cfg := newDataDir(t, nil)
 	// Size the rule so that one decision needs 12 to 24 ms of processor time on
 	// this machine and build: a measurement that sizes the test, not an assertion.

@@ -30,6 +30,7 @@ import (
 // lost track, or A gone), B's stateless reset is accepted by the client at
 // once, where a reset with another key would be ignored until the idle timeout.
 func TestPGSharedTicketAndResetKeys(t *testing.T) {
+	t.Parallel()
 	_, dsn := testpg.NewDatabase(t)
 	cfgA := pgDataDir(t, dsn, nil)
 	cfgA.QUIC, cfgA.QUICServerID, cfgA.QUICConfigID = true, "0a", 1
@@ -187,6 +188,7 @@ func (r *switchRelay) switchTo(t *testing.T, target string) {
 // across restarts (a restarted tpd resets its old clients at once), and tickets
 // keys are the proxy's own (no key source).
 func TestResetKeyFromDataDirWithoutDatabase(t *testing.T) {
+	t.Parallel()
 	cfg := newDataDir(t, map[string]string{"tp.rego": allowAlice})
 	r := runDaemon(t, cfg)
 	k1, err := r.d.resetKey()

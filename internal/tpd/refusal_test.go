@@ -115,6 +115,7 @@ func dialRefused(t *testing.T, c *clients.Client, transport string, hello wire.C
 // over QUIC and TLS. Bad input: the agent's local service is the link-local
 // address fe80::1 without a zone, which connect(2) refuses before anything is sent.
 func TestAgentRefusalIsAbort(t *testing.T) {
+	t.Parallel()
 	port := testnet.FreePort(t, "udp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(udpPolicy, port), func(c *config.Server) { c.PublicPorts = fmt.Sprintf("%d/udp", port) })
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")

@@ -89,6 +89,7 @@ func echoThrough(t *testing.T, conn net.Conn, msg string) {
 // the shared port, app.test's handshake is refused, www.test still serves, and
 // the tunnel opened before every reload still carries data.
 func TestReloadSitesLive(t *testing.T) {
+	t.Parallel()
 	s := startSiteDaemon(t, nil)
 	s.waitSiteCert(t, "www.test")
 	s.waitSiteCert(t, "app.test")
@@ -167,6 +168,7 @@ func TestReloadSitesLive(t *testing.T) {
 // is on from the start), www.test serves over HTTPS, and a name no site has
 // gets the default site's page.
 func TestReloadFirstSite(t *testing.T) {
+	t.Parallel()
 	s := startSiteDaemon(t, func(c *config.Server) { c.Sites = nil })
 	if _, _, err := s.get("https://www.test/"); err == nil {
 		t.Fatal("www.test answers before it is configured")
@@ -192,6 +194,7 @@ func TestReloadFirstSite(t *testing.T) {
 // blog.example.test through; it is refused, naming the exposure, and the name
 // still reaches the agent.
 func TestReloadSiteRefusesExposedName(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemonCfg(t, fmt.Sprintf(publicPolicy, 1), nil)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	ca := testpki.New(t)

@@ -18,6 +18,7 @@ import (
 // one applies its limits, public ports, shutdown-timeout and log level at once
 // and says what changed.
 func TestReloadAppliesOrRefusesWhole(t *testing.T) {
+	t.Parallel()
 	d, _, _, _, _ := stoppableDaemon(t, allowAlice, time.Minute)
 	next := *d.config()
 	level := new(slog.LevelVar)
@@ -77,6 +78,7 @@ func TestReloadAppliesOrRefusesWhole(t *testing.T) {
 // naming the bad setting, the bad input here being max-conns -1), then ok with
 // the settings it changed.
 func TestReloadIsAudited(t *testing.T) {
+	t.Parallel()
 	auditPath := ""
 	d, _, _, _, _ := stoppableDaemon(t, allowAlice, time.Minute, func(c *config.Server) {
 		c.AuditLog = filepath.Join(c.DataDir, "audit.jsonl")

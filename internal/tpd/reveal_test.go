@@ -40,6 +40,7 @@ func refusal(t *testing.T, err error) *clients.RefusedError {
 // two prefixes, 6to4, Teredo and the IPv4-compatible form; before, SIIT
 // (::ffff:0:127.0.0.1, an AAAA of ::ffff:0:7f00:1) was allowed and dialled.
 func TestDefaultPolicyRefusesEmbeddedIPv4Forms(t *testing.T) {
+	t.Parallel()
 	dns := testdns.Start(t)
 	cfg := newDataDir(t, map[string]string{"alice.rego": allowAliceDials})
 	r := runDaemon(t, cfg, WithResolver(dns.Resolver()))
@@ -75,6 +76,7 @@ func TestDefaultPolicyRefusesEmbeddedIPv4Forms(t *testing.T) {
 // resolve_failed with "lookup probe.test on <resolver>:53: no such host" for a
 // missing name and a different reason for an internal one.
 func TestProbingNamesRevealsNothing(t *testing.T) {
+	t.Parallel()
 	dns := testdns.Start(t)
 	cfg := newDataDir(t, map[string]string{"alice.rego": allowAliceDials})
 	r := runDaemon(t, cfg, WithResolver(dns.Resolver()))
@@ -120,6 +122,7 @@ func TestProbingNamesRevealsNothing(t *testing.T) {
 // svc.rev.tp.internal") until alice's agent registered it and a policy denial
 // afterwards: she could watch which names are served and when.
 func TestProbingReverseNamesRevealsNothing(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	carol, _, _ := enrollClient(t, d, url, "carol", "pc")

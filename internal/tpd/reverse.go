@@ -66,9 +66,10 @@ func instanceName() string {
 func (d *Daemon) reverseOptionsBase() proxy.ReverseOptions {
 	host, _, _ := net.SplitHostPort(d.cfg.Listen)
 	return proxy.ReverseOptions{
-		Zone:         d.cfg.ReverseZone,
-		Grace:        d.cfg.ReverseGrace,
-		RestartGrace: d.cfg.ReverseRestartGrace,
+		Zone:          d.cfg.ReverseZone,
+		Grace:         d.cfg.ReverseGrace,
+		RestartGrace:  d.cfg.ReverseRestartGrace,
+		PickupTimeout: d.cfg.ReversePickupTimeout,
 		PublicPorts: func(network string, port int) bool {
 			return d.config().PublicPortAllowed(network, port) // reload.go may change them
 		},

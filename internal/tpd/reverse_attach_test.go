@@ -21,6 +21,7 @@ import (
 // asked each time (bob refused once the policy drops him, though his state is
 // there), and a revoked device refused. The relay sees no plaintext of any.
 func TestReverseProtectedAttach(t *testing.T) {
+	t.Parallel()
 	for _, transport := range []string{clients.TransportQUIC, clients.TransportTLS} {
 		t.Run(transport, func(t *testing.T) {
 			d, url := startDaemon(t, reversePolicy)

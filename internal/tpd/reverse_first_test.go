@@ -17,6 +17,7 @@ import (
 // answers them without the dialer writing them again, and the relay never sees
 // them in the clear.
 func TestReverseProtectedFirstBytes(t *testing.T) {
+	t.Parallel()
 	for _, transport := range []string{clients.TransportQUIC, clients.TransportTLS} {
 		t.Run(transport, func(t *testing.T) {
 			d, url := startDaemon(t, reversePolicy)

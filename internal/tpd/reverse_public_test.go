@@ -61,7 +61,7 @@ func runAgent(t *testing.T, c *clients.Client, transport string, exposed []clien
 	d.Transport = transport
 	registered := make(chan struct{}, 10)
 	a := &clients.Agent{Dialer: d, Exposed: exposed, AllowUsers: []string{"bob"}, Certificate: c.ReverseCertificate,
-		Registered: func([]string) { registered <- struct{}{} }, ExitOnRefusal: true}
+		Registered: func([]string) { notify(registered) }, ExitOnRefusal: true}
 	if tap != nil {
 		a.WrapData = tap.wrap
 	}
@@ -82,7 +82,7 @@ func runAgent(t *testing.T, c *clients.Client, transport string, exposed []clien
 		if !stopped {
 			stopped = true
 			cancel()
-			<-errc
+			waitEnd(t, "the agent", errc, stopBound)
 		}
 	}
 	t.Cleanup(stop)
@@ -134,6 +134,7 @@ func wantRefused(t *testing.T, err error, code, text string) {
 // does not allow and a port held by another identity are refused; the port closes
 // when the agent unregisters, and after the grace period when it drops off.
 func TestReversePublicTCP(t *testing.T) {
+	t.Parallel()
 	port, denied, outside := testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(publicPolicy, port), func(c *config.Server) {
 		c.PublicPorts = fmt.Sprintf("%d, %d", port, denied)
@@ -211,6 +212,7 @@ func TestReversePublicTCP(t *testing.T) {
 // tpd's own names, names under the reverse zone and names the policy does not
 // allow are refused; the name stops routing when the agent stops.
 func TestReversePublicSNI(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemonCfg(t, fmt.Sprintf(publicPolicy, 1), func(c *config.Server) { c.Names = append(c.Names, "tp.example.test") })
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	ca := testpki.New(t)
@@ -263,6 +265,7 @@ func TestReversePublicSNI(t *testing.T) {
 
 // The refusals of SNI pass-through names: tpd's own names and websites.
 func TestPublicSNIAllowed(t *testing.T) {
+	t.Parallel()
 	d := &Daemon{cfg: config.DefaultServer()}
 	h, err := website.New(website.Options{Sites: []website.Site{{Name: "www.test", Root: t.TempDir()}}, OwnNames: []string{"tp.test"}, Own: http.NotFoundHandler()})
 	if err != nil {
@@ -281,6 +284,7 @@ func TestPublicSNIAllowed(t *testing.T) {
 // reset, never a clean end — whether the agent's TLS data connection ends
 // without close_notify or its QUIC stream is reset.
 func TestReversePublicAgentDies(t *testing.T) {
+	t.Parallel()
 	port := testnet.FreePort(t, "tcp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(publicPolicy, port), func(c *config.Server) { c.PublicPorts = strconv.Itoa(port) })
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")

@@ -34,6 +34,7 @@ func (l lineLog) Write(p []byte) (int, error) {
 // a policy without a listen rule for alice: first before the agent ever
 // registered, then again (the live session re-checked and ended) after it did.
 func TestReverseAgentRetriesPolicyDenial(t *testing.T) {
+	t.Parallel()
 	denyAlice := strings.Replace(reversePolicy, `input.identity.user in {"alice", "mallory"}`, `input.identity.user == "mallory"`, 1)
 	for _, transport := range []string{clients.TransportQUIC, clients.TransportTLS} {
 		t.Run(transport, func(t *testing.T) {
@@ -58,12 +59,12 @@ func TestReverseAgentRetriesPolicyDenial(t *testing.T) {
 			a := &clients.Agent{Dialer: dl, Exposed: []clients.Exposed{{Name: "svc", Local: testnet.Upper(t)}},
 				AllowUsers: []string{"bob"}, Certificate: alice.ReverseCertificate,
 				Logger:     slog.New(slog.NewTextHandler(lines, nil)),
-				Registered: func([]string) { registered <- struct{}{} }}
+				Registered: func([]string) { notify(registered) }}
 			ctx, cancel := context.WithCancel(context.Background())
 			var runErr error
 			done := make(chan struct{}) // closed when Run returned runErr
 			go func() { runErr = a.Run(ctx); dl.Close(); close(done) }()
-			t.Cleanup(func() { cancel(); <-done })
+			t.Cleanup(func() { cancel(); waitEnd(t, "the agent", done, stopBound) })
 
 			// refusals waits for n log lines that say the policy refused the names
 			// and that the agent retries, while the agent must not end.
@@ -125,6 +126,7 @@ func dialReverseAs(t *testing.T, d *Daemon, url string, msg []byte) ([]byte, err
 // the server's reason instead. The bad input is the same policy without a listen
 // rule for alice.
 func TestReverseAgentExitOnRefusal(t *testing.T) {
+	t.Parallel()
 	denyAlice := strings.Replace(reversePolicy, `input.identity.user in {"alice", "mallory"}`, `input.identity.user == "mallory"`, 1)
 	d, url := startDaemon(t, denyAlice)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
@@ -198,6 +200,7 @@ func (g *gate) set(open bool) {
 // once it is free, instead of exiting for good. The bad input is mallory's
 // registration of alice's name while alice's agent cannot reach tpd.
 func TestReverseAgentRetriesLostName(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemonCfg(t, reversePolicy, func(c *config.Server) { c.ReverseGrace = time.Second })
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	mallory, _, _ := enrollClient(t, d, url, "mallory", "pc")
@@ -214,12 +217,12 @@ func TestReverseAgentRetriesLostName(t *testing.T) {
 	a := &clients.Agent{Dialer: dl, Exposed: []clients.Exposed{{Name: "svc", Local: local}},
 		AllowUsers: []string{"bob"}, Certificate: alice.ReverseCertificate,
 		Logger:     slog.New(slog.NewTextHandler(lines, nil)),
-		Registered: func([]string) { registered <- struct{}{} }}
+		Registered: func([]string) { notify(registered) }}
 	ctx, cancel := context.WithCancel(context.Background())
 	var runErr error
 	done := make(chan struct{})
 	go func() { runErr = a.Run(ctx); dl.Close(); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	t.Cleanup(func() { cancel(); waitEnd(t, "the agent", done, stopBound) })
 	waitRegistered := func(what string) {
 		t.Helper()
 		select {

@@ -96,7 +96,7 @@ func startAgent(t testing.TB, c *clients.Client, transport, local string, allowU
 		Exposed:     []clients.Exposed{{Name: "svc", Local: local}},
 		AllowUsers:  allowUsers,
 		Certificate: c.ReverseCertificate,
-		Registered:  func([]string) { registered <- struct{}{} },
+		Registered:  func([]string) { notify(registered) },
 	}
 	if tap != nil {
 		a.WrapData = tap.wrap
@@ -118,7 +118,7 @@ func startAgent(t testing.TB, c *clients.Client, transport, local string, allowU
 		if !stopped {
 			stopped = true
 			cancel()
-			<-errc
+			waitEnd(t, "the agent", errc, stopBound)
 		}
 	}
 	t.Cleanup(stop)
@@ -147,6 +147,7 @@ func dialReverse(c *clients.Client, transport string, msg []byte) ([]byte, error
 // Protected mode end to end over both carriers: bob reaches alice's service through
 // the relay, the relay forwards only ciphertext, carol is refused by policy.
 func TestReverseProtected(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
@@ -187,6 +188,7 @@ func TestReverseProtected(t *testing.T) {
 // Both layers decide: dave passes the relay's policy but not the agent's allow
 // list; carol would pass the agent's list but not the policy.
 func TestReverseBothLayers(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	dave, _, _ := enrollClient(t, d, url, "dave", "pc")
@@ -207,6 +209,7 @@ func TestReverseBothLayers(t *testing.T) {
 // owner is online, nor in the grace period after the owner dropped off, nor get a
 // certificate for it; the owner's reconnect takes it back.
 func TestReverseNameHijack(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	mallory, _, _ := enrollClient(t, d, url, "mallory", "pc")
@@ -279,6 +282,7 @@ func runMallory(t *testing.T, c *clients.Client) error {
 // An agent that dies mid-transfer (its streams cut without TLS close_notify) is an
 // error for the dialer, never a silent short read.
 func TestReverseAgentDiesMidTransfer(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")

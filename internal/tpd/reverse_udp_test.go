@@ -73,6 +73,7 @@ func udpExchange(t *testing.T, c net.Conn, msg []byte) []byte {
 // datagrams arrive whole; a port outside public-ports for UDP, or one the policy
 // does not allow for UDP, is refused; the port closes when the agent stops.
 func TestReversePublicUDP(t *testing.T) {
+	t.Parallel()
 	port, tcpOnly := testnet.FreePort(t, "udp"), testnet.FreePort(t, "udp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(udpPolicy, port), func(c *config.Server) {
 		c.PublicPorts = fmt.Sprintf("%d/udp, %d/tcp", port, tcpOnly)
@@ -163,6 +164,7 @@ func waitUDPFree(t *testing.T, port int) {
 // session, so the relay never sees them; dave passes the policy but not the
 // agent's allow list; a TCP dial of the UDP name is refused with a hint.
 func TestReverseProtectedUDP(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, fmt.Sprintf(udpPolicy, 1))
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
@@ -221,6 +223,7 @@ func TestReverseProtectedUDP(t *testing.T) {
 // the served clients are unaffected, and once a session idles out the extra
 // client is served.
 func TestReversePublicUDPBounds(t *testing.T) {
+	t.Parallel()
 	port := testnet.FreePort(t, "udp")
 	d, url := startDaemonCfg(t, fmt.Sprintf(udpPolicy, port), func(c *config.Server) {
 		c.PublicPorts = fmt.Sprintf("%d/udp", port)

@@ -22,6 +22,7 @@ import (
 // tunnel goes, a new handshake for the name is refused too; held again, the
 // stored certificate is served without a new order.
 func TestReverseHTTPCertACME(t *testing.T) {
+	t.Parallel()
 	e := startRevHTTP(t)
 	const app = "acme.rev.tp.internal"
 	root := rootPool(e.d)
@@ -105,6 +106,7 @@ func TestReverseHTTPCertACME(t *testing.T) {
 // Bad input: one order more than the burst at once is refused, and allowed
 // again only once an interval has passed (the times are given, not waited for).
 func TestExposedIssueBucket(t *testing.T) {
+	t.Parallel()
 	var b issueBucket
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	for i := range exposedIssueBurst {

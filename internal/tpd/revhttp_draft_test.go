@@ -262,6 +262,7 @@ func (r *connectRig) website(t *testing.T, name, path string) (int, string) {
 // what was selected. Bad input: an ALPN field offering only a protocol TP
 // cannot speak inside (400).
 func TestDraftClientExposesHTTPApp(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, draftPolicy)
 	zone := r.d.cfg.ReverseZone
 	for i, version := range []string{"http/1.1", "h2", "h3"} {
@@ -347,6 +348,7 @@ func dialPublic(t *testing.T, port int) *net.TCPConn {
 // HTTP/1.1 (close_notify) and h3 (FIN) accept carries half-close; over h2 it
 // does not (docs/HTTP.md §4), so there the echo is read by length.
 func TestDraftClientListenTCP(t *testing.T) {
+	t.Parallel()
 	ports := []int{testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp")}
 	r := newConnectRig(t, draftPolicy, func(c *config.Server) {
 		c.PublicPorts = fmt.Sprintf("%d, %d, %d", ports[0], ports[1], ports[2])
@@ -450,6 +452,7 @@ func TestDraftClientListenTCP(t *testing.T) {
 // a port outside public-ports and a device the policy refuses get 403 with a
 // reason.
 func TestListenTCPSharesPublicPorts(t *testing.T) {
+	t.Parallel()
 	held, agentPort, outside := testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp")
 	r := newConnectRig(t, draftPolicy, func(c *config.Server) {
 		c.PublicPorts = fmt.Sprintf("%d, %d", held, agentPort)
@@ -505,6 +508,7 @@ func TestListenTCPSharesPublicPorts(t *testing.T) {
 // an abort (a TCP reset; a stream reset), never as a clean end after a short
 // reply.
 func TestDraftClientListenTCPHalfCloseIsNoSilentCut(t *testing.T) {
+	t.Parallel()
 	ports := []int{testnet.FreePort(t, "tcp"), testnet.FreePort(t, "tcp")}
 	r := newConnectRig(t, draftPolicy, func(c *config.Server) { c.PublicPorts = fmt.Sprintf("%d, %d", ports[0], ports[1]) })
 	const reply = "the reply the service sends after the public client's end"
@@ -564,6 +568,7 @@ func TestDraftClientListenTCPHalfCloseIsNoSilentCut(t *testing.T) {
 // every establishment (HTTP/1.1: a TCP reset; h2: RST_STREAM; h3: a stream
 // reset), so the service never takes the cut for a clean end.
 func TestDraftClientTunnelCutByPolicy(t *testing.T) {
+	t.Parallel()
 	r := newConnectRig(t, draftPolicy)
 	type open struct {
 		version string

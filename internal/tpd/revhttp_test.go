@@ -130,6 +130,7 @@ func (e *revHTTPEnv) url(name, path string) string {
 // connection, the alert on a new one), a devices-only name without a device
 // certificate (403, never forwarded).
 func TestReverseHTTPSite(t *testing.T) {
+	t.Parallel()
 	e := startRevHTTP(t)
 	const app, other = "app.rev.tp.internal", "other.rev.tp.internal"
 	e.reg.hold(app, testHeld{rt: e.rt})
@@ -226,6 +227,7 @@ func TestReverseHTTPSite(t *testing.T) {
 // DevicesOnlyName; here the connection state is given as the handshake would
 // leave it.)
 func TestReverseHTTPDevicesOnly(t *testing.T) {
+	t.Parallel()
 	e := startRevHTTP(t)
 	const private = "private.rev.tp.internal"
 	e.reg.hold(private, testHeld{rt: e.rt, devicesOnly: true})
@@ -274,6 +276,7 @@ func TestReverseHTTPDevicesOnly(t *testing.T) {
 // another CA, a revoked device's certificate — each refused at the handshake,
 // the app seeing nothing. The name turned public again asks for nothing.
 func TestReverseHTTPDevicesOnlyHandshake(t *testing.T) {
+	t.Parallel()
 	e := startRevHTTP(t)
 	const private = "private.rev.tp.internal"
 	e.reg.hold(private, testHeld{rt: e.rt, devicesOnly: true})

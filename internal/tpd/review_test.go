@@ -23,6 +23,7 @@ import (
 // account from anyone who does not hold a name: nobody can fill the CA database
 // without credentials, and no reverse certificate can pass as a client.
 func TestReverseCertificatesServerOnlyAndBound(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, reversePolicy)
 	alice, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	stop, _ := startAgent(t, alice, "tls", testnet.Echo(t), []string{"bob"}, nil)
@@ -50,6 +51,7 @@ func TestReverseCertificatesServerOnlyAndBound(t *testing.T) {
 // A device on the deny list gets no attestation (so no new certificate) and
 // whoami reports it as revoked.
 func TestDenyListedDeviceCannotLogIn(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, allowAlice)
 	c, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	d.DenyList().Add(authz.DenyDevice, "alice@laptop")
@@ -74,6 +76,7 @@ func TestDenyListedDeviceCannotLogIn(t *testing.T) {
 // Names under the reverse zone that are not one-label reverse names (bad input:
 // "a.b.<zone>", the zone itself) are refused without a DNS lookup or a dial.
 func TestReverseZoneNeverLeaksToDNS(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, reversePolicy)
 	bob, _, _ := enrollClient(t, d, url, "bob", "phone")
 	dl, err := bob.Dialer()

@@ -122,6 +122,7 @@ func fetch(t *testing.T, c *http.Client, url string) (*http.Response, string) {
 // tunnel at the same time, and a request for one site on a connection for the
 // other gets 421.
 func TestSitesOverACMEAndAllProtocols(t *testing.T) {
+	t.Parallel()
 	s := startSiteDaemon(t, nil)
 	for _, name := range []string{"www.test", "app.test"} {
 		leaf := s.waitSiteCert(t, name)
@@ -209,6 +210,7 @@ func TestSitesOverACMEAndAllProtocols(t *testing.T) {
 
 // The plain-HTTP listener redirects to HTTPS for known names and refuses others.
 func TestHTTPListenRedirects(t *testing.T) {
+	t.Parallel()
 	s := startSiteDaemon(t, func(c *config.Server) { c.HTTPListen = "127.0.0.1:0" })
 	s.waitSiteCert(t, "www.test") // Serve is running: the plain-HTTP listener is open
 	addr := s.d.web.http.Load()
@@ -239,6 +241,7 @@ func TestHTTPListenRedirects(t *testing.T) {
 
 // A pass-through lookup cannot take tpd's own names or a site's.
 func TestPassthroughGuard(t *testing.T) {
+	t.Parallel()
 	d := &Daemon{cfg: config.DefaultServer()}
 	if err := d.newWebsite(http.NotFoundHandler()); err != nil {
 		t.Fatal(err)

@@ -19,6 +19,7 @@ import (
 // learns the truth from whoami, proving itself with its certificate's key:
 // accepted, then revoked. It once got only "device key missing".
 func TestWhoamiWithoutDeviceKey(t *testing.T) {
+	t.Parallel()
 	d, url := startDaemon(t, allowAlice)
 	c, _, _ := enrollClient(t, d, url, "alice", "laptop")
 	ctx := context.Background()

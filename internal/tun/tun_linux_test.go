@@ -20,6 +20,9 @@ func TestOpenWithoutCapNetAdminSaysSo(t *testing.T) {
 		}
 		return
 	}
+	if testing.Short() {
+		t.Skip("runs itself in a user namespace of its own (unshare -r); skipped under -short")
+	}
 	cmd := exec.Command("unshare", "-r", os.Args[0], "-test.run=^TestOpenWithoutCapNetAdminSaysSo$", "-test.v")
 	cmd.Env = append(os.Environ(), "TP_TUN_NO_CAP=1")
 	out, err := cmd.CombinedOutput()

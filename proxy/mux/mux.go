@@ -80,6 +80,10 @@ type Options struct {
 	// client opens streams on a connection (it closes it once its streams
 	// ended).
 	Tick, Dead, Idle, ServerIdle, Life time.Duration
+	// Linger bounds how long a closed stream waits for the peer to end its
+	// direction (FIN) before it is cut, as a closed TCP socket waits in
+	// FIN_WAIT_2 (Stream.Close); zero is 10 s.
+	Linger time.Duration
 	// WriteFrames, when set, writes whole frames (b) to conn (e.g. one inner
 	// TLS record per frame); the default is one conn.Write.
 	WriteFrames func(conn net.Conn, b []byte) error
@@ -118,6 +122,7 @@ func (o Options) withDefaults() Options {
 	dur(&o.Idle, 60*time.Second)
 	dur(&o.ServerIdle, 2*time.Minute)
 	dur(&o.Life, time.Hour)
+	dur(&o.Linger, 10*time.Second)
 	if o.Label == "" {
 		o.Label = "multiplexed connection"
 	}

@@ -282,3 +282,26 @@ func TestTinyFramesHoldBoundedMemory(t *testing.T) {
 		})
 	}
 }
+
+// A closed stream whose peer neither ends its direction nor sends more (bad
+// input: a peer that keeps a stream half open for ever) is cut after Linger:
+// the stream is gone at both ends, and the peer's writes fail as a cut.
+func TestCloseLingerCuts(t *testing.T) {
+	client, accepted := pair(t, mux.Options{AbortCodes: true, Linger: 100 * time.Millisecond})
+	st, err := client.Open(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ss := <-accepted
+	if err := ss.Close(); err != nil { // the server's end; the client's stays open
+		t.Fatal(err)
+	}
+	_ = st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if b, err := io.ReadAll(st); err != nil || len(b) != 0 {
+		t.Fatalf("after the server's Close the client read %q, %v; want its FIN", b, err)
+	}
+	waitStreams(t, client, 0)
+	if _, err := st.Write([]byte("x")); !errors.Is(err, wire.ErrTruncated) {
+		t.Fatalf("writing to a stream cut after the linger: %v; want a cut (%v)", err, wire.ErrTruncated)
+	}
+}

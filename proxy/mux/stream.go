@@ -346,15 +346,11 @@ func (s *Stream) CloseWrite() error {
 	return err
 }
 
-// closeLinger bounds how long a closed stream waits for the peer to end its
-// direction (FIN) before it is cut, as a closed TCP socket waits in FIN_WAIT_2.
-const closeLinger = 10 * time.Second
-
 // Close ends the stream as closing a TCP socket does: FIN for an open write
 // direction; when the peer's direction has not ended, ABORT at once if data
 // of it was left unread, else only once more of it arrives (it is not read:
 // the peer's writes fail, as a TCP reset makes them) or the peer has not
-// ended it within closeLinger. A peer that ends its direction then sees a
+// ended it within Options.Linger. A peer that ends its direction then sees a
 // clean end, as over TLS (close_notify) or QUIC (FIN and STOP_SENDING 0).
 func (s *Stream) Close() error {
 	s.mu.Lock()
@@ -368,7 +364,7 @@ func (s *Stream) Close() error {
 	unread := len(s.rq) > 0
 	s.dropReceivedLocked()
 	if readOpen && !unread {
-		s.linger = time.AfterFunc(closeLinger, s.cutClosed)
+		s.linger = time.AfterFunc(s.m.o.Linger, s.cutClosed)
 	}
 	s.mu.Unlock()
 	signal(s.rwake)
@@ -392,7 +388,7 @@ func (s *Stream) Close() error {
 }
 
 // cutClosed cuts a closed stream whose peer did not end its direction: more
-// of it arrived, which nobody reads, or closeLinger passed.
+// of it arrived, which nobody reads, or Options.Linger passed.
 func (s *Stream) cutClosed() {
 	s.mu.Lock()
 	ended := s.rfin || s.rerr != nil
