@@ -116,6 +116,7 @@ func (p *tpProc) wantCutExit(t *testing.T, who string) {
 // resets. Bad input: the destination's RST. `tp HOST PORT` prints what came,
 // then exits non-zero naming the destination, over TLS and QUIC.
 func TestProxyCommandReportsDestinationReset(t *testing.T) {
+	t.Parallel()
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	addr := testnet.Serve(t, func(c *net.TCPConn) {
@@ -149,6 +150,7 @@ func TestProxyCommandReportsDestinationReset(t *testing.T) {
 // the protected name exits non-zero and says the exposed service's side was cut,
 // over TLS and QUIC.
 func TestProxyCommandReportsAgentKilled(t *testing.T) {
+	t.Parallel()
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
 	srv := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := srv.login(t, "alice", "laptop")
@@ -293,6 +295,7 @@ const shortTransfer, longTransfer = 16, 200
 // within the grace period do, with the right checksum; the rest end with an
 // error at their client. None ends silently short.
 func TestSIGTERMNeverTruncates(t *testing.T) {
+	t.Parallel()
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	var shortOK, longCut int
@@ -319,6 +322,7 @@ func TestSIGTERMNeverTruncates(t *testing.T) {
 // running is cut with an error that says why (over TLS a revoked device cannot
 // ask, so there it is a cut without the reason); none ends silently short.
 func TestRevokeAndPolicyChangeCutTransfers(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, code string
 		event      func(t *testing.T, srv *server)

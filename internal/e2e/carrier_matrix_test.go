@@ -100,6 +100,7 @@ func (r *carrierRow) through(t testing.TB, env []string, relay *carrierRelay) []
 // 127.0.0.2) with the checksum matching. The udp row also loses UDP
 // mid-transfer with --carrier auto, and the transfer completes over tls.
 func TestCarrierMatrix(t *testing.T) {
+	t.Parallel()
 	for _, carrier := range clients.Carriers {
 		t.Run(carrier, func(t *testing.T) {
 			t.Parallel()

@@ -51,7 +51,7 @@ func newCarrierNet(t *testing.T) *carrierNet {
 // newCarrierNetWith is newCarrierNet with tpd's policy.
 func newCarrierNetWith(t *testing.T, policy string) *carrierNet {
 	t.Helper()
-	p := fmt.Sprintf("tpcr%d", os.Getpid()%100000)
+	p := nsName("tpcr")
 	n := &carrierNet{C: p + "c", T: p + "t"}
 	for _, ns := range []string{n.C, n.T} {
 		sh(t, "ip", "netns", "add", ns)
@@ -221,6 +221,7 @@ func (n *carrierNet) rememberedCarrier(t *testing.T) (string, string) {
 // tpd, which sends the carrier straight into the dropped path: tp fails with
 // a sentence, within its timeout.
 func TestCarrierEnvProxyInNamespace(t *testing.T) {
+	t.Parallel()
 	n := newCarrierNet(t)
 	n.startTinyproxy(t, mustAtoi(t, n.tpdPort(t)))
 	n.blockInC(t, true, true)
@@ -296,6 +297,7 @@ func mustAtoi(t *testing.T, s string) int {
 // pause in the echo stream is the time the session took to move (a figure,
 // logged, not asserted).
 func TestCarrierUDPDroppedMidTransferInNamespace(t *testing.T) {
+	t.Parallel()
 	n := newCarrierNet(t)
 	n.startTinyproxy(t, 0)
 	n.blockInC(t, false, true)
@@ -448,7 +450,8 @@ func startCarrierForward(t *testing.T, ns string, env []string, target string, f
 // asked twice, and is empty where there is no route. Bad input: a server
 // address that is not host:port.
 func TestNetworkIDInNamespace(t *testing.T) {
-	ns := fmt.Sprintf("tpnid%d", os.Getpid()%100000)
+	t.Parallel()
+	ns := nsName("tpnid")
 	sh(t, "ip", "netns", "add", ns)
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
 	for _, c := range [][]string{

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -22,7 +24,21 @@ import (
 // bin holds the tpd, tp and dlogin binaries built once for the whole package.
 var bin string
 
+// defaultParallel is how many tests of this package run at once unless
+// -parallel says otherwise. Each test mostly waits on processes (tpd, tp,
+// sshd, PostgreSQL) starting, draining and reconnecting rather than using the
+// CPU, so more tests than the default (GOMAXPROCS, 2 on a small CI machine)
+// run at once; few enough that their processes do not starve each other of
+// CPU on a loaded 2-core machine.
+const defaultParallel = 8
+
 func TestMain(m *testing.M) {
+	flag.Parse()
+	parallelSet := false
+	flag.Visit(func(f *flag.Flag) { parallelSet = parallelSet || f.Name == "test.parallel" })
+	if !parallelSet {
+		flag.Set("test.parallel", strconv.Itoa(defaultParallel))
+	}
 	dir, err := os.MkdirTemp("", "tp-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -68,20 +84,21 @@ type server struct {
 }
 
 // startServer initialises a data dir, installs policy (replacing the default
-// policy when not empty) and runs `tpd serve` on a free loopback port.
-func startServer(t *testing.T, policy string) *server {
+// policy when not empty) and runs `tpd serve` on a free loopback port; env
+// (TP_... settings) goes to tpd init and tpd serve.
+func startServer(t *testing.T, policy string, env ...string) *server {
 	t.Helper()
-	s := startTPD(t, initTPD(t, policy), "127.0.0.1:0", nil)
+	s := startTPD(t, initTPD(t, policy, env...), "127.0.0.1:0", env)
 	s.mustStop = true
 	return s
 }
 
 // initTPD makes a data dir whose only policy file is policy (when not empty;
-// else the default policy stays).
-func initTPD(t testing.TB, policy string) string {
+// else the default policy stays); env goes to tpd init.
+func initTPD(t testing.TB, policy string, env ...string) string {
 	t.Helper()
 	dataDir := filepath.Join(t.TempDir(), "tpdata")
-	run(t, nil, binary("tpd"), "init", "--data-dir", dataDir)
+	run(t, env, binary("tpd"), "init", "--data-dir", dataDir)
 	if policy != "" {
 		if err := os.WriteFile(filepath.Join(dataDir, "policy", "tp.rego"), []byte(policy), 0o600); err != nil {
 			t.Fatal(err)

@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -41,7 +42,7 @@ type ipNet struct {
 
 func newIPNet(t testing.TB) *ipNet {
 	t.Helper()
-	p := fmt.Sprintf("tpip%d", os.Getpid()%100000)
+	p := nsName("tpip")
 	n := &ipNet{C: p + "c", T: p + "t", S: p + "s"}
 	for _, ns := range []string{n.C, n.T, n.S} {
 		sh(t, "ip", "netns", "add", ns)
@@ -66,6 +67,16 @@ func newIPNet(t testing.TB) *ipNet {
 	// Deleting C's first address keeps the second (the address change below).
 	sh(t, "ip", "netns", "exec", n.C, "sysctl", "-qw", "net.ipv4.conf.c0.promote_secondaries=1")
 	return n
+}
+
+// nsSeq numbers the network namespaces this test binary makes, so that tests
+// running in parallel each get their own.
+var nsSeq atomic.Int64
+
+// nsName is a network namespace name unique to this binary and call: prefix,
+// the process ID, a sequence number.
+func nsName(prefix string) string {
+	return fmt.Sprintf("%s%d-%d", prefix, os.Getpid()%100000, nsSeq.Add(1))
 }
 
 func sh(t testing.TB, args ...string) string {
@@ -273,6 +284,7 @@ func dialIn(t testing.TB, ns, addr string) net.Conn {
 // TUN_CLIENT_ID; and when the client host's address changes in the middle of a
 // transfer, the transfer completes with the right checksum.
 func TestIPTunnelTPIP(t *testing.T) {
+	t.Parallel()
 	n, env, hookDir := startIPE2E(t)
 	tpip := startTPIP(t, n.C, env)
 	if !strings.Contains(tpip.String(), "over=HTTP/3") {
@@ -285,6 +297,7 @@ func TestIPTunnelTPIP(t *testing.T) {
 // The same over TCP: `tp ip --transport tls` runs CONNECT-IP over HTTP/2 with
 // DATAGRAM capsules, for networks that pass no UDP.
 func TestIPTunnelTPIPOverTCP(t *testing.T) {
+	t.Parallel()
 	n, env, hookDir := startIPE2E(t)
 	tpip := startTPIP(t, n.C, env, "--transport", "tls")
 	if !strings.Contains(tpip.String(), "over=HTTP/2") {
