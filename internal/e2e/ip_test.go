@@ -89,21 +89,39 @@ func sh(t testing.TB, args ...string) string {
 }
 
 // inNS runs f on a thread moved into the namespace ns: sockets f creates live
-// there (and work from any thread afterwards). The thread is not reused.
+// there (and work from any thread afterwards). The thread then moves back and
+// serves other goroutines again. It must not end: a process started from it
+// with a parent-death signal (testpg's PostgreSQL, which every test on the
+// database shares) would get that signal when it does. Only a thread that
+// cannot move back ends, with its goroutine.
 func inNS(t testing.TB, ns string, f func()) {
 	t.Helper()
 	done := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		var err error
+		defer func() { done <- err }() // also when f ends the goroutine
+		runtime.LockOSThread()
+		back, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			runtime.UnlockOSThread()
+			return
+		}
+		defer unix.Close(back)
 		fd, err := unix.Open("/var/run/netns/"+ns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err == nil {
 			err = unix.Setns(fd, unix.CLONE_NEWNET)
 			unix.Close(fd)
 		}
-		if err == nil {
-			f()
+		if err != nil {
+			runtime.UnlockOSThread() // still in its own namespace
+			return
 		}
-		done <- err
+		defer func() {
+			if unix.Setns(back, unix.CLONE_NEWNET) == nil {
+				runtime.UnlockOSThread()
+			}
+		}()
+		f()
 	}()
 	if err := <-done; err != nil {
 		t.Fatalf("entering namespace %s: %v", ns, err)
@@ -135,7 +153,7 @@ ip := {"routes": ["10.201.2.0/24"]} if input.action == "ip"
 func startTPDIn(t testing.TB, ns, dataDir, listen string, env []string) *server {
 	t.Helper()
 	s := &server{DataDir: dataDir, log: &testlog.Buffer{}, done: make(chan struct{}), mustStop: true}
-	s.cmd = exec.Command("ip", "netns", "exec", ns, binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen,
+	s.cmd = command("ip", "netns", "exec", ns, binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen,
 		"--name", "localhost", "--name", strings.Split(listen, ":")[0])
 	s.cmd.Env = append(os.Environ(), env...)
 	stdout, err := s.cmd.StdoutPipe()
@@ -198,7 +216,7 @@ func startTPIP(t testing.TB, ns string, env []string, args ...string) *testlog.B
 func startTPIPProc(t testing.TB, ns string, env []string, args ...string) (*testlog.Buffer, <-chan struct{}) {
 	t.Helper()
 	log := &testlog.Buffer{}
-	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, binary("tp"), "ip", "--proxy-name", "proxy.localhost"}, args...)...)
+	cmd := command("ip", append([]string{"netns", "exec", ns, binary("tp"), "ip", "--proxy-name", "proxy.localhost"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stderr, cmd.Stdout = log, log
 	if err := cmd.Start(); err != nil {
