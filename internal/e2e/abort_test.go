@@ -37,7 +37,7 @@ type tpProc struct {
 func startTP(t *testing.T, env []string, host string, port int) *tpProc {
 	t.Helper()
 	p := &tpProc{stderr: &testlog.Buffer{}, done: make(chan error, 1)}
-	p.cmd = exec.Command(binary("tp"), host, strconv.Itoa(port))
+	p.cmd = command(binary("tp"), host, strconv.Itoa(port))
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stderr = p.stderr
 	stdinR, stdinW, err := os.Pipe() // kept open: like ssh, which never closes its side first here

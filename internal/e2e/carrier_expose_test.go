@@ -90,7 +90,7 @@ func TestExposeAutoUDPDroppedInNamespace(t *testing.T) {
 // exposeCmdIn is `tp expose args...` in the namespace ns, its standard
 // output and error going to the returned log.
 func exposeCmdIn(ns string, env []string, args ...string) (*exec.Cmd, *testlog.Buffer) {
-	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, binary("tp"), "expose"}, args...)...)
+	cmd := command("ip", append([]string{"netns", "exec", ns, binary("tp"), "expose"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	log := &testlog.Buffer{}
 	cmd.Stdout, cmd.Stderr = log, log

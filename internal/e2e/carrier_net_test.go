@@ -103,7 +103,7 @@ func (n *carrierNet) startTinyproxy(t *testing.T, connectPort int) {
 		t.Fatal(err)
 	}
 	log := &testlog.Buffer{}
-	cmd := exec.Command("ip", "netns", "exec", n.T, "tinyproxy", "-d", "-c", filepath.Join(dir, "tinyproxy.conf"))
+	cmd := command("ip", "netns", "exec", n.T, "tinyproxy", "-d", "-c", filepath.Join(dir, "tinyproxy.conf"))
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("starting tinyproxy (apt-get install tinyproxy; deploy/test.sh --deps installs it): %v", err)
@@ -404,7 +404,7 @@ func TestCarrierUDPDroppedMidTransferInNamespace(t *testing.T) {
 func startCarrierForward(t *testing.T, ns string, env []string, target string, flags ...string) (string, *testlog.Buffer) {
 	t.Helper()
 	args := append(append([]string{"netns", "exec", ns, binary("tp"), "forward"}, flags...), "127.0.0.1:0", target)
-	cmd := exec.Command("ip", args...)
+	cmd := command("ip", args...)
 	cmd.Env = append(os.Environ(), env...)
 	log := &testlog.Buffer{}
 	cmd.Stdout, cmd.Stderr = log, log

@@ -12,7 +12,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -98,7 +97,7 @@ LogLevel ERROR
 		t.Fatal(err)
 	}
 	log := &testlog.Buffer{}
-	cmd := exec.Command(path, "-D", "-e", "-f", cfgPath)
+	cmd := command(path, "-D", "-e", "-f", cfgPath)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -123,7 +122,7 @@ func (s *sshd) ssh(t *testing.T, env []string, host, command string) (string, st
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "ssh", "-F", "/dev/null",
+	cmd := commandContext(ctx, "ssh", "-F", "/dev/null",
 		"-o", "BatchMode=yes",
 		"-o", "StrictHostKeyChecking=no",
 		"-o", "UserKnownHostsFile=/dev/null",
@@ -348,7 +347,7 @@ func TestForwardIntegrity(t *testing.T) {
 // standard error, which is shown when the test fails.
 func startForward(t testing.TB, env []string, target string, flags ...string) (string, *testlog.Buffer) {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), append(append([]string{"forward"}, flags...), "127.0.0.1:0", target)...)
+	cmd := command(binary("tp"), append(append([]string{"forward"}, flags...), "127.0.0.1:0", target)...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

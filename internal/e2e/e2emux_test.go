@@ -9,7 +9,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"regexp"
 	"strings"
 	"sync"
@@ -25,7 +24,7 @@ import (
 // and a stop that ends it (SIGINT, then SIGKILL after 10 s).
 func runForward(t *testing.T, env []string, target string) (addr string, log *testlog.Buffer, stop func()) {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), "forward", "127.0.0.1:0", target)
+	cmd := command(binary("tp"), "forward", "127.0.0.1:0", target)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

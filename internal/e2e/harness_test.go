@@ -78,6 +78,24 @@ func TestMain(m *testing.M) {
 
 func binary(name string) string { return filepath.Join(bin, name) }
 
+// command is exec.Command for a process the tests run (tpd, tp, sshd, ...):
+// the kernel kills it when the test binary ends, so that a binary ended past
+// its cleanups (a test's timeout panics) leaves no process behind. The
+// signal follows the thread that started the process, and this package ends
+// none of its threads (inNS).
+func command(name string, args ...string) *exec.Cmd {
+	cmd := exec.Command(name, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return cmd
+}
+
+// commandContext is command with exec.CommandContext's bound.
+func commandContext(ctx context.Context, name string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return cmd
+}
+
 // server is a running `tpd serve` process.
 type server struct {
 	DataDir     string
@@ -122,7 +140,7 @@ func initTPD(t testing.TB, policy string, env ...string) string {
 func startTPD(t testing.TB, dataDir, listen string, env []string) *server {
 	t.Helper()
 	s := &server{DataDir: dataDir, log: &testlog.Buffer{}, done: make(chan struct{})}
-	s.cmd = exec.Command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen)
+	s.cmd = command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen)
 	s.cmd.Env = append(os.Environ(), env...)
 	stdout, err := s.cmd.StdoutPipe()
 	if err != nil {
@@ -230,7 +248,7 @@ func run(t testing.TB, env []string, name string, args ...string) string {
 func runErr(env []string, stdin io.Reader, name string, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
+	cmd := commandContext(ctx, name, args...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdin = stdin
 	out, err := cmd.CombinedOutput()

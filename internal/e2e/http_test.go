@@ -94,7 +94,7 @@ type exposeHTTP struct {
 func startExposeHTTP(t *testing.T, env []string, args ...string) *exposeHTTP {
 	t.Helper()
 	x := &exposeHTTP{log: &testlog.Buffer{}, done: make(chan struct{})}
-	x.cmd = exec.Command(binary("tp"), append([]string{"expose", "--http"}, args...)...)
+	x.cmd = command(binary("tp"), append([]string{"expose", "--http"}, args...)...)
 	x.cmd.Env = append(os.Environ(), env...)
 	stderr, err := x.cmd.StderrPipe()
 	if err != nil {
@@ -187,7 +187,7 @@ func (b *browser) dom(t *testing.T, host, url string) (dom, stderr string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, b.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+	cmd := commandContext(ctx, b.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
 		"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 		"--user-data-dir="+filepath.Join(b.home, "profile"),
 		"--host-resolver-rules=MAP "+host+" 127.0.0.1",

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -90,7 +89,7 @@ func TestNewUserMessages(t *testing.T) {
 			_, _ = c.Read(make([]byte, 1)) // until tp goes
 		})
 		_, port, _ := net.SplitHostPort(addr)
-		cmd := exec.Command(binary("tp"), "-q", "127.0.0.1", port)
+		cmd := command(binary("tp"), "-q", "127.0.0.1", port)
 		cmd.Env = append(os.Environ(), env...)
 		stderr := &testlog.Buffer{}
 		cmd.Stderr = stderr

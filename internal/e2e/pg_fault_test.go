@@ -248,7 +248,7 @@ func TestPGFaultFrozenHolderThreeInstances(t *testing.T) {
 // waiting for it to register (a registration that is refused, then retried).
 func startAgentAsync(t *testing.T, env []string, args ...string) *testlog.Buffer {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), append([]string{"expose"}, args...)...)
+	cmd := command(binary("tp"), append([]string{"expose"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -286,7 +286,7 @@ func startAgentAsync(t *testing.T, env []string, args ...string) *testlog.Buffer
 // session through the profile's server.
 func openTP(t *testing.T, env []string, host, port string) (io.WriteCloser, *bufio.Reader) {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), host, port)
+	cmd := command(binary("tp"), host, port)
 	cmd.Env = append(os.Environ(), env...)
 	in, err := cmd.StdinPipe()
 	if err != nil {

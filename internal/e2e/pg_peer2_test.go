@@ -18,7 +18,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -323,7 +322,7 @@ func TestPGPeerDrainReasonAcrossHop(t *testing.T) {
 	startExpose(t, append(alice, "TP_TRANSPORT=tls"), "chat", testnet.Echo(t), "--allow-user", "bob")
 	waitLog(t, a.log, "reverse listener registered", 30*time.Second)
 
-	cmd := exec.Command(binary("tp"), "chat.rev.tp.internal", "22")
+	cmd := command(binary("tp"), "chat.rev.tp.internal", "22")
 	cmd.Env = append(os.Environ(), append(bob, "TP_TRANSPORT=tls")...)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {

@@ -10,7 +10,6 @@ import (
 	mrand "math/rand/v2"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -72,7 +71,7 @@ const (
 // verdict: 0 means it saw a clean end. Only a clean end with a wrong or short
 // answer is a silent truncation.
 func rollTransfer(env []string, name string) (rollOutcome, string) {
-	cmd := exec.Command(binary("tp"), name, "22")
+	cmd := command(binary("tp"), name, "22")
 	cmd.Env = append(os.Environ(), env...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

@@ -56,7 +56,7 @@ type agentProc struct {
 func startAgentProc(t *testing.T, env []string, args ...string) *agentProc {
 	t.Helper()
 	a := &agentProc{log: &testlog.Buffer{}, registered: make(chan struct{}, 100), exited: make(chan struct{})}
-	a.cmd = exec.Command(binary("tp"), append([]string{"expose"}, args...)...)
+	a.cmd = command(binary("tp"), append([]string{"expose"}, args...)...)
 	a.cmd.Env = append(os.Environ(), env...)
 	stderr, err := a.cmd.StderrPipe()
 	if err != nil {

@@ -3,7 +3,6 @@ package e2e
 import (
 	"bufio"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -34,7 +33,7 @@ reason := sprintf("%s may not reach %s", [input.identity.device_id, input.destin
 // startExpose runs `tp expose` and waits for its "Exposing" line.
 func startExpose(t *testing.T, env []string, args ...string) *testlog.Buffer {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), append([]string{"expose"}, args...)...)
+	cmd := command(binary("tp"), append([]string{"expose"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

@@ -31,7 +31,7 @@ func TestProxyCommandStdoutBroken(t *testing.T) {
 				ended <- struct{}{}
 			})
 			_, port, _ := net.SplitHostPort(addr)
-			cmd := exec.Command(binary("tp"), "127.0.0.1", port)
+			cmd := command(binary("tp"), "127.0.0.1", port)
 			cmd.Env = append(os.Environ(), append(env, "TP_TRANSPORT="+tr)...)
 			stderr := &testlog.Buffer{}
 			cmd.Stderr = stderr

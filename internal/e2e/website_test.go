@@ -86,7 +86,7 @@ func TestBrowserLoadsSite(t *testing.T) {
 	_, port, _ := net.SplitHostPort(srv.Addr)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+	cmd := commandContext(ctx, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
 		"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 		"--user-data-dir="+filepath.Join(home, "profile"),
 		"--host-resolver-rules=MAP www.test 127.0.0.1",
