@@ -358,8 +358,19 @@ func startForward(t testing.TB, env []string, target string, flags ...string) (s
 	}
 	log := &testlog.Buffer{}
 	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
+		// Ctrl-C, as a person ends it: tp closes its connections, so that
+		// tpd's drain at the test's end does not wait on them (a killed
+		// tp's QUIC connection stays open at tpd until its idle timeout).
+		cmd.Process.Signal(os.Interrupt)
+		exited := make(chan struct{})
+		go func() { cmd.Wait(); close(exited) }()
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+			t.Errorf("tp forward did not stop within 10s of Ctrl-C")
+		}
 		if t.Failed() {
 			t.Logf("tp forward log:\n%s", log.String())
 		}

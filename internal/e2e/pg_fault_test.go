@@ -299,7 +299,20 @@ func openTP(t *testing.T, env []string, host, port string) (io.WriteCloser, *buf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { in.Close(); cmd.Process.Kill(); cmd.Wait() })
+	t.Cleanup(func() {
+		// Its end, then Ctrl-C, so that tp closes its connection (a killed
+		// tp's QUIC connection would keep tpd's drain waiting).
+		in.Close()
+		cmd.Process.Signal(os.Interrupt)
+		exited := make(chan struct{})
+		go func() { cmd.Wait(); close(exited) }()
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+	})
 	return in, bufio.NewReader(out)
 }
 
