@@ -132,7 +132,10 @@ func TestPGStatusListsInstances(t *testing.T) {
 	alice := a.login(t, "alice", "laptop")
 	startExpose(t, append(alice, "TP_TRANSPORT=tls"), "chat", testnet.Echo(t), "--allow-user", "bob")
 	bob := b.login(t, "bob", "phone")
-	fwd, _ := startForward(t, append(bob, "TP_TRANSPORT=tls"), "chat.rev.tp.internal:22")
+	// A session of its own per connection (no end-to-end carrier, which
+	// would outlive the connection, idle, until tp forward closes it): the
+	// session ends when live does.
+	fwd, _ := startForward(t, append(bob, "TP_TRANSPORT=tls"), "chat.rev.tp.internal:22", "--no-e2e-mux")
 	var live net.Conn
 	deadline := time.Now().Add(30 * time.Second)
 	for {
