@@ -288,7 +288,7 @@ func mustAtoi(t *testing.T, s string) int {
 }
 
 // TestCarrierUDPDroppedMidTransferInNamespace: `tp forward --carrier auto` in
-// C starts an 8 MiB echo transfer over UDP; half-way, iptables in C starts
+// C starts a 2 MiB echo transfer over UDP; half-way, iptables in C starts
 // dropping every UDP datagram. C reaches tpd's TCP ports only through
 // tinyproxy, which forwards plain HTTP and refuses CONNECT, so the tls and ws
 // carriers fail and the connection moves to the http carrier (polling through
@@ -327,7 +327,7 @@ func TestCarrierUDPDroppedMidTransferInNamespace(t *testing.T) {
 	}
 	// The echo of "x" is part of the stream: the payload follows it.
 	_ = c.SetDeadline(time.Now().Add(3 * time.Minute))
-	payload := make([]byte, 8<<20)
+	payload := make([]byte, 2<<20)
 	_, _ = rand.Read(payload)
 	want := sha256.Sum256(payload)
 	dropped := make(chan time.Time, 1)

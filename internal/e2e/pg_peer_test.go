@@ -181,7 +181,9 @@ func TestPGPeerThreeInstances(t *testing.T) {
 		t.Fatalf("dlogin on B with a token from A:\n%s", out)
 	}
 
-	const size = 4 << 20
+	// 1 MiB each way, checksummed, in each of the 8 TCP transfers per agent
+	// transport below.
+	const size = 1 << 20
 	sum := checksumServer(t, size)
 	echo := testnet.EchoUDP(t)
 	for _, atr := range []string{"tls", "quic"} {
