@@ -25,7 +25,7 @@ import (
 // network also blocks (every direct TCP connection to tpd dropped, no proxy):
 // tp expose says it cannot connect and keeps retrying, and registers no name.
 func TestExposeAutoUDPDroppedInNamespace(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	n := newCarrierNetWith(t, carrierMatrixPolicy)
 	n.blockInC(t, true, false)
 	var echo string

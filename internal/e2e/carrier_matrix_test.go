@@ -100,7 +100,7 @@ func (r *carrierRow) through(t testing.TB, env []string, relay *carrierRelay) []
 // 127.0.0.2) with the checksum matching. The udp row also loses UDP
 // mid-transfer with --carrier auto, and the transfer completes over tls.
 func TestCarrierMatrix(t *testing.T) {
-	t.Parallel()
+	parallelLong(t)
 	for _, carrier := range clients.Carriers {
 		t.Run(carrier, func(t *testing.T) {
 			t.Parallel()
@@ -110,7 +110,7 @@ func TestCarrierMatrix(t *testing.T) {
 }
 
 func testCarrierRow(t *testing.T, r *carrierRow) {
-	const size = 2 << 20
+	const size = 1 << 20
 	sum := checksumServer(t, size)
 	echo := testnet.EchoUDP(t)
 
@@ -244,8 +244,9 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 		// connection is reset, and the client's new ones come from 127.0.0.2.
 		relay := startCarrierRelay(t, r.srv.Addr, r.carrier != wire.CarrierUDP, r.carrier == wire.CarrierUDP)
 		env := r.through(t, r.alice, relay)
-		fwd, fwdLog := startForward(t, env, checksumServer(t, 8<<20))
-		before, after := checksumTransferDuring(t, fwd, 1<<20, 8<<20, 2<<20, relay.roam, "roaming over "+r.carrier)
+		// 4 MiB down, the move after the first 1 MiB of it.
+		fwd, fwdLog := startForward(t, env, checksumServer(t, 4<<20))
+		before, after := checksumTransferDuring(t, fwd, 256<<10, 4<<20, 1<<20, relay.roam, "roaming over "+r.carrier)
 		t.Logf("FIGURE carrier=%s roam: longest pause in the download %s after the carrier socket changed, %s before it (same transfer)",
 			r.carrier, after.Round(time.Millisecond), before.Round(time.Millisecond))
 		if r.carrier != wire.CarrierUDP && relay.conns() == 0 {
@@ -257,9 +258,9 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 		// (It carries TCP on the udp row too: the agent gets its end-to-end
 		// certificate from TP's HTTPS API, see carrierRow.)
 		agentRelay := startCarrierRelay(t, r.srv.Addr, true, r.carrier == wire.CarrierUDP)
-		startExpose(t, r.through(t, r.alice, agentRelay), "roamer", checksumServer(t, 8<<20), "--allow-user", "bob")
+		startExpose(t, r.through(t, r.alice, agentRelay), "roamer", checksumServer(t, 4<<20), "--allow-user", "bob")
 		fwd, _ = startForward(t, r.bob, "roamer.rev.tp.internal:22")
-		before, after = checksumTransferDuring(t, fwd, 1<<20, 8<<20, 2<<20, agentRelay.roam, "the agent roaming over "+r.carrier)
+		before, after = checksumTransferDuring(t, fwd, 256<<10, 4<<20, 1<<20, agentRelay.roam, "the agent roaming over "+r.carrier)
 		t.Logf("FIGURE carrier=%s agent roam: longest pause in the download %s after the agent's carrier socket changed, %s before it",
 			r.carrier, after.Round(time.Millisecond), before.Round(time.Millisecond))
 	})
@@ -295,7 +296,7 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 			}
 			// The moved control session still takes new sessions.
 			fwd2, _ := startForward(t, r.bob, "mover.rev.tp.internal:22")
-			checksumTransferDuring(t, fwd2, 1<<10, 8<<20, 1<<20, func() {}, "a new session after the agent moved")
+			checksumTransferDuring(t, fwd2, 1<<10, 1<<20, 1<<20, func() {}, "a new session after the agent moved")
 		})
 	}
 	if r.carrier == wire.CarrierTLS || r.carrier == wire.CarrierWS {

@@ -221,7 +221,7 @@ func (n *carrierNet) rememberedCarrier(t *testing.T) (string, string) {
 // tpd, which sends the carrier straight into the dropped path: tp fails with
 // a sentence, within its timeout.
 func TestCarrierEnvProxyInNamespace(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	n := newCarrierNet(t)
 	n.startTinyproxy(t, mustAtoi(t, n.tpdPort(t)))
 	n.blockInC(t, true, true)
@@ -297,7 +297,7 @@ func mustAtoi(t *testing.T, s string) int {
 // pause in the echo stream is the time the session took to move (a figure,
 // logged, not asserted).
 func TestCarrierUDPDroppedMidTransferInNamespace(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	n := newCarrierNet(t)
 	n.startTinyproxy(t, 0)
 	n.blockInC(t, false, true)
@@ -450,7 +450,7 @@ func startCarrierForward(t *testing.T, ns string, env []string, target string, f
 // asked twice, and is empty where there is no route. Bad input: a server
 // address that is not host:port.
 func TestNetworkIDInNamespace(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	ns := nsName("tpnid")
 	sh(t, "ip", "netns", "add", ns)
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })

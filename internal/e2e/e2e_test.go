@@ -141,7 +141,7 @@ func (s *sshd) ssh(t *testing.T, env []string, host, command string) (string, st
 // The product's first promise: dlogin against the real embedded CA, then OpenSSH
 // through ProxyCommand="tp %h %p" to a real sshd, running a command.
 func TestSSHThroughProxyCommand(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	sd := startSSHD(t)
 	env := srv.login(t, "alice", "laptop", "dev")
@@ -196,7 +196,7 @@ func TestSSHThroughProxyCommand(t *testing.T) {
 
 // A denial reaches the person as the policy's reason on stderr, before ssh gives up.
 func TestSSHDeniedShowsPolicyReason(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	sd := startSSHD(t)
 	env := srv.login(t, "bob", "phone", "dev")
@@ -213,7 +213,7 @@ func TestSSHDeniedShowsPolicyReason(t *testing.T) {
 // A destination that refuses the connection is reported with a code and reason,
 // not a bare EOF.
 func TestDestinationRefused(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	port := testnet.FreePort(t, "tcp") // nothing listens here
@@ -228,7 +228,7 @@ func TestDestinationRefused(t *testing.T) {
 
 // Client-side failures each print one sentence that says what to do.
 func TestClientErrors(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	srv := startServer(t, testPolicy)
 
 	t.Run("no certificate", func(t *testing.T) {
@@ -286,7 +286,7 @@ func TestClientErrors(t *testing.T) {
 // 64 MiB each way through `tp forward`, checksummed, with the upload ending in a
 // half-close after which the full reply still arrives.
 func TestForwardIntegrity(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	const size = 64 << 20

@@ -134,7 +134,7 @@ func countLines(log string, parts ...string) int {
 // and the agent logs each stream, as a session of its own, with bob's
 // identity.
 func TestE2EMuxOneDialManySessions(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	srv := startServer(t, reversePolicy)
 	alice := srv.login(t, "alice", "laptop")
 	bob := srv.login(t, "bob", "phone")
@@ -181,7 +181,7 @@ func TestE2EMuxOneDialManySessions(t *testing.T) {
 // session is cut, and a session open on it ends for bob's local client with a
 // reset, never a clean end.
 func TestE2EMuxRevokedDialerIsCut(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	for _, transport := range []string{"quic", "tls"} {
 		t.Run(transport, func(t *testing.T) {
 			srv := startServer(t, reversePolicy)

@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -29,16 +30,87 @@ var bin string
 // sshd, PostgreSQL) starting, draining and reconnecting rather than using the
 // CPU, so more tests than the default (GOMAXPROCS, 2 on a small CI machine)
 // run at once; few enough that their processes do not starve each other of
-// CPU on a loaded 2-core machine.
-const defaultParallel = 8
+// CPU on a loaded 2-core machine (where a starved tpd fails handshakes and
+// drains for want of CPU, not of correctness).
+const defaultParallel = 10
+
+// slots bounds the tests running at once (-parallel) in place of testing's
+// own bound, so that the long ones start first (parallelLong).
+var slots *gate
+
+// parallel is t.Parallel with this package's bound: at most -parallel tests
+// run at once.
+func parallel(t *testing.T) {
+	t.Parallel()
+	slots.enter(t, false)
+}
+
+// parallelLong is parallel for the few tests that take a minute or more even
+// alone: when a slot frees, they get it before the others. Had they waited
+// like the rest, the order in which the Go scheduler wakes the released tests
+// would decide when they start, and one started last (as TestCarrierMatrix
+// was) ended the package minutes after the others.
+func parallelLong(t *testing.T) {
+	t.Parallel()
+	slots.enter(t, true)
+}
+
+// gate is a counting semaphore whose long waiters go first.
+type gate struct {
+	size        int
+	mu          sync.Mutex
+	free        int
+	long, other []chan struct{} // waiting, in arrival order
+}
+
+// enter waits for a slot and gives it back when t ends (after its cleanups).
+func (g *gate) enter(t *testing.T, long bool) {
+	start := time.Now()
+	g.mu.Lock()
+	if g.free > 0 {
+		g.free--
+		g.mu.Unlock()
+	} else {
+		ch := make(chan struct{})
+		if long {
+			g.long = append(g.long, ch)
+		} else {
+			g.other = append(g.other, ch)
+		}
+		g.mu.Unlock()
+		<-ch
+		t.Logf("started after %s waiting for one of %d slots (-parallel)", time.Since(start).Round(time.Millisecond), g.size)
+	}
+	t.Cleanup(g.leave)
+}
+
+func (g *gate) leave() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	switch {
+	case len(g.long) > 0:
+		close(g.long[0])
+		g.long = g.long[1:]
+	case len(g.other) > 0:
+		close(g.other[0])
+		g.other = g.other[1:]
+	default:
+		g.free++
+	}
+}
 
 func TestMain(m *testing.M) {
 	flag.Parse()
-	parallelSet := false
-	flag.Visit(func(f *flag.Flag) { parallelSet = parallelSet || f.Name == "test.parallel" })
-	if !parallelSet {
-		flag.Set("test.parallel", strconv.Itoa(defaultParallel))
-	}
+	n := defaultParallel
+	flag.Visit(func(f *flag.Flag) {
+		if f.Name == "test.parallel" {
+			n, _ = strconv.Atoi(f.Value.String())
+		}
+	})
+	slots = &gate{size: max(n, 1), free: max(n, 1)}
+	// testing's own bound would hold the long tests back with the rest;
+	// slots is the bound now (parallel subtests run as their test decides).
+	flag.Set("test.parallel", "1000")
 	dir, err := os.MkdirTemp("", "tp-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

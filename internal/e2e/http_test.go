@@ -250,7 +250,7 @@ func rootOf(t *testing.T, srv *server) (path string, pool *x509.CertPool) {
 // policy's reason); after alice's exposer stops, the name is no longer served
 // (the TLS alert unrecognized_name).
 func TestHTTPExposeBrowser(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	srv := startServer(t, httpPolicy)
 	rootPEM, root := rootOf(t, srv)
 	alice := srv.login(t, "alice", "laptop")
@@ -299,7 +299,7 @@ func TestHTTPExposeBrowser(t *testing.T) {
 // sees only alice's request. Once alice's device is revoked (tpd revoke), her
 // certificate is refused at the handshake too.
 func TestHTTPExposeDevicesOnly(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	curl, err := exec.LookPath("curl")
 	if err != nil {
 		t.Fatal("curl is not installed: apt-get install curl (deploy/test.sh does)")
@@ -411,7 +411,7 @@ func listenTCP(addr string, root *x509.CertPool, home string, port int) (*http.R
 // for the port alice holds (403, name_taken, the holder reason), carol asking
 // for it against the policy (403, policy_denied, the policy's reason).
 func TestHTTPListenTCP(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	port := testnet.FreePort(t, "tcp")
 	srv := startTPD(t, initTPD(t, httpPolicy), "127.0.0.1:0", []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(port)})
 	srv.mustStop = true

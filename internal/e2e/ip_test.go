@@ -302,7 +302,7 @@ func dialIn(t testing.TB, ns, addr string) net.Conn {
 // TUN_CLIENT_ID; and when the client host's address changes in the middle of a
 // transfer, the transfer completes with the right checksum.
 func TestIPTunnelTPIP(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	n, env, hookDir := startIPE2E(t)
 	tpip := startTPIP(t, n.C, env)
 	if !strings.Contains(tpip.String(), "over=HTTP/3") {
@@ -315,7 +315,7 @@ func TestIPTunnelTPIP(t *testing.T) {
 // The same over TCP: `tp ip --transport tls` runs CONNECT-IP over HTTP/2 with
 // DATAGRAM capsules, for networks that pass no UDP.
 func TestIPTunnelTPIPOverTCP(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	n, env, hookDir := startIPE2E(t)
 	tpip := startTPIP(t, n.C, env, "--transport", "tls")
 	if !strings.Contains(tpip.String(), "over=HTTP/2") {

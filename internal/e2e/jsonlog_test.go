@@ -26,7 +26,7 @@ import (
 // banner and notes included, parses as a JSON object, and that the audit lines
 // of the session and the denial are among them.
 func TestJSONLogEveryLine(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	dataDir := filepath.Join(t.TempDir(), "tpdata")
 	run(t, nil, binary("tpd"), "init", "--data-dir", dataDir)
 	if err := os.WriteFile(filepath.Join(dataDir, "policy", "tp.rego"), []byte(testPolicy), 0o600); err != nil {
@@ -140,7 +140,7 @@ func jsonLines(t *testing.T, name, out string, strict bool) []map[string]any {
 // TestJSONLogStopError: with log-format json, the error tpd serve stops with is
 // a JSON line too. Bad input: the public port is taken by another listener.
 func TestJSONLogStopError(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -21,7 +21,7 @@ import (
 // Messages a new user meets, with the real binaries: each once said something
 // misleading (the old words are in the comments).
 func TestNewUserMessages(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	srv := startServer(t, testPolicy)
 
 	t.Run("enroll names the time zone", func(t *testing.T) {
@@ -134,7 +134,7 @@ func TestNewUserMessages(t *testing.T) {
 // Bad input: tpd serve's first start on a port another process holds. It once
 // created the data dir (CA and all) and only then failed.
 func TestBusyPortCreatesNoDataDir(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -151,7 +151,7 @@ func TestBusyPortCreatesNoDataDir(t *testing.T) {
 // server and exits saying so. It once kept retrying for ever with "most likely
 // the client certificate … run dlogin".
 func TestRevokedPublicUDPAgentExits(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	port := testnet.FreePort(t, "udp")
 	srv := startServer(t, reverseUDPPolicy, "TP_PUBLIC_PORTS="+strconv.Itoa(port)+"/udp")
 	echo := testnet.EchoUDP(t)

@@ -167,7 +167,7 @@ func withHost(t testing.TB, raw, addr string) string {
 // to it is alive, so one name is never served by two instances; dials
 // through B reach agent 2.
 func TestPGFaultFrozenHolderThreeInstances(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	_, dsn := testpg.NewDatabase(t)
 	srvs, _ := pgCluster(t, dsn, 3, reversePolicy)
 	a, b, c := srvs[0], srvs[1], srvs[2]
@@ -358,7 +358,7 @@ func readyzOf(t *testing.T, admin string) (int, string) {
 // the same agent process registers once PostgreSQL is back, and bob reaches
 // it through its instance.
 func TestPGFaultDatabaseStopped20s(t *testing.T) {
-	t.Parallel()
+	parallelLong(t)
 	pg, err := testpg.New() // its own server: stopping it touches no other test
 	if err != nil {
 		t.Fatal(err)

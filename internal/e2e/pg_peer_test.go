@@ -165,7 +165,7 @@ func checksumConn(t *testing.T, c interface {
 // The three instances, one policy, report one policy revision. Revoking bob
 // on C ends his live session relayed B→A within seconds.
 func TestPGPeerThreeInstances(t *testing.T) {
-	t.Parallel()
+	parallelLong(t)
 	tcpPort, udpPort := testnet.FreePort(t, "tcp"), testnet.FreePort(t, "udp")
 	srvs := startPeers(t, 3, peerPolicy, []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(tcpPort) + "," + strconv.Itoa(udpPort) + "/udp"})
 	a, b, c := srvs[0], srvs[1], srvs[2]
@@ -391,7 +391,7 @@ func (f *frontDoor) serve(c net.Conn) {
 // the test waits up to 60 s for a loaded machine; docs/SCALE.md states the
 // bound).
 func TestPGPeerKillServingInstance(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	srvs := startPeers(t, 3, peerPolicy+`
 allow if {
 	input.action == "listen"

@@ -255,7 +255,7 @@ func (d *udpDoor) flow(client *net.UDPAddr, i int) *udpFlow {
 // carried a server ID it knows (the connection IDs route), and most packets
 // were routed by it.
 func TestPGRollingRestartQUIC(t *testing.T) {
-	t.Parallel()
+	parallelLong(t)
 	_, dsn := testpg.NewDatabase(t)
 	base := []string{"TP_DATABASE=" + dsn, "TP_DATABASE_PASSWORD=" + testpg.Password, "TP_SHUTDOWN_TIMEOUT=2s"}
 	dirs := peerDataDirs(t, 3, peerPolicy)

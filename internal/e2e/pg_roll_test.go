@@ -139,7 +139,7 @@ func rollTransfer(env []string, name string) (rollOutcome, string) {
 // refusal. The figures (completed, refused, aborted) are logged.
 // TestPGRollingRestartQUIC is the same over QUIC behind a UDP balancer.
 func TestPGRollingRestart(t *testing.T) {
-	t.Parallel()
+	parallelLong(t)
 	env := []string{"TP_SHUTDOWN_TIMEOUT=2s"}
 	srvs := startPeers(t, 3, peerPolicy, env)
 	door := newFrontDoor(t, srvs[0].Addr, srvs[1].Addr, srvs[2].Addr)

@@ -165,7 +165,7 @@ func echoOnce(c net.Conn, msg string) error {
 // through the gap (mallory, trying while alice's agent has not come back, is
 // refused), alice's agent comes back by itself, and new sessions work.
 func TestReverseTPDKilledAndRestarted(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
 	srv := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=tls")
@@ -214,7 +214,7 @@ func TestReverseTPDKilledAndRestarted(t *testing.T) {
 // The agent process is killed with SIGKILL mid-transfer: the public client sees a
 // TCP reset and the protected dialer an error, never a silent short read.
 func TestReverseAgentKilledMidTransfer(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	port := testnet.FreePort(t, "tcp")
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, port))
 	srv := startTPD(t, dataDir, "127.0.0.1:0", []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(port)})

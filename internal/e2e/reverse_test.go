@@ -88,7 +88,7 @@ func startExpose(t *testing.T, env []string, args ...string) *testlog.Buffer {
 // ProxyCommand="tp %h %p" to the reverse name and runs a command; Carol is
 // refused with the policy's reason — over QUIC and over TLS.
 func TestReverseSSH(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	srv := startServer(t, reversePolicy)
 	sd := startSSHD(t)
 	alice := srv.login(t, "alice", "laptop")

@@ -35,7 +35,7 @@ allow if {
 // reaches alice's protected UDP service with `tp forward --udp` to its reverse
 // name (end to end), and anyone reaches her public one on a UDP port of tpd.
 func TestReverseUDP(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	port := testnet.FreePort(t, "udp")
 	srv := startServer(t, reverseUDPPolicy, "TP_PUBLIC_PORTS="+strconv.Itoa(port)+"/udp")
 	echo := testnet.EchoUDP(t)

@@ -20,7 +20,7 @@ import (
 // the far side: it exits 1 saying that standard output failed, and the
 // destination sees its session end, over TLS and QUIC.
 func TestProxyCommandStdoutBroken(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	for _, tr := range []string{clients.TransportTLS, clients.TransportQUIC} {

@@ -18,7 +18,7 @@ import (
 // headless Chromium from Debian's chromium package. No client certificate is
 // asked for: the website's handshake sends no CertificateRequest.
 func TestBrowserLoadsSite(t *testing.T) {
-	t.Parallel()
+	parallel(t)
 	chromium, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is not installed: apt-get install chromium libnss3-tools (deploy/test.sh does, run as root)")
