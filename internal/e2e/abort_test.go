@@ -37,7 +37,7 @@ type tpProc struct {
 func startTP(t *testing.T, env []string, host string, port int) *tpProc {
 	t.Helper()
 	p := &tpProc{stderr: &testlog.Buffer{}, done: make(chan error, 1)}
-	p.cmd = exec.Command(binary("tp"), host, strconv.Itoa(port))
+	p.cmd = command(binary("tp"), host, strconv.Itoa(port))
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stderr = p.stderr
 	stdinR, stdinW, err := os.Pipe() // kept open: like ssh, which never closes its side first here
@@ -116,6 +116,7 @@ func (p *tpProc) wantCutExit(t *testing.T, who string) {
 // resets. Bad input: the destination's RST. `tp HOST PORT` prints what came,
 // then exits non-zero naming the destination, over TLS and QUIC.
 func TestProxyCommandReportsDestinationReset(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	addr := testnet.Serve(t, func(c *net.TCPConn) {
@@ -149,6 +150,7 @@ func TestProxyCommandReportsDestinationReset(t *testing.T) {
 // the protected name exits non-zero and says the exposed service's side was cut,
 // over TLS and QUIC.
 func TestProxyCommandReportsAgentKilled(t *testing.T) {
+	parallel(t)
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
 	srv := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := srv.login(t, "alice", "laptop")
@@ -221,6 +223,11 @@ func transfersDuring(t *testing.T, srv *server, env []string, event func()) []tr
 
 	results := make(chan transfer, 100)
 	started := make(chan struct{}, 100)
+	// At most 10 handshakes at once: all 100 at once made a race-built tpd
+	// on a loaded machine let some QUIC handshakes go 5 s without an answer
+	// (quic-go's handshake idle timeout), which is not what these tests are
+	// about; the transfers are all under way before the event all the same.
+	dialing := make(chan struct{}, 10)
 	var wg sync.WaitGroup
 	for i := range 100 {
 		r := transfer{chunks: shortTransfer, transport: clients.TransportTLS}
@@ -243,9 +250,11 @@ func transfersDuring(t *testing.T, srv *server, env []string, event func()) []tr
 			}
 			d.Transport = r.transport
 			defer d.Close()
+			dialing <- struct{}{}
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			c, err := d.DialContext(ctx, "tcp", dest)
 			cancel()
+			<-dialing
 			if err != nil {
 				r.err = err
 				return
@@ -293,6 +302,7 @@ const shortTransfer, longTransfer = 16, 200
 // within the grace period do, with the right checksum; the rest end with an
 // error at their client. None ends silently short.
 func TestSIGTERMNeverTruncates(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	var shortOK, longCut int
@@ -319,6 +329,7 @@ func TestSIGTERMNeverTruncates(t *testing.T) {
 // running is cut with an error that says why (over TLS a revoked device cannot
 // ask, so there it is a cut without the reason); none ends silently short.
 func TestRevokeAndPolicyChangeCutTransfers(t *testing.T) {
+	parallel(t)
 	for _, tc := range []struct {
 		name, code string
 		event      func(t *testing.T, srv *server)

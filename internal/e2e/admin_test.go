@@ -46,6 +46,7 @@ var revokedSince = regexp.MustCompile(`revoked.* since \d{4}-\d\d-\d\d \d\d:\d\d
 // shows revocations with their time, and `tp whoami` never says "valid" for a
 // certificate the server refuses, nor when it cannot ask the server.
 func TestAdminActsNeverSilent(t *testing.T) {
+	parallel(t)
 	s := startServer(t, testPolicy)
 	alice := s.login(t, "alice", "laptop", "dev")
 	bob := s.login(t, "bob", "phone")

@@ -25,6 +25,7 @@ import (
 // network also blocks (every direct TCP connection to tpd dropped, no proxy):
 // tp expose says it cannot connect and keeps retrying, and registers no name.
 func TestExposeAutoUDPDroppedInNamespace(t *testing.T) {
+	parallel(t)
 	n := newCarrierNetWith(t, carrierMatrixPolicy)
 	n.blockInC(t, true, false)
 	var echo string
@@ -89,7 +90,7 @@ func TestExposeAutoUDPDroppedInNamespace(t *testing.T) {
 // exposeCmdIn is `tp expose args...` in the namespace ns, its standard
 // output and error going to the returned log.
 func exposeCmdIn(ns string, env []string, args ...string) (*exec.Cmd, *testlog.Buffer) {
-	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, binary("tp"), "expose"}, args...)...)
+	cmd := command("ip", append([]string{"netns", "exec", ns, binary("tp"), "expose"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	log := &testlog.Buffer{}
 	cmd.Stdout, cmd.Stderr = log, log

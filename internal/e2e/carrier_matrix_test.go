@@ -100,6 +100,7 @@ func (r *carrierRow) through(t testing.TB, env []string, relay *carrierRelay) []
 // 127.0.0.2) with the checksum matching. The udp row also loses UDP
 // mid-transfer with --carrier auto, and the transfer completes over tls.
 func TestCarrierMatrix(t *testing.T) {
+	parallelLong(t)
 	for _, carrier := range clients.Carriers {
 		t.Run(carrier, func(t *testing.T) {
 			t.Parallel()
@@ -109,7 +110,7 @@ func TestCarrierMatrix(t *testing.T) {
 }
 
 func testCarrierRow(t *testing.T, r *carrierRow) {
-	const size = 2 << 20
+	const size = 1 << 20
 	sum := checksumServer(t, size)
 	echo := testnet.EchoUDP(t)
 
@@ -243,15 +244,15 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 		// connection is reset, and the client's new ones come from 127.0.0.2.
 		relay := startCarrierRelay(t, r.srv.Addr, r.carrier != wire.CarrierUDP, r.carrier == wire.CarrierUDP)
 		env := r.through(t, r.alice, relay)
-		fwd, fwdLog := startForward(t, env, checksumServer(t, 8<<20))
-		// The relay roams once it carried 2 MiB to the client (the upload's
+		fwd, fwdLog := startForward(t, env, checksumServer(t, 4<<20))
+		// The relay roams once it carried 1 MiB to the client (the upload's
 		// acknowledgements and the first part of the download): at least the
-		// download's last 6 MiB cross the new path, else the roam could pass
+		// download's last 3 MiB cross the new path, else the roam could pass
 		// unnoticed with the whole download buffered in tp forward.
-		relay.after(toClient, 2<<20, relay.roam)
-		checksumTransferDuring(t, fwd, 1<<20, 8<<20, 0, func() {}, "roaming over "+r.carrier)
-		if n := relay.carried(toClient); n < 6<<20 {
-			t.Fatalf("the relay carried %d bytes to the client after the roam; want the rest of the download, 6 MiB or more", n)
+		relay.after(toClient, 1<<20, relay.roam)
+		checksumTransferDuring(t, fwd, 256<<10, 4<<20, 0, func() {}, "roaming over "+r.carrier)
+		if n := relay.carried(toClient); n < 3<<20 {
+			t.Fatalf("the relay carried %d bytes to the client after the roam; want the rest of the download, 3 MiB or more", n)
 		}
 		if r.carrier != wire.CarrierUDP && relay.conns() == 0 {
 			t.Fatalf("after the reset, the client opened no new %s connection through the relay:\n%s", r.carrier, fwdLog.String())
@@ -262,14 +263,14 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 		// (It carries TCP on the udp row too: the agent gets its end-to-end
 		// certificate from TP's HTTPS API, see carrierRow.)
 		agentRelay := startCarrierRelay(t, r.srv.Addr, true, r.carrier == wire.CarrierUDP)
-		startExpose(t, r.through(t, r.alice, agentRelay), "roamer", checksumServer(t, 8<<20), "--allow-user", "bob")
+		startExpose(t, r.through(t, r.alice, agentRelay), "roamer", checksumServer(t, 4<<20), "--allow-user", "bob")
 		fwd, _ = startForward(t, r.bob, "roamer.rev.tp.internal:22")
-		// The download goes from the agent to tpd: the agent roams once 2 MiB
-		// went that way, so at least the last 6 MiB cross its new path.
-		agentRelay.after(toTPD, 2<<20, agentRelay.roam)
-		checksumTransferDuring(t, fwd, 1<<20, 8<<20, 0, func() {}, "the agent roaming over "+r.carrier)
-		if n := agentRelay.carried(toTPD); n < 6<<20 {
-			t.Fatalf("the agent's relay carried %d bytes to tpd after the roam; want the rest of the download, 6 MiB or more", n)
+		// The download goes from the agent to tpd: the agent roams once 1 MiB
+		// went that way, so at least the last 3 MiB cross its new path.
+		agentRelay.after(toTPD, 1<<20, agentRelay.roam)
+		checksumTransferDuring(t, fwd, 256<<10, 4<<20, 0, func() {}, "the agent roaming over "+r.carrier)
+		if n := agentRelay.carried(toTPD); n < 3<<20 {
+			t.Fatalf("the agent's relay carried %d bytes to tpd after the roam; want the rest of the download, 3 MiB or more", n)
 		}
 	})
 	if r.carrier == wire.CarrierUDP {
@@ -312,7 +313,7 @@ func testCarrierRow(t *testing.T, r *carrierRow) {
 			}
 			// The moved control session still takes new sessions.
 			fwd2, _ := startForward(t, r.bob, "mover.rev.tp.internal:22")
-			checksumTransferDuring(t, fwd2, 1<<10, 8<<20, 1<<20, func() {}, "a new session after the agent moved")
+			checksumTransferDuring(t, fwd2, 1<<10, 1<<20, 1<<20, func() {}, "a new session after the agent moved")
 		})
 	}
 	if r.carrier == wire.CarrierTLS || r.carrier == wire.CarrierWS {

@@ -51,7 +51,7 @@ func newCarrierNet(t *testing.T) *carrierNet {
 // newCarrierNetWith is newCarrierNet with tpd's policy.
 func newCarrierNetWith(t *testing.T, policy string) *carrierNet {
 	t.Helper()
-	p := fmt.Sprintf("tpcr%d", os.Getpid()%100000)
+	p := nsName("tpcr")
 	n := &carrierNet{C: p + "c", T: p + "t"}
 	for _, ns := range []string{n.C, n.T} {
 		sh(t, "ip", "netns", "add", ns)
@@ -103,7 +103,7 @@ func (n *carrierNet) startTinyproxy(t *testing.T, connectPort int) {
 		t.Fatal(err)
 	}
 	log := &testlog.Buffer{}
-	cmd := exec.Command("ip", "netns", "exec", n.T, "tinyproxy", "-d", "-c", filepath.Join(dir, "tinyproxy.conf"))
+	cmd := command("ip", "netns", "exec", n.T, "tinyproxy", "-d", "-c", filepath.Join(dir, "tinyproxy.conf"))
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("starting tinyproxy (apt-get install tinyproxy; deploy/test.sh --deps installs it): %v", err)
@@ -221,6 +221,7 @@ func (n *carrierNet) rememberedCarrier(t *testing.T) (string, string) {
 // tpd, which sends the carrier straight into the dropped path: tp fails with
 // a sentence, within its timeout.
 func TestCarrierEnvProxyInNamespace(t *testing.T) {
+	parallel(t)
 	n := newCarrierNet(t)
 	n.startTinyproxy(t, mustAtoi(t, n.tpdPort(t)))
 	n.blockInC(t, true, true)
@@ -287,7 +288,7 @@ func mustAtoi(t *testing.T, s string) int {
 }
 
 // TestCarrierUDPDroppedMidTransferInNamespace: `tp forward --carrier auto` in
-// C starts an 8 MiB echo transfer over UDP; half-way, iptables in C starts
+// C starts a 2 MiB echo transfer over UDP; half-way, iptables in C starts
 // dropping every UDP datagram. C reaches tpd's TCP ports only through
 // tinyproxy, which forwards plain HTTP and refuses CONNECT, so the tls and ws
 // carriers fail and the connection moves to the http carrier (polling through
@@ -297,6 +298,7 @@ func mustAtoi(t *testing.T, s string) int {
 // is never reset: the second half, written after the drop, can only have
 // crossed over http.
 func TestCarrierUDPDroppedMidTransferInNamespace(t *testing.T) {
+	parallel(t)
 	n := newCarrierNet(t)
 	n.startTinyproxy(t, 0)
 	n.blockInC(t, false, true)
@@ -326,7 +328,7 @@ func TestCarrierUDPDroppedMidTransferInNamespace(t *testing.T) {
 	}
 	// The echo of "x" is part of the stream: the payload follows it.
 	_ = c.SetDeadline(time.Now().Add(3 * time.Minute))
-	payload := make([]byte, 8<<20)
+	payload := make([]byte, 2<<20)
 	_, _ = rand.Read(payload)
 	want := sha256.Sum256(payload)
 	movedBefore := make(chan string, 1) // tp forward's log when UDP was dropped, if it had moved already
@@ -389,7 +391,7 @@ func TestCarrierUDPDroppedMidTransferInNamespace(t *testing.T) {
 func startCarrierForward(t *testing.T, ns string, env []string, target string, flags ...string) (string, *testlog.Buffer) {
 	t.Helper()
 	args := append(append([]string{"netns", "exec", ns, binary("tp"), "forward"}, flags...), "127.0.0.1:0", target)
-	cmd := exec.Command("ip", args...)
+	cmd := command("ip", args...)
 	cmd.Env = append(os.Environ(), env...)
 	log := &testlog.Buffer{}
 	cmd.Stdout, cmd.Stderr = log, log
@@ -435,7 +437,8 @@ func startCarrierForward(t *testing.T, ns string, env []string, target string, f
 // asked twice, and is empty where there is no route. Bad input: a server
 // address that is not host:port.
 func TestNetworkIDInNamespace(t *testing.T) {
-	ns := fmt.Sprintf("tpnid%d", os.Getpid()%100000)
+	parallel(t)
+	ns := nsName("tpnid")
 	sh(t, "ip", "netns", "add", ns)
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
 	for _, c := range [][]string{

@@ -38,6 +38,7 @@ allow if input.identity.user == "alice"
 // first still drains; the first exits 0 with one line counting what drained and
 // what was cut.
 func TestDrain(t *testing.T) {
+	parallel(t)
 	dataDir := initTPD(t, drainPolicy)
 	p1 := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := p1.login(t, "alice", "laptop")
@@ -197,6 +198,7 @@ func TestDrain(t *testing.T) {
 // the next tpd only when the order gave up, a minute later (TestDrain's
 // second registration, under load).
 func TestDrainAgentFollowsStopDuringCertificateOrder(t *testing.T) {
+	parallel(t)
 	p1 := startTPD(t, initTPD(t, drainPolicy), "127.0.0.1:0", nil)
 	alice := p1.login(t, "alice", "laptop")
 	relay := startCarrierRelay(t, p1.Addr, true, true)

@@ -12,7 +12,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -98,7 +97,7 @@ LogLevel ERROR
 		t.Fatal(err)
 	}
 	log := &testlog.Buffer{}
-	cmd := exec.Command(path, "-D", "-e", "-f", cfgPath)
+	cmd := command(path, "-D", "-e", "-f", cfgPath)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -123,7 +122,7 @@ func (s *sshd) ssh(t *testing.T, env []string, host, command string) (string, st
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "ssh", "-F", "/dev/null",
+	cmd := commandContext(ctx, "ssh", "-F", "/dev/null",
 		"-o", "BatchMode=yes",
 		"-o", "StrictHostKeyChecking=no",
 		"-o", "UserKnownHostsFile=/dev/null",
@@ -142,6 +141,7 @@ func (s *sshd) ssh(t *testing.T, env []string, host, command string) (string, st
 // The product's first promise: dlogin against the real embedded CA, then OpenSSH
 // through ProxyCommand="tp %h %p" to a real sshd, running a command.
 func TestSSHThroughProxyCommand(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	sd := startSSHD(t)
 	env := srv.login(t, "alice", "laptop", "dev")
@@ -196,6 +196,7 @@ func TestSSHThroughProxyCommand(t *testing.T) {
 
 // A denial reaches the person as the policy's reason on stderr, before ssh gives up.
 func TestSSHDeniedShowsPolicyReason(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	sd := startSSHD(t)
 	env := srv.login(t, "bob", "phone", "dev")
@@ -212,6 +213,7 @@ func TestSSHDeniedShowsPolicyReason(t *testing.T) {
 // A destination that refuses the connection is reported with a code and reason,
 // not a bare EOF.
 func TestDestinationRefused(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	port := testnet.FreePort(t, "tcp") // nothing listens here
@@ -226,6 +228,7 @@ func TestDestinationRefused(t *testing.T) {
 
 // Client-side failures each print one sentence that says what to do.
 func TestClientErrors(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 
 	t.Run("no certificate", func(t *testing.T) {
@@ -283,6 +286,7 @@ func TestClientErrors(t *testing.T) {
 // 64 MiB each way through `tp forward`, checksummed, with the upload ending in a
 // half-close after which the full reply still arrives.
 func TestForwardIntegrity(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	const size = 64 << 20
@@ -343,7 +347,7 @@ func TestForwardIntegrity(t *testing.T) {
 // standard error, which is shown when the test fails.
 func startForward(t testing.TB, env []string, target string, flags ...string) (string, *testlog.Buffer) {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), append(append([]string{"forward"}, flags...), "127.0.0.1:0", target)...)
+	cmd := command(binary("tp"), append(append([]string{"forward"}, flags...), "127.0.0.1:0", target)...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -354,8 +358,19 @@ func startForward(t testing.TB, env []string, target string, flags ...string) (s
 	}
 	log := &testlog.Buffer{}
 	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
+		// Ctrl-C, as a person ends it: tp closes its connections, so that
+		// tpd's drain at the test's end does not wait on them (a killed
+		// tp's QUIC connection stays open at tpd until its idle timeout).
+		cmd.Process.Signal(os.Interrupt)
+		exited := make(chan struct{})
+		go func() { cmd.Wait(); close(exited) }()
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+			t.Errorf("tp forward did not stop within 10s of Ctrl-C")
+		}
 		if t.Failed() {
 			t.Logf("tp forward log:\n%s", log.String())
 		}

@@ -9,7 +9,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"regexp"
 	"strings"
 	"sync"
@@ -25,7 +24,7 @@ import (
 // and a stop that ends it (SIGINT, then SIGKILL after 10 s).
 func runForward(t *testing.T, env []string, target string) (addr string, log *testlog.Buffer, stop func()) {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), "forward", "127.0.0.1:0", target)
+	cmd := command(binary("tp"), "forward", "127.0.0.1:0", target)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -135,6 +134,7 @@ func countLines(log string, parts ...string) int {
 // and the agent logs each stream, as a session of its own, with bob's
 // identity.
 func TestE2EMuxOneDialManySessions(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, reversePolicy)
 	alice := srv.login(t, "alice", "laptop")
 	bob := srv.login(t, "bob", "phone")
@@ -181,6 +181,7 @@ func TestE2EMuxOneDialManySessions(t *testing.T) {
 // session is cut, and a session open on it ends for bob's local client with a
 // reset, never a clean end.
 func TestE2EMuxRevokedDialerIsCut(t *testing.T) {
+	parallel(t)
 	for _, transport := range []string{"quic", "tls"} {
 		t.Run(transport, func(t *testing.T) {
 			srv := startServer(t, reversePolicy)

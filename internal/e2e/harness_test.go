@@ -11,7 +11,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -23,6 +25,80 @@ import (
 // bin holds the tpd, tp and dlogin binaries built once for the whole package.
 var bin string
 
+// defaultParallel is how many tests of this package run at once unless
+// -parallel says otherwise. Each test mostly waits on processes (tpd, tp,
+// sshd, PostgreSQL) starting, draining and reconnecting rather than using the
+// CPU, so more tests than the default (GOMAXPROCS, 2 on a small CI machine)
+// run at once; few enough that their processes do not starve each other of
+// CPU on a loaded 2-core machine (where a starved tpd fails handshakes and
+// drains for want of CPU, not of correctness).
+const defaultParallel = 10
+
+// slots bounds the tests running at once (-parallel) in place of testing's
+// own bound, so that the long ones start first (parallelLong).
+var slots *gate
+
+// parallel is t.Parallel with this package's bound: at most -parallel tests
+// run at once.
+func parallel(t *testing.T) {
+	t.Parallel()
+	slots.enter(t, false)
+}
+
+// parallelLong is parallel for the few tests that take a minute or more even
+// alone: when a slot frees, they get it before the others. Had they waited
+// like the rest, the order in which the Go scheduler wakes the released tests
+// would decide when they start, and one started last (as TestCarrierMatrix
+// was) ended the package minutes after the others.
+func parallelLong(t *testing.T) {
+	t.Parallel()
+	slots.enter(t, true)
+}
+
+// gate is a counting semaphore whose long waiters go first.
+type gate struct {
+	size        int
+	mu          sync.Mutex
+	free        int
+	long, other []chan struct{} // waiting, in arrival order
+}
+
+// enter waits for a slot and gives it back when t ends (after its cleanups).
+func (g *gate) enter(t *testing.T, long bool) {
+	start := time.Now()
+	g.mu.Lock()
+	if g.free > 0 {
+		g.free--
+		g.mu.Unlock()
+	} else {
+		ch := make(chan struct{})
+		if long {
+			g.long = append(g.long, ch)
+		} else {
+			g.other = append(g.other, ch)
+		}
+		g.mu.Unlock()
+		<-ch
+		t.Logf("started after %s waiting for one of %d slots (-parallel)", time.Since(start).Round(time.Millisecond), g.size)
+	}
+	t.Cleanup(g.leave)
+}
+
+func (g *gate) leave() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	switch {
+	case len(g.long) > 0:
+		close(g.long[0])
+		g.long = g.long[1:]
+	case len(g.other) > 0:
+		close(g.other[0])
+		g.other = g.other[1:]
+	default:
+		g.free++
+	}
+}
+
 func TestMain(m *testing.M) {
 	flag.Parse()
 	if testing.Short() {
@@ -30,6 +106,16 @@ func TestMain(m *testing.M) {
 		fmt.Println("skipped under -short: every test here runs TP's binaries (built first), and most also sshd, Chromium, PostgreSQL or network namespaces")
 		os.Exit(0)
 	}
+	n := defaultParallel
+	flag.Visit(func(f *flag.Flag) {
+		if f.Name == "test.parallel" {
+			n, _ = strconv.Atoi(f.Value.String())
+		}
+	})
+	slots = &gate{size: max(n, 1), free: max(n, 1)}
+	// testing's own bound would hold the long tests back with the rest;
+	// slots is the bound now (parallel subtests run as their test decides).
+	flag.Set("test.parallel", "1000")
 	dir, err := os.MkdirTemp("", "tp-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -53,12 +139,39 @@ func TestMain(m *testing.M) {
 	if os.Getenv("TP_SHUTDOWN_TIMEOUT") == "" {
 		os.Setenv("TP_SHUTDOWN_TIMEOUT", "10s")
 	}
+	// A race-instrumented program that returns from main sleeps a second
+	// (the race detector's atexit_sleep_ms) so that goroutines still running
+	// can report races. Every tpd, tp and dlogin here is one, and the tests
+	// run hundreds of short ones (tpd enroll, dlogin, tp HOST PORT): that
+	// second was most of their time. A race is still reported when the
+	// detector sees it; only one in a goroutine that outlives main goes unseen.
+	if g := os.Getenv("GORACE"); !strings.Contains(g, "atexit_sleep_ms") {
+		os.Setenv("GORACE", strings.TrimSpace(g+" atexit_sleep_ms=0"))
+	}
 	code := testpg.Main(m) // m.Run, then the PostgreSQL server a test started stops
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
 
 func binary(name string) string { return filepath.Join(bin, name) }
+
+// command is exec.Command for a process the tests run (tpd, tp, sshd, ...):
+// the kernel kills it when the test binary ends, so that a binary ended past
+// its cleanups (a test's timeout panics) leaves no process behind. The
+// signal follows the thread that started the process, and this package ends
+// none of its threads (inNS).
+func command(name string, args ...string) *exec.Cmd {
+	cmd := exec.Command(name, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return cmd
+}
+
+// commandContext is command with exec.CommandContext's bound.
+func commandContext(ctx context.Context, name string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return cmd
+}
 
 // server is a running `tpd serve` process.
 type server struct {
@@ -75,20 +188,21 @@ type server struct {
 }
 
 // startServer initialises a data dir, installs policy (replacing the default
-// policy when not empty) and runs `tpd serve` on a free loopback port.
-func startServer(t *testing.T, policy string) *server {
+// policy when not empty) and runs `tpd serve` on a free loopback port; env
+// (TP_... settings) goes to tpd init and tpd serve.
+func startServer(t *testing.T, policy string, env ...string) *server {
 	t.Helper()
-	s := startTPD(t, initTPD(t, policy), "127.0.0.1:0", nil)
+	s := startTPD(t, initTPD(t, policy, env...), "127.0.0.1:0", env)
 	s.mustStop = true
 	return s
 }
 
 // initTPD makes a data dir whose only policy file is policy (when not empty;
-// else the default policy stays).
-func initTPD(t testing.TB, policy string) string {
+// else the default policy stays); env goes to tpd init.
+func initTPD(t testing.TB, policy string, env ...string) string {
 	t.Helper()
 	dataDir := filepath.Join(t.TempDir(), "tpdata")
-	run(t, nil, binary("tpd"), "init", "--data-dir", dataDir)
+	run(t, env, binary("tpd"), "init", "--data-dir", dataDir)
 	if policy != "" {
 		if err := os.WriteFile(filepath.Join(dataDir, "policy", "tp.rego"), []byte(policy), 0o600); err != nil {
 			t.Fatal(err)
@@ -103,7 +217,7 @@ func initTPD(t testing.TB, policy string) string {
 func startTPD(t testing.TB, dataDir, listen string, env []string) *server {
 	t.Helper()
 	s := &server{DataDir: dataDir, log: &testlog.Buffer{}, done: make(chan struct{})}
-	s.cmd = exec.Command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen)
+	s.cmd = command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen)
 	s.cmd.Env = append(os.Environ(), env...)
 	stdout, err := s.cmd.StdoutPipe()
 	if err != nil {
@@ -211,7 +325,7 @@ func run(t testing.TB, env []string, name string, args ...string) string {
 func runErr(env []string, stdin io.Reader, name string, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
+	cmd := commandContext(ctx, name, args...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdin = stdin
 	out, err := cmd.CombinedOutput()

@@ -171,6 +171,7 @@ func draftApp(seen *atomic.Int32) http.Handler {
 // Chromium, with no client certificate, loads https://NAME/ through tpd and
 // the page renders (its script, a second request down the tunnel, ran).
 func TestHTTPDraftClientBrowser(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, httpPolicy)
 	rootPEM, root := rootOf(t, srv)
 	home := strings.TrimPrefix(srv.login(t, "alice", "laptop")[0], "TP_HOME=")
@@ -223,8 +224,8 @@ func TestHTTPDraftClientBrowser(t *testing.T) {
 // the transport it used; here the server has QUIC off, so the document offers
 // no quic and tp uses TLS.
 func TestTPFetchesDiscoveryOnFirstMeeting(t *testing.T) {
-	t.Setenv("TP_QUIC", "false") // inherited by the tpd that startServer runs
-	srv := startServer(t, testPolicy)
+	parallel(t)
+	srv := startServer(t, testPolicy, "TP_QUIC=false")
 	env := srv.login(t, "alice", "laptop")
 	cache := filepath.Join(strings.TrimPrefix(env[0], "TP_HOME="), "transport-cache.json")
 	if b, err := os.ReadFile(cache); err == nil && strings.Contains(string(b), `"software"`) {
@@ -249,6 +250,7 @@ func TestTPFetchesDiscoveryOnFirstMeeting(t *testing.T) {
 // name; bob, whom the policy refuses, gets 403 with the policy's reason in
 // Proxy-Status (the bad input: a destination the policy does not allow him).
 func TestConnectCurlWithDloginFiles(t *testing.T) {
+	parallel(t)
 	curl, err := exec.LookPath("curl")
 	if err != nil {
 		t.Fatal("curl is not installed: apt-get install curl (deploy/test.sh does)")

@@ -94,7 +94,7 @@ type exposeHTTP struct {
 func startExposeHTTP(t *testing.T, env []string, args ...string) *exposeHTTP {
 	t.Helper()
 	x := &exposeHTTP{log: &testlog.Buffer{}, done: make(chan struct{})}
-	x.cmd = exec.Command(binary("tp"), append([]string{"expose", "--http"}, args...)...)
+	x.cmd = command(binary("tp"), append([]string{"expose", "--http"}, args...)...)
 	x.cmd.Env = append(os.Environ(), env...)
 	stderr, err := x.cmd.StderrPipe()
 	if err != nil {
@@ -187,7 +187,7 @@ func (b *browser) dom(t *testing.T, host, url string) (dom, stderr string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, b.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+	cmd := commandContext(ctx, b.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
 		"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 		"--user-data-dir="+filepath.Join(b.home, "profile"),
 		"--host-resolver-rules=MAP "+host+" 127.0.0.1",
@@ -250,6 +250,7 @@ func rootOf(t *testing.T, srv *server) (path string, pool *x509.CertPool) {
 // policy's reason); after alice's exposer stops, the name is no longer served
 // (the TLS alert unrecognized_name).
 func TestHTTPExposeBrowser(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, httpPolicy)
 	rootPEM, root := rootOf(t, srv)
 	alice := srv.login(t, "alice", "laptop")
@@ -298,6 +299,7 @@ func TestHTTPExposeBrowser(t *testing.T) {
 // sees only alice's request. Once alice's device is revoked (tpd revoke), her
 // certificate is refused at the handshake too.
 func TestHTTPExposeDevicesOnly(t *testing.T) {
+	parallel(t)
 	curl, err := exec.LookPath("curl")
 	if err != nil {
 		t.Fatal("curl is not installed: apt-get install curl (deploy/test.sh does)")
@@ -409,6 +411,7 @@ func listenTCP(addr string, root *x509.CertPool, home string, port int) (*http.R
 // for the port alice holds (403, name_taken, the holder reason), carol asking
 // for it against the policy (403, policy_denied, the policy's reason).
 func TestHTTPListenTCP(t *testing.T) {
+	parallel(t)
 	port := testnet.FreePort(t, "tcp")
 	srv := startTPD(t, initTPD(t, httpPolicy), "127.0.0.1:0", []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(port)})
 	srv.mustStop = true

@@ -5,7 +5,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"regexp"
 	"syscall"
 	"testing"
@@ -167,7 +166,7 @@ func runTPIP(b *testing.B, ns string, env []string, transport string) (stop func
 // local address it listens on.
 func startForwardIn(b *testing.B, ns string, env []string, target string) string {
 	b.Helper()
-	cmd := exec.Command("ip", "netns", "exec", ns, binary("tp"), "forward", "--transport", "quic", "127.0.0.1:0", target)
+	cmd := command("ip", "netns", "exec", ns, binary("tp"), "forward", "--transport", "quic", "127.0.0.1:0", target)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

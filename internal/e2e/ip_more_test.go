@@ -92,6 +92,7 @@ func waitTPIP(t *testing.T, log interface{ String() string }, what string, cond 
 // service host's TCP lowers its segments, and a 4 MiB transfer with DF set (as
 // Linux sets it on TCP) completes with the right checksum.
 func TestIPTunnelTPIPPathMTU(t *testing.T) {
+	parallel(t)
 	n, env, _ := startIPE2E(t, "TP_IP_MTU=9000")
 	tpip := startTPIP(t, n.C, env, "--mtu", "9000")
 	// First the upload (before S learns a path MTU that would shrink the MSS
@@ -120,6 +121,7 @@ func TestIPTunnelTPIPPathMTU(t *testing.T) {
 // tpd restarts under a live `tp ip`: it reconnects with backoff, reports the
 // tunnel up again, and ping and a transfer work again.
 func TestIPTunnelTPIPReconnectsAfterRestart(t *testing.T) {
+	parallel(t)
 	n, env, _ := startIPE2E(t)
 	tpip := startTPIP(t, n.C, env)
 	if _, err := ping(t, n.C, "10.201.2.2"); err != nil {
@@ -144,8 +146,9 @@ func TestIPTunnelTPIPReconnectsAfterRestart(t *testing.T) {
 // Where UDP to tpd is dropped (iptables in the client host), `tp ip` with the
 // default --transport auto falls back to HTTP/2 over TLS and the tunnel works.
 func TestIPTunnelTPIPFallsBackWhenUDPIsBlocked(t *testing.T) {
+	parallel(t)
 	n, env, _ := startIPE2E(t)
-	sh(t, "ip", "netns", "exec", n.C, "iptables", "-A", "OUTPUT", "-p", "udp", "-j", "DROP")
+	sh(t, "ip", "netns", "exec", n.C, "iptables", "-w", "-A", "OUTPUT", "-p", "udp", "-j", "DROP")
 	tpip := startTPIP(t, n.C, env)
 	if !strings.Contains(tpip.String(), "over=HTTP/2") {
 		t.Fatalf("tp ip did not fall back to HTTP/2 with UDP blocked:\n%s", tpip.String())
@@ -160,6 +163,7 @@ func TestIPTunnelTPIPFallsBackWhenUDPIsBlocked(t *testing.T) {
 // HTTP/2): the tunnel ends, and tp ip exits (no retrying forever) with a
 // sentence saying the device was revoked and what to do.
 func TestIPTunnelTPIPRevoked(t *testing.T) {
+	parallel(t)
 	for _, transport := range []string{"auto", "tls"} {
 		t.Run(transport, func(t *testing.T) { testIPTunnelTPIPRevoked(t, transport) })
 	}

@@ -26,12 +26,13 @@ import (
 // banner and notes included, parses as a JSON object, and that the audit lines
 // of the session and the denial are among them.
 func TestJSONLogEveryLine(t *testing.T) {
+	parallel(t)
 	dataDir := filepath.Join(t.TempDir(), "tpdata")
 	run(t, nil, binary("tpd"), "init", "--data-dir", dataDir)
 	if err := os.WriteFile(filepath.Join(dataDir, "policy", "tp.rego"), []byte(testPolicy), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", "127.0.0.1:0", "--log-format", "json")
+	cmd := command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", "127.0.0.1:0", "--log-format", "json")
 	cmd.Env = append(os.Environ(), "TP_AUDIT_LOG=-")
 	stdout, stderr := &testlog.Buffer{}, &testlog.Buffer{}
 	cmd.Stdout, cmd.Stderr = stdout, stderr
@@ -139,12 +140,13 @@ func jsonLines(t *testing.T, name, out string, strict bool) []map[string]any {
 // TestJSONLogStopError: with log-format json, the error tpd serve stops with is
 // a JSON line too. Bad input: the public port is taken by another listener.
 func TestJSONLogStopError(t *testing.T) {
+	parallel(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	cmd := exec.Command(binary("tpd"), "serve", "--data-dir", filepath.Join(t.TempDir(), "tpdata"), "--listen", ln.Addr().String(), "--log-format", "json")
+	cmd := command(binary("tpd"), "serve", "--data-dir", filepath.Join(t.TempDir(), "tpdata"), "--listen", ln.Addr().String(), "--log-format", "json")
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err = cmd.Run()

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -22,6 +21,7 @@ import (
 // Messages a new user meets, with the real binaries: each once said something
 // misleading (the old words are in the comments).
 func TestNewUserMessages(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 
 	t.Run("enroll names the time zone", func(t *testing.T) {
@@ -89,7 +89,7 @@ func TestNewUserMessages(t *testing.T) {
 			_, _ = c.Read(make([]byte, 1)) // until tp goes
 		})
 		_, port, _ := net.SplitHostPort(addr)
-		cmd := exec.Command(binary("tp"), "-q", "127.0.0.1", port)
+		cmd := command(binary("tp"), "-q", "127.0.0.1", port)
 		cmd.Env = append(os.Environ(), env...)
 		stderr := &testlog.Buffer{}
 		cmd.Stderr = stderr
@@ -134,6 +134,7 @@ func TestNewUserMessages(t *testing.T) {
 // Bad input: tpd serve's first start on a port another process holds. It once
 // created the data dir (CA and all) and only then failed.
 func TestBusyPortCreatesNoDataDir(t *testing.T) {
+	parallel(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -150,9 +151,9 @@ func TestBusyPortCreatesNoDataDir(t *testing.T) {
 // server and exits saying so. It once kept retrying for ever with "most likely
 // the client certificate … run dlogin".
 func TestRevokedPublicUDPAgentExits(t *testing.T) {
+	parallel(t)
 	port := testnet.FreePort(t, "udp")
-	t.Setenv("TP_PUBLIC_PORTS", strconv.Itoa(port)+"/udp") // inherited by tpd
-	srv := startServer(t, reverseUDPPolicy)
+	srv := startServer(t, reverseUDPPolicy, "TP_PUBLIC_PORTS="+strconv.Itoa(port)+"/udp")
 	echo := testnet.EchoUDP(t)
 	alice := srv.login(t, "alice", "laptop")
 	a := startAgentProc(t, alice, "game", echo, "--udp", "--public", strconv.Itoa(port))

@@ -113,6 +113,7 @@ func (d *alpnDoor) serve(c net.Conn) {
 // checked on the other: before the answers were shared in the database, the
 // authorization stayed pending.
 func TestPGACMEOnOtherInstance(t *testing.T) {
+	parallel(t)
 	srvs := startPeers(t, 2, peerPolicy, nil)
 	a, b := srvs[0], srvs[1]
 	door := newALPNDoor(t, a.Addr, b.Addr)

@@ -167,20 +167,23 @@ func withHost(t testing.TB, raw, addr string) string {
 // to it is alive, so one name is never served by two instances; dials
 // through B reach agent 2.
 func TestPGFaultFrozenHolderThreeInstances(t *testing.T) {
+	parallel(t)
 	_, dsn := testpg.NewDatabase(t)
 	srvs, _ := pgCluster(t, dsn, 3, reversePolicy)
 	a, b, c := srvs[0], srvs[1], srvs[2]
 	alice := a.login(t, "alice", "laptop")
 	bob := a.login(t, "bob", "phone")
-	bobHome := strings.TrimPrefix(bob[0], "TP_HOME=")
 	tr := "TP_TRANSPORT=tls"
 	gate, closeGate := tcpGate(t, a.Addr)
 	agent1 := copyHome(t, alice, withHost(t, a.URL, gate))
 	agent2 := copyHome(t, alice, b.URL)
 	startExpose(t, append(agent1, tr), "laptop-ssh", markerServer(t, "agent-1"), "--allow-user", "bob")
+	bobVia := map[*server][]string{} // bob's device, one TP_HOME per instance, so that dials run at once
+	for _, s := range srvs {
+		bobVia[s] = append(copyHome(t, bob, s.URL), tr)
+	}
 	dial := func(s *server) (string, error) {
-		setServer(t, bobHome, s.URL)
-		return runErr(append(bob, tr), strings.NewReader("ping"), binary("tp"), "laptop-ssh.rev.tp.internal", "22")
+		return runErr(bobVia[s], strings.NewReader("ping"), binary("tp"), "laptop-ssh.rev.tp.internal", "22")
 	}
 	if out, err := dial(a); err != nil || !strings.Contains(out, "agent-1") {
 		t.Fatalf("bob through A before the freeze: %v\n%s", err, out)
@@ -201,12 +204,23 @@ func TestPGFaultFrozenHolderThreeInstances(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Right after SIGCONT and until A says it fenced: every dial through any
-	// instance either is refused or reaches agent 2, never agent 1.
+	// instance either is refused or reaches agent 2, never agent 1. A round
+	// dials through the three at once; the deadline bounds the wait for A's
+	// fence and for a dial through B to reach agent 2, after which the rounds
+	// go on until there were three (counted, not timed: a round of three tp
+	// processes takes seconds on a loaded machine).
 	deadline := time.Now().Add(30 * time.Second)
 	viaB := 0 // dials through B that reached agent 2 (a busy machine may make one fail)
 	for round := 0; ; round++ {
-		for _, s := range []*server{a, c, b} {
-			out, err := dial(s)
+		via := []*server{a, c, b}
+		outs, errs := make([]string, len(via)), make([]error, len(via))
+		var wg sync.WaitGroup
+		for i, s := range via {
+			wg.Go(func() { outs[i], errs[i] = dial(s) })
+		}
+		wg.Wait()
+		for i, s := range via {
+			out, err := outs[i], errs[i]
 			if strings.Contains(out, "agent-1") {
 				t.Fatalf("a dial through %s after SIGCONT reached agent 1, whose instance A had lost the name to B:\n%s\nA's log:\n%s", s.URL, out, a.log.String())
 			}
@@ -218,8 +232,11 @@ func TestPGFaultFrozenHolderThreeInstances(t *testing.T) {
 			}
 		}
 		fenced := strings.Contains(a.log.String(), "reverse names fenced") || strings.Contains(a.log.String(), "took over")
-		if fenced && round >= 2 && viaB > 0 {
-			break
+		if fenced && viaB > 0 {
+			if round >= 2 {
+				break
+			}
+			continue
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("30s after SIGCONT, A has not logged that it stopped serving laptop-ssh, or no dial through B reached agent 2 (%d):\n%s", viaB, a.log.String())
@@ -231,7 +248,7 @@ func TestPGFaultFrozenHolderThreeInstances(t *testing.T) {
 // waiting for it to register (a registration that is refused, then retried).
 func startAgentAsync(t *testing.T, env []string, args ...string) *testlog.Buffer {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), append([]string{"expose"}, args...)...)
+	cmd := command(binary("tp"), append([]string{"expose"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -269,7 +286,7 @@ func startAgentAsync(t *testing.T, env []string, args ...string) *testlog.Buffer
 // session through the profile's server.
 func openTP(t *testing.T, env []string, host, port string) (io.WriteCloser, *bufio.Reader) {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), host, port)
+	cmd := command(binary("tp"), host, port)
 	cmd.Env = append(os.Environ(), env...)
 	in, err := cmd.StdinPipe()
 	if err != nil {
@@ -282,7 +299,20 @@ func openTP(t *testing.T, env []string, host, port string) (io.WriteCloser, *buf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { in.Close(); cmd.Process.Kill(); cmd.Wait() })
+	t.Cleanup(func() {
+		// Its end, then Ctrl-C, so that tp closes its connection (a killed
+		// tp's QUIC connection would keep tpd's drain waiting).
+		in.Close()
+		cmd.Process.Signal(os.Interrupt)
+		exited := make(chan struct{})
+		go func() { cmd.Wait(); close(exited) }()
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+	})
 	return in, bufio.NewReader(out)
 }
 
@@ -328,6 +358,7 @@ func readyzOf(t *testing.T, admin string) (int, string) {
 // the same agent process registers once PostgreSQL is back, and bob reaches
 // it through its instance.
 func TestPGFaultDatabaseStopped20s(t *testing.T) {
+	parallelLong(t)
 	pg, err := testpg.New() // its own server: stopping it touches no other test
 	if err != nil {
 		t.Fatal(err)

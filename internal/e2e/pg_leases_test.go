@@ -15,6 +15,7 @@ import (
 // SIGCONT it fences the name on its own (the agent is told why and
 // reconnects), and bob reaches the name again once the agent re-claimed it.
 func TestPGLeasesSIGSTOP(t *testing.T) {
+	parallel(t)
 	_, dsn := testpg.NewDatabase(t)
 	env := []string{"TP_DATABASE=" + dsn, "TP_DATABASE_PASSWORD=" + testpg.Password,
 		"TP_REVERSE_LEASE=3s", "TP_REVERSE_RENEW=500ms"}

@@ -18,7 +18,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -85,6 +84,7 @@ func tlsChecksumServer(t *testing.T, name string, size int64) (addr string, root
 // moves to B: B serves its ports itself (taking over the sockets it kept for
 // A), and A, whose agent left, now carries its public clients to B.
 func TestPGPeerPublicOnOtherInstance(t *testing.T) {
+	parallel(t)
 	tcpPort, udpPort := testnet.FreePort(t, "tcp"), testnet.FreePort(t, "udp")
 	srvs := startPeersAt(t, []string{"127.0.0.1:0", "[::1]:0"}, peerPolicy,
 		[]string{"TP_PUBLIC_PORTS=" + strconv.Itoa(tcpPort) + "," + strconv.Itoa(udpPort) + "/udp"})
@@ -173,6 +173,7 @@ func instanceOf(t *testing.T, s *server) string {
 // (B's access log names the site, A logs the peer session with the status).
 // Once the exposer stops, B answers 404 as for a name nobody exposes.
 func TestPGPeerHTTPOnOtherInstance(t *testing.T) {
+	parallel(t)
 	srvs := startPeers(t, 2, httpPolicy, nil)
 	a, b := srvs[0], srvs[1]
 	alice := a.login(t, "alice", "laptop")
@@ -268,6 +269,7 @@ func TestPGPeerHTTPOnOtherInstance(t *testing.T) {
 // MiB each way checksummed. Without this, B refused the pickup
 // (unknown_session) and bob got reverse_timeout.
 func TestPGPeerPickupOnOtherInstance(t *testing.T) {
+	parallel(t)
 	srvs := startPeers(t, 2, peerPolicy, nil)
 	a, b := srvs[0], srvs[1]
 	door := newFrontDoor(t, a.Addr)
@@ -310,6 +312,7 @@ func TestPGPeerPickupOnOtherInstance(t *testing.T) {
 // with the shutdown reason ("the TP server instance that served … is shutting
 // down"), not a bare reset (peer_reset), and never as a clean end.
 func TestPGPeerDrainReasonAcrossHop(t *testing.T) {
+	parallel(t)
 	srvs := startPeers(t, 2, peerPolicy, []string{"TP_SHUTDOWN_TIMEOUT=2s"})
 	a, b := srvs[0], srvs[1]
 	a.mustStop = false
@@ -319,7 +322,7 @@ func TestPGPeerDrainReasonAcrossHop(t *testing.T) {
 	startExpose(t, append(alice, "TP_TRANSPORT=tls"), "chat", testnet.Echo(t), "--allow-user", "bob")
 	waitLog(t, a.log, "reverse listener registered", 30*time.Second)
 
-	cmd := exec.Command(binary("tp"), "chat.rev.tp.internal", "22")
+	cmd := command(binary("tp"), "chat.rev.tp.internal", "22")
 	cmd.Env = append(os.Environ(), append(bob, "TP_TRANSPORT=tls")...)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {

@@ -49,6 +49,7 @@ func clientThrough(addr string, root *x509.CertPool, cert *tls.Certificate) *htt
 // too. Before the route carried the access mode, B did not ask for the
 // certificate and A answered 403 even to bob's device.
 func TestPGPeerHTTPDevicesOnlyOnOtherInstance(t *testing.T) {
+	parallel(t)
 	srvs := startPeers(t, 2, httpPolicy, nil)
 	a, b := srvs[0], srvs[1]
 	alice := a.login(t, "alice", "laptop")
@@ -128,6 +129,7 @@ func TestPGPeerHTTPDevicesOnlyOnOtherInstance(t *testing.T) {
 // byte for byte (checksummed). The close handshake ends it cleanly, and A logs
 // the upgraded stream as closed, not aborted.
 func TestPGPeerHTTPUpgradeOnOtherInstance(t *testing.T) {
+	parallel(t)
 	srvs := startPeers(t, 2, httpPolicy, nil)
 	a, b := srvs[0], srvs[1]
 	alice := a.login(t, "alice", "laptop")

@@ -165,6 +165,7 @@ func checksumConn(t *testing.T, c interface {
 // The three instances, one policy, report one policy revision. Revoking bob
 // on C ends his live session relayed B→A within seconds.
 func TestPGPeerThreeInstances(t *testing.T) {
+	parallelLong(t)
 	tcpPort, udpPort := testnet.FreePort(t, "tcp"), testnet.FreePort(t, "udp")
 	srvs := startPeers(t, 3, peerPolicy, []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(tcpPort) + "," + strconv.Itoa(udpPort) + "/udp"})
 	a, b, c := srvs[0], srvs[1], srvs[2]
@@ -180,7 +181,9 @@ func TestPGPeerThreeInstances(t *testing.T) {
 		t.Fatalf("dlogin on B with a token from A:\n%s", out)
 	}
 
-	const size = 4 << 20
+	// 1 MiB each way, checksummed, in each of the 8 TCP transfers per agent
+	// transport below.
+	const size = 1 << 20
 	sum := checksumServer(t, size)
 	echo := testnet.EchoUDP(t)
 	for _, atr := range []string{"tls", "quic"} {
@@ -388,6 +391,7 @@ func (f *frontDoor) serve(c net.Conn) {
 // the test waits up to 60 s for a loaded machine; docs/SCALE.md states the
 // bound).
 func TestPGPeerKillServingInstance(t *testing.T) {
+	parallel(t)
 	srvs := startPeers(t, 3, peerPolicy+`
 allow if {
 	input.action == "listen"

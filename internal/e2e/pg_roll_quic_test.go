@@ -242,7 +242,7 @@ func (d *udpDoor) flow(client *net.UDPAddr, i int) *udpFlow {
 	return f
 }
 
-// Rolling restart of all three over QUIC: TestPGRollingRestart's 50
+// Rolling restart of all three over QUIC: TestPGRollingRestart's 10
 // concurrent checksummed transfers and drains, with every client on QUIC over
 // UDP behind udpDoor, a UDP balancer that routes by the instance's QUIC-LB
 // server ID in the connection IDs (each instance has its own, quic-server-id
@@ -255,6 +255,7 @@ func (d *udpDoor) flow(client *net.UDPAddr, i int) *udpFlow {
 // carried a server ID it knows (the connection IDs route), and most packets
 // were routed by it.
 func TestPGRollingRestartQUIC(t *testing.T) {
+	parallelLong(t)
 	_, dsn := testpg.NewDatabase(t)
 	base := []string{"TP_DATABASE=" + dsn, "TP_DATABASE_PASSWORD=" + testpg.Password, "TP_SHUTDOWN_TIMEOUT=2s"}
 	dirs := peerDataDirs(t, 3, peerPolicy)

@@ -84,6 +84,7 @@ func waitTable(t *testing.T, dataDir string, want ...string) {
 // (a dial of alice's name on A, relayed by B, so the drain waits for it): A
 // shows B draining; once the session ends and B stops, B is gone from A's list.
 func TestPGStatusListsInstances(t *testing.T) {
+	parallel(t)
 	srvs := startPeers(t, 2, peerPolicy, []string{"TP_REVERSE_LEASE=3s", "TP_REVERSE_RENEW=500ms", "TP_SHUTDOWN_TIMEOUT=30s"})
 	a, b := srvs[0], srvs[1]
 
@@ -131,7 +132,10 @@ func TestPGStatusListsInstances(t *testing.T) {
 	alice := a.login(t, "alice", "laptop")
 	startExpose(t, append(alice, "TP_TRANSPORT=tls"), "chat", testnet.Echo(t), "--allow-user", "bob")
 	bob := b.login(t, "bob", "phone")
-	fwd, _ := startForward(t, append(bob, "TP_TRANSPORT=tls"), "chat.rev.tp.internal:22")
+	// A session of its own per connection (no end-to-end carrier, which
+	// would outlive the connection, idle, until tp forward closes it): the
+	// session ends when live does.
+	fwd, _ := startForward(t, append(bob, "TP_TRANSPORT=tls"), "chat.rev.tp.internal:22", "--no-e2e-mux")
 	var live net.Conn
 	deadline := time.Now().Add(30 * time.Second)
 	for {

@@ -20,6 +20,7 @@ import (
 // dials through A with that certificate, and `tpd revoke` on A makes B refuse
 // the device within seconds, as does tpd policy eval beside B.
 func TestPGTwoTPDProcesses(t *testing.T) {
+	parallel(t)
 	_, dsn := testpg.NewDatabase(t)
 	env := []string{"TP_DATABASE=" + dsn, "TP_DATABASE_PASSWORD=" + testpg.Password}
 	dirA := initTPD(t, testPolicy)

@@ -34,6 +34,7 @@ test_dev_does_not if not authz.allow with input as req(["dev"])
 // tpd policy test and tpd policy eval work offline on the data dir: tests pass or
 // fail with the right exit status, and eval shows decision, reason and rules.
 func TestPolicyTooling(t *testing.T) {
+	parallel(t)
 	dir := filepath.Join(t.TempDir(), "tpdata")
 	run(t, nil, binary("tpd"), "init", "--data-dir", dir)
 	write := func(name, src string) {

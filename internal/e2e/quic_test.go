@@ -17,6 +17,7 @@ import (
 // OpenSSH through `tp` with --transport quic (as TP_TRANSPORT): the request runs
 // on a QUIC stream of tpd's UDP port.
 func TestSSHOverQUIC(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	sd := startSSHD(t)
 	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
@@ -30,8 +31,8 @@ func TestSSHOverQUIC(t *testing.T) {
 // With tpd's QUIC off (as if UDP were blocked), auto falls back to TLS and
 // remembers it in $TP_HOME, so the next run does not race again.
 func TestAutoFallbackWhenUDPBlocked(t *testing.T) {
-	t.Setenv("TP_QUIC", "false") // inherited by the tpd that startServer runs
-	srv := startServer(t, testPolicy)
+	parallel(t)
+	srv := startServer(t, testPolicy, "TP_QUIC=false")
 	env := srv.login(t, "alice", "laptop")
 	echo := testnet.Echo(t)
 	_, port, _ := net.SplitHostPort(echo)
@@ -53,6 +54,7 @@ func TestAutoFallbackWhenUDPBlocked(t *testing.T) {
 // A long-running `tp forward --transport quic` survives a tpd restart: it reports
 // the break, reconnects with backoff, and forwards again.
 func TestForwardQUICReconnects(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
 	echo := testnet.Echo(t)
@@ -75,6 +77,7 @@ func TestForwardQUICReconnects(t *testing.T) {
 // with a stateless reset (its key is kept in the data dir), instead of leaving the
 // client to find out at the 60 s idle timeout.
 func TestForwardQUICAfterCrash(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
 	echo := testnet.Echo(t)

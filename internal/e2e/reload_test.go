@@ -41,6 +41,7 @@ func editConfig(t *testing.T, dataDir, old, new string) {
 // with the key named and the running configuration keeps working; the tunnel
 // survives all of it.
 func TestReload(t *testing.T) {
+	parallel(t)
 	dataDir := initTPD(t, drainPolicy)
 	p := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := p.login(t, "alice", "laptop")

@@ -56,7 +56,7 @@ type agentProc struct {
 func startAgentProc(t *testing.T, env []string, args ...string) *agentProc {
 	t.Helper()
 	a := &agentProc{log: &testlog.Buffer{}, registered: make(chan struct{}, 100), exited: make(chan struct{})}
-	a.cmd = exec.Command(binary("tp"), append([]string{"expose"}, args...)...)
+	a.cmd = command(binary("tp"), append([]string{"expose"}, args...)...)
 	a.cmd.Env = append(os.Environ(), env...)
 	stderr, err := a.cmd.StderrPipe()
 	if err != nil {
@@ -165,6 +165,7 @@ func echoOnce(c net.Conn, msg string) error {
 // through the gap (mallory, trying while alice's agent has not come back, is
 // refused), alice's agent comes back by itself, and new sessions work.
 func TestReverseTPDKilledAndRestarted(t *testing.T) {
+	parallel(t)
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
 	srv := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=tls")
@@ -213,6 +214,7 @@ func TestReverseTPDKilledAndRestarted(t *testing.T) {
 // The agent process is killed with SIGKILL mid-transfer: the public client sees a
 // TCP reset and the protected dialer an error, never a silent short read.
 func TestReverseAgentKilledMidTransfer(t *testing.T) {
+	parallel(t)
 	port := testnet.FreePort(t, "tcp")
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, port))
 	srv := startTPD(t, dataDir, "127.0.0.1:0", []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(port)})

@@ -3,7 +3,6 @@ package e2e
 import (
 	"bufio"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -34,7 +33,7 @@ reason := sprintf("%s may not reach %s", [input.identity.device_id, input.destin
 // startExpose runs `tp expose` and waits for its "Exposing" line.
 func startExpose(t *testing.T, env []string, args ...string) *testlog.Buffer {
 	t.Helper()
-	cmd := exec.Command(binary("tp"), append([]string{"expose"}, args...)...)
+	cmd := command(binary("tp"), append([]string{"expose"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -89,6 +88,7 @@ func startExpose(t *testing.T, env []string, args ...string) *testlog.Buffer {
 // ProxyCommand="tp %h %p" to the reverse name and runs a command; Carol is
 // refused with the policy's reason — over QUIC and over TLS.
 func TestReverseSSH(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, reversePolicy)
 	sd := startSSHD(t)
 	alice := srv.login(t, "alice", "laptop")

@@ -35,9 +35,9 @@ allow if {
 // reaches alice's protected UDP service with `tp forward --udp` to its reverse
 // name (end to end), and anyone reaches her public one on a UDP port of tpd.
 func TestReverseUDP(t *testing.T) {
+	parallel(t)
 	port := testnet.FreePort(t, "udp")
-	t.Setenv("TP_PUBLIC_PORTS", strconv.Itoa(port)+"/udp") // inherited by tpd
-	srv := startServer(t, reverseUDPPolicy)
+	srv := startServer(t, reverseUDPPolicy, "TP_PUBLIC_PORTS="+strconv.Itoa(port)+"/udp")
 	echo := testnet.EchoUDP(t)
 	alice := srv.login(t, "alice", "laptop")
 	bob := srv.login(t, "bob", "phone")

@@ -48,6 +48,7 @@ func (n *notifySocket) next(t *testing.T, waitingFor string) string {
 // and exit status 0. Before sd_notify, tpd sent nothing and systemd would have
 // timed out its start (Type=notify) or called it started before it listened.
 func TestSystemdNotify(t *testing.T) {
+	parallel(t)
 	ns := listenNotify(t)
 	p := startTPD(t, filepath.Join(t.TempDir(), "tpdata"), "127.0.0.1:0", []string{"NOTIFY_SOCKET=" + ns.path})
 

@@ -20,6 +20,7 @@ import (
 // the far side: it exits 1 saying that standard output failed, and the
 // destination sees its session end, over TLS and QUIC.
 func TestProxyCommandStdoutBroken(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	for _, tr := range []string{clients.TransportTLS, clients.TransportQUIC} {
@@ -30,7 +31,7 @@ func TestProxyCommandStdoutBroken(t *testing.T) {
 				ended <- struct{}{}
 			})
 			_, port, _ := net.SplitHostPort(addr)
-			cmd := exec.Command(binary("tp"), "127.0.0.1", port)
+			cmd := command(binary("tp"), "127.0.0.1", port)
 			cmd.Env = append(os.Environ(), append(env, "TP_TRANSPORT="+tr)...)
 			stderr := &testlog.Buffer{}
 			cmd.Stderr = stderr

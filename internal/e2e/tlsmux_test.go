@@ -20,6 +20,7 @@ import (
 // real tpd: 8 local connections at once, each 4 MiB of random bytes up, a
 // half-close, and the same bytes back from an echo, then a clean end.
 func TestForwardTLSMux(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	echo := testnet.Echo(t)
@@ -88,6 +89,7 @@ func echoThrough(fwd string, size int) error {
 // client reads at most those bytes and then a reset, never a clean end; the
 // forwarder's connection serves the next tunnel the same way.
 func TestForwardTLSMuxAbortIsAbort(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	dest := testnet.Serve(t, func(c *net.TCPConn) {

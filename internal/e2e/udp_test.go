@@ -34,6 +34,7 @@ reason := sprintf("UDP to %s:%d is limited to alice (you: %s)", [
 // echo answers through the forward; bob's forward is refused by the policy with
 // its reason in tp's log.
 func TestForwardUDP(t *testing.T) {
+	parallel(t)
 	srv := startServer(t, udpPolicy)
 	echo := testnet.EchoUDP(t)
 	for _, tr := range []string{"quic", "tls"} {

@@ -18,6 +18,7 @@ import (
 // headless Chromium from Debian's chromium package. No client certificate is
 // asked for: the website's handshake sends no CertificateRequest.
 func TestBrowserLoadsSite(t *testing.T) {
+	parallel(t)
 	chromium, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is not installed: apt-get install chromium libnss3-tools (deploy/test.sh does, run as root)")
@@ -38,8 +39,7 @@ func TestBrowserLoadsSite(t *testing.T) {
 	if err := os.WriteFile(conf, []byte("sites:\n  - {name: www.test, root: \""+root+"\"}\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	t.Setenv("TP_CONFIG", conf) // inherited by tpd init and tpd serve
-	srv := startServer(t, "")
+	srv := startServer(t, "", "TP_CONFIG="+conf)
 	rootPEM := filepath.Join(srv.DataDir, "ca", "root.crt")
 	pem, err := os.ReadFile(rootPEM)
 	if err != nil {
@@ -86,7 +86,7 @@ func TestBrowserLoadsSite(t *testing.T) {
 	_, port, _ := net.SplitHostPort(srv.Addr)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+	cmd := commandContext(ctx, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
 		"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 		"--user-data-dir="+filepath.Join(home, "profile"),
 		"--host-resolver-rules=MAP www.test 127.0.0.1",
