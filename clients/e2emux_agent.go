@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -46,6 +47,12 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 		streams atomic.Int64
 		m       *muxConn
 		ready   = make(chan struct{})
+		// Streams the dialer aborted before their answer, and those
+		// answered: a dialer that aborts more than it lets be answered
+		// (a rapid reset) makes the agent dial its service for nothing,
+		// so past cancelFlood of them the carrier takes no further stream.
+		cancelled, answeredN atomic.Int64
+		flooded              atomic.Bool
 	)
 	first.Store(pre)
 	accept := func(s *muxStream) { // on the carrier's reader: it must not wait
@@ -62,6 +69,10 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 				_ = m.Close() // cleanly, so the refusal reaches the dialer first
 				return
 			}
+			if flooded.Load() {
+				s.AbortWith(mux.AbortRefused) // opened before the dialer saw the GOAWAY below
+				return
+			}
 			p := first.Swap(nil) // the first stream's, if any
 			defer p.discard()    // unused when the stream was refused
 			// Streams count against the agent's bound on sessions (MaxSessions),
@@ -72,7 +83,29 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 				sess.refuse(wire.CodeReverseBusy, fmt.Sprintf("the agent of %s serves as many sessions as it takes (%d)", full, a.maxSessions()), slog)
 				return
 			}
-			a.admit(ctx, &e2eSession{Stream: s, bridge: s, capsules: s}, hdr, full, local, false, p, nil, device, user, time.Now(), slog)
+			// The set-up (the dial of the local service) ends when the dialer
+			// aborts the stream before its answer.
+			sctx, cancel := context.WithCancelCause(ctx)
+			defer cancel(nil)
+			stc := s.Context()
+			stopWatch := context.AfterFunc(stc, func() {
+				if wire.PeerCancelled(context.Cause(stc)) {
+					cancel(errDialerCancelled)
+				}
+			})
+			sess := &e2eSession{Stream: s, bridge: s, capsules: s, answered: func() {
+				stopWatch()
+				answeredN.Add(1)
+			}}
+			a.admit(sctx, sess, hdr, full, local, false, p, nil, device, user, time.Now(), slog)
+			stopWatch()
+			if errors.Is(context.Cause(sctx), errDialerCancelled) {
+				if n := cancelled.Add(1); n > cancelFlood && n > answeredN.Load() && flooded.CompareAndSwap(false, true) {
+					log.Warn("tp expose: end-to-end carrier takes no more streams (GOAWAY) and ends with its last: its dialer aborted more sessions before their answer than it let be answered (rapid reset)",
+						"aborted", n, "answered", answeredN.Load())
+					m.Drain()
+				}
+			}
 		}()
 	}
 	m = newMuxConn(newBatchedTLS(tc, batch), false, full, expires, a.inner.Time, accept)
@@ -99,6 +132,15 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 	}
 	log.Info("tp expose: end-to-end carrier ended", "streams", streams.Load(), "duration", time.Since(start), "end", end)
 }
+
+// cancelFlood is how many streams a carrier's dialer may abort before their
+// answer, beyond as many as it let be answered, before the carrier takes no
+// further stream (serveMux).
+const cancelFlood = 100
+
+// errDialerCancelled is the cause of a set-up whose dialer aborted the stream
+// before its answer.
+var errDialerCancelled = errors.New("the dialer aborted the session before its answer")
 
 // drainCarriers tells the dialer of every carrier that it takes no further
 // stream (GOAWAY), and ends each once its last stream ended: the server they

@@ -764,6 +764,9 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 		pre = startLocalDial(ctx, network, local)
 	}
 	upstream, err := pre.take()
+	if err != nil && errors.Is(context.Cause(ctx), errDialerCancelled) {
+		return // the dialer aborted the stream: nobody to answer (serveMux)
+	}
 	if err != nil {
 		sess.refuse(wire.CodeDialFailed, fmt.Sprintf("the agent of %s cannot reach its local service: %v", full, err), log)
 		return
