@@ -13,6 +13,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -553,15 +554,23 @@ func versionMismatch(err error) error {
 }
 
 // readControl reads control frames until the control stream ends; pings bound the
-// silence on TLS (the server sends one every 15s).
+// silence on TLS: twice the period the server's pings announce, plus a second
+// (45s for a server that announces none).
 func (a *Agent) readControl(ctl wire.Stream, announce func(wire.SessionHeader)) error {
+	silence := 45 * time.Second
 	for {
 		if announce != nil {
-			_ = ctl.SetReadDeadline(time.Now().Add(45 * time.Second))
+			_ = ctl.SetReadDeadline(time.Now().Add(silence))
 		}
 		hdr, err := wire.ReadSessionHeader(ctl)
+		if announce != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			return fmt.Errorf("control connection to %s lost: the TP server sent nothing for %s", a.Dialer.Server, silence)
+		}
 		if err != nil {
 			return fmt.Errorf("control connection to %s ended: %w", a.Dialer.Server, err)
+		}
+		if hdr.Ping && hdr.PingMS > 0 {
+			silence = 2*time.Duration(min(hdr.PingMS, 3_600_000))*time.Millisecond + time.Second
 		}
 		switch {
 		case hdr.End == "replaced":

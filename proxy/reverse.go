@@ -49,7 +49,10 @@ type ReverseOptions struct {
 	// PickupTimeout bounds how long a dial waits for the agent to pick the session
 	// up. Default 10s.
 	PickupTimeout time.Duration
-	// Ping is the period of keepalive frames on TLS control connections. Default 15s.
+	// Ping is the period of keepalive frames on TLS control connections, sent
+	// with each (the agent takes twice the period's silence as a lost
+	// connection). Default 15s; with a Store, at most Renew, so that an agent
+	// of an instance that froze notices it before the lease lapses.
 	Ping time.Duration
 
 	// Store, when set, records holds in a database several instances share
@@ -112,6 +115,9 @@ func (o ReverseOptions) withDefaults() ReverseOptions {
 		o.Renew = DefaultRenew
 	}
 	o.Renew = min(o.Renew, o.Lease/3)
+	if o.Store != nil {
+		o.Ping = min(o.Ping, o.Renew)
+	}
 	return o
 }
 
@@ -238,6 +244,11 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 		end(fmt.Errorf("control stream ended: %w", err))
 	}()
 	if transport != "quic" {
+		// A ping at once tells the agent the period; then one every period.
+		ping := wire.SessionHeader{V: wire.Version, Ping: true, PingMS: s.rev.opts.Ping.Milliseconds()}
+		if err := a.writeFrame(ping); err != nil {
+			end(fmt.Errorf("control connection: %w", err))
+		}
 		t := time.NewTicker(s.rev.opts.Ping)
 		defer t.Stop()
 	loop:
@@ -246,7 +257,7 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 			case <-ctx.Done():
 				break loop
 			case <-t.C:
-				if err := a.writeFrame(wire.SessionHeader{V: wire.Version, Ping: true}); err != nil {
+				if err := a.writeFrame(ping); err != nil {
 					end(fmt.Errorf("control connection: %w", err))
 				}
 			}

@@ -23,6 +23,7 @@ import (
 // later loads it from the database without ordering.
 func TestPGSitesShareOneCertificate(t *testing.T) {
 	t.Parallel()
+	oneSiteACMEAtATime(t)
 	_, dsn := testpg.NewDatabase(t)
 	root := t.TempDir()
 	if err := os.WriteFile(filepath.Join(root, "index.html"), []byte("hello"), 0o644); err != nil {
@@ -101,6 +102,7 @@ func waitPresented(t *testing.T, addr, name string, roots *x509.CertPool) *x509.
 // certificate without ordering one.
 func TestPGMigrateSites(t *testing.T) {
 	t.Parallel()
+	oneSiteACMEAtATime(t)
 	root := t.TempDir()
 	if err := os.WriteFile(filepath.Join(root, "index.html"), []byte("hello"), 0o644); err != nil {
 		t.Fatal(err)

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -35,10 +36,24 @@ type siteDaemon struct {
 	cfg  config.Server
 }
 
+// siteACME is held by each test whose tpd obtains website certificates from
+// its embedded CA. certmagic keeps a process's tls-alpn-01 challenges in one
+// map keyed by name, so two tpds of one test binary obtaining www.test at once
+// took or removed each other's challenge: a validation that failed left its
+// authorization pending, and the certificate never came. (One tpd per process
+// never meets this: its names are its own.)
+var siteACME sync.Mutex
+
+func oneSiteACMEAtATime(t *testing.T) {
+	siteACME.Lock()
+	t.Cleanup(siteACME.Unlock)
+}
+
 // startSiteDaemon runs tpd in-process with a static site www.test and an
 // upstream site app.test; site certificates come from the embedded CA over ACME.
 func startSiteDaemon(t *testing.T, mod func(*config.Server)) *siteDaemon {
 	t.Helper()
+	oneSiteACMEAtATime(t)
 	root := t.TempDir()
 	if err := os.WriteFile(filepath.Join(root, "index.html"), []byte("<!doctype html><title>www</title><p id=greeting>Hello from www.test</p>"), 0o644); err != nil {
 		t.Fatal(err)

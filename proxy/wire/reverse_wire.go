@@ -66,11 +66,15 @@ type SessionHeader struct {
 	// carries datagrams (capsules, udpwire.go) instead of a byte stream. Flow is
 	// set on a public UDP session over QUIC whose datagrams also travel in
 	// DATAGRAM frames, with this flow id (the stream's quarter stream ID).
-	Net    string  `json:"net,omitempty"`
-	Flow   *uint64 `json:"flow,omitempty"`
-	Ping   bool    `json:"ping,omitempty"`
-	End    string  `json:"end,omitempty"`
-	Reason string  `json:"reason,omitempty"`
+	Net  string  `json:"net,omitempty"`
+	Flow *uint64 `json:"flow,omitempty"`
+	Ping bool    `json:"ping,omitempty"`
+	// PingMS, on a ping, is the server's period between pings in
+	// milliseconds: an agent that hears nothing for twice that plus a second
+	// takes the control connection as lost.
+	PingMS int64  `json:"ping_ms,omitempty"`
+	End    string `json:"end,omitempty"`
+	Reason string `json:"reason,omitempty"`
 }
 
 // WriteSessionHeader writes h as one frame.
