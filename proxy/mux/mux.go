@@ -513,12 +513,37 @@ func (m *Conn) readFailed(err error) {
 	case errors.As(err, &pe):
 	case errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF):
 		err = fmt.Errorf("the %s closed the %s", m.o.Peer, m.o.Noun)
+		if m.closeIdle(err) {
+			return // a clean end answered with one: no stream was cut
+		}
 	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, wire.ErrTruncated):
 		err = fmt.Errorf("the %s was cut in the middle of a frame: %w", m.o.Noun, err)
 	default:
 		err = fmt.Errorf("reading the %s: %w", m.o.Label, err)
 	}
 	m.Fail(err)
+}
+
+// closeIdle ends the connection cleanly (close_notify, then the transport's
+// own close), recording cause, when the peer closed it with no stream left: a
+// clean end is answered with one, not a reset. It reports false, doing
+// nothing, when streams are still there (they are cut: Fail).
+func (m *Conn) closeIdle(cause error) bool {
+	m.mu.Lock()
+	if m.closed || len(m.streams) > 0 {
+		m.mu.Unlock()
+		return false
+	}
+	m.closed = true
+	m.err = cause
+	m.mu.Unlock()
+	m.wmu.Lock()
+	_ = m.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_ = m.conn.Close()
+	m.werr = net.ErrClosed
+	m.wmu.Unlock()
+	close(m.done)
+	return true
 }
 
 // onData handles OPEN and DATA; buf holds the payload (n bytes), which the

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -303,5 +304,51 @@ func TestCloseLingerCuts(t *testing.T) {
 	waitStreams(t, client, 0)
 	if _, err := st.Write([]byte("x")); !errors.Is(err, wire.ErrTruncated) {
 		t.Fatalf("writing to a stream cut after the linger: %v; want a cut (%v)", err, wire.ErrTruncated)
+	}
+}
+
+// A peer that closes the connection with no stream open gets a clean end
+// back: the other end closes too (its reads end at EOF), and records the
+// peer's close. Before, the end that read the close failed the connection as
+// broken and reset it, so that a dialer closing its end-to-end carrier after
+// every stream ended saw (and logged) a reset. A close while a stream is
+// still open remains a break: that stream is cut, and the connection reset.
+func TestPeerCloseAnsweredInKind(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		open      bool // a stream is open when the peer closes
+		wantReset bool
+	}{
+		{"no stream open", false, false},
+		{"a stream open", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := testnet.Pair(t)
+			accepted := make(chan *mux.Stream, 1)
+			server := mux.New(a, mux.Options{}, func(s *mux.Stream) { accepted <- s })
+			t.Cleanup(func() { server.Fail(errors.New("test over")) })
+			if tc.open {
+				if _, err := b.Write(mux.AppendFrame(nil, mux.FrameOpen, 1, []byte("x"))); err != nil {
+					t.Fatal(err)
+				}
+				<-accepted
+			}
+			if err := b.CloseWrite(); err != nil { // the peer's clean close
+				t.Fatal(err)
+			}
+			_ = b.SetReadDeadline(time.Now().Add(20 * time.Second))
+			_, err := io.ReadAll(b)
+			if reset := errors.Is(err, syscall.ECONNRESET); reset != tc.wantReset || err != nil && !reset {
+				t.Fatalf("the peer, after closing, read %v; want a reset: %v", err, tc.wantReset)
+			}
+			select {
+			case <-server.Done():
+			case <-time.After(20 * time.Second):
+				t.Fatal("the connection did not end after the peer's close")
+			}
+			if err := server.Err(); err == nil || !strings.Contains(err.Error(), "the client closed the connection") {
+				t.Fatalf("the connection ended with %v; want the client's close", err)
+			}
+		})
 	}
 }
