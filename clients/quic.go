@@ -71,26 +71,77 @@ type quicState struct {
 var ErrDialerClosed = errors.New("the TP dialer is closed")
 
 // Close closes the Dialer's QUIC connections and socket (streams on them end) and
-// its spare TLS connection.
+// its spare TLS connection. What the QUIC connections queued before Close (the
+// last bytes and FIN of a session that ended cleanly) is sent first
+// (flushBeforeClose).
 func (d *Dialer) Close() error {
 	d.closeSpare()
 	d.closeMux() // end-to-end carriers (e2emux_dial.go): their open streams are cut
 	q := &d.quic
 	q.mu.Lock()
-	defer q.mu.Unlock()
 	q.closed = true
+	var conns []*quic.Conn
 	if q.conn != nil {
-		_ = q.conn.CloseWithError(wire.QUICNoError, "")
+		conns = append(conns, q.conn)
 		q.conn = nil
 	}
-	q.closeExtrasLocked()
-	if q.tr != nil {
-		_ = q.tr.Close()
-		_ = q.udp.Close()
-		q.tr, q.udp = nil, nil
+	for _, e := range q.extra {
+		if e.idle != nil {
+			e.idle.Stop()
+			e.idle = nil
+		}
+		conns = append(conns, e.conn)
 	}
+	q.extra = nil
+	tr, udp := q.tr, q.udp
+	q.tr, q.udp = nil, nil
 	q.moves = nil
+	q.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Go(func() {
+			flushBeforeClose(c)
+			_ = c.CloseWithError(wire.QUICNoError, "")
+		})
+	}
+	wg.Wait()
+	if tr != nil {
+		_ = tr.Close()
+		_ = udp.Close()
+	}
 	return nil
+}
+
+// flushBound bounds how long flushBeforeClose waits.
+const flushBound = 250 * time.Millisecond
+
+// flushBeforeClose waits until conn has sent what it queued and the server
+// answered after that (its acknowledgement, in practice), or until nothing was
+// sent for a while (nothing was queued): quic-go drops what it has not sent
+// yet when a connection closes, so a session's last frames would otherwise be
+// overtaken by the close, and the server would take a session that ended
+// cleanly (its FIN queued, not sent) for one its client cut. Only an answer
+// after a send counts: one that came before the queued frames went out says
+// nothing about them. Bounded by flushBound.
+func flushBeforeClose(conn *quic.Conn) {
+	st := conn.ConnectionStats()
+	quiet := min(max(2*st.SmoothedRTT+25*time.Millisecond, 5*time.Millisecond), flushBound)
+	sent, recvAtSend, since := st.PacketsSent, st.PacketsReceived, time.Now()
+	sending := false // a packet went out since the flush began
+	for deadline := time.Now().Add(flushBound); time.Now().Before(deadline); {
+		select {
+		case <-conn.Context().Done():
+			return
+		case <-time.After(time.Millisecond):
+		}
+		now := conn.ConnectionStats()
+		switch {
+		case now.PacketsSent != sent: // still sending
+			sent, recvAtSend, since, sending = now.PacketsSent, now.PacketsReceived, time.Now(), true
+		case sending && now.PacketsReceived > recvAtSend, time.Since(since) >= quiet:
+			return // answered after the last send, or nothing left to send
+		}
+	}
 }
 
 func (d *Dialer) quicAddr() string {

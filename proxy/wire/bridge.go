@@ -84,6 +84,11 @@ func Bridge(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error) {
 func BridgeNotify(ctx context.Context, a, b net.Conn, beforeAbort func(error)) (aToB, bToA int64, err error) {
 	br := &bridgeState{ctx: ctx, a: a, b: b, beforeAbort: beforeAbort}
 	stop := context.AfterFunc(ctx, func() {
+		if br.ended.Load() == 2 {
+			// Both directions ended cleanly: a cut now (the client, having
+			// read the end, closed its connection) comes after the session.
+			return
+		}
 		cause := context.Cause(ctx)
 		br.abort(cause, AbortCode(cause))
 	})
@@ -110,9 +115,10 @@ type bridgeState struct {
 	ctx         context.Context
 	a, b        net.Conn
 	beforeAbort func(error)
-	end         sync.Once   // the one end: an abort, or the final close
-	closing     atomic.Bool // Bridge closes or resets the connections itself
-	err         error       // why it aborted; written inside end
+	end         sync.Once    // the one end: an abort, or the final close
+	closing     atomic.Bool  // Bridge closes or resets the connections itself
+	ended       atomic.Int32 // directions that reached their clean end
+	err         error        // why it aborted; written inside end
 }
 
 // abort resets both connections, once, unless the session already ended.
@@ -141,6 +147,9 @@ func (br *bridgeState) pipe(dst, src net.Conn, srcIsB bool) int64 {
 	case werr != nil:
 		br.failed(!srcIsB, werr)
 	default:
+		// Counted before the end is passed on: the peer that reads it may
+		// close at once, and that is no cut of this session.
+		br.ended.Add(1)
 		cw, ok := dst.(closeWriter)
 		if !ok {
 			br.closing.Store(true) // the other direction then ends with a closed connection
