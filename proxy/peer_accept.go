@@ -6,9 +6,10 @@ package proxy
 // agent's control session. B then asks the database which instances serve the
 // agent's device (PeerOptions.AgentRoutes) and offers the pickup to each over a
 // peer connection (net "accept", the pending session's id, the agent's device
-// as B authenticated it, one of the agent's names at its epoch). The instance
-// (A) whose agent holds that name at that epoch and that has the session
-// pending for that device answers ok and takes the peer connection as the
+// as B authenticated it, one of the device's names at its epoch). The instance
+// (A) where an agent of that device holds that name at that epoch, and that
+// has the session pending for that device (maybe for another of its agents),
+// answers ok and takes the peer connection as the
 // agent's stream; B answers the agent ok and relays the two.
 
 import (
@@ -89,7 +90,11 @@ func (s *Server) servePeerAccept(ctx context.Context, conn wire.Stream, op wire.
 		r.mu.Lock()
 		p = r.sessions[op.Header.Session]
 		e := r.names[op.Key]
-		ok := p != nil && p.agent.id.DeviceID == op.Header.PeerID && e != nil && e.agent == p.agent &&
+		// The offered name proves that this instance holds names of the
+		// device now (its epoch is current); it may be another agent's of
+		// the same device than the one the session was announced to (the
+		// peer offers one name per instance).
+		ok := p != nil && p.agent.id.DeviceID == op.Header.PeerID && e != nil && e.agent.id.DeviceID == p.agent.id.DeviceID &&
 			e.epoch == op.Epoch && r.currentLocked(op.Key, e, time.Now())
 		r.mu.Unlock()
 		if !ok {

@@ -178,3 +178,64 @@ func TestPGPeerPickupIsTheAgentsDevice(t *testing.T) {
 		return
 	}
 }
+
+// A device may run two agents on one instance, each with its own names, and
+// pick up over TLS through any instance (no client affinity at the balancer).
+// Two instances on one database; alice's agents for aaa and svc are both on
+// A. Bob's dial of svc through A is announced to the second agent, and alice
+// picks it up on B: B offers the pickup to A under one of alice's names
+// there (aaa, the first), and A takes it, the session being pending for
+// alice's device. Before, A took a pickup only under the name of the
+// very agent the session was announced to, and B offered one name per
+// instance: 8 of 12 such pickups failed behind a round-robin balancer.
+func TestPGPeerPickupSecondAgentOfDevice(t *testing.T) {
+	t.Parallel()
+	a, b, _ := peerDaemons(t)
+	alice, _, _ := enrollClient(t, a.d, a.url, "alice", "laptop")
+	bob, _, _ := enrollClient(t, a.d, a.url, "bob", "phone")
+	rawListen(t, alice, a.d.cfg.Listen, "aaa")
+	second := rawListen(t, alice, a.d.cfg.Listen, "svc")
+	for round := 1; ; round++ {
+		type answer struct {
+			sh  wire.ServerHello
+			err error
+		}
+		dialed := make(chan answer, 1)
+		dial := rawConn(t, bob, a.d.cfg.Listen)
+		go func() {
+			if err := wire.WriteClientHello(dial, wire.ClientHello{V: wire.Version, Op: wire.OpDial, Net: "tcp", Host: "svc.rev.tp.internal", Port: 22}); err != nil {
+				dialed <- answer{err: err}
+				return
+			}
+			sh, err := wire.ReadServerHello(dial)
+			dialed <- answer{sh, err}
+		}()
+		var sid string
+		select {
+		case sid = <-second:
+		case <-time.After(30 * time.Second):
+			t.Fatal("bob's dial of svc was not announced to alice's second agent within 30s")
+		}
+		acc, sh := rawHello(t, alice, b.d.cfg.Listen, wire.ClientHello{V: wire.Version, Op: wire.OpAccept, Session: sid})
+		if !sh.OK {
+			d := <-dialed
+			if sh.Code == wire.CodeUnknownSession && d.err == nil && d.sh.Code == wire.CodeReverseTimeout && round < 3 {
+				t.Logf("round %d: the session expired before alice's pickup (%s); again", round, d.sh.Reason)
+				continue
+			}
+			t.Fatalf("alice's pickup on B of the session announced to her second agent: %+v (bob's dial: %+v, %v); want ok", sh, d.sh, d.err)
+		}
+		d := <-dialed
+		if d.err != nil || !d.sh.OK {
+			t.Fatalf("bob's dial after alice's pickup: %+v, %v", d.sh, d.err)
+		}
+		if _, err := dial.Write([]byte("to svc")); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len("to svc"))
+		if _, err := io.ReadFull(acc, got); err != nil || string(got) != "to svc" {
+			t.Fatalf("bob to alice's second agent through the paired session: %q, %v", got, err)
+		}
+		return
+	}
+}
