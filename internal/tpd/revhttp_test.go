@@ -84,6 +84,10 @@ type revHTTPEnv struct {
 
 func startRevHTTP(t *testing.T) *revHTTPEnv {
 	t.Helper()
+	// The names' certificates come on demand through certmagic, which waits,
+	// process-wide, for another obtain of the same name to finish, whichever
+	// tpd of this test binary runs it (siteACME).
+	oneSiteACMEAtATime(t)
 	e := &revHTTPEnv{reg: &testReverseHTTP{}, log: &testlog.Buffer{}}
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		e.upstream.Add(1)
