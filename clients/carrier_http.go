@@ -29,6 +29,8 @@ type httpCarrierLink struct {
 	tr     *http.Transport
 	url    string
 	id     string
+	key    []byte        // the session key (wire.CarrierSessionKey)
+	seq    atomic.Uint64 // the last request's sequence number
 
 	in      chan []byte
 	kick    chan struct{}
@@ -172,6 +174,7 @@ func (l *httpCarrierLink) post(body []byte) error {
 		return err
 	}
 	req.Header.Set(wire.CarrierSessionHeader, l.id)
+	req.Header.Set(wire.CarrierAuthHeader, wire.CarrierAuth(l.key, l.id, l.seq.Add(1), body))
 	req.Header.Set("Content-Type", "application/octet-stream")
 	resp, err := l.client.Do(req)
 	if err != nil {
@@ -234,18 +237,35 @@ func (d *Dialer) dialHTTPCarrier(ctx context.Context) (carrierLink, error) {
 		kick:   make(chan struct{}, 1),
 		done:   make(chan struct{}),
 	}
-	// A first request opens the session and tells a wrong URL at once.
+	// A first request opens the session with this end's key, and tells a
+	// wrong URL at once; the answer's key makes the session key.
+	priv, pub, err := wire.NewCarrierKey()
+	if err != nil {
+		tr.CloseIdleConnections()
+		return nil, err
+	}
 	pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(pctx, http.MethodPost, l.url, http.NoBody)
 	if err == nil {
 		req.Header.Set(wire.CarrierSessionHeader, l.id)
+		req.Header.Set(wire.CarrierKeyHeader, pub)
 		var resp *http.Response
 		if resp, err = l.client.Do(req); err == nil {
 			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, wire.MaxCarrierBody))
 			_ = resp.Body.Close()
-			if resp.StatusCode != http.StatusOK {
-				err = fmt.Errorf("%s answered %s (does this TP server offer the http carrier? use --carrier udp, tls or ws)", l.url, resp.Status)
+			switch {
+			case resp.StatusCode != http.StatusOK:
+				msg := ""
+				if resp.StatusCode == http.StatusBadRequest {
+					msg = "; an older TP server takes no " + wire.CarrierKeyHeader + ": update it, or"
+				}
+				err = fmt.Errorf("%s answered %s (does this TP server offer the http carrier?%s use --carrier udp, tls or ws)", l.url, resp.Status, msg)
+			default:
+				l.key, err = wire.CarrierSessionKey(priv, resp.Header.Get(wire.CarrierKeyHeader), l.id)
+				if err != nil {
+					err = fmt.Errorf("%s answered without the server's key: %w (a proxy on the way may drop the header)", l.url, err)
+				}
 			}
 		}
 	}

@@ -4,8 +4,13 @@ package proxy
 // wire.CarrierHTTPPath carry client → server packets in their bodies and get
 // server → client packets in their responses, both in the tls carrier's
 // framing. A session is named by the client's random ID (header
-// wire.CarrierSessionHeader); the first request with an unknown ID opens one.
-// A request without packets is held up to carrierPollHold while the session
+// wire.CarrierSessionHeader); the first request with an unknown ID opens one,
+// with the client's key (wire.CarrierKeyHeader), and every later request
+// proves with a MAC under the session's key that it is the opener's
+// (wire.CarrierAuthHeader, each sequence number once): knowing the ID, which
+// travels in the clear on plain HTTP and through a CDN, is not enough to
+// read the session's packets, inject into it or take its request slots. A
+// request without packets is held up to carrierPollHold while the session
 // has nothing to send.
 
 import (
@@ -30,6 +35,9 @@ const carrierHTTPConcurrent = 4
 type httpCarrierSession struct {
 	cs       *carrierSession
 	inflight chan struct{} // a slot per request in flight
+	key      []byte        // the session key: requests' MACs
+	mu       sync.Mutex
+	replay   wire.CarrierReplay // sequence numbers taken
 }
 
 // httpCarriers are the http carrier's sessions by ID.
@@ -39,7 +47,8 @@ type httpCarriers struct {
 	sessions map[string]*httpCarrierSession
 }
 
-func (h *httpCarriers) get(m *carrierMux, id, remote string) (_ *httpCarrierSession, created bool, _ error) {
+// lookup returns the live session id, or nil.
+func (h *httpCarriers) lookup(m *carrierMux, id string) *httpCarrierSession {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.m != m { // a new QUIC server: the old sessions are gone with its mux
@@ -50,14 +59,27 @@ func (h *httpCarriers) get(m *carrierMux, id, remote string) (_ *httpCarrierSess
 		case <-s.cs.done:
 			delete(h.sessions, id)
 		default:
-			return s, false, nil
+			return s
 		}
+	}
+	return nil
+}
+
+// get returns the session id, opening it with key when there is none (created).
+func (h *httpCarriers) get(m *carrierMux, id, remote string, key []byte) (_ *httpCarrierSession, created bool, _ error) {
+	if s := h.lookup(m, id); s != nil {
+		return s, false, nil
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if s := h.sessions[id]; s != nil { // opened meanwhile
+		return s, false, nil
 	}
 	cs, err := m.open(wire.CarrierHTTP, remote, "") // unproven: no certificate on the website side
 	if err != nil {
 		return nil, false, err
 	}
-	s := &httpCarrierSession{cs: cs, inflight: make(chan struct{}, carrierHTTPConcurrent)}
+	s := &httpCarrierSession{cs: cs, inflight: make(chan struct{}, carrierHTTPConcurrent), key: key}
 	h.sessions[id] = s
 	go h.expire(m, id, s)
 	return s, true, nil
@@ -121,10 +143,52 @@ func (s *Server) serveCarrierHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	hs, created, err := s.httpCarriers.get(m, id, r.RemoteAddr)
-	if err != nil {
-		http.Error(w, "too many carrier sessions; try again later", http.StatusServiceUnavailable)
-		return
+	// Who may use the session: its opener, proven by the MAC of a sequence
+	// number not taken before; checked before the request takes a slot.
+	hs := s.httpCarriers.lookup(m, id)
+	created := false
+	if hs == nil {
+		peer := r.Header.Get(wire.CarrierKeyHeader)
+		if peer == "" {
+			if r.Header.Get(wire.CarrierAuthHeader) != "" {
+				http.Error(w, "no such http carrier session (it ended); open a new one", http.StatusNotFound)
+				return
+			}
+			http.Error(w, "an http carrier session opens with the client's X25519 key in "+wire.CarrierKeyHeader+" (update tp)", http.StatusBadRequest)
+			return
+		}
+		priv, pub, err := wire.NewCarrierKey()
+		if err != nil {
+			http.Error(w, "making a key: "+err.Error(), http.StatusInternalServerError)
+			return
+		}
+		key, err := wire.CarrierSessionKey(priv, peer, id)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		if hs, created, err = s.httpCarriers.get(m, id, r.RemoteAddr, key); err != nil {
+			http.Error(w, "too many carrier sessions; try again later", http.StatusServiceUnavailable)
+			return
+		}
+		if !created { // another request opened it meanwhile: this one proves nothing
+			http.Error(w, wire.ErrCarrierAuth.Error()+"; the session belongs to whoever opened it", http.StatusForbidden)
+			return
+		}
+		w.Header().Set(wire.CarrierKeyHeader, pub)
+	} else {
+		seq, err := wire.CheckCarrierAuth(hs.key, id, r.Header.Get(wire.CarrierAuthHeader), body)
+		if err == nil {
+			hs.mu.Lock()
+			if !hs.replay.Take(seq) {
+				err = errors.New("the request's sequence number in " + wire.CarrierAuthHeader + " was taken before (a replay)")
+			}
+			hs.mu.Unlock()
+		}
+		if err != nil {
+			http.Error(w, err.Error()+"; the session belongs to whoever opened it", http.StatusForbidden)
+			return
+		}
 	}
 	select {
 	case hs.inflight <- struct{}{}:

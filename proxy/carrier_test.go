@@ -225,6 +225,7 @@ func TestCarrierUnprovenCannotLockOut(t *testing.T) {
 				t.Fatal(err)
 			}
 			req.Header.Set(wire.CarrierSessionHeader, hex.EncodeToString(id))
+			req.Header.Set(wire.CarrierKeyHeader, carrierKey(t))
 			resp, err := hc.Do(req)
 			if err != nil {
 				t.Fatal(err)
@@ -303,6 +304,7 @@ func TestCarrierHTTPBadInput(t *testing.T) {
 		}
 		if id != "" {
 			req.Header.Set(wire.CarrierSessionHeader, id)
+			req.Header.Set(wire.CarrierKeyHeader, carrierKey(t)) // each opens a session
 		}
 		resp, err := hc.Do(req)
 		if err != nil {
@@ -452,4 +454,14 @@ func TestCarrierPolicySource(t *testing.T) {
 	if err != nil || host != "127.0.0.1" {
 		t.Fatalf("policy source %q, want 127.0.0.1:PORT (the WebSocket's peer)", src)
 	}
+}
+
+// carrierKey is the Tp-Carrier-Key of a new http carrier session's opening request.
+func carrierKey(t testing.TB) string {
+	t.Helper()
+	_, pub, err := wire.NewCarrierKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pub
 }
