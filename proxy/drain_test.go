@@ -136,6 +136,14 @@ func TestQUICRefusedWhileOnlyTLSSessionsDrain(t *testing.T) {
 	held := dialVia(t, d, "tcp", q.echo) // a TLS session: the drain waits for it
 	_ = held.SetDeadline(time.Now().Add(time.Minute))
 	quicEcho(t, held, "before")
+	// ServeQUIC runs (newQUICEnv starts it in the background): a handshake
+	// answered says so. Shut down before it tracked its listener, it would
+	// return at once, and there would be nothing to check.
+	probe, err := q.quicConn(t, &q.cert)
+	if err != nil {
+		t.Fatalf("a QUIC handshake before the shutdown: %v", err)
+	}
+	_ = probe.CloseWithError(0, "")
 
 	sctx, scancel := context.WithTimeout(context.Background(), time.Minute)
 	defer scancel()
@@ -151,7 +159,7 @@ func TestQUICRefusedWhileOnlyTLSSessionsDrain(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond) // polling the log, bounded by the deadline
 	}
-	_, err := q.quicConn(t, &q.cert) // bounded by its own 10s context
+	_, err = q.quicConn(t, &q.cert) // bounded by its own 10s context
 	var terr *quic.TransportError
 	if !errors.As(err, &terr) || terr.ErrorCode != quic.ConnectionRefused {
 		t.Fatalf("a QUIC connection attempted while only a TLS session drains: %v; want CONNECTION_REFUSED", err)

@@ -298,9 +298,12 @@ func transfersDuring(t *testing.T, srv *server, env []string, event func()) []tr
 const shortTransfer, longTransfer = 16, 200
 
 // TestSIGTERMNeverTruncates is the failure-mode test of a stop: 100 checksummed
-// transfers through the real tpd when it gets SIGTERM. Those that can finish
-// within the grace period do, with the right checksum; the rest end with an
-// error at their client. None ends silently short.
+// transfers through the real tpd when it gets SIGTERM. The drain lets sessions
+// finish (short ones do, with the right checksum); those still running at the
+// end of the grace period end with an error at their client that says the
+// server stopped (the long ones, which outlast it, always). None ends
+// silently short. How many short ones finish depends on the machine's speed:
+// the test asserts that some do, not how many.
 func TestSIGTERMNeverTruncates(t *testing.T) {
 	parallel(t)
 	srv := startServer(t, testPolicy)
@@ -309,8 +312,10 @@ func TestSIGTERMNeverTruncates(t *testing.T) {
 	for _, r := range transfersDuring(t, srv, env, func() { stopTPD(t, srv) }) {
 		var ce *clients.CutError
 		switch {
+		case r.chunks == shortTransfer && !r.complete && !errors.As(r.err, &ce):
+			t.Errorf("a short %s transfer failed with %v (%T); want it complete, or a *clients.CutError", r.transport, r.err, r.err)
 		case r.chunks == shortTransfer && !r.complete:
-			t.Errorf("a short %s transfer failed although it fits the grace period: %v", r.transport, r.err)
+			t.Logf("a short %s transfer was still running at the end of the grace period (a loaded machine): %v", r.transport, r.err)
 		case r.chunks == shortTransfer:
 			shortOK++
 		case r.complete:
@@ -320,6 +325,9 @@ func TestSIGTERMNeverTruncates(t *testing.T) {
 		default:
 			longCut++
 		}
+	}
+	if shortOK == 0 {
+		t.Errorf("SIGTERM during 100 transfers: no short one completed; the drain let none finish")
 	}
 	t.Logf("SIGTERM during 100 transfers: %d short ones completed with the right checksum, %d long ones cut with an error, 0 silent truncations", shortOK, longCut)
 }

@@ -12,9 +12,10 @@ import (
 
 // A frozen holder, with the real binaries: tpd on PostgreSQL (lease 3 s)
 // serves alice's laptop-ssh; SIGSTOP freezes it longer than its lease; after
-// SIGCONT it fences the name on its own, the agent reconnects (told why, or,
-// having heard no ping for twice the announced 500 ms, on its own during the
-// freeze), and bob reaches the name again once the agent re-claimed it.
+// SIGCONT it no longer serves the name under the lapsed lease: it fences it
+// and tells the agent why, or, when the agent (having heard no ping for twice
+// the announced 500 ms) left during the freeze, it ends that agent's control
+// session first. Bob reaches the name again once the agent re-claimed it.
 func TestPGLeasesSIGSTOP(t *testing.T) {
 	parallel(t)
 	_, dsn := testpg.NewDatabase(t)
@@ -41,10 +42,16 @@ func TestPGLeasesSIGSTOP(t *testing.T) {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(30 * time.Second)
-	for !strings.Contains(srv.log.String(), "reverse names fenced") ||
-		!strings.Contains(expose.String(), "could not renew its lease") && !strings.Contains(expose.String(), "the TP server sent nothing for") {
+	told := func() bool {
+		return strings.Contains(srv.log.String(), "reverse names fenced") && strings.Contains(expose.String(), "could not renew its lease")
+	}
+	left := func() bool {
+		return strings.Contains(expose.String(), "the TP server sent nothing for") &&
+			strings.Contains(srv.log.String(), `dest="listen laptop-ssh.rev.tp.internal"`) && strings.Contains(srv.log.String(), `end="control stream ended`)
+	}
+	for !told() && !left() {
 		if time.Now().After(deadline) {
-			t.Fatalf("30s after SIGCONT, tpd has not fenced laptop-ssh or the agent was not told; tpd log:\n%s\nexpose log:\n%s", srv.log.String(), expose.String())
+			t.Fatalf("30s after SIGCONT, tpd has neither fenced laptop-ssh and told the agent, nor ended the control session the agent left; tpd log:\n%s\nexpose log:\n%s", srv.log.String(), expose.String())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

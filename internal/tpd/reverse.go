@@ -47,6 +47,14 @@ func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
 	opts := d.reverseOptionsBase()
 	opts.Holds = holds
 	opts.SaveHolds = func(h []proxy.ReverseHold) {
+		// Sessions still ending while tpd closes (their handlers may outlive
+		// Serve) release names; the holds as Close found them are what a
+		// restart needs, and nothing is written into the data dir after Close.
+		d.holdsMu.Lock()
+		defer d.holdsMu.Unlock()
+		if d.holdsClosed {
+			return
+		}
 		if err := saveHolds(d.cfg.ReverseHoldsFile(), h); err != nil {
 			d.log.Error("saving reverse holds failed; a restart may forget who holds which name", "err", err)
 		}

@@ -71,6 +71,9 @@ func Init(cfg config.Server) (InitResult, error) {
 
 // Daemon is a configured tpd, ready to serve.
 type Daemon struct {
+	// holdsMu guards the reverse holds file; holdsClosed: Close ran, no more saves.
+	holdsMu     sync.Mutex
+	holdsClosed bool
 	// Ready, when set, is called once Serve has opened every listener (public
 	// port, QUIC, admin socket): `tpd serve` prints its banner then, so a script
 	// that waits for it can run `tpd enroll` at once.
@@ -547,6 +550,9 @@ func (d *Daemon) ReloadPolicy(ctx context.Context) error {
 
 // Close releases the CA database, the decision log and the database pool.
 func (d *Daemon) Close() error {
+	d.holdsMu.Lock()
+	d.holdsClosed = true // a save under way has finished
+	d.holdsMu.Unlock()
 	err := errors.Join(d.ca.Close(), d.decisions.Close(), d.audit.Close())
 	d.closeDB()
 	return err
