@@ -73,7 +73,7 @@ func TestDefaultPolicyDeniesInternalAddresses(t *testing.T) {
 		{"6to4 of loopback", []string{"2002:7f00:1::1"}, false},
 		{"6to4 of 10/8", []string{"2002:a00:1::1"}, false},
 		{"Teredo", []string{"2001:0:4136:e378:8000:63bf:3fff:fdd2"}, false},
-		// Every IPv6 form that carries an IPv4 address (issue 10: SIIT was allowed).
+		// Every IPv6 form that carries an IPv4 address (SIIT was allowed once).
 		{"SIIT of loopback", []string{"::ffff:0:7f00:1"}, false},
 		{"SIIT of a public address", []string{"::ffff:0:5db8:d70e"}, false},
 		{"local-use NAT64 of loopback", []string{"64:ff9b:1::7f00:1"}, false},

@@ -16,7 +16,7 @@ import (
 )
 
 // Scenario "concurrency": N tunnels open at once through one `tp forward`, over
-// TLS and over QUIC (issue 13: no ceiling on concurrency). Each carrier gets a
+// TLS and over QUIC (no ceiling on concurrency). Each carrier gets a
 // fresh tpd (the bounds per device and max-conns lifted: one device opens every
 // tunnel) and a fresh tp forward, in front of an echo server in a process of its
 // own; tpbench holds the client ends. It reports the time to open all N (each

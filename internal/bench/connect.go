@@ -15,7 +15,7 @@ import (
 	"github.com/tp-proxy/tp/clients"
 )
 
-// Scenario 12 (issue 15): bulk throughput of one CONNECT tunnel through tpd's
+// Scenario 12: bulk throughput of one CONNECT tunnel through tpd's
 // proxy name (proxy.localhost, tpd's default proxy-names) with the device
 // certificate, over HTTP/1.1 and over h2, opened by tpbench's process, against
 // `tp forward` over TLS, a tp/1 session opened by tp's dialer in tpbench's

@@ -22,7 +22,7 @@ import (
 	"time"
 )
 
-// Scenario 11 (issue 15): a small page served over HTTP. An app in tpbench's
+// Scenario 11: a small page served over HTTP. An app in tpbench's
 // process serves a 1 KiB HTML page on a plain HTTP port and, with a certificate of
 // its own for httpAppSNI, on a TLS port. httpClients keep-alive clients, each
 // with a connection of its own (a Go net/http Transport per client, as separate

@@ -121,7 +121,7 @@ func loadScenario(ctx context.Context, e *Env, sz sizes, _ int) ([]Row, error) {
 	}
 	opened := time.Now()
 	// Opened in a burst, as many at once as tpd lets one address handshake, less
-	// a margin: the policy decisions queue for the CPU (issue 10, defect 10).
+	// a margin: the policy decisions queue for the CPU.
 	idle := openIdle(ctx, idleD, e.echo, st.idle, burst)
 	openTook := time.Since(opened)
 	defer closeAll(idle.conns)

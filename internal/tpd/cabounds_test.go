@@ -179,7 +179,7 @@ func TestCARateLimitPerSource(t *testing.T) {
 	t.Logf("a first login took %.0f requests of 127.0.0.1's burst (with one new-nonce before it)", used)
 }
 
-// The failure-mode test of issue 10: 20,000 requests that need no certificate
+// The failure-mode test of the unauthenticated flood: 20,000 requests that need no certificate
 // (new-nonce mostly, with ACME directory, new-account without an account binding,
 // enrollment with a bad token and attestation for an unknown device) from one
 // source. With the rate limit out of the way, the CA database file and the user
