@@ -23,6 +23,7 @@ tools=(
 	"systemd-analyze systemd"             # deploy/ verifies the systemd unit
 	"ip iproute2"                         # tpbench's packet-loss scenarios: a network namespace
 	"iptables iptables"                   # … that drops packets
+	"ping iputils-ping"                   # docs/IP.md's recipe pings through the tunnel
 	"unshare util-linux"                  # the IP tunnel tests (which use ip too) re-run themselves in a network namespace
 	"curl curl"                           # the CONNECT tests use Debian's curl as an HTTPS-proxy client
 	"git git"                             # … and git, with http.proxySSLCert

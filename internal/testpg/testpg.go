@@ -85,6 +85,10 @@ func sweep(base string) {
 }
 
 // binDir finds Debian's PostgreSQL binaries.
+// BinDir is the directory of the PostgreSQL server's programs (initdb,
+// postgres, pg_isready, psql), for a test that runs a server of its own.
+func BinDir() (string, error) { return binDir() }
+
 func binDir() (string, error) {
 	for _, v := range Versions {
 		d := filepath.Join("/usr/lib/postgresql", v, "bin")
