@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -293,21 +294,24 @@ func (d *Dialer) handshakeTLS(ctx context.Context, cfg *tls.Config) (*tls.Conn, 
 func (d *Dialer) handshakeTLSWrapped(ctx context.Context, cfg *tls.Config, wrap func(net.Conn) net.Conn) (*tls.Conn, error) {
 	var nd net.Dialer
 	raw, err := nd.DialContext(ctx, "tcp", d.Server)
-	if errors.Is(err, syscall.ECONNREFUSED) {
-		return nil, fmt.Errorf("connecting to TP server %s: nothing listens there (TCP connection refused): is tpd running, and is this its address? (%w)", d.Server, err)
-	}
 	if err != nil {
+		if ce := login.ExplainConnect(d.Server, err); ce != err {
+			return nil, ce
+		}
 		return nil, fmt.Errorf("connecting to TP server %s: %w", d.Server, err)
 	}
 	// EOFConn lets a cut (a TLS session that ends without close_notify) be told
-	// from a clean end.
-	var below net.Conn = wire.NewEOFConn(raw)
+	// from a clean end; CheckTLSAnswer, a port that speaks no TLS from tpd.
+	var below net.Conn = wire.NewEOFConn(login.CheckTLSAnswer(raw))
 	if wrap != nil {
 		below = wrap(below)
 	}
 	conn := tls.Client(below, cfg)
 	if err := conn.HandshakeContext(ctx); err != nil {
 		_ = raw.Close()
+		if ce := login.ExplainConnect(d.Server, err); ce != err {
+			return nil, &handshakeError{ce}
+		}
 		return nil, fmt.Errorf("TLS handshake with TP server %s: %w", d.Server, &handshakeError{err})
 	}
 	return conn, nil

@@ -52,11 +52,59 @@ type Profile struct {
 // ServerAddr is the host:port of the server's TLS port.
 func (p Profile) ServerAddr() (string, error) { return ServerAddr(p.Server) }
 
+// ServerURLError is a TP server URL that is not the server's base URL,
+// https://HOST[:PORT].
+type ServerURLError struct {
+	URL     string
+	Problem string // what it should be, e.g. "without a path"
+}
+
+func (e *ServerURLError) Error() string {
+	return fmt.Sprintf("the TP server's URL is its base URL, https://HOST[:PORT], %s (got %q)", e.Problem, e.URL)
+}
+
+// ServerBaseURL checks that serverURL is a TP server's base URL,
+// https://HOST[:PORT], and returns it without a trailing "/". Anything else is
+// a *ServerURLError: the client adds its own paths to this URL.
+func ServerBaseURL(serverURL string) (string, error) {
+	fail := func(problem string) (string, error) {
+		return "", &ServerURLError{URL: serverURL, Problem: problem}
+	}
+	if !strings.Contains(serverURL, "://") {
+		return fail("starting with https://")
+	}
+	u, err := url.Parse(serverURL)
+	var ue *url.Error
+	switch {
+	case errors.As(err, &ue):
+		return fail("that parses as a URL: " + ue.Err.Error())
+	case err != nil:
+		return fail("that parses as a URL: " + err.Error())
+	case u.Scheme == "http":
+		return fail("with https://, not http:// (tpd speaks only TLS)")
+	case u.Scheme != "https":
+		return fail("starting with https://")
+	case u.Host == "" || u.Hostname() == "":
+		return fail("with a host name")
+	case u.User != nil:
+		return fail("without a user name")
+	case u.Path != "" && u.Path != "/":
+		return fail("without a path")
+	case u.RawQuery != "" || u.ForceQuery || u.Fragment != "" || u.Opaque != "":
+		return fail("with nothing after HOST[:PORT]")
+	}
+	return "https://" + u.Host, nil
+}
+
 // ServerAddr turns https://host[:port] into host:port (port 443 by default).
 func ServerAddr(serverURL string) (string, error) {
-	u, err := url.Parse(serverURL)
-	if err != nil || u.Scheme != "https" || u.Host == "" {
-		return "", fmt.Errorf("server %q must be a URL like https://tp.example.org", serverURL)
+	base, err := ServerBaseURL(serverURL)
+	if err != nil {
+		return "", err
+	}
+	u, err := url.Parse(base)
+	if err != nil {
+		return "", err
 	}
 	if u.Port() == "" {
 		return net.JoinHostPort(u.Hostname(), "443"), nil

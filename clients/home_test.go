@@ -123,3 +123,21 @@ func TestCertificateKeyOnlyHome(t *testing.T) {
 		t.Fatal("Certificate did not load cert.pem's leaf")
 	}
 }
+
+// A trailing "/" after the address is the base URL all the same: it is kept
+// out of the URLs the client builds (it once made "https://ADDR//tp/v1/roots"),
+// and the port stays 443 when none is given.
+func TestServerBaseURLTrailingSlash(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]string{
+		"https://tp.example.org:8443/": "https://tp.example.org:8443",
+		"https://tp.example.org":       "https://tp.example.org",
+	} {
+		if got, err := ServerBaseURL(in); err != nil || got != want {
+			t.Errorf("ServerBaseURL(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	if got, err := ServerAddr("https://tp.example.org/"); err != nil || got != "tp.example.org:443" {
+		t.Errorf(`ServerAddr("https://tp.example.org/") = %q, %v; want "tp.example.org:443"`, got, err)
+	}
+}

@@ -9,12 +9,12 @@ import (
 	"net"
 	"slices"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/qlogwriter"
 
+	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -539,9 +539,9 @@ func (d *Dialer) race(ctx context.Context) (string, *tls.Conn, error) {
 		}
 	}
 	for _, err := range slices.Backward(errs) { // TLS's error, which says the most, last
-		if errors.Is(err, syscall.ECONNREFUSED) {
-			// Nothing listens on the TCP port: tpd is not running there, and
-			// QUIC's silence says no more (it is not a blocked UDP).
+		if ce := (*login.ConnectError)(nil); errors.As(err, &ce) {
+			// Nothing listens on the TCP port, or something other than tpd
+			// does: QUIC's silence says no more (it is not a blocked UDP).
 			return "", nil, err
 		}
 	}

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -51,6 +52,7 @@ func FetchRoot(ctx context.Context, serverURL, fingerprint string) (*x509.Certif
 				return nil
 			},
 		},
+		DialContext:       dialChecked,
 		DisableKeepAlives: true,
 	}
 	defer tr.CloseIdleConnections()
@@ -98,6 +100,7 @@ func HTTPClient(root *x509.Certificate) *http.Client {
 			TLSClientConfig:     &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12},
 			TLSHandshakeTimeout: 10 * time.Second,
 			ForceAttemptHTTP2:   true,
+			DialContext:         dialChecked,
 		},
 	}
 }
@@ -352,7 +355,14 @@ func postJSON(ctx context.Context, hc *http.Client, url string, in, out any) err
 func do(hc *http.Client, req *http.Request) ([]byte, error) {
 	resp, err := hc.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("cannot reach TP server at %s: %w", req.URL.Host, err)
+		addr := req.URL.Host
+		if req.URL.Port() == "" {
+			addr = net.JoinHostPort(req.URL.Hostname(), "443")
+		}
+		if ce := ExplainConnect(addr, err); ce != err {
+			return nil, ce
+		}
+		return nil, fmt.Errorf("cannot reach the TP server at %s: %w", addr, err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxResponse+1))

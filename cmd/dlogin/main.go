@@ -91,7 +91,11 @@ func enroll(ctx context.Context, home clients.Home, server, fingerprint, token s
 	if server == "" || fingerprint == "" || token == "" {
 		return errors.New("enrolling needs --server, --fingerprint and --token together; copy the whole dlogin line that `tpd enroll` printed")
 	}
-	if _, err := clients.ServerAddr(server); err != nil {
+	server, err := clients.ServerBaseURL(server)
+	if ue := (*clients.ServerURLError)(nil); errors.As(err, &ue) {
+		return fmt.Errorf("--server takes the server's base URL, https://HOST[:PORT], %s (got %q)", ue.Problem, ue.URL)
+	}
+	if err != nil {
 		return err
 	}
 	if err := home.Init(); err != nil {

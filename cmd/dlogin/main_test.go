@@ -3,8 +3,17 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
+	"io/fs"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/tp-proxy/tp/internal/testnet"
 )
 
 // dlogin --help once rendered "--token tpd enroll": pflag takes a backquoted
@@ -18,5 +27,76 @@ func TestHelpShowsFlagTypes(t *testing.T) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("dlogin --help does not show %q:\n%s", want, out.String())
 		}
+	}
+}
+
+// A first dlogin's bad --server, against real loopback sockets: each message
+// once showed Go's request and dial errors and said nothing of what to check.
+func TestBadServerMessages(t *testing.T) {
+	fp := "SHA256:" + strings.Repeat("00", 32)
+	httpSrv := httptest.NewServer(http.NotFoundHandler()) // plain HTTP
+	defer httpSrv.Close()
+	httpAddr := httpSrv.Listener.Addr().String()
+	dead := testnet.FreeAddr(t, "tcp").String()
+	echo := testnet.Echo(t)
+	closer := testnet.Serve(t, func(*net.TCPConn) {}) // closes each connection at once
+	for _, tc := range []struct {
+		name, server string
+		want         []string
+	}{
+		// Bad input: nothing listens at --server's address. Was `cannot reach
+		// TP server at ADDR: Get "https://ADDR/tp/v1/roots": dial tcp ADDR:
+		// connect: connection refused`.
+		{"server down", "https://" + dead, []string{
+			"cannot reach the TP server at " + dead + ": nothing listens there", "is tpd running, and is this its address?"}},
+		// Bad input: --server is a plain HTTP server's port. Was `… Get "…":
+		// tls: first record does not look like a TLS handshake`.
+		{"plain HTTP port", "https://" + httpAddr, []string{
+			httpAddr + ` does not speak TLS (it answered "HTTP/1.`, "400 Bad Request\")", "is this tpd's port?", "listening on"}},
+		// Bad input: --server is an echo service's port. Was `… tls: received
+		// unexpected handshake message of type *tls.clientHelloMsg when
+		// waiting for *tls.serverHelloMsg`.
+		{"echo port", "https://" + echo, []string{
+			echo + " does not speak TLS (it sent back the TLS hello it was sent", "is this tpd's port?", "listening on"}},
+		// Bad input: --server is a port that closes each connection at once.
+		// Was `… Get "…": EOF`.
+		{"port that hangs up", "https://" + closer, []string{
+			closer + " closed the connection without a TLS answer", "is this tpd's port?"}},
+		// Bad input: a path after the address. Was `… Get
+		// "https://ADDR/acme/tp/v1/roots": …`, the path glued to dlogin's own.
+		{"URL with a path", "https://" + dead + "/acme", []string{
+			"--server takes the server's base URL, https://HOST[:PORT], without a path", `(got "https://` + dead + `/acme")`}},
+		// Bad input: no scheme. Was `server "ADDR" must be a URL like
+		// https://tp.example.org`.
+		{"no scheme", dead, []string{
+			"--server takes the server's base URL, https://HOST[:PORT], starting with https://", `(got "` + dead + `")`}},
+		// Bad input: http://. Was the same "must be a URL like …".
+		{"http scheme", "http://" + dead, []string{
+			"--server takes the server's base URL, https://HOST[:PORT], with https://, not http://", `(got "http://` + dead + `")`}},
+		// Bad input: a query. Was `… Get "https://ADDR?x=1/tp/v1/roots": …`.
+		{"URL with a query", "https://" + dead + "?x=1", []string{"with nothing after HOST[:PORT]"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			home := filepath.Join(t.TempDir(), "tp-home")
+			var out bytes.Buffer
+			err := run(t.Context(), []string{"--home", home, "--server", tc.server, "--fingerprint", fp, "--token", "x"}, &out, &out)
+			if err == nil {
+				t.Fatalf("dlogin --server %s succeeded:\n%s", tc.server, out.String())
+			}
+			msg := err.Error()
+			for _, want := range tc.want {
+				if !strings.Contains(msg, want) {
+					t.Errorf("dlogin --server %s said\n\t%s\nwhich lacks %q", tc.server, msg, want)
+				}
+			}
+			for _, internal := range []string{"Get \"", "dial tcp", "tls:", "EOF", "/tp/v1/"} {
+				if strings.Contains(msg, internal) {
+					t.Errorf("dlogin --server %s shows Go's %q:\n\t%s", tc.server, internal, msg)
+				}
+			}
+			if _, err := os.Lstat(home); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("the failed dlogin left %s behind (%v)", home, err)
+			}
+		})
 	}
 }

@@ -129,7 +129,7 @@ func TestAdminActsNeverSilent(t *testing.T) {
 	if err := os.WriteFile(pf, []byte(strings.Replace(string(b), s.URL, dead, 1)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	out = expectFail(t, carol, "whoami with the server unreachable", []string{"NOT CONFIRMED", "cannot reach TP server"}, binary("tp"), "whoami")
+	out = expectFail(t, carol, "whoami with the server unreachable", []string{"NOT CONFIRMED", "cannot reach the TP server", "nothing listens there"}, binary("tp"), "whoami")
 	if strings.Contains(out, "Status:      valid") {
 		t.Errorf("tp whoami says valid without asking the server:\n%s", out)
 	}

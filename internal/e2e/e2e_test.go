@@ -277,7 +277,7 @@ func TestClientErrors(t *testing.T) {
 			t.Fatal(err)
 		}
 		out, err := runErr(env, nil, binary("tp"), "127.0.0.1", "22")
-		if err == nil || !strings.Contains(out, "connecting to TP server") {
+		if err == nil || !strings.Contains(out, "cannot reach the TP server") {
 			t.Fatalf("unreachable server: err=%v output %q", err, out)
 		}
 	})

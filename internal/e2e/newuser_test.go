@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -64,6 +66,31 @@ func TestNewUserMessages(t *testing.T) {
 		out := expectFail(t, env, "tpd not running", []string{"nothing listens there", "is tpd running"}, binary("tp"), "127.0.0.1", "22")
 		if strings.Contains(out, "UDP") {
 			t.Errorf("tp blames UDP for a server that is not running:\n%s", out)
+		}
+	})
+
+	t.Run("server address speaks no TLS", func(t *testing.T) {
+		// Bad input: the profile's address is a plain HTTP server's port. tp
+		// once said "TLS handshake with TP server ADDR: tls: first record does
+		// not look like a TLS handshake", beside QUIC's "no answer over UDP".
+		env := srv.login(t, "alice", "notebook")
+		home := strings.TrimPrefix(env[0], "TP_HOME=")
+		profile := filepath.Join(home, "profile.json")
+		b, err := os.ReadFile(profile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		web := httptest.NewServer(http.NotFoundHandler())
+		defer web.Close()
+		addr := web.Listener.Addr().String()
+		if err := os.WriteFile(profile, []byte(strings.Replace(string(b), srv.URL, "https://"+addr, 1)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		out := expectFail(t, env, "plain HTTP port", []string{addr + " does not speak TLS", `it answered "HTTP/1.`, "is this tpd's port?"}, binary("tp"), "127.0.0.1", "22")
+		for _, bad := range []string{"UDP", "tls: first record"} {
+			if strings.Contains(out, bad) {
+				t.Errorf("tp's message for a port that speaks no TLS has %q:\n%s", bad, out)
+			}
 		}
 	})
 
