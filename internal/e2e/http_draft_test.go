@@ -282,3 +282,67 @@ func TestConnectCurlWithDloginFiles(t *testing.T) {
 		t.Fatalf("curl with bob's dlogin files to a destination the policy refuses him: %v\n%s\nwant 403 with the policy's reason in Proxy-Status", err, out)
 	}
 }
+
+// curl sends an http:// URL to an HTTPS proxy as a plain request in absolute
+// form (GET http://host/…) unless -p tunnels it; tpd serves only CONNECT. Bad
+// input: that plain request. tpd's answer once named the destination as the
+// proxy ("curl --proxy https://DESTINATION …"), never mentioned -p, and gave
+// --proxy-key device.key, the device key, with which curl fails (58). Now its
+// curl line, run as written, reaches the http:// destination through tpd.
+func TestConnectCurlHTTPTargetHint(t *testing.T) {
+	parallel(t)
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Fatal("curl is not installed: apt-get install curl (deploy/test.sh does)")
+	}
+	srv := startServer(t, testPolicy)
+	_, port, _ := net.SplitHostPort(srv.Addr)
+	dest := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		io.WriteString(w, "plain http through a CONNECT tunnel")
+	}))
+	t.Cleanup(dest.Close)
+	home := strings.TrimPrefix(srv.login(t, "alice", "laptop")[0], "TP_HOME=")
+	proxy := "proxy.localhost:" + port
+	resolve := []string{"-sS", "--max-time", "60", "--resolve", "proxy.localhost:" + port + ":127.0.0.1"}
+
+	hint, err := runErr(nil, nil, curl, append(resolve, "--proxy", "https://"+proxy,
+		"--proxy-cert", filepath.Join(home, "cert.pem"), "--proxy-key", filepath.Join(home, "key.pem"),
+		"--proxy-cacert", filepath.Join(home, "root.pem"), dest.URL+"/page")...)
+	if err != nil {
+		t.Fatalf("curl without -p to an http:// URL: %v\n%s", err, hint)
+	}
+	for _, want := range []string{"TP's HTTPS proxy https://" + proxy + " does not forward plain requests like GET " + dest.URL + "/page",
+		"only CONNECT", "-p (--proxytunnel)", "https:// URL",
+		"curl -p --proxy https://" + proxy + " --proxy-cert $TP_HOME/cert.pem --proxy-key $TP_HOME/key.pem --proxy-cacert $TP_HOME/root.pem " + dest.URL + "/page"} {
+		if !strings.Contains(hint, want) {
+			t.Errorf("tpd's answer to a plain GET lacks %q:\n%s", want, hint)
+		}
+	}
+	destHost := strings.TrimPrefix(dest.URL, "http://")
+	for _, bad := range []string{"--proxy https://" + destHost, "--proxy-key device.key", "device.pem"} {
+		if strings.Contains(hint, bad) {
+			t.Errorf("tpd's answer to a plain GET has %q:\n%s", bad, hint)
+		}
+	}
+
+	// Follow the hint: its curl line, with $TP_HOME as dlogin keeps it.
+	var line string
+	for l := range strings.Lines(hint) {
+		if strings.HasPrefix(strings.TrimSpace(l), "curl -p ") {
+			line = strings.TrimSpace(l)
+		}
+	}
+	if line == "" {
+		t.Fatalf("tpd's answer to a plain GET has no curl -p line:\n%s", hint)
+	}
+	args := strings.Fields(os.Expand(line, func(v string) string {
+		if v == "TP_HOME" {
+			return home
+		}
+		return "$" + v
+	}))
+	out, err := runErr(nil, nil, curl, append(resolve, args[1:]...)...)
+	if err != nil || out != "plain http through a CONNECT tunnel" {
+		t.Fatalf("the hint's curl line %q: %v\n%s", line, err, out)
+	}
+}
