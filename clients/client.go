@@ -221,8 +221,10 @@ func (c *Client) Dialer() (*Dialer, error) {
 	tickets := c.Home.TicketCache(c.currentLeaf)
 	tickets.Now = c.now
 	return &Dialer{
-		Server: addr,
-		Cache:  c.Home.TransportCache(),
+		Server:      addr,
+		Cache:       c.Home.TransportCache(),
+		device:      c.Profile.DeviceID,
+		whyRejected: c.WhyRejected,
 		TLSConfig: &tls.Config{
 			RootCAs: pool,
 			// Resume TLS sessions (to tpd, and end to end to agents) with tickets kept

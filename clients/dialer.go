@@ -135,6 +135,12 @@ type Dialer struct {
 	sessCfg  sessionCfg     // the TLS sessions' configuration (sessionConfig)
 	tlsMux   tlsMuxPool     // tp-mux/1 connections to the server (tlsmux.go)
 	muxCfg   muxCfgCache    // their configuration (muxConfig)
+
+	// Set by Client.Dialer, for CutError: this device's ID (user@device),
+	// named in messages, and Client.WhyRejected, which asks the server why it
+	// refused this device's certificate.
+	device      string
+	whyRejected func(context.Context, error) error
 }
 
 // RefusedError is the server's refusal of a dial.
