@@ -16,8 +16,9 @@ import (
 	"github.com/tp-proxy/tp/internal/testnet"
 )
 
-// What tp says when a live session is cut, with the real binaries: each
-// message once misled (the old words and their cause are in the comments).
+// What tp says when a live session is cut and when an exposed service is down,
+// with the real binaries: each message once misled (the old words and their
+// cause are in the comments).
 func TestSessionEndMessages(t *testing.T) {
 	parallel(t)
 
@@ -82,6 +83,43 @@ func TestSessionEndMessages(t *testing.T) {
 				if strings.Contains(out, wrong) {
 					t.Errorf("%s: the cut by a stopping server says %q:\n%s", s.name, wrong, out)
 				}
+			}
+		}
+	})
+
+	t.Run("exposed service down", func(t *testing.T) {
+		// Bad input: alice exposes a local port where nothing listens. Bob's
+		// dial once read "the TP server could not reach the destination: the
+		// agent of laptop-ssh.rev.tp.internal cannot reach its local service:
+		// dial tcp 127.0.0.1:PORT: connect: connection refused": the agent's
+		// dial_failed, inside the end-to-end session, was worded as the
+		// server's.
+		srv := startServer(t, reversePolicy)
+		alice := srv.login(t, "alice", "laptop")
+		bob := srv.login(t, "bob", "phone")
+		down := fmt.Sprintf("127.0.0.1:%d", testnet.FreePort(t, "tcp"))
+		startExpose(t, alice, "laptop-ssh", down, "--allow-user", "bob")
+		want := []string{"laptop-ssh.rev.tp.internal is exposed by alice@laptop", "could not connect to its local service (connection refused)", "ask alice to check it"}
+		for _, transport := range []string{"quic", "tls"} {
+			out := expectFail(t, bob, "service down, over "+transport, want, binary("tp"), "--transport", transport, "laptop-ssh.rev.tp.internal", "22")
+			if strings.Contains(out, "TP server could not reach") {
+				t.Errorf("over %s, tp blames the TP server for the agent's local service:\n%s", transport, out)
+			}
+		}
+		// tp forward's sessions to the name are streams of one end-to-end
+		// carrier: the agent refuses the stream, not the dial.
+		local, fwd := startForward(t, bob, "laptop-ssh.rev.tp.internal:22")
+		c, err := net.DialTimeout("tcp", local, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(60 * time.Second))
+		c.Read(make([]byte, 1)) // until the forward gives up on it
+		c.Close()
+		line := waitLine(t, fwd, "forward failed", 60*time.Second)
+		for _, w := range want {
+			if !strings.Contains(line, w) {
+				t.Errorf("tp forward does not say %q:\n%s", w, line)
 			}
 		}
 	})
