@@ -2,11 +2,17 @@ package e2e
 
 import (
 	"bufio"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -16,9 +22,9 @@ import (
 	"github.com/tp-proxy/tp/internal/testnet"
 )
 
-// What tp says when a live session is cut and when an exposed service is down,
-// with the real binaries: each message once misled (the old words and their
-// cause are in the comments).
+// What tp says when a live session is cut, when an exposed service is down and
+// when the device key is gone, with the real binaries: each message once
+// misled (the old words and their cause are in the comments).
 func TestSessionEndMessages(t *testing.T) {
 	parallel(t)
 
@@ -124,6 +130,35 @@ func TestSessionEndMessages(t *testing.T) {
 		}
 	})
 
+	t.Run("expired certificate without the device key", func(t *testing.T) {
+		// Bad input: device.key deleted from TP_HOME, and the certificate
+		// expired. tp said "… renewing it failed: device key missing …;
+		// enroll this device again with dlogin --token; run dlogin", tp
+		// whoami "EXPIRED …; tp renews it on the next connection, or run
+		// dlogin", and dlogin then failed with "device key missing": neither
+		// renewal nor dlogin can work without the key, and the token comes
+		// from an administrator's tpd enroll.
+		srv := startServer(t, testPolicy)
+		env := srv.login(t, "alice", "laptop")
+		home := strings.TrimPrefix(env[0], "TP_HOME=")
+		expireCertificate(t, srv, home)
+		if err := os.Remove(filepath.Join(home, "device.key")); err != nil {
+			t.Fatal(err)
+		}
+		want := []string{"tpd enroll alice --device laptop", "then run the dlogin line it prints"}
+		outs := map[string]string{
+			"tp":        expectFail(t, env, "tp", append(want, "expired", "cannot be renewed"), binary("tp"), "127.0.0.1", "22"),
+			"tp whoami": expectFail(t, env, "tp whoami", append(want, "EXPIRED", "without the device key it cannot be renewed"), binary("tp"), "whoami"),
+			"dlogin":    expectFail(t, env, "dlogin", append(want, "the device key is missing"), binary("dlogin")),
+		}
+		for cmd, out := range outs {
+			for _, wrong := range []string{"tp renews it", "run dlogin", "dlogin --token"} {
+				if strings.Contains(out, wrong) {
+					t.Errorf("%s says %q without a device key:\n%s", cmd, wrong, out)
+				}
+			}
+		}
+	})
 }
 
 // greeter is a destination that sends a line and holds the connection open
@@ -228,4 +263,58 @@ func waitLine(t *testing.T, log *testlog.Buffer, want string, within time.Durati
 		}
 	}
 	return ""
+}
+
+// expireCertificate replaces the certificate in home (a TP_HOME) by one that
+// is the same but expired, issued by srv's intermediate with the same key.
+func expireCertificate(t *testing.T, srv *server, home string) {
+	t.Helper()
+	ca := filepath.Join(srv.DataDir, "ca")
+	issuer, err := tls.LoadX509KeyPair(filepath.Join(ca, "intermediate.crt"), filepath.Join(ca, "intermediate.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyFile := filepath.Join(home, "key.pem")
+	kb, err := os.ReadFile(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur, err := tls.X509KeyPair(kb, kb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := *cur.Leaf
+	tmpl.ExtraExtensions = cur.Leaf.Extensions // the identity (an otherName SAN) among them
+	// Within the intermediate's life (tpd checks a certificate's chain at the
+	// middle of its life), and over.
+	tmpl.NotBefore = issuer.Leaf.NotBefore
+	tmpl.NotAfter = tmpl.NotBefore.Add(time.Second)
+	for deadline := time.Now().Add(10 * time.Second); !time.Now().After(tmpl.NotAfter); {
+		if time.Now().After(deadline) {
+			t.Fatalf("the clock did not pass %s", tmpl.NotAfter)
+		}
+		time.Sleep(100 * time.Millisecond) // waiting for the clock, bounded by the deadline
+	}
+	der, err := x509.CreateCertificate(rand.Reader, &tmpl, issuer.Leaf, cur.PrivateKey.(*ecdsa.PrivateKey).Public(), issuer.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var key, chain []byte
+	for rest := kb; ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		if b.Type != "CERTIFICATE" {
+			key = append(key, pem.EncodeToMemory(b)...)
+		}
+	}
+	chain = append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: issuer.Certificate[0]})...)
+	if err := os.WriteFile(keyFile, append(key, chain...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(home, "cert.pem"), chain, 0o644); err != nil {
+		t.Fatal(err)
+	}
 }
