@@ -106,6 +106,10 @@ func (c *Client) Certificate(ctx context.Context) (*tls.Certificate, error) {
 			cert = renewed
 		case now.Before(cert.Leaf.NotAfter):
 			c.logf("tp: could not renew the certificate (%v); using the current one, valid until %s", rerr, cert.Leaf.NotAfter.Local().Format(time.DateTime))
+		case errors.Is(rerr, ErrNoDeviceKey):
+			// dlogin needs the device key too: the advice is in rerr.
+			return nil, fmt.Errorf("certificate expired at %s (%s ago), and it cannot be renewed: %w",
+				cert.Leaf.NotAfter.Local().Format(time.DateTime), now.Sub(cert.Leaf.NotAfter).Round(time.Second), rerr)
 		default:
 			return nil, fmt.Errorf("certificate expired at %s (%s ago) and renewing it failed: %w; run dlogin",
 				cert.Leaf.NotAfter.Local().Format(time.DateTime), now.Sub(cert.Leaf.NotAfter).Round(time.Second), rerr)
@@ -221,8 +225,10 @@ func (c *Client) Dialer() (*Dialer, error) {
 	tickets := c.Home.TicketCache(c.currentLeaf)
 	tickets.Now = c.now
 	return &Dialer{
-		Server: addr,
-		Cache:  c.Home.TransportCache(),
+		Server:      addr,
+		Cache:       c.Home.TransportCache(),
+		device:      c.Profile.DeviceID,
+		whyRejected: c.WhyRejected,
 		TLSConfig: &tls.Config{
 			RootCAs: pool,
 			// Resume TLS sessions (to tpd, and end to end to agents) with tickets kept

@@ -101,6 +101,31 @@ func TestRefusedError(t *testing.T) {
 	if !strings.Contains(self.Error(), "127.0.0.1:443 is this TP server") {
 		t.Fatalf("self_dial: %q", self)
 	}
+	// An agent's refusals inside the end-to-end session were once worded as
+	// the server's: "the TP server could not reach the destination: …" for
+	// its local service down, "… did not accept the client certificate …;
+	// run dlogin" for its own check of the dialer.
+	const name = "laptop-ssh.rev.tp.internal"
+	for _, tc := range []struct {
+		re   clients.RefusedError
+		want string
+	}{
+		{clients.RefusedError{Code: wire.CodeDialFailed, Agent: name,
+			Reason: name + " is exposed by alice@laptop, whose agent could not connect to its local service (connection refused); ask alice to check it"},
+			name + " is exposed by alice@laptop, whose agent could not connect to its local service (connection refused); ask alice to check it"},
+		// An older agent's words name neither the device nor whose it is.
+		{clients.RefusedError{Code: wire.CodeDialFailed, Agent: name, Reason: "connection refused"},
+			"the device that exposes " + name + " could not connect to its local service: connection refused"},
+		{clients.RefusedError{Code: wire.CodeUnauthenticated, Agent: name, Reason: "the certificate is for bob@phone but the TP server announced bob@tablet"},
+			"the agent of " + name + " did not accept this device's certificate: the certificate is for bob@phone but the TP server announced bob@tablet"},
+	} {
+		if got := tc.re.Error(); got != tc.want {
+			t.Errorf("the agent's %s reads\n%q; want\n%q", tc.re.Code, got, tc.want)
+		}
+		if got := tc.re.Error(); strings.Contains(got, "TP server could not") || strings.Contains(got, "run dlogin") {
+			t.Errorf("the agent's %s blames the TP server or the certificate: %q", tc.re.Code, got)
+		}
+	}
 }
 
 func TestDialerRejectsBadAddress(t *testing.T) {

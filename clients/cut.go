@@ -7,10 +7,12 @@ import (
 	"io"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -83,25 +85,52 @@ func (e *CutError) Error() string {
 		}
 		return fmt.Sprintf("the session was cut off by %s (%s): %s", who, e.End.Code, e.End.Reason)
 	}
+	code, coded := cutCode(e.Err)
+	if !coded && errors.Is(e.why, syscall.ECONNREFUSED) {
+		// A cut without a code (a TCP reset), and the server's listener is
+		// closed: a stopping server refuses new connections at once
+		// (docs/PROTOCOL.md, section 6.3).
+		return "the session through TP was cut off before its end (" + wire.UnwrapOpError(e.Err).Error() +
+			"), and the TP server no longer accepts connections: it is most likely shutting down or restarting; reconnect once it is back"
+	}
 	msg := "the session through TP was cut off before its end: " + explainQUICErr(e.Err).Error()
-	if code, ok := wire.StreamResetCode(e.Err); ok {
-		msg = fmt.Sprintf("the session was cut off by the TP server (%s): %s", wire.EndName(code), resetText(code))
+	if coded {
+		msg = fmt.Sprintf("the session was cut off by the TP server (%s): %s", wire.EndName(code), resetText(code, ""))
 	}
 	if e.why != nil {
-		msg += " (the server could not say more: " + e.why.Error() + ")"
+		msg += " (asking the TP server why failed: " + e.why.Error() + ")"
 	}
 	return msg
 }
 
-// resetText says what a stream reset code means, for people.
-func resetText(code quic.ApplicationErrorCode) string {
+// cutCode is the code a cut carried: a stream's reset code (a QUIC
+// RESET_STREAM, a tp-mux/1 ABORT), or the code of a QUIC connection the server
+// closed because it shuts down or the certificate expired.
+func cutCode(err error) (quic.ApplicationErrorCode, bool) {
+	if code, ok := wire.StreamResetCode(err); ok {
+		return code, true
+	}
+	var ae *quic.ApplicationError
+	if errors.As(err, &ae) && ae.Remote && (ae.ErrorCode == wire.QUICShutdown || ae.ErrorCode == wire.QUICCertExpired) {
+		return ae.ErrorCode, true
+	}
+	return 0, false
+}
+
+// resetText says what a cut's code means, for people; device names this
+// device (user@device) when known.
+func resetText(code quic.ApplicationErrorCode, device string) string {
 	switch wire.EndName(code) {
 	case wire.EndShutdown:
 		return "the TP server is shutting down; reconnect"
 	case wire.EndCertExpired:
 		return "the client certificate expired; tp renews it on the next connection, or run dlogin"
 	case wire.EndRevoked:
-		return "this device, its user or its certificate was revoked"
+		this := "this device"
+		if device != "" {
+			this += " (" + device + ")"
+		}
+		return this + ", its user or its certificate was revoked on the TP server; ask your TP administrator"
 	case wire.EndPolicyChanged:
 		return "the policy no longer allows this session"
 	case wire.EndPeerReset:
@@ -111,25 +140,66 @@ func resetText(code quic.ApplicationErrorCode) string {
 }
 
 // Explain asks the server who cut the session and why (op "why", bounded by
-// whyTimeout), once; Error then says so.
+// whyTimeout), once; Error then says so. A cut whose code says it all is not
+// asked about: a server that shuts down takes no new connection, and a revoked
+// device can no longer ask (docs/PROTOCOL.md, section 6.2).
 func (e *CutError) Explain(ctx context.Context) {
 	if ma := (*muxAbortError)(nil); e.End == nil && errors.As(e.Err, &ma) {
 		e.End = &ma.end // a carrier's stream: the agent said why
 	}
-	if e.End != nil || e.why != nil || e.t == nil || e.t.session == "" {
+	if e.End != nil || e.why != nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, whyTimeout)
-	defer cancel()
-	e.End, e.why = e.t.d.why(ctx, e.t.session)
-	if e.End == nil {
+	var d *Dialer
+	if e.t != nil {
+		d = e.t.d
+	}
+	code, coded := cutCode(e.Err)
+	if coded && (code == wire.QUICShutdown || code == wire.QUICRevoked) {
+		e.End = codeEnd(code, d)
+		return
+	}
+	if d == nil || e.t.session == "" {
+		return
+	}
+	wctx, cancel := context.WithTimeout(ctx, whyTimeout)
+	e.End, e.why = d.why(wctx, e.t.session)
+	cancel()
+	if e.End != nil {
+		return
+	}
+	if na, ok := d.certNotAfter(); ok && !time.Now().Before(na) {
 		// The server refuses an expired certificate, so it cannot be asked; but
 		// then the expiry is the answer.
-		if na, ok := e.t.d.certNotAfter(); ok && !time.Now().Before(na) {
-			e.End = &wire.SessionEnd{Code: wire.EndCertExpired, By: "server",
-				Reason: "the client certificate expired at " + na.UTC().Format(time.RFC3339) + "; tp renews it on the next connection, or run dlogin"}
+		e.End = &wire.SessionEnd{Code: wire.EndCertExpired, By: "server",
+			Reason: "the client certificate expired at " + na.UTC().Format(time.RFC3339) + "; tp renews it on the next connection, or run dlogin"}
+		return
+	}
+	if coded && code != wire.QUICPeerReset && code != wire.QUICInternal {
+		// The server's own reason for the cut is in its code; asking would only
+		// have added its words.
+		e.End, e.why = codeEnd(code, d), nil
+		return
+	}
+	if errors.Is(e.why, ErrCertificateRejected) && d.whyRejected != nil {
+		// The server refused this device's certificate when asked: over TLS,
+		// where a cut carries no code, that is how a revocation shows.
+		if err := d.whyRejected(ctx, e.why); errors.Is(err, authz.ErrRevoked) {
+			e.End, e.why = codeEnd(wire.QUICRevoked, d), nil
+		} else if err != nil {
+			e.why = err
 		}
 	}
+}
+
+// codeEnd is the end a cut's code stands for, when the server was not (or
+// could not be) asked.
+func codeEnd(code quic.ApplicationErrorCode, d *Dialer) *wire.SessionEnd {
+	device := ""
+	if d != nil {
+		device = d.device
+	}
+	return &wire.SessionEnd{Code: wire.EndName(code), By: "server", Reason: resetText(code, device)}
 }
 
 // certNotAfter is the expiry of the Dialer's fixed client certificate, if it has one.
@@ -168,7 +238,7 @@ func (d *Dialer) why(ctx context.Context, session string) (*wire.SessionEnd, err
 	if conn == nil && d.mode() != TransportQUIC {
 		tc, err := d.connectTLS(ctx)
 		if err != nil {
-			return nil, err
+			return nil, d.forgetRejected(explainHelloErr(err))
 		}
 		conn = tc
 	}
@@ -181,7 +251,7 @@ func (d *Dialer) why(ctx context.Context, session string) (*wire.SessionEnd, err
 	sh, err := exchange(conn, hello)
 	switch {
 	case err != nil:
-		return nil, err
+		return nil, d.forgetRejected(explainHelloErr(err))
 	case !sh.OK && sh.Code == wire.CodeUnknownSession:
 		return nil, errors.New("it has no record of cutting this session: the network between cut it, or the server restarted")
 	case !sh.OK:

@@ -136,18 +136,42 @@ type Dialer struct {
 	sessCfg  sessionCfg     // the TLS sessions' configuration (sessionConfig)
 	tlsMux   tlsMuxPool     // tp-mux/1 connections to the server (tlsmux.go)
 	muxCfg   muxCfgCache    // their configuration (muxConfig)
+
+	// Set by Client.Dialer, for CutError: this device's ID (user@device),
+	// named in messages, and Client.WhyRejected, which asks the server why it
+	// refused this device's certificate.
+	device      string
+	whyRejected func(context.Context, error) error
 }
 
-// RefusedError is the server's refusal of a dial.
+// RefusedError is the server's refusal of a dial, or the refusal of a
+// protected reverse name's agent (Agent set).
 type RefusedError struct {
-	Code   string // one of the proxy.Code* constants
-	Reason string // written by the server for a person
+	Code   string // one of the proxy.Code* constants, or CodeAgentDenied
+	Reason string // written by the server (or the agent) for a person
+	// Agent is the reverse name whose agent refused, inside the end-to-end
+	// session (docs/PROTOCOL.md, section 11.4); empty for the server's refusals.
+	Agent string
 }
 
 func (e *RefusedError) Error() string {
 	reason := e.Reason
 	if reason == "" {
 		reason = "no reason given"
+	}
+	if e.Agent != "" {
+		switch e.Code {
+		case wire.CodeDialFailed:
+			if strings.Contains(strings.ToLower(e.Reason), strings.ToLower(e.Agent)) {
+				return e.Reason // the agent's own sentence names the service, and whose it is
+			}
+			return "the device that exposes " + e.Agent + " could not connect to its local service: " + reason
+		case wire.CodeUnauthenticated:
+			return "the agent of " + e.Agent + " did not accept this device's certificate: " + reason
+		case CodeAgentDenied:
+		default:
+			return "refused by the agent of " + e.Agent + " (" + e.Code + "): " + reason
+		}
 	}
 	switch e.Code {
 	case wire.CodePolicyDenied:

@@ -50,6 +50,14 @@ func (d *Dialer) e2eSession(ctx context.Context, conn net.Conn, addr string, ear
 	return d.innerTLS(ctx, conn, addr, !d.NoE2EAttach)
 }
 
+// hostOf is the host of addr (host:port), or addr when it has no port.
+func hostOf(addr string) string {
+	if host, _, err := net.SplitHostPort(addr); err == nil {
+		return host
+	}
+	return addr
+}
+
 // earlyAttach prepares the attach that goes with the hello, for a TCP dial of a
 // name this Dialer holds attach state for, over either carrier: it is early data
 // (docs/PROTOCOL.md, section 6.5), which a server that refuses the dial discards
@@ -111,7 +119,7 @@ func (d *Dialer) attach(ctx context.Context, conn net.Conn, addr string, p *pend
 	if !sh.OK {
 		_ = sc.CloseWrite()
 		_ = conn.Close()
-		return nil, false, &RefusedError{Code: sh.Code, Reason: sh.Reason}
+		return nil, false, &RefusedError{Code: sh.Code, Reason: sh.Reason, Agent: hostOf(addr)}
 	}
 	if p.early != nil {
 		p.early.sent = true // the agent passes them on after its ok
@@ -172,7 +180,7 @@ func (d *Dialer) innerTLSWith(ctx context.Context, conn net.Conn, addr string, o
 	}
 	if !sh.OK {
 		_ = tc.Close()
-		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
+		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason, Agent: host}
 	}
 	d.e2e.count(false)
 	if cs := tc.ConnectionState(); cs.NegotiatedProtocol == E2EALPN2 || cs.NegotiatedProtocol == E2EALPN3 {

@@ -218,7 +218,7 @@ func (d *Dialer) muxSession(ctx context.Context, m *muxConn, addr string, early 
 	_ = s.SetReadDeadline(time.Time{})
 	if !sh.OK {
 		_ = s.Close()
-		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
+		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason, Agent: hostOf(addr)}
 	}
 	return s, nil
 }

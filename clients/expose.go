@@ -18,6 +18,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -777,7 +778,7 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 		return // the dialer aborted the stream: nobody to answer (serveMux)
 	}
 	if err != nil {
-		sess.refuse(wire.CodeDialFailed, fmt.Sprintf("the agent of %s cannot reach its local service: %v", full, err), log)
+		sess.refuse(wire.CodeDialFailed, a.localDownReason(full, err), log.With("local", local, "err", err.Error()))
 		return
 	}
 	_ = sess.SetWriteDeadline(time.Now().Add(5 * time.Second))
@@ -1032,4 +1033,28 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, a.Dialer.forgetRejected(explainQUICErr(err)))
 	}
 	return conn, nil
+}
+
+// localDownReason is what a dialer reads when the agent cannot connect to its
+// local service: whose service it is (the dialer cannot tell otherwise: the
+// agent's certificate for the name carries no identity, docs/PROTOCOL.md
+// section 11.10) and the cause in general terms, not the local address.
+func (a *Agent) localDownReason(full string, err error) string {
+	cause := wire.UnwrapOpError(err).Error()
+	var errno syscall.Errno
+	switch {
+	case errors.As(err, &errno):
+		cause = errno.Error()
+	case errors.Is(err, context.DeadlineExceeded) || os.IsTimeout(err):
+		cause = fmt.Sprintf("no answer within %s", localDialTimeout)
+	}
+	device := ""
+	if a.Dialer != nil {
+		device = a.Dialer.device
+	}
+	user, _, _ := strings.Cut(device, "@")
+	if device == "" {
+		return fmt.Sprintf("%s is exposed by a device whose agent could not connect to its local service (%s); ask its owner to check it", full, cause)
+	}
+	return fmt.Sprintf("%s is exposed by %s, whose agent could not connect to its local service (%s); ask %s to check it", full, device, cause, user)
 }

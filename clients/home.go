@@ -164,11 +164,18 @@ func (h Home) SaveRoot(c *x509.Certificate) error {
 	return login.WriteFileAtomic(h.path(rootFile), login.PEMCert(c), 0o644)
 }
 
-// DeviceKey loads the device key.
+// ErrNoDeviceKey means TP_HOME has no device key: the certificate can no longer
+// be renewed, nor dlogin log in, and the device must be enrolled again.
+var ErrNoDeviceKey = errors.New("the device key is missing")
+
+// DeviceKey loads the device key. Its absence is ErrNoDeviceKey, with what to do.
 func (h Home) DeviceKey() (*ecdsa.PrivateKey, error) {
 	b, err := os.ReadFile(h.path(deviceKeyFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w in %s: without it this device can neither renew its certificate nor log in with dlogin, so it must be enrolled again: %s", ErrNoDeviceKey, h.Dir, h.ReenrollHint())
+	}
 	if err != nil {
-		return nil, fmt.Errorf("device key missing in %s (%v); enroll this device again with dlogin --token", h.Dir, err)
+		return nil, fmt.Errorf("cannot read the device key: %w", err)
 	}
 	k, err := login.ParseKeyPEM(b)
 	if err != nil {
@@ -179,6 +186,18 @@ func (h Home) DeviceKey() (*ecdsa.PrivateKey, error) {
 		return nil, fmt.Errorf("%s: not an ECDSA key", h.path(deviceKeyFile))
 	}
 	return ek, nil
+}
+
+// ReenrollHint says how this device is enrolled again: by an administrator's
+// tpd enroll, then the dlogin line it prints.
+func (h Home) ReenrollHint() string {
+	enroll := "tpd enroll USER --device NAME"
+	if p, err := h.Profile(); err == nil {
+		if user, device, ok := strings.Cut(p.DeviceID, "@"); ok {
+			enroll = "tpd enroll " + user + " --device " + device
+		}
+	}
+	return "ask your TP administrator to run `" + enroll + "`, then run the dlogin line it prints"
 }
 
 // NewDeviceKey makes a fresh device key. Store it with SaveDeviceKey once the

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"crypto/ecdsa"
 	"crypto/x509"
+	"errors"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -139,5 +141,44 @@ func TestServerBaseURLTrailingSlash(t *testing.T) {
 	}
 	if got, err := ServerAddr("https://tp.example.org/"); err != nil || got != "tp.example.org:443" {
 		t.Errorf(`ServerAddr("https://tp.example.org/") = %q, %v; want "tp.example.org:443"`, got, err)
+	}
+}
+
+// Bad input: a home whose device.key was deleted, with an expired certificate.
+// tp once said "… renewing it failed: device key missing …; enroll this device
+// again with dlogin --token; run dlogin": neither works without the key, and
+// the token must come from an administrator's tpd enroll.
+func TestExpiredCertificateWithoutDeviceKey(t *testing.T) {
+	t.Parallel()
+	ca := testpki.New(t)
+	now := time.Now()
+	cc := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{NotBefore: now.Add(-5 * time.Hour), NotAfter: now.Add(-time.Hour)})
+	h := Home{Dir: t.TempDir()}
+	p := Profile{Server: "https://127.0.0.1:1", DeviceID: "alice@laptop"}
+	if err := h.SaveProfile(p); err != nil {
+		t.Fatal(err)
+	}
+	kb, err := login.PEMKey(cc.PrivateKey.(*ecdsa.PrivateKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(h.path(keyFile), append(kb, login.PEMCert(cc.Leaf)...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := &Client{Home: h, Profile: p, Root: ca.Root}
+	_, err = c.Certificate(t.Context())
+	if !errors.Is(err, ErrNoDeviceKey) {
+		t.Fatalf("Certificate = %v; want ErrNoDeviceKey", err)
+	}
+	msg := err.Error()
+	for _, want := range []string{"expired", "cannot be renewed", "tpd enroll alice --device laptop", "then run the dlogin line it prints"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("the error does not say %q: %s", want, msg)
+		}
+	}
+	for _, wrong := range []string{"run dlogin", "dlogin --token"} {
+		if strings.Contains(msg, wrong) {
+			t.Errorf("the error says %q, which cannot work without the device key: %s", wrong, msg)
+		}
 	}
 }

@@ -287,10 +287,15 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 			default:
 				fmt.Fprintf(stdout, "Groups:      %s\n", strings.Join(who.Groups, ", "))
 			}
-			if _, err := c.Home.DeviceKey(); err != nil {
+			_, keyErr := c.Home.DeviceKey()
+			noKey := errors.Is(keyErr, clients.ErrNoDeviceKey)
+			switch {
+			case noKey:
 				// The server was asked with the certificate's key instead, but
 				// without the device key no new certificate can be had.
-				fmt.Fprintf(stdout, "Device key:  MISSING in %s: this device cannot renew its certificate; ask for a new tpd enroll and run dlogin --token\n", c.Home.Dir)
+				fmt.Fprintf(stdout, "Device key:  MISSING in %s: this device can neither renew its certificate nor log in with dlogin; %s\n", c.Home.Dir, c.Home.ReenrollHint())
+			case keyErr != nil:
+				fmt.Fprintf(stdout, "Device key:  UNREADABLE (%v): this device cannot renew its certificate\n", keyErr)
 			}
 			cert, err := c.Home.Certificate()
 			if err != nil {
@@ -309,13 +314,12 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 			case askErr == nil && who.Revoked:
 				state = "REVOKED: the server refuses this device; ask your TP administrator"
 				fail = errors.New("this device is revoked on the server")
-			case askErr == nil && who.Certificate != nil && !who.Certificate.Accepted:
+			case askErr == nil && who.Certificate != nil && !who.Certificate.Accepted && !now.After(leaf.NotAfter):
 				state = "REFUSED by the server: " + who.Certificate.Reason
 				fail = errors.New("the server does not accept this device's certificate")
-				if now.After(leaf.NotAfter) {
-					state = fmt.Sprintf("EXPIRED %s ago; tp renews it on the next connection, or run dlogin", now.Sub(leaf.NotAfter).Round(time.Second))
-					fail = errors.New("this device's certificate has expired")
-				}
+			case now.After(leaf.NotAfter) && noKey:
+				state = fmt.Sprintf("EXPIRED %s ago, and without the device key it cannot be renewed: this device must be enrolled again; %s", now.Sub(leaf.NotAfter).Round(time.Second), c.Home.ReenrollHint())
+				fail = errors.New("this device's certificate has expired, and it has no device key to renew it")
 			case now.After(leaf.NotAfter):
 				state = fmt.Sprintf("EXPIRED %s ago; tp renews it on the next connection, or run dlogin", now.Sub(leaf.NotAfter).Round(time.Second))
 				fail = errors.New("this device's certificate has expired")
@@ -328,6 +332,8 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 			case who.Certificate == nil:
 				state = "NOT CONFIRMED: the server did not say whether it accepts this certificate"
 				fail = errors.New("the server did not confirm this device's certificate")
+			case clients.NeedsRenewal(leaf, now) && noKey:
+				state = "valid, due for renewal, but without the device key it cannot be renewed: enroll this device again before it expires; " + c.Home.ReenrollHint()
 			case clients.NeedsRenewal(leaf, now):
 				state = "valid, due for renewal (tp renews it on the next connection)"
 			default:
