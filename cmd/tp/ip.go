@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 
@@ -27,7 +26,7 @@ func ipCmd(stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			d, err := dialer(cmd.Context(), c, cfg)
+			d, err := dialer(cmd.Context(), c, cfg, stderr)
 			if err != nil {
 				return err
 			}
@@ -36,7 +35,7 @@ func ipCmd(stderr io.Writer) *cobra.Command {
 				host, _, _ := net.SplitHostPort(d.Server)
 				proxyName = host
 			}
-			log := slog.New(slog.NewTextHandler(stderr, nil))
+			log := logger(cfg, stderr)
 			t := &clients.IPTunnel{
 				Server: d.Server, ProxyName: proxyName, TLSConfig: d.TLSConfig, TunName: tunName, MTU: mtu, Logger: log,
 				Explain: c.WhyRejected, Transport: cfg.Transport,

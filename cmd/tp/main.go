@@ -67,7 +67,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 				return fmt.Errorf("port %q must be a number from 1 to 65535", args[1])
 			}
 			target := net.JoinHostPort(args[0], strconv.Itoa(port))
-			d, err := dialer(cmd.Context(), c, cfg)
+			d, err := dialer(cmd.Context(), c, cfg, stderr)
 			if err != nil {
 				return err
 			}
@@ -90,6 +90,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	root.PersistentFlags().Duration("carrier-head-start", 0, "how long auto gives QUIC over UDP alone before it also tries the tls, ws and http carriers (0: 500ms; 2s when UDP worked on this network before) (env TP_CARRIER_HEAD_START)")
 	root.PersistentFlags().String("carrier-http-url", "", "the http carrier's URL when not https://SERVER/.well-known/tp-carrier/http: a CDN's, or tpd's plain-HTTP listener (http://HOST:PORT/.well-known/tp-carrier/http, through HTTP_PROXY as plain HTTP) (env TP_CARRIER_HTTP_URL)")
 	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
+	root.PersistentFlags().Bool("debug", false, "also print debug lines, such as every attempt's own error when the TP server cannot be reached (env TP_DEBUG)")
 	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), ipCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
@@ -153,7 +154,7 @@ func open(cmd *cobra.Command, stderr io.Writer) (*clients.Client, config.Client,
 
 // dialer checks (and if needed renews) the certificate up front, so that a missing
 // or expired one is reported as such rather than as a failed handshake.
-func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients.Dialer, error) {
+func dialer(ctx context.Context, c *clients.Client, cfg config.Client, stderr io.Writer) (*clients.Dialer, error) {
 	lctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
 	if _, err := c.Certificate(lctx); err != nil {
@@ -169,7 +170,18 @@ func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients
 	d.CarrierHTTPURL = cfg.CarrierHTTPURL
 	d.CarrierHeadStart = cfg.CarrierHeadStart
 	d.Logf = c.Logf
+	d.Logger = logger(cfg, stderr)
 	return d, nil
+}
+
+// logger is the log of a long-running command (tp forward, expose, ip): text
+// lines on standard error, debug lines too with --debug.
+func logger(cfg config.Client, stderr io.Writer) *slog.Logger {
+	level := slog.LevelInfo
+	if cfg.Debug {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 }
 
 func forwardCmd(stderr io.Writer) *cobra.Command {
@@ -194,7 +206,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 			if _, _, err := net.SplitHostPort(args[1]); err != nil {
 				return fmt.Errorf("DEST %q must be HOST:PORT, e.g. db.internal:5432", args[1])
 			}
-			d, err := dialer(cmd.Context(), c, cfg)
+			d, err := dialer(cmd.Context(), c, cfg, stderr)
 			if err != nil {
 				return err
 			}
@@ -219,7 +231,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 					return conn, c.WhyRejected(ctx, err)
 				},
 				Target: args[1],
-				Logger: slog.New(slog.NewTextHandler(stderr, nil)),
+				Logger: logger(cfg, stderr),
 			}
 			err = f.Serve(cmd.Context(), ln)
 			if errors.Is(err, context.Canceled) || cmd.Context().Err() != nil {
@@ -253,7 +265,7 @@ func forwardUDP(ctx context.Context, c *clients.Client, d *clients.Dialer, liste
 		},
 		Target:      target,
 		IdleTimeout: idle,
-		Logger:      slog.New(slog.NewTextHandler(stderr, nil)),
+		Logger:      d.Logger,
 		QUICDropped: d.QUICDatagramsDropped,
 	}
 	err = f.Serve(ctx, pc)
