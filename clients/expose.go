@@ -267,7 +267,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		var re *RefusedError
 		refused := errors.As(err, &re) && (re.Code == wire.CodePolicyDenied || re.Code == wire.CodeNameTaken)
+		var unreachable *UnreachableError
 		switch {
+		case errors.As(err, &unreachable):
+			// One sentence with the most telling cause; every attempt's own
+			// error (a carrier each, in auto) goes to the debug log.
+			log.Debug("tp expose: connecting failed", "server", unreachable.Server, "err", unreachable.Err.Error())
+			log.Warn("tp expose: " + retryLine(unreachable, wait.Round(10*time.Millisecond)))
 		case !refused:
 			log.Warn("tp expose: control session ended; reconnecting", "err", err.Error(), "in", wait.Round(10*time.Millisecond))
 		case a.ExitOnRefusal, re.Code == wire.CodeNameTaken && !held:
@@ -368,7 +374,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 		}
 		if err != nil && transport == TransportQUIC {
 			cancel()
-			return false, err
+			return false, d.unreachable(err)
 		}
 		if err != nil { // auto: UDP blocked or QUIC refused; TLS carries the same protocol
 			qconn = nil
@@ -381,7 +387,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 		var tc *tls.Conn
 		if tc, err = d.connectTLS(cctx); err != nil {
 			cancel()
-			return false, errors.Join(quicErr, err) // auto: why QUIC failed too
+			return false, d.unreachable(errors.Join(quicErr, err)) // auto: why QUIC failed too
 		}
 		ctl = tc
 		if quicErr != nil {

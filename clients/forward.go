@@ -73,7 +73,7 @@ func (f *Forwarder) Serve(ctx context.Context, ln net.Listener) error {
 func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Conn) {
 	start := time.Now()
 	attrs := []any{"local", local.RemoteAddr().String(), "target", f.Target}
-	remote, err := f.dial(ctx, local)
+	remote, first, err := f.dial(ctx, local)
 	if err != nil {
 		_ = local.Close()
 		log.Warn("forward failed", append(attrs, "err", err.Error(), "duration", time.Since(start))...)
@@ -82,6 +82,9 @@ func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Con
 	// A cut on either side resets the other: the local client sees a reset, never
 	// a clean end after partial data.
 	up, down, err := wire.Bridge(ctx, local, remote)
+	// The bytes the client had sent before the dial went with the request
+	// (DialFirst), not through the bridge: they are sent bytes all the same.
+	up += int64(first)
 	if re := (*RefusedError)(nil); errors.As(err, &re) {
 		// A dial that returned before the server's answer (DialEarly) learns of
 		// the refusal only here; the bytes it sent early were discarded.
@@ -100,24 +103,28 @@ func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Con
 // hand, grows a stack to tens of KiB), and a goroutine's stack keeps the size
 // it grew to until the garbage collector shrinks it, one halving per cycle:
 // forward's goroutine then parks for as long as the tunnel idles with the few
-// frames of Bridge on a stack that never grew.
-func (f *Forwarder) dial(ctx context.Context, local net.Conn) (net.Conn, error) {
+// frames of Bridge on a stack that never grew. first is how many of local's
+// bytes went with the dial (DialFirst).
+func (f *Forwarder) dial(ctx context.Context, local net.Conn) (conn net.Conn, first int, err error) {
 	type dialed struct {
-		conn net.Conn
-		err  error
+		conn  net.Conn
+		first int
+		err   error
 	}
 	ch := make(chan dialed, 1)
 	go func() {
 		var d dialed
 		if f.DialFirst != nil {
-			d.conn, d.err = f.DialFirst(ctx, "tcp", f.Target, readReady(local))
+			b := readReady(local)
+			d.first = len(b)
+			d.conn, d.err = f.DialFirst(ctx, "tcp", f.Target, b)
 		} else {
 			d.conn, d.err = f.Dial(ctx, "tcp", f.Target)
 		}
 		ch <- d
 	}()
 	d := <-ch
-	return d.conn, d.err
+	return d.conn, d.first, d.err
 }
 
 // readyBufs holds the buffers readReady reads into: what it returns is a copy

@@ -720,7 +720,10 @@ func (d *Dialer) Maintain(ctx context.Context, logf func(format string, args ...
 				return
 			}
 			wait := backoff/2 + rand.N(backoff) // jitter: 0.5–1.5 × backoff
-			logf("tp: reconnecting to %s failed: %v; next attempt in %s", d.quicAddr(), err, wait.Round(100*time.Millisecond))
+			// One sentence with the most telling cause; every attempt's own
+			// error (a carrier each, in auto) goes to the debug log.
+			d.logger().Debug("tp: reconnecting failed", "server", d.quicAddr(), "err", err.Error())
+			logf("tp: %s", retryLine(d.unreachable(err), wait.Round(100*time.Millisecond)))
 			select {
 			case <-time.After(wait):
 			case <-ctx.Done():

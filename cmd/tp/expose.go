@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"log/slog"
 	"net/url"
 	"strings"
 	"sync"
@@ -45,7 +44,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 			"  tp forward --udp 127.0.0.1:5353 dns.rev.tp.internal:53\n" +
 			"  tp expose blog 127.0.0.1:8080 --public-sni blog.example.org --tls-cert blog.crt --tls-key blog.key\n" +
 			"  tp expose --http blog http://127.0.0.1:8080                       # https://blog.<reverse zone>/ through TP's website",
-		Args: cobra.ExactArgs(2),
+		Args: positional("NAME", "LOCAL_ADDR"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if httpMode {
 				return exposeHTTP(cmd, stderr, args[0], args[1], proxyName, tunnels, h1Only, devicesOnly, exitOnRefusal)
@@ -73,7 +72,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			d, err := dialer(cmd.Context(), c, cfg)
+			d, err := dialer(cmd.Context(), c, cfg, stderr)
 			if err != nil {
 				return err
 			}
@@ -89,7 +88,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 				MaxSessions:   maxSessions,
 				Explain:       c.WhyRejected,
 				Certificate:   c.ReverseCertificate,
-				Logger:        slog.New(slog.NewTextHandler(stderr, nil)),
+				Logger:        logger(cfg, stderr),
 				Registered: func(full []string) {
 					mu.Lock()
 					names = names[:0]
@@ -155,7 +154,7 @@ func exposeHTTP(cmd *cobra.Command, stderr io.Writer, name, local, proxyName str
 	if err != nil {
 		return err
 	}
-	d, err := dialer(cmd.Context(), c, cfg)
+	d, err := dialer(cmd.Context(), c, cfg, stderr)
 	if err != nil {
 		return err
 	}
@@ -164,7 +163,7 @@ func exposeHTTP(cmd *cobra.Command, stderr io.Writer, name, local, proxyName str
 	x := &clients.HTTPExposer{
 		Server: d.Server, ProxyName: proxyName, TLSConfig: d.TLSConfig, Name: name, Local: u,
 		Tunnels: tunnels, H1Only: h1Only, DevicesOnly: devicesOnly, ExitOnRefusal: exitOnRefusal,
-		Logger: slog.New(slog.NewTextHandler(stderr, nil)),
+		Logger: logger(cfg, stderr),
 		Established: func(selected string) {
 			once.Do(func() {
 				fmt.Fprintf(stderr, "Serving %s as %s.<reverse zone> via %s (%s inside the tunnels, %s); Ctrl-C stops\n", local, name, d.Server, selected, version.Version)

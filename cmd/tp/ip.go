@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 
@@ -21,13 +20,13 @@ func ipCmd(stderr io.Writer) *cobra.Command {
 		Short: "Open an IP tunnel (CONNECT-IP) to the TP server: a tun device with the addresses and routes TP assigns (Linux, needs CAP_NET_ADMIN)",
 		Example: "  sudo tp ip --proxy-name proxy.example.org\n" +
 			"  ping 10.1.0.5          # a host in a prefix the policy grants this device",
-		Args: cobra.NoArgs,
+		Args: positional(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, cfg, err := open(cmd, stderr)
 			if err != nil {
 				return err
 			}
-			d, err := dialer(cmd.Context(), c, cfg)
+			d, err := dialer(cmd.Context(), c, cfg, stderr)
 			if err != nil {
 				return err
 			}
@@ -36,7 +35,7 @@ func ipCmd(stderr io.Writer) *cobra.Command {
 				host, _, _ := net.SplitHostPort(d.Server)
 				proxyName = host
 			}
-			log := slog.New(slog.NewTextHandler(stderr, nil))
+			log := logger(cfg, stderr)
 			t := &clients.IPTunnel{
 				Server: d.Server, ProxyName: proxyName, TLSConfig: d.TLSConfig, TunName: tunName, MTU: mtu, Logger: log,
 				Explain: c.WhyRejected, Transport: cfg.Transport,

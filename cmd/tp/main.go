@@ -35,7 +35,12 @@ func main() {
 		// not worth a line on every ssh and scp. The session was reset.
 		return
 	}
-	if err != nil {
+	var usage usageError
+	switch {
+	case errors.As(err, &usage):
+		fmt.Fprintln(os.Stderr, usage) // it names tp itself
+		os.Exit(1)
+	case err != nil:
 		fmt.Fprintln(os.Stderr, "tp:", err)
 		os.Exit(1)
 	}
@@ -47,6 +52,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		Short: "Connect through TP; as ssh's ProxyCommand: ssh -o ProxyCommand=\"tp %h %p\" HOST",
 		Long: "tp HOST PORT connects stdin and stdout to HOST:PORT through the TP server,\n" +
 			"for ssh's ProxyCommand. Run dlogin once first.",
+		Example: "  ssh -o ProxyCommand=\"tp %h %p\" alice@db.internal\n" +
+			"  tp ssh-config --write '*.internal'   # the same for every ssh to *.internal",
 		Args:          hostPortArgs,
 		SilenceUsage:  true,
 		SilenceErrors: true,
@@ -60,7 +67,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 				return fmt.Errorf("port %q must be a number from 1 to 65535", args[1])
 			}
 			target := net.JoinHostPort(args[0], strconv.Itoa(port))
-			d, err := dialer(cmd.Context(), c, cfg)
+			d, err := dialer(cmd.Context(), c, cfg, stderr)
 			if err != nil {
 				return err
 			}
@@ -83,13 +90,15 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	root.PersistentFlags().Duration("carrier-head-start", 0, "how long auto gives QUIC over UDP alone before it also tries the tls, ws and http carriers (0: 500ms; 2s when UDP worked on this network before) (env TP_CARRIER_HEAD_START)")
 	root.PersistentFlags().String("carrier-http-url", "", "the http carrier's URL when not https://SERVER/.well-known/tp-carrier/http: a CDN's, or tpd's plain-HTTP listener (http://HOST:PORT/.well-known/tp-carrier/http, through HTTP_PROXY as plain HTTP) (env TP_CARRIER_HTTP_URL)")
 	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
+	root.PersistentFlags().Bool("debug", false, "also print debug lines, such as every attempt's own error when the TP server cannot be reached (env TP_DEBUG)")
 	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), ipCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
-		Args:  cobra.NoArgs,
+		Args:  positional(),
 		Run:   func(*cobra.Command, []string) { fmt.Fprintln(stdout, "tp", version.Version) },
 	})
 	root.SuggestionsMinimumDistance = 2
+	root.SetFlagErrorFunc(flagError)
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
@@ -112,8 +121,7 @@ func hostPortArgs(cmd *cobra.Command, args []string) error {
 				names = append(names, c.Name())
 			}
 		}
-		return fmt.Errorf("tp takes HOST PORT, or a command (%s); got %d argument(s): %q; tp --help says more",
-			strings.Join(names, ", "), len(args), args)
+		return usageError(fmt.Sprintf("%s; or a command: %s (tp --help says more)", argsMessage(cmd, []string{"HOST", "PORT"}, args), strings.Join(names, ", ")))
 	}
 	return nil
 }
@@ -146,7 +154,7 @@ func open(cmd *cobra.Command, stderr io.Writer) (*clients.Client, config.Client,
 
 // dialer checks (and if needed renews) the certificate up front, so that a missing
 // or expired one is reported as such rather than as a failed handshake.
-func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients.Dialer, error) {
+func dialer(ctx context.Context, c *clients.Client, cfg config.Client, stderr io.Writer) (*clients.Dialer, error) {
 	lctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
 	if _, err := c.Certificate(lctx); err != nil {
@@ -162,29 +170,43 @@ func dialer(ctx context.Context, c *clients.Client, cfg config.Client) (*clients
 	d.CarrierHTTPURL = cfg.CarrierHTTPURL
 	d.CarrierHeadStart = cfg.CarrierHeadStart
 	d.Logf = c.Logf
+	d.Logger = logger(cfg, stderr)
 	return d, nil
+}
+
+// logger is the log of a long-running command (tp forward, expose, ip): text
+// lines on standard error, debug lines too with --debug.
+func logger(cfg config.Client, stderr io.Writer) *slog.Logger {
+	level := slog.LevelInfo
+	if cfg.Debug {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 }
 
 func forwardCmd(stderr io.Writer) *cobra.Command {
 	var udp, noMux, noTLSMux bool
 	var udpIdle time.Duration
 	cmd := &cobra.Command{
-		Use:   "forward LISTEN HOST:PORT",
+		Use:   "forward [--udp] LOCAL DEST",
 		Short: "Listen on a local TCP (or, with --udp, UDP) address and forward through TP",
+		Long: "tp forward listens on LOCAL (HOST:PORT on this machine) and carries each\n" +
+			"connection (with --udp, each flow of datagrams) through the TP server to DEST\n" +
+			"(HOST:PORT as the TP server reaches it).",
 		Example: "  tp forward 127.0.0.1:15432 db.internal:5432\n" +
 			"  psql -h 127.0.0.1 -p 15432\n" +
 			"  tp forward --udp 127.0.0.1:5353 dns.internal:53\n" +
 			"  dig -p 5353 @127.0.0.1 db.internal",
-		Args: cobra.ExactArgs(2),
+		Args: positional("LOCAL", "DEST"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, cfg, err := open(cmd, stderr)
 			if err != nil {
 				return err
 			}
 			if _, _, err := net.SplitHostPort(args[1]); err != nil {
-				return fmt.Errorf("destination %q must be HOST:PORT", args[1])
+				return fmt.Errorf("DEST %q must be HOST:PORT, e.g. db.internal:5432", args[1])
 			}
-			d, err := dialer(cmd.Context(), c, cfg)
+			d, err := dialer(cmd.Context(), c, cfg, stderr)
 			if err != nil {
 				return err
 			}
@@ -209,7 +231,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 					return conn, c.WhyRejected(ctx, err)
 				},
 				Target: args[1],
-				Logger: slog.New(slog.NewTextHandler(stderr, nil)),
+				Logger: logger(cfg, stderr),
 			}
 			err = f.Serve(cmd.Context(), ln)
 			if errors.Is(err, context.Canceled) || cmd.Context().Err() != nil {
@@ -243,7 +265,7 @@ func forwardUDP(ctx context.Context, c *clients.Client, d *clients.Dialer, liste
 		},
 		Target:      target,
 		IdleTimeout: idle,
-		Logger:      slog.New(slog.NewTextHandler(stderr, nil)),
+		Logger:      d.Logger,
 		QUICDropped: d.QUICDatagramsDropped,
 	}
 	err = f.Serve(ctx, pc)
@@ -263,7 +285,7 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 			"server confirms that: not when the device is revoked, the certificate is refused or\n" +
 			"expired, or the server cannot be asked. Without the device key it asks with the\n" +
 			"certificate's key, so the answer is still the server's.",
-		Args: cobra.NoArgs,
+		Args: positional(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, _, err := open(cmd, stderr)
 			if err != nil {

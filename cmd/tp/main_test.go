@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -25,8 +26,81 @@ func TestTypoedSubcommandIsNamed(t *testing.T) {
 	}
 	// Three words that resemble no command: say what tp takes.
 	err := run(context.Background(), []string{"a", "b", "c"}, nil, new(bytes.Buffer), new(bytes.Buffer))
-	if err == nil || !strings.Contains(err.Error(), "tp takes HOST PORT, or a command") {
+	if err == nil || !strings.Contains(err.Error(), `tp takes only HOST and PORT (got "c" after them): tp HOST PORT`) ||
+		!strings.Contains(err.Error(), "or a command: ") {
 		t.Errorf("tp a b c: %v", err)
+	}
+}
+
+// Every tp command with positional arguments says which are missing or extra
+// by name, with its usage line and an example. Bad input: too few or too many
+// arguments. tp once answered cobra's "accepts 2 arg(s), received 1" (forward,
+// expose) or "unknown command "x" for "tp whoami"" (the commands that take none).
+func TestArgumentsAreNamed(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"forward", "127.0.0.1:22960"}, []string{
+			`tp forward needs LOCAL and DEST (got only LOCAL "127.0.0.1:22960"): tp forward [--udp] LOCAL DEST, e.g. tp forward 127.0.0.1:15432 db.internal:5432`}},
+		{[]string{"forward"}, []string{`tp forward needs LOCAL and DEST (got none): tp forward [--udp] LOCAL DEST`}},
+		{[]string{"forward", "--udp", "a", "b", "c"}, []string{`tp forward takes only LOCAL and DEST (got "c" after them): tp forward [--udp] LOCAL DEST`}},
+		{[]string{"expose", "web"}, []string{
+			`tp expose needs NAME and LOCAL_ADDR (got only NAME "web"): tp expose NAME LOCAL_ADDR, e.g. tp expose laptop-ssh 127.0.0.1:22 --allow-user bob`}},
+		{[]string{"expose", "web", "127.0.0.1:80", "x", "y"}, []string{`tp expose takes only NAME and LOCAL_ADDR (got "x" and "y" after them)`}},
+		{[]string{"ip", "up"}, []string{`tp ip takes no arguments (got "up"): tp ip, e.g. sudo tp ip --proxy-name proxy.example.org`}},
+		{[]string{"whoami", "alice"}, []string{`tp whoami takes no arguments (got "alice"): tp whoami`}},
+		{[]string{"status", "alice"}, []string{`tp status takes no arguments (got "alice"): tp status`}},
+		{[]string{"version", "x"}, []string{`tp version takes no arguments (got "x"): tp version`}},
+		{[]string{"db.internal"}, []string{
+			`tp needs HOST and PORT (got only HOST "db.internal"): tp HOST PORT, e.g. ssh -o ProxyCommand="tp %h %p" alice@db.internal`,
+			"; or a command: ", "forward", "expose", "whoami"}},
+		{nil, []string{`tp needs HOST and PORT (got none): tp HOST PORT`}},
+	} {
+		err := run(context.Background(), tt.args, nil, new(bytes.Buffer), new(bytes.Buffer))
+		if err == nil {
+			t.Errorf("tp %s succeeded", strings.Join(tt.args, " "))
+			continue
+		}
+		for _, w := range tt.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("tp %s: %q\n  does not say %q", strings.Join(tt.args, " "), err, w)
+			}
+		}
+		if strings.Contains(err.Error(), "arg(s)") || strings.Contains(err.Error(), "unknown command") {
+			t.Errorf("tp %s still counts arguments or calls one a command: %q", strings.Join(tt.args, " "), err)
+		}
+		if !errors.As(err, new(usageError)) {
+			t.Errorf("tp %s: %q is not a usage error (main would print it after \"tp:\")", strings.Join(tt.args, " "), err)
+		}
+	}
+}
+
+// An unknown flag gets the command's flags it probably meant and a pointer to
+// the command's help. Bad input: misspelled flags, of the command and of tp
+// itself, and a long flag written with one dash. tp once said only "unknown
+// flag: --upd".
+func TestUnknownFlagSuggestsOne(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"forward", "--upd", "127.0.0.1:5353", "dns.internal:53"},
+			"unknown flag --upd for tp forward: did you mean --udp? (tp forward --help lists its flags)"},
+		{[]string{"--trasport", "tls", "db.internal", "22"},
+			"unknown flag --trasport for tp: did you mean --transport? (tp --help lists its flags)"},
+		{[]string{"forward", "--trasport", "tls", "a", "b"}, // inherited from tp
+			"unknown flag --trasport for tp forward: did you mean --transport? (tp forward --help lists its flags)"},
+		{[]string{"expose", "--allow-usr", "bob", "web", "127.0.0.1:80"},
+			"unknown flag --allow-usr for tp expose: did you mean --allow-user? (tp expose --help lists its flags)"},
+		{[]string{"forward", "-udp", "a", "b"},
+			"unknown flag -u in -udp for tp forward: did you mean --udp or --udp-idle? (tp forward --help lists its flags)"},
+		{[]string{"whoami", "--verbose"}, "unknown flag --verbose for tp whoami (tp whoami --help lists its flags)"},
+	} {
+		err := run(context.Background(), tt.args, nil, new(bytes.Buffer), new(bytes.Buffer))
+		if err == nil || err.Error() != tt.want {
+			t.Errorf("tp %s:\n  %v\nwant\n  %s", strings.Join(tt.args, " "), err, tt.want)
+		}
 	}
 }
 

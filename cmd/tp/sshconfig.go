@@ -34,6 +34,7 @@ func sshConfigCmd(stdout, stderr io.Writer) *cobra.Command {
 		Example: "  tp ssh-config '*.internal' db1.example.org\n" +
 			"  tp ssh-config --write '*.internal'\n" +
 			"  ssh alice@laptop-ssh.rev.tp.internal",
+		Args: cobra.ArbitraryArgs, // host patterns, none or many
 		RunE: func(cmd *cobra.Command, patterns []string) error {
 			exe, err := os.Executable()
 			if err != nil {

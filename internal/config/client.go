@@ -32,6 +32,9 @@ type Client struct {
 	CarrierHeadStart time.Duration `mapstructure:"carrier-head-start"`
 	// Quiet drops tp's progress lines ("Connecting to …"); errors still show.
 	Quiet bool `mapstructure:"quiet"`
+	// Debug adds tp's debug lines: every attempt's own error where the usual
+	// line gives only the most telling cause (a connection to the server).
+	Debug bool `mapstructure:"debug"`
 }
 
 // Validate checks the client configuration.
@@ -84,10 +87,11 @@ func LoadClient(fs *pflag.FlagSet) (Client, error) {
 	v.SetDefault("carrier-http-url", "")
 	v.SetDefault("carrier-head-start", time.Duration(0))
 	v.SetDefault("quiet", false)
+	v.SetDefault("debug", false)
 	v.SetEnvPrefix("TP")
 	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
 	v.AutomaticEnv()
-	for _, key := range []string{"home", "timeout", "transport", "carrier", "carrier-http-url", "carrier-head-start", "quiet"} {
+	for _, key := range []string{"home", "timeout", "transport", "carrier", "carrier-http-url", "carrier-head-start", "quiet", "debug"} {
 		if f := fs.Lookup(key); f != nil && f.Changed {
 			if err := v.BindPFlag(key, f); err != nil {
 				return Client{}, err

@@ -12,10 +12,12 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -347,6 +349,14 @@ func TestForwardIntegrity(t *testing.T) {
 // standard error, which is shown when the test fails.
 func startForward(t testing.TB, env []string, target string, flags ...string) (string, *testlog.Buffer) {
 	t.Helper()
+	_, addr, log := startForwardProc(t, env, target, flags...)
+	return addr, log
+}
+
+// startForwardProc is startForward that also returns the tp forward process,
+// for a test that signals it.
+func startForwardProc(t testing.TB, env []string, target string, flags ...string) (*exec.Cmd, string, *testlog.Buffer) {
+	t.Helper()
 	cmd := command(binary("tp"), append(append([]string{"forward"}, flags...), "127.0.0.1:0", target)...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
@@ -361,6 +371,7 @@ func startForward(t testing.TB, env []string, target string, flags ...string) (s
 		// Ctrl-C, as a person ends it: tp closes its connections, so that
 		// tpd's drain at the test's end does not wait on them (a killed
 		// tp's QUIC connection stays open at tpd until its idle timeout).
+		cmd.Process.Signal(syscall.SIGCONT) // in case the test stopped it
 		cmd.Process.Signal(os.Interrupt)
 		exited := make(chan struct{})
 		go func() { cmd.Wait(); close(exited) }()
@@ -392,9 +403,9 @@ func startForward(t testing.TB, env []string, target string, flags ...string) (s
 		if !ok {
 			t.Fatalf("tp forward exited:\n%s", log.String())
 		}
-		return a, log
+		return cmd, a, log
 	case <-time.After(60 * time.Second):
 		t.Fatalf("tp forward did not start:\n%s", log.String())
 	}
-	return "", nil
+	return nil, "", nil
 }

@@ -1,0 +1,82 @@
+package clients
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// A connection to the server that failed every way it was tried is one
+// sentence: the server and the most telling cause. Bad input: the joined
+// failures of the attempts (a carrier each, and TLS), as tp forward and tp
+// expose once printed them whole on every retry ("…over udp: context
+// canceled\nover tls: … dial tcp …: connect: connection refused\nover ws: …").
+func TestUnreachableNamesTheTellingCause(t *testing.T) {
+	t.Parallel()
+	_, refused := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(testnet.FreePort(t, "tcp"))) // nothing listens
+	if !errors.Is(refused, syscall.ECONNREFUSED) {
+		t.Fatalf("a dial to a free port: %v; want connection refused", refused)
+	}
+	canceled := fmt.Errorf("over udp: %w", context.Canceled)
+	tcp := func(err error) error {
+		return fmt.Errorf("over tls: connecting to TP server for the tls carrier: %w", err)
+	}
+	for _, tt := range []struct {
+		what    string
+		err     error
+		udpOnly bool
+		want    string
+	}{
+		{"nothing listens", errors.Join(canceled, tcp(refused), tcp(refused)), false,
+			"nothing listens there (TCP connection refused); is tpd running, and is this its address?"},
+		{"silence", errors.Join(fmt.Errorf("over udp: %w", context.DeadlineExceeded), fmt.Errorf("dial tcp: %w", context.DeadlineExceeded)), false,
+			"no answer within 30s: is it reachable from this network, and is this its address?"},
+		{"silence over UDP alone", fmt.Errorf("over udp: %w", &quic.HandshakeTimeoutError{}), true,
+			"no answer over UDP within 30s: is tpd running there, and does this network let UDP through (--transport tls avoids UDP)?"},
+		{"the device's certificate refused", errors.Join(canceled, &rejectedErr{errors.New("remote error: tls: bad certificate")}, tcp(refused)), false,
+			"it refused this device's certificate (tp whoami says why; dlogin gets a new one)"},
+		{"a server TP's CA did not certify", errors.Join(canceled, tcp(&tls.CertificateVerificationError{Err: x509.UnknownAuthorityError{}})), false,
+			"its certificate is not one this device trusts for it (x509: certificate signed by unknown authority): is this the TP server"},
+		{"a server that stops", errors.Join(&quic.TransportError{Remote: true, ErrorCode: quic.ConnectionRefused}, tcp(refused)), false,
+			"it refused the connection (it is stopping, or has too many handshakes under way)"},
+		{"a server that shuts down", &quic.ApplicationError{Remote: true, ErrorCode: wire.QUICShutdown}, false,
+			"it is shutting down or restarting"},
+		{"a name that does not resolve", tcp(&net.DNSError{Err: "no such host", Name: "tp.example.invalid", IsNotFound: true}), false,
+			"its name does not resolve (lookup tp.example.invalid: no such host)"},
+		{"anything else", errors.Join(errors.New("first"), errors.New("second")), false, "first; second"},
+	} {
+		got := reachCause(tt.err, 30*time.Second, tt.udpOnly)
+		if !strings.HasPrefix(got, tt.want) {
+			t.Errorf("%s: %q\n  want %q", tt.what, got, tt.want)
+		}
+		if strings.Contains(got, "dial tcp") || strings.Contains(got, "over udp") || strings.Contains(got, "\n") {
+			t.Errorf("%s: the cause repeats the raw errors: %q", tt.what, got)
+		}
+	}
+
+	d := &Dialer{Server: "127.0.0.1:4433"}
+	err := d.unreachable(errors.Join(canceled, tcp(refused)))
+	if !errors.Is(err, syscall.ECONNREFUSED) || !errors.Is(err, context.Canceled) {
+		t.Errorf("the attempts' errors are not kept for the debug log: %v", errors.Unwrap(err))
+	}
+	if got, want := retryLine(err, 1500*time.Millisecond), "cannot reach the TP server at 127.0.0.1:4433: nothing listens there (TCP connection refused); is tpd running, and is this its address? Next attempt in 1.5s."; got != want {
+		t.Errorf("retry line:\n  %s\nwant\n  %s", got, want)
+	}
+	shut := d.unreachable(&quic.ApplicationError{Remote: true, ErrorCode: wire.QUICShutdown})
+	if got, want := retryLine(shut, time.Second), "cannot reach the TP server at 127.0.0.1:4433: it is shutting down or restarting. Next attempt in 1s."; got != want {
+		t.Errorf("retry line:\n  %s\nwant\n  %s", got, want)
+	}
+}
