@@ -221,15 +221,15 @@ reason := concat("; ", sort(shown_denials)) if {
 	count(shown_denials) > 0
 } else := msg if {
 	denied
-	msg := sprintf("no policy rule allows %s to %s", [input.identity.device_id, asked])
+	msg := sprintf("no policy rule allows %s to %s", [input.identity.device_id, request_words])
 } else := "no policy rule allows this request" if {
 	denied
 }
 
-# asked says what the request asks, in the words of a reason: "dial db.internal
+# request_words says what the request asks, in the words of a reason: "dial db.internal
 # port 5432", "listen as game.rev.tp.internal", "expose game on public TCP port
 # 20005", "expose blog by TLS server name blog.example.org".
-asked := msg if {
+request_words := msg if {
 	input.action == "listen"
 	msg := sprintf("listen as %s", [input.destination.host])
 } else := msg if {

@@ -206,7 +206,6 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 		return herr
 	}
 	a.public, reqs = pub, append(reqs, preqs...)
-	ss.dest = "listen " + strings.Join(a.keys(), ",")
 	if qs, ok := conn.(*wire.QUICStream); ok {
 		a.open, a.openFlow = s.quicOpener(qs)
 	} else {
