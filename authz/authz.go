@@ -1,9 +1,12 @@
 package authz
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"net/netip"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -109,3 +112,32 @@ type Prechecker interface {
 
 // ErrPolicyDenied is wrapped by errors that report a policy denial.
 var ErrPolicyDenied = errors.New("denied by policy")
+
+// Asked says what r asks, for a person, in words that follow "allows alice@laptop
+// to": "dial db.internal:5432", "listen as game.rev.tp.internal", "expose game on
+// public TCP port 20005", "expose blog by TLS server name blog.example.org",
+// "serve wiki.rev.tp.internal over HTTP". A public exposure without a port says
+// "a public port": a port nobody asked for is not shown as port 0.
+func (r Request) Asked() string {
+	d := r.Destination
+	switch r.Action {
+	case ActionListen:
+		return "listen as " + d.Host
+	case ActionExposePublic:
+		what := "expose " + cmp.Or(d.Reverse, "a service")
+		switch {
+		case d.Host != "":
+			return what + " by TLS server name " + d.Host
+		case d.Port != 0 && d.Reverse == "": // a listen-tcp tunnel (proxy/revtunnel.go)
+			return "open public " + strings.ToUpper(cmp.Or(d.Network, "tcp")) + " port " + strconv.Itoa(d.Port)
+		case d.Port != 0:
+			return what + " on public " + strings.ToUpper(cmp.Or(d.Network, "tcp")) + " port " + strconv.Itoa(d.Port)
+		}
+		return what + " on a public port"
+	case ActionExposeHTTP:
+		return "serve " + d.Host + " over HTTP"
+	case ActionIP:
+		return "open an IP tunnel"
+	}
+	return r.Action + " " + hostPort(d)
+}

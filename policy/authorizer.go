@@ -90,7 +90,7 @@ func (p *Authorizer) decide(ctx context.Context, req authz.Request, input map[st
 		d.IP = grant
 	}
 	if !d.Allow && d.Reason == "" {
-		d.Reason = fmt.Sprintf("policy does not allow %s to %s %s", req.Identity, req.Action, hostPort(req.Destination))
+		d.Reason = fmt.Sprintf("policy does not allow %s to %s", req.Identity, req.Asked())
 	}
 	if l := p.Logger; l != nil && l.Enabled(ctx, slog.LevelDebug) {
 		l.LogAttrs(ctx, slog.LevelDebug, "policy decision",

@@ -221,14 +221,40 @@ reason := concat("; ", sort(shown_denials)) if {
 	count(shown_denials) > 0
 } else := msg if {
 	denied
-	msg := sprintf("no policy rule allows %s to %s %s port %v", [
-		input.identity.device_id,
-		input.action,
-		input.destination.host,
-		input.destination.port,
-	])
+	msg := sprintf("no policy rule allows %s to %s", [input.identity.device_id, request_words])
 } else := "no policy rule allows this request" if {
 	denied
+}
+
+# request_words says what the request asks, in the words of a reason: "dial db.internal
+# port 5432", "listen as game.rev.tp.internal", "expose game on public TCP port
+# 20005", "expose blog by TLS server name blog.example.org".
+request_words := msg if {
+	input.action == "listen"
+	msg := sprintf("listen as %s", [input.destination.host])
+} else := msg if {
+	input.action == "expose_public"
+	input.destination.host != ""
+	msg := sprintf("expose %s by TLS server name %s", [object.get(input.destination, "reverse", "a service"), input.destination.host])
+} else := msg if {
+	input.action == "expose_public"
+	input.destination.port != 0
+	input.destination.reverse
+	msg := sprintf("expose %s on public %s port %v", [input.destination.reverse, upper(input.destination.network), input.destination.port])
+} else := msg if {
+	input.action == "expose_public"
+	input.destination.port != 0
+	msg := sprintf("open public %s port %v", [upper(input.destination.network), input.destination.port])
+} else := msg if {
+	input.action == "expose_public"
+	msg := sprintf("expose %s on a public port", [object.get(input.destination, "reverse", "a service")])
+} else := msg if {
+	input.action == "expose_http"
+	msg := sprintf("serve %s over HTTP", [input.destination.host])
+} else := "open an IP tunnel" if {
+	input.action == "ip"
+} else := msg if {
+	msg := sprintf("%s %s port %v", [input.action, input.destination.host, input.destination.port])
 }
 
 # deny_reason collects explanations for a denial. This rule is never true; it is

@@ -212,3 +212,47 @@ allow if {
 		t.Fatalf("allowed device, internal address: %+v, %v", res, err)
 	}
 }
+
+// The default policy's reason for a reverse request no rule allows says what
+// was asked as authz.Request.Asked does (and as tpd's refusals then read). Bad
+// input: each kind of reverse request under the default policy, which allows
+// none. It once said "to listen game.rev.tp.internal port 0" and "to
+// expose_public  port 20005".
+func TestDefaultPolicyReasonSaysWhatWasAsked(t *testing.T) {
+	e := load(t, writePolicy(t, map[string]string{"tp.rego": policy.DefaultPolicy}))
+	id := authz.Identity{DeviceID: "alice@laptop", User: "alice", Device: "laptop"}
+	for _, tc := range []struct {
+		req  authz.Request
+		want string
+	}{
+		{authz.Request{Action: authz.ActionListen, Destination: authz.Destination{Host: "game.rev.tp.internal", Network: "tcp", Reverse: "game"}},
+			"listen as game.rev.tp.internal"},
+		{authz.Request{Action: authz.ActionExposePublic, Destination: authz.Destination{Network: "tcp", Reverse: "game", Port: 20005}},
+			"expose game on public TCP port 20005"},
+		{authz.Request{Action: authz.ActionExposePublic, Destination: authz.Destination{Network: "udp", Reverse: "game", Port: 27015}},
+			"expose game on public UDP port 27015"},
+		{authz.Request{Action: authz.ActionExposePublic, Destination: authz.Destination{Host: "blog.example.org", Network: "tcp", Reverse: "blog", Port: 443}},
+			"expose blog by TLS server name blog.example.org"},
+		{authz.Request{Action: authz.ActionExposePublic, Destination: authz.Destination{Network: "tcp", Port: 20005}}, // a listen-tcp tunnel
+			"open public TCP port 20005"},
+		{authz.Request{Action: authz.ActionExposePublic, Destination: authz.Destination{Network: "tcp", Reverse: "game"}},
+			"expose game on a public port"},
+		{authz.Request{Action: authz.ActionExposeHTTP, Destination: authz.Destination{Host: "wiki.rev.tp.internal", Network: "tcp", Reverse: "wiki"}},
+			"serve wiki.rev.tp.internal over HTTP"},
+	} {
+		tc.req.Identity = id
+		if got := tc.req.Asked(); got != tc.want {
+			t.Errorf("Asked() = %q; want %q", got, tc.want)
+		}
+		res, err := e.Eval(context.Background(), authz.Input(tc.req))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := "no policy rule allows alice@laptop to " + tc.want; res.Allow || res.Reason != want {
+			t.Errorf("%s: allow %v, reason %q; want a denial with %q", tc.req.Action, res.Allow, res.Reason, want)
+		}
+		if strings.Contains(res.Reason, "port 0") || strings.Contains(res.Reason, "  ") {
+			t.Errorf("reason %q shows a port or a host nobody asked for", res.Reason)
+		}
+	}
+}

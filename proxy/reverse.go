@@ -121,6 +121,16 @@ func (o ReverseOptions) withDefaults() ReverseOptions {
 	return o
 }
 
+// withAsked makes a policy's refusal name what was asked (authz.Request.Asked)
+// when its reason does not already: a policy's own reason ("public ports need
+// the ops group") says why, not which of the request's names and ports it was about.
+func withAsked(herr *wire.HelloError, asked string) *wire.HelloError {
+	if herr.Code != wire.CodePolicyDenied || strings.Contains(herr.Reason, asked) {
+		return herr
+	}
+	return &wire.HelloError{Code: herr.Code, Reason: "cannot " + asked + ": " + herr.Reason}
+}
+
 // errHandled tells ServeStream that a reverse operation owned the stream.
 var errHandled = &wire.HelloError{Code: "handled"}
 
@@ -157,6 +167,14 @@ func (s *Server) serveReverseOp(ctx context.Context, conn wire.Stream, cs tls.Co
 func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.ConnectionState, transport string, ss *session, hello wire.ClientHello) *wire.HelloError {
 	a := &reverseAgent{id: ss.id, transport: transport, ctl: conn, udp: map[string]bool{}}
 	reqs := make([]authz.Request, 0, len(hello.Names))
+	asked := make([]string, 0, len(hello.Names)+len(hello.Public)) // for the log and audit lines, also of a refusal
+	for _, n := range hello.Names {
+		asked = append(asked, n+"."+s.rev.opts.Zone)
+	}
+	for _, p := range hello.Public {
+		asked = append(asked, p.Key())
+	}
+	ss.dest = "listen " + strings.Join(asked, ",")
 	for _, n := range hello.Names {
 		full := n + "." + s.rev.opts.Zone
 		a.names = append(a.names, full)
@@ -172,7 +190,13 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 			Source:      authz.Source{Address: ss.remote, Transport: transport},
 			Time:        time.Now(),
 		}
-		if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to listen as "+full); herr != nil {
+		if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to "+req.Asked()); herr != nil {
+			// A name asked for publicly: the refusal says what the person asked.
+			for _, p := range hello.Public {
+				if p.Name == n {
+					return withAsked(herr, publicRequest(req, p).Asked())
+				}
+			}
 			return herr
 		}
 		reqs = append(reqs, req)
@@ -182,7 +206,6 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 		return herr
 	}
 	a.public, reqs = pub, append(reqs, preqs...)
-	ss.dest = "listen " + strings.Join(a.keys(), ",")
 	if qs, ok := conn.(*wire.QUICStream); ok {
 		a.open, a.openFlow = s.quicOpener(qs)
 	} else {

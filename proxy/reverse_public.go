@@ -50,12 +50,10 @@ func (s *Server) publicClaims(ctx context.Context, ss *session, hello wire.Clien
 	var reqs []authz.Request
 	for _, p := range hello.Public {
 		full := p.Name + "." + o.Zone
-		dest := authz.Destination{Network: p.Net, Reverse: p.Name}
 		if p.Port != 0 {
 			if o.PublicPorts == nil || !o.PublicPorts(p.Net, p.Port) {
 				return nil, nil, wire.Errorf(wire.CodePublicRefused, "this TP server does not open public %s port %d; its administrator lists the ports it may open in public-ports (tpd.yaml)", p.Net, p.Port)
 			}
-			dest.Port = p.Port
 		} else {
 			if p.SNI == o.Zone || strings.HasSuffix(p.SNI, "."+o.Zone) {
 				return nil, nil, wire.Errorf(wire.CodePublicRefused, "%s is under the reverse zone %s, whose names are reached through TP only", p.SNI, o.Zone)
@@ -66,22 +64,31 @@ func (s *Server) publicClaims(ctx context.Context, ss *session, hello wire.Clien
 			if err := o.PublicSNI(p.SNI); err != nil {
 				return nil, nil, wire.Errorf(wire.CodePublicRefused, "%v", err)
 			}
-			dest.Host, dest.Port = p.SNI, s.publicTCPPort()
 		}
-		req := authz.Request{
-			Action:      authz.ActionExposePublic,
-			Identity:    ss.id,
-			Destination: dest,
-			Source:      authz.Source{Address: ss.remote, Transport: transport},
-			Time:        time.Now(),
+		req := publicRequest(authz.Request{
+			Identity: ss.id,
+			Source:   authz.Source{Address: ss.remote, Transport: transport},
+			Time:     time.Now(),
+		}, p)
+		if p.SNI != "" {
+			req.Destination.Port = s.publicTCPPort()
 		}
-		if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to expose "+full+" as "+describeKey(p.Key())); herr != nil {
-			return nil, nil, herr
+		if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to "+req.Asked()); herr != nil {
+			return nil, nil, withAsked(herr, req.Asked())
 		}
 		claims = append(claims, publicClaim{PublicSpec: p, full: full})
 		reqs = append(reqs, req)
 	}
 	return claims, reqs, nil
+}
+
+// publicRequest is req as the expose_public request for p: the destination
+// the policy sees is the public port, or the server name (whose port
+// publicClaims fills in).
+func publicRequest(req authz.Request, p wire.PublicSpec) authz.Request {
+	req.Action = authz.ActionExposePublic
+	req.Destination = authz.Destination{Network: p.Net, Reverse: p.Name, Port: p.Port, Host: p.SNI}
+	return req
 }
 
 // publicTCPPort is the port of the server's (first) TCP listener: the port SNI

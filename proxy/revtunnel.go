@@ -379,7 +379,6 @@ func (s *Server) serveReverseTunnel(w http.ResponseWriter, r *http.Request, t *t
 		Source:      authz.Source{Address: r.RemoteAddr, Transport: transportOf(r)},
 		Time:        time.Now(),
 	}
-	what := "serve " + target.full + " over HTTP"
 	if target.port != 0 {
 		o := s.rev.opts
 		if o.PublicPorts == nil || !o.PublicPorts("tcp", target.port) {
@@ -387,11 +386,10 @@ func (s *Server) serveReverseTunnel(w http.ResponseWriter, r *http.Request, t *t
 		}
 		req.Action = authz.ActionExposePublic
 		req.Destination = authz.Destination{Network: "tcp", Port: target.port}
-		what = "expose public TCP port " + strconv.Itoa(target.port)
 	}
 	ss := &session{}
 	t.action = req.Action
-	derr := s.decide(r.Context(), ss, req, "no policy rule allows "+id.String()+" to "+what)
+	derr := s.decide(r.Context(), ss, req, "no policy rule allows "+id.String()+" to "+req.Asked())
 	t.revision = ss.audit.revision
 	if herr := derr; herr != nil {
 		t.decision = "deny"

@@ -365,20 +365,7 @@ func revokeCmd(stdout io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			what := res.Kind + " " + res.Value
-			if res.Device != "" {
-				what += " (of " + res.Device + ")"
-			}
-			switch {
-			case res.Removed:
-				fmt.Fprintf(stdout, "Removed %s from the deny list; it can connect again (if enrolled and allowed by policy).\n", what)
-			case res.Already:
-				fmt.Fprintf(stdout, "%s%s was already revoked (since %s); nothing changed, %d live session(s) were closed.\n",
-					strings.ToUpper(what[:1]), what[1:], when(res.Since), res.Closed)
-			default:
-				fmt.Fprintf(stdout, "Revoked %s: new connections are refused, and %d live session(s) were closed. The entry is kept in %s.\n",
-					what, res.Closed, cfg.DenyListFile())
-			}
+			fmt.Fprintln(stdout, res.Summary())
 			return nil
 		},
 	}

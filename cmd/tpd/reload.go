@@ -50,7 +50,7 @@ func reloadCmd(stdout io.Writer) *cobra.Command {
 				return err
 			}
 			if len(res.Changed) == 0 {
-				fmt.Fprintln(stdout, "Reloaded; no setting changed.")
+				fmt.Fprintln(stdout, "Reloaded; nothing changed in tpd.yaml.")
 			} else {
 				fmt.Fprintln(stdout, "Reloaded; changed:")
 				for _, c := range res.Changed {

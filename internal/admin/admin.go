@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -53,7 +54,87 @@ type RevokeResponse struct {
 	Already bool      `json:"already,omitempty"` // the entry was on the list before; nothing changed
 	Since   time.Time `json:"since,omitzero"`    // when the entry was put on the list
 	Device  string    `json:"device,omitempty"`  // for a serial: the device the certificate was issued to
-	Closed  int       `json:"closed"`            // live sessions closed at once
+	Closed  int       `json:"closed"`            // live sessions closed at once, on this instance
+	// KeptIn is where the deny list is stored: its file in the data dir, or
+	// "database" when tpd keeps its state in PostgreSQL (database: in
+	// tpd.yaml), which every instance on it reads.
+	KeptIn string `json:"kept_in,omitempty"`
+	// OtherInstances names the other instances on the same database with a
+	// current heartbeat: each hears of the change from the database and
+	// re-checks its own live sessions within seconds (Closed does not count
+	// them). Empty when there are none; nil when there is no database or it
+	// could not be read.
+	OtherInstances []string `json:"other_instances"`
+}
+
+// KeptInDatabase is RevokeResponse.KeptIn for a deny list in PostgreSQL.
+const KeptInDatabase = "database"
+
+// Summary is what `tpd revoke` prints about res: what changed, the live
+// sessions closed, here and (with a database) on the other instances, and
+// where the entry is kept.
+func (res RevokeResponse) Summary() string {
+	what := res.Kind + " " + res.Value
+	if res.Device != "" {
+		what += " (of " + res.Device + ")"
+	}
+	shared := res.KeptIn == KeptInDatabase
+	everywhere := ""
+	if shared {
+		everywhere = " on every instance"
+	}
+	switch {
+	case res.Removed:
+		return fmt.Sprintf("Removed %s from the deny list%s; it can connect again (if enrolled and allowed by policy).", what, everywhere)
+	case res.Already:
+		// The other instances had the entry already: nothing tells them to re-check.
+		return fmt.Sprintf("%s%s was already revoked (since %s); nothing changed, %s.",
+			strings.ToUpper(what[:1]), what[1:], when(res.Since), res.closedText(false))
+	}
+	msg := fmt.Sprintf("Revoked %s: new connections are refused%s, and %s.", what, everywhere, res.closedText(true))
+	switch {
+	case shared:
+		msg += " The entry is kept in the database (database: in tpd.yaml), which every instance reads."
+	case res.KeptIn != "":
+		msg += " The entry is kept in " + res.KeptIn + "."
+	}
+	return msg
+}
+
+// closedText says which live sessions the revocation closed, and with others
+// which the other instances close.
+func (res RevokeResponse) closedText(others bool) string {
+	here := ""
+	if res.KeptIn == KeptInDatabase {
+		here = " on this instance"
+	}
+	sessions := fmt.Sprintf("%d live sessions%s were closed", res.Closed, here)
+	if res.Closed == 1 {
+		sessions = "1 live session" + here + " was closed"
+	}
+	if here == "" || !others {
+		return sessions
+	}
+	switch n := len(res.OtherInstances); {
+	case res.OtherInstances == nil:
+		return sessions + "; the other instances close theirs within seconds"
+	case n == 0:
+		return sessions + " (no other instance is running)"
+	case n == 1:
+		return sessions + "; the other instance, " + res.OtherInstances[0] + ", closes its own within seconds"
+	case n <= 5:
+		return fmt.Sprintf("%s; the %d other instances (%s) close theirs within seconds", sessions, n, strings.Join(res.OtherInstances, ", "))
+	default:
+		return fmt.Sprintf("%s; the %d other instances (%s and %d more) close theirs within seconds", sessions, n, strings.Join(res.OtherInstances[:4], ", "), n-4)
+	}
+}
+
+// when prints a time for people, or "unknown" for entries that recorded none.
+func when(t time.Time) string {
+	if t.IsZero() {
+		return "unknown"
+	}
+	return t.Local().Format(time.DateTime)
 }
 
 // DenyEntry is one entry of the deny list.

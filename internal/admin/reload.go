@@ -8,8 +8,10 @@ import (
 
 // ReloadResponse says what a reload of tpd.yaml put in force.
 type ReloadResponse struct {
-	// Changed lists each setting whose value changed, as "key: old → new"
-	// (sites and lists in short), in the order of tpd.yaml's keys.
+	// Changed lists each setting whose value changed, in the order of
+	// tpd.yaml's keys and in its spelling: "hello-timeout: 10s → 3s",
+	// "public-ports: \"\" → 20000-20100", one line per site added, removed or
+	// changed ("sites: added {name: www.example.org, root: /srv/www}").
 	Changed []string `json:"changed"`
 	// PolicyRevision is the policy in force after the reload.
 	PolicyRevision string `json:"policy_revision"`

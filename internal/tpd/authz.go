@@ -185,7 +185,7 @@ func (d *Daemon) checkRevocable(k authz.DenyKind, v string) (device string, err 
 // live sessions were closed. A user, device or serial tpd does not know, or the
 // removal of an entry that is not on the list, is an error and changes nothing.
 // It implements admin.Revoker.
-func (d *Daemon) Revoke(ctx context.Context, kind, value string, remove bool) (admin.RevokeResponse, error) {
+func (d *Daemon) Revoke(ctx context.Context, kind, value string, remove bool) (res admin.RevokeResponse, err error) {
 	k, v, err := parseDenyEntry(kind, value)
 	if err != nil {
 		return admin.RevokeResponse{}, err
@@ -196,7 +196,15 @@ func (d *Daemon) Revoke(ctx context.Context, kind, value string, remove bool) (a
 			return admin.RevokeResponse{}, err
 		}
 	}
-	res := admin.RevokeResponse{Kind: kind, Value: v, Removed: remove, Device: device}
+	res = admin.RevokeResponse{Kind: kind, Value: v, Removed: remove, Device: device, KeptIn: d.cfg.DenyListFile()}
+	if d.db != nil {
+		res.KeptIn = admin.KeptInDatabase
+		defer func() { // the others re-check their sessions when the database tells them
+			if err == nil {
+				res.OtherInstances = d.otherInstances(ctx)
+			}
+		}()
+	}
 	key := denyKey(k, v)
 	d.denyMu.Lock()
 	dl := d.authz.DenyList

@@ -65,3 +65,20 @@ func (d *Daemon) instances(ctx context.Context) ([]admin.Instance, string) {
 	}
 	return out, ""
 }
+
+// otherInstances names the other instances on the database with a current
+// heartbeat (draining ones too: they still hold sessions), for a revocation to
+// say who else ends the revoked sessions; nil when the list cannot be read.
+func (d *Daemon) otherInstances(ctx context.Context) []string {
+	all, why := d.instances(ctx)
+	if why != "" || all == nil {
+		return nil
+	}
+	others := []string{}
+	for _, i := range all {
+		if !i.Self && !i.Stale {
+			others = append(others, i.Name)
+		}
+	}
+	return others
+}

@@ -7,8 +7,10 @@ import (
 	"log/slog"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/tp-proxy/tp/internal/admin"
 	"github.com/tp-proxy/tp/internal/config"
@@ -66,7 +68,7 @@ func (d *Daemon) Reload(ctx context.Context) (admin.ReloadResponse, error) {
 		return res, err
 	}
 	if len(res.Changed) == 0 {
-		d.log.Info("configuration reloaded; no setting changed", "policy_revision", res.PolicyRevision)
+		d.log.Info("configuration reloaded; nothing changed in tpd.yaml", "policy_revision", res.PolicyRevision)
 	} else {
 		d.log.Info("configuration reloaded", "changed", strings.Join(res.Changed, "; "), "policy_revision", res.PolicyRevision)
 	}
@@ -142,40 +144,144 @@ func (d *Daemon) reload(ctx context.Context) (admin.ReloadResponse, error) {
 	return admin.ReloadResponse{Changed: changed, PolicyRevision: d.policy.Revision()}, nil
 }
 
-// diffConfig compares two configurations key by key (their tpd.yaml names):
-// changed describes each change, restart names the changed keys a running tpd
-// cannot take.
+// diffConfig compares two configurations key by key (their tpd.yaml names, in
+// its order): changed describes each live setting whose value changed, in the
+// form tpd.yaml takes ("hello-timeout: 10s → 3s"); restart names the changed
+// keys a running tpd cannot take. An empty list and no list are the same value
+// (a tpd.yaml written at the first start says "sites: []" where the defaults had
+// none).
 func diffConfig(cur, next config.Server) (changed, restart []string) {
-	cv, nv := reflect.ValueOf(cur), reflect.ValueOf(next)
-	t := cv.Type()
-	for i := range t.NumField() {
-		key, _, _ := strings.Cut(t.Field(i).Tag.Get("mapstructure"), ",")
-		if key == "" || key == "-" {
-			continue
-		}
-		a, b := cv.Field(i).Interface(), nv.Field(i).Interface()
-		if reflect.DeepEqual(a, b) {
-			continue
-		}
-		if !slices.Contains(liveKeys, key) {
-			restart = append(restart, key)
-			continue
-		}
-		changed = append(changed, fmt.Sprintf("%s: %s → %s", key, short(a), short(b)))
-	}
+	diffFields(reflect.ValueOf(cur), reflect.ValueOf(next), &changed, &restart)
 	return changed, restart
 }
 
-// short renders a setting's value for a change line.
-func short(v any) string {
-	s := fmt.Sprint(v)
-	if s == "" {
-		return `""`
+func diffFields(cv, nv reflect.Value, changed, restart *[]string) {
+	t := cv.Type()
+	for i := range t.NumField() {
+		key, opt, _ := strings.Cut(t.Field(i).Tag.Get("mapstructure"), ",")
+		a, b := cv.Field(i), nv.Field(i)
+		if opt == "squash" { // an embedded group of keys (ip-tunnel and the ip-* keys)
+			diffFields(a, b, changed, restart)
+			continue
+		}
+		if key == "" || key == "-" || sameValue(a, b) {
+			continue
+		}
+		switch {
+		case !slices.Contains(liveKeys, key):
+			*restart = append(*restart, key)
+		case key == "sites":
+			*changed = append(*changed, diffSites(a.Interface().([]config.Site), b.Interface().([]config.Site))...)
+		default:
+			*changed = append(*changed, fmt.Sprintf("%s: %s → %s", key, yamlValue(a), yamlValue(b)))
+		}
 	}
-	if len(s) > 80 {
-		s = s[:77] + "..."
+}
+
+func sameValue(a, b reflect.Value) bool {
+	if a.Kind() == reflect.Slice && a.Len() == 0 && b.Len() == 0 {
+		return true
+	}
+	return reflect.DeepEqual(a.Interface(), b.Interface())
+}
+
+// diffSites says which sites a reload adds, removes or changes (by name), one
+// line each, or that only their order changed.
+func diffSites(cur, next []config.Site) []string {
+	var out []string
+	old := map[string]config.Site{}
+	for _, s := range cur {
+		old[s.Name] = s
+	}
+	kept := map[string]bool{}
+	for _, s := range next {
+		kept[s.Name] = true
+		switch o, ok := old[s.Name]; {
+		case !ok:
+			out = append(out, "sites: added "+yamlValue(reflect.ValueOf(s)))
+		case o != s:
+			out = append(out, fmt.Sprintf("sites: %s → %s", yamlValue(reflect.ValueOf(o)), yamlValue(reflect.ValueOf(s))))
+		}
+	}
+	for _, s := range cur {
+		if !kept[s.Name] {
+			out = append(out, "sites: removed "+yamlValue(reflect.ValueOf(s)))
+		}
+	}
+	if len(out) == 0 {
+		out = append(out, fmt.Sprintf("sites: order %s → %s", yamlValue(reflect.ValueOf(config.Server{Sites: cur}.SiteNames())),
+			yamlValue(reflect.ValueOf(config.Server{Sites: next}.SiteNames()))))
+	}
+	return out
+}
+
+// yamlValue renders a setting's value as tpd.yaml writes it: scalars plain
+// (quoted where YAML needs it), durations as 10s or 1m, lists as [a, b], a site
+// as {name: www.example.org, root: /srv/www} (the keys it sets).
+func yamlValue(v reflect.Value) string {
+	if d, ok := v.Interface().(time.Duration); ok {
+		return yamlDuration(d)
+	}
+	switch v.Kind() {
+	case reflect.String:
+		return yamlString(v.String())
+	case reflect.Bool:
+		return strconv.FormatBool(v.Bool())
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		return strconv.FormatInt(v.Int(), 10)
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return strconv.FormatUint(v.Uint(), 10)
+	case reflect.Float32, reflect.Float64:
+		return strconv.FormatFloat(v.Float(), 'g', -1, 64)
+	case reflect.Slice:
+		items := make([]string, v.Len())
+		for i := range items {
+			items[i] = yamlValue(v.Index(i))
+		}
+		return "[" + strings.Join(items, ", ") + "]"
+	case reflect.Struct:
+		var fields []string
+		for i := range v.NumField() {
+			key, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("mapstructure"), ",")
+			if key != "" && key != "-" && !v.Field(i).IsZero() {
+				fields = append(fields, key+": "+yamlValue(v.Field(i)))
+			}
+		}
+		return "{" + strings.Join(fields, ", ") + "}"
+	}
+	return fmt.Sprint(v.Interface()) // not reached: config.Server has no other kinds
+}
+
+// yamlDuration is d as tpd.yaml spells it: 1m, not 1m0s.
+func yamlDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
 	}
 	return s
+}
+
+// yamlString is s plain where YAML reads it back as the same string, else
+// double-quoted.
+func yamlString(s string) string {
+	plain := s != "" && strings.TrimSpace(s) == s && !strings.ContainsAny(s[:1], "-?:,[]{}#&*!|>'\"%@`") &&
+		!strings.Contains(s, ": ") && !strings.Contains(s, " #") && !strings.HasSuffix(s, ":")
+	for _, r := range s {
+		if r < ' ' || r == 0x7f {
+			plain = false
+		}
+	}
+	switch strings.ToLower(s) {
+	case "true", "false", "yes", "no", "on", "off", "null", "~", "y", "n":
+		plain = false
+	}
+	if plain {
+		return s
+	}
+	return strconv.Quote(s)
 }
 
 func plural(n int, one, many string) string {

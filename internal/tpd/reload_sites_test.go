@@ -144,8 +144,12 @@ func TestReloadSitesLive(t *testing.T) {
 	if err != nil {
 		t.Fatalf("reload adding blog.test and removing app.test: %v", err)
 	}
-	if ch := strings.Join(res.Changed, "\n"); !strings.Contains(ch, "sites:") {
-		t.Errorf("changes %q do not name sites", ch)
+	// Each site once, as tpd.yaml spells it; www.test, unchanged, not at all
+	// (the whole list was once printed as Go structs: "sites: [{www.test …} …] → …").
+	want := []string{"sites: added {name: blog.test, root: " + next.Sites[1].Root + "}",
+		"sites: removed {name: app.test, upstream: " + base.Sites[1].Upstream + "}"}
+	if !slices.Equal(res.Changed, want) || base.Sites[1].Name != "app.test" {
+		t.Errorf("changes %q; want %q", res.Changed, want)
 	}
 	leaf := s.waitSiteCert(t, "blog.test") // verified against TP's root
 	if !slices.Contains(leaf.DNSNames, "blog.test") {

@@ -13,7 +13,9 @@ import (
 )
 
 // Reload in-process. Bad inputs: a configuration that changes settings only a
-// restart can change (names, quic, http-listen), and one that does not validate. Both
+// restart can change (names, quic, http-listen, ip-hook-timeout: the ip-* keys
+// were once not compared at all, so a reload said nothing changed and applied
+// nothing), and one that does not validate. Both
 // are refused, the first naming each such key, and nothing is applied; a good
 // one applies its limits, public ports, shutdown-timeout and log level at once
 // and says what changed.
@@ -27,12 +29,13 @@ func TestReloadAppliesOrRefusesWhole(t *testing.T) {
 	next.Names = append(next.Names, "tp.example.org")
 	next.QUIC = false
 	next.HTTPListen = "127.0.0.1:0"
+	next.IPHookTimeout += time.Second
 	next.MaxConns = 7
 	_, err := d.Reload(context.Background())
 	if err == nil {
-		t.Fatal("a reload that changes names, quic and http-listen was applied")
+		t.Fatal("a reload that changes names, quic, http-listen and ip-hook-timeout was applied")
 	}
-	for _, want := range []string{"needs a restart", "names", "quic", "http-listen"} {
+	for _, want := range []string{"needs a restart", "names", "quic", "http-listen", "ip-hook-timeout"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("refusal %q does not say %q", err, want)
 		}
@@ -67,7 +70,7 @@ func TestReloadAppliesOrRefusesWhole(t *testing.T) {
 		t.Errorf("log level %s after the reload, want debug", level.Level())
 	}
 	joined := strings.Join(res.Changed, "\n")
-	for _, want := range []string{"max-conns: 10000 → 7", "hello-timeout: 10s → 3s", `public-ports: "" → 20000-20010`, "shutdown-timeout: 1m0s → 2s", "log-level: info → debug"} {
+	for _, want := range []string{"max-conns: 10000 → 7", "hello-timeout: 10s → 3s", `public-ports: "" → 20000-20010`, "shutdown-timeout: 1m → 2s", "log-level: info → debug"} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("changes %q do not include %q", joined, want)
 		}

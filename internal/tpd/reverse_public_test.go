@@ -175,7 +175,7 @@ func TestReversePublicTCP(t *testing.T) {
 	_, err := runAgent(t, alice, clients.TransportTLS, game(outside), nil)
 	wantRefused(t, err, wire.CodePublicRefused, "public-ports")
 	_, err = runAgent(t, alice, clients.TransportTLS, game(denied), nil)
-	wantRefused(t, err, wire.CodePolicyDenied, "expose_public")
+	wantRefused(t, err, wire.CodePolicyDenied, fmt.Sprintf("to expose game on public TCP port %d", denied))
 
 	// The agent drops off without unregistering: the port stays alice's for the
 	// grace period (connections are reset, mallory is refused), then closes.
