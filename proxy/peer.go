@@ -324,7 +324,7 @@ func (s *Server) servePeer(ctx context.Context, conn *tls.Conn) {
 		peer, _ = authz.NodeName(cs.PeerCertificates[0])
 	}
 	_ = conn.SetReadDeadline(time.Now().Add(peerOpenWait))
-	stopDrain := context.AfterFunc(s.draining, func() { _ = conn.SetReadDeadline(time.Now()) })
+	stopDrain := s.cutReadOnDrain(conn)
 	op, err := wire.ReadPeerOpen(conn)
 	stopDrain()
 	if err != nil {

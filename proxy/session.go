@@ -266,13 +266,34 @@ func (s *Server) authenticate(cs tls.ConnectionState, ss *session) *wire.HelloEr
 	return nil
 }
 
+// cutReadOnDrain makes a read that waits for a request (a hello, a peer's
+// open) end when Shutdown begins, by setting conn's read deadline to now. The
+// stop it returns undoes that and, when the drain has already begun to set the
+// deadline, waits until it has: the caller then clears or replaces the deadline
+// knowing that no late "now" from the drain follows. Without the wait, a
+// request read just as the drain began could keep that deadline and see its
+// session's first read fail ("deadline exceeded") and the client its stream
+// reset, instead of being served or refused.
+func (s *Server) cutReadOnDrain(conn interface{ SetReadDeadline(time.Time) error }) (stop func()) {
+	done := make(chan struct{})
+	stopHook := context.AfterFunc(s.draining, func() {
+		defer close(done)
+		_ = conn.SetReadDeadline(time.Now())
+	})
+	return func() {
+		if !stopHook() {
+			<-done
+		}
+	}
+}
+
 // readHello reads the client hello within HelloTimeout, or returns the refusal
 // to send.
 func (s *Server) readHello(conn wire.Stream, ss *session) (wire.ClientHello, *wire.HelloError) {
 	_ = conn.SetReadDeadline(time.Now().Add(s.lim().HelloTimeout))
 	// A connection that has sent no hello when Shutdown begins (a client's spare
 	// connection, say) holds no session: it must not hold up the drain.
-	stopDrain := context.AfterFunc(s.draining, func() { _ = conn.SetReadDeadline(time.Now()) })
+	stopDrain := s.cutReadOnDrain(conn)
 	hello, err := wire.ReadClientHello(conn)
 	stopDrain()
 	if err != nil {
