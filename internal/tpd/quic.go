@@ -23,6 +23,11 @@ import (
 // --listen HOST:0 the port is known only from ln), for QUIC beside TLS. It returns
 // a plain *net.UDPConn so quic-go keeps GSO, batched reads and ECN.
 func listenQUIC(ln net.Listener) (*net.UDPConn, error) {
+	if r, ok := ln.(*reservedUDP); ok {
+		if u := r.takeUDP(); u != nil {
+			return u, nil
+		}
+	}
 	tcp, ok := ln.Addr().(*net.TCPAddr)
 	if !ok {
 		return nil, fmt.Errorf("QUIC needs a TCP listener to share its port, not %s; set quic: false", ln.Addr().Network())
