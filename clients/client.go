@@ -213,6 +213,15 @@ func (c *Client) WhyRejected(ctx context.Context, err error) error {
 	return err
 }
 
+// renewable says why this device cannot renew its certificate (nor log in
+// with dlogin): its device key is missing; nil when it can.
+func (c *Client) renewable() error {
+	if _, err := c.Home.DeviceKey(); errors.Is(err, ErrNoDeviceKey) {
+		return err
+	}
+	return nil
+}
+
 // Dialer returns a Dialer for the profile's server whose client certificate is
 // kept fresh by c.
 func (c *Client) Dialer() (*Dialer, error) {
@@ -229,6 +238,7 @@ func (c *Client) Dialer() (*Dialer, error) {
 		Cache:       c.Home.TransportCache(),
 		device:      c.Profile.DeviceID,
 		whyRejected: c.WhyRejected,
+		renewable:   c.renewable,
 		TLSConfig: &tls.Config{
 			RootCAs: pool,
 			// Resume TLS sessions (to tpd, and end to end to agents) with tickets kept

@@ -72,6 +72,14 @@ type CutError struct {
 
 func (e *CutError) Unwrap() error { return e.Err }
 
+// dialer is the Dialer of the cut session, or nil.
+func (e *CutError) dialer() *Dialer {
+	if e.t == nil {
+		return nil
+	}
+	return e.t.d
+}
+
 func (e *CutError) Error() string {
 	if e.End != nil {
 		who := "the TP server"
@@ -95,7 +103,7 @@ func (e *CutError) Error() string {
 	}
 	msg := "the session through TP was cut off before its end: " + explainQUICErr(e.Err).Error()
 	if coded {
-		msg = fmt.Sprintf("the session was cut off by the TP server (%s): %s", wire.EndName(code), resetText(code, ""))
+		msg = fmt.Sprintf("the session was cut off by the TP server (%s): %s", wire.EndName(code), resetText(code, e.dialer()))
 	}
 	if e.why != nil {
 		msg += " (asking the TP server why failed: " + e.why.Error() + ")"
@@ -117,18 +125,19 @@ func cutCode(err error) (quic.ApplicationErrorCode, bool) {
 	return 0, false
 }
 
-// resetText says what a cut's code means, for people; device names this
-// device (user@device) when known.
-func resetText(code quic.ApplicationErrorCode, device string) string {
+// resetText says what a cut's code means, for people; d, when not nil, is
+// the Dialer of the session, which names this device (user@device) and knows
+// whether its certificate can be renewed.
+func resetText(code quic.ApplicationErrorCode, d *Dialer) string {
 	switch wire.EndName(code) {
 	case wire.EndShutdown:
 		return "the TP server is shutting down; reconnect"
 	case wire.EndCertExpired:
-		return "the client certificate expired; tp renews it on the next connection, or run dlogin"
+		return "the client certificate expired; " + d.expiredAdvice()
 	case wire.EndRevoked:
 		this := "this device"
-		if device != "" {
-			this += " (" + device + ")"
+		if d != nil && d.device != "" {
+			this += " (" + d.device + ")"
 		}
 		return this + ", its user or its certificate was revoked on the TP server; ask your TP administrator"
 	case wire.EndPolicyChanged:
@@ -150,10 +159,7 @@ func (e *CutError) Explain(ctx context.Context) {
 	if e.End != nil || e.why != nil {
 		return
 	}
-	var d *Dialer
-	if e.t != nil {
-		d = e.t.d
-	}
+	d := e.dialer()
 	code, coded := cutCode(e.Err)
 	if coded && (code == wire.QUICShutdown || code == wire.QUICRevoked) {
 		e.End = codeEnd(code, d)
@@ -172,7 +178,7 @@ func (e *CutError) Explain(ctx context.Context) {
 		// The server refuses an expired certificate, so it cannot be asked; but
 		// then the expiry is the answer.
 		e.End = &wire.SessionEnd{Code: wire.EndCertExpired, By: "server",
-			Reason: "the client certificate expired at " + na.UTC().Format(time.RFC3339) + "; tp renews it on the next connection, or run dlogin"}
+			Reason: "the client certificate expired at " + na.UTC().Format(time.RFC3339) + "; " + d.expiredAdvice()}
 		return
 	}
 	if coded && code != wire.QUICPeerReset && code != wire.QUICInternal {
@@ -195,11 +201,20 @@ func (e *CutError) Explain(ctx context.Context) {
 // codeEnd is the end a cut's code stands for, when the server was not (or
 // could not be) asked.
 func codeEnd(code quic.ApplicationErrorCode, d *Dialer) *wire.SessionEnd {
-	device := ""
-	if d != nil {
-		device = d.device
+	return &wire.SessionEnd{Code: wire.EndName(code), By: "server", Reason: resetText(code, d)}
+}
+
+// expiredAdvice says what to do about an expired client certificate: tp
+// renews it with the device key, or dlogin gets a new one; a device without
+// its key can do neither and must be enrolled again (Client.Dialer sets
+// renewable). d may be nil.
+func (d *Dialer) expiredAdvice() string {
+	if d != nil && d.renewable != nil {
+		if err := d.renewable(); err != nil {
+			return err.Error()
+		}
 	}
-	return &wire.SessionEnd{Code: wire.EndName(code), By: "server", Reason: resetText(code, device)}
+	return "tp renews it on the next connection, or run dlogin"
 }
 
 // certNotAfter is the expiry of the Dialer's fixed client certificate, if it has one.

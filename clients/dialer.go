@@ -142,6 +142,10 @@ type Dialer struct {
 	// refused this device's certificate.
 	device      string
 	whyRejected func(context.Context, error) error
+	// renewable, set by Client.Dialer, says why an expired certificate cannot
+	// be renewed (the device key is missing), or nil when it can be
+	// (expiredAdvice).
+	renewable func() error
 }
 
 // RefusedError is the server's refusal of a dial, or the refusal of a

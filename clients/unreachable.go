@@ -47,7 +47,7 @@ func (d *Dialer) unreachable(err error) error {
 		timeout = DefaultDialTimeout
 	}
 	udpOnly := d.mode() == TransportQUIC && (d.Carrier == "" || d.Carrier == wire.CarrierUDP) && len(d.FallbackCarriers) == 0
-	return &UnreachableError{Server: d.Server, Cause: reachCause(err, timeout, udpOnly), Err: err}
+	return &UnreachableError{Server: d.Server, Cause: reachCause(err, timeout, udpOnly, d.expiredAdvice()), Err: err}
 }
 
 // reachCause is the most telling of the causes joined in err, the failures of
@@ -55,8 +55,9 @@ func (d *Dialer) unreachable(err error) error {
 // the certificate, it is stopping) before a refusal of the TCP connection
 // (nothing listens), that before silence (a timeout), which is also what an
 // attempt over UDP meets when nothing listens. timeout is the bound of an
-// attempt; udpOnly says that no attempt went over TCP.
-func reachCause(err error, timeout time.Duration, udpOnly bool) string {
+// attempt; udpOnly says that no attempt went over TCP; expired is what to do
+// about an expired client certificate (Dialer.expiredAdvice).
+func reachCause(err error, timeout time.Duration, udpOnly bool, expired string) string {
 	var ae *quic.ApplicationError
 	var te *quic.TransportError
 	var verify *tls.CertificateVerificationError
@@ -71,7 +72,7 @@ func reachCause(err error, timeout time.Duration, udpOnly bool) string {
 	case errors.Is(err, ErrCertificateRejected):
 		return "it refused this device's certificate (tp whoami says why; dlogin gets a new one)"
 	case remoteApp(wire.QUICCertExpired):
-		return "it refused the expired client certificate (tp renews it on the next connection, or run dlogin)"
+		return "it refused the expired client certificate (" + expired + ")"
 	case errors.As(err, &verify), errors.As(err, &unknownCA), errors.As(err, &wrongName):
 		return fmt.Sprintf("its certificate is not one this device trusts for it (%s): is this the TP server, or was it set up anew (then enroll again with dlogin)?", certProblem(err))
 	case remoteApp(wire.QUICShutdown):

@@ -58,7 +58,7 @@ func TestUnreachableNamesTheTellingCause(t *testing.T) {
 			"its name does not resolve (lookup tp.example.invalid: no such host)"},
 		{"anything else", errors.Join(errors.New("first"), errors.New("second")), false, "first; second"},
 	} {
-		got := reachCause(tt.err, 30*time.Second, tt.udpOnly)
+		got := reachCause(tt.err, 30*time.Second, tt.udpOnly, (*Dialer)(nil).expiredAdvice())
 		if !strings.HasPrefix(got, tt.want) {
 			t.Errorf("%s: %q\n  want %q", tt.what, got, tt.want)
 		}

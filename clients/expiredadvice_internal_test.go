@@ -1,0 +1,70 @@
+package clients
+
+import (
+	"crypto/ecdsa"
+	"crypto/x509"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// A session cut because the client certificate expired says what this device
+// can do about it: tp renews the certificate with the device key, or dlogin
+// gets a new one. The bad state: TP_HOME lost its device key, so neither can
+// work, and the cut must send the person to be enrolled again instead.
+func TestExpiredCutAdvice(t *testing.T) {
+	t.Parallel()
+	ca := testpki.New(t)
+	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	h := Home{Dir: t.TempDir()}
+	if err := h.Init(); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SaveProfile(Profile{Server: "https://127.0.0.1:8443", DeviceID: "alice@laptop"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SaveRoot(ca.Root); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SaveCredentials(&login.Credentials{Chain: []*x509.Certificate{cert.Leaf, ca.Intermediate}, Key: cert.PrivateKey.(*ecdsa.PrivateKey)}); err != nil {
+		t.Fatal(err)
+	}
+	key, err := NewDeviceKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SaveDeviceKey(key); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := c.Dialer()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	withKey := codeEnd(wire.QUICCertExpired, d).Reason
+	if !strings.Contains(withKey, "tp renews it on the next connection, or run dlogin") {
+		t.Errorf("with the device key, an expired certificate's cut says %q; want it to say that tp renews it, or dlogin", withKey)
+	}
+
+	if err := os.Remove(filepath.Join(h.Dir, deviceKeyFile)); err != nil {
+		t.Fatal(err)
+	}
+	noKey := codeEnd(wire.QUICCertExpired, d).Reason
+	for _, want := range []string{"the client certificate expired", "device key is missing", "enrolled again", "tpd enroll alice --device laptop"} {
+		if !strings.Contains(noKey, want) {
+			t.Errorf("without the device key, an expired certificate's cut says %q; want %q in it", noKey, want)
+		}
+	}
+	if strings.Contains(noKey, "tp renews it") || strings.HasSuffix(noKey, "run dlogin") {
+		t.Errorf("without the device key, an expired certificate's cut says %q: it offers a renewal or a dlogin that cannot work", noKey)
+	}
+}
