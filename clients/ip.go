@@ -129,7 +129,7 @@ func (t *IPTunnel) Run(ctx context.Context) error {
 		if time.Since(start) > 30*time.Second {
 			backoff = time.Second
 		}
-		log.Warn("IP tunnel lost; reconnecting", "err", err, "in", backoff)
+		logRetry(log, err, backoff)
 		select {
 		case <-ctx.Done():
 			return nil
@@ -183,11 +183,19 @@ func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan 
 		// A refused certificate is no network's fault: no fallback.
 		if err != nil && !errors.Is(err, ErrIPRefused) && !errors.Is(err, ErrCertificateRejected) && ctx.Err() == nil {
 			log.Info("CONNECT-IP over HTTP/3 failed; trying HTTP/2 over TLS", "err", err)
-			follow, err = nil, t.connectH2(ctx, s)
+			h3err := err
+			if follow, err = nil, t.connectH2(ctx, s); err != nil {
+				err = errors.Join(h3err, err)
+			}
 		}
 	}
 	if err != nil {
-		return err
+		if errors.Is(err, ErrIPRefused) || ctx.Err() != nil {
+			return err
+		}
+		// One sentence with the most telling cause (reachCause); the attempts'
+		// own errors stay below it for a debug log.
+		return &UnreachableError{Server: t.Server, Cause: reachCause(err, t.dialTimeout(), t.Transport == "quic", (*Dialer)(nil).expiredAdvice()), Err: err}
 	}
 	errc := make(chan error, 4)
 	go func() { errc <- t.capsules(ctx, s, log) }()
@@ -208,6 +216,18 @@ func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan 
 			"datagrams_unknown_stream", s.dgUnknown(), "packets_dropped_tun_since_start", t.tunDrops.Load())
 	}
 	return err
+}
+
+// logRetry says why the tunnel is down and when the next attempt is: a
+// tunnel that could not be set up in one sentence (retryLine), the attempts'
+// errors at debug level; one that was up and ended with what ended it.
+func logRetry(log *slog.Logger, err error, wait time.Duration) {
+	if ue := (*UnreachableError)(nil); errors.As(err, &ue) {
+		log.Warn("tp ip: " + retryLine(err, wait))
+		log.Debug("tp ip: the attempts' errors", "err", ue.Err)
+		return
+	}
+	log.Warn("IP tunnel lost; reconnecting", "err", err, "in", wait)
 }
 
 // refusal turns a non-200 answer into an error; ErrIPRefused for those that

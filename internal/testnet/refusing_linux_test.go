@@ -1,0 +1,25 @@
+package testnet_test
+
+import (
+	"errors"
+	"net"
+	"syscall"
+	"testing"
+
+	"github.com/tp-proxy/tp/internal/testnet"
+)
+
+// A Refusing address refuses every connect while the test runs.
+func TestRefusing(t *testing.T) {
+	addr := testnet.Refusing(t)
+	for range 3 {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+			t.Fatalf("a connect to the refusing address %s succeeded", addr)
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("a connect to the refusing address %s failed with %v; want connection refused", addr, err)
+		}
+	}
+}
