@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -26,7 +25,7 @@ import (
 // canceled\nover tls: … dial tcp …: connect: connection refused\nover ws: …").
 func TestUnreachableNamesTheTellingCause(t *testing.T) {
 	t.Parallel()
-	_, refused := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(testnet.FreePort(t, "tcp"))) // nothing listens
+	_, refused := net.Dial("tcp", testnet.Refusing(t)) // nothing listens
 	if !errors.Is(refused, syscall.ECONNREFUSED) {
 		t.Fatalf("a dial to a free port: %v; want connection refused", refused)
 	}

@@ -4,7 +4,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -125,7 +124,7 @@ func TestAdminActsNeverSilent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dead := "https://127.0.0.1:" + strconv.Itoa(testnet.FreePort(t, "tcp"))
+	dead := "https://" + testnet.Refusing(t)
 	if err := os.WriteFile(pf, []byte(strings.Replace(string(b), s.URL, dead, 1)), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -103,7 +103,7 @@ func TestSessionEndMessages(t *testing.T) {
 		srv := startServer(t, reversePolicy)
 		alice := srv.login(t, "alice", "laptop")
 		bob := srv.login(t, "bob", "phone")
-		down := fmt.Sprintf("127.0.0.1:%d", testnet.FreePort(t, "tcp"))
+		down := testnet.Refusing(t)
 		startExpose(t, alice, "laptop-ssh", down, "--allow-user", "bob")
 		want := []string{"laptop-ssh.rev.tp.internal is exposed by alice@laptop", "could not connect to its local service (connection refused)", "ask alice to check it"}
 		for _, transport := range []string{"quic", "tls"} {

@@ -273,7 +273,7 @@ func TestClientErrors(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		dead := fmt.Sprintf("https://127.0.0.1:%d", testnet.FreePort(t, "tcp"))
+		dead := "https://" + testnet.Refusing(t)
 		b = []byte(strings.Replace(string(b), srv.URL, dead, 1))
 		if err := os.WriteFile(profile, b, 0o600); err != nil {
 			t.Fatal(err)

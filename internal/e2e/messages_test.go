@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bytes"
-	"fmt"
 	"io"
 	"net"
 	"os"
@@ -153,7 +152,7 @@ func pointAtNothing(t *testing.T, srv *server, env []string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dead := fmt.Sprintf("127.0.0.1:%d", testnet.FreePort(t, "tcp"))
+	dead := testnet.Refusing(t)
 	if err := os.WriteFile(profile, []byte(strings.Replace(string(b), srv.URL, "https://"+dead, 1)), 0o600); err != nil {
 		t.Fatal(err)
 	}

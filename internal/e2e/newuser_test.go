@@ -59,7 +59,7 @@ func TestNewUserMessages(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		dead := fmt.Sprintf("https://127.0.0.1:%d", testnet.FreePort(t, "tcp"))
+		dead := "https://" + testnet.Refusing(t)
 		if err := os.WriteFile(profile, []byte(strings.Replace(string(b), srv.URL, dead, 1)), 0o600); err != nil {
 			t.Fatal(err)
 		}

@@ -9,7 +9,8 @@ import (
 	"github.com/tp-proxy/tp/internal/testnet"
 )
 
-// A Refusing address refuses every connect while the test runs.
+// A Refusing address refuses every TCP connect while the test runs, and its
+// UDP port is held too.
 func TestRefusing(t *testing.T) {
 	addr := testnet.Refusing(t)
 	for range 3 {
@@ -21,5 +22,9 @@ func TestRefusing(t *testing.T) {
 		if !errors.Is(err, syscall.ECONNREFUSED) {
 			t.Fatalf("a connect to the refusing address %s failed with %v; want connection refused", addr, err)
 		}
+	}
+	if pc, err := net.ListenPacket("udp4", addr); err == nil {
+		pc.Close()
+		t.Fatalf("another socket could bind UDP %s while the refusing address holds it", addr)
 	}
 }
