@@ -284,7 +284,16 @@ func (d *Dialer) quicConfigs() (*tls.Config, *quic.Config, error) {
 	if idle <= 0 {
 		idle = 60 * time.Second
 	}
+	// The handshake may go as long without an answer as the whole setup may
+	// take (Timeout), not quic-go's 5 s: a busy server answers late rather
+	// than never, and a silent one is then said to be silent for as long as
+	// the message about it says (reachCause).
+	setup := d.Timeout
+	if setup <= 0 {
+		setup = DefaultDialTimeout
+	}
 	qcfg := &quic.Config{
+		HandshakeIdleTimeout:           setup,
 		KeepAlivePeriod:                keepAlive,
 		MaxIdleTimeout:                 idle,
 		MaxIncomingStreams:             -1, // the server opens no streams

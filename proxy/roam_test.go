@@ -5,8 +5,11 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"errors"
+	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -110,9 +113,11 @@ func (r *natRelay) rebind(t testing.TB) {
 // echoTransfer sends size random bytes through c to the echo destination and
 // checks that the same bytes come back; midway (after a third) it calls change,
 // unless that is nil.
-func echoTransfer(t *testing.T, c net.Conn, size int64, change func()) {
+func echoTransfer(t *testing.T, conn net.Conn, size int64, change func()) {
 	t.Helper()
-	_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
+	// Each read and write must make progress within a minute: a transfer that
+	// stalls fails, one that is merely slow (a loaded machine, -race) does not.
+	c := stallConn{conn, time.Minute}
 	var upSum []byte
 	var upErr error
 	third := make(chan struct{})
@@ -125,7 +130,7 @@ func echoTransfer(t *testing.T, c net.Conn, size int64, change func()) {
 		}
 		third <- struct{}{}
 		if _, upErr = io.CopyN(w, rand.Reader, size-size/3); upErr == nil {
-			upErr = c.(interface{ CloseWrite() error }).CloseWrite()
+			upErr = conn.(interface{ CloseWrite() error }).CloseWrite()
 		}
 		upSum = h.Sum(nil)
 	}()
@@ -151,6 +156,31 @@ func echoTransfer(t *testing.T, c net.Conn, size int64, change func()) {
 	if !bytes.Equal(h.Sum(nil), upSum) {
 		t.Fatal("checksum of the echoed data differs from what was sent")
 	}
+}
+
+// stallConn bounds each Read and Write of a connection by stall, not the
+// whole transfer: a deadline hit says the transfer stopped moving.
+type stallConn struct {
+	net.Conn
+	stall time.Duration
+}
+
+func (s stallConn) Read(p []byte) (int, error) {
+	_ = s.Conn.SetReadDeadline(time.Now().Add(s.stall))
+	n, err := s.Conn.Read(p)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = fmt.Errorf("nothing arrived for %v: %w", s.stall, err)
+	}
+	return n, err
+}
+
+func (s stallConn) Write(p []byte) (int, error) {
+	_ = s.Conn.SetWriteDeadline(time.Now().Add(s.stall))
+	n, err := s.Conn.Write(p)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = fmt.Errorf("nothing could be sent for %v: %w", s.stall, err)
+	}
+	return n, err
 }
 
 // TestQUICNATRebinding: the client's source port changes mid-transfer (a NAT
