@@ -249,7 +249,7 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 	defer cancel()
 
 	if netw == "udp" {
-		return d.dialUDP(ctx, addr, hello)
+		return d.roundTrip(ctx, d.udpTrip(addr, hello))
 	}
 	// A protected name this Dialer holds an end-to-end carrier to: a stream of
 	// it, no dial through the server (e2emux_dial.go).
@@ -259,16 +259,33 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 		ctx = context.WithValue(ctx, muxClaimKey{}, claim)
 		defer func() { d.releaseMux(claim, err) }()
 	}
-	switch d.mode() {
-	case TransportAuto, "":
-		return d.dialAuto(ctx, addr, hello, early)
-	case TransportQUIC:
-		return d.dialQUIC(ctx, addr, hello, early)
-	case TransportTLS:
-		return d.requestTLS(ctx, addr, hello, early)
-	default:
-		return nil, fmt.Errorf("transport %q must be auto, quic or tls", d.Transport)
+	return d.roundTrip(ctx, d.dialTrip(addr, hello, early))
+}
+
+// dialTrip is the TCP dial of addr as a request for roundTrip.
+func (d *Dialer) dialTrip(addr string, hello wire.ClientHello, early *earlyDial) trip {
+	return trip{kind: tripDial, what: "tp dial " + addr, early: early,
+		run: func(ctx context.Context, s *stream) (net.Conn, error) {
+			return d.dialRequest(ctx, s, addr, hello, early)
+		}}
+}
+
+// dialRequest runs a TCP dial on s: with early's first bytes right behind the
+// hello, returning before the answer, when s may take them (mayEarly;
+// early.go), else the hello exchange and the answer.
+func (d *Dialer) dialRequest(ctx context.Context, s *stream, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
+	if early != nil && d.mayEarly(s, addr, early) {
+		s.early = true
+		return d.requestEarly(ctx, s, addr, hello, early)
 	}
+	sh, attach, err := d.helloExchange(ctx, s, addr, hello, early)
+	if err != nil {
+		return nil, err
+	}
+	if s.learn {
+		d.earlyState(s.quic).answered(s.quic, addr, sh)
+	}
+	return d.answer(ctx, s.Stream, addr, hello, sh, attach)
 }
 
 // connectTLS opens a new TLS connection to the server (TCP connect and handshake).
@@ -353,20 +370,25 @@ func closedUnanswered(err error) bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
 }
 
-// request runs the hello exchange on conn (a TLS connection or a QUIC stream) and
-// returns conn once the server said ok. It closes conn on failure.
-func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
-	sh, attach, err := d.helloExchange(ctx, conn, addr, hello, early)
+// request runs the hello exchange on s and returns its stream once the server
+// said ok (an agent's accept of a session). It closes s on failure.
+func (d *Dialer) request(ctx context.Context, s *stream, addr string, hello wire.ClientHello) (net.Conn, error) {
+	sh, attach, err := d.helloExchange(ctx, s, addr, hello, nil)
 	if err != nil {
 		return nil, err
 	}
-	return d.answer(ctx, conn, addr, hello, sh, attach)
+	return d.answer(ctx, s.Stream, addr, hello, sh, attach)
 }
 
-// helloExchange sends hello on conn (with an attach to end-to-end state, for a
+// helloExchange sends hello on s (with an attach to end-to-end state, for a
 // protected name: e2eattach.go, carrying early's first bytes when it can) and
-// reads the server's answer. It closes conn on failure.
-func (d *Dialer) helloExchange(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello, early *earlyDial) (wire.ServerHello, *pendingAttach, error) {
+// reads the server's answer; on tp-mux the stream is opened with them
+// (muxExchange). It closes s on failure.
+func (d *Dialer) helloExchange(ctx context.Context, s *stream, addr string, hello wire.ClientHello, early *earlyDial) (wire.ServerHello, *pendingAttach, error) {
+	if s.mux != nil {
+		return d.muxExchange(ctx, s, addr, hello, early)
+	}
+	conn := s.Stream
 	// The hello exchange is bounded by ctx through the connection's deadline.
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	attach := d.earlyAttach(conn, hello, early)

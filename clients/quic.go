@@ -397,67 +397,6 @@ func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketCon
 	return newCarrierConn(ctx, kind, d.Server, dial)
 }
 
-// dialQUIC runs one request on a new stream of the Dialer's QUIC connections
-// (openStream). If the connection turns out to be dead (the server restarted),
-// it reconnects once. With early, the request may return before the server
-// answered (early.go).
-func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
-	for attempt := 0; ; attempt++ {
-		c, conn, err := d.requestQUIC(ctx, addr, hello, early)
-		if attempt == 0 && conn != nil && d.connLost(conn, err) && ctx.Err() == nil && mayResend(err, early) {
-			continue // the connection died under us: try once on a fresh one
-		}
-		return c, err
-	}
-}
-
-// requestQUIC runs one request on a new stream; it returns the connection it
-// used (also with an error, for connLost) unless connecting failed.
-func (d *Dialer) requestQUIC(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, *quic.Conn, error) {
-	conn, st, err := d.openStream(ctx, "tp dial "+addr)
-	if err != nil {
-		return nil, conn, err
-	}
-	// The hello goes out at once: the server sees a stream only once it carries data.
-	if early != nil && d.quic.early.allows(conn, addr) {
-		c, err := d.requestEarly(ctx, st, conn, addr, hello, early)
-		return c, conn, err
-	}
-	sh, attach, err := d.helloExchange(ctx, st, addr, hello, early)
-	if err != nil {
-		return nil, conn, err
-	}
-	d.quic.early.answered(conn, addr, sh)
-	c, err := d.answer(ctx, st, addr, hello, sh, attach)
-	return c, conn, err
-}
-
-// dialAuto uses a live QUIC connection when there is one, TLS when the cache says
-// QUIC failed recently for this server, and otherwise races the two.
-func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
-	if d.liveQUIC() != nil {
-		if c, conn, err := d.requestQUIC(ctx, addr, hello, early); conn != nil && (!d.connLost(conn, err) || !mayResend(err, early)) {
-			return c, err
-		}
-	}
-	if d.autoSkipsQUIC(ctx) {
-		// As --transport tls dials: a stream of a tp-mux connection, or a
-		// connection per dial to an older server (spare.go).
-		return d.requestTLS(ctx, addr, hello, early)
-	}
-	winner, tconn, err := d.race(ctx)
-	if err != nil {
-		return nil, err
-	}
-	// A fallback to TLS is remembered for less long: UDP, or a carrier, may
-	// get through again.
-	d.rememberTransport(winner)
-	if winner == TransportTLS {
-		return d.request(ctx, tconn, addr, hello, early)
-	}
-	return d.dialQUIC(ctx, addr, hello, early)
-}
-
 // race connects over QUIC and, after the head start or as soon as QUIC fails,
 // over TLS; the first to complete wins and the other attempt is abandoned. On a
 // TLS win it returns the TLS connection; on a QUIC win the shared connection is set.
