@@ -14,6 +14,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -384,3 +385,10 @@ func (e *earlyTunnel) RemoteAddr() net.Addr               { return e.live().Remo
 func (e *earlyTunnel) SetDeadline(t time.Time) error      { return e.live().SetDeadline(t) }
 func (e *earlyTunnel) SetReadDeadline(t time.Time) error  { return e.live().SetReadDeadline(t) }
 func (e *earlyTunnel) SetWriteDeadline(t time.Time) error { return e.live().SetWriteDeadline(t) }
+
+// mayEarlyMux says whether a dial of addr on m may open its stream with its
+// first bytes right behind the hello: the destination answered without
+// end-to-end TLS, and m heard from the server within earlyFresh.
+func (d *Dialer) mayEarlyMux(m *mux.Conn, addr string, early *earlyDial) bool {
+	return !early.sent && d.tlsEarly.plainDest(addr) && m.SinceRead() < earlyFresh
+}

@@ -3,14 +3,9 @@ package clients
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"fmt"
 	"sync"
 	"time"
-
-	"github.com/quic-go/quic-go"
-
-	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Over TLS every session needs its own TLS connection to the TP server: a TCP
@@ -203,31 +198,4 @@ func (d *Dialer) closeSpare() {
 	for _, c := range cs {
 		_ = c.conn.Close()
 	}
-}
-
-// retryOnNew says whether a request that failed with err on a spare connection
-// goes again on a new one: when the failure says nothing about the request (the
-// server closed the idle connection, or answered hello_timeout because it
-// waited longer than its hello timeout). Not after a failure without an answer
-// when the dial's first bytes went sealed in an attach: the server may have
-// passed them on to the agent before the connection failed, and a request must
-// not reach a service twice (as for early bytes over QUIC, early.go).
-func retryOnNew(err error, early *earlyDial) bool {
-	var xe *exchangeError
-	var re *RefusedError
-	switch {
-	case errors.As(err, &re):
-		return re.Code == wire.CodeHelloTimeout
-	case errors.As(err, &xe):
-		return mayResend(err, early)
-	}
-	return false
-}
-
-// mayResend says whether a dial that failed with err may go again on another
-// connection: not once its first bytes went sealed in an attach (they may have
-// reached the service), unless the server answered with a stateless reset (it
-// held nothing of the connection, so it saw neither the hello nor the bytes).
-func mayResend(err error, early *earlyDial) bool {
-	return early == nil || !early.sealed || errors.As(err, new(*quic.StatelessResetError))
 }

@@ -1,14 +1,11 @@
 package clients
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"strings"
 	"sync"
 	"time"
 
@@ -240,76 +237,6 @@ func (d *Dialer) openTLSMux(ctx context.Context) (*mux.Conn, *tls.Conn, error) {
 		o.ExpiredReason = "the client certificate expired at " + na.UTC().Format(time.RFC3339) + "; tp renews it on the next connection, or run dlogin"
 	}
 	return mux.New(conn, o, nil), nil, nil
-}
-
-// mayEarlyMux says whether a dial of addr on m may open its stream with its
-// first bytes right behind the hello: the destination answered without
-// end-to-end TLS, and m heard from the server within earlyFresh.
-func (d *Dialer) mayEarlyMux(m *mux.Conn, addr string, early *earlyDial) bool {
-	return !early.sent && d.tlsEarly.plainDest(addr) && m.SinceRead() < earlyFresh
-}
-
-// muxOpenErr is the error of a dial of addr whose stream could not be opened
-// on s.mux; the stream is refused (it may go on another connection) when the
-// connection took no further stream, so that nothing was sent.
-func (d *Dialer) muxOpenErr(s *stream, addr string, err error) error {
-	if rerr := d.rejectedBy(s.mux, addr); rerr != nil {
-		return rerr
-	}
-	s.refused = errors.Is(err, mux.ErrFull)
-	return fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, err)
-}
-
-// muxExchange is helloExchange on a tp-mux connection: it opens the stream
-// with the hello (and an end-to-end attach, when one goes with it) and reads
-// the server's answer. The stream is refused (s.refused) when it failed
-// before anything of the request can have reached a destination (the
-// connection was full or ended, or the server refused the stream while it
-// drains).
-func (d *Dialer) muxExchange(ctx context.Context, s *stream, addr string, hello wire.ClientHello, early *earlyDial) (wire.ServerHello, *pendingAttach, error) {
-	var buf bytes.Buffer
-	if err := wire.WriteClientHello(&buf, hello); err != nil {
-		return wire.ServerHello{}, nil, fmt.Errorf("tp dial %s: %w", addr, err)
-	}
-	attach := d.earlyAttach(nil, hello, early)
-	buf.Write(attach.message())
-	st, err := s.openMux(d, buf.Bytes())
-	if err != nil {
-		return wire.ServerHello{}, nil, d.muxOpenErr(s, addr, err)
-	}
-	stop := context.AfterFunc(ctx, func() { _ = st.SetDeadline(time.Unix(1, 0)) })
-	sh, err := wire.ReadServerHello(st)
-	if !stop() {
-		err = errors.Join(err, ctx.Err())
-	}
-	if err != nil {
-		st.Abort(wire.QUICInternal)
-		if rerr := d.rejectedBy(s.mux, addr); rerr != nil {
-			return wire.ServerHello{}, nil, rerr
-		}
-		s.refused = ctx.Err() == nil && (attach == nil || !attach.sent) && streamRefused(err, s.mux)
-		switch {
-		case errors.Is(err, io.EOF):
-			err = fmt.Errorf("reading server hello: the TP server ended the stream without answering: %w", err)
-		case err != nil:
-			err = fmt.Errorf("reading server hello: %w", err)
-		}
-		return wire.ServerHello{}, nil, fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, err)
-	}
-	_ = st.SetDeadline(time.Time{})
-	return sh, attach, nil
-}
-
-// rejectedBy is the error of a dial on m when the server refused the
-// certificate after the client's side of the handshake was done (TLS 1.3
-// checks it last): its alert ended the connection. It is said as over a
-// connection of its own (ErrCertificateRejected), and the ticket is dropped.
-func (d *Dialer) rejectedBy(m *mux.Conn, addr string) error {
-	merr := m.Err()
-	if merr == nil || !strings.Contains(merr.Error(), "remote error: tls:") {
-		return nil
-	}
-	return fmt.Errorf("tp dial %s via %s: reading server hello: %w", addr, d.Server, d.forgetRejected(explainHelloErr(merr)))
 }
 
 // streamRefused says whether a stream's failure before its answer means that

@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"time"
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -251,3 +253,153 @@ func (d *Dialer) tripMux(ctx context.Context, t trip) (c net.Conn, handled bool,
 		return c, true, nil, err
 	}
 }
+
+// race connects over QUIC and, after the head start or as soon as QUIC fails,
+// over TLS; the first to complete wins and the other attempt is abandoned. On a
+// TLS win it returns the TLS connection; on a QUIC win the shared connection is set.
+func (d *Dialer) race(ctx context.Context) (string, *tls.Conn, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		transport string
+		conn      *tls.Conn
+		err       error
+	}
+	results := make(chan result, 2)
+	go func() {
+		_, err := d.quicConn(ctx)
+		results <- result{transport: TransportQUIC, err: err}
+	}()
+	head := d.HeadStart
+	if head <= 0 {
+		head = DefaultHeadStart
+	}
+	var headStartOver <-chan time.Time
+	if d.racesCarriers() {
+		// QUIC over a stream carrier keeps QUIC's features (streams without
+		// head-of-line blocking between them, UDP flows, moving between
+		// networks and carriers): plain TLS starts only when QUIC got through
+		// on no carrier.
+	} else if d.quic.headStartTimer != nil {
+		headStartOver = d.quic.headStartTimer(head)
+	} else {
+		timer := time.NewTimer(head)
+		defer timer.Stop()
+		headStartOver = timer.C
+	}
+	startTLS := func() {
+		go func() {
+			c, err := d.connectTLS(ctx)
+			results <- result{transport: TransportTLS, conn: c, err: err}
+		}()
+	}
+	pending, tlsStarted := 1, false
+	var errs []error
+	var grace <-chan time.Time
+	for pending > 0 {
+		select {
+		case <-headStartOver:
+			if !tlsStarted {
+				tlsStarted = true
+				pending++
+				startTLS()
+			}
+		case <-grace:
+			// TLS failed and QUIC had its grace period too: the server is
+			// unreachable, no need to sit out the QUIC handshake timeout.
+			cancel()
+			grace = nil
+		case r := <-results:
+			pending--
+			if r.err == nil {
+				cancel()
+				// Close a TLS connection that completes after QUIC won.
+				go func(n int) {
+					for range n {
+						if late := <-results; late.conn != nil {
+							_ = late.conn.Close()
+						}
+					}
+				}(pending)
+				return r.transport, r.conn, nil
+			}
+			errs = append(errs, r.err)
+			if r.transport == TransportTLS && pending > 0 {
+				grace = time.After(max(head, quicGrace))
+			}
+			if !tlsStarted {
+				tlsStarted = true
+				pending++
+				startTLS()
+			}
+		}
+	}
+	for _, err := range slices.Backward(errs) { // TLS's error, which says the most, last
+		if ce := (*login.ConnectError)(nil); errors.As(err, &ce) {
+			// Nothing listens on the TCP port, or something other than tpd
+			// does: QUIC's silence says no more (it is not a blocked UDP).
+			return "", nil, err
+		}
+	}
+	return "", nil, errors.Join(errs...)
+}
+
+// autoSkipsQUIC reports whether transport auto goes straight to TP's plain
+// TLS transport: it won a race recently (in this process, or remembered for
+// this server and network), or the server's discovery document offers no
+// QUIC.
+func (d *Dialer) autoSkipsQUIC(ctx context.Context) bool {
+	d.quic.mu.Lock()
+	tlsWon := time.Now().Before(d.quic.tlsUntil)
+	d.quic.mu.Unlock()
+	return tlsWon || d.Cache != nil && d.Cache.Get(d.Server) == TransportTLS || d.quicNotOffered(ctx)
+}
+
+// rememberTransport remembers that transport (TransportQUIC or
+// TransportTLS) won auto's choice for the server on this network; TLS, a
+// fallback, for DefaultFallbackTTL only, after which QUIC is tried again.
+func (d *Dialer) rememberTransport(transport string) {
+	if transport == TransportTLS {
+		d.quic.mu.Lock()
+		d.quic.tlsUntil = time.Now().Add(DefaultFallbackTTL)
+		d.quic.mu.Unlock()
+	}
+	if d.Cache == nil {
+		return
+	}
+	ttl := time.Duration(0)
+	if transport == TransportTLS {
+		ttl = DefaultFallbackTTL
+	}
+	_ = d.Cache.PutFor(d.Server, transport, ttl) // a cache that cannot be written only costs races
+}
+
+// retryOnNew says whether a request that failed with err on a spare connection
+// goes again on a new one: when the failure says nothing about the request (the
+// server closed the idle connection, or answered hello_timeout because it
+// waited longer than its hello timeout). Not after a failure without an answer
+// when the dial's first bytes went sealed in an attach: the server may have
+// passed them on to the agent before the connection failed, and a request must
+// not reach a service twice (as for early bytes over QUIC, early.go).
+func retryOnNew(err error, early *earlyDial) bool {
+	var xe *exchangeError
+	var re *RefusedError
+	switch {
+	case errors.As(err, &re):
+		return re.Code == wire.CodeHelloTimeout
+	case errors.As(err, &xe):
+		return mayResend(err, early)
+	}
+	return false
+}
+
+// mayResend says whether a dial that failed with err may go again on another
+// connection: not once its first bytes went sealed in an attach (they may have
+// reached the service), unless the server answered with a stateless reset (it
+// held nothing of the connection, so it saw neither the hello nor the bytes).
+func mayResend(err error, early *earlyDial) bool {
+	return early == nil || !early.sealed || errors.As(err, new(*quic.StatelessResetError))
+}
+
+// quicGrace is how long auto still waits for QUIC after TLS failed.
+const quicGrace = time.Second
