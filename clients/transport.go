@@ -123,20 +123,9 @@ func (d *Dialer) tripAuto(ctx context.Context, t trip) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	if t.kind == tripUDP {
-		if d.Cache != nil {
-			_ = d.Cache.Put(d.Server, winner)
-		}
-		if winner == TransportTLS {
-			d.quic.mu.Lock()
-			d.quic.tlsUntil = time.Now().Add(DefaultTransportCacheTTL)
-			d.quic.mu.Unlock()
-		}
-	} else {
-		// A fallback to TLS is remembered for less long: UDP, or a carrier,
-		// may get through again.
-		d.rememberTransport(winner)
-	}
+	// A fallback to TLS is remembered for less long: UDP, or a carrier, may
+	// get through again.
+	d.rememberTransport(winner)
 	if winner == TransportTLS {
 		return t.run(ctx, &stream{Stream: tconn})
 	}
