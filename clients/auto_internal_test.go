@@ -232,3 +232,48 @@ func TestAutoTriesTLSWhenQUICFails(t *testing.T) {
 	}
 	expectTLSEcho(t, res)
 }
+
+// A UDP flow whose race TLS won remembers the fallback as a TCP dial does:
+// for DefaultFallbackTTL, after which QUIC is raced again, not for the cache's
+// whole TTL. Bad input: a QUIC server that speaks no version the client does.
+func TestAutoUDPRemembersFallbackBriefly(t *testing.T) {
+	t.Parallel()
+	e := newAutoEnv(t)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		// The flow's own fate (the test server may refuse it) does not
+		// matter: the race's winner is remembered before the request runs.
+		if c, err := e.d.DialContext(context.Background(), "udp", "127.0.0.1:9"); err == nil {
+			_ = c.Close()
+		}
+	}()
+	<-e.headStart
+	initial, from := e.readQUIC(t)
+	vn := versionNegotiation(initial)
+	if vn == nil {
+		t.Fatalf("first QUIC packet is no long-header Initial: %x", initial[:min(len(initial), 16)])
+	}
+	if _, err := e.udp.WriteToUDP(vn, from); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-e.tlsAttempts:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no TLS attempt after QUIC failed")
+	}
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the UDP dial did not end")
+	}
+	e.d.quic.mu.Lock()
+	until := e.d.quic.tlsUntil
+	e.d.quic.mu.Unlock()
+	if until.IsZero() {
+		t.Fatal("TLS won the race, but the Dialer does not remember it")
+	}
+	if left := time.Until(until); left > DefaultFallbackTTL {
+		t.Fatalf("the TLS fallback is remembered for %s more; want at most DefaultFallbackTTL (%s)", left.Round(time.Second), DefaultFallbackTTL)
+	}
+}

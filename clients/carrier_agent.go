@@ -1,7 +1,7 @@
 package clients
 
 // The agent's (tp expose) transport choice, the same as a Dialer's
-// (carrier_auto.go, quic.go): with transport auto and no carrier forced its
+// (carrier_auto.go, transport.go): with transport auto and no carrier forced its
 // QUIC connection is raced over UDP and the stream carriers, on a socket of
 // its own that it moves between carriers when its carrier stalls and back to
 // UDP when UDP answers again; the carrier that won is remembered per server
@@ -13,7 +13,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"time"
 
 	"github.com/quic-go/quic-go"
 )
@@ -41,34 +40,4 @@ func (d *Dialer) connectRaced(ctx context.Context, cfg *tls.Config, qcfg *quic.C
 		_ = r.pc.Close()
 	}()
 	return r.conn, nil
-}
-
-// autoSkipsQUIC reports whether transport auto goes straight to TP's plain
-// TLS transport: it won a race recently (in this process, or remembered for
-// this server and network), or the server's discovery document offers no
-// QUIC.
-func (d *Dialer) autoSkipsQUIC(ctx context.Context) bool {
-	d.quic.mu.Lock()
-	tlsWon := time.Now().Before(d.quic.tlsUntil)
-	d.quic.mu.Unlock()
-	return tlsWon || d.Cache != nil && d.Cache.Get(d.Server) == TransportTLS || d.quicNotOffered(ctx)
-}
-
-// rememberTransport remembers that transport (TransportQUIC or
-// TransportTLS) won auto's choice for the server on this network; TLS, a
-// fallback, for DefaultFallbackTTL only, after which QUIC is tried again.
-func (d *Dialer) rememberTransport(transport string) {
-	if transport == TransportTLS {
-		d.quic.mu.Lock()
-		d.quic.tlsUntil = time.Now().Add(DefaultFallbackTTL)
-		d.quic.mu.Unlock()
-	}
-	if d.Cache == nil {
-		return
-	}
-	ttl := time.Duration(0)
-	if transport == TransportTLS {
-		ttl = DefaultFallbackTTL
-	}
-	_ = d.Cache.PutFor(d.Server, transport, ttl) // a cache that cannot be written only costs races
 }

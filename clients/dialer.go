@@ -1,7 +1,6 @@
 package clients
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -253,7 +252,7 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 	defer cancel()
 
 	if netw == "udp" {
-		return d.dialUDP(ctx, addr, hello)
+		return d.roundTrip(ctx, d.udpTrip(addr, hello))
 	}
 	// A protected name this Dialer holds an end-to-end carrier to: a stream of
 	// it, no dial through the server (e2emux_dial.go).
@@ -263,16 +262,7 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 		ctx = context.WithValue(ctx, muxClaimKey{}, claim)
 		defer func() { d.releaseMux(claim, err) }()
 	}
-	switch d.mode() {
-	case TransportAuto, "":
-		return d.dialAuto(ctx, addr, hello, early)
-	case TransportQUIC:
-		return d.dialQUIC(ctx, addr, hello, early)
-	case TransportTLS:
-		return d.requestTLS(ctx, addr, hello, early)
-	default:
-		return nil, fmt.Errorf("transport %q must be auto, quic or tls", d.Transport)
-	}
+	return d.roundTrip(ctx, d.dialTrip(addr, hello, early))
 }
 
 // connectTLS opens a new TLS connection to the server (TCP connect and handshake).
@@ -357,121 +347,7 @@ func closedUnanswered(err error) bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
 }
 
-// request runs the hello exchange on conn (a TLS connection or a QUIC stream) and
-// returns conn once the server said ok. It closes conn on failure.
-func (d *Dialer) request(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
-	sh, attach, err := d.helloExchange(ctx, conn, addr, hello, early)
-	if err != nil {
-		return nil, err
-	}
-	return d.answer(ctx, conn, addr, hello, sh, attach)
-}
-
-// helloExchange sends hello on conn (with an attach to end-to-end state, for a
-// protected name: e2eattach.go, carrying early's first bytes when it can) and
-// reads the server's answer. It closes conn on failure.
-func (d *Dialer) helloExchange(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello, early *earlyDial) (wire.ServerHello, *pendingAttach, error) {
-	// The hello exchange is bounded by ctx through the connection's deadline.
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
-	attach := d.earlyAttach(conn, hello, early)
-	sh, err := exchangeWith(conn, hello, attach.message())
-	if !stop() {
-		err = errors.Join(err, ctx.Err())
-	}
-	if err != nil {
-		_ = conn.Close()
-		return sh, nil, &exchangeError{fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err)))}
-	}
-	_ = conn.SetDeadline(time.Time{})
-	return sh, attach, nil
-}
-
-// answer turns the server's answer sh to a request on conn into the connection
-// to return: the tunnel after an ok, the refusal otherwise (conn then closed).
-// attach is what went with the hello toward a protected name, or nil.
-func (d *Dialer) answer(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello, sh wire.ServerHello, attach *pendingAttach) (net.Conn, error) {
-	if !sh.OK {
-		_ = conn.Close()
-		return nil, &RefusedError{Code: sh.Code, Reason: sh.Reason}
-	}
-	var c net.Conn = conn
-	var err error
-	switch {
-	case sh.E2E: // a protected reverse listener: TLS with its agent inside (e2e.go)
-		if claim := muxClaimFrom(ctx); claim != nil {
-			claim.session = sh.Session // a carrier's streams are cut with it (e2emux_dial.go)
-		}
-		if c, err = d.e2eSession(ctx, conn, addr, attach); err != nil {
-			return nil, err
-		}
-	case attach != nil: // the attach went to a service that is no longer protected
-		wire.Abort(conn, wire.QUICInternal)
-		d.e2e.drop(hello.Host, attach.st)
-		return nil, fmt.Errorf("tp dial %s: the name is no longer protected (its agent now exposes it publicly); dial again", addr)
-	}
-	if sh.Session != "" { // a dial: its failures say who cut it (cut.go)
-		return &tunnel{Stream: c.(wire.Stream), d: d, session: sh.Session}, nil
-	}
-	return c, nil
-}
-
-// exchangeError is a request that failed in its hello exchange with the server,
-// before any answer: a spare connection's failure worth one retry (spare.go).
-type exchangeError struct{ error }
-
 func (e *exchangeError) Unwrap() error { return e.error }
-
-func exchange(conn net.Conn, hello wire.ClientHello) (wire.ServerHello, error) {
-	return exchangeWith(conn, hello, nil)
-}
-
-// exchangeWith sends then, in the same write as the hello: bytes for after the
-// ok that the server keeps for the destination (an early attach).
-func exchangeWith(conn net.Conn, hello wire.ClientHello, then []byte) (wire.ServerHello, error) {
-	var err error
-	if then == nil {
-		err = wire.WriteClientHello(conn, hello)
-	} else {
-		var buf bytes.Buffer
-		if err = wire.WriteClientHello(&buf, hello); err == nil {
-			_, err = conn.Write(append(buf.Bytes(), then...))
-		}
-	}
-	if err != nil {
-		// A server that refused the client's certificate after the client's side
-		// of the handshake was done (TLS 1.3 checks it last; on a resumed session
-		// it is the server's last step) sent an alert and closed: the write may
-		// fail first (EPIPE, ECONNRESET) with the alert still waiting to be read.
-		if _, rerr := wire.ReadServerHello(conn); rerr != nil && strings.Contains(rerr.Error(), "remote error: tls:") {
-			return wire.ServerHello{}, fmt.Errorf("sending client hello: %w", rerr)
-		}
-		return wire.ServerHello{}, fmt.Errorf("sending client hello: %w", err)
-	}
-	sh, err := wire.ReadServerHello(conn)
-	switch {
-	case errors.Is(err, io.EOF):
-		return wire.ServerHello{}, fmt.Errorf("reading server hello: the TP server closed the connection without answering: %w", err)
-	case errors.Is(err, io.ErrUnexpectedEOF):
-		return wire.ServerHello{}, fmt.Errorf("reading server hello: the TP server's answer was cut short: %w", err)
-	case err != nil:
-		return wire.ServerHello{}, fmt.Errorf("reading server hello: %w", err)
-	}
-	return sh, nil
-}
-
-// explainHelloErr adds a hint when the server dropped the connection with a TLS
-// alert: with TLS 1.3 the client's handshake completes before the server has
-// checked the client certificate, so a rejected certificate surfaces here.
-func explainHelloErr(err error) error {
-	var ce *wire.QUICConnError
-	if _, reset := wire.StreamResetCode(err); reset || errors.As(err, &ce) {
-		return explainQUICErr(err)
-	}
-	if strings.Contains(err.Error(), "remote error: tls:") {
-		return &rejectedErr{err}
-	}
-	return err
-}
 
 // ErrCertificateRejected matches a TLS session the server ended with an alert
 // during the handshake: the client certificate was refused. The alert does not

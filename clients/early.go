@@ -14,6 +14,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -143,30 +144,57 @@ type earlyDial struct {
 	sealed bool
 }
 
-// requestEarly sends hello and early.first on st in one write, and returns st
-// without waiting for the answer. conn is the QUIC connection st belongs to, or
-// nil when st is a TLS connection of its own.
-func (d *Dialer) requestEarly(ctx context.Context, st wire.Stream, conn *quic.Conn, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
+// mayEarly says whether a dial of addr may send its first bytes on s right
+// behind the hello, without waiting for the answer: over QUIC when the
+// connection answered recently (earlyState.allows), over a TLS connection of
+// its own when it is known to be open, on tp-mux when the connection heard
+// from the server recently (mayEarlyMux); always only to a destination known
+// to answer without end-to-end TLS.
+func (d *Dialer) mayEarly(s *stream, addr string, early *earlyDial) bool {
+	switch {
+	case s.quic != nil:
+		return d.quic.early.allows(s.quic, addr)
+	case s.mux != nil:
+		return d.mayEarlyMux(s.mux, addr, early)
+	}
+	return s.open && d.tlsEarly.plainDest(addr)
+}
+
+// requestEarly sends hello and early.first on s in one write (on tp-mux: in
+// the stream's opening), and returns the stream without waiting for the
+// answer.
+func (d *Dialer) requestEarly(ctx context.Context, s *stream, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	deadline, _ := ctx.Deadline() // dial always sets one: the answer is read within the dial's bound
 	var buf bytes.Buffer
 	if err := wire.WriteClientHello(&buf, hello); err != nil {
-		_ = st.Close()
+		if s.Stream != nil {
+			_ = s.Close()
+		}
 		return nil, fmt.Errorf("tp dial %s: %w", addr, err)
 	}
 	buf.Write(early.first)
-	_ = st.SetWriteDeadline(deadline)
-	if _, err := st.Write(buf.Bytes()); err != nil {
-		_ = st.Close()
-		return nil, &exchangeError{fmt.Errorf("tp dial %s via %s: sending client hello: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err)))}
+	if s.mux != nil {
+		if _, err := s.openMux(d, buf.Bytes()); err != nil {
+			return nil, d.muxOpenErr(s, addr, err)
+		}
+	} else {
+		_ = s.SetWriteDeadline(deadline)
+		if _, err := s.Write(buf.Bytes()); err != nil {
+			_ = s.Close()
+			return nil, &exchangeError{fmt.Errorf("tp dial %s via %s: sending client hello: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err)))}
+		}
+		_ = s.SetWriteDeadline(time.Time{})
 	}
-	_ = st.SetWriteDeadline(time.Time{})
 	early.sent = true
-	// The write only queued the request: quic-go's connection goroutine packs
-	// and sends it. Yield to it now, before this goroutine goes on to start the
-	// tunnel's relay: the scheduler would otherwise run the new relay goroutine
-	// first and the request would leave tens of µs later on a busy machine.
-	runtime.Gosched()
-	return &earlyTunnel{st: st, d: d, conn: conn, addr: addr, hello: hello, ctx: context.WithoutCancel(ctx), deadline: deadline,
+	if s.mux == nil {
+		// The write only queued the request: quic-go's connection goroutine
+		// packs and sends it. Yield to it now, before this goroutine goes on
+		// to start the tunnel's relay: the scheduler would otherwise run the
+		// new relay goroutine first and the request would leave tens of µs
+		// later on a busy machine.
+		runtime.Gosched()
+	}
+	return &earlyTunnel{st: s.Stream, d: d, conn: s.quic, addr: addr, hello: hello, ctx: context.WithoutCancel(ctx), deadline: deadline,
 		sent: len(early.first), early: bytes.Clone(early.first)}, nil
 }
 
@@ -240,7 +268,7 @@ func (e *earlyTunnel) wait() (net.Conn, error) {
 	}
 	e.d.earlyState(e.conn).answered(e.conn, e.addr, sh)
 	if e.conn == nil {
-		e.d.refillSpare() // a TLS session's (requestTLS)
+		e.d.refillSpare() // a TLS session's (tripTLS)
 	}
 	if sh.OK && sh.E2E && sent > 0 {
 		// The name became a protected one since its last answer: the bytes sent
@@ -260,7 +288,7 @@ func (e *earlyTunnel) wait() (net.Conn, error) {
 // old one is gone, and sends early there once the server said ok.
 func (e *earlyTunnel) retry(ctx context.Context, err error, early []byte) (net.Conn, error) {
 	e.d.connLost(e.conn, err) // waits for the connection's end and forgets it, so that the pool makes a new one
-	tun, _, err := e.d.requestQUIC(ctx, e.addr, e.hello, nil)
+	tun, _, err := e.d.onQUIC(ctx, e.d.dialTrip(e.addr, e.hello, nil))
 	if err != nil {
 		return nil, err
 	}
@@ -357,3 +385,10 @@ func (e *earlyTunnel) RemoteAddr() net.Addr               { return e.live().Remo
 func (e *earlyTunnel) SetDeadline(t time.Time) error      { return e.live().SetDeadline(t) }
 func (e *earlyTunnel) SetReadDeadline(t time.Time) error  { return e.live().SetReadDeadline(t) }
 func (e *earlyTunnel) SetWriteDeadline(t time.Time) error { return e.live().SetWriteDeadline(t) }
+
+// mayEarlyMux says whether a dial of addr on m may open its stream with its
+// first bytes right behind the hello: the destination answered without
+// end-to-end TLS, and m heard from the server within earlyFresh.
+func (d *Dialer) mayEarlyMux(m *mux.Conn, addr string, early *earlyDial) bool {
+	return !early.sent && d.tlsEarly.plainDest(addr) && m.SinceRead() < earlyFresh
+}

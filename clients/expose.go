@@ -597,7 +597,9 @@ func (a *Agent) readControl(ctl wire.Stream, announce func(wire.SessionHeader)) 
 func (a *Agent) acceptTLS(ctx context.Context, hdr wire.SessionHeader) {
 	cctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
-	c, err := a.Dialer.requestTLS(cctx, "session "+hdr.Session, wire.ClientHello{V: wire.Version, Op: wire.OpAccept, Session: hdr.Session}, nil)
+	what, hello := "session "+hdr.Session, wire.ClientHello{V: wire.Version, Op: wire.OpAccept, Session: hdr.Session}
+	c, err := a.Dialer.roundTrip(cctx, trip{kind: tripAccept, what: what,
+		run: func(ctx context.Context, s *stream) (net.Conn, error) { return a.Dialer.request(ctx, s, what, hello) }})
 	if err != nil {
 		a.log().Warn("tp expose: cannot pick up a session", "name", hdr.Name, "err", err.Error())
 		return

@@ -14,7 +14,6 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/qlogwriter"
 
-	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -35,9 +34,6 @@ const (
 // tries TLS. A QUIC handshake takes one round trip, TCP plus TLS two, so on a
 // network where UDP works QUIC normally wins even without it.
 const DefaultHeadStart = 150 * time.Millisecond
-
-// quicGrace is how long auto still waits for QUIC after TLS failed.
-const quicGrace = time.Second
 
 // quicState is a Dialer's shared QUIC connection.
 type quicState struct {
@@ -404,157 +400,6 @@ func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketCon
 		return nil, err
 	}
 	return newCarrierConn(ctx, kind, d.Server, dial)
-}
-
-// dialQUIC runs one request on a new stream of the Dialer's QUIC connections
-// (openStream). If the connection turns out to be dead (the server restarted),
-// it reconnects once. With early, the request may return before the server
-// answered (early.go).
-func (d *Dialer) dialQUIC(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
-	for attempt := 0; ; attempt++ {
-		c, conn, err := d.requestQUIC(ctx, addr, hello, early)
-		if attempt == 0 && conn != nil && d.connLost(conn, err) && ctx.Err() == nil && mayResend(err, early) {
-			continue // the connection died under us: try once on a fresh one
-		}
-		return c, err
-	}
-}
-
-// requestQUIC runs one request on a new stream; it returns the connection it
-// used (also with an error, for connLost) unless connecting failed.
-func (d *Dialer) requestQUIC(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, *quic.Conn, error) {
-	conn, st, err := d.openStream(ctx, "tp dial "+addr)
-	if err != nil {
-		return nil, conn, err
-	}
-	// The hello goes out at once: the server sees a stream only once it carries data.
-	if early != nil && d.quic.early.allows(conn, addr) {
-		c, err := d.requestEarly(ctx, st, conn, addr, hello, early)
-		return c, conn, err
-	}
-	sh, attach, err := d.helloExchange(ctx, st, addr, hello, early)
-	if err != nil {
-		return nil, conn, err
-	}
-	d.quic.early.answered(conn, addr, sh)
-	c, err := d.answer(ctx, st, addr, hello, sh, attach)
-	return c, conn, err
-}
-
-// dialAuto uses a live QUIC connection when there is one, TLS when the cache says
-// QUIC failed recently for this server, and otherwise races the two.
-func (d *Dialer) dialAuto(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
-	if d.liveQUIC() != nil {
-		if c, conn, err := d.requestQUIC(ctx, addr, hello, early); conn != nil && (!d.connLost(conn, err) || !mayResend(err, early)) {
-			return c, err
-		}
-	}
-	if d.autoSkipsQUIC(ctx) {
-		// As --transport tls dials: a stream of a tp-mux connection, or a
-		// connection per dial to an older server (spare.go).
-		return d.requestTLS(ctx, addr, hello, early)
-	}
-	winner, tconn, err := d.race(ctx)
-	if err != nil {
-		return nil, err
-	}
-	// A fallback to TLS is remembered for less long: UDP, or a carrier, may
-	// get through again.
-	d.rememberTransport(winner)
-	if winner == TransportTLS {
-		return d.request(ctx, tconn, addr, hello, early)
-	}
-	return d.dialQUIC(ctx, addr, hello, early)
-}
-
-// race connects over QUIC and, after the head start or as soon as QUIC fails,
-// over TLS; the first to complete wins and the other attempt is abandoned. On a
-// TLS win it returns the TLS connection; on a QUIC win the shared connection is set.
-func (d *Dialer) race(ctx context.Context) (string, *tls.Conn, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	type result struct {
-		transport string
-		conn      *tls.Conn
-		err       error
-	}
-	results := make(chan result, 2)
-	go func() {
-		_, err := d.quicConn(ctx)
-		results <- result{transport: TransportQUIC, err: err}
-	}()
-	head := d.HeadStart
-	if head <= 0 {
-		head = DefaultHeadStart
-	}
-	var headStartOver <-chan time.Time
-	if d.racesCarriers() {
-		// QUIC over a stream carrier keeps QUIC's features (streams without
-		// head-of-line blocking between them, UDP flows, moving between
-		// networks and carriers): plain TLS starts only when QUIC got through
-		// on no carrier.
-	} else if d.quic.headStartTimer != nil {
-		headStartOver = d.quic.headStartTimer(head)
-	} else {
-		timer := time.NewTimer(head)
-		defer timer.Stop()
-		headStartOver = timer.C
-	}
-	startTLS := func() {
-		go func() {
-			c, err := d.connectTLS(ctx)
-			results <- result{transport: TransportTLS, conn: c, err: err}
-		}()
-	}
-	pending, tlsStarted := 1, false
-	var errs []error
-	var grace <-chan time.Time
-	for pending > 0 {
-		select {
-		case <-headStartOver:
-			if !tlsStarted {
-				tlsStarted = true
-				pending++
-				startTLS()
-			}
-		case <-grace:
-			// TLS failed and QUIC had its grace period too: the server is
-			// unreachable, no need to sit out the QUIC handshake timeout.
-			cancel()
-			grace = nil
-		case r := <-results:
-			pending--
-			if r.err == nil {
-				cancel()
-				// Close a TLS connection that completes after QUIC won.
-				go func(n int) {
-					for range n {
-						if late := <-results; late.conn != nil {
-							_ = late.conn.Close()
-						}
-					}
-				}(pending)
-				return r.transport, r.conn, nil
-			}
-			errs = append(errs, r.err)
-			if r.transport == TransportTLS && pending > 0 {
-				grace = time.After(max(head, quicGrace))
-			}
-			if !tlsStarted {
-				tlsStarted = true
-				pending++
-				startTLS()
-			}
-		}
-	}
-	for _, err := range slices.Backward(errs) { // TLS's error, which says the most, last
-		if ce := (*login.ConnectError)(nil); errors.As(err, &ce) {
-			// Nothing listens on the TCP port, or something other than tpd
-			// does: QUIC's silence says no more (it is not a blocked UDP).
-			return "", nil, err
-		}
-	}
-	return "", nil, errors.Join(errs...)
 }
 
 // connLost reports whether err means conn itself is gone (the server restarted,

@@ -3,15 +3,9 @@ package clients
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"fmt"
-	"net"
 	"sync"
 	"time"
-
-	"github.com/quic-go/quic-go"
-
-	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // Over TLS every session needs its own TLS connection to the TP server: a TCP
@@ -204,89 +198,4 @@ func (d *Dialer) closeSpare() {
 	for _, c := range cs {
 		_ = c.conn.Close()
 	}
-}
-
-// requestTLS runs a request on a new session's TLS connection. A failure on a
-// spare that says nothing about the request (the server closed the idle
-// connection, or answered hello_timeout because it waited longer than its
-// hello timeout) is retried once on a new connection. A dial that may send
-// early bytes (early not nil) sends them with its hello and returns before the
-// answer, as over QUIC (early.go), when the destination is known to answer
-// without end-to-end TLS and the connection is known to be open.
-func (d *Dialer) requestTLS(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
-	if !d.NoTLSMux && hello.Op == wire.OpDial {
-		// A stream of a tp-mux connection (tlsmux.go); an older server gets a
-		// connection per dial, starting with the one that found it out.
-		c, handled, plain, err := d.requestMux(ctx, addr, hello, early)
-		if handled {
-			return c, err
-		}
-		if plain != nil {
-			return d.requestOnTLS(ctx, plain, addr, hello, early)
-		}
-	}
-	conn, spare, open, err := d.sessionTLS(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if early != nil && open && hello.Op == wire.OpDial && hello.Net == "tcp" && d.tlsEarly.plainDest(addr) {
-		// The next spare is made once the answer is in (earlyTunnel.wait):
-		// made now, its handshake would compete for the CPU with this
-		// session's own setup at the server.
-		return d.requestEarly(ctx, conn, nil, addr, hello, early)
-	}
-	c, err := d.requestOnTLS(ctx, conn, addr, hello, early)
-	if spare && ctx.Err() == nil && retryOnNew(err, early) {
-		if conn, err = d.connectTLS(ctx); err != nil {
-			return nil, err
-		}
-		c, err = d.requestOnTLS(ctx, conn, addr, hello, early)
-	}
-	if hello.Op != wire.OpAccept {
-		// (An agent refills after an accept once its session has its first
-		// answer, Agent.acceptTLS, so that the handshake does not compete with
-		// the session's own setup for the CPU.)
-		d.refillSpare()
-	}
-	return c, err
-}
-
-// requestOnTLS is request on a session's TLS connection; it remembers whether
-// a dial's destination answered without end-to-end TLS (d.tlsEarly).
-func (d *Dialer) requestOnTLS(ctx context.Context, conn *tls.Conn, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
-	sh, attach, err := d.helloExchange(ctx, conn, addr, hello, early)
-	if err != nil {
-		return nil, err
-	}
-	if hello.Op == wire.OpDial && hello.Net == "tcp" {
-		d.tlsEarly.answered(nil, addr, sh)
-	}
-	return d.answer(ctx, conn, addr, hello, sh, attach)
-}
-
-// retryOnNew says whether a request that failed with err on a spare connection
-// goes again on a new one: when the failure says nothing about the request (the
-// server closed the idle connection, or answered hello_timeout because it
-// waited longer than its hello timeout). Not after a failure without an answer
-// when the dial's first bytes went sealed in an attach: the server may have
-// passed them on to the agent before the connection failed, and a request must
-// not reach a service twice (as for early bytes over QUIC, early.go).
-func retryOnNew(err error, early *earlyDial) bool {
-	var xe *exchangeError
-	var re *RefusedError
-	switch {
-	case errors.As(err, &re):
-		return re.Code == wire.CodeHelloTimeout
-	case errors.As(err, &xe):
-		return mayResend(err, early)
-	}
-	return false
-}
-
-// mayResend says whether a dial that failed with err may go again on another
-// connection: not once its first bytes went sealed in an attach (they may have
-// reached the service), unless the server answered with a stateless reset (it
-// held nothing of the connection, so it saw neither the hello nor the bytes).
-func mayResend(err error, early *earlyDial) bool {
-	return early == nil || !early.sealed || errors.As(err, new(*quic.StatelessResetError))
 }

@@ -1,14 +1,11 @@
 package clients
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"strings"
 	"sync"
 	"time"
 
@@ -240,96 +237,6 @@ func (d *Dialer) openTLSMux(ctx context.Context) (*mux.Conn, *tls.Conn, error) {
 		o.ExpiredReason = "the client certificate expired at " + na.UTC().Format(time.RFC3339) + "; tp renews it on the next connection, or run dlogin"
 	}
 	return mux.New(conn, o, nil), nil, nil
-}
-
-// requestMux runs a dial as a stream of a tp-mux connection. handled is false
-// when the server does not speak tp-mux/1 (the caller dials as before); conn
-// is then a new tp/1 connection for the request, or nil.
-func (d *Dialer) requestMux(ctx context.Context, addr string, hello wire.ClientHello, early *earlyDial) (c net.Conn, handled bool, plain *tls.Conn, err error) {
-	for attempt := 0; ; attempt++ {
-		m, plain, err := d.tlsMuxConn(ctx)
-		if err != nil || m == nil {
-			return nil, err != nil, plain, err
-		}
-		c, retry, err := d.streamRequest(ctx, m, addr, hello, early)
-		if retry && attempt < 3 && ctx.Err() == nil {
-			continue // nothing of the request reached a destination: on another connection
-		}
-		return c, true, nil, err
-	}
-}
-
-// streamRequest opens a stream on m carrying the hello (and the dial's first
-// bytes, or an end-to-end attach, when they may go with it), and reads the
-// server's answer. retry says that it failed before anything of the request
-// can have reached a destination (the connection was full or ended, or the
-// server refused the stream while it drains): it may go on another connection.
-func (d *Dialer) streamRequest(ctx context.Context, m *mux.Conn, addr string, hello wire.ClientHello, early *earlyDial) (_ net.Conn, retry bool, _ error) {
-	var buf bytes.Buffer
-	if err := wire.WriteClientHello(&buf, hello); err != nil {
-		return nil, false, fmt.Errorf("tp dial %s: %w", addr, err)
-	}
-	sendEarly := early != nil && !early.sent && hello.Op == wire.OpDial && hello.Net == "tcp" &&
-		d.tlsEarly.plainDest(addr) && m.SinceRead() < earlyFresh
-	var attach *pendingAttach
-	if sendEarly {
-		buf.Write(early.first)
-	} else {
-		attach = d.earlyAttach(nil, hello, early)
-		buf.Write(attach.message())
-	}
-	st, err := m.Open(buf.Bytes())
-	if err != nil {
-		if rerr := d.rejectedBy(m, addr); rerr != nil {
-			return nil, false, rerr
-		}
-		return nil, errors.Is(err, mux.ErrFull), fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, err)
-	}
-	d.tlsMux.counted()
-	if sendEarly {
-		// The answer is read when the tunnel is first used (early.go).
-		early.sent = true
-		deadline, _ := ctx.Deadline()
-		return &earlyTunnel{st: st, d: d, addr: addr, hello: hello, ctx: context.WithoutCancel(ctx), deadline: deadline,
-			sent: len(early.first), early: bytes.Clone(early.first)}, false, nil
-	}
-	stop := context.AfterFunc(ctx, func() { _ = st.SetDeadline(time.Unix(1, 0)) })
-	sh, err := wire.ReadServerHello(st)
-	if !stop() {
-		err = errors.Join(err, ctx.Err())
-	}
-	if err != nil {
-		st.Abort(wire.QUICInternal)
-		if rerr := d.rejectedBy(m, addr); rerr != nil {
-			return nil, false, rerr
-		}
-		retry := ctx.Err() == nil && (attach == nil || !attach.sent) && streamRefused(err, m)
-		switch {
-		case errors.Is(err, io.EOF):
-			err = fmt.Errorf("reading server hello: the TP server ended the stream without answering: %w", err)
-		case err != nil:
-			err = fmt.Errorf("reading server hello: %w", err)
-		}
-		return nil, retry, fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, err)
-	}
-	_ = st.SetDeadline(time.Time{})
-	if hello.Op == wire.OpDial && hello.Net == "tcp" {
-		d.tlsEarly.answered(nil, addr, sh)
-	}
-	c, err := d.answer(ctx, st, addr, hello, sh, attach)
-	return c, false, err
-}
-
-// rejectedBy is the error of a dial on m when the server refused the
-// certificate after the client's side of the handshake was done (TLS 1.3
-// checks it last): its alert ended the connection. It is said as over a
-// connection of its own (ErrCertificateRejected), and the ticket is dropped.
-func (d *Dialer) rejectedBy(m *mux.Conn, addr string) error {
-	merr := m.Err()
-	if merr == nil || !strings.Contains(merr.Error(), "remote error: tls:") {
-		return nil
-	}
-	return fmt.Errorf("tp dial %s via %s: reading server hello: %w", addr, d.Server, d.forgetRejected(explainHelloErr(merr)))
 }
 
 // streamRefused says whether a stream's failure before its answer means that

@@ -2,110 +2,38 @@ package clients
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"time"
 
-	"github.com/quic-go/quic-go"
-
-	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// dialUDP opens a UDP flow to addr: a stream on the shared QUIC connection (with
-// QUIC datagrams when the connection has them) or a new TLS connection, chosen as
-// for TCP dials. The result is a *wire.UDPFlow.
-func (d *Dialer) dialUDP(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, error) {
-	switch d.mode() {
-	case TransportAuto, "":
-		if d.liveQUIC() != nil {
-			if c, conn, err := d.udpOnQUIC(ctx, addr, hello); conn != nil && !d.connLost(conn, err) {
-				return c, err
-			}
-		}
-		d.quic.mu.Lock()
-		tlsWon := time.Now().Before(d.quic.tlsUntil)
-		d.quic.mu.Unlock()
-		if tlsWon || d.Cache != nil && d.Cache.Get(d.Server) == TransportTLS || d.quicNotOffered(ctx) {
-			return d.udpOnTLS(ctx, addr, hello, nil)
-		}
-		winner, tconn, err := d.race(ctx)
-		if err != nil {
-			return nil, err
-		}
-		if d.Cache != nil {
-			_ = d.Cache.Put(d.Server, winner)
-		}
-		if winner == TransportTLS {
-			d.quic.mu.Lock()
-			d.quic.tlsUntil = time.Now().Add(DefaultTransportCacheTTL)
-			d.quic.mu.Unlock()
-			return d.udpOnTLS(ctx, addr, hello, tconn)
-		}
-		fallthrough
-	case TransportQUIC:
-		for attempt := 0; ; attempt++ {
-			c, conn, err := d.udpOnQUIC(ctx, addr, hello)
-			if attempt == 0 && conn != nil && d.connLost(conn, err) && ctx.Err() == nil {
-				continue // the connection died under us: try once on a fresh one
-			}
-			return c, err
-		}
-	case TransportTLS:
-		return d.udpOnTLS(ctx, addr, hello, nil)
-	default:
-		return nil, fmt.Errorf("transport %q must be auto, quic or tls", d.Transport)
-	}
-}
-
-// udpOnTLS opens the flow on conn when given (the connection that won auto's
-// race), else as a stream of a tp-mux connection (PROTOCOL 9.9: the capsules
-// go on the stream), else on a new TLS connection (an older server, the
-// connections full, or --no-tls-mux).
-func (d *Dialer) udpOnTLS(ctx context.Context, addr string, hello wire.ClientHello, conn *tls.Conn) (net.Conn, error) {
-	if conn == nil && !d.NoTLSMux {
-		m, plain, err := d.tlsMuxConn(ctx)
-		if err != nil {
-			return nil, err
-		}
-		conn = plain
-		if m != nil {
-			if st, err := m.Open(nil); err == nil {
-				d.tlsMux.counted()
-				c, err := d.udpRequest(ctx, st, addr, hello)
-				if err == nil || !errors.Is(err, mux.ErrRefused) || ctx.Err() != nil {
-					return c, err
-				}
-				// The server refused the stream unserved (it drains): on a
-				// connection of its own.
-			}
-		}
-	}
-	if conn == nil {
-		var err error
-		if conn, err = d.connectTLS(ctx); err != nil {
-			return nil, err
-		}
-	}
-	return d.udpRequest(ctx, conn, addr, hello)
-}
-
-// udpOnQUIC opens the flow on a new stream of the Dialer's QUIC connections
-// (openStream); it returns the connection it used, as requestQUIC does.
-func (d *Dialer) udpOnQUIC(ctx context.Context, addr string, hello wire.ClientHello) (net.Conn, *quic.Conn, error) {
-	conn, st, err := d.openStream(ctx, "tp dial udp "+addr)
-	if err != nil {
-		return nil, conn, err
-	}
-	c, err := d.udpRequest(ctx, st, addr, hello)
-	return c, conn, err
+// udpTrip is a UDP flow to addr as a request for roundTrip: a stream on the
+// shared QUIC connection (with QUIC datagrams when the connection has them),
+// a stream of a tp-mux connection (PROTOCOL 9.9: the capsules go on the
+// stream) or a new TLS connection, chosen as for TCP dials. The flow is a
+// *wire.UDPFlow.
+func (d *Dialer) udpTrip(addr string, hello wire.ClientHello) trip {
+	return trip{kind: tripUDP, what: "tp dial udp " + addr,
+		run: func(ctx context.Context, s *stream) (net.Conn, error) {
+			return d.udpRequest(ctx, s, addr, hello)
+		}}
 }
 
 // udpRequest registers the flow (so that no datagram the server sends right after
 // its ok is lost), runs the hello exchange and starts the flow.
-func (d *Dialer) udpRequest(ctx context.Context, conn wire.Stream, addr string, hello wire.ClientHello) (net.Conn, error) {
+// On tp-mux the stream is opened first, empty; when it cannot be, the flow
+// is refused there (s.refused).
+func (d *Dialer) udpRequest(ctx context.Context, s *stream, addr string, hello wire.ClientHello) (net.Conn, error) {
+	if s.mux != nil {
+		if _, err := s.openMux(d, nil); err != nil {
+			s.refused = true
+			return nil, err
+		}
+	}
+	conn := s.Stream
 	flow, err := wire.NewUDPFlow(conn, 0, nil)
 	if err != nil {
 		_ = conn.Close()
