@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -199,8 +200,8 @@ func TestStdioUploadOutlastsReply(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
 		name   string
-		chunks int // of 64 KiB, one every 20 ms; 0: input that never ends
-	}{{"input ends", 16}, {"input never ends", 0}} {
+		chunks int // of 64 KiB, sent after the reply arrived; 0: input that never ends
+	}{{"input ends", 4}, {"input never ends", 0}} {
 		t.Run(tc.name, func(t *testing.T) {
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
@@ -229,18 +230,30 @@ func TestStdioUploadOutlastsReply(t *testing.T) {
 			}
 			pr, pw := io.Pipe()
 			defer pw.Close()
+			replied := make(chan struct{})
+			var sent atomic.Int64
 			go func() {
+				// The upload outlasts the reply: it goes on until the reply
+				// has reached standard output, then sends chunks more (an
+				// event, not a pace, so that a slow machine does not stretch
+				// the end of the input beyond Stdio's grace).
 				chunk := make([]byte, 64<<10)
-				for i := 0; tc.chunks == 0 || i < tc.chunks; i++ {
+				for i := 0; tc.chunks == 0 || i < tc.chunks; {
 					if _, err := pw.Write(chunk); err != nil {
 						return
 					}
-					time.Sleep(20 * time.Millisecond) // pacing: the upload outlasts the reply
+					sent.Add(int64(len(chunk)))
+					select {
+					case <-replied:
+						i++
+					default:
+						time.Sleep(5 * time.Millisecond) // until the reply arrives: the upload is still under way then
+					}
 				}
 				pw.Close()
 			}()
-			var out bytes.Buffer
-			if err := clients.Stdio(context.Background(), conn, pr, &out); err != nil {
+			out := &signalWriter{signal: replied}
+			if err := clients.Stdio(context.Background(), conn, pr, out); err != nil {
 				t.Fatal(err)
 			}
 			if out.String() != "bye" {
@@ -249,11 +262,24 @@ func TestStdioUploadOutlastsReply(t *testing.T) {
 			err = <-got
 			m := <-n
 			switch {
-			case tc.chunks > 0 && (err != nil || m != int64(tc.chunks)<<16):
-				t.Fatalf("the far side read %d of %d bytes, then %v; want the whole upload", m, tc.chunks<<16, err)
+			case tc.chunks > 0 && (err != nil || m != sent.Load()):
+				t.Fatalf("the far side read %d of %d bytes, then %v; want the whole upload", m, sent.Load(), err)
 			case tc.chunks == 0 && !errors.Is(err, syscall.ECONNRESET):
 				t.Fatalf("the far side read %d bytes, then %v; want a reset, not a clean end of a cut upload", m, err)
 			}
 		})
 	}
+}
+
+// signalWriter is a bytes.Buffer that closes signal at its first write.
+type signalWriter struct {
+	bytes.Buffer
+	signal chan struct{}
+	once   sync.Once
+}
+
+func (w *signalWriter) Write(p []byte) (int, error) {
+	n, err := w.Buffer.Write(p)
+	w.once.Do(func() { close(w.signal) })
+	return n, err
 }

@@ -46,6 +46,25 @@ type spareTLS struct {
 	// replaced) when a spare is added or filling ends.
 	waiter  bool
 	changed chan struct{}
+	// maxAge and window are spareMaxAge and spareWindow when zero; tests
+	// that must not depend on how fast the machine is lengthen them.
+	maxAge, window time.Duration
+}
+
+// maxAgeOr is how old a spare may be (spareMaxAge unless set).
+func (s *spareTLS) maxAgeOr() time.Duration {
+	if s.maxAge > 0 {
+		return s.maxAge
+	}
+	return spareMaxAge
+}
+
+// windowOr is how close together sessions make a burst (spareWindow unless set).
+func (s *spareTLS) windowOr() time.Duration {
+	if s.window > 0 {
+		return s.window
+	}
+	return spareWindow
 }
 
 type spareConn struct {
@@ -73,7 +92,7 @@ func (d *Dialer) sessionTLS(ctx context.Context) (conn *tls.Conn, spare, open bo
 	s := &d.spare
 	s.mu.Lock()
 	now := time.Now()
-	s.burst = !s.last.IsZero() && now.Sub(s.last) < spareWindow
+	s.burst = !s.last.IsZero() && now.Sub(s.last) < s.windowOr()
 	s.last = now
 	var stale []*tls.Conn
 	waited := false
@@ -121,7 +140,7 @@ func (s *spareTLS) takeLocked(now time.Time, stale []*tls.Conn) (*tls.Conn, bool
 	for len(s.conns) > 0 {
 		c := s.conns[0]
 		s.conns = s.conns[1:]
-		if now.Sub(c.made) < spareMaxAge {
+		if now.Sub(c.made) < s.maxAgeOr() {
 			open, known := spareOpen(c.conn)
 			if open || !known {
 				return c.conn, open, stale
@@ -160,7 +179,7 @@ func (d *Dialer) refillSpare() {
 		for {
 			// Not a request's context: the spare outlives the session that asked
 			// for it; spareMaxAge bounds the connect, and Close discards the result.
-			ctx, cancel := context.WithTimeout(context.Background(), spareMaxAge)
+			ctx, cancel := context.WithTimeout(context.Background(), s.maxAgeOr())
 			conn, err := d.connectTLS(ctx)
 			cancel()
 			s.mu.Lock()
