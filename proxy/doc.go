@@ -10,7 +10,9 @@
 //
 // What both ends of the protocol speak — hellos, codes, the session header,
 // capsules, the QUIC stream adapter and the bridge — is package proxy/wire; this
-// package uses it and adds only the server's decisions.
+// package uses it and adds only the server's decisions. The stream carriers'
+// packet mux under the QUIC transport is package proxy/carrier, which this
+// package assembles (carrier.go).
 //
 // The package knows nothing about configuration files, OPA or step-ca: the caller
 // passes TLS configurations, an identity function and an authz.Authorizer. The

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/carrier"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
@@ -160,14 +161,15 @@ type Server struct {
 	// QUIC); nil without Config.DevicesOnly.
 	devicesTLS   *tls.Config
 	devicesH3TLS *tls.Config
-	// carrier*.go: the tls carrier's configuration ("tp-carrier/1", the device
-	// certificate required) and the mux under the QUIC server.
-	carrierTLS *tls.Config
+	// carrier.go: the tls carrier's configuration ("tp-carrier/1", the device
+	// certificate required), the mux under the QUIC server and the http
+	// carrier's sessions (package proxy/carrier).
+	carrierTLS   *tls.Config
+	carriers     atomic.Pointer[carrier.Mux]
+	httpCarriers carrier.HTTPSessions
 	// tlsmux.go: the proxy configuration for a client that offers "tp-mux/1"
 	// (many sessions on one connection), which it prefers to "tp/1".
-	muxTLS       *tls.Config
-	carriers     atomic.Pointer[carrierMux]
-	httpCarriers httpCarriers
+	muxTLS *tls.Config
 
 	active     atomic.Int64           // connections counted against MaxConns
 	webConns   atomic.Int64           // website connections counted against MaxWebConns
