@@ -10,9 +10,11 @@
 //
 // What both ends of the protocol speak — hellos, codes, the session header,
 // capsules, the QUIC stream adapter and the bridge — is package proxy/wire; this
-// package uses it and adds only the server's decisions. The stream carriers'
-// packet mux under the QUIC transport is package proxy/carrier, which this
-// package assembles (carrier.go).
+// package uses it and adds only the server's decisions. The protocol families
+// that need nothing of the sessions are packages of their own, which this
+// package assembles: the stream carriers' packet mux under the QUIC transport
+// is proxy/carrier (carrier.go), the CONNECT-IP tunnels are proxy/masque
+// (connectip.go serves their requests).
 //
 // The package knows nothing about configuration files, OPA or step-ca: the caller
 // passes TLS configurations, an identity function and an authz.Authorizer. The

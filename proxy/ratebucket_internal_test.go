@@ -5,53 +5,6 @@ import (
 	"time"
 )
 
-// The CONNECT-IP bucket at its edges, on a clock the test moves: a fresh
-// bucket passes exactly one second's packets and refuses the next; 1/rate
-// later it passes exactly one more; a long idle fills it to one second's
-// worth and never beyond; a packet of exactly the bytes left passes and one
-// byte more is refused. Bad input: packets beyond what the bucket holds.
-func TestIPRateBucketEdges(t *testing.T) {
-	const pps, bps = 20, 1 << 20
-	t0 := time.Unix(1_000_000, 0)
-	taken := func(b *rateBucket, now time.Time, n int) int {
-		got := 0
-		for range 10 * pps {
-			if b.allow(now, n, pps, bps) {
-				got++
-			}
-		}
-		return got
-	}
-	var b rateBucket
-	if got := taken(&b, t0, 100); got != pps {
-		t.Fatalf("a fresh bucket of %d packets per second passed %d packets at one instant; want exactly %d", pps, got, pps)
-	}
-	t1 := t0.Add(time.Second / pps)
-	if got := taken(&b, t1, 100); got != 1 {
-		t.Fatalf("1/%d s after the bucket ran dry it passed %d packets; want exactly 1", pps, got)
-	}
-	if got := taken(&b, t1.Add(time.Hour), 100); got != pps {
-		t.Fatalf("after an hour's idle the bucket passed %d packets at one instant; want exactly %d (one second's worth)", got, pps)
-	}
-
-	// Bytes: 1,000 per second, packets far below their own limit.
-	const small = 1000
-	var bb rateBucket
-	if !bb.allow(t0, small, pps, small) {
-		t.Fatalf("a fresh bucket of %d bytes per second refused a packet of exactly %d bytes", small, small)
-	}
-	if bb.allow(t0, 1, pps, small) {
-		t.Fatal("a bucket that passed its whole second of bytes passed one byte more")
-	}
-	t2 := t0.Add(10 * time.Millisecond) // 10 bytes' worth
-	if !bb.allow(t2, 10, pps, small) {
-		t.Fatal("10 ms after the bytes ran out, a packet of exactly the 10 bytes refilled was refused")
-	}
-	if bb.allow(t2, 1, pps, small) {
-		t.Fatal("the bucket passed a byte more than it had refilled")
-	}
-}
-
 // The CONNECT-UDP flow bucket at its edges, on a clock the test moves: a new
 // bucket passes exactly one second's datagrams and refuses the next; 1/rate
 // later exactly one more; a long idle fills it to one second's worth and
