@@ -191,20 +191,19 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	tn, herr, detail := t.Open(ctx, ss.id, grant)
+	// The tunnel ends with a revocation, a policy that no longer allows it,
+	// the certificate's expiry, the server's force, the peer, or a newer
+	// tunnel of the same device, which can come as soon as Open returns.
+	tctx, end := context.WithCancelCause(ctx)
+	tn, herr, detail := t.Open(ctx, ss.id, grant, routes, end)
 	if herr != nil {
+		end(nil)
 		ss.end = herr.Error() + detail // the server's log has the details, the client a sentence
 		refuse(herr)
 		return
 	}
-	tn.SetRoutes(routes)
 	defer t.Close(tn)
-
-	// The tunnel ends with a revocation, a policy that no longer allows it,
-	// the certificate's expiry, the server's force, or the peer.
-	tctx, end := context.WithCancelCause(ctx)
 	defer end(nil)
-	tn.SetEnd(end)
 	expire := time.AfterFunc(time.Until(ss.id.NotAfter), func() { end(wire.ErrCertExpired) })
 	defer expire.Stop()
 	defer s.sessions.add(&liveSession{cs: *r.TLS, req: req, revoke: end, onAllow: func(d authz.Decision) {
@@ -259,7 +258,7 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 		context.AfterFunc(tctx, func() { _ = r.Body.Close() })
 	}
 
-	if err := tn.Announce(routes); err != nil {
+	if err := tn.Announce(); err != nil {
 		ss.end = "sending the address assignment: " + err.Error()
 		return
 	}

@@ -263,31 +263,29 @@ func RoutesOf(g *authz.IPGrant, target netip.Prefix, proto int) []wire.IPRoute {
 // CountRefused counts a CONNECT-IP request refused (IPStats.Refused).
 func (t *IPTunnels) CountRefused() { t.stats.refused.Add(1) }
 
-// SetRoutes sets the routes the tunnel's peer may reach.
-func (tn *IPTunnel) SetRoutes(routes []wire.IPRoute) { tn.routes.Store(&routes) }
-
-// SetEnd sets how the tunnel is ended: a newer tunnel of the same device, a
-// re-check that moves its addresses or leaves it no prefix.
-func (tn *IPTunnel) SetEnd(end context.CancelCauseFunc) { tn.end = end }
-
 // Attach sets how the tunnel reaches its peer: writeCap writes capsules on
 // the request stream; sendDg sends one HTTP Datagram payload on HTTP/3
 // request stream dgStream, and nil sends DATAGRAM capsules on the stream
 // instead (HTTP/2, RFC 9297 §3.5).
 func (tn *IPTunnel) Attach(writeCap, sendDg func([]byte) error, dgStream int64) {
+	tn.wmu.Lock()
 	tn.writeCap = writeCap
+	tn.wmu.Unlock()
 	if sendDg == nil {
 		sendDg = func(p []byte) error { return tn.capsule(wire.AppendIPCapsule(nil, wire.IPCapsuleDatagram, p)) }
 	}
 	tn.sendDg, tn.dgStream = sendDg, dgStream
 }
 
-// Announce sends the peer its addresses and routes, the tunnel's first capsules.
-func (tn *IPTunnel) Announce(routes []wire.IPRoute) error {
+// Announce sends the peer its addresses and routes, the tunnel's first
+// capsules: the routes as they are now, after any re-check since Open.
+func (tn *IPTunnel) Announce() error {
+	tn.wmu.Lock()
+	defer tn.wmu.Unlock()
 	var first []byte
 	first = wire.AppendAddresses(first, wire.IPCapsuleAddressAssign, assigned(tn.addrs))
-	first = wire.AppendRoutes(first, routes)
-	return tn.capsule(first)
+	first = wire.AppendRoutes(first, *tn.routes.Load())
+	return tn.writeCap(first)
 }
 
 // Run moves packets between the tun device and the peer (capsules, and
@@ -341,9 +339,11 @@ func assigned(addrs []netip.Prefix) []wire.AssignedAddress {
 }
 
 // Open picks the peer's addresses, creates its tun, routes the addresses
-// through it and runs the hook. A device that has a tunnel already loses it:
+// through it and runs the hook. routes are what the peer may reach (the hook
+// sees them); end ends the tunnel, and is set before the tunnel is in the
+// table where a newer tunnel of the device finds it. A device that has a tunnel already loses it:
 // one tunnel per device, so a client that reconnects gets its addresses back.
-func (t *IPTunnels) Open(ctx context.Context, id authz.Identity, g *authz.IPGrant) (_ *IPTunnel, _ *wire.HelloError, detail string) {
+func (t *IPTunnels) Open(ctx context.Context, id authz.Identity, g *authz.IPGrant, routes []wire.IPRoute, end context.CancelCauseFunc) (_ *IPTunnel, _ *wire.HelloError, detail string) {
 	t.mu.Lock()
 	if old := t.byDev[id.DeviceID]; old != nil {
 		delete(t.byDev, id.DeviceID)
@@ -351,7 +351,8 @@ func (t *IPTunnels) Open(ctx context.Context, id authz.Identity, g *authz.IPGran
 		old.end(&wire.EndError{Code: wire.QUICPeerReset, By: "server", Reason: "the same device opened a new IP tunnel"})
 		t.mu.Lock()
 	}
-	tn := &IPTunnel{t: t, id: id}
+	tn := &IPTunnel{t: t, id: id, end: end}
+	tn.routes.Store(&routes)
 	if len(g.Addresses) > 0 {
 		tn.addrs = slices.Clone(g.Addresses)
 	} else {
@@ -506,9 +507,14 @@ func (tn *IPTunnel) Regrant(d authz.Decision, target netip.Prefix, proto int) {
 	}
 }
 
+// capsule writes b to the peer; before Attach there is no peer to write to
+// yet, and Announce sends the routes a re-check set meanwhile.
 func (tn *IPTunnel) capsule(b []byte) error {
 	tn.wmu.Lock()
 	defer tn.wmu.Unlock()
+	if tn.writeCap == nil {
+		return nil
+	}
 	return tn.writeCap(b)
 }
 

@@ -135,3 +135,48 @@ func TestIPTunnelRegrantNarrows(t *testing.T) {
 		})
 	}
 }
+
+// A re-check that narrows the grant after the tunnel opened and before its
+// stream is attached (the session takes re-checks before the answer goes
+// out) writes to no peer yet and is not lost: the first capsules the peer
+// gets advertise the routes as the re-check left them. Before, the re-check
+// called a tunnel writer that was not set yet. Bad input: a re-check in that
+// window.
+func TestIPTunnelRegrantBeforeAttach(t *testing.T) {
+	peer := netip.MustParseAddr("100.96.0.1")
+	ctx, end := context.WithCancelCause(context.Background())
+	defer end(nil)
+	tn := &IPTunnel{t: &IPTunnels{}, addrs: []netip.Prefix{netip.PrefixFrom(peer, 32)}, end: end}
+	wide := RoutesOf(grantOf("10.77.0.0/24", "10.79.0.0/24"), netip.Prefix{}, -1)
+	tn.routes.Store(&wide)
+
+	narrow := authz.Decision{Allow: true, IP: grantOf("10.77.0.0/24")}
+	tn.Regrant(narrow, netip.Prefix{}, -1)
+	if ctx.Err() != nil {
+		t.Fatalf("a narrower grant before the stream was attached ended the tunnel: %v", context.Cause(ctx))
+	}
+	var sent []byte
+	tn.Attach(func(b []byte) error { sent = append(sent, b...); return nil }, nil, 0)
+	if err := tn.Announce(); err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(bytes.NewReader(sent))
+	var advertised [][]wire.IPRoute
+	for {
+		c, err := wire.ReadIPCapsule(r)
+		if err != nil {
+			break
+		}
+		if c.Type == wire.IPCapsuleRouteAdvertisement {
+			rs, err := wire.ParseRoutes(c.Payload)
+			if err != nil {
+				t.Fatal(err)
+			}
+			advertised = append(advertised, rs)
+		}
+	}
+	want := RoutesOf(narrow.IP, netip.Prefix{}, -1)
+	if len(advertised) != 1 || !slices.Equal(advertised[0], want) {
+		t.Fatalf("the peer was advertised %v; want once the re-checked %v", advertised, want)
+	}
+}
