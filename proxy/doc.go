@@ -14,7 +14,8 @@
 // that need nothing of the sessions are packages of their own, which this
 // package assembles: the stream carriers' packet mux under the QUIC transport
 // is proxy/carrier (carrier.go), the CONNECT-IP tunnels are proxy/masque
-// (connectip.go serves their requests).
+// (connectip.go serves their requests), and the connections between server
+// instances and their pool are proxy/peer (peer*.go decides what they carry).
 //
 // The package knows nothing about configuration files, OPA or step-ca: the caller
 // passes TLS configurations, an identity function and an authz.Authorizer. The

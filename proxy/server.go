@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/proxy/carrier"
+	"github.com/tp-proxy/tp/proxy/peer"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
@@ -178,7 +179,8 @@ type Server struct {
 	sessions   registry               // established sessions, for Recheck
 	ends       endRecords             // how recently aborted sessions ended, for op "why"
 	rev        *reverseRegistry       // reverse names; nil when Config.Reverse.Zone is empty
-	peers      *peerState             // other instances (peer.go); nil without Config.Peers
+	peers      *peer.Pool             // other instances (peer.go); nil without Config.Peers
+	peerLive   peerLive               // dials forwarded to other instances, for their end notices (peer_end.go)
 	peerTLS    *tls.Config            // ALPN tp-peer/1: node certificates only
 	udp        udpState               // UDP flow bounds and counters (udp.go)
 	cudp       cudpCounters           // CONNECT-UDP counters (masque_udp_relay.go)
@@ -294,8 +296,8 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Reverse.Zone != "" {
 		s.rev = newReverseRegistry(cfg.Reverse)
 		s.rev.srv = s // public ports (reverse_public.go)
-		if s.peers = newPeerState(cfg.Peers); s.peers != nil {
-			s.peerTLS = s.peers.serverTLS()
+		if s.peers = peer.NewPool(cfg.Peers); s.peers != nil {
+			s.peerTLS = s.peers.ServerTLS()
 		}
 	}
 	return s, nil
@@ -398,7 +400,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.rev.endAgents(wire.ErrShutdown)
 	}
 	if s.peers != nil {
-		s.peers.close()
+		s.peers.Close()
 	}
 
 	var webErr error

@@ -36,15 +36,15 @@ var rules = []rule{{
 	},
 }, {
 	why:       "configuration stays in cmd/ and internal/config: the data plane, the clients and the wire package take their parts from callers",
-	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/wire", "clients", "authz", "policy"},
+	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer", "proxy/wire", "clients", "authz", "policy"},
 	forbidden: []string{"github.com/spf13/viper", "github.com/spf13/cobra", mod + "internal/config"},
 }, {
 	why:       "the data plane knows nothing of OPA or step-ca: the caller hands it an authz.Authorizer",
-	roots:     []string{"proxy", "proxy/carrier", "proxy/masque"},
+	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer"},
 	forbidden: []string{"github.com/open-policy-agent/", "github.com/smallstep/certificates/", mod + "policy", mod + "acme"},
 }, {
 	why:       "metrics are tpd's business: the data plane keeps plain counters (proxy.Server.Stats) that tpd exports, and the clients export nothing",
-	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/wire", "authz", "cmd/tp", "cmd/dlogin", "clients"},
+	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer", "proxy/wire", "authz", "cmd/tp", "cmd/dlogin", "clients"},
 	forbidden: []string{"github.com/prometheus/"},
 }, {
 	why:       "the wire package is the protocol both ends speak: it depends on no other TP package",
@@ -55,13 +55,13 @@ var rules = []rule{{
 	roots:     []string{"proxy/mux"},
 	forbidden: []string{mod + "proxy", mod + "clients", mod + "internal/", mod + "authz", mod + "policy", mod + "acme"},
 }, {
-	why:       "the carriers move QUIC packets and decide nothing: the carrier package depends on no TP package but the wire package, so the proxy assembles it and not the other way round",
-	roots:     []string{"proxy/carrier"},
+	why:       "the carriers move QUIC packets and the peer transport moves sessions between instances; neither decides anything: they depend on no TP package but the wire package, so the proxy assembles them and not the other way round",
+	roots:     []string{"proxy/carrier", "proxy/peer"},
 	forbidden: []string{mod},
 }, {
 	why:       "the protocol families under proxy/ are assembled by proxy: none imports proxy or another family",
-	roots:     []string{"proxy/carrier", "proxy/masque"},
-	forbidden: []string{mod + "proxy", mod + "proxy/carrier", mod + "proxy/masque", mod + "clients", mod + "internal/tpd", mod + "internal/config"},
+	roots:     []string{"proxy/carrier", "proxy/masque", "proxy/peer"},
+	forbidden: []string{mod + "proxy", mod + "proxy/carrier", mod + "proxy/masque", mod + "proxy/peer", mod + "clients", mod + "internal/tpd", mod + "internal/config"},
 }}
 
 type pkg struct {
