@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/proxy/carrier"
+	"github.com/tp-proxy/tp/proxy/masque"
 	"github.com/tp-proxy/tp/proxy/peer"
 	"github.com/tp-proxy/tp/proxy/wire"
 
@@ -183,7 +184,7 @@ type Server struct {
 	peerLive   peerLive               // dials forwarded to other instances, for their end notices (peer_end.go)
 	peerTLS    *tls.Config            // ALPN tp-peer/1: node certificates only
 	udp        udpState               // UDP flow bounds and counters (udp.go)
-	cudp       cudpCounters           // CONNECT-UDP counters (masque_udp_relay.go)
+	cudp       masque.UDPCounters     // CONNECT-UDP counters (package proxy/masque)
 	holds      connHolds              // dialers' sessions on agents' QUIC connections (quicholds.go)
 	limits     atomic.Pointer[Limits] // timeouts and caps; SetLimits swaps them (livelimits.go)
 	stats      counters               // for monitoring (stats.go)

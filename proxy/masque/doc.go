@@ -1,6 +1,12 @@
 // Package masque is the tunnel end of the MASQUE proxying TP serves on its
-// proxy names: CONNECT-IP (RFC 9484) tunnels. A device with a verified
-// certificate gets an IP tunnel with a tun device of its own ("tpip%d"),
+// proxy names: CONNECT-UDP flows (RFC 9298) and CONNECT-IP tunnels (RFC 9484).
+//
+// A CONNECT-UDP flow (udp.go) relays the client's HTTP Datagrams (QUIC
+// DATAGRAM frames on HTTP/3) and DATAGRAM capsules on the request stream to a
+// connected UDP socket, within the flow's bounds (UDPLimits), and counts what
+// it relays and drops (UDPCounters).
+//
+// A CONNECT-IP tunnel (iptunnel.go) has a tun device of its own ("tpip%d"),
 // routes for the addresses assigned to the peer through it, and a hook
 // program run with TUN_DEV_NAME and TUN_CLIENT_ID (the seed's jtunnel
 // contract). The policy decides which prefixes and protocols the peer may
@@ -10,7 +16,8 @@
 // from a granted prefix. A re-check that narrows the grant is applied in
 // place (IPTunnel.Regrant). docs/IP.md is the user's description.
 //
-// Package proxy serves the request (identity, policy decision, session
-// record, the HTTP/3 or HTTP/2 stream) and hands the tunnel its link to the
-// peer (IPTunnel.Attach); this package knows nothing of the proxy's sessions.
+// Package proxy serves the requests (identity, policy decision, the
+// destination's socket, the session's record) and hands this package the
+// request's stream (AcceptUDP, IPTunnel.Attach); this package knows nothing
+// of the proxy's sessions.
 package masque
