@@ -1,763 +1,108 @@
 package proxy
 
-// Carriers (docs/PROTOCOL.md, "Carriers"): the server's QUIC transport reads
-// from a carrierMux, which merges the UDP socket's datagrams with the QUIC
-// packets that arrive over the stream carriers (a TLS stream with ALPN
-// "tp-carrier/1", a WebSocket on the website side). Each carrier session gets a
-// virtual address of its own, so quic-go sees one more client address, and a
-// client that moves from UDP to a carrier (or from one carrier session to the
-// next) keeps its QUIC connection: quic-go sees the new address as a migration
-// and validates the path. The QUIC handshake still requires the device
-// certificate: a carrier moves packets and decides nothing.
-//
-// The UDP path stays what it was: carrierMux offers quic-go the socket's own
-// batched reads (recvmmsg), GSO, ECN and DF, and only packets for a virtual
-// address take the carrier route. A carrier packet that arrives while the
-// reader waits on the socket interrupts the wait with a read deadline in the
-// past (a netpoller operation, no system call).
+// The server's side of the stream carriers (package proxy/carrier): the mux
+// under the first QUIC server, and the routes that hand carrier connections
+// and requests to it.
 
 import (
 	"context"
-	"crypto/rand"
-	"errors"
-	"log/slog"
+	"crypto/tls"
 	"net"
-	"net/netip"
-	"os"
-	"slices"
-	"sync"
-	"sync/atomic"
-	"syscall"
-	"time"
+	"net/http"
 
-	"github.com/quic-go/quic-go"
-	"golang.org/x/net/ipv4"
-
+	"github.com/tp-proxy/tp/proxy/carrier"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// CarrierOptions bounds the stream carriers. Zero values take the defaults.
-type CarrierOptions struct {
-	// MaxSessions bounds the carrier sessions (TLS streams and WebSockets) open
-	// at once over all clients; a further one is refused. Default 1024.
-	MaxSessions int
-	// Idle ends a carrier session that carried no packet for this long. QUIC's
-	// keepalives (15 s) keep a live one busy. Default 2 minutes.
-	Idle time.Duration
-	// A ws or http carrier session is opened without a certificate: it is
-	// unproven until a QUIC connection of a device (a completed handshake
-	// with its certificate) runs over it. A tls carrier session is proven at
-	// its own handshake. Unproven sessions are bounded so that nobody without
-	// a certificate can take the slots of those who have one:
-	//
-	// MaxUnprovenPerSource bounds the unproven sessions of one source
-	// address (IPv6: its /64); one more ends that source's oldest. Default 16.
-	MaxUnprovenPerSource int
-	// ProveWithin ends a session still unproven this long after it opened.
-	// Default 30 s.
-	ProveWithin time.Duration
-	// MaxPerDevice bounds the proven sessions of one device; one more ends
-	// that device's oldest. Default 16.
-	MaxPerDevice int
-}
+// CarrierOptions bounds the stream carriers (carrier.Options).
+type CarrierOptions = carrier.Options
 
-const (
-	defaultCarrierSessions = 1024
-	defaultCarrierIdle     = 2 * time.Minute
-	defaultUnprovenPerSrc  = 16
-	defaultProveWithin     = 30 * time.Second
-	defaultCarrierPerDev   = 16
-	// carrierOutQueue bounds the packets waiting to be written to one carrier
-	// session (server → client): beyond it packets are dropped, which QUIC's
-	// congestion control reads as loss. 128 × 1500 octets = 192 KiB per session.
-	carrierOutQueue = 128
-	// carrierInQueue bounds the packets from all carriers waiting for quic-go
-	// to read them (client → server), 1.5 MiB in all.
-	carrierInQueue = 1024
-)
-
-func (o CarrierOptions) withDefaults() CarrierOptions {
-	if o.MaxSessions <= 0 {
-		o.MaxSessions = defaultCarrierSessions
-	}
-	if o.Idle <= 0 {
-		o.Idle = defaultCarrierIdle
-	}
-	if o.MaxUnprovenPerSource <= 0 {
-		o.MaxUnprovenPerSource = defaultUnprovenPerSrc
-	}
-	if o.ProveWithin <= 0 {
-		o.ProveWithin = defaultProveWithin
-	}
-	if o.MaxPerDevice <= 0 {
-		o.MaxPerDevice = defaultCarrierPerDev
-	}
-	return o
-}
-
-// sweepEvery is how often a carrier session checks its bounds (idle, proof).
-func (o CarrierOptions) sweepEvery() time.Duration {
-	return min(o.Idle/4, o.ProveWithin/3, 15*time.Second)
-}
-
-// carrierPrefix is the network of the carriers' virtual addresses: 100::/64, the
-// IPv6 discard-only prefix (RFC 6666), which no real packet comes from. The low
-// 64 bits are random per session; the port names the carrier.
-var carrierPrefix = [8]byte{0x01, 0x00}
-
-func isCarrierIP(ip net.IP) bool {
-	return len(ip) == net.IPv6len && [8]byte(ip[:8]) == carrierPrefix
-}
-
-var carrierPorts = map[string]int{wire.CarrierTLS: 1, wire.CarrierWS: 2, wire.CarrierHTTP: 3}
-
-var carrierBufs = sync.Pool{New: func() any { b := make([]byte, wire.MaxCarrierPacket); return &b }}
-
-func getCarrierBuf() *[]byte  { return carrierBufs.Get().(*[]byte) }
-func putCarrierBuf(b *[]byte) { *b = (*b)[:cap(*b)]; carrierBufs.Put(b) }
-
-type carrierPacket struct {
-	buf  *[]byte
-	n    int
-	from *net.UDPAddr
-}
-
-// carrierSession is one client's carrier link as the mux sees it.
-type carrierSession struct {
-	addr   *net.UDPAddr
-	kind   string
-	remote string       // the real peer (TCP address), for logs
-	src    netip.Prefix // the real peer's address (IPv6: its /64), for MaxUnprovenPerSource
-	opened time.Time
-	device string        // the device whose QUIC connection runs over it; "" while unproven (mu)
-	ended  atomic.Value  // int: why the mux ended it (a carrierEnded* reason), once it chose to
-	out    chan *[]byte  // server → client, bounded (carrierOutQueue)
-	done   chan struct{} // closed when the session ends
-	last   atomic.Int64  // unix nanoseconds of the last packet either way
-	in, o  atomic.Int64  // packets each way
-	drops  atomic.Int64  // packets to the client dropped with out full
-	closed sync.Once
-}
-
-func (cs *carrierSession) touch() { cs.last.Store(time.Now().UnixNano()) }
-
-// carrierMux is the PacketConn under the server's QUIC transport; it satisfies
-// quic.OOBCapablePacketConn and ReadBatch, so that quic-go keeps its fast path
-// on the UDP socket.
-type carrierMux struct {
-	udp   *net.UDPConn
-	batch *ipv4.PacketConn
-	opts  CarrierOptions
-	log   *slog.Logger
-
-	mu       sync.Mutex
-	queue    []carrierPacket // client → server packets from carriers (carrierInQueue)
-	reading  bool            // ReadBatch is waiting on the socket
-	poked    bool            // and its wait was interrupted
-	deadline time.Time       // the read deadline quic-go set
-	closed   bool
-	sessions map[netip.Addr]*carrierSession
-	conns    map[*quic.Conn]string // the server's QUIC connections of devices, by device (addConn)
-
-	inDrops atomic.Int64 // carrier packets dropped with the queue full
-	ended   [nCarrierEnded]atomic.Int64
-}
-
-// Why the mux ends a carrier session itself (CarrierStats.Ended).
-const (
-	carrierEndedSourceCap = iota // the source opened one unproven session too many
-	carrierEndedFull             // the table was full: the oldest unproven session made room
-	carrierEndedUnproven         // no device's QUIC connection ran over it within ProveWithin
-	carrierEndedDeviceCap        // its device opened one proven session too many
-	nCarrierEnded
-)
+// CarrierStats are the carrier sessions (carrier.Stats).
+type CarrierStats = carrier.Stats
 
 // CarrierEndReasons name the reasons of CarrierStats.Ended, in order.
-var CarrierEndReasons = [nCarrierEnded]string{"source_cap", "full", "unproven", "device_cap"}
-
-var carrierEndSentences = [nCarrierEnded]string{
-	"its source opened more unproven carrier sessions than it may",
-	"the carrier sessions were full and it was the oldest unproven one",
-	"no QUIC connection of a device ran over it in time",
-	"its device opened more carrier sessions than it may",
-}
-
-func newCarrierMux(udp *net.UDPConn, opts CarrierOptions, log *slog.Logger) *carrierMux {
-	return &carrierMux{
-		udp:      udp,
-		batch:    ipv4.NewPacketConn(udp),
-		opts:     opts.withDefaults(),
-		log:      log,
-		sessions: make(map[netip.Addr]*carrierSession),
-		conns:    make(map[*quic.Conn]string),
-	}
-}
-
-// sourceOf is the address a session's bounds are counted by: the peer's IP,
-// and for IPv6 its /64 (one host's share of addresses).
-func sourceOf(remote string) netip.Prefix {
-	ap, err := netip.ParseAddrPort(remote)
-	if err != nil {
-		return netip.Prefix{}
-	}
-	a := ap.Addr().Unmap()
-	if a.Is4() {
-		return netip.PrefixFrom(a, 32)
-	}
-	p, _ := a.Prefix(64)
-	return p
-}
-
-// addConn records a QUIC connection of device: a carrier session it runs over,
-// now or after it moves there, is proven (prove).
-func (m *carrierMux) addConn(conn *quic.Conn, device string) {
-	m.mu.Lock()
-	m.conns[conn] = device
-	victims := m.proveLocked()
-	m.mu.Unlock()
-	m.endAll(victims)
-}
-
-func (m *carrierMux) removeConn(conn *quic.Conn) {
-	m.mu.Lock()
-	delete(m.conns, conn)
-	m.mu.Unlock()
-}
-
-// proveLocked marks the sessions that a device's QUIC connection runs over
-// now as that device's, and returns those to end because a device holds too
-// many (MaxPerDevice, oldest first). A connection's address is its current
-// path, so a connection that moved onto a carrier proves it too.
-func (m *carrierMux) proveLocked() (victims []*carrierSession) {
-	for conn, device := range m.conns {
-		ua, ok := conn.RemoteAddr().(*net.UDPAddr)
-		if !ok || !isCarrierIP(ua.IP) {
-			continue
-		}
-		if cs := m.sessions[netip.AddrFrom16([16]byte(ua.IP))]; cs != nil && cs.device == "" {
-			cs.device = device
-			victims = append(victims, m.overDeviceLocked(device)...)
-		}
-	}
-	return victims
-}
-
-// overDeviceLocked returns device's oldest sessions beyond MaxPerDevice.
-func (m *carrierMux) overDeviceLocked(device string) []*carrierSession {
-	var mine []*carrierSession
-	for _, cs := range m.sessions {
-		if cs.device == device && cs.ended.Load() == nil {
-			mine = append(mine, cs)
-		}
-	}
-	if len(mine) <= m.opts.MaxPerDevice {
-		return nil
-	}
-	slices.SortFunc(mine, func(a, b *carrierSession) int { return a.opened.Compare(b.opened) })
-	out := mine[:len(mine)-m.opts.MaxPerDevice]
-	for _, cs := range out {
-		cs.ended.Store(carrierEndedDeviceCap)
-	}
-	return out
-}
-
-// oldestUnprovenLocked is the oldest unproven session not already ending,
-// of source src when src is valid; nil if there is none.
-func (m *carrierMux) oldestUnprovenLocked(src netip.Prefix, count *int) *carrierSession {
-	var oldest *carrierSession
-	for _, cs := range m.sessions {
-		if cs.device != "" || cs.ended.Load() != nil || src.IsValid() && cs.src != src {
-			continue
-		}
-		if count != nil {
-			*count++
-		}
-		if oldest == nil || cs.opened.Before(oldest.opened) {
-			oldest = cs
-		}
-	}
-	return oldest
-}
-
-// endAll ends the sessions the bounds chose, each with its reason.
-func (m *carrierMux) endAll(victims []*carrierSession) {
-	for _, cs := range victims {
-		if r, ok := cs.ended.Load().(int); ok {
-			m.ended[r].Add(1)
-			m.log.Info("carrier session ended", "carrier", cs.kind, "remote", cs.remote, "addr", cs.addr.String(), "why", carrierEndSentences[r])
-		}
-		m.end(cs)
-	}
-}
-
-// overdue reports why cs is to end now by the mux's bounds: idle too long,
-// or still unproven at ProveWithin; "" if it may go on.
-func (m *carrierMux) overdue(cs *carrierSession) string {
-	if time.Since(time.Unix(0, cs.last.Load())) > m.opts.Idle {
-		return "carrier idle"
-	}
-	if time.Since(cs.opened) < m.opts.ProveWithin {
-		return ""
-	}
-	m.mu.Lock()
-	victims := m.proveLocked()
-	unproven := cs.device == ""
-	if unproven {
-		cs.ended.CompareAndSwap(nil, carrierEndedUnproven)
-	}
-	m.mu.Unlock()
-	m.endAll(victims)
-	if unproven {
-		m.ended[carrierEndedUnproven].Add(1)
-		return carrierEndSentences[carrierEndedUnproven]
-	}
-	return ""
-}
-
-var errCarrierBusy = errors.New("too many carrier sessions")
-
-// open starts a carrier session for a client whose real address is remote;
-// device is the device a tls carrier's handshake proved, "" for ws and http
-// (unproven until a device's QUIC connection runs over it). Bounds: an
-// unproven session beyond its source's MaxUnprovenPerSource ends that
-// source's oldest; with MaxSessions open, the oldest unproven session makes
-// room, and only when every session is proven is the new one refused.
-func (m *carrierMux) open(kind, remote, device string) (*carrierSession, error) {
-	var id [16]byte
-	copy(id[:8], carrierPrefix[:])
-	_, _ = rand.Read(id[8:])
-	cs := &carrierSession{
-		addr:   &net.UDPAddr{IP: net.IP(id[:]), Port: carrierPorts[kind]},
-		kind:   kind,
-		remote: remote,
-		src:    sourceOf(remote),
-		opened: time.Now(),
-		device: device,
-		out:    make(chan *[]byte, carrierOutQueue),
-		done:   make(chan struct{}),
-	}
-	cs.touch()
-	var victims []*carrierSession
-	defer func() { m.endAll(victims) }()
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return nil, net.ErrClosed
-	}
-	if device == "" && cs.src.IsValid() {
-		n := 0
-		if oldest := m.oldestUnprovenLocked(cs.src, &n); n >= m.opts.MaxUnprovenPerSource {
-			oldest.ended.Store(carrierEndedSourceCap)
-			victims = append(victims, oldest)
-		}
-	}
-	if m.live() >= m.opts.MaxSessions {
-		victims = append(victims, m.proveLocked()...)
-		if m.live() >= m.opts.MaxSessions {
-			oldest := m.oldestUnprovenLocked(netip.Prefix{}, nil)
-			if oldest == nil {
-				return nil, errCarrierBusy
-			}
-			oldest.ended.Store(carrierEndedFull)
-			victims = append(victims, oldest)
-		}
-	}
-	m.sessions[netip.AddrFrom16(id)] = cs
-	if device != "" {
-		victims = append(victims, m.overDeviceLocked(device)...)
-	}
-	return cs, nil
-}
-
-// live counts the sessions not already chosen to end (mu held).
-func (m *carrierMux) live() int {
-	n := 0
-	for _, cs := range m.sessions {
-		if cs.ended.Load() == nil {
-			n++
-		}
-	}
-	return n
-}
-
-// end removes cs; packets for its address are dropped from now on.
-func (m *carrierMux) end(cs *carrierSession) {
-	cs.closed.Do(func() {
-		m.mu.Lock()
-		delete(m.sessions, netip.AddrFrom16([16]byte(cs.addr.IP)))
-		m.mu.Unlock()
-		close(cs.done)
-		for {
-			select {
-			case b := <-cs.out:
-				putCarrierBuf(b)
-			default:
-				return
-			}
-		}
-	})
-}
-
-// deliver queues a packet that cs received for quic-go; it takes buf.
-func (m *carrierMux) deliver(cs *carrierSession, buf *[]byte, n int) {
-	cs.touch()
-	cs.in.Add(1)
-	m.mu.Lock()
-	if m.closed || len(m.queue) >= carrierInQueue {
-		m.mu.Unlock()
-		m.inDrops.Add(1)
-		putCarrierBuf(buf)
-		return
-	}
-	m.queue = append(m.queue, carrierPacket{buf: buf, n: n, from: cs.addr})
-	if m.reading && !m.poked {
-		m.poked = true
-		_ = m.udp.SetReadDeadline(time.Unix(1, 0))
-	}
-	m.mu.Unlock()
-}
-
-// ReadBatch gives quic-go the queued carrier packets, or else a batch from the
-// UDP socket. Datagrams that claim a carrier address are dropped.
-func (m *carrierMux) ReadBatch(ms []ipv4.Message, flags int) (int, error) {
-	for {
-		m.mu.Lock()
-		if len(m.queue) > 0 {
-			n := 0
-			for n < len(ms) && n < len(m.queue) {
-				p := m.queue[n]
-				ms[n].N = copy(ms[n].Buffers[0], (*p.buf)[:p.n])
-				ms[n].NN, ms[n].Flags, ms[n].Addr = 0, 0, p.from
-				putCarrierBuf(p.buf)
-				n++
-			}
-			rest := copy(m.queue, m.queue[n:])
-			clear(m.queue[rest:])
-			m.queue = m.queue[:rest]
-			m.mu.Unlock()
-			return n, nil
-		}
-		if m.closed {
-			m.mu.Unlock()
-			return 0, net.ErrClosed
-		}
-		if !m.deadline.IsZero() && !time.Now().Before(m.deadline) {
-			m.mu.Unlock()
-			return 0, os.ErrDeadlineExceeded
-		}
-		m.reading = true
-		m.mu.Unlock()
-
-		n, err := m.batch.ReadBatch(ms, flags)
-
-		m.mu.Lock()
-		m.reading = false
-		if m.poked {
-			m.poked = false
-			_ = m.udp.SetReadDeadline(m.deadline)
-			if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
-				m.mu.Unlock()
-				continue // interrupted for a carrier packet, or quic-go's own deadline: the loop looks
-			}
-		}
-		m.mu.Unlock()
-		if err != nil {
-			return n, err
-		}
-		// A datagram whose source claims a carrier address (spoofed) is
-		// emptied: quic-go ignores an empty packet. (Messages stay in place:
-		// quic-go pairs each with its own buffer.)
-		for i := range n {
-			if a, ok := ms[i].Addr.(*net.UDPAddr); ok && isCarrierIP(a.IP) {
-				ms[i].N = 0
-			}
-		}
-		return n, nil
-	}
-}
-
-// WriteMsgUDP sends a packet (or a GSO batch of packets) to addr: the socket for
-// a real address, the carrier session for a virtual one.
-func (m *carrierMux) WriteMsgUDP(b, oob []byte, addr *net.UDPAddr) (int, int, error) {
-	if addr != nil && isCarrierIP(addr.IP) {
-		m.toCarrier(b, gsoSize(oob), addr)
-		return len(b), len(oob), nil
-	}
-	return m.udp.WriteMsgUDP(b, oob, addr)
-}
-
-func (m *carrierMux) WriteTo(b []byte, addr net.Addr) (int, error) {
-	if a, ok := addr.(*net.UDPAddr); ok && isCarrierIP(a.IP) {
-		m.toCarrier(b, 0, a)
-		return len(b), nil
-	}
-	return m.udp.WriteTo(b, addr)
-}
-
-// toCarrier splits b into packets of seg octets (all of b when seg is 0) and
-// queues them on the session of addr; without one, or with its queue full,
-// they are dropped (QUIC reads that as loss).
-func (m *carrierMux) toCarrier(b []byte, seg int, addr *net.UDPAddr) {
-	m.mu.Lock()
-	cs := m.sessions[netip.AddrFrom16([16]byte(addr.IP))]
-	m.mu.Unlock()
-	if cs == nil {
-		return
-	}
-	if seg <= 0 {
-		seg = len(b)
-	}
-	for len(b) > 0 {
-		n := min(seg, len(b))
-		p := b[:n]
-		b = b[n:]
-		if len(p) > wire.MaxCarrierPacket {
-			cs.drops.Add(1)
-			continue
-		}
-		buf := getCarrierBuf()
-		*buf = (*buf)[:copy(*buf, p)]
-		select {
-		case cs.out <- buf:
-			cs.o.Add(1)
-		default:
-			putCarrierBuf(buf)
-			cs.drops.Add(1)
-		}
-	}
-}
-
-// ReadMsgUDP reads one packet (quic-go uses ReadBatch; this completes the interface).
-func (m *carrierMux) ReadMsgUDP(b, oob []byte) (n, oobn, flags int, addr *net.UDPAddr, err error) {
-	ms := []ipv4.Message{{Buffers: [][]byte{b}, OOB: oob}}
-	if _, err := m.ReadBatch(ms, 0); err != nil {
-		return 0, 0, 0, nil, err
-	}
-	a, _ := ms[0].Addr.(*net.UDPAddr)
-	return ms[0].N, ms[0].NN, ms[0].Flags, a, nil
-}
-
-func (m *carrierMux) ReadFrom(b []byte) (int, net.Addr, error) {
-	n, _, _, a, err := m.ReadMsgUDP(b, nil)
-	return n, a, err
-}
-
-func (m *carrierMux) SetReadDeadline(t time.Time) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.deadline = t
-	if m.reading && m.poked {
-		return nil // ReadBatch restores it once it returns
-	}
-	if m.reading && !t.IsZero() && !time.Now().Before(t) {
-		m.poked = true
-	}
-	return m.udp.SetReadDeadline(t)
-}
-
-func (m *carrierMux) SetDeadline(t time.Time) error {
-	_ = m.udp.SetWriteDeadline(t)
-	return m.SetReadDeadline(t)
-}
-
-func (m *carrierMux) SetWriteDeadline(t time.Time) error { return m.udp.SetWriteDeadline(t) }
-func (m *carrierMux) LocalAddr() net.Addr                { return m.udp.LocalAddr() }
-func (m *carrierMux) SyscallConn() (syscall.RawConn, error) {
-	return m.udp.SyscallConn()
-}
-func (m *carrierMux) SetReadBuffer(n int) error  { return m.udp.SetReadBuffer(n) }
-func (m *carrierMux) SetWriteBuffer(n int) error { return m.udp.SetWriteBuffer(n) }
-
-// Close ends every carrier session and closes the socket.
-func (m *carrierMux) Close() error {
-	m.mu.Lock()
-	if m.closed {
-		m.mu.Unlock()
-		return nil
-	}
-	m.closed = true
-	sessions := make([]*carrierSession, 0, len(m.sessions))
-	for _, cs := range m.sessions {
-		sessions = append(sessions, cs)
-	}
-	for _, p := range m.queue {
-		putCarrierBuf(p.buf)
-	}
-	m.queue = nil
-	m.mu.Unlock()
-	for _, cs := range sessions {
-		m.end(cs)
-	}
-	return m.udp.Close()
-}
-
-// carrierLink is one client's carrier connection as a packet pipe.
-type carrierLink interface {
-	readPacket(ctx context.Context, b []byte) (int, error)
-	writePacket(ctx context.Context, b []byte) error
-	flush() error // sends what writePacket buffered
-	close()
-}
-
-// serveCarrier moves packets between link and the mux until either side ends,
-// the link idles for opts.Idle, or ctx ends.
-func (m *carrierMux) serveCarrier(ctx context.Context, kind, remote, device string, link carrierLink) error {
-	cs, err := m.open(kind, remote, device)
-	if err != nil {
-		return err
-	}
-	start := time.Now()
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { // server → client
-		defer wg.Done()
-		for {
-			select {
-			case b := <-cs.out:
-				err := link.writePacket(ctx, *b)
-				putCarrierBuf(b)
-				if err == nil && len(cs.out) == 0 {
-					err = link.flush()
-				}
-				if err != nil {
-					cancel(err)
-					return
-				}
-				cs.touch()
-			case <-cs.done:
-				cancel(nil)
-				return
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
-	go func() { // the idle bound
-		defer wg.Done()
-		t := time.NewTicker(m.opts.sweepEvery())
-		defer t.Stop()
-		for {
-			select {
-			case <-t.C:
-				if why := m.overdue(cs); why != "" {
-					cancel(errors.New(why))
-					return
-				}
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
-	stop := context.AfterFunc(ctx, link.close)
-	defer stop()
-	var rerr error
-	for {
-		buf := getCarrierBuf()
-		n, err := link.readPacket(ctx, *buf)
-		if err != nil {
-			putCarrierBuf(buf)
-			rerr = err
-			break
-		}
-		m.deliver(cs, buf, n)
-	}
-	if r, ok := cs.ended.Load().(int); ok && rerr != nil {
-		rerr = errors.New(carrierEndSentences[r]) // the mux ended it (its bounds)
-	}
-	cancel(rerr)
-	link.close()
-	m.end(cs)
-	wg.Wait()
-	m.log.Info("carrier session", "carrier", kind, "remote", remote, "addr", cs.addr.String(),
-		"packets_in", cs.in.Load(), "packets_out", cs.o.Load(), "dropped_out", cs.drops.Load(),
-		"duration", time.Since(start), "end", carrierEnd(context.Cause(ctx)))
-	return nil
-}
-
-func carrierEnd(err error) string {
-	switch {
-	case err == nil:
-		return "closed"
-	case errors.Is(err, net.ErrClosed), errors.Is(err, context.Canceled):
-		return "closed"
-	default:
-		return err.Error()
-	}
-}
+var CarrierEndReasons = carrier.EndReasons
 
 // carrierMux returns the mux of the QUIC server, nil while QUIC is not served
 // on a UDP socket.
-func (s *Server) carrierMux() *carrierMux { return s.carriers.Load() }
+func (s *Server) carrierMux() *carrier.Mux { return s.carriers.Load() }
 
 // carrierRemote maps a carrier session's virtual address to the address its
-// carrier connection came from (the TCP peer: for ws and http behind a CDN or
-// reverse proxy, that proxy's address).
+// carrier connection came from (carrier.Mux.Remote).
 func (s *Server) carrierRemote(a net.Addr) (string, bool) {
-	ua, ok := a.(*net.UDPAddr)
-	if !ok || !isCarrierIP(ua.IP) {
-		return "", false
-	}
-	m := s.carrierMux()
-	if m == nil {
-		return "", false
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	cs := m.sessions[netip.AddrFrom16([16]byte(ua.IP))]
-	if cs == nil {
-		return "", false
-	}
-	return cs.remote, true
-}
-
-// CarrierStats are the carrier sessions (docs/PROTOCOL.md, "Carriers").
-type CarrierStats struct {
-	// Open counts the sessions open now by carrier (tls, ws, http) and by
-	// whether a device's QUIC connection has proven them ("proven",
-	// "unproven").
-	Open map[string]map[string]int
-	// Ended counts the sessions the server ended by its bounds, by reason
-	// (CarrierEndReasons).
-	Ended map[string]int64
+	return s.carrierMux().Remote(a)
 }
 
 // CarrierStats reports the carrier sessions; zero while QUIC is not served.
-func (s *Server) CarrierStats() CarrierStats {
-	st := CarrierStats{Open: map[string]map[string]int{}, Ended: map[string]int64{}}
-	for kind := range carrierPorts {
-		st.Open[kind] = map[string]int{"proven": 0, "unproven": 0}
-	}
-	m := s.carrierMux()
-	if m == nil {
-		for _, r := range CarrierEndReasons {
-			st.Ended[r] = 0
-		}
-		return st
-	}
-	m.mu.Lock()
-	for _, cs := range m.sessions {
-		state := "unproven"
-		if cs.device != "" {
-			state = "proven"
-		}
-		st.Open[cs.kind][state]++
-	}
-	m.mu.Unlock()
-	for i, r := range CarrierEndReasons {
-		st.Ended[r] = m.ended[i].Load()
-	}
-	return st
-}
+func (s *Server) CarrierStats() CarrierStats { return s.carrierMux().Stats() }
 
 // CarrierSessions reports the carrier sessions open now (for tests and monitoring).
-func (s *Server) CarrierSessions() int {
+func (s *Server) CarrierSessions() int { return s.carrierMux().Sessions() }
+
+// carrierDevice is the device a tp-carrier/1 connection's handshake proved.
+func (s *Server) carrierDevice(conn *tls.Conn) string {
+	cs := conn.ConnectionState()
+	id, _ := s.connIdentity(&cs)
+	if id == "" {
+		id = "?" // verified by the handshake, whatever its name says
+	}
+	return id
+}
+
+// serveCarrierTLS serves one TLS connection that negotiated "tp-carrier/1"; its
+// handshake verified the device certificate like "tp/1".
+func (s *Server) serveCarrierTLS(ctx context.Context, conn *tls.Conn) {
 	m := s.carrierMux()
 	if m == nil {
-		return 0
+		s.log.Warn("carrier connection refused: QUIC is not served", "remote", conn.RemoteAddr().String())
+		_ = conn.Close()
+		return
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return len(m.sessions)
+	if err := m.ServeTLS(ctx, conn, s.carrierDevice(conn)); err != nil {
+		s.log.Warn("carrier connection refused", "carrier", wire.CarrierTLS, "remote", conn.RemoteAddr().String(), "err", err)
+		_ = conn.Close()
+	}
+}
+
+// carrierRoutes puts the carriers' HTTP endpoints in front of the website's
+// handler web.
+func (s *Server) carrierRoutes(web http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case wire.CarrierWSPath:
+			s.serveCarrierWS(w, r)
+			return
+		case wire.CarrierHTTPPath:
+			s.serveCarrierHTTP(w, r)
+			return
+		}
+		web.ServeHTTP(w, r)
+	})
+}
+
+// serveCarrierWS upgrades a request at wire.CarrierWSPath to the ws carrier
+// (carrier.Mux.ServeWS).
+func (s *Server) serveCarrierWS(w http.ResponseWriter, r *http.Request) {
+	m := s.carrierMux()
+	if m == nil {
+		http.Error(w, "the ws carrier needs QUIC, which this TP server does not serve", http.StatusServiceUnavailable)
+		return
+	}
+	// The session ends with its link, with the QUIC server (which closes the
+	// mux after its connections drained), or when a shutdown gives up draining.
+	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
+	defer cancel()
+	stop := context.AfterFunc(s.force, cancel)
+	defer stop()
+	m.ServeWS(ctx, w, r)
+}
+
+// serveCarrierHTTP serves one request of the http carrier.
+func (s *Server) serveCarrierHTTP(w http.ResponseWriter, r *http.Request) {
+	m := s.carrierMux()
+	if m == nil {
+		http.Error(w, "the http carrier needs QUIC, which this TP server does not serve", http.StatusServiceUnavailable)
+		return
+	}
+	s.httpCarriers.Serve(m, w, r)
 }

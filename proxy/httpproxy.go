@@ -44,9 +44,9 @@ func (s *Server) isProxyName(serverName string) bool {
 // to ServeReverseTunnel, anything else to Config.ProxyHTTP (404 when unset).
 func (s *Server) routeProxyHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
-	case r.URL.Path == wire.CarrierWSPath: // the ws carrier (carrier_stream.go)
+	case r.URL.Path == wire.CarrierWSPath: // the ws carrier (carrier.go)
 		s.serveCarrierWS(w, r)
-	case r.URL.Path == wire.CarrierHTTPPath: // the http carrier (carrier_http.go)
+	case r.URL.Path == wire.CarrierHTTPPath: // the http carrier (carrier.go)
 		s.serveCarrierHTTP(w, r)
 	case IsReverseTunnel(r):
 		s.ServeReverseTunnel(w, r)

@@ -14,7 +14,6 @@ package proxy
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -28,6 +27,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 	"golang.org/x/net/http/httpguts"
 
+	"github.com/tp-proxy/tp/proxy/masque"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -59,6 +59,13 @@ type ConnectUDPOptions struct {
 	// together; a flow that reaches it ends with a reason. Default 16 GiB.
 	MaxBytesPerFlow int64
 }
+
+// ConnectUDPStats are the server's CONNECT-UDP counters since it started
+// (masque.UDPStats).
+type ConnectUDPStats = masque.UDPStats
+
+// ConnectUDPStats returns the server's CONNECT-UDP counters.
+func (s *Server) ConnectUDPStats() ConnectUDPStats { return s.cudp.Stats() }
 
 // DefaultConnectUDPMaxDatagram is the largest UDP payload IPv4 can carry.
 const DefaultConnectUDPMaxDatagram = 65507
@@ -181,7 +188,7 @@ func (s *Server) serveConnectUDP(w http.ResponseWriter, r *http.Request) (abort 
 	defer upstream.Close()
 
 	ss.sid = newSessionID()
-	t, err := s.acceptConnectUDP(w, r, ss.sid)
+	t, err := masque.AcceptUDP(w, r, ss.sid)
 	if err != nil {
 		ss.end = "answering the CONNECT-UDP request: " + err.Error()
 		return r.ProtoMajor == 2
@@ -192,13 +199,15 @@ func (s *Server) serveConnectUDP(w http.ResponseWriter, r *http.Request) (abort 
 	defer expire.Stop()
 	defer s.sessions.add(&liveSession{cs: *r.TLS, req: ss.req, revoke: revoke})()
 
-	st := s.relayConnectUDP(bctx, t, upstream, o, s.cfg.UDP.withDefaults().IdleTimeout)
-	ss.up, ss.down, ss.end = st.bytesToTarget.Load(), st.bytesToClient.Load(), st.end
-	ss.attrs = append(ss.attrs, st.attrs()...)
-	if st.malformedCapsule {
+	lim := masque.UDPLimits{MaxDatagram: o.MaxDatagram, MaxPacketsPerSecond: o.MaxPacketsPerSecond, MaxBytesPerFlow: o.MaxBytesPerFlow}
+	st := s.cudp.Relay(bctx, t, upstream, lim, s.cfg.UDP.withDefaults().IdleTimeout)
+	ss.up, ss.down = st.Bytes()
+	ss.end = st.End()
+	ss.attrs = append(ss.attrs, st.Attrs()...)
+	if st.MalformedCapsule() {
 		ss.code = wire.CodeBadRequest
 	}
-	return t.abortHandler()
+	return t.AbortHandler()
 }
 
 // errConnectUDPReverse refuses a reverse name, before anything reaches its
@@ -358,7 +367,3 @@ func matchUDPTemplate(u *url.URL, tmpl string) (host, port string, ok bool) {
 	}
 	return host, port, true
 }
-
-// errMalformedCapsule ends a flow whose client sent a capsule that is not
-// well-formed (RFC 9297 §3.3: the request stream is then malformed).
-var errMalformedCapsule = errors.New("malformed capsule")

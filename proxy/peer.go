@@ -15,206 +15,29 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"fmt"
 	"net"
-	"sync"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/peer"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
 )
 
 // PeerOptions let this instance reach the reverse names other instances serve
-// (Config.Peers). They need Config.Reverse.Store.
-type PeerOptions struct {
-	// Self is this instance's name, as the HoldStore records it.
-	Self string
-	// Route finds the instance that serves key now: its name, peer address
-	// and the key's epoch there; ok is false when no instance serves it. It
-	// may cache (invalidated when holds change); Forget drops what it cached
-	// for key after a forward that found the route wrong.
-	Route  func(ctx context.Context, key string) (PeerRoute, bool, error)
-	Forget func(key string)
-	// AgentRoutes lists, for an agent's pickup that reached this instance
-	// while its session is pending elsewhere, the instances that serve the
-	// agent's device now: one route per instance, with one of its reverse
-	// names there (Key) and that name's epoch. Nil: pickups are not forwarded.
-	AgentRoutes func(ctx context.Context, deviceID string) ([]PeerRoute, error)
-	// ServerTLS accepts peer connections (ALPN tp-peer/1): its
-	// VerifyConnection must accept node certificates only. ClientTLS is the
-	// configuration that dials instance (VerifyConnection must accept only that
-	// instance's node certificate).
-	ServerTLS *tls.Config
-	ClientTLS func(instance string) *tls.Config
-	// Dial opens the TCP connection to a peer address; nil uses net.Dialer.
-	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
-	// InstanceAddr is the peer address of a running instance (by name), to
-	// tell the instance that forwarded a session why it ends; nil: not told.
-	InstanceAddr func(ctx context.Context, instance string) (string, error)
-	// Idle is how many handshaken connections are kept ready per peer (a new
-	// session then costs no handshake). Default 2; negative keeps none.
-	Idle int
-}
+// (Config.Peers, peer.Options). They need Config.Reverse.Store.
+type PeerOptions = peer.Options
 
-// PeerRoute is where a key is served: by Instance, reachable at Addr
-// (host:port of its shared port), at Epoch.
-type PeerRoute struct {
-	Instance, Addr string
-	Epoch          int64
-	// DevicesOnly: the key is a reverse HTTP name its exposer opened to
-	// enrolled devices only (AccessHoldStore recorded it with the claim).
-	DevicesOnly bool
-	// Key is the name the route is for (AgentRoutes only).
-	Key string
-}
+// PeerRoute is where a key is served (peer.Route).
+type PeerRoute = peer.Route
 
-const (
-	// peerIdleMax is how long a ready peer connection waits in the pool; the
-	// serving side waits peerOpenWait for its open, which is longer, so a
-	// pooled connection is never one the other side already dropped for idling.
-	peerIdleMax  = 20 * time.Second
-	peerOpenWait = 45 * time.Second
-	// maxPeers bounds the pools (one per peer instance).
-	maxPeers = 256
-)
+// peerOpenWait is how long a peer connection may take to send its open
+// (longer than a pooled connection waits: peer.OpenWait).
+const peerOpenWait = peer.OpenWait
 
 // CodePeerUnreachable is never sent: a forward that cannot reach the serving
 // instance answers reverse_offline (the agent may be moving), with this reason.
 const peerUnreachable = "the TP server instance %s that serves %s cannot be reached (%v); try again in a few seconds"
-
-type peerState struct {
-	opts PeerOptions
-	live peerLive // forwarded dials live here, for end notices (peer_end.go)
-	mu   sync.Mutex
-	idle map[string]chan *pooledConn // instance+addr → ready connections
-	done bool
-}
-
-type pooledConn struct {
-	conn  *tls.Conn
-	since time.Time
-}
-
-func newPeerState(o *PeerOptions) *peerState {
-	if o == nil {
-		return nil
-	}
-	opts := *o
-	if opts.Idle == 0 {
-		opts.Idle = 2
-	}
-	if opts.Dial == nil {
-		var d net.Dialer
-		opts.Dial = d.DialContext
-	}
-	return &peerState{opts: opts, idle: map[string]chan *pooledConn{}}
-}
-
-// serverTLS is the configuration for a ClientHello offering tp-peer/1.
-func (p *peerState) serverTLS() *tls.Config {
-	c := p.opts.ServerTLS.Clone()
-	c.MinVersion, c.MaxVersion = tls.VersionTLS13, 0
-	c.NextProtos = []string{wire.PeerALPN}
-	c.SessionTicketsDisabled = true // a peer's node certificate is checked on every connection
-	return c
-}
-
-// close drops the ready connections; later ones are not kept.
-func (p *peerState) close() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.done = true
-	for k, ch := range p.idle {
-		close(ch)
-		for pc := range ch {
-			_ = pc.conn.Close()
-		}
-		delete(p.idle, k)
-	}
-}
-
-// dial opens a handshaken peer connection to r.
-func (p *peerState) dial(ctx context.Context, r PeerRoute) (*tls.Conn, error) {
-	raw, err := p.opts.Dial(ctx, "tcp", r.Addr)
-	if err != nil {
-		return nil, err
-	}
-	cfg := p.opts.ClientTLS(r.Instance).Clone()
-	cfg.NextProtos = []string{wire.PeerALPN}
-	cfg.MinVersion = tls.VersionTLS13
-	conn := tls.Client(wire.NewEOFConn(raw), cfg)
-	if err := conn.HandshakeContext(ctx); err != nil {
-		_ = raw.Close()
-		return nil, err
-	}
-	if conn.ConnectionState().NegotiatedProtocol != wire.PeerALPN {
-		_ = conn.Close()
-		return nil, fmt.Errorf("the instance at %s does not speak %s (is it an older tpd, or not tpd?)", r.Addr, wire.PeerALPN)
-	}
-	return conn, nil
-}
-
-// get returns a ready connection to r (pooled says it waited in the pool) and
-// has the pool refilled in the background.
-func (p *peerState) get(ctx context.Context, r PeerRoute) (conn *tls.Conn, pooled bool, err error) {
-	k := r.Instance + "\x00" + r.Addr
-	p.mu.Lock()
-	ch := p.idle[k]
-	if ch == nil && !p.done && p.opts.Idle > 0 && len(p.idle) < maxPeers {
-		ch = make(chan *pooledConn, p.opts.Idle)
-		p.idle[k] = ch
-	}
-	p.mu.Unlock()
-	if ch != nil {
-		defer p.refill(ch, k, r)
-	}
-	for ch != nil {
-		select {
-		case pc, ok := <-ch:
-			if !ok {
-				ch = nil
-				break
-			}
-			if time.Since(pc.since) < peerIdleMax {
-				return pc.conn, true, nil
-			}
-			_ = pc.conn.Close()
-			continue
-		default:
-			ch = nil
-		}
-	}
-	conn, err = p.dial(ctx, r)
-	return conn, false, err
-}
-
-// refill tops ch up with one connection, in the background, bounded by
-// peerIdleMax; a failure keeps nothing (the next session dials).
-func (p *peerState) refill(ch chan *pooledConn, k string, r PeerRoute) {
-	if len(ch) >= cap(ch) {
-		return
-	}
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), peerIdleMax)
-		defer cancel()
-		conn, err := p.dial(ctx, r)
-		if err != nil {
-			return
-		}
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		if p.done || p.idle[k] != ch {
-			_ = conn.Close()
-			return
-		}
-		select {
-		case ch <- &pooledConn{conn: conn, since: time.Now()}:
-		default:
-			_ = conn.Close()
-		}
-	}()
-}
 
 // forward carries a dial of host, authorised here, to the instance that
 // serves it. handled is false when no other instance does (the local answer
@@ -247,13 +70,13 @@ func (s *Server) forward(ctx context.Context, ss *session, host string, hdr wire
 func (s *Server) peerRoute(ctx context.Context, key string) (PeerRoute, bool, *wire.HelloError) {
 	p := s.peers
 	rctx, cancel := context.WithTimeout(ctx, s.lim().DialTimeout)
-	route, ok, err := p.opts.Route(rctx, key)
+	route, ok, err := p.Options().Route(rctx, key)
 	cancel()
 	switch {
 	case err != nil:
 		s.rev.logStoreErr("route", err)
 		return PeerRoute{}, false, wire.Errorf(wire.CodeReverseOffline, "this TP server instance cannot look up which instance serves %s just now (its database is unreachable); try again in a few seconds", describeKey(key))
-	case !ok || route.Instance == p.opts.Self:
+	case !ok || route.Instance == p.Options().Self:
 		return PeerRoute{}, false, nil
 	}
 	return route, true, nil
@@ -269,8 +92,8 @@ func (s *Server) forwardTo(ctx context.Context, route PeerRoute, key string, hdr
 		if herr != nil && retry && attempt == 0 {
 			continue // a pooled connection the peer had closed: once more on a fresh one
 		}
-		if herr != nil && herr.Code == wire.CodeReverseOffline && p.opts.Forget != nil {
-			p.opts.Forget(key)
+		if herr != nil && herr.Code == wire.CodeReverseOffline && p.Options().Forget != nil {
+			p.Options().Forget(key)
 		}
 		s.stats.peerOut(herr == nil)
 		if herr == nil {
@@ -285,7 +108,7 @@ func (s *Server) forwardTo(ctx context.Context, route PeerRoute, key string, hdr
 func (s *Server) forwardOnce(ctx context.Context, route PeerRoute, host string, hdr wire.SessionHeader) (net.Conn, bool, bool, *wire.HelloError) {
 	lim := s.lim()
 	dctx, cancel := context.WithTimeout(ctx, lim.DialTimeout)
-	conn, pooled, err := s.peers.get(dctx, route)
+	conn, pooled, err := s.peers.Get(dctx, route)
 	cancel()
 	if err != nil {
 		return nil, false, false, wire.Errorf(wire.CodeReverseOffline, peerUnreachable, route.Instance, describeKey(host), err)

@@ -27,12 +27,12 @@ const maxAcceptRoutes = 8
 // instance took it (the local refusal stands).
 func (s *Server) forwardAccept(ctx context.Context, conn wire.Stream, ss *session, hello wire.ClientHello) (handled bool) {
 	p := s.peers
-	if p == nil || p.opts.AgentRoutes == nil {
+	if p == nil || p.Options().AgentRoutes == nil {
 		return false
 	}
 	lim := s.lim()
 	rctx, cancel := context.WithTimeout(ctx, lim.DialTimeout)
-	routes, err := p.opts.AgentRoutes(rctx, ss.id.DeviceID)
+	routes, err := p.Options().AgentRoutes(rctx, ss.id.DeviceID)
 	cancel()
 	if err != nil {
 		s.rev.logStoreErr("agent routes", err)
@@ -42,7 +42,7 @@ func (s *Server) forwardAccept(ctx context.Context, conn wire.Stream, ss *sessio
 		if i == maxAcceptRoutes {
 			break
 		}
-		if route.Instance == p.opts.Self {
+		if route.Instance == p.Options().Self {
 			continue
 		}
 		label, ok := s.rev.name(route.Key)

@@ -71,16 +71,16 @@ func (l *peerLive) take(sid, instance string) context.CancelCauseFunc {
 // because this instance shuts down. Bounded by peerEndWait.
 func (s *Server) notifyPeerEnd(peer string, op wire.PeerOpen) {
 	p := s.peers
-	if p == nil || p.opts.InstanceAddr == nil || op.Header.Session == "" {
+	if p == nil || p.Options().InstanceAddr == nil || op.Header.Session == "" {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), peerEndWait)
 	defer cancel()
-	addr, err := p.opts.InstanceAddr(ctx, peer)
+	addr, err := p.Options().InstanceAddr(ctx, peer)
 	if err != nil || addr == "" {
 		return
 	}
-	conn, err := p.dial(ctx, PeerRoute{Instance: peer, Addr: addr})
+	conn, err := p.Dial(ctx, PeerRoute{Instance: peer, Addr: addr})
 	if err != nil {
 		return
 	}
@@ -97,7 +97,7 @@ func (s *Server) notifyPeerEnd(peer string, op wire.PeerOpen) {
 // this one ends because it shuts down: the dialer's session is cut here with
 // that reason.
 func (s *Server) servePeerEnd(conn wire.Stream, op wire.PeerOpen, peer string) {
-	cut := s.peers.live.take(op.Header.Session, peer)
+	cut := s.peerLive.take(op.Header.Session, peer)
 	if cut == nil {
 		s.refuse(conn, wire.Errorf(wire.CodeUnknownSession, "no session %s is forwarded from here to %s", op.Header.Session, peer))
 		return

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/carrier"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/quic-go/quic-go"
@@ -36,8 +37,8 @@ type QUICOptions struct {
 	// LB, when set, makes the connection IDs carry this instance's server ID for a
 	// load balancer (quiclb.go). Nil keeps quic-go's random 4-octet IDs.
 	LB *QUICLB
-	// Carriers bounds the stream carriers (carrier.go), which feed this QUIC
-	// server when pc is a *net.UDPConn.
+	// Carriers bounds the stream carriers (package proxy/carrier), which feed
+	// this QUIC server when pc is a *net.UDPConn.
 	Carriers CarrierOptions
 }
 
@@ -122,11 +123,12 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 		return fmt.Errorf("proxy: invalid QUIC options: %w", err)
 	}
 	// On a UDP socket, the QUIC transport reads through the carrier mux: the
-	// socket's datagrams plus the packets of the stream carriers (carrier.go).
+	// socket's datagrams plus the packets of the stream carriers
+	// (package proxy/carrier).
 	// Carriers feed the first QUIC server only; a second ServeQUIC (another
 	// socket) serves UDP alone.
 	if udp, ok := pc.(*net.UDPConn); ok {
-		if m := newCarrierMux(udp, opts.Carriers, s.log); s.carriers.CompareAndSwap(nil, m) {
+		if m := carrier.NewMux(udp, opts.Carriers, s.log); s.carriers.CompareAndSwap(nil, m) {
 			defer s.carriers.CompareAndSwap(m, nil)
 			defer m.Close()
 			pc = m
@@ -346,9 +348,9 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxS
 	identity, notAfter := s.connIdentity(cs)
 	if m := s.carrierMux(); m != nil {
 		// A carrier session this connection runs over, now or after it
-		// moves there, is proven to be a device's (carrier.go).
-		m.addConn(conn, identity)
-		defer m.removeConn(conn)
+		// moves there, is proven to be a device's (package proxy/carrier).
+		m.AddConn(conn, identity)
+		defer m.RemoveConn(conn)
 	}
 	// The connection may not outlive the certificate that authenticated it.
 	actx, acancel := context.WithDeadline(drain, notAfter)

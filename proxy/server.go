@@ -13,6 +13,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/carrier"
+	"github.com/tp-proxy/tp/proxy/masque"
+	"github.com/tp-proxy/tp/proxy/peer"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
@@ -160,14 +163,15 @@ type Server struct {
 	// QUIC); nil without Config.DevicesOnly.
 	devicesTLS   *tls.Config
 	devicesH3TLS *tls.Config
-	// carrier*.go: the tls carrier's configuration ("tp-carrier/1", the device
-	// certificate required) and the mux under the QUIC server.
-	carrierTLS *tls.Config
+	// carrier.go: the tls carrier's configuration ("tp-carrier/1", the device
+	// certificate required), the mux under the QUIC server and the http
+	// carrier's sessions (package proxy/carrier).
+	carrierTLS   *tls.Config
+	carriers     atomic.Pointer[carrier.Mux]
+	httpCarriers carrier.HTTPSessions
 	// tlsmux.go: the proxy configuration for a client that offers "tp-mux/1"
 	// (many sessions on one connection), which it prefers to "tp/1".
-	muxTLS       *tls.Config
-	carriers     atomic.Pointer[carrierMux]
-	httpCarriers httpCarriers
+	muxTLS *tls.Config
 
 	active     atomic.Int64           // connections counted against MaxConns
 	webConns   atomic.Int64           // website connections counted against MaxWebConns
@@ -176,10 +180,11 @@ type Server struct {
 	sessions   registry               // established sessions, for Recheck
 	ends       endRecords             // how recently aborted sessions ended, for op "why"
 	rev        *reverseRegistry       // reverse names; nil when Config.Reverse.Zone is empty
-	peers      *peerState             // other instances (peer.go); nil without Config.Peers
+	peers      *peer.Pool             // other instances (peer.go); nil without Config.Peers
+	peerLive   peerLive               // dials forwarded to other instances, for their end notices (peer_end.go)
 	peerTLS    *tls.Config            // ALPN tp-peer/1: node certificates only
 	udp        udpState               // UDP flow bounds and counters (udp.go)
-	cudp       cudpCounters           // CONNECT-UDP counters (masque_udp_relay.go)
+	cudp       masque.UDPCounters     // CONNECT-UDP counters (package proxy/masque)
 	holds      connHolds              // dialers' sessions on agents' QUIC connections (quicholds.go)
 	limits     atomic.Pointer[Limits] // timeouts and caps; SetLimits swaps them (livelimits.go)
 	stats      counters               // for monitoring (stats.go)
@@ -292,8 +297,8 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Reverse.Zone != "" {
 		s.rev = newReverseRegistry(cfg.Reverse)
 		s.rev.srv = s // public ports (reverse_public.go)
-		if s.peers = newPeerState(cfg.Peers); s.peers != nil {
-			s.peerTLS = s.peers.serverTLS()
+		if s.peers = peer.NewPool(cfg.Peers); s.peers != nil {
+			s.peerTLS = s.peers.ServerTLS()
 		}
 	}
 	return s, nil
@@ -396,7 +401,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.rev.endAgents(wire.ErrShutdown)
 	}
 	if s.peers != nil {
-		s.peers.close()
+		s.peers.Close()
 	}
 
 	var webErr error

@@ -190,7 +190,7 @@ func (s *Server) relay(ctx context.Context, conn wire.Stream, cs *tls.Connection
 	defer expire.Stop()
 	defer s.sessions.add(&liveSession{cs: *cs, req: ss.req, revoke: revoke})()
 	if ss.peerSID != "" {
-		defer s.peers.live.track(ss.peerSID, ss.peerInstance, revoke)() // the serving instance may say why it ends (peer_end.go)
+		defer s.peerLive.track(ss.peerSID, ss.peerInstance, revoke)() // the serving instance may say why it ends (peer_end.go)
 	}
 	// How the session was cut is recorded before the resets go out, so that a
 	// client asking "why" right after its connection was reset finds the answer.

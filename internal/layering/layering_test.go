@@ -25,8 +25,9 @@ var rules = []rule{{
 		"github.com/open-policy-agent/",
 		"github.com/smallstep/certificates/",
 		"github.com/smallstep/nosql",
-		"go.step.sm/", // step's crypto packages pull its certificate templates (sprig, semver, x/crypto/ssh)
-		mod + "proxy", // the server side of the data plane; the wire package is what both ends share
+		"go.step.sm/",  // step's crypto packages pull its certificate templates (sprig, semver, x/crypto/ssh)
+		mod + "proxy",  // the server side of the data plane; the wire package is what both ends share
+		mod + "proxy/", // and its protocol families (the wire and mux packages are allowed)
 		mod + "internal/tpd",
 		mod + "internal/admin",
 		mod + "internal/users",
@@ -35,15 +36,15 @@ var rules = []rule{{
 	},
 }, {
 	why:       "configuration stays in cmd/ and internal/config: the data plane, the clients and the wire package take their parts from callers",
-	roots:     []string{"proxy", "proxy/wire", "clients", "authz", "policy"},
+	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer", "proxy/wire", "clients", "authz", "policy"},
 	forbidden: []string{"github.com/spf13/viper", "github.com/spf13/cobra", mod + "internal/config"},
 }, {
 	why:       "the data plane knows nothing of OPA or step-ca: the caller hands it an authz.Authorizer",
-	roots:     []string{"proxy"},
+	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer"},
 	forbidden: []string{"github.com/open-policy-agent/", "github.com/smallstep/certificates/", mod + "policy", mod + "acme"},
 }, {
 	why:       "metrics are tpd's business: the data plane keeps plain counters (proxy.Server.Stats) that tpd exports, and the clients export nothing",
-	roots:     []string{"proxy", "proxy/wire", "authz", "cmd/tp", "cmd/dlogin", "clients"},
+	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer", "proxy/wire", "authz", "cmd/tp", "cmd/dlogin", "clients"},
 	forbidden: []string{"github.com/prometheus/"},
 }, {
 	why:       "the wire package is the protocol both ends speak: it depends on no other TP package",
@@ -53,6 +54,14 @@ var rules = []rule{{
 	why:       "the multiplexer is shared by both ends as the wire package is: it depends on no other TP package but the wire package",
 	roots:     []string{"proxy/mux"},
 	forbidden: []string{mod + "proxy", mod + "clients", mod + "internal/", mod + "authz", mod + "policy", mod + "acme"},
+}, {
+	why:       "the carriers move QUIC packets and the peer transport moves sessions between instances; neither decides anything: they depend on no TP package but the wire package, so the proxy assembles them and not the other way round",
+	roots:     []string{"proxy/carrier", "proxy/peer"},
+	forbidden: []string{mod},
+}, {
+	why:       "the protocol families under proxy/ are assembled by proxy: none imports proxy or another family",
+	roots:     []string{"proxy/carrier", "proxy/masque", "proxy/peer"},
+	forbidden: []string{mod + "proxy", mod + "proxy/carrier", mod + "proxy/masque", mod + "proxy/peer", mod + "clients", mod + "internal/tpd", mod + "internal/config"},
 }}
 
 type pkg struct {

@@ -302,7 +302,8 @@ func ipWaitFor(t *testing.T, what string, cond func() bool) {
 // connect-ip-go, an independent CONNECT-IP client, gets an address from tpd's
 // pool and the policy's route, reaches the far side with ICMP echo and UDP
 // through the tunnel's tun device, and the hook ran with TUN_DEV_NAME,
-// TUN_CLIENT_ID and the identity fields; a device the policy refuses gets 403.
+// TUN_CLIENT_ID, the identity fields and, on up already, the granted routes
+// (TP_ROUTES); a device the policy refuses gets 403.
 func TestIPTunnelConnectIPGo(t *testing.T) {
 	t.Parallel()
 	if !inNetns(t) {
@@ -327,6 +328,9 @@ func TestIPTunnelConnectIPGo(t *testing.T) {
 		env["TP_DEVICE"] != "laptop" || !strings.Contains(env["TP_ADDRESSES"], addr.String()) {
 		t.Fatalf("hook environment: TUN_DEV_NAME=%q TUN_CLIENT_ID=%q TP_USER=%q TP_DEVICE=%q TP_ADDRESSES=%q",
 			env["TUN_DEV_NAME"], env["TUN_CLIENT_ID"], env["TP_USER"], env["TP_DEVICE"], env["TP_ADDRESSES"])
+	}
+	if env["TP_ROUTES"] != "10.77.0.0-10.77.0.255/0" {
+		t.Fatalf("hook environment on up: TP_ROUTES=%q, want the policy's grant 10.77.0.0-10.77.0.255/0", env["TP_ROUTES"])
 	}
 	if !linkExists(env["TUN_DEV_NAME"]) {
 		t.Fatalf("the tunnel's tun device %s does not exist", env["TUN_DEV_NAME"])

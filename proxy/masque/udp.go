@@ -1,6 +1,7 @@
-package proxy
+package masque
 
-// The data plane of a CONNECT-UDP flow (masque_udp.go): the client's side as
+// The data plane of a CONNECT-UDP flow (package proxy serves the request,
+// masque_udp.go): the client's side as
 // HTTP Datagrams (QUIC DATAGRAM frames on h3) and DATAGRAM capsules on the
 // request stream, relayed to a connected UDP socket with the flow's bounds.
 
@@ -32,13 +33,34 @@ const capsuleDatagram http3.CapsuleType = 0x00
 // (H3_MESSAGE_ERROR, RFC 9114 §8.1), e.g. a malformed capsule (RFC 9297 §3.3).
 const h3MessageError = quic.StreamErrorCode(http3.ErrCodeMessageError)
 
+// h3ConnectError resets an h3 CONNECT stream whose tunnel was aborted
+// (H3_CONNECT_ERROR, RFC 9114 §8.1).
+const h3ConnectError = quic.StreamErrorCode(http3.ErrCodeConnectError)
+
+// errMalformedCapsule ends a flow whose client sent a capsule that is not
+// well formed (RFC 9297 §3.3).
+var errMalformedCapsule = errors.New("malformed capsule")
+
+// UDPLimits bound one flow (proxy.ConnectUDPOptions, defaults filled).
+type UDPLimits struct {
+	// MaxDatagram is the largest UDP payload relayed either way; a larger
+	// one is dropped and counted, never truncated.
+	MaxDatagram int
+	// MaxPacketsPerSecond bounds the datagrams relayed per second in each
+	// direction; beyond it they are dropped and counted.
+	MaxPacketsPerSecond int
+	// MaxBytesPerFlow bounds the payload bytes of the flow, both directions
+	// together; the flow ends when it reaches it.
+	MaxBytesPerFlow int64
+}
+
 // settingsWait bounds how long an h3 CONNECT-UDP request waits for the peer's
 // SETTINGS (which say whether it takes HTTP/3 datagrams) before falling back
 // to capsules.
 const settingsWait = 3 * time.Second
 
-// ConnectUDPStats are the server's CONNECT-UDP counters since it started.
-type ConnectUDPStats struct {
+// UDPStats are a server's CONNECT-UDP counters since it started.
+type UDPStats struct {
 	Flows, Active int64
 	// DatagramsUp and DatagramsDown were relayed client→target and
 	// target→client; BytesFromClient counts the UDP payload bytes the clients
@@ -58,16 +80,15 @@ type ConnectUDPStats struct {
 	MalformedCapsules int64
 }
 
-// cudpCounters hold ConnectUDPStats.
-type cudpCounters struct {
+// UDPCounters hold UDPStats; the zero value is ready.
+type UDPCounters struct {
 	flows, active, up, down, fromClient, toTarget                            atomic.Int64
 	oversize, rateLimited, unknownCtx, malformed, tooLarge, fallback, badCap atomic.Int64
 }
 
-// ConnectUDPStats returns the server's CONNECT-UDP counters.
-func (s *Server) ConnectUDPStats() ConnectUDPStats {
-	c := &s.cudp
-	return ConnectUDPStats{
+// Stats returns the counters.
+func (c *UDPCounters) Stats() UDPStats {
+	return UDPStats{
 		Flows: c.flows.Load(), Active: c.active.Load(),
 		DatagramsUp: c.up.Load(), DatagramsDown: c.down.Load(),
 		BytesFromClient: c.fromClient.Load(), BytesToTarget: c.toTarget.Load(),
@@ -77,15 +98,15 @@ func (s *Server) ConnectUDPStats() ConnectUDPStats {
 	}
 }
 
-// cudpFlow is one flow's counters and ending.
-type cudpFlow struct {
+// UDPFlow is one flow's counters and ending (Relay).
+type UDPFlow struct {
 	up, down, fromClient, bytesToTarget, bytesToClient                        atomic.Int64
 	oversize, rateLimited, unknownCtx, malformed, tooLarge, fallback, refused atomic.Int64
 	end                                                                       string
 	malformedCapsule                                                          bool
 }
 
-func (c *cudpCounters) add(f *cudpFlow) {
+func (c *UDPCounters) add(f *UDPFlow) {
 	c.up.Add(f.up.Load())
 	c.down.Add(f.down.Load())
 	c.fromClient.Add(f.fromClient.Load())
@@ -101,7 +122,21 @@ func (c *cudpCounters) add(f *cudpFlow) {
 	}
 }
 
-func (f *cudpFlow) attrs() []slog.Attr {
+// Bytes are the payload bytes relayed to the target and to the client.
+func (f *UDPFlow) Bytes() (toTarget, toClient int64) {
+	return f.bytesToTarget.Load(), f.bytesToClient.Load()
+}
+
+// End is why the flow ended, for its log line.
+func (f *UDPFlow) End() string { return f.end }
+
+// MalformedCapsule reports whether the flow ended on a malformed capsule
+// from its client.
+func (f *UDPFlow) MalformedCapsule() bool { return f.malformedCapsule }
+
+// Attrs are the flow's counters for its log line (the drops only when there
+// were any).
+func (f *UDPFlow) Attrs() []slog.Attr {
 	attrs := []slog.Attr{
 		slog.String("network", "udp"),
 		slog.Int64("datagrams_up", f.up.Load()),
@@ -119,9 +154,9 @@ func (f *cudpFlow) attrs() []slog.Attr {
 	return attrs
 }
 
-// cudpTunnel is the client's side of a flow: capsules on the request stream
+// UDPTunnel is the client's side of a flow: capsules on the request stream
 // (rd, wr), and HTTP/3 datagrams on dg when both ends negotiated them.
-type cudpTunnel struct {
+type UDPTunnel struct {
 	rd      io.Reader
 	wr      io.Writer
 	flush   func() error // h2: after each capsule
@@ -132,11 +167,13 @@ type cudpTunnel struct {
 	h2Reset atomic.Bool // the h2 handler must reset the stream (RST_STREAM)
 }
 
-func (t *cudpTunnel) abortHandler() bool { return t.h2Reset.Load() }
+// AbortHandler reports whether the h2 handler must reset the request's
+// stream (RST_STREAM) as it returns.
+func (t *UDPTunnel) AbortHandler() bool { return t.h2Reset.Load() }
 
-// acceptConnectUDP answers 2xx (101 on HTTP/1.1) with Capsule-Protocol: ?1
+// AcceptUDP answers 2xx (101 on HTTP/1.1) with Capsule-Protocol: ?1
 // and returns the flow's client side.
-func (s *Server) acceptConnectUDP(w http.ResponseWriter, r *http.Request, sid string) (*cudpTunnel, error) {
+func AcceptUDP(w http.ResponseWriter, r *http.Request, sid string) (*UDPTunnel, error) {
 	switch r.ProtoMajor {
 	case 1:
 		c, brw, err := http.NewResponseController(w).Hijack()
@@ -144,7 +181,7 @@ func (s *Server) acceptConnectUDP(w http.ResponseWriter, r *http.Request, sid st
 			return nil, err
 		}
 		_ = c.SetDeadline(time.Time{})
-		_ = c.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
+		_ = c.SetWriteDeadline(time.Now().Add(wire.HelloWriteTimeout))
 		if _, err := io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\nCapsule-Protocol: ?1\r\nTP-Session: "+sid+"\r\n\r\n"); err != nil {
 			_ = c.Close()
 			return nil, err
@@ -154,7 +191,7 @@ func (s *Server) acceptConnectUDP(w http.ResponseWriter, r *http.Request, sid st
 		if brw.Reader.Buffered() > 0 { // capsules sent right behind the request
 			rd = io.MultiReader(buffered(brw.Reader), c)
 		}
-		return &cudpTunnel{rd: rd, wr: c,
+		return &UDPTunnel{rd: rd, wr: c,
 			reset:   func(bool) { wire.Abort(c, wire.QUICPeerReset) },
 			closeFn: func() { _ = c.Close() }}, nil
 	case 2:
@@ -165,7 +202,7 @@ func (s *Server) acceptConnectUDP(w http.ResponseWriter, r *http.Request, sid st
 		if err := rc.Flush(); err != nil {
 			return nil, err
 		}
-		t := &cudpTunnel{rd: r.Body, wr: w, flush: rc.Flush}
+		t := &UDPTunnel{rd: r.Body, wr: w, flush: rc.Flush}
 		// A clean end closes the request body (which ends its reader) and lets
 		// the handler return: END_STREAM. An expired deadline would make
 		// the server reset the stream, so only a reset uses them (to unblock
@@ -199,7 +236,7 @@ func (s *Server) acceptConnectUDP(w http.ResponseWriter, r *http.Request, sid st
 		if err != nil {
 			return nil, err
 		}
-		t := &cudpTunnel{rd: str, wr: str}
+		t := &UDPTunnel{rd: str, wr: str}
 		if datagrams {
 			t.dg = str
 		}
@@ -239,7 +276,7 @@ func (r *byteReader) Read(p []byte) (int, error) {
 }
 
 // writeCapsule sends p (context ID 0) as one DATAGRAM capsule in one Write.
-func (t *cudpTunnel) writeCapsule(p []byte) error {
+func (t *UDPTunnel) writeCapsule(p []byte) error {
 	b := make([]byte, 0, len(p)+17)
 	b = quicvarint.Append(b, uint64(capsuleDatagram))
 	b = quicvarint.Append(b, uint64(len(p)+1))
@@ -282,21 +319,21 @@ func (b *dgramBucket) take(now time.Time) bool {
 	return true
 }
 
-// cudpEnd is why a flow ended; abort when the client must see a reset.
-type cudpEnd struct {
+// udpEnd is why a flow ended; abort when the client must see a reset.
+type udpEnd struct {
 	text      string
 	abort     bool
 	malformed bool
 }
 
-// relayConnectUDP relays datagrams between t and upstream until either side
+// Relay relays datagrams between t and upstream until either side
 // ends, ctx ends (revocation, expiry, shutdown: t is reset), the flow reaches
 // its byte bound, or nothing moved for idle.
-func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream net.Conn, o ConnectUDPOptions, idle time.Duration) *cudpFlow {
-	s.cudp.flows.Add(1)
-	s.cudp.active.Add(1)
-	defer s.cudp.active.Add(-1)
-	f := &cudpFlow{}
+func (c *UDPCounters) Relay(ctx context.Context, t *UDPTunnel, upstream net.Conn, o UDPLimits, idle time.Duration) *UDPFlow {
+	c.flows.Add(1)
+	c.active.Add(1)
+	defer c.active.Add(-1)
+	f := &UDPFlow{}
 	var last atomic.Int64
 	touch := func() { last.Store(time.Now().UnixNano()) }
 	touch()
@@ -305,8 +342,8 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 	upRate, downRate := newDgramBucket(o.MaxPacketsPerSecond, start), newDgramBucket(o.MaxPacketsPerSecond, start)
 	rctx, rcancel := context.WithCancel(ctx)
 	defer rcancel()
-	ends := make(chan cudpEnd, 3)
-	endWith := func(e cudpEnd) { // the first end counts; later ones never block
+	ends := make(chan udpEnd, 3)
+	endWith := func(e udpEnd) { // the first end counts; later ones never block
 		select {
 		case ends <- e:
 		default:
@@ -314,7 +351,7 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 	}
 	overBudget := func(n int) bool {
 		if total.Add(int64(n)) > o.MaxBytesPerFlow {
-			endWith(cudpEnd{text: fmt.Sprintf("the flow reached its bound of %d bytes; open a new one", o.MaxBytesPerFlow), abort: true})
+			endWith(udpEnd{text: fmt.Sprintf("the flow reached its bound of %d bytes; open a new one", o.MaxBytesPerFlow), abort: true})
 			return true
 		}
 		return false
@@ -357,7 +394,7 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 			case errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.EAGAIN):
 				f.rateLimited.Add(1)
 			default:
-				endWith(cudpEnd{text: "writing to destination: " + wire.UnwrapOpError(err).Error(), abort: true})
+				endWith(udpEnd{text: "writing to destination: " + wire.UnwrapOpError(err).Error(), abort: true})
 				return io.EOF
 			}
 			return nil
@@ -377,17 +414,17 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 			if err != nil {
 				switch {
 				case errors.Is(err, io.EOF):
-					endWith(cudpEnd{text: "closed by client"})
+					endWith(udpEnd{text: "closed by client"})
 				case errors.Is(err, io.ErrUnexpectedEOF):
-					endWith(cudpEnd{text: "the client's stream ended inside a capsule (malformed capsule)", abort: true, malformed: true})
+					endWith(udpEnd{text: "the client's stream ended inside a capsule (malformed capsule)", abort: true, malformed: true})
 				default:
-					endWith(cudpEnd{text: "client: " + wire.UnwrapOpError(err).Error(), abort: true})
+					endWith(udpEnd{text: "client: " + wire.UnwrapOpError(err).Error(), abort: true})
 				}
 				return
 			}
 			if typ != capsuleDatagram { // RFC 9297 §3.2: unknown capsule types are skipped
 				if err := cr.Discard(); err != nil {
-					endWith(cudpEnd{text: "the client's stream ended inside a capsule (malformed capsule)", abort: true, malformed: true})
+					endWith(udpEnd{text: "the client's stream ended inside a capsule (malformed capsule)", abort: true, malformed: true})
 					return
 				}
 				continue
@@ -396,7 +433,7 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 				f.oversize.Add(1)
 				f.fromClient.Add(rem) // what the client sent, though not relayed
 				if err := cr.Discard(); err != nil {
-					endWith(cudpEnd{text: "the client's stream ended inside a capsule (malformed capsule)", abort: true, malformed: true})
+					endWith(udpEnd{text: "the client's stream ended inside a capsule (malformed capsule)", abort: true, malformed: true})
 					return
 				}
 				touch()
@@ -404,12 +441,12 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 			}
 			p := make([]byte, cr.Remaining())
 			if _, err := io.ReadFull(cr, p); err != nil {
-				endWith(cudpEnd{text: "the client's stream ended inside a capsule (malformed capsule)", abort: true, malformed: true})
+				endWith(udpEnd{text: "the client's stream ended inside a capsule (malformed capsule)", abort: true, malformed: true})
 				return
 			}
 			if err := up(p, true); err != nil {
 				if errors.Is(err, errMalformedCapsule) {
-					endWith(cudpEnd{text: "the client sent a DATAGRAM capsule without a context ID (malformed capsule)", abort: true, malformed: true})
+					endWith(udpEnd{text: "the client sent a DATAGRAM capsule without a context ID (malformed capsule)", abort: true, malformed: true})
 				}
 				return
 			}
@@ -441,7 +478,7 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 					continue
 				}
 				if rctx.Err() == nil {
-					endWith(cudpEnd{text: wire.FlowEnd("destination", err), abort: !wire.IsNormalEnd(err)})
+					endWith(udpEnd{text: wire.FlowEnd("destination", err), abort: !wire.IsNormalEnd(err)})
 				}
 				return
 			}
@@ -456,9 +493,9 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 			case overBudget(n):
 				return
 			}
-			if err := s.sendDown(t, f, buf[:n]); err != nil {
+			if err := sendDown(t, f, buf[:n]); err != nil {
 				if rctx.Err() == nil {
-					endWith(cudpEnd{text: wire.FlowEnd("client", err), abort: !wire.IsNormalEnd(err)})
+					endWith(udpEnd{text: wire.FlowEnd("client", err), abort: !wire.IsNormalEnd(err)})
 				}
 				return
 			}
@@ -467,12 +504,12 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 
 	tick := time.NewTicker(max(idle/8, 10*time.Millisecond))
 	defer tick.Stop()
-	var end cudpEnd
+	var end udpEnd
 	for end.text == "" {
 		select {
 		case end = <-ends:
 		case <-ctx.Done():
-			end = cudpEnd{text: context.Cause(ctx).Error(), abort: true}
+			end = udpEnd{text: context.Cause(ctx).Error(), abort: true}
 		case <-tick.C:
 			if since := time.Since(time.Unix(0, last.Load())); since >= idle {
 				end.text = fmt.Sprintf("idle for %s", idle)
@@ -490,20 +527,20 @@ func (s *Server) relayConnectUDP(ctx context.Context, t *cudpTunnel, upstream ne
 	go func() { wg.Wait(); close(done) }()
 	select {
 	case <-done:
-	case <-time.After(helloWriteTimeout):
+	case <-time.After(wire.HelloWriteTimeout):
 		// A capsule write still blocked on a client that stopped reading:
 		// reset, which unblocks it, rather than wait for ever.
 		t.reset(false)
 		<-done
 	}
 	f.end, f.malformedCapsule = end.text, end.malformed
-	s.cudp.add(f) // before the deferred Active decrement: a flow seen ended is counted
+	c.add(f) // before the deferred Active decrement: a flow seen ended is counted
 	return f
 }
 
 // sendDown sends one payload to the client: an HTTP/3 datagram when the flow
 // has them and it fits one, else a DATAGRAM capsule.
-func (s *Server) sendDown(t *cudpTunnel, f *cudpFlow, p []byte) error {
+func sendDown(t *UDPTunnel, f *UDPFlow, p []byte) error {
 	if t.dg != nil {
 		b := make([]byte, 1+len(p))
 		copy(b[1:], p)

@@ -1,4 +1,4 @@
-package proxy
+package carrier
 
 // The http carrier's server end (docs/PROTOCOL.md §9.8): POST requests at
 // wire.CarrierHTTPPath carry client → server packets in their bodies and get
@@ -32,27 +32,29 @@ var carrierPollHold = time.Second
 // carrierHTTPConcurrent bounds the requests in flight per session.
 const carrierHTTPConcurrent = 4
 
-type httpCarrierSession struct {
-	cs       *carrierSession
+type httpSession struct {
+	cs       *session
 	inflight chan struct{} // a slot per request in flight
 	key      []byte        // the session key: requests' MACs
 	mu       sync.Mutex
 	replay   wire.CarrierReplay // sequence numbers taken
 }
 
-// httpCarriers are the http carrier's sessions by ID.
-type httpCarriers struct {
+// HTTPSessions are the http carrier's sessions by ID; the zero value is
+// ready. They belong to one Mux at a time: a request for another (a new
+// QUIC server) forgets the old sessions, which ended with their mux.
+type HTTPSessions struct {
 	mu       sync.Mutex
-	m        *carrierMux // the mux the sessions belong to
-	sessions map[string]*httpCarrierSession
+	m        *Mux // the mux the sessions belong to
+	sessions map[string]*httpSession
 }
 
 // lookup returns the live session id, or nil.
-func (h *httpCarriers) lookup(m *carrierMux, id string) *httpCarrierSession {
+func (h *HTTPSessions) lookup(m *Mux, id string) *httpSession {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.m != m { // a new QUIC server: the old sessions are gone with its mux
-		h.m, h.sessions = m, make(map[string]*httpCarrierSession)
+		h.m, h.sessions = m, make(map[string]*httpSession)
 	}
 	if s := h.sessions[id]; s != nil {
 		select {
@@ -66,7 +68,7 @@ func (h *httpCarriers) lookup(m *carrierMux, id string) *httpCarrierSession {
 }
 
 // get returns the session id, opening it with key when there is none (created).
-func (h *httpCarriers) get(m *carrierMux, id, remote string, key []byte) (_ *httpCarrierSession, created bool, _ error) {
+func (h *HTTPSessions) get(m *Mux, id, remote string, key []byte) (_ *httpSession, created bool, _ error) {
 	if s := h.lookup(m, id); s != nil {
 		return s, false, nil
 	}
@@ -79,14 +81,14 @@ func (h *httpCarriers) get(m *carrierMux, id, remote string, key []byte) (_ *htt
 	if err != nil {
 		return nil, false, err
 	}
-	s := &httpCarrierSession{cs: cs, inflight: make(chan struct{}, carrierHTTPConcurrent), key: key}
+	s := &httpSession{cs: cs, inflight: make(chan struct{}, carrierHTTPConcurrent), key: key}
 	h.sessions[id] = s
 	go h.expire(m, id, s)
 	return s, true, nil
 }
 
 // expire ends a session that saw no request for the mux's idle bound.
-func (h *httpCarriers) expire(m *carrierMux, id string, s *httpCarrierSession) {
+func (h *HTTPSessions) expire(m *Mux, id string, s *httpSession) {
 	t := time.NewTicker(m.opts.sweepEvery())
 	defer t.Stop()
 	for {
@@ -111,13 +113,8 @@ func (h *httpCarriers) expire(m *carrierMux, id string, s *httpCarrierSession) {
 	}
 }
 
-// serveCarrierHTTP serves one request of the http carrier.
-func (s *Server) serveCarrierHTTP(w http.ResponseWriter, r *http.Request) {
-	m := s.carrierMux()
-	if m == nil {
-		http.Error(w, "the http carrier needs QUIC, which this TP server does not serve", http.StatusServiceUnavailable)
-		return
-	}
+// Serve serves one request of the http carrier on m's sessions.
+func (h *HTTPSessions) Serve(m *Mux, w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", "POST")
 		http.Error(w, "the http carrier takes POST requests", http.StatusMethodNotAllowed)
@@ -145,7 +142,7 @@ func (s *Server) serveCarrierHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	// Who may use the session: its opener, proven by the MAC of a sequence
 	// number not taken before; checked before the request takes a slot.
-	hs := s.httpCarriers.lookup(m, id)
+	hs := h.lookup(m, id)
 	created := false
 	if hs == nil {
 		peer := r.Header.Get(wire.CarrierKeyHeader)
@@ -167,7 +164,7 @@ func (s *Server) serveCarrierHTTP(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
-		if hs, created, err = s.httpCarriers.get(m, id, r.RemoteAddr, key); err != nil {
+		if hs, created, err = h.get(m, id, r.RemoteAddr, key); err != nil {
 			http.Error(w, "too many carrier sessions; try again later", http.StatusServiceUnavailable)
 			return
 		}

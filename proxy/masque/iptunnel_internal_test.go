@@ -1,4 +1,4 @@
-package proxy
+package masque
 
 import (
 	"bufio"
@@ -52,7 +52,7 @@ func TestRoutesOfScope(t *testing.T) {
 		if tc.target != "" {
 			target = netip.MustParsePrefix(tc.target)
 		}
-		if got := routesOf(tc.g, target, tc.proto); !slices.Equal(got, tc.want) {
+		if got := RoutesOf(tc.g, target, tc.proto); !slices.Equal(got, tc.want) {
 			t.Errorf("%s: routes %v, want %v", tc.name, got, tc.want)
 		}
 	}
@@ -78,7 +78,7 @@ func TestIPTunnelRegrantNarrows(t *testing.T) {
 			ctx, end := context.WithCancelCause(context.Background())
 			defer end(nil)
 			var advertised [][]wire.IPRoute
-			tn := &ipTunnel{t: &IPTunnels{}, addrs: []netip.Prefix{netip.PrefixFrom(peer, 32)}, end: end,
+			tn := &IPTunnel{t: &IPTunnels{}, addrs: []netip.Prefix{netip.PrefixFrom(peer, 32)}, end: end,
 				writeCap: func(b []byte) error {
 					c, err := wire.ReadIPCapsule(bufio.NewReader(bytes.NewReader(b)))
 					if err != nil || c.Type != wire.IPCapsuleRouteAdvertisement {
@@ -91,12 +91,12 @@ func TestIPTunnelRegrantNarrows(t *testing.T) {
 					advertised = append(advertised, rs)
 					return nil
 				}}
-			wide := routesOf(grantOf("10.77.0.0/24", "10.79.0.0/24"), target, tc.proto)
+			wide := RoutesOf(grantOf("10.77.0.0/24", "10.79.0.0/24"), target, tc.proto)
 			tn.routes.Store(&wide)
 
 			narrow := authz.Decision{Allow: true, IP: grantOf("10.77.0.0/24")}
-			want := routesOf(narrow.IP, target, tc.proto)
-			tn.regrant(narrow, target, tc.proto)
+			want := RoutesOf(narrow.IP, target, tc.proto)
+			tn.Regrant(narrow, target, tc.proto)
 			if ctx.Err() != nil {
 				t.Fatalf("a narrower grant ended the tunnel: %v", context.Cause(ctx))
 			}
@@ -117,7 +117,7 @@ func TestIPTunnelRegrantNarrows(t *testing.T) {
 				t.Fatal("a packet from the removed prefix was let in")
 			}
 
-			tn.regrant(narrow, target, tc.proto)
+			tn.Regrant(narrow, target, tc.proto)
 			if len(advertised) != 1 || ctx.Err() != nil {
 				t.Fatalf("the same grant again: %d advertisements, tunnel ended %v; want nothing new", len(advertised), context.Cause(ctx))
 			}
@@ -127,11 +127,56 @@ func TestIPTunnelRegrantNarrows(t *testing.T) {
 			if tc.target != "" {
 				none = grantOf("192.0.2.0/24")
 			}
-			tn.regrant(authz.Decision{Allow: true, IP: none}, target, tc.proto)
+			tn.Regrant(authz.Decision{Allow: true, IP: none}, target, tc.proto)
 			var re *wire.RevokedError
 			if !errors.As(context.Cause(ctx), &re) {
 				t.Fatalf("a grant with no prefix in the tunnel's scope: tunnel ended %v; want it revoked", context.Cause(ctx))
 			}
 		})
+	}
+}
+
+// A re-check that narrows the grant after the tunnel opened and before its
+// stream is attached (the session takes re-checks before the answer goes
+// out) writes to no peer yet and is not lost: the first capsules the peer
+// gets advertise the routes as the re-check left them. Before, the re-check
+// called a tunnel writer that was not set yet. Bad input: a re-check in that
+// window.
+func TestIPTunnelRegrantBeforeAttach(t *testing.T) {
+	peer := netip.MustParseAddr("100.96.0.1")
+	ctx, end := context.WithCancelCause(context.Background())
+	defer end(nil)
+	tn := &IPTunnel{t: &IPTunnels{}, addrs: []netip.Prefix{netip.PrefixFrom(peer, 32)}, end: end}
+	wide := RoutesOf(grantOf("10.77.0.0/24", "10.79.0.0/24"), netip.Prefix{}, -1)
+	tn.routes.Store(&wide)
+
+	narrow := authz.Decision{Allow: true, IP: grantOf("10.77.0.0/24")}
+	tn.Regrant(narrow, netip.Prefix{}, -1)
+	if ctx.Err() != nil {
+		t.Fatalf("a narrower grant before the stream was attached ended the tunnel: %v", context.Cause(ctx))
+	}
+	var sent []byte
+	tn.Attach(func(b []byte) error { sent = append(sent, b...); return nil }, nil, 0)
+	if err := tn.Announce(); err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(bytes.NewReader(sent))
+	var advertised [][]wire.IPRoute
+	for {
+		c, err := wire.ReadIPCapsule(r)
+		if err != nil {
+			break
+		}
+		if c.Type == wire.IPCapsuleRouteAdvertisement {
+			rs, err := wire.ParseRoutes(c.Payload)
+			if err != nil {
+				t.Fatal(err)
+			}
+			advertised = append(advertised, rs)
+		}
+	}
+	want := RoutesOf(narrow.IP, netip.Prefix{}, -1)
+	if len(advertised) != 1 || !slices.Equal(advertised[0], want) {
+		t.Fatalf("the peer was advertised %v; want once the re-checked %v", advertised, want)
 	}
 }

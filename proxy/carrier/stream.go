@@ -1,8 +1,8 @@
-package proxy
+package carrier
 
 // The stream carriers' server ends: a TLS connection that negotiated
-// "tp-carrier/1" on the shared port (handle, demux.go), and a WebSocket at
-// wire.CarrierWSPath on the website side (carrierRoutes).
+// "tp-carrier/1" on the shared port (ServeTLS), and a WebSocket at
+// wire.CarrierWSPath on the website side (ServeWS).
 
 import (
 	"bufio"
@@ -45,30 +45,12 @@ func (l *tlsLink) flush() error { return l.w.Flush() }
 
 func (l *tlsLink) close() { l.once.Do(func() { _ = l.conn.Close() }) }
 
-// carrierDevice is the device a tp-carrier/1 connection's handshake proved.
-func (s *Server) carrierDevice(conn *tls.Conn) string {
-	cs := conn.ConnectionState()
-	id, _ := s.connIdentity(&cs)
-	if id == "" {
-		id = "?" // verified by the handshake, whatever its name says
-	}
-	return id
-}
-
-// serveCarrierTLS serves one TLS connection that negotiated "tp-carrier/1"; its
-// handshake verified the device certificate like "tp/1".
-func (s *Server) serveCarrierTLS(ctx context.Context, conn *tls.Conn) {
-	m := s.carrierMux()
-	if m == nil {
-		s.log.Warn("carrier connection refused: QUIC is not served", "remote", conn.RemoteAddr().String())
-		_ = conn.Close()
-		return
-	}
+// ServeTLS serves one TLS connection that negotiated "tp-carrier/1"; its
+// handshake verified the certificate of device. An error means the mux
+// refused the session, and conn is the caller's to close.
+func (m *Mux) ServeTLS(ctx context.Context, conn *tls.Conn, device string) error {
 	link := &tlsLink{conn: conn, idle: m.opts.Idle, w: bufio.NewWriterSize(conn, 64<<10), wbuf: make([]byte, 2+wire.MaxCarrierPacket)}
-	if err := m.serveCarrier(ctx, wire.CarrierTLS, conn.RemoteAddr().String(), s.carrierDevice(conn), link); err != nil {
-		s.log.Warn("carrier connection refused", "carrier", wire.CarrierTLS, "remote", conn.RemoteAddr().String(), "err", err)
-		_ = conn.Close()
-	}
+	return m.serveCarrier(ctx, wire.CarrierTLS, conn.RemoteAddr().String(), device, link)
 }
 
 // wsLink is the ws carrier over one WebSocket: one binary message per packet.
@@ -99,31 +81,12 @@ func (l *wsLink) writePacket(ctx context.Context, b []byte) error {
 func (l *wsLink) flush() error { return nil }
 func (l *wsLink) close()       { _ = l.c.CloseNow() }
 
-// carrierRoutes puts the carriers' HTTP endpoints in front of the website's
-// handler web.
-func (s *Server) carrierRoutes(web http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case wire.CarrierWSPath:
-			s.serveCarrierWS(w, r)
-			return
-		case wire.CarrierHTTPPath:
-			s.serveCarrierHTTP(w, r)
-			return
-		}
-		web.ServeHTTP(w, r)
-	})
-}
-
-// serveCarrierWS upgrades a request at wire.CarrierWSPath to the ws carrier.
-// The upgrade needs nothing but the path: the QUIC handshake it carries needs
-// the device certificate. The session counts against CarrierOptions.MaxSessions.
-func (s *Server) serveCarrierWS(w http.ResponseWriter, r *http.Request) {
-	m := s.carrierMux()
-	if m == nil {
-		http.Error(w, "the ws carrier needs QUIC, which this TP server does not serve", http.StatusServiceUnavailable)
-		return
-	}
+// ServeWS upgrades a request at wire.CarrierWSPath to the ws carrier and
+// serves it until ctx ends or the session does; ctx is the session's, not the
+// request's. The upgrade needs nothing but the path: the QUIC handshake it
+// carries needs the device certificate. The session counts against
+// Options.MaxSessions.
+func (m *Mux) ServeWS(ctx context.Context, w http.ResponseWriter, r *http.Request) {
 	m.mu.Lock()
 	full := len(m.sessions) >= m.opts.MaxSessions
 	m.mu.Unlock()
@@ -136,12 +99,6 @@ func (s *Server) serveCarrierWS(w http.ResponseWriter, r *http.Request) {
 		return // Accept answered the request
 	}
 	c.SetReadLimit(wire.MaxCarrierPacket)
-	// The session ends with its link, with the QUIC server (which closes the
-	// mux after its connections drained), or when a shutdown gives up draining.
-	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
-	defer cancel()
-	stop := context.AfterFunc(s.force, cancel)
-	defer stop()
 	if err := m.serveCarrier(ctx, wire.CarrierWS, r.RemoteAddr, "", &wsLink{c: c, idle: m.opts.Idle}); err != nil {
 		_ = c.Close(websocket.StatusTryAgainLater, "too many carrier sessions")
 	}
@@ -149,4 +106,4 @@ func (s *Server) serveCarrierWS(w http.ResponseWriter, r *http.Request) {
 
 var _ carrierLink = (*tlsLink)(nil)
 var _ carrierLink = (*wsLink)(nil)
-var _ net.PacketConn = (*carrierMux)(nil)
+var _ net.PacketConn = (*Mux)(nil)

@@ -1,6 +1,6 @@
 //go:build !linux
 
-package proxy
+package carrier
 
 // gsoSize: quic-go uses GSO only on Linux.
 func gsoSize([]byte) int { return 0 }

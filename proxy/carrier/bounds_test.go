@@ -1,4 +1,4 @@
-package proxy
+package carrier
 
 import (
 	"bytes"
@@ -21,13 +21,13 @@ import (
 )
 
 // newTestCarrierMux returns a carrier mux on a real loopback UDP socket.
-func newTestCarrierMux(t *testing.T, network string, ip net.IP) *carrierMux {
+func newTestCarrierMux(t *testing.T, network string, ip net.IP) *Mux {
 	t.Helper()
 	udp, err := net.ListenUDP(network, &net.UDPAddr{IP: ip})
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := newCarrierMux(udp, CarrierOptions{}, slog.New(slog.DiscardHandler))
+	m := NewMux(udp, Options{}, slog.New(slog.DiscardHandler))
 	t.Cleanup(func() { _ = m.Close() })
 	return m
 }
@@ -105,15 +105,14 @@ func TestCarrierHTTPInFlightBound(t *testing.T) { // not parallel: it sets carri
 	t.Cleanup(func() { carrierPollHold = hold })
 
 	m := newTestCarrierMux(t, "udp4", net.IPv4(127, 0, 0, 1))
-	s := &Server{}
-	s.carriers.Store(m)
+	var h HTTPSessions
 	const id = "0123456789abcdef0123456789abcdef"
 	c := newCarrierHTTPTestClient(t, id)
 	poll := func(ctx context.Context) *httptest.ResponseRecorder {
 		r := httptest.NewRequestWithContext(ctx, http.MethodPost, wire.CarrierHTTPPath, strings.NewReader(""))
 		c.sign(r, nil)
 		w := httptest.NewRecorder()
-		s.serveCarrierHTTP(w, r)
+		h.Serve(m, w, r)
 		c.answered(t, w)
 		return w
 	}
@@ -127,7 +126,7 @@ func TestCarrierHTTPInFlightBound(t *testing.T) { // not parallel: it sets carri
 	for range carrierHTTPConcurrent {
 		held.Go(func() { codes <- poll(ctx).Code })
 	}
-	hs := s.httpCarriers.sessions[id]
+	hs := h.sessions[id]
 	deadline := time.Now().Add(30 * time.Second)
 	for len(hs.inflight) < carrierHTTPConcurrent {
 		if time.Now().After(deadline) {
@@ -290,15 +289,14 @@ func (c *carrierHTTPTestClient) answered(t testing.TB, w *httptest.ResponseRecor
 func TestCarrierHTTPSessionIDIsNotAPassword(t *testing.T) {
 	t.Parallel()
 	m := newTestCarrierMux(t, "udp4", net.IPv4(127, 0, 0, 1))
-	s := &Server{}
-	s.carriers.Store(m)
+	var h HTTPSessions
 	const id = "00112233445566778899aabbccddeeff"
 	owner := newCarrierHTTPTestClient(t, id)
 	request := func(body []byte, set func(*http.Request)) *httptest.ResponseRecorder {
 		r := httptest.NewRequest(http.MethodPost, wire.CarrierHTTPPath, bytes.NewReader(body))
 		set(r)
 		w := httptest.NewRecorder()
-		s.serveCarrierHTTP(w, r)
+		h.Serve(m, w, r)
 		return w
 	}
 	if w := request(nil, func(r *http.Request) { owner.sign(r, nil) }); w.Code != http.StatusOK {
@@ -306,7 +304,7 @@ func TestCarrierHTTPSessionIDIsNotAPassword(t *testing.T) {
 	} else {
 		owner.answered(t, w)
 	}
-	hs := s.httpCarriers.lookup(m, id)
+	hs := h.lookup(m, id)
 	queued := getCarrierBuf()
 	n := copy(*queued, "for the owner")
 	*queued = (*queued)[:n]
