@@ -1,9 +1,9 @@
 package masque
 
-// The data plane of a CONNECT-UDP flow (package proxy serves the request,
-// masque_udp.go): the client's side as
-// HTTP Datagrams (QUIC DATAGRAM frames on h3) and DATAGRAM capsules on the
-// request stream, relayed to a connected UDP socket with the flow's bounds.
+// The data plane of a CONNECT-UDP flow (package proxy serves the request, in
+// its masque_udp.go): the client's side as HTTP Datagrams (QUIC DATAGRAM
+// frames on h3) and DATAGRAM capsules on the request stream, relayed to a
+// connected UDP socket with the flow's bounds.
 
 import (
 	"bufio"
