@@ -41,6 +41,7 @@ func newReverseBench(b *testing.B, mode, transport, target string) *reverseBench
 	// As tp's own dialer does (clients.Client.Dialer): resume TLS sessions to the
 	// relay and, end to end, to the agent.
 	d.TLSConfig.ClientSessionCache = tls.NewLRUClientSessionCache(64)
+	d.NoE2EMux = mode != "protected"
 	d.NoE2EAttach = mode == "protected-handshake"
 	b.Cleanup(func() { d.Close() })
 	return &reverseBench{q: q, dialer: d, public: net.JoinHostPort("127.0.0.1", strconv.Itoa(port))}
@@ -60,13 +61,32 @@ func (r *reverseBench) dial(b *testing.B, mode string) net.Conn {
 	return c
 }
 
-// protected: later sessions attach to the end-to-end state of the first
-// (tp-e2e/2); protected-handshake: every session runs a TLS handshake with the
-// agent (tp-e2e/1, resumed), as before attach existed.
+// protected: sessions are streams of the one end-to-end carrier the dialer
+// keeps to the name (tp-e2e-mux/1, the default); protected-attach: each
+// session is a dial of its own through the relay that attaches to the
+// end-to-end state of the first (tp-e2e/2); protected-handshake: each runs a
+// TLS handshake with the agent (tp-e2e/1, resumed), as before attach existed.
 var reverseCases = []struct{ mode, transport string }{
 	{"protected", clients.TransportTLS}, {"protected", clients.TransportQUIC},
+	{"protected-attach", clients.TransportTLS}, {"protected-attach", clients.TransportQUIC},
 	{"protected-handshake", clients.TransportTLS}, {"protected-handshake", clients.TransportQUIC},
 	{"public", clients.TransportTLS}, {"public", clients.TransportQUIC},
+}
+
+// checkProtectedPath fails b when the measured protected sessions did not
+// take the path their mode names: n streams of a carrier, or n attaches.
+func checkProtectedPath(b *testing.B, r *reverseBench, mode string, n int) {
+	b.Helper()
+	switch mode {
+	case "protected":
+		if _, streams := r.dialer.E2EMuxStats(); streams < n {
+			b.Fatalf("%d sessions went as streams of the end-to-end carrier; want every measured one (%d)", streams, n)
+		}
+	case "protected-attach":
+		if full, attached := r.dialer.E2EStats(); attached < n {
+			b.Fatalf("%d sessions attached and %d ran a handshake; want every measured one (%d) attached", attached, full, n)
+		}
+	}
 }
 
 // BenchmarkReverseThroughput: bulk bytes (1 MiB writes) to a sink behind an agent.
@@ -75,7 +95,7 @@ func BenchmarkReverseThroughput(b *testing.B) {
 		b.Run(tc.mode+"/"+tc.transport, func(b *testing.B) {
 			addr, counts := startSink(b)
 			r := newReverseBench(b, tc.mode, tc.transport, addr)
-			if tc.mode == "protected" { // the measured session attaches to this one's state
+			if tc.mode == "protected" || tc.mode == "protected-attach" { // the measured session attaches to this one's state, or is a stream of its carrier
 				c := r.dial(b, tc.mode)
 				_ = c.(interface{ CloseWrite() error }).CloseWrite()
 				_, _ = io.Copy(io.Discard, c)
@@ -83,9 +103,7 @@ func BenchmarkReverseThroughput(b *testing.B) {
 				<-counts
 			}
 			benchThroughput(b, r.dial(b, tc.mode), counts)
-			if _, attached := r.dialer.E2EStats(); tc.mode == "protected" && attached != 1 {
-				b.Fatalf("the measured session did not attach (%d attached)", attached)
-			}
+			checkProtectedPath(b, r, tc.mode, 1)
 		})
 	}
 }
@@ -106,9 +124,7 @@ func BenchmarkReverseNewSession(b *testing.B) {
 			slices.Sort(took)
 			b.ReportMetric(float64(took[len(took)/2])/1e6, "p50-ms")
 			b.ReportMetric(float64(took[len(took)*99/100])/1e6, "p99-ms")
-			if full, attached := r.dialer.E2EStats(); tc.mode == "protected" && attached < b.N {
-				b.Fatalf("%d sessions attached and %d ran a handshake; want every measured one attached", attached, full)
-			}
+			checkProtectedPath(b, r, tc.mode, b.N)
 		})
 	}
 }
