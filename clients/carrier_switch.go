@@ -22,6 +22,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -399,7 +400,7 @@ func (d *Dialer) cachedCarrier() string {
 	if d.Cache == nil {
 		return ""
 	}
-	return d.Cache.Get(carrierKeyPrefix + d.Server)
+	return d.Cache.Get(transport.CarrierKeyPrefix + d.Server)
 }
 
 // rememberCarrier remembers kind for the server on this network: UDP for the
@@ -411,7 +412,7 @@ func (d *Dialer) rememberCarrier(kind string) {
 		if kind != wire.CarrierUDP {
 			ttl = DefaultFallbackTTL
 		}
-		_ = d.Cache.PutFor(carrierKeyPrefix+d.Server, kind, ttl) // an unwritable cache only costs a UDP try
+		_ = d.Cache.PutFor(transport.CarrierKeyPrefix+d.Server, kind, ttl) // an unwritable cache only costs a UDP try
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/transport"
 )
 
 // Client is a device that has logged in: it knows the server, trusts its root,
@@ -58,8 +59,7 @@ func (c *Client) now() time.Time {
 
 // NeedsRenewal reports whether a certificate is in the last third of its life or past it.
 func NeedsRenewal(leaf *x509.Certificate, now time.Time) bool {
-	life := leaf.NotAfter.Sub(leaf.NotBefore)
-	return !now.Before(leaf.NotBefore.Add(life * 2 / 3))
+	return transport.NeedsRenewal(leaf, now)
 }
 
 // Login gets a new certificate with the device key and stores it. It never

@@ -7,6 +7,10 @@
 // under the server's reverse zone, publicly or end to end (Agent), and the
 // sentences that say who cut a session and why (CutError, ExplainCut).
 //
+// The transports' parts that know no feature (the caches of what worked and of
+// TLS session tickets, the network a host is on, the discovery document) are
+// in package clients/transport; the names callers use stay available here.
+//
 // It speaks the protocol through package proxy/wire and links no server code:
 // no proxy, no policy engine, no CA (internal/layering checks this).
 package clients

@@ -76,9 +76,6 @@ func startTestServer(t testing.TB, decide func(authz.Request) authz.Decision, qu
 	return ln.Addr().String(), &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}}
 }
 
-// MaxTickets is the bound on a TicketCache's entries.
-const MaxTickets = maxTickets
-
 // NudgeAfter is how long a QUIC connection that was receiving waits in
 // silence before it nudges its server.
 const NudgeAfter = nudgeAfter

@@ -17,19 +17,6 @@ import (
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// Transports a Dialer can use.
-const (
-	// TransportAuto races QUIC over UDP against QUIC over the stream carriers,
-	// with TLS last (carrier_auto.go; with Carrier "udp", QUIC with a head start
-	// against TLS), and remembers the winner per server and network in the
-	// Dialer's Cache.
-	TransportAuto = "auto"
-	// TransportQUIC opens one stream per request on a shared QUIC connection.
-	TransportQUIC = "quic"
-	// TransportTLS opens one TLS-over-TCP connection per request.
-	TransportTLS = "tls"
-)
-
 // DefaultHeadStart is how long auto waits for the QUIC handshake before it also
 // tries TLS. A QUIC handshake takes one round trip, TCP plus TLS two, so on a
 // network where UDP works QUIC normally wins even without it.

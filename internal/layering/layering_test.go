@@ -53,6 +53,10 @@ var rules = []rule{{
 	why:       "the multiplexer is shared by both ends as the wire package is: it depends on no other TP package but the wire package",
 	roots:     []string{"proxy/mux"},
 	forbidden: []string{mod + "proxy", mod + "clients", mod + "internal/", mod + "authz", mod + "policy", mod + "acme"},
+}, {
+	why:       "the client transport is how a stream to tpd is obtained: it knows no feature, so it imports no clients package above it (clients, with the dialer, the requests and the features)",
+	roots:     []string{"clients/transport"},
+	forbidden: []string{mod + "clients", mod + "internal/tun"},
 }}
 
 type pkg struct {
