@@ -195,7 +195,7 @@ func (c *Client) Whoami(ctx context.Context) (login.WhoamiResponse, error) {
 // server gives when asked (whoami): a revoked device or user, a revoked or
 // expired certificate. Any other err, or no answer, leaves err as it was.
 func (c *Client) WhyRejected(ctx context.Context, err error) error {
-	var re *rejectedErr
+	var re *transport.RejectedError
 	if !errors.As(err, &re) {
 		return err
 	}
@@ -206,9 +206,9 @@ func (c *Client) WhyRejected(ctx context.Context, err error) error {
 	case werr != nil:
 		return err
 	case who.Revoked:
-		return fmt.Errorf("this device (%s) or its user is revoked%.0w on the TP server, which refused the TLS session: ask your TP administrator (dlogin cannot undo a revocation) (%w)", c.Profile.DeviceID, authz.ErrRevoked, re.err)
+		return fmt.Errorf("this device (%s) or its user is revoked%.0w on the TP server, which refused the TLS session: ask your TP administrator (dlogin cannot undo a revocation) (%w)", c.Profile.DeviceID, authz.ErrRevoked, re.Err)
 	case who.Certificate != nil && !who.Certificate.Accepted:
-		return fmt.Errorf("the TP server refuses this device's certificate: %s (%w)", who.Certificate.Reason, re.err)
+		return fmt.Errorf("the TP server refuses this device's certificate: %s (%w)", who.Certificate.Reason, re.Err)
 	}
 	return err
 }

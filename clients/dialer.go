@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -13,11 +12,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -285,7 +284,7 @@ func (d *Dialer) connectTLSWith(ctx context.Context, cfg *tls.Config, wrap func(
 	d.hs.started.Add(1)
 	conn, err := d.handshakeTLSWrapped(ctx, cfg, wrap)
 	var he *handshakeError
-	if errors.As(err, &he) && closedUnanswered(he.err) && ctx.Err() == nil {
+	if errors.As(err, &he) && transport.ClosedUnanswered(he.err) && ctx.Err() == nil {
 		// tpd closes a connection at accept, before any answer, when the source
 		// address has max-handshakes-per-ip unfinished handshakes: it counts a
 		// handshake until it has read the client's Finished, which under load can
@@ -341,26 +340,7 @@ type handshakeError struct{ err error }
 func (e *handshakeError) Error() string { return e.err.Error() }
 func (e *handshakeError) Unwrap() error { return e.err }
 
-// closedUnanswered reports whether a handshake failed because the server closed
-// the connection without a TLS alert: refused at accept, not rejected.
-func closedUnanswered(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
-}
-
 func (e *exchangeError) Unwrap() error { return e.error }
-
-// ErrCertificateRejected matches a TLS session the server ended with an alert
-// during the handshake: the client certificate was refused. The alert does not
-// say why; Client.WhyRejected asks the server.
-var ErrCertificateRejected = errors.New("the server rejected the client certificate")
-
-type rejectedErr struct{ err error }
-
-func (e *rejectedErr) Error() string {
-	return "the server rejected the TLS session, most likely the client certificate (expired, from another CA, or not for client authentication; run dlogin): " + e.err.Error()
-}
-func (e *rejectedErr) Unwrap() error        { return e.err }
-func (e *rejectedErr) Is(target error) bool { return target == ErrCertificateRejected }
 
 // forgetRejected drops the session ticket for the server when err says the
 // server refused this device's certificate, and returns err. crypto/tls drops a

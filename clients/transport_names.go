@@ -39,6 +39,15 @@ const DefaultTransportCacheTTL = transport.DefaultCacheTTL
 // plain TLS transport) is remembered (transport.DefaultFallbackTTL).
 const DefaultFallbackTTL = transport.DefaultFallbackTTL
 
+// UnreachableError is a connection to the TP server that could not be made:
+// every transport and carrier tried failed (transport.UnreachableError).
+type UnreachableError = transport.UnreachableError
+
+// ErrCertificateRejected matches a TLS session the server ended with an alert
+// during the handshake: the client certificate was refused. The alert does not
+// say why; Client.WhyRejected asks the server.
+var ErrCertificateRejected = transport.ErrCertificateRejected
+
 // DiscoveryTimeout bounds the fetch of a server's discovery document.
 const DiscoveryTimeout = transport.DiscoveryTimeout
 

@@ -1,0 +1,12 @@
+// Package transport is how a client of TP obtains a stream to the TP server,
+// apart from what a request says on it: what a device remembers between
+// processes to reach a server fast (Cache, the transport and carrier that
+// worked per server and network; TicketCache, TLS session tickets bound to
+// the device certificate), the network a host is on (NetworkID), the server's
+// transport discovery document (FetchDiscovery), and the one sentence that
+// says why the server could not be reached (UnreachableError, ReachCause).
+//
+// It knows no feature: a TCP dial, a UDP flow, an end-to-end attach and the
+// agent are package clients' business, and this package imports no package
+// of clients above it (internal/layering checks this).
+package transport
