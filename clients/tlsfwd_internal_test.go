@@ -60,7 +60,7 @@ func TestSpareTLSWaitsForTheOneBeingMade(t *testing.T) {
 		t.Fatalf("the second session: spare %v, %v; want a new connection of its own", sp, err)
 	}
 	_ = c.Close()
-	if n := d.hs.started.Load(); n != 1 {
+	if n := d.tlsSessions.Started(); n != 1 {
 		t.Fatalf("%d connections made; want 1 (the second session's; the first waits)", n)
 	}
 

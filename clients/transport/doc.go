@@ -1,5 +1,7 @@
 // Package transport is how a client of TP obtains a stream to the TP server,
-// apart from what a request says on it: what a device remembers between
+// apart from what a request says on it: the TLS connections to the server
+// (TLSSessions: a bounded number of handshakes at a time, one shared
+// configuration, Config), what a device remembers between
 // processes to reach a server fast (Cache, the transport and carrier that
 // worked per server and network; TicketCache, TLS session tickets bound to
 // the device certificate), the network a host is on (NetworkID), the server's
