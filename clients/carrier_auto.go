@@ -21,6 +21,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -118,7 +119,7 @@ func (d *Dialer) dialOverCarrier(ctx context.Context, kind string, raddr *net.UD
 		r.err = err
 		return r
 	}
-	cc, err := newCarrierConn(ctx, kind, d.Server, dial)
+	cc, err := transport.NewCarrierConn(ctx, kind, d.Server, dial)
 	if err != nil {
 		r.err = fmt.Errorf("over %s: %w", kind, err)
 		return r
@@ -136,14 +137,14 @@ func (d *Dialer) dialOverCarrier(ctx context.Context, kind string, raddr *net.UD
 	// serves no QUIC behind it: give up on this carrier at once.
 	go func() {
 		select {
-		case <-cc.refused:
+		case <-cc.Refused():
 			cancel()
 		case <-ctx.Done():
 		}
 	}()
 	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, qcfg); r.err != nil {
 		select {
-		case <-cc.refused:
+		case <-cc.Refused():
 			r.err = fmt.Errorf("the server closed the %s carrier connection without answering (it serves no QUIC): %w", kind, r.err)
 		default:
 		}

@@ -134,7 +134,7 @@ func (d *Dialer) moveTo(ctx context.Context, mc *movingConn, kind string) error 
 	if err != nil {
 		return err
 	}
-	cc, err := newCarrierConn(ctx, kind, d.Server, dial)
+	cc, err := transport.NewCarrierConn(ctx, kind, d.Server, dial)
 	if err != nil {
 		return err
 	}
@@ -168,7 +168,7 @@ type movingConn struct {
 	server net.Addr // what reads from a carrier say they came from
 
 	mu      sync.Mutex
-	carrier *carrierConn
+	carrier *transport.CarrierConn
 	rdl     time.Time
 	// recent are the last packets written (a ring of movingReplay), sent again
 	// over the next carrier on a move: see moveTo.
@@ -205,7 +205,7 @@ func (m *movingConn) remember(b []byte) {
 // at once, so the client's loss recovery resumes now, not when its probe
 // timeout (backed off during the stall, often by many seconds) next fires.
 // A copy that did arrive before is a duplicate, which QUIC discards.
-func (m *movingConn) replay(cc *carrierConn) {
+func (m *movingConn) replay(cc *transport.CarrierConn) {
 	m.mu.Lock()
 	var ps [][]byte
 	for i := range movingReplay {
@@ -223,18 +223,18 @@ func (m *movingConn) replay(cc *carrierConn) {
 // kind is the carrier m sends over now.
 func (m *movingConn) kind() string {
 	if cc := m.current(); cc != nil {
-		return cc.kind
+		return cc.Kind()
 	}
 	return wire.CarrierUDP
 }
 
-func (m *movingConn) current() *carrierConn {
+func (m *movingConn) current() *transport.CarrierConn {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.carrier
 }
 
-func (m *movingConn) moveTo(cc *carrierConn) {
+func (m *movingConn) moveTo(cc *transport.CarrierConn) {
 	m.mu.Lock()
 	old := m.carrier
 	m.carrier = cc

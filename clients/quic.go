@@ -26,7 +26,7 @@ const DefaultHeadStart = 150 * time.Millisecond
 // quicState is a Dialer's shared QUIC connection.
 type quicState struct {
 	mu      sync.Mutex
-	udp     net.PacketConn // a *net.UDPConn, or a *carrierConn (carrier.go)
+	udp     net.PacketConn // a *net.UDPConn, or a *transport.CarrierConn (carrier.go)
 	tr      *quic.Transport
 	conn    *quic.Conn
 	dialing chan struct{} // closed when the connect in flight ends
@@ -230,8 +230,8 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		return nil, err
 	}
 	var raddr net.Addr
-	if cc, ok := tr.Conn.(*carrierConn); ok {
-		raddr = cc.raddr
+	if cc, ok := tr.Conn.(*transport.CarrierConn); ok {
+		raddr = cc.ServerAddr()
 	} else if mc, ok := tr.Conn.(*movingConn); ok {
 		raddr = mc.server
 	} else if raddr, err = resolveUDP(ctx, addr); err != nil {
@@ -387,7 +387,7 @@ func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketCon
 	if err != nil {
 		return nil, err
 	}
-	return newCarrierConn(ctx, kind, d.Server, dial)
+	return transport.NewCarrierConn(ctx, kind, d.Server, dial)
 }
 
 // connLost reports whether err means conn itself is gone (the server restarted,
