@@ -187,7 +187,7 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 				return nil, ErrDialerClosed
 			}
 			q.conn = c
-			if mc, movable := q.udp.(*movingConn); movable {
+			if mc, movable := q.udp.(*transport.MovingConn); movable {
 				go d.watchCarrier(c, mc)
 			}
 			if q.changed != nil {
@@ -232,8 +232,8 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	var raddr net.Addr
 	if cc, ok := tr.Conn.(*transport.CarrierConn); ok {
 		raddr = cc.ServerAddr()
-	} else if mc, ok := tr.Conn.(*movingConn); ok {
-		raddr = mc.server
+	} else if mc, ok := tr.Conn.(*transport.MovingConn); ok {
+		raddr = mc.ServerAddr()
 	} else if raddr, err = resolveUDP(ctx, addr); err != nil {
 		return nil, err
 	}
@@ -379,7 +379,7 @@ func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketCon
 				_ = udp.Close()
 				return nil, err
 			}
-			return &movingConn{udp: udp, server: raddr}, nil
+			return transport.NewMovingConn(udp, raddr), nil
 		}
 		return udp, nil
 	}

@@ -2,7 +2,8 @@
 // apart from what a request says on it: the TLS connections to the server
 // (TLSSessions: a bounded number of handshakes at a time, one shared
 // configuration, Config), the stream carriers a QUIC connection's packets go
-// over when UDP does not get through (CarrierConn, CarrierDialer), what a
+// over when UDP does not get through (CarrierConn, CarrierDialer; MovingConn,
+// which moves a live connection between them), what a
 // device remembers between processes to reach a server fast (Cache, the
 // transport and carrier that worked per server and network; TicketCache, TLS
 // session tickets bound to the device certificate), the network a host is on
