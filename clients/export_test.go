@@ -79,7 +79,7 @@ func startTestServer(t testing.TB, decide func(authz.Request) authz.Decision, qu
 
 // NudgeAfter is how long a QUIC connection that was receiving waits in
 // silence before it nudges its server.
-const NudgeAfter = nudgeAfter
+const NudgeAfter = transport.NudgeAfter
 
 // StartTestServerQUIC is StartTestServer that also serves QUIC, and returns a
 // Dialer that uses it.

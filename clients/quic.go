@@ -218,7 +218,7 @@ func (d *Dialer) connectMain(ctx context.Context) (*quic.Conn, error) {
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
 	}
 	d.installRaced(r)
-	d.startNudges(r.conn)
+	transport.StartNudges(r.conn, d.keepAlive())
 	return r.conn, nil
 }
 
@@ -253,7 +253,7 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		}
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err)))
 	}
-	d.startNudges(conn)
+	transport.StartNudges(conn, d.keepAlive())
 	return conn, nil
 }
 
