@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -121,12 +122,12 @@ func tlsPair(t *testing.T) (client *tls.Conn, closeServer func()) {
 func TestSpareClosedByServerIsDiscarded(t *testing.T) {
 	t.Parallel()
 	c, closeServer := tlsPair(t)
-	if open, known := spareOpen(c); !open || !known {
+	if open, known := transport.ConnOpen(c); !open || !known {
 		t.Fatalf("an open connection: open %v, known %v; want true, true", open, known)
 	}
 	closeServer()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) { // polling, bounded
-		if open, _ := spareOpen(c); !open {
+		if open, _ := transport.ConnOpen(c); !open {
 			break
 		}
 		if time.Now().After(deadline) {
