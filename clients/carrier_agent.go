@@ -15,6 +15,8 @@ import (
 	"fmt"
 
 	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/clients/transport"
 )
 
 // connectRaced connects an agent's QUIC connection with qcfg by the carrier
@@ -31,7 +33,7 @@ func (d *Dialer) connectRaced(ctx context.Context, cfg *tls.Config, qcfg *quic.C
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
 	}
 	d.reportRaced(r)
-	if mc, ok := r.pc.(*movingConn); ok {
+	if mc, ok := r.pc.(*transport.MovingConn); ok {
 		go d.watchCarrier(r.conn, mc)
 	}
 	go func() {

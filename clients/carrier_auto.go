@@ -7,7 +7,7 @@ package clients
 // and the other attempt is abandoned. The answer is remembered per server and
 // network (TransportCache, NetworkID). TP's plain TLS transport is the last
 // resort, when QUIC gets through on no carrier. A connection that won on a
-// stream carrier runs on a movingConn: it moves on when its carrier stalls,
+// stream carrier runs on a transport.MovingConn: it moves on when its carrier stalls,
 // and it probes UDP every UDPReprobe and moves back to UDP when UDP answers.
 
 import (
@@ -21,6 +21,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -88,7 +89,7 @@ func (r raceResult) close() {
 }
 
 // dialOverUDP is the race's UDP attempt: a plain UDP socket (quic-go keeps GSO
-// and batched reads on it), or a movingConn with carrier auto, whose live
+// and batched reads on it), or a transport.MovingConn with carrier auto, whose live
 // connection may move to a stream carrier.
 func (d *Dialer) dialOverUDP(ctx context.Context, raddr *net.UDPAddr, cfg *tls.Config, qcfg *quic.Config) raceResult {
 	udp, err := net.ListenUDP("udp", nil)
@@ -97,7 +98,7 @@ func (d *Dialer) dialOverUDP(ctx context.Context, raddr *net.UDPAddr, cfg *tls.C
 	}
 	var pc net.PacketConn = udp
 	if d.Carrier == CarrierAuto {
-		pc = &movingConn{udp: udp, server: raddr}
+		pc = transport.NewMovingConn(udp, raddr)
 	}
 	r := raceResult{kind: wire.CarrierUDP, tr: &quic.Transport{Conn: pc}, pc: pc}
 	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, qcfg); r.err != nil {
@@ -107,7 +108,7 @@ func (d *Dialer) dialOverUDP(ctx context.Context, raddr *net.UDPAddr, cfg *tls.C
 	return r
 }
 
-// dialOverCarrier is one stream carrier's attempt, on a movingConn moved to it
+// dialOverCarrier is one stream carrier's attempt, on a transport.MovingConn moved to it
 // (so that the connection can move on, or back to UDP, later).
 func (d *Dialer) dialOverCarrier(ctx context.Context, kind string, raddr *net.UDPAddr, cfg *tls.Config, qcfg *quic.Config) raceResult {
 	ctx, cancel := context.WithTimeout(ctx, carrierTry)
@@ -118,7 +119,7 @@ func (d *Dialer) dialOverCarrier(ctx context.Context, kind string, raddr *net.UD
 		r.err = err
 		return r
 	}
-	cc, err := newCarrierConn(ctx, kind, d.Server, dial)
+	cc, err := transport.NewCarrierConn(ctx, kind, d.Server, dial)
 	if err != nil {
 		r.err = fmt.Errorf("over %s: %w", kind, err)
 		return r
@@ -129,21 +130,21 @@ func (d *Dialer) dialOverCarrier(ctx context.Context, kind string, raddr *net.UD
 		r.err = fmt.Errorf("opening a UDP socket for QUIC: %w", err)
 		return r
 	}
-	mc := &movingConn{udp: udp, server: raddr}
-	mc.moveTo(cc)
+	mc := transport.NewMovingConn(udp, raddr)
+	mc.MoveTo(cc)
 	r.pc, r.tr = mc, &quic.Transport{Conn: mc}
 	// A server that closes the carrier connection before answering anything
 	// serves no QUIC behind it: give up on this carrier at once.
 	go func() {
 		select {
-		case <-cc.refused:
+		case <-cc.Refused():
 			cancel()
 		case <-ctx.Done():
 		}
 	}()
 	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, qcfg); r.err != nil {
 		select {
-		case <-cc.refused:
+		case <-cc.Refused():
 			r.err = fmt.Errorf("the server closed the %s carrier connection without answering (it serves no QUIC): %w", kind, r.err)
 		default:
 		}
@@ -326,11 +327,11 @@ func (d *Dialer) udpReprobe() time.Duration {
 }
 
 // moveToUDP moves the connection on mc back to its UDP socket.
-func (d *Dialer) moveToUDP(mc *movingConn) error {
-	if mc == nil || mc.current() == nil {
+func (d *Dialer) moveToUDP(mc *transport.MovingConn) error {
+	if mc == nil || mc.Current() == nil {
 		return errors.New("the connection is not on a stream carrier")
 	}
-	mc.moveBack()
+	mc.MoveBack()
 	d.noteMove(mc, wire.CarrierUDP)
 	return nil
 }

@@ -4,7 +4,7 @@ package clients
 // "Carriers"): when the carrier under the Dialer's connection stops
 // delivering (packets go out, nothing comes back for CarrierStall), the Dialer
 // opens the next carrier of FallbackCarriers, adds it to the connection as a
-// the socket under the connection (movingConn). The connection, its streams and
+// the socket under the connection (transport.MovingConn). The connection, its streams and
 // datagram flows continue; the server sees the client at a new address and
 // migrates as it does for NAT rebinding.
 
@@ -14,14 +14,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"slices"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -44,7 +42,7 @@ func (d *Dialer) carrierStall() time.Duration {
 // probes UDP every UDPReprobe while conn is on a stream carrier and moves conn
 // back to UDP when the probe's handshake completes. mc is the Dialer's packet
 // conn, or an agent's own (carrier_agent.go).
-func (d *Dialer) watchCarrier(conn *quic.Conn, mc *movingConn) {
+func (d *Dialer) watchCarrier(conn *quic.Conn, mc *transport.MovingConn) {
 	ctx := conn.Context()
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
@@ -62,9 +60,9 @@ func (d *Dialer) watchCarrier(conn *quic.Conn, mc *movingConn) {
 			return
 		case <-tick.C:
 		}
-		if d.racesCarriers() && mc.kind() != wire.CarrierUDP && time.Since(lastProbe) >= d.udpReprobe() {
+		if d.racesCarriers() && mc.Kind() != wire.CarrierUDP && time.Since(lastProbe) >= d.udpReprobe() {
 			lastProbe = time.Now()
-			if d.probeUDP(ctx, mc.server) {
+			if d.probeUDP(ctx, mc.ServerAddr()) {
 				start := time.Now()
 				if err := d.moveToUDP(mc); err == nil {
 					d.logf("tp: UDP gets through again; the connection moved back to UDP in %s", time.Since(start).Round(time.Millisecond))
@@ -79,7 +77,7 @@ func (d *Dialer) watchCarrier(conn *quic.Conn, mc *movingConn) {
 		// Writes to UDP that fail (a local firewall's EPERM, a lost route) stop
 		// the carrier at once; otherwise a carrier stalls when packets went
 		// out and nothing came back for CarrierStall.
-		if mc.udpWritesFailing() < localFailure {
+		if mc.UDPWritesFailing() < localFailure {
 			if st.PacketsReceived != lastRecv {
 				lastRecv, sentAtRecv, recvAt = st.PacketsReceived, st.PacketsSent, time.Now()
 				clear(tried)
@@ -90,7 +88,7 @@ func (d *Dialer) watchCarrier(conn *quic.Conn, mc *movingConn) {
 				continue
 			}
 		}
-		cur := mc.kind()
+		cur := mc.Kind()
 		kind := ""
 		for _, k := range d.fallbacks() {
 			if k != cur && !tried[k] {
@@ -123,7 +121,7 @@ const localFailure = 300 * time.Millisecond
 
 // moveTo opens carrier kind and makes mc (the Dialer's packet conn, or an
 // agent's) send and receive over it from now on.
-func (d *Dialer) moveTo(ctx context.Context, mc *movingConn, kind string) error {
+func (d *Dialer) moveTo(ctx context.Context, mc *transport.MovingConn, kind string) error {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	if mc == nil {
@@ -133,17 +131,17 @@ func (d *Dialer) moveTo(ctx context.Context, mc *movingConn, kind string) error 
 	if err != nil {
 		return err
 	}
-	cc, err := newCarrierConn(ctx, kind, d.Server, dial)
+	cc, err := transport.NewCarrierConn(ctx, kind, d.Server, dial)
 	if err != nil {
 		return err
 	}
-	mc.moveTo(cc)
+	mc.MoveTo(cc)
 	d.noteMove(mc, kind)
 	return nil
 }
 
 // noteMove records a move of the Dialer's own connection (CurrentCarrier).
-func (d *Dialer) noteMove(mc *movingConn, kind string) {
+func (d *Dialer) noteMove(mc *transport.MovingConn, kind string) {
 	q := &d.quic
 	q.mu.Lock()
 	if q.udp == net.PacketConn(mc) {
@@ -151,183 +149,6 @@ func (d *Dialer) noteMove(mc *movingConn, kind string) {
 	}
 	q.mu.Unlock()
 }
-
-// movingConn is the packet conn of a Dialer with FallbackCarriers: UDP until
-// moveTo, then the carrier's conn. quic-go sees one socket whose packets now
-// leave from elsewhere; the server sees the client at a new address (the
-// carrier session's) and migrates, validating the new path, as after a NAT
-// rebinding. (quic-go's own Conn.AddPath cannot do this: it sends path probes
-// only while the congestion window lets it send, which a connection whose
-// path died with data in flight never does again.)
-//
-// It wraps the UDP socket, so quic-go on the client loses GSO and batched
-// reads (carrier "udp" without fallback keeps them).
-type movingConn struct {
-	udp    *net.UDPConn
-	server net.Addr // what reads from a carrier say they came from
-
-	mu      sync.Mutex
-	carrier *carrierConn
-	rdl     time.Time
-	// recent are the last packets written (a ring of movingReplay), sent again
-	// over the next carrier on a move: see moveTo.
-	recent [movingReplay][]byte
-	next   int
-	// udpFailing is when writes to the UDP socket began to fail, without a
-	// success since (unix nanoseconds; 0: the last write went out).
-	udpFailing atomic.Int64
-}
-
-// udpWritesFailing is how long every write to the UDP socket has failed.
-func (m *movingConn) udpWritesFailing() time.Duration {
-	if f := m.udpFailing.Load(); f != 0 && m.current() == nil {
-		return time.Since(time.Unix(0, f))
-	}
-	return 0
-}
-
-// movingReplay is how many of the last packets a move sends again.
-const movingReplay = 4
-
-// remember keeps a copy of b among the recent packets.
-func (m *movingConn) remember(b []byte) {
-	m.mu.Lock()
-	p := m.recent[m.next][:0]
-	m.recent[m.next] = append(p, b...)
-	m.next = (m.next + 1) % movingReplay
-	m.mu.Unlock()
-}
-
-// replay sends the recent packets, oldest first, over cc. After a carrier
-// stalled they were most likely lost, and they are the connection's newest:
-// arriving from a new address they make the server migrate and acknowledge
-// at once, so the client's loss recovery resumes now, not when its probe
-// timeout (backed off during the stall, often by many seconds) next fires.
-// A copy that did arrive before is a duplicate, which QUIC discards.
-func (m *movingConn) replay(cc *carrierConn) {
-	m.mu.Lock()
-	var ps [][]byte
-	for i := range movingReplay {
-		if p := m.recent[(m.next+i)%movingReplay]; len(p) > 0 {
-			ps = append(ps, p)
-		}
-	}
-	m.recent, m.next = [movingReplay][]byte{}, 0
-	m.mu.Unlock()
-	for _, p := range ps {
-		_, _ = cc.WriteTo(p, m.server)
-	}
-}
-
-// kind is the carrier m sends over now.
-func (m *movingConn) kind() string {
-	if cc := m.current(); cc != nil {
-		return cc.kind
-	}
-	return wire.CarrierUDP
-}
-
-func (m *movingConn) current() *carrierConn {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.carrier
-}
-
-func (m *movingConn) moveTo(cc *carrierConn) {
-	m.mu.Lock()
-	old := m.carrier
-	m.carrier = cc
-	_ = cc.SetReadDeadline(m.rdl)
-	m.mu.Unlock()
-	if old != nil {
-		_ = old.Close()
-	}
-	_ = m.udp.SetReadDeadline(time.Unix(1, 0)) // a reader waiting on UDP looks again
-	m.replay(cc)
-}
-
-// moveBack returns to the UDP socket.
-func (m *movingConn) moveBack() {
-	m.mu.Lock()
-	old := m.carrier
-	m.carrier = nil
-	rdl := m.rdl
-	m.mu.Unlock()
-	_ = m.udp.SetReadDeadline(rdl) // moveTo left it in the past
-	if old != nil {
-		_ = old.Close() // a reader blocked on it looks again, at UDP
-	}
-}
-
-func (m *movingConn) ReadFrom(b []byte) (int, net.Addr, error) {
-	for {
-		if cc := m.current(); cc != nil {
-			n, _, err := cc.ReadFrom(b)
-			if errors.Is(err, net.ErrClosed) && m.current() != cc {
-				continue // moved on again
-			}
-			return n, m.server, err
-		}
-		n, addr, err := m.udp.ReadFrom(b)
-		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
-			m.mu.Lock()
-			moved, dl := m.carrier != nil, m.rdl
-			m.mu.Unlock()
-			if moved || dl.IsZero() || time.Now().Before(dl) {
-				continue
-			}
-		}
-		return n, addr, err
-	}
-}
-
-func (m *movingConn) WriteTo(b []byte, addr net.Addr) (int, error) {
-	m.remember(b)
-	if cc := m.current(); cc != nil {
-		return cc.WriteTo(b, addr)
-	}
-	n, err := m.udp.WriteTo(b, addr)
-	if err == nil {
-		m.udpFailing.Store(0)
-	} else {
-		m.udpFailing.CompareAndSwap(0, time.Now().UnixNano())
-	}
-	if err != nil && !errors.Is(err, net.ErrClosed) {
-		// A local firewall that drops UDP answers sendto with EPERM, a lost
-		// network with ENETUNREACH: quic-go would close the connection on the
-		// error. The packet is lost instead, as on a network that drops it
-		// silently, and watchCarrier moves the connection to a carrier.
-		return len(b), nil
-	}
-	return n, err
-}
-
-func (m *movingConn) SetReadDeadline(t time.Time) error {
-	m.mu.Lock()
-	m.rdl = t
-	cc := m.carrier
-	m.mu.Unlock()
-	if cc != nil {
-		_ = cc.SetReadDeadline(t)
-	}
-	return m.udp.SetReadDeadline(t)
-}
-
-func (m *movingConn) Close() error {
-	if cc := m.current(); cc != nil {
-		_ = cc.Close()
-	}
-	return m.udp.Close()
-}
-
-func (m *movingConn) SetDeadline(t time.Time) error      { return m.SetReadDeadline(t) }
-func (m *movingConn) SetWriteDeadline(t time.Time) error { return m.udp.SetWriteDeadline(t) }
-func (m *movingConn) LocalAddr() net.Addr                { return m.udp.LocalAddr() }
-
-// SetReadBuffer and SetWriteBuffer size the UDP socket's buffers, which
-// quic-go asks for (and warns without).
-func (m *movingConn) SetReadBuffer(n int) error  { return m.udp.SetReadBuffer(n) }
-func (m *movingConn) SetWriteBuffer(n int) error { return m.udp.SetWriteBuffer(n) }
 
 // DefaultCarrierUDPTry bounds the first handshake over UDP when the Dialer
 // has carriers to fall back to.
@@ -344,10 +165,10 @@ func (d *Dialer) fallbacks() []string {
 
 // dialFallingBack dials over tr; with fallbacks, a first handshake over UDP
 // that gets no answer within DefaultCarrierUDPTry is tried again over each
-// fallback carrier in turn, on the same socket (movingConn), moved first.
+// fallback carrier in turn, on the same socket (transport.MovingConn), moved first.
 func (d *Dialer) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr net.Addr, cfg *tls.Config, qcfg *quic.Config) (*quic.Conn, error) {
-	mc, _ := tr.Conn.(*movingConn)
-	if mc == nil || mc.current() != nil {
+	mc, _ := tr.Conn.(*transport.MovingConn)
+	if mc == nil || mc.Current() != nil {
 		return tr.Dial(ctx, raddr, cfg, qcfg)
 	}
 	fallbacks := d.fallbacks()
@@ -399,7 +220,7 @@ func (d *Dialer) cachedCarrier() string {
 	if d.Cache == nil {
 		return ""
 	}
-	return d.Cache.Get(carrierKeyPrefix + d.Server)
+	return d.Cache.Get(transport.CarrierKeyPrefix + d.Server)
 }
 
 // rememberCarrier remembers kind for the server on this network: UDP for the
@@ -411,7 +232,7 @@ func (d *Dialer) rememberCarrier(kind string) {
 		if kind != wire.CarrierUDP {
 			ttl = DefaultFallbackTTL
 		}
-		_ = d.Cache.PutFor(carrierKeyPrefix+d.Server, kind, ttl) // an unwritable cache only costs a UDP try
+		_ = d.Cache.PutFor(transport.CarrierKeyPrefix+d.Server, kind, ttl) // an unwritable cache only costs a UDP try
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/transport"
 )
 
 // Client is a device that has logged in: it knows the server, trusts its root,
@@ -58,8 +59,7 @@ func (c *Client) now() time.Time {
 
 // NeedsRenewal reports whether a certificate is in the last third of its life or past it.
 func NeedsRenewal(leaf *x509.Certificate, now time.Time) bool {
-	life := leaf.NotAfter.Sub(leaf.NotBefore)
-	return !now.Before(leaf.NotBefore.Add(life * 2 / 3))
+	return transport.NeedsRenewal(leaf, now)
 }
 
 // Login gets a new certificate with the device key and stores it. It never
@@ -195,7 +195,7 @@ func (c *Client) Whoami(ctx context.Context) (login.WhoamiResponse, error) {
 // server gives when asked (whoami): a revoked device or user, a revoked or
 // expired certificate. Any other err, or no answer, leaves err as it was.
 func (c *Client) WhyRejected(ctx context.Context, err error) error {
-	var re *rejectedErr
+	var re *transport.RejectedError
 	if !errors.As(err, &re) {
 		return err
 	}
@@ -206,9 +206,9 @@ func (c *Client) WhyRejected(ctx context.Context, err error) error {
 	case werr != nil:
 		return err
 	case who.Revoked:
-		return fmt.Errorf("this device (%s) or its user is revoked%.0w on the TP server, which refused the TLS session: ask your TP administrator (dlogin cannot undo a revocation) (%w)", c.Profile.DeviceID, authz.ErrRevoked, re.err)
+		return fmt.Errorf("this device (%s) or its user is revoked%.0w on the TP server, which refused the TLS session: ask your TP administrator (dlogin cannot undo a revocation) (%w)", c.Profile.DeviceID, authz.ErrRevoked, re.Err)
 	case who.Certificate != nil && !who.Certificate.Accepted:
-		return fmt.Errorf("the TP server refuses this device's certificate: %s (%w)", who.Certificate.Reason, re.err)
+		return fmt.Errorf("the TP server refuses this device's certificate: %s (%w)", who.Certificate.Reason, re.Err)
 	}
 	return err
 }

@@ -3,21 +3,16 @@ package clients
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/url"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"time"
 
-	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -129,12 +124,13 @@ type Dialer struct {
 	// tlsEarly: which destinations answered without end-to-end TLS over TLS,
 	// where a dial may send its first bytes with its hello (early.go)
 	tlsEarly earlyState
-	e2e      attachStates   // end-to-end attach state by reverse name (e2eattach.go)
-	mux      muxStates      // end-to-end carriers by reverse name (e2emux_dial.go)
-	hs       handshakeSlots // TLS handshakes in flight (tlsslots.go)
-	sessCfg  sessionCfg     // the TLS sessions' configuration (sessionConfig)
-	tlsMux   tlsMuxPool     // tp-mux/1 connections to the server (tlsmux.go)
-	muxCfg   muxCfgCache    // their configuration (muxConfig)
+	e2e      attachStates // end-to-end attach state by reverse name (e2eattach.go)
+	mux      muxStates    // end-to-end carriers by reverse name (e2emux_dial.go)
+	// tlsSessions opens the TLS connections to the server, a bounded number
+	// at a time, with one shared configuration (sessionConfig).
+	tlsSessions transport.TLSSessions
+	tlsMux      tlsMuxPool  // tp-mux/1 connections to the server (tlsmux.go)
+	muxCfg      muxCfgCache // their configuration (muxConfig)
 
 	// Set by Client.Dialer, for CutError: this device's ID (user@device),
 	// named in messages, and Client.WhyRejected, which asks the server why it
@@ -277,149 +273,24 @@ func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
 // connectTLSWith is connectTLS with the TLS configuration cfg; wrap, when not
 // nil, wraps the TCP connection below the TLS one.
 func (d *Dialer) connectTLSWith(ctx context.Context, cfg *tls.Config, wrap func(net.Conn) net.Conn) (*tls.Conn, error) {
-	release, err := d.hs.acquire(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("connecting to TP server %s: waiting while %d TLS handshakes with it are under way: %w", d.Server, maxTLSHandshakes, err)
-	}
-	defer release()
-	d.hs.started.Add(1)
-	conn, err := d.handshakeTLSWrapped(ctx, cfg, wrap)
-	var he *handshakeError
-	if errors.As(err, &he) && closedUnanswered(he.err) && ctx.Err() == nil {
-		// tpd closes a connection at accept, before any answer, when the source
-		// address has max-handshakes-per-ip unfinished handshakes: it counts a
-		// handshake until it has read the client's Finished, which under load can
-		// be well after this side's slot was given back. One retry after a pause
-		// rides that out; nothing of a request was sent yet.
-		t := time.NewTimer(20*time.Millisecond + rand.N(60*time.Millisecond))
-		defer t.Stop()
-		select {
-		case <-t.C:
-			conn, err = d.handshakeTLSWrapped(ctx, cfg, wrap)
-		case <-ctx.Done():
-		}
-	}
-	return conn, err
-}
-
-// handshakeTLS connects to the server over TCP and runs the TLS handshake.
-func (d *Dialer) handshakeTLS(ctx context.Context, cfg *tls.Config) (*tls.Conn, error) {
-	return d.handshakeTLSWrapped(ctx, cfg, nil)
-}
-
-// handshakeTLSWrapped is handshakeTLS with wrap, when not nil, around the
-// connection below TLS.
-func (d *Dialer) handshakeTLSWrapped(ctx context.Context, cfg *tls.Config, wrap func(net.Conn) net.Conn) (*tls.Conn, error) {
-	var nd net.Dialer
-	raw, err := nd.DialContext(ctx, "tcp", d.Server)
-	if err != nil {
-		if ce := login.ExplainConnect(d.Server, err); ce != err {
-			return nil, ce
-		}
-		return nil, fmt.Errorf("connecting to TP server %s: %w", d.Server, err)
-	}
-	// EOFConn lets a cut (a TLS session that ends without close_notify) be told
-	// from a clean end; CheckTLSAnswer, a port that speaks no TLS from tpd.
-	var below net.Conn = wire.NewEOFConn(login.CheckTLSAnswer(raw))
-	if wrap != nil {
-		below = wrap(below)
-	}
-	conn := tls.Client(below, cfg)
-	if err := conn.HandshakeContext(ctx); err != nil {
-		_ = raw.Close()
-		if ce := login.ExplainConnect(d.Server, err); ce != err {
-			return nil, &handshakeError{ce}
-		}
-		return nil, fmt.Errorf("TLS handshake with TP server %s: %w", d.Server, &handshakeError{err})
-	}
-	return conn, nil
-}
-
-// handshakeError is a TLS handshake that failed (handshakeTLS).
-type handshakeError struct{ err error }
-
-func (e *handshakeError) Error() string { return e.err.Error() }
-func (e *handshakeError) Unwrap() error { return e.err }
-
-// closedUnanswered reports whether a handshake failed because the server closed
-// the connection without a TLS alert: refused at accept, not rejected.
-func closedUnanswered(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
+	return d.tlsSessions.Connect(ctx, d.Server, cfg, wrap)
 }
 
 func (e *exchangeError) Unwrap() error { return e.error }
 
-// ErrCertificateRejected matches a TLS session the server ended with an alert
-// during the handshake: the client certificate was refused. The alert does not
-// say why; Client.WhyRejected asks the server.
-var ErrCertificateRejected = errors.New("the server rejected the client certificate")
-
-type rejectedErr struct{ err error }
-
-func (e *rejectedErr) Error() string {
-	return "the server rejected the TLS session, most likely the client certificate (expired, from another CA, or not for client authentication; run dlogin): " + e.err.Error()
-}
-func (e *rejectedErr) Unwrap() error        { return e.err }
-func (e *rejectedErr) Is(target error) bool { return target == ErrCertificateRejected }
-
 // forgetRejected drops the session ticket for the server when err says the
-// server refused this device's certificate, and returns err. crypto/tls drops a
-// ticket only when the handshake fails on the client's side, but TLS 1.3 checks
-// the client's certificate last, after the client's side is done (on a resumed
-// session too): the refused ticket would be offered, and refused, again.
+// server refused this device's certificate, and returns err
+// (transport.ForgetRejected).
 func (d *Dialer) forgetRejected(err error) error {
-	if !errors.Is(err, ErrCertificateRejected) || d.TLSConfig == nil || d.TLSConfig.ClientSessionCache == nil {
-		return err
-	}
-	if cfg, cerr := d.tlsConfig(); cerr == nil {
-		d.TLSConfig.ClientSessionCache.Put(cfg.ServerName, nil)
-	}
-	return err
+	return transport.ForgetRejected(err, d.Server, d.TLSConfig)
 }
 
 // sessionConfig is tlsConfig made once for all of the Dialer's TLS sessions
-// (again if TLSConfig or Server changed): a TLS connection keeps its
-// configuration for its life, and a clone per connection is a kilobyte more
-// per idle tunnel.
+// (again if TLSConfig or Server changed).
 func (d *Dialer) sessionConfig() (*tls.Config, error) {
-	c := &d.sessCfg
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.cfg != nil && c.base == d.TLSConfig && c.server == d.Server {
-		return c.cfg, nil
-	}
-	cfg, err := d.tlsConfig()
-	if err != nil {
-		return nil, err
-	}
-	c.base, c.server, c.cfg = d.TLSConfig, d.Server, cfg
-	return cfg, nil
-}
-
-// sessionCfg is the cache of sessionConfig.
-type sessionCfg struct {
-	mu     sync.Mutex
-	base   *tls.Config // the TLSConfig cfg was made from
-	server string
-	cfg    *tls.Config
+	return d.tlsSessions.SessionConfig(d.Server, d.TLSConfig)
 }
 
 func (d *Dialer) tlsConfig() (*tls.Config, error) {
-	var cfg *tls.Config
-	if d.TLSConfig != nil {
-		cfg = d.TLSConfig.Clone()
-	} else {
-		cfg = &tls.Config{}
-	}
-	cfg.NextProtos = []string{wire.ALPN}
-	cfg.MinVersion = tls.VersionTLS13
-	cfg.MaxVersion = 0
-	if cfg.ServerName == "" {
-		host, _, err := net.SplitHostPort(d.Server)
-		if err != nil {
-			return nil, fmt.Errorf("TP server address %q: %w", d.Server, err)
-		}
-		cfg.ServerName = host
-	}
-	return cfg, nil
+	return transport.Config(d.Server, d.TLSConfig)
 }

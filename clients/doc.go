@@ -7,6 +7,14 @@
 // under the server's reverse zone, publicly or end to end (Agent), and the
 // sentences that say who cut a session and why (CutError, ExplainCut).
 //
+// The transports' parts that know no feature (the TLS connections to the
+// server, the stream carriers and the moves between them, the caches of what
+// worked and of TLS session tickets, the network a host is on, the discovery
+// document, the sentence that says why the server could not be reached) are
+// in package clients/transport; the names callers use stay available here.
+// The Dialer still picks the way to the server and applies the retry rules
+// (transport.go, quic.go, quicpool.go, spare.go, tlsmux.go).
+//
 // It speaks the protocol through package proxy/wire and links no server code:
 // no proxy, no policy engine, no CA (internal/layering checks this).
 package clients

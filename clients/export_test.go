@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy"
 )
@@ -76,12 +77,9 @@ func startTestServer(t testing.TB, decide func(authz.Request) authz.Decision, qu
 	return ln.Addr().String(), &tls.Config{RootCAs: ca.Pool, Certificates: []tls.Certificate{cert}}
 }
 
-// MaxTickets is the bound on a TicketCache's entries.
-const MaxTickets = maxTickets
-
 // NudgeAfter is how long a QUIC connection that was receiving waits in
 // silence before it nudges its server.
-const NudgeAfter = nudgeAfter
+const NudgeAfter = transport.NudgeAfter
 
 // StartTestServerQUIC is StartTestServer that also serves QUIC, and returns a
 // Dialer that uses it.
@@ -162,8 +160,8 @@ func (s *CarrierTestServer) Dialer(t testing.TB, carrier string) *Dialer {
 func (d *Dialer) CarrierLinks() int64 {
 	d.quic.mu.Lock()
 	defer d.quic.mu.Unlock()
-	if cc, ok := d.quic.udp.(*carrierConn); ok {
-		return cc.links.Load()
+	if cc, ok := d.quic.udp.(*transport.CarrierConn); ok {
+		return cc.Links()
 	}
 	return 0
 }
@@ -172,15 +170,10 @@ func (d *Dialer) CarrierLinks() int64 {
 // cuts long connections would.
 func (d *Dialer) BreakCarrierLink() {
 	d.quic.mu.Lock()
-	cc, _ := d.quic.udp.(*carrierConn)
+	cc, _ := d.quic.udp.(*transport.CarrierConn)
 	d.quic.mu.Unlock()
 	if cc == nil {
 		return
 	}
-	cc.mu.Lock()
-	link := cc.link
-	cc.mu.Unlock()
-	if link != nil {
-		_ = link.Close()
-	}
+	cc.BreakLink()
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -1031,8 +1032,8 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		return nil, err
 	}
 	var raddr net.Addr
-	if cc, ok := tr.Conn.(*carrierConn); ok {
-		raddr = cc.raddr
+	if cc, ok := tr.Conn.(*transport.CarrierConn); ok {
+		raddr = cc.ServerAddr()
 	} else if raddr, err = net.ResolveUDPAddr("udp", addr); err != nil {
 		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
 	}

@@ -288,3 +288,22 @@ func (h Home) Lock(ctx context.Context) (unlock func(), err error) {
 		}
 	}
 }
+
+// ticketsFile in $TP_HOME keeps TLS session tickets from the TP server (and from
+// agents, end to end) across tp processes, so that every `tp` a ProxyCommand
+// starts resumes instead of paying a full handshake with certificates.
+const ticketsFile = "tickets.json"
+
+// TicketCache returns a ticket cache kept in this home directory for the
+// certificate leaf returns.
+func (h Home) TicketCache(leaf func() *x509.Certificate) *TicketCache {
+	return &TicketCache{Path: filepath.Join(h.Dir, ticketsFile), Leaf: leaf}
+}
+
+// transportCacheFile in $TP_HOME remembers which transport won the auto race.
+const transportCacheFile = "transport-cache.json"
+
+// TransportCache returns the cache kept in this home directory.
+func (h Home) TransportCache() *TransportCache {
+	return &TransportCache{Path: filepath.Join(h.Dir, transportCacheFile)}
+}

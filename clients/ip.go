@@ -28,6 +28,7 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/tun"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -195,7 +196,7 @@ func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan 
 		}
 		// One sentence with the most telling cause (reachCause); the attempts'
 		// own errors stay below it for a debug log.
-		return &UnreachableError{Server: t.Server, Cause: reachCause(err, t.dialTimeout(), t.Transport == "quic", (*Dialer)(nil).expiredAdvice()), Err: err}
+		return &UnreachableError{Server: t.Server, Cause: transport.ReachCause(err, t.dialTimeout(), t.Transport == "quic", (*Dialer)(nil).expiredAdvice()), Err: err}
 	}
 	errc := make(chan error, 4)
 	go func() { errc <- t.capsules(ctx, s, log) }()
@@ -361,7 +362,7 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 		if !ac.answered() {
 			// Closed before a single byte of HTTP/2 came back: the alert
 			// was lost to a reset (the preface crossed it); ask the server.
-			return fmt.Errorf("the TP server ended the TLS session: %w", &rejectedErr{err})
+			return fmt.Errorf("the TP server ended the TLS session: %w", &transport.RejectedError{Err: err})
 		}
 		return err
 	}
@@ -375,7 +376,7 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 		if a := ac.alert(); a != nil {
 			err = a
 		} else if !ac.answered() && ctx.Err() == nil {
-			err = &rejectedErr{err} // as above: not one byte of HTTP/2 came back
+			err = &transport.RejectedError{Err: err} // as above: not one byte of HTTP/2 came back
 		}
 		return fmt.Errorf("the TP server did not answer the IP tunnel request over HTTP/2: %w", explainHelloErr(err))
 	}

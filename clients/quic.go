@@ -14,20 +14,8 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/qlogwriter"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
-)
-
-// Transports a Dialer can use.
-const (
-	// TransportAuto races QUIC over UDP against QUIC over the stream carriers,
-	// with TLS last (carrier_auto.go; with Carrier "udp", QUIC with a head start
-	// against TLS), and remembers the winner per server and network in the
-	// Dialer's Cache.
-	TransportAuto = "auto"
-	// TransportQUIC opens one stream per request on a shared QUIC connection.
-	TransportQUIC = "quic"
-	// TransportTLS opens one TLS-over-TCP connection per request.
-	TransportTLS = "tls"
 )
 
 // DefaultHeadStart is how long auto waits for the QUIC handshake before it also
@@ -38,7 +26,7 @@ const DefaultHeadStart = 150 * time.Millisecond
 // quicState is a Dialer's shared QUIC connection.
 type quicState struct {
 	mu      sync.Mutex
-	udp     net.PacketConn // a *net.UDPConn, or a *carrierConn (carrier.go)
+	udp     net.PacketConn // a *net.UDPConn, or a *transport.CarrierConn (carrier.go)
 	tr      *quic.Transport
 	conn    *quic.Conn
 	dialing chan struct{} // closed when the connect in flight ends
@@ -199,7 +187,7 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 				return nil, ErrDialerClosed
 			}
 			q.conn = c
-			if mc, movable := q.udp.(*movingConn); movable {
+			if mc, movable := q.udp.(*transport.MovingConn); movable {
 				go d.watchCarrier(c, mc)
 			}
 			if q.changed != nil {
@@ -230,7 +218,7 @@ func (d *Dialer) connectMain(ctx context.Context) (*quic.Conn, error) {
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
 	}
 	d.installRaced(r)
-	d.startNudges(r.conn)
+	transport.StartNudges(r.conn, d.keepAlive())
 	return r.conn, nil
 }
 
@@ -242,10 +230,10 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		return nil, err
 	}
 	var raddr net.Addr
-	if cc, ok := tr.Conn.(*carrierConn); ok {
-		raddr = cc.raddr
-	} else if mc, ok := tr.Conn.(*movingConn); ok {
-		raddr = mc.server
+	if cc, ok := tr.Conn.(*transport.CarrierConn); ok {
+		raddr = cc.ServerAddr()
+	} else if mc, ok := tr.Conn.(*transport.MovingConn); ok {
+		raddr = mc.ServerAddr()
 	} else if raddr, err = resolveUDP(ctx, addr); err != nil {
 		return nil, err
 	}
@@ -265,7 +253,7 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		}
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err)))
 	}
-	d.startNudges(conn)
+	transport.StartNudges(conn, d.keepAlive())
 	return conn, nil
 }
 
@@ -391,7 +379,7 @@ func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketCon
 				_ = udp.Close()
 				return nil, err
 			}
-			return &movingConn{udp: udp, server: raddr}, nil
+			return transport.NewMovingConn(udp, raddr), nil
 		}
 		return udp, nil
 	}
@@ -399,7 +387,7 @@ func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketCon
 	if err != nil {
 		return nil, err
 	}
-	return newCarrierConn(ctx, kind, d.Server, dial)
+	return transport.NewCarrierConn(ctx, kind, d.Server, dial)
 }
 
 // connLost reports whether err means conn itself is gone (the server restarted,
@@ -506,7 +494,7 @@ func explainQUICErr(err error) error {
 	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICRefused:
 		return fmt.Errorf("the TP server is busy and refused the connection; try again (%w)", err)
 	case errors.As(err, &te) && te.ErrorCode.IsCryptoError():
-		return &rejectedErr{err}
+		return &transport.RejectedError{Err: err}
 	case errors.As(err, new(*quic.IdleTimeoutError)):
 		return fmt.Errorf("the TP server stopped answering (network down, or the server is gone): %w", err)
 	case errors.As(err, new(*quic.StatelessResetError)):

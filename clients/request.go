@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -158,7 +159,7 @@ func explainHelloErr(err error) error {
 		return explainQUICErr(err)
 	}
 	if strings.Contains(err.Error(), "remote error: tls:") {
-		return &rejectedErr{err}
+		return &transport.RejectedError{Err: err}
 	}
 	return err
 }

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/tp-proxy/tp/clients/transport"
 )
 
 // Over TLS every session needs its own TLS connection to the TP server: a TCP
@@ -22,7 +24,7 @@ import (
 // handshake on the server's side (which verifies the client certificate after
 // the client is done) before a session takes it. A spare is never older than spareMaxAge (the
 // server closes a connection whose hello has not come within its hello timeout,
-// 10 s by default), one the server has closed is discarded (spareOpen), and
+// 10 s by default), one the server has closed is discarded (transport.ConnOpen), and
 // none is made for dials further apart than spareWindow:
 // an idle forwarder or agent holds no connection and makes no handshakes.
 const (
@@ -84,7 +86,7 @@ func (d *Dialer) spares() int {
 // before a new connection would be), else a new connection.
 //
 // open says whether the connection is known to be open: a new one, or a spare
-// whose TCP connection the server has not closed (spareOpen). A spare found
+// whose TCP connection the server has not closed (transport.ConnOpen). A spare found
 // closed is discarded. Only on an open connection may a dial send its first
 // bytes without waiting for the answer (early.go): tpd ends an idle connection
 // that its hello does not reach within its hello timeout, or when it restarts.
@@ -141,7 +143,7 @@ func (s *spareTLS) takeLocked(now time.Time, stale []*tls.Conn) (*tls.Conn, bool
 		c := s.conns[0]
 		s.conns = s.conns[1:]
 		if now.Sub(c.made) < s.maxAgeOr() {
-			open, known := spareOpen(c.conn)
+			open, known := transport.ConnOpen(c.conn)
 			if open || !known {
 				return c.conn, open, stale
 			}

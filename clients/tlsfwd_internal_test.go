@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/internal/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -60,7 +61,7 @@ func TestSpareTLSWaitsForTheOneBeingMade(t *testing.T) {
 		t.Fatalf("the second session: spare %v, %v; want a new connection of its own", sp, err)
 	}
 	_ = c.Close()
-	if n := d.hs.started.Load(); n != 1 {
+	if n := d.tlsSessions.Started(); n != 1 {
 		t.Fatalf("%d connections made; want 1 (the second session's; the first waits)", n)
 	}
 
@@ -121,12 +122,12 @@ func tlsPair(t *testing.T) (client *tls.Conn, closeServer func()) {
 func TestSpareClosedByServerIsDiscarded(t *testing.T) {
 	t.Parallel()
 	c, closeServer := tlsPair(t)
-	if open, known := spareOpen(c); !open || !known {
+	if open, known := transport.ConnOpen(c); !open || !known {
 		t.Fatalf("an open connection: open %v, known %v; want true, true", open, known)
 	}
 	closeServer()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) { // polling, bounded
-		if open, _ := spareOpen(c); !open {
+		if open, _ := transport.ConnOpen(c); !open {
 			break
 		}
 		if time.Now().After(deadline) {

@@ -93,7 +93,7 @@ func TestTLSMuxManyTunnelsOneHandshake(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := d.hs.started.Load(); n != 1 {
+	if n := d.tlsSessions.Started(); n != 1 {
 		t.Fatalf("%d TLS handshakes for 50 tunnels; want 1", n)
 	}
 	if conns, streams := d.TLSMuxStats(); conns != 1 || streams != 50 {
@@ -317,7 +317,7 @@ func TestTLSMuxCutsExplainedOnTheConnection(t *testing.T) {
 			t.Fatalf("tunnel %d explained: %v; want policy_changed by the server", i, err)
 		}
 	}
-	if n := d.hs.started.Load(); n != 1 {
+	if n := d.tlsSessions.Started(); n != 1 {
 		t.Fatalf("%d TLS handshakes for 10 tunnels and 10 questions why; want 1 (why goes on the tp-mux connection)", n)
 	}
 }
@@ -389,7 +389,7 @@ func TestTLSMuxUDPFlows(t *testing.T) {
 	if conns, streams := d.TLSMuxStats(); conns != 1 || streams != 4 {
 		t.Fatalf("%d tp-mux connections, %d streams; want 1 connection carrying the 3 flows and the tunnel", conns, streams)
 	}
-	if n := d.hs.started.Load(); n != 1 {
+	if n := d.tlsSessions.Started(); n != 1 {
 		t.Fatalf("%d TLS handshakes; want 1", n)
 	}
 	if n := udpAsks.Load(); n != 3 {

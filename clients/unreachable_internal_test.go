@@ -14,6 +14,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -45,7 +46,7 @@ func TestUnreachableNamesTheTellingCause(t *testing.T) {
 			"no answer within 30s: is it reachable from this network, and is this its address?"},
 		{"silence over UDP alone", fmt.Errorf("over udp: %w", &quic.HandshakeTimeoutError{}), true,
 			"no answer over UDP within 30s: is tpd running there, and does this network let UDP through (--transport tls avoids UDP)?"},
-		{"the device's certificate refused", errors.Join(canceled, &rejectedErr{errors.New("remote error: tls: bad certificate")}, tcp(refused)), false,
+		{"the device's certificate refused", errors.Join(canceled, &transport.RejectedError{Err: errors.New("remote error: tls: bad certificate")}, tcp(refused)), false,
 			"it refused this device's certificate (tp whoami says why; dlogin gets a new one)"},
 		{"a server TP's CA did not certify", errors.Join(canceled, tcp(&tls.CertificateVerificationError{Err: x509.UnknownAuthorityError{}})), false,
 			"its certificate is not one this device trusts for it (x509: certificate signed by unknown authority): is this the TP server"},
@@ -57,7 +58,7 @@ func TestUnreachableNamesTheTellingCause(t *testing.T) {
 			"its name does not resolve (lookup tp.example.invalid: no such host)"},
 		{"anything else", errors.Join(errors.New("first"), errors.New("second")), false, "first; second"},
 	} {
-		got := reachCause(tt.err, 30*time.Second, tt.udpOnly, (*Dialer)(nil).expiredAdvice())
+		got := transport.ReachCause(tt.err, 30*time.Second, tt.udpOnly, (*Dialer)(nil).expiredAdvice())
 		if !strings.HasPrefix(got, tt.want) {
 			t.Errorf("%s: %q\n  want %q", tt.what, got, tt.want)
 		}

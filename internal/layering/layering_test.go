@@ -62,6 +62,10 @@ var rules = []rule{{
 	why:       "the protocol families under proxy/ are assembled by proxy: none imports proxy or another family",
 	roots:     []string{"proxy/carrier", "proxy/masque", "proxy/peer"},
 	forbidden: []string{mod + "proxy", mod + "proxy/carrier", mod + "proxy/masque", mod + "proxy/peer", mod + "clients", mod + "internal/tpd", mod + "internal/config"},
+}, {
+	why:       "the client transport is how a stream to tpd is obtained: it knows no feature, so it imports no clients package above it (clients, with the dialer, the requests and the features)",
+	roots:     []string{"clients/transport"},
+	forbidden: []string{mod + "clients", mod + "internal/tun"},
 }}
 
 type pkg struct {

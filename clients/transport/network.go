@@ -1,4 +1,4 @@
-package clients
+package transport
 
 // Which network the host is on, for the transport cache: what worked to reach
 // a server on one network (a café's Wi-Fi that drops UDP) says nothing about

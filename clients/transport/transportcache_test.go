@@ -1,4 +1,4 @@
-package clients_test
+package transport_test
 
 import (
 	"encoding/json"
@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/clients/transport"
 )
 
 // The auto transport's cache holds a result for one hour, on the cache's own
@@ -20,18 +20,18 @@ func TestTransportCacheExpiresAfterAnHour(t *testing.T) {
 	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	now := t0
 	clock := func() time.Time { return now }
-	cache := &clients.TransportCache{Path: path, Now: clock}
-	other := &clients.TransportCache{Path: path, Now: clock} // another process on the same file
+	cache := &transport.Cache{Path: path, Now: clock}
+	other := &transport.Cache{Path: path, Now: clock} // another process on the same file
 	const server = "tp.example.org:443"
 
 	if got := cache.Get(server); got != "" {
 		t.Fatalf("empty cache says %q", got)
 	}
-	if err := cache.Put(server, clients.TransportTLS); err != nil {
+	if err := cache.Put(server, transport.TLS); err != nil {
 		t.Fatal(err)
 	}
 	now = t0.Add(time.Hour - time.Second)
-	if got := other.Get(server); got != clients.TransportTLS {
+	if got := other.Get(server); got != transport.TLS {
 		t.Fatalf("59m59s after the race the cache says %q, want tls", got)
 	}
 	now = t0.Add(time.Hour)
@@ -41,11 +41,11 @@ func TestTransportCacheExpiresAfterAnHour(t *testing.T) {
 
 	// A success within the first half-life does not extend the entry...
 	now = t0
-	if err := cache.Put(server, clients.TransportTLS); err != nil {
+	if err := cache.Put(server, transport.TLS); err != nil {
 		t.Fatal(err)
 	}
 	now = t0.Add(10 * time.Minute)
-	if err := cache.Put(server, clients.TransportTLS); err != nil {
+	if err := cache.Put(server, transport.TLS); err != nil {
 		t.Fatal(err)
 	}
 	now = t0.Add(time.Hour)
@@ -57,21 +57,21 @@ func TestTransportCacheExpiresAfterAnHour(t *testing.T) {
 	if err := cache.Put(server, "quic"); err != nil { // a changed answer is written at once
 		t.Fatal(err)
 	}
-	if got := cache.Get(server); got != clients.TransportQUIC {
+	if got := cache.Get(server); got != transport.QUIC {
 		t.Fatalf("after a changed answer the cache says %q, want quic", got)
 	}
 	now = t0.Add(31 * time.Minute)
-	if err := cache.Put(server, clients.TransportQUIC); err != nil {
+	if err := cache.Put(server, transport.QUIC); err != nil {
 		t.Fatal(err)
 	}
 	now = t0.Add(31*time.Minute + time.Hour - time.Second)
-	if got := cache.Get(server); got != clients.TransportQUIC {
+	if got := cache.Get(server); got != transport.QUIC {
 		t.Fatalf("a repeat 31 minutes in did not renew the entry: %q", got)
 	}
 
 	// Expired entries of other servers are dropped when the file is written.
 	now = t0.Add(5 * time.Hour)
-	if err := cache.Put("other.example.org:443", clients.TransportTLS); err != nil {
+	if err := cache.Put("other.example.org:443", transport.TLS); err != nil {
 		t.Fatal(err)
 	}
 	b, err := os.ReadFile(path)
@@ -92,12 +92,12 @@ func TestTransportCacheTTL(t *testing.T) {
 	t.Parallel()
 	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	now := t0
-	cache := &clients.TransportCache{Path: filepath.Join(t.TempDir(), "c.json"), TTL: 5 * time.Minute, Now: func() time.Time { return now }}
-	if err := cache.Put("s:1", clients.TransportTLS); err != nil {
+	cache := &transport.Cache{Path: filepath.Join(t.TempDir(), "c.json"), TTL: 5 * time.Minute, Now: func() time.Time { return now }}
+	if err := cache.Put("s:1", transport.TLS); err != nil {
 		t.Fatal(err)
 	}
 	now = t0.Add(5*time.Minute - time.Nanosecond)
-	if got := cache.Get("s:1"); got != clients.TransportTLS {
+	if got := cache.Get("s:1"); got != transport.TLS {
 		t.Fatalf("within the TTL: %q", got)
 	}
 	now = t0.Add(5 * time.Minute)

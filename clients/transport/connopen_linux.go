@@ -1,4 +1,4 @@
-package clients
+package transport
 
 import (
 	"crypto/tls"
@@ -8,11 +8,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// spareOpen reports whether a spare TLS connection's TCP connection is still
-// established: no FIN and no reset has come from the server since the
-// handshake, as one does when tpd restarts, shuts down or gives up waiting for
-// a hello. known is false where the state cannot be read.
-func spareOpen(conn *tls.Conn) (open, known bool) {
+// ConnOpen reports whether a TLS connection's TCP connection (a spare kept
+// for a later request) is still established: no FIN and no reset has come
+// from the server since the handshake, as one does when tpd restarts, shuts
+// down or gives up waiting for a hello. known is false where the state cannot be read.
+func ConnOpen(conn *tls.Conn) (open, known bool) {
 	c := conn.NetConn()
 	for {
 		u, ok := c.(interface{ Unwrap() net.Conn })

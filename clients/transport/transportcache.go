@@ -1,4 +1,4 @@
-package clients
+package transport
 
 import (
 	"encoding/json"
@@ -13,11 +13,8 @@ import (
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// transportCacheFile in $TP_HOME remembers which transport won the auto race.
-const transportCacheFile = "transport-cache.json"
-
-// DefaultTransportCacheTTL is how long an auto race result is trusted.
-const DefaultTransportCacheTTL = time.Hour
+// DefaultCacheTTL is how long an auto race result is trusted.
+const DefaultCacheTTL = time.Hour
 
 // DefaultFallbackTTL is how long a fallback (a carrier other than UDP, or the
 // plain TLS transport) is remembered: after it, the next connection on that
@@ -25,15 +22,15 @@ const DefaultTransportCacheTTL = time.Hour
 // over UDP back (a live connection also probes UDP: Dialer.UDPReprobe).
 const DefaultFallbackTTL = 10 * time.Minute
 
-// TransportCache remembers, per server and network (NetworkID), which
+// Cache remembers, per server and network (NetworkID), which
 // transport and carrier worked, in a JSON file, so that on a network that
 // blocks UDP only the first connection pays the race, and a laptop that moves
 // from that network to one that passes UDP races afresh there.
 // Several processes may share the file: the last writer wins, which is harmless.
 // A damaged or unwritable file only costs races.
-type TransportCache struct {
+type Cache struct {
 	Path string
-	// TTL is how long an entry holds; zero means DefaultTransportCacheTTL.
+	// TTL is how long an entry holds; zero means DefaultCacheTTL.
 	TTL time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
@@ -53,19 +50,14 @@ type cacheEntry struct {
 	DiscoveryExpires time.Time       `json:"discovery_expires,omitzero"`
 }
 
-// TransportCache returns the cache kept in this home directory.
-func (h Home) TransportCache() *TransportCache {
-	return &TransportCache{Path: filepath.Join(h.Dir, transportCacheFile)}
-}
-
-func (c *TransportCache) now() time.Time {
+func (c *Cache) now() time.Time {
 	if c.Now != nil {
 		return c.Now()
 	}
 	return time.Now()
 }
 
-func (c *TransportCache) load() map[string]cacheEntry {
+func (c *Cache) load() map[string]cacheEntry {
 	m := map[string]cacheEntry{}
 	b, err := os.ReadFile(c.Path)
 	if err == nil {
@@ -75,25 +67,25 @@ func (c *TransportCache) load() map[string]cacheEntry {
 }
 
 // key is server's entry on the network the host is on now.
-func (c *TransportCache) key(server string) string {
+func (c *Cache) key(server string) string {
 	network := c.Network
 	if network == nil {
 		network = NetworkID
 	}
-	id := network(strings.TrimPrefix(server, carrierKeyPrefix))
+	id := network(strings.TrimPrefix(server, CarrierKeyPrefix))
 	if id == "" {
 		return server
 	}
 	return server + " on " + id
 }
 
-// carrierKeyPrefix marks the entries of the carrier that worked (beside the
+// CarrierKeyPrefix marks the entries of the carrier that worked (beside the
 // transport's, under the server's name alone).
-const carrierKeyPrefix = "carrier:"
+const CarrierKeyPrefix = "carrier:"
 
 // Get returns the remembered transport for server on the current network, or
 // "" when none is fresh.
-func (c *TransportCache) Get(server string) string {
+func (c *Cache) Get(server string) string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, ok := c.load()[c.key(server)]
@@ -104,7 +96,7 @@ func (c *TransportCache) Get(server string) string {
 }
 
 // Discovery returns the remembered discovery document for server, when fresh.
-func (c *TransportCache) Discovery(server string) (wire.Discovery, bool) {
+func (c *Cache) Discovery(server string) (wire.Discovery, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, ok := c.load()[server]
@@ -116,7 +108,7 @@ func (c *TransportCache) Discovery(server string) (wire.Discovery, bool) {
 
 // PutDiscovery remembers server's discovery document for the cache's TTL,
 // beside the transport remembered for it.
-func (c *TransportCache) PutDiscovery(server string, doc wire.Discovery) error {
+func (c *Cache) PutDiscovery(server string, doc wire.Discovery) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.update(server, func(e *cacheEntry, now time.Time, ttl time.Duration) bool {
@@ -127,12 +119,12 @@ func (c *TransportCache) PutDiscovery(server string, doc wire.Discovery) error {
 
 // Put remembers that transport worked for server on the current network.
 // Expired entries are dropped.
-func (c *TransportCache) Put(server, transport string) error {
+func (c *Cache) Put(server, transport string) error {
 	return c.PutFor(server, transport, 0)
 }
 
 // PutFor is Put for ttl (zero: the cache's TTL), capped at the cache's TTL.
-func (c *TransportCache) PutFor(server, transport string, ttl time.Duration) error {
+func (c *Cache) PutFor(server, transport string, ttl time.Duration) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.update(c.key(server), func(e *cacheEntry, now time.Time, cttl time.Duration) bool {
@@ -150,10 +142,10 @@ func (c *TransportCache) PutFor(server, transport string, ttl time.Duration) err
 
 // update changes server's entry with change (which reports whether it changed
 // anything) and writes the file, dropping expired entries. c.mu is held.
-func (c *TransportCache) update(server string, change func(e *cacheEntry, now time.Time, ttl time.Duration) bool) error {
+func (c *Cache) update(server string, change func(e *cacheEntry, now time.Time, ttl time.Duration) bool) error {
 	ttl := c.TTL
 	if ttl <= 0 {
-		ttl = DefaultTransportCacheTTL
+		ttl = DefaultCacheTTL
 	}
 	now := c.now()
 	m := c.load()

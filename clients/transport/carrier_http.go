@@ -1,4 +1,4 @@
-package clients
+package transport
 
 // The http carrier's client end (docs/PROTOCOL.md §9.8): QUIC packets go out
 // in POST bodies and come back in the responses. One empty poll is kept
@@ -204,16 +204,16 @@ func (l *httpCarrierLink) post(body []byte) error {
 
 // carrierHTTPURL is the http carrier's endpoint: CarrierHTTPURL, or the
 // server's own.
-func (d *Dialer) carrierHTTPURL() string {
-	if d.CarrierHTTPURL != "" {
-		return d.CarrierHTTPURL
+func (d CarrierDialer) carrierHTTPURL() string {
+	if d.HTTPURL != "" {
+		return d.HTTPURL
 	}
 	return "https://" + d.Server + wire.CarrierHTTPPath
 }
 
 // dialHTTPCarrier opens an http carrier session: a random session ID and a
 // first poll that must succeed.
-func (d *Dialer) dialHTTPCarrier(ctx context.Context) (carrierLink, error) {
+func (d CarrierDialer) dialHTTPCarrier(ctx context.Context) (CarrierLink, error) {
 	cfg, err := d.carrierWebTLS()
 	if err != nil {
 		return nil, err

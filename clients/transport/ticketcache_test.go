@@ -1,4 +1,4 @@
-package clients_test
+package transport_test
 
 import (
 	"bytes"
@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/testpki"
 )
 
@@ -91,7 +91,7 @@ func TestTicketCacheResumesAcrossProcesses(t *testing.T) {
 	cur.Store(cert.Leaf)
 	file := filepath.Join(t.TempDir(), "tickets.json")
 
-	first := &clients.TicketCache{Path: file, Leaf: leafOf(&cur)}
+	first := &transport.TicketCache{Path: file, Leaf: leafOf(&cur)}
 	if resumes(t, addr, ca, first, cert) {
 		t.Fatal("the first connection resumed with an empty cache")
 	}
@@ -102,11 +102,11 @@ func TestTicketCacheResumesAcrossProcesses(t *testing.T) {
 	if mode := fi.Mode().Perm(); mode != 0o600 && os.PathSeparator == '/' {
 		t.Errorf("ticket file mode %v, want 0600", mode)
 	}
-	second := &clients.TicketCache{Path: file, Leaf: leafOf(&cur)}
+	second := &transport.TicketCache{Path: file, Leaf: leafOf(&cur)}
 	if !resumes(t, addr, ca, second, cert) {
 		t.Fatal("a new process (a new cache on the same file) did not resume")
 	}
-	memOnly := &clients.TicketCache{Leaf: leafOf(&cur)}
+	memOnly := &transport.TicketCache{Leaf: leafOf(&cur)}
 	if resumes(t, addr, ca, memOnly, cert) {
 		t.Fatal("a cache without a Path resumed: it read a file it was not given")
 	}
@@ -126,15 +126,15 @@ func TestTicketCacheBoundToCertificate(t *testing.T) {
 	old := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
 	var cur atomic.Pointer[x509.Certificate]
 	cur.Store(old.Leaf)
-	cache := &clients.TicketCache{Path: file, Leaf: leafOf(&cur)}
+	cache := &transport.TicketCache{Path: file, Leaf: leafOf(&cur)}
 	resumes(t, addr, ca, cache, old)
-	if !resumes(t, addr, ca, &clients.TicketCache{Path: file, Leaf: leafOf(&cur)}, old) {
+	if !resumes(t, addr, ca, &transport.TicketCache{Path: file, Leaf: leafOf(&cur)}, old) {
 		t.Fatal("setup: the same certificate did not resume")
 	}
 
 	renewed := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
 	cur.Store(renewed.Leaf)
-	if resumes(t, addr, ca, &clients.TicketCache{Path: file, Leaf: leafOf(&cur)}, renewed) {
+	if resumes(t, addr, ca, &transport.TicketCache{Path: file, Leaf: leafOf(&cur)}, renewed) {
 		t.Fatal("a ticket made with the previous certificate resumed after dlogin renewed it")
 	}
 
@@ -143,14 +143,14 @@ func TestTicketCacheBoundToCertificate(t *testing.T) {
 	now := time.Now()
 	aging := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{NotBefore: now.Add(-3 * time.Hour), NotAfter: now.Add(time.Hour)})
 	cur.Store(aging.Leaf)
-	c := &clients.TicketCache{Path: file, Leaf: leafOf(&cur)}
+	c := &transport.TicketCache{Path: file, Leaf: leafOf(&cur)}
 	resumes(t, addr, ca, c, aging)
 	if resumes(t, addr, ca, c, aging) {
 		t.Fatal("a certificate due for renewal resumed a session")
 	}
 
 	cur.Store(nil)
-	if _, ok := (&clients.TicketCache{Path: file, Leaf: leafOf(&cur)}).Get("127.0.0.1"); ok {
+	if _, ok := (&transport.TicketCache{Path: file, Leaf: leafOf(&cur)}).Get("127.0.0.1"); ok {
 		t.Fatal("a ticket was offered with no certificate at hand")
 	}
 }
@@ -175,11 +175,11 @@ func TestTicketCacheBadFiles(t *testing.T) {
 		if err := os.WriteFile(file, content, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		c := &clients.TicketCache{Path: file, Leaf: leafOf(&cur)}
+		c := &transport.TicketCache{Path: file, Leaf: leafOf(&cur)}
 		if resumes(t, addr, ca, c, cert) {
 			t.Fatalf("%s: resumed from a bad file", name)
 		}
-		if !resumes(t, addr, ca, &clients.TicketCache{Path: file, Leaf: leafOf(&cur)}, cert) {
+		if !resumes(t, addr, ca, &transport.TicketCache{Path: file, Leaf: leafOf(&cur)}, cert) {
 			t.Fatalf("%s: the file was not replaced by a good one after a full handshake", name)
 		}
 	}
@@ -187,22 +187,22 @@ func TestTicketCacheBadFiles(t *testing.T) {
 	// An entry whose certificate has ended is dropped, even when the clock
 	// that made it said otherwise.
 	file := filepath.Join(dir, "expired")
-	c := &clients.TicketCache{Path: file, Leaf: leafOf(&cur)}
+	c := &transport.TicketCache{Path: file, Leaf: leafOf(&cur)}
 	resumes(t, addr, ca, c, cert)
-	later := &clients.TicketCache{Path: file, Leaf: leafOf(&cur), Now: func() time.Time { return cert.Leaf.NotAfter.Add(time.Second) }}
+	later := &transport.TicketCache{Path: file, Leaf: leafOf(&cur), Now: func() time.Time { return cert.Leaf.NotAfter.Add(time.Second) }}
 	if _, ok := later.Get("127.0.0.1"); ok {
 		t.Fatal("a ticket was offered after its certificate's end")
 	}
 
 	// More server names than the bound: the file keeps at most the bound.
 	file = filepath.Join(dir, "many")
-	c = &clients.TicketCache{Path: file, Leaf: leafOf(&cur)}
+	c = &transport.TicketCache{Path: file, Leaf: leafOf(&cur)}
 	resumes(t, addr, ca, c, cert)
 	cs, ok := c.Get("127.0.0.1")
 	if !ok {
 		t.Fatal("setup: no ticket")
 	}
-	for i := range clients.MaxTickets + 10 {
+	for i := range transport.MaxTickets + 10 {
 		c.Put("name-"+strings.Repeat("x", i), cs)
 	}
 	b, err := os.ReadFile(file)
@@ -213,15 +213,15 @@ func TestTicketCacheBadFiles(t *testing.T) {
 	if err := json.Unmarshal(b, &got); err != nil {
 		t.Fatal(err)
 	}
-	if len(got.Tickets) > clients.MaxTickets {
-		t.Fatalf("ticket file holds %d entries, bound is %d", len(got.Tickets), clients.MaxTickets)
+	if len(got.Tickets) > transport.MaxTickets {
+		t.Fatalf("ticket file holds %d entries, bound is %d", len(got.Tickets), transport.MaxTickets)
 	}
 	// Put(nil), crypto/tls's "forget this session", reaches the file.
-	last := []byte(`"key":"name-` + strings.Repeat("x", clients.MaxTickets+9) + `"`)
+	last := []byte(`"key":"name-` + strings.Repeat("x", transport.MaxTickets+9) + `"`)
 	if !bytes.Contains(b, last) {
 		t.Fatal("the newest entry is not in the file")
 	}
-	c.Put("name-"+strings.Repeat("x", clients.MaxTickets+9), nil)
+	c.Put("name-"+strings.Repeat("x", transport.MaxTickets+9), nil)
 	if b, _ := os.ReadFile(file); bytes.Contains(b, last) {
 		t.Fatal("a forgotten session is still in the file")
 	}
@@ -250,7 +250,7 @@ func BenchmarkTLSHandshake(b *testing.B) {
 			addr := ticketServer(b, ca)
 			var cache tls.ClientSessionCache
 			if bc.resume {
-				cache = &clients.TicketCache{Leaf: leafOf(&cur)}
+				cache = &transport.TicketCache{Leaf: leafOf(&cur)}
 			}
 			cfg := &tls.Config{
 				RootCAs: ca.Pool, ServerName: "127.0.0.1", Certificates: []tls.Certificate{cert},

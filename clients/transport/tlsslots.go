@@ -1,4 +1,4 @@
-package clients
+package transport
 
 import (
 	"context"
@@ -6,7 +6,7 @@ import (
 	"sync/atomic"
 )
 
-// maxTLSHandshakes bounds the TLS handshakes one Dialer has in flight to its
+// maxTLSHandshakes bounds the TLS handshakes a TLSSessions has in flight to its
 // server. tpd closes a source address's connections beyond max-handshakes-per-ip
 // (default 128) unfinished handshakes right after accept, to keep one host from
 // holding its slots with handshakes that never end; a burst of local connections
@@ -15,11 +15,11 @@ import (
 // the dial's timeout, and the server's bounds are met rather than tripped.
 const maxTLSHandshakes = 64
 
-// handshakeSlots is a Dialer's semaphore of TLS handshakes in flight.
+// handshakeSlots is a TLSSessions' semaphore of TLS handshakes in flight.
 type handshakeSlots struct {
 	once sync.Once
 	ch   chan struct{}
-	// started counts the TLS connections the Dialer has begun (connectTLS):
+	// started counts the TLS connections begun (TLSSessions.Connect):
 	// tests tell from it whether sessions rode spares.
 	started atomic.Int64
 }

@@ -1,4 +1,4 @@
-package clients
+package transport
 
 import (
 	"crypto/sha256"
@@ -8,17 +8,11 @@ import (
 	"encoding/json"
 	"io"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
 )
-
-// ticketsFile in $TP_HOME keeps TLS session tickets from the TP server (and from
-// agents, end to end) across tp processes, so that every `tp` a ProxyCommand
-// starts resumes instead of paying a full handshake with certificates.
-const ticketsFile = "tickets.json"
 
 const (
 	// maxTickets bounds the entries kept, in memory and in the file (one per
@@ -67,10 +61,10 @@ type ticketEntry struct {
 
 var _ tls.ClientSessionCache = (*TicketCache)(nil)
 
-// TicketCache returns a ticket cache kept in this home directory for the
-// certificate leaf returns.
-func (h Home) TicketCache(leaf func() *x509.Certificate) *TicketCache {
-	return &TicketCache{Path: filepath.Join(h.Dir, ticketsFile), Leaf: leaf}
+// NeedsRenewal reports whether a certificate is in the last third of its life or past it.
+func NeedsRenewal(leaf *x509.Certificate, now time.Time) bool {
+	life := leaf.NotAfter.Sub(leaf.NotBefore)
+	return !now.Before(leaf.NotBefore.Add(life * 2 / 3))
 }
 
 func (t *TicketCache) now() time.Time {

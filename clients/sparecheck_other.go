@@ -1,9 +1,0 @@
-//go:build !linux
-
-package clients
-
-import "crypto/tls"
-
-// spareOpen cannot read a TCP connection's state here: a spare is taken as it
-// is, and a dial on it waits for the server's answer before its first bytes.
-func spareOpen(*tls.Conn) (open, known bool) { return false, false }

@@ -1,0 +1,199 @@
+package transport
+
+import (
+	"errors"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// MovingConn is the packet conn of a QUIC connection that may move between
+// carriers (a Dialer with FallbackCarriers): UDP until MoveTo, then the
+// carrier's conn. quic-go sees one socket whose packets now leave from
+// elsewhere; the server sees the client at a new address (the
+// carrier session's) and migrates, validating the new path, as after a NAT
+// rebinding. (quic-go's own Conn.AddPath cannot do this: it sends path probes
+// only while the congestion window lets it send, which a connection whose
+// path died with data in flight never does again.)
+//
+// It wraps the UDP socket, so quic-go on the client loses GSO and batched
+// reads (carrier "udp" without fallback keeps them).
+type MovingConn struct {
+	udp    *net.UDPConn
+	server net.Addr // what reads from a carrier say they came from
+
+	mu      sync.Mutex
+	carrier *CarrierConn
+	rdl     time.Time
+	// recent are the last packets written (a ring of movingReplay), sent again
+	// over the next carrier on a move: see MoveTo.
+	recent [movingReplay][]byte
+	next   int
+	// udpFailing is when writes to the UDP socket began to fail, without a
+	// success since (unix nanoseconds; 0: the last write went out).
+	udpFailing atomic.Int64
+}
+
+// NewMovingConn returns a MovingConn on udp whose reads from a carrier say
+// they came from server.
+func NewMovingConn(udp *net.UDPConn, server net.Addr) *MovingConn {
+	return &MovingConn{udp: udp, server: server}
+}
+
+// ServerAddr is what reads from a carrier say they came from.
+func (m *MovingConn) ServerAddr() net.Addr { return m.server }
+
+// UDPWritesFailing is how long every write to the UDP socket has failed.
+func (m *MovingConn) UDPWritesFailing() time.Duration {
+	if f := m.udpFailing.Load(); f != 0 && m.Current() == nil {
+		return time.Since(time.Unix(0, f))
+	}
+	return 0
+}
+
+// movingReplay is how many of the last packets a move sends again.
+const movingReplay = 4
+
+// remember keeps a copy of b among the recent packets.
+func (m *MovingConn) remember(b []byte) {
+	m.mu.Lock()
+	p := m.recent[m.next][:0]
+	m.recent[m.next] = append(p, b...)
+	m.next = (m.next + 1) % movingReplay
+	m.mu.Unlock()
+}
+
+// replay sends the recent packets, oldest first, over cc. After a carrier
+// stalled they were most likely lost, and they are the connection's newest:
+// arriving from a new address they make the server migrate and acknowledge
+// at once, so the client's loss recovery resumes now, not when its probe
+// timeout (backed off during the stall, often by many seconds) next fires.
+// A copy that did arrive before is a duplicate, which QUIC discards.
+func (m *MovingConn) replay(cc *CarrierConn) {
+	m.mu.Lock()
+	var ps [][]byte
+	for i := range movingReplay {
+		if p := m.recent[(m.next+i)%movingReplay]; len(p) > 0 {
+			ps = append(ps, p)
+		}
+	}
+	m.recent, m.next = [movingReplay][]byte{}, 0
+	m.mu.Unlock()
+	for _, p := range ps {
+		_, _ = cc.WriteTo(p, m.server)
+	}
+}
+
+// Kind is the carrier m sends over now.
+func (m *MovingConn) Kind() string {
+	if cc := m.Current(); cc != nil {
+		return cc.Kind()
+	}
+	return wire.CarrierUDP
+}
+
+func (m *MovingConn) Current() *CarrierConn {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.carrier
+}
+
+func (m *MovingConn) MoveTo(cc *CarrierConn) {
+	m.mu.Lock()
+	old := m.carrier
+	m.carrier = cc
+	_ = cc.SetReadDeadline(m.rdl)
+	m.mu.Unlock()
+	if old != nil {
+		_ = old.Close()
+	}
+	_ = m.udp.SetReadDeadline(time.Unix(1, 0)) // a reader waiting on UDP looks again
+	m.replay(cc)
+}
+
+// MoveBack returns to the UDP socket.
+func (m *MovingConn) MoveBack() {
+	m.mu.Lock()
+	old := m.carrier
+	m.carrier = nil
+	rdl := m.rdl
+	m.mu.Unlock()
+	_ = m.udp.SetReadDeadline(rdl) // MoveTo left it in the past
+	if old != nil {
+		_ = old.Close() // a reader blocked on it looks again, at UDP
+	}
+}
+
+func (m *MovingConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	for {
+		if cc := m.Current(); cc != nil {
+			n, _, err := cc.ReadFrom(b)
+			if errors.Is(err, net.ErrClosed) && m.Current() != cc {
+				continue // moved on again
+			}
+			return n, m.server, err
+		}
+		n, addr, err := m.udp.ReadFrom(b)
+		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			m.mu.Lock()
+			moved, dl := m.carrier != nil, m.rdl
+			m.mu.Unlock()
+			if moved || dl.IsZero() || time.Now().Before(dl) {
+				continue
+			}
+		}
+		return n, addr, err
+	}
+}
+
+func (m *MovingConn) WriteTo(b []byte, addr net.Addr) (int, error) {
+	m.remember(b)
+	if cc := m.Current(); cc != nil {
+		return cc.WriteTo(b, addr)
+	}
+	n, err := m.udp.WriteTo(b, addr)
+	if err == nil {
+		m.udpFailing.Store(0)
+	} else {
+		m.udpFailing.CompareAndSwap(0, time.Now().UnixNano())
+	}
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		// A local firewall that drops UDP answers sendto with EPERM, a lost
+		// network with ENETUNREACH: quic-go would close the connection on the
+		// error. The packet is lost instead, as on a network that drops it
+		// silently, and the Dialer moves the connection to a carrier.
+		return len(b), nil
+	}
+	return n, err
+}
+
+func (m *MovingConn) SetReadDeadline(t time.Time) error {
+	m.mu.Lock()
+	m.rdl = t
+	cc := m.carrier
+	m.mu.Unlock()
+	if cc != nil {
+		_ = cc.SetReadDeadline(t)
+	}
+	return m.udp.SetReadDeadline(t)
+}
+
+func (m *MovingConn) Close() error {
+	if cc := m.Current(); cc != nil {
+		_ = cc.Close()
+	}
+	return m.udp.Close()
+}
+
+func (m *MovingConn) SetDeadline(t time.Time) error      { return m.SetReadDeadline(t) }
+func (m *MovingConn) SetWriteDeadline(t time.Time) error { return m.udp.SetWriteDeadline(t) }
+func (m *MovingConn) LocalAddr() net.Addr                { return m.udp.LocalAddr() }
+
+// SetReadBuffer and SetWriteBuffer size the UDP socket's buffers, which
+// quic-go asks for (and warns without).
+func (m *MovingConn) SetReadBuffer(n int) error  { return m.udp.SetReadBuffer(n) }
+func (m *MovingConn) SetWriteBuffer(n int) error { return m.udp.SetWriteBuffer(n) }
