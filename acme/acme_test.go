@@ -18,7 +18,7 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
-	"github.com/tp-proxy/tp/internal/users"
+	"github.com/tp-proxy/tp/internal/server/users"
 )
 
 type testServer struct {

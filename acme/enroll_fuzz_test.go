@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
-	"github.com/tp-proxy/tp/internal/users"
+	"github.com/tp-proxy/tp/internal/server/users"
 )
 
 // fuzzPaths are the enrollment endpoints that read a request body; the fuzzer

@@ -106,7 +106,7 @@ func (s *nonceStore) len() int {
 }
 
 // NonceStore keeps outstanding ACME nonces: in memory for one tpd, in the
-// shared database (internal/pgstore) when several tpd answer one name, since a
+// shared database (internal/server/pgstore) when several tpd answer one name, since a
 // client's next request may reach another instance than the one that handed
 // out its nonce.
 type NonceStore interface {

@@ -16,7 +16,7 @@ import (
 	"github.com/smallstep/certificates/authority/provisioner"
 
 	"github.com/tp-proxy/tp/acme/login"
-	"github.com/tp-proxy/tp/internal/users"
+	"github.com/tp-proxy/tp/internal/server/users"
 )
 
 // Reverse-name certificates. An agent that holds a reverse name (registered
@@ -49,7 +49,7 @@ const (
 )
 
 // TXTTTL, MaxTXT and MaxTXTPerName are the bounds above, for a TXTStore kept
-// elsewhere (internal/pgstore).
+// elsewhere (internal/server/pgstore).
 const (
 	TXTTTL        = txtTTL
 	MaxTXT        = maxTXT
@@ -58,7 +58,7 @@ const (
 
 // TXTStore keeps the dns-01 answers that reverse-name owners publish
 // (login.PathReverseChallenge) for the CA's TXT lookups: in memory for one
-// tpd, in the shared database (internal/pgstore) when several tpd answer one
+// tpd, in the shared database (internal/server/pgstore) when several tpd answer one
 // name, since the agent's challenge request and its answer to the challenge
 // may reach different instances.
 type TXTStore interface {

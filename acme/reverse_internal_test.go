@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
-	"github.com/tp-proxy/tp/internal/users"
+	"github.com/tp-proxy/tp/internal/server/users"
 )
 
 // One name's owner cannot fill the challenge-answer store for everyone (bad input:

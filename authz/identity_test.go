@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 )
 
 var (

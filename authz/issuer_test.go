@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 )
 
 // Device certificates are accepted only from the issuing intermediate, only as

@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )

@@ -16,5 +16,5 @@
 // (transport.go, quic.go, quicpool.go, spare.go, tlsmux.go).
 //
 // It speaks the protocol through package proxy/wire and links no server code:
-// no proxy, no policy engine, no CA (internal/layering checks this).
+// no proxy, no policy engine, no CA (internal/tests/layering checks this).
 package clients

@@ -15,8 +15,8 @@ import (
 
 	"github.com/quic-go/quic-go"
 
-	"github.com/tp-proxy/tp/internal/testnet"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 

@@ -6,8 +6,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/internal/testlog"
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testlog"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
 
 // Bad input: an allowed dialer opens streams of its end-to-end carrier and

@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 

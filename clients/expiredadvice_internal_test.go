@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/tp-proxy/tp/acme/login"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 

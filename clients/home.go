@@ -19,7 +19,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
-	"github.com/tp-proxy/tp/internal/fileperm"
+	"github.com/tp-proxy/tp/internal/lib/fileperm"
 )
 
 // Files inside $TP_HOME.

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 )
 
 // A tp process reading its certificate while another renews it never sees the

@@ -17,8 +17,8 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
-	"github.com/tp-proxy/tp/internal/testpar"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testpar"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 )
 
 // lockHolderEnv makes the test binary a lock holder instead of running tests:

@@ -29,7 +29,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients/transport"
-	"github.com/tp-proxy/tp/internal/tun"
+	"github.com/tp-proxy/tp/internal/lib/tun"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 

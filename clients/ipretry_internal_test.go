@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
 
 // tp ip pointed at an address where nothing listens (the bad input: a

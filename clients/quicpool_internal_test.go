@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy"
 )
 

@@ -15,7 +15,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/clients/transport"
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/lib/config"
 )
 
 // drainBound is the longest a stopping tpd drains: shutdown-timeout's default,

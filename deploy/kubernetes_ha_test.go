@@ -11,7 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
 
-	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/lib/config"
 )
 
 const haManifestFile = "kubernetes/tpd-ha.yaml"

@@ -16,7 +16,7 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	"sigs.k8s.io/yaml"
 
-	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/lib/config"
 )
 
 const manifestFile = "kubernetes/tpd.yaml"

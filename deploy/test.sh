@@ -27,7 +27,7 @@ tools=(
 	"unshare util-linux"                  # the IP tunnel tests (which use ip too) re-run themselves in a network namespace
 	"curl curl"                           # the CONNECT tests use Debian's curl as an HTTPS-proxy client
 	"git git"                             # … and git, with http.proxySSLCert
-	"pg-initdb postgresql"                # internal/testpg runs a throwaway PostgreSQL (initdb, postgres)
+	"pg-initdb postgresql"                # internal/testkit/testpg runs a throwaway PostgreSQL (initdb, postgres)
 	"tinyproxy tinyproxy"                 # the carrier tests' CONNECT and plain forwarding HTTP proxy
 )
 
@@ -105,7 +105,7 @@ if [ $# -eq 0 ]; then
 fi
 report_dir=$(mktemp -d)
 trap 'rm -rf "$report_dir"' EXIT
-go build -o "$report_dir/testreport" ./internal/testreport
+go build -o "$report_dir/testreport" ./internal/testkit/testreport
 # The end-to-end package runs real binaries, sshd, Chromium, tinyproxy and
 # PostgreSQL; go test's default 10-minute bound per package is the wrong
 # guard for it on a loaded 2-core machine, so the bound is 45 minutes (CI's

@@ -2,7 +2,7 @@ package proxy
 
 // The audit hook: one SessionRecord per session, handed to Config.OnSessionEnd
 // when the session's log line is written. The proxy knows nothing of files or
-// formats; tpd writes the records as JSON lines (internal/tpd/audit.go).
+// formats; tpd writes the records as JSON lines (internal/server/tpd/audit.go).
 
 import (
 	"context"

@@ -6,7 +6,7 @@ import (
 	"net"
 	"testing"
 
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
 
 const benchChunk = 1 << 20

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/internal/testnet"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 

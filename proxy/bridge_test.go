@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -177,7 +177,7 @@ func goroutinesWith(fn string) int {
 // TestIdleSessionGoroutines: an idle proxy session holds two goroutines (its
 // connection's, in relay, and Bridge's other direction), and the goroutine of
 // the request's set-up has ended. What this saves is stack size, which no test
-// can see; BenchmarkIdleTunnel in internal/tpd reports it.
+// can see; BenchmarkIdleTunnel in internal/server/tpd reports it.
 func TestIdleSessionGoroutines(t *testing.T) { // not parallel: it counts the process's goroutines
 	e := newEnv(t, nil)
 	d := e.dialer()

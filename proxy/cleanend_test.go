@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/testlog"
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testlog"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy"
 )
 

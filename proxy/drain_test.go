@@ -12,7 +12,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testkit/testlog"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )

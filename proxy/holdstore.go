@@ -17,7 +17,7 @@ import (
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// HoldStore is the shared record of holds (internal/pgstore implements it on
+// HoldStore is the shared record of holds (internal/server/pgstore implements it on
 // PostgreSQL). A key is a full reverse name, "tcp/PORT", "udp/PORT" or
 // "sni/NAME"; an owner is a device ID. Every time is judged by the store's
 // clock, never by an instance's.

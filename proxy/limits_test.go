@@ -14,8 +14,8 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/testnet"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )

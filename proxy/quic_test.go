@@ -17,7 +17,7 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"

@@ -11,10 +11,10 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
-	"github.com/tp-proxy/tp/internal/testdns"
-	"github.com/tp-proxy/tp/internal/testlog"
-	"github.com/tp-proxy/tp/internal/testnet"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testdns"
+	"github.com/tp-proxy/tp/internal/testkit/testlog"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )

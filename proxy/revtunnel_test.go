@@ -26,8 +26,8 @@ import (
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/testpki"
-	_ "github.com/tp-proxy/tp/internal/xconnect" // h2 extended CONNECT in net/http (RFC 8441)
+	_ "github.com/tp-proxy/tp/internal/lib/xconnect" // h2 extended CONNECT in net/http (RFC 8441)
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/policy"
 	"github.com/tp-proxy/tp/proxy"
 )

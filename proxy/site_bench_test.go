@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/internal/website"
+	"github.com/tp-proxy/tp/internal/server/website"
 	"github.com/tp-proxy/tp/proxy"
 )
 

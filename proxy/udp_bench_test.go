@@ -14,7 +14,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy"
 	"github.com/tp-proxy/tp/proxy/wire"
 )

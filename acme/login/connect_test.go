@@ -8,8 +8,8 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/tp-proxy/tp/internal/testnet"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 )
 
 // oneByteConn hands its reader one byte per read: the answer check must gather

@@ -12,7 +12,7 @@ import (
 	"os"
 	"strings"
 
-	"github.com/tp-proxy/tp/internal/atomicfile"
+	"github.com/tp-proxy/tp/internal/lib/atomicfile"
 )
 
 // Fingerprint formats the SHA-256 of a certificate's DER as "SHA256:<hex>".

@@ -14,5 +14,5 @@
 //
 // It knows no feature: a TCP dial, a UDP flow, an end-to-end attach and the
 // agent are package clients' business, and this package imports no package
-// of clients above it (internal/layering checks this).
+// of clients above it (internal/tests/layering checks this).
 package transport

@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/clients/transport"
-	"github.com/tp-proxy/tp/internal/testpki"
+	"github.com/tp-proxy/tp/internal/testkit/testpki"
 )
 
 // ticketServer is a TLS 1.3 server on loopback that requires a client

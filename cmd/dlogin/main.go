@@ -18,7 +18,7 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/lib/config"
 )
 
 func main() {

@@ -13,7 +13,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
 
 // dlogin --help once rendered "--token tpd enroll": pflag takes a backquoted

@@ -11,7 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/version"
+	"github.com/tp-proxy/tp/internal/lib/version"
 )
 
 func exposeCmd(stderr io.Writer) *cobra.Command {

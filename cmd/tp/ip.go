@@ -9,7 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/version"
+	"github.com/tp-proxy/tp/internal/lib/version"
 )
 
 func ipCmd(stderr io.Writer) *cobra.Command {

@@ -19,8 +19,8 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/clients"
-	"github.com/tp-proxy/tp/internal/config"
-	"github.com/tp-proxy/tp/internal/version"
+	"github.com/tp-proxy/tp/internal/lib/config"
+	"github.com/tp-proxy/tp/internal/lib/version"
 )
 
 // errHangUp is the cause of a run ended by SIGHUP: ssh ending its ProxyCommand.

@@ -11,7 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/tp-proxy/tp/internal/atomicfile"
+	"github.com/tp-proxy/tp/internal/lib/atomicfile"
 )
 
 // The lines that mark the block tp ssh-config --write owns in ~/.ssh/config.

@@ -18,12 +18,12 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/tp-proxy/tp/internal/admin"
-	"github.com/tp-proxy/tp/internal/config"
-	"github.com/tp-proxy/tp/internal/tpd"
+	"github.com/tp-proxy/tp/internal/lib/config"
+	"github.com/tp-proxy/tp/internal/server/admin"
+	"github.com/tp-proxy/tp/internal/server/tpd"
 
 	// HTTP/2 extended CONNECT (RFC 8441) for the reverse-tunnel draft; before net/http's init.
-	_ "github.com/tp-proxy/tp/internal/xconnect"
+	_ "github.com/tp-proxy/tp/internal/lib/xconnect"
 )
 
 func main() {

@@ -16,10 +16,10 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tp-proxy/tp/authz"
-	"github.com/tp-proxy/tp/internal/admin"
-	"github.com/tp-proxy/tp/internal/config"
-	"github.com/tp-proxy/tp/internal/tpd"
-	"github.com/tp-proxy/tp/internal/users"
+	"github.com/tp-proxy/tp/internal/lib/config"
+	"github.com/tp-proxy/tp/internal/server/admin"
+	"github.com/tp-proxy/tp/internal/server/tpd"
+	"github.com/tp-proxy/tp/internal/server/users"
 	"github.com/tp-proxy/tp/policy"
 	"github.com/tp-proxy/tp/proxy"
 )

@@ -9,8 +9,8 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/tp-proxy/tp/internal/admin"
-	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/lib/config"
+	"github.com/tp-proxy/tp/internal/server/admin"
 )
 
 // reloadLoader reads the configuration again as `tpd serve` read it at start

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/internal/testlog"
+	"github.com/tp-proxy/tp/internal/testkit/testlog"
 )
 
 // tpd reload against a tpd serve running in-process, from its first start (which

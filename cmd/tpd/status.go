@@ -13,8 +13,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/tp-proxy/tp/internal/admin"
-	"github.com/tp-proxy/tp/internal/config"
+	"github.com/tp-proxy/tp/internal/lib/config"
+	"github.com/tp-proxy/tp/internal/server/admin"
 )
 
 func statusCmd(stdout io.Writer) *cobra.Command {

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tp-proxy/tp/internal/admin"
+	"github.com/tp-proxy/tp/internal/server/admin"
 	"github.com/tp-proxy/tp/proxy"
 )
 

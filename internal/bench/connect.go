@@ -24,7 +24,7 @@ import (
 //
 // The CONNECT variants and the in-process dialer have no local hop; `tp forward`
 // adds a loopback connection and the tp process (what a user of tp forward
-// has). `go test -bench ConnectBulk ./internal/tpd/` compares CONNECT with the
+// has). `go test -bench ConnectBulk ./internal/server/tpd/` compares CONNECT with the
 // in-process dialer only (1 MiB chunks, each acknowledged).
 
 // proxyName is tpd's default proxy name (proxy-names).

@@ -19,7 +19,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/authz"
-	"github.com/tp-proxy/tp/internal/tun"
+	"github.com/tp-proxy/tp/internal/lib/tun"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 

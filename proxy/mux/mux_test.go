@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/net/nettest"
 
-	"github.com/tp-proxy/tp/internal/testnet"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )

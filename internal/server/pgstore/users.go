@@ -1,0 +1,333 @@
+package pgstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"reflect"
+	"slices"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/server/users"
+)
+
+// Users is the user store in PostgreSQL. Writes are transactions judged by the
+// database (a token is redeemed once, whichever instance is asked; expiry is on
+// the database's clock); reads answer from a snapshot that every instance
+// reloads when any instance writes.
+type Users struct {
+	db   *DB
+	snap atomic.Pointer[userSnap]
+	mu   sync.Mutex // serialises reloads, so an older snapshot never replaces a newer one
+	gen  atomic.Uint64
+}
+
+var _ users.Store = (*Users)(nil)
+
+type userSnap struct {
+	users   map[string]*users.User
+	devices map[string]*users.Device
+	tokens  map[string][]time.Time // pending tokens' expiry by user
+}
+
+// OpenUsers loads the user store and keeps it in step with other instances
+// (once Listen runs).
+func OpenUsers(ctx context.Context, db *DB) (*Users, error) {
+	u := &Users{db: db}
+	if err := u.Reload(ctx); err != nil {
+		return nil, fmt.Errorf("load users from the database: %w", err)
+	}
+	db.OnChange(TopicUsers, u.Reload)
+	return u, nil
+}
+
+// Reload reads users, groups, devices and pending tokens into a new snapshot.
+func (u *Users) Reload(ctx context.Context) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	s := &userSnap{users: map[string]*users.User{}, devices: map[string]*users.Device{}, tokens: map[string][]time.Time{}}
+	err := pgx.BeginTxFunc(ctx, u.db.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
+		rows, _ := tx.Query(ctx, `SELECT u.name, u.created, u.disabled,
+			coalesce(array_agg(g.group_name ORDER BY g.group_name) FILTER (WHERE g.group_name IS NOT NULL), '{}')
+			FROM tp_users u LEFT JOIN tp_groups g ON g.user_name = u.name GROUP BY u.name`)
+		for rows.Next() {
+			x := &users.User{}
+			if err := rows.Scan(&x.Name, &x.Created, &x.Disabled, &x.Groups); err != nil {
+				return err
+			}
+			x.Created = x.Created.UTC()
+			s.users[x.Name] = x
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		rows, _ = tx.Query(ctx, `SELECT id, user_name, name, coalesce(public_key, ''), created, last_login, revoked, revoked_at FROM tp_devices`)
+		for rows.Next() {
+			d := &users.Device{}
+			var last, revokedAt *time.Time
+			if err := rows.Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &last, &d.Revoked, &revokedAt); err != nil {
+				return err
+			}
+			d.Created = d.Created.UTC()
+			if last != nil {
+				d.LastLogin = last.UTC()
+			}
+			if revokedAt != nil {
+				d.RevokedAt = revokedAt.UTC()
+			}
+			if len(d.PublicKey) == 0 {
+				d.PublicKey = nil
+			}
+			s.devices[d.ID] = d
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		rows, _ = tx.Query(ctx, `SELECT user_name, expires FROM tp_tokens WHERE expires > now()`)
+		for rows.Next() {
+			var name string
+			var exp time.Time
+			if err := rows.Scan(&name, &exp); err != nil {
+				return err
+			}
+			s.tokens[name] = append(s.tokens[name], exp)
+		}
+		return rows.Err()
+	})
+	if err != nil {
+		return err
+	}
+	// A reload that found nothing new (the periodic one, or the echo of this
+	// instance's own write) does not make tpd re-check every live session.
+	if old := u.snap.Load(); old != nil && reflect.DeepEqual(old, s) {
+		return nil
+	}
+	u.snap.Store(s)
+	u.gen.Add(1)
+	return nil
+}
+
+// afterWrite reloads at once, so that this instance reads its own write
+// without waiting for the notification.
+func (u *Users) afterWrite() {
+	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+	defer cancel()
+	if err := u.Reload(ctx); err != nil {
+		u.db.log.Warn("reloading users after a change failed; the listener reloads them when the database answers", "err", err)
+	}
+}
+
+// Enroll implements users.Store.
+func (u *Users) Enroll(user, device string, groups []string, ttl time.Duration) (users.Enrollment, error) {
+	tok, err := users.CheckEnroll(user, device, groups, ttl)
+	if err != nil {
+		return users.Enrollment{}, err
+	}
+	id := authz.DeviceID(user, device)
+	var exp time.Time
+	err = u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "DELETE FROM tp_tokens WHERE expires <= now()"); err != nil {
+			return err
+		}
+		// One enrollment at a time counts and adds tokens, on every instance.
+		if _, err := tx.Exec(ctx, "LOCK TABLE tp_tokens IN SHARE ROW EXCLUSIVE MODE"); err != nil {
+			return err
+		}
+		var n int
+		if err := tx.QueryRow(ctx, "SELECT count(*) FROM tp_tokens").Scan(&n); err != nil {
+			return err
+		}
+		if n >= users.MaxTokens() {
+			return users.ErrTooMany
+		}
+		if _, err := tx.Exec(ctx, "INSERT INTO tp_users (name) VALUES ($1) ON CONFLICT DO NOTHING", user); err != nil {
+			return err
+		}
+		if groups != nil {
+			if _, err := tx.Exec(ctx, "DELETE FROM tp_groups WHERE user_name = $1", user); err != nil {
+				return err
+			}
+			for _, g := range users.NormalizeGroups(groups) {
+				if _, err := tx.Exec(ctx, "INSERT INTO tp_groups (user_name, group_name) VALUES ($1, $2)", user, g); err != nil {
+					return err
+				}
+			}
+		}
+		if _, err := tx.Exec(ctx, "INSERT INTO tp_devices (id, user_name, name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", id, user, device); err != nil {
+			return err
+		}
+		if err := tx.QueryRow(ctx, "INSERT INTO tp_tokens (hash, user_name, device, expires) VALUES ($1, $2, $3, now() + $4 * interval '1 microsecond') RETURNING expires",
+			users.HashToken(tok), user, device, ttl.Microseconds()).Scan(&exp); err != nil {
+			return err
+		}
+		return notify(ctx, tx, TopicUsers)
+	})
+	if errors.Is(err, users.ErrTooMany) {
+		return users.Enrollment{}, err
+	}
+	if err != nil {
+		return users.Enrollment{}, unreachable("enroll "+id, err)
+	}
+	u.afterWrite()
+	return users.Enrollment{Token: tok, DeviceID: id, Expires: exp.UTC()}, nil
+}
+
+// Redeem implements users.Store: the token's row is deleted by the statement
+// that reads it, so of two instances asked at once one wins.
+func (u *Users) Redeem(tok string, pub []byte) (users.Device, error) {
+	var d users.Device
+	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
+		var user, device string
+		err := tx.QueryRow(ctx, "DELETE FROM tp_tokens WHERE hash = $1 AND expires > now() RETURNING user_name, device", users.HashToken(tok)).Scan(&user, &device)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return users.ErrBadToken
+		}
+		if err != nil {
+			return err
+		}
+		id := authz.DeviceID(user, device)
+		if _, err := tx.Exec(ctx, "INSERT INTO tp_users (name) VALUES ($1) ON CONFLICT DO NOTHING", user); err != nil {
+			return err
+		}
+		err = tx.QueryRow(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key) VALUES ($1, $2, $3, $4)
+			ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, revoked = false, revoked_at = NULL
+			RETURNING id, user_name, name, public_key, created`, id, user, device, pub).Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created)
+		if err != nil {
+			return err
+		}
+		d.Created = d.Created.UTC()
+		return notify(ctx, tx, TopicUsers)
+	})
+	if errors.Is(err, users.ErrBadToken) {
+		return users.Device{}, err
+	}
+	if err != nil {
+		return users.Device{}, unreachable("redeem an enrollment token", err)
+	}
+	u.afterWrite()
+	if cur, err := u.Device(d.ID); err == nil {
+		return cur, nil
+	}
+	return d, nil
+}
+
+// Device implements users.Store.
+func (u *Users) Device(id string) (users.Device, error) {
+	d := u.snap.Load().devices[id]
+	if d == nil {
+		return users.Device{}, fmt.Errorf("device %s: %w", id, users.ErrNotFound)
+	}
+	return *d, nil
+}
+
+// TouchLogin implements users.Store.
+func (u *Users) TouchLogin(id string) error {
+	return u.update(id, "UPDATE tp_devices SET last_login = now() WHERE id = $1", "record the login of "+id)
+}
+
+// RevokeDevice implements users.Store.
+func (u *Users) RevokeDevice(id string) error {
+	return u.update(id, "UPDATE tp_devices SET revoked = true, revoked_at = coalesce(revoked_at, now()) WHERE id = $1", "revoke "+id)
+}
+
+func (u *Users) update(id, sql, what string) error {
+	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, sql, id)
+		if err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return fmt.Errorf("device %s: %w", id, users.ErrNotFound)
+		}
+		return notify(ctx, tx, TopicUsers)
+	})
+	if errors.Is(err, users.ErrNotFound) {
+		return err
+	}
+	if err != nil {
+		return unreachable(what, err)
+	}
+	u.afterWrite()
+	return nil
+}
+
+// DropTokens implements users.Store.
+func (u *Users) DropTokens(user, device string) (int, error) {
+	var n int64
+	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, "DELETE FROM tp_tokens WHERE user_name = $1 AND ($2 = '' OR device = $2)", user, device)
+		if err != nil {
+			return err
+		}
+		if n = tag.RowsAffected(); n == 0 {
+			return nil
+		}
+		return notify(ctx, tx, TopicUsers)
+	})
+	if err != nil {
+		return 0, unreachable("drop enrollment tokens of "+user, err)
+	}
+	if n > 0 {
+		u.afterWrite()
+	}
+	return int(n), nil
+}
+
+// Lookup implements authz.Directory.
+func (u *Users) Lookup(deviceID string) ([]string, error) {
+	s := u.snap.Load()
+	d := s.devices[deviceID]
+	if d == nil || len(d.PublicKey) == 0 {
+		return nil, fmt.Errorf("device %s is not enrolled: %w", deviceID, authz.ErrUnknownDevice)
+	}
+	if d.Revoked {
+		return nil, fmt.Errorf("device %s: %w", deviceID, authz.ErrRevoked)
+	}
+	x := s.users[d.User]
+	if x == nil {
+		return nil, fmt.Errorf("user %s of device %s no longer exists: %w", d.User, deviceID, authz.ErrUnknownDevice)
+	}
+	if x.Disabled {
+		return nil, fmt.Errorf("user %s is disabled: %w", d.User, authz.ErrRevoked)
+	}
+	return slices.Clone(x.Groups), nil
+}
+
+// HasUser implements users.Store.
+func (u *Users) HasUser(name string) bool { return u.snap.Load().users[name] != nil }
+
+// Users implements users.Store.
+func (u *Users) Users() []users.UserInfo {
+	s := u.snap.Load()
+	now := time.Now()
+	out := make([]users.UserInfo, 0, len(s.users))
+	for _, x := range s.users {
+		ui := users.UserInfo{User: *x, Devices: []users.Device{}}
+		ui.Groups = slices.Clone(x.Groups)
+		for _, d := range s.devices {
+			if d.User == x.Name {
+				dc := *d
+				dc.PublicKey = nil
+				ui.Devices = append(ui.Devices, dc)
+			}
+		}
+		for _, exp := range s.tokens[x.Name] {
+			if now.Before(exp) {
+				ui.PendingTokens++
+			}
+		}
+		sort.Slice(ui.Devices, func(i, j int) bool { return ui.Devices[i].ID < ui.Devices[j].ID })
+		out = append(out, ui)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Generation implements users.Store: it counts reloads.
+func (u *Users) Generation() uint64 { return u.gen.Load() }

@@ -1,0 +1,215 @@
+package tpd
+
+// The audit trail (config key audit-log): one JSON line per session at its end
+// and one per administrative act. Lines are built with encoding/json, never by
+// concatenation, so a hostile name in a client's hello (a newline, a quote, a
+// whole fake JSON object, invalid UTF-8) stays inside its string and cannot
+// forge a line. The recent policy denials that `tpd status` shows are kept
+// here too, whether or not the audit log is on.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/tp-proxy/tp/internal/server/admin"
+	"github.com/tp-proxy/tp/internal/server/users"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// AuditLog writes the audit trail. It is safe for concurrent use; each line is
+// one Write, so lines never interleave. Methods on a nil *AuditLog do nothing.
+type AuditLog struct {
+	mu   sync.Mutex
+	path string // "" for stdout
+	w    io.Writer
+	f    *os.File // nil for stdout
+	now  func() time.Time
+}
+
+// OpenAuditLog opens the log named by spec: "" is no log (nil, nil), "-" or
+// "stdout" is stdout, anything else a file path, opened for appending and
+// created 0600.
+func OpenAuditLog(spec string) (*AuditLog, error) {
+	switch spec {
+	case "":
+		return nil, nil
+	case "-", "stdout":
+		return &AuditLog{w: os.Stdout, now: time.Now}, nil
+	}
+	l := &AuditLog{path: spec, now: time.Now}
+	if err := l.Reopen(); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// Reopen closes the audit file and opens it again by name, so that a rotated
+// file is let go (logrotate without copytruncate). Stdout is left alone.
+func (l *AuditLog) Reopen() error {
+	if l == nil || l.path == "" {
+		return nil
+	}
+	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("open audit log: %w", err)
+	}
+	l.mu.Lock()
+	old := l.f
+	l.f, l.w = f, f
+	l.mu.Unlock()
+	if old != nil {
+		_ = old.Close()
+	}
+	return nil
+}
+
+// Close closes the audit file (not stdout).
+func (l *AuditLog) Close() error {
+	if l == nil || l.f == nil {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	err := l.f.Close()
+	l.f, l.w = nil, io.Discard
+	if errors.Is(err, os.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+// sessionLine is the audit line of a session.
+type sessionLine struct {
+	Time time.Time `json:"time"`
+	Kind string    `json:"kind"` // "session"
+	proxy.SessionRecord
+	DurationSeconds float64 `json:"duration_seconds"`
+}
+
+// actLine is the audit line of an administrative act.
+type actLine struct {
+	Time time.Time `json:"time"`
+	Kind string    `json:"kind"` // "admin"
+	admin.Act
+}
+
+// Session writes the line of a session that ended.
+func (l *AuditLog) Session(r proxy.SessionRecord) error {
+	if l == nil {
+		return nil
+	}
+	return l.write(sessionLine{Time: r.End.UTC(), Kind: "session", SessionRecord: r, DurationSeconds: r.End.Sub(r.Start).Seconds()})
+}
+
+// Admin writes the line of an administrative act.
+func (l *AuditLog) Admin(a admin.Act) error {
+	if l == nil {
+		return nil
+	}
+	return l.write(actLine{Time: l.now().UTC(), Kind: "admin", Act: a})
+}
+
+func (l *AuditLog) write(v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("audit log: %w", err)
+	}
+	b = append(b, '\n')
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, err := l.w.Write(b); err != nil {
+		return fmt.Errorf("audit log: %w", err)
+	}
+	return nil
+}
+
+// maxDenials bounds the recent denials `tpd status` shows.
+const maxDenials = 100
+
+// denialRing keeps the most recent policy denials.
+type denialRing struct {
+	mu   sync.Mutex
+	buf  [maxDenials]admin.Denial
+	next int // where the next one goes
+	n    int // how many are held
+}
+
+func (r *denialRing) add(d admin.Denial) {
+	r.mu.Lock()
+	r.buf[r.next] = d
+	r.next = (r.next + 1) % maxDenials
+	r.n = min(r.n+1, maxDenials)
+	r.mu.Unlock()
+}
+
+// list returns the held denials, oldest first.
+func (r *denialRing) list() []admin.Denial {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]admin.Denial, 0, r.n)
+	for i := range r.n {
+		out = append(out, r.buf[(r.next-r.n+i+maxDenials)%maxDenials])
+	}
+	return out
+}
+
+// sessionEnded is proxy.Config.OnSessionEnd: the audit line, and the ring of
+// recent denials.
+func (d *Daemon) sessionEnded(r proxy.SessionRecord) {
+	if r.Decision == "deny" {
+		d.denials.add(admin.Denial{Time: r.End.UTC(), Identity: r.Identity, Transport: r.Transport, Action: r.Action,
+			Destination: r.Destination, Remote: r.Remote, Code: r.EndCode, Reason: r.EndReason})
+	}
+	if err := d.audit.Session(r); err != nil {
+		d.log.Error("writing the audit log failed", "err", err)
+	}
+}
+
+// AuditAdmin writes an administrative act to the audit trail (a reload, say).
+func (d *Daemon) AuditAdmin(a admin.Act) {
+	if err := d.audit.Admin(a); err != nil {
+		d.log.Error("writing the audit log failed", "err", err)
+	}
+}
+
+// ReopenAuditLog reopens the audit log file by name (after log rotation).
+func (d *Daemon) ReopenAuditLog() error { return d.audit.Reopen() }
+
+// deviceEnrolled is acme.Enroller.Enrolled.
+func (d *Daemon) deviceEnrolled(dev users.Device, remote string) {
+	d.AuditAdmin(admin.Act{Act: "enrolled", Subject: dev.ID, Via: "enrollment endpoint", Result: "ok", Remote: remote})
+}
+
+// policyReloaded records a policy reload that changed something or failed.
+func (d *Daemon) policyReloaded(via string, err error) {
+	a := admin.Act{Act: "policy_reload", Subject: d.cfg.PolicyDir(), Via: via, Result: "ok", PolicyRevision: d.policy.Revision()}
+	if err != nil {
+		a.Result, a.Reason = "refused", err.Error()
+	}
+	d.AuditAdmin(a)
+}
+
+// Status is the live view `tpd status` shows; with a database, the
+// instances on it too (read within ctx, at most 5 s).
+func (d *Daemon) Status(ctx context.Context) admin.Status {
+	st := admin.Status{
+		Version: Version, Time: time.Now().UTC(), Started: d.started, PolicyRevision: d.policy.Revision(),
+		Sessions: d.proxy.LiveSessions(), Agents: d.proxy.Agents(), PublicPorts: d.proxy.PublicPorts(),
+		Denials: d.denials.list(), Database: d.databaseStatus(), Instance: d.instance,
+	}
+	st.Instances, st.InstancesError = d.instances(ctx) // instances.go
+	// Empty lists, not null, for scripts reading --json.
+	if st.Agents == nil {
+		st.Agents = []proxy.Agent{}
+	}
+	if st.PublicPorts == nil {
+		st.PublicPorts = []proxy.PublicPort{}
+	}
+	return st
+}

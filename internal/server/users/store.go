@@ -1,0 +1,452 @@
+// Package users is tpd's user store: users and their groups, enrolled devices with
+// their long-lived device public keys, and one-time enrollment tokens (kept hashed).
+// [Store] is what tpd uses; [File], the embedded default, persists to one JSON
+// file written atomically, with one tpd as its only writer. internal/server/pgstore
+// implements Store in PostgreSQL for several tpd instances.
+package users
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/lib/atomicfile"
+)
+
+// Errors callers match on.
+var (
+	ErrBadToken = errors.New("enrollment token is unknown, expired or already used; ask your administrator for a new one (tpd enroll)")
+	ErrNotFound = errors.New("not found")
+	ErrBadName  = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+	ErrTooMany  = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
+	// ErrUnavailable means the store could not be reached (a shared database
+	// that does not answer); nothing was changed, and trying later may work.
+	ErrUnavailable = errors.New("the user store is unavailable")
+	maxTokens      = 10000
+	maxGroups      = 64
+	maxTokenTTL    = 30 * 24 * time.Hour
+	tokenEntropy   = 24
+)
+
+// User is a person who may enroll devices.
+type User struct {
+	Name     string    `json:"name"`
+	Groups   []string  `json:"groups"`
+	Created  time.Time `json:"created"`
+	Disabled bool      `json:"disabled,omitempty"`
+}
+
+// Device is one enrolled device of a user.
+type Device struct {
+	ID        string    `json:"id"` // user@device
+	User      string    `json:"user"`
+	Name      string    `json:"name"`
+	PublicKey []byte    `json:"public_key,omitempty"` // PKIX DER of the device key; empty until enrolled
+	Created   time.Time `json:"created"`
+	LastLogin time.Time `json:"last_login,omitzero"`
+	Revoked   bool      `json:"revoked,omitempty"`
+	RevokedAt time.Time `json:"revoked_at,omitzero"` // zero when not recorded
+}
+
+type token struct {
+	Hash    string    `json:"hash"` // hex sha256 of the token
+	User    string    `json:"user"`
+	Device  string    `json:"device"`
+	Expires time.Time `json:"expires"`
+}
+
+type state struct {
+	Users   map[string]*User   `json:"users"`
+	Devices map[string]*Device `json:"devices"`
+	Tokens  []token            `json:"tokens"`
+}
+
+// Store is tpd's user store. Implementations are safe for concurrent use.
+// Reads (Device, Lookup, HasUser, Users) answer from memory, so that a
+// connection's check never waits for a disk or a database.
+type Store interface {
+	authz.Directory
+	// Enroll creates the user if needed (setting groups when given), reserves
+	// the device name and returns a one-time token that binds a device key to
+	// user@device. Enrolling an existing device again lets its owner replace
+	// the device key.
+	Enroll(user, device string, groups []string, ttl time.Duration) (Enrollment, error)
+	// Redeem uses up a token (once, whichever tpd is asked) and registers pub
+	// (PKIX DER) as the device's key.
+	Redeem(tok string, pub []byte) (Device, error)
+	// Device returns the enrolled device with that ID.
+	Device(id string) (Device, error)
+	// TouchLogin records a successful login of the device.
+	TouchLogin(id string) error
+	// RevokeDevice stops a device from logging in or connecting.
+	RevokeDevice(id string) error
+	// DropTokens deletes the pending enrollment tokens of user@device, or of
+	// all the user's devices when device is empty, and says how many.
+	DropTokens(user, device string) (int, error)
+	// HasUser reports whether a user of that name exists.
+	HasUser(name string) bool
+	// Users lists users sorted by name, with their devices (keys omitted).
+	Users() []UserInfo
+	// Generation changes whenever the store changes (groups, devices,
+	// revocations, tokens), by this tpd or another, so that tpd knows when to
+	// re-check live sessions.
+	Generation() uint64
+}
+
+// File is the embedded user store: one JSON file. It is safe for concurrent use.
+type File struct {
+	path string
+	now  func() time.Time
+
+	mu  sync.RWMutex
+	st  state
+	gen uint64 // counts saves; see Generation
+}
+
+var _ Store = (*File)(nil)
+
+// Option adjusts a Store.
+type Option func(*File)
+
+// WithClock replaces time.Now, for tests of expiry.
+func WithClock(now func() time.Time) Option { return func(s *File) { s.now = now } }
+
+// Open reads the store at path, or starts an empty one if the file does not exist.
+func Open(path string, opts ...Option) (*File, error) {
+	s := &File{path: path, now: time.Now, st: state{Users: map[string]*User{}, Devices: map[string]*Device{}}}
+	for _, o := range opts {
+		o(s)
+	}
+	b, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return s, nil
+	case err != nil:
+		return nil, fmt.Errorf("read user store: %w", err)
+	}
+	if err := json.Unmarshal(b, &s.st); err != nil {
+		return nil, fmt.Errorf("user store %s is not valid JSON (%v); restore it from a backup", path, err)
+	}
+	if s.st.Users == nil {
+		s.st.Users = map[string]*User{}
+	}
+	if s.st.Devices == nil {
+		s.st.Devices = map[string]*Device{}
+	}
+	return s, nil
+}
+
+// Enrollment is what an administrator gets back from Enroll.
+type Enrollment struct {
+	Token    string
+	DeviceID string
+	Expires  time.Time
+}
+
+// Enroll creates the user if needed (setting groups when given), reserves the device
+// name and returns a one-time token that binds a device key to user@device.
+// Enrolling an existing device again lets its owner replace the device key.
+func (s *File) Enroll(user, device string, groups []string, ttl time.Duration) (Enrollment, error) {
+	tok, err := CheckEnroll(user, device, groups, ttl)
+	if err != nil {
+		return Enrollment{}, err
+	}
+	now := s.now()
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.expireTokensLocked(now)
+	if len(s.st.Tokens) >= maxTokens {
+		return Enrollment{}, ErrTooMany
+	}
+	u := s.st.Users[user]
+	if u == nil {
+		u = &User{Name: user, Created: now, Groups: []string{}}
+		s.st.Users[user] = u
+	}
+	if groups != nil {
+		u.Groups = NormalizeGroups(groups)
+	}
+	id := authz.DeviceID(user, device)
+	if _, ok := s.st.Devices[id]; !ok {
+		s.st.Devices[id] = &Device{ID: id, User: user, Name: device, Created: now}
+	}
+	exp := now.Add(ttl)
+	s.st.Tokens = append(s.st.Tokens, token{Hash: HashToken(tok), User: user, Device: device, Expires: exp})
+	if err := s.saveLocked(); err != nil {
+		return Enrollment{}, err
+	}
+	return Enrollment{Token: tok, DeviceID: id, Expires: exp}, nil
+}
+
+// Redeem uses up a token and registers pub (PKIX DER) as the device's key.
+func (s *File) Redeem(tok string, pub []byte) (Device, error) {
+	h := HashToken(tok)
+	now := s.now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.expireTokensLocked(now)
+	idx := -1
+	for i, t := range s.st.Tokens {
+		if subtle.ConstantTimeCompare([]byte(t.Hash), []byte(h)) == 1 {
+			idx = i
+		}
+	}
+	if idx < 0 {
+		return Device{}, ErrBadToken
+	}
+	t := s.st.Tokens[idx]
+	s.st.Tokens = slices.Delete(s.st.Tokens, idx, idx+1)
+	id := authz.DeviceID(t.User, t.Device)
+	d := s.st.Devices[id]
+	if d == nil {
+		d = &Device{ID: id, User: t.User, Name: t.Device, Created: now}
+		s.st.Devices[id] = d
+	}
+	d.PublicKey = slices.Clone(pub)
+	d.Revoked, d.RevokedAt = false, time.Time{}
+	if err := s.saveLocked(); err != nil {
+		return Device{}, err
+	}
+	return *d, nil
+}
+
+// Device returns the enrolled device with that ID.
+func (s *File) Device(id string) (Device, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	d := s.st.Devices[id]
+	if d == nil {
+		return Device{}, fmt.Errorf("device %s: %w", id, ErrNotFound)
+	}
+	return *d, nil
+}
+
+// TouchLogin records a successful login of the device.
+func (s *File) TouchLogin(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.st.Devices[id]
+	if d == nil {
+		return fmt.Errorf("device %s: %w", id, ErrNotFound)
+	}
+	d.LastLogin = s.now()
+	return s.saveLocked()
+}
+
+// Lookup implements authz.Directory.
+func (s *File) Lookup(deviceID string) ([]string, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	d := s.st.Devices[deviceID]
+	if d == nil || len(d.PublicKey) == 0 {
+		return nil, fmt.Errorf("device %s is not enrolled: %w", deviceID, authz.ErrUnknownDevice)
+	}
+	if d.Revoked {
+		return nil, fmt.Errorf("device %s: %w", deviceID, authz.ErrRevoked)
+	}
+	u := s.st.Users[d.User]
+	if u == nil {
+		return nil, fmt.Errorf("user %s of device %s no longer exists: %w", d.User, deviceID, authz.ErrUnknownDevice)
+	}
+	if u.Disabled {
+		return nil, fmt.Errorf("user %s is disabled: %w", d.User, authz.ErrRevoked)
+	}
+	return slices.Clone(u.Groups), nil
+}
+
+// RevokeDevice stops a device from logging in or connecting.
+func (s *File) RevokeDevice(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.st.Devices[id]
+	if d == nil {
+		return fmt.Errorf("device %s: %w", id, ErrNotFound)
+	}
+	if !d.Revoked {
+		d.Revoked, d.RevokedAt = true, s.now()
+	}
+	return s.saveLocked()
+}
+
+// DropTokens deletes the pending enrollment tokens of user@device, or of all the
+// user's devices when device is empty, so a revoked identity cannot be
+// re-enrolled with a token handed out earlier. It returns how many it dropped.
+func (s *File) DropTokens(user, device string) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	before := len(s.st.Tokens)
+	s.st.Tokens = slices.DeleteFunc(s.st.Tokens, func(t token) bool {
+		return t.User == user && (device == "" || t.Device == device)
+	})
+	n := before - len(s.st.Tokens)
+	if n == 0 {
+		return 0, nil
+	}
+	return n, s.saveLocked()
+}
+
+// UserInfo is a user with their devices, for listings.
+type UserInfo struct {
+	User
+	Devices       []Device `json:"devices"`
+	PendingTokens int      `json:"pending_tokens"`
+	// Revoked and RevokedAt are filled in by the listing's caller from tpd's
+	// deny list (a user is revoked there, not in this store).
+	Revoked   bool      `json:"revoked,omitempty"`
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
+}
+
+// HasUser reports whether a user of that name exists.
+func (s *File) HasUser(name string) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.st.Users[name] != nil
+}
+
+// Users lists users sorted by name, with their devices (keys omitted).
+func (s *File) Users() []UserInfo {
+	now := s.now()
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]UserInfo, 0, len(s.st.Users))
+	for _, u := range s.st.Users {
+		ui := UserInfo{User: *u, Devices: []Device{}}
+		ui.Groups = slices.Clone(u.Groups)
+		for _, d := range s.st.Devices {
+			if d.User == u.Name {
+				dc := *d
+				dc.PublicKey = nil
+				ui.Devices = append(ui.Devices, dc)
+			}
+		}
+		for _, t := range s.st.Tokens {
+			if t.User == u.Name && now.Before(t.Expires) {
+				ui.PendingTokens++
+			}
+		}
+		sort.Slice(ui.Devices, func(i, j int) bool { return ui.Devices[i].ID < ui.Devices[j].ID })
+		out = append(out, ui)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (s *File) expireTokensLocked(now time.Time) {
+	s.st.Tokens = slices.DeleteFunc(s.st.Tokens, func(t token) bool { return !now.Before(t.Expires) })
+}
+
+// Generation changes whenever the store changes (groups, devices, revocations,
+// tokens), so that tpd knows when to re-check live sessions.
+func (s *File) Generation() uint64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.gen
+}
+
+// saveLocked writes the whole state to a temporary file and renames it into place,
+// so a crash never leaves a half-written store.
+func (s *File) saveLocked() error {
+	s.gen++
+	b, err := json.MarshalIndent(&s.st, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.Write(s.path, b, 0o600); err != nil {
+		return fmt.Errorf("save user store: %w", err)
+	}
+	return nil
+}
+
+// CheckEnroll validates an enrollment's names, groups and token lifetime, and
+// returns a fresh one-time token.
+func CheckEnroll(user, device string, groups []string, ttl time.Duration) (string, error) {
+	if !authz.ValidName(user) || !authz.ValidName(device) {
+		return "", fmt.Errorf("user %q, device %q: %w", user, device, ErrBadName)
+	}
+	if len(groups) > maxGroups {
+		return "", fmt.Errorf("at most %d groups per user", maxGroups)
+	}
+	for _, g := range groups {
+		if !authz.ValidName(g) {
+			return "", fmt.Errorf("group %q: %w", g, ErrBadName)
+		}
+	}
+	if ttl <= 0 || ttl > maxTokenTTL {
+		return "", fmt.Errorf("token lifetime %s must be between 1s and %s", ttl, maxTokenTTL)
+	}
+	raw := make([]byte, tokenEntropy)
+	if _, err := rand.Read(raw); err != nil {
+		return "", err
+	}
+	return base64.RawURLEncoding.EncodeToString(raw), nil
+}
+
+// NormalizeGroups sorts groups and drops repeats.
+func NormalizeGroups(groups []string) []string {
+	g := slices.Clone(groups)
+	sort.Strings(g)
+	return slices.Compact(g)
+}
+
+// MaxTokens bounds the pending enrollment tokens a store holds.
+func MaxTokens() int { return maxTokens }
+
+// HashToken is how stores keep a token: hex SHA-256, never the token itself.
+func HashToken(tok string) string {
+	sum := sha256.Sum256([]byte(tok))
+	return hex.EncodeToString(sum[:])
+}
+
+// TokenRecord is a pending enrollment token as stores keep it (hashed).
+type TokenRecord struct {
+	Hash    string
+	User    string
+	Device  string
+	Expires time.Time
+}
+
+// Export is everything a File holds, for moving it into another store.
+type Export struct {
+	Users   []User
+	Devices []Device
+	Tokens  []TokenRecord // unexpired only
+}
+
+// Export copies the store's contents, sorted.
+func (s *File) Export() Export {
+	now := s.now()
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var e Export
+	for _, u := range s.st.Users {
+		c := *u
+		c.Groups = slices.Clone(u.Groups)
+		e.Users = append(e.Users, c)
+	}
+	for _, d := range s.st.Devices {
+		c := *d
+		c.PublicKey = slices.Clone(d.PublicKey)
+		e.Devices = append(e.Devices, c)
+	}
+	for _, t := range s.st.Tokens {
+		if now.Before(t.Expires) {
+			e.Tokens = append(e.Tokens, TokenRecord{Hash: t.Hash, User: t.User, Device: t.Device, Expires: t.Expires})
+		}
+	}
+	sort.Slice(e.Users, func(i, j int) bool { return e.Users[i].Name < e.Users[j].Name })
+	sort.Slice(e.Devices, func(i, j int) bool { return e.Devices[i].ID < e.Devices[j].ID })
+	sort.Slice(e.Tokens, func(i, j int) bool { return e.Tokens[i].Hash < e.Tokens[j].Hash })
+	return e
+}

@@ -1,0 +1,200 @@
+package e2e
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"os"
+	"regexp"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// BenchmarkIPTunnel measures, in the namespaces of TestIPTunnelTPIP and in one
+// run, TCP throughput (16 MiB per op) and round-trip time (a 1-byte echo per
+// op, over one connection) from the client host to the service host: plainly
+// routed through T (no tunnel, the baseline), through `tp ip` (CONNECT-IP over
+// HTTP/3 and over HTTP/2), and through `tp forward` (a TCP stream over TP).
+// "throughput" is a download (the service host sends), "upload" the other
+// direction (through `tp ip`, the server's receive path).
+//
+//	go test -run '^$' -bench BenchmarkIPTunnel -benchtime 20x ./internal/tests/e2e
+func BenchmarkIPTunnel(b *testing.B) {
+	n, env, _ := startIPE2E(b)
+	// Services on S: bulk (16 MiB per connection) and echo, on both addresses:
+	// 10.201.2.2 is reached through the tunnel, 10.201.3.1 by plain routing.
+	const bulk = 16 << 20
+	data := make([]byte, bulk)
+	var bulkPort, echoPort, sinkPort string
+	for _, a := range []string{"10.201.2.2", "10.201.3.1"} {
+		inNS(b, n.S, func() {
+			bl, err := net.Listen("tcp", a+":"+bulkPort)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			el, err := net.Listen("tcp", a+":"+echoPort)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			sl, err := net.Listen("tcp", a+":"+sinkPort)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			_, bulkPort, _ = net.SplitHostPort(bl.Addr().String())
+			_, echoPort, _ = net.SplitHostPort(el.Addr().String())
+			_, sinkPort, _ = net.SplitHostPort(sl.Addr().String())
+			b.Cleanup(func() { bl.Close(); el.Close(); sl.Close() })
+			// The sink answers one byte once it has read all: the upload's end.
+			go serveEach(sl, func(c net.Conn) {
+				if k, _ := io.Copy(io.Discard, c); k == bulk {
+					_, _ = c.Write([]byte{1})
+				}
+			})
+			go serveEach(bl, func(c net.Conn) { _, _ = c.Write(data) })
+			go serveEach(el, func(c net.Conn) { _, _ = io.Copy(c, c) })
+		})
+	}
+	if b.Failed() {
+		b.FailNow()
+	}
+
+	measure := func(b *testing.B, host string) {
+		b.Run("throughput", func(b *testing.B) {
+			b.SetBytes(bulk)
+			for b.Loop() {
+				c := dialIn(b, n.C, net.JoinHostPort(host, bulkPort))
+				if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
+					b.Fatalf("read %d bytes, %v", k, err)
+				}
+				c.Close()
+			}
+		})
+		b.Run("upload", func(b *testing.B) {
+			b.SetBytes(bulk)
+			for b.Loop() {
+				c := dialIn(b, n.C, net.JoinHostPort(host, sinkPort))
+				if _, err := c.Write(data); err != nil {
+					b.Fatal(err)
+				}
+				_ = c.(*net.TCPConn).CloseWrite()
+				if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+					b.Fatalf("the sink did not confirm %d bytes: %v", bulk, err)
+				}
+				c.Close()
+			}
+		})
+		b.Run("rtt", func(b *testing.B) {
+			c := dialIn(b, n.C, net.JoinHostPort(host, echoPort))
+			one := []byte{1}
+			for b.Loop() {
+				if _, err := c.Write(one); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := io.ReadFull(c, one); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+	b.Run("direct", func(b *testing.B) { measure(b, "10.201.3.1") })
+
+	for _, transport := range []string{"quic", "tls"} {
+		b.Run("tp-ip-"+transport, func(b *testing.B) {
+			stop := runTPIP(b, n.C, env, transport)
+			defer stop()
+			measure(b, "10.201.2.2")
+		})
+	}
+
+	// tp forward: a local port per service, forwarded over TP (QUIC).
+	for _, svc := range []struct{ name, port string }{{"throughput", bulkPort}, {"rtt", echoPort}} {
+		fwd := startForwardIn(b, n.C, env, "10.201.2.2:"+svc.port)
+		if svc.name == "throughput" {
+			bulkFwd := fwd
+			b.Run("tp-forward/throughput", func(b *testing.B) {
+				b.SetBytes(bulk)
+				for b.Loop() {
+					c := dialIn(b, n.C, bulkFwd)
+					if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
+						b.Fatalf("read %d bytes, %v", k, err)
+					}
+					c.Close()
+				}
+			})
+			continue
+		}
+		b.Run("tp-forward/rtt", func(b *testing.B) {
+			c := dialIn(b, n.C, fwd)
+			one := []byte{1}
+			for b.Loop() {
+				if _, err := c.Write(one); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := io.ReadFull(c, one); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func serveEach(ln net.Listener, f func(net.Conn)) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() { defer c.Close(); f(c) }()
+	}
+}
+
+// runTPIP starts `tp ip` for a benchmark and returns the function that stops it.
+func runTPIP(b *testing.B, ns string, env []string, transport string) (stop func()) {
+	b.Helper()
+	b.StopTimer()
+	defer b.StartTimer()
+	log := startTPIP(b, ns, env, "--transport", transport)
+	_ = log
+	return func() {}
+}
+
+// startForwardIn runs `tp forward 127.0.0.1:0 target` in ns and returns the
+// local address it listens on.
+func startForwardIn(b *testing.B, ns string, env []string, target string) string {
+	b.Helper()
+	cmd := command("ip", "netns", "exec", ns, binary("tp"), "forward", "--transport", "quic", "127.0.0.1:0", target)
+	cmd.Env = append(os.Environ(), env...)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() })
+	addr := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		re := regexp.MustCompile(`^Forwarding (\S+) to`)
+		for sc.Scan() {
+			if m := re.FindStringSubmatch(sc.Text()); m != nil {
+				addr <- m[1]
+			}
+		}
+		close(addr)
+	}()
+	select {
+	case a, ok := <-addr:
+		if !ok {
+			b.Fatal("tp forward exited before it listened")
+		}
+		return a
+	case <-time.After(60 * time.Second):
+		b.Fatal("tp forward did not listen within 60s")
+	}
+	return ""
+}
