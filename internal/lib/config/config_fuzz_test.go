@@ -12,7 +12,7 @@ import (
 // loads back to the same settings, so rewriting a configuration never changes
 // or breaks it.
 func FuzzServerYAML(f *testing.F) {
-	for _, name := range []string{"../../deploy/examples/tpd.yaml"} {
+	for _, name := range []string{"../../../deploy/examples/tpd.yaml"} {
 		b, err := os.ReadFile(name)
 		if err != nil {
 			f.Fatal(err)

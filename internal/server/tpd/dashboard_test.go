@@ -13,7 +13,7 @@ import (
 )
 
 // dashboardFile is the Grafana dashboard shipped for tpd's metrics.
-const dashboardFile = "../../deploy/grafana/tp-dashboard.json"
+const dashboardFile = "../../../deploy/grafana/tp-dashboard.json"
 
 var (
 	promString   = regexp.MustCompile(`"(?:[^"\\]|\\.)*"`)

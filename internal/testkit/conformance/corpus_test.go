@@ -18,7 +18,7 @@ import (
 // section that docs/PROTOCOL.md has.
 func TestCorpusWellFormed(t *testing.T) {
 	files := loadCorpus(t)
-	spec, err := os.ReadFile("../../docs/PROTOCOL.md")
+	spec, err := os.ReadFile("../../../docs/PROTOCOL.md")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -24,7 +24,7 @@ import (
 )
 
 // corpusDir is docs/conformance, seen from this package's directory.
-const corpusDir = "../../docs/conformance"
+const corpusDir = "../../../docs/conformance"
 
 // helloTimeout is the fixture's hello timeout (hello_timeout_ms): short, so the
 // hello-timeout case is cheap, and long enough for a loaded machine under -race

@@ -28,7 +28,7 @@ import (
 // line heading in the repository file name: one per line, a here-document whole.
 func docCommands(t *testing.T, name, heading string, nth int) []string {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join("..", "..", name))
+	b, err := os.ReadFile(filepath.Join("..", "..", "..", name))
 	if err != nil {
 		t.Fatal(err)
 	}
