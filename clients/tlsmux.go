@@ -234,7 +234,7 @@ func (d *Dialer) openTLSMux(ctx context.Context) (*mux.Conn, *tls.Conn, error) {
 		}}
 	if na, ok := d.certNotAfter(); ok {
 		o.Expires = na
-		o.ExpiredReason = "the client certificate expired at " + na.UTC().Format(time.RFC3339) + "; tp renews it on the next connection, or run dlogin"
+		o.ExpiredReason = "the client certificate expired at " + na.UTC().Format(time.RFC3339) + "; " + d.expiredAdvice()
 	}
 	return mux.New(conn, o, nil), nil, nil
 }
