@@ -13,3 +13,10 @@ func (s *Stream) Buffered() int {
 	}
 	return n
 }
+
+// ReadsWaiting is how many Reads of s wait for data or an end.
+func (s *Stream) ReadsWaiting() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.rwaiting
+}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"syscall"
 	"testing"
@@ -86,6 +87,73 @@ func TestStreamEnds(t *testing.T) {
 	}
 	if _, err := client.Open(nil); !errors.Is(err, mux.ErrFull) {
 		t.Fatalf("opening on a dead connection: %v; want ErrFull", err)
+	}
+}
+
+// Several Reads wait on one stream at once (net.Conn allows it), and each
+// thing that ends a wait ends every one of them: a read deadline that passes,
+// data (one reader takes it, the others go on waiting for more, then for the
+// end), and the peer's FIN. Before, a wake-up reached one waiting Read only,
+// and the others waited for ever (a hang seen in nettest's concurrency test).
+func TestConcurrentReadsAllWake(t *testing.T) {
+	const readers = 8
+	client, accepted := pair(t, mux.Options{})
+	st, err := client.Open(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ss := <-accepted
+	start := func() chan error {
+		done := make(chan error, readers)
+		for range readers {
+			go func() {
+				_, err := ss.Read(make([]byte, 64))
+				done <- err
+			}()
+		}
+		waitReading(t, ss, readers)
+		return done
+	}
+	collect := func(what string, done chan error, n int, want func(error) bool) {
+		t.Helper()
+		for i := range n {
+			select {
+			case err := <-done:
+				if !want(err) {
+					t.Fatalf("%s: a Read returned %v", what, err)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatalf("%s: %d of %d waiting Reads returned within 20s", what, i, n)
+			}
+		}
+	}
+
+	done := start()
+	_ = ss.SetReadDeadline(time.Now())
+	collect("a read deadline that passed", done, readers, func(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) })
+	_ = ss.SetReadDeadline(time.Time{})
+
+	done = start()
+	if _, err := st.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	collect("one byte sent", done, 1, func(err error) bool { return err == nil })
+	waitReading(t, ss, readers-1) // the others wait again
+	if err := st.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	collect("the peer's FIN", done, readers-1, func(err error) bool { return err == io.EOF })
+}
+
+// waitReading waits until n Reads of s are waiting.
+func waitReading(t *testing.T, s *mux.Stream, n int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for s.ReadsWaiting() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d Reads waiting; want %d", s.ReadsWaiting(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 

@@ -41,10 +41,11 @@ type Stream struct {
 	wdeadline time.Time
 	rtimer    *time.Timer
 	wtimer    *time.Timer
-	rwake     chan struct{}
-	wwake     chan struct{}
-	linger    *time.Timer // a closed stream's wait for the peer's FIN (Close)
-	cutErr    error       // why the peer's ABORT or the connection's end cut it
+	rwake     chan struct{} // one wake-up for one of the readers waiting
+	wwake     chan struct{} // the writer's (wmu: one at a time)
+	rwaiting  int           // Reads waiting on rwake
+	linger    *time.Timer   // a closed stream's wait for the peer's FIN (Close)
+	cutErr    error         // why the peer's ABORT or the connection's end cut it
 	ctx       context.Context
 	ctxCancel context.CancelCauseFunc // made by Context, on first use
 }
@@ -233,11 +234,21 @@ func (s *Stream) onWindow(n uint32) error {
 	return nil
 }
 
-func (s *Stream) Read(p []byte) (int, error) {
+// Read may be called by several goroutines at once (net.Conn); rwake wakes
+// one of them, which passes the wake-up on before it returns: what woke it (a
+// deadline, the end, data it did not take) may concern the others too, and a
+// wake-up that stopped at the first reader would leave the rest waiting for
+// ever.
+func (s *Stream) Read(p []byte) (n int, err error) {
+	s.mu.Lock()
+	defer func() {
+		if s.rwaiting > 0 {
+			signal(s.rwake)
+		}
+		s.mu.Unlock()
+	}()
 	for {
-		s.mu.Lock()
 		if len(s.rq) > 0 {
-			n := 0
 			for len(s.rq) > 0 && n < len(p) { // as many queued frames as p holds
 				c := copy(p[n:], (*s.rq[0])[s.roff:s.rlens[0]])
 				n += c
@@ -263,29 +274,28 @@ func (s *Stream) Read(p []byte) (int, error) {
 				s.lastGrant = now
 				s.rwin += int(grant)
 			}
-			s.mu.Unlock()
 			if grant > 0 {
+				s.mu.Unlock()
 				s.m.credit(s.id, grant)
+				s.mu.Lock()
 			}
 			return n, nil
 		}
 		switch {
 		case s.rfin:
-			s.mu.Unlock()
 			return 0, io.EOF
 		case s.rerr != nil:
-			err := s.rerr
-			s.mu.Unlock()
-			return 0, err
+			return 0, s.rerr
 		case s.closed:
-			s.mu.Unlock()
 			return 0, net.ErrClosed
 		case !s.rdeadline.IsZero() && !time.Now().Before(s.rdeadline):
-			s.mu.Unlock()
 			return 0, os.ErrDeadlineExceeded
 		}
+		s.rwaiting++
 		s.mu.Unlock()
 		<-s.rwake
+		s.mu.Lock()
+		s.rwaiting--
 	}
 }
 

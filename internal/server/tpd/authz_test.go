@@ -263,7 +263,10 @@ func TestRevokeLiveSessionAndRestart(t *testing.T) {
 	if err := dialEcho(t, c2, echo); err != nil {
 		t.Fatalf("after removing the entry: %v", err)
 	}
-	// Revoking by user and by serial works the same way.
+	// Revoking by user and by serial works the same way. The session dialEcho
+	// closed ends at the server a moment after the client's Close; until it
+	// has, a revoke counts it among the sessions it closed.
+	waitFor(t, "the closed session to end at the server", func() bool { return len(r2.d.proxy.LiveSessions()) == 0 })
 	conn = openSession(t, c2, echo)
 	if res, err := r2.d.Revoke(context.Background(), "user", "alice", false); err != nil || res.Closed != 1 {
 		t.Fatalf("revoke user: %+v, %v", res, err)

@@ -47,7 +47,7 @@ type pkgResult struct {
 
 type report struct {
 	out       io.Writer
-	testOut   map[testKey][]string // output of tests still running
+	testOut   map[testKey][]string // output of tests still running (each running test has an entry)
 	pkgOut    map[string][]string  // output of a package outside its tests
 	buildOut  map[string][]string  // build output, by import path
 	skips     []skip
@@ -70,6 +70,11 @@ func (r *report) add(e event) {
 		r.anyFailed = true
 		fmt.Fprint(r.out, strings.Join(r.buildOut[e.ImportPath], ""))
 		delete(r.buildOut, e.ImportPath)
+		return
+	case "run":
+		if e.Test != "" && r.testOut[k] == nil {
+			r.testOut[k] = []string{} // running: a package that dies now names it
+		}
 		return
 	case "output":
 		if e.Test == "" {
@@ -102,6 +107,26 @@ func (r *report) add(e event) {
 		failed := e.Action == "fail"
 		if failed {
 			r.anyFailed = true
+			// Tests still running when the package failed (a timeout, a
+			// panic in another goroutine, os.Exit) never report their own
+			// end: their output is shown, and they are named with the failed
+			// ones, which is the line a reader of the run's last lines sees.
+			var running []testKey
+			for tk := range r.testOut {
+				if tk.pkg == e.Package {
+					running = append(running, tk)
+				}
+			}
+			sort.Slice(running, func(i, j int) bool { return running[i].test < running[j].test })
+			for _, tk := range running {
+				for _, l := range r.testOut[tk] {
+					if !strings.HasPrefix(l, "=== ") {
+						fmt.Fprint(r.out, l)
+					}
+				}
+				delete(r.testOut, tk)
+				r.failed = append(r.failed, testKey{tk.pkg, tk.test + " (still running when its package failed)"})
+			}
 			// What the package printed outside any test: a panic, a timeout's
 			// goroutine dump, TestMain's complaint.
 			fmt.Fprint(r.out, strings.Join(r.pkgOut[e.Package], ""))

@@ -74,3 +74,34 @@ func TestSkipAlone(t *testing.T) {
 		t.Errorf("a run with a skipped test passed with -no-skips:\n%s", out.String())
 	}
 }
+
+// A package that times out: its hung test never reports an end, and is named
+// among the failed ones, after the package's goroutine dump; a test that
+// passed before it is not.
+func TestHungTestNamed(t *testing.T) {
+	const hung = `{"Action":"run","Package":"example/d","Test":"TestQuick"}
+{"Action":"pass","Package":"example/d","Test":"TestQuick","Elapsed":0}
+{"Action":"run","Package":"example/d","Test":"TestConn"}
+{"Action":"run","Package":"example/d","Test":"TestConn/Concurrent"}
+{"Action":"output","Package":"example/d","Test":"TestConn/Concurrent","Output":"    d_test.go:7: waiting for the reader\n"}
+{"Action":"output","Package":"example/d","Output":"panic: test timed out after 45m0s\n"}
+{"Action":"fail","Package":"example/d","Elapsed":2700}
+`
+	var out bytes.Buffer
+	if err := run(strings.NewReader(hung), &out, false); err == nil {
+		t.Fatalf("a package that timed out was reported as passing:\n%s", out.String())
+	}
+	got := out.String()
+	for _, want := range []string{
+		"d_test.go:7: waiting for the reader",
+		"panic: test timed out after 45m0s",
+		"2 failed: TestConn (still running when its package failed) TestConn/Concurrent (still running when its package failed)",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("the report lacks %q:\n%s", want, got)
+		}
+	}
+	if strings.Contains(got, "TestQuick") {
+		t.Errorf("the report names a test that passed:\n%s", got)
+	}
+}
