@@ -30,7 +30,7 @@ func (d *Dialer) connectRaced(ctx context.Context, cfg *tls.Config, qcfg *quic.C
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w (no answer over UDP or any carrier: is the TP server reachable from this network?)", errors.Join(err, ctx.Err()))
 		}
-		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
 	}
 	d.reportRaced(r)
 	if mc, ok := r.pc.(*transport.MovingConn); ok {

@@ -101,7 +101,7 @@ func (e *CutError) Error() string {
 		return "the session through TP was cut off before its end (" + wire.UnwrapOpError(e.Err).Error() +
 			"), and the TP server no longer accepts connections: it is most likely shutting down or restarting; reconnect once it is back"
 	}
-	msg := "the session through TP was cut off before its end: " + explainQUICErr(e.Err).Error()
+	msg := "the session through TP was cut off before its end: " + explainQUICErr(e.Err, e.dialer().expiredAdvice).Error()
 	if coded {
 		msg = fmt.Sprintf("the session was cut off by the TP server (%s): %s", wire.EndName(code), resetText(code, e.dialer()))
 	}
@@ -253,7 +253,7 @@ func (d *Dialer) why(ctx context.Context, session string) (*wire.SessionEnd, err
 	if conn == nil && d.mode() != TransportQUIC {
 		tc, err := d.connectTLS(ctx)
 		if err != nil {
-			return nil, d.forgetRejected(explainHelloErr(err))
+			return nil, d.forgetRejected(explainHelloErr(err, d.expiredAdvice))
 		}
 		conn = tc
 	}
@@ -266,7 +266,7 @@ func (d *Dialer) why(ctx context.Context, session string) (*wire.SessionEnd, err
 	sh, err := exchange(conn, hello)
 	switch {
 	case err != nil:
-		return nil, d.forgetRejected(explainHelloErr(err))
+		return nil, d.forgetRejected(explainHelloErr(err, d.expiredAdvice))
 	case !sh.OK && sh.Code == wire.CodeUnknownSession:
 		return nil, errors.New("it has no record of cutting this session: the network between cut it, or the server restarted")
 	case !sh.OK:

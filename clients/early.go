@@ -181,7 +181,7 @@ func (d *Dialer) requestEarly(ctx context.Context, s *stream, addr string, hello
 		_ = s.SetWriteDeadline(deadline)
 		if _, err := s.Write(buf.Bytes()); err != nil {
 			_ = s.Close()
-			return nil, &exchangeError{fmt.Errorf("tp dial %s via %s: sending client hello: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err)))}
+			return nil, &exchangeError{fmt.Errorf("tp dial %s via %s: sending client hello: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err, d.expiredAdvice)))}
 		}
 		_ = s.SetWriteDeadline(time.Time{})
 	}
@@ -263,7 +263,7 @@ func (e *earlyTunnel) wait() (net.Conn, error) {
 	}
 	if err != nil {
 		wire.Abort(e.st, wire.QUICPeerReset)
-		e.err = fmt.Errorf("tp dial %s via %s: %w", e.addr, e.d.Server, e.d.forgetRejected(explainHelloErr(err)))
+		e.err = fmt.Errorf("tp dial %s via %s: %w", e.addr, e.d.Server, e.d.forgetRejected(explainHelloErr(err, e.d.expiredAdvice)))
 		return nil, e.err
 	}
 	e.d.earlyState(e.conn).answered(e.conn, e.addr, sh)

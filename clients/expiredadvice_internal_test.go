@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/quic-go/quic-go"
+
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -66,5 +68,21 @@ func TestExpiredCutAdvice(t *testing.T) {
 	}
 	if strings.Contains(noKey, "tp renews it") || strings.HasSuffix(noKey, "run dlogin") {
 		t.Errorf("without the device key, an expired certificate's cut says %q: it offers a renewal or a dlogin that cannot work", noKey)
+	}
+
+	// The same advice where QUIC's connection close says it: a dial refused,
+	// or a connection lost, for an expired certificate.
+	closed := &quic.ApplicationError{Remote: true, ErrorCode: wire.QUICCertExpired}
+	for _, tc := range []struct {
+		name string
+		err  error
+	}{
+		{"the QUIC connection's close", explainQUICErr(closed, d.expiredAdvice)},
+		{"the hello's answer", explainHelloErr(&wire.QUICConnError{Err: closed}, d.expiredAdvice)},
+	} {
+		msg := tc.err.Error()
+		if !strings.Contains(msg, "the client certificate expired") || !strings.Contains(msg, "tpd enroll alice --device laptop") || strings.Contains(msg, "tp renews it") {
+			t.Errorf("without the device key, %s for an expired certificate says %q; want the advice to enrol again, not a renewal", tc.name, msg)
+		}
 	}
 }

@@ -407,7 +407,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 	cancel()
 	if err != nil {
 		_ = ctl.Close()
-		err = fmt.Errorf("registering with %s: %w", d.Server, explainHelloErr(err))
+		err = fmt.Errorf("registering with %s: %w", d.Server, explainHelloErr(err, d.expiredAdvice))
 		if he := (*wire.HelloError)(nil); errors.As(err, &he) && he.Code == wire.CodeUnsupportedVersion {
 			return false, fatalError{versionMismatch(err)} // the server speaks another version
 		}
@@ -505,7 +505,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 					return true, cerr
 				}
 				if qerr := context.Cause(qconn.Context()); qerr != nil {
-					err := fmt.Errorf("QUIC connection: %w", explainQUICErr(qerr))
+					err := fmt.Errorf("QUIC connection: %w", explainQUICErr(qerr, a.Dialer.expiredAdvice))
 					// The server closes a connection that carries only the control
 					// stream with 0x3 right after the end frame, which may then be
 					// lost: the code says the same.
@@ -1039,7 +1039,7 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	}
 	conn, err := tr.Dial(ctx, raddr, cfg, qcfg)
 	if err != nil {
-		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, a.Dialer.forgetRejected(explainQUICErr(err)))
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, a.Dialer.forgetRejected(explainQUICErr(err, a.Dialer.expiredAdvice)))
 	}
 	return conn, nil
 }

@@ -280,7 +280,7 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	})
 	if err != nil {
 		closeAll()
-		return nil, fmt.Errorf("connecting to %s over QUIC: %w", t.Server, explainQUICErr(err))
+		return nil, fmt.Errorf("connecting to %s over QUIC: %w", t.Server, explainQUICErr(err, nil))
 	}
 	context.AfterFunc(ctx, func() { _ = qc.CloseWithError(0, ""); closeAll() })
 	// The server's unidirectional streams are read here, not by http3, so
@@ -310,7 +310,7 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	if err != nil {
 		// TLS 1.3 checks the client certificate after the client's side of
 		// the handshake: a refused one surfaces here.
-		return nil, fmt.Errorf("the TP server did not answer the IP tunnel request: %w", explainQUICErr(err))
+		return nil, fmt.Errorf("the TP server did not answer the IP tunnel request: %w", explainQUICErr(err, nil))
 	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, refusal(resp)
@@ -357,7 +357,7 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
 		_, _ = ac.Read(make([]byte, 1)) // no read loop runs yet: see whether an alert is waiting
 		if a := ac.alert(); a != nil {
-			return fmt.Errorf("the TP server ended the TLS session: %w", explainHelloErr(a))
+			return fmt.Errorf("the TP server ended the TLS session: %w", explainHelloErr(a, nil))
 		}
 		if !ac.answered() {
 			// Closed before a single byte of HTTP/2 came back: the alert
@@ -378,7 +378,7 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 		} else if !ac.answered() && ctx.Err() == nil {
 			err = &transport.RejectedError{Err: err} // as above: not one byte of HTTP/2 came back
 		}
-		return fmt.Errorf("the TP server did not answer the IP tunnel request over HTTP/2: %w", explainHelloErr(err))
+		return fmt.Errorf("the TP server did not answer the IP tunnel request over HTTP/2: %w", explainHelloErr(err, nil))
 	}
 	if resp.StatusCode != http.StatusOK {
 		return refusal(resp)

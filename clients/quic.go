@@ -215,7 +215,7 @@ func (d *Dialer) connectMain(ctx context.Context) (*quic.Conn, error) {
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w (no answer over UDP or any carrier: is the TP server reachable from this network?)", errors.Join(err, ctx.Err()))
 		}
-		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
 	}
 	d.installRaced(r)
 	transport.StartNudges(r.conn, d.keepAlive())
@@ -251,7 +251,7 @@ func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w (no answer over UDP; is UDP blocked on this network? --carrier tls or ws, or --transport tls, avoid UDP)", ctx.Err())
 		}
-		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err)))
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
 	}
 	transport.StartNudges(conn, d.keepAlive())
 	return conn, nil
@@ -466,7 +466,7 @@ func clientSideErr(err error) error {
 	if err != nil && errors.As(err, &ce) {
 		// Keep ce in the chain, not quic-go's error: that one unwraps to
 		// net.ErrClosed and would make the break look like an ordinary end.
-		return &explainedErr{msg: "connection to the TP server lost: " + explainQUICErr(ce).Error(), err: ce}
+		return &explainedErr{msg: "connection to the TP server lost: " + explainQUICErr(ce, nil).Error(), err: ce}
 	}
 	return err
 }
@@ -479,18 +479,24 @@ type explainedErr struct {
 func (e *explainedErr) Error() string { return e.msg }
 func (e *explainedErr) Unwrap() error { return e.err }
 
-// explainQUICErr turns quic-go's errors into sentences from the client's view.
-func explainQUICErr(err error) error {
+// explainQUICErr turns quic-go's errors into sentences from the client's view;
+// expiredAdvice, when not nil, says what to do about an expired certificate
+// (Dialer.expiredAdvice: renewal, or enrolling again without the device key).
+func explainQUICErr(err error, expiredAdvice func() string) error {
 	var ae *quic.ApplicationError
 	var te *quic.TransportError
 	var ce *wire.QUICConnError
 	switch {
 	case errors.As(err, &ce):
-		return explainQUICErr(ce.Err)
+		return explainQUICErr(ce.Err, expiredAdvice)
 	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICShutdown:
 		return fmt.Errorf("the TP server is shutting down or restarting (%w)", err)
 	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICCertExpired:
-		return fmt.Errorf("the client certificate expired; tp renews it on the next connection, or run dlogin (%w)", err)
+		advice := (*Dialer)(nil).expiredAdvice()
+		if expiredAdvice != nil {
+			advice = expiredAdvice()
+		}
+		return fmt.Errorf("the client certificate expired; %s (%w)", advice, err)
 	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICRefused:
 		return fmt.Errorf("the TP server is busy and refused the connection; try again (%w)", err)
 	case errors.As(err, &te) && te.ErrorCode.IsCryptoError():
@@ -541,7 +547,7 @@ func (d *Dialer) Maintain(ctx context.Context, logf func(format string, args ...
 		if ctx.Err() != nil {
 			return
 		}
-		logf("tp: lost the QUIC connection to %s: %v; reconnecting", d.quicAddr(), explainQUICErr(context.Cause(conn.Context())))
+		logf("tp: lost the QUIC connection to %s: %v; reconnecting", d.quicAddr(), explainQUICErr(context.Cause(conn.Context()), d.expiredAdvice))
 		backoff := 500 * time.Millisecond
 		for {
 			timeout := d.Timeout

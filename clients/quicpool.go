@@ -58,7 +58,7 @@ func (d *Dialer) openStream(ctx context.Context, what string) (*quic.Conn, wire.
 			return conn, &clientStream{wire.NewQUICStream(conn, str)}, nil
 		}
 		if !errors.As(err, new(*quic.StreamLimitReachedError)) {
-			return conn, nil, fmt.Errorf("%s via %s: %w", what, d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
+			return conn, nil, fmt.Errorf("%s via %s: %w", what, d.quicAddr(), d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
 		}
 
 		q.mu.Lock()
@@ -112,7 +112,7 @@ func (d *Dialer) openStream(ctx context.Context, what string) (*quic.Conn, wire.
 		q.mu.Unlock()
 		if !errors.As(err, new(*quic.StreamLimitReachedError)) {
 			// The server closed it at once (busy: max-conns, or shutting down).
-			return c, nil, fmt.Errorf("%s via %s: %w", what, d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
+			return c, nil, fmt.Errorf("%s via %s: %w", what, d.quicAddr(), d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
 		}
 		// Other requests took its streams meanwhile: look again.
 	}
@@ -217,7 +217,7 @@ func (d *Dialer) waitStream(ctx context.Context, conn *quic.Conn, what string) (
 		if ctx.Err() != nil {
 			return conn, nil, fmt.Errorf("%s via %s: every QUIC stream the server allows on %d connections is in use and none ended in time: %w", what, d.quicAddr(), d.maxQUICConns(), ctx.Err())
 		}
-		return conn, nil, fmt.Errorf("%s via %s: %w", what, d.quicAddr(), d.forgetRejected(explainQUICErr(err)))
+		return conn, nil, fmt.Errorf("%s via %s: %w", what, d.quicAddr(), d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
 	}
 	return conn, &clientStream{wire.NewQUICStream(conn, str)}, nil
 }

@@ -73,7 +73,7 @@ func (d *Dialer) helloExchange(ctx context.Context, s *stream, addr string, hell
 	}
 	if err != nil {
 		_ = conn.Close()
-		return sh, nil, &exchangeError{fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err)))}
+		return sh, nil, &exchangeError{fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err, d.expiredAdvice)))}
 	}
 	_ = conn.SetDeadline(time.Time{})
 	return sh, attach, nil
@@ -153,10 +153,10 @@ func exchangeWith(conn net.Conn, hello wire.ClientHello, then []byte) (wire.Serv
 // explainHelloErr adds a hint when the server dropped the connection with a TLS
 // alert: with TLS 1.3 the client's handshake completes before the server has
 // checked the client certificate, so a rejected certificate surfaces here.
-func explainHelloErr(err error) error {
+func explainHelloErr(err error, expiredAdvice func() string) error {
 	var ce *wire.QUICConnError
 	if _, reset := wire.StreamResetCode(err); reset || errors.As(err, &ce) {
-		return explainQUICErr(err)
+		return explainQUICErr(err, expiredAdvice)
 	}
 	if strings.Contains(err.Error(), "remote error: tls:") {
 		return &transport.RejectedError{Err: err}
@@ -224,5 +224,5 @@ func (d *Dialer) rejectedBy(m *mux.Conn, addr string) error {
 	if merr == nil || !strings.Contains(merr.Error(), "remote error: tls:") {
 		return nil
 	}
-	return fmt.Errorf("tp dial %s via %s: reading server hello: %w", addr, d.Server, d.forgetRejected(explainHelloErr(merr)))
+	return fmt.Errorf("tp dial %s via %s: reading server hello: %w", addr, d.Server, d.forgetRejected(explainHelloErr(merr, d.expiredAdvice)))
 }

@@ -46,7 +46,7 @@ func (d *Dialer) udpRequest(ctx context.Context, s *stream, addr string, hello w
 	}
 	if err != nil {
 		_ = flow.Close()
-		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err)))
+		return nil, fmt.Errorf("tp dial udp %s via %s: %w", addr, d.Server, d.forgetRejected(explainHelloErr(err, d.expiredAdvice)))
 	}
 	_ = conn.SetDeadline(time.Time{})
 	if !sh.OK {

@@ -47,7 +47,7 @@ func TestUnreachableNamesTheTellingCause(t *testing.T) {
 		{"silence over UDP alone", fmt.Errorf("over udp: %w", &quic.HandshakeTimeoutError{}), true,
 			"no answer over UDP within 30s: is tpd running there, and does this network let UDP through (--transport tls avoids UDP)?"},
 		{"the device's certificate refused", errors.Join(canceled, &transport.RejectedError{Err: errors.New("remote error: tls: bad certificate")}, tcp(refused)), false,
-			"it refused this device's certificate (tp whoami says why; dlogin gets a new one)"},
+			"it refused this device's certificate (tp whoami asks it why; dlogin gets a new certificate, unless the device was revoked)"},
 		{"a server TP's CA did not certify", errors.Join(canceled, tcp(&tls.CertificateVerificationError{Err: x509.UnknownAuthorityError{}})), false,
 			"its certificate is not one this device trusts for it (x509: certificate signed by unknown authority): is this the TP server"},
 		{"a server that stops", errors.Join(&quic.TransportError{Remote: true, ErrorCode: quic.ConnectionRefused}, tcp(refused)), false,

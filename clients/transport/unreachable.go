@@ -46,7 +46,7 @@ var ErrCertificateRejected = errors.New("the server rejected the client certific
 type RejectedError struct{ Err error }
 
 func (e *RejectedError) Error() string {
-	return "the server rejected the TLS session, most likely the client certificate (expired, from another CA, or not for client authentication; run dlogin): " + e.Err.Error()
+	return "the server rejected the TLS session, most likely the client certificate (expired, revoked, from another CA, or not for client authentication; tp whoami asks the server which): " + e.Err.Error()
 }
 func (e *RejectedError) Unwrap() error        { return e.Err }
 func (e *RejectedError) Is(target error) bool { return target == ErrCertificateRejected }
@@ -78,7 +78,7 @@ func ReachCause(err error, timeout time.Duration, udpOnly bool, expired string) 
 	}
 	switch {
 	case errors.Is(err, ErrCertificateRejected):
-		return "it refused this device's certificate (tp whoami says why; dlogin gets a new one)"
+		return "it refused this device's certificate (tp whoami asks it why; dlogin gets a new certificate, unless the device was revoked)"
 	case remoteApp(wire.QUICCertExpired):
 		return "it refused the expired client certificate (" + expired + ")"
 	case errors.As(err, &verify), errors.As(err, &unknownCA), errors.As(err, &wrongName):

@@ -18,6 +18,7 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/lib/cli"
 	"github.com/tp-proxy/tp/internal/lib/config"
 )
 
@@ -25,6 +26,11 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
+	var usage cli.UsageError
+	if errors.As(err, &usage) {
+		fmt.Fprintln(os.Stderr, usage) // it names dlogin itself
+		os.Exit(1)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "dlogin:", err)
 		os.Exit(1)
@@ -38,7 +44,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		Short: "Log this device in to TP and get a fresh certificate",
 		Long: "The first run enrolls the device with the command `tpd enroll` printed.\n" +
 			"Later runs need no arguments; tp also renews by itself when it can.",
-		Args:          cobra.NoArgs,
+		Args:          cli.Positional(),
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -83,6 +89,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	cmd.SetArgs(args)
 	cmd.SetOut(stdout)
 	cmd.SetErr(stderr)
+	cmd.SetFlagErrorFunc(cli.FlagError)
 	return cmd.ExecuteContext(ctx)
 }
 

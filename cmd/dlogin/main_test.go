@@ -100,3 +100,23 @@ func TestBadServerMessages(t *testing.T) {
 		})
 	}
 }
+
+// A misspelled flag gets the flags dlogin has that it probably meant, and a
+// stray argument is named (dlogin takes none). Before: cobra's bare "unknown
+// flag: --sever" and `unknown command "x" for "dlogin"`.
+func TestCommandLineMistakes(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--sever", "https://127.0.0.1:8443"},
+			"unknown flag --sever for dlogin: did you mean --server? (dlogin --help lists its flags)"},
+		{[]string{"--token", "abc", "laptop"},
+			`dlogin takes no arguments (got "laptop"): dlogin [--server URL --fingerprint SHA256:… --token TOKEN]`},
+	} {
+		err := run(context.Background(), tt.args, new(bytes.Buffer), new(bytes.Buffer))
+		if err == nil || err.Error() != tt.want {
+			t.Errorf("dlogin %s:\n  %v\nwant\n  %s", strings.Join(tt.args, " "), err, tt.want)
+		}
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/lib/cli"
 	"github.com/tp-proxy/tp/internal/lib/version"
 )
 
@@ -44,7 +45,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 			"  tp forward --udp 127.0.0.1:5353 dns.rev.tp.internal:53\n" +
 			"  tp expose blog 127.0.0.1:8080 --public-sni blog.example.org --tls-cert blog.crt --tls-key blog.key\n" +
 			"  tp expose --http blog http://127.0.0.1:8080                       # https://blog.<reverse zone>/ through TP's website",
-		Args: positional("NAME", "LOCAL_ADDR"),
+		Args: cli.Positional("NAME", "LOCAL_ADDR"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if httpMode {
 				return exposeHTTP(cmd, stderr, args[0], args[1], proxyName, tunnels, h1Only, devicesOnly, exitOnRefusal)

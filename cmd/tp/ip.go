@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/lib/cli"
 	"github.com/tp-proxy/tp/internal/lib/version"
 )
 
@@ -20,7 +21,7 @@ func ipCmd(stderr io.Writer) *cobra.Command {
 		Short: "Open an IP tunnel (CONNECT-IP) to the TP server: a tun device with the addresses and routes TP assigns (Linux, needs CAP_NET_ADMIN)",
 		Example: "  sudo tp ip --proxy-name proxy.example.org\n" +
 			"  ping 10.1.0.5          # a host in a prefix the policy grants this device",
-		Args: positional(),
+		Args: cli.Positional(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, cfg, err := open(cmd, stderr)
 			if err != nil {

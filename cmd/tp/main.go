@@ -19,6 +19,7 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/lib/cli"
 	"github.com/tp-proxy/tp/internal/lib/config"
 	"github.com/tp-proxy/tp/internal/lib/version"
 )
@@ -35,7 +36,7 @@ func main() {
 		// not worth a line on every ssh and scp. The session was reset.
 		return
 	}
-	var usage usageError
+	var usage cli.UsageError
 	switch {
 	case errors.As(err, &usage):
 		fmt.Fprintln(os.Stderr, usage) // it names tp itself
@@ -94,11 +95,11 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), ipCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
-		Args:  positional(),
+		Args:  cli.Positional(),
 		Run:   func(*cobra.Command, []string) { fmt.Fprintln(stdout, "tp", version.Version) },
 	})
 	root.SuggestionsMinimumDistance = 2
-	root.SetFlagErrorFunc(flagError)
+	root.SetFlagErrorFunc(cli.FlagError)
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
@@ -121,7 +122,7 @@ func hostPortArgs(cmd *cobra.Command, args []string) error {
 				names = append(names, c.Name())
 			}
 		}
-		return usageError(fmt.Sprintf("%s; or a command: %s (tp --help says more)", argsMessage(cmd, []string{"HOST", "PORT"}, args), strings.Join(names, ", ")))
+		return cli.UsageError(fmt.Sprintf("%s; or a command: %s (tp --help says more)", cli.ArgsMessage(cmd, []string{"HOST", "PORT"}, args), strings.Join(names, ", ")))
 	}
 	return nil
 }
@@ -197,7 +198,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 			"  psql -h 127.0.0.1 -p 15432\n" +
 			"  tp forward --udp 127.0.0.1:5353 dns.internal:53\n" +
 			"  dig -p 5353 @127.0.0.1 db.internal",
-		Args: positional("LOCAL", "DEST"),
+		Args: cli.Positional("LOCAL", "DEST"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, cfg, err := open(cmd, stderr)
 			if err != nil {
@@ -285,7 +286,7 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 			"server confirms that: not when the device is revoked, the certificate is refused or\n" +
 			"expired, or the server cannot be asked. Without the device key it asks with the\n" +
 			"certificate's key, so the answer is still the server's.",
-		Args: positional(),
+		Args: cli.Positional(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, _, err := open(cmd, stderr)
 			if err != nil {

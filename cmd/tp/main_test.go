@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"github.com/tp-proxy/tp/internal/lib/cli"
 	"os"
 	"path/filepath"
 	"strings"
@@ -70,7 +71,7 @@ func TestArgumentsAreNamed(t *testing.T) {
 		if strings.Contains(err.Error(), "arg(s)") || strings.Contains(err.Error(), "unknown command") {
 			t.Errorf("tp %s still counts arguments or calls one a command: %q", strings.Join(tt.args, " "), err)
 		}
-		if !errors.As(err, new(usageError)) {
+		if !errors.As(err, new(cli.UsageError)) {
 			t.Errorf("tp %s: %q is not a usage error (main would print it after \"tp:\")", strings.Join(tt.args, " "), err)
 		}
 	}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/tp-proxy/tp/internal/lib/cli"
 	"github.com/tp-proxy/tp/internal/lib/config"
 	"github.com/tp-proxy/tp/internal/server/admin"
 	"github.com/tp-proxy/tp/internal/server/tpd"
@@ -33,6 +34,11 @@ func main() {
 	if errors.Is(err, errReported) {
 		os.Exit(1)
 	}
+	var usage cli.UsageError
+	if errors.As(err, &usage) {
+		fmt.Fprintln(os.Stderr, usage) // it names tpd itself
+		os.Exit(1)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tpd:", err)
 		os.Exit(1)
@@ -46,6 +52,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
+	root.SetFlagErrorFunc(cli.FlagError)
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
@@ -233,9 +240,10 @@ func enrollCmd(stdout io.Writer) *cobra.Command {
 	var device, ttl string
 	var groups []string
 	cmd := &cobra.Command{
-		Use:   "enroll USER --device NAME",
-		Short: "Print a one-time token and the dlogin command that enrolls a device",
-		Args:  cobra.ExactArgs(1),
+		Use:     "enroll USER --device NAME",
+		Short:   "Print a one-time token and the dlogin command that enrolls a device",
+		Example: "tpd enroll alice --device laptop --groups ops",
+		Args:    cli.Positional("USER"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if device == "" {
 				return errors.New("--device is required: name the device being enrolled, e.g. --device laptop")

@@ -1,4 +1,4 @@
-package main
+package cli
 
 import (
 	"fmt"
@@ -7,30 +7,30 @@ import (
 	"github.com/spf13/cobra"
 )
 
-// positional checks that a command got exactly the positional arguments names
+// Positional checks that a command got exactly the positional arguments names
 // (in order), and when it did not says which are missing or extra by name,
 // with the command's usage line and its first example, instead of cobra's
 // "accepts 2 arg(s), received 1". No names: the command takes none.
-func positional(names ...string) cobra.PositionalArgs {
+func Positional(names ...string) cobra.PositionalArgs {
 	return func(cmd *cobra.Command, args []string) error {
 		if len(args) == len(names) {
 			return nil
 		}
-		return usageError(argsMessage(cmd, names, args))
+		return UsageError(ArgsMessage(cmd, names, args))
 	}
 }
 
-// usageError is a command line that does not fit the command's usage. Its
-// message starts with the command ("tp forward needs …"), so main prints it
+// UsageError is a command line that does not fit the command's usage. Its
+// message starts with the command ("tp forward needs …"), so the program prints it
 // without the "tp:" prefix.
-type usageError string
+type UsageError string
 
-func (e usageError) Error() string { return string(e) }
+func (e UsageError) Error() string { return string(e) }
 
-// argsMessage is positional's message, e.g.
+// ArgsMessage is Positional's message, e.g.
 //
 //	tp forward needs LOCAL and DEST (got only LOCAL "127.0.0.1:22960"): tp forward [--udp] LOCAL DEST, e.g. tp forward 127.0.0.1:15432 db.internal:5432
-func argsMessage(cmd *cobra.Command, names, args []string) string {
+func ArgsMessage(cmd *cobra.Command, names, args []string) string {
 	var b strings.Builder
 	path, usage := called(cmd)
 	switch {

@@ -1,4 +1,4 @@
-package main
+package cli
 
 import (
 	"errors"
@@ -10,11 +10,11 @@ import (
 	"github.com/spf13/pflag"
 )
 
-// flagError answers a flag pflag does not know with the command's flags it
+// FlagError answers a flag pflag does not know with the command's flags it
 // probably meant ("unknown flag --upd for tp forward: did you mean --udp?"),
 // as cobra does for commands, and points at the command's help. Other flag
 // errors (a bad value, a missing one) are left as pflag wrote them.
-func flagError(cmd *cobra.Command, err error) error {
+func FlagError(cmd *cobra.Command, err error) error {
 	var ne *pflag.NotExistError
 	if !errors.As(err, &ne) {
 		return err

@@ -1,0 +1,6 @@
+// Package cli holds what TP's three programs (tp, tpd, dlogin) say about a
+// command line that does not fit: positional arguments named in the message
+// (Positional, instead of cobra's "accepts 2 arg(s), received 1") and an
+// unknown flag answered with the command's flags it probably meant
+// (FlagError, set with cobra.Command.SetFlagErrorFunc).
+package cli
