@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -19,6 +20,10 @@ type liveSession struct {
 	cs     tls.ConnectionState // the handshake that authenticated the client
 	req    authz.Request       // the request the policy allowed
 	revoke context.CancelCauseFunc
+	// closed: a re-check closed the session. Re-checks may run at once (a
+	// revocation's and one for a policy edit); only the first to close a
+	// session counts it.
+	closed atomic.Bool
 	// onAllow, when set, receives each re-check's allowing decision (a
 	// CONNECT-IP tunnel applies a changed grant: connectip.go).
 	onAllow func(authz.Decision)
@@ -69,14 +74,19 @@ func (s *Server) Live() int {
 // policy revision, a user's groups or the deny list changed.
 //
 // A policy evaluation error is retried once and then closes the session: continuous
-// authorization fails closed like the first decision.
+// authorization fails closed like the first decision. closed counts the sessions
+// this call closed: one that a concurrent Recheck closed first is not counted
+// again.
 func (s *Server) Recheck(ctx context.Context) (checked, closed int) {
 	for _, ls := range s.sessions.snapshot() {
 		if ctx.Err() != nil {
 			return checked, closed
 		}
+		if ls.closed.Load() {
+			continue // closed by another re-check, and ending
+		}
 		checked++
-		if reason, identity, ok := s.stillAllowed(ctx, ls); !ok {
+		if reason, identity, ok := s.stillAllowed(ctx, ls); !ok && ls.closed.CompareAndSwap(false, true) {
 			closed++
 			ls.revoke(&wire.RevokedError{Reason: reason, Identity: identity})
 			s.log.LogAttrs(ctx, slog.LevelInfo, "live session closed by re-check",

@@ -155,8 +155,8 @@ func TestClientCertificateRefused(t *testing.T) {
 				c.Close()
 				t.Fatal("dial succeeded; want the handshake refused")
 			}
-			if !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), "dlogin") {
-				t.Fatalf("error %q; want it to mention %q and dlogin", err, tt.want)
+			if !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), "dlogin") || !strings.Contains(err.Error(), "tp whoami") {
+				t.Fatalf("error %q; want it to mention %q, dlogin and tp whoami (which asks the server why: a revoked device is not helped by dlogin)", err, tt.want)
 			}
 			e.mustEcho(t)
 		})

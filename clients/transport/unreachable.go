@@ -46,7 +46,7 @@ var ErrCertificateRejected = errors.New("the server rejected the client certific
 type RejectedError struct{ Err error }
 
 func (e *RejectedError) Error() string {
-	return "the server rejected the TLS session, most likely the client certificate (expired, revoked, from another CA, or not for client authentication; tp whoami asks the server which): " + e.Err.Error()
+	return "the server rejected the TLS session, most likely the client certificate (expired, from another CA or not for client authentication: dlogin gets a new one; revoked: ask your TP administrator; tp whoami asks the server which): " + e.Err.Error()
 }
 func (e *RejectedError) Unwrap() error        { return e.Err }
 func (e *RejectedError) Is(target error) bool { return target == ErrCertificateRejected }

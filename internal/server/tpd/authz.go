@@ -206,6 +206,12 @@ func (d *Daemon) Revoke(ctx context.Context, kind, value string, remove bool) (r
 		}()
 	}
 	key := denyKey(k, v)
+	// From the change to its re-check no other re-check runs: one that came
+	// between (maintain's, for the database's notice of this very change, or
+	// for the dropped tokens below) would close the sessions uncounted, and the
+	// revocation would say it closed none.
+	d.recheckMu.Lock()
+	defer d.recheckMu.Unlock()
 	d.denyMu.Lock()
 	dl := d.authz.DenyList
 	was := dl.Contains(k, v)
@@ -260,10 +266,6 @@ func (d *Daemon) Revoke(ctx context.Context, kind, value string, remove bool) (r
 	}
 	d.denyMu.Unlock()
 	if !remove {
-		// The live sessions first: dropping tokens changes the user store,
-		// which makes maintain re-check them too, and a re-check of its that
-		// came first would close them uncounted (the revocation then said it
-		// closed none).
 		_, res.Closed = d.proxy.Recheck(ctx)
 		// Tokens handed out before the revocation must not enroll the identity again.
 		var user, device string
@@ -316,6 +318,8 @@ type authState struct {
 // recheckIfChanged re-checks live sessions when the policy revision or the user
 // store changed since the last call. The deny list re-checks on its own (Revoke).
 func (d *Daemon) recheckIfChanged(ctx context.Context) {
+	d.recheckMu.Lock()
+	defer d.recheckMu.Unlock()
 	now := authState{revision: d.policy.Revision(), users: d.users.Generation(), deny: d.denyGen.Load()}
 	if now == d.checked {
 		return

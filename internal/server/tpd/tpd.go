@@ -104,6 +104,10 @@ type Daemon struct {
 	denySave  denySaver     // writes one deny-list change (store.go)
 	denyGen   atomic.Uint64 // counts deny-list reloads from the database
 	checked   authState     // what live sessions were last re-checked against; maintain's
+	// recheckMu serialises maintain's re-checks with a revocation's change and
+	// re-check, so that the revocation's re-check is the one that closes (and
+	// counts) the sessions it ends; held before denyMu.
+	recheckMu sync.Mutex
 	web       webState      // website.go
 	kick      chan struct{} // asks maintain to re-check now
 

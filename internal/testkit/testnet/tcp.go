@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -177,21 +178,49 @@ func WriteForever(c net.Conn) {
 }
 
 // FreePort returns a loopback port ("tcp" or "udp") that was free a moment ago:
-// for a server the test starts later, or as an address nothing listens on.
+// for a server the test starts later, or as an address nothing listens on. It
+// never returns a port it returned before in this process: the kernel may hand
+// a port just closed out again, and a test that asked for two ports (one to
+// serve, one that must differ) would then get the same one twice.
 func FreePort(t testing.TB, network string) int {
 	t.Helper()
-	switch network {
-	case "tcp":
-		ln := listenTCP(t)
-		defer ln.Close()
-		return ln.Addr().(*net.TCPAddr).Port
-	case "udp":
-		pc := listenUDP(t)
-		defer pc.Close()
-		return pc.LocalAddr().(*net.UDPAddr).Port
+	if network != "tcp" && network != "udp" {
+		t.Fatalf("testnet: FreePort of network %q; want \"tcp\" or \"udp\"", network)
 	}
-	t.Fatalf("testnet: FreePort of network %q; want \"tcp\" or \"udp\"", network)
+	for range 100 {
+		var port int
+		if network == "tcp" {
+			ln := listenTCP(t)
+			port = ln.Addr().(*net.TCPAddr).Port
+			ln.Close()
+		} else {
+			pc := listenUDP(t)
+			port = pc.LocalAddr().(*net.UDPAddr).Port
+			pc.Close()
+		}
+		if handedOut(network, port) {
+			return port
+		}
+	}
+	t.Fatalf("testnet: 100 free %s ports in a row had been handed out before", network)
 	return 0
+}
+
+var (
+	handedMu sync.Mutex
+	handed   = map[string]bool{} // "tcp/8080": FreePort returned it
+)
+
+// handedOut records that FreePort returns network's port, unless it did before.
+func handedOut(network string, port int) bool {
+	handedMu.Lock()
+	defer handedMu.Unlock()
+	k := network + "/" + strconv.Itoa(port)
+	if handed[k] {
+		return false
+	}
+	handed[k] = true
+	return true
 }
 
 // FreeAddr is FreePort as a loopback address: 127.0.0.1 and the port.

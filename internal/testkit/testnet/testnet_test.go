@@ -175,6 +175,17 @@ func TestFreePort(t *testing.T) {
 	if p := testnet.FreePort(t, "tcp"); p == 0 {
 		t.Error("FreePort returned port 0")
 	}
+	// Never the same port twice: a test that asks for a port to serve and one
+	// that must differ from it got the same one (the kernel hands a port just
+	// closed out again), and its refusal check then saw a registration pass.
+	seen := map[int]bool{}
+	for range 500 {
+		p := testnet.FreePort(t, "tcp")
+		if seen[p] {
+			t.Fatalf("FreePort returned port %d twice", p)
+		}
+		seen[p] = true
+	}
 }
 
 // ServeAt serves a loopback address other than 127.0.0.1 (the port of another
