@@ -370,7 +370,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 		if err == nil {
 			var str *quic.Stream
 			if str, err = qconn.OpenStreamSync(cctx); err == nil {
-				ctl = &clientStream{wire.NewQUICStream(qconn, str)}
+				ctl = &clientStream{QUICStream: wire.NewQUICStream(qconn, str)}
 			}
 		}
 		if err != nil && transport == TransportQUIC {
@@ -522,7 +522,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				st := &clientStream{wire.NewQUICStream(qconn, str)}
+				st := &clientStream{QUICStream: wire.NewQUICStream(qconn, str)}
 				_ = st.SetReadDeadline(time.Now().Add(agentHandshakeTimeout))
 				hdr, err := wire.ReadSessionHeader(st)
 				if err != nil {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -49,15 +50,28 @@ type quicState struct {
 	// headStartTimer, when set, replaces the head start's timer in race: a test
 	// decides when the head start is over.
 	headStartTimer func(time.Duration) <-chan time.Time
+	// open counts request streams not yet closed or aborted by their caller:
+	// with none, Close says "bye" before it closes a connection.
+	open atomic.Int64
+}
+
+// counted is a request stream that counts in q.open until closed or aborted.
+func (q *quicState) counted(st *wire.QUICStream) *clientStream {
+	q.open.Add(1)
+	return &clientStream{QUICStream: st, open: &q.open}
 }
 
 // ErrDialerClosed is returned by a Dialer after Close.
 var ErrDialerClosed = errors.New("the TP dialer is closed")
 
 // Close closes the Dialer's QUIC connections and socket (streams on them end) and
-// its spare TLS connection. What the QUIC connections queued before Close (the
-// last bytes and FIN of a session that ended cleanly) is sent first
-// (flushBeforeClose).
+// its spare TLS connection. When every request stream was closed (each session
+// ended cleanly, or was aborted), Close first says "bye" on each connection and
+// waits, bounded by byeBound, for the server's answer: the server gives it once
+// it has read every session's last bytes and FIN, which a CONNECTION_CLOSE
+// before that would discard (the destination would see a reset, the server log
+// a cut). Otherwise, or when the server does not answer, what the connections
+// queued is sent first (flushBeforeClose) and the open sessions are cut.
 func (d *Dialer) Close() error {
 	d.closeSpare()
 	d.closeMux() // end-to-end carriers (e2emux_dial.go): their open streams are cut
@@ -81,10 +95,13 @@ func (d *Dialer) Close() error {
 	q.tr, q.udp = nil, nil
 	q.moves = nil
 	q.mu.Unlock()
+	allClosed := q.open.Load() == 0
 	var wg sync.WaitGroup
 	for _, c := range conns {
 		wg.Go(func() {
-			flushBeforeClose(c)
+			if !allClosed || !sayBye(c) {
+				flushBeforeClose(c)
+			}
 			_ = c.CloseWithError(wire.QUICNoError, "")
 		})
 	}
@@ -94,6 +111,34 @@ func (d *Dialer) Close() error {
 		_ = udp.Close()
 	}
 	return nil
+}
+
+// byeBound bounds how long Close waits for the answer to "bye".
+const byeBound = 3 * time.Second
+
+// sayBye sends op "bye" on conn and reports whether the server answered ok
+// within byeBound: it then served every other stream of conn to its end
+// (docs/PROTOCOL.md, section 3.9). A server that does not know the op
+// refuses it at once.
+func sayBye(conn *quic.Conn) bool {
+	if conn.Context().Err() != nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(conn.Context(), byeBound)
+	defer cancel()
+	str, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		return false
+	}
+	st := wire.NewQUICStream(conn, str)
+	defer st.Close()
+	_ = st.SetDeadline(time.Now().Add(byeBound))
+	if err := wire.WriteClientHello(st, wire.ClientHello{V: wire.Version, Op: wire.OpBye}); err != nil {
+		return false
+	}
+	_ = st.CloseWrite()
+	sh, err := wire.ReadServerHello(st)
+	return err == nil && sh.OK
 }
 
 // flushBound bounds how long flushBeforeClose waits.
@@ -449,7 +494,31 @@ func (q *quicState) forget(conn *quic.Conn) {
 }
 
 // clientStream reports a broken QUIC connection from the client's point of view.
-type clientStream struct{ *wire.QUICStream }
+type clientStream struct {
+	*wire.QUICStream
+	// open, when set, counts the Dialer's request streams the caller has not
+	// closed or aborted yet (quicState.open): Close says "bye" only when
+	// there are none.
+	open *atomic.Int64
+	once sync.Once
+}
+
+func (c *clientStream) ended() {
+	if c.open != nil {
+		c.once.Do(func() { c.open.Add(-1) })
+	}
+}
+
+func (c *clientStream) Close() error {
+	err := c.QUICStream.Close()
+	c.ended()
+	return err
+}
+
+func (c *clientStream) Abort(code quic.ApplicationErrorCode) {
+	c.QUICStream.Abort(code)
+	c.ended()
+}
 
 func (c *clientStream) Read(p []byte) (int, error) {
 	n, err := c.QUICStream.Read(p)

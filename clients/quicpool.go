@@ -55,7 +55,7 @@ func (d *Dialer) openStream(ctx context.Context, what string) (*quic.Conn, wire.
 		}
 		str, err := conn.OpenStream()
 		if err == nil {
-			return conn, &clientStream{wire.NewQUICStream(conn, str)}, nil
+			return conn, q.counted(wire.NewQUICStream(conn, str)), nil
 		}
 		if !errors.As(err, new(*quic.StreamLimitReachedError)) {
 			return conn, nil, fmt.Errorf("%s via %s: %w", what, d.quicAddr(), d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
@@ -146,7 +146,7 @@ func (q *quicState) pooledLocked(e *extraConn, str *quic.Stream) wire.Stream {
 		e.idle.Stop()
 		e.idle = nil
 	}
-	return &pooledStream{clientStream: &clientStream{wire.NewQUICStream(e.conn, str)}, q: q, e: e}
+	return &pooledStream{clientStream: q.counted(wire.NewQUICStream(e.conn, str)), q: q, e: e}
 }
 
 // release ends the count of one of e's streams; the connection closes when it
@@ -219,7 +219,7 @@ func (d *Dialer) waitStream(ctx context.Context, conn *quic.Conn, what string) (
 		}
 		return conn, nil, fmt.Errorf("%s via %s: %w", what, d.quicAddr(), d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
 	}
-	return conn, &clientStream{wire.NewQUICStream(conn, str)}, nil
+	return conn, d.quic.counted(wire.NewQUICStream(conn, str)), nil
 }
 
 // pooledStream is a stream on a further connection: it counts as open there

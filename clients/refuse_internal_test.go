@@ -63,7 +63,7 @@ func relayEnd(t *testing.T, transport string, a *Agent, hdr wire.SessionHeader) 
 				t.Error(err)
 				return
 			}
-			st := &clientStream{wire.NewQUICStream(agentConn, str)}
+			st := &clientStream{QUICStream: wire.NewQUICStream(agentConn, str)}
 			if _, err := io.ReadFull(st, make([]byte, 1)); err != nil {
 				t.Error(err)
 				return

@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -92,6 +93,92 @@ func TestQUICCleanEndLoggedClean(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A Dialer closed after its session ended at the client, while the server has
+// yet to pass the upload's last bytes and FIN on (its writes to the
+// destination wait until the Dialer is closing): Close says "bye" and waits
+// for the server's answer, which comes once the session has ended at the
+// server, so the destination reads every byte and a clean end. Before, Close
+// sent CONNECTION_CLOSE once the upload was acknowledged, quic-go at the
+// server discarded what it had not read, and the destination saw a cut after
+// part of the upload. The bad input is the order: the server can pass the
+// upload on only once the Dialer is closing.
+func TestQUICCloseWaitsForTheServerToRead(t *testing.T) {
+	t.Parallel()
+	const size = 64 << 10 // within a stream's first window: the client's write completes
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			var d net.Dialer
+			conn, err := d.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return &heldWrites{Conn: conn, release: release}, nil
+		}
+	}, proxy.QUICOptions{})
+	proxy.OnBye(q.srv, func() { releaseOnce.Do(func() { close(release) }) })
+	got := make(chan error, 1)
+	dest := testnet.Serve(t, func(c *net.TCPConn) {
+		_, _ = c.Write([]byte("bye"))
+		_ = c.CloseWrite()
+		_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
+		n, err := io.Copy(io.Discard, c)
+		if err == nil && n != size {
+			err = fmt.Errorf("read %d bytes and a clean end; want %d", n, size)
+		}
+		got <- err
+	})
+	d := q.dialer()
+	d.Transport = clients.TransportQUIC
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := d.DialContext(ctx, "tcp", dest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := io.ReadAll(c); err != nil || string(b) != "bye" {
+		t.Fatalf("the destination's answer: %q, %v", b, err)
+	}
+	if _, err := c.Write(make([]byte, size)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Close(); err != nil { // both directions ended: the session is over here
+		t.Fatal(err)
+	}
+	d.Close()
+	releaseOnce.Do(func() { close(release) }) // no bye came: let the server go on with what is left
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatalf("the destination, once the Dialer had closed: %v; want all %d bytes and a clean end", err, size)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the destination did not see the upload end within 30s")
+	}
+}
+
+// heldWrites is a destination connection whose writes wait for release.
+type heldWrites struct {
+	net.Conn
+	release chan struct{}
+}
+
+func (h *heldWrites) Write(p []byte) (int, error) {
+	<-h.release
+	return h.Conn.Write(p)
+}
+
+// Unwrap lets an abort (wire.Abort) reset the socket, as for any destination.
+func (h *heldWrites) Unwrap() net.Conn { return h.Conn }
+
+// CloseWrite passes the half-close on (the relay ends the destination's
+// direction with it).
+func (h *heldWrites) CloseWrite() error {
+	<-h.release
+	return h.Conn.(*net.TCPConn).CloseWrite()
 }
 
 // endOnReply collects what it is given and calls end once it holds want.

@@ -34,3 +34,7 @@ func SetEndRecordClock(s *Server, now func() time.Time) {
 
 // H3IdleGrace is how long a shutdown waits for HTTP/3 clients with no request in flight.
 const H3IdleGrace = h3IdleGrace
+
+// OnBye makes s call f when an op "bye" begins to wait for its connection's
+// other streams.
+func OnBye(s *Server, f func()) { s.onBye.Store(&f) }

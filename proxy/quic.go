@@ -357,6 +357,8 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxS
 	defer acancel()
 
 	var streams sync.WaitGroup
+	open := newConnStreams() // what op "bye" waits for (bye.go)
+	sctx = context.WithValue(sctx, connStreamsKey{}, open)
 	var served, refused atomic.Int64
 	flood := newCancelFlood(func() {
 		s.log.Warn("QUIC connection closed: its client cancelled more requests before their answer than it let be answered (rapid reset)",
@@ -388,8 +390,10 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxS
 		served.Add(1)
 		s.stats.quicStreams.Add(1)
 		streams.Add(1)
+		open.start()
 		go func() {
 			defer streams.Done()
+			defer open.end()
 			defer credit.ended(str)
 			defer s.release()
 			s.serveStreamOf(sctx, qs, cs, "quic", flood)

@@ -200,6 +200,7 @@ type Server struct {
 	drain      context.CancelFunc
 	stopped    context.Context // cancelled when Shutdown returns: the drain is over
 	stop       context.CancelFunc
+	onBye      atomic.Pointer[func()] // tests: op "bye" began to wait for the connection's other streams (bye.go)
 }
 
 // New validates cfg, fills defaults and returns a Server.

@@ -326,6 +326,9 @@ func (s *Server) enter(ctx context.Context, conn wire.Stream, transport string, 
 	if hello.Op == wire.OpWhy { // answered at once, so not counted
 		return nil, s.why(conn, ss, hello.Session)
 	}
+	if hello.Op == wire.OpBye { // housekeeping of the connection (bye.go)
+		return nil, s.bye(ctx, conn)
+	}
 	if hello.Op != wire.OpAccept { // an accept carries another identity's session, counted there
 		if herr := s.countSession(ss); herr != nil {
 			return nil, herr
@@ -488,6 +491,9 @@ func (s *Server) refuse(conn wire.Stream, herr *wire.HelloError) {
 }
 
 func (s *Server) logSession(ctx context.Context, ss *session) {
+	if ss.audit.action == wire.OpBye {
+		return // the connection's housekeeping, not a session (bye.go)
+	}
 	attrs := []slog.Attr{
 		slog.String("remote", ss.remote),
 		slog.String("identity", ss.id.String()),

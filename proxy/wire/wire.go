@@ -64,6 +64,13 @@ const OpDial = "dial"
 // dial's ok): the answer's End says who ended it and why.
 const OpWhy = "why"
 
+// OpBye says that the client is done with its QUIC connection: the server
+// answers once it has served every other stream of the connection to its end,
+// so that the client's CONNECTION_CLOSE, which discards what the server has
+// not read yet, comes after the last byte and FIN of each session. It takes
+// no fields.
+const OpBye = "bye"
+
 // ClientHello is the first message on a proxy connection, sent by the client.
 type ClientHello struct {
 	V  int    `json:"v"`
@@ -142,8 +149,13 @@ func (h ClientHello) Validate() error {
 			return Errorf(CodeBadRequest, "op \"why\" takes only a session")
 		}
 		return validSessionID(h.Session)
+	case OpBye:
+		if h.Net != "" || h.Host != "" || h.Port != 0 || h.Names != nil || h.Public != nil || h.UDP != nil || h.Session != "" {
+			return Errorf(CodeBadRequest, "op \"bye\" takes no fields")
+		}
+		return nil
 	default:
-		return Errorf(CodeUnknownOp, "operation %q is not known; expected %q, %q, %q or %q", h.Op, OpDial, OpListen, OpAccept, OpWhy)
+		return Errorf(CodeUnknownOp, "operation %q is not known; expected %q, %q, %q, %q or %q", h.Op, OpDial, OpListen, OpAccept, OpWhy, OpBye)
 	}
 	if h.Net != "tcp" && h.Net != "udp" { // udp: a UDP flow (udp.go)
 		return Errorf(CodeUnsupportedNetwork, "network %q is not supported; expected \"tcp\" or \"udp\"", h.Net)

@@ -48,6 +48,8 @@ var helloSeeds = []string{
 	`{"v":1,"op":"why","session":"0123456789abcdef"}`,
 	`{"v":1,"op":"why","session":"00","host":"h"}`,
 	`{"v":1,"op":"why"}`,
+	`{"v":1,"op":"bye"}`,
+	`{"v":1,"op":"bye","session":"00"}`,
 	`{"v":1,"op":"dial","net":"tcp","host":"h","port":1,"port":2}`,
 	`{"v":1,"op":"dial","net":"tcp","host":null,"port":1}`,
 	`{"v":1.0,"op":"dial","net":"tcp","host":"h","port":1}`,
@@ -123,6 +125,10 @@ func FuzzClientHello(f *testing.F) {
 			}
 			if h.Op == OpWhy && (h.Net != "" || h.Host != "" || h.Port != 0 || h.Names != nil || h.Public != nil || h.UDP != nil) {
 				t.Fatalf("accepted a why with other fields: %+v", h)
+			}
+		case OpBye:
+			if h.Net != "" || h.Host != "" || h.Port != 0 || h.Names != nil || h.Public != nil || h.UDP != nil || h.Session != "" {
+				t.Fatalf("accepted a bye with fields: %+v", h)
 			}
 		default:
 			t.Fatalf("accepted op %q", h.Op)
