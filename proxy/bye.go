@@ -12,8 +12,13 @@ import (
 // connection to end before it answers anyway.
 const byeWait = 10 * time.Second
 
-// connStreams counts the request streams a QUIC connection is serving, for
-// op "bye" (docs/PROTOCOL.md, section 3.9).
+// connStreams counts the request streams of a QUIC connection whose client
+// direction the server has not yet read to its end (and passed on), for op
+// "bye" (docs/PROTOCOL.md, section 3.9): a stream leaves the count when its
+// session's bridge read the client's FIN (wire.ReadEnder), or when its
+// request is over, whichever comes first. A session whose destination still
+// holds its side open does not hold up the answer: the client's close now
+// discards nothing.
 type connStreams struct {
 	mu      sync.Mutex
 	n       int
@@ -38,7 +43,7 @@ func (c *connStreams) end() {
 	c.mu.Unlock()
 }
 
-// waitAlone waits until the caller's stream is the only one served, or ctx
+// waitAlone waits until the caller's stream is the only one counted, or ctx
 // ends.
 func (c *connStreams) waitAlone(ctx context.Context) {
 	for {
@@ -57,8 +62,8 @@ func (c *connStreams) waitAlone(ctx context.Context) {
 }
 
 // bye answers op "bye": once every other stream of the connection has been
-// served to its end (each session's last bytes and FIN read and passed on),
-// or after byeWait, the server says ok; the client then closes the connection
+// read to its end (each session's last bytes and FIN read and passed on), or
+// its request is over, or after byeWait, the server says ok; the client then closes the connection
 // knowing that its close discards nothing the server had yet to read. On a
 // connection that carries one request (TLS) there is nothing to wait for.
 // It is housekeeping, not a session: it is neither logged nor audited.

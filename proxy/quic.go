@@ -391,9 +391,12 @@ func (s *Server) serveQUICConn(ctx, drain context.Context, conn *quic.Conn, maxS
 		s.stats.quicStreams.Add(1)
 		streams.Add(1)
 		open.start()
+		var endOnce sync.Once
+		ended := func() { endOnce.Do(open.end) }
+		qs.OnReadEnd(ended) // the session read the client's direction to its end
 		go func() {
 			defer streams.Done()
-			defer open.end()
+			defer ended() // or the request is over
 			defer credit.ended(str)
 			defer s.release()
 			s.serveStreamOf(sctx, qs, cs, "quic", flood)

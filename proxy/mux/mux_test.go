@@ -148,13 +148,7 @@ func TestConcurrentReadsAllWake(t *testing.T) {
 // waitReading waits until n Reads of s are waiting.
 func waitReading(t *testing.T, s *mux.Stream, n int) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for s.ReadsWaiting() != n {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d Reads waiting; want %d", s.ReadsWaiting(), n)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitCount(t, "Reads waiting", s.ReadsWaiting, n)
 }
 
 // Bulk through one stream with windows smaller than the data and frames of
@@ -288,12 +282,18 @@ func TestCloseLikeTCP(t *testing.T) {
 // waitStreams waits until m holds n streams.
 func waitStreams(t *testing.T, m *mux.Conn, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for m.Streams() != n {
+	waitCount(t, "streams open", m.Streams, n)
+}
+
+// waitCount polls count, for up to 20 s, until it is n.
+func waitCount(t *testing.T, what string, count func() int, n int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for count() != n {
 		if time.Now().After(deadline) {
-			t.Fatalf("%d streams open; want %d", m.Streams(), n)
+			t.Fatalf("%d %s; want %d", count(), what, n)
 		}
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond) // polling, bounded by the deadline
 	}
 }
 

@@ -111,6 +111,10 @@ func BridgeNotify(ctx context.Context, a, b net.Conn, beforeAbort func(error)) (
 	return aToB, bToA, br.err
 }
 
+// ReadEnder is a connection told when Bridge has read it to its clean end
+// (*QUICStream: op "bye" waits for that).
+type ReadEnder interface{ ReadEnded() }
+
 type bridgeState struct {
 	ctx         context.Context
 	a, b        net.Conn
@@ -150,6 +154,9 @@ func (br *bridgeState) pipe(dst, src net.Conn, srcIsB bool) int64 {
 		// Counted before the end is passed on: the peer that reads it may
 		// close at once, and that is no cut of this session.
 		br.ended.Add(1)
+		if re, ok := src.(ReadEnder); ok {
+			re.ReadEnded() // from here a close of src's connection cuts nothing
+		}
 		cw, ok := dst.(closeWriter)
 		if !ok {
 			br.closing.Store(true) // the other direction then ends with a closed connection

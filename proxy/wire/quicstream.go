@@ -62,8 +62,9 @@ func quicCodeText(code uint64) string {
 // after a local close wraps net.ErrClosed, and a dead connection becomes a
 // *QUICConnError, which is deliberately not a "normal end" for IsNormalEnd.
 type QUICStream struct {
-	conn *quic.Conn
-	str  *quic.Stream
+	conn    *quic.Conn
+	str     *quic.Stream
+	readEnd func() // OnReadEnd
 }
 
 var _ Stream = (*QUICStream)(nil)
@@ -71,6 +72,19 @@ var _ Stream = (*QUICStream)(nil)
 // NewQUICStream wraps str, a stream of conn.
 func NewQUICStream(conn *quic.Conn, str *quic.Stream) *QUICStream {
 	return &QUICStream{conn: conn, str: str}
+}
+
+// OnReadEnd sets f, which ReadEnded calls: a server counts the streams whose
+// client direction it has not yet read to its end (op "bye"). Set it before
+// the stream is used.
+func (s *QUICStream) OnReadEnd(f func()) { s.readEnd = f }
+
+// ReadEnded says that the peer's direction was read to its end (FIN) and that
+// end passed on; Bridge calls it (ReadEnder).
+func (s *QUICStream) ReadEnded() {
+	if s.readEnd != nil {
+		s.readEnd()
+	}
 }
 
 // Context ends when the peer stops the stream (STOP_SENDING) or the
