@@ -20,3 +20,6 @@ func (s *Stream) ReadsWaiting() int {
 	defer s.mu.Unlock()
 	return s.rwaiting
 }
+
+// ReaderDone is closed when m's reader goroutine returned.
+func (m *Conn) ReaderDone() <-chan struct{} { return m.rdone }

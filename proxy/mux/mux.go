@@ -194,19 +194,25 @@ type Conn struct {
 	ping    bool
 	cwake   chan struct{}
 
-	done chan struct{}
+	// amu is read-held while accept runs and write-held to close done: once
+	// Done is closed, accept is never called again (an owner that waits for
+	// its streams after Done counts them all).
+	amu   sync.RWMutex
+	done  chan struct{}
+	rdone chan struct{} // the reader goroutine returned
 }
 
 // New runs the multiplexer over conn, which it owns from now on. accept (the
 // server's end; nil for a client) is called on the reader's goroutine for
 // each stream the client opens, with its first bytes already readable; it
-// must not block (start a goroutine).
+// must not block (start a goroutine), nor end the connection itself. accept
+// is never called once Done is closed.
 func New(conn net.Conn, o Options, accept func(*Stream)) *Conn {
 	now := time.Now()
 	o = o.withDefaults()
 	m := &Conn{conn: conn, o: o, born: now, accept: accept, big: bigPool(o.MaxPayload),
 		streams: map[uint32]*Stream{}, idleSince: now, credits: map[uint32]uint32{},
-		cwake: make(chan struct{}, 1), done: make(chan struct{})}
+		cwake: make(chan struct{}, 1), done: make(chan struct{}), rdone: make(chan struct{})}
 	m.lastRead.Store(now.UnixNano())
 	go m.readLoop()
 	go m.controlLoop()
@@ -412,7 +418,7 @@ func (m *Conn) Fail(cause error) error {
 	} else {
 		wire.Abort(m.conn, wire.QUICPeerReset)
 	}
-	close(m.done)
+	m.ended()
 	return cause
 }
 
@@ -446,7 +452,7 @@ func (m *Conn) Close() error {
 	err := m.conn.Close() // close_notify, then the transport ends
 	m.werr = net.ErrClosed
 	m.wmu.Unlock()
-	close(m.done)
+	m.ended()
 	return err
 }
 
@@ -454,6 +460,7 @@ func (m *Conn) Close() error {
 // frames go to controlLoop), so a connection whose both ends write much
 // cannot deadlock on full buffers.
 func (m *Conn) readLoop() {
+	defer close(m.rdone)
 	var hdr [HeaderLen]byte
 	var small [8]byte
 	for {
@@ -542,7 +549,7 @@ func (m *Conn) closeIdle(cause error) bool {
 	_ = m.conn.Close()
 	m.werr = net.ErrClosed
 	m.wmu.Unlock()
-	close(m.done)
+	m.ended()
 	return true
 }
 
@@ -550,6 +557,14 @@ func (m *Conn) closeIdle(cause error) bool {
 // stream keeps until read.
 func (m *Conn) onData(typ byte, id uint32, buf *[]byte, n int) error {
 	m.mu.Lock()
+	if m.closed {
+		// The connection ended while this frame was read (a write failed, or
+		// the owner closed it): a stream opened now would never be cut, and
+		// its reader would wait for ever.
+		m.mu.Unlock()
+		putBuf(buf)
+		return net.ErrClosed
+	}
 	s := m.streams[id]
 	if typ == FrameOpen {
 		switch {
@@ -585,9 +600,21 @@ func (m *Conn) onData(typ byte, id uint32, buf *[]byte, n int) error {
 		return err
 	}
 	if typ == FrameOpen {
+		m.amu.RLock()
+		defer m.amu.RUnlock()
+		if m.Ended() {
+			return net.ErrClosed // the connection's end cut s: it is nobody's
+		}
 		m.accept(s) // starts the stream's own goroutine
 	}
 	return nil
+}
+
+// ended closes done, once no accept runs.
+func (m *Conn) ended() {
+	m.amu.Lock()
+	close(m.done)
+	m.amu.Unlock()
 }
 
 func (m *Conn) onControl(typ byte, id uint32, p []byte) error {

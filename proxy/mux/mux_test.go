@@ -420,3 +420,54 @@ func TestPeerCloseAnsweredInKind(t *testing.T) {
 		})
 	}
 }
+
+// heldRead holds its second Read (the first frame's payload, after its
+// header), with the bytes already read, until release is closed.
+type heldRead struct {
+	net.Conn
+	reads   int
+	held    chan struct{}
+	release chan struct{}
+}
+
+func (c *heldRead) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if c.reads++; c.reads == 2 {
+		close(c.held)
+		<-c.release
+	}
+	return n, err
+}
+
+// A stream whose OPEN was read as the connection ended (the bad input: an
+// OPEN frame read in full just before the owner fails the connection) is
+// never accepted: a stream accepted then would belong to no connection, so
+// nothing would end it, and an owner that counts its streams after Done
+// would miss it.
+func TestNoAcceptAfterDone(t *testing.T) {
+	a, b := net.Pipe()
+	t.Cleanup(func() { _ = b.Close() })
+	g := &heldRead{Conn: a, held: make(chan struct{}), release: make(chan struct{})}
+	accepted := make(chan *mux.Stream, 1)
+	m := mux.New(g, mux.Options{}, func(s *mux.Stream) { accepted <- s })
+	go func() { _, _ = b.Write(mux.AppendFrame(nil, mux.FrameOpen, 1, []byte("late"))) }()
+	select {
+	case <-g.held:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the connection did not read the OPEN frame's payload")
+	}
+	m.Fail(errors.New("ended by its owner"))
+	close(g.release)
+	select {
+	case <-m.ReaderDone():
+	case <-time.After(20 * time.Second):
+		t.Fatal("the connection's reader did not return after its end")
+	}
+	select {
+	case s := <-accepted:
+		_ = s.SetReadDeadline(time.Now().Add(time.Second))
+		_, err := io.ReadAll(s)
+		t.Fatalf("a stream was accepted after the connection ended (its Read ended with %v)", err)
+	default:
+	}
+}
