@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"testing"
+	"time"
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients/transport"
@@ -124,7 +125,13 @@ func StartCarrierTestServer(t testing.TB, decide func(authz.Request) authz.Decis
 			return authz.Identity{DeviceID: leaf.Subject.CommonName, NotAfter: leaf.NotAfter}, nil
 		},
 		Authorizer: authorizerFunc(decide),
-		Logger:     slog.New(slog.DiscardHandler),
+		// A UDP flow may idle while a test moves megabytes on another
+		// stream (TestCarrierSwitchMidTransfer): on a loaded machine that
+		// takes longer than the server's 60 s default, which would end the
+		// flow cleanly under the test; the tests' own deadlines are shorter
+		// than this.
+		UDP:    proxy.UDPOptions{IdleTimeout: 10 * time.Minute},
+		Logger: slog.New(slog.DiscardHandler),
 	})
 	if err != nil {
 		t.Fatal(err)
