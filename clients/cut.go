@@ -245,7 +245,7 @@ func (d *Dialer) why(ctx context.Context, session string) (*wire.SessionEnd, err
 			conn = st
 		}
 	}
-	if m := d.tlsMux.usable(); conn == nil && m != nil {
+	if m := d.tlsMux.Usable(); conn == nil && m != nil {
 		if st, err := m.Open(nil); err == nil {
 			conn = st
 		}

@@ -129,8 +129,7 @@ type Dialer struct {
 	// tlsSessions opens the TLS connections to the server, a bounded number
 	// at a time, with one shared configuration (sessionConfig).
 	tlsSessions transport.TLSSessions
-	tlsMux      tlsMuxPool  // tp-mux/1 connections to the server (tlsmux.go)
-	muxCfg      muxCfgCache // their configuration (muxConfig)
+	tlsMux      transport.MuxPool // tp-mux/1 connections to the server (tlsmux.go)
 
 	// Set by Client.Dialer, for CutError: this device's ID (user@device),
 	// named in messages, and Client.WhyRejected, which asks the server why it

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/internal/testkit/testpki"
 )
@@ -26,15 +27,15 @@ func (c *countingConn) Write(p []byte) (int, error) {
 }
 
 // batchedPair is a TLS 1.3 session over a loopback TCP connection whose client
-// writes through a batchConn; the server side is returned for reading.
-func batchedPair(t *testing.T) (*batchedTLS, *countingConn, *tls.Conn) {
+// writes through a transport.BatchConn; the server side is returned for reading.
+func batchedPair(t *testing.T) (*transport.BatchedTLS, *countingConn, *tls.Conn) {
 	t.Helper()
 	ca := testpki.New(t)
 	cert := ca.ServerCert(t, "agent.rev.test")
 	raw, accepted := testnet.Pair(t)
 	srv := tls.Server(accepted, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})
 	counted := &countingConn{Conn: raw}
-	batch := &batchConn{Conn: counted}
+	batch := &transport.BatchConn{Conn: counted}
 	cli := tls.Client(batch, &tls.Config{RootCAs: ca.Pool, ServerName: "agent.rev.test", MinVersion: tls.VersionTLS13})
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Handshake() }()
@@ -45,7 +46,7 @@ func batchedPair(t *testing.T) (*batchedTLS, *countingConn, *tls.Conn) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cli.Close(); srv.Close() })
-	return newBatchedTLS(cli, batch), counted, srv
+	return &transport.BatchedTLS{Conn: cli, Batch: batch}, counted, srv
 }
 
 // One Write of the inner session reaches the stream as one Write, not one per
@@ -70,7 +71,7 @@ func TestBatchedTLSOneWritePerBatch(t *testing.T) {
 	if !bytes.Equal(<-got, data) {
 		t.Fatal("data changed on the way")
 	}
-	// A large write is cut into batches of at most maxBatch bytes.
+	// A large write is cut into batches of at most transport.MaxBatch bytes.
 	big := bytes.Repeat([]byte{7}, 1<<20)
 	go func() { _, _ = io.CopyN(io.Discard, srv, int64(len(big))) }()
 	before = counted.writes.Load()

@@ -388,7 +388,7 @@ func (s *sealedConn) Write(p []byte) (int, error) {
 	if s.closed {
 		return 0, errors.New("end-to-end session: write after CloseWrite")
 	}
-	// One Write of the stream per call (up to four records), as batchConn does
+	// One Write of the stream per call (up to four records), as transport.BatchConn does
 	// for the inner TLS session.
 	written := 0
 	for written < len(p) {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -120,7 +121,7 @@ func TestE2EAttachReusesState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := c.(*batchedTLS); !ok {
+	if _, ok := c.(*transport.BatchedTLS); !ok {
 		t.Fatalf("the first session is a %T; want the inner TLS session", c)
 	}
 	echoes(t, c, "first")
@@ -248,7 +249,7 @@ func TestE2EAttachFallsBackToHandshake(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := c.(*batchedTLS); !ok {
+	if _, ok := c.(*transport.BatchedTLS); !ok {
 		t.Fatalf("after the agent forgot the state: a %T; want a TLS session", c)
 	}
 	echoes(t, c, "second")

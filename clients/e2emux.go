@@ -5,6 +5,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -142,21 +143,21 @@ func appendMuxFrame(dst []byte, typ byte, id uint32, payload []byte) []byte {
 
 // writeCarrierFrames writes whole frames (b) to the carrier: over an inner
 // TLS session, one record per frame and all of them in one write of the
-// relay's stream (batchConn).
+// relay's stream (transport.BatchConn).
 func writeCarrierFrames(conn net.Conn, b []byte) error {
-	bt, ok := conn.(*batchedTLS)
+	bt, ok := conn.(*transport.BatchedTLS)
 	if !ok || len(b) <= muxSendPayload+muxHeaderLen {
 		_, err := conn.Write(b)
 		return err
 	}
-	bt.raw.begin()
+	bt.Batch.Begin()
 	var err error
 	for len(b) > 0 && err == nil {
 		n := muxHeaderLen + int(binary.BigEndian.Uint16(b[5:7]))
 		_, err = bt.Conn.Write(b[:n])
 		b = b[n:]
 	}
-	if ferr := bt.raw.end(); err == nil {
+	if ferr := bt.Batch.End(); err == nil {
 		err = ferr
 	}
 	return err

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -23,7 +24,7 @@ import (
 // service) and answered with a hello; code, when not empty, is the refusal of
 // the dialer's certificate every stream gets (the carrier then ends). pre, the
 // connection to the service started with the session, goes to the first stream.
-func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs tls.ConnectionState, hdr wire.SessionHeader,
+func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *transport.BatchConn, cs tls.ConnectionState, hdr wire.SessionHeader,
 	full, local string, udp bool, pre *localDial, code, reason, device, user string, answered func(), log *slog.Logger) {
 	answered()
 	start := time.Now()
@@ -108,7 +109,7 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *batchConn, cs
 			}
 		}()
 	}
-	m = newMuxConn(newBatchedTLS(tc, batch), false, full, expires, a.inner.Time, accept)
+	m = newMuxConn(&transport.BatchedTLS{Conn: tc, Batch: batch}, false, full, expires, a.inner.Time, accept)
 	a.mu.Lock()
 	if a.carriers == nil {
 		a.carriers = map[*muxConn]struct{}{}

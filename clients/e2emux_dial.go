@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -226,7 +227,7 @@ func (d *Dialer) muxSession(ctx context.Context, m *muxConn, addr string, early 
 // startMux turns a just handshaken end-to-end TLS session (ALPN tp-e2e-mux/1)
 // into a carrier for claim's destination, and opens the dial's session as its
 // first stream.
-func (d *Dialer) startMux(ctx context.Context, tc *tls.Conn, batch *batchConn, addr string, claim *muxClaim) (net.Conn, error) {
+func (d *Dialer) startMux(ctx context.Context, tc *tls.Conn, batch *transport.BatchConn, addr string, claim *muxClaim) (net.Conn, error) {
 	claim.resolved = true
 	cs := tc.ConnectionState()
 	expires := cs.PeerCertificates[0].NotAfter // the carrier ends with either certificate
@@ -234,7 +235,7 @@ func (d *Dialer) startMux(ctx context.Context, tc *tls.Conn, batch *batchConn, a
 		expires = minTime(expires, own)
 	}
 	host, _, _ := net.SplitHostPort(addr)
-	m := newMuxConn(newBatchedTLS(tc, batch), true, host, expires, d.TLSConfig.Time, nil)
+	m := newMuxConn(&transport.BatchedTLS{Conn: tc, Batch: batch}, true, host, expires, d.TLSConfig.Time, nil)
 	m.session = claim.session
 	d.mux.add(claim.key, m)
 	c, err := d.muxSession(ctx, m, addr, claim.early)

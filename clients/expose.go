@@ -685,7 +685,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	}
 	_ = conn.SetReadDeadline(time.Time{}) // hctx bounds the handshake
 	// EOFConn lets a cut of the dialer's side (no close_notify) be told from its end.
-	batch := &batchConn{Conn: wire.NewEOFConn(below)}
+	batch := &transport.BatchConn{Conn: wire.NewEOFConn(below)}
 	tc := tls.Server(batch, a.inner)
 	hctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
@@ -718,7 +718,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		a.serveMux(ctx, tc, batch, cs, hdr, full, local, udp, pre, code, reason, id.DeviceID, id.User, answered, log)
 		return
 	}
-	sess := &e2eSession{Stream: tc, bridge: newBatchedTLS(tc, batch), capsules: tc, answered: answered}
+	sess := &e2eSession{Stream: tc, bridge: &transport.BatchedTLS{Conn: tc, Batch: batch}, capsules: tc, answered: answered}
 	if code != "" {
 		sess.refuse(code, reason, log)
 		return

@@ -191,7 +191,7 @@ func (d *Dialer) muxExchange(ctx context.Context, s *stream, addr string, hello 
 		if rerr := d.rejectedBy(s.mux, addr); rerr != nil {
 			return wire.ServerHello{}, nil, rerr
 		}
-		s.refused = ctx.Err() == nil && (attach == nil || !attach.sent) && streamRefused(err, s.mux)
+		s.refused = ctx.Err() == nil && (attach == nil || !attach.sent) && transport.StreamRefused(err, s.mux)
 		switch {
 		case errors.Is(err, io.EOF):
 			err = fmt.Errorf("reading server hello: the TP server ended the stream without answering: %w", err)

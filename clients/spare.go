@@ -166,7 +166,7 @@ func (s *spareTLS) notifyLocked() {
 // session's own setup is done, so the handshakes do not compete with it for the
 // CPU.
 func (d *Dialer) refillSpare() {
-	if d.tlsMux.live() {
+	if d.tlsMux.Live() {
 		return // dials are streams of a tp-mux connection: no handshake per dial to save
 	}
 	s := &d.spare
@@ -208,7 +208,7 @@ func (d *Dialer) refillSpare() {
 
 // closeSpare discards the spares and makes no more (Dialer.Close).
 func (d *Dialer) closeSpare() {
-	d.tlsMux.close() // and the tp-mux connections (tlsmux.go)
+	d.tlsMux.Close() // and the tp-mux connections (tlsmux.go)
 	s := &d.spare
 	s.mu.Lock()
 	s.closed = true

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/proxy"
@@ -155,11 +156,8 @@ func TestTLSMuxOlderServerFallsBack(t *testing.T) {
 	if conns, streams := d.TLSMuxStats(); conns != 0 || streams != 0 {
 		t.Fatalf("%d tp-mux connections, %d streams with an older server", conns, streams)
 	}
-	d.tlsMux.mu.Lock()
-	none := d.tlsMux.none
-	d.tlsMux.mu.Unlock()
-	if time.Until(none) < tlsMuxNoneFor/2 {
-		t.Fatalf("the Dialer remembers the older server until %v; want about %v from now", none, tlsMuxNoneFor)
+	if none := d.tlsMux.NoneUntil(); time.Until(none) < transport.MuxNoneFor/2 {
+		t.Fatalf("the Dialer remembers the older server until %v; want about %v from now", none, transport.MuxNoneFor)
 	}
 }
 
@@ -202,9 +200,7 @@ func TestTLSMuxDeadConnectionCutsTunnels(t *testing.T) {
 		readEcho(t, c, "x")
 		open = append(open, c)
 	}
-	d.tlsMux.mu.Lock()
-	m := d.tlsMux.conns[0]
-	d.tlsMux.mu.Unlock()
+	m := d.tlsMux.Conns()[0]
 	wire.Abort(m.NetConn(), wire.QUICPeerReset)
 	for i, c := range open {
 		_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
@@ -227,21 +223,19 @@ func TestTLSMuxDeadConnectionCutsTunnels(t *testing.T) {
 	}
 }
 
-// A connection without tunnels closes cleanly after tlsMuxIdle, and the next
-// dial opens a new one.
-func TestTLSMuxIdleConnectionCloses(t *testing.T) { // not parallel: it shortens the package's tp-mux timers
-	defer func(i, tick time.Duration) { tlsMuxIdle, tlsMuxTick = i, tick }(tlsMuxIdle, tlsMuxTick)
-	tlsMuxIdle, tlsMuxTick = 200*time.Millisecond, 50*time.Millisecond
+// A connection without tunnels closes cleanly after the pool's Idle, and the
+// next dial opens a new one.
+func TestTLSMuxIdleConnectionCloses(t *testing.T) {
+	t.Parallel()
 	d, _ := muxTestServer(t, false, nil)
+	d.tlsMux.Idle, d.tlsMux.Tick = 200*time.Millisecond, 50*time.Millisecond
 	echo := testnet.Echo(t)
 	c, err := d.DialContext(context.Background(), "tcp", echo)
 	if err != nil {
 		t.Fatal(err)
 	}
 	echoes(t, c, "one")
-	d.tlsMux.mu.Lock()
-	m := d.tlsMux.conns[0]
-	d.tlsMux.mu.Unlock()
+	m := d.tlsMux.Conns()[0]
 	select {
 	case <-m.Done():
 	case <-time.After(20 * time.Second):

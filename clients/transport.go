@@ -61,7 +61,7 @@ func (s *stream) openMux(d *Dialer, first []byte) (*mux.Stream, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.tlsMux.counted()
+	d.tlsMux.Counted()
 	s.Stream = st
 	return st, nil
 }
@@ -224,7 +224,7 @@ func (d *Dialer) tripTLS(ctx context.Context, t trip) (net.Conn, error) {
 // speak tp-mux/1: plain is then a new tp/1 connection for the request, or nil.
 func (d *Dialer) tripMux(ctx context.Context, t trip) (c net.Conn, handled bool, plain *tls.Conn, err error) {
 	for attempt := 0; ; attempt++ {
-		m, plain, err := d.tlsMuxConn(ctx)
+		m, plain, err := d.tlsMux.Conn(ctx, (*muxClient)(d))
 		if err != nil || m == nil {
 			return nil, err != nil, plain, err
 		}
