@@ -1,0 +1,163 @@
+// Package testidp runs a real OpenID Connect provider on loopback for tests:
+// zitadel's OpenID provider library (discovery, JWKS, the device
+// authorization grant of RFC 8628, ID tokens signed with RS256) over its
+// example in-memory storage, with the people and groups a test gives it. A
+// test plays the person at the provider with Approve or Deny, as a person
+// would on the provider's page; everything TP sees of the provider is the
+// real protocol.
+package testidp
+
+import (
+	"context"
+	"crypto/sha256"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/zitadel/oidc/v3/example/server/storage"
+	"github.com/zitadel/oidc/v3/pkg/oidc"
+	"github.com/zitadel/oidc/v3/pkg/op"
+	"golang.org/x/text/language"
+)
+
+// ClientID is the public client (no secret, device grant) TP is registered
+// as; OtherClientID is another application's, whose ID tokens are not for TP.
+const (
+	ClientID      = "tp"
+	OtherClientID = "other-app"
+)
+
+// Person is someone who can sign in at the provider.
+type Person struct {
+	Subject       string // the provider's stable ID (the sub claim)
+	Email         string
+	EmailVerified bool
+	Username      string // preferred_username
+	Groups        []string
+}
+
+// IdP is a running provider.
+type IdP struct {
+	// Issuer is the provider's issuer URL (http://127.0.0.1:port).
+	Issuer string
+
+	st     *store
+	server *httptest.Server
+}
+
+// Start runs a provider that knows people; it stops with the test.
+func Start(t testing.TB, people ...Person) *IdP {
+	t.Helper()
+	srv := httptest.NewUnstartedServer(nil)
+	issuer := "http://" + srv.Listener.Addr().String()
+	users := userStore{}
+	for _, p := range people {
+		users[p.Subject] = &storage.User{ID: p.Subject, Username: p.Username, Email: p.Email,
+			EmailVerified: p.EmailVerified, PreferredLanguage: language.English}
+	}
+	st := &store{Storage: storage.NewStorageWithClients(users, map[string]*storage.Client{
+		ClientID:      storage.DeviceClient(ClientID, ""),
+		OtherClientID: storage.DeviceClient(OtherClientID, ""),
+	}), groups: map[string][]string{}}
+	for _, p := range people {
+		st.groups[p.Subject] = p.Groups
+	}
+	provider, err := op.NewProvider(&op.Config{
+		CryptoKey:             sha256.Sum256([]byte(t.Name())),
+		CodeMethodS256:        true,
+		GrantTypeRefreshToken: true,
+		DeviceAuthorization: op.DeviceAuthorizationConfig{
+			Lifetime:     5 * time.Minute,
+			PollInterval: time.Second,
+			UserFormPath: "/device",
+			UserCode:     op.UserCodeBase20,
+		},
+		SupportedUILocales: []language.Tag{language.English},
+	}, st, op.StaticIssuer(issuer), op.WithAllowInsecure())
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Config.Handler = provider
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return &IdP{Issuer: issuer, st: st, server: srv}
+}
+
+// Approve signs the person with subject in at the provider and approves the
+// device authorization with userCode, as the person would on the
+// provider's page.
+func (p *IdP) Approve(ctx context.Context, userCode, subject string) error {
+	return p.st.CompleteDeviceAuthorization(ctx, userCode, subject)
+}
+
+// Deny declines the device authorization with userCode.
+func (p *IdP) Deny(ctx context.Context, userCode string) error {
+	return p.st.DenyDeviceAuthorization(ctx, userCode)
+}
+
+// SetGroups changes the groups the provider gives a person from now on.
+func (p *IdP) SetGroups(subject string, groups []string) {
+	p.st.mu.Lock()
+	defer p.st.mu.Unlock()
+	p.st.groups[subject] = groups
+}
+
+// store is the example storage, with TP's client as a public client whose ID
+// tokens carry the person's claims (as Google's, Okta's and Entra ID's do)
+// and a groups claim.
+type store struct {
+	*storage.Storage
+	mu     sync.Mutex
+	groups map[string][]string
+}
+
+func (s *store) GetClientByClientID(ctx context.Context, id string) (op.Client, error) {
+	c, err := s.Storage.GetClientByClientID(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return publicClient{c}, nil
+}
+
+func (s *store) SetUserinfoFromScopes(ctx context.Context, info *oidc.UserInfo, userID, clientID string, scopes []string) error {
+	if err := s.Storage.SetUserinfoFromScopes(ctx, info, userID, clientID, scopes); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	groups := s.groups[userID]
+	s.mu.Unlock()
+	if groups != nil {
+		info.AppendClaims("groups", groups)
+	}
+	return nil
+}
+
+// publicClient is a client without a secret that may use the device grant.
+type publicClient struct{ op.Client }
+
+func (publicClient) AuthMethod() oidc.AuthMethod         { return oidc.AuthMethodNone }
+func (publicClient) ApplicationType() op.ApplicationType { return op.ApplicationTypeNative }
+func (publicClient) GrantTypes() []oidc.GrantType {
+	return []oidc.GrantType{oidc.GrantTypeDeviceCode, oidc.GrantTypeRefreshToken}
+}
+func (publicClient) IDTokenUserinfoClaimsAssertion() bool { return true }
+func (publicClient) IDTokenLifetime() time.Duration       { return 10 * time.Minute }
+
+// userStore is the people a provider knows, by subject.
+type userStore map[string]*storage.User
+
+func (u userStore) GetUserByID(id string) *storage.User { return u[id] }
+func (u userStore) GetUserByUsername(name string) *storage.User {
+	for _, p := range u {
+		if strings.EqualFold(p.Username, name) {
+			return p
+		}
+	}
+	return nil
+}
+func (userStore) ExampleClientID() string { return "service" }
+
+var _ http.Handler = (*op.Provider)(nil)
