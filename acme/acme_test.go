@@ -28,6 +28,9 @@ type testServer struct {
 	Users users.Store
 	HC    *http.Client
 	skew  atomic.Int64 // added to the user store's clock
+	// Enroller serves the enrollment endpoints; a test may set its fields
+	// before its first request.
+	Enroller *Enroller
 }
 
 // newTestServer runs the real embedded CA and enrollment endpoints on a loopback
@@ -70,7 +73,7 @@ func newTestServerWith(t *testing.T, opts CAOptions) *testServer {
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{{Certificate: chain, PrivateKey: key}}}
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
-	ts.URL, ts.PKI, ts.CA, ts.Users, ts.HC = srv.URL, pki, ca, st, login.HTTPClient(pki.Root)
+	ts.URL, ts.PKI, ts.CA, ts.Users, ts.HC, ts.Enroller = srv.URL, pki, ca, st, login.HTTPClient(pki.Root), enr
 	return ts
 }
 

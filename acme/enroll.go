@@ -58,9 +58,13 @@ type Enroller struct {
 	// one per login and per reverse-name certificate: each is a database record
 	// until pruned. Refused, the device is told to wait. nil allows all.
 	AllowBinding func(deviceID string) (ok bool, wait time.Duration)
-	// Enrolled, when set, is told of each device that redeemed its token (the
-	// audit trail); remote is the device's address.
-	Enrolled func(dev users.Device, remote string)
+	// Enrolled, when set, is told of each device that redeemed its token or
+	// enrolled by single sign-on (the audit trail); remote is the device's
+	// address, via how it enrolled.
+	Enrolled func(dev users.Device, remote, via string)
+	// SSO, when set, lets people enrol a device by signing in with the
+	// organisation's OpenID Connect provider (sso.go).
+	SSO *SSO
 }
 
 // Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.
@@ -70,6 +74,8 @@ func (e *Enroller) Handler() http.Handler {
 	mux.HandleFunc("POST "+login.PathEnroll, e.enroll)
 	mux.HandleFunc("POST "+login.PathAttest, e.attest)
 	mux.HandleFunc("POST "+login.PathWhoami, e.whoami)
+	mux.HandleFunc("GET "+login.PathSSO, e.sso)
+	mux.HandleFunc("POST "+login.PathEnrollSSO, e.enrollSSO)
 	mux.HandleFunc("POST "+login.PathReverseChallenge, e.reverseChallenge)
 	mux.HandleFunc("POST "+login.PathReverseAccount, e.reverseAccount)
 	return mux
@@ -128,7 +134,7 @@ func (e *Enroller) enroll(w http.ResponseWriter, r *http.Request) {
 	}
 	e.log().Info("device enrolled", "device", dev.ID, "remote", r.RemoteAddr)
 	if e.Enrolled != nil {
-		e.Enrolled(dev, r.RemoteAddr)
+		e.Enrolled(dev, r.RemoteAddr, "enrollment token")
 	}
 	writeJSON(w, http.StatusOK, login.EnrollResponse{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
 }

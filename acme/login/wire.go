@@ -14,6 +14,11 @@ const (
 	PathEnroll = "/tp/v1/enroll"
 	PathAttest = "/tp/v1/attest"
 	PathWhoami = "/tp/v1/whoami"
+	// PathSSO says whether and how people sign in with the organisation's
+	// OpenID Connect provider (GET, SSOInfo); PathEnrollSSO registers a
+	// device key with the ID token of such a sign-in (POST, EnrollSSORequest).
+	PathSSO       = "/tp/v1/sso"
+	PathEnrollSSO = "/tp/v1/enroll/sso"
 )
 
 // Signing contexts keep a device signature for one purpose from being replayed for another.
@@ -21,6 +26,7 @@ const (
 	enrollContext = "tp-enroll-v1"
 	attestContext = "tp-attest-v1"
 	whoamiContext = "tp-whoami-v1"
+	ssoContext    = "tp-enroll-sso-v1"
 )
 
 // EnrollRequest registers a device key with a one-time token.
@@ -35,6 +41,33 @@ type EnrollResponse struct {
 	DeviceID string `json:"device_id"`
 	User     string `json:"user"`
 	Device   string `json:"device"`
+}
+
+// SSOInfo is what a device needs to sign a person in with the server's
+// OpenID Connect provider: the issuer (its discovery document is at
+// Issuer + "/.well-known/openid-configuration"), the client TP is registered
+// as there (a public client: no secret), and the scopes to ask for.
+type SSOInfo struct {
+	Issuer   string   `json:"issuer"`
+	ClientID string   `json:"client_id"`
+	Scopes   []string `json:"scopes"`
+}
+
+// EnrollSSORequest registers a device key for the person an ID token names.
+type EnrollSSORequest struct {
+	IDToken   string `json:"id_token"`   // the provider's ID token, issued to SSOInfo.ClientID
+	Device    string `json:"device"`     // the device's name, e.g. laptop
+	PublicKey string `json:"public_key"` // base64 PKIX DER of the device key (ECDSA P-256)
+	Signature string `json:"signature"`  // base64 ASN.1 ECDSA over SHA-256(EnrollSSOMessage)
+}
+
+// EnrollSSOResponse is EnrollResponse with the groups the provider's claims
+// gave the user, and the groups left out because they are not valid TP
+// names.
+type EnrollSSOResponse struct {
+	EnrollResponse
+	Groups  []string `json:"groups"`
+	Ignored []string `json:"ignored_groups,omitempty"`
 }
 
 // AttestRequest asks for an attestation certificate for a fresh login key.
@@ -61,6 +94,12 @@ type ErrorResponse struct {
 // EnrollMessage is what the device key signs to redeem a token.
 func EnrollMessage(token, publicKeyB64 string) []byte {
 	return []byte(enrollContext + "\x00" + token + "\x00" + publicKeyB64)
+}
+
+// EnrollSSOMessage is what the device key signs to enrol with an ID token:
+// the token, the device's name and the key, so that neither can be swapped.
+func EnrollSSOMessage(idToken, device, publicKeyB64 string) []byte {
+	return []byte(ssoContext + "\x00" + idToken + "\x00" + device + "\x00" + publicKeyB64)
 }
 
 // AttestMessage is what the device key signs to get a login key attested.

@@ -1,6 +1,7 @@
 // Command dlogin logs this device in to TP: the first time with the enrollment
-// command an administrator printed (server, fingerprint, token), afterwards with
-// no arguments. Each login writes a fresh 4-hour certificate to $TP_HOME.
+// command an administrator printed (server, fingerprint, token), or by signing
+// in with the organisation's identity provider (--sso), afterwards with no
+// arguments. Each login writes a fresh 4-hour certificate to $TP_HOME.
 package main
 
 import (
@@ -9,14 +10,17 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/lib/cli"
 	"github.com/tp-proxy/tp/internal/lib/config"
@@ -38,12 +42,16 @@ func main() {
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var server, fingerprint, token string
+	var server, fingerprint, token, device string
+	var sso bool
 	cmd := &cobra.Command{
-		Use:   "dlogin [--server URL --fingerprint SHA256:… --token TOKEN]",
+		Use:   "dlogin [--server URL --fingerprint SHA256:… (--token TOKEN | --sso [--device NAME])]",
 		Short: "Log this device in to TP and get a fresh certificate",
-		Long: "The first run enrolls the device with the command `tpd enroll` printed.\n" +
+		Long: "The first run enrolls the device with the command `tpd enroll` printed, or, with --sso,\n" +
+			"by signing in with your organisation's identity provider (it prints a page to open and a code).\n" +
 			"Later runs need no arguments; tp also renews by itself when it can.",
+		Example: "  dlogin --server https://tp.example.org --fingerprint SHA256:… --token …\n" +
+			"  dlogin --sso --server https://tp.example.org --fingerprint SHA256:… --device laptop",
 		Args:          cli.Positional(),
 		SilenceUsage:  true,
 		SilenceErrors: true,
@@ -52,20 +60,38 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			if err != nil {
 				return err
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), cfg.Timeout)
-			defer cancel()
 			home := clients.Home{Dir: cfg.Home}
-			if token != "" || server != "" || fingerprint != "" {
+			switch {
+			case sso && token != "":
+				return errors.New("--sso and --token are two ways to enrol: give one (--sso signs in with your organisation's identity provider, --token uses what `tpd enroll` printed)")
+			case device != "" && !sso:
+				return errors.New("--device names the device for --sso; with --token the name is the one `tpd enroll` was given")
+			case sso:
+				// The sign-in waits for a person at a browser: the code's
+				// own expiry bounds it, not the login's timeout.
+				_, statErr := os.Lstat(home.Dir)
+				if err := enrollSSO(cmd.Context(), home, server, fingerprint, device, stdout); err != nil {
+					if errors.Is(statErr, fs.ErrNotExist) {
+						_ = os.RemoveAll(home.Dir)
+					}
+					return err
+				}
+			case token != "" || server != "" || fingerprint != "":
 				// A first enrollment that fails leaves no trace: an empty (or
 				// half-written) TP_HOME would only confuse the next try.
 				_, statErr := os.Lstat(home.Dir)
-				if err := enroll(ctx, home, server, fingerprint, token, stdout); err != nil {
+				ctx, cancel := context.WithTimeout(cmd.Context(), cfg.Timeout)
+				err := enroll(ctx, home, server, fingerprint, token, stdout)
+				cancel()
+				if err != nil {
 					if errors.Is(statErr, fs.ErrNotExist) {
 						_ = os.RemoveAll(home.Dir)
 					}
 					return err
 				}
 			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), cfg.Timeout)
+			defer cancel()
 			c, err := clients.Open(home)
 			if err != nil {
 				return err
@@ -85,6 +111,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	cmd.Flags().StringVar(&server, "server", "", "TP server URL, e.g. https://tp.example.org (first run)")
 	cmd.Flags().StringVar(&fingerprint, "fingerprint", "", "SHA-256 fingerprint of the server's root certificate (first run)")
 	cmd.Flags().StringVar(&token, "token", "", "one-time enrollment token that 'tpd enroll' printed (first run)")
+	cmd.Flags().BoolVar(&sso, "sso", false, "enrol this device by signing in with your organisation's identity provider (first run)")
+	cmd.Flags().StringVar(&device, "device", "", "with --sso: this device's name, e.g. laptop (default: the host name)")
 	config.ClientFlags(cmd.Flags())
 	cmd.SetArgs(args)
 	cmd.SetOut(stdout)
@@ -132,4 +160,116 @@ func enroll(ctx context.Context, home clients.Home, server, fingerprint, token s
 	}
 	fmt.Fprintf(stdout, "Enrolled this device as %s\n", res.DeviceID)
 	return nil
+}
+
+// ssoWait bounds a sign-in: providers let a device code live 5 to 15 minutes.
+const ssoWait = 15 * time.Minute
+
+// enrollSSO pins the server's root, signs the person in with the server's
+// identity provider and enrols a new device key as the device they name.
+func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, device string, stdout io.Writer) error {
+	if server == "" || fingerprint == "" {
+		if p, err := home.Profile(); err == nil && server == "" && fingerprint == "" {
+			server, fingerprint = p.Server, p.Fingerprint // this device enrolled before: sign in again
+		} else {
+			return errors.New("dlogin --sso needs --server and --fingerprint the first time; your TP administrator publishes both (tpd prints the whole dlogin --sso line when it starts)")
+		}
+	}
+	server, err := clients.ServerBaseURL(server)
+	if ue := (*clients.ServerURLError)(nil); errors.As(err, &ue) {
+		return fmt.Errorf("--server takes the server's base URL, https://HOST[:PORT], %s (got %q)", ue.Problem, ue.URL)
+	}
+	if err != nil {
+		return err
+	}
+	if device == "" {
+		if device, err = hostDevice(); err != nil {
+			return err
+		}
+	}
+	if !authz.ValidName(device) {
+		return fmt.Errorf("--device %q: a device name is lowercase letters, digits, '.', '_' and '-', e.g. laptop", device)
+	}
+	if err := home.Init(); err != nil {
+		return err
+	}
+	short, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	fmt.Fprintf(stdout, "Fetching the root certificate from %s\n", server)
+	root, err := login.FetchRoot(short, server, fingerprint)
+	if err != nil {
+		return err
+	}
+	hc := login.HTTPClient(root)
+	info, err := login.FetchSSO(short, hc, server)
+	if err != nil {
+		return err
+	}
+	wait, cancelWait := context.WithTimeout(ctx, ssoWait)
+	defer cancelWait()
+	idToken, err := login.SignIn(wait, &http.Client{Timeout: 30 * time.Second}, info, func(c login.DeviceCode) {
+		fmt.Fprintf(stdout, "To sign in, open %s and enter the code %s\n", c.URL, c.Code)
+		if c.Complete != "" {
+			fmt.Fprintf(stdout, "(or open %s, which carries the code)\n", c.Complete)
+		}
+		fmt.Fprintln(stdout, "Waiting for the sign-in to be approved…")
+	})
+	if err != nil {
+		return err
+	}
+	key, err := clients.NewDeviceKey()
+	if err != nil {
+		return err
+	}
+	enrolCtx, cancelEnrol := context.WithTimeout(ctx, time.Minute)
+	defer cancelEnrol()
+	res, err := login.EnrollDeviceSSO(enrolCtx, hc, server, idToken, device, key)
+	if err != nil {
+		return fmt.Errorf("enrollment failed: %w", err)
+	}
+	if err := home.SaveDeviceKey(key); err != nil {
+		return fmt.Errorf("save device key in %s: %w", home.Dir, err)
+	}
+	if err := home.SaveRoot(root); err != nil {
+		return err
+	}
+	if err := home.SaveProfile(clients.Profile{Server: server, Fingerprint: login.Fingerprint(root), DeviceID: res.DeviceID}); err != nil {
+		return err
+	}
+	groups := "none"
+	if len(res.Groups) > 0 {
+		groups = strings.Join(res.Groups, ", ")
+	}
+	fmt.Fprintf(stdout, "Enrolled this device as %s (groups: %s)\n", res.DeviceID, groups)
+	if len(res.Ignored) > 0 {
+		fmt.Fprintf(stdout, "Groups from the identity provider that TP left out (not valid TP names): %s\n", strings.Join(res.Ignored, ", "))
+	}
+	return nil
+}
+
+// hostDevice is a device name made of the host name: lowercased, its first
+// label, other characters as '-'.
+func hostDevice() (string, error) {
+	h, err := os.Hostname()
+	if err != nil {
+		return "", fmt.Errorf("cannot read the host name for the device's name (%v): give one with --device NAME", err)
+	}
+	h, _, _ = strings.Cut(strings.ToLower(h), ".")
+	var b strings.Builder
+	for _, r := range h {
+		switch {
+		case 'a' <= r && r <= 'z', '0' <= r && r <= '9', r == '_', r == '-':
+			b.WriteRune(r)
+		default:
+			b.WriteByte('-')
+		}
+	}
+	name := strings.Trim(b.String(), "-_")
+	if len(name) > authz.MaxNameLen {
+		name = name[:authz.MaxNameLen]
+	}
+	if !authz.ValidName(name) {
+		return "", fmt.Errorf("the host name %q makes no device name: give one with --device NAME, e.g. laptop", h)
+	}
+	return name, nil
 }

@@ -112,8 +112,17 @@ func TestCommandLineMistakes(t *testing.T) {
 		{[]string{"--sever", "https://127.0.0.1:8443"},
 			"unknown flag --sever for dlogin: did you mean --server? (dlogin --help lists its flags)"},
 		{[]string{"--token", "abc", "laptop"},
-			`dlogin takes no arguments (got "laptop"): dlogin [--server URL --fingerprint SHA256:… --token TOKEN]`},
+			`dlogin takes no arguments (got "laptop"): dlogin [--server URL --fingerprint SHA256:… (--token TOKEN | --sso [--device NAME])], e.g. dlogin --server https://tp.example.org --fingerprint SHA256:… --token …`},
+		{[]string{"--sso", "--token", "abc"},
+			"--sso and --token are two ways to enrol: give one (--sso signs in with your organisation's identity provider, --token uses what `tpd enroll` printed)"},
+		{[]string{"--device", "laptop", "--token", "abc"},
+			"--device names the device for --sso; with --token the name is the one `tpd enroll` was given"},
+		{[]string{"--sso", "--device", "My Laptop", "--server", "https://127.0.0.1:1", "--fingerprint", "SHA256:00"},
+			`--device "My Laptop": a device name is lowercase letters, digits, '.', '_' and '-', e.g. laptop`},
+		{[]string{"--sso"},
+			"dlogin --sso needs --server and --fingerprint the first time; your TP administrator publishes both (tpd prints the whole dlogin --sso line when it starts)"},
 	} {
+		t.Setenv("TP_HOME", t.TempDir())
 		err := run(context.Background(), tt.args, new(bytes.Buffer), new(bytes.Buffer))
 		if err == nil || err.Error() != tt.want {
 			t.Errorf("dlogin %s:\n  %v\nwant\n  %s", strings.Join(tt.args, " "), err, tt.want)

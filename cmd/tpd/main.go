@@ -117,6 +117,11 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				out.say("CA fingerprint: "+d.Fingerprint(), "CA fingerprint", "fingerprint", d.Fingerprint())
 				out.say("Enroll a device: tpd enroll USER --device NAME --data-dir "+cfg.DataDir,
 					"enroll a device with tpd enroll USER --device NAME", "data_dir", cfg.DataDir)
+				if cfg.SSOIssuer != "" {
+					line := fmt.Sprintf("dlogin --sso --server %s --fingerprint %s", cfg.PublicURL(), d.Fingerprint())
+					out.say("People of "+strings.Join(cfg.SSOAllowedDomains, ", ")+" enrol their devices with: "+line,
+						"people enrol their devices by single sign-on", "command", line, "issuer", cfg.SSOIssuer, "domains", cfg.SSOAllowedDomains)
+				}
 				if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && isLoopback(host) && !strings.Contains(cfg.PublicURL(), hostInURL(host)) {
 					// A loopback listen host the certificate does not name: the
 					// URL names the first of names, which must reach this server.

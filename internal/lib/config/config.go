@@ -139,6 +139,8 @@ type Server struct {
 	PublicPorts string `mapstructure:"public-ports"`
 	// IPTunnel configures CONNECT-IP tunnels (iptunnel.go, docs/IP.md).
 	IPTunnel `mapstructure:",squash"`
+	// SSO configures sign-in with an OpenID Connect provider (sso.go).
+	SSO `mapstructure:",squash"`
 
 	// Sites are websites served on the public port beside the proxy (sites.go).
 	Sites []Site `mapstructure:"sites"`
@@ -191,6 +193,7 @@ const (
 func DefaultServer() Server {
 	return Server{
 		IPTunnel:             defaultIPTunnel(),
+		SSO:                  defaultSSO(),
 		DataDir:              "./tpdata",
 		Listen:               "127.0.0.1:8443",
 		Names:                []string{"localhost", "127.0.0.1", "::1"},
@@ -380,6 +383,7 @@ func (s Server) Validate() error {
 	}
 	errs = append(errs, s.validateSites()...)
 	errs = append(errs, s.validateAdmin()...)
+	errs = append(errs, s.validateSSO()...)
 	errs = append(errs, s.validateDatabase()...)
 	errs = append(errs, s.IPTunnel.validate())
 	if _, err := ParseLevel(s.LogLevel); err != nil {
@@ -514,6 +518,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("http-listen", d.HTTPListen)
 	v.SetDefault("site-max-body", d.SiteMaxBody)
 	v.SetDefault("site-upstream-timeout", d.SiteUpstreamTimeout)
+	setSSODefaults(v, d.SSO)
 	v.SetDefault("admin-listen", d.AdminListen)
 	v.SetDefault("admin-listen-remote", d.AdminListenRemote)
 	v.SetDefault("database", d.Database)
@@ -605,6 +610,7 @@ func ServerYAML(s Server) []byte {
 	connectUDPYAML(&b, s)
 	siteYAML(&b, s)
 	adminYAML(&b, s)
+	ssoYAML(&b, s)
 	fmt.Fprintf(&b, "# PostgreSQL for several tpd instances behind one name: a DSN without its password,\n# e.g. postgres://tp@db.example.org:5432/tp?sslmode=verify-full; the password comes from\n# database-password-file (its first line) or the TP_DATABASE_PASSWORD environment variable.\n# \"\" keeps everything in the data dir (one tpd). Every instance needs the same ca/ directory.\ndatabase: %q\ndatabase-password-file: %q\n", s.Database, s.DatabasePasswordFile)
 	fmt.Fprintf(&b, "# With a database, reverse names and public ports are held with leases on its clock\n# (docs/SCALE.md): renewed every reverse-renew; an instance that cannot renew within\n# reverse-lease stops serving them, before another instance may take them.\nreverse-lease: %s\nreverse-renew: %s\n", s.ReverseLease, s.ReverseRenew)
 	fmt.Fprintf(&b, "# With a database: host:port where the other instances reach this one's shared port to\n# carry dials of its reverse names (docs/SCALE.md, \"Peering\"); \"\" = the bound listen address.\npeer-address: %q\n", s.PeerAddress)

@@ -19,7 +19,7 @@ type Act struct {
 	Act string `json:"act"`
 	// Subject is what it was done to: a device ID, user, serial or file.
 	Subject string `json:"subject,omitempty"`
-	// Via is how it was asked: "admin socket", "enrollment endpoint",
+	// Via is how it was asked: "admin socket", "enrollment token", "single sign-on as EMAIL",
 	// "SIGHUP", "policy directory change".
 	Via string `json:"via"`
 	// Result is "ok", "unchanged" or "refused"; Reason says why when not ok.

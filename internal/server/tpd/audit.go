@@ -182,8 +182,8 @@ func (d *Daemon) AuditAdmin(a admin.Act) {
 func (d *Daemon) ReopenAuditLog() error { return d.audit.Reopen() }
 
 // deviceEnrolled is acme.Enroller.Enrolled.
-func (d *Daemon) deviceEnrolled(dev users.Device, remote string) {
-	d.AuditAdmin(admin.Act{Act: "enrolled", Subject: dev.ID, Via: "enrollment endpoint", Result: "ok", Remote: remote})
+func (d *Daemon) deviceEnrolled(dev users.Device, remote, via string) {
+	d.AuditAdmin(admin.Act{Act: "enrolled", Subject: dev.ID, Via: via, Result: "ok", Remote: remote})
 }
 
 // policyReloaded records a policy reload that changed something or failed.

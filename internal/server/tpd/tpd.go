@@ -195,6 +195,10 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		AllowBinding: newKeyedLimiter[string](bindingRate, bindingBurst, maxRateDevices).allow,
 		Enrolled:     d.deviceEnrolled, // audit.go
 	}
+	if cfg.SSOIssuer != "" { // dlogin --sso: sign-in with the organisation's provider
+		enroller.SSO = &acme.SSO{Issuer: cfg.SSOIssuer, ClientID: cfg.SSOClientID, AllowedDomains: cfg.SSOAllowedDomains,
+			UserClaim: cfg.SSOUserClaim, GroupsClaim: cfg.SSOGroupsClaim}
+	}
 	// Anyone reaches these without a certificate: each source address gets a
 	// token bucket, shared by both.
 	d.limiter = newSourceLimiter(cfg.CARateLimit, cfg.CARateBurst)

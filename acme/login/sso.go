@@ -1,0 +1,154 @@
+package login
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+
+	"golang.org/x/oauth2"
+)
+
+// ErrNoSSO is a server that does not sign people in with an identity
+// provider (its answer to PathSSO is 404).
+var ErrNoSSO = errors.New("this TP server does not sign people in with an identity provider")
+
+// FetchSSO asks the server how its people sign in (PathSSO).
+func FetchSSO(ctx context.Context, hc *http.Client, serverURL string) (SSOInfo, error) {
+	body, err := get(ctx, hc, serverURL+PathSSO)
+	var se *ServerError
+	if errors.As(err, &se) && se.Status == http.StatusNotFound {
+		return SSOInfo{}, fmt.Errorf("%w: ask your TP administrator for an enrollment (tpd enroll USER --device NAME) and run the dlogin line it prints", ErrNoSSO)
+	}
+	if err != nil {
+		return SSOInfo{}, err
+	}
+	var info SSOInfo
+	if err := json.Unmarshal(body, &info); err != nil || info.Issuer == "" || info.ClientID == "" {
+		return SSOInfo{}, fmt.Errorf("%s answered without an issuer and client: is this tpd?", serverURL+PathSSO)
+	}
+	return info, nil
+}
+
+// DeviceCode is what a person does to approve a sign-in: open URL (or
+// Complete, which carries the code) and enter Code.
+type DeviceCode struct {
+	URL, Complete, Code string
+}
+
+// SignIn signs a person in with the provider by the device authorization
+// grant (RFC 8628): show is given the page to open and the code to enter,
+// and SignIn waits (polling the provider, until ctx ends or the code
+// expires) for the person to approve it, then returns the ID token. idp
+// reaches the provider.
+func SignIn(ctx context.Context, idp *http.Client, info SSOInfo, show func(DeviceCode)) (string, error) {
+	meta, err := providerMetadata(ctx, idp, info.Issuer)
+	if err != nil {
+		return "", err
+	}
+	if meta.DeviceEndpoint == "" {
+		return "", fmt.Errorf("the identity provider %s does not offer the device authorization grant (RFC 8628), which dlogin --sso uses: ask your TP administrator", info.Issuer)
+	}
+	cfg := &oauth2.Config{ClientID: info.ClientID, Scopes: info.Scopes, Endpoint: oauth2.Endpoint{
+		DeviceAuthURL: meta.DeviceEndpoint, TokenURL: meta.TokenEndpoint, AuthStyle: oauth2.AuthStyleInParams}}
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, idp)
+	da, err := cfg.DeviceAuth(ctx)
+	if err != nil {
+		return "", fmt.Errorf("the identity provider %s refused to start a sign-in: %w", info.Issuer, explainOAuth(err))
+	}
+	show(DeviceCode{URL: da.VerificationURI, Complete: da.VerificationURIComplete, Code: da.UserCode})
+	tok, err := cfg.DeviceAccessToken(ctx, da)
+	if err != nil {
+		var re *oauth2.RetrieveError
+		switch {
+		case errors.As(err, &re) && re.ErrorCode == "access_denied":
+			return "", errors.New("the sign-in was declined at the identity provider; nothing was enrolled")
+		case errors.As(err, &re) && re.ErrorCode == "expired_token", errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil:
+			return "", errors.New("the code expired before the sign-in was approved: run dlogin --sso again and approve it sooner")
+		case ctx.Err() != nil:
+			return "", fmt.Errorf("waiting for the sign-in to be approved: %w", ctx.Err())
+		}
+		return "", fmt.Errorf("the identity provider %s did not complete the sign-in: %w", info.Issuer, explainOAuth(err))
+	}
+	id, _ := tok.Extra("id_token").(string)
+	if id == "" {
+		return "", fmt.Errorf("the identity provider %s answered without an ID token (scope openid): ask your TP administrator", info.Issuer)
+	}
+	return id, nil
+}
+
+// explainOAuth keeps a provider's error code and description, without the
+// raw response.
+func explainOAuth(err error) error {
+	var re *oauth2.RetrieveError
+	if errors.As(err, &re) && re.ErrorCode != "" {
+		if re.ErrorDescription != "" {
+			return fmt.Errorf("%s: %s", re.ErrorCode, re.ErrorDescription)
+		}
+		return errors.New(re.ErrorCode)
+	}
+	return err
+}
+
+// providerMeta is what dlogin reads of a provider's discovery document.
+type providerMeta struct {
+	Issuer         string `json:"issuer"`
+	TokenEndpoint  string `json:"token_endpoint"`
+	DeviceEndpoint string `json:"device_authorization_endpoint"`
+}
+
+// providerMetadata fetches the provider's discovery document; its issuer
+// must be the one tpd named.
+func providerMetadata(ctx context.Context, idp *http.Client, issuer string) (providerMeta, error) {
+	url := strings.TrimSuffix(issuer, "/") + "/.well-known/openid-configuration"
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return providerMeta{}, fmt.Errorf("the TP server names an identity provider that is not a URL (%q): ask your TP administrator", issuer)
+	}
+	resp, err := idp.Do(req)
+	if err != nil {
+		return providerMeta{}, fmt.Errorf("cannot reach the identity provider %s: %w", issuer, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxResponse+1))
+	if err != nil {
+		return providerMeta{}, fmt.Errorf("reading the identity provider's discovery document %s: %w", url, err)
+	}
+	if resp.StatusCode != http.StatusOK || len(body) > maxResponse {
+		return providerMeta{}, fmt.Errorf("the identity provider's discovery document %s answered %s", url, resp.Status)
+	}
+	var m providerMeta
+	if err := json.Unmarshal(body, &m); err != nil {
+		return providerMeta{}, fmt.Errorf("the identity provider's discovery document %s is not JSON: %w", url, err)
+	}
+	if strings.TrimSuffix(m.Issuer, "/") != strings.TrimSuffix(issuer, "/") {
+		return providerMeta{}, fmt.Errorf("the identity provider at %s calls itself %q: refusing it (the TP server's sso-issuer must be the provider's own issuer)", issuer, m.Issuer)
+	}
+	if m.TokenEndpoint == "" {
+		return providerMeta{}, fmt.Errorf("the identity provider's discovery document %s names no token endpoint", url)
+	}
+	return m, nil
+}
+
+// EnrollDeviceSSO registers deviceKey's public half as device of the person
+// idToken names.
+func EnrollDeviceSSO(ctx context.Context, hc *http.Client, serverURL, idToken, device string, deviceKey crypto.Signer) (EnrollSSOResponse, error) {
+	pubDER, err := x509.MarshalPKIXPublicKey(deviceKey.Public())
+	if err != nil {
+		return EnrollSSOResponse{}, err
+	}
+	pub := base64.StdEncoding.EncodeToString(pubDER)
+	sig, err := SignMessage(deviceKey, EnrollSSOMessage(idToken, device, pub))
+	if err != nil {
+		return EnrollSSOResponse{}, err
+	}
+	var out EnrollSSOResponse
+	err = postJSON(ctx, hc, serverURL+PathEnrollSSO, EnrollSSORequest{IDToken: idToken, Device: device, PublicKey: pub, Signature: sig}, &out)
+	return out, err
+}

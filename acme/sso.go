@@ -1,0 +1,317 @@
+package acme
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/coreos/go-oidc/v3/oidc"
+
+	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/server/users"
+)
+
+// Defaults and bounds of single sign-on.
+const (
+	// DefaultSSOUserClaim and DefaultSSOGroupsClaim are the ID token's claims
+	// that name the TP user and its groups.
+	DefaultSSOUserClaim   = "email"
+	DefaultSSOGroupsClaim = "groups"
+	// ssoMaxAge: an ID token older than this (its iat) enrols no device, so
+	// that one that leaked from a log or a proxy long after the sign-in is
+	// worth nothing.
+	ssoMaxAge = 10 * time.Minute
+	// ssoMaxUsed bounds the ID tokens remembered as used (each until it
+	// expires, at most ssoMaxAge after its iat).
+	ssoMaxUsed = 100_000
+	// ssoMaxGroups bounds the groups one sign-in gives a user.
+	ssoMaxGroups = 64
+	// ssoDiscoveryTimeout bounds tpd's fetch of the provider's discovery
+	// document and keys.
+	ssoDiscoveryTimeout = 10 * time.Second
+)
+
+// SSO lets people enrol a device by signing in with the organisation's
+// OpenID Connect provider (dlogin --sso): the provider vouches for who they
+// are, tpd maps its claims to a TP user and groups, and the device's own key
+// is registered as with an enrollment token. Sign-ins use the device
+// authorization grant (RFC 8628), so TP is registered at the provider as a
+// public client (no secret) that may use it.
+type SSO struct {
+	// Issuer is the provider's issuer URL; ClientID is TP's client there.
+	Issuer, ClientID string
+	// AllowedDomains are the email domains whose people may enrol (the ID
+	// token's email claim, which must be verified). People of all of them
+	// share one name space of users.
+	AllowedDomains []string
+	// UserClaim names the TP user (DefaultSSOUserClaim when empty); an email
+	// address gives its local part, lowercased. GroupsClaim lists the user's
+	// groups (DefaultSSOGroupsClaim when empty); groups that are not valid TP
+	// names are left out and named in the answer.
+	UserClaim, GroupsClaim string
+	// HTTPClient reaches the provider (discovery and keys); nil means a
+	// client with the system's roots and a 30 s timeout.
+	HTTPClient *http.Client
+
+	mu       sync.Mutex
+	verifier *oidc.IDTokenVerifier
+	used     map[[32]byte]time.Time // ID tokens that enrolled a device, until they expire
+}
+
+// Info is what dlogin needs to sign a person in (login.PathSSO).
+func (s *SSO) Info() login.SSOInfo {
+	return login.SSOInfo{Issuer: s.Issuer, ClientID: s.ClientID, Scopes: []string{oidc.ScopeOpenID, "email", "profile"}}
+}
+
+// errProviderUnreachable is a failure to fetch the provider's discovery
+// document or keys: tpd answers 503, nothing is the person's fault.
+var errProviderUnreachable = errors.New("identity provider unreachable")
+
+// verifierFor returns the ID token verifier, fetching the provider's
+// discovery document the first time (and again after a failure).
+func (s *SSO) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error) {
+	s.mu.Lock()
+	v := s.verifier
+	s.mu.Unlock()
+	if v != nil {
+		return v, nil
+	}
+	hc := s.HTTPClient
+	if hc == nil {
+		hc = &http.Client{Timeout: 30 * time.Second}
+	}
+	ctx, cancel := context.WithTimeout(ctx, ssoDiscoveryTimeout)
+	defer cancel()
+	p, err := oidc.NewProvider(oidc.ClientContext(ctx, hc), s.Issuer)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", errProviderUnreachable, err)
+	}
+	// The keys are fetched (and refetched when they rotate) with this client
+	// too, outside any one request.
+	v = p.VerifierContext(oidc.ClientContext(context.Background(), hc), &oidc.Config{ClientID: s.ClientID})
+	s.mu.Lock()
+	s.verifier = v
+	s.mu.Unlock()
+	return v, nil
+}
+
+// ssoPerson is who an ID token names, mapped to TP's names.
+type ssoPerson struct {
+	User    string
+	Groups  []string // valid TP group names, sorted, at most ssoMaxGroups
+	Ignored []string // the provider's groups left out
+	Email   string
+}
+
+// ssoRefusal is a sign-in tpd does not accept, with the sentence for the
+// person (403).
+type ssoRefusal struct{ msg string }
+
+func (e *ssoRefusal) Error() string { return e.msg }
+
+func refuse(format string, args ...any) error { return &ssoRefusal{fmt.Sprintf(format, args...)} }
+
+// verify checks an ID token (signature, issuer, audience, expiry, age, one
+// use) and maps its claims to a TP user and groups.
+func (s *SSO) verify(ctx context.Context, raw string, now time.Time) (ssoPerson, error) {
+	v, err := s.verifierFor(ctx)
+	if err != nil {
+		return ssoPerson{}, err
+	}
+	tok, err := v.Verify(ctx, raw)
+	if err != nil {
+		var exp *oidc.TokenExpiredError
+		if errors.As(err, &exp) {
+			return ssoPerson{}, refuse("the sign-in expired at %s: run dlogin --sso again", exp.Expiry.UTC().Format(time.RFC3339))
+		}
+		if strings.Contains(err.Error(), "fetching keys") {
+			return ssoPerson{}, fmt.Errorf("%w: %v", errProviderUnreachable, err)
+		}
+		return ssoPerson{}, refuse("the ID token is not one this server accepts (%v): sign in again with dlogin --sso", err)
+	}
+	if age := now.Sub(tok.IssuedAt); tok.IssuedAt.IsZero() || age > ssoMaxAge {
+		return ssoPerson{}, refuse("the sign-in is older than %s (issued %s): run dlogin --sso again", ssoMaxAge, tok.IssuedAt.UTC().Format(time.RFC3339))
+	}
+	var claims map[string]any
+	if err := tok.Claims(&claims); err != nil {
+		return ssoPerson{}, refuse("the ID token's claims cannot be read: %v", err)
+	}
+	p, err := s.person(claims)
+	if err != nil {
+		return ssoPerson{}, err
+	}
+	if !s.useOnce(raw, tok.Expiry, now) {
+		return ssoPerson{}, refuse("this sign-in already enrolled a device: run dlogin --sso again for another")
+	}
+	return p, nil
+}
+
+// person maps an ID token's claims to TP's user and groups.
+func (s *SSO) person(claims map[string]any) (ssoPerson, error) {
+	email, _ := claims["email"].(string)
+	if email == "" {
+		return ssoPerson{}, refuse("the provider sent no email address (scope email); TP needs it to check the domain")
+	}
+	if verified, _ := claims["email_verified"].(bool); !verified {
+		return ssoPerson{}, refuse("the provider has not verified the email address %s; verify it there and sign in again", email)
+	}
+	at := strings.LastIndexByte(email, '@')
+	domain := strings.ToLower(email[at+1:])
+	if at < 1 || !slices.ContainsFunc(s.AllowedDomains, func(d string) bool { return strings.EqualFold(d, domain) }) {
+		return ssoPerson{}, refuse("people of %q may not enrol devices on this TP server (its sso-allowed-domains: %s)", domain, strings.Join(s.AllowedDomains, ", "))
+	}
+	claim := s.UserClaim
+	if claim == "" {
+		claim = DefaultSSOUserClaim
+	}
+	name, _ := claims[claim].(string)
+	if i := strings.LastIndexByte(name, '@'); i >= 0 {
+		name = name[:i]
+	}
+	name = strings.ToLower(name)
+	if !authz.ValidName(name) {
+		return ssoPerson{}, refuse("the provider's %s %q does not give a valid TP user name (lowercase letters, digits, '.', '_' and '-'); ask your TP administrator to set sso-user-claim", claim, claims[claim])
+	}
+	p := ssoPerson{User: name, Email: email, Groups: []string{}}
+	gclaim := s.GroupsClaim
+	if gclaim == "" {
+		gclaim = DefaultSSOGroupsClaim
+	}
+	var groups []string
+	switch g := claims[gclaim].(type) {
+	case string:
+		groups = []string{g}
+	case []any:
+		for _, x := range g {
+			if str, ok := x.(string); ok {
+				groups = append(groups, str)
+			}
+		}
+	}
+	for _, g := range groups {
+		lg := strings.ToLower(g)
+		if authz.ValidName(lg) && len(p.Groups) < ssoMaxGroups {
+			p.Groups = append(p.Groups, lg)
+		} else {
+			p.Ignored = append(p.Ignored, g)
+		}
+	}
+	p.Groups = users.NormalizeGroups(p.Groups)
+	return p, nil
+}
+
+// useOnce records an ID token as used; false if it was already.
+func (s *SSO) useOnce(raw string, expiry, now time.Time) bool {
+	h := sha256.Sum256([]byte(raw))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.used == nil {
+		s.used = map[[32]byte]time.Time{}
+	}
+	if _, ok := s.used[h]; ok {
+		return false
+	}
+	if len(s.used) >= ssoMaxUsed {
+		for k, exp := range s.used {
+			if now.After(exp) {
+				delete(s.used, k)
+			}
+		}
+	}
+	if len(s.used) >= ssoMaxUsed {
+		return false // refused rather than forgetting a token that could be replayed
+	}
+	s.used[h] = expiry
+	return true
+}
+
+// sso answers login.PathSSO: 404 when tpd has no provider configured.
+func (e *Enroller) sso(w http.ResponseWriter, _ *http.Request) {
+	if e.SSO == nil {
+		writeErr(w, http.StatusNotFound, "this TP server does not sign people in with an identity provider; ask your TP administrator for an enrollment (tpd enroll USER --device NAME)")
+		return
+	}
+	writeJSON(w, http.StatusOK, e.SSO.Info())
+}
+
+// enrollSSO registers a device key for the person an ID token names
+// (login.PathEnrollSSO).
+func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
+	if e.SSO == nil {
+		writeErr(w, http.StatusNotFound, "this TP server does not sign people in with an identity provider; ask your TP administrator for an enrollment (tpd enroll USER --device NAME)")
+		return
+	}
+	var req login.EnrollSSORequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if !authz.ValidName(req.Device) {
+		writeErr(w, http.StatusBadRequest, fmt.Sprintf("device name %q: use lowercase letters, digits, '.', '_' and '-', e.g. laptop", req.Device))
+		return
+	}
+	pub, err := parseP256(req.PublicKey)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "device public_key: "+err.Error())
+		return
+	}
+	if !verify(pub, login.EnrollSSOMessage(req.IDToken, req.Device, req.PublicKey), req.Signature) {
+		writeErr(w, http.StatusBadRequest, "signature does not match the device public key")
+		return
+	}
+	p, err := e.SSO.verify(r.Context(), req.IDToken, e.now())
+	var refusal *ssoRefusal
+	switch {
+	case errors.As(err, &refusal):
+		e.log().Warn("single sign-on enrollment refused", "remote", r.RemoteAddr, "why", refusal.msg)
+		writeErr(w, http.StatusForbidden, refusal.msg)
+		return
+	case err != nil:
+		e.log().Error("single sign-on enrollment failed: the identity provider cannot be reached", "issuer", e.SSO.Issuer, "err", err)
+		w.Header().Set("Retry-After", "30")
+		writeErr(w, http.StatusServiceUnavailable, "the TP server cannot reach the identity provider right now; try again in a minute")
+		return
+	}
+	id := authz.DeviceID(p.User, req.Device)
+	if dev, err := e.Users.Device(id); err == nil && dev.Revoked {
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", id))
+		return
+	}
+	if e.Denied != nil {
+		if reason, denied := e.Denied(users.Device{ID: id, User: p.User, Name: req.Device}); denied {
+			writeErr(w, http.StatusForbidden, reason)
+			return
+		}
+	}
+	der, _ := base64.StdEncoding.DecodeString(req.PublicKey)
+	en, err := e.Users.Enroll(p.User, req.Device, p.Groups, time.Minute)
+	var dev users.Device
+	if err == nil {
+		dev, err = e.Users.Redeem(en.Token, der)
+	}
+	if err != nil {
+		if errors.Is(err, users.ErrUnavailable) {
+			e.log().Error("single sign-on enrollment failed: the user store is unavailable", "err", err)
+			w.Header().Set("Retry-After", "30")
+			writeErr(w, http.StatusServiceUnavailable, "the server cannot reach its database right now; run dlogin --sso again in a minute")
+			return
+		}
+		e.log().Error("single sign-on enrollment failed", "err", err)
+		writeErr(w, http.StatusInternalServerError, "enrollment failed on the server; try again or ask your administrator to check tpd's log")
+		return
+	}
+	e.log().Info("device enrolled by single sign-on", "device", dev.ID, "email", p.Email, "groups", p.Groups, "ignored_groups", p.Ignored, "remote", r.RemoteAddr)
+	if e.Enrolled != nil {
+		e.Enrolled(dev, r.RemoteAddr, "single sign-on as "+p.Email)
+	}
+	writeJSON(w, http.StatusOK, login.EnrollSSOResponse{
+		EnrollResponse: login.EnrollResponse{DeviceID: dev.ID, User: dev.User, Device: dev.Name},
+		Groups:         p.Groups, Ignored: p.Ignored})
+}

@@ -1,0 +1,106 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/internal/testkit/testidp"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
+)
+
+// ssoPolicy lets group ops reach loopback; the reason names the groups.
+const ssoPolicy = `package tp.authz
+
+default allow := false
+
+allow if {
+	input.action == "dial"
+	"ops" in input.identity.groups
+	input.destination.host == "127.0.0.1"
+}
+
+reason := sprintf("loopback is for group ops (you: %s, groups: %v)", [input.identity.device_id, input.identity.groups]) if not allow
+`
+
+// A person signs in with the organisation's identity provider: the real
+// dlogin --sso prints the page to open and the code, the person approves it
+// at the provider, and the device is enrolled as the email's user with the
+// provider's groups, gets its certificate, and tp reaches what the policy
+// gives the group. Someone whose provider groups lack it is refused with the
+// policy's reason.
+func TestSSOLoginThenDial(t *testing.T) {
+	parallel(t)
+	idp := testidp.Start(t,
+		testidp.Person{Subject: "s-alice", Email: "alice@example.org", EmailVerified: true, Groups: []string{"ops"}},
+		testidp.Person{Subject: "s-dave", Email: "dave@example.org", EmailVerified: true, Groups: []string{"sales"}})
+	srv := startServer(t, ssoPolicy, "TP_SSO_ISSUER="+idp.Issuer, "TP_SSO_CLIENT_ID="+testidp.ClientID, "TP_SSO_ALLOWED_DOMAINS=example.org")
+	echo := testnet.Echo(t)
+	_, port, _ := strings.Cut(echo, ":")
+
+	signIn := func(subject, device string) []string {
+		t.Helper()
+		env := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "tp-home")}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		cmd := commandContext(ctx, binary("dlogin"), "--sso", "--server", srv.URL, "--fingerprint", srv.Fingerprint, "--device", device)
+		cmd.Env = append(os.Environ(), env...)
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		var out strings.Builder
+		code := regexp.MustCompile(`^To sign in, open (\S+) and enter the code (\S+)$`)
+		approved := false
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			line := sc.Text()
+			out.WriteString(line + "\n")
+			if m := code.FindStringSubmatch(line); m != nil && !approved {
+				if !strings.HasPrefix(m[1], idp.Issuer) {
+					t.Errorf("dlogin sends the person to %s; want the provider %s", m[1], idp.Issuer)
+				}
+				if err := idp.Approve(ctx, m[2], subject); err != nil {
+					t.Fatalf("approving code %s at the provider: %v\n%s", m[2], err, out.String())
+				}
+				approved = true
+			}
+		}
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("dlogin --sso: %v\n%s%s", err, out.String(), stderr.String())
+		}
+		if !approved || !strings.Contains(out.String(), "Login successful!") {
+			t.Fatalf("dlogin --sso printed no code to approve, or no success:\n%s%s", out.String(), stderr.String())
+		}
+		return append(env, out.String())
+	}
+
+	env := signIn("s-alice", "laptop")
+	if out := env[1]; !strings.Contains(out, "Enrolled this device as alice@laptop (groups: ops)") {
+		t.Fatalf("dlogin --sso did not name the device and its groups:\n%s", out)
+	}
+	env = env[:1]
+	if out, err := runErr(env, strings.NewReader("hello through sso\n"), binary("tp"), "127.0.0.1", port); err != nil || !strings.Contains(out, "hello through sso") {
+		t.Fatalf("tp 127.0.0.1 %s after dlogin --sso: %v\n%s", port, err, out)
+	}
+	// Later logins need no sign-in: the device key renews the certificate.
+	if out := run(t, env, binary("dlogin")); !strings.Contains(out, "Login successful!") {
+		t.Fatalf("dlogin without arguments after --sso:\n%s", out)
+	}
+
+	denv := signIn("s-dave", "desk")[:1]
+	out, err := runErr(denv, strings.NewReader(""), binary("tp"), "127.0.0.1", port)
+	if want := `loopback is for group ops (you: dave@desk, groups: ["sales"])`; err == nil || !strings.Contains(out, want) {
+		t.Fatalf("tp for dave (group sales): %v\n%s\nwant the policy's reason %q", err, out, want)
+	}
+}
