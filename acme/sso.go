@@ -63,8 +63,14 @@ type SSO struct {
 
 	mu       sync.Mutex
 	verifier *oidc.IDTokenVerifier
+	failed   time.Time // the last failed discovery: none again before ssoRetry
+	failure  error
 	used     map[[32]byte]time.Time // ID tokens that enrolled a device, until they expire
 }
+
+// ssoRetry: after a failed discovery, requests fail at once for this long
+// instead of each making tpd fetch the provider's document again.
+const ssoRetry = 10 * time.Second
 
 // Info is what dlogin needs to sign a person in (login.PathSSO).
 func (s *SSO) Info() login.SSOInfo {
@@ -79,10 +85,13 @@ var errProviderUnreachable = errors.New("identity provider unreachable")
 // discovery document the first time (and again after a failure).
 func (s *SSO) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error) {
 	s.mu.Lock()
-	v := s.verifier
+	v, failed, failure := s.verifier, s.failed, s.failure
 	s.mu.Unlock()
 	if v != nil {
 		return v, nil
+	}
+	if time.Since(failed) < ssoRetry {
+		return nil, failure
 	}
 	hc := s.HTTPClient
 	if hc == nil {
@@ -92,7 +101,11 @@ func (s *SSO) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error) {
 	defer cancel()
 	p, err := oidc.NewProvider(oidc.ClientContext(ctx, hc), s.Issuer)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", errProviderUnreachable, err)
+		err = fmt.Errorf("%w: %v", errProviderUnreachable, err)
+		s.mu.Lock()
+		s.failed, s.failure = time.Now(), err
+		s.mu.Unlock()
+		return nil, err
 	}
 	// The keys are fetched (and refetched when they rotate) with this client
 	// too, outside any one request.

@@ -10,8 +10,10 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -223,6 +225,25 @@ func TestSSOProviderUnreachable(t *testing.T) {
 	}
 	if _, err := ts.Users.Device("alice@laptop"); !errors.Is(err, users.ErrNotFound) {
 		t.Fatalf("alice@laptop exists after a refused sign-in (%v)", err)
+	}
+
+	// A provider that answers with errors: tpd asks it once, not once per
+	// request (anyone can send one), until ssoRetry passed.
+	var asked atomic.Int64
+	broken := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		asked.Add(1)
+		http.Error(w, "down for maintenance", http.StatusServiceUnavailable)
+	}))
+	t.Cleanup(broken.Close)
+	ts.Enroller.SSO = &SSO{Issuer: broken.URL, ClientID: testidp.ClientID, AllowedDomains: []string{"example.org"}}
+	for i := range 3 {
+		_, err := login.EnrollDeviceSSO(context.Background(), ts.HC, ts.URL, tok, "laptop", newKey(t))
+		if !errors.As(err, &se) || se.Status != http.StatusServiceUnavailable {
+			t.Fatalf("request %d to a provider that answers 503: %v; want 503", i, err)
+		}
+	}
+	if n := asked.Load(); n != 1 {
+		t.Fatalf("3 requests asked the failing provider %d times; want once", n)
 	}
 }
 
