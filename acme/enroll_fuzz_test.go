@@ -17,18 +17,22 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/internal/server/users"
+	"github.com/tp-proxy/tp/internal/testkit/testidp"
 )
 
 // fuzzPaths are the enrollment endpoints that read a request body; the fuzzer
 // picks one by index.
-var fuzzPaths = []string{login.PathEnroll, login.PathAttest, login.PathWhoami, login.PathReverseChallenge, login.PathReverseAccount}
+var fuzzPaths = []string{login.PathEnroll, login.PathAttest, login.PathWhoami, login.PathReverseChallenge, login.PathReverseAccount, login.PathEnrollSSO}
 
 // FuzzEnrollmentBodies: any request body, from anyone, to the endpoints that a
-// device without a certificate reaches (enrollment, attestation, whoami and the
-// reverse-name endpoints), against the real embedded CA and user store. Every
-// answer is JSON; a refusal is a 4xx with a sentence, never a 5xx; and a 200 is
-// only ever given to a request signed by the enrolled device's key (or, for
-// enrollment, carrying the token the administrator issued).
+// device without a certificate reaches (enrollment, attestation, whoami, the
+// reverse-name endpoints and enrollment by single sign-on, with a real
+// identity provider on loopback), against the real embedded CA and user
+// store. Every answer is JSON; a refusal is a 4xx with a sentence, never a
+// 5xx; and a 200 is only ever given to a request signed by the enrolled
+// device's key (or, for enrollment, carrying the token the administrator
+// issued; no input can carry an ID token the provider issued, so single
+// sign-on never answers 200).
 func FuzzEnrollmentBodies(f *testing.F) {
 	dir := f.TempDir()
 	pki, err := Bootstrap(filepath.Join(dir, "ca"), "fuzz")
@@ -47,6 +51,8 @@ func FuzzEnrollmentBodies(f *testing.F) {
 	}
 	enr := &Enroller{PKI: pki, CA: ca, Users: st, Now: func() time.Time { return now },
 		ReverseOwner: func(host string) (string, bool) { return "alice@laptop", host == "laptop-ssh.rev.tp.internal" }}
+	idp := testidp.Start(f, testidp.Person{Subject: "s-alice", Email: "alice@example.org", EmailVerified: true})
+	enr.SSO = &SSO{Issuer: idp.Issuer, ClientID: testidp.ClientID, AllowedDomains: []string{"example.org"}}
 	h := enr.Handler()
 
 	post := func(path, ctype string, body []byte) *httptest.ResponseRecorder {
@@ -115,6 +121,9 @@ func FuzzEnrollmentBodies(f *testing.F) {
 		Signature: sign(devKey, login.ReverseChallengeMessage("alice@laptop", "laptop-ssh.rev.tp.internal", "digest", ts))}))
 	f.Add(uint8(4), true, mustJSON(login.ReverseAccountRequest{DeviceID: "alice@laptop", Name: "laptop-ssh.rev.tp.internal", Time: ts,
 		Signature: sign(devKey, login.ReverseAccountMessage("alice@laptop", "laptop-ssh.rev.tp.internal", ts))}))
+	fakeJWT := "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJ4In0.c2ln"
+	f.Add(uint8(5), true, mustJSON(login.EnrollSSORequest{IDToken: fakeJWT, Device: "laptop", PublicKey: pubB64(loginKey),
+		Signature: sign(loginKey, login.EnrollSSOMessage(fakeJWT, "laptop", pubB64(loginKey)))}))
 	f.Add(uint8(1), true, []byte(`{"device_id":"alice@laptop","public_key":"AAAA","time":"x","signature":""}`))
 	f.Add(uint8(2), false, []byte(`{}`))
 	f.Add(uint8(0), true, []byte(`{"token":"x","public_key":"","signature":""} {}`))
