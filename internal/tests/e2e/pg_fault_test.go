@@ -48,24 +48,13 @@ func pgCluster(t *testing.T, dsn string, n int, policy string) (srvs []*server, 
 				t.Fatal(err)
 			}
 		}
-		adm := freeLoopback(t)
 		env := []string{"TP_DATABASE=" + dsn, "TP_DATABASE_PASSWORD=" + testpg.Password,
-			"TP_REVERSE_LEASE=3s", "TP_REVERSE_RENEW=500ms", "TP_ADMIN_LISTEN=" + adm}
-		srvs = append(srvs, startTPD(t, dir, "127.0.0.1:0", env))
-		admin = append(admin, adm)
+			"TP_REVERSE_LEASE=3s", "TP_REVERSE_RENEW=500ms", "TP_ADMIN_LISTEN=127.0.0.1:0"}
+		s := startTPD(t, dir, "127.0.0.1:0", env)
+		srvs = append(srvs, s)
+		admin = append(admin, adminListen(t, s))
 	}
 	return srvs, admin
-}
-
-// freeLoopback is a loopback TCP address free a moment ago.
-func freeLoopback(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }
 
 // markerServer answers every connection with marker, then echoes: a dial's

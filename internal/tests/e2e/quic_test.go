@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -115,6 +116,20 @@ func waitLog(t *testing.T, log *testlog.Buffer, want string, within time.Duratio
 		}
 		time.Sleep(20 * time.Millisecond) // polling a log, bounded by the deadline
 	}
+}
+
+// adminListen is the address of srv's admin listener, which tpd logs once it
+// serves it: tests start tpd with TP_ADMIN_LISTEN=127.0.0.1:0, since a port
+// found free before tpd starts may be taken by a parallel test's process by
+// the time tpd binds it.
+func adminListen(t *testing.T, srv *server) string {
+	t.Helper()
+	waitLog(t, srv.log, "serving metrics and health checks", 30*time.Second)
+	m := regexp.MustCompile(`msg="serving metrics and health checks" admin_listen=(\S+)`).FindStringSubmatch(srv.log.String())
+	if m == nil {
+		t.Fatalf("tpd logged no admin_listen address:\n%s", srv.log.String())
+	}
+	return m[1]
 }
 
 // stopTPD sends SIGTERM to srv's tpd and waits for the port.
