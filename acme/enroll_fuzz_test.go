@@ -52,7 +52,7 @@ func FuzzEnrollmentBodies(f *testing.F) {
 	enr := &Enroller{PKI: pki, CA: ca, Users: st, Now: func() time.Time { return now },
 		ReverseOwner: func(host string) (string, bool) { return "alice@laptop", host == "laptop-ssh.rev.tp.internal" }}
 	idp := testidp.Start(f, testidp.Person{Subject: "s-alice", Email: "alice@example.org", EmailVerified: true})
-	enr.SSO = &SSO{Issuer: idp.Issuer, ClientID: testidp.ClientID, AllowedDomains: []string{"example.org"}}
+	enr.SSO = &SSO{Issuer: idp.Issuer, ClientID: testidp.ClientID, Domain: "example.org"}
 	h := enr.Handler()
 
 	post := func(path, ctype string, body []byte) *httptest.ResponseRecorder {

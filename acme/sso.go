@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -48,10 +47,10 @@ const (
 type SSO struct {
 	// Issuer is the provider's issuer URL; ClientID is TP's client there.
 	Issuer, ClientID string
-	// AllowedDomains are the email domains whose people may enrol (the ID
-	// token's email claim, which must be verified). People of all of them
-	// share one name space of users.
-	AllowedDomains []string
+	// Domain is the email domain whose people may enrol (the ID token's
+	// email claim, which must be verified): its local parts are TP's user
+	// names. One domain, so that two people never map to one name.
+	Domain string
 	// UserClaim names the TP user (DefaultSSOUserClaim when empty); an email
 	// address gives its local part, lowercased. GroupsClaim lists the user's
 	// groups (DefaultSSOGroupsClaim when empty); groups that are not valid TP
@@ -97,7 +96,9 @@ func (s *SSO) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error) {
 	if hc == nil {
 		hc = &http.Client{Timeout: 30 * time.Second}
 	}
-	ctx, cancel := context.WithTimeout(ctx, ssoDiscoveryTimeout)
+	// Not the request's context: a client that hangs up must not make the
+	// fetch fail (and the next ssoRetry of requests with it).
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ssoDiscoveryTimeout)
 	defer cancel()
 	p, err := oidc.NewProvider(oidc.ClientContext(ctx, hc), s.Issuer)
 	if err != nil {
@@ -118,8 +119,11 @@ func (s *SSO) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error) {
 
 // ssoPerson is who an ID token names, mapped to TP's names.
 type ssoPerson struct {
-	User    string
-	Groups  []string // valid TP group names, sorted, at most ssoMaxGroups
+	User string
+	// Groups are valid TP group names, sorted, at most ssoMaxGroups; nil
+	// when the token has no groups claim (the user's groups stay as they
+	// are), empty when the claim lists none (they are cleared).
+	Groups  []string
 	Ignored []string // the provider's groups left out
 	Email   string
 }
@@ -167,19 +171,34 @@ func (s *SSO) verify(ctx context.Context, raw string, now time.Time) (ssoPerson,
 	return p, nil
 }
 
-// person maps an ID token's claims to TP's user and groups.
+// person maps an ID token's claims to TP's user and groups. Names are
+// ASCII only: Unicode case folding would make two of the provider's names
+// one of TP's (U+212A KELVIN SIGN lowercases to k).
 func (s *SSO) person(claims map[string]any) (ssoPerson, error) {
+	// The token must be for TP alone: an ID token another application asked
+	// for (azp), or one meant for several audiences, is not a sign-in to TP.
+	if azp, ok := claims["azp"].(string); ok && azp != s.ClientID {
+		return ssoPerson{}, refuse("the ID token was issued to %q, not to TP's client %q: sign in with dlogin --sso", azp, s.ClientID)
+	}
+	if aud, ok := claims["aud"].([]any); ok && len(aud) > 1 {
+		if _, ok := claims["azp"]; !ok {
+			return ssoPerson{}, refuse("the ID token is for several audiences and names no authorized party: sign in with dlogin --sso")
+		}
+	}
 	email, _ := claims["email"].(string)
 	if email == "" {
 		return ssoPerson{}, refuse("the provider sent no email address (scope email); TP needs it to check the domain")
 	}
-	if verified, _ := claims["email_verified"].(bool); !verified {
+	if !isASCII(email) {
+		return ssoPerson{}, refuse("the email address %q is not plain ASCII; TP user names are", email)
+	}
+	verified := claims["email_verified"] == true || claims["email_verified"] == "true"
+	if !verified {
 		return ssoPerson{}, refuse("the provider has not verified the email address %s; verify it there and sign in again", email)
 	}
 	at := strings.LastIndexByte(email, '@')
-	domain := strings.ToLower(email[at+1:])
-	if at < 1 || !slices.ContainsFunc(s.AllowedDomains, func(d string) bool { return strings.EqualFold(d, domain) }) {
-		return ssoPerson{}, refuse("people of %q may not enrol devices on this TP server (its sso-allowed-domains: %s)", domain, strings.Join(s.AllowedDomains, ", "))
+	if domain := asciiLower(email[at+1:]); at < 1 || domain != asciiLower(s.Domain) {
+		return ssoPerson{}, refuse("people of %q may not enrol devices on this TP server (its sso-domain is %s)", email[at+1:], s.Domain)
 	}
 	claim := s.UserClaim
 	if claim == "" {
@@ -187,19 +206,23 @@ func (s *SSO) person(claims map[string]any) (ssoPerson, error) {
 	}
 	name, _ := claims[claim].(string)
 	if i := strings.LastIndexByte(name, '@'); i >= 0 {
+		if asciiLower(name[i+1:]) != asciiLower(s.Domain) {
+			return ssoPerson{}, refuse("the provider's %s %q is not of %s", claim, name, s.Domain)
+		}
 		name = name[:i]
 	}
-	name = strings.ToLower(name)
-	if !authz.ValidName(name) {
+	if !isASCII(name) || !authz.ValidName(asciiLower(name)) {
 		return ssoPerson{}, refuse("the provider's %s %q does not give a valid TP user name (lowercase letters, digits, '.', '_' and '-'); ask your TP administrator to set sso-user-claim", claim, claims[claim])
 	}
-	p := ssoPerson{User: name, Email: email, Groups: []string{}}
+	p := ssoPerson{User: asciiLower(name), Email: email}
 	gclaim := s.GroupsClaim
 	if gclaim == "" {
 		gclaim = DefaultSSOGroupsClaim
 	}
 	var groups []string
 	switch g := claims[gclaim].(type) {
+	case nil:
+		return p, nil // no claim: the user's groups stay as they are
 	case string:
 		groups = []string{g}
 	case []any:
@@ -209,9 +232,10 @@ func (s *SSO) person(claims map[string]any) (ssoPerson, error) {
 			}
 		}
 	}
+	p.Groups = []string{}
 	for _, g := range groups {
-		lg := strings.ToLower(g)
-		if authz.ValidName(lg) && len(p.Groups) < ssoMaxGroups {
+		lg := asciiLower(g)
+		if isASCII(g) && authz.ValidName(lg) && len(p.Groups) < ssoMaxGroups {
 			p.Groups = append(p.Groups, lg)
 		} else {
 			p.Ignored = append(p.Ignored, g)
@@ -219,6 +243,26 @@ func (s *SSO) person(claims map[string]any) (ssoPerson, error) {
 	}
 	p.Groups = users.NormalizeGroups(p.Groups)
 	return p, nil
+}
+
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+// asciiLower lowercases ASCII letters only.
+func asciiLower(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if 'A' <= c && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
 }
 
 // useOnce records an ID token as used; false if it was already.
@@ -292,9 +336,18 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusServiceUnavailable, "the TP server cannot reach the identity provider right now; try again in a minute")
 		return
 	}
+	// A sign-in enrols new devices only: replacing an enrolled device's key
+	// would let whoever signs in as the user (or holds a leaked ID token, or
+	// approved a code someone else started) lock the device out and take its
+	// place. Replacing a key, or enrolling a revoked device again, is the
+	// administrator's (tpd enroll).
 	id := authz.DeviceID(p.User, req.Device)
-	if dev, err := e.Users.Device(id); err == nil && dev.Revoked {
-		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", id))
+	if dev, err := e.Users.Device(id); err == nil {
+		if dev.Revoked {
+			writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", id))
+			return
+		}
+		writeErr(w, http.StatusConflict, fmt.Sprintf("device %q is already enrolled; give this device another name (dlogin --sso --device NAME), or ask your administrator to enroll it again (tpd enroll %s --device %s)", id, p.User, req.Device))
 		return
 	}
 	if e.Denied != nil {
@@ -318,6 +371,11 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 		}
 		e.log().Error("single sign-on enrollment failed", "err", err)
 		writeErr(w, http.StatusInternalServerError, "enrollment failed on the server; try again or ask your administrator to check tpd's log")
+		return
+	}
+	if _, err := e.Users.Lookup(dev.ID); err != nil { // the user is disabled
+		_ = e.Users.RevokeDevice(dev.ID)
+		writeErr(w, http.StatusForbidden, err.Error()+"; ask your administrator")
 		return
 	}
 	e.log().Info("device enrolled by single sign-on", "device", dev.ID, "email", p.Email, "groups", p.Groups, "ignored_groups", p.Ignored, "remote", r.RemoteAddr)

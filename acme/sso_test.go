@@ -31,15 +31,17 @@ var (
 	ssoCarol = testidp.Person{Subject: "s-carol", Email: "carol@other.org", EmailVerified: true}
 	ssoBob   = testidp.Person{Subject: "s-bob", Email: "bob@example.org", EmailVerified: false}
 	ssoOdd   = testidp.Person{Subject: "s-odd", Email: "o'neil@example.org", EmailVerified: true}
+	// U+212A KELVIN SIGN: Unicode lowercasing would make it kevin.
+	ssoKelvin = testidp.Person{Subject: "s-kelvin", Email: "\u212Aevin@example.org", EmailVerified: true}
 )
 
 // ssoServer is a test server whose enrollment endpoints sign people in with
 // a real OpenID Connect provider on loopback.
 func ssoServer(t *testing.T) (*testServer, *testidp.IdP) {
 	t.Helper()
-	idp := testidp.Start(t, ssoAlice, ssoCarol, ssoBob, ssoOdd)
+	idp := testidp.Start(t, ssoAlice, ssoCarol, ssoBob, ssoOdd, ssoKelvin)
 	ts := newTestServer(t)
-	ts.Enroller.SSO = &SSO{Issuer: idp.Issuer, ClientID: testidp.ClientID, AllowedDomains: []string{"example.org"}}
+	ts.Enroller.SSO = &SSO{Issuer: idp.Issuer, ClientID: testidp.ClientID, Domain: "example.org"}
 	return ts, idp
 }
 
@@ -113,6 +115,18 @@ func TestSSOEnrollAndLogin(t *testing.T) {
 	if err != nil || !slices.Equal(who.Groups, []string{"ops"}) {
 		t.Fatalf("whoami after the provider dropped admins: %+v, %v; want group ops only", who, err)
 	}
+
+	// A sign-in enrols new devices only: one for alice@laptop again (another
+	// machine of the same name, or someone who got hold of a sign-in) is
+	// refused, and the enrolled laptop's key still works.
+	_, err = login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, signIn(t, idp, info.ClientID, ssoAlice.Subject), "laptop", newKey(t))
+	var se *login.ServerError
+	if !errors.As(err, &se) || se.Status != http.StatusConflict || !strings.Contains(se.Message, `device "alice@laptop" is already enrolled`) {
+		t.Fatalf("a sign-in for the enrolled alice@laptop: %v; want 409 saying it is already enrolled", err)
+	}
+	if _, err := login.Whoami(ctx, ts.HC, ts.URL, "alice@laptop", devKey); err != nil {
+		t.Fatalf("the laptop's own key after the refused sign-in: %v", err)
+	}
 }
 
 // Each bad sign-in is refused with a sentence that says why, and enrols
@@ -146,6 +160,9 @@ func TestSSORefusals(t *testing.T) {
 	})
 	t.Run("an email the provider has not verified", func(t *testing.T) {
 		refused(t, enrol(t, signIn(t, idp, testidp.ClientID, ssoBob.Subject), "laptop"), http.StatusForbidden, "has not verified the email address bob@example.org")
+	})
+	t.Run("an email that is not ASCII", func(t *testing.T) {
+		refused(t, enrol(t, signIn(t, idp, testidp.ClientID, ssoKelvin.Subject), "laptop"), http.StatusForbidden, "is not plain ASCII")
 	})
 	t.Run("an email that is no TP user name", func(t *testing.T) {
 		refused(t, enrol(t, signIn(t, idp, testidp.ClientID, ssoOdd.Subject), "laptop"), http.StatusForbidden, "does not give a valid TP user name")
@@ -217,7 +234,7 @@ func TestSSOProviderUnreachable(t *testing.T) {
 	t.Parallel()
 	ts, idp := ssoServer(t)
 	tok := signIn(t, idp, testidp.ClientID, ssoAlice.Subject)
-	ts.Enroller.SSO = &SSO{Issuer: "http://" + testnet.Refusing(t), ClientID: testidp.ClientID, AllowedDomains: []string{"example.org"}}
+	ts.Enroller.SSO = &SSO{Issuer: "http://" + testnet.Refusing(t), ClientID: testidp.ClientID, Domain: "example.org"}
 	_, err := login.EnrollDeviceSSO(context.Background(), ts.HC, ts.URL, tok, "laptop", newKey(t))
 	var se *login.ServerError
 	if !errors.As(err, &se) || se.Status != http.StatusServiceUnavailable || !strings.Contains(se.Message, "cannot reach the identity provider") {
@@ -235,7 +252,7 @@ func TestSSOProviderUnreachable(t *testing.T) {
 		http.Error(w, "down for maintenance", http.StatusServiceUnavailable)
 	}))
 	t.Cleanup(broken.Close)
-	ts.Enroller.SSO = &SSO{Issuer: broken.URL, ClientID: testidp.ClientID, AllowedDomains: []string{"example.org"}}
+	ts.Enroller.SSO = &SSO{Issuer: broken.URL, ClientID: testidp.ClientID, Domain: "example.org"}
 	for i := range 3 {
 		_, err := login.EnrollDeviceSSO(context.Background(), ts.HC, ts.URL, tok, "laptop", newKey(t))
 		if !errors.As(err, &se) || se.Status != http.StatusServiceUnavailable {
@@ -294,4 +311,45 @@ func postForTest(ctx context.Context, ts *testServer, path string, in, out any) 
 		return &login.ServerError{Status: resp.StatusCode, Message: e.Error}
 	}
 	return json.Unmarshal(body, out)
+}
+
+// The claims a sign-in needs, case by case (the bad input named in each).
+func TestSSOClaims(t *testing.T) {
+	s := &SSO{ClientID: "tp", Domain: "example.org"}
+	base := func() map[string]any {
+		return map[string]any{"aud": "tp", "email": "alice@example.org", "email_verified": true}
+	}
+	for _, c := range []struct {
+		name   string
+		change func(map[string]any)
+		want   string // refusal; "" accepts
+		groups []string
+	}{
+		{"no groups claim: groups stay", func(map[string]any) {}, "", nil},
+		{"an empty groups claim: groups cleared", func(m map[string]any) { m["groups"] = []any{} }, "", []string{}},
+		{"one group as a string", func(m map[string]any) { m["groups"] = "Ops" }, "", []string{"ops"}},
+		{"a Unicode group left out", func(m map[string]any) { m["groups"] = []any{"ops", "\u212Aitchen"} }, "", []string{"ops"}},
+		{"email_verified as the string true", func(m map[string]any) { m["email_verified"] = "true" }, "", nil},
+		{"email_verified missing", func(m map[string]any) { delete(m, "email_verified") }, "has not verified", nil},
+		{"a token another application asked for (azp)", func(m map[string]any) { m["azp"] = "other-app" }, `issued to "other-app"`, nil},
+		{"several audiences without azp", func(m map[string]any) { m["aud"] = []any{"tp", "other-app"} }, "several audiences", nil},
+		{"several audiences, azp TP", func(m map[string]any) { m["aud"] = []any{"tp", "other-app"}; m["azp"] = "tp" }, "", nil},
+		{"a domain that only folds to the allowed one", func(m map[string]any) { m["email"] = "alice@exampleſ.org" }, "not plain ASCII", nil},
+		{"a sub-domain", func(m map[string]any) { m["email"] = "alice@mail.example.org" }, `people of "mail.example.org"`, nil},
+		{"no email", func(m map[string]any) { delete(m, "email") }, "no email address", nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			m := base()
+			c.change(m)
+			p, err := s.person(m)
+			switch {
+			case c.want == "" && err != nil:
+				t.Fatalf("claims %v refused: %v", m, err)
+			case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want)):
+				t.Fatalf("claims %v: %v; want a refusal saying %q", m, err, c.want)
+			case c.want == "" && (p.User != "alice" || !slices.Equal(p.Groups, c.groups) || (p.Groups == nil) != (c.groups == nil)):
+				t.Fatalf("claims %v gave user %q groups %#v; want alice, %#v", m, p.User, p.Groups, c.groups)
+			}
+		})
+	}
 }

@@ -168,12 +168,13 @@ const ssoWait = 15 * time.Minute
 // enrollSSO pins the server's root, signs the person in with the server's
 // identity provider and enrols a new device key as the device they name.
 func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, device string, stdout io.Writer) error {
+	if p, err := home.Profile(); err == nil {
+		// A sign-in enrols a new device; this home's key and profile are
+		// another's, which it would overwrite.
+		return fmt.Errorf("%s already holds the enrolled device %s: run dlogin without arguments to log it in, or set TP_HOME to another directory to enrol another device", home.Dir, p.DeviceID)
+	}
 	if server == "" || fingerprint == "" {
-		if p, err := home.Profile(); err == nil && server == "" && fingerprint == "" {
-			server, fingerprint = p.Server, p.Fingerprint // this device enrolled before: sign in again
-		} else {
-			return errors.New("dlogin --sso needs --server and --fingerprint the first time; your TP administrator publishes both (tpd prints the whole dlogin --sso line when it starts)")
-		}
+		return errors.New("dlogin --sso needs --server and --fingerprint; your TP administrator publishes both (tpd prints the whole dlogin --sso line when it starts)")
 	}
 	server, err := clients.ServerBaseURL(server)
 	if ue := (*clients.ServerURLError)(nil); errors.As(err, &ue) {

@@ -120,7 +120,7 @@ func TestCommandLineMistakes(t *testing.T) {
 		{[]string{"--sso", "--device", "My Laptop", "--server", "https://127.0.0.1:1", "--fingerprint", "SHA256:00"},
 			`--device "My Laptop": a device name is lowercase letters, digits, '.', '_' and '-', e.g. laptop`},
 		{[]string{"--sso"},
-			"dlogin --sso needs --server and --fingerprint the first time; your TP administrator publishes both (tpd prints the whole dlogin --sso line when it starts)"},
+			"dlogin --sso needs --server and --fingerprint; your TP administrator publishes both (tpd prints the whole dlogin --sso line when it starts)"},
 	} {
 		t.Setenv("TP_HOME", t.TempDir())
 		err := run(context.Background(), tt.args, new(bytes.Buffer), new(bytes.Buffer))

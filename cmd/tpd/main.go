@@ -119,8 +119,8 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 					"enroll a device with tpd enroll USER --device NAME", "data_dir", cfg.DataDir)
 				if cfg.SSOIssuer != "" {
 					line := fmt.Sprintf("dlogin --sso --server %s --fingerprint %s", cfg.PublicURL(), d.Fingerprint())
-					out.say("People of "+strings.Join(cfg.SSOAllowedDomains, ", ")+" enrol their devices with: "+line,
-						"people enrol their devices by single sign-on", "command", line, "issuer", cfg.SSOIssuer, "domains", cfg.SSOAllowedDomains)
+					out.say("People of "+cfg.SSODomain+" enrol their devices with: "+line,
+						"people enrol their devices by single sign-on", "command", line, "issuer", cfg.SSOIssuer, "domain", cfg.SSODomain)
 				}
 				if host, _, _ := net.SplitHostPort(cfg.Listen); cfg.URL == "" && isLoopback(host) && !strings.Contains(cfg.PublicURL(), hostInURL(host)) {
 					// A loopback listen host the certificate does not name: the

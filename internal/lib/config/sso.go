@@ -17,9 +17,9 @@ type SSO struct {
 	// authorization grant.
 	SSOIssuer   string `mapstructure:"sso-issuer"`
 	SSOClientID string `mapstructure:"sso-client-id"`
-	// SSOAllowedDomains are the email domains whose people may enrol; the
-	// provider must have verified the email.
-	SSOAllowedDomains []string `mapstructure:"sso-allowed-domains"`
+	// SSODomain is the email domain whose people may enrol (the provider
+	// must have verified the email); its local parts are TP's user names.
+	SSODomain string `mapstructure:"sso-domain"`
 	// SSOUserClaim names the TP user (an email gives its local part);
 	// SSOGroupsClaim lists the user's groups, which replace the user's groups
 	// at each sign-in.
@@ -32,17 +32,17 @@ func defaultSSO() SSO { return SSO{SSOUserClaim: "email", SSOGroupsClaim: "group
 func setSSODefaults(v *viper.Viper, d SSO) {
 	v.SetDefault("sso-issuer", d.SSOIssuer)
 	v.SetDefault("sso-client-id", d.SSOClientID)
-	v.SetDefault("sso-allowed-domains", d.SSOAllowedDomains)
+	v.SetDefault("sso-domain", d.SSODomain)
 	v.SetDefault("sso-user-claim", d.SSOUserClaim)
 	v.SetDefault("sso-groups-claim", d.SSOGroupsClaim)
 }
 
-// validateSSO checks the sign-in settings: with an issuer, a client and at
-// least one domain are needed (a provider such as Google signs in anybody).
+// validateSSO checks the sign-in settings: with an issuer, a client and a
+// domain are needed (a provider such as Google signs in anybody).
 func (s Server) validateSSO() []error {
 	if s.SSOIssuer == "" {
-		if s.SSOClientID != "" || len(s.SSOAllowedDomains) > 0 {
-			return []error{fmt.Errorf("sso-client-id or sso-allowed-domains is set but sso-issuer is empty; set sso-issuer to the identity provider's issuer URL, or drop them")}
+		if s.SSOClientID != "" || s.SSODomain != "" {
+			return []error{fmt.Errorf("sso-client-id or sso-domain is set but sso-issuer is empty; set sso-issuer to the identity provider's issuer URL, or drop them")}
 		}
 		return nil
 	}
@@ -57,13 +57,11 @@ func (s Server) validateSSO() []error {
 	if s.SSOClientID == "" {
 		errs = append(errs, fmt.Errorf("sso-issuer is set but sso-client-id is empty; register TP at the identity provider as a public client with the device authorization grant and set its client ID"))
 	}
-	if len(s.SSOAllowedDomains) == 0 {
-		errs = append(errs, fmt.Errorf("sso-issuer is set but sso-allowed-domains is empty; list the email domains whose people may enrol (e.g. [example.org]): many providers sign in anybody"))
-	}
-	for _, d := range s.SSOAllowedDomains {
-		if d == "" || strings.ContainsAny(d, "@/:* ") {
-			errs = append(errs, fmt.Errorf("sso-allowed-domains: %q is not a domain, e.g. example.org", d))
-		}
+	switch d := s.SSODomain; {
+	case d == "":
+		errs = append(errs, fmt.Errorf("sso-issuer is set but sso-domain is empty; name the email domain whose people may enrol (e.g. example.org): many providers sign in anybody"))
+	case strings.ContainsAny(d, "@/:*, ") || strings.Trim(d, ".") != d || !strings.Contains(d, ".") || !isASCIIString(d):
+		errs = append(errs, fmt.Errorf("sso-domain %q is not one email domain, e.g. example.org (one: people of several domains would share one name space of users)", d))
 	}
 	if s.SSOUserClaim == "" || s.SSOGroupsClaim == "" {
 		errs = append(errs, fmt.Errorf("sso-user-claim and sso-groups-claim must name claims of the ID token (defaults email and groups)"))
@@ -72,12 +70,15 @@ func (s Server) validateSSO() []error {
 }
 
 func ssoYAML(b *strings.Builder, s Server) {
-	fmt.Fprintf(b, "# Sign-in with the organisation's OpenID Connect provider (dlogin --sso, docs/LOGIN.md): its issuer\n# URL, TP's client ID there (a public client allowed the device authorization grant), the email\n# domains whose people may enrol, the claim that names the TP user (an email gives its local part)\n# and the claim that lists its groups. \"\" turns it off; enrollment tokens work either way.\nsso-issuer: %q\nsso-client-id: %q\nsso-allowed-domains: [", s.SSOIssuer, s.SSOClientID)
-	for i, d := range s.SSOAllowedDomains {
-		if i > 0 {
-			b.WriteString(", ")
+	fmt.Fprintf(b, "# Sign-in with the organisation's OpenID Connect provider (dlogin --sso, docs/LOGIN.md): its issuer\n# URL, TP's client ID there (a public client allowed the device authorization grant), the email\n# domain whose people may enrol, the claim that names the TP user (an email gives its local part)\n# and the claim that lists its groups. \"\" turns it off; enrollment tokens work either way.\nsso-issuer: %q\nsso-client-id: %q\nsso-domain: %q\nsso-user-claim: %q\nsso-groups-claim: %q\n",
+		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim)
+}
+
+func isASCIIString(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
 		}
-		fmt.Fprintf(b, "%q", d)
 	}
-	fmt.Fprintf(b, "]\nsso-user-claim: %q\nsso-groups-claim: %q\n", s.SSOUserClaim, s.SSOGroupsClaim)
+	return true
 }

@@ -3,7 +3,6 @@ package config
 import (
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 )
@@ -12,30 +11,31 @@ import (
 // domain are needed. Each bad case names what to set.
 func TestSSOSettings(t *testing.T) {
 	for _, c := range []struct {
-		name, issuer, client string
-		domains              []string
-		want                 string // "" accepts
+		name, issuer, client, domain string
+		want                         string // "" accepts
 	}{
-		{"off", "", "", nil, ""},
-		{"on", "https://accounts.example.org", "tp", []string{"example.org"}, ""},
-		{"loopback http (tests)", "http://127.0.0.1:9999", "tp", []string{"example.org"}, ""},
-		{"http elsewhere", "http://accounts.example.org", "tp", []string{"example.org"}, "must be an https URL"},
-		{"not a URL", "accounts.example.org", "tp", []string{"example.org"}, "must be the identity provider's issuer URL"},
-		{"no client", "https://accounts.example.org", "", []string{"example.org"}, "sso-client-id is empty"},
-		{"no domain", "https://accounts.example.org", "tp", nil, "sso-allowed-domains is empty"},
-		{"an address for a domain", "https://accounts.example.org", "tp", []string{"alice@example.org"}, `"alice@example.org" is not a domain`},
-		{"a wildcard", "https://accounts.example.org", "tp", []string{"*"}, `"*" is not a domain`},
-		{"client without issuer", "", "tp", nil, "sso-issuer is empty"},
+		{"off", "", "", "", ""},
+		{"on", "https://accounts.example.org", "tp", "example.org", ""},
+		{"loopback http (tests)", "http://127.0.0.1:9999", "tp", "example.org", ""},
+		{"http elsewhere", "http://accounts.example.org", "tp", "example.org", "must be an https URL"},
+		{"not a URL", "accounts.example.org", "tp", "example.org", "must be the identity provider's issuer URL"},
+		{"no client", "https://accounts.example.org", "", "example.org", "sso-client-id is empty"},
+		{"no domain", "https://accounts.example.org", "tp", "", "sso-domain is empty"},
+		{"an address for a domain", "https://accounts.example.org", "tp", "alice@example.org", `"alice@example.org" is not one email domain`},
+		{"a wildcard", "https://accounts.example.org", "tp", "*", `"*" is not one email domain`},
+		{"two domains", "https://accounts.example.org", "tp", "example.org,example.com", "is not one email domain"},
+		{"a Unicode domain", "https://accounts.example.org", "tp", "exampleſ.org", "is not one email domain"},
+		{"client without issuer", "", "tp", "", "sso-issuer is empty"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			s := DefaultServer()
-			s.SSOIssuer, s.SSOClientID, s.SSOAllowedDomains = c.issuer, c.client, c.domains
+			s.SSOIssuer, s.SSOClientID, s.SSODomain = c.issuer, c.client, c.domain
 			err := s.Validate()
 			switch {
 			case c.want == "" && err != nil:
-				t.Fatalf("issuer %q, client %q, domains %q refused: %v", c.issuer, c.client, c.domains, err)
+				t.Fatalf("issuer %q, client %q, domain %q refused: %v", c.issuer, c.client, c.domain, err)
 			case c.want != "" && err == nil:
-				t.Fatalf("issuer %q, client %q, domains %q accepted", c.issuer, c.client, c.domains)
+				t.Fatalf("issuer %q, client %q, domain %q accepted", c.issuer, c.client, c.domain)
 			case c.want != "" && !strings.Contains(err.Error(), c.want):
 				t.Fatalf("error %q does not say %q", err, c.want)
 			}
@@ -46,7 +46,7 @@ func TestSSOSettings(t *testing.T) {
 // The keys load from tpd.yaml, and tpd init's file lists them and reads back.
 func TestSSOSettingsLoad(t *testing.T) {
 	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, FileName), []byte("sso-issuer: https://accounts.example.org\nsso-client-id: tp\nsso-allowed-domains: [example.org, example.com]\n"), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, FileName), []byte("sso-issuer: https://accounts.example.org\nsso-client-id: tp\nsso-domain: example.org\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	t.Setenv("TP_DATA_DIR", dir)
@@ -54,7 +54,7 @@ func TestSSOSettingsLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.SSOIssuer != "https://accounts.example.org" || s.SSOClientID != "tp" || !slices.Equal(s.SSOAllowedDomains, []string{"example.org", "example.com"}) ||
+	if s.SSOIssuer != "https://accounts.example.org" || s.SSOClientID != "tp" || s.SSODomain != "example.org" ||
 		s.SSOUserClaim != "email" || s.SSOGroupsClaim != "groups" {
 		t.Fatalf("loaded %+v", s.SSO)
 	}
@@ -65,7 +65,7 @@ func TestSSOSettingsLoad(t *testing.T) {
 	if err != nil {
 		t.Fatalf("tpd.yaml as tpd init writes it does not load: %v\n%s", err, ServerYAML(s))
 	}
-	if again.SSOIssuer != s.SSOIssuer || !slices.Equal(again.SSOAllowedDomains, s.SSOAllowedDomains) {
+	if again.SSOIssuer != s.SSOIssuer || again.SSODomain != s.SSODomain {
 		t.Fatalf("read back %+v; want %+v", again.SSO, s.SSO)
 	}
 }

@@ -196,7 +196,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		Enrolled:     d.deviceEnrolled, // audit.go
 	}
 	if cfg.SSOIssuer != "" { // dlogin --sso: sign-in with the organisation's provider
-		enroller.SSO = &acme.SSO{Issuer: cfg.SSOIssuer, ClientID: cfg.SSOClientID, AllowedDomains: cfg.SSOAllowedDomains,
+		enroller.SSO = &acme.SSO{Issuer: cfg.SSOIssuer, ClientID: cfg.SSOClientID, Domain: cfg.SSODomain,
 			UserClaim: cfg.SSOUserClaim, GroupsClaim: cfg.SSOGroupsClaim}
 	}
 	// Anyone reaches these without a certificate: each source address gets a

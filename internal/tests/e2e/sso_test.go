@@ -39,7 +39,7 @@ func TestSSOLoginThenDial(t *testing.T) {
 	idp := testidp.Start(t,
 		testidp.Person{Subject: "s-alice", Email: "alice@example.org", EmailVerified: true, Groups: []string{"ops"}},
 		testidp.Person{Subject: "s-dave", Email: "dave@example.org", EmailVerified: true, Groups: []string{"sales"}})
-	srv := startServer(t, ssoPolicy, "TP_SSO_ISSUER="+idp.Issuer, "TP_SSO_CLIENT_ID="+testidp.ClientID, "TP_SSO_ALLOWED_DOMAINS=example.org")
+	srv := startServer(t, ssoPolicy, "TP_SSO_ISSUER="+idp.Issuer, "TP_SSO_CLIENT_ID="+testidp.ClientID, "TP_SSO_DOMAIN=example.org")
 	echo := testnet.Echo(t)
 	_, port, _ := strings.Cut(echo, ":")
 
@@ -96,6 +96,11 @@ func TestSSOLoginThenDial(t *testing.T) {
 	// Later logins need no sign-in: the device key renews the certificate.
 	if out := run(t, env, binary("dlogin")); !strings.Contains(out, "Login successful!") {
 		t.Fatalf("dlogin without arguments after --sso:\n%s", out)
+	}
+	// A second sign-in in the same TP_HOME would overwrite the enrolled
+	// device's key: dlogin refuses before it asks anyone.
+	if out, err := runErr(env, nil, binary("dlogin"), "--sso", "--server", srv.URL, "--fingerprint", srv.Fingerprint); err == nil || !strings.Contains(out, "already holds the enrolled device alice@laptop") {
+		t.Fatalf("dlogin --sso in an enrolled TP_HOME: %v\n%s", err, out)
 	}
 
 	denv := signIn("s-dave", "desk")[:1]
