@@ -245,18 +245,19 @@ func TestQUICClientMigration(t *testing.T) {
 			t.Errorf("Switch: %v", err)
 		}
 	})
-	if got := conn.LocalAddr().String(); got != after || got == before {
-		t.Fatalf("connection's local address %s after the switch; want the new socket's %s (was %s)", got, after, before)
-	}
-	// The server moves to the new address when a packet of the connection's
-	// own (not a probe) arrives from it. The transfer may have been all in
-	// flight before the switch, so a new stream on the same connection sends
-	// one for sure.
+	// Switch only asks for the move: the connection's own goroutine makes it
+	// before it next sends. The server moves to the new address when a
+	// packet of the connection's own (not a probe) arrives from it. The
+	// transfer may have been all in flight before the switch, so a new
+	// stream on the same connection sends one for sure.
 	c2 := dialVia(t, d, "tcp", q.echo)
 	if dialed(c2).(interface{ Conn() *quic.Conn }).Conn() != conn {
 		t.Fatal("the second dial did not reuse the migrated connection")
 	}
 	quicEcho(t, c2, "after the switch")
+	if got := conn.LocalAddr().String(); got != after || got == before {
+		t.Fatalf("connection's local address %s after the switch and a new stream; want the new socket's %s (was %s)", got, after, before)
+	}
 	for deadline := time.Now().Add(10 * time.Second); q.srv.Stats().QUICMigrations == 0; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the server did not count the client's migration within 10s of traffic on the new path")
