@@ -38,3 +38,12 @@ const H3IdleGrace = h3IdleGrace
 // OnBye makes s call f when an op "bye" begins to wait for its connection's
 // other streams.
 func OnBye(s *Server, f func()) { s.onBye.Store(&f) }
+
+// H2TunnelsOf is how many h2 reverse HTTP tunnels the server holds for host.
+func (s *Server) H2TunnelsOf(host string) int {
+	h := s.rev.tunnels.holder(host)
+	if h == nil {
+		return 0
+	}
+	return len(h.h2.snapshot())
+}

@@ -918,6 +918,14 @@ func TestExposeHTTPClient(t *testing.T) {
 			want := "h2"
 			if h1 {
 				want = "http/1.1"
+				// The h2 exposer of the subtest before has gone, but the
+				// server may not have noticed its tunnels end yet: a request
+				// sent down one of them fails without reaching the app.
+				for deadline := time.Now().Add(20 * time.Second); e.srv.H2TunnelsOf("blog.rev.test") > 0; time.Sleep(10 * time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatalf("the server still holds %d h2 tunnels of an exposer that stopped 20s ago", e.srv.H2TunnelsOf("blog.rev.test"))
+					}
+				}
 			}
 			if got := <-ready; got != want {
 				t.Fatalf("the server chose %q inside; want %q", got, want)
