@@ -134,9 +134,11 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				}
 				tellSystemd(log, "READY=1")
 			}
+			stopping := make(chan struct{})
 			go func() { // the drain starts when the signal arrives (tpd.Daemon.Serve)
 				<-cmd.Context().Done()
 				tellSystemd(log, "STOPPING=1")
+				close(stopping)
 			}()
 
 			d.SetReloader(reloadLoader(cmd.Flags(), started, cfg), level) // reload.go
@@ -151,7 +153,11 @@ func serveCmd(stdout, stderr io.Writer) *cobra.Command {
 				}
 			}()
 			defer forceOnSecondSignal(d.Force)() // signals.go
-			return d.Serve(cmd.Context(), ln)
+			err = d.Serve(cmd.Context(), ln)
+			if cmd.Context().Err() != nil {
+				<-stopping // a drain that took a millisecond must not exit before STOPPING=1 is sent
+			}
+			return err
 		},
 	}
 	config.ServerFlags(cmd.Flags())
