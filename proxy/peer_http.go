@@ -144,6 +144,26 @@ type peerUpgraded struct{ peerBody }
 
 func (u *peerUpgraded) Write(p []byte) (int, error) { return u.conn.Write(p) }
 
+// peerCloseLinger is how long B keeps an upgraded stream's connection open
+// after its half-close.
+const peerCloseLinger = 2 * time.Second
+
+// Close ends B's side of the upgraded stream with a half-close, so that A
+// reads its end, and closes the connection peerCloseLinger later. Closed at
+// once with bytes from A still unread, the connection would be reset, and A
+// could read the reset before the end: a stream both sides closed cleanly
+// would be taken for a cut.
+func (u *peerUpgraded) Close() error {
+	u.stop()
+	cw, ok := u.conn.(interface{ CloseWrite() error })
+	if !ok {
+		return u.conn.Close()
+	}
+	err := cw.CloseWrite()
+	time.AfterFunc(peerCloseLinger, func() { _ = u.conn.Close() })
+	return err
+}
+
 var _ io.ReadWriteCloser = (*peerUpgraded)(nil)
 
 // peerBody closes the peer connection with the response's body.
