@@ -103,6 +103,19 @@ func (rt *peerRoundTripper) RoundTrip(req *http.Request) (*http.Response, error)
 		closeBody()
 		return nil, fmt.Errorf("the TP server instance %s that serves %s: %s", rt.route.Instance, rt.host, herr.Reason)
 	}
+	return peerExchange(req, conn, fmt.Sprintf("the TP server instance %s that serves %s", rt.route.Instance, rt.host))
+}
+
+// peerExchange sends req on conn, a peer connection opened for it, and reads
+// the response (where names the peer in errors). Until the response's head has
+// arrived, the request's context ending aborts conn; then a body's life is its
+// reader's: an ordinary body aborts conn if the context ends first, and its
+// Close closes conn. A 101's upgraded stream is bound to its Close only: the
+// request's context ends as soon as the handler that relays it returns, which
+// may be just before it closes the stream, and a clean end must not turn into
+// a reset there (the relay, httputil.ReverseProxy, closes the stream itself
+// when the context ends while it relays).
+func peerExchange(req *http.Request, conn net.Conn, where string) (*http.Response, error) {
 	stop := context.AfterFunc(req.Context(), func() { wire.Abort(conn, wire.QUICPeerReset) })
 	out := req.Clone(req.Context())
 	upgrade := isUpgrade(req.Header)
@@ -110,7 +123,7 @@ func (rt *peerRoundTripper) RoundTrip(req *http.Request) (*http.Response, error)
 	if err := out.Write(conn); err != nil {
 		stop()
 		wire.Abort(conn, wire.QUICPeerReset)
-		return nil, fmt.Errorf("sending the request to the TP server instance %s that serves %s: %w", rt.route.Instance, rt.host, err)
+		return nil, fmt.Errorf("sending the request to %s: %w", where, err)
 	}
 	br := bufio.NewReader(conn)
 	resp, err := http.ReadResponse(br, req)
@@ -120,9 +133,13 @@ func (rt *peerRoundTripper) RoundTrip(req *http.Request) (*http.Response, error)
 	if err != nil {
 		stop()
 		wire.Abort(conn, wire.QUICPeerReset)
-		return nil, fmt.Errorf("reading the response of the TP server instance %s that serves %s: %w", rt.route.Instance, rt.host, err)
+		return nil, fmt.Errorf("reading the response of %s: %w", where, err)
 	}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
+		if !stop() {
+			wire.Abort(conn, wire.QUICPeerReset) // the context ended as the head arrived
+			return nil, fmt.Errorf("reading the response of %s: %w", where, context.Cause(req.Context()))
+		}
 		// The peer connection is the upgraded stream now: what A sent after
 		// the 101 is in br; a Write goes to A (httputil.ReverseProxy copies
 		// both ways and closes it when either ends).
