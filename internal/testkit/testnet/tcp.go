@@ -3,9 +3,12 @@ package testnet
 import (
 	"bytes"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -182,28 +185,70 @@ func WriteForever(c net.Conn) {
 // never returns a port it returned before in this process: the kernel may hand
 // a port just closed out again, and a test that asked for two ports (one to
 // serve, one that must differ) would then get the same one twice.
+//
+// The port comes from below the kernel's ephemeral range
+// (net.ipv4.ip_local_port_range), picked at random: a port the kernel handed
+// out for ":0" would go to the next socket that binds ":0" or connects
+// anywhere, and on a loaded machine running several test processes one of
+// them took it before the test's server bound it. Below that range only an
+// explicit bind can take it: another test process's FreePort choosing the same
+// port in the same moment.
 func FreePort(t testing.TB, network string) int {
 	t.Helper()
 	if network != "tcp" && network != "udp" {
 		t.Fatalf("testnet: FreePort of network %q; want \"tcp\" or \"udp\"", network)
 	}
-	for range 100 {
-		var port int
-		if network == "tcp" {
-			ln := listenTCP(t)
-			port = ln.Addr().(*net.TCPAddr).Port
-			ln.Close()
-		} else {
-			pc := listenUDP(t)
-			port = pc.LocalAddr().(*net.UDPAddr).Port
-			pc.Close()
+	lo, hi := fixedRange()
+	for range 1000 {
+		port := 0
+		if hi > lo {
+			port = lo + rand.IntN(hi-lo)
 		}
-		if handedOut(network, port) {
+		port, ok := bindFree(network, port)
+		if ok && handedOut(network, port) {
 			return port
 		}
 	}
-	t.Fatalf("testnet: 100 free %s ports in a row had been handed out before", network)
+	t.Fatalf("testnet: no free %s port in 1000 tries", network)
 	return 0
+}
+
+// fixedRange is the range of ports FreePort picks from: the 16384 below the
+// kernel's ephemeral range, or none (lo == hi: the kernel picks) when that
+// range starts too low to leave them.
+var fixedRange = sync.OnceValues(func() (lo, hi int) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0, 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return 0, 0
+	}
+	eph, err := strconv.Atoi(f[0])
+	if err != nil || eph < 16384+1024 {
+		return 0, 0
+	}
+	return eph - 16384, eph
+})
+
+// bindFree binds network's loopback port (0: one the kernel picks) and
+// releases it, and says which port it was and whether the bind succeeded.
+func bindFree(network string, port int) (int, bool) {
+	if network == "tcp" {
+		ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port})
+		if err != nil {
+			return 0, false
+		}
+		defer ln.Close()
+		return ln.Addr().(*net.TCPAddr).Port, true
+	}
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port})
+	if err != nil {
+		return 0, false
+	}
+	defer pc.Close()
+	return pc.LocalAddr().(*net.UDPAddr).Port, true
 }
 
 var (

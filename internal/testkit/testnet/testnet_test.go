@@ -2,8 +2,10 @@ package testnet_test
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"os"
 	"strconv"
 	"sync/atomic"
 	"testing"
@@ -174,6 +176,18 @@ func TestFreePort(t *testing.T) {
 	}
 	if p := testnet.FreePort(t, "tcp"); p == 0 {
 		t.Error("FreePort returned port 0")
+	}
+	// Below the ephemeral range, where no ":0" bind or outgoing connection of
+	// another process can take it before the test's server binds it.
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		var lo, hi int
+		if _, err := fmt.Sscan(string(b), &lo, &hi); err == nil && lo >= 16384+1024 {
+			for _, network := range []string{"tcp", "udp"} {
+				if p := testnet.FreePort(t, network); p >= lo || p < lo-16384 {
+					t.Errorf("FreePort(%s) = %d, inside the kernel's ephemeral range %d-%d or far below it", network, p, lo, hi)
+				}
+			}
+		}
 	}
 	// Never the same port twice: a test that asks for a port to serve and one
 	// that must differ from it got the same one (the kernel hands a port just
