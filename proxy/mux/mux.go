@@ -449,10 +449,45 @@ func (m *Conn) Close() error {
 	m.mu.Unlock()
 	m.wmu.Lock()
 	_ = m.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	err := m.conn.Close() // close_notify, then the transport ends
+	err := m.closeTransport()
 	m.werr = net.ErrClosed
 	m.wmu.Unlock()
 	m.ended()
+	return err
+}
+
+// closeLinger bounds how long a connection closed by this end (Close) waits
+// for the peer's end before its transport is closed.
+const closeLinger = 3 * time.Second
+
+// closeTransport ends this end of the transport cleanly and lets the peer's
+// end arrive: close_notify and the transport's half-close (a TCP FIN) go out
+// now, the reader reads on (dropping what comes) until the peer's end or
+// closeLinger, and only then is the transport closed. A socket closed at once
+// while the peer's last frames (a WINDOW, a PING) were on their way, or still
+// unread, is reset, and a reset drops what this end had sent but the peer had
+// not yet received: the peer saw its last stream's data cut off. A transport
+// that cannot half-close is closed at once.
+func (m *Conn) closeTransport() error {
+	cw, ok := m.conn.(interface{ CloseWrite() error })
+	if !ok {
+		return m.conn.Close()
+	}
+	err := cw.CloseWrite() // close_notify
+	if nc, ok := m.conn.(interface{ NetConn() net.Conn }); ok {
+		if tw, ok := nc.NetConn().(interface{ CloseWrite() error }); ok {
+			_ = tw.CloseWrite() // the FIN below it
+		}
+	}
+	go func() {
+		t := time.NewTimer(closeLinger)
+		defer t.Stop()
+		select {
+		case <-m.rdone:
+		case <-t.C:
+		}
+		_ = m.conn.Close()
+	}()
 	return err
 }
 
@@ -558,12 +593,14 @@ func (m *Conn) closeIdle(cause error) bool {
 func (m *Conn) onData(typ byte, id uint32, buf *[]byte, n int) error {
 	m.mu.Lock()
 	if m.closed {
-		// The connection ended while this frame was read (a write failed, or
-		// the owner closed it): a stream opened now would never be cut, and
-		// its reader would wait for ever.
+		// The connection ended while this frame was read, or this end closed
+		// it and reads on until the peer's end (closeTransport): the frame is
+		// dropped. A stream opened now would never be cut, and its reader
+		// would wait for ever. A connection that failed has its transport
+		// closed already, so the reader stops at its next read.
 		m.mu.Unlock()
 		putBuf(buf)
-		return net.ErrClosed
+		return nil
 	}
 	s := m.streams[id]
 	if typ == FrameOpen {

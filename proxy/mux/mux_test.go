@@ -471,3 +471,89 @@ func TestNoAcceptAfterDone(t *testing.T) {
 	default:
 	}
 }
+
+// A connection this end closes lets the peer finish reading: the peer's last
+// frames (here a PING sent just after the close; in tpd, a client's WINDOW
+// after its last read) are read and dropped, not answered with a reset, and
+// what this end had sent but the peer had not yet taken arrives whole, then a
+// clean end. Before, Close closed the socket at once: a frame arriving after
+// that reset the connection, the kernel dropped the data still queued for the
+// peer, and a client of a drained tpd saw its last stream cut
+// (TestTLSMuxDrain, about 1 run in a few hundred). The peer here reads
+// nothing until after the close, and its receive buffer holds less than the
+// stream's data: some of it is still queued on this end when the PING comes.
+func TestCloseLetsPeerFinish(t *testing.T) {
+	a, b := testnet.Pair(t)
+	if err := b.SetReadBuffer(64 << 10); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.SetWriteBuffer(1 << 20); err != nil {
+		t.Fatal(err)
+	}
+	const size = 200 << 10 // more than the peer's buffer, within the stream's window (written without a WINDOW)
+	payload := make([]byte, size)
+	for i := range payload {
+		payload[i] = byte(i * 7)
+	}
+	served := make(chan error, 1)
+	server := mux.New(a, mux.Options{}, func(s *mux.Stream) {
+		go func() {
+			if _, err := io.ReadAll(s); err != nil {
+				served <- err
+				return
+			}
+			if _, err := s.Write(payload); err != nil {
+				served <- err
+				return
+			}
+			served <- s.CloseWrite()
+		}()
+	})
+	t.Cleanup(func() { server.Fail(errors.New("test over")) })
+	open := mux.AppendFrame(nil, mux.FrameOpen, 1, []byte("x"))
+	open = mux.AppendFrame(open, mux.FrameFin, 1, nil)
+	if _, err := b.Write(open); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-served; err != nil {
+		t.Fatalf("the server's stream: %v", err)
+	}
+	waitStreams(t, server, 0)
+	if err := server.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if _, err := b.Write(mux.AppendFrame(nil, mux.FramePing, 0, make([]byte, 8))); err != nil {
+		t.Fatalf("the peer's PING after the close: %v", err)
+	}
+	_ = b.SetReadDeadline(time.Now().Add(20 * time.Second))
+	var got []byte
+	fin := false
+	for !fin {
+		var hdr [mux.HeaderLen]byte
+		if _, err := io.ReadFull(b, hdr[:]); err != nil {
+			t.Fatalf("the peer read %d of %d bytes, then %v; want them all, the FIN and a clean end", len(got), size, err)
+		}
+		p := make([]byte, int(hdr[5])<<8|int(hdr[6]))
+		if _, err := io.ReadFull(b, p); err != nil {
+			t.Fatalf("the peer read %d of %d bytes, then %v in a frame", len(got), size, err)
+		}
+		switch hdr[0] {
+		case mux.FrameData:
+			got = append(got, p...)
+		case mux.FrameFin:
+			fin = true
+		}
+	}
+	if string(got) != string(payload) {
+		t.Fatalf("the peer read %d bytes, not what the server wrote (%d bytes)", len(got), size)
+	}
+	if n, err := b.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("after the last stream's FIN the peer read %d bytes, %v; want the clean end (EOF)", n, err)
+	}
+	_ = b.Close()
+	select {
+	case <-server.ReaderDone():
+	case <-time.After(20 * time.Second):
+		t.Fatal("the closed connection's reader did not end after the peer's end")
+	}
+}
