@@ -99,6 +99,7 @@ func explainOAuth(err error) error {
 // providerMeta is what dlogin reads of a provider's discovery document.
 type providerMeta struct {
 	Issuer         string `json:"issuer"`
+	AuthEndpoint   string `json:"authorization_endpoint"`
 	TokenEndpoint  string `json:"token_endpoint"`
 	DeviceEndpoint string `json:"device_authorization_endpoint"`
 }

@@ -12,7 +12,9 @@ import (
 	"io/fs"
 	"net/http"
 	"os"
+	"os/exec"
 	"os/signal"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -43,12 +45,13 @@ func main() {
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var server, fingerprint, token, device string
-	var sso bool
+	var sso, noBrowser bool
 	cmd := &cobra.Command{
 		Use:   "dlogin [--server URL --fingerprint SHA256:… (--token TOKEN | --sso [--device NAME])]",
 		Short: "Log this device in to TP and get a fresh certificate",
 		Long: "The first run enrolls the device with the command `tpd enroll` printed, or, with --sso,\n" +
-			"by signing in with your organisation's identity provider (it prints a page to open and a code).\n" +
+			"by signing in with your organisation's identity provider: in this machine's browser, or, over ssh,\n" +
+			"without a desktop or with --no-browser, on any device with a page and a code dlogin prints.\n" +
 			"Later runs need no arguments; tp also renews by itself when it can.",
 		Example: "  dlogin --server https://tp.example.org --fingerprint SHA256:… --token …\n" +
 			"  dlogin --sso --server https://tp.example.org --fingerprint SHA256:… --device laptop",
@@ -66,11 +69,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				return errors.New("--sso and --token are two ways to enrol: give one (--sso signs in with your organisation's identity provider, --token uses what `tpd enroll` printed)")
 			case device != "" && !sso:
 				return errors.New("--device names the device for --sso; with --token the name is the one `tpd enroll` was given")
+			case noBrowser && !sso:
+				return errors.New("--no-browser is for --sso: it signs in with a code instead of this machine's browser")
 			case sso:
 				// The sign-in waits for a person at a browser: the code's
 				// own expiry bounds it, not the login's timeout.
 				_, statErr := os.Lstat(home.Dir)
-				if err := enrollSSO(cmd.Context(), home, server, fingerprint, device, stdout); err != nil {
+				open, why := browserOpener(os.Getenv, runtime.GOOS, exec.LookPath)
+				if noBrowser {
+					open, why = nil, "--no-browser"
+				}
+				if err := enrollSSO(cmd.Context(), home, server, fingerprint, device, open, why, stdout); err != nil {
 					if errors.Is(statErr, fs.ErrNotExist) {
 						_ = os.RemoveAll(home.Dir)
 					}
@@ -112,6 +121,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	cmd.Flags().StringVar(&fingerprint, "fingerprint", "", "SHA-256 fingerprint of the server's root certificate (first run)")
 	cmd.Flags().StringVar(&token, "token", "", "one-time enrollment token that 'tpd enroll' printed (first run)")
 	cmd.Flags().BoolVar(&sso, "sso", false, "enrol this device by signing in with your organisation's identity provider (first run)")
+	cmd.Flags().BoolVar(&noBrowser, "no-browser", false, "with --sso: sign in with a code on any device, not in this machine's browser")
 	cmd.Flags().StringVar(&device, "device", "", "with --sso: this device's name, e.g. laptop (default: the host name)")
 	config.ClientFlags(cmd.Flags())
 	cmd.SetArgs(args)
@@ -167,7 +177,12 @@ const ssoWait = 15 * time.Minute
 
 // enrollSSO pins the server's root, signs the person in with the server's
 // identity provider and enrols a new device key as the device they name.
-func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, device string, stdout io.Writer) error {
+//
+// open shows the provider's page in this machine's browser (the
+// authorization code flow with a loopback redirect); nil, or a browser that
+// cannot be used, signs in with a code instead (the device authorization
+// grant), and why says why there is no browser.
+func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, device string, open func(string) error, why string, stdout io.Writer) error {
 	if p, err := home.Profile(); err == nil {
 		// A sign-in enrols a new device; this home's key and profile are
 		// another's, which it would overwrite.
@@ -208,13 +223,29 @@ func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, devi
 	}
 	wait, cancelWait := context.WithTimeout(ctx, ssoWait)
 	defer cancelWait()
-	idToken, err := login.SignIn(wait, &http.Client{Timeout: 30 * time.Second}, info, func(c login.DeviceCode) {
-		fmt.Fprintf(stdout, "To sign in, open %s and enter the code %s\n", c.URL, c.Code)
-		if c.Complete != "" {
-			fmt.Fprintf(stdout, "(or open %s, which carries the code)\n", c.Complete)
+	idp := &http.Client{Timeout: 30 * time.Second}
+	idToken, err := "", error(errNoOpener)
+	if open != nil {
+		idToken, err = login.SignInBrowser(wait, idp, info, func(page string) error {
+			fmt.Fprintf(stdout, "Opening your browser to sign in at %s\n(if it does not open, open this page on this machine: %s)\n", info.Issuer, page)
+			fmt.Fprintln(stdout, "Waiting for the browser to come back…")
+			return open(page)
+		})
+		if errors.Is(err, login.ErrNoBrowser) {
+			fmt.Fprintf(stdout, "No browser sign-in (%v): signing in with a code instead\n", err)
 		}
-		fmt.Fprintln(stdout, "Waiting for the sign-in to be approved…")
-	})
+	} else {
+		fmt.Fprintf(stdout, "Signing in with a code (%s)\n", why)
+	}
+	if errors.Is(err, errNoOpener) || errors.Is(err, login.ErrNoBrowser) {
+		idToken, err = login.SignIn(wait, idp, info, func(c login.DeviceCode) {
+			fmt.Fprintf(stdout, "To sign in, open %s and enter the code %s\n", c.URL, c.Code)
+			if c.Complete != "" {
+				fmt.Fprintf(stdout, "(or open %s, which carries the code)\n", c.Complete)
+			}
+			fmt.Fprintln(stdout, "Waiting for the sign-in to be approved…")
+		})
+	}
 	if err != nil {
 		return err
 	}

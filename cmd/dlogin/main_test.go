@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
@@ -121,11 +122,74 @@ func TestCommandLineMistakes(t *testing.T) {
 			`--device "My Laptop": a device name is lowercase letters, digits, '.', '_' and '-', e.g. laptop`},
 		{[]string{"--sso"},
 			"dlogin --sso needs --server and --fingerprint; your TP administrator publishes both (tpd prints the whole dlogin --sso line when it starts)"},
+		{[]string{"--no-browser", "--token", "abc"},
+			"--no-browser is for --sso: it signs in with a code instead of this machine's browser"},
 	} {
 		t.Setenv("TP_HOME", t.TempDir())
 		err := run(context.Background(), tt.args, new(bytes.Buffer), new(bytes.Buffer))
 		if err == nil || err.Error() != tt.want {
 			t.Errorf("dlogin %s:\n  %v\nwant\n  %s", strings.Join(tt.args, " "), err, tt.want)
 		}
+	}
+}
+
+// dlogin --sso opens this machine's browser only where the person sits at
+// it: $BROWSER when set (even over ssh: a text browser there reaches this
+// machine's loopback), never in an ssh session or a Unix session without a
+// display, where a code on another device is the way; and it says why.
+func TestBrowserOpener(t *testing.T) {
+	found := func(string) (string, error) { return "/usr/bin/xdg-open", nil }
+	missing := func(string) (string, error) { return "", errors.New("not found") }
+	for _, tt := range []struct {
+		name    string
+		env     map[string]string
+		goos    string
+		look    func(string) (string, error)
+		opens   bool
+		whyPart string
+	}{
+		{"a Linux desktop", map[string]string{"DISPLAY": ":0"}, "linux", found, true, ""},
+		{"Wayland", map[string]string{"WAYLAND_DISPLAY": "wayland-0"}, "linux", found, true, ""},
+		{"no display", map[string]string{}, "linux", found, false, "no graphical session"},
+		{"no xdg-open", map[string]string{"DISPLAY": ":0"}, "linux", missing, false, "xdg-open is not installed"},
+		{"over ssh", map[string]string{"DISPLAY": ":0", "SSH_CONNECTION": "10.0.0.1 50000 10.0.0.2 22"}, "linux", found, false, "ssh session"},
+		{"a Mac over ssh", map[string]string{"SSH_TTY": "/dev/ttys001"}, "darwin", found, false, "ssh session"},
+		{"a Mac", map[string]string{}, "darwin", missing, true, ""},
+		{"Windows", map[string]string{}, "windows", missing, true, ""},
+		{"$BROWSER over ssh", map[string]string{"BROWSER": "w3m", "SSH_CONNECTION": "10.0.0.1 50000 10.0.0.2 22"}, "linux", missing, true, ""},
+	} {
+		open, why := browserOpener(func(k string) string { return tt.env[k] }, tt.goos, tt.look)
+		if (open != nil) != tt.opens || !strings.Contains(why, tt.whyPart) || (open == nil && why == "") {
+			t.Errorf("%s: opens %v (%q); want %v (%q)", tt.name, open != nil, why, tt.opens, tt.whyPart)
+		}
+	}
+	// $BROWSER runs with the page as its last argument.
+	dir := t.TempDir()
+	script, out := filepath.Join(dir, "browser"), filepath.Join(dir, "page")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \"$2\" >"+out+".tmp && mv "+out+".tmp "+out+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	open, _ := browserOpener(func(k string) string {
+		if k == "BROWSER" {
+			return script + " --new-tab"
+		}
+		return ""
+	}, "linux", missing)
+	if err := open("http://127.0.0.1:1/authorize?state=x"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		b, err := os.ReadFile(out)
+		if err == nil {
+			if got := strings.TrimSpace(string(b)); got != "http://127.0.0.1:1/authorize?state=x" {
+				t.Fatalf("$BROWSER was given %q; want the page", got)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("$BROWSER did not run within 20s")
+		}
+		time.Sleep(10 * time.Millisecond) // polling for the script's file, bounded by the deadline
 	}
 }

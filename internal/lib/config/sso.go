@@ -55,7 +55,7 @@ func (s Server) validateSSO() []error {
 		errs = append(errs, fmt.Errorf("sso-issuer %q must be an https URL: the provider's keys and discovery document come from it", s.SSOIssuer))
 	}
 	if s.SSOClientID == "" {
-		errs = append(errs, fmt.Errorf("sso-issuer is set but sso-client-id is empty; register TP at the identity provider as a public client with the device authorization grant and set its client ID"))
+		errs = append(errs, fmt.Errorf("sso-issuer is set but sso-client-id is empty; register TP at the identity provider as a public (native) client with the redirect URI http://127.0.0.1/callback and the device authorization grant, and set its client ID"))
 	}
 	switch d := s.SSODomain; {
 	case d == "":
@@ -70,7 +70,7 @@ func (s Server) validateSSO() []error {
 }
 
 func ssoYAML(b *strings.Builder, s Server) {
-	fmt.Fprintf(b, "# Sign-in with the organisation's OpenID Connect provider (dlogin --sso, docs/LOGIN.md): its issuer\n# URL, TP's client ID there (a public client allowed the device authorization grant), the email\n# domain whose people may enrol, the claim that names the TP user (an email gives its local part)\n# and the claim that lists its groups. \"\" turns it off; enrollment tokens work either way.\nsso-issuer: %q\nsso-client-id: %q\nsso-domain: %q\nsso-user-claim: %q\nsso-groups-claim: %q\n",
+	fmt.Fprintf(b, "# Sign-in with the organisation's OpenID Connect provider (dlogin --sso, docs/LOGIN.md): its issuer\n# URL, TP's client ID there (a public client with the redirect URI http://127.0.0.1/callback\n# and the device authorization grant), the email\n# domain whose people may enrol, the claim that names the TP user (an email gives its local part)\n# and the claim that lists its groups. \"\" turns it off; enrollment tokens work either way.\nsso-issuer: %q\nsso-client-id: %q\nsso-domain: %q\nsso-user-claim: %q\nsso-groups-claim: %q\n",
 		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim)
 }
 

@@ -3,8 +3,10 @@
 // authorization grant of RFC 8628, ID tokens signed with RS256) over its
 // example in-memory storage, with the people and groups a test gives it. A
 // test plays the person at the provider with Approve or Deny, as a person
-// would on the provider's page; everything TP sees of the provider is the
-// real protocol.
+// would on the provider's page, and for the authorization code flow (RFC
+// 6749 with PKCE, a loopback redirect of RFC 8252) with SignedIn: who the
+// browser that opens the provider's page is signed in as. Everything TP sees
+// of the provider is the real protocol.
 package testidp
 
 import (
@@ -12,6 +14,7 @@ import (
 	"crypto/sha256"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -44,8 +47,12 @@ type IdP struct {
 	// Issuer is the provider's issuer URL (http://127.0.0.1:port).
 	Issuer string
 
-	st     *store
-	server *httptest.Server
+	st       *store
+	server   *httptest.Server
+	callback string // the provider's URL that ends a login: + the auth request's ID
+
+	mu      sync.Mutex
+	session string // the subject the browser is signed in as ("" nobody)
 }
 
 // Start runs a provider that knows people; it stops with the test.
@@ -80,10 +87,41 @@ func Start(t testing.TB, people ...Person) *IdP {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv.Config.Handler = provider
+	p := &IdP{Issuer: issuer, st: st, server: srv,
+		callback: provider.AuthorizationEndpoint().Absolute(issuer) + "/callback?id="}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/login/username", p.login)
+	mux.Handle("/", provider)
+	srv.Config.Handler = mux
 	srv.Start()
 	t.Cleanup(srv.Close)
-	return &IdP{Issuer: issuer, st: st, server: srv}
+	return p
+}
+
+// SignedIn says who the browser that opens the provider's sign-in page is
+// signed in as there (its session at the provider): the page then signs
+// them in at once and sends the browser back to the application, as a
+// provider with a live session does. "" is nobody: the provider sends the
+// browser back with an error (interaction_required).
+func (p *IdP) SignedIn(subject string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.session = subject
+}
+
+// login is the provider's sign-in page (the example storage's login URL).
+func (p *IdP) login(w http.ResponseWriter, r *http.Request) {
+	id := r.URL.Query().Get("authRequestID")
+	p.mu.Lock()
+	subject := p.session
+	p.mu.Unlock()
+	if subject != "" {
+		if err := p.st.CheckUsernamePassword(bySubject+subject, "", id); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+	}
+	http.Redirect(w, r, p.callback+url.QueryEscape(id), http.StatusFound)
 }
 
 // Approve signs the person with subject in at the provider and approves the
@@ -141,7 +179,14 @@ type publicClient struct{ op.Client }
 func (publicClient) AuthMethod() oidc.AuthMethod         { return oidc.AuthMethodNone }
 func (publicClient) ApplicationType() op.ApplicationType { return op.ApplicationTypeNative }
 func (publicClient) GrantTypes() []oidc.GrantType {
-	return []oidc.GrantType{oidc.GrantTypeDeviceCode, oidc.GrantTypeRefreshToken}
+	return []oidc.GrantType{oidc.GrantTypeDeviceCode, oidc.GrantTypeCode, oidc.GrantTypeRefreshToken}
+}
+
+// RedirectURIs is the loopback redirect of a native application: any port
+// (RFC 8252, section 7.3).
+func (publicClient) RedirectURIs() []string { return []string{"http://127.0.0.1/callback"} }
+func (publicClient) ResponseTypes() []oidc.ResponseType {
+	return []oidc.ResponseType{oidc.ResponseTypeCode}
 }
 func (publicClient) IDTokenUserinfoClaimsAssertion() bool { return true }
 func (publicClient) IDTokenLifetime() time.Duration       { return 10 * time.Minute }
@@ -150,7 +195,15 @@ func (publicClient) IDTokenLifetime() time.Duration       { return 10 * time.Min
 type userStore map[string]*storage.User
 
 func (u userStore) GetUserByID(id string) *storage.User { return u[id] }
+
+// bySubject prefixes a subject given to the storage's login check as a user
+// name: the provider's page signs a person in by subject.
+const bySubject = "\x00subject:"
+
 func (u userStore) GetUserByUsername(name string) *storage.User {
+	if sub, ok := strings.CutPrefix(name, bySubject); ok {
+		return u[sub]
+	}
 	for _, p := range u {
 		if strings.EqualFold(p.Username, name) {
 			return p

@@ -29,11 +29,12 @@ reason := sprintf("loopback is for group ops (you: %s, groups: %v)", [input.iden
 `
 
 // A person signs in with the organisation's identity provider: the real
-// dlogin --sso prints the page to open and the code, the person approves it
-// at the provider, and the device is enrolled as the email's user with the
-// provider's groups, gets its certificate, and tp reaches what the policy
-// gives the group. Someone whose provider groups lack it is refused with the
-// policy's reason.
+// dlogin --sso --no-browser prints the page to open and the code, the person
+// approves it at the provider, and the device is enrolled as the email's user
+// with the provider's groups, gets its certificate, and tp reaches what the
+// policy gives the group. Another person signs in in a browser instead (the
+// authorization code flow with PKCE, back to dlogin's loopback); whose
+// provider groups lack the group is refused with the policy's reason.
 func TestSSOLoginThenDial(t *testing.T) {
 	parallel(t)
 	idp := testidp.Start(t,
@@ -43,13 +44,24 @@ func TestSSOLoginThenDial(t *testing.T) {
 	echo := testnet.Echo(t)
 	_, port, _ := strings.Cut(echo, ":")
 
-	signIn := func(subject, device string) []string {
+	// signIn runs dlogin --sso as subject: with a code (--no-browser) that
+	// the test approves at the provider, or in a browser (curl, following
+	// the provider's redirects back to dlogin's loopback) signed in there.
+	signIn := func(subject, device string, browser bool) []string {
 		t.Helper()
 		env := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "tp-home")}
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		cmd := commandContext(ctx, binary("dlogin"), "--sso", "--server", srv.URL, "--fingerprint", srv.Fingerprint, "--device", device)
-		cmd.Env = append(os.Environ(), env...)
+		args := []string{"--sso", "--server", srv.URL, "--fingerprint", srv.Fingerprint, "--device", device}
+		cmdEnv := append(os.Environ(), env...)
+		if browser {
+			idp.SignedIn(subject)
+			cmdEnv = append(cmdEnv, "BROWSER=curl -sfL -o /dev/null")
+		} else {
+			args = append(args, "--no-browser")
+		}
+		cmd := commandContext(ctx, binary("dlogin"), args...)
+		cmd.Env = cmdEnv
 		stdout, err := cmd.StdoutPipe()
 		if err != nil {
 			t.Fatal(err)
@@ -61,31 +73,38 @@ func TestSSOLoginThenDial(t *testing.T) {
 		}
 		var out strings.Builder
 		code := regexp.MustCompile(`^To sign in, open (\S+) and enter the code (\S+)$`)
-		approved := false
+		opened := regexp.MustCompile(`^\(if it does not open, open this page on this machine: (\S+)\)$`)
+		shown := false
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
 			line := sc.Text()
 			out.WriteString(line + "\n")
-			if m := code.FindStringSubmatch(line); m != nil && !approved {
+			if m := code.FindStringSubmatch(line); m != nil && !shown && !browser {
 				if !strings.HasPrefix(m[1], idp.Issuer) {
 					t.Errorf("dlogin sends the person to %s; want the provider %s", m[1], idp.Issuer)
 				}
 				if err := idp.Approve(ctx, m[2], subject); err != nil {
 					t.Fatalf("approving code %s at the provider: %v\n%s", m[2], err, out.String())
 				}
-				approved = true
+				shown = true
+			}
+			if m := opened.FindStringSubmatch(line); m != nil && browser {
+				if !strings.HasPrefix(m[1], idp.Issuer) {
+					t.Errorf("dlogin opens %s in the browser; want the provider %s", m[1], idp.Issuer)
+				}
+				shown = true
 			}
 		}
 		if err := cmd.Wait(); err != nil {
 			t.Fatalf("dlogin --sso: %v\n%s%s", err, out.String(), stderr.String())
 		}
-		if !approved || !strings.Contains(out.String(), "Login successful!") {
-			t.Fatalf("dlogin --sso printed no code to approve, or no success:\n%s%s", out.String(), stderr.String())
+		if !shown || !strings.Contains(out.String(), "Login successful!") {
+			t.Fatalf("dlogin --sso printed no code to approve or page to open, or no success:\n%s%s", out.String(), stderr.String())
 		}
 		return append(env, out.String())
 	}
 
-	env := signIn("s-alice", "laptop")
+	env := signIn("s-alice", "laptop", false)
 	if out := env[1]; !strings.Contains(out, "Enrolled this device as alice@laptop (groups: ops)") {
 		t.Fatalf("dlogin --sso did not name the device and its groups:\n%s", out)
 	}
@@ -103,7 +122,13 @@ func TestSSOLoginThenDial(t *testing.T) {
 		t.Fatalf("dlogin --sso in an enrolled TP_HOME: %v\n%s", err, out)
 	}
 
-	denv := signIn("s-dave", "desk")[:1]
+	// Dave signs in in his browser (the authorization code flow with PKCE and
+	// a loopback redirect) and gets his own device, with his groups.
+	denv := signIn("s-dave", "desk", true)
+	if out := denv[1]; !strings.Contains(out, "Enrolled this device as dave@desk (groups: sales)") || strings.Contains(out, "enter the code") {
+		t.Fatalf("dlogin --sso in a browser did not enrol dave@desk, or fell back to a code:\n%s", out)
+	}
+	denv = denv[:1]
 	out, err := runErr(denv, strings.NewReader(""), binary("tp"), "127.0.0.1", port)
 	if want := `loopback is for group ops (you: dave@desk, groups: ["sales"])`; err == nil || !strings.Contains(out, want) {
 		t.Fatalf("tp for dave (group sales): %v\n%s\nwant the policy's reason %q", err, out, want)
