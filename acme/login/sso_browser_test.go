@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/internal/testkit/testidp"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
 
 // browse plays the person's browser: it opens the page and follows every
@@ -170,5 +171,25 @@ func (e *expiring) Err() error {
 		return context.DeadlineExceeded
 	default:
 		return nil
+	}
+}
+
+// The bad input: the provider is down (nothing listens at its issuer). Both
+// ways to sign in say so in a sentence that names it, before any page opens.
+func TestSignInProviderDown(t *testing.T) {
+	t.Parallel()
+	info := SSOInfo{Issuer: "http://" + testnet.Refusing(t), ClientID: testidp.ClientID, Scopes: []string{"openid"}}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err := SignInBrowser(ctx, http.DefaultClient, info, func(string) error {
+		t.Error("a page was opened for a provider that is down")
+		return nil
+	})
+	if err == nil || !strings.Contains(err.Error(), "cannot reach the identity provider "+info.Issuer) {
+		t.Errorf("browser sign-in, provider down: %v; want a sentence naming the provider", err)
+	}
+	_, err = SignIn(ctx, http.DefaultClient, info, func(DeviceCode) { t.Error("a code was shown for a provider that is down") })
+	if err == nil || !strings.Contains(err.Error(), "cannot reach the identity provider "+info.Issuer) {
+		t.Errorf("sign-in with a code, provider down: %v; want a sentence naming the provider", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -45,8 +46,9 @@ func TestSSOLoginThenDial(t *testing.T) {
 	_, port, _ := strings.Cut(echo, ":")
 
 	// signIn runs dlogin --sso as subject: with a code (--no-browser) that
-	// the test approves at the provider, or in a browser (curl, following
-	// the provider's redirects back to dlogin's loopback) signed in there.
+	// the test approves at the provider, or in a browser signed in there
+	// (headless Chromium, following the provider's redirects back to
+	// dlogin's loopback).
 	signIn := func(subject, device string, browser bool) []string {
 		t.Helper()
 		env := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "tp-home")}
@@ -56,7 +58,7 @@ func TestSSOLoginThenDial(t *testing.T) {
 		cmdEnv := append(os.Environ(), env...)
 		if browser {
 			idp.SignedIn(subject)
-			cmdEnv = append(cmdEnv, "BROWSER=curl -sfL -o /dev/null")
+			cmdEnv = append(cmdEnv, "BROWSER="+chromiumOpener(t))
 		} else {
 			args = append(args, "--no-browser")
 		}
@@ -133,4 +135,24 @@ func TestSSOLoginThenDial(t *testing.T) {
 	if want := `loopback is for group ops (you: dave@desk, groups: ["sales"])`; err == nil || !strings.Contains(out, want) {
 		t.Fatalf("tp for dave (group sales): %v\n%s\nwant the policy's reason %q", err, out, want)
 	}
+}
+
+// chromiumOpener writes a $BROWSER for dlogin: a script that loads the page
+// it is given in headless Chromium (Debian's) and exits once the last page
+// of the redirects has loaded. Its output goes to chromium.log beside it.
+func chromiumOpener(t *testing.T) string {
+	t.Helper()
+	chromium, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatal("chromium is not installed: apt-get install chromium (deploy/test.sh does, run as root)")
+	}
+	dir := t.TempDir()
+	script := filepath.Join(dir, "browser")
+	body := "#!/bin/sh\nHOME=" + dir + " exec " + chromium + " --headless --no-sandbox --disable-gpu --no-first-run" +
+		" --disable-background-networking --disable-component-update --disable-sync --disable-dev-shm-usage" +
+		" --user-data-dir=" + filepath.Join(dir, "profile") + " --dump-dom \"$1\" >" + filepath.Join(dir, "chromium.log") + " 2>&1\n"
+	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return script
 }
