@@ -123,9 +123,7 @@ func (e *Enroller) enroll(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if errors.Is(err, users.ErrUnavailable) {
-			e.log().Error("enrollment failed: the user store is unavailable", "err", err)
-			w.Header().Set("Retry-After", "30")
-			writeErr(w, http.StatusServiceUnavailable, "the server cannot reach its database right now, so the token was not used; run the same dlogin command again in a minute")
+			e.unavailable(w, "enrollment", err, "so the token was not used; run the same dlogin command again in a minute")
 			return
 		}
 		e.log().Error("enrollment failed", "err", err)
@@ -453,4 +451,13 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 func writeErr(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, login.ErrorResponse{Error: msg})
+}
+
+// unavailable answers 503 to a request (what, for the log) that the user
+// store could not serve, with when to try again (retry, after "the server
+// cannot reach its database right now, ").
+func (e *Enroller) unavailable(w http.ResponseWriter, what string, err error, retry string) {
+	e.log().Error(what+" failed: the user store is unavailable", "err", err)
+	w.Header().Set("Retry-After", "30")
+	writeErr(w, http.StatusServiceUnavailable, "the server cannot reach its database right now, "+retry)
 }

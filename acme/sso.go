@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/http"
@@ -41,9 +42,10 @@ const (
 // SSO lets people enrol a device by signing in with the organisation's
 // OpenID Connect provider (dlogin --sso): the provider vouches for who they
 // are, tpd maps its claims to a TP user and groups, and the device's own key
-// is registered as with an enrollment token. Sign-ins use the device
-// authorization grant (RFC 8628), so TP is registered at the provider as a
-// public client (no secret) that may use it.
+// is registered as with an enrollment token. Sign-ins use the authorization
+// code flow with PKCE and a loopback redirect (RFC 8252) in the person's
+// browser, or the device authorization grant (RFC 8628), so TP is registered
+// at the provider as a public client (no secret) that may use them.
 type SSO struct {
 	// Issuer is the provider's issuer URL; ClientID is TP's client there.
 	Issuer, ClientID string
@@ -59,6 +61,9 @@ type SSO struct {
 	// HTTPClient reaches the provider (discovery and keys); nil means a
 	// client with the system's roots and a 30 s timeout.
 	HTTPClient *http.Client
+	// Used records the ID tokens that enrolled a device, for every instance
+	// that shares it; nil keeps them in this instance's memory (one tpd).
+	Used UsedTokens
 
 	mu       sync.Mutex
 	verifier *oidc.IDTokenVerifier
@@ -165,10 +170,21 @@ func (s *SSO) verify(ctx context.Context, raw string, now time.Time) (ssoPerson,
 	if err != nil {
 		return ssoPerson{}, err
 	}
-	if !s.useOnce(raw, tok.Expiry, now) {
+	fresh, err := s.useOnce(ctx, raw, tok.Expiry, now)
+	if err != nil {
+		return ssoPerson{}, fmt.Errorf("%w: %v", users.ErrUnavailable, err)
+	}
+	if !fresh {
 		return ssoPerson{}, refuse("this sign-in already enrolled a device: run dlogin --sso again for another")
 	}
 	return p, nil
+}
+
+// UsedTokens records which ID tokens enrolled a device (by a hash of the
+// token), so that each enrols one, whichever instance is shown it.
+type UsedTokens interface {
+	// UseOnce records key until expires and reports whether it was new.
+	UseOnce(ctx context.Context, key string, expires time.Time) (bool, error)
 }
 
 // person maps an ID token's claims to TP's user and groups. Names are
@@ -266,8 +282,16 @@ func asciiLower(s string) string {
 }
 
 // useOnce records an ID token as used; false if it was already.
-func (s *SSO) useOnce(raw string, expiry, now time.Time) bool {
+func (s *SSO) useOnce(ctx context.Context, raw string, expiry, now time.Time) (bool, error) {
 	h := sha256.Sum256([]byte(raw))
+	if s.Used != nil {
+		return s.Used.UseOnce(ctx, hex.EncodeToString(h[:]), expiry)
+	}
+	return s.useOnceHere(h, expiry, now), nil
+}
+
+// useOnceHere is useOnce in this instance's memory.
+func (s *SSO) useOnceHere(h [32]byte, expiry, now time.Time) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.used == nil {
@@ -326,6 +350,9 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 	p, err := e.SSO.verify(r.Context(), req.IDToken, e.now())
 	var refusal *ssoRefusal
 	switch {
+	case errors.Is(err, users.ErrUnavailable):
+		e.unavailable(w, "single sign-on enrollment", err, "so nothing was enrolled; run dlogin --sso again in a minute")
+		return
 	case errors.As(err, &refusal):
 		e.log().Warn("single sign-on enrollment refused", "remote", r.RemoteAddr, "why", refusal.msg)
 		writeErr(w, http.StatusForbidden, refusal.msg)
@@ -364,9 +391,7 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 	}
 	if err != nil {
 		if errors.Is(err, users.ErrUnavailable) {
-			e.log().Error("single sign-on enrollment failed: the user store is unavailable", "err", err)
-			w.Header().Set("Retry-After", "30")
-			writeErr(w, http.StatusServiceUnavailable, "the server cannot reach its database right now; run dlogin --sso again in a minute")
+			e.unavailable(w, "single sign-on enrollment", err, "so nothing was enrolled; run dlogin --sso again in a minute")
 			return
 		}
 		e.log().Error("single sign-on enrollment failed", "err", err)

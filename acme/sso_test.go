@@ -264,6 +264,33 @@ func TestSSOProviderUnreachable(t *testing.T) {
 	}
 }
 
+// failingUsed is a shared used-token store that cannot be reached (the
+// database is down).
+type failingUsed struct{}
+
+func (failingUsed) UseOnce(context.Context, string, time.Time) (bool, error) {
+	return false, errors.New("dial tcp 127.0.0.1:5432: connect: connection refused")
+}
+
+// The bad input: a valid sign-in while the shared store of used ID tokens is
+// unreachable. It fails closed: 503 with a sentence that says nothing was
+// enrolled and when to try again, and no device.
+func TestSSOUsedStoreDown(t *testing.T) {
+	t.Parallel()
+	ts, idp := ssoServer(t)
+	ts.Enroller.SSO.Used = failingUsed{}
+	tok := signIn(t, idp, testidp.ClientID, ssoAlice.Subject)
+	_, err := login.EnrollDeviceSSO(context.Background(), ts.HC, ts.URL, tok, "laptop", newKey(t))
+	var se *login.ServerError
+	if !errors.As(err, &se) || se.Status != http.StatusServiceUnavailable ||
+		se.Message != "the server cannot reach its database right now, so nothing was enrolled; run dlogin --sso again in a minute" {
+		t.Fatalf("a sign-in while the used-token store is down: %v; want 503 saying nothing was enrolled", err)
+	}
+	if _, err := ts.Users.Device("alice@laptop"); !errors.Is(err, users.ErrNotFound) {
+		t.Fatalf("alice@laptop exists after a sign-in the store could not record (%v)", err)
+	}
+}
+
 // A sign-in declined at the provider ends dlogin's wait with a sentence.
 func TestSSODeclined(t *testing.T) {
 	t.Parallel()

@@ -124,6 +124,14 @@ var migrations = []string{
 	// its route, so that an instance that carries the name's requests to the
 	// serving one asks for the device certificate at its own handshake.
 	`ALTER TABLE tp_holds ADD COLUMN devices_only boolean NOT NULL DEFAULT false;`,
+	// 10: the ID tokens that enrolled a device by single sign-on (ssoused.go),
+	// by hash, until they expire: each enrols one device, whichever instance
+	// it is shown to.
+	`CREATE TABLE tp_sso_used (
+		hash    text PRIMARY KEY,
+		expires timestamptz NOT NULL
+	);
+	CREATE INDEX tp_sso_used_expires ON tp_sso_used (expires);`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

@@ -202,11 +202,12 @@ func LoadState(ctx context.Context, cfg config.Server) (st users.Store, deny *au
 	return st, deny, db.Close, nil
 }
 
-// pruneNonces bounds the shared ACME nonce table: expired nonces, and past
-// ca-max-nonces the oldest, go every minute (the in-memory store does this on
-// every nonce).
-func (d *Daemon) pruneNonces(ctx context.Context) {
-	n := pgstore.NewNonces(d.db)
+// pruneShared bounds the shared single-use tables: the ACME nonces (expired
+// ones, and past ca-max-nonces the oldest; the in-memory store does this on
+// every nonce) and the records of ID tokens that enrolled a device (expired
+// ones), every minute.
+func (d *Daemon) pruneShared(ctx context.Context) {
+	n, used := pgstore.NewNonces(d.db), pgstore.NewSSOUsed(d.db)
 	t := time.NewTicker(time.Minute)
 	defer t.Stop()
 	for {
@@ -217,6 +218,9 @@ func (d *Daemon) pruneNonces(ctx context.Context) {
 		}
 		if _, err := n.PruneNonces(ctx, d.cfg.CAMaxNonces); err != nil && ctx.Err() == nil {
 			d.log.Warn("pruning ACME nonces in the database failed; tried again in a minute", "err", err)
+		}
+		if _, err := used.PruneSSOUsed(ctx); err != nil && ctx.Err() == nil {
+			d.log.Warn("pruning the records of single sign-ons in the database failed; tried again in a minute", "err", err)
 		}
 	}
 }

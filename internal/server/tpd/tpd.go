@@ -198,6 +198,9 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if cfg.SSOIssuer != "" { // dlogin --sso: sign-in with the organisation's provider
 		enroller.SSO = &acme.SSO{Issuer: cfg.SSOIssuer, ClientID: cfg.SSOClientID, Domain: cfg.SSODomain,
 			UserClaim: cfg.SSOUserClaim, GroupsClaim: cfg.SSOGroupsClaim}
+		if d.db != nil { // an ID token enrols one device, whichever instance it is shown to
+			enroller.SSO.Used = pgstore.NewSSOUsed(d.db)
+		}
 	}
 	// Anyone reaches these without a certificate: each source address gets a
 	// token bucket, shared by both.
@@ -458,7 +461,7 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	if d.db != nil {
 		g.Go(func() error { d.db.Listen(gctx); return nil }) // other instances' changes (store.go)
-		g.Go(func() error { d.pruneNonces(gctx); return nil })
+		g.Go(func() error { d.pruneShared(gctx); return nil })
 		g.Go(func() error { d.proxy.RunLeases(gctx); return nil })             // reverse holds' leases (proxy/holdstore.go)
 		g.Go(func() error { d.runPeers(gctx, ln, adminHTTPDone); return nil }) // peer.go
 	}

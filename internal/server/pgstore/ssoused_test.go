@@ -1,0 +1,63 @@
+package pgstore_test
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/internal/server/pgstore"
+	"github.com/tp-proxy/tp/internal/testkit/testpg"
+)
+
+// An ID token that enrolled a device through one instance is refused by
+// every other, and when two instances are shown the same token at once (the
+// bad input: a leaked token replayed on all of them), exactly one takes it.
+// An expired record is pruned.
+func TestSSOUsedAcrossInstances(t *testing.T) {
+	t.Parallel()
+	_, dsn := testpg.NewDatabase(t)
+	db := open(t, dsn)
+	a, b := pgstore.NewSSOUsed(db), pgstore.NewSSOUsed(open(t, dsn))
+	ctx := context.Background()
+	exp := time.Now().Add(time.Hour)
+	if fresh, err := a.UseOnce(ctx, "token-1", exp); err != nil || !fresh {
+		t.Fatalf("first use on A: %v, %v; want it taken", fresh, err)
+	}
+	if fresh, err := b.UseOnce(ctx, "token-1", exp); err != nil || fresh {
+		t.Fatalf("the same token on B: %v, %v; want it refused as used", fresh, err)
+	}
+
+	var took atomic.Int32
+	var wg sync.WaitGroup
+	for i := range 16 {
+		s := a
+		if i%2 == 1 {
+			s = b
+		}
+		wg.Go(func() {
+			fresh, err := s.UseOnce(ctx, "token-2", exp)
+			if err != nil {
+				t.Error(err)
+			}
+			if fresh {
+				took.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if n := took.Load(); n != 1 {
+		t.Fatalf("one token shown to two instances 16 times at once was taken %d times; want once", n)
+	}
+
+	if _, err := db.Pool().Exec(ctx, "UPDATE tp_sso_used SET expires = now() - interval '1 second' WHERE hash = 'token-1'"); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := a.PruneSSOUsed(ctx); err != nil || n != 1 {
+		t.Fatalf("pruning: %d records, %v; want the one expired", n, err)
+	}
+	if fresh, err := b.UseOnce(ctx, "token-2", exp); err != nil || fresh {
+		t.Fatalf("a token not expired after the prune: %v, %v; want it still refused", fresh, err)
+	}
+}
