@@ -6,6 +6,8 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -131,15 +133,34 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return cmd.ExecuteContext(ctx)
 }
 
+// baseURL is --server as the server's base URL, or a sentence on what is
+// wrong with it.
+func baseURL(server string) (string, error) {
+	u, err := clients.ServerBaseURL(server)
+	if ue := (*clients.ServerURLError)(nil); errors.As(err, &ue) {
+		return "", fmt.Errorf("--server takes the server's base URL, https://HOST[:PORT], %s (got %q)", ue.Problem, ue.URL)
+	}
+	return u, err
+}
+
+// saveEnrolled keeps what an enrollment gave in home: the device key, the
+// server's root and the profile that names the server and the device.
+func saveEnrolled(home clients.Home, server string, root *x509.Certificate, key *ecdsa.PrivateKey, deviceID string) error {
+	if err := home.SaveDeviceKey(key); err != nil {
+		return fmt.Errorf("save device key in %s: %w", home.Dir, err)
+	}
+	if err := home.SaveRoot(root); err != nil {
+		return err
+	}
+	return home.SaveProfile(clients.Profile{Server: server, Fingerprint: login.Fingerprint(root), DeviceID: deviceID})
+}
+
 // enroll pins the server's root, makes the device key and redeems the token.
 func enroll(ctx context.Context, home clients.Home, server, fingerprint, token string, stdout io.Writer) error {
 	if server == "" || fingerprint == "" || token == "" {
 		return errors.New("enrolling needs --server, --fingerprint and --token together; copy the whole dlogin line that `tpd enroll` printed")
 	}
-	server, err := clients.ServerBaseURL(server)
-	if ue := (*clients.ServerURLError)(nil); errors.As(err, &ue) {
-		return fmt.Errorf("--server takes the server's base URL, https://HOST[:PORT], %s (got %q)", ue.Problem, ue.URL)
-	}
+	server, err := baseURL(server)
 	if err != nil {
 		return err
 	}
@@ -159,13 +180,7 @@ func enroll(ctx context.Context, home clients.Home, server, fingerprint, token s
 	if err != nil {
 		return fmt.Errorf("enrollment failed: %w", err)
 	}
-	if err := home.SaveDeviceKey(key); err != nil {
-		return fmt.Errorf("save device key in %s: %w", home.Dir, err)
-	}
-	if err := home.SaveRoot(root); err != nil {
-		return err
-	}
-	if err := home.SaveProfile(clients.Profile{Server: server, Fingerprint: login.Fingerprint(root), DeviceID: res.DeviceID}); err != nil {
+	if err := saveEnrolled(home, server, root, key, res.DeviceID); err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "Enrolled this device as %s\n", res.DeviceID)
@@ -191,10 +206,7 @@ func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, devi
 	if server == "" || fingerprint == "" {
 		return errors.New("dlogin --sso needs --server and --fingerprint; your TP administrator publishes both (tpd prints the whole dlogin --sso line when it starts)")
 	}
-	server, err := clients.ServerBaseURL(server)
-	if ue := (*clients.ServerURLError)(nil); errors.As(err, &ue) {
-		return fmt.Errorf("--server takes the server's base URL, https://HOST[:PORT], %s (got %q)", ue.Problem, ue.URL)
-	}
+	server, err := baseURL(server)
 	if err != nil {
 		return err
 	}
@@ -259,13 +271,7 @@ func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, devi
 	if err != nil {
 		return fmt.Errorf("enrollment failed: %w", err)
 	}
-	if err := home.SaveDeviceKey(key); err != nil {
-		return fmt.Errorf("save device key in %s: %w", home.Dir, err)
-	}
-	if err := home.SaveRoot(root); err != nil {
-		return err
-	}
-	if err := home.SaveProfile(clients.Profile{Server: server, Fingerprint: login.Fingerprint(root), DeviceID: res.DeviceID}); err != nil {
+	if err := saveEnrolled(home, server, root, key, res.DeviceID); err != nil {
 		return err
 	}
 	groups := "none"
