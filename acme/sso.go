@@ -58,6 +58,9 @@ type SSO struct {
 	// groups (DefaultSSOGroupsClaim when empty); groups that are not valid TP
 	// names are left out and named in the answer.
 	UserClaim, GroupsClaim string
+	// Scopes are what a sign-in asks the provider for (openid, email and
+	// profile when empty).
+	Scopes []string
 	// HTTPClient reaches the provider (discovery and keys); nil means a
 	// client with the system's roots and a 30 s timeout.
 	HTTPClient *http.Client
@@ -78,7 +81,11 @@ const ssoRetry = 10 * time.Second
 
 // Info is what dlogin needs to sign a person in (login.PathSSO).
 func (s *SSO) Info() login.SSOInfo {
-	return login.SSOInfo{Issuer: s.Issuer, ClientID: s.ClientID, Scopes: []string{oidc.ScopeOpenID, "email", "profile"}}
+	scopes := s.Scopes
+	if len(scopes) == 0 {
+		scopes = []string{oidc.ScopeOpenID, "email", "profile"}
+	}
+	return login.SSOInfo{Issuer: s.Issuer, ClientID: s.ClientID, Scopes: scopes}
 }
 
 // errProviderUnreachable is a failure to fetch the provider's discovery

@@ -264,6 +264,23 @@ func TestSSOProviderUnreachable(t *testing.T) {
 	}
 }
 
+// The scopes tpd is configured with are the ones /tp/v1/sso tells dlogin to
+// ask for (sso-scopes: Dex and Okta put groups in the ID token only for a
+// groups scope); without any, openid, email and profile.
+func TestSSOInfoScopes(t *testing.T) {
+	t.Parallel()
+	ts, _ := ssoServer(t)
+	info, err := login.FetchSSO(context.Background(), ts.HC, ts.URL)
+	if err != nil || !slices.Equal(info.Scopes, []string{"openid", "email", "profile"}) {
+		t.Fatalf("default scopes: %+v, %v", info, err)
+	}
+	ts.Enroller.SSO.Scopes = []string{"openid", "email", "groups"}
+	info, err = login.FetchSSO(context.Background(), ts.HC, ts.URL)
+	if err != nil || !slices.Equal(info.Scopes, []string{"openid", "email", "groups"}) {
+		t.Fatalf("configured scopes: %+v, %v; want openid email groups", info, err)
+	}
+}
+
 // failingUsed is a shared used-token store that cannot be reached (the
 // database is down).
 type failingUsed struct{}

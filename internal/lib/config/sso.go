@@ -25,9 +25,21 @@ type SSO struct {
 	// at each sign-in.
 	SSOUserClaim   string `mapstructure:"sso-user-claim"`
 	SSOGroupsClaim string `mapstructure:"sso-groups-claim"`
+	// SSOScopes are the scopes a sign-in asks for, separated by spaces; openid
+	// among them. Some providers put the groups claim in the ID token only
+	// when a scope asks for it (Dex and Okta: groups).
+	SSOScopes string `mapstructure:"sso-scopes"`
 }
 
-func defaultSSO() SSO { return SSO{SSOUserClaim: "email", SSOGroupsClaim: "groups"} }
+// maxSSOScopes bounds sso-scopes.
+const maxSSOScopes = 16
+
+func defaultSSO() SSO {
+	return SSO{SSOUserClaim: "email", SSOGroupsClaim: "groups", SSOScopes: "openid email profile"}
+}
+
+// Scopes is sso-scopes as a list.
+func (s SSO) Scopes() []string { return strings.Fields(s.SSOScopes) }
 
 func setSSODefaults(v *viper.Viper, d SSO) {
 	v.SetDefault("sso-issuer", d.SSOIssuer)
@@ -35,6 +47,7 @@ func setSSODefaults(v *viper.Viper, d SSO) {
 	v.SetDefault("sso-domain", d.SSODomain)
 	v.SetDefault("sso-user-claim", d.SSOUserClaim)
 	v.SetDefault("sso-groups-claim", d.SSOGroupsClaim)
+	v.SetDefault("sso-scopes", d.SSOScopes)
 }
 
 // validateSSO checks the sign-in settings: with an issuer, a client and a
@@ -66,12 +79,36 @@ func (s Server) validateSSO() []error {
 	if s.SSOUserClaim == "" || s.SSOGroupsClaim == "" {
 		errs = append(errs, fmt.Errorf("sso-user-claim and sso-groups-claim must name claims of the ID token (defaults email and groups)"))
 	}
+	if err := checkScopes(s.Scopes()); err != nil {
+		errs = append(errs, err)
+	}
 	return errs
 }
 
+// checkScopes accepts at most maxSSOScopes OAuth scope tokens (RFC 6749,
+// section 3.3: printable ASCII but '"' and '\\'), openid among them.
+func checkScopes(scopes []string) error {
+	if len(scopes) > maxSSOScopes {
+		return fmt.Errorf("sso-scopes names %d scopes; at most %d", len(scopes), maxSSOScopes)
+	}
+	for _, sc := range scopes {
+		for i := 0; i < len(sc); i++ {
+			if c := sc[i]; c < 0x21 || c > 0x7e || c == '"' || c == '\\' {
+				return fmt.Errorf("sso-scopes: %q is not an OAuth scope (printable ASCII without quotes or backslashes, separated by spaces)", sc)
+			}
+		}
+	}
+	for _, sc := range scopes {
+		if sc == "openid" {
+			return nil
+		}
+	}
+	return fmt.Errorf("sso-scopes %q lacks openid: without it the provider gives no ID token; e.g. \"openid email profile groups\"", strings.Join(scopes, " "))
+}
+
 func ssoYAML(b *strings.Builder, s Server) {
-	fmt.Fprintf(b, "# Sign-in with the organisation's OpenID Connect provider (dlogin --sso, docs/LOGIN.md): its issuer\n# URL, TP's client ID there (a public client with the redirect URI http://127.0.0.1/callback\n# and the device authorization grant), the email\n# domain whose people may enrol, the claim that names the TP user (an email gives its local part)\n# and the claim that lists its groups. \"\" turns it off; enrollment tokens work either way.\nsso-issuer: %q\nsso-client-id: %q\nsso-domain: %q\nsso-user-claim: %q\nsso-groups-claim: %q\n",
-		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim)
+	fmt.Fprintf(b, "# Sign-in with the organisation's OpenID Connect provider (dlogin --sso, docs/LOGIN.md): its issuer\n# URL, TP's client ID there (a public client with the redirect URI http://127.0.0.1/callback\n# and the device authorization grant), the email\n# domain whose people may enrol, the claim that names the TP user (an email gives its local part)\n# and the claim that lists its groups, and the scopes a sign-in asks for (add groups for Dex or Okta).\n# \"\" turns it off; enrollment tokens work either way.\nsso-issuer: %q\nsso-client-id: %q\nsso-domain: %q\nsso-user-claim: %q\nsso-groups-claim: %q\nsso-scopes: %q\n",
+		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim, s.SSOScopes)
 }
 
 func isASCIIString(s string) bool {

@@ -65,7 +65,36 @@ func TestSSOSettingsLoad(t *testing.T) {
 	if err != nil {
 		t.Fatalf("tpd.yaml as tpd init writes it does not load: %v\n%s", err, ServerYAML(s))
 	}
-	if again.SSOIssuer != s.SSOIssuer || again.SSODomain != s.SSODomain {
+	if again.SSOIssuer != s.SSOIssuer || again.SSODomain != s.SSODomain || again.SSOScopes != "openid email profile" {
 		t.Fatalf("read back %+v; want %+v", again.SSO, s.SSO)
+	}
+}
+
+// sso-scopes: the bad inputs are scopes without openid (no ID token would
+// come back), a scope with a quote, and too many.
+func TestSSOScopes(t *testing.T) {
+	for _, c := range []struct {
+		scopes, want string // want "" accepts
+	}{
+		{"openid email profile", ""},
+		{"openid email profile groups", ""},
+		{"  openid   groups ", ""},
+		{"email profile", "lacks openid"},
+		{"", "lacks openid"},
+		{`openid "groups"`, `"\"groups\"" is not an OAuth scope`},
+		{strings.Repeat("openid ", 17), "names 17 scopes; at most 16"},
+	} {
+		s := DefaultServer()
+		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOScopes = "https://accounts.example.org", "tp", "example.org", c.scopes
+		err := s.Validate()
+		switch {
+		case c.want == "" && err != nil:
+			t.Errorf("sso-scopes %q refused: %v", c.scopes, err)
+		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want)):
+			t.Errorf("sso-scopes %q: %v; want an error saying %q", c.scopes, err, c.want)
+		}
+	}
+	if got := (SSO{SSOScopes: " openid  groups "}).Scopes(); len(got) != 2 || got[0] != "openid" || got[1] != "groups" {
+		t.Errorf("Scopes() = %q", got)
 	}
 }
