@@ -25,6 +25,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -110,11 +111,13 @@ func (rt *peerRoundTripper) RoundTrip(req *http.Request) (*http.Response, error)
 // the response (where names the peer in errors). Until the response's head has
 // arrived, the request's context ending aborts conn; then a body's life is its
 // reader's: an ordinary body aborts conn if the context ends first, and its
-// Close closes conn. A 101's upgraded stream is bound to its Close only: the
-// request's context ends as soon as the handler that relays it returns, which
-// may be just before it closes the stream, and a clean end must not turn into
-// a reset there (the relay, httputil.ReverseProxy, closes the stream itself
-// when the context ends while it relays).
+// Close closes conn. A 101's upgraded stream ends cleanly (Close: a
+// half-close) when it is closed or when the request's context ends: the
+// context ends as soon as the handler that relays it returns, which may be
+// just before it closes the stream, and a clean end must not turn into a
+// reset there; and a relay that gives up on the stream without closing it
+// (httputil.ReverseProxy, for a 101 it refuses) must not leave it open. A 101
+// whose Upgrade is not the one asked for is refused here, with an abort.
 func peerExchange(req *http.Request, conn net.Conn, where string) (*http.Response, error) {
 	stop := context.AfterFunc(req.Context(), func() { wire.Abort(conn, wire.QUICPeerReset) })
 	out := req.Clone(req.Context())
@@ -127,8 +130,14 @@ func peerExchange(req *http.Request, conn net.Conn, where string) (*http.Respons
 	}
 	br := bufio.NewReader(conn)
 	resp, err := http.ReadResponse(br, req)
-	if err == nil && resp.StatusCode == http.StatusSwitchingProtocols && !upgrade {
-		err = errors.New("101 Switching Protocols to a request that asked for no upgrade")
+	if err == nil && resp.StatusCode == http.StatusSwitchingProtocols {
+		switch got, asked := resp.Header.Get("Upgrade"), req.Header.Get("Upgrade"); {
+		case !upgrade:
+			err = errors.New("101 Switching Protocols to a request that asked for no upgrade")
+		case !strings.EqualFold(got, asked) || !isPrintableASCII(got):
+			// The relay would answer 502 and never close the stream.
+			err = fmt.Errorf("101 Switching Protocols to %q for a request that asked for %q", got, asked)
+		}
 	}
 	if err != nil {
 		stop()
@@ -142,8 +151,17 @@ func peerExchange(req *http.Request, conn net.Conn, where string) (*http.Respons
 		}
 		// The peer connection is the upgraded stream now: what A sent after
 		// the 101 is in br; a Write goes to A (httputil.ReverseProxy copies
-		// both ways and closes it when either ends).
-		resp.Body = &peerUpgraded{peerBody: peerBody{ReadCloser: io.NopCloser(br), conn: conn, stop: stop}}
+		// both ways and closes it when either ends). The request's context
+		// ending closes it too, cleanly, in case the relay gave up on it
+		// without closing it.
+		u := &peerUpgraded{peerBody: peerBody{ReadCloser: io.NopCloser(br), conn: conn}}
+		set := make(chan struct{})
+		u.stop = context.AfterFunc(req.Context(), func() {
+			<-set // u.stop is assigned
+			_ = u.Close()
+		})
+		close(set)
+		resp.Body = u
 		return resp, nil
 	}
 	resp.Body = &peerBody{ReadCloser: resp.Body, conn: conn, stop: stop}
@@ -157,7 +175,11 @@ func isUpgrade(h http.Header) bool {
 }
 
 // peerUpgraded is a 101's body on B: the peer connection, both ways.
-type peerUpgraded struct{ peerBody }
+type peerUpgraded struct {
+	peerBody
+	once sync.Once
+	err  error
+}
 
 func (u *peerUpgraded) Write(p []byte) (int, error) { return u.conn.Write(p) }
 
@@ -171,14 +193,28 @@ const peerCloseLinger = 2 * time.Second
 // could read the reset before the end: a stream both sides closed cleanly
 // would be taken for a cut.
 func (u *peerUpgraded) Close() error {
-	u.stop()
-	cw, ok := u.conn.(interface{ CloseWrite() error })
-	if !ok {
-		return u.conn.Close()
+	u.once.Do(func() {
+		u.stop()
+		cw, ok := u.conn.(interface{ CloseWrite() error })
+		if !ok {
+			u.err = u.conn.Close()
+			return
+		}
+		u.err = cw.CloseWrite()
+		time.AfterFunc(peerCloseLinger, func() { _ = u.conn.Close() })
+	})
+	return u.err
+}
+
+// isPrintableASCII reports whether s is printable ASCII, as
+// httputil.ReverseProxy requires of a 101's Upgrade.
+func isPrintableASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return false
+		}
 	}
-	err := cw.CloseWrite()
-	time.AfterFunc(peerCloseLinger, func() { _ = u.conn.Close() })
-	return err
+	return true
 }
 
 var _ io.ReadWriteCloser = (*peerUpgraded)(nil)

@@ -172,6 +172,9 @@ func (s *Server) serveMux(ctx context.Context, conn *tls.Conn) {
 	// shutdown's cut set its own cause first).
 	scancel(wire.ErrClientGone)
 	streams.Wait()
+	// A connection this end closed lingers until the client's close (bounded):
+	// tpd's exit must not cut it short and reset the client's last data.
+	<-m.Closed()
 	end := "closed"
 	if err := m.Err(); err != nil {
 		end = err.Error()

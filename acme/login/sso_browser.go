@@ -3,6 +3,7 @@ package login
 import (
 	"context"
 	"crypto/rand"
+	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -62,17 +63,25 @@ func SignInBrowser(ctx context.Context, idp *http.Client, info SSOInfo, open fun
 			_ = srv.Close()
 		}
 	}()
-	if err := open(page); err != nil {
-		return "", fmt.Errorf("%w: the browser did not start: %v", ErrNoBrowser, err)
-	}
 	var cb callback
-	select {
-	case cb = <-back:
-	case <-ctx.Done():
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return "", errors.New("the browser did not come back from the identity provider in time: run dlogin --sso again, or dlogin --sso --no-browser to sign in with a code")
+	answered := false
+	if err := open(page); err != nil {
+		select {
+		case cb = <-back: // the browser failed after the sign-in came back
+			answered = true
+		default:
+			return "", fmt.Errorf("%w: the browser did not start: %v", ErrNoBrowser, err)
 		}
-		return "", fmt.Errorf("waiting for the browser to come back from the identity provider: %w", ctx.Err())
+	}
+	if !answered {
+		select {
+		case cb = <-back:
+		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return "", errors.New("the browser did not come back from the identity provider in time: run dlogin --sso again, or dlogin --sso --no-browser to sign in with a code")
+			}
+			return "", fmt.Errorf("waiting for the browser to come back from the identity provider: %w", ctx.Err())
+		}
 	}
 	switch {
 	case cb.err == "access_denied":
@@ -110,7 +119,7 @@ func callbackHandler(state, issuer string, back chan<- callback) http.Handler {
 			return
 		}
 		q := r.URL.Query()
-		if q.Get("state") != state {
+		if subtle.ConstantTimeCompare([]byte(q.Get("state")), []byte(state)) != 1 {
 			writePage(w, http.StatusBadRequest, "This answer is not for the sign-in dlogin is waiting for",
 				"Its state does not match. Go back to the terminal: dlogin still waits for the sign-in it opened.")
 			return

@@ -240,7 +240,7 @@ func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, devi
 	if open != nil {
 		idToken, err = login.SignInBrowser(wait, idp, info, func(page string) error {
 			fmt.Fprintf(stdout, "Opening your browser to sign in at %s\n(if it does not open, open this page on this machine: %s)\n", info.Issuer, page)
-			fmt.Fprintln(stdout, "Waiting for the browser to come back…")
+			fmt.Fprintln(stdout, "Waiting for the browser to come back… (if the provider shows an error instead of a sign-in, press Ctrl-C and run dlogin --sso --no-browser to sign in with a code)")
 			return open(page)
 		})
 		if errors.Is(err, login.ErrNoBrowser) {

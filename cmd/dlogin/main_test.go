@@ -163,13 +163,31 @@ func TestBrowserOpener(t *testing.T) {
 			t.Errorf("%s: opens %v (%q); want %v (%q)", tt.name, open != nil, why, tt.opens, tt.whyPart)
 		}
 	}
+	// An opener that fails (xdg-open with no browser to hand the page to)
+	// is an error, so that dlogin signs in with a code instead.
+	openerWait = 10 * time.Minute // the script's exit decides, however slow the machine
+	t.Cleanup(func() { openerWait = 3 * time.Second })
+	failing := filepath.Join(t.TempDir(), "xdg-open")
+	if err := os.WriteFile(failing, []byte("#!/bin/sh\necho 'no method available for opening' >&2\nexit 3\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	open, _ := browserOpener(func(k string) string {
+		if k == "DISPLAY" {
+			return ":0"
+		}
+		return ""
+	}, "linux", func(string) (string, error) { return failing, nil })
+	if err := open("http://127.0.0.1:1/authorize"); err == nil || !strings.Contains(err.Error(), "exit status 3") {
+		t.Errorf("an xdg-open that exits 3: %v; want its failure", err)
+	}
+
 	// $BROWSER runs with the page as its last argument.
 	dir := t.TempDir()
 	script, out := filepath.Join(dir, "browser"), filepath.Join(dir, "page")
 	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \"$2\" >"+out+".tmp && mv "+out+".tmp "+out+"\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	open, _ := browserOpener(func(k string) string {
+	open, _ = browserOpener(func(k string) string {
 		if k == "BROWSER" {
 			return script + " --new-tab"
 		}

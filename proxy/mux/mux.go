@@ -200,6 +200,9 @@ type Conn struct {
 	amu   sync.RWMutex
 	done  chan struct{}
 	rdone chan struct{} // the reader goroutine returned
+	// tclosed is closed when the transport is (Closed).
+	tclosed chan struct{}
+	tclose  sync.Once
 }
 
 // New runs the multiplexer over conn, which it owns from now on. accept (the
@@ -212,7 +215,7 @@ func New(conn net.Conn, o Options, accept func(*Stream)) *Conn {
 	o = o.withDefaults()
 	m := &Conn{conn: conn, o: o, born: now, accept: accept, big: bigPool(o.MaxPayload),
 		streams: map[uint32]*Stream{}, idleSince: now, credits: map[uint32]uint32{},
-		cwake: make(chan struct{}, 1), done: make(chan struct{}), rdone: make(chan struct{})}
+		cwake: make(chan struct{}, 1), done: make(chan struct{}), rdone: make(chan struct{}), tclosed: make(chan struct{})}
 	m.lastRead.Store(now.UnixNano())
 	go m.readLoop()
 	go m.controlLoop()
@@ -418,6 +421,7 @@ func (m *Conn) Fail(cause error) error {
 	} else {
 		wire.Abort(m.conn, wire.QUICPeerReset)
 	}
+	m.tclose.Do(func() { close(m.tclosed) })
 	m.ended()
 	return cause
 }
@@ -471,14 +475,11 @@ const closeLinger = 3 * time.Second
 func (m *Conn) closeTransport() error {
 	cw, ok := m.conn.(interface{ CloseWrite() error })
 	if !ok {
-		return m.conn.Close()
+		m.closeConn()
+		return nil
 	}
-	err := cw.CloseWrite() // close_notify
-	if nc, ok := m.conn.(interface{ NetConn() net.Conn }); ok {
-		if tw, ok := nc.NetConn().(interface{ CloseWrite() error }); ok {
-			_ = tw.CloseWrite() // the FIN below it
-		}
-	}
+	err := cw.CloseWrite()              // close_notify
+	_ = wire.HalfCloseTransport(m.conn) // and the FIN of the TCP connection below
 	go func() {
 		t := time.NewTimer(closeLinger)
 		defer t.Stop()
@@ -486,10 +487,22 @@ func (m *Conn) closeTransport() error {
 		case <-m.rdone:
 		case <-t.C:
 		}
-		_ = m.conn.Close()
+		m.closeConn()
 	}()
 	return err
 }
+
+// closeConn closes the transport, and then Closed.
+func (m *Conn) closeConn() {
+	_ = m.conn.Close()
+	m.tclose.Do(func() { close(m.tclosed) })
+}
+
+// Closed is closed when the transport is: at once when the connection
+// fails, once the peer's end arrived (or closeLinger passed) after Close.
+// An owner about to exit waits for it, or the process's exit would close the
+// socket while the peer's last frames arrive, and reset it.
+func (m *Conn) Closed() <-chan struct{} { return m.tclosed }
 
 // readLoop reads frames until the connection ends. It never writes (control
 // frames go to controlLoop), so a connection whose both ends write much
@@ -581,7 +594,7 @@ func (m *Conn) closeIdle(cause error) bool {
 	m.mu.Unlock()
 	m.wmu.Lock()
 	_ = m.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	_ = m.conn.Close()
+	m.closeConn()
 	m.werr = net.ErrClosed
 	m.wmu.Unlock()
 	m.ended()

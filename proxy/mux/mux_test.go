@@ -556,4 +556,30 @@ func TestCloseLetsPeerFinish(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("the closed connection's reader did not end after the peer's end")
 	}
+	select {
+	case <-server.Closed():
+	case <-time.After(20 * time.Second):
+		t.Fatal("the closed connection's transport was not closed after the peer's end")
+	}
+}
+
+// A peer that never closes its end (the bad input: a client that went
+// silent) does not hold a closed connection's socket: it is closed once the
+// linger passes, and Closed says so.
+func TestCloseLingerEnds(t *testing.T) {
+	a, b := testnet.Pair(t)
+	server := mux.New(a, mux.Options{}, func(*mux.Stream) {})
+	t.Cleanup(func() { server.Fail(errors.New("test over")) })
+	if err := server.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-server.Closed():
+	case <-time.After(30 * time.Second):
+		t.Fatal("a closed connection whose peer never closed kept its socket for 30s")
+	}
+	_ = b.SetReadDeadline(time.Now().Add(20 * time.Second))
+	if _, err := io.ReadAll(b); err != nil {
+		t.Fatalf("the silent peer, reading after the linger: %v; want the clean end it was sent", err)
+	}
 }

@@ -150,6 +150,19 @@ type aborter interface {
 	Abort(quic.ApplicationErrorCode)
 }
 
+// HalfCloseTransport sends the FIN of the TCP connection c runs on (c
+// itself, a TLS connection's transport, or what a wrapper holds: Unwrap()
+// net.Conn), when it finds one. It sends no close_notify: that is the TLS
+// connection's CloseWrite.
+func HalfCloseTransport(c net.Conn) error {
+	for below := c; below != nil; below = unwrapConn(below) {
+		if tc, ok := below.(*net.TCPConn); ok {
+			return tc.CloseWrite()
+		}
+	}
+	return nil
+}
+
 // unwrapConn returns the connection c runs on: a TLS connection's transport, or
 // what a wrapper holds (Unwrap() net.Conn); nil when there is none.
 func unwrapConn(c net.Conn) net.Conn {

@@ -20,12 +20,18 @@ var _ acme.UsedTokens = SSOUsed{}
 // NewSSOUsed is the used-token store on db.
 func NewSSOUsed(db *DB) SSOUsed { return SSOUsed{db} }
 
+// usedMargin keeps a record this much past the token's expiry: tpd checks
+// the expiry on its own clock, the prune runs on the database's, and a
+// record pruned while a tpd whose clock is behind still takes the token
+// would let it enrol again.
+const usedMargin = 10 * time.Minute
+
 // UseOnce implements acme.UsedTokens: the insert that records the key is the
 // check, so two instances shown the same token at once enrol one device.
 func (u SSOUsed) UseOnce(ctx context.Context, key string, expires time.Time) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	tag, err := u.db.pool.Exec(ctx, "INSERT INTO tp_sso_used (hash, expires) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING", key, expires)
+	tag, err := u.db.pool.Exec(ctx, "INSERT INTO tp_sso_used (hash, expires) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING", key, expires.Add(usedMargin))
 	if err != nil {
 		return false, fmt.Errorf("record a single sign-on in the database: %w", err)
 	}
