@@ -346,6 +346,9 @@ func (e *Enroller) attest(w http.ResponseWriter, r *http.Request) {
 	if !e.checkActive(w, dev) {
 		return
 	}
+	if !e.checkSignIn(w, r, dev, req.IDToken) {
+		return
+	}
 	loginPub, err := parseP256(req.PublicKey)
 	if err != nil {
 		writeErr(w, http.StatusBadRequest, "public_key: "+err.Error())

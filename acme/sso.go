@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -61,6 +62,13 @@ type SSO struct {
 	// Scopes are what a sign-in asks the provider for (openid, email and
 	// profile when empty).
 	Scopes []string
+	// RenewWithSignIn makes a device enrolled by single sign-on renew only
+	// with a fresh sign-in of the person who enrolled it (sso-renew:
+	// sign-in): a person the provider disabled or removed loses TP within a
+	// certificate's life, and their groups follow the provider's at each
+	// renewal. KeepRefresh lets devices keep the provider's refresh token
+	// for it (they ask for offline_access).
+	RenewWithSignIn, KeepRefresh bool
 	// HTTPClient reaches the provider (discovery and keys); nil means a
 	// client with the system's roots and a 30 s timeout.
 	HTTPClient *http.Client
@@ -85,7 +93,14 @@ func (s *SSO) Info() login.SSOInfo {
 	if len(scopes) == 0 {
 		scopes = []string{oidc.ScopeOpenID, "email", "profile"}
 	}
-	return login.SSOInfo{Issuer: s.Issuer, ClientID: s.ClientID, Scopes: scopes}
+	info := login.SSOInfo{Issuer: s.Issuer, ClientID: s.ClientID, Scopes: scopes}
+	if s.RenewWithSignIn {
+		info.Renew, info.KeepRefresh = login.RenewSignIn, s.KeepRefresh
+		if s.KeepRefresh && !slices.Contains(scopes, oidc.ScopeOfflineAccess) {
+			info.Scopes = append(slices.Clone(scopes), oidc.ScopeOfflineAccess)
+		}
+	}
+	return info
 }
 
 // errProviderUnreachable is a failure to fetch the provider's discovery
@@ -138,6 +153,7 @@ type ssoPerson struct {
 	Groups  []string
 	Ignored []string // the provider's groups left out
 	Email   string
+	Subject string // the provider's sub: who the person is there, for good
 }
 
 // ssoRefusal is a sign-in tpd does not accept, with the sentence for the
@@ -151,33 +167,11 @@ func refuse(format string, args ...any) error { return &ssoRefusal{fmt.Sprintf(f
 // verify checks an ID token (signature, issuer, audience, expiry, age, one
 // use) and maps its claims to a TP user and groups.
 func (s *SSO) verify(ctx context.Context, raw string, now time.Time) (ssoPerson, error) {
-	v, err := s.verifierFor(ctx)
+	p, expiry, err := s.check(ctx, raw, now, "dlogin --sso")
 	if err != nil {
 		return ssoPerson{}, err
 	}
-	tok, err := v.Verify(ctx, raw)
-	if err != nil {
-		var exp *oidc.TokenExpiredError
-		if errors.As(err, &exp) {
-			return ssoPerson{}, refuse("the sign-in expired at %s: run dlogin --sso again", exp.Expiry.UTC().Format(time.RFC3339))
-		}
-		if strings.Contains(err.Error(), "fetching keys") {
-			return ssoPerson{}, fmt.Errorf("%w: %v", errProviderUnreachable, err)
-		}
-		return ssoPerson{}, refuse("the ID token is not one this server accepts (%v): sign in again with dlogin --sso", err)
-	}
-	if age := now.Sub(tok.IssuedAt); tok.IssuedAt.IsZero() || age > ssoMaxAge {
-		return ssoPerson{}, refuse("the sign-in is older than %s (issued %s): run dlogin --sso again", ssoMaxAge, tok.IssuedAt.UTC().Format(time.RFC3339))
-	}
-	var claims map[string]any
-	if err := tok.Claims(&claims); err != nil {
-		return ssoPerson{}, refuse("the ID token's claims cannot be read: %v", err)
-	}
-	p, err := s.person(claims)
-	if err != nil {
-		return ssoPerson{}, err
-	}
-	fresh, err := s.useOnce(ctx, raw, tok.Expiry, now)
+	fresh, err := s.useOnce(ctx, raw, expiry, now)
 	if err != nil {
 		return ssoPerson{}, fmt.Errorf("%w: %v", users.ErrUnavailable, err)
 	}
@@ -185,6 +179,40 @@ func (s *SSO) verify(ctx context.Context, raw string, now time.Time) (ssoPerson,
 		return ssoPerson{}, refuse("this sign-in already enrolled a device: run dlogin --sso again for another")
 	}
 	return p, nil
+}
+
+// check verifies an ID token (signature, issuer, audience, expiry, age) and
+// maps its claims to TP's names; it says when the token expires. again is
+// the command that signs in anew, for the refusals' sentences.
+func (s *SSO) check(ctx context.Context, raw string, now time.Time, again string) (ssoPerson, time.Time, error) {
+	v, err := s.verifierFor(ctx)
+	if err != nil {
+		return ssoPerson{}, time.Time{}, err
+	}
+	tok, err := v.Verify(ctx, raw)
+	if err != nil {
+		var exp *oidc.TokenExpiredError
+		if errors.As(err, &exp) {
+			return ssoPerson{}, time.Time{}, refuse("the sign-in expired at %s: run %s again", exp.Expiry.UTC().Format(time.RFC3339), again)
+		}
+		if strings.Contains(err.Error(), "fetching keys") {
+			return ssoPerson{}, time.Time{}, fmt.Errorf("%w: %v", errProviderUnreachable, err)
+		}
+		return ssoPerson{}, time.Time{}, refuse("the ID token is not one this server accepts (%v): sign in again with %s", err, again)
+	}
+	if age := now.Sub(tok.IssuedAt); tok.IssuedAt.IsZero() || age > ssoMaxAge {
+		return ssoPerson{}, time.Time{}, refuse("the sign-in is older than %s (issued %s): run %s again", ssoMaxAge, tok.IssuedAt.UTC().Format(time.RFC3339), again)
+	}
+	var claims map[string]any
+	if err := tok.Claims(&claims); err != nil {
+		return ssoPerson{}, time.Time{}, refuse("the ID token's claims cannot be read: %v", err)
+	}
+	p, err := s.person(claims)
+	if err != nil {
+		return ssoPerson{}, time.Time{}, err
+	}
+	p.Subject = tok.Subject
+	return p, tok.Expiry, nil
 }
 
 // UsedTokens records which ID tokens enrolled a device (by a hash of the
@@ -391,7 +419,13 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	der, _ := base64.StdEncoding.DecodeString(req.PublicKey)
+	// The device is reserved, then bound to the person's subject at the
+	// provider (sso-renew: sign-in renews it only with their sign-in), then
+	// given its key: a failure before the key leaves nothing that logs in.
 	en, err := e.Users.Enroll(p.User, req.Device, p.Groups, time.Minute)
+	if err == nil {
+		err = e.Users.SignedIn(en.DeviceID, p.Subject, nil)
+	}
 	var dev users.Device
 	if err == nil {
 		dev, err = e.Users.Redeem(en.Token, der)
@@ -417,4 +451,50 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, login.EnrollSSOResponse{
 		EnrollResponse: login.EnrollResponse{DeviceID: dev.ID, User: dev.User, Device: dev.Name},
 		Groups:         p.Groups, Ignored: p.Ignored})
+}
+
+// checkSignIn lets a login of dev (PathAttest) go on: at once, unless the
+// server renews devices enrolled by single sign-on only with a fresh sign-in
+// (RenewWithSignIn) and dev is one; then idToken must be a sign-in, at most
+// ssoMaxAge old, of the person who enrolled it (the provider's subject),
+// still mapped to dev's user, and its groups become the user's. A refusal
+// says to sign in (login.CodeSignIn), so that dlogin does.
+func (e *Enroller) checkSignIn(w http.ResponseWriter, r *http.Request, dev users.Device, idToken string) bool {
+	s := e.SSO
+	if s == nil || !s.RenewWithSignIn || dev.SSOSubject == "" {
+		return true
+	}
+	signIn := func(status int, msg string) bool {
+		e.log().Warn("login refused: a fresh sign-in at the identity provider is needed", "device", dev.ID, "remote", r.RemoteAddr, "why", msg)
+		writeJSON(w, status, login.ErrorResponse{Error: msg, Code: login.CodeSignIn})
+		return false
+	}
+	if idToken == "" {
+		return signIn(http.StatusUnauthorized, fmt.Sprintf("device %s renews its certificate only with a sign-in at %s: run dlogin to sign in", dev.ID, s.Issuer))
+	}
+	p, _, err := s.check(r.Context(), idToken, e.now(), "dlogin")
+	var refusal *ssoRefusal
+	switch {
+	case errors.As(err, &refusal):
+		return signIn(http.StatusForbidden, refusal.msg)
+	case err != nil:
+		e.log().Error("login failed: the identity provider cannot be reached", "device", dev.ID, "issuer", s.Issuer, "err", err)
+		w.Header().Set("Retry-After", "30")
+		writeErr(w, http.StatusServiceUnavailable, "the TP server cannot reach the identity provider right now; try again in a minute (the current certificate stays valid until it expires)")
+		return false
+	case p.Subject != dev.SSOSubject:
+		return signIn(http.StatusForbidden, fmt.Sprintf("this sign-in is of another account at %s than the one that enrolled %s: run dlogin and sign in as that account", s.Issuer, dev.ID))
+	case p.User != dev.User:
+		return signIn(http.StatusForbidden, fmt.Sprintf("the identity provider now names this account %s, not %s: ask your TP administrator", p.User, dev.User))
+	}
+	if err := e.Users.SignedIn(dev.ID, p.Subject, p.Groups); err != nil {
+		if errors.Is(err, users.ErrUnavailable) {
+			e.unavailable(w, "login", err, "so no certificate was issued; try again in a minute")
+			return false
+		}
+		e.log().Error("login failed: recording the sign-in", "device", dev.ID, "err", err)
+		writeErr(w, http.StatusInternalServerError, "login failed on the server; ask your administrator to check tpd's log")
+		return false
+	}
+	return true
 }

@@ -66,7 +66,7 @@ func signIn(t *testing.T, idp *testidp.IdP, clientID, subject string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return id
+	return id.IDToken
 }
 
 // A person signs in at the organisation's provider and enrols a device with

@@ -25,6 +25,10 @@ type Client struct {
 	Logf func(format string, args ...any)
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// SignIn signs the person in at the identity provider interactively,
+	// for a renewal that needs a fresh sign-in and has no refresh token that
+	// the provider still honours (dlogin sets it; tp cannot ask anyone).
+	SignIn func(ctx context.Context, info login.SSOInfo) (login.Tokens, error)
 
 	mu   sync.Mutex
 	cert *tls.Certificate
@@ -63,7 +67,10 @@ func NeedsRenewal(leaf *x509.Certificate, now time.Time) bool {
 }
 
 // Login gets a new certificate with the device key and stores it. It never
-// prompts: ssh gives a ProxyCommand no terminal.
+// prompts (ssh gives a ProxyCommand no terminal) unless SignIn is set: a
+// device whose renewals need a fresh sign-in at the identity provider renews
+// by the refresh token its home keeps, else by SignIn, else not
+// (ErrSignInNeeded).
 func (c *Client) Login(ctx context.Context, progress func(string)) (*login.Credentials, error) {
 	key, err := c.Home.DeviceKey()
 	if err != nil {
@@ -71,7 +78,7 @@ func (c *Client) Login(ctx context.Context, progress func(string)) (*login.Crede
 	}
 	hc := login.HTTPClient(c.Root)
 	defer hc.CloseIdleConnections() // a fresh client per login: its connection is never reused
-	creds, err := login.Login(ctx, hc, c.Profile.Server, c.Profile.DeviceID, key, progress)
+	creds, err := login.LoginSignedIn(ctx, hc, c.Profile.Server, c.Profile.DeviceID, key, progress, c.refreshSignIn)
 	if err != nil {
 		return nil, err
 	}

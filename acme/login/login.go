@@ -131,6 +131,14 @@ type Credentials struct {
 // endpoint on proof of the device key, then ACME device-attest-01 with EAB against
 // the embedded CA. progress, if set, receives lines for a person.
 func Login(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer, progress func(string)) (*Credentials, error) {
+	return LoginSignedIn(ctx, hc, serverURL, deviceID, deviceKey, progress, nil)
+}
+
+// LoginSignedIn is Login for a device whose renewals may need a fresh
+// sign-in at the identity provider: when the server asks for one
+// (CodeSignIn), signIn gives the ID token and the request is made again with
+// it. Without signIn, the server's answer is the error.
+func LoginSignedIn(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer, progress func(string), signIn func(context.Context) (string, error)) (*Credentials, error) {
 	say := func(f string, a ...any) {
 		if progress != nil {
 			progress(fmt.Sprintf(f, a...))
@@ -151,7 +159,17 @@ func Login(ctx context.Context, hc *http.Client, serverURL, deviceID string, dev
 		return nil, err
 	}
 	var att AttestResponse
-	if err := postJSON(ctx, hc, serverURL+PathAttest, AttestRequest{DeviceID: deviceID, PublicKey: pub, Time: ts, Signature: sig}, &att); err != nil {
+	req := AttestRequest{DeviceID: deviceID, PublicKey: pub, Time: ts, Signature: sig}
+	err = postJSON(ctx, hc, serverURL+PathAttest, req, &att)
+	var se *ServerError
+	if errors.As(err, &se) && se.Code == CodeSignIn && signIn != nil {
+		say("The server needs a fresh sign-in at the identity provider")
+		if req.IDToken, err = signIn(ctx); err != nil {
+			return nil, fmt.Errorf("%s: %w", se.Message, err)
+		}
+		err = postJSON(ctx, hc, serverURL+PathAttest, req, &att)
+	}
+	if err != nil {
 		return nil, err
 	}
 	attDER, err := base64.StdEncoding.DecodeString(att.Certificate)
@@ -375,7 +393,7 @@ func do(hc *http.Client, req *http.Request) ([]byte, error) {
 	if resp.StatusCode/100 != 2 {
 		var e ErrorResponse
 		if json.Unmarshal(body, &e) == nil && e.Error != "" {
-			return nil, &ServerError{Status: resp.StatusCode, Message: e.Error}
+			return nil, &ServerError{Status: resp.StatusCode, Message: e.Error, Code: e.Code}
 		}
 		return nil, &ServerError{Status: resp.StatusCode, Message: fmt.Sprintf("%s answered %s", req.URL.Path, resp.Status)}
 	}
@@ -386,6 +404,7 @@ func do(hc *http.Client, req *http.Request) ([]byte, error) {
 type ServerError struct {
 	Status  int
 	Message string
+	Code    string // ErrorResponse.Code
 }
 
 func (e *ServerError) Error() string { return "server refused: " + e.Message }

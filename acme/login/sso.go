@@ -47,20 +47,20 @@ type DeviceCode struct {
 // and SignIn waits (polling the provider, until ctx ends or the code
 // expires) for the person to approve it, then returns the ID token. idp
 // reaches the provider.
-func SignIn(ctx context.Context, idp *http.Client, info SSOInfo, show func(DeviceCode)) (string, error) {
+func SignIn(ctx context.Context, idp *http.Client, info SSOInfo, show func(DeviceCode)) (Tokens, error) {
 	meta, err := providerMetadata(ctx, idp, info.Issuer)
 	if err != nil {
-		return "", err
+		return Tokens{}, err
 	}
 	if meta.DeviceEndpoint == "" {
-		return "", fmt.Errorf("the identity provider %s does not offer the device authorization grant (RFC 8628), which dlogin --sso uses: ask your TP administrator", info.Issuer)
+		return Tokens{}, fmt.Errorf("the identity provider %s does not offer the device authorization grant (RFC 8628), which dlogin --sso uses: ask your TP administrator", info.Issuer)
 	}
 	cfg := &oauth2.Config{ClientID: info.ClientID, Scopes: info.Scopes, Endpoint: oauth2.Endpoint{
 		DeviceAuthURL: meta.DeviceEndpoint, TokenURL: meta.TokenEndpoint, AuthStyle: oauth2.AuthStyleInParams}}
 	ctx = context.WithValue(ctx, oauth2.HTTPClient, idp)
 	da, err := cfg.DeviceAuth(ctx)
 	if err != nil {
-		return "", fmt.Errorf("the identity provider %s refused to start a sign-in: %w", info.Issuer, explainOAuth(err))
+		return Tokens{}, fmt.Errorf("the identity provider %s refused to start a sign-in: %w", info.Issuer, explainOAuth(err))
 	}
 	show(DeviceCode{URL: da.VerificationURI, Complete: da.VerificationURIComplete, Code: da.UserCode})
 	tok, err := cfg.DeviceAccessToken(ctx, da)
@@ -68,19 +68,64 @@ func SignIn(ctx context.Context, idp *http.Client, info SSOInfo, show func(Devic
 		var re *oauth2.RetrieveError
 		switch {
 		case errors.As(err, &re) && re.ErrorCode == "access_denied":
-			return "", errors.New("the sign-in was declined at the identity provider; nothing was enrolled")
+			return Tokens{}, errors.New("the sign-in was declined at the identity provider; nothing was enrolled")
 		case errors.As(err, &re) && re.ErrorCode == "expired_token", errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil:
-			return "", errors.New("the code expired before the sign-in was approved: run dlogin --sso again and approve it sooner")
+			return Tokens{}, errors.New("the code expired before the sign-in was approved: run dlogin --sso again and approve it sooner")
 		case ctx.Err() != nil:
-			return "", fmt.Errorf("waiting for the sign-in to be approved: %w", ctx.Err())
+			return Tokens{}, fmt.Errorf("waiting for the sign-in to be approved: %w", ctx.Err())
 		}
-		return "", fmt.Errorf("the identity provider %s did not complete the sign-in: %w", info.Issuer, explainOAuth(err))
+		return Tokens{}, fmt.Errorf("the identity provider %s did not complete the sign-in: %w", info.Issuer, explainOAuth(err))
 	}
+	return tokensOf(tok, info)
+}
+
+// Tokens are what a sign-in gives a device: the person's ID token, and the
+// provider's refresh token when it gave one (scope offline_access).
+type Tokens struct {
+	IDToken, RefreshToken string
+}
+
+// tokensOf reads a token response.
+func tokensOf(tok *oauth2.Token, info SSOInfo) (Tokens, error) {
 	id, _ := tok.Extra("id_token").(string)
 	if id == "" {
-		return "", fmt.Errorf("the identity provider %s answered without an ID token (scope openid): ask your TP administrator", info.Issuer)
+		return Tokens{}, fmt.Errorf("the identity provider %s answered without an ID token (scope openid): ask your TP administrator", info.Issuer)
 	}
-	return id, nil
+	return Tokens{IDToken: id, RefreshToken: tok.RefreshToken}, nil
+}
+
+// ErrSignInEnded is a refresh token the provider no longer honours (it
+// expired, was revoked, or the person was disabled): only an interactive
+// sign-in renews the device now.
+var ErrSignInEnded = errors.New("the sign-in at the identity provider has ended")
+
+// Refresh gets a fresh ID token from the provider with a refresh token, with
+// no person involved; the answer's refresh token replaces the old one (it
+// is the old one when the provider does not rotate them). A token the
+// provider refuses is ErrSignInEnded.
+func Refresh(ctx context.Context, idp *http.Client, info SSOInfo, refreshToken string) (Tokens, error) {
+	meta, err := providerMetadata(ctx, idp, info.Issuer)
+	if err != nil {
+		return Tokens{}, err
+	}
+	cfg := &oauth2.Config{ClientID: info.ClientID, Scopes: info.Scopes, Endpoint: oauth2.Endpoint{
+		TokenURL: meta.TokenEndpoint, AuthStyle: oauth2.AuthStyleInParams}}
+	tok, err := cfg.TokenSource(context.WithValue(ctx, oauth2.HTTPClient, idp), &oauth2.Token{RefreshToken: refreshToken}).Token()
+	if err != nil {
+		var re *oauth2.RetrieveError
+		if errors.As(err, &re) && (re.ErrorCode == "invalid_grant" || re.ErrorCode == "unauthorized_client") {
+			return Tokens{}, fmt.Errorf("%w (%v)", ErrSignInEnded, explainOAuth(err))
+		}
+		return Tokens{}, fmt.Errorf("the identity provider %s did not renew the sign-in: %w", info.Issuer, explainOAuth(err))
+	}
+	t, err := tokensOf(tok, info)
+	if err != nil {
+		return Tokens{}, err
+	}
+	if t.RefreshToken == "" {
+		t.RefreshToken = refreshToken
+	}
+	return t, nil
 }
 
 // explainOAuth keeps a provider's error code and description, without the

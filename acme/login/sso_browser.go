@@ -33,17 +33,17 @@ const callbackPath = "/callback"
 // The loopback answers only its own sign-in (state), and the ID token must
 // carry this sign-in's nonce. idp reaches the provider. An error wrapping
 // ErrNoBrowser says to sign in with a code instead (SignIn).
-func SignInBrowser(ctx context.Context, idp *http.Client, info SSOInfo, open func(url string) error) (string, error) {
+func SignInBrowser(ctx context.Context, idp *http.Client, info SSOInfo, open func(url string) error) (Tokens, error) {
 	meta, err := providerMetadata(ctx, idp, info.Issuer)
 	if err != nil {
-		return "", err
+		return Tokens{}, err
 	}
 	if meta.AuthEndpoint == "" {
-		return "", fmt.Errorf("%w: the identity provider %s names no authorization endpoint", ErrNoBrowser, info.Issuer)
+		return Tokens{}, fmt.Errorf("%w: the identity provider %s names no authorization endpoint", ErrNoBrowser, info.Issuer)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return "", fmt.Errorf("%w: cannot listen on loopback for the provider's answer: %v", ErrNoBrowser, err)
+		return Tokens{}, fmt.Errorf("%w: cannot listen on loopback for the provider's answer: %v", ErrNoBrowser, err)
 	}
 	cfg := &oauth2.Config{ClientID: info.ClientID, Scopes: info.Scopes,
 		RedirectURL: "http://" + ln.Addr().String() + callbackPath,
@@ -70,7 +70,7 @@ func SignInBrowser(ctx context.Context, idp *http.Client, info SSOInfo, open fun
 		case cb = <-back: // the browser failed after the sign-in came back
 			answered = true
 		default:
-			return "", fmt.Errorf("%w: the browser did not start: %v", ErrNoBrowser, err)
+			return Tokens{}, fmt.Errorf("%w: the browser did not start: %v", ErrNoBrowser, err)
 		}
 	}
 	if !answered {
@@ -78,32 +78,32 @@ func SignInBrowser(ctx context.Context, idp *http.Client, info SSOInfo, open fun
 		case cb = <-back:
 		case <-ctx.Done():
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return "", errors.New("the browser did not come back from the identity provider in time: run dlogin --sso again, or dlogin --sso --no-browser to sign in with a code")
+				return Tokens{}, errors.New("the browser did not come back from the identity provider in time: run dlogin --sso again, or dlogin --sso --no-browser to sign in with a code")
 			}
-			return "", fmt.Errorf("waiting for the browser to come back from the identity provider: %w", ctx.Err())
+			return Tokens{}, fmt.Errorf("waiting for the browser to come back from the identity provider: %w", ctx.Err())
 		}
 	}
 	switch {
 	case cb.err == "access_denied":
-		return "", errors.New("the sign-in was declined at the identity provider; nothing was enrolled")
+		return Tokens{}, errors.New("the sign-in was declined at the identity provider; nothing was enrolled")
 	case cb.err != "":
 		if cb.desc != "" {
-			return "", fmt.Errorf("the identity provider %s ended the sign-in: %s: %s", info.Issuer, cb.err, cb.desc)
+			return Tokens{}, fmt.Errorf("the identity provider %s ended the sign-in: %s: %s", info.Issuer, cb.err, cb.desc)
 		}
-		return "", fmt.Errorf("the identity provider %s ended the sign-in: %s", info.Issuer, cb.err)
+		return Tokens{}, fmt.Errorf("the identity provider %s ended the sign-in: %s", info.Issuer, cb.err)
 	}
 	tok, err := cfg.Exchange(context.WithValue(ctx, oauth2.HTTPClient, idp), cb.code, oauth2.VerifierOption(verifier))
 	if err != nil {
-		return "", fmt.Errorf("the identity provider %s did not complete the sign-in: %w", info.Issuer, explainOAuth(err))
+		return Tokens{}, fmt.Errorf("the identity provider %s did not complete the sign-in: %w", info.Issuer, explainOAuth(err))
 	}
-	id, _ := tok.Extra("id_token").(string)
-	if id == "" {
-		return "", fmt.Errorf("the identity provider %s answered without an ID token (scope openid): ask your TP administrator", info.Issuer)
+	t, err := tokensOf(tok, info)
+	if err != nil {
+		return Tokens{}, err
 	}
-	if got := tokenNonce(id); got != nonce {
-		return "", fmt.Errorf("the identity provider %s answered with an ID token of another sign-in (its nonce is not this one's): refusing it", info.Issuer)
+	if got := tokenNonce(t.IDToken); got != nonce {
+		return Tokens{}, fmt.Errorf("the identity provider %s answered with an ID token of another sign-in (its nonce is not this one's): refusing it", info.Issuer)
 	}
-	return id, nil
+	return t, nil
 }
 
 // callback is what the browser brought back: a code, or the provider's error.

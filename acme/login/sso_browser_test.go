@@ -89,7 +89,7 @@ func TestSignInBrowser(t *testing.T) {
 	if r := q.Get("redirect_uri"); !strings.HasPrefix(r, "http://127.0.0.1:") || !strings.HasSuffix(r, callbackPath) {
 		t.Errorf("redirect_uri %q; want a loopback address of this machine (RFC 8252)", r)
 	}
-	c := claims(t, id)
+	c := claims(t, id.IDToken)
 	if c["email"] != "alice@example.org" || c["sub"] != "s-alice" || c["aud"] == nil {
 		t.Errorf("the ID token's claims %v; want alice's", c)
 	}
@@ -124,7 +124,7 @@ func TestSignInBrowserIgnoresAnotherState(t *testing.T) {
 	if err != nil {
 		t.Fatalf("SignInBrowser after a forged answer: %v", err)
 	}
-	if c := claims(t, id); c["sub"] != "s-alice" {
+	if c := claims(t, id.IDToken); c["sub"] != "s-alice" {
 		t.Fatalf("signed in as %v; want s-alice", c["sub"])
 	}
 }
@@ -191,5 +191,39 @@ func TestSignInProviderDown(t *testing.T) {
 	_, err = SignIn(ctx, http.DefaultClient, info, func(DeviceCode) { t.Error("a code was shown for a provider that is down") })
 	if err == nil || !strings.Contains(err.Error(), "cannot reach the identity provider "+info.Issuer) {
 		t.Errorf("sign-in with a code, provider down: %v; want a sentence naming the provider", err)
+	}
+}
+
+// A sign-in that asks for offline_access gets a refresh token; Refresh turns
+// it into a fresh ID token of the same person without anyone at a browser.
+// The bad input: the person was disabled at the provider, which refuses the
+// refresh token: ErrSignInEnded, so that dlogin signs them in again and tp
+// says to.
+func TestRefresh(t *testing.T) {
+	t.Parallel()
+	idp := testidp.Start(t, testidp.Person{Subject: "s-alice", Email: "alice@example.org", EmailVerified: true})
+	info := browserInfo(idp)
+	info.Scopes = append(info.Scopes, "offline_access")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var approveErr error
+	first, err := SignIn(ctx, http.DefaultClient, info, func(c DeviceCode) { approveErr = idp.Approve(ctx, c.Code, "s-alice") })
+	if err != nil || approveErr != nil {
+		t.Fatalf("sign-in: %v %v", err, approveErr)
+	}
+	if first.RefreshToken == "" {
+		t.Fatal("a sign-in with offline_access got no refresh token")
+	}
+	again, err := Refresh(ctx, http.DefaultClient, info, first.RefreshToken)
+	if err != nil {
+		t.Fatalf("Refresh: %v", err)
+	}
+	if c := claims(t, again.IDToken); c["sub"] != "s-alice" || again.IDToken == first.IDToken || again.RefreshToken == "" {
+		t.Fatalf("the refreshed sign-in: sub %v, new token %v, refresh token kept %v", c["sub"], again.IDToken != first.IDToken, again.RefreshToken != "")
+	}
+	idp.Disable("s-alice")
+	_, err = Refresh(ctx, http.DefaultClient, info, again.RefreshToken)
+	if !errors.Is(err, ErrSignInEnded) {
+		t.Fatalf("Refresh for a person disabled at the provider: %v; want ErrSignInEnded", err)
 	}
 }

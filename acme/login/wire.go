@@ -51,6 +51,12 @@ type SSOInfo struct {
 	Issuer   string   `json:"issuer"`
 	ClientID string   `json:"client_id"`
 	Scopes   []string `json:"scopes"`
+	// Renew is RenewSignIn when the device's renewals need a fresh sign-in
+	// (CodeSignIn), "" when its key renews it. KeepRefresh says the device
+	// may keep the provider's refresh token for them (it asks for
+	// offline_access); without it, each renewal signs the person in again.
+	Renew       string `json:"renew,omitempty"`
+	KeepRefresh bool   `json:"keep_refresh,omitempty"`
 }
 
 // EnrollSSORequest registers a device key for the person an ID token names.
@@ -76,6 +82,9 @@ type AttestRequest struct {
 	PublicKey string `json:"public_key"` // base64 PKIX DER of the fresh key (ECDSA P-256)
 	Time      string `json:"time"`       // RFC 3339, within 5 minutes of the server's clock
 	Signature string `json:"signature"`  // device key's base64 ASN.1 ECDSA over SHA-256(AttestMessage)
+	// IDToken is a fresh ID token of the person who enrolled the device by
+	// single sign-on, when the server asks for one (CodeSignIn).
+	IDToken string `json:"id_token,omitempty"`
 }
 
 // AttestResponse carries what the device needs for one ACME device-attest-01 order.
@@ -89,7 +98,19 @@ type AttestResponse struct {
 // ErrorResponse is the body of every non-2xx enrollment answer.
 type ErrorResponse struct {
 	Error string `json:"error"`
+	// Code, when set, tells a program what to do: CodeSignIn.
+	Code string `json:"code,omitempty"`
 }
+
+// CodeSignIn answers a login (PathAttest) of a device enrolled by single
+// sign-on on a server whose renewals need a fresh sign-in (SSOInfo.Renew):
+// sign the person in at the provider and send the ID token with the request
+// (AttestRequest.IDToken).
+const CodeSignIn = "sign_in_required"
+
+// RenewSignIn is SSOInfo.Renew on a server where a device enrolled by single
+// sign-on renews only with a fresh sign-in at the provider.
+const RenewSignIn = "sign-in"
 
 // EnrollMessage is what the device key signs to redeem a token.
 func EnrollMessage(token, publicKeyB64 string) []byte {

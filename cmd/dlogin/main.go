@@ -66,22 +66,24 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				return err
 			}
 			home := clients.Home{Dir: cfg.Home}
+			open, why := browserOpener(os.Getenv, runtime.GOOS, exec.LookPath)
+			if noBrowser {
+				open, why = nil, "--no-browser"
+			}
+			firstIDToken := "" // an enrollment's sign-in, fresh for the login that follows it
 			switch {
 			case sso && token != "":
 				return errors.New("--sso and --token are two ways to enrol: give one (--sso signs in with your organisation's identity provider, --token uses what `tpd enroll` printed)")
 			case device != "" && !sso:
 				return errors.New("--device names the device for --sso; with --token the name is the one `tpd enroll` was given")
-			case noBrowser && !sso:
-				return errors.New("--no-browser is for --sso: it signs in with a code instead of this machine's browser")
+			case noBrowser && token != "":
+				return errors.New("--no-browser is for signing in (--sso, or a later dlogin on a server whose renewals need a sign-in), not for --token: it signs in with a code instead of this machine's browser")
 			case sso:
 				// The sign-in waits for a person at a browser: the code's
 				// own expiry bounds it, not the login's timeout.
 				_, statErr := os.Lstat(home.Dir)
-				open, why := browserOpener(os.Getenv, runtime.GOOS, exec.LookPath)
-				if noBrowser {
-					open, why = nil, "--no-browser"
-				}
-				if err := enrollSSO(cmd.Context(), home, server, fingerprint, device, open, why, stdout); err != nil {
+				var err error
+				if firstIDToken, err = enrollSSO(cmd.Context(), home, server, fingerprint, device, open, why, stdout); err != nil {
 					if errors.Is(statErr, fs.ErrNotExist) {
 						_ = os.RemoveAll(home.Dir)
 					}
@@ -101,11 +103,24 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 					return err
 				}
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), cfg.Timeout)
+			timeout := cfg.Timeout
+			if _, ok, _ := home.SSO(); ok {
+				timeout += ssoWait // a renewal may sign the person in again, in a browser or with a code
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
 			c, err := clients.Open(home)
 			if err != nil {
 				return err
+			}
+			c.SignIn = func(ctx context.Context, info login.SSOInfo) (login.Tokens, error) {
+				if firstIDToken != "" {
+					t := login.Tokens{IDToken: firstIDToken}
+					firstIDToken = ""
+					return t, nil
+				}
+				fmt.Fprintf(stdout, "The TP server renews this device only with a sign-in at %s\n", info.Issuer)
+				return signIn(ctx, info, open, why, stdout)
 			}
 			creds, err := c.Login(ctx, func(s string) { fmt.Fprintln(stdout, s) })
 			if err != nil {
@@ -197,48 +212,93 @@ const ssoWait = 15 * time.Minute
 // authorization code flow with a loopback redirect); nil, or a browser that
 // cannot be used, signs in with a code instead (the device authorization
 // grant), and why says why there is no browser.
-func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, device string, open func(string) error, why string, stdout io.Writer) error {
+//
+// It returns the sign-in's ID token, which the login that follows may need.
+func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, device string, open func(string) error, why string, stdout io.Writer) (string, error) {
 	if p, err := home.Profile(); err == nil {
 		// A sign-in enrols a new device; this home's key and profile are
 		// another's, which it would overwrite.
-		return fmt.Errorf("%s already holds the enrolled device %s: run dlogin without arguments to log it in, or set TP_HOME to another directory to enrol another device", home.Dir, p.DeviceID)
+		return "", fmt.Errorf("%s already holds the enrolled device %s: run dlogin without arguments to log it in, or set TP_HOME to another directory to enrol another device", home.Dir, p.DeviceID)
 	}
 	if server == "" || fingerprint == "" {
-		return errors.New("dlogin --sso needs --server and --fingerprint; your TP administrator publishes both (tpd prints the whole dlogin --sso line when it starts)")
+		return "", errors.New("dlogin --sso needs --server and --fingerprint; your TP administrator publishes both (tpd prints the whole dlogin --sso line when it starts)")
 	}
 	server, err := baseURL(server)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if device == "" {
 		if device, err = hostDevice(); err != nil {
-			return err
+			return "", err
 		}
 	}
 	if !authz.ValidName(device) {
-		return fmt.Errorf("--device %q: a device name is lowercase letters, digits, '.', '_' and '-', e.g. laptop", device)
+		return "", fmt.Errorf("--device %q: a device name is lowercase letters, digits, '.', '_' and '-', e.g. laptop", device)
 	}
 	if err := home.Init(); err != nil {
-		return err
+		return "", err
 	}
 	short, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	fmt.Fprintf(stdout, "Fetching the root certificate from %s\n", server)
 	root, err := login.FetchRoot(short, server, fingerprint)
 	if err != nil {
-		return err
+		return "", err
 	}
 	hc := login.HTTPClient(root)
 	info, err := login.FetchSSO(short, hc, server)
 	if err != nil {
-		return err
+		return "", err
 	}
+	tokens, err := signIn(ctx, info, open, why, stdout)
+	if err != nil {
+		return "", err
+	}
+	key, err := clients.NewDeviceKey()
+	if err != nil {
+		return "", err
+	}
+	enrolCtx, cancelEnrol := context.WithTimeout(ctx, time.Minute)
+	defer cancelEnrol()
+	res, err := login.EnrollDeviceSSO(enrolCtx, hc, server, tokens.IDToken, device, key)
+	if err != nil {
+		return "", fmt.Errorf("enrollment failed: %w", err)
+	}
+	if err := saveEnrolled(home, server, root, key, res.DeviceID); err != nil {
+		return "", err
+	}
+	if info.Renew == login.RenewSignIn { // renewals sign in again: keep where, and the refresh token
+		st := clients.SSOState{SSOInfo: info}
+		if info.KeepRefresh {
+			st.RefreshToken = tokens.RefreshToken
+		}
+		if err := home.SaveSSO(st); err != nil {
+			return "", fmt.Errorf("save the sign-in in %s: %w", home.Dir, err)
+		}
+	}
+	groups := "none"
+	if len(res.Groups) > 0 {
+		groups = strings.Join(res.Groups, ", ")
+	}
+	fmt.Fprintf(stdout, "Enrolled this device as %s (groups: %s)\n", res.DeviceID, groups)
+	if len(res.Ignored) > 0 {
+		fmt.Fprintf(stdout, "Groups from the identity provider that TP left out (not valid TP names): %s\n", strings.Join(res.Ignored, ", "))
+	}
+	return tokens.IDToken, nil
+}
+
+// signIn signs the person in at the server's identity provider: in this
+// machine's browser when open is set (the authorization code flow with a
+// loopback redirect), else, or when the browser cannot be used, with a code
+// (the device authorization grant); why says why there is no browser. The
+// sign-in waits for a person: ssoWait bounds it, not the login's timeout.
+func signIn(ctx context.Context, info login.SSOInfo, open func(string) error, why string, stdout io.Writer) (login.Tokens, error) {
 	wait, cancelWait := context.WithTimeout(ctx, ssoWait)
 	defer cancelWait()
 	idp := &http.Client{Timeout: 30 * time.Second}
-	idToken, err := "", error(errNoOpener)
+	tokens, err := login.Tokens{}, error(errNoOpener)
 	if open != nil {
-		idToken, err = login.SignInBrowser(wait, idp, info, func(page string) error {
+		tokens, err = login.SignInBrowser(wait, idp, info, func(page string) error {
 			fmt.Fprintf(stdout, "Opening your browser to sign in at %s\n(if it does not open, open this page on this machine: %s)\n", info.Issuer, page)
 			fmt.Fprintln(stdout, "Waiting for the browser to come back… (if the provider shows an error instead of a sign-in, press Ctrl-C and run dlogin --sso --no-browser to sign in with a code)")
 			return open(page)
@@ -250,7 +310,7 @@ func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, devi
 		fmt.Fprintf(stdout, "Signing in with a code (%s)\n", why)
 	}
 	if errors.Is(err, errNoOpener) || errors.Is(err, login.ErrNoBrowser) {
-		idToken, err = login.SignIn(wait, idp, info, func(c login.DeviceCode) {
+		tokens, err = login.SignIn(wait, idp, info, func(c login.DeviceCode) {
 			fmt.Fprintf(stdout, "To sign in, open %s and enter the code %s\n", c.URL, c.Code)
 			if c.Complete != "" {
 				fmt.Fprintf(stdout, "(or open %s, which carries the code)\n", c.Complete)
@@ -258,31 +318,7 @@ func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, devi
 			fmt.Fprintln(stdout, "Waiting for the sign-in to be approved…")
 		})
 	}
-	if err != nil {
-		return err
-	}
-	key, err := clients.NewDeviceKey()
-	if err != nil {
-		return err
-	}
-	enrolCtx, cancelEnrol := context.WithTimeout(ctx, time.Minute)
-	defer cancelEnrol()
-	res, err := login.EnrollDeviceSSO(enrolCtx, hc, server, idToken, device, key)
-	if err != nil {
-		return fmt.Errorf("enrollment failed: %w", err)
-	}
-	if err := saveEnrolled(home, server, root, key, res.DeviceID); err != nil {
-		return err
-	}
-	groups := "none"
-	if len(res.Groups) > 0 {
-		groups = strings.Join(res.Groups, ", ")
-	}
-	fmt.Fprintf(stdout, "Enrolled this device as %s (groups: %s)\n", res.DeviceID, groups)
-	if len(res.Ignored) > 0 {
-		fmt.Fprintf(stdout, "Groups from the identity provider that TP left out (not valid TP names): %s\n", strings.Join(res.Ignored, ", "))
-	}
-	return nil
+	return tokens, err
 }
 
 // hostDevice is a device name made of the host name: lowercased, its first

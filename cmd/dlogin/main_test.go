@@ -123,7 +123,7 @@ func TestCommandLineMistakes(t *testing.T) {
 		{[]string{"--sso"},
 			"dlogin --sso needs --server and --fingerprint; your TP administrator publishes both (tpd prints the whole dlogin --sso line when it starts)"},
 		{[]string{"--no-browser", "--token", "abc"},
-			"--no-browser is for --sso: it signs in with a code instead of this machine's browser"},
+			"--no-browser is for signing in (--sso, or a later dlogin on a server whose renewals need a sign-in), not for --token: it signs in with a code instead of this machine's browser"},
 	} {
 		t.Setenv("TP_HOME", t.TempDir())
 		err := run(context.Background(), tt.args, new(bytes.Buffer), new(bytes.Buffer))

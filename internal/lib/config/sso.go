@@ -29,13 +29,29 @@ type SSO struct {
 	// among them. Some providers put the groups claim in the ID token only
 	// when a scope asks for it (Dex and Okta: groups).
 	SSOScopes string `mapstructure:"sso-scopes"`
+	// SSORenew says what renews a device enrolled by single sign-on:
+	// "device-key" (its key, as any device) or "sign-in" (a fresh sign-in at
+	// the provider each time, so that a person the provider disabled loses
+	// TP within a certificate's life). SSOKeepRefresh lets devices keep the
+	// provider's refresh token (encrypted with the device key) so that
+	// sign-in renewals need no browser while the provider allows them;
+	// false makes every renewal an interactive sign-in (dlogin).
+	SSORenew       string `mapstructure:"sso-renew"`
+	SSOKeepRefresh bool   `mapstructure:"sso-keep-refresh"`
 }
+
+// SSO renewal modes (sso-renew).
+const (
+	SSORenewDeviceKey = "device-key"
+	SSORenewSignIn    = "sign-in"
+)
 
 // maxSSOScopes bounds sso-scopes.
 const maxSSOScopes = 16
 
 func defaultSSO() SSO {
-	return SSO{SSOUserClaim: "email", SSOGroupsClaim: "groups", SSOScopes: "openid email profile"}
+	return SSO{SSOUserClaim: "email", SSOGroupsClaim: "groups", SSOScopes: "openid email profile",
+		SSORenew: SSORenewDeviceKey, SSOKeepRefresh: true}
 }
 
 // Scopes is sso-scopes as a list.
@@ -48,6 +64,8 @@ func setSSODefaults(v *viper.Viper, d SSO) {
 	v.SetDefault("sso-user-claim", d.SSOUserClaim)
 	v.SetDefault("sso-groups-claim", d.SSOGroupsClaim)
 	v.SetDefault("sso-scopes", d.SSOScopes)
+	v.SetDefault("sso-renew", d.SSORenew)
+	v.SetDefault("sso-keep-refresh", d.SSOKeepRefresh)
 }
 
 // validateSSO checks the sign-in settings: with an issuer, a client and a
@@ -82,6 +100,9 @@ func (s Server) validateSSO() []error {
 	if err := checkScopes(s.Scopes()); err != nil {
 		errs = append(errs, err)
 	}
+	if s.SSORenew != SSORenewDeviceKey && s.SSORenew != SSORenewSignIn {
+		errs = append(errs, fmt.Errorf("sso-renew %q: %q (devices enrolled by sign-in renew with their key) or %q (each renewal needs a fresh sign-in at the provider)", s.SSORenew, SSORenewDeviceKey, SSORenewSignIn))
+	}
 	return errs
 }
 
@@ -107,8 +128,9 @@ func checkScopes(scopes []string) error {
 }
 
 func ssoYAML(b *strings.Builder, s Server) {
-	fmt.Fprintf(b, "# Sign-in with the organisation's OpenID Connect provider (dlogin --sso, docs/LOGIN.md): its issuer\n# URL, TP's client ID there (a public client with the redirect URI http://127.0.0.1/callback\n# and the device authorization grant), the email\n# domain whose people may enrol, the claim that names the TP user (an email gives its local part)\n# and the claim that lists its groups, and the scopes a sign-in asks for (add groups for Dex or Okta).\n# \"\" turns it off; enrollment tokens work either way.\nsso-issuer: %q\nsso-client-id: %q\nsso-domain: %q\nsso-user-claim: %q\nsso-groups-claim: %q\nsso-scopes: %q\n",
-		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim, s.SSOScopes)
+	fmt.Fprintf(b, "# Sign-in with the organisation's OpenID Connect provider (dlogin --sso, docs/LOGIN.md): its issuer\n# URL, TP's client ID there (a public client with the redirect URI http://127.0.0.1/callback\n# and the device authorization grant), the email\n# domain whose people may enrol, the claim that names the TP user (an email gives its local part)\n# and the claim that lists its groups, and the scopes a sign-in asks for (add groups for Dex or Okta).\n# \"\" turns it off; enrollment tokens work either way.\nsso-issuer: %q\nsso-client-id: %q\nsso-domain: %q\nsso-user-claim: %q\nsso-groups-claim: %q\nsso-scopes: %q\n"+
+		"# What renews a device enrolled by sign-in: \"device-key\", or \"sign-in\" (a fresh sign-in each time: a person the\n# provider disabled loses TP within 4 hours); with sign-in, whether devices keep the provider's refresh token\n# (encrypted with the device key) so that renewals need no browser.\nsso-renew: %q\nsso-keep-refresh: %t\n",
+		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim, s.SSOScopes, s.SSORenew, s.SSOKeepRefresh)
 }
 
 func isASCIIString(s string) bool {

@@ -98,3 +98,27 @@ func TestSSOScopes(t *testing.T) {
 		t.Errorf("Scopes() = %q", got)
 	}
 }
+
+// sso-renew is device-key or sign-in; the bad input is anything else (a
+// typo must not silently renew by key).
+func TestSSORenew(t *testing.T) {
+	for _, c := range []struct{ renew, want string }{
+		{"device-key", ""},
+		{"sign-in", ""},
+		{"signin", `sso-renew "signin": "device-key"`},
+		{"", `sso-renew "": "device-key"`},
+	} {
+		s := DefaultServer()
+		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSORenew = "https://accounts.example.org", "tp", "example.org", c.renew
+		err := s.Validate()
+		switch {
+		case c.want == "" && err != nil:
+			t.Errorf("sso-renew %q refused: %v", c.renew, err)
+		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want)):
+			t.Errorf("sso-renew %q: %v; want an error saying %q", c.renew, err, c.want)
+		}
+	}
+	if d := DefaultServer(); d.SSORenew != SSORenewDeviceKey || !d.SSOKeepRefresh {
+		t.Errorf("defaults: sso-renew %q, sso-keep-refresh %v; want device-key and true", d.SSORenew, d.SSOKeepRefresh)
+	}
+}

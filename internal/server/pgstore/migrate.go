@@ -132,6 +132,10 @@ var migrations = []string{
 		expires timestamptz NOT NULL
 	);
 	CREATE INDEX tp_sso_used_expires ON tp_sso_used (expires);`,
+	// 11: the identity provider's subject of the person who enrolled a device
+	// by single sign-on ('' for one enrolled with a token): with sso-renew:
+	// sign-in, its renewals need a fresh sign-in of that subject.
+	`ALTER TABLE tp_devices ADD COLUMN sso_subject text NOT NULL DEFAULT '';`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

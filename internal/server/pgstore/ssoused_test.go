@@ -2,12 +2,14 @@ package pgstore_test
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/tp-proxy/tp/internal/server/pgstore"
+	"github.com/tp-proxy/tp/internal/server/users"
 	"github.com/tp-proxy/tp/internal/testkit/testpg"
 )
 
@@ -59,5 +61,51 @@ func TestSSOUsedAcrossInstances(t *testing.T) {
 	}
 	if fresh, err := b.UseOnce(ctx, "token-2", exp); err != nil || fresh {
 		t.Fatalf("a token not expired after the prune: %v, %v; want it still refused", fresh, err)
+	}
+}
+
+// A sign-in recorded through one instance (the provider's subject of the
+// device's person, and the groups it brought) is what every instance reads;
+// a sign-in that brings no groups claim leaves the groups as they are, and
+// one for a device that does not exist (the bad input) is ErrNotFound.
+func TestSignedInAcrossInstances(t *testing.T) {
+	t.Parallel()
+	_, dsn := testpg.NewDatabase(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dbA, dbB := open(t, dsn), open(t, dsn)
+	a, err := pgstore.OpenUsers(ctx, dbA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := pgstore.OpenUsers(ctx, dbB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go dbB.Listen(ctx)
+	waitFor(t, "B's listener connected", func() bool { return dbB.Health() == nil })
+	en, err := a.Enroll("alice", "laptop", []string{"dev"}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Redeem(en.Token, []byte("key")); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.SignedIn("alice@laptop", "s-alice", []string{"ops", "ops"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "B reads the sign-in", func() bool {
+		d, err := b.Device("alice@laptop")
+		g, _ := b.Lookup("alice@laptop")
+		return err == nil && d.SSOSubject == "s-alice" && len(g) == 1 && g[0] == "ops"
+	})
+	if err := a.SignedIn("alice@laptop", "s-alice", nil); err != nil {
+		t.Fatal(err)
+	}
+	if g, err := a.Lookup("alice@laptop"); err != nil || len(g) != 1 || g[0] != "ops" {
+		t.Fatalf("groups after a sign-in without a groups claim: %v, %v; want ops kept", g, err)
+	}
+	if err := a.SignedIn("alice@nothing", "s-alice", nil); !errors.Is(err, users.ErrNotFound) {
+		t.Fatalf("a sign-in for a device that does not exist: %v; want ErrNotFound", err)
 	}
 }

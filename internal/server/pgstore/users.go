@@ -67,11 +67,11 @@ func (u *Users) Reload(ctx context.Context) error {
 		if err := rows.Err(); err != nil {
 			return err
 		}
-		rows, _ = tx.Query(ctx, `SELECT id, user_name, name, coalesce(public_key, ''), created, last_login, revoked, revoked_at FROM tp_devices`)
+		rows, _ = tx.Query(ctx, `SELECT id, user_name, name, coalesce(public_key, ''), created, last_login, revoked, revoked_at, sso_subject FROM tp_devices`)
 		for rows.Next() {
 			d := &users.Device{}
 			var last, revokedAt *time.Time
-			if err := rows.Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &last, &d.Revoked, &revokedAt); err != nil {
+			if err := rows.Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &last, &d.Revoked, &revokedAt, &d.SSOSubject); err != nil {
 				return err
 			}
 			d.Created = d.Created.UTC()
@@ -229,6 +229,39 @@ func (u *Users) Device(id string) (users.Device, error) {
 // TouchLogin implements users.Store.
 func (u *Users) TouchLogin(id string) error {
 	return u.update(id, "UPDATE tp_devices SET last_login = now() WHERE id = $1", "record the login of "+id)
+}
+
+// SignedIn implements users.Store.
+func (u *Users) SignedIn(id, subject string, groups []string) error {
+	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
+		var user string
+		err := tx.QueryRow(ctx, "UPDATE tp_devices SET sso_subject = $2 WHERE id = $1 RETURNING user_name", id, subject).Scan(&user)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("device %s: %w", id, users.ErrNotFound)
+		}
+		if err != nil {
+			return err
+		}
+		if groups != nil {
+			if _, err := tx.Exec(ctx, "DELETE FROM tp_groups WHERE user_name = $1", user); err != nil {
+				return err
+			}
+			for _, g := range users.NormalizeGroups(groups) {
+				if _, err := tx.Exec(ctx, "INSERT INTO tp_groups (user_name, group_name) VALUES ($1, $2)", user, g); err != nil {
+					return err
+				}
+			}
+		}
+		return notify(ctx, tx, TopicUsers)
+	})
+	if errors.Is(err, users.ErrNotFound) {
+		return err
+	}
+	if err != nil {
+		return unreachable("record the sign-in of "+id, err)
+	}
+	u.afterWrite()
+	return nil
 }
 
 // RevokeDevice implements users.Store.

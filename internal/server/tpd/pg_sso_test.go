@@ -50,7 +50,7 @@ func TestPGSSOTokenEnrolsOneDeviceAcrossInstances(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		return login.EnrollDeviceSSO(ctx, hc, url, idToken, device, key)
+		return login.EnrollDeviceSSO(ctx, hc, url, idToken.IDToken, device, key)
 	}
 	if res, err := enrol(a.url, "laptop"); err != nil || res.DeviceID != "alice@laptop" {
 		t.Fatalf("enrolling alice@laptop through A: %+v, %v", res, err)

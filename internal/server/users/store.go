@@ -57,6 +57,11 @@ type Device struct {
 	LastLogin time.Time `json:"last_login,omitzero"`
 	Revoked   bool      `json:"revoked,omitempty"`
 	RevokedAt time.Time `json:"revoked_at,omitzero"` // zero when not recorded
+	// SSOSubject is the identity provider's subject (the ID token's sub) of
+	// the person who enrolled the device by single sign-on; "" for a device
+	// enrolled with a token. With sso-renew: sign-in, its renewals need a
+	// fresh sign-in of that subject.
+	SSOSubject string `json:"sso_subject,omitempty"`
 }
 
 type token struct {
@@ -89,6 +94,10 @@ type Store interface {
 	Device(id string) (Device, error)
 	// TouchLogin records a successful login of the device.
 	TouchLogin(id string) error
+	// SignedIn records a sign-in at the identity provider for the device:
+	// the provider's subject of its person, and, when groups is not nil, the
+	// user's groups as the provider gave them.
+	SignedIn(id, subject string, groups []string) error
 	// RevokeDevice stops a device from logging in or connecting.
 	RevokeDevice(id string) error
 	// DropTokens deletes the pending enrollment tokens of user@device, or of
@@ -242,6 +251,21 @@ func (s *File) TouchLogin(id string) error {
 		return fmt.Errorf("device %s: %w", id, ErrNotFound)
 	}
 	d.LastLogin = s.now()
+	return s.saveLocked()
+}
+
+// SignedIn records a sign-in at the identity provider for the device.
+func (s *File) SignedIn(id, subject string, groups []string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.st.Devices[id]
+	if d == nil {
+		return fmt.Errorf("device %s: %w", id, ErrNotFound)
+	}
+	d.SSOSubject = subject
+	if u := s.st.Users[d.User]; u != nil && groups != nil {
+		u.Groups = NormalizeGroups(groups)
+	}
 	return s.saveLocked()
 }
 

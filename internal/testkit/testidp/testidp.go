@@ -12,6 +12,7 @@ package testidp
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -136,6 +137,23 @@ func (p *IdP) Deny(ctx context.Context, userCode string) error {
 	return p.st.DenyDeviceAuthorization(ctx, userCode)
 }
 
+// Disable ends a person's sign-ins at the provider, as an administrator who
+// disables or removes them there does: their refresh tokens are refused from
+// now on (invalid_grant), and the sign-in page no longer signs them in.
+func (p *IdP) Disable(subject string) {
+	p.st.mu.Lock()
+	defer p.st.mu.Unlock()
+	if p.st.disabled == nil {
+		p.st.disabled = map[string]bool{}
+	}
+	p.st.disabled[subject] = true
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.session == subject {
+		p.session = ""
+	}
+}
+
 // SetGroups changes the groups the provider gives a person from now on.
 func (p *IdP) SetGroups(subject string, groups []string) {
 	p.st.mu.Lock()
@@ -148,8 +166,33 @@ func (p *IdP) SetGroups(subject string, groups []string) {
 // and a groups claim.
 type store struct {
 	*storage.Storage
-	mu     sync.Mutex
-	groups map[string][]string
+	mu       sync.Mutex
+	groups   map[string][]string
+	disabled map[string]bool
+}
+
+// CreateAccessAndRefreshTokens gives a device authorization's refresh token
+// its client, as real providers do: the example storage records none for
+// it, and refreshing it then fails the client check.
+func (s *store) CreateAccessAndRefreshTokens(ctx context.Context, request op.TokenRequest, currentRefreshToken string) (string, string, time.Time, error) {
+	if d, ok := request.(*op.DeviceAuthorizationState); ok && currentRefreshToken == "" {
+		request = &storage.AuthRequest{ApplicationID: d.ClientID, UserID: d.Subject, Scopes: d.Scopes}
+	}
+	return s.Storage.CreateAccessAndRefreshTokens(ctx, request, currentRefreshToken)
+}
+
+// TokenRequestByRefreshToken refuses a disabled person's refresh tokens.
+func (s *store) TokenRequestByRefreshToken(ctx context.Context, refreshToken string) (op.RefreshTokenRequest, error) {
+	r, err := s.Storage.TokenRequestByRefreshToken(ctx, refreshToken)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.disabled[r.GetSubject()] {
+		return nil, errors.New("the person is disabled at the provider")
+	}
+	return r, nil
 }
 
 func (s *store) GetClientByClientID(ctx context.Context, id string) (op.Client, error) {
