@@ -62,6 +62,11 @@ type SSO struct {
 	// Scopes are what a sign-in asks the provider for (openid, email and
 	// profile when empty).
 	Scopes []string
+	// GroupsRequired reads an ID token without the groups claim as "no
+	// groups" (the user's groups are cleared), for providers that leave the
+	// claim out when a person has none; otherwise such a token leaves the
+	// groups as they are.
+	GroupsRequired bool
 	// RenewWithSignIn makes a device enrolled by single sign-on renew only
 	// with a fresh sign-in of the person who enrolled it (sso-renew:
 	// sign-in): a person the provider disabled or removed loses TP within a
@@ -211,6 +216,9 @@ func (s *SSO) check(ctx context.Context, raw string, now time.Time, again string
 	if err != nil {
 		return ssoPerson{}, time.Time{}, err
 	}
+	if tok.Subject == "" {
+		return ssoPerson{}, time.Time{}, refuse("the ID token names no subject (sub): ask your TP administrator; the provider does not follow OpenID Connect")
+	}
 	p.Subject = tok.Subject
 	return p, tok.Expiry, nil
 }
@@ -273,6 +281,9 @@ func (s *SSO) person(claims map[string]any) (ssoPerson, error) {
 	var groups []string
 	switch g := claims[gclaim].(type) {
 	case nil:
+		if s.GroupsRequired { // the provider leaves the claim out for no groups
+			p.Groups = []string{}
+		}
 		return p, nil // no claim: the user's groups stay as they are
 	case string:
 		groups = []string{g}
@@ -404,7 +415,10 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 	// place. Replacing a key, or enrolling a revoked device again, is the
 	// administrator's (tpd enroll).
 	id := authz.DeviceID(p.User, req.Device)
-	if dev, err := e.Users.Device(id); err == nil {
+	// A device without a key that is not revoked is a name reserved by an
+	// enrollment that did not finish (a token never redeemed, a sign-in cut
+	// by a database outage): nothing logs in with it, and a sign-in takes it.
+	if dev, err := e.Users.Device(id); err == nil && (len(dev.PublicKey) > 0 || dev.Revoked) {
 		if dev.Revoked {
 			writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", id))
 			return
@@ -419,16 +433,21 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	der, _ := base64.StdEncoding.DecodeString(req.PublicKey)
-	// The device is reserved, then bound to the person's subject at the
-	// provider (sso-renew: sign-in renews it only with their sign-in), then
-	// given its key: a failure before the key leaves nothing that logs in.
+	// The device is reserved, given its key, then bound to the person's
+	// subject at the provider (sso-renew: sign-in renews it only with their
+	// sign-in); a device whose binding failed is revoked, not left to renew
+	// by its key alone.
 	en, err := e.Users.Enroll(p.User, req.Device, p.Groups, time.Minute)
-	if err == nil {
-		err = e.Users.SignedIn(en.DeviceID, p.Subject, nil)
-	}
 	var dev users.Device
 	if err == nil {
 		dev, err = e.Users.Redeem(en.Token, der)
+	}
+	if err == nil {
+		if err = e.Users.SignedIn(dev.ID, p.Subject, nil); err != nil {
+			if rerr := e.Users.RevokeDevice(dev.ID); rerr != nil {
+				e.log().Error("a device enrolled by single sign-on could not be bound to its person nor revoked: revoke it (tpd revoke --device)", "device", dev.ID, "err", rerr)
+			}
+		}
 	}
 	if err != nil {
 		if errors.Is(err, users.ErrUnavailable) {
@@ -484,8 +503,10 @@ func (e *Enroller) checkSignIn(w http.ResponseWriter, r *http.Request, dev users
 		return false
 	case p.Subject != dev.SSOSubject:
 		return signIn(http.StatusForbidden, fmt.Sprintf("this sign-in is of another account at %s than the one that enrolled %s: run dlogin and sign in as that account", s.Issuer, dev.ID))
-	case p.User != dev.User:
-		return signIn(http.StatusForbidden, fmt.Sprintf("the identity provider now names this account %s, not %s: ask your TP administrator", p.User, dev.User))
+	case p.User != dev.User: // no sign-in mends this: not CodeSignIn
+		e.log().Warn("login refused: the identity provider names the device's person another user", "device", dev.ID, "user", p.User)
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("the identity provider now names this account %s, not %s: ask your TP administrator", p.User, dev.User))
+		return false
 	}
 	if err := e.Users.SignedIn(dev.ID, p.Subject, p.Groups); err != nil {
 		if errors.Is(err, users.ErrUnavailable) {

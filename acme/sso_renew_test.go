@@ -1,11 +1,15 @@
 package acme
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -47,7 +51,7 @@ func TestSSORenewWithSignIn(t *testing.T) {
 
 	idp.SetGroups(ssoAlice.Subject, []string{"ops"})
 	asked := 0
-	creds, err := login.LoginSignedIn(ctx, ts.HC, ts.URL, "alice@laptop", devKey, nil, func(context.Context) (string, error) {
+	creds, err := login.LoginSignedIn(ctx, ts.HC, ts.URL, "alice@laptop", devKey, nil, func(context.Context, *login.ServerError) (string, error) {
 		asked++
 		return signIn(t, idp, testidp.ClientID, ssoAlice.Subject), nil
 	})
@@ -58,7 +62,7 @@ func TestSSORenewWithSignIn(t *testing.T) {
 		t.Fatalf("alice's groups after the renewal: %v, %v; want the provider's: ops", groups, err)
 	}
 
-	_, err = login.LoginSignedIn(ctx, ts.HC, ts.URL, "alice@laptop", devKey, nil, func(context.Context) (string, error) {
+	_, err = login.LoginSignedIn(ctx, ts.HC, ts.URL, "alice@laptop", devKey, nil, func(context.Context, *login.ServerError) (string, error) {
 		return signIn(t, idp, testidp.ClientID, newAlice.Subject), nil
 	})
 	if !errors.As(err, &se) || se.Status != http.StatusForbidden || se.Code != login.CodeSignIn || !strings.Contains(se.Message, "another account") {
@@ -77,3 +81,79 @@ func TestSSORenewWithSignIn(t *testing.T) {
 		t.Fatalf("a device enrolled with a token, on a server that renews sign-ins: %v; want its key to renew it", err)
 	}
 }
+
+// A sign-in takes the person minutes, longer than the server's 5-minute
+// window for a signed request's time: the request after it is signed anew
+// (the bad input was the first one's time, sent again). With sso-groups-required,
+// a sign-in whose token has no groups claim clears the user's groups (some
+// providers leave it out for people with none). A name an enrollment
+// reserved but never gave a key is taken by a sign-in, not refused as
+// enrolled.
+func TestSSORenewSlowSignInAndGroups(t *testing.T) {
+	t.Parallel()
+	idp := testidp.Start(t, ssoAlice)
+	ts := newTestServer(t)
+	ts.Enroller.SSO = &SSO{Issuer: idp.Issuer, ClientID: testidp.ClientID, Domain: "example.org", RenewWithSignIn: true, KeepRefresh: true}
+	ctx := context.Background()
+
+	if _, err := ts.Users.Enroll("alice", "laptop", nil, time.Hour); err != nil { // reserved, never redeemed
+		t.Fatal(err)
+	}
+	devKey := newKey(t)
+	if _, err := login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, signIn(t, idp, testidp.ClientID, ssoAlice.Subject), "laptop", devKey); err != nil {
+		t.Fatalf("a sign-in for a name reserved but never enrolled: %v; want it enrolled", err)
+	}
+
+	// The client's requests are recorded: the one after the sign-in must
+	// carry a time of its own, signed then, not the first one's.
+	var mu sync.Mutex
+	var times []string
+	hc := &http.Client{Timeout: ts.HC.Timeout, Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if r.URL.Path == login.PathAttest {
+			body, _ := io.ReadAll(r.Body)
+			var req login.AttestRequest
+			_ = json.Unmarshal(body, &req)
+			mu.Lock()
+			times = append(times, req.Time)
+			mu.Unlock()
+			r.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		return ts.HC.Transport.RoundTrip(r)
+	})}
+	_, err := login.LoginSignedIn(ctx, hc, ts.URL, "alice@laptop", devKey, nil, func(context.Context, *login.ServerError) (string, error) {
+		tok := signIn(t, idp, testidp.ClientID, ssoAlice.Subject)
+		for second := time.Now().UTC().Format(time.RFC3339); time.Now().UTC().Format(time.RFC3339) == second; {
+			time.Sleep(10 * time.Millisecond) // the sign-in lasts into the next second, as a person's does
+		}
+		return tok, nil
+	})
+	if err != nil {
+		t.Fatalf("a login with a sign-in: %v", err)
+	}
+	if len(times) != 2 || times[0] == times[1] {
+		t.Fatalf("the login's requests carried the times %q; want two, the second signed after the sign-in", times)
+	}
+
+	idp.SetGroups(ssoAlice.Subject, nil) // the provider leaves the claim out
+	renew := func() {
+		t.Helper()
+		if _, err := login.LoginSignedIn(ctx, ts.HC, ts.URL, "alice@laptop", devKey, nil, func(context.Context, *login.ServerError) (string, error) {
+			return signIn(t, idp, testidp.ClientID, ssoAlice.Subject), nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	renew()
+	if g, _ := ts.Users.Lookup("alice@laptop"); len(g) == 0 {
+		t.Fatalf("a token without the groups claim cleared alice's groups without sso-groups-required")
+	}
+	ts.Enroller.SSO.GroupsRequired = true
+	renew()
+	if g, err := ts.Users.Lookup("alice@laptop"); err != nil || len(g) != 0 {
+		t.Fatalf("with sso-groups-required, a token without the groups claim left groups %v (%v); want none", g, err)
+	}
+}
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }

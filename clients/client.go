@@ -29,6 +29,9 @@ type Client struct {
 	// for a renewal that needs a fresh sign-in and has no refresh token that
 	// the provider still honours (dlogin sets it; tp cannot ask anyone).
 	SignIn func(ctx context.Context, info login.SSOInfo) (login.Tokens, error)
+	// FreshIDToken, when set, is an ID token of a sign-in just made (dlogin's
+	// enrollment): the next login that needs a sign-in sends it first.
+	FreshIDToken string
 
 	mu   sync.Mutex
 	cert *tls.Certificate
@@ -78,8 +81,13 @@ func (c *Client) Login(ctx context.Context, progress func(string)) (*login.Crede
 	}
 	hc := login.HTTPClient(c.Root)
 	defer hc.CloseIdleConnections() // a fresh client per login: its connection is never reused
-	creds, err := login.LoginSignedIn(ctx, hc, c.Profile.Server, c.Profile.DeviceID, key, progress, c.refreshSignIn)
+	sso := &ssoLogin{c: c}
+	creds, err := login.LoginSignedIn(ctx, hc, c.Profile.Server, c.Profile.DeviceID, key, progress, sso.signIn)
+	c.FreshIDToken = "" // used, or stale by the next login
 	if err != nil {
+		return nil, err
+	}
+	if err := sso.commit(); err != nil {
 		return nil, err
 	}
 	if err := c.Home.SaveCredentials(creds); err != nil {

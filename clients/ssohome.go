@@ -142,26 +142,50 @@ func (h Home) SSO() (st SSOState, ok bool, err error) {
 // identity provider again: tp cannot ask them (ssh gives it no terminal).
 var ErrSignInNeeded = errors.New("this device renews its certificate with a sign-in at your organisation's identity provider, and that sign-in has ended: run dlogin to sign in again")
 
-// refreshSignIn is the sign-in a renewal gives the server when it asks for
-// one: a fresh ID token from the provider by the refresh token the home
-// keeps (its successor is kept in its place), else interactive (dlogin's,
-// when set), else ErrSignInNeeded.
-func (c *Client) refreshSignIn(ctx context.Context) (string, error) {
+// ssoLogin is one login's use of the sign-ins a device has: the enrollment's
+// fresh ID token, the refresh token the home keeps, then the person
+// (Client.SignIn). A refresh token from an interactive sign-in is kept only
+// once the server took its ID token (commit), so that a sign-in as the wrong
+// account does not leave that account's refresh token behind.
+type ssoLogin struct {
+	c       *Client
+	tried   string    // what gave the last ID token: "fresh", "refresh" or "person"
+	pending *SSOState // an interactive sign-in's state, kept by commit
+}
+
+// signIn answers the server's request for a sign-in (refused says why it
+// asked: none sent, or the last one refused).
+func (l *ssoLogin) signIn(ctx context.Context, refused *login.ServerError) (string, error) {
+	c := l.c
+	if l.tried == "person" { // the person's own sign-in was refused: say why
+		return "", errors.New("the sign-in was refused")
+	}
+	if l.tried == "" && c.FreshIDToken != "" {
+		l.tried = "fresh"
+		return c.FreshIDToken, nil
+	}
 	st, ok, err := c.Home.SSO()
 	if err != nil {
-		return "", err
+		c.logf("tp: %v; signing in anew", err)
+		ok = false
 	}
-	if ok && st.RefreshToken != "" {
-		idp := &http.Client{Timeout: 30 * time.Second}
-		t, err := login.Refresh(ctx, idp, st.SSOInfo, st.RefreshToken)
+	if l.tried == "refresh" && ok && st.RefreshToken != "" {
+		// The server refused the refreshed sign-in (another account, a
+		// stale one): the refresh token is of no more use.
+		st.RefreshToken = ""
+		_ = c.Home.SaveSSO(st)
+	}
+	if l.tried == "" && ok && st.RefreshToken != "" {
+		l.tried = "refresh"
+		t, err := login.Refresh(ctx, &http.Client{Timeout: 30 * time.Second}, st.SSOInfo, st.RefreshToken)
 		if err == nil {
-			st.RefreshToken = t.RefreshToken
+			st.RefreshToken = t.RefreshToken // rotated: the old one may be spent
 			if err := c.Home.SaveSSO(st); err != nil {
 				return "", fmt.Errorf("save the renewed sign-in in %s: %w", c.Home.Dir, err)
 			}
 			return t.IDToken, nil
 		}
-		if !errors.Is(err, login.ErrSignInEnded) {
+		if !errors.Is(err, login.ErrSignInEnded) && !errors.Is(err, login.ErrNoIDToken) {
 			return "", err
 		}
 		st.RefreshToken = "" // spent: not tried again
@@ -170,24 +194,34 @@ func (c *Client) refreshSignIn(ctx context.Context) (string, error) {
 	if c.SignIn == nil {
 		return "", ErrSignInNeeded
 	}
-	if !ok { // the server asks, but the home kept nothing: ask the server where
-		hc := login.HTTPClient(c.Root)
-		defer hc.CloseIdleConnections()
-		info, err := login.FetchSSO(ctx, hc, c.Profile.Server)
-		if err != nil {
-			return "", err
-		}
-		st = SSOState{SSOInfo: info}
-	}
-	t, err := c.SignIn(ctx, st.SSOInfo)
+	// Where to sign in is the server's word now: its provider or client may
+	// have changed since the home kept them.
+	hc := login.HTTPClient(c.Root)
+	defer hc.CloseIdleConnections()
+	info, err := login.FetchSSO(ctx, hc, c.Profile.Server)
 	if err != nil {
 		return "", err
 	}
-	if st.KeepRefresh {
-		st.RefreshToken = t.RefreshToken
+	l.tried = "person"
+	t, err := c.SignIn(ctx, info)
+	if err != nil {
+		return "", err
 	}
-	if err := c.Home.SaveSSO(st); err != nil {
-		return "", fmt.Errorf("save the sign-in in %s: %w", c.Home.Dir, err)
+	next := SSOState{SSOInfo: info}
+	if info.KeepRefresh {
+		next.RefreshToken = t.RefreshToken
 	}
+	l.pending = &next
 	return t.IDToken, nil
+}
+
+// commit keeps an interactive sign-in's state once the server took it.
+func (l *ssoLogin) commit() error {
+	if l.pending == nil {
+		return nil
+	}
+	if err := l.c.Home.SaveSSO(*l.pending); err != nil {
+		return fmt.Errorf("save the sign-in in %s: %w", l.c.Home.Dir, err)
+	}
+	return nil
 }

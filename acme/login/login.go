@@ -121,6 +121,10 @@ func EnrollDevice(ctx context.Context, hc *http.Client, serverURL, token string,
 	return out, err
 }
 
+// maxSignIns bounds the sign-ins one login makes when the server refuses
+// them: one by the refresh token, one by the person, and no loop.
+const maxSignIns = 2
+
 // Credentials are a device certificate chain and its key.
 type Credentials struct {
 	Chain []*x509.Certificate // leaf first
@@ -136,9 +140,11 @@ func Login(ctx context.Context, hc *http.Client, serverURL, deviceID string, dev
 
 // LoginSignedIn is Login for a device whose renewals may need a fresh
 // sign-in at the identity provider: when the server asks for one
-// (CodeSignIn), signIn gives the ID token and the request is made again with
-// it. Without signIn, the server's answer is the error.
-func LoginSignedIn(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer, progress func(string), signIn func(context.Context) (string, error)) (*Credentials, error) {
+// (CodeSignIn), signIn is given its refusal and returns an ID token, and the
+// request is made again with it, freshly signed (a sign-in may take
+// minutes). A refused token makes the server ask again, up to
+// maxSignIns times. Without signIn, the server's answer is the error.
+func LoginSignedIn(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer, progress func(string), signIn func(context.Context, *ServerError) (string, error)) (*Credentials, error) {
 	say := func(f string, a ...any) {
 		if progress != nil {
 			progress(fmt.Sprintf(f, a...))
@@ -153,24 +159,26 @@ func LoginSignedIn(ctx context.Context, hc *http.Client, serverURL, deviceID str
 		return nil, err
 	}
 	pub := base64.StdEncoding.EncodeToString(pubDER)
-	ts := time.Now().UTC().Format(time.RFC3339)
-	sig, err := SignMessage(deviceKey, AttestMessage(deviceID, pub, ts))
-	if err != nil {
-		return nil, err
-	}
 	var att AttestResponse
-	req := AttestRequest{DeviceID: deviceID, PublicKey: pub, Time: ts, Signature: sig}
-	err = postJSON(ctx, hc, serverURL+PathAttest, req, &att)
-	var se *ServerError
-	if errors.As(err, &se) && se.Code == CodeSignIn && signIn != nil {
+	idToken := ""
+	for tries := 0; ; tries++ {
+		ts := time.Now().UTC().Format(time.RFC3339)
+		sig, err := SignMessage(deviceKey, AttestMessage(deviceID, pub, ts))
+		if err != nil {
+			return nil, err
+		}
+		err = postJSON(ctx, hc, serverURL+PathAttest, AttestRequest{DeviceID: deviceID, PublicKey: pub, Time: ts, Signature: sig, IDToken: idToken}, &att)
+		var se *ServerError
+		if !errors.As(err, &se) || se.Code != CodeSignIn || signIn == nil || tries == maxSignIns {
+			if err != nil {
+				return nil, err
+			}
+			break
+		}
 		say("The server needs a fresh sign-in at the identity provider")
-		if req.IDToken, err = signIn(ctx); err != nil {
+		if idToken, err = signIn(ctx, se); err != nil {
 			return nil, fmt.Errorf("%s: %w", se.Message, err)
 		}
-		err = postJSON(ctx, hc, serverURL+PathAttest, req, &att)
-	}
-	if err != nil {
-		return nil, err
 	}
 	attDER, err := base64.StdEncoding.DecodeString(att.Certificate)
 	if err != nil {

@@ -85,11 +85,15 @@ type Tokens struct {
 	IDToken, RefreshToken string
 }
 
+// ErrNoIDToken is a provider's answer without an ID token (no scope
+// openid, or a provider that sends none on a refresh).
+var ErrNoIDToken = errors.New("the identity provider answered without an ID token")
+
 // tokensOf reads a token response.
 func tokensOf(tok *oauth2.Token, info SSOInfo) (Tokens, error) {
 	id, _ := tok.Extra("id_token").(string)
 	if id == "" {
-		return Tokens{}, fmt.Errorf("the identity provider %s answered without an ID token (scope openid): ask your TP administrator", info.Issuer)
+		return Tokens{}, fmt.Errorf("%w (%s; scope openid): ask your TP administrator", ErrNoIDToken, info.Issuer)
 	}
 	return Tokens{IDToken: id, RefreshToken: tok.RefreshToken}, nil
 }

@@ -103,25 +103,28 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 					return err
 				}
 			}
-			timeout := cfg.Timeout
-			if _, ok, _ := home.SSO(); ok {
-				timeout += ssoWait // a renewal may sign the person in again, in a browser or with a code
-			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
+			// A login may sign the person in again (sso-renew: sign-in), in a
+			// browser or with a code: ssoWait more. Each request to the server
+			// has its own bound (login.HTTPClient).
+			ctx, cancel := context.WithTimeout(cmd.Context(), cfg.Timeout+ssoWait)
 			defer cancel()
 			c, err := clients.Open(home)
 			if err != nil {
 				return err
 			}
+			c.FreshIDToken = firstIDToken
 			c.SignIn = func(ctx context.Context, info login.SSOInfo) (login.Tokens, error) {
-				if firstIDToken != "" {
-					t := login.Tokens{IDToken: firstIDToken}
-					firstIDToken = ""
-					return t, nil
-				}
 				fmt.Fprintf(stdout, "The TP server renews this device only with a sign-in at %s\n", info.Issuer)
 				return signIn(ctx, info, open, why, stdout)
 			}
+			// tp renews under the same lock: one refresh of the provider's
+			// token at a time (a provider that rotates them refuses the
+			// older one).
+			unlock, err := home.Lock(ctx)
+			if err != nil {
+				return err
+			}
+			defer unlock()
 			creds, err := c.Login(ctx, func(s string) { fmt.Fprintln(stdout, s) })
 			if err != nil {
 				return fmt.Errorf("login to %s failed: %w", c.Profile.Server, err)
@@ -138,7 +141,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	cmd.Flags().StringVar(&fingerprint, "fingerprint", "", "SHA-256 fingerprint of the server's root certificate (first run)")
 	cmd.Flags().StringVar(&token, "token", "", "one-time enrollment token that 'tpd enroll' printed (first run)")
 	cmd.Flags().BoolVar(&sso, "sso", false, "enrol this device by signing in with your organisation's identity provider (first run)")
-	cmd.Flags().BoolVar(&noBrowser, "no-browser", false, "with --sso: sign in with a code on any device, not in this machine's browser")
+	cmd.Flags().BoolVar(&noBrowser, "no-browser", false, "when signing in (--sso, or a renewal that needs a sign-in): use a code on any device, not this machine's browser")
 	cmd.Flags().StringVar(&device, "device", "", "with --sso: this device's name, e.g. laptop (default: the host name)")
 	config.ClientFlags(cmd.Flags())
 	cmd.SetArgs(args)

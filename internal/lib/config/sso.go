@@ -38,6 +38,10 @@ type SSO struct {
 	// false makes every renewal an interactive sign-in (dlogin).
 	SSORenew       string `mapstructure:"sso-renew"`
 	SSOKeepRefresh bool   `mapstructure:"sso-keep-refresh"`
+	// SSOGroupsRequired reads an ID token without the groups claim as "no
+	// groups": some providers leave the claim out when a person has none,
+	// and a group removed at the provider would otherwise stay in TP.
+	SSOGroupsRequired bool `mapstructure:"sso-groups-required"`
 }
 
 // SSO renewal modes (sso-renew).
@@ -66,6 +70,7 @@ func setSSODefaults(v *viper.Viper, d SSO) {
 	v.SetDefault("sso-scopes", d.SSOScopes)
 	v.SetDefault("sso-renew", d.SSORenew)
 	v.SetDefault("sso-keep-refresh", d.SSOKeepRefresh)
+	v.SetDefault("sso-groups-required", d.SSOGroupsRequired)
 }
 
 // validateSSO checks the sign-in settings: with an issuer, a client and a
@@ -129,8 +134,8 @@ func checkScopes(scopes []string) error {
 
 func ssoYAML(b *strings.Builder, s Server) {
 	fmt.Fprintf(b, "# Sign-in with the organisation's OpenID Connect provider (dlogin --sso, docs/LOGIN.md): its issuer\n# URL, TP's client ID there (a public client with the redirect URI http://127.0.0.1/callback\n# and the device authorization grant), the email\n# domain whose people may enrol, the claim that names the TP user (an email gives its local part)\n# and the claim that lists its groups, and the scopes a sign-in asks for (add groups for Dex or Okta).\n# \"\" turns it off; enrollment tokens work either way.\nsso-issuer: %q\nsso-client-id: %q\nsso-domain: %q\nsso-user-claim: %q\nsso-groups-claim: %q\nsso-scopes: %q\n"+
-		"# What renews a device enrolled by sign-in: \"device-key\", or \"sign-in\" (a fresh sign-in each time: a person the\n# provider disabled loses TP within 4 hours); with sign-in, whether devices keep the provider's refresh token\n# (encrypted with the device key) so that renewals need no browser.\nsso-renew: %q\nsso-keep-refresh: %t\n",
-		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim, s.SSOScopes, s.SSORenew, s.SSOKeepRefresh)
+		"# What renews a device enrolled by sign-in: \"device-key\", or \"sign-in\" (a fresh sign-in each time: a person the\n# provider disabled loses TP within 4 hours); with sign-in, whether devices keep the provider's refresh token\n# (encrypted with the device key) so that renewals need no browser; and whether an ID token\n# without the groups claim means no groups (providers that leave it out for people with none).\nsso-renew: %q\nsso-keep-refresh: %t\nsso-groups-required: %t\n",
+		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim, s.SSOScopes, s.SSORenew, s.SSOKeepRefresh, s.SSOGroupsRequired)
 }
 
 func isASCIIString(s string) bool {

@@ -196,7 +196,7 @@ func (u *Users) Redeem(tok string, pub []byte) (users.Device, error) {
 			return err
 		}
 		err = tx.QueryRow(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key) VALUES ($1, $2, $3, $4)
-			ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, revoked = false, revoked_at = NULL
+			ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, revoked = false, revoked_at = NULL, sso_subject = ''
 			RETURNING id, user_name, name, public_key, created`, id, user, device, pub).Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created)
 		if err != nil {
 			return err

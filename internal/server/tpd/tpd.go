@@ -198,7 +198,8 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	if cfg.SSOIssuer != "" { // dlogin --sso: sign-in with the organisation's provider
 		enroller.SSO = &acme.SSO{Issuer: cfg.SSOIssuer, ClientID: cfg.SSOClientID, Domain: cfg.SSODomain,
 			UserClaim: cfg.SSOUserClaim, GroupsClaim: cfg.SSOGroupsClaim, Scopes: cfg.SSO.Scopes(),
-			RenewWithSignIn: cfg.SSORenew == config.SSORenewSignIn, KeepRefresh: cfg.SSOKeepRefresh}
+			RenewWithSignIn: cfg.SSORenew == config.SSORenewSignIn, KeepRefresh: cfg.SSOKeepRefresh,
+			GroupsRequired: cfg.SSOGroupsRequired}
 		if d.db != nil { // an ID token enrols one device, whichever instance it is shown to
 			enroller.SSO.Used = pgstore.NewSSOUsed(d.db)
 		}

@@ -225,6 +225,7 @@ func (s *File) Redeem(tok string, pub []byte) (Device, error) {
 	}
 	d.PublicKey = slices.Clone(pub)
 	d.Revoked, d.RevokedAt = false, time.Time{}
+	d.SSOSubject = "" // a new key is a new enrollment: a sign-in binds it again
 	if err := s.saveLocked(); err != nil {
 		return Device{}, err
 	}

@@ -226,15 +226,12 @@ func tcpServer(t *testing.T, serve func(net.Conn)) net.Addr {
 	return net.TCPAddrFromAddrPort(netip.MustParseAddrPort(testnet.Serve(t, func(c *net.TCPConn) { serve(c) })))
 }
 
-// closedPort is a loopback TCP port where nothing listens.
+// closedPort is a loopback TCP port where nothing listens, held so for the
+// test's life (testnet.Refusing): a port only closed again could be taken by
+// another test process meanwhile, and the refused dial then connected (seen
+// under load).
 func closedPort(t *testing.T) net.Addr {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr()
-	ln.Close()
-	return addr
+	return net.TCPAddrFromAddrPort(netip.MustParseAddrPort(testnet.Refusing(t)))
 }
 
 // udpEcho answers every datagram with the same bytes.
