@@ -432,6 +432,22 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	// The user is the person the provider's subject names, for good: a
+	// sign-in of another account that maps to the same name (an address
+	// given to someone new) is refused before anything changes.
+	if err := e.Users.BindUser(p.User, p.Subject); err != nil {
+		switch {
+		case errors.Is(err, users.ErrOtherAccount):
+			e.log().Warn("single sign-on enrollment refused: the user belongs to another account at the provider", "user", p.User, "email", p.Email, "remote", r.RemoteAddr)
+			writeErr(w, http.StatusForbidden, fmt.Sprintf("the TP user %s belongs to another account at %s than the one you signed in with (was the address %s given to someone else?); ask your TP administrator", p.User, e.SSO.Issuer, p.Email))
+		case errors.Is(err, users.ErrUnavailable):
+			e.unavailable(w, "single sign-on enrollment", err, "so nothing was enrolled; run dlogin --sso again in a minute")
+		default:
+			e.log().Error("single sign-on enrollment failed", "err", err)
+			writeErr(w, http.StatusInternalServerError, "enrollment failed on the server; try again or ask your administrator to check tpd's log")
+		}
+		return
+	}
 	der, _ := base64.StdEncoding.DecodeString(req.PublicKey)
 	// The device is reserved, given its key, then bound to the person's
 	// subject at the provider (sso-renew: sign-in renews it only with their

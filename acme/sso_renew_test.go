@@ -157,3 +157,53 @@ func TestSSORenewSlowSignInAndGroups(t *testing.T) {
 type roundTripFunc func(*http.Request) (*http.Response, error)
 
 func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// A TP user is the person its first sign-in was: another account at the
+// provider that maps to the same user (the bad input: alice's address given
+// to someone new, with another sub) cannot enrol a device as alice, and
+// alice's groups stay as they were. A user an administrator created is bound
+// by its first sign-in.
+func TestSSOUserBoundToAccount(t *testing.T) {
+	t.Parallel()
+	newAlice := testidp.Person{Subject: "s-alice-new", Email: "alice@example.org", EmailVerified: true, Groups: []string{"admins"}}
+	bob := testidp.Person{Subject: "s-bob", Email: "bob@example.org", EmailVerified: true, Groups: []string{"dev"}}
+	idp := testidp.Start(t, ssoAlice, newAlice, bob)
+	ts := newTestServer(t)
+	ts.Enroller.SSO = &SSO{Issuer: idp.Issuer, ClientID: testidp.ClientID, Domain: "example.org"}
+	ctx := context.Background()
+	if _, err := login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, signIn(t, idp, testidp.ClientID, ssoAlice.Subject), "laptop", newKey(t)); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := ts.Users.Lookup("alice@laptop")
+	_, err := login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, signIn(t, idp, testidp.ClientID, newAlice.Subject), "phone", newKey(t))
+	var se *login.ServerError
+	if !errors.As(err, &se) || se.Status != http.StatusForbidden || !strings.Contains(se.Message, "belongs to another account") {
+		t.Fatalf("another account with alice's address enrolling a device as alice: %v; want 403", err)
+	}
+	if _, err := ts.Users.Device("alice@phone"); err == nil {
+		t.Fatal("alice@phone was enrolled by another account")
+	}
+	if after, _ := ts.Users.Lookup("alice@laptop"); !slices.Equal(before, after) {
+		t.Fatalf("alice's groups went from %v to %v on a refused sign-in", before, after)
+	}
+	// The same person signs in again: still alice.
+	if _, err := login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, signIn(t, idp, testidp.ClientID, ssoAlice.Subject), "desktop", newKey(t)); err != nil {
+		t.Fatalf("alice's own second sign-in: %v", err)
+	}
+	// An administrator's user: bound by its first sign-in, then held.
+	if _, err := ts.Users.Enroll("bob", "pc", nil, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, signIn(t, idp, testidp.ClientID, bob.Subject), "laptop", newKey(t)); err != nil {
+		t.Fatalf("bob's first sign-in: %v", err)
+	}
+	var bound string
+	for _, u := range ts.Users.Users() {
+		if u.Name == "bob" {
+			bound = u.SSOSubject
+		}
+	}
+	if bound != bob.Subject {
+		t.Fatalf("bob is bound to %q; want %q", bound, bob.Subject)
+	}
+}

@@ -84,8 +84,9 @@ func (db *DB) Import(ctx context.Context, in Import) (ImportResult, error) {
 	var res ImportResult
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		for _, u := range in.Users.Users {
-			if _, err := tx.Exec(ctx, `INSERT INTO tp_users (name, created, disabled) VALUES ($1, $2, $3)
-				ON CONFLICT (name) DO UPDATE SET created = excluded.created, disabled = excluded.disabled`, u.Name, u.Created, u.Disabled); err != nil {
+			if _, err := tx.Exec(ctx, `INSERT INTO tp_users (name, created, disabled, sso_subject) VALUES ($1, $2, $3, $4)
+				ON CONFLICT (name) DO UPDATE SET created = excluded.created, disabled = excluded.disabled, sso_subject = excluded.sso_subject`,
+				u.Name, u.Created, u.Disabled, u.SSOSubject); err != nil {
 				return err
 			}
 			if _, err := tx.Exec(ctx, "DELETE FROM tp_groups WHERE user_name = $1", u.Name); err != nil {

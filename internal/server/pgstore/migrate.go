@@ -136,6 +136,9 @@ var migrations = []string{
 	// by single sign-on ('' for one enrolled with a token): with sso-renew:
 	// sign-in, its renewals need a fresh sign-in of that subject.
 	`ALTER TABLE tp_devices ADD COLUMN sso_subject text NOT NULL DEFAULT '';`,
+	// 12: the identity provider's subject of the person a user is, bound by
+	// the user's first sign-in (users.User.SSOSubject).
+	`ALTER TABLE tp_users ADD COLUMN sso_subject text NOT NULL DEFAULT '';`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

@@ -109,3 +109,46 @@ func TestSignedInAcrossInstances(t *testing.T) {
 		t.Fatalf("a sign-in for a device that does not exist: %v; want ErrNotFound", err)
 	}
 }
+
+// A user is bound to the first account that signs in as it, whichever
+// instance is asked: two accounts signing in as one new user on two
+// instances at once (the bad input) bind exactly one, and the other gets
+// ErrOtherAccount.
+func TestBindUserAcrossInstances(t *testing.T) {
+	t.Parallel()
+	_, dsn := testpg.NewDatabase(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a, err := pgstore.OpenUsers(ctx, open(t, dsn))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := pgstore.OpenUsers(ctx, open(t, dsn))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var won, other atomic.Int32
+	var wg sync.WaitGroup
+	for i := range 8 {
+		s, sub := a, "s-one"
+		if i%2 == 1 {
+			s, sub = b, "s-two"
+		}
+		wg.Go(func() {
+			switch err := s.BindUser("alice", sub); {
+			case err == nil:
+				won.Add(1)
+			case errors.Is(err, users.ErrOtherAccount):
+				other.Add(1)
+			default:
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	// One subject's binds all succeed (the first, and its repeats), the
+	// other's all fail.
+	if won.Load() != 4 || other.Load() != 4 {
+		t.Fatalf("8 binds of two accounts to one user: %d took, %d refused; want 4 and 4", won.Load(), other.Load())
+	}
+}

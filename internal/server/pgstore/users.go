@@ -53,12 +53,12 @@ func (u *Users) Reload(ctx context.Context) error {
 	defer u.mu.Unlock()
 	s := &userSnap{users: map[string]*users.User{}, devices: map[string]*users.Device{}, tokens: map[string][]time.Time{}}
 	err := pgx.BeginTxFunc(ctx, u.db.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
-		rows, _ := tx.Query(ctx, `SELECT u.name, u.created, u.disabled,
+		rows, _ := tx.Query(ctx, `SELECT u.name, u.created, u.disabled, u.sso_subject,
 			coalesce(array_agg(g.group_name ORDER BY g.group_name) FILTER (WHERE g.group_name IS NOT NULL), '{}')
 			FROM tp_users u LEFT JOIN tp_groups g ON g.user_name = u.name GROUP BY u.name`)
 		for rows.Next() {
 			x := &users.User{}
-			if err := rows.Scan(&x.Name, &x.Created, &x.Disabled, &x.Groups); err != nil {
+			if err := rows.Scan(&x.Name, &x.Created, &x.Disabled, &x.SSOSubject, &x.Groups); err != nil {
 				return err
 			}
 			x.Created = x.Created.UTC()
@@ -229,6 +229,36 @@ func (u *Users) Device(id string) (users.Device, error) {
 // TouchLogin implements users.Store.
 func (u *Users) TouchLogin(id string) error {
 	return u.update(id, "UPDATE tp_devices SET last_login = now() WHERE id = $1", "record the login of "+id)
+}
+
+// BindUser implements users.Store: the statement that binds is the check,
+// so two instances signing in two accounts for one new user bind one.
+func (u *Users) BindUser(user, subject string) error {
+	if subject == "" {
+		return errors.New("no subject to bind the user to")
+	}
+	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
+		var name string
+		err := tx.QueryRow(ctx, `INSERT INTO tp_users (name, sso_subject) VALUES ($1, $2)
+			ON CONFLICT (name) DO UPDATE SET sso_subject = excluded.sso_subject
+			WHERE tp_users.sso_subject = '' OR tp_users.sso_subject = excluded.sso_subject
+			RETURNING name`, user, subject).Scan(&name)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("user %s: %w", user, users.ErrOtherAccount)
+		}
+		if err != nil {
+			return err
+		}
+		return notify(ctx, tx, TopicUsers)
+	})
+	if errors.Is(err, users.ErrOtherAccount) {
+		return err
+	}
+	if err != nil {
+		return unreachable("bind "+user+" to a sign-in", err)
+	}
+	u.afterWrite()
+	return nil
 }
 
 // SignedIn implements users.Store.

@@ -28,8 +28,11 @@ import (
 var (
 	ErrBadToken = errors.New("enrollment token is unknown, expired or already used; ask your administrator for a new one (tpd enroll)")
 	ErrNotFound = errors.New("not found")
-	ErrBadName  = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
-	ErrTooMany  = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
+	// ErrOtherAccount is a sign-in for a user bound to another account at
+	// the identity provider (BindUser).
+	ErrOtherAccount = errors.New("the user belongs to another account at the identity provider")
+	ErrBadName      = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+	ErrTooMany      = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
 	// ErrUnavailable means the store could not be reached (a shared database
 	// that does not answer); nothing was changed, and trying later may work.
 	ErrUnavailable = errors.New("the user store is unavailable")
@@ -45,6 +48,10 @@ type User struct {
 	Groups   []string  `json:"groups"`
 	Created  time.Time `json:"created"`
 	Disabled bool      `json:"disabled,omitempty"`
+	// SSOSubject is the identity provider's subject (sub) of the person the
+	// user is: set by the user's first sign-in, after which a sign-in of any
+	// other account (say, one given the same email address later) is refused.
+	SSOSubject string `json:"sso_subject,omitempty"`
 }
 
 // Device is one enrolled device of a user.
@@ -94,6 +101,10 @@ type Store interface {
 	Device(id string) (Device, error)
 	// TouchLogin records a successful login of the device.
 	TouchLogin(id string) error
+	// BindUser binds user, created if need be, to the identity provider's
+	// subject at its first sign-in; ErrOtherAccount, changing nothing, when it
+	// is bound to another subject.
+	BindUser(user, subject string) error
 	// SignedIn records a sign-in at the identity provider for the device:
 	// the provider's subject of its person, and, when groups is not nil, the
 	// user's groups as the provider gave them.
@@ -252,6 +263,27 @@ func (s *File) TouchLogin(id string) error {
 		return fmt.Errorf("device %s: %w", id, ErrNotFound)
 	}
 	d.LastLogin = s.now()
+	return s.saveLocked()
+}
+
+// BindUser binds user to the provider's subject at its first sign-in.
+func (s *File) BindUser(user, subject string) error {
+	if subject == "" {
+		return errors.New("no subject to bind the user to")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	u := s.st.Users[user]
+	switch {
+	case u == nil:
+		u = &User{Name: user, Created: s.now(), Groups: []string{}}
+		s.st.Users[user] = u
+	case u.SSOSubject == subject:
+		return nil
+	case u.SSOSubject != "":
+		return fmt.Errorf("user %s: %w", user, ErrOtherAccount)
+	}
+	u.SSOSubject = subject
 	return s.saveLocked()
 }
 
