@@ -149,15 +149,8 @@ func (u *Users) Enroll(user, device string, groups []string, ttl time.Duration) 
 		if _, err := tx.Exec(ctx, "INSERT INTO tp_users (name) VALUES ($1) ON CONFLICT DO NOTHING", user); err != nil {
 			return err
 		}
-		if groups != nil {
-			if _, err := tx.Exec(ctx, "DELETE FROM tp_groups WHERE user_name = $1", user); err != nil {
-				return err
-			}
-			for _, g := range users.NormalizeGroups(groups) {
-				if _, err := tx.Exec(ctx, "INSERT INTO tp_groups (user_name, group_name) VALUES ($1, $2)", user, g); err != nil {
-					return err
-				}
-			}
+		if err := setGroups(ctx, tx, user, groups); err != nil {
+			return err
 		}
 		if _, err := tx.Exec(ctx, "INSERT INTO tp_devices (id, user_name, name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", id, user, device); err != nil {
 			return err
@@ -272,15 +265,8 @@ func (u *Users) SignedIn(id, subject string, groups []string) error {
 		if err != nil {
 			return err
 		}
-		if groups != nil {
-			if _, err := tx.Exec(ctx, "DELETE FROM tp_groups WHERE user_name = $1", user); err != nil {
-				return err
-			}
-			for _, g := range users.NormalizeGroups(groups) {
-				if _, err := tx.Exec(ctx, "INSERT INTO tp_groups (user_name, group_name) VALUES ($1, $2)", user, g); err != nil {
-					return err
-				}
-			}
+		if err := setGroups(ctx, tx, user, groups); err != nil {
+			return err
 		}
 		return notify(ctx, tx, TopicUsers)
 	})
@@ -394,3 +380,19 @@ func (u *Users) Users() []users.UserInfo {
 
 // Generation implements users.Store: it counts reloads.
 func (u *Users) Generation() uint64 { return u.gen.Load() }
+
+// setGroups replaces user's groups with groups in tx; nil leaves them.
+func setGroups(ctx context.Context, tx pgx.Tx, user string, groups []string) error {
+	if groups == nil {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, "DELETE FROM tp_groups WHERE user_name = $1", user); err != nil {
+		return err
+	}
+	for _, g := range users.NormalizeGroups(groups) {
+		if _, err := tx.Exec(ctx, "INSERT INTO tp_groups (user_name, group_name) VALUES ($1, $2)", user, g); err != nil {
+			return err
+		}
+	}
+	return nil
+}
