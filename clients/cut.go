@@ -13,6 +13,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -101,7 +102,7 @@ func (e *CutError) Error() string {
 		return "the session through TP was cut off before its end (" + wire.UnwrapOpError(e.Err).Error() +
 			"), and the TP server no longer accepts connections: it is most likely shutting down or restarting; reconnect once it is back"
 	}
-	msg := "the session through TP was cut off before its end: " + explainQUICErr(e.Err, e.dialer().expiredAdvice).Error()
+	msg := "the session through TP was cut off before its end: " + transport.ExplainQUIC(e.Err, e.dialer().expiredAdvice).Error()
 	if coded {
 		msg = fmt.Sprintf("the session was cut off by the TP server (%s): %s", wire.EndName(code), resetText(code, e.dialer()))
 	}
@@ -239,19 +240,10 @@ func ExplainCut(ctx context.Context, err error) error {
 // tunnels then costs no handshake per tunnel), else on a new TLS connection.
 func (d *Dialer) why(ctx context.Context, session string) (*wire.SessionEnd, error) {
 	hello := wire.ClientHello{V: wire.Version, Op: wire.OpWhy, Session: session}
-	var conn wire.Stream
-	if d.liveQUIC() != nil {
-		if _, st, err := d.openStream(ctx, "asking why"); err == nil {
-			conn = st
-		}
-	}
-	if m := d.tlsMux.Usable(); conn == nil && m != nil {
-		if st, err := m.Open(nil); err == nil {
-			conn = st
-		}
-	}
-	if conn == nil && d.mode() != TransportQUIC {
-		tc, err := d.connectTLS(ctx)
+	tr := d.transport()
+	conn := tr.LiveStream(ctx, "asking why")
+	if conn == nil && tr.Mode() != TransportQUIC {
+		tc, err := tr.ConnectTLS(ctx)
 		if err != nil {
 			return nil, d.forgetRejected(explainHelloErr(err, d.expiredAdvice))
 		}

@@ -9,15 +9,13 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
-
-// DefaultDialTimeout bounds a Dialer's setup when Dialer.Timeout is zero.
-const DefaultDialTimeout = 30 * time.Second
 
 // Dialer opens connections through a TP server: a new QUIC stream on one shared
 // QUIC connection (more connections when the server allows no more streams on
@@ -39,11 +37,11 @@ type Dialer struct {
 	Transport string
 	// QUICServer is the server's UDP host:port; empty means Server (same port).
 	QUICServer string
-	// Carrier is what carries the QUIC connection (carrier.go): "udp", "tls"
+	// Carrier is what carries the QUIC connection (package transport): "udp", "tls"
 	// (a TLS stream on Server's TCP port), "ws" (a WebSocket on Server's
 	// website side), "http" (HTTPS polling) or "auto" (UDP raced against the
 	// others, and a live connection that moves between them,
-	// carrier_auto.go). Empty means "udp" with Transport "quic" or "tls", and
+	// transport/race.go). Empty means "udp" with Transport "quic" or "tls", and
 	// with Transport auto a race like "auto"'s whose UDP side keeps quic-go's
 	// batched UDP I/O and so cannot move off UDP mid-connection. Any but "udp"
 	// implies Transport "quic": every request is a stream of the one QUIC
@@ -66,7 +64,7 @@ type Dialer struct {
 	// forwards POSTs there.
 	CarrierHTTPURL string
 	// FallbackCarriers are the carriers the live QUIC connection moves to, in
-	// order, when its carrier stops delivering (carrier_switch.go): packets go
+	// order, when its carrier stops delivering (transport/switch.go): packets go
 	// out and nothing comes back for CarrierStall (zero: DefaultCarrierStall).
 	// Empty: the connection stays on its carrier.
 	FallbackCarriers []string
@@ -99,10 +97,10 @@ type Dialer struct {
 	NoE2EMux bool
 	// NoTLSMux makes every dial over TLS a TLS connection of its own (ALPN
 	// tp/1) instead of a stream of a tp-mux/1 connection the Dialer holds to
-	// the server (tlsmux.go, docs/PROTOCOL.md section 9.9).
+	// the server (transport.MuxPool, docs/PROTOCOL.md section 9.9).
 	NoTLSMux bool
 	// Spares is how many handshaken TLS connections the Dialer keeps ready
-	// while sessions come close together over TLS (spare.go); zero means one,
+	// while sessions come close together over TLS (transport/spare.go); zero means one,
 	// at most 8. An agent keeps DefaultAgentSpares.
 	Spares int
 	// MaxQUICConns bounds the QUIC connections the Dialer holds to the server: when
@@ -111,25 +109,23 @@ type Dialer struct {
 	// Zero means DefaultMaxQUICConns.
 	MaxQUICConns int
 	// DiscoveryURL is where auto fetches the server's transport discovery
-	// document the first time it meets the server (discovery.go); empty means
+	// document the first time it meets the server (transport/client_discovery.go); empty means
 	// https://Server/.well-known/tp.
 	DiscoveryURL string
 	// Logger receives debug lines (a discovery document that could not be
 	// had); nil discards them.
 	Logger *slog.Logger
 
-	quic  quicState
-	disco discoveryState
-	spare spareTLS
-	// tlsEarly: which destinations answered without end-to-end TLS over TLS,
-	// where a dial may send its first bytes with its hello (early.go)
-	tlsEarly earlyState
-	e2e      attachStates // end-to-end attach state by reverse name (e2eattach.go)
-	mux      muxStates    // end-to-end carriers by reverse name (e2emux_dial.go)
-	// tlsSessions opens the TLS connections to the server, a bounded number
-	// at a time, with one shared configuration (sessionConfig).
-	tlsSessions transport.TLSSessions
-	tlsMux      transport.MuxPool // tp-mux/1 connections to the server (tlsmux.go)
+	// The way to the server: QUIC connections, spares, tp-mux connections,
+	// carriers (package transport), made from the fields above at first use.
+	tcOnce sync.Once
+	tc     *transport.Client
+	// Where a dial may send its first bytes with its hello (early.go): over
+	// QUIC (quicEarly, about the live QUIC connection) and over TLS.
+	quicEarly earlyState
+	tlsEarly  earlyState
+	e2e       attachStates // end-to-end attach state by reverse name (e2eattach.go)
+	mux       muxStates    // end-to-end carriers by reverse name (e2emux_dial.go)
 
 	// Set by Client.Dialer, for CutError: this device's ID (user@device),
 	// named in messages, and Client.WhyRejected, which asks the server why it
@@ -247,7 +243,7 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 	defer cancel()
 
 	if netw == "udp" {
-		return d.roundTrip(ctx, d.udpTrip(addr, hello))
+		return d.transport().RoundTrip(ctx, d.udpTrip(addr, hello))
 	}
 	// A protected name this Dialer holds an end-to-end carrier to: a stream of
 	// it, no dial through the server (e2emux_dial.go).
@@ -257,25 +253,57 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 		ctx = context.WithValue(ctx, muxClaimKey{}, claim)
 		defer func() { d.releaseMux(claim, err) }()
 	}
-	return d.roundTrip(ctx, d.dialTrip(addr, hello, early))
+	return d.transport().RoundTrip(ctx, d.dialTrip(addr, hello, early))
 }
 
-// connectTLS opens a new TLS connection to the server (TCP connect and handshake).
-func (d *Dialer) connectTLS(ctx context.Context) (*tls.Conn, error) {
-	cfg, err := d.sessionConfig()
-	if err != nil {
-		return nil, err
-	}
-	return d.connectTLSWith(ctx, cfg, nil)
+// transport is the Dialer's way to the server, made from its fields at first
+// use (their changes after that are not seen).
+func (d *Dialer) transport() *transport.Client {
+	d.tcOnce.Do(func() {
+		d.tc = &transport.Client{
+			Server: d.Server, QUICServer: d.QUICServer, TLSConfig: d.TLSConfig, Timeout: d.Timeout,
+			Transport: d.Transport, Carrier: d.Carrier, CarrierHeadStart: d.CarrierHeadStart,
+			UDPReprobe: d.UDPReprobe, CarrierProxy: d.CarrierProxy, CarrierHTTPURL: d.CarrierHTTPURL,
+			FallbackCarriers: d.FallbackCarriers, CarrierStall: d.CarrierStall, Logf: d.Logf,
+			Cache: d.Cache, HeadStart: d.HeadStart, KeepAlive: d.KeepAlive, IdleTimeout: d.IdleTimeout,
+			CountDatagramDrops: d.CountDatagramDrops, NoTLSMux: d.NoTLSMux, Spares: d.Spares,
+			MaxQUICConns: d.MaxQUICConns, DiscoveryURL: d.DiscoveryURL, Logger: d.Logger,
+			ExpiredAdvice: d.expiredAdvice,
+		}
+	})
+	return d.tc
 }
 
-// connectTLSWith is connectTLS with the TLS configuration cfg; wrap, when not
-// nil, wraps the TCP connection below the TLS one.
-func (d *Dialer) connectTLSWith(ctx context.Context, cfg *tls.Config, wrap func(net.Conn) net.Conn) (*tls.Conn, error) {
-	return d.tlsSessions.Connect(ctx, d.Server, cfg, wrap)
+// Close closes the Dialer's end-to-end carriers (e2emux_dial.go: their open
+// streams are cut), then its way to the server (transport.Client.Close: the
+// QUIC connections, after a "bye" when every request stream was closed, the
+// spares and the tp-mux connections).
+func (d *Dialer) Close() error {
+	d.closeMux()
+	return d.transport().Close()
 }
 
-func (e *exchangeError) Unwrap() error { return e.error }
+// Maintain keeps the Dialer's QUIC connection up for long-running users such
+// as `tp forward` (transport.Client.Maintain): when the connection is lost it
+// reports why through logf and reconnects with capped, jittered exponential
+// backoff, until ctx ends. Dials do not wait for it.
+func (d *Dialer) Maintain(ctx context.Context, logf func(format string, args ...any)) {
+	d.transport().Maintain(ctx, logf)
+}
+
+// QUICConns is how many QUIC connections the Dialer holds open to its server.
+func (d *Dialer) QUICConns() int { return d.transport().QUICConns() }
+
+// QUICDatagramsDropped is how many DATAGRAM frames from the server this
+// Dialer's QUIC connections discarded because their receive queue was full.
+func (d *Dialer) QUICDatagramsDropped() int64 { return d.transport().QUICDatagramsDropped() }
+
+// CurrentCarrier is the carrier the Dialer's QUIC connection is on now.
+func (d *Dialer) CurrentCarrier() string { return d.transport().CurrentCarrier() }
+
+// TLSMuxStats says how many tp-mux connections this Dialer opened and how
+// many dials went as streams of one.
+func (d *Dialer) TLSMuxStats() (conns, streams int) { return d.transport().TLSMuxStats() }
 
 // forgetRejected drops the session ticket for the server when err says the
 // server refused this device's certificate, and returns err
@@ -284,12 +312,4 @@ func (d *Dialer) forgetRejected(err error) error {
 	return transport.ForgetRejected(err, d.Server, d.TLSConfig)
 }
 
-// sessionConfig is tlsConfig made once for all of the Dialer's TLS sessions
-// (again if TLSConfig or Server changed).
-func (d *Dialer) sessionConfig() (*tls.Config, error) {
-	return d.tlsSessions.SessionConfig(d.Server, d.TLSConfig)
-}
-
-func (d *Dialer) tlsConfig() (*tls.Config, error) {
-	return transport.Config(d.Server, d.TLSConfig)
-}
+func (e *exchangeError) Unwrap() error { return e.error }

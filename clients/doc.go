@@ -7,13 +7,16 @@
 // under the server's reverse zone, publicly or end to end (Agent), and the
 // sentences that say who cut a session and why (CutError, ExplainCut).
 //
-// The transports' parts that know no feature (the TLS connections to the
-// server, the stream carriers and the moves between them, the caches of what
-// worked and of TLS session tickets, the network a host is on, the discovery
-// document, the sentence that says why the server could not be reached) are
-// in package clients/transport; the names callers use stay available here.
-// The Dialer still picks the way to the server and applies the retry rules
-// (transport.go, quic.go, quicpool.go, spare.go, tlsmux.go).
+// How a stream to the server is obtained is package clients/transport: its
+// Client holds the QUIC connections (a pool when the server allows no more
+// streams on one), the TLS connections and their spares, the tp-mux/1
+// connections, the stream carriers, the race between them and the moves
+// between them, and what it learnt of the server. A dial here is parsing, the
+// hello, and one call into it (transport.Client.RoundTrip) with the request
+// (request.go: the hello exchange, early bytes, end-to-end TLS, the answer),
+// which the transport runs on the stream it picked and runs again when the
+// request's own rules (Trip.Resend, Trip.RetryOnNew) allow. The names callers
+// use stay available here.
 //
 // It speaks the protocol through package proxy/wire and links no server code:
 // no proxy, no policy engine, no CA (internal/tests/layering checks this).

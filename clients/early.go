@@ -14,6 +14,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -76,7 +77,7 @@ func (d *Dialer) earlyState(conn *quic.Conn) *earlyState {
 	if conn == nil {
 		return &d.tlsEarly
 	}
-	return &d.quic.early
+	return &d.quicEarly
 }
 
 // answered records the server's answer sh to a dial of addr on conn.
@@ -150,20 +151,20 @@ type earlyDial struct {
 // its own when it is known to be open, on tp-mux when the connection heard
 // from the server recently (mayEarlyMux); always only to a destination known
 // to answer without end-to-end TLS.
-func (d *Dialer) mayEarly(s *stream, addr string, early *earlyDial) bool {
+func (d *Dialer) mayEarly(s *transport.Stream, addr string, early *earlyDial) bool {
 	switch {
-	case s.quic != nil:
-		return d.quic.early.allows(s.quic, addr)
-	case s.mux != nil:
-		return d.mayEarlyMux(s.mux, addr, early)
+	case s.QUIC != nil:
+		return d.quicEarly.allows(s.QUIC, addr)
+	case s.Mux != nil:
+		return d.mayEarlyMux(s.Mux, addr, early)
 	}
-	return s.open && d.tlsEarly.plainDest(addr)
+	return s.Open && d.tlsEarly.plainDest(addr)
 }
 
 // requestEarly sends hello and early.first on s in one write (on tp-mux: in
 // the stream's opening), and returns the stream without waiting for the
 // answer.
-func (d *Dialer) requestEarly(ctx context.Context, s *stream, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
+func (d *Dialer) requestEarly(ctx context.Context, s *transport.Stream, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	deadline, _ := ctx.Deadline() // dial always sets one: the answer is read within the dial's bound
 	var buf bytes.Buffer
 	if err := wire.WriteClientHello(&buf, hello); err != nil {
@@ -173,8 +174,8 @@ func (d *Dialer) requestEarly(ctx context.Context, s *stream, addr string, hello
 		return nil, fmt.Errorf("tp dial %s: %w", addr, err)
 	}
 	buf.Write(early.first)
-	if s.mux != nil {
-		if _, err := s.openMux(d, buf.Bytes()); err != nil {
+	if s.Mux != nil {
+		if _, err := s.OpenMux(buf.Bytes()); err != nil {
 			return nil, d.muxOpenErr(s, addr, err)
 		}
 	} else {
@@ -186,7 +187,7 @@ func (d *Dialer) requestEarly(ctx context.Context, s *stream, addr string, hello
 		_ = s.SetWriteDeadline(time.Time{})
 	}
 	early.sent = true
-	if s.mux == nil {
+	if s.Mux == nil {
 		// The write only queued the request: quic-go's connection goroutine
 		// packs and sends it. Yield to it now, before this goroutine goes on
 		// to start the tunnel's relay: the scheduler would otherwise run the
@@ -194,7 +195,7 @@ func (d *Dialer) requestEarly(ctx context.Context, s *stream, addr string, hello
 		// later on a busy machine.
 		runtime.Gosched()
 	}
-	return &earlyTunnel{st: s.Stream, d: d, conn: s.quic, addr: addr, hello: hello, ctx: context.WithoutCancel(ctx), deadline: deadline,
+	return &earlyTunnel{st: s.Stream, d: d, conn: s.QUIC, addr: addr, hello: hello, ctx: context.WithoutCancel(ctx), deadline: deadline,
 		sent: len(early.first), early: bytes.Clone(early.first)}, nil
 }
 
@@ -268,7 +269,7 @@ func (e *earlyTunnel) wait() (net.Conn, error) {
 	}
 	e.d.earlyState(e.conn).answered(e.conn, e.addr, sh)
 	if e.conn == nil {
-		e.d.refillSpare() // a TLS session's (tripTLS)
+		e.d.transport().Answered() // a TLS session's
 	}
 	if sh.OK && sh.E2E && sent > 0 {
 		// The name became a protected one since its last answer: the bytes sent
@@ -287,8 +288,8 @@ func (e *earlyTunnel) wait() (net.Conn, error) {
 // retry runs the request again on a new connection, after err showed that the
 // old one is gone, and sends early there once the server said ok.
 func (e *earlyTunnel) retry(ctx context.Context, err error, early []byte) (net.Conn, error) {
-	e.d.connLost(e.conn, err) // waits for the connection's end and forgets it, so that the pool makes a new one
-	tun, _, err := e.d.onQUIC(ctx, e.d.dialTrip(e.addr, e.hello, nil))
+	e.d.transport().ConnLost(e.conn, err) // waits for the connection's end and forgets it, so that the pool makes a new one
+	tun, err := e.d.transport().RunOnQUIC(ctx, e.d.dialTrip(e.addr, e.hello, nil))
 	if err != nil {
 		return nil, err
 	}

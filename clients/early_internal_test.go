@@ -31,7 +31,7 @@ func earlyDialer(t *testing.T, denied int) *Dialer {
 		}
 		return authz.Decision{Allow: true}
 	})
-	d.quic.early.fresh = time.Hour // the test must not depend on how fast the machine is
+	d.quicEarly.fresh = time.Hour // the test must not depend on how fast the machine is
 	return d
 }
 
@@ -111,9 +111,9 @@ func TestDialEarlyRefusalReadable(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ok.Close()
-	d.quic.early.mu.Lock()
-	d.quic.early.plain[dst] = struct{}{} // as if dst had answered an ok before the policy changed
-	d.quic.early.mu.Unlock()
+	d.quicEarly.mu.Lock()
+	d.quicEarly.plain[dst] = struct{}{} // as if dst had answered an ok before the policy changed
+	d.quicEarly.mu.Unlock()
 
 	c, err := d.DialEarly(ctx, "tcp", dst)
 	if err != nil {
@@ -136,7 +136,7 @@ func TestDialEarlyRefusalReadable(t *testing.T) {
 	if _, err := c.Write([]byte("more")); !errors.As(err, &re) {
 		t.Fatalf("write after the refusal: %v; want the refusal", err)
 	}
-	if d.quic.early.allows(d.liveQUIC(), dst) {
+	if d.quicEarly.allows(d.transport().LiveQUIC(), dst) {
 		t.Fatal("a refused destination is still sent early bytes")
 	}
 	// The server refused before dialing: nothing connected to the destination.
@@ -272,9 +272,9 @@ func TestForwarderEarlyRefusal(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer up.Close()
-	d.quic.early.mu.Lock()
-	d.quic.early.plain[dst] = struct{}{}
-	d.quic.early.mu.Unlock()
+	d.quicEarly.mu.Lock()
+	d.quicEarly.plain[dst] = struct{}{}
+	d.quicEarly.mu.Unlock()
 
 	var logs syncBuffer
 	f := &Forwarder{DialFirst: d.DialFirst, Target: dst, Logger: slog.New(slog.NewTextHandler(&logs, nil))}

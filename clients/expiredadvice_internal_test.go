@@ -11,6 +11,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -77,7 +78,7 @@ func TestExpiredCutAdvice(t *testing.T) {
 		name string
 		err  error
 	}{
-		{"the QUIC connection's close", explainQUICErr(closed, d.expiredAdvice)},
+		{"the QUIC connection's close", transport.ExplainQUIC(closed, d.expiredAdvice)},
 		{"the hello's answer", explainHelloErr(&wire.QUICConnError{Err: closed}, d.expiredAdvice)},
 	} {
 		msg := tc.err.Error()

@@ -165,9 +165,7 @@ func (s *CarrierTestServer) Dialer(t testing.TB, carrier string) *Dialer {
 
 // CarrierLinks is how many links the Dialer's carrier opened (1 + reconnects).
 func (d *Dialer) CarrierLinks() int64 {
-	d.quic.mu.Lock()
-	defer d.quic.mu.Unlock()
-	if cc, ok := d.quic.udp.(*transport.CarrierConn); ok {
+	if cc, ok := d.transport().PacketConn().(*transport.CarrierConn); ok {
 		return cc.Links()
 	}
 	return 0
@@ -176,11 +174,7 @@ func (d *Dialer) CarrierLinks() int64 {
 // BreakCarrierLink closes the Dialer's current carrier link, as a proxy that
 // cuts long connections would.
 func (d *Dialer) BreakCarrierLink() {
-	d.quic.mu.Lock()
-	cc, _ := d.quic.udp.(*transport.CarrierConn)
-	d.quic.mu.Unlock()
-	if cc == nil {
-		return
+	if cc, ok := d.transport().PacketConn().(*transport.CarrierConn); ok {
+		cc.BreakLink()
 	}
-	cc.BreakLink()
 }

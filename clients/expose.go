@@ -361,38 +361,39 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 		timeout = DefaultDialTimeout
 	}
 	cctx, cancel := context.WithTimeout(ctx, timeout)
-	transport := d.mode()
-	auto := transport == TransportAuto || transport == ""
+	tc := d.transport()
+	mode := tc.Mode()
+	auto := mode == TransportAuto || mode == ""
 	var qconn *quic.Conn
 	var ctl wire.Stream
-	if transport != TransportTLS && !(auto && d.autoSkipsQUIC(cctx)) {
+	if mode != TransportTLS && !(auto && tc.AutoSkipsQUIC(cctx)) {
 		qconn, err = a.connectQUIC(cctx)
 		if err == nil {
 			var str *quic.Stream
 			if str, err = qconn.OpenStreamSync(cctx); err == nil {
-				ctl = &clientStream{QUICStream: wire.NewQUICStream(qconn, str)}
+				ctl = transport.NewStream(qconn, str)
 			}
 		}
-		if err != nil && transport == TransportQUIC {
+		if err != nil && mode == TransportQUIC {
 			cancel()
-			return false, d.unreachable(err)
+			return false, tc.Unreachable(err)
 		}
 		if err != nil { // auto: UDP blocked or QUIC refused; TLS carries the same protocol
 			qconn = nil
 		} else if auto {
-			d.rememberTransport(TransportQUIC)
+			tc.RememberTransport(TransportQUIC)
 		}
 	}
 	if ctl == nil {
 		quicErr := err
-		var tc *tls.Conn
-		if tc, err = d.connectTLS(cctx); err != nil {
+		var tlsc *tls.Conn
+		if tlsc, err = tc.ConnectTLS(cctx); err != nil {
 			cancel()
-			return false, d.unreachable(errors.Join(quicErr, err)) // auto: why QUIC failed too
+			return false, tc.Unreachable(errors.Join(quicErr, err)) // auto: why QUIC failed too
 		}
-		ctl = tc
+		ctl = tlsc
 		if quicErr != nil {
-			d.rememberTransport(TransportTLS)
+			tc.RememberTransport(TransportTLS)
 		}
 	}
 	handoff := false // the server stops: its sessions finish in the background (below)
@@ -505,7 +506,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 					return true, cerr
 				}
 				if qerr := context.Cause(qconn.Context()); qerr != nil {
-					err := fmt.Errorf("QUIC connection: %w", explainQUICErr(qerr, a.Dialer.expiredAdvice))
+					err := fmt.Errorf("QUIC connection: %w", transport.ExplainQUIC(qerr, a.Dialer.expiredAdvice))
 					// The server closes a connection that carries only the control
 					// stream with 0x3 right after the end frame, which may then be
 					// lost: the code says the same.
@@ -522,7 +523,7 @@ func (a *Agent) session(ctx context.Context) (registered bool, err error) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				st := &clientStream{QUICStream: wire.NewQUICStream(qconn, str)}
+				st := transport.NewStream(qconn, str)
 				_ = st.SetReadDeadline(time.Now().Add(agentHandshakeTimeout))
 				hdr, err := wire.ReadSessionHeader(st)
 				if err != nil {
@@ -599,13 +600,16 @@ func (a *Agent) acceptTLS(ctx context.Context, hdr wire.SessionHeader) {
 	cctx, cancel := context.WithTimeout(ctx, agentHandshakeTimeout)
 	defer cancel()
 	what, hello := "session "+hdr.Session, wire.ClientHello{V: wire.Version, Op: wire.OpAccept, Session: hdr.Session}
-	c, err := a.Dialer.roundTrip(cctx, trip{kind: tripAccept, what: what,
-		run: func(ctx context.Context, s *stream) (net.Conn, error) { return a.Dialer.request(ctx, s, what, hello) }})
+	c, err := a.Dialer.transport().RoundTrip(cctx, transport.Trip{Kind: transport.TripAccept, What: what,
+		RetryOnNew: a.Dialer.retryOnNew(nil),
+		Run: func(ctx context.Context, s *transport.Stream) (net.Conn, error) {
+			return a.Dialer.request(ctx, s, what, hello)
+		}})
 	if err != nil {
 		a.log().Warn("tp expose: cannot pick up a session", "name", hdr.Name, "err", err.Error())
 		return
 	}
-	a.serve(ctx, c.(wire.Stream), hdr, a.Dialer.refillSpare)
+	a.serve(ctx, c.(wire.Stream), hdr, a.Dialer.transport().Answered)
 }
 
 // serve runs one session: inner TLS with the dialer, identity checks, then the
@@ -1000,19 +1004,13 @@ func (a *Agent) maxSessions() int64 {
 }
 
 // connectQUIC opens the agent's own QUIC connection: unlike a dialer's, it accepts
-// streams, one per session the server opens.
+// streams, one per session the server opens (transport.Client.ConnectAgent).
 func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
-	d := a.Dialer
-	addr := d.quicAddr()
-	cfg, err := d.tlsConfig()
-	if err != nil {
-		return nil, err
-	}
 	idle := a.IdleTimeout
 	if idle <= 0 {
 		idle = DefaultAgentIdleTimeout
 	}
-	qcfg := &quic.Config{
+	return a.Dialer.transport().ConnectAgent(ctx, &quic.Config{
 		KeepAlivePeriod:                idle / 3,
 		MaxIdleTimeout:                 idle,
 		MaxIncomingStreams:             a.maxSessions(), // concurrent sessions
@@ -1022,26 +1020,7 @@ func (a *Agent) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 		InitialConnectionReceiveWindow: wire.QUICInitialConnWindow,
 		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 		EnableDatagrams:                true, // public UDP sessions (exposeudp.go)
-		Tracer:                         d.dropTracer(),
-	}
-	if d.racesCarriers() { // as a Dialer's connection: carrier_agent.go
-		return d.connectRaced(ctx, cfg, qcfg)
-	}
-	tr, err := d.transport(ctx)
-	if err != nil {
-		return nil, err
-	}
-	var raddr net.Addr
-	if cc, ok := tr.Conn.(*transport.CarrierConn); ok {
-		raddr = cc.ServerAddr()
-	} else if raddr, err = net.ResolveUDPAddr("udp", addr); err != nil {
-		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
-	}
-	conn, err := tr.Dial(ctx, raddr, cfg, qcfg)
-	if err != nil {
-		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, a.Dialer.forgetRejected(explainQUICErr(err, a.Dialer.expiredAdvice)))
-	}
-	return conn, nil
+	})
 }
 
 // localDownReason is what a dialer reads when the agent cannot connect to its

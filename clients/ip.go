@@ -280,7 +280,7 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	})
 	if err != nil {
 		closeAll()
-		return nil, fmt.Errorf("connecting to %s over QUIC: %w", t.Server, explainQUICErr(err, nil))
+		return nil, fmt.Errorf("connecting to %s over QUIC: %w", t.Server, transport.ExplainQUIC(err, nil))
 	}
 	context.AfterFunc(ctx, func() { _ = qc.CloseWithError(0, ""); closeAll() })
 	// The server's unidirectional streams are read here, not by http3, so
@@ -310,7 +310,7 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	if err != nil {
 		// TLS 1.3 checks the client certificate after the client's side of
 		// the handshake: a refused one surfaces here.
-		return nil, fmt.Errorf("the TP server did not answer the IP tunnel request: %w", explainQUICErr(err, nil))
+		return nil, fmt.Errorf("the TP server did not answer the IP tunnel request: %w", transport.ExplainQUIC(err, nil))
 	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, refusal(resp)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/testkit/testpki"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -22,7 +23,7 @@ import (
 // QUIC stream, or a TLS connection as an accept would give it) and returns the
 // error that ended the relay's end: it plays a TP server that sends a session
 // header TP's own server never sends.
-func relayEnd(t *testing.T, transport string, a *Agent, hdr wire.SessionHeader) error {
+func relayEnd(t *testing.T, mode string, a *Agent, hdr wire.SessionHeader) error {
 	t.Helper()
 	ca := testpki.New(t)
 	srvCfg := &tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "localhost")}, NextProtos: []string{wire.ALPN}, MinVersion: tls.VersionTLS13}
@@ -31,7 +32,7 @@ func relayEnd(t *testing.T, transport string, a *Agent, hdr wire.SessionHeader) 
 	defer cancel()
 	var relay net.Conn
 	served := make(chan struct{})
-	switch transport {
+	switch mode {
 	case TransportQUIC:
 		ln, err := quic.ListenAddr("127.0.0.1:0", srvCfg, &quic.Config{EnableDatagrams: true})
 		if err != nil {
@@ -63,7 +64,7 @@ func relayEnd(t *testing.T, transport string, a *Agent, hdr wire.SessionHeader) 
 				t.Error(err)
 				return
 			}
-			st := &clientStream{QUICStream: wire.NewQUICStream(agentConn, str)}
+			st := transport.NewStream(agentConn, str)
 			if _, err := io.ReadFull(st, make([]byte, 1)); err != nil {
 				t.Error(err)
 				return

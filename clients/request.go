@@ -10,44 +10,76 @@ import (
 	"strings"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
 	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/mux"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// A request runs on the stream the transport hands it (roundTrip,
-// transport.go): the hello exchange (on tp-mux, in the stream's opening),
+// A request runs on the stream the transport hands it
+// (transport.Client.RoundTrip): the hello exchange (on tp-mux, in the stream's opening),
 // early bytes or an end-to-end attach with the hello, and the answer.
 
-// dialTrip is the TCP dial of addr as a request for roundTrip.
-func (d *Dialer) dialTrip(addr string, hello wire.ClientHello, early *earlyDial) trip {
-	return trip{kind: tripDial, what: "tp dial " + addr, early: early,
-		run: func(ctx context.Context, s *stream) (net.Conn, error) {
+// dialTrip is the TCP dial of addr as a request for the transport.
+func (d *Dialer) dialTrip(addr string, hello wire.ClientHello, early *earlyDial) transport.Trip {
+	return transport.Trip{Kind: transport.TripDial, What: "tp dial " + addr,
+		Resend: func(err error) bool { return mayResend(err, early) }, RetryOnNew: d.retryOnNew(early),
+		Run: func(ctx context.Context, s *transport.Stream) (net.Conn, error) {
 			return d.dialRequest(ctx, s, addr, hello, early)
 		}}
+}
+
+// retryOnNew says whether a request that failed with err on a spare connection
+// goes again on a new one: when the failure says nothing about the request (the
+// server closed the idle connection, or answered hello_timeout because it
+// waited longer than its hello timeout). Not after a failure without an answer
+// when the dial's first bytes went sealed in an attach: the server may have
+// passed them on to the agent before the connection failed, and a request must
+// not reach a service twice (as for early bytes over QUIC, early.go).
+func (d *Dialer) retryOnNew(early *earlyDial) func(error) bool {
+	return func(err error) bool {
+		var xe *exchangeError
+		var re *RefusedError
+		switch {
+		case errors.As(err, &re):
+			return re.Code == wire.CodeHelloTimeout
+		case errors.As(err, &xe):
+			return mayResend(err, early)
+		}
+		return false
+	}
+}
+
+// mayResend says whether a dial that failed with err may go again on another
+// connection: not once its first bytes went sealed in an attach (they may have
+// reached the service), unless the server answered with a stateless reset (it
+// held nothing of the connection, so it saw neither the hello nor the bytes).
+func mayResend(err error, early *earlyDial) bool {
+	return early == nil || !early.sealed || errors.As(err, new(*quic.StatelessResetError))
 }
 
 // dialRequest runs a TCP dial on s: with early's first bytes right behind the
 // hello, returning before the answer, when s may take them (mayEarly;
 // early.go), else the hello exchange and the answer.
-func (d *Dialer) dialRequest(ctx context.Context, s *stream, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
+func (d *Dialer) dialRequest(ctx context.Context, s *transport.Stream, addr string, hello wire.ClientHello, early *earlyDial) (net.Conn, error) {
 	if early != nil && d.mayEarly(s, addr, early) {
-		s.early = true
+		s.Early = true
 		return d.requestEarly(ctx, s, addr, hello, early)
 	}
 	sh, attach, err := d.helloExchange(ctx, s, addr, hello, early)
 	if err != nil {
 		return nil, err
 	}
-	if s.learn {
-		d.earlyState(s.quic).answered(s.quic, addr, sh)
+	if s.Learn {
+		d.earlyState(s.QUIC).answered(s.QUIC, addr, sh)
 	}
 	return d.answer(ctx, s.Stream, addr, hello, sh, attach)
 }
 
 // request runs the hello exchange on s and returns its stream once the server
 // said ok (an agent's accept of a session). It closes s on failure.
-func (d *Dialer) request(ctx context.Context, s *stream, addr string, hello wire.ClientHello) (net.Conn, error) {
+func (d *Dialer) request(ctx context.Context, s *transport.Stream, addr string, hello wire.ClientHello) (net.Conn, error) {
 	sh, attach, err := d.helloExchange(ctx, s, addr, hello, nil)
 	if err != nil {
 		return nil, err
@@ -59,8 +91,8 @@ func (d *Dialer) request(ctx context.Context, s *stream, addr string, hello wire
 // protected name: e2eattach.go, carrying early's first bytes when it can) and
 // reads the server's answer; on tp-mux the stream is opened with them
 // (muxExchange). It closes s on failure.
-func (d *Dialer) helloExchange(ctx context.Context, s *stream, addr string, hello wire.ClientHello, early *earlyDial) (wire.ServerHello, *pendingAttach, error) {
-	if s.mux != nil {
+func (d *Dialer) helloExchange(ctx context.Context, s *transport.Stream, addr string, hello wire.ClientHello, early *earlyDial) (wire.ServerHello, *pendingAttach, error) {
+	if s.Mux != nil {
 		return d.muxExchange(ctx, s, addr, hello, early)
 	}
 	conn := s.Stream
@@ -156,7 +188,7 @@ func exchangeWith(conn net.Conn, hello wire.ClientHello, then []byte) (wire.Serv
 func explainHelloErr(err error, expiredAdvice func() string) error {
 	var ce *wire.QUICConnError
 	if _, reset := wire.StreamResetCode(err); reset || errors.As(err, &ce) {
-		return explainQUICErr(err, expiredAdvice)
+		return transport.ExplainQUIC(err, expiredAdvice)
 	}
 	if strings.Contains(err.Error(), "remote error: tls:") {
 		return &transport.RejectedError{Err: err}
@@ -166,18 +198,18 @@ func explainHelloErr(err error, expiredAdvice func() string) error {
 
 // muxExchange is helloExchange on a tp-mux connection: it opens the stream
 // with the hello (and an end-to-end attach, when one goes with it) and reads
-// the server's answer. The stream is refused (s.refused) when it failed
+// the server's answer. The stream is refused (s.Refused) when it failed
 // before anything of the request can have reached a destination (the
 // connection was full or ended, or the server refused the stream while it
 // drains).
-func (d *Dialer) muxExchange(ctx context.Context, s *stream, addr string, hello wire.ClientHello, early *earlyDial) (wire.ServerHello, *pendingAttach, error) {
+func (d *Dialer) muxExchange(ctx context.Context, s *transport.Stream, addr string, hello wire.ClientHello, early *earlyDial) (wire.ServerHello, *pendingAttach, error) {
 	var buf bytes.Buffer
 	if err := wire.WriteClientHello(&buf, hello); err != nil {
 		return wire.ServerHello{}, nil, fmt.Errorf("tp dial %s: %w", addr, err)
 	}
 	attach := d.earlyAttach(nil, hello, early)
 	buf.Write(attach.message())
-	st, err := s.openMux(d, buf.Bytes())
+	st, err := s.OpenMux(buf.Bytes())
 	if err != nil {
 		return wire.ServerHello{}, nil, d.muxOpenErr(s, addr, err)
 	}
@@ -188,10 +220,10 @@ func (d *Dialer) muxExchange(ctx context.Context, s *stream, addr string, hello 
 	}
 	if err != nil {
 		st.Abort(wire.QUICInternal)
-		if rerr := d.rejectedBy(s.mux, addr); rerr != nil {
+		if rerr := d.rejectedBy(s.Mux, addr); rerr != nil {
 			return wire.ServerHello{}, nil, rerr
 		}
-		s.refused = ctx.Err() == nil && (attach == nil || !attach.sent) && transport.StreamRefused(err, s.mux)
+		s.Refused = ctx.Err() == nil && (attach == nil || !attach.sent) && transport.StreamRefused(err, s.Mux)
 		switch {
 		case errors.Is(err, io.EOF):
 			err = fmt.Errorf("reading server hello: the TP server ended the stream without answering: %w", err)
@@ -205,13 +237,13 @@ func (d *Dialer) muxExchange(ctx context.Context, s *stream, addr string, hello 
 }
 
 // muxOpenErr is the error of a dial of addr whose stream could not be opened
-// on s.mux; the stream is refused (it may go on another connection) when the
+// on s.Mux; the stream is refused (it may go on another connection) when the
 // connection took no further stream, so that nothing was sent.
-func (d *Dialer) muxOpenErr(s *stream, addr string, err error) error {
-	if rerr := d.rejectedBy(s.mux, addr); rerr != nil {
+func (d *Dialer) muxOpenErr(s *transport.Stream, addr string, err error) error {
+	if rerr := d.rejectedBy(s.Mux, addr); rerr != nil {
 		return rerr
 	}
-	s.refused = errors.Is(err, mux.ErrFull)
+	s.Refused = errors.Is(err, mux.ErrFull)
 	return fmt.Errorf("tp dial %s via %s: %w", addr, d.Server, err)
 }
 

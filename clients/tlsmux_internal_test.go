@@ -94,7 +94,7 @@ func TestTLSMuxManyTunnelsOneHandshake(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := d.tlsSessions.Started(); n != 1 {
+	if n := d.transport().TLSSessions().Started(); n != 1 {
 		t.Fatalf("%d TLS handshakes for 50 tunnels; want 1", n)
 	}
 	if conns, streams := d.TLSMuxStats(); conns != 1 || streams != 50 {
@@ -156,7 +156,7 @@ func TestTLSMuxOlderServerFallsBack(t *testing.T) {
 	if conns, streams := d.TLSMuxStats(); conns != 0 || streams != 0 {
 		t.Fatalf("%d tp-mux connections, %d streams with an older server", conns, streams)
 	}
-	if none := d.tlsMux.NoneUntil(); time.Until(none) < transport.MuxNoneFor/2 {
+	if none := d.transport().MuxPool().NoneUntil(); time.Until(none) < transport.MuxNoneFor/2 {
 		t.Fatalf("the Dialer remembers the older server until %v; want about %v from now", none, transport.MuxNoneFor)
 	}
 }
@@ -200,7 +200,7 @@ func TestTLSMuxDeadConnectionCutsTunnels(t *testing.T) {
 		readEcho(t, c, "x")
 		open = append(open, c)
 	}
-	m := d.tlsMux.Conns()[0]
+	m := d.transport().MuxPool().Conns()[0]
 	wire.Abort(m.NetConn(), wire.QUICPeerReset)
 	for i, c := range open {
 		_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
@@ -228,14 +228,14 @@ func TestTLSMuxDeadConnectionCutsTunnels(t *testing.T) {
 func TestTLSMuxIdleConnectionCloses(t *testing.T) {
 	t.Parallel()
 	d, _ := muxTestServer(t, false, nil)
-	d.tlsMux.Idle, d.tlsMux.Tick = 200*time.Millisecond, 50*time.Millisecond
+	d.transport().MuxPool().Idle, d.transport().MuxPool().Tick = 200*time.Millisecond, 50*time.Millisecond
 	echo := testnet.Echo(t)
 	c, err := d.DialContext(context.Background(), "tcp", echo)
 	if err != nil {
 		t.Fatal(err)
 	}
 	echoes(t, c, "one")
-	m := d.tlsMux.Conns()[0]
+	m := d.transport().MuxPool().Conns()[0]
 	select {
 	case <-m.Done():
 	case <-time.After(20 * time.Second):
@@ -311,7 +311,7 @@ func TestTLSMuxCutsExplainedOnTheConnection(t *testing.T) {
 			t.Fatalf("tunnel %d explained: %v; want policy_changed by the server", i, err)
 		}
 	}
-	if n := d.tlsSessions.Started(); n != 1 {
+	if n := d.transport().TLSSessions().Started(); n != 1 {
 		t.Fatalf("%d TLS handshakes for 10 tunnels and 10 questions why; want 1 (why goes on the tp-mux connection)", n)
 	}
 }
@@ -383,7 +383,7 @@ func TestTLSMuxUDPFlows(t *testing.T) {
 	if conns, streams := d.TLSMuxStats(); conns != 1 || streams != 4 {
 		t.Fatalf("%d tp-mux connections, %d streams; want 1 connection carrying the 3 flows and the tunnel", conns, streams)
 	}
-	if n := d.tlsSessions.Started(); n != 1 {
+	if n := d.transport().TLSSessions().Started(); n != 1 {
 		t.Fatalf("%d TLS handshakes; want 1", n)
 	}
 	if n := udpAsks.Load(); n != 3 {

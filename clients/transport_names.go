@@ -3,6 +3,7 @@ package clients
 import (
 	"context"
 	"crypto/tls"
+	"time"
 
 	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
@@ -14,7 +15,7 @@ import (
 // Transports a Dialer can use.
 const (
 	// TransportAuto races QUIC over UDP against QUIC over the stream carriers,
-	// with TLS last (carrier_auto.go; with Carrier "udp", QUIC with a head start
+	// with TLS last (transport/race.go; with Carrier "udp", QUIC with a head start
 	// against TLS), and remembers the winner per server and network in the
 	// Dialer's Cache.
 	TransportAuto = transport.Auto
@@ -60,3 +61,43 @@ func FetchDiscovery(ctx context.Context, url string, tlsCfg *tls.Config, support
 // NetworkID names the network this host reaches server (host:port) through,
 // or "" when the system does not say (transport.NetworkID).
 func NetworkID(server string) string { return transport.NetworkID(server) }
+
+// The transport's defaults (package transport; docs/PROTOCOL.md section 9).
+const (
+	// DefaultDialTimeout bounds a Dialer's setup when Dialer.Timeout is zero.
+	DefaultDialTimeout = transport.DefaultTimeout
+	// DefaultHeadStart is how long auto waits for the QUIC handshake before it
+	// also tries TLS.
+	DefaultHeadStart = transport.DefaultHeadStart
+	// DefaultCarrierHeadStart is how long auto gives QUIC over UDP alone before
+	// it also tries the stream carriers.
+	DefaultCarrierHeadStart = transport.DefaultCarrierHeadStart
+	// DefaultUDPReprobe is how often a connection on a stream carrier checks
+	// whether UDP gets through again.
+	DefaultUDPReprobe = transport.DefaultUDPReprobe
+	// DefaultCarrierStall is how long a carrier may deliver nothing before the
+	// connection moves to the next fallback carrier.
+	DefaultCarrierStall = transport.DefaultCarrierStall
+	// DefaultCarrierKeepAlive is the QUIC keepalive of a Dialer whose Carrier
+	// is not "udp" and whose KeepAlive is zero.
+	DefaultCarrierKeepAlive = transport.DefaultCarrierKeepAlive
+	// DefaultMaxQUICConns bounds the QUIC connections a Dialer holds to its
+	// server when MaxQUICConns is zero.
+	DefaultMaxQUICConns = transport.DefaultMaxQUICConns
+	// DefaultQUICPoolIdle is how long a further QUIC connection is kept once
+	// its last stream ended.
+	DefaultQUICPoolIdle = transport.DefaultQUICPoolIdle
+)
+
+// CarrierAuto starts on UDP and moves to tls, then ws, when UDP gets no answer
+// at connect or stops delivering later.
+const CarrierAuto = transport.CarrierAuto
+
+// Carriers lists the carriers a Dialer can use, in the order auto falls back.
+var Carriers = []string{wire.CarrierUDP, wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP}
+
+// ErrDialerClosed is returned by a Dialer after Close.
+var ErrDialerClosed = transport.ErrClosed
+
+// retryLine is transport.RetryLine.
+func retryLine(err error, wait time.Duration) string { return transport.RetryLine(err, wait) }

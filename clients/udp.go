@@ -7,17 +7,18 @@ import (
 	"net"
 	"time"
 
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// udpTrip is a UDP flow to addr as a request for roundTrip: a stream on the
+// udpTrip is a UDP flow to addr as a request for the transport: a stream on the
 // shared QUIC connection (with QUIC datagrams when the connection has them),
 // a stream of a tp-mux connection (PROTOCOL 9.9: the capsules go on the
 // stream) or a new TLS connection, chosen as for TCP dials. The flow is a
 // *wire.UDPFlow.
-func (d *Dialer) udpTrip(addr string, hello wire.ClientHello) trip {
-	return trip{kind: tripUDP, what: "tp dial udp " + addr,
-		run: func(ctx context.Context, s *stream) (net.Conn, error) {
+func (d *Dialer) udpTrip(addr string, hello wire.ClientHello) transport.Trip {
+	return transport.Trip{Kind: transport.TripUDP, What: "tp dial udp " + addr, RetryOnNew: d.retryOnNew(nil),
+		Run: func(ctx context.Context, s *transport.Stream) (net.Conn, error) {
 			return d.udpRequest(ctx, s, addr, hello)
 		}}
 }
@@ -25,11 +26,11 @@ func (d *Dialer) udpTrip(addr string, hello wire.ClientHello) trip {
 // udpRequest registers the flow (so that no datagram the server sends right after
 // its ok is lost), runs the hello exchange and starts the flow.
 // On tp-mux the stream is opened first, empty; when it cannot be, the flow
-// is refused there (s.refused).
-func (d *Dialer) udpRequest(ctx context.Context, s *stream, addr string, hello wire.ClientHello) (net.Conn, error) {
-	if s.mux != nil {
-		if _, err := s.openMux(d, nil); err != nil {
-			s.refused = true
+// is refused there (s.Refused).
+func (d *Dialer) udpRequest(ctx context.Context, s *transport.Stream, addr string, hello wire.ClientHello) (net.Conn, error) {
+	if s.Mux != nil {
+		if _, err := s.OpenMux(nil); err != nil {
+			s.Refused = true
 			return nil, err
 		}
 	}

@@ -68,14 +68,14 @@ func TestUnreachableNamesTheTellingCause(t *testing.T) {
 	}
 
 	d := &Dialer{Server: "127.0.0.1:4433"}
-	err := d.unreachable(errors.Join(canceled, tcp(refused)))
+	err := d.transport().Unreachable(errors.Join(canceled, tcp(refused)))
 	if !errors.Is(err, syscall.ECONNREFUSED) || !errors.Is(err, context.Canceled) {
 		t.Errorf("the attempts' errors are not kept for the debug log: %v", errors.Unwrap(err))
 	}
 	if got, want := retryLine(err, 1500*time.Millisecond), "cannot reach the TP server at 127.0.0.1:4433: nothing listens there (TCP connection refused); is tpd running, and is this its address? Next attempt in 1.5s."; got != want {
 		t.Errorf("retry line:\n  %s\nwant\n  %s", got, want)
 	}
-	shut := d.unreachable(&quic.ApplicationError{Remote: true, ErrorCode: wire.QUICShutdown})
+	shut := d.transport().Unreachable(&quic.ApplicationError{Remote: true, ErrorCode: wire.QUICShutdown})
 	if got, want := retryLine(shut, time.Second), "cannot reach the TP server at 127.0.0.1:4433: it is shutting down or restarting. Next attempt in 1s."; got != want {
 		t.Errorf("retry line:\n  %s\nwant\n  %s", got, want)
 	}

@@ -43,9 +43,9 @@ type MuxClient interface {
 	// tp/1); the pool offers tp-mux/1 before it, on a clone that shares its
 	// session cache.
 	SessionConfig() (*tls.Config, error)
-	// ConnectTLS connects to the server with cfg (TCP connect and handshake,
+	// ConnectTLSWith connects to the server with cfg (TCP connect and handshake,
 	// within the client's bounds); wrap, when not nil, is placed below TLS.
-	ConnectTLS(ctx context.Context, cfg *tls.Config, wrap func(net.Conn) net.Conn) (*tls.Conn, error)
+	ConnectTLSWith(ctx context.Context, cfg *tls.Config, wrap func(net.Conn) net.Conn) (*tls.Conn, error)
 	// CertExpiry is when the client certificate ends the connection, and the
 	// sentence that says so; ok is false when it is not known.
 	CertExpiry() (notAfter time.Time, reason string, ok bool)
@@ -232,7 +232,7 @@ func (p *MuxPool) open(ctx context.Context, c MuxClient) (*mux.Conn, *tls.Conn, 
 	// frames (up to 256 KiB) would be 17 syscalls. BatchConn gathers the
 	// records of one batch into a few.
 	var batch *BatchConn
-	conn, err := c.ConnectTLS(ctx, p.config(base), func(c net.Conn) net.Conn { batch = &BatchConn{Conn: c}; return batch })
+	conn, err := c.ConnectTLSWith(ctx, p.config(base), func(c net.Conn) net.Conn { batch = &BatchConn{Conn: c}; return batch })
 	if err != nil {
 		return nil, nil, err
 	}

@@ -45,7 +45,7 @@ type cacheEntry struct {
 	Transport string    `json:"transport,omitempty"`
 	Expires   time.Time `json:"expires"`
 	// Discovery is the server's transport discovery document, fetched the first
-	// time auto met the server (discovery.go); DiscoveryExpires ends its use.
+	// time auto met the server (client_discovery.go); DiscoveryExpires ends its use.
 	Discovery        *wire.Discovery `json:"discovery,omitempty"`
 	DiscoveryExpires time.Time       `json:"discovery_expires,omitzero"`
 }

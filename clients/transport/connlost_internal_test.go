@@ -1,4 +1,4 @@
-package clients
+package transport
 
 import (
 	"context"
@@ -10,7 +10,7 @@ import (
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// TestLostConnectionNotHandedOutAgain: a request on the Dialer's QUIC
+// TestLostConnectionNotHandedOutAgain: a request on the Client's QUIC
 // connection failed with a connection error (bad input: a stateless reset, as
 // a tpd restarted after a crash sends to the connections of the one before
 // it) while quic-go has not cancelled the connection's context yet, the state
@@ -38,7 +38,7 @@ func TestLostConnectionNotHandedOutAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c == old {
-		t.Fatal("the Dialer handed out again the connection that a stateless reset had ended")
+		t.Fatal("the Client handed out again the connection that a stateless reset had ended")
 	}
 	_ = openEchoed(t, d, echo).Close() // and requests run on the new one
 	if d.liveQUIC() != c {

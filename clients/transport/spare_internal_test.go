@@ -1,4 +1,4 @@
-package clients
+package transport
 
 import (
 	"context"
@@ -8,18 +8,16 @@ import (
 	"testing"
 	"time"
 
-	"github.com/quic-go/quic-go"
-
 	"github.com/tp-proxy/tp/internal/testkit/testnet"
-	"github.com/tp-proxy/tp/proxy/wire"
+	"github.com/tp-proxy/tp/proxy"
 )
 
-// spareEnv runs a proxy.Server and an echo service on loopback; the Dialer uses TLS.
-func spareEnv(t *testing.T) (*Dialer, string) {
+// spareEnv runs a proxy.Server and an echo service on loopback; the Client uses TLS.
+func spareEnv(t *testing.T) (*Client, string) {
 	t.Helper()
-	addr, tlsConfig := StartTestServer(t, nil)
+	addr, tlsConfig := startServer(t, nil, proxy.QUICOptions{})
 	echo := testnet.Echo(t)
-	d := &Dialer{Server: addr, Transport: TransportTLS, Timeout: 10 * time.Second, TLSConfig: tlsConfig, NoTLSMux: true} // spares are for a connection per tunnel
+	d := &Client{Server: addr, Transport: TLS, Timeout: 10 * time.Second, TLSConfig: tlsConfig, NoTLSMux: true} // spares are for a connection per tunnel
 	// A burst and a spare's life are measured on the clock: on a loaded
 	// machine a dial (or a spare's handshake) can take longer than the
 	// default 3 s, which these tests are not about.
@@ -28,9 +26,9 @@ func spareEnv(t *testing.T) (*Dialer, string) {
 	return d, echo
 }
 
-func echoOnce(t *testing.T, d *Dialer, addr string) net.Conn {
+func echoOnce(t *testing.T, d *Client, addr string) net.Conn {
 	t.Helper()
-	c, err := d.DialContext(context.Background(), "tcp", addr)
+	c, err := dialEcho(context.Background(), d, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,8 +44,8 @@ func echoOnce(t *testing.T, d *Dialer, addr string) net.Conn {
 	return c
 }
 
-// waitSpare polls until the Dialer holds a spare connection and returns it.
-func waitSpare(t *testing.T, d *Dialer) *tls.Conn {
+// waitSpare polls until the Client holds a spare connection and returns it.
+func waitSpare(t *testing.T, d *Client) *tls.Conn {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 		d.spare.mu.Lock()
@@ -77,7 +75,7 @@ func TestSpareTLSUsedInBurst(t *testing.T) {
 	}
 	echoOnce(t, d, echo) // the second dial within spareWindow starts a burst
 	sp := waitSpare(t, d)
-	if c := echoOnce(t, d, echo); c.(*tunnel).Stream != wire.Stream(sp) {
+	if c := echoOnce(t, d, echo); c != net.Conn(sp) {
 		t.Fatal("the dial did not use the spare connection")
 	}
 	waitSpare(t, d)
@@ -103,8 +101,8 @@ func TestSpareTLSDeadIsRetried(t *testing.T) {
 	}
 }
 
-// spareConns returns the Dialer's spare connections, oldest first.
-func spareConns(d *Dialer) []*tls.Conn {
+// spareConns returns the Client's spare connections, oldest first.
+func spareConns(d *Client) []*tls.Conn {
 	d.spare.mu.Lock()
 	defer d.spare.mu.Unlock()
 	var cs []*tls.Conn
@@ -115,7 +113,7 @@ func spareConns(d *Dialer) []*tls.Conn {
 }
 
 // With Spares 2 (an agent's default) a burst leaves two handshaken connections
-// ready; a session takes the oldest, and the Dialer makes one more afterwards.
+// ready; a session takes the oldest, and the Client makes one more afterwards.
 // Bad input: a spare older than spareMaxAge (the server may have closed it for
 // its missing hello) is discarded, never used.
 func TestSparesKeepsTwo(t *testing.T) {
@@ -136,7 +134,7 @@ func TestSparesKeepsTwo(t *testing.T) {
 		}
 	}
 	cs := waitSpares(2)
-	if c := echoOnce(t, d, echo); c.(*tunnel).Stream != wire.Stream(cs[0]) {
+	if c := echoOnce(t, d, echo); c != net.Conn(cs[0]) {
 		t.Fatal("the dial did not take the oldest spare")
 	}
 	if got := waitSpares(2); got[0] != cs[1] {
@@ -147,61 +145,11 @@ func TestSparesKeepsTwo(t *testing.T) {
 	old := d.spare.conns[0].conn
 	d.spare.conns[0].made = time.Now().Add(-2 * d.spare.maxAgeOr())
 	d.spare.mu.Unlock()
-	if c := echoOnce(t, d, echo); c.(*tunnel).Stream == wire.Stream(old) {
+	if c := echoOnce(t, d, echo); c == net.Conn(old) {
 		t.Fatal("the dial used a spare older than spareMaxAge")
 	}
 	_ = old.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := old.Read(make([]byte, 1)); err == nil {
 		t.Fatal("the stale spare was not closed")
-	}
-}
-
-// Which failures on a spare connection are retried on a new one. Bad input: a
-// spare that failed without an answer after its attach carried the dial's first
-// bytes (they may have reached the service): not retried, so the service never
-// gets a request twice.
-func TestSpareRetryDecision(t *testing.T) {
-	t.Parallel()
-	lost := &exchangeError{io.ErrUnexpectedEOF}
-	for _, tc := range []struct {
-		what  string
-		err   error
-		early *earlyDial
-		want  bool
-	}{
-		{"connection lost before any answer", lost, nil, true},
-		{"lost, first bytes still waiting for the ok", lost, &earlyDial{first: []byte("x")}, true},
-		{"lost after first bytes went sealed in an attach", lost, &earlyDial{first: []byte("x"), sealed: true}, false},
-		{"hello_timeout: the server read nothing", &RefusedError{Code: wire.CodeHelloTimeout}, &earlyDial{sealed: true}, true},
-		{"a refusal about the request", &RefusedError{Code: wire.CodePolicyDenied}, nil, false},
-		{"the agent's failure after the ok", io.ErrUnexpectedEOF, nil, false},
-	} {
-		if got := retryOnNew(tc.err, tc.early); got != tc.want {
-			t.Errorf("%s: retry %v; want %v", tc.what, got, tc.want)
-		}
-	}
-}
-
-// A dial over QUIC goes again on a new connection after the old one was lost
-// only when its first bytes cannot have reached the service. Bad input: a lost
-// connection after first bytes went sealed in an attach; a stateless reset
-// (the server held nothing of it) is still retried.
-func TestResendAfterLostConnection(t *testing.T) {
-	t.Parallel()
-	sealed := &earlyDial{first: []byte("x"), sealed: true}
-	for _, tc := range []struct {
-		what  string
-		err   error
-		early *earlyDial
-		want  bool
-	}{
-		{"no first bytes", io.ErrUnexpectedEOF, nil, true},
-		{"first bytes not sealed", io.ErrUnexpectedEOF, &earlyDial{first: []byte("x")}, true},
-		{"first bytes sealed, connection lost", io.ErrUnexpectedEOF, sealed, false},
-		{"first bytes sealed, stateless reset", &quic.StatelessResetError{}, sealed, true},
-	} {
-		if got := mayResend(tc.err, tc.early); got != tc.want {
-			t.Errorf("%s: resend %v; want %v", tc.what, got, tc.want)
-		}
 	}
 }

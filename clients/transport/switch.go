@@ -1,10 +1,10 @@
-package clients
+package transport
 
 // Moving a live QUIC connection to another carrier (docs/PROTOCOL.md,
-// "Carriers"): when the carrier under the Dialer's connection stops
-// delivering (packets go out, nothing comes back for CarrierStall), the Dialer
+// "Carriers"): when the carrier under the Client's connection stops
+// delivering (packets go out, nothing comes back for CarrierStall), the Client
 // opens the next carrier of FallbackCarriers, adds it to the connection as a
-// the socket under the connection (transport.MovingConn). The connection, its streams and
+// the socket under the connection (MovingConn). The connection, its streams and
 // datagram flows continue; the server sees the client at a new address and
 // migrates as it does for NAT rebinding.
 
@@ -19,19 +19,18 @@ import (
 
 	"github.com/quic-go/quic-go"
 
-	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// DefaultCarrierStall is Dialer.CarrierStall when zero.
+// DefaultCarrierStall is Client.CarrierStall when zero.
 const DefaultCarrierStall = 3 * time.Second
 
 // carrierSwitch is one move of the connection.
 type carrierSwitch struct{ kind string }
 
-func (d *Dialer) carrierStall() time.Duration {
-	if d.CarrierStall > 0 {
-		return d.CarrierStall
+func (cl *Client) carrierStall() time.Duration {
+	if cl.CarrierStall > 0 {
+		return cl.CarrierStall
 	}
 	return DefaultCarrierStall
 }
@@ -40,9 +39,9 @@ func (d *Dialer) carrierStall() time.Duration {
 // counters and moves conn to another carrier when its carrier stalls
 // (packets went out, nothing came back for CarrierStall), and, with auto, it
 // probes UDP every UDPReprobe while conn is on a stream carrier and moves conn
-// back to UDP when the probe's handshake completes. mc is the Dialer's packet
-// conn, or an agent's own (carrier_agent.go).
-func (d *Dialer) watchCarrier(conn *quic.Conn, mc *transport.MovingConn) {
+// back to UDP when the probe's handshake completes. mc is the Client's packet
+// conn, or an agent's own (agent.go).
+func (cl *Client) watchCarrier(conn *quic.Conn, mc *MovingConn) {
 	ctx := conn.Context()
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
@@ -60,13 +59,13 @@ func (d *Dialer) watchCarrier(conn *quic.Conn, mc *transport.MovingConn) {
 			return
 		case <-tick.C:
 		}
-		if d.racesCarriers() && mc.Kind() != wire.CarrierUDP && time.Since(lastProbe) >= d.udpReprobe() {
+		if cl.racesCarriers() && mc.Kind() != wire.CarrierUDP && time.Since(lastProbe) >= cl.udpReprobe() {
 			lastProbe = time.Now()
-			if d.probeUDP(ctx, mc.ServerAddr()) {
+			if cl.probeUDP(ctx, mc.ServerAddr()) {
 				start := time.Now()
-				if err := d.moveToUDP(mc); err == nil {
-					d.logf("tp: UDP gets through again; the connection moved back to UDP in %s", time.Since(start).Round(time.Millisecond))
-					d.rememberCarrier(wire.CarrierUDP)
+				if err := cl.moveToUDP(mc); err == nil {
+					cl.logf("tp: UDP gets through again; the connection moved back to UDP in %s", time.Since(start).Round(time.Millisecond))
+					cl.rememberCarrier(wire.CarrierUDP)
 					clear(tried)
 					reset()
 					continue
@@ -84,13 +83,13 @@ func (d *Dialer) watchCarrier(conn *quic.Conn, mc *transport.MovingConn) {
 				gaveUp = false
 				continue
 			}
-			if st.PacketsSent == sentAtRecv || time.Since(recvAt) < d.carrierStall() {
+			if st.PacketsSent == sentAtRecv || time.Since(recvAt) < cl.carrierStall() {
 				continue
 			}
 		}
 		cur := mc.Kind()
 		kind := ""
-		for _, k := range d.fallbacks() {
+		for _, k := range cl.fallbacks() {
 			if k != cur && !tried[k] {
 				kind = k
 				break
@@ -98,7 +97,7 @@ func (d *Dialer) watchCarrier(conn *quic.Conn, mc *transport.MovingConn) {
 		}
 		if kind == "" {
 			if !gaveUp {
-				d.logf("tp: the %s carrier stopped delivering and no further carrier is left to try", cur)
+				cl.logf("tp: the %s carrier stopped delivering and no further carrier is left to try", cur)
 				gaveUp = true
 			}
 			recvAt = time.Now() // look again after another stall
@@ -106,12 +105,12 @@ func (d *Dialer) watchCarrier(conn *quic.Conn, mc *transport.MovingConn) {
 		}
 		tried[kind] = true
 		start := time.Now()
-		if err := d.moveTo(ctx, mc, kind); err != nil {
-			d.logf("tp: the %s carrier stopped delivering; moving to %s failed: %v", cur, kind, err)
+		if err := cl.moveTo(ctx, mc, kind); err != nil {
+			cl.logf("tp: the %s carrier stopped delivering; moving to %s failed: %v", cur, kind, err)
 			continue
 		}
-		d.logf("tp: the %s carrier stopped delivering; the connection moved to %s in %s", cur, kind, time.Since(start).Round(time.Millisecond))
-		d.rememberCarrier(kind)
+		cl.logf("tp: the %s carrier stopped delivering; the connection moved to %s in %s", cur, kind, time.Since(start).Round(time.Millisecond))
+		cl.rememberCarrier(kind)
 		reset()
 	}
 }
@@ -119,30 +118,30 @@ func (d *Dialer) watchCarrier(conn *quic.Conn, mc *transport.MovingConn) {
 // localFailure is how long writes to UDP must fail before the connection moves.
 const localFailure = 300 * time.Millisecond
 
-// moveTo opens carrier kind and makes mc (the Dialer's packet conn, or an
+// moveTo opens carrier kind and makes mc (the Client's packet conn, or an
 // agent's) send and receive over it from now on.
-func (d *Dialer) moveTo(ctx context.Context, mc *transport.MovingConn, kind string) error {
+func (cl *Client) moveTo(ctx context.Context, mc *MovingConn, kind string) error {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	if mc == nil {
 		return fmt.Errorf("the connection cannot move: it does not run on a movable packet conn")
 	}
-	dial, err := d.carrierDialer(kind)
+	dial, err := cl.carrierDialer(kind)
 	if err != nil {
 		return err
 	}
-	cc, err := transport.NewCarrierConn(ctx, kind, d.Server, dial)
+	cc, err := NewCarrierConn(ctx, kind, cl.Server, dial)
 	if err != nil {
 		return err
 	}
 	mc.MoveTo(cc)
-	d.noteMove(mc, kind)
+	cl.noteMove(mc, kind)
 	return nil
 }
 
-// noteMove records a move of the Dialer's own connection (CurrentCarrier).
-func (d *Dialer) noteMove(mc *transport.MovingConn, kind string) {
-	q := &d.quic
+// noteMove records a move of the Client's own connection (CurrentCarrier).
+func (cl *Client) noteMove(mc *MovingConn, kind string) {
+	q := &cl.quic
 	q.mu.Lock()
 	if q.udp == net.PacketConn(mc) {
 		q.moves = append(q.moves, carrierSwitch{kind: kind})
@@ -150,32 +149,32 @@ func (d *Dialer) noteMove(mc *transport.MovingConn, kind string) {
 	q.mu.Unlock()
 }
 
-// DefaultCarrierUDPTry bounds the first handshake over UDP when the Dialer
+// DefaultCarrierUDPTry bounds the first handshake over UDP when the Client
 // has carriers to fall back to.
 const DefaultCarrierUDPTry = 2 * time.Second
 
 // fallbacks are the carriers the connection may move to: FallbackCarriers, or
 // tls, ws, then http when connecting races the carriers.
-func (d *Dialer) fallbacks() []string {
-	if len(d.FallbackCarriers) == 0 && d.racesCarriers() {
+func (cl *Client) fallbacks() []string {
+	if len(cl.FallbackCarriers) == 0 && cl.racesCarriers() {
 		return []string{wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP}
 	}
-	return d.FallbackCarriers
+	return cl.FallbackCarriers
 }
 
 // dialFallingBack dials over tr; with fallbacks, a first handshake over UDP
 // that gets no answer within DefaultCarrierUDPTry is tried again over each
-// fallback carrier in turn, on the same socket (transport.MovingConn), moved first.
-func (d *Dialer) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr net.Addr, cfg *tls.Config, qcfg *quic.Config) (*quic.Conn, error) {
-	mc, _ := tr.Conn.(*transport.MovingConn)
+// fallback carrier in turn, on the same socket (MovingConn), moved first.
+func (cl *Client) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr net.Addr, cfg *tls.Config, qcfg *quic.Config) (*quic.Conn, error) {
+	mc, _ := tr.Conn.(*MovingConn)
 	if mc == nil || mc.Current() != nil {
 		return tr.Dial(ctx, raddr, cfg, qcfg)
 	}
-	fallbacks := d.fallbacks()
+	fallbacks := cl.fallbacks()
 	var errs []error
 	// A carrier that worked here recently is tried first, without the UDP try.
-	if kind := d.cachedCarrier(); kind != "" && slices.Contains(fallbacks, kind) {
-		if err := d.moveTo(ctx, mc, kind); err == nil {
+	if kind := cl.cachedCarrier(); kind != "" && slices.Contains(fallbacks, kind) {
+		if err := cl.moveTo(ctx, mc, kind); err == nil {
 			conn, err := tr.Dial(ctx, raddr, cfg, qcfg)
 			if err == nil || ctx.Err() != nil {
 				return conn, err
@@ -188,7 +187,7 @@ func (d *Dialer) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr 
 		conn, err := tr.Dial(uctx, raddr, cfg, qcfg)
 		cancel()
 		if err == nil {
-			d.rememberCarrier(wire.CarrierUDP)
+			cl.rememberCarrier(wire.CarrierUDP)
 		}
 		if err == nil || ctx.Err() != nil || !(uctx.Err() != nil || errors.As(err, new(*quic.HandshakeTimeoutError))) {
 			return conn, err
@@ -196,14 +195,14 @@ func (d *Dialer) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr 
 		errs = append(errs, fmt.Errorf("over udp: %w", err))
 	}
 	for _, kind := range fallbacks {
-		if err := d.moveTo(ctx, mc, kind); err != nil {
+		if err := cl.moveTo(ctx, mc, kind); err != nil {
 			errs = append(errs, fmt.Errorf("over %s: %w", kind, err))
 			continue
 		}
 		conn, err := tr.Dial(ctx, raddr, cfg, qcfg)
 		if err == nil {
-			d.logf("tp: no answer over UDP; connected over the %s carrier", kind)
-			d.rememberCarrier(kind)
+			cl.logf("tp: no answer over UDP; connected over the %s carrier", kind)
+			cl.rememberCarrier(kind)
 			return conn, nil
 		}
 		errs = append(errs, fmt.Errorf("over %s: %w", kind, err))
@@ -214,45 +213,41 @@ func (d *Dialer) dialFallingBack(ctx context.Context, tr *quic.Transport, raddr 
 	return nil, errors.Join(errs...)
 }
 
-// cachedCarrier is the carrier remembered for the server in the Dialer's
+// cachedCarrier is the carrier remembered for the server in the Client's
 // Cache (under "carrier:" + Server, beside the transport), "" when none.
-func (d *Dialer) cachedCarrier() string {
-	if d.Cache == nil {
+func (cl *Client) cachedCarrier() string {
+	if cl.Cache == nil {
 		return ""
 	}
-	return d.Cache.Get(transport.CarrierKeyPrefix + d.Server)
+	return cl.Cache.Get(CarrierKeyPrefix + cl.Server)
 }
 
 // rememberCarrier remembers kind for the server on this network: UDP for the
 // cache's TTL, a stream carrier for DefaultFallbackTTL only, after which the
 // next connection races UDP again.
-func (d *Dialer) rememberCarrier(kind string) {
-	if d.Cache != nil {
+func (cl *Client) rememberCarrier(kind string) {
+	if cl.Cache != nil {
 		ttl := time.Duration(0)
 		if kind != wire.CarrierUDP {
 			ttl = DefaultFallbackTTL
 		}
-		_ = d.Cache.PutFor(transport.CarrierKeyPrefix+d.Server, kind, ttl) // an unwritable cache only costs a UDP try
+		_ = cl.Cache.PutFor(CarrierKeyPrefix+cl.Server, kind, ttl) // an unwritable cache only costs a UDP try
 	}
 }
 
 // currentCarrier is the carrier the connection uses now.
-func (d *Dialer) currentCarrier() string {
-	q := &d.quic
+func (cl *Client) currentCarrier() string {
+	q := &cl.quic
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if n := len(q.moves); n > 0 {
 		return q.moves[n-1].kind
 	}
-	return d.carrier()
+	return cl.carrier()
 }
 
-// CurrentCarrier is the carrier the Dialer's QUIC connection uses now: its
-// Carrier, or the last one it moved to.
-func (d *Dialer) CurrentCarrier() string { return d.currentCarrier() }
-
-func (d *Dialer) logf(format string, args ...any) {
-	if d.Logf != nil {
-		d.Logf(format, args...)
+func (cl *Client) logf(format string, args ...any) {
+	if cl.Logf != nil {
+		cl.Logf(format, args...)
 	}
 }

@@ -1,4 +1,4 @@
-package clients
+package transport
 
 // Transport auto across carriers (docs/PROTOCOL.md §9.8, client rules). With
 // no carrier forced, auto connects QUIC over UDP and, when UDP has not
@@ -7,7 +7,7 @@ package clients
 // and the other attempt is abandoned. The answer is remembered per server and
 // network (TransportCache, NetworkID). TP's plain TLS transport is the last
 // resort, when QUIC gets through on no carrier. A connection that won on a
-// stream carrier runs on a transport.MovingConn: it moves on when its carrier stalls,
+// stream carrier runs on a MovingConn: it moves on when its carrier stalls,
 // and it probes UDP every UDPReprobe and moves back to UDP when UDP answers.
 
 import (
@@ -21,7 +21,6 @@ import (
 
 	"github.com/quic-go/quic-go"
 
-	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -32,7 +31,7 @@ import (
 const DefaultCarrierHeadStart = 500 * time.Millisecond
 
 // DefaultUDPReprobe is how often a connection on a stream carrier checks
-// whether UDP gets through again (Dialer.UDPReprobe when zero).
+// whether UDP gets through again (Client.UDPReprobe when zero).
 const DefaultUDPReprobe = 2 * time.Minute
 
 // carrierTry bounds one stream carrier's attempt (its link and the QUIC
@@ -44,18 +43,18 @@ const (
 
 // racesCarriers reports whether connecting races UDP against the stream
 // carriers: carrier auto, or no carrier forced with transport auto.
-func (d *Dialer) racesCarriers() bool {
-	return d.Carrier == CarrierAuto || d.Carrier == "" && d.FallbackCarriers == nil && (d.Transport == "" || d.Transport == TransportAuto)
+func (cl *Client) racesCarriers() bool {
+	return cl.Carrier == CarrierAuto || cl.Carrier == "" && cl.FallbackCarriers == nil && (cl.Transport == "" || cl.Transport == Auto)
 }
 
 // streamCarriers are the carriers auto may use besides UDP, in order: those
 // the server's discovery document lists, all three when there is none.
-func (d *Dialer) streamCarriers(ctx context.Context) []string {
+func (cl *Client) streamCarriers(ctx context.Context) []string {
 	all := []string{wire.CarrierTLS, wire.CarrierWS, wire.CarrierHTTP}
-	if len(d.FallbackCarriers) > 0 {
-		return d.FallbackCarriers
+	if len(cl.FallbackCarriers) > 0 {
+		return cl.FallbackCarriers
 	}
-	doc := d.discover(ctx)
+	doc := cl.discover(ctx)
 	if doc == nil {
 		return all
 	}
@@ -89,16 +88,16 @@ func (r raceResult) close() {
 }
 
 // dialOverUDP is the race's UDP attempt: a plain UDP socket (quic-go keeps GSO
-// and batched reads on it), or a transport.MovingConn with carrier auto, whose live
+// and batched reads on it), or a MovingConn with carrier auto, whose live
 // connection may move to a stream carrier.
-func (d *Dialer) dialOverUDP(ctx context.Context, raddr *net.UDPAddr, cfg *tls.Config, qcfg *quic.Config) raceResult {
+func (cl *Client) dialOverUDP(ctx context.Context, raddr *net.UDPAddr, cfg *tls.Config, qcfg *quic.Config) raceResult {
 	udp, err := net.ListenUDP("udp", nil)
 	if err != nil {
 		return raceResult{kind: wire.CarrierUDP, err: fmt.Errorf("opening a UDP socket for QUIC: %w", err)}
 	}
 	var pc net.PacketConn = udp
-	if d.Carrier == CarrierAuto {
-		pc = transport.NewMovingConn(udp, raddr)
+	if cl.Carrier == CarrierAuto {
+		pc = NewMovingConn(udp, raddr)
 	}
 	r := raceResult{kind: wire.CarrierUDP, tr: &quic.Transport{Conn: pc}, pc: pc}
 	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, qcfg); r.err != nil {
@@ -108,18 +107,18 @@ func (d *Dialer) dialOverUDP(ctx context.Context, raddr *net.UDPAddr, cfg *tls.C
 	return r
 }
 
-// dialOverCarrier is one stream carrier's attempt, on a transport.MovingConn moved to it
+// dialOverCarrier is one stream carrier's attempt, on a MovingConn moved to it
 // (so that the connection can move on, or back to UDP, later).
-func (d *Dialer) dialOverCarrier(ctx context.Context, kind string, raddr *net.UDPAddr, cfg *tls.Config, qcfg *quic.Config) raceResult {
+func (cl *Client) dialOverCarrier(ctx context.Context, kind string, raddr *net.UDPAddr, cfg *tls.Config, qcfg *quic.Config) raceResult {
 	ctx, cancel := context.WithTimeout(ctx, carrierTry)
 	defer cancel()
 	r := raceResult{kind: kind}
-	dial, err := d.carrierDialer(kind)
+	dial, err := cl.carrierDialer(kind)
 	if err != nil {
 		r.err = err
 		return r
 	}
-	cc, err := transport.NewCarrierConn(ctx, kind, d.Server, dial)
+	cc, err := NewCarrierConn(ctx, kind, cl.Server, dial)
 	if err != nil {
 		r.err = fmt.Errorf("over %s: %w", kind, err)
 		return r
@@ -130,7 +129,7 @@ func (d *Dialer) dialOverCarrier(ctx context.Context, kind string, raddr *net.UD
 		r.err = fmt.Errorf("opening a UDP socket for QUIC: %w", err)
 		return r
 	}
-	mc := transport.NewMovingConn(udp, raddr)
+	mc := NewMovingConn(udp, raddr)
 	mc.MoveTo(cc)
 	r.pc, r.tr = mc, &quic.Transport{Conn: mc}
 	// A server that closes the carrier connection before answering anything
@@ -158,16 +157,16 @@ func (d *Dialer) dialOverCarrier(ctx context.Context, kind string, raddr *net.UD
 // remembered for this server and network when there is one, otherwise UDP
 // first and, after the carrier head start or as soon as UDP fails, each stream
 // carrier in turn; the first handshake to complete wins.
-func (d *Dialer) raceCarriers(ctx context.Context, cfg *tls.Config, qcfg *quic.Config) (raceResult, error) {
-	raddr, err := resolveUDP(ctx, d.quicAddr())
+func (cl *Client) raceCarriers(ctx context.Context, cfg *tls.Config, qcfg *quic.Config) (raceResult, error) {
+	raddr, err := resolveUDP(ctx, cl.quicAddr())
 	if err != nil {
 		return raceResult{}, err
 	}
-	carriers := d.streamCarriers(ctx)
+	carriers := cl.streamCarriers(ctx)
 	var errs []error
-	if kind := d.cachedCarrier(); kind != "" && kind != wire.CarrierUDP && slices.Contains(carriers, kind) {
+	if kind := cl.cachedCarrier(); kind != "" && kind != wire.CarrierUDP && slices.Contains(carriers, kind) {
 		// Remembered on this network: no UDP wait (the connection probes UDP later).
-		r := d.dialOverCarrier(ctx, kind, raddr, cfg, qcfg)
+		r := cl.dialOverCarrier(ctx, kind, raddr, cfg, qcfg)
 		if r.err == nil || ctx.Err() != nil {
 			r.remembered = true
 			return r, r.err
@@ -181,12 +180,12 @@ func (d *Dialer) raceCarriers(ctx context.Context, cfg *tls.Config, qcfg *quic.C
 	cctx, ccancel := context.WithCancel(ctx)
 	defer ccancel()
 	results := make(chan raceResult, 2)
-	go func() { results <- d.dialOverUDP(uctx, raddr, cfg, qcfg) }()
+	go func() { results <- cl.dialOverUDP(uctx, raddr, cfg, qcfg) }()
 	startCarriers := func() {
 		go func() {
 			var cerrs []error
 			for _, kind := range carriers {
-				r := d.dialOverCarrier(cctx, kind, raddr, cfg, qcfg)
+				r := cl.dialOverCarrier(cctx, kind, raddr, cfg, qcfg)
 				if r.err == nil {
 					results <- r
 					return
@@ -202,10 +201,10 @@ func (d *Dialer) raceCarriers(ctx context.Context, cfg *tls.Config, qcfg *quic.C
 			results <- raceResult{kind: "carriers", err: errors.Join(cerrs...)}
 		}()
 	}
-	head := d.CarrierHeadStart
+	head := cl.CarrierHeadStart
 	if head <= 0 {
 		head = DefaultCarrierHeadStart
-		if d.cachedCarrier() == wire.CarrierUDP {
+		if cl.cachedCarrier() == wire.CarrierUDP {
 			// UDP worked on this network: a slow handshake is more likely a
 			// loaded host or path than a block.
 			head = DefaultCarrierUDPTry
@@ -252,7 +251,7 @@ func (d *Dialer) raceCarriers(ctx context.Context, cfg *tls.Config, qcfg *quic.C
 				// Otherwise TP's plain TLS transport comes next, at once (a
 				// server that refused every carrier likely has no QUIC).
 				wait := time.Duration(0)
-				if d.Carrier == CarrierAuto {
+				if cl.Carrier == CarrierAuto {
 					wait = max(0, DefaultCarrierUDPTry-time.Since(start))
 				}
 				udpDeadline = time.After(wait)
@@ -262,10 +261,10 @@ func (d *Dialer) raceCarriers(ctx context.Context, cfg *tls.Config, qcfg *quic.C
 	return raceResult{}, errors.Join(errs...)
 }
 
-// installRaced makes the race's winner the Dialer's packet conn and transport,
+// installRaced makes the race's winner the Client's packet conn and transport,
 // closing the ones of a connection that died (and its further connections).
-func (d *Dialer) installRaced(r raceResult) {
-	q := &d.quic
+func (cl *Client) installRaced(r raceResult) {
+	q := &cl.quic
 	q.mu.Lock()
 	oldTr, oldPC := q.tr, q.udp
 	q.closeExtrasLocked()
@@ -279,26 +278,26 @@ func (d *Dialer) installRaced(r raceResult) {
 		_ = oldTr.Close()
 		_ = oldPC.Close()
 	}
-	d.reportRaced(r)
+	cl.reportRaced(r)
 }
 
 // reportRaced says where the race's winner r connected, and remembers its
 // carrier for this server and network.
-func (d *Dialer) reportRaced(r raceResult) {
+func (cl *Client) reportRaced(r raceResult) {
 	switch {
 	case r.remembered:
-		d.logf("tp: connected over the %s carrier, remembered for this network (UDP is tried again every %s)", r.kind, d.udpReprobe())
+		cl.logf("tp: connected over the %s carrier, remembered for this network (UDP is tried again every %s)", r.kind, cl.udpReprobe())
 	case r.kind != wire.CarrierUDP:
-		d.logf("tp: no answer over UDP in time; connected over the %s carrier", r.kind)
+		cl.logf("tp: no answer over UDP in time; connected over the %s carrier", r.kind)
 	}
-	d.rememberCarrier(r.kind)
+	cl.rememberCarrier(r.kind)
 }
 
 // probeUDP reports whether a QUIC handshake with the server over UDP, from a
 // socket of its own, completes within udpProbe. The probe's connection is
 // closed at once.
-func (d *Dialer) probeUDP(ctx context.Context, raddr net.Addr) bool {
-	cfg, err := d.tlsConfig()
+func (cl *Client) probeUDP(ctx context.Context, raddr net.Addr) bool {
+	cfg, err := cl.tlsConfig()
 	if err != nil {
 		return false
 	}
@@ -319,19 +318,19 @@ func (d *Dialer) probeUDP(ctx context.Context, raddr net.Addr) bool {
 	return true
 }
 
-func (d *Dialer) udpReprobe() time.Duration {
-	if d.UDPReprobe > 0 {
-		return d.UDPReprobe
+func (cl *Client) udpReprobe() time.Duration {
+	if cl.UDPReprobe > 0 {
+		return cl.UDPReprobe
 	}
 	return DefaultUDPReprobe
 }
 
 // moveToUDP moves the connection on mc back to its UDP socket.
-func (d *Dialer) moveToUDP(mc *transport.MovingConn) error {
+func (cl *Client) moveToUDP(mc *MovingConn) error {
 	if mc == nil || mc.Current() == nil {
 		return errors.New("the connection is not on a stream carrier")
 	}
 	mc.MoveBack()
-	d.noteMove(mc, wire.CarrierUDP)
+	cl.noteMove(mc, wire.CarrierUDP)
 	return nil
 }

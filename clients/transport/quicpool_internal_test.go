@@ -1,4 +1,4 @@
-package clients
+package transport
 
 import (
 	"context"
@@ -13,21 +13,21 @@ import (
 )
 
 // quicPoolEnv runs a real proxy.Server over QUIC on loopback that lets one
-// connection carry maxStreams streams, and returns a QUIC-only Dialer for it
+// connection carry maxStreams streams, and returns a QUIC-only Client for it
 // and an echo service.
-func quicPoolEnv(t *testing.T, maxStreams int64) (*Dialer, string) {
+func quicPoolEnv(t *testing.T, maxStreams int64) (*Client, string) {
 	t.Helper()
 	var quicAddr string
-	_, cfg := startTestServer(t, nil, &quicAddr, proxy.QUICOptions{MaxStreams: maxStreams})
-	d := &Dialer{Server: quicAddr, Transport: TransportQUIC, Timeout: 20 * time.Second, TLSConfig: cfg}
+	_, cfg := startServer(t, &quicAddr, proxy.QUICOptions{MaxStreams: maxStreams})
+	d := &Client{Server: quicAddr, Transport: QUIC, Timeout: 20 * time.Second, TLSConfig: cfg}
 	t.Cleanup(func() { _ = d.Close() })
 	return d, testnet.Echo(t)
 }
 
 // openEchoed opens a tunnel to echo and proves it with one byte each way.
-func openEchoed(t *testing.T, d *Dialer, echo string) net.Conn {
+func openEchoed(t *testing.T, d *Client, echo string) net.Conn {
 	t.Helper()
-	c, err := d.DialContext(context.Background(), "tcp", echo)
+	c, err := dialEcho(context.Background(), d, echo)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,13 +68,13 @@ func TestQUICPoolGrowsAndShrinks(t *testing.T) {
 	deadline := time.Now().Add(20 * time.Second)
 	for d.QUICConns() != 1 {
 		if time.Now().After(deadline) {
-			t.Fatalf("20s after its tunnels ended the Dialer still holds %d QUIC connections; want the shared one only", d.QUICConns())
+			t.Fatalf("20s after its tunnels ended the Client still holds %d QUIC connections; want the shared one only", d.QUICConns())
 		}
 		time.Sleep(10 * time.Millisecond) // polling for the idle close, bounded by the deadline
 	}
 	// One tunnel now rides the shared connection alone, once the server's
 	// MAX_STREAMS for the five streams that ended on it has arrived: until
-	// then the Dialer rightly opens a further connection rather than wait,
+	// then the Client rightly opens a further connection rather than wait,
 	// and under load that frame can come after the further connections'
 	// 50 ms idle close. Quic-go does not show a connection's stream credit,
 	// so a tunnel that had to take a further connection is closed and tried
@@ -114,15 +114,15 @@ func TestQUICPoolBoundWaits(t *testing.T) {
 	for range 10 {
 		conns = append(conns, openEchoed(t, d, echo))
 	}
-	d.Timeout = 500 * time.Millisecond // a deliberate deadline for the refused wait
-	_, err := d.DialContext(context.Background(), "tcp", echo)
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond) // a deliberate deadline for the refused wait
+	_, err := dialEcho(ctx, d, echo)
+	cancel()
 	if err == nil || !strings.Contains(err.Error(), "every QUIC stream the server allows on 2 connections is in use") {
 		t.Fatalf("11th tunnel with both connections full: %v; want the wait's readable failure", err)
 	}
 	if got := d.QUICConns(); got != 2 {
-		t.Fatalf("the Dialer holds %d QUIC connections; want MaxQUICConns 2", got)
+		t.Fatalf("the Client holds %d QUIC connections; want MaxQUICConns 2", got)
 	}
-	d.Timeout = 20 * time.Second
 	_ = conns[0].Close()
 	c := openEchoed(t, d, echo)
 	defer c.Close()

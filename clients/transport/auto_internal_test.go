@@ -1,8 +1,9 @@
-package clients
+package transport
 
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"io"
 	"net"
 	"sync/atomic"
@@ -14,14 +15,14 @@ import (
 
 // tlsAttempt is what the test's relay in front of the TP server saw when a TLS
 // attempt arrived: whether the test had ended the head start by then, and
-// whether the Dialer's QUIC connect was still under way.
+// whether the Client's QUIC connect was still under way.
 type tlsAttempt struct{ headStartOver, quicDialing bool }
 
-// autoEnv is a Dialer with transport auto whose TLS attempts pass through a
+// autoEnv is a Client with transport auto whose TLS attempts pass through a
 // relay that reports each, whose QUIC peer is a UDP socket the test controls,
 // and whose head start ends when the test says so.
 type autoEnv struct {
-	d             *Dialer
+	d             *Client
 	echo          string
 	udp           *net.UDPConn
 	headStartOver atomic.Bool
@@ -71,7 +72,7 @@ func newAutoEnv(t *testing.T) *autoEnv {
 	d.DiscoveryURL = "https://" + server + wire.DiscoveryPath
 	// Carrier udp forced: the race of QUIC over UDP against TP's plain TLS
 	// transport, without the stream carriers (carrier_auto_test.go has those).
-	d.Server, d.QUICServer, d.Transport, d.Carrier = relay.Addr().String(), udp.LocalAddr().String(), TransportAuto, wire.CarrierUDP
+	d.Server, d.QUICServer, d.Transport, d.Carrier = relay.Addr().String(), udp.LocalAddr().String(), Auto, wire.CarrierUDP
 	d.quic.headStartTimer = func(head time.Duration) <-chan time.Time {
 		e.headStart <- head
 		return e.fire
@@ -83,7 +84,7 @@ func newAutoEnv(t *testing.T) *autoEnv {
 func (e *autoEnv) dial() <-chan net.Conn {
 	res := make(chan net.Conn, 1)
 	go func() {
-		c, err := e.d.DialContext(context.Background(), "tcp", e.echo)
+		c, err := dialEcho(context.Background(), e.d, e.echo)
 		if err != nil {
 			res <- nil
 			return
@@ -93,7 +94,7 @@ func (e *autoEnv) dial() <-chan net.Conn {
 	return res
 }
 
-// readQUIC returns the next packet the Dialer sent to the QUIC address.
+// readQUIC returns the next packet the Client sent to the QUIC address.
 func (e *autoEnv) readQUIC(t *testing.T) ([]byte, *net.UDPAddr) {
 	t.Helper()
 	buf := make([]byte, 2048)
@@ -244,9 +245,13 @@ func TestAutoUDPRemembersFallbackBriefly(t *testing.T) {
 		defer close(done)
 		// The flow's own fate (the test server may refuse it) does not
 		// matter: the race's winner is remembered before the request runs.
-		if c, err := e.d.DialContext(context.Background(), "udp", "127.0.0.1:9"); err == nil {
-			_ = c.Close()
-		}
+		_, _ = e.d.RoundTrip(context.Background(), Trip{Kind: TripUDP, What: "a UDP flow",
+			Run: func(_ context.Context, s *Stream) (net.Conn, error) {
+				if s.Stream != nil {
+					_ = s.Close()
+				}
+				return nil, errors.New("not run")
+			}})
 	}()
 	<-e.headStart
 	initial, from := e.readQUIC(t)
@@ -271,7 +276,7 @@ func TestAutoUDPRemembersFallbackBriefly(t *testing.T) {
 	until := e.d.quic.tlsUntil
 	e.d.quic.mu.Unlock()
 	if until.IsZero() {
-		t.Fatal("TLS won the race, but the Dialer does not remember it")
+		t.Fatal("TLS won the race, but the Client does not remember it")
 	}
 	if left := time.Until(until); left > DefaultFallbackTTL {
 		t.Fatalf("the TLS fallback is remembered for %s more; want at most DefaultFallbackTTL (%s)", left.Round(time.Second), DefaultFallbackTTL)

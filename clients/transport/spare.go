@@ -1,4 +1,4 @@
-package clients
+package transport
 
 import (
 	"context"
@@ -6,16 +6,14 @@ import (
 	"fmt"
 	"sync"
 	"time"
-
-	"github.com/tp-proxy/tp/clients/transport"
 )
 
 // Over TLS every session needs its own TLS connection to the TP server: a TCP
 // connect and a handshake (a hybrid post-quantum key exchange even when the
 // session resumes), about a millisecond on a small machine, on the path of every
 // new session of `tp forward --transport tls` and of an agent's accept
-// connections. While sessions come close together, the Dialer keeps one (or
-// Dialer.Spares) handshaken connection in reserve, made after a session got
+// connections. While sessions come close together, the Client keeps one (or
+// Client.Spares) handshaken connection in reserve, made after a session got
 // its answer, so the next session starts with its hello; a session that comes
 // while the spare is still being made waits for it rather than making one of
 // its own (which would start later, cost a second handshake, and leave the
@@ -24,7 +22,7 @@ import (
 // handshake on the server's side (which verifies the client certificate after
 // the client is done) before a session takes it. A spare is never older than spareMaxAge (the
 // server closes a connection whose hello has not come within its hello timeout,
-// 10 s by default), one the server has closed is discarded (transport.ConnOpen), and
+// 10 s by default), one the server has closed is discarded (ConnOpen), and
 // none is made for dials further apart than spareWindow:
 // an idle forwarder or agent holds no connection and makes no handshakes.
 const (
@@ -32,7 +30,7 @@ const (
 	spareWindow = 3 * time.Second
 )
 
-// maxSpares bounds Dialer.Spares.
+// maxSpares bounds Client.Spares.
 const maxSpares = 8
 
 type spareTLS struct {
@@ -74,9 +72,9 @@ type spareConn struct {
 	made time.Time
 }
 
-// spares is how many spare connections the Dialer keeps in a burst.
-func (d *Dialer) spares() int {
-	return min(max(d.Spares, 1), maxSpares)
+// spares is how many spare connections the Client keeps in a burst.
+func (cl *Client) spares() int {
+	return min(max(cl.Spares, 1), maxSpares)
 }
 
 // sessionTLS returns a TLS connection for a new session: the oldest fresh spare
@@ -86,12 +84,12 @@ func (d *Dialer) spares() int {
 // before a new connection would be), else a new connection.
 //
 // open says whether the connection is known to be open: a new one, or a spare
-// whose TCP connection the server has not closed (transport.ConnOpen). A spare found
+// whose TCP connection the server has not closed (ConnOpen). A spare found
 // closed is discarded. Only on an open connection may a dial send its first
 // bytes without waiting for the answer (early.go): tpd ends an idle connection
 // that its hello does not reach within its hello timeout, or when it restarts.
-func (d *Dialer) sessionTLS(ctx context.Context) (conn *tls.Conn, spare, open bool, err error) {
-	s := &d.spare
+func (cl *Client) sessionTLS(ctx context.Context) (conn *tls.Conn, spare, open bool, err error) {
+	s := &cl.spare
 	s.mu.Lock()
 	now := time.Now()
 	s.burst = !s.last.IsZero() && now.Sub(s.last) < s.windowOr()
@@ -129,9 +127,9 @@ func (d *Dialer) sessionTLS(ctx context.Context) (conn *tls.Conn, spare, open bo
 		return conn, true, open, nil
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, false, false, fmt.Errorf("connecting to TP server %s: %w", d.Server, err)
+		return nil, false, false, fmt.Errorf("connecting to TP server %s: %w", cl.Server, err)
 	}
-	conn, err = d.connectTLS(ctx)
+	conn, err = cl.connectTLS(ctx)
 	return conn, false, err == nil, err
 }
 
@@ -143,7 +141,7 @@ func (s *spareTLS) takeLocked(now time.Time, stale []*tls.Conn) (*tls.Conn, bool
 		c := s.conns[0]
 		s.conns = s.conns[1:]
 		if now.Sub(c.made) < s.maxAgeOr() {
-			open, known := transport.ConnOpen(c.conn)
+			open, known := ConnOpen(c.conn)
 			if open || !known {
 				return c.conn, open, stale
 			}
@@ -162,16 +160,16 @@ func (s *spareTLS) notifyLocked() {
 }
 
 // refillSpare makes new spares in the background, one at a time up to
-// Dialer.Spares, when sessions come close together. Callers call it once the
+// Client.Spares, when sessions come close together. Callers call it once the
 // session's own setup is done, so the handshakes do not compete with it for the
 // CPU.
-func (d *Dialer) refillSpare() {
-	if d.tlsMux.Live() {
+func (cl *Client) refillSpare() {
+	if cl.tlsMux.Live() {
 		return // dials are streams of a tp-mux connection: no handshake per dial to save
 	}
-	s := &d.spare
+	s := &cl.spare
 	s.mu.Lock()
-	if !s.burst || s.filling || s.closed || len(s.conns) >= d.spares() {
+	if !s.burst || s.filling || s.closed || len(s.conns) >= cl.spares() {
 		s.mu.Unlock()
 		return
 	}
@@ -182,10 +180,10 @@ func (d *Dialer) refillSpare() {
 			// Not a request's context: the spare outlives the session that asked
 			// for it; spareMaxAge bounds the connect, and Close discards the result.
 			ctx, cancel := context.WithTimeout(context.Background(), s.maxAgeOr())
-			conn, err := d.connectTLS(ctx)
+			conn, err := cl.connectTLS(ctx)
 			cancel()
 			s.mu.Lock()
-			if err != nil || s.closed || len(s.conns) >= d.spares() {
+			if err != nil || s.closed || len(s.conns) >= cl.spares() {
 				s.filling = false
 				s.notifyLocked()
 				s.mu.Unlock()
@@ -196,7 +194,7 @@ func (d *Dialer) refillSpare() {
 			}
 			s.conns = append(s.conns, spareConn{conn: conn, made: time.Now()})
 			s.notifyLocked()
-			if len(s.conns) >= d.spares() {
+			if len(s.conns) >= cl.spares() {
 				s.filling = false
 				s.mu.Unlock()
 				return
@@ -206,10 +204,10 @@ func (d *Dialer) refillSpare() {
 	}()
 }
 
-// closeSpare discards the spares and makes no more (Dialer.Close).
-func (d *Dialer) closeSpare() {
-	d.tlsMux.Close() // and the tp-mux connections (tlsmux.go)
-	s := &d.spare
+// closeSpare discards the spares and makes no more (Client.Close).
+func (cl *Client) closeSpare() {
+	cl.tlsMux.Close() // and the tp-mux connections (tlsmux.go)
+	s := &cl.spare
 	s.mu.Lock()
 	s.closed = true
 	s.notifyLocked()

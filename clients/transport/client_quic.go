@@ -1,4 +1,4 @@
-package clients
+package transport
 
 import (
 	"context"
@@ -15,7 +15,6 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/qlogwriter"
 
-	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -24,10 +23,10 @@ import (
 // network where UDP works QUIC normally wins even without it.
 const DefaultHeadStart = 150 * time.Millisecond
 
-// quicState is a Dialer's shared QUIC connection.
+// quicState is a Client's shared QUIC connection.
 type quicState struct {
 	mu      sync.Mutex
-	udp     net.PacketConn // a *net.UDPConn, or a *transport.CarrierConn (carrier.go)
+	udp     net.PacketConn // a *net.UDPConn, or a *CarrierConn (carrier.go)
 	tr      *quic.Transport
 	conn    *quic.Conn
 	dialing chan struct{} // closed when the connect in flight ends
@@ -35,8 +34,6 @@ type quicState struct {
 	closed  bool
 	// tlsUntil: TLS won a race; auto skips QUIC until then (also without a Cache).
 	tlsUntil time.Time
-	// early says where the first bytes may follow the hello (early.go).
-	early earlyState
 	// extra are further connections, opened when conn had no stream credit left
 	// (quicpool.go); extraDialing is closed when the connect in flight for one ends.
 	extra        []*extraConn
@@ -45,7 +42,7 @@ type quicState struct {
 	poolIdle time.Duration
 	// drops counts DATAGRAM frames quic-go discarded with its receive queue full.
 	drops wire.DatagramDropCounter
-	// moves are the carriers the connection moved to (carrier_switch.go).
+	// moves are the carriers the connection moved to (switch.go).
 	moves []carrierSwitch
 	// headStartTimer, when set, replaces the head start's timer in race: a test
 	// decides when the head start is over.
@@ -56,15 +53,15 @@ type quicState struct {
 }
 
 // counted is a request stream that counts in q.open until closed or aborted.
-func (q *quicState) counted(st *wire.QUICStream) *clientStream {
+func (q *quicState) counted(st *wire.QUICStream) *ClientStream {
 	q.open.Add(1)
-	return &clientStream{QUICStream: st, open: &q.open}
+	return &ClientStream{QUICStream: st, open: &q.open}
 }
 
-// ErrDialerClosed is returned by a Dialer after Close.
-var ErrDialerClosed = errors.New("the TP dialer is closed")
+// ErrClosed is returned by a Client after Close.
+var ErrClosed = errors.New("the TP dialer is closed")
 
-// Close closes the Dialer's QUIC connections and socket (streams on them end) and
+// Close closes the Client's QUIC connections and socket (streams on them end) and
 // its spare TLS connection. When every request stream was closed (each session
 // ended cleanly, or was aborted), Close first says "bye" on each connection and
 // waits, bounded by byeBound, for the server's answer: the server gives it once
@@ -72,10 +69,9 @@ var ErrDialerClosed = errors.New("the TP dialer is closed")
 // before that would discard (the destination would see a reset, the server log
 // a cut). Otherwise, or when the server does not answer, what the connections
 // queued is sent first (flushBeforeClose) and the open sessions are cut.
-func (d *Dialer) Close() error {
-	d.closeSpare()
-	d.closeMux() // end-to-end carriers (e2emux_dial.go): their open streams are cut
-	q := &d.quic
+func (cl *Client) Close() error {
+	cl.closeSpare()
+	q := &cl.quic
 	q.mu.Lock()
 	q.closed = true
 	var conns []*quic.Conn
@@ -173,16 +169,16 @@ func flushBeforeClose(conn *quic.Conn) {
 	}
 }
 
-func (d *Dialer) quicAddr() string {
-	if d.QUICServer != "" {
-		return d.QUICServer
+func (cl *Client) quicAddr() string {
+	if cl.QUICServer != "" {
+		return cl.QUICServer
 	}
-	return d.Server
+	return cl.Server
 }
 
 // liveQUIC returns the current QUIC connection if it is still open.
-func (d *Dialer) liveQUIC() *quic.Conn {
-	q := &d.quic
+func (cl *Client) liveQUIC() *quic.Conn {
+	q := &cl.quic
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.conn != nil && q.conn.Context().Err() == nil {
@@ -194,13 +190,13 @@ func (d *Dialer) liveQUIC() *quic.Conn {
 // quicConn returns the shared QUIC connection, connecting (or reconnecting after
 // it died) when needed. Concurrent callers share one connect attempt; if that
 // attempt's caller gives up, the others try for themselves.
-func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
-	q := &d.quic
+func (cl *Client) quicConn(ctx context.Context) (*quic.Conn, error) {
+	q := &cl.quic
 	for {
 		q.mu.Lock()
 		if q.closed {
 			q.mu.Unlock()
-			return nil, ErrDialerClosed
+			return nil, ErrClosed
 		}
 		if q.conn != nil && q.conn.Context().Err() == nil {
 			c := q.conn
@@ -213,14 +209,14 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 			case <-ch:
 				continue
 			case <-ctx.Done():
-				return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), ctx.Err())
+				return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", cl.quicAddr(), ctx.Err())
 			}
 		}
 		ch := make(chan struct{})
 		q.dialing = ch
 		q.mu.Unlock()
 
-		c, err := d.connectMain(ctx)
+		c, err := cl.connectMain(ctx)
 
 		q.mu.Lock()
 		q.dialing = nil
@@ -229,11 +225,11 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 			if q.closed {
 				q.mu.Unlock()
 				_ = c.CloseWithError(wire.QUICNoError, "")
-				return nil, ErrDialerClosed
+				return nil, ErrClosed
 			}
 			q.conn = c
-			if mc, movable := q.udp.(*transport.MovingConn); movable {
-				go d.watchCarrier(c, mc)
+			if mc, movable := q.udp.(*MovingConn); movable {
+				go cl.watchCarrier(c, mc)
 			}
 			if q.changed != nil {
 				close(q.changed)
@@ -245,71 +241,71 @@ func (d *Dialer) quicConn(ctx context.Context) (*quic.Conn, error) {
 	}
 }
 
-// connectMain connects the Dialer's shared QUIC connection: by the carrier
-// race (carrier_auto.go) when the Dialer races, on its socket otherwise.
-func (d *Dialer) connectMain(ctx context.Context) (*quic.Conn, error) {
-	if !d.racesCarriers() {
-		return d.connectQUIC(ctx)
+// connectMain connects the Client's shared QUIC connection: by the carrier
+// race (race.go) when the Client races, on its socket otherwise.
+func (cl *Client) connectMain(ctx context.Context) (*quic.Conn, error) {
+	if !cl.racesCarriers() {
+		return cl.connectQUIC(ctx)
 	}
-	cfg, qcfg, err := d.quicConfigs()
+	cfg, qcfg, err := cl.quicConfigs()
 	if err != nil {
 		return nil, err
 	}
-	r, err := d.raceCarriers(ctx, cfg, qcfg)
+	r, err := cl.raceCarriers(ctx, cfg, qcfg)
 	if err != nil {
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w (no answer over UDP or any carrier: is the TP server reachable from this network?)", errors.Join(err, ctx.Err()))
 		}
-		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", d.quicAddr(), d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", cl.quicAddr(), cl.forgetRejected(ExplainQUIC(err, cl.expiredAdvice)))
 	}
-	d.installRaced(r)
-	transport.StartNudges(r.conn, d.keepAlive())
+	cl.installRaced(r)
+	StartNudges(r.conn, cl.keepAlive())
 	return r.conn, nil
 }
 
-// connectQUIC performs a QUIC handshake with the server on the Dialer's socket.
-func (d *Dialer) connectQUIC(ctx context.Context) (*quic.Conn, error) {
-	addr := d.quicAddr()
-	tr, err := d.transport(ctx)
+// connectQUIC performs a QUIC handshake with the server on the Client's socket.
+func (cl *Client) connectQUIC(ctx context.Context) (*quic.Conn, error) {
+	addr := cl.quicAddr()
+	tr, err := cl.packetTransport(ctx)
 	if err != nil {
 		return nil, err
 	}
 	var raddr net.Addr
-	if cc, ok := tr.Conn.(*transport.CarrierConn); ok {
+	if cc, ok := tr.Conn.(*CarrierConn); ok {
 		raddr = cc.ServerAddr()
-	} else if mc, ok := tr.Conn.(*transport.MovingConn); ok {
+	} else if mc, ok := tr.Conn.(*MovingConn); ok {
 		raddr = mc.ServerAddr()
 	} else if raddr, err = resolveUDP(ctx, addr); err != nil {
 		return nil, err
 	}
-	cfg, qcfg, err := d.quicConfigs()
+	cfg, qcfg, err := cl.quicConfigs()
 	if err != nil {
 		return nil, err
 	}
 	var conn *quic.Conn
-	if d.racesCarriers() { // a further connection, on the race winner's socket
+	if cl.racesCarriers() { // a further connection, on the race winner's socket
 		conn, err = tr.Dial(ctx, raddr, cfg, qcfg)
 	} else {
-		conn, err = d.dialFallingBack(ctx, tr, raddr, cfg, qcfg)
+		conn, err = cl.dialFallingBack(ctx, tr, raddr, cfg, qcfg)
 	}
 	if err != nil {
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w (no answer over UDP; is UDP blocked on this network? --carrier tls or ws, or --transport tls, avoid UDP)", ctx.Err())
 		}
-		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
+		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, cl.forgetRejected(ExplainQUIC(err, cl.expiredAdvice)))
 	}
-	transport.StartNudges(conn, d.keepAlive())
+	StartNudges(conn, cl.keepAlive())
 	return conn, nil
 }
 
-// quicConfigs are the TLS and QUIC configurations of the Dialer's connections.
-func (d *Dialer) quicConfigs() (*tls.Config, *quic.Config, error) {
-	cfg, err := d.tlsConfig()
+// quicConfigs are the TLS and QUIC configurations of the Client's connections.
+func (cl *Client) quicConfigs() (*tls.Config, *quic.Config, error) {
+	cfg, err := cl.tlsConfig()
 	if err != nil {
 		return nil, nil, err
 	}
-	keepAlive := d.keepAlive()
-	idle := d.IdleTimeout
+	keepAlive := cl.keepAlive()
+	idle := cl.IdleTimeout
 	if idle <= 0 {
 		idle = 60 * time.Second
 	}
@@ -317,9 +313,9 @@ func (d *Dialer) quicConfigs() (*tls.Config, *quic.Config, error) {
 	// take (Timeout), not quic-go's 5 s: a busy server answers late rather
 	// than never, and a silent one is then said to be silent for as long as
 	// the message about it says (reachCause).
-	setup := d.Timeout
+	setup := cl.Timeout
 	if setup <= 0 {
-		setup = DefaultDialTimeout
+		setup = DefaultTimeout
 	}
 	qcfg := &quic.Config{
 		HandshakeIdleTimeout:           setup,
@@ -332,26 +328,26 @@ func (d *Dialer) quicConfigs() (*tls.Config, *quic.Config, error) {
 		InitialConnectionReceiveWindow: wire.QUICInitialConnWindow,
 		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 		EnableDatagrams:                true, // UDP flows (udp.go)
-		Tracer:                         d.dropTracer(),
+		Tracer:                         cl.dropTracer(),
 	}
 	return cfg, qcfg, nil
 }
 
-// keepAlive is the QUIC keepalive period of the Dialer's connections, 0 for
+// keepAlive is the QUIC keepalive period of the Client's connections, 0 for
 // none.
-func (d *Dialer) keepAlive() time.Duration {
+func (cl *Client) keepAlive() time.Duration {
 	switch {
-	case d.KeepAlive == 0 && d.Carrier != "" && d.Carrier != wire.CarrierUDP:
+	case cl.KeepAlive == 0 && cl.Carrier != "" && cl.Carrier != wire.CarrierUDP:
 		return DefaultCarrierKeepAlive
-	case d.KeepAlive == 0:
+	case cl.KeepAlive == 0:
 		return 15 * time.Second
-	case d.KeepAlive < 0:
+	case cl.KeepAlive < 0:
 		return 0
 	}
-	return d.KeepAlive
+	return cl.KeepAlive
 }
 
-// DefaultCarrierKeepAlive is the QUIC keepalive of a Dialer whose Carrier is
+// DefaultCarrierKeepAlive is the QUIC keepalive of a Client whose Carrier is
 // not "udp" (tls, ws, http or auto) and whose KeepAlive is zero. When a
 // carrier's link is replaced (it broke, or the connection moved to another
 // carrier), the server sees the client at a new address and sends there only
@@ -377,15 +373,15 @@ func resolveUDP(ctx context.Context, addr string) (*net.UDPAddr, error) {
 	return raddr, nil
 }
 
-// transport returns the Dialer's packet conn (a UDP socket, or the carrier's:
+// transport returns the Client's packet conn (a UDP socket, or the carrier's:
 // carrier.go) and QUIC transport, opening them once; a carrier's first link
 // is opened within ctx.
-func (d *Dialer) transport(ctx context.Context) (*quic.Transport, error) {
-	q := &d.quic
+func (cl *Client) packetTransport(ctx context.Context) (*quic.Transport, error) {
+	q := &cl.quic
 	q.mu.Lock()
 	if q.closed {
 		q.mu.Unlock()
-		return nil, ErrDialerClosed
+		return nil, ErrClosed
 	}
 	if q.tr != nil {
 		tr := q.tr
@@ -393,7 +389,7 @@ func (d *Dialer) transport(ctx context.Context) (*quic.Transport, error) {
 		return tr, nil
 	}
 	q.mu.Unlock()
-	pc, err := d.openPacketConn(ctx, d.carrier())
+	pc, err := cl.openPacketConn(ctx, cl.carrier())
 	if err != nil {
 		return nil, err
 	}
@@ -401,7 +397,7 @@ func (d *Dialer) transport(ctx context.Context) (*quic.Transport, error) {
 	defer q.mu.Unlock()
 	if q.closed {
 		_ = pc.Close()
-		return nil, ErrDialerClosed
+		return nil, ErrClosed
 	}
 	if q.tr != nil { // another caller was quicker
 		_ = pc.Close()
@@ -412,27 +408,27 @@ func (d *Dialer) transport(ctx context.Context) (*quic.Transport, error) {
 }
 
 // openPacketConn opens what carries QUIC packets on the named carrier.
-func (d *Dialer) openPacketConn(ctx context.Context, kind string) (net.PacketConn, error) {
+func (cl *Client) openPacketConn(ctx context.Context, kind string) (net.PacketConn, error) {
 	if kind == wire.CarrierUDP {
 		udp, err := net.ListenUDP("udp", nil)
 		if err != nil {
 			return nil, fmt.Errorf("opening a UDP socket for QUIC: %w", err)
 		}
-		if d.Carrier == CarrierAuto || len(d.FallbackCarriers) > 0 {
-			raddr, err := resolveUDP(ctx, d.quicAddr())
+		if cl.Carrier == CarrierAuto || len(cl.FallbackCarriers) > 0 {
+			raddr, err := resolveUDP(ctx, cl.quicAddr())
 			if err != nil {
 				_ = udp.Close()
 				return nil, err
 			}
-			return transport.NewMovingConn(udp, raddr), nil
+			return NewMovingConn(udp, raddr), nil
 		}
 		return udp, nil
 	}
-	dial, err := d.carrierDialer(kind)
+	dial, err := cl.carrierDialer(kind)
 	if err != nil {
 		return nil, err
 	}
-	return transport.NewCarrierConn(ctx, kind, d.Server, dial)
+	return NewCarrierConn(ctx, kind, cl.Server, dial)
 }
 
 // connLost reports whether err means conn itself is gone (the server restarted,
@@ -461,15 +457,15 @@ func connLost(conn *quic.Conn, err error) bool {
 	return true
 }
 
-// connLost is connLost, and when conn is gone the Dialer forgets it, so that
+// connLost is connLost, and when conn is gone the Client forgets it, so that
 // no request (the retry after err first) is handed conn again: quic-go fails a
 // connection's streams before it cancels the connection's context, and under
 // load its goroutine may not have cancelled it when connLost's wait ends.
-func (d *Dialer) connLost(conn *quic.Conn, err error) bool {
+func (cl *Client) connLost(conn *quic.Conn, err error) bool {
 	if !connLost(conn, err) {
 		return false
 	}
-	d.quic.forget(conn)
+	cl.quic.forget(conn)
 	return true
 }
 
@@ -493,39 +489,40 @@ func (q *quicState) forget(conn *quic.Conn) {
 	}
 }
 
-// clientStream reports a broken QUIC connection from the client's point of view.
-type clientStream struct {
+// ClientStream is a request stream on a QUIC connection to the server; its
+// errors say a broken connection from the client's point of view.
+type ClientStream struct {
 	*wire.QUICStream
-	// open, when set, counts the Dialer's request streams the caller has not
+	// open, when set, counts the Client's request streams the caller has not
 	// closed or aborted yet (quicState.open): Close says "bye" only when
 	// there are none.
 	open *atomic.Int64
 	once sync.Once
 }
 
-func (c *clientStream) ended() {
+func (c *ClientStream) ended() {
 	if c.open != nil {
 		c.once.Do(func() { c.open.Add(-1) })
 	}
 }
 
-func (c *clientStream) Close() error {
+func (c *ClientStream) Close() error {
 	err := c.QUICStream.Close()
 	c.ended()
 	return err
 }
 
-func (c *clientStream) Abort(code quic.ApplicationErrorCode) {
+func (c *ClientStream) Abort(code quic.ApplicationErrorCode) {
 	c.QUICStream.Abort(code)
 	c.ended()
 }
 
-func (c *clientStream) Read(p []byte) (int, error) {
+func (c *ClientStream) Read(p []byte) (int, error) {
 	n, err := c.QUICStream.Read(p)
 	return n, clientSideErr(err)
 }
 
-func (c *clientStream) Write(p []byte) (int, error) {
+func (c *ClientStream) Write(p []byte) (int, error) {
 	n, err := c.QUICStream.Write(p)
 	return n, clientSideErr(err)
 }
@@ -535,7 +532,7 @@ func clientSideErr(err error) error {
 	if err != nil && errors.As(err, &ce) {
 		// Keep ce in the chain, not quic-go's error: that one unwraps to
 		// net.ErrClosed and would make the break look like an ordinary end.
-		return &explainedErr{msg: "connection to the TP server lost: " + explainQUICErr(ce, nil).Error(), err: ce}
+		return &explainedErr{msg: "connection to the TP server lost: " + ExplainQUIC(ce, nil).Error(), err: ce}
 	}
 	return err
 }
@@ -548,20 +545,20 @@ type explainedErr struct {
 func (e *explainedErr) Error() string { return e.msg }
 func (e *explainedErr) Unwrap() error { return e.err }
 
-// explainQUICErr turns quic-go's errors into sentences from the client's view;
+// ExplainQUIC turns quic-go's errors into sentences from the client's view;
 // expiredAdvice, when not nil, says what to do about an expired certificate
-// (Dialer.expiredAdvice: renewal, or enrolling again without the device key).
-func explainQUICErr(err error, expiredAdvice func() string) error {
+// (Client.ExpiredAdvice: renewal, or enrolling again without the device key).
+func ExplainQUIC(err error, expiredAdvice func() string) error {
 	var ae *quic.ApplicationError
 	var te *quic.TransportError
 	var ce *wire.QUICConnError
 	switch {
 	case errors.As(err, &ce):
-		return explainQUICErr(ce.Err, expiredAdvice)
+		return ExplainQUIC(ce.Err, expiredAdvice)
 	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICShutdown:
 		return fmt.Errorf("the TP server is shutting down or restarting (%w)", err)
 	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICCertExpired:
-		advice := (*Dialer)(nil).expiredAdvice()
+		advice := (*Client)(nil).expiredAdvice()
 		if expiredAdvice != nil {
 			advice = expiredAdvice()
 		}
@@ -569,7 +566,7 @@ func explainQUICErr(err error, expiredAdvice func() string) error {
 	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICRefused:
 		return fmt.Errorf("the TP server is busy and refused the connection; try again (%w)", err)
 	case errors.As(err, &te) && te.ErrorCode.IsCryptoError():
-		return &transport.RejectedError{Err: err}
+		return &RejectedError{Err: err}
 	case errors.As(err, new(*quic.IdleTimeoutError)):
 		return fmt.Errorf("the TP server stopped answering (network down, or the server is gone): %w", err)
 	case errors.As(err, new(*quic.StatelessResetError)):
@@ -583,13 +580,13 @@ func explainQUICErr(err error, expiredAdvice func() string) error {
 	return err
 }
 
-// Maintain keeps the Dialer's QUIC connection up for long-running users such as
+// Maintain keeps the Client's QUIC connection up for long-running users such as
 // `tp forward`: when the connection is lost it reports why through logf and
 // reconnects with capped, jittered exponential backoff (0.5s doubling to 30s),
 // reporting each failure, until ctx ends. Dials do not wait for it: a dial during
 // an outage tries to connect by itself.
-func (d *Dialer) Maintain(ctx context.Context, logf func(format string, args ...any)) {
-	q := &d.quic
+func (cl *Client) Maintain(ctx context.Context, logf func(format string, args ...any)) {
+	q := &cl.quic
 	for {
 		q.mu.Lock()
 		conn, changed := q.conn, q.changed
@@ -616,31 +613,31 @@ func (d *Dialer) Maintain(ctx context.Context, logf func(format string, args ...
 		if ctx.Err() != nil {
 			return
 		}
-		logf("tp: lost the QUIC connection to %s: %v; reconnecting", d.quicAddr(), explainQUICErr(context.Cause(conn.Context()), d.expiredAdvice))
+		logf("tp: lost the QUIC connection to %s: %v; reconnecting", cl.quicAddr(), ExplainQUIC(context.Cause(conn.Context()), cl.expiredAdvice))
 		backoff := 500 * time.Millisecond
 		for {
-			timeout := d.Timeout
+			timeout := cl.Timeout
 			if timeout <= 0 {
-				timeout = DefaultDialTimeout
+				timeout = DefaultTimeout
 			}
 			cctx, cancel := context.WithTimeout(ctx, timeout)
-			_, err := d.quicConn(cctx)
+			_, err := cl.quicConn(cctx)
 			cancel()
 			if ctx.Err() != nil {
 				return
 			}
 			if err == nil {
-				logf("tp: reconnected to %s over QUIC", d.quicAddr())
+				logf("tp: reconnected to %s over QUIC", cl.quicAddr())
 				break
 			}
-			if errors.Is(err, ErrDialerClosed) {
+			if errors.Is(err, ErrClosed) {
 				return
 			}
 			wait := backoff/2 + rand.N(backoff) // jitter: 0.5–1.5 × backoff
 			// One sentence with the most telling cause; every attempt's own
 			// error (a carrier each, in auto) goes to the debug log.
-			d.logger().Debug("tp: reconnecting failed", "server", d.quicAddr(), "err", err.Error())
-			logf("tp: %s", retryLine(d.unreachable(err), wait.Round(100*time.Millisecond)))
+			cl.logger().Debug("tp: reconnecting failed", "server", cl.quicAddr(), "err", err.Error())
+			logf("tp: %s", RetryLine(cl.Unreachable(err), wait.Round(100*time.Millisecond)))
 			select {
 			case <-time.After(wait):
 			case <-ctx.Done():
@@ -652,16 +649,23 @@ func (d *Dialer) Maintain(ctx context.Context, logf func(format string, args ...
 }
 
 // dropTracer is the QUIC tracer that counts discarded DATAGRAM frames, when the
-// Dialer carries UDP flows (CountDatagramDrops); nil otherwise, since quic-go
+// Client carries UDP flows (CountDatagramDrops); nil otherwise, since quic-go
 // then builds an event for every packet (about 8% of QUIC throughput).
-func (d *Dialer) dropTracer() func(context.Context, bool, quic.ConnectionID) qlogwriter.Trace {
-	if !d.CountDatagramDrops {
+func (cl *Client) dropTracer() func(context.Context, bool, quic.ConnectionID) qlogwriter.Trace {
+	if !cl.CountDatagramDrops {
 		return nil
 	}
-	return d.quic.drops.Tracer
+	return cl.quic.drops.Tracer
 }
 
-// QUICDatagramsDropped is how many DATAGRAM frames from the server this Dialer's
+// QUICDatagramsDropped is how many DATAGRAM frames from the server this Client's
 // QUIC connections discarded because their receive queue was full (a flood
 // faster than the flows read): counted, so that no datagram vanishes unsaid.
-func (d *Dialer) QUICDatagramsDropped() int64 { return d.quic.drops.Dropped() }
+func (cl *Client) QUICDatagramsDropped() int64 { return cl.quic.drops.Dropped() }
+
+// NewStream is a request stream on conn that says a broken connection from
+// the client's point of view (an agent's control and session streams, which
+// are not the Client's own requests).
+func NewStream(conn *quic.Conn, str *quic.Stream) *ClientStream {
+	return &ClientStream{QUICStream: wire.NewQUICStream(conn, str)}
+}

@@ -1,4 +1,4 @@
-package clients
+package transport
 
 import (
 	"context"
@@ -12,8 +12,8 @@ import (
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// DefaultMaxQUICConns bounds the QUIC connections one Dialer holds to its server
-// when Dialer.MaxQUICConns is zero. The server grants each connection a number of
+// DefaultMaxQUICConns bounds the QUIC connections one Client holds to its server
+// when Client.MaxQUICConns is zero. The server grants each connection a number of
 // concurrent streams (tpd: quic-max-streams); once the shared connection has none
 // left, a request goes to a further connection instead of waiting for a stream to
 // end. 128 connections at tpd's default of 1000 streams, or at quic-go's default
@@ -25,7 +25,7 @@ const DefaultMaxQUICConns = 128
 // last stream ended: a burst of tunnels that comes back soon finds it open.
 const DefaultQUICPoolIdle = 30 * time.Second
 
-// extraConn is a QUIC connection a Dialer opened beside its shared one because
+// extraConn is a QUIC connection a Client opened beside its shared one because
 // that had no stream credit left.
 type extraConn struct {
 	conn    *quic.Conn
@@ -33,23 +33,23 @@ type extraConn struct {
 	idle    *time.Timer // closes it when it stayed without streams; quicState.mu
 }
 
-func (d *Dialer) maxQUICConns() int {
-	if d.MaxQUICConns > 0 {
-		return d.MaxQUICConns
+func (cl *Client) maxQUICConns() int {
+	if cl.MaxQUICConns > 0 {
+		return cl.MaxQUICConns
 	}
 	return DefaultMaxQUICConns
 }
 
 // openStream opens a stream for one request: on the shared connection while the
-// server lets it open more, else on a further connection of the Dialer's that
+// server lets it open more, else on a further connection of the Client's that
 // can, connecting one more (up to MaxQUICConns, one handshake at a time) when none
 // can. Only with every connection full does it wait, bounded by ctx, for a stream
 // on the shared connection to end. It returns the connection it used, also with
 // an error, so that the caller can tell a lost connection (connLost).
-func (d *Dialer) openStream(ctx context.Context, what string) (*quic.Conn, wire.Stream, error) {
-	q := &d.quic
+func (cl *Client) openStream(ctx context.Context, what string) (*quic.Conn, wire.Stream, error) {
+	q := &cl.quic
 	for {
-		conn, err := d.quicConn(ctx)
+		conn, err := cl.quicConn(ctx)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -58,21 +58,21 @@ func (d *Dialer) openStream(ctx context.Context, what string) (*quic.Conn, wire.
 			return conn, q.counted(wire.NewQUICStream(conn, str)), nil
 		}
 		if !errors.As(err, new(*quic.StreamLimitReachedError)) {
-			return conn, nil, fmt.Errorf("%s via %s: %w", what, d.quicAddr(), d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
+			return conn, nil, fmt.Errorf("%s via %s: %w", what, cl.quicAddr(), cl.forgetRejected(ExplainQUIC(err, cl.expiredAdvice)))
 		}
 
 		q.mu.Lock()
 		if q.closed {
 			q.mu.Unlock()
-			return nil, nil, ErrDialerClosed
+			return nil, nil, ErrClosed
 		}
 		if e, st := q.openOnExtraLocked(); st != nil {
 			q.mu.Unlock()
 			return e.conn, st, nil
 		}
-		if 1+len(q.extra) >= d.maxQUICConns() {
+		if 1+len(q.extra) >= cl.maxQUICConns() {
 			q.mu.Unlock()
-			return d.waitStream(ctx, conn, what)
+			return cl.waitStream(ctx, conn, what)
 		}
 		if ch := q.extraDialing; ch != nil { // another request is connecting one
 			q.mu.Unlock()
@@ -80,14 +80,14 @@ func (d *Dialer) openStream(ctx context.Context, what string) (*quic.Conn, wire.
 			case <-ch:
 				continue
 			case <-ctx.Done():
-				return nil, nil, fmt.Errorf("%s via %s: connecting a further QUIC connection: %w", what, d.quicAddr(), ctx.Err())
+				return nil, nil, fmt.Errorf("%s via %s: connecting a further QUIC connection: %w", what, cl.quicAddr(), ctx.Err())
 			}
 		}
 		ch := make(chan struct{})
 		q.extraDialing = ch
 		q.mu.Unlock()
 
-		c, err := d.connectQUIC(ctx)
+		c, err := cl.connectQUIC(ctx)
 
 		q.mu.Lock()
 		q.extraDialing = nil
@@ -99,7 +99,7 @@ func (d *Dialer) openStream(ctx context.Context, what string) (*quic.Conn, wire.
 		if q.closed {
 			q.mu.Unlock()
 			_ = c.CloseWithError(wire.QUICNoError, "")
-			return nil, nil, ErrDialerClosed
+			return nil, nil, ErrClosed
 		}
 		e := &extraConn{conn: c}
 		q.extra = append(q.extra, e)
@@ -112,7 +112,7 @@ func (d *Dialer) openStream(ctx context.Context, what string) (*quic.Conn, wire.
 		q.mu.Unlock()
 		if !errors.As(err, new(*quic.StreamLimitReachedError)) {
 			// The server closed it at once (busy: max-conns, or shutting down).
-			return c, nil, fmt.Errorf("%s via %s: %w", what, d.quicAddr(), d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
+			return c, nil, fmt.Errorf("%s via %s: %w", what, cl.quicAddr(), cl.forgetRejected(ExplainQUIC(err, cl.expiredAdvice)))
 		}
 		// Other requests took its streams meanwhile: look again.
 	}
@@ -146,7 +146,7 @@ func (q *quicState) pooledLocked(e *extraConn, str *quic.Stream) wire.Stream {
 		e.idle.Stop()
 		e.idle = nil
 	}
-	return &pooledStream{clientStream: q.counted(wire.NewQUICStream(e.conn, str)), q: q, e: e}
+	return &pooledStream{ClientStream: q.counted(wire.NewQUICStream(e.conn, str)), q: q, e: e}
 }
 
 // release ends the count of one of e's streams; the connection closes when it
@@ -181,7 +181,7 @@ func (q *quicState) release(e *extraConn) {
 	e.idle = t
 }
 
-// closeExtrasLocked closes the further connections (Dialer.Close). q.mu is held.
+// closeExtrasLocked closes the further connections (Client.Close). q.mu is held.
 func (q *quicState) closeExtrasLocked() {
 	for _, e := range q.extra {
 		if e.idle != nil {
@@ -193,7 +193,7 @@ func (q *quicState) closeExtrasLocked() {
 	q.extra = nil
 }
 
-// quicConns is how many QUIC connections the Dialer holds open: the shared one
+// quicConns is how many QUIC connections the Client holds open: the shared one
 // and the further ones.
 func (q *quicState) quicConns() int {
 	q.mu.Lock()
@@ -211,37 +211,37 @@ func (q *quicState) quicConns() int {
 }
 
 // waitStream waits, bounded by ctx, for the server to let conn open one more stream.
-func (d *Dialer) waitStream(ctx context.Context, conn *quic.Conn, what string) (*quic.Conn, wire.Stream, error) {
+func (cl *Client) waitStream(ctx context.Context, conn *quic.Conn, what string) (*quic.Conn, wire.Stream, error) {
 	str, err := conn.OpenStreamSync(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
-			return conn, nil, fmt.Errorf("%s via %s: every QUIC stream the server allows on %d connections is in use and none ended in time: %w", what, d.quicAddr(), d.maxQUICConns(), ctx.Err())
+			return conn, nil, fmt.Errorf("%s via %s: every QUIC stream the server allows on %d connections is in use and none ended in time: %w", what, cl.quicAddr(), cl.maxQUICConns(), ctx.Err())
 		}
-		return conn, nil, fmt.Errorf("%s via %s: %w", what, d.quicAddr(), d.forgetRejected(explainQUICErr(err, d.expiredAdvice)))
+		return conn, nil, fmt.Errorf("%s via %s: %w", what, cl.quicAddr(), cl.forgetRejected(ExplainQUIC(err, cl.expiredAdvice)))
 	}
-	return conn, d.quic.counted(wire.NewQUICStream(conn, str)), nil
+	return conn, cl.quic.counted(wire.NewQUICStream(conn, str)), nil
 }
 
 // pooledStream is a stream on a further connection: it counts as open there
 // until it is closed or aborted.
 type pooledStream struct {
-	*clientStream
+	*ClientStream
 	q    *quicState
 	e    *extraConn
 	once sync.Once
 }
 
 func (p *pooledStream) Close() error {
-	err := p.clientStream.Close()
+	err := p.ClientStream.Close()
 	p.once.Do(func() { p.q.release(p.e) })
 	return err
 }
 
 func (p *pooledStream) Abort(code quic.ApplicationErrorCode) {
-	p.clientStream.Abort(code)
+	p.ClientStream.Abort(code)
 	p.once.Do(func() { p.q.release(p.e) })
 }
 
-// QUICConns is how many QUIC connections the Dialer holds open to its server:
+// QUICConns is how many QUIC connections the Client holds open to its server:
 // the shared one and the further ones that requests beyond its stream limit use.
-func (d *Dialer) QUICConns() int { return d.quic.quicConns() }
+func (cl *Client) QUICConns() int { return cl.quic.quicConns() }
