@@ -6,10 +6,11 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"os"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/lib/ephemeral"
 )
 
 // Scenario 5: the reverse path. A second enrolled device (user benchrev) runs
@@ -57,16 +58,8 @@ func freePorts(n int) ([]int, error) {
 // portsBelowEphemeral is a range of ports under the kernel's ephemeral ones
 // (ip_local_port_range), or an empty one when that cannot be read or leaves no room.
 func portsBelowEphemeral() (lo, hi int) {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err != nil {
-		return 0, 0
-	}
-	f := strings.Fields(string(b))
-	if len(f) != 2 {
-		return 0, 0
-	}
-	first, err := strconv.Atoi(f[0])
-	if err != nil || first <= 20000 {
+	first, ok := ephemeral.Start()
+	if !ok || first <= 20000 {
 		return 0, 0
 	}
 	return 20000, first

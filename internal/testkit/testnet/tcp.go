@@ -6,12 +6,12 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
-	"os"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/lib/ephemeral"
 )
 
 // acceptWithin bounds how long Pair waits for its own dial to be accepted.
@@ -217,16 +217,8 @@ func FreePort(t testing.TB, network string) int {
 // kernel's ephemeral range, or none (lo == hi: the kernel picks) when that
 // range starts too low to leave them.
 var fixedRange = sync.OnceValues(func() (lo, hi int) {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err != nil {
-		return 0, 0
-	}
-	f := strings.Fields(string(b))
-	if len(f) != 2 {
-		return 0, 0
-	}
-	eph, err := strconv.Atoi(f[0])
-	if err != nil || eph < 16384+1024 {
+	eph, ok := ephemeral.Start()
+	if !ok || eph < 16384+1024 {
 		return 0, 0
 	}
 	return eph - 16384, eph

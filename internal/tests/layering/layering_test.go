@@ -68,7 +68,7 @@ var rules = []rule{{
 	forbidden: []string{mod + "clients", mod + "internal/lib/tun"},
 }}
 
-var libs = []string{"internal/lib/atomicfile", "internal/lib/cli", "internal/lib/config", "internal/lib/fileperm", "internal/lib/tun", "internal/lib/version", "internal/lib/xconnect"}
+var libs = []string{"internal/lib/atomicfile", "internal/lib/cli", "internal/lib/config", "internal/lib/ephemeral", "internal/lib/fileperm", "internal/lib/tun", "internal/lib/version", "internal/lib/xconnect"}
 
 func init() {
 	rules = append(rules, rule{
