@@ -20,8 +20,9 @@ import (
 // Dialer opens connections through a TP server: a new QUIC stream on one shared
 // QUIC connection (more connections when the server allows no more streams on
 // it), or a new TLS connection, per dial (see Transport); ALPN "tp/1",
-// a client hello naming the destination, and raw bytes after an ok. A Dialer must
-// not be copied after first use; Close releases its QUIC connection.
+// a client hello naming the destination, and raw bytes after an ok. Its fields
+// are read at first use (a change after that is not seen), and it must not be
+// copied after first use; Close releases its connections.
 type Dialer struct {
 	// Server is the TP server's host:port.
 	Server string

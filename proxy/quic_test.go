@@ -314,7 +314,15 @@ func TestQUICServerShutdownReported(t *testing.T) {
 	// A new server on the same port: the next dial reconnects by itself.
 	qerr := <-q.quicDone // ServeQUIC has released the port
 	q.quicDone <- qerr
-	q2 := &quicEnv{env: newEnv(t, nil)}
+	// The restarted server keeps its CA and certificate, as a restarted tpd
+	// does: the Dialer, made before the restart, is used unchanged.
+	q2 := &quicEnv{env: newEnv(t, func(c *proxy.Config) {
+		c.ProxyTLS = &tls.Config{
+			Certificates: []tls.Certificate{q.ca.ServerCert(t, "localhost", "127.0.0.1")},
+			ClientCAs:    q.ca.Pool,
+			ClientAuth:   tls.RequireAndVerifyClientCert,
+		}
+	})}
 	udp, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(mustAddrPort(t, q.udpAddr)))
 	if err != nil {
 		t.Fatalf("cannot rebind the UDP port the stopped server released: %v", err)
@@ -323,7 +331,6 @@ func TestQUICServerShutdownReported(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- q2.srv.ServeQUIC(rctx, udp, proxy.QUICOptions{}) }()
 	defer func() { rcancel(); <-done }()
-	d.TLSConfig = q2.clientTLS(&q2.cert)
 	c2, err := d.DialContext(ctx, "tcp", q.echo)
 	if err != nil {
 		t.Fatalf("dial after restart: %v", err)
