@@ -47,8 +47,8 @@ func (p *Authorizer) Verify(leaf *x509.Certificate) (authz.Identity, error) {
 	return authz.Verify(leaf, p.DenyList, p.Directory)
 }
 
-// Authorize decides req. The deny list and the certificate's expiry are checked
-// first, without asking the policy. A policy error returns a denial together with
+// Authorize decides req. The deny list, the certificate's expiry and the
+// device's scope (authz.Scope) are checked first, without asking the policy. A policy error returns a denial together with
 // the error, so callers that look only at the Decision still fail closed.
 func (p *Authorizer) Authorize(ctx context.Context, req authz.Request) (authz.Decision, error) {
 	if req.Time.IsZero() {
@@ -71,6 +71,9 @@ func (p *Authorizer) decide(ctx context.Context, req authz.Request, input map[st
 			Allow:  false,
 			Reason: fmt.Sprintf("the certificate of %s expired at %s; run dlogin", req.Identity, na.UTC().Format(time.RFC3339)),
 		}, Result{}, nil
+	}
+	if ok, why := p.scope(req).Allows(req); !ok {
+		return authz.Decision{Allow: false, Reason: why}, Result{}, nil
 	}
 	if p.Evaluator == nil {
 		return authz.Decision{Allow: false, Reason: ReasonFailed}, Result{}, errors.New("authorize: no policy evaluator is configured")
@@ -119,6 +122,9 @@ func (p *Authorizer) MayAllow(ctx context.Context, req authz.Request) (bool, err
 	if na := req.Identity.NotAfter; !na.IsZero() && req.Time.After(na) {
 		return false, nil
 	}
+	if ok, _ := p.scope(req).Allows(req); !ok {
+		return false, nil
+	}
 	pe, ok := p.Evaluator.(interface {
 		MayAllow(ctx context.Context, input map[string]any) (bool, error)
 	})
@@ -130,6 +136,17 @@ func (p *Authorizer) MayAllow(ctx context.Context, req authz.Request) (bool, err
 		return false, fmt.Errorf("authorize %s %s to %s: %w", req.Identity, req.Action, hostPort(req.Destination), err)
 	}
 	return may, nil
+}
+
+// scope is the scope of req's device, read from the Directory at each
+// decision (not from the request, whose identity may have crossed from another
+// instance): a scope narrows what the device may do before the policy is
+// asked (authz.Scope).
+func (p *Authorizer) scope(req authz.Request) authz.Scope {
+	if sc, ok := p.Directory.(authz.Scoper); ok {
+		return sc.Scope(req.Identity.DeviceID)
+	}
+	return ""
 }
 
 func hostPort(d authz.Destination) string {

@@ -25,8 +25,11 @@ import (
 type mapDirectory struct {
 	groups  map[string][]string
 	revoked map[string]bool
+	scopes  map[string]authz.Scope
 	calls   atomic.Int64
 }
+
+func (d *mapDirectory) Scope(deviceID string) authz.Scope { return d.scopes[deviceID] }
 
 func (d *mapDirectory) Lookup(deviceID string) ([]string, error) {
 	d.calls.Add(1)
@@ -446,5 +449,49 @@ func BenchmarkAuthorize(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+// A device's scope is checked before the policy: with a policy that allows
+// everything, a device scoped to expose "blog" keeps "blog" (the policy is
+// asked) and is refused a dial, another name and an IP tunnel without the
+// policy being asked. Bad input: requests outside the scope; MayAllow says no
+// to them too, so the proxy resolves nothing for them.
+func TestScopeBeforePolicy(t *testing.T) {
+	ctx := context.Background()
+	ev := &countingEvaluator{Evaluator: loadPolicy(t, "package tp.authz\nimport rego.v1\ndefault allow := true\n")}
+	dir := &mapDirectory{scopes: map[string]authz.Scope{"alice@ci": "expose:blog"}}
+	p := &policy.Authorizer{Directory: dir, Evaluator: ev}
+	ci := identity("alice", "ci")
+	listen := func(label string) authz.Request {
+		return authz.Request{Action: authz.ActionListen, Identity: ci,
+			Destination: authz.Destination{Host: label + ".rev.tp.internal", Network: "tcp", Reverse: label}}
+	}
+	if d, err := p.Authorize(ctx, listen("blog")); err != nil || !d.Allow {
+		t.Fatalf("listen as blog inside the scope: %+v, %v; want allowed", d, err)
+	}
+	if n := ev.calls.Load(); n != 1 {
+		t.Fatalf("the policy was asked %d times for a request inside the scope; want once", n)
+	}
+	for _, req := range []authz.Request{
+		dial(ci, "127.0.0.1", 22, "127.0.0.1"),
+		listen("wiki"),
+		{Action: authz.ActionIP, Identity: ci},
+	} {
+		d, err := p.Authorize(ctx, req)
+		if err != nil || d.Allow || !strings.Contains(d.Reason, "may only keep blog exposed") {
+			t.Errorf("%s outside the scope: %+v, %v; want refused, naming the scope", req.Asked(), d, err)
+		}
+		if may, err := p.MayAllow(ctx, req); may || err != nil {
+			t.Errorf("MayAllow(%s) outside the scope: %v, %v; want false", req.Asked(), may, err)
+		}
+	}
+	if n := ev.calls.Load(); n != 1 {
+		t.Fatalf("the policy was asked %d times in all; want once: requests outside the scope never reach it", n)
+	}
+	// Without a scope the same device does what the policy allows.
+	dir.scopes = nil
+	if d, err := p.Authorize(ctx, dial(ci, "127.0.0.1", 22, "127.0.0.1")); err != nil || !d.Allow {
+		t.Fatalf("dial without a scope: %+v, %v; want allowed", d, err)
 	}
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/lib/cli"
 	"github.com/tp-proxy/tp/internal/lib/config"
 	"github.com/tp-proxy/tp/internal/server/admin"
@@ -248,7 +249,7 @@ func initCmd(stdout io.Writer) *cobra.Command {
 }
 
 func enrollCmd(stdout io.Writer) *cobra.Command {
-	var device, ttl string
+	var device, ttl, scope string
 	var groups []string
 	cmd := &cobra.Command{
 		Use:     "enroll USER --device NAME",
@@ -263,7 +264,7 @@ func enrollCmd(stdout io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			req := admin.EnrollRequest{User: args[0], Device: device, TTL: ttl}
+			req := admin.EnrollRequest{User: args[0], Device: device, TTL: ttl, Scope: scope}
 			if cmd.Flags().Changed("groups") {
 				req.Groups = groups
 				if req.Groups == nil {
@@ -277,6 +278,10 @@ func enrollCmd(stdout io.Writer) *cobra.Command {
 				return err
 			}
 			fmt.Fprintf(stdout, "Enrollment token for %s, single use, valid until %s.\n", res.DeviceID, res.Expires.Local().Format(time.DateTime+" MST"))
+			if res.Scope != "" {
+				label := authz.Scope(res.Scope).Label()
+				fmt.Fprintf(stdout, "The device's scope is %s: it may keep %s exposed (tp expose %s …) and do nothing else, whatever the policy allows.\n", res.Scope, label, label)
+			}
 			fmt.Fprintf(stdout, "Run this on the device:\n")
 			fmt.Fprintf(stdout, "dlogin --server %s --fingerprint %s --token %s\n", res.ServerURL, res.Fingerprint, res.Token)
 			return nil
@@ -285,6 +290,7 @@ func enrollCmd(stdout io.Writer) *cobra.Command {
 	cmd.Flags().StringVar(&device, "device", "", "name of the device, e.g. laptop")
 	cmd.Flags().StringSliceVar(&groups, "groups", nil, "set the user's groups, comma separated (omit to keep them)")
 	cmd.Flags().StringVar(&ttl, "ttl", "", "how long the token stays valid (default from tpd.yaml token-ttl, 24h)")
+	cmd.Flags().StringVar(&scope, "scope", "", "narrow what the device may do, before the policy: expose:LABEL (keep LABEL exposed, nothing else) or expose-public:LABEL (that, publicly too)")
 	cmd.Flags().String("data-dir", config.DefaultServer().DataDir, "data dir of the running tpd (env TP_DATA_DIR)")
 	return cmd
 }
@@ -330,6 +336,9 @@ func usersCmd(stdout io.Writer) *cobra.Command {
 						status = since("revoked", dv.RevokedAt)
 					case len(dv.PublicKey) == 0 && dv.LastLogin.IsZero():
 						status = "awaiting dlogin"
+					}
+					if dv.Scope != "" {
+						status += ", scope " + string(dv.Scope)
 					}
 					last := "-"
 					if !dv.LastLogin.IsZero() {

@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/server/users"
 )
 
@@ -28,6 +29,9 @@ type EnrollRequest struct {
 	Device string   `json:"device"`
 	Groups []string `json:"groups,omitempty"` // nil keeps the user's groups
 	TTL    string   `json:"ttl,omitempty"`    // Go duration; empty uses the server default
+	// Scope, when set, narrows what the device may do before the policy is
+	// asked (authz.Scope, e.g. "expose:ci"); empty keeps the device's.
+	Scope string `json:"scope,omitempty"`
 }
 
 // EnrollResponse carries everything needed to print the dlogin command.
@@ -37,6 +41,7 @@ type EnrollResponse struct {
 	Expires     time.Time `json:"expires"`
 	ServerURL   string    `json:"server_url"`
 	Fingerprint string    `json:"fingerprint"`
+	Scope       string    `json:"scope,omitempty"` // the scope given with this token
 }
 
 // RevokeRequest puts an entry on tpd's deny list, or takes it off (Remove).
@@ -229,20 +234,34 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		}
 		ttl = d
 	}
+	scope, err := authz.ParseScope(req.Scope)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
 	enr, err := s.Users.Enroll(req.User, req.Device, req.Groups, ttl)
 	if err != nil {
 		s.act(Act{Act: "enroll_token", Subject: req.User + "@" + req.Device, Via: "admin socket", Result: "refused", Reason: err.Error()})
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	s.act(Act{Act: "enroll_token", Subject: enr.DeviceID, Via: "admin socket", Result: "ok", Groups: req.Groups})
+	if scope != "" {
+		// Before the token leaves tpd: whoever redeems it gets the scoped device.
+		if err := s.Users.SetScope(enr.DeviceID, scope); err != nil {
+			_, _ = s.Users.DropTokens(req.User, req.Device)
+			s.act(Act{Act: "enroll_token", Subject: enr.DeviceID, Via: "admin socket", Result: "refused", Reason: err.Error()})
+			http.Error(w, "the device's scope could not be recorded, so no token was issued: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+	}
+	s.act(Act{Act: "enroll_token", Subject: enr.DeviceID, Via: "admin socket", Result: "ok", Groups: req.Groups, Scope: string(scope)})
 	if s.Logger != nil {
 		s.Logger.Info("enrollment token issued", "device", enr.DeviceID, "expires", enr.Expires)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(EnrollResponse{
 		Token: enr.Token, DeviceID: enr.DeviceID, Expires: enr.Expires,
-		ServerURL: s.ServerURL, Fingerprint: s.Fingerprint,
+		ServerURL: s.ServerURL, Fingerprint: s.Fingerprint, Scope: string(scope),
 	})
 }
 

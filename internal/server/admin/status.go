@@ -31,6 +31,8 @@ type Act struct {
 	// Groups are the user's groups as an enroll_token set them; absent when
 	// the request kept them.
 	Groups []string `json:"groups,omitempty"`
+	// Scope is the device's scope as an enroll_token gave it (authz.Scope).
+	Scope string `json:"scope,omitempty"`
 	// Changed lists the settings a config_reload changed ("max-conns: 10000 → 7").
 	Changed []string `json:"changed,omitempty"`
 }

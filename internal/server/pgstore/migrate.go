@@ -139,6 +139,9 @@ var migrations = []string{
 	// 12: the identity provider's subject of the person a user is, bound by
 	// the user's first sign-in (users.User.SSOSubject).
 	`ALTER TABLE tp_users ADD COLUMN sso_subject text NOT NULL DEFAULT '';`,
+	// 13: a device's scope (authz.Scope), which narrows what it may do before
+	// the policy is asked: '' for none.
+	`ALTER TABLE tp_devices ADD COLUMN scope text NOT NULL DEFAULT '';`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

@@ -152,3 +152,40 @@ func TestBindUserAcrossInstances(t *testing.T) {
 		t.Fatalf("8 binds of two accounts to one user: %d took, %d refused; want 4 and 4", won.Load(), other.Load())
 	}
 }
+
+// A device's scope written on one instance is read on another (schema 13),
+// and kept by a new key. Bad input: a scope TP does not know.
+func TestScopeAcrossInstances(t *testing.T) {
+	t.Parallel()
+	_, dsn := testpg.NewDatabase(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dbA, dbB := open(t, dsn), open(t, dsn)
+	a, err := pgstore.OpenUsers(ctx, dbA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := pgstore.OpenUsers(ctx, dbB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go dbB.Listen(ctx)
+	waitFor(t, "B's listener connected", func() bool { return dbB.Health() == nil })
+	en, err := a.Enroll("alice", "ci", nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.SetScope(en.DeviceID, "dial:all"); err == nil {
+		t.Fatal("an unknown scope was recorded")
+	}
+	if err := a.SetScope(en.DeviceID, "expose-public:ci"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Redeem(en.Token, []byte("key")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "B reads the scope", func() bool { return b.Scope("alice@ci") == "expose-public:ci" })
+	if err := a.SetScope("alice@nothing", "expose:ci"); !errors.Is(err, users.ErrNotFound) {
+		t.Fatalf("a scope for a device that does not exist: %v; want ErrNotFound", err)
+	}
+}

@@ -67,11 +67,11 @@ func (u *Users) Reload(ctx context.Context) error {
 		if err := rows.Err(); err != nil {
 			return err
 		}
-		rows, _ = tx.Query(ctx, `SELECT id, user_name, name, coalesce(public_key, ''), created, last_login, revoked, revoked_at, sso_subject FROM tp_devices`)
+		rows, _ = tx.Query(ctx, `SELECT id, user_name, name, coalesce(public_key, ''), created, last_login, revoked, revoked_at, sso_subject, scope FROM tp_devices`)
 		for rows.Next() {
 			d := &users.Device{}
 			var last, revokedAt *time.Time
-			if err := rows.Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &last, &d.Revoked, &revokedAt, &d.SSOSubject); err != nil {
+			if err := rows.Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &last, &d.Revoked, &revokedAt, &d.SSOSubject, &d.Scope); err != nil {
 				return err
 			}
 			d.Created = d.Created.UTC()
@@ -285,9 +285,25 @@ func (u *Users) RevokeDevice(id string) error {
 	return u.update(id, "UPDATE tp_devices SET revoked = true, revoked_at = coalesce(revoked_at, now()) WHERE id = $1", "revoke "+id)
 }
 
-func (u *Users) update(id, sql, what string) error {
+// SetScope implements users.Store.
+func (u *Users) SetScope(id string, scope authz.Scope) error {
+	if _, err := authz.ParseScope(string(scope)); err != nil {
+		return err
+	}
+	return u.update(id, "UPDATE tp_devices SET scope = $2 WHERE id = $1", "set the scope of "+id, string(scope))
+}
+
+// Scope implements authz.Scoper.
+func (u *Users) Scope(deviceID string) authz.Scope {
+	if d := u.snap.Load().devices[deviceID]; d != nil {
+		return d.Scope
+	}
+	return ""
+}
+
+func (u *Users) update(id, sql, what string, args ...any) error {
 	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
-		tag, err := tx.Exec(ctx, sql, id)
+		tag, err := tx.Exec(ctx, sql, append([]any{id}, args...)...)
 		if err != nil {
 			return err
 		}

@@ -242,6 +242,16 @@ func TestAuditTrailOfSessionsAndAdminActs(t *testing.T) {
 		g, _ := l["groups"].([]any)
 		return l["act"] == "enroll_token" && l["subject"] == "carol@tablet" && l["result"] == "ok" && len(g) == 1 && g[0] == "ops"
 	})
+	if _, err := ac.Enroll(ctx, admin.EnrollRequest{User: "carol", Device: "ci", Scope: "expose:ci"}); err != nil {
+		t.Fatal(err)
+	}
+	waitAudit(t, cfg.AuditLog, "carol's scoped enrollment token", func(l map[string]any) bool {
+		return l["act"] == "enroll_token" && l["subject"] == "carol@ci" && l["result"] == "ok" && l["scope"] == "expose:ci"
+	})
+	// Bad input: a scope TP does not know issues no token.
+	if _, err := ac.Enroll(ctx, admin.EnrollRequest{User: "carol", Device: "ci2", Scope: "dial:all"}); err == nil || !strings.Contains(err.Error(), "want expose:LABEL") {
+		t.Fatalf("an enrollment with scope dial:all: %v; want it refused, naming the scopes there are", err)
+	}
 
 	lines := auditLines(t, cfg.AuditLog)
 	count := map[string]int{}

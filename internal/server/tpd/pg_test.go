@@ -266,6 +266,9 @@ func TestPGMigrateDataDir(t *testing.T) {
 	if _, err := r.d.Users().Enroll("bob", "phone", []string{"ops"}, time.Hour); err != nil {
 		t.Fatal(err)
 	}
+	if err := r.d.Users().SetScope("bob@phone", "expose:phone"); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := r.d.Users().Enroll("mallory", "pc", nil, time.Hour); err != nil {
 		t.Fatal(err)
 	}
@@ -319,6 +322,9 @@ func TestPGMigrateDataDir(t *testing.T) {
 	}
 	if bob.PendingTokens != 1 || strings.Join(bob.Groups, ",") != "ops" {
 		t.Fatalf("bob after the migration: %+v; want his pending token and group ops", bob)
+	}
+	if sc := r2.d.Users().Scope("bob@phone"); sc != "expose:phone" {
+		t.Fatalf("bob@phone's scope after the migration: %q; want expose:phone", sc)
 	}
 
 	r2.stop()

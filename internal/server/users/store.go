@@ -69,6 +69,10 @@ type Device struct {
 	// enrolled with a token. With sso-renew: sign-in, its renewals need a
 	// fresh sign-in of that subject.
 	SSOSubject string `json:"sso_subject,omitempty"`
+	// Scope narrows what the device may do before the policy is asked
+	// (authz.Scope): "" for none, "expose:LABEL" for a credential that may
+	// only keep LABEL exposed. Enrolling the device again keeps it.
+	Scope authz.Scope `json:"scope,omitempty"`
 }
 
 type token struct {
@@ -89,6 +93,9 @@ type state struct {
 // connection's check never waits for a disk or a database.
 type Store interface {
 	authz.Directory
+	// Scope is a device's scope (authz.Scoper): the policy's Authorizer reads
+	// it at every decision.
+	authz.Scoper
 	// Enroll creates the user if needed (setting groups when given), reserves
 	// the device name and returns a one-time token that binds a device key to
 	// user@device. Enrolling an existing device again lets its owner replace
@@ -111,6 +118,9 @@ type Store interface {
 	SignedIn(id, subject string, groups []string) error
 	// RevokeDevice stops a device from logging in or connecting.
 	RevokeDevice(id string) error
+	// SetScope gives the device (enrolled, or reserved by Enroll) a scope
+	// (authz.Scope), which narrows what it may do before the policy is asked.
+	SetScope(id string, scope authz.Scope) error
 	// DropTokens deletes the pending enrollment tokens of user@device, or of
 	// all the user's devices when device is empty, and says how many.
 	DropTokens(user, device string) (int, error)
@@ -321,6 +331,34 @@ func (s *File) Lookup(deviceID string) ([]string, error) {
 		return nil, fmt.Errorf("user %s is disabled: %w", d.User, authz.ErrRevoked)
 	}
 	return slices.Clone(u.Groups), nil
+}
+
+// Scope is the device's scope ("" when it has none or is unknown).
+func (s *File) Scope(deviceID string) authz.Scope {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if d := s.st.Devices[deviceID]; d != nil {
+		return d.Scope
+	}
+	return ""
+}
+
+// SetScope gives the device a scope (authz.Scope).
+func (s *File) SetScope(id string, scope authz.Scope) error {
+	if _, err := authz.ParseScope(string(scope)); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.st.Devices[id]
+	if d == nil {
+		return fmt.Errorf("device %s: %w", id, ErrNotFound)
+	}
+	if d.Scope == scope {
+		return nil
+	}
+	d.Scope = scope
+	return s.saveLocked()
 }
 
 // RevokeDevice stops a device from logging in or connecting.

@@ -144,3 +144,47 @@ func TestDropTokens(t *testing.T) {
 		t.Fatalf("another user's token was dropped: %v", err)
 	}
 }
+
+// A device's scope is saved, survives a reload and a new token for the
+// device (enrolling again never widens it). Bad input: a scope TP does not
+// know, and a device that does not exist.
+func TestScopePersists(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "users.json")
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	enr, err := s.Enroll("alice", "ci", nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetScope(enr.DeviceID, "expose:ci"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetScope(enr.DeviceID, "dial:all"); err == nil || !strings.Contains(err.Error(), "want expose:LABEL") {
+		t.Fatalf("an unknown scope: %v", err)
+	}
+	if err := s.SetScope("alice@nothing", "expose:ci"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("a scope for a device that does not exist: %v; want ErrNotFound", err)
+	}
+	if _, err := s.Redeem(enr.Token, []byte("key")); err != nil {
+		t.Fatal(err)
+	}
+	again, err := s.Enroll("alice", "ci", nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Redeem(again.Token, []byte("key2")); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s2.Scope("alice@ci"); got != "expose:ci" {
+		t.Fatalf("scope after a new key and a reload: %q; want expose:ci", got)
+	}
+	if got := s2.Scope("alice@nothing"); got != "" {
+		t.Fatalf("scope of an unknown device: %q", got)
+	}
+}

@@ -1,0 +1,98 @@
+package authz
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Scope narrows what a device may do, before the policy is asked: a device
+// with a scope is refused every request outside it, whatever the policy
+// says, and what is inside it still needs the policy's allow. The empty
+// scope is none: the device may do what the policy allows.
+//
+//	expose:LABEL         keep an agent registered for the reverse name LABEL
+//	                     (listen, and serve it over HTTP): nothing else, no dial
+//	expose-public:LABEL  that, and publish LABEL on public ports and TLS
+//	                     server names
+//
+// A credential for an application that should not hold a person's identity
+// (a CI job's agent, a service that publishes itself) is a device with a
+// scope: it can keep its one name up and do nothing else.
+type Scope string
+
+// Scope kinds.
+const (
+	scopeExpose       = "expose"
+	scopeExposePublic = "expose-public"
+)
+
+// ParseScope checks s, a scope as written above ("" for none).
+func ParseScope(s string) (Scope, error) {
+	if s == "" {
+		return "", nil
+	}
+	kind, label, ok := strings.Cut(s, ":")
+	if !ok || (kind != scopeExpose && kind != scopeExposePublic) {
+		return "", fmt.Errorf("scope %q: want expose:LABEL or expose-public:LABEL", s)
+	}
+	if !dnsLabel(label) {
+		return "", fmt.Errorf("scope %q: %q is not a reverse name's label (1 to 63 lower-case letters, digits or '-', not starting or ending with '-')", s, label)
+	}
+	return Scope(s), nil
+}
+
+// Label is the reverse name label the scope is about ("" for none).
+func (s Scope) Label() string {
+	_, label, _ := strings.Cut(string(s), ":")
+	return label
+}
+
+// Allows says whether req is inside the scope, and when it is not, why, in a
+// sentence for the person who holds the device. An unknown scope (one that
+// ParseScope refuses) allows nothing.
+func (s Scope) Allows(req Request) (bool, string) {
+	if s == "" {
+		return true, ""
+	}
+	kind, label, _ := strings.Cut(string(s), ":")
+	if _, err := ParseScope(string(s)); err != nil {
+		return false, fmt.Sprintf("%s holds a credential whose scope %q TP does not know, so it may do nothing; enrol it again", req.Identity, string(s))
+	}
+	out := fmt.Sprintf("%s holds a credential that may only keep %s exposed (scope %s), not %s", req.Identity, label, string(s), req.Asked())
+	switch req.Action {
+	case ActionListen, ActionExposeHTTP:
+		if req.Destination.Reverse == label {
+			return true, ""
+		}
+	case ActionExposePublic:
+		if req.Destination.Reverse == label && kind == scopeExposePublic {
+			return true, ""
+		}
+		if req.Destination.Reverse == label {
+			return false, fmt.Sprintf("%s holds a credential that may keep %s exposed to devices only (scope %s), not publicly", req.Identity, label, string(s))
+		}
+	}
+	return false, out
+}
+
+// Scoper is implemented by a Directory that knows devices' scopes.
+type Scoper interface {
+	// Scope is the device's scope, "" when it has none (or is unknown: the
+	// directory's Lookup refuses an unknown device anyway).
+	Scope(deviceID string) Scope
+}
+
+// dnsLabel reports whether l is one lower-case DNS label, as reverse names'
+// labels are.
+func dnsLabel(l string) bool {
+	if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
+		return false
+	}
+	for i := 0; i < len(l); i++ {
+		c := l[i]
+		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
