@@ -96,6 +96,9 @@ func TestPGTwoInstancesShareUsersAndDenyList(t *testing.T) {
 		}
 	}
 
+	// The dial through A closed its tunnel; A ends the session once the echo
+	// service's side has ended too, a moment later.
+	waitFor(t, "A's session of the dial through it ended", func() bool { return a.d.proxy.Live() == 0 })
 	live := openSession(t, c, echo) // on B
 	res, err := a.d.Revoke(context.Background(), "device", "alice@laptop", false)
 	if err != nil {
