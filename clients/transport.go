@@ -138,7 +138,14 @@ func (d *Dialer) tripAuto(ctx context.Context, t trip) (net.Conn, error) {
 func (d *Dialer) tripQUIC(ctx context.Context, t trip) (net.Conn, error) {
 	c, conn, err := d.onQUIC(ctx, t)
 	if conn != nil && d.quicAgain(conn, err, t) && ctx.Err() == nil {
-		c, _, err = d.onQUIC(ctx, t) // the connection died under us: once on a fresh one
+		c, conn, err = d.onQUIC(ctx, t) // the connection died under us: once on a fresh one
+	}
+	if conn == nil && err != nil && !errors.Is(ctx.Err(), context.Canceled) {
+		// No connection to the server: one sentence with the telling cause, as
+		// auto's race says it (a handshake nobody answered ends in quic-go's
+		// idle timeout, which explainQUICErr reads as a server that stopped
+		// answering).
+		return nil, d.unreachable(err)
 	}
 	return c, err
 }
