@@ -177,10 +177,12 @@ type liveSession struct {
 	end  func(t *testing.T) string
 }
 
-// liveSessions opens three sessions to dest as env's device, each past the
+// liveSessions opens four sessions to dest as env's device, each past the
 // destination's first line: tp HOST PORT over QUIC, tp HOST PORT over TLS (a
-// TLS connection of its own), and tp forward over TLS (a stream of a tp-mux/1
-// connection).
+// TLS connection of its own), tp forward over TLS (a stream of a tp-mux/1
+// connection) and tp forward over QUIC (a QUIC stream). tp forward over QUIC
+// once logged a revocation's cut as "the second connection failed: stream
+// reset by the peer: …", Bridge's words with who cut it and what to do lost.
 func liveSessions(t *testing.T, env []string, dest string) []liveSession {
 	t.Helper()
 	host, port, _ := net.SplitHostPort(dest)
@@ -188,20 +190,30 @@ func liveSessions(t *testing.T, env []string, dest string) []liveSession {
 		liveTP(t, env, "tp over QUIC", "--transport", "quic", host, port),
 		liveTP(t, env, "tp over TLS", "--transport", "tls", host, port),
 	}
-	local, log := startForward(t, env, dest, "--transport", "tls")
-	c, err := net.DialTimeout("tcp", local, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
+	for _, fwd := range []struct{ name, transport string }{
+		{"tp forward over tp-mux/1", "tls"},
+		{"tp forward over QUIC", "quic"},
+	} {
+		local, log := startForward(t, env, dest, "--transport", fwd.transport)
+		c, err := net.DialTimeout("tcp", local, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(60 * time.Second))
+		if line, err := bufio.NewReader(c).ReadString('\n'); err != nil || line != "hello\n" {
+			t.Fatalf("%s relayed %q, %v; its log:\n%s", fwd.name, line, err, log.String())
+		}
+		out = append(out, liveSession{name: fwd.name, end: func(t *testing.T) string {
+			t.Helper()
+			line := waitLine(t, log, "msg=forward ", 60*time.Second)
+			if strings.Contains(line, "second connection") {
+				t.Errorf("%s names the tunnel by its place in Bridge:\n%s", fwd.name, line)
+			}
+			return line
+		}})
 	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(60 * time.Second))
-	if line, err := bufio.NewReader(c).ReadString('\n'); err != nil || line != "hello\n" {
-		t.Fatalf("tp forward relayed %q, %v; its log:\n%s", line, err, log.String())
-	}
-	return append(out, liveSession{name: "tp forward over tp-mux/1", end: func(t *testing.T) string {
-		t.Helper()
-		return waitLine(t, log, "msg=forward ", 60*time.Second)
-	}})
+	return out
 }
 
 // liveTP runs `tp args…` (HOST PORT at the end) with its standard input held
