@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -126,6 +127,36 @@ func TestSessionEndMessages(t *testing.T) {
 		for _, w := range want {
 			if !strings.Contains(line, w) {
 				t.Errorf("tp forward does not say %q:\n%s", w, line)
+			}
+		}
+	})
+
+	t.Run("public name's service down", func(t *testing.T) {
+		// Bad input: alice exposes on a public port a local port where
+		// nothing listens, and bob's device dials the name through TP. Over
+		// QUIC tp once said "tp dial game.rev.tp.internal:PORT via ADDR:
+		// reading server hello: read quic [::]:PORT->ADDR: stream reset by
+		// the peer: the other end of the session reset it or failed": the
+		// agent resets a public session whose service it cannot reach, and
+		// the server's reset of the request overtook its ok.
+		port := testnet.FreePort(t, "tcp")
+		srv := startServer(t, publicPolicy, "TP_PUBLIC_PORTS="+strconv.Itoa(port))
+		alice := srv.login(t, "alice", "laptop")
+		bob := srv.login(t, "bob", "phone")
+		startExpose(t, alice, "game", testnet.Refusing(t), "--public", strconv.Itoa(port))
+		for _, transport := range []string{"quic", "tls"} {
+			for range 3 { // the server's answer and its reset race: either may reach tp first
+				want := []string{"service"}
+				if transport == "tls" { // the ok always comes first: the cut is asked about
+					want = []string{"cut off by the exposed service's side", "its agent could not connect to its local service"}
+				}
+				out := expectFail(t, bob, "public service down, over "+transport, want,
+					binary("tp"), "--transport", transport, "game.rev.tp.internal", strconv.Itoa(port))
+				for _, internal := range []string{"read quic", "reading server hello", "stream reset by the peer"} {
+					if strings.Contains(out, internal) {
+						t.Errorf("over %s, tp shows %q:\n%s", transport, internal, out)
+					}
+				}
 			}
 		}
 	})
@@ -330,3 +361,20 @@ func expireCertificate(t *testing.T, srv *server, home string) {
 		t.Fatal(err)
 	}
 }
+
+// publicPolicy lets alice expose names on public ports and bob dial them.
+const publicPolicy = `package tp.authz
+
+default allow := false
+
+allow if {
+	input.action in {"listen", "expose_public"}
+	input.identity.user == "alice"
+}
+
+allow if {
+	input.action == "dial"
+	endswith(input.destination.host, ".rev.tp.internal")
+	input.identity.user == "bob"
+}
+`
