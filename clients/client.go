@@ -228,6 +228,13 @@ func (c *Client) WhyRejected(ctx context.Context, err error) error {
 	return err
 }
 
+// clientCertError is a handshake this device ended because it had no
+// certificate to show (an expired one it cannot renew): the server refused
+// nothing, and the error's own words say what to do.
+type clientCertError struct{ error }
+
+func (e *clientCertError) Unwrap() error { return e.error }
+
 // renewable says why this device cannot renew its certificate (nor log in
 // with dlogin): its device key is missing; nil when it can.
 func (c *Client) renewable() error {
@@ -261,7 +268,11 @@ func (c *Client) Dialer() (*Dialer, error) {
 			// server, and so does the first of many `tp` processes ssh starts.
 			ClientSessionCache: tickets,
 			GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
-				return c.Certificate(cri.Context())
+				cert, err := c.Certificate(cri.Context())
+				if err != nil {
+					return nil, &clientCertError{err}
+				}
+				return cert, nil
 			},
 		},
 	}, nil

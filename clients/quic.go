@@ -568,8 +568,14 @@ func explainQUICErr(err error, expiredAdvice func() string) error {
 		return fmt.Errorf("the client certificate expired; %s (%w)", advice, err)
 	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICRefused:
 		return fmt.Errorf("the TP server is busy and refused the connection; try again (%w)", err)
-	case errors.As(err, &te) && te.ErrorCode.IsCryptoError():
+	case errors.As(err, &te) && te.ErrorCode.IsCryptoError() && te.Remote:
 		return &transport.RejectedError{Err: err}
+	case errors.As(err, new(*clientCertError)):
+		// This side ended the handshake: it had no certificate to show
+		// (Client.Dialer's GetClientCertificate), not the server's refusal.
+		var ce *clientCertError
+		errors.As(err, &ce)
+		return &explainedErr{msg: ce.Error(), err: err}
 	case errors.As(err, new(*quic.IdleTimeoutError)):
 		return fmt.Errorf("the TP server stopped answering (network down, or the server is gone): %w", err)
 	case errors.As(err, new(*quic.StatelessResetError)):

@@ -21,6 +21,11 @@ func (d *Dialer) unreachable(err error) error {
 	if timeout <= 0 {
 		timeout = DefaultDialTimeout
 	}
+	if ce := (*clientCertError)(nil); errors.As(err, &ce) {
+		// No attempt got as far as the server's answer: this device had no
+		// certificate to show, which its own error explains.
+		return &UnreachableError{Server: d.Server, Cause: "this device has no certificate to show it: " + ce.Error(), Err: err}
+	}
 	udpOnly := d.mode() == TransportQUIC && (d.Carrier == "" || d.Carrier == wire.CarrierUDP) && len(d.FallbackCarriers) == 0
 	return &UnreachableError{Server: d.Server, Cause: transport.ReachCause(err, timeout, udpOnly, d.expiredAdvice()), Err: err}
 }

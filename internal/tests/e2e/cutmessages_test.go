@@ -182,6 +182,12 @@ func TestSessionEndMessages(t *testing.T) {
 			"tp whoami": expectFail(t, env, "tp whoami", append(want, "EXPIRED", "without the device key it cannot be renewed"), binary("tp"), "whoami"),
 			"dlogin":    expectFail(t, env, "dlogin", append(want, "the device key is missing"), binary("dlogin")),
 		}
+		for _, transport := range []string{"quic", "tls"} {
+			outs["tp over "+transport] = expectFail(t, env, "tp over "+transport, append(want, "expired", "cannot be renewed"),
+				binary("tp"), "--transport", transport, "127.0.0.1", "22")
+			outs["tp forward over "+transport] = expectFail(t, env, "tp forward over "+transport, append(want, "expired", "cannot be renewed"),
+				binary("tp"), "forward", "--transport", transport, "127.0.0.1:0", "127.0.0.1:22")
+		}
 		for cmd, out := range outs {
 			for _, wrong := range []string{"tp renews it", "run dlogin", "dlogin --token"} {
 				if strings.Contains(out, wrong) {
