@@ -140,11 +140,11 @@ func (d *Dialer) tripQUIC(ctx context.Context, t trip) (net.Conn, error) {
 	if conn != nil && d.quicAgain(conn, err, t) && ctx.Err() == nil {
 		c, conn, err = d.onQUIC(ctx, t) // the connection died under us: once on a fresh one
 	}
-	if conn == nil && err != nil && !errors.Is(ctx.Err(), context.Canceled) {
-		// No connection to the server: one sentence with the telling cause, as
-		// auto's race says it (a handshake nobody answered ends in quic-go's
-		// idle timeout, which explainQUICErr reads as a server that stopped
-		// answering).
+	if conn == nil && err != nil && !errors.Is(ctx.Err(), context.Canceled) && (d.Carrier == "" || d.Carrier == wire.CarrierUDP) {
+		// No connection to the server over UDP: one sentence with the telling
+		// cause, as auto's race says it (a handshake nobody answered ends in
+		// quic-go's idle timeout, which explainQUICErr reads as a server that
+		// stopped answering). A stream carrier's error names the carrier.
 		return nil, d.unreachable(err)
 	}
 	return c, err
