@@ -58,6 +58,27 @@ func TestSessionEndMessages(t *testing.T) {
 		}
 	})
 
+	t.Run("revoked mid-flow", func(t *testing.T) {
+		// Bad input: the device is revoked while tp forward --udp relays a
+		// flow. Its line once came only at the source's next datagram or at
+		// tp's stop, and read `end="read quic [::]:PORT->ADDR: stream reset
+		// by the peer: the device, its user or its certificate was revoked"`.
+		srv := startServer(t, udpDialPolicy)
+		env := srv.login(t, "alice", "laptop")
+		local, log := startForward(t, env, testnet.EchoUDP(t), "--udp")
+		udpEchoE2E(t, local, "before the revocation")
+		run(t, nil, binary("tpd"), "revoke", "--device", "alice@laptop", "--data-dir", srv.DataDir)
+		line := waitLine(t, log, `msg="udp flow"`, 30*time.Second)
+		for _, want := range []string{"the flow was cut off by the TP server (revoked)", "was revoked on the TP server", "ask your TP administrator"} {
+			if !strings.Contains(line, want) {
+				t.Errorf("the flow's line does not say %q:\n%s", want, line)
+			}
+		}
+		if strings.Contains(line, "read quic") {
+			t.Errorf("the flow's line shows Go's error:\n%s", line)
+		}
+	})
+
 	t.Run("server stopped mid-session", func(t *testing.T) {
 		// Was "… (the server could not say more: connecting to TP server ADDR:
 		// nothing listens there (TCP connection refused): is tpd running, and
@@ -382,5 +403,17 @@ allow if {
 	input.action == "dial"
 	endswith(input.destination.host, ".rev.tp.internal")
 	input.identity.user == "bob"
+}
+`
+
+// udpDialPolicy lets alice send UDP to 127.0.0.1.
+const udpDialPolicy = `package tp.authz
+
+default allow := false
+
+allow if {
+	input.action == "dial_udp"
+	input.identity.user == "alice"
+	input.destination.host == "127.0.0.1"
 }
 `
