@@ -261,7 +261,11 @@ func (c *Client) Dialer() (*Dialer, error) {
 			// server, and so does the first of many `tp` processes ssh starts.
 			ClientSessionCache: tickets,
 			GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
-				return c.Certificate(cri.Context())
+				cert, err := c.Certificate(cri.Context())
+				if err != nil {
+					return nil, &transport.ClientCertError{Err: err} // no certificate to show: not the server's refusal
+				}
+				return cert, nil
 			},
 		},
 	}, nil

@@ -1,12 +1,14 @@
 package clients
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/x509"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/quic-go/quic-go"
 
@@ -84,6 +86,63 @@ func TestExpiredCutAdvice(t *testing.T) {
 		msg := tc.err.Error()
 		if !strings.Contains(msg, "the client certificate expired") || !strings.Contains(msg, "tpd enroll alice --device laptop") || strings.Contains(msg, "tp renews it") {
 			t.Errorf("without the device key, %s for an expired certificate says %q; want the advice to enrol again, not a renewal", tc.name, msg)
+		}
+	}
+}
+
+// A connection to the server that needs a new handshake (tp forward's after
+// its QUIC connection was cut, a dial over TLS) while the certificate has
+// expired and the device key is missing says that this device must be
+// enrolled again. Bad state: the certificate past its end (the Client's
+// clock 5 hours on) and device.key gone. Over QUIC tp once said "cannot reach
+// the TP server at ADDR: it refused this device's certificate (tp whoami asks
+// it why; dlogin gets a new certificate …)": the handshake this side ended
+// for want of a certificate read as the server's refusal.
+func TestExpiredWithoutKeyHandshake(t *testing.T) {
+	t.Parallel()
+	ca := testpki.New(t)
+	cert := ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{})
+	h := Home{Dir: t.TempDir()}
+	if err := h.Init(); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SaveProfile(Profile{Server: "https://127.0.0.1:8443", DeviceID: "alice@laptop"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SaveRoot(ca.Root); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SaveCredentials(&login.Credentials{Chain: []*x509.Certificate{cert.Leaf, ca.Intermediate}, Key: cert.PrivateKey.(*ecdsa.PrivateKey)}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(h) // no device key saved
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Now = func() time.Time { return time.Now().Add(5 * time.Hour) }
+	for _, transport := range []string{TransportQUIC, TransportTLS, TransportAuto} {
+		srv := StartTestServerQUIC(t, nil) // a real server; only its address and root are used
+		d, err := c.Dialer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.Server, d.QUICServer, d.Transport, d.Cache = srv.Server, srv.QUICServer, transport, nil
+		d.TLSConfig.RootCAs = srv.TLSConfig.RootCAs
+		_, err = d.DialContext(context.Background(), "tcp", "db.internal:5432")
+		_ = d.Close()
+		if err == nil {
+			t.Fatalf("over %s, a dial without a certificate to show succeeded", transport)
+		}
+		msg := err.Error()
+		for _, want := range []string{"certificate expired at", "cannot be renewed", "the device key is missing", "tpd enroll alice --device laptop"} {
+			if !strings.Contains(msg, want) {
+				t.Errorf("over %s, the dial says %q; want %q in it", transport, msg, want)
+			}
+		}
+		for _, wrong := range []string{"refused this device's certificate", "rejected", "dlogin gets a new", "CRYPTO_ERROR"} {
+			if strings.Contains(msg, wrong) {
+				t.Errorf("over %s, the dial says %q: %q is not what happened", transport, msg, wrong)
+			}
 		}
 	}
 }

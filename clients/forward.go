@@ -93,9 +93,28 @@ func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Con
 	}
 	end := "closed"
 	if err != nil {
-		end = ExplainCut(ctx, err).Error()
+		end = cutText(ExplainCut(ctx, err))
 	}
 	log.Info("forward", append(attrs, "bytes_up", up, "bytes_down", down, "duration", time.Since(start), "end", end)...)
+}
+
+// cutText is how a forwarded connection's cut reads in the forward line: a
+// cut of the tunnel as CutError explains it (who cut it and why), a failure
+// of the local client's connection as that. Bridge's own text would not do:
+// it names its connections "first" and "second", and over QUIC it keeps only
+// the stream's reset inside a CutError, dropping what Explain learnt.
+func cutText(err error) string {
+	var ce *CutError
+	var bc *wire.CutError
+	switch {
+	case errors.As(err, &ce):
+		return ce.Error()
+	case errors.As(err, &bc) && bc.B:
+		return "the connection through TP failed: " + wire.UnwrapOpError(bc.Err).Error()
+	case errors.As(err, &bc): // Bridge's first connection is the local client's
+		return "the local client's connection failed: " + wire.UnwrapOpError(bc.Err).Error()
+	}
+	return err.Error()
 }
 
 // dial connects the tunnel for local on a goroutine of its own. The dial goes

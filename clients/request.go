@@ -186,6 +186,14 @@ func exchangeWith(conn net.Conn, hello wire.ClientHello, then []byte) (wire.Serv
 // alert: with TLS 1.3 the client's handshake completes before the server has
 // checked the client certificate, so a rejected certificate surfaces here.
 func explainHelloErr(err error, expiredAdvice func() string) error {
+	if code, reset := wire.StreamResetCode(err); reset && code == wire.QUICPeerReset {
+		// The session began and its other end reset it at once (an exposed
+		// service's agent that cannot connect to its local service resets a
+		// public name's session): the server's reset of this request overtook
+		// its ok, which a reset stream drops unread.
+		return transport.Explained("the session ended at once, before the TP server's answer arrived: "+resetText(code, nil)+
+			"; is the service there running?", err)
+	}
 	var ce *wire.QUICConnError
 	if _, reset := wire.StreamResetCode(err); reset || errors.As(err, &ce) {
 		return transport.ExplainQUIC(err, expiredAdvice)

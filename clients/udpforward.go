@@ -233,13 +233,19 @@ func (f *UDPForwarder) runFlow(ctx context.Context, log *slog.Logger, pc net.Pac
 	}()
 	err = <-ends
 	_ = conn.Close()
+	e.cancel(err) // the other direction waits for the source's next datagram otherwise
 	<-ends
 	end := "closed"
+	code, reset := wire.StreamResetCode(err)
 	switch {
 	case errors.Is(err, errFlowIdle), errors.Is(err, errFlowEvicted):
 		end = err.Error()
 	case errors.Is(err, context.Canceled):
 		end = "forwarder stopped"
+	case reset && code != wire.QUICNoError:
+		// The server (or the other end, through it) cut the flow, and its code
+		// says why: said as a cut session's end is.
+		end = "the flow was cut off by the TP server (" + wire.EndName(code) + "): " + resetText(code, nil)
 	case err != nil && !wire.IsNormalEnd(err):
 		end = err.Error()
 	default:

@@ -80,3 +80,29 @@ func TestUnreachableNamesTheTellingCause(t *testing.T) {
 		t.Errorf("retry line:\n  %s\nwant\n  %s", got, want)
 	}
 }
+
+// A dial with --transport quic to a server that never answers over UDP says so
+// in the same sentence as auto's, after the dial's Timeout. Bad input: a UDP
+// port that takes the packets and answers none. tp once said "connecting to
+// TP server ADDR over QUIC: the TP server stopped answering (network down, or
+// the server is gone): timeout: no recent network activity", of a server that
+// had never answered.
+func TestQUICOnlyUnreachable(t *testing.T) {
+	t.Parallel()
+	silent, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	addr := silent.LocalAddr().String()
+	d := &Dialer{Server: addr, Transport: TransportQUIC, Timeout: 2 * time.Second, TLSConfig: &tls.Config{}}
+	defer d.Close()
+	_, err = d.DialContext(context.Background(), "tcp", "db.internal:5432")
+	if ue := (*UnreachableError)(nil); !errors.As(err, &ue) {
+		t.Fatalf("a QUIC dial to %s, which never answers, failed with %v (%T); want an *UnreachableError", addr, err, err)
+	}
+	want := "cannot reach the TP server at " + addr + ": no answer over UDP within 2s: is tpd running there, and does this network let UDP through (--transport tls avoids UDP)?"
+	if err.Error() != want {
+		t.Errorf("a QUIC dial to a silent server says\n\t%s\nwant\n\t%s", err, want)
+	}
+}

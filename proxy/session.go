@@ -219,7 +219,7 @@ func (ss *session) endOf(err error) wire.SessionEnd {
 	case errors.As(err, &re):
 		return wire.SessionEnd{Code: wire.EndName(re.Code()), By: "server", Reason: "the TP server ended the session: " + re.Reason}
 	case errors.As(err, &ce) && ce.B && ss.peer == "agent":
-		return wire.SessionEnd{Code: wire.EndPeerReset, By: "agent", Reason: "the exposed service's side of the session to " + ss.dest + " was cut off (its agent disconnected, or the service reset the connection)"}
+		return wire.SessionEnd{Code: wire.EndPeerReset, By: "agent", Reason: "the exposed service's side of the session to " + ss.dest + " was cut off (its agent could not connect to its local service or lost it, or the agent disconnected)"}
 	case errors.As(err, &ce) && ce.B:
 		return wire.SessionEnd{Code: wire.EndPeerReset, By: "destination", Reason: "the destination " + ss.dest + " reset the connection or failed"}
 	case errors.As(err, &ce):

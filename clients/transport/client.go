@@ -245,6 +245,11 @@ func (cl *Client) Unreachable(err error) error {
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
+	if ce := (*ClientCertError)(nil); errors.As(err, &ce) {
+		// No attempt got as far as the server's answer: this device had no
+		// certificate to show, which its own error explains.
+		return &UnreachableError{Server: cl.Server, Cause: "this device has no certificate to show it: " + ce.Error(), Err: err}
+	}
 	udpOnly := cl.mode() == QUIC && (cl.Carrier == "" || cl.Carrier == wire.CarrierUDP) && len(cl.FallbackCarriers) == 0
 	return &UnreachableError{Server: cl.Server, Cause: ReachCause(err, timeout, udpOnly, cl.expiredAdvice()), Err: err}
 }
@@ -401,7 +406,14 @@ func (cl *Client) tripAuto(ctx context.Context, t Trip) (net.Conn, error) {
 func (cl *Client) tripQUIC(ctx context.Context, t Trip) (net.Conn, error) {
 	c, conn, err := cl.onQUIC(ctx, t)
 	if conn != nil && cl.quicAgain(conn, err, t) && ctx.Err() == nil {
-		c, _, err = cl.onQUIC(ctx, t) // the connection died under us: once on a fresh one
+		c, conn, err = cl.onQUIC(ctx, t) // the connection died under us: once on a fresh one
+	}
+	if conn == nil && err != nil && !errors.Is(ctx.Err(), context.Canceled) && (cl.Carrier == "" || cl.Carrier == wire.CarrierUDP) {
+		// No connection to the server over UDP: one sentence with the telling
+		// cause, as auto's race says it (a handshake nobody answered ends in
+		// quic-go's idle timeout, which ExplainQUIC reads as a server that
+		// stopped answering). A stream carrier's error names the carrier.
+		return nil, cl.Unreachable(err)
 	}
 	return c, err
 }

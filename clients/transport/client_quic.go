@@ -565,8 +565,14 @@ func ExplainQUIC(err error, expiredAdvice func() string) error {
 		return fmt.Errorf("the client certificate expired; %s (%w)", advice, err)
 	case errors.As(err, &ae) && ae.Remote && ae.ErrorCode == wire.QUICRefused:
 		return fmt.Errorf("the TP server is busy and refused the connection; try again (%w)", err)
-	case errors.As(err, &te) && te.ErrorCode.IsCryptoError():
+	case errors.As(err, &te) && te.ErrorCode.IsCryptoError() && te.Remote:
 		return &RejectedError{Err: err}
+	case errors.As(err, new(*ClientCertError)):
+		// This side ended the handshake: it had no certificate to show
+		// (clients.Client.Dialer's GetClientCertificate), not the server's refusal.
+		var ce *ClientCertError
+		errors.As(err, &ce)
+		return &explainedErr{msg: ce.Error(), err: err}
 	case errors.As(err, new(*quic.IdleTimeoutError)):
 		return fmt.Errorf("the TP server stopped answering (network down, or the server is gone): %w", err)
 	case errors.As(err, new(*quic.StatelessResetError)):
@@ -669,3 +675,15 @@ func (cl *Client) QUICDatagramsDropped() int64 { return cl.quic.drops.Dropped() 
 func NewStream(conn *quic.Conn, str *quic.Stream) *ClientStream {
 	return &ClientStream{QUICStream: wire.NewQUICStream(conn, str)}
 }
+
+// ClientCertError is a handshake this device ended because it had no
+// certificate to show (an expired one it cannot renew): the server refused
+// nothing, and the error's own words say what to do.
+type ClientCertError struct{ Err error }
+
+func (e *ClientCertError) Error() string { return e.Err.Error() }
+func (e *ClientCertError) Unwrap() error { return e.Err }
+
+// Explained is err said as msg: msg is what a person reads, err stays in the
+// chain for errors.Is and errors.As.
+func Explained(msg string, err error) error { return &explainedErr{msg: msg, err: err} }

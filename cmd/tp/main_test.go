@@ -105,6 +105,34 @@ func TestUnknownFlagSuggestsOne(t *testing.T) {
 	}
 }
 
+// A flag given a value it cannot take, or none, says what it takes. Bad input:
+// a duration without a unit, a port that is not a number, a flag with its
+// value left out. tp once said `invalid argument "abc" for "--public" flag:
+// strconv.ParseInt: parsing "abc": invalid syntax` and `flag needs an
+// argument: --public`.
+func TestFlagValueMistakes(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"forward", "--udp-idle", "5", "a:1", "b:2"},
+			`--udp-idle takes a duration with a unit, e.g. 30s, 5m or 1h30m, not "5" (tp forward --help lists its flags)`},
+		{[]string{"expose", "game", "127.0.0.1:27015", "--public", "abc"},
+			`--public takes a whole number, not "abc" (tp expose --help lists its flags)`},
+		{[]string{"expose", "game", "127.0.0.1:27015", "--public"},
+			"--public needs a value: a whole number (tp expose --help lists its flags)"},
+		{[]string{"expose", "web", "127.0.0.1:80", "--allow-user"},
+			"--allow-user needs a value: users whose devices may connect (repeatable) (tp expose --help lists its flags)"},
+		{[]string{"--timeout", "10", "db.internal", "22"},
+			`--timeout takes a duration with a unit, e.g. 30s, 5m or 1h30m, not "10" (tp --help lists its flags)`},
+	} {
+		err := run(context.Background(), tt.args, nil, new(bytes.Buffer), new(bytes.Buffer))
+		if err == nil || err.Error() != tt.want {
+			t.Errorf("tp %s:\n  %v\nwant\n  %s", strings.Join(tt.args, " "), err, tt.want)
+		}
+	}
+}
+
 // tp ssh-config --write puts one marked block into the ssh config, keeps what
 // the file held, and replaces (not repeats) the block when run again.
 func TestSSHConfigWriteIsIdempotent(t *testing.T) {

@@ -19,7 +19,14 @@ func TestCommandLineMistakes(t *testing.T) {
 		{[]string{"enroll", "--device", "laptop"},
 			"tpd enroll needs USER (got none): tpd enroll USER --device NAME, e.g. tpd enroll alice --device laptop --groups ops"},
 		{[]string{"enroll", "alice", "bob", "--device", "laptop"},
-			`tpd enroll takes only USER (got "bob" after them)`},
+			`tpd enroll takes only USER (got "bob" after it)`},
+		// Bad input: a yes-or-no flag given another word, and a flag without
+		// its value. tpd once said `invalid argument "maybe" for "--json"
+		// flag: strconv.ParseBool: parsing "maybe": invalid syntax`.
+		{[]string{"status", "--json=maybe"},
+			`--json takes true or false, not "maybe" (tpd status --help lists its flags)`},
+		{[]string{"serve", "--listen"},
+			"--listen needs a value: TCP address of the public port, host:port (env TP_LISTEN) (tpd serve --help lists its flags)"},
 		{[]string{"serve", "--data-dri", "/tmp/x"},
 			"unknown flag --data-dri for tpd serve: did you mean --data-dir? (tpd serve --help lists its flags)"},
 		{[]string{"enroll", "alice", "--devcie", "laptop"},

@@ -104,6 +104,10 @@ func ValidReverseName(name string) error {
 	}
 	for i := 0; i < len(name); i++ {
 		c := name[i]
+		if c == '.' {
+			label, _, _ := strings.Cut(name, ".")
+			return fmt.Errorf("reverse name %q must be one label, without the reverse zone: e.g. %q for %s", name, label, name)
+		}
 		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-') {
 			return fmt.Errorf("reverse name %q may only contain a-z, 0-9 and '-'", name)
 		}

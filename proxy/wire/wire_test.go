@@ -217,3 +217,23 @@ func TestStrictFrames(t *testing.T) {
 		}
 	}
 }
+
+// A reverse name that is not one DNS label says what is wrong with it. Bad
+// input: the full name with its zone, as dialers write it (tp expose
+// web.rev.tp.internal …), which once read only "may only contain a-z, 0-9
+// and '-'"; capitals and an underscore; a hyphen at the end.
+func TestReverseNameMistakes(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct{ name, want string }{
+		{"web.rev.tp.internal", `reverse name "web.rev.tp.internal" must be one label, without the reverse zone: e.g. "web" for web.rev.tp.internal`},
+		{"Web_1", `reverse name "Web_1" may only contain a-z, 0-9 and '-'`},
+		{"web-", `reverse name "web-" must not start or end with '-'`},
+	} {
+		if err := wire.ValidReverseName(tt.name); err == nil || err.Error() != tt.want {
+			t.Errorf("ValidReverseName(%q) = %v; want %s", tt.name, err, tt.want)
+		}
+	}
+	if err := wire.ValidReverseName("laptop-ssh"); err != nil {
+		t.Errorf("ValidReverseName(laptop-ssh) = %v", err)
+	}
+}

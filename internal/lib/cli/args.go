@@ -48,6 +48,8 @@ func ArgsMessage(cmd *cobra.Command, names, args []string) string {
 		b.WriteString(")")
 	case len(names) == 0:
 		fmt.Fprintf(&b, "%s takes no arguments (got %s)", path, quoted(args))
+	case len(names) == 1:
+		fmt.Fprintf(&b, "%s takes only %s (got %s after it)", path, names[0], quoted(args[1:]))
 	default:
 		fmt.Fprintf(&b, "%s takes only %s (got %s after them)", path, and(names), quoted(args[len(names):]))
 	}

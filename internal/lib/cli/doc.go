@@ -1,6 +1,7 @@
 // Package cli holds what TP's three programs (tp, tpd, dlogin) say about a
 // command line that does not fit: positional arguments named in the message
 // (Positional, instead of cobra's "accepts 2 arg(s), received 1") and an
-// unknown flag answered with the command's flags it probably meant
-// (FlagError, set with cobra.Command.SetFlagErrorFunc).
+// unknown flag answered with the command's flags it probably meant, and a
+// flag's bad or missing value with what it takes (FlagError, set with
+// cobra.Command.SetFlagErrorFunc).
 package cli

@@ -12,14 +12,24 @@ import (
 
 // FlagError answers a flag pflag does not know with the command's flags it
 // probably meant ("unknown flag --upd for tp forward: did you mean --udp?"),
-// as cobra does for commands, and points at the command's help. Other flag
-// errors (a bad value, a missing one) are left as pflag wrote them.
+// as cobra does for commands, and points at the command's help. A bad or
+// missing value is said with what the flag takes, instead of pflag's words and
+// Go's parse error ("strconv.ParseInt: parsing …: invalid syntax"). Other flag
+// errors are left as pflag wrote them.
 func FlagError(cmd *cobra.Command, err error) error {
+	path, _ := called(cmd)
+	var ive *pflag.InvalidValueError
+	var vre *pflag.ValueRequiredError
+	switch {
+	case errors.As(err, &ive) && ive.GetFlag() != nil:
+		return fmt.Errorf("--%s takes %s, not %q (%s --help lists its flags)", ive.GetFlag().Name, takes(ive.GetFlag()), ive.GetValue(), path)
+	case errors.As(err, &vre) && vre.GetFlag() != nil:
+		return fmt.Errorf("--%s needs a value: %s (%s --help lists its flags)", vre.GetFlag().Name, takes(vre.GetFlag()), path)
+	}
 	var ne *pflag.NotExistError
 	if !errors.As(err, &ne) {
 		return err
 	}
-	path, _ := called(cmd)
 	typed := "--" + ne.GetSpecifiedName()
 	word := ne.GetSpecifiedName() // what a person meant as a flag's name
 	if group := ne.GetSpecifiedShortnames(); group != "" {
@@ -38,6 +48,22 @@ func FlagError(cmd *cobra.Command, err error) error {
 		msg += ": did you mean " + or(s) + "?"
 	}
 	return fmt.Errorf("%s (%s --help lists its flags)", msg, path)
+}
+
+// takes says what a flag's value is: by its type, or by its usage line for
+// a string.
+func takes(f *pflag.Flag) string {
+	switch t := f.Value.Type(); {
+	case t == "duration":
+		return "a duration with a unit, e.g. 30s, 5m or 1h30m"
+	case strings.HasPrefix(t, "int"), strings.HasPrefix(t, "uint"):
+		return "a whole number"
+	case t == "bool":
+		return "true or false"
+	case strings.HasPrefix(t, "float"):
+		return "a number"
+	}
+	return f.Usage
 }
 
 // flagSuggestions are the names of cmd's flags (its own and those it inherits)

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -54,6 +55,27 @@ func TestSessionEndMessages(t *testing.T) {
 					t.Errorf("%s: the cut of a revoked device says %q:\n%s", s.name, wrong, out)
 				}
 			}
+		}
+	})
+
+	t.Run("revoked mid-flow", func(t *testing.T) {
+		// Bad input: the device is revoked while tp forward --udp relays a
+		// flow. Its line once came only at the source's next datagram or at
+		// tp's stop, and read `end="read quic [::]:PORT->ADDR: stream reset
+		// by the peer: the device, its user or its certificate was revoked"`.
+		srv := startServer(t, udpDialPolicy)
+		env := srv.login(t, "alice", "laptop")
+		local, log := startForward(t, env, testnet.EchoUDP(t), "--udp")
+		udpEchoE2E(t, local, "before the revocation")
+		run(t, nil, binary("tpd"), "revoke", "--device", "alice@laptop", "--data-dir", srv.DataDir)
+		line := waitLine(t, log, `msg="udp flow"`, 30*time.Second)
+		for _, want := range []string{"the flow was cut off by the TP server (revoked)", "was revoked on the TP server", "ask your TP administrator"} {
+			if !strings.Contains(line, want) {
+				t.Errorf("the flow's line does not say %q:\n%s", want, line)
+			}
+		}
+		if strings.Contains(line, "read quic") {
+			t.Errorf("the flow's line shows Go's error:\n%s", line)
 		}
 	})
 
@@ -130,6 +152,36 @@ func TestSessionEndMessages(t *testing.T) {
 		}
 	})
 
+	t.Run("public name's service down", func(t *testing.T) {
+		// Bad input: alice exposes on a public port a local port where
+		// nothing listens, and bob's device dials the name through TP. Over
+		// QUIC tp once said "tp dial game.rev.tp.internal:PORT via ADDR:
+		// reading server hello: read quic [::]:PORT->ADDR: stream reset by
+		// the peer: the other end of the session reset it or failed": the
+		// agent resets a public session whose service it cannot reach, and
+		// the server's reset of the request overtook its ok.
+		port := testnet.FreePort(t, "tcp")
+		srv := startServer(t, publicPolicy, "TP_PUBLIC_PORTS="+strconv.Itoa(port))
+		alice := srv.login(t, "alice", "laptop")
+		bob := srv.login(t, "bob", "phone")
+		startExpose(t, alice, "game", testnet.Refusing(t), "--public", strconv.Itoa(port))
+		for _, transport := range []string{"quic", "tls"} {
+			for range 3 { // the server's answer and its reset race: either may reach tp first
+				want := []string{"service"}
+				if transport == "tls" { // the ok always comes first: the cut is asked about
+					want = []string{"cut off by the exposed service's side", "its agent could not connect to its local service"}
+				}
+				out := expectFail(t, bob, "public service down, over "+transport, want,
+					binary("tp"), "--transport", transport, "game.rev.tp.internal", strconv.Itoa(port))
+				for _, internal := range []string{"read quic", "reading server hello", "stream reset by the peer"} {
+					if strings.Contains(out, internal) {
+						t.Errorf("over %s, tp shows %q:\n%s", transport, internal, out)
+					}
+				}
+			}
+		}
+	})
+
 	t.Run("expired certificate without the device key", func(t *testing.T) {
 		// Bad input: device.key deleted from TP_HOME, and the certificate
 		// expired. tp said "… renewing it failed: device key missing …;
@@ -150,6 +202,12 @@ func TestSessionEndMessages(t *testing.T) {
 			"tp":        expectFail(t, env, "tp", append(want, "expired", "cannot be renewed"), binary("tp"), "127.0.0.1", "22"),
 			"tp whoami": expectFail(t, env, "tp whoami", append(want, "EXPIRED", "without the device key it cannot be renewed"), binary("tp"), "whoami"),
 			"dlogin":    expectFail(t, env, "dlogin", append(want, "the device key is missing"), binary("dlogin")),
+		}
+		for _, transport := range []string{"quic", "tls"} {
+			outs["tp over "+transport] = expectFail(t, env, "tp over "+transport, append(want, "expired", "cannot be renewed"),
+				binary("tp"), "--transport", transport, "127.0.0.1", "22")
+			outs["tp forward over "+transport] = expectFail(t, env, "tp forward over "+transport, append(want, "expired", "cannot be renewed"),
+				binary("tp"), "forward", "--transport", transport, "127.0.0.1:0", "127.0.0.1:22")
 		}
 		for cmd, out := range outs {
 			for _, wrong := range []string{"tp renews it", "run dlogin", "dlogin --token"} {
@@ -177,10 +235,12 @@ type liveSession struct {
 	end  func(t *testing.T) string
 }
 
-// liveSessions opens three sessions to dest as env's device, each past the
+// liveSessions opens four sessions to dest as env's device, each past the
 // destination's first line: tp HOST PORT over QUIC, tp HOST PORT over TLS (a
-// TLS connection of its own), and tp forward over TLS (a stream of a tp-mux/1
-// connection).
+// TLS connection of its own), tp forward over TLS (a stream of a tp-mux/1
+// connection) and tp forward over QUIC (a QUIC stream). tp forward over QUIC
+// once logged a revocation's cut as "the second connection failed: stream
+// reset by the peer: …", Bridge's words with who cut it and what to do lost.
 func liveSessions(t *testing.T, env []string, dest string) []liveSession {
 	t.Helper()
 	host, port, _ := net.SplitHostPort(dest)
@@ -188,20 +248,30 @@ func liveSessions(t *testing.T, env []string, dest string) []liveSession {
 		liveTP(t, env, "tp over QUIC", "--transport", "quic", host, port),
 		liveTP(t, env, "tp over TLS", "--transport", "tls", host, port),
 	}
-	local, log := startForward(t, env, dest, "--transport", "tls")
-	c, err := net.DialTimeout("tcp", local, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
+	for _, fwd := range []struct{ name, transport string }{
+		{"tp forward over tp-mux/1", "tls"},
+		{"tp forward over QUIC", "quic"},
+	} {
+		local, log := startForward(t, env, dest, "--transport", fwd.transport)
+		c, err := net.DialTimeout("tcp", local, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(60 * time.Second))
+		if line, err := bufio.NewReader(c).ReadString('\n'); err != nil || line != "hello\n" {
+			t.Fatalf("%s relayed %q, %v; its log:\n%s", fwd.name, line, err, log.String())
+		}
+		out = append(out, liveSession{name: fwd.name, end: func(t *testing.T) string {
+			t.Helper()
+			line := waitLine(t, log, "msg=forward ", 60*time.Second)
+			if strings.Contains(line, "second connection") {
+				t.Errorf("%s names the tunnel by its place in Bridge:\n%s", fwd.name, line)
+			}
+			return line
+		}})
 	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(60 * time.Second))
-	if line, err := bufio.NewReader(c).ReadString('\n'); err != nil || line != "hello\n" {
-		t.Fatalf("tp forward relayed %q, %v; its log:\n%s", line, err, log.String())
-	}
-	return append(out, liveSession{name: "tp forward over tp-mux/1", end: func(t *testing.T) string {
-		t.Helper()
-		return waitLine(t, log, "msg=forward ", 60*time.Second)
-	}})
+	return out
 }
 
 // liveTP runs `tp args…` (HOST PORT at the end) with its standard input held
@@ -318,3 +388,32 @@ func expireCertificate(t *testing.T, srv *server, home string) {
 		t.Fatal(err)
 	}
 }
+
+// publicPolicy lets alice expose names on public ports and bob dial them.
+const publicPolicy = `package tp.authz
+
+default allow := false
+
+allow if {
+	input.action in {"listen", "expose_public"}
+	input.identity.user == "alice"
+}
+
+allow if {
+	input.action == "dial"
+	endswith(input.destination.host, ".rev.tp.internal")
+	input.identity.user == "bob"
+}
+`
+
+// udpDialPolicy lets alice send UDP to 127.0.0.1.
+const udpDialPolicy = `package tp.authz
+
+default allow := false
+
+allow if {
+	input.action == "dial_udp"
+	input.identity.user == "alice"
+	input.destination.host == "127.0.0.1"
+}
+`
