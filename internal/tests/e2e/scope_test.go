@@ -79,6 +79,11 @@ func TestScopedDeviceExposesOnlyItsName(t *testing.T) {
 	if err == nil || !strings.Contains(got, want) {
 		t.Fatalf("the scoped device's dial: %v\n%s\nwant it refused saying %q", err, got, want)
 	}
+	// A name, not an address: refused the same way, before it is looked up.
+	got, err = runErr(ci, strings.NewReader(""), binary("tp"), "localhost", echoPort)
+	if err == nil || !strings.Contains(got, "may only keep ci exposed (scope expose:ci), not dial localhost:"+echoPort) {
+		t.Fatalf("the scoped device's dial of a name: %v\n%s", err, got)
+	}
 	got, err = runErr(ci, nil, binary("tp"), "expose", "other", echo, "--allow-user", "bob", "--exit-on-refusal")
 	if err == nil || !strings.Contains(got, "may only keep ci exposed (scope expose:ci), not listen as other.rev.tp.internal") {
 		t.Fatalf("the scoped device exposing another name: %v\n%s", err, got)
