@@ -15,7 +15,7 @@
 // hello, and one call into it (transport.Client.RoundTrip) with the request
 // (request.go: the hello exchange, early bytes, end-to-end TLS, the answer),
 // which the transport runs on the stream it picked and runs again when the
-// request's own rules (Trip.Resend, Trip.RetryOnNew) allow. The names callers
+// request's own rules (Trip.Retry) allow. The names callers
 // use stay available here.
 //
 // It speaks the protocol through package proxy/wire and links no server code:

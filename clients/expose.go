@@ -601,7 +601,7 @@ func (a *Agent) acceptTLS(ctx context.Context, hdr wire.SessionHeader) {
 	defer cancel()
 	what, hello := "session "+hdr.Session, wire.ClientHello{V: wire.Version, Op: wire.OpAccept, Session: hdr.Session}
 	c, err := a.Dialer.transport().RoundTrip(cctx, transport.Trip{Kind: transport.TripAccept, What: what,
-		RetryOnNew: a.Dialer.retryOnNew(nil),
+		Retry: (*earlyDial)(nil),
 		Run: func(ctx context.Context, s *transport.Stream) (net.Conn, error) {
 			return a.Dialer.request(ctx, s, what, hello)
 		}})

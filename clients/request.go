@@ -24,32 +24,35 @@ import (
 // dialTrip is the TCP dial of addr as a request for the transport.
 func (d *Dialer) dialTrip(addr string, hello wire.ClientHello, early *earlyDial) transport.Trip {
 	return transport.Trip{Kind: transport.TripDial, What: "tp dial " + addr,
-		Resend: func(err error) bool { return mayResend(err, early) }, RetryOnNew: d.retryOnNew(early),
+		Retry: early,
 		Run: func(ctx context.Context, s *transport.Stream) (net.Conn, error) {
 			return d.dialRequest(ctx, s, addr, hello, early)
 		}}
 }
 
-// retryOnNew says whether a request that failed with err on a spare connection
-// goes again on a new one: when the failure says nothing about the request (the
-// server closed the idle connection, or answered hello_timeout because it
-// waited longer than its hello timeout). Not after a failure without an answer
-// when the dial's first bytes went sealed in an attach: the server may have
-// passed them on to the agent before the connection failed, and a request must
-// not reach a service twice (as for early bytes over QUIC, early.go).
-func (d *Dialer) retryOnNew(early *earlyDial) func(error) bool {
-	return func(err error) bool {
-		var xe *exchangeError
-		var re *RefusedError
-		switch {
-		case errors.As(err, &re):
-			return re.Code == wire.CodeHelloTimeout
-		case errors.As(err, &xe):
-			return mayResend(err, early)
-		}
-		return false
+// RetryOnNew says whether a request that failed with err on a spare connection
+// goes again on a new one (transport.Retry): when the failure says nothing
+// about the request (the server closed the idle connection, or answered
+// hello_timeout because it waited longer than its hello timeout). Not after a
+// failure without an answer when the dial's first bytes went sealed in an
+// attach: the server may have passed them on to the agent before the
+// connection failed, and a request must not reach a service twice (as for
+// early bytes over QUIC, early.go). early may be nil: a request without first
+// bytes.
+func (early *earlyDial) RetryOnNew(err error) bool {
+	var xe *exchangeError
+	var re *RefusedError
+	switch {
+	case errors.As(err, &re):
+		return re.Code == wire.CodeHelloTimeout
+	case errors.As(err, &xe):
+		return mayResend(err, early)
 	}
+	return false
 }
+
+// Resend is mayResend (transport.Retry); early may be nil.
+func (early *earlyDial) Resend(err error) bool { return mayResend(err, early) }
 
 // mayResend says whether a dial that failed with err may go again on another
 // connection: not once its first bytes went sealed in an attach (they may have

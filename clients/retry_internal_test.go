@@ -29,7 +29,7 @@ func TestSpareRetryDecision(t *testing.T) {
 		{"a refusal about the request", &RefusedError{Code: wire.CodePolicyDenied}, nil, false},
 		{"the agent's failure after the ok", io.ErrUnexpectedEOF, nil, false},
 	} {
-		if got := (&Dialer{}).retryOnNew(tc.early)(tc.err); got != tc.want {
+		if got := tc.early.RetryOnNew(tc.err); got != tc.want {
 			t.Errorf("%s: retry %v; want %v", tc.what, got, tc.want)
 		}
 	}

@@ -17,7 +17,7 @@ import (
 // stream) or a new TLS connection, chosen as for TCP dials. The flow is a
 // *wire.UDPFlow.
 func (d *Dialer) udpTrip(addr string, hello wire.ClientHello) transport.Trip {
-	return transport.Trip{Kind: transport.TripUDP, What: "tp dial udp " + addr, RetryOnNew: d.retryOnNew(nil),
+	return transport.Trip{Kind: transport.TripUDP, What: "tp dial udp " + addr, Retry: (*earlyDial)(nil),
 		Run: func(ctx context.Context, s *transport.Stream) (net.Conn, error) {
 			return d.udpRequest(ctx, s, addr, hello)
 		}}

@@ -81,7 +81,7 @@ func (cl *Client) expiredAdvice() string {
 // RoundTrip runs t on a stream of the transport that the Client's Transport
 // and Carrier, and what it learnt of the server, pick; it runs t again on
 // another way when t's failure says that nothing of it can have reached a
-// service (Trip.Resend, Trip.RetryOnNew).
+// service (Trip.Retry).
 func (cl *Client) RoundTrip(ctx context.Context, t Trip) (net.Conn, error) {
 	return cl.roundTrip(ctx, t)
 }
@@ -340,21 +340,31 @@ type Trip struct {
 	Kind TripKind
 	// What names the request in the errors of opening its stream.
 	What string
-	// Resend says whether the request, which failed with err on a connection
-	// that turned out to be gone, may go again on another: not once its first
-	// bytes may have reached a service. Nil: it may.
-	Resend func(err error) bool
-	// RetryOnNew says whether the request, which failed with err on a spare
-	// TLS connection, goes again on a new one: when the failure says nothing
-	// about the request (the server closed the idle connection, or answered
-	// hello_timeout). Nil: never.
-	RetryOnNew func(err error) bool
+	// Retry is the request's own rules for running it again; nil: it may go
+	// again on a new connection after its connection was lost, and not after
+	// a spare failed.
+	Retry Retry
 	// Run runs the request on s and returns the connection the caller gets.
 	// It closes s on failure.
 	Run func(ctx context.Context, s *Stream) (net.Conn, error)
 }
 
-func (t Trip) resend(err error) bool { return t.Resend == nil || t.Resend(err) }
+// Retry is what a request says of running it again after it failed with err.
+type Retry interface {
+	// Resend says whether the request, which failed with err on a connection
+	// that turned out to be gone, may go again on another: not once its first
+	// bytes may have reached a service.
+	Resend(err error) bool
+	// RetryOnNew says whether the request, which failed with err on a spare
+	// TLS connection, goes again on a new one: when the failure says nothing
+	// about the request (the server closed the idle connection, or answered
+	// hello_timeout).
+	RetryOnNew(err error) bool
+}
+
+func (t Trip) resend(err error) bool { return t.Retry == nil || t.Retry.Resend(err) }
+
+func (t Trip) retryOnNew(err error) bool { return t.Retry != nil && t.Retry.RetryOnNew(err) }
 
 // roundTrip runs t on a stream of the transport that the Client's Transport
 // and what it learnt of the server pick.
@@ -476,7 +486,7 @@ func (cl *Client) tripTLS(ctx context.Context, t Trip) (net.Conn, error) {
 		// session's own setup at the server.
 		return c, err
 	}
-	if spare && ctx.Err() == nil && t.RetryOnNew != nil && t.RetryOnNew(err) {
+	if spare && ctx.Err() == nil && t.retryOnNew(err) {
 		if conn, err = cl.connectTLS(ctx); err != nil {
 			return nil, err
 		}

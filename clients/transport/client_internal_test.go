@@ -94,10 +94,7 @@ func dialEcho(ctx context.Context, cl *Client, addr string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	return cl.RoundTrip(ctx, Trip{Kind: TripDial, What: "tp dial " + addr,
-		RetryOnNew: func(err error) bool {
-			var x errExchange
-			return errors.As(err, &x)
-		},
+		Retry: exchangeRetry{},
 		Run: func(ctx context.Context, s *Stream) (net.Conn, error) {
 			var hb []byte
 			if s.Mux != nil {
@@ -128,6 +125,17 @@ func dialEcho(ctx context.Context, cl *Client, addr string) (net.Conn, error) {
 			}
 			return s.Stream, nil
 		}})
+}
+
+// exchangeRetry runs a request again on a new connection after a spare
+// failed before any answer (errExchange), and after a lost connection.
+type exchangeRetry struct{}
+
+func (exchangeRetry) Resend(error) bool { return true }
+
+func (exchangeRetry) RetryOnNew(err error) bool {
+	var x errExchange
+	return errors.As(err, &x)
 }
 
 type bytesBuf struct{ b []byte }
