@@ -35,6 +35,9 @@ const (
 	ssoMaxUsed = 100_000
 	// ssoMaxGroups bounds the groups one sign-in gives a user.
 	ssoMaxGroups = 64
+	// DefaultSSOMaxDevices bounds a user's devices enrolled by sign-in that
+	// are not revoked, when SSO.MaxDevices is 0.
+	DefaultSSOMaxDevices = 20
 	// ssoDiscoveryTimeout bounds tpd's fetch of the provider's discovery
 	// document and keys.
 	ssoDiscoveryTimeout = 10 * time.Second
@@ -74,6 +77,10 @@ type SSO struct {
 	// renewal. KeepRefresh lets devices keep the provider's refresh token
 	// for it (they ask for offline_access).
 	RenewWithSignIn, KeepRefresh bool
+	// MaxDevices bounds a user's devices enrolled by sign-in that are not
+	// revoked (DefaultSSOMaxDevices when 0): a sign-in, or an ID token that
+	// leaked, cannot fill the store with devices.
+	MaxDevices int
 	// HTTPClient reaches the provider (discovery and keys); nil means a
 	// client with the system's roots and a 30 s timeout.
 	HTTPClient *http.Client
@@ -413,17 +420,17 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 	// would let whoever signs in as the user (or holds a leaked ID token, or
 	// approved a code someone else started) lock the device out and take its
 	// place. Replacing a key, or enrolling a revoked device again, is the
-	// administrator's (tpd enroll).
+	// administrator's (tpd enroll). This look is only to refuse early, before
+	// the user is bound; EnrollSignIn below decides, atomically.
 	id := authz.DeviceID(p.User, req.Device)
 	// A device without a key that is not revoked is a name reserved by an
 	// enrollment that did not finish (a token never redeemed, a sign-in cut
 	// by a database outage): nothing logs in with it, and a sign-in takes it.
-	if dev, err := e.Users.Device(id); err == nil && (len(dev.PublicKey) > 0 || dev.Revoked) {
-		if dev.Revoked {
-			writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", id))
-			return
-		}
-		writeErr(w, http.StatusConflict, fmt.Sprintf("device %q is already enrolled; give this device another name (dlogin --sso --device NAME), or ask your administrator to enroll it again (tpd enroll %s --device %s)", id, p.User, req.Device))
+	if dev, err := e.Users.Device(id); err == nil && dev.Revoked {
+		e.refuseSignInDevice(w, p, req.Device, users.ErrDeviceRevoked)
+		return
+	} else if err == nil && len(dev.PublicKey) > 0 {
+		e.refuseSignInDevice(w, p, req.Device, users.ErrDeviceExists)
 		return
 	}
 	if e.Denied != nil {
@@ -449,27 +456,20 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	der, _ := base64.StdEncoding.DecodeString(req.PublicKey)
-	// The device is reserved, given its key, then bound to the person's
-	// subject at the provider (sso-renew: sign-in renews it only with their
-	// sign-in); a device whose binding failed is revoked, not left to renew
-	// by its key alone.
-	en, err := e.Users.Enroll(p.User, req.Device, p.Groups, time.Minute)
-	var dev users.Device
-	if err == nil {
-		dev, err = e.Users.Redeem(en.Token, der)
-	}
-	if err == nil {
-		if err = e.Users.SignedIn(dev.ID, p.Subject, nil); err != nil {
-			if rerr := e.Users.RevokeDevice(dev.ID); rerr != nil {
-				e.log().Error("a device enrolled by single sign-on could not be bound to its person nor revoked: revoke it (tpd revoke --device)", "device", dev.ID, "err", rerr)
-			}
-		}
-	}
-	if err != nil {
-		if errors.Is(err, users.ErrUnavailable) {
-			e.unavailable(w, "single sign-on enrollment", err, "so nothing was enrolled; run dlogin --sso again in a minute")
-			return
-		}
+	// One step: of two sign-ins for one name at once (on any instance), one
+	// enrols and the other is refused; the device is bound to the person's
+	// subject at the provider as it gets its key (sso-renew: sign-in renews
+	// it only with their sign-in).
+	dev, err := e.Users.EnrollSignIn(users.SignIn{User: p.User, Device: req.Device, PublicKey: der,
+		Subject: p.Subject, Groups: p.Groups, Max: e.SSO.maxDevices(), Revoked: e.deniedID})
+	switch {
+	case errors.Is(err, users.ErrDeviceExists), errors.Is(err, users.ErrDeviceRevoked), errors.Is(err, users.ErrTooManyDevices):
+		e.refuseSignInDevice(w, p, req.Device, err)
+		return
+	case errors.Is(err, users.ErrUnavailable):
+		e.unavailable(w, "single sign-on enrollment", err, "so nothing was enrolled; run dlogin --sso again in a minute")
+		return
+	case err != nil:
 		e.log().Error("single sign-on enrollment failed", "err", err)
 		writeErr(w, http.StatusInternalServerError, "enrollment failed on the server; try again or ask your administrator to check tpd's log")
 		return
@@ -486,6 +486,41 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, login.EnrollSSOResponse{
 		EnrollResponse: login.EnrollResponse{DeviceID: dev.ID, User: dev.User, Device: dev.Name},
 		Groups:         p.Groups, Ignored: p.Ignored})
+}
+
+// maxDevices is MaxDevices or its default.
+func (s *SSO) maxDevices() int {
+	if s.MaxDevices > 0 {
+		return s.MaxDevices
+	}
+	return DefaultSSOMaxDevices
+}
+
+// deniedID says whether tpd's deny list revokes the device with that ID.
+func (e *Enroller) deniedID(id string) bool {
+	if e.Denied == nil {
+		return false
+	}
+	user, name, _ := authz.SplitDeviceID(id)
+	_, denied := e.Denied(users.Device{ID: id, User: user, Name: name})
+	return denied
+}
+
+// refuseSignInDevice answers a sign-in enrolment of device that the store
+// refused (users.ErrDeviceExists, ErrDeviceRevoked or ErrTooManyDevices)
+// with what the person can do about it.
+func (e *Enroller) refuseSignInDevice(w http.ResponseWriter, p ssoPerson, device string, err error) {
+	id := authz.DeviceID(p.User, device)
+	switch {
+	case errors.Is(err, users.ErrDeviceRevoked):
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", id))
+	case errors.Is(err, users.ErrDeviceExists):
+		writeErr(w, http.StatusConflict, fmt.Sprintf("device %q is already enrolled; give this device another name (dlogin --sso --device NAME), or ask your administrator to enroll it again (tpd enroll %s --device %s)", id, p.User, device))
+	default:
+		max := e.SSO.maxDevices()
+		e.log().Warn("single sign-on enrollment refused: the user has as many devices enrolled by sign-in as allowed", "device", id, "max", max)
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("%s already has %d devices enrolled by sign-in, the most this server allows: ask your TP administrator to revoke one you no longer use (tpd revoke --device %s@NAME; tpd users lists them), then run dlogin --sso again, or to raise sso-max-devices", p.User, max, p.User))
+	}
 }
 
 // checkSignIn lets a login of dev (PathAttest) go on: at once, unless the
