@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/coreos/go-oidc/v3/oidc"
+	jose "github.com/go-jose/go-jose/v4"
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
@@ -93,6 +94,7 @@ type SSO struct {
 	failed   time.Time // the last failed discovery: none again before ssoRetry
 	failure  error
 	used     map[[32]byte]time.Time // ID tokens that enrolled a device, until they expire
+	clock    func() time.Time       // nil: time.Now; for tests of the keys' refetch bound
 }
 
 // ssoRetry: after a failed discovery, requests fail at once for this long
@@ -147,13 +149,49 @@ func (s *SSO) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error) {
 		s.mu.Unlock()
 		return nil, err
 	}
-	// The keys are fetched (and refetched when they rotate) with this client
-	// too, outside any one request.
-	v = p.VerifierContext(oidc.ClientContext(context.Background(), hc), &oidc.Config{ClientID: s.ClientID})
+	var doc struct {
+		JWKS string   `json:"jwks_uri"`
+		Algs []string `json:"id_token_signing_alg_values_supported"`
+	}
+	if err := p.Claims(&doc); err != nil || doc.JWKS == "" {
+		err = fmt.Errorf("%w: the discovery document names no keys (jwks_uri): %v", errProviderUnreachable, err)
+		s.mu.Lock()
+		s.failed, s.failure = time.Now(), err
+		s.mu.Unlock()
+		return nil, err
+	}
+	// The keys are fetched (and refetched when they rotate, within bounds)
+	// with this client too, outside any one request.
+	algs := ssoAlgs(doc.Algs)
+	keys := &ssoKeys{url: doc.JWKS, hc: hc, now: time.Now}
+	if s.clock != nil {
+		keys.now = s.clock
+	}
+	for _, a := range algs {
+		keys.algs = append(keys.algs, jose.SignatureAlgorithm(a))
+	}
+	v = oidc.NewVerifier(s.Issuer, keys, &oidc.Config{ClientID: s.ClientID, SupportedSigningAlgs: algs})
 	s.mu.Lock()
 	s.verifier = v
 	s.mu.Unlock()
 	return v, nil
+}
+
+// ssoAlgs are the signing algorithms of the provider's discovery document
+// that go-oidc verifies (RS256 when it names none), as go-oidc's own
+// verifier takes them.
+func ssoAlgs(named []string) []string {
+	var algs []string
+	for _, a := range named {
+		switch a {
+		case oidc.RS256, oidc.RS384, oidc.RS512, oidc.ES256, oidc.ES384, oidc.ES512, oidc.PS256, oidc.PS384, oidc.PS512, oidc.EdDSA:
+			algs = append(algs, a)
+		}
+	}
+	if len(algs) == 0 {
+		algs = []string{oidc.RS256}
+	}
+	return algs
 }
 
 // ssoPerson is who an ID token names, mapped to TP's names.

@@ -3,11 +3,14 @@ package acme
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -131,5 +134,64 @@ func TestSSOMaxDevices(t *testing.T) {
 	}
 	if _, err := login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, toks[4], "four", newKey(t)); err != nil {
 		t.Fatalf("a fourth device once another is revoked: %v", err)
+	}
+}
+
+// The bad input: 200 forged tokens, each naming a key ID the provider does
+// not have, sent by 8 clients at once, twice: tpd fetches the provider's
+// keys again at most once per 10 s (on its clock, frozen here, so the
+// count does not hang on timing), and refuses each token saying the key is
+// unknown. The provider's count of served key sets is what is checked.
+func TestSSOUnknownKeyIDsBounded(t *testing.T) {
+	t.Parallel()
+	ts, idp := ssoServer(t)
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	ts.Enroller.SSO.clock = func() time.Time { return time.Unix(0, clock.Load()) }
+	ctx := context.Background()
+	if _, err := login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, idp.Mint(t, ssoAlice.Subject, "", ""), "laptop", newKey(t)); err != nil {
+		t.Fatal(err)
+	}
+	if n := idp.KeyFetches(); n != 1 {
+		t.Fatalf("one sign-in fetched the keys %d times; want 1", n)
+	}
+	flood := func() {
+		t.Helper()
+		toks := make(chan string, 200)
+		for range 200 {
+			kid := make([]byte, 8)
+			_, _ = rand.Read(kid)
+			toks <- idp.Mint(t, ssoAlice.Subject, "", fmt.Sprintf("%x", kid))
+		}
+		close(toks)
+		var wg sync.WaitGroup
+		var bad atomic.Int64
+		for range 8 {
+			key := newKey(t)
+			wg.Go(func() {
+				for tok := range toks {
+					_, err := login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, tok, "forged", key)
+					var se *login.ServerError
+					if !errors.As(err, &se) || se.Status != http.StatusForbidden || !strings.Contains(se.Message, "the provider publishes no key with its key ID") {
+						if bad.Add(1) == 1 {
+							t.Errorf("a token with an unknown key ID: %v; want 403 saying the provider publishes no such key", err)
+						}
+					}
+				}
+			})
+		}
+		wg.Wait()
+	}
+	flood()
+	if n := idp.KeyFetches(); n != 1 {
+		t.Fatalf("200 forged tokens within 10 s of the last fetch fetched the keys %d times in all; want no more than the first", n)
+	}
+	clock.Add(int64(11 * time.Second))
+	flood()
+	if n := idp.KeyFetches(); n != 2 {
+		t.Fatalf("200 forged tokens 11 s after the last fetch fetched the keys %d times in all; want one more", n)
+	}
+	if _, err := ts.Users.Device("alice@forged"); !errors.Is(err, users.ErrNotFound) {
+		t.Fatalf("alice@forged: %v; want it absent", err)
 	}
 }
