@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -235,6 +236,9 @@ func (s *SSO) verify(ctx context.Context, raw string, now time.Time) (ssoPerson,
 // maps its claims to TP's names; it says when the token expires. again is
 // the command that signs in anew, for the refusals' sentences.
 func (s *SSO) check(ctx context.Context, raw string, now time.Time, again string) (ssoPerson, time.Time, error) {
+	if typ, ok := tokenType(raw); ok && !strings.EqualFold(typ, "JWT") {
+		return ssoPerson{}, time.Time{}, refuse("the token is not an ID token (its type is %q, as an access token's or a logout token's is): sign in again with %s", typ, again)
+	}
 	v, err := s.verifierFor(ctx)
 	if err != nil {
 		return ssoPerson{}, time.Time{}, err
@@ -266,6 +270,34 @@ func (s *SSO) check(ctx context.Context, raw string, now time.Time, again string
 	}
 	p.Subject = tok.Subject
 	return p, tok.Expiry, nil
+}
+
+// tokenType is the typ of a JWT's JOSE header, and whether it has one. A
+// header that does not decode says none: the verifier refuses the token.
+// An ID token's is JWT or absent; another token the provider signs with
+// the same key (an access token in JWT form, RFC 9068: at+jwt; a logout
+// token: logout+jwt) must not pass for one.
+func tokenType(raw string) (string, bool) {
+	head, _, ok := strings.Cut(raw, ".")
+	if !ok {
+		return "", false
+	}
+	b, err := base64.RawURLEncoding.DecodeString(head)
+	if err != nil {
+		return "", false
+	}
+	var h map[string]any
+	if json.Unmarshal(b, &h) != nil {
+		return "", false
+	}
+	v, ok := h["typ"]
+	if !ok {
+		return "", false
+	}
+	if typ, isString := v.(string); isString {
+		return typ, true
+	}
+	return fmt.Sprint(v), true // not even a string: not JWT
 }
 
 // UsedTokens records which ID tokens enrolled a device (by a hash of the

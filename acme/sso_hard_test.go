@@ -137,6 +137,35 @@ func TestSSOMaxDevices(t *testing.T) {
 	}
 }
 
+// The bad input: tokens signed with the provider's own key whose JOSE typ
+// says they are not ID tokens: an access token in JWT form (RFC 9068) or a
+// logout token. They are refused before anything else (the provider's
+// keys are not even fetched); an ID token's typ, JWT in any case or
+// absent, is taken.
+func TestSSOTokenType(t *testing.T) {
+	t.Parallel()
+	ts, idp := ssoServer(t)
+	ctx := context.Background()
+	for _, typ := range []string{"at+jwt", "AT+JWT", "application/at+jwt", "logout+jwt", "secevent+jwt", "JOSE"} {
+		_, err := login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, idp.Mint(t, ssoAlice.Subject, typ, ""), "laptop", newKey(t))
+		var se *login.ServerError
+		if !errors.As(err, &se) || se.Status != http.StatusForbidden || !strings.Contains(se.Message, fmt.Sprintf("is not an ID token (its type is %q", typ)) {
+			t.Fatalf("a token of typ %q: %v; want 403 saying it is not an ID token", typ, err)
+		}
+	}
+	if n := idp.KeyFetches(); n != 0 {
+		t.Fatalf("the refused tokens made tpd fetch the provider's keys %d times; want none", n)
+	}
+	if _, err := ts.Users.Device("alice@laptop"); !errors.Is(err, users.ErrNotFound) {
+		t.Fatalf("alice@laptop after the refused tokens: %v; want it absent", err)
+	}
+	for i, typ := range []string{"JWT", "jwt", ""} {
+		if _, err := login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, idp.Mint(t, ssoAlice.Subject, typ, ""), fmt.Sprintf("dev%d", i), newKey(t)); err != nil {
+			t.Fatalf("an ID token of typ %q: %v", typ, err)
+		}
+	}
+}
+
 // The bad input: 200 forged tokens, each naming a key ID the provider does
 // not have, sent by 8 clients at once, twice: tpd fetches the provider's
 // keys again at most once per 10 s (on its clock, frozen here, so the
