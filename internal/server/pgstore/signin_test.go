@@ -149,3 +149,29 @@ func TestEnrollSignInBoundAcrossInstances(t *testing.T) {
 		t.Fatalf("a sign-in for the revoked %s: %v; want ErrDeviceRevoked", enrolled[1], err)
 	}
 }
+
+// An administrator unbinds a user on one instance: another account may
+// then bind it on the other; the bad input (a user that does not exist) is
+// ErrNotFound.
+func TestUnbindUserAcrossInstances(t *testing.T) {
+	t.Parallel()
+	a, b := twoInstances(t)
+	if err := a.BindUser("alice", "s-old"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.BindUser("alice", "s-new"); !errors.Is(err, users.ErrOtherAccount) {
+		t.Fatalf("another account before the unbind: %v; want ErrOtherAccount", err)
+	}
+	if was, err := b.UnbindUser("alice"); err != nil || was != "s-old" {
+		t.Fatalf("unbind: %q, %v; want it to say s-old was cleared", was, err)
+	}
+	if was, err := a.UnbindUser("alice"); err != nil || was != "" {
+		t.Fatalf("unbind again: %q, %v; want nothing cleared", was, err)
+	}
+	if err := a.BindUser("alice", "s-new"); err != nil {
+		t.Fatalf("another account after the unbind: %v", err)
+	}
+	if _, err := a.UnbindUser("nobody"); !errors.Is(err, users.ErrNotFound) {
+		t.Fatalf("unbinding a user that does not exist: %v; want ErrNotFound", err)
+	}
+}

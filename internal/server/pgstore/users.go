@@ -254,6 +254,36 @@ func (u *Users) BindUser(user, subject string) error {
 	return nil
 }
 
+// UnbindUser implements users.Store.
+func (u *Users) UnbindUser(user string) (string, error) {
+	var was string
+	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
+		// The row is locked by the read, so the subject returned is the one
+		// this statement cleared.
+		err := tx.QueryRow(ctx, "SELECT sso_subject FROM tp_users WHERE name = $1 FOR UPDATE", user).Scan(&was)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("user %s: %w", user, users.ErrNotFound)
+		}
+		if err != nil || was == "" {
+			return err
+		}
+		if _, err := tx.Exec(ctx, "UPDATE tp_users SET sso_subject = '' WHERE name = $1", user); err != nil {
+			return err
+		}
+		return notify(ctx, tx, TopicUsers)
+	})
+	if errors.Is(err, users.ErrNotFound) {
+		return "", err
+	}
+	if err != nil {
+		return "", unreachable("unbind "+user, err)
+	}
+	if was != "" {
+		u.afterWrite()
+	}
+	return was, nil
+}
+
 // EnrollSignIn implements users.Store in one transaction: the user's row
 // is locked first, so that sign-ins of one user on every instance count and
 // insert one at a time, and the insert takes only a name that is free (no

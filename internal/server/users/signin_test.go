@@ -113,3 +113,39 @@ func TestEnrollSignInBound(t *testing.T) {
 		t.Fatal("a bound of 0 devices was taken as no bound")
 	}
 }
+
+// An administrator unbinds a user from the provider's account it was bound
+// to: the change is reported, another account may then bind it, and the
+// bad input (a user that does not exist) is ErrNotFound.
+func TestUnbindUser(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "users.json")
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.BindUser("alice", "s-old"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.BindUser("alice", "s-new"); !errors.Is(err, ErrOtherAccount) {
+		t.Fatalf("another account before the unbind: %v; want ErrOtherAccount", err)
+	}
+	if was, err := s.UnbindUser("alice"); err != nil || was != "s-old" {
+		t.Fatalf("unbind: %q, %v; want it to say s-old was cleared", was, err)
+	}
+	if was, err := s.UnbindUser("alice"); err != nil || was != "" {
+		t.Fatalf("unbind again: %q, %v; want nothing cleared", was, err)
+	}
+	if err := s.BindUser("alice", "s-new"); err != nil {
+		t.Fatalf("another account after the unbind: %v", err)
+	}
+	if _, err := s.UnbindUser("nobody"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unbinding a user that does not exist: %v; want ErrNotFound", err)
+	}
+	again, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u := again.Users(); len(u) != 1 || u[0].SSOSubject != "s-new" {
+		t.Fatalf("on disk: %+v; want alice bound to s-new", u)
+	}
+}

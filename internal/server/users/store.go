@@ -110,6 +110,11 @@ type Store interface {
 	// subject at its first sign-in; ErrOtherAccount, changing nothing, when it
 	// is bound to another subject.
 	BindUser(user, subject string) error
+	// UnbindUser clears the user's binding to the identity provider's
+	// subject (an administrator's decision: the next account that signs in as
+	// the user binds it again) and returns the subject it was bound to, ""
+	// when none; ErrNotFound when there is no such user.
+	UnbindUser(user string) (string, error)
 	// EnrollSignIn enrols a device by sign-in in one step judged by the
 	// store: it creates the user if need be, registers the key of a device
 	// that is absent (or a name reserved without a key), bound to the
@@ -299,6 +304,22 @@ func (s *File) BindUser(user, subject string) error {
 	}
 	u.SSOSubject = subject
 	return s.saveLocked()
+}
+
+// UnbindUser clears the user's binding to the provider's subject.
+func (s *File) UnbindUser(user string) (string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	u := s.st.Users[user]
+	if u == nil {
+		return "", fmt.Errorf("user %s: %w", user, ErrNotFound)
+	}
+	was := u.SSOSubject
+	if was == "" {
+		return "", nil
+	}
+	u.SSOSubject = ""
+	return was, s.saveLocked()
 }
 
 // SignIn is a device a sign-in enrols (Store.EnrollSignIn).
