@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -173,5 +174,53 @@ func TestUnbindUserAcrossInstances(t *testing.T) {
 	}
 	if _, err := a.UnbindUser("nobody"); !errors.Is(err, users.ErrNotFound) {
 		t.Fatalf("unbinding a user that does not exist: %v; want ErrNotFound", err)
+	}
+}
+
+// The bad input: sign-ins and tpd enroll for one user at the same moment on
+// two instances, each replacing the user's groups. Every one goes through:
+// the sign-in's lock on the user's row must not wait on the key-share lock
+// that adding a group takes while the enrolment waits on it, nor two
+// replacements of the groups on each other's rows (deadlocks, which
+// PostgreSQL ends by failing one as "the database did not answer"). The
+// enrolments come one after another: several at once deadlock among
+// themselves, an older matter of Enroll's own locks.
+func TestEnrollSignInBesideEnroll(t *testing.T) {
+	t.Parallel()
+	a, b := twoInstances(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	for i := range 16 {
+		wg.Go(func() {
+			_, err := a.EnrollSignIn(users.SignIn{User: "alice", Device: fmt.Sprintf("s%d", i), PublicKey: []byte{1}, Subject: "s-alice",
+				Groups: []string{"ops", fmt.Sprintf("g%d", i)}, Max: 100})
+			if err != nil {
+				errs <- fmt.Errorf("sign-in %d: %w", i, err)
+			}
+		})
+	}
+	wg.Go(func() {
+		for i := range 16 {
+			if _, err := b.Enroll("alice", fmt.Sprintf("t%d", i), []string{"dev", fmt.Sprintf("h%d", i)}, time.Hour); err != nil {
+				errs <- fmt.Errorf("enroll %d: %w", i, err)
+			}
+		}
+	})
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	// The groups are one writer's list, not several mixed.
+	if err := a.Reload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range a.Users() {
+		g := u.Groups
+		enrolled := len(g) == 2 && g[0] == "dev" && strings.HasPrefix(g[1], "h")
+		signedIn := len(g) == 2 && strings.HasPrefix(g[0], "g") && g[1] == "ops"
+		if !enrolled && !signedIn {
+			t.Fatalf("alice's groups after the replacements: %v; want one list (dev and hN, or gN and ops)", g)
+		}
 	}
 }

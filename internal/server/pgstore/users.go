@@ -260,7 +260,7 @@ func (u *Users) UnbindUser(user string) (string, error) {
 	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
 		// The row is locked by the read, so the subject returned is the one
 		// this statement cleared.
-		err := tx.QueryRow(ctx, "SELECT sso_subject FROM tp_users WHERE name = $1 FOR UPDATE", user).Scan(&was)
+		err := tx.QueryRow(ctx, "SELECT sso_subject FROM tp_users WHERE name = $1 FOR NO KEY UPDATE", user).Scan(&was)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("user %s: %w", user, users.ErrNotFound)
 		}
@@ -298,7 +298,7 @@ func (u *Users) EnrollSignIn(in users.SignIn) (users.Device, error) {
 		if _, err := tx.Exec(ctx, "INSERT INTO tp_users (name) VALUES ($1) ON CONFLICT DO NOTHING", in.User); err != nil {
 			return err
 		}
-		if _, err := tx.Exec(ctx, "SELECT 1 FROM tp_users WHERE name = $1 FOR UPDATE", in.User); err != nil {
+		if _, err := tx.Exec(ctx, "SELECT 1 FROM tp_users WHERE name = $1 FOR NO KEY UPDATE", in.User); err != nil {
 			return err
 		}
 		// A name already enrolled or revoked is refused as such, before the
@@ -495,10 +495,17 @@ func (u *Users) Users() []users.UserInfo {
 // Generation implements users.Store: it counts reloads.
 func (u *Users) Generation() uint64 { return u.gen.Load() }
 
-// setGroups replaces user's groups with groups in tx; nil leaves them.
+// setGroups replaces user's groups with groups in tx; nil leaves them. It
+// locks the user's row until tx ends.
 func setGroups(ctx context.Context, tx pgx.Tx, user string, groups []string) error {
 	if groups == nil {
 		return nil
+	}
+	// One replacement of a user's groups at a time, on every instance: two
+	// at once each deleted the rows they saw and inserted theirs, leaving
+	// both lists, or deadlocked on a group both insert.
+	if _, err := tx.Exec(ctx, "SELECT 1 FROM tp_users WHERE name = $1 FOR NO KEY UPDATE", user); err != nil {
+		return err
 	}
 	if _, err := tx.Exec(ctx, "DELETE FROM tp_groups WHERE user_name = $1", user); err != nil {
 		return err
