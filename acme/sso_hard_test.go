@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/x509"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"net/http"
@@ -222,5 +223,42 @@ func TestSSOUnknownKeyIDsBounded(t *testing.T) {
 	}
 	if _, err := ts.Users.Device("alice@forged"); !errors.Is(err, users.ErrNotFound) {
 		t.Fatalf("alice@forged: %v; want it absent", err)
+	}
+}
+
+// tokenType reads the typ of a JOSE header from untrusted bytes: it never
+// panics, and says "JWT" only for a header whose typ is that string.
+func FuzzTokenType(f *testing.F) {
+	for _, h := range []string{`{"alg":"RS256","typ":"JWT"}`, `{"alg":"RS256","typ":"at+jwt"}`, `{"alg":"RS256"}`,
+		`{"typ":null}`, `{"typ":1}`, `{"typ":"at+jwt","typ":"JWT"}`, `not json`, ``} {
+		f.Add(base64.RawURLEncoding.EncodeToString([]byte(h)) + ".e30.sig")
+	}
+	f.Add("no dots at all")
+	f.Fuzz(func(t *testing.T, raw string) {
+		typ, ok := tokenType(raw)
+		if !ok && typ != "" {
+			t.Fatalf("tokenType(%q) = %q without a typ", raw, typ)
+		}
+	})
+}
+
+// The typ values an ID token may have, and the ones refused (the bad
+// inputs: null, a number, another type).
+func TestTokenType(t *testing.T) {
+	for _, c := range []struct {
+		header  string
+		typ     string
+		present bool
+	}{
+		{`{"alg":"RS256","typ":"JWT"}`, "JWT", true},
+		{`{"alg":"RS256"}`, "", false},
+		{`{"typ":"at+jwt"}`, "at+jwt", true},
+		{`{"typ":null}`, "<nil>", true},
+		{`{"typ":1}`, "1", true},
+	} {
+		typ, ok := tokenType(base64.RawURLEncoding.EncodeToString([]byte(c.header)) + ".e30.sig")
+		if typ != c.typ || ok != c.present {
+			t.Errorf("header %s: typ %q, %t; want %q, %t", c.header, typ, ok, c.typ, c.present)
+		}
 	}
 }
