@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -260,5 +261,58 @@ func TestTokenType(t *testing.T) {
 		if typ != c.typ || ok != c.present {
 			t.Errorf("header %s: typ %q, %t; want %q, %t", c.header, typ, ok, c.typ, c.present)
 		}
+	}
+}
+
+// The bad input: a provider whose discovery answers but whose keys do not
+// (503). Sign-ins get 503 saying the provider cannot be reached, and the
+// failed fetch counts against the bound like any other: tpd asks for the
+// keys again only 10 s later (its clock, frozen here), however many
+// sign-ins come meanwhile.
+func TestSSOKeysUnreachableBounded(t *testing.T) {
+	t.Parallel()
+	var keyFetches atomic.Int64
+	mux := http.NewServeMux()
+	provider := httptest.NewServer(mux)
+	t.Cleanup(provider.Close)
+	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":"%[1]s/auth","token_endpoint":"%[1]s/token","jwks_uri":"%[1]s/keys","id_token_signing_alg_values_supported":["RS256"]}`, provider.URL)
+	})
+	mux.HandleFunc("/keys", func(w http.ResponseWriter, _ *http.Request) {
+		keyFetches.Add(1)
+		http.Error(w, "down for maintenance", http.StatusServiceUnavailable)
+	})
+	ts := newTestServer(t)
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	ts.Enroller.SSO = &SSO{Issuer: provider.URL, ClientID: testidp.ClientID, Domain: "example.org",
+		clock: func() time.Time { return time.Unix(0, clock.Load()) }}
+	// A token with the claims the verifier checks before the signature; the
+	// signature is never reached.
+	seg := func(v string) string { return base64.RawURLEncoding.EncodeToString([]byte(v)) }
+	now := time.Now().Unix()
+	tok := seg(`{"alg":"RS256","kid":"k1"}`) + "." +
+		seg(fmt.Sprintf(`{"iss":%q,"aud":%q,"sub":"s-alice","iat":%d,"exp":%d,"email":"alice@example.org","email_verified":true}`, provider.URL, testidp.ClientID, now, now+600)) +
+		"." + seg("not a signature")
+	ctx := context.Background()
+	try := func(n int) {
+		t.Helper()
+		for range n {
+			_, err := login.EnrollDeviceSSO(ctx, ts.HC, ts.URL, tok, "laptop", newKey(t))
+			var se *login.ServerError
+			if !errors.As(err, &se) || se.Status != http.StatusServiceUnavailable || !strings.Contains(se.Message, "cannot reach the identity provider") {
+				t.Fatalf("a sign-in while the provider's keys answer 503: %v; want 503 saying the provider cannot be reached", err)
+			}
+		}
+	}
+	try(5)
+	if n := keyFetches.Load(); n != 1 {
+		t.Fatalf("5 sign-ins while the keys fail fetched them %d times; want once", n)
+	}
+	clock.Add(int64(11 * time.Second))
+	try(5)
+	if n := keyFetches.Load(); n != 2 {
+		t.Fatalf("5 more sign-ins 11 s later fetched the keys %d times in all; want 2", n)
 	}
 }
