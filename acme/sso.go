@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/coreos/go-oidc/v3/oidc"
+	jose "github.com/go-jose/go-jose/v4"
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
@@ -35,6 +37,9 @@ const (
 	ssoMaxUsed = 100_000
 	// ssoMaxGroups bounds the groups one sign-in gives a user.
 	ssoMaxGroups = 64
+	// DefaultSSOMaxDevices bounds a user's devices enrolled by sign-in that
+	// are not revoked, when SSO.MaxDevices is 0.
+	DefaultSSOMaxDevices = 20
 	// ssoDiscoveryTimeout bounds tpd's fetch of the provider's discovery
 	// document and keys.
 	ssoDiscoveryTimeout = 10 * time.Second
@@ -74,6 +79,10 @@ type SSO struct {
 	// renewal. KeepRefresh lets devices keep the provider's refresh token
 	// for it (they ask for offline_access).
 	RenewWithSignIn, KeepRefresh bool
+	// MaxDevices bounds a user's devices enrolled by sign-in that are not
+	// revoked (DefaultSSOMaxDevices when 0): a sign-in, or an ID token that
+	// leaked, cannot fill the store with devices.
+	MaxDevices int
 	// HTTPClient reaches the provider (discovery and keys); nil means a
 	// client with the system's roots and a 30 s timeout.
 	HTTPClient *http.Client
@@ -86,6 +95,7 @@ type SSO struct {
 	failed   time.Time // the last failed discovery: none again before ssoRetry
 	failure  error
 	used     map[[32]byte]time.Time // ID tokens that enrolled a device, until they expire
+	clock    func() time.Time       // nil: time.Now; for tests of the keys' refetch bound
 }
 
 // ssoRetry: after a failed discovery, requests fail at once for this long
@@ -140,13 +150,49 @@ func (s *SSO) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error) {
 		s.mu.Unlock()
 		return nil, err
 	}
-	// The keys are fetched (and refetched when they rotate) with this client
-	// too, outside any one request.
-	v = p.VerifierContext(oidc.ClientContext(context.Background(), hc), &oidc.Config{ClientID: s.ClientID})
+	var doc struct {
+		JWKS string   `json:"jwks_uri"`
+		Algs []string `json:"id_token_signing_alg_values_supported"`
+	}
+	if err := p.Claims(&doc); err != nil || doc.JWKS == "" {
+		err = fmt.Errorf("%w: the discovery document names no keys (jwks_uri): %v", errProviderUnreachable, err)
+		s.mu.Lock()
+		s.failed, s.failure = time.Now(), err
+		s.mu.Unlock()
+		return nil, err
+	}
+	// The keys are fetched (and refetched when they rotate, within bounds)
+	// with this client too, outside any one request.
+	algs := ssoAlgs(doc.Algs)
+	keys := &ssoKeys{url: doc.JWKS, hc: hc, now: time.Now}
+	if s.clock != nil {
+		keys.now = s.clock
+	}
+	for _, a := range algs {
+		keys.algs = append(keys.algs, jose.SignatureAlgorithm(a))
+	}
+	v = oidc.NewVerifier(s.Issuer, keys, &oidc.Config{ClientID: s.ClientID, SupportedSigningAlgs: algs})
 	s.mu.Lock()
 	s.verifier = v
 	s.mu.Unlock()
 	return v, nil
+}
+
+// ssoAlgs are the signing algorithms of the provider's discovery document
+// that go-oidc verifies (RS256 when it names none), as go-oidc's own
+// verifier takes them.
+func ssoAlgs(named []string) []string {
+	var algs []string
+	for _, a := range named {
+		switch a {
+		case oidc.RS256, oidc.RS384, oidc.RS512, oidc.ES256, oidc.ES384, oidc.ES512, oidc.PS256, oidc.PS384, oidc.PS512, oidc.EdDSA:
+			algs = append(algs, a)
+		}
+	}
+	if len(algs) == 0 {
+		algs = []string{oidc.RS256}
+	}
+	return algs
 }
 
 // ssoPerson is who an ID token names, mapped to TP's names.
@@ -190,6 +236,9 @@ func (s *SSO) verify(ctx context.Context, raw string, now time.Time) (ssoPerson,
 // maps its claims to TP's names; it says when the token expires. again is
 // the command that signs in anew, for the refusals' sentences.
 func (s *SSO) check(ctx context.Context, raw string, now time.Time, again string) (ssoPerson, time.Time, error) {
+	if typ, ok := tokenType(raw); ok && !strings.EqualFold(typ, "JWT") {
+		return ssoPerson{}, time.Time{}, refuse("the token is not an ID token (its type is %q, as an access token's or a logout token's is): sign in again with %s", typ, again)
+	}
 	v, err := s.verifierFor(ctx)
 	if err != nil {
 		return ssoPerson{}, time.Time{}, err
@@ -221,6 +270,34 @@ func (s *SSO) check(ctx context.Context, raw string, now time.Time, again string
 	}
 	p.Subject = tok.Subject
 	return p, tok.Expiry, nil
+}
+
+// tokenType is the typ of a JWT's JOSE header, and whether it has one. A
+// header that does not decode says none: the verifier refuses the token.
+// An ID token's is JWT or absent; another token the provider signs with
+// the same key (an access token in JWT form, RFC 9068: at+jwt; a logout
+// token: logout+jwt) must not pass for one.
+func tokenType(raw string) (string, bool) {
+	head, _, ok := strings.Cut(raw, ".")
+	if !ok {
+		return "", false
+	}
+	b, err := base64.RawURLEncoding.DecodeString(head)
+	if err != nil {
+		return "", false
+	}
+	var h map[string]any
+	if json.Unmarshal(b, &h) != nil {
+		return "", false
+	}
+	v, ok := h["typ"]
+	if !ok {
+		return "", false
+	}
+	if typ, isString := v.(string); isString {
+		return typ, true
+	}
+	return fmt.Sprint(v), true // not even a string: not JWT
 }
 
 // UsedTokens records which ID tokens enrolled a device (by a hash of the
@@ -413,17 +490,17 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 	// would let whoever signs in as the user (or holds a leaked ID token, or
 	// approved a code someone else started) lock the device out and take its
 	// place. Replacing a key, or enrolling a revoked device again, is the
-	// administrator's (tpd enroll).
+	// administrator's (tpd enroll). This look is only to refuse early, before
+	// the user is bound; EnrollSignIn below decides, atomically.
 	id := authz.DeviceID(p.User, req.Device)
 	// A device without a key that is not revoked is a name reserved by an
 	// enrollment that did not finish (a token never redeemed, a sign-in cut
 	// by a database outage): nothing logs in with it, and a sign-in takes it.
-	if dev, err := e.Users.Device(id); err == nil && (len(dev.PublicKey) > 0 || dev.Revoked) {
-		if dev.Revoked {
-			writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", id))
-			return
-		}
-		writeErr(w, http.StatusConflict, fmt.Sprintf("device %q is already enrolled; give this device another name (dlogin --sso --device NAME), or ask your administrator to enroll it again (tpd enroll %s --device %s)", id, p.User, req.Device))
+	if dev, err := e.Users.Device(id); err == nil && dev.Revoked {
+		e.refuseSignInDevice(w, p, req.Device, users.ErrDeviceRevoked)
+		return
+	} else if err == nil && len(dev.PublicKey) > 0 {
+		e.refuseSignInDevice(w, p, req.Device, users.ErrDeviceExists)
 		return
 	}
 	if e.Denied != nil {
@@ -449,27 +526,20 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	der, _ := base64.StdEncoding.DecodeString(req.PublicKey)
-	// The device is reserved, given its key, then bound to the person's
-	// subject at the provider (sso-renew: sign-in renews it only with their
-	// sign-in); a device whose binding failed is revoked, not left to renew
-	// by its key alone.
-	en, err := e.Users.Enroll(p.User, req.Device, p.Groups, time.Minute)
-	var dev users.Device
-	if err == nil {
-		dev, err = e.Users.Redeem(en.Token, der)
-	}
-	if err == nil {
-		if err = e.Users.SignedIn(dev.ID, p.Subject, nil); err != nil {
-			if rerr := e.Users.RevokeDevice(dev.ID); rerr != nil {
-				e.log().Error("a device enrolled by single sign-on could not be bound to its person nor revoked: revoke it (tpd revoke --device)", "device", dev.ID, "err", rerr)
-			}
-		}
-	}
-	if err != nil {
-		if errors.Is(err, users.ErrUnavailable) {
-			e.unavailable(w, "single sign-on enrollment", err, "so nothing was enrolled; run dlogin --sso again in a minute")
-			return
-		}
+	// One step: of two sign-ins for one name at once (on any instance), one
+	// enrols and the other is refused; the device is bound to the person's
+	// subject at the provider as it gets its key (sso-renew: sign-in renews
+	// it only with their sign-in).
+	dev, err := e.Users.EnrollSignIn(users.SignIn{User: p.User, Device: req.Device, PublicKey: der,
+		Subject: p.Subject, Groups: p.Groups, Max: e.SSO.maxDevices(), Revoked: e.deniedID})
+	switch {
+	case errors.Is(err, users.ErrDeviceExists), errors.Is(err, users.ErrDeviceRevoked), errors.Is(err, users.ErrTooManyDevices):
+		e.refuseSignInDevice(w, p, req.Device, err)
+		return
+	case errors.Is(err, users.ErrUnavailable):
+		e.unavailable(w, "single sign-on enrollment", err, "so nothing was enrolled; run dlogin --sso again in a minute")
+		return
+	case err != nil:
 		e.log().Error("single sign-on enrollment failed", "err", err)
 		writeErr(w, http.StatusInternalServerError, "enrollment failed on the server; try again or ask your administrator to check tpd's log")
 		return
@@ -486,6 +556,41 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, login.EnrollSSOResponse{
 		EnrollResponse: login.EnrollResponse{DeviceID: dev.ID, User: dev.User, Device: dev.Name},
 		Groups:         p.Groups, Ignored: p.Ignored})
+}
+
+// maxDevices is MaxDevices or its default.
+func (s *SSO) maxDevices() int {
+	if s.MaxDevices > 0 {
+		return s.MaxDevices
+	}
+	return DefaultSSOMaxDevices
+}
+
+// deniedID says whether tpd's deny list revokes the device with that ID.
+func (e *Enroller) deniedID(id string) bool {
+	if e.Denied == nil {
+		return false
+	}
+	user, name, _ := authz.SplitDeviceID(id)
+	_, denied := e.Denied(users.Device{ID: id, User: user, Name: name})
+	return denied
+}
+
+// refuseSignInDevice answers a sign-in enrolment of device that the store
+// refused (users.ErrDeviceExists, ErrDeviceRevoked or ErrTooManyDevices)
+// with what the person can do about it.
+func (e *Enroller) refuseSignInDevice(w http.ResponseWriter, p ssoPerson, device string, err error) {
+	id := authz.DeviceID(p.User, device)
+	switch {
+	case errors.Is(err, users.ErrDeviceRevoked):
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; ask your administrator to enroll it again", id))
+	case errors.Is(err, users.ErrDeviceExists):
+		writeErr(w, http.StatusConflict, fmt.Sprintf("device %q is already enrolled; give this device another name (dlogin --sso --device NAME), or ask your administrator to enroll it again (tpd enroll %s --device %s)", id, p.User, device))
+	default:
+		max := e.SSO.maxDevices()
+		e.log().Warn("single sign-on enrollment refused: the user has as many devices enrolled by sign-in as allowed", "device", id, "max", max)
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("%s already has %d devices enrolled by sign-in, the most this server allows: ask your TP administrator to revoke one you no longer use (tpd revoke --device %s@NAME; tpd users lists them), then run dlogin --sso again, or to raise sso-max-devices", p.User, max, p.User))
+	}
 }
 
 // checkSignIn lets a login of dev (PathAttest) go on: at once, unless the

@@ -351,6 +351,39 @@ func usersCmd(stdout io.Writer) *cobra.Command {
 		},
 	}
 	cmd.Flags().String("data-dir", config.DefaultServer().DataDir, "data dir of the running tpd (env TP_DATA_DIR)")
+	cmd.AddCommand(unbindCmd(stdout))
+	return cmd
+}
+
+func unbindCmd(stdout io.Writer) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "unbind USER",
+		Short: "Clear a user's binding to the identity provider's account, so that another account may sign in as it",
+		Long: `A user is bound to the identity provider's account (its subject) that first
+signed in as it (dlogin --sso); a sign-in of any other account that maps to the
+same user, such as a mailbox given to someone new, is refused. unbind clears
+that binding once you have decided the new account is the user now: the next
+account that signs in as the user binds it. Devices already enrolled are left as
+they are; revoke the previous person's with tpd revoke --device. It is written
+to the audit log.`,
+		Example: "tpd users unbind alice",
+		Args:    cli.Positional("USER"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := config.LoadServer(cmd.Flags())
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
+			defer cancel()
+			res, err := admin.NewClient(cfg.AdminSocket()).Unbind(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			fmt.Fprint(stdout, res.Summary())
+			return nil
+		},
+	}
+	cmd.Flags().String("data-dir", config.DefaultServer().DataDir, "data dir of the running tpd (env TP_DATA_DIR)")
 	return cmd
 }
 

@@ -42,6 +42,10 @@ type SSO struct {
 	// groups": some providers leave the claim out when a person has none,
 	// and a group removed at the provider would otherwise stay in TP.
 	SSOGroupsRequired bool `mapstructure:"sso-groups-required"`
+	// SSOMaxDevices bounds a user's devices enrolled by sign-in that are not
+	// revoked (1 to MaxSSOMaxDevices; no "unbounded": a sign-in, or an ID
+	// token that leaked, must not be able to fill the user store).
+	SSOMaxDevices int `mapstructure:"sso-max-devices"`
 }
 
 // SSO renewal modes (sso-renew).
@@ -53,9 +57,13 @@ const (
 // maxSSOScopes bounds sso-scopes.
 const maxSSOScopes = 16
 
+// MaxSSOMaxDevices is the highest sso-max-devices: more devices than anyone
+// uses, few enough that one person cannot fill the store.
+const MaxSSOMaxDevices = 1000
+
 func defaultSSO() SSO {
 	return SSO{SSOUserClaim: "email", SSOGroupsClaim: "groups", SSOScopes: "openid email profile",
-		SSORenew: SSORenewDeviceKey, SSOKeepRefresh: true}
+		SSORenew: SSORenewDeviceKey, SSOKeepRefresh: true, SSOMaxDevices: 20}
 }
 
 // Scopes is sso-scopes as a list.
@@ -71,6 +79,7 @@ func setSSODefaults(v *viper.Viper, d SSO) {
 	v.SetDefault("sso-renew", d.SSORenew)
 	v.SetDefault("sso-keep-refresh", d.SSOKeepRefresh)
 	v.SetDefault("sso-groups-required", d.SSOGroupsRequired)
+	v.SetDefault("sso-max-devices", d.SSOMaxDevices)
 }
 
 // validateSSO checks the sign-in settings: with an issuer, a client and a
@@ -108,6 +117,9 @@ func (s Server) validateSSO() []error {
 	if s.SSORenew != SSORenewDeviceKey && s.SSORenew != SSORenewSignIn {
 		errs = append(errs, fmt.Errorf("sso-renew %q: %q (devices enrolled by sign-in renew with their key) or %q (each renewal needs a fresh sign-in at the provider)", s.SSORenew, SSORenewDeviceKey, SSORenewSignIn))
 	}
+	if n := s.SSOMaxDevices; n < 1 || n > MaxSSOMaxDevices {
+		errs = append(errs, fmt.Errorf("sso-max-devices %d: between 1 and %d devices per user enrolled by sign-in (default 20); there is no unbounded setting", n, MaxSSOMaxDevices))
+	}
 	return errs
 }
 
@@ -134,8 +146,9 @@ func checkScopes(scopes []string) error {
 
 func ssoYAML(b *strings.Builder, s Server) {
 	fmt.Fprintf(b, "# Sign-in with the organisation's OpenID Connect provider (dlogin --sso, docs/LOGIN.md): its issuer\n# URL, TP's client ID there (a public client with the redirect URI http://127.0.0.1/callback\n# and the device authorization grant), the email\n# domain whose people may enrol, the claim that names the TP user (an email gives its local part)\n# and the claim that lists its groups, and the scopes a sign-in asks for (add groups for Dex or Okta).\n# \"\" turns it off; enrollment tokens work either way.\nsso-issuer: %q\nsso-client-id: %q\nsso-domain: %q\nsso-user-claim: %q\nsso-groups-claim: %q\nsso-scopes: %q\n"+
-		"# What renews a device enrolled by sign-in: \"device-key\", or \"sign-in\" (a fresh sign-in each time: a person the\n# provider disabled loses TP within 4 hours); with sign-in, whether devices keep the provider's refresh token\n# (encrypted with the device key) so that renewals need no browser; and whether an ID token\n# without the groups claim means no groups (providers that leave it out for people with none).\nsso-renew: %q\nsso-keep-refresh: %t\nsso-groups-required: %t\n",
-		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim, s.SSOScopes, s.SSORenew, s.SSOKeepRefresh, s.SSOGroupsRequired)
+		"# What renews a device enrolled by sign-in: \"device-key\", or \"sign-in\" (a fresh sign-in each time: a person the\n# provider disabled loses TP within 4 hours); with sign-in, whether devices keep the provider's refresh token\n# (encrypted with the device key) so that renewals need no browser; and whether an ID token\n# without the groups claim means no groups (providers that leave it out for people with none).\nsso-renew: %q\nsso-keep-refresh: %t\nsso-groups-required: %t\n"+
+		"# The most devices one user may have enrolled by sign-in and not revoked (1 to 1000).\nsso-max-devices: %d\n",
+		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim, s.SSOScopes, s.SSORenew, s.SSOKeepRefresh, s.SSOGroupsRequired, s.SSOMaxDevices)
 }
 
 func isASCIIString(s string) bool {

@@ -122,3 +122,51 @@ func TestSSORenew(t *testing.T) {
 		t.Errorf("defaults: sso-renew %q, sso-keep-refresh %v; want device-key and true", d.SSORenew, d.SSOKeepRefresh)
 	}
 }
+
+// sso-max-devices bounds a user's devices enrolled by sign-in: 20 by
+// default, loaded from tpd.yaml and written by tpd init. The bad inputs are
+// 0 (no "unbounded" setting), a negative number and one above the maximum.
+func TestSSOMaxDevices(t *testing.T) {
+	for _, c := range []struct {
+		n    int
+		want string
+	}{
+		{1, ""},
+		{20, ""},
+		{MaxSSOMaxDevices, ""},
+		{0, "sso-max-devices 0: between 1 and 1000"},
+		{-1, "sso-max-devices -1: between 1 and 1000"},
+		{MaxSSOMaxDevices + 1, "sso-max-devices 1001: between 1 and 1000"},
+	} {
+		s := DefaultServer()
+		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOMaxDevices = "https://accounts.example.org", "tp", "example.org", c.n
+		err := s.Validate()
+		switch {
+		case c.want == "" && err != nil:
+			t.Errorf("sso-max-devices %d refused: %v", c.n, err)
+		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want)):
+			t.Errorf("sso-max-devices %d: %v; want an error saying %q", c.n, err, c.want)
+		}
+	}
+	if d := DefaultServer(); d.SSOMaxDevices != 20 {
+		t.Errorf("default sso-max-devices %d; want 20", d.SSOMaxDevices)
+	}
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, FileName), []byte("sso-issuer: https://accounts.example.org\nsso-client-id: tp\nsso-domain: example.org\nsso-max-devices: 5\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TP_DATA_DIR", dir)
+	s, err := LoadServer(nil)
+	if err != nil || s.SSOMaxDevices != 5 {
+		t.Fatalf("loaded sso-max-devices %d (%v); want 5", s.SSOMaxDevices, err)
+	}
+	if !strings.Contains(string(ServerYAML(s)), "\nsso-max-devices: 5\n") {
+		t.Fatalf("tpd init's file lacks sso-max-devices: 5:\n%s", ServerYAML(s))
+	}
+	if err := os.WriteFile(filepath.Join(dir, FileName), []byte("sso-issuer: https://accounts.example.org\nsso-client-id: tp\nsso-domain: example.org\nsso-max-devices: 0\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadServer(nil); err == nil || !strings.Contains(err.Error(), "sso-max-devices 0") {
+		t.Fatalf("tpd.yaml with sso-max-devices: 0 loaded (%v); want it refused", err)
+	}
+}

@@ -180,6 +180,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/enroll", s.enroll)
 	mux.HandleFunc("GET /v1/users", s.users)
 	mux.HandleFunc("POST /v1/revoke", s.revoke)
+	mux.HandleFunc("POST /v1/unbind", s.unbind) // unbind.go
 	mux.HandleFunc("GET /v1/denylist", s.denylist)
 	mux.HandleFunc("GET /v1/status", s.status)
 	mux.HandleFunc("POST /v1/reload", s.reload)

@@ -15,7 +15,8 @@ import (
 // Act is one administrative act, one line of the audit trail.
 type Act struct {
 	// Act is what was done: enroll_token (a token issued), enrolled (a device
-	// redeemed its token), revoke, unrevoke, policy_reload, config_reload.
+	// redeemed its token), revoke, unrevoke, unbind_user (a user's binding
+	// to the provider's account cleared), policy_reload, config_reload.
 	Act string `json:"act"`
 	// Subject is what it was done to: a device ID, user, serial or file.
 	Subject string `json:"subject,omitempty"`
@@ -33,7 +34,8 @@ type Act struct {
 	Groups []string `json:"groups,omitempty"`
 	// Scope is the device's scope as an enroll_token gave it (authz.Scope).
 	Scope string `json:"scope,omitempty"`
-	// Changed lists the settings a config_reload changed ("max-conns: 10000 → 7").
+	// Changed lists the settings a config_reload changed ("max-conns: 10000 → 7"),
+	// or what an unbind_user cleared ("sso-subject: \"s-1\" → none").
 	Changed []string `json:"changed,omitempty"`
 }
 

@@ -254,6 +254,120 @@ func (u *Users) BindUser(user, subject string) error {
 	return nil
 }
 
+// UnbindUser implements users.Store.
+func (u *Users) UnbindUser(user string) (string, error) {
+	var was string
+	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
+		// The row is locked by the read, so the subject returned is the one
+		// this statement cleared.
+		err := tx.QueryRow(ctx, "SELECT sso_subject FROM tp_users WHERE name = $1 FOR NO KEY UPDATE", user).Scan(&was)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("user %s: %w", user, users.ErrNotFound)
+		}
+		if err != nil || was == "" {
+			return err
+		}
+		if _, err := tx.Exec(ctx, "UPDATE tp_users SET sso_subject = '' WHERE name = $1", user); err != nil {
+			return err
+		}
+		return notify(ctx, tx, TopicUsers)
+	})
+	if errors.Is(err, users.ErrNotFound) {
+		return "", err
+	}
+	if err != nil {
+		return "", unreachable("unbind "+user, err)
+	}
+	if was != "" {
+		u.afterWrite()
+	}
+	return was, nil
+}
+
+// EnrollSignIn implements users.Store in one transaction: the user's row
+// is locked first, so that sign-ins of one user on every instance count and
+// insert one at a time, and the insert takes only a name that is free (no
+// row, or a reserved one without a key that is not revoked).
+func (u *Users) EnrollSignIn(in users.SignIn) (users.Device, error) {
+	if err := users.CheckSignIn(in); err != nil {
+		return users.Device{}, err
+	}
+	id := authz.DeviceID(in.User, in.Device)
+	var d users.Device
+	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "INSERT INTO tp_users (name) VALUES ($1) ON CONFLICT DO NOTHING", in.User); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, "SELECT 1 FROM tp_users WHERE name = $1 FOR NO KEY UPDATE", in.User); err != nil {
+			return err
+		}
+		// A name already enrolled or revoked is refused as such, before the
+		// count.
+		var taken bool
+		if err := tx.QueryRow(ctx, "SELECT revoked OR length(coalesce(public_key, '')) > 0 FROM tp_devices WHERE id = $1", id).Scan(&taken); err == nil && taken {
+			return deviceTaken(ctx, tx, id)
+		} else if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return err
+		}
+		rows, _ := tx.Query(ctx, `SELECT id, public_key, sso_subject, revoked FROM tp_devices
+			WHERE user_name = $1 AND id <> $2 AND sso_subject <> '' AND NOT revoked AND length(coalesce(public_key, '')) > 0`, in.User, id)
+		var mine []users.Device
+		for rows.Next() {
+			var d users.Device
+			if err := rows.Scan(&d.ID, &d.PublicKey, &d.SSOSubject, &d.Revoked); err != nil {
+				return err
+			}
+			mine = append(mine, d)
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		n := in.Counted(mine)
+		if n >= in.Max {
+			return fmt.Errorf("user %s has %d: %w", in.User, n, users.ErrTooManyDevices)
+		}
+		// The WHERE is the check that counts: a name another instance took
+		// since the look above is left as it is, and no row comes back.
+		err := tx.QueryRow(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key, sso_subject) VALUES ($1, $2, $3, $4, $5)
+			ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, sso_subject = excluded.sso_subject
+			WHERE NOT tp_devices.revoked AND length(coalesce(tp_devices.public_key, '')) = 0
+			RETURNING id, user_name, name, public_key, created, sso_subject`, id, in.User, in.Device, in.PublicKey, in.Subject).
+			Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &d.SSOSubject)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return deviceTaken(ctx, tx, id)
+		}
+		if err != nil {
+			return err
+		}
+		d.Created = d.Created.UTC()
+		if err := setGroups(ctx, tx, in.User, in.Groups); err != nil {
+			return err
+		}
+		return notify(ctx, tx, TopicUsers)
+	})
+	if errors.Is(err, users.ErrDeviceExists) || errors.Is(err, users.ErrDeviceRevoked) || errors.Is(err, users.ErrTooManyDevices) {
+		return users.Device{}, err
+	}
+	if err != nil {
+		return users.Device{}, unreachable("enrol "+id+" by sign-in", err)
+	}
+	u.afterWrite()
+	return d, nil
+}
+
+// deviceTaken is the refusal of a sign-in for the device id, which is
+// enrolled or revoked.
+func deviceTaken(ctx context.Context, tx pgx.Tx, id string) error {
+	var revoked bool
+	if err := tx.QueryRow(ctx, "SELECT revoked FROM tp_devices WHERE id = $1", id).Scan(&revoked); err != nil {
+		return err
+	}
+	if revoked {
+		return fmt.Errorf("device %s: %w", id, users.ErrDeviceRevoked)
+	}
+	return fmt.Errorf("device %s: %w", id, users.ErrDeviceExists)
+}
+
 // SignedIn implements users.Store.
 func (u *Users) SignedIn(id, subject string, groups []string) error {
 	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
@@ -397,10 +511,17 @@ func (u *Users) Users() []users.UserInfo {
 // Generation implements users.Store: it counts reloads.
 func (u *Users) Generation() uint64 { return u.gen.Load() }
 
-// setGroups replaces user's groups with groups in tx; nil leaves them.
+// setGroups replaces user's groups with groups in tx; nil leaves them. It
+// locks the user's row until tx ends.
 func setGroups(ctx context.Context, tx pgx.Tx, user string, groups []string) error {
 	if groups == nil {
 		return nil
+	}
+	// One replacement of a user's groups at a time, on every instance: two
+	// at once each deleted the rows they saw and inserted theirs, leaving
+	// both lists, or deadlocked on a group both insert.
+	if _, err := tx.Exec(ctx, "SELECT 1 FROM tp_users WHERE name = $1 FOR NO KEY UPDATE", user); err != nil {
+		return err
 	}
 	if _, err := tx.Exec(ctx, "DELETE FROM tp_groups WHERE user_name = $1", user); err != nil {
 		return err

@@ -199,7 +199,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		enroller.SSO = &acme.SSO{Issuer: cfg.SSOIssuer, ClientID: cfg.SSOClientID, Domain: cfg.SSODomain,
 			UserClaim: cfg.SSOUserClaim, GroupsClaim: cfg.SSOGroupsClaim, Scopes: cfg.SSO.Scopes(),
 			RenewWithSignIn: cfg.SSORenew == config.SSORenewSignIn, KeepRefresh: cfg.SSOKeepRefresh,
-			GroupsRequired: cfg.SSOGroupsRequired}
+			GroupsRequired: cfg.SSOGroupsRequired, MaxDevices: cfg.SSOMaxDevices}
 		if d.db != nil { // an ID token enrols one device, whichever instance it is shown to
 			enroller.SSO.Used = pgstore.NewSSOUsed(d.db)
 		}

@@ -31,8 +31,13 @@ var (
 	// ErrOtherAccount is a sign-in for a user bound to another account at
 	// the identity provider (BindUser).
 	ErrOtherAccount = errors.New("the user belongs to another account at the identity provider")
-	ErrBadName      = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
-	ErrTooMany      = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
+	// ErrDeviceExists, ErrDeviceRevoked and ErrTooManyDevices are a sign-in
+	// enrolment refused by EnrollSignIn, changing nothing.
+	ErrDeviceExists   = errors.New("the device is already enrolled")
+	ErrDeviceRevoked  = errors.New("the device has been revoked")
+	ErrTooManyDevices = errors.New("the user has as many devices enrolled by sign-in as the server allows")
+	ErrBadName        = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+	ErrTooMany        = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
 	// ErrUnavailable means the store could not be reached (a shared database
 	// that does not answer); nothing was changed, and trying later may work.
 	ErrUnavailable = errors.New("the user store is unavailable")
@@ -112,6 +117,20 @@ type Store interface {
 	// subject at its first sign-in; ErrOtherAccount, changing nothing, when it
 	// is bound to another subject.
 	BindUser(user, subject string) error
+	// UnbindUser clears the user's binding to the identity provider's
+	// subject (an administrator's decision: the next account that signs in as
+	// the user binds it again) and returns the subject it was bound to, ""
+	// when none; ErrNotFound when there is no such user.
+	UnbindUser(user string) (string, error)
+	// EnrollSignIn enrols a device by sign-in in one step judged by the
+	// store: it creates the user if need be, registers the key of a device
+	// that is absent (or a name reserved without a key), bound to the
+	// provider's subject, and sets the user's groups when given. A device
+	// with a key is ErrDeviceExists, a revoked one ErrDeviceRevoked, and
+	// Max devices of the user enrolled by sign-in and not revoked already
+	// ErrTooManyDevices; then nothing changes. Of two sign-ins for one name
+	// at once, whichever tpd is asked, one enrols.
+	EnrollSignIn(in SignIn) (Device, error)
 	// SignedIn records a sign-in at the identity provider for the device:
 	// the provider's subject of its person, and, when groups is not nil, the
 	// user's groups as the provider gave them.
@@ -295,6 +314,117 @@ func (s *File) BindUser(user, subject string) error {
 	}
 	u.SSOSubject = subject
 	return s.saveLocked()
+}
+
+// UnbindUser clears the user's binding to the provider's subject.
+func (s *File) UnbindUser(user string) (string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	u := s.st.Users[user]
+	if u == nil {
+		return "", fmt.Errorf("user %s: %w", user, ErrNotFound)
+	}
+	was := u.SSOSubject
+	if was == "" {
+		return "", nil
+	}
+	u.SSOSubject = ""
+	return was, s.saveLocked()
+}
+
+// SignIn is a device a sign-in enrols (Store.EnrollSignIn).
+type SignIn struct {
+	User, Device string
+	PublicKey    []byte   // PKIX DER
+	Subject      string   // the provider's sub of the person
+	Groups       []string // the user's groups from now on; nil leaves them
+	// Max bounds the user's devices enrolled by sign-in that are not
+	// revoked, this one included; at least 1.
+	Max int
+	// Revoked, when set, says which other devices are revoked outside the
+	// store (tpd's deny list: tpd revoke --device), so they are not counted.
+	Revoked func(deviceID string) bool
+}
+
+// counts says whether d counts against a user's bound of devices enrolled
+// by sign-in.
+func (in SignIn) counts(d Device) bool {
+	return d.SSOSubject != "" && !d.Revoked && len(d.PublicKey) > 0 && (in.Revoked == nil || !in.Revoked(d.ID))
+}
+
+// Counted says how many of devices (one user's, as rows of a store) count
+// against in.Max.
+func (in SignIn) Counted(devices []Device) int {
+	n := 0
+	for _, d := range devices {
+		if in.counts(d) {
+			n++
+		}
+	}
+	return n
+}
+
+// CheckSignIn validates a sign-in enrolment's names, key, subject, groups
+// and bound.
+func CheckSignIn(in SignIn) error {
+	if _, err := CheckEnroll(in.User, in.Device, in.Groups, time.Minute); err != nil {
+		return err
+	}
+	switch {
+	case len(in.PublicKey) == 0:
+		return errors.New("no device key to enrol")
+	case in.Subject == "":
+		return errors.New("no subject to bind the device to")
+	case in.Max < 1:
+		return fmt.Errorf("a bound of %d devices per user enrolled by sign-in; at least 1", in.Max)
+	}
+	return nil
+}
+
+// EnrollSignIn enrols a device by sign-in under the store's lock: the check
+// that the name is free and the count of the user's devices are the write's.
+func (s *File) EnrollSignIn(in SignIn) (Device, error) {
+	if err := CheckSignIn(in); err != nil {
+		return Device{}, err
+	}
+	id := authz.DeviceID(in.User, in.Device)
+	now := s.now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.st.Devices[id]
+	switch {
+	case d != nil && d.Revoked:
+		return Device{}, fmt.Errorf("device %s: %w", id, ErrDeviceRevoked)
+	case d != nil && len(d.PublicKey) > 0:
+		return Device{}, fmt.Errorf("device %s: %w", id, ErrDeviceExists)
+	}
+	n := 0
+	for _, o := range s.st.Devices {
+		if o.User == in.User && in.counts(*o) {
+			n++
+		}
+	}
+	if n >= in.Max {
+		return Device{}, fmt.Errorf("user %s has %d: %w", in.User, n, ErrTooManyDevices)
+	}
+	u := s.st.Users[in.User]
+	if u == nil {
+		u = &User{Name: in.User, Created: now, Groups: []string{}}
+		s.st.Users[in.User] = u
+	}
+	if in.Groups != nil {
+		u.Groups = NormalizeGroups(in.Groups)
+	}
+	if d == nil {
+		d = &Device{ID: id, User: in.User, Name: in.Device, Created: now}
+		s.st.Devices[id] = d
+	}
+	d.PublicKey = slices.Clone(in.PublicKey)
+	d.SSOSubject = in.Subject
+	if err := s.saveLocked(); err != nil {
+		return Device{}, err
+	}
+	return *d, nil
 }
 
 // SignedIn records a sign-in at the identity provider for the device.

@@ -18,6 +18,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -51,6 +52,9 @@ type IdP struct {
 	st       *store
 	server   *httptest.Server
 	callback string // the provider's URL that ends a login: + the auth request's ID
+	people   map[string]Person
+	// keyFetches counts the requests for the provider's keys (jwks_uri).
+	keyFetches atomic.Int64
 
 	mu      sync.Mutex
 	session string // the subject the browser is signed in as ("" nobody)
@@ -89,11 +93,14 @@ func Start(t testing.TB, people ...Person) *IdP {
 		t.Fatal(err)
 	}
 	p := &IdP{Issuer: issuer, st: st, server: srv,
-		callback: provider.AuthorizationEndpoint().Absolute(issuer) + "/callback?id="}
+		callback: provider.AuthorizationEndpoint().Absolute(issuer) + "/callback?id=", people: map[string]Person{}}
+	for _, x := range people {
+		p.people[x.Subject] = x
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/login/username", p.login)
 	mux.Handle("/", provider)
-	srv.Config.Handler = mux
+	srv.Config.Handler = p.countKeys(provider.KeysEndpoint().Relative(), mux)
 	srv.Start()
 	t.Cleanup(srv.Close)
 	return p
