@@ -3,6 +3,7 @@ package pgstore_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -187,5 +188,39 @@ func TestScopeAcrossInstances(t *testing.T) {
 	waitFor(t, "B reads the scope", func() bool { return b.Scope("alice@ci") == "expose-public:ci" })
 	if err := a.SetScope("alice@nothing", "expose:ci"); !errors.Is(err, users.ErrNotFound) {
 		t.Fatalf("a scope for a device that does not exist: %v; want ErrNotFound", err)
+	}
+}
+
+// Enrollment tokens issued at once on two instances (tpd enroll run by
+// several administrators or scripts) all succeed. Bad input: 16 enrollments
+// at the same moment; the token table's lock was taken after a delete, and
+// two of them deadlocked (SQLSTATE 40P01).
+func TestConcurrentEnroll(t *testing.T) {
+	t.Parallel()
+	_, dsn := testpg.NewDatabase(t)
+	ctx := context.Background()
+	a, err := pgstore.OpenUsers(ctx, open(t, dsn))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := pgstore.OpenUsers(ctx, open(t, dsn))
+	if err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 16)
+	for i := range 16 {
+		s := a
+		if i%2 == 1 {
+			s = b
+		}
+		go func() {
+			_, err := s.Enroll(fmt.Sprintf("user%d", i%4), fmt.Sprintf("dev%d", i), []string{"ops"}, time.Hour)
+			errs <- err
+		}()
+	}
+	for range 16 {
+		if err := <-errs; err != nil {
+			t.Errorf("an enrollment beside 15 others: %v", err)
+		}
 	}
 }

@@ -132,11 +132,14 @@ func (u *Users) Enroll(user, device string, groups []string, ttl time.Duration) 
 	id := authz.DeviceID(user, device)
 	var exp time.Time
 	err = u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "DELETE FROM tp_tokens WHERE expires <= now()"); err != nil {
+		// One enrollment at a time counts and adds tokens, on every instance.
+		// The lock comes first: a delete before it takes a weaker lock on the
+		// table, and two enrollments that each held that one while asking
+		// for this one deadlocked.
+		if _, err := tx.Exec(ctx, "LOCK TABLE tp_tokens IN SHARE ROW EXCLUSIVE MODE"); err != nil {
 			return err
 		}
-		// One enrollment at a time counts and adds tokens, on every instance.
-		if _, err := tx.Exec(ctx, "LOCK TABLE tp_tokens IN SHARE ROW EXCLUSIVE MODE"); err != nil {
+		if _, err := tx.Exec(ctx, "DELETE FROM tp_tokens WHERE expires <= now()"); err != nil {
 			return err
 		}
 		var n int
