@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"regexp"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -65,6 +66,8 @@ func BenchmarkIPTunnel(b *testing.B) {
 	measure := func(b *testing.B, host string) {
 		b.Run("throughput", func(b *testing.B) {
 			b.SetBytes(bulk)
+			before := readIPBenchCounts(b, n.S, n.T)
+			defer func() { readIPBenchCounts(b, n.S, n.T).report(b, before) }()
 			for b.Loop() {
 				c := dialIn(b, n.C, net.JoinHostPort(host, bulkPort))
 				if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
@@ -75,6 +78,8 @@ func BenchmarkIPTunnel(b *testing.B) {
 		})
 		b.Run("upload", func(b *testing.B) {
 			b.SetBytes(bulk)
+			before := readIPBenchCounts(b, n.C, n.T)
+			defer func() { readIPBenchCounts(b, n.C, n.T).report(b, before) }()
 			for b.Loop() {
 				c := dialIn(b, n.C, net.JoinHostPort(host, sinkPort))
 				if _, err := c.Write(data); err != nil {
@@ -111,16 +116,38 @@ func BenchmarkIPTunnel(b *testing.B) {
 	}
 
 	// tp forward: a local port per service, forwarded over TP (QUIC).
-	for _, svc := range []struct{ name, port string }{{"throughput", bulkPort}, {"rtt", echoPort}} {
+	for _, svc := range []struct{ name, port string }{{"throughput", bulkPort}, {"upload", sinkPort}, {"rtt", echoPort}} {
 		fwd := startForwardIn(b, n.C, env, "10.201.2.2:"+svc.port)
 		if svc.name == "throughput" {
 			bulkFwd := fwd
 			b.Run("tp-forward/throughput", func(b *testing.B) {
 				b.SetBytes(bulk)
+				before := readIPBenchCounts(b, n.S, n.T)
+				defer func() { readIPBenchCounts(b, n.S, n.T).report(b, before) }()
 				for b.Loop() {
 					c := dialIn(b, n.C, bulkFwd)
 					if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
 						b.Fatalf("read %d bytes, %v", k, err)
+					}
+					c.Close()
+				}
+			})
+			continue
+		}
+		if svc.name == "upload" {
+			sinkFwd := fwd
+			b.Run("tp-forward/upload", func(b *testing.B) {
+				b.SetBytes(bulk)
+				before := readIPBenchCounts(b, n.C, n.T)
+				defer func() { readIPBenchCounts(b, n.C, n.T).report(b, before) }()
+				for b.Loop() {
+					c := dialIn(b, n.C, sinkFwd)
+					if _, err := c.Write(data); err != nil {
+						b.Fatal(err)
+					}
+					_ = c.(*net.TCPConn).CloseWrite()
+					if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+						b.Fatalf("the sink did not confirm %d bytes: %v", bulk, err)
 					}
 					c.Close()
 				}
@@ -157,8 +184,17 @@ func runTPIP(b *testing.B, ns string, env []string, transport string) (stop func
 	b.Helper()
 	b.StopTimer()
 	defer b.StartTimer()
-	log := startTPIP(b, ns, env, "--transport", transport)
-	_ = log
+	// Registered before startTPIP's own cleanup, so it runs after `tp ip`
+	// ended and logged its drop counts.
+	var log interface{ String() string }
+	b.Cleanup(func() {
+		for _, line := range strings.Split(log.String(), "\n") {
+			if strings.Contains(line, "datagrams_dropped") {
+				b.Logf("tp ip --transport %s: %s", transport, line)
+			}
+		}
+	})
+	log = startTPIP(b, ns, env, "--transport", transport)
 	return func() {}
 }
 
