@@ -110,12 +110,14 @@ type IPStats struct {
 	DroppedRate             int64 // beyond PacketsPerSecond or BytesPerSecond
 	DroppedMalformed        int64 // not one whole IPv4 or IPv6 packet
 	DroppedTooBig           int64 // larger than the path's datagrams (answered with ICMP)
+	DroppedQueue            int64 // from the peer, finding the tunnel's receive queue full (the tun device does not keep up)
 }
 
 type ipCounters struct {
 	opened, refused, active                              atomic.Int64
 	pktUp, pktDown, bytesUp, bytesDown                   atomic.Int64
 	dropSrc, dropDst, dropIn, dropRate, dropBad, dropBig atomic.Int64
+	dropQueue                                            atomic.Int64
 }
 
 // Stats returns the counters.
@@ -126,6 +128,7 @@ func (t *IPTunnels) Stats() IPStats {
 		PacketsUp: c.pktUp.Load(), PacketsDown: c.pktDown.Load(), BytesUp: c.bytesUp.Load(), BytesDown: c.bytesDown.Load(),
 		DroppedSource: c.dropSrc.Load(), DroppedDestination: c.dropDst.Load(), DroppedInbound: c.dropIn.Load(),
 		DroppedRate: c.dropRate.Load(), DroppedMalformed: c.dropBad.Load(), DroppedTooBig: c.dropBig.Load(),
+		DroppedQueue: c.dropQueue.Load(),
 	}
 }
 
@@ -172,6 +175,7 @@ type IPTunnel struct {
 	writeCap func([]byte) error
 	sendDg   func([]byte) error // one HTTP Datagram payload
 	dgStream int64              // the HTTP/3 request stream whose datagrams sendDg sends
+	queued   bool               // Run's recvDg has a queue of its own (ReceiveQueued)
 
 	up, down rateBucket
 	pkts     [2]atomic.Int64 // up, down
@@ -573,13 +577,22 @@ func (tn *IPTunnel) fromPeer(p []byte) error {
 	return nil
 }
 
-// readDatagrams takes the peer's datagrams off the HTTP/3 stream's queue
-// (quic-go keeps 32 per stream and drops beyond) onto a longer one of its own,
-// so that the tun writes do not hold that queue. It does not stop the drops:
-// http3's reader fills the 32 in a burst before this goroutine runs. `tp ip`
-// reads below http3 (wire.H3Datagrams); here quic-go's http3.Server starts its
-// reader whenever a client announces HTTP Datagrams (docs/IP.md, Measured).
+// readDatagrams writes the peer's datagrams to the tun device. tpd reads them
+// below http3 (wire.H3ServerConn) on a queue of their own (ReceiveQueued).
+// Otherwise they come off http3's queue of 32 per stream, which drops beyond,
+// and readDatagrams moves them onto a longer one of its own so that the tun
+// writes do not hold that queue; that does not stop the drops, as http3's
+// reader fills the 32 in a burst before this goroutine runs (docs/IP.md).
 func (tn *IPTunnel) readDatagrams(ctx context.Context, recv func(context.Context) ([]byte, error)) error {
+	if tn.queued {
+		for {
+			p, err := recv(ctx)
+			if err != nil {
+				return err
+			}
+			_ = tn.fromPeer(p)
+		}
+	}
 	q := make(chan []byte, datagramBacklog)
 	done := make(chan struct{})
 	defer func() { <-done }()
@@ -598,10 +611,22 @@ func (tn *IPTunnel) readDatagrams(ctx context.Context, recv func(context.Context
 		select {
 		case q <- p:
 		default:
-			tn.t.stats.dropRate.Add(1) // the tun device does not keep up
+			tn.t.stats.dropQueue.Add(1) // the tun device does not keep up
 			tn.drops.Add(1)
 		}
 	}
+}
+
+// ReceiveQueued says that Run's recvDg takes the datagrams off a queue of
+// their own (wire.H3DatagramFlow): Run then writes each to the tun device as
+// it comes, without a second queue.
+func (tn *IPTunnel) ReceiveQueued() { tn.queued = true }
+
+// CountQueueDrop counts one datagram from the peer that found the tunnel's
+// receive queue full.
+func (tn *IPTunnel) CountQueueDrop() {
+	tn.t.stats.dropQueue.Add(1)
+	tn.drops.Add(1)
 }
 
 // datagramBacklog bounds the datagrams waiting for the tun device, per tunnel.
