@@ -13,7 +13,8 @@ import (
 // drops tpd counts (quic-go's receive queue, the tunnels' own).
 type ipBenchCounts struct {
 	retrans, outSegs float64
-	tpdQUICQueue     float64 // tp_udp_datagrams_dropped_total, reasons quic_queue_full and quic_packet_queue_full
+	tpdQUICQueue     float64 // tp_udp_datagrams_dropped_total{reason="quic_queue_full"}: quic-go's 128 DATAGRAM frames
+	tpdQUICPackets   float64 // tp_udp_datagrams_dropped_total{reason="quic_packet_queue_full"}: quic-go's 256 packets
 	tpdIPDropped     float64 // tp_ip_packets_dropped_total, every reason
 }
 
@@ -56,9 +57,10 @@ func readIPBenchCounts(b *testing.B, sender, tpdNS string) ipBenchCounts {
 		}
 		v, _ := strconv.ParseFloat(f[1], 64)
 		switch {
-		case f[0] == `tp_udp_datagrams_dropped_total{reason="quic_queue_full"}`,
-			f[0] == `tp_udp_datagrams_dropped_total{reason="quic_packet_queue_full"}`:
-			c.tpdQUICQueue += v
+		case f[0] == `tp_udp_datagrams_dropped_total{reason="quic_queue_full"}`:
+			c.tpdQUICQueue = v
+		case f[0] == `tp_udp_datagrams_dropped_total{reason="quic_packet_queue_full"}`:
+			c.tpdQUICPackets = v
 		case strings.HasPrefix(f[0], "tp_ip_packets_dropped_total{"):
 			c.tpdIPDropped += v
 		}
@@ -72,6 +74,7 @@ func (c ipBenchCounts) report(b *testing.B, before ipBenchCounts) {
 	if segs > 0 {
 		b.ReportMetric(100*(c.retrans-before.retrans)/segs, "retrans-%")
 	}
-	b.ReportMetric(c.tpdQUICQueue-before.tpdQUICQueue, "tpd-quic-drops")
+	b.ReportMetric(c.tpdQUICQueue-before.tpdQUICQueue, "tpd-quic-dgram-drops")
+	b.ReportMetric(c.tpdQUICPackets-before.tpdQUICPackets, "tpd-quic-pkt-drops")
 	b.ReportMetric(c.tpdIPDropped-before.tpdIPDropped, "tpd-ip-drops")
 }
