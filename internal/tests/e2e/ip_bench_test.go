@@ -16,19 +16,22 @@ import (
 // run, TCP throughput (16 MiB per op) and round-trip time (a 1-byte echo per
 // op, over one connection) from the client host to the service host: plainly
 // routed through T (no tunnel, the baseline), through `tp ip` (CONNECT-IP over
-// HTTP/3 and over HTTP/2), and through `tp forward` (a TCP stream over TP).
+// HTTP/3 and over HTTP/2), through wireguard-go between C and T (built with
+// go install from the module proxy; skipped when that fails), and through
+// `tp forward` (a TCP stream over TP).
 // "throughput" is a download (the service host sends), "upload" the other
 // direction (through `tp ip`, the server's receive path).
 //
 //	go test -run '^$' -bench BenchmarkIPTunnel -benchtime 20x ./internal/tests/e2e
 func BenchmarkIPTunnel(b *testing.B) {
 	n, env, _ := startIPE2E(b)
+	prepareWireGuardRoutes(b, n)
 	// Services on S: bulk (16 MiB per connection) and echo, on both addresses:
 	// 10.201.2.2 is reached through the tunnel, 10.201.3.1 by plain routing.
 	const bulk = 16 << 20
 	data := make([]byte, bulk)
 	var bulkPort, echoPort, sinkPort string
-	for _, a := range []string{"10.201.2.2", "10.201.3.1"} {
+	for _, a := range []string{"10.201.2.2", "10.201.3.1", wgServiceAddr} {
 		inNS(b, n.S, func() {
 			bl, err := net.Listen("tcp", a+":"+bulkPort)
 			if err != nil {
@@ -114,6 +117,17 @@ func BenchmarkIPTunnel(b *testing.B) {
 			measure(b, "10.201.2.2")
 		})
 	}
+
+	// wireguard-go between C and T (userspace, as tp ip; its default MTU of
+	// 1420): the yardstick the goal names.
+	b.Run("wireguard-go", func(b *testing.B) {
+		b.StopTimer()
+		if ok, why := startWireGuardGo(b, n); !ok {
+			b.Skip(why)
+		}
+		b.StartTimer()
+		measure(b, wgServiceAddr)
+	})
 
 	// tp forward: a local port per service, forwarded over TP (QUIC).
 	for _, svc := range []struct{ name, port string }{{"throughput", bulkPort}, {"upload", sinkPort}, {"rtt", echoPort}} {
