@@ -241,6 +241,7 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 			defer flow.Close()
 			recvDg = flow.ReceiveDatagram
 			tn.ReceiveQueued()
+			tn.SendBelowHTTP3(flow.AppendQuarterStreamID(nil), flow.SendQUIC)
 		}
 		context.AfterFunc(tctx, func() {
 			if abortive(context.Cause(tctx)) { // never a clean end: both directions reset

@@ -176,6 +176,7 @@ type IPTunnel struct {
 	sendDg   func([]byte) error // one HTTP Datagram payload
 	dgStream int64              // the HTTP/3 request stream whose datagrams sendDg sends
 	queued   bool               // Run's recvDg has a queue of its own (ReceiveQueued)
+	dgPrefix []byte             // what sendDg's datagrams start with before the context ID (SendBelowHTTP3)
 
 	up, down rateBucket
 	pkts     [2]atomic.Int64 // up, down
@@ -617,6 +618,14 @@ func (tn *IPTunnel) readDatagrams(ctx context.Context, recv func(context.Context
 	}
 }
 
+// SendBelowHTTP3 makes the tunnel send its packets with send, each
+// datagram starting with prefix (the request's quarter stream ID), which the
+// tunnel keeps in its buffer: no allocation or copy of each packet of its own
+// (wire.H3DatagramFlow.SendQUIC). Call it after Attach, before Run.
+func (tn *IPTunnel) SendBelowHTTP3(prefix []byte, send func([]byte) error) {
+	tn.dgPrefix, tn.sendDg = prefix, send
+}
+
 // ReceiveQueued says that Run's recvDg takes the datagrams off a queue of
 // their own (wire.H3DatagramFlow): Run then writes each to the tun device as
 // it comes, without a second queue.
@@ -705,16 +714,19 @@ func (tn *IPTunnel) answer(reqs []wire.AssignedAddress) []wire.AssignedAddress {
 // from a granted prefix (or is an ICMP error about a packet the peer sent).
 func (tn *IPTunnel) fromTun(ctx context.Context) error {
 	c := &tn.t.stats
-	buf := make([]byte, 1+wire.MaxIPPacket)
+	// One buffer for the tunnel's life: [dgPrefix][context ID][packet].
+	hl := len(tn.dgPrefix)
+	buf := make([]byte, hl+1+wire.MaxIPPacket)
+	copy(buf, tn.dgPrefix)
 	for {
-		n, err := tn.dev.Read(buf[1:])
+		n, err := tn.dev.Read(buf[hl+1:])
 		if err != nil {
 			if ctx.Err() != nil {
 				return context.Cause(ctx)
 			}
 			return fmt.Errorf("reading the tunnel's tun device: %w", err)
 		}
-		pkt := buf[1 : 1+n]
+		pkt := buf[hl+1 : hl+1+n]
 		h, err := wire.ParseIPHeader(pkt)
 		if err != nil {
 			c.dropBad.Add(1)
@@ -730,8 +742,8 @@ func (tn *IPTunnel) fromTun(ctx context.Context) error {
 			tn.drops.Add(1)
 			continue
 		}
-		buf[0] = 0 // context ID 0
-		err = tn.sendDg(buf[:1+n])
+		buf[hl] = 0 // context ID 0
+		err = tn.sendDg(buf[:hl+1+n])
 		var tooLarge *quic.DatagramTooLargeError
 		switch {
 		case errors.As(err, &tooLarge):

@@ -194,6 +194,22 @@ func (f *H3DatagramFlow) ReceiveDatagram(ctx context.Context) ([]byte, error) {
 // of 32 is full: nothing is dropped on the way out).
 func (f *H3DatagramFlow) SendDatagram(p []byte) error { return f.str.SendDatagram(p) }
 
+// AppendQuarterStreamID appends the flow's quarter stream ID, which starts
+// each of its datagrams (RFC 9297 §2.1), to b.
+func (f *H3DatagramFlow) AppendQuarterStreamID(b []byte) []byte { return quicvarint.Append(b, f.qsid) }
+
+// SendQUIC sends b, the flow's quarter stream ID (AppendQuarterStreamID)
+// followed by the payload, as one QUIC DATAGRAM frame below http3, whose
+// SendDatagram allocates and copies every datagram to put the ID in front.
+// A sender that keeps the ID in its own buffer sends without an allocation
+// of its own (quic-go still copies each into its frame).
+func (f *H3DatagramFlow) SendQUIC(b []byte) error {
+	if err := context.Cause(f.ctx); err != nil {
+		return err
+	}
+	return f.m.conn.SendDatagram(b)
+}
+
 // Dropped is how many datagrams found the flow's queue full.
 func (f *H3DatagramFlow) Dropped() int64 { return f.dropped.Load() }
 

@@ -32,7 +32,8 @@ func (s fakeStream) ReceiveDatagram(ctx context.Context) ([]byte, error) {
 // client's SETTINGS (HTTP Datagrams announced), holds datagrams that come
 // before their request's flow and hands them to the flow in order, and
 // counts as unknown those for a flow already closed (bad input: a client that
-// goes on sending on a finished request).
+// goes on sending on a finished request); a flow sends below http3 until it
+// is closed.
 func TestH3ServerConnSettingsAndEarlyDatagrams(t *testing.T) {
 	t.Parallel()
 	ca := testpki.New(t)
@@ -125,6 +126,19 @@ func TestH3ServerConnSettingsAndEarlyDatagrams(t *testing.T) {
 	}
 	if n := hc.Datagrams.Unknown(); n != 3 {
 		t.Fatalf("%d datagrams counted for no request; want the 3 sent after their flow closed", n)
+	}
+
+	// Sending below http3: the flow's quarter stream ID in the caller's
+	// buffer, the datagram as the client reads it; nothing once closed.
+	if err := f.SendQUIC(append(f.AppendQuarterStreamID(nil), "down"...)); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := qc.ReceiveDatagram(ctx); err != nil || !bytes.Equal(p, append(quicvarint.Append(nil, 1), "down"...)) {
+		t.Fatalf("the client received %q, %v; want quarter stream ID 1 and \"down\"", p, err)
+	}
+	f.Close()
+	if err := f.SendQUIC(append(f.AppendQuarterStreamID(nil), "late"...)); err == nil {
+		t.Fatal("a closed flow sent a datagram")
 	}
 }
 
