@@ -234,6 +234,15 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 		capsules = str
 		tn.Attach(func(b []byte) error { _, err := str.Write(b); return err }, str.SendDatagram, int64(str.StreamID()))
 		recvDg = str.ReceiveDatagram
+		if hc := wire.H3ServerConnFrom(r.Context()); hc != nil {
+			// The datagrams below http3, on a queue long enough for a burst
+			// (wire.H3ServerConn says why); its drops are counted.
+			flow := hc.Datagrams.FlowFunc(str, wire.IPDatagramQueue, tn.CountQueueDrop)
+			defer flow.Close()
+			recvDg = flow.ReceiveDatagram
+			tn.ReceiveQueued()
+			tn.SendBelowHTTP3(flow.AppendQuarterStreamID(nil), flow.SendQUIC)
+		}
 		context.AfterFunc(tctx, func() {
 			if abortive(context.Cause(tctx)) { // never a clean end: both directions reset
 				str.CancelRead(h3ConnectError)

@@ -573,6 +573,7 @@ const h3IdleGrace = time.Second
 type h3Server struct {
 	*http3.Server
 	busy atomic.Int64 // requests being handled
+	own  *h3Own       // the connections served with RawServerConn (serveH3Proxy); nil when none are
 }
 
 func newH3Server(s *http3.Server) *h3Server {
@@ -584,6 +585,16 @@ func newH3Server(s *http3.Server) *h3Server {
 		next.ServeHTTP(w, r)
 	})
 	return h
+}
+
+// Close is http3.Server.Close; it also closes the connections it does not
+// know of (h3Own).
+func (h *h3Server) Close() error {
+	if h.own != nil {
+		h.own.endGrac()
+		h.own.close()
+	}
+	return h.Server.Close()
 }
 
 // shutdown is http3.Server.Shutdown, ended early once no request has been in
@@ -610,6 +621,9 @@ func (h *h3Server) shutdown(ctx context.Context) error {
 		}
 	}()
 	err := h.Shutdown(sctx)
+	if h.own != nil {
+		h.own.drain(sctx)
+	}
 	if ctx.Err() == nil {
 		return nil // ended early: Shutdown closed the idle connections
 	}

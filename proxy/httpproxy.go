@@ -127,6 +127,7 @@ func newProxyHTTP(s *Server) *proxyHTTP {
 	}
 	p.h3 = newH3Server(&http3.Server{
 		ConnContext: func(ctx context.Context, c *quic.Conn) context.Context {
+			ctx = p.h3.own.connContext(ctx, c)
 			return context.WithValue(ctx, floodKey{}, newCancelFlood(func() {
 				s.log.Warn("CONNECT connection closed: its client cancelled more requests before their answer than it let be answered (rapid reset)",
 					"remote", c.RemoteAddr().String())
@@ -141,6 +142,7 @@ func newProxyHTTP(s *Server) *proxyHTTP {
 		// listener enables QUIC datagrams already (quic.go).
 		EnableDatagrams: true,
 	})
+	p.h3.own = newH3Own()
 	return p
 }
 

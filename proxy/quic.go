@@ -258,7 +258,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 				defer conns.Done()
 				defer s.wg.Done()
 				defer s.release()
-				s.serveH3(ctx, conn, s.connect.h3.Server, "http/3 proxy")
+				s.serveH3Proxy(ctx, conn, s.connect.h3, "http/3 proxy")
 			}()
 			continue
 		}

@@ -65,6 +65,9 @@ type UDPStats struct {
 	// QUICQueueFull counts DATAGRAM frames from clients that the QUIC stack
 	// discarded because its receive queue was full, before any flow saw them.
 	QUICQueueFull int64
+	// QUICPacketQueueFull counts packets from clients that the QUIC stack
+	// discarded unread because its queue of unprocessed packets was full.
+	QUICPacketQueueFull int64
 }
 
 // udpState counts a server's UDP flows for the bounds and UDPStats.
@@ -84,7 +87,7 @@ func (s *Server) UDPStats() UDPStats {
 		Active: u.active.Load(), Flows: u.flows.Load(), FlowsRefused: u.refused.Load(),
 		DatagramsUp: u.up.Load(), DatagramsDown: u.down.Load(),
 		QueueFull: u.queueFull.Load(), TooLarge: u.tooLarge.Load(), DestRefused: u.dstRefused.Load(),
-		Oversize: u.oversize.Load(), QUICQueueFull: u.quicDrops.Dropped(),
+		Oversize: u.oversize.Load(), QUICQueueFull: u.quicDrops.Dropped(), QUICPacketQueueFull: u.quicDrops.PacketsDropped(),
 	}
 }
 

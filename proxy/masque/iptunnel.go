@@ -110,12 +110,14 @@ type IPStats struct {
 	DroppedRate             int64 // beyond PacketsPerSecond or BytesPerSecond
 	DroppedMalformed        int64 // not one whole IPv4 or IPv6 packet
 	DroppedTooBig           int64 // larger than the path's datagrams (answered with ICMP)
+	DroppedQueue            int64 // from the peer, finding the tunnel's receive queue full (the tun device does not keep up)
 }
 
 type ipCounters struct {
 	opened, refused, active                              atomic.Int64
 	pktUp, pktDown, bytesUp, bytesDown                   atomic.Int64
 	dropSrc, dropDst, dropIn, dropRate, dropBad, dropBig atomic.Int64
+	dropQueue                                            atomic.Int64
 }
 
 // Stats returns the counters.
@@ -126,6 +128,7 @@ func (t *IPTunnels) Stats() IPStats {
 		PacketsUp: c.pktUp.Load(), PacketsDown: c.pktDown.Load(), BytesUp: c.bytesUp.Load(), BytesDown: c.bytesDown.Load(),
 		DroppedSource: c.dropSrc.Load(), DroppedDestination: c.dropDst.Load(), DroppedInbound: c.dropIn.Load(),
 		DroppedRate: c.dropRate.Load(), DroppedMalformed: c.dropBad.Load(), DroppedTooBig: c.dropBig.Load(),
+		DroppedQueue: c.dropQueue.Load(),
 	}
 }
 
@@ -172,6 +175,8 @@ type IPTunnel struct {
 	writeCap func([]byte) error
 	sendDg   func([]byte) error // one HTTP Datagram payload
 	dgStream int64              // the HTTP/3 request stream whose datagrams sendDg sends
+	queued   bool               // Run's recvDg has a queue of its own (ReceiveQueued)
+	dgPrefix []byte             // what sendDg's datagrams start with before the context ID (SendBelowHTTP3)
 
 	up, down rateBucket
 	pkts     [2]atomic.Int64 // up, down
@@ -573,13 +578,22 @@ func (tn *IPTunnel) fromPeer(p []byte) error {
 	return nil
 }
 
-// readDatagrams takes the peer's datagrams off the HTTP/3 stream's queue
-// (quic-go keeps 32 per stream and drops beyond) onto a longer one of its own,
-// so that the tun writes do not hold that queue. It does not stop the drops:
-// http3's reader fills the 32 in a burst before this goroutine runs. `tp ip`
-// reads below http3 (wire.H3Datagrams); here quic-go's http3.Server starts its
-// reader whenever a client announces HTTP Datagrams (docs/IP.md, Measured).
+// readDatagrams writes the peer's datagrams to the tun device. tpd reads them
+// below http3 (wire.H3ServerConn) on a queue of their own (ReceiveQueued).
+// Otherwise they come off http3's queue of 32 per stream, which drops beyond,
+// and readDatagrams moves them onto a longer one of its own so that the tun
+// writes do not hold that queue; that does not stop the drops, as http3's
+// reader fills the 32 in a burst before this goroutine runs (docs/IP.md).
 func (tn *IPTunnel) readDatagrams(ctx context.Context, recv func(context.Context) ([]byte, error)) error {
+	if tn.queued {
+		for {
+			p, err := recv(ctx)
+			if err != nil {
+				return err
+			}
+			_ = tn.fromPeer(p)
+		}
+	}
 	q := make(chan []byte, datagramBacklog)
 	done := make(chan struct{})
 	defer func() { <-done }()
@@ -598,10 +612,30 @@ func (tn *IPTunnel) readDatagrams(ctx context.Context, recv func(context.Context
 		select {
 		case q <- p:
 		default:
-			tn.t.stats.dropRate.Add(1) // the tun device does not keep up
+			tn.t.stats.dropQueue.Add(1) // the tun device does not keep up
 			tn.drops.Add(1)
 		}
 	}
+}
+
+// SendBelowHTTP3 makes the tunnel send its packets with send, each
+// datagram starting with prefix (the request's quarter stream ID), which the
+// tunnel keeps in its buffer: no allocation or copy of each packet of its own
+// (wire.H3DatagramFlow.SendQUIC). Call it after Attach, before Run.
+func (tn *IPTunnel) SendBelowHTTP3(prefix []byte, send func([]byte) error) {
+	tn.dgPrefix, tn.sendDg = prefix, send
+}
+
+// ReceiveQueued says that Run's recvDg takes the datagrams off a queue of
+// their own (wire.H3DatagramFlow): Run then writes each to the tun device as
+// it comes, without a second queue.
+func (tn *IPTunnel) ReceiveQueued() { tn.queued = true }
+
+// CountQueueDrop counts one datagram from the peer that found the tunnel's
+// receive queue full.
+func (tn *IPTunnel) CountQueueDrop() {
+	tn.t.stats.dropQueue.Add(1)
+	tn.drops.Add(1)
 }
 
 // datagramBacklog bounds the datagrams waiting for the tun device, per tunnel.
@@ -680,16 +714,19 @@ func (tn *IPTunnel) answer(reqs []wire.AssignedAddress) []wire.AssignedAddress {
 // from a granted prefix (or is an ICMP error about a packet the peer sent).
 func (tn *IPTunnel) fromTun(ctx context.Context) error {
 	c := &tn.t.stats
-	buf := make([]byte, 1+wire.MaxIPPacket)
+	// One buffer for the tunnel's life: [dgPrefix][context ID][packet].
+	hl := len(tn.dgPrefix)
+	buf := make([]byte, hl+1+wire.MaxIPPacket)
+	copy(buf, tn.dgPrefix)
 	for {
-		n, err := tn.dev.Read(buf[1:])
+		n, err := tn.dev.Read(buf[hl+1:])
 		if err != nil {
 			if ctx.Err() != nil {
 				return context.Cause(ctx)
 			}
 			return fmt.Errorf("reading the tunnel's tun device: %w", err)
 		}
-		pkt := buf[1 : 1+n]
+		pkt := buf[hl+1 : hl+1+n]
 		h, err := wire.ParseIPHeader(pkt)
 		if err != nil {
 			c.dropBad.Add(1)
@@ -705,8 +742,8 @@ func (tn *IPTunnel) fromTun(ctx context.Context) error {
 			tn.drops.Add(1)
 			continue
 		}
-		buf[0] = 0 // context ID 0
-		err = tn.sendDg(buf[:1+n])
+		buf[hl] = 0 // context ID 0
+		err = tn.sendDg(buf[:hl+1+n])
 		var tooLarge *quic.DatagramTooLargeError
 		switch {
 		case errors.As(err, &tooLarge):

@@ -160,12 +160,23 @@ type UDPTunnel struct {
 	rd      io.Reader
 	wr      io.Writer
 	flush   func() error // h2: after each capsule
-	dg      *http3.Stream
+	dg      udpDatagrams
 	reset   func(malformed bool) // abort: the client sees a reset, not an end
 	closeFn func()               // clean end
 	wmu     sync.Mutex
 	h2Reset atomic.Bool // the h2 handler must reset the stream (RST_STREAM)
 }
+
+// udpDatagrams are a flow's HTTP/3 datagrams: the stream's own (http3's
+// queue of 32) or, where tpd reads them below http3, a wire.H3DatagramFlow.
+type udpDatagrams interface {
+	SendDatagram([]byte) error
+	ReceiveDatagram(context.Context) ([]byte, error)
+}
+
+// udpDatagramQueue is the receive queue of one CONNECT-UDP flow's datagrams
+// read below http3, in datagrams.
+const udpDatagramQueue = 256
 
 // AbortHandler reports whether the h2 handler must reset the request's
 // stream (RST_STREAM) as it returns.
@@ -221,7 +232,15 @@ func AcceptUDP(w http.ResponseWriter, r *http.Request, sid string) (*UDPTunnel, 
 			return nil, errors.New("the HTTP/3 response cannot be taken over")
 		}
 		datagrams := false
-		if st, ok := w.(http3.Settingser); ok {
+		hc := wire.H3ServerConnFrom(r.Context())
+		if hc != nil { // tpd reads the client's SETTINGS itself
+			select {
+			case <-hc.SettingsRead():
+				datagrams = hc.PeerDatagrams()
+			case <-time.After(settingsWait):
+			case <-r.Context().Done():
+			}
+		} else if st, ok := w.(http3.Settingser); ok {
 			select {
 			case <-st.ReceivedSettings():
 				datagrams = st.Settings().EnableDatagrams
@@ -237,7 +256,12 @@ func AcceptUDP(w http.ResponseWriter, r *http.Request, sid string) (*UDPTunnel, 
 			return nil, err
 		}
 		t := &UDPTunnel{rd: str, wr: str}
-		if datagrams {
+		var flow *wire.H3DatagramFlow
+		switch {
+		case datagrams && hc != nil:
+			flow = hc.Datagrams.Flow(str, udpDatagramQueue)
+			t.dg = flow
+		case datagrams:
 			t.dg = str
 		}
 		t.reset = func(malformed bool) {
@@ -247,10 +271,16 @@ func AcceptUDP(w http.ResponseWriter, r *http.Request, sid string) (*UDPTunnel, 
 			}
 			str.CancelRead(code)
 			str.CancelWrite(code)
+			if flow != nil {
+				flow.Close()
+			}
 		}
 		t.closeFn = func() {
 			str.CancelRead(quic.StreamErrorCode(http3.ErrCodeNoError))
 			_ = str.Close()
+			if flow != nil {
+				flow.Close()
+			}
 		}
 		return t, nil
 	}

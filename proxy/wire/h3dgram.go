@@ -31,10 +31,17 @@ type H3Datagrams struct {
 	flows   map[uint64]*H3DatagramFlow // by quarter stream ID
 	started bool
 	unknown atomic.Int64
+	// early > 0: up to early datagrams for streams with no flow yet wait in
+	// pending for their flow (a server's; a client registers its flow before
+	// it sends its request).
+	early    int
+	pending  map[uint64][][]byte
+	npending int
+	closed   uint64 // 1 + the highest quarter stream ID of a closed flow: later datagrams for it are not held
 }
 
 // NewH3Datagrams returns the reader of conn's HTTP Datagrams; it starts
-// reading at the first Flow and stops when conn ends.
+// reading at the first Flow (or Start) and stops when conn ends.
 func NewH3Datagrams(conn *quic.Conn) *H3Datagrams {
 	return &H3Datagrams{conn: conn, flows: map[uint64]*H3DatagramFlow{}}
 }
@@ -47,13 +54,27 @@ func (m *H3Datagrams) Unknown() int64 { return m.unknown.Load() }
 // to queue datagrams, beyond which they are dropped and counted. Close the
 // flow when the request ends.
 func (m *H3Datagrams) Flow(str DatagramStream, queue int) *H3DatagramFlow {
+	return m.FlowFunc(str, queue, nil)
+}
+
+// FlowFunc is Flow that also calls onDrop (if not nil) for each datagram the
+// flow's queue drops.
+func (m *H3Datagrams) FlowFunc(str DatagramStream, queue int, onDrop func()) *H3DatagramFlow {
 	ctx, cancel := context.WithCancelCause(m.conn.Context())
-	f := &H3DatagramFlow{m: m, str: str, qsid: uint64(str.StreamID()) / 4, q: make(chan []byte, queue), ctx: ctx, cancel: cancel}
+	f := &H3DatagramFlow{m: m, str: str, qsid: uint64(str.StreamID()) / 4, q: make(chan []byte, queue), ctx: ctx, cancel: cancel, onDrop: onDrop}
 	m.mu.Lock()
 	m.flows[f.qsid] = f
+	early := m.pending[f.qsid]
+	if early != nil {
+		delete(m.pending, f.qsid)
+		m.npending -= len(early)
+	}
 	start := !m.started
 	m.started = true
 	m.mu.Unlock()
+	for _, p := range early {
+		f.enqueue(p)
+	}
 	if start {
 		go m.read()
 	}
@@ -71,6 +92,19 @@ func (m *H3Datagrams) Flow(str DatagramStream, queue int) *H3DatagramFlow {
 	return f
 }
 
+// Start starts reading before the first flow, so that quic-go's queue of 128
+// per connection is drained from the start (a server's datagrams may come
+// before their request's handler registered its flow).
+func (m *H3Datagrams) Start() {
+	m.mu.Lock()
+	start := !m.started
+	m.started = true
+	m.mu.Unlock()
+	if start {
+		go m.read()
+	}
+}
+
 func (m *H3Datagrams) read() {
 	ctx := m.conn.Context()
 	for {
@@ -81,6 +115,15 @@ func (m *H3Datagrams) read() {
 		qsid, n, err := quicvarint.Parse(b)
 		m.mu.Lock()
 		f := m.flows[qsid]
+		if err == nil && f == nil && m.npending < m.early && qsid >= m.closed {
+			if m.pending == nil {
+				m.pending = map[uint64][][]byte{}
+			}
+			m.pending[qsid] = append(m.pending[qsid], b[n:])
+			m.npending++
+			m.mu.Unlock()
+			continue
+		}
 		m.mu.Unlock()
 		if err != nil || f == nil {
 			m.unknown.Add(1)
@@ -112,6 +155,7 @@ type H3DatagramFlow struct {
 	ctx     context.Context
 	cancel  context.CancelCauseFunc
 	dropped atomic.Int64
+	onDrop  func()
 }
 
 // errFlowClosed ends ReceiveDatagram after Close.
@@ -122,6 +166,9 @@ func (f *H3DatagramFlow) enqueue(p []byte) {
 	case f.q <- p:
 	default:
 		f.dropped.Add(1)
+		if f.onDrop != nil {
+			f.onDrop()
+		}
 	}
 }
 
@@ -147,6 +194,22 @@ func (f *H3DatagramFlow) ReceiveDatagram(ctx context.Context) ([]byte, error) {
 // of 32 is full: nothing is dropped on the way out).
 func (f *H3DatagramFlow) SendDatagram(p []byte) error { return f.str.SendDatagram(p) }
 
+// AppendQuarterStreamID appends the flow's quarter stream ID, which starts
+// each of its datagrams (RFC 9297 §2.1), to b.
+func (f *H3DatagramFlow) AppendQuarterStreamID(b []byte) []byte { return quicvarint.Append(b, f.qsid) }
+
+// SendQUIC sends b, the flow's quarter stream ID (AppendQuarterStreamID)
+// followed by the payload, as one QUIC DATAGRAM frame below http3, whose
+// SendDatagram allocates and copies every datagram to put the ID in front.
+// A sender that keeps the ID in its own buffer sends without an allocation
+// of its own (quic-go still copies each into its frame).
+func (f *H3DatagramFlow) SendQUIC(b []byte) error {
+	if err := context.Cause(f.ctx); err != nil {
+		return err
+	}
+	return f.m.conn.SendDatagram(b)
+}
+
 // Dropped is how many datagrams found the flow's queue full.
 func (f *H3DatagramFlow) Dropped() int64 { return f.dropped.Load() }
 
@@ -156,6 +219,7 @@ func (f *H3DatagramFlow) Close() {
 	if f.m.flows[f.qsid] == f {
 		delete(f.m.flows, f.qsid)
 	}
+	f.m.closed = max(f.m.closed, f.qsid+1)
 	f.m.mu.Unlock()
 	f.cancel(errFlowClosed)
 }

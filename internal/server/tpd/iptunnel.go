@@ -34,7 +34,7 @@ var (
 	ipBytesDesc = prometheus.NewDesc("tp_ip_bytes_total",
 		"Bytes of IP packets relayed through CONNECT-IP tunnels, by direction.", []string{"direction"}, nil)
 	ipDroppedDesc = prometheus.NewDesc("tp_ip_packets_dropped_total",
-		"IP packets TP dropped, by reason: source (not the device's address), destination (a prefix or protocol the policy does not grant), inbound (to a device from outside its grant), rate, malformed, too_big.", []string{"reason"}, nil)
+		"IP packets TP dropped, by reason: source (not the device's address), destination (a prefix or protocol the policy does not grant), inbound (to a device from outside its grant), rate, malformed, too_big, queue (from a device, the tunnel's receive queue full).", []string{"reason"}, nil)
 )
 
 // ipCollector exports the CONNECT-IP counters.
@@ -64,4 +64,5 @@ func (c ipCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(ipDroppedDesc, st.DroppedRate, "rate")
 	counter(ipDroppedDesc, st.DroppedMalformed, "malformed")
 	counter(ipDroppedDesc, st.DroppedTooBig, "too_big")
+	counter(ipDroppedDesc, st.DroppedQueue, "queue")
 }

@@ -290,7 +290,7 @@ var (
 	datagramsDesc = prometheus.NewDesc("tp_udp_datagrams_total",
 		"UDP datagrams relayed by flows that ended, by direction.", []string{"direction"}, nil)
 	droppedDesc = prometheus.NewDesc("tp_udp_datagrams_dropped_total",
-		"UDP datagrams dropped, by reason: queue_full (a flood), too_large (for the destination's path), dest_refused (ICMP port unreachable), quic_queue_full (QUIC's receive queue, before any flow saw them).",
+		"UDP datagrams dropped, by reason: queue_full (a flood), too_large (for the destination's path), dest_refused (ICMP port unreachable), quic_queue_full (QUIC's receive queue, before any flow saw them), quic_packet_queue_full (QUIC packets discarded unread, their datagrams with them).",
 		[]string{"reason"}, nil)
 	oversizeDesc = prometheus.NewDesc("tp_udp_datagrams_oversize_total",
 		"UDP datagrams that fit no QUIC DATAGRAM frame and took the stream instead.", nil, nil)
@@ -377,6 +377,7 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(droppedDesc, u.TooLarge, "too_large")
 	counter(droppedDesc, u.DestRefused, "dest_refused")
 	counter(droppedDesc, u.QUICQueueFull, "quic_queue_full")
+	counter(droppedDesc, u.QUICPacketQueueFull, "quic_packet_queue_full")
 	counter(oversizeDesc, u.Oversize)
 	counter(leaseRenewDesc, st.Leases.Renewals, "ok")
 	counter(leaseRenewDesc, st.Leases.RenewalFailures, "failed")

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"regexp"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -15,19 +16,22 @@ import (
 // run, TCP throughput (16 MiB per op) and round-trip time (a 1-byte echo per
 // op, over one connection) from the client host to the service host: plainly
 // routed through T (no tunnel, the baseline), through `tp ip` (CONNECT-IP over
-// HTTP/3 and over HTTP/2), and through `tp forward` (a TCP stream over TP).
+// HTTP/3 and over HTTP/2), through wireguard-go between C and T (built with
+// go install from the module proxy; skipped when that fails), and through
+// `tp forward` (a TCP stream over TP).
 // "throughput" is a download (the service host sends), "upload" the other
 // direction (through `tp ip`, the server's receive path).
 //
 //	go test -run '^$' -bench BenchmarkIPTunnel -benchtime 20x ./internal/tests/e2e
 func BenchmarkIPTunnel(b *testing.B) {
 	n, env, _ := startIPE2E(b)
+	prepareWireGuardRoutes(b, n)
 	// Services on S: bulk (16 MiB per connection) and echo, on both addresses:
 	// 10.201.2.2 is reached through the tunnel, 10.201.3.1 by plain routing.
 	const bulk = 16 << 20
 	data := make([]byte, bulk)
 	var bulkPort, echoPort, sinkPort string
-	for _, a := range []string{"10.201.2.2", "10.201.3.1"} {
+	for _, a := range []string{"10.201.2.2", "10.201.3.1", wgServiceAddr} {
 		inNS(b, n.S, func() {
 			bl, err := net.Listen("tcp", a+":"+bulkPort)
 			if err != nil {
@@ -65,6 +69,8 @@ func BenchmarkIPTunnel(b *testing.B) {
 	measure := func(b *testing.B, host string) {
 		b.Run("throughput", func(b *testing.B) {
 			b.SetBytes(bulk)
+			before := readIPBenchCounts(b, n.S, n.T)
+			defer func() { readIPBenchCounts(b, n.S, n.T).report(b, before) }()
 			for b.Loop() {
 				c := dialIn(b, n.C, net.JoinHostPort(host, bulkPort))
 				if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
@@ -75,6 +81,8 @@ func BenchmarkIPTunnel(b *testing.B) {
 		})
 		b.Run("upload", func(b *testing.B) {
 			b.SetBytes(bulk)
+			before := readIPBenchCounts(b, n.C, n.T)
+			defer func() { readIPBenchCounts(b, n.C, n.T).report(b, before) }()
 			for b.Loop() {
 				c := dialIn(b, n.C, net.JoinHostPort(host, sinkPort))
 				if _, err := c.Write(data); err != nil {
@@ -110,17 +118,50 @@ func BenchmarkIPTunnel(b *testing.B) {
 		})
 	}
 
+	// wireguard-go between C and T (userspace, as tp ip; its default MTU of
+	// 1420): the yardstick the goal names.
+	b.Run("wireguard-go", func(b *testing.B) {
+		b.StopTimer()
+		if ok, why := startWireGuardGo(b, n); !ok {
+			b.Skip(why)
+		}
+		b.StartTimer()
+		measure(b, wgServiceAddr)
+	})
+
 	// tp forward: a local port per service, forwarded over TP (QUIC).
-	for _, svc := range []struct{ name, port string }{{"throughput", bulkPort}, {"rtt", echoPort}} {
+	for _, svc := range []struct{ name, port string }{{"throughput", bulkPort}, {"upload", sinkPort}, {"rtt", echoPort}} {
 		fwd := startForwardIn(b, n.C, env, "10.201.2.2:"+svc.port)
 		if svc.name == "throughput" {
 			bulkFwd := fwd
 			b.Run("tp-forward/throughput", func(b *testing.B) {
 				b.SetBytes(bulk)
+				before := readIPBenchCounts(b, n.S, n.T)
+				defer func() { readIPBenchCounts(b, n.S, n.T).report(b, before) }()
 				for b.Loop() {
 					c := dialIn(b, n.C, bulkFwd)
 					if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
 						b.Fatalf("read %d bytes, %v", k, err)
+					}
+					c.Close()
+				}
+			})
+			continue
+		}
+		if svc.name == "upload" {
+			sinkFwd := fwd
+			b.Run("tp-forward/upload", func(b *testing.B) {
+				b.SetBytes(bulk)
+				before := readIPBenchCounts(b, n.C, n.T)
+				defer func() { readIPBenchCounts(b, n.C, n.T).report(b, before) }()
+				for b.Loop() {
+					c := dialIn(b, n.C, sinkFwd)
+					if _, err := c.Write(data); err != nil {
+						b.Fatal(err)
+					}
+					_ = c.(*net.TCPConn).CloseWrite()
+					if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+						b.Fatalf("the sink did not confirm %d bytes: %v", bulk, err)
 					}
 					c.Close()
 				}
@@ -157,8 +198,17 @@ func runTPIP(b *testing.B, ns string, env []string, transport string) (stop func
 	b.Helper()
 	b.StopTimer()
 	defer b.StartTimer()
-	log := startTPIP(b, ns, env, "--transport", transport)
-	_ = log
+	// Registered before startTPIP's own cleanup, so it runs after `tp ip`
+	// ended and logged its drop counts.
+	var log interface{ String() string }
+	b.Cleanup(func() {
+		for _, line := range strings.Split(log.String(), "\n") {
+			if strings.Contains(line, "datagrams_dropped") {
+				b.Logf("tp ip --transport %s: %s", transport, line)
+			}
+		}
+	})
+	log = startTPIP(b, ns, env, "--transport", transport)
 	return func() {}
 }
 
