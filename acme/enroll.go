@@ -65,6 +65,13 @@ type Enroller struct {
 	// SSO, when set, lets people enrol a device by signing in with the
 	// organisation's OpenID Connect provider (sso.go).
 	SSO *SSO
+	// MayExpose, when set, lets people grant an application a credential
+	// that keeps one reverse name exposed (grant.go): it says whether the
+	// policy lets the approving device keep the name exposed itself. nil
+	// refuses every grant.
+	MayExpose MayExposeFunc
+	// MaxGrants bounds a user's grants not revoked (DefaultMaxGrants when zero).
+	MaxGrants int
 }
 
 // Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.
@@ -78,6 +85,8 @@ func (e *Enroller) Handler() http.Handler {
 	mux.HandleFunc("POST "+login.PathEnrollSSO, e.enrollSSO)
 	mux.HandleFunc("POST "+login.PathReverseChallenge, e.reverseChallenge)
 	mux.HandleFunc("POST "+login.PathReverseAccount, e.reverseAccount)
+	mux.HandleFunc("POST "+login.PathGrant, e.grant)
+	mux.HandleFunc("POST "+login.PathGrantStatus, e.grantStatus)
 	return mux
 }
 

@@ -23,6 +23,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	var httpMode, h1Only, devicesOnly bool
 	var tunnels int
 	var proxyName string
+	var req grantFlags
 	cmd := &cobra.Command{
 		Use:   "expose NAME LOCAL_ADDR",
 		Short: "Expose a local service as NAME.<reverse zone> to the devices you allow, end to end",
@@ -68,6 +69,9 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 				}
 				local, udp := strings.CutSuffix(local, "/udp")
 				exposed = append(exposed, clients.Exposed{Name: name, Local: local, UDP: udp})
+			}
+			if err := req.request(cmd, stderr, args[0], pub.public()); err != nil {
+				return err
 			}
 			c, cfg, err := open(cmd, stderr)
 			if err != nil {
@@ -139,6 +143,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	cmd.Flags().BoolVar(&devicesOnly, "devices-only", false, "with --http: serve the app to enrolled devices only (a device certificate is required), not to anyone")
 	cmd.Flags().StringVar(&proxyName, "proxy-name", "proxy.localhost", "with --http: the TP server's proxy name (its proxy-names in tpd.yaml), sent as the TLS server name")
 	pub.register(cmd)
+	req.register(cmd)
 	return cmd
 }
 

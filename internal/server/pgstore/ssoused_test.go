@@ -224,3 +224,64 @@ func TestConcurrentEnroll(t *testing.T) {
 		}
 	}
 }
+
+// A grant (an application's key, scoped) is created once however many
+// instances are asked at the same moment, repeats return it, and the user's
+// bound counts every instance's grants. Bad input: 8 approvals of one key at
+// once on two instances; a grant past the bound; another key under a taken
+// name; a user that does not exist.
+func TestEnrollGrantAcrossInstances(t *testing.T) {
+	t.Parallel()
+	_, dsn := testpg.NewDatabase(t)
+	ctx := context.Background()
+	a, err := pgstore.OpenUsers(ctx, open(t, dsn))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := pgstore.OpenUsers(ctx, open(t, dsn))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Enroll("alice", "laptop", nil, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	g := users.Grant{User: "alice", Device: "grant-aaaa", PublicKey: []byte("app key"), Scope: "expose:ci", Max: 2}
+	devs := make(chan error, 8)
+	for i := range 8 {
+		s := a
+		if i%2 == 1 {
+			s = b
+		}
+		go func() {
+			d, err := s.EnrollGrant(g)
+			if err == nil && (d.Scope != "expose:ci" || string(d.PublicKey) != "app key") {
+				err = fmt.Errorf("got %+v", d)
+			}
+			devs <- err
+		}()
+	}
+	for range 8 {
+		if err := <-devs; err != nil {
+			t.Errorf("an approval of one key beside 7 others: %v", err)
+		}
+	}
+	if d, ok := b.DeviceByKey([]byte("app key")); !ok || d.ID != "alice@grant-aaaa" || d.Scope != "expose:ci" {
+		t.Fatalf("DeviceByKey on B: %+v, %v", d, ok)
+	}
+	other := g
+	other.PublicKey = []byte("another key")
+	if _, err := b.EnrollGrant(other); !errors.Is(err, users.ErrDeviceExists) {
+		t.Fatalf("another key under a taken grant name: %v; want ErrDeviceExists", err)
+	}
+	second := users.Grant{User: "alice", Device: "grant-bbbb", PublicKey: []byte("key 2"), Scope: "expose:ci", Max: 2}
+	if _, err := b.EnrollGrant(second); err != nil {
+		t.Fatal(err)
+	}
+	third := users.Grant{User: "alice", Device: "grant-cccc", PublicKey: []byte("key 3"), Scope: "expose:ci", Max: 2}
+	if _, err := a.EnrollGrant(third); !errors.Is(err, users.ErrTooManyDevices) {
+		t.Fatalf("a third grant with room for two: %v; want ErrTooManyDevices", err)
+	}
+	if _, err := a.EnrollGrant(users.Grant{User: "nobody", Device: "grant-dddd", PublicKey: []byte("k"), Scope: "expose:ci", Max: 2}); !errors.Is(err, users.ErrNotFound) {
+		t.Fatalf("a grant for a user that does not exist: %v; want ErrNotFound", err)
+	}
+}

@@ -358,6 +358,77 @@ func (u *Users) EnrollSignIn(in users.SignIn) (users.Device, error) {
 	return d, nil
 }
 
+// EnrollGrant implements users.Store: in one transaction that holds the
+// user's row, so that the bound counts every instance's grants.
+func (u *Users) EnrollGrant(g users.Grant) (users.Device, error) {
+	if err := users.CheckGrant(g); err != nil {
+		return users.Device{}, err
+	}
+	id := authz.DeviceID(g.User, g.Device)
+	var d users.Device
+	err := u.db.tx(func(ctx context.Context, tx pgx.Tx) error {
+		var one int
+		if err := tx.QueryRow(ctx, "SELECT 1 FROM tp_users WHERE name = $1 FOR NO KEY UPDATE", g.User).Scan(&one); errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("user %s: %w", g.User, users.ErrNotFound)
+		} else if err != nil {
+			return err
+		}
+		var have users.Device
+		err := tx.QueryRow(ctx, "SELECT id, user_name, name, coalesce(public_key, ''), created, revoked, scope FROM tp_devices WHERE id = $1", id).
+			Scan(&have.ID, &have.User, &have.Name, &have.PublicKey, &have.Created, &have.Revoked, &have.Scope)
+		switch {
+		case err == nil && string(have.PublicKey) == string(g.PublicKey) && have.Scope == g.Scope && !have.Revoked:
+			d, d.Created = have, have.Created.UTC()
+			return nil
+		case err == nil && have.Revoked:
+			return fmt.Errorf("device %s: %w", id, users.ErrDeviceRevoked)
+		case err == nil:
+			return fmt.Errorf("device %s: %w", id, users.ErrDeviceExists)
+		case !errors.Is(err, pgx.ErrNoRows):
+			return err
+		}
+		var n int
+		if err := tx.QueryRow(ctx, "SELECT count(*) FROM tp_devices WHERE user_name = $1 AND scope <> '' AND NOT revoked", g.User).Scan(&n); err != nil {
+			return err
+		}
+		if n >= g.Max {
+			return fmt.Errorf("user %s has %d scoped devices: %w", g.User, n, users.ErrTooManyDevices)
+		}
+		err = tx.QueryRow(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key, scope) VALUES ($1, $2, $3, $4, $5)
+			ON CONFLICT (id) DO NOTHING RETURNING id, user_name, name, public_key, created, scope`, id, g.User, g.Device, g.PublicKey, string(g.Scope)).
+			Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &d.Scope)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("device %s: %w", id, users.ErrDeviceExists) // another instance made it since the look above
+		}
+		if err != nil {
+			return err
+		}
+		d.Created = d.Created.UTC()
+		return notify(ctx, tx, TopicUsers)
+	})
+	if errors.Is(err, users.ErrDeviceExists) || errors.Is(err, users.ErrDeviceRevoked) || errors.Is(err, users.ErrTooManyDevices) || errors.Is(err, users.ErrNotFound) {
+		return users.Device{}, err
+	}
+	if err != nil {
+		return users.Device{}, unreachable("grant "+id, err)
+	}
+	u.afterWrite()
+	return d, nil
+}
+
+// DeviceByKey implements users.Store, from the snapshot.
+func (u *Users) DeviceByKey(pub []byte) (users.Device, bool) {
+	if len(pub) == 0 {
+		return users.Device{}, false
+	}
+	for _, d := range u.snap.Load().devices {
+		if string(d.PublicKey) == string(pub) {
+			return *d, true
+		}
+	}
+	return users.Device{}, false
+}
+
 // deviceTaken is the refusal of a sign-in for the device id, which is
 // enrolled or revoked.
 func deviceTaken(ctx context.Context, tx pgx.Tx, id string) error {

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/tp-proxy/tp/acme"
+	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/lib/config"
 	"github.com/tp-proxy/tp/internal/lib/version"
@@ -194,6 +195,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		},
 		AllowBinding: newKeyedLimiter[string](bindingRate, bindingBurst, maxRateDevices).allow,
 		Enrolled:     d.deviceEnrolled, // audit.go
+		MayExpose:    d.mayExpose,      // grant.go
 	}
 	if cfg.SSOIssuer != "" { // dlogin --sso: sign-in with the organisation's provider
 		enroller.SSO = &acme.SSO{Issuer: cfg.SSOIssuer, ClientID: cfg.SSOClientID, Domain: cfg.SSODomain,
@@ -214,6 +216,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	// The same handler answers on the proxy names (ProxyHTTP).
 	d.discovery = discoveryHandler{discoveryFor(cfg, cfg.ProxyNames)}
 	web.Handle(wire.DiscoveryPath, d.discovery)
+	web.HandleFunc("GET "+login.PathGrantPage, grantPage) // grant.go
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
 		d.ca.Close()

@@ -137,6 +137,15 @@ type Store interface {
 	SignedIn(id, subject string, groups []string) error
 	// RevokeDevice stops a device from logging in or connecting.
 	RevokeDevice(id string) error
+	// EnrollGrant creates the device an approval gives an application (a
+	// grant): its key and its scope, in one step judged by the store. The
+	// same grant again (same key and scope) returns the device as it is;
+	// another device of that name is ErrDeviceExists (ErrDeviceRevoked when
+	// revoked); Max scoped devices of the user not revoked already is
+	// ErrTooManyDevices. The user must exist (ErrNotFound).
+	EnrollGrant(g Grant) (Device, error)
+	// DeviceByKey returns the device whose key is pub (PKIX DER).
+	DeviceByKey(pub []byte) (Device, bool)
 	// SetScope gives the device (enrolled, or reserved by Enroll) a scope
 	// (authz.Scope), which narrows what it may do before the policy is asked.
 	SetScope(id string, scope authz.Scope) error
@@ -330,6 +339,91 @@ func (s *File) UnbindUser(user string) (string, error) {
 	}
 	u.SSOSubject = ""
 	return was, s.saveLocked()
+}
+
+// Grant is a device an approval creates for an application (Store.EnrollGrant).
+type Grant struct {
+	User, Device string
+	PublicKey    []byte // PKIX DER of the application's key
+	Scope        authz.Scope
+	// Max bounds the user's scoped devices that are not revoked, this one
+	// included; at least 1.
+	Max int
+}
+
+// CheckGrant validates a grant's names, key, scope and bound.
+func CheckGrant(g Grant) error {
+	if _, err := CheckEnroll(g.User, g.Device, nil, time.Minute); err != nil {
+		return err
+	}
+	if len(g.PublicKey) == 0 {
+		return errors.New("no key to enrol")
+	}
+	if sc, err := authz.ParseScope(string(g.Scope)); err != nil || sc == "" {
+		return fmt.Errorf("a grant needs a scope: %v", err)
+	}
+	if g.Max < 1 {
+		return fmt.Errorf("a bound of %d scoped devices per user; at least 1", g.Max)
+	}
+	return nil
+}
+
+// sameGrant says whether d is the device g would create.
+func sameGrant(d Device, g Grant) bool {
+	return !d.Revoked && d.Scope == g.Scope && string(d.PublicKey) == string(g.PublicKey)
+}
+
+// EnrollGrant creates a granted device under the store's lock.
+func (s *File) EnrollGrant(g Grant) (Device, error) {
+	if err := CheckGrant(g); err != nil {
+		return Device{}, err
+	}
+	id := authz.DeviceID(g.User, g.Device)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.st.Users[g.User] == nil {
+		return Device{}, fmt.Errorf("user %s: %w", g.User, ErrNotFound)
+	}
+	if d := s.st.Devices[id]; d != nil {
+		switch {
+		case sameGrant(*d, g):
+			return *d, nil
+		case d.Revoked:
+			return Device{}, fmt.Errorf("device %s: %w", id, ErrDeviceRevoked)
+		}
+		return Device{}, fmt.Errorf("device %s: %w", id, ErrDeviceExists)
+	}
+	n := 0
+	for _, o := range s.st.Devices {
+		if o.User == g.User && o.Scope != "" && !o.Revoked {
+			n++
+		}
+	}
+	if n >= g.Max {
+		return Device{}, fmt.Errorf("user %s has %d scoped devices: %w", g.User, n, ErrTooManyDevices)
+	}
+	d := &Device{ID: id, User: g.User, Name: g.Device, Created: s.now(), PublicKey: slices.Clone(g.PublicKey), Scope: g.Scope}
+	s.st.Devices[id] = d
+	if err := s.saveLocked(); err != nil {
+		delete(s.st.Devices, id)
+		return Device{}, err
+	}
+	return *d, nil
+}
+
+// DeviceByKey returns the device whose key is pub.
+func (s *File) DeviceByKey(pub []byte) (Device, bool) {
+	if len(pub) == 0 {
+		return Device{}, false
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, d := range s.st.Devices {
+		if string(d.PublicKey) == string(pub) {
+			return *d, true
+		}
+	}
+	return Device{}, false
 }
 
 // SignIn is a device a sign-in enrols (Store.EnrollSignIn).

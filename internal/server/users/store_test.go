@@ -188,3 +188,53 @@ func TestScopePersists(t *testing.T) {
 		t.Fatalf("scope of an unknown device: %q", got)
 	}
 }
+
+// A grant is created once under the store's lock, however many approvals of
+// the key arrive at once; the bound counts scoped devices not revoked. Bad
+// input: 8 approvals of one key at once, another key under the name, a
+// grant past the bound, a user that does not exist, a grant without a scope.
+func TestEnrollGrant(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "users.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Enroll("alice", "laptop", nil, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	g := Grant{User: "alice", Device: "grant-aaaa", PublicKey: []byte("app key"), Scope: "expose:ci", Max: 2}
+	errs := make(chan error, 8)
+	for range 8 {
+		go func() { _, err := s.EnrollGrant(g); errs <- err }()
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Errorf("an approval beside 7 others: %v", err)
+		}
+	}
+	if d, ok := s.DeviceByKey([]byte("app key")); !ok || d.ID != "alice@grant-aaaa" || d.Scope != "expose:ci" {
+		t.Fatalf("DeviceByKey: %+v, %v", d, ok)
+	}
+	other := g
+	other.PublicKey = []byte("another key")
+	if _, err := s.EnrollGrant(other); !errors.Is(err, ErrDeviceExists) {
+		t.Fatalf("another key under the name: %v; want ErrDeviceExists", err)
+	}
+	if _, err := s.EnrollGrant(Grant{User: "alice", Device: "grant-bbbb", PublicKey: []byte("k2"), Scope: "expose:ci", Max: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.EnrollGrant(Grant{User: "alice", Device: "grant-cccc", PublicKey: []byte("k3"), Scope: "expose:ci", Max: 2}); !errors.Is(err, ErrTooManyDevices) {
+		t.Fatalf("a third grant with room for two: %v; want ErrTooManyDevices", err)
+	}
+	if err := s.RevokeDevice("alice@grant-bbbb"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.EnrollGrant(Grant{User: "alice", Device: "grant-cccc", PublicKey: []byte("k3"), Scope: "expose:ci", Max: 2}); err != nil {
+		t.Fatalf("a grant once a revoked one freed its room: %v", err)
+	}
+	if _, err := s.EnrollGrant(Grant{User: "nobody", Device: "grant-dddd", PublicKey: []byte("k4"), Scope: "expose:ci", Max: 2}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("a grant for a user that does not exist: %v; want ErrNotFound", err)
+	}
+	if _, err := s.EnrollGrant(Grant{User: "alice", Device: "grant-eeee", PublicKey: []byte("k5"), Max: 2}); err == nil {
+		t.Fatal("a grant without a scope was made")
+	}
+}

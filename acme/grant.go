@@ -1,0 +1,171 @@
+package acme
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+	"unicode"
+
+	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/server/users"
+)
+
+// DefaultMaxGrants bounds the scoped devices (grants) one user holds that are
+// not revoked, when Enroller.MaxGrants is zero.
+const DefaultMaxGrants = 20
+
+// grant is a person's approval, from an enrolled device, of an
+// application's request (login.GrantRequest): the server creates a device of
+// the person's user that holds the application's key, scoped to keeping one
+// reverse name exposed (authz.Scope), once the policy lets the person keep
+// that name exposed themselves.
+func (e *Enroller) grant(w http.ResponseWriter, r *http.Request) {
+	var req login.GrantRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	scope, err := grantScope(req.Name, req.Public)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if err := checkApp(req.App); err != nil {
+		writeErr(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if _, err := parseP256(req.AppKey); err != nil {
+		writeErr(w, http.StatusBadRequest, "app_key: "+err.Error())
+		return
+	}
+	appKey, _ := base64.StdEncoding.DecodeString(req.AppKey)
+	dev, ok := e.checkDevice(w, r, req.DeviceID, req.Time, req.Signature,
+		login.GrantMessage(req.DeviceID, req.Time, req.AppKey, req.Name, req.Public, req.App))
+	if !ok || !e.checkActive(w, dev) {
+		return
+	}
+	if sc := e.Users.Scope(dev.ID); sc != "" {
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("%s is itself a scoped credential (%s) and cannot grant one; approve from a person's own device", dev.ID, sc))
+		return
+	}
+	if e.MayExpose == nil {
+		writeErr(w, http.StatusForbidden, "this TP server does not grant credentials to applications")
+		return
+	}
+	groups, _ := e.Users.Lookup(dev.ID)
+	id := authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name, Groups: groups}
+	if ok, reason := e.MayExpose(r.Context(), id, req.Name, req.Public); !ok {
+		e.log().Info("grant refused", "approver", dev.ID, "name", req.Name, "why", reason)
+		writeErr(w, http.StatusForbidden, reason)
+		return
+	}
+	max := e.MaxGrants
+	if max <= 0 {
+		max = DefaultMaxGrants
+	}
+	g, err := e.Users.EnrollGrant(users.Grant{User: dev.User, Device: "grant-" + strings.ToLower(strings.ReplaceAll(login.GrantCode(appKey), "-", "")),
+		PublicKey: appKey, Scope: scope, Max: max})
+	switch {
+	case errors.Is(err, users.ErrDeviceExists):
+		writeErr(w, http.StatusConflict, fmt.Sprintf("%s already holds another grant for this key's code; the application should make a new key and ask again", dev.User))
+		return
+	case errors.Is(err, users.ErrDeviceRevoked):
+		writeErr(w, http.StatusForbidden, "this application's key was granted before and the grant was revoked; the application must make a new key and ask again")
+		return
+	case errors.Is(err, users.ErrTooManyDevices):
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("%s already holds %d grants, the most this server allows; revoke one no longer used (tpd users lists them, tpd revoke --device ends one)", dev.User, max))
+		return
+	case errors.Is(err, users.ErrUnavailable):
+		e.unavailable(w, "grant", err, "so nothing was granted; try again in a minute")
+		return
+	case err != nil:
+		e.log().Error("grant failed", "approver", dev.ID, "err", err)
+		writeErr(w, http.StatusInternalServerError, "granting failed on the server; try again or ask your administrator to check tpd's log")
+		return
+	}
+	e.log().Info("grant approved", "device", g.ID, "scope", string(g.Scope), "approver", dev.ID, "app", req.App, "remote", r.RemoteAddr)
+	if e.Enrolled != nil {
+		e.Enrolled(g, r.RemoteAddr, "grant approved by "+dev.ID+" for "+describeApp(req.App))
+	}
+	writeJSON(w, http.StatusOK, login.GrantResponse{DeviceID: g.ID, Scope: string(g.Scope)})
+}
+
+// grantStatus tells an application, which proves it holds its key, whether a
+// person approved it: the device that holds the key, or grant_pending.
+func (e *Enroller) grantStatus(w http.ResponseWriter, r *http.Request) {
+	var req login.GrantStatusRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	pub, err := parseP256(req.PublicKey)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "public_key: "+err.Error())
+		return
+	}
+	if !verify(pub, login.GrantStatusMessage(req.PublicKey, req.Time), req.Signature) {
+		writeErr(w, http.StatusForbidden, "the signature does not match the key: only the application holding it may ask")
+		return
+	}
+	t, err := time.Parse(time.RFC3339, req.Time)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "time must be RFC 3339")
+		return
+	}
+	if d := e.now().Sub(t); d > maxClockSkew || d < -maxClockSkew {
+		writeErr(w, http.StatusBadRequest, fmt.Sprintf("this machine's clock is off by %s; set the clock (NTP) and retry", d.Round(time.Second)))
+		return
+	}
+	der, _ := base64.StdEncoding.DecodeString(req.PublicKey)
+	dev, ok := e.Users.DeviceByKey(der)
+	if !ok {
+		writeJSON(w, http.StatusNotFound, login.ErrorResponse{Error: "no person has approved this key yet", Code: login.CodeGrantPending})
+		return
+	}
+	if !e.checkActive(w, dev) {
+		return
+	}
+	writeJSON(w, http.StatusOK, login.GrantResponse{DeviceID: dev.ID, Scope: string(e.Users.Scope(dev.ID))})
+}
+
+// grantScope is the scope a grant of name gives.
+func grantScope(name string, public bool) (authz.Scope, error) {
+	kind := "expose"
+	if public {
+		kind = "expose-public"
+	}
+	sc, err := authz.ParseScope(kind + ":" + name)
+	if err != nil {
+		return "", fmt.Errorf("name %q is not a reverse name's label (1 to 63 lower-case letters, digits or '-', e.g. ci for ci.rev.tp.internal)", name)
+	}
+	return sc, nil
+}
+
+// checkApp checks what an application calls itself: printable, at most
+// login.MaxGrantApp bytes, since a person reads it.
+func checkApp(app string) error {
+	if len(app) > login.MaxGrantApp {
+		return fmt.Errorf("app is %d bytes; at most %d", len(app), login.MaxGrantApp)
+	}
+	for _, c := range app {
+		if !unicode.IsPrint(c) {
+			return errors.New("app holds a character that is not printable")
+		}
+	}
+	return nil
+}
+
+// describeApp is app as the audit trail names it.
+func describeApp(app string) string {
+	if app == "" {
+		return "an application that gave no name"
+	}
+	return fmt.Sprintf("%q", app)
+}
+
+// MayExposeFunc is what Enroller.MayExpose asks: whether the policy lets id
+// keep the reverse name label exposed (and publicly), and why not.
+type MayExposeFunc func(ctx context.Context, id authz.Identity, label string, public bool) (bool, string)

@@ -1,0 +1,164 @@
+package acme
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/x509"
+	"encoding/base64"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
+)
+
+// grantEnv is a test server whose policy lets alice, not bob, keep ci
+// exposed, with alice@laptop and bob@pc enrolled.
+func grantEnv(t *testing.T) (ts *testServer, alice, bob *ecdsa.PrivateKey) {
+	t.Helper()
+	ts = newTestServer(t)
+	ts.Enroller.MayExpose = func(_ context.Context, id authz.Identity, label string, _ bool) (bool, string) {
+		if id.User == "alice" && label == "ci" {
+			return true, ""
+		}
+		return false, "the policy does not let " + id.DeviceID + " keep " + label + " exposed"
+	}
+	ts.Enroller.MaxGrants = 2
+	enrol := func(user, device string) *ecdsa.PrivateKey {
+		enr, err := ts.Users.Enroll(user, device, nil, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		key := newKey(t)
+		if _, err := login.EnrollDevice(context.Background(), ts.HC, ts.URL, enr.Token, key); err != nil {
+			t.Fatal(err)
+		}
+		return key
+	}
+	return ts, enrol("alice", "laptop"), enrol("bob", "pc")
+}
+
+func pubDER(t *testing.T, k *ecdsa.PrivateKey) []byte {
+	t.Helper()
+	der, err := x509.MarshalPKIXPublicKey(k.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
+// An application's key becomes a device of the approving person's user,
+// scoped to keeping one name exposed, once that person approves it from an
+// enrolled device and the policy lets the person keep the name exposed.
+// Bad input: an approver the policy refuses, a forged approval, names and
+// application texts TP does not take, a key that is not P-256, a status
+// asked without the key, a scoped device approving, one grant past the bound,
+// a revoked grant, a server that grants nothing.
+func TestGrant(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	ts, alice, bob := grantEnv(t)
+	app := newKey(t)
+	g := login.Grant{Server: ts.URL, Name: "ci", App: "ci job", Key: pubDER(t, app)}
+	refused := func(what string, err error, status int, says string) {
+		t.Helper()
+		var se *login.ServerError
+		if !errors.As(err, &se) || se.Status != status || !strings.Contains(se.Message, says) {
+			t.Errorf("%s: %v; want %d saying %q", what, err, status, says)
+		}
+	}
+
+	if _, err := login.GrantStatus(ctx, ts.HC, ts.URL, app); !errors.Is(err, login.ErrGrantPending) {
+		t.Fatalf("the status before any approval: %v; want ErrGrantPending", err)
+	}
+	_, err := login.Approve(ctx, ts.HC, ts.URL, "bob@pc", bob, g)
+	refused("bob approving", err, 403, "the policy does not let bob@pc keep ci exposed")
+	_, err = login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", bob, g)
+	refused("an approval in alice's name signed by bob's key", err, 403, "alice@laptop")
+	for _, bad := range []struct {
+		what string
+		g    login.Grant
+		says string
+	}{
+		{"a name with its zone", login.Grant{Name: "ci.rev.tp.internal", Key: g.Key}, "is not a reverse name's label"},
+		{"an upper-case name", login.Grant{Name: "CI", Key: g.Key}, "is not a reverse name's label"},
+		{"an application text of 65 bytes", login.Grant{Name: "ci", App: strings.Repeat("x", 65), Key: g.Key}, "at most 64"},
+		{"an application text with a newline", login.Grant{Name: "ci", App: "ci\njob", Key: g.Key}, "not printable"},
+		{"a key that is no key", login.Grant{Name: "ci", Key: []byte("not a key")}, "app_key"},
+	} {
+		_, err := login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, bad.g)
+		refused(bad.what, err, 400, bad.says)
+	}
+
+	res, err := login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	code := strings.ToLower(strings.ReplaceAll(login.GrantCode(g.Key), "-", ""))
+	if res.DeviceID != "alice@grant-"+code || res.Scope != "expose:ci" {
+		t.Fatalf("the approval: %+v; want alice@grant-%s with scope expose:ci", res, code)
+	}
+	if again, err := login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, g); err != nil || again != res {
+		t.Fatalf("the same approval again: %+v, %v; want %+v", again, err, res)
+	}
+	if st, err := login.GrantStatus(ctx, ts.HC, ts.URL, app); err != nil || st != res {
+		t.Fatalf("the status after the approval: %+v, %v; want %+v", st, err, res)
+	}
+	// The status is the key holder's: another key's signature over it is refused.
+	ts2 := time.Now().UTC().Format(time.RFC3339)
+	forged, _ := login.SignMessage(bob, login.GrantStatusMessage(base64.StdEncoding.EncodeToString(g.Key), ts2))
+	var out login.GrantResponse
+	err = postForTest(ctx, ts, login.PathGrantStatus, login.GrantStatusRequest{PublicKey: base64.StdEncoding.EncodeToString(g.Key), Time: ts2, Signature: forged}, &out)
+	refused("a status signed by another key", err, 403, "only the application holding it may ask")
+
+	// The granted device cannot grant in turn.
+	_, err = login.Approve(ctx, ts.HC, ts.URL, res.DeviceID, app, login.Grant{Name: "ci", Key: pubDER(t, newKey(t))})
+	refused("the granted device approving", err, 403, "is itself a scoped credential")
+
+	// Two grants at most (MaxGrants 2): the third is refused.
+	if _, err := login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, login.Grant{Name: "ci", Key: pubDER(t, newKey(t))}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, login.Grant{Name: "ci", Key: pubDER(t, newKey(t))})
+	refused("a third grant", err, 403, "already holds 2 grants")
+
+	// A revoked grant: its application is told so, and the key is not granted again.
+	if err := ts.Users.RevokeDevice(res.DeviceID); err != nil {
+		t.Fatal(err)
+	}
+	_, err = login.GrantStatus(ctx, ts.HC, ts.URL, app)
+	refused("the status of a revoked grant", err, 403, "revoked")
+	_, err = login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, g)
+	refused("approving a revoked grant's key again", err, 403, "was revoked")
+
+	ts.Enroller.MayExpose = nil
+	_, err = login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, login.Grant{Name: "ci", Key: pubDER(t, newKey(t))})
+	refused("a server that grants nothing", err, 403, "does not grant credentials")
+}
+
+// A grant link carries the request whole, and what is not one is refused
+// with a sentence that says where a link comes from.
+func TestGrantLink(t *testing.T) {
+	key := pubDER(t, newKey(t))
+	g := login.Grant{Server: "https://tp.example.org:8443", Name: "ci", Public: true, App: "ci job & co", Key: key}
+	back, err := login.ParseGrantLink(g.Link())
+	if err != nil || back.Server != g.Server || back.Name != "ci" || !back.Public || back.App != g.App || string(back.Key) != string(key) {
+		t.Fatalf("ParseGrantLink(%q) = %+v, %v", g.Link(), back, err)
+	}
+	for _, bad := range []string{
+		"http://tp.example.org/grant?name=ci&key=" + base64.RawURLEncoding.EncodeToString(key),
+		"https://tp.example.org/elsewhere?name=ci&key=" + base64.RawURLEncoding.EncodeToString(key),
+		"https://tp.example.org/grant?name=ci",
+		"https://tp.example.org/grant?name=ci&key=bm90IGEga2V5",
+		"https://tp.example.org/grant?key=" + base64.RawURLEncoding.EncodeToString(key),
+	} {
+		if _, err := login.ParseGrantLink(bad); err == nil || !strings.Contains(err.Error(), "tp expose --request printed") {
+			t.Errorf("ParseGrantLink(%q): %v; want a refusal naming where links come from", bad, err)
+		}
+	}
+	if c := login.GrantCode(key); len(c) != 9 || c[4] != '-' {
+		t.Errorf("GrantCode = %q; want XXXX-XXXX", c)
+	}
+}

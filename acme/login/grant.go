@@ -1,0 +1,172 @@
+package login
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base32"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// Grants: an application that should not hold a person's identity (a CI
+// job's agent, a service that publishes itself) asks a person for a
+// credential that can do one thing, keep one reverse name exposed
+// (docs/LOGIN.md, "Grants"). The application makes its own key and shows a
+// link (GrantLink) with the key, the name and what it calls itself; the
+// person approves it from an enrolled device (PathGrant, signed by that
+// device's key); the server creates a device of the person's user holding the
+// application's key, with the scope expose:NAME (or expose-public:NAME); the
+// application asks PathGrantStatus, signed by its key, until the device
+// exists, and logs in with its key as any device does.
+const (
+	PathGrant       = "/tp/v1/grant"
+	PathGrantStatus = "/tp/v1/grant/status"
+	// PathGrantPage is the website page a grant link opens: what is asked,
+	// and the command that approves it.
+	PathGrantPage = "/grant"
+	// CodeGrantPending is PathGrantStatus's answer (404) while no device holds
+	// the key.
+	CodeGrantPending = "grant_pending"
+	// MaxGrantApp bounds what an application calls itself, in bytes.
+	MaxGrantApp = 64
+)
+
+const (
+	grantContext       = "tp-grant-v1"
+	grantStatusContext = "tp-grant-status-v1"
+)
+
+// GrantRequest is a person's approval, from an enrolled device, of an
+// application's request.
+type GrantRequest struct {
+	DeviceID  string `json:"device_id"` // the approving device
+	Time      string `json:"time"`      // RFC 3339, within 5 minutes of the server's clock
+	Signature string `json:"signature"` // the approving device key's, over GrantMessage
+	AppKey    string `json:"app_key"`   // base64 PKIX DER of the application's key (ECDSA P-256)
+	Name      string `json:"name"`      // the reverse name's label the application may keep exposed
+	Public    bool   `json:"public"`    // also publicly (scope expose-public)
+	App       string `json:"app"`       // what the application calls itself, shown to the person
+}
+
+// GrantMessage is what the approving device key signs.
+func GrantMessage(deviceID, ts, appKey, name string, public bool, app string) []byte {
+	return []byte(fmt.Sprintf("%s\x00%s\x00%s\x00%s\x00%s\x00%t\x00%s", grantContext, deviceID, ts, appKey, name, public, app))
+}
+
+// GrantResponse names the device the approval created and its scope.
+type GrantResponse struct {
+	DeviceID string `json:"device_id"`
+	Scope    string `json:"scope"`
+}
+
+// GrantStatusRequest asks, signed by the application's key, whether a person
+// approved it.
+type GrantStatusRequest struct {
+	PublicKey string `json:"public_key"` // base64 PKIX DER of the application's key
+	Time      string `json:"time"`
+	Signature string `json:"signature"` // the application key's, over GrantStatusMessage
+}
+
+// GrantStatusMessage is what the application's key signs to ask.
+func GrantStatusMessage(publicKey, ts string) []byte {
+	return []byte(grantStatusContext + "\x00" + publicKey + "\x00" + ts)
+}
+
+// GrantCode is the short code both sides show for a key (PKIX DER), so that
+// the person approves the application that waits: eight characters of its
+// SHA-256, XXXX-XXXX.
+func GrantCode(pkix []byte) string {
+	sum := sha256.Sum256(pkix)
+	c := base32.StdEncoding.EncodeToString(sum[:5])
+	return c[:4] + "-" + c[4:8]
+}
+
+// Grant is what an application asks for, in its link.
+type Grant struct {
+	Server string // the server's base URL, https://HOST[:PORT]
+	Name   string
+	Public bool
+	App    string
+	Key    []byte // PKIX DER of the application's key
+}
+
+// Link is the grant's link: the server's grant page with the request in its
+// query.
+func (g Grant) Link() string {
+	q := url.Values{}
+	q.Set("name", g.Name)
+	if g.Public {
+		q.Set("public", "1")
+	}
+	if g.App != "" {
+		q.Set("app", g.App)
+	}
+	q.Set("key", base64.RawURLEncoding.EncodeToString(g.Key))
+	return g.Server + PathGrantPage + "?" + q.Encode()
+}
+
+// ParseGrantLink reads a grant link.
+func ParseGrantLink(link string) (Grant, error) {
+	u, err := url.Parse(strings.TrimSpace(link))
+	if err != nil || u.Scheme != "https" || u.Host == "" || u.Path != PathGrantPage {
+		return Grant{}, fmt.Errorf("%q is not a grant link (https://SERVER%s?name=…&key=…, as tp expose --request printed it)", link, PathGrantPage)
+	}
+	q := u.Query()
+	key, err := base64.RawURLEncoding.DecodeString(q.Get("key"))
+	if err != nil || len(key) == 0 {
+		return Grant{}, fmt.Errorf("the grant link carries no readable key: copy the whole link tp expose --request printed")
+	}
+	if _, err := x509.ParsePKIXPublicKey(key); err != nil {
+		return Grant{}, fmt.Errorf("the grant link's key cannot be read (%v): copy the whole link tp expose --request printed", err)
+	}
+	g := Grant{Server: "https://" + u.Host, Name: q.Get("name"), Public: q.Get("public") == "1", App: q.Get("app"), Key: key}
+	if g.Name == "" {
+		return Grant{}, errors.New("the grant link names no reverse name: copy the whole link tp expose --request printed")
+	}
+	return g, nil
+}
+
+// Approve approves g from the enrolled device deviceID, signing with its key.
+func Approve(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer, g Grant) (GrantResponse, error) {
+	ts := time.Now().UTC().Format(time.RFC3339)
+	appKey := base64.StdEncoding.EncodeToString(g.Key)
+	sig, err := SignMessage(deviceKey, GrantMessage(deviceID, ts, appKey, g.Name, g.Public, g.App))
+	if err != nil {
+		return GrantResponse{}, err
+	}
+	var out GrantResponse
+	err = postJSON(ctx, hc, serverURL+PathGrant, GrantRequest{DeviceID: deviceID, Time: ts, Signature: sig,
+		AppKey: appKey, Name: g.Name, Public: g.Public, App: g.App}, &out)
+	return out, err
+}
+
+// ErrGrantPending is GrantStatus's answer while no person approved the key.
+var ErrGrantPending = errors.New("not approved yet")
+
+// GrantStatus asks whether a person approved the application whose key is
+// key: the device it was given, or ErrGrantPending.
+func GrantStatus(ctx context.Context, hc *http.Client, serverURL string, key crypto.Signer) (GrantResponse, error) {
+	der, err := x509.MarshalPKIXPublicKey(key.Public())
+	if err != nil {
+		return GrantResponse{}, err
+	}
+	pub := base64.StdEncoding.EncodeToString(der)
+	ts := time.Now().UTC().Format(time.RFC3339)
+	sig, err := SignMessage(key, GrantStatusMessage(pub, ts))
+	if err != nil {
+		return GrantResponse{}, err
+	}
+	var out GrantResponse
+	err = postJSON(ctx, hc, serverURL+PathGrantStatus, GrantStatusRequest{PublicKey: pub, Time: ts, Signature: sig}, &out)
+	if se := (*ServerError)(nil); errors.As(err, &se) && se.Code == CodeGrantPending {
+		return GrantResponse{}, ErrGrantPending
+	}
+	return out, err
+}

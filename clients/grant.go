@@ -1,0 +1,129 @@
+package clients
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/tp-proxy/tp/acme/login"
+)
+
+// Grants (docs/EXPOSE.md, "A credential an application asks for"): an
+// application that should not hold a person's identity makes a key of its
+// own, shows a link, and waits until a person approves it from an enrolled
+// device; the server then holds a device of the person's user, scoped to
+// keeping one reverse name exposed, whose key is the application's.
+
+// GrantRequest is an application's request for a grant.
+type GrantRequest struct {
+	Server      string // the server's base URL
+	Fingerprint string // its root CA's SHA-256 fingerprint, as tpd prints it
+	Name        string // the reverse name's label to keep exposed
+	Public      bool
+	App         string // what the application calls itself
+	// Show is told the link and the code once, to show the person.
+	Show func(link, code string)
+	// Poll is how often the server is asked (zero: 2 s).
+	Poll time.Duration
+}
+
+// RequestGrant makes home the application's own (its key, the server's root),
+// shows the grant's link, and waits until a person approved it or ctx ends;
+// then it logs in with the application's key, so that home holds a
+// certificate for the granted device. A home already granted (it has a
+// profile) is returned at once.
+func RequestGrant(ctx context.Context, home Home, req GrantRequest) (*Client, error) {
+	if _, err := home.Profile(); err == nil {
+		return Open(home)
+	} else if !errors.Is(err, ErrNoProfile) {
+		return nil, err
+	}
+	server, err := ServerBaseURL(req.Server)
+	if err != nil {
+		return nil, err
+	}
+	if req.Fingerprint == "" {
+		return nil, errors.New("asking for a grant needs --server and --fingerprint (the server's CA fingerprint, as tpd prints it)")
+	}
+	if err := home.Init(); err != nil {
+		return nil, err
+	}
+	root, err := login.FetchRoot(ctx, server, req.Fingerprint)
+	if err != nil {
+		return nil, err
+	}
+	if err := home.SaveRoot(root); err != nil {
+		return nil, err
+	}
+	key, err := home.DeviceKey()
+	if errors.Is(err, ErrNoDeviceKey) {
+		if key, err = NewDeviceKey(); err == nil {
+			err = home.SaveDeviceKey(key)
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	der, err := x509.MarshalPKIXPublicKey(key.Public())
+	if err != nil {
+		return nil, err
+	}
+	g := login.Grant{Server: server, Name: req.Name, Public: req.Public, App: req.App, Key: der}
+	if req.Show != nil {
+		req.Show(g.Link(), login.GrantCode(der))
+	}
+	poll := req.Poll
+	if poll <= 0 {
+		poll = 2 * time.Second
+	}
+	hc := login.HTTPClient(root)
+	defer hc.CloseIdleConnections()
+	for {
+		res, err := login.GrantStatus(ctx, hc, server, key)
+		switch {
+		case err == nil:
+			if err := home.SaveProfile(Profile{Server: server, Fingerprint: login.Fingerprint(root), DeviceID: res.DeviceID}); err != nil {
+				return nil, err
+			}
+			c, err := Open(home)
+			if err != nil {
+				return nil, err
+			}
+			if _, err := c.Login(ctx, nil); err != nil {
+				return nil, fmt.Errorf("approved as %s, but logging in failed: %w", res.DeviceID, err)
+			}
+			return c, nil
+		case !errors.Is(err, login.ErrGrantPending):
+			return nil, fmt.Errorf("asking %s whether the grant was approved: %w", server, err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("no one approved the grant: %w", context.Cause(ctx))
+		case <-time.After(poll):
+		}
+	}
+}
+
+// ApproveGrant approves the grant whose link is link, from this device: the
+// server creates a device of this device's user that holds the application's
+// key and may only keep the grant's name exposed. The link must name this
+// device's server.
+func (c *Client) ApproveGrant(ctx context.Context, link string) (login.Grant, login.GrantResponse, error) {
+	g, err := login.ParseGrantLink(link)
+	if err != nil {
+		return g, login.GrantResponse{}, err
+	}
+	if g.Server != c.Profile.Server {
+		return g, login.GrantResponse{}, fmt.Errorf("the grant link is for the TP server %s, and this device is enrolled at %s: approve it from a device of that server", g.Server, c.Profile.Server)
+	}
+	key, err := c.Home.DeviceKey()
+	if err != nil {
+		return g, login.GrantResponse{}, err
+	}
+	hc := login.HTTPClient(c.Root)
+	defer hc.CloseIdleConnections()
+	res, err := login.Approve(ctx, hc, c.Profile.Server, c.Profile.DeviceID, key, g)
+	return g, res, err
+}

@@ -1,0 +1,83 @@
+package tpd
+
+import (
+	"context"
+	"encoding/base64"
+	"html/template"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
+)
+
+// Grants (acme/grant.go, docs/EXPOSE.md): a person approves, from an enrolled
+// device, an application's request for a credential that keeps one reverse
+// name exposed. The approval needs the policy to let the person keep that
+// name exposed themselves (action listen); the granted device, of the
+// person's user, is then scoped to it (authz.Scope), and the policy decides
+// its requests with its own identity.
+
+// mayExpose asks the policy whether id may keep label exposed (listen).
+// Public exposure is decided port by port when the application asks for it,
+// with the granted device's identity.
+func (d *Daemon) mayExpose(ctx context.Context, id authz.Identity, label string, _ bool) (bool, string) {
+	req := authz.Request{
+		Action:      authz.ActionListen,
+		Identity:    id,
+		Destination: authz.Destination{Host: label + "." + d.cfg.ReverseZone, Network: "tcp", Reverse: label},
+		Source:      authz.Source{Address: "grant approval", Transport: "https"},
+		Time:        time.Now(),
+	}
+	ctx, cancel := context.WithTimeout(ctx, d.cfg.PolicyTimeout)
+	defer cancel()
+	dec, err := d.authz.Authorize(ctx, req)
+	switch {
+	case err != nil:
+		return false, "the policy could not be evaluated, so nothing was granted; tell the TP administrator"
+	case !dec.Allow:
+		return false, "the policy does not let " + id.DeviceID + " keep " + label + " exposed, so it cannot grant that to an application: " + dec.Reason
+	}
+	return true, ""
+}
+
+// grantPage is what a grant link opens: what the application asks for, its
+// code, and the command that approves it on an enrolled device. Approving
+// needs the device key, so the page itself changes nothing.
+func grantPage(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	key, err := base64.RawURLEncoding.DecodeString(q.Get("key"))
+	name := q.Get("name")
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Header().Set("Content-Security-Policy", "default-src 'none'")
+	if err != nil || len(key) == 0 || name == "" || len(r.URL.RawQuery) > 4096 {
+		w.WriteHeader(http.StatusBadRequest)
+		_ = grantTemplate.Execute(w, grantView{Bad: true})
+		return
+	}
+	link := "https://" + r.Host + login.PathGrantPage + "?" + r.URL.RawQuery
+	how := "to devices you allow (end to end)"
+	if q.Get("public") == "1" {
+		how = "to devices you allow and, where the policy lets it, to the public"
+	}
+	_ = grantTemplate.Execute(w, grantView{App: q.Get("app"), Name: name, How: how, Code: login.GrantCode(key),
+		Command: "tp grant '" + strings.ReplaceAll(link, "'", "%27") + "'"})
+}
+
+type grantView struct {
+	Bad                           bool
+	App, Name, How, Code, Command string
+}
+
+var grantTemplate = template.Must(template.New("grant").Parse(`<!doctype html>
+<title>TP: grant an application a name</title>
+{{if .Bad}}<p>This grant link is incomplete: copy the whole link the application printed.</p>
+{{else}}<h1>An application asks to keep {{.Name}} exposed</h1>
+<p>{{if .App}}<b>{{.App}}</b>{{else}}An application that gave no name{{end}} asks for a credential that can do one thing:
+keep <b>{{.Name}}</b> exposed through this TP server, {{.How}}. It cannot dial anywhere or expose another name.</p>
+<p>Approve only if the application shows the code <b>{{.Code}}</b>.</p>
+<p>To approve, run this on one of your enrolled devices:</p>
+<pre>{{.Command}}</pre>
+<p>The credential is a device of your user; <code>tpd users</code> lists it and <code>tpd revoke --device</code> ends it.</p>
+{{end}}`))

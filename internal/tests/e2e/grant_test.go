@@ -1,0 +1,168 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/internal/testkit/testlog"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
+)
+
+// grantPolicy lets alice keep ci exposed and bob reach it; carol may do
+// neither.
+const grantPolicy = `package tp.authz
+
+default allow := false
+
+allow if {
+	input.action == "listen"
+	input.identity.user == "alice"
+	input.destination.reverse == "ci"
+}
+
+allow if {
+	input.action == "dial"
+	input.destination.reverse == "ci"
+	input.identity.user == "bob"
+}
+
+allow if {
+	input.action == "dial"
+	input.identity.user == "alice"
+	input.destination.ips == ["127.0.0.1"]
+}
+
+reason := sprintf("%s may not %s %s", [input.identity.device_id, input.action, input.destination.host]) if not allow
+`
+
+// An application asks for a credential the way an OAuth client does: `tp
+// expose --request ci` makes its own key and prints a link; alice approves it
+// from her enrolled laptop with `tp grant LINK`; the application then holds a
+// device of alice's user that may only keep ci exposed, and bob reaches ci
+// through it. Bad input: carol, whom the policy does not let keep ci
+// exposed, approving; a link that is not a grant link; the granted
+// application dialing loopback, which alice's own device may.
+func TestGrantFlow(t *testing.T) {
+	parallel(t)
+	srv := startServer(t, grantPolicy)
+	echo := testnet.Echo(t)
+	_, echoPort, _ := strings.Cut(echo, ":")
+	alice := srv.login(t, "alice", "laptop")
+	bob := srv.login(t, "bob", "phone")
+	carol := srv.login(t, "carol", "pc")
+	app := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "app-home")}
+
+	cmd := command(binary("tp"), "expose", "ci", echo, "--allow-user", "bob",
+		"--request", "--server", srv.URL, "--fingerprint", srv.Fingerprint, "--app", "ci job <b>")
+	cmd.Env = append(os.Environ(), app...)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	log := &testlog.Buffer{}
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+		if t.Failed() {
+			t.Logf("the application's log:\n%s", log.String())
+		}
+	})
+	lines := make(chan string, 100)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			log.Write([]byte(sc.Text() + "\n"))
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	next := func(what string, match func(string) bool) string {
+		t.Helper()
+		timeout := time.After(60 * time.Second)
+		for {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					t.Fatalf("the application exited before %s:\n%s", what, log.String())
+				}
+				if match(l) {
+					return l
+				}
+			case <-timeout:
+				t.Fatalf("no %s within 60s:\n%s", what, log.String())
+			}
+		}
+	}
+	codeLine := next("the code", func(l string) bool { return strings.HasPrefix(l, "Code ") })
+	code := regexp.MustCompile(`^Code ([A-Z2-7]{4}-[A-Z2-7]{4})\.`).FindStringSubmatch(codeLine)
+	if code == nil {
+		t.Fatalf("the code line %q shows no code", codeLine)
+	}
+	grantLine := next("the grant command", func(l string) bool { return strings.HasPrefix(l, "tp grant '") })
+	link := strings.TrimSuffix(strings.TrimPrefix(grantLine, "tp grant '"), "'")
+
+	// The link opens tpd's page, which names the request and the command.
+	root, err := login.FetchRoot(context.Background(), srv.URL, srv.Fingerprint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := login.HTTPClient(root)
+	resp, err := hc.Get(link)
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(page), "keep <b>ci</b> exposed") || !strings.Contains(string(page), code[1]) ||
+		!strings.Contains(string(page), "&lt;b&gt;") {
+		t.Fatalf("the grant link's page (%d):\n%s", resp.StatusCode, page)
+	}
+
+	if out, err := runErr(carol, nil, binary("tp"), "grant", link); err == nil || !strings.Contains(out, "the policy does not let carol@pc keep ci exposed") {
+		t.Fatalf("carol's approval: %v\n%s", err, out)
+	}
+	if out, err := runErr(alice, nil, binary("tp"), "grant", srv.URL+"/elsewhere?name=ci"); err == nil || !strings.Contains(out, "is not a grant link") {
+		t.Fatalf("a link that is not a grant link: %v\n%s", err, out)
+	}
+	out := run(t, alice, binary("tp"), "grant", link)
+	device := regexp.MustCompile(`the device (alice@grant-[a-z2-7]{8}), scope expose:ci`).FindStringSubmatch(out)
+	if device == nil || !strings.Contains(out, "(code "+code[1]+")") || !strings.Contains(out, "ci job <b>") {
+		t.Fatalf("alice's approval said:\n%s\nwant the granted device, its scope and the application's code %s", out, code[1])
+	}
+	next("the registration", func(l string) bool {
+		return strings.HasPrefix(l, "Exposing ") && strings.Contains(l, "ci.rev.tp.internal")
+	})
+
+	if got, err := runErr(bob, strings.NewReader("through the grant\n"), binary("tp"), "ci.rev.tp.internal", echoPort); err != nil || !strings.Contains(got, "through the grant") {
+		t.Fatalf("bob through ci.rev.tp.internal: %v, %q", err, got)
+	}
+	got, err := runErr(app, strings.NewReader(""), binary("tp"), "127.0.0.1", echoPort)
+	if err == nil || !strings.Contains(got, device[1]+" holds a credential that may only keep ci exposed (scope expose:ci), not dial 127.0.0.1:"+echoPort) {
+		t.Fatalf("the granted application's dial: %v\n%s", err, got)
+	}
+	// The same approval again changes nothing; tpd users shows the grant.
+	if out := run(t, alice, binary("tp"), "grant", link); !strings.Contains(out, device[1]) {
+		t.Fatalf("the approval again:\n%s", out)
+	}
+	if users := run(t, nil, binary("tpd"), "users", "--data-dir", srv.DataDir); !strings.Contains(users, strings.TrimPrefix(device[1], "alice@")) || !strings.Contains(users, "scope expose:ci") {
+		t.Fatalf("tpd users does not list the grant:\n%s", users)
+	}
+}
