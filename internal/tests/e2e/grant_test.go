@@ -165,4 +165,10 @@ func TestGrantFlow(t *testing.T) {
 	if users := run(t, nil, binary("tpd"), "users", "--data-dir", srv.DataDir); !strings.Contains(users, strings.TrimPrefix(device[1], "alice@")) || !strings.Contains(users, "scope expose:ci") {
 		t.Fatalf("tpd users does not list the grant:\n%s", users)
 	}
+	// Revoking the grant ends the application's exposure at once.
+	run(t, nil, binary("tpd"), "revoke", "--device", device[1], "--data-dir", srv.DataDir)
+	next("the end of the exposure", func(l string) bool { return strings.Contains(l, "revoked") })
+	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci.rev.tp.internal", echoPort); err == nil {
+		t.Fatalf("bob reached ci after its grant was revoked: %q", got)
+	}
 }
