@@ -1,9 +1,13 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -60,7 +64,8 @@ func (g *grantFlags) request(cmd *cobra.Command, stderr io.Writer, name string, 
 }
 
 func grantCmd(stdout io.Writer) *cobra.Command {
-	return &cobra.Command{
+	var yes bool
+	cmd := &cobra.Command{
 		Use:   "grant LINK",
 		Short: "Approve an application's request for a credential that may only keep one name exposed",
 		Long: "tp grant approves, from this device, the request a `tp expose --request` (or any\n" +
@@ -80,9 +85,7 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), cfg.Timeout)
-			defer cancel()
-			g, res, err := c.ApproveGrant(ctx, args[0])
+			g, err := login.ParseGrantLink(args[0])
 			if err != nil {
 				return err
 			}
@@ -90,12 +93,52 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 			if app == "" {
 				app = "the application"
 			}
+			if !yes {
+				how := "to the devices it allows"
+				if g.Public {
+					how += " and, where the policy lets it, to the public"
+				}
+				fmt.Fprintf(stdout, "%s (code %s) asks for a credential of %s's that may only keep %s exposed %s.\n",
+					app, grantCode(g.Key), c.Profile.DeviceID, g.Name, how)
+				if err := confirm(cmd.InOrStdin(), stdout, "Approve only if the application shows the same code. Approve? [y/N] "); err != nil {
+					return err
+				}
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), cfg.Timeout)
+			defer cancel()
+			g, res, err := c.ApproveGrant(ctx, args[0])
+			if err != nil {
+				return err
+			}
 			fmt.Fprintf(stdout, "Granted %s (code %s) the device %s, scope %s: it may only keep %s exposed.\n",
 				app, grantCode(g.Key), res.DeviceID, res.Scope, g.Name)
 			fmt.Fprintf(stdout, "tpd users lists it; tpd revoke --device %s ends it.\n", res.DeviceID)
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&yes, "yes", false, "approve without asking (for scripts; compare the code first)")
+	return cmd
+}
+
+// confirm asks question at a terminal and returns nil on yes; without a
+// terminal it says how to approve anyway.
+func confirm(in io.Reader, out io.Writer, question string) error {
+	if f, ok := in.(*os.File); !ok || !isTerminal(f) {
+		return errors.New("tp grant asks before it approves: run it at a terminal, or add --yes once you compared the code")
+	}
+	fmt.Fprint(out, question)
+	line, _ := bufio.NewReader(in).ReadString('\n')
+	switch strings.ToLower(strings.TrimSpace(line)) {
+	case "y", "yes":
+		return nil
+	}
+	return errors.New("not approved")
+}
+
+// isTerminal reports whether f is a character device (a terminal).
+func isTerminal(f *os.File) bool {
+	st, err := f.Stat()
+	return err == nil && st.Mode()&os.ModeCharDevice != 0
 }
 
 func grantCode(key []byte) string { return login.GrantCode(key) }

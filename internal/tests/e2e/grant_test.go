@@ -136,13 +136,16 @@ func TestGrantFlow(t *testing.T) {
 		t.Fatalf("the grant link's page (%d):\n%s", resp.StatusCode, page)
 	}
 
-	if out, err := runErr(carol, nil, binary("tp"), "grant", link); err == nil || !strings.Contains(out, "the policy does not let carol@pc keep ci exposed") {
+	if out, err := runErr(alice, strings.NewReader("y\n"), binary("tp"), "grant", link); err == nil || !strings.Contains(out, "asks before it approves: run it at a terminal, or add --yes") {
+		t.Fatalf("an approval without a terminal and without --yes: %v\n%s", err, out)
+	}
+	if out, err := runErr(carol, nil, binary("tp"), "grant", "--yes", link); err == nil || !strings.Contains(out, "the policy does not let carol@pc keep ci exposed") {
 		t.Fatalf("carol's approval: %v\n%s", err, out)
 	}
-	if out, err := runErr(alice, nil, binary("tp"), "grant", srv.URL+"/elsewhere?name=ci"); err == nil || !strings.Contains(out, "is not a grant link") {
+	if out, err := runErr(alice, nil, binary("tp"), "grant", "--yes", srv.URL+"/elsewhere?name=ci"); err == nil || !strings.Contains(out, "is not a grant link") {
 		t.Fatalf("a link that is not a grant link: %v\n%s", err, out)
 	}
-	out := run(t, alice, binary("tp"), "grant", link)
+	out := run(t, alice, binary("tp"), "grant", "--yes", link)
 	device := regexp.MustCompile(`the device (alice@grant-[a-z2-7]{8}), scope expose:ci`).FindStringSubmatch(out)
 	if device == nil || !strings.Contains(out, "(code "+code[1]+")") || !strings.Contains(out, "ci job <b>") {
 		t.Fatalf("alice's approval said:\n%s\nwant the granted device, its scope and the application's code %s", out, code[1])
@@ -159,7 +162,7 @@ func TestGrantFlow(t *testing.T) {
 		t.Fatalf("the granted application's dial: %v\n%s", err, got)
 	}
 	// The same approval again changes nothing; tpd users shows the grant.
-	if out := run(t, alice, binary("tp"), "grant", link); !strings.Contains(out, device[1]) {
+	if out := run(t, alice, binary("tp"), "grant", "--yes", link); !strings.Contains(out, device[1]) {
 		t.Fatalf("the approval again:\n%s", out)
 	}
 	if users := run(t, nil, binary("tpd"), "users", "--data-dir", srv.DataDir); !strings.Contains(users, strings.TrimPrefix(device[1], "alice@")) || !strings.Contains(users, "scope expose:ci") {
