@@ -48,6 +48,9 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 			"  tp expose --http blog http://127.0.0.1:8080                       # https://blog.<reverse zone>/ through TP's website",
 		Args: cli.Positional("NAME", "LOCAL_ADDR"),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := req.request(cmd, stderr, args[0], pub.public()); err != nil {
+				return err // a grant asked for and not given
+			}
 			if httpMode {
 				return exposeHTTP(cmd, stderr, args[0], args[1], proxyName, tunnels, h1Only, devicesOnly, exitOnRefusal)
 			}
@@ -69,9 +72,6 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 				}
 				local, udp := strings.CutSuffix(local, "/udp")
 				exposed = append(exposed, clients.Exposed{Name: name, Local: local, UDP: udp})
-			}
-			if err := req.request(cmd, stderr, args[0], pub.public()); err != nil {
-				return err
 			}
 			c, cfg, err := open(cmd, stderr)
 			if err != nil {
