@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"strings"
 	"time"
-	"unicode"
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
@@ -68,8 +67,14 @@ func (e *Enroller) grant(w http.ResponseWriter, r *http.Request) {
 		max = DefaultMaxGrants
 	}
 	g, err := e.Users.EnrollGrant(users.Grant{User: dev.User, Device: "grant-" + strings.ToLower(strings.ReplaceAll(login.GrantCode(appKey), "-", "")),
-		PublicKey: appKey, Scope: scope, Max: max})
+		PublicKey: appKey, Scope: scope, Max: max, Revoked: e.deniedID})
+	if err == nil && e.deniedID(g.ID) {
+		err = users.ErrDeviceRevoked // revoked by tpd revoke --device (the deny list)
+	}
 	switch {
+	case errors.Is(err, users.ErrKeyInUse):
+		writeErr(w, http.StatusConflict, "this application's key belongs to another device (a grant made or revoked before, or an enrolled device); the application must make a new key and ask again")
+		return
 	case errors.Is(err, users.ErrDeviceExists):
 		writeErr(w, http.StatusConflict, fmt.Sprintf("%s already holds another grant for this key's code; the application should make a new key and ask again", dev.User))
 		return
@@ -144,19 +149,9 @@ func grantScope(name string, public bool) (authz.Scope, error) {
 	return sc, nil
 }
 
-// checkApp checks what an application calls itself: printable, at most
-// login.MaxGrantApp bytes, since a person reads it.
-func checkApp(app string) error {
-	if len(app) > login.MaxGrantApp {
-		return fmt.Errorf("app is %d bytes; at most %d", len(app), login.MaxGrantApp)
-	}
-	for _, c := range app {
-		if !unicode.IsPrint(c) {
-			return errors.New("app holds a character that is not printable")
-		}
-	}
-	return nil
-}
+// checkApp checks what an application calls itself (login.ValidApp), since a
+// person reads it.
+func checkApp(app string) error { return login.ValidApp(app) }
 
 // describeApp is app as the audit trail names it.
 func describeApp(app string) string {

@@ -6,12 +6,15 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"errors"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/server/users"
 )
 
 // grantEnv is a test server whose policy lets alice, not bob, keep ci
@@ -85,7 +88,8 @@ func TestGrant(t *testing.T) {
 		{"a name with its zone", login.Grant{Name: "ci.rev.tp.internal", Key: g.Key}, "is not a reverse name's label"},
 		{"an upper-case name", login.Grant{Name: "CI", Key: g.Key}, "is not a reverse name's label"},
 		{"an application text of 65 bytes", login.Grant{Name: "ci", App: strings.Repeat("x", 65), Key: g.Key}, "at most 64"},
-		{"an application text with a newline", login.Grant{Name: "ci", App: "ci\njob", Key: g.Key}, "not printable"},
+		{"an application text with a newline", login.Grant{Name: "ci", App: "ci\njob", Key: g.Key}, "may hold letters"},
+		{"an application text dressed as the code", login.Grant{Name: "ci", App: "build (code ABCD-EFGH)", Key: g.Key}, "may hold letters"},
 		{"a key that is no key", login.Grant{Name: "ci", Key: []byte("not a key")}, "app_key"},
 	} {
 		_, err := login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, bad.g)
@@ -142,7 +146,7 @@ func TestGrant(t *testing.T) {
 // with a sentence that says where a link comes from.
 func TestGrantLink(t *testing.T) {
 	key := pubDER(t, newKey(t))
-	g := login.Grant{Server: "https://tp.example.org:8443", Name: "ci", Public: true, App: "ci job & co", Key: key}
+	g := login.Grant{Server: "https://tp.example.org:8443", Name: "ci", Public: true, App: "ci job + co", Key: key}
 	back, err := login.ParseGrantLink(g.Link())
 	if err != nil || back.Server != g.Server || back.Name != "ci" || !back.Public || back.App != g.App || string(back.Key) != string(key) {
 		t.Fatalf("ParseGrantLink(%q) = %+v, %v", g.Link(), back, err)
@@ -158,7 +162,89 @@ func TestGrantLink(t *testing.T) {
 			t.Errorf("ParseGrantLink(%q): %v; want a refusal naming where links come from", bad, err)
 		}
 	}
-	if c := login.GrantCode(key); len(c) != 9 || c[4] != '-' {
-		t.Errorf("GrantCode = %q; want XXXX-XXXX", c)
+	if c := login.GrantCode(key); len(c) != 19 || c[4] != '-' || c[9] != '-' || c[14] != '-' {
+		t.Errorf("GrantCode = %q; want XXXX-XXXX-XXXX-XXXX", c)
+	}
+	if _, err := login.ParseGrantLink(login.Grant{Server: "https://tp.example.org", Name: "ci", App: "build (code ABCD-EFGH)", Key: key}.Link()); err == nil {
+		t.Error("a link whose application name is dressed as the code was accepted")
+	}
+}
+
+// A key belongs to one device: a revoked grant's key is not granted again,
+// even by another user, nor is an enrolled device's key. A grant revoked by
+// the deny list (tpd revoke --device) no longer counts against the bound and
+// is not re-approved. An application approved for another name than it asked
+// (someone else approved its key first) refuses the grant. Bad input: each of
+// those.
+func TestGrantKeysAndDenyList(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	ts, alice, bob := grantEnv(t)
+	denied := map[string]bool{}
+	ts.Enroller.Denied = func(dev users.Device) (string, bool) {
+		if denied[dev.ID] {
+			return "device " + dev.ID + " was revoked by tpd revoke", true
+		}
+		return "", false
+	}
+	ts.Enroller.MayExpose = func(_ context.Context, id authz.Identity, label string, _ bool) (bool, string) {
+		return id.User == "alice" && label == "ci" || id.User == "bob" && label == "bobs", "not this name"
+	}
+	refused := func(what string, err error, status int, says string) {
+		t.Helper()
+		var se *login.ServerError
+		if !errors.As(err, &se) || se.Status != status || !strings.Contains(se.Message, says) {
+			t.Errorf("%s: %v; want %d saying %q", what, err, status, says)
+		}
+	}
+	// An enrolled device's key.
+	_, err := login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, login.Grant{Name: "ci", Key: pubDER(t, bob)})
+	refused("a grant of bob@pc's own key", err, 409, "belongs to another device")
+
+	// Deny-listed grants free their room and are not approved again.
+	first := newKey(t)
+	res, err := login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, login.Grant{Name: "ci", Key: pubDER(t, first)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := newKey(t)
+	res2, err := login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, login.Grant{Name: "ci", Key: pubDER(t, second)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	denied[res.DeviceID], denied[res2.DeviceID] = true, true
+	if _, err := login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, login.Grant{Name: "ci", Key: pubDER(t, newKey(t))}); err != nil {
+		t.Fatalf("a grant once both earlier ones were deny-listed (bound 2): %v", err)
+	}
+	_, err = login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, login.Grant{Name: "ci", Key: pubDER(t, first)})
+	refused("approving a deny-listed grant's key again", err, 403, "was revoked")
+	_, err = login.GrantStatus(ctx, ts.HC, ts.URL, first)
+	refused("the status of a deny-listed grant", err, 403, "was revoked by tpd revoke")
+	// The revoked key under another user.
+	_, err = login.Approve(ctx, ts.HC, ts.URL, "bob@pc", bob, login.Grant{Name: "bobs", Key: pubDER(t, first)})
+	refused("bob approving alice's revoked grant's key", err, 409, "belongs to another device")
+
+	// Bob approves a waiting application's key for his own name first: the
+	// application, which asked for ci, refuses it.
+	home := clients.Home{Dir: filepath.Join(t.TempDir(), "app")}
+	shown := make(chan []byte, 1)
+	done := make(chan error, 1)
+	go func() {
+		_, err := clients.RequestGrant(ctx, home, clients.GrantRequest{Server: ts.URL, Fingerprint: ts.PKI.Fingerprint(), Name: "ci",
+			Poll: 20 * time.Millisecond, Show: func(link, _ string) {
+				g, _ := login.ParseGrantLink(link)
+				shown <- g.Key
+			}})
+		done <- err
+	}()
+	key := <-shown
+	if _, err := login.Approve(ctx, ts.HC, ts.URL, "bob@pc", bob, login.Grant{Name: "bobs", Key: key}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err == nil || !strings.Contains(err.Error(), `with scope "expose:bobs", not the "expose:ci" this application asked for`) {
+		t.Fatalf("the application approved for another name: %v", err)
+	}
+	if _, err := home.Profile(); err == nil {
+		t.Fatal("the application saved the grant it refused")
 	}
 }

@@ -11,9 +11,10 @@ import (
 // scope is none: the device may do what the policy allows.
 //
 //	expose:LABEL         keep an agent registered for the reverse name LABEL
-//	                     (listen, and serve it over HTTP): nothing else, no dial
-//	expose-public:LABEL  that, and publish LABEL on public ports and TLS
-//	                     server names
+//	                     (listen: end to end, to the devices the agent allows):
+//	                     nothing else, no dial
+//	expose-public:LABEL  that, and publish LABEL to anyone: on public ports,
+//	                     TLS server names and as an HTTP app (reverse tunnels)
 //
 // A credential for an application that should not hold a person's identity
 // (a CI job's agent, a service that publishes itself) is a device with a
@@ -60,11 +61,11 @@ func (s Scope) Allows(req Request) (bool, string) {
 	}
 	out := fmt.Sprintf("%s holds a credential that may only keep %s exposed (scope %s), not %s", req.Identity, label, string(s), req.Asked())
 	switch req.Action {
-	case ActionListen, ActionExposeHTTP:
+	case ActionListen:
 		if req.Destination.Reverse == label {
 			return true, ""
 		}
-	case ActionExposePublic:
+	case ActionExposePublic, ActionExposeHTTP: // an HTTP app may be open to anyone
 		if req.Destination.Reverse == label && kind == scopeExposePublic {
 			return true, ""
 		}

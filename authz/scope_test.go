@@ -45,7 +45,8 @@ func TestScopeAllows(t *testing.T) {
 	}{
 		{"", dial, true, ""},
 		{"expose:blog", listen("blog"), true, ""},
-		{"expose:blog", httpTun, true, ""},
+		{"expose:blog", httpTun, false, "to devices only"},
+		{"expose-public:blog", httpTun, true, ""},
 		{"expose:blog", listen("wiki"), false, "may only keep blog exposed (scope expose:blog), not listen as wiki.rev.tp.internal"},
 		{"expose:blog", dial, false, "not dial 127.0.0.1:22"},
 		{"expose:blog", ip, false, "not open an IP tunnel"},

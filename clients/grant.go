@@ -83,6 +83,8 @@ func RequestGrant(ctx context.Context, home Home, req GrantRequest) (*Client, er
 	for {
 		res, err := login.GrantStatus(ctx, hc, server, key)
 		switch {
+		case err == nil && res.Scope != wantScope(req):
+			return nil, fmt.Errorf("the key of %s was approved as %s with scope %q, not the %q this application asked for; remove %s and ask again", home.Dir, res.DeviceID, res.Scope, wantScope(req), home.Dir)
 		case err == nil:
 			if err := home.SaveProfile(Profile{Server: server, Fingerprint: login.Fingerprint(root), DeviceID: res.DeviceID}); err != nil {
 				return nil, err
@@ -104,6 +106,14 @@ func RequestGrant(ctx context.Context, home Home, req GrantRequest) (*Client, er
 		case <-time.After(poll):
 		}
 	}
+}
+
+// wantScope is the scope req asks for.
+func wantScope(req GrantRequest) string {
+	if req.Public {
+		return "expose-public:" + req.Name
+	}
+	return "expose:" + req.Name
 }
 
 // ApproveGrant approves the grant whose link is link, from this device: the

@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strings"
 	"time"
+	"unicode"
 )
 
 // Grants: an application that should not hold a person's identity (a CI
@@ -79,13 +80,29 @@ func GrantStatusMessage(publicKey, ts string) []byte {
 	return []byte(grantStatusContext + "\x00" + publicKey + "\x00" + ts)
 }
 
-// GrantCode is the short code both sides show for a key (PKIX DER), so that
-// the person approves the application that waits: eight characters of its
-// SHA-256, XXXX-XXXX.
+// GrantCode is the code both sides show for a key (PKIX DER), so that the
+// person approves the application that waits: 80 bits of its SHA-256 in
+// base32, XXXX-XXXX-XXXX-XXXX (too many to search for a key that matches).
 func GrantCode(pkix []byte) string {
 	sum := sha256.Sum256(pkix)
-	c := base32.StdEncoding.EncodeToString(sum[:5])
-	return c[:4] + "-" + c[4:8]
+	c := base32.StdEncoding.EncodeToString(sum[:10])
+	return c[:4] + "-" + c[4:8] + "-" + c[8:12] + "-" + c[12:16]
+}
+
+// ValidApp checks what an application calls itself, which a person reads
+// before approving: at most MaxGrantApp bytes of letters, digits, spaces and
+// . , : / @ + # _ - (no brackets or quotes that could dress it up as the code
+// or as a command, no control characters).
+func ValidApp(app string) error {
+	if len(app) > MaxGrantApp {
+		return fmt.Errorf("app is %d bytes; at most %d", len(app), MaxGrantApp)
+	}
+	for _, c := range app {
+		if !unicode.IsLetter(c) && !unicode.IsDigit(c) && !strings.ContainsRune(" .,:/@+#_-", c) {
+			return fmt.Errorf("app holds %q; an application's name may hold letters, digits, spaces and . , : / @ + # _ -", c)
+		}
+	}
+	return nil
 }
 
 // Grant is what an application asks for, in its link.
@@ -112,6 +129,12 @@ func (g Grant) Link() string {
 	return g.Server + PathGrantPage + "?" + q.Encode()
 }
 
+// Command is the command that approves g on an enrolled device, safe to
+// paste into a POSIX shell, PowerShell or cmd.exe: Link percent-encodes every
+// character they would act on, and the double quotes hold the & between the
+// fields on all three.
+func (g Grant) Command() string { return `tp grant "` + g.Link() + `"` }
+
 // ParseGrantLink reads a grant link.
 func ParseGrantLink(link string) (Grant, error) {
 	u, err := url.Parse(strings.TrimSpace(link))
@@ -129,6 +152,9 @@ func ParseGrantLink(link string) (Grant, error) {
 	g := Grant{Server: "https://" + u.Host, Name: q.Get("name"), Public: q.Get("public") == "1", App: q.Get("app"), Key: key}
 	if g.Name == "" {
 		return Grant{}, errors.New("the grant link names no reverse name: copy the whole link tp expose --request printed")
+	}
+	if err := ValidApp(g.App); err != nil {
+		return Grant{}, fmt.Errorf("the grant link's %v: it was not made by tp expose --request", err)
 	}
 	return g, nil
 }

@@ -56,7 +56,7 @@ func (g *grantFlags) request(cmd *cobra.Command, stderr io.Writer, name string, 
 		Show: func(link, code string) {
 			fmt.Fprintf(stderr, "This application asks for a credential that may only keep %s exposed.\n", name)
 			fmt.Fprintf(stderr, "Code %s. Open this link, or have a person with an enrolled device run:\n", code)
-			fmt.Fprintf(stderr, "tp grant '%s'\n", link)
+			fmt.Fprintf(stderr, "tp grant \"%s\"\n", link)
 			fmt.Fprintf(stderr, "Waiting for the approval (up to %s)…\n", g.wait)
 		},
 	})
@@ -98,8 +98,9 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 				if g.Public {
 					how += " and, where the policy lets it, to the public"
 				}
-				fmt.Fprintf(stdout, "%s (code %s) asks for a credential of %s's that may only keep %s exposed %s.\n",
-					app, grantCode(g.Key), c.Profile.DeviceID, g.Name, how)
+				fmt.Fprintf(stdout, "%s asks for a credential of %s's that may only keep %s exposed %s.\n",
+					app, c.Profile.DeviceID, g.Name, how)
+				fmt.Fprintf(stdout, "Its code: %s\n", grantCode(g.Key))
 				if err := confirm(cmd.InOrStdin(), stdout, "Approve only if the application shows the same code. Approve? [y/N] "); err != nil {
 					return err
 				}

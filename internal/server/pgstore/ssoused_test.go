@@ -281,6 +281,9 @@ func TestEnrollGrantAcrossInstances(t *testing.T) {
 	if _, err := a.EnrollGrant(third); !errors.Is(err, users.ErrTooManyDevices) {
 		t.Fatalf("a third grant with room for two: %v; want ErrTooManyDevices", err)
 	}
+	if _, err := b.EnrollGrant(users.Grant{User: "alice", Device: "grant-ffff", PublicKey: []byte("app key"), Scope: "expose:ci", Max: 9}); !errors.Is(err, users.ErrKeyInUse) {
+		t.Fatalf("a second grant of a key a device holds: %v; want ErrKeyInUse", err)
+	}
 	if _, err := a.EnrollGrant(users.Grant{User: "nobody", Device: "grant-dddd", PublicKey: []byte("k"), Scope: "expose:ci", Max: 2}); !errors.Is(err, users.ErrNotFound) {
 		t.Fatalf("a grant for a user that does not exist: %v; want ErrNotFound", err)
 	}

@@ -387,8 +387,24 @@ func (u *Users) EnrollGrant(g users.Grant) (users.Device, error) {
 		case !errors.Is(err, pgx.ErrNoRows):
 			return err
 		}
-		var n int
-		if err := tx.QueryRow(ctx, "SELECT count(*) FROM tp_devices WHERE user_name = $1 AND scope <> '' AND NOT revoked", g.User).Scan(&n); err != nil {
+		var holder string
+		if err := tx.QueryRow(ctx, "SELECT id FROM tp_devices WHERE public_key = $1 LIMIT 1", g.PublicKey).Scan(&holder); err == nil {
+			return fmt.Errorf("device %s: %w", holder, users.ErrKeyInUse)
+		} else if !errors.Is(err, pgx.ErrNoRows) {
+			return err
+		}
+		rows, _ := tx.Query(ctx, "SELECT id, scope, revoked FROM tp_devices WHERE user_name = $1 AND scope <> '' AND NOT revoked", g.User)
+		n := 0
+		for rows.Next() {
+			var o users.Device
+			if err := rows.Scan(&o.ID, &o.Scope, &o.Revoked); err != nil {
+				return err
+			}
+			if g.Counts(o) {
+				n++
+			}
+		}
+		if err := rows.Err(); err != nil {
 			return err
 		}
 		if n >= g.Max {
@@ -406,7 +422,8 @@ func (u *Users) EnrollGrant(g users.Grant) (users.Device, error) {
 		d.Created = d.Created.UTC()
 		return notify(ctx, tx, TopicUsers)
 	})
-	if errors.Is(err, users.ErrDeviceExists) || errors.Is(err, users.ErrDeviceRevoked) || errors.Is(err, users.ErrTooManyDevices) || errors.Is(err, users.ErrNotFound) {
+	if errors.Is(err, users.ErrDeviceExists) || errors.Is(err, users.ErrDeviceRevoked) || errors.Is(err, users.ErrTooManyDevices) ||
+		errors.Is(err, users.ErrNotFound) || errors.Is(err, users.ErrKeyInUse) {
 		return users.Device{}, err
 	}
 	if err != nil {

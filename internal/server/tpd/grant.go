@@ -2,10 +2,9 @@ package tpd
 
 import (
 	"context"
-	"encoding/base64"
+	"errors"
 	"html/template"
 	"net/http"
-	"strings"
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
@@ -46,23 +45,30 @@ func (d *Daemon) mayExpose(ctx context.Context, id authz.Identity, label string,
 // code, and the command that approves it on an enrolled device. Approving
 // needs the device key, so the page itself changes nothing.
 func grantPage(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	key, err := base64.RawURLEncoding.DecodeString(q.Get("key"))
-	name := q.Get("name")
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Content-Security-Policy", "default-src 'none'")
-	if err != nil || len(key) == 0 || name == "" || len(r.URL.RawQuery) > 4096 {
+	var g login.Grant
+	var err error
+	if len(r.URL.RawQuery) > 4096 {
+		err = errors.New("too long")
+	} else {
+		g, err = login.ParseGrantLink("https://" + r.Host + login.PathGrantPage + "?" + r.URL.RawQuery)
+	}
+	if err != nil {
 		w.WriteHeader(http.StatusBadRequest)
 		_ = grantTemplate.Execute(w, grantView{Bad: true})
 		return
 	}
-	link := "https://" + r.Host + login.PathGrantPage + "?" + r.URL.RawQuery
-	how := "to devices you allow (end to end)"
-	if q.Get("public") == "1" {
-		how = "to devices you allow and, where the policy lets it, to the public"
+	how := "to the devices its agent allows (end to end)"
+	if g.Public {
+		how = "to the devices its agent allows and, where the policy lets it, to anyone (public ports, names, an HTTP app)"
 	}
-	_ = grantTemplate.Execute(w, grantView{App: q.Get("app"), Name: name, How: how, Code: login.GrantCode(key),
-		Command: "tp grant '" + strings.ReplaceAll(link, "'", "%27") + "'"})
+	// The command is made anew from the fields read, so that nothing of the
+	// query but them reaches it: every character a shell or cmd.exe would
+	// act on is percent-encoded, and the double quotes hold the & between
+	// fields on both.
+	_ = grantTemplate.Execute(w, grantView{App: g.App, Name: g.Name, How: how, Code: login.GrantCode(g.Key),
+		Command: g.Command()})
 }
 
 type grantView struct {

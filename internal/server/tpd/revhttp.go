@@ -2,6 +2,7 @@ package tpd
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/server/website"
 )
 
@@ -72,9 +74,9 @@ func (d *Daemon) peerUpstream(host string) (website.ReverseUpstream, bool) {
 		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
 			return ""
 		}
-		id, err := d.verifyClient(r.TLS.PeerCertificates[0], nil)
+		id, err := d.unscopedDevice(r.TLS.PeerCertificates[0])
 		if err != nil {
-			return ""
+			return "" // the serving instance then refuses a devices-only name
 		}
 		return id.DeviceID
 	})
@@ -92,8 +94,22 @@ func (d *Daemon) deviceRequest(r *http.Request) error {
 	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
 		return errors.New("no client certificate")
 	}
-	_, err := d.verifyClient(r.TLS.PeerCertificates[0], nil)
+	_, err := d.unscopedDevice(r.TLS.PeerCertificates[0])
 	return err
+}
+
+// unscopedDevice is verifyClient for a device that reaches an app as a
+// person's device does (a devices-only reverse HTTP name): a scoped device
+// (authz.Scope) may only keep its own name exposed, so it is refused.
+func (d *Daemon) unscopedDevice(leaf *x509.Certificate) (authz.Identity, error) {
+	id, err := d.verifyClient(leaf, nil)
+	if err != nil {
+		return id, err
+	}
+	if sc := d.users.Scope(id.DeviceID); sc != "" {
+		return id, fmt.Errorf("%s holds a credential that may only keep %s exposed (scope %s), not reach other apps", id.DeviceID, sc.Label(), sc)
+	}
+	return id, nil
 }
 
 // maxExposedCerts bounds the certificates of exposed names kept in memory;

@@ -226,7 +226,8 @@ func TestReverseHTTPSite(t *testing.T) {
 
 // A devices-only name serves a request whose connection carried an accepted
 // device certificate (alice's, from dlogin) and refuses one from another CA
-// and one from a revoked device; the app sees only the accepted one. (The
+// and one from a revoked device, and a scoped device's (expose:ci); the app
+// sees only the accepted one. (The
 // handshake that asks for the certificate is the proxy's part, see
 // DevicesOnlyName; here the connection state is given as the handshake would
 // leave it.)
@@ -252,6 +253,16 @@ func TestReverseHTTPDevicesOnly(t *testing.T) {
 	if err := e.d.Users().RevokeDevice(bob.Profile.DeviceID); err != nil {
 		t.Fatal(err)
 	}
+	// A scoped device (a CI job's credential) may keep its own name exposed,
+	// never reach another app.
+	ci, _, _ := enrollClient(t, e.d, e.d.cfg.PublicURL(), "alice", "ci")
+	if err := e.d.Users().SetScope(ci.Profile.DeviceID, "expose:ci"); err != nil {
+		t.Fatal(err)
+	}
+	ciCert, err := ci.Certificate(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		what string
 		leaf *x509.Certificate
@@ -260,6 +271,7 @@ func TestReverseHTTPDevicesOnly(t *testing.T) {
 		{"alice's device certificate", cert.Leaf, http.StatusOK},
 		{"a certificate from another CA", stranger.Leaf, http.StatusForbidden},
 		{"a revoked device's certificate", bobCert.Leaf, http.StatusForbidden},
+		{"a scoped device's certificate", ciCert.Leaf, http.StatusForbidden},
 	} {
 		seen := e.upstream.Load()
 		req := httptest.NewRequest(http.MethodGet, "https://"+private+"/", nil)

@@ -349,6 +349,19 @@ type Grant struct {
 	// Max bounds the user's scoped devices that are not revoked, this one
 	// included; at least 1.
 	Max int
+	// Revoked, when set, says which devices are revoked outside the store
+	// (tpd's deny list: tpd revoke --device), so they are not counted.
+	Revoked func(deviceID string) bool
+}
+
+// ErrKeyInUse is a grant for a key another device holds (or held, revoked):
+// a key belongs to one device, so an application whose grant was revoked
+// must make a new key.
+var ErrKeyInUse = errors.New("the key belongs to another device")
+
+// Counts says whether d, one of the user's devices, counts against g's bound.
+func (g Grant) Counts(d Device) bool {
+	return d.Scope != "" && !d.Revoked && (g.Revoked == nil || !g.Revoked(d.ID))
 }
 
 // CheckGrant validates a grant's names, key, scope and bound.
@@ -395,7 +408,10 @@ func (s *File) EnrollGrant(g Grant) (Device, error) {
 	}
 	n := 0
 	for _, o := range s.st.Devices {
-		if o.User == g.User && o.Scope != "" && !o.Revoked {
+		if string(o.PublicKey) == string(g.PublicKey) {
+			return Device{}, fmt.Errorf("device %s: %w", o.ID, ErrKeyInUse)
+		}
+		if o.User == g.User && g.Counts(*o) {
 			n++
 		}
 	}
