@@ -215,7 +215,7 @@ func (d *Dialer) expiredAdvice() string {
 			return err.Error()
 		}
 	}
-	return "tp renews it on the next connection, or run dlogin"
+	return transport.DefaultExpiredAdvice
 }
 
 // certNotAfter is the expiry of the Dialer's fixed client certificate, if it has one.

@@ -75,16 +75,12 @@ func (cl *Client) expiredAdvice() string {
 	if cl != nil && cl.ExpiredAdvice != nil {
 		return cl.ExpiredAdvice()
 	}
-	return "tp renews it on the next connection, or run dlogin"
+	return DefaultExpiredAdvice
 }
 
-// RoundTrip runs t on a stream of the transport that the Client's Transport
-// and Carrier, and what it learnt of the server, pick; it runs t again on
-// another way when t's failure says that nothing of it can have reached a
-// service (Trip.Retry).
-func (cl *Client) RoundTrip(ctx context.Context, t Trip) (net.Conn, error) {
-	return cl.roundTrip(ctx, t)
-}
+// DefaultExpiredAdvice is what to do about an expired certificate when the
+// device key is there to renew it.
+const DefaultExpiredAdvice = "tp renews it on the next connection, or run dlogin"
 
 // RunOnQUIC runs t once on a new stream of the Client's QUIC connections
 // (connecting one when none is live), with no retry: the request that found
@@ -109,7 +105,7 @@ func (cl *Client) Answered() { cl.refillSpare() }
 // none (a question to the server then needs a connection of its own,
 // ConnectTLS).
 func (cl *Client) LiveStream(ctx context.Context, what string) wire.Stream {
-	if cl.liveQUIC() != nil {
+	if cl.LiveQUIC() != nil {
 		if _, st, err := cl.openStream(ctx, what); err == nil {
 			return st
 		}
@@ -122,31 +118,12 @@ func (cl *Client) LiveStream(ctx context.Context, what string) wire.Stream {
 	return nil
 }
 
-// Mode is the transport requests use: Auto, QUIC or TLS (a stream carrier,
-// or auto's race over the carriers, carries QUIC, so it forces QUIC).
-func (cl *Client) Mode() string { return cl.mode() }
-
-// ConnectTLS opens a new TLS connection to the server (TCP connect and
-// handshake), ALPN tp/1.
-func (cl *Client) ConnectTLS(ctx context.Context) (*tls.Conn, error) { return cl.connectTLS(ctx) }
-
-// AutoSkipsQUIC reports whether transport auto goes straight to TP's plain
-// TLS transport for the server (autoSkipsQUIC).
-func (cl *Client) AutoSkipsQUIC(ctx context.Context) bool { return cl.autoSkipsQUIC(ctx) }
-
-// RememberTransport remembers that transport (QUIC or TLS) won auto's choice
-// for the server on this network (rememberTransport).
-func (cl *Client) RememberTransport(transport string) { cl.rememberTransport(transport) }
-
 // TLSMuxStats says how many tp-mux connections this Client opened and how
 // many requests went as streams of one.
 func (cl *Client) TLSMuxStats() (conns, streams int) { return cl.tlsMux.Stats() }
 
-// CurrentCarrier is the carrier the shared QUIC connection is on now.
-func (cl *Client) CurrentCarrier() string { return cl.currentCarrier() }
-
-// connectTLS opens a new TLS connection to the server (TCP connect and handshake).
-func (cl *Client) connectTLS(ctx context.Context) (*tls.Conn, error) {
+// ConnectTLS opens a new TLS connection to the server (TCP connect and handshake).
+func (cl *Client) ConnectTLS(ctx context.Context) (*tls.Conn, error) {
 	cfg, err := cl.sessionConfig()
 	if err != nil {
 		return nil, err
@@ -225,9 +202,9 @@ func (cl *Client) carrier() string {
 	return cl.Carrier
 }
 
-// mode is the transport requests use: a stream carrier (or auto, which falls
+// Mode is the transport requests use: a stream carrier (or auto, which falls
 // back to one) carries QUIC, so it forces "quic".
-func (cl *Client) mode() string {
+func (cl *Client) Mode() string {
 	if cl.Carrier != "" && cl.Carrier != wire.CarrierUDP {
 		return QUIC
 	}
@@ -250,7 +227,7 @@ func (cl *Client) Unreachable(err error) error {
 		// certificate to show, which its own error explains.
 		return &UnreachableError{Server: cl.Server, Cause: "this device has no certificate to show it: " + ce.Error(), Err: err}
 	}
-	udpOnly := cl.mode() == QUIC && (cl.Carrier == "" || cl.Carrier == wire.CarrierUDP) && len(cl.FallbackCarriers) == 0
+	udpOnly := cl.Mode() == QUIC && (cl.Carrier == "" || cl.Carrier == wire.CarrierUDP) && len(cl.FallbackCarriers) == 0
 	return &UnreachableError{Server: cl.Server, Cause: ReachCause(err, timeout, udpOnly, cl.expiredAdvice()), Err: err}
 }
 
@@ -366,10 +343,12 @@ func (t Trip) resend(err error) bool { return t.Retry == nil || t.Retry.Resend(e
 
 func (t Trip) retryOnNew(err error) bool { return t.Retry != nil && t.Retry.RetryOnNew(err) }
 
-// roundTrip runs t on a stream of the transport that the Client's Transport
-// and what it learnt of the server pick.
-func (cl *Client) roundTrip(ctx context.Context, t Trip) (net.Conn, error) {
-	mode := cl.mode()
+// RoundTrip runs t on a stream of the transport that the Client's Transport
+// and Carrier, and what it learnt of the server, pick; it runs t again on
+// another way when t's failure says that nothing of it can have reached a
+// service (Trip.Retry).
+func (cl *Client) RoundTrip(ctx context.Context, t Trip) (net.Conn, error) {
+	mode := cl.Mode()
 	if t.Kind == TripAccept {
 		mode = TLS // the agent was told of the session on a TLS control connection
 	}
@@ -386,15 +365,15 @@ func (cl *Client) roundTrip(ctx context.Context, t Trip) (net.Conn, error) {
 }
 
 // tripAuto uses a live QUIC connection when there is one, TLS when QUIC
-// failed recently for this server (autoSkipsQUIC), and otherwise races the
+// failed recently for this server (AutoSkipsQUIC), and otherwise races the
 // two (race) and remembers the winner.
 func (cl *Client) tripAuto(ctx context.Context, t Trip) (net.Conn, error) {
-	if cl.liveQUIC() != nil {
+	if cl.LiveQUIC() != nil {
 		if c, conn, err := cl.onQUIC(ctx, t); conn != nil && !cl.quicAgain(conn, err, t) {
 			return c, err
 		}
 	}
-	if cl.autoSkipsQUIC(ctx) {
+	if cl.AutoSkipsQUIC(ctx) {
 		return cl.tripTLS(ctx, t)
 	}
 	winner, tconn, err := cl.race(ctx)
@@ -403,7 +382,7 @@ func (cl *Client) tripAuto(ctx context.Context, t Trip) (net.Conn, error) {
 	}
 	// A fallback to TLS is remembered for less long: UDP, or a carrier, may
 	// get through again.
-	cl.rememberTransport(winner)
+	cl.RememberTransport(winner)
 	if winner == TLS {
 		return t.Run(ctx, &Stream{Stream: tconn})
 	}
@@ -468,7 +447,7 @@ func (cl *Client) tripTLS(ctx context.Context, t Trip) (net.Conn, error) {
 	if t.Kind == TripUDP {
 		// An older server, the tp-mux connections full or refusing, or
 		// --no-tls-mux: a connection of its own.
-		conn, err := cl.connectTLS(ctx)
+		conn, err := cl.ConnectTLS(ctx)
 		if err != nil {
 			return nil, err
 		}
@@ -487,7 +466,7 @@ func (cl *Client) tripTLS(ctx context.Context, t Trip) (net.Conn, error) {
 		return c, err
 	}
 	if spare && ctx.Err() == nil && t.retryOnNew(err) {
-		if conn, err = cl.connectTLS(ctx); err != nil {
+		if conn, err = cl.ConnectTLS(ctx); err != nil {
 			return nil, err
 		}
 		// The second attempt waits for the answer before its first bytes.
@@ -563,7 +542,7 @@ func (cl *Client) race(ctx context.Context) (string, *tls.Conn, error) {
 	}
 	startTLS := func() {
 		go func() {
-			c, err := cl.connectTLS(ctx)
+			c, err := cl.ConnectTLS(ctx)
 			results <- result{transport: TLS, conn: c, err: err}
 		}()
 	}
@@ -618,21 +597,21 @@ func (cl *Client) race(ctx context.Context) (string, *tls.Conn, error) {
 	return "", nil, errors.Join(errs...)
 }
 
-// autoSkipsQUIC reports whether transport auto goes straight to TP's plain
+// AutoSkipsQUIC reports whether transport auto goes straight to TP's plain
 // TLS transport: it won a race recently (in this process, or remembered for
 // this server and network), or the server's discovery document offers no
 // QUIC.
-func (cl *Client) autoSkipsQUIC(ctx context.Context) bool {
+func (cl *Client) AutoSkipsQUIC(ctx context.Context) bool {
 	cl.quic.mu.Lock()
 	tlsWon := time.Now().Before(cl.quic.tlsUntil)
 	cl.quic.mu.Unlock()
 	return tlsWon || cl.Cache != nil && cl.Cache.Get(cl.Server) == TLS || cl.quicNotOffered(ctx)
 }
 
-// rememberTransport remembers that transport (QUIC or
+// RememberTransport remembers that transport (QUIC or
 // TLS) won auto's choice for the server on this network; TLS, a
 // fallback, for DefaultFallbackTTL only, after which QUIC is tried again.
-func (cl *Client) rememberTransport(transport string) {
+func (cl *Client) RememberTransport(transport string) {
 	if transport == TLS {
 		cl.quic.mu.Lock()
 		cl.quic.tlsUntil = time.Now().Add(DefaultFallbackTTL)
@@ -661,9 +640,6 @@ func (cl *Client) PacketConn() net.PacketConn {
 	defer cl.quic.mu.Unlock()
 	return cl.quic.udp
 }
-
-// LiveQUIC is the shared QUIC connection when it is open, else nil.
-func (cl *Client) LiveQUIC() *quic.Conn { return cl.liveQUIC() }
 
 // MuxPool is the Client's tp-mux/1 connections (its timers may be set before
 // first use).

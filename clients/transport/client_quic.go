@@ -176,8 +176,8 @@ func (cl *Client) quicAddr() string {
 	return cl.Server
 }
 
-// liveQUIC returns the current QUIC connection if it is still open.
-func (cl *Client) liveQUIC() *quic.Conn {
+// LiveQUIC returns the current QUIC connection if it is still open.
+func (cl *Client) LiveQUIC() *quic.Conn {
 	q := &cl.quic
 	q.mu.Lock()
 	defer q.mu.Unlock()

@@ -23,7 +23,7 @@ func TestLostConnectionNotHandedOutAgain(t *testing.T) {
 	t.Parallel()
 	d, echo := quicPoolEnv(t, 100)
 	_ = openEchoed(t, d, echo).Close()
-	old := d.liveQUIC()
+	old := d.LiveQUIC()
 	if old == nil {
 		t.Fatal("no QUIC connection after a dial")
 	}
@@ -41,7 +41,7 @@ func TestLostConnectionNotHandedOutAgain(t *testing.T) {
 		t.Fatal("the Client handed out again the connection that a stateless reset had ended")
 	}
 	_ = openEchoed(t, d, echo).Close() // and requests run on the new one
-	if d.liveQUIC() != c {
+	if d.LiveQUIC() != c {
 		t.Fatal("the request did not use the new connection")
 	}
 }

@@ -129,7 +129,7 @@ func (cl *Client) sessionTLS(ctx context.Context) (conn *tls.Conn, spare, open b
 	if err := ctx.Err(); err != nil {
 		return nil, false, false, fmt.Errorf("connecting to TP server %s: %w", cl.Server, err)
 	}
-	conn, err = cl.connectTLS(ctx)
+	conn, err = cl.ConnectTLS(ctx)
 	return conn, false, err == nil, err
 }
 
@@ -180,7 +180,7 @@ func (cl *Client) refillSpare() {
 			// Not a request's context: the spare outlives the session that asked
 			// for it; spareMaxAge bounds the connect, and Close discards the result.
 			ctx, cancel := context.WithTimeout(context.Background(), s.maxAgeOr())
-			conn, err := cl.connectTLS(ctx)
+			conn, err := cl.ConnectTLS(ctx)
 			cancel()
 			s.mu.Lock()
 			if err != nil || s.closed || len(s.conns) >= cl.spares() {

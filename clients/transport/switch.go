@@ -235,8 +235,8 @@ func (cl *Client) rememberCarrier(kind string) {
 	}
 }
 
-// currentCarrier is the carrier the connection uses now.
-func (cl *Client) currentCarrier() string {
+// CurrentCarrier is the carrier the connection uses now.
+func (cl *Client) CurrentCarrier() string {
 	q := &cl.quic
 	q.mu.Lock()
 	defer q.mu.Unlock()
