@@ -71,20 +71,7 @@ func TestSSOUsedAcrossInstances(t *testing.T) {
 // one for a device that does not exist (the bad input) is ErrNotFound.
 func TestSignedInAcrossInstances(t *testing.T) {
 	t.Parallel()
-	_, dsn := testpg.NewDatabase(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	dbA, dbB := open(t, dsn), open(t, dsn)
-	a, err := pgstore.OpenUsers(ctx, dbA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := pgstore.OpenUsers(ctx, dbB)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go dbB.Listen(ctx)
-	waitFor(t, "B's listener connected", func() bool { return dbB.Health() == nil })
+	a, b := twoUserStores(t, true)
 	en, err := a.Enroll("alice", "laptop", []string{"dev"}, time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -117,17 +104,7 @@ func TestSignedInAcrossInstances(t *testing.T) {
 // ErrOtherAccount.
 func TestBindUserAcrossInstances(t *testing.T) {
 	t.Parallel()
-	_, dsn := testpg.NewDatabase(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	a, err := pgstore.OpenUsers(ctx, open(t, dsn))
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := pgstore.OpenUsers(ctx, open(t, dsn))
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, b := twoUserStores(t, false)
 	var won, other atomic.Int32
 	var wg sync.WaitGroup
 	for i := range 8 {
@@ -158,20 +135,7 @@ func TestBindUserAcrossInstances(t *testing.T) {
 // and kept by a new key. Bad input: a scope TP does not know.
 func TestScopeAcrossInstances(t *testing.T) {
 	t.Parallel()
-	_, dsn := testpg.NewDatabase(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	dbA, dbB := open(t, dsn), open(t, dsn)
-	a, err := pgstore.OpenUsers(ctx, dbA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := pgstore.OpenUsers(ctx, dbB)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go dbB.Listen(ctx)
-	waitFor(t, "B's listener connected", func() bool { return dbB.Health() == nil })
+	a, b := twoUserStores(t, true)
 	en, err := a.Enroll("alice", "ci", nil, time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -197,16 +161,7 @@ func TestScopeAcrossInstances(t *testing.T) {
 // two of them deadlocked (SQLSTATE 40P01).
 func TestConcurrentEnroll(t *testing.T) {
 	t.Parallel()
-	_, dsn := testpg.NewDatabase(t)
-	ctx := context.Background()
-	a, err := pgstore.OpenUsers(ctx, open(t, dsn))
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := pgstore.OpenUsers(ctx, open(t, dsn))
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, b := twoUserStores(t, false)
 	errs := make(chan error, 16)
 	for i := range 16 {
 		s := a
@@ -232,16 +187,7 @@ func TestConcurrentEnroll(t *testing.T) {
 // name; a user that does not exist.
 func TestEnrollGrantAcrossInstances(t *testing.T) {
 	t.Parallel()
-	_, dsn := testpg.NewDatabase(t)
-	ctx := context.Background()
-	a, err := pgstore.OpenUsers(ctx, open(t, dsn))
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := pgstore.OpenUsers(ctx, open(t, dsn))
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, b := twoUserStores(t, false)
 	if _, err := a.Enroll("alice", "laptop", nil, time.Hour); err != nil {
 		t.Fatal(err)
 	}
@@ -287,4 +233,27 @@ func TestEnrollGrantAcrossInstances(t *testing.T) {
 	if _, err := a.EnrollGrant(users.Grant{User: "nobody", Device: "grant-dddd", PublicKey: []byte("k"), Scope: "expose:ci", Max: 2}); !errors.Is(err, users.ErrNotFound) {
 		t.Fatalf("a grant for a user that does not exist: %v; want ErrNotFound", err)
 	}
+}
+
+// twoUserStores opens the user store twice on one fresh database, as two
+// instances do; with listen, the second follows the first's writes through
+// the database's notifications.
+func twoUserStores(t *testing.T, listen bool) (a, b *pgstore.Users) {
+	t.Helper()
+	_, dsn := testpg.NewDatabase(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	dbA, dbB := open(t, dsn), open(t, dsn)
+	a, err := pgstore.OpenUsers(ctx, dbA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err = pgstore.OpenUsers(ctx, dbB); err != nil {
+		t.Fatal(err)
+	}
+	if listen {
+		go dbB.Listen(ctx)
+		waitFor(t, "B's listener connected", func() bool { return dbB.Health() == nil })
+	}
+	return a, b
 }
