@@ -40,12 +40,12 @@ func RequestGrant(ctx context.Context, home Home, req GrantRequest) (*Client, er
 	} else if !errors.Is(err, ErrNoProfile) {
 		return nil, err
 	}
+	if req.Server == "" || req.Fingerprint == "" {
+		return nil, errors.New("asking for a grant needs --server and --fingerprint (the server's base URL and CA fingerprint, as tpd prints them)")
+	}
 	server, err := ServerBaseURL(req.Server)
 	if err != nil {
 		return nil, err
-	}
-	if req.Fingerprint == "" {
-		return nil, errors.New("asking for a grant needs --server and --fingerprint (the server's CA fingerprint, as tpd prints it)")
 	}
 	if err := home.Init(); err != nil {
 		return nil, err
