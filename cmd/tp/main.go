@@ -100,6 +100,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	})
 	root.SuggestionsMinimumDistance = 2
 	root.SetFlagErrorFunc(cli.FlagError)
+	cli.HelpCommand(root)
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)

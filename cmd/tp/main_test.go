@@ -105,6 +105,24 @@ func TestUnknownFlagSuggestsOne(t *testing.T) {
 	}
 }
 
+// A mistyped help topic names the command meant and fails. Bad input: "tp
+// help forwrd". cobra printed tp's whole usage for it and exited 0.
+func TestHelpTopicMistake(t *testing.T) {
+	var out bytes.Buffer
+	err := run(context.Background(), []string{"help", "forwrd"}, nil, &out, &out)
+	want := `tp help: tp has no command "forwrd": did you mean "tp help forward"? (tp --help lists the commands)`
+	if err == nil || err.Error() != want {
+		t.Fatalf("tp help forwrd:\n  %v\nwant\n  %s", err, want)
+	}
+	if out.Len() != 0 {
+		t.Errorf("tp help forwrd also printed %q", out.String())
+	}
+	out.Reset()
+	if err := run(context.Background(), []string{"help", "forward"}, nil, &out, &out); err != nil || !strings.Contains(out.String(), "tp forward [--udp] LOCAL DEST") {
+		t.Errorf("tp help forward: %v, printed %q", err, out.String())
+	}
+}
+
 // A flag given a value it cannot take, or none, says what it takes. Bad input:
 // a duration without a unit, a port that is not a number, a flag with its
 // value left out. tp once said `invalid argument "abc" for "--public" flag:

@@ -3,5 +3,6 @@
 // (Positional, instead of cobra's "accepts 2 arg(s), received 1") and an
 // unknown flag answered with the command's flags it probably meant, and a
 // flag's bad or missing value with what it takes (FlagError, set with
-// cobra.Command.SetFlagErrorFunc).
+// cobra.Command.SetFlagErrorFunc), and a mistyped help topic answered with the
+// command it probably meant (HelpCommand).
 package cli
