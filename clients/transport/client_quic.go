@@ -573,10 +573,21 @@ func ExplainQUIC(err error, expiredAdvice func() string) error {
 		var ce *ClientCertError
 		errors.As(err, &ce)
 		return &explainedErr{msg: ce.Error(), err: err}
+	case errors.As(err, &ae) && ae.Remote:
+		// tpd closes a connection with a reason of its own words ("too many
+		// requests cancelled before their answer"); quic-go would say
+		// "Application error 0x1 (remote): …".
+		reason := ae.ErrorMessage
+		if reason == "" {
+			reason = "it gave no reason"
+		}
+		return &explainedErr{msg: fmt.Sprintf("the TP server closed the connection: %s (QUIC code %#x)", reason, uint64(ae.ErrorCode)), err: err}
+	case errors.As(err, &ae):
+		return &explainedErr{msg: "this client closed the connection", err: err}
 	case errors.As(err, new(*quic.IdleTimeoutError)):
-		return fmt.Errorf("the TP server stopped answering (network down, or the server is gone): %w", err)
+		return &explainedErr{msg: "the TP server stopped answering (network down, or the server is gone)", err: err}
 	case errors.As(err, new(*quic.StatelessResetError)):
-		return fmt.Errorf("the TP server no longer knows this connection; it probably restarted: %w", err)
+		return &explainedErr{msg: "the TP server no longer knows this connection; it probably restarted", err: err}
 	case errors.As(err, new(*quic.HandshakeTimeoutError)):
 		return fmt.Errorf("no QUIC answer from the TP server (is UDP blocked on this network? --transport tls avoids QUIC): %w", err)
 	}
