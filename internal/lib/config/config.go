@@ -553,7 +553,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	if err := v.ReadInConfig(); err != nil && !errors.Is(err, os.ErrNotExist) {
 		var nf viper.ConfigFileNotFoundError
 		if !errors.As(err, &nf) {
-			return Server{}, fmt.Errorf("config file %s: %w", file, err)
+			return Server{}, fileError(file, err)
 		}
 	}
 	if v.InConfig("database-password") {
@@ -671,4 +671,22 @@ func (s Server) QUICServerIDBytes() ([]byte, error) {
 		return nil, fmt.Errorf("quic-server-id %q must be 1 to 15 octets in hex (e.g. \"0a01\") or ip:ADDR", s.QUICServerID)
 	}
 	return b, nil
+}
+
+// fileError says what is wrong with the config file in a sentence that names
+// it, with YAML's line numbers and without viper's "While parsing config:".
+func fileError(file string, err error) error {
+	var pe viper.ConfigParseError
+	if !errors.As(err, &pe) || pe.Unwrap() == nil {
+		return fmt.Errorf("config file %s: %w", file, err)
+	}
+	msg := strings.TrimPrefix(pe.Unwrap().Error(), "yaml: ")
+	msg = strings.TrimPrefix(msg, "unmarshal errors:")
+	var lines []string
+	for _, l := range strings.Split(msg, "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			lines = append(lines, l)
+		}
+	}
+	return fmt.Errorf("config file %s is not valid YAML: %s", file, strings.Join(lines, "; "))
 }

@@ -70,16 +70,26 @@ func TestLoadServerPrecedence(t *testing.T) {
 	}
 }
 
-// A config file that is not YAML is an error naming the file, not a silent default.
+// A config file that is not YAML is an error naming the file and the line,
+// not a silent default. Bad input: an unclosed list, a key indented under a
+// scalar, a key given twice. tpd once said "config file F: While parsing
+// config: yaml: line 2: mapping values are not allowed in this context".
 func TestLoadServerBadFile(t *testing.T) {
-	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, FileName), []byte("listen: [unclosed"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("TP_DATA_DIR", dir)
-	_, err := LoadServer(nil)
-	if err == nil || !strings.Contains(err.Error(), FileName) {
-		t.Fatalf("malformed YAML: %v", err)
+	for _, tc := range []struct{ yaml, want string }{
+		{"listen: [unclosed", "is not valid YAML: line 1: did not find expected ',' or ']'"},
+		{"log-level: debug\n  bad: [\n", "is not valid YAML: line 2: mapping values are not allowed in this context"},
+		{"log-level: debug\nlog-level: info\n", `is not valid YAML: line 2: mapping key "log-level" already defined at line 1`},
+	} {
+		dir := t.TempDir()
+		file := filepath.Join(dir, FileName)
+		if err := os.WriteFile(file, []byte(tc.yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		t.Setenv("TP_DATA_DIR", dir)
+		_, err := LoadServer(nil)
+		if err == nil || !strings.HasPrefix(err.Error(), "config file "+file+" ") || !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "While parsing") {
+			t.Errorf("malformed YAML %q: %v; want the file and %q", tc.yaml, err, tc.want)
+		}
 	}
 }
 

@@ -402,7 +402,12 @@ func (c *Client) do(ctx context.Context, method, path string, body []byte, out a
 		return err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("tpd refused: %s", bytes.TrimSpace(data))
+		return &refusedError{msg: string(bytes.TrimSpace(data))}
 	}
 	return json.Unmarshal(data, out)
 }
+
+// refusedError is tpd's answer to a request it refused: its own sentence.
+type refusedError struct{ msg string }
+
+func (e *refusedError) Error() string { return "tpd refused: " + e.msg }

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/internal/lib/config"
 	"github.com/tp-proxy/tp/internal/server/users"
 )
 
@@ -147,5 +148,41 @@ func TestListenLeavesUmaskAlone(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, ".a*")); len(left) != 0 {
 		t.Fatalf("Listen left %v behind", left)
+	}
+}
+
+type reloadFunc func(context.Context) (ReloadResponse, error)
+
+func (f reloadFunc) Reload(ctx context.Context) (ReloadResponse, error) { return f(ctx) }
+
+// tpd reload of a tpd.yaml that is not YAML says that tpd kept its running
+// configuration, which line is wrong, and what to do. Bad input: a key
+// indented under a scalar. tpd reload once printed "tpd refused: config file
+// F: While parsing config: yaml: line 2: mapping values are not allowed in
+// this context".
+func TestReloadRefusalSays(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, config.FileName)
+	if err := os.WriteFile(file, []byte("log-level: debug\n  bad: [\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TP_DATA_DIR", dir)
+	sock := filepath.Join(dir, "admin.sock")
+	ln, err := Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reload := reloadFunc(func(context.Context) (ReloadResponse, error) {
+		_, err := config.LoadServer(nil)
+		return ReloadResponse{}, err
+	})
+	srv := &http.Server{Handler: (&Server{Reloader: reload}).Handler()}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+
+	_, err = NewClient(sock).Reload(context.Background())
+	want := "tpd kept its running configuration: config file " + file + " is not valid YAML: line 2: mapping values are not allowed in this context; fix that and run tpd reload again"
+	if err == nil || err.Error() != want {
+		t.Fatalf("reload of a broken tpd.yaml:\n\t%v\nwant\n\t%s", err, want)
 	}
 }

@@ -3,6 +3,8 @@ package admin
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"net/http"
 )
 
@@ -42,5 +44,8 @@ func (s *Server) reload(w http.ResponseWriter, r *http.Request) {
 func (c *Client) Reload(ctx context.Context) (ReloadResponse, error) {
 	var out ReloadResponse
 	err := c.do(ctx, http.MethodPost, "/v1/reload", nil, &out)
+	if re := (*refusedError)(nil); errors.As(err, &re) {
+		return out, fmt.Errorf("tpd kept its running configuration: %s; fix that and run tpd reload again", re.msg)
+	}
 	return out, err
 }
