@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/ecdsa"
 	"crypto/x509"
+	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -82,6 +84,10 @@ func TestExpiredCutAdvice(t *testing.T) {
 	}{
 		{"the QUIC connection's close", transport.ExplainQUIC(closed, d.expiredAdvice)},
 		{"the hello's answer", explainHelloErr(&wire.QUICConnError{Err: closed}, d.expiredAdvice)},
+		// tp forward --udp's flow ended by the connection's close: its line
+		// once read "Application error 0x4 (remote): client certificate
+		// expired; run dlogin".
+		{"a UDP flow's end", errors.New(flowEnd(&net.OpError{Op: "read", Net: "quic", Err: &wire.QUICConnError{Err: &quic.ApplicationError{Remote: true, ErrorCode: wire.QUICCertExpired, ErrorMessage: "client certificate expired; run dlogin"}}}, d))},
 	} {
 		msg := tc.err.Error()
 		if !strings.Contains(msg, "the client certificate expired") || !strings.Contains(msg, "tpd enroll alice --device laptop") || strings.Contains(msg, "tp renews it") {
@@ -143,6 +149,32 @@ func TestExpiredWithoutKeyHandshake(t *testing.T) {
 			if strings.Contains(msg, wrong) {
 				t.Errorf("over %s, the dial says %q: %q is not what happened", transport, msg, wrong)
 			}
+		}
+	}
+}
+
+// A UDP flow's end is said in TP's words whichever way the server ended it.
+// Bad input, as the flow's stream reports them: its reset for a revocation,
+// the connection closed for a shutdown and for a reason of tpd's own; each
+// once showed the stream's or quic-go's words ("read quic …: stream reset by
+// the peer", "Application error 0x3 (remote): server shutting down").
+func TestFlowEndWords(t *testing.T) {
+	op := func(err error) error { return &net.OpError{Op: "read", Net: "quic", Err: err} }
+	closed := func(code quic.ApplicationErrorCode, msg string) error {
+		return op(&wire.QUICConnError{Err: &quic.ApplicationError{Remote: true, ErrorCode: code, ErrorMessage: msg}})
+	}
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{op(wire.ResetError(wire.QUICRevoked)), "the flow was cut off by the TP server (revoked): this device, its user or its certificate was revoked on the TP server; ask your TP administrator"},
+		{closed(wire.QUICShutdown, "server shutting down"), "the flow was cut off by the TP server (shutdown): the TP server is shutting down; reconnect"},
+		{closed(wire.QUICInternal, "too many requests cancelled before their answer"), "the TP server closed the connection: too many requests cancelled before their answer (QUIC code 0x1)"},
+		{errFlowIdle, "idle"},
+		{context.Canceled, "forwarder stopped"},
+	} {
+		if got := flowEnd(tc.err, nil); got != tc.want {
+			t.Errorf("%v ends a flow as\n\t%s\nwant\n\t%s", tc.err, got, tc.want)
 		}
 	}
 }

@@ -10,6 +10,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -36,6 +39,10 @@ type UDPForwarder struct {
 	// QUICDropped, when set, reports the datagrams the QUIC connection's receive
 	// queue discarded so far ((*Dialer).QUICDatagramsDropped); flows log it.
 	QUICDropped func() int64
+	// Dialer, when Dial is its DialContext, says a flow's cut with this
+	// device's words: its name, and what to do about an expired certificate
+	// (renew, or be enrolled again without the device key).
+	Dialer *Dialer
 
 	dropped atomic.Int64
 }
@@ -235,23 +242,7 @@ func (f *UDPForwarder) runFlow(ctx context.Context, log *slog.Logger, pc net.Pac
 	_ = conn.Close()
 	e.cancel(err) // the other direction waits for the source's next datagram otherwise
 	<-ends
-	end := "closed"
-	code, reset := wire.StreamResetCode(err)
-	switch {
-	case errors.Is(err, errFlowIdle), errors.Is(err, errFlowEvicted):
-		end = err.Error()
-	case errors.Is(err, context.Canceled):
-		end = "forwarder stopped"
-	case reset && code != wire.QUICNoError:
-		// The server (or the other end, through it) cut the flow, and its code
-		// says why: said as a cut session's end is.
-		end = "the flow was cut off by the TP server (" + wire.EndName(code) + "): " + resetText(code, nil)
-	case err != nil && !wire.IsNormalEnd(err):
-		end = err.Error()
-	default:
-		end = "ended by the TP server"
-	}
-	attrs = append(attrs, "duration", time.Since(start), "end", end)
+	attrs = append(attrs, "duration", time.Since(start), "end", flowEnd(err, f.Dialer))
 	if flow != nil {
 		st := flow.Stats()
 		attrs = append(attrs, "datagrams_up", st.DatagramsOut, "datagrams_down", st.DatagramsIn)
@@ -274,4 +265,28 @@ func (f *UDPForwarder) runFlow(ctx context.Context, log *slog.Logger, pc net.Pac
 		}
 	}
 	log.Info("udp flow", attrs...)
+}
+
+// flowEnd says how a flow ended, from the error that ended it.
+func flowEnd(err error, d *Dialer) string {
+	code, reset := wire.StreamResetCode(err)
+	var closed *quic.ApplicationError
+	switch {
+	case errors.Is(err, errFlowIdle), errors.Is(err, errFlowEvicted):
+		return err.Error()
+	case errors.Is(err, context.Canceled):
+		return "forwarder stopped"
+	case reset && code != wire.QUICNoError:
+		// The server (or the other end, through it) cut the flow, and its code
+		// says why: said as a cut session's end is.
+	case errors.As(err, &closed) && closed.Remote && closed.ErrorCode != wire.QUICNoError && wire.EndName(closed.ErrorCode) != wire.EndInternal:
+		// The server closed the whole QUIC connection for a reason of TP's
+		// (shutdown, an expired certificate), which ends every flow on it.
+		code = closed.ErrorCode
+	case err != nil && !wire.IsNormalEnd(err):
+		return transport.ExplainQUIC(err, d.expiredAdvice).Error()
+	default:
+		return "ended by the TP server"
+	}
+	return "the flow was cut off by the TP server (" + wire.EndName(code) + "): " + resetText(code, d)
 }

@@ -269,6 +269,7 @@ func forwardUDP(ctx context.Context, c *clients.Client, d *clients.Dialer, liste
 		IdleTimeout: idle,
 		Logger:      d.Logger,
 		QUICDropped: d.QUICDatagramsDropped,
+		Dialer:      d,
 	}
 	err = f.Serve(ctx, pc)
 	if errors.Is(err, context.Canceled) || ctx.Err() != nil {

@@ -62,14 +62,15 @@ func TestSessionEndMessages(t *testing.T) {
 		// Bad input: the device is revoked while tp forward --udp relays a
 		// flow. Its line once came only at the source's next datagram or at
 		// tp's stop, and read `end="read quic [::]:PORT->ADDR: stream reset
-		// by the peer: the device, its user or its certificate was revoked"`.
+		// by the peer: the device, its user or its certificate was revoked"`;
+		// later it lacked the device's name, which a session's cut gives.
 		srv := startServer(t, udpDialPolicy)
 		env := srv.login(t, "alice", "laptop")
 		local, log := startForward(t, env, testnet.EchoUDP(t), "--udp")
 		udpEchoE2E(t, local, "before the revocation")
 		run(t, nil, binary("tpd"), "revoke", "--device", "alice@laptop", "--data-dir", srv.DataDir)
 		line := waitLine(t, log, `msg="udp flow"`, 30*time.Second)
-		for _, want := range []string{"the flow was cut off by the TP server (revoked)", "was revoked on the TP server", "ask your TP administrator"} {
+		for _, want := range []string{"the flow was cut off by the TP server (revoked)", "this device (alice@laptop)", "was revoked on the TP server", "ask your TP administrator"} {
 			if !strings.Contains(line, want) {
 				t.Errorf("the flow's line does not say %q:\n%s", want, line)
 			}
