@@ -67,7 +67,7 @@ func (e *Enroller) grant(w http.ResponseWriter, r *http.Request) {
 		max = DefaultMaxGrants
 	}
 	g, err := e.Users.EnrollGrant(users.Grant{User: dev.User, Device: "grant-" + strings.ToLower(strings.ReplaceAll(login.GrantCode(appKey), "-", "")),
-		PublicKey: appKey, Scope: scope, Max: max, Revoked: e.deniedID})
+		By: dev.ID, PublicKey: appKey, Scope: scope, Max: max, Revoked: e.deniedID})
 	if err == nil && e.deniedID(g.ID) {
 		err = users.ErrDeviceRevoked // revoked by tpd revoke --device (the deny list)
 	}

@@ -48,6 +48,11 @@ func Verify(leaf *x509.Certificate, deny *DenyList, dir Directory) (Identity, er
 	if reason, denied := deny.Denies(id); denied {
 		return Identity{}, &revokedError{reason}
 	}
+	if g, ok := dir.(Granter); ok {
+		if reason, denied := deny.DeniesApprover(id, g.GrantedBy(id.DeviceID)); denied {
+			return Identity{}, &revokedError{reason}
+		}
+	}
 	if dir == nil {
 		return Identity{}, fmt.Errorf("no device directory is configured, so %s cannot be checked; the connection was refused", id)
 	}

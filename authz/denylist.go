@@ -125,6 +125,16 @@ func (d *DenyList) Denies(id Identity) (reason string, denied bool) {
 	return "", false
 }
 
+// DeniesApprover reports whether the device that approved id's grant
+// (approver, "" for a device not granted) is on the list, and if so, why:
+// a grant is revoked with its approver (Granter).
+func (d *DenyList) DeniesApprover(id Identity, approver string) (reason string, denied bool) {
+	if d == nil || approver == "" || !d.Contains(DenyDevice, approver) {
+		return "", false
+	}
+	return fmt.Sprintf("device %s was granted by %s, which has been revoked, and the grant ended with it; the application must ask again and a person approve it", id.DeviceID, approver), true
+}
+
 // Replace makes the list hold exactly entries, in one step: a reader sees the
 // old list or the new one, never a mix. tpd uses it when the list is reloaded
 // from a database that another tpd changed.

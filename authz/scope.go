@@ -83,6 +83,15 @@ type Scoper interface {
 	Scope(deviceID string) Scope
 }
 
+// Granter is implemented by a Directory that knows which device approved a
+// granted one (a credential a person gave an application): a grant lives as
+// long as its approver, so Verify refuses it once the approver is on the deny
+// list (the directory's Lookup refuses it once the approver is revoked there).
+type Granter interface {
+	// GrantedBy is the approving device's ID, "" for a device not granted.
+	GrantedBy(deviceID string) string
+}
+
 // dnsLabel reports whether l is one lower-case DNS label, as reverse names'
 // labels are.
 func dnsLabel(l string) bool {

@@ -312,6 +312,12 @@ func usersCmd(stdout io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			revoked := map[string]bool{} // device ID → revoked: a grant is revoked with its approver
+			for _, u := range list {
+				for _, dv := range u.Devices {
+					revoked[dv.ID] = dv.Revoked || u.Revoked
+				}
+			}
 			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "USER\tGROUPS\tDEVICE\tSTATUS\tLAST LOGIN")
 			for _, u := range list {
@@ -335,11 +341,16 @@ func usersCmd(stdout io.Writer) *cobra.Command {
 						status = "user disabled"
 					case dv.Revoked:
 						status = since("revoked", dv.RevokedAt)
+					case dv.GrantedBy != "" && approverGone(revoked, dv.GrantedBy):
+						status = "revoked with its approver"
 					case len(dv.PublicKey) == 0 && dv.LastLogin.IsZero():
 						status = "awaiting dlogin"
 					}
 					if dv.Scope != "" {
 						status += ", scope " + string(dv.Scope)
+					}
+					if dv.GrantedBy != "" {
+						status += ", granted by " + dv.GrantedBy
 					}
 					last := "-"
 					if !dv.LastLogin.IsZero() {
@@ -403,4 +414,11 @@ func versionCmd(stdout io.Writer) *cobra.Command {
 		Args:  cobra.NoArgs,
 		Run:   func(*cobra.Command, []string) { fmt.Fprintln(stdout, "tpd", tpd.Version) },
 	}
+}
+
+// approverGone says whether a grant's approver is revoked or gone, given each
+// listed device's revocation.
+func approverGone(revoked map[string]bool, approver string) bool {
+	r, known := revoked[approver]
+	return r || !known
 }

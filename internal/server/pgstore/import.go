@@ -103,12 +103,12 @@ func (db *DB) Import(ctx context.Context, in Import) (ImportResult, error) {
 			if _, err := tx.Exec(ctx, "INSERT INTO tp_users (name) VALUES ($1) ON CONFLICT DO NOTHING", d.User); err != nil {
 				return err
 			}
-			if _, err := tx.Exec(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key, created, last_login, revoked, revoked_at, sso_subject, scope)
-				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+			if _, err := tx.Exec(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key, created, last_login, revoked, revoked_at, sso_subject, scope, granted_by)
+				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 				ON CONFLICT (id) DO UPDATE SET user_name = excluded.user_name, name = excluded.name, public_key = excluded.public_key,
 					created = excluded.created, last_login = excluded.last_login, revoked = excluded.revoked, revoked_at = excluded.revoked_at,
-					sso_subject = excluded.sso_subject, scope = excluded.scope`,
-				d.ID, d.User, d.Name, nilIfEmpty(d.PublicKey), d.Created, nilIfZero(d.LastLogin), d.Revoked, nilIfZero(d.RevokedAt), d.SSOSubject, string(d.Scope)); err != nil {
+					sso_subject = excluded.sso_subject, scope = excluded.scope, granted_by = excluded.granted_by`,
+				d.ID, d.User, d.Name, nilIfEmpty(d.PublicKey), d.Created, nilIfZero(d.LastLogin), d.Revoked, nilIfZero(d.RevokedAt), d.SSOSubject, string(d.Scope), d.GrantedBy); err != nil {
 				return err
 			}
 			res.Devices++

@@ -142,6 +142,9 @@ var migrations = []string{
 	// 13: a device's scope (authz.Scope), which narrows what it may do before
 	// the policy is asked: '' for none.
 	`ALTER TABLE tp_devices ADD COLUMN scope text NOT NULL DEFAULT '';`,
+	// 14: the device that approved a granted one (users.Device.GrantedBy):
+	// '' for a device not granted.
+	`ALTER TABLE tp_devices ADD COLUMN granted_by text NOT NULL DEFAULT '';`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/server/pgstore"
 	"github.com/tp-proxy/tp/internal/server/users"
 	"github.com/tp-proxy/tp/internal/testkit/testpg"
@@ -191,7 +193,7 @@ func TestEnrollGrantAcrossInstances(t *testing.T) {
 	if _, err := a.Enroll("alice", "laptop", nil, time.Hour); err != nil {
 		t.Fatal(err)
 	}
-	g := users.Grant{User: "alice", Device: "grant-aaaa", PublicKey: []byte("app key"), Scope: "expose:ci", Max: 2}
+	g := users.Grant{User: "alice", By: "alice@laptop", Device: "grant-aaaa", PublicKey: []byte("app key"), Scope: "expose:ci", Max: 2}
 	devs := make(chan error, 8)
 	for i := range 8 {
 		s := a
@@ -219,19 +221,33 @@ func TestEnrollGrantAcrossInstances(t *testing.T) {
 	if _, err := b.EnrollGrant(other); !errors.Is(err, users.ErrDeviceExists) {
 		t.Fatalf("another key under a taken grant name: %v; want ErrDeviceExists", err)
 	}
-	second := users.Grant{User: "alice", Device: "grant-bbbb", PublicKey: []byte("key 2"), Scope: "expose:ci", Max: 2}
+	second := users.Grant{User: "alice", By: "alice@laptop", Device: "grant-bbbb", PublicKey: []byte("key 2"), Scope: "expose:ci", Max: 2}
 	if _, err := b.EnrollGrant(second); err != nil {
 		t.Fatal(err)
 	}
-	third := users.Grant{User: "alice", Device: "grant-cccc", PublicKey: []byte("key 3"), Scope: "expose:ci", Max: 2}
+	third := users.Grant{User: "alice", By: "alice@laptop", Device: "grant-cccc", PublicKey: []byte("key 3"), Scope: "expose:ci", Max: 2}
 	if _, err := a.EnrollGrant(third); !errors.Is(err, users.ErrTooManyDevices) {
 		t.Fatalf("a third grant with room for two: %v; want ErrTooManyDevices", err)
 	}
-	if _, err := b.EnrollGrant(users.Grant{User: "alice", Device: "grant-ffff", PublicKey: []byte("app key"), Scope: "expose:ci", Max: 9}); !errors.Is(err, users.ErrKeyInUse) {
+	if _, err := b.EnrollGrant(users.Grant{User: "alice", By: "alice@laptop", Device: "grant-ffff", PublicKey: []byte("app key"), Scope: "expose:ci", Max: 9}); !errors.Is(err, users.ErrKeyInUse) {
 		t.Fatalf("a second grant of a key a device holds: %v; want ErrKeyInUse", err)
 	}
-	if _, err := a.EnrollGrant(users.Grant{User: "nobody", Device: "grant-dddd", PublicKey: []byte("k"), Scope: "expose:ci", Max: 2}); !errors.Is(err, users.ErrNotFound) {
+	if _, err := a.EnrollGrant(users.Grant{User: "nobody", By: "nobody@laptop", Device: "grant-dddd", PublicKey: []byte("k"), Scope: "expose:ci", Max: 2}); !errors.Is(err, users.ErrNotFound) {
 		t.Fatalf("a grant for a user that does not exist: %v; want ErrNotFound", err)
+	}
+	// A grant is revoked with its approver, on every instance: B's Lookup
+	// refuses it once A revoked the approver, naming it.
+	if by := b.GrantedBy("alice@grant-aaaa"); by != "alice@laptop" {
+		t.Fatalf("GrantedBy on B = %q, want alice@laptop", by)
+	}
+	if err := a.RevokeDevice("alice@laptop"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Reload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Lookup("alice@grant-aaaa"); !errors.Is(err, authz.ErrRevoked) || !strings.Contains(err.Error(), "granted by alice@laptop, which has been revoked") {
+		t.Fatalf("a grant whose approver was revoked, on B: %v; want ErrRevoked naming the approver", err)
 	}
 }
 

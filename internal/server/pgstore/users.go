@@ -67,11 +67,11 @@ func (u *Users) Reload(ctx context.Context) error {
 		if err := rows.Err(); err != nil {
 			return err
 		}
-		rows, _ = tx.Query(ctx, `SELECT id, user_name, name, coalesce(public_key, ''), created, last_login, revoked, revoked_at, sso_subject, scope FROM tp_devices`)
+		rows, _ = tx.Query(ctx, `SELECT id, user_name, name, coalesce(public_key, ''), created, last_login, revoked, revoked_at, sso_subject, scope, granted_by FROM tp_devices`)
 		for rows.Next() {
 			d := &users.Device{}
 			var last, revokedAt *time.Time
-			if err := rows.Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &last, &d.Revoked, &revokedAt, &d.SSOSubject, &d.Scope); err != nil {
+			if err := rows.Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &last, &d.Revoked, &revokedAt, &d.SSOSubject, &d.Scope, &d.GrantedBy); err != nil {
 				return err
 			}
 			d.Created = d.Created.UTC()
@@ -374,8 +374,8 @@ func (u *Users) EnrollGrant(g users.Grant) (users.Device, error) {
 			return err
 		}
 		var have users.Device
-		err := tx.QueryRow(ctx, "SELECT id, user_name, name, coalesce(public_key, ''), created, revoked, scope FROM tp_devices WHERE id = $1", id).
-			Scan(&have.ID, &have.User, &have.Name, &have.PublicKey, &have.Created, &have.Revoked, &have.Scope)
+		err := tx.QueryRow(ctx, "SELECT id, user_name, name, coalesce(public_key, ''), created, revoked, scope, granted_by FROM tp_devices WHERE id = $1", id).
+			Scan(&have.ID, &have.User, &have.Name, &have.PublicKey, &have.Created, &have.Revoked, &have.Scope, &have.GrantedBy)
 		switch {
 		case err == nil && string(have.PublicKey) == string(g.PublicKey) && have.Scope == g.Scope && !have.Revoked:
 			d, d.Created = have, have.Created.UTC()
@@ -410,9 +410,9 @@ func (u *Users) EnrollGrant(g users.Grant) (users.Device, error) {
 		if n >= g.Max {
 			return fmt.Errorf("user %s has %d scoped devices: %w", g.User, n, users.ErrTooManyDevices)
 		}
-		err = tx.QueryRow(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key, scope) VALUES ($1, $2, $3, $4, $5)
-			ON CONFLICT (id) DO NOTHING RETURNING id, user_name, name, public_key, created, scope`, id, g.User, g.Device, g.PublicKey, string(g.Scope)).
-			Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &d.Scope)
+		err = tx.QueryRow(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key, scope, granted_by) VALUES ($1, $2, $3, $4, $5, $6)
+			ON CONFLICT (id) DO NOTHING RETURNING id, user_name, name, public_key, created, scope, granted_by`, id, g.User, g.Device, g.PublicKey, string(g.Scope), g.By).
+			Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &d.Scope, &d.GrantedBy)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("device %s: %w", id, users.ErrDeviceExists) // another instance made it since the look above
 		}
@@ -498,7 +498,15 @@ func (u *Users) SetScope(id string, scope authz.Scope) error {
 	return u.update(id, "UPDATE tp_devices SET scope = $2 WHERE id = $1", "set the scope of "+id, string(scope))
 }
 
-// Scope implements authz.Scoper.
+// GrantedBy implements authz.Granter, from the snapshot.
+func (u *Users) GrantedBy(deviceID string) string {
+	if d := u.snap.Load().devices[deviceID]; d != nil {
+		return d.GrantedBy
+	}
+	return ""
+}
+
+// Scope implements authz.Scoper, from the snapshot.
 func (u *Users) Scope(deviceID string) authz.Scope {
 	if d := u.snap.Load().devices[deviceID]; d != nil {
 		return d.Scope
@@ -558,6 +566,9 @@ func (u *Users) Lookup(deviceID string) ([]string, error) {
 	}
 	if d.Revoked {
 		return nil, fmt.Errorf("device %s: %w", deviceID, authz.ErrRevoked)
+	}
+	if err := users.ApproverGone(d, s.devices[d.GrantedBy]); err != nil {
+		return nil, err
 	}
 	x := s.users[d.User]
 	if x == nil {

@@ -187,7 +187,11 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	enroller := &acme.Enroller{PKI: d.pki, CA: d.ca, Users: d.users, Logger: log,
 		ReverseOwner: func(host string) (string, bool) { return d.proxy.ReverseOwner(host) },
 		Denied: func(dev users.Device) (string, bool) {
-			return d.authz.DenyList.Denies(authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name})
+			id := authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name}
+			if reason, denied := d.authz.DenyList.Denies(id); denied {
+				return reason, true
+			}
+			return d.authz.DenyList.DeniesApprover(id, dev.GrantedBy) // a grant is revoked with its approver
 		},
 		CheckCertificate: func(leaf *x509.Certificate) error {
 			_, err := d.verifyClient(leaf, nil)

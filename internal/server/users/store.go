@@ -78,6 +78,10 @@ type Device struct {
 	// (authz.Scope): "" for none, "expose:LABEL" for a credential that may
 	// only keep LABEL exposed. Enrolling the device again keeps it.
 	Scope authz.Scope `json:"scope,omitempty"`
+	// GrantedBy is the device whose person approved this one's grant
+	// (Store.EnrollGrant), "" for a device enrolled otherwise. A grant lives
+	// as long as its approver: revoking that device ends it.
+	GrantedBy string `json:"granted_by,omitempty"`
 }
 
 type token struct {
@@ -101,6 +105,10 @@ type Store interface {
 	// Scope is a device's scope (authz.Scoper): the policy's Authorizer reads
 	// it at every decision.
 	authz.Scoper
+	// GrantedBy is the device that approved a granted one (authz.Granter):
+	// Lookup refuses a grant whose approver is revoked in the store, and
+	// authz.Verify one whose approver is on tpd's deny list.
+	authz.Granter
 	// Enroll creates the user if needed (setting groups when given), reserves
 	// the device name and returns a one-time token that binds a device key to
 	// user@device. Enrolling an existing device again lets its owner replace
@@ -344,8 +352,11 @@ func (s *File) UnbindUser(user string) (string, error) {
 // Grant is a device an approval creates for an application (Store.EnrollGrant).
 type Grant struct {
 	User, Device string
-	PublicKey    []byte // PKIX DER of the application's key
-	Scope        authz.Scope
+	// By is the approving device's ID, one of User's: the grant is revoked
+	// with it.
+	By        string
+	PublicKey []byte // PKIX DER of the application's key
+	Scope     authz.Scope
 	// Max bounds the user's scoped devices that are not revoked, this one
 	// included; at least 1.
 	Max int
@@ -371,6 +382,9 @@ func CheckGrant(g Grant) error {
 	}
 	if len(g.PublicKey) == 0 {
 		return errors.New("no key to enrol")
+	}
+	if u, _, err := authz.SplitDeviceID(g.By); err != nil || u != g.User {
+		return fmt.Errorf("a grant needs its approver, a device of user %s, not %q", g.User, g.By)
 	}
 	if sc, err := authz.ParseScope(string(g.Scope)); err != nil || sc == "" {
 		return fmt.Errorf("a grant needs a scope: %v", err)
@@ -418,7 +432,7 @@ func (s *File) EnrollGrant(g Grant) (Device, error) {
 	if n >= g.Max {
 		return Device{}, fmt.Errorf("user %s has %d scoped devices: %w", g.User, n, ErrTooManyDevices)
 	}
-	d := &Device{ID: id, User: g.User, Name: g.Device, Created: s.now(), PublicKey: slices.Clone(g.PublicKey), Scope: g.Scope}
+	d := &Device{ID: id, User: g.User, Name: g.Device, Created: s.now(), PublicKey: slices.Clone(g.PublicKey), Scope: g.Scope, GrantedBy: g.By}
 	s.st.Devices[id] = d
 	if err := s.saveLocked(); err != nil {
 		delete(s.st.Devices, id)
@@ -563,6 +577,9 @@ func (s *File) Lookup(deviceID string) ([]string, error) {
 	if d.Revoked {
 		return nil, fmt.Errorf("device %s: %w", deviceID, authz.ErrRevoked)
 	}
+	if err := ApproverGone(d, s.st.Devices[d.GrantedBy]); err != nil {
+		return nil, err
+	}
 	u := s.st.Users[d.User]
 	if u == nil {
 		return nil, fmt.Errorf("user %s of device %s no longer exists: %w", d.User, deviceID, authz.ErrUnknownDevice)
@@ -571,6 +588,32 @@ func (s *File) Lookup(deviceID string) ([]string, error) {
 		return nil, fmt.Errorf("user %s is disabled: %w", d.User, authz.ErrRevoked)
 	}
 	return slices.Clone(u.Groups), nil
+}
+
+// GrantedBy implements authz.Granter.
+func (s *File) GrantedBy(deviceID string) string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if d := s.st.Devices[deviceID]; d != nil {
+		return d.GrantedBy
+	}
+	return ""
+}
+
+// ApproverGone says why a granted device may no longer connect when the
+// device that approved it (approver; nil when the store has none of that ID)
+// is revoked or gone: a grant is revoked with its approver. Nil for a device
+// that was not granted, or whose approver is live.
+func ApproverGone(d *Device, approver *Device) error {
+	switch {
+	case d.GrantedBy == "":
+		return nil
+	case approver == nil:
+		return fmt.Errorf("device %s was granted by %s, which no longer exists, and the grant ended with it: %w", d.ID, d.GrantedBy, authz.ErrRevoked)
+	case approver.Revoked:
+		return fmt.Errorf("device %s was granted by %s, which has been revoked, and the grant ended with it: %w", d.ID, d.GrantedBy, authz.ErrRevoked)
+	}
+	return nil
 }
 
 // Scope is the device's scope ("" when it has none or is unknown).

@@ -201,7 +201,7 @@ func TestEnrollGrant(t *testing.T) {
 	if _, err := s.Enroll("alice", "laptop", nil, time.Hour); err != nil {
 		t.Fatal(err)
 	}
-	g := Grant{User: "alice", Device: "grant-aaaa", PublicKey: []byte("app key"), Scope: "expose:ci", Max: 2}
+	g := Grant{User: "alice", By: "alice@laptop", Device: "grant-aaaa", PublicKey: []byte("app key"), Scope: "expose:ci", Max: 2}
 	errs := make(chan error, 8)
 	for range 8 {
 		go func() { _, err := s.EnrollGrant(g); errs <- err }()
@@ -219,22 +219,41 @@ func TestEnrollGrant(t *testing.T) {
 	if _, err := s.EnrollGrant(other); !errors.Is(err, ErrDeviceExists) {
 		t.Fatalf("another key under the name: %v; want ErrDeviceExists", err)
 	}
-	if _, err := s.EnrollGrant(Grant{User: "alice", Device: "grant-bbbb", PublicKey: []byte("k2"), Scope: "expose:ci", Max: 2}); err != nil {
+	if _, err := s.EnrollGrant(Grant{User: "alice", By: "alice@laptop", Device: "grant-bbbb", PublicKey: []byte("k2"), Scope: "expose:ci", Max: 2}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.EnrollGrant(Grant{User: "alice", Device: "grant-cccc", PublicKey: []byte("k3"), Scope: "expose:ci", Max: 2}); !errors.Is(err, ErrTooManyDevices) {
+	if _, err := s.EnrollGrant(Grant{User: "alice", By: "alice@laptop", Device: "grant-cccc", PublicKey: []byte("k3"), Scope: "expose:ci", Max: 2}); !errors.Is(err, ErrTooManyDevices) {
 		t.Fatalf("a third grant with room for two: %v; want ErrTooManyDevices", err)
 	}
 	if err := s.RevokeDevice("alice@grant-bbbb"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.EnrollGrant(Grant{User: "alice", Device: "grant-cccc", PublicKey: []byte("k3"), Scope: "expose:ci", Max: 2}); err != nil {
+	if _, err := s.EnrollGrant(Grant{User: "alice", By: "alice@laptop", Device: "grant-cccc", PublicKey: []byte("k3"), Scope: "expose:ci", Max: 2}); err != nil {
 		t.Fatalf("a grant once a revoked one freed its room: %v", err)
 	}
-	if _, err := s.EnrollGrant(Grant{User: "nobody", Device: "grant-dddd", PublicKey: []byte("k4"), Scope: "expose:ci", Max: 2}); !errors.Is(err, ErrNotFound) {
+	if _, err := s.EnrollGrant(Grant{User: "nobody", By: "nobody@laptop", Device: "grant-dddd", PublicKey: []byte("k4"), Scope: "expose:ci", Max: 2}); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("a grant for a user that does not exist: %v; want ErrNotFound", err)
 	}
-	if _, err := s.EnrollGrant(Grant{User: "alice", Device: "grant-eeee", PublicKey: []byte("k5"), Max: 2}); err == nil {
+	if _, err := s.EnrollGrant(Grant{User: "alice", By: "alice@laptop", Device: "grant-eeee", PublicKey: []byte("k5"), Max: 2}); err == nil {
 		t.Fatal("a grant without a scope was made")
+	}
+	if _, err := s.EnrollGrant(Grant{User: "alice", By: "bob@laptop", Device: "grant-eeee", PublicKey: []byte("k5"), Scope: "expose:ci", Max: 9}); err == nil {
+		t.Fatal("a grant approved by another user's device was made")
+	}
+
+	// A grant is revoked with its approver: Lookup refuses it, saying so, and
+	// GrantedBy names the approver for the deny list's check.
+	if by := s.GrantedBy("alice@grant-aaaa"); by != "alice@laptop" {
+		t.Fatalf("GrantedBy = %q, want alice@laptop", by)
+	}
+	if _, err := s.Lookup("alice@grant-aaaa"); err != nil {
+		t.Fatalf("a grant whose approver is live: %v", err)
+	}
+	if err := s.RevokeDevice("alice@laptop"); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Lookup("alice@grant-aaaa")
+	if !errors.Is(err, authz.ErrRevoked) || !strings.Contains(err.Error(), "granted by alice@laptop, which has been revoked") {
+		t.Fatalf("a grant whose approver was revoked: %v; want ErrRevoked naming the approver", err)
 	}
 }

@@ -60,57 +60,8 @@ func TestGrantFlow(t *testing.T) {
 	carol := srv.login(t, "carol", "pc")
 	app := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "app-home")}
 
-	cmd := command(binary("tp"), "expose", "ci", echo, "--allow-user", "bob",
+	next := startGrantApp(t, app, "expose", "ci", echo, "--allow-user", "bob",
 		"--request", "--server", srv.URL, "--fingerprint", srv.Fingerprint, "--app", "ci job")
-	cmd.Env = append(os.Environ(), app...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	log := &testlog.Buffer{}
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
-		if t.Failed() {
-			t.Logf("the application's log:\n%s", log.String())
-		}
-	})
-	lines := make(chan string, 100)
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			log.Write([]byte(sc.Text() + "\n"))
-			lines <- sc.Text()
-		}
-		close(lines)
-	}()
-	next := func(what string, match func(string) bool) string {
-		t.Helper()
-		timeout := time.After(60 * time.Second)
-		for {
-			select {
-			case l, ok := <-lines:
-				if !ok {
-					t.Fatalf("the application exited before %s:\n%s", what, log.String())
-				}
-				if match(l) {
-					return l
-				}
-			case <-timeout:
-				t.Fatalf("no %s within 60s:\n%s", what, log.String())
-			}
-		}
-	}
 	codeLine := next("the code", func(l string) bool { return strings.HasPrefix(l, "Code ") })
 	code := regexp.MustCompile(`^Code ([A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4})\.`).FindStringSubmatch(codeLine)
 	if code == nil {
@@ -168,10 +119,86 @@ func TestGrantFlow(t *testing.T) {
 	if users := run(t, nil, binary("tpd"), "users", "--data-dir", srv.DataDir); !strings.Contains(users, strings.TrimPrefix(device[1], "alice@")) || !strings.Contains(users, "scope expose:ci") {
 		t.Fatalf("tpd users does not list the grant:\n%s", users)
 	}
-	// Revoking the grant ends the application's exposure at once.
+	// A grant lives as long as the device that approved it: revoking
+	// alice@laptop ends the application's exposure at once and says why.
+	run(t, nil, binary("tpd"), "revoke", "--device", "alice@laptop", "--data-dir", srv.DataDir)
+	next("the end of the exposure with its approver", func(l string) bool {
+		return strings.Contains(l, "granted by alice@laptop, which has been revoked")
+	})
+	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci.rev.tp.internal", echoPort); err == nil {
+		t.Fatalf("bob reached ci after its grant's approver was revoked: %q", got)
+	}
+	if users := run(t, nil, binary("tpd"), "users", "--data-dir", srv.DataDir); !regexp.MustCompile(strings.TrimPrefix(device[1], "alice@") + `\s+revoked with its approver, scope expose:ci, granted by alice@laptop`).MatchString(users) {
+		t.Fatalf("tpd users does not show the grant revoked with its approver:\n%s", users)
+	}
+
+	// The approver back, the grant works again; revoking the grant itself
+	// ends the application's exposure at once.
+	run(t, nil, binary("tpd"), "revoke", "--remove", "--device", "alice@laptop", "--data-dir", srv.DataDir)
+	next = startGrantApp(t, app, "expose", "ci", echo, "--allow-user", "bob")
+	next("the registration again", func(l string) bool {
+		return strings.HasPrefix(l, "Exposing ") && strings.Contains(l, "ci.rev.tp.internal")
+	})
 	run(t, nil, binary("tpd"), "revoke", "--device", device[1], "--data-dir", srv.DataDir)
 	next("the end of the exposure", func(l string) bool { return strings.Contains(l, "revoked") })
 	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci.rev.tp.internal", echoPort); err == nil {
 		t.Fatalf("bob reached ci after its grant was revoked: %q", got)
+	}
+}
+
+// startGrantApp runs tp with args as the application whose home env names, and
+// returns next, which waits (up to 60 s) for the first line of its log that
+// match accepts. The process is stopped at the test's end.
+func startGrantApp(t *testing.T, env []string, args ...string) (next func(what string, match func(string) bool) string) {
+	t.Helper()
+	cmd := command(binary("tp"), args...)
+	cmd.Env = append(os.Environ(), env...)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	log := &testlog.Buffer{}
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+		if t.Failed() {
+			t.Logf("the application's log (tp %s):\n%s", strings.Join(args, " "), log.String())
+		}
+	})
+	lines := make(chan string, 100)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			log.Write([]byte(sc.Text() + "\n"))
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	return func(what string, match func(string) bool) string {
+		t.Helper()
+		timeout := time.After(60 * time.Second)
+		for {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					t.Fatalf("the application exited before %s:\n%s", what, log.String())
+				}
+				if match(l) {
+					return l
+				}
+			case <-timeout:
+				t.Fatalf("no %s within 60s:\n%s", what, log.String())
+			}
+		}
 	}
 }
