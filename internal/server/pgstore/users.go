@@ -33,7 +33,8 @@ var _ users.Store = (*Users)(nil)
 type userSnap struct {
 	users   map[string]*users.User
 	devices map[string]*users.Device
-	tokens  map[string][]time.Time // pending tokens' expiry by user
+	tokens  map[string][]time.Time   // pending tokens' expiry by user
+	byKey   map[string]*users.Device // devices by key (DeviceByKey)
 }
 
 // OpenUsers loads the user store and keeps it in step with other instances
@@ -51,7 +52,7 @@ func OpenUsers(ctx context.Context, db *DB) (*Users, error) {
 func (u *Users) Reload(ctx context.Context) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	s := &userSnap{users: map[string]*users.User{}, devices: map[string]*users.Device{}, tokens: map[string][]time.Time{}}
+	s := &userSnap{users: map[string]*users.User{}, devices: map[string]*users.Device{}, tokens: map[string][]time.Time{}, byKey: map[string]*users.Device{}}
 	err := pgx.BeginTxFunc(ctx, u.db.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
 		rows, _ := tx.Query(ctx, `SELECT u.name, u.created, u.disabled, u.sso_subject,
 			coalesce(array_agg(g.group_name ORDER BY g.group_name) FILTER (WHERE g.group_name IS NOT NULL), '{}')
@@ -83,6 +84,8 @@ func (u *Users) Reload(ctx context.Context) error {
 			}
 			if len(d.PublicKey) == 0 {
 				d.PublicKey = nil
+			} else {
+				s.byKey[string(d.PublicKey)] = d
 			}
 			s.devices[d.ID] = d
 		}
@@ -438,10 +441,8 @@ func (u *Users) DeviceByKey(pub []byte) (users.Device, bool) {
 	if len(pub) == 0 {
 		return users.Device{}, false
 	}
-	for _, d := range u.snap.Load().devices {
-		if string(d.PublicKey) == string(pub) {
-			return *d, true
-		}
+	if d := u.snap.Load().byKey[string(pub)]; d != nil {
+		return *d, true
 	}
 	return users.Device{}, false
 }

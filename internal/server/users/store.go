@@ -178,6 +178,11 @@ type File struct {
 	mu  sync.RWMutex
 	st  state
 	gen uint64 // counts saves; see Generation
+
+	// byKey indexes the devices by key (DeviceByKey, which an application
+	// waiting for its grant asks every few seconds), as of gen byKeyGen.
+	byKey    map[string]*Device
+	byKeyGen uint64
 }
 
 var _ Store = (*File)(nil)
@@ -447,11 +452,26 @@ func (s *File) DeviceByKey(pub []byte) (Device, bool) {
 		return Device{}, false
 	}
 	s.mu.RLock()
-	defer s.mu.RUnlock()
-	for _, d := range s.st.Devices {
-		if string(d.PublicKey) == string(pub) {
-			return *d, true
+	if s.byKeyGen != s.gen || s.byKey == nil {
+		// The index is of an older state: build it anew (every change
+		// counts in gen, so one build serves the polls until the next).
+		s.mu.RUnlock()
+		s.mu.Lock()
+		if s.byKeyGen != s.gen || s.byKey == nil {
+			s.byKey = make(map[string]*Device, len(s.st.Devices))
+			for _, d := range s.st.Devices {
+				if len(d.PublicKey) > 0 {
+					s.byKey[string(d.PublicKey)] = d
+				}
+			}
+			s.byKeyGen = s.gen
 		}
+		s.mu.Unlock()
+		s.mu.RLock()
+	}
+	defer s.mu.RUnlock()
+	if d := s.byKey[string(pub)]; d != nil && s.st.Devices[d.ID] == d && string(d.PublicKey) == string(pub) {
+		return *d, true
 	}
 	return Device{}, false
 }

@@ -2,6 +2,7 @@ package users
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -255,5 +256,62 @@ func TestEnrollGrant(t *testing.T) {
 	_, err = s.Lookup("alice@grant-aaaa")
 	if !errors.Is(err, authz.ErrRevoked) || !strings.Contains(err.Error(), "granted by alice@laptop, which has been revoked") {
 		t.Fatalf("a grant whose approver was revoked: %v; want ErrRevoked naming the approver", err)
+	}
+}
+
+// DeviceByKey answers from an index that follows every change: a device
+// enrolled again with a new key is found by the new key only. Bad input: the
+// old key, asked after the change; a key no device holds.
+func TestDeviceByKeyFollowsChanges(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "users.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	enrol := func(key string) {
+		t.Helper()
+		e, err := s.Enroll("alice", "laptop", nil, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Redeem(e.Token, []byte(key)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	enrol("first key")
+	if d, ok := s.DeviceByKey([]byte("first key")); !ok || d.ID != "alice@laptop" {
+		t.Fatalf("DeviceByKey(first key) = %+v, %v", d, ok)
+	}
+	enrol("second key")
+	if d, ok := s.DeviceByKey([]byte("first key")); ok {
+		t.Fatalf("the replaced key still finds %s", d.ID)
+	}
+	if d, ok := s.DeviceByKey([]byte("second key")); !ok || d.ID != "alice@laptop" || string(d.PublicKey) != "second key" {
+		t.Fatalf("DeviceByKey(second key) = %+v, %v", d, ok)
+	}
+	if _, ok := s.DeviceByKey([]byte("nobody's key")); ok {
+		t.Fatal("a key no device holds found one")
+	}
+}
+
+// BenchmarkDeviceByKeyMiss is an application's poll for a grant not yet
+// approved, among 100,000 devices.
+func BenchmarkDeviceByKeyMiss(b *testing.B) {
+	s, err := Open(filepath.Join(b.TempDir(), "users.json"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	s.mu.Lock()
+	s.st.Users["alice"] = &User{Name: "alice"}
+	for i := range 100_000 {
+		id := fmt.Sprintf("alice@d%d", i)
+		s.st.Devices[id] = &Device{ID: id, User: "alice", Name: fmt.Sprintf("d%d", i), PublicKey: fmt.Appendf(nil, "key %d", i)}
+	}
+	s.gen++
+	s.mu.Unlock()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, ok := s.DeviceByKey([]byte("a key not granted yet")); ok {
+			b.Fatal("found")
+		}
 	}
 }
