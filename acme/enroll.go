@@ -258,7 +258,7 @@ func (e *Enroller) whoami(w http.ResponseWriter, r *http.Request) {
 	}
 	res := login.WhoamiResponse{
 		DeviceID: dev.ID, User: dev.User, Device: dev.Name, Groups: groups,
-		Revoked: err != nil, LastLogin: dev.LastLogin,
+		Revoked: err != nil, LastLogin: dev.LastLogin, Scope: string(dev.Scope), GrantedBy: dev.GrantedBy,
 	}
 	if len(req.Certificate) > 0 {
 		st := e.certificateStatus(dev, req.Certificate)

@@ -48,6 +48,21 @@ func (s Scope) Label() string {
 	return label
 }
 
+// Describe says what a device with the scope may do, for its holder
+// ("may only keep ci exposed, to the devices its agent allows").
+func (s Scope) Describe() string {
+	kind, label, _ := strings.Cut(string(s), ":")
+	switch _, err := ParseScope(string(s)); {
+	case s == "":
+		return "may do what the policy allows"
+	case err != nil:
+		return "a scope TP does not know: this device may do nothing"
+	case kind == scopeExposePublic:
+		return "may only keep " + label + " exposed, to devices or publicly, and do nothing else"
+	}
+	return "may only keep " + label + " exposed to the devices its agent allows, and do nothing else"
+}
+
 // Allows says whether req is inside the scope, and when it is not, why, in a
 // sentence for the person who holds the device. An unknown scope (one that
 // ParseScope refuses) allows nothing.

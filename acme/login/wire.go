@@ -173,6 +173,12 @@ type WhoamiResponse struct {
 	Groups    []string  `json:"groups"`
 	Revoked   bool      `json:"revoked"`
 	LastLogin time.Time `json:"last_login,omitzero"`
+	// Scope narrows what the device may do whatever the policy allows
+	// ("expose:ci": only keep ci exposed); absent for a device without one.
+	Scope string `json:"scope,omitempty"`
+	// GrantedBy is the device that approved this one's grant; absent for a
+	// device not granted.
+	GrantedBy string `json:"granted_by,omitempty"`
 	// Certificate answers WhoamiRequest.Certificate; absent when none was sent.
 	Certificate *CertificateStatus `json:"certificate,omitempty"`
 }

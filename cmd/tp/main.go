@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/lib/cli"
 	"github.com/tp-proxy/tp/internal/lib/config"
@@ -311,6 +312,12 @@ func whoamiCmd(stdout, stderr io.Writer) *cobra.Command {
 				fmt.Fprintf(stdout, "Groups:      none\n")
 			default:
 				fmt.Fprintf(stdout, "Groups:      %s\n", strings.Join(who.Groups, ", "))
+			}
+			if askErr == nil && who.Scope != "" {
+				fmt.Fprintf(stdout, "Scope:       %s: %s\n", who.Scope, authz.Scope(who.Scope).Describe())
+			}
+			if askErr == nil && who.GrantedBy != "" {
+				fmt.Fprintf(stdout, "Granted by:  %s (revoking that device ends this grant)\n", who.GrantedBy)
 			}
 			_, keyErr := c.Home.DeviceKey()
 			noKey := errors.Is(keyErr, clients.ErrNoDeviceKey)

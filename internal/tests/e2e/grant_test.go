@@ -112,6 +112,11 @@ func TestGrantFlow(t *testing.T) {
 	if err == nil || !strings.Contains(got, device[1]+" holds a credential that may only keep ci exposed (scope expose:ci), not dial 127.0.0.1:"+echoPort) {
 		t.Fatalf("the granted application's dial: %v\n%s", err, got)
 	}
+	// tp whoami of the application says what it may do and who granted it.
+	if who := run(t, app, binary("tp"), "whoami"); !strings.Contains(who, "Scope:       expose:ci: may only keep ci exposed to the devices its agent allows") ||
+		!strings.Contains(who, "Granted by:  alice@laptop") {
+		t.Fatalf("tp whoami of the granted application:\n%s", who)
+	}
 	// The same approval again changes nothing; tpd users shows the grant.
 	if out := run(t, alice, binary("tp"), "grant", "--yes", link); !strings.Contains(out, device[1]) {
 		t.Fatalf("the approval again:\n%s", out)
