@@ -72,6 +72,9 @@ type Enroller struct {
 	MayExpose MayExposeFunc
 	// MaxGrants bounds a user's grants not revoked (DefaultMaxGrants when zero).
 	MaxGrants int
+	// GrantRevoked, when set, is told of each grant its person revoked
+	// (grant.go): tpd audits it and ends the grant's sessions at once.
+	GrantRevoked func(grant users.Device, by, remote string)
 }
 
 // Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.
@@ -87,6 +90,8 @@ func (e *Enroller) Handler() http.Handler {
 	mux.HandleFunc("POST "+login.PathReverseAccount, e.reverseAccount)
 	mux.HandleFunc("POST "+login.PathGrant, e.grant)
 	mux.HandleFunc("POST "+login.PathGrantStatus, e.grantStatus)
+	mux.HandleFunc("POST "+login.PathGrants, e.grants)
+	mux.HandleFunc("POST "+login.PathGrantRevoke, e.grantRevoke)
 	return mux
 }
 

@@ -136,6 +136,83 @@ func (e *Enroller) grantStatus(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, login.GrantResponse{DeviceID: dev.ID, Scope: string(e.Users.Scope(dev.ID))})
 }
 
+// person is the enrolled, unscoped device a signed request about its user's
+// grants comes from; false when the request was answered with a refusal.
+func (e *Enroller) person(w http.ResponseWriter, r *http.Request, deviceID, ts, sig string, msg []byte) (users.Device, bool) {
+	dev, ok := e.checkDevice(w, r, deviceID, ts, sig, msg)
+	if !ok || !e.checkActive(w, dev) {
+		return dev, false
+	}
+	if sc := e.Users.Scope(dev.ID); sc != "" {
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("%s is itself a scoped credential (%s); a person's own device lists and revokes grants", dev.ID, sc))
+		return dev, false
+	}
+	return dev, true
+}
+
+// grantInfo is what the person is told of a grant.
+func (e *Enroller) grantInfo(g users.Device) login.GrantInfo {
+	_, err := e.Users.Lookup(g.ID)
+	denied := false
+	if e.Denied != nil {
+		_, denied = e.Denied(g)
+	}
+	return login.GrantInfo{DeviceID: g.ID, Scope: string(g.Scope), GrantedBy: g.GrantedBy, Created: g.Created,
+		LastLogin: g.LastLogin, Revoked: g.Revoked || denied || errors.Is(err, authz.ErrRevoked)}
+}
+
+// grants lists the grants of the asking device's user, oldest first.
+func (e *Enroller) grants(w http.ResponseWriter, r *http.Request) {
+	var req login.GrantsRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	dev, ok := e.person(w, r, req.DeviceID, req.Time, req.Signature, login.GrantsMessage(req.DeviceID, req.Time))
+	if !ok {
+		return
+	}
+	out := login.GrantsResponse{Grants: []login.GrantInfo{}}
+	for _, d := range e.Users.Devices(dev.User) {
+		if d.GrantedBy != "" {
+			out.Grants = append(out.Grants, e.grantInfo(d))
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// grantRevoke revokes one of the asking device's user's grants for good.
+func (e *Enroller) grantRevoke(w http.ResponseWriter, r *http.Request) {
+	var req login.GrantRevokeRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	dev, ok := e.person(w, r, req.DeviceID, req.Time, req.Signature, login.GrantRevokeMessage(req.DeviceID, req.Time, req.Grant))
+	if !ok {
+		return
+	}
+	g, err := e.Users.Device(req.Grant)
+	if err != nil || g.User != dev.User || g.GrantedBy == "" {
+		writeErr(w, http.StatusNotFound, fmt.Sprintf("%s holds no grant %q; tp grant --list lists them", dev.User, req.Grant))
+		return
+	}
+	if !g.Revoked {
+		if err := e.Users.RevokeDevice(g.ID); errors.Is(err, users.ErrUnavailable) {
+			e.unavailable(w, "grant revocation", err, "so the grant stays; try again in a minute")
+			return
+		} else if err != nil {
+			e.log().Error("revoking a grant failed", "grant", g.ID, "by", dev.ID, "err", err)
+			writeErr(w, http.StatusInternalServerError, "revoking the grant failed on the server; try again or ask your administrator to check tpd's log")
+			return
+		}
+		e.log().Info("grant revoked by its person", "grant", g.ID, "by", dev.ID, "remote", r.RemoteAddr)
+		if e.GrantRevoked != nil {
+			e.GrantRevoked(g, dev.ID, r.RemoteAddr)
+		}
+		g.Revoked = true
+	}
+	writeJSON(w, http.StatusOK, e.grantInfo(g))
+}
+
 // grantScope is the scope a grant of name gives.
 func grantScope(name string, public bool) (authz.Scope, error) {
 	kind := "expose"

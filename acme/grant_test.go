@@ -248,3 +248,60 @@ func TestGrantKeysAndDenyList(t *testing.T) {
 		t.Fatal("the application saved the grant it refused")
 	}
 }
+
+// A person lists the grants of their user and revokes one for good, from an
+// enrolled device. Bad input: a revocation of the person's own device, which
+// is no grant; of another user's grant; one signed by another device's key;
+// the grant itself asking.
+func TestGrantListAndRevoke(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	ts, alice, bob := grantEnv(t)
+	var revoked []string
+	ts.Enroller.GrantRevoked = func(g users.Device, by, _ string) { revoked = append(revoked, g.ID+" by "+by) }
+	app := newKey(t)
+	res, err := login.Approve(ctx, ts.HC, ts.URL, "alice@laptop", alice, login.Grant{Name: "ci", Key: pubDER(t, app)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs, err := login.ListGrants(ctx, ts.HC, ts.URL, "alice@laptop", alice)
+	if err != nil || len(gs) != 1 || gs[0].DeviceID != res.DeviceID || gs[0].Scope != "expose:ci" || gs[0].GrantedBy != "alice@laptop" || gs[0].Revoked {
+		t.Fatalf("alice's grants: %+v, %v", gs, err)
+	}
+	if gs, err := login.ListGrants(ctx, ts.HC, ts.URL, "bob@pc", bob); err != nil || len(gs) != 0 {
+		t.Fatalf("bob's grants: %+v, %v; want none", gs, err)
+	}
+	refused := func(what string, err error, status int, says string) {
+		t.Helper()
+		var se *login.ServerError
+		if !errors.As(err, &se) || se.Status != status || !strings.Contains(se.Message, says) {
+			t.Errorf("%s: %v; want %d saying %q", what, err, status, says)
+		}
+	}
+	_, err = login.RevokeGrant(ctx, ts.HC, ts.URL, "alice@laptop", alice, "alice@laptop")
+	refused("revoking alice's own device as a grant", err, 404, `alice holds no grant "alice@laptop"`)
+	_, err = login.RevokeGrant(ctx, ts.HC, ts.URL, "bob@pc", bob, res.DeviceID)
+	refused("bob revoking alice's grant", err, 404, "bob holds no grant")
+	_, err = login.RevokeGrant(ctx, ts.HC, ts.URL, "alice@laptop", bob, res.DeviceID)
+	refused("a revocation signed by bob's key as alice@laptop", err, 403, "")
+	_, err = login.ListGrants(ctx, ts.HC, ts.URL, res.DeviceID, app)
+	refused("the grant listing grants", err, 403, "is itself a scoped credential (expose:ci)")
+	if len(revoked) != 0 {
+		t.Fatalf("refused revocations revoked %v", revoked)
+	}
+
+	g, err := login.RevokeGrant(ctx, ts.HC, ts.URL, "alice@laptop", alice, res.DeviceID)
+	if err != nil || !g.Revoked || g.DeviceID != res.DeviceID {
+		t.Fatalf("alice revoking her grant: %+v, %v", g, err)
+	}
+	if len(revoked) != 1 || revoked[0] != res.DeviceID+" by alice@laptop" {
+		t.Fatalf("tpd was told of %v", revoked)
+	}
+	if _, err := login.GrantStatus(ctx, ts.HC, ts.URL, app); err == nil {
+		t.Fatal("the revoked grant's status still answers")
+	}
+	// Again: the same answer, and tpd is not told twice.
+	if g, err := login.RevokeGrant(ctx, ts.HC, ts.URL, "alice@laptop", alice, res.DeviceID); err != nil || !g.Revoked || len(revoked) != 1 {
+		t.Fatalf("the revocation again: %+v, %v, told %v", g, err, revoked)
+	}
+}

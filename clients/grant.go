@@ -137,3 +137,25 @@ func (c *Client) ApproveGrant(ctx context.Context, link string) (login.Grant, lo
 	res, err := login.Approve(ctx, hc, c.Profile.Server, c.Profile.DeviceID, key, g)
 	return g, res, err
 }
+
+// ListGrants lists the grants of this device's user, oldest first.
+func (c *Client) ListGrants(ctx context.Context) ([]login.GrantInfo, error) {
+	key, err := c.Home.DeviceKey()
+	if err != nil {
+		return nil, err
+	}
+	hc := login.HTTPClient(c.Root)
+	defer hc.CloseIdleConnections()
+	return login.ListGrants(ctx, hc, c.Profile.Server, c.Profile.DeviceID, key)
+}
+
+// RevokeGrant revokes one of this device's user's grants for good.
+func (c *Client) RevokeGrant(ctx context.Context, grant string) (login.GrantInfo, error) {
+	key, err := c.Home.DeviceKey()
+	if err != nil {
+		return login.GrantInfo{}, err
+	}
+	hc := login.HTTPClient(c.Root)
+	defer hc.CloseIdleConnections()
+	return login.RevokeGrant(ctx, hc, c.Profile.Server, c.Profile.DeviceID, key, grant)
+}

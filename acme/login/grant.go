@@ -29,6 +29,10 @@ import (
 const (
 	PathGrant       = "/tp/v1/grant"
 	PathGrantStatus = "/tp/v1/grant/status"
+	// PathGrants lists the grants of the asking device's user, and
+	// PathGrantRevoke revokes one; both signed by an enrolled device's key.
+	PathGrants      = "/tp/v1/grants"
+	PathGrantRevoke = "/tp/v1/grant/revoke"
 	// PathGrantPage is the website page a grant link opens: what is asked,
 	// and the command that approves it.
 	PathGrantPage = "/grant"
@@ -42,6 +46,8 @@ const (
 const (
 	grantContext       = "tp-grant-v1"
 	grantStatusContext = "tp-grant-status-v1"
+	grantsContext      = "tp-grants-v1"
+	grantRevokeContext = "tp-grant-revoke-v1"
 )
 
 // GrantRequest is a person's approval, from an enrolled device, of an
@@ -194,5 +200,73 @@ func GrantStatus(ctx context.Context, hc *http.Client, serverURL string, key cry
 	if se := (*ServerError)(nil); errors.As(err, &se) && se.Code == CodeGrantPending {
 		return GrantResponse{}, ErrGrantPending
 	}
+	return out, err
+}
+
+// GrantsRequest asks, signed by an enrolled device's key, for the grants of
+// its user.
+type GrantsRequest struct {
+	DeviceID  string `json:"device_id"`
+	Time      string `json:"time"`
+	Signature string `json:"signature"` // the device key's, over GrantsMessage
+}
+
+// GrantsMessage is what the device key signs to list its user's grants.
+func GrantsMessage(deviceID, ts string) []byte {
+	return []byte(grantsContext + "\x00" + deviceID + "\x00" + ts)
+}
+
+// GrantInfo is one grant: the device an approval created.
+type GrantInfo struct {
+	DeviceID  string    `json:"device_id"`
+	Scope     string    `json:"scope"`
+	GrantedBy string    `json:"granted_by"`
+	Created   time.Time `json:"created"`
+	LastLogin time.Time `json:"last_login,omitzero"`
+	// Revoked: in the store, on the deny list, or with its approver.
+	Revoked bool `json:"revoked"`
+}
+
+// GrantsResponse lists a user's grants, oldest first.
+type GrantsResponse struct {
+	Grants []GrantInfo `json:"grants"`
+}
+
+// GrantRevokeRequest revokes one of the user's grants, signed by an enrolled
+// device's key.
+type GrantRevokeRequest struct {
+	DeviceID  string `json:"device_id"`
+	Time      string `json:"time"`
+	Signature string `json:"signature"` // the device key's, over GrantRevokeMessage
+	Grant     string `json:"grant"`     // the grant's device ID
+}
+
+// GrantRevokeMessage is what the device key signs to revoke a grant.
+func GrantRevokeMessage(deviceID, ts, grant string) []byte {
+	return []byte(grantRevokeContext + "\x00" + deviceID + "\x00" + ts + "\x00" + grant)
+}
+
+// ListGrants asks for the grants of deviceID's user.
+func ListGrants(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer) ([]GrantInfo, error) {
+	ts := time.Now().UTC().Format(time.RFC3339)
+	sig, err := SignMessage(deviceKey, GrantsMessage(deviceID, ts))
+	if err != nil {
+		return nil, err
+	}
+	var out GrantsResponse
+	err = postJSON(ctx, hc, serverURL+PathGrants, GrantsRequest{DeviceID: deviceID, Time: ts, Signature: sig}, &out)
+	return out.Grants, err
+}
+
+// RevokeGrant revokes grant, one of deviceID's user's grants, for good: the
+// application's sessions end at once and its key can never be granted again.
+func RevokeGrant(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer, grant string) (GrantInfo, error) {
+	ts := time.Now().UTC().Format(time.RFC3339)
+	sig, err := SignMessage(deviceKey, GrantRevokeMessage(deviceID, ts, grant))
+	if err != nil {
+		return GrantInfo{}, err
+	}
+	var out GrantInfo
+	err = postJSON(ctx, hc, serverURL+PathGrantRevoke, GrantRevokeRequest{DeviceID: deviceID, Time: ts, Signature: sig, Grant: grant}, &out)
 	return out, err
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -64,7 +65,8 @@ func (g *grantFlags) request(cmd *cobra.Command, stderr io.Writer, name string, 
 }
 
 func grantCmd(stdout io.Writer) *cobra.Command {
-	var yes bool
+	var yes, list bool
+	var revoke string
 	cmd := &cobra.Command{
 		Use:   "grant LINK",
 		Short: "Approve an application's request for a credential that may only keep one name exposed",
@@ -72,10 +74,20 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 			"program speaking TP's grant API) printed as a link: the TP server creates a device of\n" +
 			"your user that holds the application's key and may only keep the link's name exposed,\n" +
 			"if the policy lets you keep that name exposed yourself. Compare the code it prints\n" +
-			"with the one the application shows. tpd users lists the granted device, and tpd\n" +
-			"revoke --device ends it.",
-		Example: "  tp grant 'https://tp.example.org/grant?name=ci&key=…'",
-		Args:    cli.Positional("LINK"),
+			"with the one the application shows. tp grant --list lists your grants and tp grant\n" +
+			"--revoke DEVICE ends one for good; a grant also ends with the device that approved it.",
+		Example: "  tp grant 'https://tp.example.org/grant?name=ci&key=…'\n" +
+			"  tp grant --list\n" +
+			"  tp grant --revoke alice@grant-7qxkm2da4brtpz6w",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if list || revoke != "" {
+				if list && revoke != "" {
+					return cli.UsageError("tp grant takes --list or --revoke DEVICE, not both")
+				}
+				return cli.Positional()(cmd, args)
+			}
+			return cli.Positional("LINK")(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg, err := config.LoadClient(cmd.Flags())
 			if err != nil {
@@ -84,6 +96,26 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 			c, err := clients.Open(clients.Home{Dir: cfg.Home})
 			if err != nil {
 				return err
+			}
+			// Bounded from here for a list or a revocation, and after the
+			// question for an approval: a person may take their time.
+			ctx, cancel := context.WithTimeout(cmd.Context(), cfg.Timeout)
+			defer cancel()
+			switch {
+			case list:
+				gs, err := c.ListGrants(ctx)
+				if err != nil {
+					return err
+				}
+				printGrants(stdout, c.Profile.DeviceID, gs)
+				return nil
+			case revoke != "":
+				g, err := c.RevokeGrant(ctx, revoke)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(stdout, "Revoked %s (scope %s, granted by %s): its sessions ended, and its key can never be granted again.\n", g.DeviceID, g.Scope, g.GrantedBy)
+				return nil
 			}
 			g, err := login.ParseGrantLink(args[0])
 			if err != nil {
@@ -105,7 +137,7 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 					return err
 				}
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), cfg.Timeout)
+			ctx, cancel = context.WithTimeout(cmd.Context(), cfg.Timeout)
 			defer cancel()
 			g, res, err := c.ApproveGrant(ctx, args[0])
 			if err != nil {
@@ -113,12 +145,35 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 			}
 			fmt.Fprintf(stdout, "Granted %s (code %s) the device %s, scope %s: it may only keep %s exposed.\n",
 				app, grantCode(g.Key), res.DeviceID, res.Scope, g.Name)
-			fmt.Fprintf(stdout, "tpd users lists it; tpd revoke --device %s ends it.\n", res.DeviceID)
+			fmt.Fprintf(stdout, "tp grant --list lists your grants; tp grant --revoke %s ends this one.\n", res.DeviceID)
 			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&yes, "yes", false, "approve without asking (for scripts; compare the code first)")
+	cmd.Flags().BoolVar(&list, "list", false, "list your user's grants, whichever of your devices approved them")
+	cmd.Flags().StringVar(&revoke, "revoke", "", "revoke one of your user's grants (its DEVICE, as --list shows it) for good: its sessions end at once")
 	return cmd
+}
+
+// printGrants prints a user's grants as a table.
+func printGrants(w io.Writer, self string, gs []login.GrantInfo) {
+	if len(gs) == 0 {
+		fmt.Fprintf(w, "No grants: %s's user has approved no application (tp grant LINK approves one).\n", self)
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "DEVICE\tSCOPE\tGRANTED BY\tCREATED\tLAST LOGIN\tSTATE")
+	for _, g := range gs {
+		last, state := "-", "active"
+		if !g.LastLogin.IsZero() {
+			last = g.LastLogin.Local().Format(time.DateTime)
+		}
+		if g.Revoked {
+			state = "revoked"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", g.DeviceID, g.Scope, g.GrantedBy, g.Created.Local().Format(time.DateTime), last, state)
+	}
+	tw.Flush()
 }
 
 // confirm asks question at a terminal and returns nil on yes; without a

@@ -59,7 +59,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.AddCommand(serveCmd(stdout, stderr), initCmd(stdout), enrollCmd(stdout), usersCmd(stdout), versionCmd(stdout),
-		policyCmd(stdout), revokeCmd(stdout), statusCmd(stdout), reloadCmd(stdout), migrateCmd(stdout))
+		policyCmd(stdout), revokeCmd(stdout), statusCmd(stdout), reloadCmd(stdout), migrateCmd(stdout), tokensCmd(stdout))
 	return root.ExecuteContext(ctx)
 }
 

@@ -21,7 +21,7 @@ func statusCmd(stdout io.Writer) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "status",
-		Short: "Show live sessions, agents, public ports and recent denials of the running tpd",
+		Short: "Show live sessions, agents, public ports, grants and recent denials of the running tpd",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := config.LoadServer(cmd.Flags())
@@ -118,6 +118,14 @@ func printStatus(w io.Writer, st admin.Status) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", shown(p.Exposure), orDash(p.Address), shown(p.Owner), state)
 	}
 
+	fmt.Fprintf(tw, "\nGRANTS (%d)\n", len(st.Grants))
+	if len(st.Grants) > 0 {
+		fmt.Fprintln(tw, "DEVICE\tSCOPE\tGRANTED BY\tCREATED\tSTATE")
+	}
+	for _, g := range st.Grants {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", shown(g.Device), shown(g.Scope), shown(g.GrantedBy), g.Created.Local().Format(time.DateTime), grantState(g))
+	}
+
 	fmt.Fprintf(tw, "\nRECENT DENIALS (%d, newest last)\n", len(st.Denials))
 	if len(st.Denials) > 0 {
 		fmt.Fprintln(tw, "TIME\tIDENTITY\tACTION\tDESTINATION\tREASON")
@@ -145,4 +153,17 @@ func orDash(s string) string {
 		return "-"
 	}
 	return s
+}
+
+// grantState says whether a grant is in use, idle or revoked (and why).
+func grantState(g admin.Grant) string {
+	switch {
+	case g.Revoked:
+		return "revoked: " + shown(g.Why)
+	case g.Agent:
+		return "agent connected"
+	case !g.LastLogin.IsZero():
+		return "no agent here; last login " + g.LastLogin.Local().Format(time.DateTime)
+	}
+	return "never logged in"
 }

@@ -23,6 +23,8 @@ func TestStatusTableQuotesControlCharacters(t *testing.T) {
 		Agents:      []proxy.Agent{{Identity: "bob@pc", Transport: "quic", Names: []string{"pc.rev.test"}}},
 		PublicPorts: []proxy.PublicPort{{Exposure: "public TCP port 8080", Address: "tcp 127.0.0.1:8080", Owner: "bob@pc", Online: true}},
 		Denials:     []admin.Denial{{Time: now, Identity: "mallory@pc", Action: "dial", Destination: "x:1", Reason: hostile}},
+		Grants: []admin.Grant{{Device: "alice@grant-aaaa", Scope: "expose:ci", GrantedBy: "alice@laptop", Created: now, Agent: true},
+			{Device: "alice@grant-bbbb", Scope: "expose:ci", GrantedBy: "alice@laptop", Created: now, Revoked: true, Why: hostile}},
 		Instances: []admin.Instance{{Name: "a/1", PeerAddress: "10.0.0.1:443", PolicyRevision: "abc", HeartbeatAge: 0.4, Self: true},
 			{Name: hostile, PeerAddress: "10.0.0.2:443", PolicyRevision: "old", HeartbeatAge: 40, Draining: true, Stale: true}},
 	}
@@ -36,7 +38,7 @@ func TestStatusTableQuotesControlCharacters(t *testing.T) {
 	}
 	for _, want := range []string{"SESSIONS (1)", `"evil\nFAKE ROW\x1b[2J\tx\xff"`, "AGENTS (1)", "pc.rev.test", "PUBLIC PORTS (1)",
 		"tcp 127.0.0.1:8080", "online", "RECENT DENIALS (1", "mallory@pc", "up 1h0m0s",
-		"INSTANCES (2)", "a/1 (this one)", "10.0.0.1:443", "400ms ago", "serving", "old (differs)", "40s ago", "draining, stale (no heartbeat"} {
+		"INSTANCES (2)", "a/1 (this one)", "GRANTS (2)", "alice@grant-aaaa", "agent connected", "revoked: \"evil", "10.0.0.1:443", "400ms ago", "serving", "old (differs)", "40s ago", "draining, stale (no heartbeat"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}

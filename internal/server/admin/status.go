@@ -16,7 +16,8 @@ import (
 type Act struct {
 	// Act is what was done: enroll_token (a token issued), enrolled (a device
 	// redeemed its token), revoke, unrevoke, unbind_user (a user's binding
-	// to the provider's account cleared), policy_reload, config_reload.
+	// to the provider's account cleared), grant_revoke (a person revoked one
+	// of their grants), policy_reload, config_reload.
 	Act string `json:"act"`
 	// Subject is what it was done to: a device ID, user, serial or file.
 	Subject string `json:"subject,omitempty"`
@@ -71,6 +72,23 @@ type Status struct {
 	PublicPorts    []proxy.PublicPort  `json:"public_ports"`
 	// Denials are the most recent policy denials, oldest first.
 	Denials []Denial `json:"denials"`
+	// Grants are the devices approvals gave applications, oldest first.
+	Grants []Grant `json:"grants"`
+}
+
+// Grant is one device an approval gave an application (a grant).
+type Grant struct {
+	Device    string    `json:"device"`
+	Scope     string    `json:"scope"`
+	GrantedBy string    `json:"granted_by"`
+	Created   time.Time `json:"created"`
+	LastLogin time.Time `json:"last_login,omitzero"`
+	// Revoked: in the store, on the deny list, or with its approver; Why says
+	// which.
+	Revoked bool   `json:"revoked"`
+	Why     string `json:"why,omitempty"`
+	// Agent: its agent is connected to this instance now.
+	Agent bool `json:"agent"`
 }
 
 // Instance is one tpd on the shared database, as its row in tp_instances

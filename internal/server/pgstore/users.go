@@ -33,8 +33,8 @@ var _ users.Store = (*Users)(nil)
 type userSnap struct {
 	users   map[string]*users.User
 	devices map[string]*users.Device
-	tokens  map[string][]time.Time   // pending tokens' expiry by user
-	byKey   map[string]*users.Device // devices by key (DeviceByKey)
+	tokens  map[string][]users.PendingToken // pending tokens by user
+	byKey   map[string]*users.Device        // devices by key (DeviceByKey)
 }
 
 // OpenUsers loads the user store and keeps it in step with other instances
@@ -52,7 +52,7 @@ func OpenUsers(ctx context.Context, db *DB) (*Users, error) {
 func (u *Users) Reload(ctx context.Context) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	s := &userSnap{users: map[string]*users.User{}, devices: map[string]*users.Device{}, tokens: map[string][]time.Time{}, byKey: map[string]*users.Device{}}
+	s := &userSnap{users: map[string]*users.User{}, devices: map[string]*users.Device{}, tokens: map[string][]users.PendingToken{}, byKey: map[string]*users.Device{}}
 	err := pgx.BeginTxFunc(ctx, u.db.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
 		rows, _ := tx.Query(ctx, `SELECT u.name, u.created, u.disabled, u.sso_subject,
 			coalesce(array_agg(g.group_name ORDER BY g.group_name) FILTER (WHERE g.group_name IS NOT NULL), '{}')
@@ -92,14 +92,15 @@ func (u *Users) Reload(ctx context.Context) error {
 		if err := rows.Err(); err != nil {
 			return err
 		}
-		rows, _ = tx.Query(ctx, `SELECT user_name, expires FROM tp_tokens WHERE expires > now()`)
+		rows, _ = tx.Query(ctx, `SELECT user_name, device, expires FROM tp_tokens WHERE expires > now() ORDER BY expires, device`)
 		for rows.Next() {
 			var name string
-			var exp time.Time
-			if err := rows.Scan(&name, &exp); err != nil {
+			var t users.PendingToken
+			if err := rows.Scan(&name, &t.Device, &t.Expires); err != nil {
 				return err
 			}
-			s.tokens[name] = append(s.tokens[name], exp)
+			t.Expires = t.Expires.UTC()
+			s.tokens[name] = append(s.tokens[name], t)
 		}
 		return rows.Err()
 	})
@@ -499,6 +500,18 @@ func (u *Users) SetScope(id string, scope authz.Scope) error {
 	return u.update(id, "UPDATE tp_devices SET scope = $2 WHERE id = $1", "set the scope of "+id, string(scope))
 }
 
+// Devices implements users.Store, from the snapshot.
+func (u *Users) Devices(user string) []users.Device {
+	var out []users.Device
+	for _, d := range u.snap.Load().devices {
+		if d.User == user {
+			out = append(out, *d)
+		}
+	}
+	users.SortDevices(out)
+	return out
+}
+
 // GrantedBy implements authz.Granter, from the snapshot.
 func (u *Users) GrantedBy(deviceID string) string {
 	if d := u.snap.Load().devices[deviceID]; d != nil {
@@ -599,9 +612,10 @@ func (u *Users) Users() []users.UserInfo {
 				ui.Devices = append(ui.Devices, dc)
 			}
 		}
-		for _, exp := range s.tokens[x.Name] {
-			if now.Before(exp) {
+		for _, t := range s.tokens[x.Name] {
+			if now.Before(t.Expires) {
 				ui.PendingTokens++
+				ui.Tokens = append(ui.Tokens, t)
 			}
 		}
 		sort.Slice(ui.Devices, func(i, j int) bool { return ui.Devices[i].ID < ui.Devices[j].ID })

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/internal/server/admin"
 	"github.com/tp-proxy/tp/internal/server/users"
 	"github.com/tp-proxy/tp/proxy"
@@ -211,5 +212,47 @@ func (d *Daemon) Status(ctx context.Context) admin.Status {
 	if st.PublicPorts == nil {
 		st.PublicPorts = []proxy.PublicPort{}
 	}
+	st.Grants = d.grants(st.Agents)
 	return st
+}
+
+// grants lists the devices approvals gave applications, oldest first, with
+// whether each is revoked (and how) and has its agent connected here.
+func (d *Daemon) grants(agents []proxy.Agent) []admin.Grant {
+	online := map[string]bool{}
+	for _, a := range agents {
+		online[a.Identity] = true
+	}
+	var granted []users.Device
+	for _, u := range d.users.Users() {
+		for _, dv := range u.Devices {
+			if dv.GrantedBy != "" {
+				granted = append(granted, dv)
+			}
+		}
+	}
+	users.SortDevices(granted)
+	out := []admin.Grant{}
+	for _, g := range granted {
+		ag := admin.Grant{Device: g.ID, Scope: string(g.Scope), GrantedBy: g.GrantedBy, Created: g.Created, LastLogin: g.LastLogin, Agent: online[g.ID]}
+		id := authz.Identity{DeviceID: g.ID, User: g.User, Device: g.Name}
+		if g.Revoked {
+			ag.Revoked, ag.Why = true, "for good (its key can never be granted again)"
+		} else if reason, denied := d.authz.DenyList.Denies(id); denied {
+			ag.Revoked, ag.Why = true, reason
+		} else if reason, denied := d.authz.DenyList.DeniesApprover(id, g.GrantedBy); denied {
+			ag.Revoked, ag.Why = true, reason
+		} else if _, err := d.users.Lookup(g.ID); err != nil {
+			ag.Revoked, ag.Why = true, err.Error()
+		}
+		out = append(out, ag)
+	}
+	return out
+}
+
+// grantRevoked records a grant its person revoked and ends its sessions at
+// once (acme.Enroller.GrantRevoked).
+func (d *Daemon) grantRevoked(g users.Device, by, remote string) {
+	d.AuditAdmin(admin.Act{Act: "grant_revoke", Subject: g.ID, Via: "its person's device " + by, Result: "ok", Remote: remote, Scope: string(g.Scope)})
+	d.recheckIfChanged(context.Background())
 }

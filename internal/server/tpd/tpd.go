@@ -200,6 +200,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		AllowBinding: newKeyedLimiter[string](bindingRate, bindingBurst, maxRateDevices).allow,
 		Enrolled:     d.deviceEnrolled, // audit.go
 		MayExpose:    d.mayExpose,      // grant.go
+		GrantRevoked: d.grantRevoked,   // audit.go
 	}
 	if cfg.SSOIssuer != "" { // dlogin --sso: sign-in with the organisation's provider
 		enroller.SSO = &acme.SSO{Issuer: cfg.SSOIssuer, ClientID: cfg.SSOClientID, Domain: cfg.SSODomain,

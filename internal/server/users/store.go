@@ -17,6 +17,7 @@ import (
 	"os"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -154,6 +155,9 @@ type Store interface {
 	EnrollGrant(g Grant) (Device, error)
 	// DeviceByKey returns the device whose key is pub (PKIX DER).
 	DeviceByKey(pub []byte) (Device, bool)
+	// Devices lists the user's devices, oldest first (nil for a user that
+	// does not exist).
+	Devices(user string) []Device
 	// SetScope gives the device (enrolled, or reserved by Enroll) a scope
 	// (authz.Scope), which narrows what it may do before the policy is asked.
 	SetScope(id string, scope authz.Scope) error
@@ -476,6 +480,30 @@ func (s *File) DeviceByKey(pub []byte) (Device, bool) {
 	return Device{}, false
 }
 
+// Devices lists the user's devices, oldest first.
+func (s *File) Devices(user string) []Device {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var out []Device
+	for _, d := range s.st.Devices {
+		if d.User == user {
+			out = append(out, *d)
+		}
+	}
+	SortDevices(out)
+	return out
+}
+
+// SortDevices orders devices oldest first, then by ID.
+func SortDevices(ds []Device) {
+	slices.SortFunc(ds, func(a, b Device) int {
+		if c := a.Created.Compare(b.Created); c != 0 {
+			return c
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
+}
+
 // SignIn is a device a sign-in enrols (Store.EnrollSignIn).
 type SignIn struct {
 	User, Device string
@@ -700,10 +728,30 @@ type UserInfo struct {
 	User
 	Devices       []Device `json:"devices"`
 	PendingTokens int      `json:"pending_tokens"`
+	// Tokens are the pending enrollment tokens (not their secrets), soonest
+	// to expire first.
+	Tokens []PendingToken `json:"tokens,omitempty"`
 	// Revoked and RevokedAt are filled in by the listing's caller from tpd's
 	// deny list (a user is revoked there, not in this store).
 	Revoked   bool      `json:"revoked,omitempty"`
 	RevokedAt time.Time `json:"revoked_at,omitzero"`
+}
+
+// PendingToken is an enrollment token not yet redeemed: the device it
+// enrols and when it expires.
+type PendingToken struct {
+	Device  string    `json:"device"`
+	Expires time.Time `json:"expires"`
+}
+
+// SortTokens orders pending tokens soonest to expire first.
+func SortTokens(ts []PendingToken) {
+	slices.SortFunc(ts, func(a, b PendingToken) int {
+		if c := a.Expires.Compare(b.Expires); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Device, b.Device)
+	})
 }
 
 // HasUser reports whether a user of that name exists.
@@ -732,8 +780,10 @@ func (s *File) Users() []UserInfo {
 		for _, t := range s.st.Tokens {
 			if t.User == u.Name && now.Before(t.Expires) {
 				ui.PendingTokens++
+				ui.Tokens = append(ui.Tokens, PendingToken{Device: t.Device, Expires: t.Expires})
 			}
 		}
+		SortTokens(ui.Tokens)
 		sort.Slice(ui.Devices, func(i, j int) bool { return ui.Devices[i].ID < ui.Devices[j].ID })
 		out = append(out, ui)
 	}

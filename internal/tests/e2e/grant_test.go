@@ -52,7 +52,8 @@ reason := sprintf("%s may not %s %s", [input.identity.device_id, input.action, i
 // application dialing loopback, which alice's own device may.
 func TestGrantFlow(t *testing.T) {
 	parallel(t)
-	srv := startServer(t, grantPolicy)
+	auditLog := filepath.Join(t.TempDir(), "audit.log")
+	srv := startServer(t, grantPolicy, "TP_AUDIT_LOG="+auditLog)
 	echo := testnet.Echo(t)
 	_, echoPort, _ := strings.Cut(echo, ":")
 	alice := srv.login(t, "alice", "laptop")
@@ -117,6 +118,28 @@ func TestGrantFlow(t *testing.T) {
 		!strings.Contains(who, "Granted by:  alice@laptop") {
 		t.Fatalf("tp whoami of the granted application:\n%s", who)
 	}
+	// Alice lists her grants; tpd tokens and tpd status show the grant with
+	// its agent, and tpd tokens the enrollment token not yet redeemed.
+	if list := run(t, alice, binary("tp"), "grant", "--list"); !regexp.MustCompile(regexp.QuoteMeta(device[1]) + `\s+expose:ci\s+alice@laptop\s+.*\s+active`).MatchString(list) {
+		t.Fatalf("tp grant --list:\n%s", list)
+	}
+	run(t, nil, binary("tpd"), "enroll", "dave", "--device", "pc", "--data-dir", srv.DataDir)
+	if tokens := run(t, nil, binary("tpd"), "tokens", "--data-dir", srv.DataDir); !regexp.MustCompile(regexp.QuoteMeta(device[1])+`\s+expose:ci\s+alice@laptop\s+.*\s+active`).MatchString(tokens) ||
+		!strings.Contains(tokens, "ENROLLMENT TOKENS NOT YET REDEEMED (1)") || !strings.Contains(tokens, "dave@pc") {
+		t.Fatalf("tpd tokens:\n%s", tokens)
+	}
+	if status := run(t, nil, binary("tpd"), "status", "--data-dir", srv.DataDir); !regexp.MustCompile(regexp.QuoteMeta(device[1]) + `\s+expose:ci\s+alice@laptop\s+.*\s+agent connected`).MatchString(status) {
+		t.Fatalf("tpd status does not show the grant with its agent:\n%s", status)
+	}
+	// Bad input: carol revoking alice's grant; the application listing
+	// grants with its scoped credential.
+	if out, err := runErr(carol, nil, binary("tp"), "grant", "--revoke", device[1]); err == nil || !strings.Contains(out, "carol holds no grant \""+device[1]+"\"") {
+		t.Fatalf("carol revoking alice's grant: %v\n%s", err, out)
+	}
+	if out, err := runErr(app, nil, binary("tp"), "grant", "--list"); err == nil || !strings.Contains(out, "is itself a scoped credential (expose:ci)") {
+		t.Fatalf("the application listing grants: %v\n%s", err, out)
+	}
+
 	// The same approval again changes nothing; tpd users shows the grant.
 	if out := run(t, alice, binary("tp"), "grant", "--yes", link); !strings.Contains(out, device[1]) {
 		t.Fatalf("the approval again:\n%s", out)
@@ -144,10 +167,19 @@ func TestGrantFlow(t *testing.T) {
 	next("the registration again", func(l string) bool {
 		return strings.HasPrefix(l, "Exposing ") && strings.Contains(l, "ci.rev.tp.internal")
 	})
-	run(t, nil, binary("tpd"), "revoke", "--device", device[1], "--data-dir", srv.DataDir)
+	out = run(t, alice, binary("tp"), "grant", "--revoke", device[1])
+	if !strings.Contains(out, "Revoked "+device[1]+" (scope expose:ci, granted by alice@laptop)") {
+		t.Fatalf("tp grant --revoke said:\n%s", out)
+	}
 	next("the end of the exposure", func(l string) bool { return strings.Contains(l, "revoked") })
 	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci.rev.tp.internal", echoPort); err == nil {
 		t.Fatalf("bob reached ci after its grant was revoked: %q", got)
+	}
+	if list := run(t, alice, binary("tp"), "grant", "--list"); !regexp.MustCompile(regexp.QuoteMeta(device[1]) + `\s+expose:ci\s+alice@laptop\s+.*\s+revoked`).MatchString(list) {
+		t.Fatalf("tp grant --list after the revocation:\n%s", list)
+	}
+	if audit, _ := os.ReadFile(auditLog); !strings.Contains(string(audit), `"act":"grant_revoke","subject":"`+device[1]+`","via":"its person's device alice@laptop"`) {
+		t.Fatalf("the audit trail has no grant_revoke line:\n%s", audit)
 	}
 }
 
