@@ -75,6 +75,12 @@ type Enroller struct {
 	// GrantRevoked, when set, is told of each grant its person revoked
 	// (grant.go): tpd audits it and ends the grant's sessions at once.
 	GrantRevoked func(grant users.Device, by, remote string)
+	// URL is the server's public base URL (https://HOST[:PORT]): with SSO,
+	// people approve grants on its website by signing in (grantweb.go), and
+	// the provider sends them back to it.
+	URL string
+
+	web webGrants // approvals under way on the website (grantweb.go)
 }
 
 // Handler serves login.PathRoots, login.PathEnroll and login.PathAttest.

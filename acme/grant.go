@@ -51,52 +51,75 @@ func (e *Enroller) grant(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusForbidden, fmt.Sprintf("%s is itself a scoped credential (%s) and cannot grant one; approve from a person's own device", dev.ID, sc))
 		return
 	}
-	if e.MayExpose == nil {
-		writeErr(w, http.StatusForbidden, "this TP server does not grant credentials to applications")
-		return
-	}
 	groups, _ := e.Users.Lookup(dev.ID)
 	id := authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name, Groups: groups}
-	if ok, reason := e.MayExpose(r.Context(), id, req.Name, req.Public); !ok {
-		e.log().Info("grant refused", "approver", dev.ID, "name", req.Name, "why", reason)
-		writeErr(w, http.StatusForbidden, reason)
+	g, status, msg := e.approve(r.Context(), approval{id: id, by: dev.ID, appKey: appKey, scope: scope,
+		name: req.Name, public: req.Public, app: req.App, remote: r.RemoteAddr, via: "grant approved by " + dev.ID})
+	if status == http.StatusServiceUnavailable {
+		w.Header().Set("Retry-After", "30")
+	}
+	if status != 0 {
+		writeErr(w, status, msg)
 		return
+	}
+	writeJSON(w, http.StatusOK, login.GrantResponse{DeviceID: g.ID, Scope: string(g.Scope)})
+}
+
+// approval is a person's approval of an application's request, from an
+// enrolled device or a sign-in on the website (grantweb.go).
+type approval struct {
+	id     authz.Identity // who approves, as the policy sees them
+	by     string         // the approver the grant records (users.Device.GrantedBy)
+	appKey []byte
+	scope  authz.Scope
+	name   string
+	public bool
+	app    string
+	remote string
+	via    string // for the audit trail
+}
+
+// approve creates the grant a person approved, once the policy lets them
+// keep the name exposed themselves: the device, or the HTTP status and the
+// sentence of a refusal.
+func (e *Enroller) approve(ctx context.Context, a approval) (users.Device, int, string) {
+	if e.MayExpose == nil {
+		return users.Device{}, http.StatusForbidden, "this TP server does not grant credentials to applications"
+	}
+	if ok, reason := e.MayExpose(ctx, a.id, a.name, a.public); !ok {
+		e.log().Info("grant refused", "approver", a.by, "name", a.name, "why", reason)
+		return users.Device{}, http.StatusForbidden, reason
 	}
 	max := e.MaxGrants
 	if max <= 0 {
 		max = DefaultMaxGrants
 	}
-	g, err := e.Users.EnrollGrant(users.Grant{User: dev.User, Device: "grant-" + strings.ToLower(strings.ReplaceAll(login.GrantCode(appKey), "-", "")),
-		By: dev.ID, PublicKey: appKey, Scope: scope, Max: max, Revoked: e.deniedID})
+	g, err := e.Users.EnrollGrant(users.Grant{User: a.id.User, Device: "grant-" + strings.ToLower(strings.ReplaceAll(login.GrantCode(a.appKey), "-", "")),
+		By: a.by, PublicKey: a.appKey, Scope: a.scope, Max: max, Revoked: e.deniedID})
 	if err == nil && e.deniedID(g.ID) {
 		err = users.ErrDeviceRevoked // revoked by tpd revoke --device (the deny list)
 	}
 	switch {
 	case errors.Is(err, users.ErrKeyInUse):
-		writeErr(w, http.StatusConflict, "this application's key belongs to another device (a grant made or revoked before, or an enrolled device); the application must make a new key and ask again")
-		return
+		return g, http.StatusConflict, "this application's key belongs to another device (a grant made or revoked before, or an enrolled device); the application must make a new key and ask again"
 	case errors.Is(err, users.ErrDeviceExists):
-		writeErr(w, http.StatusConflict, fmt.Sprintf("%s already holds another grant for this key's code; the application should make a new key and ask again", dev.User))
-		return
+		return g, http.StatusConflict, fmt.Sprintf("%s already holds another grant for this key's code; the application should make a new key and ask again", a.id.User)
 	case errors.Is(err, users.ErrDeviceRevoked):
-		writeErr(w, http.StatusForbidden, "this application's key was granted before and the grant was revoked; the application must make a new key and ask again")
-		return
+		return g, http.StatusForbidden, "this application's key was granted before and the grant was revoked; the application must make a new key and ask again"
 	case errors.Is(err, users.ErrTooManyDevices):
-		writeErr(w, http.StatusForbidden, fmt.Sprintf("%s already holds %d grants, the most this server allows; revoke one no longer used (tpd users lists them, tpd revoke --device ends one)", dev.User, max))
-		return
+		return g, http.StatusForbidden, fmt.Sprintf("%s already holds %d grants, the most this server allows; revoke one no longer used (tp grant --list lists them, tp grant --revoke ends one)", a.id.User, max)
 	case errors.Is(err, users.ErrUnavailable):
-		e.unavailable(w, "grant", err, "so nothing was granted; try again in a minute")
-		return
+		e.log().Error("grant failed: the user store is unavailable", "approver", a.by, "err", err)
+		return g, http.StatusServiceUnavailable, "the server cannot reach its database right now, so nothing was granted; try again in a minute"
 	case err != nil:
-		e.log().Error("grant failed", "approver", dev.ID, "err", err)
-		writeErr(w, http.StatusInternalServerError, "granting failed on the server; try again or ask your administrator to check tpd's log")
-		return
+		e.log().Error("grant failed", "approver", a.by, "err", err)
+		return g, http.StatusInternalServerError, "granting failed on the server; try again or ask your administrator to check tpd's log"
 	}
-	e.log().Info("grant approved", "device", g.ID, "scope", string(g.Scope), "approver", dev.ID, "app", req.App, "remote", r.RemoteAddr)
+	e.log().Info("grant approved", "device", g.ID, "scope", string(g.Scope), "approver", a.by, "app", a.app, "remote", a.remote)
 	if e.Enrolled != nil {
-		e.Enrolled(g, r.RemoteAddr, "grant approved by "+dev.ID+" for "+describeApp(req.App))
+		e.Enrolled(g, a.remote, a.via+" for "+describeApp(a.app))
 	}
-	writeJSON(w, http.StatusOK, login.GrantResponse{DeviceID: g.ID, Scope: string(g.Scope)})
+	return g, 0, ""
 }
 
 // grantStatus tells an application, which proves it holds its key, whether a

@@ -16,6 +16,7 @@ import (
 
 	"github.com/coreos/go-oidc/v3/oidc"
 	jose "github.com/go-jose/go-jose/v4"
+	"golang.org/x/oauth2"
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
@@ -92,7 +93,8 @@ type SSO struct {
 
 	mu       sync.Mutex
 	verifier *oidc.IDTokenVerifier
-	failed   time.Time // the last failed discovery: none again before ssoRetry
+	endpoint oauth2.Endpoint // the provider's, from its discovery document
+	failed   time.Time       // the last failed discovery: none again before ssoRetry
 	failure  error
 	used     map[[32]byte]time.Time // ID tokens that enrolled a device, until they expire
 	clock    func() time.Time       // nil: time.Now; for tests of the keys' refetch bound
@@ -173,9 +175,20 @@ func (s *SSO) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error) {
 	}
 	v = oidc.NewVerifier(s.Issuer, keys, &oidc.Config{ClientID: s.ClientID, SupportedSigningAlgs: algs})
 	s.mu.Lock()
-	s.verifier = v
+	s.verifier, s.endpoint = v, p.Endpoint()
 	s.mu.Unlock()
 	return v, nil
+}
+
+// endpoints are the provider's authorization and token endpoints, from its
+// discovery document (fetched as verifierFor does).
+func (s *SSO) endpoints(ctx context.Context) (oauth2.Endpoint, error) {
+	if _, err := s.verifierFor(ctx); err != nil {
+		return oauth2.Endpoint{}, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.endpoint, nil
 }
 
 // ssoAlgs are the signing algorithms of the provider's discovery document

@@ -299,6 +299,8 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 	case errors.Is(cause, errFenced): // the agent reconnects, maybe to another instance
 		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.EndShutdown,
 			Reason: errFenced.Error() + " (is its database reachable?); reconnect (the names stay held for this device meanwhile)"})
+	case errors.As(cause, &rev) && rev.Identity: // the device, its user or its approver is revoked: final
+		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.EndRevoked, Reason: rev.Reason})
 	case errors.As(cause, &rev):
 		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.CodePolicyDenied, Reason: rev.Reason})
 	case errors.Is(cause, wire.ErrShutdown):

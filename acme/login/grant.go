@@ -36,6 +36,13 @@ const (
 	// PathGrantPage is the website page a grant link opens: what is asked,
 	// and the command that approves it.
 	PathGrantPage = "/grant"
+	// PathGrantSignIn starts an approval on the website by signing in with
+	// the organisation's identity provider (the grant link's query follows);
+	// the provider sends the browser back to PathGrantSignedIn, whose page
+	// asks to approve, answered by a POST to PathGrantApprove.
+	PathGrantSignIn   = "/grant/sign-in"
+	PathGrantSignedIn = "/grant/signed-in"
+	PathGrantApprove  = "/grant/approve"
 	// CodeGrantPending is PathGrantStatus's answer (404) while no device holds
 	// the key.
 	CodeGrantPending = "grant_pending"

@@ -100,7 +100,7 @@ func SignInBrowser(ctx context.Context, idp *http.Client, info SSOInfo, open fun
 	if err != nil {
 		return Tokens{}, err
 	}
-	if got := tokenNonce(t.IDToken); got != nonce {
+	if got := TokenNonce(t.IDToken); got != nonce {
 		return Tokens{}, fmt.Errorf("the identity provider %s answered with an ID token of another sign-in (its nonce is not this one's): refusing it", info.Issuer)
 	}
 	return t, nil
@@ -158,9 +158,9 @@ func randomToken() string {
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
-// tokenNonce reads the nonce claim of a JWT without verifying it (tpd
+// TokenNonce reads the nonce claim of a JWT without verifying it (tpd
 // verifies the token; this only ties it to this sign-in).
-func tokenNonce(jwt string) string {
+func TokenNonce(jwt string) string {
 	parts := strings.Split(jwt, ".")
 	if len(parts) != 3 {
 		return ""

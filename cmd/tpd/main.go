@@ -23,6 +23,7 @@ import (
 	"github.com/tp-proxy/tp/internal/lib/config"
 	"github.com/tp-proxy/tp/internal/server/admin"
 	"github.com/tp-proxy/tp/internal/server/tpd"
+	"github.com/tp-proxy/tp/internal/server/users"
 
 	// HTTP/2 extended CONNECT (RFC 8441) for the reverse-tunnel draft; before net/http's init.
 	_ "github.com/tp-proxy/tp/internal/lib/xconnect"
@@ -341,7 +342,7 @@ func usersCmd(stdout io.Writer) *cobra.Command {
 						status = "user disabled"
 					case dv.Revoked:
 						status = since("revoked", dv.RevokedAt)
-					case dv.GrantedBy != "" && approverGone(revoked, dv.GrantedBy):
+					case dv.GrantedBy != "" && approverGone(revoked, dv.GrantedBy, u.SSOSubject):
 						status = "revoked with its approver"
 					case len(dv.PublicKey) == 0 && dv.LastLogin.IsZero():
 						status = "awaiting dlogin"
@@ -417,8 +418,12 @@ func versionCmd(stdout io.Writer) *cobra.Command {
 }
 
 // approverGone says whether a grant's approver is revoked or gone, given each
-// listed device's revocation.
-func approverGone(revoked map[string]bool, approver string) bool {
+// listed device's revocation; a grant approved by signing in is gone with
+// its user's binding to that account (bound: the user's subject).
+func approverGone(revoked map[string]bool, approver, bound string) bool {
+	if sub, ok := strings.CutPrefix(approver, users.SignInApprover); ok {
+		return sub != bound
+	}
 	r, known := revoked[approver]
 	return r || !known
 }

@@ -49,12 +49,14 @@ func tokensCmd(stdout io.Writer) *cobra.Command {
 func printTokens(w io.Writer, list []users.UserInfo) error {
 	revoked := map[string]bool{}
 	var grants []users.Device
+	bound := map[string]string{} // user → the provider's subject it is bound to
 	type pending struct {
 		id      string
 		expires time.Time
 	}
 	var tokens []pending
 	for _, u := range list {
+		bound[u.Name] = u.SSOSubject
 		for _, dv := range u.Devices {
 			revoked[dv.ID] = dv.Revoked || u.Revoked
 			if dv.GrantedBy != "" {
@@ -76,7 +78,7 @@ func printTokens(w io.Writer, list []users.UserInfo) error {
 		switch {
 		case revoked[g.ID]:
 			state = "revoked"
-		case approverGone(revoked, g.GrantedBy):
+		case approverGone(revoked, g.GrantedBy, bound[g.User]):
 			state = "revoked with its approver"
 		}
 		last := "-"

@@ -581,7 +581,7 @@ func (u *Users) Lookup(deviceID string) ([]string, error) {
 	if d.Revoked {
 		return nil, fmt.Errorf("device %s: %w", deviceID, authz.ErrRevoked)
 	}
-	if err := users.ApproverGone(d, s.devices[d.GrantedBy]); err != nil {
+	if err := users.ApproverGone(d, s.devices[d.GrantedBy], s.users[d.User]); err != nil {
 		return nil, err
 	}
 	x := s.users[d.User]

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"html/template"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
@@ -42,9 +43,14 @@ func (d *Daemon) mayExpose(ctx context.Context, id authz.Identity, label string,
 }
 
 // grantPage is what a grant link opens: what the application asks for, its
-// code, and the command that approves it on an enrolled device. Approving
-// needs the device key, so the page itself changes nothing.
-func grantPage(w http.ResponseWriter, r *http.Request) {
+// code, and the command that approves it on an enrolled device; with signIn,
+// also a link that approves it here by signing in with the organisation's
+// identity provider (acme/grantweb.go). The page itself changes nothing.
+func grantPage(signIn bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) { serveGrantPage(w, r, signIn) }
+}
+
+func serveGrantPage(w http.ResponseWriter, r *http.Request, signIn bool) {
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Content-Security-Policy", "default-src 'none'")
 	var g login.Grant
@@ -67,13 +73,18 @@ func grantPage(w http.ResponseWriter, r *http.Request) {
 	// query but them reaches it: every character a shell or cmd.exe would
 	// act on is percent-encoded, and the double quotes hold the & between
 	// fields on both.
-	_ = grantTemplate.Execute(w, grantView{App: g.App, Name: g.Name, How: how, Code: login.GrantCode(g.Key),
-		Command: g.Command()})
+	v := grantView{App: g.App, Name: g.Name, How: how, Code: login.GrantCode(g.Key), Command: g.Command()}
+	if signIn {
+		_, query, _ := strings.Cut(g.Link(), "?")
+		v.SignIn = login.PathGrantSignIn + "?" + query
+	}
+	_ = grantTemplate.Execute(w, v)
 }
 
 type grantView struct {
 	Bad                           bool
 	App, Name, How, Code, Command string
+	SignIn                        string // the page that approves by signing in, or ""
 }
 
 var grantTemplate = template.Must(template.New("grant").Parse(`<!doctype html>
@@ -83,7 +94,8 @@ var grantTemplate = template.Must(template.New("grant").Parse(`<!doctype html>
 <p>{{if .App}}<b>{{.App}}</b>{{else}}An application that gave no name{{end}} asks for a credential that can do one thing:
 keep <b>{{.Name}}</b> exposed through this TP server, {{.How}}. It cannot dial anywhere or expose another name.</p>
 <p>Approve only if the application shows the code <b>{{.Code}}</b>.</p>
-<p>To approve, run this on one of your enrolled devices:</p>
-<pre>{{.Command}}</pre>
-<p>The credential is a device of your user; <code>tpd users</code> lists it and <code>tpd revoke --device</code> ends it.</p>
+{{if .SignIn}}<p><a id="sign-in" href="{{.SignIn}}">Sign in with your organisation's account to approve it here</a>, or run this on one of your enrolled devices:</p>
+{{else}}<p>To approve, run this on one of your enrolled devices:</p>
+{{end}}<pre>{{.Command}}</pre>
+<p>The credential is a device of your user; <code>tp grant --list</code> lists your grants and <code>tp grant --revoke</code> ends one.</p>
 {{end}}`))

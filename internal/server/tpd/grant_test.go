@@ -32,7 +32,7 @@ func TestGrantPage(t *testing.T) {
 	q := url.Values{"name": {"ci"}, "app": {"nightly build"}, "key": {base64.RawURLEncoding.EncodeToString(key)}}
 	r := httptest.NewRequest(http.MethodGet, "https://tp.example.org"+login.PathGrantPage+"?"+q.Encode()+`&x=&\\evil.example\s\run.exe&`, nil)
 	w := httptest.NewRecorder()
-	grantPage(w, r)
+	serveGrantPage(w, r, false)
 	body := w.Body.String()
 	if w.Code != http.StatusOK || !strings.Contains(body, "keep <b>ci</b> exposed") || !strings.Contains(body, login.GrantCode(key)) ||
 		!strings.Contains(body, "tp grant &#34;https://tp.example.org/grant?app=nightly&#43;build&amp;key=") {
@@ -45,7 +45,7 @@ func TestGrantPage(t *testing.T) {
 	q.Set("app", `<script>alert(1)</script>`)
 	r = httptest.NewRequest(http.MethodGet, "https://tp.example.org"+login.PathGrantPage+"?"+q.Encode(), nil)
 	w = httptest.NewRecorder()
-	grantPage(w, r)
+	serveGrantPage(w, r, false)
 	if w.Code != http.StatusBadRequest || strings.Contains(w.Body.String(), "<script>") {
 		t.Fatalf("a link whose application name holds markup (%d):\n%s", w.Code, w.Body.String())
 	}
@@ -54,7 +54,7 @@ func TestGrantPage(t *testing.T) {
 	}
 	r = httptest.NewRequest(http.MethodGet, "https://tp.example.org"+login.PathGrantPage+"?name=ci", nil)
 	w = httptest.NewRecorder()
-	grantPage(w, r)
+	serveGrantPage(w, r, false)
 	if w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), "copy the whole link") {
 		t.Fatalf("a link without its key (%d):\n%s", w.Code, w.Body.String())
 	}

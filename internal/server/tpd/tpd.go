@@ -201,6 +201,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		Enrolled:     d.deviceEnrolled, // audit.go
 		MayExpose:    d.mayExpose,      // grant.go
 		GrantRevoked: d.grantRevoked,   // audit.go
+		URL:          cfg.PublicURL(),
 	}
 	if cfg.SSOIssuer != "" { // dlogin --sso: sign-in with the organisation's provider
 		enroller.SSO = &acme.SSO{Issuer: cfg.SSOIssuer, ClientID: cfg.SSOClientID, Domain: cfg.SSODomain,
@@ -221,7 +222,13 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 	// The same handler answers on the proxy names (ProxyHTTP).
 	d.discovery = discoveryHandler{discoveryFor(cfg, cfg.ProxyNames)}
 	web.Handle(wire.DiscoveryPath, d.discovery)
-	web.HandleFunc("GET "+login.PathGrantPage, grantPage) // grant.go
+	web.HandleFunc("GET "+login.PathGrantPage, grantPage(enroller.SSO != nil)) // grant.go
+	if enroller.SSO != nil {
+		// Approving a grant by signing in on the website (acme/grantweb.go).
+		pages := http.NewServeMux()
+		enroller.GrantPages(pages)
+		web.Handle(login.PathGrantPage+"/", limitSources(d.limiter, pages))
+	}
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
 		d.ca.Close()

@@ -392,8 +392,12 @@ func CheckGrant(g Grant) error {
 	if len(g.PublicKey) == 0 {
 		return errors.New("no key to enrol")
 	}
-	if u, _, err := authz.SplitDeviceID(g.By); err != nil || u != g.User {
-		return fmt.Errorf("a grant needs its approver, a device of user %s, not %q", g.User, g.By)
+	if sub, ok := strings.CutPrefix(g.By, SignInApprover); ok {
+		if sub == "" {
+			return errors.New("a grant approved by signing in needs the provider's subject")
+		}
+	} else if u, _, err := authz.SplitDeviceID(g.By); err != nil || u != g.User {
+		return fmt.Errorf("a grant needs its approver, a device of user %s or a sign-in, not %q", g.User, g.By)
 	}
 	if sc, err := authz.ParseScope(string(g.Scope)); err != nil || sc == "" {
 		return fmt.Errorf("a grant needs a scope: %v", err)
@@ -625,7 +629,7 @@ func (s *File) Lookup(deviceID string) ([]string, error) {
 	if d.Revoked {
 		return nil, fmt.Errorf("device %s: %w", deviceID, authz.ErrRevoked)
 	}
-	if err := ApproverGone(d, s.st.Devices[d.GrantedBy]); err != nil {
+	if err := ApproverGone(d, s.st.Devices[d.GrantedBy], s.st.Users[d.User]); err != nil {
 		return nil, err
 	}
 	u := s.st.Users[d.User]
@@ -648,13 +652,25 @@ func (s *File) GrantedBy(deviceID string) string {
 	return ""
 }
 
+// SignInApprover prefixes the provider's subject in Device.GrantedBy for a
+// grant approved by signing in on TP's website: such a grant lives as long
+// as its user is bound to that account (User.SSOSubject).
+const SignInApprover = "sign-in:"
+
 // ApproverGone says why a granted device may no longer connect when the
 // device that approved it (approver; nil when the store has none of that ID)
-// is revoked or gone: a grant is revoked with its approver. Nil for a device
-// that was not granted, or whose approver is live.
-func ApproverGone(d *Device, approver *Device) error {
+// is revoked or gone, or, for a grant approved by signing in, when its user
+// (nil when gone) is no longer bound to that account: a grant is revoked
+// with its approver. Nil for a device that was not granted, or whose
+// approver is live.
+func ApproverGone(d *Device, approver *Device, user *User) error {
+	sub, signIn := strings.CutPrefix(d.GrantedBy, SignInApprover)
 	switch {
 	case d.GrantedBy == "":
+		return nil
+	case signIn && (user == nil || user.SSOSubject != sub):
+		return fmt.Errorf("device %s was granted by a sign-in at the identity provider whose account %s is no longer bound to, and the grant ended with it: %w", d.ID, d.User, authz.ErrRevoked)
+	case signIn:
 		return nil
 	case approver == nil:
 		return fmt.Errorf("device %s was granted by %s, which no longer exists, and the grant ended with it: %w", d.ID, d.GrantedBy, authz.ErrRevoked)

@@ -132,6 +132,15 @@ func (p *IdP) login(w http.ResponseWriter, r *http.Request) {
 	http.Redirect(w, r, p.callback+url.QueryEscape(id), http.StatusFound)
 }
 
+// AllowRedirect registers uri as a redirect of TP's client besides the
+// loopback, as an administrator registers TP's website (an https URL) where
+// people approve grants by signing in.
+func (p *IdP) AllowRedirect(uri string) {
+	p.st.mu.Lock()
+	defer p.st.mu.Unlock()
+	p.st.redirects = append(p.st.redirects, uri)
+}
+
 // Approve signs the person with subject in at the provider and approves the
 // device authorization with userCode, as the person would on the
 // provider's page.
@@ -173,9 +182,10 @@ func (p *IdP) SetGroups(subject string, groups []string) {
 // and a groups claim.
 type store struct {
 	*storage.Storage
-	mu       sync.Mutex
-	groups   map[string][]string
-	disabled map[string]bool
+	mu        sync.Mutex
+	groups    map[string][]string
+	disabled  map[string]bool
+	redirects []string // registered besides the loopback (AllowRedirect)
 }
 
 // CreateAccessAndRefreshTokens gives a device authorization's refresh token
@@ -207,7 +217,7 @@ func (s *store) GetClientByClientID(ctx context.Context, id string) (op.Client, 
 	if err != nil {
 		return nil, err
 	}
-	return publicClient{c}, nil
+	return publicClient{c, s}, nil
 }
 
 func (s *store) SetUserinfoFromScopes(ctx context.Context, info *oidc.UserInfo, userID, clientID string, scopes []string) error {
@@ -224,7 +234,10 @@ func (s *store) SetUserinfoFromScopes(ctx context.Context, info *oidc.UserInfo, 
 }
 
 // publicClient is a client without a secret that may use the device grant.
-type publicClient struct{ op.Client }
+type publicClient struct {
+	op.Client
+	st *store
+}
 
 func (publicClient) AuthMethod() oidc.AuthMethod         { return oidc.AuthMethodNone }
 func (publicClient) ApplicationType() op.ApplicationType { return op.ApplicationTypeNative }
@@ -232,9 +245,13 @@ func (publicClient) GrantTypes() []oidc.GrantType {
 	return []oidc.GrantType{oidc.GrantTypeDeviceCode, oidc.GrantTypeCode, oidc.GrantTypeRefreshToken}
 }
 
-// RedirectURIs is the loopback redirect of a native application: any port
-// (RFC 8252, section 7.3).
-func (publicClient) RedirectURIs() []string { return []string{"http://127.0.0.1/callback"} }
+// RedirectURIs is the loopback redirect of a native application, any port
+// (RFC 8252, section 7.3), and those registered with AllowRedirect.
+func (c publicClient) RedirectURIs() []string {
+	c.st.mu.Lock()
+	defer c.st.mu.Unlock()
+	return append([]string{"http://127.0.0.1/callback"}, c.st.redirects...)
+}
 func (publicClient) ResponseTypes() []oidc.ResponseType {
 	return []oidc.ResponseType{oidc.ResponseTypeCode}
 }

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"context"
 	"io"
+	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -12,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/internal/testkit/testidp"
 	"github.com/tp-proxy/tp/internal/testkit/testlog"
 	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
@@ -150,9 +153,14 @@ func TestGrantFlow(t *testing.T) {
 	// A grant lives as long as the device that approved it: revoking
 	// alice@laptop ends the application's exposure at once and says why.
 	run(t, nil, binary("tpd"), "revoke", "--device", "alice@laptop", "--data-dir", srv.DataDir)
-	next("the end of the exposure with its approver", func(l string) bool {
+	// The agent stops, saying why, instead of retrying as for a policy's
+	// refusal: it once logged "the TP server's policy no longer allows these
+	// names … retrying".
+	if l := next("the end of the exposure with its approver", func(l string) bool {
 		return strings.Contains(l, "granted by alice@laptop, which has been revoked")
-	})
+	}); !strings.Contains(l, "the TP server ended this agent, whose identity it no longer accepts") || strings.Contains(l, "retrying") {
+		t.Fatalf("the agent's line for its grant's end:\n%s", l)
+	}
 	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci.rev.tp.internal", echoPort); err == nil {
 		t.Fatalf("bob reached ci after its grant's approver was revoked: %q", got)
 	}
@@ -237,5 +245,90 @@ func startGrantApp(t *testing.T, env []string, args ...string) (next func(what s
 				t.Fatalf("no %s within 60s:\n%s", what, log.String())
 			}
 		}
+	}
+}
+
+// A person approves an application's request on TP's website by signing in
+// with the organisation's identity provider, in a real browser: the link's
+// page offers the sign-in, the provider sends the browser back, the page
+// shows who signed in and the application's code, and Approve grants. The
+// grant lives as long as the user is bound to that account. Bad input: the
+// approval posted without the browser's cookie, the provider's answer
+// replayed after the approval, an answer with a state nobody started; then
+// the user's binding cleared (tpd users unbind), which ends the grant.
+func TestGrantApprovedOnWebsite(t *testing.T) {
+	parallel(t)
+	idp := testidp.Start(t, testidp.Person{Subject: "s-alice", Email: "alice@example.org", EmailVerified: true})
+	srv := startServer(t, grantPolicy, "TP_SSO_ISSUER="+idp.Issuer, "TP_SSO_CLIENT_ID="+testidp.ClientID, "TP_SSO_DOMAIN=example.org")
+	idp.AllowRedirect(srv.URL + login.PathGrantSignedIn) // TP's website, registered at the provider
+	echo := testnet.Echo(t)
+	_, echoPort, _ := strings.Cut(echo, ":")
+	bob := srv.login(t, "bob", "phone")
+	app := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "app-home")}
+	next := startGrantApp(t, app, "expose", "ci", echo, "--allow-user", "bob",
+		"--request", "--server", srv.URL, "--fingerprint", srv.Fingerprint, "--app", "ci job")
+	code := strings.Fields(next("the code", func(l string) bool { return strings.HasPrefix(l, "Code ") }))[1]
+	code = strings.TrimSuffix(code, ".")
+	link := strings.TrimSuffix(strings.TrimPrefix(next("the link", func(l string) bool { return strings.HasPrefix(l, `tp grant "`) }), `tp grant "`), `"`)
+
+	idp.SignedIn("s-alice") // alice's browser has a session at the provider
+	b := startChrome(t, filepath.Join(srv.DataDir, "ca", "root.crt"))
+	b.open(link)
+	b.waitText("Sign in with your organisation's account")
+	b.click("#sign-in")
+	page := b.waitText("Signed in as alice (alice@example.org)")
+	if !strings.Contains(page, "ci job asks for a credential") || !strings.Contains(page, code) {
+		t.Fatalf("the approval page does not show the application and its code %s:\n%s", code, page)
+	}
+	signedIn := b.eval("location.href")
+	state, form := b.eval(`document.querySelector("input[name=state]").value`), b.eval(`document.querySelector("input[name=form]").value`)
+
+	// The same answer posted from elsewhere (no cookie of this browser) is refused.
+	root, err := login.FetchRoot(context.Background(), srv.URL, srv.Fingerprint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := login.HTTPClient(root)
+	resp, err := hc.PostForm(srv.URL+login.PathGrantApprove, url.Values{"state": {state}, "form": {form}, "answer": {"approve"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "not one this browser was asked for") {
+		t.Fatalf("the approval without the browser's cookie: %d\n%s", resp.StatusCode, body)
+	}
+
+	b.click("#approve")
+	page = b.waitText("Approved")
+	device := regexp.MustCompile(`now holds (alice@grant-[a-z2-7]{16}),`).FindStringSubmatch(page)
+	if device == nil {
+		t.Fatalf("the approval's page names no granted device:\n%s", page)
+	}
+	next("the registration", func(l string) bool {
+		return strings.HasPrefix(l, "Exposing ") && strings.Contains(l, "ci.rev.tp.internal")
+	})
+	if got, err := runErr(bob, strings.NewReader("through a web grant\n"), binary("tp"), "ci.rev.tp.internal", echoPort); err != nil || !strings.Contains(got, "through a web grant") {
+		t.Fatalf("bob through ci.rev.tp.internal: %v, %q", err, got)
+	}
+	if tokens := run(t, nil, binary("tpd"), "tokens", "--data-dir", srv.DataDir); !regexp.MustCompile(regexp.QuoteMeta(device[1]) + `\s+expose:ci\s+sign-in:s-alice\s+.*\s+active`).MatchString(tokens) {
+		t.Fatalf("tpd tokens does not show the grant approved by signing in:\n%s", tokens)
+	}
+
+	// The provider's answer again, and one with a state nobody started.
+	b.open(signedIn)
+	b.waitText("This sign-in is not one this browser started")
+	u, _ := url.Parse(signedIn)
+	q := u.Query()
+	q.Set("state", "forged")
+	u.RawQuery = q.Encode()
+	b.open(u.String())
+	b.waitText("This sign-in is not one this browser started")
+
+	// The grant lives as long as alice's binding to that account.
+	run(t, nil, binary("tpd"), "users", "unbind", "alice", "--data-dir", srv.DataDir)
+	next("the end of the exposure", func(l string) bool { return strings.Contains(l, "no longer bound") })
+	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci.rev.tp.internal", echoPort); err == nil {
+		t.Fatalf("bob reached ci after the approving account was unbound: %q", got)
 	}
 }

@@ -1,0 +1,376 @@
+package acme
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"errors"
+	"html/template"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/coreos/go-oidc/v3/oidc"
+	"golang.org/x/oauth2"
+
+	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/server/users"
+)
+
+// Approving a grant on the website: the person who opens a grant link signs
+// in with the organisation's identity provider instead of running tp grant
+// on an enrolled device. TP's server is then the provider's client with a
+// redirect to its own website (login.PathGrantSignedIn), by the
+// authorization code flow with PKCE, bound to the browser that started it by
+// a cookie; the page it comes back to asks to approve, and only the form on
+// that page, posted by that browser, approves. The grant records the
+// provider's account (users.SignInApprover): it lives as long as the user is
+// bound to that account.
+
+const (
+	// webGrantTTL bounds a sign-in from the link to the approval.
+	webGrantTTL = 10 * time.Minute
+	// maxWebGrants bounds the sign-ins under way at once; beyond it a new
+	// one is refused until some end or expire.
+	maxWebGrants = 1024
+	// webGrantCookie binds a sign-in to the browser that started it.
+	webGrantCookie = "tp_grant"
+	// signInDevice is the device name an approval by signing in is decided
+	// as: the policy sees USER@sign-in.
+	signInDevice = "sign-in"
+)
+
+// webGrant is one approval under way on the website.
+type webGrant struct {
+	g        login.Grant
+	scope    authz.Scope
+	browser  [32]byte // SHA-256 of the cookie's secret
+	verifier string   // PKCE
+	nonce    string
+	expires  time.Time
+	person   *ssoPerson // once signed in
+	form     string     // the approval form's one-time token, once signed in
+}
+
+// webGrants are the approvals under way, by the sign-in's state.
+type webGrants struct {
+	mu sync.Mutex
+	m  map[string]*webGrant
+}
+
+// add records w under a new state, or says there are too many under way.
+func (ws *webGrants) add(w *webGrant, now time.Time) (string, bool) {
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	if ws.m == nil {
+		ws.m = map[string]*webGrant{}
+	}
+	for k, x := range ws.m {
+		if now.After(x.expires) {
+			delete(ws.m, k)
+		}
+	}
+	if len(ws.m) >= maxWebGrants {
+		return "", false
+	}
+	state := secret()
+	ws.m[state] = w
+	return state, true
+}
+
+// get returns (a copy of) the approval under way for state, if the browser
+// holds its cookie and it has not expired; take also ends it.
+func (ws *webGrants) get(r *http.Request, state string, now time.Time, take bool) (webGrant, bool) {
+	c, err := r.Cookie(webGrantCookie)
+	if err != nil || state == "" {
+		return webGrant{}, false
+	}
+	sum := sha256.Sum256([]byte(c.Value))
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	w := ws.m[state]
+	if w == nil || subtle.ConstantTimeCompare(sum[:], w.browser[:]) != 1 {
+		return webGrant{}, false
+	}
+	if take || now.After(w.expires) {
+		delete(ws.m, state)
+	}
+	if now.After(w.expires) {
+		return webGrant{}, false
+	}
+	return *w, true
+}
+
+// signedIn records who signed in for state and returns the approval form's
+// token; false when the approval ended or someone signed in for it already.
+func (ws *webGrants) signedIn(state string, p ssoPerson) (string, bool) {
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	w := ws.m[state]
+	if w == nil || w.person != nil {
+		return "", false
+	}
+	w.person, w.form = &p, secret()
+	return w.form, true
+}
+
+// secret is 32 random bytes, base64url.
+func secret() string {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// GrantPages serves the website's part of a grant's approval by signing in
+// (login.PathGrantSignIn, PathGrantSignedIn, PathGrantApprove) on mux, when
+// the Enroller has single sign-on and its URL.
+func (e *Enroller) GrantPages(mux *http.ServeMux) {
+	mux.HandleFunc("GET "+login.PathGrantSignIn, e.grantSignIn)
+	mux.HandleFunc("GET "+login.PathGrantSignedIn, e.grantSignedIn)
+	mux.HandleFunc("POST "+login.PathGrantApprove, e.grantApprove)
+}
+
+// oauthConfig is TP's client at the provider for approvals on the website.
+func (e *Enroller) oauthConfig(ep oauth2.Endpoint) *oauth2.Config {
+	ep.AuthStyle = oauth2.AuthStyleInParams // a public client: PKCE, no secret
+	scopes := slices.DeleteFunc(slices.Clone(e.SSO.Info().Scopes), func(s string) bool { return s == oidc.ScopeOfflineAccess })
+	return &oauth2.Config{ClientID: e.SSO.ClientID, Scopes: scopes, Endpoint: ep, RedirectURL: e.URL + login.PathGrantSignedIn}
+}
+
+// grantSignIn starts an approval: it checks the request the link carries,
+// binds the sign-in to this browser and sends it to the provider.
+func (e *Enroller) grantSignIn(w http.ResponseWriter, r *http.Request) {
+	if e.SSO == nil || e.URL == "" {
+		webPage(w, http.StatusNotFound, "No sign-in on this server",
+			"This TP server signs nobody in with an identity provider: approve the request with tp grant on one of your enrolled devices (the grant link's page shows the command).", nil)
+		return
+	}
+	g, scope, ok := e.webRequest(w, r)
+	if !ok {
+		return
+	}
+	ep, err := e.SSO.endpoints(r.Context())
+	if err != nil || ep.AuthURL == "" {
+		e.log().Warn("grant sign-in: the identity provider is unreachable", "err", err)
+		webPage(w, http.StatusServiceUnavailable, "The identity provider cannot be reached",
+			"TP cannot reach the organisation's identity provider right now, so nobody can sign in; try again in a minute, or approve with tp grant on an enrolled device.", nil)
+		return
+	}
+	cookie := secret()
+	wg := &webGrant{g: g, scope: scope, browser: sha256.Sum256([]byte(cookie)), verifier: oauth2.GenerateVerifier(), nonce: secret(),
+		expires: e.now().Add(webGrantTTL)}
+	state, ok := e.web.add(wg, e.now())
+	if !ok {
+		webPage(w, http.StatusServiceUnavailable, "Too many sign-ins under way",
+			"This server has too many approvals waiting for their sign-in; try again in a few minutes.", nil)
+		return
+	}
+	http.SetCookie(w, &http.Cookie{Name: webGrantCookie, Value: cookie, Path: login.PathGrantPage + "/", MaxAge: int(webGrantTTL.Seconds()),
+		Secure: true, HttpOnly: true, SameSite: http.SameSiteLaxMode})
+	w.Header().Set("Cache-Control", "no-store")
+	http.Redirect(w, r, e.oauthConfig(ep).AuthCodeURL(state, oauth2.S256ChallengeOption(wg.verifier), oauth2.SetAuthURLParam("nonce", wg.nonce)), http.StatusSeeOther)
+}
+
+// webRequest reads and checks the application's request from the query, as
+// the grant link carries it; false when it answered with a refusal.
+func (e *Enroller) webRequest(w http.ResponseWriter, r *http.Request) (login.Grant, authz.Scope, bool) {
+	bad := func(msg string) (login.Grant, authz.Scope, bool) {
+		webPage(w, http.StatusBadRequest, "This grant link cannot be approved", msg, nil)
+		return login.Grant{}, "", false
+	}
+	if len(r.URL.RawQuery) > 4096 {
+		return bad("The link is too long: copy the whole link the application printed, and nothing more.")
+	}
+	g, err := login.ParseGrantLink("https://" + r.Host + login.PathGrantPage + "?" + r.URL.RawQuery)
+	if err != nil {
+		return bad(err.Error() + ".")
+	}
+	scope, err := grantScope(g.Name, g.Public)
+	if err != nil {
+		return bad(err.Error() + ".")
+	}
+	if _, err := parseP256(base64.StdEncoding.EncodeToString(g.Key)); err != nil {
+		return bad("The application's key is not one TP takes (" + err.Error() + ").")
+	}
+	return g, scope, true
+}
+
+// grantSignedIn is where the provider sends the browser back: the sign-in's
+// code is exchanged for an ID token, which must be this sign-in's (nonce)
+// and one tpd accepts, and the page asks the person to approve.
+func (e *Enroller) grantSignedIn(w http.ResponseWriter, r *http.Request) {
+	if e.SSO == nil || e.URL == "" {
+		webPage(w, http.StatusNotFound, "No sign-in on this server", "This TP server signs nobody in with an identity provider.", nil)
+		return
+	}
+	q := r.URL.Query()
+	wg, ok := e.web.get(r, q.Get("state"), e.now(), q.Get("error") != "")
+	switch {
+	case !ok:
+		webPage(w, http.StatusBadRequest, "This sign-in is not one this browser started",
+			"It was started in another browser, it expired (after "+webGrantTTL.String()+"), or it was answered already: open the grant link again.", nil)
+		return
+	case q.Get("error") == "access_denied":
+		webPage(w, http.StatusOK, "The sign-in was declined", "Nothing was granted.", nil)
+		return
+	case q.Get("error") != "":
+		webPage(w, http.StatusBadGateway, "The identity provider ended the sign-in",
+			"It said: "+q.Get("error")+" "+q.Get("error_description")+". Nothing was granted; open the grant link to try again.", nil)
+		return
+	case wg.person != nil:
+		webPage(w, http.StatusConflict, "This sign-in is already answered", "Use the page it showed, or open the grant link again.", nil)
+		return
+	}
+	p, status, msg := e.webSignIn(r.Context(), &wg, q.Get("code"))
+	if status != 0 {
+		e.web.get(r, q.Get("state"), e.now(), true) // a failed sign-in ends the approval
+		webPage(w, status, "The sign-in cannot approve this request", msg, nil)
+		return
+	}
+	form, ok := e.web.signedIn(q.Get("state"), p)
+	if !ok {
+		webPage(w, http.StatusConflict, "This sign-in is already answered", "Use the page it showed, or open the grant link again.", nil)
+		return
+	}
+	webPage(w, http.StatusOK, "Approve "+appName(wg.g.App)+"?", "", &approvalView{
+		User: p.User, Email: p.Email, App: appName(wg.g.App), Name: wg.g.Name, How: grantHow(wg.g.Public),
+		Code: login.GrantCode(wg.g.Key), State: q.Get("state"), Form: form, Action: login.PathGrantApprove})
+}
+
+// webSignIn exchanges the sign-in's code for an ID token and reads who it
+// names; a status and a sentence when it is refused.
+func (e *Enroller) webSignIn(ctx context.Context, wg *webGrant, code string) (ssoPerson, int, string) {
+	if code == "" {
+		return ssoPerson{}, http.StatusBadRequest, "The identity provider sent no code: open the grant link again."
+	}
+	ep, err := e.SSO.endpoints(ctx)
+	if err != nil {
+		return ssoPerson{}, http.StatusServiceUnavailable, "TP cannot reach the identity provider right now; open the grant link again in a minute."
+	}
+	hc := e.SSO.HTTPClient
+	if hc == nil {
+		hc = &http.Client{Timeout: 30 * time.Second}
+	}
+	ctx, cancel := context.WithTimeout(ctx, ssoDiscoveryTimeout)
+	defer cancel()
+	tok, err := e.oauthConfig(ep).Exchange(context.WithValue(ctx, oauth2.HTTPClient, hc), code, oauth2.VerifierOption(wg.verifier))
+	if err != nil {
+		e.log().Info("grant sign-in: the code exchange failed", "err", err)
+		return ssoPerson{}, http.StatusForbidden, "The identity provider did not complete the sign-in (its code was refused: used already, or expired): open the grant link again."
+	}
+	raw, _ := tok.Extra("id_token").(string)
+	if raw == "" {
+		return ssoPerson{}, http.StatusBadGateway, "The identity provider answered without an ID token; tell your TP administrator."
+	}
+	p, _, err := e.SSO.check(ctx, raw, e.now(), "the grant link")
+	var refusal *ssoRefusal
+	switch {
+	case errors.As(err, &refusal):
+		return ssoPerson{}, http.StatusForbidden, refusal.msg + "."
+	case err != nil:
+		return ssoPerson{}, http.StatusServiceUnavailable, "TP cannot check the sign-in with the identity provider right now; open the grant link again in a minute."
+	}
+	if subtle.ConstantTimeCompare([]byte(login.TokenNonce(raw)), []byte(wg.nonce)) != 1 {
+		return ssoPerson{}, http.StatusForbidden, "The identity provider answered with the ID token of another sign-in; nothing was granted."
+	}
+	return p, 0, ""
+}
+
+// grantApprove is the answer of the page grantSignedIn showed: approve or
+// decline, once, from the browser that signed in.
+func (e *Enroller) grantApprove(w http.ResponseWriter, r *http.Request) {
+	r.Body = http.MaxBytesReader(w, r.Body, 4096)
+	if err := r.ParseForm(); err != nil {
+		webPage(w, http.StatusBadRequest, "This answer cannot be read", "Open the grant link again.", nil)
+		return
+	}
+	wg, ok := e.web.get(r, r.PostForm.Get("state"), e.now(), true)
+	if !ok || wg.person == nil || subtle.ConstantTimeCompare([]byte(r.PostForm.Get("form")), []byte(wg.form)) != 1 {
+		webPage(w, http.StatusBadRequest, "This answer is not one this browser was asked for",
+			"It comes from another browser or page, it expired, or it was given already: open the grant link again.", nil)
+		return
+	}
+	if r.PostForm.Get("answer") != "approve" {
+		e.log().Info("grant declined on the website", "user", wg.person.User, "name", wg.g.Name, "app", wg.g.App)
+		webPage(w, http.StatusOK, "Declined", "Nothing was granted; the application waits until it gives up.", nil)
+		return
+	}
+	p := *wg.person
+	if err := e.Users.BindUser(p.User, p.Subject); errors.Is(err, users.ErrOtherAccount) {
+		webPage(w, http.StatusForbidden, "This account cannot approve for "+p.User,
+			"TP's user "+p.User+" belongs to another account at the identity provider; ask your TP administrator (tpd users unbind).", nil)
+		return
+	} else if err != nil {
+		e.log().Error("grant on the website: binding the user failed", "user", p.User, "err", err)
+		webPage(w, http.StatusServiceUnavailable, "Nothing was granted", "The server cannot record the approval right now; open the grant link again in a minute.", nil)
+		return
+	}
+	groups := p.Groups
+	if groups == nil {
+		groups = []string{} // the provider named none: the policy decides without groups
+	}
+	id := authz.Identity{DeviceID: authz.DeviceID(p.User, signInDevice), User: p.User, Device: signInDevice, Groups: groups}
+	g, status, msg := e.approve(r.Context(), approval{id: id, by: users.SignInApprover + p.Subject, appKey: wg.g.Key, scope: wg.scope,
+		name: wg.g.Name, public: wg.g.Public, app: wg.g.App, remote: r.RemoteAddr, via: "grant approved on the website by a sign-in as " + p.Email})
+	if status != 0 {
+		webPage(w, status, "Nothing was granted", msg, nil)
+		return
+	}
+	webPage(w, http.StatusOK, "Approved", appName(wg.g.App)+" now holds "+g.ID+", which may only keep "+wg.g.Name+
+		" exposed; it goes on within seconds. tp grant --list on your devices lists your grants, and tp grant --revoke ends one.", nil)
+}
+
+func appName(app string) string {
+	if app == "" {
+		return "an application that gave no name"
+	}
+	return app
+}
+
+// grantHow says to whom a grant exposes its name.
+func grantHow(public bool) string {
+	if public {
+		return "to the devices its agent allows and, where the policy lets it, to anyone (public ports, names, an HTTP app)"
+	}
+	return "to the devices its agent allows (end to end)"
+}
+
+// approvalView is the page that asks to approve.
+type approvalView struct {
+	User, Email, App, Name, How, Code string
+	State, Form, Action               string
+}
+
+// webPage writes one of the approval's pages: a title and a sentence, or the
+// approval form. Nothing on it runs: no script, no style from elsewhere.
+func webPage(w http.ResponseWriter, status int, title, text string, form *approvalView) {
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Content-Security-Policy", "default-src 'none'; form-action 'self'; frame-ancestors 'none'")
+	w.Header().Set("X-Frame-Options", "DENY")
+	w.Header().Set("Referrer-Policy", "no-referrer")
+	w.WriteHeader(status)
+	_ = webTemplate.Execute(w, struct {
+		Title, Text string
+		Form        *approvalView
+	}{title, text, form})
+}
+
+var webTemplate = template.Must(template.New("grant").Parse(`<!doctype html>
+<title>TP: {{.Title}}</title>
+<h1 id="title">{{.Title}}</h1>
+{{with .Form}}<p id="who">Signed in as <b>{{.User}}</b> ({{.Email}}).</p>
+<p><b>{{.App}}</b> asks for a credential of your user that can do one thing:
+keep <b>{{.Name}}</b> exposed through this TP server, {{.How}}. It cannot dial anywhere or expose another name.</p>
+<p>Approve only if the application shows the code <b id="code">{{.Code}}</b>.</p>
+<form method="post" action="{{.Action}}">
+<input type="hidden" name="state" value="{{.State}}">
+<input type="hidden" name="form" value="{{.Form}}">
+<button id="approve" name="answer" value="approve">Approve</button>
+<button id="decline" name="answer" value="decline">Decline</button>
+</form>
+{{else}}<p id="text">{{.Text}}</p>{{end}}`))

@@ -1,0 +1,172 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// chrome is headless Chromium (Debian's chromium) driven over the DevTools
+// protocol, for pages a person clicks through: it trusts TP's root from an
+// NSS database, as a person's browser does once they import it, and keeps
+// its cookies for the test's life.
+type chrome struct {
+	t    *testing.T
+	conn *websocket.Conn
+	ctx  context.Context
+	next int
+}
+
+// startChrome runs Chromium trusting the root certificate in rootPEM.
+func startChrome(t *testing.T, rootPEM string) *chrome {
+	t.Helper()
+	nb := newBrowser(t, rootPEM) // http_test.go: Chromium, and TP's root in its NSS database
+	chromium, home := nb.chromium, nb.home
+	profile := filepath.Join(home, "profile")
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := commandContext(ctx, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+		"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+		"--user-data-dir="+profile, "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank")
+	cmd.Env = append(os.Environ(), "HOME="+home)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		_ = cmd.Wait()
+	})
+	// Chromium names its DevTools port in the profile once it listens.
+	var port string
+	deadline := time.Now().Add(60 * time.Second)
+	for port == "" {
+		if b, err := os.ReadFile(filepath.Join(profile, "DevToolsActivePort")); err == nil {
+			port, _, _ = strings.Cut(string(b), "\n")
+		}
+		if port == "" && time.Now().After(deadline) {
+			t.Fatalf("chromium opened no DevTools port within 60s:\n%s", stderr.String())
+		}
+		if port == "" {
+			time.Sleep(50 * time.Millisecond) // waiting for Chromium's start, bounded by the deadline above
+		}
+	}
+	resp, err := http.Get("http://127.0.0.1:" + strings.TrimSpace(port) + "/json/list")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var targets []struct{ Type, WebSocketDebuggerURL string }
+	err = json.NewDecoder(resp.Body).Decode(&targets)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ws string
+	for _, tg := range targets {
+		if tg.Type == "page" {
+			ws = tg.WebSocketDebuggerURL
+		}
+	}
+	if ws == "" {
+		t.Fatalf("chromium shows no page: %+v", targets)
+	}
+	conn, _, err := websocket.Dial(ctx, ws, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetReadLimit(64 << 20)
+	t.Cleanup(func() { conn.CloseNow() })
+	return &chrome{t: t, conn: conn, ctx: ctx}
+}
+
+// call sends one DevTools command and returns its result.
+func (b *chrome) call(method string, params any) json.RawMessage {
+	b.t.Helper()
+	b.next++
+	id := b.next
+	msg, _ := json.Marshal(map[string]any{"id": id, "method": method, "params": params})
+	ctx, cancel := context.WithTimeout(b.ctx, 60*time.Second)
+	defer cancel()
+	if err := b.conn.Write(ctx, websocket.MessageText, msg); err != nil {
+		b.t.Fatalf("%s: %v", method, err)
+	}
+	for {
+		_, data, err := b.conn.Read(ctx)
+		if err != nil {
+			b.t.Fatalf("%s: %v", method, err)
+		}
+		var m struct {
+			ID     int             `json:"id"`
+			Result json.RawMessage `json:"result"`
+			Error  *struct{ Message string }
+		}
+		if json.Unmarshal(data, &m) != nil || m.ID != id {
+			continue // an event, or another command's answer
+		}
+		if m.Error != nil {
+			b.t.Fatalf("%s: %s", method, m.Error.Message)
+		}
+		return m.Result
+	}
+}
+
+// open loads url in the page.
+func (b *chrome) open(url string) {
+	b.t.Helper()
+	b.call("Page.navigate", map[string]any{"url": url})
+}
+
+// eval runs a JavaScript expression in the page and returns its value as a string.
+func (b *chrome) eval(expr string) string {
+	b.t.Helper()
+	res := b.call("Runtime.evaluate", map[string]any{"expression": expr, "returnByValue": true})
+	var r struct {
+		Result struct {
+			Value any `json:"value"`
+		} `json:"result"`
+	}
+	_ = json.Unmarshal(res, &r)
+	if r.Result.Value == nil {
+		return ""
+	}
+	return fmt.Sprint(r.Result.Value)
+}
+
+// text is the page's visible text.
+func (b *chrome) text() string {
+	return b.eval(`document.body ? document.body.innerText : ""`)
+}
+
+// waitText waits (up to 60 s) until the page's text holds want, and returns it.
+func (b *chrome) waitText(want string) string {
+	b.t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		text := b.text()
+		if strings.Contains(text, want) {
+			return text
+		}
+		if time.Now().After(deadline) {
+			b.t.Fatalf("the page at %s does not say %q within 60s:\n%s", b.eval("location.href"), want, text)
+		}
+		time.Sleep(50 * time.Millisecond) // waiting for the page to load, bounded by the deadline above
+	}
+}
+
+// click clicks the element that selector names.
+func (b *chrome) click(selector string) {
+	b.t.Helper()
+	sel, _ := json.Marshal(selector)
+	if b.eval("(function(e){ if (!e) return 'none'; e.click(); return 'ok' })(document.querySelector("+string(sel)+"))") != "ok" {
+		b.t.Fatalf("the page at %s has no %s:\n%s", b.eval("location.href"), selector, b.text())
+	}
+}
