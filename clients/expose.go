@@ -587,7 +587,8 @@ func (a *Agent) readControl(ctl wire.Stream, announce func(wire.SessionHeader)) 
 		case hdr.End == wire.EndShutdown:
 			return serverShutdown{fmt.Errorf("the TP server is stopping: %s", hdr.Reason)}
 		case hdr.End == wire.EndRevoked: // final: retrying cannot lift a revocation
-			return fatalError{fmt.Errorf("the TP server ended this agent, whose identity it no longer accepts (%s); ask your TP administrator%.0w", hdr.Reason, authz.ErrRevoked)}
+			return fatalError{fmt.Errorf("the TP server ended this agent: this device or its user is revoked on the TP server: %s%.0w",
+				strings.TrimPrefix(hdr.Reason, "identity no longer accepted: "), authz.ErrRevoked)}
 		case hdr.End == wire.CodePolicyDenied: // retried: the policy may be fixed
 			return &RefusedError{Code: wire.CodePolicyDenied, Reason: "the TP server's policy no longer allows these names: " + hdr.Reason}
 		case hdr.End != "":

@@ -68,6 +68,10 @@ type UDPStats struct {
 	// QUICPacketQueueFull counts packets from clients that the QUIC stack
 	// discarded unread because its queue of unprocessed packets was full.
 	QUICPacketQueueFull int64
+	// NoFlow counts DATAGRAM frames from clients that named no live flow:
+	// late, after their flow ended (sent just before the client closed it),
+	// or malformed.
+	NoFlow int64
 }
 
 // udpState counts a server's UDP flows for the bounds and UDPStats.
@@ -88,6 +92,7 @@ func (s *Server) UDPStats() UDPStats {
 		DatagramsUp: u.up.Load(), DatagramsDown: u.down.Load(),
 		QueueFull: u.queueFull.Load(), TooLarge: u.tooLarge.Load(), DestRefused: u.dstRefused.Load(),
 		Oversize: u.oversize.Load(), QUICQueueFull: u.quicDrops.Dropped(), QUICPacketQueueFull: u.quicDrops.PacketsDropped(),
+		NoFlow: u.quicDrops.NoFlow(),
 	}
 }
 
@@ -153,6 +158,7 @@ func (s *Server) serveUDP(ctx context.Context, conn wire.Stream, cs tls.Connecti
 		return
 	}
 	defer flow.Close()
+	flow.CountNoFlow(&s.udp.quicDrops)
 	hello := wire.ServerHello{V: wire.Version, OK: true}
 	if id, ok := flow.FlowID(); ok {
 		hello.Flow = &id

@@ -15,8 +15,9 @@ import (
 // It also counts the packets quic-go discards before it read them because the
 // connection's queue of unprocessed packets (256) is full: whatever DATAGRAM
 // frames they held are lost too. Set Tracer as quic.Config.Tracer; it records
-// nothing else.
-type DatagramDropCounter struct{ n, packets atomic.Int64 }
+// nothing else. Flows counted with UDPFlow.CountNoFlow add the DATAGRAM
+// frames that reach their connection for no live flow (NoFlow).
+type DatagramDropCounter struct{ n, packets, noFlow atomic.Int64 }
 
 // Tracer is a quic.Config.Tracer that feeds the counter.
 func (c *DatagramDropCounter) Tracer(context.Context, bool, quic.ConnectionID) qlogwriter.Trace {
@@ -29,6 +30,10 @@ func (c *DatagramDropCounter) Dropped() int64 { return c.n.Load() }
 // PacketsDropped is how many received packets were discarded unread so far
 // (the connection's queue of unprocessed packets full).
 func (c *DatagramDropCounter) PacketsDropped() int64 { return c.packets.Load() }
+
+// NoFlow is how many DATAGRAM frames named no live flow on the connections
+// of flows counted here: late, after their flow ended, or malformed.
+func (c *DatagramDropCounter) NoFlow() int64 { return c.noFlow.Load() }
 
 type dropTrace struct{ c *DatagramDropCounter }
 

@@ -466,6 +466,9 @@ type datagramMux struct {
 	mu      sync.Mutex
 	flows   map[uint64]*UDPFlow
 	unknown atomic.Int64 // datagrams for no live flow, or malformed
+	// noFlow also counts them, for the server that owns the connection
+	// (UDPFlow.CountNoFlow).
+	noFlow atomic.Pointer[atomic.Int64]
 }
 
 var muxes = struct {
@@ -509,18 +512,31 @@ func (m *datagramMux) dispatch(d []byte) {
 		return
 	}
 	id, n, err := quicvarint.Parse(d)
-	if err != nil {
-		m.unknown.Add(1)
-		return
+	var f *UDPFlow
+	if err == nil {
+		m.mu.Lock()
+		f = m.flows[id]
+		m.mu.Unlock()
 	}
-	m.mu.Lock()
-	f := m.flows[id]
-	m.mu.Unlock()
 	if f == nil {
 		m.unknown.Add(1)
+		if c := m.noFlow.Load(); c != nil {
+			c.Add(1)
+		}
 		return
 	}
 	f.deliver(d[n:])
+}
+
+// CountNoFlow makes c count the DATAGRAM frames that reach f's QUIC
+// connection for no live flow (DatagramDropCounter.NoFlow), from now on and
+// after f ended: a datagram a client sent just before it closed its flow
+// arrives late, and is dropped with a count. Nothing for a flow without
+// datagrams.
+func (f *UDPFlow) CountNoFlow(c *DatagramDropCounter) {
+	if f.mux != nil {
+		f.mux.noFlow.Store(&c.noFlow)
+	}
 }
 
 func (m *datagramMux) add(id uint64, f *UDPFlow) error {

@@ -378,6 +378,7 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(droppedDesc, u.DestRefused, "dest_refused")
 	counter(droppedDesc, u.QUICQueueFull, "quic_queue_full")
 	counter(droppedDesc, u.QUICPacketQueueFull, "quic_packet_queue_full")
+	counter(droppedDesc, u.NoFlow, "no_flow")
 	counter(oversizeDesc, u.Oversize)
 	counter(leaseRenewDesc, st.Leases.Renewals, "ok")
 	counter(leaseRenewDesc, st.Leases.RenewalFailures, "failed")

@@ -146,14 +146,15 @@ func (b *chrome) text() string {
 	return b.eval(`document.body ? document.body.innerText : ""`)
 }
 
-// waitText waits (up to 60 s) until the page's text holds want, and returns it.
+// waitText waits (up to 60 s) until the page has loaded whole and its text
+// holds want, and returns the text.
 func (b *chrome) waitText(want string) string {
 	b.t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		text := b.text()
-		if strings.Contains(text, want) {
-			return text
+		if strings.Contains(text, want) && b.eval("document.readyState") == "complete" {
+			return b.text()
 		}
 		if time.Now().After(deadline) {
 			b.t.Fatalf("the page at %s does not say %q within 60s:\n%s", b.eval("location.href"), want, text)

@@ -158,7 +158,7 @@ func TestGrantFlow(t *testing.T) {
 	// names … retrying".
 	if l := next("the end of the exposure with its approver", func(l string) bool {
 		return strings.Contains(l, "granted by alice@laptop, which has been revoked")
-	}); !strings.Contains(l, "the TP server ended this agent, whose identity it no longer accepts") || strings.Contains(l, "retrying") {
+	}); !strings.Contains(l, "the TP server ended this agent: this device or its user is revoked on the TP server: device ") || strings.Contains(l, "retrying") {
 		t.Fatalf("the agent's line for its grant's end:\n%s", l)
 	}
 	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci.rev.tp.internal", echoPort); err == nil {
@@ -300,7 +300,7 @@ func TestGrantApprovedOnWebsite(t *testing.T) {
 	}
 
 	b.click("#approve")
-	page = b.waitText("Approved")
+	page = b.waitText("now holds")
 	device := regexp.MustCompile(`now holds (alice@grant-[a-z2-7]{16}),`).FindStringSubmatch(page)
 	if device == nil {
 		t.Fatalf("the approval's page names no granted device:\n%s", page)
