@@ -273,3 +273,62 @@ func twoUserStores(t *testing.T, listen bool) (a, b *pgstore.Users) {
 	}
 	return a, b
 }
+
+// On the database too a grant does not come back with its approver's name:
+// another key under the approver's name, or its account unbound, ends the
+// grants for good, and a revocation of the approver marks them. Bad input:
+// the approver enrolled again with a new key on instance A, read on B; the
+// same account bound again after an unbind.
+func TestGrantsEndForGoodAcrossInstances(t *testing.T) {
+	t.Parallel()
+	a, b := twoUserStores(t, false)
+	enrol := func(key string) {
+		t.Helper()
+		e, err := a.Enroll("alice", "laptop", nil, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := a.Redeem(e.Token, []byte(key)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	enrol("laptop key")
+	g1, err := a.EnrollGrant(users.Grant{User: "alice", By: "alice@laptop", Device: "grant-aaaa", PublicKey: []byte("app a"), Scope: "expose:ci", Max: 9})
+	if err != nil {
+		t.Fatal(err)
+	}
+	enrol("laptop key")
+	if err := b.Reload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Lookup(g1.ID); err != nil {
+		t.Fatalf("the grant after its approver enrolled again with the same key: %v", err)
+	}
+	enrol("another key")
+	if err := b.Reload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := b.Device(g1.ID); !d.Revoked {
+		t.Fatal("the grant lives on after its approver's name got another key")
+	}
+
+	if err := a.BindUser("alice", "s-alice"); err != nil {
+		t.Fatal(err)
+	}
+	g2, err := a.EnrollGrant(users.Grant{User: "alice", By: users.SignInApprover + "s-alice", Device: "grant-bbbb", PublicKey: []byte("app b"), Scope: "expose:ci", Max: 9})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.UnbindUser("alice"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.BindUser("alice", "s-alice"); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Reload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := a.Device(g2.ID); !d.Revoked {
+		t.Fatal("the grant approved by a sign-in lives on after its account was unbound and bound again")
+	}
+}

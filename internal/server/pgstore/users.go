@@ -195,6 +195,12 @@ func (u *Users) Redeem(tok string, pub []byte) (users.Device, error) {
 		if _, err := tx.Exec(ctx, "INSERT INTO tp_users (name) VALUES ($1) ON CONFLICT DO NOTHING", user); err != nil {
 			return err
 		}
+		// Another machine under the name: the grants it approved end
+		// (users.File.endGrantsLocked).
+		if _, err := tx.Exec(ctx, `UPDATE tp_devices SET revoked = true, revoked_at = now() WHERE granted_by = $1 AND NOT revoked
+			AND EXISTS (SELECT 1 FROM tp_devices o WHERE o.id = $1 AND length(coalesce(o.public_key, '')) > 0 AND o.public_key <> $2)`, id, pub); err != nil {
+			return err
+		}
 		err = tx.QueryRow(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key) VALUES ($1, $2, $3, $4)
 			ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, revoked = false, revoked_at = NULL, sso_subject = ''
 			RETURNING id, user_name, name, public_key, created`, id, user, device, pub).Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created)
@@ -275,6 +281,10 @@ func (u *Users) UnbindUser(user string) (string, error) {
 			return err
 		}
 		if _, err := tx.Exec(ctx, "UPDATE tp_users SET sso_subject = '' WHERE name = $1", user); err != nil {
+			return err
+		}
+		// What that account approved ends with the binding.
+		if _, err := tx.Exec(ctx, "UPDATE tp_devices SET revoked = true, revoked_at = now() WHERE granted_by = $1 AND NOT revoked", users.SignInApprover+was); err != nil {
 			return err
 		}
 		return notify(ctx, tx, TopicUsers)
@@ -489,7 +499,8 @@ func (u *Users) SignedIn(id, subject string, groups []string) error {
 
 // RevokeDevice implements users.Store.
 func (u *Users) RevokeDevice(id string) error {
-	return u.update(id, "UPDATE tp_devices SET revoked = true, revoked_at = coalesce(revoked_at, now()) WHERE id = $1", "revoke "+id)
+	return u.update(id, `WITH grants AS (UPDATE tp_devices SET revoked = true, revoked_at = now() WHERE granted_by = $1 AND NOT revoked)
+		UPDATE tp_devices SET revoked = true, revoked_at = coalesce(revoked_at, now()) WHERE id = $1`, "revoke "+id)
 }
 
 // SetScope implements users.Store.
@@ -578,11 +589,11 @@ func (u *Users) Lookup(deviceID string) ([]string, error) {
 	if d == nil || len(d.PublicKey) == 0 {
 		return nil, fmt.Errorf("device %s is not enrolled: %w", deviceID, authz.ErrUnknownDevice)
 	}
+	if err := users.ApproverGone(d, s.devices[d.GrantedBy], s.users[d.User]); err != nil {
+		return nil, err // said before a revocation the store made with the approver's
+	}
 	if d.Revoked {
 		return nil, fmt.Errorf("device %s: %w", deviceID, authz.ErrRevoked)
-	}
-	if err := users.ApproverGone(d, s.devices[d.GrantedBy], s.users[d.User]); err != nil {
-		return nil, err
 	}
 	x := s.users[d.User]
 	if x == nil {

@@ -289,6 +289,9 @@ func (s *File) Redeem(tok string, pub []byte) (Device, error) {
 		d = &Device{ID: id, User: t.User, Name: t.Device, Created: now}
 		s.st.Devices[id] = d
 	}
+	if len(d.PublicKey) > 0 && string(d.PublicKey) != string(pub) {
+		s.endGrantsLocked(id, now) // another machine under the name: the grants it approved end
+	}
 	d.PublicKey = slices.Clone(pub)
 	d.Revoked, d.RevokedAt = false, time.Time{}
 	d.SSOSubject = "" // a new key is a new enrollment: a sign-in binds it again
@@ -355,7 +358,21 @@ func (s *File) UnbindUser(user string) (string, error) {
 		return "", nil
 	}
 	u.SSOSubject = ""
+	s.endGrantsLocked(SignInApprover+was, s.now()) // what that account approved ends with the binding
 	return was, s.saveLocked()
+}
+
+// endGrantsLocked revokes, for good, the grants whose approver is by: a device
+// revoked in the store or enrolled again with another key, or a sign-in whose
+// account the user is no longer bound to. A grant lives as long as its
+// approver, and does not come back with a device of the same name or the
+// same account bound again.
+func (s *File) endGrantsLocked(by string, now time.Time) {
+	for _, d := range s.st.Devices {
+		if d.GrantedBy == by && !d.Revoked {
+			d.Revoked, d.RevokedAt = true, now
+		}
+	}
 }
 
 // Grant is a device an approval creates for an application (Store.EnrollGrant).
@@ -626,11 +643,14 @@ func (s *File) Lookup(deviceID string) ([]string, error) {
 	if d == nil || len(d.PublicKey) == 0 {
 		return nil, fmt.Errorf("device %s is not enrolled: %w", deviceID, authz.ErrUnknownDevice)
 	}
-	if d.Revoked {
-		return nil, fmt.Errorf("device %s: %w", deviceID, authz.ErrRevoked)
-	}
+	// A grant ended with its approver says so, whether the store already
+	// marked it revoked (endGrantsLocked) or not (the approver's key replaced
+	// on another instance, its binding cleared).
 	if err := ApproverGone(d, s.st.Devices[d.GrantedBy], s.st.Users[d.User]); err != nil {
 		return nil, err
+	}
+	if d.Revoked {
+		return nil, fmt.Errorf("device %s: %w", deviceID, authz.ErrRevoked)
 	}
 	u := s.st.Users[d.User]
 	if u == nil {
@@ -719,6 +739,7 @@ func (s *File) RevokeDevice(id string) error {
 	if !d.Revoked {
 		d.Revoked, d.RevokedAt = true, s.now()
 	}
+	s.endGrantsLocked(id, s.now())
 	return s.saveLocked()
 }
 

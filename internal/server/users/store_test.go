@@ -315,3 +315,61 @@ func BenchmarkDeviceByKeyMiss(b *testing.B) {
 		}
 	}
 }
+
+// A grant does not come back with its approver's name: a device enrolled
+// again under the approver's name with another key (a replacement for a
+// stolen laptop) or the same account bound again after an unbind finds the
+// grants ended for good. Bad input: re-enrolling the approver with a new
+// key; unbinding then binding the same account; the same key again, which
+// is the same machine and keeps its grants.
+func TestGrantsEndForGood(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "users.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	enrol := func(key string) {
+		t.Helper()
+		e, err := s.Enroll("alice", "laptop", nil, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Redeem(e.Token, []byte(key)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	enrol("laptop key")
+	grant := func(dev, by, key string) string {
+		t.Helper()
+		g, err := s.EnrollGrant(Grant{User: "alice", Device: dev, By: by, PublicKey: []byte(key), Scope: "expose:ci", Max: 9})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return g.ID
+	}
+	byLaptop := grant("grant-aaaa", "alice@laptop", "app a")
+	enrol("laptop key") // the same machine again
+	if _, err := s.Lookup(byLaptop); err != nil {
+		t.Fatalf("the grant after its approver enrolled again with the same key: %v", err)
+	}
+	enrol("the thief's replacement key")
+	if d, _ := s.Device(byLaptop); !d.Revoked {
+		t.Fatal("the grant lives on after its approver's name got another key")
+	}
+
+	if err := s.BindUser("alice", "s-alice"); err != nil {
+		t.Fatal(err)
+	}
+	bySignIn := grant("grant-bbbb", SignInApprover+"s-alice", "app b")
+	if _, err := s.Lookup(bySignIn); err != nil {
+		t.Fatalf("a grant approved by a sign-in of the bound account: %v", err)
+	}
+	if _, err := s.UnbindUser("alice"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.BindUser("alice", "s-alice"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Lookup(bySignIn); !errors.Is(err, authz.ErrRevoked) {
+		t.Fatalf("the grant after its account was unbound and bound again: %v; want it ended for good", err)
+	}
+}
