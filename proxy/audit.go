@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -126,7 +127,7 @@ func (s *Server) auditPublic(start time.Time, remote, network, key, agent string
 	}
 	r := SessionRecord{
 		Start: start, End: time.Now(), Remote: remote, Transport: network, Action: "public",
-		Destination: describeKey(key), BytesUp: up, BytesDown: down,
+		Destination: reverse.DescribeKey(key), BytesUp: up, BytesDown: down,
 		EndCode: "closed", EndReason: end,
 	}
 	if agent != "" {

@@ -15,7 +15,9 @@
 // is proxy/carrier (carrier.go); the CONNECT-UDP relay and the CONNECT-IP
 // tunnels are proxy/masque (masque_udp.go and connectip.go serve their
 // requests); the connections between server instances and their pool are
-// proxy/peer (peer*.go decides what they carry).
+// proxy/peer (peer*.go decides what they carry); the holds of reverse names
+// and the reverse tunnels' URIs, byte streams and pools are proxy/reverse
+// (reverse*.go and revtunnel*.go serve the listens, dials and tunnel requests).
 //
 // The package knows nothing about configuration files, OPA or step-ca: the caller
 // passes TLS configurations, an identity function and an authz.Authorizer. The

@@ -45,5 +45,5 @@ func (s *Server) H2TunnelsOf(host string) int {
 	if h == nil {
 		return 0
 	}
-	return len(h.h2.snapshot())
+	return len(h.h2.Snapshot())
 }

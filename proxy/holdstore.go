@@ -11,70 +11,11 @@ package proxy
 import (
 	"context"
 	"errors"
-	"fmt"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
-
-// HoldStore is the shared record of holds (internal/server/pgstore implements it on
-// PostgreSQL). A key is a full reverse name, "tcp/PORT", "udp/PORT" or
-// "sni/NAME"; an owner is a device ID. Every time is judged by the store's
-// clock, never by an instance's.
-type HoldStore interface {
-	// Claim takes every key for owner, served by this instance, with a lease
-	// of lease and a hold for the owner of hold (both from the store's now),
-	// and raises each key's epoch. A key is taken only when its row is
-	// owner's already or its hold has ended; otherwise nothing is taken and
-	// the error is a *HeldError naming the holder.
-	Claim(ctx context.Context, owner string, keys []string, lease, hold time.Duration) ([]HoldLease, error)
-	// Renew extends the lease and hold of the keys this instance still serves
-	// at the given epochs, and returns those keys; the others were taken over.
-	Renew(ctx context.Context, leases []HoldLease, lease, hold time.Duration) ([]string, error)
-	// Release ends this instance's service of the keys (at the given epochs)
-	// and keeps them the owner's for grace; grace 0 frees them.
-	Release(ctx context.Context, leases []HoldLease, grace time.Duration) error
-	// Prune forgets holds that have ended.
-	Prune(ctx context.Context) error
-	// Owner is the device that holds key (served, or reserved for its owner's
-	// return), on whichever instance; held is false when none does.
-	Owner(ctx context.Context, key string) (owner string, held bool, err error)
-}
-
-// HoldLease is a key and the epoch its claim gave it: the fencing token. A
-// session for a key is opened only while the epoch this instance holds is the
-// newest it knows and its lease has not run out.
-type HoldLease struct {
-	Key   string
-	Epoch int64
-}
-
-// HeldError is a claim refused because another identity holds Key; Serving
-// says whether an instance serves it now (else it is reserved for its owner's
-// return).
-type HeldError struct {
-	Key, Owner string
-	Serving    bool
-}
-
-func (e *HeldError) Error() string {
-	if e.Serving {
-		return fmt.Sprintf("%s is registered by another identity; choose another", describeKey(e.Key))
-	}
-	return fmt.Sprintf("%s belongs to another identity, whose agent is reconnecting; choose another", describeKey(e.Key))
-}
-
-// TooManyHeldError is a claim refused because the owner would hold more keys
-// than the store's bound over every instance (the store counts what the
-// owner's agents on all instances hold or have reserved).
-type TooManyHeldError struct {
-	Owner            string
-	Held, Asked, Max int
-}
-
-func (e *TooManyHeldError) Error() string {
-	return fmt.Sprintf("%s already holds %d reverse names and public exposures on the TP server's instances (through its other agents, or reserved for an agent that is reconnecting) and asks for %d more; the server allows %d per device (max-reverse-names-per-identity); stop the agents it no longer needs and try again", e.Owner, e.Held, e.Asked, e.Max)
-}
 
 // CodeHoldsUnavailable refuses a registration this instance cannot record in
 // the shared database (unreachable): the agent retries.
@@ -104,13 +45,13 @@ func (r *reverseRegistry) storeClaim(a *reverseAgent, keys []string) *wire.Hello
 	ctx, cancel := r.storeCtx()
 	defer cancel()
 	sent := time.Now()
-	var leases []HoldLease
+	var leases []reverse.HoldLease
 	err := errStoreBlocked
 	if !r.storeBlocked() {
 		leases, err = r.claimStore(ctx, a, keys)
 	}
-	var he *HeldError
-	var tm *TooManyHeldError
+	var he *reverse.HeldError
+	var tm *reverse.TooManyHeldError
 	switch {
 	case errors.As(err, &he):
 		return wire.Errorf(wire.CodeNameTaken, "%s", he.Error())
@@ -133,10 +74,10 @@ func (r *reverseRegistry) storeClaim(a *reverseAgent, keys []string) *wire.Hello
 // more; its agents need that long to come back, on any instance).
 func (r *reverseRegistry) holdFor() time.Duration { return r.opts.Lease + r.opts.RestartGrace }
 
-func (a *reverseAgent) leases() []HoldLease {
-	ls := make([]HoldLease, 0, len(a.epochs))
+func (a *reverseAgent) leases() []reverse.HoldLease {
+	ls := make([]reverse.HoldLease, 0, len(a.epochs))
 	for k, e := range a.epochs {
-		ls = append(ls, HoldLease{Key: k, Epoch: e})
+		ls = append(ls, reverse.HoldLease{Key: k, Epoch: e})
 	}
 	return ls
 }
@@ -221,10 +162,10 @@ func (s *Server) KickLeases() {
 // instance at their epoch end their agents.
 func (r *reverseRegistry) renew(ctx context.Context) {
 	r.mu.Lock()
-	var leases []HoldLease
+	var leases []reverse.HoldLease
 	for k, e := range r.names {
 		if e.agent != nil && e.epoch != 0 {
-			leases = append(leases, HoldLease{Key: k, Epoch: e.epoch})
+			leases = append(leases, reverse.HoldLease{Key: k, Epoch: e.epoch})
 		}
 	}
 	r.mu.Unlock()

@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/tp-proxy/tp/proxy/reverse"
 )
 
 // Proxy-Status is a valid Structured Field whatever the reason holds: the bad
@@ -72,7 +74,7 @@ func TestProxyRouting(t *testing.T) {
 		{"HTTP/1.1 Upgrade: reverse", &http.Request{Method: "GET", ProtoMajor: 1, Header: http.Header{"Upgrade": {"foo, reverse"}}}, true, ""},
 		{"h2 GET with Upgrade (not allowed in h2)", &http.Request{Method: "GET", ProtoMajor: 2, Header: http.Header{"Upgrade": {"reverse"}}}, false, ""},
 	} {
-		if got := IsReverseTunnel(tc.r); got != tc.reverse {
+		if got := reverse.IsReverseTunnel(tc.r); got != tc.reverse {
 			t.Errorf("%s: reverse tunnel %t; want %t", tc.name, got, tc.reverse)
 		}
 		if got := connectProtocol(tc.r); got != tc.proto {

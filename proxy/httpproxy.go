@@ -20,6 +20,7 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -48,7 +49,7 @@ func (s *Server) routeProxyHTTP(w http.ResponseWriter, r *http.Request) {
 		s.serveCarrierWS(w, r)
 	case r.URL.Path == wire.CarrierHTTPPath: // the http carrier (carrier.go)
 		s.serveCarrierHTTP(w, r)
-	case IsReverseTunnel(r):
+	case reverse.IsReverseTunnel(r):
 		s.ServeReverseTunnel(w, r)
 	case r.Method == http.MethodConnect && connectProtocol(r) == "":
 		s.serveConnectHTTP(w, r)

@@ -4,6 +4,7 @@ package proxy
 // takes one snapshot under the registries' locks and copies it out.
 
 import (
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"net"
 	"slices"
 	"strconv"
@@ -68,7 +69,7 @@ func (s *Server) Agents() []Agent {
 		seen[a] = true
 		ag := Agent{Identity: a.id.DeviceID, Transport: a.transport, Names: slices.Clone(a.names)}
 		for _, p := range a.public {
-			ag.Public = append(ag.Public, describeKey(p.Key()))
+			ag.Public = append(ag.Public, reverse.DescribeKey(p.Key()))
 		}
 		out = append(out, ag)
 	}
@@ -98,7 +99,7 @@ func (s *Server) PublicPorts() []PublicPort {
 		if !strings.HasPrefix(k, "tcp/") && !strings.HasPrefix(k, "udp/") && !strings.HasPrefix(k, "sni/") {
 			continue
 		}
-		p := PublicPort{Exposure: describeKey(k), Owner: e.owner, Online: e.agent != nil}
+		p := PublicPort{Exposure: reverse.DescribeKey(k), Owner: e.owner, Online: e.agent != nil}
 		if e.ln != nil {
 			if e.ln.pc != nil {
 				p.Address = "udp " + e.ln.pc.LocalAddr().String()

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/proxy/peer"
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
@@ -75,7 +76,7 @@ func (s *Server) peerRoute(ctx context.Context, key string) (PeerRoute, bool, *w
 	switch {
 	case err != nil:
 		s.rev.logStoreErr("route", err)
-		return PeerRoute{}, false, wire.Errorf(wire.CodeReverseOffline, "this TP server instance cannot look up which instance serves %s just now (its database is unreachable); try again in a few seconds", describeKey(key))
+		return PeerRoute{}, false, wire.Errorf(wire.CodeReverseOffline, "this TP server instance cannot look up which instance serves %s just now (its database is unreachable); try again in a few seconds", reverse.DescribeKey(key))
 	case !ok || route.Instance == p.Options().Self:
 		return PeerRoute{}, false, nil
 	}
@@ -111,7 +112,7 @@ func (s *Server) forwardOnce(ctx context.Context, route PeerRoute, host string, 
 	conn, pooled, err := s.peers.Get(dctx, route)
 	cancel()
 	if err != nil {
-		return nil, false, false, wire.Errorf(wire.CodeReverseOffline, peerUnreachable, route.Instance, describeKey(host), err)
+		return nil, false, false, wire.Errorf(wire.CodeReverseOffline, peerUnreachable, route.Instance, reverse.DescribeKey(host), err)
 	}
 	// The peer waits for its agent to pick the session up (PickupTimeout) after
 	// the dial timeout's worth of set-up.
@@ -127,7 +128,7 @@ func (s *Server) forwardOnce(ctx context.Context, route PeerRoute, host string, 
 		if errors.As(err, &he) {
 			return nil, false, false, he
 		}
-		return nil, false, pooled, wire.Errorf(wire.CodeReverseOffline, peerUnreachable, route.Instance, describeKey(host), err)
+		return nil, false, pooled, wire.Errorf(wire.CodeReverseOffline, peerUnreachable, route.Instance, reverse.DescribeKey(host), err)
 	}
 	if !sh.OK {
 		_ = conn.Close()
@@ -233,7 +234,7 @@ func (s *Server) peerOpen(ctx context.Context, op wire.PeerOpen) (wire.Stream, b
 	}
 	r.mu.Unlock()
 	if a == nil {
-		return nil, false, wire.Errorf(wire.CodeReverseOffline, "the TP server instance that served %s no longer serves it at epoch %d (its agent moved or reconnects, or its lease ran out); try again in a few seconds", describeKey(op.Key), op.Epoch)
+		return nil, false, wire.Errorf(wire.CodeReverseOffline, "the TP server instance that served %s no longer serves it at epoch %d (its agent moved or reconnects, or its lease ran out); try again in a few seconds", reverse.DescribeKey(op.Key), op.Epoch)
 	}
 	if public {
 		// A public client's session: the label is the one the agent registered

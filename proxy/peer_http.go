@@ -13,7 +13,7 @@ package proxy
 // ways, until either end closes it. A devices-only name is enforced on A from
 // the dialer's device as B verified it (PeerOpen.Header.PeerID); B knows the
 // name is devices-only from its route (the claim recorded it in the shared
-// store: AccessHoldStore), so its own handshake asks for the device
+// store: reverse.AccessHoldStore), so its own handshake asks for the device
 // certificate.
 
 import (
@@ -30,28 +30,17 @@ import (
 
 	"golang.org/x/net/http/httpguts"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // peerHTTPHeaderMax bounds the request head A reads from a peer connection.
 const peerHTTPHeaderMax = 1 << 20
 
-// AccessHoldStore is a HoldStore that records with a claim whether the
-// claimed keys are open to enrolled devices only (a reverse HTTP name exposed
-// with --devices-only), and returns it with their routes
-// (PeerRoute.DevicesOnly): an instance that carries such a name's requests to
-// the serving one must ask for the device certificate at its own handshake.
-// Without it, every claim is recorded as open to anyone, and a devices-only
-// name reached through another instance answers 403 even to a device.
-type AccessHoldStore interface {
-	HoldStore
-	ClaimAccess(ctx context.Context, owner string, keys []string, devicesOnly bool, lease, hold time.Duration) ([]HoldLease, error)
-}
-
 // claimStore claims keys for a in the store, with a's access when the store
 // records it.
-func (r *reverseRegistry) claimStore(ctx context.Context, a *reverseAgent, keys []string) ([]HoldLease, error) {
-	if as, ok := r.opts.Store.(AccessHoldStore); ok {
+func (r *reverseRegistry) claimStore(ctx context.Context, a *reverseAgent, keys []string) ([]reverse.HoldLease, error) {
+	if as, ok := r.opts.Store.(reverse.AccessHoldStore); ok {
 		return as.ClaimAccess(ctx, a.id.DeviceID, keys, a.devicesOnly, r.opts.Lease, r.holdFor())
 	}
 	return r.opts.Store.Claim(ctx, a.id.DeviceID, keys, r.opts.Lease, r.holdFor())

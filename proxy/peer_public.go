@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -31,7 +32,7 @@ type peerPublic struct {
 }
 
 // SetPeerPublic tells the server which public exposures other instances serve
-// now (keys as ReverseHold.Key: "tcp/PORT", "udp/PORT", "sni/NAME"). It opens
+// now (keys as reverse.Hold.Key: "tcp/PORT", "udp/PORT", "sni/NAME"). It opens
 // the public ports among them that are not open here yet (and that public-ports
 // allows here) and closes those it had opened for keys no longer listed. Without
 // PeerOptions it does nothing.
@@ -71,7 +72,7 @@ func (s *Server) SetPeerPublic(keys []string) {
 			if !pp.failed[k] {
 				pp.failed[k] = true
 				s.log.Warn("peering: another instance serves a public port this instance may not open (public-ports differ between instances); connections for it that reach this instance are refused",
-					"exposure", describeKey(k))
+					"exposure", reverse.DescribeKey(k))
 			}
 			continue
 		}
@@ -79,7 +80,7 @@ func (s *Server) SetPeerPublic(keys []string) {
 		if err != nil {
 			if !pp.failed[k] {
 				pp.failed[k] = true
-				s.log.Warn("peering: cannot open a public port another instance serves; connections for it that reach this instance are refused", "exposure", describeKey(k), "err", err)
+				s.log.Warn("peering: cannot open a public port another instance serves; connections for it that reach this instance are refused", "exposure", reverse.DescribeKey(k), "err", err)
 			}
 			continue
 		}

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
@@ -60,7 +61,7 @@ type ReverseOptions struct {
 	// claim or renewal lets this instance serve a key without renewing again
 	// (default DefaultLease); Renew is how often it renews (default
 	// DefaultRenew, at most Lease/3). RunLeases must run for renewals to happen.
-	Store HoldStore
+	Store reverse.HoldStore
 	Lease time.Duration
 	Renew time.Duration
 
@@ -77,8 +78,8 @@ type ReverseOptions struct {
 	// stay reserved for their owners for RestartGrace, so a restart (a crash
 	// included) opens no window for another identity. SaveHolds is called with the current holds after every
 	// change (serialised, newest last); nil keeps them in memory only.
-	Holds     []ReverseHold
-	SaveHolds func([]ReverseHold)
+	Holds     []reverse.Hold
+	SaveHolds func([]reverse.Hold)
 	// HTTPTunnels bounds the reverse tunnels of draft-kazuho-httpbis-reverse-tunnel
 	// (revtunnel.go).
 	HTTPTunnels ReverseTunnelOptions

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
@@ -154,7 +155,7 @@ func TestReverseClaim(t *testing.T) {
 func TestReverseRestoredHoldOutlastsGrace(t *testing.T) {
 	t.Parallel()
 	later := time.Now().Add(3 * time.Hour).UTC()
-	holds := []ReverseHold{
+	holds := []reverse.Hold{
 		{Key: "a.rev.test", Owner: "alice@laptop"},               // online when the server died
 		{Key: "b.rev.test", Owner: "alice@laptop", Until: later}, // offline, its grace ends later
 		{Key: "c.rev.test", Owner: "alice@laptop", Until: time.Now().Add(-time.Minute)},

@@ -2,15 +2,14 @@ package proxy
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"strings"
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
@@ -21,19 +20,6 @@ import (
 // on a TCP port of the TP server or by TLS server name (SNI) on the shared port.
 // Public sessions carry no dialer identity and no inner TLS: the relay splices
 // the public client's bytes to the agent, which connects them to its local service.
-
-// describeKey names a registry key for people.
-func describeKey(k string) string {
-	switch {
-	case strings.HasPrefix(k, "tcp/"):
-		return "public TCP port " + k[len("tcp/"):]
-	case strings.HasPrefix(k, "udp/"):
-		return "public UDP port " + k[len("udp/"):]
-	case strings.HasPrefix(k, "sni/"):
-		return "public server name " + k[len("sni/"):]
-	}
-	return k
-}
 
 // publicClaim is one public exposure of an agent, as the registry holds it.
 type publicClaim struct {
@@ -227,7 +213,7 @@ func (s *Server) acceptPublic(ln *publicListener) {
 		s.servePublicUDP(ln)
 		return
 	}
-	s.log.Info("public port open", "addr", ln.Addr().String(), "exposure", describeKey(ln.key))
+	s.log.Info("public port open", "addr", ln.Addr().String(), "exposure", reverse.DescribeKey(ln.key))
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -235,7 +221,7 @@ func (s *Server) acceptPublic(ln *publicListener) {
 				s.log.Warn("public port accept failed; closing it", "addr", ln.Addr().String(), "err", err)
 				_ = ln.Close()
 			}
-			s.log.Info("public port closed", "addr", ln.Addr().String(), "exposure", describeKey(ln.key))
+			s.log.Info("public port closed", "addr", ln.Addr().String(), "exposure", reverse.DescribeKey(ln.key))
 			return
 		}
 		if !s.acquire() {
@@ -286,7 +272,7 @@ func (s *Server) servePublic(c net.Conn, key string) {
 	defer func() {
 		s.stats.session("tcp", authz.ActionExposePublic, outcome, up, down)
 		s.log.LogAttrs(context.Background(), slog.LevelInfo, "public session",
-			slog.String("remote", remote), slog.String("exposure", describeKey(key)), slog.String("agent", agent),
+			slog.String("remote", remote), slog.String("exposure", reverse.DescribeKey(key)), slog.String("agent", agent),
 			slog.Int64("bytes_up", up), slog.Int64("bytes_down", down),
 			slog.Duration("duration", time.Since(start)), slog.String("end", end))
 		s.auditPublic(start, remote, "tcp", key, agent, up, down, end)
@@ -332,23 +318,12 @@ func (s *Server) servePublic(c net.Conn, key string) {
 	}
 }
 
-// ReverseHold is a reverse name or public exposure held by a device, as saved
-// across restarts (ReverseOptions.Holds, SaveHolds). Key is a full reverse name,
-// "tcp/PORT" or "sni/NAME"; Until is the end of the grace period of a hold whose
-// agent is offline, zero for one whose agent was online when it was saved.
-type ReverseHold struct {
-	Key   string    `json:"key"`
-	Owner string    `json:"owner"`
-	Label string    `json:"label,omitempty"`
-	Until time.Time `json:"until,omitzero"`
-}
-
 // loadHolds reserves the saved holds for their owners for at least RestartGrace
 // from now: an agent cannot reconnect while the server is down, and it may need
 // its idle timeout and a reconnect backoff to notice that the server is back.
 // Offline holds keep their own end when it is later. Only the owner's device
 // can take a restored hold back (claim).
-func (r *reverseRegistry) loadHolds(holds []ReverseHold) {
+func (r *reverseRegistry) loadHolds(holds []reverse.Hold) {
 	restart := time.Now().Add(r.opts.RestartGrace)
 	for _, h := range holds {
 		if h.Key == "" || h.Owner == "" {
@@ -370,9 +345,9 @@ func (r *reverseRegistry) persist() {
 	}
 	r.mu.Lock()
 	now := time.Now()
-	holds := make([]ReverseHold, 0, len(r.names))
+	holds := make([]reverse.Hold, 0, len(r.names))
 	for k, e := range r.names {
-		h := ReverseHold{Key: k, Owner: e.owner, Label: e.label}
+		h := reverse.Hold{Key: k, Owner: e.owner, Label: e.label}
 		if e.agent == nil {
 			if !now.Before(e.until) {
 				continue
@@ -390,24 +365,4 @@ func (r *reverseRegistry) persist() {
 		r.opts.SaveHolds(holds)
 		r.saved = seq
 	}
-}
-
-// MarshalHolds and UnmarshalHolds are the file format of saved holds (JSON).
-func MarshalHolds(h []ReverseHold) ([]byte, error) {
-	return json.MarshalIndent(map[string]any{"v": 1, "holds": h}, "", "  ")
-}
-
-// UnmarshalHolds reads what MarshalHolds wrote.
-func UnmarshalHolds(b []byte) ([]ReverseHold, error) {
-	var f struct {
-		V     int           `json:"v"`
-		Holds []ReverseHold `json:"holds"`
-	}
-	if err := json.Unmarshal(b, &f); err != nil {
-		return nil, err
-	}
-	if f.V != 1 {
-		return nil, fmt.Errorf("saved reverse holds have version %d; expected 1", f.V)
-	}
-	return f.Holds, nil
 }

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -45,7 +46,7 @@ type reverseAgent struct {
 	pending []*pendingSession // oldest first (TLS)
 
 	// devicesOnly: a reverse HTTP name's holder whose exposer lets only
-	// enrolled devices reach it (the claim records it: AccessHoldStore).
+	// enrolled devices reach it (the claim records it: reverse.AccessHoldStore).
 	devicesOnly bool
 }
 
@@ -149,7 +150,7 @@ func (r *reverseRegistry) claim(a *reverseAgent) ([]*reverseAgent, *wire.HelloEr
 func (r *reverseRegistry) precheckLocked(a *reverseAgent, keys []string, now time.Time) *wire.HelloError {
 	for _, n := range keys {
 		if e := r.names[n]; e != nil && e.owner != a.id.DeviceID && e.agent != nil {
-			return wire.Errorf(wire.CodeNameTaken, "%s is registered by another identity; choose another", describeKey(n))
+			return wire.Errorf(wire.CodeNameTaken, "%s is registered by another identity; choose another", reverse.DescribeKey(n))
 		}
 	}
 	return r.checkNamesLocked(a, keys, now)
@@ -166,10 +167,10 @@ func (r *reverseRegistry) claimLocked(a *reverseAgent) ([]*reverseAgent, *wire.H
 			continue
 		}
 		if e.agent != nil {
-			return nil, wire.Errorf(wire.CodeNameTaken, "%s is registered by another identity; choose another", describeKey(n))
+			return nil, wire.Errorf(wire.CodeNameTaken, "%s is registered by another identity; choose another", reverse.DescribeKey(n))
 		}
 		if now.Before(e.until) && r.opts.Store == nil { // with a store, the database judged the grace
-			return nil, wire.Errorf(wire.CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another", describeKey(n))
+			return nil, wire.Errorf(wire.CodeNameTaken, "%s belongs to another identity, whose agent is reconnecting; choose another", reverse.DescribeKey(n))
 		}
 		r.dropLocked(n, e) // another owner's hold that has run out
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -40,7 +41,7 @@ type publicUDPClient struct {
 // servePublicUDP reads a public UDP port until it closes, handing each public
 // client's datagrams to that client's session.
 func (s *Server) servePublicUDP(pl *publicListener) {
-	s.log.Info("public port open", "addr", pl.Addr().String(), "exposure", describeKey(pl.key))
+	s.log.Info("public port open", "addr", pl.Addr().String(), "exposure", reverse.DescribeKey(pl.key))
 	o := s.cfg.UDP.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	var (
@@ -51,7 +52,7 @@ func (s *Server) servePublicUDP(pl *publicListener) {
 	defer func() {
 		cancel()
 		wg.Wait()
-		s.log.Info("public port closed", "addr", pl.Addr().String(), "exposure", describeKey(pl.key))
+		s.log.Info("public port closed", "addr", pl.Addr().String(), "exposure", reverse.DescribeKey(pl.key))
 	}()
 	buf := make([]byte, wire.MaxDatagramSize)
 	for {
@@ -114,7 +115,7 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 	defer func() {
 		s.stats.session("udp", authz.ActionExposePublic, outcome, st.BytesOut, st.BytesIn)
 		s.log.LogAttrs(context.Background(), slog.LevelInfo, "public session",
-			slog.String("remote", c.src.String()), slog.String("exposure", describeKey(pl.key)), slog.String("agent", agent),
+			slog.String("remote", c.src.String()), slog.String("exposure", reverse.DescribeKey(pl.key)), slog.String("agent", agent),
 			slog.Int64("bytes_up", st.BytesOut), slog.Int64("bytes_down", st.BytesIn),
 			slog.Int64("datagrams_up", st.DatagramsOut), slog.Int64("datagrams_down", st.DatagramsIn),
 			slog.Duration("duration", time.Since(start)), slog.String("end", end))

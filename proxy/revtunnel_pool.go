@@ -10,19 +10,16 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
-	"net/url"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/quic-go/quic-go"
 	"golang.org/x/net/http2"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
@@ -37,7 +34,7 @@ type tunnelState struct {
 
 type tunnelHolder struct {
 	key    string
-	target tunnelTarget
+	target reverse.Target
 	owner  string
 	agent  *reverseAgent
 	ctx    context.Context // ends when the holder is replaced, revoked or shut down
@@ -46,10 +43,10 @@ type tunnelHolder struct {
 	opts   ReverseTunnelOptions
 	pickup time.Duration
 
-	idle   waitPool[tunnelConn]        // HTTP/1.1 tunnels waiting for a request
-	listen waitPool[*listenReq]        // listen-tcp requests waiting for a connection
-	h2     syncList[*http2.ClientConn] // tunnels that chose h2 (HTTP app: requests; listen-tcp: CONNECTs)
-	h1     *http.Transport             // sends requests over the idle tunnels
+	idle   reverse.WaitPool[reverse.TunnelConn] // HTTP/1.1 tunnels waiting for a request
+	listen reverse.WaitPool[*listenReq]         // listen-tcp requests waiting for a connection
+	h2     reverse.SyncList[*http2.ClientConn]  // tunnels that chose h2 (HTTP app: requests; listen-tcp: CONNECTs)
+	h1     *http.Transport                      // sends requests over the idle tunnels
 	// h2Pending counts h2 tunnels answered but not in h2 yet, so that a request
 	// arriving meanwhile waits for them rather than for an HTTP/1.1 tunnel;
 	// h1Tunnels counts the tunnels that chose HTTP/1.1.
@@ -65,7 +62,7 @@ type tunnelTicket struct {
 
 // join counts a tunnel for target by id, creating and claiming the holder when
 // it is the first one. Another identity's hold is refused with 403.
-func (st *tunnelState) join(s *Server, target tunnelTarget, id authz.Identity, alpn string) (*tunnelHolder, *tunnelTicket, *refusal) {
+func (st *tunnelState) join(s *Server, target reverse.Target, id authz.Identity, alpn string) (*tunnelHolder, *tunnelTicket, *reverse.Refusal) {
 	o := s.rev.opts.HTTPTunnels
 	st.mu.Lock()
 	defer st.mu.Unlock()
@@ -73,16 +70,16 @@ func (st *tunnelState) join(s *Server, target tunnelTarget, id authz.Identity, a
 		st.holders, st.perID = map[string]*tunnelHolder{}, map[string]int{}
 	}
 	if st.perID[id.DeviceID] >= o.MaxPerIdentity {
-		return nil, nil, refuse(http.StatusTooManyRequests, CodeTooManySessions,
+		return nil, nil, reverse.Refuse(http.StatusTooManyRequests, CodeTooManySessions,
 			"%s holds %d reverse tunnels, as many as this server allows per device; close some first", id, o.MaxPerIdentity)
 	}
-	key := target.key()
+	key := target.Key()
 	h := st.holders[key]
 	if h != nil && h.ctx.Err() != nil {
 		h = nil // replaced by a newer holder (a tp expose of the same device): start over
 	}
 	if h != nil && h.owner != id.DeviceID {
-		return nil, nil, refuse(http.StatusForbidden, wire.CodeNameTaken, "%s is held by another identity's reverse tunnels; choose another", describeTarget(target))
+		return nil, nil, reverse.Refuse(http.StatusForbidden, wire.CodeNameTaken, "%s is held by another identity's reverse tunnels; choose another", target)
 	}
 	if h == nil {
 		h = s.newHolder(target, id)
@@ -96,21 +93,21 @@ func (st *tunnelState) join(s *Server, target tunnelTarget, id authz.Identity, a
 				status = http.StatusServiceUnavailable
 			}
 			h.cancel(herr)
-			return nil, nil, refuse(status, herr.Code, "%s", herr.Reason)
+			return nil, nil, reverse.Refuse(status, herr.Code, "%s", herr.Reason)
 		}
 		for _, old := range replaced {
 			old.end(errReplaced)
 		}
 		st.holders[key] = h
 	}
-	if h.target.devicesOnly != target.devicesOnly {
-		return nil, nil, refuse(http.StatusConflict, wire.CodeNameTaken,
+	if h.target.DevicesOnly != target.DevicesOnly {
+		return nil, nil, reverse.Refuse(http.StatusConflict, wire.CodeNameTaken,
 			"%s is served to %s by this device's other tunnels; open every tunnel with the same %s, or close the others first",
-			target.full, accessOf(h.target.devicesOnly), AccessField)
+			target.Full, accessOf(h.target.DevicesOnly), reverse.AccessField)
 	}
 	if h.n >= o.MaxPerName {
-		return nil, nil, refuse(http.StatusTooManyRequests, CodeTooManySessions,
-			"%s has %d reverse tunnels, as many as this server allows per name; use fewer spare tunnels", describeTarget(target), o.MaxPerName)
+		return nil, nil, reverse.Refuse(http.StatusTooManyRequests, CodeTooManySessions,
+			"%s has %d reverse tunnels, as many as this server allows per name; use fewer spare tunnels", target, o.MaxPerName)
 	}
 	h.n++
 	st.perID[id.DeviceID]++
@@ -129,7 +126,7 @@ func (h *tunnelHolder) h2Ready(t *tunnelTicket) {
 	if t.pending {
 		t.pending = false
 		h.h2Pending.Add(-1)
-		h.h2.notify()
+		h.h2.Notify()
 	}
 }
 
@@ -149,7 +146,7 @@ func (st *tunnelState) leave(s *Server, h *tunnelHolder, t *tunnelTicket) {
 	h.h2Ready(t)
 	if last {
 		s.rev.release(h.agent, s.rev.opts.Grace)
-		h.cancel(errors.New("the last reverse tunnel of " + describeTarget(h.target) + " closed"))
+		h.cancel(errors.New("the last reverse tunnel of " + h.target.String() + " closed"))
 		h.h1.CloseIdleConnections()
 	}
 }
@@ -164,42 +161,35 @@ func (st *tunnelState) holder(key string) *tunnelHolder {
 	return h
 }
 
-func describeTarget(t tunnelTarget) string {
-	if t.port != 0 {
-		return "public TCP port " + strconv.Itoa(t.port)
-	}
-	return t.full
-}
-
-func (s *Server) newHolder(target tunnelTarget, id authz.Identity) *tunnelHolder {
+func (s *Server) newHolder(target reverse.Target, id authz.Identity) *tunnelHolder {
 	o := s.rev.opts.HTTPTunnels
-	h := &tunnelHolder{key: target.key(), target: target, owner: id.DeviceID, opts: o, pickup: s.rev.opts.PickupTimeout}
+	h := &tunnelHolder{key: target.Key(), target: target, owner: id.DeviceID, opts: o, pickup: s.rev.opts.PickupTimeout}
 	h.ctx, h.cancel = context.WithCancelCause(context.Background())
 	a := &reverseAgent{id: id, transport: "reverse-tunnel", udp: map[string]bool{}, ctx: h.ctx, end: h.cancel,
-		devicesOnly: target.port == 0 && target.devicesOnly}
-	if target.port != 0 {
-		a.public = []publicClaim{{PublicSpec: wire.PublicSpec{Net: "tcp", Port: target.port}}}
+		devicesOnly: target.Port == 0 && target.DevicesOnly}
+	if target.Port != 0 {
+		a.public = []publicClaim{{PublicSpec: wire.PublicSpec{Net: "tcp", Port: target.Port}}}
 		a.open = func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
 			return s.openTCPTunnel(ctx, h, hdr)
 		}
 	} else {
-		a.names = []string{target.full}
+		a.names = []string{target.Full}
 		a.open = func(context.Context, wire.SessionHeader) (wire.Stream, *wire.HelloError) {
-			return nil, wire.Errorf(wire.CodeUnsupportedNetwork, "%s is an HTTP app served through reverse tunnels; open https://%s/ instead", target.full, target.full)
+			return nil, wire.Errorf(wire.CodeUnsupportedNetwork, "%s is an HTTP app served through reverse tunnels; open https://%s/ instead", target.Full, target.Full)
 		}
 	}
 	a.openFlow = func(context.Context, wire.SessionHeader, int) (*wire.UDPFlow, *wire.HelloError) {
-		return nil, wire.Errorf(wire.CodeUnsupportedNetwork, "%s carries no UDP", describeTarget(target))
+		return nil, wire.Errorf(wire.CodeUnsupportedNetwork, "%s carries no UDP", target)
 	}
 	h.agent = a
 	h.h1 = &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			c, ok := h.idle.take(ctx, h.pickup, h.ctx.Done())
+			c, ok := h.idle.Take(ctx, h.pickup, h.ctx.Done())
 			if !ok {
 				if err := ctx.Err(); err != nil {
 					return nil, err
 				}
-				return nil, fmt.Errorf("no reverse tunnel of %s became free within %s", target.full, h.pickup)
+				return nil, fmt.Errorf("no reverse tunnel of %s became free within %s", target.Full, h.pickup)
 			}
 			return c, nil
 		},
@@ -227,14 +217,14 @@ func (h *tunnelHolder) h2Transport() *http2.Transport {
 // serveH2 holds a tunnel that chose h2 (an HTTP app's multiplexed tunnel, or a
 // listen-tcp tunnel with bind semantics): TP is the h2 client on it, and
 // requests (or CONNECTs) go out over it until it ends or ctx does.
-func (h *tunnelHolder) serveH2(ctx context.Context, tun *tunnelTicket, conn tunnelConn) {
+func (h *tunnelHolder) serveH2(ctx context.Context, tun *tunnelTicket, conn reverse.TunnelConn) {
 	cc, err := h.h2Transport().NewClientConn(conn)
 	if err != nil {
 		tun.rec.end = "h2 client preface: " + err.Error()
 		wire.Abort(conn, wire.QUICInternal)
 		return
 	}
-	remove := h.h2.add(cc)
+	remove := h.h2.Add(cc)
 	defer remove()
 	h.h2Ready(tun)
 	select {
@@ -248,8 +238,8 @@ func (h *tunnelHolder) serveH2(ctx context.Context, tun *tunnelTicket, conn tunn
 // serveHTTPTunnel serves the tunnel of an HTTP app until it ends.
 func (s *Server) serveHTTPTunnel(ctx context.Context, w http.ResponseWriter, r *http.Request, h *tunnelHolder, tun *tunnelTicket, alpn string) {
 	extra := http.Header{}
-	if _, hasALPN, _ := parseALPN(r.Header); hasALPN {
-		extra.Set("Selected-ALPN", alpnToken(alpn))
+	if _, hasALPN, _ := reverse.ParseALPN(r.Header); hasALPN {
+		extra.Set("Selected-ALPN", reverse.ALPNToken(alpn))
 	}
 	if alpn != "h2" {
 		h.h1Tunnels.Add(1)
@@ -260,14 +250,14 @@ func (s *Server) serveHTTPTunnel(ctx context.Context, w http.ResponseWriter, r *
 		tun.rec.end = "establishing: " + err.Error()
 		return
 	}
-	defer finishTunnel(conn)
+	defer reverse.Finish(conn)
 	if alpn == "h2" {
 		tun.rec.semantics = "multiplexed"
 		h.serveH2(ctx, tun, conn)
 		return
 	}
 	tun.rec.semantics = "accept"
-	h.idle.put(conn)
+	h.idle.Put(conn)
 	idle := time.NewTimer(h.opts.IdleTimeout)
 	defer idle.Stop()
 	for {
@@ -275,25 +265,17 @@ func (s *Server) serveHTTPTunnel(ctx context.Context, w http.ResponseWriter, r *
 		case <-conn.Done():
 			return
 		case <-ctx.Done():
-			h.idle.remove(conn)
+			h.idle.Remove(conn)
 			wire.Abort(conn, wire.AbortCode(context.Cause(ctx)))
 			return
 		case <-idle.C:
-			if h.idle.remove(conn) { // nobody took it: close it; the app opens another
+			if h.idle.Remove(conn) { // nobody took it: close it; the app opens another
 				tun.rec.end = "idle for " + h.opts.IdleTimeout.String()
 				_ = conn.Close()
 				return
 			}
 			// In use by the transport, which closes it when it idles.
 		}
-	}
-}
-
-// finishTunnel ends conn on its handler's goroutine.
-func finishTunnel(conn tunnelConn) {
-	_ = conn.Close()
-	if sc, ok := conn.(*streamConn); ok {
-		sc.finish()
 	}
 }
 
@@ -314,7 +296,7 @@ func (s *Server) ReverseHTTPDevicesOnly(host string) bool {
 		host = h
 	}
 	h := s.rev.tunnels.holder(strings.TrimSuffix(strings.ToLower(host), "."))
-	return h != nil && h.target.port == 0 && h.target.devicesOnly
+	return h != nil && h.target.Port == 0 && h.target.DevicesOnly
 }
 
 // ReverseHTTP returns the round-tripper for a reverse name that reverse tunnels
@@ -370,8 +352,8 @@ func (rt *reverseRoundTripper) RoundTrip(req *http.Request) (*http.Response, err
 	deadline := time.NewTimer(h.pickup)
 	defer deadline.Stop()
 	for {
-		changed := h.h2.changed()
-		ccs := h.h2.snapshot()
+		changed := h.h2.Changed()
+		ccs := h.h2.Snapshot()
 		for _, cc := range ccs {
 			if cc.ReserveNewRequest() {
 				return cc.RoundTrip(out)
@@ -415,7 +397,7 @@ type listenReq struct {
 
 type tcpMatch struct {
 	peer, by string
-	reply    chan tunnelConn // the established tunnel, or nil
+	reply    chan reverse.TunnelConn // the established tunnel, or nil
 }
 
 // serveListenTunnel serves a listen-tcp tunnel: accept semantics (a request
@@ -429,31 +411,31 @@ func (s *Server) serveListenTunnel(ctx context.Context, w http.ResponseWriter, r
 			tun.rec.end = "establishing: " + err.Error()
 			return
 		}
-		defer finishTunnel(conn)
+		defer reverse.Finish(conn)
 		h.serveH2(ctx, tun, conn)
 		return
 	}
 	tun.rec.semantics = "accept"
-	var hj *hijacked
+	var hj *reverse.Hijacked
 	if r.ProtoMajor == 1 {
 		var err error
-		if hj, err = hijack(w); err != nil {
+		if hj, err = reverse.Hijack(w); err != nil {
 			tun.rec.end = "hijack: " + err.Error()
 			return
 		}
 	}
 	informational := func(status string) error {
 		if hj != nil {
-			_ = hj.conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-			_, err := hj.conn.Write([]byte("HTTP/1.1 " + status + "\r\n\r\n"))
-			_ = hj.conn.SetWriteDeadline(time.Time{})
+			_ = hj.Conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
+			_, err := hj.Conn.Write([]byte("HTTP/1.1 " + status + "\r\n\r\n"))
+			_ = hj.Conn.SetWriteDeadline(time.Time{})
 			return err
 		}
 		w.WriteHeader(http.StatusContinue)
 		return nil
 	}
 	lr := &listenReq{match: make(chan *tcpMatch)}
-	h.listen.put(lr)
+	h.listen.Put(lr)
 	wait := time.NewTimer(h.opts.ListenWait)
 	defer wait.Stop()
 	tick := time.NewTicker(h.opts.ListenWait / 4)
@@ -464,13 +446,13 @@ func (s *Server) serveListenTunnel(ctx context.Context, w http.ResponseWriter, r
 		case m = <-lr.match:
 		case <-tick.C:
 			if err := informational("100 Continue"); err != nil {
-				if !h.listen.remove(lr) {
+				if !h.listen.Remove(lr) {
 					m = <-lr.match
 					m.reply <- nil
 				}
 				tun.rec.end = "sending 100 (Continue): " + err.Error()
 				if hj != nil {
-					_ = hj.conn.Close()
+					_ = hj.Conn.Close()
 				}
 				return
 			}
@@ -478,32 +460,28 @@ func (s *Server) serveListenTunnel(ctx context.Context, w http.ResponseWriter, r
 		case <-wait.C:
 		case <-ctx.Done():
 		}
-		if m == nil && !h.listen.remove(lr) {
+		if m == nil && !h.listen.Remove(lr) {
 			m = <-lr.match // an opener took it just now
 		}
 		if m == nil {
 			if ctx.Err() != nil {
 				tun.rec.end = context.Cause(ctx).Error()
 				if hj != nil {
-					_ = hj.conn.Close()
+					_ = hj.Conn.Close()
 				}
 				return
 			}
 			tun.rec.end = "no connection within " + h.opts.ListenWait.String() + " (204)"
 			if hj != nil {
 				_ = informational("204 No Content\r\nConnection: close")
-				_ = hj.conn.Close()
+				_ = hj.Conn.Close()
 				return
 			}
 			w.WriteHeader(http.StatusNoContent)
 			return
 		}
 	}
-	fwd := "for=" + quoteForwarded(m.peer)
-	if m.by != "" {
-		fwd += ";by=" + quoteForwarded(m.by)
-	}
-	conn, err := establishTunnel(w, r, hj, http.Header{"Forwarded": {fwd}})
+	conn, err := establishTunnel(w, r, hj, http.Header{"Forwarded": {reverse.Forwarded(m.peer, m.by)}})
 	if err != nil {
 		m.reply <- nil
 		tun.rec.end = "establishing: " + err.Error()
@@ -511,21 +489,12 @@ func (s *Server) serveListenTunnel(ctx context.Context, w http.ResponseWriter, r
 	}
 	tun.rec.uses.Add(1)
 	m.reply <- conn
-	defer finishTunnel(conn)
+	defer reverse.Finish(conn)
 	select {
 	case <-conn.Done():
 	case <-ctx.Done():
 		wire.Abort(conn, wire.AbortCode(context.Cause(ctx)))
 	}
-}
-
-// quoteForwarded writes a node of the Forwarded field (RFC 7239): an address
-// with a port (or IPv6) is a quoted string.
-func quoteForwarded(addr string) string {
-	if strings.ContainsAny(addr, ":[") {
-		return strconv.Quote(addr)
-	}
-	return addr
 }
 
 // openTCPTunnel hands a public connection to the holder of a listen-tcp port:
@@ -535,15 +504,15 @@ func (s *Server) openTCPTunnel(ctx context.Context, h *tunnelHolder, hdr wire.Se
 	deadline := time.NewTimer(h.pickup)
 	defer deadline.Stop()
 	for {
-		changed := h.h2.changed()
-		ccs := h.h2.snapshot()
+		changed := h.h2.Changed()
+		ccs := h.h2.Snapshot()
 		for _, cc := range ccs {
 			if cc.ReserveNewRequest() {
-				return bindConnect(ctx, cc, h, hdr.PeerAddr, by)
+				return reverse.BindConnect(ctx, cc, h.target, h.pickup, hdr.PeerAddr, by)
 			}
 		}
 		if len(ccs) > 0 {
-			return bindConnect(ctx, ccs[0], h, hdr.PeerAddr, by) // it waits for a free stream
+			return reverse.BindConnect(ctx, ccs[0], h.target, h.pickup, hdr.PeerAddr, by) // it waits for a free stream
 		}
 		if h.h2Pending.Load() == 0 {
 			break
@@ -556,15 +525,15 @@ func (s *Server) openTCPTunnel(ctx context.Context, h *tunnelHolder, hdr wire.Se
 		}
 		break
 	}
-	lr, ok := h.listen.take(ctx, h.pickup, h.ctx.Done())
+	lr, ok := h.listen.Take(ctx, h.pickup, h.ctx.Done())
 	if !ok {
-		return nil, wire.Errorf(wire.CodeReverseTimeout, "no reverse tunnel request waited for %s within %s", describeTarget(h.target), h.pickup)
+		return nil, wire.Errorf(wire.CodeReverseTimeout, "no reverse tunnel request waited for %s within %s", h.target, h.pickup)
 	}
-	m := &tcpMatch{peer: hdr.PeerAddr, by: by, reply: make(chan tunnelConn, 1)}
+	m := &tcpMatch{peer: hdr.PeerAddr, by: by, reply: make(chan reverse.TunnelConn, 1)}
 	lr.match <- m
 	conn := <-m.reply
 	if conn == nil {
-		return nil, wire.Errorf(wire.CodeReverseOffline, "the reverse tunnel for %s went away", describeTarget(h.target))
+		return nil, wire.Errorf(wire.CodeReverseOffline, "the reverse tunnel for %s went away", h.target)
 	}
 	return conn, nil
 }
@@ -577,179 +546,4 @@ func (s *Server) publicAddr(key string) string {
 		return e.ln.Addr().String()
 	}
 	return ""
-}
-
-// bindConnect opens a CONNECT stream on a bound tunnel for one public connection.
-func bindConnect(ctx context.Context, cc *http2.ClientConn, h *tunnelHolder, peer, by string) (wire.Stream, *wire.HelloError) {
-	ctx, cancel := context.WithCancel(ctx)
-	pr, pw := io.Pipe()
-	authority := net.JoinHostPort(strings.Trim(h.target.addr, "[]"), strconv.Itoa(h.target.port))
-	fwd := "for=" + quoteForwarded(peer)
-	if by != "" {
-		fwd += ";by=" + quoteForwarded(by)
-	}
-	req := (&http.Request{
-		Method: http.MethodConnect, URL: &url.URL{Host: authority}, Host: authority,
-		Header: http.Header{"Forwarded": {fwd}}, Body: pr, ContentLength: -1,
-		Proto: "HTTP/2.0", ProtoMajor: 2,
-	}).WithContext(ctx)
-	t := time.AfterFunc(h.pickup, cancel)
-	resp, err := cc.RoundTrip(req)
-	if !t.Stop() && err == nil {
-		_ = resp.Body.Close()
-		err = errors.New("timed out")
-	}
-	if err != nil {
-		cancel()
-		return nil, wire.Errorf(wire.CodeReverseOffline, "CONNECT on the bound tunnel of %s: %v", describeTarget(h.target), err)
-	}
-	if resp.StatusCode/100 != 2 {
-		_ = resp.Body.Close()
-		cancel()
-		return nil, wire.Errorf(wire.CodeReverseBusy, "the bound tunnel of %s answered CONNECT with %s", describeTarget(h.target), resp.Status)
-	}
-	return &bindStream{body: resp.Body, pw: pw, cancel: cancel, peer: addrOf(peer), local: addrOf(by)}, nil
-}
-
-// bindStream is one CONNECT stream of a bound tunnel.
-type bindStream struct {
-	body        io.ReadCloser
-	pw          *io.PipeWriter
-	cancel      context.CancelFunc
-	peer, local net.Addr
-}
-
-func (b *bindStream) Read(p []byte) (int, error)  { return b.body.Read(p) }
-func (b *bindStream) Write(p []byte) (int, error) { return b.pw.Write(p) }
-func (b *bindStream) CloseWrite() error           { return b.pw.Close() }
-func (b *bindStream) Close() error {
-	_ = b.pw.Close()
-	err := b.body.Close()
-	b.cancel()
-	return err
-}
-
-// Abort resets the stream (RST_STREAM CANCEL).
-func (b *bindStream) Abort(quic.ApplicationErrorCode) {
-	b.cancel()
-	_ = b.pw.CloseWithError(errors.New("aborted"))
-}
-func (b *bindStream) LocalAddr() net.Addr              { return b.local }
-func (b *bindStream) RemoteAddr() net.Addr             { return b.peer }
-func (b *bindStream) SetDeadline(time.Time) error      { return nil }
-func (b *bindStream) SetReadDeadline(time.Time) error  { return nil }
-func (b *bindStream) SetWriteDeadline(time.Time) error { return nil }
-
-// waitPool holds items (oldest first) and the takers waiting for one.
-type waitPool[T comparable] struct {
-	mu      sync.Mutex
-	items   []T
-	waiters []chan T
-}
-
-func (p *waitPool[T]) put(x T) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if len(p.waiters) > 0 {
-		ch := p.waiters[0]
-		p.waiters = p.waiters[1:]
-		ch <- x // buffered
-		return
-	}
-	p.items = append(p.items, x)
-}
-
-// take returns the newest item, waiting up to timeout for one.
-func (p *waitPool[T]) take(ctx context.Context, timeout time.Duration, stop <-chan struct{}) (T, bool) {
-	p.mu.Lock()
-	if n := len(p.items); n > 0 {
-		x := p.items[n-1]
-		p.items = p.items[:n-1]
-		p.mu.Unlock()
-		return x, true
-	}
-	ch := make(chan T, 1)
-	p.waiters = append(p.waiters, ch)
-	p.mu.Unlock()
-	t := time.NewTimer(timeout)
-	defer t.Stop()
-	select {
-	case x := <-ch:
-		return x, true
-	case <-t.C:
-	case <-ctx.Done():
-	case <-stop:
-	}
-	p.mu.Lock()
-	for i, w := range p.waiters {
-		if w == ch {
-			p.waiters = append(p.waiters[:i], p.waiters[i+1:]...)
-			p.mu.Unlock()
-			var zero T
-			return zero, false
-		}
-	}
-	p.mu.Unlock()
-	return <-ch, true // handed over just now
-}
-
-// remove takes x out if it is still waiting.
-func (p *waitPool[T]) remove(x T) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for i, y := range p.items {
-		if y == x {
-			p.items = append(p.items[:i], p.items[i+1:]...)
-			return true
-		}
-	}
-	return false
-}
-
-// syncList is a small set with snapshots, and a channel closed at each change.
-type syncList[T comparable] struct {
-	mu    sync.Mutex
-	items []T
-	ch    chan struct{}
-}
-
-func (l *syncList[T]) add(x T) (remove func()) {
-	l.mu.Lock()
-	l.items = append(l.items, x)
-	l.mu.Unlock()
-	return func() {
-		l.mu.Lock()
-		defer l.mu.Unlock()
-		for i, y := range l.items {
-			if y == x {
-				l.items = append(l.items[:i], l.items[i+1:]...)
-				return
-			}
-		}
-	}
-}
-
-// changed is closed at the next notify.
-func (l *syncList[T]) changed() <-chan struct{} {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.ch == nil {
-		l.ch = make(chan struct{})
-	}
-	return l.ch
-}
-
-func (l *syncList[T]) notify() {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.ch != nil {
-		close(l.ch)
-		l.ch = nil
-	}
-}
-
-func (l *syncList[T]) snapshot() []T {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return append([]T(nil), l.items...)
 }

@@ -49,7 +49,7 @@ type Route struct {
 	Instance, Addr string
 	Epoch          int64
 	// DevicesOnly: the key is a reverse HTTP name its exposer opened to
-	// enrolled devices only (proxy.AccessHoldStore recorded it with the claim).
+	// enrolled devices only (reverse.AccessHoldStore recorded it with the claim).
 	DevicesOnly bool
 	// Key is the name the route is for (AgentRoutes only).
 	Key string

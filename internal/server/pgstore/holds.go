@@ -9,7 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/reverse"
 )
 
 // TopicHolds is notified when a reverse name or public exposure is claimed or
@@ -17,7 +17,7 @@ import (
 const TopicHolds = "holds"
 
 // Holds keeps who holds which reverse name, public port and server name, and
-// which instance serves it, in tp_holds; it implements proxy.HoldStore. Every
+// which instance serves it, in tp_holds; it implements reverse.HoldStore. Every
 // time is the database's: instances' clocks never decide anything.
 type Holds struct {
 	db       *DB
@@ -25,13 +25,13 @@ type Holds struct {
 	// MaxPerOwner, when positive, bounds the keys one owner holds over every
 	// instance (max-reverse-names-per-identity): a claim that would leave the
 	// owner with more rows whose hold has not ended is refused with a
-	// *proxy.TooManyHeldError. Claims of one owner are serialised (a
+	// *reverse.TooManyHeldError. Claims of one owner are serialised (a
 	// transaction-scoped advisory lock on the owner), so two instances
 	// claiming at once cannot both pass the count.
 	MaxPerOwner int
 }
 
-var _ proxy.HoldStore = (*Holds)(nil)
+var _ reverse.HoldStore = (*Holds)(nil)
 
 // NewHolds is the hold store of the instance named instance (unique per
 // running process: a restarted tpd is another instance).
@@ -42,24 +42,24 @@ func (h *Holds) Instance() string { return h.instance }
 
 func micros(d time.Duration) int64 { return d.Microseconds() }
 
-// Claim implements proxy.HoldStore: one INSERT … ON CONFLICT DO UPDATE takes
+// Claim implements reverse.HoldStore: one INSERT … ON CONFLICT DO UPDATE takes
 // every key whose row is the same owner's or has expired, and raises its
 // epoch; if any key was not taken, nothing is (the transaction rolls back) and
-// the holder of the first such key is returned in a *proxy.HeldError.
-func (h *Holds) Claim(ctx context.Context, owner string, keys []string, lease, hold time.Duration) ([]proxy.HoldLease, error) {
+// the holder of the first such key is returned in a *reverse.HeldError.
+func (h *Holds) Claim(ctx context.Context, owner string, keys []string, lease, hold time.Duration) ([]reverse.HoldLease, error) {
 	return h.ClaimAccess(ctx, owner, keys, false, lease, hold)
 }
 
-// ClaimAccess implements proxy.AccessHoldStore: Claim, recording on every
+// ClaimAccess implements reverse.AccessHoldStore: Claim, recording on every
 // key's row whether it is open to enrolled devices only (a reverse HTTP name
 // exposed with --devices-only); Route reads it back for the other instances.
-func (h *Holds) ClaimAccess(ctx context.Context, owner string, keys []string, devicesOnly bool, lease, hold time.Duration) ([]proxy.HoldLease, error) {
+func (h *Holds) ClaimAccess(ctx context.Context, owner string, keys []string, devicesOnly bool, lease, hold time.Duration) ([]reverse.HoldLease, error) {
 	keys = slices.Clone(keys)
 	slices.Sort(keys) // one lock order for every claim: no deadlock between two
 	keys = slices.Compact(keys)
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	var leases []proxy.HoldLease
+	var leases []reverse.HoldLease
 	err := pgx.BeginFunc(ctx, h.db.pool, func(tx pgx.Tx) error {
 		if h.MaxPerOwner > 0 {
 			if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtextextended('tp_holds/' || $1, 0))", owner); err != nil {
@@ -77,8 +77,8 @@ func (h *Holds) ClaimAccess(ctx context.Context, owner string, keys []string, de
 		if err != nil {
 			return err
 		}
-		leases, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (proxy.HoldLease, error) {
-			var l proxy.HoldLease
+		leases, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (reverse.HoldLease, error) {
+			var l reverse.HoldLease
 			err := r.Scan(&l.Key, &l.Epoch)
 			return l, err
 		})
@@ -91,7 +91,7 @@ func (h *Holds) ClaimAccess(ctx context.Context, owner string, keys []string, de
 			}
 			return notify(ctx, tx, TopicHolds)
 		}
-		var he proxy.HeldError
+		var he reverse.HeldError
 		err = tx.QueryRow(ctx, `SELECT key, owner, instance <> '' AND lease_until > now() FROM tp_holds
 			WHERE key = ANY($1) AND NOT key = ANY($2) ORDER BY key LIMIT 1`,
 			keys, leaseKeys(leases)).Scan(&he.Key, &he.Owner, &he.Serving)
@@ -101,10 +101,10 @@ func (h *Holds) ClaimAccess(ctx context.Context, owner string, keys []string, de
 		return &he
 	})
 	if err != nil {
-		if he := (*proxy.HeldError)(nil); errors.As(err, &he) {
+		if he := (*reverse.HeldError)(nil); errors.As(err, &he) {
 			return nil, he
 		}
-		if tm := (*proxy.TooManyHeldError)(nil); errors.As(err, &tm) {
+		if tm := (*reverse.TooManyHeldError)(nil); errors.As(err, &tm) {
 			return nil, tm
 		}
 		return nil, fmt.Errorf("claiming reverse names in the database: %w", err)
@@ -123,12 +123,12 @@ func (h *Holds) checkCount(ctx context.Context, tx pgx.Tx, owner string, asked i
 		return fmt.Errorf("counting the keys of %s: %w", owner, err)
 	}
 	if n > h.MaxPerOwner {
-		return &proxy.TooManyHeldError{Owner: owner, Held: n - asked, Asked: asked, Max: h.MaxPerOwner}
+		return &reverse.TooManyHeldError{Owner: owner, Held: n - asked, Asked: asked, Max: h.MaxPerOwner}
 	}
 	return nil
 }
 
-func leaseKeys(ls []proxy.HoldLease) []string {
+func leaseKeys(ls []reverse.HoldLease) []string {
 	keys := make([]string, len(ls))
 	for i, l := range ls {
 		keys[i] = l.Key
@@ -136,7 +136,7 @@ func leaseKeys(ls []proxy.HoldLease) []string {
 	return keys
 }
 
-func leaseEpochs(ls []proxy.HoldLease) []int64 {
+func leaseEpochs(ls []reverse.HoldLease) []int64 {
 	e := make([]int64, len(ls))
 	for i, l := range ls {
 		e[i] = l.Epoch
@@ -144,9 +144,9 @@ func leaseEpochs(ls []proxy.HoldLease) []int64 {
 	return e
 }
 
-// Renew implements proxy.HoldStore: one UPDATE extends the rows this instance
+// Renew implements reverse.HoldStore: one UPDATE extends the rows this instance
 // still holds at the epochs it claimed them; the keys it returns are those.
-func (h *Holds) Renew(ctx context.Context, leases []proxy.HoldLease, lease, hold time.Duration) ([]string, error) {
+func (h *Holds) Renew(ctx context.Context, leases []reverse.HoldLease, lease, hold time.Duration) ([]string, error) {
 	if len(leases) == 0 {
 		return nil, nil
 	}
@@ -167,10 +167,10 @@ func (h *Holds) Renew(ctx context.Context, leases []proxy.HoldLease, lease, hold
 	return kept, nil
 }
 
-// Release implements proxy.HoldStore: rows still this instance's at the given
+// Release implements reverse.HoldStore: rows still this instance's at the given
 // epochs stay the owner's for grace and are served by no instance; with grace
 // 0 they are deleted.
-func (h *Holds) Release(ctx context.Context, leases []proxy.HoldLease, grace time.Duration) error {
+func (h *Holds) Release(ctx context.Context, leases []reverse.HoldLease, grace time.Duration) error {
 	if len(leases) == 0 {
 		return nil
 	}
@@ -197,7 +197,7 @@ func (h *Holds) Release(ctx context.Context, leases []proxy.HoldLease, grace tim
 	return nil
 }
 
-// Prune implements proxy.HoldStore: rows whose hold ended are deleted (a
+// Prune implements reverse.HoldStore: rows whose hold ended are deleted (a
 // claim would take them anyway; this bounds the table).
 func (h *Holds) Prune(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
@@ -206,7 +206,7 @@ func (h *Holds) Prune(ctx context.Context) error {
 	return err
 }
 
-// Owner implements proxy.HoldStore.
+// Owner implements reverse.HoldStore.
 func (h *Holds) Owner(ctx context.Context, key string) (string, bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()

@@ -14,6 +14,7 @@ import (
 	"github.com/tp-proxy/tp/internal/server/pgstore"
 	"github.com/tp-proxy/tp/internal/testkit/testpg"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/reverse"
 )
 
 // backendCPU is the CPU time PostgreSQL's backend processes pids have used
@@ -53,7 +54,7 @@ func BenchmarkHoldsLoad(b *testing.B) {
 	h.MaxPerOwner = proxy.DefaultMaxNamesPerIdentity
 	const lease, hold = 15 * time.Second, 15*time.Second + 2*time.Minute
 	const agents = 1000
-	var leases []proxy.HoldLease
+	var leases []reverse.HoldLease
 	for i := range agents {
 		l, err := h.Claim(ctx, "user@dev"+strconv.Itoa(i), []string{"svc" + strconv.Itoa(i) + ".rev.tp.internal"}, lease, hold)
 		if err != nil {

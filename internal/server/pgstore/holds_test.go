@@ -11,7 +11,7 @@ import (
 
 	"github.com/tp-proxy/tp/internal/server/pgstore"
 	"github.com/tp-proxy/tp/internal/testkit/testpg"
-	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/reverse"
 )
 
 // Claims judged by the database: another identity's claim of a held name is
@@ -45,7 +45,7 @@ func TestHoldsClaimRenewRelease(t *testing.T) {
 		t.Fatal("a claim on A sent no notification to the listener")
 	}
 	_, err = b.Claim(ctx, "mallory-dev", []string{"other.rev", "web.rev"}, lease, hold)
-	var he *proxy.HeldError
+	var he *reverse.HeldError
 	if !errors.As(err, &he) || he.Key != "web.rev" || he.Owner != "alice-dev" || !he.Serving {
 		t.Fatalf("mallory claiming alice's web.rev on B: %v; want a HeldError naming alice, serving", err)
 	}
@@ -90,7 +90,7 @@ func TestHoldsClaimRenewRelease(t *testing.T) {
 	}
 }
 
-func epochOf(ls []proxy.HoldLease, key string) int64 {
+func epochOf(ls []reverse.HoldLease, key string) int64 {
 	for _, l := range ls {
 		if l.Key == key {
 			return l.Epoch
@@ -115,7 +115,7 @@ func TestHoldsMaxPerOwnerAcrossInstances(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err := b.Claim(ctx, "alice-dev", []string{"three.rev", "four.rev"}, lease, hold)
-	var tm *proxy.TooManyHeldError
+	var tm *reverse.TooManyHeldError
 	if !errors.As(err, &tm) || tm.Held != 2 || tm.Asked != 2 || tm.Max != 3 || !strings.Contains(err.Error(), "max-reverse-names-per-identity") {
 		t.Fatalf("alice's claim of two more on B: %v; want TooManyHeldError held 2, asked 2, max 3", err)
 	}
@@ -142,7 +142,7 @@ func TestHoldsMaxPerOwnerAcrossInstances(t *testing.T) {
 			switch {
 			case err == nil:
 				taken++
-			case !errors.As(err, new(*proxy.TooManyHeldError)):
+			case !errors.As(err, new(*reverse.TooManyHeldError)):
 				t.Errorf("carol's claim %d: %v", i, err)
 			}
 		})

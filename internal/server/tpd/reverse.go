@@ -14,6 +14,7 @@ import (
 	"github.com/tp-proxy/tp/internal/lib/atomicfile"
 	"github.com/tp-proxy/tp/internal/server/pgstore"
 	"github.com/tp-proxy/tp/proxy"
+	"github.com/tp-proxy/tp/proxy/reverse"
 )
 
 // reverseOptions are the reverse listeners' settings: the zone and grace period,
@@ -46,7 +47,7 @@ func (d *Daemon) reverseOptions() (proxy.ReverseOptions, error) {
 	}
 	opts := d.reverseOptionsBase()
 	opts.Holds = holds
-	opts.SaveHolds = func(h []proxy.ReverseHold) {
+	opts.SaveHolds = func(h []reverse.Hold) {
 		// Sessions still ending while tpd closes (their handlers may outlive
 		// Serve) release names; the holds as Close found them are what a
 		// restart needs, and nothing is written into the data dir after Close.
@@ -111,7 +112,7 @@ func (d *Daemon) passthrough() proxy.PassthroughFunc {
 	})
 }
 
-func loadHolds(path string) ([]proxy.ReverseHold, error) {
+func loadHolds(path string) ([]reverse.Hold, error) {
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -119,7 +120,7 @@ func loadHolds(path string) ([]proxy.ReverseHold, error) {
 	if err != nil {
 		return nil, err
 	}
-	h, err := proxy.UnmarshalHolds(b)
+	h, err := reverse.UnmarshalHolds(b)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w (delete it to forget who holds which reverse name)", path, err)
 	}
@@ -127,8 +128,8 @@ func loadHolds(path string) ([]proxy.ReverseHold, error) {
 }
 
 // saveHolds writes the file atomically: a crash leaves the old or the new one.
-func saveHolds(path string, h []proxy.ReverseHold) error {
-	b, err := proxy.MarshalHolds(h)
+func saveHolds(path string, h []reverse.Hold) error {
+	b, err := reverse.MarshalHolds(h)
 	if err != nil {
 		return err
 	}

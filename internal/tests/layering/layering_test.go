@@ -36,15 +36,15 @@ var rules = []rule{{
 	},
 }, {
 	why:       "configuration stays in cmd/ and internal/lib/config: the data plane, the clients and the wire package take their parts from callers",
-	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer", "proxy/wire", "clients", "authz", "policy"},
+	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer", "proxy/reverse", "proxy/wire", "clients", "authz", "policy"},
 	forbidden: []string{"github.com/spf13/viper", "github.com/spf13/cobra", mod + "internal/lib/config"},
 }, {
 	why:       "the data plane knows nothing of OPA or step-ca: the caller hands it an authz.Authorizer",
-	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer"},
+	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer", "proxy/reverse"},
 	forbidden: []string{"github.com/open-policy-agent/", "github.com/smallstep/certificates/", mod + "policy", mod + "acme"},
 }, {
 	why:       "metrics are tpd's business: the data plane keeps plain counters (proxy.Server.Stats) that tpd exports, and the clients export nothing",
-	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer", "proxy/wire", "authz", "cmd/tp", "cmd/dlogin", "clients"},
+	roots:     []string{"proxy", "proxy/carrier", "proxy/masque", "proxy/peer", "proxy/reverse", "proxy/wire", "authz", "cmd/tp", "cmd/dlogin", "clients"},
 	forbidden: []string{"github.com/prometheus/"},
 }, {
 	why:       "the wire package is the protocol both ends speak: it depends on no other TP package",
@@ -60,8 +60,8 @@ var rules = []rule{{
 	forbidden: []string{mod},
 }, {
 	why:       "the protocol families under proxy/ are assembled by proxy: none imports proxy or another family",
-	roots:     []string{"proxy/carrier", "proxy/masque", "proxy/peer"},
-	forbidden: []string{mod + "proxy", mod + "proxy/carrier", mod + "proxy/masque", mod + "proxy/peer", mod + "clients", mod + "internal/server/tpd", mod + "internal/lib/config"},
+	roots:     []string{"proxy/carrier", "proxy/masque", "proxy/peer", "proxy/reverse"},
+	forbidden: []string{mod + "proxy", mod + "proxy/carrier", mod + "proxy/masque", mod + "proxy/peer", mod + "proxy/reverse", mod + "clients", mod + "internal/server/tpd", mod + "internal/lib/config"},
 }, {
 	why:       "the client transport is how a stream to tpd is obtained: it knows no feature, so it imports no clients package above it (clients, with the dialer, the requests and the features)",
 	roots:     []string{"clients/transport"},
@@ -74,7 +74,7 @@ func init() {
 	rules = append(rules, rule{
 		why: "the programs people run and the libraries they are made of carry no test harness, whole-system test or benchmark code",
 		roots: []string{"cmd/tpd", "cmd/tp", "cmd/dlogin", "clients", "clients/transport", "proxy", "proxy/wire", "proxy/mux",
-			"proxy/carrier", "proxy/masque", "proxy/peer", "authz", "policy", "acme", "internal/server/tpd"},
+			"proxy/carrier", "proxy/masque", "proxy/peer", "proxy/reverse", "authz", "policy", "acme", "internal/server/tpd"},
 		forbidden: []string{mod + "internal/testkit/", mod + "internal/tests/", mod + "internal/bench"},
 	}, rule{
 		why:   "internal/lib holds utilities: they lean on no TP package outside internal/lib, so that any part may use them",

@@ -1,4 +1,4 @@
-package proxy
+package reverse
 
 import (
 	"net/http"
@@ -25,7 +25,7 @@ func TestParseALPN(t *testing.T) {
 		for _, v := range tc.field {
 			h.Add("ALPN", v)
 		}
-		got, present, err := parseALPN(h)
+		got, present, err := ParseALPN(h)
 		if (err != nil) != tc.bad || present != tc.present || strings.Join(got, "|") != strings.Join(tc.want, "|") && !tc.bad {
 			t.Errorf("ALPN %q: got %q, present %v, err %v; want %q, present %v, bad %v", tc.field, got, present, err, tc.want, tc.present, tc.bad)
 		}
@@ -35,23 +35,23 @@ func TestParseALPN(t *testing.T) {
 func TestALPNTokenRoundTrip(t *testing.T) {
 	t.Parallel()
 	for _, id := range []string{"h2", "http/1.1", "a b", "x%y", "ü"} {
-		tok := alpnToken(id)
+		tok := ALPNToken(id)
 		if strings.ContainsAny(tok, " ,/") {
-			t.Errorf("alpnToken(%q) = %q is no token", id, tok)
+			t.Errorf("ALPNToken(%q) = %q is no token", id, tok)
 		}
 		h := http.Header{"Alpn": {tok}}
-		got, _, err := parseALPN(h)
+		got, _, err := ParseALPN(h)
 		if err != nil || len(got) != 1 || got[0] != id {
-			t.Errorf("alpnToken(%q) = %q decodes to %q, %v", id, tok, got, err)
+			t.Errorf("ALPNToken(%q) = %q decodes to %q, %v", id, tok, got, err)
 		}
 	}
 }
 
 func TestChooseALPN(t *testing.T) {
 	t.Parallel()
-	app, tcp := tunnelTarget{label: "blog", full: "blog.z"}, tunnelTarget{port: 25}
+	app, tcp := Target{Label: "blog", Full: "blog.z"}, Target{Port: 25}
 	for _, tc := range []struct {
-		t       tunnelTarget
+		t       Target
 		offered []string
 		has     bool
 		want    string
@@ -64,15 +64,14 @@ func TestChooseALPN(t *testing.T) {
 		{tcp, []string{"smtp"}, true, ""},
 		{tcp, []string{"h2"}, true, "h2"},
 	} {
-		if got := chooseALPN(tc.t, tc.offered, tc.has); got != tc.want {
-			t.Errorf("chooseALPN(%+v, %q) = %q, want %q", tc.t, tc.offered, got, tc.want)
+		if got := ChooseALPN(tc.t, tc.offered, tc.has); got != tc.want {
+			t.Errorf("ChooseALPN(%+v, %q) = %q, want %q", tc.t, tc.offered, got, tc.want)
 		}
 	}
 }
 
 func TestParseTarget(t *testing.T) {
 	t.Parallel()
-	s := &Server{rev: newReverseRegistry(ReverseOptions{Zone: "rev.test", PublicHost: "192.0.2.1"})}
 	for _, tc := range []struct {
 		path   string
 		key    string
@@ -96,13 +95,13 @@ func TestParseTarget(t *testing.T) {
 		{"/.well-known/listen-tcp/0.0.0.0/25/x/", "", 400},
 		{"/other", "", 404},
 	} {
-		got, ref := s.parseTarget(tc.path)
+		got, ref := ParseTarget(tc.path, "rev.test", "192.0.2.1")
 		switch {
 		case tc.status == 0 && ref != nil:
-			t.Errorf("%s: refused %d %s", tc.path, ref.status, ref.reason)
-		case tc.status == 0 && got.key() != tc.key:
-			t.Errorf("%s: key %q, want %q", tc.path, got.key(), tc.key)
-		case tc.status != 0 && (ref == nil || ref.status != tc.status):
+			t.Errorf("%s: refused %d %s", tc.path, ref.Status, ref.Reason)
+		case tc.status == 0 && got.Key() != tc.key:
+			t.Errorf("%s: key %q, want %q", tc.path, got.Key(), tc.key)
+		case tc.status != 0 && (ref == nil || ref.Status != tc.status):
 			t.Errorf("%s: got %+v, %+v; want status %d", tc.path, got, ref, tc.status)
 		}
 	}
@@ -115,7 +114,7 @@ func FuzzParseALPN(f *testing.F) {
 	f.Add("%")
 	f.Add("%%%41,,")
 	f.Fuzz(func(t *testing.T, v string) {
-		ids, _, err := parseALPN(http.Header{"Alpn": {v}})
+		ids, _, err := ParseALPN(http.Header{"Alpn": {v}})
 		if err != nil {
 			return
 		}
@@ -123,9 +122,9 @@ func FuzzParseALPN(f *testing.F) {
 			if id == "" { // an empty element is skipped by the parser, so it cannot round-trip
 				continue
 			}
-			back, _, err := parseALPN(http.Header{"Alpn": {alpnToken(id)}})
+			back, _, err := ParseALPN(http.Header{"Alpn": {ALPNToken(id)}})
 			if err != nil || len(back) != 1 || back[0] != id {
-				t.Fatalf("%q: alpnToken(%q) = %q parses back as %q, %v", v, id, alpnToken(id), back, err)
+				t.Fatalf("%q: ALPNToken(%q) = %q parses back as %q, %v", v, id, ALPNToken(id), back, err)
 			}
 		}
 	})

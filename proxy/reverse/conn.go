@@ -1,50 +1,57 @@
-package proxy
+package reverse
 
 // The byte streams of reverse tunnels: a hijacked HTTP/1.1 connection, the
-// request and response bodies of an h2 extended CONNECT stream, or an h3
-// request stream taken over from the server.
+// request and response bodies of an h2 extended CONNECT stream, and the
+// CONNECT streams of a bound tunnel. (An h3 request stream taken over from
+// the server is the proxy's, which serves h3 CONNECT with it too.)
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"golang.org/x/net/http2"
 
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
-// tunnelConn is a tunnel's byte stream. Done is closed when it is closed or
+// TunnelConn is a tunnel's byte stream. Done is closed when it is closed or
 // aborted; the handler that established it returns then.
-type tunnelConn interface {
+type TunnelConn interface {
 	wire.Stream
 	Done() <-chan struct{}
 }
 
-type atomicCount struct{ atomic.Int64 }
-
-// hijacked is an HTTP/1.1 connection taken from net/http.
-type hijacked struct {
-	conn net.Conn
+// Hijacked is an HTTP/1.1 connection taken from net/http: Conn, and what
+// net/http read of it already.
+type Hijacked struct {
+	Conn net.Conn
 	br   *bufio.Reader
 }
 
-func hijack(w http.ResponseWriter) (*hijacked, error) {
+// Hijack takes the connection of w's request from net/http.
+func Hijack(w http.ResponseWriter) (*Hijacked, error) {
 	c, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		return nil, err
 	}
 	_ = c.SetDeadline(time.Time{})
-	return &hijacked{conn: c, br: brw.Reader}, nil
+	return &Hijacked{Conn: c, br: brw.Reader}, nil
 }
 
-func (h *hijacked) tunnel() tunnelConn {
-	return &hjConn{Conn: h.conn, br: h.br, done: make(chan struct{})}
+// Tunnel is the connection as a tunnel's byte stream, once the answer that
+// establishes the tunnel is written.
+func (h *Hijacked) Tunnel() TunnelConn {
+	return &hjConn{Conn: h.Conn, br: h.br, done: make(chan struct{})}
 }
 
 // hjConn reads what net/http buffered before the connection's own bytes.
@@ -82,7 +89,7 @@ func (c *hjConn) Unwrap() net.Conn { return c.Conn }
 
 // streamConn is an extended CONNECT stream as a net.Conn: reads come from the
 // request body, writes go to the response body, flushed at once. It is valid
-// while its handler runs: the handler waits for Done, then calls finish, which
+// while its handler runs: the handler waits for Done, then calls Finish, which
 // stops further use and waits for the reads and writes in flight.
 type streamConn struct {
 	w     http.ResponseWriter
@@ -98,7 +105,9 @@ type streamConn struct {
 	done    chan struct{}
 }
 
-func newStreamConn(w http.ResponseWriter, r *http.Request) *streamConn {
+// NewStreamConn is the stream of r, an extended CONNECT over h2 that w
+// answered, as a tunnel's byte stream. Its handler calls Finish after Done.
+func NewStreamConn(w http.ResponseWriter, r *http.Request) TunnelConn {
 	c := &streamConn{w: w, body: r.Body, rc: http.NewResponseController(w), done: make(chan struct{})}
 	// A tunnel outlives any per-request timeout the server set on the stream.
 	_ = c.rc.SetReadDeadline(time.Time{})
@@ -178,6 +187,16 @@ func (c *streamConn) CloseWrite() error { return errors.ErrUnsupported }
 
 func (c *streamConn) Done() <-chan struct{} { return c.done }
 
+// Finish ends conn on its handler's goroutine: it closes it, and for the
+// stream of an extended CONNECT unblocks the reads and writes in flight and
+// waits for them, then resets the stream if it was aborted.
+func Finish(conn TunnelConn) {
+	_ = conn.Close()
+	if sc, ok := conn.(*streamConn); ok {
+		sc.finish()
+	}
+}
+
 // finish runs on the handler's goroutine after Done: it unblocks the reads and
 // writes in flight and waits for them, then resets the stream if it was aborted.
 func (c *streamConn) finish() {
@@ -219,31 +238,66 @@ func (c *streamConn) SetWriteDeadline(t time.Time) error {
 	return nil
 }
 
-// h3TunnelConn is an h3 extended CONNECT stream taken over from quic-go's
-// server (http3.HTTPStreamer), as a CONNECT's is: DATA frames each way, FIN for
-// each direction's clean end (CloseWrite), a reset of both directions for an
-// abort. Unlike streamConn it carries half-close.
-type h3TunnelConn struct {
-	*h3Stream
-	once sync.Once
-	done chan struct{}
+var (
+	_ TunnelConn = (*hjConn)(nil)
+	_ TunnelConn = (*streamConn)(nil)
+)
+
+// BindConnect opens a CONNECT stream on the bound tunnel cc of a listen-tcp
+// target for one public connection (peer, from the public port by), waiting
+// up to pickup for the tunnel's answer.
+func BindConnect(ctx context.Context, cc *http2.ClientConn, t Target, pickup time.Duration, peer, by string) (wire.Stream, *wire.HelloError) {
+	ctx, cancel := context.WithCancel(ctx)
+	pr, pw := io.Pipe()
+	authority := net.JoinHostPort(strings.Trim(t.Addr, "[]"), strconv.Itoa(t.Port))
+	req := (&http.Request{
+		Method: http.MethodConnect, URL: &url.URL{Host: authority}, Host: authority,
+		Header: http.Header{"Forwarded": {Forwarded(peer, by)}}, Body: pr, ContentLength: -1,
+		Proto: "HTTP/2.0", ProtoMajor: 2,
+	}).WithContext(ctx)
+	timer := time.AfterFunc(pickup, cancel)
+	resp, err := cc.RoundTrip(req)
+	if !timer.Stop() && err == nil {
+		_ = resp.Body.Close()
+		err = errors.New("timed out")
+	}
+	if err != nil {
+		cancel()
+		return nil, wire.Errorf(wire.CodeReverseOffline, "CONNECT on the bound tunnel of %s: %v", t, err)
+	}
+	if resp.StatusCode/100 != 2 {
+		_ = resp.Body.Close()
+		cancel()
+		return nil, wire.Errorf(wire.CodeReverseBusy, "the bound tunnel of %s answered CONNECT with %s", t, resp.Status)
+	}
+	return &bindStream{body: resp.Body, pw: pw, cancel: cancel, peer: addrOf(peer), local: addrOf(by)}, nil
 }
 
-func (c *h3TunnelConn) Close() error {
-	err := c.h3Stream.Close()
-	c.once.Do(func() { close(c.done) })
+// bindStream is one CONNECT stream of a bound tunnel.
+type bindStream struct {
+	body        io.ReadCloser
+	pw          *io.PipeWriter
+	cancel      context.CancelFunc
+	peer, local net.Addr
+}
+
+func (b *bindStream) Read(p []byte) (int, error)  { return b.body.Read(p) }
+func (b *bindStream) Write(p []byte) (int, error) { return b.pw.Write(p) }
+func (b *bindStream) CloseWrite() error           { return b.pw.Close() }
+func (b *bindStream) Close() error {
+	_ = b.pw.Close()
+	err := b.body.Close()
+	b.cancel()
 	return err
 }
 
-func (c *h3TunnelConn) Abort(code quic.ApplicationErrorCode) {
-	c.h3Stream.Abort(code)
-	c.once.Do(func() { close(c.done) })
+// Abort resets the stream (RST_STREAM CANCEL).
+func (b *bindStream) Abort(quic.ApplicationErrorCode) {
+	b.cancel()
+	_ = b.pw.CloseWithError(errors.New("aborted"))
 }
-
-func (c *h3TunnelConn) Done() <-chan struct{} { return c.done }
-
-var (
-	_ tunnelConn = (*hjConn)(nil)
-	_ tunnelConn = (*streamConn)(nil)
-	_ tunnelConn = (*h3TunnelConn)(nil)
-)
+func (b *bindStream) LocalAddr() net.Addr              { return b.local }
+func (b *bindStream) RemoteAddr() net.Addr             { return b.peer }
+func (b *bindStream) SetDeadline(time.Time) error      { return nil }
+func (b *bindStream) SetReadDeadline(time.Time) error  { return nil }
+func (b *bindStream) SetWriteDeadline(time.Time) error { return nil }
