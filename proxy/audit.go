@@ -103,7 +103,7 @@ func listenEnd(cause error) (by, code string) {
 	var ee *wire.EndError
 	var cv *controlViolation
 	switch {
-	case errors.Is(cause, errReplaced):
+	case errors.Is(cause, reverse.ErrReplaced):
 		return "server", "replaced"
 	case errors.As(cause, &rev):
 		return "server", wire.EndName(rev.Code())
@@ -111,7 +111,7 @@ func listenEnd(cause error) (by, code string) {
 		return ee.By, wire.EndName(ee.Code)
 	case errors.Is(cause, context.Canceled):
 		return "server", wire.EndShutdown
-	case errors.Is(cause, errUnregistered):
+	case errors.Is(cause, reverse.ErrUnregistered):
 		return "client", "unregister"
 	case errors.As(cause, &cv):
 		return "client", wire.CodeBadRequest

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -112,7 +113,7 @@ func FuzzReverseName(f *testing.F) {
 	} {
 		f.Add(s[0], s[1])
 	}
-	reg := newReverseRegistry(ReverseOptions{Zone: zone + "."})
+	reg := newReverseRegistry(ReverseOptions{Zone: zone + "."}, reverse.Hooks{})
 	f.Fuzz(func(t *testing.T, name, host string) {
 		if err := wire.ValidReverseName(name); err == nil {
 			if len(name) < 1 || len(name) > 63 || strings.Trim(name, "abcdefghijklmnopqrstuvwxyz0123456789-") != "" ||
@@ -125,7 +126,7 @@ func FuzzReverseName(f *testing.F) {
 				if err != nil || c != full {
 					t.Fatalf("dialing %q reaches %q, %v; want %q", spelling, c, err, full)
 				}
-				if label, ok := reg.name(c); !ok || label != name {
+				if label, ok := reg.Name(c); !ok || label != name {
 					t.Fatalf("%q is routed to reverse name %q, %v; want %q", spelling, label, ok, name)
 				}
 			}
@@ -134,14 +135,14 @@ func FuzzReverseName(f *testing.F) {
 			return
 		}
 		c := canonicalHost(host) // as the session does
-		label, ok := reg.name(c)
+		label, ok := reg.Name(c)
 		if ok && (c != label+"."+zone || strings.Contains(label, ".") || label == "") {
 			t.Fatalf("host %q (canonical %q) is routed to reverse name %q", host, c, label)
 		}
-		if ok && !reg.inZone(c) {
+		if ok && !reg.InZone(c) {
 			t.Fatalf("host %q (canonical %q) is routed to a reverse name outside the zone", host, c)
 		}
-		if !reg.inZone(c) && strings.HasSuffix(c, "."+zone) {
+		if !reg.InZone(c) && strings.HasSuffix(c, "."+zone) {
 			t.Fatalf("host %q (canonical %q) under the zone is not seen as in it", host, c)
 		}
 	})

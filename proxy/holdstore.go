@@ -1,25 +1,22 @@
 package proxy
 
-// Leases and fencing of reverse names, public ports and pass-through server
-// names when several TP server instances share one database (ReverseOptions.
-// Store). The database decides who holds a key and which instance serves it;
-// this instance renews its leases and stops serving a key on its own when it
-// could not renew it within the lease (self-fencing), so that a partitioned
-// instance never serves a key that another instance may hold by then.
-// docs/SCALE.md describes the timings and what agents and dialers see.
+// Leases of reverse names, public ports and pass-through server names when
+// several TP server instances share one database (ReverseOptions.Store):
+// reverse.Registry renews them and fences what it could not renew in time
+// (proxy/reverse/leases.go); the server starts it and passes on other
+// instances' changes. docs/SCALE.md describes the timings and what agents and
+// dialers see.
 
 import (
 	"context"
-	"errors"
 	"time"
 
 	"github.com/tp-proxy/tp/proxy/reverse"
-	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // CodeHoldsUnavailable refuses a registration this instance cannot record in
 // the shared database (unreachable): the agent retries.
-const CodeHoldsUnavailable = "holds_unavailable"
+const CodeHoldsUnavailable = reverse.CodeHoldsUnavailable
 
 // Default lease timings (ReverseOptions.Lease, Renew).
 const (
@@ -27,235 +24,23 @@ const (
 	DefaultRenew = 5 * time.Second
 )
 
-var (
-	// errFenced ends the agents whose lease this instance could not renew.
-	errFenced = errors.New("this TP server instance could not renew its lease on the names in the database in time and stopped serving them")
-	// errTakenOver ends an agent whose names another instance claimed for the
-	// same device (a newer agent of it connected there).
-	errTakenOver = errors.New("a newer agent of the same device took over these names on another TP server instance")
-)
-
-// storeOp bounds one call to the store made on an agent's behalf.
-func (r *reverseRegistry) storeCtx() (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.Background(), r.opts.Lease)
-}
-
-// storeClaim claims a's keys in the store and records the epochs on a.
-func (r *reverseRegistry) storeClaim(a *reverseAgent, keys []string) *wire.HelloError {
-	ctx, cancel := r.storeCtx()
-	defer cancel()
-	sent := time.Now()
-	var leases []reverse.HoldLease
-	err := errStoreBlocked
-	if !r.storeBlocked() {
-		leases, err = r.claimStore(ctx, a, keys)
-	}
-	var he *reverse.HeldError
-	var tm *reverse.TooManyHeldError
-	switch {
-	case errors.As(err, &he):
-		return wire.Errorf(wire.CodeNameTaken, "%s", he.Error())
-	case errors.As(err, &tm):
-		return wire.Errorf(CodeTooManyNames, "%s", tm.Error())
-	case err != nil:
-		r.logStoreErr("claim", err)
-		return wire.Errorf(CodeHoldsUnavailable, "this TP server cannot record the names in its database just now (%v); the agent retries", err)
-	}
-	a.epochs = make(map[string]int64, len(leases))
-	for _, l := range leases {
-		a.epochs[l.Key] = l.Epoch
-	}
-	a.leaseUntil = sent.Add(r.opts.Lease)
-	return nil
-}
-
-// holdFor is how long a renewed row stays its owner's after its last renewal:
-// the lease, then the reservation a restart gets (a crashed instance renews no
-// more; its agents need that long to come back, on any instance).
-func (r *reverseRegistry) holdFor() time.Duration { return r.opts.Lease + r.opts.RestartGrace }
-
-func (a *reverseAgent) leases() []reverse.HoldLease {
-	ls := make([]reverse.HoldLease, 0, len(a.epochs))
-	for k, e := range a.epochs {
-		ls = append(ls, reverse.HoldLease{Key: k, Epoch: e})
-	}
-	return ls
-}
-
-// storeRelease ends this instance's service of a's keys in the store.
-func (r *reverseRegistry) storeRelease(a *reverseAgent, grace time.Duration) {
-	if r.opts.Store == nil || len(a.epochs) == 0 {
-		return
-	}
-	if r.storeBlocked() {
-		r.logStoreErr("release", errStoreBlocked)
-		return
-	}
-	ctx, cancel := r.storeCtx()
-	defer cancel()
-	if err := r.opts.Store.Release(ctx, a.leases(), grace); err != nil {
-		// The rows keep the hold of their last renewal: nothing is lost.
-		r.logStoreErr("release", err)
-	}
-}
-
-func (r *reverseRegistry) logStoreErr(op string, err error) {
-	if r.srv != nil {
-		r.srv.log.Warn("reverse holds: the database did not answer", "op", op, "err", err)
-	}
-}
-
-// current reports whether this instance may open a session to e's agent for
-// key: without a store always; with one, while the agent's epoch is the one
-// this instance last confirmed and its lease has not run out. r.mu is held.
-func (r *reverseRegistry) currentLocked(key string, e *revEntry, now time.Time) bool {
-	if r.opts.Store == nil {
-		return true
-	}
-	return e.agent != nil && e.agent.epochs[key] == e.epoch && now.Before(e.leaseUntil)
-}
-
 // RunLeases renews this instance's leases every ReverseOptions.Renew, at once
 // after Kick, and fences the keys whose lease runs out, until ctx ends. It
 // does nothing without a Store.
 func (s *Server) RunLeases(ctx context.Context) {
-	if s.rev == nil || s.rev.opts.Store == nil {
+	if s.rev == nil {
 		return
 	}
-	r := s.rev
-	go r.fenceLoop(ctx)
-	t := time.NewTicker(r.opts.Renew)
-	defer t.Stop()
-	prune := time.NewTicker(time.Minute)
-	defer prune.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		case <-r.kick:
-		case <-prune.C:
-			pctx, cancel := r.storeCtx()
-			if err := r.opts.Store.Prune(pctx); err != nil {
-				r.logStoreErr("prune", err)
-			}
-			cancel()
-			continue
-		}
-		r.renew(ctx)
-	}
+	s.rev.RunLeases(ctx)
 }
 
 // KickLeases asks RunLeases to renew now: another instance claimed or
 // released a key (LISTEN/NOTIFY), so a key of this instance may have moved.
 func (s *Server) KickLeases() {
-	if s.rev == nil || s.rev.kick == nil {
+	if s.rev == nil {
 		return
 	}
-	select {
-	case s.rev.kick <- struct{}{}:
-	default:
-	}
-}
-
-// renew extends every live key's lease; keys the store no longer gives this
-// instance at their epoch end their agents.
-func (r *reverseRegistry) renew(ctx context.Context) {
-	r.mu.Lock()
-	var leases []reverse.HoldLease
-	for k, e := range r.names {
-		if e.agent != nil && e.epoch != 0 {
-			leases = append(leases, reverse.HoldLease{Key: k, Epoch: e.epoch})
-		}
-	}
-	r.mu.Unlock()
-	if len(leases) == 0 {
-		return
-	}
-	if r.storeBlocked() {
-		r.noteRenew(errStoreBlocked)
-		r.srv.stats.leaseRenewFailures.Add(1)
-		return
-	}
-	rctx, cancel := context.WithTimeout(ctx, r.opts.Renew)
-	sent := time.Now()
-	kept, err := r.opts.Store.Renew(rctx, leases, r.opts.Lease, r.holdFor())
-	cancel()
-	r.noteRenew(err)
-	if err != nil {
-		r.srv.stats.leaseRenewFailures.Add(1)
-		return
-	}
-	r.srv.stats.leaseRenewals.Add(1)
-	ok := make(map[string]bool, len(kept))
-	for _, k := range kept {
-		ok[k] = true
-	}
-	lost := map[*reverseAgent]struct{}{}
-	r.mu.Lock()
-	for _, l := range leases {
-		e := r.names[l.Key]
-		if e == nil || e.epoch != l.Epoch || e.agent == nil {
-			continue
-		}
-		if ok[l.Key] {
-			e.leaseUntil = sent.Add(r.opts.Lease)
-			continue
-		}
-		e.leaseUntil = time.Time{} // stale: no session from now on
-		lost[e.agent] = struct{}{}
-	}
-	r.mu.Unlock()
-	for a := range lost {
-		r.srv.stats.namesTakenOver.Add(int64(len(a.keys())))
-		r.srv.log.Warn("reverse names taken over on another instance; ending the agent here", "identity", a.id.String(), "names", a.keys())
-		a.end(errTakenOver)
-	}
-}
-
-// noteRenew logs a change between renewing and failing to renew, once each way.
-func (r *reverseRegistry) noteRenew(err error) {
-	r.mu.Lock()
-	was := r.renewErr
-	r.renewErr = err
-	r.mu.Unlock()
-	switch {
-	case err != nil && was == nil:
-		r.srv.log.Error("reverse holds: cannot renew the leases in the database; the names stop being served here when their lease runs out", "err", err, "lease", r.opts.Lease)
-	case err == nil && was != nil:
-		r.srv.log.Info("reverse holds: renewing the leases in the database again")
-	}
-}
-
-// fenceLoop ends the agents whose lease runs out before the next check, so
-// that none is served past its lease.
-func (r *reverseRegistry) fenceLoop(ctx context.Context) {
-	step := r.opts.Lease / 10
-	t := time.NewTicker(step)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		limit := time.Now().Add(2 * step) // the next check may come late on a loaded machine
-		fenced := map[*reverseAgent]struct{}{}
-		r.mu.Lock()
-		for _, e := range r.names {
-			if e.agent != nil && e.epoch != 0 && !limit.Before(e.leaseUntil) {
-				e.leaseUntil = time.Time{}
-				fenced[e.agent] = struct{}{}
-			}
-		}
-		r.mu.Unlock()
-		for a := range fenced {
-			r.srv.stats.namesFenced.Add(int64(len(a.keys())))
-			r.srv.log.Error("reverse names fenced: their lease ran out before this instance could renew it; ending the agent so that no other instance and this one serve them at once",
-				"identity", a.id.String(), "names", a.keys(), "lease", r.opts.Lease)
-			a.end(errFenced)
-		}
-	}
+	s.rev.Kick()
 }
 
 // SetHoldStoreFailHook makes every call to the hold store fail while fail
@@ -263,43 +48,6 @@ func (r *reverseRegistry) fenceLoop(ctx context.Context) {
 // self-fencing of one instance while the others reach it).
 func (s *Server) SetHoldStoreFailHook(fail func() bool) {
 	if s.rev != nil {
-		s.rev.storeFail.Store(&fail)
+		s.rev.SetStoreFailHook(fail)
 	}
-}
-
-var errStoreBlocked = errors.New("the hold store is unreachable (test hook)")
-
-func (r *reverseRegistry) storeBlocked() bool {
-	f := r.storeFail.Load()
-	return f != nil && (*f)()
-}
-
-// storeOwner asks the store who holds key, for a key this instance does not
-// know: its agent is on another instance. An error is "not held" (fail closed).
-func (r *reverseRegistry) storeOwner(key string) (string, bool) {
-	if r.opts.Store == nil || r.storeBlocked() {
-		return "", false
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), r.opts.Renew)
-	defer cancel()
-	owner, held, err := r.opts.Store.Owner(ctx, key)
-	if err != nil {
-		r.logStoreErr("owner", err)
-		return "", false
-	}
-	return owner, held
-}
-
-// graceAfter is how long an agent's names stay its owner's after its control
-// session ended with cause: none when it unregistered, RestartGrace when the
-// server shuts down (with a Store, another instance or this one's successor
-// takes them back), else Grace.
-func (r *reverseRegistry) graceAfter(cause error) time.Duration {
-	switch {
-	case errors.Is(cause, errUnregistered):
-		return 0
-	case r.opts.Store != nil && errors.Is(cause, wire.ErrShutdown):
-		return r.opts.RestartGrace
-	}
-	return r.opts.Grace
 }

@@ -1,10 +1,9 @@
 package proxy
 
 import (
-	"slices"
 	"sync"
-	"time"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
@@ -22,7 +21,7 @@ const (
 	// CodeTooManyNames: a listen would leave the identity holding more reverse
 	// names and public exposures than the server allows
 	// (ReverseOptions.MaxNamesPerIdentity).
-	CodeTooManyNames = "too_many_names"
+	CodeTooManyNames = reverse.CodeTooManyNames
 	// CodeTooManyPending: the identity has as many dials of reverse names waiting
 	// for their agents as the server allows (ReverseOptions.MaxPendingPerIdentity).
 	CodeTooManyPending = "too_many_pending"
@@ -104,29 +103,6 @@ func (r *reverseRegistry) acquirePending(id authz.Identity) *wire.HelloError {
 	held, ok := r.pendingPerID.acquire(id.DeviceID, r.opts.MaxPendingPerIdentity)
 	if !ok {
 		return wire.Errorf(CodeTooManyPending, "%s already has %d sessions waiting for reverse agents to pick them up, the limit per device (max-pending-per-identity); try again once they are answered (within %s)", id, held, r.opts.PickupTimeout)
-	}
-	return nil
-}
-
-// checkNamesLocked refuses a claim of keys by a that would leave a's device
-// holding more than MaxNamesPerIdentity names and public exposures. It counts
-// what the device's other control sessions hold and what is reserved for it
-// while an agent reconnects; keys it holds already (a reconnect, a takeover by
-// its own newer session) count once. r.mu is held.
-func (r *reverseRegistry) checkNamesLocked(a *reverseAgent, keys []string, now time.Time) *wire.HelloError {
-	max := r.opts.MaxNamesPerIdentity
-	if len(keys) > max {
-		return wire.Errorf(CodeTooManyNames, "this registration asks for %d reverse names and public exposures; the server allows %d per device (max-reverse-names-per-identity); expose fewer from one device", len(keys), max)
-	}
-	held := 0
-	for n, e := range r.names {
-		if e.owner != a.id.DeviceID || e.agent == nil && !now.Before(e.until) || slices.Contains(keys, n) {
-			continue
-		}
-		held++
-	}
-	if held+len(keys) > max {
-		return wire.Errorf(CodeTooManyNames, "%s already holds %d reverse names and public exposures (through its other agents, or reserved for an agent that is reconnecting) and asks for %d more; the server allows %d per device (max-reverse-names-per-identity); stop the agents it no longer needs (a name whose agent went away without stopping stays reserved for %s) and try again", a.id, held, len(keys), max, r.opts.Grace)
 	}
 	return nil
 }

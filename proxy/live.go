@@ -58,22 +58,19 @@ func (s *Server) Agents() []Agent {
 	if s.rev == nil {
 		return nil
 	}
-	seen := map[*reverseAgent]bool{}
+	seen := map[*reverse.Agent]bool{}
 	var out []Agent
-	s.rev.mu.Lock()
-	for _, e := range s.rev.names {
-		a := e.agent
+	s.rev.Each(func(_, _ string, a *reverse.Agent, _ *reverse.PublicListener) {
 		if a == nil || seen[a] {
-			continue
+			return
 		}
 		seen[a] = true
-		ag := Agent{Identity: a.id.DeviceID, Transport: a.transport, Names: slices.Clone(a.names)}
-		for _, p := range a.public {
+		ag := Agent{Identity: a.ID.DeviceID, Transport: a.Transport, Names: slices.Clone(a.Names)}
+		for _, p := range a.Public {
 			ag.Public = append(ag.Public, reverse.DescribeKey(p.Key()))
 		}
 		out = append(out, ag)
-	}
-	s.rev.mu.Unlock()
+	})
 	slices.SortFunc(out, func(a, b Agent) int {
 		return strings.Compare(a.Identity+" "+strings.Join(a.Names, ","), b.Identity+" "+strings.Join(b.Names, ","))
 	})
@@ -94,22 +91,20 @@ func (s *Server) PublicPorts() []PublicPort {
 		return nil
 	}
 	var out []PublicPort
-	s.rev.mu.Lock()
-	for k, e := range s.rev.names {
+	s.rev.Each(func(k, owner string, a *reverse.Agent, ln *reverse.PublicListener) {
 		if !strings.HasPrefix(k, "tcp/") && !strings.HasPrefix(k, "udp/") && !strings.HasPrefix(k, "sni/") {
-			continue
+			return
 		}
-		p := PublicPort{Exposure: reverse.DescribeKey(k), Owner: e.owner, Online: e.agent != nil}
-		if e.ln != nil {
-			if e.ln.pc != nil {
-				p.Address = "udp " + e.ln.pc.LocalAddr().String()
+		p := PublicPort{Exposure: reverse.DescribeKey(k), Owner: owner, Online: a != nil}
+		if ln != nil {
+			if ln.PC != nil {
+				p.Address = "udp " + ln.PC.LocalAddr().String()
 			} else {
-				p.Address = "tcp " + e.ln.Addr().String()
+				p.Address = "tcp " + ln.Addr().String()
 			}
 		}
 		out = append(out, p)
-	}
-	s.rev.mu.Unlock()
+	})
 	slices.SortFunc(out, func(a, b PublicPort) int { return strings.Compare(a.Exposure, b.Exposure) })
 	return out
 }

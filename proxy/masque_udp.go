@@ -141,7 +141,7 @@ func (s *Server) serveConnectUDP(w http.ResponseWriter, r *http.Request) (abort 
 		herr = s.authenticate(*r.TLS, ss)
 	}
 	if herr == nil && s.rev != nil {
-		if _, ok := s.rev.name(canonicalHost(hello.Host)); ok {
+		if _, ok := s.rev.Name(canonicalHost(hello.Host)); ok {
 			herr = errConnectUDPReverse(hello.Host)
 		}
 	}

@@ -75,7 +75,7 @@ func (s *Server) peerRoute(ctx context.Context, key string) (PeerRoute, bool, *w
 	cancel()
 	switch {
 	case err != nil:
-		s.rev.logStoreErr("route", err)
+		s.rev.LogStoreErr("route", err)
 		return PeerRoute{}, false, wire.Errorf(wire.CodeReverseOffline, "this TP server instance cannot look up which instance serves %s just now (its database is unreachable); try again in a few seconds", reverse.DescribeKey(key))
 	case !ok || route.Instance == p.Options().Self:
 		return PeerRoute{}, false, nil
@@ -219,20 +219,12 @@ func (s *Server) peerOpen(ctx context.Context, op wire.PeerOpen) (wire.Stream, b
 	}
 	pubNet, public := wire.PublicKeyNet(op.Key)
 	if !public {
-		label, ok := r.name(op.Key)
+		label, ok := r.Name(op.Key)
 		if !ok || label != op.Header.Name {
 			return nil, false, wire.Errorf(wire.CodeBadRequest, "peer open for %s names label %q", op.Key, op.Header.Name)
 		}
 	}
-	r.mu.Lock()
-	e := r.names[op.Key]
-	now := time.Now()
-	var a *reverseAgent
-	label := ""
-	if e != nil && e.agent != nil && e.epoch == op.Epoch && r.currentLocked(op.Key, e, now) {
-		a, label = e.agent, e.label
-	}
-	r.mu.Unlock()
+	a, label := r.LookupEpoch(op.Key, op.Epoch)
 	if a == nil {
 		return nil, false, wire.Errorf(wire.CodeReverseOffline, "the TP server instance that served %s no longer serves it at epoch %d (its agent moved or reconnects, or its lease ran out); try again in a few seconds", reverse.DescribeKey(op.Key), op.Epoch)
 	}
@@ -245,22 +237,22 @@ func (s *Server) peerOpen(ctx context.Context, op wire.PeerOpen) (wire.Stream, b
 		if pubNet == "udp" {
 			hdr.Net = "udp" // capsules on the stream, relayed as bytes (no flow id)
 		}
-		st, herr := a.open(ctx, hdr)
+		st, herr := a.Open(ctx, hdr)
 		if herr != nil {
 			return nil, false, herr
 		}
 		return st, false, nil
 	}
 	want := ""
-	if netOfFull(a, op.Key) == "udp" {
+	if a.Network(op.Key) == "udp" {
 		want = "udp"
 	}
 	if want != op.Header.Net {
 		return nil, false, wire.Errorf(wire.CodeUnsupportedNetwork, "%s serves %s; dial it %s", op.Key, map[string]string{"": "TCP", "udp": "UDP"}[want], map[string]string{"": "without --udp", "udp": "with --udp (tp forward --udp)"}[want])
 	}
-	st, herr := a.open(ctx, op.Header)
+	st, herr := a.Open(ctx, op.Header)
 	if herr != nil {
 		return nil, false, herr
 	}
-	return st, !a.isPublic(op.Key), nil
+	return st, !a.IsPublic(op.Key), nil
 }

@@ -16,6 +16,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -35,7 +36,7 @@ func (s *Server) forwardAccept(ctx context.Context, conn wire.Stream, ss *sessio
 	routes, err := p.Options().AgentRoutes(rctx, ss.id.DeviceID)
 	cancel()
 	if err != nil {
-		s.rev.logStoreErr("agent routes", err)
+		s.rev.LogStoreErr("agent routes", err)
 		return false
 	}
 	for i, route := range routes {
@@ -45,7 +46,7 @@ func (s *Server) forwardAccept(ctx context.Context, conn wire.Stream, ss *sessio
 		if route.Instance == p.Options().Self {
 			continue
 		}
-		label, ok := s.rev.name(route.Key)
+		label, ok := s.rev.Name(route.Key)
 		if !ok {
 			continue
 		}
@@ -85,19 +86,10 @@ func (s *Server) servePeerAccept(ctx context.Context, conn wire.Stream, op wire.
 		}
 		return nil
 	}()
-	var p *pendingSession
+	var p *reverse.Pending
 	if herr == nil {
-		r.mu.Lock()
-		p = r.sessions[op.Header.Session]
-		e := r.names[op.Key]
-		// The offered name proves that this instance holds names of the
-		// device now (its epoch is current); it may be another agent's of
-		// the same device than the one the session was announced to (the
-		// peer offers one name per instance).
-		ok := p != nil && p.agent.id.DeviceID == op.Header.PeerID && e != nil && e.agent.id.DeviceID == p.agent.id.DeviceID &&
-			e.epoch == op.Epoch && r.currentLocked(op.Key, e, time.Now())
-		r.mu.Unlock()
-		if !ok {
+		p = r.PeerPending(op.Header.Session, op.Header.PeerID, op.Key, op.Epoch)
+		if p == nil {
 			herr = wire.Errorf(wire.CodeUnknownSession, "session %s is not waiting for %s on this TP server instance", op.Header.Session, op.Header.PeerID)
 		}
 	}
@@ -116,14 +108,13 @@ func (s *Server) servePeerAccept(ctx context.Context, conn wire.Stream, op wire.
 	s.stats.peerActive[peerDirIn].Add(1)
 	defer s.stats.peerActive[peerDirIn].Add(-1)
 	start := time.Now()
-	ps := &pairedStream{Stream: conn, done: make(chan struct{})}
 	end := "paired session ended"
-	if !r.unpend(p, ps) {
+	if ps, ok := r.Pair(p, conn); !ok {
 		end = "the session expired before it was accepted"
 		_ = conn.Close()
 	} else {
 		select {
-		case <-ps.done:
+		case <-ps.Done():
 		case <-ctx.Done():
 			end = context.Cause(ctx).Error()
 			_ = ps.Close()

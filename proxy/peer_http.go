@@ -30,21 +30,11 @@ import (
 
 	"golang.org/x/net/http/httpguts"
 
-	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
 // peerHTTPHeaderMax bounds the request head A reads from a peer connection.
 const peerHTTPHeaderMax = 1 << 20
-
-// claimStore claims keys for a in the store, with a's access when the store
-// records it.
-func (r *reverseRegistry) claimStore(ctx context.Context, a *reverseAgent, keys []string) ([]reverse.HoldLease, error) {
-	if as, ok := r.opts.Store.(reverse.AccessHoldStore); ok {
-		return as.ClaimAccess(ctx, a.id.DeviceID, keys, a.devicesOnly, r.opts.Lease, r.holdFor())
-	}
-	return r.opts.Store.Claim(ctx, a.id.DeviceID, keys, r.opts.Lease, r.holdFor())
-}
 
 // PeerHTTP returns the round-tripper for a reverse HTTP name that another
 // instance serves now (host as in ReverseHTTP), and whether its exposer opened
@@ -60,7 +50,7 @@ func (s *Server) PeerHTTP(ctx context.Context, host string, device func(*http.Re
 		host = h
 	}
 	host = strings.TrimSuffix(strings.ToLower(host), ".")
-	label, ok := s.rev.name(host)
+	label, ok := s.rev.Name(host)
 	if !ok {
 		return nil, false, false
 	}
@@ -231,14 +221,10 @@ func (s *Server) servePeerHTTP(ctx context.Context, conn wire.Stream, op wire.Pe
 		if r == nil {
 			return wire.Errorf(wire.CodeReverseUnknown, "this TP server instance serves no reverse names")
 		}
-		if label, ok := r.name(op.Key); !ok || label != op.Header.Name {
+		if label, ok := r.Name(op.Key); !ok || label != op.Header.Name {
 			return wire.Errorf(wire.CodeBadRequest, "peer open for %s names label %q", op.Key, op.Header.Name)
 		}
-		r.mu.Lock()
-		e := r.names[op.Key]
-		ok := e != nil && e.agent != nil && e.epoch == op.Epoch && r.currentLocked(op.Key, e, time.Now())
-		r.mu.Unlock()
-		if !ok || r.tunnels.holder(op.Key) == nil {
+		if a, _ := r.LookupEpoch(op.Key, op.Epoch); a == nil || r.tunnels.holder(op.Key) == nil {
 			return wire.Errorf(wire.CodeReverseOffline, "the TP server instance that served %s no longer serves it at epoch %d (its tunnels moved or reconnect, or its lease ran out); try again in a few seconds", op.Key, op.Epoch)
 		}
 		return nil

@@ -12,24 +12,9 @@ package proxy
 
 import (
 	"context"
-	"net"
-	"strconv"
-	"strings"
 
-	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
-
-// maxPeerPublic bounds the public keys of other instances this one follows.
-const maxPeerPublic = 4096
-
-// peerPublic is what this instance knows of the public exposures other
-// instances serve. Lock order: reverseRegistry.mu, then mu.
-type peerPublic struct {
-	keys   map[string]bool            // "tcp/PORT", "udp/PORT", "sni/NAME" served elsewhere
-	lns    map[string]*publicListener // ports open here for them (not an agent's here)
-	failed map[string]bool            // ports that could not be opened (logged once)
-}
 
 // SetPeerPublic tells the server which public exposures other instances serve
 // now (keys as reverse.Hold.Key: "tcp/PORT", "udp/PORT", "sni/NAME"). It opens
@@ -41,109 +26,7 @@ func (s *Server) SetPeerPublic(keys []string) {
 	if s.peers == nil || r == nil {
 		return
 	}
-	want := make(map[string]bool, len(keys))
-	for _, k := range keys {
-		if _, ok := wire.PublicKeyNet(k); ok && len(want) < maxPeerPublic {
-			want[k] = true
-		}
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	pp := &r.peerPub
-	if pp.lns == nil {
-		pp.lns, pp.failed = map[string]*publicListener{}, map[string]bool{}
-	}
-	pp.keys = want
-	for k, ln := range pp.lns {
-		if !want[k] {
-			delete(pp.lns, k)
-			s.untrack(ln)
-		}
-	}
-	for k := range want {
-		netw, port, ok := publicPort(k)
-		if !ok || pp.lns[k] != nil {
-			continue
-		}
-		if e := r.names[k]; e != nil && e.ln != nil {
-			continue // open for an agent here (or its grace period); it serves both
-		}
-		if r.opts.PublicPorts == nil || !r.opts.PublicPorts(netw, port) {
-			if !pp.failed[k] {
-				pp.failed[k] = true
-				s.log.Warn("peering: another instance serves a public port this instance may not open (public-ports differ between instances); connections for it that reach this instance are refused",
-					"exposure", reverse.DescribeKey(k))
-			}
-			continue
-		}
-		pl, err := listenPublic(r.opts.PublicHost, netw, port, k)
-		if err != nil {
-			if !pp.failed[k] {
-				pp.failed[k] = true
-				s.log.Warn("peering: cannot open a public port another instance serves; connections for it that reach this instance are refused", "exposure", reverse.DescribeKey(k), "err", err)
-			}
-			continue
-		}
-		delete(pp.failed, k)
-		if !s.track(pl) {
-			_ = pl.Close()
-			return
-		}
-		pp.lns[k] = pl
-		go s.acceptPublic(pl)
-	}
-}
-
-// publicPort splits a "tcp/PORT" or "udp/PORT" key.
-func publicPort(k string) (string, int, bool) {
-	netw, rest, _ := strings.Cut(k, "/")
-	if netw != "tcp" && netw != "udp" {
-		return "", 0, false
-	}
-	port, err := strconv.Atoi(rest)
-	return netw, port, err == nil
-}
-
-// listenPublic opens the socket of a public port.
-func listenPublic(host, netw string, port int, key string) (*publicListener, error) {
-	addr := net.JoinHostPort(host, strconv.Itoa(port))
-	pl := &publicListener{key: key}
-	var err error
-	if netw == "udp" {
-		var ua *net.UDPAddr
-		if ua, err = net.ResolveUDPAddr("udp", addr); err == nil {
-			pl.pc, err = net.ListenUDP("udp", ua)
-		}
-	} else {
-		pl.Listener, err = net.Listen("tcp", addr)
-	}
-	return pl, err
-}
-
-// takePeerListenerLocked hands the port this instance keeps open for another
-// instance's key over to an agent registering the key here (it is already
-// being served: the accept loop finds the local agent first). Called with
-// r.mu held.
-func (r *reverseRegistry) takePeerListenerLocked(k string) *publicListener {
-	ln := r.peerPub.lns[k]
-	delete(r.peerPub.lns, k)
-	return ln
-}
-
-// keepForPeerLocked takes over the listener of a local entry that is dropped
-// while another instance serves its key, so the port stays open; it reports
-// whether it did. Called with r.mu held.
-func (r *reverseRegistry) keepForPeerLocked(k string, ln *publicListener) bool {
-	if !r.peerPub.keys[k] || r.peerPub.lns == nil || r.peerPub.lns[k] != nil {
-		return false
-	}
-	r.peerPub.lns[k] = ln
-	return true
-}
-
-// peerServesSNI reports whether another instance serves the pass-through name key.
-func (r *reverseRegistry) peerServesSNI(k string) bool {
-	return r.peerPub.keys[k]
+	r.SetPeerPublic(keys)
 }
 
 // forwardPublic opens a public session for key on the instance that serves

@@ -9,7 +9,6 @@ import (
 	"net"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/tp-proxy/tp/proxy/reverse"
@@ -57,7 +56,7 @@ type ReverseOptions struct {
 	Ping time.Duration
 
 	// Store, when set, records holds in a database several instances share
-	// (holdstore.go); Holds and SaveHolds are then unused. Lease is how long a
+	// (proxy/reverse/leases.go); Holds and SaveHolds are then unused. Lease is how long a
 	// claim or renewal lets this instance serve a key without renewing again
 	// (default DefaultLease); Renew is how often it renews (default
 	// DefaultRenew, at most Lease/3). RunLeases must run for renewals to happen.
@@ -142,7 +141,7 @@ func (s *Server) ReverseOwner(host string) (string, bool) {
 	if s.rev == nil {
 		return "", false
 	}
-	return s.rev.owner(strings.TrimSuffix(strings.ToLower(host), "."))
+	return s.rev.Owner(strings.TrimSuffix(strings.ToLower(host), "."))
 }
 
 // ReverseZone is the configured reverse zone, "" when reverse listeners are off.
@@ -166,7 +165,7 @@ func (s *Server) serveReverseOp(ctx context.Context, conn wire.Stream, cs tls.Co
 }
 
 func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.ConnectionState, transport string, ss *session, hello wire.ClientHello) *wire.HelloError {
-	a := &reverseAgent{id: ss.id, transport: transport, ctl: conn, udp: map[string]bool{}}
+	a := &reverse.Agent{ID: ss.id, Transport: transport, Ctl: conn, UDP: map[string]bool{}}
 	reqs := make([]authz.Request, 0, len(hello.Names))
 	asked := make([]string, 0, len(hello.Names)+len(hello.Public)) // for the log and audit lines, also of a refusal
 	for _, n := range hello.Names {
@@ -178,11 +177,11 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 	ss.dest = "listen " + strings.Join(asked, ",")
 	for _, n := range hello.Names {
 		full := n + "." + s.rev.opts.Zone
-		a.names = append(a.names, full)
+		a.Names = append(a.Names, full)
 		network := "tcp"
 		if slices.Contains(hello.UDP, n) {
 			network = "udp"
-			a.udp[full] = true
+			a.UDP[full] = true
 		}
 		req := authz.Request{
 			Action:      authz.ActionListen,
@@ -206,13 +205,13 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 	if herr != nil {
 		return herr
 	}
-	a.public, reqs = pub, append(reqs, preqs...)
+	a.Public, reqs = pub, append(reqs, preqs...)
 	if qs, ok := conn.(*wire.QUICStream); ok {
-		a.open, a.openFlow = s.quicOpener(qs)
+		a.Open, a.OpenFlow = s.rev.QUICOpener(qs)
 	} else {
-		a.open = s.tlsOpener(a)
-		a.openFlow = func(ctx context.Context, hdr wire.SessionHeader, queueLen int) (*wire.UDPFlow, *wire.HelloError) {
-			st, herr := a.open(ctx, hdr)
+		a.Open = s.rev.TLSOpener(a)
+		a.OpenFlow = func(ctx context.Context, hdr wire.SessionHeader, queueLen int) (*wire.UDPFlow, *wire.HelloError) {
+			st, herr := a.Open(ctx, hdr)
 			if herr != nil {
 				return nil, herr
 			}
@@ -229,28 +228,28 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 	defer cancel()
 	ctx, end := context.WithCancelCause(ctx)
 	defer end(nil)
-	a.end, a.ctx = end, ctx
-	replaced, herr := s.rev.claim(a)
+	a.End, a.Ctx = end, ctx
+	replaced, herr := s.rev.Claim(a)
 	if herr != nil {
 		return herr
 	}
 	for _, old := range replaced {
-		old.end(errReplaced)
+		old.End(reverse.ErrReplaced)
 	}
-	defer func() { s.rev.release(a, s.rev.graceAfter(context.Cause(ctx))) }()
+	defer func() { s.rev.Release(a, s.rev.GraceAfter(context.Cause(ctx))) }()
 	for _, req := range reqs {
 		defer s.sessions.add(&liveSession{cs: cs, req: req, revoke: end})()
 	}
 
 	_ = conn.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-	if err := wire.WriteServerHello(conn, wire.ServerHello{V: wire.Version, OK: true, Names: a.names}); err != nil {
+	if err := wire.WriteServerHello(conn, wire.ServerHello{V: wire.Version, OK: true, Names: a.Names}); err != nil {
 		ss.end = "writing server hello: " + err.Error()
 		_ = conn.Close()
 		return errHandled
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
 	s.log.LogAttrs(ctx, slog.LevelInfo, "reverse listener registered",
-		slog.String("identity", ss.id.String()), slog.String("names", strings.Join(a.names, ",")), slog.String("transport", transport))
+		slog.String("identity", ss.id.String()), slog.String("names", strings.Join(a.Names, ",")), slog.String("transport", transport))
 
 	// The agent sends one frame after its hello, {"end":"unregister"}, when it
 	// stops; otherwise a read ends when it goes away.
@@ -259,7 +258,7 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 		var herr *wire.HelloError
 		switch {
 		case err == nil && h.End == "unregister":
-			err = errUnregistered
+			err = reverse.ErrUnregistered
 		case err == nil:
 			err = &controlViolation{"the agent sent a frame other than {\"v\":1,\"end\":\"unregister\"} on its control stream"}
 		case errors.As(err, &herr): // a frame that arrived whole but is malformed
@@ -270,7 +269,7 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 	if transport != "quic" {
 		// A ping at once tells the agent the period; then one every period.
 		ping := wire.SessionHeader{V: wire.Version, Ping: true, PingMS: s.rev.opts.Ping.Milliseconds()}
-		if err := a.writeFrame(ping); err != nil {
+		if err := a.WriteFrame(ping); err != nil {
 			end(fmt.Errorf("control connection: %w", err))
 		}
 		t := time.NewTicker(s.rev.opts.Ping)
@@ -281,7 +280,7 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 			case <-ctx.Done():
 				break loop
 			case <-t.C:
-				if err := a.writeFrame(ping); err != nil {
+				if err := a.WriteFrame(ping); err != nil {
 					end(fmt.Errorf("control connection: %w", err))
 				}
 			}
@@ -293,23 +292,23 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 	var rev *wire.RevokedError
 	var cv *controlViolation
 	switch {
-	case errors.Is(cause, errReplaced):
-		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: "replaced", Reason: "a newer agent of the same device took over these names"})
-	case errors.Is(cause, errTakenOver):
-		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: "replaced", Reason: errTakenOver.Error()})
-	case errors.Is(cause, errFenced): // the agent reconnects, maybe to another instance
-		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.EndShutdown,
-			Reason: errFenced.Error() + " (is its database reachable?); reconnect (the names stay held for this device meanwhile)"})
+	case errors.Is(cause, reverse.ErrReplaced):
+		_ = a.WriteFrame(wire.SessionHeader{V: wire.Version, End: "replaced", Reason: "a newer agent of the same device took over these names"})
+	case errors.Is(cause, reverse.ErrTakenOver):
+		_ = a.WriteFrame(wire.SessionHeader{V: wire.Version, End: "replaced", Reason: reverse.ErrTakenOver.Error()})
+	case errors.Is(cause, reverse.ErrFenced): // the agent reconnects, maybe to another instance
+		_ = a.WriteFrame(wire.SessionHeader{V: wire.Version, End: wire.EndShutdown,
+			Reason: reverse.ErrFenced.Error() + " (is its database reachable?); reconnect (the names stay held for this device meanwhile)"})
 	case errors.As(cause, &rev) && rev.Identity: // the device, its user or its approver is revoked: final
-		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.EndRevoked, Reason: rev.Reason})
+		_ = a.WriteFrame(wire.SessionHeader{V: wire.Version, End: wire.EndRevoked, Reason: rev.Reason})
 	case errors.As(cause, &rev):
-		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.CodePolicyDenied, Reason: rev.Reason})
+		_ = a.WriteFrame(wire.SessionHeader{V: wire.Version, End: wire.CodePolicyDenied, Reason: rev.Reason})
 	case errors.Is(cause, wire.ErrShutdown):
-		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.EndShutdown, Reason: "the TP server is shutting down; reconnect (the names stay held for this device meanwhile)"})
+		_ = a.WriteFrame(wire.SessionHeader{V: wire.Version, End: wire.EndShutdown, Reason: "the TP server is shutting down; reconnect (the names stay held for this device meanwhile)"})
 	case errors.Is(cause, wire.ErrCertExpired):
-		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: "cert_expired", Reason: "the client certificate expired; the agent reconnects with a fresh one"})
+		_ = a.WriteFrame(wire.SessionHeader{V: wire.Version, End: "cert_expired", Reason: "the client certificate expired; the agent reconnects with a fresh one"})
 	case errors.As(cause, &cv): // tell the agent why, so that its log says what it got wrong
-		_ = a.writeFrame(wire.SessionHeader{V: wire.Version, End: wire.CodeBadRequest,
+		_ = a.WriteFrame(wire.SessionHeader{V: wire.Version, End: wire.CodeBadRequest,
 			Reason: cv.reason + "; the TP server ended the control session (the names stay held for the grace period)"})
 	}
 	ss.end = cause.Error()
@@ -325,134 +324,12 @@ type controlViolation struct{ reason string }
 
 func (e *controlViolation) Error() string { return e.reason }
 
-var (
-	errReplaced     = errors.New("replaced by a newer session of the same device")
-	errUnregistered = errors.New("the agent unregistered its names")
-)
-
-func (a *reverseAgent) writeFrame(h wire.SessionHeader) error {
-	a.wmu.Lock()
-	defer a.wmu.Unlock()
-	_ = a.ctl.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-	err := wire.WriteSessionHeader(a.ctl, h)
-	_ = a.ctl.SetWriteDeadline(time.Time{})
-	return err
-}
-
-// quicOpener opens a stream to the agent per session and writes the header at
-// once: a QUIC stream is invisible to the peer until it carries data. Its flow
-// opener also registers a UDPFlow on the stream before the header goes out, and
-// names the flow id in the header when the connection has QUIC datagrams.
-func (s *Server) quicOpener(ctl *wire.QUICStream) (
-	func(context.Context, wire.SessionHeader) (wire.Stream, *wire.HelloError),
-	func(context.Context, wire.SessionHeader, int) (*wire.UDPFlow, *wire.HelloError),
-) {
-	conn := ctl.Conn()
-	open := func(ctx context.Context, hdr wire.SessionHeader, queueLen int, udp bool) (*wire.QUICStream, *wire.UDPFlow, *wire.HelloError) {
-		ctx, cancel := context.WithTimeout(ctx, s.rev.opts.PickupTimeout)
-		defer cancel()
-		str, err := conn.OpenStreamSync(ctx)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, nil, wire.Errorf(wire.CodeReverseBusy, "the agent for %s.%s has no room for another session; try again", hdr.Name, s.rev.opts.Zone)
-			}
-			return nil, nil, wire.Errorf(wire.CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
-		}
-		qs := wire.NewQUICStream(conn, str)
-		var flow *wire.UDPFlow
-		if udp {
-			if flow, err = wire.NewUDPFlow(qs, queueLen, nil); err != nil {
-				// The quarter stream ID is in use on this connection (a flow the
-				// agent opened itself): this one travels as capsules only.
-				flow = wire.NewCapsuleFlow(qs, queueLen)
-			}
-			if id, ok := flow.FlowID(); ok {
-				hdr.Flow = &id
-				flow.AwaitPeer()
-			}
-		}
-		_ = qs.SetWriteDeadline(time.Now().Add(helloWriteTimeout))
-		if err := wire.WriteSessionHeader(qs, hdr); err != nil {
-			if flow != nil {
-				_ = flow.Close()
-			}
-			qs.Abort(wire.QUICInternal)
-			return nil, nil, wire.Errorf(wire.CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
-		}
-		_ = qs.SetWriteDeadline(time.Time{})
-		return qs, flow, nil
-	}
-	return func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
-			qs, _, herr := open(ctx, hdr, 0, false)
-			if herr != nil {
-				return nil, herr
-			}
-			return qs, nil
-		}, func(ctx context.Context, hdr wire.SessionHeader, queueLen int) (*wire.UDPFlow, *wire.HelloError) {
-			_, flow, herr := open(ctx, hdr, queueLen, true)
-			return flow, herr
-		}
-}
-
-// tlsOpener announces a session on the control connection and waits for the
-// agent's accept connection.
-func (s *Server) tlsOpener(a *reverseAgent) func(context.Context, wire.SessionHeader) (wire.Stream, *wire.HelloError) {
-	return func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
-		p := &pendingSession{id: hdr.Session, agent: a, ch: make(chan wire.Stream, 1)}
-		s.rev.pend(a, p)
-		if err := a.writeFrame(hdr); err != nil {
-			s.rev.unpend(p, nil)
-			a.end(fmt.Errorf("control connection: %w", err))
-			return nil, wire.Errorf(wire.CodeReverseOffline, "the agent for %s.%s went away: %v", hdr.Name, s.rev.opts.Zone, err)
-		}
-		t := time.NewTimer(s.rev.opts.PickupTimeout)
-		defer t.Stop()
-		select {
-		case st := <-p.ch:
-			return pickedUp(st, hdr, s.rev.opts.Zone)
-		case <-t.C:
-		case <-ctx.Done():
-		}
-		if s.rev.unpend(p, nil) {
-			<-p.ch
-			return nil, wire.Errorf(wire.CodeReverseTimeout, "the agent for %s.%s did not pick up the session within %s", hdr.Name, s.rev.opts.Zone, s.rev.opts.PickupTimeout)
-		}
-		return pickedUp(<-p.ch, hdr, s.rev.opts.Zone) // accepted just now
-	}
-}
-
-func pickedUp(st wire.Stream, hdr wire.SessionHeader, zone string) (wire.Stream, *wire.HelloError) {
-	if st == nil {
-		return nil, wire.Errorf(wire.CodeReverseBusy, "the agent for %s.%s has too many sessions waiting or went away; try again", hdr.Name, zone)
-	}
-	return st, nil
-}
-
-// pairedStream is an accept connection handed to a dialer's session; Close tells
-// the accept request that the session is over.
-type pairedStream struct {
-	wire.Stream
-	once sync.Once
-	done chan struct{}
-}
-
-// Unwrap is the accept connection.
-func (p *pairedStream) Unwrap() net.Conn { return p.Stream }
-
-func (p *pairedStream) Close() error {
-	err := p.Stream.Close()
-	p.once.Do(func() { close(p.done) })
-	return err
-}
-
 func (s *Server) serveAccept(ctx context.Context, conn wire.Stream, ss *session, hello wire.ClientHello) *wire.HelloError {
-	s.rev.mu.Lock()
-	p := s.rev.sessions[hello.Session]
-	s.rev.mu.Unlock()
+	p := s.rev.Pending(hello.Session)
 	if p == nil && s.forwardAccept(ctx, conn, ss, hello) {
 		return errHandled // pending on another instance, and relayed there (peer_accept.go)
 	}
-	if p == nil || p.agent.id.DeviceID != ss.id.DeviceID {
+	if p == nil || p.Agent().ID.DeviceID != ss.id.DeviceID {
 		return wire.Errorf(wire.CodeUnknownSession, "session %s is not waiting for %s (it expired, or was announced to another agent)", hello.Session, ss.id)
 	}
 	ss.dest = "accept " + hello.Session
@@ -463,14 +340,14 @@ func (s *Server) serveAccept(ctx context.Context, conn wire.Stream, ss *session,
 		return errHandled
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
-	ps := &pairedStream{Stream: conn, done: make(chan struct{})}
-	if !s.rev.unpend(p, ps) {
+	ps, ok := s.rev.Pair(p, conn)
+	if !ok {
 		ss.end = "the session expired before it was accepted"
 		_ = conn.Close()
 		return errHandled
 	}
 	select {
-	case <-ps.done:
+	case <-ps.Done():
 		ss.end = "paired session ended"
 	case <-ctx.Done():
 		ss.end = context.Cause(ctx).Error()
@@ -493,12 +370,12 @@ func (s *Server) establishReverse(ctx context.Context, conn wire.Stream, ss *ses
 	if herr := s.decide(ctx, ss, req, "no policy rule allows "+ss.id.String()+" to reach "+host); herr != nil {
 		return nil, herr
 	}
-	a, herr := s.rev.lookup(host)
+	a, herr := s.rev.Lookup(host)
 	if herr != nil {
 		// Not served here: maybe by another instance (peer.go).
 		return s.establishPeer(ctx, ss, req, host, label, herr)
 	}
-	if network := netOfFull(a, host); network != ss.network {
+	if network := a.Network(host); network != ss.network {
 		hint := "dial it without --udp"
 		if network == "udp" {
 			hint = "dial it with --udp (tp forward --udp)"
@@ -506,19 +383,19 @@ func (s *Server) establishReverse(ctx context.Context, conn wire.Stream, ss *ses
 		return nil, wire.Errorf(wire.CodeUnsupportedNetwork, "%s serves %s, not %s; %s", host, strings.ToUpper(network), strings.ToUpper(ss.network), hint)
 	}
 	ss.req = req
-	ss.upstream = "agent " + a.id.String() + " (" + a.transport + ")"
+	ss.upstream = "agent " + a.ID.String() + " (" + a.Transport + ")"
 	hdr := s.dialHeader(ss, label)
 	if herr := s.rev.acquirePending(ss.id); herr != nil {
 		return nil, herr
 	}
-	st, herr := a.open(ctx, hdr)
+	st, herr := a.Open(ctx, hdr)
 	s.rev.pendingPerID.release(ss.id.DeviceID)
 	if herr != nil {
 		return nil, herr
 	}
 	// A public name's sessions are plain streams; a protected one's carry TLS
 	// between dialer and agent.
-	ss.e2e = !a.isPublic(host)
+	ss.e2e = !a.IsPublic(host)
 	ss.peer = "agent"
 	if qs, ok := st.(*wire.QUICStream); ok {
 		ss.hold = s.holds.hold(qs.Conn()) // a drain keeps the agent's connection for it
@@ -551,7 +428,7 @@ func (s *Server) establishPeer(ctx context.Context, ss *session, req authz.Reque
 	switch {
 	case !handled && local.Code == wire.CodeReverseUnknown:
 		ss.spliced = spliced
-		if _, held := s.rev.storeOwner(host); held { // its owner's agent is reconnecting, maybe elsewhere
+		if _, held := s.rev.StoreOwner(host); held { // its owner's agent is reconnecting, maybe elsewhere
 			return nil, wire.Errorf(wire.CodeReverseOffline, "the agent serving %s is offline and reconnecting; try again in a few seconds", host)
 		}
 		return nil, local
@@ -565,14 +442,6 @@ func (s *Server) establishPeer(ctx context.Context, ss *session, req authz.Reque
 	ss.e2e = e2e
 	ss.peer = "agent"
 	return conn, nil
-}
-
-// netOfFull is the network of the service behind full name host.
-func netOfFull(a *reverseAgent, host string) string {
-	if a.udp[host] {
-		return "udp"
-	}
-	return "tcp"
 }
 
 // decide asks the Authorizer and turns a denial or an error into a refusal.

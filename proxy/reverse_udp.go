@@ -40,8 +40,8 @@ type publicUDPClient struct {
 
 // servePublicUDP reads a public UDP port until it closes, handing each public
 // client's datagrams to that client's session.
-func (s *Server) servePublicUDP(pl *publicListener) {
-	s.log.Info("public port open", "addr", pl.Addr().String(), "exposure", reverse.DescribeKey(pl.key))
+func (s *Server) servePublicUDP(pl *reverse.PublicListener) {
+	s.log.Info("public port open", "addr", pl.Addr().String(), "exposure", reverse.DescribeKey(pl.Key))
 	o := s.cfg.UDP.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	var (
@@ -52,11 +52,11 @@ func (s *Server) servePublicUDP(pl *publicListener) {
 	defer func() {
 		cancel()
 		wg.Wait()
-		s.log.Info("public port closed", "addr", pl.Addr().String(), "exposure", reverse.DescribeKey(pl.key))
+		s.log.Info("public port closed", "addr", pl.Addr().String(), "exposure", reverse.DescribeKey(pl.Key))
 	}()
 	buf := make([]byte, wire.MaxDatagramSize)
 	for {
-		n, src, err := pl.pc.ReadFromUDPAddrPort(buf)
+		n, src, err := pl.PC.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			if !errors.Is(err, net.ErrClosed) {
 				s.log.Warn("public UDP port read failed; closing it", "addr", pl.Addr().String(), "err", err)
@@ -108,18 +108,18 @@ func (s *Server) servePublicUDP(pl *publicListener) {
 // runPublicUDP opens a session to the agent for one public client and relays
 // its datagrams until the session is idle for IdleTimeout, the agent ends it,
 // the agent's control session ends, or the port closes.
-func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *publicUDPClient, o UDPOptions) {
+func (s *Server) runPublicUDP(ctx context.Context, pl *reverse.PublicListener, c *publicUDPClient, o UDPOptions) {
 	start := time.Now()
 	agent, end, outcome := "", "", "ok"
 	var st wire.UDPFlowStats
 	defer func() {
 		s.stats.session("udp", authz.ActionExposePublic, outcome, st.BytesOut, st.BytesIn)
 		s.log.LogAttrs(context.Background(), slog.LevelInfo, "public session",
-			slog.String("remote", c.src.String()), slog.String("exposure", reverse.DescribeKey(pl.key)), slog.String("agent", agent),
+			slog.String("remote", c.src.String()), slog.String("exposure", reverse.DescribeKey(pl.Key)), slog.String("agent", agent),
 			slog.Int64("bytes_up", st.BytesOut), slog.Int64("bytes_down", st.BytesIn),
 			slog.Int64("datagrams_up", st.DatagramsOut), slog.Int64("datagrams_down", st.DatagramsIn),
 			slog.Duration("duration", time.Since(start)), slog.String("end", end))
-		s.auditPublic(start, c.src.String(), "udp", pl.key, agent, st.BytesOut, st.BytesIn, end)
+		s.auditPublic(start, c.src.String(), "udp", pl.Key, agent, st.BytesOut, st.BytesIn, end)
 	}()
 	refused := func(why string) {
 		end = "refused: " + why
@@ -130,20 +130,20 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 		case <-ctx.Done():
 		}
 	}
-	a, label, ok := s.rev.lookupKey(pl.key)
+	a, label, ok := s.rev.LookupKey(pl.Key)
 	var (
 		actx   context.Context
 		cancel context.CancelFunc
 		flow   *wire.UDPFlow
 	)
 	if ok {
-		agent = a.id.String() + " (" + a.transport + ")"
-		actx, cancel = context.WithCancel(a.ctx)
+		agent = a.ID.String() + " (" + a.Transport + ")"
+		actx, cancel = context.WithCancel(a.Ctx)
 		defer cancel()
 		defer context.AfterFunc(ctx, cancel)()
-		hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label, Public: pl.key, PeerAddr: c.src.String(), Net: "udp"}
+		hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label, Public: pl.Key, PeerAddr: c.src.String(), Net: "udp"}
 		var herr *wire.HelloError
-		if flow, herr = a.openFlow(actx, hdr, o.QueueLen); herr != nil {
+		if flow, herr = a.OpenFlow(actx, hdr, o.QueueLen); herr != nil {
 			outcome = herr.Code
 			refused(herr.Error())
 			return
@@ -154,8 +154,8 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 		actx, cancel = context.WithCancel(ctx)
 		defer cancel()
 		defer context.AfterFunc(s.force, cancel)()
-		hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Public: pl.key, PeerAddr: c.src.String(), Net: "udp"}
-		pc, inst, herr := s.forwardPublic(actx, pl.key, hdr)
+		hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Public: pl.Key, PeerAddr: c.src.String(), Net: "udp"}
+		pc, inst, herr := s.forwardPublic(actx, pl.Key, hdr)
 		if herr != nil {
 			outcome = herr.Code
 			refused(herr.Error())
@@ -187,7 +187,7 @@ func (s *Server) runPublicUDP(ctx context.Context, pl *publicListener, c *public
 				return
 			}
 			touch()
-			if _, err := pl.pc.WriteToUDPAddrPort(d, c.src); err != nil {
+			if _, err := pl.PC.WriteToUDPAddrPort(d, c.src); err != nil {
 				if errors.Is(err, net.ErrClosed) {
 					ends <- "the public port closed"
 					return

@@ -20,7 +20,7 @@ package proxy
 //
 // Establishment: HTTP/1.1 GET with Upgrade: reverse (101), HTTP/2 extended
 // CONNECT (RFC 8441) and HTTP/3 extended CONNECT (RFC 9220) with :protocol
-// reverse (200). The tunnels' holder in the reverse registry is a reverseAgent
+// reverse (200). The tunnels' holder in the reverse registry is a reverse.Agent
 // whose open takes a tunnel (revtunnel_pool.go).
 
 import (

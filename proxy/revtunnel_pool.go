@@ -1,7 +1,7 @@
 package proxy
 
 // The holder of a name (or public port) served by reverse tunnels: one
-// reverseAgent in the registry for all the tunnels one device holds it with,
+// reverse.Agent in the registry for all the tunnels one device holds it with,
 // the pool of waiting tunnels, and the round-tripper tpd's website sends the
 // name's requests through.
 
@@ -36,7 +36,7 @@ type tunnelHolder struct {
 	key    string
 	target reverse.Target
 	owner  string
-	agent  *reverseAgent
+	agent  *reverse.Agent
 	ctx    context.Context // ends when the holder is replaced, revoked or shut down
 	cancel context.CancelCauseFunc
 	n      int // tunnels, under tunnelState.mu
@@ -83,7 +83,7 @@ func (st *tunnelState) join(s *Server, target reverse.Target, id authz.Identity,
 	}
 	if h == nil {
 		h = s.newHolder(target, id)
-		replaced, herr := s.rev.claim(h.agent)
+		replaced, herr := s.rev.Claim(h.agent)
 		if herr != nil {
 			status := http.StatusForbidden
 			switch {
@@ -96,7 +96,7 @@ func (st *tunnelState) join(s *Server, target reverse.Target, id authz.Identity,
 			return nil, nil, reverse.Refuse(status, herr.Code, "%s", herr.Reason)
 		}
 		for _, old := range replaced {
-			old.end(errReplaced)
+			old.End(reverse.ErrReplaced)
 		}
 		st.holders[key] = h
 	}
@@ -145,7 +145,7 @@ func (st *tunnelState) leave(s *Server, h *tunnelHolder, t *tunnelTicket) {
 	st.mu.Unlock()
 	h.h2Ready(t)
 	if last {
-		s.rev.release(h.agent, s.rev.opts.Grace)
+		s.rev.Release(h.agent, s.rev.opts.Grace)
 		h.cancel(errors.New("the last reverse tunnel of " + h.target.String() + " closed"))
 		h.h1.CloseIdleConnections()
 	}
@@ -165,20 +165,20 @@ func (s *Server) newHolder(target reverse.Target, id authz.Identity) *tunnelHold
 	o := s.rev.opts.HTTPTunnels
 	h := &tunnelHolder{key: target.Key(), target: target, owner: id.DeviceID, opts: o, pickup: s.rev.opts.PickupTimeout}
 	h.ctx, h.cancel = context.WithCancelCause(context.Background())
-	a := &reverseAgent{id: id, transport: "reverse-tunnel", udp: map[string]bool{}, ctx: h.ctx, end: h.cancel,
-		devicesOnly: target.Port == 0 && target.DevicesOnly}
+	a := &reverse.Agent{ID: id, Transport: "reverse-tunnel", UDP: map[string]bool{}, Ctx: h.ctx, End: h.cancel,
+		DevicesOnly: target.Port == 0 && target.DevicesOnly}
 	if target.Port != 0 {
-		a.public = []publicClaim{{PublicSpec: wire.PublicSpec{Net: "tcp", Port: target.Port}}}
-		a.open = func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
+		a.Public = []reverse.PublicClaim{{PublicSpec: wire.PublicSpec{Net: "tcp", Port: target.Port}}}
+		a.Open = func(ctx context.Context, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
 			return s.openTCPTunnel(ctx, h, hdr)
 		}
 	} else {
-		a.names = []string{target.Full}
-		a.open = func(context.Context, wire.SessionHeader) (wire.Stream, *wire.HelloError) {
+		a.Names = []string{target.Full}
+		a.Open = func(context.Context, wire.SessionHeader) (wire.Stream, *wire.HelloError) {
 			return nil, wire.Errorf(wire.CodeUnsupportedNetwork, "%s is an HTTP app served through reverse tunnels; open https://%s/ instead", target.Full, target.Full)
 		}
 	}
-	a.openFlow = func(context.Context, wire.SessionHeader, int) (*wire.UDPFlow, *wire.HelloError) {
+	a.OpenFlow = func(context.Context, wire.SessionHeader, int) (*wire.UDPFlow, *wire.HelloError) {
 		return nil, wire.Errorf(wire.CodeUnsupportedNetwork, "%s carries no UDP", target)
 	}
 	h.agent = a
@@ -314,7 +314,7 @@ func (s *Server) ReverseHTTP(host string) (http.RoundTripper, bool) {
 		host = h
 	}
 	host = strings.TrimSuffix(strings.ToLower(host), ".")
-	if _, ok := s.rev.name(host); !ok {
+	if _, ok := s.rev.Name(host); !ok {
 		return nil, false
 	}
 	if s.rev.tunnels.holder(host) == nil {
@@ -500,7 +500,7 @@ func (s *Server) serveListenTunnel(ctx context.Context, w http.ResponseWriter, r
 // openTCPTunnel hands a public connection to the holder of a listen-tcp port:
 // a CONNECT on a bound h2 tunnel, else a waiting tunnel request.
 func (s *Server) openTCPTunnel(ctx context.Context, h *tunnelHolder, hdr wire.SessionHeader) (wire.Stream, *wire.HelloError) {
-	by := s.publicAddr(h.key)
+	by := s.rev.PublicAddr(h.key)
 	deadline := time.NewTimer(h.pickup)
 	defer deadline.Stop()
 	for {
@@ -536,14 +536,4 @@ func (s *Server) openTCPTunnel(ctx context.Context, h *tunnelHolder, hdr wire.Se
 		return nil, wire.Errorf(wire.CodeReverseOffline, "the reverse tunnel for %s went away", h.target)
 	}
 	return conn, nil
-}
-
-// publicAddr is the address of the public listener behind key.
-func (s *Server) publicAddr(key string) string {
-	s.rev.mu.Lock()
-	defer s.rev.mu.Unlock()
-	if e := s.rev.names[key]; e != nil && e.ln != nil {
-		return e.ln.Addr().String()
-	}
-	return ""
 }

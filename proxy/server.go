@@ -16,6 +16,7 @@ import (
 	"github.com/tp-proxy/tp/proxy/carrier"
 	"github.com/tp-proxy/tp/proxy/masque"
 	"github.com/tp-proxy/tp/proxy/peer"
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 
 	"github.com/tp-proxy/tp/authz"
@@ -296,8 +297,8 @@ func New(cfg Config) (*Server, error) {
 	s.tls = &tls.Config{GetConfigForClient: s.configForClient}
 	s.initDemux()
 	if cfg.Reverse.Zone != "" {
-		s.rev = newReverseRegistry(cfg.Reverse)
-		s.rev.srv = s // public ports (reverse_public.go)
+		s.rev = newReverseRegistry(cfg.Reverse, reverse.Hooks{Log: s.log, Track: s.track, Untrack: s.untrack,
+			Serve: s.acceptPublic, Leases: &s.stats.leases}) // public ports: reverse_public.go
 		if s.peers = peer.NewPool(cfg.Peers); s.peers != nil {
 			s.peerTLS = s.peers.ServerTLS()
 		}
@@ -399,7 +400,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// Agents' control sessions would otherwise hold the drain for its whole
 	// length: they are told to reconnect, while their data sessions drain.
 	if s.rev != nil {
-		s.rev.endAgents(wire.ErrShutdown)
+		s.rev.EndAgents(wire.ErrShutdown)
 	}
 	if s.peers != nil {
 		s.peers.Close()

@@ -343,10 +343,10 @@ func (s *Server) enter(ctx context.Context, conn wire.Stream, transport string, 
 	ss.dest = net.JoinHostPort(host, strconv.Itoa(hello.Port))
 	ss.network = hello.Net
 	if s.rev != nil {
-		if label, ok := s.rev.name(host); ok {
+		if label, ok := s.rev.Name(host); ok {
 			return s.establishReverse(ctx, conn, ss, host, label, hello.Port, transport)
 		}
-		if s.rev.inZone(host) {
+		if s.rev.InZone(host) {
 			return nil, wire.Errorf(wire.CodeReverseUnknown, "%s is under the reverse zone but is no reverse name (NAME.%s, one label); nothing there is looked up on the network", host, s.rev.opts.Zone)
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/quic-go/quic-go/qlogwriter"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/proxy/reverse"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -85,9 +86,8 @@ type counters struct {
 	quicMigrations     atomic.Int64 // connections moved to a client's new address
 	bytesUp, bytesDown atomic.Int64 // client→destination, destination→client, counted at each session's end
 	peerCounters                    // sessions carried between instances (peer_stats.go)
-	// Leases of reverse names in the database (holdstore.go).
-	leaseRenewals, leaseRenewFailures atomic.Int64
-	namesFenced, namesTakenOver       atomic.Int64
+	// Leases of reverse names in the database (proxy/reverse/leases.go).
+	leases reverse.LeaseCounters
 }
 
 func (c *counters) session(transport, action, outcome string, up, down int64) {
@@ -215,8 +215,8 @@ func (s *Server) Stats() Stats {
 		Live:              s.Live(),
 		UDP:               s.UDPStats(),
 		Peer:              c.peerStats(),
-		Leases: LeaseStats{Renewals: c.leaseRenewals.Load(), RenewalFailures: c.leaseRenewFailures.Load(),
-			Fenced: c.namesFenced.Load(), TakenOver: c.namesTakenOver.Load()},
+		Leases: LeaseStats{Renewals: c.leases.Renewals.Load(), RenewalFailures: c.leases.RenewalFailures.Load(),
+			Fenced: c.leases.Fenced.Load(), TakenOver: c.leases.TakenOver.Load()},
 	}
 	for i, r := range StatHandshakeReasons {
 		st.HandshakeFailures[r] = c.handshakes[i].Load()
@@ -230,20 +230,18 @@ func (s *Server) Stats() Stats {
 // counts returns the agents connected, the reverse names held and the public
 // ports open.
 func (r *reverseRegistry) counts() (agents, names, ports int) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	seen := make(map[*reverseAgent]struct{})
-	for k, e := range r.names {
-		if e.agent != nil {
-			seen[e.agent] = struct{}{}
+	seen := make(map[*reverse.Agent]struct{})
+	r.Each(func(k, _ string, a *reverse.Agent, ln *reverse.PublicListener) {
+		if a != nil {
+			seen[a] = struct{}{}
 		}
 		switch {
-		case e.ln != nil:
+		case ln != nil:
 			ports++
 		case !strings.Contains(k, "/"):
 			names++
 		}
-	}
+	})
 	return len(seen), names, ports
 }
 

@@ -20,13 +20,13 @@ import (
 
 // Tunnel URI prefixes.
 const (
-	// HTTPPath + LABEL is the tunnel URI of an HTTP app for reverse name
+	// httpPath + LABEL is the tunnel URI of an HTTP app for reverse name
 	// LABEL.<reverse-zone>.
-	HTTPPath = "/.well-known/tp/reverse-http/"
-	// ListenTCPPath + ADDR/PORT/ is the draft's TCP relay URI (listen-tcp well-known
+	httpPath = "/.well-known/tp/reverse-http/"
+	// listenTCPPath + ADDR/PORT/ is the draft's TCP relay URI (listen-tcp well-known
 	// URI of its IANA section and figure); reverseTCPPath is the spelling of its
 	// URI template section, accepted too.
-	ListenTCPPath  = "/.well-known/listen-tcp/"
+	listenTCPPath  = "/.well-known/listen-tcp/"
 	reverseTCPPath = "/.well-known/reverse/tcp/"
 	upgradeToken   = "reverse"
 )
@@ -106,19 +106,19 @@ func Refuse(status int, code, format string, args ...any) *Refusal {
 // public ports listen on publicHost ("" = every address).
 func ParseTarget(path, zone, publicHost string) (Target, *Refusal) {
 	switch {
-	case strings.HasPrefix(path, HTTPPath):
-		label := strings.ToLower(strings.TrimSuffix(path[len(HTTPPath):], "/"))
+	case strings.HasPrefix(path, httpPath):
+		label := strings.ToLower(strings.TrimSuffix(path[len(httpPath):], "/"))
 		if !validLabel(label) {
 			return Target{}, Refuse(http.StatusBadRequest, wire.CodeBadRequest,
-				"%q is no reverse name: the tunnel URI is %sLABEL, LABEL one DNS label (letters, digits, hyphens; at most 63)", label, HTTPPath)
+				"%q is no reverse name: the tunnel URI is %sLABEL, LABEL one DNS label (letters, digits, hyphens; at most 63)", label, httpPath)
 		}
 		return Target{Label: label, Full: label + "." + zone}, nil
-	case strings.HasPrefix(path, ListenTCPPath), strings.HasPrefix(path, reverseTCPPath):
-		rest := strings.TrimPrefix(strings.TrimPrefix(path, ListenTCPPath), reverseTCPPath)
+	case strings.HasPrefix(path, listenTCPPath), strings.HasPrefix(path, reverseTCPPath):
+		rest := strings.TrimPrefix(strings.TrimPrefix(path, listenTCPPath), reverseTCPPath)
 		parts := strings.Split(strings.TrimSuffix(rest, "/"), "/")
 		if len(parts) != 2 {
 			return Target{}, Refuse(http.StatusBadRequest, wire.CodeBadRequest,
-				"the TCP relay URI is %s{listen_host}/{listen_port}/; got %q", ListenTCPPath, path)
+				"the TCP relay URI is %s{listen_host}/{listen_port}/; got %q", listenTCPPath, path)
 		}
 		port, err := strconv.Atoi(parts[1])
 		if err != nil || port < 1 || port > 65535 {
@@ -135,7 +135,7 @@ func ParseTarget(path, zone, publicHost string) (Target, *Refusal) {
 		return Target{Port: port, Addr: parts[0]}, nil
 	}
 	return Target{}, Refuse(http.StatusNotFound, wire.CodeBadRequest,
-		"no reverse tunnel at %q: TP's tunnel URIs are %sLABEL (HTTP) and %s{listen_host}/{listen_port}/ (TCP relay)", path, HTTPPath, ListenTCPPath)
+		"no reverse tunnel at %q: TP's tunnel URIs are %sLABEL (HTTP) and %s{listen_host}/{listen_port}/ (TCP relay)", path, httpPath, listenTCPPath)
 }
 
 // listenHostOK reports whether listen_host names where TP's public ports listen:
