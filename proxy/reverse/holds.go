@@ -10,7 +10,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"strings"
 	"time"
 )
 
@@ -43,20 +42,6 @@ func UnmarshalHolds(b []byte) ([]Hold, error) {
 		return nil, fmt.Errorf("saved reverse holds have version %d; expected 1", f.V)
 	}
 	return f.Holds, nil
-}
-
-// DescribeKey names a registry key (a full reverse name, "tcp/PORT",
-// "udp/PORT" or "sni/NAME") for people.
-func DescribeKey(k string) string {
-	switch {
-	case strings.HasPrefix(k, "tcp/"):
-		return "public TCP port " + k[len("tcp/"):]
-	case strings.HasPrefix(k, "udp/"):
-		return "public UDP port " + k[len("udp/"):]
-	case strings.HasPrefix(k, "sni/"):
-		return "public server name " + k[len("sni/"):]
-	}
-	return k
 }
 
 // HoldStore is the shared record of holds (internal/server/pgstore implements it on

@@ -106,16 +106,6 @@ func (r *Registry) LogStoreErr(op string, err error) {
 	}
 }
 
-// current reports whether this instance may open a session to e's agent for
-// key: without a store always; with one, while the agent's epoch is the one
-// this instance last confirmed and its lease has not run out. r.mu is held.
-func (r *Registry) currentLocked(key string, e *entry, now time.Time) bool {
-	if r.opts.Store == nil {
-		return true
-	}
-	return e.agent != nil && e.agent.epochs[key] == e.epoch && now.Before(e.leaseUntil)
-}
-
 // RunLeases renews this instance's leases every Options.Renew, at once after
 // Kick, and fences the keys whose lease runs out, until ctx ends. It does
 // nothing without a Store.
@@ -270,22 +260,6 @@ var errStoreBlocked = errors.New("the hold store is unreachable (test hook)")
 func (r *Registry) storeBlocked() bool {
 	f := r.storeFail.Load()
 	return f != nil && (*f)()
-}
-
-// StoreOwner asks the store who holds key, for a key this instance does not
-// know: its agent is on another instance. An error is "not held" (fail closed).
-func (r *Registry) StoreOwner(key string) (string, bool) {
-	if r.opts.Store == nil || r.storeBlocked() {
-		return "", false
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), r.opts.Renew)
-	defer cancel()
-	owner, held, err := r.opts.Store.Owner(ctx, key)
-	if err != nil {
-		r.LogStoreErr("owner", err)
-		return "", false
-	}
-	return owner, held
 }
 
 // GraceAfter is how long an agent's names stay its owner's after its control

@@ -106,17 +106,6 @@ func (r *Registry) expire(k string, e *entry) {
 	r.persist()
 }
 
-// LookupKey finds the live agent for a registry key and the label it routes to.
-func (r *Registry) LookupKey(k string) (*Agent, string, bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	e := r.names[k]
-	if e == nil || e.agent == nil || !r.currentLocked(k, e, time.Now()) {
-		return nil, "", false
-	}
-	return e.agent, e.label, true
-}
-
 // loadHolds reserves the saved holds for their owners for at least RestartGrace
 // from now: an agent cannot reconnect while the server is down, and it may need
 // its idle timeout and a reconnect backoff to notice that the server is back.

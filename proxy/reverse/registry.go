@@ -5,6 +5,7 @@ package reverse
 // pending until an agent picks them up.
 
 import (
+	"context"
 	"log/slog"
 	"net"
 	"slices"
@@ -251,6 +252,27 @@ func (r *Registry) Lookup(host string) (*Agent, *wire.HelloError) {
 	return e.agent, nil
 }
 
+// LookupKey finds the live agent for a registry key and the label it routes to.
+func (r *Registry) LookupKey(k string) (*Agent, string, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.names[k]
+	if e == nil || e.agent == nil || !r.currentLocked(k, e, time.Now()) {
+		return nil, "", false
+	}
+	return e.agent, e.label, true
+}
+
+// current reports whether this instance may open a session to e's agent for
+// key: without a store always; with one, while the agent's epoch is the one
+// this instance last confirmed and its lease has not run out. r.mu is held.
+func (r *Registry) currentLocked(key string, e *entry, now time.Time) bool {
+	if r.opts.Store == nil {
+		return true
+	}
+	return e.agent != nil && e.agent.epochs[key] == e.epoch && now.Before(e.leaseUntil)
+}
+
 // Owner returns the device that holds a full name, online or within its grace
 // period; with a Store, a name this instance does not know is looked up there
 // (its agent may be on another instance).
@@ -263,6 +285,22 @@ func (r *Registry) Owner(host string) (string, bool) {
 	}
 	r.mu.Unlock()
 	return r.StoreOwner(host)
+}
+
+// StoreOwner asks the store who holds key, for a key this instance does not
+// know: its agent is on another instance. An error is "not held" (fail closed).
+func (r *Registry) StoreOwner(key string) (string, bool) {
+	if r.opts.Store == nil || r.storeBlocked() {
+		return "", false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), r.opts.Renew)
+	defer cancel()
+	owner, held, err := r.opts.Store.Owner(ctx, key)
+	if err != nil {
+		r.LogStoreErr("owner", err)
+		return "", false
+	}
+	return owner, held
 }
 
 // pend records an announced session; past MaxPending the oldest is refused.
@@ -422,4 +460,18 @@ func (r *Registry) PublicAddr(key string) string {
 		return e.ln.Addr().String()
 	}
 	return ""
+}
+
+// DescribeKey names a registry key (a full reverse name, "tcp/PORT",
+// "udp/PORT" or "sni/NAME") for people.
+func DescribeKey(k string) string {
+	switch {
+	case strings.HasPrefix(k, "tcp/"):
+		return "public TCP port " + k[len("tcp/"):]
+	case strings.HasPrefix(k, "udp/"):
+		return "public UDP port " + k[len("udp/"):]
+	case strings.HasPrefix(k, "sni/"):
+		return "public server name " + k[len("sni/"):]
+	}
+	return k
 }
