@@ -159,7 +159,7 @@ func (r *Registry) persist() {
 const maxPeerPublic = 4096
 
 // peerPublic is what this instance knows of the public exposures other
-// instances serve. Lock order: Registry.mu, then mu.
+// instances serve, under Registry.mu.
 type peerPublic struct {
 	keys   map[string]bool            // "tcp/PORT", "udp/PORT", "sni/NAME" served elsewhere
 	lns    map[string]*PublicListener // ports open here for them (not an agent's here)
