@@ -424,7 +424,8 @@ func (r *Registry) PeerPending(id, device, key string, epoch int64) *Pending {
 	// device now (its epoch is current); it may be another agent's of
 	// the same device than the one the session was announced to (the
 	// peer offers one name per instance).
-	ok := p != nil && p.agent.ID.DeviceID == device && e != nil && e.agent.ID.DeviceID == p.agent.ID.DeviceID &&
+	// A name held for its owner's return has no agent (nil) to compare.
+	ok := p != nil && p.agent.ID.DeviceID == device && e != nil && e.agent != nil && e.agent.ID.DeviceID == p.agent.ID.DeviceID &&
 		e.epoch == epoch && r.currentLocked(key, e, time.Now())
 	if !ok {
 		return nil

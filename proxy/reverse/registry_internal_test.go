@@ -220,3 +220,31 @@ func TestReverseRestoredHoldOutlastsGrace(t *testing.T) {
 		t.Fatalf("the owner's agent after the restart: %v", herr)
 	}
 }
+
+// A pickup another instance offers for a name held here only for its owner's
+// return (no agent) is refused, not followed to the agent it does not have.
+// Bad input: a session pending for one agent of alice@laptop, and the offer
+// naming another of her names, whose agent ended. tpd once crashed on it.
+func TestPeerPendingNameInGrace(t *testing.T) {
+	t.Parallel()
+	r, a := neverPicksUp(t, time.Hour)
+	other := &Agent{ID: a.ID, Names: []string{"two.rev.test"}, Ctl: a.Ctl}
+	other.End = func(error) {}
+	if _, herr := r.Claim(other); herr != nil {
+		t.Fatal(herr)
+	}
+	r.Release(other, time.Hour) // two.rev.test is held, with no agent
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _, _ = a.Open(ctx, wire.SessionHeader{V: 1, Session: "s-1", Name: "svc"}) }()
+	deadline := time.Now().Add(30 * time.Second)
+	for r.Pending("s-1") == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the session was not pending within 30s")
+		}
+		time.Sleep(10 * time.Millisecond) // waiting for the announcement, bounded by the deadline above
+	}
+	if p := r.PeerPending("s-1", "alice@laptop", "two.rev.test", 0); p != nil {
+		t.Fatal("a pickup offered for a name whose agent ended was accepted")
+	}
+}
