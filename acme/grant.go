@@ -94,7 +94,7 @@ func (e *Enroller) approve(ctx context.Context, a approval) (users.Device, int, 
 	if max <= 0 {
 		max = DefaultMaxGrants
 	}
-	g, err := e.Users.EnrollGrant(users.Grant{User: a.id.User, Device: "grant-" + strings.ToLower(strings.ReplaceAll(login.GrantCode(a.appKey), "-", "")),
+	g, err := e.Users.EnrollGrant(users.Grant{User: a.id.User, Device: users.GrantPrefix + strings.ToLower(strings.ReplaceAll(login.GrantCode(a.appKey), "-", "")),
 		By: a.by, PublicKey: a.appKey, Scope: a.scope, Max: max, Revoked: e.deniedID})
 	if err == nil && e.deniedID(g.ID) {
 		err = users.ErrDeviceRevoked // revoked by tpd revoke --device (the deny list)
@@ -196,7 +196,7 @@ func (e *Enroller) grants(w http.ResponseWriter, r *http.Request) {
 	}
 	out := login.GrantsResponse{Grants: []login.GrantInfo{}}
 	for _, d := range e.Users.Devices(dev.User) {
-		if d.GrantedBy != "" {
+		if d.IsGrant() {
 			out.Grants = append(out.Grants, e.grantInfo(d))
 		}
 	}
@@ -214,7 +214,7 @@ func (e *Enroller) grantRevoke(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	g, err := e.Users.Device(req.Grant)
-	if err != nil || g.User != dev.User || g.GrantedBy == "" {
+	if err != nil || g.User != dev.User || !g.IsGrant() {
 		writeErr(w, http.StatusNotFound, fmt.Sprintf("%s holds no grant %q; tp grant --list lists them", dev.User, req.Grant))
 		return
 	}

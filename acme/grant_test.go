@@ -297,9 +297,30 @@ func TestGrantListAndRevoke(t *testing.T) {
 	if len(revoked) != 1 || revoked[0] != res.DeviceID+" by alice@laptop" {
 		t.Fatalf("tpd was told of %v", revoked)
 	}
+	revoked = nil
 	if _, err := login.GrantStatus(ctx, ts.HC, ts.URL, app); err == nil {
 		t.Fatal("the revoked grant's status still answers")
 	}
+	// A grant made before grants recorded their approver (its scope and its
+	// grant- name tell) is listed and revoked like the others.
+	enr, err := ts.Users.Enroll("alice", "grant-olderolderolder", nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ts.Users.Redeem(enr.Token, pubDER(t, newKey(t))); err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Users.SetScope("alice@grant-olderolderolder", "expose:ci"); err != nil {
+		t.Fatal(err)
+	}
+	gs, err = login.ListGrants(ctx, ts.HC, ts.URL, "alice@laptop", alice)
+	if err != nil || len(gs) != 2 || gs[1].DeviceID != "alice@grant-olderolderolder" || gs[1].GrantedBy != "" {
+		t.Fatalf("alice's grants with one made before approvers were recorded: %+v, %v", gs, err)
+	}
+	if g, err := login.RevokeGrant(ctx, ts.HC, ts.URL, "alice@laptop", alice, "alice@grant-olderolderolder"); err != nil || !g.Revoked {
+		t.Fatalf("revoking the older grant: %+v, %v", g, err)
+	}
+
 	// Again: the same answer, and tpd is not told twice.
 	if g, err := login.RevokeGrant(ctx, ts.HC, ts.URL, "alice@laptop", alice, res.DeviceID); err != nil || !g.Revoked || len(revoked) != 1 {
 		t.Fatalf("the revocation again: %+v, %v, told %v", g, err, revoked)

@@ -171,7 +171,11 @@ func printGrants(w io.Writer, self string, gs []login.GrantInfo) {
 		if g.Revoked {
 			state = "revoked"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", g.DeviceID, g.Scope, g.GrantedBy, g.Created.Local().Format(time.DateTime), last, state)
+		by := g.GrantedBy
+		if by == "" {
+			by = "unknown (granted before approvers were recorded)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", g.DeviceID, g.Scope, by, g.Created.Local().Format(time.DateTime), last, state)
 	}
 	tw.Flush()
 }

@@ -421,9 +421,20 @@ func versionCmd(stdout io.Writer) *cobra.Command {
 // listed device's revocation; a grant approved by signing in is gone with
 // its user's binding to that account (bound: the user's subject).
 func approverGone(revoked map[string]bool, approver, bound string) bool {
+	if approver == "" {
+		return false // a grant made before approvers were recorded
+	}
 	if sub, ok := strings.CutPrefix(approver, users.SignInApprover); ok {
 		return sub != bound
 	}
 	r, known := revoked[approver]
 	return r || !known
+}
+
+// approverOf is a grant's approver as tables show it.
+func approverOf(by string) string {
+	if by == "" {
+		return "unknown (granted before approvers were recorded)"
+	}
+	return shown(by)
 }

@@ -123,7 +123,7 @@ func printStatus(w io.Writer, st admin.Status) error {
 		fmt.Fprintln(tw, "DEVICE\tSCOPE\tGRANTED BY\tCREATED\tSTATE")
 	}
 	for _, g := range st.Grants {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", shown(g.Device), shown(g.Scope), shown(g.GrantedBy), g.Created.Local().Format(time.DateTime), grantState(g))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", shown(g.Device), shown(g.Scope), approverOf(g.GrantedBy), g.Created.Local().Format(time.DateTime), grantState(g))
 	}
 
 	fmt.Fprintf(tw, "\nRECENT DENIALS (%d, newest last)\n", len(st.Denials))

@@ -59,7 +59,7 @@ func printTokens(w io.Writer, list []users.UserInfo) error {
 		bound[u.Name] = u.SSOSubject
 		for _, dv := range u.Devices {
 			revoked[dv.ID] = dv.Revoked || u.Revoked
-			if dv.GrantedBy != "" {
+			if dv.IsGrant() {
 				grants = append(grants, dv)
 			}
 		}
@@ -85,7 +85,7 @@ func printTokens(w io.Writer, list []users.UserInfo) error {
 		if !g.LastLogin.IsZero() {
 			last = g.LastLogin.Local().Format(time.DateTime)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", shown(g.ID), shown(string(g.Scope)), shown(g.GrantedBy), g.Created.Local().Format(time.DateTime), last, state)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", shown(g.ID), shown(string(g.Scope)), approverOf(g.GrantedBy), g.Created.Local().Format(time.DateTime), last, state)
 	}
 	fmt.Fprintf(tw, "\nENROLLMENT TOKENS NOT YET REDEEMED (%d)\n", len(tokens))
 	if len(tokens) > 0 {

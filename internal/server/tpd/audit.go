@@ -226,7 +226,7 @@ func (d *Daemon) grants(agents []proxy.Agent) []admin.Grant {
 	var granted []users.Device
 	for _, u := range d.users.Users() {
 		for _, dv := range u.Devices {
-			if dv.GrantedBy != "" {
+			if dv.IsGrant() {
 				granted = append(granted, dv)
 			}
 		}

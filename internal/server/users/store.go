@@ -672,6 +672,17 @@ func (s *File) GrantedBy(deviceID string) string {
 	return ""
 }
 
+// IsGrant says whether d is a grant: a device an approval created for an
+// application (EnrollGrant), also one made before grants recorded their
+// approver (GrantedBy empty: its scope and its grant- name tell).
+func (d Device) IsGrant() bool {
+	return d.GrantedBy != "" || d.Scope != "" && strings.HasPrefix(d.Name, GrantPrefix)
+}
+
+// GrantPrefix begins the name of every device a grant creates
+// (grant-<the application's code>).
+const GrantPrefix = "grant-"
+
 // SignInApprover prefixes the provider's subject in Device.GrantedBy for a
 // grant approved by signing in on TP's website: such a grant lives as long
 // as its user is bound to that account (User.SSOSubject).
