@@ -88,7 +88,7 @@ func (s *Server) Recheck(ctx context.Context) (checked, closed int) {
 		checked++
 		if reason, identity, ok := s.stillAllowed(ctx, ls); !ok && ls.closed.CompareAndSwap(false, true) {
 			closed++
-			ls.revoke(&wire.RevokedError{Reason: reason, Identity: identity})
+			ls.revoke(&wire.RevokedError{Reason: reason, Identity: identity != nil, Revoked: errors.Is(identity, authz.ErrRevoked)})
 			s.log.LogAttrs(ctx, slog.LevelInfo, "live session closed by re-check",
 				slog.String("identity", ls.req.Identity.DeviceID),
 				slog.String("action", ls.req.Action),
@@ -100,11 +100,12 @@ func (s *Server) Recheck(ctx context.Context) (checked, closed int) {
 }
 
 // stillAllowed re-decides one live session. The reason is for the log and says why
-// the session may not continue; identity says the identity itself was refused.
-func (s *Server) stillAllowed(ctx context.Context, ls *liveSession) (reason string, identity, ok bool) {
+// the session may not continue; identity is why the identity itself was
+// refused, nil when it was not.
+func (s *Server) stillAllowed(ctx context.Context, ls *liveSession) (reason string, identity error, ok bool) {
 	id, err := s.cfg.Identify(ls.cs)
 	if err != nil {
-		return "identity no longer accepted: " + err.Error(), true, false
+		return "identity no longer accepted: " + err.Error(), err, false
 	}
 	if id.NotAfter.IsZero() || ls.req.Identity.NotAfter.Before(id.NotAfter) {
 		id.NotAfter = ls.req.Identity.NotAfter
@@ -120,21 +121,21 @@ func (s *Server) stillAllowed(ctx context.Context, ls *liveSession) (reason stri
 		if err == nil {
 			if !dec.Allow {
 				if dec.Reason == "" {
-					return "the policy no longer allows this destination", false, false
+					return "the policy no longer allows this destination", nil, false
 				}
-				return "the policy no longer allows it: " + dec.Reason, false, false
+				return "the policy no longer allows it: " + dec.Reason, nil, false
 			}
 			if ls.onAllow != nil {
 				ls.onAllow(dec)
 			}
-			return "", false, true
+			return "", nil, true
 		}
 		lastErr = err
 		if ctx.Err() != nil {
 			break
 		}
 	}
-	return "policy evaluation failed during re-check: " + lastErr.Error(), false, false
+	return "policy evaluation failed during re-check: " + lastErr.Error(), nil, false
 }
 
 // policyError is the refusal for a request whose policy evaluation failed. The

@@ -299,7 +299,7 @@ func (s *Server) serveListen(ctx context.Context, conn wire.Stream, cs tls.Conne
 	case errors.Is(cause, reverse.ErrFenced): // the agent reconnects, maybe to another instance
 		_ = a.WriteFrame(wire.SessionHeader{V: wire.Version, End: wire.EndShutdown,
 			Reason: reverse.ErrFenced.Error() + " (is its database reachable?); reconnect (the names stay held for this device meanwhile)"})
-	case errors.As(cause, &rev) && rev.Identity: // the device, its user or its approver is revoked: final
+	case errors.As(cause, &rev) && rev.Revoked: // the device, its user or its approver is revoked: final
 		_ = a.WriteFrame(wire.SessionHeader{V: wire.Version, End: wire.EndRevoked, Reason: rev.Reason})
 	case errors.As(cause, &rev):
 		_ = a.WriteFrame(wire.SessionHeader{V: wire.Version, End: wire.CodePolicyDenied, Reason: rev.Reason})

@@ -338,10 +338,12 @@ func (e *CutError) Unwrap() error { return e.Err }
 // RevokedError ends a live session that a re-check no longer allows. Its text is
 // what the session's log line gives as the reason it ended. Identity is true when
 // the identity itself is no longer accepted (revoked, unenrolled), false when the
-// policy no longer allows the session.
+// policy no longer allows the session; Revoked, when it is revoked (not only
+// unknown for now), which ends an agent for good.
 type RevokedError struct {
 	Reason   string
 	Identity bool
+	Revoked  bool
 }
 
 func (e *RevokedError) Error() string { return "no longer authorised: " + e.Reason }
