@@ -77,6 +77,9 @@ type approval struct {
 	app    string
 	remote string
 	via    string // for the audit trail
+	// prepare, when set, runs once the policy let the approval through and
+	// before the grant is made; a status refuses it with its sentence.
+	prepare func() (status int, msg string)
 }
 
 // approve creates the grant a person approved, once the policy lets them
@@ -89,6 +92,11 @@ func (e *Enroller) approve(ctx context.Context, a approval) (users.Device, int, 
 	if ok, reason := e.MayExpose(ctx, a.id, a.name, a.public); !ok {
 		e.log().Info("grant refused", "approver", a.by, "name", a.name, "why", reason)
 		return users.Device{}, http.StatusForbidden, reason
+	}
+	if a.prepare != nil {
+		if status, msg := a.prepare(); status != 0 {
+			return users.Device{}, status, msg
+		}
 	}
 	max := e.MaxGrants
 	if max <= 0 {

@@ -9,7 +9,10 @@ import (
 	"errors"
 	"html/template"
 	"net/http"
+	"net/netip"
+	"net/url"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -34,11 +37,17 @@ import (
 const (
 	// webGrantTTL bounds a sign-in from the link to the approval.
 	webGrantTTL = 10 * time.Minute
-	// maxWebGrants bounds the sign-ins under way at once; beyond it a new
-	// one is refused until some end or expire.
-	maxWebGrants = 1024
-	// webGrantCookie binds a sign-in to the browser that started it.
-	webGrantCookie = "tp_grant"
+	// maxWebGrants bounds the sign-ins under way at once, and
+	// maxWebGrantsPerSource those of one source address (an IPv6 /64): a new
+	// one beyond either bound takes the place of the oldest (of that source
+	// first), so that nobody can fill the table and shut the page to others.
+	maxWebGrants          = 1024
+	maxWebGrantsPerSource = 8
+	// webGrantCookie, with the beginning of the sign-in's state, names the
+	// cookie that binds a sign-in to the browser that started it: one per
+	// sign-in, so that a second one in the same browser leaves the first
+	// alone. __Host-: only this host sets it, for every path.
+	webGrantCookie = "__Host-tp-grant-"
 	// signInDevice is the device name an approval by signing in is decided
 	// as: the policy sees USER@sign-in.
 	signInDevice = "sign-in"
@@ -46,6 +55,7 @@ const (
 
 // webGrant is one approval under way on the website.
 type webGrant struct {
+	source   string // the address (IPv6: its /64) that started it
 	g        login.Grant
 	scope    authz.Scope
 	browser  [32]byte // SHA-256 of the cookie's secret
@@ -62,30 +72,70 @@ type webGrants struct {
 	m  map[string]*webGrant
 }
 
-// add records w under a new state, or says there are too many under way.
-func (ws *webGrants) add(w *webGrant, now time.Time) (string, bool) {
+// add records w under a new state: past the bounds, in the place of the
+// oldest sign-in of its source, or else of the oldest of all.
+func (ws *webGrants) add(w *webGrant, now time.Time) string {
 	ws.mu.Lock()
 	defer ws.mu.Unlock()
 	if ws.m == nil {
 		ws.m = map[string]*webGrant{}
 	}
+	var oldest, oldestHere string
+	here := 0
 	for k, x := range ws.m {
 		if now.After(x.expires) {
 			delete(ws.m, k)
+			continue
+		}
+		if oldest == "" || x.expires.Before(ws.m[oldest].expires) {
+			oldest = k
+		}
+		if x.source == w.source {
+			here++
+			if oldestHere == "" || x.expires.Before(ws.m[oldestHere].expires) {
+				oldestHere = k
+			}
 		}
 	}
-	if len(ws.m) >= maxWebGrants {
-		return "", false
+	switch {
+	case here >= maxWebGrantsPerSource:
+		delete(ws.m, oldestHere)
+	case len(ws.m) >= maxWebGrants:
+		delete(ws.m, oldest)
 	}
 	state := secret()
 	ws.m[state] = w
-	return state, true
+	return state
+}
+
+// sourceOf is the source a sign-in counts against: the client's address,
+// an IPv6 one as its /64.
+func sourceOf(r *http.Request) string {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	a := ap.Addr().Unmap()
+	if a.Is6() {
+		p, _ := a.Prefix(64)
+		return p.String()
+	}
+	return a.String()
+}
+
+// cookieName is the name of the cookie that binds the sign-in state to its
+// browser.
+func cookieName(state string) string {
+	if len(state) > 16 {
+		state = state[:16]
+	}
+	return webGrantCookie + state
 }
 
 // get returns (a copy of) the approval under way for state, if the browser
 // holds its cookie and it has not expired; take also ends it.
 func (ws *webGrants) get(r *http.Request, state string, now time.Time, take bool) (webGrant, bool) {
-	c, err := r.Cookie(webGrantCookie)
+	c, err := r.Cookie(cookieName(state))
 	if err != nil || state == "" {
 		return webGrant{}, false
 	}
@@ -149,6 +199,12 @@ func (e *Enroller) grantSignIn(w http.ResponseWriter, r *http.Request) {
 			"This TP server signs nobody in with an identity provider: approve the request with tp grant on one of your enrolled devices (the grant link's page shows the command).", nil)
 		return
 	}
+	if u, err := url.Parse(e.URL); err == nil && !strings.EqualFold(u.Host, r.Host) {
+		// The provider sends the browser back to e.URL, where the cookie
+		// must be: go there first.
+		http.Redirect(w, r, e.URL+login.PathGrantSignIn+"?"+r.URL.RawQuery, http.StatusSeeOther)
+		return
+	}
 	g, scope, ok := e.webRequest(w, r)
 	if !ok {
 		return
@@ -161,15 +217,10 @@ func (e *Enroller) grantSignIn(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	cookie := secret()
-	wg := &webGrant{g: g, scope: scope, browser: sha256.Sum256([]byte(cookie)), verifier: oauth2.GenerateVerifier(), nonce: secret(),
-		expires: e.now().Add(webGrantTTL)}
-	state, ok := e.web.add(wg, e.now())
-	if !ok {
-		webPage(w, http.StatusServiceUnavailable, "Too many sign-ins under way",
-			"This server has too many approvals waiting for their sign-in; try again in a few minutes.", nil)
-		return
-	}
-	http.SetCookie(w, &http.Cookie{Name: webGrantCookie, Value: cookie, Path: login.PathGrantPage + "/", MaxAge: int(webGrantTTL.Seconds()),
+	wg := &webGrant{source: sourceOf(r), g: g, scope: scope, browser: sha256.Sum256([]byte(cookie)), verifier: oauth2.GenerateVerifier(),
+		nonce: secret(), expires: e.now().Add(webGrantTTL)}
+	state := e.web.add(wg, e.now())
+	http.SetCookie(w, &http.Cookie{Name: cookieName(state), Value: cookie, Path: "/", MaxAge: int(webGrantTTL.Seconds()),
 		Secure: true, HttpOnly: true, SameSite: http.SameSiteLaxMode})
 	w.Header().Set("Cache-Control", "no-store")
 	http.Redirect(w, r, e.oauthConfig(ep).AuthCodeURL(state, oauth2.S256ChallengeOption(wg.verifier), oauth2.SetAuthURLParam("nonce", wg.nonce)), http.StatusSeeOther)
@@ -300,14 +351,16 @@ func (e *Enroller) grantApprove(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	p := *wg.person
-	if err := e.Users.BindUser(p.User, p.Subject); errors.Is(err, users.ErrOtherAccount) {
-		webPage(w, http.StatusForbidden, "This account cannot approve for "+p.User,
-			"TP's user "+p.User+" belongs to another account at the identity provider; ask your TP administrator (tpd users unbind).", nil)
-		return
-	} else if err != nil {
-		e.log().Error("grant on the website: binding the user failed", "user", p.User, "err", err)
-		webPage(w, http.StatusServiceUnavailable, "Nothing was granted", "The server cannot record the approval right now; open the grant link again in a minute.", nil)
-		return
+	// The user is bound to the account (created if need be) once the policy
+	// has let the approval through, as an enrolment by sign-in binds it.
+	bind := func() (int, string) {
+		if err := e.Users.BindUser(p.User, p.Subject); errors.Is(err, users.ErrOtherAccount) {
+			return http.StatusForbidden, "TP's user " + p.User + " belongs to another account at the identity provider; ask your TP administrator (tpd users unbind)."
+		} else if err != nil {
+			e.log().Error("grant on the website: binding the user failed", "user", p.User, "err", err)
+			return http.StatusServiceUnavailable, "The server cannot record the approval right now; open the grant link again in a minute."
+		}
+		return 0, ""
 	}
 	groups := p.Groups
 	if groups == nil {
@@ -315,13 +368,14 @@ func (e *Enroller) grantApprove(w http.ResponseWriter, r *http.Request) {
 	}
 	id := authz.Identity{DeviceID: authz.DeviceID(p.User, signInDevice), User: p.User, Device: signInDevice, Groups: groups}
 	g, status, msg := e.approve(r.Context(), approval{id: id, by: users.SignInApprover + p.Subject, appKey: wg.g.Key, scope: wg.scope,
-		name: wg.g.Name, public: wg.g.Public, app: wg.g.App, remote: r.RemoteAddr, via: "grant approved on the website by a sign-in as " + p.Email})
+		name: wg.g.Name, public: wg.g.Public, app: wg.g.App, remote: r.RemoteAddr, via: "grant approved on the website by a sign-in as " + p.Email,
+		prepare: bind})
 	if status != 0 {
 		webPage(w, status, "Nothing was granted", msg, nil)
 		return
 	}
 	webPage(w, http.StatusOK, "Approved", appName(wg.g.App)+" now holds "+g.ID+", which may only keep "+wg.g.Name+
-		" exposed; it goes on within seconds. tp grant --list on your devices lists your grants, and tp grant --revoke ends one.", nil)
+		" exposed; it goes on within seconds. tp grant --list on one of your enrolled devices lists your grants and tp grant --revoke ends one; your TP administrator sees them all (tpd tokens).", nil)
 }
 
 func appName(app string) string {

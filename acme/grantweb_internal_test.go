@@ -2,54 +2,69 @@ package acme
 
 import (
 	"crypto/sha256"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"testing"
 	"time"
 )
 
-// Approvals under way on the website are bounded in number and in time, and
-// bound to the browser that started them. Bad input: one more than the bound
-// at once; the cookie of another browser; an answer after the approval's
-// time; the same state taken twice.
+// Approvals under way on the website are bounded in number, per source and
+// in time, and bound to the browser that started them. Bad input: one source
+// starting more than its share (its oldest gives way, not the others'); more
+// sources than the table holds (the oldest gives way); the cookie of another
+// browser, or none; an answer after the approval's time; the same state
+// taken twice.
 func TestWebGrantsBounds(t *testing.T) {
 	var ws webGrants
 	now := time.Date(2026, 12, 5, 9, 0, 0, 0, time.UTC)
-	withCookie := func(v string) *http.Request {
+	withCookie := func(state, v string) *http.Request {
 		r := httptest.NewRequest(http.MethodGet, "/grant/signed-in", nil)
-		r.AddCookie(&http.Cookie{Name: webGrantCookie, Value: v})
+		r.AddCookie(&http.Cookie{Name: cookieName(state), Value: v})
 		return r
 	}
-	var first string
+	mine := sha256.Sum256([]byte("mine"))
+	at := func(i int) time.Time { return now.Add(time.Duration(i) * time.Millisecond) }
+	victim := ws.add(&webGrant{source: "192.0.2.1", browser: mine, expires: at(0).Add(webGrantTTL)}, at(0))
+	var flood []string
+	for i := 1; i <= 3*maxWebGrantsPerSource; i++ {
+		flood = append(flood, ws.add(&webGrant{source: "2001:db8::/64", browser: mine, expires: at(i).Add(webGrantTTL)}, at(i)))
+	}
+	if _, ok := ws.get(withCookie(victim, "mine"), victim, now, false); !ok {
+		t.Fatal("one source's flood pushed out another source's sign-in")
+	}
+	if n := len(ws.m); n != 1+maxWebGrantsPerSource {
+		t.Fatalf("%d sign-ins kept, want the victim's and %d of the flood's", n, maxWebGrantsPerSource)
+	}
+	if _, ok := ws.get(withCookie(flood[0], "mine"), flood[0], now, false); ok {
+		t.Fatal("the flood's oldest sign-in was kept past its source's bound")
+	}
+	if _, ok := ws.get(withCookie(flood[len(flood)-1], "mine"), flood[len(flood)-1], now, false); !ok {
+		t.Fatal("the flood's newest sign-in was not kept")
+	}
 	for i := range maxWebGrants {
-		state, ok := ws.add(&webGrant{browser: sha256.Sum256([]byte("mine")), expires: now.Add(webGrantTTL)}, now)
-		if !ok {
-			t.Fatalf("approval %d of %d refused", i+1, maxWebGrants)
-		}
-		if i == 0 {
-			first = state
-		}
+		ws.add(&webGrant{source: fmt.Sprintf("198.51.%d.%d", i/256, i%256), browser: mine, expires: at(100 + i).Add(webGrantTTL)}, at(100+i))
 	}
-	if _, ok := ws.add(&webGrant{expires: now.Add(webGrantTTL)}, now); ok {
-		t.Fatalf("approval %d accepted beyond the bound", maxWebGrants+1)
+	if n := len(ws.m); n != maxWebGrants {
+		t.Fatalf("%d sign-ins kept, want the bound %d", n, maxWebGrants)
 	}
-	if _, ok := ws.get(withCookie("another browser's"), first, now, false); ok {
+
+	state := ws.add(&webGrant{source: "192.0.2.9", browser: mine, expires: now.Add(time.Hour)}, now)
+	if _, ok := ws.get(withCookie(state, "another browser's"), state, now, false); ok {
 		t.Fatal("another browser's cookie got the approval")
 	}
-	if _, ok := ws.get(httptest.NewRequest(http.MethodGet, "/grant/signed-in", nil), first, now, false); ok {
+	if _, ok := ws.get(httptest.NewRequest(http.MethodGet, "/grant/signed-in", nil), state, now, false); ok {
 		t.Fatal("a request without the cookie got the approval")
 	}
-	if _, ok := ws.get(withCookie("mine"), first, now, true); !ok {
+	if _, ok := ws.get(withCookie(state, "mine"), state, now, true); !ok {
 		t.Fatal("the browser that started the approval did not get it")
 	}
-	if _, ok := ws.get(withCookie("mine"), first, now, true); ok {
+	if _, ok := ws.get(withCookie(state, "mine"), state, now, true); ok {
 		t.Fatal("an approval taken once was taken again")
 	}
-	// Past their time, every approval is gone and makes room.
-	later := now.Add(webGrantTTL + time.Second)
-	if _, ok := ws.add(&webGrant{expires: later.Add(webGrantTTL)}, later); !ok {
-		t.Fatal("a new approval was refused once the others expired")
-	}
+	// Past their time, every approval is gone.
+	later := now.Add(2 * time.Hour)
+	ws.add(&webGrant{source: "192.0.2.9", expires: later.Add(webGrantTTL)}, later)
 	if n := len(ws.m); n != 1 {
 		t.Fatalf("%d approvals kept after the others expired, want 1", n)
 	}

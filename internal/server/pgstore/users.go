@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -390,11 +391,21 @@ func (u *Users) EnrollGrant(g users.Grant) (users.Device, error) {
 		var have users.Device
 		err := tx.QueryRow(ctx, "SELECT id, user_name, name, coalesce(public_key, ''), created, revoked, scope, granted_by FROM tp_devices WHERE id = $1", id).
 			Scan(&have.ID, &have.User, &have.Name, &have.PublicKey, &have.Created, &have.Revoked, &have.Scope, &have.GrantedBy)
+		same := err == nil && string(have.PublicKey) == string(g.PublicKey) && have.Scope == g.Scope && !have.Revoked
+		if same {
+			live, err := approverLiveTx(ctx, tx, &have)
+			if err != nil {
+				return err
+			}
+			same = live
+		}
 		switch {
-		case err == nil && string(have.PublicKey) == string(g.PublicKey) && have.Scope == g.Scope && !have.Revoked:
+		case same:
 			d, d.Created = have, have.Created.UTC()
 			return nil
-		case err == nil && have.Revoked:
+		case err == nil && (have.Revoked || string(have.PublicKey) == string(g.PublicKey) && have.Scope == g.Scope):
+			// Revoked, or the same grant ended with its approver: the
+			// application needs a new key.
 			return fmt.Errorf("device %s: %w", id, users.ErrDeviceRevoked)
 		case err == nil:
 			return fmt.Errorf("device %s: %w", id, users.ErrDeviceExists)
@@ -521,6 +532,29 @@ func (u *Users) Devices(user string) []users.Device {
 	}
 	users.SortDevices(out)
 	return out
+}
+
+// approverLiveTx says whether the approver of d, a grant, is live in the
+// database (users.ApproverGone): its device there and not revoked, or, for a
+// sign-in, its user still bound to that account.
+func approverLiveTx(ctx context.Context, tx pgx.Tx, d *users.Device) (bool, error) {
+	if d.GrantedBy == "" {
+		return true, nil
+	}
+	if sub, ok := strings.CutPrefix(d.GrantedBy, users.SignInApprover); ok {
+		var bound string
+		err := tx.QueryRow(ctx, "SELECT sso_subject FROM tp_users WHERE name = $1", d.User).Scan(&bound)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return false, nil
+		}
+		return err == nil && bound == sub, err
+	}
+	var revoked bool
+	err := tx.QueryRow(ctx, "SELECT revoked FROM tp_devices WHERE id = $1", d.GrantedBy).Scan(&revoked)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false, nil
+	}
+	return err == nil && !revoked, err
 }
 
 // GrantedBy implements authz.Granter, from the snapshot.

@@ -443,9 +443,9 @@ func (s *File) EnrollGrant(g Grant) (Device, error) {
 	}
 	if d := s.st.Devices[id]; d != nil {
 		switch {
-		case sameGrant(*d, g):
+		case sameGrant(*d, g) && ApproverGone(d, s.st.Devices[d.GrantedBy], s.st.Users[d.User]) == nil:
 			return *d, nil
-		case d.Revoked:
+		case d.Revoked, sameGrant(*d, g): // the same grant, ended with its approver: the application needs a new key
 			return Device{}, fmt.Errorf("device %s: %w", id, ErrDeviceRevoked)
 		}
 		return Device{}, fmt.Errorf("device %s: %w", id, ErrDeviceExists)

@@ -373,3 +373,29 @@ func TestGrantsEndForGood(t *testing.T) {
 		t.Fatalf("the grant after its account was unbound and bound again: %v; want it ended for good", err)
 	}
 }
+
+// The same approval again, once the grant ended with its approver's
+// revocation on the deny list (the store knows nothing of it) or in the
+// store, is refused as revoked rather than answered with the dead grant.
+func TestSameGrantAfterItsApprover(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "users.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, dev := range []string{"laptop", "phone"} {
+		if _, err := s.Enroll("alice", dev, nil, time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g := Grant{User: "alice", Device: "grant-aaaa", By: "alice@phone", PublicKey: []byte("app"), Scope: "expose:ci", Max: 9}
+	if _, err := s.EnrollGrant(g); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RevokeDevice("alice@phone"); err != nil {
+		t.Fatal(err)
+	}
+	g.By = "alice@laptop"
+	if _, err := s.EnrollGrant(g); !errors.Is(err, ErrDeviceRevoked) {
+		t.Fatalf("approving again a grant that ended with its approver: %v; want ErrDeviceRevoked", err)
+	}
+}
