@@ -14,6 +14,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"runtime"
@@ -371,5 +372,23 @@ func TestDeviceBindingRateLimit(t *testing.T) {
 	}
 	if resp, b := attest(t, hc, url, "bob@phone", bob); resp.StatusCode != http.StatusOK {
 		t.Errorf("another device: %d %s", resp.StatusCode, b)
+	}
+}
+
+// A person's browser over the limit on the sign-in pages gets a page that
+// says so, not JSON. Bad input: two sign-ins from one source with a burst
+// of one.
+func TestRateLimitSignInPage(t *testing.T) {
+	h := limitSources(newSourceLimiter(0.01, 1), http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {}))
+	var w *httptest.ResponseRecorder
+	for range 2 {
+		r := httptest.NewRequest(http.MethodGet, "https://tp.test"+login.PathGrantSignIn+"?name=ci", nil)
+		r.RemoteAddr = "192.0.2.7:40000"
+		w = httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+	}
+	if w.Code != http.StatusTooManyRequests || !strings.HasPrefix(w.Header().Get("Content-Type"), "text/html") ||
+		!strings.Contains(w.Body.String(), "Too many requests from 192.0.2.7 to this TP server&#39;s sign-in pages; try again in") {
+		t.Fatalf("the sign-in page over the limit: %d %q\n%s", w.Code, w.Header().Get("Content-Type"), w.Body.String())
 	}
 }

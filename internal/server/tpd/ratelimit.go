@@ -4,6 +4,7 @@ import (
 	"container/list"
 	"encoding/json"
 	"fmt"
+	"html"
 	"math"
 	"net"
 	"net/http"
@@ -131,6 +132,15 @@ func limitSources(l *sourceLimiter, h http.Handler) http.Handler {
 		msg := fmt.Sprintf("too many requests from %s to tpd's login and certificate endpoints; try again in %d s", src.Unmap(), secs)
 		if strings.HasPrefix(r.URL.Path, "/acme/") {
 			acme.WriteProblem(w, http.StatusTooManyRequests, "rateLimited", msg)
+			return
+		}
+		if strings.HasPrefix(r.URL.Path, login.PathGrantPage+"/") { // a person's browser
+			w.Header().Set("Content-Type", "text/html; charset=utf-8")
+			w.Header().Set("Cache-Control", "no-store")
+			w.Header().Set("Content-Security-Policy", "default-src 'none'")
+			w.WriteHeader(http.StatusTooManyRequests)
+			fmt.Fprintf(w, "<!doctype html><title>TP: too many requests</title><h1>Too many requests</h1><p>%s.</p>\n",
+				html.EscapeString(fmt.Sprintf("Too many requests from %s to this TP server's sign-in pages; try again in %d s", src.Unmap(), secs)))
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
