@@ -55,6 +55,7 @@ const (
 
 // webGrant is one approval under way on the website.
 type webGrant struct {
+	mine     bool   // a sign-in to list and revoke the person's grants, not to approve g
 	source   string // the address (IPv6: its /64) that started it
 	g        login.Grant
 	scope    authz.Scope
@@ -182,6 +183,8 @@ func (e *Enroller) GrantPages(mux *http.ServeMux) {
 	mux.HandleFunc("GET "+login.PathGrantSignIn, e.grantSignIn)
 	mux.HandleFunc("GET "+login.PathGrantSignedIn, e.grantSignedIn)
 	mux.HandleFunc("POST "+login.PathGrantApprove, e.grantApprove)
+	mux.HandleFunc("GET "+login.PathGrantsPage, e.grantSignIn)
+	mux.HandleFunc("POST "+login.PathGrantRevokePage, e.grantRevokeWeb)
 }
 
 // oauthConfig is TP's client at the provider for approvals on the website.
@@ -202,12 +205,17 @@ func (e *Enroller) grantSignIn(w http.ResponseWriter, r *http.Request) {
 	if u, err := url.Parse(e.URL); err == nil && !strings.EqualFold(u.Host, r.Host) {
 		// The provider sends the browser back to e.URL, where the cookie
 		// must be: go there first.
-		http.Redirect(w, r, e.URL+login.PathGrantSignIn+"?"+r.URL.RawQuery, http.StatusSeeOther)
+		http.Redirect(w, r, e.URL+r.URL.Path+"?"+r.URL.RawQuery, http.StatusSeeOther)
 		return
 	}
-	g, scope, ok := e.webRequest(w, r)
-	if !ok {
-		return
+	mine := r.URL.Path == login.PathGrantsPage
+	var g login.Grant
+	var scope authz.Scope
+	if !mine {
+		var ok bool
+		if g, scope, ok = e.webRequest(w, r); !ok {
+			return
+		}
 	}
 	ep, err := e.SSO.endpoints(r.Context())
 	if err != nil || ep.AuthURL == "" {
@@ -217,7 +225,7 @@ func (e *Enroller) grantSignIn(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	cookie := secret()
-	wg := &webGrant{source: sourceOf(r), g: g, scope: scope, browser: sha256.Sum256([]byte(cookie)), verifier: oauth2.GenerateVerifier(),
+	wg := &webGrant{mine: mine, source: sourceOf(r), g: g, scope: scope, browser: sha256.Sum256([]byte(cookie)), verifier: oauth2.GenerateVerifier(),
 		nonce: secret(), expires: e.now().Add(webGrantTTL)}
 	state := e.web.add(wg, e.now())
 	http.SetCookie(w, &http.Cookie{Name: cookieName(state), Value: cookie, Path: "/", MaxAge: int(webGrantTTL.Seconds()),
@@ -285,6 +293,10 @@ func (e *Enroller) grantSignedIn(w http.ResponseWriter, r *http.Request) {
 	form, ok := e.web.signedIn(q.Get("state"), p)
 	if !ok {
 		webPage(w, http.StatusConflict, "This sign-in is already answered", "Use the page it showed, or open the grant link again.", nil)
+		return
+	}
+	if wg.mine {
+		e.grantsPage(w, p, q.Get("state"), form)
 		return
 	}
 	webPage(w, http.StatusOK, "Approve "+appName(wg.g.App)+"?", "", &approvalView{
@@ -375,7 +387,7 @@ func (e *Enroller) grantApprove(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	webPage(w, http.StatusOK, "Approved", appName(wg.g.App)+" now holds "+g.ID+", which may only keep "+wg.g.Name+
-		" exposed; it goes on within seconds. tp grant --list on one of your enrolled devices lists your grants and tp grant --revoke ends one; your TP administrator sees them all (tpd tokens).", nil)
+		" exposed; it goes on within seconds. "+e.URL+login.PathGrantsPage+" lists your grants and revokes them (so do tp grant --list and --revoke on an enrolled device); your TP administrator sees them all (tpd tokens).", nil)
 }
 
 func appName(app string) string {
@@ -428,3 +440,89 @@ keep <b>{{.Name}}</b> exposed through this TP server, {{.How}}. It cannot dial a
 <button id="decline" name="answer" value="decline">Decline</button>
 </form>
 {{else}}<p id="text">{{.Text}}</p>{{end}}`))
+
+// grantsPage lists the grants of the signed-in person's user, when the user
+// is bound to that account, each with a button that revokes it.
+func (e *Enroller) grantsPage(w http.ResponseWriter, p ssoPerson, state, form string) {
+	v := &grantsView{User: p.User, Email: p.Email, State: state, Form: form, Action: login.PathGrantRevokePage}
+	if e.boundTo(p) {
+		for _, d := range e.Users.Devices(p.User) {
+			if d.IsGrant() {
+				v.Grants = append(v.Grants, e.grantInfo(d))
+			}
+		}
+	}
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Content-Security-Policy", "default-src 'none'; form-action 'self'; frame-ancestors 'none'")
+	w.Header().Set("X-Frame-Options", "DENY")
+	w.Header().Set("Referrer-Policy", "no-referrer")
+	_ = grantsTemplate.Execute(w, v)
+}
+
+// boundTo says whether p's TP user is bound to p's account at the provider:
+// only then are its grants p's to see and revoke.
+func (e *Enroller) boundTo(p ssoPerson) bool {
+	for _, u := range e.Users.Users() {
+		if u.Name == p.User {
+			return u.SSOSubject != "" && u.SSOSubject == p.Subject
+		}
+	}
+	return false
+}
+
+// grantRevokeWeb revokes one grant of the signed-in person's user for good,
+// from the page grantsPage showed, once.
+func (e *Enroller) grantRevokeWeb(w http.ResponseWriter, r *http.Request) {
+	r.Body = http.MaxBytesReader(w, r.Body, 4096)
+	if err := r.ParseForm(); err != nil {
+		webPage(w, http.StatusBadRequest, "This answer cannot be read", "Open "+login.PathGrantsPage+" again.", nil)
+		return
+	}
+	wg, ok := e.web.get(r, r.PostForm.Get("state"), e.now(), true)
+	if !ok || !wg.mine || wg.person == nil || subtle.ConstantTimeCompare([]byte(r.PostForm.Get("form")), []byte(wg.form)) != 1 {
+		webPage(w, http.StatusBadRequest, "This answer is not one this browser was asked for",
+			"It comes from another browser or page, it expired, or it was given already: open "+login.PathGrantsPage+" again.", nil)
+		return
+	}
+	p := *wg.person
+	g, err := e.Users.Device(r.PostForm.Get("grant"))
+	if err != nil || g.User != p.User || !g.IsGrant() || !e.boundTo(p) {
+		webPage(w, http.StatusNotFound, "No such grant", p.User+" holds no grant of that name.", nil)
+		return
+	}
+	if !g.Revoked {
+		if err := e.Users.RevokeDevice(g.ID); err != nil {
+			e.log().Error("revoking a grant on the website failed", "grant", g.ID, "err", err)
+			webPage(w, http.StatusServiceUnavailable, "The grant stays", "The server cannot record the revocation right now; try again in a minute.", nil)
+			return
+		}
+		e.log().Info("grant revoked by its person on the website", "grant", g.ID, "email", p.Email, "remote", r.RemoteAddr)
+		if e.GrantRevoked != nil {
+			e.GrantRevoked(g, "sign-in as "+p.Email, r.RemoteAddr)
+		}
+	}
+	webPage(w, http.StatusOK, "Revoked", g.ID+" is revoked for good: its sessions ended, and its key can never be granted again.", nil)
+}
+
+// grantsView is the page that lists a person's grants.
+type grantsView struct {
+	User, Email         string
+	Grants              []login.GrantInfo
+	State, Form, Action string
+}
+
+var grantsTemplate = template.Must(template.New("grants").Parse(`<!doctype html>
+<title>TP: your grants</title>
+<h1 id="title">Grants of {{.User}}</h1>
+<p id="who">Signed in as <b>{{.User}}</b> ({{.Email}}).</p>
+{{if .Grants}}<form method="post" action="{{.Action}}">
+<input type="hidden" name="state" value="{{.State}}">
+<input type="hidden" name="form" value="{{.Form}}">
+<table>
+<tr><th>Device</th><th>Scope</th><th>Approved by</th><th>Created</th><th>State</th><th></th></tr>
+{{range .Grants}}<tr><td>{{.DeviceID}}</td><td>{{.Scope}}</td><td>{{if .GrantedBy}}{{.GrantedBy}}{{else}}unknown{{end}}</td><td>{{.Created.Format "2006-01-02 15:04"}}</td>
+<td>{{if .Revoked}}revoked{{else}}active{{end}}</td><td>{{if not .Revoked}}<button name="grant" value="{{.DeviceID}}">Revoke</button>{{end}}</td></tr>
+{{end}}</table>
+</form>
+{{else}}<p id="text">No grants: {{.User}} has approved no application, or this account is not the one {{.User}} is bound to.</p>{{end}}`))

@@ -43,6 +43,11 @@ const (
 	PathGrantSignIn   = "/grant/sign-in"
 	PathGrantSignedIn = "/grant/signed-in"
 	PathGrantApprove  = "/grant/approve"
+	// PathGrantsPage lists, after a sign-in, the grants of the person's
+	// user, each with a button that revokes it (a POST to
+	// PathGrantRevokePage).
+	PathGrantsPage      = "/grant/mine"
+	PathGrantRevokePage = "/grant/revoke"
 	// CodeGrantPending is PathGrantStatus's answer (404) while no device holds
 	// the key.
 	CodeGrantPending = "grant_pending"

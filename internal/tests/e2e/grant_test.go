@@ -252,14 +252,16 @@ func startGrantApp(t *testing.T, env []string, args ...string) (next func(what s
 // with the organisation's identity provider, in a real browser: the link's
 // page offers the sign-in, the provider sends the browser back, the page
 // shows who signed in and the application's code, and Approve grants. The
+// person's grants page lists them and revokes one, whose agent stops; a
 // grant lives as long as the user is bound to that account. Bad input: the
 // approval posted without the browser's cookie, the provider's answer
 // replayed after the approval, an answer with a state nobody started; then
-// the user's binding cleared (tpd users unbind), which ends the grant.
+// the user's binding cleared (tpd users unbind), which ends the other grant.
 func TestGrantApprovedOnWebsite(t *testing.T) {
 	parallel(t)
 	idp := testidp.Start(t, testidp.Person{Subject: "s-alice", Email: "alice@example.org", EmailVerified: true})
-	srv := startServer(t, grantPolicy, "TP_SSO_ISSUER="+idp.Issuer, "TP_SSO_CLIENT_ID="+testidp.ClientID, "TP_SSO_DOMAIN=example.org")
+	policy := strings.ReplaceAll(grantPolicy, `input.destination.reverse == "ci"`, `input.destination.reverse in {"ci", "ci2"}`)
+	srv := startServer(t, policy, "TP_SSO_ISSUER="+idp.Issuer, "TP_SSO_CLIENT_ID="+testidp.ClientID, "TP_SSO_DOMAIN=example.org")
 	idp.AllowRedirect(srv.URL + login.PathGrantSignedIn) // TP's website, registered at the provider
 	echo := testnet.Echo(t)
 	_, echoPort, _ := strings.Cut(echo, ":")
@@ -325,10 +327,44 @@ func TestGrantApprovedOnWebsite(t *testing.T) {
 	b.open(u.String())
 	b.waitText("This sign-in is not one this browser started")
 
-	// The grant lives as long as alice's binding to that account.
+	// A second application, approved the same way.
+	app2 := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "app2-home")}
+	next2 := startGrantApp(t, app2, "expose", "ci2", echo, "--allow-user", "bob",
+		"--request", "--server", srv.URL, "--fingerprint", srv.Fingerprint, "--app", "second job")
+	link2 := strings.TrimSuffix(strings.TrimPrefix(next2("the link", func(l string) bool { return strings.HasPrefix(l, `tp grant "`) }), `tp grant "`), `"`)
+	b.open(link2)
+	b.waitText("Sign in with your organisation's account")
+	b.click("#sign-in")
+	b.waitText("second job asks for a credential")
+	b.click("#approve")
+	second := regexp.MustCompile(`now holds (alice@grant-[a-z2-7]{16}),`).FindStringSubmatch(b.waitText("now holds"))
+	if second == nil {
+		t.Fatal("the second approval names no granted device")
+	}
+	next2("the second registration", func(l string) bool { return strings.HasPrefix(l, "Exposing ") })
+
+	// Alice lists her grants on the website and revokes the first: its agent stops.
+	b.open(srv.URL + login.PathGrantsPage)
+	page = b.waitText("Grants of alice")
+	for _, d := range []string{device[1], second[1]} {
+		if !regexp.MustCompile(regexp.QuoteMeta(d) + `\s+expose:ci2?\s+sign-in:s-alice\s+.*active`).MatchString(page) {
+			t.Fatalf("alice's grants page does not list %s as active:\n%s", d, page)
+		}
+	}
+	b.click(`button[value="` + device[1] + `"]`)
+	b.waitText(device[1] + " is revoked for good")
+	if l := next("the end of the first exposure", func(l string) bool { return strings.Contains(l, "revoked") }); !strings.Contains(l, "is revoked on the TP server") {
+		t.Fatalf("the first application's line for its revocation:\n%s", l)
+	}
+	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci.rev.tp.internal", echoPort); err == nil {
+		t.Fatalf("bob reached ci after alice revoked its grant on the website: %q", got)
+	}
+
+	// The second grant lives as long as alice's binding to that account.
+	next = next2
 	run(t, nil, binary("tpd"), "users", "unbind", "alice", "--data-dir", srv.DataDir)
 	next("the end of the exposure", func(l string) bool { return strings.Contains(l, "no longer bound") })
-	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci.rev.tp.internal", echoPort); err == nil {
-		t.Fatalf("bob reached ci after the approving account was unbound: %q", got)
+	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci2.rev.tp.internal", echoPort); err == nil {
+		t.Fatalf("bob reached ci2 after the approving account was unbound: %q", got)
 	}
 }
