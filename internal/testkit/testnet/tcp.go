@@ -193,16 +193,31 @@ func WriteForever(c net.Conn) {
 // them took it before the test's server bound it. Below that range only an
 // explicit bind can take it: another test process's FreePort choosing the same
 // port in the same moment.
+//
+// Network "tcp+udp" is a port free on both, for a server that listens on
+// both (tpd with QUIC), as a test that restarts it on the same address needs.
 func FreePort(t testing.TB, network string) int {
 	t.Helper()
-	if network != "tcp" && network != "udp" {
-		t.Fatalf("testnet: FreePort of network %q; want \"tcp\" or \"udp\"", network)
+	if network != "tcp" && network != "udp" && network != "tcp+udp" {
+		t.Fatalf("testnet: FreePort of network %q; want \"tcp\", \"udp\" or \"tcp+udp\"", network)
 	}
 	lo, hi := fixedRange()
 	for range 1000 {
 		port := 0
 		if hi > lo {
 			port = lo + rand.IntN(hi-lo)
+		}
+		if network == "tcp+udp" {
+			if port == 0 {
+				t.Fatal("testnet: FreePort of tcp+udp needs the range below the kernel's ephemeral ports, and this machine leaves none")
+			}
+			if _, ok := bindFree("tcp", port); !ok {
+				continue
+			}
+			if _, ok := bindFree("udp", port); ok && handedOut("tcp", port) && handedOut("udp", port) {
+				return port
+			}
+			continue
 		}
 		port, ok := bindFree(network, port)
 		if ok && handedOut(network, port) {

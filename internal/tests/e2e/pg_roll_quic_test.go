@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/internal/testkit/testlog"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/internal/testkit/testpg"
 	"github.com/tp-proxy/tp/proxy"
 )
@@ -262,12 +263,14 @@ func TestPGRollingRestartQUIC(t *testing.T) {
 	var backends []*udpBackend
 	var srvs []*server
 	for i, dir := range dirs {
-		envs[i] = slices.Concat(base, []string{fmt.Sprintf("TP_QUIC_SERVER_ID=%02x", i+1), "TP_ADMIN_LISTEN=127.0.0.1:0"})
-		s := startTPD(t, dir, "127.0.0.1:0", envs[i])
+		// Fixed ports, below the kernel's ephemeral range: a restart takes
+		// the ports its tpd let go, which a ":0" port would leave to any
+		// socket of the machine's in the meantime.
+		envs[i] = slices.Concat(base, []string{fmt.Sprintf("TP_QUIC_SERVER_ID=%02x", i+1), "TP_ADMIN_LISTEN=" + testnet.FreeAddr(t, "tcp").String()})
+		s := startTPD(t, dir, fmt.Sprintf("127.0.0.1:%d", testnet.FreePort(t, "tcp+udp")), envs[i])
 		s.mustStop = true
 		srvs = append(srvs, s)
 		admin := adminListen(t, s)
-		envs[i][len(envs[i])-1] = "TP_ADMIN_LISTEN=" + admin // a restart takes the port its tpd let go
 		waitLog(t, s.log, "QUIC-LB", 10*time.Second)
 		ua, err := net.ResolveUDPAddr("udp", s.Addr)
 		if err != nil {

@@ -141,7 +141,14 @@ func rollTransfer(env []string, name string) (rollOutcome, string) {
 func TestPGRollingRestart(t *testing.T) {
 	parallelLong(t)
 	env := []string{"TP_SHUTDOWN_TIMEOUT=2s"}
-	srvs := startPeers(t, 3, peerPolicy, env)
+	// Fixed ports, below the kernel's ephemeral range: a restart takes the
+	// ports its tpd let go, which a ":0" port would leave to any socket of
+	// the machine's in the meantime.
+	var listens []string
+	for range 3 {
+		listens = append(listens, fmt.Sprintf("127.0.0.1:%d", testnet.FreePort(t, "tcp+udp")))
+	}
+	srvs := startPeersAt(t, listens, peerPolicy, env)
 	door := newFrontDoor(t, srvs[0].Addr, srvs[1].Addr, srvs[2].Addr)
 	door.mode(true, false)
 	doorURL := "https://" + door.ln.Addr().String()
