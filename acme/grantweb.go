@@ -414,16 +414,23 @@ type approvalView struct {
 // webPage writes one of the approval's pages: a title and a sentence, or the
 // approval form. Nothing on it runs: no script, no style from elsewhere.
 func webPage(w http.ResponseWriter, status int, title, text string, form *approvalView) {
-	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	w.Header().Set("Cache-Control", "no-store")
-	w.Header().Set("Content-Security-Policy", "default-src 'none'; form-action 'self'; frame-ancestors 'none'")
-	w.Header().Set("X-Frame-Options", "DENY")
-	w.Header().Set("Referrer-Policy", "no-referrer")
+	pageHeaders(w)
 	w.WriteHeader(status)
 	_ = webTemplate.Execute(w, struct {
 		Title, Text string
 		Form        *approvalView
 	}{title, text, form})
+}
+
+// pageHeaders are the headers of every page of the approval: not cached,
+// running nothing, posting only to this site, in no frame, telling no
+// referrer.
+func pageHeaders(w http.ResponseWriter) {
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Content-Security-Policy", "default-src 'none'; form-action 'self'; frame-ancestors 'none'")
+	w.Header().Set("X-Frame-Options", "DENY")
+	w.Header().Set("Referrer-Policy", "no-referrer")
 }
 
 var webTemplate = template.Must(template.New("grant").Parse(`<!doctype html>
@@ -452,11 +459,7 @@ func (e *Enroller) grantsPage(w http.ResponseWriter, p ssoPerson, state, form st
 			}
 		}
 	}
-	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	w.Header().Set("Cache-Control", "no-store")
-	w.Header().Set("Content-Security-Policy", "default-src 'none'; form-action 'self'; frame-ancestors 'none'")
-	w.Header().Set("X-Frame-Options", "DENY")
-	w.Header().Set("Referrer-Policy", "no-referrer")
+	pageHeaders(w)
 	_ = grantsTemplate.Execute(w, v)
 }
 

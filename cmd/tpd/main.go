@@ -313,12 +313,7 @@ func usersCmd(stdout io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			revoked := map[string]bool{} // device ID → revoked: a grant is revoked with its approver
-			for _, u := range list {
-				for _, dv := range u.Devices {
-					revoked[dv.ID] = dv.Revoked || u.Revoked
-				}
-			}
+			ap := newApprovers(list)
 			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "USER\tGROUPS\tDEVICE\tSTATUS\tLAST LOGIN")
 			for _, u := range list {
@@ -342,7 +337,7 @@ func usersCmd(stdout io.Writer) *cobra.Command {
 						status = "user disabled"
 					case dv.Revoked:
 						status = since("revoked", dv.RevokedAt)
-					case dv.GrantedBy != "" && approverGone(revoked, dv.GrantedBy, u.SSOSubject):
+					case ap.gone(dv):
 						status = "revoked with its approver"
 					case len(dv.PublicKey) == 0 && dv.LastLogin.IsZero():
 						status = "awaiting dlogin"
@@ -417,18 +412,35 @@ func versionCmd(stdout io.Writer) *cobra.Command {
 	}
 }
 
-// approverGone says whether a grant's approver is revoked or gone, given each
-// listed device's revocation; a grant approved by signing in is gone with
-// its user's binding to that account (bound: the user's subject).
-func approverGone(revoked map[string]bool, approver, bound string) bool {
-	if approver == "" {
-		return false // a grant made before approvers were recorded
+// approvers indexes a listing of users for users.ApproverGone: each device
+// as revoked when the listing says it or its user is (the deny list's
+// revocations included), and each user.
+type approvers struct {
+	devices map[string]*users.Device
+	users   map[string]*users.User
+}
+
+func newApprovers(list []users.UserInfo) approvers {
+	a := approvers{devices: map[string]*users.Device{}, users: map[string]*users.User{}}
+	for _, u := range list {
+		a.users[u.Name] = &u.User
+		for _, dv := range u.Devices {
+			dv.Revoked = dv.Revoked || u.Revoked
+			a.devices[dv.ID] = &dv
+		}
 	}
-	if sub, ok := strings.CutPrefix(approver, users.SignInApprover); ok {
-		return sub != bound
-	}
-	r, known := revoked[approver]
-	return r || !known
+	return a
+}
+
+// gone says whether d, a grant, ended with its approver.
+func (a approvers) gone(d users.Device) bool {
+	return users.ApproverGone(&d, a.devices[d.GrantedBy], a.users[d.User]) != nil
+}
+
+// revoked says whether d or its user is revoked.
+func (a approvers) revoked(d users.Device) bool {
+	x := a.devices[d.ID]
+	return x != nil && x.Revoked
 }
 
 // approverOf is a grant's approver as tables show it.

@@ -47,18 +47,15 @@ func tokensCmd(stdout io.Writer) *cobra.Command {
 }
 
 func printTokens(w io.Writer, list []users.UserInfo) error {
-	revoked := map[string]bool{}
+	ap := newApprovers(list)
 	var grants []users.Device
-	bound := map[string]string{} // user → the provider's subject it is bound to
 	type pending struct {
 		id      string
 		expires time.Time
 	}
 	var tokens []pending
 	for _, u := range list {
-		bound[u.Name] = u.SSOSubject
 		for _, dv := range u.Devices {
-			revoked[dv.ID] = dv.Revoked || u.Revoked
 			if dv.IsGrant() {
 				grants = append(grants, dv)
 			}
@@ -76,9 +73,9 @@ func printTokens(w io.Writer, list []users.UserInfo) error {
 	for _, g := range grants {
 		state := "active"
 		switch {
-		case revoked[g.ID]:
+		case ap.revoked(g):
 			state = "revoked"
-		case approverGone(revoked, g.GrantedBy, bound[g.User]):
+		case ap.gone(g):
 			state = "revoked with its approver"
 		}
 		last := "-"

@@ -267,16 +267,7 @@ func TestDeviceByKeyFollowsChanges(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	enrol := func(key string) {
-		t.Helper()
-		e, err := s.Enroll("alice", "laptop", nil, time.Hour)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := s.Redeem(e.Token, []byte(key)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	enrol := func(key string) { enrolKey(t, s, "alice", "laptop", key) }
 	enrol("first key")
 	if d, ok := s.DeviceByKey([]byte("first key")); !ok || d.ID != "alice@laptop" {
 		t.Fatalf("DeviceByKey(first key) = %+v, %v", d, ok)
@@ -327,16 +318,7 @@ func TestGrantsEndForGood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	enrol := func(key string) {
-		t.Helper()
-		e, err := s.Enroll("alice", "laptop", nil, time.Hour)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := s.Redeem(e.Token, []byte(key)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	enrol := func(key string) { enrolKey(t, s, "alice", "laptop", key) }
 	enrol("laptop key")
 	grant := func(dev, by, key string) string {
 		t.Helper()
@@ -397,5 +379,17 @@ func TestSameGrantAfterItsApprover(t *testing.T) {
 	g.By = "alice@laptop"
 	if _, err := s.EnrollGrant(g); !errors.Is(err, ErrDeviceRevoked) {
 		t.Fatalf("approving again a grant that ended with its approver: %v; want ErrDeviceRevoked", err)
+	}
+}
+
+// enrolKey enrols user@device with key, by a token as tpd enroll and dlogin do.
+func enrolKey(t *testing.T, s *File, user, device, key string) {
+	t.Helper()
+	e, err := s.Enroll(user, device, nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Redeem(e.Token, []byte(key)); err != nil {
+		t.Fatal(err)
 	}
 }
