@@ -32,8 +32,8 @@ type Import struct {
 
 // ImportResult counts what an import wrote.
 type ImportResult struct {
-	Users, Devices, Tokens, Deny int
-	Again                        bool // the database came from this data dir before
+	Users, Devices, Tokens, Shares, Deny int
+	Again                                bool // the database came from this data dir before
 }
 
 // CheckImport says whether in may go into this database: it must be empty, or
@@ -120,6 +120,17 @@ func (db *DB) Import(ctx context.Context, in Import) (ImportResult, error) {
 				return err
 			}
 			res.Tokens++
+		}
+		for _, sh := range in.Users.Shares {
+			if _, err := tx.Exec(ctx, `INSERT INTO tp_shares (id, name, guest, user_name, approved_by, created, until, revoked, revoked_at)
+				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+				ON CONFLICT (id) DO UPDATE SET name = excluded.name, guest = excluded.guest, user_name = excluded.user_name,
+					approved_by = excluded.approved_by, created = excluded.created, until = excluded.until,
+					revoked = excluded.revoked, revoked_at = excluded.revoked_at`,
+				sh.ID, sh.Name, sh.Guest, sh.User, sh.By, sh.Created, sh.Until, sh.Revoked, nilIfZero(sh.RevokedAt)); err != nil {
+				return err
+			}
+			res.Shares++
 		}
 		for _, e := range in.Deny {
 			if _, err := tx.Exec(ctx, `INSERT INTO tp_denylist (kind, value, since, device) VALUES ($1, $2, $3, $4)

@@ -145,6 +145,22 @@ var migrations = []string{
 	// 14: the device that approved a granted one (users.Device.GrantedBy):
 	// '' for a device not granted.
 	`ALTER TABLE tp_devices ADD COLUMN granted_by text NOT NULL DEFAULT '';`,
+	// 15: guest shares (users.Share): a person's gift of one reverse name
+	// (name) to an outside person (guest: an email address or "@domain")
+	// until a time, approved by one of their devices or a sign-in
+	// (approved_by, users.Share.By), revoked for good with it or by hand.
+	// The guests' devices name it in tp_devices.granted_by ("share:ID").
+	`CREATE TABLE tp_shares (
+		id          text PRIMARY KEY,
+		name        text NOT NULL,
+		guest       text NOT NULL,
+		user_name   text NOT NULL,
+		approved_by text NOT NULL,
+		created     timestamptz NOT NULL DEFAULT now(),
+		until       timestamptz NOT NULL,
+		revoked     boolean NOT NULL DEFAULT false,
+		revoked_at  timestamptz
+	);`,
 }
 
 // SchemaVersion is the schema version this tpd creates and understands.

@@ -36,6 +36,12 @@ type userSnap struct {
 	devices map[string]*users.Device
 	tokens  map[string][]users.PendingToken // pending tokens by user
 	byKey   map[string]*users.Device        // devices by key (DeviceByKey)
+	shares  map[string]*users.Share         // by ID, ended ones included
+}
+
+// approvers is what users.Approvers.Gone looks a grant's approver up in.
+func (s *userSnap) approvers() users.Approvers {
+	return users.Approvers{Devices: s.devices, Users: s.users, Shares: s.shares}
 }
 
 // OpenUsers loads the user store and keeps it in step with other instances
@@ -49,11 +55,13 @@ func OpenUsers(ctx context.Context, db *DB) (*Users, error) {
 	return u, nil
 }
 
-// Reload reads users, groups, devices and pending tokens into a new snapshot.
+// Reload reads users, groups, devices, pending tokens and shares into a new
+// snapshot.
 func (u *Users) Reload(ctx context.Context) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	s := &userSnap{users: map[string]*users.User{}, devices: map[string]*users.Device{}, tokens: map[string][]users.PendingToken{}, byKey: map[string]*users.Device{}}
+	s := &userSnap{users: map[string]*users.User{}, devices: map[string]*users.Device{}, tokens: map[string][]users.PendingToken{}, byKey: map[string]*users.Device{},
+		shares: map[string]*users.Share{}}
 	err := pgx.BeginTxFunc(ctx, u.db.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
 		rows, _ := tx.Query(ctx, `SELECT u.name, u.created, u.disabled, u.sso_subject,
 			coalesce(array_agg(g.group_name ORDER BY g.group_name) FILTER (WHERE g.group_name IS NOT NULL), '{}')
@@ -102,6 +110,17 @@ func (u *Users) Reload(ctx context.Context) error {
 			}
 			t.Expires = t.Expires.UTC()
 			s.tokens[name] = append(s.tokens[name], t)
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		rows, _ = tx.Query(ctx, `SELECT `+shareColumns+` FROM tp_shares`)
+		for rows.Next() {
+			sh, err := scanShare(rows)
+			if err != nil {
+				return err
+			}
+			s.shares[sh.ID] = &sh
 		}
 		return rows.Err()
 	})
@@ -202,6 +221,11 @@ func (u *Users) Redeem(tok string, pub []byte) (users.Device, error) {
 			AND EXISTS (SELECT 1 FROM tp_devices o WHERE o.id = $1 AND length(coalesce(o.public_key, '')) > 0 AND o.public_key <> $2)`, id, pub); err != nil {
 			return err
 		}
+		// And so do the shares it approved.
+		if _, err := tx.Exec(ctx, `UPDATE tp_shares SET revoked = true, revoked_at = now() WHERE approved_by = $1 AND NOT revoked
+			AND EXISTS (SELECT 1 FROM tp_devices o WHERE o.id = $1 AND length(coalesce(o.public_key, '')) > 0 AND o.public_key <> $2)`, id, pub); err != nil {
+			return err
+		}
 		err = tx.QueryRow(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key) VALUES ($1, $2, $3, $4)
 			ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, revoked = false, revoked_at = NULL, sso_subject = ''
 			RETURNING id, user_name, name, public_key, created`, id, user, device, pub).Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created)
@@ -288,6 +312,9 @@ func (u *Users) UnbindUser(user string) (string, error) {
 		if _, err := tx.Exec(ctx, "UPDATE tp_devices SET revoked = true, revoked_at = now() WHERE granted_by = $1 AND NOT revoked", users.SignInApprover+was); err != nil {
 			return err
 		}
+		if _, err := tx.Exec(ctx, "UPDATE tp_shares SET revoked = true, revoked_at = now() WHERE approved_by = $1 AND NOT revoked", users.SignInApprover+was); err != nil {
+			return err
+		}
 		return notify(ctx, tx, TopicUsers)
 	})
 	if errors.Is(err, users.ErrNotFound) {
@@ -305,7 +332,10 @@ func (u *Users) UnbindUser(user string) (string, error) {
 // EnrollSignIn implements users.Store in one transaction: the user's row
 // is locked first, so that sign-ins of one user on every instance count and
 // insert one at a time, and the insert takes only a name that is free (no
-// row, or a reserved one without a key that is not revoked).
+// row, or a reserved one without a key that is not revoked). A guest's
+// sign-in (in.Share) then locks the share's row, so that its guests on every
+// instance are counted one at a time, and a revocation of the share or of its
+// approver comes wholly before or after.
 func (u *Users) EnrollSignIn(in users.SignIn) (users.Device, error) {
 	if err := users.CheckSignIn(in); err != nil {
 		return users.Device{}, err
@@ -328,7 +358,9 @@ func (u *Users) EnrollSignIn(in users.SignIn) (users.Device, error) {
 			return err
 		}
 		rows, _ := tx.Query(ctx, `SELECT id, public_key, sso_subject, revoked FROM tp_devices
-			WHERE user_name = $1 AND id <> $2 AND sso_subject <> '' AND NOT revoked AND length(coalesce(public_key, '')) > 0`, in.User, id)
+			WHERE user_name = $1 AND id <> $2 AND sso_subject <> '' AND NOT revoked AND length(coalesce(public_key, '')) > 0
+			AND NOT (granted_by LIKE 'share:%' AND NOT EXISTS (SELECT 1 FROM tp_shares s
+				WHERE 'share:' || s.id = tp_devices.granted_by AND NOT s.revoked AND s.until > now()))`, in.User, id)
 		var mine []users.Device
 		for rows.Next() {
 			var d users.Device
@@ -344,13 +376,26 @@ func (u *Users) EnrollSignIn(in users.SignIn) (users.Device, error) {
 		if n >= in.Max {
 			return fmt.Errorf("user %s has %d: %w", in.User, n, users.ErrTooManyDevices)
 		}
+		var scope authz.Scope
+		var grantedBy string
+		if in.Share != "" {
+			var err error
+			if scope, err = shareForGuestTx(ctx, tx, id, in.Share); err != nil {
+				return err
+			}
+			grantedBy = users.ShareApprover + in.Share
+		}
 		// The WHERE is the check that counts: a name another instance took
-		// since the look above is left as it is, and no row comes back.
-		err := tx.QueryRow(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key, sso_subject) VALUES ($1, $2, $3, $4, $5)
-			ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, sso_subject = excluded.sso_subject
+		// since the look above is left as it is, and no row comes back. A
+		// guest's device takes the share's scope and is granted by it; any
+		// other keeps what a reserved name has.
+		err := tx.QueryRow(ctx, `INSERT INTO tp_devices (id, user_name, name, public_key, sso_subject, scope, granted_by) VALUES ($1, $2, $3, $4, $5, $6, $7)
+			ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, sso_subject = excluded.sso_subject,
+				scope = CASE WHEN excluded.granted_by <> '' THEN excluded.scope ELSE tp_devices.scope END,
+				granted_by = CASE WHEN excluded.granted_by <> '' THEN excluded.granted_by ELSE tp_devices.granted_by END
 			WHERE NOT tp_devices.revoked AND length(coalesce(tp_devices.public_key, '')) = 0
-			RETURNING id, user_name, name, public_key, created, sso_subject`, id, in.User, in.Device, in.PublicKey, in.Subject).
-			Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &d.SSOSubject)
+			RETURNING id, user_name, name, public_key, created, sso_subject, scope, granted_by`, id, in.User, in.Device, in.PublicKey, in.Subject, string(scope), grantedBy).
+			Scan(&d.ID, &d.User, &d.Name, &d.PublicKey, &d.Created, &d.SSOSubject, &d.Scope, &d.GrantedBy)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return deviceTaken(ctx, tx, id)
 		}
@@ -363,7 +408,8 @@ func (u *Users) EnrollSignIn(in users.SignIn) (users.Device, error) {
 		}
 		return notify(ctx, tx, TopicUsers)
 	})
-	if errors.Is(err, users.ErrDeviceExists) || errors.Is(err, users.ErrDeviceRevoked) || errors.Is(err, users.ErrTooManyDevices) {
+	if errors.Is(err, users.ErrDeviceExists) || errors.Is(err, users.ErrDeviceRevoked) || errors.Is(err, users.ErrTooManyDevices) ||
+		errors.Is(err, users.ErrShareEnded) || errors.Is(err, users.ErrShareFull) {
 		return users.Device{}, err
 	}
 	if err != nil {
@@ -371,6 +417,49 @@ func (u *Users) EnrollSignIn(in users.SignIn) (users.Device, error) {
 	}
 	u.afterWrite()
 	return d, nil
+}
+
+// shareForGuestTx locks the share a guest's sign-in for the device id names
+// and says the scope it gives (authz.GuestScope of its name): ErrShareEnded
+// when the share is gone, revoked, past its end or its approver is not live;
+// ErrShareFull when it has users.MaxGuestsPerShare devices not revoked.
+func shareForGuestTx(ctx context.Context, tx pgx.Tx, id, shareID string) (authz.Scope, error) {
+	var sh users.Share
+	var ended bool
+	err := tx.QueryRow(ctx, "SELECT name, guest, user_name, approved_by, until, revoked, until <= now() FROM tp_shares WHERE id = $1 FOR UPDATE", shareID).
+		Scan(&sh.Name, &sh.Guest, &sh.User, &sh.By, &sh.Until, &sh.Revoked, &ended)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return "", fmt.Errorf("share %s: %w", shareID, users.ErrShareEnded)
+	case err != nil:
+		return "", err
+	case sh.Revoked:
+		return "", fmt.Errorf("the share of %s with %s (%s) was revoked: %w", sh.Name, sh.Guest, shareID, users.ErrShareEnded)
+	case ended:
+		return "", fmt.Errorf("the share of %s with %s (%s) ended at %s; ask %s to share it again: %w",
+			sh.Name, sh.Guest, shareID, sh.Until.UTC().Format(time.RFC3339), sh.User, users.ErrShareEnded)
+	}
+	live := false
+	if !strings.HasPrefix(sh.By, users.ShareApprover) { // never so (users.CheckShare)
+		if live, err = approverLiveTx(ctx, tx, &users.Device{ID: id, User: sh.User, GrantedBy: sh.By}); err != nil {
+			return "", err
+		}
+	}
+	if !live {
+		return "", fmt.Errorf("the share of %s with %s (%s) ended with its approver %s: %w", sh.Name, sh.Guest, shareID, sh.By, users.ErrShareEnded)
+	}
+	var guests int
+	if err := tx.QueryRow(ctx, "SELECT count(*) FROM tp_devices WHERE granted_by = $1 AND NOT revoked", users.ShareApprover+shareID).Scan(&guests); err != nil {
+		return "", err
+	}
+	if guests >= users.MaxGuestsPerShare {
+		return "", fmt.Errorf("share %s has %d guests' devices: %w", shareID, guests, users.ErrShareFull)
+	}
+	scope, err := authz.GuestScope(sh.Name)
+	if err != nil { // never so (users.CheckShare)
+		return "", fmt.Errorf("share %s: %v: %w", shareID, err, users.ErrShareEnded)
+	}
+	return scope, nil
 }
 
 // EnrollGrant implements users.Store: in one transaction that holds the
@@ -508,9 +597,11 @@ func (u *Users) SignedIn(id, subject string, groups []string) error {
 	return nil
 }
 
-// RevokeDevice implements users.Store.
+// RevokeDevice implements users.Store: the grants and shares the device
+// approved end with it (users.File.endGrantsLocked).
 func (u *Users) RevokeDevice(id string) error {
-	return u.update(id, `WITH grants AS (UPDATE tp_devices SET revoked = true, revoked_at = now() WHERE granted_by = $1 AND NOT revoked)
+	return u.update(id, `WITH grants AS (UPDATE tp_devices SET revoked = true, revoked_at = now() WHERE granted_by = $1 AND NOT revoked),
+		shares AS (UPDATE tp_shares SET revoked = true, revoked_at = now() WHERE approved_by = $1 AND NOT revoked)
 		UPDATE tp_devices SET revoked = true, revoked_at = coalesce(revoked_at, now()) WHERE id = $1`, "revoke "+id)
 }
 
@@ -535,11 +626,26 @@ func (u *Users) Devices(user string) []users.Device {
 }
 
 // approverLiveTx says whether the approver of d, a grant, is live in the
-// database (users.ApproverGone): its device there and not revoked, or, for a
-// sign-in, its user still bound to that account.
+// database (users.Approvers.Gone): its device there and not revoked, or, for a
+// sign-in, its user still bound to that account, or, for a guest's device, its
+// share there, neither revoked nor past its end (on the database's clock), and
+// the share's own approver live.
 func approverLiveTx(ctx context.Context, tx pgx.Tx, d *users.Device) (bool, error) {
 	if d.GrantedBy == "" {
 		return true, nil
+	}
+	if shareID, ok := strings.CutPrefix(d.GrantedBy, users.ShareApprover); ok {
+		var user, by string
+		err := tx.QueryRow(ctx, "SELECT user_name, approved_by FROM tp_shares WHERE id = $1 AND NOT revoked AND until > now()", shareID).Scan(&user, &by)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			return false, nil
+		case err != nil:
+			return false, err
+		case strings.HasPrefix(by, users.ShareApprover):
+			return false, nil // never so (users.CheckShare), and not followed round a loop
+		}
+		return approverLiveTx(ctx, tx, &users.Device{ID: d.ID, User: user, GrantedBy: by})
 	}
 	if sub, ok := strings.CutPrefix(d.GrantedBy, users.SignInApprover); ok {
 		var bound string
@@ -559,8 +665,9 @@ func approverLiveTx(ctx context.Context, tx pgx.Tx, d *users.Device) (bool, erro
 
 // GrantedBy implements authz.Granter, from the snapshot.
 func (u *Users) GrantedBy(deviceID string) string {
-	if d := u.snap.Load().devices[deviceID]; d != nil {
-		return d.GrantedBy
+	s := u.snap.Load()
+	if d := s.devices[deviceID]; d != nil {
+		return users.Approvers{Shares: s.shares}.By(d.GrantedBy) // a guest's: its share's approver
 	}
 	return ""
 }
@@ -623,7 +730,7 @@ func (u *Users) Lookup(deviceID string) ([]string, error) {
 	if d == nil || len(d.PublicKey) == 0 {
 		return nil, fmt.Errorf("device %s is not enrolled: %w", deviceID, authz.ErrUnknownDevice)
 	}
-	if err := users.ApproverGone(d, s.devices[d.GrantedBy], s.users[d.User]); err != nil {
+	if err := s.approvers().Gone(d, time.Now()); err != nil {
 		return nil, err // said before a revocation the store made with the approver's
 	}
 	if d.Revoked {

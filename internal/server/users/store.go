@@ -37,8 +37,13 @@ var (
 	ErrDeviceExists   = errors.New("the device is already enrolled")
 	ErrDeviceRevoked  = errors.New("the device has been revoked")
 	ErrTooManyDevices = errors.New("the user has as many devices enrolled by sign-in as the server allows")
-	ErrBadName        = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
-	ErrTooMany        = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
+	// ErrShareEnded and ErrShareFull are a guest's sign-in refused by
+	// EnrollSignIn: the share is gone, revoked, past its end or ended with
+	// its approver; or it has MaxGuestsPerShare devices already.
+	ErrShareEnded = errors.New("the share has ended")
+	ErrShareFull  = errors.New("the share has as many guests' devices as allowed")
+	ErrBadName    = errors.New("names must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+	ErrTooMany    = errors.New("too many pending enrollment tokens; wait for some to expire or be used")
 	// ErrUnavailable means the store could not be reached (a shared database
 	// that does not answer); nothing was changed, and trying later may work.
 	ErrUnavailable = errors.New("the user store is unavailable")
@@ -96,6 +101,7 @@ type state struct {
 	Users   map[string]*User   `json:"users"`
 	Devices map[string]*Device `json:"devices"`
 	Tokens  []token            `json:"tokens"`
+	Shares  map[string]*Share  `json:"shares,omitempty"`
 }
 
 // Store is tpd's user store. Implementations are safe for concurrent use.
@@ -161,6 +167,16 @@ type Store interface {
 	// SetScope gives the device (enrolled, or reserved by Enroll) a scope
 	// (authz.Scope), which narrows what it may do before the policy is asked.
 	SetScope(id string, scope authz.Scope) error
+	// AddShare records a share (CheckShare; its ID from NewShareID); max
+	// (DefaultMaxShares when 0) of its user's shares that have not ended
+	// already is ErrTooManyShares. Shares that ended ShareKeep ago are
+	// forgotten.
+	AddShare(sh Share, max int) error
+	// Shares lists the shares, oldest first.
+	Shares() []Share
+	// RevokeShare ends a share for good (ErrNotFound when there is none):
+	// its guests' devices may no longer connect.
+	RevokeShare(id string) (Share, error)
 	// DropTokens deletes the pending enrollment tokens of user@device, or of
 	// all the user's devices when device is empty, and says how many.
 	DropTokens(user, device string) (int, error)
@@ -373,6 +389,11 @@ func (s *File) endGrantsLocked(by string, now time.Time) {
 			d.Revoked, d.RevokedAt = true, now
 		}
 	}
+	for _, sh := range s.st.Shares { // and so do the approver's shares
+		if sh.By == by && !sh.Revoked {
+			sh.Revoked, sh.RevokedAt = true, now
+		}
+	}
 }
 
 // Grant is a device an approval creates for an application (Store.EnrollGrant).
@@ -443,7 +464,7 @@ func (s *File) EnrollGrant(g Grant) (Device, error) {
 	}
 	if d := s.st.Devices[id]; d != nil {
 		switch {
-		case sameGrant(*d, g) && ApproverGone(d, s.st.Devices[d.GrantedBy], s.st.Users[d.User]) == nil:
+		case sameGrant(*d, g) && s.approversLocked().Gone(d, s.now()) == nil:
 			return *d, nil
 		case d.Revoked, sameGrant(*d, g): // the same grant, ended with its approver: the application needs a new key
 			return Device{}, fmt.Errorf("device %s: %w", id, ErrDeviceRevoked)
@@ -537,6 +558,12 @@ type SignIn struct {
 	// Revoked, when set, says which other devices are revoked outside the
 	// store (tpd's deny list: tpd revoke --device), so they are not counted.
 	Revoked func(deviceID string) bool
+	// Share, for a guest's sign-in, is the ID of the share that gives the
+	// device its scope (authz.GuestScope of the share's name): the device
+	// is granted by it (ShareApprover) and lives as long as it does. At most
+	// MaxGuestsPerShare devices of a share that are not revoked; the share
+	// must not have ended.
+	Share string
 }
 
 // counts says whether d counts against a user's bound of devices enrolled
@@ -591,14 +618,32 @@ func (s *File) EnrollSignIn(in SignIn) (Device, error) {
 	case d != nil && len(d.PublicKey) > 0:
 		return Device{}, fmt.Errorf("device %s: %w", id, ErrDeviceExists)
 	}
-	n := 0
+	n, guests := 0, 0
 	for _, o := range s.st.Devices {
-		if o.User == in.User && in.counts(*o) {
+		// A guest's device whose share ended counts no more.
+		if o.User == in.User && in.counts(*o) && s.approversLocked().Gone(o, now) == nil {
 			n++
+		}
+		if in.Share != "" && o.GrantedBy == ShareApprover+in.Share && !o.Revoked {
+			guests++
 		}
 	}
 	if n >= in.Max {
 		return Device{}, fmt.Errorf("user %s has %d: %w", in.User, n, ErrTooManyDevices)
+	}
+	var scope authz.Scope
+	if in.Share != "" {
+		sh := s.st.Shares[in.Share]
+		if sh == nil {
+			return Device{}, fmt.Errorf("share %s: %w", in.Share, ErrShareEnded)
+		}
+		if err := s.approversLocked().Gone(&Device{ID: id, GrantedBy: ShareApprover + in.Share}, now); err != nil {
+			return Device{}, fmt.Errorf("%v: %w", err, ErrShareEnded)
+		}
+		if guests >= MaxGuestsPerShare {
+			return Device{}, fmt.Errorf("share %s has %d guests' devices: %w", in.Share, guests, ErrShareFull)
+		}
+		scope, _ = authz.GuestScope(sh.Name)
 	}
 	u := s.st.Users[in.User]
 	if u == nil {
@@ -614,6 +659,9 @@ func (s *File) EnrollSignIn(in SignIn) (Device, error) {
 	}
 	d.PublicKey = slices.Clone(in.PublicKey)
 	d.SSOSubject = in.Subject
+	if in.Share != "" {
+		d.Scope, d.GrantedBy = scope, ShareApprover+in.Share
+	}
 	if err := s.saveLocked(); err != nil {
 		return Device{}, err
 	}
@@ -646,7 +694,7 @@ func (s *File) Lookup(deviceID string) ([]string, error) {
 	// A grant ended with its approver says so, whether the store already
 	// marked it revoked (endGrantsLocked) or not (the approver's key replaced
 	// on another instance, its binding cleared).
-	if err := ApproverGone(d, s.st.Devices[d.GrantedBy], s.st.Users[d.User]); err != nil {
+	if err := s.approversLocked().Gone(d, s.now()); err != nil {
 		return nil, err
 	}
 	if d.Revoked {
@@ -662,12 +710,13 @@ func (s *File) Lookup(deviceID string) ([]string, error) {
 	return slices.Clone(u.Groups), nil
 }
 
-// GrantedBy implements authz.Granter.
+// GrantedBy implements authz.Granter: for a guest's device, the approver of
+// its share.
 func (s *File) GrantedBy(deviceID string) string {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if d := s.st.Devices[deviceID]; d != nil {
-		return d.GrantedBy
+		return Approvers{Shares: s.st.Shares}.By(d.GrantedBy)
 	}
 	return ""
 }
@@ -918,6 +967,7 @@ type Export struct {
 	Users   []User
 	Devices []Device
 	Tokens  []TokenRecord // unexpired only
+	Shares  []Share
 }
 
 // Export copies the store's contents, sorted.
@@ -941,6 +991,10 @@ func (s *File) Export() Export {
 			e.Tokens = append(e.Tokens, TokenRecord{Hash: t.Hash, User: t.User, Device: t.Device, Expires: t.Expires})
 		}
 	}
+	for _, sh := range s.st.Shares {
+		e.Shares = append(e.Shares, *sh)
+	}
+	SortShares(e.Shares)
 	sort.Slice(e.Users, func(i, j int) bool { return e.Users[i].Name < e.Users[j].Name })
 	sort.Slice(e.Devices, func(i, j int) bool { return e.Devices[i].ID < e.Devices[j].ID })
 	sort.Slice(e.Tokens, func(i, j int) bool { return e.Tokens[i].Hash < e.Tokens[j].Hash })
