@@ -67,6 +67,9 @@ func Verify(leaf *x509.Certificate, deny *DenyList, dir Directory) (Identity, er
 	if id.Groups == nil {
 		id.Groups = []string{}
 	}
+	if sc, ok := dir.(Scoper); ok {
+		id.Guest = sc.Scope(id.DeviceID).Guest()
+	}
 	return id, nil
 }
 
@@ -84,6 +87,7 @@ func hostPort(d Destination) string {
 //	identity.groups       array of strings, never null
 //	identity.serial       certificate serial, lower-case hex
 //	identity.expiry       certificate NotAfter, RFC 3339, UTC
+//	identity.guest        for a guest only: the reverse name label its share gives
 //	destination.host      as asked
 //	destination.port      number
 //	destination.network   "tcp" or "udp"
@@ -127,16 +131,20 @@ func Input(req Request) map[string]any {
 	if req.Destination.Reverse != "" { // only for reverse listeners
 		dest["reverse"] = req.Destination.Reverse
 	}
+	identity := map[string]any{
+		"user":      req.Identity.User,
+		"device":    req.Identity.Device,
+		"device_id": req.Identity.DeviceID,
+		"groups":    groups,
+		"serial":    req.Identity.Serial,
+		"expiry":    req.Identity.NotAfter.UTC().Format(time.RFC3339),
+	}
+	if req.Identity.Guest != "" { // only for guests
+		identity["guest"] = req.Identity.Guest
+	}
 	return map[string]any{
-		"action": req.Action,
-		"identity": map[string]any{
-			"user":      req.Identity.User,
-			"device":    req.Identity.Device,
-			"device_id": req.Identity.DeviceID,
-			"groups":    groups,
-			"serial":    req.Identity.Serial,
-			"expiry":    req.Identity.NotAfter.UTC().Format(time.RFC3339),
-		},
+		"action":      req.Action,
+		"identity":    identity,
 		"destination": dest,
 		"source": map[string]any{
 			"address":   req.Source.Address,

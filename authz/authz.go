@@ -35,6 +35,9 @@ type Identity struct {
 	// Serial is the certificate serial number in lower-case hex.
 	Serial   string
 	NotAfter time.Time
+	// Guest is the reverse name label a guest device may connect to
+	// (authz.Scope guest:LABEL), from tpd's user store; "" for any other.
+	Guest string
 }
 
 // String renders the identity the way people read it: "alice@laptop".

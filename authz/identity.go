@@ -49,6 +49,23 @@ func SplitDeviceID(id string) (user, device string, err error) {
 
 const nameRule = "names are 1 to 63 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
 
+// DeviceIDOf is the one device ID ("user@device") in cert's
+// subjectAltName, with none of IdentityFromCert's other checks (for a
+// certificate being made).
+func DeviceIDOf(cert *x509.Certificate) (string, error) {
+	ids, err := permanentIdentifiers(cert)
+	if err != nil {
+		return "", err
+	}
+	if len(ids) != 1 {
+		return "", fmt.Errorf("%d device identities, not one", len(ids))
+	}
+	if _, _, err := SplitDeviceID(ids[0]); err != nil {
+		return "", err
+	}
+	return ids[0], nil
+}
+
 // IdentityFromCert reads the TP identity from a client certificate whose chain the
 // caller has already verified. The certificate must carry exactly one RFC 4043
 // permanentIdentifier SAN holding a valid device ID, be valid for clientAuth, and

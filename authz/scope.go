@@ -15,6 +15,9 @@ import (
 //	                     nothing else, no dial
 //	expose-public:LABEL  that, and publish LABEL to anyone: on public ports,
 //	                     TLS server names and as an HTTP app (reverse tunnels)
+//	guest:LABEL          dial the reverse name LABEL (TCP or UDP), and nothing
+//	                     else: an outside person's device, given that one name
+//	                     by a share of someone who may keep it exposed
 //
 // A credential for an application that should not hold a person's identity
 // (a CI job's agent, a service that publishes itself) is a device with a
@@ -25,6 +28,7 @@ type Scope string
 const (
 	scopeExpose       = "expose"
 	scopeExposePublic = "expose-public"
+	scopeGuest        = "guest"
 )
 
 // ParseScope checks s, a scope as written above ("" for none).
@@ -33,8 +37,8 @@ func ParseScope(s string) (Scope, error) {
 		return "", nil
 	}
 	kind, label, ok := strings.Cut(s, ":")
-	if !ok || (kind != scopeExpose && kind != scopeExposePublic) {
-		return "", fmt.Errorf("scope %q: want expose:LABEL or expose-public:LABEL", s)
+	if !ok || (kind != scopeExpose && kind != scopeExposePublic && kind != scopeGuest) {
+		return "", fmt.Errorf("scope %q: want expose:LABEL, expose-public:LABEL or guest:LABEL", s)
 	}
 	if !dnsLabel(label) {
 		return "", fmt.Errorf("scope %q: %q is not a reverse name's label (1 to 63 lower-case letters, digits or '-', not starting or ending with '-')", s, label)
@@ -59,6 +63,8 @@ func (s Scope) Describe() string {
 		return "a scope TP does not know: this device may do nothing"
 	case kind == scopeExposePublic:
 		return "may only keep " + label + " exposed, to devices or publicly, and do nothing else"
+	case kind == scopeGuest:
+		return "a guest: may only connect to " + label + ", while the share that gave it lasts"
 	}
 	return "may only keep " + label + " exposed to the devices its agent allows, and do nothing else"
 }
@@ -73,6 +79,12 @@ func (s Scope) Allows(req Request) (bool, string) {
 	kind, label, _ := strings.Cut(string(s), ":")
 	if _, err := ParseScope(string(s)); err != nil {
 		return false, fmt.Sprintf("%s holds a credential whose scope %q TP does not know, so it may do nothing; enrol it again", req.Identity, string(s))
+	}
+	if kind == scopeGuest {
+		if (req.Action == ActionDial || req.Action == ActionDialUDP) && req.Destination.Reverse == label {
+			return true, ""
+		}
+		return false, fmt.Sprintf("%s is a guest that may only connect to %s (scope %s), not %s", req.Identity, label, string(s), req.Asked())
 	}
 	out := fmt.Sprintf("%s holds a credential that may only keep %s exposed (scope %s), not %s", req.Identity, label, string(s), req.Asked())
 	switch req.Action {
@@ -90,6 +102,19 @@ func (s Scope) Allows(req Request) (bool, string) {
 	}
 	return false, out
 }
+
+// Guest is the reverse name label a guest scope (guest:LABEL) gives, "" for
+// any other scope.
+func (s Scope) Guest() string {
+	kind, label, _ := strings.Cut(string(s), ":")
+	if kind != scopeGuest || !dnsLabel(label) {
+		return ""
+	}
+	return label
+}
+
+// GuestScope is the scope of a guest given label by a share.
+func GuestScope(label string) (Scope, error) { return ParseScope(scopeGuest + ":" + label) }
 
 // Scoper is implemented by a Directory that knows devices' scopes.
 type Scoper interface {

@@ -8,13 +8,13 @@ import (
 // Bad input: scopes that are not expose:LABEL or expose-public:LABEL with a
 // DNS label are refused, and a stored scope TP does not know allows nothing.
 func TestParseScope(t *testing.T) {
-	for _, ok := range []string{"", "expose:ssh", "expose-public:blog-1", "expose:" + strings.Repeat("a", 63)} {
+	for _, ok := range []string{"", "expose:ssh", "expose-public:blog-1", "guest:ssh", "expose:" + strings.Repeat("a", 63)} {
 		if _, err := ParseScope(ok); err != nil {
 			t.Errorf("ParseScope(%q): %v", ok, err)
 		}
 	}
 	for _, bad := range []string{"expose", "expose:", "dial:db", "expose:SSH", "expose:a.b", "expose:-x", "expose:x-",
-		"expose:a_b", "expose:" + strings.Repeat("a", 64), "expose-public", ":ssh", "expose:ssh:extra"} {
+		"expose:a_b", "expose:" + strings.Repeat("a", 64), "expose-public", ":ssh", "expose:ssh:extra", "guest:", "guest:a.b"} {
 		if _, err := ParseScope(bad); err == nil {
 			t.Errorf("ParseScope(%q) accepted it", bad)
 		}
@@ -37,6 +37,9 @@ func TestScopeAllows(t *testing.T) {
 	httpTun := Request{Action: ActionExposeHTTP, Identity: alice, Destination: Destination{Host: "blog.rev.tp.internal", Reverse: "blog"}}
 	dial := Request{Action: ActionDial, Identity: alice, Destination: Destination{Host: "127.0.0.1", Port: 22, Network: "tcp"}}
 	ip := Request{Action: ActionIP, Identity: alice}
+	guestDial := func(label, action string) Request {
+		return Request{Action: action, Identity: alice, Destination: Destination{Host: label + ".rev.tp.internal", Port: 22, Network: "tcp", Reverse: label}}
+	}
 	for _, tc := range []struct {
 		scope Scope
 		req   Request
@@ -54,6 +57,14 @@ func TestScopeAllows(t *testing.T) {
 		{"expose-public:blog", public, true, ""},
 		{"expose-public:blog", openPort, false, "not open public TCP port 20006"},
 		{"expose-public:blog", dial, false, "not dial"},
+		// A guest dials its one name, over TCP or UDP, and nothing else.
+		{"guest:blog", guestDial("blog", ActionDial), true, ""},
+		{"guest:blog", guestDial("blog", ActionDialUDP), true, ""},
+		{"guest:blog", guestDial("wiki", ActionDial), false, "is a guest that may only connect to blog (scope guest:blog), not dial wiki.rev.tp.internal:22"},
+		{"guest:blog", dial, false, "may only connect to blog"},
+		{"guest:blog", listen("blog"), false, "not listen as blog.rev.tp.internal"},
+		{"guest:blog", httpTun, false, "may only connect to blog"},
+		{"guest:blog", ip, false, "not open an IP tunnel"},
 	} {
 		ok, why := tc.scope.Allows(tc.req)
 		if ok != tc.want || !strings.Contains(why, tc.says) {

@@ -64,6 +64,10 @@ type Agent struct {
 	Exposed []Exposed
 	// AllowUsers and AllowGroups say who may connect; both empty allows nobody.
 	AllowUsers, AllowGroups []string
+	// RefuseGuests refuses guests, whom a person who may keep a name exposed
+	// shared it with (tp share; the server announces them,
+	// wire.SessionHeader.PeerGuest): by default they are admitted.
+	RefuseGuests bool
 	// Certificate returns the server certificate for a full reverse name
 	// ((*Client).ReverseCertificate). Required.
 	Certificate func(ctx context.Context, name string) (*tls.Certificate, error)
@@ -665,7 +669,7 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		conn = a.WrapData(st)
 	}
 	var pre *localDial
-	if !udp && a.allowed(hdr.PeerUser, hdr.PeerGroups) {
+	if !udp && a.allowed(hdr.PeerUser, hdr) {
 		// The server vouches for a dialer this agent allows: connect to the
 		// service while the end-to-end session is checked (admit decides).
 		pre = startLocalDial(ctx, "tcp", local)
@@ -774,12 +778,16 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 	case device != hdr.PeerID:
 		sess.refuse(wire.CodeUnauthenticated, fmt.Sprintf("the certificate is for %s but the TP server announced %s", device, hdr.PeerID), log)
 		return
-	case !a.allowed(user, hdr.PeerGroups):
+	case !a.allowed(user, hdr):
 		a.mu.Lock()
 		users, groups := listOrNone(a.AllowUsers), listOrNone(a.AllowGroups)
 		a.mu.Unlock()
-		sess.refuse(CodeAgentDenied, fmt.Sprintf("%s is not allowed by the agent of %s (allowed users: %s; groups: %s)",
-			device, full, users, groups), log)
+		guests := ""
+		if hdr.PeerGuest {
+			guests = "; it is a guest, and this agent refuses guests"
+		}
+		sess.refuse(CodeAgentDenied, fmt.Sprintf("%s is not allowed by the agent of %s (allowed users: %s; groups: %s%s)",
+			device, full, users, groups, guests), log)
 		return
 	}
 	network := "tcp"
@@ -978,13 +986,16 @@ func (p *prefixConn) Unwrap() net.Conn { return p.Conn }
 // 9.5); QUICPeerReset that the local service cannot be reached.
 func refuseSession(st net.Conn, code quic.ApplicationErrorCode) { wire.Abort(st, code) }
 
-func (a *Agent) allowed(user string, groups []string) bool {
+// allowed says whether the agent admits the dialer that hdr announces, whose
+// certificate names user: a user or group of its allow list, or a guest of
+// the name (unless it refuses guests).
+func (a *Agent) allowed(user string, hdr wire.SessionHeader) bool {
 	a.mu.Lock() // SetAllow may replace the lists
 	defer a.mu.Unlock()
-	if slices.Contains(a.AllowUsers, user) {
+	if slices.Contains(a.AllowUsers, user) || hdr.PeerGuest && !a.RefuseGuests {
 		return true
 	}
-	for _, g := range groups {
+	for _, g := range hdr.PeerGroups {
 		if slices.Contains(a.AllowGroups, g) {
 			return true
 		}

@@ -54,6 +54,7 @@ func (p *Authorizer) Authorize(ctx context.Context, req authz.Request) (authz.De
 	if req.Time.IsZero() {
 		req.Time = time.Now()
 	}
+	req.Identity.Guest = p.scope(req).Guest() // the store's word, not the request's
 	input := authz.Input(req)
 	d, res, err := p.decide(ctx, req, input)
 	if rerr := p.Decisions.Record(input, d.Allow, d.Reason, res, err); rerr != nil && p.Logger != nil {
@@ -131,6 +132,7 @@ func (p *Authorizer) MayAllow(ctx context.Context, req authz.Request) (bool, err
 	if !ok {
 		return true, nil
 	}
+	req.Identity.Guest = p.scope(req).Guest()
 	may, err := pe.MayAllow(ctx, authz.Input(req))
 	if err != nil {
 		return false, fmt.Errorf("authorize %s %s to %s: %w", req.Identity, req.Action, hostPort(req.Destination), err)

@@ -37,6 +37,8 @@ const DefaultPolicy = `# TP authorization policy.
 #   input.identity.groups         ["dba", "ops"]  (from tpd's user store; may be [])
 #   input.identity.serial         certificate serial, lower-case hex
 #   input.identity.expiry         certificate expiry, RFC 3339
+#   input.identity.guest          "laptop-ssh": only for a guest, the name its
+#   share gives (absent for everyone else)
 #   input.destination.host        "db.internal" (lower case, no trailing dot; an
 #   IP literal in any spelling is given in standard form: "127.1" is "127.0.0.1")
 #   input.destination.port        5432
@@ -51,7 +53,8 @@ const DefaultPolicy = `# TP authorization policy.
 #   input.time                    RFC 3339 with nanoseconds, UTC
 package tp.authz
 
-# Nothing is allowed unless a rule below says so.
+# Nothing is allowed unless a rule below says so (and the only rule below that
+# is not an example lets guests reach the one name shared with them).
 default allow := false
 
 # ---------------------------------------------------------------------------
@@ -124,6 +127,19 @@ internal_allowed(ip) if {
 
 # Any resolved address of the destination is internal.
 internal_destination if count(internal_addresses) > 0
+
+# ---------------------------------------------------------------------------
+# Guests. A person who may keep a reverse name exposed can share it, for a
+# limited time, with an outside person the identity provider vouches for
+# (tp share; docs/LOGIN.md, "Guest shares"). The guest's device may connect to
+# that one name and nothing else, whatever the rules say (its scope is checked
+# before the policy); this rule lets it do that. Remove it to refuse guests.
+# ---------------------------------------------------------------------------
+
+allow if {
+	input.action in {"dial", "dial_udp"}
+	input.destination.reverse == input.identity.guest
+}
 
 # ---------------------------------------------------------------------------
 # Examples. Remove the leading "# " to use one.

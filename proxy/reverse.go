@@ -406,7 +406,8 @@ func (s *Server) establishReverse(ctx context.Context, conn wire.Stream, ss *ses
 // dialHeader is the session header of ss's dial of label for its agent.
 func (s *Server) dialHeader(ss *session, label string) wire.SessionHeader {
 	hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label,
-		PeerID: ss.id.DeviceID, PeerUser: ss.id.User, PeerGroups: ss.id.Groups}
+		PeerID: ss.id.DeviceID, PeerUser: ss.id.User, PeerGroups: ss.id.Groups,
+		PeerGuest: ss.id.Guest != "" && ss.id.Guest == label}
 	if ss.network == "udp" {
 		// The relay splices the dialer's stream to the agent's: datagrams travel
 		// as capsules end to end (inside the inner TLS session when protected).

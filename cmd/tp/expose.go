@@ -17,7 +17,7 @@ import (
 
 func exposeCmd(stderr io.Writer) *cobra.Command {
 	var allowUsers, allowGroups, extra []string
-	var exitOnRefusal bool
+	var exitOnRefusal, refuseGuests bool
 	var maxSessions int
 	var pub publicFlags
 	var httpMode, h1Only, devicesOnly bool
@@ -89,6 +89,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 				Exposed:       exposed,
 				AllowUsers:    allowUsers,
 				AllowGroups:   allowGroups,
+				RefuseGuests:  refuseGuests,
 				ExitOnRefusal: exitOnRefusal,
 				MaxSessions:   maxSessions,
 				Explain:       c.WhyRejected,
@@ -134,6 +135,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	}
 	cmd.Flags().StringSliceVar(&allowUsers, "allow-user", nil, "users whose devices may connect (repeatable)")
 	cmd.Flags().StringSliceVar(&allowGroups, "allow-group", nil, "groups whose members' devices may connect (repeatable)")
+	cmd.Flags().BoolVar(&refuseGuests, "refuse-guests", false, "refuse guests, whom you or another person who may keep NAME exposed shared it with (tp share); by default the server's word that a dialer is a guest of NAME admits it")
 	cmd.Flags().IntVar(&maxSessions, "max-sessions", clients.DefaultAgentMaxSessions, "sessions the TP server may have open to this agent at once over QUIC; one more waits up to 10s for one to end, then is refused")
 	cmd.Flags().BoolVar(&exitOnRefusal, "exit-on-refusal", false, "exit when the server refuses the names (policy denial, or a name another identity holds) instead of retrying with backoff")
 	cmd.Flags().StringSliceVar(&extra, "also", nil, "expose another NAME=HOST:PORT (NAME=HOST:PORT/udp for a UDP service) on the same agent, protected (repeatable)")
