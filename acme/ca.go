@@ -11,6 +11,7 @@ import (
 	"math/big"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -26,6 +27,7 @@ import (
 	"github.com/smallstep/nosql/database"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
 )
 
 // ProvisionerName is the ACME provisioner devices log in through; its directory is
@@ -55,6 +57,42 @@ type CA struct {
 	siteValidator SiteValidator
 	siteHeld      func(name string) bool // sites.go; nil: no exposed names
 	sitesOn       bool
+
+	deviceEnds atomic.Pointer[func(deviceID string) time.Time] // SetDeviceEnds
+}
+
+// SetDeviceEnds gives the CA, for each device, the time its right to connect
+// ends (a guest's share: acme/share.go), zero when none: a device
+// certificate never outlives it.
+func (c *CA) SetDeviceEnds(ends func(deviceID string) time.Time) { c.deviceEnds.Store(&ends) }
+
+// deviceEnforcer ends a device certificate by its device's end
+// (SetDeviceEnds), and refuses one past it. It runs for every certificate the
+// authority signs and passes those of other provisioners.
+type deviceEnforcer struct{ c *CA }
+
+func (e deviceEnforcer) Enforce(leaf *x509.Certificate) error {
+	ext, ok := provisioner.GetProvisionerExtension(&x509.Certificate{Extensions: leaf.ExtraExtensions})
+	if !ok || ext.Name != ProvisionerName {
+		return nil // siteEnforcer refuses a certificate without the extension
+	}
+	fn := e.c.deviceEnds.Load()
+	if fn == nil {
+		return nil
+	}
+	id, err := authz.DeviceIDOf(&x509.Certificate{Extensions: append(slices.Clip(leaf.Extensions), leaf.ExtraExtensions...)})
+	if err != nil {
+		return fmt.Errorf("a device certificate without one device identity: %w", err)
+	}
+	end := (*fn)(id)
+	switch {
+	case end.IsZero() || !end.Before(leaf.NotAfter):
+		return nil
+	case !end.After(leaf.NotBefore.Add(time.Minute)):
+		return fmt.Errorf("device %s may no longer connect (its share ended at %s)", id, end.UTC().Format(time.RFC3339))
+	}
+	leaf.NotAfter = end
+	return nil
 }
 
 // CAOptions configure the embedded CA.
@@ -159,7 +197,7 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 	c := &CA{}
 	auth, err := authority.NewEmbedded(
 		authority.WithConfig(cfg),
-		authority.WithX509Enforcers(siteEnforcer{c}),
+		authority.WithX509Enforcers(siteEnforcer{c}, deviceEnforcer{c}),
 		authority.WithDatabase(authDB),
 		authority.WithX509RootCerts(pki.Root),
 		authority.WithX509Signer(pki.Intermediate, pki.IntermediateKey),

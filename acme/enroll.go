@@ -75,6 +75,21 @@ type Enroller struct {
 	// GrantRevoked, when set, is told of each grant its person revoked
 	// (grant.go): tpd audits it and ends the grant's sessions at once.
 	GrantRevoked func(grant users.Device, by, remote string)
+	// MayShare, when set, lets people share a reverse name with a guest
+	// (share.go): it says whether the policy lets the sharing device keep
+	// the name exposed itself. nil refuses every share.
+	MayShare MayExposeFunc
+	// ReverseZone is the zone reverse names live under (rev.tp.internal):
+	// a share tells its guest the full name.
+	ReverseZone string
+	// MaxShares bounds a user's shares that have not ended
+	// (users.DefaultMaxShares when zero).
+	MaxShares int
+	// Shared and ShareRevoked, when set, are told of each share made, and
+	// each its person revoked (share.go): tpd audits them, and ends a
+	// revoked share's sessions at once.
+	Shared       func(sh users.Share, remote string)
+	ShareRevoked func(sh users.Share, by, remote string)
 	// URL is the server's public base URL (https://HOST[:PORT]): with SSO,
 	// people approve grants on its website by signing in (grantweb.go), and
 	// the provider sends them back to it.
@@ -98,6 +113,9 @@ func (e *Enroller) Handler() http.Handler {
 	mux.HandleFunc("POST "+login.PathGrantStatus, e.grantStatus)
 	mux.HandleFunc("POST "+login.PathGrants, e.grants)
 	mux.HandleFunc("POST "+login.PathGrantRevoke, e.grantRevoke)
+	mux.HandleFunc("POST "+login.PathShare, e.share)
+	mux.HandleFunc("POST "+login.PathShares, e.shares)
+	mux.HandleFunc("POST "+login.PathShareRevoke, e.shareRevoke)
 	return mux
 }
 

@@ -222,27 +222,35 @@ type ssoPerson struct {
 
 // ssoRefusal is a sign-in tpd does not accept, with the sentence for the
 // person (403).
-type ssoRefusal struct{ msg string }
+type ssoRefusal struct {
+	msg string
+	// outside is set when the only fault is that the person's verified
+	// address is outside the server's domain: a guest, whom a share may
+	// let in (share.go).
+	outside *ssoPerson
+}
 
 func (e *ssoRefusal) Error() string { return e.msg }
 
-func refuse(format string, args ...any) error { return &ssoRefusal{fmt.Sprintf(format, args...)} }
+func refuse(format string, args ...any) error { return &ssoRefusal{msg: fmt.Sprintf(format, args...)} }
 
 // verify checks an ID token (signature, issuer, audience, expiry, age, one
 // use) and maps its claims to a TP user and groups.
 func (s *SSO) verify(ctx context.Context, raw string, now time.Time) (ssoPerson, error) {
 	p, expiry, err := s.check(ctx, raw, now, "dlogin --sso")
-	if err != nil {
+	// A guest's sign-in (outside the domain) is used up as a person's is:
+	// one sign-in, one device.
+	if r := (*ssoRefusal)(nil); err != nil && !(errors.As(err, &r) && r.outside != nil) {
 		return ssoPerson{}, err
 	}
-	fresh, err := s.useOnce(ctx, raw, expiry, now)
-	if err != nil {
-		return ssoPerson{}, fmt.Errorf("%w: %v", users.ErrUnavailable, err)
+	fresh, uerr := s.useOnce(ctx, raw, expiry, now)
+	if uerr != nil {
+		return ssoPerson{}, fmt.Errorf("%w: %v", users.ErrUnavailable, uerr)
 	}
 	if !fresh {
 		return ssoPerson{}, refuse("this sign-in already enrolled a device: run dlogin --sso again for another")
 	}
-	return p, nil
+	return p, err
 }
 
 // check verifies an ID token (signature, issuer, audience, expiry, age) and
@@ -275,6 +283,10 @@ func (s *SSO) check(ctx context.Context, raw string, now time.Time, again string
 		return ssoPerson{}, time.Time{}, refuse("the ID token's claims cannot be read: %v", err)
 	}
 	p, err := s.person(claims)
+	if r := (*ssoRefusal)(nil); errors.As(err, &r) && r.outside != nil && tok.Subject != "" {
+		r.outside.Subject = tok.Subject
+		return ssoPerson{}, tok.Expiry, r
+	}
 	if err != nil {
 		return ssoPerson{}, time.Time{}, err
 	}
@@ -347,7 +359,11 @@ func (s *SSO) person(claims map[string]any) (ssoPerson, error) {
 	}
 	at := strings.LastIndexByte(email, '@')
 	if domain := asciiLower(email[at+1:]); at < 1 || domain != asciiLower(s.Domain) {
-		return ssoPerson{}, refuse("people of %q may not enrol devices on this TP server (its sso-domain is %s)", email[at+1:], s.Domain)
+		r := refuse("people of %q may not enrol devices on this TP server (its sso-domain is %s)", email[at+1:], s.Domain).(*ssoRefusal)
+		if at >= 1 {
+			r.outside = &ssoPerson{User: users.GuestUser(email), Email: asciiLower(email), Groups: []string{}}
+		}
+		return ssoPerson{}, r
 	}
 	claim := s.UserClaim
 	if claim == "" {
@@ -489,6 +505,9 @@ func (e *Enroller) enrollSSO(w http.ResponseWriter, r *http.Request) {
 	case errors.Is(err, users.ErrUnavailable):
 		e.unavailable(w, "single sign-on enrollment", err, "so nothing was enrolled; run dlogin --sso again in a minute")
 		return
+	case errors.As(err, &refusal) && refusal.outside != nil:
+		e.enrollGuest(w, r, req, *refusal.outside)
+		return
 	case errors.As(err, &refusal):
 		e.log().Warn("single sign-on enrollment refused", "remote", r.RemoteAddr, "why", refusal.msg)
 		writeErr(w, http.StatusForbidden, refusal.msg)
@@ -627,6 +646,10 @@ func (e *Enroller) checkSignIn(w http.ResponseWriter, r *http.Request, dev users
 	}
 	p, _, err := s.check(r.Context(), idToken, e.now(), "dlogin")
 	var refusal *ssoRefusal
+	if errors.As(err, &refusal) && refusal.outside != nil && strings.HasPrefix(dev.GrantedBy, users.ShareApprover) {
+		// A guest renews with their own sign-in; the share decides the rest.
+		p, err = *refusal.outside, nil
+	}
 	switch {
 	case errors.As(err, &refusal):
 		return signIn(http.StatusForbidden, refusal.msg)

@@ -189,6 +189,13 @@ func providerMetadata(ctx context.Context, idp *http.Client, issuer string) (pro
 // EnrollDeviceSSO registers deviceKey's public half as device of the person
 // idToken names.
 func EnrollDeviceSSO(ctx context.Context, hc *http.Client, serverURL, idToken, device string, deviceKey crypto.Signer) (EnrollSSOResponse, error) {
+	return EnrollDeviceSSOShare(ctx, hc, serverURL, idToken, device, "", deviceKey)
+}
+
+// EnrollDeviceSSOShare is EnrollDeviceSSO for a guest, a person outside the
+// server's domain, who picks the name shared with them (share, a reverse
+// name's label; empty takes the only one).
+func EnrollDeviceSSOShare(ctx context.Context, hc *http.Client, serverURL, idToken, device, share string, deviceKey crypto.Signer) (EnrollSSOResponse, error) {
 	pubDER, err := x509.MarshalPKIXPublicKey(deviceKey.Public())
 	if err != nil {
 		return EnrollSSOResponse{}, err
@@ -199,6 +206,6 @@ func EnrollDeviceSSO(ctx context.Context, hc *http.Client, serverURL, idToken, d
 		return EnrollSSOResponse{}, err
 	}
 	var out EnrollSSOResponse
-	err = postJSON(ctx, hc, serverURL+PathEnrollSSO, EnrollSSORequest{IDToken: idToken, Device: device, PublicKey: pub, Signature: sig}, &out)
+	err = postJSON(ctx, hc, serverURL+PathEnrollSSO, EnrollSSORequest{IDToken: idToken, Device: device, PublicKey: pub, Signature: sig, Share: share}, &out)
 	return out, err
 }

@@ -65,6 +65,10 @@ type EnrollSSORequest struct {
 	Device    string `json:"device"`     // the device's name, e.g. laptop
 	PublicKey string `json:"public_key"` // base64 PKIX DER of the device key (ECDSA P-256)
 	Signature string `json:"signature"`  // base64 ASN.1 ECDSA over SHA-256(EnrollSSOMessage)
+	// Share, for a guest (a person outside the server's sso-domain), picks
+	// the shared name to enrol for when several are shared with them;
+	// empty takes the only one.
+	Share string `json:"share,omitempty"`
 }
 
 // EnrollSSOResponse is EnrollResponse with the groups the provider's claims
@@ -74,6 +78,18 @@ type EnrollSSOResponse struct {
 	EnrollResponse
 	Groups  []string `json:"groups"`
 	Ignored []string `json:"ignored_groups,omitempty"`
+	// Guest is set for a guest's device: the name it may connect to, and
+	// when its share ends.
+	Guest *GuestInfo `json:"guest,omitempty"`
+}
+
+// GuestInfo is what a guest's device may do, and until when.
+type GuestInfo struct {
+	Name  string    `json:"name"` // the reverse name's label
+	Host  string    `json:"host"` // the name to connect to (NAME.<reverse zone>)
+	Share string    `json:"share"`
+	By    string    `json:"by"` // the user who shared it
+	Until time.Time `json:"until"`
 }
 
 // AttestRequest asks for an attestation certificate for a fresh login key.

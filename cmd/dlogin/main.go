@@ -48,6 +48,7 @@ func main() {
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var server, fingerprint, token, device string
 	var sso, noBrowser bool
+	var share string
 	cmd := &cobra.Command{
 		Use:   "dlogin [--server URL --fingerprint SHA256:… (--token TOKEN | --sso [--device NAME])]",
 		Short: "Log this device in to TP and get a fresh certificate",
@@ -74,6 +75,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			switch {
 			case sso && token != "":
 				return errors.New("--sso and --token are two ways to enrol: give one (--sso signs in with your organisation's identity provider, --token uses what `tpd enroll` printed)")
+			case share != "" && !sso:
+				return errors.New("--share picks, with --sso, the name shared with you when several are; it has no meaning without --sso")
 			case device != "" && !sso:
 				return errors.New("--device names the device for --sso; with --token the name is the one `tpd enroll` was given")
 			case noBrowser && token != "":
@@ -83,7 +86,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				// own expiry bounds it, not the login's timeout.
 				_, statErr := os.Lstat(home.Dir)
 				var err error
-				if firstIDToken, err = enrollSSO(cmd.Context(), home, server, fingerprint, device, open, why, stdout); err != nil {
+				if firstIDToken, err = enrollSSO(cmd.Context(), home, server, fingerprint, device, share, open, why, stdout); err != nil {
 					if errors.Is(statErr, fs.ErrNotExist) {
 						_ = os.RemoveAll(home.Dir)
 					}
@@ -142,6 +145,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	cmd.Flags().StringVar(&token, "token", "", "one-time enrollment token that 'tpd enroll' printed (first run)")
 	cmd.Flags().BoolVar(&sso, "sso", false, "enrol this device by signing in with your organisation's identity provider (first run)")
 	cmd.Flags().BoolVar(&noBrowser, "no-browser", false, "when signing in (--sso, or a renewal that needs a sign-in): use a code on any device, not this machine's browser")
+	cmd.Flags().StringVar(&share, "share", "", "with --sso, for a guest: the name shared with you to enrol for, when several are")
 	cmd.Flags().StringVar(&device, "device", "", "with --sso: this device's name, e.g. laptop (default: the host name)")
 	config.ClientFlags(cmd.Flags())
 	cmd.SetArgs(args)
@@ -217,7 +221,7 @@ const ssoWait = 15 * time.Minute
 // grant), and why says why there is no browser.
 //
 // It returns the sign-in's ID token, which the login that follows may need.
-func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, device string, open func(string) error, why string, stdout io.Writer) (string, error) {
+func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, device, share string, open func(string) error, why string, stdout io.Writer) (string, error) {
 	if p, err := home.Profile(); err == nil {
 		// A sign-in enrols a new device; this home's key and profile are
 		// another's, which it would overwrite.
@@ -263,7 +267,7 @@ func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, devi
 	}
 	enrolCtx, cancelEnrol := context.WithTimeout(ctx, time.Minute)
 	defer cancelEnrol()
-	res, err := login.EnrollDeviceSSO(enrolCtx, hc, server, tokens.IDToken, device, key)
+	res, err := login.EnrollDeviceSSOShare(enrolCtx, hc, server, tokens.IDToken, device, share, key)
 	if err != nil {
 		return "", fmt.Errorf("enrollment failed: %w", err)
 	}
@@ -278,6 +282,11 @@ func enrollSSO(ctx context.Context, home clients.Home, server, fingerprint, devi
 		if err := home.SaveSSO(st); err != nil {
 			return "", fmt.Errorf("save the sign-in in %s: %w", home.Dir, err)
 		}
+	}
+	if g := res.Guest; g != nil {
+		fmt.Fprintf(stdout, "Enrolled this device as %s, a guest: %s shared %s with you until %s.\n", res.DeviceID, g.By, g.Host, g.Until.Local().Format(time.DateTime))
+		fmt.Fprintf(stdout, "This device may connect to %s and nothing else, e.g. ssh -o ProxyCommand='tp %%h %%p' %s\n", g.Host, g.Host)
+		return tokens.IDToken, nil
 	}
 	groups := "none"
 	if len(res.Groups) > 0 {

@@ -209,8 +209,8 @@ directory and set database: in their tpd.yaml.`,
 			if res.Again {
 				fmt.Fprintf(stdout, "This data dir was migrated into the database before; with --force its rows replaced the database's.\n")
 			}
-			fmt.Fprintf(stdout, "Migrated %s into the database: %d users, %d devices, %d pending enrollment tokens, %d deny-list entries, CA database %d rows in %d tables, %d site certificate files.\n",
-				cfg.DataDir, res.Users, res.Devices, res.Tokens, res.Deny, res.CA.Rows, res.CA.Buckets, res.SiteFiles)
+			fmt.Fprintf(stdout, "Migrated %s into the database: %d users, %d devices, %d pending enrollment tokens, %d guest shares, %d deny-list entries, CA database %d rows in %d tables, %d site certificate files.\n",
+				cfg.DataDir, res.Users, res.Devices, res.Tokens, res.Shares, res.Deny, res.CA.Rows, res.CA.Buckets, res.SiteFiles)
 			fmt.Fprintf(stdout, "CA fingerprint: %s\nNext: copy %s to every instance and set database: in their %s.\n", res.Fingerprint, cfg.CADir(), config.FileName)
 			return nil
 		},

@@ -17,7 +17,8 @@ type Act struct {
 	// Act is what was done: enroll_token (a token issued), enrolled (a device
 	// redeemed its token), revoke, unrevoke, unbind_user (a user's binding
 	// to the provider's account cleared), grant_revoke (a person revoked one
-	// of their grants), policy_reload, config_reload.
+	// of their grants), share (a person shared a name with a guest),
+	// share_revoke, policy_reload, config_reload.
 	Act string `json:"act"`
 	// Subject is what it was done to: a device ID, user, serial or file.
 	Subject string `json:"subject,omitempty"`
@@ -38,6 +39,10 @@ type Act struct {
 	// Changed lists the settings a config_reload changed ("max-conns: 10000 → 7"),
 	// or what an unbind_user cleared ("sso-subject: \"s-1\" → none").
 	Changed []string `json:"changed,omitempty"`
+	// Guest and Until are a share's guest (an email address or @domain) and
+	// end, on share and share_revoke.
+	Guest string `json:"guest,omitempty"`
+	Until string `json:"until,omitempty"`
 }
 
 // Denial is one recent policy denial.

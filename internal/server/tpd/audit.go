@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -248,6 +249,28 @@ func (d *Daemon) grants(agents []proxy.Agent) []admin.Grant {
 		out = append(out, ag)
 	}
 	return out
+}
+
+// shared records a share of a name with a guest (acme.Enroller.Shared).
+func (d *Daemon) shared(sh users.Share, remote string) {
+	d.AuditAdmin(admin.Act{Act: "share", Subject: sh.ID, Via: "its person's " + approverWords(sh.By), Result: "ok", Remote: remote,
+		Scope: "guest:" + sh.Name, Guest: sh.Guest, Until: sh.Until.UTC().Format(time.RFC3339)})
+}
+
+// shareRevoked records a share its person revoked and ends its guests'
+// sessions at once (acme.Enroller.ShareRevoked).
+func (d *Daemon) shareRevoked(sh users.Share, by, remote string) {
+	d.AuditAdmin(admin.Act{Act: "share_revoke", Subject: sh.ID, Via: "its person's " + approverWords(by), Result: "ok", Remote: remote,
+		Scope: "guest:" + sh.Name, Guest: sh.Guest})
+	d.recheckIfChanged(context.Background())
+}
+
+// approverWords names an approver (users.Share.By) for the audit trail.
+func approverWords(by string) string {
+	if sub, ok := strings.CutPrefix(by, users.SignInApprover); ok {
+		return "sign-in on the website (subject " + sub + ")"
+	}
+	return "device " + by
 }
 
 // grantRevoked records a grant its person revoked and ends its sessions at

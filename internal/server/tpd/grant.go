@@ -10,6 +10,7 @@ import (
 
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/internal/server/users"
 )
 
 // Grants (acme/grant.go, docs/EXPOSE.md): a person approves, from an enrolled
@@ -23,6 +24,19 @@ import (
 // Public exposure is decided port by port when the application asks for it,
 // with the granted device's identity.
 func (d *Daemon) mayExpose(ctx context.Context, id authz.Identity, label string, _ bool) (bool, string) {
+	ok, why := d.mayListen(ctx, id, label)
+	switch {
+	case !ok && why == "":
+		return false, "the policy could not be evaluated, so nothing was granted; tell the TP administrator"
+	case !ok:
+		return false, "the policy does not let " + id.DeviceID + " keep " + label + " exposed, so it cannot grant that to an application: " + why
+	}
+	return true, ""
+}
+
+// mayListen asks the policy whether id may keep label exposed (listen): the
+// policy's reason when not, "" when it could not be evaluated.
+func (d *Daemon) mayListen(ctx context.Context, id authz.Identity, label string) (bool, string) {
 	req := authz.Request{
 		Action:      authz.ActionListen,
 		Identity:    id,
@@ -35,11 +49,43 @@ func (d *Daemon) mayExpose(ctx context.Context, id authz.Identity, label string,
 	dec, err := d.authz.Authorize(ctx, req)
 	switch {
 	case err != nil:
-		return false, "the policy could not be evaluated, so nothing was granted; tell the TP administrator"
+		return false, ""
 	case !dec.Allow:
-		return false, "the policy does not let " + id.DeviceID + " keep " + label + " exposed, so it cannot grant that to an application: " + dec.Reason
+		return false, dec.Reason
 	}
 	return true, ""
+}
+
+// mayShare asks the policy whether id may keep label exposed (listen), as
+// sharing it with a guest needs.
+func (d *Daemon) mayShare(ctx context.Context, id authz.Identity, label string, _ bool) (bool, string) {
+	ok, why := d.mayListen(ctx, id, label)
+	if !ok && why == "" {
+		return false, "the policy could not be evaluated, so nothing was shared; tell the TP administrator"
+	}
+	if !ok {
+		return false, "the policy does not let " + id.DeviceID + " keep " + label + " exposed, so it cannot share it with a guest: " + why
+	}
+	return true, ""
+}
+
+// deviceEnds is when the device may no longer connect, for a guest's device
+// the end of its share; zero for any other (acme.CA.SetDeviceEnds).
+func (d *Daemon) deviceEnds(deviceID string) time.Time {
+	dev, err := d.users.Device(deviceID)
+	if err != nil {
+		return time.Time{} // the login's own checks refuse it
+	}
+	id, ok := strings.CutPrefix(dev.GrantedBy, users.ShareApprover)
+	if !ok {
+		return time.Time{}
+	}
+	for _, sh := range d.users.Shares() {
+		if sh.ID == id {
+			return sh.Until
+		}
+	}
+	return time.Unix(1, 0) // a share the store no longer has: ended
 }
 
 // grantPage is what a grant link opens: what the application asks for, its

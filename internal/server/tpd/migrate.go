@@ -28,7 +28,7 @@ type MigrateResult struct {
 }
 
 // Migrate moves a single-process data dir (cfg.DataDir: users, devices,
-// groups, enrollment tokens, the deny list, the CA database) into the
+// groups, enrollment tokens, guest shares, the deny list, the CA database) into the
 // PostgreSQL database cfg.Database, creating its schema. The tpd of that data
 // dir must be stopped, and no instance may run on the database. Migrating the
 // same data dir again, or into a database holding anything else, is refused

@@ -201,9 +201,14 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		Enrolled:     d.deviceEnrolled, // audit.go
 		MayExpose:    d.mayExpose,      // grant.go
 		GrantRevoked: d.grantRevoked,   // audit.go
+		MayShare:     d.mayShare,       // grant.go
+		Shared:       d.shared,         // audit.go
+		ShareRevoked: d.shareRevoked,   // audit.go
 		URL:          cfg.PublicURL(),
+		ReverseZone:  cfg.ReverseZone,
 	}
-	if cfg.SSOIssuer != "" { // dlogin --sso: sign-in with the organisation's provider
+	d.ca.SetDeviceEnds(d.deviceEnds) // a guest's certificates end with its share
+	if cfg.SSOIssuer != "" {         // dlogin --sso: sign-in with the organisation's provider
 		enroller.SSO = &acme.SSO{Issuer: cfg.SSOIssuer, ClientID: cfg.SSOClientID, Domain: cfg.SSODomain,
 			UserClaim: cfg.SSOUserClaim, GroupsClaim: cfg.SSOGroupsClaim, Scopes: cfg.SSO.Scopes(),
 			RenewWithSignIn: cfg.SSORenew == config.SSORenewSignIn, KeepRefresh: cfg.SSOKeepRefresh,

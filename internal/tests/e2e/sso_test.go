@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -45,65 +46,13 @@ func TestSSOLoginThenDial(t *testing.T) {
 	echo := testnet.Echo(t)
 	_, port, _ := strings.Cut(echo, ":")
 
-	// signIn runs dlogin --sso as subject: with a code (--no-browser) that
-	// the test approves at the provider, or in a browser signed in there
-	// (headless Chromium, following the provider's redirects back to
-	// dlogin's loopback).
 	signIn := func(subject, device string, browser bool) []string {
 		t.Helper()
-		env := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "tp-home")}
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		args := []string{"--sso", "--server", srv.URL, "--fingerprint", srv.Fingerprint, "--device", device}
-		cmdEnv := append(os.Environ(), env...)
-		if browser {
-			idp.SignedIn(subject)
-			cmdEnv = append(cmdEnv, "BROWSER="+chromiumOpener(t))
-		} else {
-			args = append(args, "--no-browser")
-		}
-		cmd := commandContext(ctx, binary("dlogin"), args...)
-		cmd.Env = cmdEnv
-		stdout, err := cmd.StdoutPipe()
+		env, out, err := ssoSignIn(t, idp, srv, subject, device, browser)
 		if err != nil {
 			t.Fatal(err)
 		}
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		var out strings.Builder
-		code := regexp.MustCompile(`^To sign in, open (\S+) and enter the code (\S+)$`)
-		opened := regexp.MustCompile(`^\(if it does not open, open this page on this machine: (\S+)\)$`)
-		shown := false
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			line := sc.Text()
-			out.WriteString(line + "\n")
-			if m := code.FindStringSubmatch(line); m != nil && !shown && !browser {
-				if !strings.HasPrefix(m[1], idp.Issuer) {
-					t.Errorf("dlogin sends the person to %s; want the provider %s", m[1], idp.Issuer)
-				}
-				if err := idp.Approve(ctx, m[2], subject); err != nil {
-					t.Fatalf("approving code %s at the provider: %v\n%s", m[2], err, out.String())
-				}
-				shown = true
-			}
-			if m := opened.FindStringSubmatch(line); m != nil && browser {
-				if !strings.HasPrefix(m[1], idp.Issuer) {
-					t.Errorf("dlogin opens %s in the browser; want the provider %s", m[1], idp.Issuer)
-				}
-				shown = true
-			}
-		}
-		if err := cmd.Wait(); err != nil {
-			t.Fatalf("dlogin --sso: %v\n%s%s", err, out.String(), stderr.String())
-		}
-		if !shown || !strings.Contains(out.String(), "Login successful!") {
-			t.Fatalf("dlogin --sso printed no code to approve or page to open, or no success:\n%s%s", out.String(), stderr.String())
-		}
-		return append(env, out.String())
+		return append(env, out)
 	}
 
 	env := signIn("s-alice", "laptop", false)
@@ -155,4 +104,72 @@ func chromiumOpener(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return script
+}
+
+// ssoSignIn runs dlogin --sso (with args added) as subject, in a fresh
+// TP_HOME: with a code (--no-browser) that it approves at the provider, or
+// in a browser signed in there (headless Chromium, following the provider's
+// redirects back to dlogin's loopback). It returns the home's environment,
+// dlogin's output, and an error that quotes it when dlogin failed or
+// printed no code, page or success.
+func ssoSignIn(t *testing.T, idp *testidp.IdP, srv *server, subject, device string, browser bool, args ...string) ([]string, string, error) {
+	t.Helper()
+	env := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "tp-home")}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	args = append([]string{"--sso", "--server", srv.URL, "--fingerprint", srv.Fingerprint, "--device", device}, args...)
+	cmdEnv := append(os.Environ(), env...)
+	if browser {
+		idp.SignedIn(subject)
+		cmdEnv = append(cmdEnv, "BROWSER="+chromiumOpener(t))
+	} else {
+		args = append(args, "--no-browser")
+	}
+	cmd := commandContext(ctx, binary("dlogin"), args...)
+	cmd.Env = cmdEnv
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, "", err
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		return nil, "", err
+	}
+	var out strings.Builder
+	code := regexp.MustCompile(`^To sign in, open (\S+) and enter the code (\S+)$`)
+	opened := regexp.MustCompile(`^\(if it does not open, open this page on this machine: (\S+)\)$`)
+	shown := false
+	var approveErr error
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		line := sc.Text()
+		out.WriteString(line + "\n")
+		if m := code.FindStringSubmatch(line); m != nil && !shown && !browser {
+			if !strings.HasPrefix(m[1], idp.Issuer) {
+				t.Errorf("dlogin sends the person to %s; want the provider %s", m[1], idp.Issuer)
+			}
+			if approveErr = idp.Approve(ctx, m[2], subject); approveErr != nil {
+				cancel()
+			}
+			shown = true
+		}
+		if m := opened.FindStringSubmatch(line); m != nil && browser {
+			if !strings.HasPrefix(m[1], idp.Issuer) {
+				t.Errorf("dlogin opens %s in the browser; want the provider %s", m[1], idp.Issuer)
+			}
+			shown = true
+		}
+	}
+	werr := cmd.Wait()
+	all := out.String() + stderr.String()
+	switch {
+	case approveErr != nil:
+		return env, all, fmt.Errorf("approving the code at the provider: %v\n%s", approveErr, all)
+	case werr != nil:
+		return env, all, fmt.Errorf("dlogin --sso: %v\n%s", werr, all)
+	case !shown || !strings.Contains(out.String(), "Login successful!"):
+		return env, all, fmt.Errorf("dlogin --sso printed no code to approve or page to open, or no success:\n%s", all)
+	}
+	return env, out.String(), nil
 }
