@@ -309,11 +309,16 @@ func usersCmd(stdout io.Writer) *cobra.Command {
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
 			defer cancel()
-			list, err := admin.NewClient(cfg.AdminSocket()).Users(ctx)
+			ac := admin.NewClient(cfg.AdminSocket())
+			list, err := ac.Users(ctx)
 			if err != nil {
 				return err
 			}
-			ap := newApprovers(list)
+			shares, err := ac.Shares(ctx)
+			if err != nil {
+				return err
+			}
+			ap := newApprovers(list, shares)
 			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "USER\tGROUPS\tDEVICE\tSTATUS\tLAST LOGIN")
 			for _, u := range list {
@@ -337,8 +342,8 @@ func usersCmd(stdout io.Writer) *cobra.Command {
 						status = "user disabled"
 					case dv.Revoked:
 						status = since("revoked", dv.RevokedAt)
-					case ap.gone(dv):
-						status = "revoked with its approver"
+					case ap.gone(dv) != "":
+						status = ap.gone(dv)
 					case len(dv.PublicKey) == 0 && dv.LastLogin.IsZero():
 						status = "awaiting dlogin"
 					}
@@ -412,34 +417,42 @@ func versionCmd(stdout io.Writer) *cobra.Command {
 	}
 }
 
-// approvers indexes a listing of users for users.ApproverGone: each device
-// as revoked when the listing says it or its user is (the deny list's
-// revocations included), and each user.
-type approvers struct {
-	devices map[string]*users.Device
-	users   map[string]*users.User
-}
+// approvers indexes a listing of users and shares for users.Approvers.Gone:
+// each device as revoked when the listing says it or its user is (the deny
+// list's revocations included), each user and each share.
+type approvers struct{ users.Approvers }
 
-func newApprovers(list []users.UserInfo) approvers {
-	a := approvers{devices: map[string]*users.Device{}, users: map[string]*users.User{}}
+func newApprovers(list []users.UserInfo, shares []admin.Share) approvers {
+	a := approvers{users.Approvers{Devices: map[string]*users.Device{}, Users: map[string]*users.User{}, Shares: map[string]*users.Share{}}}
 	for _, u := range list {
-		a.users[u.Name] = &u.User
+		a.Users[u.Name] = &u.User
 		for _, dv := range u.Devices {
 			dv.Revoked = dv.Revoked || u.Revoked
-			a.devices[dv.ID] = &dv
+			a.Devices[dv.ID] = &dv
 		}
+	}
+	for _, sh := range shares {
+		a.Shares[sh.ID] = &sh.Share
 	}
 	return a
 }
 
-// gone says whether d, a grant, ended with its approver.
-func (a approvers) gone(d users.Device) bool {
-	return users.ApproverGone(&d, a.devices[d.GrantedBy], a.users[d.User]) != nil
+// gone says why d, a grant or a guest's device, ended with its approver or
+// share, "" when it did not.
+func (a approvers) gone(d users.Device) string {
+	err := a.Gone(&d, time.Now())
+	switch {
+	case err == nil:
+		return ""
+	case strings.HasPrefix(d.GrantedBy, users.ShareApprover):
+		return "its share ended"
+	}
+	return "revoked with its approver"
 }
 
 // revoked says whether d or its user is revoked.
 func (a approvers) revoked(d users.Device) bool {
-	x := a.devices[d.ID]
+	x := a.Devices[d.ID]
 	return x != nil && x.Revoked
 }
 

@@ -126,6 +126,8 @@ func printStatus(w io.Writer, st admin.Status) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", shown(g.Device), shown(g.Scope), approverOf(g.GrantedBy), g.Created.Local().Format(time.DateTime), grantState(g))
 	}
 
+	printShares(tw, st.Shares)
+
 	fmt.Fprintf(tw, "\nRECENT DENIALS (%d, newest last)\n", len(st.Denials))
 	if len(st.Denials) > 0 {
 		fmt.Fprintln(tw, "TIME\tIDENTITY\tACTION\tDESTINATION\tREASON")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -21,10 +22,11 @@ import (
 func tokensCmd(stdout io.Writer) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "tokens",
-		Short: "List the grants given to applications and the enrollment tokens not yet redeemed",
+		Short: "List the grants given to applications, the guest shares and the enrollment tokens not yet redeemed",
 		Long: "tpd tokens lists the credentials handed out that are not a person's own device: each\n" +
 			"grant (a device an approval gave an application: its scope, who approved it, whether it\n" +
-			"is revoked) and each enrollment token not yet redeemed (the device it enrols and when it\n" +
+			"is revoked), each guest share (a name a person gave an outside person until a time, with\n" +
+			"the guests' devices) and each enrollment token not yet redeemed (the device it enrols and when it\n" +
 			"expires; the token itself is not kept). tpd revoke --device DEVICE ends a grant, or a\n" +
 			"device's pending tokens.",
 		Args: cli.Positional(),
@@ -35,19 +37,24 @@ func tokensCmd(stdout io.Writer) *cobra.Command {
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
 			defer cancel()
-			list, err := admin.NewClient(cfg.AdminSocket()).Users(ctx)
+			ac := admin.NewClient(cfg.AdminSocket())
+			list, err := ac.Users(ctx)
 			if err != nil {
 				return err
 			}
-			return printTokens(stdout, list)
+			shares, err := ac.Shares(ctx)
+			if err != nil {
+				return err
+			}
+			return printTokens(stdout, list, shares)
 		},
 	}
 	cmd.Flags().String("data-dir", config.DefaultServer().DataDir, "data dir of the running tpd (env TP_DATA_DIR)")
 	return cmd
 }
 
-func printTokens(w io.Writer, list []users.UserInfo) error {
-	ap := newApprovers(list)
+func printTokens(w io.Writer, list []users.UserInfo, shares []admin.Share) error {
+	ap := newApprovers(list, shares)
 	var grants []users.Device
 	type pending struct {
 		id      string
@@ -75,8 +82,8 @@ func printTokens(w io.Writer, list []users.UserInfo) error {
 		switch {
 		case ap.revoked(g):
 			state = "revoked"
-		case ap.gone(g):
-			state = "revoked with its approver"
+		case ap.gone(g) != "":
+			state = ap.gone(g)
 		}
 		last := "-"
 		if !g.LastLogin.IsZero() {
@@ -84,6 +91,7 @@ func printTokens(w io.Writer, list []users.UserInfo) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", shown(g.ID), shown(string(g.Scope)), approverOf(g.GrantedBy), g.Created.Local().Format(time.DateTime), last, state)
 	}
+	printShares(tw, shares)
 	fmt.Fprintf(tw, "\nENROLLMENT TOKENS NOT YET REDEEMED (%d)\n", len(tokens))
 	if len(tokens) > 0 {
 		fmt.Fprintln(tw, "DEVICE\tEXPIRES")
@@ -92,4 +100,20 @@ func printTokens(w io.Writer, list []users.UserInfo) error {
 		fmt.Fprintf(tw, "%s\t%s (in %s)\n", shown(t.id), t.expires.Local().Format(time.DateTime), time.Until(t.expires).Round(time.Minute))
 	}
 	return tw.Flush()
+}
+
+// printShares prints the guest shares as a table section.
+func printShares(tw *tabwriter.Writer, shares []admin.Share) {
+	fmt.Fprintf(tw, "\nGUEST SHARES (%d)\n", len(shares))
+	if len(shares) > 0 {
+		fmt.Fprintln(tw, "ID\tNAME\tGUEST\tSHARED BY\tUNTIL\tSTATE\tGUESTS' DEVICES")
+	}
+	for _, sh := range shares {
+		devs := "-"
+		if len(sh.Guests) > 0 {
+			devs = shown(strings.Join(sh.Guests, ", "))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", shown(sh.ID), shown(sh.Name), shown(sh.Guest), approverOf(sh.By),
+			sh.Until.Local().Format(time.DateTime), sh.State, devs)
+	}
 }

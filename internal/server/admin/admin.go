@@ -179,6 +179,7 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/enroll", s.enroll)
 	mux.HandleFunc("GET /v1/users", s.users)
+	mux.HandleFunc("GET /v1/shares", s.shares)
 	mux.HandleFunc("POST /v1/revoke", s.revoke)
 	mux.HandleFunc("POST /v1/unbind", s.unbind) // unbind.go
 	mux.HandleFunc("GET /v1/denylist", s.denylist)
@@ -264,6 +265,69 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		Token: enr.Token, DeviceID: enr.DeviceID, Expires: enr.Expires,
 		ServerURL: s.ServerURL, Fingerprint: s.Fingerprint, Scope: string(scope),
 	})
+}
+
+// shares lists the guest shares, oldest first, with their state.
+func (s *Server) shares(w http.ResponseWriter, _ *http.Request) {
+	var denied func(string) bool
+	if s.Revoker != nil {
+		dl := map[string]bool{}
+		for _, e := range s.Revoker.DenyEntries() {
+			dl[e.Kind+":"+e.Value] = true
+		}
+		denied = func(id string) bool {
+			u, _, _ := strings.Cut(id, "@")
+			return dl["device:"+id] || dl["user:"+u]
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(ShareStates(s.Users, denied, time.Now()))
+}
+
+// Share is a guest share as tpd tokens and tpd status show it.
+type Share struct {
+	users.Share
+	// State is "active", "ended" (past its end, or its approver is gone or
+	// on the deny list) or "revoked".
+	State string `json:"state"`
+	// Guests are the devices guests enrolled with it.
+	Guests []string `json:"guests"`
+}
+
+// ShareStates lists store's shares, oldest first, with their state at now;
+// denied says which devices the deny list revokes (nil: none).
+func ShareStates(store users.Store, denied func(deviceID string) bool, now time.Time) []Share {
+	a := users.Approvers{Devices: map[string]*users.Device{}, Users: map[string]*users.User{}, Shares: map[string]*users.Share{}}
+	guests := map[string][]string{}
+	for _, u := range store.Users() {
+		a.Users[u.Name] = &u.User
+		for _, d := range u.Devices {
+			a.Devices[d.ID] = &d
+			if id, ok := strings.CutPrefix(d.GrantedBy, users.ShareApprover); ok {
+				guests[id] = append(guests[id], d.ID)
+			}
+		}
+	}
+	shares := store.Shares()
+	for i := range shares {
+		a.Shares[shares[i].ID] = &shares[i]
+	}
+	out := []Share{}
+	for _, sh := range shares {
+		st := Share{Share: sh, State: "active", Guests: guests[sh.ID]}
+		if st.Guests == nil {
+			st.Guests = []string{}
+		}
+		switch {
+		case sh.Revoked:
+			st.State = "revoked"
+		case a.Gone(&users.Device{ID: "guest", GrantedBy: users.ShareApprover + sh.ID}, now) != nil,
+			denied != nil && !strings.HasPrefix(sh.By, users.SignInApprover) && denied(sh.By):
+			st.State = "ended"
+		}
+		out = append(out, st)
+	}
+	return out
 }
 
 // users lists the user store with the deny list applied: a user or device on
@@ -376,6 +440,13 @@ func (c *Client) Revoke(ctx context.Context, req RevokeRequest) (RevokeResponse,
 func (c *Client) DenyList(ctx context.Context) ([]DenyEntry, error) {
 	var out []DenyEntry
 	err := c.do(ctx, http.MethodGet, "/v1/denylist", nil, &out)
+	return out, err
+}
+
+// Shares lists the guest shares, oldest first, with their state.
+func (c *Client) Shares(ctx context.Context) ([]Share, error) {
+	var out []Share
+	err := c.do(ctx, http.MethodGet, "/v1/shares", nil, &out)
 	return out, err
 }
 

@@ -79,6 +79,8 @@ type Status struct {
 	Denials []Denial `json:"denials"`
 	// Grants are the devices approvals gave applications, oldest first.
 	Grants []Grant `json:"grants"`
+	// Shares are the guest shares, oldest first.
+	Shares []Share `json:"shares"`
 }
 
 // Grant is one device an approval gave an application (a grant).

@@ -214,6 +214,11 @@ func (d *Daemon) Status(ctx context.Context) admin.Status {
 		st.PublicPorts = []proxy.PublicPort{}
 	}
 	st.Grants = d.grants(st.Agents)
+	st.Shares = admin.ShareStates(d.users, func(id string) bool {
+		u, dev, _ := authz.SplitDeviceID(id)
+		_, denied := d.authz.DenyList.Denies(authz.Identity{DeviceID: id, User: u, Device: dev})
+		return denied
+	}, time.Now())
 	return st
 }
 

@@ -126,6 +126,15 @@ func TestGuestShare(t *testing.T) {
 		t.Fatalf("tp share --list:\n%s", list)
 	}
 
+	// The operator sees the share and bob's device.
+	activeRow := regexp.MustCompile(shareID + `\s+laptop-ssh\s+bob@partner.example\s+alice@laptop\s+.*\s+active\s+bob_partner.example@laptop`)
+	if tokens := run(t, nil, binary("tpd"), "tokens", "--data-dir", srv.DataDir); !strings.Contains(tokens, "GUEST SHARES (1)") || !activeRow.MatchString(tokens) {
+		t.Fatalf("tpd tokens:\n%s", tokens)
+	}
+	if status := run(t, nil, binary("tpd"), "status", "--data-dir", srv.DataDir); !activeRow.MatchString(status) {
+		t.Fatalf("tpd status does not show the share:\n%s", status)
+	}
+
 	// A session of bob's is open when alice revokes the share: it ends.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -160,6 +169,9 @@ func TestGuestShare(t *testing.T) {
 	}
 	if list := run(t, alice, binary("tp"), "share", "--list"); !regexp.MustCompile(shareID + `\s+laptop-ssh\s+.*\s+revoked`).MatchString(list) {
 		t.Fatalf("tp share --list after the revocation:\n%s", list)
+	}
+	if users := run(t, nil, binary("tpd"), "users", "--data-dir", srv.DataDir); !regexp.MustCompile(`bob_partner.example\s+-\s+laptop\s+its share ended, scope guest:laptop-ssh, granted by share:` + shareID).MatchString(users) {
+		t.Fatalf("tpd users after the revocation:\n%s", users)
 	}
 	audit, _ := os.ReadFile(auditLog)
 	for _, want := range []string{`"act":"share","subject":"` + shareID + `","via":"its person's device alice@laptop"`,
