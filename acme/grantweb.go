@@ -7,11 +7,13 @@ import (
 	"crypto/subtle"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"html/template"
 	"net/http"
 	"net/netip"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -185,6 +187,7 @@ func (e *Enroller) GrantPages(mux *http.ServeMux) {
 	mux.HandleFunc("POST "+login.PathGrantApprove, e.grantApprove)
 	mux.HandleFunc("GET "+login.PathGrantsPage, e.grantSignIn)
 	mux.HandleFunc("POST "+login.PathGrantRevokePage, e.grantRevokeWeb)
+	mux.HandleFunc("POST "+login.PathShareWeb, e.shareWeb)
 }
 
 // oauthConfig is TP's client at the provider for approvals on the website.
@@ -451,13 +454,16 @@ keep <b>{{.Name}}</b> exposed through this TP server, {{.How}}. It cannot dial a
 // grantsPage lists the grants of the signed-in person's user, when the user
 // is bound to that account, each with a button that revokes it.
 func (e *Enroller) grantsPage(w http.ResponseWriter, p ssoPerson, state, form string) {
-	v := &grantsView{User: p.User, Email: p.Email, State: state, Form: form, Action: login.PathGrantRevokePage}
-	if e.boundTo(p) {
+	v := &grantsView{User: p.User, Email: p.Email, State: state, Form: form, Action: login.PathGrantRevokePage,
+		ShareAction: login.PathShareWeb, Sharing: e.SSO != nil && e.MayShare != nil}
+	if v.Bound = e.boundTo(p); v.Bound {
 		for _, d := range e.Users.Devices(p.User) {
-			if d.IsGrant() {
+			// A guest's device is the guest's, listed with its share.
+			if d.IsGrant() && !strings.HasPrefix(d.GrantedBy, users.ShareApprover) {
 				v.Grants = append(v.Grants, e.grantInfo(d))
 			}
 		}
+		v.Shares = e.myShares(p.User)
 	}
 	pageHeaders(w)
 	_ = grantsTemplate.Execute(w, v)
@@ -489,6 +495,19 @@ func (e *Enroller) grantRevokeWeb(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	p := *wg.person
+	if id := r.PostForm.Get("share"); id != "" {
+		if !e.boundTo(p) {
+			webPage(w, http.StatusNotFound, "No such share", p.User+" has no share of that ID.", nil)
+			return
+		}
+		sh, status, msg := e.endShare(r, p.User, "sign-in as "+p.Email, id)
+		if status != 0 {
+			webPage(w, status, "The share stays", msg, nil)
+			return
+		}
+		webPage(w, http.StatusOK, "Revoked", "The share of "+sh.Name+" with "+sh.Guest+" ("+sh.ID+") ended: the guests' sessions ended, and they may no longer connect.", nil)
+		return
+	}
 	g, err := e.Users.Device(r.PostForm.Get("grant"))
 	if err != nil || g.User != p.User || !g.IsGrant() || !e.boundTo(p) {
 		webPage(w, http.StatusNotFound, "No such grant", p.User+" holds no grant of that name.", nil)
@@ -508,11 +527,62 @@ func (e *Enroller) grantRevokeWeb(w http.ResponseWriter, r *http.Request) {
 	webPage(w, http.StatusOK, "Revoked", g.ID+" is revoked for good: its sessions ended, and its key can never be granted again.", nil)
 }
 
-// grantsView is the page that lists a person's grants.
+// shareWeb shares a name with a guest from the page grantsPage showed, once,
+// as the signed-in person (their user bound to that account).
+func (e *Enroller) shareWeb(w http.ResponseWriter, r *http.Request) {
+	r.Body = http.MaxBytesReader(w, r.Body, 4096)
+	if err := r.ParseForm(); err != nil {
+		webPage(w, http.StatusBadRequest, "This answer cannot be read", "Open "+login.PathGrantsPage+" again.", nil)
+		return
+	}
+	wg, ok := e.web.get(r, r.PostForm.Get("state"), e.now(), true)
+	if !ok || !wg.mine || wg.person == nil || subtle.ConstantTimeCompare([]byte(r.PostForm.Get("form")), []byte(wg.form)) != 1 {
+		webPage(w, http.StatusBadRequest, "This answer is not one this browser was asked for",
+			"It comes from another browser or page, it expired, or it was given already: open "+login.PathGrantsPage+" again.", nil)
+		return
+	}
+	p := *wg.person
+	hours, err := strconv.Atoi(r.PostForm.Get("hours"))
+	if err != nil || hours < 1 || time.Duration(hours)*time.Hour > login.MaxShareFor {
+		webPage(w, http.StatusBadRequest, "Nothing was shared", fmt.Sprintf("Give the hours the share lasts, 1 to %d; open %s again.", int(login.MaxShareFor/time.Hour), login.PathGrantsPage), nil)
+		return
+	}
+	groups := p.Groups
+	if groups == nil {
+		groups = []string{}
+	}
+	id := authz.Identity{DeviceID: authz.DeviceID(p.User, signInDevice), User: p.User, Device: signInDevice, Groups: groups}
+	req := login.ShareRequest{ID: login.NewShareID(), Name: r.PostForm.Get("name"), Guest: r.PostForm.Get("guest"),
+		Until: e.now().Add(time.Duration(hours) * time.Hour).UTC().Format(time.RFC3339)}
+	// The user is bound to the account (created if need be) once the policy
+	// has let the share through, as an approval on the website binds it.
+	bind := func() (int, string) {
+		if err := e.Users.BindUser(p.User, p.Subject); errors.Is(err, users.ErrOtherAccount) {
+			return http.StatusForbidden, "TP's user " + p.User + " belongs to another account at the identity provider; sign in as that account, or share from an enrolled device (tp share)."
+		} else if err != nil {
+			e.log().Error("share on the website: binding the user failed", "user", p.User, "err", err)
+			return http.StatusServiceUnavailable, "The server cannot record the share right now; open " + login.PathGrantsPage + " again in a minute."
+		}
+		return 0, ""
+	}
+	sh, status, msg := e.makeShare(r, id, users.SignInApprover+p.Subject, req, bind)
+	if status != 0 {
+		webPage(w, status, "Nothing was shared", msg, nil)
+		return
+	}
+	info := e.shareInfo(sh)
+	webPage(w, http.StatusOK, "Shared", fmt.Sprintf("%s may connect to %s until %s (%s). Tell them to run dlogin --sso --server %s and then, for ssh, ssh -o ProxyCommand='tp %%h %%p' %s. %s%s lists your shares and ends them.",
+		sh.Guest, info.Host, sh.Until.Format(time.RFC1123), sh.ID, e.URL, info.Host, e.URL, login.PathGrantsPage), nil)
+}
+
+// grantsView is the page that lists a person's grants and shares.
 type grantsView struct {
 	User, Email         string
 	Grants              []login.GrantInfo
+	Shares              []login.ShareInfo
+	Bound, Sharing      bool // the user is bound to the account; the server lets people share
 	State, Form, Action string
+	ShareAction         string
 }
 
 var grantsTemplate = template.Must(template.New("grants").Parse(`<!doctype html>
@@ -528,4 +598,25 @@ var grantsTemplate = template.Must(template.New("grants").Parse(`<!doctype html>
 <td>{{if .Revoked}}revoked{{else}}active{{end}}</td><td>{{if not .Revoked}}<button name="grant" value="{{.DeviceID}}">Revoke</button>{{end}}</td></tr>
 {{end}}</table>
 </form>
-{{else}}<p id="text">No grants: {{.User}} has approved no application, or this account is not the one {{.User}} is bound to.</p>{{end}}`))
+{{else}}<p id="text">No grants: {{.User}} has approved no application, or this account is not the one {{.User}} is bound to.</p>{{end}}
+{{if .Bound}}<h2>Guest shares</h2>
+{{if .Shares}}<form method="post" action="{{.Action}}">
+<input type="hidden" name="state" value="{{.State}}">
+<input type="hidden" name="form" value="{{.Form}}">
+<table id="shares">
+<tr><th>Share</th><th>Name</th><th>Guest</th><th>Until</th><th>State</th><th>Guests' devices</th><th></th></tr>
+{{range .Shares}}<tr><td>{{.ID}}</td><td>{{.Name}}</td><td>{{.Guest}}</td><td>{{.Until.Format "2006-01-02 15:04 MST"}}</td><td>{{.State}}</td>
+<td>{{range $i, $d := .Guests}}{{if $i}}, {{end}}{{$d}}{{end}}</td><td>{{if eq .State "active"}}<button name="share" value="{{.ID}}">Revoke</button>{{end}}</td></tr>
+{{end}}</table>
+</form>
+{{else}}<p id="no-shares">No shares: {{.User}} has shared no name with a guest.</p>{{end}}{{end}}
+{{if .Sharing}}<form method="post" action="{{.ShareAction}}" id="share">
+<input type="hidden" name="state" value="{{.State}}">
+<input type="hidden" name="form" value="{{.Form}}">
+<p>Let a person outside the organisation connect to one name you expose, until the share ends. They sign in
+with the identity provider (dlogin --sso) and may connect to that name and nothing else.</p>
+<label>Name <input name="name" required maxlength="63" placeholder="laptop-ssh"></label>
+<label>Guest <input name="guest" required maxlength="254" placeholder="bob@partner.example or @partner.example"></label>
+<label>Hours <input name="hours" type="number" min="1" max="720" value="8" required></label>
+<button id="share-button">Share</button>
+</form>{{end}}`))

@@ -37,7 +37,7 @@ func (e *Enroller) share(w http.ResponseWriter, r *http.Request) {
 	}
 	groups, _ := e.Users.Lookup(dev.ID)
 	id := authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name, Groups: groups}
-	sh, status, msg := e.makeShare(r, id, dev.ID, req)
+	sh, status, msg := e.makeShare(r, id, dev.ID, req, nil)
 	if status != 0 {
 		if status == http.StatusServiceUnavailable {
 			w.Header().Set("Retry-After", "30")
@@ -49,8 +49,10 @@ func (e *Enroller) share(w http.ResponseWriter, r *http.Request) {
 }
 
 // makeShare checks and records a share approved by id (recorded as by): the
-// share, or the HTTP status and the sentence of a refusal.
-func (e *Enroller) makeShare(r *http.Request, id authz.Identity, by string, req login.ShareRequest) (users.Share, int, string) {
+// share, or the HTTP status and the sentence of a refusal. prepare, when
+// set, runs once the policy let the share through and before it is
+// recorded; a status refuses it with its sentence.
+func (e *Enroller) makeShare(r *http.Request, id authz.Identity, by string, req login.ShareRequest, prepare func() (int, string)) (users.Share, int, string) {
 	if e.SSO == nil {
 		return users.Share{}, http.StatusNotFound, "this TP server does not sign people in with an identity provider, so a guest could not sign in; ask your TP administrator to set sso-issuer"
 	}
@@ -83,6 +85,11 @@ func (e *Enroller) makeShare(r *http.Request, id authz.Identity, by string, req 
 	if ok, reason := e.MayShare(r.Context(), id, req.Name, false); !ok {
 		e.log().Info("share refused", "approver", by, "name", req.Name, "guest", guest, "why", reason)
 		return users.Share{}, http.StatusForbidden, reason
+	}
+	if prepare != nil {
+		if status, msg := prepare(); status != 0 {
+			return users.Share{}, status, msg
+		}
 	}
 	sh := users.Share{ID: req.ID, Name: req.Name, Guest: guest, User: id.User, By: by, Created: now, Until: until.UTC()}
 	switch err := e.Users.AddShare(sh, e.MaxShares); {

@@ -22,6 +22,10 @@ const (
 	PathShare       = "/tp/v1/share"
 	PathShares      = "/tp/v1/shares"
 	PathShareRevoke = "/tp/v1/share/revoke"
+	// PathShareWeb shares a name from the website's grants page
+	// (PathGrantsPage), after a sign-in; its revoke buttons post to
+	// PathGrantRevokePage.
+	PathShareWeb = "/grant/share"
 	// MaxShareFor bounds how long a share lasts.
 	MaxShareFor = 30 * 24 * time.Hour
 )

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/internal/testkit/testidp"
 	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
@@ -179,5 +180,44 @@ func TestGuestShare(t *testing.T) {
 		if !strings.Contains(string(audit), want) {
 			t.Fatalf("the audit trail lacks %s:\n%s", want, audit)
 		}
+	}
+
+	// Alice shares on TP's website instead, signed in there: anyone at
+	// partner.example, for an hour. Bob enrols a second device by it and
+	// reaches laptop-ssh; alice ends the share on the same page.
+	idp.AllowRedirect(srv.URL + login.PathGrantSignedIn)
+	idp.SignedIn("s-alice")
+	b := startChrome(t, filepath.Join(srv.DataDir, "ca", "root.crt"))
+	b.open(srv.URL + login.PathGrantsPage)
+	b.waitText("Grants of alice")
+	b.eval(`document.querySelector("#share input[name=name]").value = "laptop-ssh"`)
+	b.eval(`document.querySelector("#share input[name=guest]").value = "@Partner.example"`)
+	b.eval(`document.querySelector("#share input[name=hours]").value = "1"`)
+	b.click("#share-button")
+	page := b.waitText("may connect to laptop-ssh.rev.tp.internal until")
+	web := regexp.MustCompile(`@partner.example may connect to .* \((share-[0-9a-f]{12})\)`).FindStringSubmatch(page)
+	if web == nil {
+		t.Fatalf("the website's answer to the share:\n%s", page)
+	}
+	phone, out, err := ssoSignIn(t, idp, srv, "s-bob", "phone", false)
+	if err != nil || !strings.Contains(out, "Enrolled this device as bob_partner.example@phone, a guest") {
+		t.Fatalf("bob's second sign-in, by the domain share: %v\n%s", err, out)
+	}
+	if got, err := runErr(phone, strings.NewReader("by the domain share\n"), binary("tp"), "laptop-ssh.rev.tp.internal", echoPort); err != nil || !strings.Contains(got, "by the domain share") {
+		t.Fatalf("bob's phone through laptop-ssh: %v, %q", err, got)
+	}
+	b.open(srv.URL + login.PathGrantsPage)
+	page = b.waitText("Guest shares")
+	if !regexp.MustCompile(web[1] + `\s+laptop-ssh\s+@partner.example\s+.*\s+active\s+bob_partner.example@phone`).MatchString(page) {
+		t.Fatalf("alice's page does not list the share with bob's phone:\n%s", page)
+	}
+	b.click(`button[value="` + web[1] + `"]`)
+	b.waitText("ended: the guests' sessions ended")
+	if got, err := runErr(phone, strings.NewReader("x\n"), binary("tp"), "laptop-ssh.rev.tp.internal", echoPort); err == nil {
+		t.Fatalf("bob's phone reached laptop-ssh after alice ended the share on the website: %q", got)
+	}
+	audit, _ = os.ReadFile(auditLog)
+	if !strings.Contains(string(audit), `"act":"share","subject":"`+web[1]+`","via":"its person's sign-in on the website (subject s-alice)"`) {
+		t.Fatalf("the audit trail lacks the website's share:\n%s", audit)
 	}
 }
