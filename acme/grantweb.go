@@ -303,7 +303,7 @@ func (e *Enroller) grantSignedIn(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	webPage(w, http.StatusOK, "Approve "+appName(wg.g.App)+"?", "", &approvalView{
-		User: p.User, Email: p.Email, App: appName(wg.g.App), Name: wg.g.Name, How: grantHow(wg.g.Public),
+		User: p.User, Email: p.Email, App: appName(wg.g.App), Name: wg.g.Name, How: grantHow(wg.g.Public), Pick: wg.g.Pick,
 		Code: login.GrantCode(wg.g.Key), State: q.Get("state"), Form: form, Action: login.PathGrantApprove})
 }
 
@@ -382,14 +382,24 @@ func (e *Enroller) grantApprove(w http.ResponseWriter, r *http.Request) {
 		groups = []string{} // the provider named none: the policy decides without groups
 	}
 	id := authz.Identity{DeviceID: authz.DeviceID(p.User, signInDevice), User: p.User, Device: signInDevice, Groups: groups}
-	g, status, msg := e.approve(r.Context(), approval{id: id, by: users.SignInApprover + p.Subject, appKey: wg.g.Key, scope: wg.scope,
-		name: wg.g.Name, public: wg.g.Public, app: wg.g.App, remote: r.RemoteAddr, via: "grant approved on the website by a sign-in as " + p.Email,
+	name, scope := wg.g.Name, wg.scope
+	if picked := r.PostForm.Get("name"); wg.g.Pick && picked != "" && picked != name {
+		// The application lets the person pick the name (its link's pick=1).
+		sc, err := grantScope(picked, wg.g.Public)
+		if err != nil {
+			webPage(w, http.StatusBadRequest, "Nothing was granted", err.Error()+"; open the grant link again.", nil)
+			return
+		}
+		name, scope = picked, sc
+	}
+	g, status, msg := e.approve(r.Context(), approval{id: id, by: users.SignInApprover + p.Subject, appKey: wg.g.Key, scope: scope,
+		name: name, public: wg.g.Public, app: wg.g.App, remote: r.RemoteAddr, via: "grant approved on the website by a sign-in as " + p.Email,
 		prepare: bind})
 	if status != 0 {
 		webPage(w, status, "Nothing was granted", msg, nil)
 		return
 	}
-	webPage(w, http.StatusOK, "Approved", appName(wg.g.App)+" now holds "+g.ID+", which may only keep "+wg.g.Name+
+	webPage(w, http.StatusOK, "Approved", appName(wg.g.App)+" now holds "+g.ID+", which may only keep "+name+
 		" exposed; it goes on within seconds. "+e.URL+login.PathGrantsPage+" lists your grants and revokes them (so do tp grant --list and --revoke on an enrolled device); your TP administrator sees them all (tpd tokens).", nil)
 }
 
@@ -412,6 +422,7 @@ func grantHow(public bool) string {
 type approvalView struct {
 	User, Email, App, Name, How, Code string
 	State, Form, Action               string
+	Pick                              bool // the person may pick another name
 }
 
 // webPage writes one of the approval's pages: a title and a sentence, or the
@@ -440,12 +451,16 @@ var webTemplate = template.Must(template.New("grant").Parse(`<!doctype html>
 <title>TP: {{.Title}}</title>
 <h1 id="title">{{.Title}}</h1>
 {{with .Form}}<p id="who">Signed in as <b>{{.User}}</b> ({{.Email}}).</p>
-<p><b>{{.App}}</b> asks for a credential of your user that can do one thing:
-keep <b>{{.Name}}</b> exposed through this TP server, {{.How}}. It cannot dial anywhere or expose another name.</p>
+{{if .Pick}}<p><b>{{.App}}</b> asks for a credential of your user that can do one thing:
+keep one name exposed through this TP server, {{.How}}. It suggests <b>{{.Name}}</b> and takes the one you approve.
+It cannot dial anywhere or expose another name.</p>
+{{else}}<p><b>{{.App}}</b> asks for a credential of your user that can do one thing:
+keep <b>{{.Name}}</b> exposed through this TP server, {{.How}}. It cannot dial anywhere or expose another name.</p>{{end}}
 <p>Approve only if the application shows the code <b id="code">{{.Code}}</b>.</p>
 <form method="post" action="{{.Action}}">
 <input type="hidden" name="state" value="{{.State}}">
 <input type="hidden" name="form" value="{{.Form}}">
+{{if .Pick}}<p><label>Name <input id="name" name="name" value="{{.Name}}" required maxlength="63"></label></p>{{end}}
 <button id="approve" name="answer" value="approve">Approve</button>
 <button id="decline" name="answer" value="decline">Decline</button>
 </form>

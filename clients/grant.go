@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/tp-proxy/tp/acme/login"
@@ -27,6 +28,9 @@ type GrantRequest struct {
 	Show func(link, code string)
 	// Poll is how often the server is asked (zero: 2 s).
 	Poll time.Duration
+	// Pick lets the person approve another name than Name (its suggestion):
+	// the application then exposes the name granted (GrantedName).
+	Pick bool
 }
 
 // RequestGrant makes home the application's own (its key, the server's root),
@@ -70,7 +74,7 @@ func RequestGrant(ctx context.Context, home Home, req GrantRequest) (*Client, er
 	if err != nil {
 		return nil, err
 	}
-	g := login.Grant{Server: server, Name: req.Name, Public: req.Public, App: req.App, Key: der}
+	g := login.Grant{Server: server, Name: req.Name, Public: req.Public, App: req.App, Key: der, Pick: req.Pick}
 	if req.Show != nil {
 		req.Show(g.Link(), login.GrantCode(der))
 	}
@@ -83,7 +87,7 @@ func RequestGrant(ctx context.Context, home Home, req GrantRequest) (*Client, er
 	for {
 		res, err := login.GrantStatus(ctx, hc, server, key)
 		switch {
-		case err == nil && res.Scope != wantScope(req):
+		case err == nil && !scopeAsked(req, res.Scope):
 			return nil, fmt.Errorf("the key of %s was approved as %s with scope %q, not the %q this application asked for; remove %s and ask again", home.Dir, res.DeviceID, res.Scope, wantScope(req), home.Dir)
 		case err == nil:
 			if err := home.SaveProfile(Profile{Server: server, Fingerprint: login.Fingerprint(root), DeviceID: res.DeviceID}); err != nil {
@@ -108,6 +112,46 @@ func RequestGrant(ctx context.Context, home Home, req GrantRequest) (*Client, er
 	}
 }
 
+// scopeAsked says whether scope, the one granted, is what req asked for:
+// its scope, or with Pick, one of its kind for any name.
+func scopeAsked(req GrantRequest, scope string) bool {
+	if !req.Pick {
+		return scope == wantScope(req)
+	}
+	kind, label, _ := strings.Cut(scope, ":")
+	want, _, _ := strings.Cut(wantScope(req), ":")
+	return kind == want && label != ""
+}
+
+// GrantedName is the reverse name the grant home holds may keep exposed,
+// asked of the server with the application's key (a person may have
+// picked another name than the one asked for).
+func GrantedName(ctx context.Context, home Home) (string, error) {
+	p, err := home.Profile()
+	if err != nil {
+		return "", err
+	}
+	root, err := home.Root()
+	if err != nil {
+		return "", err
+	}
+	key, err := home.DeviceKey()
+	if err != nil {
+		return "", err
+	}
+	hc := login.HTTPClient(root)
+	defer hc.CloseIdleConnections()
+	res, err := login.GrantStatus(ctx, hc, p.Server, key)
+	if err != nil {
+		return "", fmt.Errorf("asking %s which name this application's grant is for: %w", p.Server, err)
+	}
+	kind, label, _ := strings.Cut(res.Scope, ":")
+	if (kind != "expose" && kind != "expose-public") || label == "" {
+		return "", fmt.Errorf("%s holds %s, whose scope %q is not a grant's", home.Dir, res.DeviceID, res.Scope)
+	}
+	return label, nil
+}
+
 // wantScope is the scope req asks for.
 func wantScope(req GrantRequest) string {
 	if req.Public {
@@ -118,12 +162,19 @@ func wantScope(req GrantRequest) string {
 
 // ApproveGrant approves the grant whose link is link, from this device: the
 // server creates a device of this device's user that holds the application's
-// key and may only keep the grant's name exposed. The link must name this
+// key and may only keep the grant's name exposed (name instead, when not
+// empty, if the link lets the person pick). The link must name this
 // device's server.
-func (c *Client) ApproveGrant(ctx context.Context, link string) (login.Grant, login.GrantResponse, error) {
+func (c *Client) ApproveGrant(ctx context.Context, link, name string) (login.Grant, login.GrantResponse, error) {
 	g, err := login.ParseGrantLink(link)
 	if err != nil {
 		return g, login.GrantResponse{}, err
+	}
+	if name != "" && name != g.Name {
+		if !g.Pick {
+			return g, login.GrantResponse{}, fmt.Errorf("the application asks for %s and takes no other name (its link does not let you pick: it was not made with tp expose --request --let-pick)", g.Name)
+		}
+		g.Name = name
 	}
 	if g.Server != c.Profile.Server {
 		return g, login.GrantResponse{}, fmt.Errorf("the grant link is for the TP server %s, and this device is enrolled at %s: approve it from a device of that server", g.Server, c.Profile.Server)

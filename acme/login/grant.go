@@ -130,6 +130,9 @@ type Grant struct {
 	Public bool
 	App    string
 	Key    []byte // PKIX DER of the application's key
+	// Pick says the application takes whichever name the person approves
+	// (Name is its suggestion): it exposes the name of the scope granted.
+	Pick bool
 }
 
 // Link is the grant's link: the server's grant page with the request in its
@@ -142,6 +145,9 @@ func (g Grant) Link() string {
 	}
 	if g.App != "" {
 		q.Set("app", g.App)
+	}
+	if g.Pick {
+		q.Set("pick", "1")
 	}
 	q.Set("key", base64.RawURLEncoding.EncodeToString(g.Key))
 	return g.Server + PathGrantPage + "?" + q.Encode()
@@ -167,7 +173,7 @@ func ParseGrantLink(link string) (Grant, error) {
 	if _, err := x509.ParsePKIXPublicKey(key); err != nil {
 		return Grant{}, fmt.Errorf("the grant link's key cannot be read (%v): copy the whole link tp expose --request printed", err)
 	}
-	g := Grant{Server: "https://" + u.Host, Name: q.Get("name"), Public: q.Get("public") == "1", App: q.Get("app"), Key: key}
+	g := Grant{Server: "https://" + u.Host, Name: q.Get("name"), Public: q.Get("public") == "1", App: q.Get("app"), Key: key, Pick: q.Get("pick") == "1"}
 	if g.Name == "" {
 		return Grant{}, errors.New("the grant link names no reverse name: copy the whole link tp expose --request printed")
 	}

@@ -48,13 +48,15 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 			"  tp expose --http blog http://127.0.0.1:8080                       # https://blog.<reverse zone>/ through TP's website",
 		Args: cli.Positional("NAME", "LOCAL_ADDR"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := req.request(cmd, stderr, args[0], pub.public()); err != nil {
+			name, err := req.request(cmd, stderr, args[0], pub.public())
+			if err != nil {
 				return err // a grant asked for and not given
 			}
+			args[0] = name // with --let-pick, the name the person approved
 			if httpMode {
 				return exposeHTTP(cmd, stderr, args[0], args[1], proxyName, tunnels, h1Only, devicesOnly, exitOnRefusal)
 			}
-			main, err := pub.exposed(args[0], args[1])
+			main, err := pub.exposed(name, args[1])
 			if err != nil {
 				return err
 			}

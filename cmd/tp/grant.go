@@ -23,7 +23,7 @@ import (
 // (clients.RequestGrant): a credential of this application's own that may only
 // keep NAME exposed.
 type grantFlags struct {
-	on                  bool
+	on, pick            bool
 	server, fingerprint string
 	app                 string
 	wait                time.Duration
@@ -34,39 +34,53 @@ func (g *grantFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&g.server, "server", "", "with --request: the TP server's base URL, https://HOST[:PORT]")
 	cmd.Flags().StringVar(&g.fingerprint, "fingerprint", "", "with --request: the TP server's CA fingerprint (SHA256:…), as tpd prints it")
 	cmd.Flags().StringVar(&g.app, "app", "", "with --request: what this application calls itself, shown to the person who approves")
+	cmd.Flags().BoolVar(&g.pick, "let-pick", false, "with --request: let the person who approves pick another name (NAME is the suggestion); this application then exposes the name they approve")
 	cmd.Flags().DurationVar(&g.wait, "request-timeout", 10*time.Minute, "with --request: how long to wait for the approval")
 }
 
 // request runs the grant request when --request is set; a TP_HOME that holds
-// a grant already goes on at once.
-func (g *grantFlags) request(cmd *cobra.Command, stderr io.Writer, name string, public bool) error {
+// a grant already goes on at once. It returns the name to expose: name, or
+// with --let-pick the one the person approved.
+func (g *grantFlags) request(cmd *cobra.Command, stderr io.Writer, name string, public bool) (string, error) {
 	if !g.on {
-		if g.server != "" || g.fingerprint != "" || g.app != "" {
-			return fmt.Errorf("--server, --fingerprint and --app go with --request")
+		if g.server != "" || g.fingerprint != "" || g.app != "" || g.pick {
+			return name, fmt.Errorf("--server, --fingerprint, --app and --let-pick go with --request")
 		}
-		return nil
+		return name, nil
 	}
 	cfg, err := config.LoadClient(cmd.Flags())
 	if err != nil {
-		return err
+		return name, err
 	}
 	ctx, cancel := context.WithTimeout(cmd.Context(), g.wait)
 	defer cancel()
-	_, err = clients.RequestGrant(ctx, clients.Home{Dir: cfg.Home}, clients.GrantRequest{
-		Server: g.server, Fingerprint: g.fingerprint, Name: name, Public: public, App: g.app,
+	home := clients.Home{Dir: cfg.Home}
+	_, err = clients.RequestGrant(ctx, home, clients.GrantRequest{
+		Server: g.server, Fingerprint: g.fingerprint, Name: name, Public: public, App: g.app, Pick: g.pick,
 		Show: func(link, code string) {
-			fmt.Fprintf(stderr, "This application asks for a credential that may only keep %s exposed.\n", name)
+			if g.pick {
+				fmt.Fprintf(stderr, "This application asks for a credential that may only keep one name exposed (it suggests %s; the person who approves picks).\n", name)
+			} else {
+				fmt.Fprintf(stderr, "This application asks for a credential that may only keep %s exposed.\n", name)
+			}
 			fmt.Fprintf(stderr, "Code %s. Open this link, or have a person with an enrolled device run:\n", code)
 			fmt.Fprintf(stderr, "tp grant \"%s\"\n", link)
 			fmt.Fprintf(stderr, "Waiting for the approval (up to %s)…\n", g.wait)
 		},
 	})
-	return err
+	if err != nil || !g.pick {
+		return name, err
+	}
+	picked, err := clients.GrantedName(ctx, home)
+	if err == nil && picked != name {
+		fmt.Fprintf(stderr, "The person approved the name %s (this application suggested %s).\n", picked, name)
+	}
+	return picked, err
 }
 
 func grantCmd(stdout io.Writer) *cobra.Command {
 	var yes, list bool
-	var revoke string
+	var revoke, name string
 	cmd := &cobra.Command{
 		Use:   "grant LINK",
 		Short: "Approve an application's request for a credential that may only keep one name exposed",
@@ -121,6 +135,11 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if name != "" && name != g.Name && !g.Pick {
+				return fmt.Errorf("the application asks for %s and takes no other name (its link does not let you pick: it was not made with tp expose --request --let-pick)", g.Name)
+			} else if name != "" {
+				g.Name = name
+			}
 			app := g.App
 			if app == "" {
 				app = "the application"
@@ -139,7 +158,7 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 			}
 			ctx, cancel = context.WithTimeout(cmd.Context(), cfg.Timeout)
 			defer cancel()
-			g, res, err := c.ApproveGrant(ctx, args[0])
+			g, res, err := c.ApproveGrant(ctx, args[0], name)
 			if err != nil {
 				return err
 			}
@@ -150,6 +169,7 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVar(&yes, "yes", false, "approve without asking (for scripts; compare the code first)")
+	cmd.Flags().StringVar(&name, "name", "", "approve this name instead of the one the link suggests, when the application lets the person pick (tp expose --request --let-pick)")
 	cmd.Flags().BoolVar(&list, "list", false, "list your user's grants, whichever of your devices approved them")
 	cmd.Flags().StringVar(&revoke, "revoke", "", "revoke one of your user's grants (its DEVICE, as --list shows it) for good: its sessions end at once")
 	return cmd

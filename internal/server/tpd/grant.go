@@ -119,7 +119,7 @@ func serveGrantPage(w http.ResponseWriter, r *http.Request, signIn bool) {
 	// query but them reaches it: every character a shell or cmd.exe would
 	// act on is percent-encoded, and the double quotes hold the & between
 	// fields on both.
-	v := grantView{App: g.App, Name: g.Name, How: how, Code: login.GrantCode(g.Key), Command: g.Command()}
+	v := grantView{App: g.App, Name: g.Name, How: how, Code: login.GrantCode(g.Key), Command: g.Command(), Pick: g.Pick}
 	if signIn {
 		_, query, _ := strings.Cut(g.Link(), "?")
 		v.SignIn = login.PathGrantSignIn + "?" + query
@@ -131,6 +131,7 @@ type grantView struct {
 	Bad                           bool
 	App, Name, How, Code, Command string
 	SignIn                        string // the page that approves by signing in, or ""
+	Pick                          bool   // the person may approve another name
 }
 
 var grantTemplate = template.Must(template.New("grant").Parse(`<!doctype html>
@@ -139,7 +140,8 @@ var grantTemplate = template.Must(template.New("grant").Parse(`<!doctype html>
 {{else}}<h1>An application asks to keep {{.Name}} exposed</h1>
 <p>{{if .App}}<b>{{.App}}</b>{{else}}An application that gave no name{{end}} asks for a credential that can do one thing:
 keep <b>{{.Name}}</b> exposed through this TP server, {{.How}}. It cannot dial anywhere or expose another name.</p>
-<p>Approve only if the application shows the code <b>{{.Code}}</b>.</p>
+{{if .Pick}}<p>It takes another name if you approve another: <code>--name NAME</code> on the command below, or the form after signing in.</p>
+{{end}}<p>Approve only if the application shows the code <b>{{.Code}}</b>.</p>
 {{if .SignIn}}<p><a id="sign-in" href="{{.SignIn}}">Sign in with your organisation's account to approve it here</a>, or run this on one of your enrolled devices:</p>
 {{else}}<p>To approve, run this on one of your enrolled devices:</p>
 {{end}}<pre>{{.Command}}</pre>

@@ -260,7 +260,7 @@ func startGrantApp(t *testing.T, env []string, args ...string) (next func(what s
 func TestGrantApprovedOnWebsite(t *testing.T) {
 	parallel(t)
 	idp := testidp.Start(t, testidp.Person{Subject: "s-alice", Email: "alice@example.org", EmailVerified: true})
-	policy := strings.ReplaceAll(grantPolicy, `input.destination.reverse == "ci"`, `input.destination.reverse in {"ci", "ci2"}`)
+	policy := strings.ReplaceAll(grantPolicy, `input.destination.reverse == "ci"`, `input.destination.reverse in {"ci", "ci3"}`)
 	srv := startServer(t, policy, "TP_SSO_ISSUER="+idp.Issuer, "TP_SSO_CLIENT_ID="+testidp.ClientID, "TP_SSO_DOMAIN=example.org")
 	idp.AllowRedirect(srv.URL + login.PathGrantSignedIn) // TP's website, registered at the provider
 	echo := testnet.Echo(t)
@@ -327,27 +327,45 @@ func TestGrantApprovedOnWebsite(t *testing.T) {
 	b.open(u.String())
 	b.waitText("This sign-in is not one this browser started")
 
-	// A second application, approved the same way.
+	// A second application, approved the same way, lets the person pick the
+	// name: it suggests ci2, alice approves ci3, and it exposes ci3. Bad
+	// input: a name that is no reverse name's label.
 	app2 := []string{"TP_HOME=" + filepath.Join(t.TempDir(), "app2-home")}
 	next2 := startGrantApp(t, app2, "expose", "ci2", echo, "--allow-user", "bob",
-		"--request", "--server", srv.URL, "--fingerprint", srv.Fingerprint, "--app", "second job")
+		"--request", "--let-pick", "--server", srv.URL, "--fingerprint", srv.Fingerprint, "--app", "second job")
 	link2 := strings.TrimSuffix(strings.TrimPrefix(next2("the link", func(l string) bool { return strings.HasPrefix(l, `tp grant "`) }), `tp grant "`), `"`)
+	if out, err := runErr(bob, nil, binary("tp"), "grant", "--yes", "--name", "ci3", link); err == nil || !strings.Contains(out, "the application asks for ci and takes no other name") {
+		t.Fatalf("another name for an application that lets nobody pick: %v\n%s", err, out)
+	}
 	b.open(link2)
 	b.waitText("Sign in with your organisation's account")
 	b.click("#sign-in")
-	b.waitText("second job asks for a credential")
+	b.waitText("It suggests ci2 and takes the one you approve")
+	b.eval(`document.querySelector("#name").value = "CI 3"`)
 	b.click("#approve")
-	second := regexp.MustCompile(`now holds (alice@grant-[a-z2-7]{16}),`).FindStringSubmatch(b.waitText("now holds"))
+	b.waitText("is not a reverse name's label")
+	b.open(link2)
+	b.waitText("Sign in with your organisation's account")
+	b.click("#sign-in")
+	b.waitText("It suggests ci2 and takes the one you approve")
+	b.eval(`document.querySelector("#name").value = "ci3"`)
+	b.click("#approve")
+	second := regexp.MustCompile(`now holds (alice@grant-[a-z2-7]{16}), which may only keep ci3 exposed`).FindStringSubmatch(b.waitText("now holds"))
 	if second == nil {
-		t.Fatal("the second approval names no granted device")
+		t.Fatal("the second approval names no granted device for ci3")
 	}
-	next2("the second registration", func(l string) bool { return strings.HasPrefix(l, "Exposing ") })
+	next2("the person's pick", func(l string) bool {
+		return strings.Contains(l, "The person approved the name ci3 (this application suggested ci2)")
+	})
+	next2("the second registration", func(l string) bool {
+		return strings.HasPrefix(l, "Exposing ") && strings.Contains(l, "ci3.rev.tp.internal")
+	})
 
 	// Alice lists her grants on the website and revokes the first: its agent stops.
 	b.open(srv.URL + login.PathGrantsPage)
 	page = b.waitText("Grants of alice")
 	for _, d := range []string{device[1], second[1]} {
-		if !regexp.MustCompile(regexp.QuoteMeta(d) + `\s+expose:ci2?\s+sign-in:s-alice\s+.*active`).MatchString(page) {
+		if !regexp.MustCompile(regexp.QuoteMeta(d) + `\s+expose:ci3?\s+sign-in:s-alice\s+.*active`).MatchString(page) {
 			t.Fatalf("alice's grants page does not list %s as active:\n%s", d, page)
 		}
 	}
@@ -364,7 +382,7 @@ func TestGrantApprovedOnWebsite(t *testing.T) {
 	next = next2
 	run(t, nil, binary("tpd"), "users", "unbind", "alice", "--data-dir", srv.DataDir)
 	next("the end of the exposure", func(l string) bool { return strings.Contains(l, "no longer bound") })
-	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci2.rev.tp.internal", echoPort); err == nil {
-		t.Fatalf("bob reached ci2 after the approving account was unbound: %q", got)
+	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "ci3.rev.tp.internal", echoPort); err == nil {
+		t.Fatalf("bob reached ci3 after the approving account was unbound: %q", got)
 	}
 }
