@@ -171,6 +171,9 @@ func Run(ctx context.Context, o Options) (err error) {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("before scenario %s: %w", s.name, err) // interrupted: the deferred Close stops everything
 		}
+		if err := e.tpdExited(); err != nil {
+			return fmt.Errorf("before scenario %s: %w", s.name, err)
+		}
 		e.log("scenario %s", s.name)
 		r, err := s.fn(ctx, e, sz, runs)
 		if err != nil {

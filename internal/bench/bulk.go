@@ -230,7 +230,7 @@ func bulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		peer(peerFrpTCPName, "tls", []string{peerFrps, peerFrpc}, frp(false), true),
 		peer(peerFrpSTCPName, "tls", []string{peerFrps, peerFrpc}, frp(true), true))
 
-	interleave(runs, vs, e.log)
+	e.interleave(runs, vs)
 	rows := collect(vs)
 	for _, p := range []struct{ name, target string }{{peerGhostName, "≥1.0×"}, {peerChiselName, ""}, {peerFrpTCPName, ""}} {
 		if tp, pr := find(vs, tpName), find(vs, p.name); tp != nil && pr != nil && !strings.HasPrefix(pr.Err, "not given") {

@@ -161,7 +161,7 @@ func connectBulk(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error)
 			vs = append(vs, mk(c.name, "tls", c.note, c.open))
 		}
 	}
-	interleave(runs, vs, e.log)
+	e.interleave(runs, vs)
 	rows := collect(vs)
 	for _, base := range []string{fwdName, dialName} {
 		for _, n := range []string{h1Name, h2Name} {

@@ -134,7 +134,7 @@ func download(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		vs = append(vs, v)
 	}
 
-	interleave(runs, vs, e.log)
+	e.interleave(runs, vs)
 	rows := collect(vs)
 	tp := find(vs, tpName)
 	for _, p := range []struct{ name, target string }{

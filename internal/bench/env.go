@@ -198,6 +198,20 @@ func (e *Env) startTPD(ctx context.Context) error {
 	return nil
 }
 
+// tpdExited says, once the bench's own tpd has exited, that it did and how
+// (nil while it runs, or when none was started).
+func (e *Env) tpdExited() error {
+	if e.tpd == nil {
+		return nil
+	}
+	select {
+	case <-e.tpd.done:
+		return fmt.Errorf("the bench's tpd exited (%v), so nothing more can be measured through it; the end of its log:\n%s", e.tpd.err, e.tpd.out.String())
+	default:
+		return nil
+	}
+}
+
 // startFreshTPD starts another tpd, with a data dir of its own under name, the
 // bench policy and the per-device bound lifted, and enrolls a device for it: a
 // server that has served nothing yet, like the peers' servers a scenario starts.

@@ -179,6 +179,6 @@ func handshakes(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) 
 			}})
 		}
 	}
-	interleave(runs, vs, e.log)
+	e.interleave(runs, vs)
 	return collect(vs), nil
 }

@@ -361,7 +361,7 @@ func httpScenario(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error
 		vs = append(vs, &variant{rows: r[:], fn: func() ([]float64, error) { return p.sequential(ctx, sz.httpSeq) }})
 	}
 	e.log("http: %d clients for %s, then 1 client for %d requests, per variant and run", httpClients, sz.httpTime, sz.httpSeq)
-	interleave(runs, vs, e.log)
+	e.interleave(runs, vs)
 
 	rows := collect(vs)
 	for _, p := range []*httpPath{directTLS, revH2, revH1, sni} {

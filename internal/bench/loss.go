@@ -353,7 +353,7 @@ func loss(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 				return trial(p.addr)
 			}})
 		}
-		interleave(runs, lvs, e.log)
+		e.interleave(runs, lvs)
 		vs = append(vs, lvs...)
 	}
 	return collect(vs), nil

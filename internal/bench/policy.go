@@ -148,6 +148,6 @@ func policyLatency(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, erro
 		mk(bigName, base, big),
 		mk(bigName+", decision cache", bigName, bigCached),
 	}
-	interleave(runs, vs, e.log)
+	e.interleave(runs, vs)
 	return collect(vs), nil
 }

@@ -230,9 +230,9 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	}
 
 	e.log("reverse: bulk")
-	interleave(runs, bulkVs, e.log)
+	e.interleave(runs, bulkVs)
 	e.log("reverse: new-session latency")
-	interleave(runs, setupVs, e.log)
+	e.interleave(runs, setupVs)
 
 	// Ratios against frp only when it was given (its rows say so otherwise).
 	withFRP := e.peers.why(peerFrps, peerFrpc) == ""

@@ -247,7 +247,7 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		peer(frpTCP, "tls", []string{peerFrps, peerFrpc}, frp(false)),
 		peer(frpSTCP, "tls", []string{peerFrps, peerFrpc}, frp(true)))
 
-	interleave(runs, vs, e.log)
+	e.interleave(runs, vs)
 	rows := collect(vs)
 	quicName := fmt.Sprintf("tp forward, new QUIC stream, %d conns", n)
 	for _, c := range []struct{ num, den, target string }{

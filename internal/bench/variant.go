@@ -10,11 +10,20 @@ type variant struct {
 
 // interleave runs every variant once per run, runs times, so that slow drifts of
 // the machine (other load, caches, frequency) hit all variants alike and per-run
-// ratios compare like with like. A failing variant is marked and skipped.
-func interleave(runs int, vs []*variant, log func(string, ...any)) {
+// ratios compare like with like. A failing variant is marked and skipped; once
+// the bench's tpd has exited, every variant left is marked failed instead of
+// run (each would wait out tp's timeout against a server that is gone).
+func (e *Env) interleave(runs int, vs []*variant) {
+	log := e.log
 	for i := range runs {
 		for _, v := range vs {
 			if v.rows[0].Err != "" {
+				continue
+			}
+			if err := e.tpdExited(); err != nil {
+				for _, r := range v.rows {
+					r.Err, r.Runs = firstLine(err.Error()), nil
+				}
 				continue
 			}
 			vals, err := v.fn()
