@@ -69,6 +69,9 @@ func (e *Enroller) makeShare(r *http.Request, id authz.Identity, by string, req 
 	if e.SSO.Domain != "" && (guest == "@"+asciiLower(e.SSO.Domain) || users.Share{Guest: "@" + asciiLower(e.SSO.Domain)}.For(guest)) {
 		return users.Share{}, http.StatusBadRequest, fmt.Sprintf("%s is of this server's own domain %s: its people sign in with dlogin --sso and the policy decides what they reach; share with people outside it", guest, e.SSO.Domain)
 	}
+	if why := e.SSO.guestRefused(guest); why != "" {
+		return users.Share{}, http.StatusForbidden, why
+	}
 	until, err := time.Parse(time.RFC3339, req.Until)
 	now := e.now()
 	switch {
@@ -76,7 +79,7 @@ func (e *Enroller) makeShare(r *http.Request, id authz.Identity, by string, req 
 		return users.Share{}, http.StatusBadRequest, "until must be RFC 3339"
 	case !until.After(now.Add(time.Minute)):
 		return users.Share{}, http.StatusBadRequest, fmt.Sprintf("the share would end at %s, in the past or within a minute; give a later end", until.UTC().Format(time.RFC3339))
-	case until.Sub(now) > login.MaxShareFor:
+	case until.Sub(now) > login.MaxShareFor+5*time.Minute: // a client's clock a little ahead
 		return users.Share{}, http.StatusBadRequest, fmt.Sprintf("a share lasts at most %s; give an end before %s", login.MaxShareFor, now.Add(login.MaxShareFor).UTC().Format(time.RFC3339))
 	}
 	if e.MayShare == nil {
@@ -85,6 +88,16 @@ func (e *Enroller) makeShare(r *http.Request, id authz.Identity, by string, req 
 	if ok, reason := e.MayShare(r.Context(), id, req.Name, false); !ok {
 		e.log().Info("share refused", "approver", by, "name", req.Name, "guest", guest, "why", reason)
 		return users.Share{}, http.StatusForbidden, reason
+	}
+	// A name another user's agent holds is theirs to share: its agent admits
+	// only guests of its own user's shares, so such a share would let nobody
+	// in, and it would read as if it did.
+	if e.ReverseOwner != nil {
+		if owner, held := e.ReverseOwner(e.reverseHost(req.Name)); held {
+			if u, _, _ := strings.Cut(owner, "@"); u != id.User {
+				return users.Share{}, http.StatusForbidden, fmt.Sprintf("%s is exposed by another user's device (%s); only its own people can share it", e.reverseHost(req.Name), owner)
+			}
+		}
 	}
 	if prepare != nil {
 		if status, msg := prepare(); status != 0 {
@@ -117,32 +130,40 @@ func (e *Enroller) makeShare(r *http.Request, id authz.Identity, by string, req 
 
 // shareInfo is what a person is told of a share.
 func (e *Enroller) shareInfo(sh users.Share) login.ShareInfo {
-	info := login.ShareInfo{ID: sh.ID, Name: sh.Name, Host: e.reverseHost(sh.Name), Guest: sh.Guest, By: sh.By, Created: sh.Created, Until: sh.Until, State: "active", Guests: []string{}}
-	probe := users.Device{ID: "guest@" + sh.Name, GrantedBy: users.ShareApprover + sh.ID}
-	switch {
-	case sh.Revoked:
-		info.State = "revoked"
-	case !sh.Live(e.now()):
-		info.State = "ended"
-	case e.Denied != nil && e.deniedID(sh.By):
-		info.State = "ended" // its approver is on the deny list
-	case e.shareGone(probe) != nil:
-		info.State = "ended"
-	}
-	for _, u := range e.Users.Users() {
-		for _, d := range u.Devices {
-			if d.GrantedBy == users.ShareApprover+sh.ID {
-				info.Guests = append(info.Guests, d.ID)
-			}
-		}
-	}
-	return info
+	return e.shareInfos([]users.Share{sh})[0]
 }
 
-// shareGone says why a device granted by a share may not connect, from the
-// store's own listing (Approvers.Gone).
-func (e *Enroller) shareGone(d users.Device) error {
+// shareInfos is what a person is told of shares, with one look at the store.
+func (e *Enroller) shareInfos(shares []users.Share) []login.ShareInfo {
+	a, guests := e.approvers()
+	out := make([]login.ShareInfo, 0, len(shares))
+	now := e.now()
+	for _, sh := range shares {
+		info := login.ShareInfo{ID: sh.ID, Name: sh.Name, Host: e.reverseHost(sh.Name), Guest: sh.Guest, By: sh.By,
+			Created: sh.Created, Until: sh.Until, State: "active", Guests: guests[sh.ID]}
+		if info.Guests == nil {
+			info.Guests = []string{}
+		}
+		probe := users.Device{ID: "guest", Scope: authz.Scope("guest:" + sh.Name), GrantedBy: users.ShareApprover + sh.ID}
+		if _, ok := a.Shares[sh.ID]; !ok {
+			a.Shares[sh.ID] = &sh
+		}
+		switch {
+		case sh.Revoked:
+			info.State = "revoked"
+		case !sh.Live(now), e.deniedID(sh.ApproverID()), a.Gone(&probe, now) != nil:
+			info.State = "ended" // past its end, or its approver is gone or on the deny list
+		}
+		out = append(out, info)
+	}
+	return out
+}
+
+// approvers is the store's devices, users and shares (users.Approvers), and
+// the devices each share enrolled.
+func (e *Enroller) approvers() (users.Approvers, map[string][]string) {
 	a := users.Approvers{Devices: map[string]*users.Device{}, Users: map[string]*users.User{}, Shares: map[string]*users.Share{}}
+	guests := map[string][]string{}
 	for _, sh := range e.Users.Shares() {
 		a.Shares[sh.ID] = &sh
 	}
@@ -150,20 +171,23 @@ func (e *Enroller) shareGone(d users.Device) error {
 		a.Users[u.Name] = &u.User
 		for _, dv := range u.Devices {
 			a.Devices[dv.ID] = &dv
+			if id, ok := strings.CutPrefix(dv.GrantedBy, users.ShareApprover); ok {
+				guests[id] = append(guests[id], dv.ID)
+			}
 		}
 	}
-	return a.Gone(&d, e.now())
+	return a, guests
 }
 
 // myShares is the shares of user, oldest first.
 func (e *Enroller) myShares(user string) []login.ShareInfo {
-	out := []login.ShareInfo{}
+	var mine []users.Share
 	for _, sh := range e.Users.Shares() {
 		if sh.User == user {
-			out = append(out, e.shareInfo(sh))
+			mine = append(mine, sh)
 		}
 	}
-	return out
+	return e.shareInfos(mine)
 }
 
 // shares lists the shares of the asking device's user.
@@ -234,9 +258,16 @@ func (e *Enroller) guestShare(email, name string) (users.Share, string) {
 	var found []users.Share
 	now := e.now()
 	for _, sh := range e.Users.Shares() {
-		if sh.Live(now) && sh.For(email) && (name == "" || sh.Name == name) {
+		if sh.Live(now) && sh.For(email) && (name == "" || sh.Name == name) && e.SSO.guestRefused(sh.Guest) == "" {
 			found = append(found, sh)
 		}
+	}
+	if len(found) > 0 { // of those, the ones whose approver lives
+		a, _ := e.approvers()
+		found = slices.DeleteFunc(found, func(sh users.Share) bool {
+			probe := users.Device{ID: "guest", Scope: authz.Scope("guest:" + sh.Name), GrantedBy: users.ShareApprover + sh.ID}
+			return a.Gone(&probe, now) != nil || e.deniedID(sh.ApproverID())
+		})
 	}
 	switch {
 	case len(found) == 0 && name != "":
@@ -308,7 +339,8 @@ func (e *Enroller) enrollGuest(w http.ResponseWriter, r *http.Request, req login
 	}
 	id := authz.DeviceID(p.User, req.Device)
 	if e.Denied != nil {
-		if reason, denied := e.Denied(users.Device{ID: id, User: p.User, Name: req.Device}); denied {
+		scope, _ := authz.GuestScope(sh.Name)
+		if reason, denied := e.Denied(users.Device{ID: id, User: p.User, Name: req.Device, Scope: scope, GrantedBy: users.ShareApprover + sh.ID}); denied {
 			writeErr(w, http.StatusForbidden, reason)
 			return
 		}
@@ -362,4 +394,23 @@ func (e *Enroller) enrollGuest(w http.ResponseWriter, r *http.Request, req login
 		EnrollResponse: login.EnrollResponse{DeviceID: dev.ID, User: dev.User, Device: dev.Name},
 		Groups:         []string{},
 		Guest:          &login.GuestInfo{Name: sh.Name, Host: e.reverseHost(sh.Name), Share: sh.ID, By: sh.User, Until: sh.Until}})
+}
+
+// guestRefused says why the server's sso-guest-domains refuse guest (an
+// address, or @DOMAIN for a whole domain), "" when they let it in.
+func (s *SSO) guestRefused(guest string) string {
+	if len(s.GuestDomains) == 0 {
+		return "this TP server lets no guests in; its administrator names the email domains guests may come from in sso-guest-domains"
+	}
+	domain := domainOf(guest)
+	whole := strings.HasPrefix(guest, "@")
+	for _, d := range s.GuestDomains {
+		if d == domain || d == "*" && !whole {
+			return ""
+		}
+	}
+	if whole {
+		return fmt.Sprintf("a share with everyone at %s needs %s named in the server's sso-guest-domains; share with one address instead, or ask your TP administrator", domain, domain)
+	}
+	return fmt.Sprintf("guests of %s may not be let in: the server's sso-guest-domains do not name it; ask your TP administrator", domain)
 }

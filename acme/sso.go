@@ -90,6 +90,11 @@ type SSO struct {
 	// Used records the ID tokens that enrolled a device, for every instance
 	// that shares it; nil keeps them in this instance's memory (one tpd).
 	Used UsedTokens
+	// GuestDomains are the email domains guests may come from (share.go):
+	// a share with an address needs its domain here, or "*" for any; a
+	// share with a whole domain needs that domain named. Empty lets no
+	// guest in. Lower case.
+	GuestDomains []string
 
 	mu       sync.Mutex
 	verifier *oidc.IDTokenVerifier
@@ -283,7 +288,10 @@ func (s *SSO) check(ctx context.Context, raw string, now time.Time, again string
 		return ssoPerson{}, time.Time{}, refuse("the ID token's claims cannot be read: %v", err)
 	}
 	p, err := s.person(claims)
-	if r := (*ssoRefusal)(nil); errors.As(err, &r) && r.outside != nil && tok.Subject != "" {
+	if r := (*ssoRefusal)(nil); errors.As(err, &r) && r.outside != nil {
+		if tok.Subject == "" { // no guest either: a guest is bound to their subject
+			return ssoPerson{}, time.Time{}, refuse("the ID token names no subject (sub): ask your TP administrator; the provider does not follow OpenID Connect")
+		}
 		r.outside.Subject = tok.Subject
 		return ssoPerson{}, tok.Expiry, r
 	}

@@ -48,6 +48,15 @@ func Verify(leaf *x509.Certificate, deny *DenyList, dir Directory) (Identity, er
 	if reason, denied := deny.Denies(id); denied {
 		return Identity{}, &revokedError{reason}
 	}
+	if sc, ok := dir.(Scoper); ok {
+		id.Guest = sc.Scope(id.DeviceID).Guest()
+	}
+	if sh, ok := dir.(Sharer); ok && id.Guest != "" {
+		id.GuestOf = sh.SharedBy(id.DeviceID)
+	}
+	if id.GuestOf == "" {
+		id.Guest = "" // a guest whose sharer is unknown is no guest of anyone's
+	}
 	if g, ok := dir.(Granter); ok {
 		if reason, denied := deny.DeniesApprover(id, g.GrantedBy(id.DeviceID)); denied {
 			return Identity{}, &revokedError{reason}
@@ -66,9 +75,6 @@ func Verify(leaf *x509.Certificate, deny *DenyList, dir Directory) (Identity, er
 	id.Groups = slices.Compact(slices.Sorted(slices.Values(groups)))
 	if id.Groups == nil {
 		id.Groups = []string{}
-	}
-	if sc, ok := dir.(Scoper); ok {
-		id.Guest = sc.Scope(id.DeviceID).Guest()
 	}
 	return id, nil
 }

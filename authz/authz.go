@@ -36,8 +36,9 @@ type Identity struct {
 	Serial   string
 	NotAfter time.Time
 	// Guest is the reverse name label a guest device may connect to
-	// (authz.Scope guest:LABEL), from tpd's user store; "" for any other.
-	Guest string
+	// (authz.Scope guest:LABEL), and GuestOf the user who shared it with
+	// the guest, both from tpd's user store; "" for any other device.
+	Guest, GuestOf string
 }
 
 // String renders the identity the way people read it: "alice@laptop".

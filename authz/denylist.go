@@ -126,11 +126,23 @@ func (d *DenyList) Denies(id Identity) (reason string, denied bool) {
 }
 
 // DeniesApprover reports whether the device that approved id's grant
-// (approver, "" for a device not granted) is on the list, and if so, why:
-// a grant is revoked with its approver (Granter).
+// (approver, "" for a device not granted), or its user, is on the list, and
+// if so, why: a grant is revoked with its approver (Granter). A guest's
+// device (Identity.Guest) is told of its share's end.
 func (d *DenyList) DeniesApprover(id Identity, approver string) (reason string, denied bool) {
-	if d == nil || approver == "" || !d.Contains(DenyDevice, approver) {
+	if d == nil || approver == "" {
 		return "", false
+	}
+	user, _, _ := strings.Cut(approver, "@")
+	switch {
+	case d.Contains(DenyDevice, approver):
+	case user != "" && ValidName(user) && d.Contains(DenyUser, user):
+		approver = "user " + user
+	default:
+		return "", false
+	}
+	if id.Guest != "" {
+		return fmt.Sprintf("%s is a guest by a share of %s, whose sharer (%s) has been revoked, and the share ended with it; ask for a new share", id.DeviceID, id.Guest, approver), true
 	}
 	return fmt.Sprintf("device %s was granted by %s, which has been revoked, and the grant ended with it; the application must ask again and a person approve it", id.DeviceID, approver), true
 }

@@ -38,7 +38,7 @@ func ParseScope(s string) (Scope, error) {
 	}
 	kind, label, ok := strings.Cut(s, ":")
 	if !ok || (kind != scopeExpose && kind != scopeExposePublic && kind != scopeGuest) {
-		return "", fmt.Errorf("scope %q: want expose:LABEL, expose-public:LABEL or guest:LABEL", s)
+		return "", fmt.Errorf("scope %q: want expose:LABEL or expose-public:LABEL (guest:LABEL comes only from a share)", s)
 	}
 	if !dnsLabel(label) {
 		return "", fmt.Errorf("scope %q: %q is not a reverse name's label (1 to 63 lower-case letters, digits or '-', not starting or ending with '-')", s, label)
@@ -130,6 +130,13 @@ type Scoper interface {
 type Granter interface {
 	// GrantedBy is the approving device's ID, "" for a device not granted.
 	GrantedBy(deviceID string) string
+}
+
+// Sharer is implemented by a Directory that knows guests' shares.
+type Sharer interface {
+	// SharedBy is the user who shared its name with the guest device, ""
+	// for a device that is no guest's (or whose share is gone).
+	SharedBy(deviceID string) string
 }
 
 // dnsLabel reports whether l is one lower-case DNS label, as reverse names'

@@ -64,9 +64,11 @@ type Agent struct {
 	Exposed []Exposed
 	// AllowUsers and AllowGroups say who may connect; both empty allows nobody.
 	AllowUsers, AllowGroups []string
-	// RefuseGuests refuses guests, whom a person who may keep a name exposed
-	// shared it with (tp share; the server announces them,
-	// wire.SessionHeader.PeerGuest): by default they are admitted.
+	// Owner is the user this agent's device belongs to: guests with whom
+	// that user shared a name the agent exposes (tp share; the server
+	// announces them, wire.SessionHeader.PeerGuestOf) are admitted, unless
+	// RefuseGuests. Empty admits no guest.
+	Owner        string
 	RefuseGuests bool
 	// Certificate returns the server certificate for a full reverse name
 	// ((*Client).ReverseCertificate). Required.
@@ -783,8 +785,11 @@ func (a *Agent) admit(ctx context.Context, sess *e2eSession, hdr wire.SessionHea
 		users, groups := listOrNone(a.AllowUsers), listOrNone(a.AllowGroups)
 		a.mu.Unlock()
 		guests := ""
-		if hdr.PeerGuest {
+		switch {
+		case hdr.PeerGuestOf != "" && a.RefuseGuests:
 			guests = "; it is a guest, and this agent refuses guests"
+		case hdr.PeerGuestOf != "":
+			guests = "; it is a guest of " + hdr.PeerGuestOf + "'s share, and this agent is not " + hdr.PeerGuestOf + "'s"
 		}
 		sess.refuse(CodeAgentDenied, fmt.Sprintf("%s is not allowed by the agent of %s (allowed users: %s; groups: %s%s)",
 			device, full, users, groups, guests), log)
@@ -992,7 +997,7 @@ func refuseSession(st net.Conn, code quic.ApplicationErrorCode) { wire.Abort(st,
 func (a *Agent) allowed(user string, hdr wire.SessionHeader) bool {
 	a.mu.Lock() // SetAllow may replace the lists
 	defer a.mu.Unlock()
-	if slices.Contains(a.AllowUsers, user) || hdr.PeerGuest && !a.RefuseGuests {
+	if slices.Contains(a.AllowUsers, user) || a.admitsGuest(hdr) {
 		return true
 	}
 	for _, g := range hdr.PeerGroups {
@@ -1001,6 +1006,12 @@ func (a *Agent) allowed(user string, hdr wire.SessionHeader) bool {
 		}
 	}
 	return false
+}
+
+// admitsGuest says whether hdr announces a guest with whom the agent's own
+// user shared the name, and the agent admits guests.
+func (a *Agent) admitsGuest(hdr wire.SessionHeader) bool {
+	return hdr.PeerGuestOf != "" && hdr.PeerGuestOf == a.Owner && !a.RefuseGuests
 }
 
 func listOrNone(l []string) string {

@@ -407,7 +407,10 @@ func (s *Server) establishReverse(ctx context.Context, conn wire.Stream, ss *ses
 func (s *Server) dialHeader(ss *session, label string) wire.SessionHeader {
 	hdr := wire.SessionHeader{V: wire.Version, Session: newSessionID(), Name: label,
 		PeerID: ss.id.DeviceID, PeerUser: ss.id.User, PeerGroups: ss.id.Groups,
-		PeerGuest: ss.id.Guest != "" && ss.id.Guest == label}
+		PeerGuestOf: ss.id.GuestOf}
+	if ss.id.Guest != label {
+		hdr.PeerGuestOf = "" // a guest is a guest of its one name only
+	}
 	if ss.network == "udp" {
 		// The relay splices the dialer's stream to the agent's: datagrams travel
 		// as capsules end to end (inside the inner TLS session when protected).

@@ -64,7 +64,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 				return fmt.Errorf("--max-sessions %d must be between 1 and 1000000", maxSessions)
 			}
 			if !pub.public() && len(allowUsers) == 0 && len(allowGroups) == 0 {
-				return fmt.Errorf("say who may connect to %s: --allow-user NAME or --allow-group GROUP (nobody is allowed otherwise)", args[0])
+				return fmt.Errorf("say who may connect to %s: --allow-user NAME or --allow-group GROUP (nobody else is allowed, only guests you share it with: tp share)", args[0])
 			}
 			exposed := []clients.Exposed{main}
 			for _, e := range extra {
@@ -91,6 +91,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 				Exposed:       exposed,
 				AllowUsers:    allowUsers,
 				AllowGroups:   allowGroups,
+				Owner:         ownerOf(c.Profile.DeviceID),
 				RefuseGuests:  refuseGuests,
 				ExitOnRefusal: exitOnRefusal,
 				MaxSessions:   maxSessions,
@@ -181,4 +182,10 @@ func exposeHTTP(cmd *cobra.Command, stderr io.Writer, name, local, proxyName str
 		},
 	}
 	return x.Run(cmd.Context())
+}
+
+// ownerOf is the user of a device ID ("alice@laptop": alice).
+func ownerOf(deviceID string) string {
+	user, _, _ := strings.Cut(deviceID, "@")
+	return user
 }

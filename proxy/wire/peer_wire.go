@@ -114,7 +114,7 @@ func validPeerPublic(o PeerOpen, net string) error {
 		return Errorf(CodeBadRequest, "peer open of %s: a public session's label is the serving instance's to set", o.Key)
 	case h.Net != want:
 		return Errorf(CodeBadRequest, "peer open of %s: network %q (want %q)", o.Key, h.Net, want)
-	case h.PeerID != "" || h.PeerUser != "" || len(h.PeerGroups) > 0 || h.PeerGuest:
+	case h.PeerID != "" || h.PeerUser != "" || len(h.PeerGroups) > 0 || h.PeerGuestOf != "":
 		return Errorf(CodeBadRequest, "peer open of %s: a public session has no dialer identity", o.Key)
 	}
 	if _, err := netip.ParseAddrPort(h.PeerAddr); err != nil {

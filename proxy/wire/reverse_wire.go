@@ -57,11 +57,11 @@ type SessionHeader struct {
 	PeerID     string   `json:"peer_id,omitempty"`
 	PeerUser   string   `json:"peer_user,omitempty"`
 	PeerGroups []string `json:"peer_groups,omitempty"`
-	// PeerGuest says the dialer is a guest whom a person who may keep Name
-	// exposed shared it with (docs/LOGIN.md, "Guest shares"): its device
-	// may connect to Name and nothing else, until the share ends. An agent
-	// admits it as if its allow list named it, unless it refuses guests.
-	PeerGuest bool `json:"peer_guest,omitempty"`
+	// PeerGuestOf says the dialer is a guest with whom this user shared Name
+	// (docs/LOGIN.md, "Guest shares"): its device may connect to Name and
+	// nothing else, until the share ends. An agent of that user's admits it
+	// as if its allow list named it, unless it refuses guests.
+	PeerGuestOf string `json:"peer_guest_of,omitempty"`
 	// Public is set on a session that came from a public port or SNI
 	// pass-through ("tcp/27015", "sni/blog.example.org"): there is no dialer
 	// identity, PeerAddr is the public client's address, and no inner TLS is run.

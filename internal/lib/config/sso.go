@@ -46,6 +46,18 @@ type SSO struct {
 	// revoked (1 to MaxSSOMaxDevices; no "unbounded": a sign-in, or an ID
 	// token that leaked, must not be able to fill the user store).
 	SSOMaxDevices int `mapstructure:"sso-max-devices"`
+	// SSOGuestDomains are the email domains of guests, outside people with
+	// whom a person may share one name they expose for a while (tp share,
+	// docs/LOGIN.md section 7), separated by spaces or commas: a share with
+	// an address needs its domain here, or "*" for any domain; a share with
+	// a whole domain (@partner.example) needs that domain named. Empty lets
+	// no guest in.
+	SSOGuestDomains string `mapstructure:"sso-guest-domains"`
+}
+
+// GuestDomains is sso-guest-domains as a list, lower case.
+func (s SSO) GuestDomains() []string {
+	return strings.Fields(strings.ToLower(strings.ReplaceAll(s.SSOGuestDomains, ",", " ")))
 }
 
 // SSO renewal modes (sso-renew).
@@ -80,14 +92,15 @@ func setSSODefaults(v *viper.Viper, d SSO) {
 	v.SetDefault("sso-keep-refresh", d.SSOKeepRefresh)
 	v.SetDefault("sso-groups-required", d.SSOGroupsRequired)
 	v.SetDefault("sso-max-devices", d.SSOMaxDevices)
+	v.SetDefault("sso-guest-domains", d.SSOGuestDomains)
 }
 
 // validateSSO checks the sign-in settings: with an issuer, a client and a
 // domain are needed (a provider such as Google signs in anybody).
 func (s Server) validateSSO() []error {
 	if s.SSOIssuer == "" {
-		if s.SSOClientID != "" || s.SSODomain != "" {
-			return []error{fmt.Errorf("sso-client-id or sso-domain is set but sso-issuer is empty; set sso-issuer to the identity provider's issuer URL, or drop them")}
+		if s.SSOClientID != "" || s.SSODomain != "" || s.SSOGuestDomains != "" {
+			return []error{fmt.Errorf("sso-client-id, sso-domain or sso-guest-domains is set but sso-issuer is empty; set sso-issuer to the identity provider's issuer URL, or drop them")}
 		}
 		return nil
 	}
@@ -107,6 +120,15 @@ func (s Server) validateSSO() []error {
 		errs = append(errs, fmt.Errorf("sso-issuer is set but sso-domain is empty; name the email domain whose people may enrol (e.g. example.org): many providers sign in anybody"))
 	case strings.ContainsAny(d, "@/:*, ") || strings.Trim(d, ".") != d || !strings.Contains(d, ".") || !isASCIIString(d):
 		errs = append(errs, fmt.Errorf("sso-domain %q is not one email domain, e.g. example.org (one: people of several domains would share one name space of users)", d))
+	}
+	for _, g := range s.GuestDomains() {
+		switch {
+		case g == "*":
+		case strings.ContainsAny(g, "@/:*") || strings.Trim(g, ".") != g || !strings.Contains(g, ".") || !isASCIIString(g):
+			errs = append(errs, fmt.Errorf("sso-guest-domains: %q is not an email domain (e.g. partner.example), nor * for any", g))
+		case strings.EqualFold(g, s.SSODomain):
+			errs = append(errs, fmt.Errorf("sso-guest-domains: %q is sso-domain, whose people are the organisation's, not guests", g))
+		}
 	}
 	if s.SSOUserClaim == "" || s.SSOGroupsClaim == "" {
 		errs = append(errs, fmt.Errorf("sso-user-claim and sso-groups-claim must name claims of the ID token (defaults email and groups)"))
@@ -147,8 +169,9 @@ func checkScopes(scopes []string) error {
 func ssoYAML(b *strings.Builder, s Server) {
 	fmt.Fprintf(b, "# Sign-in with the organisation's OpenID Connect provider (dlogin --sso, docs/LOGIN.md): its issuer\n# URL, TP's client ID there (a public client with the redirect URI http://127.0.0.1/callback\n# and the device authorization grant), the email\n# domain whose people may enrol, the claim that names the TP user (an email gives its local part)\n# and the claim that lists its groups, and the scopes a sign-in asks for (add groups for Dex or Okta).\n# \"\" turns it off; enrollment tokens work either way.\nsso-issuer: %q\nsso-client-id: %q\nsso-domain: %q\nsso-user-claim: %q\nsso-groups-claim: %q\nsso-scopes: %q\n"+
 		"# What renews a device enrolled by sign-in: \"device-key\", or \"sign-in\" (a fresh sign-in each time: a person the\n# provider disabled loses TP within 4 hours); with sign-in, whether devices keep the provider's refresh token\n# (encrypted with the device key) so that renewals need no browser; and whether an ID token\n# without the groups claim means no groups (providers that leave it out for people with none).\nsso-renew: %q\nsso-keep-refresh: %t\nsso-groups-required: %t\n"+
-		"# The most devices one user may have enrolled by sign-in and not revoked (1 to 1000).\nsso-max-devices: %d\n",
-		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim, s.SSOScopes, s.SSORenew, s.SSOKeepRefresh, s.SSOGroupsRequired, s.SSOMaxDevices)
+		"# The most devices one user may have enrolled by sign-in and not revoked (1 to 1000).\nsso-max-devices: %d\n"+
+		"# Email domains of guests, with whom people may share one name they expose for a while (tp share): an\n# address's domain must be here (or * for any), a whole domain (@partner.example) named. \"\" lets no guest in.\nsso-guest-domains: %q\n",
+		s.SSOIssuer, s.SSOClientID, s.SSODomain, s.SSOUserClaim, s.SSOGroupsClaim, s.SSOScopes, s.SSORenew, s.SSOKeepRefresh, s.SSOGroupsRequired, s.SSOMaxDevices, s.SSOGuestDomains)
 }
 
 func isASCIIString(s string) bool {

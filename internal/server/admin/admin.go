@@ -237,6 +237,9 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		ttl = d
 	}
 	scope, err := authz.ParseScope(req.Scope)
+	if err == nil && scope.Guest() != "" {
+		err = fmt.Errorf("scope %q: a guest's scope comes only from a share (tp share NAME --with GUEST), which ends it; enrol with expose:LABEL or expose-public:LABEL", req.Scope)
+	}
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
@@ -321,8 +324,8 @@ func ShareStates(store users.Store, denied func(deviceID string) bool, now time.
 		switch {
 		case sh.Revoked:
 			st.State = "revoked"
-		case a.Gone(&users.Device{ID: "guest", GrantedBy: users.ShareApprover + sh.ID}, now) != nil,
-			denied != nil && !strings.HasPrefix(sh.By, users.SignInApprover) && denied(sh.By):
+		case a.Gone(&users.Device{ID: "guest", Scope: authz.Scope("guest:" + sh.Name), GrantedBy: users.ShareApprover + sh.ID}, now) != nil,
+			denied != nil && denied(sh.ApproverID()):
 			st.State = "ended"
 		}
 		out = append(out, st)

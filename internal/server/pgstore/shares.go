@@ -60,13 +60,25 @@ func (u *Users) AddShare(sh users.Share, max int) error {
 			users.ShareKeep.Microseconds()); err != nil {
 			return err
 		}
-		var mine, all int
-		if err := tx.QueryRow(ctx, "SELECT count(*) FILTER (WHERE user_name = $1 AND NOT revoked AND until > now()), count(*) FROM tp_shares", sh.User).
-			Scan(&mine, &all); err != nil {
+		var mine, kept, all int
+		if err := tx.QueryRow(ctx, `SELECT count(*) FILTER (WHERE user_name = $1 AND NOT revoked AND until > now()),
+			count(*) FILTER (WHERE user_name = $1), count(*) FROM tp_shares`, sh.User).
+			Scan(&mine, &kept, &all); err != nil {
 			return err
 		}
 		if mine >= max {
 			return fmt.Errorf("user %s has %d shares that have not ended: %w", sh.User, mine, users.ErrTooManyShares)
+		}
+		if kept >= users.MaxSharesKept {
+			return fmt.Errorf("user %s has %d shares kept, ended ones included: %w", sh.User, kept, users.ErrTooManyShares)
+		}
+		// An ID is never used twice, even after its share is forgotten: a
+		// guest's device of the old share would come back with it.
+		var used bool
+		if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM tp_devices WHERE granted_by = $1)", users.ShareApprover+sh.ID).Scan(&used); err != nil {
+			return err
+		} else if used {
+			return fmt.Errorf("share %s: %w", sh.ID, errShareExists)
 		}
 		if all >= users.MaxSharesStored {
 			return fmt.Errorf("the database holds %d shares, the most it keeps: %w", all, users.ErrTooManyShares)
@@ -136,4 +148,21 @@ func (u *Users) RevokeShare(id string) (users.Share, error) {
 		u.afterWrite()
 	}
 	return sh, nil
+}
+
+// Share implements users.Store, from the snapshot.
+func (u *Users) Share(id string) (users.Share, error) {
+	if sh := u.snap.Load().shares[id]; sh != nil {
+		return *sh, nil
+	}
+	return users.Share{}, fmt.Errorf("share %s: %w", id, users.ErrNotFound)
+}
+
+// SharedBy implements authz.Sharer, from the snapshot.
+func (u *Users) SharedBy(deviceID string) string {
+	s := u.snap.Load()
+	if d := s.devices[deviceID]; d != nil {
+		return users.Approvers{Shares: s.shares}.SharedBy(d)
+	}
+	return ""
 }

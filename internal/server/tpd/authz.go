@@ -313,6 +313,28 @@ type authState struct {
 	revision string
 	users    uint64
 	deny     uint64 // deny-list reloads from the database (another instance's change)
+	shares   int    // guest shares past their end
+}
+
+// sharesEnded counts the guest shares past their end, looking at the store
+// only when it changed or the next end came (under recheckMu).
+func (d *Daemon) sharesEnded(gen uint64) int {
+	now := time.Now()
+	if gen == d.shareGen && now.Before(d.nextShareEnd) {
+		return d.shareEnds
+	}
+	n, next := 0, now.Add(time.Hour) // looked at again within the hour at most
+	for _, sh := range d.users.Shares() {
+		switch {
+		case sh.Revoked:
+		case !now.Before(sh.Until):
+			n++
+		case sh.Until.Before(next):
+			next = sh.Until
+		}
+	}
+	d.shareEnds, d.shareGen, d.nextShareEnd = n, gen, next
+	return n
 }
 
 // recheckIfChanged re-checks live sessions when the policy revision or the user
@@ -320,7 +342,8 @@ type authState struct {
 func (d *Daemon) recheckIfChanged(ctx context.Context) {
 	d.recheckMu.Lock()
 	defer d.recheckMu.Unlock()
-	now := authState{revision: d.policy.Revision(), users: d.users.Generation(), deny: d.denyGen.Load()}
+	gen := d.users.Generation()
+	now := authState{revision: d.policy.Revision(), users: gen, deny: d.denyGen.Load(), shares: d.sharesEnded(gen)}
 	if now == d.checked {
 		return
 	}
@@ -329,6 +352,8 @@ func (d *Daemon) recheckIfChanged(ctx context.Context) {
 	case now.revision != d.checked.revision:
 	case now.deny != d.checked.deny:
 		why = "deny list changed on another instance"
+	case now.users == d.checked.users:
+		why = "a guest share ended"
 	default:
 		why = "users or groups changed"
 	}

@@ -106,7 +106,9 @@ func (d *Daemon) unscopedDevice(leaf *x509.Certificate) (authz.Identity, error) 
 	if err != nil {
 		return id, err
 	}
-	if sc := d.users.Scope(id.DeviceID); sc != "" {
+	if sc := d.users.Scope(id.DeviceID); sc.Guest() != "" {
+		return id, fmt.Errorf("%s is a guest that may only connect to %s (scope %s), not reach apps of the website", id.DeviceID, sc.Guest(), sc)
+	} else if sc != "" {
 		return id, fmt.Errorf("%s holds a credential that may only keep %s exposed (scope %s), not reach other apps", id.DeviceID, sc.Label(), sc)
 	}
 	return id, nil

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -109,8 +110,15 @@ type Daemon struct {
 	// re-check, so that the revocation's re-check is the one that closes (and
 	// counts) the sessions it ends; held before denyMu.
 	recheckMu sync.Mutex
-	web       webState      // website.go
-	kick      chan struct{} // asks maintain to re-check now
+	// shareEnds counts the guest shares past their end, as of the user
+	// store's generation shareGen, until nextShareEnd (under recheckMu):
+	// a share's end re-checks live sessions, so that a guest's end with
+	// it does not wait for its certificate's.
+	shareEnds    int
+	shareGen     uint64
+	nextShareEnd time.Time
+	web          webState      // website.go
+	kick         chan struct{} // asks maintain to re-check now
 
 	limiter *sourceLimiter // the CA's and enrollment's per-source rate limit (ratelimit.go)
 
@@ -191,7 +199,15 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 			if reason, denied := d.authz.DenyList.Denies(id); denied {
 				return reason, true
 			}
-			return d.authz.DenyList.DeniesApprover(id, dev.GrantedBy) // a grant is revoked with its approver
+			by := dev.GrantedBy
+			if share, ok := strings.CutPrefix(by, users.ShareApprover); ok {
+				// A guest's device ends with its share's approver.
+				id.Guest, by = dev.Scope.Guest(), ""
+				if sh, err := d.users.Share(share); err == nil {
+					by = sh.ApproverID()
+				}
+			}
+			return d.authz.DenyList.DeniesApprover(id, by) // a grant is revoked with its approver
 		},
 		CheckCertificate: func(leaf *x509.Certificate) error {
 			_, err := d.verifyClient(leaf, nil)
@@ -212,7 +228,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		enroller.SSO = &acme.SSO{Issuer: cfg.SSOIssuer, ClientID: cfg.SSOClientID, Domain: cfg.SSODomain,
 			UserClaim: cfg.SSOUserClaim, GroupsClaim: cfg.SSOGroupsClaim, Scopes: cfg.SSO.Scopes(),
 			RenewWithSignIn: cfg.SSORenew == config.SSORenewSignIn, KeepRefresh: cfg.SSOKeepRefresh,
-			GroupsRequired: cfg.SSOGroupsRequired, MaxDevices: cfg.SSOMaxDevices}
+			GroupsRequired: cfg.SSOGroupsRequired, MaxDevices: cfg.SSOMaxDevices, GuestDomains: cfg.SSO.GuestDomains()}
 		if d.db != nil { // an ID token enrols one device, whichever instance it is shown to
 			enroller.SSO.Used = pgstore.NewSSOUsed(d.db)
 		}

@@ -49,6 +49,10 @@ const (
 	// MaxGuestsPerShare bounds the guests' devices one share enrols (a
 	// domain's people, or one person's several devices).
 	MaxGuestsPerShare = 20
+	// MaxSharesKept bounds a user's shares a store keeps, ended ones
+	// included (until ShareKeep after their end): sharing and revoking in
+	// a loop cannot fill the store.
+	MaxSharesKept = 100
 	// MaxSharesStored bounds the shares a store keeps, ended ones included.
 	MaxSharesStored = 10000
 	// ShareKeep is how long an ended share stays listed before a store
@@ -135,7 +139,7 @@ func CheckShare(sh Share) error {
 		return fmt.Errorf("share ID %q: want NewShareID's form", sh.ID)
 	case !authz.ValidName(sh.User):
 		return fmt.Errorf("user %q: %w", sh.User, ErrBadName)
-	case sh.Until.Sub(sh.Created) < time.Minute || sh.Until.Sub(sh.Created) > MaxShareLife+time.Minute:
+	case sh.Until.Sub(sh.Created) < time.Minute || sh.Until.Sub(sh.Created) > MaxShareLife+10*time.Minute:
 		return fmt.Errorf("a share lasts from a minute to %s", MaxShareLife)
 	}
 	if _, err := authz.GuestScope(sh.Name); err != nil {
@@ -194,6 +198,8 @@ func (a Approvers) Gone(d *Device, now time.Time) error {
 	switch {
 	case sh == nil:
 		return fmt.Errorf("device %s was a guest's by a share that no longer exists: %w", d.ID, authz.ErrRevoked)
+	case sh.Name != d.Scope.Guest():
+		return fmt.Errorf("device %s's scope %q is not the name its share %s gives: %w", d.ID, d.Scope, sh.ID, authz.ErrRevoked)
 	case sh.Revoked:
 		return fmt.Errorf("the share of %s with %s (%s) was revoked, and %s's access ended with it: %w", sh.Name, sh.Guest, sh.ID, d.ID, authz.ErrRevoked)
 	case !now.Before(sh.Until):
@@ -208,17 +214,40 @@ func (a Approvers) Gone(d *Device, now time.Time) error {
 }
 
 // By is who approved a grant whose Device.GrantedBy is grantedBy, as the
-// deny list judges it (authz.Granter): for a guest's device, the approver of
-// its share ("" when the share is gone); otherwise grantedBy itself.
+// deny list judges it (authz.Granter): for a guest's device, its share's
+// approver (ApproverID; "" when the share is gone); otherwise grantedBy.
 func (a Approvers) By(grantedBy string) string {
 	id, ok := strings.CutPrefix(grantedBy, ShareApprover)
 	if !ok {
 		return grantedBy
 	}
 	if sh := a.Shares[id]; sh != nil {
-		return sh.By
+		return sh.ApproverID()
 	}
 	return ""
+}
+
+// SharedBy is the user who shared its name with d, a guest's device, "" for
+// any other device or one whose share is gone (authz.Sharer).
+func (a Approvers) SharedBy(d *Device) string {
+	id, ok := strings.CutPrefix(d.GrantedBy, ShareApprover)
+	if !ok {
+		return ""
+	}
+	if sh := a.Shares[id]; sh != nil && sh.Name == d.Scope.Guest() {
+		return sh.User
+	}
+	return ""
+}
+
+// ApproverID is the device that approved the share, as the deny list judges
+// it: By, or for a share made by signing in on the website, USER@sign-in
+// (a deny-list entry of the user denies it).
+func (sh Share) ApproverID() string {
+	if strings.HasPrefix(sh.By, SignInApprover) {
+		return authz.DeviceID(sh.User, "sign-in")
+	}
+	return sh.By
 }
 
 // SortShares sorts shares oldest first.
@@ -272,14 +301,25 @@ func (s *File) AddShare(sh Share, max int) error {
 		s.st.Shares = map[string]*Share{}
 	}
 	s.pruneSharesLocked(now)
-	n := 0
+	n, kept := 0, 0
 	for _, o := range s.st.Shares {
 		if o.User == sh.User && o.Counts(now) {
 			n++
 		}
+		if o.User == sh.User {
+			kept++
+		}
 	}
 	if n >= max {
 		return fmt.Errorf("user %s has %d shares that have not ended: %w", sh.User, n, ErrTooManyShares)
+	}
+	if kept >= MaxSharesKept {
+		return fmt.Errorf("user %s has %d shares kept, ended ones included (they are forgotten %s after their end): %w", sh.User, kept, ShareKeep, ErrTooManyShares)
+	}
+	for _, d := range s.st.Devices { // an ID is never used twice, even after its share is forgotten
+		if d.GrantedBy == ShareApprover+sh.ID {
+			return fmt.Errorf("share %s was used before", sh.ID)
+		}
 	}
 	if len(s.st.Shares) >= MaxSharesStored {
 		return fmt.Errorf("the store holds %d shares, the most it keeps: %w", len(s.st.Shares), ErrTooManyShares)
@@ -338,6 +378,26 @@ func (s *File) RevokeShare(id string) (Share, error) {
 		}
 	}
 	return *sh, nil
+}
+
+// SharedBy implements authz.Sharer.
+func (s *File) SharedBy(deviceID string) string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if d := s.st.Devices[deviceID]; d != nil {
+		return s.approversLocked().SharedBy(d)
+	}
+	return ""
+}
+
+// Share returns the share with that ID.
+func (s *File) Share(id string) (Share, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if sh := s.st.Shares[id]; sh != nil {
+		return *sh, nil
+	}
+	return Share{}, fmt.Errorf("share %s: %w", id, ErrNotFound)
 }
 
 // approversLocked is the store's devices, users and shares, for Gone.

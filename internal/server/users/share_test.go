@@ -256,7 +256,7 @@ func TestAddShareRefusals(t *testing.T) {
 		{"a bad user", func(sh *Share) { sh.User = "Alice" }, "names must be"},
 		{"Until before Created", func(sh *Share) { sh.Until = sh.Created.Add(-time.Hour) }, "a share lasts"},
 		{"Until at Created", func(sh *Share) { sh.Until = sh.Created }, "a share lasts"},
-		{"longer than MaxShareLife", func(sh *Share) { sh.Until = sh.Created.Add(MaxShareLife + 2*time.Minute) }, "a share lasts"},
+		{"longer than MaxShareLife", func(sh *Share) { sh.Until = sh.Created.Add(MaxShareLife + 11*time.Minute) }, "a share lasts"},
 		{"a name that is no label", func(sh *Share) { sh.Name = "Web" }, "not a reverse name's label"},
 		{"a name starting with '-'", func(sh *Share) { sh.Name = "-web" }, "not a reverse name's label"},
 		{"no name", func(sh *Share) { sh.Name = "" }, "not a reverse name's label"},
@@ -725,5 +725,43 @@ func TestShareApproverOnDenyList(t *testing.T) {
 	_, lerr := s.Lookup(g.ID)
 	if !denied && lerr == nil {
 		t.Fatalf("the guest of a share whose approver alice@laptop is on the deny list connects (GrantedBy %q)", s.GrantedBy(g.ID))
+	}
+}
+
+// A share's ID is never used twice: a guest's device of a share the store
+// forgot would come back with the new share. Bad input: a share, made by
+// another person for another name, that reuses the forgotten share's ID;
+// and a guest's device whose share names another name than its scope.
+func TestShareIDNotReused(t *testing.T) {
+	s, _, c := openShareStore(t)
+	enrolKey(t, s, "alice", "laptop", "laptop key")
+	enrolKey(t, s, "mallory", "pc", "pc key")
+	old := addShare(t, s, aliceShare(c.now()))
+	d, err := enrolGuest(s, "bob_example.com", "pc", old.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.advance(time.Hour + ShareKeep + time.Minute) // ended, and kept no more
+	fresh := addShare(t, s, Share{ID: NewShareID(), Name: "toy", Guest: "eve@example.com", User: "mallory", By: "mallory@pc",
+		Created: c.now(), Until: c.now().Add(time.Hour)}) // prunes the old share
+	if _, err := s.Share(old.ID); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the old share is still kept: %v", err)
+	}
+	reuse := Share{ID: old.ID, Name: "toy", Guest: "eve@example.com", User: "mallory", By: "mallory@pc", Created: c.now(), Until: c.now().Add(time.Hour)}
+	if err := s.AddShare(reuse, 0); err == nil || !strings.Contains(err.Error(), "was used before") {
+		t.Fatalf("a share reusing a forgotten share's ID: %v; want it refused", err)
+	}
+	if _, err := s.Lookup(d.ID); !errors.Is(err, authz.ErrRevoked) {
+		t.Fatalf("the old guest's device after the reuse was refused: %v; want it refused", err)
+	}
+	// Even a share of that ID for another name lets no device in whose
+	// scope names its old name.
+	a := Approvers{Shares: map[string]*Share{old.ID: &fresh}}
+	stale := Device{ID: d.ID, Scope: "guest:web", GrantedBy: ShareApprover + old.ID}
+	if err := a.Gone(&stale, c.now()); err == nil || !strings.Contains(err.Error(), "is not the name its share") {
+		t.Fatalf("a guest's device whose share names another name: %v; want it refused", err)
+	}
+	if by := a.SharedBy(&stale); by != "" {
+		t.Fatalf("SharedBy of that device = %q; want none", by)
 	}
 }

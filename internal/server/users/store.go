@@ -174,6 +174,12 @@ type Store interface {
 	AddShare(sh Share, max int) error
 	// Shares lists the shares, oldest first.
 	Shares() []Share
+	// Share returns the share with that ID (ErrNotFound).
+	Share(id string) (Share, error)
+	// SharedBy is the user who shared its name with a guest's device
+	// (authz.Sharer): tpd tells the name's agent, which admits guests of
+	// its own user's shares.
+	SharedBy(deviceID string) string
 	// RevokeShare ends a share for good (ErrNotFound when there is none):
 	// its guests' devices may no longer connect.
 	RevokeShare(id string) (Share, error)
@@ -637,13 +643,13 @@ func (s *File) EnrollSignIn(in SignIn) (Device, error) {
 		if sh == nil {
 			return Device{}, fmt.Errorf("share %s: %w", in.Share, ErrShareEnded)
 		}
-		if err := s.approversLocked().Gone(&Device{ID: id, GrantedBy: ShareApprover + in.Share}, now); err != nil {
+		scope, _ = authz.GuestScope(sh.Name)
+		if err := s.approversLocked().Gone(&Device{ID: id, Scope: scope, GrantedBy: ShareApprover + in.Share}, now); err != nil {
 			return Device{}, fmt.Errorf("%v: %w", err, ErrShareEnded)
 		}
 		if guests >= MaxGuestsPerShare {
 			return Device{}, fmt.Errorf("share %s has %d guests' devices: %w", in.Share, guests, ErrShareFull)
 		}
-		scope, _ = authz.GuestScope(sh.Name)
 	}
 	u := s.st.Users[in.User]
 	if u == nil {

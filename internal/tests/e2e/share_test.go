@@ -16,17 +16,16 @@ import (
 	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
 
-// sharePolicy lets alice keep laptop-ssh exposed and reach loopback, and
-// guests the name shared with them (the default policy's rule); carol may
-// do neither.
+// sharePolicy lets alice and carol keep any name exposed, alice reach
+// loopback, and guests the name shared with them (the default policy's
+// rule); dave may do none of it.
 const sharePolicy = `package tp.authz
 
 default allow := false
 
 allow if {
 	input.action == "listen"
-	input.identity.user == "alice"
-	input.destination.reverse == "laptop-ssh"
+	input.identity.user in {"alice", "carol"}
 }
 
 allow if {
@@ -48,10 +47,13 @@ reason := sprintf("%s may not %s %s", [input.identity.device_id, input.action, i
 // gets a device of his own that may connect to laptop-ssh and nothing else,
 // with a certificate that ends with the share, and reaches alice's service
 // end to end through her agent. Revoking the share ends bob's open session
-// at once, and his next dial. Bad input: carol, whom the policy does not let
-// keep laptop-ssh exposed, sharing it; a share with alice's own domain;
-// mallory, with whom nothing is shared, signing in; bob dialing loopback and
-// asking to keep a name exposed; bob logging in after the share ended.
+// at once, and his next dial. Bad input: dave, whom the policy does not let
+// keep laptop-ssh exposed, sharing it; alice sharing carol's name, which
+// carol's agent holds; a share with alice's own domain, and with a domain
+// the server's sso-guest-domains do not name; mallory, with whom nothing is
+// shared, signing in; bob dialing loopback and asking to keep a name
+// exposed; alice's user revoked (bob's access ends with it until lifted);
+// bob logging in after the share ended.
 func TestGuestShare(t *testing.T) {
 	parallel(t)
 	idp := testidp.Start(t,
@@ -60,20 +62,31 @@ func TestGuestShare(t *testing.T) {
 		testidp.Person{Subject: "s-mallory", Email: "mallory@other.example", EmailVerified: true})
 	auditLog := filepath.Join(t.TempDir(), "audit.log")
 	srv := startServer(t, sharePolicy, "TP_SSO_ISSUER="+idp.Issuer, "TP_SSO_CLIENT_ID="+testidp.ClientID,
-		"TP_SSO_DOMAIN=example.org", "TP_AUDIT_LOG="+auditLog)
+		"TP_SSO_DOMAIN=example.org", "TP_SSO_GUEST_DOMAINS=partner.example", "TP_AUDIT_LOG="+auditLog)
 	echo := testnet.Echo(t)
 	_, echoPort, _ := strings.Cut(echo, ":")
 	alice := srv.login(t, "alice", "laptop")
 	carol := srv.login(t, "carol", "pc")
+	dave := srv.login(t, "dave", "pc")
+	carolAgent := startGrantApp(t, carol, "expose", "carol-db", echo, "--allow-user", "carol")
+	carolAgent("carol's registration", func(l string) bool { return strings.HasPrefix(l, "Exposing ") })
 
 	agent := startGrantApp(t, alice, "expose", "laptop-ssh", echo, "--allow-user", "carol")
 	agent("the registration", func(l string) bool {
 		return strings.HasPrefix(l, "Exposing ") && strings.Contains(l, "laptop-ssh.rev.tp.internal")
 	})
 
-	if out, err := runErr(carol, nil, binary("tp"), "share", "laptop-ssh", "--with", "bob@partner.example"); err == nil ||
-		!strings.Contains(out, "the policy does not let carol@pc keep laptop-ssh exposed, so it cannot share it with a guest") {
-		t.Fatalf("carol sharing laptop-ssh: %v\n%s", err, out)
+	if out, err := runErr(dave, nil, binary("tp"), "share", "laptop-ssh", "--with", "bob@partner.example"); err == nil ||
+		!strings.Contains(out, "the policy does not let dave@pc keep laptop-ssh exposed, so it cannot share it with a guest") {
+		t.Fatalf("dave sharing laptop-ssh: %v\n%s", err, out)
+	}
+	if out, err := runErr(alice, nil, binary("tp"), "share", "carol-db", "--with", "bob@partner.example"); err == nil ||
+		!strings.Contains(out, "carol-db.rev.tp.internal is exposed by another user's device (carol@pc); only its own people can share it") {
+		t.Fatalf("alice sharing carol's name: %v\n%s", err, out)
+	}
+	if out, err := runErr(alice, nil, binary("tp"), "share", "laptop-ssh", "--with", "mallory@other.example"); err == nil ||
+		!strings.Contains(out, "guests of other.example may not be let in: the server's sso-guest-domains do not name it") {
+		t.Fatalf("a share with a domain sso-guest-domains does not name: %v\n%s", err, out)
 	}
 	if out, err := runErr(alice, nil, binary("tp"), "share", "laptop-ssh", "--with", "@example.org"); err == nil ||
 		!strings.Contains(out, "is of this server's own domain example.org") {
@@ -135,6 +148,21 @@ func TestGuestShare(t *testing.T) {
 	if status := run(t, nil, binary("tpd"), "status", "--data-dir", srv.DataDir); !activeRow.MatchString(status) {
 		t.Fatalf("tpd status does not show the share:\n%s", status)
 	}
+
+	// Alice's user revoked, bob's access ends with her; lifted, it is back.
+	run(t, nil, binary("tpd"), "revoke", "--user", "alice", "--data-dir", srv.DataDir)
+	if got, err := runErr(bob, strings.NewReader("x\n"), binary("tp"), "laptop-ssh.rev.tp.internal", echoPort); err == nil ||
+		!strings.Contains(got, "this device (bob_partner.example@laptop) or its user is revoked on the TP server") {
+		t.Fatalf("bob after alice's user was revoked: %v\n%s", err, got)
+	}
+	if got, err := runErr(bob, nil, binary("dlogin")); err == nil || !strings.Contains(got, "whose sharer (user alice) has been revoked") {
+		t.Fatalf("bob's login after alice's user was revoked: %v\n%s", err, got)
+	}
+	run(t, nil, binary("tpd"), "revoke", "--remove", "--user", "alice", "--data-dir", srv.DataDir)
+	agent = startGrantApp(t, alice, "expose", "laptop-ssh", echo, "--allow-user", "carol")
+	agent("the registration again", func(l string) bool {
+		return strings.HasPrefix(l, "Exposing ") && strings.Contains(l, "laptop-ssh.rev.tp.internal")
+	})
 
 	// A session of bob's is open when alice revokes the share: it ends.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
