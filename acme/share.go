@@ -345,6 +345,23 @@ func (e *Enroller) enrollGuest(w http.ResponseWriter, r *http.Request, req login
 			return
 		}
 	}
+	// What the store would refuse anyway is refused before the user is
+	// bound, so that a refused guest leaves no user behind.
+	if dev, err := e.Users.Device(id); err == nil && (dev.Revoked || len(dev.PublicKey) > 0) {
+		writeErr(w, http.StatusConflict, fmt.Sprintf("device %q is already enrolled; give this device another name (dlogin --sso --device NAME)", id))
+		return
+	}
+	a, guests := e.approvers()
+	live := 0
+	for _, g := range guests[sh.ID] {
+		if d := a.Devices[g]; d != nil && !d.Revoked {
+			live++
+		}
+	}
+	if live >= users.MaxGuestsPerShare {
+		refuse(fmt.Sprintf("the share of %s already has %d guests' devices, the most allowed; ask %s for a share of your own", sh.Name, users.MaxGuestsPerShare, sh.User))
+		return
+	}
 	if err := e.Users.BindUser(p.User, p.Subject); err != nil {
 		switch {
 		case errors.Is(err, users.ErrOtherAccount):
