@@ -355,7 +355,7 @@ func (e *Enroller) grantApprove(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	wg, ok := e.web.get(r, r.PostForm.Get("state"), e.now(), true)
-	if !ok || wg.person == nil || subtle.ConstantTimeCompare([]byte(r.PostForm.Get("form")), []byte(wg.form)) != 1 {
+	if !ok || wg.mine || wg.person == nil || subtle.ConstantTimeCompare([]byte(r.PostForm.Get("form")), []byte(wg.form)) != 1 {
 		webPage(w, http.StatusBadRequest, "This answer is not one this browser was asked for",
 			"It comes from another browser or page, it expired, or it was given already: open the grant link again.", nil)
 		return
@@ -470,7 +470,7 @@ keep <b>{{.Name}}</b> exposed through this TP server, {{.How}}. It cannot dial a
 // is bound to that account, each with a button that revokes it.
 func (e *Enroller) grantsPage(w http.ResponseWriter, p ssoPerson, state, form string) {
 	v := &grantsView{User: p.User, Email: p.Email, State: state, Form: form, Action: login.PathGrantRevokePage,
-		ShareAction: login.PathShareWeb, Sharing: e.SSO != nil && e.MayShare != nil}
+		ShareAction: login.PathShareWeb, Sharing: e.SSO != nil && e.MayShare != nil && len(e.SSO.GuestDomains) > 0}
 	if v.Bound = e.boundTo(p); v.Bound {
 		for _, d := range e.Users.Devices(p.User) {
 			// A guest's device is the guest's, listed with its share.

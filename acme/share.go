@@ -106,8 +106,13 @@ func (e *Enroller) makeShare(r *http.Request, id authz.Identity, by string, req 
 	}
 	sh := users.Share{ID: req.ID, Name: req.Name, Guest: guest, User: id.User, By: by, Created: now, Until: until.UTC()}
 	switch err := e.Users.AddShare(sh, e.MaxShares); {
+	case errors.Is(err, users.ErrTooManyShares) && strings.Contains(err.Error(), "the most it keeps"):
+		e.log().Warn("share refused: the store holds as many shares as it keeps", "approver", by)
+		return sh, http.StatusServiceUnavailable, "the server holds as many shares as it keeps; try again tomorrow, or ask your TP administrator"
 	case errors.Is(err, users.ErrTooManyShares):
-		return sh, http.StatusForbidden, fmt.Sprintf("%s already has as many shares running as this server allows; revoke one (tp share --list lists them, tp share --revoke ID ends one)", id.User)
+		return sh, http.StatusForbidden, fmt.Sprintf("%s already has as many shares running as this server allows; end one (tp share --list lists them, tp share --revoke ID ends one; or the page %s)", id.User, login.PathGrantsPage)
+	case errors.Is(err, users.ErrSharesKept):
+		return sh, http.StatusForbidden, fmt.Sprintf("%s has made %d shares in the last %d days, the most this server keeps, ended ones included; the oldest are forgotten %d days after their end", id.User, users.MaxSharesKept, int(users.ShareKeep.Hours()/24), int(users.ShareKeep.Hours()/24))
 	case errors.Is(err, users.ErrUnavailable):
 		e.log().Error("share failed: the user store is unavailable", "approver", by, "err", err)
 		return sh, http.StatusServiceUnavailable, "the server cannot reach its database right now, so nothing was shared; try again in a minute"
@@ -117,6 +122,9 @@ func (e *Enroller) makeShare(r *http.Request, id authz.Identity, by string, req 
 			if o.ID == sh.ID && o.By == sh.By && o.Name == sh.Name && o.Guest == sh.Guest {
 				return o, 0, ""
 			}
+		}
+		if errors.Is(err, users.ErrShareIDUsed) {
+			return sh, http.StatusConflict, fmt.Sprintf("share ID %s was used before; ask again with a new ID", sh.ID)
 		}
 		e.log().Error("share failed", "approver", by, "err", err)
 		return sh, http.StatusInternalServerError, "sharing failed on the server; try again or ask your administrator to check tpd's log"
@@ -347,7 +355,10 @@ func (e *Enroller) enrollGuest(w http.ResponseWriter, r *http.Request, req login
 	}
 	// What the store would refuse anyway is refused before the user is
 	// bound, so that a refused guest leaves no user behind.
-	if dev, err := e.Users.Device(id); err == nil && (dev.Revoked || len(dev.PublicKey) > 0) {
+	if dev, err := e.Users.Device(id); err == nil && dev.Revoked {
+		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; give this device another name (dlogin --sso --device NAME)", id))
+		return
+	} else if err == nil && len(dev.PublicKey) > 0 {
 		writeErr(w, http.StatusConflict, fmt.Sprintf("device %q is already enrolled; give this device another name (dlogin --sso --device NAME)", id))
 		return
 	}

@@ -123,33 +123,34 @@ func scopeAsked(req GrantRequest, scope string) bool {
 	return kind == want && label != ""
 }
 
-// GrantedName is the reverse name the grant home holds may keep exposed,
-// asked of the server with the application's key (a person may have
-// picked another name than the one asked for).
-func GrantedName(ctx context.Context, home Home) (string, error) {
+// GrantedName is the reverse name the grant home holds may keep exposed, and
+// the granted device (whose user approved it), asked of the server with the
+// application's key (a person may have picked another name than the one
+// asked for).
+func GrantedName(ctx context.Context, home Home) (name, device string, err error) {
 	p, err := home.Profile()
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	root, err := home.Root()
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	key, err := home.DeviceKey()
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	hc := login.HTTPClient(root)
 	defer hc.CloseIdleConnections()
 	res, err := login.GrantStatus(ctx, hc, p.Server, key)
 	if err != nil {
-		return "", fmt.Errorf("asking %s which name this application's grant is for: %w", p.Server, err)
+		return "", "", fmt.Errorf("asking %s which name this application's grant is for: %w", p.Server, err)
 	}
 	kind, label, _ := strings.Cut(res.Scope, ":")
 	if (kind != "expose" && kind != "expose-public") || label == "" {
-		return "", fmt.Errorf("%s holds %s, whose scope %q is not a grant's", home.Dir, res.DeviceID, res.Scope)
+		return "", "", fmt.Errorf("%s holds %s, whose scope %q is not a grant's", home.Dir, res.DeviceID, res.Scope)
 	}
-	return label, nil
+	return label, res.DeviceID, nil
 }
 
 // wantScope is the scope req asks for.

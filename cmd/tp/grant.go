@@ -71,9 +71,10 @@ func (g *grantFlags) request(cmd *cobra.Command, stderr io.Writer, name string, 
 	if err != nil || !g.pick {
 		return name, err
 	}
-	picked, err := clients.GrantedName(ctx, home)
+	picked, device, err := clients.GrantedName(ctx, home)
 	if err == nil && picked != name {
-		fmt.Fprintf(stderr, "The person approved the name %s (this application suggested %s).\n", picked, name)
+		approver, _, _ := strings.Cut(device, "@")
+		fmt.Fprintf(stderr, "The person approved the name %s (this application suggested %s): it runs as %s, a credential of %s's.\n", picked, name, device, approver)
 	}
 	return picked, err
 }

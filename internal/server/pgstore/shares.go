@@ -28,9 +28,6 @@ func scanShare(row pgx.Row) (users.Share, error) {
 	return sh, nil
 }
 
-// errShareExists is AddShare's refusal of an ID the store has already.
-var errShareExists = errors.New("a share of that ID exists")
-
 // AddShare implements users.Store in one transaction: the sharing user's row
 // is locked first, so that one user's shares on every instance are counted
 // one at a time; then the table, so that the store's bound counts every
@@ -70,7 +67,7 @@ func (u *Users) AddShare(sh users.Share, max int) error {
 			return fmt.Errorf("user %s has %d shares that have not ended: %w", sh.User, mine, users.ErrTooManyShares)
 		}
 		if kept >= users.MaxSharesKept {
-			return fmt.Errorf("user %s has %d shares kept, ended ones included: %w", sh.User, kept, users.ErrTooManyShares)
+			return fmt.Errorf("user %s has %d shares kept, ended ones included: %w", sh.User, kept, users.ErrSharesKept)
 		}
 		// An ID is never used twice, even after its share is forgotten: a
 		// guest's device of the old share would come back with it.
@@ -78,7 +75,7 @@ func (u *Users) AddShare(sh users.Share, max int) error {
 		if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM tp_devices WHERE granted_by = $1)", users.ShareApprover+sh.ID).Scan(&used); err != nil {
 			return err
 		} else if used {
-			return fmt.Errorf("share %s: %w", sh.ID, errShareExists)
+			return fmt.Errorf("share %s: %w", sh.ID, users.ErrShareIDUsed)
 		}
 		if all >= users.MaxSharesStored {
 			return fmt.Errorf("the database holds %d shares, the most it keeps: %w", all, users.ErrTooManyShares)
@@ -89,11 +86,11 @@ func (u *Users) AddShare(sh users.Share, max int) error {
 			return err
 		}
 		if tag.RowsAffected() == 0 {
-			return fmt.Errorf("share %s: %w", sh.ID, errShareExists)
+			return fmt.Errorf("share %s: %w", sh.ID, users.ErrShareIDUsed)
 		}
 		return notify(ctx, tx, TopicUsers)
 	})
-	if errors.Is(err, users.ErrNotFound) || errors.Is(err, users.ErrTooManyShares) || errors.Is(err, errShareExists) {
+	if errors.Is(err, users.ErrNotFound) || errors.Is(err, users.ErrTooManyShares) || errors.Is(err, users.ErrSharesKept) || errors.Is(err, users.ErrShareIDUsed) {
 		return err
 	}
 	if err != nil {

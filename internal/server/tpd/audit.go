@@ -275,6 +275,9 @@ func approverWords(by string) string {
 	if sub, ok := strings.CutPrefix(by, users.SignInApprover); ok {
 		return "sign-in on the website (subject " + sub + ")"
 	}
+	if who, ok := strings.CutPrefix(by, "sign-in as "); ok { // a revocation on the website
+		return "sign-in on the website as " + who
+	}
 	return "device " + by
 }
 

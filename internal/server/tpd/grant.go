@@ -139,7 +139,7 @@ var grantTemplate = template.Must(template.New("grant").Parse(`<!doctype html>
 {{if .Bad}}<p>This grant link is incomplete: copy the whole link the application printed.</p>
 {{else}}<h1>An application asks to keep {{.Name}} exposed</h1>
 <p>{{if .App}}<b>{{.App}}</b>{{else}}An application that gave no name{{end}} asks for a credential that can do one thing:
-keep <b>{{.Name}}</b> exposed through this TP server, {{.How}}. It cannot dial anywhere or expose another name.</p>
+keep <b>{{.Name}}</b> exposed through this TP server, {{.How}}. It cannot dial anywhere{{if not .Pick}} or expose another name{{end}}.</p>
 {{if .Pick}}<p>It takes another name if you approve another: <code>--name NAME</code> on the command below, or the form after signing in.</p>
 {{end}}<p>Approve only if the application shows the code <b>{{.Code}}</b>.</p>
 {{if .SignIn}}<p><a id="sign-in" href="{{.SignIn}}">Sign in with your organisation's account to approve it here</a>, or run this on one of your enrolled devices:</p>

@@ -61,8 +61,14 @@ const (
 )
 
 // ErrTooManyShares is a share refused by AddShare: its user has as many that
-// have not ended as allowed, or the store is full.
-var ErrTooManyShares = errors.New("too many shares")
+// have not ended as allowed, or the store is full. ErrSharesKept: its user
+// has MaxSharesKept shares kept, ended ones included. ErrShareIDUsed: the ID
+// is (or was) another share's.
+var (
+	ErrTooManyShares = errors.New("too many shares")
+	ErrSharesKept    = errors.New("too many shares kept")
+	ErrShareIDUsed   = errors.New("the share ID was used before")
+)
 
 // NewShareID is a fresh share ID ("share-" and 12 hex digits).
 func NewShareID() string {
@@ -191,6 +197,9 @@ type Approvers struct {
 // for a device not granted, or whose approver lives.
 func (a Approvers) Gone(d *Device, now time.Time) error {
 	id, ok := strings.CutPrefix(d.GrantedBy, ShareApprover)
+	if !ok && d.Scope.Guest() != "" { // a guest's scope comes only from a share, which ends it
+		return fmt.Errorf("device %s has a guest's scope but no share: %w", d.ID, authz.ErrRevoked)
+	}
 	if !ok {
 		return ApproverGone(d, a.Devices[d.GrantedBy], a.Users[d.User])
 	}
@@ -314,18 +323,18 @@ func (s *File) AddShare(sh Share, max int) error {
 		return fmt.Errorf("user %s has %d shares that have not ended: %w", sh.User, n, ErrTooManyShares)
 	}
 	if kept >= MaxSharesKept {
-		return fmt.Errorf("user %s has %d shares kept, ended ones included (they are forgotten %s after their end): %w", sh.User, kept, ShareKeep, ErrTooManyShares)
+		return fmt.Errorf("user %s has %d shares kept, ended ones included (they are forgotten %s after their end): %w", sh.User, kept, ShareKeep, ErrSharesKept)
 	}
 	for _, d := range s.st.Devices { // an ID is never used twice, even after its share is forgotten
 		if d.GrantedBy == ShareApprover+sh.ID {
-			return fmt.Errorf("share %s was used before", sh.ID)
+			return fmt.Errorf("share %s: %w", sh.ID, ErrShareIDUsed)
 		}
 	}
 	if len(s.st.Shares) >= MaxSharesStored {
 		return fmt.Errorf("the store holds %d shares, the most it keeps: %w", len(s.st.Shares), ErrTooManyShares)
 	}
 	if s.st.Shares[sh.ID] != nil {
-		return fmt.Errorf("share %s exists", sh.ID)
+		return fmt.Errorf("share %s: %w", sh.ID, ErrShareIDUsed)
 	}
 	c := sh
 	s.st.Shares[sh.ID] = &c
