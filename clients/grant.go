@@ -90,7 +90,7 @@ func RequestGrant(ctx context.Context, home Home, req GrantRequest) (*Client, er
 		case err == nil && !scopeAsked(req, res.Scope):
 			return nil, fmt.Errorf("the key of %s was approved as %s with scope %q, not the %q this application asked for; remove %s and ask again", home.Dir, res.DeviceID, res.Scope, wantScope(req), home.Dir)
 		case err == nil:
-			if err := home.SaveProfile(Profile{Server: server, Fingerprint: login.Fingerprint(root), DeviceID: res.DeviceID}); err != nil {
+			if err := home.SaveProfile(Profile{Server: server, Fingerprint: login.Fingerprint(root), DeviceID: res.DeviceID, Scope: res.Scope}); err != nil {
 				return nil, err
 			}
 			c, err := Open(home)
@@ -124,7 +124,8 @@ func scopeAsked(req GrantRequest, scope string) bool {
 }
 
 // GrantedName is the reverse name the grant home holds may keep exposed, and
-// the granted device (whose user approved it), asked of the server with the
+// the granted device (whose user approved it): from the profile, saved when
+// the grant was approved, or else asked of the server with the
 // application's key (a person may have picked another name than the one
 // asked for).
 func GrantedName(ctx context.Context, home Home) (name, device string, err error) {
@@ -132,25 +133,31 @@ func GrantedName(ctx context.Context, home Home) (name, device string, err error
 	if err != nil {
 		return "", "", err
 	}
-	root, err := home.Root()
-	if err != nil {
-		return "", "", err
+	scope := p.Scope
+	if scope == "" {
+		root, err := home.Root()
+		if err != nil {
+			return "", "", err
+		}
+		key, err := home.DeviceKey()
+		if err != nil {
+			return "", "", err
+		}
+		hc := login.HTTPClient(root)
+		defer hc.CloseIdleConnections()
+		res, err := login.GrantStatus(ctx, hc, p.Server, key)
+		if err != nil {
+			return "", "", fmt.Errorf("asking %s which name this application's grant is for: %w", p.Server, err)
+		}
+		scope = res.Scope
+		p.Scope = scope
+		_ = home.SaveProfile(p) // asked once; the next start reads it here
 	}
-	key, err := home.DeviceKey()
-	if err != nil {
-		return "", "", err
-	}
-	hc := login.HTTPClient(root)
-	defer hc.CloseIdleConnections()
-	res, err := login.GrantStatus(ctx, hc, p.Server, key)
-	if err != nil {
-		return "", "", fmt.Errorf("asking %s which name this application's grant is for: %w", p.Server, err)
-	}
-	kind, label, _ := strings.Cut(res.Scope, ":")
+	kind, label, _ := strings.Cut(scope, ":")
 	if (kind != "expose" && kind != "expose-public") || label == "" {
-		return "", "", fmt.Errorf("%s holds %s, whose scope %q is not a grant's", home.Dir, res.DeviceID, res.Scope)
+		return "", "", fmt.Errorf("%s holds %s, whose scope %q is not a grant's", home.Dir, p.DeviceID, scope)
 	}
-	return label, res.DeviceID, nil
+	return label, p.DeviceID, nil
 }
 
 // wantScope is the scope req asks for.

@@ -47,6 +47,9 @@ type Profile struct {
 	Server      string `json:"server"` // https://host[:port]
 	Fingerprint string `json:"fingerprint"`
 	DeviceID    string `json:"device_id"`
+	// Scope is the scope a grant gave this device, as the server said when
+	// it was approved ("" for a person's device).
+	Scope string `json:"scope,omitempty"`
 }
 
 // ServerAddr is the host:port of the server's TLS port.
