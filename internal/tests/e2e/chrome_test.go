@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -91,6 +92,23 @@ func startChrome(t *testing.T, rootPEM string) *chrome {
 // call sends one DevTools command and returns its result.
 func (b *chrome) call(method string, params any) json.RawMessage {
 	b.t.Helper()
+	res, err := b.try(method, params)
+	if err != nil {
+		b.t.Fatalf("%s: %v", method, err)
+	}
+	return res
+}
+
+// errNavigating is a command's answer while the page it ran in goes away
+// under it (a click's form post or a redirect under way): not a failure of
+// the page, only "ask again".
+var errNavigating = errors.New("the page is navigating")
+
+// try sends one DevTools command and returns its result, or the command's
+// error (errNavigating while the page navigates); a broken connection to
+// the browser fails the test.
+func (b *chrome) try(method string, params any) (json.RawMessage, error) {
+	b.t.Helper()
 	b.next++
 	id := b.next
 	msg, _ := json.Marshal(map[string]any{"id": id, "method": method, "params": params})
@@ -113,9 +131,14 @@ func (b *chrome) call(method string, params any) json.RawMessage {
 			continue // an event, or another command's answer
 		}
 		if m.Error != nil {
-			b.t.Fatalf("%s: %s", method, m.Error.Message)
+			for _, nav := range []string{"navigated or closed", "Cannot find context", "Execution context was destroyed"} {
+				if strings.Contains(m.Error.Message, nav) {
+					return nil, fmt.Errorf("%w: %s", errNavigating, m.Error.Message)
+				}
+			}
+			return nil, errors.New(m.Error.Message)
 		}
-		return m.Result
+		return m.Result, nil
 	}
 }
 
@@ -146,18 +169,42 @@ func (b *chrome) text() string {
 	return b.eval(`document.body ? document.body.innerText : ""`)
 }
 
+// settled is the page's visible text once it has loaded whole, and false
+// while it is loading or navigating.
+func (b *chrome) settled() (string, bool) {
+	b.t.Helper()
+	res, err := b.try("Runtime.evaluate", map[string]any{"returnByValue": true,
+		"expression": `document.readyState === "complete" && document.body ? document.body.innerText : null`})
+	if errors.Is(err, errNavigating) {
+		return "", false
+	} else if err != nil {
+		b.t.Fatalf("Runtime.evaluate: %v", err)
+	}
+	var r struct {
+		Result struct {
+			Value *string `json:"value"`
+		} `json:"result"`
+	}
+	if json.Unmarshal(res, &r) != nil || r.Result.Value == nil {
+		return "", false
+	}
+	return *r.Result.Value, true
+}
+
 // waitText waits (up to 60 s) until the page has loaded whole and its text
 // holds want, and returns the text.
 func (b *chrome) waitText(want string) string {
 	b.t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
+	text := ""
 	for {
-		text := b.text()
-		if strings.Contains(text, want) && b.eval("document.readyState") == "complete" {
-			return b.text()
+		if now, ok := b.settled(); ok {
+			if text = now; strings.Contains(text, want) {
+				return text
+			}
 		}
 		if time.Now().After(deadline) {
-			b.t.Fatalf("the page at %s does not say %q within 60s:\n%s", b.eval("location.href"), want, text)
+			b.t.Fatalf("the page does not say %q within 60s:\n%s", want, text)
 		}
 		time.Sleep(50 * time.Millisecond) // waiting for the page to load, bounded by the deadline above
 	}
