@@ -106,7 +106,7 @@ func (e *Enroller) makeShare(r *http.Request, id authz.Identity, by string, req 
 	}
 	sh := users.Share{ID: req.ID, Name: req.Name, Guest: guest, User: id.User, By: by, Created: now, Until: until.UTC()}
 	switch err := e.Users.AddShare(sh, e.MaxShares); {
-	case errors.Is(err, users.ErrTooManyShares) && strings.Contains(err.Error(), "the most it keeps"):
+	case errors.Is(err, users.ErrStoreFull):
 		e.log().Warn("share refused: the store holds as many shares as it keeps", "approver", by)
 		return sh, http.StatusServiceUnavailable, "the server holds as many shares as it keeps; try again tomorrow, or ask your TP administrator"
 	case errors.Is(err, users.ErrTooManyShares):

@@ -78,7 +78,7 @@ func (u *Users) AddShare(sh users.Share, max int) error {
 			return fmt.Errorf("share %s: %w", sh.ID, users.ErrShareIDUsed)
 		}
 		if all >= users.MaxSharesStored {
-			return fmt.Errorf("the database holds %d shares, the most it keeps: %w", all, users.ErrTooManyShares)
+			return fmt.Errorf("the database holds %d shares: %w", all, users.ErrStoreFull)
 		}
 		tag, err := tx.Exec(ctx, `INSERT INTO tp_shares (id, name, guest, user_name, approved_by, created, until) VALUES ($1, $2, $3, $4, $5, $6, $7)
 			ON CONFLICT (id) DO NOTHING`, sh.ID, sh.Name, sh.Guest, sh.User, sh.By, sh.Created, sh.Until)
@@ -90,7 +90,7 @@ func (u *Users) AddShare(sh users.Share, max int) error {
 		}
 		return notify(ctx, tx, TopicUsers)
 	})
-	if errors.Is(err, users.ErrNotFound) || errors.Is(err, users.ErrTooManyShares) || errors.Is(err, users.ErrSharesKept) || errors.Is(err, users.ErrShareIDUsed) {
+	if errors.Is(err, users.ErrNotFound) || errors.Is(err, users.ErrTooManyShares) || errors.Is(err, users.ErrSharesKept) || errors.Is(err, users.ErrShareIDUsed) || errors.Is(err, users.ErrStoreFull) {
 		return err
 	}
 	if err != nil {

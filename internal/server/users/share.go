@@ -64,10 +64,12 @@ const (
 // have not ended as allowed, or the store is full. ErrSharesKept: its user
 // has MaxSharesKept shares kept, ended ones included. ErrShareIDUsed: the ID
 // is (or was) another share's.
+// ErrStoreFull: the store holds MaxSharesStored shares.
 var (
 	ErrTooManyShares = errors.New("too many shares")
 	ErrSharesKept    = errors.New("too many shares kept")
 	ErrShareIDUsed   = errors.New("the share ID was used before")
+	ErrStoreFull     = errors.New("the store holds as many shares as it keeps")
 )
 
 // NewShareID is a fresh share ID ("share-" and 12 hex digits).
@@ -331,7 +333,7 @@ func (s *File) AddShare(sh Share, max int) error {
 		}
 	}
 	if len(s.st.Shares) >= MaxSharesStored {
-		return fmt.Errorf("the store holds %d shares, the most it keeps: %w", len(s.st.Shares), ErrTooManyShares)
+		return fmt.Errorf("the store holds %d shares: %w", len(s.st.Shares), ErrStoreFull)
 	}
 	if s.st.Shares[sh.ID] != nil {
 		return fmt.Errorf("share %s: %w", sh.ID, ErrShareIDUsed)
