@@ -247,6 +247,28 @@ func TestGrantKeysAndDenyList(t *testing.T) {
 	if _, err := home.Profile(); err == nil {
 		t.Fatal("the application saved the grant it refused")
 	}
+
+	// An application that takes only alice's approval refuses bob's, even
+	// for the name it asked for (bob saw the link first).
+	home = clients.Home{Dir: filepath.Join(t.TempDir(), "app2")}
+	go func() {
+		_, err := clients.RequestGrant(ctx, home, clients.GrantRequest{Server: ts.URL, Fingerprint: ts.PKI.Fingerprint(), Name: "bobs",
+			Approver: "alice", Poll: 20 * time.Millisecond, Show: func(link, _ string) {
+				g, _ := login.ParseGrantLink(link)
+				shown <- g.Key
+			}})
+		done <- err
+	}()
+	key = <-shown
+	if _, err := login.Approve(ctx, ts.HC, ts.URL, "bob@pc", bob, login.Grant{Name: "bobs", Key: key}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err == nil || !strings.Contains(err.Error(), "was approved by another user than alice (it is bob's credential bob@grant-") {
+		t.Fatalf("the application approved by bob, not its approver alice: %v", err)
+	}
+	if _, err := home.Profile(); err == nil {
+		t.Fatal("the application saved the grant it refused")
+	}
 }
 
 // A person lists the grants of their user and revokes one for good, from an

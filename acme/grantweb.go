@@ -52,7 +52,7 @@ const (
 	webGrantCookie = "__Host-tp-grant-"
 	// signInDevice is the device name an approval by signing in is decided
 	// as: the policy sees USER@sign-in.
-	signInDevice = "sign-in"
+	signInDevice = users.SignInDevice
 )
 
 // webGrant is one approval under way on the website.
@@ -152,6 +152,30 @@ func (ws *webGrants) get(r *http.Request, state string, now time.Time, take bool
 	if take || now.After(w.expires) {
 		delete(ws.m, state)
 	}
+	if now.After(w.expires) {
+		return webGrant{}, false
+	}
+	return *w, true
+}
+
+// answer returns (a copy of) the signed-in approval for state and ends it,
+// if the browser holds its cookie, it has not expired and form is its
+// one-time form token; a wrong token leaves it as it was, so that a post
+// that does not hold it cannot end someone's sign-in.
+func (ws *webGrants) answer(r *http.Request, state, form string, now time.Time) (webGrant, bool) {
+	c, err := r.Cookie(cookieName(state))
+	if err != nil || state == "" || form == "" {
+		return webGrant{}, false
+	}
+	sum := sha256.Sum256([]byte(c.Value))
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	w := ws.m[state]
+	if w == nil || subtle.ConstantTimeCompare(sum[:], w.browser[:]) != 1 || w.person == nil ||
+		subtle.ConstantTimeCompare([]byte(form), []byte(w.form)) != 1 {
+		return webGrant{}, false
+	}
+	delete(ws.m, state)
 	if now.After(w.expires) {
 		return webGrant{}, false
 	}
@@ -354,8 +378,8 @@ func (e *Enroller) grantApprove(w http.ResponseWriter, r *http.Request) {
 		webPage(w, http.StatusBadRequest, "This answer cannot be read", "Open the grant link again.", nil)
 		return
 	}
-	wg, ok := e.web.get(r, r.PostForm.Get("state"), e.now(), true)
-	if !ok || wg.mine || wg.person == nil || subtle.ConstantTimeCompare([]byte(r.PostForm.Get("form")), []byte(wg.form)) != 1 {
+	wg, ok := e.web.answer(r, r.PostForm.Get("state"), r.PostForm.Get("form"), e.now())
+	if !ok || wg.mine {
 		webPage(w, http.StatusBadRequest, "This answer is not one this browser was asked for",
 			"It comes from another browser or page, it expired, or it was given already: open the grant link again.", nil)
 		return
@@ -503,8 +527,8 @@ func (e *Enroller) grantRevokeWeb(w http.ResponseWriter, r *http.Request) {
 		webPage(w, http.StatusBadRequest, "This answer cannot be read", "Open "+login.PathGrantsPage+" again.", nil)
 		return
 	}
-	wg, ok := e.web.get(r, r.PostForm.Get("state"), e.now(), true)
-	if !ok || !wg.mine || wg.person == nil || subtle.ConstantTimeCompare([]byte(r.PostForm.Get("form")), []byte(wg.form)) != 1 {
+	wg, ok := e.web.answer(r, r.PostForm.Get("state"), r.PostForm.Get("form"), e.now())
+	if !ok || !wg.mine {
 		webPage(w, http.StatusBadRequest, "This answer is not one this browser was asked for",
 			"It comes from another browser or page, it expired, or it was given already: open "+login.PathGrantsPage+" again.", nil)
 		return
@@ -550,8 +574,8 @@ func (e *Enroller) shareWeb(w http.ResponseWriter, r *http.Request) {
 		webPage(w, http.StatusBadRequest, "This answer cannot be read", "Open "+login.PathGrantsPage+" again.", nil)
 		return
 	}
-	wg, ok := e.web.get(r, r.PostForm.Get("state"), e.now(), true)
-	if !ok || !wg.mine || wg.person == nil || subtle.ConstantTimeCompare([]byte(r.PostForm.Get("form")), []byte(wg.form)) != 1 {
+	wg, ok := e.web.answer(r, r.PostForm.Get("state"), r.PostForm.Get("form"), e.now())
+	if !ok || !wg.mine {
 		webPage(w, http.StatusBadRequest, "This answer is not one this browser was asked for",
 			"It comes from another browser or page, it expired, or it was given already: open "+login.PathGrantsPage+" again.", nil)
 		return

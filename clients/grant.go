@@ -31,6 +31,10 @@ type GrantRequest struct {
 	// Pick lets the person approve another name than Name (its suggestion):
 	// the application then exposes the name granted (GrantedName).
 	Pick bool
+	// Approver, when set, is the only user whose approval the application
+	// takes: one of anybody else's (someone who saw the link first) is
+	// refused, and the application must make a new key.
+	Approver string
 }
 
 // RequestGrant makes home the application's own (its key, the server's root),
@@ -87,6 +91,8 @@ func RequestGrant(ctx context.Context, home Home, req GrantRequest) (*Client, er
 	for {
 		res, err := login.GrantStatus(ctx, hc, server, key)
 		switch {
+		case err == nil && req.Approver != "" && !strings.HasPrefix(res.DeviceID, req.Approver+"@"):
+			return nil, fmt.Errorf("the key of %s was approved by another user than %s (it is %s's credential %s); remove %s and ask again", home.Dir, req.Approver, strings.SplitN(res.DeviceID, "@", 2)[0], res.DeviceID, home.Dir)
 		case err == nil && !scopeAsked(req, res.Scope):
 			return nil, fmt.Errorf("the key of %s was approved as %s with scope %q, not the %q this application asked for; remove %s and ask again", home.Dir, res.DeviceID, res.Scope, wantScope(req), home.Dir)
 		case err == nil:

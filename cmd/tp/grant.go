@@ -25,7 +25,7 @@ import (
 type grantFlags struct {
 	on, pick            bool
 	server, fingerprint string
-	app                 string
+	app, approver       string
 	wait                time.Duration
 }
 
@@ -34,6 +34,7 @@ func (g *grantFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&g.server, "server", "", "with --request: the TP server's base URL, https://HOST[:PORT]")
 	cmd.Flags().StringVar(&g.fingerprint, "fingerprint", "", "with --request: the TP server's CA fingerprint (SHA256:…), as tpd prints it")
 	cmd.Flags().StringVar(&g.app, "app", "", "with --request: what this application calls itself, shown to the person who approves")
+	cmd.Flags().StringVar(&g.approver, "approver", "", "with --request: take only an approval by this TP user (who may see the link besides them does not matter then)")
 	cmd.Flags().BoolVar(&g.pick, "let-pick", false, "with --request: let the person who approves pick another name (NAME is the suggestion); this application then exposes the name they approve")
 	cmd.Flags().DurationVar(&g.wait, "request-timeout", 10*time.Minute, "with --request: how long to wait for the approval")
 }
@@ -43,8 +44,8 @@ func (g *grantFlags) register(cmd *cobra.Command) {
 // with --let-pick the one the person approved.
 func (g *grantFlags) request(cmd *cobra.Command, stderr io.Writer, name string, public bool) (string, error) {
 	if !g.on {
-		if g.server != "" || g.fingerprint != "" || g.app != "" || g.pick {
-			return name, fmt.Errorf("--server, --fingerprint, --app and --let-pick go with --request")
+		if g.server != "" || g.fingerprint != "" || g.app != "" || g.pick || g.approver != "" {
+			return name, fmt.Errorf("--server, --fingerprint, --app, --approver and --let-pick go with --request")
 		}
 		return name, nil
 	}
@@ -56,7 +57,7 @@ func (g *grantFlags) request(cmd *cobra.Command, stderr io.Writer, name string, 
 	defer cancel()
 	home := clients.Home{Dir: cfg.Home}
 	_, err = clients.RequestGrant(ctx, home, clients.GrantRequest{
-		Server: g.server, Fingerprint: g.fingerprint, Name: name, Public: public, App: g.app, Pick: g.pick,
+		Server: g.server, Fingerprint: g.fingerprint, Name: name, Public: public, App: g.app, Pick: g.pick, Approver: g.approver,
 		Show: func(link, code string) {
 			if g.pick {
 				fmt.Fprintf(stderr, "This application asks for a credential that may only keep one name exposed (it suggests %s; the person who approves picks).\n", name)

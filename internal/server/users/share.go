@@ -256,7 +256,7 @@ func (a Approvers) SharedBy(d *Device) string {
 // (a deny-list entry of the user denies it).
 func (sh Share) ApproverID() string {
 	if strings.HasPrefix(sh.By, SignInApprover) {
-		return authz.DeviceID(sh.User, "sign-in")
+		return authz.DeviceID(sh.User, SignInDevice)
 	}
 	return sh.By
 }

@@ -738,6 +738,11 @@ func (d Device) IsGrant() bool {
 // (grant-<the application's code>).
 const GrantPrefix = "grant-"
 
+// SignInDevice is the device name of approvals and shares made on TP's
+// website by signing in (USER@sign-in, as the policy and the deny list see
+// them): no device is enrolled under it.
+const SignInDevice = "sign-in"
+
 // SignInApprover prefixes the provider's subject in Device.GrantedBy for a
 // grant approved by signing in on TP's website: such a grant lives as long
 // as its user is bound to that account (User.SSOSubject).
@@ -925,6 +930,9 @@ func (s *File) saveLocked() error {
 func CheckEnroll(user, device string, groups []string, ttl time.Duration) (string, error) {
 	if !authz.ValidName(user) || !authz.ValidName(device) {
 		return "", fmt.Errorf("user %q, device %q: %w", user, device, ErrBadName)
+	}
+	if device == SignInDevice {
+		return "", fmt.Errorf("device name %q is the one approvals on TP's website are made as (USER@%s); give the device another name", device, SignInDevice)
 	}
 	if len(groups) > maxGroups {
 		return "", fmt.Errorf("at most %d groups per user", maxGroups)

@@ -102,6 +102,10 @@ func TestEnrollRejectsBadInput(t *testing.T) {
 	if _, err := s.Enroll("alice", "laptop", nil, 0); err == nil {
 		t.Error("zero token lifetime accepted")
 	}
+	// The name approvals on the website are made as is no device's.
+	if _, err := s.Enroll("alice", SignInDevice, nil, time.Hour); err == nil || !strings.Contains(err.Error(), "give the device another name") {
+		t.Errorf("a device named %s: %v; want it refused", SignInDevice, err)
+	}
 	if _, err := s.Redeem("", nil); !errors.Is(err, ErrBadToken) {
 		t.Errorf("empty token: %v", err)
 	}
