@@ -519,21 +519,30 @@ func (e *Enroller) boundTo(p ssoPerson) bool {
 	return false
 }
 
-// grantRevokeWeb revokes one grant of the signed-in person's user for good,
-// from the page grantsPage showed, once.
-func (e *Enroller) grantRevokeWeb(w http.ResponseWriter, r *http.Request) {
+// mineAnswer reads a form posted from the page grantsPage showed and ends
+// its sign-in: who signed in, or false once the browser was told why not.
+func (e *Enroller) mineAnswer(w http.ResponseWriter, r *http.Request) (ssoPerson, bool) {
 	r.Body = http.MaxBytesReader(w, r.Body, 4096)
 	if err := r.ParseForm(); err != nil {
 		webPage(w, http.StatusBadRequest, "This answer cannot be read", "Open "+login.PathGrantsPage+" again.", nil)
-		return
+		return ssoPerson{}, false
 	}
 	wg, ok := e.web.answer(r, r.PostForm.Get("state"), r.PostForm.Get("form"), e.now())
 	if !ok || !wg.mine {
 		webPage(w, http.StatusBadRequest, "This answer is not one this browser was asked for",
 			"It comes from another browser or page, it expired, or it was given already: open "+login.PathGrantsPage+" again.", nil)
+		return ssoPerson{}, false
+	}
+	return *wg.person, true
+}
+
+// grantRevokeWeb revokes one grant of the signed-in person's user for good,
+// from the page grantsPage showed, once.
+func (e *Enroller) grantRevokeWeb(w http.ResponseWriter, r *http.Request) {
+	p, ok := e.mineAnswer(w, r)
+	if !ok {
 		return
 	}
-	p := *wg.person
 	if id := r.PostForm.Get("share"); id != "" {
 		if !e.boundTo(p) {
 			webPage(w, http.StatusNotFound, "No such share", p.User+" has no share of that ID.", nil)
@@ -569,18 +578,10 @@ func (e *Enroller) grantRevokeWeb(w http.ResponseWriter, r *http.Request) {
 // shareWeb shares a name with a guest from the page grantsPage showed, once,
 // as the signed-in person (their user bound to that account).
 func (e *Enroller) shareWeb(w http.ResponseWriter, r *http.Request) {
-	r.Body = http.MaxBytesReader(w, r.Body, 4096)
-	if err := r.ParseForm(); err != nil {
-		webPage(w, http.StatusBadRequest, "This answer cannot be read", "Open "+login.PathGrantsPage+" again.", nil)
+	p, ok := e.mineAnswer(w, r)
+	if !ok {
 		return
 	}
-	wg, ok := e.web.answer(r, r.PostForm.Get("state"), r.PostForm.Get("form"), e.now())
-	if !ok || !wg.mine {
-		webPage(w, http.StatusBadRequest, "This answer is not one this browser was asked for",
-			"It comes from another browser or page, it expired, or it was given already: open "+login.PathGrantsPage+" again.", nil)
-		return
-	}
-	p := *wg.person
 	hours, err := strconv.Atoi(r.PostForm.Get("hours"))
 	if err != nil || hours < 1 || time.Duration(hours)*time.Hour > login.MaxShareFor {
 		webPage(w, http.StatusBadRequest, "Nothing was shared", fmt.Sprintf("Give the hours the share lasts, 1 to %d; open %s again.", int(login.MaxShareFor/time.Hour), login.PathGrantsPage), nil)

@@ -148,19 +148,9 @@ func (e *Enroller) shareInfos(shares []users.Share) []login.ShareInfo {
 	now := e.now()
 	for _, sh := range shares {
 		info := login.ShareInfo{ID: sh.ID, Name: sh.Name, Host: e.reverseHost(sh.Name), Guest: sh.Guest, By: sh.By,
-			Created: sh.Created, Until: sh.Until, State: "active", Guests: guests[sh.ID]}
+			Created: sh.Created, Until: sh.Until, State: a.ShareState(sh, now, e.deniedID), Guests: guests[sh.ID]}
 		if info.Guests == nil {
 			info.Guests = []string{}
-		}
-		probe := users.Device{ID: "guest", Scope: authz.Scope("guest:" + sh.Name), GrantedBy: users.ShareApprover + sh.ID}
-		if _, ok := a.Shares[sh.ID]; !ok {
-			a.Shares[sh.ID] = &sh
-		}
-		switch {
-		case sh.Revoked:
-			info.State = "revoked"
-		case !sh.Live(now), e.deniedID(sh.ApproverID()), a.Gone(&probe, now) != nil:
-			info.State = "ended" // past its end, or its approver is gone or on the deny list
 		}
 		out = append(out, info)
 	}
@@ -170,21 +160,7 @@ func (e *Enroller) shareInfos(shares []users.Share) []login.ShareInfo {
 // approvers is the store's devices, users and shares (users.Approvers), and
 // the devices each share enrolled.
 func (e *Enroller) approvers() (users.Approvers, map[string][]string) {
-	a := users.Approvers{Devices: map[string]*users.Device{}, Users: map[string]*users.User{}, Shares: map[string]*users.Share{}}
-	guests := map[string][]string{}
-	for _, sh := range e.Users.Shares() {
-		a.Shares[sh.ID] = &sh
-	}
-	for _, u := range e.Users.Users() {
-		a.Users[u.Name] = &u.User
-		for _, dv := range u.Devices {
-			a.Devices[dv.ID] = &dv
-			if id, ok := strings.CutPrefix(dv.GrantedBy, users.ShareApprover); ok {
-				guests[id] = append(guests[id], dv.ID)
-			}
-		}
-	}
-	return a, guests
+	return users.ListApprovers(e.Users.Users(), e.Users.Shares())
 }
 
 // myShares is the shares of user, oldest first.
@@ -262,21 +238,15 @@ func (e *Enroller) endShare(r *http.Request, user, by, id string) (users.Share, 
 // guestShare is the share a guest's sign-in takes: of those for the
 // person's verified address that have not ended, the one for name (any when
 // name is empty and there is one), or the sentence of a refusal.
-func (e *Enroller) guestShare(email, name string) (users.Share, string) {
+func (e *Enroller) guestShare(a users.Approvers, email, name string) (users.Share, string) {
 	var found []users.Share
 	now := e.now()
-	for _, sh := range e.Users.Shares() {
-		if sh.Live(now) && sh.For(email) && (name == "" || sh.Name == name) && e.SSO.guestRefused(sh.Guest) == "" {
-			found = append(found, sh)
+	for _, sh := range a.Shares {
+		if sh.For(email) && (name == "" || sh.Name == name) && e.SSO.guestRefused(sh.Guest) == "" && a.ShareState(*sh, now, e.deniedID) == "active" {
+			found = append(found, *sh)
 		}
 	}
-	if len(found) > 0 { // of those, the ones whose approver lives
-		a, _ := e.approvers()
-		found = slices.DeleteFunc(found, func(sh users.Share) bool {
-			probe := users.Device{ID: "guest", Scope: authz.Scope("guest:" + sh.Name), GrantedBy: users.ShareApprover + sh.ID}
-			return a.Gone(&probe, now) != nil || e.deniedID(sh.ApproverID())
-		})
-	}
+	users.SortShares(found)
 	switch {
 	case len(found) == 0 && name != "":
 		return users.Share{}, fmt.Sprintf("nobody has shared %s with %s, or the share has ended; ask the person who exposes it to run tp share %s --with %s", name, email, name, email)
@@ -327,7 +297,9 @@ func (e *Enroller) enrollGuest(w http.ResponseWriter, r *http.Request, req login
 			return
 		}
 	}
-	sh, why := e.guestShare(p.Email, req.Share)
+	// One look at the store for the checks below.
+	a, guests := e.approvers()
+	sh, why := e.guestShare(a, p.Email, req.Share)
 	if why != "" {
 		refuse(why)
 		return
@@ -339,11 +311,9 @@ func (e *Enroller) enrollGuest(w http.ResponseWriter, r *http.Request, req login
 	// A guest is named by their whole address. A user of that name who is
 	// not this person at the provider (an enrolled user, or another
 	// account) keeps it.
-	for _, u := range e.Users.Users() {
-		if u.Name == p.User && u.SSOSubject != p.Subject {
-			refuse(fmt.Sprintf("this server already has a user named %s who is not the account you signed in with; ask your TP administrator", p.User))
-			return
-		}
+	if u := a.Users[p.User]; u != nil && u.SSOSubject != p.Subject {
+		refuse(fmt.Sprintf("this server already has a user named %s who is not the account you signed in with; ask your TP administrator", p.User))
+		return
 	}
 	id := authz.DeviceID(p.User, req.Device)
 	if e.Denied != nil {
@@ -355,14 +325,13 @@ func (e *Enroller) enrollGuest(w http.ResponseWriter, r *http.Request, req login
 	}
 	// What the store would refuse anyway is refused before the user is
 	// bound, so that a refused guest leaves no user behind.
-	if dev, err := e.Users.Device(id); err == nil && dev.Revoked {
+	if dev, err := e.Users.Device(id); err == nil && dev.Revoked { // the listing has no keys
 		writeErr(w, http.StatusForbidden, fmt.Sprintf("device %q has been revoked; give this device another name (dlogin --sso --device NAME)", id))
 		return
 	} else if err == nil && len(dev.PublicKey) > 0 {
 		writeErr(w, http.StatusConflict, fmt.Sprintf("device %q is already enrolled; give this device another name (dlogin --sso --device NAME)", id))
 		return
 	}
-	a, guests := e.approvers()
 	live := 0
 	for _, g := range guests[sh.ID] {
 		if d := a.Devices[g]; d != nil && !d.Revoked {

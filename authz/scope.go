@@ -40,7 +40,7 @@ func ParseScope(s string) (Scope, error) {
 	if !ok || (kind != scopeExpose && kind != scopeExposePublic && kind != scopeGuest) {
 		return "", fmt.Errorf("scope %q: want expose:LABEL or expose-public:LABEL (guest:LABEL comes only from a share)", s)
 	}
-	if !dnsLabel(label) {
+	if !ValidLabel(label) {
 		return "", fmt.Errorf("scope %q: %q is not a reverse name's label (1 to 63 lower-case letters, digits or '-', not starting or ending with '-')", s, label)
 	}
 	return Scope(s), nil
@@ -107,7 +107,7 @@ func (s Scope) Allows(req Request) (bool, string) {
 // any other scope.
 func (s Scope) Guest() string {
 	kind, label, _ := strings.Cut(string(s), ":")
-	if kind != scopeGuest || !dnsLabel(label) {
+	if kind != scopeGuest || !ValidLabel(label) {
 		return ""
 	}
 	return label
@@ -139,9 +139,9 @@ type Sharer interface {
 	SharedBy(deviceID string) string
 }
 
-// dnsLabel reports whether l is one lower-case DNS label, as reverse names'
+// ValidLabel reports whether l is one lower-case DNS label, as reverse names'
 // labels are.
-func dnsLabel(l string) bool {
+func ValidLabel(l string) bool {
 	if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
 		return false
 	}

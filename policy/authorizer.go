@@ -54,16 +54,17 @@ func (p *Authorizer) Authorize(ctx context.Context, req authz.Request) (authz.De
 	if req.Time.IsZero() {
 		req.Time = time.Now()
 	}
-	req.Identity.Guest = p.scope(req).Guest() // the store's word, not the request's
+	sc := p.scope(req) // once per decision: the store's word, not the request's
+	req.Identity.Guest = sc.Guest()
 	input := authz.Input(req)
-	d, res, err := p.decide(ctx, req, input)
+	d, res, err := p.decide(ctx, req, sc, input)
 	if rerr := p.Decisions.Record(input, d.Allow, d.Reason, res, err); rerr != nil && p.Logger != nil {
 		p.Logger.Error("writing the decision log failed", "err", rerr)
 	}
 	return d, err
 }
 
-func (p *Authorizer) decide(ctx context.Context, req authz.Request, input map[string]any) (authz.Decision, Result, error) {
+func (p *Authorizer) decide(ctx context.Context, req authz.Request, sc authz.Scope, input map[string]any) (authz.Decision, Result, error) {
 	if reason, denied := p.DenyList.Denies(req.Identity); denied {
 		return authz.Decision{Allow: false, Reason: reason}, Result{}, nil
 	}
@@ -73,7 +74,7 @@ func (p *Authorizer) decide(ctx context.Context, req authz.Request, input map[st
 			Reason: fmt.Sprintf("the certificate of %s expired at %s; run dlogin", req.Identity, na.UTC().Format(time.RFC3339)),
 		}, Result{}, nil
 	}
-	if ok, why := p.scope(req).Allows(req); !ok {
+	if ok, why := sc.Allows(req); !ok {
 		return authz.Decision{Allow: false, Reason: why}, Result{}, nil
 	}
 	if p.Evaluator == nil {
@@ -123,7 +124,8 @@ func (p *Authorizer) MayAllow(ctx context.Context, req authz.Request) (bool, err
 	if na := req.Identity.NotAfter; !na.IsZero() && req.Time.After(na) {
 		return false, nil
 	}
-	if ok, _ := p.scope(req).Allows(req); !ok {
+	sc := p.scope(req)
+	if ok, _ := sc.Allows(req); !ok {
 		return false, nil
 	}
 	pe, ok := p.Evaluator.(interface {
@@ -132,7 +134,7 @@ func (p *Authorizer) MayAllow(ctx context.Context, req authz.Request) (bool, err
 	if !ok {
 		return true, nil
 	}
-	req.Identity.Guest = p.scope(req).Guest()
+	req.Identity.Guest = sc.Guest()
 	may, err := pe.MayAllow(ctx, authz.Input(req))
 	if err != nil {
 		return false, fmt.Errorf("authorize %s %s to %s: %w", req.Identity, req.Action, hostPort(req.Destination), err)

@@ -105,11 +105,7 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 			return cli.Positional("LINK")(cmd, args)
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cfg, err := config.LoadClient(cmd.Flags())
-			if err != nil {
-				return err
-			}
-			c, err := clients.Open(clients.Home{Dir: cfg.Home})
+			c, cfg, err := open(cmd, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}

@@ -11,9 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tp-proxy/tp/acme/login"
-	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/lib/cli"
-	"github.com/tp-proxy/tp/internal/lib/config"
 )
 
 func shareCmd(stdout io.Writer) *cobra.Command {
@@ -48,11 +46,7 @@ func shareCmd(stdout io.Writer) *cobra.Command {
 			if lasts <= 0 || lasts > login.MaxShareFor {
 				return cli.UsageError(fmt.Sprintf("--for %s: a share lasts more than nothing and at most %s", lasts, login.MaxShareFor))
 			}
-			cfg, err := config.LoadClient(cmd.Flags())
-			if err != nil {
-				return err
-			}
-			c, err := clients.Open(clients.Home{Dir: cfg.Home})
+			c, cfg, err := open(cmd, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}

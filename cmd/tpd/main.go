@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -423,18 +424,20 @@ func versionCmd(stdout io.Writer) *cobra.Command {
 type approvers struct{ users.Approvers }
 
 func newApprovers(list []users.UserInfo, shares []admin.Share) approvers {
-	a := approvers{users.Approvers{Devices: map[string]*users.Device{}, Users: map[string]*users.User{}, Shares: map[string]*users.Share{}}}
-	for _, u := range list {
-		a.Users[u.Name] = &u.User
-		for _, dv := range u.Devices {
-			dv.Revoked = dv.Revoked || u.Revoked
-			a.Devices[dv.ID] = &dv
+	marked := make([]users.UserInfo, len(list)) // a device of a revoked user is revoked; the caller's list stays as it is
+	for i, u := range list {
+		u.Devices = slices.Clone(u.Devices)
+		for j := range u.Devices {
+			u.Devices[j].Revoked = u.Devices[j].Revoked || u.Revoked
 		}
+		marked[i] = u
 	}
-	for _, sh := range shares {
-		a.Shares[sh.ID] = &sh.Share
+	sh := make([]users.Share, len(shares))
+	for i := range shares {
+		sh[i] = shares[i].Share
 	}
-	return a
+	a, _ := users.ListApprovers(marked, sh)
+	return approvers{a}
 }
 
 // gone says why d, a grant or a guest's device, ended with its approver or

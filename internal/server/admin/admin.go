@@ -300,33 +300,13 @@ type Share struct {
 // ShareStates lists store's shares, oldest first, with their state at now;
 // denied says which devices the deny list revokes (nil: none).
 func ShareStates(store users.Store, denied func(deviceID string) bool, now time.Time) []Share {
-	a := users.Approvers{Devices: map[string]*users.Device{}, Users: map[string]*users.User{}, Shares: map[string]*users.Share{}}
-	guests := map[string][]string{}
-	for _, u := range store.Users() {
-		a.Users[u.Name] = &u.User
-		for _, d := range u.Devices {
-			a.Devices[d.ID] = &d
-			if id, ok := strings.CutPrefix(d.GrantedBy, users.ShareApprover); ok {
-				guests[id] = append(guests[id], d.ID)
-			}
-		}
-	}
 	shares := store.Shares()
-	for i := range shares {
-		a.Shares[shares[i].ID] = &shares[i]
-	}
+	a, guests := users.ListApprovers(store.Users(), shares)
 	out := []Share{}
 	for _, sh := range shares {
-		st := Share{Share: sh, State: "active", Guests: guests[sh.ID]}
+		st := Share{Share: sh, State: a.ShareState(sh, now, denied), Guests: guests[sh.ID]}
 		if st.Guests == nil {
 			st.Guests = []string{}
-		}
-		switch {
-		case sh.Revoked:
-			st.State = "revoked"
-		case a.Gone(&users.Device{ID: "guest", Scope: authz.Scope("guest:" + sh.Name), GrantedBy: users.ShareApprover + sh.ID}, now) != nil,
-			denied != nil && denied(sh.ApproverID()):
-			st.State = "ended"
 		}
 		out = append(out, st)
 	}

@@ -80,12 +80,11 @@ func (d *Daemon) deviceEnds(deviceID string) time.Time {
 	if !ok {
 		return time.Time{}
 	}
-	for _, sh := range d.users.Shares() {
-		if sh.ID == id {
-			return sh.Until
-		}
+	sh, err := d.users.Share(id)
+	if err != nil {
+		return time.Unix(1, 0) // a share the store no longer has: ended
 	}
-	return time.Unix(1, 0) // a share the store no longer has: ended
+	return sh.Until
 }
 
 // grantPage is what a grant link opens: what the application asks for, its

@@ -122,19 +122,14 @@ func printableASCII(s string) bool {
 	return true
 }
 
+// validDomain says whether d is a lower-case domain name of two labels or more.
 func validDomain(d string) bool {
 	if len(d) > 253 || !strings.Contains(d, ".") {
 		return false
 	}
 	for _, l := range strings.Split(d, ".") {
-		if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
+		if !authz.ValidLabel(l) {
 			return false
-		}
-		for i := 0; i < len(l); i++ {
-			c := l[i]
-			if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-') {
-				return false
-			}
 		}
 	}
 	return true
@@ -213,15 +208,56 @@ func (a Approvers) Gone(d *Device, now time.Time) error {
 		return fmt.Errorf("device %s's scope %q is not the name its share %s gives: %w", d.ID, d.Scope, sh.ID, authz.ErrRevoked)
 	case sh.Revoked:
 		return fmt.Errorf("the share of %s with %s (%s) was revoked, and %s's access ended with it: %w", sh.Name, sh.Guest, sh.ID, d.ID, authz.ErrRevoked)
-	case !now.Before(sh.Until):
+	}
+	return a.shareEnded(*sh, now)
+}
+
+// shareEnded says why a share that is not revoked has ended at now: past
+// its end, or its approver is gone (a share lives as long as its approver,
+// as a grant does); nil when it lives.
+func (a Approvers) shareEnded(sh Share, now time.Time) error {
+	if !now.Before(sh.Until) {
 		return fmt.Errorf("the share of %s with %s (%s) ended at %s; ask %s to share it again: %w", sh.Name, sh.Guest, sh.ID, sh.Until.UTC().Format(time.RFC3339), sh.User, authz.ErrRevoked)
 	}
-	// The share lives as long as its approver, as a grant does.
-	as := &Device{ID: d.ID, User: sh.User, GrantedBy: sh.By}
+	as := &Device{ID: "guest", User: sh.User, GrantedBy: sh.By}
 	if err := ApproverGone(as, a.Devices[sh.By], a.Users[sh.User]); err != nil {
 		return fmt.Errorf("the share of %s with %s (%s) ended with its approver %s: %w", sh.Name, sh.Guest, sh.ID, sh.By, authz.ErrRevoked)
 	}
 	return nil
+}
+
+// ListApprovers indexes a listing of users (Store.Users) and shares
+// (Store.Shares) for Gone and ShareState, with the devices each share
+// enrolled (guests' devices by share ID).
+func ListApprovers(list []UserInfo, shares []Share) (Approvers, map[string][]string) {
+	a := Approvers{Devices: map[string]*Device{}, Users: map[string]*User{}, Shares: map[string]*Share{}}
+	guests := map[string][]string{}
+	for i := range shares {
+		a.Shares[shares[i].ID] = &shares[i]
+	}
+	for _, u := range list {
+		a.Users[u.Name] = &u.User
+		for _, d := range u.Devices {
+			a.Devices[d.ID] = &d
+			if id, ok := strings.CutPrefix(d.GrantedBy, ShareApprover); ok {
+				guests[id] = append(guests[id], d.ID)
+			}
+		}
+	}
+	return a, guests
+}
+
+// ShareState is what a share is at now: "revoked"; "ended" (past its end,
+// its approver gone, or on the deny list as denied says, which may be nil);
+// or "active".
+func (a Approvers) ShareState(sh Share, now time.Time, denied func(deviceID string) bool) string {
+	switch {
+	case sh.Revoked:
+		return "revoked"
+	case a.shareEnded(sh, now) != nil, denied != nil && denied(sh.ApproverID()):
+		return "ended"
+	}
+	return "active"
 }
 
 // By is who approved a grant whose Device.GrantedBy is grantedBy, as the
