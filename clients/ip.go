@@ -59,7 +59,7 @@ type IPTunnel struct {
 	// can act on (Client.WhyRejected); a revoked device then stops retrying.
 	Explain func(context.Context, error) error
 
-	tunDrops atomic.Int64 // packets from the tun device no connection took in time
+	tunDrops atomic.Int64 // reads of the tun device dropped: segments that did not split into packets
 	// OnUp, when set, is called each time the tunnel is up, with the tun
 	// device's name and the addresses and routes installed.
 	OnUp func(dev string, addrs, routes []netip.Prefix)
@@ -94,24 +94,26 @@ func (t *IPTunnel) Run(ctx context.Context) error {
 		return fmt.Errorf("bringing up %s: %w", dev.Name(), err)
 	}
 	// One reader of the tun device for its whole life, whichever connection
-	// carries the packets; while no connection is up, packets wait (a few) or
-	// are dropped, as on a link that is down.
-	packets := make(chan []byte, 256)
+	// carries the packets. It reads in batches (a segment of up to 64 KiB
+	// split into packets) into one of a few sets of buffers, which the
+	// connection hands back once sent; while none is free (no connection is
+	// up, or it does not keep up) the reader waits and the kernel's queue of
+	// the tun device holds or drops packets, as on a link that is down.
+	packets := make(chan tunBatch, tunReaders)
+	free := make(chan *tun.Reader, tunReaders)
+	for range tunReaders {
+		free <- dev.NewReader(t.MTU, tunRoom)
+	}
 	go func() {
 		defer close(packets)
-		big := make([]byte, wire.MaxIPPacket)
-		for {
-			n, err := dev.Read(big)
+		for r := range free {
+			before := r.Dropped()
+			pkts, err := r.Read()
+			t.tunDrops.Add(r.Dropped() - before)
 			if err != nil {
 				return
 			}
-			b := make([]byte, 1+n)
-			copy(b[1:], big[:n])
-			select {
-			case packets <- b:
-			default: // the connection does not keep up (or is down): dropped, counted
-				t.tunDrops.Add(1)
-			}
+			packets <- tunBatch{r: r, pkts: pkts, free: free}
 		}
 	}()
 	backoff := time.Second
@@ -153,6 +155,9 @@ type ipSession struct {
 	dgDropped func() int64                          // datagrams the tunnel's receive queue had no room for
 	quicDrops wire.DatagramDropCounter              // datagrams quic-go's queue (128) had no room for
 	dgUnknown func() int64                          // datagrams for no stream of this tunnel
+	tryDg     func() ([]byte, bool)                 // the next received datagram without waiting
+	dgPrefix  []byte                                // what sendDg's datagrams start with before the context ID
+	mtu       int
 	addrs     []netip.Prefix
 	over      string // "HTTP/3" or "HTTP/2"
 }
@@ -168,10 +173,10 @@ func (s *ipSession) capsule(b []byte) error {
 const ipPath = "/.well-known/masque/ip/*/*/"
 
 // session runs one connection and request until it fails.
-func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan []byte, log *slog.Logger) error {
+func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan tunBatch, log *slog.Logger) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	s := &ipSession{dev: dev}
+	s := &ipSession{dev: dev, mtu: t.MTU}
 	var follow func(context.Context) error
 	var err error
 	switch t.Transport {
@@ -324,8 +329,10 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	flow := dgs.Flow(str, wire.IPDatagramQueue)
 	s.dgUnknown = dgs.Unknown
 	context.AfterFunc(ctx, flow.Close)
-	s.sendDg, s.dgStream = str.SendDatagram, int64(str.StreamID())
-	s.recvDg, s.dgDropped = flow.ReceiveDatagram, flow.Dropped
+	// Sent below http3 too, the quarter stream ID in the packet's buffer:
+	// http3 would allocate and copy each datagram to put it in front.
+	s.sendDg, s.dgPrefix, s.dgStream = flow.SendQUIC, flow.AppendQuarterStreamID(nil), int64(str.StreamID())
+	s.recvDg, s.tryDg, s.dgDropped = flow.ReceiveDatagram, flow.TryReceiveDatagram, flow.Dropped
 	return func(ctx context.Context) error {
 		return t.followAddress(ctx, qc, raddr, &trMu, &transports, t.logger())
 	}, nil
@@ -416,9 +423,13 @@ func newIPTransport() (*quic.Transport, error) {
 // capsules reads the server's capsules and installs what they assign.
 func (t *IPTunnel) capsules(ctx context.Context, s *ipSession, log *slog.Logger) error {
 	r := bufio.NewReaderSize(s.capsules, 64<<10)
+	w := s.dev.NewWriter(s.mtu)
 	var routes []netip.Prefix
 	up := false
 	for {
+		if w.Len() > 0 && !wire.CapsuleBuffered(r) {
+			_, _ = w.Flush() // before a read that may wait
+		}
 		c, err := wire.ReadIPCapsule(r)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -428,7 +439,7 @@ func (t *IPTunnel) capsules(ctx context.Context, s *ipSession, log *slog.Logger)
 		}
 		switch c.Type {
 		case wire.IPCapsuleDatagram:
-			s.deliver(c.Payload)
+			s.deliver(c.Payload, w)
 		case wire.IPCapsuleAddressAssign:
 			as, err := wire.ParseAddresses(c.Payload)
 			if err != nil {
@@ -486,11 +497,28 @@ func (t *IPTunnel) setAddresses(ctx context.Context, s *ipSession, addrs []netip
 	return nil
 }
 
+// tunReaders is how many batches read from the tun device may wait for the
+// connection; tunRoom is the room in front of each packet for the datagram's
+// prefix (a quarter stream ID of up to 8 bytes, and the context ID).
+const (
+	tunReaders = 4
+	tunRoom    = 9
+)
+
+// tunBatch is one read of the tun device: its packets, each behind tunRoom
+// bytes, in r's buffers, which go back to free once sent.
+type tunBatch struct {
+	r    *tun.Reader
+	pkts [][]byte
+	free chan<- *tun.Reader
+}
+
 // toServer sends what the kernel routes into the tun device, each packet
-// with context ID 0 in front (packets has the byte reserved).
-func (s *ipSession) toServer(ctx context.Context, packets <-chan []byte) error {
+// behind the flow's prefix and context ID 0.
+func (s *ipSession) toServer(ctx context.Context, packets <-chan tunBatch) error {
+	hl := len(s.dgPrefix)
 	for {
-		var buf []byte
+		var batch tunBatch
 		select {
 		case <-ctx.Done():
 			return context.Cause(ctx)
@@ -498,42 +526,69 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan []byte) error {
 			if !ok {
 				return errors.New("the tun device was closed")
 			}
-			buf = b
+			batch = b
 		}
-		n := len(buf) - 1
-		buf[0] = 0
-		err := s.sendDg(buf)
-		var tooLarge *quic.DatagramTooLargeError
-		switch {
-		case errors.As(err, &tooLarge):
-			// Tell the local sender the size that fits (PMTU discovery).
-			pkt := buf[1 : 1+n]
-			h, herr := wire.ParseIPHeader(pkt)
-			if mtu := wire.IPPacketMTU(tooLarge.MaxDatagramPayloadSize, s.dgStream); herr == nil && mtu >= wire.PacketTooBigFloor(h.Src) {
-				if icmp := wire.PacketTooBig(pkt, mtu); icmp != nil {
-					_, _ = s.dev.Write(icmp)
-				}
+		var err error
+		for _, b := range batch.pkts {
+			if err = s.sendPacket(b[tunRoom-1-hl:], hl); err != nil {
+				break
 			}
-		case err != nil:
-			return fmt.Errorf("sending to the TP server: %w", err)
+		}
+		batch.free <- batch.r
+		if err != nil {
+			return err
 		}
 	}
 }
 
-// fromServer writes the server's packets to the tun device, in the order
-// they arrive; the flow's queue (wire.IPDatagramQueue) absorbs bursts.
+// sendPacket sends b, hl bytes of room for the flow's prefix, the context
+// ID's byte and the packet.
+func (s *ipSession) sendPacket(b []byte, hl int) error {
+	copy(b, s.dgPrefix)
+	b[hl] = 0
+	err := s.sendDg(b)
+	var tooLarge *quic.DatagramTooLargeError
+	switch {
+	case errors.As(err, &tooLarge):
+		// Tell the local sender the size that fits (PMTU discovery).
+		pkt := b[hl+1:]
+		h, herr := wire.ParseIPHeader(pkt)
+		if mtu := wire.IPPacketMTU(tooLarge.MaxDatagramPayloadSize, s.dgStream); herr == nil && mtu >= wire.PacketTooBigFloor(h.Src) {
+			if icmp := wire.PacketTooBig(pkt, mtu); icmp != nil {
+				_, _ = s.dev.Write(icmp)
+			}
+		}
+	case err != nil:
+		return fmt.Errorf("sending to the TP server: %w", err)
+	}
+	return nil
+}
+
+// fromServer writes the server's packets to the tun device, as many at a
+// time as have arrived (up to a batch: one system call for a TCP flow's
+// packets); the flow's queue (wire.IPDatagramQueue) absorbs bursts.
 func (s *ipSession) fromServer(ctx context.Context) error {
+	w := s.dev.NewWriter(s.mtu)
 	for {
 		p, err := s.recvDg(ctx)
 		if err != nil {
 			return fmt.Errorf("receiving from the TP server: %w", err)
 		}
-		s.deliver(p)
+		s.deliver(p, w)
+		for range tun.WriteBatchSize - 1 {
+			p, ok := s.tryDg()
+			if !ok {
+				break
+			}
+			s.deliver(p, w)
+		}
+		_, _ = w.Flush() // a packet the kernel refuses is dropped
 	}
 }
 
-// deliver writes the packet of one HTTP Datagram payload to the tun device.
-func (s *ipSession) deliver(p []byte) {
+// deliver adds the packet of one HTTP Datagram payload to w's batch for the
+// tun device.
+func (s *ipSession) deliver(p []byte, w *tun.Writer) {
 	pkt, ok := wire.ParseIPDatagram(p)
 	if !ok {
 		return
@@ -541,7 +596,9 @@ func (s *ipSession) deliver(p []byte) {
 	if _, err := wire.ParseIPHeader(pkt); err != nil {
 		return
 	}
-	_, _ = s.dev.Write(pkt) // a packet the kernel refuses is dropped
+	if full, _ := w.Add(pkt); full {
+		_, _ = w.Flush()
+	}
 }
 
 // followAddress watches the source address the host would use towards the

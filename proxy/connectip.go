@@ -240,7 +240,7 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 			flow := hc.Datagrams.FlowFunc(str, wire.IPDatagramQueue, tn.CountQueueDrop)
 			defer flow.Close()
 			recvDg = flow.ReceiveDatagram
-			tn.ReceiveQueued()
+			tn.ReceiveQueued(flow.TryReceiveDatagram)
 			tn.SendBelowHTTP3(flow.AppendQuarterStreamID(nil), flow.SendQUIC)
 		}
 		context.AfterFunc(tctx, func() {

@@ -173,10 +173,10 @@ type IPTunnel struct {
 
 	wmu      sync.Mutex // one capsule write at a time
 	writeCap func([]byte) error
-	sendDg   func([]byte) error // one HTTP Datagram payload
-	dgStream int64              // the HTTP/3 request stream whose datagrams sendDg sends
-	queued   bool               // Run's recvDg has a queue of its own (ReceiveQueued)
-	dgPrefix []byte             // what sendDg's datagrams start with before the context ID (SendBelowHTTP3)
+	sendDg   func([]byte) error    // one HTTP Datagram payload
+	dgStream int64                 // the HTTP/3 request stream whose datagrams sendDg sends
+	tryDg    func() ([]byte, bool) // the next queued datagram without waiting (ReceiveQueued)
+	dgPrefix []byte                // what sendDg's datagrams start with before the context ID (SendBelowHTTP3)
 
 	up, down rateBucket
 	pkts     [2]atomic.Int64 // up, down
@@ -541,57 +541,80 @@ func (tn *IPTunnel) allowedOut(h wire.IPHeader) *atomic.Int64 {
 	return &c.dropDst
 }
 
-// fromPeer handles one HTTP Datagram payload from the peer.
-func (tn *IPTunnel) fromPeer(p []byte) error {
+// fromPeer handles one HTTP Datagram payload from the peer: checked, then
+// added to w's batch for the tun device (flushTun writes it).
+func (tn *IPTunnel) fromPeer(p []byte, w *tun.Writer) {
 	c := &tn.t.stats
 	pkt, ok := wire.ParseIPDatagram(p)
 	if !ok {
-		return nil // another context ID: dropped (RFC 9484 §6)
+		return // another context ID: dropped (RFC 9484 §6)
 	}
 	h, err := wire.ParseIPHeader(pkt)
 	if err != nil {
 		c.dropBad.Add(1)
 		tn.drops.Add(1)
-		return nil
+		return
 	}
 	if drop := tn.allowedOut(h); drop != nil {
 		drop.Add(1)
 		tn.drops.Add(1)
-		return nil
+		return
 	}
 	if !tn.up.allow(time.Now(), len(pkt), tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
 		c.dropRate.Add(1)
 		tn.drops.Add(1)
-		return nil
-	}
-	if _, err := tn.dev.Write(pkt); err != nil {
-		// The kernel refuses some packets (no route, bad header): dropped, as a
-		// router would, without ending the tunnel.
-		c.dropBad.Add(1)
-		tn.drops.Add(1)
-		return nil
+		return
 	}
 	c.pktUp.Add(1)
 	c.bytesUp.Add(int64(len(pkt)))
 	tn.pkts[0].Add(1)
 	tn.bytes[0].Add(int64(len(pkt)))
-	return nil
+	if full, err := w.Add(pkt); err != nil {
+		tn.refused(1)
+	} else if full {
+		tn.flushTun(w)
+	}
 }
 
-// readDatagrams writes the peer's datagrams to the tun device. tpd reads them
-// below http3 (wire.H3ServerConn) on a queue of their own (ReceiveQueued).
-// Otherwise they come off http3's queue of 32 per stream, which drops beyond,
-// and readDatagrams moves them onto a longer one of its own so that the tun
-// writes do not hold that queue; that does not stop the drops, as http3's
-// reader fills the 32 in a burst before this goroutine runs (docs/IP.md).
+// flushTun writes w's batch to the tun device. The kernel refuses some
+// packets (no route, bad header): dropped, as a router would, and counted,
+// without ending the tunnel.
+func (tn *IPTunnel) flushTun(w *tun.Writer) {
+	if n, _ := w.Flush(); n > 0 {
+		tn.refused(n)
+	}
+}
+
+func (tn *IPTunnel) refused(n int) {
+	tn.t.stats.dropBad.Add(int64(n))
+	tn.drops.Add(int64(n))
+}
+
+// readDatagrams writes the peer's datagrams to the tun device, as many at a
+// time as have arrived (up to a batch: one system call for a TCP flow's
+// packets). tpd reads them below http3 (wire.H3ServerConn) on a queue of
+// their own (ReceiveQueued). Otherwise they come off http3's queue of 32 per
+// stream, which drops beyond, and readDatagrams moves them onto a longer one
+// of its own so that the tun writes do not hold that queue; that does not
+// stop the drops, as http3's reader fills the 32 in a burst before this
+// goroutine runs (docs/IP.md).
 func (tn *IPTunnel) readDatagrams(ctx context.Context, recv func(context.Context) ([]byte, error)) error {
-	if tn.queued {
+	w := tn.dev.NewWriter(tn.t.opts.MTU)
+	if tn.tryDg != nil {
 		for {
 			p, err := recv(ctx)
 			if err != nil {
 				return err
 			}
-			_ = tn.fromPeer(p)
+			tn.fromPeer(p, w)
+			for range tun.WriteBatchSize - 1 {
+				p, ok := tn.tryDg()
+				if !ok {
+					break
+				}
+				tn.fromPeer(p, w)
+			}
+			tn.flushTun(w)
 		}
 	}
 	q := make(chan []byte, datagramBacklog)
@@ -601,7 +624,20 @@ func (tn *IPTunnel) readDatagrams(ctx context.Context, recv func(context.Context
 	go func() {
 		defer close(done)
 		for p := range q {
-			_ = tn.fromPeer(p)
+			tn.fromPeer(p, w)
+		more:
+			for range tun.WriteBatchSize - 1 {
+				select {
+				case p, ok := <-q:
+					if !ok {
+						break more
+					}
+					tn.fromPeer(p, w)
+				default:
+					break more
+				}
+			}
+			tn.flushTun(w)
 		}
 	}()
 	for {
@@ -627,9 +663,10 @@ func (tn *IPTunnel) SendBelowHTTP3(prefix []byte, send func([]byte) error) {
 }
 
 // ReceiveQueued says that Run's recvDg takes the datagrams off a queue of
-// their own (wire.H3DatagramFlow): Run then writes each to the tun device as
-// it comes, without a second queue.
-func (tn *IPTunnel) ReceiveQueued() { tn.queued = true }
+// their own (wire.H3DatagramFlow), and try takes the next one there without
+// waiting: Run then writes them to the tun device as they come, without a
+// second queue.
+func (tn *IPTunnel) ReceiveQueued(try func() ([]byte, bool)) { tn.tryDg = try }
 
 // CountQueueDrop counts one datagram from the peer that found the tunnel's
 // receive queue full.
@@ -645,7 +682,11 @@ const datagramBacklog = 1024
 // ADDRESS_REQUEST (answered with the addresses the tunnel has), and others,
 // which are ignored (RFC 9297 §3.2). A malformed capsule ends the tunnel.
 func (tn *IPTunnel) readCapsules(ctx context.Context, r *bufio.Reader) error {
+	w := tn.dev.NewWriter(tn.t.opts.MTU)
 	for {
+		if w.Len() > 0 && !wire.CapsuleBuffered(r) {
+			tn.flushTun(w) // before a read that may wait
+		}
 		c, err := wire.ReadIPCapsule(r)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -658,9 +699,7 @@ func (tn *IPTunnel) readCapsules(ctx context.Context, r *bufio.Reader) error {
 		}
 		switch c.Type {
 		case wire.IPCapsuleDatagram:
-			if err := tn.fromPeer(c.Payload); err != nil {
-				return err
-			}
+			tn.fromPeer(c.Payload, w)
 		case wire.IPCapsuleAddressRequest:
 			reqs, err := wire.ParseAddresses(c.Payload)
 			if err != nil {
@@ -714,57 +753,72 @@ func (tn *IPTunnel) answer(reqs []wire.AssignedAddress) []wire.AssignedAddress {
 // from a granted prefix (or is an ICMP error about a packet the peer sent).
 func (tn *IPTunnel) fromTun(ctx context.Context) error {
 	c := &tn.t.stats
-	// One buffer for the tunnel's life: [dgPrefix][context ID][packet].
+	// Buffers for the tunnel's life: [dgPrefix][context ID][packet].
 	hl := len(tn.dgPrefix)
-	buf := make([]byte, hl+1+wire.MaxIPPacket)
-	copy(buf, tn.dgPrefix)
+	r := tn.dev.NewReader(tn.t.opts.MTU, hl+1)
+	defer func() { c.dropBad.Add(r.Dropped()) }()
 	for {
-		n, err := tn.dev.Read(buf[hl+1:])
+		batch, err := r.Read()
 		if err != nil {
 			if ctx.Err() != nil {
 				return context.Cause(ctx)
 			}
 			return fmt.Errorf("reading the tunnel's tun device: %w", err)
 		}
-		pkt := buf[hl+1 : hl+1+n]
-		h, err := wire.ParseIPHeader(pkt)
-		if err != nil {
-			c.dropBad.Add(1)
-			continue
-		}
-		if !tn.allowedIn(h, pkt) {
-			c.dropIn.Add(1)
-			tn.drops.Add(1)
-			continue
-		}
-		if !tn.down.allow(time.Now(), n, tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
-			c.dropRate.Add(1)
-			tn.drops.Add(1)
-			continue
-		}
-		buf[hl] = 0 // context ID 0
-		err = tn.sendDg(buf[:hl+1+n])
-		var tooLarge *quic.DatagramTooLargeError
-		switch {
-		case errors.As(err, &tooLarge):
-			c.dropBig.Add(1)
-			tn.drops.Add(1)
-			// Tell the sender on the network side (PMTU discovery); never
-			// below the minimum MTU of its family.
-			if mtu := wire.IPPacketMTU(tooLarge.MaxDatagramPayloadSize, tn.dgStream); mtu >= wire.PacketTooBigFloor(h.Src) {
-				if icmp := wire.PacketTooBig(pkt, mtu); icmp != nil {
-					_, _ = tn.dev.Write(icmp)
-				}
+		for _, b := range batch {
+			if err := tn.toPeer(b, hl); err != nil {
+				return err
 			}
-		case err != nil:
-			return fmt.Errorf("sending to the client: %w", err)
-		default:
-			c.pktDown.Add(1)
-			c.bytesDown.Add(int64(n))
-			tn.pkts[1].Add(1)
-			tn.bytes[1].Add(int64(n))
 		}
 	}
+}
+
+// toPeer sends b, one packet from the tun device behind room for the
+// datagram's prefix of hl bytes and the context ID, to the peer if the
+// packet may go there.
+func (tn *IPTunnel) toPeer(b []byte, hl int) error {
+	c := &tn.t.stats
+	pkt := b[hl+1:]
+	n := len(pkt)
+	h, err := wire.ParseIPHeader(pkt)
+	if err != nil {
+		c.dropBad.Add(1)
+		return nil
+	}
+	if !tn.allowedIn(h, pkt) {
+		c.dropIn.Add(1)
+		tn.drops.Add(1)
+		return nil
+	}
+	if !tn.down.allow(time.Now(), n, tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
+		c.dropRate.Add(1)
+		tn.drops.Add(1)
+		return nil
+	}
+	copy(b, tn.dgPrefix)
+	b[hl] = 0 // context ID 0
+	err = tn.sendDg(b)
+	var tooLarge *quic.DatagramTooLargeError
+	switch {
+	case errors.As(err, &tooLarge):
+		c.dropBig.Add(1)
+		tn.drops.Add(1)
+		// Tell the sender on the network side (PMTU discovery); never
+		// below the minimum MTU of its family.
+		if mtu := wire.IPPacketMTU(tooLarge.MaxDatagramPayloadSize, tn.dgStream); mtu >= wire.PacketTooBigFloor(h.Src) {
+			if icmp := wire.PacketTooBig(pkt, mtu); icmp != nil {
+				_, _ = tn.dev.Write(icmp)
+			}
+		}
+	case err != nil:
+		return fmt.Errorf("sending to the client: %w", err)
+	default:
+		c.pktDown.Add(1)
+		c.bytesDown.Add(int64(n))
+		tn.pkts[1].Add(1)
+		tn.bytes[1].Add(int64(n))
+	}
+	return nil
 }
 
 // allowedIn reports whether a packet from the network may reach the peer: to

@@ -384,3 +384,19 @@ func checksum(b []byte, sum uint32) uint16 {
 	}
 	return ^uint16(sum)
 }
+
+// CapsuleBuffered reports whether r holds a whole capsule, which
+// ReadIPCapsule then returns without reading the connection: a reader that
+// gathers packets for one write flushes them before a read that may wait.
+func CapsuleBuffered(r *bufio.Reader) bool {
+	b, _ := r.Peek(r.Buffered())
+	_, k1, err := quicvarint.Parse(b)
+	if err != nil {
+		return false
+	}
+	n, k2, err := quicvarint.Parse(b[k1:])
+	if err != nil {
+		return false
+	}
+	return uint64(len(b)-k1-k2) >= n
+}

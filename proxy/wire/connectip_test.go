@@ -119,3 +119,30 @@ func FuzzIPCapsules(f *testing.F) {
 		}
 	})
 }
+
+// A reader that gathers packets flushes them before a read that may wait:
+// CapsuleBuffered says whether the next capsule is whole in the buffer. The
+// bad inputs: a capsule cut in its payload, in its length, before its
+// length, and an empty buffer.
+func TestCapsuleBuffered(t *testing.T) {
+	two := AppendIPCapsule(AppendIPCapsule(nil, IPCapsuleDatagram, make([]byte, 300)), IPCapsuleDatagram, []byte{0, 1})
+	first := len(AppendIPCapsule(nil, IPCapsuleDatagram, make([]byte, 300)))
+	for _, tc := range []struct {
+		name string
+		data []byte
+		want bool
+	}{
+		{"two whole capsules", two, true},
+		{"one whole capsule", two[:first], true},
+		{"cut in the payload", two[:first-1], false},
+		{"cut in the length (a two-byte varint)", two[:2], false},
+		{"only the type", two[:1], false},
+		{"nothing", nil, false},
+	} {
+		r := bufio.NewReader(bytes.NewReader(tc.data))
+		_, _ = r.Peek(len(tc.data)) // fill the buffer as a read would
+		if got := CapsuleBuffered(r); got != tc.want {
+			t.Errorf("%s: CapsuleBuffered = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

@@ -190,6 +190,17 @@ func (f *H3DatagramFlow) ReceiveDatagram(ctx context.Context) ([]byte, error) {
 	}
 }
 
+// TryReceiveDatagram returns the next queued datagram payload without
+// waiting, and false when none is queued.
+func (f *H3DatagramFlow) TryReceiveDatagram() ([]byte, bool) {
+	select {
+	case p := <-f.q:
+		return p, true
+	default:
+		return nil, false
+	}
+}
+
 // SendDatagram sends p on the stream (quic-go blocks while its send queue
 // of 32 is full: nothing is dropped on the way out).
 func (f *H3DatagramFlow) SendDatagram(p []byte) error { return f.str.SendDatagram(p) }

@@ -8,21 +8,75 @@ import (
 	"os"
 
 	"golang.org/x/sys/unix"
+	wgtun "golang.zx2c4.com/wireguard/tun"
 )
 
-// Device is an open tun device. Read returns one packet, Write sends one;
-// Close removes the device (it is not persistent) and unblocks Read.
+// Device is an open tun device with the kernel's offloads (IFF_VNET_HDR,
+// TUNSETOFFLOAD): the kernel hands over a TCP stream's data in segments of up
+// to 64 KiB, which ReadBatch splits into packets of the device's MTU, and
+// WriteBatch joins consecutive packets of one TCP or UDP flow into one such
+// segment, so a bulk transfer costs a system call per segment, not per
+// packet. The segmentation and joining are wireguard-go's (its tun package),
+// which Tailscale uses too. Close removes the device (it is not persistent)
+// and unblocks a read.
 type Device struct {
-	f    *os.File
+	dev  wgtun.Device
 	name string
 }
+
+// Headroom is the room WriteBatch and Write need in front of each packet
+// (the virtio-net header the kernel reads).
+const Headroom = 10
 
 // Name is the interface's name, e.g. "tpip3".
 func (d *Device) Name() string { return d.name }
 
-func (d *Device) Read(p []byte) (int, error)  { return d.f.Read(p) }
-func (d *Device) Write(p []byte) (int, error) { return d.f.Write(p) }
-func (d *Device) Close() error                { return d.f.Close() }
+// ReadBatch reads what the kernel routes into the device: one packet, or a
+// segment split into packets of the device's MTU. Packet i lands at
+// bufs[i][offset:] with its length in sizes[i]; it returns how many. A segment
+// needs at most BatchFor(mtu) buffers; one that needs more yields the packets
+// that fit and an error (the kernel's TCP sends the rest again).
+func (d *Device) ReadBatch(bufs [][]byte, sizes []int, offset int) (int, error) {
+	n, err := d.dev.Read(bufs, sizes, offset)
+	if errors.Is(err, wgtun.ErrTooManySegments) {
+		return n, fmt.Errorf("a segment from %s needed more than %d packets: %w", d.name, len(bufs), err)
+	}
+	return n, err
+}
+
+// WriteBatch writes the packets bufs[i][offset:] (offset at least
+// Headroom). Packets of one TCP or UDP flow that follow each other are
+// joined into one segment where the first one's buffer has the capacity
+// (cap(bufs[i]) beyond its length); joining changes the lengths and the
+// order of bufs, which the caller resets before its next batch. It returns
+// the error of every write the kernel refused (a route missing, a header it
+// does not take), joined; the others are written.
+func (d *Device) WriteBatch(bufs [][]byte, offset int) error {
+	_, err := d.dev.Write(bufs, offset)
+	return err
+}
+
+// Write writes one packet p, copied behind the headroom Write needs; for
+// the odd packet (an ICMP error), not for bulk.
+func (d *Device) Write(p []byte) (int, error) {
+	b := make([]byte, Headroom+len(p))
+	copy(b[Headroom:], p)
+	if _, err := d.dev.Write([][]byte{b}, Headroom); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// Close removes the device and unblocks a ReadBatch.
+func (d *Device) Close() error { return d.dev.Close() }
+
+// BatchFor is how many buffers ReadBatch may need for one segment on a
+// device of MTU mtu: 64 KiB of TCP data in segments of the smallest MSS the
+// MTU allows (IPv6's 60 bytes of headers), and one for a lone packet.
+func BatchFor(mtu int) int {
+	mss := max(mtu, 1280) - 60
+	return (65535+mss-1)/mss + 1
+}
 
 // Open creates a tun device named name; a name containing "%d" lets the
 // kernel pick the number ("tpip%d"). Without CAP_NET_ADMIN it returns an error
@@ -40,17 +94,28 @@ func Open(name string) (*Device, error) {
 		_ = unix.Close(fd)
 		return nil, fmt.Errorf("tun device name %q: %w", name, err)
 	}
-	ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI)
+	ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
 	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
 		_ = unix.Close(fd)
 		return nil, permission(fmt.Errorf("create tun device %q: %w", name, err))
 	}
-	if err := unix.SetNonblock(fd, true); err != nil {
+	// The TCP offloads, set here first so that a kernel without them fails
+	// while the descriptor is still ours to close.
+	if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, unix.TUN_F_CSUM|unix.TUN_F_TSO4|unix.TUN_F_TSO6); err != nil {
 		_ = unix.Close(fd)
-		return nil, err
+		return nil, fmt.Errorf("tun device %q: setting its offloads: %w", ifr.Name(), err)
 	}
-	got := ifr.Name()
-	return &Device{f: os.NewFile(uintptr(fd), "/dev/net/tun:"+got), name: got}, nil
+	// Non-blocking mode and the offloads (UDP's too where the kernel has
+	// them); no netlink listener: TP configures the device itself. From here
+	// the descriptor belongs to dev.
+	dev, got, err := wgtun.CreateUnmonitoredTUNFromFD(fd)
+	if err != nil {
+		if dev != nil {
+			_ = dev.Close()
+		}
+		return nil, fmt.Errorf("tun device %q: %w", ifr.Name(), err)
+	}
+	return &Device{dev: dev, name: got}, nil
 }
 
 func permission(err error) error {
@@ -58,4 +123,14 @@ func permission(err error) error {
 		return fmt.Errorf("%w: creating a tun device needs CAP_NET_ADMIN (run as root, or grant it: sudo setcap cap_net_admin+ep $(command -v tp))", err)
 	}
 	return err
+}
+
+// errSplit: a segment whose packets did not fit the reader's buffers.
+var errSplit = errors.New("a segment from the tun device does not split into packets of its MTU")
+
+// deviceGone reports whether err from a read means the device is closed or
+// broken, not that one segment was malformed.
+func deviceGone(err error) bool {
+	var pe *os.PathError
+	return errors.Is(err, os.ErrClosed) || errors.As(err, &pe)
 }

@@ -10,12 +10,28 @@ import (
 // Device is an open tun device; only Linux has them here.
 type Device struct{}
 
-func (d *Device) Name() string                { return "" }
-func (d *Device) Read(p []byte) (int, error)  { return 0, errUnsupported }
-func (d *Device) Write(p []byte) (int, error) { return 0, errUnsupported }
-func (d *Device) Close() error                { return nil }
+// Headroom is the room WriteBatch and Write need in front of each packet.
+const Headroom = 10
+
+func (d *Device) Name() string { return "" }
+func (d *Device) ReadBatch(bufs [][]byte, sizes []int, offset int) (int, error) {
+	return 0, errUnsupported
+}
+func (d *Device) WriteBatch(bufs [][]byte, offset int) error { return errUnsupported }
+func (d *Device) Write(p []byte) (int, error)                { return 0, errUnsupported }
+func (d *Device) Close() error                               { return nil }
+
+// BatchFor is how many buffers ReadBatch may need for one segment.
+func BatchFor(mtu int) int {
+	mss := max(mtu, 1280) - 60
+	return (65535+mss-1)/mss + 1
+}
 
 var errUnsupported = errors.New("tun devices are supported on Linux only, not on " + runtime.GOOS)
 
 // Open fails: tun devices are supported on Linux only.
 func Open(string) (*Device, error) { return nil, errUnsupported }
+
+var errSplit = errors.New("a segment from the tun device does not split into packets of its MTU")
+
+func deviceGone(err error) bool { return err != nil }

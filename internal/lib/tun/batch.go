@@ -1,0 +1,150 @@
+package tun
+
+import "sync"
+
+// WriteBatchSize is how many packets a Writer gathers for one WriteBatch:
+// up to 32 packets of a TCP flow become one segment the kernel takes in one
+// system call.
+const WriteBatchSize = 32
+
+// Writer gathers packets for the device's WriteBatch. Its buffers come from
+// a pool shared by all devices between the first Add and Flush, so an idle
+// tunnel holds none: a batch's buffers must each have room for the whole
+// batch's data, as the flow's first packet becomes the segment (about
+// 1.3 MB per batch at an MTU of 1280).
+type Writer struct {
+	dev  *Device
+	slot int // bytes per buffer: Headroom and a whole batch of packets
+	b    *writeBatch
+	bufs [][]byte
+}
+
+type writeBatch struct {
+	arena []byte
+}
+
+var batchPools sync.Map // slot size → *sync.Pool of *writeBatch
+
+// NewWriter returns a Writer for packets of up to mtu bytes.
+func (d *Device) NewWriter(mtu int) *Writer {
+	slot := Headroom + min(WriteBatchSize*mtu, 65535)
+	return &Writer{dev: d, slot: slot, bufs: make([][]byte, 0, WriteBatchSize)}
+}
+
+func (w *Writer) pool() *sync.Pool {
+	if p, ok := batchPools.Load(w.slot); ok {
+		return p.(*sync.Pool)
+	}
+	slot := w.slot
+	p, _ := batchPools.LoadOrStore(slot, &sync.Pool{New: func() any {
+		return &writeBatch{arena: make([]byte, slot*WriteBatchSize)}
+	}})
+	return p.(*sync.Pool)
+}
+
+// Add copies pkt into the batch and reports whether the batch is full
+// (Flush it then). A packet longer than the batch's buffers is written at
+// once, alone, and its error returned.
+func (w *Writer) Add(pkt []byte) (full bool, err error) {
+	if len(pkt) > w.slot-Headroom {
+		_, err := w.dev.Write(pkt)
+		return false, err
+	}
+	if w.b == nil {
+		w.b = w.pool().Get().(*writeBatch)
+	}
+	i := len(w.bufs)
+	start := i * w.slot
+	buf := w.b.arena[start : start+Headroom+len(pkt) : start+w.slot]
+	copy(buf[Headroom:], pkt)
+	w.bufs = append(w.bufs, buf)
+	return len(w.bufs) == WriteBatchSize, nil
+}
+
+// Len is how many packets wait for Flush.
+func (w *Writer) Len() int { return len(w.bufs) }
+
+// Flush writes the gathered packets and returns how many writes the kernel
+// refused (each a packet, or a segment of several) and the first error.
+func (w *Writer) Flush() (refused int, err error) {
+	if len(w.bufs) == 0 {
+		return 0, nil
+	}
+	err = w.dev.WriteBatch(w.bufs, Headroom)
+	w.bufs = w.bufs[:0]
+	w.pool().Put(w.b)
+	w.b = nil
+	if err == nil {
+		return 0, nil
+	}
+	if j, ok := err.(interface{ Unwrap() []error }); ok && len(j.Unwrap()) > 0 {
+		return len(j.Unwrap()), j.Unwrap()[0]
+	}
+	return 1, err
+}
+
+// Reader reads a device in batches (ReadBatch) into buffers of its own,
+// each with room of the caller's in front of the packet.
+type Reader struct {
+	dev     *Device
+	offset  int
+	bufs    [][]byte
+	sizes   []int
+	out     [][]byte
+	dropped int64
+}
+
+// NewReader returns a Reader for a device of MTU mtu whose packets each
+// come with offset bytes in front for the caller (a datagram's prefix).
+func (d *Device) NewReader(mtu, offset int) *Reader {
+	n := BatchFor(mtu)
+	r := &Reader{dev: d, offset: offset, bufs: make([][]byte, n), sizes: make([]int, n), out: make([][]byte, 0, n)}
+	// A lone packet can be as long as IP allows; a segment's packets are
+	// at most the MTU (1500 at least, should someone raise it a little).
+	r.bufs[0] = make([]byte, offset+65535)
+	slot := offset + max(mtu, 1500)
+	arena := make([]byte, slot*(n-1))
+	for i := 1; i < n; i++ {
+		r.bufs[i] = arena[(i-1)*slot : i*slot : i*slot]
+	}
+	return r
+}
+
+// Read returns the next batch: each element is the caller's offset bytes
+// followed by one packet, valid until the next Read. What the kernel hands
+// over that cannot be split into packets (a malformed segment, one of more
+// packets than the batch holds) is dropped and counted (Dropped); Read
+// fails only when the device does (closed, or removed).
+func (r *Reader) Read() ([][]byte, error) {
+	for {
+		n, err := r.read()
+		if err != nil && n == 0 && deviceGone(err) {
+			return nil, err
+		}
+		if err != nil {
+			r.dropped++
+		}
+		if n == 0 {
+			continue
+		}
+		r.out = r.out[:0]
+		for i := range n {
+			r.out = append(r.out, r.bufs[i][:r.offset+r.sizes[i]])
+		}
+		return r.out, nil
+	}
+}
+
+// read is ReadBatch that turns a panic in the segment split (a segment
+// whose packets do not fit the buffers) into an error.
+func (r *Reader) read() (n int, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			n, err = 0, errSplit
+		}
+	}()
+	return r.dev.ReadBatch(r.bufs, r.sizes, r.offset)
+}
+
+// Dropped is how many reads were dropped as Read says.
+func (r *Reader) Dropped() int64 { return r.dropped }
