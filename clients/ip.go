@@ -158,6 +158,7 @@ type ipSession struct {
 	tryDg     func() ([]byte, bool)                 // the next received datagram without waiting
 	dgPrefix  []byte                                // what sendDg's datagrams start with before the context ID
 	mtu       int
+	capOut    []byte // DATAGRAM capsules gathered for one write (HTTP/2; toServer's)
 	addrs     []netip.Prefix
 	over      string // "HTTP/3" or "HTTP/2"
 }
@@ -392,7 +393,12 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 	}
 	s.capsules, s.over = resp.Body, "HTTP/2"
 	s.writeCap = func(b []byte) error { _, err := pw.Write(b); return err }
-	s.sendDg = func(p []byte) error { return s.capsule(wire.AppendIPCapsule(nil, wire.IPCapsuleDatagram, p)) }
+	// One write (a TLS record) for each batch from the tun device, not for
+	// each packet: sendPacket gathers, toServer writes.
+	s.sendDg = func(p []byte) error {
+		s.capOut = wire.AppendIPCapsule(s.capOut, wire.IPCapsuleDatagram, p)
+		return nil
+	}
 	return nil
 }
 
@@ -534,6 +540,12 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan tunBatch) error
 				break
 			}
 		}
+		if len(s.capOut) > 0 && err == nil {
+			if err = s.capsule(s.capOut); err != nil {
+				err = fmt.Errorf("sending to the TP server: %w", err)
+			}
+		}
+		s.capOut = s.capOut[:0]
 		batch.free <- batch.r
 		if err != nil {
 			return err

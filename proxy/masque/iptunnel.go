@@ -177,6 +177,7 @@ type IPTunnel struct {
 	dgStream int64                 // the HTTP/3 request stream whose datagrams sendDg sends
 	tryDg    func() ([]byte, bool) // the next queued datagram without waiting (ReceiveQueued)
 	dgPrefix []byte                // what sendDg's datagrams start with before the context ID (SendBelowHTTP3)
+	capOut   []byte                // DATAGRAM capsules gathered for one write (HTTP/2; fromTun's)
 
 	up, down rateBucket
 	pkts     [2]atomic.Int64 // up, down
@@ -277,7 +278,12 @@ func (tn *IPTunnel) Attach(writeCap, sendDg func([]byte) error, dgStream int64) 
 	tn.writeCap = writeCap
 	tn.wmu.Unlock()
 	if sendDg == nil {
-		sendDg = func(p []byte) error { return tn.capsule(wire.AppendIPCapsule(nil, wire.IPCapsuleDatagram, p)) }
+		// One write (a TLS record, a flush) for each batch from the tun
+		// device, not for each packet: toPeer gathers, fromTun writes.
+		sendDg = func(p []byte) error {
+			tn.capOut = wire.AppendIPCapsule(tn.capOut, wire.IPCapsuleDatagram, p)
+			return nil
+		}
 	}
 	tn.sendDg, tn.dgStream = sendDg, dgStream
 }
@@ -768,6 +774,13 @@ func (tn *IPTunnel) fromTun(ctx context.Context) error {
 		for _, b := range batch {
 			if err := tn.toPeer(b, hl); err != nil {
 				return err
+			}
+		}
+		if len(tn.capOut) > 0 {
+			err := tn.capsule(tn.capOut)
+			tn.capOut = tn.capOut[:0]
+			if err != nil {
+				return fmt.Errorf("sending to the client: %w", err)
 			}
 		}
 	}

@@ -129,47 +129,43 @@ func BenchmarkIPTunnel(b *testing.B) {
 		measure(b, wgServiceAddr)
 	})
 
-	// tp forward: a local port per service, forwarded over TP (QUIC).
-	for _, svc := range []struct{ name, port string }{{"throughput", bulkPort}, {"upload", sinkPort}, {"rtt", echoPort}} {
-		fwd := startForwardIn(b, n.C, env, "10.201.2.2:"+svc.port)
-		if svc.name == "throughput" {
-			bulkFwd := fwd
-			b.Run("tp-forward/throughput", func(b *testing.B) {
-				b.SetBytes(bulk)
-				before := readIPBenchCounts(b, n.S, n.T)
-				defer func() { readIPBenchCounts(b, n.S, n.T).report(b, before) }()
-				for b.Loop() {
-					c := dialIn(b, n.C, bulkFwd)
-					if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
-						b.Fatalf("read %d bytes, %v", k, err)
-					}
-					c.Close()
+	// tp forward: a local port per service, forwarded over TP, over QUIC
+	// ("tp-forward", the yardstick of tp ip over HTTP/3) and over TLS
+	// ("tp-forward-tls", that of tp ip over HTTP/2).
+	for _, tr := range []struct{ name, transport string }{{"tp-forward", "quic"}, {"tp-forward-tls", "tls"}} {
+		bulkFwd := startForwardIn(b, n.C, env, tr.transport, "10.201.2.2:"+bulkPort)
+		b.Run(tr.name+"/throughput", func(b *testing.B) {
+			b.SetBytes(bulk)
+			before := readIPBenchCounts(b, n.S, n.T)
+			defer func() { readIPBenchCounts(b, n.S, n.T).report(b, before) }()
+			for b.Loop() {
+				c := dialIn(b, n.C, bulkFwd)
+				if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
+					b.Fatalf("read %d bytes, %v", k, err)
 				}
-			})
-			continue
-		}
-		if svc.name == "upload" {
-			sinkFwd := fwd
-			b.Run("tp-forward/upload", func(b *testing.B) {
-				b.SetBytes(bulk)
-				before := readIPBenchCounts(b, n.C, n.T)
-				defer func() { readIPBenchCounts(b, n.C, n.T).report(b, before) }()
-				for b.Loop() {
-					c := dialIn(b, n.C, sinkFwd)
-					if _, err := c.Write(data); err != nil {
-						b.Fatal(err)
-					}
-					_ = c.(*net.TCPConn).CloseWrite()
-					if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
-						b.Fatalf("the sink did not confirm %d bytes: %v", bulk, err)
-					}
-					c.Close()
+				c.Close()
+			}
+		})
+		sinkFwd := startForwardIn(b, n.C, env, tr.transport, "10.201.2.2:"+sinkPort)
+		b.Run(tr.name+"/upload", func(b *testing.B) {
+			b.SetBytes(bulk)
+			before := readIPBenchCounts(b, n.C, n.T)
+			defer func() { readIPBenchCounts(b, n.C, n.T).report(b, before) }()
+			for b.Loop() {
+				c := dialIn(b, n.C, sinkFwd)
+				if _, err := c.Write(data); err != nil {
+					b.Fatal(err)
 				}
-			})
-			continue
-		}
-		b.Run("tp-forward/rtt", func(b *testing.B) {
-			c := dialIn(b, n.C, fwd)
+				_ = c.(*net.TCPConn).CloseWrite()
+				if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+					b.Fatalf("the sink did not confirm %d bytes: %v", bulk, err)
+				}
+				c.Close()
+			}
+		})
+		echoFwd := startForwardIn(b, n.C, env, tr.transport, "10.201.2.2:"+echoPort)
+		b.Run(tr.name+"/rtt", func(b *testing.B) {
+			c := dialIn(b, n.C, echoFwd)
 			one := []byte{1}
 			for b.Loop() {
 				if _, err := c.Write(one); err != nil {
@@ -214,9 +210,9 @@ func runTPIP(b *testing.B, ns string, env []string, transport string) (stop func
 
 // startForwardIn runs `tp forward 127.0.0.1:0 target` in ns and returns the
 // local address it listens on.
-func startForwardIn(b *testing.B, ns string, env []string, target string) string {
+func startForwardIn(b *testing.B, ns string, env []string, transport, target string) string {
 	b.Helper()
-	cmd := command("ip", "netns", "exec", ns, binary("tp"), "forward", "--transport", "quic", "127.0.0.1:0", target)
+	cmd := command("ip", "netns", "exec", ns, binary("tp"), "forward", "--transport", transport, "127.0.0.1:0", target)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
