@@ -2,10 +2,10 @@
 // Go TLS server and OpenSSH in one run on loopback, and prints one table:
 //
 //	go run ./cmd/tpbench [--quick] [--json FILE] [--runs N] [--only SCENARIO,...] [--soak DURATION] [--compare DIR]
-//	                     [--peers DIR] [--ghostunnel PATH] [--chisel PATH] [--frps PATH] [--frpc PATH]
+//	                     [--peers DIR] [--ghostunnel PATH] [--chisel PATH] [--frps PATH] [--frpc PATH] [--wireguard-go PATH]
 //
-// With --peers (or a flag per binary) it also measures ghostunnel, chisel and frp
-// side by side with TP; without them their rows say "not given".
+// With --peers (or a flag per binary) it also measures ghostunnel, chisel, frp
+// and wireguard-go side by side with TP; without them their rows say "not given".
 //
 // It builds tpd, tp and dlogin itself, starts everything it needs with throwaway
 // state and stops all of it when done. See internal/bench.
@@ -50,11 +50,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.BoolVar(&o.Markdown, "markdown", false, "print the table as Markdown")
 	fs.DurationVar(&o.Soak, "soak", 0, "length of the soak scenario (default 10m, 20s with --quick)")
 	fs.StringVar(&o.Compare, "compare", "", "a directory holding older tp, dlogin and tpd binaries (e.g. built from an earlier commit): the setup scenario measures their sizes, a fresh tp and a running tp forward over TLS beside this tree's, and the memory scenario their tpd and tp forward beside this tree's, in the same runs")
-	fs.StringVar(&o.Peers.Dir, "peers", "", "a directory holding the peer binaries ghostunnel, chisel, frps and frpc (built by you; tpbench never downloads): the bulk, setup, memory and reverse scenarios measure them beside TP in the same runs")
+	fs.StringVar(&o.Peers.Dir, "peers", "", "a directory holding the peer binaries ghostunnel, chisel, frps, frpc and wireguard-go (built by you; tpbench never downloads): the bulk, setup, memory, reverse and ip scenarios measure them beside TP in the same runs")
 	fs.StringVar(&o.Peers.Ghostunnel, "ghostunnel", "", "the ghostunnel binary (overrides --peers)")
 	fs.StringVar(&o.Peers.Chisel, "chisel", "", "the chisel binary (overrides --peers)")
 	fs.StringVar(&o.Peers.Frps, "frps", "", "the frps binary (overrides --peers)")
 	fs.StringVar(&o.Peers.Frpc, "frpc", "", "the frpc binary (overrides --peers)")
+	fs.StringVar(&o.Peers.WireGuard, "wireguard-go", "", "the wireguard-go binary (overrides --peers)")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: go run ./cmd/tpbench [--quick] [--json FILE] [--runs N] [--only SCENARIO,...] [--soak DURATION] [--compare DIR] [--peers DIR] [--markdown]")
 		fs.PrintDefaults()

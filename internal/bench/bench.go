@@ -14,10 +14,10 @@ import (
 )
 
 // Scenarios in the order they run. Names are what --only takes.
-var Scenarios = []string{"bulk", "download", "setup", "handshake", "memory", "reverse", "loss", "policy", "load", "slowloris", "soak", "concurrency", "http", "connect"}
+var Scenarios = []string{"bulk", "download", "setup", "handshake", "memory", "reverse", "loss", "policy", "load", "slowloris", "soak", "concurrency", "http", "connect", "ip"}
 
 // peerScenarios measure the peers (Peers) beside TP.
-var peerScenarios = []string{"bulk", "download", "setup", "memory", "reverse"}
+var peerScenarios = []string{"bulk", "download", "setup", "memory", "reverse", "ip"}
 
 // Options select what a run measures.
 type Options struct {
@@ -41,6 +41,7 @@ type sizes struct {
 	setupProcs    int // fresh tp / ssh -W processes
 	handshakeTime time.Duration
 	tunnels       int // idle tunnels per batch
+	ipOps         int // 16 MiB transfers per path, direction and run (ip)
 	policyEvals   int
 	httpTime      time.Duration // load per variant and run in the http scenario
 	httpSeq       int           // sequential requests of one client per variant and run (http)
@@ -49,10 +50,10 @@ type sizes struct {
 
 func (o Options) sizes() sizes {
 	if o.Quick {
-		return sizes{bulkBytes: 64 << 20, setupConns: 50, setupProcs: 5, handshakeTime: 500 * time.Millisecond, tunnels: 200, policyEvals: 2000, httpTime: 300 * time.Millisecond, httpSeq: 30,
+		return sizes{bulkBytes: 64 << 20, setupConns: 50, setupProcs: 5, handshakeTime: 500 * time.Millisecond, tunnels: 200, ipOps: 3, policyEvals: 2000, httpTime: 300 * time.Millisecond, httpSeq: 30,
 			stress: quickStress(o.Soak)}
 	}
-	return sizes{bulkBytes: 1 << 30, setupConns: 200, setupProcs: 20, handshakeTime: 2 * time.Second, tunnels: 1000, policyEvals: 20000, httpTime: 5 * time.Second, httpSeq: 500,
+	return sizes{bulkBytes: 1 << 30, setupConns: 200, setupProcs: 20, handshakeTime: 2 * time.Second, tunnels: 1000, ipOps: 10, policyEvals: 20000, httpTime: 5 * time.Second, httpSeq: 500,
 		stress: fullStress(o.Soak)}
 }
 
@@ -162,7 +163,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	}{
 		{"bulk", bulk}, {"download", download}, {"setup", setup}, {"handshake", handshakes}, {"memory", memory}, {"reverse", reverse}, {"loss", loss}, {"policy", policyLatency},
 		{"load", loadScenario}, {"slowloris", slowloris}, {"soak", soak}, {"concurrency", concurrency},
-		{"http", httpScenario}, {"connect", connectBulk},
+		{"http", httpScenario}, {"connect", connectBulk}, {"ip", ipScenario},
 	}
 	for _, s := range steps {
 		if !o.wants(s.name) {

@@ -25,15 +25,19 @@ import (
 //	            tunnel enters at frps's public port and is a stream on that connection
 //	frp stcp:   secret mode: a second frpc (the visitor, on the dialer's side) opens
 //	            streams to frps, which pairs them with the agent's by name and key
+//	wireguard-go: the userspace WireGuard (go install golang.zx2c4.com/wireguard@latest
+//	            builds it as "wireguard"; name it wireguard-go), a tun in each of two
+//	            network namespaces: the yardstick of `tp ip` (the ip scenario)
 const (
 	peerGhostunnel = "ghostunnel"
 	peerChisel     = "chisel"
 	peerFrps       = "frps"
 	peerFrpc       = "frpc"
+	peerWireGuard  = "wireguard-go"
 )
 
 // peerBinaries are the names --peers DIR looks for.
-var peerBinaries = []string{peerGhostunnel, peerChisel, peerFrps, peerFrpc}
+var peerBinaries = []string{peerGhostunnel, peerChisel, peerFrps, peerFrpc, peerWireGuard}
 
 // Peers names the peer binaries for a run. A field left empty is looked up in Dir
 // under its binary's name; without either, that peer's rows say "not given".
@@ -43,10 +47,11 @@ type Peers struct {
 	Chisel     string
 	Frps       string
 	Frpc       string
+	WireGuard  string
 }
 
 func (p Peers) explicit() map[string]string {
-	return map[string]string{peerGhostunnel: p.Ghostunnel, peerChisel: p.Chisel, peerFrps: p.Frps, peerFrpc: p.Frpc}
+	return map[string]string{peerGhostunnel: p.Ghostunnel, peerChisel: p.Chisel, peerFrps: p.Frps, peerFrpc: p.Frpc, peerWireGuard: p.WireGuard}
 }
 
 // peerSet is what a run has of each peer binary: its path, or why there is none.

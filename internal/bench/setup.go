@@ -251,9 +251,9 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	rows := collect(vs)
 	quicName := fmt.Sprintf("tp forward, new QUIC stream, %d conns", n)
 	for _, c := range []struct{ num, den, target string }{
-		{quicName, sshL, "≤1.0×"},
+		{quicName, sshL, "≤1.2×"},
 		{tpName, oldName, "≤0.5×"},
-		{tpName, sshL, ""},
+		{tpName, sshL, "≤1.0×"},
 		{tpName, ghost, ""},
 		{quicName, chisel, ""},
 		{quicName, frpTCP, ""},

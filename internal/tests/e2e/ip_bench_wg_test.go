@@ -42,13 +42,20 @@ func prepareWireGuardRoutes(b *testing.B, n *ipNet) {
 // proxy or cache for wireguard-go).
 func startWireGuardGo(b *testing.B, n *ipNet) (bool, string) {
 	b.Helper()
-	dir := b.TempDir()
-	build := exec.Command("go", "install", wireGuardGoModule)
-	build.Env = append(os.Environ(), "GOBIN="+dir, "GOFLAGS=-mod=mod")
-	if out, err := build.CombinedOutput(); err != nil {
-		return false, fmt.Sprintf("building wireguard-go: %v\n%s", err, out)
+	// tpbench names its peer binary (or "none" when it has none).
+	wg := os.Getenv("TP_BENCH_WIREGUARD_GO")
+	switch wg {
+	case "none":
+		return false, "wireguard-go not given"
+	case "":
+		dir := b.TempDir()
+		build := exec.Command("go", "install", wireGuardGoModule)
+		build.Env = append(os.Environ(), "GOBIN="+dir, "GOFLAGS=-mod=mod")
+		if out, err := build.CombinedOutput(); err != nil {
+			return false, fmt.Sprintf("building wireguard-go: %v\n%s", err, out)
+		}
+		wg = filepath.Join(dir, "wireguard")
 	}
-	wg := filepath.Join(dir, "wireguard")
 	key := func() (priv, pub string) {
 		k, err := ecdh.X25519().GenerateKey(rand.Reader)
 		if err != nil {
