@@ -1,6 +1,10 @@
 package tun
 
-import "sync"
+import (
+	"errors"
+	"fmt"
+	"sync"
+)
 
 // WriteBatchSize is how many packets a Writer gathers for one WriteBatch:
 // up to 32 packets of a TCP flow become one segment the kernel takes in one
@@ -70,17 +74,36 @@ func (w *Writer) Flush() (refused int, err error) {
 	if len(w.bufs) == 0 {
 		return 0, nil
 	}
-	err = w.dev.WriteBatch(w.bufs, Headroom)
+	n := len(w.bufs)
+	err = w.write()
 	w.bufs = w.bufs[:0]
 	w.pool().Put(w.b)
 	w.b = nil
 	if err == nil {
 		return 0, nil
 	}
+	if errors.Is(err, errJoin) {
+		return n, err
+	}
 	if j, ok := err.(interface{ Unwrap() []error }); ok && len(j.Unwrap()) > 0 {
 		return len(j.Unwrap()), j.Unwrap()[0]
 	}
 	return 1, err
+}
+
+// errJoin: joining the batch's packets failed (a panic in the join, which
+// packets from a peer must never turn into a crashed server): the batch is
+// dropped.
+var errJoin = errors.New("joining packets for the tun device failed; the batch was dropped")
+
+// write is WriteBatch that turns a panic in the join into errJoin.
+func (w *Writer) write() (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("%w: %v", errJoin, p)
+		}
+	}()
+	return w.dev.WriteBatch(w.bufs, Headroom)
 }
 
 // Reader reads a device in batches (ReadBatch) into buffers of its own,

@@ -1,0 +1,353 @@
+//go:build linux
+
+package tun
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The batch paths against the real kernel, in a network namespace of the
+// test's own (unshare -rn): this process plays a TCP peer at 10.9.0.2 behind
+// a tun device whose local end, 10.9.0.1, is the kernel's TCP.
+//
+//   - Writer joins 32 consecutive segments of the peer's into one write
+//     (GRO): the kernel's socket reads all of their bytes, in order.
+//   - Reader splits what the kernel's TCP sends as segments of up to 64 KiB
+//     (TSO) into packets of the MTU: 256 KiB arrive intact, no packet longer
+//     than the MTU, and at least one read returned several packets.
+//   - Bad input costs nothing: a batch of malformed packets (a header length
+//     beyond the packet, a truncated TCP header, a length field that lies,
+//     random bytes, and two "segments" of one flow whose checksums are wrong)
+//     is written without a panic, and the device works afterwards.
+func TestBatchesThroughTheKernel(t *testing.T) {
+	if os.Getenv("TP_TUN_NETNS") == "1" {
+		batchesInNamespace(t)
+		return
+	}
+	if testing.Short() {
+		t.Skip("runs itself in a network namespace of its own (unshare -rn); skipped under -short")
+	}
+	cmd := exec.Command("unshare", "-rn", os.Args[0], "-test.run=^TestBatchesThroughTheKernel$", "-test.v")
+	cmd.Env = append(os.Environ(), "TP_TUN_NETNS=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS: TestBatchesThroughTheKernel") {
+		t.Fatalf("in a network namespace: %v\n%s", err, out)
+	}
+	t.Logf("%s", out)
+}
+
+const (
+	testMTU  = 1280
+	testMSS  = 1240
+	peerPort = 40000
+)
+
+var (
+	localAddr = netip.MustParseAddr("10.9.0.1")
+	peerAddr  = netip.MustParseAddr("10.9.0.2")
+)
+
+func batchesInNamespace(t *testing.T) {
+	ctx := context.Background()
+	dev, err := Open("tptest%d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	if err := Up(ctx, dev.Name(), testMTU); err != nil {
+		t.Fatal(err)
+	}
+	if err := AddAddress(ctx, dev.Name(), netip.MustParsePrefix("10.9.0.1/24")); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp4", "10.9.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	port := uint16(ln.Addr().(*net.TCPAddr).Port)
+
+	r := dev.NewReader(testMTU, 0)
+	w := dev.NewWriter(testMTU)
+	p := &tcpPeer{t: t, r: r, w: w, port: port, seq: 1000}
+	deadline := time.Now().Add(20 * time.Second)
+
+	// The handshake.
+	p.send(tcpSYN, nil, mssOption(testMSS))
+	p.flush()
+	synack := p.next(deadline, func(h tcpHeader) bool { return h.flags&tcpSYN != 0 })
+	p.seq++
+	p.ack = synack.seq + 1
+	p.send(tcpACK, nil, nil)
+	p.flush()
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(deadline)
+
+	// Writer: 32 segments in one batch, read whole by the kernel's socket.
+	up := make([]byte, 32*1200)
+	_, _ = rand.Read(up)
+	for i := range 32 {
+		flags := byte(tcpACK)
+		if i == 31 {
+			flags |= tcpPSH
+		}
+		p.send(flags, up[i*1200:(i+1)*1200], nil)
+	}
+	if w.Len() != 0 {
+		t.Fatalf("a batch of 32 was not flushed when full: %d wait", w.Len())
+	}
+	got := make([]byte, len(up))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("the kernel's socket read %v of the batch", err)
+	}
+	if !bytes.Equal(got, up) {
+		t.Fatal("the 32 segments written as one batch arrived changed")
+	}
+
+	// Reader: 256 KiB from the kernel's TCP, acknowledged as it comes.
+	down := make([]byte, 256<<10)
+	_, _ = rand.Read(down)
+	go func() { _, _ = c.Write(down) }()
+	start := p.ack
+	recv := make([]byte, len(down))
+	have, maxBatch := 0, 0
+	for have < len(down) {
+		if time.Now().After(deadline) {
+			t.Fatalf("received %d of %d bytes before the deadline (largest batch %d)", have, len(down), maxBatch)
+		}
+		batch, err := r.Read()
+		if err != nil {
+			t.Fatal(err)
+		}
+		maxBatch = max(maxBatch, len(batch))
+		for _, pkt := range batch {
+			if len(pkt) > testMTU {
+				t.Fatalf("a packet of %d bytes from a device of MTU %d", len(pkt), testMTU)
+			}
+			h, data, ok := parseTCP(pkt)
+			if !ok || h.dstPort != peerPort || len(data) == 0 {
+				continue
+			}
+			if !tcpChecksumValid(pkt) {
+				t.Fatalf("a split packet (seq %d, %d bytes) has a wrong checksum", h.seq, len(data))
+			}
+			off := int(h.seq - start)
+			if off == have {
+				have += copy(recv[off:], data)
+			}
+		}
+		p.ack = start + uint32(have)
+		p.send(tcpACK, nil, nil)
+		p.flush()
+	}
+	if !bytes.Equal(recv, down) {
+		t.Fatal("the 256 KiB read through the Reader arrived changed")
+	}
+	if maxBatch < 2 {
+		t.Fatalf("no read returned more than one packet: the kernel handed over no segment to split")
+	}
+	t.Logf("largest batch read: %d packets", maxBatch)
+
+	// Bad input: a batch of malformed packets, then the device still works.
+	good := p.packet(tcpACK, []byte("x"), nil)
+	var bad [][]byte
+	b := bytes.Clone(good)
+	b[0] = 0x4f // a header of 60 bytes, longer than what follows it
+	bad = append(bad, b)
+	bad = append(bad, good[:30]) // a TCP header cut short
+	b = bytes.Clone(good)
+	binary.BigEndian.PutUint16(b[2:], 9000) // a total length that lies
+	bad = append(bad, b)
+	junk := make([]byte, 700)
+	_, _ = rand.Read(junk)
+	junk[0] = 0x45
+	bad = append(bad, junk)
+	for range 2 { // two segments of one flow, checksums wrong
+		b = p.packet(tcpACK, make([]byte, 1000), nil)
+		b[37] ^= 0xff
+		bad = append(bad, b)
+	}
+	for _, pkt := range bad {
+		if _, err := w.Add(pkt); err != nil {
+			t.Logf("a bad packet was refused at once: %v", err)
+		}
+	}
+	refused, err := w.Flush()
+	t.Logf("a batch of %d malformed packets: %d writes refused (%v)", len(bad), refused, err)
+	if w.Len() != 0 {
+		t.Fatal("the Writer kept packets after Flush")
+	}
+	if _, err := c.Write([]byte("still here")); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if time.Now().After(deadline) {
+			t.Fatal("after the malformed batch the device carried nothing")
+		}
+		batch, err := r.Read()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, pkt := range batch {
+			if _, data, ok := parseTCP(pkt); ok && string(data) == "still here" {
+				return
+			}
+		}
+	}
+}
+
+const (
+	tcpSYN = 0x02
+	tcpPSH = 0x08
+	tcpACK = 0x10
+)
+
+// tcpPeer is a minimal TCP end at peerAddr:peerPort that sends through w.
+type tcpPeer struct {
+	t        *testing.T
+	r        *Reader
+	w        *Writer
+	port     uint16
+	seq, ack uint32
+}
+
+func (p *tcpPeer) packet(flags byte, data, opts []byte) []byte {
+	return tcpPacket(peerAddr, localAddr, peerPort, p.port, p.seq, p.ack, flags, data, opts)
+}
+
+// send adds one segment to the Writer's batch (flushed when full).
+func (p *tcpPeer) send(flags byte, data, opts []byte) {
+	pkt := p.packet(flags, data, opts)
+	p.seq += uint32(len(data))
+	full, err := p.w.Add(pkt)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	if full {
+		p.flush()
+	}
+}
+
+func (p *tcpPeer) flush() {
+	if n, err := p.w.Flush(); n > 0 {
+		p.t.Fatalf("the kernel refused %d writes: %v", n, err)
+	}
+}
+
+// next reads until a TCP packet to the peer that want accepts.
+func (p *tcpPeer) next(deadline time.Time, want func(tcpHeader) bool) tcpHeader {
+	for time.Now().Before(deadline) {
+		batch, err := p.r.Read()
+		if err != nil {
+			p.t.Fatal(err)
+		}
+		for _, pkt := range batch {
+			if h, _, ok := parseTCP(pkt); ok && h.dstPort == peerPort && want(h) {
+				return h
+			}
+		}
+	}
+	p.t.Fatal("no answer from the kernel's TCP")
+	return tcpHeader{}
+}
+
+type tcpHeader struct {
+	srcPort, dstPort uint16
+	seq, ack         uint32
+	flags            byte
+}
+
+// parseTCP returns an IPv4 TCP packet's header and data.
+func parseTCP(pkt []byte) (tcpHeader, []byte, bool) {
+	if len(pkt) < 40 || pkt[0]>>4 != 4 || pkt[9] != 6 {
+		return tcpHeader{}, nil, false
+	}
+	ihl := int(pkt[0]&0x0f) * 4
+	total := int(binary.BigEndian.Uint16(pkt[2:]))
+	if total > len(pkt) || ihl+20 > total {
+		return tcpHeader{}, nil, false
+	}
+	tcp := pkt[ihl:total]
+	off := int(tcp[12]>>4) * 4
+	if off < 20 || off > len(tcp) {
+		return tcpHeader{}, nil, false
+	}
+	return tcpHeader{
+		srcPort: binary.BigEndian.Uint16(tcp[0:]), dstPort: binary.BigEndian.Uint16(tcp[2:]),
+		seq: binary.BigEndian.Uint32(tcp[4:]), ack: binary.BigEndian.Uint32(tcp[8:]), flags: tcp[13],
+	}, tcp[off:], true
+}
+
+func mssOption(mss uint16) []byte { return []byte{2, 4, byte(mss >> 8), byte(mss)} }
+
+// tcpPacket builds an IPv4 TCP packet with correct checksums.
+func tcpPacket(src, dst netip.Addr, sport, dport uint16, seq, ack uint32, flags byte, data, opts []byte) []byte {
+	tl := 20 + len(opts)
+	pkt := make([]byte, 20+tl+len(data))
+	pkt[0], pkt[8], pkt[9] = 0x45, 64, 6
+	binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+	s4, d4 := src.As4(), dst.As4()
+	copy(pkt[12:], s4[:])
+	copy(pkt[16:], d4[:])
+	binary.BigEndian.PutUint16(pkt[10:], ^onesSum(pkt[:20], 0))
+	tcp := pkt[20:]
+	binary.BigEndian.PutUint16(tcp[0:], sport)
+	binary.BigEndian.PutUint16(tcp[2:], dport)
+	binary.BigEndian.PutUint32(tcp[4:], seq)
+	binary.BigEndian.PutUint32(tcp[8:], ack)
+	tcp[12] = byte(tl/4) << 4
+	tcp[13] = flags
+	binary.BigEndian.PutUint16(tcp[14:], 65535)
+	copy(tcp[20:], opts)
+	copy(tcp[tl:], data)
+	binary.BigEndian.PutUint16(tcp[16:], ^onesSum(tcp, pseudoSum(pkt)))
+	return pkt
+}
+
+func pseudoSum(pkt []byte) uint32 {
+	var s uint32
+	for i := 12; i < 20; i += 2 {
+		s += uint32(binary.BigEndian.Uint16(pkt[i:]))
+	}
+	return s + 6 + uint32(len(pkt)-20)
+}
+
+func onesSum(b []byte, s uint32) uint16 {
+	for len(b) >= 2 {
+		s += uint32(binary.BigEndian.Uint16(b))
+		b = b[2:]
+	}
+	if len(b) == 1 {
+		s += uint32(b[0]) << 8
+	}
+	for s>>16 != 0 {
+		s = s&0xffff + s>>16
+	}
+	return uint16(s)
+}
+
+// tcpChecksumValid reports whether an IPv4 TCP packet's checksum is right.
+func tcpChecksumValid(pkt []byte) bool {
+	ihl := int(pkt[0]&0x0f) * 4
+	var s uint32
+	for i := 12; i < 20; i += 2 {
+		s += uint32(binary.BigEndian.Uint16(pkt[i:]))
+	}
+	s += 6 + uint32(len(pkt)-ihl)
+	return onesSum(pkt[ihl:], s) == 0xffff
+}
