@@ -177,6 +177,11 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 	if err != nil {
 		return fmt.Errorf("proxy: QUIC listen on %s: %w", pc.LocalAddr(), err)
 	}
+	// STUN Binding requests on the same socket (stun.go), until ServeQUIC returns.
+	stunCtx, stopSTUN := context.WithCancel(context.WithoutCancel(ctx))
+	stunDone := make(chan struct{})
+	go func() { defer close(stunDone); s.serveSTUN(stunCtx, tr) }()
+	defer func() { stopSTUN(); <-stunDone }()
 	actx, stopAccepting := context.WithCancel(ctx)
 	defer stopAccepting()
 	qln := &quicListener{ln, stopAccepting}

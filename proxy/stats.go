@@ -88,6 +88,7 @@ type counters struct {
 	peerCounters                    // sessions carried between instances (peer_stats.go)
 	// Leases of reverse names in the database (proxy/reverse/leases.go).
 	leases reverse.LeaseCounters
+	stun   stunCounters // STUN Binding requests on the QUIC socket (stun.go)
 }
 
 func (c *counters) session(transport, action, outcome string, up, down int64) {
@@ -173,6 +174,8 @@ type Stats struct {
 	Peer map[string]PeerStats
 	// Leases of reverse names in the database (with a hold store).
 	Leases LeaseStats
+	// STUN Binding requests on the QUIC socket.
+	STUN STUNStats
 }
 
 // LeaseStats count what happened to the leases of this instance's reverse
@@ -217,6 +220,7 @@ func (s *Server) Stats() Stats {
 		Peer:              c.peerStats(),
 		Leases: LeaseStats{Renewals: c.leases.Renewals.Load(), RenewalFailures: c.leases.RenewalFailures.Load(),
 			Fenced: c.leases.Fenced.Load(), TakenOver: c.leases.TakenOver.Load()},
+		STUN: c.stun.stats(),
 	}
 	for i, r := range StatHandshakeReasons {
 		st.HandshakeFailures[r] = c.handshakes[i].Load()

@@ -93,7 +93,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	root.PersistentFlags().String("carrier-http-url", "", "the http carrier's URL when not https://SERVER/.well-known/tp-carrier/http: a CDN's, or tpd's plain-HTTP listener (http://HOST:PORT/.well-known/tp-carrier/http, through HTTP_PROXY as plain HTTP) (env TP_CARRIER_HTTP_URL)")
 	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
 	root.PersistentFlags().Bool("debug", false, "also print debug lines, such as every attempt's own error when the TP server cannot be reached (env TP_DEBUG)")
-	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), ipCmd(stderr), whoamiCmd(stdout, stderr), sshConfigCmd(stdout, stderr), grantCmd(stdout), shareCmd(stdout), &cobra.Command{
+	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), ipCmd(stderr), whoamiCmd(stdout, stderr), netcheckCmd(stdout, stderr), sshConfigCmd(stdout, stderr), grantCmd(stdout), shareCmd(stdout), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
 		Args:  cli.Positional(),

@@ -297,6 +297,9 @@ var (
 	leaseRenewDesc = prometheus.NewDesc("tp_reverse_lease_renewals_total",
 		"With database: rounds that renewed this instance's leases of reverse names in the database (result ok), and those that could not (failed: the database was unreachable).",
 		[]string{"result"}, nil)
+	stunDesc = prometheus.NewDesc("tp_stun_requests_total",
+		"STUN messages on the QUIC port, by result: answered (a Binding request, answered with the address it came from), rate_limited (its source or the server over the STUN rate), malformed (no Binding request).",
+		[]string{"result"}, nil)
 	namesFencedDesc = prometheus.NewDesc("tp_reverse_names_fenced_total",
 		"With database: reverse names this instance stopped serving because their lease ran out before it could renew it.", nil, nil)
 	namesTakenOverDesc = prometheus.NewDesc("tp_reverse_names_taken_over_total",
@@ -319,7 +322,7 @@ var (
 func (c *proxyCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{sessionsDesc, handshakeFailDesc, connsDesc, resumedDesc, quicStreamsDesc, quicMigrationsDesc, bytesDesc, liveDesc,
 		agentsDesc, namesDesc, portsDesc, udpActiveDesc, udpFlowsDesc, udpRefusedDesc, datagramsDesc, droppedDesc, oversizeDesc,
-		cudpFlowsDesc, cudpDatagramsDesc, cudpDroppedDesc, peerSessionsDesc, peerActiveDesc, carrierOpenDesc, carrierEndedDesc, leaseRenewDesc, namesFencedDesc, namesTakenOverDesc} {
+		cudpFlowsDesc, cudpDatagramsDesc, cudpDroppedDesc, peerSessionsDesc, peerActiveDesc, carrierOpenDesc, carrierEndedDesc, leaseRenewDesc, namesFencedDesc, namesTakenOverDesc, stunDesc} {
 		ch <- d
 	}
 }
@@ -383,6 +386,9 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(leaseRenewDesc, st.Leases.Renewals, "ok")
 	counter(leaseRenewDesc, st.Leases.RenewalFailures, "failed")
 	counter(namesFencedDesc, st.Leases.Fenced)
+	counter(stunDesc, st.STUN.Answered, "answered")
+	counter(stunDesc, st.STUN.RateLimited, "rate_limited")
+	counter(stunDesc, st.STUN.Malformed, "malformed")
 	counter(namesTakenOverDesc, st.Leases.TakenOver)
 	cs := c.d.proxy.CarrierStats()
 	for kind, states := range cs.Open {

@@ -1,0 +1,85 @@
+package proxy_test
+
+import (
+	"context"
+	"encoding/binary"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/pion/stun/v3"
+
+	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/proxy"
+)
+
+// tpd answers STUN Binding requests on its QUIC port with the address they
+// came from, and QUIC on the same port goes on. Bad input gets no answer and
+// is counted: a Binding indication, a Binding success response, a header cut
+// short, a datagram longer than any request, and a request whose FINGERPRINT
+// is wrong.
+func TestSTUNOnTheQUICPort(t *testing.T) {
+	q := newQUICEnv(t, nil, proxy.QUICOptions{})
+	server := mustAddrPort(t, q.udpAddr)
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	got, err := clients.ReflexiveAddr(ctx, pc, server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := pc.LocalAddr().(*net.UDPAddr).AddrPort(); got != want {
+		t.Fatalf("STUN answered %s, want the request's source %s", got, want)
+	}
+	if st := q.srv.Stats().STUN; st.Answered != 1 {
+		t.Fatalf("STUN stats after one request: %+v, want 1 answered", st)
+	}
+
+	// QUIC on the same socket is unaffected.
+	_, err = q.quicConn(t, nil)
+	if err != nil {
+		t.Fatalf("QUIC beside STUN: %v", err)
+	}
+
+	bad := func(setters ...stun.Setter) []byte {
+		m, err := stun.Build(setters...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m.Raw
+	}
+	req := bad(stun.TransactionID, stun.BindingRequest, stun.Fingerprint)
+	wrongFP := append([]byte(nil), req...)
+	binary.BigEndian.PutUint32(wrongFP[len(wrongFP)-4:], binary.BigEndian.Uint32(wrongFP[len(wrongFP)-4:])^1)
+	long := append(bad(stun.TransactionID, stun.BindingRequest), make([]byte, 600)...)
+	binary.BigEndian.PutUint16(long[2:], 600) // a well-formed length, and too long a request
+	for name, b := range map[string][]byte{
+		"a Binding indication":       bad(stun.TransactionID, stun.NewType(stun.MethodBinding, stun.ClassIndication)),
+		"a Binding success response": bad(stun.TransactionID, stun.BindingSuccess),
+		"a header cut short":         req[:12],
+		"a datagram of 620 bytes":    long,
+		"a wrong FINGERPRINT":        wrongFP,
+	} {
+		if _, err := pc.WriteTo(b, net.UDPAddrFromAddrPort(server)); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for q.srv.Stats().STUN.Malformed < 5 {
+		if time.Now().After(deadline) {
+			t.Fatalf("STUN stats: %+v, want 5 malformed", q.srv.Stats().STUN)
+		}
+		time.Sleep(10 * time.Millisecond) // polling the counter, bounded by the deadline
+	}
+	_ = pc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, _, err := pc.ReadFrom(make([]byte, 1500)); err == nil {
+		t.Fatalf("a bad STUN message got an answer of %d bytes", n)
+	}
+	if st := q.srv.Stats().STUN; st.Answered != 1 || st.Malformed != 5 {
+		t.Fatalf("STUN stats: %+v, want 1 answered and 5 malformed", st)
+	}
+}
