@@ -90,7 +90,7 @@ func (t *IPTunnel) Run(ctx context.Context) error {
 		return err
 	}
 	defer dev.Close()
-	if err := tun.Up(ctx, dev.Name(), t.MTU); err != nil {
+	if err := dev.Up(ctx, t.MTU); err != nil {
 		return fmt.Errorf("bringing up %s: %w", dev.Name(), err)
 	}
 	// One reader of the tun device for its whole life, whichever connection
@@ -104,16 +104,28 @@ func (t *IPTunnel) Run(ctx context.Context) error {
 	for range tunReaders {
 		free <- dev.NewReader(t.MTU, tunRoom)
 	}
+	readerDone := make(chan struct{})
+	defer close(readerDone) // before dev.Close (deferred above): a reader waiting for buffers ends too
 	go func() {
 		defer close(packets)
-		for r := range free {
+		for {
+			var r *tun.Reader
+			select {
+			case r = <-free:
+			case <-readerDone:
+				return
+			}
 			before := r.Dropped()
 			pkts, err := r.Read()
 			t.tunDrops.Add(r.Dropped() - before)
 			if err != nil {
 				return
 			}
-			packets <- tunBatch{r: r, pkts: pkts, free: free}
+			select {
+			case packets <- tunBatch{r: r, pkts: pkts, free: free}:
+			case <-readerDone:
+				return
+			}
 		}
 	}()
 	backoff := time.Second

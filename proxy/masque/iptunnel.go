@@ -387,7 +387,7 @@ func (t *IPTunnels) Open(ctx context.Context, id authz.Identity, g *authz.IPGran
 		return fail("the TP server could not create a tun device for the tunnel", err)
 	}
 	tn.dev = dev
-	if err := tun.Up(ctx, dev.Name(), t.opts.MTU); err != nil {
+	if err := dev.Up(ctx, t.opts.MTU); err != nil {
 		_ = dev.Close()
 		return fail("the TP server could not bring up its tun device", err)
 	}
@@ -707,6 +707,7 @@ func (tn *IPTunnel) readCapsules(ctx context.Context, r *bufio.Reader) error {
 		case wire.IPCapsuleDatagram:
 			tn.fromPeer(c.Payload, w)
 		case wire.IPCapsuleAddressRequest:
+			tn.flushTun(w) // the answer may wait on the client: nothing waits behind it
 			reqs, err := wire.ParseAddresses(c.Payload)
 			if err != nil {
 				return fmt.Errorf("the client's ADDRESS_REQUEST is malformed: %w", err)
@@ -762,9 +763,13 @@ func (tn *IPTunnel) fromTun(ctx context.Context) error {
 	// Buffers for the tunnel's life: [dgPrefix][context ID][packet].
 	hl := len(tn.dgPrefix)
 	r := tn.dev.NewReader(tn.t.opts.MTU, hl+1)
-	defer func() { c.dropBad.Add(r.Dropped()) }()
 	for {
+		before := r.Dropped()
 		batch, err := r.Read()
+		if d := r.Dropped() - before; d > 0 { // reads that did not split into packets
+			c.dropBad.Add(d)
+			tn.drops.Add(d)
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return context.Cause(ctx)

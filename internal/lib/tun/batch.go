@@ -51,6 +51,9 @@ func (w *Writer) pool() *sync.Pool {
 // once, alone, and its error returned.
 func (w *Writer) Add(pkt []byte) (full bool, err error) {
 	if len(pkt) > w.slot-Headroom {
+		// Alone, after what the batch holds: the order stays. (What the
+		// kernel refuses of the batch is not told apart here.)
+		_, _ = w.Flush()
 		_, err := w.dev.Write(pkt)
 		return false, err
 	}
@@ -120,7 +123,7 @@ type Reader struct {
 // NewReader returns a Reader for a device of MTU mtu whose packets each
 // come with offset bytes in front for the caller (a datagram's prefix).
 func (d *Device) NewReader(mtu, offset int) *Reader {
-	n := BatchFor(mtu)
+	n := d.batch(mtu)
 	r := &Reader{dev: d, offset: offset, bufs: make([][]byte, n), sizes: make([]int, n), out: make([][]byte, 0, n)}
 	// A lone packet can be as long as IP allows; a segment's packets are
 	// at most the MTU (1500 at least, should someone raise it a little).

@@ -65,7 +65,7 @@ func batchesInNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer dev.Close()
-	if err := Up(ctx, dev.Name(), testMTU); err != nil {
+	if err := dev.Up(ctx, testMTU); err != nil {
 		t.Fatal(err)
 	}
 	if err := AddAddress(ctx, dev.Name(), netip.MustParsePrefix("10.9.0.1/24")); err != nil {
@@ -80,23 +80,9 @@ func batchesInNamespace(t *testing.T) {
 
 	r := dev.NewReader(testMTU, 0)
 	w := dev.NewWriter(testMTU)
-	p := &tcpPeer{t: t, r: r, w: w, port: port, seq: 1000}
 	deadline := time.Now().Add(20 * time.Second)
-
-	// The handshake.
-	p.send(tcpSYN, nil, mssOption(testMSS))
-	p.flush()
-	synack := p.next(deadline, func(h tcpHeader) bool { return h.flags&tcpSYN != 0 })
-	p.seq++
-	p.ack = synack.seq + 1
-	p.send(tcpACK, nil, nil)
-	p.flush()
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, c := handshake(t, r, w, ln, port, peerPort, testMSS, deadline)
 	defer c.Close()
-	_ = c.SetDeadline(deadline)
 
 	// Writer: 32 segments in one batch, read whole by the kernel's socket.
 	up := make([]byte, 32*1200)
@@ -120,48 +106,22 @@ func batchesInNamespace(t *testing.T) {
 	}
 
 	// Reader: 256 KiB from the kernel's TCP, acknowledged as it comes.
-	down := make([]byte, 256<<10)
-	_, _ = rand.Read(down)
-	go func() { _, _ = c.Write(down) }()
-	start := p.ack
-	recv := make([]byte, len(down))
-	have, maxBatch := 0, 0
-	for have < len(down) {
-		if time.Now().After(deadline) {
-			t.Fatalf("received %d of %d bytes before the deadline (largest batch %d)", have, len(down), maxBatch)
-		}
-		batch, err := r.Read()
-		if err != nil {
-			t.Fatal(err)
-		}
-		maxBatch = max(maxBatch, len(batch))
-		for _, pkt := range batch {
-			if len(pkt) > testMTU {
-				t.Fatalf("a packet of %d bytes from a device of MTU %d", len(pkt), testMTU)
-			}
-			h, data, ok := parseTCP(pkt)
-			if !ok || h.dstPort != peerPort || len(data) == 0 {
-				continue
-			}
-			if !tcpChecksumValid(pkt) {
-				t.Fatalf("a split packet (seq %d, %d bytes) has a wrong checksum", h.seq, len(data))
-			}
-			off := int(h.seq - start)
-			if off == have {
-				have += copy(recv[off:], data)
-			}
-		}
-		p.ack = start + uint32(have)
-		p.send(tcpACK, nil, nil)
-		p.flush()
-	}
-	if !bytes.Equal(recv, down) {
-		t.Fatal("the 256 KiB read through the Reader arrived changed")
-	}
+	maxBatch := download(t, p, c, 256<<10, deadline)
 	if maxBatch < 2 {
 		t.Fatalf("no read returned more than one packet: the kernel handed over no segment to split")
 	}
 	t.Logf("largest batch read: %d packets", maxBatch)
+
+	// A peer with a small MSS (536, as one that sends none): 64 KiB in
+	// packets that small would be 123, more than a Reader holds; the
+	// device's bound on segments (Up) makes the kernel send smaller segments,
+	// so nothing is lost.
+	p2, c2 := handshake(t, r, w, ln, port, peerPort+1, 536, deadline)
+	defer c2.Close()
+	download(t, p2, c2, 1<<20, deadline)
+	if d := r.Dropped(); d != 0 {
+		t.Fatalf("%d reads did not split into packets", d)
+	}
 
 	// Bad input: a batch of malformed packets, then the device still works.
 	good := p.packet(tcpACK, []byte("x"), nil)
@@ -211,6 +171,69 @@ func batchesInNamespace(t *testing.T) {
 	}
 }
 
+// handshake connects a peer at peerAddr:sport, announcing MSS mss, to ln.
+func handshake(t *testing.T, r *Reader, w *Writer, ln net.Listener, port, sport, mss uint16, deadline time.Time) (*tcpPeer, net.Conn) {
+	p := &tcpPeer{t: t, r: r, w: w, port: port, sport: sport, seq: 1000}
+	p.send(tcpSYN, nil, mssOption(mss))
+	p.flush()
+	synack := p.next(deadline, func(h tcpHeader) bool { return h.flags&tcpSYN != 0 })
+	p.seq++
+	p.ack = synack.seq + 1
+	p.send(tcpACK, nil, nil)
+	p.flush()
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetDeadline(deadline)
+	return p, c
+}
+
+// download has the kernel's TCP send n random bytes on c to p, which
+// acknowledges what arrives in order, checks every packet (no longer than
+// the MTU, its checksum right) and the whole; it returns the largest batch
+// a read gave.
+func download(t *testing.T, p *tcpPeer, c net.Conn, n int, deadline time.Time) int {
+	down := make([]byte, n)
+	_, _ = rand.Read(down)
+	go func() { _, _ = c.Write(down) }()
+	start := p.ack
+	recv := make([]byte, len(down))
+	have, maxBatch := 0, 0
+	for have < len(down) {
+		if time.Now().After(deadline) {
+			t.Fatalf("received %d of %d bytes before the deadline (largest batch %d)", have, len(down), maxBatch)
+		}
+		batch, err := p.r.Read()
+		if err != nil {
+			t.Fatal(err)
+		}
+		maxBatch = max(maxBatch, len(batch))
+		for _, pkt := range batch {
+			if len(pkt) > testMTU {
+				t.Fatalf("a packet of %d bytes from a device of MTU %d", len(pkt), testMTU)
+			}
+			h, data, ok := parseTCP(pkt)
+			if !ok || h.dstPort != p.sport || len(data) == 0 {
+				continue
+			}
+			if !tcpChecksumValid(pkt) {
+				t.Fatalf("a split packet (seq %d, %d bytes) has a wrong checksum", h.seq, len(data))
+			}
+			if off := int(h.seq - start); off == have {
+				have += copy(recv[off:], data)
+			}
+		}
+		p.ack = start + uint32(have)
+		p.send(tcpACK, nil, nil)
+		p.flush()
+	}
+	if !bytes.Equal(recv, down) {
+		t.Fatalf("the %d bytes read through the Reader arrived changed", n)
+	}
+	return maxBatch
+}
+
 const (
 	tcpSYN = 0x02
 	tcpPSH = 0x08
@@ -222,12 +245,13 @@ type tcpPeer struct {
 	t        *testing.T
 	r        *Reader
 	w        *Writer
-	port     uint16
+	port     uint16 // the kernel's end
+	sport    uint16 // the peer's
 	seq, ack uint32
 }
 
 func (p *tcpPeer) packet(flags byte, data, opts []byte) []byte {
-	return tcpPacket(peerAddr, localAddr, peerPort, p.port, p.seq, p.ack, flags, data, opts)
+	return tcpPacket(peerAddr, localAddr, p.sport, p.port, p.seq, p.ack, flags, data, opts)
 }
 
 // send adds one segment to the Writer's batch (flushed when full).
@@ -257,7 +281,7 @@ func (p *tcpPeer) next(deadline time.Time, want func(tcpHeader) bool) tcpHeader 
 			p.t.Fatal(err)
 		}
 		for _, pkt := range batch {
-			if h, _, ok := parseTCP(pkt); ok && h.dstPort == peerPort && want(h) {
+			if h, _, ok := parseTCP(pkt); ok && h.dstPort == p.sport && want(h) {
 				return h
 			}
 		}

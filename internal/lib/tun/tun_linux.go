@@ -3,9 +3,11 @@
 package tun
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 
 	"golang.org/x/sys/unix"
 	wgtun "golang.zx2c4.com/wireguard/tun"
@@ -22,6 +24,7 @@ import (
 type Device struct {
 	dev  wgtun.Device
 	name string
+	segs int // the most packets the kernel puts in one segment (Up); 0: not set
 }
 
 // Headroom is the room WriteBatch and Write need in front of each packet
@@ -70,12 +73,46 @@ func (d *Device) Write(p []byte) (int, error) {
 // Close removes the device and unblocks a ReadBatch.
 func (d *Device) Close() error { return d.dev.Close() }
 
-// BatchFor is how many buffers ReadBatch may need for one segment on a
-// device of MTU mtu: 64 KiB of TCP data in segments of the smallest MSS the
-// MTU allows (IPv6's 60 bytes of headers), and one for a lone packet.
+// BatchFor is how many buffers ReadBatch needs for one segment on a device
+// of MTU mtu that Up set up: 64 KiB of TCP data in packets of the largest MSS
+// the MTU allows with IPv6's 60 bytes of headers, and one more. Up tells the
+// kernel to put no more packets than that in a segment (gso_max_segs): a
+// smaller MSS (a peer's, a learnt path MTU, an application's UDP_SEGMENT)
+// then makes smaller segments, not longer ones.
 func BatchFor(mtu int) int {
 	mss := max(mtu, 1280) - 60
 	return (65535+mss-1)/mss + 1
+}
+
+// unboundedSegs is the batch a Reader uses on a device whose segments Up
+// could not bound (an older kernel or ip command): wireguard-go's batch,
+// enough for 64 KiB in packets of an MSS of 512 or more.
+const unboundedSegs = 128
+
+// Up sets the device's MTU, bounds its segments to what a Reader holds
+// (BatchFor), and brings it up. Where the kernel or the ip command cannot
+// bound the segments, the device comes up without the bound and its Readers
+// hold more buffers.
+func (d *Device) Up(ctx context.Context, mtu int) error {
+	segs := BatchFor(mtu) - 1
+	err := IP(ctx, "link", "set", "dev", d.name, "mtu", strconv.Itoa(mtu), "gso_max_segs", strconv.Itoa(segs), "up")
+	if err == nil {
+		d.segs = segs
+		return nil
+	}
+	if err := Up(ctx, d.name, mtu); err != nil {
+		return err
+	}
+	d.segs = 0
+	return nil
+}
+
+// batch is how many buffers a Reader of this device needs.
+func (d *Device) batch(mtu int) int {
+	if d.segs > 0 {
+		return d.segs + 1
+	}
+	return max(BatchFor(mtu), unboundedSegs)
 }
 
 // Open creates a tun device named name; a name containing "%d" lets the
@@ -112,6 +149,8 @@ func Open(name string) (*Device, error) {
 	if err != nil {
 		if dev != nil {
 			_ = dev.Close()
+		} else {
+			_ = unix.Close(fd) // failed before it took the descriptor
 		}
 		return nil, fmt.Errorf("tun device %q: %w", ifr.Name(), err)
 	}

@@ -3,6 +3,7 @@
 package tun
 
 import (
+	"context"
 	"errors"
 	"runtime"
 )
@@ -20,6 +21,11 @@ func (d *Device) ReadBatch(bufs [][]byte, sizes []int, offset int) (int, error) 
 func (d *Device) WriteBatch(bufs [][]byte, offset int) error { return errUnsupported }
 func (d *Device) Write(p []byte) (int, error)                { return 0, errUnsupported }
 func (d *Device) Close() error                               { return nil }
+
+// Up fails: tun devices are supported on Linux only.
+func (d *Device) Up(context.Context, int) error { return errUnsupported }
+
+func (d *Device) batch(mtu int) int { return BatchFor(mtu) }
 
 // BatchFor is how many buffers ReadBatch may need for one segment.
 func BatchFor(mtu int) int {
