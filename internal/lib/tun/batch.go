@@ -125,13 +125,12 @@ type Reader struct {
 func (d *Device) NewReader(mtu, offset int) *Reader {
 	n := d.batch(mtu)
 	r := &Reader{dev: d, offset: offset, bufs: make([][]byte, n), sizes: make([]int, n), out: make([][]byte, 0, n)}
-	// A lone packet can be as long as IP allows; a segment's packets are
-	// at most the MTU (1500 at least, should someone raise it a little).
-	r.bufs[0] = make([]byte, offset+65535)
+	// Packets are at most the MTU (1500 at least, should someone raise it
+	// a little); a longer one is dropped and counted (Dropped).
 	slot := offset + max(mtu, 1500)
-	arena := make([]byte, slot*(n-1))
-	for i := 1; i < n; i++ {
-		r.bufs[i] = arena[(i-1)*slot : i*slot : i*slot]
+	arena := make([]byte, slot*n)
+	for i := range n {
+		r.bufs[i] = arena[i*slot : (i+1)*slot : (i+1)*slot]
 	}
 	return r
 }

@@ -251,7 +251,7 @@ type tcpPeer struct {
 }
 
 func (p *tcpPeer) packet(flags byte, data, opts []byte) []byte {
-	return tcpPacket(peerAddr, localAddr, p.sport, p.port, p.seq, p.ack, flags, data, opts)
+	return buildTCP(peerAddr, localAddr, p.sport, p.port, p.seq, p.ack, flags, data, opts)
 }
 
 // send adds one segment to the Writer's batch (flushed when full).
@@ -319,8 +319,8 @@ func parseTCP(pkt []byte) (tcpHeader, []byte, bool) {
 
 func mssOption(mss uint16) []byte { return []byte{2, 4, byte(mss >> 8), byte(mss)} }
 
-// tcpPacket builds an IPv4 TCP packet with correct checksums.
-func tcpPacket(src, dst netip.Addr, sport, dport uint16, seq, ack uint32, flags byte, data, opts []byte) []byte {
+// buildTCP builds an IPv4 TCP packet with correct checksums.
+func buildTCP(src, dst netip.Addr, sport, dport uint16, seq, ack uint32, flags byte, data, opts []byte) []byte {
 	tl := 20 + len(opts)
 	pkt := make([]byte, 20+tl+len(data))
 	pkt[0], pkt[8], pkt[9] = 0x45, 64, 6

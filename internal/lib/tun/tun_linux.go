@@ -8,23 +8,26 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"sync"
 
 	"golang.org/x/sys/unix"
-	wgtun "golang.zx2c4.com/wireguard/tun"
 )
 
 // Device is an open tun device with the kernel's offloads (IFF_VNET_HDR,
 // TUNSETOFFLOAD): the kernel hands over a TCP stream's data in segments of up
 // to 64 KiB, which ReadBatch splits into packets of the device's MTU, and
-// WriteBatch joins consecutive packets of one TCP or UDP flow into one such
-// segment, so a bulk transfer costs a system call per segment, not per
-// packet. The segmentation and joining are wireguard-go's (its tun package),
-// which Tailscale uses too. Close removes the device (it is not persistent)
-// and unblocks a read.
+// WriteBatch joins consecutive packets of one TCP flow into one such segment,
+// so a bulk transfer costs a system call per segment, not per packet
+// (offload_linux.go). Close removes the device (it is not persistent) and
+// unblocks a read.
 type Device struct {
-	dev  wgtun.Device
+	f    *os.File
 	name string
 	segs int // the most packets the kernel puts in one segment (Up); 0: not set
+
+	rmu  sync.Mutex
+	rbuf []byte // one read: the virtio-net header and up to 64 KiB
+	wmu  sync.Mutex
 }
 
 // Headroom is the room WriteBatch and Write need in front of each packet
@@ -37,41 +40,66 @@ func (d *Device) Name() string { return d.name }
 // ReadBatch reads what the kernel routes into the device: one packet, or a
 // segment split into packets of the device's MTU. Packet i lands at
 // bufs[i][offset:] with its length in sizes[i]; it returns how many. A segment
-// needs at most BatchFor(mtu) buffers; one that needs more yields the packets
-// that fit and an error (the kernel's TCP sends the rest again).
+// needs at most BatchFor(mtu) buffers on a device Up set up; one that needs
+// more yields the packets that fit and an error (the kernel's TCP sends the
+// rest again).
 func (d *Device) ReadBatch(bufs [][]byte, sizes []int, offset int) (int, error) {
-	n, err := d.dev.Read(bufs, sizes, offset)
-	if errors.Is(err, wgtun.ErrTooManySegments) {
-		return n, fmt.Errorf("a segment from %s needed more than %d packets: %w", d.name, len(bufs), err)
+	d.rmu.Lock()
+	defer d.rmu.Unlock()
+	if d.rbuf == nil {
+		d.rbuf = make([]byte, vnetHdrLen+maxSegmentLength)
 	}
-	return n, err
+	n, err := d.f.Read(d.rbuf)
+	if err != nil {
+		if errors.Is(err, unix.EBADFD) {
+			err = os.ErrClosed
+		}
+		return 0, err
+	}
+	return split(d.rbuf[:n], bufs, sizes, offset)
 }
 
 // WriteBatch writes the packets bufs[i][offset:] (offset at least
-// Headroom). Packets of one TCP or UDP flow that follow each other are
-// joined into one segment where the first one's buffer has the capacity
-// (cap(bufs[i]) beyond its length); joining changes the lengths and the
-// order of bufs, which the caller resets before its next batch. It returns
-// the error of every write the kernel refused (a route missing, a header it
-// does not take), joined; the others are written.
+// Headroom). Packets of one TCP flow that follow each other are joined into
+// one segment where the first one's buffer has the capacity (cap(bufs[i])
+// beyond its length); joining changes the lengths of bufs, which the caller
+// resets before its next batch. It returns the error of every write the
+// kernel refused (a route missing, a header it does not take), joined; the
+// others are written.
 func (d *Device) WriteBatch(bufs [][]byte, offset int) error {
-	_, err := d.dev.Write(bufs, offset)
-	return err
+	if offset < Headroom {
+		return fmt.Errorf("tun: WriteBatch needs %d bytes in front of each packet, not %d", Headroom, offset)
+	}
+	d.wmu.Lock()
+	defer d.wmu.Unlock()
+	var errs []error
+	write := func(b []byte) {
+		if _, err := d.f.Write(b); err != nil {
+			if errors.Is(err, unix.EBADFD) {
+				err = os.ErrClosed
+			}
+			errs = append(errs, err)
+		}
+	}
+	joinBatch(bufs, offset, write)
+	return errors.Join(errs...)
 }
 
 // Write writes one packet p, copied behind the headroom Write needs; for
 // the odd packet (an ICMP error), not for bulk.
 func (d *Device) Write(p []byte) (int, error) {
-	b := make([]byte, Headroom+len(p))
-	copy(b[Headroom:], p)
-	if _, err := d.dev.Write([][]byte{b}, Headroom); err != nil {
+	b := make([]byte, vnetHdrLen+len(p))
+	copy(b[vnetHdrLen:], p)
+	d.wmu.Lock()
+	defer d.wmu.Unlock()
+	if _, err := d.f.Write(b); err != nil {
 		return 0, err
 	}
 	return len(p), nil
 }
 
 // Close removes the device and unblocks a ReadBatch.
-func (d *Device) Close() error { return d.dev.Close() }
+func (d *Device) Close() error { return d.f.Close() }
 
 // BatchFor is how many buffers ReadBatch needs for one segment on a device
 // of MTU mtu that Up set up: 64 KiB of TCP data in packets of the largest MSS
@@ -85,8 +113,8 @@ func BatchFor(mtu int) int {
 }
 
 // unboundedSegs is the batch a Reader uses on a device whose segments Up
-// could not bound (an older kernel or ip command): wireguard-go's batch,
-// enough for 64 KiB in packets of an MSS of 512 or more.
+// could not bound (an older kernel or ip command): enough for 64 KiB in
+// packets of an MSS of 512 or more.
 const unboundedSegs = 128
 
 // Up sets the device's MTU, bounds its segments to what a Reader holds
@@ -136,25 +164,17 @@ func Open(name string) (*Device, error) {
 		_ = unix.Close(fd)
 		return nil, permission(fmt.Errorf("create tun device %q: %w", name, err))
 	}
-	// The TCP offloads, set here first so that a kernel without them fails
-	// while the descriptor is still ours to close.
+	// The TCP offloads: segments of TCP (v4 and v6) and partial checksums.
 	if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, unix.TUN_F_CSUM|unix.TUN_F_TSO4|unix.TUN_F_TSO6); err != nil {
 		_ = unix.Close(fd)
 		return nil, fmt.Errorf("tun device %q: setting its offloads: %w", ifr.Name(), err)
 	}
-	// Non-blocking mode and the offloads (UDP's too where the kernel has
-	// them); no netlink listener: TP configures the device itself. From here
-	// the descriptor belongs to dev.
-	dev, got, err := wgtun.CreateUnmonitoredTUNFromFD(fd)
-	if err != nil {
-		if dev != nil {
-			_ = dev.Close()
-		} else {
-			_ = unix.Close(fd) // failed before it took the descriptor
-		}
-		return nil, fmt.Errorf("tun device %q: %w", ifr.Name(), err)
+	if err := unix.SetNonblock(fd, true); err != nil {
+		_ = unix.Close(fd)
+		return nil, err
 	}
-	return &Device{dev: dev, name: got}, nil
+	got := ifr.Name()
+	return &Device{f: os.NewFile(uintptr(fd), "/dev/net/tun:"+got), name: got}, nil
 }
 
 func permission(err error) error {
