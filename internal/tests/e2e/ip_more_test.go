@@ -34,17 +34,7 @@ func transferOut(t *testing.T, n *ipNet, size int, what string) {
 	t.Helper()
 	data := make([]byte, size)
 	_, _ = rand.Read(data)
-	var ln net.Listener
-	inNS(t, n.S, func() {
-		var err error
-		if ln, err = net.Listen("tcp", "10.201.2.2:0"); err != nil {
-			t.Error(err)
-		}
-	})
-	if ln == nil {
-		t.FailNow()
-	}
-	defer ln.Close()
+	ln := listenOnS(t, n)
 	got := make(chan [32]byte, 1)
 	go func() {
 		c, err := ln.Accept()

@@ -257,36 +257,13 @@ func serveBytes(t testing.TB, n *ipNet, size int) (string, [32]byte) {
 	t.Helper()
 	data := make([]byte, size)
 	_, _ = rand.Read(data)
-	var ln net.Listener
-	inNS(t, n.S, func() {
-		var err error
-		if ln, err = net.Listen("tcp", "10.201.2.2:0"); err != nil {
-			t.Error(err)
-		}
-	})
-	if ln == nil {
-		t.FailNow()
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_, _ = c.Write(data)
-			}()
-		}
-	}()
+	ln := listenOnS(t, n)
+	go serveEach(ln, func(c net.Conn) { _, _ = c.Write(data) })
 	return ln.Addr().String(), sha256.Sum256(data)
 }
 
-// sinkSHA256 listens on S's tunnelled address; each connection's reader
-// answers, once the client has closed its side, with the SHA-256 of what it
-// read.
-func sinkSHA256(t testing.TB, n *ipNet) string {
+// listenOnS listens on S's tunnelled address, 10.201.2.2, until the test ends.
+func listenOnS(t testing.TB, n *ipNet) net.Listener {
 	t.Helper()
 	var ln net.Listener
 	inNS(t, n.S, func() {
@@ -299,13 +276,7 @@ func sinkSHA256(t testing.TB, n *ipNet) string {
 		t.FailNow()
 	}
 	t.Cleanup(func() { ln.Close() })
-	go serveEach(ln, func(c net.Conn) {
-		h := sha256.New()
-		if _, err := io.Copy(h, c); err == nil {
-			_, _ = c.Write(h.Sum(nil))
-		}
-	})
-	return ln.Addr().String()
+	return ln
 }
 
 // dialIn connects from the namespace ns.
@@ -445,23 +416,7 @@ func testIPTunnelBody(t *testing.T, n *ipNet, tpip *testlog.Buffer, migrate bool
 	// The other way, with a checksum: the client's kernel hands tp ip its TCP
 	// data in segments of up to 64 KiB (the tun device's offloads), which tp
 	// ip splits into packets, and tpd joins them again for its tun device.
-	sink := sinkSHA256(t, n)
-	c = dialIn(t, n.C, sink)
-	up := make([]byte, 16<<20)
-	_, _ = rand.Read(up)
-	_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
-	if _, err := c.Write(up); err != nil {
-		t.Fatalf("uploading through the tunnel: %v\ntp ip:\n%s", err, tpip.String())
-	}
-	_ = c.(*net.TCPConn).CloseWrite()
-	var sum [32]byte
-	if _, err := io.ReadFull(c, sum[:]); err != nil {
-		t.Fatalf("the sink on S did not answer with the upload's checksum: %v\ntp ip:\n%s", err, tpip.String())
-	}
-	c.Close()
-	if sum != sha256.Sum256(up) {
-		t.Fatalf("the 16 MiB uploaded through the tunnel arrived with checksum %x, want %x", sum, sha256.Sum256(up))
-	}
+	transferOut(t, n, 16<<20, "the 16 MiB upload through the tunnel")
 
 	// A prefix the policy does not grant: the client routes it into the
 	// tunnel by hand; tpd drops and counts it, and nothing reaches S.
