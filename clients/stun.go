@@ -11,50 +11,49 @@ import (
 	"github.com/pion/stun/v3"
 )
 
+// ErrNoSTUNAnswer: the server did not answer STUN on its UDP port.
+var ErrNoSTUNAnswer = errors.New("no STUN answer")
+
 // ReflexiveAddr asks the TP server at server (its UDP port, the QUIC port)
 // with a STUN Binding request (RFC 8489) sent from pc which address and port
 // it sees the request come from: pc's address after any NAT on the way. It
-// sends the request up to three times (after 250 ms, then 500 ms more) and
-// ignores anything but the answer to it.
+// sends the request up to three times (again after 250 ms and after 500 ms
+// more) and takes only the answer to it (its transaction ID, 96 random bits;
+// from whichever of the server's addresses it comes). pc's read deadline is
+// cleared when it returns.
 func ReflexiveAddr(ctx context.Context, pc net.PacketConn, server netip.AddrPort) (netip.AddrPort, error) {
 	req, err := stun.Build(stun.TransactionID, stun.BindingRequest, stun.Fingerprint)
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
+	defer pc.SetReadDeadline(time.Time{})
+	stop := context.AfterFunc(ctx, func() { _ = pc.SetReadDeadline(time.Now()) })
+	defer stop()
 	to := net.UDPAddrFromAddrPort(server)
 	buf := make([]byte, 1500)
-	wait := 250 * time.Millisecond
 	for try := range 3 {
 		if _, err := pc.WriteTo(req.Raw, to); err != nil {
 			return netip.AddrPort{}, fmt.Errorf("sending a STUN request to %s: %w", server, err)
 		}
-		deadline := time.Now().Add(wait << try)
-		if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-			deadline = d
-		}
-		_ = pc.SetReadDeadline(deadline)
+		_ = pc.SetReadDeadline(time.Now().Add(250 * time.Millisecond << try))
 		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				var ne net.Error
-				if errors.As(err, &ne) && ne.Timeout() && ctx.Err() == nil && try < 2 {
-					break // send again
-				}
-				if ctx.Err() != nil {
-					return netip.AddrPort{}, ctx.Err()
-				}
-				return netip.AddrPort{}, fmt.Errorf("%w (the server at %s did not answer STUN over UDP: UDP may be blocked on the way, or the server is older than STUN support)", err, server)
+			n, _, err := pc.ReadFrom(buf)
+			if ctx.Err() != nil {
+				return netip.AddrPort{}, ctx.Err()
 			}
-			if ua, ok := from.(*net.UDPAddr); !ok || ua.AddrPort().Addr().Unmap() != server.Addr().Unmap() || ua.AddrPort().Port() != server.Port() {
-				continue
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				break // send again, or give up
+			}
+			if err != nil {
+				return netip.AddrPort{}, fmt.Errorf("waiting for a STUN answer from %s: %w", server, err)
 			}
 			if addr, ok := bindingAnswer(buf[:n], req.TransactionID); ok {
-				_ = pc.SetReadDeadline(time.Time{})
 				return addr, nil
 			}
 		}
 	}
-	return netip.AddrPort{}, fmt.Errorf("the server at %s did not answer STUN over UDP", server)
+	return netip.AddrPort{}, fmt.Errorf("%w from %s within 1.75 s", ErrNoSTUNAnswer, server)
 }
 
 // bindingAnswer reads a Binding success response to transaction id.

@@ -10,6 +10,8 @@ import (
 
 	"github.com/pion/stun/v3"
 	"github.com/quic-go/quic-go"
+
+	"github.com/tp-proxy/tp/proxy/carrier"
 )
 
 // STUN on the QUIC port: tpd answers STUN Binding requests (RFC 8489) that
@@ -20,21 +22,27 @@ import (
 // with two zero bits, which no QUIC packet does (quic-go hands such packets to
 // ReadNonQUICPacket). Nothing is authenticated and nothing is learnt but the
 // sender's own address. A response is at most 52 bytes against a request of at
-// least 20, and each source address gets at most stunPerSource answers a
-// second, the server stunPerSecond in all: a spoofed source gets little.
+// least 20, and each source gets at most stunPerSource answers a second, the
+// socket stunPerSecond in all: a spoofed source gets little. The answer
+// leaves from the address the kernel picks towards the client: on a host that
+// listens on a wildcard address and has several, that may not be the address
+// the request reached (quic-go's non-QUIC packets come without it), and a
+// client behind a NAT that filters by address then hears nothing; listen on
+// the address clients use.
 
 const (
-	stunPerSource  = 10     // answers per source address and second
-	stunPerSecond  = 10_000 // answers per second, all sources together
-	stunMaxSources = 10_000 // source addresses counted in one second; more are refused until the next
+	stunPerSource  = 10     // answers per source (an IPv4 address, an IPv6 /64) and second
+	stunPerSecond  = 10_000 // answers per second and socket, all sources together
+	stunMaxSources = 4_096  // sources counted in one second; more are refused until the next
 	stunMaxRequest = 548    // longer datagrams are no Binding request worth answering
 )
 
-// STUNStats count the STUN messages the QUIC socket received.
+// STUNStats count the datagrams the QUIC socket received that were no QUIC.
 type STUNStats struct {
 	// Answered Binding requests; RateLimited ones not answered (their
-	// source, or the server, over its rate); Malformed datagrams that
-	// started like STUN but were no Binding request.
+	// source, or the server, over its rate); Malformed: the other non-QUIC
+	// datagrams (no STUN Binding request, or one that came over a stream
+	// carrier, where its source means nothing).
 	Answered, RateLimited, Malformed int64
 }
 
@@ -49,14 +57,18 @@ type stunLimiter struct {
 	mu     sync.Mutex
 	second int64
 	total  int
-	per    map[netip.Addr]int
+	per    map[netip.Prefix]int
 }
 
-func (l *stunLimiter) allow(src netip.Addr, now time.Time) bool {
+func (l *stunLimiter) allow(addr netip.Addr, now time.Time) bool {
+	src := netip.PrefixFrom(addr, addr.BitLen())
+	if addr.Is6() {
+		src, _ = addr.Prefix(64) // one host's share, as for the carriers' bounds
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if s := now.Unix(); s != l.second || l.per == nil {
-		l.second, l.total, l.per = s, 0, make(map[netip.Addr]int)
+		l.second, l.total, l.per = s, 0, make(map[netip.Prefix]int)
 	}
 	n, known := l.per[src]
 	if l.total >= stunPerSecond || n >= stunPerSource || !known && len(l.per) >= stunMaxSources {
@@ -104,6 +116,10 @@ func (s *Server) stunAnswer(b []byte, from net.Addr, lim *stunLimiter, now time.
 		}
 	}
 	src := ua.AddrPort()
+	if carrier.IsVirtual(src.Addr()) {
+		c.malformed.Add(1)
+		return nil
+	}
 	if !lim.allow(src.Addr().Unmap(), now) {
 		c.limited.Add(1)
 		return nil

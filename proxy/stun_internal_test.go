@@ -6,9 +6,9 @@ import (
 	"time"
 )
 
-// The STUN rate: stunPerSource answers per source and second, stunPerSecond
-// in all, at most stunMaxSources sources counted in a second; the next
-// second starts afresh.
+// The STUN rate: stunPerSource answers per source (an IPv4 address, an IPv6
+// /64) and second, stunPerSecond in all, at most stunMaxSources sources
+// counted in a second; the next second starts afresh.
 func TestSTUNLimiter(t *testing.T) {
 	var l stunLimiter
 	now := time.Unix(1_000_000, 0)
@@ -23,6 +23,20 @@ func TestSTUNLimiter(t *testing.T) {
 	}
 	if !l.allow(a, now.Add(time.Second)) {
 		t.Fatal("the next second refused the source")
+	}
+
+	// IPv6: a /64 is one source.
+	l = stunLimiter{}
+	for i := range stunPerSource {
+		if !l.allow(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(i)}), now) {
+			t.Fatalf("request %d from one /64 refused", i+1)
+		}
+	}
+	if l.allow(netip.MustParseAddr("2001:db8::ffff"), now) {
+		t.Fatalf("request %d from one /64 (another address in it) answered", stunPerSource+1)
+	}
+	if !l.allow(netip.MustParseAddr("2001:db8:0:1::1"), now) {
+		t.Fatal("another /64 refused")
 	}
 
 	// Many sources: the table is bounded, and so is the total.

@@ -35,8 +35,8 @@ func TestSTUNOnTheQUICPort(t *testing.T) {
 	if want := pc.LocalAddr().(*net.UDPAddr).AddrPort(); got != want {
 		t.Fatalf("STUN answered %s, want the request's source %s", got, want)
 	}
-	if st := q.srv.Stats().STUN; st.Answered != 1 {
-		t.Fatalf("STUN stats after one request: %+v, want 1 answered", st)
+	if st := q.srv.Stats().STUN; st.Answered < 1 { // 2 if a slow machine made the client ask again
+		t.Fatalf("STUN stats after one request: %+v, want it answered", st)
 	}
 
 	// QUIC on the same socket is unaffected.
@@ -57,6 +57,13 @@ func TestSTUNOnTheQUICPort(t *testing.T) {
 	binary.BigEndian.PutUint32(wrongFP[len(wrongFP)-4:], binary.BigEndian.Uint32(wrongFP[len(wrongFP)-4:])^1)
 	long := append(bad(stun.TransactionID, stun.BindingRequest), make([]byte, 600)...)
 	binary.BigEndian.PutUint16(long[2:], 600) // a well-formed length, and too long a request
+	// From a socket of their own: a late answer to a repeated request above
+	// must not look like an answer to a bad one.
+	pc2, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc2.Close()
 	for name, b := range map[string][]byte{
 		"a Binding indication":       bad(stun.TransactionID, stun.NewType(stun.MethodBinding, stun.ClassIndication)),
 		"a Binding success response": bad(stun.TransactionID, stun.BindingSuccess),
@@ -64,7 +71,7 @@ func TestSTUNOnTheQUICPort(t *testing.T) {
 		"a datagram of 620 bytes":    long,
 		"a wrong FINGERPRINT":        wrongFP,
 	} {
-		if _, err := pc.WriteTo(b, net.UDPAddrFromAddrPort(server)); err != nil {
+		if _, err := pc2.WriteTo(b, net.UDPAddrFromAddrPort(server)); err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
 	}
@@ -75,11 +82,11 @@ func TestSTUNOnTheQUICPort(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond) // polling the counter, bounded by the deadline
 	}
-	_ = pc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-	if n, _, err := pc.ReadFrom(make([]byte, 1500)); err == nil {
+	_ = pc2.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, _, err := pc2.ReadFrom(make([]byte, 1500)); err == nil {
 		t.Fatalf("a bad STUN message got an answer of %d bytes", n)
 	}
-	if st := q.srv.Stats().STUN; st.Answered != 1 || st.Malformed != 5 {
-		t.Fatalf("STUN stats: %+v, want 1 answered and 5 malformed", st)
+	if st := q.srv.Stats().STUN; st.Malformed != 5 {
+		t.Fatalf("STUN stats: %+v, want 5 malformed", st)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strconv"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -39,27 +40,37 @@ func netcheckCmd(stdout, stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("the server address %q is not host:port: %w", server, err)
 			}
-			ua, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
-			if err != nil || len(ua) == 0 {
+			ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+			if err != nil {
 				return fmt.Errorf("resolving %s: %w", host, err)
 			}
-			ap, err := netip.ParseAddrPort(net.JoinHostPort(ua[0].Unmap().String(), port))
-			if err != nil {
-				return err
+			if len(ips) == 0 {
+				return fmt.Errorf("resolving %s gave no address", host)
 			}
-			fmt.Fprintf(stdout, "Server:     %s (%s, UDP)\n", server, ap)
-			pc, err := net.ListenUDP("udp", nil)
+			p, err := strconv.ParseUint(port, 10, 16)
 			if err != nil {
-				return err
+				return fmt.Errorf("the server address %q has no port number: %w", server, err)
 			}
-			defer pc.Close()
-			seen, err := clients.ReflexiveAddr(ctx, pc, ap)
+			// Each of the server's addresses in turn, as a dial would.
+			var seen, ap netip.AddrPort
+			var pc *net.UDPConn
+			for _, ip := range ips {
+				ap = netip.AddrPortFrom(ip.Unmap(), uint16(p))
+				fmt.Fprintf(stdout, "Server:     %s (%s, UDP)\n", server, ap)
+				if pc, err = net.ListenUDP("udp", nil); err != nil {
+					return err
+				}
+				defer pc.Close()
+				if seen, err = clients.ReflexiveAddr(ctx, pc, ap); err == nil || !errors.Is(err, clients.ErrNoSTUNAnswer) {
+					break
+				}
+			}
 			if err != nil {
 				fmt.Fprintf(stdout, "UDP:        no answer\n")
 				if errors.Is(err, context.DeadlineExceeded) {
 					err = errors.New("no STUN answer within 5 s")
 				}
-				return fmt.Errorf("UDP to %s gets no answer (%v): tp reaches the server over TLS instead, which works but sets up more slowly; a firewall that blocks UDP to port %s is the usual cause", ap, err, port)
+				return fmt.Errorf("UDP to %s gets no answer (%v): tp reaches the server over TLS instead, which works but sets up more slowly; a firewall that blocks UDP to port %s is the usual cause", host, err, port)
 			}
 			fmt.Fprintf(stdout, "UDP:        works; the server sees this device at %s\n", seen)
 			local := localAddrTowards(pc, ap)

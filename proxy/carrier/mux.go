@@ -89,6 +89,14 @@ func (o Options) sweepEvery() time.Duration {
 // 64 bits are random per session; the port names the carrier.
 var carrierPrefix = [8]byte{0x01, 0x00}
 
+// IsVirtual reports whether a is a carrier session's virtual address (the
+// source the QUIC transport sees for packets that came over a stream
+// carrier), not an address on the network.
+func IsVirtual(a netip.Addr) bool {
+	b := a.As16()
+	return a.Is6() && [8]byte(b[:8]) == carrierPrefix
+}
+
 func isCarrierIP(ip net.IP) bool {
 	return len(ip) == net.IPv6len && [8]byte(ip[:8]) == carrierPrefix
 }

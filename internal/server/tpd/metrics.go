@@ -298,7 +298,7 @@ var (
 		"With database: rounds that renewed this instance's leases of reverse names in the database (result ok), and those that could not (failed: the database was unreachable).",
 		[]string{"result"}, nil)
 	stunDesc = prometheus.NewDesc("tp_stun_requests_total",
-		"STUN messages on the QUIC port, by result: answered (a Binding request, answered with the address it came from), rate_limited (its source or the server over the STUN rate), malformed (no Binding request).",
+		"Datagrams on the QUIC port that are no QUIC, by result: answered (a STUN Binding request, answered with the address it came from), rate_limited (its source or the server over the STUN rate), malformed (anything else).",
 		[]string{"result"}, nil)
 	namesFencedDesc = prometheus.NewDesc("tp_reverse_names_fenced_total",
 		"With database: reverse names this instance stopped serving because their lease ran out before it could renew it.", nil, nil)
