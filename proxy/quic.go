@@ -127,10 +127,16 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 	// (package proxy/carrier).
 	// Carriers feed the first QUIC server only; a second ServeQUIC (another
 	// socket) serves UDP alone.
+	var stunInMux bool
 	if udp, ok := pc.(*net.UDPConn); ok {
 		if m := carrier.NewMux(udp, opts.Carriers, s.log); s.carriers.CompareAndSwap(nil, m) {
 			defer s.carriers.CompareAndSwap(m, nil)
 			defer m.Close()
+			// STUN is answered in the mux, from the address each request
+			// reached (stun.go).
+			var lim stunLimiter
+			m.SetNonQUIC(func(b []byte, from *net.UDPAddr) []byte { return s.stunAnswer(b, from, &lim, time.Now()) })
+			stunInMux = true
 			pc = m
 		}
 	}
@@ -177,11 +183,14 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 	if err != nil {
 		return fmt.Errorf("proxy: QUIC listen on %s: %w", pc.LocalAddr(), err)
 	}
-	// STUN Binding requests on the same socket (stun.go), until ServeQUIC returns.
-	stunCtx, stopSTUN := context.WithCancel(context.WithoutCancel(ctx))
-	stunDone := make(chan struct{})
-	go func() { defer close(stunDone); s.serveSTUN(stunCtx, tr) }()
-	defer func() { stopSTUN(); <-stunDone }()
+	// STUN Binding requests on the same socket (stun.go), until ServeQUIC
+	// returns: in the mux, or else as quic-go's non-QUIC packets.
+	if !stunInMux {
+		stunCtx, stopSTUN := context.WithCancel(context.WithoutCancel(ctx))
+		stunDone := make(chan struct{})
+		go func() { defer close(stunDone); s.serveSTUN(stunCtx, tr) }()
+		defer func() { stopSTUN(); <-stunDone }()
+	}
 	actx, stopAccepting := context.WithCancel(ctx)
 	defer stopAccepting()
 	qln := &quicListener{ln, stopAccepting}

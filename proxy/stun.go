@@ -23,12 +23,11 @@ import (
 // ReadNonQUICPacket). Nothing is authenticated and nothing is learnt but the
 // sender's own address. A response is at most 52 bytes against a request of at
 // least 20, and each source gets at most stunPerSource answers a second, the
-// socket stunPerSecond in all: a spoofed source gets little. The answer
-// leaves from the address the kernel picks towards the client: on a host that
-// listens on a wildcard address and has several, that may not be the address
-// the request reached (quic-go's non-QUIC packets come without it), and a
-// client behind a NAT that filters by address then hears nothing; listen on
-// the address clients use.
+// socket stunPerSecond in all: a spoofed source gets little. On the socket
+// the carrier mux wraps, the mux answers (carrier.Mux.SetNonQUIC), from the
+// address each request reached; on a second socket, serveSTUN reads quic-go's
+// non-QUIC packets, which come without that address, and the kernel picks the
+// answer's source.
 
 const (
 	stunPerSource  = 10     // answers per source (an IPv4 address, an IPv6 /64) and second

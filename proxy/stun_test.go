@@ -4,6 +4,9 @@ import (
 	"context"
 	"encoding/binary"
 	"net"
+	"os"
+	"os/exec"
+	"strings"
 	"testing"
 	"time"
 
@@ -88,5 +91,74 @@ func TestSTUNOnTheQUICPort(t *testing.T) {
 	}
 	if st := q.srv.Stats().STUN; st.Malformed != 5 {
 		t.Fatalf("STUN stats: %+v, want 5 malformed", st)
+	}
+}
+
+// On a wildcard socket of a host with several addresses, the STUN answer
+// leaves from the address the request reached, as QUIC's packets do: a NAT
+// that filters by address lets only that through. In a network namespace of
+// the test's own (unshare -rn) with 10.77.0.1 and 10.77.0.2 on its loopback,
+// a request from 10.77.0.2 to 10.77.0.1 must be answered from 10.77.0.1 (the
+// kernel alone would pick 10.77.0.2, the destination's own address).
+func TestSTUNAnswersFromTheAddressReached(t *testing.T) {
+	if os.Getenv("TP_STUN_NETNS") != "1" {
+		if testing.Short() {
+			t.Skip("runs itself in a network namespace of its own (unshare -rn); skipped under -short")
+		}
+		cmd := exec.Command("unshare", "-rn", os.Args[0], "-test.run=^TestSTUNAnswersFromTheAddressReached$", "-test.v")
+		cmd.Env = append(os.Environ(), "TP_STUN_NETNS=1")
+		out, err := cmd.CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "--- PASS: TestSTUNAnswersFromTheAddressReached") {
+			t.Fatalf("in a network namespace: %v\n%s", err, out)
+		}
+		return
+	}
+	for _, args := range [][]string{{"link", "set", "lo", "up"}, {"addr", "add", "10.77.0.1/32", "dev", "lo"}, {"addr", "add", "10.77.0.2/32", "dev", "lo"}} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+	}
+	e := newEnv(t, nil)
+	udp, err := net.ListenUDP("udp4", &net.UDPAddr{}) // 0.0.0.0, any port
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.srv.ServeQUIC(ctx, udp, proxy.QUICOptions{}) }()
+	defer func() { cancel(); <-done }()
+	port := udp.LocalAddr().(*net.UDPAddr).Port
+
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.ParseIP("10.77.0.2")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	req, err := stun.Build(stun.TransactionID, stun.BindingRequest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	to := &net.UDPAddr{IP: net.ParseIP("10.77.0.1"), Port: port}
+	buf := make([]byte, 1500)
+	for try := 0; ; try++ {
+		if _, err := pc.WriteTo(req.Raw, to); err != nil {
+			t.Fatal(err)
+		}
+		_ = pc.SetReadDeadline(time.Now().Add(time.Second))
+		n, from, err := pc.ReadFromUDP(buf)
+		if err != nil {
+			if try < 5 { // the server may not read yet: ServeQUIC starts in the background
+				continue
+			}
+			t.Fatalf("no STUN answer: %v", err)
+		}
+		m := &stun.Message{Raw: buf[:n]}
+		if err := m.Decode(); err != nil || m.TransactionID != req.TransactionID {
+			t.Fatalf("an answer that is not ours: %v", err)
+		}
+		if from.String() != to.String() {
+			t.Fatalf("the STUN answer came from %s; the request went to %s", from, to)
+		}
+		return
 	}
 }

@@ -4,6 +4,7 @@ package carrier
 
 import (
 	"encoding/binary"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -22,4 +23,25 @@ func gsoSize(oob []byte) int {
 		oob = rest
 	}
 	return 0
+}
+
+// replyPacketInfo is the control message that sends a reply from the
+// address a datagram with control messages oob reached (its IP_PKTINFO or
+// IPV6_PKTINFO, which quic-go turns on for the socket), or nil.
+func replyPacketInfo(oob []byte) []byte {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil
+	}
+	for _, m := range msgs {
+		switch {
+		case m.Header.Level == unix.IPPROTO_IP && m.Header.Type == unix.IP_PKTINFO && len(m.Data) >= unix.SizeofInet4Pktinfo:
+			in := (*unix.Inet4Pktinfo)(unsafe.Pointer(&m.Data[0]))
+			return unix.PktInfo4(&unix.Inet4Pktinfo{Ifindex: in.Ifindex, Spec_dst: in.Addr})
+		case m.Header.Level == unix.IPPROTO_IPV6 && m.Header.Type == unix.IPV6_PKTINFO && len(m.Data) >= unix.SizeofInet6Pktinfo:
+			in := (*unix.Inet6Pktinfo)(unsafe.Pointer(&m.Data[0]))
+			return unix.PktInfo6(&unix.Inet6Pktinfo{Addr: in.Addr, Ifindex: in.Ifindex})
+		}
+	}
+	return nil
 }

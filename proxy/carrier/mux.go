@@ -153,7 +153,17 @@ type Mux struct {
 
 	inDrops atomic.Int64 // carrier packets dropped with the queue full
 	ended   [nCarrierEnded]atomic.Int64
+
+	nonQUIC func(b []byte, from *net.UDPAddr) []byte // SetNonQUIC
 }
+
+// SetNonQUIC makes the mux hand f each datagram from the socket that is no
+// QUIC packet (its first two bits are zero, as STUN's are: RFC 7983) and
+// send back what f returns, from the address the datagram reached (the
+// socket's packet info: a wildcard socket on a host of several addresses
+// answers from the right one). quic-go does not see such datagrams. Call it
+// before the QUIC transport reads.
+func (m *Mux) SetNonQUIC(f func(b []byte, from *net.UDPAddr) []byte) { m.nonQUIC = f }
 
 // Why the mux ends a carrier session itself (Stats.Ended).
 const (
@@ -464,6 +474,20 @@ func (m *Mux) ReadBatch(ms []ipv4.Message, flags int) (int, error) {
 		// quic-go pairs each with its own buffer.)
 		for i := range n {
 			if a, ok := ms[i].Addr.(*net.UDPAddr); ok && isCarrierIP(a.IP) {
+				ms[i].N = 0
+			}
+		}
+		if m.nonQUIC != nil {
+			for i := range n {
+				b := ms[i].Buffers[0][:ms[i].N]
+				if len(b) == 0 || b[0]&0xc0 != 0 {
+					continue
+				}
+				if a, ok := ms[i].Addr.(*net.UDPAddr); ok {
+					if resp := m.nonQUIC(b, a); resp != nil {
+						_, _, _ = m.udp.WriteMsgUDP(resp, replyPacketInfo(ms[i].OOB[:ms[i].NN]), a)
+					}
+				}
 				ms[i].N = 0
 			}
 		}
