@@ -123,6 +123,9 @@ type bridgeState struct {
 	closing     atomic.Bool  // Bridge closes or resets the connections itself
 	ended       atomic.Int32 // directions that reached their clean end
 	err         error        // why it aborted; written inside end
+	// halfClosed[0] and [1]: Bridge half-closed a (b): its own FIN went
+	// first, and the socket's state no longer tells a reset (resetByPeer).
+	halfClosed [2]atomic.Bool
 }
 
 // abort resets both connections, once, unless the session already ended.
@@ -145,6 +148,9 @@ func (br *bridgeState) pipe(dst, src net.Conn, srcIsB bool) int64 {
 	if rerr == nil && werr == nil && tlsTruncated(src) {
 		rerr = ErrTruncated
 	}
+	if rerr == nil && werr == nil && !br.halfClosed[b2i(srcIsB)].Load() && resetByPeer(src) {
+		rerr = errResetByPeer // the reset went to a write on the same socket
+	}
 	switch {
 	case rerr != nil:
 		br.failed(srcIsB, rerr)
@@ -163,11 +169,19 @@ func (br *bridgeState) pipe(dst, src net.Conn, srcIsB bool) int64 {
 			_ = dst.Close()
 			return n
 		}
+		br.halfClosed[b2i(!srcIsB)].Store(true) // before the FIN leaves
 		if err := cw.CloseWrite(); err != nil {
 			br.failed(!srcIsB, err)
 		}
 	}
 	return n
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // failed aborts the session because side B (or A) failed with err. An error that
