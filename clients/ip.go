@@ -575,12 +575,8 @@ func (s *ipSession) sendPacket(b []byte, hl int) error {
 	switch {
 	case errors.As(err, &tooLarge):
 		// Tell the local sender the size that fits (PMTU discovery).
-		pkt := b[hl+1:]
-		h, herr := wire.ParseIPHeader(pkt)
-		if mtu := wire.IPPacketMTU(tooLarge.MaxDatagramPayloadSize, s.dgStream); herr == nil && mtu >= wire.PacketTooBigFloor(h.Src) {
-			if icmp := wire.PacketTooBig(pkt, mtu); icmp != nil {
-				_, _ = s.dev.Write(icmp)
-			}
+		if icmp := wire.PacketTooBigReply(b[hl+1:], tooLarge.MaxDatagramPayloadSize, s.dgStream); icmp != nil {
+			_, _ = s.dev.Write(icmp)
 		}
 	case err != nil:
 		return fmt.Errorf("sending to the TP server: %w", err)

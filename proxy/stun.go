@@ -60,10 +60,7 @@ type stunLimiter struct {
 }
 
 func (l *stunLimiter) allow(addr netip.Addr, now time.Time) bool {
-	src := netip.PrefixFrom(addr, addr.BitLen())
-	if addr.Is6() {
-		src, _ = addr.Prefix(64) // one host's share, as for the carriers' bounds
-	}
+	src := carrier.SourcePrefix(addr) // as the carriers' bounds count
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if s := now.Unix(); s != l.second || l.per == nil {

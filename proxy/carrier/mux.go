@@ -204,7 +204,13 @@ func sourceOf(remote string) netip.Prefix {
 	if err != nil {
 		return netip.Prefix{}
 	}
-	a := ap.Addr().Unmap()
+	return SourcePrefix(ap.Addr())
+}
+
+// SourcePrefix is what bounds per source count a's traffic by: an IPv4
+// address, or an IPv6 address's /64 (one host's share of addresses).
+func SourcePrefix(a netip.Addr) netip.Prefix {
+	a = a.Unmap()
 	if a.Is4() {
 		return netip.PrefixFrom(a, 32)
 	}

@@ -823,10 +823,8 @@ func (tn *IPTunnel) toPeer(b []byte, hl int) error {
 		tn.drops.Add(1)
 		// Tell the sender on the network side (PMTU discovery); never
 		// below the minimum MTU of its family.
-		if mtu := wire.IPPacketMTU(tooLarge.MaxDatagramPayloadSize, tn.dgStream); mtu >= wire.PacketTooBigFloor(h.Src) {
-			if icmp := wire.PacketTooBig(pkt, mtu); icmp != nil {
-				_, _ = tn.dev.Write(icmp)
-			}
+		if icmp := wire.PacketTooBigReply(pkt, tooLarge.MaxDatagramPayloadSize, tn.dgStream); icmp != nil {
+			_, _ = tn.dev.Write(icmp)
 		}
 	case err != nil:
 		return fmt.Errorf("sending to the client: %w", err)

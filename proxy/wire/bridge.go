@@ -177,6 +177,10 @@ func (br *bridgeState) pipe(dst, src net.Conn, srcIsB bool) int64 {
 	return n
 }
 
+// errResetByPeer is the read error of a source whose reset a write took
+// (resetByPeer).
+var errResetByPeer = &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}
+
 func b2i(b bool) int {
 	if b {
 		return 1

@@ -319,6 +319,22 @@ func IPPacketMTU(maxFrame int64, streamID int64) int {
 	return int(maxFrame) - quicvarint.Len(uint64(streamID/4)) - 1
 }
 
+// PacketTooBigReply is the ICMP error that tells the sender of pkt the
+// largest packet that fits one HTTP/3 datagram of request stream streamID
+// when DATAGRAM frames carry at most maxFrame bytes (IPPacketMTU), or nil
+// when that is below the minimum MTU of pkt's family or pkt is no IP packet.
+func PacketTooBigReply(pkt []byte, maxFrame, streamID int64) []byte {
+	h, err := ParseIPHeader(pkt)
+	if err != nil {
+		return nil
+	}
+	mtu := IPPacketMTU(maxFrame, streamID)
+	if mtu < PacketTooBigFloor(h.Src) {
+		return nil
+	}
+	return PacketTooBig(pkt, mtu)
+}
+
 // PacketTooBigFloor is the smallest MTU an ICMP error may announce for a
 // packet from src: 576 for IPv4 (RFC 1191 plateaus start there), 1280 for
 // IPv6 (RFC 8200 §5).

@@ -4,7 +4,6 @@ package wire
 
 import (
 	"net"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -40,5 +39,3 @@ func resetByPeer(c net.Conn) bool {
 
 // tcpStateClose is TCP_CLOSE in Linux's enum of TCP states.
 const tcpStateClose = 7
-
-var errResetByPeer = &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}

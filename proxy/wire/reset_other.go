@@ -2,12 +2,7 @@
 
 package wire
 
-import (
-	"net"
-	"syscall"
-)
+import "net"
 
 // resetByPeer: only Linux is known to report a reset to one call alone.
 func resetByPeer(net.Conn) bool { return false }
-
-var errResetByPeer = &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}

@@ -94,6 +94,9 @@ func (w *Writer) Flush() (refused int, err error) {
 	return 1, err
 }
 
+// errSplit: a segment whose packets did not fit the reader's buffers.
+var errSplit = errors.New("a segment from the tun device does not split into packets of its MTU")
+
 // errJoin: joining the batch's packets failed (a panic in the join, which
 // packets from a peer must never turn into a crashed server): the batch is
 // dropped.

@@ -184,9 +184,6 @@ func permission(err error) error {
 	return err
 }
 
-// errSplit: a segment whose packets did not fit the reader's buffers.
-var errSplit = errors.New("a segment from the tun device does not split into packets of its MTU")
-
 // deviceGone reports whether err from a read means the device is closed or
 // broken, not that one segment was malformed.
 func deviceGone(err error) bool {

@@ -38,6 +38,4 @@ var errUnsupported = errors.New("tun devices are supported on Linux only, not on
 // Open fails: tun devices are supported on Linux only.
 func Open(string) (*Device, error) { return nil, errUnsupported }
 
-var errSplit = errors.New("a segment from the tun device does not split into packets of its MTU")
-
 func deviceGone(err error) bool { return err != nil }

@@ -66,13 +66,15 @@ func BenchmarkIPTunnel(b *testing.B) {
 		b.FailNow()
 	}
 
-	measure := func(b *testing.B, host string) {
+	// measure runs the three measurements against the bulk, sink and echo
+	// services at those addresses (as the client host reaches them).
+	measure := func(b *testing.B, bulkAddr, sinkAddr, echoAddr string) {
 		b.Run("throughput", func(b *testing.B) {
 			b.SetBytes(bulk)
 			before := readIPBenchCounts(b, n.S, n.T)
 			defer func() { readIPBenchCounts(b, n.S, n.T).report(b, before) }()
 			for b.Loop() {
-				c := dialIn(b, n.C, net.JoinHostPort(host, bulkPort))
+				c := dialIn(b, n.C, bulkAddr)
 				if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
 					b.Fatalf("read %d bytes, %v", k, err)
 				}
@@ -84,7 +86,7 @@ func BenchmarkIPTunnel(b *testing.B) {
 			before := readIPBenchCounts(b, n.C, n.T)
 			defer func() { readIPBenchCounts(b, n.C, n.T).report(b, before) }()
 			for b.Loop() {
-				c := dialIn(b, n.C, net.JoinHostPort(host, sinkPort))
+				c := dialIn(b, n.C, sinkAddr)
 				if _, err := c.Write(data); err != nil {
 					b.Fatal(err)
 				}
@@ -96,7 +98,7 @@ func BenchmarkIPTunnel(b *testing.B) {
 			}
 		})
 		b.Run("rtt", func(b *testing.B) {
-			c := dialIn(b, n.C, net.JoinHostPort(host, echoPort))
+			c := dialIn(b, n.C, echoAddr)
 			one := []byte{1}
 			for b.Loop() {
 				if _, err := c.Write(one); err != nil {
@@ -108,13 +110,16 @@ func BenchmarkIPTunnel(b *testing.B) {
 			}
 		})
 	}
-	b.Run("direct", func(b *testing.B) { measure(b, "10.201.3.1") })
+	at := func(b *testing.B, host string) {
+		measure(b, net.JoinHostPort(host, bulkPort), net.JoinHostPort(host, sinkPort), net.JoinHostPort(host, echoPort))
+	}
+	b.Run("direct", func(b *testing.B) { at(b, "10.201.3.1") })
 
 	for _, transport := range []string{"quic", "tls"} {
 		b.Run("tp-ip-"+transport, func(b *testing.B) {
 			stop := runTPIP(b, n.C, env, transport)
 			defer stop()
-			measure(b, "10.201.2.2")
+			at(b, "10.201.2.2")
 		})
 	}
 
@@ -126,55 +131,16 @@ func BenchmarkIPTunnel(b *testing.B) {
 			b.Skip(why)
 		}
 		b.StartTimer()
-		measure(b, wgServiceAddr)
+		at(b, wgServiceAddr)
 	})
 
 	// tp forward: a local port per service, forwarded over TP, over QUIC
 	// ("tp-forward", the yardstick of tp ip over HTTP/3) and over TLS
 	// ("tp-forward-tls", that of tp ip over HTTP/2).
 	for _, tr := range []struct{ name, transport string }{{"tp-forward", "quic"}, {"tp-forward-tls", "tls"}} {
-		bulkFwd := startForwardIn(b, n.C, env, tr.transport, "10.201.2.2:"+bulkPort)
-		b.Run(tr.name+"/throughput", func(b *testing.B) {
-			b.SetBytes(bulk)
-			before := readIPBenchCounts(b, n.S, n.T)
-			defer func() { readIPBenchCounts(b, n.S, n.T).report(b, before) }()
-			for b.Loop() {
-				c := dialIn(b, n.C, bulkFwd)
-				if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
-					b.Fatalf("read %d bytes, %v", k, err)
-				}
-				c.Close()
-			}
-		})
-		sinkFwd := startForwardIn(b, n.C, env, tr.transport, "10.201.2.2:"+sinkPort)
-		b.Run(tr.name+"/upload", func(b *testing.B) {
-			b.SetBytes(bulk)
-			before := readIPBenchCounts(b, n.C, n.T)
-			defer func() { readIPBenchCounts(b, n.C, n.T).report(b, before) }()
-			for b.Loop() {
-				c := dialIn(b, n.C, sinkFwd)
-				if _, err := c.Write(data); err != nil {
-					b.Fatal(err)
-				}
-				_ = c.(*net.TCPConn).CloseWrite()
-				if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
-					b.Fatalf("the sink did not confirm %d bytes: %v", bulk, err)
-				}
-				c.Close()
-			}
-		})
-		echoFwd := startForwardIn(b, n.C, env, tr.transport, "10.201.2.2:"+echoPort)
-		b.Run(tr.name+"/rtt", func(b *testing.B) {
-			c := dialIn(b, n.C, echoFwd)
-			one := []byte{1}
-			for b.Loop() {
-				if _, err := c.Write(one); err != nil {
-					b.Fatal(err)
-				}
-				if _, err := io.ReadFull(c, one); err != nil {
-					b.Fatal(err)
-				}
-			}
+		b.Run(tr.name, func(b *testing.B) {
+			fwd := func(port string) string { return startForwardIn(b, n.C, env, tr.transport, "10.201.2.2:"+port) }
+			measure(b, fwd(bulkPort), fwd(sinkPort), fwd(echoPort))
 		})
 	}
 }
