@@ -11,27 +11,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
-)
 
-// tcpPair is a connected TCP pair on loopback.
-func tcpPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
+)
 
 // resetAfter has peer write data and reset; then a write on c takes the
 // reset (ECONNRESET), as a bridge's other direction may, and returns c's
@@ -61,7 +43,7 @@ func resetAfter(t *testing.T, c, peer *net.TCPConn, data []byte) {
 // buffered bytes and then a plain end of stream. resetByPeer tells that end
 // from a peer's close.
 func TestResetByPeerAfterTheWriteTookTheError(t *testing.T) {
-	c, peer := tcpPair(t)
+	c, peer := testnet.Pair(t)
 	data := bytes.Repeat([]byte("d"), 1000)
 	resetAfter(t, c, peer, data)
 	got, err := io.ReadAll(c)
@@ -72,7 +54,7 @@ func TestResetByPeerAfterTheWriteTookTheError(t *testing.T) {
 		t.Fatal("a connection its peer reset is not told apart from one it closed")
 	}
 
-	c2, peer2 := tcpPair(t)
+	c2, peer2 := testnet.Pair(t)
 	peer2.Write(data)
 	peer2.Close()
 	if got, err := io.ReadAll(c2); err != nil || len(got) != len(data) {
@@ -86,8 +68,8 @@ func TestResetByPeerAfterTheWriteTookTheError(t *testing.T) {
 // A bridge whose source was reset, the reset taken by a write, passes an
 // abort on, not a clean end: the other side sees a reset after the bytes.
 func TestBridgePassesOnAResetAWriteTook(t *testing.T) {
-	service, servicePeer := tcpPair(t)
-	public, client := tcpPair(t)
+	service, servicePeer := testnet.Pair(t)
+	public, client := testnet.Pair(t)
 	data := bytes.Repeat([]byte("r"), 64<<10)
 	resetAfter(t, service, servicePeer, data)
 	done := make(chan error, 1)
