@@ -47,3 +47,7 @@ func (s *Server) H2TunnelsOf(host string) int {
 	}
 	return len(h.h2.Snapshot())
 }
+
+// ServingQUIC reports whether ServeQUIC has started on its socket (its
+// carrier mux is in place): a test's first request may go out then.
+func (s *Server) ServingQUIC() bool { return s.carriers.Load() != nil }
