@@ -59,6 +59,7 @@ type CA struct {
 	sitesOn       bool
 
 	deviceEnds atomic.Pointer[func(deviceID string) time.Time] // SetDeviceEnds
+	life       time.Duration                                   // of device certificates
 }
 
 // SetDeviceEnds gives the CA, for each device, the time its right to connect
@@ -194,7 +195,7 @@ func NewCA(pki *PKI, opts CAOptions) (*CA, error) {
 			},
 		},
 	}
-	c := &CA{}
+	c := &CA{life: life}
 	auth, err := authority.NewEmbedded(
 		authority.WithConfig(cfg),
 		authority.WithX509Enforcers(siteEnforcer{c}, deviceEnforcer{c}),

@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"math/big"
 	"net/http"
 	"strconv"
 	"strings"
@@ -111,6 +112,9 @@ func (e *Enroller) Handler() http.Handler {
 	mux.HandleFunc("POST "+login.PathReverseAccount, e.reverseAccount)
 	mux.HandleFunc("POST "+login.PathGrant, e.grant)
 	mux.HandleFunc("POST "+login.PathGrantStatus, e.grantStatus)
+	mux.HandleFunc("OPTIONS "+login.PathGrantStatus, corsPreflight)
+	mux.HandleFunc("POST "+login.PathGrantCertificate, e.grantCertificate)
+	mux.HandleFunc("OPTIONS "+login.PathGrantCertificate, corsPreflight)
 	mux.HandleFunc("POST "+login.PathGrants, e.grants)
 	mux.HandleFunc("POST "+login.PathGrantRevoke, e.grantRevoke)
 	mux.HandleFunc("POST "+login.PathShare, e.share)
@@ -458,6 +462,10 @@ func verify(pub *ecdsa.PublicKey, msg []byte, sigB64 string) bool {
 		return false
 	}
 	sum := sha256.Sum256(msg)
+	if len(sig) == 64 { // r||s, as WebCrypto signs
+		r, s := new(big.Int).SetBytes(sig[:32]), new(big.Int).SetBytes(sig[32:])
+		return ecdsa.Verify(pub, sum[:], r, s)
+	}
 	return ecdsa.VerifyASN1(pub, sum[:], sig)
 }
 

@@ -28,7 +28,7 @@ func (e *Enroller) grant(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	scope, err := grantScope(req.Name, req.Public)
+	scope, err := grantScope(req.Name, req.Public, req.Dial, req.Origin)
 	if err != nil {
 		writeErr(w, http.StatusBadRequest, err.Error())
 		return
@@ -43,7 +43,7 @@ func (e *Enroller) grant(w http.ResponseWriter, r *http.Request) {
 	}
 	appKey, _ := base64.StdEncoding.DecodeString(req.AppKey)
 	dev, ok := e.checkDevice(w, r, req.DeviceID, req.Time, req.Signature,
-		login.GrantMessage(req.DeviceID, req.Time, req.AppKey, req.Name, req.Public, req.App))
+		login.GrantMessage(req.DeviceID, req.Time, req.AppKey, req.Name, req.Public, req.App, req.Dial, req.Origin))
 	if !ok || !e.checkActive(w, dev) {
 		return
 	}
@@ -54,7 +54,7 @@ func (e *Enroller) grant(w http.ResponseWriter, r *http.Request) {
 	groups, _ := e.Users.Lookup(dev.ID)
 	id := authz.Identity{DeviceID: dev.ID, User: dev.User, Device: dev.Name, Groups: groups}
 	g, status, msg := e.approve(r.Context(), approval{id: id, by: dev.ID, appKey: appKey, scope: scope,
-		name: req.Name, public: req.Public, app: req.App, remote: r.RemoteAddr, via: "grant approved by " + dev.ID})
+		name: req.Name, public: req.Public, dial: req.Dial, app: req.App, remote: r.RemoteAddr, via: "grant approved by " + dev.ID})
 	if status == http.StatusServiceUnavailable {
 		w.Header().Set("Retry-After", "30")
 	}
@@ -74,6 +74,7 @@ type approval struct {
 	scope  authz.Scope
 	name   string
 	public bool
+	dial   bool // a credential that may only connect (scope dial:NAME)
 	app    string
 	remote string
 	via    string // for the audit trail
@@ -89,9 +90,13 @@ func (e *Enroller) approve(ctx context.Context, a approval) (users.Device, int, 
 	if e.MayExpose == nil {
 		return users.Device{}, http.StatusForbidden, "this TP server does not grant credentials to applications"
 	}
-	if ok, reason := e.MayExpose(ctx, a.id, a.name, a.public); !ok {
-		e.log().Info("grant refused", "approver", a.by, "name", a.name, "why", reason)
-		return users.Device{}, http.StatusForbidden, reason
+	// A credential that may only connect needs no check here: the policy
+	// decides each of its dials, as the person's user's.
+	if !a.dial {
+		if ok, reason := e.MayExpose(ctx, a.id, a.name, a.public); !ok {
+			e.log().Info("grant refused", "approver", a.by, "name", a.name, "why", reason)
+			return users.Device{}, http.StatusForbidden, reason
+		}
 	}
 	if a.prepare != nil {
 		if status, msg := a.prepare(); status != 0 {
@@ -133,6 +138,7 @@ func (e *Enroller) approve(ctx context.Context, a approval) (users.Device, int, 
 // grantStatus tells an application, which proves it holds its key, whether a
 // person approved it: the device that holds the key, or grant_pending.
 func (e *Enroller) grantStatus(w http.ResponseWriter, r *http.Request) {
+	allowAnyOrigin(w) // TP.js asks from a page of any site
 	var req login.GrantStatusRequest
 	if !decode(w, r, &req) {
 		return
@@ -244,14 +250,29 @@ func (e *Enroller) grantRevoke(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, e.grantInfo(g))
 }
 
-// grantScope is the scope a grant of name gives.
-func grantScope(name string, public bool) (authz.Scope, error) {
+// grantScope is the scope a grant of name gives; origin binds a grant to
+// connect to the pages of one web origin.
+func grantScope(name string, public, dial bool, origin string) (authz.Scope, error) {
 	kind := "expose"
-	if public {
+	switch {
+	case dial && public:
+		return "", errors.New("a grant is to connect or to expose a name, not both")
+	case origin != "" && !dial:
+		return "", errors.New("only a grant to connect is bound to a web origin")
+	case origin != "" && !authz.ValidOrigin(origin):
+		return "", fmt.Errorf("origin %q is not a web origin (https://HOST[:PORT], lower case)", origin)
+	case dial:
+		kind = "dial"
+	case public:
 		kind = "expose-public"
 	}
+	if origin != "" {
+		name += "@" + origin
+	}
 	sc, err := authz.ParseScope(kind + ":" + name)
-	if err != nil {
+	if err != nil && dial {
+		return "", fmt.Errorf("name %q is not a reverse name's label (1 to 63 lower-case letters, digits or '-', e.g. ci for ci.rev.tp.internal), nor * (what the policy allows)", name)
+	} else if err != nil {
 		return "", fmt.Errorf("name %q is not a reverse name's label (1 to 63 lower-case letters, digits or '-', e.g. ci for ci.rev.tp.internal)", name)
 	}
 	return sc, nil

@@ -275,7 +275,7 @@ func (e *Enroller) webRequest(w http.ResponseWriter, r *http.Request) (login.Gra
 	if err != nil {
 		return bad(err.Error() + ".")
 	}
-	scope, err := grantScope(g.Name, g.Public)
+	scope, err := grantScope(g.Name, g.Public, g.Dial, g.Origin)
 	if err != nil {
 		return bad(err.Error() + ".")
 	}
@@ -328,6 +328,7 @@ func (e *Enroller) grantSignedIn(w http.ResponseWriter, r *http.Request) {
 	}
 	webPage(w, http.StatusOK, "Approve "+appName(wg.g.App)+"?", "", &approvalView{
 		User: p.User, Email: p.Email, App: appName(wg.g.App), Name: wg.g.Name, How: grantHow(wg.g.Public), Pick: wg.g.Pick,
+		Dial: wg.g.Dial, Any: wg.g.Dial && wg.g.Name == authz.AnyDestination, Origin: wg.g.Origin,
 		Code: login.GrantCode(wg.g.Key), State: q.Get("state"), Form: form, Action: login.PathGrantApprove})
 }
 
@@ -409,7 +410,7 @@ func (e *Enroller) grantApprove(w http.ResponseWriter, r *http.Request) {
 	name, scope := wg.g.Name, wg.scope
 	if picked := r.PostForm.Get("name"); wg.g.Pick && picked != "" && picked != name {
 		// The application lets the person pick the name (its link's pick=1).
-		sc, err := grantScope(picked, wg.g.Public)
+		sc, err := grantScope(picked, wg.g.Public, wg.g.Dial, wg.g.Origin)
 		if err != nil {
 			webPage(w, http.StatusBadRequest, "Nothing was granted", err.Error()+"; open the grant link again.", nil)
 			return
@@ -417,14 +418,17 @@ func (e *Enroller) grantApprove(w http.ResponseWriter, r *http.Request) {
 		name, scope = picked, sc
 	}
 	g, status, msg := e.approve(r.Context(), approval{id: id, by: users.SignInApprover + p.Subject, appKey: wg.g.Key, scope: scope,
-		name: name, public: wg.g.Public, app: wg.g.App, remote: r.RemoteAddr, via: "grant approved on the website by a sign-in as " + p.Email,
+		name: name, public: wg.g.Public, dial: wg.g.Dial, app: wg.g.App, remote: r.RemoteAddr, via: "grant approved on the website by a sign-in as " + p.Email,
 		prepare: bind})
 	if status != 0 {
 		webPage(w, status, "Nothing was granted", msg, nil)
 		return
 	}
-	webPage(w, http.StatusOK, "Approved", appName(wg.g.App)+" now holds "+g.ID+", which may only keep "+name+
-		" exposed; it goes on within seconds. "+e.URL+login.PathGrantsPage+" lists your grants and revokes them (so do tp grant --list and --revoke on an enrolled device); your TP administrator sees them all (tpd tokens).", nil)
+	may := "may only keep " + name + " exposed"
+	if wg.g.Dial {
+		may = scope.Describe()
+	}
+	webPage(w, http.StatusOK, "Approved", appName(wg.g.App)+" now holds "+g.ID+", which "+may+"; it goes on within seconds. "+e.URL+login.PathGrantsPage+" lists your grants and revokes them (so do tp grant --list and --revoke on an enrolled device); your TP administrator sees them all (tpd tokens).", nil)
 }
 
 func appName(app string) string {
@@ -446,7 +450,9 @@ func grantHow(public bool) string {
 type approvalView struct {
 	User, Email, App, Name, How, Code string
 	State, Form, Action               string
-	Pick                              bool // the person may pick another name
+	Pick                              bool   // the person may pick another name
+	Dial, Any                         bool   // a credential to connect (to Name, or to anything the policy allows)
+	Origin                            string // … for the pages of this web origin only
 }
 
 // webPage writes one of the approval's pages: a title and a sentence, or the
@@ -475,7 +481,11 @@ var webTemplate = template.Must(template.New("grant").Parse(`<!doctype html>
 <title>TP: {{.Title}}</title>
 <h1 id="title">{{.Title}}</h1>
 {{with .Form}}<p id="who">Signed in as <b>{{.User}}</b> ({{.Email}}).</p>
-{{if .Pick}}<p><b>{{.App}}</b> asks for a credential of your user that can do one thing:
+{{if .Any}}<p><b>{{.App}}</b>{{with .Origin}}, a page of <b id="origin">{{.}}</b>,{{else}} (a page of an origin it does not name){{end}} asks for a credential of your user that can do one thing:
+connect, through this TP server, to what the policy lets you connect to. It cannot expose names or open IP tunnels.</p>
+{{else if .Dial}}<p><b>{{.App}}</b>{{with .Origin}}, a page of <b id="origin">{{.}}</b>,{{else}} (a page of an origin it does not name){{end}} asks for a credential of your user that can do one thing:
+connect to <b>{{.Name}}</b> through this TP server. It cannot connect anywhere else or expose names.</p>
+{{else if .Pick}}<p><b>{{.App}}</b> asks for a credential of your user that can do one thing:
 keep one name exposed through this TP server, {{.How}}. It suggests <b>{{.Name}}</b> and takes the one you approve.
 It cannot dial anywhere or expose another name.</p>
 {{else}}<p><b>{{.App}}</b> asks for a credential of your user that can do one thing:

@@ -2,6 +2,7 @@ package authz
 
 import (
 	"fmt"
+	"net/url"
 	"strings"
 )
 
@@ -18,6 +19,14 @@ import (
 //	guest:LABEL          dial the reverse name LABEL (TCP or UDP), and nothing
 //	                     else: an outside person's device, given that one name
 //	                     by a share of someone who may keep it exposed
+//	dial:LABEL           dial the reverse name LABEL (TCP or UDP), and nothing
+//	                     else: a credential a person gives an application of
+//	                     their own, a browser above all (TP.js)
+//	dial:*               dial what the policy lets the person dial (TCP or
+//	                     UDP): no listen, exposure or IP tunnel
+//	dial:LABEL@ORIGIN    either of those, for the pages of one web origin
+//	dial:*@ORIGIN        (https://HOST[:PORT]) only: a browser's credential
+//	                     gets its certificate only from a page of that origin
 //
 // A credential for an application that should not hold a person's identity
 // (a CI job's agent, a service that publishes itself) is a device with a
@@ -29,6 +38,9 @@ const (
 	scopeExpose       = "expose"
 	scopeExposePublic = "expose-public"
 	scopeGuest        = "guest"
+	scopeDial         = "dial"
+	// AnyDestination is the label of dial:*.
+	AnyDestination = "*"
 )
 
 // ParseScope checks s, a scope as written above ("" for none).
@@ -37,8 +49,18 @@ func ParseScope(s string) (Scope, error) {
 		return "", nil
 	}
 	kind, label, ok := strings.Cut(s, ":")
-	if !ok || (kind != scopeExpose && kind != scopeExposePublic && kind != scopeGuest) {
-		return "", fmt.Errorf("scope %q: want expose:LABEL or expose-public:LABEL (guest:LABEL comes only from a share)", s)
+	if !ok || (kind != scopeExpose && kind != scopeExposePublic && kind != scopeGuest && kind != scopeDial) {
+		return "", fmt.Errorf("scope %q: want expose:LABEL, expose-public:LABEL, dial:LABEL or dial:* (guest:LABEL comes only from a share)", s)
+	}
+	if kind == scopeDial {
+		name, origin, hasOrigin := strings.Cut(label, "@")
+		if hasOrigin && !ValidOrigin(origin) {
+			return "", fmt.Errorf("scope %q: %q is not a web origin (https://HOST[:PORT], lower case)", s, origin)
+		}
+		if name == AnyDestination {
+			return Scope(s), nil
+		}
+		label = name
 	}
 	if !ValidLabel(label) {
 		return "", fmt.Errorf("scope %q: %q is not a reverse name's label (1 to 63 lower-case letters, digits or '-', not starting or ending with '-')", s, label)
@@ -49,7 +71,31 @@ func ParseScope(s string) (Scope, error) {
 // Label is the reverse name label the scope is about ("" for none).
 func (s Scope) Label() string {
 	_, label, _ := strings.Cut(string(s), ":")
+	label, _, _ = strings.Cut(label, "@")
 	return label
+}
+
+// Origin is the web origin a dial scope is bound to (dial:NAME@ORIGIN), ""
+// for none.
+func (s Scope) Origin() string {
+	kind, label, _ := strings.Cut(string(s), ":")
+	if kind != scopeDial {
+		return ""
+	}
+	_, origin, _ := strings.Cut(label, "@")
+	return origin
+}
+
+// ValidOrigin reports whether o is a web origin a scope may name:
+// https://HOST[:PORT], lower case, at most 255 bytes, nothing after the host
+// and port.
+func ValidOrigin(o string) bool {
+	if len(o) > 255 || o != strings.ToLower(o) {
+		return false
+	}
+	u, err := url.Parse(o)
+	return err == nil && u.Scheme == "https" && u.Host != "" && u.Path == "" && u.RawQuery == "" &&
+		u.Fragment == "" && u.User == nil && u.Opaque == "" && "https://"+u.Host == o
 }
 
 // Describe says what a device with the scope may do, for its holder
@@ -65,6 +111,16 @@ func (s Scope) Describe() string {
 		return "may only keep " + label + " exposed, to devices or publicly, and do nothing else"
 	case kind == scopeGuest:
 		return "a guest: may only connect to " + label + ", while the share that gave it lasts"
+	case kind == scopeDial:
+		name, origin, _ := strings.Cut(label, "@")
+		from := ""
+		if origin != "" {
+			from = ", from pages of " + origin
+		}
+		if name == AnyDestination {
+			return "may only connect to what the policy allows its person" + from + ", and do nothing else"
+		}
+		return "may only connect to " + name + from + ", and do nothing else"
 	}
 	return "may only keep " + label + " exposed to the devices its agent allows, and do nothing else"
 }
@@ -85,6 +141,19 @@ func (s Scope) Allows(req Request) (bool, string) {
 			return true, ""
 		}
 		return false, fmt.Sprintf("%s is a guest that may only connect to %s (scope %s), not %s", req.Identity, label, string(s), req.Asked())
+	}
+	if kind == scopeDial {
+		label, _, _ = strings.Cut(label, "@")
+		dial := req.Action == ActionDial || req.Action == ActionDialUDP
+		switch {
+		case dial && label == AnyDestination:
+			return true, ""
+		case dial && req.Destination.Reverse == label:
+			return true, ""
+		case label == AnyDestination:
+			return false, fmt.Sprintf("%s holds a credential that may only connect (scope %s), not %s", req.Identity, string(s), req.Asked())
+		}
+		return false, fmt.Sprintf("%s holds a credential that may only connect to %s (scope %s), not %s", req.Identity, label, string(s), req.Asked())
 	}
 	out := fmt.Sprintf("%s holds a credential that may only keep %s exposed (scope %s), not %s", req.Identity, label, string(s), req.Asked())
 	switch req.Action {

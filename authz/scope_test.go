@@ -8,12 +8,14 @@ import (
 // Bad input: scopes that are not expose:LABEL or expose-public:LABEL with a
 // DNS label are refused, and a stored scope TP does not know allows nothing.
 func TestParseScope(t *testing.T) {
-	for _, ok := range []string{"", "expose:ssh", "expose-public:blog-1", "guest:ssh", "expose:" + strings.Repeat("a", 63)} {
+	for _, ok := range []string{"", "expose:ssh", "expose-public:blog-1", "guest:ssh", "dial:ssh", "dial:*", "dial:*@https://tp.example.org", "dial:ssh@https://tp.example.org:8443", "expose:" + strings.Repeat("a", 63)} {
 		if _, err := ParseScope(ok); err != nil {
 			t.Errorf("ParseScope(%q): %v", ok, err)
 		}
 	}
-	for _, bad := range []string{"expose", "expose:", "dial:db", "expose:SSH", "expose:a.b", "expose:-x", "expose:x-",
+	for _, bad := range []string{"expose", "expose:", "dial:", "dial:a.b", "dial:**", "expose:*", "guest:*", "expose:SSH",
+		"dial:*@http://tp.example.org", "dial:*@https://TP.example.org", "dial:*@https://tp.example.org/", "dial:*@https://tp.example.org/x",
+		"dial:*@https://u@tp.example.org", "dial:*@", "dial:ssh@tp.example.org", "expose:ssh@https://tp.example.org", "dial:*@https://" + strings.Repeat("a", 250) + ".org", "expose:a.b", "expose:-x", "expose:x-",
 		"expose:a_b", "expose:" + strings.Repeat("a", 64), "expose-public", ":ssh", "expose:ssh:extra", "guest:", "guest:a.b"} {
 		if _, err := ParseScope(bad); err == nil {
 			t.Errorf("ParseScope(%q) accepted it", bad)
@@ -65,10 +67,46 @@ func TestScopeAllows(t *testing.T) {
 		{"guest:blog", listen("blog"), false, "not listen as blog.rev.tp.internal"},
 		{"guest:blog", httpTun, false, "may only connect to blog"},
 		{"guest:blog", ip, false, "not open an IP tunnel"},
+		// A person's own credential to dial one name, or whatever the policy
+		// lets the person dial; never listen, expose or open an IP tunnel.
+		{"dial:blog", guestDial("blog", ActionDial), true, ""},
+		{"dial:blog", guestDial("blog", ActionDialUDP), true, ""},
+		{"dial:blog", guestDial("wiki", ActionDial), false, "may only connect to blog (scope dial:blog), not dial wiki.rev.tp.internal:22"},
+		{"dial:blog", dial, false, "may only connect to blog"},
+		{"dial:blog", listen("blog"), false, "not listen as blog.rev.tp.internal"},
+		{"dial:*", dial, true, ""},
+		{"dial:*", guestDial("wiki", ActionDialUDP), true, ""},
+		{"dial:*", listen("blog"), false, "may only connect (scope dial:*), not listen as blog.rev.tp.internal"},
+		{"dial:*", httpTun, false, "may only connect"},
+		{"dial:*", public, false, "may only connect"},
+		{"dial:*", ip, false, "not open an IP tunnel"},
+		// Bound to an origin: the same rights.
+		{"dial:*@https://tp.example.org", dial, true, ""},
+		{"dial:blog@https://tp.example.org", guestDial("blog", ActionDial), true, ""},
+		{"dial:blog@https://tp.example.org", guestDial("wiki", ActionDial), false, "may only connect to blog (scope dial:blog@https://tp.example.org)"},
+		{"dial:*@https://tp.example.org", ip, false, "not open an IP tunnel"},
 	} {
 		ok, why := tc.scope.Allows(tc.req)
 		if ok != tc.want || !strings.Contains(why, tc.says) {
 			t.Errorf("scope %q, %s: allowed %v (%q); want %v, saying %q", tc.scope, tc.req.Asked(), ok, why, tc.want, tc.says)
+		}
+	}
+}
+
+// A dial scope names its origin and its name apart, and says both.
+func TestScopeOrigin(t *testing.T) {
+	for _, tc := range []struct {
+		scope         Scope
+		label, origin string
+		says          string
+	}{
+		{"dial:*@https://tp.example.org", "*", "https://tp.example.org", "may only connect to what the policy allows its person, from pages of https://tp.example.org"},
+		{"dial:ssh@https://a.example:8443", "ssh", "https://a.example:8443", "may only connect to ssh, from pages of https://a.example:8443"},
+		{"dial:ssh", "ssh", "", "may only connect to ssh, and"},
+		{"expose:ssh", "ssh", "", "exposed"},
+	} {
+		if tc.scope.Label() != tc.label || tc.scope.Origin() != tc.origin || !strings.Contains(tc.scope.Describe(), tc.says) {
+			t.Errorf("%s: label %q origin %q describe %q", tc.scope, tc.scope.Label(), tc.scope.Origin(), tc.scope.Describe())
 		}
 	}
 }

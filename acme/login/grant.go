@@ -29,6 +29,9 @@ import (
 const (
 	PathGrant       = "/tp/v1/grant"
 	PathGrantStatus = "/tp/v1/grant/status"
+	// PathGrantCertificate issues, to the holder of a key granted a scope
+	// dial:NAME (a browser: TP.js), a device certificate for that key.
+	PathGrantCertificate = "/tp/v1/grant/certificate"
 	// PathGrants lists the grants of the asking device's user, and
 	// PathGrantRevoke revokes one; both signed by an enrolled device's key.
 	PathGrants      = "/tp/v1/grants"
@@ -58,6 +61,7 @@ const (
 const (
 	grantContext       = "tp-grant-v1"
 	grantStatusContext = "tp-grant-status-v1"
+	grantCertContext   = "tp-grant-certificate-v1"
 	grantsContext      = "tp-grants-v1"
 	grantRevokeContext = "tp-grant-revoke-v1"
 )
@@ -72,11 +76,22 @@ type GrantRequest struct {
 	Name      string `json:"name"`      // the reverse name's label the application may keep exposed
 	Public    bool   `json:"public"`    // also publicly (scope expose-public)
 	App       string `json:"app"`       // what the application calls itself, shown to the person
+	// Dial asks for a credential that may only connect: to the reverse name
+	// Name, or with Name "*" to what the policy lets the person connect to
+	// (scope dial:NAME); a browser's (TP.js). Origin, with Dial, binds it to
+	// the pages of one web origin (scope dial:NAME@ORIGIN).
+	Dial   bool   `json:"dial,omitempty"`
+	Origin string `json:"origin,omitempty"`
 }
 
-// GrantMessage is what the approving device key signs.
-func GrantMessage(deviceID, ts, appKey, name string, public bool, app string) []byte {
-	return []byte(fmt.Sprintf("%s\x00%s\x00%s\x00%s\x00%s\x00%t\x00%s", grantContext, deviceID, ts, appKey, name, public, app))
+// GrantMessage is what the approving device key signs; a grant to connect
+// (dial) adds fields, so that the signature of one to expose stays as it was.
+func GrantMessage(deviceID, ts, appKey, name string, public bool, app string, dial bool, origin string) []byte {
+	m := fmt.Sprintf("%s\x00%s\x00%s\x00%s\x00%s\x00%t\x00%s", grantContext, deviceID, ts, appKey, name, public, app)
+	if dial {
+		m += "\x00dial\x00" + origin
+	}
+	return []byte(m)
 }
 
 // GrantResponse names the device the approval created and its scope.
@@ -96,6 +111,21 @@ type GrantStatusRequest struct {
 // GrantStatusMessage is what the application's key signs to ask.
 func GrantStatusMessage(publicKey, ts string) []byte {
 	return []byte(grantStatusContext + "\x00" + publicKey + "\x00" + ts)
+}
+
+// GrantCertificateMessage is what the granted key signs to get its
+// certificate (a GrantStatusRequest to PathGrantCertificate).
+func GrantCertificateMessage(publicKey, ts string) []byte {
+	return []byte(grantCertContext + "\x00" + publicKey + "\x00" + ts)
+}
+
+// GrantCertificateResponse is a device certificate for a granted key: the
+// chain, leaf first, each base64 DER.
+type GrantCertificateResponse struct {
+	DeviceID string   `json:"device_id"`
+	Scope    string   `json:"scope"`
+	NotAfter string   `json:"not_after"` // RFC 3339
+	Chain    []string `json:"chain"`
 }
 
 // GrantCode is the code both sides show for a key (PKIX DER), so that the
@@ -133,6 +163,24 @@ type Grant struct {
 	// Pick says the application takes whichever name the person approves
 	// (Name is its suggestion): it exposes the name of the scope granted.
 	Pick bool
+	// Dial asks for a credential that may only connect (to Name, or with
+	// Name "*" to what the policy allows): scope dial:NAME, TP.js's; Origin
+	// binds it to the pages of one web origin (dial:NAME@ORIGIN).
+	Dial   bool
+	Origin string
+}
+
+// Scope is the scope the grant asks for.
+func (g Grant) Scope() string {
+	switch {
+	case g.Dial && g.Origin != "":
+		return "dial:" + g.Name + "@" + g.Origin
+	case g.Dial:
+		return "dial:" + g.Name
+	case g.Public:
+		return "expose-public:" + g.Name
+	}
+	return "expose:" + g.Name
 }
 
 // Link is the grant's link: the server's grant page with the request in its
@@ -148,6 +196,12 @@ func (g Grant) Link() string {
 	}
 	if g.Pick {
 		q.Set("pick", "1")
+	}
+	if g.Dial {
+		q.Set("dial", "1")
+	}
+	if g.Origin != "" {
+		q.Set("origin", g.Origin)
 	}
 	q.Set("key", base64.RawURLEncoding.EncodeToString(g.Key))
 	return g.Server + PathGrantPage + "?" + q.Encode()
@@ -173,7 +227,14 @@ func ParseGrantLink(link string) (Grant, error) {
 	if _, err := x509.ParsePKIXPublicKey(key); err != nil {
 		return Grant{}, fmt.Errorf("the grant link's key cannot be read (%v): copy the whole link tp expose --request printed", err)
 	}
-	g := Grant{Server: "https://" + u.Host, Name: q.Get("name"), Public: q.Get("public") == "1", App: q.Get("app"), Key: key, Pick: q.Get("pick") == "1"}
+	g := Grant{Server: "https://" + u.Host, Name: q.Get("name"), Public: q.Get("public") == "1", App: q.Get("app"), Key: key,
+		Pick: q.Get("pick") == "1", Dial: q.Get("dial") == "1", Origin: q.Get("origin")}
+	if g.Dial && (g.Public || g.Pick) {
+		return Grant{}, errors.New("the grant link asks for a credential that connects and also for one that exposes: it was not made by TP")
+	}
+	if g.Origin != "" && !g.Dial {
+		return Grant{}, errors.New("the grant link names a web origin for a credential that does not connect: it was not made by TP")
+	}
 	if g.Name == "" {
 		return Grant{}, errors.New("the grant link names no reverse name: copy the whole link tp expose --request printed")
 	}
@@ -187,13 +248,13 @@ func ParseGrantLink(link string) (Grant, error) {
 func Approve(ctx context.Context, hc *http.Client, serverURL, deviceID string, deviceKey crypto.Signer, g Grant) (GrantResponse, error) {
 	ts := time.Now().UTC().Format(time.RFC3339)
 	appKey := base64.StdEncoding.EncodeToString(g.Key)
-	sig, err := SignMessage(deviceKey, GrantMessage(deviceID, ts, appKey, g.Name, g.Public, g.App))
+	sig, err := SignMessage(deviceKey, GrantMessage(deviceID, ts, appKey, g.Name, g.Public, g.App, g.Dial, g.Origin))
 	if err != nil {
 		return GrantResponse{}, err
 	}
 	var out GrantResponse
 	err = postJSON(ctx, hc, serverURL+PathGrant, GrantRequest{DeviceID: deviceID, Time: ts, Signature: sig,
-		AppKey: appKey, Name: g.Name, Public: g.Public, App: g.App}, &out)
+		AppKey: appKey, Name: g.Name, Public: g.Public, App: g.App, Dial: g.Dial, Origin: g.Origin}, &out)
 	return out, err
 }
 
@@ -219,6 +280,44 @@ func GrantStatus(ctx context.Context, hc *http.Client, serverURL string, key cry
 		return GrantResponse{}, ErrGrantPending
 	}
 	return out, err
+}
+
+// GrantCertificate asks, signed by key, for a device certificate for key,
+// granted a scope dial:NAME: the chain, leaf first, and when it ends.
+func GrantCertificate(ctx context.Context, hc *http.Client, serverURL string, key crypto.Signer) ([]*x509.Certificate, GrantCertificateResponse, error) {
+	der, err := x509.MarshalPKIXPublicKey(key.Public())
+	if err != nil {
+		return nil, GrantCertificateResponse{}, err
+	}
+	pub := base64.StdEncoding.EncodeToString(der)
+	ts := time.Now().UTC().Format(time.RFC3339)
+	sig, err := SignMessage(key, GrantCertificateMessage(pub, ts))
+	if err != nil {
+		return nil, GrantCertificateResponse{}, err
+	}
+	var out GrantCertificateResponse
+	err = postJSON(ctx, hc, serverURL+PathGrantCertificate, GrantStatusRequest{PublicKey: pub, Time: ts, Signature: sig}, &out)
+	if se := (*ServerError)(nil); errors.As(err, &se) && se.Code == CodeGrantPending {
+		return nil, out, ErrGrantPending
+	} else if err != nil {
+		return nil, out, err
+	}
+	var chain []*x509.Certificate
+	for _, c := range out.Chain {
+		b, err := base64.StdEncoding.DecodeString(c)
+		if err != nil {
+			return nil, out, fmt.Errorf("the server's certificate is not base64: %w", err)
+		}
+		crt, err := x509.ParseCertificate(b)
+		if err != nil {
+			return nil, out, fmt.Errorf("the server's certificate cannot be read: %w", err)
+		}
+		chain = append(chain, crt)
+	}
+	if len(chain) == 0 {
+		return nil, out, errors.New("the server sent no certificate")
+	}
+	return chain, out, nil
 }
 
 // GrantsRequest asks, signed by an enrolled device's key, for the grants of

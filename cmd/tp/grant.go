@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tp-proxy/tp/acme/login"
+	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/internal/lib/cli"
 	"github.com/tp-proxy/tp/internal/lib/config"
@@ -147,8 +148,20 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 				if g.Public {
 					how += " and, where the policy lets it, to the public"
 				}
-				fmt.Fprintf(stdout, "%s asks for a credential of %s's that may only keep %s exposed %s.\n",
-					app, c.Profile.DeviceID, g.Name, how)
+				from := " (a page that names no origin)"
+				if g.Origin != "" {
+					from = ", a page of " + g.Origin + ","
+				}
+				switch {
+				case g.Dial && g.Name == "*":
+					fmt.Fprintf(stdout, "%s%s asks for a credential of %s's that may only connect, to what the policy lets you connect to.\n",
+						app, from, c.Profile.DeviceID)
+				case g.Dial:
+					fmt.Fprintf(stdout, "%s%s asks for a credential of %s's that may only connect to %s.\n", app, from, c.Profile.DeviceID, g.Name)
+				default:
+					fmt.Fprintf(stdout, "%s asks for a credential of %s's that may only keep %s exposed %s.\n",
+						app, c.Profile.DeviceID, g.Name, how)
+				}
 				fmt.Fprintf(stdout, "Its code: %s\n", grantCode(g.Key))
 				if err := confirm(cmd.InOrStdin(), stdout, "Approve only if the application shows the same code. Approve? [y/N] "); err != nil {
 					return err
@@ -160,8 +173,12 @@ func grantCmd(stdout io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(stdout, "Granted %s (code %s) the device %s, scope %s: it may only keep %s exposed.\n",
-				app, grantCode(g.Key), res.DeviceID, res.Scope, g.Name)
+			may := "it may only keep " + g.Name + " exposed"
+			if g.Dial {
+				may = "it " + authz.Scope(res.Scope).Describe()
+			}
+			fmt.Fprintf(stdout, "Granted %s (code %s) the device %s, scope %s: %s.\n",
+				app, grantCode(g.Key), res.DeviceID, res.Scope, may)
 			fmt.Fprintf(stdout, "tp grant --list lists your grants; tp grant --revoke %s ends this one.\n", res.DeviceID)
 			return nil
 		},

@@ -293,7 +293,7 @@ func enrollCmd(stdout io.Writer) *cobra.Command {
 	cmd.Flags().StringVar(&device, "device", "", "name of the device, e.g. laptop")
 	cmd.Flags().StringSliceVar(&groups, "groups", nil, "set the user's groups, comma separated (omit to keep them)")
 	cmd.Flags().StringVar(&ttl, "ttl", "", "how long the token stays valid (default from tpd.yaml token-ttl, 24h)")
-	cmd.Flags().StringVar(&scope, "scope", "", "narrow what the device may do, before the policy: expose:LABEL (keep LABEL exposed, nothing else) or expose-public:LABEL (that, publicly too)")
+	cmd.Flags().StringVar(&scope, "scope", "", "narrow what the device may do, before the policy: expose:LABEL (keep LABEL exposed, nothing else), expose-public:LABEL (that, publicly too), dial:LABEL (connect to LABEL only) or dial:* (connect only, to what the policy allows)")
 	cmd.Flags().String("data-dir", config.DefaultServer().DataDir, "data dir of the running tpd (env TP_DATA_DIR)")
 	return cmd
 }

@@ -238,7 +238,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	}
 	scope, err := authz.ParseScope(req.Scope)
 	if err == nil && scope.Guest() != "" {
-		err = fmt.Errorf("scope %q: a guest's scope comes only from a share (tp share NAME --with GUEST), which ends it; enrol with expose:LABEL or expose-public:LABEL", req.Scope)
+		err = fmt.Errorf("scope %q: a guest's scope comes only from a share (tp share NAME --with GUEST), which ends it; enrol with expose:LABEL, expose-public:LABEL, dial:LABEL or dial:*", req.Scope)
 	}
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)

@@ -142,7 +142,7 @@ func TestScopeAcrossInstances(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := a.SetScope(en.DeviceID, "dial:all"); err == nil {
+	if err := a.SetScope(en.DeviceID, "admin:all"); err == nil {
 		t.Fatal("an unknown scope was recorded")
 	}
 	if err := a.SetScope(en.DeviceID, "expose-public:ci"); err != nil {

@@ -249,8 +249,8 @@ func TestAuditTrailOfSessionsAndAdminActs(t *testing.T) {
 		return l["act"] == "enroll_token" && l["subject"] == "carol@ci" && l["result"] == "ok" && l["scope"] == "expose:ci"
 	})
 	// Bad input: a scope TP does not know issues no token.
-	if _, err := ac.Enroll(ctx, admin.EnrollRequest{User: "carol", Device: "ci2", Scope: "dial:all"}); err == nil || !strings.Contains(err.Error(), "want expose:LABEL") {
-		t.Fatalf("an enrollment with scope dial:all: %v; want it refused, naming the scopes there are", err)
+	if _, err := ac.Enroll(ctx, admin.EnrollRequest{User: "carol", Device: "ci2", Scope: "admin:all"}); err == nil || !strings.Contains(err.Error(), "want expose:LABEL") {
+		t.Fatalf("an enrollment with scope admin:all: %v; want it refused, naming the scopes there are", err)
 	}
 
 	lines := auditLines(t, cfg.AuditLog)

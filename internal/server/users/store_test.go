@@ -166,7 +166,7 @@ func TestScopePersists(t *testing.T) {
 	if err := s.SetScope(enr.DeviceID, "expose:ci"); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.SetScope(enr.DeviceID, "dial:all"); err == nil || !strings.Contains(err.Error(), "want expose:LABEL") {
+	if err := s.SetScope(enr.DeviceID, "admin:all"); err == nil || !strings.Contains(err.Error(), "want expose:LABEL") {
 		t.Fatalf("an unknown scope: %v", err)
 	}
 	if err := s.SetScope("alice@nothing", "expose:ci"); !errors.Is(err, ErrNotFound) {
