@@ -75,6 +75,11 @@ func (s *Server) carrierRoutes(web http.Handler) http.Handler {
 		case wire.CarrierHTTPPath:
 			s.serveCarrierHTTP(w, r)
 			return
+		case wire.WebSocketPath: // a browser's request without WebTransport (webtransport.go)
+			if s.cfg.WebTransport {
+				s.serveWebSocket(w, r)
+				return
+			}
 		}
 		web.ServeHTTP(w, r)
 	})

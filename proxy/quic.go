@@ -167,6 +167,9 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 	if s.web != nil || s.connect != nil { // HTTP/3 on the same listener: its control and QPACK streams
 		qcfg.MaxIncomingUniStreams = 8
 	}
+	if s.wt != nil { // WebTransport requires RESET_STREAM_AT (webtransport.go)
+		qcfg.EnableStreamResetPartialDelivery = true
+	}
 	if s.web != nil {
 		s.web.quic.Store(true)
 		defer s.web.quic.Store(false)
@@ -289,6 +292,10 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 			if h3 {
 				s.stats.session("quic", "web", "ok", 0, 0)
 				defer s.releaseWeb()
+				if s.wt != nil {
+					s.serveWebH3(ctx, conn)
+					return
+				}
 				s.serveH3(ctx, conn, s.web.h3.Server, "http/3")
 				return
 			}

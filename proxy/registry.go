@@ -27,6 +27,10 @@ type liveSession struct {
 	// onAllow, when set, receives each re-check's allowing decision (a
 	// CONNECT-IP tunnel applies a changed grant: connectip.go).
 	onAllow func(authz.Decision)
+	// identityOnly: a re-check asks only whether the identity is still
+	// accepted (a browser's WebTransport session, whose requests are
+	// sessions of their own: webtransport.go).
+	identityOnly bool
 }
 
 // registry holds the live sessions of a Server.
@@ -106,6 +110,9 @@ func (s *Server) stillAllowed(ctx context.Context, ls *liveSession) (reason stri
 	id, err := s.cfg.Identify(ls.cs)
 	if err != nil {
 		return "identity no longer accepted: " + err.Error(), err, false
+	}
+	if ls.identityOnly {
+		return "", nil, true
 	}
 	if id.NotAfter.IsZero() || ls.req.Identity.NotAfter.Before(id.NotAfter) {
 		id.NotAfter = ls.req.Identity.NotAfter

@@ -132,6 +132,9 @@ type Config struct {
 	// IPTunnel serves CONNECT-IP on the proxy names (connectip.go); nil
 	// refuses it.
 	IPTunnel *IPTunnels
+	// WebTransport serves browsers' sessions on the website's HTTP/3 at
+	// wire.WebTransportPath (webtransport.go). Needs WebTLS.
+	WebTransport bool
 	// OnSessionEnd, when set, receives one record per session as it ends (proxy
 	// requests, reverse operations, public sessions), beside its log line: the
 	// audit trail (audit.go). It runs on the session's goroutine and must not block.
@@ -160,6 +163,9 @@ type Server struct {
 	connectTLS   *tls.Config
 	connectH3TLS *tls.Config
 	connect      *proxyHTTP
+	// webtransport.go: browsers' sessions on the website's HTTP/3; nil
+	// without Config.WebTransport.
+	wt *wtServer
 	// demux.go: the website configurations of devices-only names (TCP and
 	// QUIC); nil without Config.DevicesOnly.
 	devicesTLS   *tls.Config
@@ -271,6 +277,19 @@ func New(cfg Config) (*Server, error) {
 			s.webTLS.NextProtos = []string{"h2", "http/1.1"}
 		}
 		s.web = newWebServer(s.carrierRoutes(cfg.Web), s.log, s.releaseWeb)
+		if cfg.WebTransport {
+			s.wt = newWTServer(s.web.h3)
+			web := s.web.h3.Server.Handler // counts the requests in flight (h3Server)
+			s.web.h3.Server.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if isWebTransport(r) {
+					s.web.h3.busy.Add(1)
+					defer s.web.h3.busy.Add(-1)
+					s.serveWebTransport(w, r)
+					return
+				}
+				web.ServeHTTP(w, r)
+			})
+		}
 		if cfg.DevicesOnly != nil {
 			s.devicesTLS = s.webTLS.Clone()
 			s.devicesTLS.MinVersion, s.devicesTLS.MaxVersion = tls.VersionTLS13, 0 // certificate_required is TLS 1.3's alert

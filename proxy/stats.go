@@ -23,9 +23,9 @@ import (
 
 // Label values of Stats. Anything outside these sets is counted as "other".
 var (
-	// StatTransports: the proxy's two transports, and the public ports of
-	// `tp expose --public` (TCP and UDP).
-	StatTransports = []string{"tls", "quic", "tcp", "udp", "other"}
+	// StatTransports: the proxy's two transports, the public ports of
+	// `tp expose --public` (TCP and UDP), and browsers' WebTransport sessions.
+	StatTransports = []string{"tls", "quic", "tcp", "udp", "webtransport", "websocket", "other"}
 	// StatActions: a session's operation. "none" is a session refused before
 	// its hello was read; web is a website connection.
 	StatActions = []string{authz.ActionDial, authz.ActionDialUDP, authz.ActionListen, authz.ActionExposePublic, wire.OpAccept, "web", wire.OpWhy, "none", "other"}
@@ -53,7 +53,7 @@ var (
 
 // The sizes of the label sets; TestStatLabelSets checks them.
 const (
-	nTransports = 5
+	nTransports = 7
 	nActions    = 9
 	nOutcomes   = 32
 	nReasons    = 10

@@ -65,6 +65,7 @@ type QUICStream struct {
 	conn    *quic.Conn
 	str     *quic.Stream
 	readEnd func() // OnReadEnd
+	wt      bool   // a WebTransport stream's (WTStream): codes in its space
 }
 
 var _ Stream = (*QUICStream)(nil)
@@ -263,7 +264,11 @@ func (s *QUICStream) translate(op string, err error) error {
 		if op == "write" {
 			errno = syscall.EPIPE
 		}
-		return &net.OpError{Op: op, Net: "quic", Source: s.LocalAddr(), Addr: s.RemoteAddr(), Err: &streamResetError{code: uint64(se.ErrorCode), errno: errno}}
+		code := uint64(se.ErrorCode)
+		if c, ok := WTCodeOf(se.ErrorCode); ok && s.wt {
+			code = uint64(c)
+		}
+		return &net.OpError{Op: op, Net: "quic", Source: s.LocalAddr(), Addr: s.RemoteAddr(), Err: &streamResetError{code: code, errno: errno}}
 	case errors.Is(err, quic.ErrStreamClosed):
 		return &net.OpError{Op: op, Net: "quic", Source: s.LocalAddr(), Addr: s.RemoteAddr(), Err: net.ErrClosed}
 	case errors.As(err, &ae) && (!ae.Remote || ae.ErrorCode == QUICNoError):

@@ -112,6 +112,9 @@ type Server struct {
 	ConnectUDPTemplate    string `mapstructure:"connect-udp-template"`
 	ConnectUDPMaxDatagram int    `mapstructure:"connect-udp-max-datagram"`
 	ConnectUDPMaxPPS      int    `mapstructure:"connect-udp-packets-per-second"`
+	// WebTransport serves browsers' sessions on the website's HTTP/3
+	// (docs/PROTOCOL.md, section 14).
+	WebTransport bool `mapstructure:"webtransport"`
 	// ReverseZone is the DNS suffix of reverse listeners (`tp expose NAME` serves
 	// NAME.<zone>); empty disables them. ReverseGrace holds a name for its owner
 	// while the owner's agent reconnects. ReverseRestartGrace holds the names
@@ -502,6 +505,7 @@ func LoadServer(fs *pflag.FlagSet) (Server, error) {
 	v.SetDefault("connect-udp-template", d.ConnectUDPTemplate)
 	v.SetDefault("connect-udp-max-datagram", d.ConnectUDPMaxDatagram)
 	v.SetDefault("connect-udp-packets-per-second", d.ConnectUDPMaxPPS)
+	v.SetDefault("webtransport", d.WebTransport)
 	v.SetDefault("reverse-zone", d.ReverseZone)
 	v.SetDefault("reverse-grace", d.ReverseGrace)
 	v.SetDefault("reverse-restart-grace", d.ReverseRestartGrace)
