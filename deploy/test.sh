@@ -20,6 +20,8 @@ tools=(
 	"ssh-keygen openssh-client"           # … with throwaway keys
 	"chromium chromium"                   # the website test loads a page in headless Chromium
 	"certutil libnss3-tools"              # … which trusts TP's CA through NSS's certutil
+	"npm npm"                             # TP.js's terminal page: xterm.js from the npm registry (deploy/build-web.sh)
+	"node nodejs"                         # TP.js's own tests (clients/web)
 	"systemd-analyze systemd"             # deploy/ verifies the systemd unit
 	"ip iproute2"                         # tpbench's packet-loss scenarios: a network namespace
 	"iptables iptables"                   # … that drops packets

@@ -25,6 +25,7 @@ import (
 	"github.com/tp-proxy/tp/acme"
 	"github.com/tp-proxy/tp/acme/login"
 	"github.com/tp-proxy/tp/authz"
+	tpweb "github.com/tp-proxy/tp/clients/web"
 	"github.com/tp-proxy/tp/internal/lib/config"
 	"github.com/tp-proxy/tp/internal/lib/version"
 	"github.com/tp-proxy/tp/internal/server/admin"
@@ -250,6 +251,8 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		enroller.GrantPages(pages)
 		web.Handle(login.PathGrantPage+"/", limitSources(d.limiter, pages))
 	}
+	// TP.js, TP's client for browsers (clients/web; docs/PROTOCOL.md 14).
+	web.Handle("GET /tp/web/", http.StripPrefix("/tp/web/", http.FileServerFS(tpweb.FS)))
 	web.HandleFunc("/", landing)
 	if err := d.newWebsite(web); err != nil { // website.go: sites beside tpd's own endpoints
 		d.ca.Close()
@@ -318,6 +321,7 @@ func New(ctx context.Context, cfg config.Server, log *slog.Logger, opts ...Optio
 		UDP:         d.udpOptions(), // quic.go
 		ConnectUDP: proxy.ConnectUDPOptions{Template: cfg.ConnectUDPTemplate, MaxDatagram: cfg.ConnectUDPMaxDatagram,
 			MaxPacketsPerSecond: cfg.ConnectUDPMaxPPS}, // CONNECT-UDP, RFC 9298
+		WebTransport: cfg.WebTransport, // browsers' sessions (proxy/webtransport.go)
 		Identify: func(cs tls.ConnectionState) (authz.Identity, error) {
 			if len(cs.PeerCertificates) == 0 {
 				return authz.Identity{}, errors.New("no client certificate")

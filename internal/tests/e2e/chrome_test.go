@@ -20,25 +20,50 @@ import (
 // NSS database, as a person's browser does once they import it, and keeps
 // its cookies for the test's life.
 type chrome struct {
-	t    *testing.T
+	t    testing.TB
 	conn *websocket.Conn
 	ctx  context.Context
 	next int
 }
 
 // startChrome runs Chromium trusting the root certificate in rootPEM.
-func startChrome(t *testing.T, rootPEM string) *chrome {
+func startChrome(t testing.TB, rootPEM string) *chrome {
+	t.Helper()
+	return startChromeWith(t, rootPEM, "--disable-quic")
+}
+
+// startChromeQUIC is startChrome with QUIC, which WebTransport runs over,
+// for origin (host:port): Chromium speaks QUIC only to servers whose
+// certificate chains to a public root, unless the origin is one it is told
+// to force QUIC on, as here (TP's root is a local one).
+func startChromeQUIC(t testing.TB, rootPEM, origin string) *chrome {
+	t.Helper()
+	flags := []string{"--origin-to-force-quic-on=" + origin}
+	if os.Getenv("TP_TEST_CHROME_LOG") != "" {
+		flags = append(flags, "--enable-logging=stderr", "--v=1")
+	}
+	if dir := os.Getenv("TP_TEST_CHROME_NETLOG"); dir != "" { // Chromium's network log, for a failure to read
+		flags = append(flags, "--log-net-log="+filepath.Join(dir, strings.ReplaceAll(t.Name(), "/", "_")+".json"), "--net-log-capture-mode=Everything")
+	}
+	return startChromeWith(t, rootPEM, flags...)
+}
+
+func startChromeWith(t testing.TB, rootPEM string, flags ...string) *chrome {
 	t.Helper()
 	nb := newBrowser(t, rootPEM) // http_test.go: Chromium, and TP's root in its NSS database
 	chromium, home := nb.chromium, nb.home
 	profile := filepath.Join(home, "profile")
 	ctx, cancel := context.WithCancel(context.Background())
-	cmd := commandContext(ctx, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+	args := append([]string{"--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
 		"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-		"--user-data-dir="+profile, "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank")
+		"--user-data-dir=" + profile, "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0"}, flags...)
+	cmd := commandContext(ctx, chromium, append(args, "about:blank")...)
 	cmd.Env = append(os.Environ(), "HOME="+home)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
+	if os.Getenv("TP_TEST_CHROME_LOG") != "" {
+		cmd.Stderr = os.Stderr
+	}
 	if err := cmd.Start(); err != nil {
 		cancel()
 		t.Fatal(err)

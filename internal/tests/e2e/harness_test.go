@@ -121,6 +121,14 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// TP.js's terminal page loads the SSH client as WebAssembly and
+	// xterm.js, which tpd embeds when they are built first.
+	web := exec.Command("bash", filepath.Join("..", "..", "..", "deploy", "build-web.sh"))
+	web.Stdout, web.Stderr = os.Stderr, os.Stderr
+	if err := web.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "building TP.js's terminal (deploy/build-web.sh) failed:", err)
+		os.Exit(1)
+	}
 	args := []string{"build", "-o", dir + string(os.PathSeparator)}
 	if raceEnabled {
 		args = append(args, "-race")
@@ -190,7 +198,7 @@ type server struct {
 // startServer initialises a data dir, installs policy (replacing the default
 // policy when not empty) and runs `tpd serve` on a free loopback port; env
 // (TP_... settings) goes to tpd init and tpd serve.
-func startServer(t *testing.T, policy string, env ...string) *server {
+func startServer(t testing.TB, policy string, env ...string) *server {
 	t.Helper()
 	s := startTPD(t, initTPD(t, policy, env...), "127.0.0.1:0", env)
 	s.mustStop = true

@@ -157,7 +157,7 @@ type browser struct {
 	home     string
 }
 
-func newBrowser(t *testing.T, rootPEM string) *browser {
+func newBrowser(t testing.TB, rootPEM string) *browser {
 	t.Helper()
 	chromium, err := exec.LookPath("chromium")
 	if err != nil {
