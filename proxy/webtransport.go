@@ -122,6 +122,7 @@ type wtSession struct {
 	close     func(code uint32, msg string)
 	closeOnce sync.Once
 	closed    chan struct{}
+	dg        *wire.SessionDatagrams // nil when the browser takes no HTTP Datagrams
 }
 
 func (wc *wtConn) hasSession() bool {
@@ -402,6 +403,9 @@ func (s *Server) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ss.id = str.StreamID()
+	if st := sg.Settings(); herr == nil && st != nil && st.EnableDatagrams {
+		ss.dg = wire.NewSessionDatagrams(sctx, str.SendDatagram, str.ReceiveDatagram)
+	}
 	// The browser closes the session with a capsule, or by ending the stream.
 	readDone := make(chan struct{})
 	go func() {
@@ -606,7 +610,7 @@ func (s *Server) serveWTSession(sctx context.Context, end context.CancelCauseFun
 	flood := newCancelFlood(func() { end(errWTFlood) })
 	var wg sync.WaitGroup
 	serve := func(str *quic.Stream) {
-		ws := wire.NewWTStream(conn, str, ss.closed)
+		ws := wire.NewWTStream(conn, str, ss.closed, ss.dg)
 		if !s.acquire() {
 			ws.Abort(wire.QUICRefused)
 			str.ReleaseStreamCredit()
@@ -636,7 +640,7 @@ loop:
 		for sctx.Err() == nil {
 			select {
 			case str := <-ss.streams:
-				wire.NewWTStream(conn, str, nil).Abort(wire.QUICRefused)
+				wire.NewWTStream(conn, str, nil, nil).Abort(wire.QUICRefused)
 				str.ReleaseStreamCredit()
 			case <-done:
 				end(errWTShutdown)

@@ -64,7 +64,7 @@ export class Session {
   readonly closed: Promise<TPError>;
   /** A TCP connection to "host:port"; rejects with the server's code and reason when refused. */
   dial(hostport: string): Promise<Conn>;
-  /** A UDP flow to "host:port"; its datagrams travel as capsules on the session's stream. */
+  /** A UDP flow to "host:port": over WebTransport its datagrams are the session's; too large ones, and all over WebSockets, capsules on the stream. */
   dialUDP(hostport: string): Promise<Flow>;
   /** How the session with this id was cut (PROTOCOL.md 6.2). */
   why(id: string): Promise<TPError>;
@@ -99,6 +99,8 @@ export class Flow {
   readonly hello: ServerHello;
   /** Gets the other side's REPORT capsules: the datagrams it dropped, cumulative. */
   onReport?: (report: { v: number; too_large?: number; queue_full?: number; largest?: number }) => void;
+  /** Datagrams dropped because the page did not read them in time. */
+  readonly dropped: number;
   send(datagram: Uint8Array): Promise<void>;
   close(): Promise<void>;
 }

@@ -181,7 +181,7 @@ export class Session {
    */
   async dialUDP(hostport) {
     const [host, port] = hostPort(hostport);
-    return new Flow(await this.request({ v: VERSION, op: "dial", net: "udp", host, port }));
+    return new Flow(await this.request({ v: VERSION, op: "dial", net: "udp", host, port }), this);
   }
 
   /**
@@ -224,6 +224,40 @@ export class Session {
   /** @protected A bidirectional stream for one request. */
   open() { return this.wt.createBidirectionalStream(); }
 
+  /** @protected The session's datagrams (WebTransport's), null without them. */
+  datagrams() { return this.wt && this.wt.datagrams || null; }
+
+  /** @protected Sends one of the session's datagrams. */
+  async sendDatagram(b) {
+    if (!this.dgWriter) this.dgWriter = this.wt.datagrams.writable.getWriter();
+    await this.dgWriter.write(b);
+  }
+
+  /** @protected Routes the session's datagrams of flow id to flow. */
+  addFlow(id, flow) {
+    if (!this.flows) {
+      this.flows = new Map();
+      const r = this.wt.datagrams.readable.getReader();
+      (async () => {
+        for (;;) {
+          let v;
+          try { v = await r.read(); } catch (_) { return; }
+          if (v.done) return;
+          const id = unvarint(v.value);
+          const f = id && this.flows.get(id[0]);
+          if (f) f.deliver(v.value.slice(id[1]));
+          // else: a datagram for no live flow, dropped as the server does
+        }
+      })();
+    }
+    this.flows.set(id, flow);
+  }
+
+  /** @protected */
+  removeFlow(id, flow) {
+    if (this.flows && this.flows.get(id) === flow) this.flows.delete(id);
+  }
+
   /** @private The session's why, if it ended; else e as a TPError. */
   async closedOr(e) {
     const ended = await Promise.race([this.closed, new Promise((ok) => setTimeout(ok, 50))]);
@@ -241,6 +275,9 @@ export class Session {
  * one ends a direction, a close with 4000+c aborts with code c.
  */
 class WSSession extends Session {
+  /** @protected WebSockets carry no datagrams: flows use capsules. */
+  datagrams() { return null; }
+
   constructor(server, cred) {
     let end;
     super(null, new Promise((ok) => { end = ok; }));
@@ -342,26 +379,90 @@ function hostPort(hostport) {
 /** The largest datagram a flow carries (PROTOCOL.md 12.2). */
 export const MAX_DATAGRAM = 65535;
 
-/** A UDP flow through TP: send datagrams, read them from readable. */
+/** A QUIC variable-length integer (RFC 9000 16) of n < 2^53. */
+function varint(n) {
+  if (n < 64) return [n];
+  if (n < 16384) return [0x40 | (n >> 8), n & 255];
+  if (n < 1073741824) return [0x80 | (n >>> 24), (n >> 16) & 255, (n >> 8) & 255, n & 255];
+  const hi = Math.floor(n / 4294967296), lo = n >>> 0;
+  return [0xc0 | (hi >>> 24), (hi >> 16) & 255, (hi >> 8) & 255, hi & 255, lo >>> 24, (lo >> 16) & 255, (lo >> 8) & 255, lo & 255];
+}
+
+/** Reads a varint at the start of b: [value, length], or null. */
+function unvarint(b) {
+  if (!b.length) return null;
+  const len = 1 << (b[0] >> 6);
+  if (b.length < len) return null;
+  let v = b[0] & 0x3f;
+  for (let i = 1; i < len; i++) v = v * 256 + b[i];
+  return [v, len];
+}
+
+/**
+ * A UDP flow through TP: send datagrams, read them from readable. Over
+ * WebTransport its datagrams are the session's datagrams with the flow id
+ * the server named (PROTOCOL.md 14.2), and capsules on the stream when too
+ * large for one; over WebSockets, capsules.
+ */
 export class Flow {
-  /** @param {Conn} conn */
-  constructor(conn) {
-    /** @private */ this.conn = conn;
+  /** @param {Conn} conn @param {Session} session */
+  constructor(conn, session) {
     /** @private */ this.writer = conn.writable.getWriter();
     /** The server hello. */ this.hello = conn.hello;
+    /** @type {((report: object) => void) | undefined} */
+    this.onReport = undefined;
+    /** @private */ this.session = session;
+    let ctrl;
+    /** @private */ this.pulled = null; // resolves when the page reads again
+    const flow = this;
     /**
      * The datagrams from the destination, one Uint8Array each; REPORT
      * capsules (drops the other side counted) go to onReport.
      * @type {ReadableStream<Uint8Array>}
      */
-    this.readable = capsules(conn.readable, (r) => this.onReport && this.onReport(r));
-    /** @type {((report: object) => void) | undefined} */
-    this.onReport = undefined;
+    this.readable = new ReadableStream({
+      start(c) { ctrl = c; },
+      pull() { if (flow.pulled) { const p = flow.pulled; flow.pulled = null; p(); } },
+    }, { highWaterMark: 256 });
+    /** @private */ this.ctrl = ctrl;
+    /** Datagrams dropped because the page did not read them in time (as UDP drops them). */
+    this.dropped = 0;
+    /** @private */ this.prefix = null;
+    if (typeof conn.hello.flow === "number" && session.datagrams()) {
+      this.prefix = new Uint8Array(varint(conn.hello.flow));
+      session.addFlow(conn.hello.flow, this);
+    }
+    pumpCapsules(conn.readable, this);
+  }
+
+  /** @private A datagram from the session's datagrams. */
+  deliver(d) {
+    try {
+      if (this.ctrl.desiredSize > 0) this.ctrl.enqueue(d);
+      else this.dropped++; // the page reads slower than datagrams come: dropped, as UDP does, and counted
+    } catch (_) { /* the flow ended */ }
+  }
+
+  /** @private Waits until the page wants more (capsules are held back, not dropped). */
+  room() {
+    if (this.ctrl.desiredSize > 0) return null;
+    return new Promise((ok) => { this.pulled = ok; });
+  }
+
+  /** @private */
+  ended(err) {
+    if (this.prefix) this.session.removeFlow(this.hello.flow, this);
+    try { if (err) this.ctrl.error(err); else this.ctrl.close(); } catch (_) { /* ended already */ }
   }
 
   /** Sends one datagram. @param {Uint8Array} b */
   async send(b) {
     if (b.length > MAX_DATAGRAM) throw new TPError("bad_request", `a datagram of ${b.length} bytes; a flow carries at most ${MAX_DATAGRAM}`);
+    const dg = this.prefix && this.session.datagrams();
+    if (dg && this.prefix.length + b.length <= dg.maxDatagramSize) {
+      await this.session.sendDatagram(concat(this.prefix, b));
+      return;
+    }
     await this.writer.write(concat([0, b.length >> 8, b.length & 255], b));
   }
 
@@ -371,35 +472,35 @@ export class Flow {
   }
 }
 
-/** The DATAGRAM capsules of a byte stream, as a stream of datagrams. */
-function capsules(readable, onReport) {
+/** Reads the capsules of a flow's stream into flow until the stream ends. */
+async function pumpCapsules(readable, flow) {
   const r = readable.getReader();
   let buf = new Uint8Array(0);
-  return new ReadableStream({
-    async pull(c) {
-      for (;;) {
-        if (buf.length >= 3) {
-          const n = (buf[1] << 8) | buf[2];
-          if (buf.length >= 3 + n) {
-            const typ = buf[0];
-            const p = buf.slice(3, 3 + n);
-            buf = buf.subarray(3 + n);
-            if (typ === 0) { c.enqueue(p); return; }
-            if (typ === 1) { try { onReport(JSON.parse(dec.decode(p))); } catch (_) { /* a report is advice */ } }
-            continue; // unknown types are skipped
-          }
+  try {
+    for (;;) {
+      while (buf.length >= 3 && buf.length >= 3 + ((buf[1] << 8) | buf[2])) {
+        const n = (buf[1] << 8) | buf[2];
+        const typ = buf[0];
+        const p = buf.slice(3, 3 + n);
+        buf = buf.subarray(3 + n);
+        if (typ === 0) {
+          const wait = flow.room();
+          if (wait) await wait;
+          try { flow.ctrl.enqueue(p); } catch (_) { /* the flow ended */ }
         }
-        const { value, done } = await r.read();
-        if (done) {
-          if (buf.length) c.error(new TPError("internal", "the flow ended inside a capsule"));
-          else c.close();
-          return;
-        }
-        buf = concat(buf, value);
+        else if (typ === 1 && flow.onReport) { try { flow.onReport(JSON.parse(dec.decode(p))); } catch (_) { /* a report is advice */ } }
+        // unknown types are skipped
       }
-    },
-    cancel(why) { return r.cancel(why); },
-  });
+      const { value, done } = await r.read();
+      if (done) {
+        flow.ended(buf.length ? new TPError("internal", "the flow ended inside a capsule") : null);
+        return;
+      }
+      buf = concat(buf, value);
+    }
+  } catch (e) {
+    flow.ended(e instanceof TPError ? e : new TPError(abortName(e), e && e.message || String(e)));
+  }
 }
 
 /** The abort name in a WebTransportError, "internal" when it has none. */

@@ -150,3 +150,31 @@ test("a UDP flow sends and reads datagrams as capsules, and skips what it does n
   assert.deepEqual(reported, { v: 1, queue_full: 2 });
   await assert.rejects(f.send(new Uint8Array(65536)), (e) => e.code === "bad_request");
 });
+
+test("a UDP flow over WebTransport sends datagrams with its flow id, takes them back by it, and too large ones as capsules", async () => {
+  const ok = frame({ v: 1, ok: true, flow: 300 });
+  const written = [];
+  const st = { // the flow's stream, open until the end of the test
+    written,
+    readable: new ReadableStream({ start(c) { c.enqueue(ok); } }),
+    writable: new WritableStream({ write(x) { written.push(x); } }),
+  };
+  let dgIn;
+  const sent = [];
+  const wt = fakeTransport([st]);
+  wt.datagrams = {
+    maxDatagramSize: 1200,
+    readable: new ReadableStream({ start(c) { dgIn = c; } }),
+    writable: new WritableStream({ write(x) { sent.push(x); } }),
+  };
+  const s = new TP.Session(wt, new Promise(() => {}));
+  const f = await s.dialUDP("127.0.0.1:53");
+  await f.send(enc.encode("q"));
+  assert.deepEqual(sent[0], new Uint8Array([0x41, 0x2c, 113])); // 300 as a varint, then "q"
+  await f.send(new Uint8Array(1500)); // too large for a datagram: a capsule on the stream
+  assert.equal(st.written[1].length, 1503);
+  dgIn.enqueue(new Uint8Array([0x41, 0x2c, 104, 105])); // for this flow
+  dgIn.enqueue(new Uint8Array([0x41, 0x2d, 120])); // for no flow: dropped
+  const r = f.readable.getReader();
+  assert.equal(new TextDecoder().decode((await r.read()).value), "hi");
+});

@@ -2,6 +2,7 @@ package wire
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -37,7 +38,8 @@ type UDPFlow struct {
 	br  *bufio.Reader
 
 	mu     sync.Mutex
-	qconn  *quic.Conn // nil: capsules on the stream only
+	dg     datagramSender // nil: capsules on the stream only
+	qconn  *quic.Conn     // dg's QUIC connection, when it is one (DatagramConn)
 	flow   uint64
 	prefix []byte // the flow id as a QUIC varint
 	mux    *datagramMux
@@ -105,7 +107,7 @@ func NewUDPFlow(str Stream, queueLen int, onReport func(UDPReport)) (*UDPFlow, e
 	if qs, ok := str.(QUICStreamer); ok {
 		conn := qs.Conn()
 		if st := conn.ConnectionState().SupportsDatagrams; st.Local && st.Remote {
-			f.qconn, f.flow = conn, uint64(qs.StreamID())/4
+			f.dg, f.qconn, f.flow = conn, conn, uint64(qs.StreamID())/4
 			f.prefix = quicvarint.Append(nil, f.flow)
 			f.mux = muxFor(conn)
 			if err := f.mux.add(f.flow, f); err != nil {
@@ -113,8 +115,60 @@ func NewUDPFlow(str Stream, queueLen int, onReport func(UDPReport)) (*UDPFlow, e
 			}
 		}
 	}
+	if sd, ok := str.(sessionDatagrammer); ok {
+		if d, id := sd.SessionDatagrams(); d != nil {
+			f.dg, f.flow = d, id
+			f.prefix = quicvarint.Append(nil, id)
+			f.mux = d.mux
+			if err := f.mux.add(f.flow, f); err != nil {
+				return nil, err
+			}
+		}
+	}
 	return f, nil
 }
+
+// datagramSender sends one datagram outside a flow's stream (a copy of b).
+type datagramSender interface{ SendDatagram(b []byte) error }
+
+// sessionDatagrammer is a stream of a session that carries its flows'
+// datagrams apart from its streams (a WebTransport session's: WTStream).
+type sessionDatagrammer interface {
+	// SessionDatagrams is the session's datagrams (nil: none) and the flow
+	// id of a flow on this stream.
+	SessionDatagrams() (*SessionDatagrams, uint64)
+}
+
+// SessionDatagrams are the datagrams of one session (a WebTransport
+// session's HTTP Datagrams): each carries a flow id and a UDP payload, as a
+// QUIC DATAGRAM frame of a tp/1 connection does (docs/PROTOCOL.md 12.3,
+// 14.2), and reaches the flow of that id.
+type SessionDatagrams struct {
+	send func([]byte) error
+	mux  *datagramMux
+}
+
+// NewSessionDatagrams serves a session's datagrams until ctx ends: recv
+// reads the next one, send sends one.
+func NewSessionDatagrams(ctx context.Context, send func([]byte) error, recv func(context.Context) ([]byte, error)) *SessionDatagrams {
+	m := &datagramMux{flows: make(map[uint64]*UDPFlow)}
+	go func() {
+		for {
+			d, err := recv(ctx)
+			if err != nil {
+				return
+			}
+			m.dispatch(d)
+		}
+	}()
+	return &SessionDatagrams{send: send, mux: m}
+}
+
+// SendDatagram sends b, a flow id and a payload.
+func (d *SessionDatagrams) SendDatagram(b []byte) error { return d.send(b) }
+
+// Unknown counts the datagrams that named no live flow.
+func (d *SessionDatagrams) Unknown() int64 { return d.mux.unknown.Load() }
 
 // newUDPFlow is a flow that sends capsules on str only.
 func newUDPFlow(str Stream, queueLen int, onReport func(UDPReport)) *UDPFlow {
@@ -149,11 +203,12 @@ func (f *UDPFlow) DatagramConn() *quic.Conn {
 	return f.qconn
 }
 
-// FlowID reports the flow id when datagrams travel in QUIC DATAGRAM frames.
+// FlowID reports the flow id when datagrams travel apart from the stream
+// (QUIC DATAGRAM frames, or a session's datagrams).
 func (f *UDPFlow) FlowID() (uint64, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.flow, f.qconn != nil
+	return f.flow, f.dg != nil
 }
 
 // UseFlowID applies the server's answer: the flow id it named, or nil when it
@@ -162,10 +217,10 @@ func (f *UDPFlow) UseFlowID(id *uint64) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	switch {
-	case id == nil && f.qconn != nil:
+	case id == nil && f.dg != nil:
 		f.mux.remove(f.flow, f)
-		f.qconn, f.mux = nil, nil
-	case id != nil && f.qconn == nil:
+		f.dg, f.qconn, f.mux = nil, nil, nil
+	case id != nil && f.dg == nil:
 		return &ProtocolError{errors.New("the server named a datagram flow id, but this connection has no QUIC datagrams")}
 	case id != nil && *id != f.flow:
 		return &ProtocolError{fmt.Errorf("the server named flow id %d; this stream's is %d", *id, f.flow)}
@@ -312,12 +367,12 @@ func (f *UDPFlow) Write(p []byte) (int, error) {
 		return 0, ErrDatagramTooLarge
 	}
 	f.mu.Lock()
-	qconn, prefix := f.qconn, f.prefix
+	dg, prefix := f.dg, f.prefix
 	f.mu.Unlock()
-	if qconn != nil && !f.waiting.Load() {
+	if dg != nil && !f.waiting.Load() {
 		bp := datagramBufs.Get().(*[]byte)
 		b := append(append((*bp)[:0], prefix...), p...)
-		err := qconn.SendDatagram(b) // copies b
+		err := dg.SendDatagram(b) // copies b
 		*bp = b[:0]
 		datagramBufs.Put(bp)
 		var tl *quic.DatagramTooLargeError

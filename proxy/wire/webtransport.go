@@ -190,11 +190,13 @@ func WTClose(p []byte) (code uint32, msg string, err error) {
 // WTStream adapts a bidirectional stream of a WebTransport session (its
 // header read) to Stream, as QUICStream does a QUIC stream, with TP's codes
 // carried in WebTransport's space. It is not a QUICStreamer: a UDP flow on it
-// sends its datagrams as capsules on the stream, never as QUIC DATAGRAM
-// frames of the HTTP/3 connection (PROTOCOL.md 14.2).
+// sends its datagrams as the session's datagrams (HTTP Datagrams of the
+// CONNECT stream), never as bare QUIC DATAGRAM frames of the HTTP/3
+// connection (PROTOCOL.md 14.2).
 type WTStream struct {
 	q             QUICStream
 	sessionClosed <-chan struct{}
+	dg            *SessionDatagrams
 }
 
 var _ Stream = (*WTStream)(nil)
@@ -208,8 +210,16 @@ const wtSessionCloseWait = time.Second
 // code that ends the session (revoked, cert_expired, shutdown) waits for it
 // (at most a second), so that the browser reads why the session ended
 // before its streams are reset.
-func NewWTStream(conn *quic.Conn, str *quic.Stream, sessionClosed <-chan struct{}) *WTStream {
-	return &WTStream{q: QUICStream{conn: conn, str: str, wt: true}, sessionClosed: sessionClosed}
+// dg, when not nil, is the session's datagrams: a UDP flow on the stream
+// sends its datagrams there, with the stream's flow id (its ID / 4), and
+// capsules only for those too large.
+func NewWTStream(conn *quic.Conn, str *quic.Stream, sessionClosed <-chan struct{}, dg *SessionDatagrams) *WTStream {
+	return &WTStream{q: QUICStream{conn: conn, str: str, wt: true}, sessionClosed: sessionClosed, dg: dg}
+}
+
+// SessionDatagrams is the session's datagrams and this stream's flow id.
+func (s *WTStream) SessionDatagrams() (*SessionDatagrams, uint64) {
+	return s.dg, uint64(s.q.str.StreamID()) / 4
 }
 
 // Context ends when the browser stops the stream or the connection ends.
