@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 )
@@ -67,5 +68,27 @@ func TestWebGrantsBounds(t *testing.T) {
 	ws.add(&webGrant{source: "192.0.2.9", expires: later.Add(webGrantTTL)}, later)
 	if n := len(ws.m); n != 1 {
 		t.Fatalf("%d approvals kept after the others expired, want 1", n)
+	}
+}
+
+// The approval page of a grant to connect says what it allows and the
+// page's origin, or that the page named none.
+func TestApprovalPageOfAGrantToConnect(t *testing.T) {
+	for _, tc := range []struct {
+		view approvalView
+		says []string
+	}{
+		{approvalView{App: "SSH in a browser", Name: "*", Dial: true, Any: true, Origin: "https://tp.example.org", Code: "ABCD-EFGH-IJKL-MNOP"},
+			[]string{`a page of <b id="origin">https://tp.example.org</b>`, "connect, through this TP server, to what the policy lets you connect to", "cannot expose names"}},
+		{approvalView{App: "a browser", Name: "laptop-ssh", Dial: true},
+			[]string{"(a page of an origin it does not name)", "connect to <b>laptop-ssh</b> through this TP server", "cannot connect anywhere else"}},
+	} {
+		rec := httptest.NewRecorder()
+		webPage(rec, http.StatusOK, "Approve "+tc.view.App+"?", "", &tc.view)
+		for _, want := range tc.says {
+			if !strings.Contains(rec.Body.String(), want) {
+				t.Errorf("the approval page of %+v does not say %q:\n%s", tc.view, want, rec.Body.String())
+			}
+		}
 	}
 }

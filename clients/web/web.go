@@ -7,7 +7,7 @@ package web
 
 import "embed"
 
-// FS holds tp.js, tp.d.ts, ssh.html and dist.
+// FS holds tp.js, tp.d.ts, ssh.html, echo.html and dist.
 //
-//go:embed tp.js tp.d.ts ssh.html dist
+//go:embed tp.js tp.d.ts ssh.html echo.html dist
 var FS embed.FS

@@ -43,7 +43,7 @@ func TestTPJS(t *testing.T) {
 // tpd serves what the embedded files hold: TP.js, its types and the
 // terminal page.
 func TestFS(t *testing.T) {
-	for _, f := range []string{"tp.js", "tp.d.ts", "ssh.html", "dist/README.md"} {
+	for _, f := range []string{"tp.js", "tp.d.ts", "ssh.html", "echo.html", "dist/README.md"} {
 		if _, err := FS.Open(f); err != nil {
 			t.Errorf("%s is not embedded: %v", f, err)
 		}

@@ -314,3 +314,42 @@ func waitPageStatus(t *testing.T, b *chrome, want string) string {
 		time.Sleep(50 * time.Millisecond) // waiting for the page, bounded by the deadline above
 	}
 }
+
+// The example page beside the terminal (echo.html): it gets its credential
+// (alice approves with tp grant), then sends a line to a TCP echo and a
+// datagram to a UDP echo through TP, and shows both answers, and a denied
+// destination's reason.
+func TestBrowserEchoPage(t *testing.T) {
+	parallel(t)
+	srv := startServer(t, strings.Replace(testPolicy, `input.action == "dial"`, `input.action in {"dial", "dial_udp"}`, 1), "TP_WEBTRANSPORT=true")
+	alice := srv.login(t, "alice", "laptop")
+	tcp, udp := testnet.Echo(t), testnet.EchoUDP(t)
+	b := startChromeQUIC(t, filepath.Join(srv.DataDir, "ca", "root.crt"), srv.Addr)
+	b.open(srv.URL + "/tp/web/echo.html?tcp=" + tcp + "&udp=" + udp + "&text=hello-from-the-example")
+	waitEval(t, b, "window.tpReady ? 'yes' : ''")
+	b.click("#send")
+	run(t, alice, binary("tp"), "grant", waitEval(t, b, "window.tpLink || ''"), "--yes")
+	deadline := time.Now().Add(60 * time.Second)
+	for out := ""; !strings.Contains(out, "UDP "); out = b.eval("window.tpOut || ''") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the example page shows %q after 60s", out)
+		}
+		time.Sleep(50 * time.Millisecond) // waiting for the page, bounded by the deadline above
+	}
+	out := b.eval("window.tpOut")
+	if !strings.Contains(out, "TCP "+tcp+": hello-from-the-example") || !strings.Contains(out, "UDP "+udp+": hello-from-the-example") {
+		t.Fatalf("the example page's answers:\n%s", out)
+	}
+	b.eval(`document.getElementById("tcp").value = "10.255.255.1:7"; document.getElementById("udp").value = ""`)
+	b.click("#send")
+	deadline = time.Now().Add(60 * time.Second)
+	for out = ""; !strings.Contains(out, "10.255.255.1:7: "); out = b.eval("window.tpOut || ''") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the example page shows %q after 60s", out)
+		}
+		time.Sleep(50 * time.Millisecond) // waiting for the page, bounded by the deadline above
+	}
+	if !strings.Contains(out, "TCP 10.255.255.1:7: policy_denied: 10.255.255.1:7 is limited to alice and group ops") {
+		t.Fatalf("a denied destination on the example page:\n%s", out)
+	}
+}
