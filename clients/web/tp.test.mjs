@@ -178,3 +178,26 @@ test("a UDP flow over WebTransport sends datagrams with its flow id, takes them 
   const r = f.readable.getReader();
   assert.equal(new TextDecoder().decode((await r.read()).value), "hi");
 });
+
+test("without WebTransport, a session uses a WebSocket per request, with the credential's proof", async () => {
+  const opened = [];
+  globalThis.WebSocket = class {
+    static OPEN = 1;
+    constructor(url) { opened.push(new URL(url)); this.readyState = 1; setTimeout(() => this.onopen && this.onopen(), 0); }
+    send() {}
+    close() {}
+  };
+  try {
+    const pair = await crypto.subtle.generateKey({ name: "ECDSA", namedCurve: "P-256" }, false, ["sign"]);
+    const s = await TP.connect("https://tp.example.com:8443", { chain: [enc.encode("leaf")], key: pair.privateKey });
+    assert.equal(s.datagrams(), null);
+    const st = await s.open();
+    assert.ok(st.readable && st.writable);
+    assert.equal(opened[0].protocol, "wss:");
+    assert.equal(opened[0].host, "tp.example.com:8443");
+    assert.equal(opened[0].pathname, "/tp/v1/websocket");
+    assert.ok(opened[0].searchParams.get("proof") && opened[0].searchParams.get("cert"));
+  } finally {
+    delete globalThis.WebSocket;
+  }
+});
