@@ -52,8 +52,10 @@ const (
 	// wtQueue bounds the streams handed to a session and not yet taken.
 	wtQueue = 64
 	// wtCloseWait bounds how long a closed session waits for the browser
-	// to end its side of the CONNECT stream.
+	// to end its side of the CONNECT stream, and wtCloseRead how long its
+	// streams' resets wait for that.
 	wtCloseWait = 5 * time.Second
+	wtCloseRead = 500 * time.Millisecond
 )
 
 // wtServer is the server's WebTransport state: the website's HTTP/3
@@ -458,6 +460,17 @@ func (s *Server) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 				_ = str.Close() // the browser closed it: only the FIN
 			} else {
 				writeWTClose(str, code, msg)
+				// The streams are reset once the browser has read the close:
+				// it ends its side then. quic-go sends a reset queued beside
+				// the close's bytes ahead of them, and a browser that sees
+				// its streams reset first loses the close's reason
+				// ("Connection lost.").
+				t := time.NewTimer(wtCloseRead)
+				select {
+				case <-readDone:
+				case <-t.C:
+				}
+				t.Stop()
 			}
 			close(ss.closed)
 		})
