@@ -78,7 +78,7 @@ func mustHello(t *testing.T, st wire.Stream, h wire.ClientHello) wire.ServerHell
 	return sh
 }
 
-func dialHello(t *testing.T, addr string) wire.ClientHello {
+func dialHello(t testing.TB, addr string) wire.ClientHello {
 	t.Helper()
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {

@@ -47,7 +47,7 @@ type wtSession struct {
 
 // wtProof is the query of a session for cert: the chain, the time and the
 // proof, signed for authority at t.
-func wtProof(t *testing.T, cert tls.Certificate, authority string, at time.Time) url.Values {
+func wtProof(t testing.TB, cert tls.Certificate, authority string, at time.Time) url.Values {
 	t.Helper()
 	unix := strconv.FormatInt(at.Unix(), 10)
 	msg := wire.WebTransportProofMessage(authority, unix, cert.Certificate[0])
@@ -70,7 +70,7 @@ func wtProof(t *testing.T, cert tls.Certificate, authority string, at time.Time)
 
 // openWT opens a session on q's website with query; the session is closed
 // when the test ends.
-func openWT(t *testing.T, q *quicEnv, query url.Values) *wtSession {
+func openWT(t testing.TB, q *quicEnv, query url.Values) *wtSession {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -110,7 +110,7 @@ func openWT(t *testing.T, q *quicEnv, query url.Values) *wtSession {
 }
 
 // stream opens a stream of the session and sends hello on it.
-func (s *wtSession) stream(t *testing.T, hello wire.ClientHello) *quic.Stream {
+func (s *wtSession) stream(t testing.TB, hello wire.ClientHello) *quic.Stream {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -131,7 +131,7 @@ func (s *wtSession) stream(t *testing.T, hello wire.ClientHello) *quic.Stream {
 }
 
 // closed reads the session's CLOSE_WEBTRANSPORT_SESSION.
-func (s *wtSession) closed(t *testing.T) (uint32, string) {
+func (s *wtSession) closed(t testing.TB) (uint32, string) {
 	t.Helper()
 	_ = s.connect.SetReadDeadline(time.Now().Add(20 * time.Second))
 	for {
@@ -332,7 +332,7 @@ func wsAuthority(q *quicEnv) string {
 }
 
 // openWS opens a request's WebSocket on q's website with query.
-func openWS(t *testing.T, q *quicEnv, query url.Values) *websocket.Conn {
+func openWS(t testing.TB, q *quicEnv, query url.Values) *websocket.Conn {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
