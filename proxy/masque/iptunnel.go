@@ -548,7 +548,8 @@ func (tn *IPTunnel) allowedOut(h wire.IPHeader) *atomic.Int64 {
 }
 
 // fromPeer handles one HTTP Datagram payload from the peer: checked, then
-// added to w's batch for the tun device (flushTun writes it).
+// added to w's batch for the tun device (flushTun writes it, and counts it
+// sent once the kernel took it).
 func (tn *IPTunnel) fromPeer(p []byte, w *tun.Writer) {
 	c := &tn.t.stats
 	pkt, ok := wire.ParseIPDatagram(p)
@@ -571,14 +572,10 @@ func (tn *IPTunnel) fromPeer(p []byte, w *tun.Writer) {
 		tn.drops.Add(1)
 		return
 	}
-	c.pktUp.Add(1)
-	c.bytesUp.Add(int64(len(pkt)))
-	tn.pkts[0].Add(1)
-	tn.bytes[0].Add(int64(len(pkt)))
-	if full, err := w.Add(pkt); err != nil {
-		tn.refused(1)
-	} else if full {
+	if full, err := w.Add(pkt); err == nil && full {
 		tn.flushTun(w)
+	} else if err != nil {
+		tn.countTun(w) // a packet too long for the batch, written alone
 	}
 }
 
@@ -586,8 +583,24 @@ func (tn *IPTunnel) fromPeer(p []byte, w *tun.Writer) {
 // packets (no route, bad header): dropped, as a router would, and counted,
 // without ending the tunnel.
 func (tn *IPTunnel) flushTun(w *tun.Writer) {
-	if n, _ := w.Flush(); n > 0 {
-		tn.refused(n)
+	_, _ = w.Flush()
+	tn.countTun(w)
+}
+
+// countTun counts what w wrote since the last count: the packets the kernel
+// took as sent, each one it refused as dropped (a refused segment of several
+// joined packets counts every one of them).
+func (tn *IPTunnel) countTun(w *tun.Writer) {
+	wc := w.TakeCounts()
+	if wc.Packets > 0 {
+		c := &tn.t.stats
+		c.pktUp.Add(wc.Packets)
+		c.bytesUp.Add(wc.Bytes)
+		tn.pkts[0].Add(wc.Packets)
+		tn.bytes[0].Add(wc.Bytes)
+	}
+	if wc.Refused > 0 {
+		tn.refused(int(wc.Refused))
 	}
 }
 

@@ -17,10 +17,25 @@ const WriteBatchSize = 32
 // batch's data, as the flow's first packet becomes the segment (about
 // 1.3 MB per batch at an MTU of 1280).
 type Writer struct {
-	dev  *Device
-	slot int // bytes per buffer: Headroom and a whole batch of packets
-	b    *writeBatch
-	bufs [][]byte
+	dev    *Device
+	slot   int // bytes per buffer: Headroom and a whole batch of packets
+	b      *writeBatch
+	bufs   [][]byte
+	counts WriteCounts // since the last TakeCounts
+}
+
+// WriteCounts are the packets a Writer wrote (the kernel took them) and
+// those the kernel refused, each packet counted once, also when it went in a
+// segment joined with others.
+type WriteCounts struct {
+	Packets, Bytes, Refused int64
+}
+
+// TakeCounts returns what was written and refused since the last call.
+func (w *Writer) TakeCounts() WriteCounts {
+	c := w.counts
+	w.counts = WriteCounts{}
+	return c
 }
 
 type writeBatch struct {
@@ -54,8 +69,13 @@ func (w *Writer) Add(pkt []byte) (full bool, err error) {
 		// Alone, after what the batch holds: the order stays. (What the
 		// kernel refuses of the batch is not told apart here.)
 		_, _ = w.Flush()
-		_, err := w.dev.Write(pkt)
-		return false, err
+		if _, err := w.dev.Write(pkt); err != nil {
+			w.counts.Refused++
+			return false, err
+		}
+		w.counts.Packets++
+		w.counts.Bytes += int64(len(pkt))
+		return false, nil
 	}
 	if w.b == nil {
 		w.b = w.pool().Get().(*writeBatch)
@@ -71,27 +91,31 @@ func (w *Writer) Add(pkt []byte) (full bool, err error) {
 // Len is how many packets wait for Flush.
 func (w *Writer) Len() int { return len(w.bufs) }
 
-// Flush writes the gathered packets and returns how many writes the kernel
-// refused (each a packet, or a segment of several) and the first error.
+// Flush writes the gathered packets and returns how many of them the kernel
+// refused (a segment of several refused counts all of them) and the first
+// error; TakeCounts tells the rest.
 func (w *Writer) Flush() (refused int, err error) {
 	if len(w.bufs) == 0 {
 		return 0, nil
 	}
-	n := len(w.bufs)
-	err = w.write()
+	n, bytes := len(w.bufs), 0
+	for _, b := range w.bufs {
+		bytes += len(b) - Headroom
+	}
+	refused, refusedBytes, err := w.write()
 	w.bufs = w.bufs[:0]
 	w.pool().Put(w.b)
 	w.b = nil
-	if err == nil {
-		return 0, nil
-	}
 	if errors.Is(err, errJoin) {
-		return n, err
+		refused, refusedBytes = n, bytes
 	}
+	w.counts.Packets += int64(n - refused)
+	w.counts.Bytes += int64(bytes - refusedBytes)
+	w.counts.Refused += int64(refused)
 	if j, ok := err.(interface{ Unwrap() []error }); ok && len(j.Unwrap()) > 0 {
-		return len(j.Unwrap()), j.Unwrap()[0]
+		err = j.Unwrap()[0]
 	}
-	return 1, err
+	return refused, err
 }
 
 // errSplit: a segment whose packets did not fit the reader's buffers.
@@ -103,7 +127,7 @@ var errSplit = errors.New("a segment from the tun device does not split into pac
 var errJoin = errors.New("joining packets for the tun device failed; the batch was dropped")
 
 // write is WriteBatch that turns a panic in the join into errJoin.
-func (w *Writer) write() (err error) {
+func (w *Writer) write() (refused, refusedBytes int, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = fmt.Errorf("%w: %v", errJoin, p)

@@ -148,7 +148,7 @@ func batchesInNamespace(t *testing.T) {
 		}
 	}
 	refused, err := w.Flush()
-	t.Logf("a batch of %d malformed packets: %d writes refused (%v)", len(bad), refused, err)
+	t.Logf("a batch of %d malformed packets: %d refused (%v)", len(bad), refused, err)
 	if w.Len() != 0 {
 		t.Fatal("the Writer kept packets after Flush")
 	}
@@ -269,7 +269,7 @@ func (p *tcpPeer) send(flags byte, data, opts []byte) {
 
 func (p *tcpPeer) flush() {
 	if n, err := p.w.Flush(); n > 0 {
-		p.t.Fatalf("the kernel refused %d writes: %v", n, err)
+		p.t.Fatalf("the kernel refused %d packets: %v", n, err)
 	}
 }
 

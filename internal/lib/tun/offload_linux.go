@@ -241,7 +241,7 @@ func finishJoined(buf []byte, ht tcpPacket, joined int) {
 // order: a packet alone behind a zero virtio-net header, or a run of
 // packets of one TCP flow joined into the first one's buffer (where its
 // capacity allows) behind a header that asks the kernel to cut it again.
-func joinBatch(bufs [][]byte, offset int, emit func([]byte)) {
+func joinBatch(bufs [][]byte, offset int, emit func(seg []byte, first, n int)) {
 	for i := 0; i < len(bufs); {
 		head := bufs[i][offset:]
 		ht, ok := parseJoinable(head)
@@ -267,7 +267,7 @@ func joinBatch(bufs [][]byte, offset int, emit func([]byte)) {
 		} else {
 			finishJoined(buf, ht, joined)
 		}
-		emit(buf)
+		emit(buf, i, j-i)
 		i = j
 	}
 }

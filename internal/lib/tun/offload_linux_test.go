@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"net/netip"
+	"os"
 	"testing"
 )
 
@@ -81,7 +82,7 @@ func TestJoinThenSplitGivesThePackets(t *testing.T) {
 			want = append(want, bytes.Clone(b[Headroom:]))
 		}
 		var writes [][]byte
-		joinBatch(bufs, Headroom, func(b []byte) { writes = append(writes, bytes.Clone(b)) })
+		joinBatch(bufs, Headroom, func(b []byte, _, _ int) { writes = append(writes, bytes.Clone(b)) })
 		if len(writes) != 1 {
 			t.Fatalf("v6=%v: 20 packets of one flow made %d writes, want 1", v6, len(writes))
 		}
@@ -137,7 +138,7 @@ func TestJoinLeavesAlone(t *testing.T) {
 		bufs := tcpSegments(t, false, 3, 1000, 1000)
 		mutate(bufs)
 		var writes int
-		joinBatch(bufs, Headroom, func([]byte) { writes++ })
+		joinBatch(bufs, Headroom, func([]byte, int, int) { writes++ })
 		if writes < 2 {
 			t.Errorf("%s: the run was joined into %d write", name, writes)
 		}
@@ -146,7 +147,7 @@ func TestJoinLeavesAlone(t *testing.T) {
 	a, b := tcpSegments(t, false, 2, 800, 800), tcpSegments(t, true, 2, 800, 800)
 	bufs := [][]byte{a[0], b[0], a[1], b[1]}
 	var order []byte
-	joinBatch(bufs, Headroom, func(w []byte) { order = append(order, w[Headroom]>>4) })
+	joinBatch(bufs, Headroom, func(w []byte, _, _ int) { order = append(order, w[Headroom]>>4) })
 	if string(order) != string([]byte{4, 6, 4, 6}) {
 		t.Fatalf("interleaved flows written as IP versions %v, want 4 6 4 6", order)
 	}
@@ -175,6 +176,51 @@ func TestSplitRefusesBadReads(t *testing.T) {
 	} {
 		if n, err := split(in, out, sizes, 0); err == nil {
 			t.Errorf("%s: split gave %d packets and no error", name, n)
+		}
+	}
+}
+
+// What a Writer wrote is counted per packet once the kernel took it, and
+// a refused write counts every packet it held, a segment of several joined
+// ones too (bad input: a device whose writes all fail).
+func TestWriterCountsPackets(t *testing.T) {
+	null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer null.Close()
+	r, broken, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close() // writes fail: EPIPE
+	defer broken.Close()
+	for _, tc := range []struct {
+		what    string
+		f       *os.File
+		refused int
+	}{{"taken", null, 0}, {"refused", broken, 5}} {
+		w := (&Device{f: tc.f, name: "test"}).NewWriter(1500)
+		var bytes int64
+		for _, b := range tcpSegments(t, false, 5, 1200, 7) { // one flow: one joined write
+			bytes += int64(len(b) - Headroom)
+			if _, err := w.Add(b[Headroom:]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		refused, err := w.Flush()
+		if refused != tc.refused || (err != nil) != (tc.refused > 0) {
+			t.Fatalf("%s: Flush refused %d (%v), want %d", tc.what, refused, err, tc.refused)
+		}
+		want := WriteCounts{Refused: int64(tc.refused)}
+		if tc.refused == 0 {
+			want.Packets, want.Bytes = 5, bytes
+		}
+		if got := w.TakeCounts(); got != want {
+			t.Fatalf("%s: counts %+v, want %+v", tc.what, got, want)
+		}
+		if got := w.TakeCounts(); got != (WriteCounts{}) {
+			t.Fatalf("%s: counts taken twice: %+v", tc.what, got)
 		}
 	}
 }

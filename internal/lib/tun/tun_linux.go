@@ -66,23 +66,28 @@ func (d *Device) ReadBatch(bufs [][]byte, sizes []int, offset int) (int, error) 
 // resets before its next batch. It returns the error of every write the
 // kernel refused (a route missing, a header it does not take), joined; the
 // others are written.
-func (d *Device) WriteBatch(bufs [][]byte, offset int) error {
+func (d *Device) WriteBatch(bufs [][]byte, offset int) (refused, refusedBytes int, err error) {
 	if offset < Headroom {
-		return fmt.Errorf("tun: WriteBatch needs %d bytes in front of each packet, not %d", Headroom, offset)
+		return len(bufs), 0, fmt.Errorf("tun: WriteBatch needs %d bytes in front of each packet, not %d", Headroom, offset)
 	}
 	d.wmu.Lock()
 	defer d.wmu.Unlock()
 	var errs []error
-	write := func(b []byte) {
+	write := func(b []byte, first, n int) {
 		if _, err := d.f.Write(b); err != nil {
 			if errors.Is(err, unix.EBADFD) {
 				err = os.ErrClosed
 			}
 			errs = append(errs, err)
+			// Every packet the write held is refused, a joined segment's too.
+			refused += n
+			for _, p := range bufs[first : first+n] {
+				refusedBytes += len(p) - offset
+			}
 		}
 	}
 	joinBatch(bufs, offset, write)
-	return errors.Join(errs...)
+	return refused, refusedBytes, errors.Join(errs...)
 }
 
 // Write writes one packet p, copied behind the headroom Write needs; for

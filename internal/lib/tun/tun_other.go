@@ -18,9 +18,11 @@ func (d *Device) Name() string { return "" }
 func (d *Device) ReadBatch(bufs [][]byte, sizes []int, offset int) (int, error) {
 	return 0, errUnsupported
 }
-func (d *Device) WriteBatch(bufs [][]byte, offset int) error { return errUnsupported }
-func (d *Device) Write(p []byte) (int, error)                { return 0, errUnsupported }
-func (d *Device) Close() error                               { return nil }
+func (d *Device) WriteBatch(bufs [][]byte, offset int) (int, int, error) {
+	return len(bufs), 0, errUnsupported
+}
+func (d *Device) Write(p []byte) (int, error) { return 0, errUnsupported }
+func (d *Device) Close() error                { return nil }
 
 // Up fails: tun devices are supported on Linux only.
 func (d *Device) Up(context.Context, int) error { return errUnsupported }
