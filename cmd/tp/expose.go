@@ -125,8 +125,13 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 							if exposed[i].PublicPort != 0 || exposed[i].PublicSNI != "" {
 								continue // public mode: no certificate from TP's CA
 							}
-							if _, err := c.ReverseCertificate(cmd.Context(), n); err != nil && cmd.Context().Err() == nil {
+							cert, err := c.ReverseCertificate(cmd.Context(), n)
+							switch {
+							case err != nil && cmd.Context().Err() == nil:
 								fmt.Fprintf(stderr, "tp expose: %v\n", err)
+							case err == nil:
+								fmt.Fprintf(stderr, "tp expose: %s has its certificate from TP's CA, until %s: devices can reach it end to end\n",
+									n, cert.Leaf.NotAfter.Local().Format(time.DateTime))
 							}
 						}
 					}()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -109,6 +110,20 @@ func TestReverseNamesSurviveTPDKills(t *testing.T) {
 	}
 	for _, a := range agents {
 		a.proc.waitRegistered(t)
+	}
+	// An agent serves its protected name once it holds the name's certificate,
+	// which it orders right after it first registers: a kill in the middle
+	// of that order would leave the first dial after it waiting for a new
+	// one (several round trips to a loaded server) within the dial's own
+	// handshake time. The crashes below are about the names, not that order.
+	for _, a := range agents {
+		deadline := time.Now().Add(90 * time.Second)
+		for !strings.Contains(a.proc.log.String(), a.name+".rev.tp.internal has its certificate") {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s got no certificate within 90s:\n%s", a.name, a.proc.log.String())
+			}
+			time.Sleep(50 * time.Millisecond) // waiting for the agent's order, bounded by the deadline above
+		}
 	}
 
 	ctx, stop := context.WithCancel(context.Background())
