@@ -116,6 +116,12 @@ go build -o "$report_dir/testreport" ./internal/testkit/testreport
 # testreport prints failures, the tests a timeout caught still running, the
 # skipped tests with their reasons and the slowest packages.
 start=$SECONDS
+# TP.js's terminal (WebAssembly and xterm.js), which the end-to-end tests
+# serve, is built first, alone: built by their TestMain while other packages'
+# tests run, its compile took both cores from tests that time UDP flows.
+if [ -n "$no_skips" ]; then
+	deploy/build-web.sh
+fi
 set +e
 go test -race -timeout 20m -json "$@" | "$report_dir/testreport" $no_skips
 status=("${PIPESTATUS[@]}")
