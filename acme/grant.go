@@ -2,6 +2,7 @@ package acme
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -138,39 +139,52 @@ func (e *Enroller) approve(ctx context.Context, a approval) (users.Device, int, 
 // grantStatus tells an application, which proves it holds its key, whether a
 // person approved it: the device that holds the key, or grant_pending.
 func (e *Enroller) grantStatus(w http.ResponseWriter, r *http.Request) {
-	allowAnyOrigin(w) // TP.js asks from a page of any site
+	dev, _, ok := e.grantedKey(w, r, login.GrantStatusMessage)
+	if !ok {
+		return
+	}
+	writeJSON(w, http.StatusOK, login.GrantResponse{DeviceID: dev.ID, Scope: string(e.Users.Scope(dev.ID))})
+}
+
+// grantedKey reads a request signed by an application's key (its
+// message made by msg), answered to pages of any site (TP.js asks from
+// one): the key, checked, and the active device a person's grant made of
+// it; false when the request was answered with a refusal, grant_pending
+// while no person approved the key.
+func (e *Enroller) grantedKey(w http.ResponseWriter, r *http.Request, msg func(publicKey, ts string) []byte) (users.Device, *ecdsa.PublicKey, bool) {
+	allowAnyOrigin(w)
 	var req login.GrantStatusRequest
 	if !decode(w, r, &req) {
-		return
+		return users.Device{}, nil, false
 	}
 	pub, err := parseP256(req.PublicKey)
 	if err != nil {
 		writeErr(w, http.StatusBadRequest, "public_key: "+err.Error())
-		return
+		return users.Device{}, nil, false
 	}
-	if !verify(pub, login.GrantStatusMessage(req.PublicKey, req.Time), req.Signature) {
+	if !verify(pub, msg(req.PublicKey, req.Time), req.Signature) {
 		writeErr(w, http.StatusForbidden, "the signature does not match the key: only the application holding it may ask")
-		return
+		return users.Device{}, nil, false
 	}
 	t, err := time.Parse(time.RFC3339, req.Time)
 	if err != nil {
 		writeErr(w, http.StatusBadRequest, "time must be RFC 3339")
-		return
+		return users.Device{}, nil, false
 	}
 	if d := e.now().Sub(t); d > maxClockSkew || d < -maxClockSkew {
 		writeErr(w, http.StatusBadRequest, fmt.Sprintf("this machine's clock is off by %s; set the clock (NTP) and retry", d.Round(time.Second)))
-		return
+		return users.Device{}, nil, false
 	}
 	der, _ := base64.StdEncoding.DecodeString(req.PublicKey)
 	dev, ok := e.Users.DeviceByKey(der)
 	if !ok {
 		writeJSON(w, http.StatusNotFound, login.ErrorResponse{Error: "no person has approved this key yet", Code: login.CodeGrantPending})
-		return
+		return users.Device{}, nil, false
 	}
 	if !e.checkActive(w, dev) {
-		return
+		return users.Device{}, nil, false
 	}
-	writeJSON(w, http.StatusOK, login.GrantResponse{DeviceID: dev.ID, Scope: string(e.Users.Scope(dev.ID))})
+	return dev, pub, true
 }
 
 // person is the enrolled, unscoped device a signed request about its user's

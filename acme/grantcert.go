@@ -26,36 +26,8 @@ import (
 // grantCertificate issues a device certificate for a granted key that may
 // only connect.
 func (e *Enroller) grantCertificate(w http.ResponseWriter, r *http.Request) {
-	allowAnyOrigin(w)
-	var req login.GrantStatusRequest
-	if !decode(w, r, &req) {
-		return
-	}
-	pub, err := parseP256(req.PublicKey)
-	if err != nil {
-		writeErr(w, http.StatusBadRequest, "public_key: "+err.Error())
-		return
-	}
-	if !verify(pub, login.GrantCertificateMessage(req.PublicKey, req.Time), req.Signature) {
-		writeErr(w, http.StatusForbidden, "the signature does not match the key: only the application holding it may ask")
-		return
-	}
-	t, err := time.Parse(time.RFC3339, req.Time)
-	if err != nil {
-		writeErr(w, http.StatusBadRequest, "time must be RFC 3339")
-		return
-	}
-	if d := e.now().Sub(t); d > maxClockSkew || d < -maxClockSkew {
-		writeErr(w, http.StatusBadRequest, fmt.Sprintf("this machine's clock is off by %s; set the clock (NTP) and retry", d.Round(time.Second)))
-		return
-	}
-	der, _ := base64.StdEncoding.DecodeString(req.PublicKey)
-	dev, ok := e.Users.DeviceByKey(der)
+	dev, pub, ok := e.grantedKey(w, r, login.GrantCertificateMessage)
 	if !ok {
-		writeJSON(w, http.StatusNotFound, login.ErrorResponse{Error: "no person has approved this key yet", Code: login.CodeGrantPending})
-		return
-	}
-	if !e.checkActive(w, dev) {
 		return
 	}
 	sc := e.Users.Scope(dev.ID)

@@ -76,7 +76,7 @@ func TestSessionEndsWhenItsClientGoes(t *testing.T) {
 
 // waitUntil polls cond until it holds, failing with what did not happen once
 // d has passed.
-func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
+func waitUntil(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {

@@ -74,13 +74,7 @@ func newQUICEnv(t testing.TB, mod func(*proxy.Config), opts proxy.QUICOptions) *
 	})
 	// The carriers answer on the TCP port once ServeQUIC has started: a
 	// test that asks them at once must not race its start.
-	deadline := time.Now().Add(10 * time.Second)
-	for !e.srv.ServingQUIC() {
-		if time.Now().After(deadline) {
-			t.Fatal("ServeQUIC did not start within 10s")
-		}
-		time.Sleep(time.Millisecond) // waiting for ServeQUIC's goroutine, bounded by the deadline above
-	}
+	waitUntil(t, 10*time.Second, "ServeQUIC to start", e.srv.ServingQUIC)
 	return q
 }
 

@@ -252,12 +252,7 @@ func TestWebTransportRevoked(t *testing.T) {
 	var revoked atomic.Bool
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.WebTransport = true
-		c.Identify = func(cs tls.ConnectionState) (authz.Identity, error) {
-			if revoked.Load() {
-				return authz.Identity{}, authz.ErrRevoked
-			}
-			return identifyCN(cs)
-		}
+		c.Identify = revocable(&revoked)
 	}, proxy.QUICOptions{})
 	s := openWT(t, q, wtProof(t, q.cert, "localhost", time.Now()))
 	str := s.stream(t, dialHello(t, q.echo))
@@ -356,12 +351,7 @@ func TestWebSocketRequests(t *testing.T) {
 	var revoked atomic.Bool
 	q := newQUICEnv(t, func(c *proxy.Config) {
 		c.WebTransport = true
-		c.Identify = func(cs tls.ConnectionState) (authz.Identity, error) {
-			if revoked.Load() {
-				return authz.Identity{}, authz.ErrRevoked
-			}
-			return identifyCN(cs)
-		}
+		c.Identify = revocable(&revoked)
 	}, proxy.QUICOptions{})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -558,5 +548,15 @@ func TestWebSocketDropIsAnAbort(t *testing.T) {
 			t.Errorf("a WebSocket %s: the destination saw nothing", how)
 		}
 		cancel()
+	}
+}
+
+// revocable is identifyCN until revoked is set, then a revoked identity.
+func revocable(revoked *atomic.Bool) func(tls.ConnectionState) (authz.Identity, error) {
+	return func(cs tls.ConnectionState) (authz.Identity, error) {
+		if revoked.Load() {
+			return authz.Identity{}, authz.ErrRevoked
+		}
+		return identifyCN(cs)
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -117,13 +116,7 @@ func TestReverseNamesSurviveTPDKills(t *testing.T) {
 	// one (several round trips to a loaded server) within the dial's own
 	// handshake time. The crashes below are about the names, not that order.
 	for _, a := range agents {
-		deadline := time.Now().Add(90 * time.Second)
-		for !strings.Contains(a.proc.log.String(), a.name+".rev.tp.internal has its certificate") {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s got no certificate within 90s:\n%s", a.name, a.proc.log.String())
-			}
-			time.Sleep(50 * time.Millisecond) // waiting for the agent's order, bounded by the deadline above
-		}
+		waitLog(t, a.proc.log, a.name+".rev.tp.internal has its certificate", 90*time.Second)
 	}
 
 	ctx, stop := context.WithCancel(context.Background())

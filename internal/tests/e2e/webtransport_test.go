@@ -4,6 +4,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -197,22 +198,37 @@ func testBrowserCredentialFromGrant(t *testing.T, transport string) {
 	}
 }
 
-// waitEval evaluates expr in the page until it is not empty (up to 60 s).
-func waitEval(t testing.TB, b *chrome, expr string) string {
+// waitPage evaluates expr in the page until ok holds for its value (up to
+// 60 s) and returns the value; what names what is awaited. A page whose
+// script set "error: …" fails the test at once.
+func waitPage(t testing.TB, b *chrome, expr, what string, ok func(string) bool) string {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		if v := b.eval(expr); v != "" {
-			if strings.HasPrefix(v, "error: ") {
-				t.Fatalf("the page's script failed: %s", v)
-			}
+		v := b.eval(expr)
+		if strings.HasPrefix(v, "error: ") {
+			t.Fatalf("the page's script failed: %s", v)
+		}
+		if ok(v) {
 			return v
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the page did not set %s within 60s", expr)
+			t.Fatalf("the page does not show %s within 60s: %s is %q", what, expr, v)
 		}
-		time.Sleep(50 * time.Millisecond) // waiting for the page's script, bounded by the deadline above
+		time.Sleep(50 * time.Millisecond) // waiting for the page, bounded by the deadline above
 	}
+}
+
+// waitEval evaluates expr in the page until it is not empty.
+func waitEval(t testing.TB, b *chrome, expr string) string {
+	t.Helper()
+	return waitPage(t, b, expr, "a value", func(v string) bool { return v != "" })
+}
+
+// waitPageOf evaluates expr in the page until it holds want.
+func waitPageOf(t testing.TB, b *chrome, expr, want string) string {
+	t.Helper()
+	return waitPage(t, b, expr, fmt.Sprintf("%q", want), func(v string) bool { return strings.Contains(v, want) })
 }
 
 const browserSSHPolicy = `package tp.authz
@@ -275,13 +291,7 @@ func testBrowserSSH(t *testing.T, transport string) {
 	}
 	b.eval(`window.tpTerm.input("echo hello-$((6*7)) from the page\r", true)`)
 	screen := `(() => { const b = window.tpTerm.buffer.active; let s = ""; for (let i = 0; i < b.length; i++) s += b.getLine(i).translateToString(true) + "\n"; return s; })()`
-	deadline := time.Now().Add(60 * time.Second)
-	for !strings.Contains(b.eval(screen), "hello-42 from the page") {
-		if time.Now().After(deadline) {
-			t.Fatalf("the terminal does not show the command's output within 60s:\n%s\nstatus: %s", b.eval(screen), b.eval("window.tpStatus"))
-		}
-		time.Sleep(50 * time.Millisecond) // waiting for the shell, bounded by the deadline above
-	}
+	waitPageOf(t, b, screen, "hello-42 from the page")
 
 	grants := run(t, alice, binary("tp"), "grant", "--list")
 	device := regexp.MustCompile(`alice@grant-[a-z2-7]{16}`).FindString(grants)
@@ -300,19 +310,9 @@ func testBrowserSSH(t *testing.T, transport string) {
 }
 
 // waitPageStatus waits until the terminal page's status holds want.
-func waitPageStatus(t *testing.T, b *chrome, want string) string {
+func waitPageStatus(t testing.TB, b *chrome, want string) string {
 	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		s := b.eval("window.tpStatus || ''")
-		if strings.Contains(s, want) {
-			return s
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the page's status is %q, not %q, after 60s", s, want)
-		}
-		time.Sleep(50 * time.Millisecond) // waiting for the page, bounded by the deadline above
-	}
+	return waitPageOf(t, b, "window.tpStatus || ''", want)
 }
 
 // The example page beside the terminal (echo.html): it gets its credential
@@ -329,26 +329,14 @@ func TestBrowserEchoPage(t *testing.T) {
 	waitEval(t, b, "window.tpReady ? 'yes' : ''")
 	b.click("#send")
 	run(t, alice, binary("tp"), "grant", waitEval(t, b, "window.tpLink || ''"), "--yes")
-	deadline := time.Now().Add(60 * time.Second)
-	for out := ""; !strings.Contains(out, "UDP "); out = b.eval("window.tpOut || ''") {
-		if time.Now().After(deadline) {
-			t.Fatalf("the example page shows %q after 60s", out)
-		}
-		time.Sleep(50 * time.Millisecond) // waiting for the page, bounded by the deadline above
-	}
+	waitPageOf(t, b, "window.tpOut || ''", "UDP ")
 	out := b.eval("window.tpOut")
 	if !strings.Contains(out, "TCP "+tcp+": hello-from-the-example") || !strings.Contains(out, "UDP "+udp+": hello-from-the-example") {
 		t.Fatalf("the example page's answers:\n%s", out)
 	}
 	b.eval(`document.getElementById("tcp").value = "10.255.255.1:7"; document.getElementById("udp").value = ""`)
 	b.click("#send")
-	deadline = time.Now().Add(60 * time.Second)
-	for out = ""; !strings.Contains(out, "10.255.255.1:7: "); out = b.eval("window.tpOut || ''") {
-		if time.Now().After(deadline) {
-			t.Fatalf("the example page shows %q after 60s", out)
-		}
-		time.Sleep(50 * time.Millisecond) // waiting for the page, bounded by the deadline above
-	}
+	out = waitPageOf(t, b, "window.tpOut || ''", "10.255.255.1:7: ")
 	if !strings.Contains(out, "TCP 10.255.255.1:7: policy_denied: 10.255.255.1:7 is limited to alice and group ops") {
 		t.Fatalf("a denied destination on the example page:\n%s", out)
 	}
