@@ -560,3 +560,54 @@ func revocable(revoked *atomic.Bool) func(tls.ConnectionState) (authz.Identity, 
 		return identifyCN(cs)
 	}
 }
+
+// A browser's requests are TP requests in everything but their transport:
+// the server's own listener is refused (self_dial, the SSRF rule), a device
+// past max-sessions-per-identity is refused (too_many_sessions), and each
+// request leaves its audit record with transport "webtransport".
+func TestWebTransportRequestsKeepTPsRules(t *testing.T) {
+	t.Parallel()
+	records := make(chan proxy.SessionRecord, 16)
+	q := newQUICEnv(t, func(c *proxy.Config) {
+		c.WebTransport = true
+		c.MaxSessionsPerIdentity = 1
+		c.OnSessionEnd = func(r proxy.SessionRecord) { records <- r }
+	}, proxy.QUICOptions{})
+	s := openWT(t, q, wtProof(t, q.cert, "localhost", time.Now()))
+
+	held := s.stream(t, dialHello(t, q.echo))
+	if sh, err := wire.ReadServerHello(held); err != nil || !sh.OK {
+		t.Fatalf("the one session the device may hold: %+v, %v", sh, err)
+	}
+	if sh, err := wire.ReadServerHello(s.stream(t, dialHello(t, q.echo))); err != nil || sh.OK || sh.Code != proxy.CodeTooManySessions {
+		t.Fatalf("a second session past max-sessions-per-identity 1: %+v, %v; want too_many_sessions", sh, err)
+	}
+	_ = held.Close()
+	held.CancelRead(0)
+	// Once both have ended (their records), the slot is free again: the
+	// server's own listener is refused for what it is.
+	var got []proxy.SessionRecord
+	for len(got) < 2 {
+		select {
+		case r := <-records:
+			got = append(got, r)
+		case <-time.After(20 * time.Second):
+			t.Fatal("no audit records of the two requests within 20s")
+		}
+	}
+	self, err := wire.ReadServerHello(s.stream(t, dialHello(t, q.addr)))
+	if err != nil || self.OK || self.Code != wire.CodeSelfDial {
+		t.Fatalf("a dial of the server's own listener over WebTransport: %+v, %v; want self_dial", self, err)
+	}
+	select {
+	case r := <-records:
+		got = append(got, r)
+	case <-time.After(20 * time.Second):
+		t.Fatal("no audit record of the self dial within 20s")
+	}
+	for _, r := range got {
+		if r.Transport != "webtransport" || r.Identity != "alice@laptop" {
+			t.Errorf("an audit record of a browser's request: transport %q, identity %q", r.Transport, r.Identity)
+		}
+	}
+}
