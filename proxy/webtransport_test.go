@@ -259,6 +259,9 @@ func TestWebTransportRevoked(t *testing.T) {
 	if sh, err := wire.ReadServerHello(str); err != nil || !sh.OK {
 		t.Fatalf("dial: %+v, %v", sh, err)
 	}
+	// The dial's ok is written before its session is registered for
+	// re-checks: wait for both the session and the dial.
+	waitUntil(t, 10*time.Second, "the session and its dial to be live", func() bool { return q.srv.Live() == 2 })
 	revoked.Store(true)
 	if _, closed := q.srv.Recheck(context.Background()); closed < 2 {
 		t.Fatalf("Recheck closed %d sessions, want the session and its dial", closed)
@@ -405,6 +408,9 @@ func TestWebSocketRequests(t *testing.T) {
 	if sh := serverHello(cut); !sh.OK {
 		t.Fatalf("a dial over a WebSocket: %+v", sh)
 	}
+	// The dial's ok is written before its session is registered for
+	// re-checks: wait for it.
+	waitUntil(t, 10*time.Second, "the WebSocket's dial to be live", func() bool { return q.srv.Live() == 1 })
 	revoked.Store(true)
 	if _, closed := q.srv.Recheck(context.Background()); closed != 1 {
 		t.Fatalf("Recheck closed %d sessions, want the WebSocket's", closed)
