@@ -3,6 +3,7 @@ package clients
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -96,6 +97,17 @@ type Dialer struct {
 	// its own through the server, instead of a stream of the end-to-end carrier
 	// the Dialer keeps to the name (docs/PROTOCOL.md, section 11.4.1).
 	NoE2EMux bool
+	// Direct makes TCP sessions to a protected reverse name streams of one
+	// end-to-end QUIC connection with its agent, which starts relayed through
+	// the server and moves to a direct path between the two devices when ICE
+	// finds one (docs/PROTOCOL.md, section 11.4.2). An agent that takes none
+	// gets ordinary sessions for a while.
+	Direct bool
+	// DirectLoopback also offers loopback addresses as ICE candidates, and
+	// DirectInterfaces, when set, says which interfaces give candidates (tests
+	// on one host keep ICE on loopback with both). An Agent uses its Dialer's.
+	DirectLoopback   bool
+	DirectInterfaces func(name string) bool
 	// NoTLSMux makes every dial over TLS a TLS connection of its own (ALPN
 	// tp/1) instead of a stream of a tp-mux/1 connection the Dialer holds to
 	// the server (transport.MuxPool, docs/PROTOCOL.md section 9.9).
@@ -127,6 +139,7 @@ type Dialer struct {
 	tlsEarly  earlyState
 	e2e       attachStates // end-to-end attach state by reverse name (e2eattach.go)
 	mux       muxStates    // end-to-end carriers by reverse name (e2emux_dial.go)
+	direct    directStates // end-to-end QUIC pairs by reverse name (direct_dial.go)
 
 	// Set by Client.Dialer, for CutError: this device's ID (user@device),
 	// named in messages, and Client.WhyRejected, which asks the server why it
@@ -246,6 +259,19 @@ func (d *Dialer) dial(ctx context.Context, network, addr string, early *earlyDia
 	if netw == "udp" {
 		return d.transport().RoundTrip(ctx, d.udpTrip(addr, hello))
 	}
+	// A protected name this Dialer holds a pair to: a stream of it, no dial
+	// through the server (direct_dial.go).
+	if c, handled, claim, err := d.directDial(ctx, addr); handled {
+		return c, err
+	} else if claim != nil {
+		dctx := context.WithValue(ctx, directClaimKey{}, claim)
+		c, err := d.transport().RoundTrip(dctx, d.dialTrip(addr, hello, early))
+		d.releaseDirect(claim)
+		if !errors.Is(err, errNoDirect) {
+			return c, err
+		}
+		ctx = context.WithValue(ctx, noDirectKey{}, true) // an older agent: an ordinary session
+	}
 	// A protected name this Dialer holds an end-to-end carrier to: a stream of
 	// it, no dial through the server (e2emux_dial.go).
 	if c, handled, claim, err := d.muxDial(ctx, addr, early); handled {
@@ -280,6 +306,7 @@ func (d *Dialer) transport() *transport.Client {
 // QUIC connections, after a "bye" when every request stream was closed, the
 // spares and the tp-mux connections).
 func (d *Dialer) Close() error {
+	d.closeDirect()
 	d.closeMux()
 	return d.transport().Close()
 }

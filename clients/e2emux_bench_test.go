@@ -20,6 +20,13 @@ import (
 // local; it returns bob's TLS configuration and the server's address.
 func startReverseServer(b testing.TB, local string) (string, *tls.Config) {
 	b.Helper()
+	return startReverseServerWith(b, local, nil)
+}
+
+// startReverseServerWith is startReverseServer with edit applied to the agent
+// before it runs.
+func startReverseServerWith(b testing.TB, local string, edit func(*Agent)) (string, *tls.Config) {
+	b.Helper()
 	ca := testpki.New(b)
 	srv, err := proxy.New(proxy.Config{
 		ProxyTLS: &tls.Config{
@@ -51,6 +58,9 @@ func startReverseServer(b testing.TB, local string) (string, *tls.Config) {
 		Exposed:     []Exposed{{Name: "svc", Local: local}},
 		AllowUsers:  []string{"bob"},
 		Certificate: func(context.Context, string) (*tls.Certificate, error) { return &agentCert, nil },
+	}
+	if edit != nil {
+		edit(a)
 	}
 	registered := make(chan struct{}, 1)
 	a.Registered = func([]string) {

@@ -24,6 +24,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/authz"
+	"github.com/tp-proxy/tp/clients/direct"
 	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -70,6 +71,9 @@ type Agent struct {
 	// RefuseGuests. Empty admits no guest.
 	Owner        string
 	RefuseGuests bool
+	// NoDirect refuses end-to-end QUIC pairs (direct paths, docs/PROTOCOL.md
+	// section 11.4.2): their dialers then open ordinary sessions.
+	NoDirect bool
 	// Certificate returns the server certificate for a full reverse name
 	// ((*Client).ReverseCertificate). Required.
 	Certificate func(ctx context.Context, name string) (*tls.Certificate, error)
@@ -687,6 +691,10 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 	if err != nil {
 		refuseSession(conn, wire.QUICInternal)
 		log.Warn("tp expose: the dialer sent nothing", "err", err.Error())
+		return
+	}
+	if first[0] == direct.Marker { // an end-to-end QUIC pair (direct_agent.go)
+		a.serveDirect(ctx, conn, hdr, full, local, udp, pre, answered, log)
 		return
 	}
 	var below net.Conn = &prefixConn{Conn: conn, prefix: first[:]}

@@ -101,7 +101,10 @@ func (d *Dialer) helloExchange(ctx context.Context, s *transport.Stream, addr st
 	conn := s.Stream
 	// The hello exchange is bounded by ctx through the connection's deadline.
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
-	attach := d.earlyAttach(conn, hello, early)
+	var attach *pendingAttach
+	if directClaimFrom(ctx) == nil { // a pair's opening replaces the inner session
+		attach = d.earlyAttach(conn, hello, early)
+	}
 	sh, err := exchangeWith(conn, hello, attach.message())
 	if !stop() {
 		err = errors.Join(err, ctx.Err())
@@ -125,6 +128,8 @@ func (d *Dialer) answer(ctx context.Context, conn wire.Stream, addr string, hell
 	var c net.Conn = conn
 	var err error
 	switch {
+	case sh.E2E && directClaimFrom(ctx) != nil: // an end-to-end QUIC pair (direct_dial.go)
+		return d.startDirect(ctx, conn, addr, directClaimFrom(ctx))
 	case sh.E2E: // a protected reverse listener: TLS with its agent inside (e2e.go)
 		if claim := muxClaimFrom(ctx); claim != nil {
 			claim.session = sh.Session // a carrier's streams are cut with it (e2emux_dial.go)

@@ -1,0 +1,500 @@
+// Package direct carries the end-to-end QUIC connection between a dialer and
+// a protected name's agent (docs/PROTOCOL.md, section 11.4.2): a Path is the
+// packet path quic-go sees, one constant peer address, under which the packets
+// go over the relay (a stream through the TP server) until ICE finds a direct
+// path between the two devices, move to that path, and back to the relay when
+// it dies. QUIC's own loss recovery carries what was in flight across a switch,
+// so no stream is reset and no byte lost. The relay stream also stands for the
+// TP server's consent: when it ends, or is silent for Silence, the pair ends.
+//
+// The package knows nothing of tp's dialer or agent; ICE (pion/ice) and the
+// signalling over the QUIC connection are in ice.go.
+package direct
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Marker and Version open a direct-path session on the relay stream, in
+// place of the inner TLS handshake of a protected session: the dialer writes
+// them first, the agent answers Marker, Version (it takes it) or Marker,
+// Refused (it does not).
+const (
+	Marker  byte = 0x01
+	Version byte = 0x01
+	Refused byte = 0x00
+)
+
+// Frame types on the relay stream: type (1 byte), length (2 bytes, big
+// endian), payload.
+const (
+	framePacket byte = 0x01 // one QUIC packet
+	framePing   byte = 0x02 // empty: the sender is alive and hears the server
+)
+
+// MaxPacket is the largest QUIC packet a relay frame carries; PacketSize is
+// the size QUIC sends (path MTU discovery is off: the path below changes).
+const (
+	MaxPacket  = 1500
+	PacketSize = 1280
+)
+
+// PingEvery and Silence: each end writes a ping on the relay stream every
+// PingEvery, and ends the pair when it has read nothing from it for Silence
+// (the TP server is gone, or no longer relays: a revocation reaches both ends
+// as the end of that stream, or as this silence).
+const (
+	PingEvery = 5 * time.Second
+	Silence   = 15 * time.Second
+)
+
+// DeadAfter is how long a direct path may take packets without one coming
+// back (at least deadPackets of them) before the Path sends on the relay
+// again; it tries the direct path again after a back-off from directRetry up to
+// directRetryMax.
+const (
+	DeadAfter      = 2 * time.Second
+	deadPackets    = 4
+	directRetry    = 2 * time.Second
+	directRetryMax = time.Minute
+)
+
+const (
+	inQueue  = 1024 // packets read and not yet taken by QUIC
+	outQueue = 512  // packets waiting for the relay stream
+)
+
+// ErrRefused: the agent answered the marker without taking a direct path.
+var ErrRefused = errors.New("the agent does not take direct paths")
+
+// ErrSilent ends a pair whose relay stream said nothing for Silence.
+var ErrSilent = fmt.Errorf("no word from the TP server for %s: the direct path ends with the relayed session that authorises it", Silence)
+
+// DirectConn is the direct path once ICE selected a pair: datagrams to and
+// from the peer (an *ice.Conn).
+type DirectConn interface {
+	Read([]byte) (int, error)
+	Write([]byte) (int, error)
+}
+
+type addr string
+
+func (a addr) Network() string { return "tp-direct" }
+func (a addr) String() string  { return string(a) }
+
+// Stats counts a Path's packets by the way they went.
+type Stats struct {
+	RelayOut, RelayIn, DirectOut, DirectIn int64
+	// Dropped: packets the relay's queue or QUIC's input queue could not take
+	// (QUIC sends them again, as for a loss).
+	Dropped int64
+	// ToDirect and ToRelay count the switches of the sending side.
+	ToDirect, ToRelay int64
+}
+
+// Path is a net.PacketConn for quic-go whose packets go over a relay stream
+// or a direct path, whichever is alive.
+type Path struct {
+	relay net.Conn
+	br    *bufio.Reader
+	in    chan []byte
+	out   chan []byte
+	ping  chan struct{}
+
+	mu        sync.Mutex
+	direct    DirectConn
+	iceUp     bool      // ICE says the selected pair is connected
+	badUntil  time.Time // the direct path failed to carry packets; relay until then
+	retry     time.Duration
+	pending   time.Time // first packet on the direct path since one came back
+	pendingN  int
+	onDirect  bool // where the last packet went
+	onSwitch  func(direct bool)
+	lastHeard atomic.Int64 // unix nanoseconds of the relay's last frame
+
+	rdMu      sync.Mutex
+	rdCh      chan struct{}
+	rdTimer   *time.Timer
+	rdFired   bool          // rdCh is closed
+	done      chan struct{} // the relay ended
+	doneOnce  sync.Once
+	err       error
+	closed    chan struct{} // Close was called: quic-go's reads end
+	closeOnce sync.Once
+
+	relayOut, relayIn, directOut, directIn, dropped, toDirect, toRelay atomic.Int64
+}
+
+var pool = sync.Pool{New: func() any { b := make([]byte, MaxPacket); return &b }}
+
+// NewPath runs a Path over relay, a stream through the TP server whose
+// opening (Marker, Version) was written. expect, when not empty, is what the
+// other end must answer first (the dialer's side: Marker, Version); anything
+// else ends the Path with ErrRefused.
+func NewPath(relay net.Conn, expect []byte) *Path {
+	p := &Path{
+		relay:  relay,
+		br:     bufio.NewReaderSize(relay, 64<<10),
+		in:     make(chan []byte, inQueue),
+		out:    make(chan []byte, outQueue),
+		ping:   make(chan struct{}, 1),
+		rdCh:   make(chan struct{}),
+		done:   make(chan struct{}),
+		closed: make(chan struct{}),
+		retry:  directRetry,
+	}
+	p.lastHeard.Store(time.Now().UnixNano())
+	go p.readRelay(expect)
+	go p.writeRelay()
+	return p
+}
+
+// OnSwitch, when set before packets flow, is told each time the sending side
+// moves to the direct path (true) or back to the relay (false).
+func (p *Path) OnSwitch(f func(direct bool)) {
+	p.mu.Lock()
+	p.onSwitch = f
+	p.mu.Unlock()
+}
+
+// SetDirect gives the Path the direct path ICE found; it reads it from now on.
+func (p *Path) SetDirect(c DirectConn) {
+	p.mu.Lock()
+	if p.direct != nil {
+		p.mu.Unlock()
+		return
+	}
+	p.direct = c
+	p.iceUp = true
+	p.mu.Unlock()
+	go p.readDirect(c)
+}
+
+// SetICEUp says whether ICE holds the direct path as connected (a consent
+// check failed: false; it came back: true).
+func (p *Path) SetICEUp(up bool) {
+	p.mu.Lock()
+	p.iceUp = up
+	if up {
+		p.badUntil = time.Time{}
+		p.retry = directRetry
+	}
+	p.mu.Unlock()
+}
+
+// Direct says whether the Path sends on the direct path now.
+func (p *Path) Direct() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.direct != nil && p.iceUp && !time.Now().Before(p.badUntil)
+}
+
+// Stats are the Path's counts so far.
+func (p *Path) Stats() Stats {
+	return Stats{RelayOut: p.relayOut.Load(), RelayIn: p.relayIn.Load(), DirectOut: p.directOut.Load(),
+		DirectIn: p.directIn.Load(), Dropped: p.dropped.Load(), ToDirect: p.toDirect.Load(), ToRelay: p.toRelay.Load()}
+}
+
+// Done is closed when the relay ended; Err then says why. The direct path
+// still carries packets (a CONNECTION_CLOSE saying why) until Close.
+func (p *Path) Done() <-chan struct{} { return p.done }
+
+// Err is why the relay ended (nil while it runs, net.ErrClosed after Close).
+func (p *Path) Err() error {
+	select {
+	case <-p.done:
+		return p.err
+	default:
+		return nil
+	}
+}
+
+func (p *Path) fail(err error) {
+	p.doneOnce.Do(func() {
+		p.err = err
+		close(p.done)
+		_ = p.relay.Close()
+	})
+}
+
+// Close ends the Path and closes the relay stream.
+func (p *Path) Close() error {
+	p.fail(net.ErrClosed)
+	p.closeOnce.Do(func() { close(p.closed) })
+	return nil
+}
+
+// SetReadBuffer and SetWriteBuffer are for quic-go, which sizes a UDP
+// socket's buffers: the Path has queues of its own.
+func (p *Path) SetReadBuffer(int) error  { return nil }
+func (p *Path) SetWriteBuffer(int) error { return nil }
+
+// CloseRelay ends the relay stream cleanly (a half-close first, so that the
+// other end reads an end rather than a cut), then the Path.
+func (p *Path) CloseRelay() {
+	if cw, ok := p.relay.(interface{ CloseWrite() error }); ok {
+		_ = p.relay.SetWriteDeadline(time.Now().Add(time.Second))
+		_ = cw.CloseWrite()
+	}
+	_ = p.Close()
+}
+
+// ReadFrom hands quic-go the next packet, from either path.
+func (p *Path) ReadFrom(b []byte) (int, net.Addr, error) {
+	p.rdMu.Lock()
+	dl := p.rdCh
+	p.rdMu.Unlock()
+	select {
+	case pk := <-p.in:
+		n := copy(b, pk)
+		pool.Put(&pk)
+		return n, peerAddr, nil
+	case <-p.closed:
+		return 0, nil, net.ErrClosed
+	case <-dl:
+		return 0, nil, os.ErrDeadlineExceeded
+	}
+}
+
+var peerAddr = addr("peer")
+
+// WriteTo sends a packet on the direct path when it is alive, else on the relay.
+func (p *Path) WriteTo(b []byte, _ net.Addr) (int, error) {
+	select {
+	case <-p.closed:
+		return 0, net.ErrClosed
+	default:
+	}
+	if len(b) > MaxPacket {
+		return 0, fmt.Errorf("tp direct: a packet of %d bytes; at most %d", len(b), MaxPacket)
+	}
+	if c := p.sendDirect(); c != nil {
+		if _, err := c.Write(b); err == nil {
+			p.directOut.Add(1)
+			return len(b), nil
+		}
+		p.markBad() // the selected pair went away: the relay takes it
+	}
+	select {
+	case <-p.done:
+		return len(b), nil // no relay: lost, as on a dead link
+	default:
+	}
+	bp := pool.Get().(*[]byte)
+	pk := append((*bp)[:0], b...)
+	select {
+	case p.out <- pk:
+		p.relayOut.Add(1)
+	default:
+		pool.Put(bp)
+		p.dropped.Add(1) // a full queue: QUIC sees a loss and slows down
+	}
+	return len(b), nil
+}
+
+// sendDirect is the direct path when a packet should go on it now, keeping
+// the count that tells a dead path.
+func (p *Path) sendDirect() DirectConn {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := time.Now()
+	use := p.direct != nil && p.iceUp && !now.Before(p.badUntil)
+	if use && !p.pending.IsZero() && p.pendingN >= deadPackets && now.Sub(p.pending) > DeadAfter {
+		p.markBadLocked(now)
+		use = false
+	}
+	if use != p.onDirect {
+		p.onDirect = use
+		if use {
+			p.toDirect.Add(1)
+		} else {
+			p.toRelay.Add(1)
+		}
+		if p.onSwitch != nil {
+			go p.onSwitch(use)
+		}
+	}
+	if !use {
+		return nil
+	}
+	if p.pending.IsZero() {
+		p.pending = now
+	}
+	p.pendingN++
+	return p.direct
+}
+
+func (p *Path) markBad() {
+	p.mu.Lock()
+	p.markBadLocked(time.Now())
+	p.mu.Unlock()
+}
+
+// markBadLocked stops sending on the direct path for a while (doubling each
+// time it fails again before ICE says it is connected anew).
+func (p *Path) markBadLocked(now time.Time) {
+	p.badUntil = now.Add(p.retry)
+	p.retry = min(2*p.retry, directRetryMax)
+	p.pending, p.pendingN = time.Time{}, 0
+}
+
+func (p *Path) deliver(pk []byte) {
+	select {
+	case p.in <- pk:
+	default:
+		pool.Put(&pk)
+		p.dropped.Add(1)
+	}
+}
+
+func (p *Path) readDirect(c DirectConn) {
+	for {
+		bp := pool.Get().(*[]byte)
+		n, err := c.Read((*bp)[:MaxPacket])
+		if err != nil {
+			pool.Put(bp)
+			return // ICE ended: the relay carries on
+		}
+		p.directIn.Add(1)
+		p.mu.Lock()
+		p.pending, p.pendingN = time.Time{}, 0
+		p.mu.Unlock()
+		p.deliver((*bp)[:n])
+	}
+}
+
+func (p *Path) readRelay(expect []byte) {
+	if len(expect) > 0 {
+		got := make([]byte, len(expect))
+		if _, err := io.ReadFull(p.br, got); err != nil || string(got) != string(expect) {
+			if err == nil || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				err = ErrRefused
+			}
+			p.fail(err)
+			return
+		}
+	}
+	var hdr [3]byte
+	for {
+		if _, err := io.ReadFull(p.br, hdr[:]); err != nil {
+			if errors.Is(err, io.EOF) {
+				err = errors.New("the TP server or the other end ended the relayed session")
+			}
+			p.fail(err)
+			return
+		}
+		p.lastHeard.Store(time.Now().UnixNano())
+		n := int(binary.BigEndian.Uint16(hdr[1:]))
+		switch {
+		case hdr[0] == framePing && n == 0:
+			continue
+		case hdr[0] != framePacket:
+			p.fail(fmt.Errorf("tp direct: a relay frame of type 0x%02x", hdr[0]))
+			return
+		case n == 0 || n > MaxPacket:
+			p.fail(fmt.Errorf("tp direct: a relayed packet of %d bytes; 1 to %d", n, MaxPacket))
+			return
+		}
+		bp := pool.Get().(*[]byte)
+		pk := (*bp)[:n]
+		if _, err := io.ReadFull(p.br, pk); err != nil {
+			pool.Put(bp)
+			p.fail(fmt.Errorf("tp direct: the relay stream ended in a packet: %w", err))
+			return
+		}
+		p.relayIn.Add(1)
+		p.deliver(pk)
+	}
+}
+
+// writeRelay writes queued packets, several to a write, and a ping every
+// PingEvery; it also ends the Path when the relay went silent.
+func (p *Path) writeRelay() {
+	tick := time.NewTicker(PingEvery)
+	defer tick.Stop()
+	buf := make([]byte, 0, 64<<10)
+	frame := func(t byte, b []byte) {
+		buf = append(buf, t, byte(len(b)>>8), byte(len(b)))
+		buf = append(buf, b...)
+	}
+	for {
+		buf = buf[:0]
+		select {
+		case <-p.done:
+			return
+		case <-tick.C:
+			if time.Since(time.Unix(0, p.lastHeard.Load())) > Silence {
+				p.fail(ErrSilent)
+				return
+			}
+			frame(framePing, nil)
+		case pk := <-p.out:
+			frame(framePacket, pk)
+			pool.Put(&pk)
+		more:
+			for len(buf) < cap(buf)-MaxPacket-3 {
+				select {
+				case pk := <-p.out:
+					frame(framePacket, pk)
+					pool.Put(&pk)
+				default:
+					break more
+				}
+			}
+		}
+		_ = p.relay.SetWriteDeadline(time.Now().Add(Silence))
+		if _, err := p.relay.Write(buf); err != nil {
+			p.fail(fmt.Errorf("tp direct: writing to the relay stream: %w", err))
+			return
+		}
+	}
+}
+
+func (p *Path) LocalAddr() net.Addr { return addr("local") }
+
+// RemoteAddr is the one address quic-go sees the peer at.
+func (p *Path) RemoteAddr() net.Addr { return peerAddr }
+
+func (p *Path) SetDeadline(t time.Time) error { return p.SetReadDeadline(t) }
+
+func (p *Path) SetReadDeadline(t time.Time) error {
+	p.rdMu.Lock()
+	defer p.rdMu.Unlock()
+	if p.rdTimer != nil {
+		p.rdTimer.Stop()
+		p.rdTimer = nil
+	}
+	if p.rdFired { // a reader waits on the current channel only until it fires
+		p.rdCh, p.rdFired = make(chan struct{}), false
+	}
+	if t.IsZero() {
+		return nil
+	}
+	ch := p.rdCh
+	fire := func() {
+		p.rdMu.Lock()
+		defer p.rdMu.Unlock()
+		if p.rdCh == ch && !p.rdFired {
+			close(ch)
+			p.rdFired = true
+		}
+	}
+	if d := time.Until(t); d <= 0 {
+		close(ch)
+		p.rdFired = true
+	} else {
+		p.rdTimer = time.AfterFunc(d, fire)
+	}
+	return nil
+}
+
+func (p *Path) SetWriteDeadline(time.Time) error { return nil }

@@ -1,0 +1,148 @@
+package clients
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"testing"
+
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
+	"github.com/tp-proxy/tp/proxy/wire"
+)
+
+// onLoopback keeps a pair's ICE on loopback: nothing leaves the host.
+func onLoopback(d *Dialer) {
+	d.DirectLoopback = true
+	d.DirectInterfaces = func(name string) bool { return name == "lo" }
+}
+
+func echoService(t *testing.T) string {
+	return testnet.Serve(t, func(c *net.TCPConn) {
+		_, _ = io.Copy(c, c)
+		_ = c.CloseWrite()
+	})
+}
+
+// directEnv is a real proxy.Server over TLS, alice's agent for svc.rev.test
+// (bob allowed) in front of an echo service, and bob's Dialer with direct paths.
+func directEnv(t *testing.T, edit func(*Agent)) (*Dialer, *Agent) {
+	t.Helper()
+	var agent *Agent
+	addr, cfg := startReverseServerWith(t, echoService(t), func(a *Agent) {
+		onLoopback(a.Dialer)
+		if edit != nil {
+			edit(a)
+		}
+		agent = a
+	})
+	d := &Dialer{Server: addr, TLSConfig: cfg, Transport: TransportTLS, Direct: true}
+	onLoopback(d)
+	t.Cleanup(func() { _ = d.Close() })
+	return d, agent
+}
+
+const directAddr = "svc.rev.test:22"
+
+// The first session to a protected name opens the pair through the server;
+// it moves to the direct path, and later sessions are streams of it: every
+// byte comes back as sent, and the relay carries next to nothing.
+func TestDirectSessions(t *testing.T) {
+	d, _ := directEnv(t, nil)
+	c, err := d.DialContext(context.Background(), "tcp", directAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := checksummed(c, 1<<20); err != nil {
+		t.Fatalf("the first session: %v", err)
+	}
+	p := d.DirectPath(directAddr)
+	if p == nil {
+		t.Fatal("the Dialer holds no pair after the first session")
+	}
+	waitUntil(t, "the pair sends on the direct path", p.Direct)
+	before := p.Stats()
+	for i := range 4 {
+		c, err := d.DialContext(context.Background(), "tcp", directAddr)
+		if err != nil {
+			t.Fatalf("session %d: %v", i+2, err)
+		}
+		if err := checksummed(c, 4<<20); err != nil {
+			t.Fatalf("session %d: %v", i+2, err)
+		}
+	}
+	if opened, _ := d.DirectStats(); opened != 1 {
+		t.Fatalf("%d pairs opened for five sessions; want 1", opened)
+	}
+	after := p.Stats()
+	if relayed := after.RelayOut - before.RelayOut; relayed > (after.DirectOut-before.DirectOut)/100 {
+		t.Fatalf("the relay carried %d packets of the later sessions against %d direct: %+v", relayed, after.DirectOut-before.DirectOut, after)
+	}
+}
+
+// An agent that takes no direct path answers so; the dialer's session goes on
+// as an ordinary protected one, and later ones do not ask again.
+func TestDirectRefusedByTheAgent(t *testing.T) {
+	d, _ := directEnv(t, func(a *Agent) { a.NoDirect = true })
+	for i := range 2 {
+		c, err := d.DialContext(context.Background(), "tcp", directAddr)
+		if err != nil {
+			t.Fatalf("session %d: %v", i+1, err)
+		}
+		if err := checksummed(c, 256<<10); err != nil {
+			t.Fatalf("session %d: %v", i+1, err)
+		}
+	}
+	if opened, _ := d.DirectStats(); opened != 0 || d.DirectPath(directAddr) != nil {
+		t.Fatalf("%d pairs opened with an agent that takes none", opened)
+	}
+}
+
+// Each stream of a pair is a session the agent checks against its allow list
+// as it is then: once bob is no longer allowed, his next session on the same
+// pair is refused with the agent's reason.
+func TestDirectChecksEachStream(t *testing.T) {
+	d, a := directEnv(t, nil)
+	c, err := d.DialContext(context.Background(), "tcp", directAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := checksummed(c, 1024); err != nil {
+		t.Fatal(err)
+	}
+	a.SetAllow([]string{"carol"}, nil)
+	_, err = d.DialContext(context.Background(), "tcp", directAddr)
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Code != CodeAgentDenied {
+		t.Fatalf("a session after bob left the allow list: %v; want the agent's refusal", err)
+	}
+	if opened, _ := d.DirectStats(); opened != 1 {
+		t.Fatalf("%d pairs opened; want the refusal on the same pair", opened)
+	}
+}
+
+// A session on a pair whose relay is cut fails with an error, never an end
+// of stream: the server's consent ended.
+func TestDirectCutIsError(t *testing.T) {
+	d, _ := directEnv(t, nil)
+	c, err := d.DialContext(context.Background(), "tcp", directAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the pair sends on the direct path", d.DirectPath(directAddr).Direct)
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatal(err)
+	}
+	d.transport().Close() // the Dialer's TLS connections to the server, the relay among them
+	_, err = io.ReadAll(c)
+	if err == nil {
+		t.Fatal("the session read a clean end after its relay was cut")
+	}
+	if _, ok := c.(wire.Stream); !ok {
+		t.Fatalf("a session is a %T, not a wire.Stream", c)
+	}
+}
