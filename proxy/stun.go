@@ -8,7 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/pion/stun/v3"
+	"github.com/pion/stun/v4"
 	"github.com/quic-go/quic-go"
 
 	"github.com/tp-proxy/tp/proxy/carrier"

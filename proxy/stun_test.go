@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pion/stun/v3"
+	"github.com/pion/stun/v4"
 
 	"github.com/tp-proxy/tp/clients"
 	"github.com/tp-proxy/tp/proxy"
