@@ -17,7 +17,7 @@ import (
 
 func exposeCmd(stderr io.Writer) *cobra.Command {
 	var allowUsers, allowGroups, extra []string
-	var exitOnRefusal, refuseGuests bool
+	var exitOnRefusal, refuseGuests, noDirect bool
 	var maxSessions int
 	var pub publicFlags
 	var httpMode, h1Only, devicesOnly bool
@@ -93,6 +93,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 				AllowGroups:   allowGroups,
 				Owner:         ownerOf(c.Profile.DeviceID),
 				RefuseGuests:  refuseGuests,
+				NoDirect:      noDirect,
 				ExitOnRefusal: exitOnRefusal,
 				MaxSessions:   maxSessions,
 				Explain:       c.WhyRejected,
@@ -143,6 +144,7 @@ func exposeCmd(stderr io.Writer) *cobra.Command {
 	}
 	cmd.Flags().StringSliceVar(&allowUsers, "allow-user", nil, "users whose devices may connect (repeatable)")
 	cmd.Flags().StringSliceVar(&allowGroups, "allow-group", nil, "groups whose members' devices may connect (repeatable)")
+	cmd.Flags().BoolVar(&noDirect, "no-direct", false, "refuse direct paths: a dialer with --direct then gets sessions relayed by the TP server, as any other (by default this device answers ICE through the server and takes the dialer's QUIC connection over a direct path when the networks let one through)")
 	cmd.Flags().BoolVar(&refuseGuests, "refuse-guests", false, "refuse guests, whom you or another person who may keep NAME exposed shared it with (tp share); by default the server's word that a dialer is a guest of NAME admits it")
 	cmd.Flags().IntVar(&maxSessions, "max-sessions", clients.DefaultAgentMaxSessions, "sessions the TP server may have open to this agent at once over QUIC; one more waits up to 10s for one to end, then is refused")
 	cmd.Flags().BoolVar(&exitOnRefusal, "exit-on-refusal", false, "exit when the server refuses the names (policy denial, or a name another identity holds) instead of retrying with backoff")

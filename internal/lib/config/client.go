@@ -30,6 +30,11 @@ type Client struct {
 	// CarrierHeadStart is how long auto gives QUIC over UDP alone before it
 	// also tries the stream carriers (0: the client's default, 500 ms).
 	CarrierHeadStart time.Duration `mapstructure:"carrier-head-start"`
+	// Direct makes sessions to protected names (tp expose) streams of one
+	// end-to-end QUIC connection per name, moved to a direct path between the
+	// two devices when their networks let one through (docs/PROTOCOL.md
+	// §11.4.2).
+	Direct bool `mapstructure:"direct"`
 	// Quiet drops tp's progress lines ("Connecting to …"); errors still show.
 	Quiet bool `mapstructure:"quiet"`
 	// Debug adds tp's debug lines: every attempt's own error where the usual
@@ -86,12 +91,13 @@ func LoadClient(fs *pflag.FlagSet) (Client, error) {
 	v.SetDefault("carrier", "")
 	v.SetDefault("carrier-http-url", "")
 	v.SetDefault("carrier-head-start", time.Duration(0))
+	v.SetDefault("direct", false)
 	v.SetDefault("quiet", false)
 	v.SetDefault("debug", false)
 	v.SetEnvPrefix("TP")
 	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
 	v.AutomaticEnv()
-	for _, key := range []string{"home", "timeout", "transport", "carrier", "carrier-http-url", "carrier-head-start", "quiet", "debug"} {
+	for _, key := range []string{"home", "timeout", "transport", "carrier", "carrier-http-url", "carrier-head-start", "direct", "quiet", "debug"} {
 		if f := fs.Lookup(key); f != nil && f.Changed {
 			if err := v.BindPFlag(key, f); err != nil {
 				return Client{}, err
