@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
 	"github.com/tp-proxy/tp/clients/direct"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -115,6 +117,16 @@ func (d *Dialer) startDirect(ctx context.Context, conn net.Conn, addr string, cl
 	if err != nil {
 		return nil, fmt.Errorf("tp dial %s: %w", addr, err)
 	}
+	if d.Logger != nil {
+		log := d.Logger.With("name", host)
+		p.Path.OnSwitch(func(on bool) {
+			if on {
+				log.Debug("tp: the sessions with the agent moved to a direct path")
+			} else {
+				log.Debug("tp: the sessions with the agent are relayed by the TP server again")
+			}
+		})
+	}
 	dp := &directPair{p: p, key: claim.key}
 	dp.lastEnd.Store(time.Now().UnixNano())
 	st := &d.direct
@@ -199,6 +211,38 @@ func (s *directStream) Close() error {
 		s.dp.open.Add(-1)
 	})
 	return s.QUICStream.Close()
+}
+
+func (s *directStream) Read(p []byte) (int, error) {
+	n, err := s.QUICStream.Read(p)
+	return n, explainPairEnd(err)
+}
+
+func (s *directStream) Write(p []byte) (int, error) {
+	n, err := s.QUICStream.Write(p)
+	return n, explainPairEnd(err)
+}
+
+// pairEnd is a session cut because an end closed its pair: the close's
+// message is the sentence that says why (the TP server cut the relayed
+// session, a certificate expired, the agent stops).
+type pairEnd struct{ ae *quic.ApplicationError }
+
+func (e *pairEnd) Error() string {
+	if e.ae.Remote {
+		return "the agent ended the end-to-end QUIC connection: " + e.ae.ErrorMessage
+	}
+	return e.ae.ErrorMessage
+}
+
+func (e *pairEnd) Unwrap() error { return e.ae }
+
+func explainPairEnd(err error) error {
+	var ae *quic.ApplicationError
+	if errors.As(err, &ae) && ae.ErrorCode != 0 && ae.ErrorMessage != "" {
+		return &pairEnd{ae}
+	}
+	return err
 }
 
 // Unwrap lets wire.Abort reset the stream.

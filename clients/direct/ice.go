@@ -135,6 +135,7 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 			write(signal{Done: true})
 			return
 		}
+		log.Debug("tp direct: local candidate", "candidate", c.Marshal())
 		write(signal{Candidate: c.Marshal()})
 	}); err != nil {
 		return err
@@ -198,6 +199,7 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 				log.Debug("tp direct: more candidates than taken", "max", maxCandidates)
 				return
 			}
+			log.Debug("tp direct: remote candidate", "candidate", s.Candidate)
 			c, err := ice.UnmarshalCandidate(s.Candidate)
 			if err != nil {
 				log.Debug("tp direct: a candidate that does not parse", "err", err.Error())

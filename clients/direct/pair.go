@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -166,10 +167,11 @@ func start(c *quic.Conn, tr *quic.Transport, path *Path, controlling bool, opts 
 		select {
 		case <-path.Done():
 			code, reason := wire.QUICPeerReset, path.Err().Error()
-			if rc, ok := wire.StreamResetCode(path.Err()); ok {
-				code = rc
+			if rc, ok := wire.StreamResetCode(path.Err()); ok { // the TP server's word (a revoke, a drain)
+				code, reason = rc, "the TP server cut the session that authorises the direct path: "+
+					strings.TrimPrefix(wire.ResetError(rc).Error(), "stream reset by the peer: ")
 			}
-			_ = c.CloseWithError(code, "tp direct: "+reason)
+			_ = c.CloseWithError(code, reason)
 		case <-c.Context().Done():
 			path.CloseRelay()
 		}

@@ -175,6 +175,7 @@ func (p *Path) SetDirect(c DirectConn) {
 	}
 	p.direct = c
 	p.iceUp = true
+	p.switchLocked(time.Now())
 	p.mu.Unlock()
 	go p.readDirect(c)
 }
@@ -188,6 +189,7 @@ func (p *Path) SetICEUp(up bool) {
 		p.badUntil = time.Time{}
 		p.retry = directRetry
 	}
+	p.switchLocked(time.Now())
 	p.mu.Unlock()
 }
 
@@ -195,7 +197,7 @@ func (p *Path) SetICEUp(up bool) {
 func (p *Path) Direct() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.direct != nil && p.iceUp && !time.Now().Before(p.badUntil)
+	return p.useDirectLocked(time.Now())
 }
 
 // Stats are the Path's counts so far.
@@ -265,7 +267,7 @@ func (p *Path) ReadFrom(b []byte) (int, net.Addr, error) {
 	}
 }
 
-var peerAddr = addr("peer")
+var peerAddr = addr("other-device")
 
 // WriteTo sends a packet on the direct path when it is alive, else on the relay.
 func (p *Path) WriteTo(b []byte, _ net.Addr) (int, error) {
@@ -307,11 +309,27 @@ func (p *Path) sendDirect() DirectConn {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	now := time.Now()
-	use := p.direct != nil && p.iceUp && !now.Before(p.badUntil)
-	if use && !p.pending.IsZero() && p.pendingN >= deadPackets && now.Sub(p.pending) > DeadAfter {
+	if p.useDirectLocked(now) && !p.pending.IsZero() && p.pendingN >= deadPackets && now.Sub(p.pending) > DeadAfter {
 		p.markBadLocked(now)
-		use = false
 	}
+	if !p.switchLocked(now) {
+		return nil
+	}
+	if p.pending.IsZero() {
+		p.pending = now
+	}
+	p.pendingN++
+	return p.direct
+}
+
+func (p *Path) useDirectLocked(now time.Time) bool {
+	return p.direct != nil && p.iceUp && !now.Before(p.badUntil)
+}
+
+// switchLocked decides where packets go now, counts and reports a change, and
+// says whether it is the direct path.
+func (p *Path) switchLocked(now time.Time) bool {
+	use := p.useDirectLocked(now)
 	if use != p.onDirect {
 		p.onDirect = use
 		if use {
@@ -323,19 +341,13 @@ func (p *Path) sendDirect() DirectConn {
 			go p.onSwitch(use)
 		}
 	}
-	if !use {
-		return nil
-	}
-	if p.pending.IsZero() {
-		p.pending = now
-	}
-	p.pendingN++
-	return p.direct
+	return use
 }
 
 func (p *Path) markBad() {
 	p.mu.Lock()
 	p.markBadLocked(time.Now())
+	p.switchLocked(time.Now())
 	p.mu.Unlock()
 }
 
@@ -459,7 +471,7 @@ func (p *Path) writeRelay() {
 	}
 }
 
-func (p *Path) LocalAddr() net.Addr { return addr("local") }
+func (p *Path) LocalAddr() net.Addr { return addr("this-device") }
 
 // RemoteAddr is the one address quic-go sees the peer at.
 func (p *Path) RemoteAddr() net.Addr { return peerAddr }

@@ -1,0 +1,315 @@
+package e2e
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tp-proxy/tp/internal/testkit/testlog"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
+)
+
+// natNet models two devices behind NATs, in network namespaces the test
+// makes: the TP host T, the "internet" router between the NATs, where tpd
+// listens on 10.210.1.1; the router R1 (WAN 10.210.1.2) masquerading LAN
+// 192.168.1.0/24, where the agent's device A (192.168.1.2) runs tp expose;
+// and the router R2 (WAN 10.210.2.2) masquerading 192.168.2.0/24, where the
+// dialer's device D (192.168.2.2) runs tp. A path between A and D crosses both
+// NATs and T's forwarding, never tpd. Nothing leaves the namespaces.
+type natNet struct {
+	T, R1, R2, A, D string
+	tpd             *server
+	alice, bob      []string // TP_HOME of alice (the agent, in A) and bob (in D)
+}
+
+const natTPD = "10.210.1.1"
+
+// natPolicy lets alice expose names and bob dial them; nothing else.
+const natPolicy = `package tp.authz
+
+default allow := false
+
+allow if {
+	input.action == "listen"
+	input.identity.user == "alice"
+}
+
+allow if {
+	input.action == "dial"
+	input.identity.user == "bob"
+	input.destination.reverse != ""
+}
+`
+
+// newNATNet makes the namespaces; symmetric makes both NATs map each
+// destination to a port of its own (iptables --random-fully), as carrier-grade
+// and many corporate NATs do, instead of keeping a socket's port for every
+// destination (endpoint-independent mapping, Linux's default when the port is
+// free).
+func newNATNet(t *testing.T, symmetric bool) *natNet {
+	t.Helper()
+	p := nsName("tpnat")
+	n := &natNet{T: p + "t", R1: p + "r", R2: p + "s", A: p + "a", D: p + "d"}
+	for _, ns := range []string{n.T, n.R1, n.R2, n.A, n.D} {
+		sh(t, "ip", "netns", "add", ns)
+		t.Cleanup(func() { _ = runQuiet("ip", "netns", "del", ns) })
+		sh(t, "ip", "-n", ns, "link", "set", "lo", "up")
+	}
+	link := func(a, an, b, bn string) {
+		sh(t, "ip", "link", "add", an, "netns", a, "type", "veth", "peer", "name", bn, "netns", b)
+		sh(t, "ip", "-n", a, "link", "set", an, "up")
+		sh(t, "ip", "-n", b, "link", "set", bn, "up")
+	}
+	link(n.T, "t1", n.R1, "wan")
+	link(n.T, "t2", n.R2, "wan")
+	link(n.R1, "lan", n.A, "eth0")
+	link(n.R2, "lan", n.D, "eth0")
+	for _, c := range [][]string{
+		{n.T, "addr", "add", natTPD + "/24", "dev", "t1"},
+		{n.T, "addr", "add", "10.210.2.1/24", "dev", "t2"},
+		{n.R1, "addr", "add", "10.210.1.2/24", "dev", "wan"},
+		{n.R1, "addr", "add", "192.168.1.1/24", "dev", "lan"},
+		{n.R1, "route", "add", "default", "via", natTPD},
+		{n.R2, "addr", "add", "10.210.2.2/24", "dev", "wan"},
+		{n.R2, "addr", "add", "192.168.2.1/24", "dev", "lan"},
+		{n.R2, "route", "add", "default", "via", "10.210.2.1"},
+		{n.A, "addr", "add", "192.168.1.2/24", "dev", "eth0"},
+		{n.A, "route", "add", "default", "via", "192.168.1.1"},
+		{n.D, "addr", "add", "192.168.2.2/24", "dev", "eth0"},
+		{n.D, "route", "add", "default", "via", "192.168.2.1"},
+	} {
+		sh(t, append([]string{"ip", "-n", c[0]}, c[1:]...)...)
+	}
+	for _, ns := range []string{n.T, n.R1, n.R2} {
+		sh(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	}
+	for _, r := range []string{n.R1, n.R2} {
+		args := []string{"ip", "netns", "exec", r, "iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"}
+		if symmetric {
+			args = append(args, "--random-fully")
+		}
+		sh(t, args...)
+		// A home router's firewall: nothing new from the WAN, to the router or
+		// through it. (Accepted, an unsolicited packet would leave a
+		// connection-tracking entry that takes the port the LAN device's own
+		// mapping needs, and Linux would then map it to another.)
+		for _, chain := range []string{"INPUT", "FORWARD"} {
+			sh(t, "ip", "netns", "exec", r, "iptables", "-w", "-A", chain, "-i", "wan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
+		}
+	}
+	n.tpd = startTPDIn(t, n.T, initTPD(t, natPolicy), natTPD+":0", nil)
+	n.alice = n.login(t, n.A, "alice", "laptop")
+	n.bob = n.login(t, n.D, "bob", "phone")
+	return n
+}
+
+func runQuiet(name string, args ...string) error { return command(name, args...).Run() }
+
+func (n *natNet) login(t *testing.T, ns, user, device string) []string {
+	t.Helper()
+	env := []string{"TP_HOME=" + filepath.Join(t.TempDir(), user+"-home")}
+	out, err := runErr(env, nil, "ip", append([]string{"netns", "exec", ns, binary("dlogin")}, n.tpd.enroll(t, user, device)...)...)
+	if err != nil || !strings.Contains(out, "Login successful!") {
+		t.Fatalf("%s's dlogin in %s: %v\n%s", user, ns, err, out)
+	}
+	return env
+}
+
+// expose runs alice's tp expose of svc in A, in front of an echo service on
+// A's loopback; its log says where its sessions with the dialer go.
+func (n *natNet) expose(t *testing.T) *testlog.Buffer {
+	t.Helper()
+	var echo string
+	inNS(t, n.A, func() { echo = testnet.Echo(t) })
+	log, _ := startExposeIn(t, n.A, n.alice, "svc", echo, "--allow-user", "bob", "--debug")
+	return log
+}
+
+// stream is a deterministic byte stream of size bytes that can stop at
+// pauseAt until resume is closed (the test changes the network meanwhile).
+type stream struct {
+	rng     *rand.ChaCha8
+	left    int
+	sent    int
+	pauseAt int
+	paused  chan struct{}
+	resume  chan struct{}
+}
+
+func newStream(size, pauseAt int) *stream {
+	return &stream{rng: rand.NewChaCha8([32]byte{7}), left: size, pauseAt: pauseAt,
+		paused: make(chan struct{}), resume: make(chan struct{})}
+}
+
+func (s *stream) Read(p []byte) (int, error) {
+	if s.left == 0 {
+		return 0, io.EOF
+	}
+	if s.pauseAt > 0 && s.sent == s.pauseAt {
+		close(s.paused)
+		<-s.resume
+		s.pauseAt = 0
+	}
+	n := min(len(p), s.left)
+	if s.pauseAt > 0 {
+		n = min(n, s.pauseAt-s.sent)
+	}
+	_, _ = s.rng.Read(p[:n])
+	s.left -= n
+	s.sent += n
+	return n, nil
+}
+
+// sum is the SHA-256 of a stream of size bytes.
+func sum(size int) []byte {
+	h := sha256.New()
+	_, _ = io.Copy(h, newStream(size, 0))
+	return h.Sum(nil)
+}
+
+// dial runs bob's `tp --direct --debug svc.rev.tp.internal 22` in D with in
+// as its standard input, and returns its standard output's checksum and its
+// log once it exits.
+func (n *natNet) dial(t *testing.T, in io.Reader, extra ...string) (digest []byte, log *testlog.Buffer, err error) {
+	t.Helper()
+	args := append([]string{"netns", "exec", n.D, binary("tp"), "--direct", "--debug", "--timeout", "60s"}, extra...)
+	cmd := command("ip", append(args, "svc.rev.tp.internal", "22")...)
+	cmd.Env = append(os.Environ(), n.bob...)
+	h := sha256.New()
+	log = &testlog.Buffer{}
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = in, h, log
+	err = cmd.Run()
+	return h.Sum(nil), log, err
+}
+
+// Two devices behind endpoint-independent NATs: the session starts relayed
+// through tpd and moves to a direct path (both ends say so); a cut of that
+// path in the middle of a transfer (the router between the NATs drops their
+// UDP) moves it back to the relay with every byte intact; and a revoke of the
+// dialer's device ends the session on both ends although its bytes no longer
+// crossed tpd.
+func TestDirectPathThroughNATs(t *testing.T) {
+	parallelLong(t)
+	n := newNATNet(t, false)
+	agentLog := n.expose(t)
+
+	const size = 48 << 20
+	first := newStream(size, 1<<20)
+	go func() { // the rest of the transfer once the session went direct
+		<-first.paused
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && !strings.Contains(agentLog.String(), "moved to a direct path"); {
+			time.Sleep(20 * time.Millisecond) // polling the agent's log, bounded by the deadline
+		}
+		close(first.resume) // the checks below fail the test when it did not
+	}()
+	digest, log, err := n.dial(t, first)
+	if err != nil || !bytes.Equal(digest, sum(size)) {
+		t.Fatalf("a transfer through the NATs: %v, checksum %x, want %x\n%s\nagent:\n%s", err, digest, sum(size), log, agentLog)
+	}
+	if !strings.Contains(log.String(), "moved to a direct path") || !strings.Contains(agentLog.String(), "moved to a direct path") {
+		t.Fatalf("the session did not move to a direct path between the NATs:\ndialer:\n%s\nagent:\n%s", log, agentLog)
+	}
+
+	// The direct path dies in the middle of a transfer.
+	in := newStream(size, size/3)
+	done := make(chan struct{})
+	var cutDigest []byte
+	var cutLog *testlog.Buffer
+	var cutErr error
+	go func() { defer close(done); cutDigest, cutLog, cutErr = n.dial(t, in) }()
+	<-in.paused
+	waitFor(t, 30*time.Second, "the second pair on the direct path", func() bool {
+		return strings.Count(agentLog.String(), "moved to a direct path") >= 2
+	})
+	sh(t, "ip", "netns", "exec", n.T, "iptables", "-w", "-I", "FORWARD", "-p", "udp", "-j", "DROP")
+	close(in.resume)
+	<-done
+	if cutErr != nil || !bytes.Equal(cutDigest, sum(size)) {
+		t.Fatalf("a transfer whose direct path was cut: %v, checksum %x, want %x\n%s\nagent:\n%s", cutErr, cutDigest, sum(size), cutLog, agentLog)
+	}
+	if !strings.Contains(cutLog.String(), "relayed by the TP server again") {
+		t.Fatalf("the dialer did not move back to the relay when the direct path died:\n%s", cutLog)
+	}
+	sh(t, "ip", "netns", "exec", n.T, "iptables", "-w", "-D", "FORWARD", "-p", "udp", "-j", "DROP")
+
+	// A revoke while the session runs on the direct path.
+	hold := newStream(1<<20, 1<<10)
+	done = make(chan struct{})
+	var revLog *testlog.Buffer
+	var revErr error
+	ended := strings.Count(agentLog.String(), "end-to-end QUIC pair ended")
+	go func() { defer close(done); _, revLog, revErr = n.dial(t, hold) }()
+	<-hold.paused
+	waitFor(t, 30*time.Second, "a third pair on the direct path", func() bool {
+		return strings.Count(agentLog.String(), "moved to a direct path") >= 3
+	})
+	run(t, nil, binary("tpd"), "revoke", "--device", "bob@phone", "--data-dir", n.tpd.DataDir)
+	waitFor(t, 30*time.Second, "the agent ends the pair after the revoke", func() bool {
+		return strings.Count(agentLog.String(), "end-to-end QUIC pair ended") > ended
+	})
+	close(hold.resume)
+	<-done
+	// As this end or the agent heard it first:
+	if revErr == nil || !strings.Contains(revLog.String(), "the TP server cut the session that authorises the direct path: the device, its user or its certificate was revoked") {
+		t.Fatalf("tp after its device was revoked: %v; want an exit that says why:\n%s", revErr, revLog)
+	}
+	t.Logf("the dialer after the revoke:\n%s", revLog)
+}
+
+// Behind NATs that map each destination to a port of their own on both
+// sides, no candidate pair works: ICE gives up, the session stays relayed by
+// tpd the whole time, and nothing fails.
+func TestDirectPathSymmetricNATs(t *testing.T) {
+	parallelLong(t)
+	n := newNATNet(t, true)
+	agentLog := n.expose(t)
+	const size = 16 << 20
+	in := newStream(size, 1<<20)
+	go func() { // the rest once ICE gave up: the relay carries on
+		<-in.paused
+		for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline) && !strings.Contains(agentLog.String(), "state=Failed"); {
+			time.Sleep(20 * time.Millisecond) // polling the agent's log, bounded by the deadline
+		}
+		close(in.resume)
+	}()
+	digest, log, err := n.dial(t, in)
+	if err != nil || !bytes.Equal(digest, sum(size)) {
+		t.Fatalf("a transfer through symmetric NATs: %v, checksum %x, want %x\n%s", err, digest, sum(size), log)
+	}
+	if !strings.Contains(agentLog.String(), "state=Failed") {
+		t.Fatalf("ICE did not give up through two symmetric NATs:\n%s", agentLog)
+	}
+	if strings.Contains(log.String(), "moved to a direct path") {
+		t.Fatalf("a direct path through two symmetric NATs:\n%s", log)
+	}
+	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
+	if !strings.Contains(agentLog.String(), "direct_packets=0") {
+		t.Fatalf("the agent counted direct packets through symmetric NATs:\n%s", agentLog)
+	}
+}
+
+// Where the NATs drop every UDP datagram, tp and tp expose reach tpd over a
+// TCP carrier; the pair runs over that relay, and the bytes arrive.
+func TestDirectPathWithoutUDP(t *testing.T) {
+	parallelLong(t)
+	n := newNATNet(t, false)
+	for _, r := range []string{n.R1, n.R2} {
+		sh(t, "ip", "netns", "exec", r, "iptables", "-w", "-A", "FORWARD", "-p", "udp", "-j", "DROP")
+	}
+	agentLog := n.expose(t)
+	const size = 8 << 20
+	digest, log, err := n.dial(t, newStream(size, 0))
+	if err != nil || !bytes.Equal(digest, sum(size)) {
+		t.Fatalf("a transfer without UDP: %v, checksum %x, want %x\n%s\nagent:\n%s", err, digest, sum(size), log, agentLog)
+	}
+	if strings.Contains(log.String(), "moved to a direct path") {
+		t.Fatalf("a direct path where no UDP gets through:\n%s", log)
+	}
+	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
+}
