@@ -101,7 +101,7 @@ func exposeCmdIn(ns string, env []string, args ...string) (*exec.Cmd, *testlog.B
 // startExposeIn runs `tp expose NAME LOCAL flags...` in the namespace ns
 // and waits for its "Exposing" line; stop interrupts it and waits for it
 // to exit (also done at the test's end).
-func startExposeIn(t *testing.T, ns string, env []string, name, local string, flags ...string) (log *testlog.Buffer, stop func()) {
+func startExposeIn(t testing.TB, ns string, env []string, name, local string, flags ...string) (log *testlog.Buffer, stop func()) {
 	t.Helper()
 	cmd, log := exposeCmdIn(ns, env, append([]string{name, local}, flags...)...)
 	if err := cmd.Start(); err != nil {

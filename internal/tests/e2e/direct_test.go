@@ -52,7 +52,13 @@ allow if {
 // and many corporate NATs do, instead of keeping a socket's port for every
 // destination (endpoint-independent mapping, Linux's default when the port is
 // free).
-func newNATNet(t *testing.T, symmetric bool) *natNet {
+func newNATNet(t testing.TB, symmetric bool) *natNet {
+	t.Helper()
+	return newNATNetWith(t, symmetric, natPolicy, nil)
+}
+
+// newNATNetWith is newNATNet with tpd's policy and environment.
+func newNATNetWith(t testing.TB, symmetric bool, policy string, env []string) *natNet {
 	t.Helper()
 	p := nsName("tpnat")
 	n := &natNet{T: p + "t", R1: p + "r", R2: p + "s", A: p + "a", D: p + "d"}
@@ -103,7 +109,7 @@ func newNATNet(t *testing.T, symmetric bool) *natNet {
 			sh(t, "ip", "netns", "exec", r, "iptables", "-w", "-A", chain, "-i", "wan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
 		}
 	}
-	n.tpd = startTPDIn(t, n.T, initTPD(t, natPolicy), natTPD+":0", nil)
+	n.tpd = startTPDIn(t, n.T, initTPD(t, policy), natTPD+":0", env)
 	n.alice = n.login(t, n.A, "alice", "laptop")
 	n.bob = n.login(t, n.D, "bob", "phone")
 	return n
@@ -111,7 +117,7 @@ func newNATNet(t *testing.T, symmetric bool) *natNet {
 
 func runQuiet(name string, args ...string) error { return command(name, args...).Run() }
 
-func (n *natNet) login(t *testing.T, ns, user, device string) []string {
+func (n *natNet) login(t testing.TB, ns, user, device string) []string {
 	t.Helper()
 	env := []string{"TP_HOME=" + filepath.Join(t.TempDir(), user+"-home")}
 	out, err := runErr(env, nil, "ip", append([]string{"netns", "exec", ns, binary("dlogin")}, n.tpd.enroll(t, user, device)...)...)
@@ -123,7 +129,7 @@ func (n *natNet) login(t *testing.T, ns, user, device string) []string {
 
 // expose runs alice's tp expose of svc in A, in front of an echo service on
 // A's loopback; its log says where its sessions with the dialer go.
-func (n *natNet) expose(t *testing.T) *testlog.Buffer {
+func (n *natNet) expose(t testing.TB) *testlog.Buffer {
 	t.Helper()
 	var echo string
 	inNS(t, n.A, func() { echo = testnet.Echo(t) })

@@ -429,7 +429,7 @@ func TestPGFaultDatabaseStopped20s(t *testing.T) {
 }
 
 // waitFor polls cond every 50 ms until it holds or within has passed.
-func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for !cond() {
