@@ -20,7 +20,7 @@ import (
 
 // relayPair is the two ends of a loopback TCP connection: the relay stream
 // through the TP server, as each end sees it.
-func relayPair(t *testing.T) (dialerSide, agentSide *net.TCPConn) {
+func relayPair(t testing.TB) (dialerSide, agentSide *net.TCPConn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -48,7 +48,7 @@ type ends struct {
 // pair opens a pair over a loopback relay; ice says whether the ends may find
 // a direct path (loopback host candidates) or only the relay (no candidates
 // that reach: ICE runs without loopback).
-func pair(t *testing.T, loopback bool) ends {
+func pair(t testing.TB, loopback bool) ends {
 	t.Helper()
 	ca := testpki.New(t)
 	relayD, relayA := relayPair(t)
@@ -196,7 +196,7 @@ func TestPairEndsWithItsRelay(t *testing.T) {
 	}
 }
 
-func waitFor(t *testing.T, what string, f func() bool) {
+func waitFor(t testing.TB, what string, f func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for !f() {
@@ -204,5 +204,40 @@ func waitFor(t *testing.T, what string, f func() bool) {
 			t.Fatalf("%s: not within 20 s", what)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// BenchmarkPairBulk is one stream's throughput over a pair on the direct path
+// (loopback), in one process, the agent discarding: what the Path and ICE
+// cost on top of QUIC.
+func BenchmarkPairBulk(b *testing.B) {
+	e := pair(b, true)
+	go func() {
+		for {
+			s, err := e.agent.Conn.AcceptStream(context.Background())
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(io.Discard, s); _ = s.Close() }()
+		}
+	}()
+	waitFor(b, "the dialer sends on the direct path", e.dialer.Path.Direct)
+	const size = 64 << 20
+	buf := make([]byte, 256<<10)
+	b.SetBytes(size)
+	for range b.N {
+		s, err := e.dialer.Conn.OpenStreamSync(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
+		for left := size; left > 0; left -= len(buf) {
+			if _, err := s.Write(buf); err != nil {
+				b.Fatal(err)
+			}
+		}
+		_ = s.Close()
+		if _, err := io.Copy(io.Discard, s); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
