@@ -9,6 +9,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tp-proxy/tp/authz"
@@ -17,6 +18,9 @@ import (
 )
 
 // The agent's side of direct paths (docs/PROTOCOL.md, section 11.4.2).
+
+// directAgentIdle is how long a pair without sessions stays up on the agent.
+const directAgentIdle = 2 * time.Minute
 
 // serveDirect serves a protected session whose first byte was direct.Marker:
 // the dialer opens an end-to-end QUIC pair over it. The agent answers, takes
@@ -44,7 +48,7 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 	_ = conn.SetReadDeadline(time.Time{})
 	start := time.Now()
 	opts := a.Dialer.iceOptions()
-	p, err := direct.Accept(ctx, conn, a.inner, opts)
+	p, err := direct.Accept(ctx, conn, a.inner)
 	if err != nil {
 		log.Warn("tp expose: a direct path's QUIC handshake failed", "err", err.Error())
 		return
@@ -76,6 +80,10 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 	case idErr != nil:
 		code, reason = wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+idErr.Error()
 	}
+	if code == "" && id.DeviceID == hdr.PeerID && a.allowed(id.User, hdr) {
+		// Only a dialer that passed the checks learns this device's addresses.
+		p.StartICE(false, opts)
+	}
 	// The pair ends with the earlier of both certificates, as a carrier does.
 	expires := cs.PeerCertificates[0].NotAfter
 	if known {
@@ -92,8 +100,28 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 	stop := context.AfterFunc(ctx, func() { p.Close(wire.QUICShutdown, "the agent stops") })
 	defer stop()
 
-	var wg sync.WaitGroup
-	var streams int
+	var (
+		wg                   sync.WaitGroup
+		streams              int
+		open                 atomic.Int64
+		lastEnd              atomic.Int64
+		cancelled, answeredN atomic.Int64
+	)
+	lastEnd.Store(time.Now().UnixNano())
+	go func() { // a pair without sessions ends after directAgentIdle, as a carrier does
+		tick := time.NewTicker(directAgentIdle / 8)
+		defer tick.Stop()
+		for {
+			select {
+			case <-p.Done():
+				return
+			case <-tick.C:
+				if open.Load() == 0 && time.Since(time.Unix(0, lastEnd.Load())) > directAgentIdle {
+					p.Close(wire.QUICNoError, "no session for "+directAgentIdle.String())
+				}
+			}
+		}
+	}()
 	first := pre
 	for {
 		str, err := p.Conn.AcceptStream(context.Background())
@@ -104,15 +132,23 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 		s := wire.NewQUICStream(p.Conn, str)
 		slog := log.With("stream", str.StreamID())
 		if code != "" {
+			// The refusal is the answer to the first stream; the connection
+			// ends once the dialer read it (or after 5 s), with the reason too.
 			(&e2eSession{Stream: s, bridge: s, capsules: s}).refuse(code, reason, slog)
-			p.Close(wire.QUICNoError, "refused")
+			select {
+			case <-p.Conn.Context().Done():
+			case <-time.After(5 * time.Second):
+			}
+			p.Close(wire.QUICRefused, reason)
 			break
 		}
 		pd := first
 		first = nil
+		open.Add(1)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer func() { lastEnd.Store(time.Now().UnixNano()); open.Add(-1) }()
 			defer pd.discard()
 			defer a.muxStreams.Add(-1)
 			if n := a.muxStreams.Add(1); n > a.maxSessions() {
@@ -128,9 +164,29 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 				return
 			}
 			_ = s.SetReadDeadline(time.Time{})
-			sctx, cancel := context.WithCancel(ctx)
-			defer cancel()
-			a.admit(sctx, &e2eSession{Stream: s, bridge: s, capsules: s}, hdr, full, local, false, pd, nil, id.DeviceID, id.User, time.Now(), slog)
+			// The set-up (the dial of the local service) ends when the dialer
+			// aborts the stream before its answer, as on a carrier.
+			sctx, cancel := context.WithCancelCause(ctx)
+			defer cancel(nil)
+			stc := str.Context()
+			stopWatch := context.AfterFunc(stc, func() {
+				if wire.PeerCancelled(context.Cause(stc)) {
+					cancel(errDialerCancelled)
+				}
+			})
+			sess := &e2eSession{Stream: s, bridge: s, capsules: s, answered: func() {
+				stopWatch()
+				answeredN.Add(1)
+			}}
+			a.admit(sctx, sess, hdr, full, local, false, pd, nil, id.DeviceID, id.User, time.Now(), slog)
+			stopWatch()
+			if errors.Is(context.Cause(sctx), errDialerCancelled) {
+				if n := cancelled.Add(1); n > cancelFlood && n > answeredN.Load() {
+					log.Warn("tp expose: end-to-end QUIC pair ended: its dialer aborted more sessions before their answer than it let be answered (rapid reset)",
+						"aborted", n, "answered", answeredN.Load())
+					p.Close(wire.QUICRefused, "more sessions aborted before their answer than answered")
+				}
+			}
 		}()
 	}
 	first.discard()
@@ -141,6 +197,10 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 		end = err.Error()
 	}
 	st := p.Path.Stats()
-	log.Info("tp expose: end-to-end QUIC pair ended", "streams", streams, "duration", time.Since(start),
-		"direct_packets", st.DirectOut+st.DirectIn, "relayed_packets", st.RelayOut+st.RelayIn, "end", end)
+	attrs := []any{"streams", streams, "duration", time.Since(start),
+		"direct_packets", st.DirectOut + st.DirectIn, "relayed_packets", st.RelayOut + st.RelayIn, "end", end}
+	if err := p.ICEErr(); err != nil {
+		attrs = append(attrs, "no_direct_path", err.Error())
+	}
+	log.Info("tp expose: end-to-end QUIC pair ended", attrs...)
 }

@@ -83,8 +83,8 @@ func (d *Dialer) directDial(ctx context.Context, addr string) (c net.Conn, handl
 	}
 	st.mu.Unlock()
 	c, err = d.directSession(ctx, dp, addr)
-	if err != nil && dp.p.Conn.Context().Err() != nil {
-		return nil, false, nil, nil // the pair ended meanwhile: an ordinary dial
+	if err != nil && (dp.p.Conn.Context().Err() != nil || errors.As(err, new(*quic.StreamLimitReachedError))) {
+		return nil, false, nil, nil // the pair ended meanwhile, or is full: an ordinary dial
 	}
 	return c, true, nil, err
 }
@@ -138,7 +138,12 @@ func (d *Dialer) startDirect(ctx context.Context, conn net.Conn, addr string, cl
 	st.opened++
 	st.mu.Unlock()
 	go d.watchPair(dp)
-	return d.directSession(ctx, dp, addr)
+	c, err := d.directSession(ctx, dp, addr)
+	var re *RefusedError
+	if errors.As(err, &re) && re.Code == wire.CodeUnauthenticated {
+		dp.p.Close(wire.QUICNoError, "") // the agent refused this device's certificate: no pair
+	}
+	return c, err
 }
 
 // watchPair forgets a pair when it ends, and ends it when it has been idle for
@@ -149,6 +154,9 @@ func (d *Dialer) watchPair(dp *directPair) {
 	for {
 		select {
 		case <-dp.p.Done():
+			if err := dp.p.ICEErr(); err != nil && d.Logger != nil {
+				d.Logger.Debug("tp: no direct path to the agent; its sessions were relayed by the TP server", "name", dp.key, "why", err.Error())
+			}
 			d.direct.mu.Lock()
 			if d.direct.pairs[dp.key] == dp {
 				delete(d.direct.pairs, dp.key)
@@ -170,8 +178,10 @@ func (d *Dialer) watchPair(dp *directPair) {
 
 // directSession opens a session as a stream of dp and reads the agent's hello.
 func (d *Dialer) directSession(ctx context.Context, dp *directPair, addr string) (net.Conn, error) {
-	str, err := dp.p.Conn.OpenStreamSync(ctx)
+	str, err := dp.p.Conn.OpenStream()
 	if err != nil {
+		// As many sessions as the agent takes on the pair (or it ended): the
+		// caller dials this one as an ordinary session.
 		return nil, fmt.Errorf("tp dial %s: a session on the direct path: %w", addr, err)
 	}
 	dp.open.Add(1)

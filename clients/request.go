@@ -223,7 +223,10 @@ func (d *Dialer) muxExchange(ctx context.Context, s *transport.Stream, addr stri
 	if err := wire.WriteClientHello(&buf, hello); err != nil {
 		return wire.ServerHello{}, nil, fmt.Errorf("tp dial %s: %w", addr, err)
 	}
-	attach := d.earlyAttach(nil, hello, early)
+	var attach *pendingAttach
+	if directClaimFrom(ctx) == nil { // a pair's opening replaces the inner session
+		attach = d.earlyAttach(nil, hello, early)
+	}
 	buf.Write(attach.message())
 	st, err := s.OpenMux(buf.Bytes())
 	if err != nil {

@@ -68,9 +68,11 @@ func pair(t testing.TB, loopback bool) ends {
 			agentRes <- nil
 			return
 		}
-		p, err := direct.Accept(ctx, relayA, agentTLS, opts)
+		p, err := direct.Accept(ctx, relayA, agentTLS)
 		if err != nil {
 			t.Errorf("accept: %v", err)
+		} else {
+			p.StartICE(false, opts)
 		}
 		agentRes <- p
 	}()
@@ -239,5 +241,20 @@ func BenchmarkPairBulk(b *testing.B) {
 		if _, err := io.Copy(io.Discard, s); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// A burst after a quiet spell stays on the direct path: the packet that went
+// last before it (an acknowledgement, which nothing answers) does not make
+// the path look dead.
+func TestPairBurstAfterQuietStaysDirect(t *testing.T) {
+	e := pair(t, true)
+	echoStreams(e.agent)
+	waitFor(t, "the dialer sends on the direct path", e.dialer.Path.Direct)
+	transfer(t, e.dialer.Conn, 1<<20, nil)
+	time.Sleep(direct.DeadAfter + 500*time.Millisecond) // quiet: nothing but what QUIC sends by itself
+	transfer(t, e.dialer.Conn, 4<<20, nil)
+	if st := e.dialer.Path.Stats(); st.ToRelay != 0 || st.RelayOut > 20 {
+		t.Fatalf("the dialer went back to the relay after a quiet spell: %+v", st)
 	}
 }

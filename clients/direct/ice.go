@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,6 +18,8 @@ import (
 	"github.com/pion/ice/v4"
 	"github.com/pion/logging"
 	"github.com/pion/stun/v4"
+	"github.com/pion/transport/v5"
+	"github.com/pion/transport/v5/stdnet"
 	"github.com/quic-go/quic-go"
 )
 
@@ -86,7 +89,31 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 	}
 	quiet := logging.NewDefaultLoggerFactory()
 	quiet.DefaultLogLevel = logging.LogLevelDisabled
+	// One UDP socket for ICE and QUIC alike: pion reads its STUN through the
+	// Path, which takes the rest as QUIC packets and sends them itself.
+	udp, err := net.ListenUDP("udp4", &net.UDPAddr{})
+	if err != nil {
+		return fmt.Errorf("opening a UDP socket for ICE: %w", err)
+	}
+	defer udp.Close()
+	sc := newSTUNConn(udp)
+	defer sc.Close()
+	path.AttachUDP(udp, sc.deliver)
+	std, err := stdnet.NewNet()
+	if err != nil {
+		return fmt.Errorf("listing network interfaces: %w", err)
+	}
+	keep := opts.Interface
+	if keep == nil {
+		keep = func(name string) bool { return !strings.HasPrefix(name, "tp") }
+	}
+	fnet := &filteredNet{Net: std, keep: keep, loopback: opts.Loopback}
+	mux := ice.NewUniversalUDPMuxDefault(ice.UniversalUDPMuxParams{UDPConn: sc, Net: fnet, Logger: quiet.NewLogger("ice")})
+	defer mux.Close()
 	opt := []ice.AgentOption{
+		ice.WithNet(fnet),
+		ice.WithUDPMux(mux),
+		ice.WithUDPMuxSrflx(mux),
 		ice.WithNetworkTypes([]ice.NetworkType{ice.NetworkTypeUDP4, ice.NetworkTypeUDP6}),
 		ice.WithCandidateTypes([]ice.CandidateType{ice.CandidateTypeHost, ice.CandidateTypeServerReflexive}),
 		ice.WithMulticastDNSMode(ice.MulticastDNSModeDisabled),
@@ -95,11 +122,13 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 		ice.WithFailedTimeout(iceFailed),
 		ice.WithLoggerFactory(quiet),
 	}
-	if opts.Interface != nil {
-		opt = append(opt, ice.WithInterfaceFilter(opts.Interface))
-	} else {
-		opt = append(opt, ice.WithInterfaceFilter(func(name string) bool { return !strings.HasPrefix(name, "tp") }))
-	}
+	opt = append(opt, ice.WithInterfaceFilter(keep), ice.WithRemoteIPFilter(func(ip net.IP) bool {
+		// The other end's candidates are its word: no checks to this host's
+		// loopback (unless asked), nor to link-local (cloud metadata),
+		// unspecified or multicast addresses.
+		return (opts.Loopback || !ip.IsLoopback()) && !ip.IsLinkLocalUnicast() && !ip.IsUnspecified() &&
+			!ip.IsMulticast() && !ip.IsLinkLocalMulticast()
+	}))
 	if len(urls) > 0 {
 		opt = append(opt, ice.WithUrls(urls))
 	}
@@ -141,8 +170,14 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 		return err
 	}
 	var once, failOnce sync.Once
-	var conn *ice.Conn
 	connected, failed := make(chan struct{}), make(chan struct{})
+	if err := agent.OnSelectedCandidatePairChange(func(_, remote ice.Candidate) {
+		if ap, ok := addrPort(remote); ok {
+			path.SetDirect(ap)
+		}
+	}); err != nil {
+		return err
+	}
 	if err := agent.OnConnectionStateChange(func(s ice.ConnectionState) {
 		log.Debug("tp direct: ICE", "state", s.String())
 		switch s {
@@ -182,9 +217,9 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 	}
 	_ = recv.SetReadDeadline(time.Time{})
 	if controlling {
-		conn, err = agent.StartDial(first.Ufrag, first.Pwd)
+		_, err = agent.StartDial(first.Ufrag, first.Pwd)
 	} else {
-		conn, err = agent.StartAccept(first.Ufrag, first.Pwd)
+		_, err = agent.StartAccept(first.Ufrag, first.Pwd)
 	}
 	if err != nil {
 		return fmt.Errorf("starting ICE checks: %w", err)
@@ -212,9 +247,11 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 	}()
 	select {
 	case <-connected:
-		path.SetDirect(conn)
 		if pair, err := agent.GetSelectedCandidatePair(); err == nil && pair != nil {
-			log.Info("tp direct: direct path found", "local", pair.Local.String(), "remote", pair.Remote.String())
+			if ap, ok := addrPort(pair.Remote); ok {
+				path.SetDirect(ap)
+			}
+			log.Debug("tp direct: direct path found", "local", pair.Local.String(), "remote", pair.Remote.String())
 		}
 	case <-failed:
 		return errors.New("no candidate pair answered: the devices' networks let no direct path through (symmetric NATs, or UDP blocked); the relay carries the session")
@@ -241,4 +278,81 @@ func readSignal(r *bufio.Reader) (signal, error) {
 		return signal{}, fmt.Errorf("tp direct: a signalling line that is not JSON: %w", err)
 	}
 	return s, nil
+}
+
+func addrPort(c ice.Candidate) (netip.AddrPort, bool) {
+	a, err := netip.ParseAddr(c.Address())
+	if err != nil || c.Port() <= 0 || c.Port() > 65535 {
+		return netip.AddrPort{}, false
+	}
+	return netip.AddrPortFrom(a.Unmap(), uint16(c.Port())), true
+}
+
+// stunConn is the UDP socket as pion's mux sees it: it reads the STUN
+// messages the Path hands over, and writes to the socket.
+type stunConn struct {
+	udp    *net.UDPConn
+	in     chan stunPacket
+	closed chan struct{}
+	once   sync.Once
+}
+
+type stunPacket struct {
+	b    []byte
+	from *net.UDPAddr
+}
+
+func newSTUNConn(udp *net.UDPConn) *stunConn {
+	return &stunConn{udp: udp, in: make(chan stunPacket, 64), closed: make(chan struct{})}
+}
+
+// deliver takes a STUN message read from the socket (b is reused after it
+// returns); beyond 64 waiting, messages are dropped, as a busy socket drops.
+func (c *stunConn) deliver(b []byte, from netip.AddrPort) {
+	select {
+	case c.in <- stunPacket{b: append([]byte(nil), b...), from: net.UDPAddrFromAddrPort(from)}:
+	default:
+	}
+}
+
+func (c *stunConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	select {
+	case p := <-c.in:
+		return copy(b, p.b), p.from, nil
+	case <-c.closed:
+		return 0, nil, net.ErrClosed
+	}
+}
+
+func (c *stunConn) WriteTo(b []byte, to net.Addr) (int, error) { return c.udp.WriteTo(b, to) }
+func (c *stunConn) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return nil
+}
+func (c *stunConn) LocalAddr() net.Addr              { return c.udp.LocalAddr() }
+func (c *stunConn) SetDeadline(time.Time) error      { return nil }
+func (c *stunConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *stunConn) SetWriteDeadline(time.Time) error { return nil }
+
+// filteredNet is the host's network as ICE may use it: the interfaces keep
+// allows, loopback only when asked.
+type filteredNet struct {
+	*stdnet.Net
+	keep     func(string) bool
+	loopback bool
+}
+
+func (n *filteredNet) Interfaces() ([]*transport.Interface, error) {
+	all, err := n.Net.Interfaces()
+	if err != nil {
+		return nil, err
+	}
+	var out []*transport.Interface
+	for _, i := range all {
+		if (i.Flags&net.FlagLoopback != 0 && !n.loopback) || !n.keep(i.Name) {
+			continue
+		}
+		out = append(out, i)
+	}
+	return out, nil
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -34,11 +35,13 @@ type Pair struct {
 	Conn *quic.Conn
 	Path *Path
 	tr   *quic.Transport
+	ctx  context.Context // ends with the pair
 	stop context.CancelFunc
 	done chan struct{}
-	// ICEErr is why no direct path was found (set before Searched closes).
-	ICEErr   error
-	searched chan struct{}
+
+	iceOnce  sync.Once
+	iceErr   error
+	searched chan struct{} // ICE ended (or never ran); iceErr says why
 }
 
 func quicConfig() *quic.Config {
@@ -102,14 +105,17 @@ func Dial(ctx context.Context, relay net.Conn, tlsConf *tls.Config, opts ICEOpti
 		}
 		return nil, fmt.Errorf("the end-to-end QUIC handshake with the agent: %w", r.err)
 	}
-	return start(r.c, tr, path, true, opts), nil
+	p := start(r.c, tr, path)
+	p.StartICE(true, opts)
+	return p, nil
 }
 
 // Accept runs the agent's end over relay, whose marker and version were read:
 // it answers, and takes the dialer's QUIC handshake (tls: the agent's
 // certificate for the name; a client certificate required and verified
-// against TP's root). The caller checks the dialer's certificate.
-func Accept(ctx context.Context, relay net.Conn, tlsConf *tls.Config, opts ICEOptions) (*Pair, error) {
+// against TP's root). The caller checks the dialer's certificate, then starts
+// ICE (StartICE).
+func Accept(ctx context.Context, relay net.Conn, tlsConf *tls.Config) (*Pair, error) {
 	_ = relay.SetWriteDeadline(time.Now().Add(HandshakeTimeout))
 	if _, err := relay.Write([]byte{Marker, Version}); err != nil {
 		_ = relay.Close()
@@ -153,16 +159,12 @@ func Accept(ctx context.Context, relay net.Conn, tlsConf *tls.Config, opts ICEOp
 		path.Close()
 		return nil, fmt.Errorf("the end-to-end QUIC handshake with the dialer: %w", err)
 	}
-	return start(c, tr, path, false, opts), nil
+	return start(c, tr, path), nil
 }
 
-func start(c *quic.Conn, tr *quic.Transport, path *Path, controlling bool, opts ICEOptions) *Pair {
+func start(c *quic.Conn, tr *quic.Transport, path *Path) *Pair {
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &Pair{Conn: c, Path: path, tr: tr, stop: cancel, done: make(chan struct{}), searched: make(chan struct{})}
-	go func() {
-		p.ICEErr = RunICE(ctx, c, path, controlling, opts)
-		close(p.searched)
-	}()
+	p := &Pair{Conn: c, Path: path, tr: tr, ctx: ctx, stop: cancel, done: make(chan struct{}), searched: make(chan struct{})}
 	go func() {
 		select {
 		case <-path.Done():
@@ -178,10 +180,37 @@ func start(c *quic.Conn, tr *quic.Transport, path *Path, controlling bool, opts 
 		cancel()
 		_ = path.Close()
 		_ = tr.Close()
+		p.iceOnce.Do(func() { close(p.searched) }) // ICE never started
 		<-p.searched
 		close(p.done)
 	}()
 	return p
+}
+
+// StartICE starts looking for a direct path (RunICE), once: the dialer at
+// once, the agent once the dialer passed its checks, so that a dialer it
+// refuses learns none of its addresses.
+func (p *Pair) StartICE(controlling bool, opts ICEOptions) {
+	p.iceOnce.Do(func() {
+		go func() {
+			p.iceErr = RunICE(p.ctx, p.Conn, p.Path, controlling, opts)
+			close(p.searched)
+		}()
+	})
+}
+
+// ICEErr is why no direct path was found, once the pair ended; nil when one was,
+// or when ICE did not run.
+func (p *Pair) ICEErr() error {
+	select {
+	case <-p.searched:
+		if errors.Is(p.iceErr, context.Canceled) {
+			return nil
+		}
+		return p.iceErr
+	default:
+		return nil
+	}
 }
 
 // Done is closed once the pair ended and released its ICE agent and sockets.

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -41,10 +42,11 @@ const (
 	framePing   byte = 0x02 // empty: the sender is alive and hears the server
 )
 
-// MaxPacket is the largest QUIC packet a relay frame carries; PacketSize is
-// the size QUIC sends (path MTU discovery is off: the path below changes).
+// MaxPacket is the largest QUIC packet a relay frame carries (what quic-go
+// reads at most); PacketSize is the size QUIC sends (path MTU discovery is
+// off: the path below changes).
 const (
-	MaxPacket  = 1500
+	MaxPacket  = 1452
 	PacketSize = 1280
 )
 
@@ -79,13 +81,6 @@ var ErrRefused = errors.New("the agent does not take direct paths")
 // ErrSilent ends a pair whose relay stream said nothing for Silence.
 var ErrSilent = fmt.Errorf("no word from the TP server for %s: the direct path ends with the relayed session that authorises it", Silence)
 
-// DirectConn is the direct path once ICE selected a pair: datagrams to and
-// from the peer (an *ice.Conn).
-type DirectConn interface {
-	Read([]byte) (int, error)
-	Write([]byte) (int, error)
-}
-
 type addr string
 
 func (a addr) Network() string { return "tp-direct" }
@@ -111,13 +106,16 @@ type Path struct {
 	ping  chan struct{}
 
 	mu        sync.Mutex
-	direct    DirectConn
-	iceUp     bool      // ICE says the selected pair is connected
-	badUntil  time.Time // the direct path failed to carry packets; relay until then
+	udp       *net.UDPConn   // the socket ICE found the direct path on, or nil
+	remote    netip.AddrPort // the other end's address on it, once ICE selected a pair
+	iceUp     bool           // ICE says the selected pair is connected
+	dout      chan []byte    // packets for the direct path, to writeUDP
+	badUntil  time.Time      // the direct path failed to carry packets; relay until then
 	retry     time.Duration
 	pending   time.Time // first packet on the direct path since one came back
 	pendingN  int
-	onDirect  bool // where the last packet went
+	lastSend  time.Time // the last packet on the direct path
+	onDirect  bool      // where the last packet went
 	onSwitch  func(direct bool)
 	lastHeard atomic.Int64 // unix nanoseconds of the relay's last frame
 
@@ -125,11 +123,15 @@ type Path struct {
 	rdCh      chan struct{}
 	rdTimer   *time.Timer
 	rdFired   bool          // rdCh is closed
+	rdGen     uint64        // which SetReadDeadline a timer belongs to
 	done      chan struct{} // the relay ended
 	doneOnce  sync.Once
 	err       error
 	closed    chan struct{} // Close was called: quic-go's reads end
 	closeOnce sync.Once
+	finish    chan struct{} // CloseRelay: write what is queued, then end the stream
+	finished  chan struct{}
+	finOnce   sync.Once
 
 	relayOut, relayIn, directOut, directIn, dropped, toDirect, toRelay atomic.Int64
 }
@@ -142,15 +144,18 @@ var pool = sync.Pool{New: func() any { b := make([]byte, MaxPacket); return &b }
 // else ends the Path with ErrRefused.
 func NewPath(relay net.Conn, expect []byte) *Path {
 	p := &Path{
-		relay:  relay,
-		br:     bufio.NewReaderSize(relay, 64<<10),
-		in:     make(chan []byte, inQueue),
-		out:    make(chan []byte, outQueue),
-		ping:   make(chan struct{}, 1),
-		rdCh:   make(chan struct{}),
-		done:   make(chan struct{}),
-		closed: make(chan struct{}),
-		retry:  directRetry,
+		relay:    relay,
+		br:       bufio.NewReaderSize(relay, 64<<10),
+		in:       make(chan []byte, inQueue),
+		out:      make(chan []byte, outQueue),
+		ping:     make(chan struct{}, 1),
+		rdCh:     make(chan struct{}),
+		done:     make(chan struct{}),
+		closed:   make(chan struct{}),
+		finish:   make(chan struct{}),
+		finished: make(chan struct{}),
+		dout:     make(chan []byte, outQueue),
+		retry:    directRetry,
 	}
 	p.lastHeard.Store(time.Now().UnixNano())
 	go p.readRelay(expect)
@@ -166,18 +171,29 @@ func (p *Path) OnSwitch(f func(direct bool)) {
 	p.mu.Unlock()
 }
 
-// SetDirect gives the Path the direct path ICE found; it reads it from now on.
-func (p *Path) SetDirect(c DirectConn) {
+// AttachUDP gives the Path the UDP socket ICE runs on: the Path reads it,
+// hands STUN messages (RFC 7983: the first two bits zero) to stun and takes
+// the rest as QUIC packets. The socket's owner closes it.
+func (p *Path) AttachUDP(udp *net.UDPConn, stun func(b []byte, from netip.AddrPort)) {
 	p.mu.Lock()
-	if p.direct != nil {
-		p.mu.Unlock()
-		return
-	}
-	p.direct = c
-	p.iceUp = true
-	p.switchLocked(time.Now())
+	p.udp = udp
 	p.mu.Unlock()
-	go p.readDirect(c)
+	gso, gro := offload(udp)
+	go p.readUDP(udp, stun, gro)
+	go p.writeUDP(udp, gso)
+}
+
+// SetDirect says where the other end is on the UDP socket: the remote address
+// of the candidate pair ICE selected. Packets go there while ICE holds it
+// connected (SetICEUp).
+func (p *Path) SetDirect(remote netip.AddrPort) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.remote != remote {
+		p.pending, p.pendingN = time.Time{}, 0
+	}
+	p.remote = remote
+	p.switchLocked(time.Now())
 }
 
 // SetICEUp says whether ICE holds the direct path as connected (a consent
@@ -240,12 +256,15 @@ func (p *Path) Close() error {
 func (p *Path) SetReadBuffer(int) error  { return nil }
 func (p *Path) SetWriteBuffer(int) error { return nil }
 
-// CloseRelay ends the relay stream cleanly (a half-close first, so that the
-// other end reads an end rather than a cut), then the Path.
+// CloseRelay ends the relay stream cleanly: what is queued (the connection's
+// CONNECTION_CLOSE, over a relayed pair) is written first, then a half-close,
+// so that the other end reads why rather than a cut; then the Path ends.
 func (p *Path) CloseRelay() {
-	if cw, ok := p.relay.(interface{ CloseWrite() error }); ok {
-		_ = p.relay.SetWriteDeadline(time.Now().Add(time.Second))
-		_ = cw.CloseWrite()
+	p.finOnce.Do(func() { close(p.finish) })
+	select {
+	case <-p.finished:
+	case <-p.done:
+	case <-time.After(time.Second):
 	}
 	_ = p.Close()
 }
@@ -279,12 +298,15 @@ func (p *Path) WriteTo(b []byte, _ net.Addr) (int, error) {
 	if len(b) > MaxPacket {
 		return 0, fmt.Errorf("tp direct: a packet of %d bytes; at most %d", len(b), MaxPacket)
 	}
-	if c := p.sendDirect(); c != nil {
-		if _, err := c.Write(b); err == nil {
+	if p.sendDirect() {
+		bp := pool.Get().(*[]byte)
+		select {
+		case p.dout <- append((*bp)[:0], b...): // waits as a full socket buffer would
 			p.directOut.Add(1)
-			return len(b), nil
+		case <-p.closed:
+			pool.Put(bp)
 		}
-		p.markBad() // the selected pair went away: the relay takes it
+		return len(b), nil
 	}
 	select {
 	case <-p.done:
@@ -305,25 +327,31 @@ func (p *Path) WriteTo(b []byte, _ net.Addr) (int, error) {
 
 // sendDirect is the direct path when a packet should go on it now, keeping
 // the count that tells a dead path.
-func (p *Path) sendDirect() DirectConn {
+func (p *Path) sendDirect() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	now := time.Now()
+	if !p.pending.IsZero() && now.Sub(p.lastSend) > DeadAfter {
+		// A burst after a quiet spell: what went before it (an ACK that
+		// needs no answer) says nothing about the path.
+		p.pending, p.pendingN = time.Time{}, 0
+	}
 	if p.useDirectLocked(now) && !p.pending.IsZero() && p.pendingN >= deadPackets && now.Sub(p.pending) > DeadAfter {
 		p.markBadLocked(now)
 	}
 	if !p.switchLocked(now) {
-		return nil
+		return false
 	}
 	if p.pending.IsZero() {
 		p.pending = now
 	}
 	p.pendingN++
-	return p.direct
+	p.lastSend = now
+	return true
 }
 
 func (p *Path) useDirectLocked(now time.Time) bool {
-	return p.direct != nil && p.iceUp && !now.Before(p.badUntil)
+	return p.udp != nil && p.remote.IsValid() && p.iceUp && !now.Before(p.badUntil)
 }
 
 // switchLocked decides where packets go now, counts and reports a change, and
@@ -368,19 +396,113 @@ func (p *Path) deliver(pk []byte) {
 	}
 }
 
-func (p *Path) readDirect(c DirectConn) {
-	for {
-		bp := pool.Get().(*[]byte)
-		n, err := c.Read((*bp)[:MaxPacket])
-		if err != nil {
-			pool.Put(bp)
-			return // ICE ended: the relay carries on
-		}
-		p.directIn.Add(1)
+// writeUDP sends the direct path's packets: a run of packets of one size (the
+// last may be shorter) goes as one buffer with segmentation offload when the
+// kernel takes it, up to maxSegments or 64 KiB.
+func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
+	const maxSegments = 64
+	var batch [][]byte
+	buf := make([]byte, 0, 64<<10)
+	flush := func() {
 		p.mu.Lock()
-		p.pending, p.pendingN = time.Time{}, 0
+		to := p.remote
 		p.mu.Unlock()
-		p.deliver((*bp)[:n])
+		for i := 0; i < len(batch); {
+			size := len(batch[i])
+			j := i + 1
+			if gso {
+				total := size
+				for j < len(batch) && j-i < maxSegments && len(batch[j]) <= size && total+len(batch[j]) <= cap(buf) {
+					total += len(batch[j])
+					j++
+					if len(batch[j-1]) < size {
+						break // a shorter packet ends a run
+					}
+				}
+			}
+			var err error
+			if j-i == 1 {
+				_, err = udp.WriteToUDPAddrPort(batch[i], to)
+			} else {
+				buf = buf[:0]
+				for _, pk := range batch[i:j] {
+					buf = append(buf, pk...)
+				}
+				_, _, err = udp.WriteMsgUDPAddrPort(buf, segmentControl(size), to)
+				if err != nil && !errors.Is(err, net.ErrClosed) {
+					gso = false // the kernel or the device refused it: one by one from now on
+					continue
+				}
+			}
+			if err != nil && errors.Is(err, net.ErrClosed) {
+				return
+			}
+			i = j
+		}
+		for _, pk := range batch {
+			pool.Put(&pk)
+		}
+		batch = batch[:0]
+	}
+	for {
+		select {
+		case pk := <-p.dout:
+			batch = append(batch, pk)
+		more:
+			for len(batch) < maxSegments {
+				select {
+				case pk := <-p.dout:
+					batch = append(batch, pk)
+				default:
+					break more
+				}
+			}
+			flush()
+		case <-p.closed:
+			return
+		}
+	}
+}
+
+// readUDP reads the socket: a coalesced read (GRO) holds several packets of
+// one size.
+func (p *Path) readUDP(udp *net.UDPConn, stun func([]byte, netip.AddrPort), gro bool) {
+	size := MaxPacket
+	var oob []byte
+	if gro {
+		size, oob = 64<<10, make([]byte, 64)
+	}
+	buf := make([]byte, size)
+	for {
+		n, oobn, _, from, err := udp.ReadMsgUDPAddrPort(buf, oob)
+		if err != nil {
+			return // closed: the relay carries on
+		}
+		seg := n
+		if s := coalescedSize(oob[:oobn]); s > 0 {
+			seg = s
+		}
+		for off := 0; off < n; off += seg {
+			pk := buf[off:min(off+seg, n)]
+			if len(pk) > 0 && pk[0]&0xc0 == 0 { // STUN, for ICE
+				stun(pk, from)
+				continue
+			}
+			if len(pk) > MaxPacket {
+				continue
+			}
+			p.mu.Lock()
+			if from == p.remote {
+				p.pending, p.pendingN = time.Time{}, 0
+				if !time.Now().Before(p.badUntil) {
+					p.retry = directRetry // the path works: a later failure starts the back-off anew
+				}
+			}
+			p.mu.Unlock()
+			p.directIn.Add(1)
+			bp := pool.Get().(*[]byte)
+			p.deliver(append((*bp)[:0], pk...))
+		}
 	}
 }
 
@@ -388,10 +510,10 @@ func (p *Path) readRelay(expect []byte) {
 	if len(expect) > 0 {
 		got := make([]byte, len(expect))
 		if _, err := io.ReadFull(p.br, got); err != nil || string(got) != string(expect) {
-			if err == nil || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-				err = ErrRefused
-			}
-			p.fail(err)
+			// An agent that refuses, an older one whose TLS server failed on
+			// the marker, a stream cut before the answer: the dialer goes on
+			// without a pair.
+			p.fail(ErrRefused)
 			return
 		}
 	}
@@ -409,6 +531,9 @@ func (p *Path) readRelay(expect []byte) {
 		switch {
 		case hdr[0] == framePing && n == 0:
 			continue
+		case hdr[0] == framePing:
+			p.fail(fmt.Errorf("tp direct: a ping frame with %d bytes; pings are empty", n))
+			return
 		case hdr[0] != framePacket:
 			p.fail(fmt.Errorf("tp direct: a relay frame of type 0x%02x", hdr[0]))
 			return
@@ -438,16 +563,39 @@ func (p *Path) writeRelay() {
 		buf = append(buf, t, byte(len(b)>>8), byte(len(b)))
 		buf = append(buf, b...)
 	}
+	check := time.NewTicker(time.Second)
+	defer check.Stop()
 	for {
 		buf = buf[:0]
 		select {
 		case <-p.done:
 			return
-		case <-tick.C:
+		case <-p.finish:
+			for len(buf) < cap(buf)-MaxPacket-3 {
+				select {
+				case pk := <-p.out:
+					frame(framePacket, pk)
+					pool.Put(&pk)
+					continue
+				default:
+				}
+				break
+			}
+			_ = p.relay.SetWriteDeadline(time.Now().Add(time.Second))
+			if _, err := p.relay.Write(buf); err == nil {
+				if cw, ok := p.relay.(interface{ CloseWrite() error }); ok {
+					_ = cw.CloseWrite()
+				}
+			}
+			close(p.finished)
+			return
+		case <-check.C:
 			if time.Since(time.Unix(0, p.lastHeard.Load())) > Silence {
 				p.fail(ErrSilent)
 				return
 			}
+			continue
+		case <-tick.C:
 			frame(framePing, nil)
 		case pk := <-p.out:
 			frame(framePacket, pk)
@@ -491,11 +639,12 @@ func (p *Path) SetReadDeadline(t time.Time) error {
 	if t.IsZero() {
 		return nil
 	}
-	ch := p.rdCh
+	p.rdGen++
+	ch, gen := p.rdCh, p.rdGen
 	fire := func() {
 		p.rdMu.Lock()
 		defer p.rdMu.Unlock()
-		if p.rdCh == ch && !p.rdFired {
+		if p.rdCh == ch && p.rdGen == gen && !p.rdFired {
 			close(ch)
 			p.rdFired = true
 		}

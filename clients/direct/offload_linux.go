@@ -1,0 +1,53 @@
+package direct
+
+import (
+	"encoding/binary"
+	"net"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// offload turns on UDP receive coalescing (GRO) on udp and says whether the
+// kernel takes segmentation offload (GSO) on it: with both, a burst of QUIC
+// packets crosses the kernel, and every hop of the network stack on the way,
+// as one buffer.
+func offload(udp *net.UDPConn) (gso, gro bool) {
+	raw, err := udp.SyscallConn()
+	if err != nil {
+		return false, false
+	}
+	_ = raw.Control(func(fd uintptr) {
+		_, serr := unix.GetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_SEGMENT)
+		gso = serr == nil
+		gro = unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 1) == nil
+	})
+	return gso, gro
+}
+
+// segmentControl is the control message that makes one send of a buffer
+// size-byte packets (the last may be shorter).
+func segmentControl(size int) []byte {
+	b := make([]byte, unix.CmsgSpace(2))
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&b[0]))
+	h.Level = unix.IPPROTO_UDP
+	h.Type = unix.UDP_SEGMENT
+	h.SetLen(unix.CmsgLen(2))
+	binary.NativeEndian.PutUint16(b[unix.CmsgLen(0):], uint16(size))
+	return b
+}
+
+// coalescedSize is the size of the packets a coalesced read holds, from its
+// control messages; 0 when it holds one.
+func coalescedSize(oob []byte) int {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return 0
+	}
+	for _, m := range msgs {
+		if m.Header.Level == unix.IPPROTO_UDP && m.Header.Type == unix.UDP_GRO && len(m.Data) >= 4 {
+			return int(binary.NativeEndian.Uint32(m.Data))
+		}
+	}
+	return 0
+}
