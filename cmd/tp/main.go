@@ -92,6 +92,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	root.PersistentFlags().Duration("carrier-head-start", 0, "how long auto gives QUIC over UDP alone before it also tries the tls, ws and http carriers (0: 500ms; 2s when UDP worked on this network before) (env TP_CARRIER_HEAD_START)")
 	root.PersistentFlags().String("carrier-http-url", "", "the http carrier's URL when not https://SERVER/.well-known/tp-carrier/http: a CDN's, or tpd's plain-HTTP listener (http://HOST:PORT/.well-known/tp-carrier/http, through HTTP_PROXY as plain HTTP) (env TP_CARRIER_HTTP_URL)")
 	root.PersistentFlags().Bool("direct", false, "reach names exposed with tp expose over one end-to-end QUIC connection per name that moves to a direct path between the two devices when their networks let one through; relayed by the TP server otherwise (env TP_DIRECT)")
+	root.PersistentFlags().StringSlice("direct-interfaces", nil, "the network interfaces whose addresses a direct path may use, such as eth0,wlan0 (lo too, for trying it on one host); default every interface but loopback and TP's tun devices; tp expose honours it too (env TP_DIRECT_INTERFACES)")
 	root.PersistentFlags().BoolP("quiet", "q", false, "print errors only, not the \"Connecting to …\" line (env TP_QUIET)")
 	root.PersistentFlags().Bool("debug", false, "also print debug lines, such as every attempt's own error when the TP server cannot be reached (env TP_DEBUG)")
 	root.AddCommand(forwardCmd(stderr), exposeCmd(stderr), ipCmd(stderr), whoamiCmd(stdout, stderr), netcheckCmd(stdout, stderr), sshConfigCmd(stdout, stderr), grantCmd(stdout), shareCmd(stdout), &cobra.Command{
@@ -174,6 +175,14 @@ func dialer(ctx context.Context, c *clients.Client, cfg config.Client, stderr io
 	d.CarrierHTTPURL = cfg.CarrierHTTPURL
 	d.CarrierHeadStart = cfg.CarrierHeadStart
 	d.Direct = cfg.Direct
+	if len(cfg.DirectInterfaces) > 0 {
+		keep := map[string]bool{}
+		for _, name := range cfg.DirectInterfaces {
+			keep[name] = true
+		}
+		d.DirectLoopback = true // named, loopback too: the list decides
+		d.DirectInterfaces = func(name string) bool { return keep[name] }
+	}
 	d.Logf = c.Logf
 	d.Logger = logger(cfg, stderr)
 	return d, nil

@@ -152,6 +152,20 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 			}
 		}
 	}
+	// A direct path (tp --direct, PROTOCOL 11.4.2): the pair's QUIC connection
+	// goes between the two processes over loopback once ICE found it; the
+	// relay (tpd) carries only its start.
+	dt := transports[len(transports)-1]
+	direct := &revPath{label: "tp expose over " + strings.ToUpper(dt) + ", protected, direct path (dialer: tp --direct forward)", transport: dt}
+	var directProc *proc
+	loop := []string{"--direct-interfaces", "lo"}
+	if _, direct.err = e.startExpose(ctx, dt, "dsink", e.sink, append([]string{"--also", "decho=" + e.echo, "--allow-user", "bench"}, loop...)...); direct.err == nil {
+		fargs := append([]string{"--transport", dt, "--direct", "--debug"}, loop...)
+		if direct.sink, directProc, direct.err = e.startForward(ctx, net.JoinHostPort(host("dsink"), portOf(e.sink)), fargs...); direct.err == nil {
+			direct.echo, _, direct.err = e.startForward(ctx, net.JoinHostPort(host("decho"), portOf(e.echo)), fargs...)
+		}
+	}
+	paths = append(paths, direct)
 	// frp, the reverse peer: `tcp` (public: frps's port, like --public) and
 	// `stcp` (secret mode: the dialer runs a visitor, like a protected name).
 	frpTCP := &revPath{label: "frp tcp (dialer: plain TCP to frps's port)", transport: "tls"}
@@ -181,6 +195,18 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		}
 		if p.err != nil {
 			e.log("%s: %v", p.label, p.err)
+		}
+	}
+
+	if direct.err == nil { // measured on the direct path, not on the relay it starts on
+		deadline := time.Now().Add(30 * time.Second)
+		for !strings.Contains(directProc.out.String(), "moved to a direct path") {
+			if time.Now().After(deadline) {
+				direct.err = errors.New("the pair did not move to a direct path within 30 s")
+				e.log("%s: %v", direct.label, direct.err)
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
 		}
 	}
 
@@ -254,6 +280,17 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 				ratioRow(bulkScn, up+" protected ÷ frp stcp (per run)", bulkRows[tr.prot], bulkRows[frpSTCP], ""))
 		}
 	}
+	up := strings.ToUpper(dt)
+	for _, tr := range trios {
+		if tr.fwd.transport == dt {
+			rows = append(rows,
+				ratioRow(bulkScn, up+" protected, direct path ÷ public (per run)", bulkRows[direct], bulkRows[tr.pub], "≥1.0×"),
+				ratioRow(bulkScn, up+" protected, direct path ÷ one carrier (per run)", bulkRows[direct], bulkRows[tr.prot], ""))
+		}
+	}
+	if withFRP {
+		rows = append(rows, ratioRow(bulkScn, up+" protected, direct path ÷ frp stcp (per run)", bulkRows[direct], bulkRows[frpSTCP], ""))
+	}
 	rows = append(rows, collect(setupVs)...)
 	for _, tr := range trios {
 		up := strings.ToUpper(tr.fwd.transport)
@@ -262,6 +299,12 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 			ratioRow(setupScn, up+" public ÷ forward path, p50 (per run)", setupRows[tr.pub].p50, setupRows[tr.fwd].p50, ""),
 			ratioRow(setupScn, up+" protected ÷ public, p50 (per run)", setupRows[tr.prot].p50, setupRows[tr.pub].p50, ""),
 			ratioRow(setupScn, up+" protected, one carrier ÷ a TP session each, p50 (per run)", setupRows[tr.prot].p50, setupRows[tr.each].p50, ""))
+		if tr.fwd.transport == dt {
+			rows = append(rows, ratioRow(setupScn, up+" protected, direct path ÷ one carrier, p50 (per run)", setupRows[direct].p50, setupRows[tr.prot].p50, ""))
+			if withFRP {
+				rows = append(rows, ratioRow(setupScn, up+" protected, direct path ÷ frp stcp, p50 (per run)", setupRows[direct].p50, setupRows[frpSTCP].p50, "≤1.0×"))
+			}
+		}
 		if withFRP {
 			rows = append(rows,
 				ratioRow(setupScn, up+" public ÷ frp tcp, p50 (per run)", setupRows[tr.pub].p50, setupRows[frpTCP].p50, ""),

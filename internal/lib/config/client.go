@@ -35,6 +35,11 @@ type Client struct {
 	// two devices when their networks let one through (docs/PROTOCOL.md
 	// §11.4.2).
 	Direct bool `mapstructure:"direct"`
+	// DirectInterfaces, when set, are the only network interfaces whose
+	// addresses a direct path may use (loopback included when named: tests
+	// and benchmarks on one host); empty means every interface but loopback
+	// and TP's own tun devices.
+	DirectInterfaces []string `mapstructure:"direct-interfaces"`
 	// Quiet drops tp's progress lines ("Connecting to …"); errors still show.
 	Quiet bool `mapstructure:"quiet"`
 	// Debug adds tp's debug lines: every attempt's own error where the usual
@@ -69,6 +74,11 @@ func (c Client) Validate() error {
 	if c.CarrierHeadStart < 0 || c.CarrierHeadStart > time.Minute {
 		errs = append(errs, fmt.Errorf("carrier-head-start %s must be between 0 and 1m (--carrier-head-start or TP_CARRIER_HEAD_START)", c.CarrierHeadStart))
 	}
+	for _, name := range c.DirectInterfaces {
+		if name == "" || strings.ContainsAny(name, " /,") {
+			errs = append(errs, fmt.Errorf("direct-interfaces names %q, which is no network interface name (a list such as eth0,wlan0; --direct-interfaces or TP_DIRECT_INTERFACES)", name))
+		}
+	}
 	if c.Timeout <= 0 || c.Timeout > 10*time.Minute {
 		errs = append(errs, fmt.Errorf("timeout %s must be between 0 and 10m", c.Timeout))
 	}
@@ -92,12 +102,13 @@ func LoadClient(fs *pflag.FlagSet) (Client, error) {
 	v.SetDefault("carrier-http-url", "")
 	v.SetDefault("carrier-head-start", time.Duration(0))
 	v.SetDefault("direct", false)
+	v.SetDefault("direct-interfaces", []string{})
 	v.SetDefault("quiet", false)
 	v.SetDefault("debug", false)
 	v.SetEnvPrefix("TP")
 	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_", ".", "_"))
 	v.AutomaticEnv()
-	for _, key := range []string{"home", "timeout", "transport", "carrier", "carrier-http-url", "carrier-head-start", "direct", "quiet", "debug"} {
+	for _, key := range []string{"home", "timeout", "transport", "carrier", "carrier-http-url", "carrier-head-start", "direct", "direct-interfaces", "quiet", "debug"} {
 		if f := fs.Lookup(key); f != nil && f.Changed {
 			if err := v.BindPFlag(key, f); err != nil {
 				return Client{}, err

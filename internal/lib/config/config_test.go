@@ -410,3 +410,26 @@ func TestReversePickupTimeout(t *testing.T) {
 		}
 	}
 }
+
+// TP_DIRECT and TP_DIRECT_INTERFACES (a comma-separated list) reach the
+// client's configuration; a list with a name that cannot be an interface's
+// (bad input: "eth0 wlan0", a space for a comma) is refused with a sentence
+// that names the setting.
+func TestLoadClientDirect(t *testing.T) {
+	t.Setenv("TP_HOME", "/somewhere/tp")
+	t.Setenv("TP_DIRECT", "true")
+	t.Setenv("TP_DIRECT_INTERFACES", "lo,eth0")
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	ClientFlags(fs)
+	c, err := LoadClient(fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Direct || strings.Join(c.DirectInterfaces, "+") != "lo+eth0" {
+		t.Fatalf("direct settings from the environment: %v %q", c.Direct, c.DirectInterfaces)
+	}
+	t.Setenv("TP_DIRECT_INTERFACES", "eth0 wlan0")
+	if _, err := LoadClient(fs); err == nil || !strings.Contains(err.Error(), "TP_DIRECT_INTERFACES") {
+		t.Fatalf("an interface list with a space: %v", err)
+	}
+}
