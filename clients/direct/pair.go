@@ -168,6 +168,14 @@ func start(c *quic.Conn, tr *quic.Transport, path *Path) *Pair {
 	go func() {
 		select {
 		case <-path.Done():
+			if errors.Is(path.Err(), ErrRelayEnded) {
+				// The other end ended the relay after its close, which says
+				// why, went on the direct path: let it arrive.
+				select {
+				case <-c.Context().Done():
+				case <-time.After(time.Second):
+				}
+			}
 			code, reason := wire.QUICPeerReset, path.Err().Error()
 			if rc, ok := wire.StreamResetCode(path.Err()); ok { // the TP server's word (a revoke, a drain)
 				code, reason = rc, "the TP server cut the session that authorises the direct path: "+
@@ -177,8 +185,9 @@ func start(c *quic.Conn, tr *quic.Transport, path *Path) *Pair {
 		case <-c.Context().Done():
 			path.CloseRelay()
 		}
-		cancel()
 		_ = path.Close()
+		path.flushed() // a CONNECTION_CLOSE queued for the direct path goes before ICE closes its socket
+		cancel()
 		_ = tr.Close()
 		p.iceOnce.Do(func() { close(p.searched) }) // ICE never started
 		<-p.searched

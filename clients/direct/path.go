@@ -78,6 +78,10 @@ const (
 // ErrRefused: the agent answered the marker without taking a direct path.
 var ErrRefused = errors.New("the agent does not take direct paths")
 
+// ErrRelayEnded: the relay stream ended cleanly (the other end closed the
+// pair, or the server's session ended without a code).
+var ErrRelayEnded = errors.New("the TP server or the other end ended the relayed session")
+
 // ErrSilent ends a pair whose relay stream said nothing for Silence.
 var ErrSilent = fmt.Errorf("no word from the TP server for %s: the direct path ends with the relayed session that authorises it", Silence)
 
@@ -110,6 +114,7 @@ type Path struct {
 	remote    netip.AddrPort // the other end's address on it, once ICE selected a pair
 	iceUp     bool           // ICE says the selected pair is connected
 	dout      chan []byte    // packets for the direct path, to writeUDP
+	wrote     chan struct{}  // writeUDP ended (or never ran)
 	badUntil  time.Time      // the direct path failed to carry packets; relay until then
 	retry     time.Duration
 	pending   time.Time // first packet on the direct path since one came back
@@ -155,6 +160,7 @@ func NewPath(relay net.Conn, expect []byte) *Path {
 		finish:   make(chan struct{}),
 		finished: make(chan struct{}),
 		dout:     make(chan []byte, outQueue),
+		wrote:    make(chan struct{}),
 		retry:    directRetry,
 	}
 	p.lastHeard.Store(time.Now().UnixNano())
@@ -181,6 +187,21 @@ func (p *Path) AttachUDP(udp *net.UDPConn, stun func(b []byte, from netip.AddrPo
 	gso, gro := offload(udp)
 	go p.readUDP(udp, stun, gro)
 	go p.writeUDP(udp, gso)
+}
+
+// flushed waits (a moment at most) until what the Path queued for the direct
+// path went out, after Close: then its socket may close.
+func (p *Path) flushed() {
+	p.mu.Lock()
+	attached := p.udp != nil
+	p.mu.Unlock()
+	if !attached {
+		return
+	}
+	select {
+	case <-p.wrote:
+	case <-time.After(200 * time.Millisecond):
+	}
 }
 
 // SetDirect says where the other end is on the UDP socket: the remote address
@@ -400,6 +421,7 @@ func (p *Path) deliver(pk []byte) {
 // last may be shorter) goes as one buffer with segmentation offload when the
 // kernel takes it, up to maxSegments or 64 KiB.
 func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
+	defer close(p.wrote)
 	const maxSegments = 64
 	var batch [][]byte
 	buf := make([]byte, 0, 64<<10)
@@ -459,6 +481,18 @@ func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
 			}
 			flush()
 		case <-p.closed:
+			// What quic-go queued before the Path closed (its CONNECTION_CLOSE)
+			// still goes out.
+			for len(batch) < maxSegments {
+				select {
+				case pk := <-p.dout:
+					batch = append(batch, pk)
+					continue
+				default:
+				}
+				break
+			}
+			flush()
 			return
 		}
 	}
@@ -521,7 +555,7 @@ func (p *Path) readRelay(expect []byte) {
 	for {
 		if _, err := io.ReadFull(p.br, hdr[:]); err != nil {
 			if errors.Is(err, io.EOF) {
-				err = errors.New("the TP server or the other end ended the relayed session")
+				err = ErrRelayEnded
 			}
 			p.fail(err)
 			return

@@ -184,14 +184,20 @@ func sum(size int) []byte {
 // log once it exits.
 func (n *natNet) dial(t *testing.T, in io.Reader, extra ...string) (digest []byte, log *testlog.Buffer, err error) {
 	t.Helper()
+	log = &testlog.Buffer{}
+	digest, err = n.dialInto(in, log, extra...)
+	return digest, log, err
+}
+
+// dialInto is dial with the log the caller reads while tp runs.
+func (n *natNet) dialInto(in io.Reader, log *testlog.Buffer, extra ...string) (digest []byte, err error) {
 	args := append([]string{"netns", "exec", n.D, binary("tp"), "--direct", "--debug", "--timeout", "60s"}, extra...)
 	cmd := command("ip", append(args, "svc.rev.tp.internal", "22")...)
 	cmd.Env = append(os.Environ(), n.bob...)
 	h := sha256.New()
-	log = &testlog.Buffer{}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = in, h, log
 	err = cmd.Run()
-	return h.Sum(nil), log, err
+	return h.Sum(nil), err
 }
 
 // Two devices behind endpoint-independent NATs: the session starts relayed
@@ -316,6 +322,40 @@ func TestDirectPathWithoutUDP(t *testing.T) {
 	}
 	if strings.Contains(log.String(), "moved to a direct path") {
 		t.Fatalf("a direct path where no UDP gets through:\n%s", log)
+	}
+	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
+}
+
+// An end that cannot hear tpd stops the direct path: once everything from the
+// dialer's NAT to tpd's host is dropped (the direct path between the NATs
+// still works), the dialer's relayed session goes silent and, after 15 s
+// without a word from tpd, tp ends with a sentence that says so.
+func TestDirectPathEndsWhenTPIsSilent(t *testing.T) {
+	parallelLong(t)
+	n := newNATNet(t, false)
+	agentLog := n.expose(t)
+	hold := newStream(1<<20, 1<<10)
+	done := make(chan struct{})
+	log := &testlog.Buffer{}
+	var err error
+	go func() { defer close(done); _, err = n.dialInto(hold, log) }()
+	<-hold.paused
+	defer func() { // the input goes on (into a pipe nobody reads) once the test looked
+		close(hold.resume)
+		<-done
+	}()
+	waitFor(t, 30*time.Second, "the pair on the direct path", func() bool {
+		return strings.Contains(agentLog.String(), "moved to a direct path")
+	})
+	sh(t, "ip", "netns", "exec", n.T, "iptables", "-w", "-I", "INPUT", "-s", "10.210.2.2", "-j", "DROP")
+	// 15 s of silence, on either end: whichever hears it first ends the pair.
+	waitLog(t, log, "no word from the TP server for 15s", 60*time.Second)
+	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
+	close(hold.resume)
+	<-done
+	hold.resume = make(chan struct{}) // for the deferred close
+	if err == nil {
+		t.Fatalf("tp exited cleanly after tpd went silent:\n%s", log)
 	}
 	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
 }
