@@ -257,11 +257,13 @@ func (d *Daemon) startWeb(ctx context.Context, g *errgroup.Group, public net.Lis
 		<-ctx.Done()
 		d.ops.reload.mu.Lock() // a reload swaps certificates under this lock
 		defer d.ops.reload.mu.Unlock()
+		// Certificate operations under way end with ctx; their locks are
+		// released before tpd returns.
 		if certs := d.web.certs.Load(); certs != nil {
-			certs.Stop()
+			certs.StopAndWait(10 * time.Second)
 		}
 		if exposed := d.web.exposed.Load(); exposed != nil {
-			exposed.Stop()
+			exposed.StopAndWait(10 * time.Second)
 		}
 		return nil
 	})

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/certmagic"
@@ -64,10 +65,11 @@ type CertOptions struct {
 // Certs keeps the sites' certificates: obtained over ACME, stored on disk, renewed
 // in the background at two thirds of their life without a restart.
 type Certs struct {
-	cache  *certmagic.Cache
-	cfg    *certmagic.Config
-	issuer *certmagic.ACMEIssuer
-	names  []string
+	cache   *certmagic.Cache
+	cfg     *certmagic.Config
+	issuer  *certmagic.ACMEIssuer
+	names   []string
+	storage *trackedStorage
 }
 
 // NewCerts prepares certificate management; Manage starts it.
@@ -90,7 +92,8 @@ func NewCerts(o CertOptions) (*Certs, error) {
 	if o.Shared != nil {
 		storage = o.Shared
 	}
-	cmc := certmagic.Config{Storage: storage, Logger: zl}
+	c.storage = &trackedStorage{Storage: storage}
+	cmc := certmagic.Config{Storage: c.storage, Logger: zl}
 	if o.OnDemand != nil {
 		cmc.OnDemand = &certmagic.OnDemandConfig{DecisionFunc: o.OnDemand}
 	}
@@ -162,6 +165,76 @@ func (c *Certs) HTTPChallenge(w http.ResponseWriter, r *http.Request) bool {
 
 // Stop ends background renewal.
 func (c *Certs) Stop() { c.cache.Stop() }
+
+// StopAndWait is Stop for a server that stops: no certificate operation
+// starts any more, and it waits (at most d) for those under way, whose
+// context ended, to release their locks, so that none is left held in the
+// storage (a lock file, or a row other instances would wait for) after it.
+func (c *Certs) StopAndWait(d time.Duration) {
+	c.cache.Stop()
+	c.storage.stopAndWait(d)
+}
+
+// trackedStorage counts the locks certmagic holds in its storage, and takes
+// no new one once stopping.
+type trackedStorage struct {
+	certmagic.Storage
+	mu       sync.Mutex
+	held     int
+	stopping bool
+	idle     chan struct{} // closed when stopping and nothing is held
+}
+
+var errStopping = errors.New("the server is stopping")
+
+func (s *trackedStorage) Lock(ctx context.Context, name string) error {
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		return errStopping
+	}
+	s.held++
+	s.mu.Unlock()
+	if err := s.Storage.Lock(ctx, name); err != nil {
+		s.release()
+		return err
+	}
+	return nil
+}
+
+func (s *trackedStorage) Unlock(ctx context.Context, name string) error {
+	err := s.Storage.Unlock(ctx, name)
+	s.release()
+	return err
+}
+
+func (s *trackedStorage) release() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.held--
+	if s.stopping && s.held == 0 && s.idle != nil {
+		close(s.idle)
+		s.idle = nil
+	}
+}
+
+func (s *trackedStorage) stopAndWait(d time.Duration) {
+	s.mu.Lock()
+	s.stopping = true
+	if s.held == 0 {
+		s.mu.Unlock()
+		return
+	}
+	if s.idle == nil {
+		s.idle = make(chan struct{})
+	}
+	idle := s.idle
+	s.mu.Unlock()
+	select {
+	case <-idle:
+	case <-time.After(d):
+	}
+}
 
 // slogCore lets certmagic's zap logger write to TP's slog logger.
 type slogCore struct{ h slog.Handler }
