@@ -422,6 +422,11 @@ func TestUDPForwarder(t *testing.T) {
 		t.Run(tr, func(t *testing.T) {
 			var logs testlog.Buffer
 			var dialed atomic.Int64
+			t.Cleanup(func() {
+				if t.Failed() { // which flows were dialed and how each ended
+					t.Logf("forwarder log (%d flows dialed):\n%s\nserver: %+v", dialed.Load(), logs.String(), q.srv.UDPStats())
+				}
+			})
 			dl := q.udpDialer(t, tr)
 			local := serveUDPForwarder(t, &clients.UDPForwarder{
 				Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {

@@ -42,6 +42,7 @@ const (
 	iceKeepalive    = time.Second
 	iceDisconnected = 3 * time.Second
 	iceFailed       = 15 * time.Second
+	srflxWait       = 100 * time.Millisecond
 )
 
 type signal struct {
@@ -120,6 +121,9 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 		ice.WithKeepaliveInterval(iceKeepalive),
 		ice.WithDisconnectedTimeout(iceDisconnected),
 		ice.WithFailedTimeout(iceFailed),
+		// The session already runs on the relay: a working server-reflexive
+		// pair need not wait long for a better one.
+		ice.WithSrflxAcceptanceMinWait(srflxWait),
 		ice.WithLoggerFactory(quiet),
 	}
 	opt = append(opt, ice.WithInterfaceFilter(keep), ice.WithRemoteIPFilter(func(ip net.IP) bool {

@@ -35,6 +35,8 @@ const natPublicPort = 24001
 //   - bulk/relayed: a protected session through tpd (tp forward, one
 //     end-to-end carrier);
 //   - bulk/direct: a protected session on the direct path (tp --direct forward);
+//   - bulk/pair-relayed: tp --direct where no direct path is found (no
+//     interface gives candidates): the pair's QUIC inside the relayed stream;
 //   - session/relayed, session/direct: a new session on an established
 //     carrier or pair, connect to a 1-byte echo.
 //
@@ -60,6 +62,9 @@ func BenchmarkDirectPath(b *testing.B) {
 	start := time.Now()
 	directSink, directLog := n.forwardLog(b, true, "sink")
 	directEcho := n.forward(b, true, "echo")
+	// A pair that finds no direct path (no interface gives candidates): what
+	// --direct costs behind symmetric NATs or without UDP.
+	pairRelayed, _ := n.forwardLog(b, true, "sink", "--direct-interfaces", "none0")
 	// The first session opens the pair; the bulk runs once it went direct.
 	n.bulk(b, directSink, 1<<20)
 	waitFor(b, 30*time.Second, "the pair for sink on the direct path", func() bool {
@@ -76,6 +81,7 @@ func BenchmarkDirectPath(b *testing.B) {
 		{"public", net.JoinHostPort(natTPD, strconv.Itoa(natPublicPort))},
 		{"relayed", relayedSink},
 		{"direct", directSink},
+		{"pair-relayed", pairRelayed},
 	} {
 		b.Run("bulk/"+v.name, func(b *testing.B) {
 			n.bulk(b, v.addr, 1<<20)
@@ -111,9 +117,9 @@ func (n *natNet) forward(b testing.TB, direct bool, name string) string {
 	return addr
 }
 
-func (n *natNet) forwardLog(b testing.TB, direct bool, name string) (string, *testlog.Buffer) {
+func (n *natNet) forwardLog(b testing.TB, direct bool, name string, extra ...string) (string, *testlog.Buffer) {
 	b.Helper()
-	args := []string{"netns", "exec", n.D, binary("tp"), "--debug"}
+	args := append([]string{"netns", "exec", n.D, binary("tp"), "--debug"}, extra...)
 	if direct {
 		args = append(args, "--direct")
 	}
