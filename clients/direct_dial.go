@@ -82,6 +82,31 @@ func (d *Dialer) directDial(ctx context.Context, addr string) (c net.Conn, handl
 		return nil, false, &directClaim{key: key}, nil
 	}
 	st.mu.Unlock()
+	if dp.p.ICEErr() != nil {
+		// ICE found no direct path: the pair's QUIC inside the relayed stream is
+		// slower than a carrier, so later sessions go as ordinary ones, and this
+		// name gets none for a while. The pair ends with its last session.
+		st.mu.Lock()
+		if st.pairs[key] == dp {
+			delete(st.pairs, key)
+		}
+		if st.none == nil || len(st.none) >= maxMuxNames {
+			st.none = map[string]time.Time{}
+		}
+		st.none[key] = time.Now().Add(muxNoneFor)
+		st.mu.Unlock()
+		go func() { // ends once idle
+			for dp.open.Load() > 0 {
+				select {
+				case <-dp.p.Done():
+					return
+				case <-time.After(time.Second):
+				}
+			}
+			dp.p.Close(wire.QUICNoError, "no direct path")
+		}()
+		return nil, false, nil, nil
+	}
 	c, err = d.directSession(ctx, dp, addr)
 	if err != nil && (dp.p.Conn.Context().Err() != nil || errors.As(err, new(*quic.StreamLimitReachedError))) {
 		return nil, false, nil, nil // the pair ended meanwhile, or is full: an ordinary dial

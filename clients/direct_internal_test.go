@@ -146,3 +146,38 @@ func TestDirectCutIsError(t *testing.T) {
 		t.Fatalf("a session is a %T, not a wire.Stream", c)
 	}
 }
+
+// A pair whose ICE found no direct path (no interface gives candidates here)
+// takes no further session: the next ones are ordinary protected sessions
+// (faster than QUIC inside the relayed stream), and the name gets no new pair
+// for a while.
+func TestDirectNoPathFallsBack(t *testing.T) {
+	d, _ := directEnv(t, nil)
+	d.DirectInterfaces = func(string) bool { return false }
+	c, err := d.DialContext(context.Background(), "tcp", directAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := checksummed(c, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	d.direct.mu.Lock()
+	dp := d.direct.pairs[directAddr]
+	d.direct.mu.Unlock()
+	if dp == nil {
+		t.Fatal("the first session opened no pair")
+	}
+	waitUntil(t, "ICE gives up", func() bool { return dp.p.ICEErr() != nil })
+	for i := range 2 {
+		c, err := d.DialContext(context.Background(), "tcp", directAddr)
+		if err != nil {
+			t.Fatalf("session %d after ICE gave up: %v", i+2, err)
+		}
+		if err := checksummed(c, 64<<10); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if opened, _ := d.DirectStats(); opened != 1 || d.DirectPath(directAddr) != nil {
+		t.Fatalf("%d pairs opened, and one held: %v; want the later sessions without a pair", opened, d.DirectPath(directAddr) != nil)
+	}
+}

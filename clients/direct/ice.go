@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/pion/ice/v4"
@@ -163,11 +164,18 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 		return err
 	}
 	write(signal{Ufrag: ufrag, Pwd: pwd})
+	var local atomic.Int64
+	var noLocalOnce sync.Once
+	noLocal := make(chan struct{})
 	if err := agent.OnCandidate(func(c ice.Candidate) {
 		if c == nil {
 			write(signal{Done: true})
+			if local.Load() == 0 {
+				noLocalOnce.Do(func() { close(noLocal) })
+			}
 			return
 		}
+		local.Add(1)
 		log.Debug("tp direct: local candidate", "candidate", c.Marshal())
 		write(signal{Candidate: c.Marshal()})
 	}); err != nil {
@@ -257,6 +265,8 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 			}
 			log.Debug("tp direct: direct path found", "local", pair.Local.String(), "remote", pair.Remote.String())
 		}
+	case <-noLocal:
+		return errors.New("this device has no address to offer for a direct path (all its interfaces are filtered out: --direct-interfaces)")
 	case <-failed:
 		return errors.New("no candidate pair answered: the devices' networks let no direct path through (symmetric NATs, or UDP blocked); the relay carries the session")
 	case <-ctx.Done():

@@ -35,8 +35,6 @@ const natPublicPort = 24001
 //   - bulk/relayed: a protected session through tpd (tp forward, one
 //     end-to-end carrier);
 //   - bulk/direct: a protected session on the direct path (tp --direct forward);
-//   - bulk/pair-relayed: tp --direct where no direct path is found (no
-//     interface gives candidates): the pair's QUIC inside the relayed stream;
 //   - session/relayed, session/direct: a new session on an established
 //     carrier or pair, connect to a 1-byte echo.
 //
@@ -62,9 +60,6 @@ func BenchmarkDirectPath(b *testing.B) {
 	start := time.Now()
 	directSink, directLog := n.forwardLog(b, true, "sink")
 	directEcho := n.forward(b, true, "echo")
-	// A pair that finds no direct path (no interface gives candidates): what
-	// --direct costs behind symmetric NATs or without UDP.
-	pairRelayed, _ := n.forwardLog(b, true, "sink", "--direct-interfaces", "none0")
 	// The first session opens the pair; the bulk runs once it went direct.
 	n.bulk(b, directSink, 1<<20)
 	waitFor(b, 30*time.Second, "the pair for sink on the direct path", func() bool {
@@ -81,7 +76,6 @@ func BenchmarkDirectPath(b *testing.B) {
 		{"public", net.JoinHostPort(natTPD, strconv.Itoa(natPublicPort))},
 		{"relayed", relayedSink},
 		{"direct", directSink},
-		{"pair-relayed", pairRelayed},
 	} {
 		b.Run("bulk/"+v.name, func(b *testing.B) {
 			n.bulk(b, v.addr, 1<<20)
