@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -50,6 +51,7 @@ type ticketCache struct {
 	mu    sync.Mutex
 	inner tls.ClientSessionCache
 	last  []byte
+	got   int // tickets received
 }
 
 func (c *ticketCache) Get(key string) (*tls.ClientSessionState, bool) { return c.inner.Get(key) }
@@ -58,6 +60,7 @@ func (c *ticketCache) Put(key string, cs *tls.ClientSessionState) {
 		if ticket, _, err := cs.ResumptionState(); err == nil {
 			c.mu.Lock()
 			c.last = ticket
+			c.got++
 			c.mu.Unlock()
 		}
 	}
@@ -65,6 +68,8 @@ func (c *ticketCache) Put(key string, cs *tls.ClientSessionState) {
 }
 
 func (c *ticketCache) ticket() []byte { c.mu.Lock(); defer c.mu.Unlock(); return c.last }
+
+func (c *ticketCache) received() int { c.mu.Lock(); defer c.mu.Unlock(); return c.got }
 
 // handshake completes a handshake and reads until the server's session ticket has
 // arrived (TLS 1.3 sends it after the handshake).
@@ -79,9 +84,18 @@ func handshake(t *testing.T, addr string, cfg *tls.Config) tls.ConnectionState {
 	if cs.NegotiatedProtocol == "http/1.1" {
 		io.WriteString(c, "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
 		io.ReadAll(c)
-	} else {
-		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-		c.Read(make([]byte, 1)) // the ticket comes in with the first read
+	} else if tc, ok := cfg.ClientSessionCache.(*ticketCache); ok {
+		// The proxy sends nothing after its ticket (it waits for a hello), and a
+		// read takes the ticket in but returns only with data or at its
+		// deadline: read in short slices until the ticket is in, however long
+		// a loaded machine takes to send it.
+		before := tc.received()
+		for deadline := time.Now().Add(20 * time.Second); tc.received() == before && time.Now().Before(deadline); {
+			c.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+			if _, err := c.Read(make([]byte, 1)); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+				break
+			}
+		}
 	}
 	return cs
 }
