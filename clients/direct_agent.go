@@ -7,12 +7,10 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients/direct"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -62,33 +60,12 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 			log.Info("tp expose: the session with the dialer is relayed by the TP server again")
 		}
 	})
-	cs := p.Conn.ConnectionState().TLS
-	a.mu.Lock()
-	iss, known := a.issuers[full]
-	a.mu.Unlock()
-	chainErr := errors.New("the agent does not know the CA of its own certificate yet")
-	if known {
-		chainErr = iss.is.CheckChains(cs.PeerCertificates[0], cs.VerifiedChains)
-	}
-	id, idErr := authz.IdentityFromCert(cs.PeerCertificates[0])
-	var code, reason string
-	switch {
-	case !strings.EqualFold(cs.ServerName, full):
-		code, reason = wire.CodeUnauthenticated, fmt.Sprintf("the end-to-end QUIC connection names %q, not %s", cs.ServerName, full)
-	case chainErr != nil:
-		code, reason = wire.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error()
-	case idErr != nil:
-		code, reason = wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+idErr.Error()
-	}
+	id, code, reason, expires := a.checkDialer(p.Conn.ConnectionState().TLS, full, "the end-to-end QUIC connection")
 	if code == "" && id.DeviceID == hdr.PeerID && a.allowed(id.User, hdr) {
 		// Only a dialer that passed the checks learns this device's addresses.
 		p.StartICE(false, opts)
 	}
 	// The pair ends with the earlier of both certificates, as a carrier does.
-	expires := cs.PeerCertificates[0].NotAfter
-	if known {
-		expires = minTime(expires, iss.leaf.NotAfter)
-	}
 	now := time.Now
 	if a.inner.Time != nil {
 		now = a.inner.Time

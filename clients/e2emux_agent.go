@@ -25,7 +25,7 @@ import (
 // the dialer's certificate every stream gets (the carrier then ends). pre, the
 // connection to the service started with the session, goes to the first stream.
 func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *transport.BatchConn, cs tls.ConnectionState, hdr wire.SessionHeader,
-	full, local string, udp bool, pre *localDial, code, reason, device, user string, answered func(), log *slog.Logger) {
+	full, local string, udp bool, pre *localDial, code, reason, device, user string, expires time.Time, answered func(), log *slog.Logger) {
 	answered()
 	start := time.Now()
 	// tpd logs the carrier as one session: each stream gets a line here.
@@ -35,12 +35,6 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *transport.Bat
 		log.Warn("tp expose: a dialer opened an end-to-end carrier for a UDP name; refused")
 		return
 	}
-	expires := cs.PeerCertificates[0].NotAfter // the handshake required one
-	a.mu.Lock()
-	if iss, ok := a.issuers[full]; ok {
-		expires = minTime(expires, iss.leaf.NotAfter)
-	}
-	a.mu.Unlock()
 
 	var (
 		wg      sync.WaitGroup

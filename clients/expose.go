@@ -716,27 +716,9 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		return
 	}
 	cs := tc.ConnectionState()
-	a.mu.Lock()
-	iss, known := a.issuers[full]
-	a.mu.Unlock()
-	chainErr := errors.New("the agent does not know the CA of its own certificate yet")
-	if known {
-		// Like tpd: only leaves of TP's issuing intermediate, never CA:TRUE,
-		// clientAuth named explicitly.
-		chainErr = iss.is.CheckChains(cs.PeerCertificates[0], cs.VerifiedChains)
-	}
-	id, idErr := authz.IdentityFromCert(cs.PeerCertificates[0])
-	var code, reason string
-	switch {
-	case !strings.EqualFold(cs.ServerName, full):
-		code, reason = wire.CodeUnauthenticated, fmt.Sprintf("the end-to-end TLS session names %q, not %s", cs.ServerName, full)
-	case chainErr != nil:
-		code, reason = wire.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error()
-	case idErr != nil:
-		code, reason = wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+idErr.Error()
-	}
+	id, code, reason, expires := a.checkDialer(cs, full, "the end-to-end TLS session")
 	if cs.NegotiatedProtocol == E2EMuxALPN { // a carrier of many sessions (e2emux_agent.go)
-		a.serveMux(ctx, tc, batch, cs, hdr, full, local, udp, pre, code, reason, id.DeviceID, id.User, answered, log)
+		a.serveMux(ctx, tc, batch, cs, hdr, full, local, udp, pre, code, reason, id.DeviceID, id.User, expires, answered, log)
 		return
 	}
 	sess := &e2eSession{Stream: tc, bridge: &transport.BatchedTLS{Conn: tc, Batch: batch}, capsules: tc, answered: answered}
@@ -758,6 +740,35 @@ func (a *Agent) serve(ctx context.Context, st wire.Stream, hdr wire.SessionHeade
 		}
 	}
 	a.admit(ctx, sess, hdr, full, local, udp, pre, nil, id.DeviceID, id.User, start, log.With("e2e", cs.NegotiatedProtocol))
+}
+
+// checkDialer holds the dialer's certificate of an end-to-end session (what
+// names it in a refusal) to the rules of section 11.4: the session names
+// full, the certificate is a leaf of the issuing intermediate of the agent's
+// own certificate for it (like tpd: never CA:TRUE, clientAuth named), and it
+// carries a TP identity. code is empty when it passes; expires is the end of
+// the earlier of both certificates.
+func (a *Agent) checkDialer(cs tls.ConnectionState, full, what string) (id authz.Identity, code, reason string, expires time.Time) {
+	leaf := cs.PeerCertificates[0] // the handshake required one
+	expires = leaf.NotAfter
+	a.mu.Lock()
+	iss, known := a.issuers[full]
+	a.mu.Unlock()
+	chainErr := errors.New("the agent does not know the CA of its own certificate yet")
+	if known {
+		chainErr = iss.is.CheckChains(leaf, cs.VerifiedChains)
+		expires = minTime(expires, iss.leaf.NotAfter)
+	}
+	id, idErr := authz.IdentityFromCert(leaf)
+	switch {
+	case !strings.EqualFold(cs.ServerName, full):
+		code, reason = wire.CodeUnauthenticated, fmt.Sprintf("%s names %q, not %s", what, cs.ServerName, full)
+	case chainErr != nil:
+		code, reason = wire.CodeUnauthenticated, "the agent refused the device certificate: "+chainErr.Error()
+	case idErr != nil:
+		code, reason = wire.CodeUnauthenticated, "the device certificate carries no TP identity: "+idErr.Error()
+	}
+	return id, code, reason, expires
 }
 
 // e2eSession is an authenticated end-to-end session, before the agent's hello:
