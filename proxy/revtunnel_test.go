@@ -964,6 +964,9 @@ func TestExposeHTTPClient(t *testing.T) {
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
+		// Between a close and its reopening nobody holds the name (one tunnel,
+		// closed every 200 ms idle): the GET goes when a tunnel holds it.
+		waitFor(t, func() bool { _, held := e.srv.ReverseHTTP("blog.rev.test"); return held })
 		if got, err := e.get(t, "/hello"); err != nil || got != "hello blog.rev.test over HTTP/1.1" {
 			t.Fatalf("GET after the tunnels were reopened: %q, %v", got, err)
 		}
