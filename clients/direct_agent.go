@@ -175,7 +175,8 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 	}
 	st := p.Path.Stats()
 	attrs := []any{"streams", streams, "duration", time.Since(start),
-		"direct_packets", st.DirectOut + st.DirectIn, "relayed_packets", st.RelayOut + st.RelayIn, "end", end}
+		"direct_packets", st.DirectOut + st.DirectIn, "relayed_packets", st.RelayOut + st.RelayIn,
+		"large_direct", st.LargeDirect, "large_on_relay", st.LargeOnRelay, "end", end}
 	if err := p.ICEErr(); err != nil {
 		attrs = append(attrs, "no_direct_path", err.Error())
 	}

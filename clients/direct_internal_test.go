@@ -60,7 +60,7 @@ func TestDirectSessions(t *testing.T) {
 	if p == nil {
 		t.Fatal("the Dialer holds no pair after the first session")
 	}
-	waitUntil(t, "the pair sends on the direct path", p.Direct)
+	waitUntil(t, "the pair sends full-size packets on the direct path", func() bool { return p.Direct() && p.Stats().LargeDirect })
 	before := p.Stats()
 	for i := range 4 {
 		c, err := d.DialContext(context.Background(), "tcp", directAddr)

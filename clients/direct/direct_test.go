@@ -144,7 +144,7 @@ func transfer(t *testing.T, c *quic.Conn, n int, during func(sent int)) {
 func TestPairMovesToTheDirectPath(t *testing.T) {
 	e := pair(t, true)
 	echoStreams(e.agent)
-	waitFor(t, "the dialer sends on the direct path", e.dialer.Path.Direct)
+	waitFor(t, "the dialer sends full-size packets on the direct path", allDirect(e.dialer.Path))
 	transfer(t, e.dialer.Conn, 8<<20, nil)
 	st := e.dialer.Path.Stats()
 	if st.DirectOut == 0 || st.DirectIn == 0 {
@@ -198,6 +198,12 @@ func TestPairEndsWithItsRelay(t *testing.T) {
 	}
 }
 
+// allDirect says whether p sends every packet on the direct path: it is up,
+// and its probe of full-size packets came through.
+func allDirect(p *direct.Path) func() bool {
+	return func() bool { return p.Direct() && p.Stats().LargeDirect }
+}
+
 func waitFor(t testing.TB, what string, f func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
@@ -223,7 +229,7 @@ func BenchmarkPairBulk(b *testing.B) {
 			go func() { _, _ = io.Copy(io.Discard, s); _ = s.Close() }()
 		}
 	}()
-	waitFor(b, "the dialer sends on the direct path", e.dialer.Path.Direct)
+	waitFor(b, "the dialer sends full-size packets on the direct path", allDirect(e.dialer.Path))
 	const size = 64 << 20
 	buf := make([]byte, 256<<10)
 	b.SetBytes(size)
@@ -250,7 +256,7 @@ func BenchmarkPairBulk(b *testing.B) {
 func TestPairBurstAfterQuietStaysDirect(t *testing.T) {
 	e := pair(t, true)
 	echoStreams(e.agent)
-	waitFor(t, "the dialer sends on the direct path", e.dialer.Path.Direct)
+	waitFor(t, "the dialer sends full-size packets on the direct path", allDirect(e.dialer.Path))
 	transfer(t, e.dialer.Conn, 1<<20, nil)
 	time.Sleep(direct.DeadAfter + 500*time.Millisecond) // quiet: nothing but what QUIC sends by itself
 	transfer(t, e.dialer.Conn, 4<<20, nil)

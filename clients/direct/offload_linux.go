@@ -11,7 +11,10 @@ import (
 // offload turns on UDP receive coalescing (GRO) on udp and says whether the
 // kernel takes segmentation offload (GSO) on it: with both, a burst of QUIC
 // packets crosses the kernel, and every hop of the network stack on the way,
-// as one buffer.
+// as one buffer. It also sets the don't-fragment bit on what udp sends and
+// never fragments it here: the size probe (probeMTU) measures the path
+// itself, and a packet larger than the route learnt to carry is refused
+// (EMSGSIZE) rather than sent in fragments a NAT may drop.
 func offload(udp *net.UDPConn) (gso, gro bool) {
 	raw, err := udp.SyscallConn()
 	if err != nil {
@@ -21,6 +24,7 @@ func offload(udp *net.UDPConn) (gso, gro bool) {
 		_, serr := unix.GetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_SEGMENT)
 		gso = serr == nil
 		gro = unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 1) == nil
+		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
 	})
 	return gso, gro
 }

@@ -49,8 +49,8 @@ func quicConfig() *quic.Config {
 		HandshakeIdleTimeout:       HandshakeTimeout,
 		MaxIdleTimeout:             30 * time.Second,
 		KeepAlivePeriod:            10 * time.Second,
-		InitialPacketSize:          PacketSize,
-		DisablePathMTUDiscovery:    true, // the path below changes; PacketSize fits both
+		InitialPacketSize:          MaxPacket,
+		DisablePathMTUDiscovery:    true, // it would measure the relay; the Path checks the direct path
 		MaxIncomingStreams:         MaxStreams,
 		MaxIncomingUniStreams:      1, // the signalling stream
 		MaxStreamReceiveWindow:     16 << 20,

@@ -17,11 +17,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -43,12 +45,39 @@ const (
 )
 
 // MaxPacket is the largest QUIC packet a relay frame carries (what quic-go
-// reads at most); PacketSize is the size QUIC sends (path MTU discovery is
-// off: the path below changes).
+// reads at most) and the size the pair's QUIC sends (its own path MTU
+// discovery is off: it would measure the relay, which has no MTU). SmallPacket
+// is what the direct path is taken to carry without a check; larger packets
+// go on it once a probe of MaxPacket bytes came through (see probeMTU), and
+// on the relay until then.
 const (
-	MaxPacket  = 1452
-	PacketSize = 1280
+	MaxPacket   = 1452
+	SmallPacket = 1280
 )
+
+// The direct path's size check: a probe of MaxPacket bytes, sent again after
+// probeFirst, twice as long each time up to probeFast, until one is answered
+// (at most probeTries in a row), then every probeSlow; a path that carried
+// probes and misses probeMisses in a row no longer takes large packets.
+const (
+	probeFirst  = 50 * time.Millisecond
+	probeFast   = time.Second
+	probeSlow   = 15 * time.Second
+	probeTries  = 8
+	probeMisses = 3
+)
+
+// Probe packets on the direct path: the first byte 0x80 (a QUIC long header
+// without its fixed bit: neither QUIC nor STUN), "TPmt", the kind, an 8-byte
+// nonce; a probe is padded to MaxPacket bytes, its answer is not.
+const (
+	probeLen    = 14
+	probeKind   = 0x01
+	answerKind  = 0x02
+	probeMarker = 0x80
+)
+
+var probeMagic = [4]byte{'T', 'P', 'm', 't'}
 
 // PingEvery and Silence: each end writes a ping on the relay stream every
 // PingEvery, and ends the pair when it has read nothing from it for Silence
@@ -98,6 +127,12 @@ type Stats struct {
 	Dropped int64
 	// ToDirect and ToRelay count the switches of the sending side.
 	ToDirect, ToRelay int64
+	// LargeOnRelay: packets above SmallPacket sent on the relay while the
+	// direct path was up, because it had not carried a probe of their size.
+	LargeOnRelay int64
+	// LargeDirect says whether the direct path carries packets of MaxPacket
+	// bytes (its probe came through).
+	LargeDirect bool
 }
 
 // Path is a net.PacketConn for quic-go whose packets go over a relay stream
@@ -124,6 +159,17 @@ type Path struct {
 	onSwitch  func(direct bool)
 	lastHeard atomic.Int64 // unix nanoseconds of the relay's last frame
 
+	large     bool          // the direct path to remote carried a probe of MaxPacket bytes
+	probeOut  uint64        // the nonce of the probe not yet answered, or 0
+	probeMiss int           // probes in a row not answered
+	probeKick chan struct{} // the direct path came up or moved: check its size now
+	probeSent time.Time     // when the last probe went
+	// heard is the last probe from an address that is not (yet) the other
+	// end's on the direct path, answered if SetDirect names it: ICE may tell
+	// one end its pair after the other end's first probe arrived.
+	heard     [probeLen]byte
+	heardFrom netip.AddrPort
+
 	rdMu      sync.Mutex
 	rdCh      chan struct{}
 	rdTimer   *time.Timer
@@ -138,7 +184,7 @@ type Path struct {
 	finished  chan struct{}
 	finOnce   sync.Once
 
-	relayOut, relayIn, directOut, directIn, dropped, toDirect, toRelay atomic.Int64
+	relayOut, relayIn, directOut, directIn, dropped, toDirect, toRelay, largeOnRelay atomic.Int64
 }
 
 var pool = sync.Pool{New: func() any { b := make([]byte, MaxPacket); return &b }}
@@ -162,6 +208,8 @@ func NewPath(relay net.Conn, expect []byte) *Path {
 		dout:     make(chan []byte, outQueue),
 		wrote:    make(chan struct{}),
 		retry:    directRetry,
+
+		probeKick: make(chan struct{}, 1),
 	}
 	p.lastHeard.Store(time.Now().UnixNano())
 	go p.readRelay(expect)
@@ -187,6 +235,7 @@ func (p *Path) AttachUDP(udp *net.UDPConn, stun func(b []byte, from netip.AddrPo
 	gso, gro := offload(udp)
 	go p.readUDP(udp, stun, gro)
 	go p.writeUDP(udp, gso)
+	go p.probeMTU(udp)
 }
 
 // flushed waits (a moment at most) until what the Path queued for the direct
@@ -209,12 +258,27 @@ func (p *Path) flushed() {
 // connected (SetICEUp).
 func (p *Path) SetDirect(remote netip.AddrPort) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if p.remote != remote {
 		p.pending, p.pendingN = time.Time{}, 0
+		p.large, p.probeOut, p.probeMiss = false, 0, 0
+		p.kickProbe()
 	}
 	p.remote = remote
 	p.switchLocked(time.Now())
+	udp, heard := p.udp, p.heard
+	answer := p.heardFrom == remote && udp != nil
+	p.heardFrom = netip.AddrPort{}
+	p.mu.Unlock()
+	if answer {
+		answerProbe(udp, heard[:], remote)
+	}
+}
+
+func (p *Path) kickProbe() {
+	select {
+	case p.probeKick <- struct{}{}:
+	default:
+	}
 }
 
 // SetICEUp says whether ICE holds the direct path as connected (a consent
@@ -239,8 +303,12 @@ func (p *Path) Direct() bool {
 
 // Stats are the Path's counts so far.
 func (p *Path) Stats() Stats {
+	p.mu.Lock()
+	large := p.large
+	p.mu.Unlock()
 	return Stats{RelayOut: p.relayOut.Load(), RelayIn: p.relayIn.Load(), DirectOut: p.directOut.Load(),
-		DirectIn: p.directIn.Load(), Dropped: p.dropped.Load(), ToDirect: p.toDirect.Load(), ToRelay: p.toRelay.Load()}
+		DirectIn: p.directIn.Load(), Dropped: p.dropped.Load(), ToDirect: p.toDirect.Load(), ToRelay: p.toRelay.Load(),
+		LargeOnRelay: p.largeOnRelay.Load(), LargeDirect: large}
 }
 
 // Done is closed when the relay ended; Err then says why. The direct path
@@ -319,7 +387,7 @@ func (p *Path) WriteTo(b []byte, _ net.Addr) (int, error) {
 	if len(b) > MaxPacket {
 		return 0, fmt.Errorf("tp direct: a packet of %d bytes; at most %d", len(b), MaxPacket)
 	}
-	if p.sendDirect() {
+	if p.sendDirect(len(b)) {
 		bp := pool.Get().(*[]byte)
 		select {
 		case p.dout <- append((*bp)[:0], b...): // waits as a full socket buffer would
@@ -346,9 +414,9 @@ func (p *Path) WriteTo(b []byte, _ net.Addr) (int, error) {
 	return len(b), nil
 }
 
-// sendDirect is the direct path when a packet should go on it now, keeping
-// the count that tells a dead path.
-func (p *Path) sendDirect() bool {
+// sendDirect says whether a packet of size bytes goes on the direct path now,
+// keeping the count that tells a dead path.
+func (p *Path) sendDirect(size int) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	now := time.Now()
@@ -361,6 +429,10 @@ func (p *Path) sendDirect() bool {
 		p.markBadLocked(now)
 	}
 	if !p.switchLocked(now) {
+		return false
+	}
+	if size > SmallPacket && !p.large {
+		p.largeOnRelay.Add(1)
 		return false
 	}
 	if p.pending.IsZero() {
@@ -383,6 +455,7 @@ func (p *Path) switchLocked(now time.Time) bool {
 		p.onDirect = use
 		if use {
 			p.toDirect.Add(1)
+			p.kickProbe()
 		} else {
 			p.toRelay.Add(1)
 		}
@@ -423,6 +496,7 @@ func (p *Path) deliver(pk []byte) {
 func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
 	defer close(p.wrote)
 	const maxSegments = 64
+	const maxGSOBytes = 65000 // below a UDP datagram's largest payload
 	var batch [][]byte
 	buf := make([]byte, 0, 64<<10)
 	flush := func() {
@@ -434,7 +508,7 @@ func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
 			j := i + 1
 			if gso {
 				total := size
-				for j < len(batch) && j-i < maxSegments && len(batch[j]) <= size && total+len(batch[j]) <= cap(buf) {
+				for j < len(batch) && j-i < maxSegments && len(batch[j]) <= size && total+len(batch[j]) <= maxGSOBytes {
 					total += len(batch[j])
 					j++
 					if len(batch[j-1]) < size {
@@ -451,13 +525,19 @@ func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
 					buf = append(buf, pk...)
 				}
 				_, _, err = udp.WriteMsgUDPAddrPort(buf, segmentControl(size), to)
-				if err != nil && !errors.Is(err, net.ErrClosed) {
-					gso = false // the kernel or the device refused it: one by one from now on
-					continue
-				}
 			}
-			if err != nil && errors.Is(err, net.ErrClosed) {
+			switch {
+			case err == nil:
+			case errors.Is(err, net.ErrClosed):
 				return
+			case errors.Is(err, syscall.EMSGSIZE) && size > SmallPacket:
+				// The route to the other end learnt a smaller MTU (an ICMP
+				// "fragmentation needed"): these packets are lost, QUIC sends
+				// them again, on the relay until a probe comes through.
+				p.tooLarge()
+			case j-i > 1:
+				gso = false // the kernel or the device refused it: one by one from now on
+				continue
 			}
 			i = j
 		}
@@ -522,6 +602,10 @@ func (p *Path) readUDP(udp *net.UDPConn, stun func([]byte, netip.AddrPort), gro 
 				stun(pk, from)
 				continue
 			}
+			if len(pk) >= probeLen && pk[0] == probeMarker && [4]byte(pk[1:5]) == probeMagic {
+				p.onProbe(udp, pk, from)
+				continue
+			}
 			if len(pk) > MaxPacket {
 				continue
 			}
@@ -538,6 +622,106 @@ func (p *Path) readUDP(udp *net.UDPConn, stun func([]byte, netip.AddrPort), gro 
 			p.deliver(append((*bp)[:0], pk...))
 		}
 	}
+}
+
+// probeMTU checks that the direct path carries packets of MaxPacket bytes.
+// Each time it comes up, or moves, without that shown: a probe every
+// probeFast, probeTries in a row, then every probeSlow. Once shown, a probe
+// every probeSlow; probeMisses in a row unanswered take it back (a route whose
+// MTU shrank), as does the kernel refusing a large packet (tooLarge).
+func (p *Path) probeMTU(udp *net.UDPConn) {
+	t := time.NewTimer(time.Hour)
+	defer t.Stop()
+	buf := make([]byte, MaxPacket)
+	buf[0] = probeMarker
+	copy(buf[1:5], probeMagic[:])
+	buf[5] = probeKind
+	tries := 0
+	for {
+		select {
+		case <-p.closed:
+			return
+		case <-p.probeKick:
+			tries = 0
+		case <-t.C:
+		}
+		now := time.Now()
+		p.mu.Lock()
+		if !p.useDirectLocked(now) {
+			p.probeOut = 0 // the next time it comes up, a kick
+			p.mu.Unlock()
+			continue
+		}
+		if wait := p.probeSent.Add(probeFirst).Sub(now); p.probeOut != 0 && wait > 0 {
+			// A kick right after a probe (the path came up as it moved):
+			// that probe's answer may still come.
+			p.mu.Unlock()
+			t.Reset(wait)
+			continue
+		}
+		if p.probeOut != 0 {
+			p.probeMiss++
+			if p.large && p.probeMiss >= probeMisses {
+				p.large = false
+			}
+		}
+		nonce := rand.Uint64() | 1
+		p.probeOut, p.probeSent = nonce, now
+		to, large, miss := p.remote, p.large, p.probeMiss
+		p.mu.Unlock()
+		binary.BigEndian.PutUint64(buf[6:probeLen], nonce)
+		_, _ = udp.WriteToUDPAddrPort(buf, to) // EMSGSIZE: this host's own route is smaller; a miss
+		switch {
+		case !large && tries < probeTries:
+			t.Reset(min(probeFirst<<tries, probeFast))
+		case large && miss > 0:
+			t.Reset(probeFast)
+		default:
+			t.Reset(probeSlow)
+		}
+		tries++
+	}
+}
+
+// onProbe answers the other end's probe, or takes the answer to this end's.
+// Only the other end's address on the direct path is heard.
+func (p *Path) onProbe(udp *net.UDPConn, pk []byte, from netip.AddrPort) {
+	nonce := binary.BigEndian.Uint64(pk[6:probeLen])
+	if nonce == 0 {
+		return
+	}
+	p.mu.Lock()
+	switch {
+	case pk[5] == probeKind && from == p.remote:
+		p.mu.Unlock()
+		answerProbe(udp, pk, from)
+		return
+	case pk[5] == probeKind:
+		copy(p.heard[:], pk[:probeLen])
+		p.heardFrom = from
+	case pk[5] == answerKind && from == p.remote && nonce == p.probeOut:
+		p.large, p.probeOut, p.probeMiss = true, 0, 0
+	}
+	p.mu.Unlock()
+}
+
+// answerProbe answers a probe: its first probeLen bytes, of the answer's kind.
+func answerProbe(udp *net.UDPConn, probe []byte, to netip.AddrPort) {
+	var a [probeLen]byte
+	copy(a[:], probe[:probeLen])
+	a[5] = answerKind
+	_, _ = udp.WriteToUDPAddrPort(a[:], to)
+}
+
+// tooLarge: the kernel refused a packet above SmallPacket for the direct
+// path; large packets go on the relay until a probe comes through again.
+func (p *Path) tooLarge() {
+	p.mu.Lock()
+	if p.large {
+		p.large, p.probeOut, p.probeMiss = false, 0, 0
+		p.kickProbe()
+	}
+	p.mu.Unlock()
 }
 
 func (p *Path) readRelay(expect []byte) {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -229,6 +230,10 @@ func TestDirectPathThroughNATs(t *testing.T) {
 	if !strings.Contains(log.String(), "moved to a direct path") || !strings.Contains(agentLog.String(), "moved to a direct path") {
 		t.Fatalf("the session did not move to a direct path between the NATs:\ndialer:\n%s\nagent:\n%s", log, agentLog)
 	}
+	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
+	if !strings.Contains(pairEnd(agentLog), "large_direct=true") {
+		t.Fatalf("the direct path between the NATs (MTU 1500) did not carry full-size packets:\n%s", agentLog)
+	}
 
 	// The direct path dies in the middle of a transfer.
 	in := newStream(size, size/3)
@@ -274,6 +279,52 @@ func TestDirectPathThroughNATs(t *testing.T) {
 		t.Fatalf("tp after its device was revoked: %v; want an exit that says why:\n%s", revErr, revLog)
 	}
 	t.Logf("the dialer after the revoke:\n%s", revLog)
+}
+
+// pairEnd is the agent's log line for the first pair that ended.
+func pairEnd(log *testlog.Buffer) string {
+	for _, l := range strings.Split(log.String(), "\n") {
+		if strings.Contains(l, "end-to-end QUIC pair ended") {
+			return l
+		}
+	}
+	return ""
+}
+
+// Where the route between the NATs carries 1400-byte packets and no more
+// (the link between tpd's host and the dialer's router), the direct path's
+// probe of a full-size QUIC packet never comes through: the small packets
+// take the direct path, the full-size ones stay on the relay, and every byte
+// arrives.
+func TestDirectPathNarrowRoute(t *testing.T) {
+	parallelLong(t)
+	n := newNATNet(t, false)
+	sh(t, "ip", "-n", n.T, "link", "set", "t2", "mtu", "1400")
+	sh(t, "ip", "-n", n.R2, "link", "set", "wan", "mtu", "1400")
+	agentLog := n.expose(t)
+	const size = 16 << 20
+	in := newStream(size, 1<<20)
+	go func() { // the rest of the transfer once the session went direct
+		<-in.paused
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && !strings.Contains(agentLog.String(), "moved to a direct path"); {
+			time.Sleep(20 * time.Millisecond) // polling the agent's log, bounded by the deadline
+		}
+		close(in.resume) // the checks below fail the test when it did not
+	}()
+	digest, log, err := n.dial(t, in)
+	if err != nil || !bytes.Equal(digest, sum(size)) {
+		t.Fatalf("a transfer over a route of MTU 1400: %v, checksum %x, want %x\n%s\nagent:\n%s", err, digest, sum(size), log, agentLog)
+	}
+	if !strings.Contains(agentLog.String(), "moved to a direct path") {
+		t.Fatalf("the session did not move to the direct path (for its small packets):\n%s", agentLog)
+	}
+	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
+	end := pairEnd(agentLog)
+	t.Logf("the agent's pair: %s", end)
+	m := regexp.MustCompile(`large_on_relay=(\d+)`).FindStringSubmatch(end)
+	if !strings.Contains(end, "large_direct=false") || m == nil || m[1] == "0" {
+		t.Fatalf("over a route of MTU 1400 the agent's full-size packets did not stay on the relay:\n%s", end)
+	}
 }
 
 // Behind NATs that map each destination to a port of their own on both
