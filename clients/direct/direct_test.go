@@ -248,6 +248,7 @@ func BenchmarkPairBulk(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+	b.Logf("dialer %+v agent %+v", e.dialer.Path.Stats(), e.agent.Path.Stats())
 }
 
 // A burst after a quiet spell stays on the direct path: the packet that went

@@ -46,6 +46,9 @@ const (
 	srflxWait       = 100 * time.Millisecond
 )
 
+// socketBuffer is the size asked for the UDP socket's buffers each way.
+const socketBuffer = 7 << 20
+
 type signal struct {
 	Ufrag     string `json:"ufrag,omitempty"`
 	Pwd       string `json:"pwd,omitempty"`
@@ -98,6 +101,11 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 		return fmt.Errorf("opening a UDP socket for ICE: %w", err)
 	}
 	defer udp.Close()
+	// Buffers as quic-go asks for its own sockets (the kernel caps them at
+	// net.core.rmem_max and wmem_max): a burst of a fast sender must not
+	// overflow the default ones, which QUIC would take for congestion.
+	_ = udp.SetReadBuffer(socketBuffer)
+	_ = udp.SetWriteBuffer(socketBuffer)
 	sc := newSTUNConn(udp)
 	defer sc.Close()
 	path.AttachUDP(udp, sc.deliver)

@@ -4,6 +4,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -39,7 +40,8 @@ const natPublicPort = 24001
 //     carrier or pair, connect to a 1-byte echo.
 //
 // Each bulk sub-benchmark also reports tpd's CPU time per MiB carried
-// (tpd-cpu-ms/MiB), and bulk/direct the time from tp forward's first session
+// (tpd-cpu-ms/MiB) and the whole machine's (host-cpu-ms/MiB: every process
+// and the kernel's forwarding between the namespaces), and bulk/direct the time from tp forward's first session
 // to the direct path (ms-to-direct).
 func BenchmarkDirectPath(b *testing.B) {
 	n := newNATNetWith(b, false, natBenchPolicy, []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(natPublicPort)})
@@ -80,14 +82,17 @@ func BenchmarkDirectPath(b *testing.B) {
 		b.Run("bulk/"+v.name, func(b *testing.B) {
 			n.bulk(b, v.addr, 1<<20)
 			b.SetBytes(size)
-			cpu0 := procCPU(b, n.tpd.cmd.Process.Pid)
+			cpu0, host0, tp0 := procCPU(b, n.tpd.cmd.Process.Pid), hostCPU(b), tpCPU(b)
 			b.ResetTimer()
 			for range b.N {
 				n.bulk(b, v.addr, size)
 			}
 			b.StopTimer()
-			cpu := procCPU(b, n.tpd.cmd.Process.Pid) - cpu0
-			b.ReportMetric(float64(cpu.Milliseconds())/float64(b.N*size>>20), "tpd-cpu-ms/MiB")
+			cpu, host, tp := procCPU(b, n.tpd.cmd.Process.Pid)-cpu0, hostCPU(b)-host0, tpCPU(b)-tp0
+			mib := float64(b.N * size >> 20)
+			b.ReportMetric(float64(cpu.Milliseconds())/mib, "tpd-cpu-ms/MiB")
+			b.ReportMetric(float64(host.Milliseconds())/mib, "host-cpu-ms/MiB")
+			b.ReportMetric(float64(tp.Milliseconds())/mib, "tp-cpu-ms/MiB")
 			if v.name == "direct" {
 				b.ReportMetric(float64(toDirect.Milliseconds()), "ms-to-direct")
 			}
@@ -192,6 +197,43 @@ func procCPU(b testing.TB, pid int) time.Duration {
 	ut, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
 	return time.Duration(ut+st) * time.Second / 100 // USER_HZ
+}
+
+// hostCPU is the CPU time the whole machine spent busy so far (every process
+// and the kernel's forwarding and NAT between the namespaces), over all cores.
+func hostCPU(b testing.TB) time.Duration {
+	b.Helper()
+	raw, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	f := strings.Fields(strings.SplitN(string(raw), "\n", 2)[0]) // cpu user nice system idle iowait irq softirq steal
+	var busy int64
+	for i, v := range f[1:min(len(f), 9)] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		n, _ := strconv.ParseInt(v, 10, 64)
+		busy += n
+	}
+	return time.Duration(busy) * time.Second / 100 // USER_HZ
+}
+
+// tpCPU is the CPU time TP's clients (every tp process: the agents and the
+// dialers) used so far.
+func tpCPU(b testing.TB) time.Duration {
+	b.Helper()
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	var total time.Duration
+	for _, f := range stats {
+		raw, err := os.ReadFile(f)
+		if err != nil || !strings.Contains(string(raw), " (tp) ") {
+			continue
+		}
+		pid, _ := strconv.Atoi(strings.Fields(string(raw))[0])
+		total += procCPU(b, pid)
+	}
+	return total
 }
 
 // directTime is how long after start the log said the pair moved to a direct path.
