@@ -413,6 +413,38 @@ func TestDirectPathEndsWhenTPIsSilent(t *testing.T) {
 	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
 }
 
+// A policy change that no longer lets the dialer reach the name ends a
+// session on the direct path, although its bytes no longer cross tpd: tpd
+// cuts the relayed session that authorises the pair, and both ends stop.
+func TestDirectPathEndsOnPolicyChange(t *testing.T) {
+	parallelLong(t)
+	n := newNATNet(t, false)
+	agentLog := n.expose(t)
+	hold := newStream(1<<20, 1<<10)
+	done := make(chan struct{})
+	log := &testlog.Buffer{}
+	var err error
+	go func() { defer close(done); _, err = n.dialInto(hold, log) }()
+	<-hold.paused
+	waitFor(t, 30*time.Second, "the pair on the direct path", func() bool {
+		return strings.Contains(agentLog.String(), "moved to a direct path")
+	})
+	// alice may still expose the name; bob may no longer dial it.
+	listenOnly := strings.SplitN(natPolicy, "allow if {\n\tinput.action == \"dial\"", 2)[0]
+	if listenOnly == natPolicy {
+		t.Fatal("the test's policy has no dial rule to take away")
+	}
+	if err := os.WriteFile(filepath.Join(n.tpd.DataDir, "policy", "tp.rego"), []byte(listenOnly), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
+	close(hold.resume)
+	<-done
+	if err == nil || !strings.Contains(log.String(), "the TP server cut the session that authorises the direct path: the policy no longer allows the session") {
+		t.Fatalf("tp after a policy change denied its session: %v; want an exit that says why:\n%s", err, log)
+	}
+}
+
 // OpenSSH through a direct path: bob's ssh in D, with ProxyCommand "tp
 // --direct %h %p", reaches the sshd on alice's device in A behind its NAT;
 // the session moves to the direct path (tp says so on ssh's standard error)
