@@ -30,9 +30,9 @@ func offload(udp *net.UDPConn) (gso, gro bool) {
 }
 
 // segmentControl is the control message that makes one send of a buffer
-// size-byte packets (the last may be shorter).
-func segmentControl(size int) []byte {
-	b := make([]byte, unix.CmsgSpace(2))
+// size-byte packets (the last may be shorter), written over b's space.
+func segmentControl(b []byte, size int) []byte {
+	b = append(b[:0], make([]byte, unix.CmsgSpace(2))...)
 	h := (*unix.Cmsghdr)(unsafe.Pointer(&b[0]))
 	h.Level = unix.IPPROTO_UDP
 	h.Type = unix.UDP_SEGMENT

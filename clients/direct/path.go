@@ -148,7 +148,7 @@ type Path struct {
 	udp       *net.UDPConn   // the socket ICE found the direct path on, or nil
 	remote    netip.AddrPort // the other end's address on it, once ICE selected a pair
 	iceUp     bool           // ICE says the selected pair is connected
-	dout      chan []byte    // packets for the direct path, to writeUDP
+	sq        sendQueue      // packets for the direct path, to writeUDP
 	wrote     chan struct{}  // writeUDP ended (or never ran)
 	badUntil  time.Time      // the direct path failed to carry packets; relay until then
 	retry     time.Duration
@@ -205,12 +205,12 @@ func NewPath(relay net.Conn, expect []byte) *Path {
 		closed:   make(chan struct{}),
 		finish:   make(chan struct{}),
 		finished: make(chan struct{}),
-		dout:     make(chan []byte, outQueue),
 		wrote:    make(chan struct{}),
 		retry:    directRetry,
 
 		probeKick: make(chan struct{}, 1),
 	}
+	p.sq.init()
 	p.lastHeard.Store(time.Now().UnixNano())
 	go p.readRelay(expect)
 	go p.writeRelay()
@@ -336,7 +336,10 @@ func (p *Path) fail(err error) {
 // Close ends the Path and closes the relay stream.
 func (p *Path) Close() error {
 	p.fail(net.ErrClosed)
-	p.closeOnce.Do(func() { close(p.closed) })
+	p.closeOnce.Do(func() {
+		close(p.closed)
+		p.sq.close()
+	})
 	return nil
 }
 
@@ -388,12 +391,8 @@ func (p *Path) WriteTo(b []byte, _ net.Addr) (int, error) {
 		return 0, fmt.Errorf("tp direct: a packet of %d bytes; at most %d", len(b), MaxPacket)
 	}
 	if p.sendDirect(len(b)) {
-		bp := pool.Get().(*[]byte)
-		select {
-		case p.dout <- append((*bp)[:0], b...): // waits as a full socket buffer would
+		if p.sq.add(b) {
 			p.directOut.Add(1)
-		case <-p.closed:
-			pool.Put(bp)
 		}
 		return len(b), nil
 	}
@@ -490,46 +489,105 @@ func (p *Path) deliver(pk []byte) {
 	}
 }
 
+// sendQueue holds the packets for the direct path back to back in one
+// buffer, with their sizes: quic-go's send loop appends each packet (one copy,
+// no hand-over per packet), and writeUDP takes the whole buffer at once, in
+// exchange for an empty one, and sends runs of one size with segmentation
+// offload straight from it. A full queue makes the sender wait, as a full
+// socket buffer would.
+type sendQueue struct {
+	mu     sync.Mutex
+	cond   sync.Cond // the queue was taken, or closed
+	buf    []byte
+	sizes  []uint16
+	closed bool
+	kick   chan struct{} // something was queued
+}
+
+// sendQueueBytes bounds the packets a sendQueue holds.
+const sendQueueBytes = 256 << 10
+
+func (q *sendQueue) init() {
+	q.cond.L = &q.mu
+	q.buf = make([]byte, 0, sendQueueBytes)
+	q.kick = make(chan struct{}, 1)
+}
+
+// add queues a copy of pk; false once the queue is closed.
+func (q *sendQueue) add(pk []byte) bool {
+	q.mu.Lock()
+	for len(q.buf)+len(pk) > sendQueueBytes && !q.closed {
+		q.cond.Wait()
+	}
+	if q.closed {
+		q.mu.Unlock()
+		return false
+	}
+	q.buf = append(q.buf, pk...)
+	q.sizes = append(q.sizes, uint16(len(pk)))
+	q.mu.Unlock()
+	select {
+	case q.kick <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// take swaps the queued packets for buf and sizes (emptied).
+func (q *sendQueue) take(buf []byte, sizes []uint16) ([]byte, []uint16) {
+	q.mu.Lock()
+	out, outSizes := q.buf, q.sizes
+	q.buf, q.sizes = buf[:0], sizes[:0]
+	q.cond.Broadcast()
+	q.mu.Unlock()
+	return out, outSizes
+}
+
+// close wakes the senders that wait; what is queued still goes (writeUDP).
+func (q *sendQueue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.cond.Broadcast()
+	q.mu.Unlock()
+}
+
 // writeUDP sends the direct path's packets: a run of packets of one size (the
-// last may be shorter) goes as one buffer with segmentation offload when the
-// kernel takes it, up to maxSegments or 64 KiB.
+// last may be shorter) goes as one send with segmentation offload when the
+// kernel takes it, up to maxSegments or maxGSOBytes.
 func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
 	defer close(p.wrote)
 	const maxSegments = 64
 	const maxGSOBytes = 65000 // below a UDP datagram's largest payload
-	var batch [][]byte
-	buf := make([]byte, 0, 64<<10)
-	flush := func() {
+	spare, spareSizes := make([]byte, 0, sendQueueBytes), []uint16(nil)
+	oob := make([]byte, 0, 64)
+	send := func(out []byte, sizes []uint16) bool {
 		p.mu.Lock()
 		to := p.remote
 		p.mu.Unlock()
-		for i := 0; i < len(batch); {
-			size := len(batch[i])
-			j := i + 1
+		off := 0
+		for i := 0; i < len(sizes); {
+			size := int(sizes[i])
+			j, total := i+1, size
 			if gso {
-				total := size
-				for j < len(batch) && j-i < maxSegments && len(batch[j]) <= size && total+len(batch[j]) <= maxGSOBytes {
-					total += len(batch[j])
+				for j < len(sizes) && j-i < maxSegments && int(sizes[j]) <= size && total+int(sizes[j]) <= maxGSOBytes {
+					total += int(sizes[j])
 					j++
-					if len(batch[j-1]) < size {
+					if int(sizes[j-1]) < size {
 						break // a shorter packet ends a run
 					}
 				}
 			}
 			var err error
 			if j-i == 1 {
-				_, err = udp.WriteToUDPAddrPort(batch[i], to)
+				_, err = udp.WriteToUDPAddrPort(out[off:off+total], to)
 			} else {
-				buf = buf[:0]
-				for _, pk := range batch[i:j] {
-					buf = append(buf, pk...)
-				}
-				_, _, err = udp.WriteMsgUDPAddrPort(buf, segmentControl(size), to)
+				oob = segmentControl(oob, size)
+				_, _, err = udp.WriteMsgUDPAddrPort(out[off:off+total], oob, to)
 			}
 			switch {
 			case err == nil:
 			case errors.Is(err, net.ErrClosed):
-				return
+				return false
 			case errors.Is(err, syscall.EMSGSIZE) && size > SmallPacket:
 				// The route to the other end learnt a smaller MTU (an ICMP
 				// "fragmentation needed"): these packets are lost, QUIC sends
@@ -539,42 +597,26 @@ func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
 				gso = false // the kernel or the device refused it: one by one from now on
 				continue
 			}
+			off += total
 			i = j
 		}
-		for _, pk := range batch {
-			pool.Put(&pk)
-		}
-		batch = batch[:0]
+		return true
 	}
 	for {
 		select {
-		case pk := <-p.dout:
-			batch = append(batch, pk)
-		more:
-			for len(batch) < maxSegments {
-				select {
-				case pk := <-p.dout:
-					batch = append(batch, pk)
-				default:
-					break more
-				}
-			}
-			flush()
+		case <-p.sq.kick:
 		case <-p.closed:
 			// What quic-go queued before the Path closed (its CONNECTION_CLOSE)
 			// still goes out.
-			for len(batch) < maxSegments {
-				select {
-				case pk := <-p.dout:
-					batch = append(batch, pk)
-					continue
-				default:
-				}
-				break
-			}
-			flush()
+			out, sizes := p.sq.take(spare, spareSizes)
+			send(out, sizes)
 			return
 		}
+		out, sizes := p.sq.take(spare, spareSizes)
+		if !send(out, sizes) {
+			return
+		}
+		spare, spareSizes = out, sizes
 	}
 }
 
