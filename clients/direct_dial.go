@@ -144,6 +144,7 @@ func (d *Dialer) startDirect(ctx context.Context, conn net.Conn, addr string, cl
 	}
 	if d.Logger != nil {
 		log := d.Logger.With("name", host)
+		log.Debug("tp: a pair with the agent opened; the TP server relays its sessions until a direct path is found")
 		p.Path.OnSwitch(func(on bool) {
 			if on {
 				log.Debug("tp: the sessions with the agent moved to a direct path")
@@ -195,6 +196,9 @@ func (d *Dialer) watchPair(dp *directPair) {
 					delete(d.direct.pairs, dp.key)
 				}
 				d.direct.mu.Unlock()
+				if d.Logger != nil {
+					d.Logger.Debug("tp: the pair with the agent ended: idle", "name", dp.key, "after", directIdle)
+				}
 				dp.p.Close(wire.QUICNoError, "idle")
 			}
 		}

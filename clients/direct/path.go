@@ -704,7 +704,7 @@ func (p *Path) probeMTU(udp *net.UDPConn) {
 		if p.probeOut != 0 {
 			p.probeMiss++
 			if p.large && p.probeMiss >= probeMisses {
-				p.large = false
+				p.large, tries = false, 0
 			}
 		}
 		nonce := rand.Uint64() | 1

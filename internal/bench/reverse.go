@@ -157,12 +157,12 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	// relay (tpd) carries only its start.
 	dt := transports[len(transports)-1]
 	direct := &revPath{label: "tp expose over " + strings.ToUpper(dt) + ", protected, direct path (dialer: tp --direct forward)", transport: dt}
-	var directProc *proc
+	var directProc, directEchoProc *proc
 	loop := []string{"--direct-interfaces", "lo"}
 	if _, direct.err = e.startExpose(ctx, dt, "dsink", e.sink, append([]string{"--also", "decho=" + e.echo, "--allow-user", "bench"}, loop...)...); direct.err == nil {
 		fargs := append([]string{"--transport", dt, "--direct", "--debug"}, loop...)
 		if direct.sink, directProc, direct.err = e.startForward(ctx, net.JoinHostPort(host("dsink"), portOf(e.sink)), fargs...); direct.err == nil {
-			direct.echo, _, direct.err = e.startForward(ctx, net.JoinHostPort(host("decho"), portOf(e.echo)), fargs...)
+			direct.echo, directEchoProc, direct.err = e.startForward(ctx, net.JoinHostPort(host("decho"), portOf(e.echo)), fargs...)
 		}
 	}
 	paths = append(paths, direct)
@@ -198,15 +198,25 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		}
 	}
 
-	if direct.err == nil { // measured on the direct path, not on the relay it starts on
+	// Measured on the direct path, not on the relay each pair starts on: every
+	// pair the process opened has moved (a pair idle for a minute ends, and
+	// the next session opens another).
+	onDirect := func(pr *proc) error {
 		deadline := time.Now().Add(30 * time.Second)
-		for !strings.Contains(directProc.out.String(), "moved to a direct path") {
+		for {
+			log := pr.out.String()
+			if strings.Count(log, "moved to a direct path") >= strings.Count(log, "a pair with the agent opened") {
+				return nil
+			}
 			if time.Now().After(deadline) {
-				direct.err = errors.New("the pair did not move to a direct path within 30 s")
-				e.log("%s: %v", direct.label, direct.err)
-				break
+				return errors.New("the pair did not move to a direct path within 30 s")
 			}
 			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if direct.err == nil {
+		if direct.err = onDirect(directProc); direct.err != nil {
+			e.log("%s: %v", direct.label, direct.err)
 		}
 	}
 
@@ -258,6 +268,15 @@ func reverse(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	e.log("reverse: bulk")
 	e.interleave(runs, bulkVs)
 	e.log("reverse: new-session latency")
+	if direct.err == nil { // the echo's pair may have idled out during the bulk runs
+		_, err := roundTrip(direct.echo)
+		if err == nil {
+			err = onDirect(directEchoProc)
+		}
+		if err != nil {
+			e.log("%s, new sessions: measured although %v", direct.label, err)
+		}
+	}
 	e.interleave(runs, setupVs)
 
 	// Ratios against frp only when it was given (its rows say so otherwise).
