@@ -20,6 +20,55 @@ import (
 // directAgentIdle is how long a pair without sessions stays up on the agent.
 const directAgentIdle = 2 * time.Minute
 
+// A pair costs the agent more than a session (an ICE agent, a UDP socket, a
+// QUIC connection): it serves at most maxPairsPerDevice of them to one dialer
+// device and maxPairs in all, and refuses more as it refuses a UDP name's (the
+// dialer's session goes on through the TP server).
+const (
+	maxPairsPerDevice = 16
+	maxPairs          = 256
+)
+
+// directPairs counts the pairs an agent serves, per dialer device.
+type directPairs struct {
+	mu       sync.Mutex
+	byDevice map[string]int
+	total    int
+	perCap   int // maxPairsPerDevice when zero (tests lower it)
+}
+
+// claim takes a place for a pair with device; false (and why) when it has
+// none left. release gives it back.
+func (d *directPairs) claim(device string) (bool, string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	per := d.perCap
+	if per <= 0 {
+		per = maxPairsPerDevice
+	}
+	switch {
+	case d.byDevice[device] >= per:
+		return false, fmt.Sprintf("its device already holds %d direct-path pairs with this agent", per)
+	case d.total >= maxPairs:
+		return false, fmt.Sprintf("this agent already serves %d direct-path pairs", maxPairs)
+	}
+	if d.byDevice == nil {
+		d.byDevice = map[string]int{}
+	}
+	d.byDevice[device]++
+	d.total++
+	return true, ""
+}
+
+func (d *directPairs) release(device string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.byDevice[device]--; d.byDevice[device] <= 0 {
+		delete(d.byDevice, device)
+	}
+	d.total--
+}
+
 // serveDirect serves a protected session whose first byte was direct.Marker:
 // the dialer opens an end-to-end QUIC pair over it. The agent answers, takes
 // the QUIC handshake (its certificate for the name, the dialer's device
@@ -33,14 +82,28 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 		log.Warn("tp expose: a direct path's opening was cut", "err", err.Error())
 		return
 	}
-	if udp || a.NoDirect || v[0] != direct.Version {
+	why := ""
+	switch {
+	case udp:
+		why = "the name is a UDP service"
+	case a.NoDirect:
+		why = "this agent runs with --no-direct"
+	case v[0] != direct.Version:
+		why = fmt.Sprintf("version %d, this agent speaks %d", v[0], direct.Version)
+	default:
+		var ok bool
+		if ok, why = a.pairs.claim(hdr.PeerID); ok {
+			defer a.pairs.release(hdr.PeerID)
+		}
+	}
+	if why != "" {
 		_ = conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
 		_, _ = conn.Write([]byte{direct.Marker, direct.Refused})
 		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
 			_ = cw.CloseWrite()
 		}
 		_ = conn.Close()
-		log.Info("tp expose: a dialer asked for a direct path; refused (the dialer goes on without)", "version", v[0], "udp", udp, "no_direct", a.NoDirect)
+		log.Info("tp expose: a dialer asked for a direct path; refused (the dialer goes on without)", "why", why)
 		return
 	}
 	_ = conn.SetReadDeadline(time.Time{})

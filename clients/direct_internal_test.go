@@ -181,3 +181,45 @@ func TestDirectNoPathFallsBack(t *testing.T) {
 		t.Fatalf("%d pairs opened, and one held: %v; want the later sessions without a pair", opened, d.DirectPath(directAddr) != nil)
 	}
 }
+
+// An agent serves a bounded number of pairs to one dialer device: beyond it
+// (1 here, 16 by default) it refuses the pair, and the dialer's session goes
+// on through the server, intact. Once the pair ends, its place is free again.
+func TestDirectPairsPerDeviceBounded(t *testing.T) {
+	d1, a := directEnv(t, func(a *Agent) { a.pairs.perCap = 1 })
+	second := func() *Dialer {
+		d := &Dialer{Server: d1.Server, TLSConfig: d1.TLSConfig, Transport: d1.Transport, Direct: true}
+		onLoopback(d)
+		t.Cleanup(func() { _ = d.Close() })
+		return d
+	}
+	for i, d := range []*Dialer{d1, second()} {
+		c, err := d.DialContext(context.Background(), "tcp", directAddr)
+		if err != nil {
+			t.Fatalf("dialer %d: %v", i+1, err)
+		}
+		if err := checksummed(c, 256<<10); err != nil {
+			t.Fatalf("dialer %d: %v", i+1, err)
+		}
+		if opened, _ := d.DirectStats(); opened != 1-i {
+			t.Fatalf("dialer %d of the same device opened %d pairs; want %d (one pair per device here)", i+1, opened, 1-i)
+		}
+	}
+	_ = d1.Close()
+	waitUntil(t, "the agent frees the first dialer's place", func() bool {
+		a.pairs.mu.Lock()
+		defer a.pairs.mu.Unlock()
+		return a.pairs.total == 0
+	})
+	d3 := second()
+	c, err := d3.DialContext(context.Background(), "tcp", directAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := checksummed(c, 1024); err != nil {
+		t.Fatal(err)
+	}
+	if opened, _ := d3.DirectStats(); opened != 1 {
+		t.Fatalf("a dialer after the pair ended opened %d pairs; want 1", opened)
+	}
+}

@@ -123,6 +123,7 @@ type Agent struct {
 	attaches   agentAttaches
 	carriers   map[*muxConn]struct{} // end-to-end carriers being served (e2emux_agent.go)
 	muxStreams atomic.Int64          // their open streams, against MaxSessions
+	pairs      directPairs           // direct-path pairs being served (direct_agent.go)
 }
 
 // issuer is the CA behind the agent's own certificate for a name: dialers'
