@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -216,13 +217,7 @@ func TestDirectPathThroughNATs(t *testing.T) {
 
 	const size = 48 << 20
 	first := newStream(size, 1<<20)
-	go func() { // the rest of the transfer once the session went direct
-		<-first.paused
-		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && !strings.Contains(agentLog.String(), "moved to a direct path"); {
-			time.Sleep(20 * time.Millisecond) // polling the agent's log, bounded by the deadline
-		}
-		close(first.resume) // the checks below fail the test when it did not
-	}()
+	resumeOnDirect(first, agentLog)
 	digest, log, err := n.dial(t, first)
 	if err != nil || !bytes.Equal(digest, sum(size)) {
 		t.Fatalf("a transfer through the NATs: %v, checksum %x, want %x\n%s\nagent:\n%s", err, digest, sum(size), log, agentLog)
@@ -281,6 +276,45 @@ func TestDirectPathThroughNATs(t *testing.T) {
 	t.Logf("the dialer after the revoke:\n%s", revLog)
 }
 
+// resumeOnDirect lets s go on with the rest of its bytes once the agent's log
+// says the session moved to a direct path (or after 30 s: the test's checks
+// then fail).
+func resumeOnDirect(s *stream, agentLog *testlog.Buffer) {
+	go func() {
+		<-s.paused
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && !strings.Contains(agentLog.String(), "moved to a direct path"); {
+			time.Sleep(20 * time.Millisecond) // polling the agent's log, bounded by the deadline
+		}
+		close(s.resume)
+	}()
+}
+
+// holdOnDirect runs tp --direct in D with an input that pauses after 1 KiB,
+// and returns once the agent says the session moved to a direct path: the
+// session holds while the test acts. wait lets the input go on (into a pipe
+// nobody reads, once the session ended) and returns tp's exit; it also runs
+// at the test's end.
+func (n *natNet) holdOnDirect(t *testing.T, agentLog *testlog.Buffer) (log *testlog.Buffer, wait func() error) {
+	t.Helper()
+	hold := newStream(1<<20, 1<<10)
+	done := make(chan struct{})
+	log = &testlog.Buffer{}
+	var err error
+	go func() { defer close(done); _, err = n.dialInto(hold, log) }()
+	var once sync.Once
+	wait = func() error {
+		once.Do(func() { close(hold.resume) })
+		<-done
+		return err
+	}
+	t.Cleanup(func() { _ = wait() })
+	<-hold.paused
+	waitFor(t, 30*time.Second, "the pair on the direct path", func() bool {
+		return strings.Contains(agentLog.String(), "moved to a direct path")
+	})
+	return log, wait
+}
+
 // pairEnd is the agent's log line for the first pair that ended.
 func pairEnd(log *testlog.Buffer) string {
 	for _, l := range strings.Split(log.String(), "\n") {
@@ -304,13 +338,7 @@ func TestDirectPathNarrowRoute(t *testing.T) {
 	agentLog := n.expose(t)
 	const size = 16 << 20
 	in := newStream(size, 1<<20)
-	go func() { // the rest of the transfer once the session went direct
-		<-in.paused
-		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && !strings.Contains(agentLog.String(), "moved to a direct path"); {
-			time.Sleep(20 * time.Millisecond) // polling the agent's log, bounded by the deadline
-		}
-		close(in.resume) // the checks below fail the test when it did not
-	}()
+	resumeOnDirect(in, agentLog)
 	digest, log, err := n.dial(t, in)
 	if err != nil || !bytes.Equal(digest, sum(size)) {
 		t.Fatalf("a transfer over a route of MTU 1400: %v, checksum %x, want %x\n%s\nagent:\n%s", err, digest, sum(size), log, agentLog)
@@ -387,30 +415,14 @@ func TestDirectPathEndsWhenTPIsSilent(t *testing.T) {
 	parallelLong(t)
 	n := newNATNet(t, false)
 	agentLog := n.expose(t)
-	hold := newStream(1<<20, 1<<10)
-	done := make(chan struct{})
-	log := &testlog.Buffer{}
-	var err error
-	go func() { defer close(done); _, err = n.dialInto(hold, log) }()
-	<-hold.paused
-	defer func() { // the input goes on (into a pipe nobody reads) once the test looked
-		close(hold.resume)
-		<-done
-	}()
-	waitFor(t, 30*time.Second, "the pair on the direct path", func() bool {
-		return strings.Contains(agentLog.String(), "moved to a direct path")
-	})
+	log, wait := n.holdOnDirect(t, agentLog)
 	sh(t, "ip", "netns", "exec", n.T, "iptables", "-w", "-I", "INPUT", "-s", "10.210.2.2", "-j", "DROP")
 	// 15 s of silence, on either end: whichever hears it first ends the pair.
 	waitLog(t, log, "no word from the TP server for 15s", 60*time.Second)
 	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
-	close(hold.resume)
-	<-done
-	hold.resume = make(chan struct{}) // for the deferred close
-	if err == nil {
+	if err := wait(); err == nil {
 		t.Fatalf("tp exited cleanly after tpd went silent:\n%s", log)
 	}
-	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
 }
 
 // A policy change that no longer lets the dialer reach the name ends a
@@ -420,15 +432,7 @@ func TestDirectPathEndsOnPolicyChange(t *testing.T) {
 	parallelLong(t)
 	n := newNATNet(t, false)
 	agentLog := n.expose(t)
-	hold := newStream(1<<20, 1<<10)
-	done := make(chan struct{})
-	log := &testlog.Buffer{}
-	var err error
-	go func() { defer close(done); _, err = n.dialInto(hold, log) }()
-	<-hold.paused
-	waitFor(t, 30*time.Second, "the pair on the direct path", func() bool {
-		return strings.Contains(agentLog.String(), "moved to a direct path")
-	})
+	log, wait := n.holdOnDirect(t, agentLog)
 	// alice may still expose the name; bob may no longer dial it.
 	listenOnly := strings.SplitN(natPolicy, "allow if {\n\tinput.action == \"dial\"", 2)[0]
 	if listenOnly == natPolicy {
@@ -438,10 +442,8 @@ func TestDirectPathEndsOnPolicyChange(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
-	close(hold.resume)
-	<-done
-	if err == nil || !strings.Contains(log.String(), "the TP server cut the session that authorises the direct path: the policy no longer allows the session") {
-		t.Fatalf("tp after a policy change denied its session: %v; want an exit that says why:\n%s", err, log)
+	if err := wait(); err == nil || !strings.Contains(log.String(), "the TP server cut the session that authorises the direct path: the policy no longer allows the session") {
+		t.Fatalf("tp after a policy change denied its session: %v; want an exit that says why:\n%s", wait(), log)
 	}
 }
 
