@@ -2,7 +2,6 @@ package clients
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -141,11 +140,11 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 	defer stop()
 
 	var (
-		wg                   sync.WaitGroup
-		streams              int
-		open                 atomic.Int64
-		lastEnd              atomic.Int64
-		cancelled, answeredN atomic.Int64
+		wg      sync.WaitGroup
+		streams int
+		open    atomic.Int64
+		lastEnd atomic.Int64
+		aborts  abortWatch // past its bound the pair ends
 	)
 	lastEnd.Store(time.Now().UnixNano())
 	go func() { // a pair without sessions ends after directAgentIdle, as a carrier does
@@ -206,26 +205,13 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 			_ = s.SetReadDeadline(time.Time{})
 			// The set-up (the dial of the local service) ends when the dialer
 			// aborts the stream before its answer, as on a carrier.
-			sctx, cancel := context.WithCancelCause(ctx)
-			defer cancel(nil)
-			stc := str.Context()
-			stopWatch := context.AfterFunc(stc, func() {
-				if wire.PeerCancelled(context.Cause(stc)) {
-					cancel(errDialerCancelled)
-				}
-			})
-			sess := &e2eSession{Stream: s, bridge: s, capsules: s, answered: func() {
-				stopWatch()
-				answeredN.Add(1)
-			}}
-			a.admit(sctx, sess, hdr, full, local, false, pd, nil, id.DeviceID, id.User, time.Now(), slog)
-			stopWatch()
-			if errors.Is(context.Cause(sctx), errDialerCancelled) {
-				if n := cancelled.Add(1); n > cancelFlood && n > answeredN.Load() {
-					log.Warn("tp expose: end-to-end QUIC pair ended: its dialer aborted more sessions before their answer than it let be answered (rapid reset)",
-						"aborted", n, "answered", answeredN.Load())
-					p.Close(wire.QUICRefused, "more sessions aborted before their answer than answered")
-				}
+			sess := &e2eSession{Stream: s, bridge: s, capsules: s}
+			if aborts.admit(ctx, str.Context(), sess, func(sctx context.Context) {
+				a.admit(sctx, sess, hdr, full, local, false, pd, nil, id.DeviceID, id.User, time.Now(), slog)
+			}) {
+				log.Warn("tp expose: end-to-end QUIC pair ended: its dialer aborted more sessions before their answer than it let be answered (rapid reset)",
+					"aborted", aborts.aborted.Load(), "answered", aborts.answered.Load())
+				p.Close(wire.QUICRefused, "more sessions aborted before their answer than answered")
 			}
 		}()
 	}

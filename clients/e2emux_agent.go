@@ -42,12 +42,7 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *transport.Bat
 		streams atomic.Int64
 		m       *muxConn
 		ready   = make(chan struct{})
-		// Streams the dialer aborted before their answer, and those
-		// answered: a dialer that aborts more than it lets be answered
-		// (a rapid reset) makes the agent dial its service for nothing,
-		// so past cancelFlood of them the carrier takes no further stream.
-		cancelled, answeredN atomic.Int64
-		flooded              atomic.Bool
+		aborts  abortWatch // past its bound the carrier takes no further stream
 	)
 	first.Store(pre)
 	accept := func(s *muxStream) { // on the carrier's reader: it must not wait
@@ -64,7 +59,7 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *transport.Bat
 				_ = m.Close() // cleanly, so the refusal reaches the dialer first
 				return
 			}
-			if flooded.Load() {
+			if aborts.flooded.Load() {
 				s.AbortWith(mux.AbortRefused) // opened before the dialer saw the GOAWAY below
 				return
 			}
@@ -78,28 +73,13 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *transport.Bat
 				sess.refuse(wire.CodeReverseBusy, fmt.Sprintf("the agent of %s serves as many sessions as it takes (%d)", full, a.maxSessions()), slog)
 				return
 			}
-			// The set-up (the dial of the local service) ends when the dialer
-			// aborts the stream before its answer.
-			sctx, cancel := context.WithCancelCause(ctx)
-			defer cancel(nil)
-			stc := s.Context()
-			stopWatch := context.AfterFunc(stc, func() {
-				if wire.PeerCancelled(context.Cause(stc)) {
-					cancel(errDialerCancelled)
-				}
-			})
-			sess := &e2eSession{Stream: s, bridge: s, capsules: s, answered: func() {
-				stopWatch()
-				answeredN.Add(1)
-			}}
-			a.admit(sctx, sess, hdr, full, local, false, p, nil, device, user, time.Now(), slog)
-			stopWatch()
-			if errors.Is(context.Cause(sctx), errDialerCancelled) {
-				if n := cancelled.Add(1); n > cancelFlood && n > answeredN.Load() && flooded.CompareAndSwap(false, true) {
-					log.Warn("tp expose: end-to-end carrier takes no more streams (GOAWAY) and ends with its last: its dialer aborted more sessions before their answer than it let be answered (rapid reset)",
-						"aborted", n, "answered", answeredN.Load())
-					m.Drain()
-				}
+			sess := &e2eSession{Stream: s, bridge: s, capsules: s}
+			if aborts.admit(ctx, s.Context(), sess, func(sctx context.Context) {
+				a.admit(sctx, sess, hdr, full, local, false, p, nil, device, user, time.Now(), slog)
+			}) {
+				log.Warn("tp expose: end-to-end carrier takes no more streams (GOAWAY) and ends with its last: its dialer aborted more sessions before their answer than it let be answered (rapid reset)",
+					"aborted", aborts.aborted.Load(), "answered", aborts.answered.Load())
+				m.Drain()
 			}
 		}()
 	}
@@ -128,14 +108,47 @@ func (a *Agent) serveMux(ctx context.Context, tc *tls.Conn, batch *transport.Bat
 	log.Info("tp expose: end-to-end carrier ended", "streams", streams.Load(), "duration", time.Since(start), "end", end)
 }
 
-// cancelFlood is how many streams a carrier's dialer may abort before their
-// answer, beyond as many as it let be answered, before the carrier takes no
-// further stream (serveMux).
+// cancelFlood is how many streams a carrier's or a pair's dialer may abort
+// before their answer, beyond as many as it let be answered, before the
+// carrier takes no further stream (serveMux) or the pair ends (serveDirect).
 const cancelFlood = 100
 
 // errDialerCancelled is the cause of a set-up whose dialer aborted the stream
 // before its answer.
 var errDialerCancelled = errors.New("the dialer aborted the session before its answer")
+
+// abortWatch counts the streams of one carrier or pair that the dialer
+// aborted before their answer, and those answered: a dialer that aborts more
+// than it lets be answered (a rapid reset) makes the agent dial its service
+// for nothing.
+type abortWatch struct {
+	aborted, answered atomic.Int64
+	flooded           atomic.Bool
+}
+
+// admit runs serve (the agent's admission of sess) with a context that ends
+// when the dialer aborts the stream, whose context is stc, before its answer.
+// It says true once, for the abort that takes the dialer past cancelFlood.
+func (w *abortWatch) admit(ctx, stc context.Context, sess *e2eSession, serve func(context.Context)) bool {
+	sctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stopWatch := context.AfterFunc(stc, func() {
+		if wire.PeerCancelled(context.Cause(stc)) {
+			cancel(errDialerCancelled)
+		}
+	})
+	sess.answered = func() {
+		stopWatch()
+		w.answered.Add(1)
+	}
+	serve(sctx)
+	stopWatch()
+	if !errors.Is(context.Cause(sctx), errDialerCancelled) {
+		return false
+	}
+	n := w.aborted.Add(1)
+	return n > cancelFlood && n > w.answered.Load() && w.flooded.CompareAndSwap(false, true)
+}
 
 // drainCarriers tells the dialer of every carrier that it takes no further
 // stream (GOAWAY), and ends each once its last stream ended: the server they
