@@ -95,8 +95,10 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 	quiet := logging.NewDefaultLoggerFactory()
 	quiet.DefaultLogLevel = logging.LogLevelDisabled
 	// One UDP socket for ICE and QUIC alike: pion reads its STUN through the
-	// Path, which takes the rest as QUIC packets and sends them itself.
-	udp, err := net.ListenUDP("udp4", &net.UDPAddr{})
+	// Path, which takes the rest as QUIC packets and sends them itself. It
+	// takes both IPv4 and IPv6 where the host has IPv6 (two devices with
+	// global IPv6 addresses need no NAT traversal at all).
+	udp, err := net.ListenUDP("udp", &net.UDPAddr{})
 	if err != nil {
 		return fmt.Errorf("opening a UDP socket for ICE: %w", err)
 	}

@@ -11,8 +11,8 @@ import (
 // offload turns on UDP receive coalescing (GRO) on udp and says whether the
 // kernel takes segmentation offload (GSO) on it: with both, a burst of QUIC
 // packets crosses the kernel, and every hop of the network stack on the way,
-// as one buffer. It also sets the don't-fragment bit on what udp sends and
-// never fragments it here: the size probe (probeMTU) measures the path
+// as one buffer. It also sets the don't-fragment bit on what udp sends (IPv4;
+// IPv6 routers never fragment) and never fragments it here: the size probe (probeMTU) measures the path
 // itself, and a packet larger than the route learnt to carry is refused
 // (EMSGSIZE) rather than sent in fragments a NAT may drop.
 func offload(udp *net.UDPConn) (gso, gro bool) {
@@ -25,6 +25,7 @@ func offload(udp *net.UDPConn) (gso, gro bool) {
 		gso = serr == nil
 		gro = unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 1) == nil
 		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
+		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_MTU_DISCOVER, unix.IPV6_PMTUDISC_DO)
 	})
 	return gso, gro
 }

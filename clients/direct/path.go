@@ -634,6 +634,7 @@ func (p *Path) readUDP(udp *net.UDPConn, stun func([]byte, netip.AddrPort), gro 
 		if err != nil {
 			return // closed: the relay carries on
 		}
+		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port()) // an IPv4 peer on a dual-stack socket
 		seg := n
 		if s := coalescedSize(oob[:oobn]); s > 0 {
 			seg = s

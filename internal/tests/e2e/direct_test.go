@@ -119,6 +119,41 @@ func newNATNetWith(t testing.TB, symmetric bool, policy string, env []string) *n
 	return n
 }
 
+// addIPv6 gives the namespaces IPv6 as well, routed without NAT (unique local
+// addresses: A fd11:1::2, D fd11:2::2, the routers' WANs on fd10:1:: and
+// fd10:2:: towards T), each router with the stateful firewall of a home
+// router's IPv6: nothing new from the WAN to the LAN or to itself. tpd keeps
+// its IPv4 address only.
+func (n *natNet) addIPv6(t testing.TB) {
+	t.Helper()
+	for _, c := range [][]string{
+		{n.T, "addr", "add", "fd10:1::1/64", "dev", "t1", "nodad"},
+		{n.T, "addr", "add", "fd10:2::1/64", "dev", "t2", "nodad"},
+		{n.T, "route", "add", "fd11:1::/64", "via", "fd10:1::2"},
+		{n.T, "route", "add", "fd11:2::/64", "via", "fd10:2::2"},
+		{n.R1, "addr", "add", "fd10:1::2/64", "dev", "wan", "nodad"},
+		{n.R1, "addr", "add", "fd11:1::1/64", "dev", "lan", "nodad"},
+		{n.R1, "route", "add", "default", "via", "fd10:1::1"},
+		{n.R2, "addr", "add", "fd10:2::2/64", "dev", "wan", "nodad"},
+		{n.R2, "addr", "add", "fd11:2::1/64", "dev", "lan", "nodad"},
+		{n.R2, "route", "add", "default", "via", "fd10:2::1"},
+		{n.A, "addr", "add", "fd11:1::2/64", "dev", "eth0", "nodad"},
+		{n.A, "route", "add", "default", "via", "fd11:1::1"},
+		{n.D, "addr", "add", "fd11:2::2/64", "dev", "eth0", "nodad"},
+		{n.D, "route", "add", "default", "via", "fd11:2::1"},
+	} {
+		sh(t, append([]string{"ip", "-6", "-n", c[0]}, c[1:]...)...)
+	}
+	for _, ns := range []string{n.T, n.R1, n.R2} {
+		sh(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+	}
+	for _, r := range []string{n.R1, n.R2} {
+		for _, chain := range []string{"INPUT", "FORWARD"} {
+			sh(t, "ip", "netns", "exec", r, "ip6tables", "-w", "-A", chain, "-i", "wan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
+		}
+	}
+}
+
 func runQuiet(name string, args ...string) error { return command(name, args...).Run() }
 
 func (n *natNet) login(t testing.TB, ns, user, device string) []string {
@@ -352,6 +387,33 @@ func TestDirectPathNarrowRoute(t *testing.T) {
 	m := regexp.MustCompile(`large_on_relay=(\d+)`).FindStringSubmatch(end)
 	if !strings.Contains(end, "large_direct=false") || m == nil || m[1] == "0" {
 		t.Fatalf("over a route of MTU 1400 the agent's full-size packets did not stay on the relay:\n%s", end)
+	}
+}
+
+// Behind IPv4 NATs that let no direct path through (symmetric on both
+// sides), two devices with IPv6 addresses (routed, behind stateful firewalls)
+// find each other over IPv6: ICE's checks from both ends open both firewalls,
+// the session moves to a direct path over IPv6, and the bytes arrive.
+func TestDirectPathOverIPv6(t *testing.T) {
+	parallelLong(t)
+	n := newNATNet(t, true)
+	n.addIPv6(t)
+	agentLog := n.expose(t)
+	const size = 16 << 20
+	in := newStream(size, 1<<20)
+	resumeOnDirect(in, agentLog)
+	digest, log, err := n.dial(t, in)
+	if err != nil || !bytes.Equal(digest, sum(size)) {
+		t.Fatalf("a transfer between devices with IPv6: %v, checksum %x, want %x\n%s\nagent:\n%s", err, digest, sum(size), log, agentLog)
+	}
+	found := regexp.MustCompile(`direct path found.* remote="[^"]*fd11:1::2`).FindString(log.String())
+	t.Logf("the dialer: %s", found)
+	if found == "" || !strings.Contains(agentLog.String(), "moved to a direct path") {
+		t.Fatalf("the session did not move to a direct path over IPv6 to fd11:1::2:\ndialer:\n%s\nagent:\n%s", log, agentLog)
+	}
+	waitLog(t, agentLog, "end-to-end QUIC pair ended", 30*time.Second)
+	if end := pairEnd(agentLog); !strings.Contains(end, "large_direct=true") {
+		t.Fatalf("the direct path over IPv6 (MTU 1500: 1452 bytes of UDP payload fit exactly) did not carry full-size packets:\n%s", end)
 	}
 }
 
