@@ -21,6 +21,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -53,7 +54,18 @@ const (
 const (
 	MaxPacket   = 1452
 	SmallPacket = 1280
+	// SmallPacket6 is SmallPacket over IPv6, whose guaranteed MTU (1280)
+	// holds 1232 bytes of UDP payload.
+	SmallPacket6 = 1232
 )
+
+// smallFor is the size the direct path to ap carries without a probe.
+func smallFor(ap netip.AddrPort) int {
+	if ap.Addr().Is6() {
+		return SmallPacket6
+	}
+	return SmallPacket
+}
 
 // The direct path's size check: a probe of MaxPacket bytes, sent again after
 // probeFirst, twice as long each time up to probeFast, until one is answered
@@ -161,6 +173,7 @@ type Path struct {
 
 	large     bool          // the direct path to remote carried a probe of MaxPacket bytes
 	probeOut  uint64        // the nonce of the probe not yet answered, or 0
+	recent    [4]uint64     // the last probes' nonces: an answer to any of them counts
 	probeMiss int           // probes in a row not answered
 	probeKick chan struct{} // the direct path came up or moved: check its size now
 	probeSent time.Time     // when the last probe went
@@ -260,7 +273,7 @@ func (p *Path) SetDirect(remote netip.AddrPort) {
 	p.mu.Lock()
 	if p.remote != remote {
 		p.pending, p.pendingN = time.Time{}, 0
-		p.large, p.probeOut, p.probeMiss = false, 0, 0
+		p.large, p.probeOut, p.probeMiss, p.recent = false, 0, 0, [4]uint64{}
 		p.kickProbe()
 	}
 	p.remote = remote
@@ -337,8 +350,8 @@ func (p *Path) fail(err error) {
 func (p *Path) Close() error {
 	p.fail(net.ErrClosed)
 	p.closeOnce.Do(func() {
+		p.sq.close() // first: nothing is queued after writeUDP's last take
 		close(p.closed)
-		p.sq.close()
 	})
 	return nil
 }
@@ -430,7 +443,7 @@ func (p *Path) sendDirect(size int) bool {
 	if !p.switchLocked(now) {
 		return false
 	}
-	if size > SmallPacket && !p.large {
+	if size > smallFor(p.remote) && !p.large {
 		p.largeOnRelay.Add(1)
 		return false
 	}
@@ -556,6 +569,7 @@ func (q *sendQueue) close() {
 // kernel takes it, up to maxSegments or maxGSOBytes.
 func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
 	defer close(p.wrote)
+	defer p.sq.close() // no sender waits on a queue nobody takes
 	const maxSegments = 64
 	const maxGSOBytes = 65000 // below a UDP datagram's largest payload
 	spare, spareSizes := make([]byte, 0, sendQueueBytes), []uint16(nil)
@@ -564,11 +578,11 @@ func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
 		p.mu.Lock()
 		to := p.remote
 		p.mu.Unlock()
-		off := 0
+		off, single := 0, 0 // packets before single go one by one
 		for i := 0; i < len(sizes); {
 			size := int(sizes[i])
 			j, total := i+1, size
-			if gso {
+			if gso && i >= single {
 				for j < len(sizes) && j-i < maxSegments && int(sizes[j]) <= size && total+int(sizes[j]) <= maxGSOBytes {
 					total += int(sizes[j])
 					j++
@@ -588,14 +602,22 @@ func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
 			case err == nil:
 			case errors.Is(err, net.ErrClosed):
 				return false
-			case errors.Is(err, syscall.EMSGSIZE) && size > SmallPacket:
-				// The route to the other end learnt a smaller MTU (an ICMP
-				// "fragmentation needed"): these packets are lost, QUIC sends
-				// them again, on the relay until a probe comes through.
-				p.tooLarge()
 			case j-i > 1:
-				gso = false // the kernel or the device refused it: one by one from now on
+				// The kernel refused the run as a whole: EIO says the device
+				// takes no segmentation offload (one by one from now on); any
+				// other error (EINVAL for segments above the route's MTU, an
+				// unreachable network while the device moves) is met packet
+				// by packet.
+				if errors.Is(err, syscall.EIO) {
+					gso = false
+				}
+				single = j
 				continue
+			case errors.Is(err, syscall.EMSGSIZE) && size > smallFor(to):
+				// The route to the other end learnt a smaller MTU (an ICMP
+				// "fragmentation needed"): this packet is lost, QUIC sends it
+				// again, on the relay until a probe comes through.
+				p.tooLarge()
 			}
 			off += total
 			i = j
@@ -705,11 +727,13 @@ func (p *Path) probeMTU(udp *net.UDPConn) {
 		if p.probeOut != 0 {
 			p.probeMiss++
 			if p.large && p.probeMiss >= probeMisses {
-				p.large, tries = false, 0
+				p.large, p.recent, tries = false, [4]uint64{}, 0
 			}
 		}
 		nonce := rand.Uint64() | 1
 		p.probeOut, p.probeSent = nonce, now
+		copy(p.recent[1:], p.recent[:])
+		p.recent[0] = nonce
 		to, large, miss := p.remote, p.large, p.probeMiss
 		p.mu.Unlock()
 		binary.BigEndian.PutUint64(buf[6:probeLen], nonce)
@@ -742,7 +766,9 @@ func (p *Path) onProbe(udp *net.UDPConn, pk []byte, from netip.AddrPort) {
 	case pk[5] == probeKind:
 		copy(p.heard[:], pk[:probeLen])
 		p.heardFrom = from
-	case pk[5] == answerKind && from == p.remote && nonce == p.probeOut:
+	case pk[5] == answerKind && from == p.remote && slices.Contains(p.recent[:], nonce):
+		// An answer to an earlier probe counts too: a round trip longer
+		// than the probes' interval still shows the path.
 		p.large, p.probeOut, p.probeMiss = true, 0, 0
 	}
 	p.mu.Unlock()
@@ -756,12 +782,12 @@ func answerProbe(udp *net.UDPConn, probe []byte, to netip.AddrPort) {
 	_, _ = udp.WriteToUDPAddrPort(a[:], to)
 }
 
-// tooLarge: the kernel refused a packet above SmallPacket for the direct
+// tooLarge: the kernel refused a packet above smallFor for the direct
 // path; large packets go on the relay until a probe comes through again.
 func (p *Path) tooLarge() {
 	p.mu.Lock()
 	if p.large {
-		p.large, p.probeOut, p.probeMiss = false, 0, 0
+		p.large, p.probeOut, p.probeMiss, p.recent = false, 0, 0, [4]uint64{}
 		p.kickProbe()
 	}
 	p.mu.Unlock()

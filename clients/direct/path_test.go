@@ -25,7 +25,7 @@ type narrowLink struct {
 
 func newNarrowLink(t *testing.T, a, b netip.AddrPort, mtu int) *narrowLink {
 	t.Helper()
-	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: a.Addr().AsSlice()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,9 +53,9 @@ func newNarrowLink(t *testing.T, a, b netip.AddrPort, mtu int) *narrowLink {
 	return l
 }
 
-func loopbackUDP(t *testing.T) *net.UDPConn {
+func loopbackUDP(t *testing.T, ip net.IP) *net.UDPConn {
 	t.Helper()
-	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: ip})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,13 +64,18 @@ func loopbackUDP(t *testing.T) *net.UDPConn {
 }
 
 // pathsOverLink are the two Paths of a pair over a loopback relay, whose
-// direct path (up, as ICE would say) crosses a narrowLink of mtu bytes.
+// direct path (up, as ICE would say) crosses a narrowLink of mtu bytes on
+// IPv4's loopback.
 func pathsOverLink(t *testing.T, mtu int) (d, a *direct.Path, link *narrowLink) {
+	return pathsOverLinkOn(t, net.IPv4(127, 0, 0, 1), mtu)
+}
+
+func pathsOverLinkOn(t *testing.T, ip net.IP, mtu int) (d, a *direct.Path, link *narrowLink) {
 	t.Helper()
 	relayD, relayA := relayPair(t)
 	d, a = direct.NewPath(relayD, nil), direct.NewPath(relayA, nil)
 	t.Cleanup(func() { d.Close(); a.Close() })
-	ud, ua := loopbackUDP(t), loopbackUDP(t)
+	ud, ua := loopbackUDP(t, ip), loopbackUDP(t, ip)
 	link = newNarrowLink(t, ud.LocalAddr().(*net.UDPAddr).AddrPort(), ua.LocalAddr().(*net.UDPAddr).AddrPort(), mtu)
 	noSTUN := func([]byte, netip.AddrPort) {}
 	d.AttachUDP(ud, noSTUN)
@@ -159,7 +164,7 @@ func TestPathLargePacketsGoDirectOnceProbed(t *testing.T) {
 func TestPathProbeFromAStrangerUnanswered(t *testing.T) {
 	d, _, link := pathsOverLink(t, 1500)
 	waitFor(t, "the dialer's probe answered", func() bool { return d.Stats().LargeDirect })
-	stranger := loopbackUDP(t)
+	stranger := loopbackUDP(t, net.IPv4(127, 0, 0, 1))
 	target := link.a // the dialer's socket
 	probe := make([]byte, direct.MaxPacket)
 	copy(probe, []byte{0x80, 'T', 'P', 'm', 't', 0x01, 0, 0, 0, 0, 0, 0, 0, 7})
@@ -169,5 +174,24 @@ func TestPathProbeFromAStrangerUnanswered(t *testing.T) {
 	_ = stranger.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
 	if n, _, err := stranger.ReadFromUDPAddrPort(make([]byte, 2048)); err == nil {
 		t.Fatalf("a stranger's probe was answered with %d bytes", n)
+	}
+}
+
+// Over IPv6, whose guaranteed MTU holds 1232 bytes of UDP payload, a packet
+// of 1250 bytes waits for the probe as a full-size one does: over a path that
+// carries 1240 bytes and no more, it goes on the relay (over IPv4 it would go
+// direct), and arrives.
+func TestPathIPv6SmallPacketsAreSmaller(t *testing.T) {
+	if c, err := net.ListenUDP("udp6", &net.UDPAddr{IP: net.IPv6loopback}); err != nil {
+		t.Fatalf("this host has no IPv6 loopback (::1), which the test needs: %v", err)
+	} else {
+		c.Close()
+	}
+	d, a, link := pathsOverLinkOn(t, net.IPv6loopback, 1240)
+	waitFor(t, "a probe of the direct path's size dropped on the way", func() bool { return link.large.Load() >= 2 })
+	inGroups(t, d, a, 100, 1250, 1000)
+	st := d.Stats()
+	if st.LargeDirect || st.LargeOnRelay < 50 || st.DirectOut < 50 {
+		t.Fatalf("over an IPv6 path of 1240 bytes, 50 packets of 1250 and 50 of 1000 bytes went: %+v; want the 1250-byte ones relayed", st)
 	}
 }
