@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -516,55 +515,15 @@ func TestDirectPathEndsOnPolicyChange(t *testing.T) {
 func TestDirectPathOpenSSH(t *testing.T) {
 	parallelLong(t)
 	n := newNATNet(t, false)
-	dir := t.TempDir()
-	for _, k := range []string{"host_key", "client_key"} {
-		run(t, nil, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", filepath.Join(dir, k))
-	}
-	pub, err := os.ReadFile(filepath.Join(dir, "client_key.pub"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "authorized_keys"), pub, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.MkdirAll("/run/sshd", 0o755); err != nil { // privilege separation; Debian makes it in its unit
-		t.Fatal(err)
-	}
-	cfg := fmt.Sprintf("Port 2222\nListenAddress 127.0.0.1\nHostKey %s\nAuthorizedKeysFile %s\nPidFile none\nUsePAM no\nStrictModes no\n"+
-		"PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nLogLevel ERROR\n",
-		filepath.Join(dir, "host_key"), filepath.Join(dir, "authorized_keys"))
-	if err := os.WriteFile(filepath.Join(dir, "sshd_config"), []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	sshdLog := &testlog.Buffer{}
-	sshd := command("ip", "netns", "exec", n.A, "/usr/sbin/sshd", "-D", "-e", "-f", filepath.Join(dir, "sshd_config"))
-	sshd.Stdout, sshd.Stderr = sshdLog, sshdLog
-	if err := sshd.Start(); err != nil {
-		t.Fatalf("sshd (apt-get install openssh-server; deploy/test.sh installs it): %v", err)
-	}
-	t.Cleanup(func() {
-		_ = sshd.Process.Kill()
-		_ = sshd.Wait()
-		if t.Failed() {
-			t.Logf("sshd:\n%s", sshdLog)
-		}
-	})
-	waitFor(t, 30*time.Second, "sshd listening in A", func() bool {
-		var c net.Conn
-		inNS(t, n.A, func() { c, _ = net.DialTimeout("tcp", "127.0.0.1:2222", time.Second) })
-		if c != nil {
-			_ = c.Close()
-		}
-		return c != nil
-	})
-	agentLog, _ := startExposeIn(t, n.A, n.alice, "laptop-ssh", "127.0.0.1:2222", "--allow-user", "bob")
+	sshd := startSSHDIn(t, n.A)
+	agentLog, _ := startExposeIn(t, n.A, n.alice, "laptop-ssh", fmt.Sprintf("127.0.0.1:%d", sshd.Port), "--allow-user", "bob")
 
 	const size = 16 << 20
 	var stdout, stderr testlog.Buffer
 	ssh := command("ip", "netns", "exec", n.D, "ssh", "-F", "/dev/null", "-o", "BatchMode=yes",
 		"-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-		"-o", "ProxyCommand="+binary("tp")+" --direct --debug %h %p", "-i", filepath.Join(dir, "client_key"),
-		"root@laptop-ssh.rev.tp.internal", "sleep 2; sha256sum")
+		"-o", "ProxyCommand="+binary("tp")+" --direct --debug %h %p", "-i", sshd.ClientKey,
+		sshd.User+"@laptop-ssh.rev.tp.internal", "sleep 2; sha256sum")
 	ssh.Env = append(os.Environ(), n.bob...)
 	ssh.Stdin, ssh.Stdout, ssh.Stderr = newStream(size, 0), &stdout, &stderr
 	if err := ssh.Run(); err != nil {

@@ -60,6 +60,12 @@ type sshd struct {
 
 func startSSHD(t *testing.T) *sshd {
 	t.Helper()
+	return startSSHDIn(t, "")
+}
+
+// startSSHDIn is startSSHD in the network namespace ns ("": the test's own).
+func startSSHDIn(t *testing.T, ns string) *sshd {
+	t.Helper()
 	path := "/usr/sbin/sshd"
 	if _, err := os.Stat(path); err != nil {
 		t.Fatalf("OpenSSH server not installed at %s (apt-get install openssh-server; deploy/test.sh does this, run as root): %v", path, err)
@@ -100,6 +106,9 @@ LogLevel ERROR
 	}
 	log := &testlog.Buffer{}
 	cmd := command(path, "-D", "-e", "-f", cfgPath)
+	if ns != "" {
+		cmd = command("ip", "netns", "exec", ns, path, "-D", "-e", "-f", cfgPath)
+	}
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -111,7 +120,19 @@ LogLevel ERROR
 			t.Logf("sshd log:\n%s", log.String())
 		}
 	})
-	waitTCP(t, fmt.Sprintf("127.0.0.1:%d", port), 30*time.Second)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	if ns == "" {
+		waitTCP(t, addr, 30*time.Second)
+	} else {
+		waitFor(t, 30*time.Second, "sshd listening in "+ns, func() bool {
+			var c net.Conn
+			inNS(t, ns, func() { c, _ = net.DialTimeout("tcp", addr, time.Second) })
+			if c != nil {
+				_ = c.Close()
+			}
+			return c != nil
+		})
+	}
 	user := os.Getenv("USER")
 	if user == "" {
 		user = "root"
