@@ -147,6 +147,11 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 		aborts  abortWatch // past its bound the pair ends
 	)
 	lastEnd.Store(time.Now().UnixNano())
+	floodEnd := func() {
+		log.Warn("tp expose: end-to-end QUIC pair ended: its dialer aborted more sessions before their answer than it let be answered (rapid reset)",
+			"aborted", aborts.aborted.Load(), "answered", aborts.answered.Load())
+		p.Close(wire.QUICRefused, "more sessions aborted before their answer than answered")
+	}
 	go func() { // a pair without sessions ends after directAgentIdle, as a carrier does
 		tick := time.NewTicker(directAgentIdle / 8)
 		defer tick.Stop()
@@ -199,6 +204,14 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 			_ = s.SetReadDeadline(time.Now().Add(agentHandshakeTimeout))
 			if _, err := io.ReadFull(s, op[:]); err != nil || op[0] != direct.StreamOpener {
 				wire.Abort(s, wire.QUICInternal)
+				if _, reset := wire.StreamResetCode(err); reset {
+					// The dialer reset the stream before its first byte: an
+					// abort before the answer, counted as the others are.
+					if aborts.abort() {
+						floodEnd()
+					}
+					return
+				}
 				slog.Warn("tp expose: a stream of a direct path without its opener; aborted", "opener", op[0], "err", err)
 				return
 			}
@@ -209,9 +222,7 @@ func (a *Agent) serveDirect(ctx context.Context, conn net.Conn, hdr wire.Session
 			if aborts.admit(ctx, str.Context(), sess, func(sctx context.Context) {
 				a.admit(sctx, sess, hdr, full, local, false, pd, nil, id.DeviceID, id.User, time.Now(), slog)
 			}) {
-				log.Warn("tp expose: end-to-end QUIC pair ended: its dialer aborted more sessions before their answer than it let be answered (rapid reset)",
-					"aborted", aborts.aborted.Load(), "answered", aborts.answered.Load())
-				p.Close(wire.QUICRefused, "more sessions aborted before their answer than answered")
+				floodEnd()
 			}
 		}()
 	}

@@ -4,9 +4,13 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
+	"strings"
 	"testing"
+	"time"
 
+	"github.com/tp-proxy/tp/internal/testkit/testlog"
 	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -221,5 +225,56 @@ func TestDirectPairsPerDeviceBounded(t *testing.T) {
 	}
 	if opened, _ := d3.DirectStats(); opened != 1 {
 		t.Fatalf("a dialer after the pair ended opened %d pairs; want 1", opened)
+	}
+}
+
+// Bad input: an allowed dialer opens streams of its pair and resets each
+// before a byte (a rapid reset), up to 3×cancelFlood times. Past cancelFlood
+// more aborted than answered the agent ends the pair, says why in its log,
+// and the dialer's next session goes on without it.
+func TestDirectRapidResetEndsThePair(t *testing.T) {
+	var logs testlog.Buffer
+	d, _ := directEnv(t, func(a *Agent) { a.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
+	c, err := d.DialContext(context.Background(), "tcp", directAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := checksummed(c, 1024); err != nil {
+		t.Fatal(err)
+	}
+	d.direct.mu.Lock()
+	var dp *directPair
+	for _, p := range d.direct.pairs {
+		dp = p
+	}
+	d.direct.mu.Unlock()
+	if dp == nil {
+		t.Fatal("the dialer holds no pair after its first session")
+	}
+	opened := 0
+	for range 3 * cancelFlood {
+		s, err := dp.p.Conn.OpenStreamSync(context.Background())
+		if err != nil {
+			break // the agent ended the pair
+		}
+		opened++
+		s.CancelWrite(0)
+		s.CancelRead(0)
+	}
+	select {
+	case <-dp.p.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the pair still runs after %d streams reset before their first byte", opened)
+	}
+	if !strings.Contains(logs.String(), "rapid reset") {
+		t.Fatalf("the agent did not say why it ended the pair:\n%s", logs.String())
+	}
+	// The next session: no pair (it ended), an ordinary one or a new pair.
+	c, err = d.DialContext(context.Background(), "tcp", directAddr)
+	if err != nil {
+		t.Fatalf("a session after the flood: %v", err)
+	}
+	if err := checksummed(c, 1024); err != nil {
+		t.Fatalf("a session after the flood: %v", err)
 	}
 }

@@ -146,6 +146,12 @@ func (w *abortWatch) admit(ctx, stc context.Context, sess *e2eSession, serve fun
 	if !errors.Is(context.Cause(sctx), errDialerCancelled) {
 		return false
 	}
+	return w.abort()
+}
+
+// abort counts a stream the dialer aborted before its answer; true once, for
+// the abort that takes the dialer past cancelFlood.
+func (w *abortWatch) abort() bool {
 	n := w.aborted.Add(1)
 	return n > cancelFlood && n > w.answered.Load() && w.flooded.CompareAndSwap(false, true)
 }
