@@ -113,6 +113,7 @@ const (
 
 const (
 	inQueue  = 1024 // packets read and not yet taken by QUIC
+	inReads  = 64   // coalesced reads (several packets each) not yet taken by QUIC
 	outQueue = 512  // packets waiting for the relay stream
 )
 
@@ -152,7 +153,10 @@ type Stats struct {
 type Path struct {
 	relay net.Conn
 	br    *bufio.Reader
-	in    chan []byte
+	in    chan []byte  // single packets, from the relay or the socket
+	inr   chan *rxRead // coalesced reads from the socket
+	curMu sync.Mutex
+	cur   *rxRead // the read QUIC takes packets from now
 	out   chan []byte
 	ping  chan struct{}
 
@@ -211,6 +215,7 @@ func NewPath(relay net.Conn, expect []byte) *Path {
 		relay:    relay,
 		br:       bufio.NewReaderSize(relay, 64<<10),
 		in:       make(chan []byte, inQueue),
+		inr:      make(chan *rxRead, inReads),
 		out:      make(chan []byte, outQueue),
 		ping:     make(chan struct{}, 1),
 		rdCh:     make(chan struct{}),
@@ -374,21 +379,45 @@ func (p *Path) CloseRelay() {
 	_ = p.Close()
 }
 
+// rxRead is one coalesced read of the socket (GRO): n bytes of QUIC packets
+// of seg bytes each (the last may be shorter), which ReadFrom hands to QUIC one
+// by one from where they lie.
+type rxRead struct {
+	buf         []byte
+	n, seg, off int
+}
+
+var rxPool = sync.Pool{New: func() any { return &rxRead{buf: make([]byte, 64<<10)} }}
+
 // ReadFrom hands quic-go the next packet, from either path.
 func (p *Path) ReadFrom(b []byte) (int, net.Addr, error) {
-	p.rdMu.Lock()
-	dl := p.rdCh
-	p.rdMu.Unlock()
-	select {
-	case pk := <-p.in:
-		n := copy(b, pk)
-		pool.Put(&pk)
-		return n, peerAddr, nil
-	case <-p.closed:
-		return 0, nil, net.ErrClosed
-	case <-dl:
-		return 0, nil, os.ErrDeadlineExceeded
+	p.curMu.Lock()
+	defer p.curMu.Unlock()
+	if p.cur == nil {
+		p.rdMu.Lock()
+		dl := p.rdCh
+		p.rdMu.Unlock()
+		select {
+		case pk := <-p.in:
+			n := copy(b, pk)
+			pool.Put(&pk)
+			return n, peerAddr, nil
+		case r := <-p.inr:
+			p.cur = r
+		case <-p.closed:
+			return 0, nil, net.ErrClosed
+		case <-dl:
+			return 0, nil, os.ErrDeadlineExceeded
+		}
 	}
+	r := p.cur
+	end := min(r.off+r.seg, r.n)
+	n := copy(b, r.buf[r.off:end])
+	if r.off = end; r.off >= r.n {
+		p.cur = nil
+		rxPool.Put(r)
+	}
+	return n, peerAddr, nil
 }
 
 var peerAddr = addr("other-device")
@@ -643,17 +672,22 @@ func (p *Path) writeUDP(udp *net.UDPConn, gso bool) {
 }
 
 // readUDP reads the socket: a coalesced read (GRO) holds several packets of
-// one size.
+// one size, and goes to QUIC as it is (one hand-over, no copy per packet) when
+// all of them are QUIC packets; STUN messages go to ICE, probes are answered.
 func (p *Path) readUDP(udp *net.UDPConn, stun func([]byte, netip.AddrPort), gro bool) {
-	size := MaxPacket
 	var oob []byte
 	if gro {
-		size, oob = 64<<10, make([]byte, 64)
+		oob = make([]byte, 64)
 	}
-	buf := make([]byte, size)
+	r := rxPool.Get().(*rxRead)
 	for {
+		buf := r.buf
+		if !gro {
+			buf = buf[:MaxPacket]
+		}
 		n, oobn, _, from, err := udp.ReadMsgUDPAddrPort(buf, oob)
 		if err != nil {
+			rxPool.Put(r)
 			return // closed: the relay carries on
 		}
 		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port()) // an IPv4 peer on a dual-stack socket
@@ -661,28 +695,47 @@ func (p *Path) readUDP(udp *net.UDPConn, stun func([]byte, netip.AddrPort), gro 
 		if s := coalescedSize(oob[:oobn]); s > 0 {
 			seg = s
 		}
+		quic := 0 // QUIC packets in the read
 		for off := 0; off < n; off += seg {
 			pk := buf[off:min(off+seg, n)]
-			if len(pk) > 0 && pk[0]&0xc0 == 0 { // STUN, for ICE
+			switch {
+			case len(pk) > 0 && pk[0]&0xc0 == 0: // STUN, for ICE
 				stun(pk, from)
-				continue
-			}
-			if len(pk) >= probeLen && pk[0] == probeMarker && [4]byte(pk[1:5]) == probeMagic {
+			case len(pk) >= probeLen && pk[0] == probeMarker && [4]byte(pk[1:5]) == probeMagic:
 				p.onProbe(udp, pk, from)
+			case len(pk) <= MaxPacket:
+				quic++
+			}
+		}
+		if quic == 0 {
+			continue
+		}
+		p.mu.Lock()
+		if from == p.remote {
+			p.pending, p.pendingN = time.Time{}, 0
+			if !time.Now().Before(p.badUntil) {
+				p.retry = directRetry // the path works: a later failure starts the back-off anew
+			}
+		}
+		p.mu.Unlock()
+		p.directIn.Add(int64(quic))
+		if quic > 1 && quic*seg >= n && seg <= MaxPacket {
+			// QUIC packets only: the read goes over as it is.
+			r.n, r.seg, r.off = n, seg, 0
+			select {
+			case p.inr <- r:
+				r = rxPool.Get().(*rxRead)
+			default:
+				p.dropped.Add(int64(quic))
+			}
+			continue
+		}
+		for off := 0; off < n; off += seg {
+			pk := buf[off:min(off+seg, n)]
+			if len(pk) == 0 || pk[0]&0xc0 == 0 || len(pk) > MaxPacket ||
+				(len(pk) >= probeLen && pk[0] == probeMarker && [4]byte(pk[1:5]) == probeMagic) {
 				continue
 			}
-			if len(pk) > MaxPacket {
-				continue
-			}
-			p.mu.Lock()
-			if from == p.remote {
-				p.pending, p.pendingN = time.Time{}, 0
-				if !time.Now().Before(p.badUntil) {
-					p.retry = directRetry // the path works: a later failure starts the back-off anew
-				}
-			}
-			p.mu.Unlock()
-			p.directIn.Add(1)
 			bp := pool.Get().(*[]byte)
 			p.deliver(append((*bp)[:0], pk...))
 		}
