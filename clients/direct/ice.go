@@ -52,9 +52,19 @@ const socketBuffer = 7 << 20
 type signal struct {
 	Ufrag     string `json:"ufrag,omitempty"`
 	Pwd       string `json:"pwd,omitempty"`
+	Restart   int    `json:"restart,omitempty"` // with new credentials: an ICE restart's round
 	Candidate string `json:"candidate,omitempty"`
 	Done      bool   `json:"done,omitempty"`
 }
+
+// ICE restarts: once a direct path was found and ICE then gave up on it (a
+// device moved to another network), the dialer restarts ICE with new
+// credentials and candidates, at most maxRestarts times a pair and not within
+// restartGap of the last; the agent follows.
+const (
+	maxRestarts = 20
+	restartGap  = 10 * time.Second
+)
 
 // ICEOptions is how an end looks for a direct path.
 type ICEOptions struct {
@@ -120,7 +130,10 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 		keep = func(name string) bool { return !strings.HasPrefix(name, "tp") }
 	}
 	fnet := &filteredNet{Net: std, keep: keep, loopback: opts.Loopback}
-	mux := ice.NewUniversalUDPMuxDefault(ice.UniversalUDPMuxParams{UDPConn: sc, Net: fnet, Logger: quiet.NewLogger("ice")})
+	// The server-reflexive address is asked anew at each gathering: after a
+	// device moved, a cached one would be the old network's mapping.
+	mux := ice.NewUniversalUDPMuxDefault(ice.UniversalUDPMuxParams{UDPConn: sc, Net: fnet, Logger: quiet.NewLogger("ice"),
+		XORMappedAddrCacheTTL: time.Second})
 	defer mux.Close()
 	opt := []ice.AgentOption{
 		ice.WithNet(fnet),
@@ -193,6 +206,7 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 	}
 	var once, failOnce sync.Once
 	connected, failed := make(chan struct{}), make(chan struct{})
+	lost := make(chan struct{}, 1) // ICE gave up on a path it had found
 	if err := agent.OnSelectedCandidatePairChange(func(_, remote ice.Candidate) {
 		if ap, ok := addrPort(remote); ok {
 			path.SetDirect(ap)
@@ -209,6 +223,14 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 		case ice.ConnectionStateFailed:
 			failOnce.Do(func() { close(failed) })
 			path.SetICEUp(false)
+			select {
+			case <-connected:
+				select {
+				case lost <- struct{}{}:
+				default:
+				}
+			default:
+			}
 		case ice.ConnectionStateDisconnected, ice.ConnectionStateClosed:
 			path.SetICEUp(false)
 		}
@@ -246,24 +268,80 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 	if err != nil {
 		return fmt.Errorf("starting ICE checks: %w", err)
 	}
-	go func() { // the other end's candidates, as they come
-		for n := 0; ; n++ {
+	// Restarts: round is this end's ICE round (0 the first), remoteRound the
+	// other end's; candidates count only when both are in the same round.
+	var (
+		rmu                sync.Mutex
+		round, remoteRound int
+	)
+	restart := func(to int) error {
+		// The device may have moved: its addresses now, not those ICE
+		// listed when it started.
+		if err := std.UpdateInterfaces(); err != nil {
+			log.Debug("tp direct: listing network interfaces again", "err", err.Error())
+		}
+		if err := agent.Restart("", ""); err != nil {
+			return err
+		}
+		u, p, err := agent.GetLocalUserCredentials()
+		if err != nil {
+			return err
+		}
+		round = to
+		log.Debug("tp direct: ICE restarts", "round", to)
+		write(signal{Ufrag: u, Pwd: p, Restart: to})
+		return agent.GatherCandidates()
+	}
+	go func() { // the other end's signalling, as it comes
+		n := 0 // candidates taken in this round
+		for lines := 0; lines < (maxRestarts+1)*(maxCandidates+2); lines++ {
 			s, err := readSignal(r)
-			if err != nil || s.Done {
-				return
-			}
-			if n >= maxCandidates {
-				log.Debug("tp direct: more candidates than taken", "max", maxCandidates)
-				return
-			}
-			log.Debug("tp direct: remote candidate", "candidate", s.Candidate)
-			c, err := ice.UnmarshalCandidate(s.Candidate)
 			if err != nil {
-				log.Debug("tp direct: a candidate that does not parse", "err", err.Error())
-				continue
+				return
 			}
-			if err := agent.AddRemoteCandidate(c); err != nil {
-				log.Debug("tp direct: a candidate not taken", "err", err.Error())
+			switch {
+			case s.Restart > 0:
+				rmu.Lock()
+				ok := s.Restart > remoteRound && s.Restart <= maxRestarts && s.Ufrag != "" && s.Pwd != ""
+				if ok && !controlling && s.Restart > round {
+					// The dialer restarted: this end follows, with new
+					// credentials and candidates of its own.
+					if err := restart(s.Restart); err != nil {
+						log.Debug("tp direct: an ICE restart failed", "err", err.Error())
+						ok = false
+					}
+				}
+				if ok && s.Restart == round {
+					remoteRound, n = s.Restart, 0
+					if err := agent.SetRemoteCredentials(s.Ufrag, s.Pwd); err != nil {
+						log.Debug("tp direct: the other end's new ICE credentials not taken", "err", err.Error())
+					}
+				}
+				rmu.Unlock()
+				if !ok {
+					return // a restart out of turn: no more signalling taken
+				}
+			case s.Done, s.Candidate == "":
+			default:
+				rmu.Lock()
+				same := remoteRound == round
+				rmu.Unlock()
+				if !same {
+					continue // a candidate of a round this end left
+				}
+				if n++; n > maxCandidates {
+					log.Debug("tp direct: more candidates than taken", "max", maxCandidates)
+					continue
+				}
+				log.Debug("tp direct: remote candidate", "candidate", s.Candidate)
+				c, err := ice.UnmarshalCandidate(s.Candidate)
+				if err != nil {
+					log.Debug("tp direct: a candidate that does not parse", "err", err.Error())
+					continue
+				}
+				if err := agent.AddRemoteCandidate(c); err != nil {
+					log.Debug("tp direct: a candidate not taken", "err", err.Error())
+				}
 			}
 		}
 	}()
@@ -282,8 +360,37 @@ func RunICE(ctx context.Context, qc *quic.Conn, path *Path, controlling bool, op
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	<-ctx.Done()
-	return nil
+	var last time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-lost:
+		}
+		if !controlling {
+			continue // the dialer restarts; this end follows (above)
+		}
+		if wait := time.Until(last.Add(restartGap)); wait > 0 {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(wait):
+			}
+		}
+		rmu.Lock()
+		if round >= maxRestarts {
+			rmu.Unlock()
+			log.Debug("tp direct: no more ICE restarts on this pair; the relay carries it", "restarts", round)
+			<-ctx.Done()
+			return nil
+		}
+		err := restart(round + 1)
+		rmu.Unlock()
+		if err != nil {
+			return fmt.Errorf("restarting ICE: %w", err)
+		}
+		last = time.Now()
+	}
 }
 
 func readSignal(r *bufio.Reader) (signal, error) {

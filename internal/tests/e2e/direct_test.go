@@ -359,6 +359,51 @@ func pairEnd(log *testlog.Buffer) string {
 	return ""
 }
 
+// A device that moves to another network address in the middle of a
+// session (the dialer's D, from 192.168.2.2 to .3: its NAT maps it anew, and
+// the agent's router drops what comes from the new mapping): the session
+// goes on over the relay, ICE gives up on the old pair, the dialer restarts
+// ICE with new candidates, the session moves to a direct path again, and
+// every byte arrives.
+func TestDirectPathAfterTheDialerMoves(t *testing.T) {
+	parallelLong(t)
+	n := newNATNet(t, false)
+	agentLog := n.expose(t)
+	moved := func() int { return strings.Count(agentLog.String(), "moved to a direct path") }
+	const size = 16 << 20
+	in := newStream(size, 1<<20)
+	go func() {
+		<-in.paused
+		defer close(in.resume) // the checks below fail the test when a step did not happen
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && moved() < 1; {
+			time.Sleep(20 * time.Millisecond) // polling the agent's log, bounded by the deadline
+		}
+		for _, c := range [][]string{
+			{"ip", "netns", "exec", n.D, "sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"},
+			{"ip", "-n", n.D, "addr", "add", "192.168.2.3/24", "dev", "eth0"},
+			{"ip", "-n", n.D, "addr", "del", "192.168.2.2/24", "dev", "eth0"},
+			{"ip", "-n", n.D, "route", "replace", "default", "via", "192.168.2.1"},
+		} {
+			if out, err := command(c[0], c[1:]...).CombinedOutput(); err != nil {
+				t.Errorf("%v: %v\n%s", c, err, out)
+				return
+			}
+		}
+		at := time.Now()
+		for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline) && moved() < 2; {
+			time.Sleep(20 * time.Millisecond) // polling the agent's log, bounded by the deadline
+		}
+		t.Logf("on a direct path again %s after the move", time.Since(at).Round(100*time.Millisecond))
+	}()
+	digest, log, err := n.dial(t, in)
+	if err != nil || !bytes.Equal(digest, sum(size)) {
+		t.Fatalf("a transfer whose dialer moved: %v, checksum %x, want %x\n%s\nagent:\n%s", err, digest, sum(size), log, agentLog)
+	}
+	if moved() < 2 || !strings.Contains(log.String(), "ICE restarts") {
+		t.Fatalf("the session did not find a direct path again after the dialer moved (ICE restart):\ndialer:\n%s\nagent:\n%s", log, agentLog)
+	}
+}
+
 // Where the route between the NATs carries 1400-byte packets and no more
 // (the link between tpd's host and the dialer's router), the direct path's
 // probe of a full-size QUIC packet never comes through: the small packets
