@@ -250,12 +250,7 @@ func TestDirectPathThroughNATs(t *testing.T) {
 	agentLog := n.expose(t)
 
 	const size = 48 << 20
-	first := newStream(size, 1<<20)
-	resumeOnDirect(first, agentLog)
-	digest, log, err := n.dial(t, first)
-	if err != nil || !bytes.Equal(digest, sum(size)) {
-		t.Fatalf("a transfer through the NATs: %v, checksum %x, want %x\n%s\nagent:\n%s", err, digest, sum(size), log, agentLog)
-	}
+	log := n.transferOnDirect(t, agentLog, size, "through the NATs")
 	if !strings.Contains(log.String(), "moved to a direct path") || !strings.Contains(agentLog.String(), "moved to a direct path") {
 		t.Fatalf("the session did not move to a direct path between the NATs:\ndialer:\n%s\nagent:\n%s", log, agentLog)
 	}
@@ -349,6 +344,20 @@ func (n *natNet) holdOnDirect(t *testing.T, agentLog *testlog.Buffer) (log *test
 	return log, wait
 }
 
+// transferOnDirect sends size bytes through tp --direct in D to the agent's
+// echo, the rest of them once the session moved to a direct path, and fails
+// the test unless every byte came back; what says where. It returns tp's log.
+func (n *natNet) transferOnDirect(t *testing.T, agentLog *testlog.Buffer, size int, what string) *testlog.Buffer {
+	t.Helper()
+	in := newStream(size, 1<<20)
+	resumeOnDirect(in, agentLog)
+	digest, log, err := n.dial(t, in)
+	if err != nil || !bytes.Equal(digest, sum(size)) {
+		t.Fatalf("a transfer %s: %v, checksum %x, want %x\n%s\nagent:\n%s", what, err, digest, sum(size), log, agentLog)
+	}
+	return log
+}
+
 // pairEnd is the agent's log line for the first pair that ended.
 func pairEnd(log *testlog.Buffer) string {
 	for _, l := range strings.Split(log.String(), "\n") {
@@ -415,13 +424,7 @@ func TestDirectPathNarrowRoute(t *testing.T) {
 	sh(t, "ip", "-n", n.T, "link", "set", "t2", "mtu", "1400")
 	sh(t, "ip", "-n", n.R2, "link", "set", "wan", "mtu", "1400")
 	agentLog := n.expose(t)
-	const size = 16 << 20
-	in := newStream(size, 1<<20)
-	resumeOnDirect(in, agentLog)
-	digest, log, err := n.dial(t, in)
-	if err != nil || !bytes.Equal(digest, sum(size)) {
-		t.Fatalf("a transfer over a route of MTU 1400: %v, checksum %x, want %x\n%s\nagent:\n%s", err, digest, sum(size), log, agentLog)
-	}
+	n.transferOnDirect(t, agentLog, 16<<20, "over a route of MTU 1400")
 	if !strings.Contains(agentLog.String(), "moved to a direct path") {
 		t.Fatalf("the session did not move to the direct path (for its small packets):\n%s", agentLog)
 	}
@@ -443,13 +446,7 @@ func TestDirectPathOverIPv6(t *testing.T) {
 	n := newNATNet(t, true)
 	n.addIPv6(t)
 	agentLog := n.expose(t)
-	const size = 16 << 20
-	in := newStream(size, 1<<20)
-	resumeOnDirect(in, agentLog)
-	digest, log, err := n.dial(t, in)
-	if err != nil || !bytes.Equal(digest, sum(size)) {
-		t.Fatalf("a transfer between devices with IPv6: %v, checksum %x, want %x\n%s\nagent:\n%s", err, digest, sum(size), log, agentLog)
-	}
+	log := n.transferOnDirect(t, agentLog, 16<<20, "between devices with IPv6")
 	found := regexp.MustCompile(`direct path found.* remote="[^"]*fd11:1::2`).FindString(log.String())
 	t.Logf("the dialer: %s", found)
 	if found == "" || !strings.Contains(agentLog.String(), "moved to a direct path") {
