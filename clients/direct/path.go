@@ -699,11 +699,11 @@ func (p *Path) readUDP(udp *net.UDPConn, stun func([]byte, netip.AddrPort), gro 
 		for off := 0; off < n; off += seg {
 			pk := buf[off:min(off+seg, n)]
 			switch {
-			case len(pk) > 0 && pk[0]&0xc0 == 0: // STUN, for ICE
+			case isSTUN(pk):
 				stun(pk, from)
-			case len(pk) >= probeLen && pk[0] == probeMarker && [4]byte(pk[1:5]) == probeMagic:
+			case isProbe(pk):
 				p.onProbe(udp, pk, from)
-			case len(pk) <= MaxPacket:
+			case isQUIC(pk):
 				quic++
 			}
 		}
@@ -731,15 +731,24 @@ func (p *Path) readUDP(udp *net.UDPConn, stun func([]byte, netip.AddrPort), gro 
 			continue
 		}
 		for off := 0; off < n; off += seg {
-			pk := buf[off:min(off+seg, n)]
-			if len(pk) == 0 || pk[0]&0xc0 == 0 || len(pk) > MaxPacket ||
-				(len(pk) >= probeLen && pk[0] == probeMarker && [4]byte(pk[1:5]) == probeMagic) {
-				continue
+			if pk := buf[off:min(off+seg, n)]; isQUIC(pk) {
+				bp := pool.Get().(*[]byte)
+				p.deliver(append((*bp)[:0], pk...))
 			}
-			bp := pool.Get().(*[]byte)
-			p.deliver(append((*bp)[:0], pk...))
 		}
 	}
+}
+
+// What a datagram on the direct path is (RFC 7983's first-byte ranges, and
+// TP's probes in a range QUIC does not use).
+func isSTUN(pk []byte) bool { return len(pk) > 0 && pk[0]&0xc0 == 0 }
+
+func isProbe(pk []byte) bool {
+	return len(pk) >= probeLen && pk[0] == probeMarker && [4]byte(pk[1:5]) == probeMagic
+}
+
+func isQUIC(pk []byte) bool {
+	return len(pk) > 0 && len(pk) <= MaxPacket && !isSTUN(pk) && !isProbe(pk)
 }
 
 // probeMTU checks that the direct path carries packets of MaxPacket bytes.

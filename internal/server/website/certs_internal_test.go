@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"runtime"
 	"testing"
 	"time"
 
@@ -22,11 +23,30 @@ func TestStopAndWaitReleasesLocks(t *testing.T) {
 	if err := s.Lock(ctx, "issue_cert_a.example"); err != nil {
 		t.Fatal(err)
 	}
-	go func() { // an operation that ends a moment after the stop began
-		time.Sleep(200 * time.Millisecond)
-		_ = s.Unlock(ctx, "issue_cert_a.example")
-	}()
-	s.stopAndWait(10 * time.Second)
+	stopped := make(chan struct{})
+	go func() { defer close(stopped); s.stopAndWait(10 * time.Second) }()
+	// The operation ends once the stop began, and the stop waits for it.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		s.mu.Lock()
+		stopping := s.stopping
+		s.mu.Unlock()
+		if stopping {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("stopAndWait did not begin within 10 s")
+		}
+		runtime.Gosched()
+	}
+	select {
+	case <-stopped:
+		t.Fatal("stopAndWait returned while a certificate lock was held")
+	default:
+	}
+	if err := s.Unlock(ctx, "issue_cert_a.example"); err != nil {
+		t.Fatal(err)
+	}
+	<-stopped
 	entries, err := os.ReadDir(filepath.Join(dir, "locks"))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatal(err)
