@@ -50,6 +50,11 @@ type IPTunnel struct {
 	TunName string
 	// MTU of the tun device. Default 1280.
 	MTU int
+	// TCPInDatagrams keeps TCP segments in QUIC DATAGRAM frames over HTTP/3,
+	// as every other packet. By default the tunnel asks the server to carry
+	// TCP segments other than pure acknowledgements on the request stream
+	// (wire.StreamTCPHeader; docs/IP.md "TCP on the stream").
+	TCPInDatagrams bool
 	// Logger receives one line per tunnel state change; nil discards.
 	Logger *slog.Logger
 	// CheckAddress is how often the tunnel checks whether the host's address
@@ -170,7 +175,10 @@ type ipSession struct {
 	tryDg     func() ([]byte, bool)                 // the next received datagram without waiting
 	dgPrefix  []byte                                // what sendDg's datagrams start with before the context ID
 	mtu       int
-	capOut    []byte // DATAGRAM capsules gathered for one write (HTTP/2; toServer's)
+	capOut    []byte       // DATAGRAM capsules gathered for one write (HTTP/2, TCP on the stream; toServer's)
+	tcpOnStr  bool         // TCP segments go as capsules on the stream: the server agreed
+	onStream  atomic.Int64 // packets sent as capsules on the stream
+	asDg      atomic.Int64 // packets sent as datagrams
 	addrs     []netip.Prefix
 	over      string // "HTTP/3" or "HTTP/2"
 }
@@ -230,7 +238,8 @@ func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan 
 	if s.dgDropped != nil {
 		// Drops on arrival, counted (docs/IP.md "Throughput"); a router drops
 		// packets too, but a count that grows under load says where.
-		log.Info("IP tunnel connection ended", "over", s.over,
+		log.Info("IP tunnel connection ended", "over", s.over, "tcp_on_stream", s.tcpOnStr,
+			"packets_sent_on_stream", s.onStream.Load(), "packets_sent_as_datagrams", s.asDg.Load(),
 			"datagrams_dropped_quic", s.quicDrops.Dropped(), "datagrams_dropped_queue", s.dgDropped(),
 			"datagrams_unknown_stream", s.dgUnknown(), "packets_dropped_tun_since_start", t.tunDrops.Load())
 	}
@@ -295,6 +304,12 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 		MaxIdleTimeout:    60 * time.Second,
 		InitialPacketSize: 1350,               // a 1280-byte packet fits a datagram at once
 		Tracer:            s.quicDrops.Tracer, // counts what quic-go's queue of 128 drops
+		// The windows of TP's other QUIC connections: the stream carries
+		// the tunnel's TCP segments (TCP on the stream).
+		InitialStreamReceiveWindow:     wire.QUICInitialStreamWindow,
+		MaxStreamReceiveWindow:         wire.QUICMaxStreamWindow,
+		InitialConnectionReceiveWindow: wire.QUICInitialConnWindow,
+		MaxConnectionReceiveWindow:     wire.QUICMaxConnWindow,
 	})
 	if err != nil {
 		closeAll()
@@ -320,8 +335,12 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 		return nil, err
 	}
 	u := &url.URL{Scheme: "https", Host: t.ProxyName, Path: ipPath}
+	hdr := http.Header{"Capsule-Protocol": {"?1"}}
+	if !t.TCPInDatagrams {
+		hdr.Set(wire.StreamTCPHeader, "?1")
+	}
 	if err := str.SendRequestHeader(&http.Request{Method: http.MethodConnect, Proto: wire.ConnectIPProtocol, URL: u,
-		Host: t.ProxyName, Header: http.Header{"Capsule-Protocol": {"?1"}}}); err != nil {
+		Host: t.ProxyName, Header: hdr}); err != nil {
 		return nil, err
 	}
 	resp, err := str.ReadResponse()
@@ -335,6 +354,9 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	}
 	context.AfterFunc(ctx, func() { str.CancelRead(0); str.CancelWrite(0) })
 	s.capsules, s.over = str, "HTTP/3"
+	if !t.TCPInDatagrams && resp.Header.Get(wire.StreamTCPHeader) == "?1" {
+		s.tcpOnStr = true
+	}
 	s.writeCap = func(b []byte) error { _, err := str.Write(b); return err }
 	// The server's packets are read below http3, whose queue of 32 per
 	// stream drops most of a TCP burst (wire.H3Datagrams).
@@ -448,7 +470,7 @@ func (t *IPTunnel) capsules(ctx context.Context, s *ipSession, log *slog.Logger)
 		if w.Len() > 0 && !wire.CapsuleBuffered(r) {
 			_, _ = w.Flush() // before a read that may wait
 		}
-		c, err := wire.ReadIPCapsule(r)
+		c, err := wire.NextIPCapsule(r) // its payload is used before the next read
 		if err != nil {
 			if ctx.Err() != nil {
 				return context.Cause(ctx)
@@ -488,7 +510,7 @@ func (t *IPTunnel) capsules(ctx context.Context, s *ipSession, log *slog.Logger)
 			}
 			if !up {
 				up = true
-				log.Info("IP tunnel up", "dev", s.dev.Name(), "addresses", fmt.Sprint(s.addrs), "routes", fmt.Sprint(routes), "server", t.Server, "over", s.over)
+				log.Info("IP tunnel up", "dev", s.dev.Name(), "addresses", fmt.Sprint(s.addrs), "routes", fmt.Sprint(routes), "server", t.Server, "over", s.over, "tcp_on_stream", s.tcpOnStr)
 			} else {
 				log.Info("IP tunnel routes changed", "routes", fmt.Sprint(routes))
 			}
@@ -570,6 +592,13 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan tunBatch) error
 func (s *ipSession) sendPacket(b []byte, hl int) error {
 	copy(b, s.dgPrefix)
 	b[hl] = 0
+	if s.tcpOnStr && wire.OnStream(b[hl+1:]) {
+		// Sent by toServer with the rest of the batch, in one write.
+		s.capOut = wire.AppendIPCapsule(s.capOut, wire.IPCapsuleDatagram, b[hl:])
+		s.onStream.Add(1)
+		return nil
+	}
+	s.asDg.Add(1)
 	err := s.sendDg(b)
 	var tooLarge *quic.DatagramTooLargeError
 	switch {

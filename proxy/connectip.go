@@ -212,6 +212,12 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 
 	ss.sid = newSessionID()
 	w.Header().Set("Capsule-Protocol", "?1")
+	// TCP on the stream, when an HTTP/3 client asks (docs/IP.md): its
+	// segments then ride the stream's full packets, the rest stays datagrams.
+	tcpOnStream := r.ProtoMajor == 3 && r.Header.Get(wire.StreamTCPHeader) == "?1"
+	if tcpOnStream {
+		w.Header().Set(wire.StreamTCPHeader, "?1")
+	}
 	w.Header().Set("TP-Session", ss.sid)
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
@@ -242,6 +248,9 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 			recvDg = flow.ReceiveDatagram
 			tn.ReceiveQueued(flow.TryReceiveDatagram)
 			tn.SendBelowHTTP3(flow.AppendQuarterStreamID(nil), flow.SendQUIC)
+		}
+		if tcpOnStream {
+			tn.TCPOnStream()
 		}
 		context.AfterFunc(tctx, func() {
 			if abortive(context.Cause(tctx)) { // never a clean end: both directions reset

@@ -16,6 +16,7 @@ import (
 func ipCmd(stderr io.Writer) *cobra.Command {
 	var proxyName, tunName string
 	var mtu int
+	var tcpInDatagrams bool
 	cmd := &cobra.Command{
 		Use:   "ip",
 		Short: "Open an IP tunnel (CONNECT-IP) to the TP server: a tun device with the addresses and routes TP assigns (Linux, needs CAP_NET_ADMIN)",
@@ -39,7 +40,8 @@ func ipCmd(stderr io.Writer) *cobra.Command {
 			log := logger(cfg, stderr)
 			t := &clients.IPTunnel{
 				Server: d.Server, ProxyName: proxyName, TLSConfig: d.TLSConfig, TunName: tunName, MTU: mtu, Logger: log,
-				Explain: c.WhyRejected, Transport: cfg.Transport,
+				TCPInDatagrams: tcpInDatagrams,
+				Explain:        c.WhyRejected, Transport: cfg.Transport,
 			}
 			if !cfg.Quiet {
 				t.OnUp = func(dev string, addrs, routes []netip.Prefix) {
@@ -52,5 +54,6 @@ func ipCmd(stderr io.Writer) *cobra.Command {
 	cmd.Flags().StringVar(&proxyName, "proxy-name", "", "the TP server's proxy name (one of tpd's proxy-names); default: the server's host name")
 	cmd.Flags().StringVar(&tunName, "tun", "tp%d", "name of the tun device (%d: the kernel picks a number)")
 	cmd.Flags().IntVar(&mtu, "mtu", 1280, "MTU of the tun device")
+	cmd.Flags().BoolVar(&tcpInDatagrams, "tcp-in-datagrams", false, "over HTTP/3, send TCP segments as QUIC datagrams too, instead of on the request stream (every packet then crosses quic-go's datagram queues)")
 	return cmd
 }

@@ -111,6 +111,10 @@ type IPStats struct {
 	DroppedMalformed        int64 // not one whole IPv4 or IPv6 packet
 	DroppedTooBig           int64 // larger than the path's datagrams (answered with ICMP)
 	DroppedQueue            int64 // from the peer, finding the tunnel's receive queue full (the tun device does not keep up)
+	// Packets that crossed the request stream in DATAGRAM capsules rather
+	// than QUIC DATAGRAM frames: all of them over HTTP/2, TCP segments over
+	// HTTP/3 when the client asked for TCP on the stream. Up: received.
+	StreamUp, StreamDown int64
 }
 
 type ipCounters struct {
@@ -118,6 +122,7 @@ type ipCounters struct {
 	pktUp, pktDown, bytesUp, bytesDown                   atomic.Int64
 	dropSrc, dropDst, dropIn, dropRate, dropBad, dropBig atomic.Int64
 	dropQueue                                            atomic.Int64
+	streamUp, streamDown                                 atomic.Int64
 }
 
 // Stats returns the counters.
@@ -128,7 +133,7 @@ func (t *IPTunnels) Stats() IPStats {
 		PacketsUp: c.pktUp.Load(), PacketsDown: c.pktDown.Load(), BytesUp: c.bytesUp.Load(), BytesDown: c.bytesDown.Load(),
 		DroppedSource: c.dropSrc.Load(), DroppedDestination: c.dropDst.Load(), DroppedInbound: c.dropIn.Load(),
 		DroppedRate: c.dropRate.Load(), DroppedMalformed: c.dropBad.Load(), DroppedTooBig: c.dropBig.Load(),
-		DroppedQueue: c.dropQueue.Load(),
+		DroppedQueue: c.dropQueue.Load(), StreamUp: c.streamUp.Load(), StreamDown: c.streamDown.Load(),
 	}
 }
 
@@ -177,7 +182,8 @@ type IPTunnel struct {
 	dgStream int64                 // the HTTP/3 request stream whose datagrams sendDg sends
 	tryDg    func() ([]byte, bool) // the next queued datagram without waiting (ReceiveQueued)
 	dgPrefix []byte                // what sendDg's datagrams start with before the context ID (SendBelowHTTP3)
-	capOut   []byte                // DATAGRAM capsules gathered for one write (HTTP/2; fromTun's)
+	capOut   []byte                // DATAGRAM capsules gathered for one write (HTTP/2, TCP on the stream; fromTun's)
+	tcpOnStr bool                  // TCP segments go as capsules on the stream (TCPOnStream)
 
 	up, down rateBucket
 	pkts     [2]atomic.Int64 // up, down
@@ -282,11 +288,18 @@ func (tn *IPTunnel) Attach(writeCap, sendDg func([]byte) error, dgStream int64) 
 		// device, not for each packet: toPeer gathers, fromTun writes.
 		sendDg = func(p []byte) error {
 			tn.capOut = wire.AppendIPCapsule(tn.capOut, wire.IPCapsuleDatagram, p)
+			tn.t.stats.streamDown.Add(1)
 			return nil
 		}
 	}
 	tn.sendDg, tn.dgStream = sendDg, dgStream
 }
+
+// TCPOnStream makes the tunnel send TCP segments, all but pure
+// acknowledgements (wire.OnStream), as DATAGRAM capsules on the request
+// stream, the rest as datagrams: what a client over HTTP/3 asks for with
+// wire.StreamTCPHeader. Call it after Attach, before Run.
+func (tn *IPTunnel) TCPOnStream() { tn.tcpOnStr = true }
 
 // Announce sends the peer its addresses and routes, the tunnel's first
 // capsules: the routes as they are now, after any re-check since Open.
@@ -706,7 +719,7 @@ func (tn *IPTunnel) readCapsules(ctx context.Context, r *bufio.Reader) error {
 		if w.Len() > 0 && !wire.CapsuleBuffered(r) {
 			tn.flushTun(w) // before a read that may wait
 		}
-		c, err := wire.ReadIPCapsule(r)
+		c, err := wire.NextIPCapsule(r) // its payload is used before the next read
 		if err != nil {
 			if ctx.Err() != nil {
 				return context.Cause(ctx)
@@ -718,6 +731,7 @@ func (tn *IPTunnel) readCapsules(ctx context.Context, r *bufio.Reader) error {
 		}
 		switch c.Type {
 		case wire.IPCapsuleDatagram:
+			tn.t.stats.streamUp.Add(1)
 			tn.fromPeer(c.Payload, w)
 		case wire.IPCapsuleAddressRequest:
 			tn.flushTun(w) // the answer may wait on the client: nothing waits behind it
@@ -828,7 +842,13 @@ func (tn *IPTunnel) toPeer(b []byte, hl int) error {
 	}
 	copy(b, tn.dgPrefix)
 	b[hl] = 0 // context ID 0
-	err = tn.sendDg(b)
+	if tn.tcpOnStr && wire.OnStream(pkt) {
+		// Sent by fromTun with the rest of the batch, in one write.
+		tn.capOut = wire.AppendIPCapsule(tn.capOut, wire.IPCapsuleDatagram, b[hl:])
+		c.streamDown.Add(1)
+	} else {
+		err = tn.sendDg(b)
+	}
 	var tooLarge *quic.DatagramTooLargeError
 	switch {
 	case errors.As(err, &tooLarge):

@@ -108,6 +108,38 @@ func ReadIPCapsule(r *bufio.Reader) (IPCapsule, error) {
 	return IPCapsule{Type: t, Payload: p}, nil
 }
 
+// NextIPCapsule reads one capsule as ReadIPCapsule does, but leaves its
+// payload in r's buffer when it fits there: the payload is valid only until
+// the next read from r. A tunnel's readers use it, which copy each packet
+// into their batch for the tun device before they read on: no allocation
+// and no copy per packet.
+func NextIPCapsule(r *bufio.Reader) (IPCapsule, error) {
+	t, err := quicvarint.Read(r)
+	if err != nil {
+		return IPCapsule{}, err
+	}
+	n, err := quicvarint.Read(r)
+	if err != nil {
+		return IPCapsule{}, unexpected(err)
+	}
+	if n > MaxIPCapsule {
+		return IPCapsule{}, fmt.Errorf("capsule of type %#x is %d bytes long, more than the %d this end accepts", t, n, MaxIPCapsule)
+	}
+	if int(n) > r.Size() {
+		p := make([]byte, n)
+		if _, err := io.ReadFull(r, p); err != nil {
+			return IPCapsule{}, unexpected(err)
+		}
+		return IPCapsule{Type: t, Payload: p}, nil
+	}
+	p, err := r.Peek(int(n))
+	if err != nil {
+		return IPCapsule{}, unexpected(err)
+	}
+	_, _ = r.Discard(int(n))
+	return IPCapsule{Type: t, Payload: p}, nil
+}
+
 func unexpected(err error) error {
 	if errors.Is(err, io.EOF) {
 		return io.ErrUnexpectedEOF
@@ -305,11 +337,50 @@ func ParseIPHeader(p []byte) (IPHeader, error) {
 	return IPHeader{}, fmt.Errorf("IP version %d is neither 4 nor 6", p[0]>>4)
 }
 
-// PacketTooBig returns the ICMP error that tells the sender of packet (a whole
-// packet ParseIPHeader accepted) to send packets of at most mtu bytes: ICMPv4
-// "fragmentation needed" or ICMPv6 "packet too big", from the packet's
-// destination to its source, quoting as much of it as fits in 576 bytes (IPv4)
-// or 1280 bytes (IPv6).
+// StreamTCPHeader is the CONNECT-IP request header (a structured-field
+// boolean, "?1") with which a client over HTTP/3 asks the server to send the
+// tunnel's TCP segments, all but pure acknowledgements (OnStream), as DATAGRAM
+// capsules on the request stream (RFC 9297 §3.5) instead of QUIC DATAGRAM
+// frames; a server that does so answers with the same header, and only then
+// does the client do the same. Everything else stays a QUIC datagram.
+// docs/IP.md ("TCP on the stream") says why.
+const StreamTCPHeader = "TP-Stream-TCP"
+
+// TCP flags that make a segment more than a pure acknowledgement.
+const (
+	tcpFIN = 0x01
+	tcpSYN = 0x02
+	tcpRST = 0x04
+)
+
+// OnStream reports whether pkt, a whole packet ParseIPHeader accepted, is a
+// TCP segment that carries data, a SYN, a FIN or a RST: what travels on the
+// request stream once both ends agreed to StreamTCPHeader. Pure
+// acknowledgements, other protocols, IPv4 fragments and IPv6 packets with
+// extension headers are not, nor is anything too short to hold a TCP header.
+func OnStream(pkt []byte) bool {
+	var off int
+	switch {
+	case len(pkt) >= 20 && pkt[0]>>4 == 4:
+		off = int(pkt[0]&0x0f) * 4
+		if pkt[9] != ProtoTCP || binary.BigEndian.Uint16(pkt[6:8])&0x3fff != 0 {
+			return false
+		}
+	case len(pkt) >= 40 && pkt[0]>>4 == 6:
+		off = 40
+		if pkt[6] != ProtoTCP {
+			return false
+		}
+	default:
+		return false
+	}
+	if len(pkt) < off+20 {
+		return false
+	}
+	doff := int(pkt[off+12]>>4) * 4
+	return pkt[off+13]&(tcpFIN|tcpSYN|tcpRST) != 0 || len(pkt) > off+doff
+}
+
 // IPPacketMTU is the largest IP packet that fits one HTTP/3 datagram of the
 // request stream streamID when QUIC DATAGRAM frames can carry at most
 // maxFrame bytes (quic-go's DatagramTooLargeError.MaxDatagramPayloadSize,
@@ -345,6 +416,11 @@ func PacketTooBigFloor(src netip.Addr) int {
 	return 1280
 }
 
+// PacketTooBig returns the ICMP error that tells the sender of packet (a whole
+// packet ParseIPHeader accepted) to send packets of at most mtu bytes: ICMPv4
+// "fragmentation needed" or ICMPv6 "packet too big", from the packet's
+// destination to its source, quoting as much of it as fits in 576 bytes (IPv4)
+// or 1280 bytes (IPv6).
 func PacketTooBig(packet []byte, mtu int) []byte {
 	h, err := ParseIPHeader(packet)
 	if err != nil {

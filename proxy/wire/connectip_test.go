@@ -3,9 +3,13 @@ package wire
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
+	"io"
 	"net/netip"
 	"slices"
 	"testing"
+
+	"github.com/quic-go/quic-go/quicvarint"
 )
 
 func TestIPCapsulesRoundTrip(t *testing.T) {
@@ -115,6 +119,7 @@ func FuzzIPCapsules(f *testing.F) {
 					t.Fatal("ParseIPHeader returned invalid addresses")
 				}
 				_ = PacketTooBig(p, 1280)
+				_ = OnStream(p)
 			}
 		}
 	})
@@ -143,6 +148,98 @@ func TestCapsuleBuffered(t *testing.T) {
 		_, _ = r.Peek(len(tc.data)) // fill the buffer as a read would
 		if got := CapsuleBuffered(r); got != tc.want {
 			t.Errorf("%s: CapsuleBuffered = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+// Which packets ride the request stream when both ends agreed to
+// StreamTCPHeader: TCP segments with data, SYN, FIN or RST; not pure
+// acknowledgements, other protocols, IPv4 fragments, IPv6 packets whose first
+// header is an extension header, or a TCP header cut short.
+func TestOnStream(t *testing.T) {
+	v4 := func(proto byte, frag uint16, l4 []byte) []byte {
+		p := make([]byte, 20, 20+len(l4))
+		p[0], p[9] = 0x45, proto
+		binary.BigEndian.PutUint16(p[2:], uint16(20+len(l4)))
+		binary.BigEndian.PutUint16(p[6:], frag)
+		copy(p[12:], []byte{10, 0, 0, 1, 10, 0, 0, 2})
+		return append(p, l4...)
+	}
+	v6 := func(next byte, l4 []byte) []byte {
+		p := make([]byte, 40, 40+len(l4))
+		p[0], p[6] = 0x60, next
+		binary.BigEndian.PutUint16(p[4:], uint16(len(l4)))
+		p[23], p[39] = 1, 2
+		return append(p, l4...)
+	}
+	tcp := func(flags byte, payload int) []byte {
+		h := make([]byte, 32+payload) // 12 bytes of options
+		h[12], h[13] = 8<<4, flags
+		return h
+	}
+	const ack, psh, syn, fin, rst = 0x10, 0x08, 0x02, 0x01, 0x04
+	for _, c := range []struct {
+		name string
+		pkt  []byte
+		want bool
+	}{
+		{"IPv4 TCP data", v4(ProtoTCP, 0, tcp(ack|psh, 1200)), true},
+		{"IPv4 one byte of data", v4(ProtoTCP, 0, tcp(ack, 1)), true},
+		{"IPv4 pure acknowledgement with options", v4(ProtoTCP, 0, tcp(ack, 0)), false},
+		{"IPv4 SYN", v4(ProtoTCP, 0, tcp(syn, 0)), true},
+		{"IPv4 FIN without data", v4(ProtoTCP, 0, tcp(fin|ack, 0)), true},
+		{"IPv4 RST", v4(ProtoTCP, 0, tcp(rst, 0)), true},
+		{"IPv4 UDP", v4(ProtoUDP, 0, make([]byte, 100)), false},
+		{"IPv4 ICMP", v4(ProtoICMP, 0, make([]byte, 64)), false},
+		{"IPv4 first fragment of TCP", v4(ProtoTCP, 0x2000, tcp(ack, 100)), false},
+		{"IPv4 later fragment of TCP", v4(ProtoTCP, 0x0010, tcp(ack, 100)), false},
+		{"IPv4 TCP header cut short", v4(ProtoTCP, 0, make([]byte, 19)), false},
+		{"IPv6 TCP data", v6(ProtoTCP, tcp(ack, 1000)), true},
+		{"IPv6 pure acknowledgement", v6(ProtoTCP, tcp(ack, 0)), false},
+		{"IPv6 hop-by-hop header before TCP", v6(0, append(make([]byte, 8), tcp(ack, 100)...)), false},
+		{"IPv6 UDP", v6(ProtoUDP, make([]byte, 50)), false},
+	} {
+		if _, err := ParseIPHeader(c.pkt); err != nil {
+			t.Fatalf("%s: the test's packet is malformed: %v", c.name, err)
+		}
+		if got := OnStream(c.pkt); got != c.want {
+			t.Errorf("%s: OnStream = %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
+// NextIPCapsule reads what ReadIPCapsule reads: capsules that fit the
+// reader's buffer (their payload lies in it), one larger than the buffer
+// (copied out), and the bad inputs: a payload cut short, a length cut short,
+// and a capsule longer than MaxIPCapsule.
+func TestNextIPCapsule(t *testing.T) {
+	small := bytes.Repeat([]byte{7}, 1300)
+	big := bytes.Repeat([]byte{9}, 5000)
+	data := AppendIPCapsule(nil, IPCapsuleDatagram, small)
+	data = AppendIPCapsule(data, IPCapsuleRouteAdvertisement, big)
+	data = AppendIPCapsule(data, IPCapsuleDatagram, small[:1])
+	r := bufio.NewReaderSize(bytes.NewReader(data), 4096)
+	for i, want := range [][]byte{small, big, small[:1]} {
+		c, err := NextIPCapsule(r)
+		if err != nil || !bytes.Equal(c.Payload, want) {
+			t.Fatalf("capsule %d: %d bytes, %v; want %d bytes", i, len(c.Payload), err, len(want))
+		}
+	}
+	if _, err := NextIPCapsule(r); err != io.EOF {
+		t.Fatalf("after the last capsule: %v, want io.EOF", err)
+	}
+	whole := AppendIPCapsule(nil, IPCapsuleDatagram, small)
+	for _, tc := range []struct {
+		name string
+		data []byte
+	}{
+		{"a payload cut short", whole[:len(whole)-1]},
+		{"a length cut short", whole[:2]},
+		{"a capsule longer than MaxIPCapsule", quicvarint.Append(quicvarint.Append(nil, IPCapsuleDatagram), MaxIPCapsule+1)},
+	} {
+		_, err := NextIPCapsule(bufio.NewReader(bytes.NewReader(tc.data)))
+		if err == nil || err == io.EOF {
+			t.Errorf("%s: err = %v, want an error other than io.EOF", tc.name, err)
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // ipBenchCounts are the counters a benchmark of BenchmarkIPTunnel reads
@@ -16,12 +17,16 @@ type ipBenchCounts struct {
 	tpdQUICQueue     float64 // tp_udp_datagrams_dropped_total{reason="quic_queue_full"}: quic-go's 128 DATAGRAM frames
 	tpdQUICPackets   float64 // tp_udp_datagrams_dropped_total{reason="quic_packet_queue_full"}: quic-go's 256 packets
 	tpdIPDropped     float64 // tp_ip_packets_dropped_total, every reason
+	// CPU time so far: tpd's, every tp process's (tp ip, tp forward) and
+	// the whole machine's (both ends' kernels, the services, the benchmark).
+	tpdCPU, tpCPU, hostCPU time.Duration
 }
 
 // readIPBenchCounts reads the counters; sender is the namespace whose TCP sends.
-func readIPBenchCounts(b *testing.B, sender, tpdNS string) ipBenchCounts {
+func readIPBenchCounts(b *testing.B, n *ipNet, sender string) ipBenchCounts {
 	b.Helper()
-	var c ipBenchCounts
+	c := ipBenchCounts{tpdCPU: procCPU(b, n.tpd.cmd.Process.Pid), tpCPU: tpCPU(b), hostCPU: hostCPU(b)}
+	tpdNS := n.T
 	out, err := exec.Command("ip", "netns", "exec", sender, "cat", "/proc/net/snmp").Output()
 	if err != nil {
 		b.Fatalf("reading %s's TCP counters: %v", sender, err)
@@ -68,8 +73,14 @@ func readIPBenchCounts(b *testing.B, sender, tpdNS string) ipBenchCounts {
 	return c
 }
 
-// report adds the differences since before as the benchmark's metrics.
-func (c ipBenchCounts) report(b *testing.B, before ipBenchCounts) {
+// report adds the differences since before as the benchmark's metrics; bytes
+// is what the loop moved, for the CPU time per MiB.
+func (c ipBenchCounts) report(b *testing.B, before ipBenchCounts, bytes int64) {
+	if mib := float64(bytes) / (1 << 20); mib > 0 {
+		b.ReportMetric(float64((c.tpdCPU-before.tpdCPU).Milliseconds())/mib, "tpd-cpu-ms/MiB")
+		b.ReportMetric(float64((c.tpCPU-before.tpCPU).Milliseconds())/mib, "tp-cpu-ms/MiB")
+		b.ReportMetric(float64((c.hostCPU-before.hostCPU).Milliseconds())/mib, "host-cpu-ms/MiB")
+	}
 	segs := c.outSegs - before.outSegs
 	if segs > 0 {
 		b.ReportMetric(100*(c.retrans-before.retrans)/segs, "retrans-%")

@@ -71,8 +71,8 @@ func BenchmarkIPTunnel(b *testing.B) {
 	measure := func(b *testing.B, bulkAddr, sinkAddr, echoAddr string) {
 		b.Run("throughput", func(b *testing.B) {
 			b.SetBytes(bulk)
-			before := readIPBenchCounts(b, n.S, n.T)
-			defer func() { readIPBenchCounts(b, n.S, n.T).report(b, before) }()
+			before := readIPBenchCounts(b, n, n.S)
+			defer func() { readIPBenchCounts(b, n, n.S).report(b, before, int64(b.N)*bulk) }()
 			for b.Loop() {
 				c := dialIn(b, n.C, bulkAddr)
 				if k, err := io.Copy(io.Discard, c); err != nil || k != bulk {
@@ -83,8 +83,8 @@ func BenchmarkIPTunnel(b *testing.B) {
 		})
 		b.Run("upload", func(b *testing.B) {
 			b.SetBytes(bulk)
-			before := readIPBenchCounts(b, n.C, n.T)
-			defer func() { readIPBenchCounts(b, n.C, n.T).report(b, before) }()
+			before := readIPBenchCounts(b, n, n.C)
+			defer func() { readIPBenchCounts(b, n, n.C).report(b, before, int64(b.N)*bulk) }()
 			for b.Loop() {
 				c := dialIn(b, n.C, sinkAddr)
 				if _, err := c.Write(data); err != nil {
@@ -115,9 +115,17 @@ func BenchmarkIPTunnel(b *testing.B) {
 	}
 	b.Run("direct", func(b *testing.B) { at(b, "10.201.3.1") })
 
-	for _, transport := range []string{"quic", "tls"} {
-		b.Run("tp-ip-"+transport, func(b *testing.B) {
-			stop := runTPIP(b, n.C, env, transport)
+	// tp-ip-quic carries TCP on the request stream (the default),
+	// tp-ip-quic-datagrams every packet in QUIC DATAGRAM frames.
+	for _, v := range []struct{ name, transport string }{
+		{"quic", "quic"}, {"quic-datagrams", "quic"}, {"tls", "tls"},
+	} {
+		b.Run("tp-ip-"+v.name, func(b *testing.B) {
+			var extra []string
+			if v.name == "quic-datagrams" {
+				extra = []string{"--tcp-in-datagrams"}
+			}
+			stop := runTPIP(b, n.C, env, v.transport, extra...)
 			defer stop()
 			at(b, "10.201.2.2")
 		})
@@ -156,7 +164,7 @@ func serveEach(ln net.Listener, f func(net.Conn)) {
 }
 
 // runTPIP starts `tp ip` for a benchmark and returns the function that stops it.
-func runTPIP(b *testing.B, ns string, env []string, transport string) (stop func()) {
+func runTPIP(b *testing.B, ns string, env []string, transport string, extra ...string) (stop func()) {
 	b.Helper()
 	b.StopTimer()
 	defer b.StartTimer()
@@ -166,11 +174,11 @@ func runTPIP(b *testing.B, ns string, env []string, transport string) (stop func
 	b.Cleanup(func() {
 		for _, line := range strings.Split(log.String(), "\n") {
 			if strings.Contains(line, "datagrams_dropped") {
-				b.Logf("tp ip --transport %s: %s", transport, line)
+				b.Logf("tp ip --transport %s %s: %s", transport, strings.Join(extra, " "), line)
 			}
 		}
 	})
-	log = startTPIP(b, ns, env, "--transport", transport)
+	log = startTPIP(b, ns, env, append([]string{"--transport", transport}, extra...)...)
 	return func() {}
 }
 

@@ -80,11 +80,13 @@ func waitTPIP(t *testing.T, log interface{ String() string }, what string, cond 
 // TCP segments from the service host (1500-byte veth) do not fit. tpd answers
 // them with ICMP "fragmentation needed" carrying the size that fits, the
 // service host's TCP lowers its segments, and a 4 MiB transfer with DF set (as
-// Linux sets it on TCP) completes with the right checksum.
+// Linux sets it on TCP) completes with the right checksum. TCP rides the
+// datagrams here (--tcp-in-datagrams), as UDP always does: on the request
+// stream a packet's size is not bound by the datagram's.
 func TestIPTunnelTPIPPathMTU(t *testing.T) {
 	parallel(t)
 	n, env, _ := startIPE2E(t, "TP_IP_MTU=9000")
-	tpip := startTPIP(t, n.C, env, "--mtu", "9000")
+	tpip := startTPIP(t, n.C, env, "--mtu", "9000", "--tcp-in-datagrams")
 	// First the upload (before S learns a path MTU that would shrink the MSS
 	// it advertises): tp ip answers the client host's own 1500-byte segments
 	// with ICMP towards the local sender, and an upload completes too.

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -297,15 +298,76 @@ func dialIn(t testing.TB, ns, addr string) net.Conn {
 // not grant is dropped and counted; the hook ran with TUN_DEV_NAME and
 // TUN_CLIENT_ID; and when the client host's address changes in the middle of a
 // transfer, the transfer completes with the right checksum.
+//
+// Over HTTP/3 the TCP segments that carry data ride the request stream in
+// DATAGRAM capsules and the rest (pure acknowledgements, ping) QUIC DATAGRAM
+// frames: tpd's counters show both after 16 MiB each way.
 func TestIPTunnelTPIP(t *testing.T) {
 	parallel(t)
 	n, env, hookDir := startIPE2E(t)
 	tpip := startTPIP(t, n.C, env)
-	if !strings.Contains(tpip.String(), "over=HTTP/3") {
-		t.Fatalf("tp ip did not run over HTTP/3:\n%s", tpip.String())
+	if !strings.Contains(tpip.String(), "over=HTTP/3 tcp_on_stream=true") {
+		t.Fatalf("tp ip did not run over HTTP/3 with TCP on the stream:\n%s", tpip.String())
 	}
 	checkIPHook(t, hookDir)
 	testIPTunnelBody(t, n, tpip, true)
+	m := ipPacketCounts(t, n)
+	// 16 MiB in packets of at most 1,240 bytes of TCP data: 13,530 each way.
+	// The receiving kernel acknowledges the segments the tun writes join
+	// (up to 32 packets each): hundreds of pure acknowledgements, and a ping.
+	for _, dir := range []string{"up", "down"} {
+		if m["stream "+dir] < 13530 || m["all "+dir]-m["stream "+dir] < 20 {
+			t.Errorf("%s: %v packets in all, %v of them on the stream; want at least 13,530 TCP segments on the stream and the acknowledgements (hundreds) as datagrams", dir, m["all "+dir], m["stream "+dir])
+		}
+	}
+}
+
+// `tp ip --tcp-in-datagrams` sends every packet as a QUIC DATAGRAM frame,
+// and tpd answers the same way: nothing crosses the stream but the address
+// and route capsules, and transfers each way arrive whole.
+func TestIPTunnelTPIPTCPInDatagrams(t *testing.T) {
+	parallel(t)
+	n, env, _ := startIPE2E(t)
+	tpip := startTPIP(t, n.C, env, "--transport", "quic", "--tcp-in-datagrams")
+	if !strings.Contains(tpip.String(), "over=HTTP/3 tcp_on_stream=false") {
+		t.Fatalf("tp ip --tcp-in-datagrams did not run over HTTP/3 with TCP in datagrams:\n%s", tpip.String())
+	}
+	if _, err := ping(t, n.C, "10.201.2.2"); err != nil {
+		t.Fatalf("ping through the tunnel: %v\ntp ip:\n%s", err, tpip.String())
+	}
+	transferIn(t, n, 4<<20, "the 4 MiB download through the tunnel")
+	transferOut(t, n, 4<<20, "the 4 MiB upload through the tunnel")
+	m := ipPacketCounts(t, n)
+	if m["stream up"] != 0 || m["stream down"] != 0 || m["all up"] < 3000 || m["all down"] < 3000 {
+		t.Fatalf("packets on the stream up %v, down %v (want 0), in all up %v, down %v (want more than 3,000 each)", m["stream up"], m["stream down"], m["all up"], m["all down"])
+	}
+}
+
+// ipPacketCounts reads tpd's packet counters: "all up", "all down" (every
+// packet relayed) and "stream up", "stream down" (those in DATAGRAM capsules
+// on a request stream).
+func ipPacketCounts(t *testing.T, n *ipNet) map[string]float64 {
+	t.Helper()
+	m := map[string]float64{}
+	for _, line := range strings.Split(scrapeIn(t, n.T, "http://127.0.0.1:9464/metrics"), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 2 {
+			continue
+		}
+		v, _ := strconv.ParseFloat(f[1], 64)
+		for _, dir := range []string{"up", "down"} {
+			switch f[0] {
+			case `tp_ip_packets_total{direction="` + dir + `"}`:
+				m["all "+dir] = v
+			case `tp_ip_stream_packets_total{direction="` + dir + `"}`:
+				m["stream "+dir] = v
+			}
+		}
+	}
+	if len(m) != 4 {
+		t.Fatalf("tpd's metrics lack the IP tunnel's packet counters: %v", m)
+	}
+	return m
 }
 
 // The same over TCP: `tp ip --transport tls` runs CONNECT-IP over HTTP/2 with
