@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -10,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testkit/testlog"
 )
 
 // BenchmarkIPTunnel measures, in the namespaces of TestIPTunnelTPIP and in one
@@ -131,6 +134,34 @@ func BenchmarkIPTunnel(b *testing.B) {
 		})
 	}
 
+	// The QUIC paths again with 1% of the UDP packets arriving at C and at
+	// T dropped at random (iptables' statistic match on INPUT: this kernel
+	// has no netem, and a drop on OUTPUT fails the sender's sendmsg, which
+	// ends a QUIC connection): what TCP on the stream costs, and saves,
+	// when packets are lost.
+	b.Run("lossy-1pct", func(b *testing.B) {
+		rule := []string{"INPUT", "-p", "udp", "-m", "statistic", "--mode", "random", "--probability", "0.01", "-j", "DROP"}
+		for _, ns := range []string{n.C, n.T} {
+			sh(b, append([]string{"ip", "netns", "exec", ns, "iptables", "-w", "-A"}, rule...)...)
+			b.Cleanup(func() { sh(b, append([]string{"ip", "netns", "exec", ns, "iptables", "-w", "-D"}, rule...)...) })
+		}
+		for _, v := range []struct{ name, flag string }{{"tp-ip-quic", ""}, {"tp-ip-quic-datagrams", "--tcp-in-datagrams"}} {
+			b.Run(v.name, func(b *testing.B) {
+				var extra []string
+				if v.flag != "" {
+					extra = []string{v.flag}
+				}
+				stop := runTPIP(b, n.C, env, "quic", extra...)
+				defer stop()
+				at(b, "10.201.2.2")
+			})
+		}
+		b.Run("tp-forward", func(b *testing.B) {
+			fwd := func(port string) string { return startForwardIn(b, n.C, env, "quic", "10.201.2.2:"+port) }
+			measure(b, fwd(bulkPort), fwd(sinkPort), fwd(echoPort))
+		})
+	})
+
 	// wireguard-go between C and T (userspace, as tp ip; its default MTU of
 	// 1420): the yardstick the goal names.
 	b.Run("wireguard-go", func(b *testing.B) {
@@ -197,16 +228,23 @@ func startForwardIn(b *testing.B, ns string, env []string, transport, target str
 	}
 	b.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() })
 	addr := make(chan string, 1)
+	log := &testlog.Buffer{}
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		re := regexp.MustCompile(`^Forwarding (\S+) to`)
 		for sc.Scan() {
+			fmt.Fprintln(log, sc.Text())
 			if m := re.FindStringSubmatch(sc.Text()); m != nil {
 				addr <- m[1]
 			}
 		}
 		close(addr)
 	}()
+	b.Cleanup(func() {
+		if b.Failed() {
+			b.Logf("tp forward %s:\n%s", target, log.String())
+		}
+	})
 	select {
 	case a, ok := <-addr:
 		if !ok {
