@@ -238,9 +238,15 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 		defer str.CancelRead(quic.StreamErrorCode(http3.ErrCodeNoError))
 		defer str.Close()
 		capsules = str
-		tn.Attach(func(b []byte) error { _, err := str.Write(b); return err }, str.SendDatagram, int64(str.StreamID()))
+		hc := wire.H3ServerConnFrom(r.Context())
+		var out io.Writer = str
+		if raw := hc.RequestStream(str.StreamID()); raw != nil {
+			// Each write one DATA frame in one stream write (DataWriter).
+			out = &wire.DataWriter{Stream: raw}
+		}
+		tn.Attach(func(b []byte) error { _, err := out.Write(b); return err }, str.SendDatagram, int64(str.StreamID()))
 		recvDg = str.ReceiveDatagram
-		if hc := wire.H3ServerConnFrom(r.Context()); hc != nil {
+		if hc != nil {
 			// The datagrams below http3, on a queue long enough for a burst
 			// (wire.H3ServerConn says why); its drops are counted.
 			flow := hc.Datagrams.FlowFunc(str, wire.IPDatagramQueue, tn.CountQueueDrop)

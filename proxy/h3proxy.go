@@ -140,7 +140,8 @@ func (s *Server) serveH3Proxy(ctx context.Context, conn *quic.Conn, h3 *h3Server
 			}
 			break // the grace: refuse new requests until the connection ends
 		}
-		wg.Go(func() { rc.HandleRequestStream(str) })
+		forget := hc.Track(str)
+		wg.Go(func() { defer forget(); rc.HandleRequestStream(str) })
 	}
 	for {
 		str, err := conn.AcceptStream(ctx)

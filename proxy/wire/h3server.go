@@ -49,6 +49,7 @@ type H3ServerConn struct {
 	dgram     atomic.Bool   // the client's SETTINGS_H3_DATAGRAM
 	control   atomic.Bool
 	once      sync.Once
+	requests  sync.Map // quic.StreamID → *quic.Stream: the requests being served (Track)
 }
 
 // NewH3ServerConn returns the reader of conn's client streams and datagrams;
@@ -64,6 +65,46 @@ func NewH3ServerConn(conn *quic.Conn) *H3ServerConn {
 // H3EarlyDatagrams bounds the datagrams a server connection holds for request
 // streams it has no flow for yet; beyond, they are dropped and counted.
 const H3EarlyDatagrams = 64
+
+// Track remembers str, a request stream being served, until the returned
+// function is called: RequestStream finds it while its handler runs.
+func (c *H3ServerConn) Track(str *quic.Stream) (forget func()) {
+	c.requests.Store(str.StreamID(), str)
+	return func() { c.requests.Delete(str.StreamID()) }
+}
+
+// RequestStream returns the QUIC stream under request stream id, or nil
+// (also when c is nil).
+func (c *H3ServerConn) RequestStream(id quic.StreamID) *quic.Stream {
+	if c == nil {
+		return nil
+	}
+	str, _ := c.requests.Load(id)
+	s, _ := str.(*quic.Stream)
+	return s
+}
+
+// DataWriter writes each of its Writes as one HTTP/3 DATA frame in a single
+// write to the QUIC stream, its header in front of the payload. http3's own
+// Stream.Write writes the frame's header and its payload separately, and
+// quic-go then sends the few bytes of the header in a packet of their own, a
+// short packet that also ends the batch of full-size packets sent with one
+// system call. For a handler that took its stream over (HTTPStreamer) and
+// writes large bursts (an IP tunnel's TCP segments).
+type DataWriter struct {
+	Stream *quic.Stream
+	buf    []byte
+}
+
+// Write sends b as one DATA frame.
+func (w *DataWriter) Write(b []byte) (int, error) {
+	w.buf = quicvarint.Append(append(w.buf[:0], 0x00), uint64(len(b))) // DATA (RFC 9114 §7.2.1)
+	w.buf = append(w.buf, b...)
+	if _, err := w.Stream.Write(w.buf); err != nil {
+		return 0, err
+	}
+	return len(b), nil
+}
 
 // SettingsRead is closed once the client's SETTINGS were read.
 func (c *H3ServerConn) SettingsRead() <-chan struct{} { return c.settings }

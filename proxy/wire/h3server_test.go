@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
 	"testing"
 	"time"
@@ -183,4 +184,81 @@ func FuzzReadH3Settings(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		_, _ = wire.ReadH3Settings(bytes.NewReader(b))
 	})
+}
+
+// DataWriter frames each write as one HTTP/3 DATA frame on a real QUIC
+// stream on loopback, and Track/RequestStream find the stream while it is
+// tracked (and not after, nor on a nil connection): the peer reads the frames
+// back whole, including one larger than a packet and an empty one.
+func TestDataWriter(t *testing.T) {
+	t.Parallel()
+	ca := testpki.New(t)
+	uc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &quic.Transport{Conn: uc}
+	t.Cleanup(func() { _ = tr.Close() })
+	ln, err := tr.Listen(&tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "proxy.localhost")}, NextProtos: []string{http3.NextProtoH3}}, &quic.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	qc, err := quic.DialAddr(ctx, uc.LocalAddr().String(),
+		&tls.Config{RootCAs: ca.Pool, ServerName: "proxy.localhost", NextProtos: []string{http3.NextProtoH3}}, &quic.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer qc.CloseWithError(0, "")
+	sc, err := ln.Accept(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, err := qc.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cs.Write([]byte{0}); err != nil { // the server accepts a stream once bytes arrive
+		t.Fatal(err)
+	}
+	ss, err := sc.AcceptStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := wire.NewH3ServerConn(sc)
+	forget := hc.Track(ss)
+	if hc.RequestStream(ss.StreamID()) != ss {
+		t.Fatal("RequestStream does not find the tracked stream")
+	}
+	forget()
+	if hc.RequestStream(ss.StreamID()) != nil || (*wire.H3ServerConn)(nil).RequestStream(0) != nil {
+		t.Fatal("RequestStream finds a stream no longer tracked, or on a nil connection")
+	}
+	frames := [][]byte{bytes.Repeat([]byte{1}, 70000), {}, []byte("capsules")}
+	w := &wire.DataWriter{Stream: ss}
+	for _, f := range frames {
+		if n, err := w.Write(f); err != nil || n != len(f) {
+			t.Fatalf("Write(%d bytes) = %d, %v", len(f), n, err)
+		}
+	}
+	_ = ss.Close()
+	r := quicvarint.NewReader(cs)
+	for i, want := range frames {
+		typ, err := quicvarint.Read(r)
+		if err != nil || typ != 0 {
+			t.Fatalf("frame %d: type %#x, %v; want DATA (0)", i, typ, err)
+		}
+		n, err := quicvarint.Read(r)
+		if err != nil || n != uint64(len(want)) {
+			t.Fatalf("frame %d: length %d, %v; want %d", i, n, err, len(want))
+		}
+		got := make([]byte, n)
+		if _, err := io.ReadFull(cs, got); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("frame %d: payload differs (%v)", i, err)
+		}
+	}
+	if _, err := cs.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("after the frames: %v, want io.EOF", err)
+	}
 }
