@@ -569,10 +569,24 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan tunBatch) error
 			batch = b
 		}
 		var err error
-		for _, b := range batch.pkts {
-			if err = s.sendPacket(b[tunRoom-1-hl:], hl); err != nil {
+		for {
+			for _, b := range batch.pkts {
+				if err = s.sendPacket(b[tunRoom-1-hl:], hl); err != nil {
+					break
+				}
+			}
+			batch.free <- batch.r
+			// The batches already read join this write, up to maxStreamWrite:
+			// fewer, larger writes on the stream (each costs http3 a DATA
+			// frame, and quic-go a short packet for its header).
+			if err != nil || len(s.capOut) == 0 || len(s.capOut) >= maxStreamWrite {
 				break
 			}
+			next, ok := tryBatch(packets)
+			if !ok {
+				break
+			}
+			batch = next
 		}
 		if len(s.capOut) > 0 && err == nil {
 			if err = s.capsule(s.capOut); err != nil {
@@ -580,10 +594,23 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan tunBatch) error
 			}
 		}
 		s.capOut = s.capOut[:0]
-		batch.free <- batch.r
 		if err != nil {
 			return err
 		}
+	}
+}
+
+// maxStreamWrite bounds the capsules toServer gathers from several batches
+// for one write on the request stream.
+const maxStreamWrite = 256 << 10
+
+// tryBatch takes a batch the tun reader has ready, without waiting.
+func tryBatch(packets <-chan tunBatch) (tunBatch, bool) {
+	select {
+	case b, ok := <-packets:
+		return b, ok
+	default:
+		return tunBatch{}, false
 	}
 }
 
