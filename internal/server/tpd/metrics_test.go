@@ -222,13 +222,21 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 
 	// Settle the re-check that enrollments cause (the user store changed), so
 	// that no re-check decision lands among the counted ones: hold a session
-	// while bob enrolls, and wait until tpd re-checked it.
+	// while bob enrolls, and wait until tpd re-checked live sessions against
+	// the store as bob's enrollment left it. (Waiting for the first "re-checked"
+	// line was not enough: an enrollment saves the store several times, and a
+	// re-check between two saves was followed by another one, which, on a
+	// loaded machine, came while the counted sessions were live.)
 	hold, err := dialerFor(t, alice, clients.TransportTLS).DialContext(context.Background(), "tcp", echo)
 	if err != nil {
 		t.Fatal(err)
 	}
 	bob, _, _ := enrollClient(t, d, r.url, "bob", "phone")
-	waitLog(t, r, "live sessions re-checked")
+	waitFor(t, "tpd re-checked live sessions against the user store after bob's enrollment", func() bool {
+		d.recheckMu.Lock()
+		defer d.recheckMu.Unlock()
+		return d.checked.users == d.users.Generation()
+	})
 	hold.Close()
 	s0 := pollMetric(t, admin, `tp_sessions_total{action="dial",outcome="ok",transport="tls"}`, 1)
 	s0 = pollMetric(t, admin, "tp_sessions_active", 0)
