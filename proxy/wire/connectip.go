@@ -90,22 +90,11 @@ func AppendIPCapsule(b []byte, t uint64, payload []byte) []byte {
 // (its payload is not read); io.EOF means the stream ended between capsules,
 // io.ErrUnexpectedEOF that it ended inside one.
 func ReadIPCapsule(r *bufio.Reader) (IPCapsule, error) {
-	t, err := quicvarint.Read(r)
+	t, n, err := readCapsuleHeader(r)
 	if err != nil {
 		return IPCapsule{}, err
 	}
-	n, err := quicvarint.Read(r)
-	if err != nil {
-		return IPCapsule{}, unexpected(err)
-	}
-	if n > MaxIPCapsule {
-		return IPCapsule{}, fmt.Errorf("capsule of type %#x is %d bytes long, more than the %d this end accepts", t, n, MaxIPCapsule)
-	}
-	p := make([]byte, n)
-	if _, err := io.ReadFull(r, p); err != nil {
-		return IPCapsule{}, unexpected(err)
-	}
-	return IPCapsule{Type: t, Payload: p}, nil
+	return readCapsulePayload(r, t, n)
 }
 
 // NextIPCapsule reads one capsule as ReadIPCapsule does, but leaves its
@@ -114,29 +103,42 @@ func ReadIPCapsule(r *bufio.Reader) (IPCapsule, error) {
 // into their batch for the tun device before they read on: no allocation
 // and no copy per packet.
 func NextIPCapsule(r *bufio.Reader) (IPCapsule, error) {
-	t, err := quicvarint.Read(r)
+	t, n, err := readCapsuleHeader(r)
 	if err != nil {
 		return IPCapsule{}, err
 	}
-	n, err := quicvarint.Read(r)
-	if err != nil {
-		return IPCapsule{}, unexpected(err)
-	}
-	if n > MaxIPCapsule {
-		return IPCapsule{}, fmt.Errorf("capsule of type %#x is %d bytes long, more than the %d this end accepts", t, n, MaxIPCapsule)
-	}
 	if int(n) > r.Size() {
-		p := make([]byte, n)
-		if _, err := io.ReadFull(r, p); err != nil {
-			return IPCapsule{}, unexpected(err)
-		}
-		return IPCapsule{Type: t, Payload: p}, nil
+		return readCapsulePayload(r, t, n)
 	}
 	p, err := r.Peek(int(n))
 	if err != nil {
 		return IPCapsule{}, unexpected(err)
 	}
 	_, _ = r.Discard(int(n))
+	return IPCapsule{Type: t, Payload: p}, nil
+}
+
+// readCapsuleHeader reads a capsule's type and length, and refuses a length
+// beyond MaxIPCapsule.
+func readCapsuleHeader(r *bufio.Reader) (t, n uint64, err error) {
+	if t, err = quicvarint.Read(r); err != nil {
+		return 0, 0, err
+	}
+	if n, err = quicvarint.Read(r); err != nil {
+		return 0, 0, unexpected(err)
+	}
+	if n > MaxIPCapsule {
+		return 0, 0, fmt.Errorf("capsule of type %#x is %d bytes long, more than the %d this end accepts", t, n, MaxIPCapsule)
+	}
+	return t, n, nil
+}
+
+// readCapsulePayload reads a payload of n bytes into a slice of its own.
+func readCapsulePayload(r *bufio.Reader, t, n uint64) (IPCapsule, error) {
+	p := make([]byte, n)
+	if _, err := io.ReadFull(r, p); err != nil {
+		return IPCapsule{}, unexpected(err)
+	}
 	return IPCapsule{Type: t, Payload: p}, nil
 }
 

@@ -37,31 +37,9 @@ func (s fakeStream) ReceiveDatagram(ctx context.Context) ([]byte, error) {
 // is closed.
 func TestH3ServerConnSettingsAndEarlyDatagrams(t *testing.T) {
 	t.Parallel()
-	ca := testpki.New(t)
-	uc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr := &quic.Transport{Conn: uc}
-	t.Cleanup(func() { _ = tr.Close() })
-	ln, err := tr.Listen(&tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "proxy.localhost")}, NextProtos: []string{http3.NextProtoH3}},
-		&quic.Config{EnableDatagrams: true})
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	qc, err := quic.DialAddr(ctx, uc.LocalAddr().String(),
-		&tls.Config{RootCAs: ca.Pool, ServerName: "proxy.localhost", NextProtos: []string{http3.NextProtoH3}},
-		&quic.Config{EnableDatagrams: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer qc.CloseWithError(0, "")
-	sc, err := ln.Accept(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	qc, sc := quicPair(ctx, t, true)
 	hc := wire.NewH3ServerConn(sc)
 	go hc.ServeUniStreams()
 	hc.Datagrams.Start()
@@ -192,29 +170,9 @@ func FuzzReadH3Settings(f *testing.F) {
 // back whole, including one larger than a packet and an empty one.
 func TestDataWriter(t *testing.T) {
 	t.Parallel()
-	ca := testpki.New(t)
-	uc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr := &quic.Transport{Conn: uc}
-	t.Cleanup(func() { _ = tr.Close() })
-	ln, err := tr.Listen(&tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "proxy.localhost")}, NextProtos: []string{http3.NextProtoH3}}, &quic.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	qc, err := quic.DialAddr(ctx, uc.LocalAddr().String(),
-		&tls.Config{RootCAs: ca.Pool, ServerName: "proxy.localhost", NextProtos: []string{http3.NextProtoH3}}, &quic.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer qc.CloseWithError(0, "")
-	sc, err := ln.Accept(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	qc, sc := quicPair(ctx, t, false)
 	cs, err := qc.OpenStreamSync(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -261,4 +219,33 @@ func TestDataWriter(t *testing.T) {
 	if _, err := cs.Read(make([]byte, 1)); err != io.EOF {
 		t.Fatalf("after the frames: %v, want io.EOF", err)
 	}
+}
+
+// quicPair connects a client and a server QUIC connection with ALPN h3 on
+// loopback (datagrams on when dgrams) and closes them at the test's end.
+func quicPair(ctx context.Context, t *testing.T, dgrams bool) (client, server *quic.Conn) {
+	t.Helper()
+	ca := testpki.New(t)
+	uc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &quic.Transport{Conn: uc}
+	t.Cleanup(func() { _ = tr.Close() })
+	ln, err := tr.Listen(&tls.Config{Certificates: []tls.Certificate{ca.ServerCert(t, "proxy.localhost")}, NextProtos: []string{http3.NextProtoH3}},
+		&quic.Config{EnableDatagrams: dgrams})
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err = quic.DialAddr(ctx, uc.LocalAddr().String(),
+		&tls.Config{RootCAs: ca.Pool, ServerName: "proxy.localhost", NextProtos: []string{http3.NextProtoH3}},
+		&quic.Config{EnableDatagrams: dgrams})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.CloseWithError(0, "") })
+	if server, err = ln.Accept(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return client, server
 }
