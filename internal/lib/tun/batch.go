@@ -88,6 +88,28 @@ func (w *Writer) Add(pkt []byte) (full bool, err error) {
 	return len(w.bufs) == WriteBatchSize, nil
 }
 
+// WriteSegment writes seg, a TCP segment from the tunnel's peer, whole:
+// the kernel cuts it into packets of size bytes of payload (the last one
+// may be shorter) and computes their checksums. What the batch holds is
+// written first. A segment CheckSegment refuses is not written, and its
+// error returned; seg's checksum fields are changed in place. The counts
+// are of the packets it makes.
+func (w *Writer) WriteSegment(seg []byte, size int) error {
+	_, _ = w.Flush()
+	n, err := CheckSegment(seg, size)
+	if err != nil {
+		w.counts.Refused++
+		return err
+	}
+	if err := w.dev.writeSegment(seg, size); err != nil {
+		w.counts.Refused += int64(n)
+		return err
+	}
+	w.counts.Packets += int64(n)
+	w.counts.Bytes += int64(len(seg) + (n-1)*SegmentHeaderLen(seg))
+	return nil
+}
+
 // Len is how many packets wait for Flush.
 func (w *Writer) Len() int { return len(w.bufs) }
 
@@ -136,11 +158,15 @@ func (w *Writer) write() (refused, refusedBytes int, err error) {
 	return w.dev.WriteBatch(w.bufs, Headroom)
 }
 
-// Reader reads a device in batches (ReadBatch) into buffers of its own,
-// each with room of the caller's in front of the packet.
+// Reader reads a device in batches into buffers of its own, each with
+// room of the caller's in front of the packet.
 type Reader struct {
 	dev     *Device
 	offset  int
+	raw     []byte // one read: [pad][virtio-net header][packet or segment]
+	pad     int    // so that the room fits in front of the header's end
+	n       int    // the last read's length, from raw[pad:]
+	vh      [vnetHdrLen]byte
 	bufs    [][]byte
 	sizes   []int
 	out     [][]byte
@@ -151,7 +177,9 @@ type Reader struct {
 // come with offset bytes in front for the caller (a datagram's prefix).
 func (d *Device) NewReader(mtu, offset int) *Reader {
 	n := d.batch(mtu)
-	r := &Reader{dev: d, offset: offset, bufs: make([][]byte, n), sizes: make([]int, n), out: make([][]byte, 0, n)}
+	pad := max(0, offset-vnetHdrLen)
+	r := &Reader{dev: d, offset: offset, pad: pad, raw: make([]byte, pad+vnetHdrLen+maxSegmentLength),
+		bufs: make([][]byte, n), sizes: make([]int, n), out: make([][]byte, 0, n)}
 	// Packets are at most the MTU (1500 at least, should someone raise it
 	// a little); a longer one is dropped and counted (Dropped).
 	slot := offset + max(mtu, 1500)
@@ -168,34 +196,83 @@ func (d *Device) NewReader(mtu, offset int) *Reader {
 // packets than the batch holds) is dropped and counted (Dropped); Read
 // fails only when the device does (closed, or removed).
 func (r *Reader) Read() ([][]byte, error) {
+	pkts, _, err := r.next(false)
+	return pkts, err
+}
+
+// ReadSegment is Read, except that a TCP segment that may cross a tunnel
+// whole (CheckSegment) comes as the batch's one element, unsplit, with its
+// segment size (the payload bytes of each packet it makes); size is 0 for a
+// batch of packets. Split cuts such a segment into packets after all, for a
+// peer that takes none.
+func (r *Reader) ReadSegment() (pkts [][]byte, size int, err error) {
+	return r.next(true)
+}
+
+func (r *Reader) next(keep bool) ([][]byte, int, error) {
 	for {
-		n, err := r.read()
-		if err != nil && n == 0 && deviceGone(err) {
-			return nil, err
+		n, err := r.dev.readRaw(r.raw[r.pad:])
+		if err != nil {
+			if deviceGone(err) {
+				return nil, 0, err
+			}
+			r.dropped++
+			continue
 		}
+		if n < vnetHdrLen {
+			r.dropped++
+			continue
+		}
+		r.n = n
+		start := r.pad + vnetHdrLen
+		copy(r.vh[:], r.raw[r.pad:start]) // the caller's room may cover it
+		pkt := r.raw[start : r.pad+n]
+		if keep {
+			if size := keepSegment(r.vh[:], pkt); size > 0 {
+				r.out = append(r.out[:0], r.raw[start-r.offset:r.pad+n])
+				return r.out, size, nil
+			}
+		}
+		k, err := r.split(pkt)
 		if err != nil {
 			r.dropped++
 		}
-		if n == 0 {
+		if k == 0 {
 			continue
 		}
-		r.out = r.out[:0]
-		for i := range n {
-			r.out = append(r.out, r.bufs[i][:r.offset+r.sizes[i]])
-		}
-		return r.out, nil
+		return r.batchOf(k), 0, nil
 	}
 }
 
-// read is ReadBatch that turns a panic in the segment split (a segment
-// whose packets do not fit the buffers) into an error.
-func (r *Reader) read() (n int, err error) {
+// Split cuts the segment the last ReadSegment returned into packets, as
+// Read would have (the caller's room in front of each); the segment's own
+// buffer is unchanged by it.
+func (r *Reader) Split() ([][]byte, error) {
+	k, err := r.split(r.raw[r.pad+vnetHdrLen : r.pad+r.n])
+	if err != nil {
+		r.dropped++
+	}
+	return r.batchOf(k), nil
+}
+
+func (r *Reader) batchOf(k int) [][]byte {
+	r.out = r.out[:0]
+	for i := range k {
+		r.out = append(r.out, r.bufs[i][:r.offset+r.sizes[i]])
+	}
+	return r.out
+}
+
+// split is splitRead of the last read's header and pkt that turns a panic
+// in the segment split (a segment whose packets do not fit the buffers)
+// into an error.
+func (r *Reader) split(pkt []byte) (n int, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			n, err = 0, errSplit
 		}
 	}()
-	return r.dev.ReadBatch(r.bufs, r.sizes, r.offset)
+	return splitRead(r.vh[:], pkt, r.bufs, r.sizes, r.offset)
 }
 
 // Dropped is how many reads were dropped as Read says.

@@ -26,6 +26,13 @@ import (
 //   - Reader splits what the kernel's TCP sends as segments of up to 64 KiB
 //     (TSO) into packets of the MTU: 256 KiB arrive intact, no packet longer
 //     than the MTU, and at least one read returned several packets.
+//   - Segments whole: ReadSegment hands over the kernel's TCP segments
+//     unsplit, each with the MSS as its segment size, whose data is what the
+//     socket wrote; Split cuts one into the packets Read would have given;
+//     a 64 KiB segment written with WriteSegment reaches the socket whole,
+//     and segments CheckSegment refuses (no segment size, more than
+//     MaxSegmentPackets packets, a SYN, an IP length that lies) are not
+//     written.
 //   - Bad input costs nothing: a batch of malformed packets (a header length
 //     beyond the packet, a truncated TCP header, a length field that lies,
 //     random bytes, and two "segments" of one flow whose checksums are wrong)
@@ -123,6 +130,8 @@ func batchesInNamespace(t *testing.T) {
 		t.Fatalf("%d reads did not split into packets", d)
 	}
 
+	segmentsWhole(t, r, w, ln, port, deadline)
+
 	// Bad input: a batch of malformed packets, then the device still works.
 	good := p.packet(tcpACK, []byte("x"), nil)
 	var bad [][]byte
@@ -168,6 +177,130 @@ func batchesInNamespace(t *testing.T) {
 				return
 			}
 		}
+	}
+}
+
+func segmentsWhole(t *testing.T, r *Reader, w *Writer, ln net.Listener, port uint16, deadline time.Time) {
+	p, c := handshake(t, r, w, ln, port, peerPort+2, testMSS, deadline)
+	defer c.Close()
+	down := make([]byte, 1<<20)
+	_, _ = rand.Read(down)
+	go func() { _, _ = c.Write(down) }()
+	start := p.ack
+	recv := make([]byte, len(down))
+	have, segs, split := 0, 0, false
+	for have < len(down) {
+		if time.Now().After(deadline) {
+			t.Fatalf("received %d of %d bytes before the deadline (%d segments)", have, len(down), segs)
+		}
+		batch, size, err := r.ReadSegment()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if size > 0 {
+			if len(batch) != 1 || size > testMSS {
+				t.Fatalf("ReadSegment returned %d elements with a segment size of %d (MSS %d)", len(batch), size, testMSS)
+			}
+			n, err := CheckSegment(batch[0], size)
+			if err != nil || n < 2 {
+				t.Fatalf("a segment ReadSegment kept makes %d packets: %v", n, err)
+			}
+			segs++
+			if !split {
+				// Split gives the packets Read would have: each within the
+				// MTU, its checksum right, their data the segment's.
+				seg := batch[0] // Split reuses the batch, not the segment's buffer
+				_, whole, _ := parseTCP(seg)
+				whole = bytes.Clone(whole)
+				pkts, err := r.Split()
+				if err != nil || len(pkts) != n {
+					t.Fatalf("Split made %d packets of a segment of %d: %v", len(pkts), n, err)
+				}
+				var joined []byte
+				for _, pkt := range pkts {
+					_, data, ok := parseTCP(pkt)
+					if !ok || len(pkt) > testMTU || !tcpChecksumValid(pkt) {
+						t.Fatalf("Split made a packet of %d bytes (MTU %d) that does not parse or whose checksum is wrong", len(pkt), testMTU)
+					}
+					joined = append(joined, data...)
+				}
+				if !bytes.Equal(joined, whole) {
+					t.Fatal("the packets Split made do not carry the segment's data")
+				}
+				split = true
+				batch = [][]byte{seg}
+			}
+		}
+		for _, pkt := range batch {
+			h, data, ok := parseTCP(pkt)
+			if !ok || h.dstPort != p.sport || len(data) == 0 {
+				continue
+			}
+			if off := int(h.seq - start); off == have {
+				have += copy(recv[off:], data)
+			}
+		}
+		p.ack = start + uint32(have)
+		p.send(tcpACK, nil, nil)
+		p.flush()
+	}
+	if !bytes.Equal(recv, down) {
+		t.Fatal("the data read in segments arrived changed")
+	}
+	if segs == 0 {
+		t.Fatal("ReadSegment kept no segment whole: the kernel sent 1 MiB in packets only")
+	}
+	t.Logf("1 MiB from the kernel's TCP in %d segments whole", segs)
+
+	// A segment of 52 packets of 1,240 bytes, written whole.
+	up := make([]byte, 52*testMSS)
+	_, _ = rand.Read(up)
+	seg := p.packet(tcpACK|tcpPSH, up, nil)
+	for i := 36; i < 38; i++ {
+		seg[i] = 0 // the TCP checksum: the kernel computes every packet's
+	}
+	w.TakeCounts() // the acknowledgements so far
+	if err := w.WriteSegment(seg, testMSS); err != nil {
+		t.Fatalf("WriteSegment of a segment of 52 packets: %v", err)
+	}
+	p.seq += uint32(len(up))
+	got := make([]byte, len(up))
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, up) {
+		t.Fatalf("the segment written whole arrived changed or short: %v", err)
+	}
+	if wc := w.TakeCounts(); wc.Packets != 52 || wc.Refused != 0 {
+		t.Fatalf("WriteSegment counted %+v, want 52 packets written", wc)
+	}
+
+	// Segments WriteSegment refuses, and writes nothing of.
+	bad := map[string]func() ([]byte, int){
+		"a segment size of 0": func() ([]byte, int) { return p.packet(tcpACK, up, nil), 0 },
+		"65 packets of 1,000 bytes": func() ([]byte, int) {
+			return p.packet(tcpACK, make([]byte, 65*1000), nil), 1000
+		},
+		"a SYN": func() ([]byte, int) { return p.packet(tcpACK|tcpSYN, up, nil), testMSS },
+		"an IPv4 length that lies": func() ([]byte, int) {
+			b := p.packet(tcpACK, up, nil)
+			binary.BigEndian.PutUint16(b[2:], 1500)
+			return b, testMSS
+		},
+	}
+	for what, mk := range bad {
+		seg, size := mk()
+		if err := w.WriteSegment(seg, size); err == nil {
+			t.Fatalf("WriteSegment took %s", what)
+		}
+	}
+	if wc := w.TakeCounts(); wc.Packets != 0 || wc.Refused != int64(len(bad)) {
+		t.Fatalf("the refused segments counted %+v, want %d refused", wc, len(bad))
+	}
+	// The connection goes on: nothing of the refused segments arrived.
+	more := []byte("after the refused segments")
+	p.send(tcpACK|tcpPSH, more, nil)
+	p.flush()
+	got = make([]byte, len(more))
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, more) {
+		t.Fatalf("after the refused segments the socket read %q: %v", got, err)
 	}
 }
 

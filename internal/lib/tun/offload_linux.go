@@ -17,19 +17,11 @@ import (
 // packets of one TCP flow as one segment.
 
 const (
-	vnetHdrLen       = 10
-	vnetFNeedsCsum   = 1 // VIRTIO_NET_HDR_F_NEEDS_CSUM
-	vnetGSONone      = 0
-	vnetGSOTCPv4     = 1
-	vnetGSOTCPv6     = 4
-	tcpFlagFIN       = 0x01
-	tcpFlagSYN       = 0x02
-	tcpFlagRST       = 0x04
-	tcpFlagPSH       = 0x08
-	tcpFlagACK       = 0x10
-	tcpFlagURG       = 0x20
-	ipProtoTCP       = 6
-	maxSegmentLength = 65535
+	vnetHdrLen     = 10
+	vnetFNeedsCsum = 1 // VIRTIO_NET_HDR_F_NEEDS_CSUM
+	vnetGSONone    = 0
+	vnetGSOTCPv4   = 1
+	vnetGSOTCPv6   = 4
 )
 
 type vnetHdr struct {
@@ -61,9 +53,14 @@ func split(in []byte, bufs [][]byte, sizes []int, offset int) (int, error) {
 	if len(in) < vnetHdrLen {
 		return 0, fmt.Errorf("a read of %d bytes, shorter than its virtio-net header", len(in))
 	}
+	return splitRead(in[:vnetHdrLen], in[vnetHdrLen:], bufs, sizes, offset)
+}
+
+// splitRead is split with the read's virtio-net header vh apart from its
+// packet or segment pkt.
+func splitRead(vh, pkt []byte, bufs [][]byte, sizes []int, offset int) (int, error) {
 	var h vnetHdr
-	h.decode(in)
-	pkt := in[vnetHdrLen:]
+	h.decode(vh)
 	switch h.gsoType {
 	case vnetGSONone:
 		if h.flags&vnetFNeedsCsum != 0 {
@@ -86,6 +83,47 @@ func split(in []byte, bufs [][]byte, sizes []int, offset int) (int, error) {
 	default:
 		return 0, fmt.Errorf("a segment of GSO type %d, which this device did not offer to take", h.gsoType)
 	}
+}
+
+// keepSegment reports the segment size of pkt, which a read returned behind
+// the virtio-net header vh, when it is a TCP segment that may cross a
+// tunnel whole (CheckSegment); 0 when it is to be split.
+func keepSegment(vh, pkt []byte) int {
+	var h vnetHdr
+	h.decode(vh)
+	if h.gsoType != vnetGSOTCPv4 && h.gsoType != vnetGSOTCPv6 || h.flags&vnetFNeedsCsum == 0 {
+		return 0
+	}
+	iphl := 20
+	if h.gsoType == vnetGSOTCPv6 {
+		iphl = 40
+	}
+	if int(h.csumStart) != iphl || h.csumOffset != 16 {
+		return 0 // IPv4 options or IPv6 extension headers: split
+	}
+	if _, err := CheckSegment(pkt, int(h.gsoSize)); err != nil {
+		return 0
+	}
+	return int(h.gsoSize)
+}
+
+// segmentHeader prepares seg, a segment CheckSegment accepted, for the
+// kernel to cut into packets of size bytes of payload: its IPv4 header's
+// checksum, the pseudo-header's sum in its TCP checksum (CHECKSUM_PARTIAL),
+// and the virtio-net header that asks for the cut, written to vh.
+func segmentHeader(vh, seg []byte, size int) {
+	v6 := seg[0]>>4 == 6
+	iphl, gso := 20, uint8(vnetGSOTCPv4)
+	if v6 {
+		iphl, gso = 40, vnetGSOTCPv6
+	} else {
+		binary.BigEndian.PutUint16(seg[10:], 0)
+		binary.BigEndian.PutUint16(seg[10:], ^fold(sum(seg[:20], 0)))
+	}
+	tcp := seg[iphl:]
+	binary.BigEndian.PutUint16(tcp[16:], fold(pseudo(seg, v6, len(tcp))))
+	(&vnetHdr{flags: vnetFNeedsCsum, gsoType: gso, hdrLen: uint16(SegmentHeaderLen(seg)), gsoSize: uint16(size),
+		csumStart: uint16(iphl), csumOffset: 16}).encode(vh)
 }
 
 // splitTCP cuts a TCP segment into packets of h.gsoSize bytes of payload,

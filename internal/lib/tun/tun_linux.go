@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -24,6 +25,8 @@ type Device struct {
 	f    *os.File
 	name string
 	segs int // the most packets the kernel puts in one segment (Up); 0: not set
+
+	raw syscall.RawConn // f's, for writeSegment's writev
 
 	rmu  sync.Mutex
 	rbuf []byte // one read: the virtio-net header and up to 64 KiB
@@ -57,6 +60,39 @@ func (d *Device) ReadBatch(bufs [][]byte, sizes []int, offset int) (int, error) 
 		return 0, err
 	}
 	return split(d.rbuf[:n], bufs, sizes, offset)
+}
+
+// readRaw reads what the kernel routes into the device, the virtio-net
+// header first, into b (room for the header and 64 KiB).
+func (d *Device) readRaw(b []byte) (int, error) {
+	n, err := d.f.Read(b)
+	if err != nil && errors.Is(err, unix.EBADFD) {
+		err = os.ErrClosed
+	}
+	return n, err
+}
+
+// writeSegment writes seg, a segment CheckSegment accepted, for the kernel
+// to cut into packets of size bytes of payload: one writev of the
+// virtio-net header and the segment, which it changes in place (its
+// checksum fields, segmentHeader).
+func (d *Device) writeSegment(seg []byte, size int) error {
+	var vh [vnetHdrLen]byte
+	segmentHeader(vh[:], seg, size)
+	d.wmu.Lock()
+	defer d.wmu.Unlock()
+	var werr error
+	err := d.raw.Write(func(fd uintptr) bool {
+		_, werr = unix.Writev(int(fd), [][]byte{vh[:], seg})
+		return werr != unix.EAGAIN
+	})
+	if err == nil {
+		err = werr
+	}
+	if errors.Is(err, unix.EBADFD) {
+		err = os.ErrClosed
+	}
+	return err
 }
 
 // WriteBatch writes the packets bufs[i][offset:] (offset at least
@@ -179,7 +215,13 @@ func Open(name string) (*Device, error) {
 		return nil, err
 	}
 	got := ifr.Name()
-	return &Device{f: os.NewFile(uintptr(fd), "/dev/net/tun:"+got), name: got}, nil
+	f := os.NewFile(uintptr(fd), "/dev/net/tun:"+got)
+	raw, err := f.SyscallConn()
+	if err != nil {
+		_ = f.Close()
+		return nil, err
+	}
+	return &Device{f: f, raw: raw, name: got}, nil
 }
 
 func permission(err error) error {

@@ -21,8 +21,21 @@ func (d *Device) ReadBatch(bufs [][]byte, sizes []int, offset int) (int, error) 
 func (d *Device) WriteBatch(bufs [][]byte, offset int) (int, int, error) {
 	return len(bufs), 0, errUnsupported
 }
-func (d *Device) Write(p []byte) (int, error) { return 0, errUnsupported }
-func (d *Device) Close() error                { return nil }
+func (d *Device) Write(p []byte) (int, error)    { return 0, errUnsupported }
+func (d *Device) readRaw([]byte) (int, error)    { return 0, errUnsupported }
+func (d *Device) writeSegment([]byte, int) error { return errUnsupported }
+
+func split(in []byte, bufs [][]byte, sizes []int, offset int) (int, error) {
+	return 0, errUnsupported
+}
+func splitRead(vh, pkt []byte, bufs [][]byte, sizes []int, offset int) (int, error) {
+	return 0, errUnsupported
+}
+func keepSegment(vh, pkt []byte) int { return 0 }
+
+const vnetHdrLen = 10
+
+func (d *Device) Close() error { return nil }
 
 // Up fails: tun devices are supported on Linux only.
 func (d *Device) Up(context.Context, int) error { return errUnsupported }
