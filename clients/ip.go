@@ -55,6 +55,11 @@ type IPTunnel struct {
 	// TCP segments other than pure acknowledgements on the request stream
 	// (wire.StreamTCPHeader; docs/IP.md "TCP on the stream").
 	TCPInDatagrams bool
+	// NoSegments carries TCP segments cut into packets of the MTU, as RFC
+	// 9484 does. By default the tunnel asks the server to carry them whole,
+	// up to 64 KiB each, where they ride the stream (wire.TCPSegmentsHeader;
+	// docs/IP.md "Segments whole").
+	NoSegments bool
 	// Logger receives one line per tunnel state change; nil discards.
 	Logger *slog.Logger
 	// CheckAddress is how often the tunnel checks whether the host's address
@@ -99,8 +104,8 @@ func (t *IPTunnel) Run(ctx context.Context) error {
 		return fmt.Errorf("bringing up %s: %w", dev.Name(), err)
 	}
 	// One reader of the tun device for its whole life, whichever connection
-	// carries the packets. It reads in batches (a segment of up to 64 KiB
-	// split into packets) into one of a few sets of buffers, which the
+	// carries the packets. It reads in batches (a segment of up to 64 KiB,
+	// whole, or split into packets) into one of a few sets of buffers, which the
 	// connection hands back once sent; while none is free (no connection is
 	// up, or it does not keep up) the reader waits and the kernel's queue of
 	// the tun device holds or drops packets, as on a link that is down.
@@ -121,13 +126,13 @@ func (t *IPTunnel) Run(ctx context.Context) error {
 				return
 			}
 			before := r.Dropped()
-			pkts, err := r.Read()
+			pkts, size, err := r.ReadSegment()
 			t.tunDrops.Add(r.Dropped() - before)
 			if err != nil {
 				return
 			}
 			select {
-			case packets <- tunBatch{r: r, pkts: pkts, free: free}:
+			case packets <- tunBatch{r: r, pkts: pkts, size: size, free: free}:
 			case <-readerDone:
 				return
 			}
@@ -177,6 +182,8 @@ type ipSession struct {
 	mtu       int
 	capOut    []byte       // DATAGRAM capsules gathered for one write (HTTP/2, TCP on the stream; toServer's)
 	tcpOnStr  bool         // TCP segments go as capsules on the stream: the server agreed
+	segments  bool         // TCP segments cross whole: the server agreed
+	segsSent  atomic.Int64 // segments sent whole
 	onStream  atomic.Int64 // packets sent as capsules on the stream
 	asDg      atomic.Int64 // packets sent as datagrams
 	addrs     []netip.Prefix
@@ -239,7 +246,7 @@ func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan 
 		// Drops on arrival, counted (docs/IP.md "Throughput"); a router drops
 		// packets too, but a count that grows under load says where.
 		log.Info("IP tunnel connection ended", "over", s.over, "tcp_on_stream", s.tcpOnStr,
-			"packets_sent_on_stream", s.onStream.Load(), "packets_sent_as_datagrams", s.asDg.Load(),
+			"packets_sent_on_stream", s.onStream.Load(), "segments_sent", s.segsSent.Load(), "packets_sent_as_datagrams", s.asDg.Load(),
 			"datagrams_dropped_quic", s.quicDrops.Dropped(), "datagrams_dropped_queue", s.dgDropped(),
 			"datagrams_unknown_stream", s.dgUnknown(), "packets_dropped_tun_since_start", t.tunDrops.Load())
 	}
@@ -338,6 +345,9 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	hdr := http.Header{"Capsule-Protocol": {"?1"}}
 	if !t.TCPInDatagrams {
 		hdr.Set(wire.StreamTCPHeader, "?1")
+		if !t.NoSegments {
+			hdr.Set(wire.TCPSegmentsHeader, "?1")
+		}
 	}
 	if err := str.SendRequestHeader(&http.Request{Method: http.MethodConnect, Proto: wire.ConnectIPProtocol, URL: u,
 		Host: t.ProxyName, Header: hdr}); err != nil {
@@ -356,6 +366,7 @@ func (t *IPTunnel) connectH3(ctx context.Context, s *ipSession) (follow func(con
 	s.capsules, s.over = str, "HTTP/3"
 	if !t.TCPInDatagrams && resp.Header.Get(wire.StreamTCPHeader) == "?1" {
 		s.tcpOnStr = true
+		s.segments = !t.NoSegments && resp.Header.Get(wire.TCPSegmentsHeader) == "?1"
 	}
 	s.writeCap = func(b []byte) error { _, err := str.Write(b); return err }
 	// The server's packets are read below http3, whose queue of 32 per
@@ -411,8 +422,11 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 	pr, pw := io.Pipe()
 	context.AfterFunc(ctx, func() { _ = pw.CloseWithError(context.Cause(ctx)) })
 	u := &url.URL{Scheme: "https", Host: t.ProxyName, Path: ipPath}
-	req := (&http.Request{Method: http.MethodConnect, URL: u, Host: t.ProxyName, Body: pr,
-		Header: http.Header{"Capsule-Protocol": {"?1"}, ":protocol": {wire.ConnectIPProtocol}}}).WithContext(ctx)
+	hdr := http.Header{"Capsule-Protocol": {"?1"}, ":protocol": {wire.ConnectIPProtocol}}
+	if !t.NoSegments {
+		hdr.Set(wire.TCPSegmentsHeader, "?1")
+	}
+	req := (&http.Request{Method: http.MethodConnect, URL: u, Host: t.ProxyName, Body: pr, Header: hdr}).WithContext(ctx)
 	resp, err := cc.RoundTrip(req)
 	if err != nil {
 		if a := ac.alert(); a != nil {
@@ -426,6 +440,7 @@ func (t *IPTunnel) connectH2(ctx context.Context, s *ipSession) error {
 		return refusal(resp)
 	}
 	s.capsules, s.over = resp.Body, "HTTP/2"
+	s.segments = !t.NoSegments && resp.Header.Get(wire.TCPSegmentsHeader) == "?1"
 	s.writeCap = func(b []byte) error { _, err := pw.Write(b); return err }
 	// One write (a TLS record) for each batch from the tun device, not for
 	// each packet: sendPacket gathers, toServer writes.
@@ -462,7 +477,8 @@ func newIPTransport() (*quic.Transport, error) {
 
 // capsules reads the server's capsules and installs what they assign.
 func (t *IPTunnel) capsules(ctx context.Context, s *ipSession, log *slog.Logger) error {
-	r := bufio.NewReaderSize(s.capsules, 64<<10)
+	// Room for the longest capsule (a whole segment's) and what follows it.
+	r := bufio.NewReaderSize(s.capsules, 128<<10)
 	w := s.dev.NewWriter(s.mtu)
 	var routes []netip.Prefix
 	up := false
@@ -480,6 +496,13 @@ func (t *IPTunnel) capsules(ctx context.Context, s *ipSession, log *slog.Logger)
 		switch c.Type {
 		case wire.IPCapsuleDatagram:
 			s.deliver(c.Payload, w)
+		case wire.IPCapsuleTCPSegment:
+			if !s.segments {
+				break // not agreed: a capsule type this end does not know, skipped
+			}
+			if seg, size, ok := wire.ParseIPSegment(c.Payload); ok {
+				_ = w.WriteSegment(seg, size) // one the kernel refuses is dropped, as a packet is
+			}
 		case wire.IPCapsuleAddressAssign:
 			as, err := wire.ParseAddresses(c.Payload)
 			if err != nil {
@@ -510,7 +533,7 @@ func (t *IPTunnel) capsules(ctx context.Context, s *ipSession, log *slog.Logger)
 			}
 			if !up {
 				up = true
-				log.Info("IP tunnel up", "dev", s.dev.Name(), "addresses", fmt.Sprint(s.addrs), "routes", fmt.Sprint(routes), "server", t.Server, "over", s.over, "tcp_on_stream", s.tcpOnStr)
+				log.Info("IP tunnel up", "dev", s.dev.Name(), "addresses", fmt.Sprint(s.addrs), "routes", fmt.Sprint(routes), "server", t.Server, "over", s.over, "tcp_on_stream", s.tcpOnStr, "tcp_segments", s.segments)
 			} else {
 				log.Info("IP tunnel routes changed", "routes", fmt.Sprint(routes))
 			}
@@ -546,10 +569,12 @@ const (
 )
 
 // tunBatch is one read of the tun device: its packets, each behind tunRoom
-// bytes, in r's buffers, which go back to free once sent.
+// bytes, in r's buffers, which go back to free once sent; or, when size is
+// not 0, one TCP segment whole whose packets carry size bytes of data each.
 type tunBatch struct {
 	r    *tun.Reader
 	pkts [][]byte
+	size int
 	free chan<- *tun.Reader
 }
 
@@ -570,7 +595,16 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan tunBatch) error
 		}
 		var err error
 		for {
-			for _, b := range batch.pkts {
+			pkts := batch.pkts
+			if batch.size > 0 {
+				if s.segments {
+					s.sendSegment(pkts[0][tunRoom:], batch.size)
+					pkts = nil
+				} else {
+					pkts, _ = batch.r.Split() // a server that takes packets only
+				}
+			}
+			for _, b := range pkts {
 				if err = s.sendPacket(b[tunRoom-1-hl:], hl); err != nil {
 					break
 				}
@@ -612,6 +646,14 @@ func tryBatch(packets <-chan tunBatch) (tunBatch, bool) {
 	default:
 		return tunBatch{}, false
 	}
+}
+
+// sendSegment adds a TCP segment, whole, to the capsules toServer writes.
+func (s *ipSession) sendSegment(seg []byte, size int) {
+	s.capOut = wire.AppendIPSegment(s.capOut, seg, size)
+	n, _ := tun.CheckSegment(seg, size) // ReadSegment kept it: it passes
+	s.onStream.Add(int64(n))
+	s.segsSent.Add(1)
 }
 
 // sendPacket sends b, hl bytes of room for the flow's prefix, the context

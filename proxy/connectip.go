@@ -218,6 +218,12 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 	if tcpOnStream {
 		w.Header().Set(wire.StreamTCPHeader, "?1")
 	}
+	// TCP segments whole, when the client asks, on a stream that carries
+	// them: HTTP/2's, or HTTP/3's with TCP on the stream.
+	segments := (tcpOnStream || r.ProtoMajor == 2) && r.Header.Get(wire.TCPSegmentsHeader) == "?1"
+	if segments {
+		w.Header().Set(wire.TCPSegmentsHeader, "?1")
+	}
 	w.Header().Set("TP-Session", ss.sid)
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
@@ -258,6 +264,9 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 		if tcpOnStream {
 			tn.TCPOnStream()
 		}
+		if segments {
+			tn.TCPSegments()
+		}
 		context.AfterFunc(tctx, func() {
 			if abortive(context.Cause(tctx)) { // never a clean end: both directions reset
 				str.CancelRead(h3ConnectError)
@@ -279,6 +288,9 @@ func (s *Server) serveConnectIP(w http.ResponseWriter, r *http.Request) {
 			}
 			return rc.Flush()
 		}, nil, 0)
+		if segments {
+			tn.TCPSegments()
+		}
 		context.AfterFunc(tctx, func() { _ = r.Body.Close() })
 	}
 

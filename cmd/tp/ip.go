@@ -16,7 +16,7 @@ import (
 func ipCmd(stderr io.Writer) *cobra.Command {
 	var proxyName, tunName string
 	var mtu int
-	var tcpInDatagrams bool
+	var tcpInDatagrams, noSegments bool
 	cmd := &cobra.Command{
 		Use:   "ip",
 		Short: "Open an IP tunnel (CONNECT-IP) to the TP server: a tun device with the addresses and routes TP assigns (Linux, needs CAP_NET_ADMIN)",
@@ -40,8 +40,8 @@ func ipCmd(stderr io.Writer) *cobra.Command {
 			log := logger(cfg, stderr)
 			t := &clients.IPTunnel{
 				Server: d.Server, ProxyName: proxyName, TLSConfig: d.TLSConfig, TunName: tunName, MTU: mtu, Logger: log,
-				TCPInDatagrams: tcpInDatagrams,
-				Explain:        c.WhyRejected, Transport: cfg.Transport,
+				TCPInDatagrams: tcpInDatagrams, NoSegments: noSegments,
+				Explain: c.WhyRejected, Transport: cfg.Transport,
 			}
 			if !cfg.Quiet {
 				t.OnUp = func(dev string, addrs, routes []netip.Prefix) {
@@ -55,5 +55,6 @@ func ipCmd(stderr io.Writer) *cobra.Command {
 	cmd.Flags().StringVar(&tunName, "tun", "tp%d", "name of the tun device (%d: the kernel picks a number)")
 	cmd.Flags().IntVar(&mtu, "mtu", 1280, "MTU of the tun device")
 	cmd.Flags().BoolVar(&tcpInDatagrams, "tcp-in-datagrams", false, "over HTTP/3, send TCP segments as QUIC datagrams too, instead of on the request stream (every packet then crosses quic-go's datagram queues)")
+	cmd.Flags().BoolVar(&noSegments, "no-segments", false, "cut TCP segments into packets of the MTU before sending them, as RFC 9484 does, instead of carrying each (up to 64 KiB) whole")
 	return cmd
 }

@@ -114,7 +114,11 @@ type IPStats struct {
 	// Packets that crossed the request stream in DATAGRAM capsules rather
 	// than QUIC DATAGRAM frames: all of them over HTTP/2, TCP segments over
 	// HTTP/3 when the client asked for TCP on the stream. Up: received.
+	// A segment carried whole counts as the packets it makes.
 	StreamUp, StreamDown int64
+	// TCP segments carried whole (TCP_SEGMENT capsules), when the client
+	// asked for them (wire.TCPSegmentsHeader).
+	SegmentsUp, SegmentsDown int64
 }
 
 type ipCounters struct {
@@ -123,6 +127,7 @@ type ipCounters struct {
 	dropSrc, dropDst, dropIn, dropRate, dropBad, dropBig atomic.Int64
 	dropQueue                                            atomic.Int64
 	streamUp, streamDown                                 atomic.Int64
+	segUp, segDown                                       atomic.Int64
 }
 
 // Stats returns the counters.
@@ -134,6 +139,7 @@ func (t *IPTunnels) Stats() IPStats {
 		DroppedSource: c.dropSrc.Load(), DroppedDestination: c.dropDst.Load(), DroppedInbound: c.dropIn.Load(),
 		DroppedRate: c.dropRate.Load(), DroppedMalformed: c.dropBad.Load(), DroppedTooBig: c.dropBig.Load(),
 		DroppedQueue: c.dropQueue.Load(), StreamUp: c.streamUp.Load(), StreamDown: c.streamDown.Load(),
+		SegmentsUp: c.segUp.Load(), SegmentsDown: c.segDown.Load(),
 	}
 }
 
@@ -184,6 +190,7 @@ type IPTunnel struct {
 	dgPrefix []byte                // what sendDg's datagrams start with before the context ID (SendBelowHTTP3)
 	capOut   []byte                // DATAGRAM capsules gathered for one write (HTTP/2, TCP on the stream; fromTun's)
 	tcpOnStr bool                  // TCP segments go as capsules on the stream (TCPOnStream)
+	segments bool                  // TCP segments cross whole (TCPSegments)
 
 	up, down rateBucket
 	pkts     [2]atomic.Int64 // up, down
@@ -202,6 +209,12 @@ type rateBucket struct {
 // allow takes one packet of n bytes at now, or reports that the bucket holds
 // less than that.
 func (b *rateBucket) allow(now time.Time, n int, pps int, bps int64) bool {
+	return b.allowN(now, 1, n, pps, bps)
+}
+
+// allowN takes pkts packets of n bytes in all (a segment's) at now, or
+// reports that the bucket holds less than that.
+func (b *rateBucket) allowN(now time.Time, pkts, n int, pps int, bps int64) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.last.IsZero() {
@@ -212,10 +225,10 @@ func (b *rateBucket) allow(now time.Time, n int, pps int, bps int64) bool {
 		b.bytes = min(float64(bps), b.bytes+dt*float64(bps))
 	}
 	b.last = now
-	if b.pkts < 1 || b.bytes < float64(n) {
+	if b.pkts < float64(pkts) || b.bytes < float64(n) {
 		return false
 	}
-	b.pkts--
+	b.pkts -= float64(pkts)
 	b.bytes -= float64(n)
 	return true
 }
@@ -301,6 +314,12 @@ func (tn *IPTunnel) Attach(writeCap, sendDg func([]byte) error, dgStream int64) 
 // wire.StreamTCPHeader. Call it after Attach, before Run.
 func (tn *IPTunnel) TCPOnStream() { tn.tcpOnStr = true }
 
+// TCPSegments makes the tunnel take and send TCP segments whole
+// (TCP_SEGMENT capsules on the request stream): what a client asks for with
+// wire.TCPSegmentsHeader, over HTTP/2, or over HTTP/3 with TCP on the
+// stream. Call it after Attach (and TCPOnStream), before Run.
+func (tn *IPTunnel) TCPSegments() { tn.segments = true }
+
 // Announce sends the peer its addresses and routes, the tunnel's first
 // capsules: the routes as they are now, after any re-check since Open.
 func (tn *IPTunnel) Announce() error {
@@ -319,7 +338,11 @@ func (tn *IPTunnel) Announce() error {
 func (tn *IPTunnel) Run(ctx context.Context, capsules io.Reader, recvDg func(context.Context) ([]byte, error)) error {
 	done := make(chan error, 3)
 	go func() { done <- tn.fromTun(ctx) }()
-	go func() { done <- tn.readCapsules(ctx, bufio.NewReaderSize(capsules, 64<<10)) }()
+	size := 64 << 10
+	if tn.segments {
+		size = segmentReadBuffer // a segment's capsule is read in place too
+	}
+	go func() { done <- tn.readCapsules(ctx, bufio.NewReaderSize(capsules, size)) }()
 	if recvDg != nil {
 		go func() { done <- tn.readDatagrams(ctx, recvDg) }()
 	}
@@ -330,6 +353,11 @@ func (tn *IPTunnel) Run(ctx context.Context, capsules io.Reader, recvDg func(con
 		return context.Cause(ctx)
 	}
 }
+
+// segmentReadBuffer is the capsule reader's buffer where TCP segments
+// cross whole: room for the longest capsule (wire.MaxIPCapsule) and what
+// follows it.
+const segmentReadBuffer = 128 << 10
 
 // CloseDevice closes the tun device, which unblocks Run's reader of it.
 func (tn *IPTunnel) CloseDevice() { _ = tn.dev.Close() }
@@ -592,6 +620,43 @@ func (tn *IPTunnel) fromPeer(p []byte, w *tun.Writer) {
 	}
 }
 
+// segmentFromPeer handles a TCP_SEGMENT capsule's payload from the peer:
+// checked as a packet is (its headers are every packet's), counted as the
+// packets it makes, and written whole for the kernel to cut.
+func (tn *IPTunnel) segmentFromPeer(p []byte, w *tun.Writer) {
+	c := &tn.t.stats
+	seg, size, ok := wire.ParseIPSegment(p)
+	if !ok {
+		return // another context ID: dropped, as a datagram's
+	}
+	n, err := tun.CheckSegment(seg, size)
+	if err != nil {
+		c.dropBad.Add(1)
+		tn.drops.Add(1)
+		return
+	}
+	h, err := wire.ParseIPHeader(seg)
+	if err != nil {
+		c.dropBad.Add(int64(n))
+		tn.drops.Add(int64(n))
+		return
+	}
+	if drop := tn.allowedOut(h); drop != nil {
+		drop.Add(int64(n))
+		tn.drops.Add(int64(n))
+		return
+	}
+	if !tn.up.allowN(time.Now(), n, len(seg), tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
+		c.dropRate.Add(int64(n))
+		tn.drops.Add(int64(n))
+		return
+	}
+	c.streamUp.Add(int64(n))
+	c.segUp.Add(1)
+	_ = w.WriteSegment(seg, size) // counted: refused as dropped, taken as sent
+	tn.countTun(w)
+}
+
 // flushTun writes w's batch to the tun device. The kernel refuses some
 // packets (no route, bad header): dropped, as a router would, and counted,
 // without ending the tunnel.
@@ -733,6 +798,10 @@ func (tn *IPTunnel) readCapsules(ctx context.Context, r *bufio.Reader) error {
 		case wire.IPCapsuleDatagram:
 			tn.t.stats.streamUp.Add(1)
 			tn.fromPeer(c.Payload, w)
+		case wire.IPCapsuleTCPSegment:
+			if tn.segments { // otherwise a capsule type this tunnel does not know: skipped
+				tn.segmentFromPeer(c.Payload, w)
+			}
 		case wire.IPCapsuleAddressRequest:
 			tn.flushTun(w) // the answer may wait on the client: nothing waits behind it
 			reqs, err := wire.ParseAddresses(c.Payload)
@@ -792,7 +861,14 @@ func (tn *IPTunnel) fromTun(ctx context.Context) error {
 	r := tn.dev.NewReader(tn.t.opts.MTU, hl+1)
 	for {
 		before := r.Dropped()
-		batch, err := r.Read()
+		var batch [][]byte
+		var size int
+		var err error
+		if tn.segments {
+			batch, size, err = r.ReadSegment()
+		} else {
+			batch, err = r.Read()
+		}
 		if d := r.Dropped() - before; d > 0 { // reads that did not split into packets
 			c.dropBad.Add(d)
 			tn.drops.Add(d)
@@ -803,9 +879,13 @@ func (tn *IPTunnel) fromTun(ctx context.Context) error {
 			}
 			return fmt.Errorf("reading the tunnel's tun device: %w", err)
 		}
-		for _, b := range batch {
-			if err := tn.toPeer(b, hl); err != nil {
-				return err
+		if size > 0 {
+			tn.segmentToPeer(batch[0][hl+1:], size)
+		} else {
+			for _, b := range batch {
+				if err := tn.toPeer(b, hl); err != nil {
+					return err
+				}
 			}
 		}
 		if len(tn.capOut) > 0 {
@@ -868,6 +948,37 @@ func (tn *IPTunnel) toPeer(b []byte, hl int) error {
 		tn.bytes[1].Add(int64(n))
 	}
 	return nil
+}
+
+// segmentToPeer adds a TCP segment from the tun device, which
+// ReadSegment kept whole, to the capsules for the peer if it may go there:
+// checked as a packet is, counted as the packets it makes.
+func (tn *IPTunnel) segmentToPeer(seg []byte, size int) {
+	c := &tn.t.stats
+	n, _ := tun.CheckSegment(seg, size) // ReadSegment kept it: it passes
+	h, err := wire.ParseIPHeader(seg)
+	if err != nil {
+		c.dropBad.Add(int64(n))
+		return
+	}
+	if !tn.allowedIn(h, seg) {
+		c.dropIn.Add(int64(n))
+		tn.drops.Add(int64(n))
+		return
+	}
+	if !tn.down.allowN(time.Now(), n, len(seg), tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
+		c.dropRate.Add(int64(n))
+		tn.drops.Add(int64(n))
+		return
+	}
+	tn.capOut = wire.AppendIPSegment(tn.capOut, seg, size)
+	bytes := int64(len(seg) + (n-1)*tun.SegmentHeaderLen(seg))
+	c.streamDown.Add(int64(n))
+	c.segDown.Add(1)
+	c.pktDown.Add(int64(n))
+	c.bytesDown.Add(bytes)
+	tn.pkts[1].Add(int64(n))
+	tn.bytes[1].Add(bytes)
 }
 
 // allowedIn reports whether a packet from the network may reach the peer: to

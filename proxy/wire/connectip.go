@@ -26,6 +26,9 @@ const (
 	IPCapsuleAddressAssign      uint64 = 0x01
 	IPCapsuleAddressRequest     uint64 = 0x02
 	IPCapsuleRouteAdvertisement uint64 = 0x03
+	// IPCapsuleTCPSegment is TP's own: a TCP segment of up to 64 KiB, sent
+	// whole once both ends agreed to TCPSegmentsHeader (AppendIPSegment).
+	IPCapsuleTCPSegment uint64 = 0x747053
 )
 
 // Bounds on what a peer can make the other end hold. A capsule TP reads is at
@@ -163,6 +166,38 @@ func ParseIPDatagram(p []byte) (packet []byte, ok bool) {
 		return nil, false
 	}
 	return p[n:], true
+}
+
+// TCPSegmentsHeader is the CONNECT-IP request header (a structured-field
+// boolean, "?1") with which a client asks the server to carry TCP segments
+// whole (TCP_SEGMENT capsules, IPCapsuleTCPSegment), as the kernel hands them
+// over, instead of cut into packets: over HTTP/2, and over HTTP/3 together
+// with StreamTCPHeader. A server that takes and sends them answers with the
+// same header; only then do both ends send them. docs/IP.md ("Segments
+// whole") says why.
+const TCPSegmentsHeader = "TP-TCP-Segments"
+
+// AppendIPSegment appends a TCP_SEGMENT capsule to b: context ID 0, the
+// segment size (the TCP payload bytes of each packet the segment makes, 2
+// bytes, network order) and the segment, an IP packet longer than the
+// tunnel's MTU whose TCP payload the receiver cuts into packets of that
+// size, each with the segment's headers.
+func AppendIPSegment(b, segment []byte, size int) []byte {
+	b = quicvarint.Append(b, IPCapsuleTCPSegment)
+	b = quicvarint.Append(b, uint64(3+len(segment)))
+	b = append(b, 0, byte(size>>8), byte(size))
+	return append(b, segment...)
+}
+
+// ParseIPSegment returns the segment and its segment size of a TCP_SEGMENT
+// capsule's payload; ok is false for another context ID (dropped, as for
+// DATAGRAM capsules) or a payload too short to hold them.
+func ParseIPSegment(p []byte) (segment []byte, size int, ok bool) {
+	id, n, err := quicvarint.Parse(p)
+	if err != nil || id != 0 || len(p) < n+2 {
+		return nil, 0, false
+	}
+	return p[n+2:], int(p[n])<<8 | int(p[n+1]), true
 }
 
 func appendAddr(b []byte, a netip.Addr) []byte {

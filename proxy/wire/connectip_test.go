@@ -95,6 +95,7 @@ func FuzzIPCapsules(f *testing.F) {
 	f.Add(AppendAddresses(nil, IPCapsuleAddressAssign, []AssignedAddress{{Prefix: netip.MustParsePrefix("100.96.0.1/32")}}))
 	f.Add(AppendRoutes(nil, []IPRoute{RouteOf(netip.MustParsePrefix("10.0.0.0/8"), 6)}))
 	f.Add([]byte{0, 3, 0, 0x45, 0})
+	f.Add(AppendIPSegment(nil, []byte{0x45, 0, 0, 60}, 1240))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r := bufio.NewReader(bytes.NewReader(b))
 		for {
@@ -120,6 +121,15 @@ func FuzzIPCapsules(f *testing.F) {
 				}
 				_ = PacketTooBig(p, 1280)
 				_ = OnStream(p)
+			}
+			if seg, size, ok := ParseIPSegment(c.Payload); ok {
+				again, err := ReadIPCapsule(bufio.NewReader(bytes.NewReader(AppendIPSegment(nil, seg, size))))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if seg2, size2, ok := ParseIPSegment(again.Payload); !ok || size2 != size || !bytes.Equal(seg2, seg) || again.Type != IPCapsuleTCPSegment {
+					t.Fatalf("a TCP_SEGMENT capsule does not round-trip: size %d → %d", size, size2)
+				}
 			}
 		}
 	})

@@ -37,13 +37,15 @@ var (
 		"IP packets TP dropped, by reason: source (not the device's address), destination (a prefix or protocol the policy does not grant), inbound (to a device from outside its grant), rate, malformed, too_big, queue (from a device, the tunnel's receive queue full).", []string{"reason"}, nil)
 	ipStreamDesc = prometheus.NewDesc("tp_ip_stream_packets_total",
 		"IP packets that crossed a tunnel's request stream in DATAGRAM capsules rather than as QUIC DATAGRAM frames (every packet over HTTP/2; TCP segments over HTTP/3 when the client asks for TCP on the stream), by direction.", []string{"direction"}, nil)
+	ipSegmentsDesc = prometheus.NewDesc("tp_ip_segments_total",
+		"TCP segments of up to 64 KiB that crossed a tunnel whole (TCP_SEGMENT capsules, when the client asks for them), by direction; their packets count in tp_ip_packets_total and tp_ip_stream_packets_total.", []string{"direction"}, nil)
 )
 
 // ipCollector exports the CONNECT-IP counters.
 type ipCollector struct{ t *proxy.IPTunnels }
 
 func (c ipCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{ipTunnelsDesc, ipActiveDesc, ipPacketsDesc, ipBytesDesc, ipDroppedDesc, ipStreamDesc} {
+	for _, d := range []*prometheus.Desc{ipTunnelsDesc, ipActiveDesc, ipPacketsDesc, ipBytesDesc, ipDroppedDesc, ipStreamDesc, ipSegmentsDesc} {
 		ch <- d
 	}
 }
@@ -69,4 +71,6 @@ func (c ipCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(ipDroppedDesc, st.DroppedQueue, "queue")
 	counter(ipStreamDesc, st.StreamUp, "up")
 	counter(ipStreamDesc, st.StreamDown, "down")
+	counter(ipSegmentsDesc, st.SegmentsUp, "up")
+	counter(ipSegmentsDesc, st.SegmentsDown, "down")
 }

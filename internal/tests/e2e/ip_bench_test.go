@@ -128,15 +128,18 @@ func BenchmarkIPTunnel(b *testing.B) {
 	}
 	b.Run("direct", func(b *testing.B) { at(b, "10.201.3.1") })
 
-	// tp-ip-quic carries TCP on the request stream (the default),
-	// tp-ip-quic-datagrams every packet in QUIC DATAGRAM frames.
-	for _, v := range []struct{ name, transport string }{
-		{"quic", "quic"}, {"quic-datagrams", "quic"}, {"tls", "tls"},
+	// tp-ip-quic carries TCP segments whole on the request stream (the
+	// default), tp-ip-quic-packets cut into packets there (--no-segments),
+	// tp-ip-quic-datagrams every packet in QUIC DATAGRAM frames; the same
+	// two ways over HTTP/2.
+	for _, v := range []struct{ name, transport, flag string }{
+		{"quic", "quic", ""}, {"quic-packets", "quic", "--no-segments"}, {"quic-datagrams", "quic", "--tcp-in-datagrams"},
+		{"tls", "tls", ""}, {"tls-packets", "tls", "--no-segments"},
 	} {
 		b.Run("tp-ip-"+v.name, func(b *testing.B) {
 			var extra []string
-			if v.name == "quic-datagrams" {
-				extra = []string{"--tcp-in-datagrams"}
+			if v.flag != "" {
+				extra = []string{v.flag}
 			}
 			stop := runTPIP(b, n.C, env, v.transport, extra...)
 			defer stop()

@@ -111,11 +111,16 @@ func TestIPTunnelTPIPPathMTU(t *testing.T) {
 }
 
 // tpd restarts under a live `tp ip`: it reconnects with backoff, reports the
-// tunnel up again, and ping and a transfer work again.
+// tunnel up again, and ping and a transfer each way work again. This tunnel
+// runs with --no-segments: its TCP segments cross the stream cut into
+// packets (DATAGRAM capsules, as RFC 9484 peers send them), none whole.
 func TestIPTunnelTPIPReconnectsAfterRestart(t *testing.T) {
 	parallel(t)
 	n, env, _ := startIPE2E(t)
-	tpip := startTPIP(t, n.C, env)
+	tpip := startTPIP(t, n.C, env, "--no-segments")
+	if !strings.Contains(tpip.String(), "tcp_on_stream=true tcp_segments=false") {
+		t.Fatalf("tp ip --no-segments did not run with TCP on the stream in packets:\n%s", tpip.String())
+	}
 	if _, err := ping(t, n.C, "10.201.2.2"); err != nil {
 		t.Fatalf("ping before the restart: %v", err)
 	}
@@ -132,7 +137,16 @@ func TestIPTunnelTPIPReconnectsAfterRestart(t *testing.T) {
 	if _, err := ping(t, n.C, "10.201.2.2"); err != nil {
 		t.Fatalf("ping after tpd restarted: %v\ntp ip:\n%s", err, tpip.String())
 	}
-	transferIn(t, n, 4<<20, "the transfer after tpd restarted")
+	transferIn(t, n, 4<<20, "the download after tpd restarted")
+	transferOut(t, n, 4<<20, "the upload after tpd restarted")
+	// The restarted tpd's counters: 4 MiB each way in packets of at most
+	// 1,240 bytes of data on the stream (3,383 each way), no segment whole.
+	m := ipPacketCounts(t, n)
+	for _, dir := range []string{"up", "down"} {
+		if m["stream "+dir] < 3383 || m["segments "+dir] != 0 {
+			t.Errorf("%s: %v packets on the stream (want at least 3,383), %v segments whole (want 0)", dir, m["stream "+dir], m["segments "+dir])
+		}
+	}
 }
 
 // Where UDP to tpd is dropped (iptables in the client host), `tp ip` with the

@@ -299,19 +299,21 @@ func dialIn(t testing.TB, ns, addr string) net.Conn {
 // TUN_CLIENT_ID; and when the client host's address changes in the middle of a
 // transfer, the transfer completes with the right checksum.
 //
-// Over HTTP/3 the TCP segments that carry data ride the request stream in
-// DATAGRAM capsules and the rest (pure acknowledgements, ping) QUIC DATAGRAM
-// frames: tpd's counters show both after 16 MiB each way.
+// Over HTTP/3 the TCP segments that carry data ride the request stream,
+// whole (TCP_SEGMENT capsules of up to 64 KiB) both ways, and the rest (pure
+// acknowledgements, ping) QUIC DATAGRAM frames: tpd's counters show both
+// after 16 MiB each way.
 func TestIPTunnelTPIP(t *testing.T) {
 	parallel(t)
 	n, env, hookDir := startIPE2E(t)
 	tpip := startTPIP(t, n.C, env)
-	if !strings.Contains(tpip.String(), "over=HTTP/3 tcp_on_stream=true") {
-		t.Fatalf("tp ip did not run over HTTP/3 with TCP on the stream:\n%s", tpip.String())
+	if !strings.Contains(tpip.String(), "over=HTTP/3 tcp_on_stream=true tcp_segments=true") {
+		t.Fatalf("tp ip did not run over HTTP/3 with TCP segments whole on the stream:\n%s", tpip.String())
 	}
 	checkIPHook(t, hookDir)
 	testIPTunnelBody(t, n, tpip, true)
 	m := ipPacketCounts(t, n)
+	checkSegments(t, m, 16<<20)
 	// 16 MiB in packets of at most 1,240 bytes of TCP data: 13,530 each way.
 	// The receiving kernel acknowledges the segments the tun writes join
 	// (up to 32 packets each): hundreds of pure acknowledgements, and a ping.
@@ -343,9 +345,21 @@ func TestIPTunnelTPIPTCPInDatagrams(t *testing.T) {
 	}
 }
 
+// checkSegments checks that most of a transfer of size bytes each way
+// crossed tpd in segments whole: at least a segment per 64 KiB each way.
+func checkSegments(t *testing.T, m map[string]float64, size int) {
+	t.Helper()
+	for _, dir := range []string{"up", "down"} {
+		if want := float64(size / (64 << 10)); m["segments "+dir] < want {
+			t.Errorf("%s: %v TCP segments crossed whole; want at least %v for %d bytes", dir, m["segments "+dir], want, size)
+		}
+	}
+}
+
 // ipPacketCounts reads tpd's packet counters: "all up", "all down" (every
-// packet relayed) and "stream up", "stream down" (those in DATAGRAM capsules
-// on a request stream).
+// packet relayed), "stream up", "stream down" (those in DATAGRAM capsules
+// on a request stream, or in segments whole) and "segments up", "segments
+// down" (TCP segments that crossed whole).
 func ipPacketCounts(t *testing.T, n *ipNet) map[string]float64 {
 	t.Helper()
 	m := map[string]float64{}
@@ -361,10 +375,12 @@ func ipPacketCounts(t *testing.T, n *ipNet) map[string]float64 {
 				m["all "+dir] = v
 			case `tp_ip_stream_packets_total{direction="` + dir + `"}`:
 				m["stream "+dir] = v
+			case `tp_ip_segments_total{direction="` + dir + `"}`:
+				m["segments "+dir] = v
 			}
 		}
 	}
-	if len(m) != 4 {
+	if len(m) != 6 {
 		t.Fatalf("tpd's metrics lack the IP tunnel's packet counters: %v", m)
 	}
 	return m
@@ -376,11 +392,12 @@ func TestIPTunnelTPIPOverTCP(t *testing.T) {
 	parallel(t)
 	n, env, hookDir := startIPE2E(t)
 	tpip := startTPIP(t, n.C, env, "--transport", "tls")
-	if !strings.Contains(tpip.String(), "over=HTTP/2") {
-		t.Fatalf("tp ip --transport tls did not run over HTTP/2:\n%s", tpip.String())
+	if !strings.Contains(tpip.String(), "over=HTTP/2 tcp_on_stream=false tcp_segments=true") {
+		t.Fatalf("tp ip --transport tls did not run over HTTP/2 with TCP segments whole:\n%s", tpip.String())
 	}
 	checkIPHook(t, hookDir)
 	testIPTunnelBody(t, n, tpip, false)
+	checkSegments(t, ipPacketCounts(t, n), 16<<20)
 }
 
 // startIPE2E makes the namespaces, starts tpd with IP tunnels on in T and logs
