@@ -1,7 +1,8 @@
 // Command testreport reads `go test -json` on standard input and prints what a
 // person running the tests needs: the output of every failed test and package,
 // one line per package (ok or FAIL, with its time), then the tests that were
-// skipped, each with its reason, and the slowest packages. deploy/test.sh pipes
+// skipped, each with its reason, and the slowest packages and tests (where a
+// run over the time the suite allows should be cut). deploy/test.sh pipes
 // the whole suite through it.
 //
 // It exits 1 when a test or a package failed (a build failure included) and,
@@ -53,6 +54,7 @@ type report struct {
 	skips     []skip
 	failed    []testKey
 	pkgs      []pkgResult
+	tests     []pkgResult // top-level tests that passed in a second or more: package and name, and their time
 	anyFailed bool
 }
 
@@ -95,6 +97,9 @@ func (r *report) add(e event) {
 			}
 		case "skip":
 			r.skips = append(r.skips, skip{e.Package, e.Test, skipReason(r.testOut[k])})
+		}
+		if e.Action == "pass" && !strings.Contains(e.Test, "/") && e.Elapsed >= 1 {
+			r.tests = append(r.tests, pkgResult{e.Package + " " + e.Test, e.Elapsed, false})
 		}
 		if e.Action == "pass" || e.Action == "fail" || e.Action == "skip" {
 			// A parent's output comes after its subtests'; theirs is no longer needed.
@@ -175,6 +180,14 @@ func (r *report) summary(noSkips bool) (ok bool) {
 		fmt.Fprintf(w, "\nslowest packages:")
 		for _, p := range r.pkgs[:min(5, len(r.pkgs))] {
 			fmt.Fprintf(w, " %s %s;", strings.TrimPrefix(p.name, "github.com/tp-proxy/tp/"), time.Duration(p.elapsed*float64(time.Second)).Round(time.Second))
+		}
+		fmt.Fprintln(w)
+	}
+	sort.Slice(r.tests, func(i, j int) bool { return r.tests[i].elapsed > r.tests[j].elapsed })
+	if len(r.tests) > 0 {
+		fmt.Fprintf(w, "slowest tests:")
+		for _, p := range r.tests[:min(10, len(r.tests))] {
+			fmt.Fprintf(w, " %s %s;", strings.TrimPrefix(p.name, "github.com/tp-proxy/tp/"), time.Duration(p.elapsed*float64(time.Second)).Round(100*time.Millisecond))
 		}
 		fmt.Fprintln(w)
 	}

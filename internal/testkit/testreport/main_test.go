@@ -23,7 +23,7 @@ const stream = `{"Action":"start","Package":"example/a"}
 {"Action":"fail","Package":"example/b","Test":"TestBroken","Elapsed":0}
 {"Action":"run","Package":"example/b","Test":"TestFine"}
 {"Action":"output","Package":"example/b","Test":"TestFine","Output":"fine's chatter\n"}
-{"Action":"pass","Package":"example/b","Test":"TestFine","Elapsed":0}
+{"Action":"pass","Package":"example/b","Test":"TestFine","Elapsed":1.24}
 {"Action":"output","Package":"example/b","Output":"FAIL\n"}
 {"Action":"fail","Package":"example/b","Elapsed":0.02}
 {"ImportPath":"example/c [example/c.test]","Action":"build-output","Output":"c.go:3:1: syntax error\n"}
@@ -47,6 +47,7 @@ func TestReport(t *testing.T) {
 			"FAIL\texample/c [build failed",
 			"1 skipped:\n  example/a TestNeedsTool: a_test.go:9: sshd is not installed",
 			"1 failed: TestBroken",
+			"slowest tests: example/b TestFine 1.2s;",
 		} {
 			if !strings.Contains(got, want) {
 				t.Errorf("noSkips=%v: the report lacks %q:\n%s", noSkips, want, got)
