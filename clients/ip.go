@@ -180,12 +180,13 @@ type ipSession struct {
 	tryDg     func() ([]byte, bool)                 // the next received datagram without waiting
 	dgPrefix  []byte                                // what sendDg's datagrams start with before the context ID
 	mtu       int
-	capOut    []byte       // DATAGRAM capsules gathered for one write (HTTP/2, TCP on the stream; toServer's)
-	tcpOnStr  bool         // TCP segments go as capsules on the stream: the server agreed
-	segments  bool         // TCP segments cross whole: the server agreed
-	segsSent  atomic.Int64 // segments sent whole
-	onStream  atomic.Int64 // packets sent as capsules on the stream
-	asDg      atomic.Int64 // packets sent as datagrams
+	capOut    []byte        // DATAGRAM capsules gathered for one write (HTTP/2, TCP on the stream; toServer's)
+	tcpOnStr  bool          // TCP segments go as capsules on the stream: the server agreed
+	segments  bool          // TCP segments cross whole: the server agreed
+	segsSent  atomic.Int64  // segments sent whole
+	tunDrops  *atomic.Int64 // the tunnel's count of what its tun reads lost (IPTunnel.tunDrops)
+	onStream  atomic.Int64  // packets sent as capsules on the stream
+	asDg      atomic.Int64  // packets sent as datagrams
 	addrs     []netip.Prefix
 	over      string // "HTTP/3" or "HTTP/2"
 }
@@ -204,7 +205,7 @@ const ipPath = "/.well-known/masque/ip/*/*/"
 func (t *IPTunnel) session(ctx context.Context, dev *tun.Device, packets <-chan tunBatch, log *slog.Logger) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	s := &ipSession{dev: dev, mtu: t.MTU}
+	s := &ipSession{dev: dev, mtu: t.MTU, tunDrops: &t.tunDrops}
 	var follow func(context.Context) error
 	var err error
 	switch t.Transport {
@@ -601,7 +602,10 @@ func (s *ipSession) toServer(ctx context.Context, packets <-chan tunBatch) error
 					s.sendSegment(pkts[0][tunRoom:], batch.size)
 					pkts = nil
 				} else {
-					pkts, _ = batch.r.Split() // a server that takes packets only
+					var serr error
+					if pkts, serr = batch.r.Split(); serr != nil { // a server that takes packets only
+						s.tunDrops.Add(1) // as a read that did not split
+					}
 				}
 			}
 			for _, b := range pkts {

@@ -213,7 +213,10 @@ func (b *rateBucket) allow(now time.Time, n int, pps int, bps int64) bool {
 }
 
 // allowN takes pkts packets of n bytes in all (a segment's) at now, or
-// reports that the bucket holds less than that.
+// reports that the bucket holds less than that. A segment larger than the
+// bucket (bounds below 64 packets or 64 KiB a second) needs only a full
+// bucket and leaves it in debt, which later packets wait out: the rate
+// holds on average, and a segment is never refused for good.
 func (b *rateBucket) allowN(now time.Time, pkts, n int, pps int, bps int64) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -225,7 +228,7 @@ func (b *rateBucket) allowN(now time.Time, pkts, n int, pps int, bps int64) bool
 		b.bytes = min(float64(bps), b.bytes+dt*float64(bps))
 	}
 	b.last = now
-	if b.pkts < float64(pkts) || b.bytes < float64(n) {
+	if b.pkts < min(float64(pkts), float64(pps)) || b.bytes < min(float64(n), float64(bps)) {
 		return false
 	}
 	b.pkts -= float64(pkts)
@@ -631,10 +634,14 @@ func (tn *IPTunnel) segmentFromPeer(p []byte, w *tun.Writer) {
 	}
 	n, err := tun.CheckSegment(seg, size)
 	if err != nil {
-		c.dropBad.Add(1)
+		c.streamUp.Add(1)
+		c.dropBad.Add(1) // how many packets it meant to be is not known: one
 		tn.drops.Add(1)
 		return
 	}
+	c.streamUp.Add(int64(n))
+	c.segUp.Add(1)
+	bytes := len(seg) + (n-1)*tun.SegmentHeaderLen(seg) // as its packets cross the network
 	h, err := wire.ParseIPHeader(seg)
 	if err != nil {
 		c.dropBad.Add(int64(n))
@@ -646,13 +653,11 @@ func (tn *IPTunnel) segmentFromPeer(p []byte, w *tun.Writer) {
 		tn.drops.Add(int64(n))
 		return
 	}
-	if !tn.up.allowN(time.Now(), n, len(seg), tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
+	if !tn.up.allowN(time.Now(), n, bytes, tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
 		c.dropRate.Add(int64(n))
 		tn.drops.Add(int64(n))
 		return
 	}
-	c.streamUp.Add(int64(n))
-	c.segUp.Add(1)
 	_ = w.WriteSegment(seg, size) // counted: refused as dropped, taken as sent
 	tn.countTun(w)
 }
@@ -966,13 +971,13 @@ func (tn *IPTunnel) segmentToPeer(seg []byte, size int) {
 		tn.drops.Add(int64(n))
 		return
 	}
-	if !tn.down.allowN(time.Now(), n, len(seg), tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
+	bytes := int64(len(seg) + (n-1)*tun.SegmentHeaderLen(seg)) // as its packets crossed the network
+	if !tn.down.allowN(time.Now(), n, int(bytes), tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
 		c.dropRate.Add(int64(n))
 		tn.drops.Add(int64(n))
 		return
 	}
 	tn.capOut = wire.AppendIPSegment(tn.capOut, seg, size)
-	bytes := int64(len(seg) + (n-1)*tun.SegmentHeaderLen(seg))
 	c.streamDown.Add(int64(n))
 	c.segDown.Add(1)
 	c.pktDown.Add(int64(n))

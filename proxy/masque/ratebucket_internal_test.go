@@ -80,3 +80,31 @@ func TestDgramBucketEdges(t *testing.T) {
 		t.Fatalf("after an hour's idle the bucket passed %d datagrams at one instant; want exactly %d (one second's worth)", got, rate)
 	}
 }
+
+// A TCP segment is charged as the packets it makes. One larger than the
+// whole bucket (64 packets at 20 a second) passes a full bucket, never
+// refused for good, and leaves it in debt: nothing passes until the debt is
+// repaid (44 packets' worth, 2.2 s), and then one packet per 1/rate again.
+// Bad input: a segment of more packets and bytes than a second allows.
+func TestIPRateBucketSegmentLargerThanTheBucket(t *testing.T) {
+	const pps, bps = 20, 1 << 20
+	t0 := time.Unix(1_000_000, 0)
+	var b rateBucket
+	if !b.allowN(t0, 64, 64*1300, pps, bps) {
+		t.Fatal("a full bucket refused a segment larger than the bucket: it would be refused for good")
+	}
+	if b.allow(t0.Add(2*time.Second), 100, pps, bps) {
+		t.Fatal("2 s after a segment of 64 packets at 20 a second, the bucket (44 packets in debt, 40 repaid) passed a packet")
+	}
+	if !b.allow(t0.Add(2250*time.Millisecond), 100, pps, bps) {
+		t.Fatal("2.25 s after the segment (its debt repaid, one packet's worth more) the bucket refused a packet")
+	}
+	// Bytes: a bound of 10,000 a second and a segment of 64 KiB.
+	var bb rateBucket
+	if !bb.allowN(t0, 50, 65000, 1000, 10000) {
+		t.Fatal("a full byte bucket refused a segment larger than a second's bytes")
+	}
+	if bb.allowN(t0.Add(5*time.Second), 2, 2000, 1000, 10000) {
+		t.Fatal("5 s after a segment of 65,000 bytes at 10,000 a second (still 5,000 in debt) the bucket passed more")
+	}
+}

@@ -246,13 +246,14 @@ func (r *Reader) next(keep bool) ([][]byte, int, error) {
 
 // Split cuts the segment the last ReadSegment returned into packets, as
 // Read would have (the caller's room in front of each); the segment's own
-// buffer is unchanged by it.
+// buffer is unchanged by it. Packets that did not fit are dropped, counted
+// (Dropped) and reported in the error beside those that did.
 func (r *Reader) Split() ([][]byte, error) {
 	k, err := r.split(r.raw[r.pad+vnetHdrLen : r.pad+r.n])
 	if err != nil {
 		r.dropped++
 	}
-	return r.batchOf(k), nil
+	return r.batchOf(k), err
 }
 
 func (r *Reader) batchOf(k int) [][]byte {

@@ -275,6 +275,7 @@ func segmentsWhole(t *testing.T, r *Reader, w *Writer, ln net.Listener, port uin
 	// Segments WriteSegment refuses, and writes nothing of.
 	bad := map[string]func() ([]byte, int){
 		"a segment size of 0": func() ([]byte, int) { return p.packet(tcpACK, up, nil), 0 },
+		"a segment size of 1": func() ([]byte, int) { return p.packet(tcpACK, up[:60], nil), 1 },
 		"65 packets of 1,000 bytes": func() ([]byte, int) {
 			return p.packet(tcpACK, make([]byte, 65*1000), nil), 1000
 		},

@@ -25,7 +25,13 @@ const (
 // segment of 64 KiB in packets of one byte would otherwise cost the
 // receiving kernel 65,000 packets for one write. The kernel's own segments
 // on a device Up set up hold at most BatchFor(mtu)-1 (53 at an MTU of 1280).
-const MaxSegmentPackets = 64
+// MinSegmentSize is the smallest segment size taken: Linux's TCP sends no
+// smaller (tcp_min_snd_mss is 48), and some network cards' segmentation
+// hangs on a tiny one where a forwarded segment reaches them whole.
+const (
+	MaxSegmentPackets = 64
+	MinSegmentSize    = 64
+)
 
 // CheckSegment reports how many packets seg makes when cut into packets of
 // size bytes of TCP payload each (the last one may be shorter), or why it is
@@ -33,7 +39,8 @@ const MaxSegmentPackets = 64
 // or IPv6 whose first next header is TCP; the IP length field matching the
 // segment's length; a whole TCP header; data; flags ACK, with PSH and FIN
 // allowed beside it and nothing else (a SYN, RST, URG or CWR travels as a
-// packet); at most MaxSegmentPackets packets. A segment from a peer is
+// packet); a segment size of at least MinSegmentSize; at least 2 packets
+// (one is a packet, not a segment) and at most MaxSegmentPackets. A segment from a peer is
 // checked before it is written; a segment from the kernel that fails is
 // split into packets instead.
 func CheckSegment(seg []byte, size int) (packets int, err error) {
@@ -69,13 +76,16 @@ func CheckSegment(seg []byte, size int) (packets int, err error) {
 	if f := tcp[13]; f&tcpFlagACK == 0 || f&^(tcpFlagACK|tcpFlagPSH|tcpFlagFIN) != 0 {
 		return 0, fmt.Errorf("a segment with TCP flags %#02x (only ACK, PSH and FIN travel in segments)", f)
 	}
-	if size <= 0 {
-		return 0, fmt.Errorf("a segment size of %d", size)
+	if size < MinSegmentSize {
+		return 0, fmt.Errorf("a segment size of %d, less than %d", size, MinSegmentSize)
 	}
 	data := len(tcp) - tcphl
 	packets = (data + size - 1) / size
 	if packets > MaxSegmentPackets {
 		return 0, fmt.Errorf("a segment of %d packets of %d bytes, more than %d", packets, size, MaxSegmentPackets)
+	}
+	if packets < 2 {
+		return 0, fmt.Errorf("a segment of %d bytes of data in packets of %d: one packet, not a segment", data, size)
 	}
 	return packets, nil
 }

@@ -55,6 +55,9 @@ func TestCheckSegment(t *testing.T) {
 	}{
 		{"no segment size", "segment size of 0", segmentOf(false, tcpFlagACK, 5000), 0},
 		{"a negative segment size", "segment size of -1", segmentOf(false, tcpFlagACK, 5000), -1},
+		{"a segment size of 47 (below any TCP's MSS)", "less than 64", segmentOf(false, tcpFlagACK, 47*40), 47},
+		{"one packet", "one packet, not a segment", segmentOf(false, tcpFlagACK, 1240), 1240},
+		{"a segment size of 65,535 (the kernel's GSO_BY_FRAGS)", "one packet", segmentOf(false, tcpFlagACK, 5000), 65535},
 		{"65 packets of 1,000 bytes (a peer's amplification)", "more than 64", segmentOf(false, tcpFlagACK, 65*1000), 1000},
 		{"a SYN", "TCP flags", segmentOf(false, tcpFlagACK|tcpFlagSYN, 5000), 1240},
 		{"no ACK", "TCP flags", segmentOf(false, tcpFlagPSH, 5000), 1240},
@@ -85,12 +88,13 @@ func FuzzCheckSegment(f *testing.F) {
 	f.Add(segmentOf(false, tcpFlagACK|tcpFlagPSH, 3000), 1240)
 	f.Add(segmentOf(true, tcpFlagACK, 3000), 1220)
 	f.Add([]byte{0x45, 0, 0, 40}, 1)
+	f.Add(segmentOf(false, tcpFlagACK, 128), 64)
 	f.Fuzz(func(t *testing.T, seg []byte, size int) {
 		n, err := CheckSegment(seg, size)
 		if err != nil {
 			return
 		}
-		if h := SegmentHeaderLen(seg); h >= len(seg) || n < 1 || n > MaxSegmentPackets {
+		if h := SegmentHeaderLen(seg); h >= len(seg) || n < 2 || n > MaxSegmentPackets || size < MinSegmentSize {
 			t.Fatalf("accepted a segment of %d bytes with headers of %d making %d packets", len(seg), h, n)
 		}
 	})
