@@ -2,7 +2,8 @@
 // person running the tests needs: the output of every failed test and package,
 // one line per package (ok or FAIL, with its time), then the tests that were
 // skipped, each with its reason, and the slowest packages and tests (where a
-// run over the time the suite allows should be cut). deploy/test.sh pipes
+// run over the time the suite allows should be cut; a test's time is less
+// any wait for a slot it reports). deploy/test.sh pipes
 // the whole suite through it.
 //
 // It exits 1 when a test or a package failed (a build failure included) and,
@@ -18,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -98,8 +100,10 @@ func (r *report) add(e event) {
 		case "skip":
 			r.skips = append(r.skips, skip{e.Package, e.Test, skipReason(r.testOut[k])})
 		}
-		if e.Action == "pass" && !strings.Contains(e.Test, "/") && e.Elapsed >= 1 {
-			r.tests = append(r.tests, pkgResult{e.Package + " " + e.Test, e.Elapsed, false})
+		if e.Action == "pass" && !strings.Contains(e.Test, "/") {
+			if run := e.Elapsed - waited(r.testOut[k]); run >= 1 {
+				r.tests = append(r.tests, pkgResult{e.Package + " " + e.Test, run, false})
+			}
 		}
 		if e.Action == "pass" || e.Action == "fail" || e.Action == "skip" {
 			// A parent's output comes after its subtests'; theirs is no longer needed.
@@ -146,6 +150,24 @@ func (r *report) add(e event) {
 		r.pkgs = append(r.pkgs, pkgResult{e.Package, e.Elapsed, failed})
 		delete(r.pkgOut, e.Package)
 	}
+}
+
+// waitedLine is how a test that waits for a slot of its own harness's
+// (internal/tests/e2e runs its tests ten at a time) says how long it
+// waited: go test counts that wait in the test's time, which is not the
+// test's own cost.
+var waitedLine = regexp.MustCompile(`started after (\S+) waiting`)
+
+// waited is the wait a test's output reports, or 0.
+func waited(lines []string) float64 {
+	for _, l := range lines {
+		if m := waitedLine.FindStringSubmatch(l); m != nil {
+			if d, err := time.ParseDuration(m[1]); err == nil {
+				return d.Seconds()
+			}
+		}
+	}
+	return 0
 }
 
 // skipReason is what a skipped test printed, without test2json's framing lines.

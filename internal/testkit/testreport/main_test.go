@@ -22,8 +22,9 @@ const stream = `{"Action":"start","Package":"example/a"}
 {"Action":"output","Package":"example/b","Test":"TestBroken","Output":"--- FAIL: TestBroken (0.00s)\n"}
 {"Action":"fail","Package":"example/b","Test":"TestBroken","Elapsed":0}
 {"Action":"run","Package":"example/b","Test":"TestFine"}
+{"Action":"output","Package":"example/b","Test":"TestFine","Output":"    harness_test.go:82: started after 10.5s waiting for one of 10 slots (-parallel)\n"}
 {"Action":"output","Package":"example/b","Test":"TestFine","Output":"fine's chatter\n"}
-{"Action":"pass","Package":"example/b","Test":"TestFine","Elapsed":1.24}
+{"Action":"pass","Package":"example/b","Test":"TestFine","Elapsed":11.74}
 {"Action":"output","Package":"example/b","Output":"FAIL\n"}
 {"Action":"fail","Package":"example/b","Elapsed":0.02}
 {"ImportPath":"example/c [example/c.test]","Action":"build-output","Output":"c.go:3:1: syntax error\n"}
