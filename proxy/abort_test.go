@@ -357,17 +357,13 @@ func mustPort(t *testing.T, s string) int {
 // All 100 must be connected before the certificate expires, or some are
 // refused at the dial instead of cut, which is not what is tested. That takes
 // 100 handshakes, which a loaded, race-instrumented run can stretch past any
-// fixed time: the certificate's first life is twice what 100 concurrent
-// handshakes take on the machine now (at least 4 s, at most 64 s), and a
-// round whose dials did not all succeed is played again with a certificate
-// that lives twice as long (up to 64 s); only a dial that failed counts as not
-// having had time. Without the measure, a loaded run played four or five
-// rounds (9 minutes) where one does.
+// fixed time: a round whose dials did not all succeed is played again with a
+// certificate that lives twice as long (4 s, then 8 s, … up to 64 s), and
+// only a dial that failed counts as not having had time. A quiet machine
+// passes the first round.
 func TestCertExpiryCutsTransfers(t *testing.T) { // not parallel: its 100 handshakes race a certificate's expiry
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
-	took := hundredDials(t, q)
-	t.Logf("100 concurrent dials took %s", took.Round(time.Millisecond))
-	for life := min(max(4*time.Second, 2*took.Round(time.Second)), 64*time.Second); ; life *= 2 {
+	for life := 4 * time.Second; ; life *= 2 {
 		dialFailed := certExpiryRound(t, q, life)
 		if t.Failed() || len(dialFailed) == 0 {
 			return
@@ -377,42 +373,6 @@ func TestCertExpiryCutsTransfers(t *testing.T) { // not parallel: its 100 handsh
 		}
 		t.Logf("%d of 100 dials failed with a certificate living %s (e.g. %v): again with %s", len(dialFailed), life, dialFailed[0], 2*life)
 	}
-}
-
-// hundredDials is how long 100 concurrent dials through q take now (half over
-// TLS, half over QUIC, each a handshake of its own), with a certificate that
-// does not expire meanwhile. A dial may fail on a loaded machine (a QUIC
-// handshake gives up after 5 s without an answer): it counts with the time it
-// took, and only all 100 failing fails the test.
-func hundredDials(t *testing.T, q *quicEnv) time.Duration {
-	dest := testnet.Serve(t, func(c *net.TCPConn) { _, _ = io.Copy(io.Discard, c) })
-	cert := q.ca.ClientCert(t, "alice@laptop", testpki.LeafOptions{NotAfter: time.Now().Add(time.Hour)})
-	start := time.Now()
-	errs := make(chan error, 100)
-	for i := range 100 {
-		go func() {
-			d := &clients.Dialer{Server: q.addr, TLSConfig: q.clientTLS(&cert), Transport: transports[i%2], Timeout: time.Minute}
-			defer d.Close()
-			c, err := d.DialContext(context.Background(), "tcp", dest)
-			if err == nil {
-				c.Close()
-			}
-			errs <- err
-		}()
-	}
-	var failed []error
-	for range 100 {
-		if err := <-errs; err != nil {
-			failed = append(failed, err)
-		}
-	}
-	switch {
-	case len(failed) == 100:
-		t.Fatalf("all 100 dials with a certificate valid for an hour failed, e.g. %v", failed[0])
-	case len(failed) > 0:
-		t.Logf("%d of 100 dials with a certificate valid for an hour failed (a loaded machine), e.g. %v", len(failed), failed[0])
-	}
-	return time.Since(start)
 }
 
 // certExpiryRound runs TestCertExpiryCutsTransfers's 100 transfers with a
