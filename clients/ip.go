@@ -655,7 +655,7 @@ func tryBatch(packets <-chan tunBatch) (tunBatch, bool) {
 // sendSegment adds a TCP segment, whole, to the capsules toServer writes.
 func (s *ipSession) sendSegment(seg []byte, size int) {
 	s.capOut = wire.AppendIPSegment(s.capOut, seg, size)
-	n, _ := tun.CheckSegment(seg, size) // ReadSegment kept it: it passes
+	n := tun.SegmentPackets(seg, size) // ReadSegment kept it: CheckSegment passed it
 	s.onStream.Add(int64(n))
 	s.segsSent.Add(1)
 }

@@ -641,7 +641,7 @@ func (tn *IPTunnel) segmentFromPeer(p []byte, w *tun.Writer) {
 	}
 	c.streamUp.Add(int64(n))
 	c.segUp.Add(1)
-	bytes := len(seg) + (n-1)*tun.SegmentHeaderLen(seg) // as its packets cross the network
+	bytes := tun.SegmentWireBytes(seg, n) // as its packets cross the network
 	h, err := wire.ParseIPHeader(seg)
 	if err != nil {
 		c.dropBad.Add(int64(n))
@@ -960,7 +960,7 @@ func (tn *IPTunnel) toPeer(b []byte, hl int) error {
 // checked as a packet is, counted as the packets it makes.
 func (tn *IPTunnel) segmentToPeer(seg []byte, size int) {
 	c := &tn.t.stats
-	n, _ := tun.CheckSegment(seg, size) // ReadSegment kept it: it passes
+	n := tun.SegmentPackets(seg, size) // ReadSegment kept it: CheckSegment passed it
 	h, err := wire.ParseIPHeader(seg)
 	if err != nil {
 		c.dropBad.Add(int64(n))
@@ -971,7 +971,7 @@ func (tn *IPTunnel) segmentToPeer(seg []byte, size int) {
 		tn.drops.Add(int64(n))
 		return
 	}
-	bytes := int64(len(seg) + (n-1)*tun.SegmentHeaderLen(seg)) // as its packets crossed the network
+	bytes := int64(tun.SegmentWireBytes(seg, n)) // as its packets crossed the network
 	if !tn.down.allowN(time.Now(), n, int(bytes), tn.t.opts.PacketsPerSecond, tn.t.opts.BytesPerSecond) {
 		c.dropRate.Add(int64(n))
 		tn.drops.Add(int64(n))

@@ -106,7 +106,7 @@ func (w *Writer) WriteSegment(seg []byte, size int) error {
 		return err
 	}
 	w.counts.Packets += int64(n)
-	w.counts.Bytes += int64(len(seg) + (n-1)*SegmentHeaderLen(seg))
+	w.counts.Bytes += int64(SegmentWireBytes(seg, n))
 	return nil
 }
 

@@ -231,18 +231,7 @@ func segmentsWhole(t *testing.T, r *Reader, w *Writer, ln net.Listener, port uin
 				batch = [][]byte{seg}
 			}
 		}
-		for _, pkt := range batch {
-			h, data, ok := parseTCP(pkt)
-			if !ok || h.dstPort != p.sport || len(data) == 0 {
-				continue
-			}
-			if off := int(h.seq - start); off == have {
-				have += copy(recv[off:], data)
-			}
-		}
-		p.ack = start + uint32(have)
-		p.send(tcpACK, nil, nil)
-		p.flush()
+		have = p.receive(batch, start, recv, have, nil)
 	}
 	if !bytes.Equal(recv, down) {
 		t.Fatal("the data read in segments arrived changed")
@@ -327,6 +316,29 @@ func handshake(t *testing.T, r *Reader, w *Writer, ln net.Listener, port, sport,
 // acknowledges what arrives in order, checks every packet (no longer than
 // the MTU, its checksum right) and the whole; it returns the largest batch
 // a read gave.
+// receive copies the data batch carries for p in order into recv, of which
+// have bytes (from sequence number start) had arrived, acknowledges what has
+// arrived, and returns how much that is; check, when given, sees every packet
+// for p that carries data.
+func (p *tcpPeer) receive(batch [][]byte, start uint32, recv []byte, have int, check func(pkt []byte, h tcpHeader, data []byte)) int {
+	for _, pkt := range batch {
+		h, data, ok := parseTCP(pkt)
+		if !ok || h.dstPort != p.sport || len(data) == 0 {
+			continue
+		}
+		if check != nil {
+			check(pkt, h, data)
+		}
+		if off := int(h.seq - start); off == have {
+			have += copy(recv[off:], data)
+		}
+	}
+	p.ack = start + uint32(have)
+	p.send(tcpACK, nil, nil)
+	p.flush()
+	return have
+}
+
 func download(t *testing.T, p *tcpPeer, c net.Conn, n int, deadline time.Time) int {
 	down := make([]byte, n)
 	_, _ = rand.Read(down)
@@ -343,24 +355,14 @@ func download(t *testing.T, p *tcpPeer, c net.Conn, n int, deadline time.Time) i
 			t.Fatal(err)
 		}
 		maxBatch = max(maxBatch, len(batch))
-		for _, pkt := range batch {
+		have = p.receive(batch, start, recv, have, func(pkt []byte, h tcpHeader, data []byte) {
 			if len(pkt) > testMTU {
 				t.Fatalf("a packet of %d bytes from a device of MTU %d", len(pkt), testMTU)
-			}
-			h, data, ok := parseTCP(pkt)
-			if !ok || h.dstPort != p.sport || len(data) == 0 {
-				continue
 			}
 			if !tcpChecksumValid(pkt) {
 				t.Fatalf("a split packet (seq %d, %d bytes) has a wrong checksum", h.seq, len(data))
 			}
-			if off := int(h.seq - start); off == have {
-				have += copy(recv[off:], data)
-			}
-		}
-		p.ack = start + uint32(have)
-		p.send(tcpACK, nil, nil)
-		p.flush()
+		})
 	}
 	if !bytes.Equal(recv, down) {
 		t.Fatalf("the %d bytes read through the Reader arrived changed", n)

@@ -99,3 +99,16 @@ func SegmentHeaderLen(seg []byte) int {
 	}
 	return iphl + int(seg[iphl+12]>>4)*4
 }
+
+// SegmentPackets is how many packets seg, one CheckSegment accepted with
+// size (as every segment ReadSegment keeps was), makes.
+func SegmentPackets(seg []byte, size int) int {
+	data := len(seg) - SegmentHeaderLen(seg)
+	return (data + size - 1) / size
+}
+
+// SegmentWireBytes is how many bytes the packets seg makes put on the
+// network: the segment, and its headers again in every packet after the first.
+func SegmentWireBytes(seg []byte, packets int) int {
+	return len(seg) + (packets-1)*SegmentHeaderLen(seg)
+}

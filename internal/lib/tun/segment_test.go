@@ -97,5 +97,12 @@ func FuzzCheckSegment(f *testing.F) {
 		if h := SegmentHeaderLen(seg); h >= len(seg) || n < 2 || n > MaxSegmentPackets || size < MinSegmentSize {
 			t.Fatalf("accepted a segment of %d bytes with headers of %d making %d packets", len(seg), h, n)
 		}
+		if got := SegmentPackets(seg, size); got != n {
+			t.Fatalf("SegmentPackets = %d for a segment CheckSegment counts as %d packets", got, n)
+		}
+		h, data := SegmentHeaderLen(seg), len(seg)-SegmentHeaderLen(seg)
+		if got, want := SegmentWireBytes(seg, n), data+n*h; got != want {
+			t.Fatalf("SegmentWireBytes = %d; %d bytes of data in %d packets of %d bytes of headers are %d", got, data, n, h, want)
+		}
 	})
 }
