@@ -87,21 +87,23 @@ func muxDial(t testing.TB, m *mux.Conn, addr string) (*mux.Stream, wire.ServerHe
 
 // echoChecksum sends size random bytes through st to the echo destination,
 // ends its direction (half-close), and checks that the same bytes and then a
-// clean end come back.
+// clean end come back. Each read and write must make progress within a
+// minute: many streams at once on a loaded machine are slow, not stalled.
 func echoChecksum(st wire.Stream, size int) error {
 	data := make([]byte, size)
 	_, _ = rand.Read(data)
 	want := sha256.Sum256(data)
+	c := stallConn{st, time.Minute}
 	werr := make(chan error, 1)
 	go func() {
-		_, err := st.Write(data)
+		_, err := c.Write(data)
 		if err == nil {
 			err = st.CloseWrite()
 		}
 		werr <- err
 	}()
 	h := sha256.New()
-	n, err := io.Copy(h, st)
+	n, err := io.Copy(h, c)
 	if err != nil {
 		return err
 	}
