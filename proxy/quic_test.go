@@ -278,11 +278,13 @@ func TestQUICStreamLimit(t *testing.T) {
 	conn.Close()
 }
 
-// TestQUICTransfer: 64 MiB each way through one QUIC stream, checksummed, with the
-// upload ending in a half-close.
+// TestQUICTransfer: 16 MiB each way through one QUIC stream, checksummed, with the
+// upload ending in a half-close. The size is not the point (the checksum and
+// the half-close are): 64 MiB took three minutes under the race detector
+// beside the e2e package's load.
 func TestQUICTransfer(t *testing.T) {
 	t.Parallel()
-	size := int64(64 << 20)
+	size := int64(16 << 20)
 	if testing.Short() {
 		size = 8 << 20
 	}
