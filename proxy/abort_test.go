@@ -363,7 +363,7 @@ func mustPort(t *testing.T, s string) int {
 // not all succeed is played again with a certificate that lives twice as long
 // (4 s, then 8 s, … up to 64 s), and only a dial that failed counts as not
 // having had time. A quiet machine passes the first round.
-func TestCertExpiryCutsTransfers(t *testing.T) { // not parallel: its 100 handshakes race a certificate's expiry
+func TestCertExpiryCutsTransfers(t *testing.T) { // not parallel: its handshakes and 100 transfers race a certificate's expiry
 	q := newQUICEnv(t, nil, proxy.QUICOptions{})
 	for life := 4 * time.Second; ; life *= 2 {
 		dialFailed := certExpiryRound(t, q, life)
