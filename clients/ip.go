@@ -30,6 +30,7 @@ import (
 	"github.com/tp-proxy/tp/authz"
 	"github.com/tp-proxy/tp/clients/transport"
 	"github.com/tp-proxy/tp/internal/lib/tun"
+	"github.com/tp-proxy/tp/internal/lib/udpgro"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -473,7 +474,7 @@ func newIPTransport() (*quic.Transport, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening a UDP socket: %w", err)
 	}
-	return &quic.Transport{Conn: uc}, nil
+	return &quic.Transport{Conn: udpgro.Wrap(uc)}, nil
 }
 
 // capsules reads the server's capsules and installs what they assign.

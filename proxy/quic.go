@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/internal/lib/udpgro"
 	"github.com/tp-proxy/tp/proxy/carrier"
 	"github.com/tp-proxy/tp/proxy/wire"
 
@@ -138,6 +139,8 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 			m.SetNonQUIC(func(b []byte, from *net.UDPAddr) []byte { return s.stunAnswer(b, from, &lim, time.Now()) })
 			stunInMux = true
 			pc = m
+		} else {
+			pc = udpgro.Wrap(udp) // coalesced reads, as through the mux
 		}
 	}
 	tr := &quic.Transport{Conn: pc, StatelessResetKey: opts.StatelessResetKey}

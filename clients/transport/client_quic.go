@@ -15,6 +15,7 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/qlogwriter"
 
+	"github.com/tp-proxy/tp/internal/lib/udpgro"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -422,7 +423,7 @@ func (cl *Client) openPacketConn(ctx context.Context, kind string) (net.PacketCo
 			}
 			return NewMovingConn(udp, raddr), nil
 		}
-		return udp, nil
+		return udpgro.Wrap(udp), nil
 	}
 	dial, err := cl.carrierDialer(kind)
 	if err != nil {

@@ -21,6 +21,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/tp-proxy/tp/internal/lib/udpgro"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -88,16 +89,18 @@ func (r raceResult) close() {
 }
 
 // dialOverUDP is the race's UDP attempt: a plain UDP socket (quic-go keeps GSO
-// and batched reads on it), or a MovingConn with carrier auto, whose live
-// connection may move to a stream carrier.
+// and batched reads on it, coalesced: package udpgro), or a MovingConn with
+// carrier auto, whose live connection may move to a stream carrier.
 func (cl *Client) dialOverUDP(ctx context.Context, raddr *net.UDPAddr, cfg *tls.Config, qcfg *quic.Config) raceResult {
 	udp, err := net.ListenUDP("udp", nil)
 	if err != nil {
 		return raceResult{kind: wire.CarrierUDP, err: fmt.Errorf("opening a UDP socket for QUIC: %w", err)}
 	}
-	var pc net.PacketConn = udp
+	var pc net.PacketConn
 	if cl.Carrier == CarrierAuto {
-		pc = NewMovingConn(udp, raddr)
+		pc = NewMovingConn(udp, raddr) // reads datagram by datagram: no coalescing
+	} else {
+		pc = udpgro.Wrap(udp)
 	}
 	r := raceResult{kind: wire.CarrierUDP, tr: &quic.Transport{Conn: pc}, pc: pc}
 	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, qcfg); r.err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/quic-go/quic-go"
 	"golang.org/x/net/ipv4"
 
+	"github.com/tp-proxy/tp/internal/lib/udpgro"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -135,10 +136,11 @@ func (cs *session) touch() { cs.last.Store(time.Now().UnixNano()) }
 
 // Mux is the PacketConn under the server's QUIC transport; it satisfies
 // quic.OOBCapablePacketConn and ReadBatch, so that quic-go keeps its fast path
-// on the UDP socket.
+// on the UDP socket (batched reads, coalesced where the kernel offers it:
+// package udpgro).
 type Mux struct {
 	udp   *net.UDPConn
-	batch *ipv4.PacketConn
+	batch *udpgro.Reader // the socket's datagrams, coalesced bursts split
 	opts  Options
 	log   *slog.Logger
 
@@ -189,7 +191,7 @@ var carrierEndSentences = [nCarrierEnded]string{
 func NewMux(udp *net.UDPConn, opts Options, log *slog.Logger) *Mux {
 	return &Mux{
 		udp:      udp,
-		batch:    ipv4.NewPacketConn(udp),
+		batch:    udpgro.NewReader(udp),
 		opts:     opts.withDefaults(),
 		log:      log,
 		sessions: make(map[netip.Addr]*session),
@@ -742,6 +744,9 @@ type Stats struct {
 	// Ended counts the sessions the server ended by its bounds, by reason
 	// (EndReasons).
 	Ended map[string]int64
+	// Socket counts the reads of the UDP socket: system calls, and the
+	// packets they brought (more than 8 a call where the kernel coalesces).
+	Socket udpgro.Stats
 }
 
 // Stats reports the carrier sessions; zero for a nil Mux (QUIC not served).
@@ -768,6 +773,7 @@ func (m *Mux) Stats() Stats {
 	for i, r := range EndReasons {
 		st.Ended[r] = m.ended[i].Load()
 	}
+	st.Socket = m.batch.Stats()
 	return st
 }
 
