@@ -310,6 +310,10 @@ var (
 	carrierEndedDesc = prometheus.NewDesc("tp_carrier_sessions_ended_total",
 		"Carrier sessions tpd ended by its bounds, by reason: source_cap (a source's unproven sessions), full (the oldest unproven one made room), unproven (no device's connection within the proof time), device_cap (a device's sessions).",
 		[]string{"reason"}, nil)
+	udpReadsDesc = prometheus.NewDesc("tp_quic_socket_reads_total",
+		"System calls that read datagrams from the QUIC port's UDP socket. tp_quic_socket_packets_total over this is the packets a call brings: up to 8 datagrams, and more where the kernel joins a burst (UDP GRO).", nil, nil)
+	udpPacketsDesc = prometheus.NewDesc("tp_quic_socket_packets_total",
+		"Packets read from the QUIC port's UDP socket.", nil, nil)
 	cudpFlowsDesc = prometheus.NewDesc("tp_connect_udp_flows_total",
 		"CONNECT-UDP (RFC 9298) flows served on the proxy names; they count in tp_udp_flows_* too.", nil, nil)
 	cudpDatagramsDesc = prometheus.NewDesc("tp_connect_udp_datagrams_total",
@@ -322,7 +326,7 @@ var (
 func (c *proxyCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{sessionsDesc, handshakeFailDesc, connsDesc, resumedDesc, quicStreamsDesc, quicMigrationsDesc, bytesDesc, liveDesc,
 		agentsDesc, namesDesc, portsDesc, udpActiveDesc, udpFlowsDesc, udpRefusedDesc, datagramsDesc, droppedDesc, oversizeDesc,
-		cudpFlowsDesc, cudpDatagramsDesc, cudpDroppedDesc, peerSessionsDesc, peerActiveDesc, carrierOpenDesc, carrierEndedDesc, leaseRenewDesc, namesFencedDesc, namesTakenOverDesc, stunDesc} {
+		cudpFlowsDesc, cudpDatagramsDesc, cudpDroppedDesc, peerSessionsDesc, peerActiveDesc, carrierOpenDesc, carrierEndedDesc, udpReadsDesc, udpPacketsDesc, leaseRenewDesc, namesFencedDesc, namesTakenOverDesc, stunDesc} {
 		ch <- d
 	}
 }
@@ -399,6 +403,8 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	for reason, n := range cs.Ended {
 		counter(carrierEndedDesc, n, reason)
 	}
+	counter(udpReadsDesc, cs.Socket.Reads)
+	counter(udpPacketsDesc, cs.Socket.Packets)
 	cu := c.d.proxy.ConnectUDPStats()
 	counter(cudpFlowsDesc, cu.Flows)
 	counter(cudpDatagramsDesc, cu.DatagramsUp, "up")

@@ -395,6 +395,13 @@ func TestMetricsCountWhatHappened(t *testing.T) {
 			t.Errorf("%s moved by %g, want %g", key, got, want)
 		}
 	}
+	// The QUIC connections' packets were read from the UDP socket, each call
+	// bringing at least one.
+	reads := s3.get(t, "tp_quic_socket_reads_total") - s0["tp_quic_socket_reads_total"]
+	packets := s3.get(t, "tp_quic_socket_packets_total") - s0["tp_quic_socket_packets_total"]
+	if reads < 1 || packets < reads {
+		t.Errorf("QUIC socket: %g packets in %g reads; want some, at least one a read", packets, reads)
+	}
 	// Every decision is timed once, as evaluated or as answered by the cache.
 	evaluated := s3.get(t, `tp_policy_decision_duration_seconds_count{cached="false"}`) - s0[`tp_policy_decision_duration_seconds_count{cached="false"}`]
 	cached := s3.get(t, `tp_policy_decision_duration_seconds_count{cached="true"}`) - s0[`tp_policy_decision_duration_seconds_count{cached="true"}`]

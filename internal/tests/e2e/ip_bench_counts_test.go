@@ -17,6 +17,9 @@ type ipBenchCounts struct {
 	tpdQUICQueue     float64 // tp_udp_datagrams_dropped_total{reason="quic_queue_full"}: quic-go's 128 DATAGRAM frames
 	tpdQUICPackets   float64 // tp_udp_datagrams_dropped_total{reason="quic_packet_queue_full"}: quic-go's 256 packets
 	tpdIPDropped     float64 // tp_ip_packets_dropped_total, every reason
+	// tp_quic_socket_reads_total and _packets_total: how many packets a
+	// read of tpd's UDP socket brings (more than 8 when the kernel coalesces).
+	tpdSocketReads, tpdSocketPackets float64
 	// CPU time so far: tpd's, every tp process's (tp ip, tp forward) and
 	// the whole machine's (both ends' kernels, the services, the benchmark).
 	tpdCPU, tpCPU, hostCPU time.Duration
@@ -68,6 +71,10 @@ func readIPBenchCounts(b *testing.B, n *ipNet, sender string) ipBenchCounts {
 			c.tpdQUICPackets = v
 		case strings.HasPrefix(f[0], "tp_ip_packets_dropped_total{"):
 			c.tpdIPDropped += v
+		case f[0] == "tp_quic_socket_reads_total":
+			c.tpdSocketReads = v
+		case f[0] == "tp_quic_socket_packets_total":
+			c.tpdSocketPackets = v
 		}
 	}
 	return c
@@ -88,4 +95,7 @@ func (c ipBenchCounts) report(b *testing.B, before ipBenchCounts, bytes int64) {
 	b.ReportMetric(c.tpdQUICQueue-before.tpdQUICQueue, "tpd-quic-dgram-drops")
 	b.ReportMetric(c.tpdQUICPackets-before.tpdQUICPackets, "tpd-quic-pkt-drops")
 	b.ReportMetric(c.tpdIPDropped-before.tpdIPDropped, "tpd-ip-drops")
+	if reads := c.tpdSocketReads - before.tpdSocketReads; reads > 0 {
+		b.ReportMetric((c.tpdSocketPackets-before.tpdSocketPackets)/reads, "tpd-pkts/read")
+	}
 }
