@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 
+	"github.com/tp-proxy/tp/internal/lib/udpgro"
 	"github.com/tp-proxy/tp/proxy/carrier"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
@@ -35,6 +36,16 @@ func (s *Server) carrierRemote(a net.Addr) (string, bool) {
 
 // CarrierStats reports the carrier sessions; zero while QUIC is not served.
 func (s *Server) CarrierStats() CarrierStats { return s.carrierMux().Stats() }
+
+// QUICSocketStats counts the reads of the QUIC server's UDP socket (the one
+// under the carrier mux): system calls and the packets they brought. Zero
+// while QUIC is not served on a UDP socket.
+func (s *Server) QUICSocketStats() udpgro.Stats {
+	if r := s.socket.Load(); r != nil {
+		return r.Stats()
+	}
+	return udpgro.Stats{}
+}
 
 // CarrierSessions reports the carrier sessions open now (for tests and monitoring).
 func (s *Server) CarrierSessions() int { return s.carrierMux().Sessions() }

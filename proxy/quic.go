@@ -130,7 +130,12 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 	// socket) serves UDP alone.
 	var stunInMux bool
 	if udp, ok := pc.(*net.UDPConn); ok {
-		if m := carrier.NewMux(udp, opts.Carriers, s.log); s.carriers.CompareAndSwap(nil, m) {
+		// The socket is read in coalesced bursts where the kernel joins
+		// them (UDP GRO: package udpgro).
+		rd := udpgro.NewReader(udp)
+		if m := carrier.NewMux(udp, rd, opts.Carriers, s.log); s.carriers.CompareAndSwap(nil, m) {
+			s.socket.Store(rd)
+			defer s.socket.CompareAndSwap(rd, nil)
 			defer s.carriers.CompareAndSwap(m, nil)
 			defer m.Close()
 			// STUN is answered in the mux, from the address each request
@@ -140,7 +145,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn, opts QUICOpti
 			stunInMux = true
 			pc = m
 		} else {
-			pc = udpgro.Wrap(udp) // coalesced reads, as through the mux
+			pc = udpgro.NewConn(udp, rd) // coalesced reads, as through the mux
 		}
 	}
 	tr := &quic.Transport{Conn: pc, StatelessResetKey: opts.StatelessResetKey}

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tp-proxy/tp/internal/lib/udpgro"
 	"github.com/tp-proxy/tp/proxy/carrier"
 	"github.com/tp-proxy/tp/proxy/masque"
 	"github.com/tp-proxy/tp/proxy/peer"
@@ -175,6 +176,7 @@ type Server struct {
 	// carrier's sessions (package proxy/carrier).
 	carrierTLS   *tls.Config
 	carriers     atomic.Pointer[carrier.Mux]
+	socket       atomic.Pointer[udpgro.Reader] // the first QUIC server's socket, read under the carrier mux
 	httpCarriers carrier.HTTPSessions
 	// tlsmux.go: the proxy configuration for a client that offers "tp-mux/1"
 	// (many sessions on one connection), which it prefers to "tp/1".

@@ -27,7 +27,7 @@ func newTestCarrierMux(t *testing.T, network string, ip net.IP) *Mux {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := NewMux(udp, Options{}, slog.New(slog.DiscardHandler))
+	m := NewMux(udp, nil, Options{}, slog.New(slog.DiscardHandler))
 	t.Cleanup(func() { _ = m.Close() })
 	return m
 }

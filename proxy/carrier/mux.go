@@ -17,7 +17,6 @@ import (
 	"github.com/quic-go/quic-go"
 	"golang.org/x/net/ipv4"
 
-	"github.com/tp-proxy/tp/internal/lib/udpgro"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -136,11 +135,10 @@ func (cs *session) touch() { cs.last.Store(time.Now().UnixNano()) }
 
 // Mux is the PacketConn under the server's QUIC transport; it satisfies
 // quic.OOBCapablePacketConn and ReadBatch, so that quic-go keeps its fast path
-// on the UDP socket (batched reads, coalesced where the kernel offers it:
-// package udpgro).
+// on the UDP socket (batched reads, GSO, ECN).
 type Mux struct {
 	udp   *net.UDPConn
-	batch *udpgro.Reader // the socket's datagrams, coalesced bursts split
+	batch BatchReader // the socket's datagrams
 	opts  Options
 	log   *slog.Logger
 
@@ -186,12 +184,23 @@ var carrierEndSentences = [nCarrierEnded]string{
 	"its device opened more carrier sessions than it may",
 }
 
+// BatchReader reads a UDP socket's datagrams in batches, as
+// ipv4.PacketConn.ReadBatch does (each message one datagram).
+type BatchReader interface {
+	ReadBatch(ms []ipv4.Message, flags int) (int, error)
+}
+
 // NewMux returns the mux over udp, which it owns from now on (Close closes
-// it). The QUIC transport reads and writes through the mux.
-func NewMux(udp *net.UDPConn, opts Options, log *slog.Logger) *Mux {
+// it); it reads udp's datagrams through batch (nil: ipv4.NewPacketConn(udp);
+// the server passes a reader of coalesced bursts). The QUIC transport reads
+// and writes through the mux.
+func NewMux(udp *net.UDPConn, batch BatchReader, opts Options, log *slog.Logger) *Mux {
+	if batch == nil {
+		batch = ipv4.NewPacketConn(udp)
+	}
 	return &Mux{
 		udp:      udp,
-		batch:    udpgro.NewReader(udp),
+		batch:    batch,
 		opts:     opts.withDefaults(),
 		log:      log,
 		sessions: make(map[netip.Addr]*session),
@@ -744,9 +753,6 @@ type Stats struct {
 	// Ended counts the sessions the server ended by its bounds, by reason
 	// (EndReasons).
 	Ended map[string]int64
-	// Socket counts the reads of the UDP socket: system calls, and the
-	// packets they brought (more than 8 a call where the kernel coalesces).
-	Socket udpgro.Stats
 }
 
 // Stats reports the carrier sessions; zero for a nil Mux (QUIC not served).
@@ -773,7 +779,6 @@ func (m *Mux) Stats() Stats {
 	for i, r := range EndReasons {
 		st.Ended[r] = m.ended[i].Load()
 	}
-	st.Socket = m.batch.Stats()
 	return st
 }
 

@@ -116,8 +116,8 @@ func (r *Reader) fill(flags int) error {
 		r.reads.Add(1)
 		for i := range n {
 			m := &r.msgs[i]
-			size := 0
-			size, m.NN = takeSegmentSize(m.OOB[:m.NN])
+			size, nn := takeSegmentSize(m.OOB[:m.NN])
+			m.NN = nn
 			if size <= 0 || size >= m.N {
 				r.segs = append(r.segs, segment{i, 0, m.N})
 				continue
@@ -146,8 +146,11 @@ func Wrap(udp *net.UDPConn) net.PacketConn {
 	if !r.gro {
 		return udp
 	}
-	return &Conn{UDPConn: udp, r: r}
+	return NewConn(udp, r)
 }
+
+// NewConn returns udp with r, a Reader of udp, behind its reads.
+func NewConn(udp *net.UDPConn, r *Reader) *Conn { return &Conn{UDPConn: udp, r: r} }
 
 // Reader returns the Conn's Reader.
 func (c *Conn) Reader() *Reader { return c.r }

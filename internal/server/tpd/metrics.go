@@ -403,8 +403,9 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	for reason, n := range cs.Ended {
 		counter(carrierEndedDesc, n, reason)
 	}
-	counter(udpReadsDesc, cs.Socket.Reads)
-	counter(udpPacketsDesc, cs.Socket.Packets)
+	qs := c.d.proxy.QUICSocketStats()
+	counter(udpReadsDesc, qs.Reads)
+	counter(udpPacketsDesc, qs.Packets)
 	cu := c.d.proxy.ConnectUDPStats()
 	counter(cudpFlowsDesc, cu.Flows)
 	counter(cudpDatagramsDesc, cu.DatagramsUp, "up")
