@@ -48,6 +48,10 @@ func (s *Server) H2TunnelsOf(host string) int {
 	return len(h.h2.Snapshot())
 }
 
+// ReverseHeld reports whether tunnels hold the reverse name host now (not
+// counting a holder whose last tunnel just closed).
+func (s *Server) ReverseHeld(host string) bool { return s.rev.tunnels.holder(host) != nil }
+
 // ServingQUIC reports whether ServeQUIC has started on its socket (its
 // carrier mux is in place): a test's first request may go out then.
 func (s *Server) ServingQUIC() bool { return s.carriers.Load() != nil }

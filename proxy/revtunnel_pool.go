@@ -10,6 +10,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -30,6 +31,29 @@ type tunnelState struct {
 	mu      sync.Mutex
 	holders map[string]*tunnelHolder // registry key → holder
 	perID   map[string]int           // tunnels per device identity
+	// gone keeps, for the pickup time, the reverse names whose last tunnel
+	// just closed: an exposer replaces a tunnel TP closed idle at once, and a
+	// request arriving in between waits for the next holder (of the same
+	// device, with the same access) rather than failing. Expired entries go
+	// whenever one is added.
+	gone map[string]goneHolder
+}
+
+// goneHolder is what is remembered of a name's holder after its last tunnel.
+type goneHolder struct {
+	access holderAccess
+	until  time.Time
+}
+
+// holderAccess is who holds a name and who may reach it: a request goes only
+// to a holder with the access it was let in for.
+type holderAccess struct {
+	owner       string
+	devicesOnly bool
+}
+
+func (h *tunnelHolder) access() holderAccess {
+	return holderAccess{owner: h.owner, devicesOnly: h.target.DevicesOnly}
 }
 
 type tunnelHolder struct {
@@ -99,6 +123,7 @@ func (st *tunnelState) join(s *Server, target reverse.Target, id authz.Identity,
 			old.End(reverse.ErrReplaced)
 		}
 		st.holders[key] = h
+		delete(st.gone, key)
 	}
 	if h.target.DevicesOnly != target.DevicesOnly {
 		return nil, nil, reverse.Refuse(http.StatusConflict, wire.CodeNameTaken,
@@ -141,6 +166,18 @@ func (st *tunnelState) leave(s *Server, h *tunnelHolder, t *tunnelTicket) {
 	last := h.n == 0
 	if last && st.holders[h.key] == h {
 		delete(st.holders, h.key)
+		if h.target.Port == 0 && h.ctx.Err() == nil { // a name's, not ended by a replacement or revocation
+			now := time.Now()
+			if st.gone == nil {
+				st.gone = map[string]goneHolder{}
+			}
+			for k, g := range st.gone {
+				if !now.Before(g.until) {
+					delete(st.gone, k)
+				}
+			}
+			st.gone[h.key] = goneHolder{access: h.access(), until: now.Add(h.pickup)}
+		}
 	}
 	st.mu.Unlock()
 	h.h2Ready(t)
@@ -159,6 +196,15 @@ func (st *tunnelState) holder(key string) *tunnelHolder {
 		return nil
 	}
 	return h
+}
+
+// recentlyGone returns what is remembered of key's holder if its last tunnel
+// closed within the pickup time and no other holds the name yet.
+func (st *tunnelState) recentlyGone(key string) (goneHolder, bool) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	g, ok := st.gone[key]
+	return g, ok && time.Now().Before(g.until)
 }
 
 func (s *Server) newHolder(target reverse.Target, id authz.Identity) *tunnelHolder {
@@ -188,6 +234,9 @@ func (s *Server) newHolder(target reverse.Target, id authz.Identity) *tunnelHold
 			if !ok {
 				if err := ctx.Err(); err != nil {
 					return nil, err
+				}
+				if h.ctx.Err() != nil {
+					return nil, fmt.Errorf("%w: %w", errTunnelsGone, context.Cause(h.ctx))
 				}
 				return nil, fmt.Errorf("no reverse tunnel of %s became free within %s", target.Full, h.pickup)
 			}
@@ -295,8 +344,12 @@ func (s *Server) ReverseHTTPDevicesOnly(host string) bool {
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
 	}
-	h := s.rev.tunnels.holder(strings.TrimSuffix(strings.ToLower(host), "."))
-	return h != nil && h.target.Port == 0 && h.target.DevicesOnly
+	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	if h := s.rev.tunnels.holder(host); h != nil {
+		return h.target.Port == 0 && h.target.DevicesOnly
+	}
+	g, ok := s.rev.tunnels.recentlyGone(host) // requests wait for its next holder
+	return ok && g.access.devicesOnly
 }
 
 // ReverseHTTP returns the round-tripper for a reverse name that reverse tunnels
@@ -318,7 +371,9 @@ func (s *Server) ReverseHTTP(host string) (http.RoundTripper, bool) {
 		return nil, false
 	}
 	if s.rev.tunnels.holder(host) == nil {
-		return nil, false
+		if _, ok := s.rev.tunnels.recentlyGone(host); !ok {
+			return nil, false
+		}
 	}
 	return &reverseRoundTripper{s: s, host: host}, true
 }
@@ -328,14 +383,110 @@ type reverseRoundTripper struct {
 	host string
 }
 
+// errTunnelsGone is why a request waiting for an HTTP/1.1 tunnel got none:
+// the name's last tunnel closed meanwhile (closed idle, say, as its exposer
+// opens the next one), before anything of the request was sent.
+var errTunnelsGone = errors.New("the reverse tunnels of the name closed while the request waited for one")
+
+// RoundTrip sends req down one of the name's tunnels. A request whose
+// tunnels all closed before it was sent goes to the tunnels that hold the
+// name next, if any do within the pickup time: an exposer replaces a tunnel
+// TP closed idle at once, and a request arriving at that moment should not
+// fail.
 func (rt *reverseRoundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	h := rt.s.rev.tunnels.holder(rt.host)
-	if h == nil {
+	var access holderAccess
+	var until time.Time
+	if h != nil {
+		access, until = h.access(), time.Now().Add(h.pickup)
+	} else if g, ok := rt.s.rev.tunnels.recentlyGone(rt.host); ok {
+		// Its last tunnel just closed: wait for the next.
+		access, until = g.access, g.until
+		var err error
+		if h, err = rt.nextHolder(req.Context(), nil, access, until); err != nil {
+			if req.Body != nil {
+				_ = req.Body.Close()
+			}
+			return nil, err
+		}
+	} else {
 		if req.Body != nil {
 			_ = req.Body.Close()
 		}
 		return nil, fmt.Errorf("no reverse tunnel serves %s now (is `tp expose --http` running for it?)", rt.host)
 	}
+	var body *heldBody
+	if req.Body != nil && req.Body != http.NoBody {
+		body = &heldBody{rc: req.Body}
+		req = req.Clone(req.Context())
+		req.Body = body
+	}
+	for {
+		resp, err := rt.via(h, req)
+		if err == nil || !errors.Is(err, errTunnelsGone) || body != nil && body.read.Load() {
+			if err != nil && body != nil {
+				_ = body.rc.Close()
+			}
+			return resp, err
+		}
+		next, nerr := rt.nextHolder(req.Context(), h, access, until)
+		if nerr != nil {
+			if body != nil {
+				_ = body.rc.Close()
+			}
+			return nil, nerr
+		}
+		h = next
+	}
+}
+
+// heldBody is a request body that a failed round trip closes only when it
+// read from it: a request whose tunnel vanished before any of it was sent can
+// go again, body and all.
+type heldBody struct {
+	rc   io.ReadCloser
+	read atomic.Bool
+}
+
+func (b *heldBody) Read(p []byte) (int, error) {
+	b.read.Store(true)
+	return b.rc.Read(p)
+}
+
+func (b *heldBody) Close() error {
+	if b.read.Load() {
+		return b.rc.Close()
+	}
+	return nil
+}
+
+// nextHolder waits until another holder than old serves the name, until then
+// or ctx ends. A holder of another device, or one that serves the name to
+// other people than the request was let in for, is an error: the request
+// was authorized for the holder before.
+func (rt *reverseRoundTripper) nextHolder(ctx context.Context, old *tunnelHolder, access holderAccess, until time.Time) (*tunnelHolder, error) {
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if h := rt.s.rev.tunnels.holder(rt.host); h != nil && h != old {
+			if h.access() != access {
+				return nil, fmt.Errorf("%s is served by other reverse tunnels now, with other access, than when the request arrived; send it again", rt.host)
+			}
+			return h, nil
+		}
+		if !time.Now().Before(until) {
+			return nil, fmt.Errorf("no reverse tunnel serves %s now: its last one closed, and no other opened while the request waited (is `tp expose --http` still running for it?)", rt.host)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, context.Cause(ctx)
+		case <-tick.C:
+		}
+	}
+}
+
+// via sends req down one of h's tunnels.
+func (rt *reverseRoundTripper) via(h *tunnelHolder, req *http.Request) (*http.Response, error) {
 	out := req.Clone(req.Context())
 	u := *req.URL
 	u.Scheme, u.Host = "http", rt.host

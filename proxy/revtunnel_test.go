@@ -303,6 +303,78 @@ func (e *rtEnv) get(t *testing.T, path string) (string, error) {
 	return string(b), err
 }
 
+// A request for a name whose last tunnel has just closed waits for the next
+// holder, and goes to it only if it serves the name to the same people: the
+// same device coming back with TP-Access: devices does not get a request let
+// in for anyone (fail closed); coming back as it was, it gets the request.
+func TestReverseHTTPNextHolderKeepsAccess(t *testing.T) {
+	t.Parallel()
+	// Idle tunnels close after 200 ms (and exposers reopen them): a stopped
+	// exposer's tunnel is noticed then.
+	e := newRTEnvOpts(t, proxy.ReverseTunnelOptions{IdleTimeout: 200 * time.Millisecond})
+	local := httptest.NewServer(rtApp(t, nil))
+	t.Cleanup(local.Close)
+	u, _ := url.Parse(local.URL)
+	expose := func(devicesOnly bool) (stop func()) {
+		ctx, cancel := context.WithCancel(context.Background())
+		x := &clients.HTTPExposer{Server: e.addr, ProxyName: "proxy.localhost",
+			TLSConfig: &tls.Config{RootCAs: e.ca.Pool, Certificates: []tls.Certificate{e.alice}},
+			Name:      "blog", Local: u, Tunnels: 1, H1Only: true, DevicesOnly: devicesOnly, Logger: discardLogger()}
+		done := make(chan error, 1)
+		go func() { done <- x.Run(ctx) }()
+		return func() { cancel(); <-done }
+	}
+	// gone stops the exposer and waits until its holder has ended; the name
+	// is still offered (requests wait for the next holder).
+	gone := func(stop func()) http.RoundTripper {
+		t.Helper()
+		stop()
+		waitFor(t, func() bool { return !e.srv.ReverseHeld("blog.rev.test") })
+		rt, ok := e.srv.ReverseHTTP("blog.rev.test")
+		if !ok {
+			t.Fatal("ReverseHTTP refused the name the moment its last tunnel closed; want requests to wait for the next")
+		}
+		return rt
+	}
+	send := func(rt http.RoundTripper) chan error {
+		errc := make(chan error, 1)
+		go func() {
+			req, _ := http.NewRequest(http.MethodGet, "https://blog.rev.test/hello", nil)
+			resp, err := rt.RoundTrip(req)
+			if err == nil {
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if string(b) != "hello blog.rev.test over HTTP/1.1" {
+					err = fmt.Errorf("body %q", b)
+				}
+			}
+			errc <- err
+		}()
+		return errc
+	}
+
+	stop := expose(false)
+	waitFor(t, func() bool { return e.srv.ReverseHeld("blog.rev.test") })
+	waited := send(gone(stop))
+	stop = expose(true) // the same device, now for enrolled devices only
+	if err := <-waited; err == nil || !strings.Contains(err.Error(), "with other access") {
+		t.Fatalf("a request let in for anyone, sent to the name's devices-only holder: %v; want it refused", err)
+	}
+	if !e.srv.ReverseHTTPDevicesOnly("blog.rev.test") {
+		t.Fatal("the devices-only holder does not say so")
+	}
+
+	waited = send(gone(stop))
+	if !e.srv.ReverseHTTPDevicesOnly("blog.rev.test") {
+		t.Fatal("between a devices-only holder and the next, the name is not devices-only")
+	}
+	stop = expose(true)
+	defer stop()
+	if err := <-waited; err != nil {
+		t.Fatalf("a request that waited for the same device's next tunnel, with the same access: %v", err)
+	}
+}
+
 func TestReverseTunnelHTTP1Upgrade(t *testing.T) {
 	t.Parallel()
 	e := newRTEnv(t)
@@ -969,6 +1041,14 @@ func TestExposeHTTPClient(t *testing.T) {
 		waitFor(t, func() bool { _, held := e.srv.ReverseHTTP("blog.rev.test"); return held })
 		if got, err := e.get(t, "/hello"); err != nil || got != "hello blog.rev.test over HTTP/1.1" {
 			t.Fatalf("GET after the tunnels were reopened: %q, %v", got, err)
+		}
+		// Requests that arrive as the only tunnel closes idle (every 200 ms
+		// here) wait for the one the exposer opens next: none fails.
+		for i := range 20 {
+			time.Sleep(200*time.Millisecond + time.Duration(i%5)*5*time.Millisecond)
+			if got, err := e.get(t, "/hello"); err != nil || got != "hello blog.rev.test over HTTP/1.1" {
+				t.Fatalf("GET %d, 200 ms after the one before, while the tunnel closes and reopens: %q, %v", i, got, err)
+			}
 		}
 	})
 	t.Run("refused", func(t *testing.T) {
