@@ -6,8 +6,12 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	"golang.org/x/net/ipv4"
+
+	"github.com/tp-proxy/tp/internal/lib/udpgro"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -20,10 +24,14 @@ import (
 // only while the congestion window lets it send, which a connection whose
 // path died with data in flight never does again.)
 //
-// It wraps the UDP socket, so quic-go on the client loses GSO and batched
-// reads (carrier "udp" without fallback keeps them).
+// quic-go sees it as a UDP socket (quic.OOBCapablePacketConn with a
+// ReadBatch) and keeps its fast path while the connection is on UDP: batched
+// reads, coalesced where the kernel joins bursts (package udpgro), GSO sends
+// and ECN. On a carrier, a GSO send is cut into its packets and control
+// messages are dropped.
 type MovingConn struct {
 	udp    *net.UDPConn
+	rd     *udpgro.Reader
 	server net.Addr // what reads from a carrier say they came from
 
 	mu      sync.Mutex
@@ -41,7 +49,7 @@ type MovingConn struct {
 // NewMovingConn returns a MovingConn on udp whose reads from a carrier say
 // they came from server.
 func NewMovingConn(udp *net.UDPConn, server net.Addr) *MovingConn {
-	return &MovingConn{udp: udp, server: server}
+	return &MovingConn{udp: udp, rd: udpgro.NewReader(udp), server: server}
 }
 
 // ServerAddr is what reads from a carrier say they came from.
@@ -58,12 +66,21 @@ func (m *MovingConn) UDPWritesFailing() time.Duration {
 // movingReplay is how many of the last packets a move sends again.
 const movingReplay = 4
 
-// remember keeps a copy of b among the recent packets.
-func (m *MovingConn) remember(b []byte) {
+// remember keeps a copy of the packets in b (one, or a GSO send's of seg
+// bytes each) among the recent packets.
+func (m *MovingConn) remember(b []byte, seg int) {
+	if seg <= 0 {
+		seg = len(b)
+	}
+	if k := len(b) / max(seg, 1); k > movingReplay { // only the last few are kept
+		b = b[(k-movingReplay)*seg:]
+	}
 	m.mu.Lock()
-	p := m.recent[m.next][:0]
-	m.recent[m.next] = append(p, b...)
-	m.next = (m.next + 1) % movingReplay
+	for off := 0; off < len(b); off += seg {
+		p := m.recent[m.next][:0]
+		m.recent[m.next] = append(p, b[off:min(off+seg, len(b))]...)
+		m.next = (m.next + 1) % movingReplay
+	}
 	m.mu.Unlock()
 }
 
@@ -128,48 +145,108 @@ func (m *MovingConn) MoveBack() {
 	}
 }
 
-func (m *MovingConn) ReadFrom(b []byte) (int, net.Addr, error) {
+// ReadBatch reads packets as ipv4.PacketConn.ReadBatch does: from the UDP
+// socket (several, coalesced bursts split), or one from the carrier.
+func (m *MovingConn) ReadBatch(ms []ipv4.Message, flags int) (int, error) {
 	for {
 		if cc := m.Current(); cc != nil {
-			n, _, err := cc.ReadFrom(b)
+			n, _, err := cc.ReadFrom(ms[0].Buffers[0])
 			if errors.Is(err, net.ErrClosed) && m.Current() != cc {
 				continue // moved on again
 			}
-			return n, m.server, err
+			if err != nil {
+				return 0, err
+			}
+			ms[0].N, ms[0].NN, ms[0].Flags, ms[0].Addr = n, 0, 0, m.server
+			return 1, nil
 		}
-		n, addr, err := m.udp.ReadFrom(b)
+		n, err := m.rd.ReadBatch(ms, flags)
 		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
 			m.mu.Lock()
 			moved, dl := m.carrier != nil, m.rdl
 			m.mu.Unlock()
 			if moved || dl.IsZero() || time.Now().Before(dl) {
-				continue
+				continue // MoveTo's wake-up, not the caller's deadline
 			}
 		}
-		return n, addr, err
+		return n, err
 	}
 }
 
+// ReadMsgUDP reads one packet.
+func (m *MovingConn) ReadMsgUDP(b, oob []byte) (n, oobn, flags int, addr *net.UDPAddr, err error) {
+	ms := []ipv4.Message{{Buffers: [][]byte{b}, OOB: oob}}
+	if _, err = m.ReadBatch(ms, 0); err != nil {
+		return 0, 0, 0, nil, err
+	}
+	addr, _ = ms[0].Addr.(*net.UDPAddr)
+	return ms[0].N, ms[0].NN, ms[0].Flags, addr, nil
+}
+
+func (m *MovingConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	ms := []ipv4.Message{{Buffers: [][]byte{b}}}
+	if _, err := m.ReadBatch(ms, 0); err != nil {
+		return 0, nil, err
+	}
+	return ms[0].N, ms[0].Addr, nil
+}
+
+// WriteMsgUDP sends b (one packet, or a GSO send's packets when oob asks for
+// segmentation) with its control messages over UDP, or its packets over the
+// carrier.
+func (m *MovingConn) WriteMsgUDP(b, oob []byte, addr *net.UDPAddr) (int, int, error) {
+	seg := udpgro.SendSegmentSize(oob)
+	m.remember(b, seg)
+	if cc := m.Current(); cc != nil {
+		if seg <= 0 {
+			seg = len(b)
+		}
+		for off := 0; off < len(b); off += seg {
+			if _, err := cc.WriteTo(b[off:min(off+seg, len(b))], addr); err != nil {
+				return off, 0, err
+			}
+		}
+		return len(b), len(oob), nil
+	}
+	n, oobn, err := m.udp.WriteMsgUDP(b, oob, addr)
+	if seg > 0 && udpgro.IsSegmentationError(err) {
+		return n, oobn, err // quic-go sends without GSO from now on
+	}
+	if m.udpWritten(err) {
+		return len(b), len(oob), nil
+	}
+	return n, oobn, err
+}
+
 func (m *MovingConn) WriteTo(b []byte, addr net.Addr) (int, error) {
-	m.remember(b)
+	m.remember(b, 0)
 	if cc := m.Current(); cc != nil {
 		return cc.WriteTo(b, addr)
 	}
 	n, err := m.udp.WriteTo(b, addr)
-	if err == nil {
-		m.udpFailing.Store(0)
-	} else {
-		m.udpFailing.CompareAndSwap(0, time.Now().UnixNano())
-	}
-	if err != nil && !errors.Is(err, net.ErrClosed) {
-		// A local firewall that drops UDP answers sendto with EPERM, a lost
-		// network with ENETUNREACH: quic-go would close the connection on the
-		// error. The packet is lost instead, as on a network that drops it
-		// silently, and the Dialer moves the connection to a carrier.
+	if m.udpWritten(err) {
 		return len(b), nil
 	}
 	return n, err
 }
+
+// udpWritten notes how a write to the UDP socket went, and reports whether
+// its error is to be hidden: a local firewall that drops UDP answers sendto
+// with EPERM, a lost network with ENETUNREACH, and quic-go would close the
+// connection on the error. The packet is lost instead, as on a network that
+// drops it silently, and the Dialer moves the connection to a carrier.
+func (m *MovingConn) udpWritten(err error) (hide bool) {
+	if err == nil {
+		m.udpFailing.Store(0)
+		return false
+	}
+	m.udpFailing.CompareAndSwap(0, time.Now().UnixNano())
+	return !errors.Is(err, net.ErrClosed)
+}
+
+// SyscallConn is the UDP socket's: quic-go sets its options (ECN, packet
+// information, don't-fragment) and asks whether it takes GSO.
+func (m *MovingConn) SyscallConn() (syscall.RawConn, error) { return m.udp.SyscallConn() }
 
 func (m *MovingConn) SetReadDeadline(t time.Time) error {
 	m.mu.Lock()

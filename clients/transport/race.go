@@ -98,7 +98,7 @@ func (cl *Client) dialOverUDP(ctx context.Context, raddr *net.UDPAddr, cfg *tls.
 	}
 	var pc net.PacketConn
 	if cl.Carrier == CarrierAuto {
-		pc = NewMovingConn(udp, raddr) // reads datagram by datagram: no coalescing
+		pc = NewMovingConn(udp, raddr)
 	} else {
 		pc = udpgro.Wrap(udp)
 	}

@@ -2,6 +2,7 @@ package udpgro
 
 import (
 	"encoding/binary"
+	"errors"
 	"net"
 
 	"golang.org/x/sys/unix"
@@ -49,3 +50,25 @@ func takeSegmentSize(oob []byte) (size, n int) {
 	}
 	return size, len(oob)
 }
+
+// SendSegmentSize is the segment size of a UDP_SEGMENT control message in
+// oob, which makes one send of a buffer many datagrams (GSO; quic-go asks for
+// it that way), or 0 without one.
+func SendSegmentSize(oob []byte) int {
+	for len(oob) > 0 {
+		hdr, body, rest, err := unix.ParseOneSocketControlMessage(oob)
+		if err != nil {
+			return 0
+		}
+		if hdr.Level == unix.IPPROTO_UDP && hdr.Type == unix.UDP_SEGMENT && len(body) >= 2 {
+			return int(binary.NativeEndian.Uint16(body))
+		}
+		oob = rest
+	}
+	return 0
+}
+
+// IsSegmentationError reports whether err is the kernel refusing a segmented
+// send (EIO: the route's device does not take GSO), which quic-go answers by
+// sending without it.
+func IsSegmentationError(err error) bool { return errors.Is(err, unix.EIO) }
