@@ -68,7 +68,7 @@ func (cl *Client) ConnectAgent(ctx context.Context, qcfg *quic.Config) (*quic.Co
 	} else if raddr, err = net.ResolveUDPAddr("udp", addr); err != nil {
 		return nil, fmt.Errorf("TP server address %q: %w", addr, err)
 	}
-	conn, err := tr.Dial(ctx, raddr, cfg, qcfg)
+	conn, err := tr.Dial(ctx, raddr, cfg, configFor(tr.Conn, qcfg))
 	if err != nil {
 		return nil, fmt.Errorf("connecting to TP server %s over QUIC: %w", addr, cl.forgetRejected(ExplainQUIC(err, cl.expiredAdvice)))
 	}

@@ -633,8 +633,8 @@ const quicGrace = time.Second
 // What a Client holds, for monitoring and for tests that watch it.
 
 // PacketConn is the socket or carrier link the shared QUIC connection runs
-// on (a *net.UDPConn, a *CarrierConn or a *MovingConn); nil before the first
-// QUIC connect.
+// on (a *net.UDPConn or the *udpgro.Conn around one, a *CarrierConn or a
+// *MovingConn); nil before the first QUIC connect.
 func (cl *Client) PacketConn() net.PacketConn {
 	cl.quic.mu.Lock()
 	defer cl.quic.mu.Unlock()

@@ -283,6 +283,7 @@ func (cl *Client) connectQUIC(ctx context.Context) (*quic.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	qcfg = configFor(tr.Conn, qcfg)
 	var conn *quic.Conn
 	if cl.racesCarriers() { // a further connection, on the race winner's socket
 		conn, err = tr.Dial(ctx, raddr, cfg, qcfg)

@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/quic-go/quic-go"
 	"golang.org/x/net/ipv4"
 
 	"github.com/tp-proxy/tp/internal/lib/udpgro"
@@ -26,9 +27,10 @@ import (
 //
 // quic-go sees it as a UDP socket (quic.OOBCapablePacketConn with a
 // ReadBatch) and keeps its fast path while the connection is on UDP: batched
-// reads, coalesced where the kernel joins bursts (package udpgro), GSO sends
-// and ECN. On a carrier, a GSO send is cut into its packets and control
-// messages are dropped.
+// reads, coalesced where the kernel joins bursts (package udpgro), and GSO
+// sends. On a carrier, a GSO send is cut into its packets and control
+// messages are dropped (quic-go's ECN then finds the path unmarked and stays
+// off). Its connections run without path MTU discovery (configFor).
 type MovingConn struct {
 	udp    *net.UDPConn
 	rd     *udpgro.Reader
@@ -149,7 +151,7 @@ func (m *MovingConn) MoveBack() {
 // socket (several, coalesced bursts split), or one from the carrier.
 func (m *MovingConn) ReadBatch(ms []ipv4.Message, flags int) (int, error) {
 	for {
-		if cc := m.Current(); cc != nil {
+		if cc := m.Current(); cc != nil && m.rd.Buffered() == 0 { // what UDP brought first
 			n, _, err := cc.ReadFrom(ms[0].Buffers[0])
 			if errors.Is(err, net.ErrClosed) && m.Current() != cc {
 				continue // moved on again
@@ -247,6 +249,20 @@ func (m *MovingConn) udpWritten(err error) (hide bool) {
 // SyscallConn is the UDP socket's: quic-go sets its options (ECN, packet
 // information, don't-fragment) and asks whether it takes GSO.
 func (m *MovingConn) SyscallConn() (syscall.RawConn, error) { return m.udp.SyscallConn() }
+
+// configFor is qcfg for a connection on pc: on a MovingConn, without path MTU
+// discovery, as before quic-go saw the socket under it. quic-go does not see
+// a move, so a packet size learnt on one path (a carrier carries any) would
+// stay on the next, where larger packets may be dropped, silently: a move
+// hides UDP's write errors.
+func configFor(pc net.PacketConn, qcfg *quic.Config) *quic.Config {
+	if _, ok := pc.(*MovingConn); !ok || qcfg == nil {
+		return qcfg
+	}
+	c := qcfg.Clone()
+	c.DisablePathMTUDiscovery = true
+	return c
+}
 
 func (m *MovingConn) SetReadDeadline(t time.Time) error {
 	m.mu.Lock()

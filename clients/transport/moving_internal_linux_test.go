@@ -11,6 +11,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/quic-go/quic-go"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 )
@@ -122,6 +123,35 @@ func TestMovingConnSegments(t *testing.T) {
 		}
 	}
 
+	// Its connections run without path MTU discovery: quic-go does not see a
+	// move, and a size learnt on one path would stay on the next.
+	if !configFor(m, &quic.Config{}).DisablePathMTUDiscovery || configFor(udp, &quic.Config{}).DisablePathMTUDiscovery {
+		t.Fatal("path MTU discovery: want it off on a MovingConn only")
+	}
+
+	// Packets of a coalesced read not yet handed out when the connection
+	// moves come first, before the carrier's.
+	b0 := burst(4, 1000, 500, '0')
+	if _, _, err := server.WriteMsgUDP(b0, segmentOOB(1000), udp.LocalAddr().(*net.UDPAddr)); err != nil {
+		t.Fatal(err)
+	}
+	_ = m.SetReadDeadline(time.Now().Add(10 * time.Second))
+	two := make([]ipv4.Message, 2)
+	for i := range two {
+		two[i].Buffers, two[i].OOB = [][]byte{make([]byte, 1500)}, make([]byte, 128)
+	}
+	var early [][]byte
+	for len(early) < 2 {
+		n, err := m.ReadBatch(two, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, msg := range two[:n] {
+			early = append(early, bytes.Clone(msg.Buffers[0][:msg.N]))
+		}
+	}
+	_ = m.SetReadDeadline(time.Time{})
+
 	// The move sends the last 4 packets again, each on its own.
 	link := newPacketLink()
 	cc, err := NewCarrierConn(context.Background(), "tls", "server", func(context.Context) (CarrierLink, error) { return link, nil })
@@ -148,11 +178,29 @@ func TestMovingConnSegments(t *testing.T) {
 		}
 	}
 
-	// A packet from the carrier reads as from the server.
+	// The rest of the burst read before the move, then a packet from the
+	// carrier, which reads as from the server.
 	link.in <- []byte("from the carrier")
 	ms := make([]ipv4.Message, 8)
 	for i := range ms {
 		ms[i].Buffers, ms[i].OOB = [][]byte{make([]byte, 1500)}, make([]byte, 128)
+	}
+	for len(early) < 5 {
+		n, err := m.ReadBatch(ms, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, msg := range ms[:n] {
+			if string(msg.Buffers[0][:msg.N]) == "from the carrier" {
+				t.Fatalf("the carrier's packet came after %d of the 5 the UDP socket had brought before the move", len(early))
+			}
+			early = append(early, bytes.Clone(msg.Buffers[0][:msg.N]))
+		}
+	}
+	for i, p := range early {
+		if want := b0[i*1000 : min((i+1)*1000, len(b0))]; !bytes.Equal(p, want) {
+			t.Fatalf("datagram %d of the burst before the move: %d bytes of %q, want %d of %q", i, len(p), p[:1], len(want), want[:1])
+		}
 	}
 	if n, err := m.ReadBatch(ms, 0); err != nil || n != 1 || string(ms[0].Buffers[0][:ms[0].N]) != "from the carrier" || ms[0].Addr != net.Addr(saddr) {
 		t.Fatalf("read on the carrier: %d messages, %q from %v, %v", n, ms[0].Buffers[0][:ms[0].N], ms[0].Addr, err)

@@ -103,7 +103,7 @@ func (cl *Client) dialOverUDP(ctx context.Context, raddr *net.UDPAddr, cfg *tls.
 		pc = udpgro.Wrap(udp)
 	}
 	r := raceResult{kind: wire.CarrierUDP, tr: &quic.Transport{Conn: pc}, pc: pc}
-	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, qcfg); r.err != nil {
+	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, configFor(r.pc, qcfg)); r.err != nil {
 		r.close()
 		r.err = fmt.Errorf("over udp: %w", r.err)
 	}
@@ -144,7 +144,7 @@ func (cl *Client) dialOverCarrier(ctx context.Context, kind string, raddr *net.U
 		case <-ctx.Done():
 		}
 	}()
-	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, qcfg); r.err != nil {
+	if r.conn, r.err = r.tr.Dial(ctx, raddr, cfg, configFor(r.pc, qcfg)); r.err != nil {
 		select {
 		case <-cc.Refused():
 			r.err = fmt.Errorf("the server closed the %s carrier connection without answering (it serves no QUIC): %w", kind, r.err)

@@ -8,7 +8,29 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-const truncated = unix.MSG_TRUNC
+const (
+	truncated  = unix.MSG_TRUNC
+	ctruncated = unix.MSG_CTRUNC
+)
+
+// copyControl copies the whole control messages of src that fit in dst, in
+// order, and reports whether any was left out: a message cut in half would
+// make quic-go's parser fail and end its transport.
+func copyControl(dst, src []byte) (n int, cut bool) {
+	for len(src) > 0 {
+		_, _, rest, err := unix.ParseOneSocketControlMessage(src)
+		if err != nil {
+			return n, true
+		}
+		m := len(src) - len(rest)
+		if n+m > len(dst) {
+			return n, true
+		}
+		n += copy(dst[n:], src[:m])
+		src = rest
+	}
+	return n, false
+}
 
 // enableGRO turns on receive coalescing for udp and reports whether the
 // kernel took it (Linux 5.0 and later).

@@ -4,7 +4,15 @@ package udpgro
 
 import "net"
 
-const truncated = 0x20 // MSG_TRUNC where it is defined; unused without coalescing
+const (
+	truncated  = 0x20 // MSG_TRUNC where it is defined; unused without coalescing
+	ctruncated = 0x8  // MSG_CTRUNC likewise
+)
+
+func copyControl(dst, src []byte) (int, bool) {
+	n := copy(dst, src)
+	return n, n < len(src)
+}
 
 func enableGRO(*net.UDPConn) bool { return false }
 

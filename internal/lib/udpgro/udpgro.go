@@ -15,8 +15,9 @@ const (
 	// IP packet's worth (64 KiB) and truncates what a buffer cannot hold.
 	bufSize = 1 << 16
 	// oobSize holds the control messages quic-go turns on (the TOS or
-	// traffic class byte, the packet information) and the segment size.
-	oobSize = 128
+	// traffic class byte, the packet information of both families on a
+	// dual-stack socket) and the segment size, 120 bytes at most, with room.
+	oobSize = 256
 )
 
 // Reader reads a UDP socket in batches, with coalescing where the kernel
@@ -40,25 +41,23 @@ type segment struct {
 }
 
 // NewReader returns a Reader of udp, and turns coalescing on for the socket
-// where it can. The caller keeps udp (and closes it).
+// where it can. The caller keeps udp (and closes it). The buffers (8 × 64
+// KiB) are allocated at the first read: a socket that never reads costs
+// nothing.
 func NewReader(udp *net.UDPConn) *Reader {
-	r := &Reader{conn: ipv4.NewPacketConn(udp), gro: enableGRO(udp)}
-	if r.gro {
-		r.msgs = make([]ipv4.Message, batch)
-		for i := range r.msgs {
-			r.msgs[i].Buffers = [][]byte{make([]byte, bufSize)}
-			r.msgs[i].OOB = make([]byte, oobSize)
-		}
-		r.segs = make([]segment, 0, batch*4)
-	}
-	return r
+	return &Reader{conn: ipv4.NewPacketConn(udp), gro: enableGRO(udp)}
 }
+
+// Buffered is how many packets of the last coalesced reads the Reader still
+// holds: the next ReadBatch hands them out without reading the socket.
+func (r *Reader) Buffered() int { return len(r.segs) - r.next }
 
 // Coalescing reports whether the kernel joins datagrams for this Reader.
 func (r *Reader) Coalescing() bool { return r.gro }
 
 // Stats are a Reader's counts: system calls that returned datagrams, the
-// reads among them that held more than one packet, and packets handed out.
+// buffers they returned that held more than one packet (a call returns up
+// to 8), and packets handed out.
 type Stats struct{ Reads, Coalesced, Packets int64 }
 
 // Stats returns the Reader's counts so far.
@@ -97,7 +96,11 @@ func (r *Reader) ReadBatch(ms []ipv4.Message, flags int) (int, error) {
 		if m.N < s.end-s.off {
 			m.Flags = truncated
 		}
-		m.NN = copy(m.OOB, src.OOB[:src.NN])
+		var cut bool
+		m.NN, cut = copyControl(m.OOB, src.OOB[:src.NN])
+		if cut || src.Flags&ctruncated != 0 {
+			m.Flags |= ctruncated
+		}
 		m.Addr = src.Addr
 		n++
 	}
@@ -107,6 +110,14 @@ func (r *Reader) ReadBatch(ms []ipv4.Message, flags int) (int, error) {
 
 // fill reads the next batch of coalesced reads and cuts them into segs.
 func (r *Reader) fill(flags int) error {
+	if r.msgs == nil {
+		r.msgs = make([]ipv4.Message, batch)
+		for i := range r.msgs {
+			r.msgs[i].Buffers = [][]byte{make([]byte, bufSize)}
+			r.msgs[i].OOB = make([]byte, oobSize)
+		}
+		r.segs = make([]segment, 0, batch*4)
+	}
 	r.segs, r.next = r.segs[:0], 0
 	for len(r.segs) == 0 {
 		n, err := r.conn.ReadBatch(r.msgs, flags)
@@ -132,8 +143,10 @@ func (r *Reader) fill(flags int) error {
 }
 
 // Conn is a *net.UDPConn whose reads go through a Reader: quic-go reads it
-// with ReadBatch, and the single reads (ReadFrom, ReadMsgUDP) hand out the
-// same packets.
+// with ReadBatch, and the single reads ReadFrom and ReadMsgUDP hand out the
+// same packets. The UDPConn's other reads (Read, ReadFromUDP,
+// ReadMsgUDPAddrPort) would bypass the Reader and return bursts unsplit: use
+// none of them.
 type Conn struct {
 	*net.UDPConn
 	r *Reader

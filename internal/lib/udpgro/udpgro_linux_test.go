@@ -169,6 +169,30 @@ func TestReaderMarksTruncation(t *testing.T) {
 	}
 }
 
+// Control messages that do not fit the caller's buffer are left out whole,
+// with MSG_CTRUNC, as the kernel does: one cut in half would not parse.
+func TestReaderKeepsControlMessagesWhole(t *testing.T) {
+	rx, tx := listen(t), listen(t)
+	setsockopt(t, rx, unix.IPPROTO_IP, unix.IP_RECVTOS, 1)
+	setsockopt(t, rx, unix.IPPROTO_IP, unix.IP_PKTINFO, 1)
+	r := udpgro.NewReader(rx)
+	sendSegmented(t, tx, rx.LocalAddr(), bytes.Repeat([]byte{1}, 2400), 1200)
+	_ = rx.SetReadDeadline(time.Now().Add(10 * time.Second))
+	ms := messages(1, 1500)
+	// Room for the packet information's message (the kernel's first) and a
+	// few bytes of the TOS byte's.
+	ms[0].OOB = make([]byte, unix.CmsgSpace(unix.SizeofInet4Pktinfo)+8)
+	if n, err := r.ReadBatch(ms, 0); err != nil || n != 1 {
+		t.Fatalf("read: %d, %v", n, err)
+	}
+	if ms[0].Flags&unix.MSG_CTRUNC == 0 || ms[0].NN != unix.CmsgSpace(unix.SizeofInet4Pktinfo) {
+		t.Fatalf("%d bytes of control messages, flags %#x; want the packet information's %d and MSG_CTRUNC", ms[0].NN, ms[0].Flags, unix.CmsgSpace(unix.SizeofInet4Pktinfo))
+	}
+	if msgs, err := unix.ParseSocketControlMessage(ms[0].OOB[:ms[0].NN]); err != nil || len(msgs) != 1 || msgs[0].Header.Type != unix.IP_PKTINFO {
+		t.Fatalf("the control messages handed out: %v, %v; want the packet information's alone", msgs, err)
+	}
+}
+
 // quic-go reads a wrapped socket through its ReadBatch: a transfer of 8 MiB
 // between two wrapped sockets arrives whole, and the receiver's reads were
 // coalesced (quic-go sends with GSO on loopback).
