@@ -262,17 +262,18 @@ func (s *Server) servePeerHTTP(ctx context.Context, conn wire.Stream, op wire.Pe
 	head.n = -1 // the body: as long as it flows
 	_ = conn.SetDeadline(time.Time{})
 	var resp *http.Response
-	if s.ReverseHTTPDevicesOnly(op.Key) && op.Header.PeerID == "" {
+	rt, ok := s.ReverseHTTP(op.Key)
+	if !ok {
+		end = "no reverse tunnel serves it any more"
+		wire.Abort(conn, wire.QUICPeerReset)
+		return
+	}
+	// The access checked is the one rt sends requests to tunnels with.
+	if rt.(*reverseRoundTripper).DevicesOnly() && op.Header.PeerID == "" {
 		msg := fmt.Sprintf("403 Forbidden: %s is open to enrolled devices only; connect with a device certificate (tp).\n", op.Key)
 		resp = &http.Response{StatusCode: http.StatusForbidden, ProtoMajor: 1, ProtoMinor: 1, ContentLength: int64(len(msg)),
 			Header: http.Header{"Content-Type": {"text/plain; charset=utf-8"}}, Body: io.NopCloser(strings.NewReader(msg))}
 	} else {
-		rt, ok := s.ReverseHTTP(op.Key)
-		if !ok {
-			end = "no reverse tunnel serves it any more"
-			wire.Abort(conn, wire.QUICPeerReset)
-			return
-		}
 		rctx, cancel := context.WithCancel(ctx)
 		defer cancel()
 		if resp, err = rt.RoundTrip(req.WithContext(rctx)); err != nil {

@@ -35,8 +35,12 @@ type tunnelState struct {
 	// just closed: an exposer replaces a tunnel TP closed idle at once, and a
 	// request arriving in between waits for the next holder (of the same
 	// device, with the same access) rather than failing. Expired entries go
-	// whenever one is added.
+	// whenever one is added. Only without a shared hold store: with one, the
+	// next tunnel may reach another instance, and the request goes there.
 	gone map[string]goneHolder
+	// joined is closed, and replaced, whenever a holder starts: requests
+	// waiting for a name's next holder look again.
+	joined chan struct{}
 }
 
 // goneHolder is what is remembered of a name's holder after its last tunnel.
@@ -124,6 +128,10 @@ func (st *tunnelState) join(s *Server, target reverse.Target, id authz.Identity,
 		}
 		st.holders[key] = h
 		delete(st.gone, key)
+		if st.joined != nil {
+			close(st.joined)
+			st.joined = nil
+		}
 	}
 	if h.target.DevicesOnly != target.DevicesOnly {
 		return nil, nil, reverse.Refuse(http.StatusConflict, wire.CodeNameTaken,
@@ -166,7 +174,9 @@ func (st *tunnelState) leave(s *Server, h *tunnelHolder, t *tunnelTicket) {
 	last := h.n == 0
 	if last && st.holders[h.key] == h {
 		delete(st.holders, h.key)
-		if h.target.Port == 0 && h.ctx.Err() == nil { // a name's, not ended by a replacement or revocation
+		// A name's, not ended by a replacement or revocation, on a single
+		// instance.
+		if h.target.Port == 0 && h.ctx.Err() == nil && s.rev.opts.Store == nil {
 			now := time.Now()
 			if st.gone == nil {
 				st.gone = map[string]goneHolder{}
@@ -205,6 +215,21 @@ func (st *tunnelState) recentlyGone(key string) (goneHolder, bool) {
 	defer st.mu.Unlock()
 	g, ok := st.gone[key]
 	return g, ok && time.Now().Before(g.until)
+}
+
+// current returns key's holder, if any, and a channel closed when a holder
+// (of any name) starts next.
+func (st *tunnelState) current(key string) (*tunnelHolder, <-chan struct{}) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.joined == nil {
+		st.joined = make(chan struct{})
+	}
+	h := st.holders[key]
+	if h != nil && h.ctx.Err() != nil {
+		h = nil
+	}
+	return h, st.joined
 }
 
 func (s *Server) newHolder(target reverse.Target, id authz.Identity) *tunnelHolder {
@@ -352,6 +377,16 @@ func (s *Server) ReverseHTTPDevicesOnly(host string) bool {
 	return ok && g.access.devicesOnly
 }
 
+// reverseAccess is the access of the name's holder now, or of the one whose
+// last tunnel just closed; false when neither.
+func (s *Server) reverseAccess(host string) (holderAccess, bool) {
+	if h := s.rev.tunnels.holder(host); h != nil {
+		return h.access(), true
+	}
+	g, ok := s.rev.tunnels.recentlyGone(host)
+	return g.access, ok
+}
+
 // ReverseHTTP returns the round-tripper for a reverse name that reverse tunnels
 // serve (LABEL.<reverse-zone>, a port is ignored), or false when none does now.
 // It sends each request down one of the name's tunnels: an h2 tunnel with room
@@ -359,6 +394,10 @@ func (s *Server) ReverseHTTPDevicesOnly(host string) bool {
 // ReverseOptions.PickupTimeout for one). The request's URL is rewritten to
 // http://host; its Host field is kept. A tunnel that dies mid-response fails
 // the body's Read: nothing is cut short silently.
+//
+// The round-tripper keeps the access the name had when it was made (its
+// DevicesOnly method): a caller checks the request against that, and the
+// round-tripper sends it only to tunnels that have the same.
 func (s *Server) ReverseHTTP(host string) (http.RoundTripper, bool) {
 	if s.rev == nil {
 		return nil, false
@@ -370,18 +409,22 @@ func (s *Server) ReverseHTTP(host string) (http.RoundTripper, bool) {
 	if _, ok := s.rev.Name(host); !ok {
 		return nil, false
 	}
-	if s.rev.tunnels.holder(host) == nil {
-		if _, ok := s.rev.tunnels.recentlyGone(host); !ok {
-			return nil, false
-		}
+	access, ok := s.reverseAccess(host)
+	if !ok {
+		return nil, false
 	}
-	return &reverseRoundTripper{s: s, host: host}, true
+	return &reverseRoundTripper{s: s, host: host, access: access}, true
 }
 
 type reverseRoundTripper struct {
-	s    *Server
-	host string
+	s      *Server
+	host   string
+	access holderAccess // the holder's when the round-tripper was made
 }
+
+// DevicesOnly reports whether the name was open to enrolled devices only
+// when the round-tripper was made: what a request must be checked against.
+func (rt *reverseRoundTripper) DevicesOnly() bool { return rt.access.devicesOnly }
 
 // errTunnelsGone is why a request waiting for an HTTP/1.1 tunnel got none:
 // the name's last tunnel closed meanwhile (closed idle, say, as its exposer
@@ -394,58 +437,46 @@ var errTunnelsGone = errors.New("the reverse tunnels of the name closed while th
 // TP closed idle at once, and a request arriving at that moment should not
 // fail.
 func (rt *reverseRoundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
-	h := rt.s.rev.tunnels.holder(rt.host)
-	var access holderAccess
-	var until time.Time
-	if h != nil {
-		access, until = h.access(), time.Now().Add(h.pickup)
-	} else if g, ok := rt.s.rev.tunnels.recentlyGone(rt.host); ok {
-		// Its last tunnel just closed: wait for the next.
-		access, until = g.access, g.until
-		var err error
-		if h, err = rt.nextHolder(req.Context(), nil, access, until); err != nil {
-			if req.Body != nil {
-				_ = req.Body.Close()
-			}
-			return nil, err
-		}
-	} else {
-		if req.Body != nil {
-			_ = req.Body.Close()
-		}
-		return nil, fmt.Errorf("no reverse tunnel serves %s now (is `tp expose --http` running for it?)", rt.host)
-	}
 	var body *heldBody
 	if req.Body != nil && req.Body != http.NoBody {
 		body = &heldBody{rc: req.Body}
 		req = req.Clone(req.Context())
 		req.Body = body
 	}
-	for {
-		resp, err := rt.via(h, req)
-		if err == nil || !errors.Is(err, errTunnelsGone) || body != nil && body.read.Load() {
-			if err != nil && body != nil {
-				_ = body.rc.Close()
-			}
-			return resp, err
+	resp, err := rt.roundTrip(req, body)
+	if body != nil {
+		body.last()
+		if err != nil {
+			body.close()
 		}
-		next, nerr := rt.nextHolder(req.Context(), h, access, until)
-		if nerr != nil {
-			if body != nil {
-				_ = body.rc.Close()
-			}
-			return nil, nerr
+	}
+	return resp, err
+}
+
+func (rt *reverseRoundTripper) roundTrip(req *http.Request, body *heldBody) (*http.Response, error) {
+	until := time.Now().Add(rt.s.rev.opts.PickupTimeout)
+	var h *tunnelHolder
+	for {
+		next, err := rt.nextHolder(req.Context(), h, until)
+		if err != nil {
+			return nil, err
 		}
 		h = next
+		resp, err := rt.via(h, req)
+		if err == nil || !errors.Is(err, errTunnelsGone) || body != nil && body.read.Load() {
+			return resp, err
+		}
+		// The holder's last tunnel closed before the request went out.
 	}
 }
 
-// heldBody is a request body that a failed round trip closes only when it
-// read from it: a request whose tunnel vanished before any of it was sent can
-// go again, body and all.
+// heldBody is a request body that a failed attempt closes only when it read
+// from it: a request whose tunnel vanished before any of it was sent can go
+// again, body and all. After the last attempt a Close is a Close.
 type heldBody struct {
-	rc   io.ReadCloser
-	read atomic.Bool
+	rc               io.ReadCloser
+	read, done, shut atomic.Bool // read from; no attempt follows; closed when asked
+	once             sync.Once
 }
 
 func (b *heldBody) Read(p []byte) (int, error) {
@@ -454,33 +485,61 @@ func (b *heldBody) Read(p []byte) (int, error) {
 }
 
 func (b *heldBody) Close() error {
-	if b.read.Load() {
-		return b.rc.Close()
+	if b.read.Load() || b.done.Load() {
+		b.close()
+		return nil
+	}
+	b.shut.Store(true)
+	if b.done.Load() { // the last attempt ended meanwhile
+		b.close()
 	}
 	return nil
 }
 
-// nextHolder waits until another holder than old serves the name, until then
-// or ctx ends. A holder of another device, or one that serves the name to
-// other people than the request was let in for, is an error: the request
-// was authorized for the holder before.
-func (rt *reverseRoundTripper) nextHolder(ctx context.Context, old *tunnelHolder, access holderAccess, until time.Time) (*tunnelHolder, error) {
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
+// last says no attempt follows: a Close asked for before is carried out.
+func (b *heldBody) last() {
+	b.done.Store(true)
+	if b.shut.Load() {
+		b.close()
+	}
+}
+
+func (b *heldBody) close() { b.once.Do(func() { _ = b.rc.Close() }) }
+
+// nextHolder returns the name's holder other than old, waiting for one until
+// then or until ctx ends while the name's last holder is remembered as just
+// gone (its last tunnel closed, and the exposer is opening the next). A holder
+// of another device, or one that serves the name to other people than the
+// request was let in for, is an error: the request was authorized for the
+// access the name had when rt was made.
+func (rt *reverseRoundTripper) nextHolder(ctx context.Context, old *tunnelHolder, until time.Time) (*tunnelHolder, error) {
+	var timer *time.Timer
 	for {
-		if h := rt.s.rev.tunnels.holder(rt.host); h != nil && h != old {
-			if h.access() != access {
+		h, joined := rt.s.rev.tunnels.current(rt.host)
+		if h != nil && h != old {
+			if h.access() != rt.access {
 				return nil, fmt.Errorf("%s is served by other reverse tunnels now, with other access, than when the request arrived; send it again", rt.host)
 			}
 			return h, nil
 		}
-		if !time.Now().Before(until) {
+		_, gone := rt.s.rev.tunnels.recentlyGone(rt.host)
+		switch {
+		case h == nil && !gone && old == nil:
+			return nil, fmt.Errorf("no reverse tunnel serves %s now (is `tp expose --http` running for it?)", rt.host)
+		case h == nil && !gone:
+			return nil, fmt.Errorf("no reverse tunnel serves %s here now: its last one closed while the request waited for it (is `tp expose --http` still running for it?)", rt.host)
+		case !time.Now().Before(until):
 			return nil, fmt.Errorf("no reverse tunnel serves %s now: its last one closed, and no other opened while the request waited (is `tp expose --http` still running for it?)", rt.host)
 		}
+		if timer == nil {
+			timer = time.NewTimer(time.Until(until))
+			defer timer.Stop()
+		}
 		select {
+		case <-joined:
+		case <-timer.C:
 		case <-ctx.Done():
 			return nil, context.Cause(ctx)
-		case <-tick.C:
 		}
 	}
 }
@@ -492,7 +551,9 @@ func (rt *reverseRoundTripper) via(h *tunnelHolder, req *http.Request) (*http.Re
 	u.Scheme, u.Host = "http", rt.host
 	out.URL, out.RequestURI = &u, ""
 	if isUpgrade(out.Header) { // h2 cannot carry an Upgrade: only HTTP/1.1 tunnels can
-		if h.h1Tunnels.Load() == 0 {
+		// A holder that has only just started may not have said yet what
+		// its tunnels speak: the pool's wait decides then.
+		if h.h1Tunnels.Load() == 0 && (len(h.h2.Snapshot()) > 0 || h.h2Pending.Load() > 0) {
 			if req.Body != nil {
 				_ = req.Body.Close()
 			}

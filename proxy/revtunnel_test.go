@@ -353,7 +353,23 @@ func TestReverseHTTPNextHolderKeepsAccess(t *testing.T) {
 		return errc
 	}
 
+	// A round-tripper made while the name was open to anyone does not send
+	// to a devices-only holder that took over before the request went.
 	stop := expose(false)
+	waitFor(t, func() bool { return e.srv.ReverseHeld("blog.rev.test") })
+	early, ok := e.srv.ReverseHTTP("blog.rev.test")
+	if !ok || early.(interface{ DevicesOnly() bool }).DevicesOnly() {
+		t.Fatal("the name, held by tunnels open to anyone, is not offered as open to anyone")
+	}
+	gone(stop)
+	stop = expose(true)
+	waitFor(t, func() bool { return e.srv.ReverseHeld("blog.rev.test") })
+	if err := <-send(early); err == nil || !strings.Contains(err.Error(), "with other access") {
+		t.Fatalf("a request checked as for anyone, sent after a devices-only holder took the name: %v; want it refused", err)
+	}
+	gone(stop)
+
+	stop = expose(false)
 	waitFor(t, func() bool { return e.srv.ReverseHeld("blog.rev.test") })
 	waited := send(gone(stop))
 	stop = expose(true) // the same device, now for enrolled devices only

@@ -53,7 +53,9 @@ func (d *Daemon) reverseUpstream(host string) (website.ReverseUpstream, bool) {
 		return d.peerUpstream(host)
 	}
 	up := website.ReverseUpstream{Transport: rt}
-	if do, ok := ref.r.(reverseHTTPDevicesOnly); ok {
+	if do, ok := rt.(interface{ DevicesOnly() bool }); ok {
+		up.DevicesOnly = do.DevicesOnly() // the access rt sends requests to tunnels with
+	} else if do, ok := ref.r.(reverseHTTPDevicesOnly); ok {
 		up.DevicesOnly = do.ReverseHTTPDevicesOnly(host)
 	}
 	return up, true
