@@ -201,6 +201,11 @@ func (st *tunnelState) leave(s *Server, h *tunnelHolder, t *tunnelTicket) {
 func (st *tunnelState) holder(key string) *tunnelHolder {
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	return st.holderLocked(key)
+}
+
+// holderLocked is key's live holder, nil if none; st.mu is held.
+func (st *tunnelState) holderLocked(key string) *tunnelHolder {
 	h := st.holders[key]
 	if h == nil || h.ctx.Err() != nil {
 		return nil
@@ -225,11 +230,7 @@ func (st *tunnelState) current(key string) (*tunnelHolder, <-chan struct{}) {
 	if st.joined == nil {
 		st.joined = make(chan struct{})
 	}
-	h := st.holders[key]
-	if h != nil && h.ctx.Err() != nil {
-		h = nil
-	}
-	return h, st.joined
+	return st.holderLocked(key), st.joined
 }
 
 func (s *Server) newHolder(target reverse.Target, id authz.Identity) *tunnelHolder {
@@ -369,19 +370,15 @@ func (s *Server) ReverseHTTPDevicesOnly(host string) bool {
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
 	}
-	host = strings.TrimSuffix(strings.ToLower(host), ".")
-	if h := s.rev.tunnels.holder(host); h != nil {
-		return h.target.Port == 0 && h.target.DevicesOnly
-	}
-	g, ok := s.rev.tunnels.recentlyGone(host) // requests wait for its next holder
-	return ok && g.access.devicesOnly
+	a, ok := s.reverseAccess(strings.TrimSuffix(strings.ToLower(host), "."))
+	return ok && a.devicesOnly
 }
 
 // reverseAccess is the access of the name's holder now, or of the one whose
 // last tunnel just closed; false when neither.
 func (s *Server) reverseAccess(host string) (holderAccess, bool) {
 	if h := s.rev.tunnels.holder(host); h != nil {
-		return h.access(), true
+		return h.access(), h.target.Port == 0 // a public port's holder serves no name
 	}
 	g, ok := s.rev.tunnels.recentlyGone(host)
 	return g.access, ok

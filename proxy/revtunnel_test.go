@@ -1059,7 +1059,9 @@ func TestExposeHTTPClient(t *testing.T) {
 			t.Fatalf("GET after the tunnels were reopened: %q, %v", got, err)
 		}
 		// Requests that arrive as the only tunnel closes idle (every 200 ms
-		// here) wait for the one the exposer opens next: none fails.
+		// here) wait for the one the exposer opens next: none fails. The
+		// sleeps are the point: they send each request about when the tunnel
+		// the one before used closes idle.
 		for i := range 20 {
 			time.Sleep(200*time.Millisecond + time.Duration(i%5)*5*time.Millisecond)
 			if got, err := e.get(t, "/hello"); err != nil || got != "hello blog.rev.test over HTTP/1.1" {

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/binary"
 	"net"
-	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -22,13 +21,14 @@ import (
 type packetLink struct {
 	mu      sync.Mutex
 	written [][]byte
+	more    chan struct{} // a packet was written
 	in      chan []byte
 	once    sync.Once
 	closed  chan struct{}
 }
 
 func newPacketLink() *packetLink {
-	return &packetLink{in: make(chan []byte, 8), closed: make(chan struct{})}
+	return &packetLink{more: make(chan struct{}, 1), in: make(chan []byte, 8), closed: make(chan struct{})}
 }
 
 func (l *packetLink) ReadPacket(b []byte) (int, error) {
@@ -44,6 +44,10 @@ func (l *packetLink) WritePacket(b []byte) error {
 	l.mu.Lock()
 	l.written = append(l.written, bytes.Clone(b))
 	l.mu.Unlock()
+	select {
+	case l.more <- struct{}{}:
+	default:
+	}
 	return nil
 }
 
@@ -53,18 +57,19 @@ func (l *packetLink) Close() error { l.once.Do(func() { close(l.closed) }); retu
 // packets waits until n packets were written, and returns them.
 func (l *packetLink) packets(t *testing.T, n int) [][]byte {
 	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); ; {
+	deadline := time.After(10 * time.Second)
+	for {
 		l.mu.Lock()
 		got := append([][]byte(nil), l.written...)
 		l.mu.Unlock()
 		if len(got) >= n {
 			return got
 		}
-		if time.Now().After(deadline) {
+		select {
+		case <-l.more:
+		case <-deadline:
 			t.Fatalf("the carrier link got %d packets in 10s, want %d", len(got), n)
 		}
-		runtime.Gosched()
-		time.Sleep(time.Millisecond)
 	}
 }
 

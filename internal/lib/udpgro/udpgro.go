@@ -96,8 +96,12 @@ func (r *Reader) ReadBatch(ms []ipv4.Message, flags int) (int, error) {
 		if m.N < s.end-s.off {
 			m.Flags = truncated
 		}
-		var cut bool
-		m.NN, cut = copyControl(m.OOB, src.OOB[:src.NN])
+		cut := false
+		if src.NN <= len(m.OOB) { // quic-go's room always fits: no parse per packet
+			m.NN = copy(m.OOB, src.OOB[:src.NN])
+		} else {
+			m.NN, cut = copyControl(m.OOB, src.OOB[:src.NN])
+		}
 		if cut || src.Flags&ctruncated != 0 {
 			m.Flags |= ctruncated
 		}
