@@ -58,6 +58,14 @@ func header(peer string, groups ...string) wire.SessionHeader {
 	return wire.SessionHeader{V: 1, Session: "01", Name: "svc", PeerID: peer, PeerGroups: groups}
 }
 
+// sessionLife bounds the whole life of a session stream makes (the agent's
+// serve and the dialer end's deadline): a guard against a hang, not a measure
+// of speed. Under the race detector on a machine busy compiling, the 24
+// sessions of 1 MiB each way that one carrier holds in
+// TestE2EMuxCarriesManySessions took over 20 s, and the agent's cut carrier
+// failed the test.
+const sessionLife = 2 * time.Minute
+
 // stream returns the dialer's end of a new session whose agent end a.serve runs
 // with hdr.
 func (e *attachEnv) stream(t testing.TB, hdr wire.SessionHeader) net.Conn {
@@ -78,12 +86,12 @@ func (e *attachEnv) stream(t testing.TB, hdr wire.SessionHeader) net.Conn {
 	e.served.Add(1)
 	go func() {
 		defer e.served.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), sessionLife)
 		defer cancel()
 		e.a.serve(ctx, agentEnd.(*net.TCPConn), hdr, e.answered)
 	}()
 	t.Cleanup(func() { c.Close() })
-	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	_ = c.SetDeadline(time.Now().Add(sessionLife))
 	return c
 }
 
