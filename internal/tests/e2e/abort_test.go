@@ -306,6 +306,7 @@ const shortTransfer, longTransfer = 16, 200
 // the test asserts that some do, not how many.
 func TestSIGTERMNeverTruncates(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	srv := startServer(t, testPolicy)
 	env := srv.login(t, "alice", "laptop")
 	var shortOK, longCut int

@@ -39,6 +39,7 @@ allow if input.identity.user == "alice"
 // what was cut.
 func TestDrain(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	dataDir := initTPD(t, drainPolicy)
 	p1 := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := p1.login(t, "alice", "laptop")
@@ -199,6 +200,7 @@ func TestDrain(t *testing.T) {
 // second registration, under load).
 func TestDrainAgentFollowsStopDuringCertificateOrder(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	p1 := startTPD(t, initTPD(t, drainPolicy), "127.0.0.1:0", nil)
 	alice := p1.login(t, "alice", "laptop")
 	relay := startCarrierRelay(t, p1.Addr, true, true)

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"debug/buildinfo"
 	"flag"
 	"fmt"
 	"io"
@@ -22,8 +23,36 @@ import (
 	"github.com/tp-proxy/tp/internal/testkit/testpg"
 )
 
-// bin holds the tpd, tp and dlogin binaries built once for the whole package.
-var bin string
+// bin holds the tpd, tp and dlogin binaries built once for the whole package;
+// raceBin a tpd built with the race detector when this package is (the
+// scenarios that mark themselves with raceTPD run it), bin's otherwise.
+var bin, raceBin string
+
+// raceTests holds the names of the tests that run the race-built tpd.
+var raceTests sync.Map
+
+// raceTPD makes t's tpd servers run under the race detector (when this
+// package is built with it). The scenarios that mark themselves are those
+// whose point is tpd's concurrency across processes: instances sharing a
+// database and peering, rolling restarts, drains, reloads, kills. The race
+// detector costs a tpd three to four times the CPU: on every test it made
+// this package's run take 60% longer, and its CPU, on a loaded 2-core
+// machine, was what set the length of the README's test command. tpd's code
+// is under the detector in its own packages' tests as well (internal/server,
+// proxy), in process.
+func raceTPD(t *testing.T) {
+	raceTests.Store(t.Name(), true)
+}
+
+// tpdServe is the tpd binary that serves for t: the race-built one for the
+// scenarios marked with raceTPD.
+func tpdServe(t testing.TB) string {
+	name, _, _ := strings.Cut(t.Name(), "/")
+	if _, ok := raceTests.Load(name); ok {
+		return raceBin
+	}
+	return binary("tpd")
+}
 
 // defaultParallel is how many tests of this package run at once unless
 // -parallel says otherwise. Each test mostly waits on processes (tpd, tp,
@@ -129,26 +158,32 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "building TP.js's terminal (deploy/build-web.sh) failed:", err)
 		os.Exit(1)
 	}
-	// tpd runs under the race detector when this package does: it is the
-	// program whose concurrency the many-process scenarios here reach (peers,
-	// rolling restarts, drains, registries). tp and dlogin are built as
-	// deploy/build.sh releases them (CGO_ENABLED=0, no detector), so the tests
-	// run the clients people run; their concurrency is under the detector in
-	// the clients packages' own tests. Race-built, they cost this package a
-	// third of its CPU (325 s of 900 in one run) and showed no race of their own.
+	// tpd runs under the race detector, when this package does, in the
+	// scenarios whose point is its concurrency across processes (raceTPD).
+	// tp, dlogin and every other tpd are built as deploy/build.sh releases
+	// them (CGO_ENABLED=0, -trimpath, no detector), so the tests run the
+	// programs people run, and the release build in deploy's tests reuses
+	// their compiled packages on a fresh machine; the clients' concurrency is
+	// under the detector in the clients packages' own tests. Race-built, tp
+	// and dlogin cost this package a third of its CPU (325 s of 900 in one
+	// run) and showed no race of their own.
+	raceBin = filepath.Join(dir, "race", "tpd")
+	release := []string{"github.com/tp-proxy/tp/cmd/tpd", "github.com/tp-proxy/tp/cmd/tp", "github.com/tp-proxy/tp/cmd/dlogin"}
 	builds := []struct {
-		race bool
-		env  string
-		pkgs []string
+		out   string
+		flags []string
+		env   string
+		pkgs  []string
 	}{
-		{raceEnabled, "", []string{"github.com/tp-proxy/tp/cmd/tpd"}},
-		{false, "CGO_ENABLED=0", []string{"github.com/tp-proxy/tp/cmd/tp", "github.com/tp-proxy/tp/cmd/dlogin"}},
+		{dir, []string{"-trimpath"}, "CGO_ENABLED=0", release},
+		{filepath.Dir(raceBin), raceFlags, "", []string{"github.com/tp-proxy/tp/cmd/tpd"}},
+	}
+	if raceFlags == nil {
+		raceBin = filepath.Join(dir, "tpd")
+		builds = builds[:1]
 	}
 	for _, b := range builds {
-		args := []string{"build", "-o", dir + string(os.PathSeparator)}
-		if b.race {
-			args = append(args, "-race")
-		}
+		args := append([]string{"build", "-o", b.out + string(os.PathSeparator)}, b.flags...)
 		cmd := exec.Command("go", append(args, b.pkgs...)...)
 		if b.env != "" {
 			cmd.Env = append(os.Environ(), b.env)
@@ -244,7 +279,7 @@ func initTPD(t testing.TB, policy string, env ...string) string {
 func startTPD(t testing.TB, dataDir, listen string, env []string) *server {
 	t.Helper()
 	s := &server{DataDir: dataDir, log: &testlog.Buffer{}, done: make(chan struct{})}
-	s.cmd = command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen)
+	s.cmd = command(tpdServe(t), "serve", "--data-dir", dataDir, "--listen", listen)
 	s.cmd.Env = append(os.Environ(), env...)
 	stdout, err := s.cmd.StdoutPipe()
 	if err != nil {
@@ -373,5 +408,34 @@ func waitTCP(t *testing.T, addr string, within time.Duration) {
 			t.Fatalf("%s did not accept connections within %s: %v", addr, within, err)
 		}
 		time.Sleep(20 * time.Millisecond) // polling for readiness, bounded by the deadline above
+	}
+}
+
+// The scenarios marked with raceTPD serve with the race-built tpd (when this
+// package is built with the detector), their subtests too; the others with
+// the release build.
+func TestRaceTPDServes(t *testing.T) {
+	plain := tpdServe(t)
+	raceTPD(t)
+	t.Run("sub", func(t *testing.T) {
+		if got := tpdServe(t); got != raceBin {
+			t.Fatalf("a marked test's subtest serves with %s; want %s", got, raceBin)
+		}
+	})
+	if plain != binary("tpd") {
+		t.Fatalf("an unmarked test serves with %s; want %s", plain, binary("tpd"))
+	}
+	for path, race := range map[string]bool{plain: false, raceBin: raceFlags != nil} {
+		info, err := buildinfo.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := false
+		for _, s := range info.Settings {
+			got = got || (s.Key == "-race" && s.Value == "true")
+		}
+		if got != race {
+			t.Fatalf("%s built with -race %v; want %v", path, got, race)
+		}
 	}
 }

@@ -154,7 +154,7 @@ ip := {"routes": ["10.201.2.0/24"]} if input.action == "ip"
 func startTPDIn(t testing.TB, ns, dataDir, listen string, env []string) *server {
 	t.Helper()
 	s := &server{DataDir: dataDir, log: &testlog.Buffer{}, done: make(chan struct{}), mustStop: true}
-	s.cmd = command("ip", "netns", "exec", ns, binary("tpd"), "serve", "--data-dir", dataDir, "--listen", listen,
+	s.cmd = command("ip", "netns", "exec", ns, tpdServe(t), "serve", "--data-dir", dataDir, "--listen", listen,
 		"--name", "localhost", "--name", strings.Split(listen, ":")[0])
 	s.cmd.Env = append(os.Environ(), env...)
 	stdout, err := s.cmd.StdoutPipe()

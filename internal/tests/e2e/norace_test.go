@@ -2,4 +2,4 @@
 
 package e2e
 
-const raceEnabled = false
+var raceFlags []string

@@ -114,6 +114,7 @@ func (d *alpnDoor) serve(c net.Conn) {
 // authorization stayed pending.
 func TestPGACMEOnOtherInstance(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	srvs := startPeers(t, 2, peerPolicy, nil)
 	a, b := srvs[0], srvs[1]
 	door := newALPNDoor(t, a.Addr, b.Addr)

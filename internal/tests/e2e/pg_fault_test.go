@@ -157,6 +157,7 @@ func withHost(t testing.TB, raw, addr string) string {
 // served by two instances; dials through B reach agent 2.
 func TestPGFaultFrozenHolderThreeInstances(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	_, dsn := testpg.NewDatabase(t)
 	srvs, _ := pgCluster(t, dsn, 3, reversePolicy)
 	a, b, c := srvs[0], srvs[1], srvs[2]
@@ -349,6 +350,7 @@ func readyzOf(t *testing.T, admin string) (int, string) {
 // it through its instance.
 func TestPGFaultDatabaseStopped20s(t *testing.T) {
 	parallelLong(t)
+	raceTPD(t)
 	pg, err := testpg.New() // its own server: stopping it touches no other test
 	if err != nil {
 		t.Fatal(err)

@@ -18,6 +18,7 @@ import (
 // 500 ms. Bob reaches the name again once the agent re-claimed it.
 func TestPGLeasesSIGSTOP(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	_, dsn := testpg.NewDatabase(t)
 	env := []string{"TP_DATABASE=" + dsn, "TP_DATABASE_PASSWORD=" + testpg.Password,
 		"TP_REVERSE_LEASE=3s", "TP_REVERSE_RENEW=500ms"}

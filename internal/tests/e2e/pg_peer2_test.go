@@ -85,6 +85,7 @@ func tlsChecksumServer(t *testing.T, name string, size int64) (addr string, root
 // A), and A, whose agent left, now carries its public clients to B.
 func TestPGPeerPublicOnOtherInstance(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	tcpPort, udpPort := testnet.FreePort(t, "tcp"), testnet.FreePort(t, "udp")
 	srvs := startPeersAt(t, []string{"127.0.0.1:0", "[::1]:0"}, peerPolicy,
 		[]string{"TP_PUBLIC_PORTS=" + strconv.Itoa(tcpPort) + "," + strconv.Itoa(udpPort) + "/udp"})
@@ -174,6 +175,7 @@ func instanceOf(t *testing.T, s *server) string {
 // Once the exposer stops, B answers 404 as for a name nobody exposes.
 func TestPGPeerHTTPOnOtherInstance(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	srvs := startPeers(t, 2, httpPolicy, nil)
 	a, b := srvs[0], srvs[1]
 	alice := a.login(t, "alice", "laptop")
@@ -270,6 +272,7 @@ func TestPGPeerHTTPOnOtherInstance(t *testing.T) {
 // (unknown_session) and bob got reverse_timeout.
 func TestPGPeerPickupOnOtherInstance(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	srvs := startPeers(t, 2, peerPolicy, nil)
 	a, b := srvs[0], srvs[1]
 	door := newFrontDoor(t, a.Addr)
@@ -313,6 +316,7 @@ func TestPGPeerPickupOnOtherInstance(t *testing.T) {
 // down"), not a bare reset (peer_reset), and never as a clean end.
 func TestPGPeerDrainReasonAcrossHop(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	srvs := startPeers(t, 2, peerPolicy, []string{"TP_SHUTDOWN_TIMEOUT=2s"})
 	a, b := srvs[0], srvs[1]
 	a.mustStop = false

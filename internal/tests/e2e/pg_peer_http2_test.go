@@ -50,6 +50,7 @@ func clientThrough(addr string, root *x509.CertPool, cert *tls.Certificate) *htt
 // certificate and A answered 403 even to bob's device.
 func TestPGPeerHTTPDevicesOnlyOnOtherInstance(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	srvs := startPeers(t, 2, httpPolicy, nil)
 	a, b := srvs[0], srvs[1]
 	alice := a.login(t, "alice", "laptop")
@@ -130,6 +131,7 @@ func TestPGPeerHTTPDevicesOnlyOnOtherInstance(t *testing.T) {
 // the upgraded stream as closed, not aborted.
 func TestPGPeerHTTPUpgradeOnOtherInstance(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	srvs := startPeers(t, 2, httpPolicy, nil)
 	a, b := srvs[0], srvs[1]
 	alice := a.login(t, "alice", "laptop")

@@ -166,6 +166,7 @@ func checksumConn(t *testing.T, c interface {
 // on C ends his live session relayed B→A within seconds.
 func TestPGPeerThreeInstances(t *testing.T) {
 	parallelLong(t)
+	raceTPD(t)
 	tcpPort, udpPort := testnet.FreePort(t, "tcp"), testnet.FreePort(t, "udp")
 	srvs := startPeers(t, 3, peerPolicy, []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(tcpPort) + "," + strconv.Itoa(udpPort) + "/udp"})
 	a, b, c := srvs[0], srvs[1], srvs[2]
@@ -392,6 +393,7 @@ func (f *frontDoor) serve(c net.Conn) {
 // bound).
 func TestPGPeerKillServingInstance(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	srvs := startPeers(t, 3, peerPolicy+`
 allow if {
 	input.action == "listen"

@@ -256,6 +256,7 @@ func (d *udpDoor) flow(client *net.UDPAddr, i int) *udpFlow {
 // were routed by it.
 func TestPGRollingRestartQUIC(t *testing.T) {
 	parallelLong(t)
+	raceTPD(t)
 	_, dsn := testpg.NewDatabase(t)
 	base := []string{"TP_DATABASE=" + dsn, "TP_DATABASE_PASSWORD=" + testpg.Password, "TP_SHUTDOWN_TIMEOUT=2s"}
 	dirs := peerDataDirs(t, 3, peerPolicy)

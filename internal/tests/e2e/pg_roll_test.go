@@ -140,6 +140,7 @@ func rollTransfer(env []string, name string) (rollOutcome, string) {
 // TestPGRollingRestartQUIC is the same over QUIC behind a UDP balancer.
 func TestPGRollingRestart(t *testing.T) {
 	parallelLong(t)
+	raceTPD(t)
 	env := []string{"TP_SHUTDOWN_TIMEOUT=2s"}
 	// Fixed ports, below the kernel's ephemeral range: a restart takes the
 	// ports its tpd let go, which a ":0" port would leave to any socket of

@@ -85,6 +85,7 @@ func waitTable(t *testing.T, dataDir string, want ...string) {
 // shows B draining; once the session ends and B stops, B is gone from A's list.
 func TestPGStatusListsInstances(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	srvs := startPeers(t, 2, peerPolicy, []string{"TP_REVERSE_LEASE=3s", "TP_REVERSE_RENEW=500ms", "TP_SHUTDOWN_TIMEOUT=30s"})
 	a, b := srvs[0], srvs[1]
 

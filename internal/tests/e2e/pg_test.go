@@ -21,6 +21,7 @@ import (
 // the device within seconds, as does tpd policy eval beside B.
 func TestPGTwoTPDProcesses(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	_, dsn := testpg.NewDatabase(t)
 	env := []string{"TP_DATABASE=" + dsn, "TP_DATABASE_PASSWORD=" + testpg.Password}
 	dirA := initTPD(t, testPolicy)

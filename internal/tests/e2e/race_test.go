@@ -2,6 +2,6 @@
 
 package e2e
 
-// raceEnabled makes TestMain build tpd with -race too, so that it reuses the
+// raceFlags makes TestMain build tpd with -race too, so that it reuses the
 // packages the test binary was compiled with and runs under the detector.
-const raceEnabled = true
+var raceFlags = []string{"-race"}

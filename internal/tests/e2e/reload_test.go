@@ -42,6 +42,7 @@ func editConfig(t *testing.T, dataDir, old, new string) {
 // survives all of it.
 func TestReload(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	dataDir := initTPD(t, drainPolicy)
 	p := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := p.login(t, "alice", "laptop")

@@ -74,6 +74,7 @@ func (p *namePoller) run(ctx context.Context, t *testing.T, c *clients.Client) {
 // the kill to each agent's new registration is logged.
 func TestReverseNamesSurviveTPDKills(t *testing.T) {
 	parallelLong(t)
+	raceTPD(t)
 	const kills = 10
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
 	p := startTPD(t, dataDir, "127.0.0.1:0", nil)

@@ -166,6 +166,7 @@ func echoOnce(c net.Conn, msg string) error {
 // refused), alice's agent comes back by itself, and new sessions work.
 func TestReverseTPDKilledAndRestarted(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
 	srv := startTPD(t, dataDir, "127.0.0.1:0", nil)
 	alice := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=tls")
@@ -215,6 +216,7 @@ func TestReverseTPDKilledAndRestarted(t *testing.T) {
 // TCP reset and the protected dialer an error, never a silent short read.
 func TestReverseAgentKilledMidTransfer(t *testing.T) {
 	parallel(t)
+	raceTPD(t)
 	port := testnet.FreePort(t, "tcp")
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, port))
 	srv := startTPD(t, dataDir, "127.0.0.1:0", []string{"TP_PUBLIC_PORTS=" + strconv.Itoa(port)})
