@@ -3,6 +3,7 @@ package tpd
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/tp-proxy/tp/internal/lib/config"
 	"github.com/tp-proxy/tp/internal/testkit/testlog"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
 
 // dialOnLine is a log handler that, on the record whose message starts with
@@ -52,6 +54,13 @@ func (h *dialOnLine) WithGroup(g string) slog.Handler {
 // line is logged, so the order is checked, not a race: the line used to come
 // before the listeners closed, and a client (TestDrain's, under load) that
 // connected on reading it reached a listener still open.
+//
+// The port is below the kernel's ephemeral range (testnet.FreePort): a port
+// the kernel handed out for ":0" goes back to the next ":0" bind once tpd
+// lets it go, and under load one did, between the close and the check: a
+// parallel test's Listen took the TCP port, found its UDP port still held by
+// this tpd, closed it again, and the check's connection, taken and then
+// reset, read "connection reset by peer".
 func TestDrainLineMeansRefused(t *testing.T) {
 	t.Parallel()
 	cfg := config.DefaultServer()
@@ -64,7 +73,7 @@ func TestDrainLineMeansRefused(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(allowAlice), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ln, err := Listen("127.0.0.1:0", true)
+	ln, err := Listen(fmt.Sprintf("127.0.0.1:%d", testnet.FreePort(t, "tcp+udp")), true)
 	if err != nil {
 		t.Fatal(err)
 	}
