@@ -155,7 +155,9 @@ func TestDialEarlyDialFailed(t *testing.T) {
 	t.Parallel()
 	d := earlyDialer(t, 0)
 	ctx := context.Background()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	// A port below the kernel's ephemeral range (testnet.FreeAddr): once
+	// closed, a ":0" bind elsewhere cannot take it and answer the second dial.
+	ln, err := net.Listen("tcp", testnet.FreeAddr(t, "tcp").String())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -200,7 +200,8 @@ func transfersDuring(t *testing.T, srv *server, env []string, event func()) []tr
 	// transfer then waits for the event and sends the rest at once (so it is in
 	// flight at the event and ends well within the grace, even on a loaded
 	// machine); a long one sends the rest at 4 chunks a second, so that the long
-	// ones together stay a light load (3 MB/s) on a race-instrumented tpd.
+	// ones together stay a light load (3 MB/s) on a race-instrumented tpd
+	// (TestSIGTERMNeverTruncates runs one).
 	release := make(chan struct{})
 	dest := testnet.Serve(t, func(c *net.TCPConn) {
 		var n [2]byte

@@ -88,7 +88,11 @@ func TestSessionEndMessages(t *testing.T) {
 		// that had stopped why it cut the session, and the failure to ask
 		// was printed after the code's own sentence; QUIC's cut arrived as
 		// the connection's close (0x3), which was not read as a code at all.
-		srv := startServer(t, testPolicy, "TP_SHUTDOWN_TIMEOUT=2s")
+		// On a port no ":0" bind takes once tpd closes it: the TLS session's
+		// sentence rests on the refused connection (stableAddr).
+		stop := []string{"TP_SHUTDOWN_TIMEOUT=2s"}
+		srv := startTPD(t, initTPD(t, testPolicy, stop...), stableAddr(t), stop)
+		srv.mustStop = true
 		env := srv.login(t, "alice", "laptop")
 		dest := greeter(t)
 		sessions := liveSessions(t, env, dest)

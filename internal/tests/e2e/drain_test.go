@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"regexp"
@@ -42,10 +41,7 @@ func TestDrain(t *testing.T) {
 	parallel(t)
 	raceTPD(t)
 	dataDir := initTPD(t, drainPolicy)
-	// A port below the kernel's ephemeral range: a ":0" bind elsewhere could
-	// otherwise take it once tpd closes it, and answer the check below that
-	// new connections are refused.
-	p1 := startTPD(t, dataDir, fmt.Sprintf("127.0.0.1:%d", testnet.FreePort(t, "tcp+udp")), nil)
+	p1 := startTPD(t, dataDir, stableAddr(t), nil)
 	alice := p1.login(t, "alice", "laptop")
 	agent := startAgentProc(t, alice, "svc", testnet.Stream(t), "--allow-user", "alice")
 	agent.waitRegistered(t)

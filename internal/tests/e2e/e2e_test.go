@@ -47,7 +47,7 @@ reason := sprintf("%s:%d is limited to alice and group ops (you: %s, groups: %v)
 ]) if not allow
 `
 
-// The race-instrumented tpd evaluates policy far slower than a release build;
+// A race-instrumented tpd (raceTPD) evaluates policy far slower than a release build;
 // a production-sized 100 ms bound would turn that into denials these tests are not about.
 func init() { os.Setenv("TP_POLICY_TIMEOUT", "5s") }
 

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/internal/testkit/testlog"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/internal/testkit/testpg"
 )
 
@@ -34,12 +35,12 @@ var raceTests sync.Map
 // raceTPD makes t's tpd servers run under the race detector (when this
 // package is built with it). The scenarios that mark themselves are those
 // whose point is tpd's concurrency across processes: instances sharing a
-// database and peering, rolling restarts, drains, reloads, kills. The race
-// detector costs a tpd three to four times the CPU: on every test it made
-// this package's run take 60% longer, and its CPU, on a loaded 2-core
-// machine, was what set the length of the README's test command. tpd's code
-// is under the detector in its own packages' tests as well (internal/server,
-// proxy), in process.
+// database and peering, rolling restarts, drains, reloads, kills. A race-built
+// tpd in every test made this package take 759 CPU-seconds and 391 s on a
+// quiet 2-core machine, against 527 and 277 s with it only in these (468 and
+// 247 s with none); on a loaded machine that CPU set the length of the
+// README's test command. tpd's code is under the detector in its own
+// packages' tests as well (internal/server, proxy), in process.
 func raceTPD(t *testing.T) {
 	raceTests.Store(t.Name(), true)
 }
@@ -257,6 +258,16 @@ func startServer(t testing.TB, policy string, env ...string) *server {
 	s := startTPD(t, initTPD(t, policy, env...), "127.0.0.1:0", env)
 	s.mustStop = true
 	return s
+}
+
+// stableAddr is a loopback address whose port, free on TCP and UDP, lies below
+// the kernel's ephemeral range: for a tpd whose test checks that new
+// connections are refused once it stops, or starts another tpd on its port. A
+// ":0" port goes back to the next ":0" bind anywhere on the machine as soon
+// as tpd lets it go, and under load one took it: its socket answered the
+// check (a reset, not a refusal).
+func stableAddr(t testing.TB) string {
+	return fmt.Sprintf("127.0.0.1:%d", testnet.FreePort(t, "tcp+udp"))
 }
 
 // initTPD makes a data dir whose only policy file is policy (when not empty;

@@ -32,7 +32,7 @@ func TestJSONLogEveryLine(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dataDir, "policy", "tp.rego"), []byte(testPolicy), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := command(binary("tpd"), "serve", "--data-dir", dataDir, "--listen", "127.0.0.1:0", "--log-format", "json")
+	cmd := command(tpdServe(t), "serve", "--data-dir", dataDir, "--listen", "127.0.0.1:0", "--log-format", "json")
 	cmd.Env = append(os.Environ(), "TP_AUDIT_LOG=-")
 	stdout, stderr := &testlog.Buffer{}, &testlog.Buffer{}
 	cmd.Stdout, cmd.Stderr = stdout, stderr
@@ -146,7 +146,7 @@ func TestJSONLogStopError(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	cmd := command(binary("tpd"), "serve", "--data-dir", filepath.Join(t.TempDir(), "tpdata"), "--listen", ln.Addr().String(), "--log-format", "json")
+	cmd := command(tpdServe(t), "serve", "--data-dir", filepath.Join(t.TempDir(), "tpdata"), "--listen", ln.Addr().String(), "--log-format", "json")
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err = cmd.Run()
