@@ -260,6 +260,15 @@ func startServer(t testing.TB, policy string, env ...string) *server {
 	return s
 }
 
+// startStableServer is startServer on stableAddr, for a test that starts tpd
+// again on the same port.
+func startStableServer(t testing.TB, policy string, env ...string) *server {
+	t.Helper()
+	s := startTPD(t, initTPD(t, policy, env...), stableAddr(t), env)
+	s.mustStop = true
+	return s
+}
+
 // stableAddr is a loopback address whose port, free on TCP and UDP, lies below
 // the kernel's ephemeral range: for a tpd whose test checks that new
 // connections are refused once it stops, or starts another tpd on its port. A

@@ -56,7 +56,7 @@ func TestAutoFallbackWhenUDPBlocked(t *testing.T) {
 // the break, reconnects with backoff, and forwards again.
 func TestForwardQUICReconnects(t *testing.T) {
 	parallel(t)
-	srv := startServer(t, testPolicy)
+	srv := startStableServer(t, testPolicy) // started again on its port below
 	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
 	echo := testnet.Echo(t)
 	fwd, fwdLog := startForward(t, env, echo)
@@ -79,7 +79,7 @@ func TestForwardQUICReconnects(t *testing.T) {
 // client to find out at the 60 s idle timeout.
 func TestForwardQUICAfterCrash(t *testing.T) {
 	parallel(t)
-	srv := startServer(t, testPolicy)
+	srv := startStableServer(t, testPolicy) // started again on its port below
 	env := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
 	echo := testnet.Echo(t)
 	fwd, _ := startForward(t, env, echo)

@@ -77,7 +77,7 @@ func TestReverseNamesSurviveTPDKills(t *testing.T) {
 	raceTPD(t)
 	const kills = 10
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
-	p := startTPD(t, dataDir, "127.0.0.1:0", nil)
+	p := startTPD(t, dataDir, stableAddr(t), nil) // started again on its port after each kill
 	addr, srv := p.Addr, p
 	aliceQUIC := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=quic")
 	aliceTLS := append(srv.login(t, "alice", "desktop"), "TP_TRANSPORT=tls")

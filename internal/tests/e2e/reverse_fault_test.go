@@ -168,7 +168,7 @@ func TestReverseTPDKilledAndRestarted(t *testing.T) {
 	parallel(t)
 	raceTPD(t)
 	dataDir := initTPD(t, fmt.Sprintf(faultPolicy, 1))
-	srv := startTPD(t, dataDir, "127.0.0.1:0", nil)
+	srv := startTPD(t, dataDir, stableAddr(t), nil) // started again on its port below
 	alice := append(srv.login(t, "alice", "laptop"), "TP_TRANSPORT=tls")
 	bob := clientFor(t, srv.login(t, "bob", "phone"))
 	mallory := append(srv.login(t, "mallory", "pc"), "TP_TRANSPORT=tls")
