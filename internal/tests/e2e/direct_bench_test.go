@@ -230,13 +230,16 @@ func hostCPU(b testing.TB) time.Duration {
 
 // tpCPU is the CPU time TP's clients (every tp process: the agents and the
 // dialers) used so far.
-func tpCPU(b testing.TB) time.Duration {
+func tpCPU(b testing.TB) time.Duration { return commCPU(b, "tp") }
+
+// commCPU is the CPU time every process named comm used so far.
+func commCPU(b testing.TB, comm string) time.Duration {
 	b.Helper()
 	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
 	var total time.Duration
 	for _, f := range stats {
 		raw, err := os.ReadFile(f)
-		if err != nil || !strings.Contains(string(raw), " (tp) ") {
+		if err != nil || !strings.Contains(string(raw), " ("+comm+") ") {
 			continue
 		}
 		pid, _ := strconv.Atoi(strings.Fields(string(raw))[0])

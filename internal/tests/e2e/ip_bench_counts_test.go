@@ -14,6 +14,7 @@ import (
 // drops tpd counts (quic-go's receive queue, the tunnels' own).
 type ipBenchCounts struct {
 	retrans, outSegs float64
+	udpOut, udpIn    float64 // the sender namespace's UDP datagrams (QUIC's packets, WireGuard's)
 	tpdQUICQueue     float64 // tp_udp_datagrams_dropped_total{reason="quic_queue_full"}: quic-go's 128 DATAGRAM frames
 	tpdQUICPackets   float64 // tp_udp_datagrams_dropped_total{reason="quic_packet_queue_full"}: quic-go's 256 packets
 	tpdIPDropped     float64 // tp_ip_packets_dropped_total, every reason
@@ -23,12 +24,13 @@ type ipBenchCounts struct {
 	// CPU time so far: tpd's, every tp process's (tp ip, tp forward) and
 	// the whole machine's (both ends' kernels, the services, the benchmark).
 	tpdCPU, tpCPU, hostCPU time.Duration
+	wgCPU                  time.Duration // both wireguard-go processes'
 }
 
 // readIPBenchCounts reads the counters; sender is the namespace whose TCP sends.
 func readIPBenchCounts(b *testing.B, n *ipNet, sender string) ipBenchCounts {
 	b.Helper()
-	c := ipBenchCounts{tpdCPU: procCPU(b, n.tpd.cmd.Process.Pid), tpCPU: tpCPU(b), hostCPU: hostCPU(b)}
+	c := ipBenchCounts{tpdCPU: procCPU(b, n.tpd.cmd.Process.Pid), tpCPU: tpCPU(b), hostCPU: hostCPU(b), wgCPU: commCPU(b, "wireguard")}
 	tpdNS := n.T
 	out, err := exec.Command("ip", "netns", "exec", sender, "cat", "/proc/net/snmp").Output()
 	if err != nil {
@@ -37,22 +39,27 @@ func readIPBenchCounts(b *testing.B, n *ipNet, sender string) ipBenchCounts {
 	var names []string
 	for _, line := range strings.Split(string(out), "\n") {
 		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != "Tcp:" {
+		if len(f) == 0 || (f[0] != "Tcp:" && f[0] != "Udp:") {
 			continue
 		}
-		if names == nil {
-			names = f
+		if len(names) == 0 || names[0] != f[0] {
+			names = f // the header line of its protocol
 			continue
 		}
 		for i := 1; i < len(f) && i < len(names); i++ {
 			v, _ := strconv.ParseFloat(f[i], 64)
-			switch names[i] {
-			case "RetransSegs":
+			switch f[0] + names[i] {
+			case "Tcp:RetransSegs":
 				c.retrans = v
-			case "OutSegs":
+			case "Tcp:OutSegs":
 				c.outSegs = v
+			case "Udp:OutDatagrams":
+				c.udpOut = v
+			case "Udp:InDatagrams":
+				c.udpIn = v
 			}
 		}
+		names = nil
 	}
 	m, err := exec.Command("ip", "netns", "exec", tpdNS, "curl", "-s", "--max-time", "10", "http://127.0.0.1:9464/metrics").Output()
 	if err != nil {
@@ -78,6 +85,19 @@ func readIPBenchCounts(b *testing.B, n *ipNet, sender string) ipBenchCounts {
 		}
 	}
 	return c
+}
+
+// reportEchoes adds, per round trip of echoes, the UDP datagrams the client
+// host sent and received (each QUIC or WireGuard packet) and the CPU time
+// of tp, tpd, wireguard-go and the whole machine.
+func (c ipBenchCounts) reportEchoes(b *testing.B, before ipBenchCounts, echoes int) {
+	e := float64(echoes)
+	b.ReportMetric((c.udpOut-before.udpOut)/e, "udp-out/echo")
+	b.ReportMetric((c.udpIn-before.udpIn)/e, "udp-in/echo")
+	b.ReportMetric(float64((c.tpCPU-before.tpCPU).Microseconds())/e, "tp-cpu-µs/echo")
+	b.ReportMetric(float64((c.tpdCPU-before.tpdCPU).Microseconds())/e, "tpd-cpu-µs/echo")
+	b.ReportMetric(float64((c.wgCPU-before.wgCPU).Microseconds())/e, "wg-cpu-µs/echo")
+	b.ReportMetric(float64((c.hostCPU-before.hostCPU).Microseconds())/e, "host-cpu-µs/echo")
 }
 
 // report adds the differences since before as the benchmark's metrics; bytes
