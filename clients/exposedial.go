@@ -28,8 +28,13 @@ func startLocalDial(ctx context.Context, network, local string) *localDial {
 	l := &localDial{cancel: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(l.done)
-		var nd net.Dialer
-		l.conn, l.err = nd.DialContext(dctx, network, local)
+		// Keepalive probes only to a service on another host: for one on
+		// this host's loopback they would cost each session four system
+		// calls and tell the agent nothing (probeUnlessLoopback).
+		nd := net.Dialer{KeepAlive: -1}
+		if l.conn, l.err = nd.DialContext(dctx, network, local); l.err == nil {
+			probeUnlessLoopback(l.conn)
+		}
 	}()
 	return l
 }

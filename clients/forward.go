@@ -28,6 +28,46 @@ type Forwarder struct {
 	Logger    *slog.Logger
 }
 
+// ListenForward listens on addr (host:port) for Serve. Connections from this
+// host's loopback addresses are accepted without TCP keepalive probes: a
+// local peer's end reaches the kernel as a FIN or a reset without them, and
+// Go's default probes cost each new tunnel four system calls (SO_KEEPALIVE,
+// TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) before its first byte. A peer on
+// another host keeps Go's default probes (after 15 s idle).
+func ListenForward(ctx context.Context, addr string) (net.Listener, error) {
+	ln, err := (&net.ListenConfig{KeepAlive: -1}).Listen(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return probeRemote{ln}, nil
+}
+
+// probeRemote turns keepalive probes on for accepted connections whose peer
+// is not on a loopback address.
+type probeRemote struct{ net.Listener }
+
+func (l probeRemote) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		probeUnlessLoopback(c)
+	}
+	return c, err
+}
+
+// probeUnlessLoopback turns Go's default TCP keepalive probes on for c, a
+// connection made or accepted with none, unless its peer is on a loopback
+// address (an IPv4-mapped one too, as a dual-stack socket sees IPv4 peers).
+func probeUnlessLoopback(c net.Conn) {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return
+	}
+	if a, ok := tc.RemoteAddr().(*net.TCPAddr); ok && a.AddrPort().Addr().Unmap().IsLoopback() {
+		return
+	}
+	_ = tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true})
+}
+
 // Serve accepts on ln until ctx ends or ln fails, closes ln, waits for the
 // connections it started to end (they end with ctx), and returns ctx's error or the
 // accept error. A failure on one connection is logged and does not stop the others.

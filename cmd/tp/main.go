@@ -229,7 +229,7 @@ func forwardCmd(stderr io.Writer) *cobra.Command {
 			}
 			d.NoE2EMux = noMux
 			d.NoTLSMux = noTLSMux
-			ln, err := net.Listen("tcp", args[0])
+			ln, err := clients.ListenForward(cmd.Context(), args[0])
 			if err != nil {
 				return fmt.Errorf("cannot listen on %s: %w", args[0], err)
 			}
