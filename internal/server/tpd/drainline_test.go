@@ -3,7 +3,6 @@ package tpd
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -73,7 +72,7 @@ func TestDrainLineMeansRefused(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(cfg.PolicyDir(), "tp.rego"), []byte(allowAlice), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ln, err := Listen(fmt.Sprintf("127.0.0.1:%d", testnet.FreePort(t, "tcp+udp")), true)
+	ln, err := Listen(testnet.FreeAddr(t, "tcp+udp").String(), true)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -276,7 +276,7 @@ func startStableServer(t testing.TB, policy string, env ...string) *server {
 // as tpd lets it go, and under load one took it: its socket answered the
 // check (a reset, not a refusal).
 func stableAddr(t testing.TB) string {
-	return fmt.Sprintf("127.0.0.1:%d", testnet.FreePort(t, "tcp+udp"))
+	return testnet.FreeAddr(t, "tcp+udp").String()
 }
 
 // initTPD makes a data dir whose only policy file is policy (when not empty;
