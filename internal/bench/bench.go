@@ -175,7 +175,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		if err := e.tpdExited(); err != nil {
 			return fmt.Errorf("before scenario %s: %w", s.name, err)
 		}
-		e.log("scenario %s", s.name)
+		e.log("scenario %s (%s)", s.name, loadavg())
 		r, err := s.fn(ctx, e, sz, runs)
 		if err != nil {
 			return fmt.Errorf("scenario %s: %w", s.name, err)

@@ -105,7 +105,8 @@ func ipScenario(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) 
 	e.log("  go %s (wireguard-go: %s), %d times", strings.Join(args, " "), wg, runs)
 	start := time.Now()
 	var all strings.Builder
-	for range runs {
+	for i := range runs {
+		e.log("  run %d of %d (%s)", i+1, runs, loadavg())
 		cmd := exec.CommandContext(ctx, "go", args...)
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "TP_BENCH_WIREGUARD_GO="+wg)
