@@ -89,6 +89,12 @@ func TestSSOLoginThenDial(t *testing.T) {
 // chromiumOpener writes a $BROWSER for dlogin: a script that loads the page
 // it is given in headless Chromium (Debian's) and exits once the last page
 // of the redirects has loaded. Its output goes to chromium.log beside it.
+//
+// dlogin does not wait for its browser, and Chromium goes on writing its
+// profile while it shuts down, after dlogin has signed in: the test's end
+// then removed the profile under it ("directory not empty"). The script
+// marks its start and Chromium's exit, and the test waits for the exit
+// before its temporary directory goes.
 func chromiumOpener(t *testing.T) string {
 	t.Helper()
 	chromium, err := exec.LookPath("chromium")
@@ -97,12 +103,31 @@ func chromiumOpener(t *testing.T) string {
 	}
 	dir := t.TempDir()
 	script := filepath.Join(dir, "browser")
-	body := "#!/bin/sh\nHOME=" + dir + " exec " + chromium + " --headless --no-sandbox --disable-gpu --no-first-run" +
+	started, exited := filepath.Join(dir, "started"), filepath.Join(dir, "exited")
+	body := "#!/bin/sh\n: >" + started + "\nHOME=" + dir + " " + chromium + " --headless --no-sandbox --disable-gpu --no-first-run" +
 		" --disable-background-networking --disable-component-update --disable-sync --disable-dev-shm-usage" +
-		" --user-data-dir=" + filepath.Join(dir, "profile") + " --dump-dom \"$1\" >" + filepath.Join(dir, "chromium.log") + " 2>&1\n"
+		" --user-data-dir=" + filepath.Join(dir, "profile") + " --dump-dom \"$1\" >" + filepath.Join(dir, "chromium.log") + " 2>&1\n" +
+		"status=$?\n: >" + exited + "\nexit $status\n"
 	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
 		t.Fatal(err)
 	}
+	// Cleanups run last first: this one before t.TempDir's removal.
+	t.Cleanup(func() {
+		if _, err := os.Stat(started); err != nil {
+			return // dlogin never opened it
+		}
+		deadline := time.Now().Add(time.Minute)
+		for {
+			if _, err := os.Stat(exited); err == nil {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("headless Chromium, opened by dlogin, was still running a minute after the test; see %s", filepath.Join(dir, "chromium.log"))
+				return
+			}
+			time.Sleep(50 * time.Millisecond) // polling a process the test does not own, bounded by the deadline
+		}
+	})
 	return script
 }
 
