@@ -22,9 +22,8 @@ import (
 // the client and the TP host (when the peers name it) and through `tp
 // forward` over QUIC and over TLS (the ceilings the goal names). Each run is a
 // fresh round of all paths (a go test of its own), so the ratios are taken
-// per run. It
-// needs Linux, root and iproute2, and the Go toolchain (the benchmark is a
-// test of this tree).
+// per run. It needs Linux, root and iproute2, and the Go toolchain (the
+// benchmark is a test of this tree).
 
 // ipPaths are the benchmark's sub-benchmarks and their names in the table.
 var ipPaths = []struct{ bench, name, transport string }{

@@ -90,9 +90,7 @@ func TestSessionEndMessages(t *testing.T) {
 		// the connection's close (0x3), which was not read as a code at all.
 		// On a port no ":0" bind takes once tpd closes it: the TLS session's
 		// sentence rests on the refused connection (stableAddr).
-		stop := []string{"TP_SHUTDOWN_TIMEOUT=2s"}
-		srv := startTPD(t, initTPD(t, testPolicy, stop...), stableAddr(t), stop)
-		srv.mustStop = true
+		srv := startStableServer(t, testPolicy, "TP_SHUTDOWN_TIMEOUT=2s")
 		env := srv.login(t, "alice", "laptop")
 		dest := greeter(t)
 		sessions := liveSessions(t, env, dest)

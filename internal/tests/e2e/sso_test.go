@@ -116,17 +116,10 @@ func chromiumOpener(t *testing.T) string {
 		if _, err := os.Stat(started); err != nil {
 			return // dlogin never opened it
 		}
-		deadline := time.Now().Add(time.Minute)
-		for {
-			if _, err := os.Stat(exited); err == nil {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("headless Chromium, opened by dlogin, was still running a minute after the test; see %s", filepath.Join(dir, "chromium.log"))
-				return
-			}
-			time.Sleep(50 * time.Millisecond) // polling a process the test does not own, bounded by the deadline
-		}
+		waitFor(t, time.Minute, "headless Chromium, opened by dlogin, exits (its log: "+filepath.Join(dir, "chromium.log")+")", func() bool {
+			_, err := os.Stat(exited)
+			return err == nil
+		})
 	})
 	return script
 }
