@@ -3,47 +3,34 @@ package clients
 import (
 	"context"
 	"net"
-	"os"
-	"os/exec"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
 
 // TestListenForwardKeepAlive: `tp forward`'s listener accepts a connection
 // from a loopback address without TCP keepalive probes (four system calls a
-// new tunnel saves) and one from any other address with Go's default probes,
-// 15 s; `tp expose`'s agent connects to its local service the same way. The
-// other address is one of the test's own network namespace (unshare -rn), on
-// its loopback device but not a loopback address.
+// new tunnel saves); `tp expose`'s agent connects to its local service the
+// same way.
 func TestListenForwardKeepAlive(t *testing.T) {
-	if os.Getenv("TP_FORWARD_NETNS") == "1" {
-		keepAliveInNamespace(t)
-		return
-	}
 	t.Parallel()
 	accepted, dialed := keepAlives(t, "127.0.0.1")
 	if accepted != 0 || dialed != 0 {
 		t.Errorf("on 127.0.0.1, SO_KEEPALIVE is %d on the forwarder's accepted connection and %d on the agent's connection to its service, want 0 and 0 (no probes to a local peer)", accepted, dialed)
 	}
-	if testing.Short() {
-		return // the rest runs in a network namespace of its own (unshare -rn)
-	}
-	cmd := exec.Command("unshare", "-rn", os.Args[0], "-test.run=^TestListenForwardKeepAlive$", "-test.v")
-	cmd.Env = append(os.Environ(), "TP_FORWARD_NETNS=1")
-	out, err := cmd.CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "--- PASS: TestListenForwardKeepAlive") {
-		t.Fatalf("in a network namespace: %v\n%s", err, out)
-	}
 }
 
-func keepAliveInNamespace(t *testing.T) {
-	const addr = "10.9.8.1" // on lo, as a second address: no loopback address
-	for _, args := range [][]string{{"link", "set", "lo", "up"}, {"addr", "add", addr + "/32", "dev", "lo"}} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
+// TestListenForwardKeepAliveElsewhere: a connection from any other address
+// than a loopback one keeps Go's default probes (15 s), on the listener's and
+// on the agent's side. The other address is one of the test's own network
+// namespace, on its loopback device but not a loopback address.
+func TestListenForwardKeepAliveElsewhere(t *testing.T) {
+	const addr = "10.9.8.1"
+	t.Parallel()
+	if !testnet.InNetns(t, addr+"/32") {
+		return
 	}
 	accepted, dialed := keepAlives(t, addr)
 	if accepted != 1 || dialed != 1 {

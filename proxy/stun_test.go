@@ -4,15 +4,13 @@ import (
 	"context"
 	"encoding/binary"
 	"net"
-	"os"
-	"os/exec"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/pion/stun/v4"
 
 	"github.com/tp-proxy/tp/clients"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy"
 )
 
@@ -97,26 +95,12 @@ func TestSTUNOnTheQUICPort(t *testing.T) {
 // On a wildcard socket of a host with several addresses, the STUN answer
 // leaves from the address the request reached, as QUIC's packets do: a NAT
 // that filters by address lets only that through. In a network namespace of
-// the test's own (unshare -rn) with 10.77.0.1 and 10.77.0.2 on its loopback,
+// the test's own with 10.77.0.1 and 10.77.0.2 on its loopback,
 // a request from 10.77.0.2 to 10.77.0.1 must be answered from 10.77.0.1 (the
 // kernel alone would pick 10.77.0.2, the destination's own address).
 func TestSTUNAnswersFromTheAddressReached(t *testing.T) {
-	if os.Getenv("TP_STUN_NETNS") != "1" {
-		if testing.Short() {
-			t.Skip("runs itself in a network namespace of its own (unshare -rn); skipped under -short")
-		}
-		cmd := exec.Command("unshare", "-rn", os.Args[0], "-test.run=^TestSTUNAnswersFromTheAddressReached$", "-test.v")
-		cmd.Env = append(os.Environ(), "TP_STUN_NETNS=1")
-		out, err := cmd.CombinedOutput()
-		if err != nil || !strings.Contains(string(out), "--- PASS: TestSTUNAnswersFromTheAddressReached") {
-			t.Fatalf("in a network namespace: %v\n%s", err, out)
-		}
+	if !testnet.InNetns(t, "10.77.0.1/32", "10.77.0.2/32") {
 		return
-	}
-	for _, args := range [][]string{{"link", "set", "lo", "up"}, {"addr", "add", "10.77.0.1/32", "dev", "lo"}, {"addr", "add", "10.77.0.2/32", "dev", "lo"}} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v\n%s", args, err, out)
-		}
 	}
 	e := newEnv(t, nil)
 	udp, err := net.ListenUDP("udp4", &net.UDPAddr{}) // 0.0.0.0, any port

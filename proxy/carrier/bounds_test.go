@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +16,7 @@ import (
 
 	"golang.org/x/net/ipv4"
 
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -157,29 +157,12 @@ func TestCarrierHTTPInFlightBound(t *testing.T) { // not parallel: it sets carri
 // TestCarrierSpoofedSourceDropped: a UDP datagram whose source claims a
 // carrier session's virtual address (100::/64, RFC 6666) never reaches
 // quic-go as a packet from that session: ReadBatch empties it. The sender
-// needs that address, so the test runs itself again in a user and network
-// namespace of its own (unshare -rn) with 100::1 on its loopback.
+// needs that address, so the test runs itself again in a network namespace
+// of its own with 100::1 on its loopback.
 func TestCarrierSpoofedSourceDropped(t *testing.T) {
 	t.Parallel()
-	if os.Getenv("TP_CARRIER_SPOOF_NS") != "1" {
-		if testing.Short() {
-			t.Skip("runs itself in a user and network namespace of its own (unshare -rn, ip); skipped under -short")
-		}
-		cmd := exec.Command("unshare", "-rn", os.Args[0], "-test.run=^TestCarrierSpoofedSourceDropped$", "-test.v")
-		cmd.Env = append(os.Environ(), "TP_CARRIER_SPOOF_NS=1")
-		out, err := cmd.CombinedOutput()
-		if err != nil || !strings.Contains(string(out), "--- PASS: TestCarrierSpoofedSourceDropped") {
-			t.Fatalf("in a namespace of its own (unshare -rn): %v\n%s", err, out)
-		}
+	if !testnet.InNetns(t, "100::1/64") {
 		return
-	}
-	// nodad: without it the address stays tentative (bind: cannot assign
-	// requested address) until the kernel's DAD work item runs, which on a
-	// busy machine can be after the dial below.
-	for _, args := range [][]string{{"link", "set", "lo", "up"}, {"addr", "add", "100::1/64", "dev", "lo", "nodad"}} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
 	}
 	m := newTestCarrierMux(t, "udp6", net.IPv6loopback)
 	var spoofed, real *net.UDPConn

@@ -10,15 +10,14 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
-	"os/exec"
-	"strings"
 	"testing"
 	"time"
+
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
 
 // The batch paths against the real kernel, in a network namespace of the
-// test's own (unshare -rn): this process plays a TCP peer at 10.9.0.2 behind
+// test's own: this process plays a TCP peer at 10.9.0.2 behind
 // a tun device whose local end, 10.9.0.1, is the kernel's TCP.
 //
 //   - Writer joins 32 consecutive segments of the peer's into one write
@@ -38,20 +37,10 @@ import (
 //     random bytes, and two "segments" of one flow whose checksums are wrong)
 //     is written without a panic, and the device works afterwards.
 func TestBatchesThroughTheKernel(t *testing.T) {
-	if os.Getenv("TP_TUN_NETNS") == "1" {
-		batchesInNamespace(t)
+	if !testnet.InNetns(t) {
 		return
 	}
-	if testing.Short() {
-		t.Skip("runs itself in a network namespace of its own (unshare -rn); skipped under -short")
-	}
-	cmd := exec.Command("unshare", "-rn", os.Args[0], "-test.run=^TestBatchesThroughTheKernel$", "-test.v")
-	cmd.Env = append(os.Environ(), "TP_TUN_NETNS=1")
-	out, err := cmd.CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "--- PASS: TestBatchesThroughTheKernel") {
-		t.Fatalf("in a network namespace: %v\n%s", err, out)
-	}
-	t.Logf("%s", out)
+	batchesInNamespace(t)
 }
 
 const (

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tp-proxy/tp/internal/lib/config"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 )
 
 // A burst of datagrams from the client, sent as fast as QUIC lets it (many
@@ -25,7 +26,7 @@ import (
 // only: how fast the burst goes does not matter.
 func TestIPTunnelUploadBurstReachesTun(t *testing.T) {
 	t.Parallel()
-	if !inNetns(t) {
+	if !testnet.InNetns(t) {
 		return
 	}
 	r := newIPRig(t, func(c *config.Server) {

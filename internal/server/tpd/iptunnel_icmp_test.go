@@ -6,6 +6,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
 
@@ -101,7 +102,7 @@ func quotedPort(p []byte, router netip.Addr) (port uint16, ok bool) {
 // error that quotes the peer's own packet, sent after them, is the first of
 // the router's packets each peer receives.
 func TestIPTunnelICMPErrorOnlyForOwnPackets(t *testing.T) {
-	if !inNetns(t) {
+	if !testnet.InNetns(t) {
 		return
 	}
 	mustIP(t, "addr", "add", "fd77::1/128", "dev", "lo", "nodad")

@@ -117,7 +117,7 @@ func udpEcho6(t *testing.T, addr string) (netip.AddrPort, func() int) {
 // never reaches the far side.
 func TestIPTunnelIPv6(t *testing.T) {
 	t.Parallel()
-	if !inNetns(t) {
+	if !testnet.InNetns(t) {
 		return
 	}
 	mustIP(t, "addr", "add", "fd77::1/128", "dev", "lo", "nodad")
@@ -157,7 +157,7 @@ func TestIPTunnelIPv6(t *testing.T) {
 // the drop is counted as too_big, and a datagram of the learnt size arrives.
 func TestIPTunnelPacketTooBig(t *testing.T) {
 	t.Parallel()
-	if !inNetns(t) {
+	if !testnet.InNetns(t) {
 		return
 	}
 	mustIP(t, "addr", "add", "fd77::1/128", "dev", "lo", "nodad")
@@ -243,7 +243,7 @@ func TestIPTunnelPacketTooBig(t *testing.T) {
 // plus the rate for every second since the tunnel was asked for.
 func TestIPTunnelByteRateLimit(t *testing.T) {
 	t.Parallel()
-	if !inNetns(t) {
+	if !testnet.InNetns(t) {
 		return
 	}
 	const bps = 10000
@@ -278,7 +278,7 @@ func TestIPTunnelByteRateLimit(t *testing.T) {
 // both ways, and the tunnel stays up.
 func TestIPTunnelNarrowerGrant(t *testing.T) {
 	t.Parallel()
-	if !inNetns(t) {
+	if !testnet.InNetns(t) {
 		return
 	}
 	mustIP(t, "addr", "add", "10.79.0.1/32", "dev", "lo")
@@ -454,7 +454,7 @@ func TestConnectUDPFlowPacketRate(t *testing.T) {
 // other peer's tunnel goes on untouched.
 func TestIPTunnelPolicyChangeForgetsOnePeer(t *testing.T) {
 	t.Parallel()
-	if !inNetns(t) {
+	if !testnet.InNetns(t) {
 		return
 	}
 	r := newIPRig(t)

@@ -26,46 +26,9 @@ import (
 	"github.com/yosida95/uritemplate/v3"
 
 	"github.com/tp-proxy/tp/internal/lib/config"
+	"github.com/tp-proxy/tp/internal/testkit/testnet"
 	"github.com/tp-proxy/tp/proxy/wire"
 )
-
-// netnsEnv marks a test binary re-run inside a network namespace of its own.
-const netnsEnv = "TP_TEST_IN_NETNS"
-
-// inNetns runs the calling test again in a new network namespace (unshare -n,
-// where tun devices and routes can be made and nothing leaves), and reports
-// whether the caller is that run. The outer run passes or fails with the inner,
-// and fails when the inner ran no such test (its -test.run matched nothing,
-// which go test passes silently).
-func inNetns(t *testing.T) bool {
-	t.Helper()
-	if os.Getenv(netnsEnv) == t.Name() {
-		if err := exec.Command("ip", "link", "set", "lo", "up").Run(); err != nil {
-			t.Fatalf("ip link set lo up in the test's namespace: %v", err)
-		}
-		return true
-	}
-	if testing.Short() {
-		t.Skip("runs itself in a network namespace of its own (unshare, ip) with tun devices; skipped under -short")
-	}
-	// As root a network namespace is enough; otherwise a user namespace
-	// maps the caller to root in it.
-	flags := "-rn"
-	if os.Geteuid() == 0 {
-		flags = "-n"
-	}
-	cmd := exec.Command("unshare", flags, os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1", "-test.timeout=10m")
-	cmd.Env = append(os.Environ(), netnsEnv+"="+t.Name())
-	out, err := cmd.CombinedOutput()
-	t.Logf("in a network namespace of its own:\n%s", out)
-	if err != nil {
-		t.Fatalf("the test failed in its network namespace: %v", err)
-	}
-	if !strings.Contains(string(out), "--- PASS: "+t.Name()+" (") {
-		t.Fatalf("the run in a network namespace did not pass %s (did its -test.run match nothing?)", t.Name())
-	}
-	return false
-}
 
 func mustIP(t *testing.T, args ...string) {
 	t.Helper()
@@ -306,7 +269,7 @@ func ipWaitFor(t *testing.T, what string, cond func() bool) {
 // (TP_ROUTES); a device the policy refuses gets 403.
 func TestIPTunnelConnectIPGo(t *testing.T) {
 	t.Parallel()
-	if !inNetns(t) {
+	if !testnet.InNetns(t) {
 		return
 	}
 	r := newIPRig(t)
@@ -483,7 +446,7 @@ func (c *rawIP) ReadPacket(b []byte) (int, error) {
 // while the granted destination keeps working.
 func TestIPTunnelEnforcesPolicyPerPacket(t *testing.T) {
 	t.Parallel()
-	if !inNetns(t) {
+	if !testnet.InNetns(t) {
 		return
 	}
 	r := newIPRig(t)
@@ -529,7 +492,7 @@ func TestIPTunnelEnforcesPolicyPerPacket(t *testing.T) {
 // datagram intact.
 func TestIPTunnelRevokeForgetsOnePeer(t *testing.T) {
 	t.Parallel()
-	if !inNetns(t) {
+	if !testnet.InNetns(t) {
 		return
 	}
 	r := newIPRig(t)
@@ -622,7 +585,7 @@ func TestIPTunnelRevokeForgetsOnePeer(t *testing.T) {
 // raises that bound.
 func TestIPTunnelRateLimit(t *testing.T) {
 	t.Parallel()
-	if !inNetns(t) {
+	if !testnet.InNetns(t) {
 		return
 	}
 	const pps = 20
