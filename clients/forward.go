@@ -103,22 +103,38 @@ func (f *Forwarder) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		backoff = 0
 		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			f.forward(ctx, log, c)
-		}()
+		go f.forward(ctx, log, c, &wg)
 	}
 }
 
-func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Conn) {
+// forward dials the tunnel for local and hands the tunnel's life to a fresh
+// goroutine. The dial goes deep (a TLS handshake with a post-quantum key
+// exchange, when no spare is at hand, grows a stack to tens of KiB), and a
+// goroutine's stack keeps the size it grew to until the garbage collector
+// shrinks it, one halving per cycle: the goroutine that parks for as long as
+// the tunnel idles starts after the dial, with a stack that never grew. (A
+// dial on a goroutine of its own, waited for, would cost each new tunnel one
+// more hand-off between goroutines, a thread's wake-up on a busy machine.)
+// It calls wg.Done when the tunnel has ended.
+func (f *Forwarder) forward(ctx context.Context, log *slog.Logger, local net.Conn, wg *sync.WaitGroup) {
 	start := time.Now()
-	attrs := []any{"local", local.RemoteAddr().String(), "target", f.Target}
 	remote, first, err := f.dial(ctx, local)
 	if err != nil {
+		defer wg.Done()
 		_ = local.Close()
-		log.Warn("forward failed", append(attrs, "err", err.Error(), "duration", time.Since(start))...)
+		log.Warn("forward failed", "local", local.RemoteAddr().String(), "target", f.Target, "err", err.Error(), "duration", time.Since(start))
 		return
 	}
+	go func() {
+		defer wg.Done()
+		f.relay(ctx, log, local, remote, first, start)
+	}()
+}
+
+// relay bridges local and the tunnel's remote until either ends, and logs the
+// forward line. first is how many of local's bytes went with the dial.
+func (f *Forwarder) relay(ctx context.Context, log *slog.Logger, local, remote net.Conn, first int, start time.Time) {
+	attrs := []any{"local", local.RemoteAddr().String(), "target", f.Target}
 	// A cut on either side resets the other: the local client sees a reset, never
 	// a clean end after partial data.
 	up, down, err := wire.Bridge(ctx, local, remote)
@@ -157,33 +173,16 @@ func cutText(err error) string {
 	return err.Error()
 }
 
-// dial connects the tunnel for local on a goroutine of its own. The dial goes
-// deep (a TLS handshake with a post-quantum key exchange, when no spare is at
-// hand, grows a stack to tens of KiB), and a goroutine's stack keeps the size
-// it grew to until the garbage collector shrinks it, one halving per cycle:
-// forward's goroutine then parks for as long as the tunnel idles with the few
-// frames of Bridge on a stack that never grew. first is how many of local's
-// bytes went with the dial (DialFirst).
+// dial connects the tunnel for local. first is how many of local's bytes went
+// with the dial (DialFirst).
 func (f *Forwarder) dial(ctx context.Context, local net.Conn) (conn net.Conn, first int, err error) {
-	type dialed struct {
-		conn  net.Conn
-		first int
-		err   error
+	if f.DialFirst == nil {
+		conn, err = f.Dial(ctx, "tcp", f.Target)
+		return conn, 0, err
 	}
-	ch := make(chan dialed, 1)
-	go func() {
-		var d dialed
-		if f.DialFirst != nil {
-			b := readReady(local)
-			d.first = len(b)
-			d.conn, d.err = f.DialFirst(ctx, "tcp", f.Target, b)
-		} else {
-			d.conn, d.err = f.Dial(ctx, "tcp", f.Target)
-		}
-		ch <- d
-	}()
-	d := <-ch
-	return d.conn, d.first, d.err
+	b := readReady(local)
+	conn, err = f.DialFirst(ctx, "tcp", f.Target, b)
+	return conn, len(b), err
 }
 
 // readyBufs holds the buffers readReady reads into: what it returns is a copy
