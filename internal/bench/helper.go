@@ -33,6 +33,7 @@ func IsHelper(args []string) bool { return len(args) > 0 && args[0] == helperArg
 //	relay-client: plain TCP listener, each connection dialled to -server over mTLS
 //	tls-echo:     TLS 1.3, verified client certificate, echoes bytes (handshake baseline)
 //	quic-relay-server, quic-relay-client: raw quic-go, TP's QUIC baseline (quicrelay.go)
+//	ssh-relay-server, ssh-relay-client: ssh -L in Go (golang.org/x/crypto/ssh), sshrelay.go
 //	loss-server, loss-client: scenario 6, run inside its network namespace (loss.go)
 //	idle-echo:    scenario 4's holder of idle tunnels, commanded on stdin (memory.go)
 func RunHelper(ctx context.Context, args []string, stdout io.Writer) error {
@@ -48,6 +49,9 @@ func RunHelper(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	if role == "quic-relay-server" || role == "quic-relay-client" {
 		return runQUICRelayHelper(ctx, role, args[2:], stdout) // quicrelay.go
+	}
+	if role == "ssh-relay-server" || role == "ssh-relay-client" {
+		return runSSHRelayHelper(ctx, role, args[2:], stdout) // sshrelay.go
 	}
 	if role == "idle-echo" {
 		return runIdleHelper(ctx, os.Stdin, stdout)

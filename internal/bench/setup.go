@@ -213,6 +213,23 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 	} else {
 		vs = append(vs, pair(sshL, "ssh", direct, "", func() (time.Duration, error) { return roundTrip(addr) }, n))
 	}
+	// The Go floor of a new tunnel on an open connection, in the same runs:
+	// ssh -L's protocol run by Go (golang.org/x/crypto/ssh), and raw quic-go (a
+	// new stream, nothing of TP's on it).
+	goSSH := fmt.Sprintf("Go SSH relay (x/crypto/ssh), new channel, %d conns", n)
+	if addr, err := e.sshRelayChain(ctx, e.echo); err != nil {
+		vs = append(vs, failed(goSSH, "ssh", err))
+	} else {
+		vs = append(vs, pair(goSSH, "ssh", direct, "", func() (time.Duration, error) { return roundTrip(addr) }, n))
+	}
+	rawQUIC := fmt.Sprintf("raw quic-go relay, new stream, %d conns", n)
+	if e.quic {
+		if addr, err := e.quicRelayChain(ctx, e.echo); err != nil {
+			vs = append(vs, failed(rawQUIC, "quic", err))
+		} else {
+			vs = append(vs, pair(rawQUIC, "quic", direct, "", func() (time.Duration, error) { return roundTrip(addr) }, n))
+		}
+	}
 	peer := func(name, transport string, bins []string, start func() (string, error)) *variant {
 		if why := e.peers.why(bins...); why != "" {
 			return notGiven(&Row{Scenario: scn, Variant: name, Transport: transport, Unit: "ms"}, why)
@@ -257,6 +274,10 @@ func setup(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) {
 		{tpName, ghost, ""},
 		{quicName, chisel, ""},
 		{quicName, frpTCP, ""},
+		{tpName, goSSH, ""},
+		{quicName, rawQUIC, ""},
+		{goSSH, sshL, ""},
+		{rawQUIC, sshL, ""},
 	} {
 		num, den := find(vs, c.num+", p50"), find(vs, c.den+", p50")
 		if num == nil || den == nil {
