@@ -19,8 +19,9 @@ import (
 // namespace, joined by veth pairs; 16 MiB TCP transfers each way and a 1-byte
 // TCP echo from client to service host, plainly routed (the baseline),
 // through `tp ip` over HTTP/3 and over HTTP/2, through wireguard-go between
-// the client and the TP host (when the peers name it) and through `tp
-// forward` over QUIC and over TLS (the ceilings the goal names). Each run is a
+// the client and the TP host (when the peers name it), through `tp
+// forward` over QUIC and over TLS (the ceilings the goal names) and through
+// tpbench's raw quic-go relay (the floor under TP's QUIC paths). Each run is a
 // fresh round of all paths (a go test of its own), so the ratios are taken
 // per run. It needs Linux, root and iproute2, and the Go toolchain (the
 // benchmark is a test of this tree).
@@ -36,6 +37,7 @@ var ipPaths = []struct{ bench, name, transport string }{
 	{"wireguard-go", "wireguard-go", "udp"},
 	{"tp-forward", "tp forward, QUIC", "quic"},
 	{"tp-forward-tls", "tp forward, TLS", "tls"},
+	{"raw-quic-go", "raw quic-go relay", "quic"},
 }
 
 var ipMetrics = []struct{ bench, name, unit string }{
@@ -153,6 +155,12 @@ func ipScenario(ctx context.Context, e *Env, sz sizes, runs int) ([]Row, error) 
 		{"tp ip, HTTP/2, TCP in packets, upload", "tp forward, TLS, upload", ""},
 		{"tp ip, HTTP/2, download", "wireguard-go, download", ""},
 		{"tp ip, HTTP/2, upload", "wireguard-go, upload", ""},
+		// The floor over quic-go: its round trip against wireguard-go's,
+		// and TP's two QUIC paths against it.
+		{"raw quic-go relay, TCP echo round trip (median)", "wireguard-go, TCP echo round trip (median)", ""},
+		{"tp ip, HTTP/3, TCP echo round trip (median)", "raw quic-go relay, TCP echo round trip (median)", ""},
+		{"tp forward, QUIC, TCP echo round trip (median)", "raw quic-go relay, TCP echo round trip (median)", ""},
+		{"tp forward, QUIC, download", "raw quic-go relay, download", ""},
 	} {
 		num, den := rows[c.num], rows[c.den]
 		if len(num.Runs) == 0 || len(den.Runs) == 0 {

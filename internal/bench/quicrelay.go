@@ -21,8 +21,9 @@ import (
 // windows and the device's certificate, and nothing of TP's (no hello, no
 // policy, no session records). TP over QUIC is measured against it.
 //
-//	quic-relay-server: QUIC on UDP, verified client certificate; each stream is
-//	                   copied both ways to a new TCP connection to -target
+//	quic-relay-server: QUIC on UDP (-listen, 127.0.0.1:0 by default), verified
+//	                   client certificate; each stream is copied both ways to a
+//	                   new TCP connection to -target
 //	quic-relay-client: plain TCP listener; one QUIC connection to -server, each
 //	                   local connection a new stream on it
 func runQUICRelayHelper(ctx context.Context, role string, args []string, stdout io.Writer) error {
@@ -33,6 +34,7 @@ func runQUICRelayHelper(ctx context.Context, role string, args []string, stdout 
 	rootFile := fs.String("root", "", "CA that signs the server's certificate")
 	target := fs.String("target", "", "quic-relay-server: destination host:port")
 	server := fs.String("server", "", "quic-relay-client: quic-relay-server host:port")
+	listen := fs.String("listen", "127.0.0.1:0", "quic-relay-server: the UDP address to listen on")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -56,7 +58,7 @@ func runQUICRelayHelper(ctx context.Context, role string, args []string, stdout 
 		if err != nil {
 			return err
 		}
-		ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{
+		ln, err := quic.ListenAddr(*listen, &tls.Config{
 			MinVersion:   tls.VersionTLS13,
 			Certificates: []tls.Certificate{cert},
 			ClientCAs:    pool,

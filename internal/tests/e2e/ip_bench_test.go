@@ -23,7 +23,8 @@ import (
 // routed through T (no tunnel, the baseline), through `tp ip` (CONNECT-IP over
 // HTTP/3 and over HTTP/2), through wireguard-go between C and T (built with
 // go install from the module proxy; skipped when that fails), and through
-// `tp forward` (a TCP stream over TP).
+// `tp forward` (a TCP stream over TP), and through tpbench's raw quic-go relay
+// (each TCP connection a stream of one QUIC connection, nothing of TP's).
 // "throughput" is a download (the service host sends), "upload" the other
 // direction (through `tp ip`, the server's receive path).
 //
@@ -215,6 +216,15 @@ func BenchmarkIPTunnel(b *testing.B) {
 			measure(b, fwd(bulkPort), fwd(sinkPort), fwd(echoPort))
 		})
 	}
+
+	// The raw quic-go relay between C and T (ip_bench_rawquic_test.go): what
+	// quic-go alone gives the same TCP transfers and echoes, the floor of `tp
+	// forward` over QUIC and of `tp ip` over HTTP/3.
+	b.Run("raw-quic-go", func(b *testing.B) {
+		files := newRawQUICFiles(b)
+		relay := func(port string) string { return startRawQUICRelay(b, n, files, "10.201.2.2:"+port) }
+		measure(b, relay(bulkPort), relay(sinkPort), relay(echoPort))
+	})
 }
 
 func serveEach(ln net.Listener, f func(net.Conn)) {
