@@ -25,12 +25,14 @@ type ipBenchCounts struct {
 	// the whole machine's (both ends' kernels, the services, the benchmark).
 	tpdCPU, tpCPU, hostCPU time.Duration
 	wgCPU                  time.Duration // both wireguard-go processes'
+	relayCPU               time.Duration // both halves of the raw quic-go relay
 }
 
 // readIPBenchCounts reads the counters; sender is the namespace whose TCP sends.
 func readIPBenchCounts(b *testing.B, n *ipNet, sender string) ipBenchCounts {
 	b.Helper()
-	c := ipBenchCounts{tpdCPU: procCPU(b, n.tpd.cmd.Process.Pid), tpCPU: tpCPU(b), hostCPU: hostCPU(b), wgCPU: commCPU(b, "wireguard")}
+	c := ipBenchCounts{tpdCPU: procCPU(b, n.tpd.cmd.Process.Pid), tpCPU: tpCPU(b), hostCPU: hostCPU(b), wgCPU: commCPU(b, "wireguard"),
+		relayCPU: commCPU(b, relayComm)}
 	tpdNS := n.T
 	out, err := exec.Command("ip", "netns", "exec", sender, "cat", "/proc/net/snmp").Output()
 	if err != nil {
@@ -89,7 +91,7 @@ func readIPBenchCounts(b *testing.B, n *ipNet, sender string) ipBenchCounts {
 
 // reportEchoes adds, per round trip of echoes, the UDP datagrams the client
 // host sent and received (each QUIC or WireGuard packet) and the CPU time
-// of tp, tpd, wireguard-go and the whole machine.
+// of tp, tpd, wireguard-go, the raw quic-go relay and the whole machine.
 func (c ipBenchCounts) reportEchoes(b *testing.B, before ipBenchCounts, echoes int) {
 	e := float64(echoes)
 	b.ReportMetric((c.udpOut-before.udpOut)/e, "udp-out/echo")
@@ -97,6 +99,7 @@ func (c ipBenchCounts) reportEchoes(b *testing.B, before ipBenchCounts, echoes i
 	b.ReportMetric(float64((c.tpCPU-before.tpCPU).Microseconds())/e, "tp-cpu-µs/echo")
 	b.ReportMetric(float64((c.tpdCPU-before.tpdCPU).Microseconds())/e, "tpd-cpu-µs/echo")
 	b.ReportMetric(float64((c.wgCPU-before.wgCPU).Microseconds())/e, "wg-cpu-µs/echo")
+	b.ReportMetric(float64((c.relayCPU-before.relayCPU).Microseconds())/e, "relay-cpu-µs/echo")
 	b.ReportMetric(float64((c.hostCPU-before.hostCPU).Microseconds())/e, "host-cpu-µs/echo")
 }
 
@@ -107,6 +110,7 @@ func (c ipBenchCounts) report(b *testing.B, before ipBenchCounts, bytes int64) {
 		b.ReportMetric(float64((c.tpdCPU-before.tpdCPU).Milliseconds())/mib, "tpd-cpu-ms/MiB")
 		b.ReportMetric(float64((c.tpCPU-before.tpCPU).Milliseconds())/mib, "tp-cpu-ms/MiB")
 		b.ReportMetric(float64((c.hostCPU-before.hostCPU).Milliseconds())/mib, "host-cpu-ms/MiB")
+		b.ReportMetric(float64((c.relayCPU-before.relayCPU).Milliseconds())/mib, "relay-cpu-ms/MiB")
 	}
 	segs := c.outSegs - before.outSegs
 	if segs > 0 {
