@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
@@ -11,9 +10,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"sync"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/tp-proxy/tp/internal/testkit/testpki"
 )
@@ -94,40 +91,10 @@ func startRawQUICRelay(b *testing.B, n *ipNet, f rawQUICFiles, target string) st
 	return startHelperIn(b, n.C, "quic-relay-client", "-cert", f.clientCert, "-key", f.clientKey, "-root", f.root, "-server", srv)
 }
 
-var helperAddr = regexp.MustCompile(`^ADDR (\S+)$`)
-
 // startHelperIn runs one of tpbench's helper roles in ns until the benchmark
 // ends and returns the address it printed.
 func startHelperIn(b *testing.B, ns, role string, args ...string) string {
 	b.Helper()
 	cmd := command("ip", append([]string{"netns", "exec", ns, tpbenchBinary(b), "__helper", role}, args...)...)
-	cmd.Stderr = os.Stderr
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() })
-	addr := make(chan string, 1)
-	go func() {
-		defer close(addr)
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			if m := helperAddr.FindStringSubmatch(sc.Text()); m != nil {
-				addr <- m[1]
-			}
-		}
-	}()
-	select {
-	case a, ok := <-addr:
-		if !ok {
-			b.Fatalf("tpbench's %s in %s ended without its address (its errors are above)", role, ns)
-		}
-		return a
-	case <-time.After(30 * time.Second):
-		b.Fatalf("tpbench's %s in %s printed no address in 30 s", role, ns)
-	}
-	return ""
+	return startListening(b, cmd, "tpbench's "+role+" in "+ns, regexp.MustCompile(`^ADDR (\S+)$`))
 }

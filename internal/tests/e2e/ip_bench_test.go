@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"regexp"
 	"slices"
 	"strings"
@@ -262,40 +263,49 @@ func startForwardIn(b *testing.B, ns string, env []string, transport, target str
 	b.Helper()
 	cmd := command("ip", "netns", "exec", ns, binary("tp"), "forward", "--transport", transport, "127.0.0.1:0", target)
 	cmd.Env = append(os.Environ(), env...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		b.Fatal(err)
-	}
+	return startListening(b, cmd, "tp forward "+target, regexp.MustCompile(`^Forwarding (\S+) to`))
+}
+
+// startListening starts cmd, which runs until the benchmark ends, and returns
+// the address the first of its output lines (stdout and stderr) that matches
+// re names. Its output is logged when the benchmark fails.
+func startListening(b *testing.B, cmd *exec.Cmd, what string, re *regexp.Regexp) string {
+	b.Helper()
+	out, w := io.Pipe()
+	cmd.Stdout, cmd.Stderr = w, w
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() })
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); w.Close(); close(exited) }() // the output ends with the process
+	b.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGTERM); <-exited })
 	addr := make(chan string, 1)
 	log := &testlog.Buffer{}
 	go func() {
-		sc := bufio.NewScanner(stderr)
-		re := regexp.MustCompile(`^Forwarding (\S+) to`)
+		defer close(addr)
+		sent := false
+		sc := bufio.NewScanner(out)
 		for sc.Scan() {
 			fmt.Fprintln(log, sc.Text())
-			if m := re.FindStringSubmatch(sc.Text()); m != nil {
+			if m := re.FindStringSubmatch(sc.Text()); m != nil && !sent {
 				addr <- m[1]
+				sent = true
 			}
 		}
-		close(addr)
 	}()
 	b.Cleanup(func() {
 		if b.Failed() {
-			b.Logf("tp forward %s:\n%s", target, log.String())
+			b.Logf("%s:\n%s", what, log.String())
 		}
 	})
 	select {
 	case a, ok := <-addr:
 		if !ok {
-			b.Fatal("tp forward exited before it listened")
+			b.Fatalf("%s exited before it listened:\n%s", what, log.String())
 		}
 		return a
 	case <-time.After(60 * time.Second):
-		b.Fatal("tp forward did not listen within 60s")
+		b.Fatalf("%s did not listen within 60s", what)
 	}
 	return ""
 }
