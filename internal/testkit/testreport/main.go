@@ -55,13 +55,14 @@ type report struct {
 	buildOut  map[string][]string  // build output, by import path
 	skips     []skip
 	failed    []testKey
+	why       map[testKey][]string // the first lines of a failed test's errors
 	pkgs      []pkgResult
 	tests     []pkgResult // top-level tests that passed in a second or more: package and name, and their time
 	anyFailed bool
 }
 
 func newReport(out io.Writer) *report {
-	return &report{out: out, testOut: map[testKey][]string{}, pkgOut: map[string][]string{}, buildOut: map[string][]string{}}
+	return &report{out: out, testOut: map[testKey][]string{}, pkgOut: map[string][]string{}, buildOut: map[string][]string{}, why: map[testKey][]string{}}
 }
 
 func (r *report) add(e event) {
@@ -92,6 +93,7 @@ func (r *report) add(e event) {
 		switch e.Action {
 		case "fail":
 			r.failed = append(r.failed, k)
+			r.why[k] = reasons(r.testOut[k])
 			for _, l := range r.testOut[k] {
 				if !strings.HasPrefix(l, "=== ") { // RUN, PAUSE, CONT: -v's framing
 					fmt.Fprint(r.out, l)
@@ -170,6 +172,32 @@ func waited(lines []string) float64 {
 	return 0
 }
 
+// reasonLine is the first line of what t.Error, t.Fatal or t.Log printed:
+// the test file's name and line, then the message.
+var reasonLine = regexp.MustCompile(`^\s+([\w.-]+\.go:\d+: .*)`)
+
+// reasons are the first lines of a failed test's messages, at most four and
+// each cut at 240 bytes: the summary at the run's end repeats them, because a
+// failed test's full output (a server's log it dumps, say) can push the
+// message out of the last lines of a run, which are often all a reader sees.
+func reasons(lines []string) []string {
+	var out []string
+	for _, l := range lines {
+		m := reasonLine.FindStringSubmatch(strings.TrimRight(l, "\n"))
+		if m == nil || waitedLine.MatchString(l) {
+			continue
+		}
+		s := m[1]
+		if len(s) > 240 {
+			s = strings.ToValidUTF8(s[:240], "") + "…"
+		}
+		if out = append(out, s); len(out) == 4 {
+			break
+		}
+	}
+	return out
+}
+
 // skipReason is what a skipped test printed, without test2json's framing lines.
 func skipReason(lines []string) string {
 	var b strings.Builder
@@ -220,6 +248,11 @@ func (r *report) summary(noSkips bool) (ok bool) {
 			fmt.Fprintf(w, " %s", f.test)
 		}
 		fmt.Fprintln(w)
+		for _, f := range r.failed {
+			for _, why := range r.why[f] {
+				fmt.Fprintf(w, "  %s: %s\n", f.test, why)
+			}
+		}
 	}
 	if noSkips && len(r.skips) > 0 {
 		fmt.Fprintf(w, "\n%d tests skipped on a machine this command prepared: each checked nothing. Install what it names (deploy/test.sh --deps lists the tools) or fix the test.\n", len(r.skips))

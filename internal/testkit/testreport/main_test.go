@@ -18,6 +18,7 @@ const stream = `{"Action":"start","Package":"example/a"}
 {"Action":"pass","Package":"example/a","Elapsed":0.01}
 {"Action":"run","Package":"example/b","Test":"TestBroken"}
 {"Action":"output","Package":"example/b","Test":"TestBroken","Output":"=== RUN   TestBroken\n"}
+{"Action":"output","Package":"example/b","Test":"TestBroken","Output":"    harness_test.go:82: started after 1s waiting for one of 10 slots (-parallel)\n"}
 {"Action":"output","Package":"example/b","Test":"TestBroken","Output":"    b_test.go:5: want 1, got 2\n"}
 {"Action":"output","Package":"example/b","Test":"TestBroken","Output":"--- FAIL: TestBroken (0.00s)\n"}
 {"Action":"fail","Package":"example/b","Test":"TestBroken","Elapsed":0}
@@ -47,7 +48,7 @@ func TestReport(t *testing.T) {
 			"c.go:3:1: syntax error",
 			"FAIL\texample/c [build failed",
 			"1 skipped:\n  example/a TestNeedsTool: a_test.go:9: sshd is not installed",
-			"1 failed: TestBroken",
+			"1 failed: TestBroken\n  TestBroken: b_test.go:5: want 1, got 2\n",
 			"slowest tests: example/b TestFine 1.2s;",
 		} {
 			if !strings.Contains(got, want) {

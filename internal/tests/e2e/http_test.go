@@ -197,7 +197,7 @@ func (b *browser) dom(t *testing.T, host, url string) (dom, stderr string) {
 	cmd.Stderr = &errOut
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("chromium %s: %v\nstderr:\n%s", url, err, errOut.String())
+		t.Fatalf("chromium %s: %v (after printing %d bytes of DOM)\nstderr:\n%s\nDOM:\n%s", url, err, len(out), errOut.String(), out)
 	}
 	return string(out), errOut.String()
 }

@@ -1,12 +1,9 @@
 package e2e
 
 import (
-	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -19,14 +16,6 @@ import (
 // asked for: the website's handshake sends no CertificateRequest.
 func TestBrowserLoadsSite(t *testing.T) {
 	parallel(t)
-	chromium, err := exec.LookPath("chromium")
-	if err != nil {
-		t.Fatal("chromium is not installed: apt-get install chromium libnss3-tools (deploy/test.sh does, run as root)")
-	}
-	certutil, err := exec.LookPath("certutil")
-	if err != nil {
-		t.Fatal("certutil is not installed: apt-get install libnss3-tools (deploy/test.sh does, run as root)")
-	}
 	root := t.TempDir()
 	page := `<!doctype html><html><head><title>TP site</title></head><body>
 <p id="static">Served by TP</p><p id="out">not rendered</p>
@@ -40,13 +29,7 @@ func TestBrowserLoadsSite(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv := startServer(t, "", "TP_CONFIG="+conf)
-	rootPEM := filepath.Join(srv.DataDir, "ca", "root.crt")
-	pem, err := os.ReadFile(rootPEM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(pem)
+	rootPEM, pool := rootOf(t, srv)
 
 	// The site's certificate comes from the embedded CA over ACME in the background.
 	var asked bool
@@ -72,35 +55,10 @@ func TestBrowserLoadsSite(t *testing.T) {
 		t.Error("the website's handshake asked for a client certificate")
 	}
 
-	home := t.TempDir()
-	nssdb := filepath.Join(home, ".pki", "nssdb")
-	if err := os.MkdirAll(nssdb, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command(certutil, "-d", "sql:"+nssdb, "-N", "--empty-password").CombinedOutput(); err != nil {
-		t.Fatalf("certutil -N: %v\n%s", err, out)
-	}
-	if out, err := exec.Command(certutil, "-d", "sql:"+nssdb, "-A", "-t", "C,,", "-n", "TP root", "-i", rootPEM).CombinedOutput(); err != nil {
-		t.Fatalf("certutil -A: %v\n%s", err, out)
-	}
 	_, port, _ := net.SplitHostPort(srv.Addr)
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
-	cmd := commandContext(ctx, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-		"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-		"--user-data-dir="+filepath.Join(home, "profile"),
-		"--host-resolver-rules=MAP www.test 127.0.0.1",
-		"--dump-dom", "https://www.test:"+port+"/")
-	cmd.Env = append(os.Environ(), "HOME="+home)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("chromium: %v\nstderr:\n%s", err, stderr.String())
-	}
-	dom := string(out)
+	dom, stderr := newBrowser(t, rootPEM).dom(t, "www.test", "https://www.test:"+port+"/")
 	if !strings.Contains(dom, `<p id="static">Served by TP</p>`) || !strings.Contains(dom, `<p id="out">rendered by script</p>`) {
-		t.Fatalf("rendered DOM lacks the page (certificate not trusted?):\n%s\nstderr:\n%s", dom, stderr.String())
+		t.Fatalf("rendered DOM lacks the page (certificate not trusted?):\n%s\nstderr:\n%s", dom, stderr)
 	}
 	if !strings.Contains(srv.log.String(), "site=www.test") {
 		t.Errorf("no access log line for the browser's request:\n%s", srv.log.String())
