@@ -59,6 +59,7 @@ func startChromeWith(t testing.TB, rootPEM string, flags ...string) *chrome {
 		"--user-data-dir=" + profile, "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0"}, flags...)
 	cmd := commandContext(ctx, chromium, append(args, "about:blank")...)
 	cmd.Env = append(os.Environ(), "HOME="+home)
+	cmd.SysProcAttr.Setpgid = true // its helpers with it: endBrowser
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	if os.Getenv("TP_TEST_CHROME_LOG") != "" {
@@ -68,7 +69,8 @@ func startChromeWith(t testing.TB, rootPEM string, flags ...string) *chrome {
 		cancel()
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
+	t.Cleanup(func() { // before the removal of its profile (t.TempDir's, made earlier)
+		endBrowser(t, cmd.Process.Pid)
 		cancel()
 		_ = cmd.Wait()
 	})

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -193,13 +194,58 @@ func (b *browser) dom(t *testing.T, host, url string) (dom, stderr string) {
 		"--host-resolver-rules=MAP "+host+" 127.0.0.1",
 		"--dump-dom", url)
 	cmd.Env = append(os.Environ(), "HOME="+b.home)
+	cmd.SysProcAttr.Setpgid = true // its helpers with it: endBrowser
 	var errOut strings.Builder
 	cmd.Stderr = &errOut
 	out, err := cmd.Output()
+	if cmd.Process != nil {
+		endBrowser(t, cmd.Process.Pid)
+	}
 	if err != nil {
 		t.Fatalf("chromium %s: %v (after printing %d bytes of DOM)\nstderr:\n%s\nDOM:\n%s", url, err, len(out), errOut.String(), out)
 	}
 	return string(out), errOut.String()
+}
+
+// endBrowser ends what is left of a Chromium started as the leader of its
+// own process group (Setpgid) and waits, bounded, until none of its processes
+// runs: its renderer and network helpers outlive a browser that was killed,
+// for a few milliseconds or, on a loaded machine, longer, and may still be
+// writing in its profile when the test's end removes the directory
+// ("directory not empty").
+func endBrowser(t testing.TB, pgid int) {
+	t.Helper()
+	_ = syscall.Kill(-pgid, syscall.SIGKILL)
+	deadline := time.Now().Add(30 * time.Second)
+	for groupRuns(pgid) {
+		if time.Now().After(deadline) {
+			t.Errorf("Chromium's processes (group %d) still run 30s after SIGKILL", pgid)
+			return
+		}
+		time.Sleep(10 * time.Millisecond) // the kernel ending killed processes, bounded by the deadline
+	}
+}
+
+// groupRuns reports whether a process of the group pgid is alive and not a
+// zombie (a zombie holds no file open; whoever inherited it reaps it).
+func groupRuns(pgid int) bool {
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, f := range stats {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue // ended meanwhile
+		}
+		// pid (comm) state ppid pgrp …; comm may hold spaces and parentheses.
+		i := strings.LastIndexByte(string(b), ')')
+		if i < 0 {
+			continue
+		}
+		fields := strings.Fields(string(b[i+1:]))
+		if len(fields) >= 3 && fields[2] == strconv.Itoa(pgid) && fields[0] != "Z" && fields[0] != "X" {
+			return true
+		}
+	}
+	return false
 }
 
 // rendered reports whether dom is appPage after its script ran.
@@ -499,5 +545,39 @@ func TestHTTPListenTCP(t *testing.T) {
 		t.Errorf("alice's tunnel: %v %v, want 101 and a clean relay", tn.resp, tn.err)
 	} else if h := tn.resp.Header; !strings.Contains(h.Get("Forwarded"), `for="127.0.0.1:`) || !strings.EqualFold(h.Get("Upgrade"), "reverse") {
 		t.Errorf("alice's 101 has Forwarded %q, Upgrade %q; want the public client named and Upgrade: reverse (docs/HTTP.md §2.4)", h.Get("Forwarded"), h.Get("Upgrade"))
+	}
+}
+
+// endBrowser leaves nothing of a process group running: here a shell (the
+// leader, as Chromium is) whose child outlives it unless killed with it.
+func TestEndBrowserEndsItsGroup(t *testing.T) {
+	parallel(t)
+	cmd := command("sh", "-c", "sleep 60 & echo $!; wait")
+	cmd.SysProcAttr.Setpgid = true
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	child, err := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil {
+		t.Fatalf("the shell printed %q, not its child's pid", line)
+	}
+	if !groupRuns(cmd.Process.Pid) {
+		t.Fatal("groupRuns sees no process of a group whose leader runs")
+	}
+	endBrowser(t, cmd.Process.Pid)
+	_ = cmd.Wait()
+	if groupRuns(cmd.Process.Pid) {
+		t.Error("a process of the group still runs after endBrowser")
+	}
+	if b, err := os.ReadFile("/proc/" + strconv.Itoa(child) + "/stat"); err == nil && !strings.Contains(string(b), ") Z ") {
+		t.Errorf("the leader's child (pid %d) outlived endBrowser: %s", child, b)
 	}
 }
