@@ -216,14 +216,7 @@ func (b *browser) dom(t *testing.T, host, url string) (dom, stderr string) {
 func endBrowser(t testing.TB, pgid int) {
 	t.Helper()
 	_ = syscall.Kill(-pgid, syscall.SIGKILL)
-	deadline := time.Now().Add(30 * time.Second)
-	for groupRuns(pgid) {
-		if time.Now().After(deadline) {
-			t.Errorf("Chromium's processes (group %d) still run 30s after SIGKILL", pgid)
-			return
-		}
-		time.Sleep(10 * time.Millisecond) // the kernel ending killed processes, bounded by the deadline
-	}
+	waitFor(t, 30*time.Second, fmt.Sprintf("Chromium's processes (group %d) end after SIGKILL", pgid), func() bool { return !groupRuns(pgid) })
 }
 
 // groupRuns reports whether a process of the group pgid is alive and not a
